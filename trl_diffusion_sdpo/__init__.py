@@ -1,0 +1,9 @@
+"""Preference tuning of text-to-image diffusion models: Diffusion-DPO and Diffusion-SDPO."""
+
+from .config import DiffusionSDPOConfig
+from .safeguard import winner_preserving_lambda
+from .trainer import DiffusionSDPOTrainer
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["DiffusionSDPOConfig", "DiffusionSDPOTrainer", "__version__", "winner_preserving_lambda"]

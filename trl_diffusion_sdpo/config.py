@@ -1,0 +1,185 @@
+"""Configuration of Diffusion-DPO / Diffusion-SDPO training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import OBJECTIVES
+
+__all__ = ["DiffusionSDPOConfig"]
+
+
+@dataclass
+class DiffusionSDPOConfig(TrainingArguments):
+    r"""
+    Configuration class for [`DiffusionSDPOTrainer`].
+
+    Only the parameters specific to preference tuning of diffusion models are listed here; see
+    [`~transformers.TrainingArguments`] for the rest. Defaults follow the Diffusion-DPO launchers (Wallace et al.,
+    arXiv 2311.12908) and the Diffusion-SDPO paper (Fu et al., arXiv 2511.03317) for SD1.5.
+
+    > Parameters that control the objective
+
+    beta (`float`, *optional*, defaults to `5000.0`):
+        KL-regularisation strength of Diffusion-DPO. The timestep count and weighting are folded into it; the paper
+        reports 2000 to 5000 working. Larger values make the logit ``u`` more sensitive to error differences.
+    loss_type (`str`, *optional*, defaults to `"dpo"`):
+        Preference objective. `"dpo"`: Diffusion-DPO, ``-logsigmoid(u)``.
+
+    > Parameters that control the safeguard
+
+    safeguard (`bool`, *optional*, defaults to `True`):
+        Apply the Diffusion-SDPO winner-preserving safeguard: the loser error's gradient is scaled by a detached
+        ``lambda`` so that, to first order, the winner's error does not increase. `False` is plain Diffusion-DPO.
+    safeguard_mu (`float`, *optional*, defaults to `0.9`):
+        Safeguard margin ``mu`` in [0, 1]; larger is more conservative. Authors: 0.9 for SD1.5 DPO and DMPO, 0.2 for
+        SD1.5 DSPO, 0.6 for every SDXL run.
+    safeguard_max_lambda (`float`, *optional*, defaults to `1.0`):
+        Upper bound of ``lambda``.
+
+    > Parameters that control the data
+
+    resolution (`int`, *optional*, defaults to `512`):
+        Training resolution: images are resized so their shorter side is this, then cropped to a square.
+    random_crop (`bool`, *optional*, defaults to `False`):
+        Random instead of center crop. Winner and loser share the crop position (relative to their size).
+    random_flip (`bool`, *optional*, defaults to `True`):
+        Flip both images of a pair horizontally with probability 0.5 (the authors' augmentation).
+    proportion_empty_prompts (`float`, *optional*, defaults to `0.2`):
+        Fraction of prompts replaced by the empty prompt during training (classifier-free guidance dropout).
+    min_timestep (`int`, *optional*, defaults to `0`):
+        Smallest training timestep (inclusive).
+    max_timestep (`int` or `None`, *optional*, defaults to `None`):
+        Largest training timestep (exclusive); `None` means the scheduler's ``num_train_timesteps``.
+    caption_column, image_0_column, image_1_column, label_0_column (`str`):
+        Pick-a-Pic column names (defaults `"caption"`, `"jpg_0"`, `"jpg_1"`, `"label_0"`). ``label_0`` is 1 when
+        image 0 is preferred, 0 when image 1 is, 0.5 for a tie (ties are dropped and counted).
+    prompt_column, chosen_column, rejected_column (`str`):
+        TRL preference column names (defaults `"prompt"`, `"chosen"`, `"rejected"`). Used when the Pick-a-Pic
+        columns are absent.
+    skip_invalid_rows (`bool`, *optional*, defaults to `False`):
+        By default a bad row (undecodable image, label outside {0, 0.5, 1}, missing value) raises a `ValueError`
+        naming the row and column before training starts. With `True` such rows are skipped and counted.
+    dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
+        Processes used to validate the dataset's images before training.
+
+    > Parameters that control robustness
+
+    on_nonfinite_loss (`str`, *optional*, defaults to `"skip"`):
+        What to do when a micro-batch's loss is NaN or infinite. `"skip"`: its gradients never reach the optimizer
+        (the optimizer step that would include it is skipped and counted in `nonfinite_skipped`). `"raise"`: save a
+        checkpoint of the last good state and stop with an error.
+
+    > Parameters that control evaluation
+
+    eval_seed (`int`, *optional*, defaults to `0`):
+        Seed of the noise and timesteps used in evaluation, so that two `evaluate()` calls agree.
+
+    > Defaults changed from `TrainingArguments`
+
+    learning_rate (`float`, defaults to `1e-8`) with scale_lr (`bool`, defaults to `True`):
+        The authors' recipe: the learning rate is multiplied by ``processes * per_device_batch * accumulation``
+        (2.048e-5 at their effective batch of 2048 pairs). Set `scale_lr=False` to use `learning_rate` as given.
+    lr_scheduler_type (defaults to `"constant_with_warmup"`), warmup_steps (defaults to `500`),
+    max_grad_norm (`1.0`), logging_steps (`10`), remove_unused_columns (`False`: the collator needs the image
+    columns), report_to (`"none"`).
+    """
+
+    # Objective
+    beta: float = field(
+        default=5000.0,
+        metadata={"help": "Diffusion-DPO beta (KL strength); the paper reports 2000-5000 working."},
+    )
+    loss_type: str = field(
+        default="dpo",
+        metadata={"help": "Preference objective.", "choices": sorted(OBJECTIVES)},
+    )
+    # Safeguard
+    safeguard: bool = field(
+        default=True,
+        metadata={"help": "Apply the Diffusion-SDPO winner-preserving safeguard; False gives plain Diffusion-DPO."},
+    )
+    safeguard_mu: float = field(
+        default=0.9,
+        metadata={"help": "Safeguard margin mu in [0, 1] (authors: 0.9 SD1.5 DPO, 0.2 SD1.5 DSPO, 0.6 SDXL)."},
+    )
+    safeguard_max_lambda: float = field(default=1.0, metadata={"help": "Upper bound of the safeguard lambda."})
+    # Data
+    resolution: int = field(default=512, metadata={"help": "Square training resolution in pixels."})
+    random_crop: bool = field(default=False, metadata={"help": "Random crop instead of center crop."})
+    random_flip: bool = field(default=True, metadata={"help": "Random horizontal flip of both images of a pair."})
+    proportion_empty_prompts: float = field(
+        default=0.2, metadata={"help": "Fraction of prompts replaced by the empty prompt during training."}
+    )
+    min_timestep: int = field(default=0, metadata={"help": "Smallest training timestep (inclusive)."})
+    max_timestep: int | None = field(
+        default=None, metadata={"help": "Largest training timestep (exclusive); None: num_train_timesteps."}
+    )
+    caption_column: str = field(default="caption", metadata={"help": "Pick-a-Pic caption column."})
+    image_0_column: str = field(default="jpg_0", metadata={"help": "Pick-a-Pic first image column."})
+    image_1_column: str = field(default="jpg_1", metadata={"help": "Pick-a-Pic second image column."})
+    label_0_column: str = field(
+        default="label_0", metadata={"help": "Pick-a-Pic label column: 1 image 0 wins, 0 image 1 wins, 0.5 tie."}
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "TRL-format prompt column."})
+    chosen_column: str = field(default="chosen", metadata={"help": "TRL-format preferred image column."})
+    rejected_column: str = field(default="rejected", metadata={"help": "TRL-format rejected image column."})
+    skip_invalid_rows: bool = field(
+        default=False, metadata={"help": "Skip and count bad rows instead of raising before training."}
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes used to validate the dataset's images."}
+    )
+    # Robustness
+    on_nonfinite_loss: str = field(
+        default="skip",
+        metadata={"help": "On a NaN/inf loss: 'skip' the optimizer step, or 'raise' after a checkpoint.",
+                  "choices": ["skip", "raise"]},
+    )
+    # Evaluation
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the fixed evaluation noise and timesteps."})
+    # Learning-rate scaling (authors' recipe)
+    scale_lr: bool = field(
+        default=True,
+        metadata={"help": "Multiply learning_rate by processes * per-device batch * gradient accumulation."},
+    )
+    # Changed TrainingArguments defaults
+    learning_rate: float = field(
+        default=1e-8, metadata={"help": "Learning rate per pair (scaled by the effective batch, see scale_lr)."}
+    )
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "Scheduler type."})
+    warmup_steps: float = field(default=500, metadata={"help": "Linear warmup steps (authors: 500)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (authors: 1.0)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator reads the image columns."}
+    )
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "Integrations to report to."})
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in OBJECTIVES:
+            raise ValueError(f"loss_type={self.loss_type!r} is not supported; choose one of {sorted(OBJECTIVES)}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not 0.0 <= self.safeguard_mu <= 1.0:
+            raise ValueError(f"safeguard_mu must lie in [0, 1], got {self.safeguard_mu}")
+        if self.safeguard_max_lambda <= 0:
+            raise ValueError(f"safeguard_max_lambda must be positive, got {self.safeguard_max_lambda}")
+        if self.resolution <= 0 or self.resolution % 8 != 0:
+            raise ValueError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got "
+                             f"{self.resolution}")
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ValueError(f"proportion_empty_prompts must lie in [0, 1], got {self.proportion_empty_prompts}")
+        if self.min_timestep < 0:
+            raise ValueError(f"min_timestep must be >= 0, got {self.min_timestep}")
+        if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
+            raise ValueError(
+                f"max_timestep ({self.max_timestep}) must be larger than min_timestep ({self.min_timestep})"
+            )
+        if self.on_nonfinite_loss not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite_loss must be 'skip' or 'raise', got {self.on_nonfinite_loss!r}")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns=True would drop the image columns; leave it False")
+        super().__post_init__()

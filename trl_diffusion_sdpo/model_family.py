@@ -1,0 +1,181 @@
+"""What differs between Stable Diffusion UNet families: prompt encoding, UNet conditioning and VAE precision.
+
+* SD 1.x / 2.x: one CLIP text encoder, ``encoder_hidden_states = last_hidden_state``.
+* SDXL: two text encoders; ``encoder_hidden_states`` is the concatenation of both encoders' penultimate hidden
+  states, ``text_embeds`` the pooled (projected) output of the second, and ``time_ids`` the per-image
+  micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``.
+
+Tokenisation happens in the data collator (CPU, possibly in dataloader workers); encoding happens on the
+accelerator in the trainer. Both go through a family object so the trainer never branches on the model type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+
+__all__ = [
+    "ModelFamily",
+    "PromptEmbeddings",
+    "PromptTokenizer",
+    "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
+    "family_for_pipeline",
+]
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning of the UNet for a batch of prompts."""
+
+    encoder_hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None  # SDXL ``text_embeds``
+
+    def repeat(self, times: int) -> PromptEmbeddings:
+        """Stack the batch ``times`` times along dim 0 (winner and loser share the prompt)."""
+        pooled = None if self.pooled is None else self.pooled.repeat(times, 1)
+        return PromptEmbeddings(self.encoder_hidden_states.repeat(times, 1, 1), pooled)
+
+
+class PromptTokenizer:
+    """Tokenise prompts with each of a pipeline's tokenizers; small and picklable for dataloader workers."""
+
+    def __init__(self, tokenizers: dict[str, object]) -> None:
+        self.tokenizers = tokenizers  # output key -> tokenizer
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {
+            key: tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            for key, tokenizer in self.tokenizers.items()
+        }
+
+
+class ModelFamily:
+    """Base class: a pipeline's frozen components and how to condition its UNet."""
+
+    name: str = "base"
+    needs_time_ids: bool = False
+
+    def __init__(self, pipeline: DiffusionPipeline) -> None:
+        self.pipeline = pipeline
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipeline.unet
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipeline.vae
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules that never train (VAE and text encoders), by pipeline attribute name."""
+        raise NotImplementedError
+
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        raise NotImplementedError
+
+    def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> PromptEmbeddings:
+        raise NotImplementedError
+
+    def vae_needs_fp32(self) -> bool:
+        """Whether the VAE must encode in float32 (the SDXL VAE overflows in fp16; diffusers flags it)."""
+        return bool(getattr(self.vae.config, "force_upcast", False))
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VAE latents of ``pixel_values`` in [-1, 1], scaled by the VAE's ``scaling_factor``."""
+        vae = self.vae
+        posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return latents * vae.config.scaling_factor
+
+    def unet_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        """Keyword arguments for ``unet(sample, timestep, **kwargs)``."""
+        return {"encoder_hidden_states": prompt_embeds.encoder_hidden_states}
+
+
+class StableDiffusionFamily(ModelFamily):
+    """SD 1.x / 2.x: one CLIP text encoder, last hidden state as cross-attention context."""
+
+    name = "stable-diffusion"
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.pipeline.vae, "text_encoder": self.pipeline.text_encoder}
+
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        return PromptTokenizer({"input_ids": self.pipeline.tokenizer})
+
+    @torch.no_grad()
+    def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> PromptEmbeddings:
+        encoder = self.pipeline.text_encoder
+        hidden = encoder(tokens["input_ids"].to(encoder.device), return_dict=True).last_hidden_state
+        return PromptEmbeddings(hidden)
+
+
+class StableDiffusionXLFamily(ModelFamily):
+    """SDXL: two CLIP text encoders (penultimate hidden states concatenated), pooled ``text_embeds``,
+    per-image ``time_ids`` micro-conditioning."""
+
+    name = "stable-diffusion-xl"
+    needs_time_ids = True
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {
+            "vae": self.pipeline.vae,
+            "text_encoder": self.pipeline.text_encoder,
+            "text_encoder_2": self.pipeline.text_encoder_2,
+        }
+
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        return PromptTokenizer({"input_ids": self.pipeline.tokenizer, "input_ids_2": self.pipeline.tokenizer_2})
+
+    @torch.no_grad()
+    def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> PromptEmbeddings:
+        encoder_1 = self.pipeline.text_encoder
+        encoder_2 = self.pipeline.text_encoder_2
+        out_1 = encoder_1(tokens["input_ids"].to(encoder_1.device), output_hidden_states=True, return_dict=True)
+        out_2 = encoder_2(tokens["input_ids_2"].to(encoder_2.device), output_hidden_states=True, return_dict=True)
+        hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        # CLIPTextModelWithProjection returns the projected pooled output as ``text_embeds``.
+        pooled = out_2.text_embeds if hasattr(out_2, "text_embeds") else out_2.pooler_output
+        return PromptEmbeddings(hidden, pooled)
+
+    def unet_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        if time_ids is None:
+            raise ValueError("SDXL needs per-image time_ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w)")
+        hidden = prompt_embeds.encoder_hidden_states
+        return {
+            "encoder_hidden_states": hidden,
+            "added_cond_kwargs": {
+                "text_embeds": prompt_embeds.pooled.to(hidden.dtype),
+                "time_ids": time_ids.to(device=hidden.device, dtype=hidden.dtype),
+            },
+        }
+
+
+def family_for_pipeline(pipeline: DiffusionPipeline) -> ModelFamily:
+    """Pick the family from the pipeline's components (not its class name, so subclasses work)."""
+    if getattr(pipeline, "unet", None) is None:
+        raise ValueError(
+            f"{type(pipeline).__name__} has no `unet`; only UNet-based Stable Diffusion pipelines are supported"
+        )
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        return StableDiffusionXLFamily(pipeline)
+    if getattr(pipeline, "text_encoder", None) is None or getattr(pipeline, "tokenizer", None) is None:
+        raise ValueError(f"{type(pipeline).__name__} needs a `text_encoder` and a `tokenizer`")
+    return StableDiffusionFamily(pipeline)

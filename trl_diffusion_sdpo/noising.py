@@ -1,0 +1,71 @@
+"""Forward noising and regression targets for the diffusion training objective.
+
+One timestep and one noise draw per pair, shared by the winner and the loser, is what makes the errors of the two
+branches comparable (the loss compares them at equal ``t`` and ``eps``).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+__all__ = ["SUPPORTED_PREDICTION_TYPES", "prediction_target", "sample_pair_noise", "training_scheduler"]
+
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def training_scheduler(pipeline_scheduler: SchedulerMixin) -> DDPMScheduler:
+    """A DDPM scheduler with the pipeline scheduler's noise schedule and prediction type.
+
+    Inference pipelines ship PNDM, Euler or DPM-Solver schedulers; training noises with the DDPM forward process of
+    the same ``beta`` schedule. Settings such as ``prediction_type`` and ``rescale_betas_zero_snr`` carry over.
+    """
+    scheduler = DDPMScheduler.from_config(pipeline_scheduler.config)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
+        raise ValueError(
+            f"Unsupported scheduler prediction_type {prediction_type!r}; supported: {SUPPORTED_PREDICTION_TYPES}"
+        )
+    return scheduler
+
+
+def sample_pair_noise(
+    latents_shape: torch.Size | tuple[int, ...],
+    num_train_timesteps: int,
+    min_timestep: int,
+    max_timestep: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one timestep in ``[min_timestep, max_timestep)`` and one Gaussian noise per pair.
+
+    ``latents_shape`` is the shape of ONE branch (``[B, C, H, W]``). Draws happen on the generator's device (CPU for
+    evaluation's seeded generator) and are moved to ``device``, so a seeded evaluation is reproducible anywhere.
+    """
+    high = num_train_timesteps if max_timestep is None else max_timestep
+    gen_device = generator.device if generator is not None else device
+    timesteps = torch.randint(min_timestep, high, (latents_shape[0],), device=gen_device, generator=generator)
+    noise = torch.randn(tuple(latents_shape), device=gen_device, dtype=torch.float32, generator=generator)
+    return timesteps.to(device), noise.to(device=device, dtype=dtype)
+
+
+def prediction_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The regression target for the scheduler's ``prediction_type``.
+
+    ``epsilon`` -> ``noise``; ``v_prediction`` -> ``sqrt(abar_t) * noise - sqrt(1 - abar_t) * latents``
+    (``scheduler.get_velocity``); ``sample`` -> ``latents``.
+    """
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(
+        f"Unsupported scheduler prediction_type {prediction_type!r}; supported: {SUPPORTED_PREDICTION_TYPES}"
+    )

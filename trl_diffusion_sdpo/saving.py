@@ -1,0 +1,93 @@
+"""Writing and reading trained weights in the formats diffusers loads.
+
+* LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``unet.``-prefixed keys), loadable with
+  ``pipeline.load_lora_weights(output_dir)``.
+* Full tuning: ``unet/`` written by ``UNet2DConditionModel.save_pretrained`` (safetensors), loadable with
+  ``UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")``.
+
+The same files serve as the weights of a training checkpoint, so resuming reads exactly what a user would load.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+__all__ = [
+    "LORA_WEIGHTS_NAME",
+    "UNET_SUBFOLDER",
+    "has_saved_weights",
+    "load_full_unet",
+    "load_lora_adapters",
+    "save_full_unet",
+    "save_lora_adapters",
+    "unet_has_lora",
+]
+
+LORA_WEIGHTS_NAME = LORA_WEIGHT_NAME_SAFE
+UNET_SUBFOLDER = "unet"
+
+
+def unet_has_lora(unet: torch.nn.Module) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+def lora_state_dict(unet: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None):
+    """The adapter weights of ``unet`` in diffusers' key format, on CPU."""
+    peft_state = get_peft_model_state_dict(unet, state_dict=state_dict)
+    return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}
+
+
+def save_lora_adapters(
+    unet: torch.nn.Module,
+    output_dir: str,
+    pipeline_cls: type,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> str:
+    """Write the UNet's LoRA adapters with ``pipeline_cls.save_lora_weights``; returns the file path."""
+    os.makedirs(output_dir, exist_ok=True)
+    pipeline_cls.save_lora_weights(
+        output_dir, unet_lora_layers=lora_state_dict(unet, state_dict), safe_serialization=True
+    )
+    return os.path.join(output_dir, LORA_WEIGHTS_NAME)
+
+
+def load_lora_adapters(unet: torch.nn.Module, directory: str, adapter_name: str = "default") -> None:
+    """Load adapters saved by :func:`save_lora_adapters` into a UNet that already carries the same adapter config."""
+    state = load_file(os.path.join(directory, LORA_WEIGHTS_NAME))
+    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA weights in {directory} do not match the model's adapters: {unexpected[:5]}")
+
+
+def save_full_unet(unet: torch.nn.Module, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Write ``output_dir/unet`` with ``save_pretrained`` (safetensors); returns that folder."""
+    folder = os.path.join(output_dir, UNET_SUBFOLDER)
+    unet.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    return folder
+
+
+def load_full_unet(unet: torch.nn.Module, directory: str) -> None:
+    """Load weights written by :func:`save_full_unet` into ``unet`` in place (strict: every key must match)."""
+    folder = os.path.join(directory, UNET_SUBFOLDER)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No safetensors weights in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(folder, name)))
+    unet.load_state_dict(state, strict=True)
+
+
+def has_saved_weights(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, LORA_WEIGHTS_NAME)) or os.path.isdir(
+        os.path.join(directory, UNET_SUBFOLDER)
+    )

@@ -1,0 +1,165 @@
+"""Small Stable Diffusion pipelines built from configs, for tests, the CPU demo and CPU benchmarks.
+
+They are real diffusers pipelines (UNet, VAE, CLIP text encoder(s), CLIP tokenizer(s), scheduler), only narrow.
+The tokenizer is character-level: its vocabulary is CLIP's 256 byte symbols (plus word-final forms), written to
+a folder so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+__all__ = ["build_tiny_sd_pipeline", "build_tiny_sdxl_pipeline", "write_char_tokenizer"]
+
+
+def _bytes_to_unicode() -> list[str]:
+    # CLIP's reversible byte -> printable-symbol table.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    symbols = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            symbols.append(256 + extra)
+            extra += 1
+    return [chr(s) for s in symbols]
+
+
+def write_char_tokenizer(directory: str, max_length: int = 32) -> CLIPTokenizer:
+    """Write a character-level CLIP tokenizer to ``directory`` and load it back."""
+    os.makedirs(directory, exist_ok=True)
+    symbols = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+    for s in symbols:
+        vocab.setdefault(s + "</w>", len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=max_length
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def _text_encoder(vocab_size: int, hidden: int, layers: int, max_length: int, projection: int | None = None):
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        projection_dim=projection or hidden,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _vae(block_out_channels: tuple[int, ...], latent_channels: int = 4, force_upcast: bool = False) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        force_upcast=force_upcast,
+    )
+
+
+def build_tiny_sd_pipeline(
+    seed: int = 0,
+    unet_channels: tuple[int, ...] = (32, 64),
+    cross_attention_dim: int = 32,
+    prediction_type: str = "epsilon",
+    tokenizer_dir: str | None = None,
+    max_length: int = 32,
+) -> StableDiffusionPipeline:
+    """A tiny SD-1.x-style pipeline (8x downsampling VAE, so ``resolution`` must be a multiple of 8)."""
+    torch.manual_seed(seed)
+    tokenizer = write_char_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-"), max_length)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(unet_channels) - 1),
+        up_block_types=("UpBlock2D",) * (len(unet_channels) - 1) + ("CrossAttnUpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = _vae((8, 8, 8, 8))
+    text_encoder = _text_encoder(len(tokenizer), cross_attention_dim, 2, max_length)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type=prediction_type, clip_sample=False,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl_pipeline(
+    seed: int = 0, prediction_type: str = "epsilon", tokenizer_dir: str | None = None, max_length: int = 32
+) -> StableDiffusionXLPipeline:
+    """A tiny SDXL-style pipeline: two text encoders, pooled text embeds and time-id micro-conditioning."""
+    torch.manual_seed(seed)
+    base_dir = tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-")
+    tokenizer = write_char_tokenizer(os.path.join(base_dir, "tokenizer"), max_length)
+    tokenizer_2 = write_char_tokenizer(os.path.join(base_dir, "tokenizer_2"), max_length)
+    hidden_1, hidden_2, projection = 16, 16, 16
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden_1 + hidden_2,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=projection + 6 * 8,
+        norm_num_groups=8,
+    )
+    vae = _vae((8, 8, 8, 8), force_upcast=True)
+    text_encoder = _text_encoder(len(tokenizer), hidden_1, 2, max_length)
+    text_encoder_2 = _text_encoder(len(tokenizer_2), hidden_2, 2, max_length, projection=projection)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type=prediction_type, clip_sample=False,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+    )
