@@ -199,7 +199,9 @@ def prepare_preference_dataset(
     def check(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [{k: batch[k][i] for k in batch} for i in range(len(indices))]
         problems = [_row_problem(row, columns) for row in rows]
-        ties = [columns.label is not None and not p[0] and _is_tie(row[columns.label]) for row, p in zip(rows, problems)]
+        ties = [
+            columns.label is not None and not p[0] and _is_tie(row[columns.label]) for row, p in zip(rows, problems)
+        ]
         return {"_column": [p[0] for p in problems], "_reason": [p[1] for p in problems], "_tie": ties}
 
     checks = dataset.map(

@@ -102,8 +102,12 @@ def diffusion_dpo_loss(
 
 
 def implicit_accuracy(logits: torch.Tensor) -> torch.Tensor:
-    """Fraction of pairs whose implicit reward prefers the winner (``u > 0``), as a float32 0-dim tensor."""
-    return (logits > 0).float().mean()
+    """Fraction of pairs whose implicit reward prefers the winner (``u > 0``), ties (``u == 0``) counting half.
+
+    Counting ties as half makes a policy identical to its reference (LoRA at initialisation) score 0.5, the value
+    of a coin flip, instead of 0.
+    """
+    return ((logits > 0).float() + 0.5 * (logits == 0).float()).mean()
 
 
 class PreferenceObjective(Protocol):
