@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from .losses import OBJECTIVES
 
@@ -84,7 +85,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         (2.048e-5 at their effective batch of 2048 pairs). Set `scale_lr=False` to use `learning_rate` as given.
     lr_scheduler_type (defaults to `"constant_with_warmup"`), warmup_steps (defaults to `500`),
     max_grad_norm (`1.0`), logging_steps (`10`), remove_unused_columns (`False`: the collator needs the image
-    columns), report_to (`"none"`).
+    columns).
     """
 
     # Objective
@@ -149,14 +150,15 @@ class DiffusionSDPOConfig(TrainingArguments):
     learning_rate: float = field(
         default=1e-8, metadata={"help": "Learning rate per pair (scaled by the effective batch, see scale_lr)."}
     )
-    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "Scheduler type."})
+    lr_scheduler_type: SchedulerType | str = field(
+        default="constant_with_warmup", metadata={"help": "Scheduler type (authors: constant after linear warmup)."}
+    )
     warmup_steps: float = field(default=500, metadata={"help": "Linear warmup steps (authors: 500)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (authors: 1.0)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator reads the image columns."}
     )
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Integrations to report to."})
 
     def __post_init__(self) -> None:
         if self.loss_type not in OBJECTIVES:

@@ -36,6 +36,7 @@ __all__ = [
     "PreferenceCollator",
     "PreferenceColumns",
     "load_image",
+    "load_preference_dataset",
     "prepare_preference_dataset",
     "resolve_columns",
 ]
@@ -360,3 +361,27 @@ class PreferenceCollator:
         }
         batch.update(self.tokenize(prompts) if prompts else {})
         return batch
+
+
+def load_preference_dataset(
+    name_or_path: str, split: str = "train", streaming: bool = False, max_rows: int | None = None
+) -> Dataset | IterableDataset:
+    """Load a preference dataset from the Hub, a local data folder, or a folder written by ``save_to_disk``."""
+    import os
+
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isdir(name_or_path) and any(
+        os.path.isfile(os.path.join(name_or_path, f)) for f in ("state.json", "dataset_dict.json")
+    ):
+        loaded = load_from_disk(name_or_path)
+        dataset = loaded[split] if isinstance(loaded, DatasetDict) else loaded
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
+    else:
+        dataset = load_dataset(name_or_path, split=split, streaming=streaming)
+    if max_rows is not None:
+        dataset = dataset.take(max_rows) if isinstance(dataset, IterableDataset) else dataset.select(
+            range(min(max_rows, len(dataset)))
+        )
+    return dataset
