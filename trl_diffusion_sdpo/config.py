@@ -65,6 +65,15 @@ class DiffusionSDPOConfig(TrainingArguments):
         naming the row and column before training starts. With `True` such rows are skipped and counted.
     dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
         Processes used to validate the dataset's images before training.
+    cache_latents (`bool`, *optional*, defaults to `False`):
+        Encode every pair with the VAE and every prompt with the text encoder(s) once, before training, and train
+        from the cached posterior mean and std (sampled afresh each step) and embeddings (see
+        :mod:`~trl_diffusion_sdpo.latent_cache`). With `random_flip` both the flipped and unflipped pair are cached;
+        prompt dropout substitutes the cached empty-prompt embedding; `random_crop=True` cannot be cached. The VAE
+        and text encoders then stay on the CPU during training. Needs a map-style dataset.
+    latent_cache_dir (`str` or `None`, *optional*, defaults to `None`):
+        Where the latent cache is stored and looked up; `None` uses a folder beside the dataset's cache files (or the
+        `datasets` cache for in-memory datasets). A cache is reused whenever model, transforms and data match.
 
     > Parameters that control robustness
 
@@ -133,6 +142,13 @@ class DiffusionSDPOConfig(TrainingArguments):
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes used to validate the dataset's images."}
     )
+    cache_latents: bool = field(
+        default=False,
+        metadata={"help": "Encode images and prompts once before training and train from the cache."},
+    )
+    latent_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the latent cache; None: beside the dataset's cache files."}
+    )
     # Robustness
     on_nonfinite_loss: str = field(
         default="skip",
@@ -182,6 +198,12 @@ class DiffusionSDPOConfig(TrainingArguments):
             )
         if self.on_nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite_loss must be 'skip' or 'raise', got {self.on_nonfinite_loss!r}")
+        if self.cache_latents and self.random_crop:
+            raise ValueError(
+                "cache_latents=True cannot be combined with random_crop=True: each step would need a new crop of the "
+                "pixels, which cached latents no longer hold. Use the center crop (random_crop=False), crop the "
+                "images before training, or set cache_latents=False."
+            )
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the image columns; leave it False")
         super().__post_init__()

@@ -256,11 +256,13 @@ def _prepare_iterable(
 
 
 class PairTransform:
-    """Resize the shorter side to ``resolution``, crop a square, maybe flip: the same decisions for both images.
+    """Resize the shorter side to ``resolution``, maybe flip, crop a square: the same decisions for both images.
 
     Returns the pixel tensors in [-1, 1] and, per image, SDXL's micro-conditioning
-    ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` with the crop measured in the resized (and, when
-    flipped, mirrored) image actually fed to the VAE.
+    ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``: ``orig`` is the size of the image as decoded
+    (before resizing), ``crop_top, crop_left`` the offset of the crop actually taken in the resized (and, when
+    flipped, mirrored) image, as diffusers' SDXL training script measures it, and ``target`` the resolution. The
+    winner and the loser share the flip and the relative crop position but get their own sizes and offsets.
     """
 
     def __init__(self, resolution: int, random_crop: bool, random_flip: bool) -> None:
@@ -268,7 +270,7 @@ class PairTransform:
         self.random_crop = random_crop
         self.random_flip = random_flip
 
-    def _one(self, image: Image.Image, flip: bool, crop_fraction: tuple[float, float]):
+    def _one(self, image: Image.Image, flip: bool, crop_fraction: tuple[float, float] | None):
         res = self.resolution
         orig_w, orig_h = image.size
         scale = res / min(orig_w, orig_h)
@@ -277,8 +279,11 @@ class PairTransform:
             image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        top = round(crop_fraction[0] * (new_h - res))
-        left = round(crop_fraction[1] * (new_w - res))
+        if crop_fraction is None:  # center crop, rounded like torchvision's CenterCrop
+            top, left = round((new_h - res) / 2), round((new_w - res) / 2)
+        else:  # each valid offset equally likely (as torchvision's RandomCrop), same relative position for the pair
+            top = min(int(crop_fraction[0] * (new_h - res + 1)), new_h - res)
+            left = min(int(crop_fraction[1] * (new_w - res + 1)), new_w - res)
         image = image.crop((left, top, left + res, top + res))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)
@@ -290,12 +295,17 @@ class PairTransform:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``pixels [2, 3, R, R]`` (winner, loser) and ``time_ids [2, 6]``."""
         flip = bool(train and self.random_flip and torch.rand(()) < 0.5)
-        if train and self.random_crop:
-            crop = (float(torch.rand(())), float(torch.rand(())))
-        else:
-            crop = (0.5, 0.5)
+        crop = (float(torch.rand(())), float(torch.rand(()))) if train and self.random_crop else None
         pixels_w, ids_w = self._one(winner, flip, crop)
         pixels_l, ids_l = self._one(loser, flip, crop)
+        return torch.stack([pixels_w, pixels_l]), torch.stack([ids_w, ids_l])
+
+    def center_crop_pair(
+        self, winner: Image.Image, loser: Image.Image, flip: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The center-cropped view of a pair, flipped or not, as ``__call__`` makes it (for the latent cache)."""
+        pixels_w, ids_w = self._one(winner, flip, None)
+        pixels_l, ids_l = self._one(loser, flip, None)
         return torch.stack([pixels_w, pixels_l]), torch.stack([ids_w, ids_l])
 
 
@@ -324,6 +334,9 @@ class PreferenceCollator:
     def _winner_loser(self, row: dict[str, Any]) -> tuple[Any, Any] | None:
         if self.columns.label is None:
             return row[self.columns.first], row[self.columns.second]
+        problem = _label_problem(row[self.columns.label])
+        if problem:  # a streamed row with a label outside {0, 0.5, 1} is bad, not a preference
+            raise ValueError(f"column {self.columns.label!r}: {problem}")
         label = float(row[self.columns.label])
         if abs(label - 0.5) < 1e-6:
             return None

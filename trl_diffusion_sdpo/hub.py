@@ -21,7 +21,8 @@ CITATIONS = """```bibtex
 
 @article{fu2025diffusionsdpo,
   title   = {Diffusion-SDPO: Safeguarded Direct Preference Optimization for Diffusion Models},
-  author  = {Fu, Minghao and others},
+  author  = {Fu, Minghao and Wang, Guo-Hua and Cui, Tianyu and Chen, Qing-Guo and Xu, Zhao and Luo, Weihua
+             and Zhang, Kaifu},
   journal = {arXiv preprint arXiv:2511.03317},
   year    = {2025}
 }

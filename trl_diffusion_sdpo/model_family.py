@@ -91,10 +91,15 @@ class ModelFamily:
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents of ``pixel_values`` in [-1, 1], scaled by the VAE's ``scaling_factor``."""
+        """VAE latents of ``pixel_values`` in [-1, 1], scaled by the VAE's ``scaling_factor``.
+
+        The VAE computes in its own dtype: an enclosing autocast is switched off, so a VAE kept in float32 (see
+        :meth:`vae_needs_fp32`) really encodes in float32 while the UNet runs in the mixed-precision dtype.
+        """
         vae = self.vae
-        posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        latents = posterior.sample(generator=generator)
+        with torch.autocast(device_type=vae.device.type, enabled=False):
+            posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+            latents = posterior.sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift
@@ -163,7 +168,9 @@ class StableDiffusionXLFamily(ModelFamily):
             "encoder_hidden_states": hidden,
             "added_cond_kwargs": {
                 "text_embeds": prompt_embeds.pooled.to(hidden.dtype),
-                "time_ids": time_ids.to(device=hidden.device, dtype=hidden.dtype),
+                # float32, not the compute dtype: bfloat16 cannot hold sizes such as 1023 or 1366 exactly, and the
+                # UNet embeds time ids in float32 anyway (sinusoidal projection) before casting the embedding.
+                "time_ids": time_ids.to(device=hidden.device, dtype=torch.float32),
             },
         }
 
@@ -175,6 +182,15 @@ def family_for_pipeline(pipeline: DiffusionPipeline) -> ModelFamily:
             f"{type(pipeline).__name__} has no `unet`; only UNet-based Stable Diffusion pipelines are supported"
         )
     if getattr(pipeline, "text_encoder_2", None) is not None:
+        is_sdxl_base = getattr(pipeline, "text_encoder", None) is not None and (
+            getattr(pipeline.unet.config, "addition_embed_type", None) == "text_time"
+        )
+        if not is_sdxl_base:
+            raise ValueError(
+                f"{type(pipeline).__name__} has a second text encoder but is not an SDXL base pipeline (it needs "
+                "`text_encoder`, `text_encoder_2` and a UNet with `addition_embed_type='text_time'`); the SDXL "
+                "refiner's aesthetic-score conditioning is not supported"
+            )
         return StableDiffusionXLFamily(pipeline)
     if getattr(pipeline, "text_encoder", None) is None or getattr(pipeline, "tokenizer", None) is None:
         raise ValueError(f"{type(pipeline).__name__} needs a `text_encoder` and a `tokenizer`")

@@ -50,10 +50,17 @@ def save_lora_adapters(
     pipeline_cls: type,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> str:
-    """Write the UNet's LoRA adapters with ``pipeline_cls.save_lora_weights``; returns the file path."""
+    """Write the UNet's LoRA adapters with ``pipeline_cls.save_lora_weights``; returns the file path.
+
+    The adapter config (``lora_alpha`` above all) is stored in the file's metadata: without it ``load_lora_weights``
+    assumes ``lora_alpha == r`` and a model trained with another alpha would load with the wrong scale.
+    """
     os.makedirs(output_dir, exist_ok=True)
     pipeline_cls.save_lora_weights(
-        output_dir, unet_lora_layers=lora_state_dict(unet, state_dict), safe_serialization=True
+        output_dir,
+        unet_lora_layers=lora_state_dict(unet, state_dict),
+        safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
     )
     return os.path.join(output_dir, LORA_WEIGHTS_NAME)
 

@@ -38,7 +38,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(s) for s in symbols]
 
 
-def write_char_tokenizer(directory: str, max_length: int = 32) -> CLIPTokenizer:
+def write_char_tokenizer(directory: str, max_length: int = 32, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """Write a character-level CLIP tokenizer to ``directory`` and load it back."""
     os.makedirs(directory, exist_ok=True)
     symbols = _bytes_to_unicode()
@@ -54,7 +54,10 @@ def write_char_tokenizer(directory: str, max_length: int = 32) -> CLIPTokenizer:
     with open(os.path.join(directory, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
     tokenizer = CLIPTokenizer(
-        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=max_length
+        os.path.join(directory, "vocab.json"),
+        os.path.join(directory, "merges.txt"),
+        model_max_length=max_length,
+        pad_token=pad_token,
     )
     tokenizer.save_pretrained(directory)
     return tokenizer
@@ -133,7 +136,8 @@ def build_tiny_sdxl_pipeline(
     torch.manual_seed(seed)
     base_dir = tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-")
     tokenizer = write_char_tokenizer(os.path.join(base_dir, "tokenizer"), max_length)
-    tokenizer_2 = write_char_tokenizer(os.path.join(base_dir, "tokenizer_2"), max_length)
+    # SDXL's second tokenizer pads with "!" instead of the end token: the two id tensors differ, as in the real model.
+    tokenizer_2 = write_char_tokenizer(os.path.join(base_dir, "tokenizer_2"), max_length, pad_token="!")
     hidden_1, hidden_2, projection = 16, 16, 16
     unet = UNet2DConditionModel(
         sample_size=8,

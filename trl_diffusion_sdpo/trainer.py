@@ -8,6 +8,7 @@ formats in :mod:`.saving`. One training step reads: encode, noise, predict, refe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections import defaultdict
@@ -23,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import DiffusionSDPOConfig
 from .data import DataReport, PairTransform, PreferenceCollator, prepare_preference_dataset
 from .hub import build_model_card, upload_folder_to_hub
+from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache, latents_from_cached_batch
 from .losses import DenoisingErrors, PreferencePredictions, denoising_error, get_objective, implicit_accuracy
 from .model_family import ModelFamily, PromptEmbeddings, family_for_pipeline
 from .noising import prediction_target, sample_pair_noise, training_scheduler
@@ -150,20 +152,25 @@ class DiffusionSDPOTrainer(Trainer):
         self.reference: Reference = build_reference(
             unet, ref_model, uses_lora=peft_config is not None, get_policy=lambda: self._policy_unet()
         )
+        # As in diffusers' scripts: frozen weights in the compute dtype, trainable weights in float32 (the fp16 grad
+        # scaler cannot unscale half-precision gradients, and bf16 weights lose small updates).
         if peft_config is not None:
             unet.requires_grad_(False)
+            unet.to(dtype=_compute_dtype(args))
             unet.add_adapter(peft_config)
-            # Half-precision weights cannot be trained by the fp16 grad scaler; adapters train in fp32.
-            if unet.dtype in (torch.float16, torch.bfloat16):
-                cast_training_params(unet, dtype=torch.float32)
         else:
             unet.requires_grad_(True)
+        cast_training_params(unet, dtype=torch.float32)
         self.is_lora = peft_config is not None
         self.objective = get_objective(args.loss_type)
 
-        if args.gradient_checkpointing:
+        # ``gradient_checkpointing`` is an alias of ``activation_checkpointing`` in recent transformers; with either
+        # set, transformers would call a method UNets do not have, so the UNet's own switch is used instead.
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             unet.enable_gradient_checkpointing()
-            args.gradient_checkpointing = False  # transformers would call a method UNets do not have
+            args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
 
         if args.scale_lr:
             args.learning_rate = (
@@ -172,6 +179,10 @@ class DiffusionSDPOTrainer(Trainer):
                 * args.per_device_train_batch_size
                 * args.gradient_accumulation_steps
             )
+        if args.accelerator_config.dispatch_batches is None:
+            # Streamed batches vary in size (the collator drops bad rows), which accelerate's default for iterable
+            # data cannot concatenate across processes; each process reads its own shard instead.
+            args.accelerator_config = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
 
         train_dataset, columns, self.train_data_report = prepare_preference_dataset(train_dataset, args, "train")
         self.eval_data_report: DataReport | None = None
@@ -183,6 +194,17 @@ class DiffusionSDPOTrainer(Trainer):
         tokenize = self.family.prompt_tokenizer()
         data_collator = PreferenceCollator(columns, tokenize, transform, args.proportion_empty_prompts, train=True)
         self._eval_collator = PreferenceCollator(eval_columns, tokenize, transform, 0.0, train=False)
+        if args.cache_latents:
+            # Encode once (main process first, the others load), then train from the cache.
+            train_cache = self._latent_cache(train_dataset, columns, args, "train")
+            train_dataset = train_cache.dataset
+            data_collator = CachedPreferenceCollator(
+                train_cache.empty_prompt, args.proportion_empty_prompts, args.random_flip, train=True
+            )
+            if eval_dataset is not None:
+                eval_cache = self._latent_cache(eval_dataset, eval_columns, args, "eval")
+                eval_dataset = eval_cache.dataset
+                self._eval_collator = CachedPreferenceCollator(eval_cache.empty_prompt, train=False)
 
         super().__init__(
             model=unet,
@@ -204,6 +226,7 @@ class DiffusionSDPOTrainer(Trainer):
         self._nonfinite_flag: torch.Tensor | None = None
         self._nonfinite_skipped = 0
         self._eval_generator: torch.Generator | None = None
+        self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s", self.train_data_report.summary())
 
     # ------------------------------------------------------------------ setup
@@ -211,11 +234,33 @@ class DiffusionSDPOTrainer(Trainer):
     def _policy_unet(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.pipeline.unet
 
+    def _latent_cache(self, dataset, columns, args: DiffusionSDPOConfig, split: str) -> LatentCache:
+        # Without a shared filesystem (save_on_each_node) every node encodes its own copy.
+        with args.main_process_first(local=args.save_on_each_node, desc=f"{split} latent cache"):
+            return build_latent_cache(
+                dataset,
+                columns,
+                self.family,
+                resolution=args.resolution,
+                random_flip=args.random_flip and split == "train",
+                random_crop=args.random_crop,
+                cache_dir=args.latent_cache_dir,
+                device=args.device,
+                batch_size=max(args.per_device_train_batch_size, 1),
+                split=split,
+            )
+
     def _place_frozen_modules(self) -> None:
-        """Move the VAE, text encoder(s) and a reference copy to the device in the compute dtype."""
+        """Move the VAE, text encoder(s) and a reference copy to the device in the compute dtype.
+
+        With ``cache_latents`` the VAE and text encoders are not used during training and stay on the CPU.
+        """
         device = self.args.device
         compute_dtype = _compute_dtype(self.args)
         for name, module in self.family.frozen_modules().items():
+            if self.args.cache_latents:
+                module.to(device="cpu")
+                continue
             dtype = torch.float32 if name == "vae" and self.family.vae_needs_fp32() else compute_dtype
             module.to(device=device, dtype=dtype)
         if not self.reference.shares_policy_weights:
@@ -227,6 +272,8 @@ class DiffusionSDPOTrainer(Trainer):
         self, inputs: dict[str, torch.Tensor], generator: torch.Generator | None
     ) -> tuple[torch.Tensor, PromptEmbeddings, torch.Tensor]:
         """Latents ``[2B, C, h, w]`` (winners then losers), prompt embeddings for 2B, time ids ``[2B, 6]``."""
+        if "latent_mean" in inputs:  # a batch of the latent cache: only the posterior sampling is left to do
+            return latents_from_cached_batch(inputs, self.family.vae.config, generator, _compute_dtype(self.args))
         pixel_values = inputs["pixel_values"]  # [B, 2, 3, H, W]
         batch = pixel_values.shape[0]
         pixels = pixel_values.transpose(0, 1).reshape(2 * batch, *pixel_values.shape[2:])
@@ -246,7 +293,7 @@ class DiffusionSDPOTrainer(Trainer):
         mode = "train" if model.training else "eval"
         metrics = self._metrics[mode]
         metrics["data/skipped_rows"].append(inputs["num_skipped"].detach().float())
-        if inputs["pixel_values"].shape[0] == 0:
+        if inputs["time_ids"].shape[0] == 0:
             # Every row of this streamed batch was bad: contribute nothing, keep the graph connected.
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, {}) if return_outputs else loss
@@ -340,7 +387,8 @@ class DiffusionSDPOTrainer(Trainer):
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs or not any(k.startswith("eval_") for k in logs) else "eval"
+        prefix = self._eval_metric_prefix  # set while evaluate() runs
+        mode = "train" if prefix is None else "eval"
         stored = self._metrics[mode]
         reduced: dict[str, float] = {}
         for key, values in stored.items():
@@ -363,8 +411,9 @@ class DiffusionSDPOTrainer(Trainer):
         if mode == "train":
             reduced["nonfinite_skipped"] = float(self._nonfinite_skipped)
         else:
-            reduced = {f"eval_{k}": v for k, v in reduced.items()}
-        logs = {**logs, **reduced}
+            reduced = {f"{prefix}_{k}": v for k, v in reduced.items()}
+        # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.
+        logs.update(reduced)
         stored.clear()
         super().log(logs, start_time)
 
@@ -382,10 +431,12 @@ class DiffusionSDPOTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.
         self._eval_generator = torch.Generator().manual_seed(self.args.eval_seed + self.args.process_index)
+        self._eval_metric_prefix = metric_key_prefix
         try:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally:
             self._eval_generator = None
+            self._eval_metric_prefix = None
 
     def get_eval_dataloader(self, eval_dataset=None):
         train_collator, self.data_collator = self.data_collator, self._eval_collator

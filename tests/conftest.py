@@ -1,0 +1,163 @@
+"""Shared fixtures: tiny real Stable Diffusion pipelines, preference datasets made in the test, configs.
+
+Everything runs on CPU at resolution 32 with a handful of steps; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from PIL import Image
+
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+
+# Distinct, saturated colours: a decoded, resized and cropped image keeps its colour exactly (PNG) or nearly (JPEG),
+# so tests can tell which image of a pair ended up where.
+COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (230, 230, 20), (200, 20, 200), (20, 200, 200)]
+SIZES = [(40, 32), (32, 48), (64, 64), (48, 40), (36, 36), (32, 72)]
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+# The models are tiny and the machine's cores are shared: more than one intra-op thread only adds contention.
+torch.set_num_threads(1)
+
+
+def encode_image(colour: tuple[int, int, int], size: tuple[int, int], fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def pickapic_rows(n: int = 6, labels: Sequence[float] | None = None) -> list[dict]:
+    """Pick-a-Pic-like rows: image 0 takes colour ``2i``, image 1 colour ``2i+1`` (mod 6), different sizes, PNG and
+    JPEG alternating. ``label_0`` alternates 1, 0 unless given."""
+    labels = list(labels) if labels is not None else [float((i + 1) % 2) for i in range(n)]
+    rows = []
+    for i in range(n):
+        fmt = "PNG" if i % 2 == 0 else "JPEG"
+        rows.append(
+            {
+                "caption": f"a picture number {i}",
+                "jpg_0": encode_image(COLOURS[(2 * i) % 6], SIZES[i % 6], fmt),
+                "jpg_1": encode_image(COLOURS[(2 * i + 1) % 6], SIZES[(i + 3) % 6], fmt),
+                "label_0": labels[i],
+                "label_1": 1.0 - labels[i],
+                "model_0": "m0",
+                "model_1": "m1",
+            }
+        )
+    return rows
+
+
+@pytest.fixture
+def make_pickapic() -> Callable[..., Dataset]:
+    """``make_pickapic(n=6, labels=None, rows=None)``: a ``datasets.Dataset`` in Pick-a-Pic v2 form."""
+
+    def make(n: int = 6, labels: Sequence[float] | None = None, rows: list[dict] | None = None) -> Dataset:
+        return Dataset.from_list(rows if rows is not None else pickapic_rows(n, labels))
+
+    return make
+
+
+@pytest.fixture
+def pickapic_dataset(make_pickapic) -> Dataset:
+    return make_pickapic()
+
+
+@pytest.fixture
+def trl_dataset() -> Dataset:
+    """TRL preference form with PIL images (``datasets`` stores them with an ``Image()`` feature)."""
+    n = 4
+    return Dataset.from_dict(
+        {
+            "prompt": [f"prompt {i}" for i in range(n)],
+            "chosen": [Image.new("RGB", SIZES[i], COLOURS[i]) for i in range(n)],
+            "rejected": [Image.new("RGB", SIZES[i + 1], COLOURS[i + 2]) for i in range(n)],
+        }
+    )
+
+
+@pytest.fixture
+def make_pipeline(tmp_path) -> Callable[..., object]:
+    """``make_pipeline(seed=0, prediction_type="epsilon")``: a fresh tiny SD pipeline; equal seeds, equal weights."""
+    counter = iter(range(1_000))
+
+    def make(seed: int = 0, prediction_type: str = "epsilon"):
+        return build_tiny_sd_pipeline(
+            seed=seed, prediction_type=prediction_type, tokenizer_dir=str(tmp_path / f"tokenizer-{next(counter)}")
+        )
+
+    return make
+
+
+@pytest.fixture
+def make_config(tmp_path) -> Callable[..., DiffusionSDPOConfig]:
+    """``make_config(**overrides)``: a fast CPU config (resolution 32, batch 2, 3 steps, no saving)."""
+
+    def make(**overrides) -> DiffusionSDPOConfig:
+        values = dict(
+            output_dir=str(tmp_path / "out"),
+            resolution=32,
+            per_device_train_batch_size=2,
+            per_device_eval_batch_size=2,
+            max_steps=3,
+            learning_rate=1e-3,
+            scale_lr=False,
+            warmup_steps=0,
+            logging_steps=1,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            seed=0,
+        )
+        values.update(overrides)
+        return DiffusionSDPOConfig(**values)
+
+    return make
+
+
+def lora_config(r: int = 4, alpha: int = 8) -> LoraConfig:
+    """LoRA on the attention projections; ``alpha != r`` so a lost scaling factor would show."""
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=True)
+
+
+@pytest.fixture
+def make_trainer(make_pipeline, make_config, pickapic_dataset) -> Callable[..., DiffusionSDPOTrainer]:
+    """``make_trainer(lora=True, pipeline=None, train_dataset=None, eval_dataset=None, **config_overrides)``."""
+
+    def make(
+        lora: bool = True,
+        pipeline=None,
+        train_dataset=None,
+        eval_dataset=None,
+        ref_model=None,
+        **overrides,
+    ) -> DiffusionSDPOTrainer:
+        return DiffusionSDPOTrainer(
+            pipeline if pipeline is not None else make_pipeline(),
+            ref_model=ref_model,
+            args=make_config(**overrides),
+            train_dataset=train_dataset if train_dataset is not None else pickapic_dataset,
+            eval_dataset=eval_dataset,
+            peft_config=lora_config() if lora else None,
+        )
+
+    return make
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of every parameter and buffer."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def changed_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}

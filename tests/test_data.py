@@ -1,0 +1,398 @@
+"""Preference data: validation before training, tie handling, winner order, column layouts, streaming, transforms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import COLOURS, encode_image, pickapic_rows
+from datasets import Dataset, Features, IterableDataset, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from trl_diffusion_sdpo.data import (
+    PairTransform,
+    PreferenceCollator,
+    load_image,
+    prepare_preference_dataset,
+    resolve_columns,
+)
+
+
+def colour_of(pixels: torch.Tensor) -> tuple[int, int, int]:
+    """The mean RGB colour (0..255) of a ``[3, H, W]`` tensor in [-1, 1]."""
+    return tuple(round(v) for v in ((pixels.mean(dim=(1, 2)) + 1) * 127.5).tolist())
+
+
+def assert_colour(pixels: torch.Tensor, colour: tuple[int, int, int], tol: int = 6) -> None:
+    got = colour_of(pixels)
+    assert all(abs(a - b) <= tol for a, b in zip(got, colour)), f"{got} is not {colour}"
+
+
+def eval_batch(trainer: DiffusionSDPOTrainer, indices) -> dict[str, torch.Tensor]:
+    """The deterministic (no flip, center crop, no prompt dropout) collation of some prepared rows."""
+    return trainer._eval_collator([trainer.train_dataset[i] for i in indices])
+
+
+def not_an_image() -> bytes:
+    return b"\x89PNG\r\n\x1a\n this is not really a PNG"
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _bad_bytes(rows):
+    rows[3]["jpg_1"] = not_an_image()
+    return "jpg_1", 3
+
+
+def _truncated_jpeg(rows):
+    rows[2]["jpg_0"] = encode_image((10, 20, 30), (64, 64), "JPEG")[:100]
+    return "jpg_0", 2
+
+
+def _label_out_of_range(rows):
+    rows[4]["label_0"] = 0.7
+    return "label_0", 4
+
+
+def _label_two(rows):
+    rows[1]["label_0"] = 2.0
+    return "label_0", 1
+
+
+def _none_prompt(rows):
+    rows[5]["caption"] = None
+    return "caption", 5
+
+
+def _none_image(rows):
+    rows[0]["jpg_0"] = None
+    return "jpg_0", 0
+
+
+@pytest.mark.parametrize(
+    "corrupt", [_bad_bytes, _truncated_jpeg, _label_out_of_range, _label_two, _none_prompt, _none_image],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_bad_row_raises_value_error_naming_row_and_column_before_training(corrupt, make_pickapic, make_trainer):
+    rows = pickapic_rows(6)
+    column, row = corrupt(rows)
+    with pytest.raises(ValueError) as info:
+        make_trainer(train_dataset=make_pickapic(rows=rows))
+    message = str(info.value)
+    assert f"row {row}," in message
+    assert repr(column) in message
+    assert "skip_invalid_rows" in message  # says what to change
+
+
+def test_bad_eval_row_raises_value_error_naming_the_eval_split(make_pickapic, make_trainer, pickapic_dataset):
+    rows = pickapic_rows(4)
+    rows[2]["label_0"] = -1.0
+    with pytest.raises(ValueError, match=r"eval .*row 2, column 'label_0'"):
+        make_trainer(train_dataset=pickapic_dataset, eval_dataset=make_pickapic(rows=rows))
+
+
+def test_missing_column_raises_value_error_naming_it(pickapic_dataset, make_trainer):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['jpg_1'\]"):
+        make_trainer(train_dataset=pickapic_dataset.remove_columns("jpg_1"))
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
+        chosen_only = Dataset.from_dict({"prompt": ["a"], "chosen": [encode_image(COLOURS[0], (32, 32))]})
+        make_trainer(train_dataset=chosen_only)
+
+
+def test_dataset_of_only_ties_raises_value_error(make_pickapic, make_trainer):
+    with pytest.raises(ValueError, match="empty after filtering.*4 ties dropped"):
+        make_trainer(train_dataset=make_pickapic(n=4, labels=[0.5] * 4))
+
+
+def test_skip_invalid_rows_skips_and_counts_bad_rows_and_ties(make_pickapic, make_trainer):
+    rows = pickapic_rows(8)
+    rows[1]["jpg_0"] = not_an_image()
+    rows[3]["label_0"] = 0.25
+    rows[4]["caption"] = None
+    rows[6]["label_0"] = 0.5  # a tie: dropped, counted apart from the invalid rows
+    trainer = make_trainer(train_dataset=make_pickapic(rows=rows), skip_invalid_rows=True, max_steps=1)
+    report = trainer.train_data_report
+    assert (report.num_rows, report.num_kept, report.invalid_skipped, report.ties_dropped) == (8, 4, 3, 1)
+    assert any("row 1" in e and "'jpg_0'" in e for e in report.examples)
+    assert sorted(trainer.train_dataset["caption"]) == sorted(rows[i]["caption"] for i in (0, 2, 5, 7))
+    trainer.train()  # the kept rows train
+    assert trainer.state.global_step == 1
+
+
+def test_ties_are_dropped_and_counted_without_skip_invalid_rows(make_pickapic, make_trainer):
+    trainer = make_trainer(train_dataset=make_pickapic(n=6, labels=[1.0, 0.5, 0.0, 0.5, 1.0, 0.0]))
+    report = trainer.train_data_report
+    assert (report.num_rows, report.num_kept, report.ties_dropped, report.invalid_skipped) == (6, 4, 2, 0)
+    assert len(trainer.train_dataset) == 4
+    assert set(trainer.train_dataset["label_0"]) == {0.0, 1.0}
+    assert "2 ties dropped" in report.summary()
+
+
+# ----------------------------------------------------------------------------------------------- winner order
+
+
+def test_pickapic_label_decides_which_image_is_the_winner(make_pickapic, make_trainer):
+    # label_0 == 1: image 0 wins; label_0 == 0: image 1 wins. PNG rows keep their colours exactly.
+    dataset = make_pickapic(n=4, labels=[1.0, 0.0, 0.0, 1.0])
+    trainer = make_trainer(train_dataset=dataset)
+    batch = eval_batch(trainer, range(4))
+    assert batch["pixel_values"].shape == (4, 2, 3, 32, 32)
+    for i, label in enumerate([1.0, 0.0, 0.0, 1.0]):
+        colour_0, colour_1 = COLOURS[(2 * i) % 6], COLOURS[(2 * i + 1) % 6]
+        winner, loser = (colour_0, colour_1) if label == 1.0 else (colour_1, colour_0)
+        assert_colour(batch["pixel_values"][i, 0], winner)
+        assert_colour(batch["pixel_values"][i, 1], loser)
+
+
+def test_train_collator_also_puts_the_winner_first(make_pickapic, make_trainer):
+    trainer = make_trainer(train_dataset=make_pickapic(n=2, labels=[0.0, 0.0]), proportion_empty_prompts=0.0)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert_colour(batch["pixel_values"][0, 0], COLOURS[1])
+    assert_colour(batch["pixel_values"][1, 0], COLOURS[3])
+
+
+def test_trl_form_dataset_with_pil_images_trains_with_chosen_as_winner(trl_dataset, make_trainer):
+    trainer = make_trainer(train_dataset=trl_dataset, max_steps=2)
+    assert resolve_columns(trl_dataset.column_names, trainer.args).label is None
+    batch = eval_batch(trainer, range(4))
+    for i in range(4):
+        assert_colour(batch["pixel_values"][i, 0], COLOURS[i])
+        assert_colour(batch["pixel_values"][i, 1], COLOURS[i + 2])
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert np.isfinite([h["loss"] for h in trainer.state.log_history if "loss" in h]).all()
+
+
+def test_column_names_can_be_overridden_in_the_config(pickapic_dataset, trl_dataset, make_trainer):
+    renamed = pickapic_dataset.rename_columns({"caption": "text", "jpg_0": "a", "jpg_1": "b", "label_0": "pref"})
+    trainer = make_trainer(
+        train_dataset=renamed, caption_column="text", image_0_column="a", image_1_column="b", label_0_column="pref"
+    )
+    batch = eval_batch(trainer, [1])  # label_0 of row 1 is 0: image 1 wins
+    assert_colour(batch["pixel_values"][0, 0], COLOURS[3])
+    trainer.train()
+
+    renamed_trl = trl_dataset.rename_columns({"prompt": "q", "chosen": "good", "rejected": "bad"})
+    trainer = make_trainer(
+        train_dataset=renamed_trl, prompt_column="q", chosen_column="good", rejected_column="bad", max_steps=1
+    )
+    assert_colour(eval_batch(trainer, [2])["pixel_values"][0, 0], COLOURS[2])
+    with pytest.raises(ValueError, match="missing column"):
+        make_trainer(train_dataset=renamed_trl)  # default names do not match
+
+
+def test_image_feature_columns_are_accepted_and_corrupt_ones_reported(make_pickapic, make_trainer):
+    rows = pickapic_rows(4)
+    features = Features(
+        {
+            "caption": Value("string"), "jpg_0": ImageFeature(), "jpg_1": ImageFeature(), "label_0": Value("float64"),
+            "label_1": Value("float64"), "model_0": Value("string"), "model_1": Value("string"),
+        }
+    )
+
+    def as_images(rows):
+        encoded = [{**r, "jpg_0": {"bytes": r["jpg_0"], "path": None}, "jpg_1": {"bytes": r["jpg_1"], "path": None}}
+                   for r in rows]
+        return Dataset.from_list(encoded, features=features)
+
+    dataset = as_images(rows)
+    assert isinstance(dataset.features["jpg_0"], ImageFeature)
+    trainer = make_trainer(train_dataset=dataset, max_steps=1)
+    assert_colour(eval_batch(trainer, [1])["pixel_values"][0, 0], COLOURS[3])
+    trainer.train()
+
+    rows[2]["jpg_1"] = not_an_image()
+    with pytest.raises(ValueError, match=r"row 2, column 'jpg_1'"):
+        make_trainer(train_dataset=as_images(rows))
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+
+
+def test_iterable_dataset_trains_and_counts_bad_later_rows_in_skipped_rows_metric(make_pickapic, make_trainer):
+    rows = pickapic_rows(8)
+    rows[3]["jpg_1"] = not_an_image()
+    rows[5]["label_0"] = 0.7
+    rows[6]["caption"] = None
+    stream = make_pickapic(rows=rows).to_iterable_dataset()
+    assert isinstance(stream, IterableDataset)
+    trainer = make_trainer(train_dataset=stream, max_steps=4)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 4
+    assert sum(h["data/skipped_rows"] for h in logged) == 3
+    assert all(np.isfinite(h["loss"]) for h in logged)
+
+
+def test_iterable_dataset_whose_first_row_is_bad_raises_before_training(make_pickapic, make_trainer):
+    rows = pickapic_rows(4)
+    rows[0]["label_0"] = 3.0
+    with pytest.raises(ValueError, match=r"row 0, column 'label_0'"):
+        make_trainer(train_dataset=make_pickapic(rows=rows).to_iterable_dataset())
+
+
+def test_iterable_dataset_from_generator_without_features_trains(make_trainer):
+    rows = pickapic_rows(4)
+    stream = IterableDataset.from_generator(lambda: iter(rows))
+    trainer = make_trainer(train_dataset=stream, max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_collator_skips_and_counts_streamed_bad_rows_and_ties(pickapic_dataset, make_trainer):
+    trainer = make_trainer()
+    rows = pickapic_rows(5)
+    rows[0]["label_0"] = 0.5
+    rows[1]["jpg_0"] = not_an_image()
+    rows[2]["label_0"] = 1.5
+    collator = trainer._eval_collator
+    batch = collator(rows)
+    assert batch["num_skipped"].item() == 3
+    assert batch["pixel_values"].shape[0] == 2 and batch["input_ids"].shape[0] == 2
+    empty = collator(rows[:3])
+    assert empty["pixel_values"].shape == (0, 2, 3, 32, 32) and empty["num_skipped"].item() == 3
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+
+
+def halves(size, left_colour, right_colour) -> Image.Image:
+    width, height = size
+    image = Image.new("RGB", size, right_colour)
+    image.paste(Image.new("RGB", (width // 2, height), left_colour), (0, 0))
+    return image
+
+
+def ramp(width: int, height: int = 32) -> Image.Image:
+    """Red channel = column index: a crop's left offset and orientation can be read off its pixels."""
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    array[:, :, 0] = np.arange(width, dtype=np.uint8)[None, :]
+    return Image.fromarray(array)
+
+
+def red_columns(pixels: torch.Tensor) -> np.ndarray:
+    """The red values (0..255) along the top row of one ``[3, H, W]`` image."""
+    return np.rint((pixels[0, 0].numpy() + 1) * 127.5).astype(int)
+
+
+def test_pair_transform_shapes_range_and_exact_values():
+    transform = PairTransform(32, random_crop=False, random_flip=False)
+    pixels, time_ids = transform(halves((48, 40), (0, 0, 0), (255, 255, 255)), Image.new("RGB", (32, 32), (255, 0, 0)))
+    assert pixels.shape == (2, 3, 32, 32) and pixels.dtype == torch.float32
+    assert time_ids.shape == (2, 6)
+    assert pixels.min().item() == -1.0 and pixels.max().item() == 1.0
+    torch.testing.assert_close(pixels[1, 0], torch.ones(32, 32))
+    torch.testing.assert_close(pixels[1, 1:], -torch.ones(2, 32, 32))
+    # (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
+    assert time_ids[1].tolist() == [32, 32, 0, 0, 32, 32]
+    assert time_ids[0, :2].tolist() == [40, 48]
+
+
+def test_center_crop_takes_the_middle_and_eval_never_flips():
+    transform = PairTransform(32, random_crop=False, random_flip=True)
+    image = ramp(64)
+    for _ in range(8):
+        pixels, time_ids = transform(image, image, train=False)
+        np.testing.assert_array_equal(red_columns(pixels[0]), np.arange(16, 48))
+        assert time_ids[0, 2:4].tolist() == [0, 16]
+
+
+def test_random_crop_varies_and_reports_its_offset_in_time_ids():
+    transform = PairTransform(32, random_crop=True, random_flip=False)
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(20):
+        pixels, time_ids = transform(ramp(96), ramp(64))
+        for k, width in ((0, 96), (1, 64)):
+            left = int(time_ids[k, 3])
+            assert 0 <= left <= width - 32
+            np.testing.assert_array_equal(red_columns(pixels[k]), np.arange(left, left + 32))
+        # The pair shares the relative crop position.
+        assert abs(time_ids[0, 3].item() / 65 - time_ids[1, 3].item() / 33) < 1 / 33 + 1e-6
+        offsets.add(int(time_ids[0, 3]))
+    assert len(offsets) > 5
+
+
+def test_random_flip_is_shared_by_winner_and_loser():
+    transform = PairTransform(32, random_crop=False, random_flip=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        pixels, _ = transform(ramp(32), ramp(48))
+        directions = [np.sign(np.diff(red_columns(pixels[k]))).mean() for k in (0, 1)]
+        assert directions[0] == directions[1] and abs(directions[0]) == 1
+        seen.add(directions[0])
+    assert seen == {-1.0, 1.0}
+
+
+def test_flipped_pair_mirrors_both_images():
+    pair = PairTransform(32, random_crop=False, random_flip=False)
+    winner, loser = halves((64, 32), (255, 0, 0), (0, 0, 255)), halves((32, 32), (0, 255, 0), (0, 0, 0))
+    plain, _ = pair(winner, loser)
+    flipping = PairTransform(32, random_crop=False, random_flip=True)
+    torch.manual_seed(0)
+    flips = 0
+    for _ in range(10):
+        pixels, _ = flipping(winner, loser)
+        if not torch.equal(pixels, plain):
+            torch.testing.assert_close(pixels, plain.flip(-1))  # both images mirrored, never one alone
+            flips += 1
+    assert 0 < flips < 10
+    assert_colour(plain[0][:, :, :16], (255, 0, 0), tol=0)
+    assert_colour(plain[0][:, :, 16:], (0, 0, 255), tol=0)
+
+
+def test_images_smaller_than_the_resolution_are_upscaled():
+    pixels, time_ids = PairTransform(32, False, False)(Image.new("RGB", (16, 8), COLOURS[0]),
+                                                        Image.new("RGB", (8, 8), COLOURS[1]))
+    assert pixels.shape == (2, 3, 32, 32)
+    assert_colour(pixels[0], COLOURS[0], tol=1)
+    assert time_ids[0, :2].tolist() == [8, 16]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        encode_image(COLOURS[2], (20, 10)),
+        {"bytes": encode_image(COLOURS[2], (20, 10), "JPEG"), "path": None},
+        Image.new("RGBA", (20, 10), COLOURS[2] + (255,)),
+        Image.new("L", (20, 10), 128),
+    ],
+    ids=["png-bytes", "image-dict", "rgba-pil", "grey-pil"],
+)
+def test_load_image_decodes_every_accepted_form_to_rgb(value):
+    image = load_image(value)
+    assert image.mode == "RGB" and image.size == (20, 10)
+
+
+def test_load_image_from_a_path(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(encode_image(COLOURS[0], (10, 10)))
+    assert load_image(str(path)).getpixel((0, 0)) == COLOURS[0]
+    assert load_image({"bytes": None, "path": str(path)}).getpixel((0, 0)) == COLOURS[0]
+
+
+def test_prepare_does_not_rewrite_the_image_bytes(pickapic_dataset, make_config):
+    prepared, columns, report = prepare_preference_dataset(pickapic_dataset, make_config(), "train")
+    assert report.num_kept == len(pickapic_dataset)
+    assert prepared[0]["jpg_0"] == pickapic_dataset[0]["jpg_0"]
+    assert set(prepared.column_names) == set(columns.all)
+
+
+def test_collator_is_usable_without_a_trainer(pickapic_dataset, make_pipeline, make_config):
+    pipe = make_pipeline()
+
+    def tokenize(prompts):
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=32, return_tensors="pt").input_ids
+        return {"input_ids": ids}
+
+    columns = resolve_columns(pickapic_dataset.column_names, make_config())
+    collator = PreferenceCollator(columns, tokenize, PairTransform(32, False, False), 1.0, train=True)
+    batch = collator([pickapic_dataset[i] for i in range(3)])
+    # proportion_empty_prompts=1: every prompt is the empty prompt.
+    assert torch.equal(batch["input_ids"], tokenize(["", "", ""])["input_ids"])
+    assert batch["time_ids"].shape == (3, 2, 6) and batch["num_skipped"].item() == 0

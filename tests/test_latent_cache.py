@@ -1,0 +1,267 @@
+"""The latent cache: encoded once, reused, and training from it is training without it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image, ImageOps
+
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo.data import PairTransform, prepare_preference_dataset
+from trl_diffusion_sdpo.latent_cache import (
+    CachedPreferenceCollator,
+    build_latent_cache,
+    latents_from_cached_batch,
+)
+from trl_diffusion_sdpo.model_family import family_for_pipeline
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+
+RESOLUTION = 32
+# Shorter side already 32: no resize, so mirroring the decoded image is exactly the transform's flip.
+SIZES = [(40, 32), (32, 48), (32, 32), (56, 32)]
+
+
+def _png(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)  # noise: a flip changes the image
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _rows(n: int = 4, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "caption": f"a noisy picture number {i}",
+            "jpg_0": _png(rng, SIZES[i % len(SIZES)]),
+            "jpg_1": _png(rng, SIZES[(i + 1) % len(SIZES)]),
+            "label_0": float(i % 2),  # alternately image 1 and image 0 wins
+        }
+        for i in range(n)
+    ]
+
+
+def _config(tmp_path, **overrides) -> DiffusionSDPOConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        resolution=RESOLUTION,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_steps=2,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        latent_cache_dir=str(tmp_path / "cache"),
+        cache_latents=True,
+    )
+    settings.update(overrides)
+    return DiffusionSDPOConfig(**settings)
+
+
+def _image(value: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(value)).convert("RGB")
+
+
+def _cache(pipeline, dataset, tmp_path, random_flip=True):
+    args = _config(tmp_path, random_flip=random_flip)
+    prepared, columns, _ = prepare_preference_dataset(dataset, args)
+    return build_latent_cache(
+        prepared, columns, family_for_pipeline(pipeline), resolution=RESOLUTION, random_flip=random_flip,
+        cache_dir=args.latent_cache_dir,
+    )
+
+
+@torch.no_grad()
+def _posterior(vae, pixels: torch.Tensor):
+    distribution = vae.encode(pixels).latent_dist
+    return distribution.mean, distribution.std
+
+
+def test_cached_posterior_is_the_vae_posterior_of_the_winner_and_loser(tmp_path):
+    pipeline = build_tiny_sd_pipeline()
+    rows = _rows()
+    cache = _cache(pipeline, Dataset.from_list(rows), tmp_path, random_flip=False)
+    transform = PairTransform(RESOLUTION, random_crop=False, random_flip=False)
+    for row, cached in zip(rows, cache.dataset):
+        first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
+        winner, loser = (first, second) if row["label_0"] == 1.0 else (second, first)
+        pixels, time_ids = transform.center_crop_pair(winner, loser, flip=False)
+        mean, std = _posterior(pipeline.vae, pixels)
+        torch.testing.assert_close(cached["latent_mean"], mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached["latent_std"], std, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(cached["time_ids"], time_ids)
+    assert "latent_mean_flipped" not in cache.dataset.column_names
+
+
+def test_sampling_from_the_cache_matches_sampling_from_the_vae(tmp_path):
+    pipeline = build_tiny_sd_pipeline()
+    rows = _rows(2)
+    cache = _cache(pipeline, Dataset.from_list(rows), tmp_path, random_flip=False)
+    family = family_for_pipeline(pipeline)
+    batch = CachedPreferenceCollator(cache.empty_prompt, train=False)([cache.dataset[0], cache.dataset[1]])
+    latents, _, _ = latents_from_cached_batch(
+        batch, pipeline.vae.config, torch.Generator().manual_seed(3), torch.float32
+    )
+    transform = PairTransform(RESOLUTION, random_crop=False, random_flip=False)
+    pairs = []
+    for row in rows:
+        first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
+        pairs.append(transform.center_crop_pair(*((first, second) if row["label_0"] == 1.0 else (second, first)),
+                                                flip=False)[0])
+    pixels = torch.stack(pairs).transpose(0, 1).flatten(0, 1)  # winners, then losers: the trainer's layout
+    expected = family.encode_images(pixels, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_flipped_latents_are_the_encoding_of_the_flipped_pixels(tmp_path):
+    pipeline = build_tiny_sd_pipeline()
+    rows = _rows()
+    cache = _cache(pipeline, Dataset.from_list(rows), tmp_path, random_flip=True)
+    transform = PairTransform(RESOLUTION, random_crop=False, random_flip=False)
+    for row, cached in zip(rows, cache.dataset):
+        first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
+        winner, loser = (first, second) if row["label_0"] == 1.0 else (second, first)
+        pixels, time_ids = transform.center_crop_pair(ImageOps.mirror(winner), ImageOps.mirror(loser), flip=False)
+        mean, std = _posterior(pipeline.vae, pixels)
+        torch.testing.assert_close(cached["latent_mean_flipped"], mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached["latent_std_flipped"], std, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(cached["latent_mean_flipped"], cached["latent_mean"], atol=1e-3)
+
+
+def test_prompt_dropout_substitutes_the_cached_empty_prompt_embedding(tmp_path):
+    pipeline = build_tiny_sd_pipeline()
+    cache = _cache(pipeline, Dataset.from_list(_rows()), tmp_path)
+    family = family_for_pipeline(pipeline)
+    expected_empty = family.encode_prompts(family.prompt_tokenizer()([""])).encoder_hidden_states
+    torch.testing.assert_close(cache.empty_prompt.encoder_hidden_states, expected_empty)
+    rows = [cache.dataset[i] for i in range(4)]
+
+    dropped = CachedPreferenceCollator(cache.empty_prompt, proportion_empty_prompts=1.0)(rows)
+    for embeds in dropped["prompt_embeds"]:
+        torch.testing.assert_close(embeds, expected_empty[0])
+    kept = CachedPreferenceCollator(cache.empty_prompt, proportion_empty_prompts=0.0)(rows)
+    for row, embeds in zip(rows, kept["prompt_embeds"]):
+        torch.testing.assert_close(embeds, row["prompt_embeds"])
+        assert not torch.allclose(embeds, expected_empty[0])
+
+
+def test_collator_flips_about_half_the_pairs_and_evaluation_never(tmp_path):
+    pipeline = build_tiny_sd_pipeline()
+    cache = _cache(pipeline, Dataset.from_list(_rows(1)), tmp_path)
+    row = cache.dataset[0]
+    torch.manual_seed(0)
+    batch = CachedPreferenceCollator(cache.empty_prompt, random_flip=True)([row] * 200)
+    flipped = torch.isclose(batch["latent_mean"], row["latent_mean_flipped"]).flatten(1).all(1)
+    assert 70 < int(flipped.sum()) < 130
+    evaluation = CachedPreferenceCollator(cache.empty_prompt, random_flip=True, train=False)([row] * 20)
+    torch.testing.assert_close(evaluation["latent_mean"], row["latent_mean"].expand(20, *row["latent_mean"].shape))
+
+
+def test_training_and_evaluation_losses_with_the_cache_equal_the_uncached_ones(tmp_path):
+    # Same seed, flips and prompt dropout drawn in the same order: the same pairs, noise and timesteps either way.
+    dataset = Dataset.from_list(_rows())
+    losses, eval_losses = {}, {}
+    for cached in (False, True):
+        args = _config(tmp_path, cache_latents=cached, random_flip=True, proportion_empty_prompts=0.5,
+                       scale_lr=False, learning_rate=1e-3)
+        trainer = DiffusionSDPOTrainer(build_tiny_sd_pipeline(), args=args, train_dataset=dataset,
+                                       eval_dataset=dataset)
+        trainer.train()
+        losses[cached] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        eval_losses[cached] = trainer.evaluate()["eval_loss"]
+    assert len(losses[True]) == 2
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+    np.testing.assert_allclose(eval_losses[True], eval_losses[False], rtol=1e-4)
+
+
+def test_sdxl_cache_carries_pooled_embeddings_and_time_ids(tmp_path):
+    pipeline = build_tiny_sdxl_pipeline()
+    rows = _rows()
+    cache = _cache(pipeline, Dataset.from_list(rows), tmp_path)
+    family = family_for_pipeline(pipeline)
+    expected = family.encode_prompts(family.prompt_tokenizer()([row["caption"] for row in rows]))
+    assert cache.empty_prompt.pooled is not None
+    transform = PairTransform(RESOLUTION, random_crop=False, random_flip=False)
+    for i, (row, cached) in enumerate(zip(rows, cache.dataset)):
+        torch.testing.assert_close(cached["pooled_prompt_embeds"], expected.pooled[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached["prompt_embeds"], expected.encoder_hidden_states[i], rtol=1e-4, atol=1e-5)
+        first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
+        winner, loser = (first, second) if row["label_0"] == 1.0 else (second, first)
+        torch.testing.assert_close(cached["time_ids"], transform.center_crop_pair(winner, loser, flip=False)[1])
+        # Original sizes differ between winner and loser: the time ids are per image.
+        assert cached["time_ids"][0, :2].tolist() == [winner.height, winner.width]
+        assert cached["time_ids"][1, :2].tolist() == [loser.height, loser.width]
+
+    batch = CachedPreferenceCollator(cache.empty_prompt, proportion_empty_prompts=1.0)([cache.dataset[0]])
+    torch.testing.assert_close(batch["pooled_prompt_embeds"][0], cache.empty_prompt.pooled[0])
+    _, prompt_embeds, time_ids = latents_from_cached_batch(batch, pipeline.vae.config, None, torch.float32)
+    assert prompt_embeds.pooled.shape[0] == 2 and time_ids.shape == (2, 6)
+
+
+def test_sdxl_evaluation_loss_with_the_cache_equals_the_uncached_one(tmp_path):
+    dataset = Dataset.from_list(_rows())
+    eval_losses = {}
+    for cached in (False, True):
+        trainer = DiffusionSDPOTrainer(build_tiny_sdxl_pipeline(), args=_config(tmp_path, cache_latents=cached),
+                                       train_dataset=dataset, eval_dataset=dataset)
+        eval_losses[cached] = trainer.evaluate()["eval_loss"]
+    np.testing.assert_allclose(eval_losses[True], eval_losses[False], rtol=1e-4)
+
+
+def test_a_second_trainer_reuses_the_cache_without_encoding(tmp_path):
+    pipeline = build_tiny_sd_pipeline()
+    first = DiffusionSDPOTrainer(pipeline, args=_config(tmp_path), train_dataset=Dataset.from_list(_rows()))
+    calls = []
+    encode = pipeline.vae.encode
+    pipeline.vae.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    # A dataset rebuilt from the same rows has the same fingerprint.
+    second = DiffusionSDPOTrainer(pipeline, args=_config(tmp_path), train_dataset=Dataset.from_list(_rows()))
+    assert calls == []
+    assert second.train_dataset.cache_files == first.train_dataset.cache_files
+    # Different data, or different VAE weights, make a new cache.
+    other_data = DiffusionSDPOTrainer(pipeline, args=_config(tmp_path), train_dataset=Dataset.from_list(_rows(seed=1)))
+    assert other_data.train_dataset.cache_files != first.train_dataset.cache_files
+    assert calls
+    with torch.no_grad():
+        pipeline.vae.encoder.conv_in.weight.mul_(1.01)
+    other_vae = DiffusionSDPOTrainer(pipeline, args=_config(tmp_path), train_dataset=Dataset.from_list(_rows()))
+    assert other_vae.train_dataset.cache_files != first.train_dataset.cache_files
+
+
+def test_training_from_the_cache_never_touches_the_vae_or_text_encoder(tmp_path):
+    pipeline = build_tiny_sd_pipeline()
+    dataset = Dataset.from_list(_rows())
+    trainer = DiffusionSDPOTrainer(pipeline, args=_config(tmp_path), train_dataset=dataset, eval_dataset=dataset)
+    for module in (pipeline.vae, pipeline.text_encoder):
+        assert next(module.parameters()).device.type == "cpu"
+
+    def unavailable(*args, **kwargs):
+        raise AssertionError("a frozen encoder ran during training from the cache")
+
+    pipeline.vae.encode = unavailable
+    pipeline.text_encoder.forward = unavailable
+    trainer.train()
+    assert np.isfinite(trainer.evaluate()["eval_loss"])
+
+
+def test_random_crop_cannot_be_cached(tmp_path):
+    with pytest.raises(ValueError, match="random_crop"):
+        _config(tmp_path, random_crop=True)
+    pipeline = build_tiny_sd_pipeline()
+    args = _config(tmp_path)
+    prepared, columns, _ = prepare_preference_dataset(Dataset.from_list(_rows()), args)
+    with pytest.raises(ValueError, match="center crop"):
+        build_latent_cache(prepared, columns, family_for_pipeline(pipeline), resolution=RESOLUTION,
+                           random_flip=True, random_crop=True, cache_dir=args.latent_cache_dir)
+
+
+def test_a_streamed_dataset_cannot_be_cached(tmp_path):
+    streamed = Dataset.from_list(_rows()).to_iterable_dataset()
+    with pytest.raises(ValueError, match="map-style"):
+        DiffusionSDPOTrainer(build_tiny_sd_pipeline(), args=_config(tmp_path), train_dataset=streamed)

@@ -1,0 +1,525 @@
+"""DiffusionSDPOTrainer on a tiny real Stable Diffusion pipeline: what trains, what stays frozen, what is logged."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import changed_keys, snapshot
+from transformers import TrainerCallback
+
+from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from trl_diffusion_sdpo.losses import ObjectiveOutput
+from trl_diffusion_sdpo.noising import prediction_target
+from trl_diffusion_sdpo.reference import disabled_adapters
+
+LOGGED_METRICS = [
+    "loss",
+    "implicit_acc",
+    "mse/policy_winner",
+    "mse/policy_loser",
+    "mse/ref_winner",
+    "mse/ref_loser",
+    "delta/winner",
+    "delta/loser",
+    "safeguard/lambda_mean",
+    "safeguard/lambda_min",
+    "safeguard/lambda_max",
+    "safeguard/engaged",
+]
+
+
+def step_logs(trainer: DiffusionSDPOTrainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def unet_inputs(seed: int = 123, batch: int = 2):
+    """Fixed UNet inputs for comparing two UNets' outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, 4, 4, generator=gen)
+    timesteps = torch.randint(0, 1000, (batch,), generator=gen)
+    hidden = torch.randn(batch, 32, 32, generator=gen)
+    return sample, timesteps, hidden
+
+
+@torch.no_grad()
+def unet_output(unet, inputs) -> torch.Tensor:
+    sample, timesteps, hidden = inputs
+    return unet(sample, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
+
+
+class StepSnapshots(TrainerCallback):
+    """Trainable parameters after each optimizer step (index 0: before training)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.snapshots = [self._take()]
+
+    def _take(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.snapshots.append(self._take())
+
+
+# ----------------------------------------------------------------------------------------------- initial state
+
+
+def test_lora_at_initialisation_gives_loss_log_two_and_implicit_accuracy_half(make_trainer, pickapic_dataset):
+    trainer = make_trainer(max_steps=1, eval_dataset=pickapic_dataset)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["eval_implicit_acc"] == 0.5
+    trainer.train()
+    first = step_logs(trainer)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["implicit_acc"] == 0.5
+    assert first["delta/winner"] == 0.0 and first["delta/loser"] == 0.0
+    assert first["mse/policy_winner"] == first["mse/ref_winner"]
+
+
+def test_train_logs_every_listed_metric_with_consistent_values(make_trainer):
+    trainer = make_trainer(max_steps=2)
+    trainer.train()
+    logs = step_logs(trainer)
+    assert len(logs) == 2
+    for log in logs:
+        missing = [name for name in LOGGED_METRICS if name not in log]
+        assert not missing, f"not logged: {missing}"
+        assert log["safeguard/lambda_min"] <= log["safeguard/lambda_mean"] <= log["safeguard/lambda_max"] <= 1.0
+        assert 0.0 <= log["safeguard/engaged"] <= 1.0
+        assert 0.0 <= log["implicit_acc"] <= 1.0
+        assert log["delta/winner"] == pytest.approx(log["mse/policy_winner"] - log["mse/ref_winner"], abs=1e-5)
+        assert log["delta/loser"] == pytest.approx(log["mse/policy_loser"] - log["mse/ref_loser"], abs=1e-5)
+        assert log["nonfinite_skipped"] == 0
+        assert log["data/skipped_rows"] == 0
+
+
+def test_evaluate_returns_and_logs_every_metric_with_the_eval_prefix(make_trainer, pickapic_dataset):
+    trainer = make_trainer(eval_dataset=pickapic_dataset)
+    metrics = trainer.evaluate()
+    missing = [f"eval_{name}" for name in LOGGED_METRICS if f"eval_{name}" not in metrics]
+    assert not missing, f"not returned by evaluate(): {missing}"
+    logged = trainer.state.log_history[-1]
+    assert {k: v for k, v in metrics.items() if k != "epoch"} == {
+        k: v for k, v in logged.items() if k not in ("step", "epoch")
+    }
+    assert not any(k.startswith("eval_eval_") for k in metrics)
+    # Training logs afterwards carry no eval metrics, and the eval buffers do not leak into them.
+    trainer.train()
+    assert not any(k.startswith("eval_") for log in step_logs(trainer) for k in log)
+    # A custom prefix is honoured.
+    custom = trainer.evaluate(metric_key_prefix="test")
+    assert "test_implicit_acc" in custom and "test_safeguard/lambda_mean" in custom
+
+
+def test_safeguard_off_logs_no_lambda(make_trainer):
+    trainer = make_trainer(max_steps=1, safeguard=False)
+    trainer.train()
+    log = step_logs(trainer)[0]
+    assert not any(k.startswith("safeguard/") for k in log)
+    assert "implicit_acc" in log and "mse/policy_loser" in log
+
+
+# ----------------------------------------------------------------------------------------------- what trains
+
+
+def test_lora_training_changes_only_lora_weights(make_pipeline, make_trainer):
+    pipe = make_pipeline()
+    vae, text = snapshot(pipe.vae), snapshot(pipe.text_encoder)
+    trainer = make_trainer(pipeline=pipe)
+    unet_before = snapshot(pipe.unet)  # with the freshly added adapters
+    trainer.train()
+    changed = changed_keys(unet_before, snapshot(pipe.unet))
+    assert changed, "training changed nothing"
+    assert all("lora_" in k for k in changed), sorted(k for k in changed if "lora_" not in k)
+    assert any("lora_B" in k for k in changed)
+    assert not changed_keys(vae, snapshot(pipe.vae))
+    assert not changed_keys(text, snapshot(pipe.text_encoder))
+
+
+def test_full_training_changes_the_unet_and_nothing_else(make_pipeline, make_trainer):
+    pipe = make_pipeline()
+    unet, vae, text = snapshot(pipe.unet), snapshot(pipe.vae), snapshot(pipe.text_encoder)
+    trainer = make_trainer(lora=False, pipeline=pipe)
+    reference_before = snapshot(trainer.reference.unet)
+    trainer.train()
+    changed = changed_keys(unet, snapshot(pipe.unet))
+    assert len(changed) > len(unet) // 2  # most UNet tensors moved
+    assert not changed_keys(vae, snapshot(pipe.vae))
+    assert not changed_keys(text, snapshot(pipe.text_encoder))
+    # The frozen reference copy holds the initial weights, before and after.
+    assert not changed_keys(unet, reference_before)
+    assert not changed_keys(reference_before, snapshot(trainer.reference.unet))
+    assert trainer.reference.unet is not pipe.unet
+
+
+def test_lora_reference_is_the_original_unet_after_training(make_pipeline, make_trainer):
+    pipe = make_pipeline(seed=0)
+    original = make_pipeline(seed=0).unet
+    inputs = unet_inputs()
+    trainer = make_trainer(pipeline=pipe, max_steps=3)
+    trainer.train()
+    with disabled_adapters(pipe.unet) as base:
+        torch.testing.assert_close(unet_output(base, inputs), unet_output(original, inputs), rtol=0, atol=0)
+    # The adapters are back on afterwards and make a difference.
+    assert not torch.allclose(unet_output(pipe.unet, inputs), unet_output(original, inputs))
+    reference = trainer.reference.predict(*inputs[:2], encoder_hidden_states=inputs[2])
+    torch.testing.assert_close(reference, unet_output(original, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_the_pipeline_passed_in_is_tuned_in_place(make_pipeline, make_trainer, lora):
+    pipe = make_pipeline(seed=0)
+    original = make_pipeline(seed=0).unet
+    inputs = unet_inputs()
+    trainer = make_trainer(pipeline=pipe, lora=lora)
+    trainer.train()
+    assert trainer.accelerator.unwrap_model(trainer.model) is pipe.unet
+    assert not torch.allclose(unet_output(pipe.unet, inputs), unet_output(original, inputs))
+    # The tuned pipeline still samples.
+    image = pipe("a picture", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_same_object_as_policy_and_reference_raises(make_pipeline, make_trainer):
+    pipe = make_pipeline()
+    with pytest.raises(ValueError, match="same object"):
+        make_trainer(pipeline=pipe, lora=False, ref_model=pipe)
+    with pytest.raises(ValueError, match="same object"):
+        make_trainer(pipeline=pipe, lora=False, ref_model=pipe.unet)
+
+
+def test_explicit_reference_model_is_used_and_stays_frozen(make_pipeline, make_trainer):
+    pipe, ref_pipe = make_pipeline(seed=0), make_pipeline(seed=1)
+    ref_before = snapshot(ref_pipe.unet)
+    trainer = make_trainer(pipeline=pipe, lora=False, ref_model=ref_pipe)
+    assert trainer.reference.unet is ref_pipe.unet
+    trainer.train()
+    assert not changed_keys(ref_before, snapshot(ref_pipe.unet))
+    # A different reference: the policy's and reference's errors differ from the first step.
+    first = step_logs(trainer)[0]
+    assert first["mse/policy_winner"] != first["mse/ref_winner"]
+
+
+# ----------------------------------------------------------------------------------------------- the step itself
+
+
+def _hand_computed_step(trainer, pipe, inputs, captured, beta, mu, safeguard):
+    """The loss and parameter gradients of one step, recomputed from the formulas in the method reference.
+
+    Uses only what the trainer drew at random (VAE latents, timesteps, noise) and computes everything else on its own:
+    forward noising from ``alphas_cumprod``, the target, separate UNet forwards per branch, errors, ``u``, the
+    float64 ``lambda`` and the analytic derivative of ``-logsigmoid``.
+    """
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    latents = captured["latents"].float()
+    timesteps, noise = captured["timesteps"], captured["noise"].float()
+    batch = noise.shape[0]
+    abar = trainer.noise_scheduler.alphas_cumprod.double()[timesteps].float().view(-1, 1, 1, 1)
+    hidden = pipe.text_encoder(inputs["input_ids"]).last_hidden_state
+    prediction_type = pipe.scheduler.config.prediction_type
+
+    def branch(z):
+        x_t = abar.sqrt() * z + (1 - abar).sqrt() * noise
+        target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * z
+        pred = policy(x_t, timesteps, encoder_hidden_states=hidden).sample
+        if trainer.is_lora:
+            with torch.no_grad(), disabled_adapters(policy):
+                ref = policy(x_t, timesteps, encoder_hidden_states=hidden).sample
+        else:
+            with torch.no_grad():
+                ref = trainer.reference.unet(x_t, timesteps, encoder_hidden_states=hidden).sample
+        return pred, ref, target
+
+    pred_w, ref_w, target_w = branch(latents[:batch])
+    pred_l, ref_l, target_l = branch(latents[batch:])
+    err = lambda p, t: ((p - t) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
+    e_w, e_l = err(pred_w, target_w), err(pred_l, target_l)
+    r_w, r_l = err(ref_w, target_w).double(), err(ref_l, target_l).double()
+    u = -0.5 * beta * ((e_w.detach().double() - e_l.detach().double()) - (r_w - r_l))
+    loss = -torch.nn.functional.logsigmoid(u).mean()
+
+    res_w = (pred_w - target_w).detach().double()
+    res_l = (pred_l - target_l).detach().double()
+    num, den = float((res_w * res_w).sum()), float((res_l * res_w).sum())
+    lam = min(max((1 - mu) * num / (den + 1e-9), 0.0), 1.0) if den > 0 else 1.0
+    lam = lam if safeguard else 1.0
+    # dL/de_w = 0.5 beta (1 - sigmoid(u)) / B, dL/de_l = -lambda * that (the safeguard scales the loser's gradient).
+    coeff = (0.5 * beta * (1 - torch.sigmoid(u)) / batch).float()
+    surrogate = (coeff * e_w).sum() - lam * (coeff * e_l).sum()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(surrogate, params)
+    return float(loss), lam, [g.detach() for g in grads], u
+
+
+@pytest.mark.parametrize(
+    "lora,prediction_type,safeguard",
+    [(False, "epsilon", True), (True, "epsilon", True), (False, "v_prediction", True), (False, "epsilon", False)],
+    ids=["full-eps-sdpo", "lora-eps-sdpo", "full-v-sdpo", "full-eps-dpo"],
+)
+def test_training_step_loss_and_gradients_match_a_hand_computation(
+    make_pipeline, make_trainer, monkeypatch, lora, prediction_type, safeguard
+):
+    beta, mu = 200.0, 0.5
+    pipe = make_pipeline(prediction_type=prediction_type)
+    trainer = make_trainer(
+        pipeline=pipe, lora=lora, beta=beta, safeguard_mu=mu, safeguard=safeguard, proportion_empty_prompts=0.0
+    )
+    model = trainer.model
+    # Move the policy away from the reference so that u != 0 and the two branches get different weights.
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+
+    captured = {}
+    import trl_diffusion_sdpo.trainer as trainer_module
+
+    real_noise, real_encode = trainer_module.sample_pair_noise, trainer.family.encode_images
+
+    def record_noise(*args, **kwargs):
+        captured["timesteps"], captured["noise"] = real_noise(*args, **kwargs)
+        return captured["timesteps"], captured["noise"]
+
+    def record_latents(*args, **kwargs):
+        captured["latents"] = real_encode(*args, **kwargs)
+        return captured["latents"]
+
+    monkeypatch.setattr(trainer_module, "sample_pair_noise", record_noise)
+    monkeypatch.setattr(trainer.family, "encode_images", record_latents)
+
+    inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    got = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+    lam_logged = trainer._metrics["train"]["safeguard/lambda"][-1].item() if safeguard else 1.0
+    model.zero_grad(set_to_none=True)
+
+    expected_loss, expected_lam, expected, u = _hand_computed_step(
+        trainer, pipe, inputs, captured, beta, mu, safeguard
+    )
+    assert (u.abs() > 1e-3).all(), "the test needs a policy that differs from its reference"
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-4)
+    assert lam_logged == pytest.approx(expected_lam, rel=1e-5)
+    if safeguard:
+        assert 0.0 < expected_lam < 1.0, "the test needs an active safeguard"
+    grad_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in expected))
+    diff_norm = torch.sqrt(sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(got, expected)))
+    assert diff_norm / grad_norm < 1e-4
+    if safeguard:
+        # And it is not the plain-DPO gradient: the safeguard really reaches the parameters.
+        _, _, plain, _ = _hand_computed_step(trainer, pipe, inputs, captured, beta, mu, safeguard=False)
+        plain_diff = torch.sqrt(sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(got, plain)))
+        assert plain_diff / grad_norm > 1e-2
+
+
+def test_v_prediction_target_is_the_velocity(make_pipeline):
+    pipe = make_pipeline(prediction_type="v_prediction")
+    from trl_diffusion_sdpo.noising import training_scheduler
+
+    scheduler = training_scheduler(pipe.scheduler)
+    assert scheduler.config.prediction_type == "v_prediction"
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 4, 4, generator=gen), torch.randn(3, 4, 4, 4, generator=gen)
+    timesteps = torch.tensor([0, 500, 999])
+    abar = scheduler.alphas_cumprod.double()[timesteps].view(-1, 1, 1, 1)
+    by_hand = (abar.sqrt() * noise.double() - (1 - abar).sqrt() * latents.double()).float()
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    torch.testing.assert_close(target, by_hand)
+    torch.testing.assert_close(target, scheduler.get_velocity(latents, noise, timesteps))
+    eps_scheduler = training_scheduler(make_pipeline(prediction_type="epsilon").scheduler)
+    assert torch.equal(prediction_target(eps_scheduler, latents, noise, timesteps), noise)
+
+
+def test_v_prediction_pipeline_trains(make_pipeline, make_trainer):
+    trainer = make_trainer(pipeline=make_pipeline(prediction_type="v_prediction"))
+    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    trainer.train()
+    logs = step_logs(trainer)
+    assert len(logs) == 3 and all(np.isfinite(h["loss"]) for h in logs)
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def test_two_evaluations_with_the_fixed_seed_agree(make_trainer, pickapic_dataset):
+    trainer = make_trainer(lora=False, eval_dataset=pickapic_dataset, max_steps=2)
+    trainer.train()
+    volatile = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch")
+    first = {k: v for k, v in trainer.evaluate().items() if k not in volatile}
+    torch.manual_seed(1234)  # the global RNG does not matter
+    second = {k: v for k, v in trainer.evaluate().items() if k not in volatile}
+    assert first == second
+    assert first["eval_loss"] != pytest.approx(math.log(2), abs=1e-4)  # trained: not the initial value
+    trainer.args.eval_seed = 1
+    other = trainer.evaluate()
+    assert other["eval_mse/policy_winner"] != first["eval_mse/policy_winner"]
+
+
+def test_evaluation_uses_no_prompt_dropout_and_does_not_train(make_trainer, pickapic_dataset):
+    trainer = make_trainer(lora=False, eval_dataset=pickapic_dataset, proportion_empty_prompts=1.0)
+    before = snapshot(trainer.model)
+    trainer.evaluate()
+    assert not changed_keys(before, snapshot(trainer.model))
+    assert trainer._eval_collator.proportion_empty_prompts == 0.0
+
+
+# ----------------------------------------------------------------------------------------------- non-finite losses
+
+
+def _poison_step(trainer: DiffusionSDPOTrainer, bad_call: int) -> None:
+    """Make the objective's loss NaN on the ``bad_call``-th training call (1-based)."""
+    objective = trainer.objective
+    calls = {"n": 0}
+
+    class Poisoned:
+        name = objective.name
+        requires_reference = objective.requires_reference
+
+        def __call__(self, predictions, errors, **kwargs):
+            out = objective(predictions, errors, **kwargs)
+            if trainer.model.training:
+                calls["n"] += 1
+                if calls["n"] == bad_call:
+                    return ObjectiveOutput(loss=out.loss * float("nan"), logits=out.logits)
+            return out
+
+    trainer.objective = Poisoned()
+
+
+def test_nonfinite_loss_is_skipped_without_touching_parameters_or_optimizer(make_trainer):
+    trainer = make_trainer(lora=False, max_steps=3, on_nonfinite_loss="skip")
+    _poison_step(trainer, bad_call=2)
+    snapshots = StepSnapshots(trainer.model)
+    trainer.add_callback(snapshots)
+    trainer.train()
+    before, after_1, after_2, after_3 = snapshots.snapshots
+    assert changed_keys(before, after_1)
+    assert not changed_keys(after_1, after_2), "the non-finite step changed parameters"
+    assert changed_keys(after_2, after_3)
+    assert all(torch.isfinite(v).all() for v in after_3.values())
+    # The optimizer saw two steps, not three.
+    adam_steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
+    assert adam_steps == {2.0}
+    logs = step_logs(trainer)
+    assert [h["nonfinite_skipped"] for h in logs] == [0, 1, 1]
+
+
+def test_nonfinite_micro_batch_skips_the_whole_accumulated_step(make_trainer):
+    trainer = make_trainer(lora=True, max_steps=2, gradient_accumulation_steps=2, on_nonfinite_loss="skip")
+    _poison_step(trainer, bad_call=2)  # the second micro-batch of the first optimizer step
+    snapshots = StepSnapshots(trainer.model)
+    trainer.add_callback(snapshots)
+    trainer.train()
+    before, after_1, after_2 = snapshots.snapshots
+    assert not changed_keys(before, after_1)
+    assert changed_keys(after_1, after_2)
+
+
+def test_nonfinite_loss_with_raise_stops_with_runtime_error_after_a_checkpoint(make_trainer, tmp_path):
+    trainer = make_trainer(lora=True, max_steps=3, on_nonfinite_loss="raise", output_dir=str(tmp_path / "run"))
+    _poison_step(trainer, bad_call=2)
+    snapshots = StepSnapshots(trainer.model)
+    trainer.add_callback(snapshots)
+    with pytest.raises(RuntimeError, match="Non-finite loss"):
+        trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert (checkpoint / "pytorch_lora_weights.safetensors").is_file()
+    # The checkpoint holds the last good state (after step 1), which a new trainer resumes from.
+    from safetensors.torch import load_file
+
+    saved = load_file(checkpoint / "pytorch_lora_weights.safetensors")
+    lora_b = [v for k, v in saved.items() if "lora_B" in k or "lora.up" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
+    after_1 = snapshots.snapshots[1]
+    current = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert not changed_keys(after_1, current)
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(
+    make_pipeline, make_config, pickapic_dataset, tmp_path, lora
+):
+    from conftest import lora_config
+
+    def run(output_dir, stop_at=None, resume=None):
+        trainer = DiffusionSDPOTrainer(
+            make_pipeline(seed=0),
+            args=make_config(
+                output_dir=str(output_dir), max_steps=4, save_strategy="steps", save_steps=2, random_flip=True,
+                proportion_empty_prompts=0.5, learning_rate=1e-3 if lora else 1e-4,
+            ),
+            train_dataset=pickapic_dataset,
+            peft_config=lora_config() if lora else None,
+        )
+        if stop_at is not None:
+
+            class Stop(TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    if state.global_step == stop_at:
+                        control.should_training_stop = True
+
+            trainer.add_callback(Stop())
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    interrupted = run(tmp_path / "interrupted", stop_at=2)
+    assert interrupted.state.global_step == 2
+    checkpoint = tmp_path / "interrupted" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    resumed = run(tmp_path / "interrupted", resume=str(checkpoint))
+    assert resumed.state.global_step == 4
+    a, b = snapshot(straight.model), snapshot(resumed.model)
+    assert changed_keys(snapshot(interrupted.model), b), "resuming trained nothing"
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+    # And the logged losses of steps 3 and 4 agree.
+    tail = lambda t: [h["loss"] for h in step_logs(t) if h["step"] > 2]  # noqa: E731
+    assert tail(resumed) == pytest.approx(tail(straight), rel=1e-5)
+
+
+def test_resume_from_a_folder_without_weights_raises(make_trainer, tmp_path):
+    trainer = make_trainer()
+    empty = tmp_path / "checkpoint-7"
+    os.makedirs(empty)
+    with pytest.raises(ValueError, match="No trl-diffusion-sdpo weights"):
+        trainer._load_from_checkpoint(str(empty))
+
+
+def test_evaluation_during_training_logs_eval_metrics_and_tracks_the_best_model(make_trainer, pickapic_dataset):
+    trainer = make_trainer(
+        lora=True, max_steps=4, eval_dataset=pickapic_dataset, eval_strategy="steps", eval_steps=2,
+        save_strategy="steps", save_steps=2, load_best_model_at_end=True, metric_for_best_model="implicit_acc",
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert all(f"eval_{name}" in h for h in evals for name in LOGGED_METRICS)
+    assert all(not any(k.startswith("eval_") for k in h) for h in step_logs(trainer))
+    scores = [h["eval_implicit_acc"] for h in evals]
+    best_step = evals[scores.index(max(scores))]["step"]  # the first of equal scores stays best
+    assert trainer.state.best_metric == max(scores)
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+
+
+def test_bf16_lora_training_keeps_adapters_in_float32(make_pipeline, make_trainer):
+    pipe = make_pipeline()
+    trainer = make_trainer(pipeline=pipe, bf16=True, max_steps=2)
+    trainer.train()
+    trainable = [p for p in pipe.unet.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert pipe.vae.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    assert all(np.isfinite(h["loss"]) for h in step_logs(trainer))

@@ -1,0 +1,415 @@
+"""Cached VAE latents and text embeddings: encode every pair once instead of at every step.
+
+``cache_latents=True`` maps the prepared preference dataset through the frozen VAE and text encoder(s) once (with a
+progress bar) and stores, per pair, through ``datasets``:
+
+* ``latent_mean``, ``latent_std`` ``[2, C, h, w]`` (winner, loser): the VAE posterior's mean and standard deviation,
+  unscaled, in float32. Each step samples ``mean + std * eps`` exactly as ``latent_dist.sample()`` would, so the
+  cache keeps the VAE's sampling noise; only the deterministic encoder forward is saved.
+* with ``random_flip``, ``latent_mean_flipped`` and ``latent_std_flipped`` as well: the pair is flipped in pixel space
+  and encoded again (a VAE is not flip-equivariant, so flipping latents would not be the same augmentation).
+* ``prompt_embeds`` ``[L, D]`` and, for SDXL, ``pooled_prompt_embeds`` ``[P]``.
+* ``time_ids`` ``[2, 6]`` (and ``time_ids_flipped``): SDXL's micro-conditioning of each image.
+
+The empty-prompt embedding is stored once beside the table; :class:`CachedPreferenceCollator` substitutes it for
+prompt dropout and draws the flip, consuming torch's global generator exactly as the uncached
+:class:`~trl_diffusion_sdpo.data.PreferenceCollator` does.
+
+Random crops cannot be cached (every step would need a new crop of the pixels); ``random_crop=True`` is refused.
+
+Where and when the cache is reused: the table lives in ``<cache dir>/<fingerprint>/latents.arrow`` where the
+fingerprint hashes the model family, the VAE and text-encoder configs, a digest of their weights (see
+:func:`frozen_weights_digest`), the tokenizers' vocabularies, the transform settings, the dataset's own
+``datasets`` fingerprint, the resolved columns and :data:`CACHE_VERSION`. A later run with the same inputs loads
+the table instead of encoding. Under several processes only the main process encodes; the others wait and load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Array2D, Array4D, Dataset, Features, IterableDataset, Sequence, Value
+from datasets import config as datasets_config
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file, save_file
+
+from .data import PairTransform, PreferenceColumns, load_image
+from .model_family import ModelFamily, PromptEmbeddings
+
+__all__ = [
+    "CACHE_VERSION",
+    "CachedPreferenceCollator",
+    "LatentCache",
+    "build_latent_cache",
+    "cache_fingerprint",
+    "frozen_weights_digest",
+    "latents_from_cached_batch",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"
+"""Bumped whenever what is stored, or how it is computed, changes; old caches are then ignored, never misread."""
+
+_SAMPLES_PER_TENSOR = 1024
+
+
+@dataclass
+class LatentCache:
+    """A cached split: the table of encoded pairs, the empty-prompt embedding and where both live."""
+
+    dataset: Dataset
+    empty_prompt: PromptEmbeddings
+    directory: str
+    flipped: bool
+
+
+def frozen_weights_digest(modules: dict[str, torch.nn.Module]) -> str:
+    """A digest of the frozen modules' weights that is cheap for multi-billion-parameter encoders.
+
+    Per tensor: its name, shape and dtype, its float64 sum and sum of squares, and 1024 evenly spaced values. That
+    reads every weight once on its own device and copies only a few kilobytes to the host, so SDXL's VAE and text
+    encoders (3.6 GB in float32) are digested in about a second. Any fine-tune or other checkpoint changes the
+    sums and the samples; an edit that changed a single weight while keeping both sums would go unnoticed (use
+    a new ``latent_cache_dir`` after such surgery).
+    """
+    hasher = hashlib.sha256()
+    for module_name in sorted(modules):
+        for name, tensor in sorted(modules[module_name].state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            hasher.update(f"{module_name}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if flat.numel() == 0:
+                continue
+            if flat.is_floating_point() or flat.is_complex():
+                values = flat.double()
+                stats = torch.stack([values.sum(), values.pow(2).sum()])
+            else:
+                stats = flat.long().sum().double().reshape(1)
+            step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+            samples = flat[::step][:_SAMPLES_PER_TENSOR].double()
+            hasher.update(stats.cpu().numpy().tobytes())
+            hasher.update(samples.cpu().numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def _tokenizers_digest(family: ModelFamily) -> str:
+    hasher = hashlib.sha256()
+    for key, tokenizer in sorted(family.prompt_tokenizer().tokenizers.items()):
+        vocab = sorted(tokenizer.get_vocab().items())
+        hasher.update(json.dumps([key, type(tokenizer).__name__, tokenizer.model_max_length, vocab]).encode())
+    return hasher.hexdigest()
+
+
+def _config_dict(module: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(module, "config", None)
+    if config is None:
+        return {}
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    # Paths and library versions say nothing about what the module computes.
+    return {k: v for k, v in as_dict.items() if not k.startswith("_") and k not in ("transformers_version",)}
+
+
+def cache_fingerprint(
+    dataset: Dataset, columns: PreferenceColumns, family: ModelFamily, resolution: int, flipped: bool
+) -> str:
+    """The name under which a split's cache is stored: changes whenever the cached values could."""
+    frozen = family.frozen_modules()
+    description = {
+        "cache_version": CACHE_VERSION,
+        "family": family.name,
+        "configs": {name: _config_dict(module) for name, module in sorted(frozen.items())},
+        "weights": frozen_weights_digest(frozen),
+        "tokenizers": _tokenizers_digest(family),
+        "transform": {"resolution": resolution, "crop": "center", "flipped_copies": flipped},
+        "columns": [columns.prompt, columns.first, columns.second, columns.label],
+        "dataset": dataset._fingerprint,
+    }
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _winner_and_loser(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, Any]:
+    if columns.label is None:
+        return row[columns.first], row[columns.second]
+    first_wins = float(row[columns.label]) > 0.5  # ties were dropped when the dataset was prepared
+    return (row[columns.first], row[columns.second]) if first_wins else (row[columns.second], row[columns.first])
+
+
+class _FrozenEncoders:
+    """The VAE and text encoder(s), moved to the encoding device in float32 on first use and put back afterwards."""
+
+    def __init__(self, family: ModelFamily, device: torch.device) -> None:
+        self.family = family
+        self.device = torch.device(device)
+        self._placement: dict[str, tuple[torch.device, torch.dtype]] | None = None
+        self.vae_encode_calls = 0
+
+    def _ensure_ready(self) -> None:
+        if self._placement is not None:
+            return
+        self._placement = {}
+        for name, module in self.family.frozen_modules().items():
+            parameter = next(module.parameters())
+            self._placement[name] = (parameter.device, parameter.dtype)
+            # float32 once: the cache is computed once, so it may as well be computed at full precision.
+            module.to(device=self.device)
+            if parameter.dtype != torch.float32:
+                module.to(dtype=torch.float32)
+
+    def restore(self) -> None:
+        if self._placement is None:
+            return
+        for name, module in self.family.frozen_modules().items():
+            device, dtype = self._placement[name]
+            module.to(device=device)
+            if dtype != torch.float32:
+                module.to(dtype=dtype)
+        self._placement = None
+
+    @torch.no_grad()
+    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._ensure_ready()
+        vae = self.family.vae
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            distribution = vae.encode(pixels.to(device=self.device, dtype=torch.float32)).latent_dist
+        return distribution.mean.float().cpu(), distribution.std.float().cpu()
+
+    @torch.no_grad()
+    def prompts(self, prompts: list[str]) -> PromptEmbeddings:
+        self._ensure_ready()
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            embeds = self.family.encode_prompts(self.family.prompt_tokenizer()(prompts))
+        pooled = None if embeds.pooled is None else embeds.pooled.float().cpu()
+        return PromptEmbeddings(embeds.encoder_hidden_states.float().cpu(), pooled)
+
+
+def _latent_shape(family: ModelFamily, resolution: int) -> tuple[int, int, int]:
+    config = family.vae.config
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    return config.latent_channels, resolution // factor, resolution // factor
+
+
+def _features(latent_shape: tuple[int, int, int], empty: PromptEmbeddings, flipped: bool) -> Features:
+    pair_latents = Array4D(shape=(2, *latent_shape), dtype="float32")
+    features: dict[str, Any] = {
+        "latent_mean": pair_latents,
+        "latent_std": pair_latents,
+        "time_ids": Array2D(shape=(2, 6), dtype="float32"),
+    }
+    if flipped:
+        features.update(
+            latent_mean_flipped=pair_latents,
+            latent_std_flipped=pair_latents,
+            time_ids_flipped=Array2D(shape=(2, 6), dtype="float32"),
+        )
+    features["prompt_embeds"] = Array2D(shape=tuple(empty.encoder_hidden_states.shape[1:]), dtype="float32")
+    if empty.pooled is not None:
+        features["pooled_prompt_embeds"] = Sequence(Value("float32"), length=empty.pooled.shape[-1])
+    return Features(features)
+
+
+def _default_cache_root(dataset: Dataset) -> str:
+    if dataset.cache_files:
+        return os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), "trl_diffusion_sdpo_latents")
+    return os.path.join(str(datasets_config.HF_DATASETS_CACHE), "trl_diffusion_sdpo_latents")
+
+
+def build_latent_cache(
+    dataset: Dataset,
+    columns: PreferenceColumns,
+    family: ModelFamily,
+    *,
+    resolution: int,
+    random_flip: bool,
+    random_crop: bool = False,
+    cache_dir: str | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    split: str = "train",
+) -> LatentCache:
+    """Encode a prepared preference dataset once, or load the cache a previous run left.
+
+    Args:
+        dataset: a prepared map-style dataset (see :func:`~trl_diffusion_sdpo.data.prepare_preference_dataset`).
+        columns: its resolved columns.
+        family: the pipeline's model family (VAE, text encoders, tokenizers).
+        resolution: training resolution; images are resized and center-cropped like the uncached path.
+        random_flip: also store the latents of the horizontally flipped pair.
+        random_crop: must be ``False``; a random crop cannot be cached.
+        cache_dir: where caches live; defaults to a ``trl_diffusion_sdpo_latents`` folder beside the dataset's
+            own cache files, or in the ``datasets`` cache for in-memory datasets.
+        device: where to encode (the accelerator); the encoders are moved back afterwards.
+        batch_size: pairs per encoding batch.
+        split: a name for the progress bar and messages.
+
+    Returns:
+        A :class:`LatentCache` whose dataset is formatted as torch tensors.
+    """
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            "cache_latents=True needs a map-style datasets.Dataset: a streamed IterableDataset cannot be encoded "
+            "ahead of training. Load the dataset without streaming, or set cache_latents=False."
+        )
+    if random_crop:
+        raise ValueError(
+            "cache_latents=True cannot be combined with random_crop=True: each step would need a new crop of the "
+            "pixels, which the cached latents no longer hold. Use the center crop (random_crop=False), crop the "
+            "images before training, or set cache_latents=False."
+        )
+    flipped = bool(random_flip)
+    fingerprint = cache_fingerprint(dataset, columns, family, resolution, flipped)
+    directory = os.path.join(cache_dir or _default_cache_root(dataset), fingerprint)
+    os.makedirs(directory, exist_ok=True)
+    transform = PairTransform(resolution, random_crop=False, random_flip=flipped)
+    encoders = _FrozenEncoders(family, torch.device(device))
+    try:
+        empty_prompt = _empty_prompt(directory, encoders)
+        features = _features(_latent_shape(family, resolution), empty_prompt, flipped)
+
+        def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
+            rows = [{k: batch[k][i] for k in batch} for i in range(len(batch[columns.prompt]))]
+            views = [False, True] if flipped else [False]
+            pixels, time_ids = {flip: [] for flip in views}, {flip: [] for flip in views}
+            for row in rows:
+                winner, loser = (load_image(image) for image in _winner_and_loser(row, columns))
+                for flip in views:
+                    pair_pixels, pair_ids = transform.center_crop_pair(winner, loser, flip)
+                    pixels[flip].append(pair_pixels)
+                    time_ids[flip].append(pair_ids)
+            # One VAE batch for every view of every pair: [views * n * 2, 3, R, R].
+            stacked = torch.cat([torch.stack(pixels[flip]) for flip in views]).flatten(0, 1)
+            mean, std = encoders.posterior(stacked)
+            encoders.vae_encode_calls += 1
+            n = len(rows)
+            mean = mean.reshape(len(views), n, 2, *mean.shape[1:])
+            std = std.reshape(len(views), n, 2, *std.shape[1:])
+            embeds = encoders.prompts([row[columns.prompt] for row in rows])
+            out: dict[str, np.ndarray] = {}
+            for index, flip in enumerate(views):
+                suffix = "_flipped" if flip else ""
+                out[f"latent_mean{suffix}"] = mean[index].numpy()
+                out[f"latent_std{suffix}"] = std[index].numpy()
+                out[f"time_ids{suffix}"] = torch.stack(time_ids[flip]).numpy()
+            out["prompt_embeds"] = embeds.encoder_hidden_states.numpy()
+            if embeds.pooled is not None:
+                out["pooled_prompt_embeds"] = embeds.pooled.numpy()
+            return out
+
+        cached = dataset.map(
+            encode,
+            batched=True,
+            batch_size=batch_size,
+            remove_columns=dataset.column_names,
+            features=features,
+            cache_file_name=os.path.join(directory, "latents.arrow"),
+            load_from_cache_file=True,
+            new_fingerprint=fingerprint,
+            writer_batch_size=max(batch_size, 64),
+            desc=f"Caching {split} latents and text embeddings",
+        )
+    finally:
+        encoders.restore()
+    if encoders.vae_encode_calls:
+        logger.info("Cached %d %s pairs in %s", len(cached), split, directory)
+    else:
+        logger.info("Loaded the cached %s latents from %s", split, directory)
+    return LatentCache(cached.with_format("torch"), empty_prompt, directory, flipped)
+
+
+def _empty_prompt(directory: str, encoders: _FrozenEncoders) -> PromptEmbeddings:
+    """The empty prompt's embedding ``[1, L, D]`` (and pooled ``[1, P]``), computed once and stored with the cache."""
+    path = os.path.join(directory, "empty_prompt.safetensors")
+    if os.path.exists(path):
+        tensors = load_file(path)
+        return PromptEmbeddings(tensors["prompt_embeds"], tensors.get("pooled_prompt_embeds"))
+    embeds = encoders.prompts([""])
+    tensors = {"prompt_embeds": embeds.encoder_hidden_states.contiguous()}
+    if embeds.pooled is not None:
+        tensors["pooled_prompt_embeds"] = embeds.pooled.contiguous()
+    save_file(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return embeds
+
+
+class CachedPreferenceCollator:
+    """Batch cached rows: ``latent_mean``/``latent_std`` ``[B, 2, C, h, w]`` (winner first), ``prompt_embeds``
+    ``[B, L, D]``, ``pooled_prompt_embeds`` ``[B, P]`` (SDXL), ``time_ids [B, 2, 6]``.
+
+    The flip (probability 0.5 when the cache holds flipped copies) and the prompt dropout (the cached empty-prompt
+    embedding replaces the prompt's) are drawn from torch's global generator in the same order as the uncached
+    collator draws them, so a seeded run makes the same choices with or without the cache. ``train=False`` is the
+    deterministic evaluation view: no flip, no dropout.
+    """
+
+    def __init__(
+        self, empty_prompt: PromptEmbeddings, proportion_empty_prompts: float = 0.0, random_flip: bool = False,
+        train: bool = True,
+    ) -> None:
+        self.empty_prompt = empty_prompt
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.random_flip = random_flip
+        self.train = train
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        means, stds, time_ids, hidden, pooled = [], [], [], [], []
+        has_pooled = self.empty_prompt.pooled is not None
+        for row in rows:
+            flip = bool(self.train and self.random_flip and torch.rand(()) < 0.5)
+            suffix = "_flipped" if flip else ""
+            means.append(row[f"latent_mean{suffix}"])
+            stds.append(row[f"latent_std{suffix}"])
+            time_ids.append(row[f"time_ids{suffix}"])
+            drop = self.train and self.proportion_empty_prompts > 0 and torch.rand(()) < self.proportion_empty_prompts
+            if drop:
+                hidden.append(self.empty_prompt.encoder_hidden_states[0])
+                if has_pooled:
+                    pooled.append(self.empty_prompt.pooled[0])
+            else:
+                hidden.append(row["prompt_embeds"])
+                if has_pooled:
+                    pooled.append(row["pooled_prompt_embeds"])
+        batch = {
+            "latent_mean": torch.stack(means),
+            "latent_std": torch.stack(stds),
+            "time_ids": torch.stack(time_ids),
+            "prompt_embeds": torch.stack(hidden),
+            "num_skipped": torch.tensor(0.0),
+        }
+        if has_pooled:
+            batch["pooled_prompt_embeds"] = torch.stack(pooled)
+        return batch
+
+
+def latents_from_cached_batch(
+    inputs: dict[str, torch.Tensor], vae_config: Any, generator: torch.Generator | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, PromptEmbeddings, torch.Tensor]:
+    """Sample latents ``[2B, C, h, w]`` (winners then losers) from a cached batch, like ``latent_dist.sample()``.
+
+    ``z = (mean + std * eps - shift_factor) * scaling_factor`` with ``eps`` drawn by diffusers' ``randn_tensor`` on
+    the batch's device (on the generator's device when one is given, as the VAE's own sampling does). Returns the
+    float32 latents, the prompt embeddings repeated for both branches in ``dtype``, and ``time_ids [2B, 6]``.
+    """
+    mean, std = inputs["latent_mean"], inputs["latent_std"]
+    batch = mean.shape[0]
+    mean = mean.transpose(0, 1).reshape(2 * batch, *mean.shape[2:]).float()
+    std = std.transpose(0, 1).reshape(2 * batch, *std.shape[2:]).float()
+    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    latents = mean + std * eps
+    shift = getattr(vae_config, "shift_factor", None)
+    if shift is not None:
+        latents = latents - shift
+    latents = latents * vae_config.scaling_factor
+    pooled = inputs.get("pooled_prompt_embeds")
+    prompt_embeds = PromptEmbeddings(
+        inputs["prompt_embeds"].to(dtype), None if pooled is None else pooled.to(dtype)
+    ).repeat(2)
+    time_ids = inputs["time_ids"].transpose(0, 1).reshape(2 * batch, -1)
+    return latents, prompt_embeds, time_ids
+
