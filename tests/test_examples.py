@@ -73,3 +73,12 @@ def test_sd15_example_trains_and_saves_from_local_folders(local_pipeline_and_dat
         assert weights and all(k.startswith("unet.") for k in weights)
     else:
         assert os.path.isfile(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_quickstart_trains_saves_and_reloads(tmp_path: Path) -> None:
+    import quickstart_tiny
+
+    metrics = quickstart_tiny.main(["--output-dir", str(tmp_path / "qs"), "--steps", "4"])
+    assert (tmp_path / "qs" / "pytorch_lora_weights.safetensors").is_file()
+    for key in ("eval_loss", "eval_implicit_acc", "eval_delta/winner", "eval_delta/loser"):
+        assert np.isfinite(metrics[key])
