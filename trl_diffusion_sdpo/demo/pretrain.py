@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -49,18 +50,18 @@ class PretrainRecipe:
     image_size: int = 32
     images_per_caption: int = 48
     # VAE: 3 blocks = 4x downsampling, 32x32 RGB -> 8x8x4 latents
-    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_channels: tuple[int, ...] = (32, 32, 32)
     latent_channels: int = 4
-    vae_steps: int = 600
-    vae_batch_size: int = 32
-    vae_learning_rate: float = 1e-3
+    vae_steps: int = 500
+    vae_batch_size: int = 16
+    vae_learning_rate: float = 2e-3
     vae_kl_weight: float = 1e-6
     # UNet and CLIP text encoder
-    unet_channels: tuple[int, ...] = (64, 128)
+    unet_channels: tuple[int, ...] = (32, 64)
     text_hidden_size: int = 64
     text_layers: int = 2
     max_caption_length: int = 32
-    unet_steps: int = 1500
+    unet_steps: int = 1000
     unet_batch_size: int = 64
     unet_learning_rate: float = 1e-3
     caption_dropout: float = 0.1
@@ -199,12 +200,25 @@ def pretrain_base(recipe: PretrainRecipe) -> StableDiffusionPipeline:
     return pipeline
 
 
+def _warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup_fraction`` of the steps, then cosine decay to zero."""
+    warmup = max(1, round(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _train_vae(vae: AutoencoderKL, pixels: torch.Tensor, recipe: PretrainRecipe, generator: torch.Generator) -> None:
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=recipe.vae_learning_rate, total_steps=recipe.vae_steps, pct_start=0.1
-    )
+    schedule = _warmup_cosine(optimizer, recipe.vae_steps, warmup_fraction=0.1)
     bar = tqdm(range(recipe.vae_steps), desc="Pretraining the VAE", dynamic_ncols=True)
     for _ in bar:
         index = torch.randint(0, len(pixels), (recipe.vae_batch_size,), generator=generator)
@@ -251,9 +265,7 @@ def _train_denoiser(
     text_encoder.train()
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=recipe.unet_learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=recipe.unet_learning_rate, total_steps=recipe.unet_steps, pct_start=0.05
-    )
+    schedule = _warmup_cosine(optimizer, recipe.unet_steps, warmup_fraction=0.05)
     bar = tqdm(range(recipe.unet_steps), desc="Pretraining the UNet", dynamic_ncols=True)
     ema = None
     for _ in bar:

@@ -1,0 +1,136 @@
+"""The demo's figures: error deltas over steps (the paper's diagnostic), lambda over steps, and a sample grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+__all__ = ["plot_error_deltas", "plot_lambda", "sample_grid", "smooth"]
+
+_WINNER, _LOSER = "#1f77b4", "#d62728"
+
+
+def smooth(values: list[float] | np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (shorter windows at the start), so the curve starts at the first value."""
+    values = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(values) == 0:
+        return values
+    cumulative = np.cumsum(np.insert(values, 0, 0.0))
+    out = np.empty_like(values)
+    for i in range(len(values)):
+        lo = max(0, i + 1 - window)
+        out[i] = (cumulative[i + 1] - cumulative[lo]) / (i + 1 - lo)
+    return out
+
+
+def _window(num_points: int) -> int:
+    return max(1, num_points // 15)
+
+
+def _limits(curves: list[np.ndarray]) -> tuple[float, float]:
+    """Y limits that fit the smoothed curves and zero with some room; raw per-step values may fall outside."""
+    low = min(0.0, *(float(c.min()) for c in curves))
+    high = max(0.0, *(float(c.max()) for c in curves))
+    pad = 0.15 * (high - low or 1e-6)
+    return low - pad, high + pad
+
+
+def plot_error_deltas(histories: dict[str, dict[str, list[float]]], titles: dict[str, str], path: Path) -> None:
+    """Top row: winner and loser ``policy - reference`` error per step, one panel per method (each with its own y
+    scale, so a small rise is visible next to a large fall). Bottom row: the implicit accuracy (fraction of pairs
+    with ``u > 0``), i.e. whether the preference margin grows. Thin lines: per step; thick: moving average."""
+    methods = list(histories)
+    fig, axes = plt.subplots(
+        2, len(methods), figsize=(5.2 * len(methods), 5.6), sharex=True,
+        gridspec_kw={"height_ratios": [2.2, 1]}, squeeze=False,
+    )
+    for column, method in enumerate(methods):
+        history = histories[method]
+        steps = np.asarray(history["step"])
+        window = _window(len(steps))
+        top, bottom = axes[0, column], axes[1, column]
+        smoothed = []
+        for key, colour, label in (("delta/winner", _WINNER, "winner"), ("delta/loser", _LOSER, "loser")):
+            curve = smooth(history[key], window)
+            smoothed.append(curve)
+            top.plot(steps, history[key], color=colour, alpha=0.15, linewidth=0.7)
+            final = float(np.mean(np.asarray(history[key])[steps > 0.9 * steps[-1]]))
+            top.plot(steps, curve, color=colour, linewidth=2.0, label=f"{label} (last 10%: {final:+.4f})")
+        top.set_ylim(*_limits(smoothed))
+        top.axhline(0.0, color="black", linewidth=0.8)
+        top.set_title(titles[method])
+        top.grid(alpha=0.3)
+        top.legend(loc="best", fontsize=9)
+        bottom.plot(steps, history["implicit_acc"], color="#555555", alpha=0.15, linewidth=0.7)
+        bottom.plot(steps, smooth(history["implicit_acc"], window), color="#333333", linewidth=2.0)
+        bottom.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
+        bottom.set_ylim(-0.02, 1.02)
+        bottom.set_xlabel("optimizer step")
+        bottom.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("denoising error\npolicy − reference")
+    axes[1, 0].set_ylabel("implicit accuracy")
+    fig.suptitle("Denoising error relative to the frozen base (above 0: worse than the base)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lambda(history: dict[str, list[float]], max_lambda: float, path: Path) -> None:
+    """The safeguard's ``lambda`` per optimizer step (thin) and its moving average (thick)."""
+    steps = np.asarray(history["step"])
+    values = history["safeguard/lambda_mean"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(steps, values, color="#2ca02c", alpha=0.35, linewidth=0.8, label="λ per step")
+    ax.plot(steps, smooth(values, _window(len(steps))), color="#2ca02c", linewidth=2.0, label="moving average")
+    ax.axhline(max_lambda, color="black", linewidth=0.8, linestyle=":", label=f"λ = {max_lambda:g}: plain DPO")
+    ax.set_ylim(0.0, max_lambda * 1.08)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loser-gradient scale λ")
+    ax.set_title(f"Diffusion-SDPO safeguard: λ over training (mean {np.mean(values):.3f})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sample_grid(
+    rows: list[str],
+    columns: list[str],
+    images: dict[str, np.ndarray],
+    seeds_per_column: int,
+    path: Path,
+    scale: int = 3,
+) -> Image.Image:
+    """A labelled grid: one row per prompt; for each column group (model), ``seeds_per_column`` samples.
+
+    ``images[column]`` has shape ``[len(rows), seeds_per_column, H, W, 3]`` with floats in [0, 1]. The same row and
+    seed index means the same prompt and the same initial noise in every group.
+    """
+    first = images[columns[0]]
+    tile = first.shape[2] * scale
+    gap, label_width, header = 8, 150, 22
+    width = label_width + len(columns) * (seeds_per_column * tile + gap)
+    height = header + len(rows) * tile
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=13)
+    for g, column in enumerate(columns):
+        x0 = label_width + g * (seeds_per_column * tile + gap)
+        draw.text((x0 + 4, 4), column, fill=(0, 0, 0), font=font)
+        for r in range(len(rows)):
+            for s in range(seeds_per_column):
+                array = np.round(np.clip(images[column][r, s], 0.0, 1.0) * 255).astype(np.uint8)
+                picture = Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST)
+                canvas.paste(picture, (x0 + s * tile, header + r * tile))
+    for r, text in enumerate(rows):
+        draw.text((6, header + r * tile + tile // 2 - 8), text, fill=(0, 0, 0), font=font)
+    canvas.save(path)
+    return canvas
