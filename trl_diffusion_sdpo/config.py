@@ -94,7 +94,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         (2.048e-5 at their effective batch of 2048 pairs). Set `scale_lr=False` to use `learning_rate` as given.
     lr_scheduler_type (defaults to `"constant_with_warmup"`), warmup_steps (defaults to `500`),
     max_grad_norm (`1.0`), logging_steps (`10`), remove_unused_columns (`False`: the collator needs the image
-    columns).
+    columns), logging_nan_inf_filter (`False`: its check makes the host wait for the device every step; the trainer
+    keeps non-finite micro-batch losses out of the logged loss on the device instead).
     """
 
     # Objective
@@ -174,6 +175,11 @@ class DiffusionSDPOConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator reads the image columns."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "transformers' per-step NaN check of the logged loss (a host sync); the trainer already "
+                  "keeps non-finite losses out of the log on the device."},
     )
 
     def __post_init__(self) -> None:

@@ -25,6 +25,14 @@ from .config import DiffusionSDPOConfig
 from .data import DataReport, PairTransform, PreferenceCollator, prepare_preference_dataset
 from .hub import build_model_card, upload_folder_to_hub
 from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache, latents_from_cached_batch
+from .lean_step import (
+    clip_divisor,
+    engine_manages_gradients,
+    fused_scaling_optimizer,
+    grad_norm,
+    trainable_parameters,
+    zero_grads,
+)
 from .losses import DenoisingErrors, PreferencePredictions, denoising_error, get_objective, implicit_accuracy
 from .model_family import ModelFamily, PromptEmbeddings, family_for_pipeline
 from .noising import prediction_target, sample_pair_noise, training_scheduler
@@ -47,9 +55,11 @@ logger = logging.getLogger(__name__)
 class _NonFiniteLossGuard(TrainerCallback):
     """Keeps gradients of a non-finite loss away from the optimizer.
 
-    The trainer flags a non-finite micro-batch loss on the device (no host sync); just before the optimizer step
-    the flag is read once, and if set every gradient is dropped (``grad = None``), which makes the optimizer step a
-    no-op for all parameters: no moment update, no weight decay.
+    The trainer flags a non-finite micro-batch loss on the device. With a fused optimizer (torch's fused AdamW, the
+    default) and ``on_nonfinite_loss="skip"`` the flag goes to the optimizer as ``found_inf`` and its fused kernel
+    skips the whole update on the device, so the host never waits; the skips are counted on the device and read
+    when logging. Otherwise the flag is read just before the optimizer step, and if set every gradient is dropped
+    (``grad = None``). Either way the step is a no-op for all parameters: no moment update, no weight decay.
     """
 
     def __init__(self, trainer: DiffusionSDPOTrainer) -> None:
@@ -63,6 +73,13 @@ class _NonFiniteLossGuard(TrainerCallback):
         trainer._nonfinite_flag = None
         if trainer.accelerator.num_processes > 1:
             flag = trainer.accelerator.reduce(flag, reduction="sum")
+        fused = fused_scaling_optimizer(trainer.optimizer, trainer.accelerator)
+        if fused is not None and args.on_nonfinite_loss == "skip":
+            skipped = (flag > 0).float()
+            fused.found_inf = skipped
+            pending = trainer._nonfinite_skipped_pending
+            trainer._nonfinite_skipped_pending = skipped if pending is None else pending + skipped
+            return
         if not bool(flag.item() > 0):
             return
         trainer.model.zero_grad(set_to_none=True)
@@ -78,6 +95,13 @@ class _NonFiniteLossGuard(TrainerCallback):
         logger.warning(
             "Non-finite loss: optimizer step %d skipped (%d so far)", state.global_step + 1, trainer._nonfinite_skipped
         )
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # The clip divisor and the skip flag hold for one step only.
+        fused = fused_scaling_optimizer(self.trainer.optimizer, self.trainer.accelerator)
+        if fused is not None:
+            fused.grad_scale = None
+            fused.found_inf = None
 
 
 def _compute_dtype(args: DiffusionSDPOConfig) -> torch.dtype:
@@ -225,6 +249,8 @@ class DiffusionSDPOTrainer(Trainer):
         }
         self._nonfinite_flag: torch.Tensor | None = None
         self._nonfinite_skipped = 0
+        self._nonfinite_skipped_pending: torch.Tensor | None = None  # skips counted on the device, read when logging
+        self._trainable: list[torch.nn.Parameter] = []
         self._eval_generator: torch.Generator | None = None
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s", self.train_data_report.summary())
@@ -267,6 +293,37 @@ class DiffusionSDPOTrainer(Trainer):
             self.reference.unet.to(device=device, dtype=compute_dtype)
 
     # ------------------------------------------------------------------ the step
+
+    def train(self, *args, **kwargs):
+        # Only trainable weights ever hold gradients: clipping and zeroing walk those, listed once, instead of every
+        # module of the UNet (thousands with LoRA adapters: milliseconds per step). See :mod:`.lean_step`.
+        unet = self._policy_unet()
+        self._trainable = trainable_parameters(unet)
+        unet.zero_grad = lambda set_to_none=True: zero_grads(self._trainable, set_to_none)
+        fused = fused_scaling_optimizer(self.optimizer, self.accelerator)
+        if fused is not None:  # an interrupted earlier train() may have left a clip divisor or skip flag behind
+            fused.grad_scale = fused.found_inf = None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            del unet.zero_grad  # back to Module.zero_grad
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # A non-finite micro-batch never reaches the weights (see _NonFiniteLossGuard); keep it out of the logged
+        # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
+        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+
+    def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
+        """Clip the trainable weights' gradients; with a fused optimizer, inside the optimizer's own pass."""
+        if engine_manages_gradients(self.accelerator) or not self._trainable:
+            return super()._clip_grad_norm(model)
+        fused = fused_scaling_optimizer(self.optimizer, self.accelerator)
+        if fused is None:
+            return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
+        norm = grad_norm(self._trainable)
+        fused.grad_scale = clip_divisor(norm, self.args.max_grad_norm)
+        return norm
 
     def _encode_batch(
         self, inputs: dict[str, torch.Tensor], generator: torch.Generator | None
@@ -409,6 +466,7 @@ class DiffusionSDPOTrainer(Trainer):
             else:
                 reduced[key] = self._reduce(stacked.mean(), "mean")
         if mode == "train":
+            self._count_device_skips()
             reduced["nonfinite_skipped"] = float(self._nonfinite_skipped)
         else:
             reduced = {f"{prefix}_{k}": v for k, v in reduced.items()}
@@ -416,6 +474,17 @@ class DiffusionSDPOTrainer(Trainer):
         logs.update(reduced)
         stored.clear()
         super().log(logs, start_time)
+
+    def _count_device_skips(self) -> None:
+        pending, self._nonfinite_skipped_pending = self._nonfinite_skipped_pending, None
+        skipped = 0 if pending is None else round(float(pending.item()))
+        if skipped:
+            self._nonfinite_skipped += skipped
+            logger.warning(
+                "Non-finite loss: %d optimizer step(s) skipped since the last log (%d so far)",
+                skipped,
+                self._nonfinite_skipped,
+            )
 
     def _reduce(self, value: torch.Tensor, how: str) -> float:
         if self.accelerator.num_processes > 1:

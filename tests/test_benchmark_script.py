@@ -1,0 +1,24 @@
+"""The benchmark script runs end to end (its numbers are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+
+
+@pytest.mark.slow
+def test_step_time_script_writes_every_requested_row(tmp_path):
+    output = tmp_path / "result.json"
+    command = [sys.executable, str(SCRIPT), "--runs", "floor-lora,cached-lora", "--steps", "1", "--warmup", "1",
+               "--resolution", "64", "--batch-size", "1", "--dataset-batches", "2", "--output", str(output)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(output.read_text())
+    assert set(report["rows"]) == {"floor-lora", "dpo-cached-lora", "sdpo-cached-lora"}
+    assert "ratio_to_floor_wall" in report["rows"]["dpo-cached-lora"]
+    assert "safeguard overhead <= 2%" in report["targets"]

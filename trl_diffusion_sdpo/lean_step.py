@@ -1,0 +1,85 @@
+"""Keeping the optimizer step lean: no walk over frozen weights, no extra pass over the gradients, no host sync.
+
+Around every optimizer step ``transformers.Trainer`` (through ``accelerate``) walks ``model.parameters()`` twice,
+for gradient clipping and for ``model.zero_grad()``: on a UNet carrying LoRA adapters that is thousands of modules,
+milliseconds per step, to reach a few hundred small gradients. Clipping then multiplies every gradient by the clip
+coefficient, a full extra read and write of the gradients. And skipping the update after a non-finite loss needs
+the host to read a flag, which makes it wait for the device every step.
+
+The helpers here work on the trainable parameters only, listed once. With an optimizer whose fused step accepts
+``grad_scale`` and ``found_inf`` (torch's fused Adam, AdamW and SGD: what ``torch.amp.GradScaler`` uses to unscale
+and to skip), clipping costs one read of the gradients (their norm), the division by the clip factor happens
+inside the optimizer's own pass, and a step flagged on the device is skipped by the fused kernel itself (no moment
+update, no weight decay, step count unchanged) without the host ever waiting.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
+
+__all__ = [
+    "clip_divisor",
+    "engine_manages_gradients",
+    "fused_scaling_optimizer",
+    "grad_norm",
+    "trainable_parameters",
+    "zero_grads",
+]
+
+# Where gradients are sharded or clipped by the engine itself, accelerate's own clipping must be used.
+_ENGINE_MANAGED = {DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM}
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that can hold gradients (``requires_grad``), in ``module.parameters()`` order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def zero_grads(parameters: list[torch.nn.Parameter], set_to_none: bool = True) -> None:
+    """``Module.zero_grad`` restricted to ``parameters``."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            if p.grad.grad_fn is not None:
+                p.grad.detach_()
+            else:
+                p.grad.requires_grad_(False)
+            p.grad.zero_()
+
+
+def grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (a device tensor; the host does not wait for it)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What to divide the gradients by to clip them as ``torch.nn.utils.clip_grad_norm_`` does.
+
+    ``clip_grad_norm_`` multiplies by ``min(max_norm / (norm + 1e-6), 1)``; this is the reciprocal, in float32.
+    """
+    return ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+
+
+def engine_manages_gradients(accelerator) -> bool:
+    """Whether DeepSpeed, FSDP, XLA or Megatron own the gradients (then leave clipping to accelerate)."""
+    return accelerator.distributed_type in _ENGINE_MANAGED
+
+
+def fused_scaling_optimizer(optimizer, accelerator) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside ``optimizer`` if its fused step applies ``grad_scale`` and ``found_inf``, and
+    nothing else (a gradient scaler, an engine owning the gradients) already uses them; else ``None``."""
+    if optimizer is None or accelerator.scaler is not None or engine_manages_gradients(accelerator):
+        return None
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    if isinstance(optimizer, torch.optim.Optimizer) and getattr(optimizer, "_step_supports_amp_scaling", False):
+        return optimizer
+    return None
