@@ -15,6 +15,7 @@ from trl_diffusion_sdpo.data import (
     PairTransform,
     PreferenceCollator,
     load_image,
+    mirrored_time_ids,
     prepare_preference_dataset,
     resolve_columns,
 )
@@ -280,7 +281,7 @@ def red_columns(pixels: torch.Tensor) -> np.ndarray:
 
 
 def test_pair_transform_shapes_range_and_exact_values():
-    transform = PairTransform(32, random_crop=False, random_flip=False)
+    transform = PairTransform(32, random_crop=False)
     pixels, time_ids = transform(halves((48, 40), (0, 0, 0), (255, 255, 255)), Image.new("RGB", (32, 32), (255, 0, 0)))
     assert pixels.shape == (2, 3, 32, 32) and pixels.dtype == torch.float32
     assert time_ids.shape == (2, 6)
@@ -292,17 +293,17 @@ def test_pair_transform_shapes_range_and_exact_values():
     assert time_ids[0, :2].tolist() == [40, 48]
 
 
-def test_center_crop_takes_the_middle_and_eval_never_flips():
-    transform = PairTransform(32, random_crop=False, random_flip=True)
+def test_center_crop_takes_the_middle_and_never_flips():
+    transform = PairTransform(32, random_crop=False)
     image = ramp(64)
-    for _ in range(8):
-        pixels, time_ids = transform(image, image, train=False)
+    for train in (True, False, True):
+        pixels, time_ids = transform(image, image, train=train)
         np.testing.assert_array_equal(red_columns(pixels[0]), np.arange(16, 48))
         assert time_ids[0, 2:4].tolist() == [0, 16]
 
 
 def test_random_crop_varies_and_reports_its_offset_in_time_ids():
-    transform = PairTransform(32, random_crop=True, random_flip=False)
+    transform = PairTransform(32, random_crop=True)
     torch.manual_seed(0)
     offsets = set()
     for _ in range(20):
@@ -317,37 +318,30 @@ def test_random_crop_varies_and_reports_its_offset_in_time_ids():
     assert len(offsets) > 5
 
 
-def test_random_flip_is_shared_by_winner_and_loser():
-    transform = PairTransform(32, random_crop=False, random_flip=True)
-    torch.manual_seed(0)
-    seen = set()
-    for _ in range(30):
-        pixels, _ = transform(ramp(32), ramp(48))
-        directions = [np.sign(np.diff(red_columns(pixels[k]))).mean() for k in (0, 1)]
-        assert directions[0] == directions[1] and abs(directions[0]) == 1
-        seen.add(directions[0])
-    assert seen == {-1.0, 1.0}
-
-
-def test_flipped_pair_mirrors_both_images():
-    pair = PairTransform(32, random_crop=False, random_flip=False)
-    winner, loser = halves((64, 32), (255, 0, 0), (0, 0, 255)), halves((32, 32), (0, 255, 0), (0, 0, 0))
-    plain, _ = pair(winner, loser)
-    flipping = PairTransform(32, random_crop=False, random_flip=True)
-    torch.manual_seed(0)
-    flips = 0
-    for _ in range(10):
-        pixels, _ = flipping(winner, loser)
-        if not torch.equal(pixels, plain):
-            torch.testing.assert_close(pixels, plain.flip(-1))  # both images mirrored, never one alone
-            flips += 1
-    assert 0 < flips < 10
-    assert_colour(plain[0][:, :, :16], (255, 0, 0), tol=0)
-    assert_colour(plain[0][:, :, 16:], (0, 0, 255), tol=0)
+@pytest.mark.parametrize("width", [48, 49, 96])
+def test_mirrored_view_is_the_crop_of_the_mirrored_image_where_its_time_ids_say(width):
+    """The flipped view mirrors the cropped pair; its time_ids give the crop's offset in the mirrored resized image
+    (for an odd margin the center crop is not symmetric, so the offset changes)."""
+    transform = PairTransform(32, random_crop=False)
+    winner, loser = ramp(width), ramp(40, 64)
+    plain, plain_ids = transform.center_crop_pair(winner, loser, flip=False)
+    mirrored, mirrored_ids = transform.center_crop_pair(winner, loser, flip=True)
+    torch.testing.assert_close(mirrored, plain.flip(-1))  # both images mirrored, never one alone
+    for k, image in ((0, winner), (1, loser)):
+        resized_w = round(image.width * 32 / min(image.size))
+        assert mirrored_ids[k].tolist()[:3] == plain_ids[k].tolist()[:3]
+        left = int(mirrored_ids[k, 3])
+        assert left == resized_w - 32 - int(plain_ids[k, 3])
+        # Columns of the mirrored resized image [left, left + 32): red = resized_w - 1 - column (ramp images).
+        expected = resized_w - 1 - np.arange(left, left + 32)
+        if image.width == resized_w:  # no resampling: exact values
+            np.testing.assert_array_equal(red_columns(mirrored[k]), expected)
+    assert mirrored_ids[0, 3].item() == (width - 32) - round((width - 32) / 2)
+    torch.testing.assert_close(mirrored_time_ids(mirrored_ids), plain_ids)  # mirroring twice is the identity
 
 
 def test_images_smaller_than_the_resolution_are_upscaled():
-    pixels, time_ids = PairTransform(32, False, False)(Image.new("RGB", (16, 8), COLOURS[0]),
+    pixels, time_ids = PairTransform(32)(Image.new("RGB", (16, 8), COLOURS[0]),
                                                         Image.new("RGB", (8, 8), COLOURS[1]))
     assert pixels.shape == (2, 3, 32, 32)
     assert_colour(pixels[0], COLOURS[0], tol=1)
@@ -391,8 +385,9 @@ def test_collator_is_usable_without_a_trainer(pickapic_dataset, make_pipeline, m
         return {"input_ids": ids}
 
     columns = resolve_columns(pickapic_dataset.column_names, make_config())
-    collator = PreferenceCollator(columns, tokenize, PairTransform(32, False, False), 1.0, train=True)
-    batch = collator([pickapic_dataset[i] for i in range(3)])
-    # proportion_empty_prompts=1: every prompt is the empty prompt.
-    assert torch.equal(batch["input_ids"], tokenize(["", "", ""])["input_ids"])
+    collator = PreferenceCollator(columns, tokenize, PairTransform(32), train=True, with_flipped=True)
+    rows = [pickapic_dataset[i] for i in range(3)]
+    batch = collator(rows)
+    assert torch.equal(batch["input_ids"], tokenize([row["caption"] for row in rows])["input_ids"])
     assert batch["time_ids"].shape == (3, 2, 6) and batch["num_skipped"].item() == 0
+    torch.testing.assert_close(batch["time_ids_flipped"], mirrored_time_ids(batch["time_ids"]))

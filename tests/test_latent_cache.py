@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from PIL import Image, ImageOps
+from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-from trl_diffusion_sdpo.data import PairTransform, prepare_preference_dataset
+from trl_diffusion_sdpo.data import PairTransform, mirrored_time_ids, prepare_preference_dataset
 from trl_diffusion_sdpo.latent_cache import (
     CachedPreferenceCollator,
     build_latent_cache,
@@ -87,7 +87,7 @@ def test_cached_posterior_is_the_vae_posterior_of_the_winner_and_loser(tmp_path)
     pipeline = build_tiny_sd_pipeline()
     rows = _rows()
     cache = _cache(pipeline, Dataset.from_list(rows), tmp_path, random_flip=False)
-    transform = PairTransform(RESOLUTION, random_crop=False, random_flip=False)
+    transform = PairTransform(RESOLUTION, random_crop=False)
     for row, cached in zip(rows, cache.dataset):
         first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
         winner, loser = (first, second) if row["label_0"] == 1.0 else (second, first)
@@ -104,11 +104,11 @@ def test_sampling_from_the_cache_matches_sampling_from_the_vae(tmp_path):
     rows = _rows(2)
     cache = _cache(pipeline, Dataset.from_list(rows), tmp_path, random_flip=False)
     family = family_for_pipeline(pipeline)
-    batch = CachedPreferenceCollator(cache.empty_prompt, train=False)([cache.dataset[0], cache.dataset[1]])
+    batch = CachedPreferenceCollator()([cache.dataset[0], cache.dataset[1]])
     latents, _, _ = latents_from_cached_batch(
         batch, pipeline.vae.config, torch.Generator().manual_seed(3), torch.float32
     )
-    transform = PairTransform(RESOLUTION, random_crop=False, random_flip=False)
+    transform = PairTransform(RESOLUTION, random_crop=False)
     pairs = []
     for row in rows:
         first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
@@ -119,48 +119,93 @@ def test_sampling_from_the_cache_matches_sampling_from_the_vae(tmp_path):
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_flipped_latents_are_the_encoding_of_the_flipped_pixels(tmp_path):
+def test_flipped_latents_are_the_encoding_of_the_mirrored_crop(tmp_path):
     pipeline = build_tiny_sd_pipeline()
     rows = _rows()
     cache = _cache(pipeline, Dataset.from_list(rows), tmp_path, random_flip=True)
-    transform = PairTransform(RESOLUTION, random_crop=False, random_flip=False)
+    transform = PairTransform(RESOLUTION, random_crop=False)
     for row, cached in zip(rows, cache.dataset):
         first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
         winner, loser = (first, second) if row["label_0"] == 1.0 else (second, first)
-        pixels, time_ids = transform.center_crop_pair(ImageOps.mirror(winner), ImageOps.mirror(loser), flip=False)
-        mean, std = _posterior(pipeline.vae, pixels)
+        pixels, time_ids = transform.center_crop_pair(winner, loser, flip=False)
+        mean, std = _posterior(pipeline.vae, pixels.flip(-1))
         torch.testing.assert_close(cached["latent_mean_flipped"], mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cached["latent_std_flipped"], std, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(cached["time_ids_flipped"], mirrored_time_ids(time_ids))
         assert not torch.allclose(cached["latent_mean_flipped"], cached["latent_mean"], atol=1e-3)
 
 
-def test_prompt_dropout_substitutes_the_cached_empty_prompt_embedding(tmp_path):
+def _capture_hidden_states(trainer) -> list[torch.Tensor]:
+    """Record the ``encoder_hidden_states`` of every policy UNet call."""
+    calls: list[torch.Tensor] = []
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["encoder_hidden_states"].detach().clone()), with_kwargs=True
+    )
+    return calls
+
+
+@pytest.mark.parametrize("proportion", [1.0, 0.0])
+def test_prompt_dropout_substitutes_the_cached_empty_prompt_embedding(tmp_path, proportion):
     pipeline = build_tiny_sd_pipeline()
-    cache = _cache(pipeline, Dataset.from_list(_rows()), tmp_path)
+    dataset = Dataset.from_list(_rows(4))
     family = family_for_pipeline(pipeline)
     expected_empty = family.encode_prompts(family.prompt_tokenizer()([""])).encoder_hidden_states
-    torch.testing.assert_close(cache.empty_prompt.encoder_hidden_states, expected_empty)
-    rows = [cache.dataset[i] for i in range(4)]
+    args = _config(tmp_path, proportion_empty_prompts=proportion, random_flip=False, max_steps=1,
+                   per_device_train_batch_size=4, dataloader_drop_last=False)
+    trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset)
+    torch.testing.assert_close(trainer._empty_prompt.encoder_hidden_states, expected_empty)
+    calls = _capture_hidden_states(trainer)
+    trainer.train()
+    hidden = calls[0]
+    assert hidden.shape[0] == 8  # winners and losers of 4 pairs
+    captions = family.encode_prompts(family.prompt_tokenizer()([row["caption"] for row in _rows(4)]))
+    for i in range(8):
+        if proportion == 1.0:
+            torch.testing.assert_close(hidden[i], expected_empty[0])
+        else:  # the row's own prompt, whichever pair it is
+            assert any(torch.allclose(hidden[i], c, atol=1e-5) for c in captions.encoder_hidden_states)
+            assert not torch.allclose(hidden[i], expected_empty[0])
 
-    dropped = CachedPreferenceCollator(cache.empty_prompt, proportion_empty_prompts=1.0)(rows)
-    for embeds in dropped["prompt_embeds"]:
-        torch.testing.assert_close(embeds, expected_empty[0])
-    kept = CachedPreferenceCollator(cache.empty_prompt, proportion_empty_prompts=0.0)(rows)
-    for row, embeds in zip(rows, kept["prompt_embeds"]):
-        torch.testing.assert_close(embeds, row["prompt_embeds"])
-        assert not torch.allclose(embeds, expected_empty[0])
 
-
-def test_collator_flips_about_half_the_pairs_and_evaluation_never(tmp_path):
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_training_flips_about_half_the_pairs_both_images_and_evaluation_never(tmp_path, cached):
     pipeline = build_tiny_sd_pipeline()
-    cache = _cache(pipeline, Dataset.from_list(_rows(1)), tmp_path)
-    row = cache.dataset[0]
-    torch.manual_seed(0)
-    batch = CachedPreferenceCollator(cache.empty_prompt, random_flip=True)([row] * 200)
-    flipped = torch.isclose(batch["latent_mean"], row["latent_mean_flipped"]).flatten(1).all(1)
-    assert 70 < int(flipped.sum()) < 130
-    evaluation = CachedPreferenceCollator(cache.empty_prompt, random_flip=True, train=False)([row] * 20)
-    torch.testing.assert_close(evaluation["latent_mean"], row["latent_mean"].expand(20, *row["latent_mean"].shape))
+    dataset = Dataset.from_list(_rows(1) * 8)
+    args = _config(tmp_path, cache_latents=cached, random_flip=True, proportion_empty_prompts=0.0, max_steps=6,
+                   per_device_train_batch_size=8)
+    trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset, eval_dataset=dataset)
+    moments: list[torch.Tensor] = []
+    real_sample = trainer._sample
+
+    def record(generator, mode, mean, std):
+        moments.append((mode, mean.detach().clone()))
+        return real_sample(generator, mode, mean, std)
+
+    trainer._sample = record
+    trainer.train()
+    trainer.evaluate()
+    transform = PairTransform(RESOLUTION, random_crop=False)
+    row = _rows(1)[0]
+    first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
+    pixels, _ = transform.center_crop_pair(*((first, second) if row["label_0"] == 1.0 else (second, first)),
+                                           flip=False)
+    plain, _ = _posterior(pipeline.vae, pixels)  # [2 (winner, loser), C, h, w]
+    mirrored, _ = _posterior(pipeline.vae, pixels.flip(-1))
+    flips = []
+    for mode, mean in moments:
+        batch = mean.shape[0] // 2
+        for i in range(batch):
+            winner, loser = mean[i], mean[batch + i]
+            winner_flipped = torch.allclose(winner, mirrored[0], atol=1e-4)
+            loser_flipped = torch.allclose(loser, mirrored[1], atol=1e-4)
+            assert winner_flipped == loser_flipped  # one decision for the pair
+            assert winner_flipped or torch.allclose(winner, plain[0], atol=1e-4)
+            assert loser_flipped or torch.allclose(loser, plain[1], atol=1e-4)
+            if mode == "eval":
+                assert not winner_flipped
+            else:
+                flips.append(winner_flipped)
+    assert len(flips) == 48 and 12 < sum(flips) < 36
 
 
 def test_training_and_evaluation_losses_with_the_cache_equal_the_uncached_ones(tmp_path):
@@ -187,7 +232,7 @@ def test_sdxl_cache_carries_pooled_embeddings_and_time_ids(tmp_path):
     family = family_for_pipeline(pipeline)
     expected = family.encode_prompts(family.prompt_tokenizer()([row["caption"] for row in rows]))
     assert cache.empty_prompt.pooled is not None
-    transform = PairTransform(RESOLUTION, random_crop=False, random_flip=False)
+    transform = PairTransform(RESOLUTION, random_crop=False)
     for i, (row, cached) in enumerate(zip(rows, cache.dataset)):
         torch.testing.assert_close(cached["pooled_prompt_embeds"], expected.pooled[i], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cached["prompt_embeds"], expected.encoder_hidden_states[i], rtol=1e-4, atol=1e-5)
@@ -198,8 +243,8 @@ def test_sdxl_cache_carries_pooled_embeddings_and_time_ids(tmp_path):
         assert cached["time_ids"][0, :2].tolist() == [winner.height, winner.width]
         assert cached["time_ids"][1, :2].tolist() == [loser.height, loser.width]
 
-    batch = CachedPreferenceCollator(cache.empty_prompt, proportion_empty_prompts=1.0)([cache.dataset[0]])
-    torch.testing.assert_close(batch["pooled_prompt_embeds"][0], cache.empty_prompt.pooled[0])
+    batch = CachedPreferenceCollator(with_flipped=True)([cache.dataset[0]])
+    assert batch["time_ids_flipped"].shape == (1, 2, 6)
     _, prompt_embeds, time_ids = latents_from_cached_batch(batch, pipeline.vae.config, None, torch.float32)
     assert prompt_embeds.pooled.shape[0] == 2 and time_ids.shape == (2, 6)
 

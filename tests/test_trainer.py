@@ -278,20 +278,16 @@ def test_training_step_loss_and_gradients_match_a_hand_computation(
                 p.add_(0.02 * torch.randn(p.shape, generator=gen))
 
     captured = {}
-    import trl_diffusion_sdpo.trainer as trainer_module
 
-    real_noise, real_encode = trainer_module.sample_pair_noise, trainer.family.encode_images
+    real_sample = trainer._sample
 
-    def record_noise(*args, **kwargs):
-        captured["timesteps"], captured["noise"] = real_noise(*args, **kwargs)
-        return captured["timesteps"], captured["noise"]
+    def record(*args, **kwargs):
+        timesteps, noise, latents = real_sample(*args, **kwargs)
+        half = timesteps.shape[0] // 2  # winners and losers share them
+        captured["timesteps"], captured["noise"], captured["latents"] = timesteps[:half], noise[:half], latents
+        return timesteps, noise, latents
 
-    def record_latents(*args, **kwargs):
-        captured["latents"] = real_encode(*args, **kwargs)
-        return captured["latents"]
-
-    monkeypatch.setattr(trainer_module, "sample_pair_noise", record_noise)
-    monkeypatch.setattr(trainer.family, "encode_images", record_latents)
+    monkeypatch.setattr(trainer, "_sample", record)
 
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
     model.train()
@@ -368,9 +364,22 @@ def test_two_evaluations_with_the_fixed_seed_agree(make_trainer, pickapic_datase
 def test_evaluation_uses_no_prompt_dropout_and_does_not_train(make_trainer, pickapic_dataset):
     trainer = make_trainer(lora=False, eval_dataset=pickapic_dataset, proportion_empty_prompts=1.0)
     before = snapshot(trainer.model)
+    hidden = []
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: hidden.append(kwargs["encoder_hidden_states"]), with_kwargs=True
+    )
     trainer.evaluate()
     assert not changed_keys(before, snapshot(trainer.model))
-    assert trainer._eval_collator.proportion_empty_prompts == 0.0
+    family = trainer.family
+    with torch.no_grad():
+        tokenize = family.prompt_tokenizer()
+        empty = family.encode_prompts(tokenize([""])).encoder_hidden_states[0]
+        captions = family.encode_prompts(tokenize(list(pickapic_dataset["caption"]))).encoder_hidden_states
+    seen = torch.cat(hidden)
+    assert seen.shape[0] == 2 * len(pickapic_dataset)
+    for row in seen:  # every row carries a caption's embedding, never the empty prompt's
+        assert not torch.allclose(row, empty)
+        assert any(torch.allclose(row, c, atol=1e-5) for c in captions)
 
 
 # ----------------------------------------------------------------------------------------------- non-finite losses

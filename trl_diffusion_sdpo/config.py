@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
@@ -39,6 +41,12 @@ class DiffusionSDPOConfig(TrainingArguments):
         SD1.5 DSPO, 0.6 for every SDXL run.
     safeguard_max_lambda (`float`, *optional*, defaults to `1.0`):
         Upper bound of ``lambda``.
+    safeguard_scope (`str`, *optional*, defaults to `"local"`):
+        Which samples one ``lambda`` covers when several processes train. `"local"` (the authors' choice): each
+        process computes ``lambda`` from its own micro-batch. `"global"`: the two sums behind ``lambda`` are summed
+        over all processes, so every process uses the ``lambda`` of the global micro-batch (one extra all-reduce of
+        two numbers per micro-batch); the run then matches a single process with the same global batch. On one
+        process the two are the same.
 
     > Parameters that control the data
 
@@ -93,7 +101,9 @@ class DiffusionSDPOConfig(TrainingArguments):
         The authors' recipe: the learning rate is multiplied by ``processes * per_device_batch * accumulation``
         (2.048e-5 at their effective batch of 2048 pairs). Set `scale_lr=False` to use `learning_rate` as given.
     lr_scheduler_type (defaults to `"constant_with_warmup"`), warmup_steps (defaults to `500`),
-    max_grad_norm (`1.0`), logging_steps (`10`), remove_unused_columns (`False`: the collator needs the image
+    max_grad_norm (`1.0`), logging_steps (`10`), ddp_backend (`"gloo"` when several processes run on a machine
+    without CUDA, where torch would find no backend and DeepSpeed would disagree with accelerate about the number of
+    processes; otherwise transformers' choice), remove_unused_columns (`False`: the collator needs the image
     columns), logging_nan_inf_filter (`False`: its check makes the host wait for the device every step; the trainer
     keeps non-finite micro-batch losses out of the logged loss on the device instead).
     """
@@ -117,6 +127,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         metadata={"help": "Safeguard margin mu in [0, 1] (authors: 0.9 SD1.5 DPO, 0.2 SD1.5 DSPO, 0.6 SDXL)."},
     )
     safeguard_max_lambda: float = field(default=1.0, metadata={"help": "Upper bound of the safeguard lambda."})
+    safeguard_scope: str = field(
+        default="local",
+        metadata={"help": "'local': one lambda per process micro-batch (authors); 'global': lambda of the global "
+                  "micro-batch, its sums all-reduced.", "choices": ["local", "global"]},
+    )
     # Data
     resolution: int = field(default=512, metadata={"help": "Square training resolution in pixels."})
     random_crop: bool = field(default=False, metadata={"help": "Random crop instead of center crop."})
@@ -212,4 +227,13 @@ class DiffusionSDPOConfig(TrainingArguments):
             )
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the image columns; leave it False")
+        if self.safeguard_scope not in ("local", "global"):
+            raise ValueError(f"safeguard_scope must be 'local' or 'global', got {self.safeguard_scope!r}")
+        if self.ddp_backend is None and _launched_on_cpu_only():
+            self.ddp_backend = "gloo"
         super().__post_init__()
+
+
+def _launched_on_cpu_only() -> bool:
+    """Several processes were launched (torchrun / accelerate launch) and there is no CUDA device."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

@@ -37,7 +37,9 @@ __all__ = [
     "PreferenceColumns",
     "load_image",
     "load_preference_dataset",
+    "mirrored_time_ids",
     "prepare_preference_dataset",
+    "resized_size",
     "resolve_columns",
 ]
 
@@ -255,30 +257,47 @@ def _prepare_iterable(
     return dataset, columns, DataReport()
 
 
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The size an image of ``width x height`` is resized to: shorter side ``resolution``, aspect ratio kept."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def mirrored_time_ids(time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL ``time_ids [..., 6]`` of the mirrored view: ``crop_left`` becomes the crop's offset in the mirrored
+    resized image, ``resized_width - target_width - crop_left``; everything else is unchanged."""
+    mirrored = time_ids.clone()
+    flat = mirrored.reshape(-1, 6)
+    for row in flat:
+        orig_h, orig_w, _, left, _, target_w = (int(v) for v in row.tolist())
+        resized_w, _ = resized_size(orig_w, orig_h, int(target_w))
+        row[3] = resized_w - target_w - left
+    return mirrored
+
+
 class PairTransform:
-    """Resize the shorter side to ``resolution``, maybe flip, crop a square: the same decisions for both images.
+    """Resize the shorter side to ``resolution`` and crop a square: the same crop position for both images.
 
     Returns the pixel tensors in [-1, 1] and, per image, SDXL's micro-conditioning
     ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``: ``orig`` is the size of the image as decoded
-    (before resizing), ``crop_top, crop_left`` the offset of the crop actually taken in the resized (and, when
-    flipped, mirrored) image, as diffusers' SDXL training script measures it, and ``target`` the resolution. The
-    winner and the loser share the flip and the relative crop position but get their own sizes and offsets.
+    (before resizing), ``crop_top, crop_left`` the offset of the crop in the resized image, as diffusers' SDXL training
+    script measures it, and ``target`` the resolution. The winner and the loser share the relative crop position but
+    get their own sizes and offsets.
+
+    The flip augmentation is not drawn here: the trainer mirrors the cropped pair (both images) itself, with the
+    ``time_ids`` of the mirrored view (:func:`mirrored_time_ids`), so that its draw is reproducible (see the trainer).
     """
 
-    def __init__(self, resolution: int, random_crop: bool, random_flip: bool) -> None:
+    def __init__(self, resolution: int, random_crop: bool = False) -> None:
         self.resolution = resolution
         self.random_crop = random_crop
-        self.random_flip = random_flip
 
-    def _one(self, image: Image.Image, flip: bool, crop_fraction: tuple[float, float] | None):
+    def _one(self, image: Image.Image, crop_fraction: tuple[float, float] | None):
         res = self.resolution
         orig_w, orig_h = image.size
-        scale = res / min(orig_w, orig_h)
-        new_w, new_h = max(res, round(orig_w * scale)), max(res, round(orig_h * scale))
+        new_w, new_h = resized_size(orig_w, orig_h, res)
         if (new_w, new_h) != (orig_w, orig_h):
             image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if crop_fraction is None:  # center crop, rounded like torchvision's CenterCrop
             top, left = round((new_h - res) / 2), round((new_w - res) / 2)
         else:  # each valid offset equally likely (as torchvision's RandomCrop), same relative position for the pair
@@ -293,28 +312,28 @@ class PairTransform:
     def __call__(
         self, winner: Image.Image, loser: Image.Image, train: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pixels [2, 3, R, R]`` (winner, loser) and ``time_ids [2, 6]``."""
-        flip = bool(train and self.random_flip and torch.rand(()) < 0.5)
+        """``pixels [2, 3, R, R]`` (winner, loser) and ``time_ids [2, 6]``; a random crop only when training."""
         crop = (float(torch.rand(())), float(torch.rand(()))) if train and self.random_crop else None
-        pixels_w, ids_w = self._one(winner, flip, crop)
-        pixels_l, ids_l = self._one(loser, flip, crop)
+        pixels_w, ids_w = self._one(winner, crop)
+        pixels_l, ids_l = self._one(loser, crop)
         return torch.stack([pixels_w, pixels_l]), torch.stack([ids_w, ids_l])
 
     def center_crop_pair(
         self, winner: Image.Image, loser: Image.Image, flip: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The center-cropped view of a pair, flipped or not, as ``__call__`` makes it (for the latent cache)."""
-        pixels_w, ids_w = self._one(winner, flip, None)
-        pixels_l, ids_l = self._one(loser, flip, None)
-        return torch.stack([pixels_w, pixels_l]), torch.stack([ids_w, ids_l])
+        """The center-cropped view of a pair, mirrored or not, as the trainer sees it (for the latent cache)."""
+        pixels, time_ids = self(winner, loser, train=False)
+        if flip:
+            return pixels.flip(-1), mirrored_time_ids(time_ids)
+        return pixels, time_ids
 
 
 class PreferenceCollator:
     """Turn raw rows into ``pixel_values [B, 2, 3, R, R]`` (winner first), ``time_ids [B, 2, 6]`` and token ids.
 
-    Randomness (flip, crop, prompt dropout) comes from torch's global generator, which the Trainer checkpoints, so
-    a resumed run draws what an uninterrupted one would. ``train=False`` gives the deterministic evaluation view:
-    center crop, no flip, no prompt dropout.
+    With ``with_flipped``, ``time_ids_flipped`` holds the ``time_ids`` of the mirrored views, for the trainer's flip.
+    The only random draw here is a random crop (``torch``'s global generator); flip and prompt dropout are drawn by
+    the trainer. ``train=False`` gives the deterministic evaluation view: center crop.
     """
 
     def __init__(
@@ -322,14 +341,14 @@ class PreferenceCollator:
         columns: PreferenceColumns,
         tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
         transform: PairTransform,
-        proportion_empty_prompts: float = 0.0,
         train: bool = True,
+        with_flipped: bool = False,
     ) -> None:
         self.columns = columns
         self.tokenize = tokenize
         self.transform = transform
-        self.proportion_empty_prompts = proportion_empty_prompts
         self.train = train
+        self.with_flipped = with_flipped
 
     def _winner_loser(self, row: dict[str, Any]) -> tuple[Any, Any] | None:
         if self.columns.label is None:
@@ -363,8 +382,6 @@ class PreferenceCollator:
             pair_pixels, pair_ids = self.transform(winner, loser, train=self.train)
             pixels.append(pair_pixels)
             time_ids.append(pair_ids)
-            if self.train and self.proportion_empty_prompts > 0 and torch.rand(()) < self.proportion_empty_prompts:
-                prompt = ""
             prompts.append(prompt)
         res = self.transform.resolution
         batch: dict[str, torch.Tensor] = {
@@ -372,6 +389,8 @@ class PreferenceCollator:
             "time_ids": torch.stack(time_ids) if time_ids else torch.empty(0, 2, 6),
             "num_skipped": torch.tensor(skipped, dtype=torch.float32),
         }
+        if self.with_flipped:
+            batch["time_ids_flipped"] = mirrored_time_ids(batch["time_ids"])
         batch.update(self.tokenize(prompts) if prompts else {})
         return batch
 

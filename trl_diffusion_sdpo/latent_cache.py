@@ -6,14 +6,14 @@ progress bar) and stores, per pair, through ``datasets``:
 * ``latent_mean``, ``latent_std`` ``[2, C, h, w]`` (winner, loser): the VAE posterior's mean and standard deviation,
   unscaled, in float32. Each step samples ``mean + std * eps`` exactly as ``latent_dist.sample()`` would, so the
   cache keeps the VAE's sampling noise; only the deterministic encoder forward is saved.
-* with ``random_flip``, ``latent_mean_flipped`` and ``latent_std_flipped`` as well: the pair is flipped in pixel space
-  and encoded again (a VAE is not flip-equivariant, so flipping latents would not be the same augmentation).
+* with ``random_flip``, ``latent_mean_flipped`` and ``latent_std_flipped`` as well: the cropped pair is mirrored in
+  pixel space and encoded again (a VAE is not flip-equivariant, so mirroring latents would not be the same
+  augmentation).
 * ``prompt_embeds`` ``[L, D]`` and, for SDXL, ``pooled_prompt_embeds`` ``[P]``.
 * ``time_ids`` ``[2, 6]`` (and ``time_ids_flipped``): SDXL's micro-conditioning of each image.
 
-The empty-prompt embedding is stored once beside the table; :class:`CachedPreferenceCollator` substitutes it for
-prompt dropout and draws the flip, consuming torch's global generator exactly as the uncached
-:class:`~trl_diffusion_sdpo.data.PreferenceCollator` does.
+The empty-prompt embedding is stored once beside the table; the trainer substitutes it for prompt dropout and picks
+the mirrored or plain view with the same draws as without the cache.
 
 Random crops cannot be cached (every step would need a new crop of the pixels); ``random_crop=True`` is refused.
 
@@ -41,7 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 
 from .data import PairTransform, PreferenceColumns, load_image
-from .model_family import ModelFamily, PromptEmbeddings
+from .model_family import ModelFamily, PromptEmbeddings, scale_latents
 
 __all__ = [
     "CACHE_VERSION",
@@ -49,13 +49,16 @@ __all__ = [
     "LatentCache",
     "build_latent_cache",
     "cache_fingerprint",
+    "cached_moments",
+    "cached_prompt_embeds",
+    "cached_time_ids",
     "frozen_weights_digest",
     "latents_from_cached_batch",
 ]
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: the flipped view is the mirrored center crop
 """Bumped whenever what is stored, or how it is computed, changes; old caches are then ignored, never misread."""
 
 _SAMPLES_PER_TENSOR = 1024
@@ -267,7 +270,7 @@ def build_latent_cache(
     fingerprint = cache_fingerprint(dataset, columns, family, resolution, flipped)
     directory = os.path.join(cache_dir or _default_cache_root(dataset), fingerprint)
     os.makedirs(directory, exist_ok=True)
-    transform = PairTransform(resolution, random_crop=False, random_flip=flipped)
+    transform = PairTransform(resolution, random_crop=False)
     encoders = _FrozenEncoders(family, torch.device(device))
     try:
         empty_prompt = _empty_prompt(directory, encoders)
@@ -340,76 +343,61 @@ def _empty_prompt(directory: str, encoders: _FrozenEncoders) -> PromptEmbeddings
 
 class CachedPreferenceCollator:
     """Batch cached rows: ``latent_mean``/``latent_std`` ``[B, 2, C, h, w]`` (winner first), ``prompt_embeds``
-    ``[B, L, D]``, ``pooled_prompt_embeds`` ``[B, P]`` (SDXL), ``time_ids [B, 2, 6]``.
-
-    The flip (probability 0.5 when the cache holds flipped copies) and the prompt dropout (the cached empty-prompt
-    embedding replaces the prompt's) are drawn from torch's global generator in the same order as the uncached
-    collator draws them, so a seeded run makes the same choices with or without the cache. ``train=False`` is the
-    deterministic evaluation view: no flip, no dropout.
+    ``[B, L, D]``, ``pooled_prompt_embeds`` ``[B, P]`` (SDXL), ``time_ids [B, 2, 6]``; with ``with_flipped`` also
+    the mirrored views (``*_flipped``), among which the trainer draws its flips. Nothing random happens here.
     """
 
-    def __init__(
-        self, empty_prompt: PromptEmbeddings, proportion_empty_prompts: float = 0.0, random_flip: bool = False,
-        train: bool = True,
-    ) -> None:
-        self.empty_prompt = empty_prompt
-        self.proportion_empty_prompts = proportion_empty_prompts
-        self.random_flip = random_flip
-        self.train = train
+    def __init__(self, with_flipped: bool = False) -> None:
+        self.with_flipped = with_flipped
 
     def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        means, stds, time_ids, hidden, pooled = [], [], [], [], []
-        has_pooled = self.empty_prompt.pooled is not None
-        for row in rows:
-            flip = bool(self.train and self.random_flip and torch.rand(()) < 0.5)
-            suffix = "_flipped" if flip else ""
-            means.append(row[f"latent_mean{suffix}"])
-            stds.append(row[f"latent_std{suffix}"])
-            time_ids.append(row[f"time_ids{suffix}"])
-            drop = self.train and self.proportion_empty_prompts > 0 and torch.rand(()) < self.proportion_empty_prompts
-            if drop:
-                hidden.append(self.empty_prompt.encoder_hidden_states[0])
-                if has_pooled:
-                    pooled.append(self.empty_prompt.pooled[0])
-            else:
-                hidden.append(row["prompt_embeds"])
-                if has_pooled:
-                    pooled.append(row["pooled_prompt_embeds"])
-        batch = {
-            "latent_mean": torch.stack(means),
-            "latent_std": torch.stack(stds),
-            "time_ids": torch.stack(time_ids),
-            "prompt_embeds": torch.stack(hidden),
-            "num_skipped": torch.tensor(0.0),
-        }
-        if has_pooled:
-            batch["pooled_prompt_embeds"] = torch.stack(pooled)
+        keys = ["latent_mean", "latent_std", "time_ids", "prompt_embeds"]
+        if "pooled_prompt_embeds" in rows[0]:
+            keys.append("pooled_prompt_embeds")
+        if self.with_flipped:
+            keys += ["latent_mean_flipped", "latent_std_flipped", "time_ids_flipped"]
+        batch = {key: torch.stack([row[key] for row in rows]) for key in keys}
+        batch["num_skipped"] = torch.tensor(0.0)
         return batch
 
 
 def latents_from_cached_batch(
-    inputs: dict[str, torch.Tensor], vae_config: Any, generator: torch.Generator | None, dtype: torch.dtype
+    inputs: dict[str, torch.Tensor],
+    vae_config: Any,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PromptEmbeddings, torch.Tensor]:
     """Sample latents ``[2B, C, h, w]`` (winners then losers) from a cached batch, like ``latent_dist.sample()``.
 
-    ``z = (mean + std * eps - shift_factor) * scaling_factor`` with ``eps`` drawn by diffusers' ``randn_tensor`` on
-    the batch's device (on the generator's device when one is given, as the VAE's own sampling does). Returns the
-    float32 latents, the prompt embeddings repeated for both branches in ``dtype``, and ``time_ids [2B, 6]``.
+    ``z = (mean + std * eps - shift_factor) * scaling_factor`` with ``eps`` as given (``[2B, C, h, w]``) or drawn by
+    diffusers' ``randn_tensor`` on the batch's device (on the generator's device when one is given, as the VAE's own
+    sampling does). Returns the float32 latents, the prompt embeddings repeated for both branches in ``dtype``, and
+    ``time_ids [2B, 6]``.
     """
+    mean, std = cached_moments(inputs)
+    if eps is None:
+        eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    latents = scale_latents(mean + std * eps.to(mean), vae_config)
+    return latents, cached_prompt_embeds(inputs, dtype).repeat(2), cached_time_ids(inputs)
+
+
+def cached_moments(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached posterior mean and std of a batch as ``[2B, C, h, w]`` (winners then losers), float32."""
     mean, std = inputs["latent_mean"], inputs["latent_std"]
     batch = mean.shape[0]
     mean = mean.transpose(0, 1).reshape(2 * batch, *mean.shape[2:]).float()
     std = std.transpose(0, 1).reshape(2 * batch, *std.shape[2:]).float()
-    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    latents = mean + std * eps
-    shift = getattr(vae_config, "shift_factor", None)
-    if shift is not None:
-        latents = latents - shift
-    latents = latents * vae_config.scaling_factor
-    pooled = inputs.get("pooled_prompt_embeds")
-    prompt_embeds = PromptEmbeddings(
-        inputs["prompt_embeds"].to(dtype), None if pooled is None else pooled.to(dtype)
-    ).repeat(2)
-    time_ids = inputs["time_ids"].transpose(0, 1).reshape(2 * batch, -1)
-    return latents, prompt_embeds, time_ids
+    return mean, std
 
+
+def cached_prompt_embeds(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> PromptEmbeddings:
+    """The cached prompt embeddings of a batch (one per pair), in ``dtype``."""
+    pooled = inputs.get("pooled_prompt_embeds")
+    return PromptEmbeddings(inputs["prompt_embeds"].to(dtype), None if pooled is None else pooled.to(dtype))
+
+
+def cached_time_ids(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``time_ids`` of a batch as ``[2B, 6]`` (winners then losers)."""
+    time_ids = inputs["time_ids"]
+    return time_ids.transpose(0, 1).reshape(2 * time_ids.shape[0], -1)

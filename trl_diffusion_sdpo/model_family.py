@@ -23,6 +23,7 @@ __all__ = [
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "family_for_pipeline",
+    "scale_latents",
 ]
 
 
@@ -37,6 +38,14 @@ class PromptEmbeddings:
         """Stack the batch ``times`` times along dim 0 (winner and loser share the prompt)."""
         pooled = None if self.pooled is None else self.pooled.repeat(times, 1)
         return PromptEmbeddings(self.encoder_hidden_states.repeat(times, 1, 1), pooled)
+
+
+def scale_latents(sample: torch.Tensor, vae_config) -> torch.Tensor:
+    """``(sample - shift_factor) * scaling_factor``: a posterior sample in the UNet's latent space."""
+    shift = getattr(vae_config, "shift_factor", None)
+    if shift is not None:
+        sample = sample - shift
+    return sample * vae_config.scaling_factor
 
 
 class PromptTokenizer:
@@ -91,19 +100,24 @@ class ModelFamily:
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents of ``pixel_values`` in [-1, 1], scaled by the VAE's ``scaling_factor``.
+        """VAE latents of ``pixel_values`` in [-1, 1]: a posterior sample, scaled (see :func:`scale_latents`).
 
         The VAE computes in its own dtype: an enclosing autocast is switched off, so a VAE kept in float32 (see
         :meth:`vae_needs_fp32`) really encodes in float32 while the UNet runs in the mixed-precision dtype.
         """
+        posterior = self._posterior(pixel_values)
+        return scale_latents(posterior.sample(generator=generator), self.vae.config)
+
+    @torch.no_grad()
+    def encode_moments(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and standard deviation for ``pixel_values``, unscaled, in float32."""
+        posterior = self._posterior(pixel_values)
+        return posterior.mean.float(), posterior.std.float()
+
+    def _posterior(self, pixel_values: torch.Tensor):
         vae = self.vae
         with torch.autocast(device_type=vae.device.type, enabled=False):
-            posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
-            latents = posterior.sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift is not None:
-            latents = latents - shift
-        return latents * vae.config.scaling_factor
+            return vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
 
     def unet_conditioning(
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None

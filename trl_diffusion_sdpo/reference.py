@@ -39,13 +39,14 @@ class FrozenCopyReference(Reference):
     """A separate UNet, frozen and in eval mode."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
-        self.unet = unet
+        self.unet = unet  # the UNet, or a DeepSpeed engine wrapping it (ZeRO-3)
         self.unet.requires_grad_(False)
         self.unet.eval()
+        self.dtype: torch.dtype = unet.dtype  # the dtype its inputs are cast to
 
     @torch.no_grad()
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
-        return self.unet(sample.to(self.unet.dtype), timestep, **conditioning, return_dict=False)[0]
+        return self.unet(sample.to(self.dtype), timestep, **conditioning, return_dict=False)[0]
 
 
 class DisabledAdaptersReference(Reference):

@@ -15,6 +15,7 @@ import os
 import torch
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from huggingface_hub import save_torch_state_dict
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -32,6 +33,8 @@ __all__ = [
 
 LORA_WEIGHTS_NAME = LORA_WEIGHT_NAME_SAFE
 UNET_SUBFOLDER = "unet"
+# diffusion_pytorch_model.safetensors, or -00001-of-0000N shards with diffusion_pytorch_model.safetensors.index.json
+_DIFFUSERS_WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 
 
 def unet_has_lora(unet: torch.nn.Module) -> bool:
@@ -76,9 +79,23 @@ def load_lora_adapters(unet: torch.nn.Module, directory: str, adapter_name: str 
 
 
 def save_full_unet(unet: torch.nn.Module, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> str:
-    """Write ``output_dir/unet`` with ``save_pretrained`` (safetensors); returns that folder."""
+    """Write ``output_dir/unet`` as ``save_pretrained`` does (config plus safetensors); returns that folder.
+
+    ``state_dict`` (for example weights gathered from ZeRO-3 shards, where the module itself holds only its shard)
+    is written in place of the module's own, with diffusers' file names and shard index.
+    """
     folder = os.path.join(output_dir, UNET_SUBFOLDER)
-    unet.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    if state_dict is None:
+        unet.save_pretrained(folder, safe_serialization=True)
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    unet.save_config(folder)
+    save_torch_state_dict(
+        {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+        folder,
+        filename_pattern=_DIFFUSERS_WEIGHTS_PATTERN,
+        max_shard_size="10GB",
+    )
     return folder
 
 

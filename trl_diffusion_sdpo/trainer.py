@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +25,24 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import DiffusionSDPOConfig
 from .data import DataReport, PairTransform, PreferenceCollator, prepare_preference_dataset
+from .distributed import (
+    all_reduce_sum,
+    check_not_partitioned,
+    gather_zero3_state_dict,
+    load_pipeline,
+    rank_rows,
+    reference_inference_engine,
+    zero_stage,
+)
 from .hub import build_model_card, upload_folder_to_hub
-from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache, latents_from_cached_batch
+from .latent_cache import (
+    CachedPreferenceCollator,
+    LatentCache,
+    build_latent_cache,
+    cached_moments,
+    cached_prompt_embeds,
+    cached_time_ids,
+)
 from .lean_step import (
     clip_divisor,
     engine_manages_gradients,
@@ -34,7 +52,7 @@ from .lean_step import (
     zero_grads,
 )
 from .losses import DenoisingErrors, PreferencePredictions, denoising_error, get_objective, implicit_accuracy
-from .model_family import ModelFamily, PromptEmbeddings, family_for_pipeline
+from .model_family import ModelFamily, PromptEmbeddings, family_for_pipeline, scale_latents
 from .noising import prediction_target, sample_pair_noise, training_scheduler
 from .reference import Reference, build_reference
 from .safeguard import lambda_from_sums, safeguard_sums, scale_gradient
@@ -73,6 +91,13 @@ class _NonFiniteLossGuard(TrainerCallback):
         trainer._nonfinite_flag = None
         if trainer.accelerator.num_processes > 1:
             flag = trainer.accelerator.reduce(flag, reduction="sum")
+        if trainer.is_deepspeed_enabled:
+            # DeepSpeed has already stepped, inside backward, and skipped the update: a non-finite loss makes the
+            # gradient norm non-finite, which its ZeRO optimizers treat as an overflow. Count it, or stop.
+            if bool(flag.item() > 0):
+                trainer._nonfinite_skipped += 1
+                self._stop_or_warn(args, state)
+            return
         fused = fused_scaling_optimizer(trainer.optimizer, trainer.accelerator)
         if fused is not None and args.on_nonfinite_loss == "skip":
             skipped = (flag > 0).float()
@@ -84,6 +109,10 @@ class _NonFiniteLossGuard(TrainerCallback):
             return
         trainer.model.zero_grad(set_to_none=True)
         trainer._nonfinite_skipped += 1
+        self._stop_or_warn(args, state)
+
+    def _stop_or_warn(self, args, state) -> None:
+        trainer = self.trainer
         if args.on_nonfinite_loss == "raise":
             trainer._save_checkpoint(trainer.model, trial=None)
             raise RuntimeError(
@@ -102,6 +131,12 @@ class _NonFiniteLossGuard(TrainerCallback):
         if fused is not None:
             fused.grad_scale = None
             fused.found_inf = None
+
+
+def _where_rows(condition: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
+    """``if_true`` in the rows (dim 0) where ``condition`` is set, ``if_false`` elsewhere."""
+    condition = condition.to(if_false.device).view(-1, *([1] * (if_false.dim() - 1)))
+    return torch.where(condition, if_true.to(if_false), if_false)
 
 
 def _compute_dtype(args: DiffusionSDPOConfig) -> torch.dtype:
@@ -154,11 +189,13 @@ class DiffusionSDPOTrainer(Trainer):
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
         args = copy.copy(args)  # the learning-rate scaling below must not leak into the caller's config
 
-        pipeline = DiffusionPipeline.from_pretrained(model) if isinstance(model, (str, os.PathLike)) else model
+        # Loaded whole even under ZeRO-3's zero3_init_flag: the frozen components must not be sharded.
+        pipeline = load_pipeline(model, args) if isinstance(model, (str, os.PathLike)) else model
         if not isinstance(pipeline, DiffusionPipeline):
             raise TypeError(f"model must be a diffusers pipeline or a path/Hub id, got {type(model).__name__}")
         self.pipeline = pipeline
         self.family: ModelFamily = family_for_pipeline(pipeline)
+        check_not_partitioned({**self.family.frozen_modules(), "unet": pipeline.unet})
         self.noise_scheduler = training_scheduler(pipeline.scheduler)
         self.base_model_name = getattr(pipeline.config, "_name_or_path", None) or (
             model if isinstance(model, str) else None
@@ -214,21 +251,23 @@ class DiffusionSDPOTrainer(Trainer):
             eval_dataset, eval_columns, self.eval_data_report = prepare_preference_dataset(eval_dataset, args, "eval")
         else:
             eval_columns = columns
-        transform = PairTransform(args.resolution, args.random_crop, args.random_flip)
-        tokenize = self.family.prompt_tokenizer()
-        data_collator = PreferenceCollator(columns, tokenize, transform, args.proportion_empty_prompts, train=True)
-        self._eval_collator = PreferenceCollator(eval_columns, tokenize, transform, 0.0, train=False)
+        transform = PairTransform(args.resolution, args.random_crop)
+        self._tokenize = self.family.prompt_tokenizer()
+        data_collator = PreferenceCollator(
+            columns, self._tokenize, transform, train=True, with_flipped=args.random_flip
+        )
+        self._eval_collator = PreferenceCollator(eval_columns, self._tokenize, transform, train=False)
+        self._empty_prompt: PromptEmbeddings | None = None  # for prompt dropout; encoded at first use
         if args.cache_latents:
             # Encode once (main process first, the others load), then train from the cache.
             train_cache = self._latent_cache(train_dataset, columns, args, "train")
             train_dataset = train_cache.dataset
-            data_collator = CachedPreferenceCollator(
-                train_cache.empty_prompt, args.proportion_empty_prompts, args.random_flip, train=True
-            )
+            data_collator = CachedPreferenceCollator(with_flipped=args.random_flip)
+            self._empty_prompt = train_cache.empty_prompt
             if eval_dataset is not None:
                 eval_cache = self._latent_cache(eval_dataset, eval_columns, args, "eval")
                 eval_dataset = eval_cache.dataset
-                self._eval_collator = CachedPreferenceCollator(eval_cache.empty_prompt, train=False)
+                self._eval_collator = CachedPreferenceCollator()
 
         super().__init__(
             model=unet,
@@ -253,6 +292,8 @@ class DiffusionSDPOTrainer(Trainer):
         self._trainable: list[torch.nn.Parameter] = []
         self._eval_generator: torch.Generator | None = None
         self._eval_metric_prefix: str | None = None
+        self._draw_step, self._draw_index = -1, 0  # which micro-batch of which step the training draws are for
+        self._last_inputs: dict[str, dict] = {}  # per mode, for a micro-batch whose rows were all invalid
         logger.info("Train data: %s", self.train_data_report.summary())
 
     # ------------------------------------------------------------------ setup
@@ -279,7 +320,9 @@ class DiffusionSDPOTrainer(Trainer):
     def _place_frozen_modules(self) -> None:
         """Move the VAE, text encoder(s) and a reference copy to the device in the compute dtype.
 
-        With ``cache_latents`` the VAE and text encoders are not used during training and stay on the CPU.
+        With ``cache_latents`` the VAE and text encoders are not used during training and stay on the CPU. Under
+        DeepSpeed ZeRO-3 a reference copy is sharded like the policy instead (an engine without optimizer); under DDP
+        and ZeRO-1/2 every process holds it whole, in the compute dtype.
         """
         device = self.args.device
         compute_dtype = _compute_dtype(self.args)
@@ -290,7 +333,11 @@ class DiffusionSDPOTrainer(Trainer):
             dtype = torch.float32 if name == "vae" and self.family.vae_needs_fp32() else compute_dtype
             module.to(device=device, dtype=dtype)
         if not self.reference.shares_policy_weights:
-            self.reference.unet.to(device=device, dtype=compute_dtype)
+            if zero_stage(self.accelerator) == 3:
+                self.reference.unet = reference_inference_engine(self.reference.unet, self.accelerator)
+            else:
+                self.reference.unet.to(device=device, dtype=compute_dtype)
+            self.reference.dtype = compute_dtype
 
     # ------------------------------------------------------------------ the step
 
@@ -326,19 +373,104 @@ class DiffusionSDPOTrainer(Trainer):
         return norm
 
     def _encode_batch(
-        self, inputs: dict[str, torch.Tensor], generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, PromptEmbeddings, torch.Tensor]:
-        """Latents ``[2B, C, h, w]`` (winners then losers), prompt embeddings for 2B, time ids ``[2B, 6]``."""
-        if "latent_mean" in inputs:  # a batch of the latent cache: only the posterior sampling is left to do
-            return latents_from_cached_batch(inputs, self.family.vae.config, generator, _compute_dtype(self.args))
+        self, inputs: dict[str, torch.Tensor], flip: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, PromptEmbeddings, torch.Tensor]:
+        """VAE posterior mean and std ``[2B, C, h, w]`` (winners then losers), prompt embeddings ``[B, ...]`` and
+        time ids ``[2B, 6]``; the pairs where ``flip`` is set are mirrored (both images)."""
+        dtype = _compute_dtype(self.args)
+        if flip is not None:
+            inputs = dict(inputs, time_ids=_where_rows(flip, inputs["time_ids_flipped"], inputs["time_ids"]))
+        if "latent_mean" in inputs:  # a batch of the latent cache: nothing left to encode
+            if flip is not None:
+                for key in ("latent_mean", "latent_std"):
+                    inputs[key] = _where_rows(flip, inputs[f"{key}_flipped"], inputs[key])
+            mean, std = cached_moments(inputs)
+            return mean, std, cached_prompt_embeds(inputs, dtype), cached_time_ids(inputs)
         pixel_values = inputs["pixel_values"]  # [B, 2, 3, H, W]
+        if flip is not None:
+            pixel_values = _where_rows(flip, pixel_values.flip(-1), pixel_values)
         batch = pixel_values.shape[0]
         pixels = pixel_values.transpose(0, 1).reshape(2 * batch, *pixel_values.shape[2:])
-        latents = self.family.encode_images(pixels, generator=generator).to(_compute_dtype(self.args))
+        mean, std = self.family.encode_moments(pixels)
         tokens = {k: v for k, v in inputs.items() if k.startswith("input_ids")}
-        prompt_embeds = self.family.encode_prompts(tokens).repeat(2)
+        prompt_embeds = self.family.encode_prompts(tokens)
         time_ids = inputs["time_ids"].transpose(0, 1).reshape(2 * batch, -1)
-        return latents.float(), prompt_embeds, time_ids
+        return mean, std, prompt_embeds, time_ids
+
+    def _drop_prompts(self, embeds: PromptEmbeddings, drop: torch.Tensor) -> PromptEmbeddings:
+        """Replace the prompt embeddings of the rows where ``drop`` is set by the empty prompt's."""
+        if self._empty_prompt is None:
+            tokens = {k: v.to(self.args.device) for k, v in self._tokenize([""]).items()}
+            self._empty_prompt = self.family.encode_prompts(tokens)
+        empty = self._empty_prompt
+        hidden = embeds.encoder_hidden_states
+        hidden = _where_rows(drop, empty.encoder_hidden_states.to(hidden).expand_as(hidden), hidden)
+        pooled = embeds.pooled
+        if pooled is not None:
+            pooled = _where_rows(drop, empty.pooled.to(pooled).expand_as(pooled), pooled)
+        return PromptEmbeddings(hidden, pooled)
+
+    def _generator(self, mode: str, device: torch.device) -> torch.Generator:
+        """The generator of this micro-batch's random draws (flips, prompt dropout, timesteps, noise, posterior
+        samples).
+
+        Training: seeded by ``(seed, global step, micro-batch within the step)``, so a resumed run draws exactly
+        what the uninterrupted one did. Evaluation: the CPU generator seeded with ``eval_seed`` at each
+        ``evaluate()``. Every process holds the same generator state and draws for all processes (see
+        :meth:`_draw`).
+        """
+        if mode == "eval" and self._eval_generator is not None:
+            return self._eval_generator
+        step = self.state.global_step
+        if step != self._draw_step:
+            self._draw_step, self._draw_index = step, 0
+        key = f"{self.args.seed}/{step}/{self._draw_index}".encode()
+        self._draw_index += 1
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _draw(
+        self, generator: torch.Generator, mode: str, batch: int, draw: Callable[[int, torch.device], tuple]
+    ) -> tuple[torch.Tensor, ...]:
+        """``draw(n, device)`` for the global micro-batch (every process, ``per_device_*_batch_size`` rows each),
+        of which this process keeps its own rows: a pair gets the same draws whatever the number of processes."""
+        rows = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        return tuple(
+            t.to(self.args.device)
+            for t in rank_rows(
+                lambda n: draw(n, generator.device),
+                batch,
+                rows,
+                self.accelerator.process_index,
+                self.accelerator.num_processes,
+            )
+        )
+
+    def _sample(
+        self, generator: torch.Generator, mode: str, mean: torch.Tensor, std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Timesteps, noise and latents ``[2B, ...]``: one timestep and noise per pair (shared by winner and loser),
+        a posterior sample ``mean + std * eps`` per image."""
+        batch = mean.shape[0] // 2
+        latent_shape = tuple(mean.shape[1:])
+
+        def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+            timesteps, noise = sample_pair_noise(
+                (n, *latent_shape),
+                self.noise_scheduler.config.num_train_timesteps,
+                self.args.min_timestep,
+                self.args.max_timestep,
+                device,
+                torch.float32,
+                generator,
+            )
+            eps = torch.randn((n, 2, *latent_shape), generator=generator, device=device)
+            return timesteps, noise, eps
+
+        timesteps, noise, eps = self._draw(generator, mode, batch, draw)
+        eps = eps.to(mean).transpose(0, 1).reshape(2 * batch, *latent_shape)  # winners, then losers
+        latents = scale_latents(mean + std * eps, self.family.vae.config)
+        return timesteps.repeat(2), noise.to(mean).repeat(2, 1, 1, 1), latents
 
     def compute_loss(
         self,
@@ -350,26 +482,39 @@ class DiffusionSDPOTrainer(Trainer):
         mode = "train" if model.training else "eval"
         metrics = self._metrics[mode]
         metrics["data/skipped_rows"].append(inputs["num_skipped"].detach().float())
+        replay = False
         if inputs["time_ids"].shape[0] == 0:
-            # Every row of this streamed batch was bad: contribute nothing, keep the graph connected.
-            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-            return (loss, {}) if return_outputs else loss
-        generator = self._eval_generator if mode == "eval" else None
+            # Every row of this streamed micro-batch was invalid.
+            if self.accelerator.num_processes == 1:  # contribute nothing, keep the graph connected
+                loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+                return (loss, {}) if return_outputs else loss
+            # The other processes run forward and backward (collectives): join them on the last good micro-batch,
+            # weighted zero and kept out of the metrics.
+            if mode not in self._last_inputs:
+                raise RuntimeError(
+                    f"Every row of the first {mode} micro-batch on process {self.accelerator.process_index} was "
+                    "invalid, and with several processes a micro-batch cannot be left out. Clean the data or raise "
+                    "the per-device batch size."
+                )
+            inputs, replay = self._last_inputs[mode], True
+        elif self.accelerator.num_processes > 1:
+            self._last_inputs[mode] = inputs
 
-        # encode
-        latents, prompt_embeds, time_ids = self._encode_batch(inputs, generator)
-        batch = latents.shape[0] // 2
-        # noise: one timestep and one noise per pair, shared by winner and loser
-        timesteps, noise = sample_pair_noise(
-            latents[:batch].shape,
-            self.noise_scheduler.config.num_train_timesteps,
-            self.args.min_timestep,
-            self.args.max_timestep,
-            latents.device,
-            latents.dtype,
-            generator,
+        # augment: flip both images of a pair, drop the prompt (training only)
+        generator = self._generator(mode, self.args.device)
+        batch = inputs["time_ids"].shape[0]
+        flip, drop = self._draw(
+            generator, mode, batch, lambda n, device: tuple(torch.rand((2, n), generator=generator, device=device))
         )
-        timesteps, noise = timesteps.repeat(2), noise.repeat(2, 1, 1, 1)
+        train = mode == "train"
+        flip = flip < 0.5 if train and self.args.random_flip else None
+        # encode
+        mean, std, prompt_embeds, time_ids = self._encode_batch(inputs, flip)
+        if train and self.args.proportion_empty_prompts > 0:
+            prompt_embeds = self._drop_prompts(prompt_embeds, drop < self.args.proportion_empty_prompts)
+        prompt_embeds = prompt_embeds.repeat(2)
+        # noise: one timestep and one noise per pair, shared by winner and loser
+        timesteps, noise, latents = self._sample(generator, mode, mean, std)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
         conditioning = self.family.unet_conditioning(prompt_embeds, time_ids)
@@ -406,6 +551,9 @@ class DiffusionSDPOTrainer(Trainer):
         # loss
         output = self.objective(predictions, errors, beta=self.args.beta, pair_weights=inputs.get("pair_weights"))
         loss = output.loss
+        if replay:
+            loss = loss * 0.0
+            return (loss, {"logits": output.logits}) if return_outputs else loss
         if mode == "train":
             finite = torch.isfinite(loss.detach())
             flag = (~finite).float()
@@ -416,10 +564,16 @@ class DiffusionSDPOTrainer(Trainer):
         return (loss, {"logits": output.logits}) if return_outputs else loss
 
     def _safeguard_lambda(self, predictions: PreferencePredictions) -> torch.Tensor:
-        """The authors' output-space rule on the policy's residuals, one detached fp32 scalar per micro-batch."""
+        """The authors' output-space rule on the policy's residuals, one detached fp32 scalar per micro-batch.
+
+        With ``safeguard_scope="global"`` the two sums are added up over all processes first, so ``lambda`` is that
+        of the global micro-batch.
+        """
         winner_residual = predictions.policy_winner - predictions.target_winner
         loser_residual = predictions.policy_loser - predictions.target_loser
         num, den = safeguard_sums(winner_residual, loser_residual)
+        if self.args.safeguard_scope == "global" and self.accelerator.num_processes > 1:
+            num, den = all_reduce_sum(torch.stack([num, den]))
         return lambda_from_sums(num, den, self.args.safeguard_mu, self.args.safeguard_max_lambda)
 
     def _record_metrics(
@@ -446,25 +600,7 @@ class DiffusionSDPOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         prefix = self._eval_metric_prefix  # set while evaluate() runs
         mode = "train" if prefix is None else "eval"
-        stored = self._metrics[mode]
-        reduced: dict[str, float] = {}
-        for key, values in stored.items():
-            if not values:
-                continue
-            stacked = torch.stack([v.float() for v in values])
-            if key == "safeguard/lambda":
-                for name, value in (
-                    ("safeguard/lambda_mean", stacked.mean()),
-                    ("safeguard/lambda_min", stacked.min()),
-                    ("safeguard/lambda_max", stacked.max()),
-                    ("safeguard/engaged", (stacked < self.args.safeguard_max_lambda).float().mean()),
-                ):
-                    reduced[name] = self._reduce(value, "min" if name.endswith("_min") else
-                                                 "max" if name.endswith("_max") else "mean")
-            elif key == "data/skipped_rows":
-                reduced[key] = self._reduce(stacked.sum(), "sum")
-            else:
-                reduced[key] = self._reduce(stacked.mean(), "mean")
+        reduced = self._reduce_metrics(self._metrics[mode])
         if mode == "train":
             self._count_device_skips()
             reduced["nonfinite_skipped"] = float(self._nonfinite_skipped)
@@ -472,8 +608,58 @@ class DiffusionSDPOTrainer(Trainer):
             reduced = {f"{prefix}_{k}": v for k, v in reduced.items()}
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.
         logs.update(reduced)
-        stored.clear()
         super().log(logs, start_time)
+
+    def _metric_names(self) -> list[str]:
+        """The metrics every micro-batch records; the same list on every process (they are reduced together)."""
+        names = ["data/skipped_rows", "implicit_acc", "mse/policy_winner", "mse/policy_loser"]
+        if self.objective.requires_reference:
+            names += ["mse/ref_winner", "mse/ref_loser", "delta/winner", "delta/loser"]
+        if self.args.safeguard:
+            names.append("safeguard/lambda")
+        return names
+
+    def _reduce_metrics(self, stored: defaultdict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """Means over the micro-batches of all processes since the last log (sums for skipped rows; min and max of
+        lambda), with one all-reduce and one gather however many metrics there are; the stored values are cleared.
+        """
+        names = self._metric_names()
+        device = self.args.device
+        sums, counts = torch.zeros(len(names) + 1, device=device), torch.zeros(len(names) + 1, device=device)
+        lam_min = lam_max = None
+        for i, name in enumerate(names):
+            values = stored.get(name)
+            if not values:
+                continue
+            stacked = torch.stack([v.detach().float().to(device) for v in values])
+            sums[i], counts[i] = stacked.sum(), stacked.numel()
+            if name == "safeguard/lambda":
+                sums[-1], counts[-1] = (stacked < self.args.safeguard_max_lambda).float().sum(), stacked.numel()
+                lam_min, lam_max = stacked.min(), stacked.max()
+        stored.clear()
+        extremes = torch.stack([
+            -lam_min if lam_min is not None else torch.tensor(-torch.inf, device=device),
+            lam_max if lam_max is not None else torch.tensor(-torch.inf, device=device),
+        ])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
+            sums, counts = totals[0], totals[1]
+            extremes = self.accelerator.gather(extremes.reshape(1, 2)).amax(dim=0)
+        sums, counts, extremes = sums.tolist(), counts.tolist(), extremes.tolist()  # the one host sync
+        reduced: dict[str, float] = {}
+        for i, name in enumerate(names):
+            if counts[i] == 0:
+                continue
+            if name == "data/skipped_rows":
+                reduced[name] = sums[i]
+            elif name == "safeguard/lambda":
+                reduced["safeguard/lambda_mean"] = sums[i] / counts[i]
+                reduced["safeguard/lambda_min"] = -extremes[0]
+                reduced["safeguard/lambda_max"] = extremes[1]
+                reduced["safeguard/engaged"] = sums[-1] / counts[-1]
+            else:
+                reduced[name] = sums[i] / counts[i]
+        return reduced
 
     def _count_device_skips(self) -> None:
         pending, self._nonfinite_skipped_pending = self._nonfinite_skipped_pending, None
@@ -486,20 +672,12 @@ class DiffusionSDPOTrainer(Trainer):
                 self._nonfinite_skipped,
             )
 
-    def _reduce(self, value: torch.Tensor, how: str) -> float:
-        if self.accelerator.num_processes > 1:
-            if how in ("min", "max"):
-                gathered = self.accelerator.gather(value.reshape(1))
-                value = gathered.min() if how == "min" else gathered.max()
-            else:
-                value = self.accelerator.reduce(value, reduction="sum" if how == "sum" else "mean")
-        return float(value.item())
-
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.
-        self._eval_generator = torch.Generator().manual_seed(self.args.eval_seed + self.args.process_index)
+        # Every process draws for all of them and keeps its own rows (see _sample).
+        self._eval_generator = torch.Generator().manual_seed(self.args.eval_seed)
         self._eval_metric_prefix = metric_key_prefix
         try:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
@@ -521,6 +699,20 @@ class DiffusionSDPOTrainer(Trainer):
         return loss.detach(), None, None
 
     # ------------------------------------------------------------------ saving and loading
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the LoRA adapters or the UNet, in diffusers' format, to ``output_dir``.
+
+        Under DeepSpeed ZeRO-3 the weights are first gathered from their shards (every process must call this), so
+        the files are the same as on one process whatever ``stage3_gather_16bit_weights_on_model_save`` says.
+        """
+        if getattr(self, "deepspeed", None) is None or zero_stage(self.accelerator) != 3:
+            return super().save_model(output_dir, _internal_call)
+        state_dict = gather_zero3_state_dict(self.deepspeed, trainable_only=self.is_lora)
+        self._save(output_dir, state_dict=state_dict)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -1,0 +1,150 @@
+"""What changes when training runs on several processes: DDP, DeepSpeed ZeRO 1/2/3.
+
+* The frozen VAE and text encoder(s) are never partitioned: :func:`load_pipeline` loads a pipeline with DeepSpeed's
+  ``zero3_init_flag`` switched off (transformers would otherwise build the CLIP text encoders inside
+  ``deepspeed.zero.Init`` and shard them), and :func:`check_not_partitioned` refuses a pipeline that was loaded
+  sharded.
+* The reference UNet (a frozen copy, for full tuning) is replicated in the compute dtype under DDP and ZeRO-1/2;
+  under ZeRO-3 it is sharded like the policy, by :func:`reference_inference_engine`: a DeepSpeed engine with no
+  optimizer, in eval mode.
+* :func:`gather_zero3_state_dict` collects ZeRO-3 shards on the main process, so a save writes the same files as
+  a single process does.
+* :func:`all_reduce_sum` and :func:`rank_rows` serve the loss: the safeguard's global scope and random draws that
+  do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+__all__ = [
+    "all_reduce_sum",
+    "check_not_partitioned",
+    "gather_zero3_state_dict",
+    "is_partitioned",
+    "load_pipeline",
+    "rank_rows",
+    "reference_inference_engine",
+    "zero3_init_disabled",
+    "zero_stage",
+]
+
+
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage ``accelerator`` trains with, or ``None`` without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+@contextlib.contextmanager
+def zero3_init_disabled(args: Any = None) -> Iterator[None]:
+    """Within the block, models are built whole even when DeepSpeed ZeRO-3 with ``zero3_init_flag`` is configured.
+
+    ``args`` is a ``TrainingArguments`` (its ``deepspeed_plugin`` is the configured one); without it the plugin of an
+    existing ``AcceleratorState`` is used. Outside DeepSpeed this does nothing.
+    """
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is None:
+        from accelerate.state import AcceleratorState
+
+        state = AcceleratorState._shared_state
+        plugin = state.get("deepspeed_plugin") if state else None
+    if plugin is None:
+        yield
+        return
+    with plugin.zero3_init_context_manager(enable=False):
+        yield
+
+
+def load_pipeline(pretrained: str | os.PathLike, args: Any = None, **kwargs) -> DiffusionPipeline:
+    """``DiffusionPipeline.from_pretrained(pretrained, **kwargs)``, never sharded by ZeRO-3's ``zero3_init_flag``.
+
+    Use it (or :func:`zero3_init_disabled`) to load the pipeline when launching with a ZeRO-3 config: only the UNet
+    that trains should be partitioned, and DeepSpeed does that itself when training starts.
+    """
+    with zero3_init_disabled(args):
+        return DiffusionPipeline.from_pretrained(pretrained, **kwargs)
+
+
+def is_partitioned(parameter: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages ``parameter`` (its data then lives in shards across processes)."""
+    return hasattr(parameter, "ds_id")
+
+
+def check_not_partitioned(modules: dict[str, torch.nn.Module]) -> None:
+    """Raise if any of the frozen ``modules`` was built under ``deepspeed.zero.Init`` (sharded)."""
+    for name, module in modules.items():
+        if any(is_partitioned(p) for p in module.parameters()):
+            raise ValueError(
+                f"The pipeline's {name} was loaded sharded by DeepSpeed ZeRO-3 (zero3_init_flag). Frozen components "
+                "must be whole on every process: load the pipeline with trl_diffusion_sdpo.load_pipeline(path, args) "
+                "or inside trl_diffusion_sdpo.distributed.zero3_init_disabled(args)."
+            )
+
+
+def _without_auto(config: Any) -> Any:
+    """``config`` without the entries still set to ``"auto"``: DeepSpeed then uses its own defaults for them."""
+    if isinstance(config, dict):
+        return {k: _without_auto(v) for k, v in config.items() if v != "auto"}
+    return config
+
+
+def reference_inference_engine(module: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Shard a frozen reference ``module`` with ZeRO-3, like the policy: a DeepSpeed engine without optimizer.
+
+    The engine reuses the run's DeepSpeed config (precision, ZeRO-3 settings, batch sizes) minus the optimizer,
+    scheduler and optimizer offload, and is put in eval mode. Its forward gathers each layer's shards on the fly.
+    """
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config.get("zero_optimization", {}).pop("offload_optimizer", None)
+    config = _without_auto(config)
+    module.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine
+
+
+def gather_zero3_state_dict(engine, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a ZeRO-3 ``engine``'s module, gathered layer by layer onto the main process's CPU.
+
+    Every process must call it; the main process gets the dict, the others ``None``. With ``trainable_only`` only
+    parameters that require gradients (LoRA adapters) are gathered.
+    """
+    return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes (in place, and returned); a no-op without ``torch.distributed``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def rank_rows(
+    draw: Callable[[int], tuple[torch.Tensor, ...]],
+    local_rows: int,
+    rows_per_process: int,
+    process_index: int,
+    num_processes: int,
+) -> tuple[torch.Tensor, ...]:
+    """This process's rows of draws made for all processes at once.
+
+    ``draw(n)`` returns tensors of ``n`` rows each; every process makes the same draw for
+    ``num_processes * rows_per_process`` rows (same generator state) and keeps rows
+    ``[process_index * rows_per_process, ... + local_rows)`` of each. A pair then gets the same timestep and noise
+    whatever the number of processes, as long as the global batch is the same.
+    """
+    rows_per_process = max(rows_per_process, local_rows)
+    start = process_index * rows_per_process
+    return tuple(t[start : start + local_rows] for t in draw(num_processes * rows_per_process))
