@@ -3,6 +3,8 @@
     python examples/train_sd15.py --config examples/configs/sd15_lora.yaml
     python examples/train_sd15.py --model_name_or_path path/to/sd15 --dataset_name path/to/pairs --no_lora \
         --output_dir sd15-sdpo-full --beta 5000 --safeguard_mu 0.9
+    accelerate launch --config_file examples/accelerate_configs/deepspeed_zero2.yaml --num_processes 8 \
+        examples/train_sd15.py --config examples/configs/sd15_full.yaml
 
 Every `DiffusionSDPOConfig` field (and so every `transformers.TrainingArguments` field) is a command-line flag or
 a YAML key; command-line flags override the YAML file.
@@ -13,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from trl import TrlParser
 
-from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer, load_pipeline
 from trl_diffusion_sdpo.data import load_preference_dataset
 
 
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, Diffusio
 
 def main(argv: list[str] | None = None) -> DiffusionSDPOTrainer:
     script_args, training_args = parse_args(argv)
-    pipe = DiffusionPipeline.from_pretrained(
+    # Loaded whole on every process, even under a ZeRO-3 config with zero3_init_flag (frozen parts stay unsharded).
+    pipe = load_pipeline(
         script_args.model_name_or_path, torch_dtype=getattr(torch, script_args.weights_dtype)
     )
     train_dataset = load_preference_dataset(

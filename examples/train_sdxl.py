@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from peft import LoraConfig
 from trl import TrlParser
 
-from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer, zero3_init_disabled
 from trl_diffusion_sdpo.data import load_preference_dataset
 
 
@@ -54,9 +54,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, Diffusio
 def load_pipeline(script_args: ScriptArguments) -> StableDiffusionXLPipeline:
     dtype = getattr(torch, script_args.weights_dtype)
     components = {}
-    if script_args.vae_name_or_path:
-        components["vae"] = AutoencoderKL.from_pretrained(script_args.vae_name_or_path, torch_dtype=dtype)
-    return StableDiffusionXLPipeline.from_pretrained(script_args.model_name_or_path, torch_dtype=dtype, **components)
+    # Whole on every process, even under a ZeRO-3 config with zero3_init_flag (frozen parts stay unsharded).
+    with zero3_init_disabled():
+        if script_args.vae_name_or_path:
+            components["vae"] = AutoencoderKL.from_pretrained(script_args.vae_name_or_path, torch_dtype=dtype)
+        return StableDiffusionXLPipeline.from_pretrained(
+            script_args.model_name_or_path, torch_dtype=dtype, **components
+        )
 
 
 def main(argv: list[str] | None = None) -> DiffusionSDPOTrainer:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
@@ -101,11 +102,12 @@ class DiffusionSDPOConfig(TrainingArguments):
         The authors' recipe: the learning rate is multiplied by ``processes * per_device_batch * accumulation``
         (2.048e-5 at their effective batch of 2048 pairs). Set `scale_lr=False` to use `learning_rate` as given.
     lr_scheduler_type (defaults to `"constant_with_warmup"`), warmup_steps (defaults to `500`),
-    max_grad_norm (`1.0`), logging_steps (`10`), ddp_backend (`"gloo"` when several processes run on a machine
-    without CUDA, where torch would find no backend and DeepSpeed would disagree with accelerate about the number of
-    processes; otherwise transformers' choice), remove_unused_columns (`False`: the collator needs the image
-    columns), logging_nan_inf_filter (`False`: its check makes the host wait for the device every step; the trainer
-    keeps non-finite micro-batch losses out of the logged loss on the device instead).
+    max_grad_norm (`1.0`), logging_steps (`10`), ddp_backend and use_cpu (when several processes run on a machine
+    without CUDA: `"gloo"`, and `use_cpu=True` outside DeepSpeed; otherwise accelerate would run each process as a
+    lone one, or disagree with DeepSpeed about the number of processes), remove_unused_columns (`False`: the
+    collator needs the image columns), logging_nan_inf_filter (`False`: its check makes the host wait for the
+    device every step; the trainer keeps non-finite micro-batch losses out of the logged loss on the device
+    instead).
     """
 
     # Objective
@@ -229,8 +231,13 @@ class DiffusionSDPOConfig(TrainingArguments):
             raise ValueError("remove_unused_columns=True would drop the image columns; leave it False")
         if self.safeguard_scope not in ("local", "global"):
             raise ValueError(f"safeguard_scope must be 'local' or 'global', got {self.safeguard_scope!r}")
-        if self.ddp_backend is None and _launched_on_cpu_only():
-            self.ddp_backend = "gloo"
+        if _launched_on_cpu_only():
+            # Several processes, no GPU: without these, accelerate finds no device backend and runs each process as a
+            # lone one (no gradient sync), and under DeepSpeed disagrees with it on the number of processes.
+            if self.ddp_backend is None:
+                self.ddp_backend = "gloo"
+            if not self.deepspeed and not strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+                self.use_cpu = True
         super().__post_init__()
 
 

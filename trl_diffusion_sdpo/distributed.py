@@ -1,7 +1,7 @@
 """What changes when training runs on several processes: DDP, DeepSpeed ZeRO 1/2/3.
 
-* The frozen VAE and text encoder(s) are never partitioned: :func:`load_pipeline` loads a pipeline with DeepSpeed's
-  ``zero3_init_flag`` switched off (transformers would otherwise build the CLIP text encoders inside
+* The frozen VAE and text encoder(s) are never partitioned: :func:`load_pipeline` loads a pipeline with ZeRO-3's
+  model construction switched off (transformers would otherwise build the CLIP text encoders inside
   ``deepspeed.zero.Init`` and shard them), and :func:`check_not_partitioned` refuses a pipeline that was loaded
   sharded.
 * The reference UNet (a frozen copy, for full tuning) is replicated in the compute dtype under DDP and ZeRO-1/2;
@@ -44,32 +44,36 @@ def zero_stage(accelerator) -> int | None:
 
 
 @contextlib.contextmanager
-def zero3_init_disabled(args: Any = None) -> Iterator[None]:
-    """Within the block, models are built whole even when DeepSpeed ZeRO-3 with ``zero3_init_flag`` is configured.
+def zero3_init_disabled() -> Iterator[None]:
+    """Within the block, transformers builds models whole even when a DeepSpeed ZeRO-3 config is active.
 
-    ``args`` is a ``TrainingArguments`` (its ``deepspeed_plugin`` is the configured one); without it the plugin of an
-    existing ``AcceleratorState`` is used. Outside DeepSpeed this does nothing.
+    Creating ZeRO-3 ``TrainingArguments`` (or an accelerate ZeRO-3 state) registers the DeepSpeed config with
+    transformers, whose ``from_pretrained`` then builds every model inside ``deepspeed.zero.Init``: partitioned across
+    processes. (accelerate's ``zero3_init_context_manager(enable=False)`` does not undo that registration.) The
+    registration is lifted for the block and restored after it. Outside ZeRO-3 this does nothing.
     """
-    plugin = getattr(args, "deepspeed_plugin", None)
-    if plugin is None:
-        from accelerate.state import AcceleratorState
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-        state = AcceleratorState._shared_state
-        plugin = state.get("deepspeed_plugin") if state else None
-    if plugin is None:
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = ref() if ref is not None else None
+    if config is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
         yield
         return
-    with plugin.zero3_init_context_manager(enable=False):
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
         yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
-def load_pipeline(pretrained: str | os.PathLike, args: Any = None, **kwargs) -> DiffusionPipeline:
-    """``DiffusionPipeline.from_pretrained(pretrained, **kwargs)``, never sharded by ZeRO-3's ``zero3_init_flag``.
+def load_pipeline(pretrained: str | os.PathLike, **kwargs) -> DiffusionPipeline:
+    """``DiffusionPipeline.from_pretrained(pretrained, **kwargs)``, never partitioned by ZeRO-3.
 
-    Use it (or :func:`zero3_init_disabled`) to load the pipeline when launching with a ZeRO-3 config: only the UNet
-    that trains should be partitioned, and DeepSpeed does that itself when training starts.
+    Use it (or :func:`zero3_init_disabled`) to load the pipeline when launching with a ZeRO-3 config: the frozen
+    VAE and text encoders must be whole on every process, and the UNet that trains is partitioned by DeepSpeed itself
+    when training starts.
     """
-    with zero3_init_disabled(args):
+    with zero3_init_disabled():
         return DiffusionPipeline.from_pretrained(pretrained, **kwargs)
 
 
@@ -84,8 +88,8 @@ def check_not_partitioned(modules: dict[str, torch.nn.Module]) -> None:
         if any(is_partitioned(p) for p in module.parameters()):
             raise ValueError(
                 f"The pipeline's {name} was loaded sharded by DeepSpeed ZeRO-3 (zero3_init_flag). Frozen components "
-                "must be whole on every process: load the pipeline with trl_diffusion_sdpo.load_pipeline(path, args) "
-                "or inside trl_diffusion_sdpo.distributed.zero3_init_disabled(args)."
+                "must be whole on every process: load the pipeline with trl_diffusion_sdpo.load_pipeline(path) or "
+                "inside trl_diffusion_sdpo.zero3_init_disabled()."
             )
 
 

@@ -21,7 +21,7 @@ from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, set_seed
 
 from .config import DiffusionSDPOConfig
 from .data import DataReport, PairTransform, PreferenceCollator, prepare_preference_dataset
@@ -188,9 +188,11 @@ class DiffusionSDPOTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
         args = copy.copy(args)  # the learning-rate scaling below must not leak into the caller's config
+        # Seeded before LoRA adapters are initialised, so their random init is the same on every run.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
         # Loaded whole even under ZeRO-3's zero3_init_flag: the frozen components must not be sharded.
-        pipeline = load_pipeline(model, args) if isinstance(model, (str, os.PathLike)) else model
+        pipeline = load_pipeline(model) if isinstance(model, (str, os.PathLike)) else model
         if not isinstance(pipeline, DiffusionPipeline):
             raise TypeError(f"model must be a diffusers pipeline or a path/Hub id, got {type(model).__name__}")
         self.pipeline = pipeline

@@ -1,0 +1,138 @@
+"""Run an example training script in this process (one of several under ``accelerate launch``) and report.
+
+    accelerate launch --config_file <yaml> --num_processes 2 tests/distributed_worker.py --result r.json \
+        --example sd15 -- <example script arguments>
+
+After training, every process takes part in gathering sharded weights; the main process writes ``--result``:
+the logged losses, which modules DeepSpeed partitioned, whether the reference still equals the original UNet on
+disk, and whether the saved files, loaded back by diffusers, reproduce the trained UNet's outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from trl_diffusion_sdpo.distributed import is_partitioned, load_pipeline, zero_stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(1)
+
+
+def _example(name: str):
+    path = os.path.join(ROOT, "examples", f"train_{name}.py")
+    spec = importlib.util.spec_from_file_location(f"train_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """Full values of possibly ZeRO-3-partitioned parameters inside the block (all processes must enter)."""
+    if any(is_partitioned(p) for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _inputs(unet_config, resolution: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(123)
+    size = resolution // 8
+    return {
+        "sample": torch.randn(2, unet_config.in_channels, size, size, generator=generator),
+        "timestep": torch.tensor([10, 700]),
+        "encoder_hidden_states": torch.randn(2, 8, unet_config.cross_attention_dim, generator=generator),
+    }
+
+
+@torch.no_grad()
+def _output(unet, inputs) -> torch.Tensor:
+    return unet(**inputs, return_dict=False)[0].float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--example", default="sd15")
+    args, example_argv = parser.parse_known_args()
+    example_argv = [a for a in example_argv if a != "--"]
+    example = _example(args.example)
+    trainer = example.main(example_argv)
+
+    accelerator = trainer.accelerator
+    stage = zero_stage(accelerator)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    model_dir = trainer.base_model_name
+    original = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    original_state = original.state_dict()
+    result: dict = {
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "zero_stage": stage,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "lambdas": [h["safeguard/lambda_mean"] for h in trainer.state.log_history if "safeguard/lambda_mean" in h],
+        "global_step": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
+        "frozen_partitioned": {
+            name: any(is_partitioned(p) for p in module.parameters())
+            for name, module in trainer.family.frozen_modules().items()
+        },
+        "policy_partitioned": sum(is_partitioned(p) and p.numel() < p.ds_numel for p in policy.parameters()),
+        "policy_parameters": sum(1 for _ in policy.parameters()),
+    }
+
+    # The reference: unchanged base weights (LoRA, adapters disabled) or an unchanged frozen copy.
+    if trainer.reference.shares_policy_weights:
+        named = [(n, p) for n, p in policy.named_parameters() if "lora_" not in n]
+        strip = lambda n: n.replace(".base_layer", "")  # noqa: E731
+    else:
+        reference = trainer.reference.unet
+        module = getattr(reference, "module", reference)  # a DeepSpeed engine under ZeRO-3
+        result["reference_is_engine"] = module is not reference
+        result["reference_partitioned"] = sum(
+            is_partitioned(p) and p.numel() < p.ds_numel for p in module.parameters()
+        )
+        named = list(module.named_parameters())
+        strip = lambda n: n  # noqa: E731
+    with _gathered([p for _, p in named]):
+        result["reference_max_abs_change"] = max(
+            (p.detach().float().cpu() - original_state[strip(n)].float()).abs().max().item() for n, p in named
+        )
+
+    if stage == 3:  # the hazard load_pipeline avoids: transformers builds the text encoder partitioned
+        from transformers import CLIPTextModel
+
+        naive = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")  # every process joins zero.Init
+        result["naive_load_partitions_text_encoder"] = any(is_partitioned(p) for p in naive.parameters())
+
+    # The trained UNet's outputs on fixed inputs, to compare with what diffusers loads from the saved files.
+    inputs = _inputs(policy.config, trainer.args.resolution)
+    trained = _output(policy, inputs)
+    if accelerator.is_main_process:
+        output_dir = trainer.args.output_dir
+        if trainer.is_lora:
+            pipe = load_pipeline(model_dir)  # not partitioned: only this process loads it
+            pipe.load_lora_weights(output_dir)
+            loaded = pipe.unet
+            result["saved_files"] = sorted(os.listdir(output_dir))
+        else:
+            loaded = UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")
+            result["saved_files"] = sorted(os.listdir(os.path.join(output_dir, "unet")))
+        result["saved_vs_trained_max_abs_diff"] = (_output(loaded, inputs) - trained).abs().max().item()
+        result["original_vs_trained_max_abs_diff"] = (_output(original, inputs) - trained).abs().max().item()
+        with open(args.result, "w") as f:
+            json.dump(result, f, indent=1)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Two processes on CPU over gloo: DDP, DeepSpeed ZeRO-1/2/3, LoRA and full UNet tuning.
+
+Each case launches ``examples/train_sd15.py`` with the shipped accelerate config (``accelerate launch
+--num_processes 2 --mixed_precision no``) through ``tests/distributed_worker.py``, and compares it with the same
+script on one process with the same global batch and seed. The tiny UNet is widened (128 channels) so that some of
+its tensors exceed ZeRO-3's persistence threshold and really are partitioned; the worker reports how many were.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import pickapic_rows
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+
+pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_worker.py"
+CONFIGS = ROOT / "examples" / "accelerate_configs"
+GLOBAL_BATCH = 4
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """A saved tiny pipeline and a saved preference dataset, as a user's local folders."""
+    root = tmp_path_factory.mktemp("distributed")
+    pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(root / "tokenizer"))
+    pipe.save_pretrained(root / "pipeline")
+    Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
+    return {"root": root, "pipeline": root / "pipeline", "data": root / "data"}
+
+
+def run(assets, name: str, config: str | None, lora: bool, *extra: str, processes: int = 2) -> dict:
+    """Train with ``config`` (``None``: one plain process) and return the worker's report."""
+    processes = 1 if config is None else processes
+    out = assets["root"] / name
+    result = out / "result.json"
+    script = [
+        str(WORKER), "--result", str(result), "--",
+        "--model_name_or_path", str(assets["pipeline"]), "--dataset_name", str(assets["data"]),
+        "--output_dir", str(out / "model"), "--resolution", "32", "--max_steps", str(STEPS),
+        "--per_device_train_batch_size", str(GLOBAL_BATCH // processes), "--learning_rate", "1e-3",
+        "--scale_lr", "false", "--warmup_steps", "0", "--logging_steps", "1", "--report_to", "none",
+        "--save_strategy", "no", "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        "--safeguard_scope", "global", "--lora_rank", "4", "--lora" if lora else "--no_lora", *extra,
+    ]
+    if config is None:
+        command = [sys.executable, *script]
+    else:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+            "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+            *script,
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="module")
+def single_process(assets) -> dict[bool, dict]:
+    """The one-process reference runs, keyed by ``lora``."""
+    return {lora: run(assets, f"single-{'lora' if lora else 'full'}", None, lora) for lora in (True, False)}
+
+
+CASES = [
+    ("multi_gpu.yaml", None),
+    ("deepspeed_zero1.yaml", 1),
+    ("deepspeed_zero2.yaml", 2),
+    ("deepspeed_zero3.yaml", 3),
+]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("config,stage", CASES, ids=[c for c, _ in CASES])
+def test_two_processes_train_like_one(assets, single_process, config, stage, lora):
+    name = f"{config.removesuffix('.yaml')}-{'lora' if lora else 'full'}"
+    report = run(assets, name, config, lora)
+    single = single_process[lora]
+
+    assert report["num_processes"] == 2 and report["zero_stage"] == stage
+    assert report["distributed_type"].endswith("DEEPSPEED" if stage else "MULTI_CPU")
+    assert report["global_step"] == STEPS
+    losses = report["losses"]
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
+    # Same global batch, same seed: the same pairs, flips, prompt dropout, timesteps and noise, and with the global
+    # safeguard scope the same lambda, so the logged losses agree up to float summation order (amplified by
+    # beta = 5000: a 1e-7 change in the error gap moves the loss by ~5e-4; the losses themselves move ~20% a step).
+    assert losses == pytest.approx(single["losses"], rel=1e-3)
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
+
+    # The frozen parts are whole; the reference did not move; the run trained something.
+    assert not any(report["frozen_partitioned"].values())
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["original_vs_trained_max_abs_diff"] > 1e-3
+    # What was saved is what was trained, in the files one process writes, loaded back by diffusers.
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+    assert report["saved_files"] == single["saved_files"]
+
+    if stage == 3:
+        # The policy really is sharded (not every tensor: small ones stay whole below the persistence threshold) ...
+        assert 0 < report["policy_partitioned"] < report["policy_parameters"]
+        # ... and so is a reference copy, as a DeepSpeed engine; with LoRA there is no copy at all.
+        if lora:
+            assert "reference_is_engine" not in report
+        else:
+            assert report["reference_is_engine"] and report["reference_partitioned"] > 0
+        # Without load_pipeline, transformers would have built the text encoder sharded: the guard matters.
+        assert report["naive_load_partitions_text_encoder"]
+    else:
+        assert report["policy_partitioned"] == 0
+        if not lora:
+            assert report["reference_is_engine"] is False
+
+
+def _weights(model_dir: Path, lora: bool) -> dict[str, torch.Tensor]:
+    if lora:
+        return load_file(model_dir / "pytorch_lora_weights.safetensors")
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted((model_dir / "unet").glob("*.safetensors")):
+        weights.update(load_file(f))
+    return weights
+
+
+@pytest.mark.parametrize(
+    "config,lora", [("deepspeed_zero2.yaml", False), ("deepspeed_zero3.yaml", True)], ids=["zero2-full", "zero3-lora"]
+)
+def test_checkpoint_saved_under_zero_resumes_under_the_same_stage(assets, config, lora):
+    tag = f"{config.removesuffix('.yaml')}-{'lora' if lora else 'full'}"
+    straight = run(assets, f"straight-{tag}", config, lora)
+    first = assets["root"] / f"interrupted-{tag}"
+    run(assets, f"interrupted-{tag}", config, lora, "--max_steps", "2", "--save_strategy", "steps",
+        "--save_steps", "2")
+    checkpoint = first / "model" / "checkpoint-2"
+    assert (checkpoint / ("pytorch_lora_weights.safetensors" if lora else "unet")).exists()
+    assert any(p.name.startswith("global_step") for p in checkpoint.iterdir())  # DeepSpeed's own state
+    resumed = run(assets, f"resumed-{tag}", config, lora, "--resume_from_checkpoint", str(checkpoint))
+    assert resumed["global_step"] == STEPS
+    assert resumed["losses"][-1] == pytest.approx(straight["losses"][-1], rel=1e-5)
+    a = _weights(assets["root"] / f"straight-{tag}" / "model", lora)
+    b = _weights(assets["root"] / f"resumed-{tag}" / "model", lora)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
