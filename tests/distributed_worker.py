@@ -54,6 +54,32 @@ def _inputs(unet_config, resolution: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _poison(step: int, rank: int) -> None:
+    """Make the objective's loss at optimizer step ``step`` (1-based, no accumulation) NaN on process ``rank`` only."""
+    import trl_diffusion_sdpo.trainer as trainer_module
+    from trl_diffusion_sdpo.losses import ObjectiveOutput
+
+    get_objective = trainer_module.get_objective
+    calls = {"n": 0}
+
+    def poisoned_objective(name):
+        objective = get_objective(name)
+
+        class Poisoned:
+            requires_reference = objective.requires_reference
+
+            def __call__(self, predictions, errors, **kwargs):
+                out = objective(predictions, errors, **kwargs)
+                calls["n"] += 1
+                if calls["n"] == step and int(os.environ.get("RANK", "0")) == rank:
+                    return ObjectiveOutput(loss=out.loss * float("nan"), logits=out.logits)
+                return out
+
+        return Poisoned()
+
+    trainer_module.get_objective = poisoned_objective
+
+
 @torch.no_grad()
 def _output(unet, inputs) -> torch.Tensor:
     return unet(**inputs, return_dict=False)[0].float()
@@ -63,8 +89,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--result", required=True)
     parser.add_argument("--example", default="sd15")
-    args, example_argv = parser.parse_known_args()
-    example_argv = [a for a in example_argv if a != "--"]
+    parser.add_argument("--poison_step", type=int, default=None, help="Make this step's loss NaN on one process.")
+    parser.add_argument("--poison_rank", type=int, default=1)
+    args, example_argv = parser.parse_known_args([a for a in sys.argv[1:] if a != "--"])
+    if args.poison_step is not None:
+        _poison(args.poison_step, args.poison_rank)
     example = _example(args.example)
     trainer = example.main(example_argv)
 

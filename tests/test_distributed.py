@@ -163,3 +163,18 @@ def test_checkpoint_saved_under_zero_resumes_under_the_same_stage(assets, config
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("config", ["multi_gpu.yaml", "deepspeed_zero2.yaml"])
+def test_a_nan_loss_on_one_process_skips_the_step_on_all(assets, config):
+    """Process 1's loss is NaN at step 2: no process applies that update, the skip is counted, the log stays finite."""
+    tag = config.removesuffix(".yaml")
+    poisoned = run(assets, f"poisoned-{tag}", config, False, "--max_steps", "2", "--poison_step", "2")
+    run(assets, f"one-step-{tag}", config, False, "--max_steps", "1")
+    logs = [h for h in poisoned["log_history"] if "loss" in h]
+    assert [h["nonfinite_skipped"] for h in logs] == [0, 1]
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    a = _weights(assets["root"] / f"one-step-{tag}" / "model", lora=False)
+    b = _weights(assets["root"] / f"poisoned-{tag}" / "model", lora=False)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)

@@ -532,3 +532,61 @@ def test_bf16_lora_training_keeps_adapters_in_float32(make_pipeline, make_traine
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert pipe.vae.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
     assert all(np.isfinite(h["loss"]) for h in step_logs(trainer))
+
+
+# ----------------------------------------------------------------------------------------------- several processes
+
+
+def test_an_all_invalid_micro_batch_under_several_processes_joins_in_with_zero_weight(make_trainer, monkeypatch):
+    """With several processes a micro-batch cannot be left out (the others wait in collectives): the last good one
+    is replayed with weight zero, its metrics are not recorded; with no earlier good one the error says why."""
+    from accelerate import Accelerator
+
+    trainer = make_trainer(lora=False)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    collate = trainer.data_collator
+    good = trainer._prepare_inputs(collate([trainer.train_dataset[i] for i in range(2)]))
+    empty = trainer._prepare_inputs(collate([]))
+    model = trainer.model
+    model.train()
+    with pytest.raises(RuntimeError, match="first train micro-batch on process 0"):
+        trainer.compute_loss(model, empty)
+    good_loss = trainer.compute_loss(model, good)
+    recorded = len(trainer._metrics["train"]["implicit_acc"])
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, empty)
+    assert loss.item() == 0.0 and good_loss.item() > 0.0
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads), "the replay must run a real forward and backward"
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    assert len(trainer._metrics["train"]["implicit_acc"]) == recorded
+
+
+def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
+    """``safeguard_scope="global"`` feeds the all-reduced sums to lambda; "local" never communicates."""
+    from accelerate import Accelerator
+
+    import trl_diffusion_sdpo.trainer as trainer_module
+    from trl_diffusion_sdpo.safeguard import lambda_from_sums, safeguard_sums
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    seen = []
+
+    def fake_all_reduce(tensor):  # another process with the sums (num, den) = (3, 1)
+        seen.append(tensor.clone())
+        return tensor + torch.tensor([3.0, 1.0])
+
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", fake_all_reduce)
+    gen = torch.Generator().manual_seed(0)
+    from trl_diffusion_sdpo.losses import PreferencePredictions
+
+    shape = (2, 4, 4, 4)
+    r = [torch.randn(shape, generator=gen) for _ in range(4)]
+    predictions = PreferencePredictions(r[0], r[1], r[2], r[3], None, None)
+    num, den = safeguard_sums(r[0] - r[2], r[1] - r[3])
+    for scope, expected in (("local", (num, den)), ("global", (num + 3.0, den + 1.0))):
+        trainer = make_trainer(lora=True, safeguard_scope=scope, safeguard_mu=0.5)
+        lam = trainer._safeguard_lambda(predictions)
+        torch.testing.assert_close(lam, lambda_from_sums(*expected, 0.5, 1.0))
+    assert len(seen) == 1
