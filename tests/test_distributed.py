@@ -178,3 +178,13 @@ def test_a_nan_loss_on_one_process_skips_the_step_on_all(assets, config):
     b = _weights(assets["root"] / f"poisoned-{tag}" / "model", lora=False)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_latent_cache_is_built_once_and_trains_like_the_uncached_single_process(assets, single_process):
+    """Under two processes the main process encodes, the other loads the same cache; the draws match an uncached
+    single process (the cache holds the posterior, not a sample)."""
+    cache_dir = assets["root"] / "latent-cache"
+    report = run(assets, "ddp-cached", "multi_gpu.yaml", True, "--cache_latents", "true", "--latent_cache_dir",
+                 str(cache_dir))
+    assert report["losses"] == pytest.approx(single_process[True]["losses"], rel=1e-3)
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1  # one fingerprinted cache, written once
