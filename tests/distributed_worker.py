@@ -47,11 +47,18 @@ def _gathered(params: list[torch.nn.Parameter]):
 def _inputs(unet_config, resolution: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(123)
     size = resolution // 8
-    return {
+    inputs = {
         "sample": torch.randn(2, unet_config.in_channels, size, size, generator=generator),
         "timestep": torch.tensor([10, 700]),
         "encoder_hidden_states": torch.randn(2, 8, unet_config.cross_attention_dim, generator=generator),
     }
+    if unet_config.addition_embed_type == "text_time":  # SDXL: pooled text embeds and micro-conditioning
+        pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, pooled, generator=generator),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * 2, dtype=torch.float),
+        }
+    return inputs
 
 
 def _poison(step: int, rank: int) -> None:
