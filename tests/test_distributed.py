@@ -212,3 +212,16 @@ def test_sdxl_example_under_zero3_trains_like_one_process(sdxl_assets):
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5 and report["original_vs_trained_max_abs_diff"] > 1e-3
     assert report["saved_files"] == single["saved_files"]
+
+
+def test_gradient_accumulation_over_two_processes_matches_one_process(assets):
+    """2 processes x 1 pair x 2 accumulated micro-batches against 1 process x 2 pairs x 2: the same micro-batches,
+    draws and lambdas (global scope), hence the same logged losses. (Weights are not compared element-wise: AdamW
+    turns float noise in near-zero gradients into +-lr updates.)"""
+    single = run(assets, "accumulate-single", None, False, "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "2")
+    report = run(assets, "accumulate-ddp", "multi_gpu.yaml", False, "--per_device_train_batch_size", "1",
+                 "--gradient_accumulation_steps", "2")
+    assert report["global_step"] == single["global_step"] == STEPS
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
