@@ -225,3 +225,28 @@ def test_gradient_accumulation_over_two_processes_matches_one_process(assets):
     assert report["global_step"] == single["global_step"] == STEPS
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
     assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+
+
+def test_zero3_init_disabled_lifts_and_restores_the_zero3_registration():
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    from trl_diffusion_sdpo import zero3_init_disabled
+
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with zero3_init_disabled():
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+        with pytest.raises(RuntimeError, match="inside"), zero3_init_disabled():
+            raise RuntimeError("inside")
+        assert is_deepspeed_zero3_enabled()  # restored even when the block raises
+    finally:
+        unset_hf_deepspeed_config()
+        del config
+    with zero3_init_disabled():  # nothing registered: a no-op
+        assert not is_deepspeed_zero3_enabled()
