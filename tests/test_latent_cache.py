@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
@@ -15,9 +16,11 @@ from trl_diffusion_sdpo.data import PairTransform, mirrored_time_ids, prepare_pr
 from trl_diffusion_sdpo.latent_cache import (
     CachedPreferenceCollator,
     build_latent_cache,
-    latents_from_cached_batch,
+    cached_moments,
+    cached_prompt_embeds,
+    cached_time_ids,
 )
-from trl_diffusion_sdpo.model_family import family_for_pipeline
+from trl_diffusion_sdpo.model_family import family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 RESOLUTION = 32
@@ -68,6 +71,12 @@ def _image(value: bytes) -> Image.Image:
     return Image.open(io.BytesIO(value)).convert("RGB")
 
 
+def _winner_loser(row: dict) -> tuple[Image.Image, Image.Image]:
+    """The decoded (winner, loser) images of a Pick-a-Pic row."""
+    first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
+    return (first, second) if row["label_0"] == 1.0 else (second, first)
+
+
 def _cache(pipeline, dataset, tmp_path, random_flip=True):
     args = _config(tmp_path, random_flip=random_flip)
     prepared, columns, _ = prepare_preference_dataset(dataset, args)
@@ -89,8 +98,7 @@ def test_cached_posterior_is_the_vae_posterior_of_the_winner_and_loser(tmp_path)
     cache = _cache(pipeline, Dataset.from_list(rows), tmp_path, random_flip=False)
     transform = PairTransform(RESOLUTION, random_crop=False)
     for row, cached in zip(rows, cache.dataset):
-        first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
-        winner, loser = (first, second) if row["label_0"] == 1.0 else (second, first)
+        winner, loser = _winner_loser(row)
         pixels, time_ids = transform.center_crop_pair(winner, loser, flip=False)
         mean, std = _posterior(pipeline.vae, pixels)
         torch.testing.assert_close(cached["latent_mean"], mean, rtol=1e-4, atol=1e-5)
@@ -105,15 +113,12 @@ def test_sampling_from_the_cache_matches_sampling_from_the_vae(tmp_path):
     cache = _cache(pipeline, Dataset.from_list(rows), tmp_path, random_flip=False)
     family = family_for_pipeline(pipeline)
     batch = CachedPreferenceCollator()([cache.dataset[0], cache.dataset[1]])
-    latents, _, _ = latents_from_cached_batch(
-        batch, pipeline.vae.config, torch.Generator().manual_seed(3), torch.float32
-    )
+    # What the trainer does with a cached batch: mean + std * eps, scaled (eps drawn as latent_dist.sample() does).
+    mean, std = cached_moments(batch)
+    eps = randn_tensor(mean.shape, generator=torch.Generator().manual_seed(3), dtype=mean.dtype)
+    latents = scale_latents(mean + std * eps, pipeline.vae.config)
     transform = PairTransform(RESOLUTION, random_crop=False)
-    pairs = []
-    for row in rows:
-        first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
-        pairs.append(transform.center_crop_pair(*((first, second) if row["label_0"] == 1.0 else (second, first)),
-                                                flip=False)[0])
+    pairs = [transform.center_crop_pair(*_winner_loser(row), flip=False)[0] for row in rows]
     pixels = torch.stack(pairs).transpose(0, 1).flatten(0, 1)  # winners, then losers: the trainer's layout
     expected = family.encode_images(pixels, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
@@ -125,8 +130,7 @@ def test_flipped_latents_are_the_encoding_of_the_mirrored_crop(tmp_path):
     cache = _cache(pipeline, Dataset.from_list(rows), tmp_path, random_flip=True)
     transform = PairTransform(RESOLUTION, random_crop=False)
     for row, cached in zip(rows, cache.dataset):
-        first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
-        winner, loser = (first, second) if row["label_0"] == 1.0 else (second, first)
+        winner, loser = _winner_loser(row)
         pixels, time_ids = transform.center_crop_pair(winner, loser, flip=False)
         mean, std = _posterior(pipeline.vae, pixels.flip(-1))
         torch.testing.assert_close(cached["latent_mean_flipped"], mean, rtol=1e-4, atol=1e-5)
@@ -186,9 +190,7 @@ def test_training_flips_about_half_the_pairs_both_images_and_evaluation_never(tm
     trainer.evaluate()
     transform = PairTransform(RESOLUTION, random_crop=False)
     row = _rows(1)[0]
-    first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
-    pixels, _ = transform.center_crop_pair(*((first, second) if row["label_0"] == 1.0 else (second, first)),
-                                           flip=False)
+    pixels, _ = transform.center_crop_pair(*_winner_loser(row), flip=False)
     plain, _ = _posterior(pipeline.vae, pixels)  # [2 (winner, loser), C, h, w]
     mirrored, _ = _posterior(pipeline.vae, pixels.flip(-1))
     flips = []
@@ -236,8 +238,7 @@ def test_sdxl_cache_carries_pooled_embeddings_and_time_ids(tmp_path):
     for i, (row, cached) in enumerate(zip(rows, cache.dataset)):
         torch.testing.assert_close(cached["pooled_prompt_embeds"], expected.pooled[i], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cached["prompt_embeds"], expected.encoder_hidden_states[i], rtol=1e-4, atol=1e-5)
-        first, second = _image(row["jpg_0"]), _image(row["jpg_1"])
-        winner, loser = (first, second) if row["label_0"] == 1.0 else (second, first)
+        winner, loser = _winner_loser(row)
         torch.testing.assert_close(cached["time_ids"], transform.center_crop_pair(winner, loser, flip=False)[1])
         # Original sizes differ between winner and loser: the time ids are per image.
         assert cached["time_ids"][0, :2].tolist() == [winner.height, winner.width]
@@ -245,7 +246,7 @@ def test_sdxl_cache_carries_pooled_embeddings_and_time_ids(tmp_path):
 
     batch = CachedPreferenceCollator(with_flipped=True)([cache.dataset[0]])
     assert batch["time_ids_flipped"].shape == (1, 2, 6)
-    _, prompt_embeds, time_ids = latents_from_cached_batch(batch, pipeline.vae.config, None, torch.float32)
+    prompt_embeds, time_ids = cached_prompt_embeds(batch, torch.float32).repeat(2), cached_time_ids(batch)
     assert prompt_embeds.pooled.shape[0] == 2 and time_ids.shape == (2, 6)
 
 

@@ -37,11 +37,10 @@ import numpy as np
 import torch
 from datasets import Array2D, Array4D, Dataset, Features, IterableDataset, Sequence, Value
 from datasets import config as datasets_config
-from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 
 from .data import PairTransform, PreferenceColumns, load_image
-from .model_family import ModelFamily, PromptEmbeddings, scale_latents
+from .model_family import ModelFamily, PromptEmbeddings
 
 __all__ = [
     "CACHE_VERSION",
@@ -53,7 +52,6 @@ __all__ = [
     "cached_prompt_embeds",
     "cached_time_ids",
     "frozen_weights_digest",
-    "latents_from_cached_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -359,27 +357,6 @@ class CachedPreferenceCollator:
         batch = {key: torch.stack([row[key] for row in rows]) for key in keys}
         batch["num_skipped"] = torch.tensor(0.0)
         return batch
-
-
-def latents_from_cached_batch(
-    inputs: dict[str, torch.Tensor],
-    vae_config: Any,
-    generator: torch.Generator | None,
-    dtype: torch.dtype,
-    eps: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, PromptEmbeddings, torch.Tensor]:
-    """Sample latents ``[2B, C, h, w]`` (winners then losers) from a cached batch, like ``latent_dist.sample()``.
-
-    ``z = (mean + std * eps - shift_factor) * scaling_factor`` with ``eps`` as given (``[2B, C, h, w]``) or drawn by
-    diffusers' ``randn_tensor`` on the batch's device (on the generator's device when one is given, as the VAE's own
-    sampling does). Returns the float32 latents, the prompt embeddings repeated for both branches in ``dtype``, and
-    ``time_ids [2B, 6]``.
-    """
-    mean, std = cached_moments(inputs)
-    if eps is None:
-        eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    latents = scale_latents(mean + std * eps.to(mean), vae_config)
-    return latents, cached_prompt_embeds(inputs, dtype).repeat(2), cached_time_ids(inputs)
 
 
 def cached_moments(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
