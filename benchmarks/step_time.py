@@ -352,7 +352,7 @@ def make_floor_step(trainer, opts: argparse.Namespace, optimizer, policy):
     """One step of the floor on the trainer's own UNet, reference and optimizer, with fixed inputs on the device."""
     import torch.nn.functional as F
 
-    from trl_diffusion_sdpo.model_family import PromptEmbeddings
+    from trl_diffusion_sdpo.families import PromptEmbeddings
 
     device = trainer.args.device
     generator = torch.Generator().manual_seed(0)

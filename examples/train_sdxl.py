@@ -19,7 +19,7 @@ from peft import LoraConfig
 from trl import TrlParser
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer, zero3_init_disabled
-from trl_diffusion_sdpo.data import load_preference_dataset
+from trl_diffusion_sdpo.data.preference import load_preference_dataset
 
 
 @dataclass

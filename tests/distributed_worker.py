@@ -64,7 +64,7 @@ def _inputs(unet_config, resolution: int) -> dict[str, torch.Tensor]:
 def _poison(step: int, rank: int) -> None:
     """Make the objective's loss at optimizer step ``step`` (1-based, no accumulation) NaN on process ``rank`` only."""
     import trl_diffusion_sdpo.trainer as trainer_module
-    from trl_diffusion_sdpo.losses import ObjectiveOutput
+    from trl_diffusion_sdpo.objectives import ObjectiveOutput
 
     get_objective = trainer_module.get_objective
     calls = {"n": 0}

@@ -11,7 +11,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo.data import (
+from trl_diffusion_sdpo.data.preference import (
     PairTransform,
     PreferenceCollator,
     load_image,

@@ -12,15 +12,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-from trl_diffusion_sdpo.data import PairTransform, mirrored_time_ids, prepare_preference_dataset
-from trl_diffusion_sdpo.latent_cache import (
+from trl_diffusion_sdpo.data.latent_cache import (
     CachedPreferenceCollator,
     build_latent_cache,
     cached_moments,
     cached_prompt_embeds,
     cached_time_ids,
 )
-from trl_diffusion_sdpo.model_family import family_for_pipeline, scale_latents
+from trl_diffusion_sdpo.data.preference import PairTransform, mirrored_time_ids, prepare_preference_dataset
+from trl_diffusion_sdpo.families import family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 RESOLUTION = 32

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from trl_diffusion_sdpo.lean_step import clip_divisor, fused_scaling_optimizer, grad_norm
-from trl_diffusion_sdpo.losses import ObjectiveOutput
+from trl_diffusion_sdpo.objectives import ObjectiveOutput
+from trl_diffusion_sdpo.step.optimizer import clip_divisor, fused_scaling_optimizer, grad_norm
 
 # Tensor methods that copy a value to the host, which on an accelerator makes the host wait for the device.
 _HOST_READS = ["item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trl_diffusion_sdpo.losses import (
+from trl_diffusion_sdpo.objectives import (
     OBJECTIVES,
     DenoisingErrors,
     PreferencePredictions,
@@ -18,7 +18,7 @@ from trl_diffusion_sdpo.losses import (
     get_objective,
     implicit_accuracy,
 )
-from trl_diffusion_sdpo.safeguard import scale_gradient
+from trl_diffusion_sdpo.step.safeguard import scale_gradient
 
 # Policy and reference errors of 4 pairs, chosen so the logits have both signs and one is exactly zero.
 E_W = [0.30, 0.50, 0.20, 0.40]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from trl_diffusion_sdpo.model_family import StableDiffusionFamily, family_for_pipeline
+from trl_diffusion_sdpo.families import StableDiffusionFamily, family_for_pipeline
 
 
 def test_sd_family_encodes_prompts_as_the_diffusers_pipeline_does(make_pipeline) -> None:

@@ -11,8 +11,8 @@ import yaml
 from conftest import changed_keys, snapshot
 from diffusers import UNet2DConditionModel
 
-import trl_diffusion_sdpo.hub as hub
-from trl_diffusion_sdpo.saving import LORA_WEIGHTS_NAME
+import trl_diffusion_sdpo.io.hub as hub
+from trl_diffusion_sdpo.io.saving import LORA_WEIGHTS_NAME
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 

@@ -19,9 +19,9 @@ from peft import LoraConfig
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-from trl_diffusion_sdpo.data import PairTransform
-from trl_diffusion_sdpo.model_family import PromptEmbeddings, StableDiffusionXLFamily, family_for_pipeline
-from trl_diffusion_sdpo.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
+from trl_diffusion_sdpo.data.preference import PairTransform
+from trl_diffusion_sdpo.families import PromptEmbeddings, StableDiffusionXLFamily, family_for_pipeline
+from trl_diffusion_sdpo.step.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
 from trl_diffusion_sdpo.tiny_models import build_tiny_sdxl_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

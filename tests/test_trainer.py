@@ -12,9 +12,9 @@ from conftest import changed_keys, snapshot
 from transformers import TrainerCallback
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo.losses import ObjectiveOutput
-from trl_diffusion_sdpo.noising import prediction_target
+from trl_diffusion_sdpo.objectives import ObjectiveOutput
 from trl_diffusion_sdpo.reference import disabled_adapters
+from trl_diffusion_sdpo.step.noising import prediction_target
 
 LOGGED_METRICS = [
     "loss",
@@ -319,7 +319,7 @@ def test_training_step_loss_and_gradients_match_a_hand_computation(
 
 def test_v_prediction_target_is_the_velocity(make_pipeline):
     pipe = make_pipeline(prediction_type="v_prediction")
-    from trl_diffusion_sdpo.noising import training_scheduler
+    from trl_diffusion_sdpo.step.noising import training_scheduler
 
     scheduler = training_scheduler(pipe.scheduler)
     assert scheduler.config.prediction_type == "v_prediction"
@@ -568,7 +568,7 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
     from accelerate import Accelerator
 
     import trl_diffusion_sdpo.trainer as trainer_module
-    from trl_diffusion_sdpo.safeguard import lambda_from_sums, safeguard_sums
+    from trl_diffusion_sdpo.step.safeguard import lambda_from_sums, safeguard_sums
 
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     seen = []
@@ -579,7 +579,7 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
 
     monkeypatch.setattr(trainer_module, "all_reduce_sum", fake_all_reduce)
     gen = torch.Generator().manual_seed(0)
-    from trl_diffusion_sdpo.losses import PreferencePredictions
+    from trl_diffusion_sdpo.objectives import PreferencePredictions
 
     shape = (2, 4, 4, 4)
     r = [torch.randn(shape, generator=gen) for _ in range(4)]

@@ -2,7 +2,7 @@
 
 from .config import DiffusionSDPOConfig
 from .distributed import load_pipeline, zero3_init_disabled
-from .safeguard import winner_preserving_lambda
+from .step.safeguard import winner_preserving_lambda
 from .trainer import DiffusionSDPOTrainer
 
 __version__ = "0.1.0.dev0"

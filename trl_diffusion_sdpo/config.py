@@ -10,7 +10,7 @@ from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from .losses import OBJECTIVES
+from .objectives import OBJECTIVES
 
 __all__ = ["DiffusionSDPOConfig"]
 
@@ -77,7 +77,7 @@ class DiffusionSDPOConfig(TrainingArguments):
     cache_latents (`bool`, *optional*, defaults to `False`):
         Encode every pair with the VAE and every prompt with the text encoder(s) once, before training, and train
         from the cached posterior mean and std (sampled afresh each step) and embeddings (see
-        :mod:`~trl_diffusion_sdpo.latent_cache`). With `random_flip` both the flipped and unflipped pair are cached;
+        :mod:`~.data.latent_cache`). With `random_flip` both the flipped and unflipped pair are cached;
         prompt dropout substitutes the cached empty-prompt embedding; `random_crop=True` cannot be cached. The VAE
         and text encoders then stay on the CPU during training. Needs a map-style dataset.
     latent_cache_dir (`str` or `None`, *optional*, defaults to `None`):

@@ -24,7 +24,15 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, set_seed
 
 from .config import DiffusionSDPOConfig
-from .data import DataReport, PairTransform, PreferenceCollator, prepare_preference_dataset
+from .data.latent_cache import (
+    CachedPreferenceCollator,
+    LatentCache,
+    build_latent_cache,
+    cached_moments,
+    cached_prompt_embeds,
+    cached_time_ids,
+)
+from .data.preference import DataReport, PairTransform, PreferenceCollator, prepare_preference_dataset
 from .distributed import (
     all_reduce_sum,
     check_not_partitioned,
@@ -34,29 +42,9 @@ from .distributed import (
     reference_inference_engine,
     zero_stage,
 )
-from .hub import build_model_card, upload_folder_to_hub
-from .latent_cache import (
-    CachedPreferenceCollator,
-    LatentCache,
-    build_latent_cache,
-    cached_moments,
-    cached_prompt_embeds,
-    cached_time_ids,
-)
-from .lean_step import (
-    clip_divisor,
-    engine_manages_gradients,
-    fused_scaling_optimizer,
-    grad_norm,
-    trainable_parameters,
-    zero_grads,
-)
-from .losses import DenoisingErrors, PreferencePredictions, denoising_error, get_objective, implicit_accuracy
-from .model_family import ModelFamily, PromptEmbeddings, family_for_pipeline, scale_latents
-from .noising import prediction_target, sample_pair_noise, training_scheduler
-from .reference import Reference, build_reference
-from .safeguard import lambda_from_sums, safeguard_sums, scale_gradient
-from .saving import (
+from .families import ModelFamily, PromptEmbeddings, family_for_pipeline, scale_latents
+from .io.hub import build_model_card, upload_folder_to_hub
+from .io.saving import (
     has_saved_weights,
     load_full_unet,
     load_lora_adapters,
@@ -64,6 +52,18 @@ from .saving import (
     save_lora_adapters,
     unet_has_lora,
 )
+from .objectives import DenoisingErrors, PreferencePredictions, denoising_error, get_objective, implicit_accuracy
+from .reference import Reference, build_reference
+from .step.noising import prediction_target, sample_pair_noise, training_scheduler
+from .step.optimizer import (
+    clip_divisor,
+    engine_manages_gradients,
+    fused_scaling_optimizer,
+    grad_norm,
+    trainable_parameters,
+    zero_grads,
+)
+from .step.safeguard import lambda_from_sums, safeguard_sums, scale_gradient
 
 __all__ = ["DiffusionSDPOTrainer"]
 

@@ -39,8 +39,8 @@ from datasets import Array2D, Array4D, Dataset, Features, IterableDataset, Seque
 from datasets import config as datasets_config
 from safetensors.torch import load_file, save_file
 
-from .data import PairTransform, PreferenceColumns, load_image
-from .model_family import ModelFamily, PromptEmbeddings
+from ..families import ModelFamily, PromptEmbeddings
+from .preference import PairTransform, PreferenceColumns, load_image
 
 __all__ = [
     "CACHE_VERSION",

@@ -1,0 +1,56 @@
+"""SDXL: two text encoders; ``encoder_hidden_states`` is the concatenation of both encoders' penultimate hidden
+states, ``text_embeds`` the pooled (projected) output of the second, and ``time_ids`` the per-image
+micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
+
+__all__ = ["StableDiffusionXLFamily"]
+
+
+class StableDiffusionXLFamily(ModelFamily):
+    """SDXL: two CLIP text encoders (penultimate hidden states concatenated), pooled ``text_embeds``,
+    per-image ``time_ids`` micro-conditioning."""
+
+    name = "stable-diffusion-xl"
+    needs_time_ids = True
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {
+            "vae": self.pipeline.vae,
+            "text_encoder": self.pipeline.text_encoder,
+            "text_encoder_2": self.pipeline.text_encoder_2,
+        }
+
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        return PromptTokenizer({"input_ids": self.pipeline.tokenizer, "input_ids_2": self.pipeline.tokenizer_2})
+
+    @torch.no_grad()
+    def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> PromptEmbeddings:
+        encoder_1 = self.pipeline.text_encoder
+        encoder_2 = self.pipeline.text_encoder_2
+        out_1 = encoder_1(tokens["input_ids"].to(encoder_1.device), output_hidden_states=True, return_dict=True)
+        out_2 = encoder_2(tokens["input_ids_2"].to(encoder_2.device), output_hidden_states=True, return_dict=True)
+        hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        # CLIPTextModelWithProjection returns the projected pooled output as ``text_embeds``.
+        pooled = out_2.text_embeds if hasattr(out_2, "text_embeds") else out_2.pooler_output
+        return PromptEmbeddings(hidden, pooled)
+
+    def unet_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        if time_ids is None:
+            raise ValueError("SDXL needs per-image time_ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w)")
+        hidden = prompt_embeds.encoder_hidden_states
+        return {
+            "encoder_hidden_states": hidden,
+            "added_cond_kwargs": {
+                "text_embeds": prompt_embeds.pooled.to(hidden.dtype),
+                # float32, not the compute dtype: bfloat16 cannot hold sizes such as 1023 or 1366 exactly, and the
+                # UNet embeds time ids in float32 anyway (sinusoidal projection) before casting the embedding.
+                "time_ids": time_ids.to(device=hidden.device, dtype=torch.float32),
+            },
+        }
