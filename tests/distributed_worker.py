@@ -66,11 +66,11 @@ def _poison(step: int, rank: int) -> None:
     import trl_diffusion_sdpo.trainer as trainer_module
     from trl_diffusion_sdpo.objectives import ObjectiveOutput
 
-    get_objective = trainer_module.get_objective
+    build_objective = trainer_module.build_objective
     calls = {"n": 0}
 
-    def poisoned_objective(name):
-        objective = get_objective(name)
+    def poisoned_objective(name, **hyperparameters):
+        objective = build_objective(name, **hyperparameters)
 
         class Poisoned:
             requires_reference = objective.requires_reference
@@ -84,7 +84,7 @@ def _poison(step: int, rank: int) -> None:
 
         return Poisoned()
 
-    trainer_module.get_objective = poisoned_objective
+    trainer_module.build_objective = poisoned_objective
 
 
 @torch.no_grad()

@@ -179,13 +179,13 @@ def test_training_flips_about_half_the_pairs_both_images_and_evaluation_never(tm
                    per_device_train_batch_size=8)
     trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset, eval_dataset=dataset)
     moments: list[torch.Tensor] = []
-    real_sample = trainer._sample
+    real_noise = trainer._noise
 
-    def record(generator, mode, mean, std):
-        moments.append((mode, mean.detach().clone()))
-        return real_sample(generator, mode, mean, std)
+    def record(generator, mode, encoded):
+        moments.append((mode, encoded.mean.detach().clone()))
+        return real_noise(generator, mode, encoded)
 
-    trainer._sample = record
+    trainer._noise = record
     trainer.train()
     trainer.evaluate()
     transform = PairTransform(RESOLUTION, random_crop=False)

@@ -11,11 +11,13 @@ from trl_diffusion_sdpo.step.safeguard import lambda_from_sums, safeguard_sums, 
 
 
 def reference_lambda(r_w: torch.Tensor, r_l: torch.Tensor, mu: float, max_lambda: float = 1.0) -> float:
-    """The authors' rule, written out in float64 numpy."""
-    w = r_w.detach().to(torch.float64).numpy()
-    lo = r_l.detach().to(torch.float64).numpy()
-    num = float(np.sum(w * w))
-    den = float(np.sum(lo * w))
+    """The authors' rule as their code computes it, in float64 numpy: the gradients of the per-branch MEAN errors
+    with respect to the predictions, ``g = 2 r / N``, and 1e-9 added to their dot product."""
+    n = r_w.numel()
+    g_w = 2.0 * r_w.detach().to(torch.float64).numpy() / n
+    g_l = 2.0 * r_l.detach().to(torch.float64).numpy() / n
+    num = float(np.sum(g_w * g_w))
+    den = float(np.sum(g_l * g_w))
     if den <= 0:
         return max_lambda
     return float(np.clip((1.0 - mu) * num / (den + 1e-9), 0.0, max_lambda))
@@ -137,9 +139,23 @@ def test_safeguard_sums_are_the_float64_sums_and_lambda_from_sums_agrees():
     # Sums of several shards (as processes would all-reduce them) give the lambda of the whole micro-batch.
     num_a, den_a = safeguard_sums(r_w[:1], r_l[:1])
     num_b, den_b = safeguard_sums(r_w[1:], r_l[1:])
-    assert lambda_from_sums(num_a + num_b, den_a + den_b, 0.9).item() == pytest.approx(
+    assert lambda_from_sums(num_a + num_b, den_a + den_b, 0.9, num_elements=r_w.numel()).item() == pytest.approx(
         winner_preserving_lambda(r_w, r_l, 0.9).item(), rel=1e-6
     )
+
+
+def test_epsilon_is_the_authors_on_an_sd15_shaped_micro_batch():
+    # 8 pairs of SD1.5 latents at 512 px: eps = 1e-9 * N^2 / 4 = 4.29 in residual-sum units. Residuals of the size a
+    # trained UNet leaves (~0.1) make the cross sum a few hundred, so the epsilon moves lambda by about 1%.
+    gen = torch.Generator().manual_seed(11)
+    r_w = 0.1 * torch.randn(8, 4, 64, 64, generator=gen)
+    r_l = 0.9 * r_w + 0.05 * torch.randn(8, 4, 64, 64, generator=gen)
+    expected = reference_lambda(r_w, r_l, mu=0.9)
+    got = winner_preserving_lambda(r_w, r_l, mu=0.9).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    num, den = safeguard_sums(r_w, r_l)
+    without_eps = (0.1 * num / den).item()
+    assert 1.001 < without_eps / got < 1.05  # the epsilon is really there, and small
 
 
 def test_mismatched_residual_shapes_raise():

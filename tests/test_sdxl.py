@@ -314,14 +314,14 @@ def test_trainer_regresses_on_the_velocity_for_v_prediction_models(make_sdxl, ma
     )
     assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
     latents, predictions = [], []
-    sample = trainer._sample
+    noise = trainer._noise
 
-    def recording_sample(*args, **kwargs):
-        drawn = sample(*args, **kwargs)
-        latents.append(drawn[2])
-        return drawn
+    def recording_noise(*args, **kwargs):
+        noised = noise(*args, **kwargs)
+        latents.append(noised.latents)
+        return noised
 
-    trainer._sample = recording_sample
+    trainer._noise = recording_noise
     handle = pipe.unet.register_forward_hook(lambda module, args, output: predictions.append(output[0].detach()))
     capture = train_and_capture(trainer)
     handle.remove()

@@ -279,15 +279,16 @@ def test_training_step_loss_and_gradients_match_a_hand_computation(
 
     captured = {}
 
-    real_sample = trainer._sample
+    real_noise = trainer._noise
 
     def record(*args, **kwargs):
-        timesteps, noise, latents = real_sample(*args, **kwargs)
-        half = timesteps.shape[0] // 2  # winners and losers share them
-        captured["timesteps"], captured["noise"], captured["latents"] = timesteps[:half], noise[:half], latents
-        return timesteps, noise, latents
+        noised = real_noise(*args, **kwargs)
+        half = noised.timesteps.shape[0] // 2  # winners and losers share them
+        captured["timesteps"], captured["noise"] = noised.timesteps[:half], noised.noise[:half]
+        captured["latents"] = noised.latents
+        return noised
 
-    monkeypatch.setattr(trainer, "_sample", record)
+    monkeypatch.setattr(trainer, "_noise", record)
 
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
     model.train()
@@ -573,9 +574,9 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     seen = []
 
-    def fake_all_reduce(tensor):  # another process with the sums (num, den) = (3, 1)
+    def fake_all_reduce(tensor):  # another process with the sums (num, den) = (3, 1) over 100 elements
         seen.append(tensor.clone())
-        return tensor + torch.tensor([3.0, 1.0])
+        return tensor + torch.tensor([3.0, 1.0, 100.0])
 
     monkeypatch.setattr(trainer_module, "all_reduce_sum", fake_all_reduce)
     gen = torch.Generator().manual_seed(0)
@@ -585,8 +586,9 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
     r = [torch.randn(shape, generator=gen) for _ in range(4)]
     predictions = PreferencePredictions(r[0], r[1], r[2], r[3], None, None)
     num, den = safeguard_sums(r[0] - r[2], r[1] - r[3])
-    for scope, expected in (("local", (num, den)), ("global", (num + 3.0, den + 1.0))):
+    n = r[0].numel()
+    for scope, expected in (("local", (num, den, n)), ("global", (num + 3.0, den + 1.0, n + 100))):
         trainer = make_trainer(lora=True, safeguard_scope=scope, safeguard_mu=0.5)
-        lam = trainer._safeguard_lambda(predictions)
-        torch.testing.assert_close(lam, lambda_from_sums(*expected, 0.5, 1.0))
+        lam = trainer._output_space_lambda(predictions)
+        torch.testing.assert_close(lam, lambda_from_sums(expected[0], expected[1], 0.5, 1.0, expected[2]))
     assert len(seen) == 1

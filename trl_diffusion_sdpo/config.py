@@ -30,7 +30,28 @@ class DiffusionSDPOConfig(TrainingArguments):
         KL-regularisation strength of Diffusion-DPO. The timestep count and weighting are folded into it; the paper
         reports 2000 to 5000 working. Larger values make the logit ``u`` more sensitive to error differences.
     loss_type (`str`, *optional*, defaults to `"dpo"`):
-        Preference objective. `"dpo"`: Diffusion-DPO, ``-logsigmoid(u)``.
+        Preference objective (formulas and the authors' settings per model family: `docs/objectives.md`).
+        `"dpo"`: Diffusion-DPO, ``-logsigmoid(u)``. `"dspo"`: the score-matching form (authors' beta 0.001 for SD1.5
+        with `dspo_form="sd15"`, 5000 for SDXL with `dspo_form="sdxl"`). `"dmpo"`: KL to a Bernoulli target
+        (`dmpo_alpha`; beta 2000 SD1.5, 6000 SDXL). `"sft"`: supervised fine-tuning on the winners (no reference,
+        no safeguard). `"mapo"`: reference-free margin-aware preference optimisation (`mapo_beta`,
+        `mapo_snr_value`; no reference model is built or run). `"smpo"`: Diffusion-DPO with SmPO's smoothed
+        preferences, each pair's logit weighted by ``smpo_gamma * (2p - 1)`` from two score columns.
+    dmpo_alpha (`float`, *optional*, defaults to `0.01`):
+        DMPO's target ``q = 1 - alpha`` (authors: 0.01).
+    dspo_form (`str`, *optional*, defaults to `"sd15"`):
+        Which of the authors' DSPO forms: `"sd15"` (winner residual plus the scaled policy-reference difference)
+        or `"sdxl"` (the squared policy-reference difference weighted by ``(1 - sigmoid(u))^2``).
+    mapo_beta (`float`, *optional*, defaults to `0.1`), mapo_snr_value (`float`, *optional*, defaults to `0.5`):
+        MaPO's odds-ratio weight and the ``g`` of ``f(e) = g e / (exp(g e) - 1)`` (the MaPO authors' defaults).
+    smpo_gamma (`float`, *optional*, defaults to `10.0`):
+        SmPO's scale of the per-pair logit weight ``gamma * (2p - 1)``, ``p = sigmoid(n_w - n_l)``.
+    score_0_column, score_1_column (`str`, *optional*, defaults to `"score_0"`, `"score_1"`):
+        Per-image score columns for `"smpo"` (the higher-scored image is the winner); or hand the trainer a
+        ``reward_fn`` to score the images itself.
+    smpo_score_min, smpo_score_max (`float`):
+        The normalisation ``n = (s - min) / (max - min)`` of the scores; defaults are SmPO's constants for PickScore's
+        raw cosine (0.11543526500463486, 0.28201571106910706).
 
     > Parameters that control the safeguard
 
@@ -42,6 +63,12 @@ class DiffusionSDPOConfig(TrainingArguments):
         SD1.5 DSPO, 0.6 for every SDXL run.
     safeguard_max_lambda (`float`, *optional*, defaults to `1.0`):
         Upper bound of ``lambda``.
+    safeguard_space (`str`, *optional*, defaults to `"output"`):
+        Where ``lambda`` is computed. `"output"`: the authors' rule on the policy's residuals (two sums, no extra
+        pass), which treats the UNet's Jacobians on the two branches as equal. `"parameter"`: the exact rule, from
+        the gradients of the loss's winner and loser terms over the trainable weights, one backward pass per branch
+        (one extra gradient-sized buffer; see `docs/safeguard.md` for its guarantee, cost and the measured
+        difference). Not available under DeepSpeed or FSDP.
     safeguard_scope (`str`, *optional*, defaults to `"local"`):
         Which samples one ``lambda`` covers when several processes train. `"local"` (the authors' choice): each
         process computes ``lambda`` from its own micro-batch. `"global"`: the two sums behind ``lambda`` are summed
@@ -56,7 +83,14 @@ class DiffusionSDPOConfig(TrainingArguments):
     random_crop (`bool`, *optional*, defaults to `False`):
         Random instead of center crop. Winner and loser share the crop position (relative to their size).
     random_flip (`bool`, *optional*, defaults to `True`):
-        Flip both images of a pair horizontally with probability 0.5 (the authors' augmentation).
+        Flip horizontally with probability 0.5: both images of a pair together (MaPO's choice, and ours by default),
+        or each image on its own with `independent_augmentation`.
+    independent_augmentation (`bool`, *optional*, defaults to `False`):
+        Flip (and, with `random_crop`, crop) each image of a pair independently, as the Diffusion-SDPO authors do,
+        instead of the pair together.
+    fixed_time_ids (`bool`, *optional*, defaults to `False`):
+        SDXL only: condition every image on ``time_ids = (res, res, 0, 0, res, res)`` as the Diffusion-SDPO authors
+        do, instead of its real original size and crop (the default, as SDXL was trained).
     proportion_empty_prompts (`float`, *optional*, defaults to `0.2`):
         Fraction of prompts replaced by the empty prompt during training (classifier-free guidance dropout).
     min_timestep (`int`, *optional*, defaults to `0`):
@@ -98,6 +132,8 @@ class DiffusionSDPOConfig(TrainingArguments):
 
     > Defaults changed from `TrainingArguments`
 
+    weight_decay (`float`, defaults to `0.01`):
+        The Diffusion-SDPO authors' AdamW weight decay.
     learning_rate (`float`, defaults to `1e-8`) with scale_lr (`bool`, defaults to `True`):
         The authors' recipe: the learning rate is multiplied by ``processes * per_device_batch * accumulation``
         (2.048e-5 at their effective batch of 2048 pairs). Set `scale_lr=False` to use `learning_rate` as given.
@@ -117,7 +153,23 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     loss_type: str = field(
         default="dpo",
-        metadata={"help": "Preference objective.", "choices": sorted(OBJECTIVES)},
+        metadata={"help": "Preference objective.", "choices": list(OBJECTIVES)},
+    )
+    dmpo_alpha: float = field(default=0.01, metadata={"help": "DMPO target q = 1 - alpha (authors: 0.01)."})
+    dspo_form: str = field(
+        default="sd15",
+        metadata={"help": "DSPO form of the authors' code: 'sd15' or 'sdxl'.", "choices": ["sd15", "sdxl"]},
+    )
+    mapo_beta: float = field(default=0.1, metadata={"help": "MaPO odds-ratio weight (MaPO authors: 0.1)."})
+    mapo_snr_value: float = field(default=0.5, metadata={"help": "MaPO's g in f(e) = g e / (exp(g e) - 1)."})
+    smpo_gamma: float = field(default=10.0, metadata={"help": "SmPO logit weight scale: gamma * (2p - 1)."})
+    score_0_column: str = field(default="score_0", metadata={"help": "SmPO: score column of the first image."})
+    score_1_column: str = field(default="score_1", metadata={"help": "SmPO: score column of the second image."})
+    smpo_score_min: float = field(
+        default=0.11543526500463486, metadata={"help": "SmPO score normalisation minimum (PickScore raw cosine)."}
+    )
+    smpo_score_max: float = field(
+        default=0.28201571106910706, metadata={"help": "SmPO score normalisation maximum (PickScore raw cosine)."}
     )
     # Safeguard
     safeguard: bool = field(
@@ -129,6 +181,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         metadata={"help": "Safeguard margin mu in [0, 1] (authors: 0.9 SD1.5 DPO, 0.2 SD1.5 DSPO, 0.6 SDXL)."},
     )
     safeguard_max_lambda: float = field(default=1.0, metadata={"help": "Upper bound of the safeguard lambda."})
+    safeguard_space: str = field(
+        default="output",
+        metadata={"help": "'output': the authors' rule on residuals; 'parameter': the exact rule from per-branch "
+                  "parameter gradients (one backward per branch).", "choices": ["output", "parameter"]},
+    )
     safeguard_scope: str = field(
         default="local",
         metadata={"help": "'local': one lambda per process micro-batch (authors); 'global': lambda of the global "
@@ -137,7 +194,13 @@ class DiffusionSDPOConfig(TrainingArguments):
     # Data
     resolution: int = field(default=512, metadata={"help": "Square training resolution in pixels."})
     random_crop: bool = field(default=False, metadata={"help": "Random crop instead of center crop."})
-    random_flip: bool = field(default=True, metadata={"help": "Random horizontal flip of both images of a pair."})
+    random_flip: bool = field(default=True, metadata={"help": "Random horizontal flip (per pair by default)."})
+    independent_augmentation: bool = field(
+        default=False, metadata={"help": "Flip and crop each image of a pair independently (the SDPO authors')."}
+    )
+    fixed_time_ids: bool = field(
+        default=False, metadata={"help": "SDXL: time_ids fixed to (res, res, 0, 0, res, res) (the SDPO authors')."}
+    )
     proportion_empty_prompts: float = field(
         default=0.2, metadata={"help": "Fraction of prompts replaced by the empty prompt during training."}
     )
@@ -189,6 +252,7 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     warmup_steps: float = field(default=500, metadata={"help": "Linear warmup steps (authors: 500)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (authors: 1.0)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (SDPO authors: 0.01)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator reads the image columns."}
@@ -229,6 +293,19 @@ class DiffusionSDPOConfig(TrainingArguments):
             )
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the image columns; leave it False")
+        if self.safeguard_space not in ("output", "parameter"):
+            raise ValueError(f"safeguard_space must be 'output' or 'parameter', got {self.safeguard_space!r}")
+        if self.loss_type == "sft" and self.safeguard:
+            raise ValueError(
+                "loss_type='sft' trains on the winners only: there is no loser gradient for the safeguard to scale. "
+                "Set safeguard=False."
+            )
+        if self.dspo_form not in ("sd15", "sdxl"):
+            raise ValueError(f"dspo_form must be 'sd15' or 'sdxl', got {self.dspo_form!r}")
+        if not self.smpo_score_max > self.smpo_score_min:
+            raise ValueError(
+                f"smpo_score_max ({self.smpo_score_max}) must be larger than smpo_score_min ({self.smpo_score_min})"
+            )
         if self.safeguard_scope not in ("local", "global"):
             raise ValueError(f"safeguard_scope must be 'local' or 'global', got {self.safeguard_scope!r}")
         if _launched_on_cpu_only():

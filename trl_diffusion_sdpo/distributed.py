@@ -9,8 +9,9 @@
   optimizer, in eval mode.
 * :func:`gather_zero3_state_dict` collects ZeRO-3 shards on the main process, so a save writes the same files as
   a single process does.
-* :func:`all_reduce_sum` and :func:`rank_rows` serve the loss: the safeguard's global scope and random draws that
-  do not depend on the number of processes.
+* :func:`all_reduce_sum` serves the output-space safeguard's global scope; :func:`all_reduce_mean_` averages
+  gradients (or the winner's gradient buffer) in buckets, for the parameter-space safeguard, which runs its two
+  backward passes outside DDP's hooks and reduces the combined gradient once, as DDP would.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
 __all__ = [
+    "all_reduce_mean_",
     "all_reduce_sum",
     "check_not_partitioned",
     "gather_zero3_state_dict",
     "is_partitioned",
     "load_pipeline",
-    "rank_rows",
     "reference_inference_engine",
     "zero3_init_disabled",
     "zero_stage",
@@ -135,20 +136,36 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def rank_rows(
-    draw: Callable[[int], tuple[torch.Tensor, ...]],
-    local_rows: int,
-    rows_per_process: int,
-    process_index: int,
-    num_processes: int,
-) -> tuple[torch.Tensor, ...]:
-    """This process's rows of draws made for all processes at once.
+def all_reduce_mean_(tensors: Sequence[torch.Tensor], bucket_elements: int = 1 << 25) -> None:
+    """Average ``tensors`` over all processes, in place, in flat buckets of at most ``bucket_elements`` elements
+    (one collective per bucket, not per tensor); a no-op without an initialised process group.
 
-    ``draw(n)`` returns tensors of ``n`` rows each; every process makes the same draw for
-    ``num_processes * rows_per_process`` rows (same generator state) and keeps rows
-    ``[process_index * rows_per_process, ... + local_rows)`` of each. A pair then gets the same timestep and noise
-    whatever the number of processes, as long as the global batch is the same.
+    Every process must pass tensors of the same shapes in the same order.
     """
-    rows_per_process = max(rows_per_process, local_rows)
-    start = process_index * rows_per_process
-    return tuple(t[start : start + local_rows] for t in draw(num_processes * rows_per_process))
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush() -> None:
+        if not bucket:
+            return
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat.div_(world)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        bucket.clear()
+
+    for tensor in tensors:
+        if bucket and (size + tensor.numel() > bucket_elements or tensor.dtype != bucket[0].dtype):
+            flush()
+            size = 0
+        bucket.append(tensor)
+        size += tensor.numel()
+    flush()

@@ -1,15 +1,16 @@
 """``DiffusionSDPOTrainer``: Diffusion-DPO / Diffusion-SDPO on Stable Diffusion UNets with ``transformers.Trainer``.
 
-The trainer orchestrates; the math lives in :mod:`.losses` and :mod:`.safeguard`, the data handling in
-:mod:`.data`, SD-vs-SDXL specifics in :mod:`.model_family`, the reference model in :mod:`.reference` and the file
-formats in :mod:`.saving`. One training step reads: encode, noise, predict, reference, safeguard, loss, log.
+The trainer orchestrates: it builds the parts, then calls the stages of :mod:`.step` in order. The math lives in
+:mod:`.objectives` and :mod:`.step.safeguard`, the data in :mod:`.data`, model specifics in :mod:`.families`, the
+reference model in :mod:`.reference` and the file formats in :mod:`.io`. One micro-batch reads: batch -> latents ->
+noised pair -> predictions -> errors -> safeguard -> objective -> backward (per branch for the parameter-space
+safeguard) -> guard -> log.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
 import os
 from collections import defaultdict
@@ -21,28 +22,21 @@ from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, set_seed
+from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .config import DiffusionSDPOConfig
-from .data.latent_cache import (
-    CachedPreferenceCollator,
-    LatentCache,
-    build_latent_cache,
-    cached_moments,
-    cached_prompt_embeds,
-    cached_time_ids,
-)
+from .data.latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .data.preference import DataReport, PairTransform, PreferenceCollator, prepare_preference_dataset
 from .distributed import (
+    all_reduce_mean_,
     all_reduce_sum,
     check_not_partitioned,
     gather_zero3_state_dict,
     load_pipeline,
-    rank_rows,
     reference_inference_engine,
     zero_stage,
 )
-from .families import ModelFamily, PromptEmbeddings, family_for_pipeline, scale_latents
+from .families import ModelFamily, PromptEmbeddings, family_for_pipeline
 from .io.hub import build_model_card, upload_folder_to_hub
 from .io.saving import (
     has_saved_weights,
@@ -52,9 +46,13 @@ from .io.saving import (
     save_lora_adapters,
     unet_has_lora,
 )
-from .objectives import DenoisingErrors, PreferencePredictions, denoising_error, get_objective, implicit_accuracy
+from .objectives import DenoisingErrors, PreferencePredictions, build_objective, implicit_accuracy
 from .reference import Reference, build_reference
-from .step.noising import prediction_target, sample_pair_noise, training_scheduler
+from .step.batch import EncodedBatch, drop_prompts, encode_batch, fixed_time_ids
+from .step.branches import BranchGradientSplitter, branch_cotangents
+from .step.draws import keyed_generator, rank_rows
+from .step.guard import NonFiniteLossGuard
+from .step.noising import NoisedPair, noise_pairs, sample_pair_noise, training_scheduler
 from .step.optimizer import (
     clip_divisor,
     engine_manages_gradients,
@@ -63,80 +61,12 @@ from .step.optimizer import (
     trainable_parameters,
     zero_grads,
 )
-from .step.safeguard import lambda_from_sums, safeguard_sums, scale_gradient
+from .step.predictions import denoising_errors, predict_pairs
+from .step.safeguard import lambda_from_sums, parameter_space_lambda, safeguard_sums, scale_gradient
 
 __all__ = ["DiffusionSDPOTrainer"]
 
 logger = logging.getLogger(__name__)
-
-
-class _NonFiniteLossGuard(TrainerCallback):
-    """Keeps gradients of a non-finite loss away from the optimizer.
-
-    The trainer flags a non-finite micro-batch loss on the device. With a fused optimizer (torch's fused AdamW, the
-    default) and ``on_nonfinite_loss="skip"`` the flag goes to the optimizer as ``found_inf`` and its fused kernel
-    skips the whole update on the device, so the host never waits; the skips are counted on the device and read
-    when logging. Otherwise the flag is read just before the optimizer step, and if set every gradient is dropped
-    (``grad = None``). Either way the step is a no-op for all parameters: no moment update, no weight decay.
-    """
-
-    def __init__(self, trainer: DiffusionSDPOTrainer) -> None:
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        flag = trainer._nonfinite_flag
-        if flag is None:
-            return
-        trainer._nonfinite_flag = None
-        if trainer.accelerator.num_processes > 1:
-            flag = trainer.accelerator.reduce(flag, reduction="sum")
-        if trainer.is_deepspeed_enabled:
-            # DeepSpeed has already stepped, inside backward, and skipped the update: a non-finite loss makes the
-            # gradient norm non-finite, which its ZeRO optimizers treat as an overflow. Count it, or stop.
-            if bool(flag.item() > 0):
-                trainer._nonfinite_skipped += 1
-                self._stop_or_warn(args, state)
-            return
-        fused = fused_scaling_optimizer(trainer.optimizer, trainer.accelerator)
-        if fused is not None and args.on_nonfinite_loss == "skip":
-            skipped = (flag > 0).float()
-            fused.found_inf = skipped
-            pending = trainer._nonfinite_skipped_pending
-            trainer._nonfinite_skipped_pending = skipped if pending is None else pending + skipped
-            return
-        if not bool(flag.item() > 0):
-            return
-        trainer.model.zero_grad(set_to_none=True)
-        trainer._nonfinite_skipped += 1
-        self._stop_or_warn(args, state)
-
-    def _stop_or_warn(self, args, state) -> None:
-        trainer = self.trainer
-        if args.on_nonfinite_loss == "raise":
-            trainer._save_checkpoint(trainer.model, trial=None)
-            raise RuntimeError(
-                f"Non-finite loss at optimizer step {state.global_step + 1}; the update was not applied and a "
-                f"checkpoint of the last good state was saved in {args.output_dir}/{PREFIX_CHECKPOINT_DIR}-"
-                f"{state.global_step}. Lower the learning rate or beta, check the data, or set "
-                "on_nonfinite_loss='skip'."
-            )
-        logger.warning(
-            "Non-finite loss: optimizer step %d skipped (%d so far)", state.global_step + 1, trainer._nonfinite_skipped
-        )
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        # The clip divisor and the skip flag hold for one step only.
-        fused = fused_scaling_optimizer(self.trainer.optimizer, self.trainer.accelerator)
-        if fused is not None:
-            fused.grad_scale = None
-            fused.found_inf = None
-
-
-def _where_rows(condition: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
-    """``if_true`` in the rows (dim 0) where ``condition`` is set, ``if_false`` elsewhere."""
-    condition = condition.to(if_false.device).view(-1, *([1] * (if_false.dim() - 1)))
-    return torch.where(condition, if_true.to(if_false), if_false)
 
 
 def _compute_dtype(args: DiffusionSDPOConfig) -> torch.dtype:
@@ -209,12 +139,26 @@ class DiffusionSDPOTrainer(Trainer):
             module.requires_grad_(False)
             module.eval()
 
-        # The reference copy is taken before adapters are added so it holds the base weights only.
+        self.objective = build_objective(
+            args.loss_type,
+            beta=args.beta,
+            dmpo_alpha=args.dmpo_alpha,
+            dspo_form=args.dspo_form,
+            mapo_beta=args.mapo_beta,
+            mapo_snr_value=args.mapo_snr_value,
+            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+        )
+        # The reference copy is taken before adapters are added so it holds the base weights only. Reference-free
+        # objectives (MaPO, SFT) build none: no copy in memory, no forward pass.
         if peft_config is not None and ref_model is None and unet_has_lora(unet):
             raise ValueError("The UNet already carries LoRA adapters; pass an explicit ref_model or a clean UNet")
-        self.reference: Reference = build_reference(
-            unet, ref_model, uses_lora=peft_config is not None, get_policy=lambda: self._policy_unet()
-        )
+        self.reference: Reference | None = None
+        if self.objective.requires_reference:
+            self.reference = build_reference(
+                unet, ref_model, uses_lora=peft_config is not None, get_policy=lambda: self._policy_unet()
+            )
+        elif ref_model is not None:
+            logger.warning("loss_type=%r needs no reference model; the ref_model passed is not used", args.loss_type)
         # As in diffusers' scripts: frozen weights in the compute dtype, trainable weights in float32 (the fp16 grad
         # scaler cannot unscale half-precision gradients, and bf16 weights lose small updates).
         if peft_config is not None:
@@ -225,7 +169,7 @@ class DiffusionSDPOTrainer(Trainer):
             unet.requires_grad_(True)
         cast_training_params(unet, dtype=torch.float32)
         self.is_lora = peft_config is not None
-        self.objective = get_objective(args.loss_type)
+        self._dtype = _compute_dtype(args)
 
         # ``gradient_checkpointing`` is an alias of ``activation_checkpointing`` in recent transformers; with either
         # set, transformers would call a method UNets do not have, so the UNet's own switch is used instead.
@@ -281,7 +225,7 @@ class DiffusionSDPOTrainer(Trainer):
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
-        self.add_callback(_NonFiniteLossGuard(self))
+        self.add_callback(NonFiniteLossGuard(self))
 
         self._place_frozen_modules()
         self._metrics: dict[str, defaultdict[str, list[torch.Tensor]]] = {
@@ -296,9 +240,30 @@ class DiffusionSDPOTrainer(Trainer):
         self._eval_metric_prefix: str | None = None
         self._draw_step, self._draw_index = -1, 0  # which micro-batch of which step the training draws are for
         self._last_inputs: dict[str, dict] = {}  # per mode, for a micro-batch whose rows were all invalid
+        # The parameter-space safeguard's per-branch backward passes (one extra gradient-sized buffer).
+        self._splitter: BranchGradientSplitter | None = None
+        if args.safeguard and args.safeguard_space == "parameter":
+            self._check_parameter_space_engine()
+            self._splitter = BranchGradientSplitter(trainable_parameters(unet))
         logger.info("Train data: %s", self.train_data_report.summary())
 
     # ------------------------------------------------------------------ setup
+
+    def _check_parameter_space_engine(self) -> None:
+        """The parameter-space safeguard reads and rewrites ``.grad`` between two backward passes; engines that own
+        the gradients (DeepSpeed, FSDP) are refused here, before any step."""
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "safeguard_space='parameter' is not supported under DeepSpeed: ZeRO reduces and partitions gradients "
+                "inside its own backward, where the per-branch passes cannot be separated. Use DDP "
+                "(examples/accelerate_configs/multi_gpu.yaml) with safeguard_space='parameter', or keep DeepSpeed "
+                "with safeguard_space='output' (the authors' rule)."
+            )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "safeguard_space='parameter' is not supported under FSDP (sharded gradients); use DDP with "
+                "safeguard_space='parameter', or FSDP with safeguard_space='output'."
+            )
 
     def _policy_unet(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.pipeline.unet
@@ -334,7 +299,7 @@ class DiffusionSDPOTrainer(Trainer):
                 continue
             dtype = torch.float32 if name == "vae" and self.family.vae_needs_fp32() else compute_dtype
             module.to(device=device, dtype=dtype)
-        if not self.reference.shares_policy_weights:
+        if self.reference is not None and not self.reference.shares_policy_weights:
             if zero_stage(self.accelerator) == 3:
                 self.reference.unet = reference_inference_engine(self.reference.unet, self.accelerator)
             else:
@@ -358,8 +323,11 @@ class DiffusionSDPOTrainer(Trainer):
             del unet.zero_grad  # back to Module.zero_grad
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        # A non-finite micro-batch never reaches the weights (see _NonFiniteLossGuard); keep it out of the logged
+        if self._splitter is not None:
+            loss = self._parameter_space_training_step(model, inputs)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
         return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
@@ -374,68 +342,179 @@ class DiffusionSDPOTrainer(Trainer):
         fused.grad_scale = clip_divisor(norm, self.args.max_grad_norm)
         return norm
 
-    def _encode_batch(
-        self, inputs: dict[str, torch.Tensor], flip: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, PromptEmbeddings, torch.Tensor]:
-        """VAE posterior mean and std ``[2B, C, h, w]`` (winners then losers), prompt embeddings ``[B, ...]`` and
-        time ids ``[2B, 6]``; the pairs where ``flip`` is set are mirrored (both images)."""
-        dtype = _compute_dtype(self.args)
-        if flip is not None:
-            inputs = dict(inputs, time_ids=_where_rows(flip, inputs["time_ids_flipped"], inputs["time_ids"]))
-        if "latent_mean" in inputs:  # a batch of the latent cache: nothing left to encode
-            if flip is not None:
-                for key in ("latent_mean", "latent_std"):
-                    inputs[key] = _where_rows(flip, inputs[f"{key}_flipped"], inputs[key])
-            mean, std = cached_moments(inputs)
-            return mean, std, cached_prompt_embeds(inputs, dtype), cached_time_ids(inputs)
-        pixel_values = inputs["pixel_values"]  # [B, 2, 3, H, W]
-        if flip is not None:
-            pixel_values = _where_rows(flip, pixel_values.flip(-1), pixel_values)
-        batch = pixel_values.shape[0]
-        pixels = pixel_values.transpose(0, 1).reshape(2 * batch, *pixel_values.shape[2:])
-        mean, std = self.family.encode_moments(pixels)
-        tokens = {k: v for k, v in inputs.items() if k.startswith("input_ids")}
-        prompt_embeds = self.family.encode_prompts(tokens)
-        time_ids = inputs["time_ids"].transpose(0, 1).reshape(2 * batch, -1)
-        return mean, std, prompt_embeds, time_ids
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """One micro-batch, read top-down: batch -> latents -> noised pair -> predictions -> errors -> safeguard
+        (output space) -> objective. The backward pass is transformers'; the parameter-space safeguard replaces it
+        (see :meth:`_parameter_space_training_step`)."""
+        mode = "train" if model.training else "eval"
+        inputs, replay = self._usable_inputs(inputs, mode)
+        if inputs is None:  # every row was invalid, one process: contribute nothing, keep the graph connected
+            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            return (loss, {}) if return_outputs else loss
+        predictions = self._predict(model, inputs, mode, separate_branches=False)
+        errors = denoising_errors(predictions)
+        lam = None
+        if self.args.safeguard and self.args.safeguard_space == "output":
+            lam = self._output_space_lambda(predictions)
+            errors.policy_loser = scale_gradient(errors.policy_loser, lam)
+        output = self.objective(predictions, errors, pair_weights=inputs.get("pair_weights"))
+        loss = output.loss
+        if replay:
+            loss = loss * 0.0
+            return (loss, {"logits": output.logits}) if return_outputs else loss
+        self._flag_nonfinite(loss, mode)
+        self._record_metrics(self._metrics[mode], errors, output.logits, {"safeguard/lambda": lam})
+        return (loss, {"logits": output.logits}) if return_outputs else loss
 
-    def _drop_prompts(self, embeds: PromptEmbeddings, drop: torch.Tensor) -> PromptEmbeddings:
-        """Replace the prompt embeddings of the rows where ``drop`` is set by the empty prompt's."""
+    def _parameter_space_training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The exact safeguard: one forward and one backward pass per branch, ``lambda`` from parameter gradients.
+
+        batch -> latents -> noised pair -> predictions (per branch) -> errors and objective on detached predictions
+        (giving each branch's cotangent) -> winner backward -> loser backward -> ``lambda`` -> combine -> (several
+        processes) one all-reduce of the combined gradient at the end of the accumulation window, as DDP would.
+        """
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        inputs, replay = self._usable_inputs(inputs, "train")
+        if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
+            return torch.zeros((), device=self.args.device)
+        policy = self.accelerator.unwrap_model(model)  # the branches bypass DDP's hooks; reduced once below
+        with self.compute_loss_context_manager():
+            predictions = self._predict(policy, inputs, "train", separate_branches=True)
+        pair_weights = inputs.get("pair_weights")
+        captured: dict[str, Any] = {}
+
+        def loss_of(policy_winner: torch.Tensor, policy_loser: torch.Tensor) -> torch.Tensor:
+            branch = dataclasses.replace(predictions, policy_winner=policy_winner, policy_loser=policy_loser)
+            captured["errors"] = denoising_errors(branch)
+            captured["output"] = self.objective(branch, captured["errors"], pair_weights=pair_weights)
+            return captured["output"].loss
+
+        loss, cot_winner, cot_loser = branch_cotangents(loss_of, predictions.policy_winner, predictions.policy_loser)
+        scale = self._backward_scale(cot_winner.device)
+        if replay:  # join the other processes' collectives with a zero contribution
+            cot_winner, cot_loser = torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
+        global_scope = self.args.safeguard_scope == "global" and self.accelerator.num_processes > 1
+        winner_sq = self._splitter.backward_winner(
+            predictions.policy_winner, cot_winner * scale.to(cot_winner), all_reduce_mean_ if global_scope else None
+        )
+        cross = self._splitter.backward_loser(predictions.policy_loser, cot_loser * scale.to(cot_loser))
+        if global_scope:
+            cross = all_reduce_sum(cross) / self.accelerator.num_processes
+        lam = parameter_space_lambda(winner_sq, -cross, self.args.safeguard_mu, self.args.safeguard_max_lambda)
+        self._splitter.combine(lam)
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            all_reduce_mean_([p.grad if p.grad is not None else p.new_zeros(p.shape) for p in self._trainable])
+        if replay:
+            return torch.zeros((), device=loss.device)
+        self._flag_nonfinite(loss, "train")
+        self._record_metrics(
+            self._metrics["train"],
+            captured["errors"],
+            captured["output"].logits,
+            {"safeguard/lambda": lam, "safeguard/output_lambda": self._output_space_lambda(predictions)},
+        )
+        return loss / self.current_gradient_accumulation_steps
+
+    def _backward_scale(self, device: torch.device) -> torch.Tensor:
+        """What ``accelerator.backward`` would multiply the loss by: the gradient-accumulation average, and the fp16
+        grad scaler's current scale (a device tensor: no host sync)."""
+        scale = torch.full((), 1.0 / self.current_gradient_accumulation_steps, device=device)
+        if self.accelerator.scaler is not None:
+            scale = self.accelerator.scaler.scale(scale)
+        return scale
+
+    def _usable_inputs(
+        self, inputs: dict[str, torch.Tensor], mode: str
+    ) -> tuple[dict[str, torch.Tensor] | None, bool]:
+        """``(inputs, replay)``. A streamed micro-batch whose rows were all invalid gives ``None`` on one process; with
+        several processes (whose collectives must run) it is replaced by this process's last good micro-batch, to be
+        weighted zero (``replay``) and kept out of the metrics."""
+        self._metrics[mode]["data/skipped_rows"].append(inputs["num_skipped"].detach().float())
+        if inputs["time_ids"].shape[0] > 0:
+            if self.accelerator.num_processes > 1:
+                self._last_inputs[mode] = inputs
+            return inputs, False
+        if self.accelerator.num_processes == 1:
+            return None, False
+        if mode not in self._last_inputs:
+            raise RuntimeError(
+                f"Every row of the first {mode} micro-batch on process {self.accelerator.process_index} was "
+                "invalid, and with several processes a micro-batch cannot be left out. Clean the data or raise "
+                "the per-device batch size."
+            )
+        return self._last_inputs[mode], True
+
+    def _predict(
+        self, policy: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, separate_branches: bool
+    ) -> PreferencePredictions:
+        """Stages batch -> latents -> noised pair -> predictions, with this micro-batch's keyed draws."""
+        generator = self._generator(mode, self.args.device)
+        train = mode == "train"
+        # batch: flips (per pair, or per image with independent_augmentation) and prompt dropout, training only
+        flip, drop = self._augmentation_draws(generator, mode, inputs["time_ids"].shape[0])
+        encoded = encode_batch(inputs, self.family, flip if train and self.args.random_flip else None, self._dtype)
+        if train and self.args.proportion_empty_prompts > 0:
+            encoded.prompt_embeds = drop_prompts(
+                encoded.prompt_embeds, drop < self.args.proportion_empty_prompts, self._empty_prompt_embeds()
+            )
+        time_ids = None
+        if self.family.needs_time_ids:
+            time_ids = encoded.time_ids
+            if self.args.fixed_time_ids:
+                time_ids = fixed_time_ids(self.args.resolution, time_ids.shape[0], time_ids.device)
+        # latents and noised pair: one timestep and one noise per pair, shared by winner and loser
+        noised = self._noise(generator, mode, encoded)
+        # predictions
+        reference = self.reference.predict if self.objective.requires_reference else None
+        return predict_pairs(
+            policy, reference, self.family, noised, encoded.prompt_embeds, time_ids, separate_branches
+        )
+
+    def _augmentation_draws(
+        self, generator: torch.Generator, mode: str, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``flip`` booleans (``[B]``, or ``[B, 2]`` with ``independent_augmentation``) and ``drop`` uniforms ``[B]``.
+
+        The winner's flip and the dropout are the first two rows of the draw whatever the option (a generator fills
+        rows in order), so the option adds the loser's own flip without changing the others."""
+        rows = 3 if self.args.independent_augmentation else 2
+        draws = self._draw(
+            generator, mode, batch, lambda n, device: tuple(torch.rand((rows, n), generator=generator, device=device))
+        )
+        flip = torch.stack([draws[0], draws[2]], dim=1) < 0.5 if rows == 3 else draws[0] < 0.5
+        return flip, draws[1]
+
+    def _empty_prompt_embeds(self) -> PromptEmbeddings:
         if self._empty_prompt is None:
             tokens = {k: v.to(self.args.device) for k, v in self._tokenize([""]).items()}
             self._empty_prompt = self.family.encode_prompts(tokens)
-        empty = self._empty_prompt
-        hidden = embeds.encoder_hidden_states
-        hidden = _where_rows(drop, empty.encoder_hidden_states.to(hidden).expand_as(hidden), hidden)
-        pooled = embeds.pooled
-        if pooled is not None:
-            pooled = _where_rows(drop, empty.pooled.to(pooled).expand_as(pooled), pooled)
-        return PromptEmbeddings(hidden, pooled)
+        return self._empty_prompt
 
     def _generator(self, mode: str, device: torch.device) -> torch.Generator:
-        """The generator of this micro-batch's random draws (flips, prompt dropout, timesteps, noise, posterior
-        samples).
+        """The generator of this micro-batch's random draws (see :mod:`.step.draws`).
 
-        Training: seeded by ``(seed, global step, micro-batch within the step)``, so a resumed run draws exactly
-        what the uninterrupted one did. Evaluation: the CPU generator seeded with ``eval_seed`` at each
-        ``evaluate()``. Every process holds the same generator state and draws for all processes (see
-        :meth:`_draw`).
+        Training: keyed by ``(seed, global step, micro-batch within the step)``. Evaluation: the CPU generator seeded
+        with ``eval_seed`` at each ``evaluate()``.
         """
         if mode == "eval" and self._eval_generator is not None:
             return self._eval_generator
         step = self.state.global_step
         if step != self._draw_step:
             self._draw_step, self._draw_index = step, 0
-        key = f"{self.args.seed}/{step}/{self._draw_index}".encode()
         self._draw_index += 1
-        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-        return torch.Generator(device=device).manual_seed(seed)
+        return keyed_generator(self.args.seed, step, self._draw_index - 1, device)
 
     def _draw(
         self, generator: torch.Generator, mode: str, batch: int, draw: Callable[[int, torch.device], tuple]
     ) -> tuple[torch.Tensor, ...]:
-        """``draw(n, device)`` for the global micro-batch (every process, ``per_device_*_batch_size`` rows each),
-        of which this process keeps its own rows: a pair gets the same draws whatever the number of processes."""
+        """``draw(n, device)`` for the global micro-batch, of which this process keeps its own rows."""
         rows = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         return tuple(
             t.to(self.args.device)
@@ -448,13 +527,9 @@ class DiffusionSDPOTrainer(Trainer):
             )
         )
 
-    def _sample(
-        self, generator: torch.Generator, mode: str, mean: torch.Tensor, std: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Timesteps, noise and latents ``[2B, ...]``: one timestep and noise per pair (shared by winner and loser),
-        a posterior sample ``mean + std * eps`` per image."""
-        batch = mean.shape[0] // 2
-        latent_shape = tuple(mean.shape[1:])
+    def _noise(self, generator: torch.Generator, mode: str, encoded: EncodedBatch) -> NoisedPair:
+        """Draw one timestep and noise per pair and one posterior sample per image; noise the pair."""
+        latent_shape = tuple(encoded.mean.shape[1:])
 
         def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
             timesteps, noise = sample_pair_noise(
@@ -469,121 +544,36 @@ class DiffusionSDPOTrainer(Trainer):
             eps = torch.randn((n, 2, *latent_shape), generator=generator, device=device)
             return timesteps, noise, eps
 
-        timesteps, noise, eps = self._draw(generator, mode, batch, draw)
-        eps = eps.to(mean).transpose(0, 1).reshape(2 * batch, *latent_shape)  # winners, then losers
-        latents = scale_latents(mean + std * eps, self.family.vae.config)
-        return timesteps.repeat(2), noise.to(mean).repeat(2, 1, 1, 1), latents
-
-    def compute_loss(
-        self,
-        model: torch.nn.Module,
-        inputs: dict[str, torch.Tensor],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ):
-        mode = "train" if model.training else "eval"
-        metrics = self._metrics[mode]
-        metrics["data/skipped_rows"].append(inputs["num_skipped"].detach().float())
-        replay = False
-        if inputs["time_ids"].shape[0] == 0:
-            # Every row of this streamed micro-batch was invalid.
-            if self.accelerator.num_processes == 1:  # contribute nothing, keep the graph connected
-                loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-                return (loss, {}) if return_outputs else loss
-            # The other processes run forward and backward (collectives): join them on the last good micro-batch,
-            # weighted zero and kept out of the metrics.
-            if mode not in self._last_inputs:
-                raise RuntimeError(
-                    f"Every row of the first {mode} micro-batch on process {self.accelerator.process_index} was "
-                    "invalid, and with several processes a micro-batch cannot be left out. Clean the data or raise "
-                    "the per-device batch size."
-                )
-            inputs, replay = self._last_inputs[mode], True
-        elif self.accelerator.num_processes > 1:
-            self._last_inputs[mode] = inputs
-
-        # augment: flip both images of a pair, drop the prompt (training only)
-        generator = self._generator(mode, self.args.device)
-        batch = inputs["time_ids"].shape[0]
-        flip, drop = self._draw(
-            generator, mode, batch, lambda n, device: tuple(torch.rand((2, n), generator=generator, device=device))
+        timesteps, noise, eps = self._draw(generator, mode, encoded.num_pairs, draw)
+        return noise_pairs(
+            self.noise_scheduler, encoded.mean, encoded.std, timesteps, noise, eps, self.family.vae.config
         )
-        train = mode == "train"
-        flip = flip < 0.5 if train and self.args.random_flip else None
-        # encode
-        mean, std, prompt_embeds, time_ids = self._encode_batch(inputs, flip)
-        if train and self.args.proportion_empty_prompts > 0:
-            prompt_embeds = self._drop_prompts(prompt_embeds, drop < self.args.proportion_empty_prompts)
-        prompt_embeds = prompt_embeds.repeat(2)
-        # noise: one timestep and one noise per pair, shared by winner and loser
-        timesteps, noise, latents = self._sample(generator, mode, mean, std)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
-        conditioning = self.family.unet_conditioning(prompt_embeds, time_ids)
 
-        # predict: one policy forward over winners and losers together
-        policy_pred = model(noisy, timesteps, **conditioning, return_dict=False)[0]
-        # reference
-        ref_pred = None
-        if self.objective.requires_reference:
-            ref_pred = self.reference.predict(noisy, timesteps, **conditioning)
-
-        predictions = PreferencePredictions(
-            policy_winner=policy_pred[:batch],
-            policy_loser=policy_pred[batch:],
-            target_winner=target[:batch],
-            target_loser=target[batch:],
-            reference_winner=None if ref_pred is None else ref_pred[:batch],
-            reference_loser=None if ref_pred is None else ref_pred[batch:],
-        )
-        errors = DenoisingErrors(
-            policy_winner=denoising_error(predictions.policy_winner, predictions.target_winner),
-            policy_loser=denoising_error(predictions.policy_loser, predictions.target_loser),
-        )
-        if ref_pred is not None:
-            errors.reference_winner = denoising_error(predictions.reference_winner, predictions.target_winner)
-            errors.reference_loser = denoising_error(predictions.reference_loser, predictions.target_loser)
-
-        # safeguard: scale the loser error's gradient, keep its value
-        lam = None
-        if self.args.safeguard:
-            lam = self._safeguard_lambda(predictions)
-            errors.policy_loser = scale_gradient(errors.policy_loser, lam)
-
-        # loss
-        output = self.objective(predictions, errors, beta=self.args.beta, pair_weights=inputs.get("pair_weights"))
-        loss = output.loss
-        if replay:
-            loss = loss * 0.0
-            return (loss, {"logits": output.logits}) if return_outputs else loss
-        if mode == "train":
-            finite = torch.isfinite(loss.detach())
-            flag = (~finite).float()
-            self._nonfinite_flag = flag if self._nonfinite_flag is None else self._nonfinite_flag + flag
-
-        # log
-        self._record_metrics(metrics, errors, output.logits, lam)
-        return (loss, {"logits": output.logits}) if return_outputs else loss
-
-    def _safeguard_lambda(self, predictions: PreferencePredictions) -> torch.Tensor:
+    def _output_space_lambda(self, predictions: PreferencePredictions) -> torch.Tensor:
         """The authors' output-space rule on the policy's residuals, one detached fp32 scalar per micro-batch.
 
-        With ``safeguard_scope="global"`` the two sums are added up over all processes first, so ``lambda`` is that
-        of the global micro-batch.
+        With ``safeguard_scope="global"`` the sums (and the element count behind the epsilon) are added up over all
+        processes first, so ``lambda`` is that of the global micro-batch.
         """
         winner_residual = predictions.policy_winner - predictions.target_winner
         loser_residual = predictions.policy_loser - predictions.target_loser
         num, den = safeguard_sums(winner_residual, loser_residual)
+        count = torch.tensor(float(winner_residual.numel()), device=num.device)
         if self.args.safeguard_scope == "global" and self.accelerator.num_processes > 1:
-            num, den = all_reduce_sum(torch.stack([num, den]))
-        return lambda_from_sums(num, den, self.args.safeguard_mu, self.args.safeguard_max_lambda)
+            num, den, count = all_reduce_sum(torch.stack([num, den, count]))
+        return lambda_from_sums(num, den, self.args.safeguard_mu, self.args.safeguard_max_lambda, count)
+
+    def _flag_nonfinite(self, loss: torch.Tensor, mode: str) -> None:
+        if mode == "train":
+            flag = (~torch.isfinite(loss.detach())).float()
+            self._nonfinite_flag = flag if self._nonfinite_flag is None else self._nonfinite_flag + flag
 
     def _record_metrics(
         self,
         metrics: defaultdict[str, list[torch.Tensor]],
         errors: DenoisingErrors,
         logits: torch.Tensor,
-        lam: torch.Tensor | None,
+        lambdas: dict[str, torch.Tensor | None],
     ) -> None:
         # Tensors stay on the device; they are reduced only when logging, so a step never waits on the host.
         metrics["implicit_acc"].append(implicit_accuracy(logits.detach()))
@@ -594,8 +584,9 @@ class DiffusionSDPOTrainer(Trainer):
             metrics["mse/ref_loser"].append(errors.reference_loser.mean())
             metrics["delta/winner"].append((errors.policy_winner.detach() - errors.reference_winner).mean())
             metrics["delta/loser"].append((errors.policy_loser.detach() - errors.reference_loser).mean())
-        if lam is not None:
-            metrics["safeguard/lambda"].append(lam)
+        for name, lam in lambdas.items():
+            if lam is not None:
+                metrics[name].append(lam)
 
     # ------------------------------------------------------------------ logging
 
@@ -619,34 +610,38 @@ class DiffusionSDPOTrainer(Trainer):
             names += ["mse/ref_winner", "mse/ref_loser", "delta/winner", "delta/loser"]
         if self.args.safeguard:
             names.append("safeguard/lambda")
+            if self.args.safeguard_space == "parameter":
+                names.append("safeguard/output_lambda")  # the authors' rule on the same micro-batch, for comparison
         return names
 
     def _reduce_metrics(self, stored: defaultdict[str, list[torch.Tensor]]) -> dict[str, float]:
-        """Means over the micro-batches of all processes since the last log (sums for skipped rows; min and max of
-        lambda), with one all-reduce and one gather however many metrics there are; the stored values are cleared.
+        """Means over the micro-batches of all processes since the last log (sums for skipped rows; min, max and the
+        fraction below ``max_lambda`` for each lambda), with one all-reduce and one gather however many metrics
+        there are; the stored values are cleared.
         """
         names = self._metric_names()
+        lambdas = [n for n in names if n.startswith("safeguard/")]
         device = self.args.device
-        sums, counts = torch.zeros(len(names) + 1, device=device), torch.zeros(len(names) + 1, device=device)
-        lam_min = lam_max = None
+        # per metric: sum and count; per lambda: the count below max_lambda (engaged), and -min and max
+        sums = torch.zeros(len(names) + len(lambdas), device=device)
+        counts = torch.zeros_like(sums)
+        extremes = torch.full((2 * len(lambdas),), -torch.inf, device=device)
         for i, name in enumerate(names):
             values = stored.get(name)
             if not values:
                 continue
             stacked = torch.stack([v.detach().float().to(device) for v in values])
             sums[i], counts[i] = stacked.sum(), stacked.numel()
-            if name == "safeguard/lambda":
-                sums[-1], counts[-1] = (stacked < self.args.safeguard_max_lambda).float().sum(), stacked.numel()
-                lam_min, lam_max = stacked.min(), stacked.max()
+            if name in lambdas:
+                k = lambdas.index(name)
+                sums[len(names) + k] = (stacked < self.args.safeguard_max_lambda).float().sum()
+                counts[len(names) + k] = stacked.numel()
+                extremes[2 * k], extremes[2 * k + 1] = -stacked.min(), stacked.max()
         stored.clear()
-        extremes = torch.stack([
-            -lam_min if lam_min is not None else torch.tensor(-torch.inf, device=device),
-            lam_max if lam_max is not None else torch.tensor(-torch.inf, device=device),
-        ])
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
             sums, counts = totals[0], totals[1]
-            extremes = self.accelerator.gather(extremes.reshape(1, 2)).amax(dim=0)
+            extremes = self.accelerator.gather(extremes.reshape(1, -1)).amax(dim=0)
         sums, counts, extremes = sums.tolist(), counts.tolist(), extremes.tolist()  # the one host sync
         reduced: dict[str, float] = {}
         for i, name in enumerate(names):
@@ -654,11 +649,13 @@ class DiffusionSDPOTrainer(Trainer):
                 continue
             if name == "data/skipped_rows":
                 reduced[name] = sums[i]
-            elif name == "safeguard/lambda":
-                reduced["safeguard/lambda_mean"] = sums[i] / counts[i]
-                reduced["safeguard/lambda_min"] = -extremes[0]
-                reduced["safeguard/lambda_max"] = extremes[1]
-                reduced["safeguard/engaged"] = sums[-1] / counts[-1]
+            elif name in lambdas:
+                k = lambdas.index(name)
+                reduced[f"{name}_mean"] = sums[i] / counts[i]
+                reduced[f"{name}_min"] = -extremes[2 * k]
+                reduced[f"{name}_max"] = extremes[2 * k + 1]
+                engaged = "safeguard/engaged" if name == "safeguard/lambda" else f"{name}_engaged"
+                reduced[engaged] = sums[len(names) + k] / counts[len(names) + k]
             else:
                 reduced[name] = sums[i] / counts[i]
         return reduced
@@ -678,7 +675,7 @@ class DiffusionSDPOTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.
-        # Every process draws for all of them and keeps its own rows (see _sample).
+        # Every process draws for all of them and keeps its own rows (see _draw).
         self._eval_generator = torch.Generator().manual_seed(self.args.eval_seed)
         self._eval_metric_prefix = metric_key_prefix
         try:

@@ -131,24 +131,32 @@ class DiffusionDPOObjective:
 
     name = "dpo"
     requires_reference = True
+    uses_loser = True
+    needs_pair_weights = False
+
+    def __init__(self, beta: float = 5000.0) -> None:
+        self.beta = beta
 
     def __call__(
         self,
         predictions: PreferencePredictions,
         errors: DenoisingErrors,
         *,
-        beta: float,
         pair_weights: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
-        return diffusion_dpo_loss(errors, beta, pair_weights)
+        return diffusion_dpo_loss(errors, self.beta, pair_weights)
 
 
-OBJECTIVES: dict[str, PreferenceObjective] = {"dpo": DiffusionDPOObjective()}
+OBJECTIVES: dict[str, type] = {"dpo": DiffusionDPOObjective}
 
 
-def get_objective(name: str) -> PreferenceObjective:
+def build_objective(loss_type: str, *, beta: float, **hyperparameters) -> PreferenceObjective:
+    """The objective named ``loss_type`` with its hyperparameters."""
+    if loss_type not in OBJECTIVES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[loss_type](beta=beta)
+
+
+def get_objective(name: str, beta: float = 5000.0) -> PreferenceObjective:
     """Look up an objective by its ``loss_type`` name."""
-    try:
-        return OBJECTIVES[name]
-    except KeyError:
-        raise ValueError(f"Unknown loss_type {name!r}; choose one of {sorted(OBJECTIVES)}") from None
+    return build_objective(name, beta=beta)

@@ -6,11 +6,22 @@ branches comparable (the loss compares them at equal ``t`` and ``eps``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-__all__ = ["SUPPORTED_PREDICTION_TYPES", "prediction_target", "sample_pair_noise", "training_scheduler"]
+from ..families import scale_latents
+
+__all__ = [
+    "SUPPORTED_PREDICTION_TYPES",
+    "NoisedPair",
+    "noise_pairs",
+    "prediction_target",
+    "sample_pair_noise",
+    "training_scheduler",
+]
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -69,3 +80,38 @@ def prediction_target(
     raise ValueError(
         f"Unsupported scheduler prediction_type {prediction_type!r}; supported: {SUPPORTED_PREDICTION_TYPES}"
     )
+
+
+@dataclass
+class NoisedPair:
+    """The noised batch, ``2B`` rows each (winners, then losers; the two images of a pair share their timestep and
+    noise): the clean ``latents``, the ``noise``, the ``noisy`` input at ``timesteps`` and the regression
+    ``target``."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+def noise_pairs(
+    scheduler: DDPMScheduler,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    posterior_eps: torch.Tensor,
+    vae_config,
+) -> NoisedPair:
+    """Sample latents ``mean + std * posterior_eps`` (scaled), noise them at ``timesteps`` with ``noise``.
+
+    ``mean``/``std`` are ``[2B, C, h, w]``; ``timesteps`` ``[B]`` and ``noise`` ``[B, C, h, w]`` are per pair and
+    shared by both images; ``posterior_eps`` ``[B, 2, C, h, w]`` is per image.
+    """
+    eps = posterior_eps.to(mean).transpose(0, 1).reshape(mean.shape)  # winners, then losers
+    latents = scale_latents(mean + std * eps, vae_config)
+    timesteps = timesteps.repeat(2)
+    noise = noise.to(mean).repeat(2, *([1] * (mean.dim() - 1)))
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    return NoisedPair(latents, noise, noisy, timesteps, prediction_target(scheduler, latents, noise, timesteps))

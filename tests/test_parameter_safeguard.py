@@ -1,0 +1,257 @@
+"""The exact (parameter-space) safeguard: the pure rule, the streaming per-branch backward, and the trainer's step,
+each against explicit per-branch ``torch.autograd.grad`` computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trl_diffusion_sdpo.objectives import DenoisingErrors, PreferencePredictions, denoising_error
+from trl_diffusion_sdpo.step.branches import BranchGradientSplitter, branch_cotangents
+from trl_diffusion_sdpo.step.safeguard import gradient_dots, parameter_space_lambda, safeguarded_gradients
+
+
+def float64_lambda(g_w: list[torch.Tensor], h_l: list[torch.Tensor], mu: float, max_lambda: float = 1.0) -> float:
+    """The issue's rule written out in float64 numpy, with ``g_l = -h_l`` (errors' sign convention)."""
+    w = np.concatenate([g.detach().double().numpy().ravel() for g in g_w])
+    g_l = -np.concatenate([h.detach().double().numpy().ravel() for h in h_l])
+    dot = float(w @ g_l)
+    if dot <= 0:
+        return max_lambda
+    return float(np.clip((1 - mu) * float(w @ w) / dot, 0.0, max_lambda))
+
+
+def random_grads(seed: int, correlation: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (5,), (2, 2, 3)]
+    g_w = [torch.randn(s, generator=gen) for s in shapes]
+    h_l = [-correlation * g + 0.5 * torch.randn(g.shape, generator=gen) for g in g_w]
+    return g_w, h_l
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("correlation", [-1.0, 0.3, 1.0, 4.0])
+def test_parameter_space_lambda_matches_the_float64_rule(mu, correlation):
+    g_w, h_l = random_grads(int(10 * mu + correlation + 10), correlation)
+    combined, lam = safeguarded_gradients(g_w, h_l, mu)
+    assert lam.item() == pytest.approx(float64_lambda(g_w, h_l, mu), rel=1e-5, abs=1e-7)
+    assert lam.dtype == torch.float32 and not lam.requires_grad
+    for c, w, h in zip(combined, g_w, h_l):
+        torch.testing.assert_close(c, w + lam * h)
+
+
+def test_lambda_one_is_plain_dpo_and_no_conflict_gives_max_lambda():
+    g_w, h_l = random_grads(3, correlation=-2.0)  # the loser's descent also lowers the winner's error
+    combined, lam = safeguarded_gradients(g_w, h_l, mu=0.9, max_lambda=1.0)
+    assert lam.item() == 1.0
+    for c, w, h in zip(combined, g_w, h_l):
+        torch.testing.assert_close(c, w + h)
+    _, lam = safeguarded_gradients(g_w, h_l, mu=0.9, max_lambda=2.5)
+    assert lam.item() == 2.5
+    zeros = [torch.zeros_like(g) for g in g_w]
+    assert safeguarded_gradients(zeros, zeros, mu=0.5)[1].item() == 1.0
+
+
+def test_the_combined_gradient_keeps_the_first_order_guarantee():
+    for seed in range(20):
+        g_w, h_l = random_grads(seed, correlation=1.0 + seed / 5)
+        mu = 0.3
+        combined, lam = safeguarded_gradients(g_w, h_l, mu)
+        sq = sum(float((w.double() ** 2).sum()) for w in g_w)
+        first_order = sum(float((w.double() * c.double()).sum()) for w, c in zip(g_w, combined))
+        assert first_order >= mu * sq * (1 - 1e-5)  # <g_w, g> >= mu |g_w|^2
+
+
+def test_dot_products_accumulate_in_float32_for_half_gradients():
+    g = [torch.full((4096,), 200.0, dtype=torch.float16)]
+    sq, cross = gradient_dots(g, g)
+    assert sq.dtype == torch.float32 and torch.isfinite(sq)  # 4096 * 200^2 overflows fp16
+    assert sq.item() == pytest.approx(4096 * 200.0**2)
+
+
+class TwoLayer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(6, 8)
+        self.b = torch.nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_splitter_matches_explicit_per_branch_gradients_with_accumulated_grads():
+    model = TwoLayer()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    x_w, x_l, t = (torch.randn(4, 6, generator=gen) for _ in range(3))
+
+    def loss_of(pred_w, pred_l):
+        e_w = (pred_w - t).pow(2).mean(1)
+        e_l = (pred_l - t).pow(2).mean(1)
+        return -torch.nn.functional.logsigmoid(-50.0 * (e_w - e_l)).mean()
+
+    # explicit: two autograd.grad calls, one per branch
+    g_w = torch.autograd.grad(loss_of(model(x_w), model(x_l).detach()), params)
+    h_l = torch.autograd.grad(loss_of(model(x_w).detach(), model(x_l)), params)
+    accumulated = [torch.randn(p.shape, generator=gen) for p in params]
+    for p, a in zip(params, accumulated):
+        p.grad = a.clone()
+
+    pred_w, pred_l = model(x_w), model(x_l)
+    _, cot_w, cot_l = branch_cotangents(loss_of, pred_w, pred_l)
+    splitter = BranchGradientSplitter(params)
+    sq = splitter.backward_winner(pred_w, cot_w)
+    cross = splitter.backward_loser(pred_l, cot_l)
+    lam = parameter_space_lambda(sq, -cross, mu=0.5)
+    splitter.combine(lam)
+
+    assert lam.item() == pytest.approx(float64_lambda(list(g_w), list(h_l), 0.5), rel=1e-5)
+    for p, a, w, h in zip(params, accumulated, g_w, h_l):
+        torch.testing.assert_close(p.grad, a + w + lam * h, rtol=1e-5, atol=1e-7)
+
+
+def test_splitter_refuses_a_loser_gradient_delivered_in_pieces():
+    weight = torch.nn.Parameter(torch.ones(3))
+    splitter = BranchGradientSplitter([weight])
+    splitter.backward_winner(weight * 2.0, torch.ones(3))
+    # Two separate backward graphs through the same leaf, run from inside one hooked backward (what reentrant
+    # checkpointing does), deliver the gradient twice.
+    inner = torch.autograd.Function
+
+    class Reentrant(inner):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            with torch.enable_grad():
+                torch.autograd.backward(weight * 3.0, grad)
+            return grad
+
+    out = Reentrant.apply(weight * 1.0)
+    with pytest.raises(RuntimeError, match="several pieces"):
+        splitter.backward_loser(out, torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------- the trainer's step
+
+
+def _trainer_inputs(trainer, n: int = 2):
+    return trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))
+
+
+def _drift(model, scale: float = 0.02) -> None:
+    """Move the policy away from the reference so that u != 0 and the branches get different weights."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def _explicit_branch_gradients(trainer, inputs):
+    """``g_w`` and ``h_l`` by two ``torch.autograd.grad`` calls on the trainer's own predictions (same draws)."""
+    trainer._draw_step = -1  # replay this step's keyed draws
+    policy = trainer.model
+    params = [p for p in policy.parameters() if p.requires_grad]
+    predictions = trainer._predict(policy, inputs, "train", separate_branches=True)
+
+    def loss_of(pred_w, pred_l):
+        branch = PreferencePredictions(
+            pred_w, pred_l, predictions.target_winner, predictions.target_loser,
+            predictions.reference_winner, predictions.reference_loser,
+        )
+        errors = DenoisingErrors(
+            denoising_error(pred_w, branch.target_winner), denoising_error(pred_l, branch.target_loser),
+            denoising_error(branch.reference_winner, branch.target_winner),
+            denoising_error(branch.reference_loser, branch.target_loser),
+        )
+        return trainer.objective(branch, errors).loss
+
+    g_w = torch.autograd.grad(loss_of(predictions.policy_winner, predictions.policy_loser.detach()), params,
+                              retain_graph=True)
+    h_l = torch.autograd.grad(loss_of(predictions.policy_winner.detach(), predictions.policy_loser), params)
+    return params, list(g_w), list(h_l)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autograd(make_trainer, lora, checkpointing):
+    trainer = make_trainer(
+        lora=lora, safeguard=True, safeguard_space="parameter", safeguard_mu=0.5, proportion_empty_prompts=0.0,
+        gradient_checkpointing=checkpointing,
+    )
+    model = trainer.model
+    _drift(model)
+    model.train()
+    inputs = _trainer_inputs(trainer)
+    params, g_w, h_l = _explicit_branch_gradients(trainer, inputs)
+    expected_lambda = float64_lambda(g_w, h_l, mu=0.5)
+    assert 0.0 < expected_lambda < 1.0  # the constraint binds: the case that tells the rules apart
+
+    gen = torch.Generator().manual_seed(3)
+    accumulated = [torch.randn(p.shape, generator=gen) for p in params]  # an earlier micro-batch's gradient
+    for p, a in zip(params, accumulated):
+        p.grad = a.clone()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer._draw_step = -1
+    loss = trainer.training_step(model, inputs)
+    assert torch.isfinite(loss)
+    lam = trainer._metrics["train"]["safeguard/lambda"][-1].item()
+    assert lam == pytest.approx(expected_lambda, rel=1e-4)
+    scale = max(float((w + lam * h).abs().max()) for w, h in zip(g_w, h_l))  # float32 summation-order noise
+    for p, a, w, h in zip(params, accumulated, g_w, h_l):
+        torch.testing.assert_close(p.grad, a + w + lam * h, rtol=1e-4, atol=1e-5 * scale)
+    # the authors' rule on the same micro-batch is logged beside it
+    assert "safeguard/output_lambda" in trainer._metrics["train"]
+
+
+def test_gradient_accumulation_divides_each_micro_batch_like_transformers(make_trainer):
+    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter", proportion_empty_prompts=0.0)
+    model = trainer.model
+    _drift(model)
+    model.train()
+    inputs = _trainer_inputs(trainer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {}
+    for steps in (1, 4):
+        model.zero_grad(set_to_none=True)
+        trainer.current_gradient_accumulation_steps = steps
+        trainer._draw_step = -1
+        trainer.training_step(model, inputs)
+        grads[steps] = [p.grad.clone() for p in params]
+    for one, four in zip(grads[1], grads[4]):
+        torch.testing.assert_close(four * 4, one, rtol=1e-5, atol=1e-9)
+
+
+def test_parameter_space_training_changes_only_trainable_weights_and_logs_both_lambdas(make_trainer):
+    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter", max_steps=3)
+    frozen_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora" not in k}
+    lora_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(frozen_before[k], after[k]) for k in frozen_before)
+    assert any(not torch.equal(lora_before[k], after[k]) for k in lora_before)
+    logs = [entry for entry in trainer.state.log_history if "safeguard/lambda_mean" in entry]
+    assert logs and all("safeguard/output_lambda_mean" in entry for entry in logs)
+    assert all(0.0 <= entry["safeguard/lambda_min"] <= entry["safeguard/lambda_max"] <= 1.0 for entry in logs)
+
+
+def test_bf16_autocast_runs_and_keeps_float32_gradients(make_trainer):
+    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter", bf16=True, max_steps=2)
+    trainer.train()
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+
+
+def test_engines_that_own_the_gradients_are_refused_with_the_alternatives(make_trainer):
+    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter")
+    trainer.is_deepspeed_enabled = True
+    with pytest.raises(ValueError, match="DeepSpeed.*multi_gpu.yaml.*safeguard_space='output'"):
+        trainer._check_parameter_space_engine()
+    trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = False, True
+    with pytest.raises(ValueError, match="FSDP"):
+        trainer._check_parameter_space_engine()

@@ -1,0 +1,81 @@
+"""Stage 1 of the step: a collated batch becomes VAE posterior moments, prompt embeddings and time ids.
+
+Two sources, one output: a live batch (pixels and token ids, encoded here by the family's frozen VAE and text
+encoders) or a batch of the latent cache (moments and embeddings read back). Flips select the mirrored view, per
+pair or per image; prompt dropout substitutes the empty prompt's embeddings. Every draw comes in as an argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.latent_cache import cached_moments, cached_prompt_embeds, cached_time_ids
+from ..families import ModelFamily, PromptEmbeddings
+
+__all__ = ["EncodedBatch", "drop_prompts", "encode_batch", "fixed_time_ids", "where_rows"]
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of ``B`` pairs ready for noising: ``mean``/``std`` ``[2B, C, h, w]`` (winners, then losers; float32,
+    unscaled), one prompt embedding per pair, ``time_ids [2B, 6]``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    prompt_embeds: PromptEmbeddings
+    time_ids: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.mean.shape[0] // 2
+
+
+def where_rows(condition: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
+    """``if_true`` where ``condition`` is set, ``if_false`` elsewhere; ``condition`` indexes the leading dims
+    (``[B]``: whole pairs, ``[B, 2]``: single images of ``[B, 2, ...]`` tensors)."""
+    shape = (*condition.shape, *([1] * (if_false.dim() - condition.dim())))
+    condition = condition.to(if_false.device).view(shape)
+    return torch.where(condition, if_true.to(if_false), if_false)
+
+
+def _pairs_to_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, ...]`` (pairs) to ``[2B, ...]`` (winners, then losers)."""
+    return x.transpose(0, 1).reshape(2 * x.shape[0], *x.shape[2:])
+
+
+def encode_batch(
+    inputs: dict[str, torch.Tensor], family: ModelFamily, flip: torch.Tensor | None, dtype: torch.dtype
+) -> EncodedBatch:
+    """Encode a collated batch (live or cached); ``flip`` (``[B]`` or ``[B, 2]`` booleans) selects mirrored views."""
+    if flip is not None:
+        inputs = dict(inputs, time_ids=where_rows(flip, inputs["time_ids_flipped"], inputs["time_ids"]))
+    if "latent_mean" in inputs:  # a batch of the latent cache: nothing left to encode
+        if flip is not None:
+            for key in ("latent_mean", "latent_std"):
+                inputs[key] = where_rows(flip, inputs[f"{key}_flipped"], inputs[key])
+        mean, std = cached_moments(inputs)
+        return EncodedBatch(mean, std, cached_prompt_embeds(inputs, dtype), cached_time_ids(inputs))
+    pixel_values = inputs["pixel_values"]  # [B, 2, 3, H, W]
+    if flip is not None:
+        pixel_values = where_rows(flip, pixel_values.flip(-1), pixel_values)
+    mean, std = family.encode_moments(_pairs_to_rows(pixel_values))
+    tokens = {k: v for k, v in inputs.items() if k.startswith("input_ids")}
+    return EncodedBatch(mean, std, family.encode_prompts(tokens), _pairs_to_rows(inputs["time_ids"]))
+
+
+def drop_prompts(embeds: PromptEmbeddings, drop: torch.Tensor, empty: PromptEmbeddings) -> PromptEmbeddings:
+    """Replace the prompt embeddings of the rows where ``drop`` is set by ``empty``'s (classifier-free dropout)."""
+    hidden = embeds.encoder_hidden_states
+    hidden = where_rows(drop, empty.encoder_hidden_states.to(hidden).expand_as(hidden), hidden)
+    pooled = embeds.pooled
+    if pooled is not None:
+        pooled = where_rows(drop, empty.pooled.to(pooled).expand_as(pooled), pooled)
+    return PromptEmbeddings(hidden, pooled)
+
+
+def fixed_time_ids(resolution: int, rows: int, device: torch.device | str) -> torch.Tensor:
+    """SDXL ``time_ids`` as the Diffusion-SDPO authors fix them: ``(res, res, 0, 0, res, res)`` for every image."""
+    row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32, device=device)
+    return row.expand(rows, 6)

@@ -1,0 +1,135 @@
+"""Per-branch backward passes for the parameter-space safeguard, with one extra gradient-sized buffer.
+
+The exact safeguard needs, per micro-batch, ``g_w`` (gradient of the loss's winner term) and ``h_l`` (gradient of
+its loser term, as the loss sees it) over the trainable weights, and then hands the optimizer
+``g_w + lambda * h_l`` (:func:`~.safeguard.safeguarded_gradients`). With gradient accumulation the ``.grad`` fields
+already hold the earlier micro-batches' sum ``A``, and ``lambda`` is known only after both passes, so three vectors
+are in play. They are kept in two places, the ``.grad`` fields and one buffer, by streaming the loser's gradient
+through per-parameter hooks:
+
+1. winner pass: each parameter's gradient accumulates into ``.grad`` as usual (``A + g_w``) and is copied into the
+   buffer; afterwards ``<g_w, g_w>`` is read off the buffer.
+2. loser pass: as each parameter's gradient ``h`` arrives, ``<g_w, h>`` is accumulated from the buffer, then the
+   buffer is overwritten by ``h``; ``h`` also accumulates into ``.grad`` (``A + g_w + h_l``).
+3. combine: ``.grad += (lambda - 1) * buffer`` gives ``A + g_w + lambda * h_l``.
+
+The loser's hook must see each parameter's gradient in one piece; autograd delivers it so for a leaf (its
+``AccumulateGrad`` runs once per backward with the summed gradient), also under diffusers' non-reentrant gradient
+checkpointing. A second delivery (reentrant checkpointing of a shared weight) is detected and raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["BranchGradientSplitter", "branch_cotangents"]
+
+
+def branch_cotangents(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    policy_winner: torch.Tensor,
+    policy_loser: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, dL/dpred_w, dL/dpred_l)``: the loss evaluated on detached copies of the two branches' predictions.
+
+    ``loss_fn(pred_w, pred_l)`` must build everything that depends on the policy (errors, logits) from its two
+    arguments. The cotangents are cheap (prediction-sized); backpropagating each through its branch gives the
+    per-branch parameter gradients, and their sum is the loss's gradient (chain rule: the loss depends on the
+    weights only through the two predictions).
+    """
+    winner = policy_winner.detach().requires_grad_(True)
+    loser = policy_loser.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(winner, loser)
+        cot_w, cot_l = torch.autograd.grad(loss, (winner, loser), allow_unused=True)
+    cot_w = torch.zeros_like(winner) if cot_w is None else cot_w
+    cot_l = torch.zeros_like(loser) if cot_l is None else cot_l
+    return loss.detach(), cot_w, cot_l
+
+
+class BranchGradientSplitter:
+    """Run the winner's and the loser's backward pass separately over ``parameters`` (see the module docstring).
+
+    Use once per micro-batch, in this order: :meth:`backward_winner`, :meth:`backward_loser`, :meth:`combine`.
+    The buffer is allocated at the first call and reused.
+    """
+
+    def __init__(self, parameters: Sequence[torch.nn.Parameter]) -> None:
+        self.parameters = list(parameters)
+        self._buffers: list[torch.Tensor] | None = None
+        self._seen: list[bool] = []
+        self._dots: list[torch.Tensor] = []
+
+    def _ensure_buffers(self) -> list[torch.Tensor]:
+        if self._buffers is None:
+            self._buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
+        return self._buffers
+
+    def _hooked_backward(self, outputs: torch.Tensor, cotangents: torch.Tensor, hook) -> None:
+        handles = [p.register_hook(lambda grad, i=i: hook(i, grad)) for i, p in enumerate(self.parameters)]
+        try:
+            torch.autograd.backward(outputs, cotangents)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def backward_winner(
+        self,
+        outputs: torch.Tensor,
+        cotangents: torch.Tensor,
+        reduce_winner: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> torch.Tensor:
+        """Backpropagate ``cotangents`` through the winner's ``outputs``; returns ``<g_w, g_w>`` in float32.
+
+        ``reduce_winner``, if given, is applied to the buffered ``g_w`` before the norm (the global scope averages it
+        over processes there, so ``lambda`` uses the global ``g_w``); ``.grad`` keeps the local gradient.
+        """
+        buffers = self._ensure_buffers()
+        torch._foreach_zero_(buffers)
+
+        def copy(i: int, grad: torch.Tensor) -> None:
+            buffers[i].add_(grad)  # add, not copy: harmless if a gradient arrives in pieces
+
+        self._hooked_backward(outputs, cotangents, copy)
+        if reduce_winner is not None:
+            reduce_winner(buffers)
+        norms = torch._foreach_norm([b.float() if b.dtype != torch.float32 else b for b in buffers])
+        return torch.stack(norms).pow(2).sum() if norms else torch.zeros(())
+
+    def backward_loser(self, outputs: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
+        """Backpropagate ``cotangents`` through the loser's ``outputs``; returns ``<g_w, h_l>`` in float32.
+
+        ``g_w`` is the buffered winner gradient (after ``reduce_winner``), ``h_l`` this process's loser gradient.
+        """
+        buffers = self._ensure_buffers()
+        self._seen = [False] * len(self.parameters)
+        self._dots = []
+
+        def stream(i: int, grad: torch.Tensor) -> None:
+            if self._seen[i]:
+                raise RuntimeError(
+                    "A trainable weight received its loser-branch gradient in several pieces (reentrant gradient "
+                    "checkpointing around a shared weight?), which the parameter-space safeguard cannot stream. Use "
+                    "non-reentrant checkpointing (diffusers' default) or safeguard_space='output'."
+                )
+            self._seen[i] = True
+            self._dots.append(torch.dot(buffers[i].reshape(-1).float(), grad.detach().reshape(-1).float()))
+            buffers[i].copy_(grad)
+
+        self._hooked_backward(outputs, cotangents, stream)
+        for i, seen in enumerate(self._seen):
+            if not seen:  # no loser gradient reached this weight: nothing of the loser to scale
+                buffers[i].zero_()
+        return torch.stack(self._dots).sum() if self._dots else torch.zeros(())
+
+    def combine(self, lam: torch.Tensor) -> None:
+        """``.grad += (lambda - 1) * h_l``: the accumulated gradient becomes ``A + g_w + lambda * h_l``."""
+        buffers = self._ensure_buffers()
+        coefficient = None
+        for p, buffer, seen in zip(self.parameters, buffers, self._seen):
+            if seen and p.grad is not None:
+                if coefficient is None:  # a device scalar: no host sync, no temporary copy of the buffer
+                    coefficient = (lam.detach() - 1.0).to(device=p.grad.device, dtype=p.grad.dtype)
+                p.grad.addcmul_(buffer, coefficient)
