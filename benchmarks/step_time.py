@@ -179,7 +179,7 @@ ALL_ROWS = ["floor-full", "floor-lora"] + [
     f"{loss}-{cache}-{tuning}"
     for tuning in ("full", "lora")
     for cache in ("uncached", "cached")
-    for loss in ("dpo", "sdpo")
+    for loss in ("dpo", "sdpo", "sdpo_param")
 ]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -450,8 +450,11 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
             clock.reset()
 
         def on_step_begin(self, args, state, control, **kwargs):
-            # Diffusion-DPO and Diffusion-SDPO alternate on the same trainer: the safeguard's cost is paired.
-            args.safeguard = losses[state.global_step % len(losses)] == "sdpo"
+            # Diffusion-DPO and Diffusion-SDPO (output and parameter space) alternate on the same trainer: the
+            # safeguards' costs are paired.
+            loss = losses[state.global_step % len(losses)]
+            args.safeguard = loss != "dpo"
+            args.safeguard_space = "parameter" if loss == "sdpo_param" else "output"
 
         def on_step_end(self, args, state, control, **kwargs):
             times[losses[(state.global_step - 1) % len(losses)]].append(clock.lap())
@@ -559,18 +562,22 @@ def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Safeguard overhead (paired: same process), cache speed-up (floor-normalised), LoRA's memory saving."""
     derived: dict[str, Any] = {}
     for metric in TIME_METRICS:
-        overhead, speedup = {}, {}
+        overhead, parameter_overhead, speedup = {}, {}, {}
         for tuning in ("full", "lora"):
             for cache in ("uncached", "cached"):
-                dpo, sdpo = rows.get(f"dpo-{cache}-{tuning}"), rows.get(f"sdpo-{cache}-{tuning}")
+                dpo = rows.get(f"dpo-{cache}-{tuning}")
+                sdpo, exact = rows.get(f"sdpo-{cache}-{tuning}"), rows.get(f"sdpo_param-{cache}-{tuning}")
                 if dpo and sdpo:
                     overhead[f"{cache}-{tuning}"] = sdpo[TIME_METRICS[metric]] / dpo[TIME_METRICS[metric]] - 1
+                if dpo and exact:
+                    parameter_overhead[f"{cache}-{tuning}"] = exact[TIME_METRICS[metric]] / dpo[TIME_METRICS[metric]]
             for loss in ("dpo", "sdpo"):
                 uncached, cached = rows.get(f"{loss}-uncached-{tuning}"), rows.get(f"{loss}-cached-{tuning}")
                 key = f"ratio_to_floor_{metric}"
                 if uncached and cached and key in uncached and key in cached:
                     speedup[f"{loss}-{tuning}"] = uncached[key] / cached[key]
         derived[f"safeguard_overhead_{metric}"] = overhead
+        derived[f"parameter_safeguard_ratio_to_dpo_{metric}"] = parameter_overhead
         derived[f"cache_speedup_{metric}"] = speedup
     saving = {}
     for prefix in ("floor", "dpo-uncached", "dpo-cached"):
@@ -587,6 +594,9 @@ def check_targets(rows: dict[str, dict[str, Any]], derived: dict[str, Any], metr
     overheads = list(derived[f"safeguard_overhead_{metric}"].values())
     if overheads:
         targets["safeguard overhead <= 2%"] = {"worst": max(overheads), "met": max(overheads) <= 0.02}
+    exact = list(derived[f"parameter_safeguard_ratio_to_dpo_{metric}"].values())
+    if exact:
+        targets["parameter-space step <= 1.15x DPO"] = {"worst": max(exact), "met": max(exact) <= 1.15}
     for tuning in ("full", "lora"):
         ratios = [row[f"ratio_to_floor_{metric}"] for name, row in rows.items()
                   if "-cached-" in name and name.endswith(tuning) and f"ratio_to_floor_{metric}" in row]
@@ -630,6 +640,8 @@ def print_table(rows: dict[str, dict[str, Any]], report: dict[str, Any], opts: a
     for metric in TIME_METRICS:
         text = ", ".join(f"{k} {v:+.1%}" for k, v in derived[f"safeguard_overhead_{metric}"].items())
         print(f"safeguard overhead ({metric}): {text}")
+        text = ", ".join(f"{k} {v:.3f}x" for k, v in derived[f"parameter_safeguard_ratio_to_dpo_{metric}"].items())
+        print(f"parameter-space step / DPO step ({metric}): {text}")
         text = ", ".join(f"{k} {v:.2f}x" for k, v in derived[f"cache_speedup_{metric}"].items())
         print(f"cache speed-up ({metric}): {text}")
     text = ", ".join(f"{k} {v:.2f}" for k, v in derived["lora_memory_saving_in_unet_weights"].items())
@@ -690,7 +702,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="steps per row discarded before measuring")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of everything; median of medians")
     parser.add_argument("--runs", default=None, help=f"comma-separated subset of {RUNS}")
-    parser.add_argument("--losses", default="dpo,sdpo", help="objectives alternated within a trainer run")
+    parser.add_argument("--losses", default="dpo,sdpo,sdpo_param",
+                        help="alternated within a trainer run: dpo, sdpo (output space), sdpo_param (parameter space)")
     parser.add_argument("--no-paired-floor", dest="paired_floor", action="store_false",
                         help="do not interleave floor steps with the trainer's steps")
     parser.add_argument("--dataset-batches", type=int, default=8, help="dataset size in batches (epochs repeat)")

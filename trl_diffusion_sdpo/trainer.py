@@ -240,11 +240,11 @@ class DiffusionSDPOTrainer(Trainer):
         self._eval_metric_prefix: str | None = None
         self._draw_step, self._draw_index = -1, 0  # which micro-batch of which step the training draws are for
         self._last_inputs: dict[str, dict] = {}  # per mode, for a micro-batch whose rows were all invalid
-        # The parameter-space safeguard's per-branch backward passes (one extra gradient-sized buffer).
+        # The parameter-space safeguard's per-branch backward passes (one extra gradient-sized buffer, allocated at
+        # the first such step).
         self._splitter: BranchGradientSplitter | None = None
         if args.safeguard and args.safeguard_space == "parameter":
             self._check_parameter_space_engine()
-            self._splitter = BranchGradientSplitter(trainable_parameters(unet))
         logger.info("Train data: %s", self.train_data_report.summary())
 
     # ------------------------------------------------------------------ setup
@@ -323,7 +323,7 @@ class DiffusionSDPOTrainer(Trainer):
             del unet.zero_grad  # back to Module.zero_grad
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        if self._splitter is not None:
+        if self.args.safeguard and self.args.safeguard_space == "parameter":
             loss = self._parameter_space_training_step(model, inputs)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -385,6 +385,9 @@ class DiffusionSDPOTrainer(Trainer):
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
         policy = self.accelerator.unwrap_model(model)  # the branches bypass DDP's hooks; reduced once below
+        if self._splitter is None:
+            self._check_parameter_space_engine()
+            self._splitter = BranchGradientSplitter(trainable_parameters(policy))
         with self.compute_loss_context_manager():
             predictions = self._predict(policy, inputs, "train", separate_branches=True)
         pair_weights = inputs.get("pair_weights")

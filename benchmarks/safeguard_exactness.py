@@ -1,0 +1,263 @@
+"""Does the winner's term rise after one small step? Diffusion-DPO vs the output-space and parameter-space safeguards.
+
+For each of many random batches, from the reference and from a policy drifted by some Diffusion-DPO steps, this
+takes one small plain-SGD step along each rule's gradient ``g = g_w + lambda * h_l`` (``lambda = 1``: Diffusion-DPO;
+the authors' output-space ``lambda``; the exact parameter-space ``lambda``) and measures the change of the quantity
+the exact rule guarantees: the loss's winner term ``W(theta) = sum_i a_i e_w,i(theta)`` with its coefficients
+``a_i = dL/de_w,i`` held at the starting point (at the reference, where ``u = 0``, ``W`` is a positive multiple of
+the batch's mean winner error). Everything runs in float64.
+
+The tolerance is second order and measured, not assumed. With ``eta`` the step and ``g`` its direction,
+``W(theta - eta g) - W(theta) = -eta <g_w, g> + (eta^2 / 2) g^T H g + O(eta^3)``. The second central difference
+``C = W(theta + eta g) - 2 W(theta) + W(theta - eta g)`` equals ``eta^2 g^T H g + O(eta^4)`` and the odd part
+``R3 = (W(theta - eta g) - W(theta + eta g)) / 2 + eta <g_w, g>`` is the third-order remainder. Since the exact rule
+makes ``-eta <g_w, g> <= -eta mu |g_w|^2 <= 0``, its change must satisfy
+``dW <= tol = max(C / 2, 0) + 2 |R3| + rounding``. A rise beyond ``tol`` under ``"parameter"`` would be a bug; the
+same count under ``"output"`` and Diffusion-DPO says how often those rules let the winner's term rise.
+
+One AdamW step (first step, from fresh moments: a sign-like update) is reported too; the bound does not cover it.
+
+    python benchmarks/safeguard_exactness.py --batches 100 --json benchmarks/results/safeguard_exactness.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trl_diffusion_sdpo.step.safeguard import parameter_space_lambda, winner_preserving_lambda  # noqa: E402
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline  # noqa: E402
+
+RULES = ("dpo", "output", "parameter", "parameter_adamw", "dpo_adamw")
+
+
+@dataclass
+class Setting:
+    batches: int = 100
+    pairs: int = 4
+    beta: float = 5000.0
+    mu: float = 0.5
+    step_norm: float = 1e-3  # parameter-space length of the SGD step
+    adamw_lr: float = 1e-6
+    drift_steps: int = 20
+    drift_lr: float = 1e-4
+    seed: int = 0
+
+
+@dataclass
+class Counts:
+    rose: int = 0  # dW > tolerance
+    rose_at_all: int = 0  # dW > 0
+    total: int = 0
+    lambdas: list[float] = field(default_factory=list)
+    worst_excess: float = -math.inf  # max over batches of (dW - tol) / |first-order decrease scale|
+
+
+def _unet(pipeline_dir: str | None) -> torch.nn.Module:
+    if pipeline_dir is None:
+        pipe = build_tiny_sd_pipeline(seed=0)
+        return pipe.unet
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
+
+
+class Problem:
+    """A float64 UNet as a function of its parameters, with random batches of noised pairs."""
+
+    def __init__(self, unet: torch.nn.Module, setting: Setting) -> None:
+        self.unet = unet.double().eval()
+        self.setting = setting
+        self.names = [n for n, _ in unet.named_parameters()]
+        self.reference = {n: p.detach().clone() for n, p in unet.named_parameters()}
+        cfg = unet.config
+        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.cross_dim = cfg.cross_attention_dim
+        self.alphas = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)  # a smooth abar schedule
+
+    def batch(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        n = self.setting.pairs
+        shape = (n, *self.latent_shape)
+        t = torch.randint(0, 1000, (n,), generator=gen)
+        abar = self.alphas[t].view(-1, 1, 1, 1)
+        z_w = torch.randn(shape, generator=gen, dtype=torch.float64)
+        # Similar images, as a pair's are, with a loser that is sometimes the harder one to denoise: the case where
+        # Diffusion-DPO's loser term raises the winner's error.
+        scale = 0.7 + 0.9 * torch.rand((n, 1, 1, 1), generator=gen, dtype=torch.float64)
+        z_l = scale * (z_w + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64))
+        noise = torch.randn(shape, generator=gen, dtype=torch.float64)  # shared by the pair
+        cond = torch.randn((n, 8, self.cross_dim), generator=gen, dtype=torch.float64)
+        x_w = abar.sqrt() * z_w + (1 - abar).sqrt() * noise
+        x_l = abar.sqrt() * z_l + (1 - abar).sqrt() * noise
+        return {"x_w": x_w, "x_l": x_l, "t": t, "noise": noise, "cond": cond}
+
+    def predict(self, params: dict[str, torch.Tensor], x: torch.Tensor, batch) -> torch.Tensor:
+        return functional_call(self.unet, params, (x, batch["t"]), {"encoder_hidden_states": batch["cond"]})[0]
+
+    def errors(self, pred: torch.Tensor, batch) -> torch.Tensor:
+        return (pred - batch["noise"]).pow(2).flatten(1).mean(1)
+
+    def dpo_loss(self, e_w, e_l, r_w, r_l) -> torch.Tensor:
+        u = -0.5 * self.setting.beta * ((e_w - e_l) - (r_w - r_l))
+        return -F.logsigmoid(u).mean()
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _drifted(problem: Problem, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Policy weights after ``drift_steps`` Diffusion-DPO Adam steps from the reference."""
+    params = {n: p.clone().requires_grad_(True) for n, p in problem.reference.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=problem.setting.drift_lr)
+    for _ in range(problem.setting.drift_steps):
+        batch = problem.batch(gen)
+        with torch.no_grad():
+            r_w = problem.errors(problem.predict(problem.reference, batch["x_w"], batch), batch)
+            r_l = problem.errors(problem.predict(problem.reference, batch["x_l"], batch), batch)
+        e_w = problem.errors(problem.predict(params, batch["x_w"], batch), batch)
+        e_l = problem.errors(problem.predict(params, batch["x_l"], batch), batch)
+        optimizer.zero_grad()
+        problem.dpo_loss(e_w, e_l, r_w, r_l).backward()
+        optimizer.step()
+    return {n: p.detach() for n, p in params.items()}
+
+
+def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> dict[str, tuple[float, float, float]]:
+    """Per rule: (dW, tolerance, lambda)."""
+    names = problem.names
+    setting = problem.setting
+    with torch.no_grad():
+        r_w = problem.errors(problem.predict(problem.reference, batch["x_w"], batch), batch)
+        r_l = problem.errors(problem.predict(problem.reference, batch["x_l"], batch), batch)
+    leaf = {n: theta[n].clone().requires_grad_(True) for n in names}
+    pred_w = problem.predict(leaf, batch["x_w"], batch)
+    pred_l = problem.predict(leaf, batch["x_l"], batch)
+    e_w, e_l = problem.errors(pred_w, batch), problem.errors(pred_l, batch)
+    e_w_leaf, e_l_leaf = e_w.detach().requires_grad_(True), e_l.detach().requires_grad_(True)
+    a_w, a_l = torch.autograd.grad(problem.dpo_loss(e_w_leaf, e_l_leaf, r_w, r_l), (e_w_leaf, e_l_leaf))
+    g_w = _flat(torch.autograd.grad((a_w * e_w).sum(), [leaf[n] for n in names], retain_graph=True))
+    h_l = _flat(torch.autograd.grad((a_l * e_l).sum(), [leaf[n] for n in names]))
+    shapes = [theta[n].shape for n in names]
+    theta_flat = _flat([theta[n] for n in names])
+
+    def unflat(vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for n, s in zip(names, shapes):
+            size = math.prod(s)
+            out[n] = vector[offset : offset + size].view(s)
+            offset += size
+        return out
+
+    def winner_term(vector: torch.Tensor) -> float:
+        with torch.no_grad():
+            e = problem.errors(problem.predict(unflat(vector), batch["x_w"], batch), batch)
+        return float((a_w * e).sum())
+
+    w0 = winner_term(theta_flat)
+    lam_param = parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), setting.mu).double()
+    lam_out = winner_preserving_lambda(
+        (pred_w - batch["noise"]).detach(), (pred_l - batch["noise"]).detach(), setting.mu
+    ).double()
+    results = {}
+    for rule, lam in (("dpo", torch.tensor(1.0, dtype=torch.float64)), ("output", lam_out), ("parameter", lam_param)):
+        g = g_w + lam * h_l
+        eta = setting.step_norm / float(g.norm())
+        minus, plus = winner_term(theta_flat - eta * g), winner_term(theta_flat + eta * g)
+        d_w = minus - w0
+        second = plus - 2 * w0 + minus
+        third = (minus - plus) / 2 + eta * float(g_w.dot(g))
+        rounding = 64 * torch.finfo(torch.float64).eps * (abs(w0) + abs(minus) + abs(plus))
+        results[rule] = (d_w, max(second / 2, 0.0) + 2 * abs(third) + rounding, float(lam))
+    for rule, lam in (("parameter_adamw", lam_param), ("dpo_adamw", torch.tensor(1.0, dtype=torch.float64))):
+        g = g_w + lam * h_l
+        update = setting.adamw_lr * g / (g.abs() + 1e-8)  # AdamW's first step: m_hat = g, v_hat = g^2
+        update = update + setting.adamw_lr * 0.01 * theta_flat  # decoupled weight decay 0.01
+        results[rule] = (winner_term(theta_flat - update) - w0, 0.0, float(lam))
+    return results
+
+
+def run(setting: Setting, pipeline_dir: str | None = None, progress: bool = True) -> dict:
+    torch.manual_seed(setting.seed)
+    problem = Problem(_unet(pipeline_dir), setting)
+    gen = torch.Generator().manual_seed(setting.seed)
+    starts = {"reference": problem.reference, "drifted": _drifted(problem, gen)}
+    report: dict = {"setting": setting.__dict__, "model": pipeline_dir or "tiny random UNet", "starts": {}}
+    began = time.perf_counter()
+    for start, theta in starts.items():
+        counts = {rule: Counts() for rule in RULES}
+        iterator = range(setting.batches)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc=f"batches from the {start}")
+        for _ in iterator:
+            for rule, (d_w, tol, lam) in measure_batch(problem, theta, problem.batch(gen)).items():
+                c = counts[rule]
+                c.total += 1
+                c.rose += int(d_w > tol)
+                c.rose_at_all += int(d_w > 0)
+                c.lambdas.append(lam)
+                c.worst_excess = max(c.worst_excess, d_w - tol)
+        report["starts"][start] = {
+            rule: {
+                "rose_beyond_tolerance": c.rose,
+                "rose_at_all": c.rose_at_all,
+                "batches": c.total,
+                "lambda_mean": sum(c.lambdas) / len(c.lambdas),
+                "lambda_min": min(c.lambdas),
+                "lambda_max": max(c.lambdas),
+                "lambdas": c.lambdas,
+                "worst_dW_minus_tolerance": c.worst_excess,
+            }
+            for rule, c in counts.items()
+        }
+    report["seconds"] = time.perf_counter() - began
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [
+        "| start | rule | rose beyond 2nd-order tol. | rose at all | lambda mean [min, max] |",
+        "|---|---|---|---|---|",
+    ]
+    for start, rules in report["starts"].items():
+        for rule, r in rules.items():
+            lines.append(
+                f"| {start} | {rule} | {r['rose_beyond_tolerance']}/{r['batches']} | {r['rose_at_all']}/{r['batches']}"
+                f" | {r['lambda_mean']:.3f} [{r['lambda_min']:.3f}, {r['lambda_max']:.3f}] |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--mu", type=float, default=0.5)
+    parser.add_argument("--pipeline", default=None, help="A diffusers pipeline folder (default: a tiny random UNet).")
+    parser.add_argument("--json", default=None, help="Write the report (with every lambda) here.")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = run(Setting(batches=args.batches, mu=args.mu), args.pipeline)
+    print(format_table(report))
+    print(f"{report['seconds']:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
