@@ -81,7 +81,8 @@ class TwoLayer(torch.nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def test_splitter_matches_explicit_per_branch_gradients_with_accumulated_grads():
+@pytest.mark.parametrize("accumulating", [True, False], ids=["streaming-hooks", "fresh-grads"])
+def test_splitter_matches_explicit_per_branch_gradients(accumulating):
     model = TwoLayer()
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(1)
@@ -95,9 +96,9 @@ def test_splitter_matches_explicit_per_branch_gradients_with_accumulated_grads()
     # explicit: two autograd.grad calls, one per branch
     g_w = torch.autograd.grad(loss_of(model(x_w), model(x_l).detach()), params)
     h_l = torch.autograd.grad(loss_of(model(x_w).detach(), model(x_l)), params)
-    accumulated = [torch.randn(p.shape, generator=gen) for p in params]
+    accumulated = [torch.randn(p.shape, generator=gen) if accumulating else torch.zeros(p.shape) for p in params]
     for p, a in zip(params, accumulated):
-        p.grad = a.clone()
+        p.grad = a.clone() if accumulating else None
 
     pred_w, pred_l = model(x_w), model(x_l)
     _, cot_w, cot_l = branch_cotangents(loss_of, pred_w, pred_l)
@@ -114,6 +115,7 @@ def test_splitter_matches_explicit_per_branch_gradients_with_accumulated_grads()
 
 def test_splitter_refuses_a_loser_gradient_delivered_in_pieces():
     weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.zeros(3)  # an earlier micro-batch's gradient: the streaming path
     splitter = BranchGradientSplitter([weight])
     splitter.backward_winner(weight * 2.0, torch.ones(3))
     # Two separate backward graphs through the same leaf, run from inside one hooked backward (what reentrant

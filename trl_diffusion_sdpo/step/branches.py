@@ -16,6 +16,11 @@ through per-parameter hooks:
 The loser's hook must see each parameter's gradient in one piece; autograd delivers it so for a leaf (its
 ``AccumulateGrad`` runs once per backward with the summed gradient), also under diffusers' non-reentrant gradient
 checkpointing. A second delivery (reentrant checkpointing of a shared weight) is detected and raises.
+
+When the micro-batch starts from empty gradients (no accumulation, or the first micro-batch of the window) and the
+winner's gradient stays local, no hook is needed: the winner's gradient is copied into the buffer after its pass, the
+loser's accumulates on top of it, ``h_l = .grad - buffer`` and the result is ``buffer + lambda * (.grad - buffer)``.
+Hooks cost a Python call per parameter and pass, which shows on small models.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class BranchGradientSplitter:
         self._buffers: list[torch.Tensor] | None = None
         self._seen: list[bool] = []
         self._dots: list[torch.Tensor] = []
+        self._streaming = True  # False: this micro-batch started from empty gradients (see the module docstring)
 
     def _ensure_buffers(self) -> list[torch.Tensor]:
         if self._buffers is None:
@@ -87,12 +93,21 @@ class BranchGradientSplitter:
         over processes there, so ``lambda`` uses the global ``g_w``); ``.grad`` keeps the local gradient.
         """
         buffers = self._ensure_buffers()
-        torch._foreach_zero_(buffers)
+        self._streaming = reduce_winner is not None or any(p.grad is not None for p in self.parameters)
+        if self._streaming:
+            torch._foreach_zero_(buffers)
 
-        def copy(i: int, grad: torch.Tensor) -> None:
-            buffers[i].add_(grad)  # add, not copy: harmless if a gradient arrives in pieces
+            def copy(i: int, grad: torch.Tensor) -> None:
+                buffers[i].add_(grad)  # add, not copy: harmless if a gradient arrives in pieces
 
-        self._hooked_backward(outputs, cotangents, copy)
+            self._hooked_backward(outputs, cotangents, copy)
+        else:
+            torch.autograd.backward(outputs, cotangents)
+            for p, buffer in zip(self.parameters, buffers):
+                if p.grad is None:
+                    buffer.zero_()
+                else:
+                    buffer.copy_(p.grad)
         if reduce_winner is not None:
             reduce_winner(buffers)
         norms = torch._foreach_norm([b.float() if b.dtype != torch.float32 else b for b in buffers])
@@ -104,6 +119,15 @@ class BranchGradientSplitter:
         ``g_w`` is the buffered winner gradient (after ``reduce_winner``), ``h_l`` this process's loser gradient.
         """
         buffers = self._ensure_buffers()
+        if not self._streaming:
+            torch.autograd.backward(outputs, cotangents)
+            self._seen = [p.grad is not None for p in self.parameters]
+            dots = [
+                torch.dot(buffer.reshape(-1).float(), (p.grad - buffer).reshape(-1).float())
+                for p, buffer, seen in zip(self.parameters, buffers, self._seen)
+                if seen
+            ]
+            return torch.stack(dots).sum() if dots else torch.zeros(())
         self._seen = [False] * len(self.parameters)
         self._dots = []
 
@@ -127,6 +151,14 @@ class BranchGradientSplitter:
     def combine(self, lam: torch.Tensor) -> None:
         """``.grad += (lambda - 1) * h_l``: the accumulated gradient becomes ``A + g_w + lambda * h_l``."""
         buffers = self._ensure_buffers()
+        if not self._streaming:  # .grad = g_w + h_l and buffer = g_w: .grad <- buffer + lambda * (.grad - buffer)
+            weight = None
+            for p, buffer, seen in zip(self.parameters, buffers, self._seen):
+                if seen:
+                    if weight is None:
+                        weight = lam.detach().to(device=p.grad.device, dtype=p.grad.dtype)
+                    p.grad.sub_(buffer).mul_(weight).add_(buffer)
+            return
         coefficient = None
         for p, buffer, seen in zip(self.parameters, buffers, self._seen):
             if seen and p.grad is not None:
