@@ -47,8 +47,11 @@ def time_generation(preset: str, batch_size: int, steps: int, repeats: int, devi
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            pipe(prompts, num_inference_steps=steps, guidance_scale=8.5, height=resolution, width=resolution,
-                 negative_prompt=[""] * batch_size, generator=generator, output_type="np")
+            latents = pipe(prompts, num_inference_steps=steps, guidance_scale=8.5, height=resolution,
+                           width=resolution, negative_prompt=[""] * batch_size, generator=generator,
+                           output_type="latent").images
+            # the authors decode in float32
+            pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor, return_dict=False)
         if device == "cuda":
             torch.cuda.synchronize()
         if i > 0:  # the first call warms up kernels and the allocator

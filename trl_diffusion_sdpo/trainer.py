@@ -561,9 +561,10 @@ class DiffusionSDPOTrainer(Trainer):
         winner_residual = predictions.policy_winner - predictions.target_winner
         loser_residual = predictions.policy_loser - predictions.target_loser
         num, den = safeguard_sums(winner_residual, loser_residual)
-        count = torch.tensor(float(winner_residual.numel()), device=num.device)
+        count: int | torch.Tensor = winner_residual.numel()
         if self.args.safeguard_scope == "global" and self.accelerator.num_processes > 1:
-            num, den, count = all_reduce_sum(torch.stack([num, den, count]))
+            # torch.full, not torch.tensor: a host-to-device copy would make the host wait for the device
+            num, den, count = all_reduce_sum(torch.stack([num, den, torch.full_like(num, float(count))]))
         return lambda_from_sums(num, den, self.args.safeguard_mu, self.args.safeguard_max_lambda, count)
 
     def _flag_nonfinite(self, loss: torch.Tensor, mode: str) -> None:

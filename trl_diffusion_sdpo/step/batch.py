@@ -77,5 +77,7 @@ def drop_prompts(embeds: PromptEmbeddings, drop: torch.Tensor, empty: PromptEmbe
 
 def fixed_time_ids(resolution: int, rows: int, device: torch.device | str) -> torch.Tensor:
     """SDXL ``time_ids`` as the Diffusion-SDPO authors fix them: ``(res, res, 0, 0, res, res)`` for every image."""
-    row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32, device=device)
-    return row.expand(rows, 6)
+    # Filled on the device: a tensor built from a Python list would be a host-to-device copy, which waits.
+    ids = torch.full((rows, 6), float(resolution), dtype=torch.float32, device=device)
+    ids[:, 2:4] = 0.0
+    return ids

@@ -103,11 +103,12 @@ class BranchGradientSplitter:
             self._hooked_backward(outputs, cotangents, copy)
         else:
             torch.autograd.backward(outputs, cotangents)
-            for p, buffer in zip(self.parameters, buffers):
-                if p.grad is None:
-                    buffer.zero_()
-                else:
-                    buffer.copy_(p.grad)
+            with_grad = [(buffer, p.grad) for p, buffer in zip(self.parameters, buffers) if p.grad is not None]
+            without = [buffer for p, buffer in zip(self.parameters, buffers) if p.grad is None]
+            if with_grad:
+                torch._foreach_copy_([b for b, _ in with_grad], [g for _, g in with_grad])
+            if without:
+                torch._foreach_zero_(without)
         if reduce_winner is not None:
             reduce_winner(buffers)
         norms = torch._foreach_norm([b.float() if b.dtype != torch.float32 else b for b in buffers])
@@ -122,12 +123,12 @@ class BranchGradientSplitter:
         if not self._streaming:
             torch.autograd.backward(outputs, cotangents)
             self._seen = [p.grad is not None for p in self.parameters]
-            dots = [
-                torch.dot(buffer.reshape(-1).float(), (p.grad - buffer).reshape(-1).float())
-                for p, buffer, seen in zip(self.parameters, buffers, self._seen)
-                if seen
-            ]
-            return torch.stack(dots).sum() if dots else torch.zeros(())
+            pairs = [(b, p.grad) for p, b, seen in zip(self.parameters, buffers, self._seen) if seen]
+            if not pairs:
+                return torch.zeros(())
+            # <g_w, h_l> = <buffer, .grad> - |buffer|^2, without materialising h_l
+            cross = torch.stack([torch.dot(b.reshape(-1).float(), g.reshape(-1).float()) for b, g in pairs]).sum()
+            return cross - torch.stack(torch._foreach_norm([b for b, _ in pairs])).float().pow(2).sum()
         self._seen = [False] * len(self.parameters)
         self._dots = []
 
@@ -152,12 +153,13 @@ class BranchGradientSplitter:
         """``.grad += (lambda - 1) * h_l``: the accumulated gradient becomes ``A + g_w + lambda * h_l``."""
         buffers = self._ensure_buffers()
         if not self._streaming:  # .grad = g_w + h_l and buffer = g_w: .grad <- buffer + lambda * (.grad - buffer)
-            weight = None
-            for p, buffer, seen in zip(self.parameters, buffers, self._seen):
-                if seen:
-                    if weight is None:
-                        weight = lam.detach().to(device=p.grad.device, dtype=p.grad.dtype)
-                    p.grad.sub_(buffer).mul_(weight).add_(buffer)
+            pairs = [(b, p.grad) for p, b, seen in zip(self.parameters, buffers, self._seen) if seen]
+            if pairs:
+                grads, kept = [g for _, g in pairs], [b for b, _ in pairs]
+                weight = lam.detach().to(device=grads[0].device, dtype=grads[0].dtype)
+                torch._foreach_sub_(grads, kept)
+                torch._foreach_mul_(grads, weight)
+                torch._foreach_add_(grads, kept)
             return
         coefficient = None
         for p, buffer, seen in zip(self.parameters, buffers, self._seen):
