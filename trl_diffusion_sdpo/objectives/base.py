@@ -30,6 +30,7 @@ per-pair weights) and ``metric_names`` (the keys of ``ObjectiveOutput.metrics``,
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -122,12 +123,9 @@ def implicit_accuracy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _as_float(name: str, value: float) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return number

@@ -24,6 +24,11 @@ __all__ = ["SDXL_GAP_THRESHOLD", "DSPOObjective", "dspo_loss"]
 SDXL_GAP_THRESHOLD = 0.1
 
 
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32; float32 and float64 unchanged."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def dspo_loss(
     predictions: PreferencePredictions, errors: DenoisingErrors, beta: float, form: str = "sd15"
 ) -> ObjectiveOutput:
@@ -39,20 +44,20 @@ def dspo_loss(
       ``loss = mean_pairs (1 - sigmoid(u))^2``; ``beta`` (authors: 5000) only scales ``u``. At step 0 (policy equal
       to reference) ``m = 0`` and the second branch is active.
 
-    The gradient flows through ``r_w``, ``D_w`` and ``u``. Everything is computed in float32. ``logits`` is ``u``;
-    ``metrics["dspo/winner_reference_gap"]`` is ``m``.
+    The gradient flows through ``r_w``, ``D_w`` and ``u``. Everything is computed in at least float32.
+    ``logits`` is ``u``; ``metrics["dspo/winner_reference_gap"]`` is ``m``.
     """
     require_choice("form", form, DSPO_FORMS)
     if predictions.reference_winner is None:
         raise ValueError("DSPO needs the reference model's prediction on the winner")
     logits = diffusion_dpo_logits(errors, beta)
-    pred_w = predictions.policy_winner.float()
-    gap = pred_w - predictions.reference_winner.float()  # D_w
+    pred_w = _upcast(predictions.policy_winner)
+    gap = pred_w - _upcast(predictions.reference_winner)  # D_w
     gap_sq = gap.pow(2).flatten(1).mean(dim=1)  # mean_CHW(D_w^2), [B]
     mean_gap_sq = gap_sq.mean()  # m
     shortfall = 1 - torch.sigmoid(logits)  # 1 - sigmoid(u), [B]
     if form == "sd15":
-        residual = pred_w - predictions.target_winner.float()  # r_w
+        residual = pred_w - _upcast(predictions.target_winner)  # r_w
         corrected = residual - beta * per_pair(shortfall, gap) * gap
         loss = corrected.pow(2).flatten(1).mean(dim=1).mean()
     else:

@@ -18,23 +18,24 @@ from .base import (
 
 __all__ = ["MaPOObjective", "mapo_loss", "mapo_score"]
 
-# Below this |g*e| the score uses its Taylor series: x / expm1(x) is 0/0 at x = 0 and its autograd derivative
-# there is NaN. The first omitted term, x^4 / 720, is below 1.4e-15 here.
-_SERIES_BELOW = 1e-3
+# Below this |g*e| the score uses its Taylor series: x / expm1(x) is 0/0 at x = 0, its autograd derivative there is
+# NaN, and near 0 that derivative loses digits to cancellation. The first omitted term, x^6 / 30240, is below 4e-17.
+_SERIES_BELOW = 1e-2
 
 
 def mapo_score(error: torch.Tensor, snr_value: float = 0.5) -> torch.Tensor:
     """MaPO's score of a denoising error, ``f(e) = g*e / (exp(g*e) - 1)`` with ``g = snr_value``.
 
     ``f(0) = 1`` (the limit) and ``f`` decreases in ``e``; ``expm1`` keeps the denominator accurate for small
-    ``g*e``, and for ``|g*e| < 1e-3`` the series ``1 - x/2 + x^2/12`` (``x = g*e``) is used, so both ``f`` and its
-    gradient (``-g/2`` at ``e = 0``) are exact and finite there.
+    ``g*e``, and for ``|g*e| < 0.01`` the series ``1 - x/2 + x^2/12 - x^4/720`` (``x = g*e``) is used, so both
+    ``f`` and its gradient (``-g/2`` at ``e = 0``) are exact to rounding and finite there.
     """
     x = snr_value * error
     small = x.abs() < _SERIES_BELOW
     safe_x = torch.where(small, torch.ones_like(x), x)  # keeps the unused branch (and its gradient) finite
     exact = safe_x / torch.expm1(safe_x)
-    series = 1 - x / 2 + x.pow(2) / 12
+    x_sq = x.pow(2)
+    series = 1 - x / 2 + x_sq / 12 - x_sq.pow(2) / 720
     return torch.where(small, series, exact)
 
 
