@@ -39,6 +39,7 @@ import torch
 __all__ = [
     "DSPO_FORMS",
     "DenoisingErrors",
+    "ObjectiveHyperparameters",
     "ObjectiveOutput",
     "PreferenceObjective",
     "PreferencePredictions",
@@ -46,10 +47,14 @@ __all__ = [
     "denoising_error",
     "diffusion_dpo_logits",
     "implicit_accuracy",
+    "per_pair",
     "register_objective",
     "registered_objectives",
+    "reject_pair_weights",
+    "require_choice",
     "require_open_unit",
     "require_positive",
+    "require_positive_int",
 ]
 
 DSPO_FORMS = ("sd15", "sdxl")
