@@ -73,7 +73,8 @@ def _poison(step: int, rank: int) -> None:
         objective = build_objective(name, **hyperparameters)
 
         class Poisoned:
-            requires_reference = objective.requires_reference
+            def __getattr__(self, name):  # name, requires_reference, metric_names, ...
+                return getattr(objective, name)
 
             def __call__(self, predictions, errors, **kwargs):
                 out = objective(predictions, errors, **kwargs)

@@ -46,7 +46,13 @@ from .io.saving import (
     save_lora_adapters,
     unet_has_lora,
 )
-from .objectives import DenoisingErrors, PreferencePredictions, build_objective, implicit_accuracy
+from .objectives import (
+    DenoisingErrors,
+    ObjectiveOutput,
+    PreferencePredictions,
+    build_objective,
+    implicit_accuracy,
+)
 from .reference import Reference, build_reference
 from .step.batch import EncodedBatch, drop_prompts, encode_batch, fixed_time_ids
 from .step.branches import BranchGradientSplitter, branch_cotangents
@@ -369,7 +375,7 @@ class DiffusionSDPOTrainer(Trainer):
             loss = loss * 0.0
             return (loss, {"logits": output.logits}) if return_outputs else loss
         self._flag_nonfinite(loss, mode)
-        self._record_metrics(self._metrics[mode], errors, output.logits, {"safeguard/lambda": lam})
+        self._record_metrics(self._metrics[mode], errors, output, {"safeguard/lambda": lam})
         return (loss, {"logits": output.logits}) if return_outputs else loss
 
     def _parameter_space_training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -420,7 +426,7 @@ class DiffusionSDPOTrainer(Trainer):
         self._record_metrics(
             self._metrics["train"],
             captured["errors"],
-            captured["output"].logits,
+            captured["output"],
             {"safeguard/lambda": lam, "safeguard/output_lambda": self._output_space_lambda(predictions)},
         )
         return loss / self.current_gradient_accumulation_steps
@@ -576,11 +582,13 @@ class DiffusionSDPOTrainer(Trainer):
         self,
         metrics: defaultdict[str, list[torch.Tensor]],
         errors: DenoisingErrors,
-        logits: torch.Tensor,
+        output: ObjectiveOutput,
         lambdas: dict[str, torch.Tensor | None],
     ) -> None:
         # Tensors stay on the device; they are reduced only when logging, so a step never waits on the host.
-        metrics["implicit_acc"].append(implicit_accuracy(logits.detach()))
+        metrics["implicit_acc"].append(implicit_accuracy(output.logits.detach()))
+        for name, value in output.metrics.items():
+            metrics[name].append(value.detach().float().mean())
         metrics["mse/policy_winner"].append(errors.policy_winner.detach().mean())
         metrics["mse/policy_loser"].append(errors.policy_loser.detach().mean())
         if errors.reference_winner is not None:
@@ -612,6 +620,7 @@ class DiffusionSDPOTrainer(Trainer):
         names = ["data/skipped_rows", "implicit_acc", "mse/policy_winner", "mse/policy_loser"]
         if self.objective.requires_reference:
             names += ["mse/ref_winner", "mse/ref_loser", "delta/winner", "delta/loser"]
+        names += list(self.objective.metric_names)
         if self.args.safeguard:
             names.append("safeguard/lambda")
             if self.args.safeguard_space == "parameter":

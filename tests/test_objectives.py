@@ -1,0 +1,482 @@
+"""Every loss_type against an independent computation (float64 numpy, or torch written another way)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trl_diffusion_sdpo.objectives import (
+    OBJECTIVES,
+    DenoisingErrors,
+    DiffusionDPOObjective,
+    DMPOObjective,
+    DSPOObjective,
+    MaPOObjective,
+    PreferenceObjective,
+    PreferencePredictions,
+    build_objective,
+    diffusion_dpo_loss,
+    get_objective,
+    mapo_score,
+    smoothed_preference_weights,
+)
+from trl_diffusion_sdpo.step.safeguard import scale_gradient
+
+B, SHAPE = 4, (4, 2, 3, 3)
+EXPECTED_FLAGS = {  # name: (requires_reference, uses_loser, needs_pair_weights)
+    "dpo": (True, True, False),
+    "dspo": (True, True, False),
+    "dmpo": (True, True, False),
+    "sft": (False, False, False),
+    "mapo": (False, True, False),
+    "smpo": (True, True, True),
+}
+PAIR_WEIGHTS = np.array([1.5, 0.2, 3.0, 0.7])
+# Small betas keep u = O(1) on these random tensors, where every objective is far from saturation.
+BETAS = {"dpo": 2.0, "dspo": 2.0, "dmpo": 2.0, "sft": 2.0, "mapo": 2.0, "smpo": 2.0}
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+
+def arrays(seed: int = 0, reference_offset: float = 0.3) -> dict[str, np.ndarray]:
+    """Float64 policy, target and reference tensors of 4 pairs; the reference sits near the policy."""
+    rng = np.random.default_rng(seed)
+    a = {k: rng.normal(size=SHAPE) for k in ("pw", "pl", "tw", "tl")}
+    a["rw"] = a["pw"] + reference_offset * rng.normal(size=SHAPE)
+    a["rl"] = a["pl"] + reference_offset * rng.normal(size=SHAPE)
+    return a
+
+
+def np_errors(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def sq(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return ((p - t) ** 2).reshape(B, -1).mean(axis=1)
+
+    pairs = {"w": ("pw", "tw"), "l": ("pl", "tl"), "rw": ("rw", "tw"), "rl": ("rl", "tl")}
+    return {k: sq(a[p], a[t]) for k, (p, t) in pairs.items()}
+
+
+def np_logits(a: dict[str, np.ndarray], beta: float) -> np.ndarray:
+    e = np_errors(a)
+    return -0.5 * beta * ((e["w"] - e["l"]) - (e["rw"] - e["rl"]))
+
+
+def np_sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def batch(a: dict[str, np.ndarray], loser_scale: float | None = None, with_reference: bool = True):
+    """Leaf policy predictions (as the parameter-space safeguard passes them) and errors computed from them."""
+    t = {k: torch.tensor(v) for k, v in a.items()}
+    pred_w, pred_l = t["pw"].clone().requires_grad_(), t["pl"].clone().requires_grad_()
+    err = lambda p, y: (p - y).pow(2).flatten(1).mean(1)  # noqa: E731
+    e_l = err(pred_l, t["tl"])
+    if loser_scale is not None:
+        e_l = scale_gradient(e_l, loser_scale)
+    predictions = PreferencePredictions(pred_w, pred_l, t["tw"], t["tl"])
+    errors = DenoisingErrors(err(pred_w, t["tw"]), e_l)
+    if with_reference:
+        predictions.reference_winner, predictions.reference_loser = t["rw"], t["rl"]
+        errors.reference_winner, errors.reference_loser = err(t["rw"], t["tw"]), err(t["rl"], t["tl"])
+    return predictions, errors
+
+
+def weights_for(name: str) -> torch.Tensor | None:
+    return torch.tensor(PAIR_WEIGHTS) if name == "smpo" else None
+
+
+# ---------------------------------------------------------------------------------------------------- interface
+
+
+def test_objectives_lists_the_six_loss_types():
+    assert set(OBJECTIVES) == set(EXPECTED_FLAGS) and len(OBJECTIVES) == 6
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FLAGS))
+def test_each_objective_declares_what_the_trainer_must_run(name):
+    objective = build_objective(name, beta=1.0)
+    assert isinstance(objective, PreferenceObjective)
+    assert objective.name == name
+    assert (objective.requires_reference, objective.uses_loser, objective.needs_pair_weights) == EXPECTED_FLAGS[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FLAGS))
+def test_each_objective_returns_a_scalar_loss_per_pair_logits_and_its_declared_metrics(name):
+    objective = build_objective(name, beta=BETAS[name])
+    predictions, errors = batch(arrays(), with_reference=objective.requires_reference)
+    out = objective(predictions, errors, pair_weights=weights_for(name))
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert out.logits.shape == (B,)
+    assert tuple(out.metrics) == objective.metric_names
+    assert all(v.dim() == 0 and not v.requires_grad for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("name", ["sft", "mapo"])
+def test_reference_free_objectives_work_with_the_reference_fields_none(name):
+    predictions, errors = batch(arrays(), with_reference=False)
+    assert predictions.reference_winner is None and errors.reference_loser is None
+    build_objective(name, beta=1.0)(predictions, errors).loss.backward()
+    assert torch.isfinite(predictions.policy_winner.grad).all()
+
+
+@pytest.mark.parametrize("name", ["dpo", "dspo", "dmpo", "smpo"])
+def test_objectives_with_a_reference_say_so_when_it_is_missing(name):
+    predictions, errors = batch(arrays(), with_reference=False)
+    with pytest.raises(ValueError, match="reference"):
+        build_objective(name, beta=1.0)(predictions, errors, pair_weights=weights_for(name))
+
+
+@pytest.mark.parametrize("name", ["dspo", "dmpo", "sft", "mapo"])
+def test_objectives_without_pair_weighting_refuse_pair_weights(name):
+    predictions, errors = batch(arrays())
+    with pytest.raises(ValueError, match="smpo"):
+        build_objective(name, beta=1.0)(predictions, errors, pair_weights=torch.ones(B))
+
+
+def test_unknown_loss_type_lists_the_valid_names():
+    with pytest.raises(ValueError, match="not-a-loss") as info:
+        build_objective("not-a-loss", beta=1.0)
+    assert all(name in str(info.value) for name in EXPECTED_FLAGS)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("beta", 0.0),
+        ("beta", -5.0),
+        ("beta", float("nan")),
+        ("beta", float("inf")),
+        ("beta", "5000"),
+        ("dmpo_alpha", 0.0),
+        ("dmpo_alpha", 1.0),
+        ("dmpo_alpha", float("nan")),
+        ("dspo_form", "sd21"),
+        ("mapo_beta", 0.0),
+        ("mapo_beta", float("inf")),
+        ("mapo_snr_value", -0.5),
+        ("mapo_snr_value", float("nan")),
+        ("num_train_timesteps", 0),
+        ("num_train_timesteps", 1000.0),
+    ],
+)
+def test_bad_hyperparameters_raise_naming_the_field(field, value):
+    kwargs = {"beta": 1.0, field: value}
+    for name in ("dpo", "mapo"):  # every field is checked whatever the objective
+        with pytest.raises(ValueError, match=field):
+            build_objective(name, **kwargs)
+
+
+def test_direct_construction_validates_too():
+    with pytest.raises(ValueError, match="dmpo_alpha"):
+        DMPOObjective(beta=1.0, alpha=1.5)
+    with pytest.raises(ValueError, match="dspo_form"):
+        DSPOObjective(beta=1.0, form="sd3")
+    with pytest.raises(ValueError, match="mapo_snr_value"):
+        MaPOObjective(snr_value=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        DiffusionDPOObjective(beta=float("nan"))
+
+
+def test_get_objective_is_build_objective_with_beta_required():
+    objective = get_objective("dmpo", beta=3.0, dmpo_alpha=0.05)
+    assert (type(objective), objective.beta, objective.alpha) == (DMPOObjective, 3.0, 0.05)
+    with pytest.raises(TypeError):
+        get_objective("dpo")
+
+
+# ---------------------------------------------------------------------------------------------------- safeguard
+
+
+LOSER_USING = [(name, "sd15") for name, flags in EXPECTED_FLAGS.items() if flags[1]] + [("dspo", "sdxl")]
+
+
+@pytest.mark.parametrize(("name", "form"), LOSER_USING)
+def test_the_safeguard_scales_exactly_the_loser_gradient_of_every_objective(name, form):
+    lam = 0.3
+    # A large reference offset puts DSPO's SDXL form on its D_w^2-weighted branch, where pred_w gets a gradient.
+    a = arrays(seed=1, reference_offset=1.0)
+    objective = build_objective(name, beta=BETAS[name], dspo_form=form)
+    plain_predictions, plain_errors = batch(a)
+    plain = objective(plain_predictions, plain_errors, pair_weights=weights_for(name))
+    plain.loss.backward()
+    guarded_predictions, guarded_errors = batch(a, loser_scale=lam)
+    guarded = objective(guarded_predictions, guarded_errors, pair_weights=weights_for(name))
+    guarded.loss.backward()
+
+    assert guarded.loss.item() == plain.loss.item()
+    loser_grad = plain_predictions.policy_loser.grad
+    assert loser_grad.abs().max() > 1e-6
+    torch.testing.assert_close(guarded_predictions.policy_loser.grad, lam * loser_grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(guarded_predictions.policy_winner.grad, plain_predictions.policy_winner.grad)
+
+
+def test_sft_gives_the_loser_no_gradient_so_the_safeguard_has_nothing_to_scale():
+    predictions, errors = batch(arrays())
+    build_objective("sft", beta=1.0)(predictions, errors).loss.backward()
+    assert predictions.policy_loser.grad is None
+
+
+# ---------------------------------------------------------------------------------------------------- dpo, smpo
+
+
+def test_dpo_object_matches_numpy():
+    a = arrays()
+    u = np_logits(a, 2.0)
+    out = build_objective("dpo", beta=2.0)(*batch(a))
+    assert out.loss.item() == pytest.approx(np.mean(np.log1p(np.exp(-u))), rel=1e-12)
+    np.testing.assert_allclose(out.logits.detach().numpy(), u, rtol=1e-12)
+
+
+def test_smpo_with_unit_weights_is_dpo():
+    a = arrays()
+    dpo_predictions, dpo_errors = batch(a)
+    dpo = build_objective("dpo", beta=2.0)(dpo_predictions, dpo_errors)
+    dpo.loss.backward()
+    smpo_predictions, smpo_errors = batch(a)
+    smpo = build_objective("smpo", beta=2.0)(smpo_predictions, smpo_errors, pair_weights=torch.ones(B))
+    smpo.loss.backward()
+    assert smpo.loss.item() == pytest.approx(dpo.loss.item(), rel=1e-14)
+    torch.testing.assert_close(smpo.logits, dpo.logits)
+    torch.testing.assert_close(smpo_predictions.policy_winner.grad, dpo_predictions.policy_winner.grad)
+    torch.testing.assert_close(smpo_predictions.policy_loser.grad, dpo_predictions.policy_loser.grad)
+
+
+def test_smpo_with_zero_weights_gives_log_two_and_no_gradient():
+    predictions, errors = batch(arrays())
+    out = build_objective("smpo", beta=2.0)(predictions, errors, pair_weights=torch.zeros(B))
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(math.log(2), rel=1e-14)
+    assert predictions.policy_winner.grad.abs().max() == 0 and predictions.policy_loser.grad.abs().max() == 0
+    assert out.metrics["smpo/mean_pair_weight"].item() == 0.0
+
+
+def test_smpo_matches_numpy_with_per_pair_weights():
+    a = arrays()
+    wu = PAIR_WEIGHTS * np_logits(a, 2.0)
+    out = build_objective("smpo", beta=2.0)(*batch(a), pair_weights=torch.tensor(PAIR_WEIGHTS))
+    assert out.loss.item() == pytest.approx(np.mean(np.log1p(np.exp(-wu))), rel=1e-12)
+    np.testing.assert_allclose(out.logits.detach().numpy(), np_logits(a, 2.0), rtol=1e-12)  # unweighted
+
+
+def test_smpo_without_pair_weights_says_what_is_missing():
+    with pytest.raises(ValueError, match="pair_weights"):
+        build_objective("smpo", beta=1.0)(*batch(arrays()))
+
+
+def test_smoothed_preference_weights_match_numpy():
+    lo, hi = 0.11543526500463486, 0.28201571106910706
+    s_w = np.array([0.20, 0.25, hi, 0.19, 0.30])
+    s_l = np.array([0.20, 0.18, lo, 0.21, 0.10])
+    # 10 * (2 sigmoid(x) - 1) = 10 * tanh(x / 2): written with tanh, not sigmoid.
+    expected = 10.0 * np.tanh(((s_w - s_l) / (hi - lo)) / 2)
+    got = smoothed_preference_weights(torch.tensor(s_w), torch.tensor(s_l))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-15)
+    assert got[0].item() == 0.0  # equal scores: no preference
+    assert got[2].item() == pytest.approx(10 * (2 / (1 + math.exp(-1)) - 1))  # the range's extremes: p = sigmoid(1)
+    assert got[3].item() < 0  # a pair ordered against the scores reverses
+
+
+def test_smoothed_preference_weights_take_gamma_and_the_range():
+    got = smoothed_preference_weights(
+        torch.tensor([3.0]), torch.tensor([1.0]), gamma=2.0, score_min=0.0, score_max=4.0
+    )
+    assert got.item() == pytest.approx(2.0 * math.tanh(0.25))
+    assert smoothed_preference_weights(torch.tensor([2]), torch.tensor([1])).dtype == torch.float32
+    with pytest.raises(ValueError, match="score_max"):
+        smoothed_preference_weights(torch.tensor([1.0]), torch.tensor([0.0]), score_min=1.0, score_max=1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        smoothed_preference_weights(torch.tensor([1.0]), torch.tensor([0.0]), gamma=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------- dspo
+
+
+def test_dspo_sd15_matches_numpy():
+    a, beta = arrays(), 2.0
+    u = np_logits(a, beta)
+    c = beta * (1 - np_sigmoid(u))
+    r, d = a["pw"] - a["tw"], a["pw"] - a["rw"]
+    expected = np.mean([np.mean((r[i] - c[i] * d[i]) ** 2) for i in range(B)])
+    out = build_objective("dspo", beta=beta, dspo_form="sd15")(*batch(a))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(out.logits.detach().numpy(), u, rtol=1e-12)
+    assert out.metrics["dspo/winner_reference_gap"].item() == pytest.approx(np.mean(d**2), rel=1e-12)
+
+
+def test_dspo_sd15_gradient_flows_through_the_residual_the_gap_and_the_logit():
+    # Independent torch: the square expanded, mean(r^2) - 2 c mean(r D) + c^2 mean(D^2), with u written out by hand.
+    a, beta = arrays(seed=2), 2.0
+    predictions, errors = batch(a)
+    build_objective("dspo", beta=beta)(predictions, errors).loss.backward()
+
+    t = {k: torch.tensor(v) for k, v in a.items()}
+    pw, pl = t["pw"].clone().requires_grad_(), t["pl"].clone().requires_grad_()
+    mse = lambda x: (x * x).mean(dim=(1, 2, 3))  # noqa: E731
+    u = 0.5 * beta * ((mse(pl - t["tl"]) - mse(t["rl"] - t["tl"])) - (mse(pw - t["tw"]) - mse(t["rw"] - t["tw"])))
+    c = beta * torch.exp(-u) / (1 + torch.exp(-u))
+    r, d = pw - t["tw"], pw - t["rw"]
+    loss = (mse(r) - 2 * c * (r * d).mean(dim=(1, 2, 3)) + c**2 * mse(d)).mean()
+    loss.backward()
+    torch.testing.assert_close(predictions.policy_winner.grad, pw.grad)
+    torch.testing.assert_close(predictions.policy_loser.grad, pl.grad)
+    assert pl.grad.abs().max() > 1e-6  # the loser enters through u
+
+
+@pytest.mark.parametrize("gap", [0.0999, 0.1001])
+def test_dspo_sdxl_switches_on_the_mean_squared_winner_gap_at_0_1(gap):
+    a, beta = arrays(seed=3), 2.0
+    # D_w = +-sqrt(gap) everywhere, so m = mean(D_w^2) = gap on each side of the threshold.
+    signs = np.sign(np.random.default_rng(4).normal(size=SHAPE))
+    a["rw"] = a["pw"] - signs * math.sqrt(gap)
+    shortfall_sq = (1 - np_sigmoid(np_logits(a, beta))) ** 2
+    expected = np.mean(shortfall_sq * gap) if gap >= 0.1 else np.mean(shortfall_sq)
+    out = build_objective("dspo", beta=beta, dspo_form="sdxl")(*batch(a))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    assert out.metrics["dspo/winner_reference_gap"].item() == pytest.approx(gap, rel=1e-12)
+
+
+def test_dspo_sdxl_uses_the_per_pair_gap_on_the_upper_branch():
+    a, beta = arrays(seed=5, reference_offset=1.0), 3.0
+    d2 = ((a["pw"] - a["rw"]) ** 2).reshape(B, -1).mean(axis=1)
+    assert d2.mean() >= 0.1 and np.ptp(d2) > 0.05
+    expected = np.mean((1 - np_sigmoid(np_logits(a, beta))) ** 2 * d2)
+    out = build_objective("dspo", beta=beta, dspo_form="sdxl")(*batch(a))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_dspo_sdxl_at_policy_equal_to_reference_is_a_quarter():
+    a = arrays()
+    a["rw"], a["rl"] = a["pw"].copy(), a["pl"].copy()
+    out = build_objective("dspo", beta=5000.0, dspo_form="sdxl")(*batch(a))
+    assert out.loss.item() == pytest.approx(0.25, rel=1e-12)  # u = 0, m = 0: (1 - 1/2)^2
+
+
+# ---------------------------------------------------------------------------------------------------- dmpo
+
+
+def test_dmpo_is_the_bernoulli_kl_computed_from_p():
+    a, beta, alpha = arrays(), 2.0, 0.01
+    p, q = np_sigmoid(np_logits(a, beta)), 1 - alpha
+    kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+    out = build_objective("dmpo", beta=beta, dmpo_alpha=alpha)(*batch(a))
+    assert out.loss.item() == pytest.approx(kl.mean(), rel=1e-10)
+    assert out.metrics["dmpo/mean_p"].item() == pytest.approx(p.mean(), rel=1e-12)
+
+
+def errors_with_logit(u: list[float], beta: float) -> DenoisingErrors:
+    """Errors whose Diffusion-DPO logit is ``u`` (reference errors equal, loser error 1)."""
+    e_l = torch.ones(len(u), dtype=torch.float64, requires_grad=True)
+    e_w = (e_l.detach() - 2 * torch.tensor(u, dtype=torch.float64) / beta).requires_grad_()
+    return DenoisingErrors(e_w, e_l, torch.ones_like(e_l.detach()), torch.ones_like(e_l.detach()))
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.2])
+def test_dmpo_is_minimised_at_u_star_and_pushes_u_back_from_both_sides(alpha):
+    beta = 10.0
+    u_star = math.log((1 - alpha) / alpha)
+    u = [u_star - 1.0, u_star, u_star + 1.0]
+    errors = errors_with_logit(u, beta)
+    objective = build_objective("dmpo", beta=beta, dmpo_alpha=alpha)
+    objective(None, errors).loss.backward()
+    # dL/du = -dL/de_w * 2/beta; expected p(1-p)(u - u*) / n per pair.
+    dl_du = -errors.policy_winner.grad.numpy() * 2 / beta
+    p = np_sigmoid(np.array(u))
+    np.testing.assert_allclose(dl_du, p * (1 - p) * (np.array(u) - u_star) / 3, rtol=1e-9, atol=1e-15)
+    assert dl_du[0] < 0 and dl_du[2] > 0 and abs(dl_du[1]) < 1e-12
+    losses = [objective(None, errors_with_logit([x], beta)).loss.item() for x in u]
+    assert losses[1] < losses[0] and losses[1] < losses[2] and losses[1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_dmpo_is_finite_at_saturated_logits():
+    alpha = 0.01
+    out = build_objective("dmpo", beta=10.0, dmpo_alpha=alpha)(None, errors_with_logit([-200.0, 200.0], 10.0))
+    # p -> 0: KL -> -log(1 - q) = -log(alpha); p -> 1: KL -> -log(q).
+    assert out.loss.item() == pytest.approx((-math.log(alpha) - math.log(1 - alpha)) / 2, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- sft
+
+
+def test_sft_is_the_mean_squared_winner_error_ignoring_loser_and_reference():
+    a = arrays()
+    out = build_objective("sft", beta=1.0)(*batch(a))
+    assert out.loss.item() == pytest.approx(np.mean((a["pw"] - a["tw"]) ** 2), rel=1e-12)
+    e = np_errors(a)
+    np.testing.assert_allclose(out.logits.numpy(), e["l"] - e["w"], rtol=1e-12)
+    other = dict(a, pl=a["pl"] + 5.0, rw=a["rw"] - 3.0, rl=a["rl"] * 2)
+    assert build_objective("sft", beta=1.0)(*batch(other)).loss.item() == out.loss.item()
+
+
+# ---------------------------------------------------------------------------------------------------- mapo
+
+
+def test_mapo_score_matches_numpy_across_the_series_threshold():
+    e = np.array([0.0, 1e-9, 1e-6, 1e-3, 0.019, 0.02, 0.021, 0.05, 1.0, 10.0, 80.0])
+    g = 0.5
+    with np.errstate(invalid="ignore"):
+        expected = np.where(e == 0, 1.0, g * e / np.expm1(g * e))
+    got = mapo_score(torch.tensor(e), g)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-14, atol=0)
+    assert got[0].item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mapo_score_at_zero_is_one_with_the_exact_finite_gradient(dtype):
+    e = torch.zeros(3, dtype=dtype, requires_grad=True)
+    f = mapo_score(e, 0.5)
+    f.sum().backward()
+    assert (f == 1).all()
+    torch.testing.assert_close(e.grad, torch.full_like(e, -0.25))  # d/de [g e / expm1(g e)] at 0 = -g/2
+
+
+def test_mapo_score_gradient_matches_the_analytic_derivative():
+    g, e = 0.5, np.array([1e-5, 0.019, 0.021, 0.3, 2.0])
+    x = g * e
+    # d/dx [x / (e^x - 1)] = (e^x - 1 - x e^x) / (e^x - 1)^2, evaluated with a series where it cancels
+    series = -0.5 + x / 6 - x**3 / 180 + x**5 / 5040
+    analytic = np.where(x < 1e-2, series, (np.expm1(x) - x * np.exp(x)) / np.expm1(x) ** 2)
+    t = torch.tensor(e, requires_grad=True)
+    mapo_score(t, g).sum().backward()
+    np.testing.assert_allclose(t.grad.numpy(), g * analytic, rtol=1e-9)
+
+
+def test_mapo_matches_numpy_without_a_reference():
+    a, g, beta, T = arrays(), 0.5, 0.1, 1000
+    e = np_errors(a)
+    f = lambda x: g * x / np.expm1(g * x)  # noqa: E731
+    margin = T * (f(e["w"]) - f(e["l"]))
+    log_sigmoid = -np.logaddexp(0, -margin)
+    expected = e["w"].mean() - beta * log_sigmoid.mean()
+    out = build_objective("mapo", beta=5000.0, mapo_beta=beta, mapo_snr_value=g, num_train_timesteps=T)(
+        *batch(a, with_reference=False)
+    )
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(out.logits.detach().numpy(), margin, rtol=1e-10)
+    assert out.metrics["mapo/win_score"].item() == pytest.approx(f(e["w"]).mean(), rel=1e-12)
+    assert out.metrics["mapo/lose_score"].item() == pytest.approx(f(e["l"]).mean(), rel=1e-12)
+    assert out.metrics["mapo/ratio_loss"].item() == pytest.approx(-beta * log_sigmoid.mean(), rel=1e-12)
+
+
+def test_mapo_is_finite_with_zero_errors():
+    zero = torch.zeros(2, requires_grad=True)
+    errors = DenoisingErrors(zero, torch.tensor([0.0, 0.5], requires_grad=True))
+    out = build_objective("mapo", beta=1.0)(None, errors)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(zero.grad).all()
+
+
+def test_mapo_ignores_the_beta_of_the_dpo_logit():
+    a = arrays()
+    small = build_objective("mapo", beta=1.0)(*batch(a, with_reference=False)).loss.item()
+    large = build_objective("mapo", beta=5000.0)(*batch(a, with_reference=False)).loss.item()
+    assert small == large
+
+
+def test_diffusion_dpo_loss_is_still_exported():
+    a = arrays()
+    _, errors = batch(a)
+    u = np_logits(a, 2.0)
+    assert diffusion_dpo_loss(errors, 2.0).loss.item() == pytest.approx(np.mean(np.log1p(np.exp(-u))), rel=1e-12)

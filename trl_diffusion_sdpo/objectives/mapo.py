@@ -1,0 +1,105 @@
+"""MaPO, margin-aware preference optimisation without a reference model (Hong et al., 2024; code: mapo-t2i/mapo)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import (
+    DenoisingErrors,
+    ObjectiveHyperparameters,
+    ObjectiveOutput,
+    PreferencePredictions,
+    register_objective,
+    reject_pair_weights,
+    require_positive,
+    require_positive_int,
+)
+
+__all__ = ["MaPOObjective", "mapo_loss", "mapo_score"]
+
+# Below this |g*e| the score uses its Taylor series: x / expm1(x) is 0/0 at x = 0, its autograd derivative there is
+# NaN, and near 0 that derivative loses digits to cancellation. The first omitted term, x^6 / 30240, is below 4e-17.
+_SERIES_BELOW = 1e-2
+
+
+def mapo_score(error: torch.Tensor, snr_value: float = 0.5) -> torch.Tensor:
+    """MaPO's score of a denoising error, ``f(e) = g*e / (exp(g*e) - 1)`` with ``g = snr_value``.
+
+    ``f(0) = 1`` (the limit) and ``f`` decreases in ``e``; ``expm1`` keeps the denominator accurate for small
+    ``g*e``, and for ``|g*e| < 0.01`` the series ``1 - x/2 + x^2/12 - x^4/720`` (``x = g*e``) is used, so both
+    ``f`` and its gradient (``-g/2`` at ``e = 0``) are exact to rounding and finite there.
+    """
+    x = snr_value * error
+    small = x.abs() < _SERIES_BELOW
+    safe_x = torch.where(small, torch.ones_like(x), x)  # keeps the unused branch (and its gradient) finite
+    exact = safe_x / torch.expm1(safe_x)
+    x_sq = x.pow(2)
+    series = 1 - x / 2 + x_sq / 12 - x_sq.pow(2) / 720
+    return torch.where(small, series, exact)
+
+
+def mapo_loss(errors: DenoisingErrors, beta: float, snr_value: float, num_train_timesteps: int) -> ObjectiveOutput:
+    """MaPO: ``loss = mean_pairs(e_theta^w) - beta * mean_pairs(logsigmoid(T * (f(e_theta^w) - f(e_theta^l))))``.
+
+    ``f`` is :func:`mapo_score` with ``g = snr_value``, ``T = num_train_timesteps``, ``beta`` is MaPO's
+    ``beta_mapo``. Policy errors only: no reference. ``logits`` is the margin ``T * (f(e^w) - f(e^l))``, positive
+    when the winner has the smaller error. Metrics as the authors log them: ``mapo/win_score = mean f(e^w)``,
+    ``mapo/lose_score = mean f(e^l)``, ``mapo/ratio_loss = -beta * mean logsigmoid(margin)``.
+    """
+    win_score = mapo_score(errors.policy_winner, snr_value)
+    lose_score = mapo_score(errors.policy_loser, snr_value)
+    logits = num_train_timesteps * (win_score - lose_score)
+    ratio_loss = -beta * F.logsigmoid(logits).mean()
+    loss = errors.policy_winner.mean() + ratio_loss
+    metrics = {
+        "mapo/win_score": win_score.detach().mean(),
+        "mapo/lose_score": lose_score.detach().mean(),
+        "mapo/ratio_loss": ratio_loss.detach(),
+    }
+    return ObjectiveOutput(loss=loss, logits=logits, metrics=metrics)
+
+
+@register_objective
+class MaPOObjective:
+    """MaPO (see :func:`mapo_loss`); reference-free.
+
+    Authors' settings (MaPO repository, SDXL): ``mapo_beta = 0.1``, ``mapo_snr_value = 0.5``, ``T = 1000``. MaPO
+    was not trained with the Diffusion-SDPO safeguard by either group of authors (no published ``mu``); it composes
+    with it, since the loser enters only through its error.
+    """
+
+    name = "mapo"
+    requires_reference = False
+    uses_loser = True
+    needs_pair_weights = False
+    metric_names: tuple[str, ...] = ("mapo/win_score", "mapo/lose_score", "mapo/ratio_loss")
+
+    def __init__(self, beta: float = 0.1, snr_value: float = 0.5, num_train_timesteps: int = 1000) -> None:
+        self.beta = require_positive("mapo_beta", beta)
+        self.snr_value = require_positive("mapo_snr_value", snr_value)
+        self.num_train_timesteps = require_positive_int("num_train_timesteps", num_train_timesteps)
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: ObjectiveHyperparameters) -> MaPOObjective:
+        return cls(
+            beta=hyperparameters.mapo_beta,
+            snr_value=hyperparameters.mapo_snr_value,
+            num_train_timesteps=hyperparameters.num_train_timesteps,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(beta={self.beta}, snr_value={self.snr_value}, "
+            f"num_train_timesteps={self.num_train_timesteps})"
+        )
+
+    def __call__(
+        self,
+        predictions: PreferencePredictions,
+        errors: DenoisingErrors,
+        *,
+        pair_weights: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        reject_pair_weights(self.name, pair_weights)
+        return mapo_loss(errors, self.beta, self.snr_value, self.num_train_timesteps)

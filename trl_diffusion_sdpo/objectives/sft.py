@@ -1,0 +1,57 @@
+"""Supervised fine-tuning on the winners, the Diffusion-SDPO authors' SFT baseline."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import (
+    DenoisingErrors,
+    ObjectiveHyperparameters,
+    ObjectiveOutput,
+    PreferencePredictions,
+    register_objective,
+    reject_pair_weights,
+)
+
+__all__ = ["SFTObjective", "sft_loss"]
+
+
+def sft_loss(errors: DenoisingErrors) -> ObjectiveOutput:
+    """SFT: ``loss = mean_pairs(e_theta^w)``, the policy's denoising error on the winners only.
+
+    With every sample of equal size this is the mean over all winner elements of ``(pred_w - target_w)^2``, the
+    authors' form. No reference and no loser enter the loss (so there is nothing for the safeguard to scale).
+    ``logits`` is the policy's own margin ``e_theta^l - e_theta^w`` (positive when the policy denoises the winner
+    better), detached, for implicit accuracy only; it is ``d_theta`` without a reference and without ``-0.5 beta``.
+    """
+    loss = errors.policy_winner.mean()
+    logits = (errors.policy_loser - errors.policy_winner).detach()
+    return ObjectiveOutput(loss=loss, logits=logits)
+
+
+@register_objective
+class SFTObjective:
+    """SFT on the winners (see :func:`sft_loss`); no hyperparameters, no reference, no safeguard."""
+
+    name = "sft"
+    requires_reference = False
+    uses_loser = False
+    needs_pair_weights = False
+    metric_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: ObjectiveHyperparameters) -> SFTObjective:
+        return cls()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __call__(
+        self,
+        predictions: PreferencePredictions,
+        errors: DenoisingErrors,
+        *,
+        pair_weights: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        reject_pair_weights(self.name, pair_weights)
+        return sft_loss(errors)
