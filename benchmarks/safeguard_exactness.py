@@ -188,11 +188,17 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
     return results
 
 
-def run(setting: Setting, pipeline_dir: str | None = None, progress: bool = True) -> dict:
+def run(
+    setting: Setting,
+    pipeline_dir: str | None = None,
+    progress: bool = True,
+    starts: tuple[str, ...] = ("reference", "drifted"),
+) -> dict:
     torch.manual_seed(setting.seed)
     problem = Problem(_unet(pipeline_dir), setting)
     gen = torch.Generator().manual_seed(setting.seed)
-    starts = {"reference": problem.reference, "drifted": _drifted(problem, gen)}
+    drifted = _drifted(problem, gen)  # drawn first either way: the batches do not depend on ``starts``
+    starts = {name: {"reference": problem.reference, "drifted": drifted}[name] for name in starts}
     report: dict = {"setting": setting.__dict__, "model": pipeline_dir or "tiny random UNet", "starts": {}}
     began = time.perf_counter()
     for start, theta in starts.items():
@@ -245,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--mu", type=float, default=0.5)
+    parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--pipeline", default=None, help="A diffusers pipeline folder (default: a tiny random UNet).")
     parser.add_argument("--json", default=None, help="Write the report (with every lambda) here.")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = run(Setting(batches=args.batches, mu=args.mu), args.pipeline)
+    report = run(Setting(batches=args.batches, mu=args.mu, pairs=args.pairs), args.pipeline)
     print(format_table(report))
     print(f"{report['seconds']:.0f} s")
     if args.json:

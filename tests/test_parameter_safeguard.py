@@ -257,3 +257,49 @@ def test_engines_that_own_the_gradients_are_refused_with_the_alternatives(make_t
     trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = False, True
     with pytest.raises(ValueError, match="FSDP"):
         trainer._check_parameter_space_engine()
+
+
+# ---------------------------------------------------------------------------------------------- objectives x spaces
+
+
+@pytest.mark.parametrize(
+    "loss_type, overrides",
+    [
+        ("dspo", {"beta": 0.001, "dspo_form": "sd15"}),
+        ("dspo", {"beta": 5000.0, "dspo_form": "sdxl"}),
+        ("dmpo", {"beta": 2000.0}),
+        ("mapo", {}),
+    ],
+    ids=["dspo-sd15", "dspo-sdxl", "dmpo", "mapo"],
+)
+@pytest.mark.parametrize("space", ["output", "parameter"])
+def test_every_pairwise_objective_trains_under_both_safeguard_spaces(make_trainer, loss_type, overrides, space):
+    trainer = make_trainer(lora=True, loss_type=loss_type, safeguard=True, safeguard_space=space, max_steps=2,
+                           **overrides)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_A" in k}
+    trainer.train()
+    logged = trainer.state.log_history[-2]
+    assert np.isfinite(logged["loss"])
+    assert "safeguard/lambda_mean" in logged
+    for name in trainer.objective.metric_names:
+        assert name in logged
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reference_free_objectives_build_and_run_no_reference(make_trainer, monkeypatch):
+    import trl_diffusion_sdpo.reference as reference_module
+
+    calls = []
+    monkeypatch.setattr(reference_module.FrozenCopyReference, "predict", lambda *a, **k: calls.append(1))
+    for loss_type, safeguard in (("mapo", True), ("sft", False)):
+        trainer = make_trainer(lora=False, loss_type=loss_type, safeguard=safeguard, max_steps=1)
+        assert trainer.reference is None  # no frozen copy of the UNet in memory
+        trainer.train()
+        assert "mse/ref_winner" not in trainer.state.log_history[-2]
+    assert calls == []
+
+
+def test_sft_with_the_safeguard_is_refused_at_configuration(make_config):
+    with pytest.raises(ValueError, match="sft.*no loser gradient.*safeguard=False"):
+        make_config(loss_type="sft", safeguard=True)
