@@ -203,7 +203,7 @@ class DiffusionSDPOTrainer(Trainer):
             eval_dataset, eval_columns, self.eval_data_report = prepare_preference_dataset(eval_dataset, args, "eval")
         else:
             eval_columns = columns
-        transform = PairTransform(args.resolution, args.random_crop)
+        transform = PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
         self._tokenize = self.family.prompt_tokenizer()
         data_collator = PreferenceCollator(
             columns, self._tokenize, transform, train=True, with_flipped=args.random_flip

@@ -276,7 +276,8 @@ def mirrored_time_ids(time_ids: torch.Tensor) -> torch.Tensor:
 
 
 class PairTransform:
-    """Resize the shorter side to ``resolution`` and crop a square: the same crop position for both images.
+    """Resize the shorter side to ``resolution`` and crop a square: the same crop position for both images, or
+    (``independent``, with ``random_crop``) a random position for each.
 
     Returns the pixel tensors in [-1, 1] and, per image, SDXL's micro-conditioning
     ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``: ``orig`` is the size of the image as decoded
@@ -288,9 +289,10 @@ class PairTransform:
     ``time_ids`` of the mirrored view (:func:`mirrored_time_ids`), so that its draw is reproducible (see the trainer).
     """
 
-    def __init__(self, resolution: int, random_crop: bool = False) -> None:
+    def __init__(self, resolution: int, random_crop: bool = False, independent: bool = False) -> None:
         self.resolution = resolution
         self.random_crop = random_crop
+        self.independent = independent  # a random crop of its own for each image (the Diffusion-SDPO authors')
 
     def _one(self, image: Image.Image, crop_fraction: tuple[float, float] | None):
         res = self.resolution
@@ -314,8 +316,9 @@ class PairTransform:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``pixels [2, 3, R, R]`` (winner, loser) and ``time_ids [2, 6]``; a random crop only when training."""
         crop = (float(torch.rand(())), float(torch.rand(()))) if train and self.random_crop else None
+        loser_crop = (float(torch.rand(())), float(torch.rand(()))) if crop is not None and self.independent else crop
         pixels_w, ids_w = self._one(winner, crop)
-        pixels_l, ids_l = self._one(loser, crop)
+        pixels_l, ids_l = self._one(loser, loser_crop)
         return torch.stack([pixels_w, pixels_l]), torch.stack([ids_w, ids_l])
 
     def center_crop_pair(
