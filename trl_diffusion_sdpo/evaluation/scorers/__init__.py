@@ -8,6 +8,7 @@ from .aesthetic import AestheticMLP, AestheticScorer
 from .base import Scorer, available_scorers, build_scorer, register_scorer
 from .clip_score import CLIPScoreScorer
 from .hps import HPSv2Scorer, open_clip_to_transformers
+from .image_reward import ImageRewardModel, ImageRewardScorer, blip_to_transformers
 from .pickscore import PickScoreScorer
 
 __all__ = [
@@ -15,9 +16,12 @@ __all__ = [
     "AestheticScorer",
     "CLIPScoreScorer",
     "HPSv2Scorer",
+    "ImageRewardModel",
+    "ImageRewardScorer",
     "PickScoreScorer",
     "Scorer",
     "available_scorers",
+    "blip_to_transformers",
     "build_scorer",
     "open_clip_to_transformers",
     "register_scorer",
