@@ -90,6 +90,7 @@ class ValidationCallback(TrainerCallback):
         self.batch_size = batch_size
         self.history: list[dict[str, Any]] = []  # one entry per validation: step, path, seconds, rewards
         self._own_tb_writer = None
+        self._sampler: tuple[tuple[int, ...], Any] | None = None
 
     # -- TrainerCallback hooks -------------------------------------------------------------------------------------
 
@@ -115,12 +116,24 @@ class ValidationCallback(TrainerCallback):
         return pipeline
 
     def _sampling_pipeline(self, pipeline):
-        from diffusers import EulerDiscreteScheduler
+        """A pipeline sharing every module with ``pipeline`` but with its own Euler scheduler; built once and rebuilt
+        only if the pipeline's modules are replaced (e.g. the UNet wrapped)."""
+        components = pipeline.components
+        identity = tuple(id(module) for module in components.values())
+        if self._sampler is None or self._sampler[0] != identity:
+            from diffusers import EulerDiscreteScheduler
+            from diffusers.utils import logging as diffusers_logging
 
-        scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
-        sampler = type(pipeline)(**{**pipeline.components, "scheduler": scheduler})
-        sampler.set_progress_bar_config(disable=True)
-        return sampler
+            scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # the "safety checker disabled" notice, once per build
+            try:
+                sampler = type(pipeline)(**{**components, "scheduler": scheduler})
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
+            sampler.set_progress_bar_config(disable=True)
+            self._sampler = (identity, sampler)
+        return self._sampler[1]
 
     def generate(self) -> tuple[Image.Image, list[Image.Image]]:
         """Sample the grid now (prompts vary along a row, seeds down the columns); returns the grid and the images.
