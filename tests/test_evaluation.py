@@ -291,3 +291,43 @@ def test_cli_evaluate_end_to_end(tmp_path, model_dirs, capsys):
     with open(out / "win_rates.json") as f:
         assert [(r["model"], r["opponent"], r["n"]) for r in json.load(f)] == [("lora", "base", 2)]
     assert "lora vs base [redness]" in capsys.readouterr().out
+
+
+class DeviceRecordingScorer(RednessScorer):
+    name = "device_recording"
+    devices: list = []
+
+    def __init__(self, device=None) -> None:
+        DeviceRecordingScorer.devices.append(device)
+
+
+register_scorer("test-device", DeviceRecordingScorer, overwrite=True)
+
+
+def test_evaluate_hands_its_device_to_scorers_that_take_one(tmp_path, model_dirs):
+    DeviceRecordingScorer.devices.clear()
+    evaluate(model_dirs["base"], {}, prompts=["a"], scorers=["test-device", "test-redness"], settings=FAST,
+             output_dir=str(tmp_path), device="cpu", n_resamples=10, progress=False)
+    assert DeviceRecordingScorer.devices == ["cpu"]  # and RednessScorer(), which takes none, was built without it
+
+
+def test_sdxl_sampling_encodes_the_empty_negative_prompt_at_the_requested_size(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from trl_diffusion_sdpo.evaluation.generation import _prepare
+    from trl_diffusion_sdpo.tiny_models import build_tiny_sdxl_pipeline
+
+    pipe = _prepare(build_tiny_sdxl_pipeline(tokenizer_dir=str(tmp_path)), FAST, torch.device("cpu"))
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler) and native_resolution(pipe) == 64
+    negatives = []
+    original = StableDiffusionXLPipeline.encode_prompt
+
+    def record(self, *args, **kwargs):
+        negatives.append(kwargs.get("negative_prompt"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "encode_prompt", record)
+    images = sample_images(pipe, ["a cat", "a dog"], [0, 0], FAST, batch_size=2)
+    # "" is encoded by both text encoders; None would make SDXL use zero embeddings (force_zeros_for_empty_prompt).
+    assert negatives == [["", ""]] and pipe.config.force_zeros_for_empty_prompt
+    assert [image.size for image in images] == [(32, 32), (32, 32)]

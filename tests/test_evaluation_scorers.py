@@ -214,6 +214,8 @@ def test_image_reward_loads_the_original_blip_layout_and_standardises(tmp_path):
     pixels = scorer.image_processor(images=images, return_tensors="pt")["pixel_values"]
     tokens = scorer.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     assert tokens["input_ids"].shape == (2, 35)
+    base_vocab = len(BertTokenizer.from_pretrained(tokenizer_dir))
+    assert scorer.tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [base_vocab, base_vocab + 1]  # as BLIP
     with torch.no_grad():
         vision_model: BlipVisionModel = reference.vision_model
         text_model: BlipTextModel = reference.text_encoder

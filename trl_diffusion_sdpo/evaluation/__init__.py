@@ -9,12 +9,15 @@ and `ValidationCallback` (sample grids and rewards while training).
 from __future__ import annotations
 
 import csv
+import gc
+import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -33,6 +36,7 @@ from .compare import (
 from .generation import GenerationSettings, ImageCache, ModelSpec, generate_images, sample_images
 from .prompts import PROMPT_PRESETS, load_prompts
 from .scorers import Scorer, available_scorers, build_scorer, register_scorer
+from .scorers.base import scorer_factory
 
 __all__ = [
     "PROMPT_PRESETS",
@@ -80,6 +84,22 @@ def _model_specs(base: str, models: Mapping[str, str] | Sequence[str | ModelSpec
     if "base" in [v.name for v in variants]:
         raise ValueError("The name 'base' is reserved for the base model; name the variants differently.")
     return specs
+
+
+def _scorer_arguments(entry: str | Scorer, scorer_kwargs: Mapping[str, Mapping[str, Any]], device: str | None):
+    """The keyword arguments for a named scorer; ``device`` is passed on when its factory takes one."""
+    if isinstance(entry, Scorer):
+        return {}
+    kwargs = dict(scorer_kwargs.get(entry, {}))
+    if device is not None and "device" not in kwargs:
+        try:
+            parameters = inspect.signature(scorer_factory(entry)).parameters.values()
+            accepts = any(p.name == "device" or p.kind is p.VAR_KEYWORD for p in parameters)
+        except (TypeError, ValueError):  # a factory without an inspectable signature
+            accepts = False
+        if accepts:
+            kwargs["device"] = device
+    return kwargs
 
 
 def _write_scores(path: str, pairs: list[tuple[str, int]], image_paths, scores, root: str) -> None:
@@ -151,7 +171,7 @@ def evaluate(
     floors: dict[str, float | None] = {}
     scores_path = os.path.join(output_dir, "scores.csv")
     for entry in scorers:
-        scorer = build_scorer(entry, **dict(scorer_kwargs.get(entry, {}) if isinstance(entry, str) else {}))
+        scorer = build_scorer(entry, **_scorer_arguments(entry, scorer_kwargs, device))
         scales[scorer.name], floors[scorer.name] = scorer.scale, scorer.mean_floor
         for name, paths in image_paths.items():
             values: list[float] = []
@@ -161,6 +181,9 @@ def evaluate(
                 values += scorer(images, sample_prompts[start : start + score_batch_size]).tolist()
             scores[name][scorer.name] = values
         del scorer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         _write_scores(scores_path, pairs, image_paths, scores, output_dir)  # kept after each metric
 
     files = {"scores": scores_path, "run": os.path.join(output_dir, "run.json")}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-__all__ = ["Scorer", "available_scorers", "build_scorer", "register_scorer", "resolve_device"]
+__all__ = ["Scorer", "available_scorers", "build_scorer", "register_scorer", "resolve_device", "scorer_factory"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -70,10 +70,15 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def scorer_factory(name: str) -> Callable[..., Scorer]:
+    """The factory registered under ``name``."""
+    if name not in _REGISTRY:
+        raise KeyError(f"Unknown scorer {name!r}. Registered scorers: {', '.join(available_scorers())}.")
+    return _REGISTRY[name]
+
+
 def build_scorer(name: str | Scorer, **kwargs: Any) -> Scorer:
     """A scorer instance from a registered name (or the instance itself, passed through)."""
     if isinstance(name, Scorer):
         return name
-    if name not in _REGISTRY:
-        raise KeyError(f"Unknown scorer {name!r}. Registered scorers: {', '.join(available_scorers())}.")
-    return _REGISTRY[name](**kwargs)
+    return scorer_factory(name)(**kwargs)
