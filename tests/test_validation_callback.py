@@ -116,3 +116,16 @@ def test_images_and_rewards_go_to_the_trainers_tensorboard_writer_and_unknown_tr
     expected = RednessScorer()([grid.crop((0, 0, 32, 32)), grid.crop((32, 0, 64, 32))], PROMPTS).mean()
     assert scalars[0][2] == pytest.approx(float(expected))
     assert callback.history[0]["eval/reward/redness"] == pytest.approx(float(expected))
+
+
+def test_auto_autocast_samples_a_pipeline_that_mixes_bf16_and_float32(make_pipeline):
+    pipe = make_pipeline()
+    pipe.text_encoder.to(torch.bfloat16)  # a frozen module in the compute dtype, the UNet in float32
+    plain = ValidationCallback(PROMPTS[:1], num_inference_steps=1, pipeline=pipe, height=32, width=32,
+                               autocast_dtype=None)
+    with pytest.raises(RuntimeError):
+        plain.generate()
+    auto = ValidationCallback(PROMPTS[:1], num_inference_steps=1, pipeline=pipe, height=32, width=32)
+    assert auto._autocast_dtype(pipe) == torch.bfloat16
+    assert auto.generate()[1][0].size == (32, 32)
+    assert ValidationCallback(PROMPTS, pipeline=make_pipeline())._autocast_dtype(make_pipeline()) is None

@@ -46,8 +46,9 @@ class ValidationCallback(TrainerCallback):
         pipeline: the pipeline whose ``unet`` is the trained UNet (the trainer's ``pipeline``); or pass ``trainer``.
         trainer: a trainer exposing ``pipeline``; also lets the callback reuse its TensorBoard writer.
         at_start: validate the base model at step 0 (skipped when training resumes past step 0).
-        autocast_dtype: run sampling under ``torch.autocast`` in this dtype (e.g. ``torch.bfloat16`` when training
-            in bf16 with fp32 adapters); None runs in the modules' own dtypes.
+        autocast_dtype: run sampling under ``torch.autocast`` in this dtype; ``"auto"`` (default) picks bf16/fp16
+            when the pipeline mixes that dtype with float32 weights (mixed-precision training: frozen modules in the
+            compute dtype, trainable weights in float32), else none; None never autocasts.
         batch_size: images per pipeline call.
     """
 
@@ -66,7 +67,7 @@ class ValidationCallback(TrainerCallback):
         height: int | None = None,
         width: int | None = None,
         at_start: bool = True,
-        autocast_dtype: torch.dtype | None = None,
+        autocast_dtype: torch.dtype | str | None = "auto",
         batch_size: int = 4,
     ) -> None:
         if not prompts:
@@ -137,26 +138,53 @@ class ValidationCallback(TrainerCallback):
 
     def generate(self) -> tuple[Image.Image, list[Image.Image]]:
         """Sample the grid now (prompts vary along a row, seeds down the columns); returns the grid and the images.
-        Restores the UNet's mode and every RNG state."""
+
+        Modules the trainer keeps elsewhere (the VAE and text encoders stay on the CPU with ``cache_latents``) are
+        moved to the UNet's device for sampling and put back; the UNet's mode and every RNG state are restored.
+        """
         pipeline = self._get_pipeline()
         unet = pipeline.unet
         was_training = unet.training
         device = unet.device
+        modules = {n: m for n, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and n != "unet"}
+        homes = {n: _module_device(m) for n, m in modules.items()}
         prompts = [p for _ in self.seeds for p in self.prompts]
         seeds = [s for s in self.seeds for _ in self.prompts]
+        autocast_dtype = self._autocast_dtype(pipeline)
         fork_devices = [device] if device.type == "cuda" else []
         try:
             unet.eval()
+            for name, module in modules.items():
+                if homes[name] is not None and homes[name] != device:
+                    module.to(device)
             with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
-                with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
-                                    enabled=self.autocast_dtype is not None):
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
                     images = sample_images(self._sampling_pipeline(pipeline), prompts, seeds, self.settings,
                                            batch_size=self.batch_size)
         finally:
             unet.train(was_training)
+            for name, module in modules.items():
+                if homes[name] is not None and homes[name] != device:
+                    module.to(homes[name])
         rows = [images[i * len(self.prompts) : (i + 1) * len(self.prompts)] for i in range(len(self.seeds))]
         grid = image_grid(rows, row_labels=[f"seed {s}" for s in self.seeds] if len(self.seeds) > 1 else ())
         return grid, images
+
+    def _autocast_dtype(self, pipeline) -> torch.dtype | None:
+        """``autocast_dtype`` as given; with ``"auto"``, the half-precision dtype the pipeline's modules mix with
+        float32 (mixed-precision training keeps frozen modules in bf16/fp16 and trainable weights in fp32), if any."""
+        if self.autocast_dtype != "auto":
+            return self.autocast_dtype
+        dtypes = {
+            p.dtype
+            for m in pipeline.components.values()
+            if isinstance(m, torch.nn.Module)
+            for p in m.parameters()
+            if p.is_floating_point()
+        }
+        half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+        return half[0] if half and len(dtypes) > 1 else None
 
     def _score(self, images: list[Image.Image]) -> dict[str, float]:
         if not self.scorer_specs:
@@ -255,6 +283,11 @@ class ValidationCallback(TrainerCallback):
                             mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
             except (ImportError, AttributeError) as error:
                 logger.debug("Tracker %s: validation rewards not logged (%s).", tracker, error)
+
+
+def _module_device(module: torch.nn.Module) -> torch.device | None:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else None
 
 
 def _report_to(args) -> list[str]:
