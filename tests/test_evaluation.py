@@ -46,6 +46,8 @@ def test_text_file_prompts_skip_blank_lines_and_keep_order(tmp_path):
     assert load_prompts(str(path)) == ["a cat", "a dog", "a cat"]
     assert load_prompts(str(path), deduplicate=True) == ["a cat", "a dog"]
     assert load_prompts(str(path), limit=1) == ["a cat"]
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_prompts(str(tmp_path / "missing.txt"))
 
 
 def test_dataset_prompts_name_the_missing_column_and_the_available_ones(tmp_path):

@@ -129,7 +129,9 @@ def load_prompts(
             prompts = _load_dataset_prompts(preset.path, column or preset.column, split or preset.split,
                                             preset.streaming)
         dedupe = preset.deduplicate if deduplicate is None else deduplicate
-    elif isinstance(source, str) and source.endswith(".txt") and os.path.isfile(source):
+    elif isinstance(source, str) and source.endswith(".txt"):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"Prompt file {source} does not exist.")
         with open(source, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
         dedupe = bool(deduplicate)
