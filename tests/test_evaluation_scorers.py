@@ -233,6 +233,18 @@ def test_image_reward_loads_the_original_blip_layout_and_standardises(tmp_path):
                           vision_config=vision)
 
 
+def test_checkpoints_with_arbitrary_pickled_objects_are_refused(tmp_path):
+    import argparse
+
+    from trl_diffusion_sdpo.evaluation.scorers._clip import load_weights_file
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="not unpickled here"):
+        load_weights_file(str(tmp_path / "ckpt.pt"))
+    torch.save({"module.w": torch.ones(2)}, tmp_path / "ddp.pt")
+    assert list(load_weights_file(str(tmp_path / "ddp.pt"))) == ["w"]
+
+
 class ConstantScorer(Scorer):
     name = "constant"
     scale = "units"

@@ -3,6 +3,7 @@ image and text embeddings ``normalize(proj(pooled))`` of transformers' CLIP towe
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,13 @@ def load_weights_file(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds pickled objects besides tensors and is not unpickled here (weights_only=True). If you "
+            "trust the file, re-save its state dict once as safetensors (safetensors.torch.save_file) and pass that."
+        ) from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
