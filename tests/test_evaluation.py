@@ -1,0 +1,335 @@
+"""Evaluation: prompt sets, cached generation with the authors' protocol, comparisons, evaluate() and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
+from PIL import Image
+
+from trl_diffusion_sdpo.cli import main
+from trl_diffusion_sdpo.evaluation import (
+    GenerationSettings,
+    ModelSpec,
+    Scorer,
+    bootstrap_mean_ci,
+    evaluate,
+    image_grid,
+    load_prompts,
+    register_scorer,
+    sample_images,
+    summarise,
+    win_rate,
+    win_rate_table,
+)
+from trl_diffusion_sdpo.evaluation.generation import load_base_pipeline, native_resolution, variant_pipeline
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+
+torch.set_num_threads(1)
+FAST = GenerationSettings(num_inference_steps=2, height=32, width=32)
+
+
+# -- prompts ---------------------------------------------------------------------------------------------------------
+
+
+def test_text_file_prompts_skip_blank_lines_and_keep_order(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n\n  a dog  \na cat\n")
+    assert load_prompts(str(path)) == ["a cat", "a dog", "a cat"]
+    assert load_prompts(str(path), deduplicate=True) == ["a cat", "a dog"]
+    assert load_prompts(str(path), limit=1) == ["a cat"]
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_dataset_prompts_name_the_missing_column_and_the_available_ones(tmp_path):
+    Dataset.from_dict({"caption": ["x", "y"], "other": [1, 2]}).save_to_disk(str(tmp_path / "saved"))
+    dataset = Dataset.from_dict({"caption": ["x", "y"], "other": [1, 2]})
+    assert load_prompts(dataset) == ["x", "y"]  # caption found by default
+    with pytest.raises(ValueError, match=r"no column 'Prompt'.*\['caption', 'other'\]"):
+        load_prompts(dataset, column="Prompt")
+    with pytest.raises(ValueError, match="no prompt column among"):
+        load_prompts(Dataset.from_dict({"other": [1]}))
+
+
+def _write_parquet(folder, split: str, column: str, values: list[str]) -> None:
+    os.makedirs(folder / "data", exist_ok=True)
+    Dataset.from_dict({column: values, "extra": list(range(len(values)))}).to_parquet(
+        str(folder / "data" / f"{split}-00000-of-00001.parquet")
+    )
+
+
+def test_presets_load_through_datasets_from_a_local_copy(tmp_path):
+    pickapic = tmp_path / "pickapic"
+    _write_parquet(pickapic, "validation_unique", "caption", ["b", "a", "b", "c"])
+    _write_parquet(pickapic, "train", "caption", ["not", "this", "split"])
+    assert load_prompts("pickapic_v2", path=str(pickapic)) == ["b", "a", "c"]  # the split, deduplicated in order
+    parti = tmp_path / "parti"
+    _write_parquet(parti, "train", "Prompt", ["p1", "p2", "p1"])
+    assert load_prompts("partiprompts", path=str(parti)) == ["p1", "p2", "p1"]
+    with pytest.raises(ValueError, match="no column 'Prompt'"):
+        load_prompts("partiprompts", path=str(pickapic), split="train")
+
+
+def test_hpdv2_preset_reads_the_four_benchmark_files_in_order(tmp_path):
+    os.makedirs(tmp_path / "benchmark")
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        (tmp_path / "benchmark" / f"{style}.json").write_text(json.dumps([f"{style} 1", f"{style} 2"]))
+    prompts = load_prompts("hpdv2", path=str(tmp_path))
+    assert prompts[:3] == ["anime 1", "anime 2", "concept-art 1"] and len(prompts) == 8
+    os.remove(tmp_path / "benchmark" / "photo.json")
+    with pytest.raises(FileNotFoundError, match="photo.json"):
+        load_prompts("hpdv2", path=str(tmp_path))
+
+
+# -- comparison ------------------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_is_seeded_and_matches_the_normal_approximation():
+    values = np.random.default_rng(1).normal(2.0, 1.0, size=400)
+    mean, low, high = bootstrap_mean_ci(values, n_resamples=2000, seed=0)
+    assert (mean, low, high) == bootstrap_mean_ci(values, n_resamples=2000, seed=0)
+    assert low < mean < high and mean == pytest.approx(values.mean())
+    half_width = 1.96 * values.std(ddof=1) / np.sqrt(values.size)
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
+    assert bootstrap_mean_ci([3.0] * 10) == (3.0, 3.0, 3.0)
+
+
+def test_win_rates_count_ties_half_and_a_dominating_model_wins_everything():
+    result = win_rate([1, 2, 3, 4], [0, 2, 5, 4], metric="m", model="a", opponent="b")
+    assert (result.wins, result.ties, result.losses, result.win_rate) == (1, 2, 1, 0.5)
+    assert win_rate([2, 3, 4], [1, 2, 3]).win_rate == 1.0
+    assert win_rate([1, 1], [1, 1]).win_rate == 0.5
+    table = win_rate_table({"base": {"m": [0, 0, 0]}, "dpo": {"m": [1, 1, 1]}, "sdpo": {"m": [2, 0, 1]}})
+    pairs = [(r.model, r.opponent, r.win_rate) for r in table]
+    assert pairs == [("dpo", "base", 1.0), ("sdpo", "base", pytest.approx(2.5 / 3)), ("sdpo", "dpo", 0.5)]
+    with pytest.raises(ValueError, match="same samples"):
+        win_rate([1, 2], [1])
+
+
+def test_summary_clamps_a_floored_metric_and_its_interval():
+    rows = summarise({"m": {"clip": [-2.0, -1.0, -3.0], "raw": [-2.0, -1.0, -3.0]}}, {"clip": "x100"},
+                     {"clip": 0.0}, n_resamples=200)
+    clip, raw = rows
+    assert (clip.mean, clip.ci_low, clip.ci_high, clip.scale) == (0.0, 0.0, 0.0, "x100")
+    assert raw.mean == -2.0 and raw.ci_low < raw.mean < raw.ci_high
+
+
+def test_image_grid_places_each_image_in_its_cell():
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    grid = image_grid([[red, blue], [blue, red]])
+    assert grid.size == (16, 16)
+    assert grid.getpixel((4, 4)) == (255, 0, 0) and grid.getpixel((12, 4)) == (0, 0, 255)
+    assert grid.getpixel((4, 12)) == (0, 0, 255)
+
+
+# -- generation ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    """A saved tiny base pipeline, a LoRA folder for it, and a full-UNet checkpoint folder."""
+    root = tmp_path_factory.mktemp("models")
+    base = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(root / "tok"))
+    base.save_pretrained(str(root / "base"))
+    unet = base.unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(str(root / "lora"), unet_lora_layers=lora_state)
+    other = build_tiny_sd_pipeline(seed=1, tokenizer_dir=str(root / "tok1"))
+    other.unet.save_pretrained(str(root / "full" / "unet"))
+    return {"base": str(root / "base"), "lora": str(root / "lora"), "full": str(root / "full")}
+
+
+def test_protocol_defaults_and_native_resolution(model_dirs):
+    settings = GenerationSettings()
+    assert (settings.num_inference_steps, settings.guidance_scale, settings.negative_prompt) == (50, 8.5, "")
+    pipe = load_base_pipeline(model_dirs["base"], settings, torch.device("cpu"))
+    assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert native_resolution(pipe) == pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+
+
+def test_every_prompt_starts_from_the_seeds_noise_whatever_the_batch(model_dirs):
+    pipe = load_base_pipeline(model_dirs["base"], FAST, torch.device("cpu"))
+    seen = []
+    original = pipe.prepare_latents
+
+    def record(*args, **kwargs):
+        latents = original(*args, **kwargs)
+        seen.append(latents.clone())
+        return latents
+
+    pipe.prepare_latents = record
+    batched = sample_images(pipe, ["a cat", "a dog"], [0, 0], FAST, batch_size=2)
+    single = sample_images(pipe, ["a dog"], [0], FAST, batch_size=1)
+    other_seed = sample_images(pipe, ["a dog"], [1], FAST, batch_size=1)
+    torch.testing.assert_close(seen[0][0], seen[0][1])  # both prompts of the batch: the same noise
+    torch.testing.assert_close(seen[0][1], seen[1][0])  # and the same as a batch of one
+    assert not torch.equal(seen[1][0], seen[2][0])
+    np.testing.assert_allclose(np.asarray(batched[1], dtype=float), np.asarray(single[0], dtype=float), atol=2)
+    assert batched[0].size == (32, 32) and other_seed[0].size == (32, 32)
+
+
+def test_lora_variant_changes_the_images_and_is_unloaded_afterwards(model_dirs):
+    device = torch.device("cpu")
+    pipe = load_base_pipeline(model_dirs["base"], FAST, device)
+    before = np.asarray(sample_images(pipe, ["a cat"], [0], FAST)[0])
+    with variant_pipeline(pipe, ModelSpec("lora", model_dirs["lora"]), FAST, device) as lora_pipe:
+        with_lora = np.asarray(sample_images(lora_pipe, ["a cat"], [0], FAST)[0])
+    after = np.asarray(sample_images(pipe, ["a cat"], [0], FAST)[0])
+    assert not np.array_equal(before, with_lora)
+    np.testing.assert_array_equal(before, after)
+
+
+def test_unknown_model_folder_says_what_it_expected(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    spec = ModelSpec("x", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="model_index.json"):
+        with variant_pipeline(None, spec, FAST, torch.device("cpu")):
+            pass
+    assert ModelSpec.parse("dpo=/a/b") == ModelSpec("dpo", "/a/b")
+    assert ModelSpec.parse("/a/ckpt/") == ModelSpec("ckpt", "/a/ckpt/")
+
+
+class RednessScorer(Scorer):
+    """Mean red minus mean blue channel, in [−1, 1]: cheap, deterministic, and differs between models."""
+
+    name = "redness"
+    scale = "mean(R - B) / 255"
+
+    def score(self, images, prompts) -> torch.Tensor:
+        arrays = [np.asarray(image.convert("RGB"), dtype=np.float64) for image in images]
+        return torch.tensor([(a[..., 0] - a[..., 2]).mean() / 255 for a in arrays])
+
+
+register_scorer("test-redness", RednessScorer, overwrite=True)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """Count StableDiffusionPipeline calls; ``fail_after`` makes the call after that many raise (an interruption)."""
+    state = {"calls": 0, "fail_after": None}
+    original = StableDiffusionPipeline.__call__
+
+    def counted(self, *args, **kwargs):
+        if state["fail_after"] is not None and state["calls"] >= state["fail_after"]:
+            raise KeyboardInterrupt("interrupted")
+        state["calls"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counted)
+    return state
+
+
+def test_evaluate_writes_tables_plots_grid_and_a_second_run_generates_nothing(tmp_path, model_dirs, count_calls):
+    out = str(tmp_path / "eval")
+    kwargs = dict(prompts=["a red cube", "a blue ball", "a tree"], scorers=["test-redness"], output_dir=out,
+                  settings=FAST, batch_size=2, device="cpu", n_resamples=200, progress=False)
+    models = {"lora": model_dirs["lora"], "full": model_dirs["full"]}
+    result = evaluate(model_dirs["base"], models, **kwargs)
+    assert result.generated == {"base": 3, "lora": 3, "full": 3} and count_calls["calls"] == 6  # 2 batches x 3
+    assert {(r.model, r.metric) for r in result.summary} == {(m, "redness") for m in ("base", "lora", "full")}
+    assert [(r.model, r.opponent) for r in result.win_rates] == [("lora", "base"), ("full", "base"), ("full", "lora")]
+    for name in ("scores.csv", "summary.csv", "summary.json", "win_rates.csv", "win_rates.json", "grid.png",
+                 "plots/redness.png", "run.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    with open(os.path.join(out, "scores.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 and rows[0]["prompt"] == "a red cube" and rows[0]["seed"] == "0"
+    base_red = RednessScorer()([Image.open(p) for p in result.image_paths["base"]], ["x"] * 3)
+    assert [float(r["redness"]) for r in rows[:3]] == pytest.approx(base_red.tolist())
+    assert result.scores["base"]["redness"] != result.scores["full"]["redness"]  # different UNets, other images
+
+    count_calls["calls"] = 0
+    again = evaluate(model_dirs["base"], models, **kwargs)
+    assert count_calls["calls"] == 0 and again.generated == {"base": 0, "lora": 0, "full": 0}
+    assert again.scores == result.scores
+
+    count_calls["calls"] = 0  # other settings are other images
+    other = evaluate(model_dirs["base"], {}, **{**kwargs, "settings": GenerationSettings(3, height=32, width=32)})
+    assert other.generated == {"base": 3} and count_calls["calls"] == 2
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, model_dirs, count_calls):
+    kwargs = dict(prompts=["p0", "p1", "p2", "p3"], scorers=["test-redness"], output_dir=str(tmp_path / "eval"),
+                  settings=FAST, batch_size=1, device="cpu", progress=False)
+    count_calls["fail_after"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model_dirs["base"], {"lora": model_dirs["lora"]}, **kwargs)
+    pngs = [f for _, _, files in os.walk(tmp_path / "eval" / "images") for f in files if f.endswith(".png")]
+    assert len(pngs) == 3 and not any(f.endswith(".tmp") for _, _, fs in os.walk(tmp_path) for f in fs)
+    count_calls.update(calls=0, fail_after=None)
+    result = evaluate(model_dirs["base"], {"lora": model_dirs["lora"]}, **kwargs)
+    assert result.generated == {"base": 1, "lora": 4} and count_calls["calls"] == 5
+
+
+def test_evaluate_rejects_an_unknown_scorer_before_generating(tmp_path, model_dirs, count_calls):
+    with pytest.raises(KeyError, match="Registered scorers: .*pickscore"):
+        evaluate(model_dirs["base"], {}, prompts=["a"], scorers=["pickscor"], output_dir=str(tmp_path))
+    assert count_calls["calls"] == 0
+
+
+def test_cli_evaluate_end_to_end(tmp_path, model_dirs, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    out = tmp_path / "cli"
+    code = main(["evaluate", "--base", model_dirs["base"], "--model", f"lora={model_dirs['lora']}",
+                 "--prompts", str(prompts), "--scorer", "test-redness", "--output-dir", str(out), "--steps", "2",
+                 "--resolution", "32", "--batch-size", "2", "--device", "cpu", "--bootstrap-resamples", "100",
+                 "--no-progress"])
+    assert code == 0
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert {(r["model"], r["metric"]) for r in summary} == {("base", "redness"), ("lora", "redness")}
+    with open(out / "win_rates.json") as f:
+        assert [(r["model"], r["opponent"], r["n"]) for r in json.load(f)] == [("lora", "base", 2)]
+    assert "lora vs base [redness]" in capsys.readouterr().out
+
+
+class DeviceRecordingScorer(RednessScorer):
+    name = "device_recording"
+    devices: list = []
+
+    def __init__(self, device=None) -> None:
+        DeviceRecordingScorer.devices.append(device)
+
+
+register_scorer("test-device", DeviceRecordingScorer, overwrite=True)
+
+
+def test_evaluate_hands_its_device_to_scorers_that_take_one(tmp_path, model_dirs):
+    DeviceRecordingScorer.devices.clear()
+    evaluate(model_dirs["base"], {}, prompts=["a"], scorers=["test-device", "test-redness"], settings=FAST,
+             output_dir=str(tmp_path), device="cpu", n_resamples=10, progress=False)
+    assert DeviceRecordingScorer.devices == ["cpu"]  # and RednessScorer(), which takes none, was built without it
+
+
+def test_sdxl_sampling_encodes_the_empty_negative_prompt_at_the_requested_size(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from trl_diffusion_sdpo.evaluation.generation import _prepare
+    from trl_diffusion_sdpo.tiny_models import build_tiny_sdxl_pipeline
+
+    pipe = _prepare(build_tiny_sdxl_pipeline(tokenizer_dir=str(tmp_path)), FAST, torch.device("cpu"))
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler) and native_resolution(pipe) == 64
+    negatives = []
+    original = StableDiffusionXLPipeline.encode_prompt
+
+    def record(self, *args, **kwargs):
+        negatives.append(kwargs.get("negative_prompt"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "encode_prompt", record)
+    images = sample_images(pipe, ["a cat", "a dog"], [0, 0], FAST, batch_size=2)
+    # "" is encoded by both text encoders; None would make SDXL use zero embeddings (force_zeros_for_empty_prompt).
+    assert negatives == [["", ""]] and pipe.config.force_zeros_for_empty_prompt
+    assert [image.size for image in images] == [(32, 32), (32, 32)]

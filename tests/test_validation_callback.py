@@ -1,0 +1,131 @@
+"""ValidationCallback: sample grids during training without disturbing it, logged to the trackers that take images."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import TrainerState
+
+from trl_diffusion_sdpo.evaluation import Scorer, ValidationCallback
+
+torch.set_num_threads(1)
+PROMPTS = ["a red square", "a blue circle"]
+
+
+class RednessScorer(Scorer):
+    name = "redness"
+    scale = "mean(R - B) / 255"
+
+    def score(self, images, prompts) -> torch.Tensor:
+        arrays = [np.asarray(image.convert("RGB"), dtype=np.float64) for image in images]
+        return torch.tensor([(a[..., 0] - a[..., 2]).mean() / 255 for a in arrays])
+
+
+def lora_weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.pipeline.unet.named_parameters() if "lora" in k}
+
+
+def test_training_with_validation_is_identical_to_training_without(make_trainer, tmp_path):
+    plain = make_trainer(max_steps=3)
+    plain.train()
+    validated = make_trainer(max_steps=3, output_dir=str(tmp_path / "validated"))
+    callback = ValidationCallback(PROMPTS, seeds=[0, 1], num_inference_steps=2, every_n_steps=2,
+                                  pipeline=validated.pipeline, scorers=[RednessScorer()], height=32, width=32)
+    validated.add_callback(callback)
+    validated.train()
+    assert [h["step"] for h in callback.history] == [0, 2]
+    before, after = lora_weights(plain), lora_weights(validated)
+    assert before.keys() == after.keys() and before
+    for key in before:
+        torch.testing.assert_close(before[key], after[key], rtol=0, atol=0)
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (plain, validated)]
+    assert losses[0] == losses[1]
+    folder = tmp_path / "validated" / "validation"
+    assert sorted(os.listdir(folder)) == ["step-000000.png", "step-000002.png"]
+    grid = Image.open(folder / "step-000002.png")
+    assert grid.size == (100 + 2 * 32, 2 * 32)  # seed labels, then 2 prompts across and 2 seeds down
+    rewards = [e for e in validated.state.log_history if "eval/reward/redness" in e]
+    assert [e["step"] for e in rewards] == [0, 2]
+
+
+def test_generate_restores_mode_and_rng_and_keeps_the_training_scheduler(make_pipeline):
+    pipe = make_pipeline()
+    scheduler = pipe.scheduler
+    callback = ValidationCallback(PROMPTS, num_inference_steps=2, pipeline=pipe, height=32, width=32)
+    for training in (True, False):
+        pipe.unet.train(training)
+        rng = torch.get_rng_state()
+        grid, images = callback.generate()
+        assert pipe.unet.training is training
+        assert torch.equal(torch.get_rng_state(), rng)
+    assert pipe.scheduler is scheduler and len(images) == 2 and grid.size == (64, 32)
+    again = callback.generate()[1]
+    np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(again[0]))  # its own seeded generators
+
+
+def test_a_resumed_run_does_not_validate_step_zero_again(make_pipeline, tmp_path):
+    callback = ValidationCallback(PROMPTS, num_inference_steps=1, every_n_steps=10, pipeline=make_pipeline(),
+                                  height=32, width=32)
+    args = SimpleNamespace(output_dir=str(tmp_path), report_to=[])
+    state = TrainerState(global_step=5)
+    callback.on_train_begin(args, state, None)
+    callback.on_step_end(args, state, None)
+    assert callback.history == [] and not os.path.exists(tmp_path / "validation")
+    state.global_step = 10
+    callback.on_step_end(args, state, None)
+    assert [h["step"] for h in callback.history] == [10]
+    with pytest.raises(ValueError, match="pipeline="):
+        ValidationCallback(PROMPTS).generate()
+
+
+class RecordingWriter:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def add_image(self, tag, array, step, dataformats):
+        self.calls.append(("image", tag, np.asarray(array).shape, step, dataformats))
+
+    def add_scalar(self, tag, value, step):
+        self.calls.append(("scalar", tag, value, step))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_images_and_rewards_go_to_the_trainers_tensorboard_writer_and_unknown_trackers_are_skipped(
+    make_pipeline, tmp_path
+):
+    writer = RecordingWriter()
+    trainer = SimpleNamespace(pipeline=make_pipeline(),
+                              callback_handler=SimpleNamespace(callbacks=[SimpleNamespace(tb_writer=writer)]))
+    callback = ValidationCallback(PROMPTS, num_inference_steps=1, every_n_steps=3, trainer=trainer,
+                                  scorers=[RednessScorer()], height=32, width=32)
+    args = SimpleNamespace(output_dir=str(tmp_path), report_to=["tensorboard", "comet_ml", "wandb"])
+    state = TrainerState(global_step=3)
+    callback.on_step_end(args, state, None)
+    images = [c for c in writer.calls if c[0] == "image"]
+    scalars = [c for c in writer.calls if c[0] == "scalar"]
+    assert images == [("image", "validation/samples", (32, 64, 3), 3, "HWC")]
+    assert [(tag, step) for _, tag, _, step in scalars] == [("eval/reward/redness", 3)]
+    grid = Image.open(tmp_path / "validation" / "step-000003.png")
+    expected = RednessScorer()([grid.crop((0, 0, 32, 32)), grid.crop((32, 0, 64, 32))], PROMPTS).mean()
+    assert scalars[0][2] == pytest.approx(float(expected))
+    assert callback.history[0]["eval/reward/redness"] == pytest.approx(float(expected))
+
+
+def test_auto_autocast_samples_a_pipeline_that_mixes_bf16_and_float32(make_pipeline):
+    pipe = make_pipeline()
+    pipe.text_encoder.to(torch.bfloat16)  # a frozen module in the compute dtype, the UNet in float32
+    plain = ValidationCallback(PROMPTS[:1], num_inference_steps=1, pipeline=pipe, height=32, width=32,
+                               autocast_dtype=None)
+    with pytest.raises(RuntimeError):
+        plain.generate()
+    auto = ValidationCallback(PROMPTS[:1], num_inference_steps=1, pipeline=pipe, height=32, width=32)
+    assert auto._autocast_dtype(pipe) == torch.bfloat16
+    assert auto.generate()[1][0].size == (32, 32)
+    assert ValidationCallback(PROMPTS, pipeline=make_pipeline())._autocast_dtype(make_pipeline()) is None

@@ -1,0 +1,181 @@
+"""Comparing models from per-sample scores: means with seeded percentile-bootstrap 95% intervals, per-sample A/B win
+rates (ties count half, as the SDPO authors' ``*_vs_utils.py``), CSV/JSON tables, one interval plot per metric and
+an image grid.
+
+A sample is one (prompt, seed) image; models are compared on the same samples in the same order, so ``scores[a][i]``
+and ``scores[b][i]`` come from the same prompt and noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "MetricSummary",
+    "WinRate",
+    "bootstrap_mean_ci",
+    "image_grid",
+    "plot_intervals",
+    "summarise",
+    "win_rate",
+    "win_rate_table",
+    "write_rows",
+]
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    model: str
+    metric: str
+    scale: str
+    mean: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """``win_rate = (wins + 0.5 * ties) / n`` of ``model`` against ``opponent``."""
+
+    metric: str
+    model: str
+    opponent: str
+    wins: int
+    ties: int
+    losses: int
+    n: int
+    win_rate: float
+
+
+def bootstrap_mean_ci(
+    values: Sequence[float] | np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the sample mean and the percentile bootstrap interval of the mean (``n_resamples``
+    resamples with replacement from a ``numpy`` generator seeded with ``seed``)."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("Cannot summarise an empty set of scores.")
+    rng = np.random.default_rng(seed)
+    means = array[rng.integers(0, array.size, size=(n_resamples, array.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(array.mean()), float(low), float(high)
+
+
+def win_rate(scores: Sequence[float], opponent_scores: Sequence[float], metric: str = "", model: str = "A",
+             opponent: str = "B") -> WinRate:
+    """Pairwise comparison sample by sample: a win when strictly higher, a tie when equal, ties counting half."""
+    a, b = np.asarray(scores, dtype=np.float64), np.asarray(opponent_scores, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"{model} has {a.size} scores and {opponent} {b.size}; win rates need the same samples.")
+    if a.size == 0:
+        raise ValueError("Cannot compute a win rate over no samples.")
+    wins, ties = int((a > b).sum()), int((a == b).sum())
+    losses = a.size - wins - ties
+    return WinRate(metric, model, opponent, wins, ties, losses, int(a.size), (wins + 0.5 * ties) / a.size)
+
+
+def summarise(
+    scores: Mapping[str, Mapping[str, Sequence[float]]],
+    scales: Mapping[str, str] | None = None,
+    mean_floors: Mapping[str, float | None] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> list[MetricSummary]:
+    """One row per (model, metric) from ``scores[model][metric]``. Where a metric has a mean floor (torchmetrics'
+    CLIP score clamps its mean at 0), the mean and both bounds are clamped; clamping is monotone, so the clamped
+    bounds are the interval of the clamped mean."""
+    rows = []
+    for model, metrics in scores.items():
+        for metric, values in metrics.items():
+            mean, low, high = bootstrap_mean_ci(values, n_resamples=n_resamples, seed=seed)
+            floor = (mean_floors or {}).get(metric)
+            if floor is not None:
+                mean, low, high = max(mean, floor), max(low, floor), max(high, floor)
+            rows.append(MetricSummary(model, metric, (scales or {}).get(metric, ""), mean, low, high, len(values)))
+    return rows
+
+
+def win_rate_table(scores: Mapping[str, Mapping[str, Sequence[float]]]) -> list[WinRate]:
+    """Win rates of every later-listed model against every earlier one, per metric: with the base listed first, the
+    first rows are each model against the base, the rest are the pairs of variants."""
+    models = list(scores)
+    rows = []
+    for j, model in enumerate(models):
+        for opponent in models[:j]:
+            for metric in scores[model]:
+                if metric in scores[opponent]:
+                    rows.append(win_rate(scores[model][metric], scores[opponent][metric], metric, model, opponent))
+    return rows
+
+
+def write_rows(rows: Sequence[object], path_stem: str) -> tuple[str, str]:
+    """Write dataclass rows as ``path_stem.csv`` and ``path_stem.json``; returns both paths."""
+    records = [asdict(row) for row in rows]
+    os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
+    csv_path, json_path = f"{path_stem}.csv", f"{path_stem}.json"
+    with open(csv_path, "w", newline="") as f:
+        if records:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    with open(json_path, "w") as f:
+        json.dump(records, f, indent=2)
+    return csv_path, json_path
+
+
+def plot_intervals(rows: Sequence[MetricSummary], metric: str, path: str) -> str:
+    """A dot-and-whisker plot of each model's mean and 95% interval for ``metric``, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    selected = [r for r in rows if r.metric == metric]
+    fig, ax = plt.subplots(figsize=(max(3.0, 1.2 * len(selected) + 1.5), 3.2))
+    x = np.arange(len(selected))
+    means = np.array([r.mean for r in selected])
+    errors = np.array([[r.mean - r.ci_low for r in selected], [r.ci_high - r.mean for r in selected]])
+    ax.errorbar(x, means, yerr=errors, fmt="o", capsize=4)
+    ax.set_xticks(x, [r.model for r in selected], rotation=20, ha="right")
+    scale = selected[0].scale if selected else ""
+    ax.set_ylabel(f"{metric} ({scale})" if scale else metric)
+    ax.set_title(f"{metric}: mean and 95% bootstrap interval")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def image_grid(
+    rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (), column_labels: Sequence[str] = (),
+    cell: int | None = None,
+) -> Image.Image:
+    """A grid with one row per entry of ``rows`` (e.g. a model) and one column per image (e.g. a prompt), each cell
+    resized to ``cell`` pixels (default: the first image's width), with optional text labels."""
+    if not rows or not rows[0]:
+        raise ValueError("An image grid needs at least one image.")
+    cell = cell or rows[0][0].width
+    label_width = 100 if row_labels else 0
+    label_height = 14 if column_labels else 0
+    n_cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_width + n_cols * cell, label_height + len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(column_labels):
+        draw.text((label_width + c * cell + 2, 1), str(label)[: max(1, cell // 6)], fill="black")
+    for r, images in enumerate(rows):
+        if r < len(row_labels):
+            draw.text((2, label_height + r * cell + 2), str(row_labels[r])[:16], fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((cell, cell)), (label_width + c * cell, label_height + r * cell))
+    return grid

@@ -1,0 +1,339 @@
+"""Image generation for evaluation: a base model and its variants sampled with the SDPO authors' protocol, cached on
+disk as PNG so an interrupted run resumes and a new metric needs no regeneration.
+
+Protocol defaults (SDPO ``test_sd15.py`` / ``test_sdxl.py``): Euler sampler built from the model's scheduler config,
+50 steps, the family's native resolution (``unet.config.sample_size * vae_scale_factor``: 512 for SD1.5, 768 for
+SD2.x-768, 1024 for SDXL), negative prompt ``""`` (encoded, for both SDXL encoders; SDXL's zeroed negative embedding
+is used only when no negative prompt is given, so we always pass one), the same noise for every prompt (each
+prompt's generator is re-seeded with the seed), and guidance ``8.5`` in diffusers' convention
+``eps_u + g (eps_c - eps_u)``: the authors write ``eps_c + 7.5 (eps_c - eps_u)``, which is ``g = 7.5 + 1``.
+The noise is drawn by a CPU generator, so it is the same on every device, but not bit-identical to the authors'
+bf16 CUDA draw.
+
+Variants (`ModelSpec`): the base itself, a LoRA folder or file (``pipe.load_lora_weights``, unloaded afterwards), a
+full-UNet checkpoint (a folder with ``unet/``, or a UNet folder), a whole pipeline folder, a Hub id of any of these,
+or the SDPO authors' ``unet.pth`` state dict (read with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .scorers.base import resolve_device
+
+__all__ = [
+    "GenerationSettings",
+    "ImageCache",
+    "ModelSpec",
+    "generate_images",
+    "load_base_pipeline",
+    "native_resolution",
+    "sample_images",
+    "variant_pipeline",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How images are sampled. ``height``/``width`` None means the model's native resolution. ``scheduler`` is
+    ``"euler"`` (the authors' protocol) or ``"model"`` (keep the pipeline's own)."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 8.5
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str = ""
+    scheduler: str = "euler"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("euler", "model"):
+            raise ValueError(f"scheduler must be 'euler' or 'model', got {self.scheduler!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be at least 1.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def key(self) -> str:
+        """A short hash of every setting that changes the pixels (the batch size does not, by design)."""
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate. ``path`` None is the base model. ``kind`` is ``auto`` (detected), ``base``, ``lora``,
+    ``unet`` (a folder with ``unet/`` or a UNet folder), ``pipeline`` or ``unet_state_dict`` (a ``.pth``)."""
+
+    name: str
+    path: str | None = None
+    kind: str = "auto"
+    fingerprint: str = field(default="", compare=False)
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """``NAME=PATH`` (or a bare ``PATH``, named after its last component)."""
+        name, sep, path = text.partition("=")
+        if not sep:
+            path, name = text, os.path.basename(os.path.normpath(text)) or text
+        if not name or not path:
+            raise ValueError(f"Model {text!r} should read NAME=PATH.")
+        return cls(name=name, path=path)
+
+    def identity(self, base: str) -> str:
+        """What the cache is keyed on: base, path, kind and, for local files, their sizes and times."""
+        payload = {"base": base, "path": self.path, "kind": self.kind, "files": _local_fingerprint(self.path)}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _local_fingerprint(path: str | None) -> list[tuple[str, int, int]]:
+    if path is None or not os.path.exists(path):
+        return []
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return [(os.path.basename(path), stat.st_size, stat.st_mtime_ns)]
+    entries = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.endswith((".safetensors", ".bin", ".pth", ".pt", ".json")):
+                full = os.path.join(root, name)
+                stat = os.stat(full)
+                entries.append((os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns))
+    return sorted(entries)
+
+
+def _hub_file_exists(repo: str, filename: str) -> bool:
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(repo, filename)
+    except Exception:  # offline, private or malformed ids: not this kind
+        return False
+
+
+def detect_kind(path: str) -> str:
+    """The kind of a local folder/file or a Hub id (see `ModelSpec`)."""
+    if os.path.isfile(path):
+        if path.endswith((".pth", ".pt")):
+            return "unet_state_dict"
+        if path.endswith(".safetensors"):
+            return "lora"
+        raise ValueError(f"Cannot tell what {path} holds: expected a .safetensors LoRA or a .pth UNet state dict.")
+    if os.path.isdir(path):
+        files = set(os.listdir(path))
+        if "model_index.json" in files:
+            return "pipeline"
+        if files & set(_LORA_FILES):
+            return "lora"
+        if os.path.isfile(os.path.join(path, "unet", "config.json")):
+            return "unet"
+        if "config.json" in files:
+            with open(os.path.join(path, "config.json")) as f:
+                if "UNet" in json.load(f).get("_class_name", ""):
+                    return "unet"
+        raise ValueError(
+            f"{path} holds no model_index.json, {' or '.join(_LORA_FILES)}, unet/config.json or UNet config.json."
+        )
+    for kind, filename in (("pipeline", "model_index.json"), ("lora", _LORA_FILES[0]), ("unet", "unet/config.json")):
+        if _hub_file_exists(path, filename):
+            return kind
+    raise ValueError(f"{path!r} is neither a local path nor a Hub repository with a pipeline, LoRA or UNet.")
+
+
+def native_resolution(pipe) -> int:
+    """The resolution the UNet was trained at: ``unet.config.sample_size * vae_scale_factor``."""
+    sample_size = pipe.unet.config.sample_size
+    sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    return int(sample_size * pipe.vae_scale_factor)
+
+
+def _prepare(pipe, settings: GenerationSettings, device: torch.device):
+    from diffusers import EulerDiscreteScheduler
+
+    if settings.scheduler == "euler" and not isinstance(pipe.scheduler, EulerDiscreteScheduler):
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # the authors decode without it; a blacked-out image would corrupt the scores
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_base_pipeline(base: str, settings: GenerationSettings, device: torch.device):
+    """``DiffusionPipeline.from_pretrained(base)`` in the settings' dtype, on ``device``, with the Euler sampler."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=settings.torch_dtype)
+    return _prepare(pipe, settings, device)
+
+
+@contextlib.contextmanager
+def variant_pipeline(base_pipe, spec: ModelSpec, settings: GenerationSettings, device: torch.device) -> Iterator:
+    """The pipeline of ``spec`` built from ``base_pipe``; a LoRA is loaded into the base and unloaded on exit."""
+    kind = spec.kind if spec.kind != "auto" else ("base" if spec.path is None else detect_kind(spec.path))
+    dtype = settings.torch_dtype
+    if kind == "base":
+        yield base_pipe
+    elif kind == "lora":
+        path, weight_name = spec.path, None
+        if os.path.isfile(spec.path):
+            path, weight_name = os.path.dirname(spec.path) or ".", os.path.basename(spec.path)
+        kwargs = {"weight_name": weight_name} if weight_name else {}
+        base_pipe.load_lora_weights(path, adapter_name="evaluation", **kwargs)
+        try:
+            yield base_pipe
+        finally:
+            base_pipe.unload_lora_weights()
+    elif kind in ("unet", "unet_state_dict"):
+        if kind == "unet_state_dict":
+            unet = copy.deepcopy(base_pipe.unet)
+            unet.load_state_dict(torch.load(spec.path, map_location="cpu", weights_only=True))
+        else:
+            from diffusers import UNet2DConditionModel
+
+            subfolder = None if _is_unet_folder(spec.path) else "unet"
+            unet = UNet2DConditionModel.from_pretrained(spec.path, subfolder=subfolder, torch_dtype=dtype)
+        pipe = type(base_pipe)(**{**base_pipe.components, "unet": unet.to(device, dtype)})
+        yield _prepare(pipe, settings, device)
+    elif kind == "pipeline":
+        from diffusers import DiffusionPipeline
+
+        yield _prepare(DiffusionPipeline.from_pretrained(spec.path, torch_dtype=dtype), settings, device)
+    else:
+        raise ValueError(f"Unknown model kind {kind!r} for {spec.name}.")
+
+
+def _is_unet_folder(path: str) -> bool:
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return "UNet" in json.load(f).get("_class_name", "")
+
+
+@torch.no_grad()
+def sample_images(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    settings: GenerationSettings,
+    batch_size: int = 1,
+    progress: bool = False,
+    description: str = "sampling",
+) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in order; each image's generator is seeded with its own seed, so equal
+    seeds give every prompt the same initial noise whatever the batch size."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"Got {len(prompts)} prompts and {len(seeds)} seeds; they are paired.")
+    size = native_resolution(pipe)
+    height, width = settings.height or size, settings.width or size
+    images: list[Image.Image] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=description, unit="batch", disable=not progress):
+        batch_prompts = list(prompts[start : start + batch_size])
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        output = pipe(
+            prompt=batch_prompts,
+            negative_prompt=[settings.negative_prompt] * len(batch_prompts),
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="pil",
+        )
+        images += output.images
+    return images
+
+
+class ImageCache:
+    """PNG files under ``root/<model name>-<model identity>/<hash(prompt, seed, settings)>.png``, written atomically
+    (a temporary file renamed into place) so an interrupted run never leaves a truncated image."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def folder(self, spec: ModelSpec, base: str) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
+        return os.path.join(self.root, f"{safe}-{spec.identity(base)}")
+
+    def path(self, spec: ModelSpec, base: str, prompt: str, seed: int, settings: GenerationSettings) -> str:
+        digest = hashlib.sha1(json.dumps([prompt, int(seed), settings.key()]).encode()).hexdigest()[:20]
+        return os.path.join(self.folder(spec, base), f"{digest}.png")
+
+    def put(self, path: str, image: Image.Image) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+
+    def record(self, spec: ModelSpec, base: str, settings: GenerationSettings) -> None:
+        """A human-readable ``model.json`` describing what the folder holds."""
+        folder = self.folder(spec, base)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "model.json"), "w") as f:
+            json.dump({"name": spec.name, "base": base, "path": spec.path, "kind": spec.kind,
+                       "settings": asdict(settings)}, f, indent=2)
+
+
+def generate_images(
+    base: str,
+    models: Sequence[ModelSpec],
+    prompts: Sequence[str],
+    seeds: Sequence[int] = (0,),
+    settings: GenerationSettings | None = None,
+    cache_dir: str = "evaluation-images",
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Generate (or find in the cache) one image per (model, prompt, seed).
+
+    Returns ``(paths, generated)``: ``paths[name]`` lists the PNG files in (prompt, seed) order, prompts outer;
+    ``generated[name]`` counts the images made in this call. The base pipeline is loaded only if some image is
+    missing, and a variant only if one of its own is.
+    """
+    settings = settings or GenerationSettings()
+    device = resolve_device(device)
+    cache = ImageCache(cache_dir)
+    pairs = [(p, int(s)) for p in prompts for s in seeds]
+    names = [spec.name for spec in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Model names must be unique, got {names}.")
+    paths = {spec.name: [cache.path(spec, base, p, s, settings) for p, s in pairs] for spec in models}
+    generated = dict.fromkeys(names, 0)
+    base_pipe = None
+    for spec in tqdm(models, desc="models", unit="model", disable=not progress):
+        missing = [i for i, path in enumerate(paths[spec.name]) if not os.path.isfile(path)]
+        if not missing:
+            continue
+        if base_pipe is None:
+            base_pipe = load_base_pipeline(base, settings, device)
+        cache.record(spec, base, settings)
+        with variant_pipeline(base_pipe, spec, settings, device) as pipe:
+            bar = tqdm(total=len(missing), desc=f"generating {spec.name}", unit="img", disable=not progress)
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                images = sample_images(pipe, [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk], settings,
+                                       batch_size=len(chunk))
+                for i, image in zip(chunk, images):
+                    cache.put(paths[spec.name][i], image)
+                generated[spec.name] += len(chunk)
+                bar.update(len(chunk))
+            bar.close()
+    return paths, generated

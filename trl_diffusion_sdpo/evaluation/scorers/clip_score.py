@@ -1,0 +1,63 @@
+"""CLIP score in its two conventions: the cosine similarity of a CLIP model's L2-normalised image and prompt
+embeddings.
+
+- ``convention="torchmetrics"`` (registered as ``clip``): OpenAI CLIP ViT-L/14 (``openai/clip-vit-large-patch14``),
+  per pair ``100 * cos``, and the set's value is ``max(mean, 0)`` (torchmetrics clamps the mean, not each pair).
+- ``convention="cosine"`` (registered as ``clip-cosine``): SDPO's metric, the raw cosine of LAION's ViT-H/14
+  (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, the transformers conversion of the open_clip weights SDPO loads),
+  mean without clamp.
+
+Loads with transformers only (``CLIPModel`` + ``AutoProcessor``, Hub id or local folder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from ._clip import CLIPEmbedder
+from .base import Scorer, register_scorer, resolve_device
+
+__all__ = ["CLIPScoreScorer"]
+
+_DEFAULT_MODELS = {
+    "torchmetrics": "openai/clip-vit-large-patch14",
+    "cosine": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+}
+
+
+class CLIPScoreScorer(Scorer):
+    """CLIP score; see the module docstring for the two conventions."""
+
+    def __init__(
+        self,
+        convention: str = "torchmetrics",
+        model: str | None = None,
+        processor: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 16,
+    ) -> None:
+        if convention not in _DEFAULT_MODELS:
+            raise ValueError(f"convention must be one of {sorted(_DEFAULT_MODELS)}, got {convention!r}.")
+        self.convention = convention
+        model = model or _DEFAULT_MODELS[convention]
+        self.embedder = CLIPEmbedder.from_pretrained(model, processor, resolve_device(device), dtype, batch_size)
+        if convention == "torchmetrics":
+            self.name, self.scale, self.factor = "clip", "x100 cosine, mean clamped at 0 (torchmetrics)", 100.0
+            self.mean_floor = 0.0
+        else:
+            self.name, self.scale, self.factor = "clip_cosine", "raw cosine (SDPO)", 1.0
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        return self.factor * self.embedder.cosine(images, prompts)
+
+
+def _clip_cosine(**kwargs) -> CLIPScoreScorer:
+    return CLIPScoreScorer(convention="cosine", **kwargs)
+
+
+register_scorer("clip", CLIPScoreScorer)
+register_scorer("clip-cosine", _clip_cosine)
