@@ -129,3 +129,19 @@ def test_auto_autocast_samples_a_pipeline_that_mixes_bf16_and_float32(make_pipel
     assert auto._autocast_dtype(pipe) == torch.bfloat16
     assert auto.generate()[1][0].size == (32, 32)
     assert ValidationCallback(PROMPTS, pipeline=make_pipeline())._autocast_dtype(make_pipeline()) is None
+
+
+def test_config_fields_wire_the_callback_and_save_a_grid_at_step_zero_and_every_n(make_trainer, tmp_path):
+    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"), validation_prompts=PROMPTS,
+                           validation_seeds=[0], validation_steps=2, validation_num_inference_steps=2)
+    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
+    assert len(callbacks) == 1 and callbacks[0].prompts == PROMPTS
+    trainer.train()
+    assert sorted(os.listdir(tmp_path / "run" / "validation")) == ["step-000000.png", "step-000002.png"]
+
+
+def test_validation_is_off_by_default_and_empty_prompt_lists_are_refused(make_trainer, make_config):
+    trainer = make_trainer(max_steps=1)
+    assert not any(isinstance(c, ValidationCallback) for c in trainer.callback_handler.callbacks)
+    with pytest.raises(ValueError, match="validation_prompts"):
+        make_config(validation_prompts=[])

@@ -129,6 +129,19 @@ class DiffusionSDPOConfig(TrainingArguments):
 
     eval_seed (`int`, *optional*, defaults to `0`):
         Seed of the noise and timesteps used in evaluation, so that two `evaluate()` calls agree.
+    validation_prompts (`list[str]` or `None`, *optional*, defaults to `None`):
+        Prompts sampled while training (off when `None`): at step 0 (the base model) and every `validation_steps`
+        steps a grid of the policy's samples is saved as PNG under `output_dir/validation/` and logged to every
+        tracker in `report_to` that takes images (see `docs/evaluation.md`).
+    validation_seeds (`list[int]`, *optional*, defaults to `[0]`):
+        One sample per prompt and seed; the same seeds every time, so grids compare across steps.
+    validation_steps (`int`, *optional*, defaults to `500`):
+        Validate every this many optimizer steps.
+    validation_num_inference_steps (`int`, *optional*, defaults to `25`), validation_guidance_scale (`float`,
+    *optional*, defaults to `8.5`):
+        Sampling settings of the validation grid (Euler; 8.5 is the SDPO authors' guidance in diffusers' convention).
+    validation_scorers (`list[str]`, *optional*, defaults to `[]`):
+        Registered scorers (e.g. `"pickscore"`, `"clip"`) whose means are logged as `eval/reward/<name>`.
 
     > Defaults changed from `TrainingArguments`
 
@@ -238,6 +251,16 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     # Evaluation
     eval_seed: int = field(default=0, metadata={"help": "Seed of the fixed evaluation noise and timesteps."})
+    validation_prompts: list[str] | None = field(
+        default=None, metadata={"help": "Prompts sampled while training (grid saved and logged); None: off."}
+    )
+    validation_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the grid."})
+    validation_steps: int = field(default=500, metadata={"help": "Validate every N optimizer steps."})
+    validation_num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of the grid."})
+    validation_guidance_scale: float = field(default=8.5, metadata={"help": "Guidance of the grid (diffusers')."})
+    validation_scorers: list[str] = field(
+        default_factory=list, metadata={"help": "Scorers logged as eval/reward/<name> at each validation."}
+    )
     # Learning-rate scaling (authors' recipe)
     scale_lr: bool = field(
         default=True,
@@ -305,6 +328,13 @@ class DiffusionSDPOConfig(TrainingArguments):
         if not self.smpo_score_max > self.smpo_score_min:
             raise ValueError(
                 f"smpo_score_max ({self.smpo_score_max}) must be larger than smpo_score_min ({self.smpo_score_min})"
+            )
+        if self.validation_prompts is not None and not self.validation_prompts:
+            raise ValueError("validation_prompts must hold at least one prompt, or be None to turn validation off")
+        if self.validation_steps < 0 or self.validation_num_inference_steps < 1:
+            raise ValueError(
+                f"validation_steps must be >= 0 and validation_num_inference_steps >= 1, got {self.validation_steps} "
+                f"and {self.validation_num_inference_steps}"
             )
         if self.safeguard_scope not in ("local", "global"):
             raise ValueError(f"safeguard_scope must be 'local' or 'global', got {self.safeguard_scope!r}")

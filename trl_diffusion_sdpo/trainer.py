@@ -232,6 +232,27 @@ class DiffusionSDPOTrainer(Trainer):
         )
         self.model_accepts_loss_kwargs = False
         self.add_callback(NonFiniteLossGuard(self))
+        if args.validation_prompts:
+            if zero_stage(self.accelerator) == 3:
+                raise ValueError(
+                    "validation_prompts cannot sample under DeepSpeed ZeRO-3 (every process holds only a shard of the "
+                    "UNet); validate from a saved checkpoint with `trl-diffusion-sdpo evaluate`, or use ZeRO-2."
+                )
+            from .evaluation import ValidationCallback
+
+            self.add_callback(
+                ValidationCallback(
+                    prompts=args.validation_prompts,
+                    seeds=args.validation_seeds,
+                    num_inference_steps=args.validation_num_inference_steps,
+                    guidance_scale=args.validation_guidance_scale,
+                    every_n_steps=args.validation_steps,
+                    scorers=args.validation_scorers or None,
+                    height=args.resolution,
+                    width=args.resolution,
+                    trainer=self,
+                )
+            )
 
         self._place_frozen_modules()
         self._metrics: dict[str, defaultdict[str, list[torch.Tensor]]] = {
