@@ -12,8 +12,9 @@ The tolerance is second order and measured, not assumed. With ``eta`` the step a
 ``C = W(theta + eta g) - 2 W(theta) + W(theta - eta g)`` equals ``eta^2 g^T H g + O(eta^4)`` and the odd part
 ``R3 = (W(theta - eta g) - W(theta + eta g)) / 2 + eta <g_w, g>`` is the third-order remainder. Since the exact rule
 makes ``-eta <g_w, g> <= -eta mu |g_w|^2 <= 0``, its change must satisfy
-``dW <= tol = max(C / 2, 0) + 2 |R3| + rounding``. A rise beyond ``tol`` under ``"parameter"`` would be a bug; the
-same count under ``"output"`` and Diffusion-DPO says how often those rules let the winner's term rise.
+``dW <= tol = max(C / 2, 0) + 2 |R3| + rounding``, where rounding covers float64 evaluation of ``W`` and the float32
+``lambda`` (a few ulps of it shift the first-order term; at ``mu = 0`` the first-order margin is otherwise zero).
+A rise beyond ``tol`` under ``"parameter"`` would be a bug; the same count under ``"output"`` and Diffusion-DPO says how often those rules let the winner's term rise.
 
 One AdamW step (first step, from fresh moments: a sign-like update) is reported too; the bound does not cover it.
 
@@ -179,7 +180,10 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
         second = plus - 2 * w0 + minus
         third = (minus - plus) / 2 + eta * float(g_w.dot(g))
         rounding = 64 * torch.finfo(torch.float64).eps * (abs(w0) + abs(minus) + abs(plus))
-        results[rule] = (d_w, max(second / 2, 0.0) + 2 * abs(third) + rounding, float(lam))
+        # lambda is a float32 number (as the trainer computes it): a few ulps of it move the first-order term by
+        # eta * lambda * |<g_w, h_l>| * 2^-23 each; at mu = 0 the first-order margin is exactly zero otherwise.
+        lambda_rounding = 8 * eta * float(lam) * abs(float(g_w.dot(h_l))) * torch.finfo(torch.float32).eps
+        results[rule] = (d_w, max(second / 2, 0.0) + 2 * abs(third) + rounding + lambda_rounding, float(lam))
     for rule, lam in (("parameter_adamw", lam_param), ("dpo_adamw", torch.tensor(1.0, dtype=torch.float64))):
         g = g_w + lam * h_l
         update = setting.adamw_lr * g / (g.abs() + 1e-8)  # AdamW's first step: m_hat = g, v_hat = g^2
