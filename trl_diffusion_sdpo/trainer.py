@@ -26,7 +26,14 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .config import DiffusionSDPOConfig
 from .data.latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
-from .data.preference import DataReport, PairTransform, PreferenceCollator, prepare_preference_dataset
+from .data.preference import (
+    DataReport,
+    PairTransform,
+    PreferenceCollator,
+    RewardFn,
+    add_reward_scores,
+    prepare_preference_dataset,
+)
 from .distributed import (
     all_reduce_mean_,
     all_reduce_sum,
@@ -96,6 +103,11 @@ class DiffusionSDPOTrainer(Trainer):
         train_dataset, eval_dataset: preference datasets in Pick-a-Pic or TRL form (see :mod:`.data`).
         peft_config: a ``peft.LoraConfig`` to train LoRA adapters on the UNet instead of all its weights.
         callbacks, optimizers: as for ``transformers.Trainer``.
+        reward_fn: ``loss_type="smpo"`` only: ``reward_fn(images: list[PIL.Image.Image], prompts: list[str]) ->
+            Sequence[float] | torch.Tensor``, one score per image (e.g. PickScore). When a dataset lacks the score
+            columns (``score_0_column``, ``score_1_column``), both images of every row are scored with it before
+            training (``dataset.map``; lazily for a streamed dataset) and the higher-scored image is the winner. An
+            error with any other ``loss_type``.
     """
 
     _tag_names = ["trl", "diffusion-sdpo"]
@@ -116,6 +128,7 @@ class DiffusionSDPOTrainer(Trainer):
         peft_config: LoraConfig | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        reward_fn: RewardFn | None = None,
     ) -> None:
         if args is None:
             args = DiffusionSDPOConfig(output_dir="diffusion-sdpo")
@@ -197,29 +210,38 @@ class DiffusionSDPOTrainer(Trainer):
             # data cannot concatenate across processes; each process reads its own shard instead.
             args.accelerator_config = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
 
+        # SmPO: score the images with reward_fn where the score columns are absent (an error for other loss types).
+        train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")
         train_dataset, columns, self.train_data_report = prepare_preference_dataset(train_dataset, args, "train")
         self.eval_data_report: DataReport | None = None
         if eval_dataset is not None:
+            eval_dataset = add_reward_scores(eval_dataset, args, reward_fn, "eval")
             eval_dataset, eval_columns, self.eval_data_report = prepare_preference_dataset(eval_dataset, args, "eval")
         else:
             eval_columns = columns
+        # SmPO's per-pair weights are made by the collators, for smpo only (other objectives refuse them).
+        weighting: dict[str, float] = {}
+        if args.loss_type == "smpo":
+            weighting = dict(
+                smpo_gamma=args.smpo_gamma, smpo_score_min=args.smpo_score_min, smpo_score_max=args.smpo_score_max
+            )
         transform = PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
         self._tokenize = self.family.prompt_tokenizer()
         data_collator = PreferenceCollator(
-            columns, self._tokenize, transform, train=True, with_flipped=args.random_flip
+            columns, self._tokenize, transform, train=True, with_flipped=args.random_flip, **weighting
         )
-        self._eval_collator = PreferenceCollator(eval_columns, self._tokenize, transform, train=False)
+        self._eval_collator = PreferenceCollator(eval_columns, self._tokenize, transform, train=False, **weighting)
         self._empty_prompt: PromptEmbeddings | None = None  # for prompt dropout; encoded at first use
         if args.cache_latents:
             # Encode once (main process first, the others load), then train from the cache.
             train_cache = self._latent_cache(train_dataset, columns, args, "train")
             train_dataset = train_cache.dataset
-            data_collator = CachedPreferenceCollator(with_flipped=args.random_flip)
+            data_collator = CachedPreferenceCollator(with_flipped=args.random_flip, **weighting)
             self._empty_prompt = train_cache.empty_prompt
             if eval_dataset is not None:
                 eval_cache = self._latent_cache(eval_dataset, eval_columns, args, "eval")
                 eval_dataset = eval_cache.dataset
-                self._eval_collator = CachedPreferenceCollator()
+                self._eval_collator = CachedPreferenceCollator(**weighting)
 
         super().__init__(
             model=unet,

@@ -7,7 +7,10 @@ from .preference import (
     PairTransform,
     PreferenceCollator,
     PreferenceColumns,
+    add_reward_scores,
     load_preference_dataset,
+    order_pair,
+    pair_weights,
     prepare_preference_dataset,
 )
 
@@ -18,7 +21,10 @@ __all__ = [
     "PairTransform",
     "PreferenceCollator",
     "PreferenceColumns",
+    "add_reward_scores",
     "build_latent_cache",
     "load_preference_dataset",
+    "order_pair",
+    "pair_weights",
     "prepare_preference_dataset",
 ]

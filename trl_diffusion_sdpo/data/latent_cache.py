@@ -11,6 +11,9 @@ progress bar) and stores, per pair, through ``datasets``:
   augmentation).
 * ``prompt_embeds`` ``[L, D]`` and, for SDXL, ``pooled_prompt_embeds`` ``[P]``.
 * ``time_ids`` ``[2, 6]`` (and ``time_ids_flipped``): SDXL's micro-conditioning of each image.
+* with score columns (``loss_type="smpo"``), ``scores`` ``[2]`` float64 (read back as Python floats): the ordered
+  pair's (winner, loser) scores, from which :class:`CachedPreferenceCollator` computes the same ``pair_weights``
+  as the uncached path.
 
 The empty-prompt embedding is stored once beside the table; the trainer substitutes it for prompt dropout and picks
 the mirrored or plain view with the same draws as without the cache.
@@ -40,7 +43,8 @@ from datasets import config as datasets_config
 from safetensors.torch import load_file, save_file
 
 from ..families import ModelFamily, PromptEmbeddings
-from .preference import PairTransform, PreferenceColumns, load_image
+from ..objectives.smpo import PICKSCORE_MAX, PICKSCORE_MIN
+from .preference import PairTransform, PreferenceColumns, load_image, order_pair, pair_weights
 
 __all__ = [
     "CACHE_VERSION",
@@ -129,18 +133,13 @@ def cache_fingerprint(
         "weights": frozen_weights_digest(frozen),
         "tokenizers": _tokenizers_digest(family),
         "transform": {"resolution": resolution, "crop": "center", "flipped_copies": flipped},
-        "columns": [columns.prompt, columns.first, columns.second, columns.label],
+        # Score columns only when present, so that caches made before they existed keep their names.
+        "columns": [columns.prompt, columns.first, columns.second, columns.label]
+        + ([columns.score_0, columns.score_1] if columns.scored else []),
         "dataset": dataset._fingerprint,
     }
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _winner_and_loser(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, Any]:
-    if columns.label is None:
-        return row[columns.first], row[columns.second]
-    first_wins = float(row[columns.label]) > 0.5  # ties were dropped when the dataset was prepared
-    return (row[columns.first], row[columns.second]) if first_wins else (row[columns.second], row[columns.first])
 
 
 class _FrozenEncoders:
@@ -197,7 +196,9 @@ def _latent_shape(family: ModelFamily, resolution: int) -> tuple[int, int, int]:
     return config.latent_channels, resolution // factor, resolution // factor
 
 
-def _features(latent_shape: tuple[int, int, int], empty: PromptEmbeddings, flipped: bool) -> Features:
+def _features(
+    latent_shape: tuple[int, int, int], empty: PromptEmbeddings, flipped: bool, scored: bool = False
+) -> Features:
     pair_latents = Array4D(shape=(2, *latent_shape), dtype="float32")
     features: dict[str, Any] = {
         "latent_mean": pair_latents,
@@ -213,6 +214,8 @@ def _features(latent_shape: tuple[int, int, int], empty: PromptEmbeddings, flipp
     features["prompt_embeds"] = Array2D(shape=tuple(empty.encoder_hidden_states.shape[1:]), dtype="float32")
     if empty.pooled is not None:
         features["pooled_prompt_embeds"] = Sequence(Value("float32"), length=empty.pooled.shape[-1])
+    if scored:
+        features["scores"] = Sequence(Value("float64"), length=2)
     return Features(features)
 
 
@@ -251,7 +254,7 @@ def build_latent_cache(
         split: a name for the progress bar and messages.
 
     Returns:
-        A :class:`LatentCache` whose dataset is formatted as torch tensors.
+        A :class:`LatentCache` whose dataset is formatted as torch tensors (``scores`` as float64 Python floats).
     """
     if isinstance(dataset, IterableDataset):
         raise ValueError(
@@ -272,14 +275,19 @@ def build_latent_cache(
     encoders = _FrozenEncoders(family, torch.device(device))
     try:
         empty_prompt = _empty_prompt(directory, encoders)
-        features = _features(_latent_shape(family, resolution), empty_prompt, flipped)
+        features = _features(_latent_shape(family, resolution), empty_prompt, flipped, columns.scored)
 
         def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
             rows = [{k: batch[k][i] for k in batch} for i in range(len(batch[columns.prompt]))]
             views = [False, True] if flipped else [False]
             pixels, time_ids = {flip: [] for flip in views}, {flip: [] for flip in views}
+            scores = []
             for row in rows:
-                winner, loser = (load_image(image) for image in _winner_and_loser(row, columns))
+                pair = order_pair(row, columns)
+                if pair is None:
+                    raise ValueError("a tie reached the latent cache; pass a prepared dataset (ties dropped)")
+                winner, loser = load_image(pair[0]), load_image(pair[1])
+                scores.append(pair[2])
                 for flip in views:
                     pair_pixels, pair_ids = transform.center_crop_pair(winner, loser, flip)
                     pixels[flip].append(pair_pixels)
@@ -301,6 +309,8 @@ def build_latent_cache(
             out["prompt_embeds"] = embeds.encoder_hidden_states.numpy()
             if embeds.pooled is not None:
                 out["pooled_prompt_embeds"] = embeds.pooled.numpy()
+            if columns.scored:
+                out["scores"] = np.asarray(scores, dtype=np.float64)
             return out
 
         cached = dataset.map(
@@ -321,7 +331,12 @@ def build_latent_cache(
         logger.info("Cached %d %s pairs in %s", len(cached), split, directory)
     else:
         logger.info("Loaded the cached %s latents from %s", split, directory)
-    return LatentCache(cached.with_format("torch"), empty_prompt, directory, flipped)
+    # ``scores`` stay Python floats: the torch formatter would round them to float32, and the weights must equal
+    # those of the uncached path, computed from the float64 scores.
+    tensors = [name for name in cached.column_names if name != "scores"]
+    return LatentCache(
+        cached.with_format("torch", columns=tensors, output_all_columns=True), empty_prompt, directory, flipped
+    )
 
 
 def _empty_prompt(directory: str, encoders: _FrozenEncoders) -> PromptEmbeddings:
@@ -343,10 +358,22 @@ class CachedPreferenceCollator:
     """Batch cached rows: ``latent_mean``/``latent_std`` ``[B, 2, C, h, w]`` (winner first), ``prompt_embeds``
     ``[B, L, D]``, ``pooled_prompt_embeds`` ``[B, P]`` (SDXL), ``time_ids [B, 2, 6]``; with ``with_flipped`` also
     the mirrored views (``*_flipped``), among which the trainer draws its flips. Nothing random happens here.
+
+    With ``smpo_gamma`` the cached ``scores`` give ``pair_weights [B]`` float32, exactly as
+    :class:`~trl_diffusion_sdpo.data.PreferenceCollator` computes them.
     """
 
-    def __init__(self, with_flipped: bool = False) -> None:
+    def __init__(
+        self,
+        with_flipped: bool = False,
+        smpo_gamma: float | None = None,
+        smpo_score_min: float = PICKSCORE_MIN,
+        smpo_score_max: float = PICKSCORE_MAX,
+    ) -> None:
         self.with_flipped = with_flipped
+        self.smpo_gamma = smpo_gamma
+        self.smpo_score_min = smpo_score_min
+        self.smpo_score_max = smpo_score_max
 
     def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         keys = ["latent_mean", "latent_std", "time_ids", "prompt_embeds"]
@@ -356,6 +383,11 @@ class CachedPreferenceCollator:
             keys += ["latent_mean_flipped", "latent_std_flipped", "time_ids_flipped"]
         batch = {key: torch.stack([row[key] for row in rows]) for key in keys}
         batch["num_skipped"] = torch.tensor(0.0)
+        if self.smpo_gamma is not None:
+            if "scores" not in rows[0]:
+                raise ValueError("smpo_gamma was given but the cache holds no scores (built without score columns)")
+            scores = torch.tensor([[float(s) for s in row["scores"]] for row in rows], dtype=torch.float64)
+            batch["pair_weights"] = pair_weights(scores, self.smpo_gamma, self.smpo_score_min, self.smpo_score_max)
         return batch
 
 

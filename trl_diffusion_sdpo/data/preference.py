@@ -6,6 +6,11 @@ Two input forms are accepted:
   ``label_0`` (1: image 0 preferred, 0: image 1 preferred, 0.5: tie). Ties are dropped and counted.
 * TRL preference form: ``prompt``, ``chosen``, ``rejected``.
 
+With ``loss_type="smpo"`` either form also needs one score per image (``score_0``, ``score_1``: finite real numbers,
+e.g. PickScore): the higher-scored image is the winner (equal scores: image 1, as SmPO's strict ``>``) and each pair
+carries SmPO's weight ``pair_weights`` (see :func:`order_pair`). Human ties (``label_0 = 0.5``) are still dropped.
+:func:`add_reward_scores` writes the score columns with a ``reward_fn`` when a dataset has none.
+
 A map-style dataset is checked in full before training (missing columns, missing prompts, labels outside
 {0, 0.5, 1}, undecodable images): the first problem raises a ``ValueError`` naming the row and column, or, with
 ``skip_invalid_rows``, every bad row is dropped and counted. The check runs through ``datasets.map`` so its result
@@ -17,6 +22,7 @@ rows are dropped by the collator and counted (the ``data/skipped_rows`` metric),
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -26,18 +32,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, Features, IterableDataset, Value
 from datasets import Image as ImageFeature
 from PIL import Image
+
+from ..objectives.smpo import PICKSCORE_MAX, PICKSCORE_MIN, smoothed_preference_weights
 
 __all__ = [
     "DataReport",
     "PairTransform",
     "PreferenceCollator",
     "PreferenceColumns",
+    "add_reward_scores",
     "load_image",
     "load_preference_dataset",
     "mirrored_time_ids",
+    "order_pair",
+    "pair_weights",
     "prepare_preference_dataset",
     "resized_size",
     "resolve_columns",
@@ -50,16 +61,27 @@ _LABEL_VALUES = (0.0, 0.5, 1.0)
 
 @dataclass(frozen=True)
 class PreferenceColumns:
-    """Where a dataset keeps its prompt and images. ``label`` is ``None`` for TRL form (``first`` is chosen)."""
+    """Where a dataset keeps its prompt and images. ``label`` is ``None`` for TRL form (``first`` is chosen).
+
+    ``score_0``, ``score_1`` (SmPO only) hold a score per image (``first``, ``second``); when set, the scores, not the
+    label, order the pair.
+    """
 
     prompt: str
     first: str
     second: str
     label: str | None = None
+    score_0: str | None = None
+    score_1: str | None = None
 
     @property
     def all(self) -> list[str]:
-        return [c for c in (self.prompt, self.first, self.second, self.label) if c is not None]
+        columns = (self.prompt, self.first, self.second, self.label, self.score_0, self.score_1)
+        return [c for c in columns if c is not None]
+
+    @property
+    def scored(self) -> bool:
+        return self.score_0 is not None and self.score_1 is not None
 
 
 @dataclass
@@ -81,8 +103,16 @@ class DataReport:
         return text
 
 
-def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns:
-    """Pick the Pick-a-Pic or the TRL layout from the column names, or raise naming what is missing."""
+def _uses_scores(args: Any) -> bool:
+    return getattr(args, "loss_type", None) == "smpo"
+
+
+def _score_columns(args: Any) -> tuple[str, str]:
+    return args.score_0_column, args.score_1_column
+
+
+def _resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
+    """The Pick-a-Pic or TRL layout (without score columns), or raise naming what is missing."""
     names = set(column_names)
     pickapic = PreferenceColumns(args.caption_column, args.image_0_column, args.image_1_column, args.label_0_column)
     trl = PreferenceColumns(args.prompt_column, args.chosen_column, args.rejected_column)
@@ -92,10 +122,33 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     # Report against the layout the dataset resembles most.
     best = max((pickapic, trl), key=lambda layout: len(set(layout.all) & names))
     missing = [c for c in best.all if c not in names]
+    scores = f" and, for loss_type='smpo', score columns {list(_score_columns(args))}" if _uses_scores(args) else ""
     raise ValueError(
         f"Dataset is missing column(s) {missing}. Expected Pick-a-Pic columns {pickapic.all} or TRL preference "
-        f"columns {trl.all} (names can be changed in the config); found {sorted(names)}."
+        f"columns {trl.all}{scores} (names can be changed in the config); found {sorted(names)}."
     )
+
+
+def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns:
+    """Pick the Pick-a-Pic or the TRL layout from the column names, or raise naming what is missing.
+
+    With ``loss_type="smpo"`` the two score columns (``score_0_column``, ``score_1_column``) are required as well and
+    included in the result; for every other loss type they are ignored even when present.
+    """
+    layout = _resolve_layout(column_names, args)
+    if not _uses_scores(args):
+        return layout
+    names = set(column_names)
+    scores = _score_columns(args)
+    missing = [c for c in scores if c not in names]
+    if missing:
+        raise ValueError(
+            f"loss_type='smpo' needs a score per image, but the dataset is missing score column(s) {missing} "
+            f"(expected {list(scores)}; names can be changed with score_0_column/score_1_column); found "
+            f"{sorted(names)}. Alternatively hand DiffusionSDPOTrainer a reward_fn(images, prompts) to score both "
+            "images of every row."
+        )
+    return dataclasses.replace(layout, score_0=scores[0], score_1=scores[1])
 
 
 def load_image(value: Any) -> Image.Image:
@@ -153,8 +206,24 @@ def _label_problem(label: Any) -> str:
     return ""
 
 
+def _score_value(value: Any) -> float:
+    """A score as a float, or ``ValueError`` saying why it is not a finite real number. A one-element list (as
+    SmPO's scored Pick-a-Pic stores PickScore) counts as its element."""
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 1:
+        value = value[0]
+    if value is None:
+        raise ValueError("score is missing (None)")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"score {value!r} is not a real number")
+    score = float(value)
+    if not math.isfinite(score):
+        raise ValueError(f"score {value!r} is not finite")
+    return score
+
+
 def _row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
-    """``(column, reason)`` of the first problem in a row, or ``("", "")``. Ties are not problems."""
+    """``(column, reason)`` of the first problem in a row, or ``("", "")``. Ties are not problems (their scores
+    are not looked at: the row is dropped anyway)."""
     prompt = row.get(columns.prompt)
     if not isinstance(prompt, str):
         return columns.prompt, f"prompt must be a string, got {type(prompt).__name__}"
@@ -166,11 +235,54 @@ def _row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, 
         reason = _check_image(row.get(column))
         if reason:
             return column, reason
+    if columns.scored and not (columns.label is not None and _is_tie(row[columns.label])):
+        for column in (columns.score_0, columns.score_1):
+            try:
+                _score_value(row.get(column))
+            except ValueError as err:
+                return column, str(err)
     return "", ""
 
 
 def _is_tie(label: Any) -> bool:
     return label is not None and abs(float(label) - 0.5) < 1e-6
+
+
+def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, Any, tuple[float, float] | None] | None:
+    """``(winner, loser, scores)`` of a row, the one rule for both collators and the latent cache.
+
+    ``None`` for a human tie (label 0.5), which is dropped whatever the scores. With score columns the higher-scored
+    image wins (equal scores: image 1, as SmPO's strict ``>``; the pair's weight is then 0) and ``scores`` is
+    ``(score_winner, score_loser)``; otherwise the label decides (TRL form: ``first`` is chosen) and ``scores`` is
+    ``None``. Raises ``ValueError`` naming the column of a bad label or score.
+    """
+    if columns.label is not None:
+        problem = _label_problem(row.get(columns.label))
+        if problem:  # a streamed row with a label outside {0, 0.5, 1} is bad, not a preference
+            raise ValueError(f"column {columns.label!r}: {problem}")
+        if _is_tie(row[columns.label]):
+            return None
+    first, second = row[columns.first], row[columns.second]
+    if columns.scored:
+        scores = []
+        for column in (columns.score_0, columns.score_1):
+            try:
+                scores.append(_score_value(row.get(column)))
+            except ValueError as err:
+                raise ValueError(f"column {column!r}: {err}") from None
+        score_0, score_1 = scores
+        return (first, second, (score_0, score_1)) if score_0 > score_1 else (second, first, (score_1, score_0))
+    if columns.label is None or float(row[columns.label]) > 0.5:
+        return first, second, None
+    return second, first, None
+
+
+def pair_weights(
+    scores: Sequence[tuple[float, float]] | torch.Tensor, gamma: float, score_min: float, score_max: float
+) -> torch.Tensor:
+    """SmPO's ``pair_weights [B]`` (float32) from ``(score_winner, score_loser)`` per pair, computed in float64."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1, 2)
+    return smoothed_preference_weights(scores[:, 0], scores[:, 1], gamma, score_min, score_max).float()
 
 
 def _undecoded(dataset: Dataset | IterableDataset, columns: PreferenceColumns):
@@ -257,6 +369,88 @@ def _prepare_iterable(
     return dataset, columns, DataReport()
 
 
+RewardFn = Callable[[list[Image.Image], list[str]], "Sequence[float] | torch.Tensor"]
+
+
+def add_reward_scores(
+    dataset: Dataset | IterableDataset,
+    args: Any,
+    reward_fn: RewardFn | None,
+    split: str = "train",
+    batch_size: int = 16,
+) -> Dataset | IterableDataset:
+    """Write SmPO's two score columns with ``reward_fn`` when ``loss_type="smpo"`` and the dataset has neither.
+
+    ``reward_fn(images, prompts)`` gets the decoded RGB images and their prompts (each row's first images, then its
+    second images, ``2 * rows`` of each per call) and returns one finite score per image (a sequence or tensor).
+    The scores go to ``args.score_0_column`` and ``args.score_1_column`` (float64) through ``dataset.map(...,
+    batched=True)``: cached by the dataset's fingerprint for a map-style dataset, lazily for an
+    ``IterableDataset``. Rows that cannot be scored (bad prompt, label or image) and human ties (dropped anyway) get
+    NaN and no call; validation then reports or skips the bad ones.
+
+    Returns the dataset unchanged when both score columns exist (``reward_fn`` is then not used) or when no
+    ``reward_fn`` is given (:func:`resolve_columns` then names the missing columns). Raises ``ValueError`` for a
+    ``reward_fn`` with another loss type, or when only one of the two score columns exists.
+    """
+    if reward_fn is None:
+        return dataset
+    if not _uses_scores(args):
+        raise ValueError(
+            f"reward_fn is only used by loss_type='smpo' (to score both images of a pair for SmPO's smoothed "
+            f"preferences); loss_type={getattr(args, 'loss_type', None)!r} does not use it. Remove reward_fn or "
+            "set loss_type='smpo'."
+        )
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable as reward_fn(images, prompts), got {type(reward_fn).__name__}")
+    names = dataset.column_names
+    if names is None:  # a streamed dataset without features: read the column names off its first row
+        first = next(iter(dataset), None)
+        if first is None:
+            raise ValueError(f"The {split} dataset is empty")
+        names = list(first.keys())
+    score_columns = _score_columns(args)
+    present = [c for c in score_columns if c in names]
+    if len(present) == 2:
+        logger.info("The %s dataset has score columns %s; reward_fn is not used for it", split, list(score_columns))
+        return dataset
+    if present:
+        raise ValueError(
+            f"The {split} dataset has score column {present[0]!r} but not "
+            f"{[c for c in score_columns if c not in present][0]!r}; provide both or neither (reward_fn then scores "
+            "both images of every row)."
+        )
+    layout = _resolve_layout(names, args)
+    dataset = _undecoded(dataset, layout)
+
+    def score(batch: dict[str, list]) -> dict[str, list[float]]:
+        size = len(batch[layout.prompt])
+        scored: list[int] = []
+        firsts, seconds, prompts = [], [], []
+        for i in range(size):
+            row = {k: batch[k][i] for k in batch}
+            if _row_problem(row, layout)[0] or (layout.label is not None and _is_tie(row[layout.label])):
+                continue
+            scored.append(i)
+            firsts.append(load_image(row[layout.first]))
+            seconds.append(load_image(row[layout.second]))
+            prompts.append(row[layout.prompt])
+        score_0, score_1 = [math.nan] * size, [math.nan] * size
+        if scored:
+            values = reward_fn(firsts + seconds, prompts + prompts)
+            values = torch.as_tensor(values).detach().reshape(-1).to("cpu", torch.float64).tolist()
+            if len(values) != 2 * len(scored):
+                raise ValueError(f"reward_fn returned {len(values)} scores for {2 * len(scored)} images")
+            for j, i in enumerate(scored):
+                score_0[i], score_1[i] = values[j], values[len(scored) + j]
+        return {score_columns[0]: score_0, score_columns[1]: score_1}
+
+    features = dataset.features
+    if features is not None:
+        features = Features({**features, score_columns[0]: Value("float64"), score_columns[1]: Value("float64")})
+    kwargs: dict[str, Any] = {"desc": f"Scoring {split} images with reward_fn"} if isinstance(dataset, Dataset) else {}
+    return dataset.map(score, batched=True, batch_size=batch_size, features=features, **kwargs)
+
+
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     """The size an image of ``width x height`` is resized to: shorter side ``resolution``, aspect ratio kept."""
     scale = resolution / min(width, height)
@@ -337,6 +531,10 @@ class PreferenceCollator:
     With ``with_flipped``, ``time_ids_flipped`` holds the ``time_ids`` of the mirrored views, for the trainer's flip.
     The only random draw here is a random crop (``torch``'s global generator); flip and prompt dropout are drawn by
     the trainer. ``train=False`` gives the deterministic evaluation view: center crop.
+
+    With ``smpo_gamma`` (``loss_type="smpo"``; ``columns`` must have score columns) the batch also holds SmPO's
+    ``pair_weights [B]`` float32, :func:`~trl_diffusion_sdpo.objectives.smoothed_preference_weights` of the ordered
+    pair's scores with ``smpo_gamma``, ``smpo_score_min`` and ``smpo_score_max``. Without it no weights are made.
     """
 
     def __init__(
@@ -346,34 +544,29 @@ class PreferenceCollator:
         transform: PairTransform,
         train: bool = True,
         with_flipped: bool = False,
+        smpo_gamma: float | None = None,
+        smpo_score_min: float = PICKSCORE_MIN,
+        smpo_score_max: float = PICKSCORE_MAX,
     ) -> None:
+        if smpo_gamma is not None and not columns.scored:
+            raise ValueError("smpo_gamma was given but the columns have no score columns to weight pairs with")
         self.columns = columns
         self.tokenize = tokenize
         self.transform = transform
         self.train = train
         self.with_flipped = with_flipped
-
-    def _winner_loser(self, row: dict[str, Any]) -> tuple[Any, Any] | None:
-        if self.columns.label is None:
-            return row[self.columns.first], row[self.columns.second]
-        problem = _label_problem(row[self.columns.label])
-        if problem:  # a streamed row with a label outside {0, 0.5, 1} is bad, not a preference
-            raise ValueError(f"column {self.columns.label!r}: {problem}")
-        label = float(row[self.columns.label])
-        if abs(label - 0.5) < 1e-6:
-            return None
-        first_wins = label > 0.5
-        a, b = row[self.columns.first], row[self.columns.second]
-        return (a, b) if first_wins else (b, a)
+        self.smpo_gamma = smpo_gamma
+        self.smpo_score_min = smpo_score_min
+        self.smpo_score_max = smpo_score_max
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixels, time_ids, prompts = [], [], []
+        pixels, time_ids, prompts, scores = [], [], [], []
         skipped = 0
         for row in rows:
             # Rows of a map-style dataset were validated up front; this guards streamed rows.
             try:
                 prompt = row[self.columns.prompt]
-                pair = self._winner_loser(row)
+                pair = order_pair(row, self.columns)
                 if pair is None or not isinstance(prompt, str):
                     skipped += 1
                     continue
@@ -386,6 +579,7 @@ class PreferenceCollator:
             pixels.append(pair_pixels)
             time_ids.append(pair_ids)
             prompts.append(prompt)
+            scores.append(pair[2])
         res = self.transform.resolution
         batch: dict[str, torch.Tensor] = {
             "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 2, 3, res, res),
@@ -394,6 +588,8 @@ class PreferenceCollator:
         }
         if self.with_flipped:
             batch["time_ids_flipped"] = mirrored_time_ids(batch["time_ids"])
+        if self.smpo_gamma is not None:
+            batch["pair_weights"] = pair_weights(scores, self.smpo_gamma, self.smpo_score_min, self.smpo_score_max)
         batch.update(self.tokenize(prompts) if prompts else {})
         return batch
 

@@ -1,0 +1,261 @@
+"""SmPO's data path: score columns, the score-ordered pair, ``pair_weights`` (plain and cached) and ``reward_fn``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import lora_config, pickapic_rows
+from datasets import Dataset, IterableDataset
+
+from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
+from trl_diffusion_sdpo.data.preference import (
+    PairTransform,
+    PreferenceCollator,
+    add_reward_scores,
+    load_image,
+    order_pair,
+    prepare_preference_dataset,
+    resolve_columns,
+)
+from trl_diffusion_sdpo.families import family_for_pipeline
+
+GAMMA, SCORE_MIN, SCORE_MAX = 10.0, 0.1, 0.3
+WEIGHTING = dict(smpo_gamma=GAMMA, smpo_score_min=SCORE_MIN, smpo_score_max=SCORE_MAX)
+SMPO = dict(loss_type="smpo", smpo_gamma=GAMMA, smpo_score_min=SCORE_MIN, smpo_score_max=SCORE_MAX)
+
+
+def expected_weight(score_0: float, score_1: float) -> float:
+    """SmPO's weight of the score-ordered pair, written out in float64 (numpy, not the package's torch code)."""
+    winner, loser = max(score_0, score_1), min(score_0, score_1)
+    span = SCORE_MAX - SCORE_MIN
+    p = 1.0 / (1.0 + np.exp(-((winner - SCORE_MIN) / span - (loser - SCORE_MIN) / span)))
+    return float(GAMMA * (2.0 * p - 1.0))
+
+
+def scored_rows(scores: list[tuple[float, float]], labels: list[float] | None = None) -> list[dict]:
+    rows = pickapic_rows(len(scores), labels)
+    for row, (s0, s1) in zip(rows, scores):
+        row["score_0"], row["score_1"] = s0, s1
+    return rows
+
+
+def tokenize(prompts: list[str]) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.tensor([[len(p)] for p in prompts])}
+
+
+def colour_reward(images, prompts) -> torch.Tensor:
+    """Deterministic reward from the mean colour: distinct for every pair of the fixture's colours."""
+    means = torch.tensor(np.stack([np.asarray(image, dtype=np.float64).mean(axis=(0, 1)) for image in images]))
+    return SCORE_MIN + 0.15 * (means @ torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)) / 255.0
+
+
+class RecordingObjective:
+    """Wraps the trainer's objective and keeps every ``pair_weights`` it is called with."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.seen: list[torch.Tensor | None] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, predictions, errors, *, pair_weights=None):
+        self.seen.append(None if pair_weights is None else pair_weights.detach().cpu().clone())
+        return self.inner(predictions, errors, pair_weights=pair_weights)
+
+
+# ------------------------------------------------------------------------------------------ order and weights
+
+
+# label 1 says image 0 wins, label 0 image 1; the scores disagree in rows 0 and 1, agree in row 2, tie in row 3
+SCORES = [(0.12, 0.25), (0.28, 0.11), (0.2, 0.15), (0.2, 0.2)]
+LABELS = [1.0, 0.0, 1.0, 1.0]
+
+
+def test_winner_is_the_higher_scored_image_even_when_the_label_disagrees(make_config):
+    columns = resolve_columns(Dataset.from_list(scored_rows(SCORES, LABELS)).column_names, make_config(**SMPO))
+    assert (columns.score_0, columns.score_1) == ("score_0", "score_1") and {"score_0", "score_1"} <= set(columns.all)
+    for row, (s0, s1) in zip(scored_rows(SCORES, LABELS), SCORES):
+        winner, loser, scores = order_pair(row, columns)
+        first_wins = s0 > s1  # equal scores: image 1 wins (SmPO's strict >)
+        assert (winner, loser) == ((row["jpg_0"], row["jpg_1"]) if first_wins else (row["jpg_1"], row["jpg_0"]))
+        assert scores == ((s0, s1) if first_wins else (s1, s0))
+    tie = scored_rows([(0.3, 0.1)], [0.5])[0]
+    assert order_pair(tie, columns) is None  # a human tie is still dropped
+
+
+def test_collator_puts_the_higher_scored_image_first_and_weights_equal_a_float64_computation(make_config):
+    rows = scored_rows(SCORES + [(0.29, 0.1)], LABELS + [0.5])  # the last row is a human tie
+    columns = resolve_columns(list(rows[0]), make_config(**SMPO))
+    transform = PairTransform(32)
+    batch = PreferenceCollator(columns, tokenize, transform, train=False, **WEIGHTING)(rows)
+    assert batch["num_skipped"].item() == 1
+    weights = batch["pair_weights"]
+    assert weights.dtype == torch.float32 and weights.shape == (4,)
+    expected = torch.tensor([expected_weight(*s) for s in SCORES], dtype=torch.float64)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=1e-7)
+    assert weights[3].item() == 0.0 and (weights[:3] > 0).all()
+    for i, (row, (s0, s1)) in enumerate(zip(rows, SCORES)):
+        first, second = load_image(row["jpg_0"]), load_image(row["jpg_1"])
+        pixels, _ = transform(*((first, second) if s0 > s1 else (second, first)), train=False)
+        assert torch.equal(batch["pixel_values"][i], pixels)
+
+
+def test_streamed_rows_with_bad_scores_are_skipped_and_counted(make_config):
+    rows = scored_rows([(0.2, 0.1), (math.nan, 0.1), (0.2, "high"), (0.15, 0.25)])
+    columns = resolve_columns(list(rows[0]), make_config(**SMPO))
+    batch = PreferenceCollator(columns, tokenize, PairTransform(32), train=False, **WEIGHTING)(rows)
+    assert batch["num_skipped"].item() == 2 and batch["pair_weights"].shape == (2,)
+    empty = PreferenceCollator(columns, tokenize, PairTransform(32), train=False, **WEIGHTING)(rows[1:3])
+    assert empty["pair_weights"].shape == (0,) and empty["pixel_values"].shape[0] == 0
+
+
+def test_weights_through_the_latent_cache_equal_the_uncached_ones(make_pipeline, make_config, tmp_path):
+    pipeline = make_pipeline()
+    args = make_config(**SMPO)
+    prepared, columns, _ = prepare_preference_dataset(Dataset.from_list(scored_rows(SCORES, LABELS)), args)
+    family = family_for_pipeline(pipeline)
+    cache = build_latent_cache(
+        prepared, columns, family, resolution=32, random_flip=False, cache_dir=str(tmp_path / "cache")
+    )
+    rows = [prepared[i] for i in range(len(prepared))]
+    plain = PreferenceCollator(columns, tokenize, PairTransform(32), train=False, **WEIGHTING)(rows)
+    cached = CachedPreferenceCollator(**WEIGHTING)([cache.dataset[i] for i in range(len(cache.dataset))])
+    assert torch.equal(cached["pair_weights"], plain["pair_weights"])
+    ordered = [(max(s), min(s)) for s in SCORES]
+    assert [tuple(s) for s in cache.dataset["scores"]] == ordered
+    with torch.no_grad():  # the cached pair is in score order: its winner is the encoding of the higher-scored image
+        mean = family.vae.encode(plain["pixel_values"].flatten(0, 1)).latent_dist.mean
+    torch.testing.assert_close(cached["latent_mean"], mean.reshape(cached["latent_mean"].shape), rtol=1e-4, atol=1e-5)
+    # A cache made without score columns (another loss type) lives elsewhere and is never taken for this one.
+    dpo_data = Dataset.from_list(scored_rows(SCORES, LABELS))
+    dpo_prepared, dpo_columns, _ = prepare_preference_dataset(dpo_data, make_config())
+    dpo_cache = build_latent_cache(
+        dpo_prepared, dpo_columns, family, resolution=32, random_flip=False, cache_dir=str(tmp_path / "cache")
+    )
+    assert dpo_cache.directory != cache.directory and "scores" not in dpo_cache.dataset.column_names
+    with pytest.raises(ValueError, match="no scores"):
+        CachedPreferenceCollator(**WEIGHTING)([dpo_cache.dataset[0]])
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def test_missing_score_column_raises_naming_it_the_columns_found_and_reward_fn(make_config):
+    rows = scored_rows(SCORES)
+    for row in rows:
+        del row["score_1"]
+    with pytest.raises(ValueError, match=r"missing score column\(s\) \['score_1'\]") as error:
+        prepare_preference_dataset(Dataset.from_list(rows), make_config(**SMPO))
+    assert "score_0" in str(error.value) and "jpg_0" in str(error.value) and "reward_fn" in str(error.value)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, None])
+def test_a_bad_score_raises_naming_the_row_and_column_or_is_skipped_and_counted(make_config, bad):
+    rows = scored_rows(SCORES, LABELS)
+    rows[2]["score_0"] = bad
+    dataset = Dataset.from_list(rows)
+    with pytest.raises(ValueError, match=r"row 2, column 'score_0'"):
+        prepare_preference_dataset(dataset, make_config(**SMPO))
+    prepared, _, report = prepare_preference_dataset(dataset, make_config(skip_invalid_rows=True, **SMPO))
+    assert report.invalid_skipped == 1 and len(prepared) == len(rows) - 1
+
+
+def test_scores_that_are_not_numbers_raise(make_config):
+    rows = scored_rows(SCORES, LABELS)
+    for row in rows:
+        row["score_1"] = str(row["score_1"])
+    with pytest.raises(ValueError, match=r"row 0, column 'score_1': score '0.25' is not a real number"):
+        prepare_preference_dataset(Dataset.from_list(rows), make_config(**SMPO))
+
+
+def test_a_tie_with_a_bad_score_is_dropped_as_a_tie(make_config):
+    rows = scored_rows(SCORES, [0.5] + LABELS[1:])
+    rows[0]["score_0"] = math.nan
+    _, _, report = prepare_preference_dataset(Dataset.from_list(rows), make_config(**SMPO))
+    assert report.ties_dropped == 1 and report.invalid_skipped == 0
+
+
+def test_a_streamed_first_row_with_a_nan_score_raises(make_config):
+    rows = scored_rows(SCORES)
+    rows[0]["score_1"] = math.nan
+    stream = IterableDataset.from_generator(lambda: iter(rows))
+    with pytest.raises(ValueError, match=r"row 0, column 'score_1'"):
+        prepare_preference_dataset(stream, make_config(**SMPO))
+
+
+# ------------------------------------------------------------------------------------------------- reward_fn
+
+
+def test_reward_fn_scores_a_streamed_dataset_lazily(make_config):
+    args = make_config(**SMPO)
+    rows = pickapic_rows(4, [1.0, 0.5, 0.0, 1.0])
+    calls = []
+
+    def reward(images, prompts):
+        calls.append(len(images))
+        return colour_reward(images, prompts)
+
+    stream = add_reward_scores(IterableDataset.from_generator(lambda: iter(rows)), args, reward, batch_size=2)
+    assert calls == []  # nothing scored until read
+    prepared, columns, _ = prepare_preference_dataset(stream, args)
+    scored = list(prepared)
+    assert all(not math.isnan(r["score_0"]) for i, r in enumerate(scored) if i != 1)
+    assert math.isnan(scored[1]["score_0"])  # a human tie is not scored (it is dropped anyway)
+    batch = PreferenceCollator(columns, tokenize, PairTransform(32), train=False, **WEIGHTING)(scored)
+    assert batch["num_skipped"].item() == 1 and batch["pair_weights"].shape == (3,)
+
+
+def test_reward_fn_fills_the_score_columns_and_smpo_trains_with_the_weights(make_pickapic, make_pipeline, make_config):
+    dataset = make_pickapic(4)
+    trainer = DiffusionSDPOTrainer(
+        make_pipeline(),
+        args=make_config(max_steps=2, **SMPO),
+        train_dataset=dataset,
+        peft_config=lora_config(),
+        reward_fn=colour_reward,
+    )
+    prepared = trainer.train_dataset
+    scores = list(zip(prepared["score_0"], prepared["score_1"]))
+    for row, (s0, s1) in zip(dataset, scores):  # the columns hold reward_fn's scores of each row's images
+        images = [load_image(row["jpg_0"]), load_image(row["jpg_1"])]
+        assert [s0, s1] == colour_reward(images, [row["caption"]] * 2).tolist()
+    recording = RecordingObjective(trainer.objective)
+    trainer.objective = recording
+    trainer.train()
+    assert trainer.state.global_step == 2
+    seen = torch.cat(recording.seen)
+    expected = torch.tensor(sorted(expected_weight(*s) for s in scores))  # one epoch: every pair once
+    torch.testing.assert_close(seen.sort().values.double(), expected.double(), rtol=1e-6, atol=1e-7)
+    logged = [log["smpo/mean_pair_weight"] for log in trainer.state.log_history if "smpo/mean_pair_weight" in log]
+    assert len(logged) == 2
+    torch.testing.assert_close(torch.tensor(logged), torch.stack([w.mean() for w in recording.seen]))
+
+
+def test_smpo_without_score_columns_or_reward_fn_raises_the_column_error(make_trainer):
+    with pytest.raises(ValueError, match="reward_fn"):
+        make_trainer(**SMPO)
+
+
+def test_reward_fn_with_another_loss_type_is_an_error(make_config, pickapic_dataset):
+    with pytest.raises(ValueError, match="only used by loss_type='smpo'"):
+        add_reward_scores(pickapic_dataset, make_config(), colour_reward)
+
+
+@pytest.mark.parametrize("cache_latents", [False, True])
+def test_other_loss_types_never_get_pair_weights_even_with_score_columns(make_trainer, tmp_path, cache_latents):
+    dataset = Dataset.from_list(scored_rows(SCORES, LABELS))
+    trainer = make_trainer(
+        train_dataset=dataset, cache_latents=cache_latents, latent_cache_dir=str(tmp_path / "cache"), max_steps=1
+    )
+    assert "score_0" not in trainer.train_dataset.column_names
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert "pair_weights" not in batch
+    recording = RecordingObjective(trainer.objective)
+    trainer.objective = recording
+    trainer.train()
+    assert recording.seen == [None]
