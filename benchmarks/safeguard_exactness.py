@@ -14,7 +14,8 @@ The tolerance is second order and measured, not assumed. With ``eta`` the step a
 makes ``-eta <g_w, g> <= -eta mu |g_w|^2 <= 0``, its change must satisfy
 ``dW <= tol = max(C / 2, 0) + 2 |R3| + rounding``, where rounding covers float64 evaluation of ``W`` and the float32
 ``lambda`` (a few ulps of it shift the first-order term; at ``mu = 0`` the first-order margin is otherwise zero).
-A rise beyond ``tol`` under ``"parameter"`` would be a bug; the same count under ``"output"`` and Diffusion-DPO says how often those rules let the winner's term rise.
+A rise beyond ``tol`` under ``"parameter"`` would be a bug; the same count under ``"output"`` and Diffusion-DPO says
+how often those rules let the winner's term rise.
 
 One AdamW step (first step, from fresh moments: a sign-like update) is reported too; the bound does not cover it.
 
