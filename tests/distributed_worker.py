@@ -147,6 +147,13 @@ def main() -> None:
             for n, p in named
         )
 
+    if stage != 3:  # every process must hold the same trained weights (the combined gradient was all-reduced)
+        flat = torch.cat([p.detach().float().reshape(-1) for p in policy.parameters() if p.requires_grad])
+        weights = torch.arange(flat.numel(), dtype=torch.float32) % 7 + 1
+        probe = torch.stack([flat.sum(), (flat * weights).sum(), flat.pow(2).sum()]).to(accelerator.device)
+        gathered = accelerator.gather(probe.reshape(1, -1))
+        result["process_weight_spread"] = (gathered.max(0).values - gathered.min(0).values).abs().max().item()
+
     if stage == 3:  # the hazard load_pipeline avoids: transformers builds the text encoder partitioned
         from transformers import CLIPTextModel
 

@@ -267,3 +267,52 @@ def test_bf16_mixed_precision_under_ddp_behaves_as_one_process(assets):
     assert report["reference_max_abs_change"] == 0.0
     assert report["original_vs_trained_max_abs_diff"] > 1e-3
     assert report["saved_files"] == single["saved_files"]
+
+
+# ------------------------------------------------------------------------- the parameter-space safeguard under DDP
+
+PARAMETER = ("--safeguard_space", "parameter")
+
+
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"])
+def test_parameter_space_global_scope_on_two_processes_trains_like_one(assets, lora):
+    tuning = "lora" if lora else "full"
+    single = run(assets, f"single-parameter-{tuning}", None, lora, *PARAMETER)
+    report = run(assets, f"ddp-parameter-global-{tuning}", "multi_gpu.yaml", lora, *PARAMETER)
+    assert report["num_processes"] == 2 and report["global_step"] == STEPS
+    # lambda from the globally averaged g_w and g_l is the one-process lambda of the same global batch, and the
+    # combined gradient, all-reduced once, is the one-process gradient.
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert single["losses"][0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start: u = 0
+    assert any(lam < 1.0 for lam in single["lambdas"])  # the safeguard engaged: the test tells the scopes apart
+    assert report["process_weight_spread"] == 0.0
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_parameter_space_local_scope_gives_each_process_its_own_lambda_and_one_reduced_gradient(assets):
+    single = run(assets, "single-parameter-lora", None, True, *PARAMETER)
+    report = run(assets, "ddp-parameter-local-lora", "multi_gpu.yaml", True, *PARAMETER, "--safeguard_scope", "local")
+    assert report["losses"][0] == pytest.approx(math.log(2), abs=1e-6)  # step 1: policy == reference, u = 0
+    assert report["lambdas"] != pytest.approx(single["lambdas"], rel=1e-3)  # per-process lambdas, averaged in the log
+    assert all(0.0 <= lam <= 1.0 for lam in report["lambdas"])
+    assert report["process_weight_spread"] == 0.0  # the combined gradient was all-reduced: weights stay in sync
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
+def test_parameter_space_under_deepspeed_is_refused_before_training(assets):
+    out = assets["root"] / "zero2-parameter"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero2.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+        str(ROOT / "examples" / "train_sd15.py"), "--model_name_or_path", str(assets["pipeline"]),
+        "--dataset_name", str(assets["data"]), "--output_dir", str(out), "--resolution", "32", "--max_steps", "1",
+        "--per_device_train_batch_size", "1", "--report_to", "none", "--save_strategy", "no", *PARAMETER,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "safeguard_space='parameter' is not supported under DeepSpeed" in proc.stderr
+    assert "multi_gpu.yaml" in proc.stderr

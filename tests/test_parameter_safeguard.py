@@ -303,3 +303,12 @@ def test_reference_free_objectives_build_and_run_no_reference(make_trainer, monk
 def test_sft_with_the_safeguard_is_refused_at_configuration(make_config):
     with pytest.raises(ValueError, match="sft.*no loser gradient.*safeguard=False"):
         make_config(loss_type="sft", safeguard=True)
+
+
+def test_lora_at_initialisation_gives_loss_log_2_exactly_with_per_branch_passes(make_trainer):
+    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter", proportion_empty_prompts=0.0)
+    model = trainer.model
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.training_step(model, _trainer_inputs(trainer))
+    assert loss.item() == pytest.approx(np.log(2), abs=1e-7)  # the reference ran in the same per-branch shapes

@@ -2,7 +2,7 @@
 
 The policy predicts either in one forward pass over winners and losers together (the output-space safeguard and
 plain objectives) or in one pass per branch (the parameter-space safeguard, which backpropagates each branch on its
-own). The reference, when the objective needs one, always runs once over both branches, without autograd.
+own). The reference, when the objective needs one, runs without autograd in the same shape of passes.
 """
 
 from __future__ import annotations
@@ -43,7 +43,15 @@ def predict_pairs(
         prediction = policy(noised.noisy, noised.timesteps, **both, return_dict=False)[0]
         policy_winner, policy_loser = prediction[:batch], prediction[batch:]
     reference_winner = reference_loser = None
-    if reference is not None:
+    if reference is not None and separate_branches:
+        # Per branch like the policy: the same batch shapes give the same float rounding, so a policy equal to its
+        # reference (LoRA at initialisation) has exactly u = 0; beta = 5000 would amplify a 1e-7 difference.
+        ref_predictions = []
+        for rows in (slice(0, batch), slice(batch, 2 * batch)):
+            conditioning = family.unet_conditioning(prompt_embeds, None if time_ids is None else time_ids[rows])
+            ref_predictions.append(reference(noised.noisy[rows], noised.timesteps[rows], **conditioning))
+        reference_winner, reference_loser = ref_predictions
+    elif reference is not None:
         ref_prediction = reference(noised.noisy, noised.timesteps, **both)
         reference_winner, reference_loser = ref_prediction[:batch], ref_prediction[batch:]
     return PreferencePredictions(
