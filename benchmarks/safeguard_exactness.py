@@ -252,6 +252,27 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_lambdas(reports: dict[float, dict], path: str) -> None:
+    """Histograms of the output-space and parameter-space lambdas, one panel per ``mu``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(4 * len(reports), 3), squeeze=False)
+    for ax, (mu, report) in zip(axes[0], sorted(reports.items())):
+        for rule, colour in (("output", "tab:orange"), ("parameter", "tab:blue")):
+            values = [v for start in report["starts"].values() for v in start[rule]["lambdas"]]
+            ax.hist(values, bins=30, alpha=0.6, color=colour, label=f"{rule} space")
+        ax.set_title(f"mu = {mu}")
+        ax.set_xlabel("lambda")
+    axes[0][0].set_ylabel("batches")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=100)
@@ -260,7 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default=None, help="A diffusers pipeline folder (default: a tiny random UNet).")
     parser.add_argument("--json", default=None, help="Write the report (with every lambda) here.")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
+                        help="Plot the lambda histograms of these saved reports to --plot-to and exit.")
+    parser.add_argument("--plot-to", default="docs/images/safeguard_lambdas.png")
     args = parser.parse_args(argv)
+    if args.plot:
+        loaded = [json.loads(Path(f).read_text()) for f in args.plot]
+        reports = {report["setting"]["mu"]: report for report in loaded}
+        plot_lambdas(reports, args.plot_to)
+        return 0
     torch.set_num_threads(args.threads)
     report = run(Setting(batches=args.batches, mu=args.mu, pairs=args.pairs), args.pipeline)
     print(format_table(report))
