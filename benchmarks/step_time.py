@@ -328,6 +328,7 @@ def make_trainer(opts: argparse.Namespace, run: str, workdir: str, num_steps: in
         gradient_checkpointing=opts.gradient_checkpointing,
         torch_compile=opts.torch_compile,
         dataloader_num_workers=opts.dataloader_num_workers,
+        loss_type=opts.loss_type,
         seed=0,
     )
     peft_config = None
@@ -704,6 +705,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs", default=None, help=f"comma-separated subset of {RUNS}")
     parser.add_argument("--losses", default="dpo,sdpo,sdpo_param",
                         help="alternated within a trainer run: dpo, sdpo (output space), sdpo_param (parameter space)")
+    parser.add_argument("--loss-type", default="dpo",
+                        help="the trainer's objective (rows keep the dpo/sdpo names: without/with the safeguard); "
+                        "reference-free ones (mapo, sft) need --no-paired-floor")
     parser.add_argument("--no-paired-floor", dest="paired_floor", action="store_false",
                         help="do not interleave floor steps with the trainer's steps")
     parser.add_argument("--dataset-batches", type=int, default=8, help="dataset size in batches (epochs repeat)")
