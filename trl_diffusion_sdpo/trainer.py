@@ -663,7 +663,7 @@ class DiffusionSDPOTrainer(Trainer):
         names = ["data/skipped_rows", "implicit_acc", "mse/policy_winner", "mse/policy_loser"]
         if self.objective.requires_reference:
             names += ["mse/ref_winner", "mse/ref_loser", "delta/winner", "delta/loser"]
-        names += list(self.objective.metric_names)
+        names += list(getattr(self.objective, "metric_names", ()))  # a user's objective may declare none
         if self.args.safeguard:
             names.append("safeguard/lambda")
             if self.args.safeguard_space == "parameter":
