@@ -42,7 +42,16 @@ from .stats import bootstrap_paired_change, summarise
 __all__ = ["DemoRecipe", "format_table", "quiet_libraries", "run_demo", "run_pretrain"]
 
 LAST_FRACTION = 0.1  # "final" figures average the last 10% of optimizer steps
-_METRICS = ("reward", "reward_change", "winner_delta", "loser_delta", "implicit_acc", "loss", "lambda_mean")
+# metric -> its range (t intervals are clipped to it), or None
+_METRICS: dict[str, tuple[float, float] | None] = {
+    "reward": (0.0, 1.0),
+    "reward_change": None,
+    "winner_delta": None,
+    "loser_delta": None,
+    "implicit_acc": (0.0, 1.0),
+    "loss": None,
+    "lambda_mean": (0.0, 1.0),
+}
 
 
 @dataclass(frozen=True)
@@ -90,21 +99,21 @@ class DemoRecipe:
     methods: tuple[str, ...] = tuple(METHODS)
     # prompts, pairs, evaluation
     num_held_out_prompts: int = 6
-    pairs_per_prompt: int = 8
+    pairs_per_prompt: int = 6
     min_reward_margin: float = 0.01
-    num_inference_steps: int = 10
+    num_inference_steps: int = 8
     guidance_scale: float = 5.0
-    eval_seeds_per_prompt: int = 24
+    eval_seeds_per_prompt: int = 16
     grid_seeds: int = 2
     # preference tuning
     tuning: str = "full"
     lora_rank: int = 8
     beta: float = 5000.0
-    learning_rate: float = 1e-5
+    learning_rate: float = 2e-5
     weight_decay: float = 0.0
     batch_size: int = 8
-    max_steps: int = 150
-    warmup_steps: int = 15
+    max_steps: int = 50
+    warmup_steps: int = 5
     proportion_empty_prompts: float = 0.2
     random_flip: bool = True
     cache_latents: bool = True
@@ -464,9 +473,9 @@ def _run_demo(
     for method in methods:
         rows = runs[method.key]
         aggregate: dict[str, Any] = {"label": method.label, "config": method.config_kwargs(), "runs": rows}
-        for metric in _METRICS:
+        for metric, bounds in _METRICS.items():
             if all(metric in r for r in rows):
-                aggregate[metric] = summarise([r[metric] for r in rows])
+                aggregate[metric] = summarise([r[metric] for r in rows], bounds)
         aggregate["reward_change_bootstrap"] = bootstrap_paired_change(
             np.stack(rewards_per_run[method.key]), base_rewards.ravel(), seed=recipe.seed
         )
@@ -487,7 +496,8 @@ def _run_demo(
         },
         "intervals": {
             "level": 0.95,
-            "t": "Student t over training seeds (mean +- t(n-1) sd / sqrt n); null with one seed",
+            "t": "Student t over training seeds (mean +- t(n-1) sd / sqrt n), clipped to the metric's range (reward, "
+                 "implicit_acc, lambda_mean in [0, 1]); null with one seed",
             "bootstrap": "reward_change_bootstrap: percentile bootstrap resampling training seeds, then held-out "
                          "samples (paired with the base's samples)",
         },
@@ -568,12 +578,12 @@ def format_table(summary: dict[str, Any]) -> str:
     width = max(len(r["label"]) for r in results.values()) + 2
     n = max(r["reward"]["n"] for r in results.values())
     lines = [f"Held-out reward (base {summary['base']['reward']:.3f}); mean over {n} training seed(s) [95% interval]"]
-    header = f"{'':{width}}{'reward':>24}{'change vs base (t)':>28}{'change (bootstrap)':>28}{'minus DPO (t)':>28}"
+    header = f"{'':{width}}{'reward':>27}{'change vs base (t)':>30}{'change (bootstrap)':>30}{'minus DPO (t)':>30}"
     lines += [header, "-" * len(header)]
     for r in results.values():
         lines.append(
-            f"{r['label']:{width}}{_cell(r['reward'], 3):>24}{_cell(r['reward_change'], 3, True):>28}"
-            f"{_cell(r['reward_change_bootstrap'], 3, True):>28}{_cell(r.get('reward_minus_dpo'), 3, True):>28}"
+            f"{r['label']:{width}}{_cell(r['reward'], 4):>27}{_cell(r['reward_change'], 4, True):>30}"
+            f"{_cell(r['reward_change_bootstrap'], 4, True):>30}{_cell(r.get('reward_minus_dpo'), 4, True):>30}"
         )
     steps = summary["config"]["max_steps"]
     lines.append("")

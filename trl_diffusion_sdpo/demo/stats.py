@@ -40,10 +40,14 @@ def t_interval(values: Sequence[float]) -> list[float] | None:
     return [float(mean - half), float(mean + half)]
 
 
-def summarise(values: Sequence[float]) -> dict[str, object]:
-    """``{"mean", "ci95" (t over the values, or None), "n", "values"}``."""
+def summarise(values: Sequence[float], bounds: tuple[float, float] | None = None) -> dict[str, object]:
+    """``{"mean", "ci95" (t over the values, or None), "n", "values"}``; with ``bounds`` (the metric's range, e.g.
+    ``(0, 1)`` for an accuracy) the interval is clipped to it, since a t interval over few values can overshoot."""
     values = [float(v) for v in values]
-    return {"mean": float(np.mean(values)), "ci95": t_interval(values), "n": len(values), "values": values}
+    interval = t_interval(values)
+    if interval is not None and bounds is not None:
+        interval = [max(interval[0], bounds[0]), min(interval[1], bounds[1])]
+    return {"mean": float(np.mean(values)), "ci95": interval, "n": len(values), "values": values}
 
 
 def bootstrap_paired_change(
