@@ -198,7 +198,7 @@ def test_pretrain_rebuilds_a_tiny_recipe_checks_it_and_compares_it_with_the_ship
     shipped = report["shipped"]
     assert shipped["same_recipe"] is False and shipped["check"]["passed"] is True
     for weights in shipped["weights"].values():
-        assert weights["comparable"] and not weights["identical"] and weights["relative_l2"] > 0.1
+        assert weights["comparable"] and not weights["identical"] and weights["relative_l2"] > 0.01
     # the rebuilt folder: a diffusers folder that records its recipe
     record = shipped_base_record(out / "base")
     assert record["recipe_hash"] == recipe_hash(PretrainRecipe.tiny()) and record["check"] == check
