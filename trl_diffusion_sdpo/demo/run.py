@@ -599,8 +599,8 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append("")
     for r in results.values():
         lines.append(
-            f"{r['label']}: winner delta {_where(r['winner_delta'])}, loser delta {_where(r['loser_delta'])}, "
-            f"reward change {_where(r['reward_change_bootstrap'])} (bootstrap)"
+            f"{r['label']}: winner delta {_where(r['winner_delta'])}, loser delta {_where(r['loser_delta'])}; "
+            f"reward change: t {_where(r['reward_change'])}, bootstrap {_where(r['reward_change_bootstrap'])}"
         )
     for key, reason in summary["skipped"].items():
         lines.append(f"{key}: skipped ({reason})")
