@@ -16,7 +16,7 @@ DESCRIPTION = (
     "Train Diffusion-DPO and Diffusion-SDPO (output-space safeguard at several mu, and the exact parameter-space "
     "safeguard) from the same tiny pretrained text-to-image model (shipped with the package) on the same "
     "preference pairs, over several training seeds, and report the held-out colour reward and the error deltas "
-    "with 95%% intervals in summary.json and a table. CPU only, offline."
+    "with 95% intervals in summary.json and a table. CPU only, offline."
 )
 
 

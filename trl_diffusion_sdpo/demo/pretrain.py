@@ -498,7 +498,8 @@ def check_base(
     reconstruction = pipeline.vae.decode(pipeline.vae.encode(pixels).latent_dist.mean).sample
     vae_mse = F.mse_loss(reconstruction, pixels).item()
     loss = held_out_denoising_loss(pipeline, pixels, captions)
-    untrained = build_untrained_pipeline(recipe)
+    with torch.random.fork_rng(devices=[]):  # building seeds torch's global generator; leave the caller's alone
+        untrained = build_untrained_pipeline(recipe)
     untrained.vae, untrained.text_encoder = pipeline.vae, pipeline.text_encoder  # only the UNet is untrained
     loss_untrained = held_out_denoising_loss(untrained, pixels, captions)
     seeds = [_CHECK_SEED + i for i in range(len(captions))]
