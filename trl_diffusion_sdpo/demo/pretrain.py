@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..tiny_models import write_char_tokenizer
-from .shapes import Caption, all_captions, draw_shape
+from .pairs import sample_images
+from .shapes import Caption, all_captions, colour_reward, draw_shape
 
 __all__ = [
     "BASE_CHECK_THRESHOLDS",
@@ -490,10 +491,7 @@ def check_base(
 ) -> BaseCheck:
     """Measure a base on drawings it never saw: VAE reconstruction MSE (pixels in [-1, 1]), the UNet's held-out
     denoising loss (and, for scale, an untrained UNet's), and the mean colour reward of two samples per caption
-    (DDIM, the demo's sampler settings). Deterministic for a pipeline."""
-    from .pairs import sample_images  # pairs does not import this module; the import is local to keep it so
-    from .shapes import colour_reward
-
+    (DDIM, 10 steps, guidance 5). Deterministic for a pipeline."""
     pixels, captions = check_drawings(recipe)
     reconstruction = pipeline.vae.decode(pipeline.vae.encode(pixels).latent_dist.mean).sample
     vae_mse = F.mse_loss(reconstruction, pixels).item()
