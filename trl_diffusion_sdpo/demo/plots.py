@@ -48,7 +48,7 @@ def plot_error_deltas(histories: dict[str, dict[str, list[float]]], titles: dict
     with ``u > 0``), i.e. whether the preference margin grows. Thin lines: per step; thick: moving average."""
     methods = list(histories)
     fig, axes = plt.subplots(
-        2, len(methods), figsize=(5.2 * len(methods), 5.6), sharex=True,
+        2, len(methods), figsize=(4.4 * len(methods), 5.6), sharex=True,
         gridspec_kw={"height_ratios": [2.2, 1]}, squeeze=False,
     )
     for column, method in enumerate(methods):
@@ -76,26 +76,32 @@ def plot_error_deltas(histories: dict[str, dict[str, list[float]]], titles: dict
         bottom.grid(alpha=0.3)
     axes[0, 0].set_ylabel("denoising error\npolicy − reference")
     axes[1, 0].set_ylabel("implicit accuracy")
-    fig.suptitle("Denoising error relative to the frozen base (above 0: worse than the base)")
+    fig.suptitle("Denoising error relative to the frozen base (above 0: worse than the base); mean over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_lambda(history: dict[str, list[float]], max_lambda: float, path: Path) -> None:
-    """The safeguard's ``lambda`` per optimizer step (thin) and its moving average (thick)."""
-    steps = np.asarray(history["step"])
-    values = history["safeguard/lambda_mean"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot(steps, values, color="#2ca02c", alpha=0.35, linewidth=0.8, label="λ per step")
-    ax.plot(steps, smooth(values, _window(len(steps))), color="#2ca02c", linewidth=2.0, label="moving average")
+def plot_lambda(
+    histories: dict[str, dict[str, list[float]]], titles: dict[str, str], max_lambda: float, path: Path
+) -> None:
+    """The safeguard's ``lambda`` per optimizer step (thin) and its moving average (thick), one colour per method."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.0))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, history) in enumerate(histories.items()):
+        steps = np.asarray(history["step"])
+        values = history["safeguard/lambda_mean"]
+        colour = colours[(i + 2) % len(colours)]
+        ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.7)
+        ax.plot(steps, smooth(values, _window(len(steps))), color=colour, linewidth=2.0,
+                label=f"{titles[method]} (mean {np.mean(values):.3f})")
     ax.axhline(max_lambda, color="black", linewidth=0.8, linestyle=":", label=f"λ = {max_lambda:g}: plain DPO")
     ax.set_ylim(0.0, max_lambda * 1.08)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loser-gradient scale λ")
-    ax.set_title(f"Diffusion-SDPO safeguard: λ over training (mean {np.mean(values):.3f})")
+    ax.set_title("Diffusion-SDPO safeguard: λ over training (mean over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="center right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,9 +1,9 @@
-"""Orchestration of the CPU demo: base model, preference pairs, Diffusion-DPO vs Diffusion-SDPO, figures, summary.
+"""Orchestration of the CPU demo: base model, preference pairs, several methods times several seeds, intervals.
 
-Both methods train through the same :class:`~trl_diffusion_sdpo.DiffusionSDPOTrainer` code path real models use,
-from the same base weights, on the same pairs, with the same seed (hence the same batches, timesteps and noise) and
-the same number of steps; the only difference is ``safeguard=False`` (Diffusion-DPO) or ``safeguard=True`` with
-``safeguard_mu=0.9`` (Diffusion-SDPO, the authors' SD1.5 setting).
+Every method trains through the same :class:`~trl_diffusion_sdpo.DiffusionSDPOTrainer` code path real models use,
+from the same base weights, on the same pairs; for a training seed every method sees the same batches, timesteps
+and noise, and every model is evaluated on the same held-out prompts with the same initial noise. The methods
+differ only in their safeguard fields (:mod:`.methods`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
+import os
 import platform
 import tempfile
 import time
@@ -32,22 +32,42 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import DiffusionSDPOConfig
 from ..trainer import DiffusionSDPOTrainer
+from .methods import METHODS, Method, method_unavailable, resolve_methods
 from .pairs import make_preference_pairs, sample_images
 from .plots import plot_error_deltas, plot_lambda, sample_grid
-from .pretrain import PretrainRecipe, load_or_pretrain, recipe_hash
+from .pretrain import PretrainRecipe, load_base, rebuild_and_check, recipe_hash
 from .shapes import Caption, colour_reward, split_captions
+from .stats import bootstrap_paired_change, summarise
 
-__all__ = ["METHODS", "DemoRecipe", "format_table", "quiet_libraries", "run_demo"]
+__all__ = ["DemoRecipe", "format_table", "quiet_libraries", "run_demo", "run_pretrain"]
 
-METHODS: dict[str, str] = {"dpo": "Diffusion-DPO", "sdpo": "Diffusion-SDPO"}
 LAST_FRACTION = 0.1  # "final" figures average the last 10% of optimizer steps
+# metric -> its range (t intervals are clipped to it), or None
+_METRICS: dict[str, tuple[float, float] | None] = {
+    "reward": (0.0, 1.0),
+    "reward_change": None,
+    "winner_delta": None,
+    "loser_delta": None,
+    "implicit_acc": (0.0, 1.0),
+    "loss": None,
+    "lambda_mean": (0.0, 1.0),
+}
 
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Every knob of the demo. ``DemoRecipe()`` is the full demo; ``DemoRecipe.quick()`` a seconds-long smoke run.
+    """Every knob of the demo. ``DemoRecipe()`` is the default demo; ``DemoRecipe.quick()`` a smoke run.
 
-    > Base model: ``pretrain`` (see :class:`PretrainRecipe`); ``seed`` overrides its seed.
+    > Base model
+
+    pretrain: the base's recipe (:class:`PretrainRecipe`); the default one ships with the package, any other is
+        pretrained on first use and cached.
+
+    > Seeds and methods
+
+    seed: data seed: which captions are held out, the preference pairs' sampling noise and the evaluation noise.
+    seeds: training seeds; every method trains once per seed (batches, timesteps, noise, prompt dropout, flips).
+    methods: keys of :data:`~trl_diffusion_sdpo.demo.methods.METHODS`, in table order.
 
     > Prompts, pairs and evaluation
 
@@ -58,37 +78,47 @@ class DemoRecipe:
     eval_seeds_per_prompt: samples per held-out prompt for the reward (same seeds for every model).
     grid_seeds: samples per prompt and model shown in ``samples.png``.
 
-    > Preference tuning (identical for both methods)
+    > Preference tuning (identical for every method)
 
     tuning: ``"full"`` (all UNet weights, frozen-copy reference) or ``"lora"`` (adapters of rank ``lora_rank``).
     beta: Diffusion-DPO beta (the official launchers' 5000).
     learning_rate: AdamW learning rate, used as given (no per-pair scaling), constant after a linear warmup.
+    weight_decay: AdamW weight decay (pinned here so the demo does not follow the config's default).
     batch_size: preference pairs per optimizer step. max_steps, warmup_steps: optimizer steps.
-    safeguard_mu: Diffusion-SDPO margin (authors' SD1.5 DPO setting 0.9).
-    proportion_empty_prompts, random_flip: the authors' prompt dropout and flip augmentation.
+    proportion_empty_prompts, random_flip: prompt dropout and flip augmentation.
+    cache_latents: encode the pairs with the VAE once (shared by every run) instead of at every step.
+
+    > Machine
+
+    threads: torch intra-op threads during the demo (``None``: leave torch's setting).
     """
 
-    seed: int = 0
     pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
+    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = tuple(METHODS)
     # prompts, pairs, evaluation
     num_held_out_prompts: int = 6
-    pairs_per_prompt: int = 8
+    pairs_per_prompt: int = 6
     min_reward_margin: float = 0.01
-    num_inference_steps: int = 20
+    num_inference_steps: int = 8
     guidance_scale: float = 5.0
-    eval_seeds_per_prompt: int = 24
+    eval_seeds_per_prompt: int = 16
     grid_seeds: int = 2
     # preference tuning
     tuning: str = "full"
     lora_rank: int = 8
     beta: float = 5000.0
-    learning_rate: float = 1e-5
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
     batch_size: int = 8
-    max_steps: int = 300
-    warmup_steps: int = 30
-    safeguard_mu: float = 0.9
+    max_steps: int = 50
+    warmup_steps: int = 5
     proportion_empty_prompts: float = 0.2
     random_flip: bool = True
+    cache_latents: bool = True
+    # machine
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         if self.tuning not in ("full", "lora"):
@@ -99,26 +129,28 @@ class DemoRecipe:
             )
         if self.max_steps < 1 or self.batch_size < 1:
             raise ValueError("max_steps and batch_size must be at least 1")
-        if self.pretrain.seed != self.seed:
-            # One seed drives everything: the base model, the pairs, both trainings and the evaluation noise.
-            object.__setattr__(self, "pretrain", dataclasses.replace(self.pretrain, seed=self.seed))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
+        resolve_methods(self.methods)  # fails early on unknown keys
 
     @classmethod
-    def quick(cls, seed: int = 0) -> DemoRecipe:
-        """The same pipeline end to end in well under a minute: for tests and a first look, not for conclusions."""
-        return cls(
-            seed=seed,
-            pretrain=PretrainRecipe(
-                seed=seed, images_per_caption=2, vae_steps=15, vae_batch_size=8, unet_steps=20, unet_batch_size=16
-            ),
-            pairs_per_prompt=1,
-            min_reward_margin=0.0,
-            num_inference_steps=3,
-            eval_seeds_per_prompt=2,
-            max_steps=6,
-            warmup_steps=1,
-            batch_size=4,
-        )
+    def quick(cls, seed: int = 0, **overrides: Any) -> DemoRecipe:
+        """The same pipeline end to end in well under a minute: two seeds, every method, a few steps. For tests and
+        a first look, not for conclusions."""
+        values: dict[str, Any] = {
+            "seed": seed,
+            "seeds": (0, 1),
+            "pairs_per_prompt": 1,
+            "min_reward_margin": 0.0,
+            "num_inference_steps": 3,
+            "eval_seeds_per_prompt": 2,
+            "max_steps": 4,
+            "warmup_steps": 1,
+            "batch_size": 4,
+        }
+        return cls(**{**values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +184,17 @@ def quiet_libraries() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class _TrainingBar(TrainerCallback):
     """A tqdm bar over optimizer steps showing the latest loss and error deltas (replaces the per-log printout)."""
 
@@ -160,7 +203,7 @@ class _TrainingBar(TrainerCallback):
         self.bar: tqdm | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True)
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True, leave=False)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(state.global_step - self.bar.n)
@@ -179,7 +222,7 @@ class _TrainingBar(TrainerCallback):
 _HISTORY_KEYS = (
     "loss", "implicit_acc", "delta/winner", "delta/loser", "mse/policy_winner", "mse/policy_loser",
     "mse/ref_winner", "mse/ref_loser", "safeguard/lambda_mean", "safeguard/lambda_min", "safeguard/lambda_max",
-    "safeguard/engaged",
+    "safeguard/engaged", "safeguard/output_lambda_mean",
 )
 
 
@@ -200,23 +243,27 @@ def _final_mean(history: dict[str, list[float]], key: str, max_steps: int) -> fl
     return float(np.mean(values))
 
 
-def _training_args(recipe: DemoRecipe, safeguard: bool, output_dir: str) -> DiffusionSDPOConfig:
+def _training_args(
+    recipe: DemoRecipe, method: Method, seed: int, output_dir: str, latent_cache_dir: str | None
+) -> DiffusionSDPOConfig:
     return DiffusionSDPOConfig(
         output_dir=output_dir,
         beta=recipe.beta,
-        safeguard=safeguard,
-        safeguard_mu=recipe.safeguard_mu,
+        **method.config_kwargs(),
         resolution=recipe.pretrain.image_size,
         proportion_empty_prompts=recipe.proportion_empty_prompts,
         random_flip=recipe.random_flip,
+        cache_latents=recipe.cache_latents,
+        latent_cache_dir=latent_cache_dir,
         learning_rate=recipe.learning_rate,
         scale_lr=False,
+        weight_decay=recipe.weight_decay,
         warmup_steps=recipe.warmup_steps,
         per_device_train_batch_size=recipe.batch_size,
         max_steps=recipe.max_steps,
         logging_steps=1,
         save_strategy="no",
-        seed=recipe.seed,
+        seed=seed,
         use_cpu=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
@@ -227,9 +274,9 @@ def _training_args(recipe: DemoRecipe, safeguard: bool, output_dir: str) -> Diff
 
 def _trainer_settings(recipe: DemoRecipe) -> dict[str, Any]:
     """The trainer settings the recipe does not spell out (defaults of the config), for the summary."""
-    args = _training_args(recipe, safeguard=True, output_dir=tempfile.gettempdir())
+    args = _training_args(recipe, METHODS["sdpo-output"], recipe.seeds[0], tempfile.gettempdir(), None)
     return {
-        "optimizer": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
         "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "max_grad_norm": args.max_grad_norm,
         "weight_decay": args.weight_decay,
@@ -240,9 +287,14 @@ def _trainer_settings(recipe: DemoRecipe) -> dict[str, Any]:
 
 
 def train_preference(
-    base: StableDiffusionPipeline, dataset: Dataset, recipe: DemoRecipe, method: str
+    base: StableDiffusionPipeline,
+    dataset: Dataset,
+    recipe: DemoRecipe,
+    method: Method,
+    seed: int,
+    latent_cache_dir: str | None = None,
 ) -> tuple[StableDiffusionPipeline, dict[str, list[float]]]:
-    """Tune a copy of ``base``'s UNet with ``method`` (``"dpo"`` or ``"sdpo"``); return the tuned pipeline and the
+    """Tune a copy of ``base``'s UNet with ``method`` and training seed ``seed``; return the tuned pipeline and the
     per-step metrics. The VAE and text encoder are shared with ``base`` (they stay frozen)."""
     components = {**base.components, "unet": copy.deepcopy(base.unet), "scheduler": copy.deepcopy(base.scheduler)}
     pipeline = StableDiffusionPipeline(**components, requires_safety_checker=False)
@@ -252,25 +304,27 @@ def train_preference(
             r=recipe.lora_rank, lora_alpha=recipe.lora_rank,
             target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"],
         )
-    with tempfile.TemporaryDirectory(prefix=f"demo-{method}-") as workdir:
-        args = _training_args(recipe, safeguard=method == "sdpo", output_dir=workdir)
+    with tempfile.TemporaryDirectory(prefix=f"demo-{method.key}-") as workdir:
+        args = _training_args(recipe, method, seed, workdir, latent_cache_dir)
         trainer = DiffusionSDPOTrainer(pipeline, None, args, dataset, peft_config=peft_config)
         trainer.remove_callback(ProgressCallback)  # our bar shows the step metrics instead of printing them
         trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(_TrainingBar(f"Training {METHODS[method]}"))
+        trainer.add_callback(_TrainingBar(f"{method.label}, seed {seed}"))
         trainer.train()
     pipeline.unet.eval()
     return pipeline, _history(trainer.state.log_history)
 
 
 def _evaluate(
-    pipeline: StableDiffusionPipeline, captions: list[Caption], recipe: DemoRecipe, desc: str
+    pipeline: StableDiffusionPipeline, captions: list[Caption], recipe: DemoRecipe, desc: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Samples ``[P, S, H, W, 3]`` and rewards ``[P, S]`` on ``captions`` with the fixed evaluation seeds."""
     per_prompt = recipe.eval_seeds_per_prompt
     prompts = [c.text for c in captions for _ in range(per_prompt)]
     seeds = [_eval_seed(recipe, j) for _ in captions for j in range(per_prompt)]
-    images = sample_images(pipeline, prompts, seeds, recipe.num_inference_steps, recipe.guidance_scale, desc=desc)
+    images = sample_images(
+        pipeline, prompts, seeds, recipe.num_inference_steps, recipe.guidance_scale, batch_size=256, desc=desc
+    )
     rewards = colour_reward(images, [c for c in captions for _ in range(per_prompt)])
     return images.reshape(len(captions), per_prompt, *images.shape[1:]), rewards.reshape(len(captions), per_prompt)
 
@@ -279,9 +333,14 @@ def _eval_seed(recipe: DemoRecipe, index: int) -> int:
     return 1_000_000 + 1_000 * recipe.seed + index
 
 
-def _stderr(values: np.ndarray) -> float:
-    values = np.asarray(values).ravel()
-    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+def _mean_history(histories: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per-step means over the seeds' histories (they log the same steps)."""
+    keys = [k for k in histories[0] if all(k in h for h in histories)]
+    return {k: list(np.mean([h[k] for h in histories], axis=0)) for k in keys}
+
+
+def _load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
 
 
 # ---------------------------------------------------------------------------------------------------- the demo
@@ -297,21 +356,35 @@ def run_demo(
     """Run the demo and write ``summary.json``, ``history.json``, ``losses.png``, ``lambda.png`` and ``samples.png``
     into ``output_dir``. Returns the summary; ``echo`` receives the console lines (stage headers and the table)."""
     recipe = recipe or DemoRecipe()
-    out = Path(output_dir)
+    with _torch_threads(recipe.threads):
+        return _run_demo(Path(output_dir), recipe, cache_dir, use_cache, echo)
+
+
+def _run_demo(
+    out: Path, recipe: DemoRecipe, cache_dir: str | Path | None, use_cache: bool, echo: Callable[[str], None]
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}
+    load_start = _load_average()
     start = time.perf_counter()
+    methods, skipped = [], {}
+    for method in resolve_methods(recipe.methods):
+        reason = method_unavailable(method)
+        if reason is None:
+            methods.append(method)
+        else:
+            skipped[method.key] = reason
+    if not methods:
+        raise RuntimeError(f"no demo method can run here: {skipped}")
 
     echo("[1/4] Base model: a tiny text-to-image latent diffusion pipeline (UNet, VAE, CLIP text encoder)")
     tick = time.perf_counter()
-    base, cache_hit, folder = load_or_pretrain(recipe.pretrain, cache_root=cache_dir, use_cache=use_cache)
+    base, source, folder = load_base(recipe.pretrain, cache_root=cache_dir, use_cache=use_cache, warn=echo)
     timings["base_model_seconds"] = time.perf_counter() - tick
-    if cache_hit:
-        echo(f"      loaded the pretrained base from the cache: {folder}")
-    else:
-        where = f", cached in {folder}" if folder else " (not cached)"
-        echo(f"      pretrained in {timings['base_model_seconds']:.0f} s{where}")
+    described = {"shipped": "loaded the base shipped with the package", "cache": "loaded the base from the cache",
+                 "pretrained": f"pretrained in {timings['base_model_seconds']:.0f} s"}[source]
+    echo(f"      {described} ({folder or 'not cached'}, recipe {recipe_hash(recipe.pretrain)})")
 
     echo("[2/4] Preference pairs: two samples per prompt from the base, ranked by colour agreement with the caption")
     tick = time.perf_counter()
@@ -320,69 +393,115 @@ def run_demo(
         base, pair_captions, recipe.pairs_per_prompt, recipe.min_reward_margin, recipe.num_inference_steps,
         recipe.guidance_scale, seed=100_000 * recipe.seed,
     )
+    timings["pairs_seconds"] = time.perf_counter() - tick
     echo(
         f"      {pair_stats.num_kept} of {pair_stats.num_sampled} pairs kept (reward chosen "
         f"{pair_stats.mean_reward_chosen:.3f} vs rejected {pair_stats.mean_reward_rejected:.3f})"
     )
-    base_images, base_rewards = _evaluate(base, held_out, recipe, "Sampling the base on held-out prompts")
-    timings["pairs_seconds"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    base_images, base_rewards = _evaluate(base, held_out, recipe)
+    timings["base_eval_seconds"] = time.perf_counter() - tick
 
-    echo(f"[3/4] Diffusion-DPO and Diffusion-SDPO from the same base, pairs, seed and {recipe.max_steps} steps")
-    histories: dict[str, dict[str, list[float]]] = {}
-    results: dict[str, dict[str, Any]] = {}
+    runs_total = len(methods) * len(recipe.seeds)
+    echo(f"[3/4] {len(methods)} methods x {len(recipe.seeds)} seeds ({runs_total} runs of {recipe.max_steps} steps) "
+         "from the same base and pairs")
+    for key, reason in skipped.items():
+        echo(f"      skipped {key}: {reason}")
+    runs: dict[str, list[dict[str, Any]]] = {m.key: [] for m in methods}
+    rewards_per_run: dict[str, list[np.ndarray]] = {m.key: [] for m in methods}
+    histories: dict[str, dict[str, dict[str, list[float]]]] = {m.key: {} for m in methods}
     grid_images = {"base": base_images[:, : recipe.grid_seeds]}
-    for method, name in METHODS.items():
-        tick = time.perf_counter()
-        tuned, history = train_preference(base, dataset, recipe, method)
-        timings[f"{method}_train_seconds"] = time.perf_counter() - tick
-        images, rewards = _evaluate(tuned, held_out, recipe, f"Sampling {name} on held-out prompts")
-        grid_images[method] = images[:, : recipe.grid_seeds]
-        histories[method] = history
-        result = {
-            "winner_delta": _final_mean(history, "delta/winner", recipe.max_steps),
-            "loser_delta": _final_mean(history, "delta/loser", recipe.max_steps),
-            "reward_base": float(base_rewards.mean()),
-            "reward_final": float(rewards.mean()),
-            "reward_base_stderr": _stderr(base_rewards),
-            "reward_final_stderr": _stderr(rewards),
-            "implicit_acc_final": _final_mean(history, "implicit_acc", recipe.max_steps),
-            "loss_final": _final_mean(history, "loss", recipe.max_steps),
-        }
-        if method == "sdpo":
-            result["lambda_mean"] = float(np.mean(history["safeguard/lambda_mean"]))
-            result["lambda_final"] = _final_mean(history, "safeguard/lambda_mean", recipe.max_steps)
-        results[method] = result
-        del tuned
+    bar = tqdm(total=runs_total, desc="Runs", dynamic_ncols=True)
+    with tempfile.TemporaryDirectory(prefix="demo-latents-") as latent_cache_dir:
+        for seed in recipe.seeds:
+            for method in methods:
+                tick = time.perf_counter()
+                tuned, history = train_preference(base, dataset, recipe, method, seed, latent_cache_dir)
+                train_seconds = time.perf_counter() - tick
+                tick = time.perf_counter()
+                images, rewards = _evaluate(tuned, held_out, recipe)
+                eval_seconds = time.perf_counter() - tick
+                del tuned
+                if method.key not in grid_images:
+                    grid_images[method.key] = images[:, : recipe.grid_seeds]
+                histories[method.key][str(seed)] = history
+                rewards_per_run[method.key].append(rewards.ravel())
+                run = {
+                    "seed": seed,
+                    "reward": float(rewards.mean()),
+                    "reward_change": float(rewards.mean() - base_rewards.mean()),
+                    "winner_delta": _final_mean(history, "delta/winner", recipe.max_steps),
+                    "loser_delta": _final_mean(history, "delta/loser", recipe.max_steps),
+                    "implicit_acc": _final_mean(history, "implicit_acc", recipe.max_steps),
+                    "loss": _final_mean(history, "loss", recipe.max_steps),
+                    "train_seconds": round(train_seconds, 2),
+                    "eval_seconds": round(eval_seconds, 2),
+                }
+                if "safeguard/lambda_mean" in history:
+                    run["lambda_mean"] = float(np.mean(history["safeguard/lambda_mean"]))
+                    run["lambda_final"] = _final_mean(history, "safeguard/lambda_mean", recipe.max_steps)
+                    run["lambda_below_max"] = float(np.mean(history["safeguard/engaged"]))
+                if "safeguard/output_lambda_mean" in history:
+                    run["output_lambda_mean"] = float(np.mean(history["safeguard/output_lambda_mean"]))
+                runs[method.key].append(run)
+                bar.update(1)
+    bar.close()
+    timings["runs_seconds"] = sum(r["train_seconds"] + r["eval_seconds"] for rs in runs.values() for r in rs)
+    timings["train_seconds"] = sum(r["train_seconds"] for rs in runs.values() for r in rs)
+    timings["eval_seconds"] = sum(r["eval_seconds"] for rs in runs.values() for r in rs)
 
     echo("[4/4] Figures and summary")
-    plot_error_deltas(histories, METHODS, out / "losses.png")
-    plot_lambda(histories["sdpo"], 1.0, out / "lambda.png")
+    tick = time.perf_counter()
+    labels = {m.key: m.label for m in methods}
+    mean_histories = {k: _mean_history(list(h.values())) for k, h in histories.items()}
+    plot_error_deltas(mean_histories, labels, out / "losses.png")
+    safeguarded = {k: h for k, h in mean_histories.items() if "safeguard/lambda_mean" in h}
+    if safeguarded:
+        plot_lambda(safeguarded, labels, 1.0, out / "lambda.png")
+    columns = ["base", *labels]
     sample_grid(
         [c.text for c in held_out],
-        ["base", "DPO", "SDPO"],
-        {"base": grid_images["base"], "DPO": grid_images["dpo"], "SDPO": grid_images["sdpo"]},
+        [labels.get(c, c) for c in columns],
+        {labels.get(c, c): grid_images[c] for c in columns},
         recipe.grid_seeds,
         out / "samples.png",
     )
+    timings["figures_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - start
 
-    findings = {
-        "dpo_winner_and_loser_error_rise": results["dpo"]["winner_delta"] > 0 and results["dpo"]["loser_delta"] > 0,
-        "sdpo_winner_error_does_not_rise": results["sdpo"]["winner_delta"] <= 0,
-        "dpo_margin_grows": results["dpo"]["implicit_acc_final"] > 0.5,
-        "sdpo_margin_grows": results["sdpo"]["implicit_acc_final"] > 0.5,
-        "dpo_reward_change": results["dpo"]["reward_final"] - results["dpo"]["reward_base"],
-        "sdpo_reward_change": results["sdpo"]["reward_final"] - results["sdpo"]["reward_base"],
-    }
+    results = {}
+    for method in methods:
+        rows = runs[method.key]
+        aggregate: dict[str, Any] = {"label": method.label, "config": method.config_kwargs(), "runs": rows}
+        for metric, bounds in _METRICS.items():
+            if all(metric in r for r in rows):
+                aggregate[metric] = summarise([r[metric] for r in rows], bounds)
+        aggregate["reward_change_bootstrap"] = bootstrap_paired_change(
+            np.stack(rewards_per_run[method.key]), base_rewards.ravel(), seed=recipe.seed
+        )
+        if method.key != "dpo" and "dpo" in runs:
+            by_seed = {r["seed"]: r["reward"] for r in runs["dpo"]}
+            aggregate["reward_minus_dpo"] = summarise([r["reward"] - by_seed[r["seed"]] for r in rows])
+        results[method.key] = aggregate
+
     summary: dict[str, Any] = {
-        **results,
-        "config": {**recipe.to_dict(), "seed": recipe.seed, "trainer": _trainer_settings(recipe)},
-        "findings": findings,
-        "base_model": {
-            "cache_hit": cache_hit,
-            "cache_dir": str(folder) if folder else None,
+        "methods": results,
+        "skipped": skipped,
+        "base": {
+            "reward": float(base_rewards.mean()),
+            "reward_stderr": float(base_rewards.std(ddof=1) / np.sqrt(base_rewards.size)),
+            "source": source,
+            "folder": str(folder) if folder else None,
             "recipe_hash": recipe_hash(recipe.pretrain),
         },
+        "intervals": {
+            "level": 0.95,
+            "t": "Student t over training seeds (mean +- t(n-1) sd / sqrt n), clipped to the metric's range (reward, "
+                 "implicit_acc, lambda_mean in [0, 1]); null with one seed",
+            "bootstrap": "reward_change_bootstrap: percentile bootstrap resampling training seeds, then held-out "
+                         "samples (paired with the base's samples)",
+        },
+        "config": {**recipe.to_dict(), "trainer": _trainer_settings(recipe)},
         "pairs": dataclasses.asdict(pair_stats),
         "held_out_prompts": [c.text for c in held_out],
         "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -390,47 +509,99 @@ def run_demo(
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "load_average_start": load_start,
+            "load_average_end": _load_average(),
         },
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "history.json").write_text(json.dumps(histories))
     for line in format_table(summary).splitlines():
         echo(line)
-    echo(f"Wrote summary.json, history.json, losses.png, lambda.png and samples.png to {out} "
-         f"({timings['total_seconds'] / 60:.1f} min)")
+    figures = "losses.png, lambda.png and samples.png" if safeguarded else "losses.png and samples.png"
+    echo(f"Wrote summary.json, history.json, {figures} to {out} ({timings['total_seconds'] / 60:.1f} min, load "
+         f"average {summary['environment']['load_average_end'][0]:.1f})")
     return summary
 
 
+def run_pretrain(
+    output_dir: str | Path, recipe: PretrainRecipe | None = None, threads: int | None = 1,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """``demo --pretrain``: rebuild the base from ``recipe`` (default: the shipped one's), check it, compare it with
+    the shipped base and save it to ``<output_dir>/base``. Returns the report (also in ``pretrain_report.json``)."""
+    recipe = recipe or PretrainRecipe()
+    echo(f"Rebuilding the demo's base from recipe {recipe_hash(recipe)} (load average {_load_average()[0]:.2f})")
+    with _torch_threads(threads):
+        report = rebuild_and_check(recipe, output_dir, echo=echo)
+    check = report["check"]
+    echo(f"      held-out denoising loss {check['denoising_loss']:.4f} (untrained UNet "
+         f"{check['denoising_loss_untrained']:.4f}), VAE reconstruction MSE {check['vae_reconstruction_mse']:.4f}, "
+         f"sample colour reward {check['sample_reward']:.4f}")
+    echo("      check " + ("passed" if check["passed"] else "FAILED: " + "; ".join(check["failures"])))
+    shipped = report["shipped"]
+    if shipped is not None:
+        weights = ", ".join(
+            f"{name} " + ("identical" if w.get("identical") else f"relative L2 {w['relative_l2']:.2e}")
+            if w["comparable"] else f"{name} not comparable" for name, w in shipped["weights"].items()
+        )
+        same = "same recipe" if shipped["same_recipe"] else "another recipe"
+        echo(f"      against the shipped base ({same}): {weights}; sample reward "
+             f"{shipped['sample_reward_difference']:+.4f}, denoising loss {shipped['denoising_loss_difference']:+.4f}")
+    echo(f"Wrote {report['saved_to']} and pretrain_report.json")
+    return report
+
+
+def _cell(stats: dict[str, Any] | None, digits: int, signed: bool = False) -> str:
+    if stats is None:
+        return "-"
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    text = fmt.format(stats["mean"])
+    if stats.get("ci95") is not None:
+        low, high = stats["ci95"]
+        text += f" [{fmt.format(low)}, {fmt.format(high)}]"
+    return text
+
+
+def _where(stats: dict[str, Any] | None) -> str:
+    """Whether an interval lies above zero, below zero, or covers it (no claim beyond that)."""
+    if stats is None or stats.get("ci95") is None:
+        return "no interval"
+    low, high = stats["ci95"]
+    return "above 0" if low > 0 else "below 0" if high < 0 else "interval includes 0"
+
+
 def format_table(summary: dict[str, Any]) -> str:
-    """The console table: final error deltas, implicit accuracy, rewards and lambda, then what they show."""
-    header = f"{'':16}{'winner Δ':>11}{'loser Δ':>11}{'impl. acc':>11}{'reward base → final':>24}{'λ mean':>9}"
-    lines = [header, "-" * len(header)]
-    for method, name in METHODS.items():
-        r = summary[method]
-        lam = f"{r['lambda_mean']:.3f}" if "lambda_mean" in r else "-"
-        rewards = f"{r['reward_base']:.3f} → {r['reward_final']:.3f}"
+    """Two console tables (held-out reward; training diagnostics), each cell a mean with its 95% interval, then
+    where each interval lies relative to zero."""
+    results = summary["methods"]
+    width = max(len(r["label"]) for r in results.values()) + 2
+    n = max(r["reward"]["n"] for r in results.values())
+    lines = [f"Held-out reward (base {summary['base']['reward']:.3f}); mean over {n} training seed(s) [95% interval]"]
+    header = f"{'':{width}}{'reward':>27}{'change vs base (t)':>30}{'change (bootstrap)':>30}{'minus DPO (t)':>30}"
+    lines += [header, "-" * len(header)]
+    for r in results.values():
         lines.append(
-            f"{name:16}{r['winner_delta']:>+11.5f}{r['loser_delta']:>+11.5f}{r['implicit_acc_final']:>11.2f}"
-            f"{rewards:>24}{lam:>9}"
+            f"{r['label']:{width}}{_cell(r['reward'], 4):>27}{_cell(r['reward_change'], 4, True):>30}"
+            f"{_cell(r['reward_change_bootstrap'], 4, True):>30}{_cell(r.get('reward_minus_dpo'), 4, True):>30}"
         )
     steps = summary["config"]["max_steps"]
-    lines.append(f"(Δ = policy − reference denoising error, mean over the last {max(1, round(steps * LAST_FRACTION))} "
-                 f"of {steps} steps; reward ± {summary['sdpo']['reward_final_stderr']:.3f} standard error)")
-    dpo, sdpo = summary["dpo"], summary["sdpo"]
-    if summary["findings"]["dpo_winner_and_loser_error_rise"]:
-        lines.append("Diffusion-DPO: the winner's and the loser's errors BOTH rose above the base (the paper's "
-                     "pathology).")
-    else:
-        lines.append(f"Diffusion-DPO: the paper's pathology did NOT appear here (winner Δ {dpo['winner_delta']:+.5f}, "
-                     f"loser Δ {dpo['loser_delta']:+.5f}).")
-    if summary["findings"]["sdpo_winner_error_does_not_rise"]:
-        lines.append("Diffusion-SDPO: the winner's error did not rise above the base (the safeguard's aim).")
-    else:
-        lines.append(f"Diffusion-SDPO: the winner's error rose too (winner Δ {sdpo['winner_delta']:+.5f}); the "
-                     "safeguard did not hold it here.")
-    for method, name in METHODS.items():
-        r = summary[method]
-        margin = "grew" if r["implicit_acc_final"] > 0.5 else "did not grow"
-        lines.append(f"{name}: preference margin {margin} (implicit accuracy {r['implicit_acc_final']:.2f}); "
-                     f"held-out reward {r['reward_final'] - r['reward_base']:+.3f}.")
+    lines.append("")
+    lines.append(f"Training diagnostics, mean over the last {max(1, round(steps * LAST_FRACTION))} of {steps} steps "
+                 "(delta = policy - reference denoising error)")
+    header = f"{'':{width}}{'winner delta':>30}{'loser delta':>30}{'implicit acc':>22}{'mean lambda':>22}"
+    lines += [header, "-" * len(header)]
+    for r in results.values():
+        lines.append(
+            f"{r['label']:{width}}{_cell(r['winner_delta'], 5, True):>30}{_cell(r['loser_delta'], 5, True):>30}"
+            f"{_cell(r['implicit_acc'], 2):>22}{_cell(r.get('lambda_mean'), 3):>22}"
+        )
+    lines.append("")
+    for r in results.values():
+        lines.append(
+            f"{r['label']}: winner delta {_where(r['winner_delta'])}, loser delta {_where(r['loser_delta'])}; "
+            f"reward change: t {_where(r['reward_change'])}, bootstrap {_where(r['reward_change_bootstrap'])}"
+        )
+    for key, reason in summary["skipped"].items():
+        lines.append(f"{key}: skipped ({reason})")
     return "\n".join(lines)

@@ -1,0 +1,7 @@
+"""``python -m trl_diffusion_sdpo.demo``: the demo with all its options (see :mod:`.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""The methods the demo compares, each a set of trainer config fields on top of the same recipe.
+
+Every method trains from the same base, on the same pairs, with the same training seeds (hence, per seed, the same
+batches, timesteps and noise) and the same number of steps; only the fields below differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import DiffusionSDPOConfig
+
+__all__ = ["METHODS", "Method", "method_unavailable", "resolve_methods"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison.
+
+    ``safeguard_space`` is passed to the config only when set: the field is recent, and leaving it out keeps the
+    output-space rows working on trainers that predate it (where the output space is the only one).
+    """
+
+    key: str
+    label: str
+    safeguard: bool
+    safeguard_mu: float | None = None
+    safeguard_space: str | None = None
+
+    def config_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"safeguard": self.safeguard}
+        if self.safeguard_mu is not None:
+            kwargs["safeguard_mu"] = self.safeguard_mu
+        if self.safeguard_space is not None:
+            kwargs["safeguard_space"] = self.safeguard_space
+        return kwargs
+
+
+METHODS: dict[str, Method] = {
+    m.key: m
+    for m in (
+        Method("dpo", "Diffusion-DPO", safeguard=False),
+        Method("sdpo-output", "SDPO output mu=0.9", safeguard=True, safeguard_mu=0.9),
+        Method("sdpo-output-mu0.6", "SDPO output mu=0.6", safeguard=True, safeguard_mu=0.6),
+        Method("sdpo-output-mu0.2", "SDPO output mu=0.2", safeguard=True, safeguard_mu=0.2),
+        Method("sdpo-parameter", "SDPO parameter mu=0.9", safeguard=True, safeguard_mu=0.9,
+               safeguard_space="parameter"),
+    )
+}
+"""``dpo``: no safeguard. ``sdpo-output``: the authors' output-space rule at their SD1.5 DPO setting ``mu = 0.9``,
+with ``mu = 0.6`` (their SDXL setting) and ``0.2`` (their SD1.5 DSPO setting) as a sweep. ``sdpo-parameter``: the
+exact rule from per-branch parameter gradients at ``mu = 0.9``."""
+
+
+def method_unavailable(method: Method) -> str | None:
+    """Why the installed trainer cannot run ``method`` (then the demo skips it and says so), or ``None``."""
+    fields = {f.name for f in dataclasses.fields(DiffusionSDPOConfig)}
+    if method.safeguard_space is not None and "safeguard_space" not in fields:
+        return (
+            "the installed DiffusionSDPOConfig has no safeguard_space field (this trainer predates the exact "
+            "parameter-space safeguard)"
+        )
+    return None
+
+
+def resolve_methods(keys: tuple[str, ...] | list[str]) -> list[Method]:
+    """The methods named by ``keys``, in the given order; unknown keys fail with the list of known ones."""
+    unknown = [k for k in keys if k not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; choose from {list(METHODS)}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"demo methods listed twice: {list(keys)}")
+    return [METHODS[k] for k in keys]
