@@ -1,11 +1,6 @@
-"""The demo's colour reward behind the evaluation package's ``Scorer`` interface.
-
-``trl_diffusion_sdpo.evaluation`` (on its own branch for now) defines ``Scorer``: a class attribute ``name`` (the
-metric's column name), ``scale`` (what the number means), ``mean_floor`` (``None`` unless the metric clamps its
-mean), ``score(images, prompts) -> torch.Tensor`` (one float per pair), ``aggregate(scores) -> float`` and a
-``__call__`` that checks the pairing and returns a flat float32 CPU tensor. :class:`ColourRewardScorer` implements
-the same surface without importing that package; once it is merged, make ``Scorer`` its base class and register
-it with ``register_scorer("colour", ColourRewardScorer)``.
+"""The demo's colour reward as an evaluation ``Scorer``: registered as ``colour`` in
+:mod:`trl_diffusion_sdpo.evaluation.scorers`, so ``trl-diffusion-sdpo evaluate --scorer colour`` scores demo
+samples (and the demo evaluates through the same interface).
 """
 
 from __future__ import annotations
@@ -16,12 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..evaluation.scorers.base import Scorer
 from .shapes import Caption, colour_reward
 
 __all__ = ["ColourRewardScorer"]
 
 
-class ColourRewardScorer:
+class ColourRewardScorer(Scorer):
     """Colour agreement of an image with its ``"<colour> <shape> on <background>"`` prompt, in [0, 1].
 
     The formula is :func:`~trl_diffusion_sdpo.demo.shapes.colour_reward`'s, on the 8-bit pixels of the image
@@ -47,18 +43,3 @@ class ColourRewardScorer:
             arrays.append(np.asarray(image, dtype=np.float64) / 255.0)
         captions = [Caption.parse(p) for p in prompts]
         return torch.from_numpy(colour_reward(np.stack(arrays), captions)).float()
-
-    def aggregate(self, scores: torch.Tensor) -> float:
-        """The mean (no floor)."""
-        mean = float(scores.double().mean())
-        return mean if self.mean_floor is None else max(mean, self.mean_floor)
-
-    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
-        if len(images) != len(prompts):
-            raise ValueError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts; they are paired.")
-        if not images:
-            return torch.zeros(0)
-        return self.score(list(images), list(prompts)).detach().float().cpu().reshape(-1)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, scale={self.scale!r})"
