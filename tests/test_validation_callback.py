@@ -145,3 +145,13 @@ def test_validation_is_off_by_default_and_empty_prompt_lists_are_refused(make_tr
     assert not any(isinstance(c, ValidationCallback) for c in trainer.callback_handler.callbacks)
     with pytest.raises(ValueError, match="validation_prompts"):
         make_config(validation_prompts=[])
+
+
+def test_the_model_card_shows_the_last_validation_grid(make_trainer, tmp_path):
+    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"), validation_prompts=PROMPTS,
+                           validation_steps=2, validation_num_inference_steps=2)
+    trainer.train()
+    trainer.create_model_card()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "![validation samples](validation/step-000002.png)" in card
+    assert (tmp_path / "run" / "validation" / "step-000002.png").exists()

@@ -807,6 +807,7 @@ class DiffusionSDPOTrainer(Trainer):
             "beta": args.beta,
             "safeguard": args.safeguard,
             "safeguard_mu": args.safeguard_mu if args.safeguard else None,
+            "safeguard_space": args.safeguard_space if args.safeguard else None,
             "learning_rate": args.learning_rate,
             "effective_batch_size": args.world_size * args.per_device_train_batch_size
             * args.gradient_accumulation_steps,
@@ -825,9 +826,16 @@ class DiffusionSDPOTrainer(Trainer):
             hyperparameters=hyperparameters,
             tags=list(self._tag_names) + list(tags or []),
             model_family=self.family.name,
+            sample_grid=self._last_validation_grid(),
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))
+
+    def _last_validation_grid(self) -> str | None:
+        """The newest ``validation/step-*.png`` in ``output_dir``, relative to it (for the model card)."""
+        folder = os.path.join(self.args.output_dir, "validation")
+        grids = sorted(f for f in os.listdir(folder) if f.startswith("step-")) if os.path.isdir(folder) else []
+        return f"validation/{grids[-1]}" if grids else None
 
     def push_to_hub(
         self,

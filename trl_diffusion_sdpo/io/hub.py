@@ -37,8 +37,10 @@ def build_model_card(
     hyperparameters: dict[str, Any],
     tags: list[str],
     model_family: str,
+    sample_grid: str | None = None,
 ) -> ModelCard:
-    """A model card naming the base model, method, key hyperparameters and the papers to cite."""
+    """A model card naming the base model, method, key hyperparameters and the papers to cite; ``sample_grid``, a
+    path relative to the card, shows the last validation grid."""
     all_tags = ["diffusers", "trl", "diffusion-sdpo", "text-to-image", model_family]
     if is_lora:
         all_tags.append("lora")
@@ -64,6 +66,10 @@ def build_model_card(
             f"pipe = DiffusionPipeline.from_pretrained({base_model!r}, unet=unet)\n"
             "image = pipe(\"a photo of a cat\").images[0]\n```"
         )
+    samples = ""
+    if sample_grid:
+        step = os.path.splitext(os.path.basename(sample_grid))[0].removeprefix("step-").lstrip("0") or "0"
+        samples = f"## Samples\n\nValidation prompts at step {step}:\n\n![validation samples]({sample_grid})\n\n"
     content = f"""---
 {data.to_yaml()}
 ---
@@ -79,7 +85,7 @@ This repository holds {kind}, trained with **{method}** using
 
 {usage}
 
-## Training hyperparameters
+{samples}## Training hyperparameters
 
 | parameter | value |
 |---|---|
