@@ -14,8 +14,8 @@ from trl_diffusion_sdpo.step.safeguard import gradient_dots, parameter_space_lam
 
 def float64_lambda(g_w: list[torch.Tensor], h_l: list[torch.Tensor], mu: float, max_lambda: float = 1.0) -> float:
     """The issue's rule written out in float64 numpy, with ``g_l = -h_l`` (errors' sign convention)."""
-    w = np.concatenate([g.detach().double().numpy().ravel() for g in g_w])
-    g_l = -np.concatenate([h.detach().double().numpy().ravel() for h in h_l])
+    w = np.concatenate([g.detach().double().cpu().numpy().ravel() for g in g_w])
+    g_l = -np.concatenate([h.detach().double().cpu().numpy().ravel() for h in h_l])
     dot = float(w @ g_l)
     if dot <= 0:
         return max_lambda
@@ -151,7 +151,7 @@ def _drift(model, scale: float = 0.02) -> None:
         gen = torch.Generator().manual_seed(0)
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=gen))
+                p.add_(scale * torch.randn(p.shape, generator=gen).to(p.device))
 
 
 def _explicit_branch_gradients(trainer, inputs):
