@@ -152,7 +152,10 @@ def _weights(model_dir: Path, lora: bool) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "config,lora", [("deepspeed_zero2.yaml", False), ("deepspeed_zero3.yaml", True)], ids=["zero2-full", "zero3-lora"]
+    "config,lora",
+    # ZeRO-3 resume takes a minute on 2 cores: slow (run with -m slow); ZeRO-2 keeps resume in every run.
+    [("deepspeed_zero2.yaml", False), pytest.param("deepspeed_zero3.yaml", True, marks=pytest.mark.slow)],
+    ids=["zero2-full", "zero3-lora"],
 )
 def test_checkpoint_saved_under_zero_resumes_under_the_same_stage(assets, config, lora):
     tag = f"{config.removesuffix('.yaml')}-{'lora' if lora else 'full'}"
@@ -302,6 +305,7 @@ def test_parameter_space_local_scope_gives_each_process_its_own_lambda_and_one_r
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
 
 
+@pytest.mark.slow  # the refusal itself is unit-tested in test_parameter_safeguard.py; this runs the real launch
 def test_parameter_space_under_deepspeed_is_refused_before_training(assets):
     out = assets["root"] / "zero2-parameter"
     command = [
