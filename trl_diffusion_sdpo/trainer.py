@@ -359,7 +359,7 @@ class DiffusionSDPOTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         # Only trainable weights ever hold gradients: clipping and zeroing walk those, listed once, instead of every
-        # module of the UNet (thousands with LoRA adapters: milliseconds per step). See :mod:`.lean_step`.
+        # module of the UNet (thousands with LoRA adapters: milliseconds per step). See :mod:`.step.optimizer`.
         unet = self._policy_unet()
         self._trainable = trainable_parameters(unet)
         unet.zero_grad = lambda set_to_none=True: zero_grads(self._trainable, set_to_none)

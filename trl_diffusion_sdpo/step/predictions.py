@@ -32,7 +32,7 @@ def predict_pairs(
     ``prompt_embeds`` holds one embedding per pair (shared by its two images); ``time_ids`` ``[2B, 6]`` or ``None``.
     """
     batch = noised.noisy.shape[0] // 2
-    both = family.unet_conditioning(prompt_embeds.repeat(2), time_ids)
+    both = None if separate_branches else family.unet_conditioning(prompt_embeds.repeat(2), time_ids)
     if separate_branches:
         outputs = []
         for rows in (slice(0, batch), slice(batch, 2 * batch)):
