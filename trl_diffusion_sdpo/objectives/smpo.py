@@ -12,13 +12,12 @@ import torch
 
 from .base import (
     DenoisingErrors,
-    ObjectiveHyperparameters,
     ObjectiveOutput,
     PreferencePredictions,
     register_objective,
     require_positive,
 )
-from .dpo import diffusion_dpo_loss
+from .dpo import DiffusionDPOObjective, diffusion_dpo_loss
 
 __all__ = ["PICKSCORE_MAX", "PICKSCORE_MIN", "SmoothedPreferenceObjective", "smoothed_preference_weights"]
 
@@ -62,7 +61,7 @@ def smoothed_preference_weights(
 
 
 @register_objective
-class SmoothedPreferenceObjective:
+class SmoothedPreferenceObjective(DiffusionDPOObjective):
     """SmPO: ``loss = mean_pairs(-logsigmoid(w * u))`` with ``w = gamma * (2p - 1)`` from
     :func:`smoothed_preference_weights` and ``u`` the Diffusion-DPO logit.
 
@@ -76,20 +75,8 @@ class SmoothedPreferenceObjective:
     """
 
     name = "smpo"
-    requires_reference = True
-    uses_loser = True
     needs_pair_weights = True
     metric_names: tuple[str, ...] = ("smpo/mean_pair_weight",)
-
-    def __init__(self, beta: float) -> None:
-        self.beta = require_positive("beta", beta)
-
-    @classmethod
-    def from_hyperparameters(cls, hyperparameters: ObjectiveHyperparameters) -> SmoothedPreferenceObjective:
-        return cls(beta=hyperparameters.beta)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta})"
 
     def __call__(
         self,
