@@ -32,28 +32,23 @@ def predict_pairs(
     ``prompt_embeds`` holds one embedding per pair (shared by its two images); ``time_ids`` ``[2B, 6]`` or ``None``.
     """
     batch = noised.noisy.shape[0] // 2
-    both = None if separate_branches else family.unet_conditioning(prompt_embeds.repeat(2), time_ids)
+    # The passes over the rows, each with its conditioning, built once and shared by policy and reference. The
+    # reference runs in the same shapes as the policy: the same float rounding, so a policy equal to its reference
+    # (LoRA at initialisation) has exactly u = 0 (beta = 5000 would amplify a 1e-7 difference).
     if separate_branches:
-        outputs = []
-        for rows in (slice(0, batch), slice(batch, 2 * batch)):
-            conditioning = family.unet_conditioning(prompt_embeds, None if time_ids is None else time_ids[rows])
-            outputs.append(policy(noised.noisy[rows], noised.timesteps[rows], **conditioning, return_dict=False)[0])
-        policy_winner, policy_loser = outputs
+        passes = [
+            (rows, family.unet_conditioning(prompt_embeds, None if time_ids is None else time_ids[rows]))
+            for rows in (slice(0, batch), slice(batch, 2 * batch))
+        ]
     else:
-        prediction = policy(noised.noisy, noised.timesteps, **both, return_dict=False)[0]
-        policy_winner, policy_loser = prediction[:batch], prediction[batch:]
+        passes = [(slice(0, 2 * batch), family.unet_conditioning(prompt_embeds.repeat(2), time_ids))]
+    # Kept as separate outputs, never concatenated: each branch's backward must reach only its own graph.
+    outputs = [policy(noised.noisy[r], noised.timesteps[r], **c, return_dict=False)[0] for r, c in passes]
+    policy_winner, policy_loser = _winner_and_loser(outputs, batch)
     reference_winner = reference_loser = None
-    if reference is not None and separate_branches:
-        # Per branch like the policy: the same batch shapes give the same float rounding, so a policy equal to its
-        # reference (LoRA at initialisation) has exactly u = 0; beta = 5000 would amplify a 1e-7 difference.
-        ref_predictions = []
-        for rows in (slice(0, batch), slice(batch, 2 * batch)):
-            conditioning = family.unet_conditioning(prompt_embeds, None if time_ids is None else time_ids[rows])
-            ref_predictions.append(reference(noised.noisy[rows], noised.timesteps[rows], **conditioning))
-        reference_winner, reference_loser = ref_predictions
-    elif reference is not None:
-        ref_prediction = reference(noised.noisy, noised.timesteps, **both)
-        reference_winner, reference_loser = ref_prediction[:batch], ref_prediction[batch:]
+    if reference is not None:
+        ref_outputs = [reference(noised.noisy[r], noised.timesteps[r], **c) for r, c in passes]
+        reference_winner, reference_loser = _winner_and_loser(ref_outputs, batch)
     return PreferencePredictions(
         policy_winner=policy_winner,
         policy_loser=policy_loser,
@@ -62,6 +57,13 @@ def predict_pairs(
         reference_winner=reference_winner,
         reference_loser=reference_loser,
     )
+
+
+def _winner_and_loser(outputs: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The winner and loser predictions from one pass per branch, or from one pass over both."""
+    if len(outputs) == 2:
+        return outputs[0], outputs[1]
+    return outputs[0][:batch], outputs[0][batch:]
 
 
 def denoising_errors(predictions: PreferencePredictions) -> DenoisingErrors:
