@@ -305,11 +305,60 @@ def test_parameter_space_local_scope_gives_each_process_its_own_lambda_and_one_r
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
 
 
+@pytest.mark.parametrize(
+    "config,lora,accumulate",
+    [
+        ("deepspeed_zero2.yaml", True, True),
+        pytest.param("deepspeed_zero1.yaml", True, False, marks=pytest.mark.slow),
+        pytest.param("deepspeed_zero2.yaml", False, False, marks=pytest.mark.slow),
+    ],
+    ids=["zero2-lora-accumulated", "zero1-lora", "zero2-full"],
+)
+def test_parameter_space_under_zero_1_2_trains_like_one_process(assets, config, lora, accumulate):
+    """The engine keeps the reduced sum: the winner pass goes through it, the loser's gradient is taken beside it and
+    handed over scaled by lambda. Global scope: the one-process lambdas, and losses that follow the same weights.
+    (Weights are not compared element-wise: AdamW turns float noise in near-zero gradients into +-lr updates.)"""
+    tuning = "lora" if lora else "full"
+    batch = ("--gradient_accumulation_steps", "2") if accumulate else ()
+    single = run(
+        assets, f"single-parameter-{tuning}{'-accumulated' if accumulate else ''}", None, lora, *PARAMETER, *batch,
+        *(("--per_device_train_batch_size", "2") if accumulate else ()),
+    )
+    report = run(
+        assets, f"{config.removesuffix('.yaml')}-parameter-{tuning}", config, lora, *PARAMETER, *batch,
+        *(("--per_device_train_batch_size", "1") if accumulate else ()),
+    )
+    assert report["num_processes"] == 2 and report["zero_stage"] == int(config[len("deepspeed_zero")])
+    assert report["global_step"] == single["global_step"] == STEPS
+    assert any(lam < 1.0 for lam in single["lambdas"])  # the safeguard engaged
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["original_vs_trained_max_abs_diff"] > 1e-3
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_parameter_space_local_scope_under_zero2_keeps_the_processes_in_step(assets):
+    """The default scope: each process's lambda from its own g_w (captured before the engine reduces it) and h_l;
+    the engine averages g_w + lambda_p h_l,p over processes, so every process holds the same weights."""
+    single = run(assets, "single-parameter-lora", None, True, *PARAMETER)
+    report = run(
+        assets, "zero2-parameter-local-lora", "deepspeed_zero2.yaml", True, *PARAMETER, "--safeguard_scope", "local"
+    )
+    assert report["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert report["lambdas"] != pytest.approx(single["lambdas"], rel=1e-3)  # per-process lambdas
+    assert all(0.0 <= lam <= 1.0 for lam in report["lambdas"])
+    assert report["process_weight_spread"] == 0.0
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
 @pytest.mark.slow  # the refusal itself is unit-tested in test_parameter_safeguard.py; this runs the real launch
-def test_parameter_space_under_deepspeed_is_refused_before_training(assets):
-    out = assets["root"] / "zero2-parameter"
+def test_parameter_space_under_zero3_is_refused_before_training(assets):
+    out = assets["root"] / "zero3-parameter"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero2.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero3.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
         str(ROOT / "examples" / "train_sd15.py"), "--model_name_or_path", str(assets["pipeline"]),
         "--dataset_name", str(assets["data"]), "--output_dir", str(out), "--resolution", "32", "--max_steps", "1",
@@ -318,5 +367,5 @@ def test_parameter_space_under_deepspeed_is_refused_before_training(assets):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
-    assert "safeguard_space='parameter' is not supported under DeepSpeed" in proc.stderr
-    assert "multi_gpu.yaml" in proc.stderr
+    assert "safeguard_space='parameter' is not supported under DeepSpeed ZeRO-3" in proc.stderr
+    assert "deepspeed_zero2.yaml" in proc.stderr

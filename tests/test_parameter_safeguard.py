@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trl_diffusion_sdpo.objectives import DenoisingErrors, PreferencePredictions, denoising_error
-from trl_diffusion_sdpo.step.branches import BranchGradientSplitter, branch_cotangents
+from trl_diffusion_sdpo.step.branches import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
 from trl_diffusion_sdpo.step.safeguard import gradient_dots, parameter_space_lambda, safeguarded_gradients
 
 
@@ -111,6 +111,46 @@ def test_splitter_matches_explicit_per_branch_gradients(accumulating):
     assert lam.item() == pytest.approx(float64_lambda(list(g_w), list(h_l), 0.5), rel=1e-5)
     for p, a, w, h in zip(params, accumulated, g_w, h_l):
         torch.testing.assert_close(p.grad, a + w + lam * h, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 1024.0], ids=["bf16-fp32", "fp16-loss-scale"])
+def test_engine_branches_hand_the_engine_winner_plus_lambda_times_loser(loss_scale):
+    """A stand-in for DeepSpeed ZeRO-1/2: an engine that keeps its own gradient sum (as ZeRO-2 keeps partitions and
+    frees ``.grad``) and multiplies every loss by its loss scale before backpropagating it."""
+    model = TwoLayer()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(2)
+    x_w, x_l, t = (torch.randn(4, 6, generator=gen) for _ in range(3))
+
+    def loss_of(pred_w, pred_l):
+        e_w = (pred_w - t).pow(2).mean(1)
+        e_l = (pred_l - t).pow(2).mean(1)
+        return -torch.nn.functional.logsigmoid(-50.0 * (e_w - e_l)).mean()
+
+    g_w = torch.autograd.grad(loss_of(model(x_w), model(x_l).detach()), params)
+    h_l = torch.autograd.grad(loss_of(model(x_w).detach(), model(x_l)), params)
+    earlier = [torch.randn(p.shape, generator=gen) for p in params]  # the engine's sum of earlier micro-batches
+    engine_sum = [e.clone() for e in earlier]
+    boundaries: list[bool | None] = []
+
+    def engine_backward(scalar: torch.Tensor, boundary: bool | None) -> None:
+        boundaries.append(boundary)
+        for total, grad in zip(engine_sum, torch.autograd.grad(scalar * loss_scale, params)):
+            total.add_(grad)
+
+    pred_w, pred_l = model(x_w), model(x_l)
+    _, cot_w, cot_l = branch_cotangents(loss_of, pred_w, pred_l)
+    branches = EngineBranchGradients(params, engine_backward, lambda: torch.tensor(loss_scale))
+    sq = branches.backward_winner(pred_w, cot_w)
+    cross = branches.backward_loser(pred_l, cot_l)
+    lam = parameter_space_lambda(sq, -cross, mu=0.5)
+    branches.combine(lam)
+
+    assert boundaries == [False, None]  # inside the micro-batch, then the caller's boundary and step
+    assert all(p.grad is None for p in params)  # everything went through the engine
+    assert lam.item() == pytest.approx(float64_lambda(list(g_w), list(h_l), 0.5), rel=1e-5)
+    for total, e, w, h in zip(engine_sum, earlier, g_w, h_l):
+        torch.testing.assert_close(total, e + loss_scale * (w + lam * h), rtol=1e-5, atol=1e-6 * loss_scale)
 
 
 def test_splitter_refuses_a_loser_gradient_delivered_in_pieces():
@@ -249,10 +289,14 @@ def test_bf16_autocast_runs_and_keeps_float32_gradients(make_trainer):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
 
 
-def test_engines_that_own_the_gradients_are_refused_with_the_alternatives(make_trainer):
+def test_zero3_and_fsdp_are_refused_with_the_alternatives_and_zero_1_2_accepted(make_trainer, monkeypatch):
     trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter")
     trainer.is_deepspeed_enabled = True
-    with pytest.raises(ValueError, match="DeepSpeed.*multi_gpu.yaml.*safeguard_space='output'"):
+    for stage in (1, 2):
+        monkeypatch.setattr("trl_diffusion_sdpo.trainer.zero_stage", lambda accelerator, stage=stage: stage)
+        trainer._check_parameter_space_engine()  # no error: the engine path runs it
+    monkeypatch.setattr("trl_diffusion_sdpo.trainer.zero_stage", lambda accelerator: 3)
+    with pytest.raises(ValueError, match="ZeRO-3.*deepspeed_zero2.yaml.*multi_gpu.yaml.*safeguard_space='output'"):
         trainer._check_parameter_space_engine()
     trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = False, True
     with pytest.raises(ValueError, match="FSDP"):

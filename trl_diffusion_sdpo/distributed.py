@@ -29,6 +29,7 @@ __all__ = [
     "all_reduce_mean_",
     "all_reduce_sum",
     "check_not_partitioned",
+    "engine_loss_scale",
     "gather_zero3_state_dict",
     "is_partitioned",
     "load_pipeline",
@@ -169,3 +170,13 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor], bucket_elements: int = 1 <
         bucket.append(tensor)
         size += tensor.numel()
     flush()
+
+
+def engine_loss_scale(engine) -> torch.Tensor:
+    """What DeepSpeed's ``engine.backward`` multiplies a loss by besides the accumulation average: its fp16 loss
+    scale (dynamic or static), 1 under bf16 and fp32. A device scalar, read without a host sync."""
+    device = next(engine.module.parameters()).device
+    probe = torch.ones((), device=device, requires_grad=True) * 1.0  # a loss-like scalar: DeepSpeed scales only these
+    scale_if_loss = getattr(engine.optimizer, "scale_if_loss", None)
+    scaled = scale_if_loss(probe) if scale_if_loss is not None else probe
+    return scaled.detach().float()

@@ -38,6 +38,7 @@ from .distributed import (
     all_reduce_mean_,
     all_reduce_sum,
     check_not_partitioned,
+    engine_loss_scale,
     gather_zero3_state_dict,
     load_pipeline,
     reference_inference_engine,
@@ -62,7 +63,7 @@ from .objectives import (
 )
 from .reference import Reference, build_reference
 from .step.batch import EncodedBatch, drop_prompts, encode_batch, fixed_time_ids
-from .step.branches import BranchGradientSplitter, branch_cotangents
+from .step.branches import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
 from .step.draws import keyed_generator, rank_rows
 from .step.guard import NonFiniteLossGuard
 from .step.noising import NoisedPair, noise_pairs, sample_pair_noise, training_scheduler
@@ -291,7 +292,7 @@ class DiffusionSDPOTrainer(Trainer):
         self._last_inputs: dict[str, dict] = {}  # per mode, for a micro-batch whose rows were all invalid
         # The parameter-space safeguard's per-branch backward passes (one extra gradient-sized buffer, allocated at
         # the first such step).
-        self._splitter: BranchGradientSplitter | None = None
+        self._splitter: BranchGradientSplitter | EngineBranchGradients | None = None
         if args.safeguard and args.safeguard_space == "parameter":
             self._check_parameter_space_engine()
         logger.info("Train data: %s", self.train_data_report.summary())
@@ -299,20 +300,37 @@ class DiffusionSDPOTrainer(Trainer):
     # ------------------------------------------------------------------ setup
 
     def _check_parameter_space_engine(self) -> None:
-        """The parameter-space safeguard reads and rewrites ``.grad`` between two backward passes; engines that own
-        the gradients (DeepSpeed, FSDP) are refused here, before any step."""
-        if self.is_deepspeed_enabled:
+        """The parameter-space safeguard runs its own per-branch backward passes; engines whose gradients it cannot
+        separate (DeepSpeed ZeRO-3, FSDP) are refused here, before any step."""
+        if self.is_deepspeed_enabled and zero_stage(self.accelerator) == 3:
             raise ValueError(
-                "safeguard_space='parameter' is not supported under DeepSpeed: ZeRO reduces and partitions gradients "
-                "inside its own backward, where the per-branch passes cannot be separated. Use DDP "
-                "(examples/accelerate_configs/multi_gpu.yaml) with safeguard_space='parameter', or keep DeepSpeed "
-                "with safeguard_space='output' (the authors' rule)."
+                "safeguard_space='parameter' is not supported under DeepSpeed ZeRO-3: the weights are partitioned, so "
+                "the per-branch gradients are never whole on one process. Use ZeRO-1 or ZeRO-2 "
+                "(examples/accelerate_configs/deepspeed_zero2.yaml) or DDP (multi_gpu.yaml) with "
+                "safeguard_space='parameter', or keep ZeRO-3 with safeguard_space='output' (the authors' rule)."
             )
         if self.is_fsdp_enabled:
             raise ValueError(
-                "safeguard_space='parameter' is not supported under FSDP (sharded gradients); use DDP with "
-                "safeguard_space='parameter', or FSDP with safeguard_space='output'."
+                "safeguard_space='parameter' is not supported under FSDP (sharded gradients); use DDP or DeepSpeed "
+                "ZeRO-1/2 with safeguard_space='parameter', or FSDP with safeguard_space='output'."
             )
+
+    def _branch_gradients(self, policy: torch.nn.Module) -> BranchGradientSplitter | EngineBranchGradients:
+        """The per-branch backward machinery: on the ``.grad`` fields, or through DeepSpeed's engine (ZeRO-1/2),
+        which owns the accumulated, reduced gradient."""
+        trainable = trainable_parameters(policy)
+        if not self.is_deepspeed_enabled:
+            return BranchGradientSplitter(trainable)
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+
+        def engine_backward(scalar: torch.Tensor, boundary: bool | None) -> None:
+            if boundary is None:  # the micro-batch's last pass: accelerate sets the boundary and steps the engine
+                self.accelerator.backward(scalar, scale_wrt_gas=False)
+            else:
+                engine.set_gradient_accumulation_boundary(boundary)
+                engine.backward(scalar, scale_wrt_gas=False)
+
+        return EngineBranchGradients(trainable, engine_backward, lambda: engine_loss_scale(engine))
 
     def _policy_unet(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.pipeline.unet
@@ -436,7 +454,7 @@ class DiffusionSDPOTrainer(Trainer):
         policy = self.accelerator.unwrap_model(model)  # the branches bypass DDP's hooks; reduced once below
         if self._splitter is None:
             self._check_parameter_space_engine()
-            self._splitter = BranchGradientSplitter(trainable_parameters(policy))
+            self._splitter = self._branch_gradients(policy)
         with self.compute_loss_context_manager():
             predictions = self._predict(policy, inputs, "train", separate_branches=True)
         pair_weights = inputs.get("pair_weights")
@@ -461,7 +479,7 @@ class DiffusionSDPOTrainer(Trainer):
             cross = all_reduce_sum(cross) / self.accelerator.num_processes
         lam = parameter_space_lambda(winner_sq, -cross, self.args.safeguard_mu, self.args.safeguard_max_lambda)
         self._splitter.combine(lam)
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients and not self.is_deepspeed_enabled:
             all_reduce_mean_([p.grad if p.grad is not None else p.new_zeros(p.shape) for p in self._trainable])
         if replay:
             return torch.zeros((), device=loss.device)

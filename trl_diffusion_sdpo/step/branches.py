@@ -21,6 +21,13 @@ When the micro-batch starts from empty gradients (no accumulation, or the first 
 winner's gradient stays local, no hook is needed: the winner's gradient is copied into the buffer after its pass, the
 loser's accumulates on top of it, ``h_l = .grad - buffer`` and the result is ``buffer + lambda * (.grad - buffer)``.
 Hooks cost a Python call per parameter and pass, which shows on small models.
+
+When an engine owns the accumulated gradient (DeepSpeed ZeRO-1/2 reduce it into their own partitions, and ZeRO-2
+frees ``.grad`` as it goes), :class:`EngineBranchGradients` uses the engine as the second store instead of ``.grad``:
+the winner pass is an ordinary engine backward (the engine adds ``g_w`` to its sum, a hook copies this process's
+``g_w`` into the buffer); the loser pass is ``torch.autograd.grad`` (the engine sees nothing) streaming ``<g_w, h>``
+and the buffer is overwritten by ``h``; a last engine backward of ``lambda * <w, buffer>``, whose gradient is
+``lambda * h_l``, hands the engine the loser's share. The engine's sum becomes ``A + g_w + lambda * h_l``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["BranchGradientSplitter", "branch_cotangents"]
+__all__ = ["BranchGradientSplitter", "EngineBranchGradients", "branch_cotangents"]
 
 
 def branch_cotangents(
@@ -167,3 +174,94 @@ class BranchGradientSplitter:
                 if coefficient is None:  # a device scalar: no host sync, no temporary copy of the buffer
                     coefficient = (lam.detach() - 1.0).to(device=p.grad.device, dtype=p.grad.dtype)
                 p.grad.addcmul_(buffer, coefficient)
+
+
+class EngineBranchGradients:
+    """Per-branch passes when an engine owns the accumulated gradients (DeepSpeed ZeRO-1/2), one local buffer.
+
+    ``engine_backward(scalar, boundary)`` runs the engine's backward of ``scalar`` (``boundary=False``: a pass inside
+    the micro-batch, no optimizer step; ``boundary=None``: the micro-batch's last pass, whose boundary and step are
+    the caller's). ``loss_scale`` is what the engine multiplies a loss by before its backward (an fp16 loss scale;
+    1 otherwise), so that the loser's gradients, taken outside the engine, are in the same units as the winner's.
+    Use once per micro-batch: :meth:`backward_winner`, :meth:`backward_loser`, :meth:`combine`.
+    """
+
+    def __init__(
+        self,
+        parameters: Sequence[torch.nn.Parameter],
+        engine_backward: Callable[[torch.Tensor, bool | None], None],
+        loss_scale: Callable[[], torch.Tensor],
+    ) -> None:
+        self.parameters = list(parameters)
+        self._engine_backward = engine_backward
+        self._loss_scale = loss_scale
+        self._buffers: list[torch.Tensor] | None = None
+        self._scale = torch.ones(())
+
+    def _ensure_buffers(self) -> list[torch.Tensor]:
+        if self._buffers is None:
+            self._buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
+        return self._buffers
+
+    def backward_winner(
+        self,
+        outputs: torch.Tensor,
+        cotangents: torch.Tensor,
+        reduce_winner: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> torch.Tensor:
+        """The engine's backward of ``<outputs, cotangents>``; returns ``<g_w, g_w>`` (float32) of the buffered
+        ``g_w``: this process's gradient as the engine received it, after ``reduce_winner`` if given."""
+        buffers = self._ensure_buffers()
+        torch._foreach_zero_(buffers)
+        self._scale = self._loss_scale().detach().to(device=cotangents.device, dtype=torch.float32)
+
+        def copy(i: int, grad: torch.Tensor) -> None:
+            buffers[i].add_(grad.detach())  # add, not copy: harmless if a gradient arrives in pieces
+
+        handles = [p.register_hook(lambda grad, i=i: copy(i, grad)) for i, p in enumerate(self.parameters)]
+        try:
+            self._engine_backward((outputs * cotangents.detach()).sum(), False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if reduce_winner is not None:
+            reduce_winner(buffers)
+        norms = torch._foreach_norm([b.float() if b.dtype != torch.float32 else b for b in buffers])
+        return torch.stack(norms).pow(2).sum() if norms else torch.zeros(())
+
+    def backward_loser(self, outputs: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
+        """``torch.autograd.grad`` of ``<outputs, cotangents>`` (scaled as the engine scales), outside the engine;
+        returns ``<g_w, h_l>`` (float32) and leaves ``h_l`` in the buffer."""
+        buffers = self._ensure_buffers()
+        seen = [False] * len(self.parameters)
+        dots: list[torch.Tensor] = []
+
+        def stream(i: int, grad: torch.Tensor) -> torch.Tensor:
+            if seen[i]:
+                raise RuntimeError(
+                    "A trainable weight received its loser-branch gradient in several pieces, which the "
+                    "parameter-space safeguard cannot stream; use non-reentrant gradient checkpointing."
+                )
+            seen[i] = True
+            dots.append(torch.dot(buffers[i].reshape(-1).float(), grad.detach().reshape(-1).float()))
+            buffers[i].copy_(grad)
+            return grad.new_zeros(()).expand_as(grad)  # autograd.grad returns this: no second gradient-sized copy
+
+        handles = [p.register_hook(lambda grad, i=i: stream(i, grad)) for i, p in enumerate(self.parameters)]
+        try:
+            torch.autograd.grad(outputs, self.parameters, cotangents * self._scale.to(cotangents), allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for i, was_seen in enumerate(seen):
+            if not was_seen:
+                buffers[i].zero_()
+        return torch.stack(dots).sum() if dots else torch.zeros(())
+
+    def combine(self, lam: torch.Tensor) -> None:
+        """The engine's backward of ``lambda / scale * sum_i <w_i, h_i>``: its gradient ``lambda * h_l`` joins the
+        engine's sum; this pass closes the micro-batch (boundary and optimizer step as the caller's engine decides)."""
+        buffers = self._ensure_buffers()
+        weight = (lam.detach().float() / self._scale).to(buffers[0].device)
+        surrogate = sum(torch.dot(p.reshape(-1), b.reshape(-1).to(p.dtype)) for p, b in zip(self.parameters, buffers))
+        self._engine_backward(surrogate * weight.to(surrogate.dtype), None)
