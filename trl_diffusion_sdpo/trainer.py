@@ -53,6 +53,7 @@ from .io.saving import (
     save_lora_adapters,
     unet_has_lora,
 )
+from .io.trackers import make_config_trackable
 from .objectives import (
     DenoisingErrors,
     ObjectiveOutput,
@@ -253,6 +254,7 @@ class DiffusionSDPOTrainer(Trainer):
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
+        make_config_trackable(unet)  # report_to trackers read model.config as a transformers config
         self.add_callback(NonFiniteLossGuard(self))
         if args.validation_prompts:
             if zero_stage(self.accelerator) == 3:
