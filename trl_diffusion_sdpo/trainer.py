@@ -340,6 +340,7 @@ class DiffusionSDPOTrainer(Trainer):
                 device=args.device,
                 batch_size=max(args.per_device_train_batch_size, 1),
                 split=split,
+                progress=not args.disable_tqdm,
             )
 
     def _place_frozen_modules(self) -> None:
