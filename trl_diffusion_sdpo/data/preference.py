@@ -604,9 +604,14 @@ class PreferenceCollator:
 
 
 def load_preference_dataset(
-    name_or_path: str, split: str = "train", streaming: bool = False, max_rows: int | None = None
+    name_or_path: str,
+    split: str = "train",
+    streaming: bool = False,
+    max_rows: int | None = None,
+    config_name: str | None = None,
 ) -> Dataset | IterableDataset:
-    """Load a preference dataset from the Hub, a local data folder, or a folder written by ``save_to_disk``."""
+    """Load a preference dataset from the Hub, a local data folder, or a folder written by ``save_to_disk``
+    (``config_name``: the dataset configuration, as ``load_dataset``'s ``name``)."""
     import os
 
     from datasets import DatasetDict, load_dataset, load_from_disk
@@ -619,7 +624,7 @@ def load_preference_dataset(
         if streaming:
             dataset = dataset.to_iterable_dataset()
     else:
-        dataset = load_dataset(name_or_path, split=split, streaming=streaming)
+        dataset = load_dataset(name_or_path, config_name, split=split, streaming=streaming)
     if max_rows is not None:
         dataset = dataset.take(max_rows) if isinstance(dataset, IterableDataset) else dataset.select(
             range(min(max_rows, len(dataset)))
