@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
@@ -106,9 +107,11 @@ class DiffusionSDPOTrainer(Trainer):
         ref_model: ``None`` (the adapter-disabled policy with LoRA, else a frozen copy of the initial UNet), or a
             separate UNet or pipeline.
         args: a :class:`DiffusionSDPOConfig`.
-        train_dataset, eval_dataset: preference datasets in Pick-a-Pic or TRL form (see :mod:`.data`).
+        train_dataset: a preference dataset in Pick-a-Pic or TRL form (see :mod:`.data`).
+        eval_dataset: an optional preference dataset in the same forms.
         peft_config: a ``peft.LoraConfig`` to train LoRA adapters on the UNet instead of all its weights.
-        callbacks, optimizers: as for ``transformers.Trainer``.
+        callbacks: as for ``transformers.Trainer``.
+        optimizers: as for ``transformers.Trainer``.
         reward_fn: ``loss_type="smpo"`` only: ``reward_fn(images: list[PIL.Image.Image], prompts: list[str]) ->
             Sequence[float] | torch.Tensor``, one score per image (e.g. PickScore). When a dataset lacks the score
             columns (``score_0_column``, ``score_1_column``), both images of every row are scored with it before
@@ -128,8 +131,8 @@ class DiffusionSDPOTrainer(Trainer):
         model: DiffusionPipeline | str,
         ref_model: torch.nn.Module | DiffusionPipeline | None = None,
         args: DiffusionSDPOConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | None = None,
         *,
         peft_config: LoraConfig | None = None,
         callbacks: list[TrainerCallback] | None = None,
