@@ -87,7 +87,13 @@ TRACKERS = {
 }
 
 
-@pytest.mark.parametrize("tracker", sorted(TRACKERS))
+# MLflow (database migrations) and W&B (its service process) take over 10 s each to start on 2 CPU cores.
+SLOW_TO_START = {"mlflow", "wandb"}
+
+
+@pytest.mark.parametrize(
+    "tracker", [pytest.param(t, marks=pytest.mark.slow) if t in SLOW_TO_START else t for t in sorted(TRACKERS)]
+)
 def test_report_to_tracker_records_metrics_and_the_unet_config(tracker, make_trainer, tmp_path, monkeypatch):
     package, check = TRACKERS[tracker]
     pytest.importorskip(package)

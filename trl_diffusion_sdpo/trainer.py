@@ -792,8 +792,10 @@ class DiffusionSDPOTrainer(Trainer):
             save_lora_adapters(unet, output_dir, type(self.pipeline), state_dict=state_dict or None)
         else:
             save_full_unet(unet, output_dir, state_dict=state_dict or None)
-            # The whole pipeline in the output folder, only the UNet in checkpoints (all that resuming reads).
-            if not os.path.basename(os.path.normpath(output_dir)).startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
+            # The whole pipeline in the output folder, only the UNet in checkpoints (all that resuming reads). The
+            # other components are frozen: written once.
+            is_checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+            if not is_checkpoint and not has_pipeline_components(output_dir):
                 save_pipeline_components(self.pipeline, output_dir)
         # Plain JSON instead of transformers' pickled training_args.bin; the config as given (learning_rate before
         # scale_lr), so that training again from the file does not scale it twice.
