@@ -172,14 +172,19 @@ def test_model_card_of_full_dpo_names_the_method_and_has_no_lora_tag(make_traine
 
 def test_training_config_json_keeps_the_learning_rate_as_given_so_scale_lr_applies_once(make_trainer, tmp_path):
     trainer = make_trainer(
-        max_steps=1, learning_rate=1e-3, scale_lr=True, gradient_accumulation_steps=2, output_dir=str(tmp_path / "o")
+        max_steps=1,
+        learning_rate=1e-3,
+        scale_lr=True,
+        gradient_accumulation_steps=2,
+        hub_token="secret",
+        output_dir=str(tmp_path / "o"),
     )
     assert trainer.args.learning_rate == pytest.approx(1e-3 * 2 * 2)  # batch 2 x accumulation 2 x 1 process
     trainer.save_model()
     with open(tmp_path / "o" / "training_config.json") as f:
         config = json.load(f)
     assert config["learning_rate"] == 1e-3 and config["scale_lr"] is True
-    assert config["hub_token"] != "secret"
+    assert config["hub_token"] != "secret"  # masked, as transformers does
 
 
 def test_full_save_model_writes_a_whole_pipeline_that_diffusion_pipeline_loads_and_runs(
