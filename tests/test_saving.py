@@ -287,3 +287,15 @@ def test_model_card_follows_trl_and_diffusers_conventions(make_trainer, tmp_path
     meta = card_metadata((tmp_path / "card" / "README.md").read_text())
     assert meta["base_model"] == "org/base-model" and meta["license"] == "creativeml-openrail-m"
     assert meta["datasets"] == ["yuvalkirstain/pickapic_v2"]
+
+
+def test_model_card_shows_the_validation_grid_and_a_hub_widget():
+    card = hub.build_model_card(
+        base_model="org/base", is_lora=True, method="Diffusion-SDPO", hyperparameters={}, tags=[],
+        model_family="stable-diffusion", model_name="m", sample_grid="validation/step-000020.png",
+        sample_prompt="a red square",
+    )
+    meta = card_metadata(str(card))
+    assert meta["widget"] == [{"text": "a red square", "output": {"url": "validation/step-000020.png"}}]
+    assert "![validation samples](validation/step-000020.png)" in str(card) and "at step 20" in str(card)
+    assert 'pipe.load_lora_weights("<this repo>")' in str(card)  # no hub_model_id given

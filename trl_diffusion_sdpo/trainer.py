@@ -865,6 +865,7 @@ class DiffusionSDPOTrainer(Trainer):
             dataset_name=card_args.get("dataset_name"),
             license=card_args.get("license"),
             sample_grid=self._last_validation_grid(),
+            sample_prompt=(args.validation_prompts or [None])[0],
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))

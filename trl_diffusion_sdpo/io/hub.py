@@ -186,10 +186,12 @@ def build_model_card(
     dataset_name: str | None = None,
     license: str | None = None,
     sample_grid: str | None = None,
+    sample_prompt: str | None = None,
 ) -> ModelCard:
     """A model card in TRL's and diffusers' shape: metadata (``base_model`` only when it is a Hub id, ``datasets``,
     ``license``, tags), method, usage under ``hub_model_id``, the last validation grid (``sample_grid``, a path
-    relative to the card), key hyperparameters, framework versions and the papers and TRL to cite."""
+    relative to the card; with ``sample_prompt`` also the Hub's widget, as diffusers' training scripts do), key
+    hyperparameters, framework versions and the papers and TRL to cite."""
     base_model = hub_base_model(base_model)
     data = ModelCardData(
         base_model=base_model,
@@ -199,6 +201,7 @@ def build_model_card(
         model_name=model_name,
         pipeline_tag="text-to-image",
         tags=[],
+        widget=[{"text": sample_prompt, "output": {"url": sample_grid}}] if sample_grid and sample_prompt else None,
     )
     card = ModelCard.from_template(
         data,
