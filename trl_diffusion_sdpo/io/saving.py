@@ -30,6 +30,7 @@ __all__ = [
     "UNET_SUBFOLDER",
     "TRAINING_CONFIG_NAME",
     "copy_saved_model",
+    "has_pipeline_components",
     "has_saved_weights",
     "load_full_unet",
     "load_lora_adapters",
