@@ -66,7 +66,8 @@ def train(paths: dict[str, Path], workdir: Path, steps: int, space: str) -> dict
     output_dir = workdir / f"run-{space}"
     argv = [
         "--config", str(ROOT / "examples" / "configs" / "sd15_full.yaml"),
-        "--model_name_or_path", str(paths["base"]), "--dataset_name", str(paths["data"]), "--streaming", "false",
+        "--model_name_or_path", str(paths["base"]), "--dataset_name", str(paths["data"]),
+        "--dataset_streaming", "false",
         "--output_dir", str(output_dir), "--max_steps", str(steps), "--gradient_accumulation_steps", "1",
         "--warmup_steps", "0", "--logging_steps", str(max(steps // 3, 1)), "--save_steps", str(steps),
         "--report_to", "none", "--safeguard_space", space, "--dataloader_num_workers", "4",

@@ -68,7 +68,8 @@ def run(assets, name: str, config: str | None, lora: bool, *extra: str, processe
         "--per_device_train_batch_size", str(GLOBAL_BATCH // processes), "--learning_rate", "1e-3",
         "--scale_lr", "false", "--warmup_steps", "0", "--logging_steps", "1", "--report_to", "none",
         "--save_strategy", "no", "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
-        "--safeguard_scope", "global", "--lora_rank", "4", "--lora" if lora else "--no_lora", *extra,
+        "--safeguard_scope", "global",
+        *(["--use_peft", "--lora_r", "4", "--lora_alpha", "4", "--lora_dropout", "0"] if lora else []), *extra,
     ]
     if config is None:
         command = [sys.executable, *script]
@@ -362,7 +363,8 @@ def test_parameter_space_under_zero3_is_refused_before_training(assets):
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
         str(ROOT / "examples" / "train_sd15.py"), "--model_name_or_path", str(assets["pipeline"]),
         "--dataset_name", str(assets["data"]), "--output_dir", str(out), "--resolution", "32", "--max_steps", "1",
-        "--per_device_train_batch_size", "1", "--report_to", "none", "--save_strategy", "no", *PARAMETER,
+        "--per_device_train_batch_size", "1", "--report_to", "none", "--save_strategy", "no", "--use_peft",
+        *PARAMETER,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

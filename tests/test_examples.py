@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
+from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+from trl_diffusion_sdpo.cli import main as cli_main
+from trl_diffusion_sdpo.scripts.train import main as train_main
+from trl_diffusion_sdpo.scripts.train import parse_args
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import train_sd15  # noqa: E402
+import train_sdxl  # noqa: E402
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
@@ -28,10 +37,7 @@ def _png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture
-def local_pipeline_and_data(tmp_path: Path) -> tuple[str, str]:
-    pipe_dir, data_dir = tmp_path / "pipe", tmp_path / "pairs"
-    build_tiny_sd_pipeline(seed=0).save_pretrained(pipe_dir)
+def _save_pairs(data_dir: Path) -> str:
     rng = np.random.default_rng(0)
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
     for i in range(6):
@@ -40,39 +46,102 @@ def local_pipeline_and_data(tmp_path: Path) -> tuple[str, str]:
         rows["jpg_1"].append(_png(tuple(int(c) for c in rng.integers(0, 255, 3)), (36, 48)))
         rows["label_0"].append(float(i % 2))
     Dataset.from_dict(rows).save_to_disk(str(data_dir))
-    return str(pipe_dir), str(data_dir)
+    return str(data_dir)
 
 
-def test_sd15_yaml_config_parses_into_diffusion_sdpo_config() -> None:
-    script_args, config = train_sd15.parse_args(
-        ["--config", str(EXAMPLES / "configs" / "sd15_lora.yaml"), "--output_dir", "/tmp/unused", "--beta", "2500",
-         "--use_cpu"]
+@pytest.fixture
+def local_pipeline_and_data(tmp_path: Path) -> tuple[str, str]:
+    pipe_dir = tmp_path / "pipe"
+    build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok")).save_pretrained(pipe_dir)
+    return str(pipe_dir), _save_pairs(tmp_path / "pairs")
+
+
+CONFIGS = sorted((EXAMPLES / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_parses_for_the_train_command(config_path: Path) -> None:
+    script_args, config, model_args, diffusion_args = parse_args(
+        ["--config", str(config_path), "--output_dir", "/tmp/unused", "--beta", "2500", "--use_cpu", "--bf16", "false"]
     )
-    assert isinstance(config, DiffusionSDPOConfig)
-    assert config.beta == 2500  # command line overrides the YAML file
-    assert config.safeguard and config.safeguard_mu == 0.9
-    assert script_args.lora and script_args.lora_rank == 16
-    assert script_args.model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert isinstance(script_args, ScriptArguments) and isinstance(model_args, ModelConfig)
+    assert isinstance(config, DiffusionSDPOConfig) and config.beta == 2500  # flags override the YAML file
+    assert config.safeguard and config.safeguard_mu == (0.6 if config_path.stem.startswith("sdxl") else 0.9)
+    assert script_args.dataset_name == "yuvalkirstain/pickapic_v2" and script_args.dataset_streaming
+    assert model_args.use_peft is config_path.stem.endswith("lora")
+    peft_config = get_peft_config(model_args)
+    if model_args.use_peft:
+        assert peft_config.r == peft_config.lora_alpha == 16 and peft_config.lora_dropout == 0.0
+    else:
+        assert peft_config is None
+    assert diffusion_args.max_train_rows is None
 
 
-@pytest.mark.parametrize("lora_flag", ["--lora", "--no_lora"])
-def test_sd15_example_trains_and_saves_from_local_folders(local_pipeline_and_data, tmp_path: Path, lora_flag) -> None:
+def test_train_help_comes_from_the_field_docs(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: trl-diffusion-sdpo train" in out
+    for flag in ("--safeguard_mu", "--use_peft", "--lora_r", "--dtype", "--dataset_streaming", "--vae_name_or_path"):
+        assert flag in out
+    assert "Safeguard margin mu" in out  # DiffusionSDPOConfig's help metadata
+
+
+def test_model_config_options_for_language_models_are_refused(local_pipeline_and_data, tmp_path: Path) -> None:
     pipe_dir, data_dir = local_pipeline_and_data
+    with pytest.raises(ValueError, match="load_in_4bit"):
+        train_main(["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path),
+                    "--load_in_4bit"])
+
+
+FAST = ["--resolution", "32", "--per_device_train_batch_size", "2", "--max_steps", "2", "--learning_rate", "1e-4",
+        "--scale_lr", "false", "--warmup_steps", "0", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1",
+        "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--bf16", "false"]
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("use_peft", [True, False], ids=["lora", "full"])
+def test_train_command_trains_and_saves_from_local_folders(tmp_path: Path, family, use_peft) -> None:
+    """``trl-diffusion-sdpo train`` (main(argv)) from a saved tiny pipeline and a saved dataset, per family."""
+    pipe_dir = tmp_path / "pipe"
+    build = build_tiny_sd_pipeline if family == "sd" else build_tiny_sdxl_pipeline
+    build(seed=0, tokenizer_dir=str(tmp_path / "tok")).save_pretrained(pipe_dir)
+    data_dir = _save_pairs(tmp_path / "pairs")
     out = tmp_path / "out"
-    trainer = train_sd15.main(
-        [
-            "--model_name_or_path", pipe_dir, "--dataset_name", data_dir, lora_flag, "--lora_rank", "4",
-            "--output_dir", str(out), "--resolution", "32", "--per_device_train_batch_size", "2",
-            "--max_steps", "2", "--learning_rate", "1e-4", "--no_scale_lr", "--warmup_steps", "0",
-            "--use_cpu", "--save_strategy", "no", "--logging_steps", "1",
-        ]
-    )
-    assert trainer.state.global_step == 2
-    if lora_flag == "--lora":
+    peft = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"] if use_peft else []
+    argv = ["train", "--model_name_or_path", str(pipe_dir), "--dataset_name", data_dir, "--output_dir", str(out),
+            *peft, *FAST]
+    assert cli_main(argv) == 0
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
+    if use_peft:
         weights = load_file(out / "pytorch_lora_weights.safetensors")
         assert weights and all(k.startswith("unet.") for k in weights)
+        pipe.load_lora_weights(str(out))  # lora_alpha 8 from the adapter metadata
+        assert pipe.unet.peft_config["default_0"].lora_alpha == 8
     else:
-        assert os.path.isfile(out / "unet" / "diffusion_pytorch_model.safetensors")
+        tuned = DiffusionPipeline.from_pretrained(out)  # a whole pipeline
+        assert type(tuned) is type(pipe)
+        before, after = pipe.unet.state_dict(), tuned.unet.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["learning_rate"] == 1e-4 and config["max_steps"] == 2
+
+
+@pytest.mark.slow
+def test_train_command_runs_as_a_console_script(local_pipeline_and_data, tmp_path: Path) -> None:
+    pipe_dir, data_dir = local_pipeline_and_data
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "trl_diffusion_sdpo", "train", "--model_name_or_path", pipe_dir,
+               "--dataset_name", data_dir, "--output_dir", str(out), "--use_peft", "--lora_r", "4", *FAST]
+    env = dict(os.environ, PYTHONPATH=str(EXAMPLES.parent), OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_example_wrappers_are_the_train_command() -> None:
+    assert train_sd15.main is train_main and train_sdxl.main is train_main
 
 
 def test_quickstart_trains_saves_and_reloads(tmp_path: Path) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import Future
 
 import pytest
 import torch
 import yaml
 from conftest import changed_keys, snapshot
-from diffusers import UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from huggingface_hub.utils import filter_repo_objects
 
 import trl_diffusion_sdpo.io.hub as hub
 from trl_diffusion_sdpo.io.saving import LORA_WEIGHTS_NAME
@@ -83,8 +85,9 @@ def test_output_dir_holds_safetensors_and_json_but_no_pickles(make_trainer, tmp_
 
 def test_checkpoint_weights_are_the_same_files_a_user_loads(make_pipeline, make_trainer, tmp_path):
     pipe = make_pipeline(seed=0)
-    trainer = make_trainer(pipeline=pipe, max_steps=2, save_strategy="steps", save_steps=2,
-                           output_dir=str(tmp_path / "run"))
+    trainer = make_trainer(
+        pipeline=pipe, max_steps=2, save_strategy="steps", save_steps=2, output_dir=str(tmp_path / "run")
+    )
     trainer.train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
     fresh = make_pipeline(seed=0)
@@ -111,9 +114,15 @@ class FakeHfApi:
     def upload_folder(self, **kwargs):
         self.calls.append(("upload_folder", kwargs))
         folder = kwargs["folder_path"]
-        for name in files_under(folder):
+        prefix = kwargs.get("path_in_repo") or ""
+        names = filter_repo_objects(files_under(folder), ignore_patterns=kwargs.get("ignore_patterns"))
+        for name in names:  # what huggingface_hub would upload, as it was at the time of the call
             with open(os.path.join(folder, name), "rb") as f:
-                self.uploaded[name] = f.read()
+                self.uploaded[os.path.join(prefix, name)] = f.read()
+        if kwargs.get("run_as_future"):
+            future: Future = Future()
+            future.set_result("commit-url")
+            return future
         return "commit-url"
 
 
@@ -144,7 +153,7 @@ def test_push_to_hub_uploads_weights_and_a_model_card(make_trainer, tmp_path, mo
         assert tag in tags
     assert "Diffusion-SDPO" in readme
     assert "`beta` | `2500.0`" in readme
-    assert "2311.12908" in readme and "2511.03317" in readme
+    assert "2311.12908" in readme and "2511.03317" in readme and "vonwerra2020trl" in readme
 
 
 def test_model_card_of_full_dpo_names_the_method_and_has_no_lora_tag(make_trainer, tmp_path, monkeypatch):
@@ -159,3 +168,134 @@ def test_model_card_of_full_dpo_names_the_method_and_has_no_lora_tag(make_traine
     assert "lora" not in card_metadata(readme)["tags"]
     assert "Diffusion-DPO" in readme and "Diffusion-SDPO fine-tune" not in readme
     assert any(name.startswith("unet/") and name.endswith(".safetensors") for name in api.uploaded)
+
+
+def test_training_config_json_keeps_the_learning_rate_as_given_so_scale_lr_applies_once(make_trainer, tmp_path):
+    trainer = make_trainer(
+        max_steps=1,
+        learning_rate=1e-3,
+        scale_lr=True,
+        gradient_accumulation_steps=2,
+        hub_token="secret",
+        output_dir=str(tmp_path / "o"),
+    )
+    assert trainer.args.learning_rate == pytest.approx(1e-3 * 2 * 2)  # batch 2 x accumulation 2 x 1 process
+    trainer.save_model()
+    with open(tmp_path / "o" / "training_config.json") as f:
+        config = json.load(f)
+    assert config["learning_rate"] == 1e-3 and config["scale_lr"] is True
+    assert config["hub_token"] != "secret"  # masked, as transformers does
+
+
+def test_full_save_model_writes_a_whole_pipeline_that_diffusion_pipeline_loads_and_runs(
+    make_pipeline, make_trainer, tmp_path
+):
+    pipe = make_pipeline(seed=0)
+    trainer = make_trainer(pipeline=pipe, lora=False, max_steps=1, output_dir=str(tmp_path / "full"))
+    trainer.train()
+    trainer.save_model()
+    loaded = DiffusionPipeline.from_pretrained(str(tmp_path / "full"))
+    assert type(loaded) is type(pipe)
+    assert not changed_keys(snapshot(pipe.unet), snapshot(loaded.unet))
+    image = loaded("a red square", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and torch.isfinite(torch.as_tensor(image)).all()
+    assert not [f for f in files_under(tmp_path / "full") if f.endswith(PICKLE_SUFFIXES)]
+
+
+def test_full_checkpoints_hold_only_the_unet(make_trainer, tmp_path):
+    trainer = make_trainer(
+        lora=False, max_steps=1, save_strategy="steps", save_steps=1, output_dir=str(tmp_path / "r")
+    )
+    trainer.train()
+    checkpoint = files_under(tmp_path / "r" / "checkpoint-1")
+    assert any(f.startswith("unet/") for f in checkpoint)
+    assert not any(f.startswith(("vae/", "text_encoder/")) or f == "model_index.json" for f in checkpoint)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_every_save_pushes_carry_the_weights_and_never_training_args_bin(make_trainer, tmp_path, monkeypatch, lora):
+    FakeHfApi.instances.clear()
+    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    trainer = make_trainer(
+        lora=lora,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        push_to_hub=True,
+        hub_strategy="every_save",
+        hub_model_id="someone/tiny",
+        output_dir=str(tmp_path / "run"),
+    )
+    trainer.train()
+    trainer.push_to_hub()
+    uploads = [(api, kwargs) for api in FakeHfApi.instances for name, kwargs in api.calls if name == "upload_folder"]
+    assert len(uploads) == 3  # checkpoint-1, checkpoint-2, the final push
+    for api, _ in uploads:
+        assert "training_args.bin" not in api.uploaded
+        assert not [f for f in api.uploaded if f.endswith(PICKLE_SUFFIXES)]
+        assert "README.md" in api.uploaded and "training_config.json" in api.uploaded
+        if lora:
+            assert LORA_WEIGHTS_NAME in api.uploaded
+        else:
+            assert "model_index.json" in api.uploaded
+            assert any(f.startswith("unet/") and f.endswith(".safetensors") for f in api.uploaded)
+            assert any(f.startswith("vae/") and f.endswith(".safetensors") for f in api.uploaded)
+    assert {kwargs["repo_id"] for _, kwargs in uploads} == {"someone/tiny"}
+    assert [kwargs["commit_message"] for _, kwargs in uploads][:2] == [
+        "Training in progress, step 1",
+        "Training in progress, step 2",
+    ]
+
+
+def test_hub_strategy_checkpoint_pushes_the_checkpoint_without_pickled_arguments(make_trainer, tmp_path, monkeypatch):
+    FakeHfApi.instances.clear()
+    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    trainer = make_trainer(
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        push_to_hub=True,
+        hub_strategy="checkpoint",
+        hub_model_id="someone/tiny",
+        output_dir=str(tmp_path / "run"),
+    )
+    trainer.train()
+    uploaded = {name for api in FakeHfApi.instances for name in api.uploaded}
+    assert f"last-checkpoint/{LORA_WEIGHTS_NAME}" in uploaded and LORA_WEIGHTS_NAME in uploaded
+    assert "last-checkpoint/trainer_state.json" in uploaded
+    assert not [name for name in uploaded if name.endswith("training_args.bin")]
+
+
+def test_model_card_follows_trl_and_diffusers_conventions(make_trainer, tmp_path, monkeypatch):
+    trainer = make_trainer(max_steps=1, output_dir=str(tmp_path / "card"), hub_model_id="someone/sdpo-lora")
+    trainer.base_model_name = str(tmp_path)  # a local folder: no base_model in the metadata, as TRL
+    trainer.create_model_card(model_name="My SDPO", dataset_name="yuvalkirstain/pickapic_v2", tags=["extra"])
+    readme = (tmp_path / "card" / "README.md").read_text()
+    meta = card_metadata(readme)
+    assert "base_model" not in meta
+    assert meta["datasets"] == ["yuvalkirstain/pickapic_v2"] and meta["license"] == "other"
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
+    assert meta["model_name"] == "My SDPO" and "extra" in meta["tags"] and "lora" in meta["tags"]
+    assert "# My SDPO" in readme
+    assert 'pipe.load_lora_weights("someone/sdpo-lora")' in readme and "<this repo>" not in readme
+    for framework in ("TRL", "Diffusers", "Transformers", "PEFT", "PyTorch", "Datasets"):
+        assert f"- {framework}: " in readme
+    assert "vonwerra2020trl" in readme
+
+    trainer.base_model_name = "org/base-model"  # a Hub id is kept; the arguments given before are remembered
+    trainer.create_model_card(license="creativeml-openrail-m")
+    meta = card_metadata((tmp_path / "card" / "README.md").read_text())
+    assert meta["base_model"] == "org/base-model" and meta["license"] == "creativeml-openrail-m"
+    assert meta["datasets"] == ["yuvalkirstain/pickapic_v2"]
+
+
+def test_model_card_shows_the_validation_grid_and_a_hub_widget():
+    card = hub.build_model_card(
+        base_model="org/base", is_lora=True, method="Diffusion-SDPO", hyperparameters={}, tags=[],
+        model_family="stable-diffusion", model_name="m", sample_grid="validation/step-000020.png",
+        sample_prompt="a red square",
+    )
+    meta = card_metadata(str(card))
+    assert meta["widget"] == [{"text": "a red square", "output": {"url": "validation/step-000020.png"}}]
+    assert "![validation samples](validation/step-000020.png)" in str(card) and "at step 20" in str(card)
+    assert 'pipe.load_lora_weights("<this repo>")' in str(card)  # no hub_model_id given

@@ -498,11 +498,11 @@ def _import_example():
 
 def test_sdxl_yaml_configs_parse_into_the_authors_sdxl_settings() -> None:
     train_sdxl = _import_example()
-    script_args, config = train_sdxl.parse_args(
+    _, config, model_args, _ = train_sdxl.parse_args(
         ["--config", str(EXAMPLES / "configs" / "sdxl_full.yaml"), "--use_cpu", "--output_dir", "/tmp/unused"]
     )
     assert isinstance(config, DiffusionSDPOConfig)
-    assert not script_args.lora
+    assert not model_args.use_peft
     assert (config.beta, config.safeguard, config.safeguard_mu) == (5000, True, 0.6)
     assert config.optim == "adafactor" and config.gradient_checkpointing
     assert config.learning_rate == 1e-9 and config.scale_lr  # the authors' SDXL rate
@@ -510,10 +510,10 @@ def test_sdxl_yaml_configs_parse_into_the_authors_sdxl_settings() -> None:
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 8 == 2048
     assert config.resolution == 1024 and config.bf16 and config.max_steps == 2000
 
-    script_args, config = train_sdxl.parse_args(
+    _, config, model_args, _ = train_sdxl.parse_args(
         ["--config", str(EXAMPLES / "configs" / "sdxl_lora.yaml"), "--use_cpu", "--safeguard_mu", "0.5"]
     )
-    assert script_args.lora and script_args.lora_rank == 16
+    assert model_args.use_peft and model_args.lora_r == model_args.lora_alpha == 16
     assert config.safeguard_mu == 0.5  # the command line overrides the YAML file
     assert config.beta == 5000 and config.gradient_checkpointing
 
@@ -528,7 +528,7 @@ def test_sdxl_example_trains_full_unet_with_adafactor_and_checkpointing_from_loc
     trainer = train_sdxl.main(
         [
             "--config", str(EXAMPLES / "configs" / "sdxl_full.yaml"),
-            "--model_name_or_path", str(local), "--dataset_name", str(data), "--streaming", "false",
+            "--model_name_or_path", str(local), "--dataset_name", str(data), "--dataset_streaming", "false",
             "--output_dir", str(out), "--resolution", str(RES), "--per_device_train_batch_size", "2",
             "--gradient_accumulation_steps", "1", "--max_steps", "1", "--learning_rate", "1e-4", "--no_scale_lr",
             "--warmup_steps", "0", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1",

@@ -1,5 +1,5 @@
-"""Command line: ``trl-diffusion-sdpo demo --output-dir DIR`` and ``trl-diffusion-sdpo evaluate --base MODEL ...``
-(also ``python -m trl_diffusion_sdpo ...``)."""
+"""Command line: ``trl-diffusion-sdpo train --config x.yaml``, ``trl-diffusion-sdpo demo --output-dir DIR`` and
+``trl-diffusion-sdpo evaluate --base MODEL ...`` (also ``python -m trl_diffusion_sdpo ...``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference tuning of text-to-image diffusion models with Diffusion-DPO and Diffusion-SDPO.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Listed here for --help; its arguments are TRL's TrlParser's (see main and trl_diffusion_sdpo.scripts.train).
+    commands.add_parser(
+        "train",
+        add_help=False,
+        help="Train Diffusion-DPO / Diffusion-SDPO from a YAML config and flags (`train --help` lists them).",
+    )
     from .demo.cli import DESCRIPTION, add_demo_arguments
 
     demo = commands.add_parser(
@@ -115,6 +121,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .scripts.train import main as train
+
+        train(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo.cli import run_from_args

@@ -18,11 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import enable_full_determinism, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, enable_full_determinism, set_seed
+from transformers.utils import PushInProgress
 
 from .config import DiffusionSDPOConfig
 from .data.latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
@@ -45,15 +47,20 @@ from .distributed import (
     zero_stage,
 )
 from .families import ModelFamily, PromptEmbeddings, family_for_pipeline
-from .io.hub import build_model_card, upload_folder_to_hub
+from .io.hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
 from .io.saving import (
+    copy_saved_model,
+    has_pipeline_components,
     has_saved_weights,
     load_full_unet,
     load_lora_adapters,
     save_full_unet,
     save_lora_adapters,
+    save_pipeline_components,
     unet_has_lora,
+    write_training_config,
 )
+from .io.trackers import make_config_trackable
 from .objectives import (
     DenoisingErrors,
     ObjectiveOutput,
@@ -101,9 +108,11 @@ class DiffusionSDPOTrainer(Trainer):
         ref_model: ``None`` (the adapter-disabled policy with LoRA, else a frozen copy of the initial UNet), or a
             separate UNet or pipeline.
         args: a :class:`DiffusionSDPOConfig`.
-        train_dataset, eval_dataset: preference datasets in Pick-a-Pic or TRL form (see :mod:`.data`).
+        train_dataset: a preference dataset in Pick-a-Pic or TRL form (see :mod:`.data`).
+        eval_dataset: an optional preference dataset in the same forms.
         peft_config: a ``peft.LoraConfig`` to train LoRA adapters on the UNet instead of all its weights.
-        callbacks, optimizers: as for ``transformers.Trainer``.
+        callbacks: as for ``transformers.Trainer``.
+        optimizers: as for ``transformers.Trainer``.
         reward_fn: ``loss_type="smpo"`` only: ``reward_fn(images: list[PIL.Image.Image], prompts: list[str]) ->
             Sequence[float] | torch.Tensor``, one score per image (e.g. PickScore). When a dataset lacks the score
             columns (``score_0_column``, ``score_1_column``), both images of every row are scored with it before
@@ -123,8 +132,8 @@ class DiffusionSDPOTrainer(Trainer):
         model: DiffusionPipeline | str,
         ref_model: torch.nn.Module | DiffusionPipeline | None = None,
         args: DiffusionSDPOConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | None = None,
         *,
         peft_config: LoraConfig | None = None,
         callbacks: list[TrainerCallback] | None = None,
@@ -137,6 +146,8 @@ class DiffusionSDPOTrainer(Trainer):
             raise TypeError(f"args must be a DiffusionSDPOConfig, got {type(args).__name__}")
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
+        self.args_as_given = args  # what training_config.json stores
+        self._model_card_args: dict[str, Any] = {}
         args = copy.copy(args)  # the learning-rate scaling below must not leak into the caller's config
         # Seeded before LoRA adapters are initialised, so their random init is the same on every run.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
@@ -254,6 +265,7 @@ class DiffusionSDPOTrainer(Trainer):
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
+        make_config_trackable(unet)  # report_to trackers read model.config as a transformers config
         self.add_callback(NonFiniteLossGuard(self))
         if args.validation_prompts:
             if zero_stage(self.accelerator) == 3:
@@ -349,6 +361,7 @@ class DiffusionSDPOTrainer(Trainer):
                 device=args.device,
                 batch_size=max(args.per_device_train_batch_size, 1),
                 split=split,
+                progress=not args.disable_tqdm,
             )
 
     def _place_frozen_modules(self) -> None:
@@ -797,9 +810,14 @@ class DiffusionSDPOTrainer(Trainer):
             save_lora_adapters(unet, output_dir, type(self.pipeline), state_dict=state_dict or None)
         else:
             save_full_unet(unet, output_dir, state_dict=state_dict or None)
-        # Plain JSON instead of transformers' pickled training_args.bin.
-        with open(os.path.join(output_dir, "training_config.json"), "w") as f:
-            f.write(self.args.to_json_string())
+            # The whole pipeline in the output folder, only the UNet in checkpoints (all that resuming reads). The
+            # other components are frozen: written once.
+            is_checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+            if not is_checkpoint and not has_pipeline_components(output_dir):
+                save_pipeline_components(self.pipeline, output_dir)
+        # Plain JSON instead of transformers' pickled training_args.bin; the config as given (learning_rate before
+        # scale_lr), so that training again from the file does not scale it twice.
+        write_training_config(self.args_as_given, output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if not has_saved_weights(resume_from_checkpoint):
@@ -815,19 +833,32 @@ class DiffusionSDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ the Hub
 
-    def create_model_card(self, model_name: str | None = None, tags: list[str] | None = None, **kwargs) -> None:
-        """Write ``README.md`` in ``output_dir``: base model, tags, method, key hyperparameters, citations."""
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+    ) -> None:
+        """Write ``README.md`` in ``output_dir`` (TRL's signature, plus transformers' ``license``): base model (when
+        a Hub id), dataset, method, usage, the last validation grid, key hyperparameters, framework versions and
+        citations. Arguments given once are remembered for the cards of later pushes."""
+        given = {"model_name": model_name, "dataset_name": dataset_name, "tags": tags, "license": license}
+        self._model_card_args.update({k: v for k, v in given.items() if v is not None})
         if not self.is_world_process_zero():
             return
-        args = self.args
+        args, card_args = self.args, self._model_card_args
         hyperparameters: dict[str, Any] = {
             "loss_type": args.loss_type,
             "beta": args.beta,
             "safeguard": args.safeguard,
             "safeguard_mu": args.safeguard_mu if args.safeguard else None,
             "safeguard_space": args.safeguard_space if args.safeguard else None,
-            "learning_rate": args.learning_rate,
-            "effective_batch_size": args.world_size * args.per_device_train_batch_size
+            "learning_rate": self.args_as_given.learning_rate,
+            "scale_lr": args.scale_lr,
+            "effective_learning_rate": args.learning_rate,
+            "effective_batch_size": args.world_size
+            * args.per_device_train_batch_size
             * args.gradient_accumulation_steps,
             "max_steps": self.state.max_steps or args.max_steps,
             "resolution": args.resolution,
@@ -837,14 +868,22 @@ class DiffusionSDPOTrainer(Trainer):
             lora = self.accelerator.unwrap_model(self.model).peft_config["default"]
             hyperparameters["lora_rank"] = lora.r
             hyperparameters["lora_alpha"] = lora.lora_alpha
+        tags = card_args.get("tags") or []
+        hub_model_id = self.hub_model_id or args.hub_model_id
         card = build_model_card(
             base_model=self.base_model_name,
             is_lora=self.is_lora,
             method="Diffusion-SDPO" if args.safeguard else "Diffusion-DPO",
             hyperparameters=hyperparameters,
-            tags=list(self._tag_names) + list(tags or []),
+            tags=list(self._tag_names) + ([tags] if isinstance(tags, str) else list(tags)),
             model_family=self.family.name,
+            model_name=card_args.get("model_name")
+            or (hub_model_id or os.path.basename(os.path.abspath(args.output_dir))).split("/")[-1],
+            hub_model_id=hub_model_id,
+            dataset_name=card_args.get("dataset_name"),
+            license=card_args.get("license"),
             sample_grid=self._last_validation_grid(),
+            sample_prompt=(args.validation_prompts or [None])[0],
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))
@@ -855,6 +894,49 @@ class DiffusionSDPOTrainer(Trainer):
         grids = sorted(f for f in os.listdir(folder) if f.startswith("step-")) if os.path.isdir(folder) else []
         return f"validation/{grids[-1]}" if grids else None
 
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo (``hub_model_id``, else the output folder's name) through :mod:`.io.hub`."""
+        if not self.is_world_process_zero():
+            return
+        self.hub_model_id = create_hub_repo(
+            self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
+            token=token or self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+        )
+        self.push_in_progress = None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """A save with ``push_to_hub``: copy the checkpoint's weights to ``output_dir`` (with the rest of the pipeline
+        for full tuning, and a model card) and upload it in the background. transformers' version copies files named
+        as its own weights (none of ours) and a pickled training_args.bin."""
+        args = self.args
+        if not self.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
+            return
+        if not args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(args, self.state, self.control)
+        copy_saved_model(checkpoint_folder, args.output_dir)
+        if not self.is_lora and not has_pipeline_components(args.output_dir):
+            save_pipeline_components(self.pipeline, args.output_dir)
+        self.create_model_card()
+        checkpoint_path = {
+            HubStrategy.CHECKPOINT: "last-checkpoint",
+            HubStrategy.ALL_CHECKPOINTS: os.path.basename(checkpoint_folder),
+        }.get(args.hub_strategy)
+        jobs = push_checkpoint(
+            args.output_dir,
+            checkpoint_folder,
+            self.hub_model_id,
+            commit_message=f"Training in progress, step {self.state.global_step}",
+            push_checkpoint_folder=checkpoint_path,
+            token=args.hub_token,
+            revision=args.hub_revision,
+        )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
     def push_to_hub(
         self,
         commit_message: str | None = "End of training",
@@ -864,12 +946,16 @@ class DiffusionSDPOTrainer(Trainer):
         private: bool | None = None,
         **kwargs,
     ):
-        """Save the weights and a model card to ``output_dir`` and upload that folder to ``args.hub_model_id``."""
+        """Save the weights and a model card (``kwargs``: :meth:`create_model_card`'s) to ``output_dir`` and upload
+        that folder to ``hub_model_id``, once the checkpoint pushes still running are done."""
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
-        self.create_model_card(tags=kwargs.get("tags"))
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        self.create_model_card(**kwargs)
+        self._finish_current_push()
+        repo_id = (
+            self.hub_model_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        )
         return upload_folder_to_hub(
             self.args.output_dir,
             repo_id,

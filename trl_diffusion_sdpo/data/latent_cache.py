@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from ..families import ModelFamily, PromptEmbeddings
 from ..objectives.smpo import PICKSCORE_MAX, PICKSCORE_MIN
 from .preference import PairTransform, PreferenceColumns, load_image, order_pair, pair_weights
+from .progress import datasets_progress_bars
 
 __all__ = [
     "CACHE_VERSION",
@@ -237,6 +238,7 @@ def build_latent_cache(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     split: str = "train",
+    progress: bool = True,
 ) -> LatentCache:
     """Encode a prepared preference dataset once, or load the cache a previous run left.
 
@@ -252,6 +254,7 @@ def build_latent_cache(
         device: where to encode (the accelerator); the encoders are moved back afterwards.
         batch_size: pairs per encoding batch.
         split: a name for the progress bar and messages.
+        progress: show ``datasets``' progress bar while encoding (the trainer passes ``not disable_tqdm``).
 
     Returns:
         A :class:`LatentCache` whose dataset is formatted as torch tensors (``scores`` as float64 Python floats).
@@ -313,18 +316,19 @@ def build_latent_cache(
                 out["scores"] = np.asarray(scores, dtype=np.float64)
             return out
 
-        cached = dataset.map(
-            encode,
-            batched=True,
-            batch_size=batch_size,
-            remove_columns=dataset.column_names,
-            features=features,
-            cache_file_name=os.path.join(directory, "latents.arrow"),
-            load_from_cache_file=True,
-            new_fingerprint=fingerprint,
-            writer_batch_size=max(batch_size, 64),
-            desc=f"Caching {split} latents and text embeddings",
-        )
+        with datasets_progress_bars(progress):
+            cached = dataset.map(
+                encode,
+                batched=True,
+                batch_size=batch_size,
+                remove_columns=dataset.column_names,
+                features=features,
+                cache_file_name=os.path.join(directory, "latents.arrow"),
+                load_from_cache_file=True,
+                new_fingerprint=fingerprint,
+                writer_batch_size=max(batch_size, 64),
+                desc=f"Caching {split} latents and text embeddings",
+            )
     finally:
         encoders.restore()
     if encoders.vae_encode_calls:

@@ -37,6 +37,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from ..objectives.smpo import PICKSCORE_MAX, PICKSCORE_MIN, smoothed_preference_weights
+from .progress import datasets_progress_bars
 
 __all__ = [
     "DataReport",
@@ -93,8 +94,14 @@ class DataReport:
     ties_dropped: int = 0
     invalid_skipped: int = 0
     examples: list[str] = field(default_factory=list)  # first few reasons a row was skipped
+    streamed: bool = False  # rows are checked as they are read, so nothing is counted ahead of training
 
     def summary(self) -> str:
+        if self.streamed:
+            return (
+                "streamed: the first row was checked; ties and invalid rows are dropped as rows are read during "
+                "training and counted in the data/skipped_rows metric"
+            )
         parts = [f"{self.num_kept} of {self.num_rows} rows kept", f"{self.ties_dropped} ties dropped"]
         parts.append(f"{self.invalid_skipped} invalid rows skipped")
         text = ", ".join(parts)
@@ -319,15 +326,16 @@ def prepare_preference_dataset(
         ]
         return {"_column": [p[0] for p in problems], "_reason": [p[1] for p in problems], "_tie": ties}
 
-    checks = dataset.map(
-        check,
-        batched=True,
-        batch_size=64,
-        with_indices=True,
-        remove_columns=dataset.column_names,
-        num_proc=args.dataset_num_proc,
-        desc=f"Validating {split} preference pairs",
-    )
+    with datasets_progress_bars(not getattr(args, "disable_tqdm", False)):
+        checks = dataset.map(
+            check,
+            batched=True,
+            batch_size=64,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            num_proc=args.dataset_num_proc,
+            desc=f"Validating {split} preference pairs",
+        )
     bad_columns, reasons, ties = checks["_column"], checks["_reason"], checks["_tie"]
     keep: list[int] = []
     for index, (column, reason, tie) in enumerate(zip(bad_columns, reasons, ties)):
@@ -366,7 +374,7 @@ def _prepare_iterable(
     if column and not args.skip_invalid_rows:
         raise ValueError(f"Invalid {split} dataset row 0, column {column!r}: {reason}")
     dataset = _undecoded(dataset.select_columns(columns.all), columns)
-    return dataset, columns, DataReport()
+    return dataset, columns, DataReport(streamed=True)
 
 
 RewardFn = Callable[[list[Image.Image], list[str]], "Sequence[float] | torch.Tensor"]
@@ -448,7 +456,8 @@ def add_reward_scores(
     if features is not None:
         features = Features({**features, score_columns[0]: Value("float64"), score_columns[1]: Value("float64")})
     kwargs: dict[str, Any] = {"desc": f"Scoring {split} images with reward_fn"} if isinstance(dataset, Dataset) else {}
-    return dataset.map(score, batched=True, batch_size=batch_size, features=features, **kwargs)
+    with datasets_progress_bars(not getattr(args, "disable_tqdm", False)):
+        return dataset.map(score, batched=True, batch_size=batch_size, features=features, **kwargs)
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -595,9 +604,14 @@ class PreferenceCollator:
 
 
 def load_preference_dataset(
-    name_or_path: str, split: str = "train", streaming: bool = False, max_rows: int | None = None
+    name_or_path: str,
+    split: str = "train",
+    streaming: bool = False,
+    max_rows: int | None = None,
+    config_name: str | None = None,
 ) -> Dataset | IterableDataset:
-    """Load a preference dataset from the Hub, a local data folder, or a folder written by ``save_to_disk``."""
+    """Load a preference dataset from the Hub, a local data folder, or a folder written by ``save_to_disk``
+    (``config_name``: the dataset configuration, as ``load_dataset``'s ``name``)."""
     import os
 
     from datasets import DatasetDict, load_dataset, load_from_disk
@@ -610,7 +624,7 @@ def load_preference_dataset(
         if streaming:
             dataset = dataset.to_iterable_dataset()
     else:
-        dataset = load_dataset(name_or_path, split=split, streaming=streaming)
+        dataset = load_dataset(name_or_path, config_name, split=split, streaming=streaming)
     if max_rows is not None:
         dataset = dataset.take(max_rows) if isinstance(dataset, IterableDataset) else dataset.select(
             range(min(max_rows, len(dataset)))

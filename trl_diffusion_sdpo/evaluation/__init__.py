@@ -144,7 +144,8 @@ def evaluate(
         output_dir: where tables, plots, the grid and (unless ``cache_dir``) the image cache go.
         seeds: each prompt is sampled once per seed, every prompt from the same noise for a given seed.
         settings: `GenerationSettings` (default: the SDPO authors' protocol).
-        batch_size / score_batch_size: prompts per pipeline call / images per scorer call.
+        batch_size: prompts per pipeline call.
+        score_batch_size: images per scorer call.
 
     Writes ``scores.csv`` (one row per model and sample), ``summary.{csv,json}`` (mean and bootstrap 95% interval
     per model and metric), ``win_rates.{csv,json}``, ``plots/<metric>.png``, ``grid.png`` and ``run.json``.

@@ -38,8 +38,11 @@ class ValidationCallback(TrainerCallback):
     Args:
         prompts: the validation prompts.
         seeds: one row of the grid per seed; each image's generator is seeded with its row's seed.
-        num_inference_steps, guidance_scale, negative_prompt, height, width: sampling settings (Euler sampler;
-            ``height``/``width`` None is the model's native resolution).
+        num_inference_steps: sampling steps (Euler sampler).
+        guidance_scale: classifier-free guidance scale.
+        negative_prompt: the negative prompt.
+        height: image height; None is the model's native resolution.
+        width: image width; None is the model's native resolution.
         every_n_steps: validate when ``global_step % every_n_steps == 0``; 0 validates only at step 0.
         scorers: registered scorer names or `Scorer` instances; names are built on first use with
             ``scorer_kwargs[name]``.

@@ -1,14 +1,27 @@
 """What leaves the trainer: weights in diffusers' formats (:mod:`.saving`), model cards and Hub uploads
-(:mod:`.hub`)."""
+(:mod:`.hub`), and the model's config as trackers read it (:mod:`.trackers`)."""
 
-from .hub import build_model_card, upload_folder_to_hub
-from .saving import load_full_unet, load_lora_adapters, save_full_unet, save_lora_adapters
+from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
+from .saving import (
+    load_full_unet,
+    load_lora_adapters,
+    save_full_unet,
+    save_lora_adapters,
+    save_pipeline_components,
+    write_training_config,
+)
+from .trackers import make_config_trackable
 
 __all__ = [
     "build_model_card",
+    "create_hub_repo",
     "load_full_unet",
     "load_lora_adapters",
+    "make_config_trackable",
+    "push_checkpoint",
     "save_full_unet",
     "save_lora_adapters",
+    "save_pipeline_components",
     "upload_folder_to_hub",
+    "write_training_config",
 ]

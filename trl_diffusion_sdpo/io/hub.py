@@ -1,16 +1,33 @@
-"""Model cards and Hub uploads for trained UNets and LoRA adapters."""
+"""Model cards and Hub uploads for trained UNets, pipelines and LoRA adapters.
+
+Every Hub call of the package goes through this module (tests replace :data:`HfApi`). The card is rendered by
+huggingface_hub's ``ModelCard.from_template`` (the mechanism behind both TRL's ``generate_model_card`` and
+diffusers' ``load_or_create_model_card``) from a diffusion template, then tagged with diffusers'
+``populate_model_card``. TRL's generator is bound to its text-generation template, and diffusers' helper first
+looks the card up on the Hub and leaves its training template's usage section as a TODO; neither fits as is.
+"""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-__all__ = ["CITATIONS", "build_model_card", "upload_folder_to_hub"]
+__all__ = [
+    "CITATIONS",
+    "PICKLE_PATTERNS",
+    "build_model_card",
+    "create_hub_repo",
+    "hub_base_model",
+    "push_checkpoint",
+    "upload_folder_to_hub",
+]
 
-CITATIONS = """```bibtex
-@inproceedings{wallace2024diffusion,
+DIFFUSION_CITATIONS = """@inproceedings{wallace2024diffusion,
   title     = {Diffusion Model Alignment Using Direct Preference Optimization},
   author    = {Wallace, Bram and Dang, Meihua and Rafailov, Rafael and Zhou, Linqi and Lou, Aaron and Purushwalkam,
                Senthil and Ermon, Stefano and Xiong, Caiming and Joty, Shafiq and Naik, Nikhil},
@@ -25,77 +42,108 @@ CITATIONS = """```bibtex
              and Zhang, Kaifu},
   journal = {arXiv preprint arXiv:2511.03317},
   year    = {2025}
+}"""
+
+TRL_CITATION = """@software{vonwerra2020trl,
+  title   = {{TRL: Transformers Reinforcement Learning}},
+  author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and
+             Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallou{\\'e}dec, Quentin},
+  license = {Apache-2.0},
+  url     = {https://github.com/huggingface/trl},
+  year    = {2020}
+}"""
+
+CITATIONS = f"```bibtex\n{DIFFUSION_CITATIONS}\n\n{TRL_CITATION}\n```"
+
+# Never uploaded from the output folder: checkpoints, private files, TensorBoard runs and any pickle (transformers
+# writes its arguments as a pickled training_args.bin; this package writes training_config.json instead).
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
+OUTPUT_IGNORE_PATTERNS = ["checkpoint-*", "_*", "runs/*", *PICKLE_PATTERNS]
+# A pushed checkpoint keeps the optimizer and RNG states that resuming from it needs, never the pickled arguments.
+CHECKPOINT_IGNORE_PATTERNS = ["training_args.bin"]
+
+FRAMEWORKS = {
+    "trl-diffusion-sdpo": "trl-diffusion-sdpo",
+    "TRL": "trl",
+    "Diffusers": "diffusers",
+    "Transformers": "transformers",
+    "PEFT": "peft",
+    "PyTorch": "torch",
+    "Datasets": "datasets",
 }
-```"""
 
-
-def build_model_card(
-    *,
-    base_model: str | None,
-    is_lora: bool,
-    method: str,
-    hyperparameters: dict[str, Any],
-    tags: list[str],
-    model_family: str,
-    sample_grid: str | None = None,
-) -> ModelCard:
-    """A model card naming the base model, method, key hyperparameters and the papers to cite; ``sample_grid``, a
-    path relative to the card, shows the last validation grid."""
-    all_tags = ["diffusers", "trl", "diffusion-sdpo", "text-to-image", model_family]
-    if is_lora:
-        all_tags.append("lora")
-    all_tags += [t for t in tags if t not in all_tags]
-    data = ModelCardData(
-        base_model=base_model,
-        library_name="diffusers",
-        tags=all_tags,
-        pipeline_tag="text-to-image",
-    )
-    kind = "LoRA adapters for the UNet" if is_lora else "a fully fine-tuned UNet"
-    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hyperparameters.items())
-    if is_lora:
-        usage = (
-            "```python\nfrom diffusers import DiffusionPipeline\n\n"
-            f"pipe = DiffusionPipeline.from_pretrained({base_model!r})\n"
-            "pipe.load_lora_weights(\"<this repo>\")\nimage = pipe(\"a photo of a cat\").images[0]\n```"
-        )
-    else:
-        usage = (
-            "```python\nfrom diffusers import DiffusionPipeline, UNet2DConditionModel\n\n"
-            "unet = UNet2DConditionModel.from_pretrained(\"<this repo>\", subfolder=\"unet\")\n"
-            f"pipe = DiffusionPipeline.from_pretrained({base_model!r}, unet=unet)\n"
-            "image = pipe(\"a photo of a cat\").images[0]\n```"
-        )
-    samples = ""
-    if sample_grid:
-        step = os.path.splitext(os.path.basename(sample_grid))[0].removeprefix("step-").lstrip("0") or "0"
-        samples = f"## Samples\n\nValidation prompts at step {step}:\n\n![validation samples]({sample_grid})\n\n"
-    content = f"""---
-{data.to_yaml()}
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
 ---
 
-# {method} fine-tune of {base_model or 'a Stable Diffusion model'}
+# {{ model_name }}
 
-This repository holds {kind}, trained with **{method}** using
-`trl-diffusion-sdpo` on preference pairs (winner and loser images per prompt).
+{{ kind }}, fine-tuned from {% if base_model %}[{{ base_model }}](https://huggingface.co/{{ base_model }}){% else %}a \
+local Stable Diffusion pipeline{% endif %}{% if dataset_name %} on {% if dataset_is_hub %}\
+[{{ dataset_name }}](https://huggingface.co/datasets/{{ dataset_name }}){% else %}`{{ dataset_name }}`{% endif %}\
+{% endif %} with **{{ method }}** by `trl-diffusion-sdpo`'s `DiffusionSDPOTrainer` (a \
+[TRL](https://github.com/huggingface/trl)-style trainer), on preference pairs: a preferred and a rejected image per \
+prompt.
 
-{method_description(method)}
+{{ method_description }}
 
 ## Usage
 
-{usage}
+```python
+{{ usage }}
+```
+{% if sample_grid %}
+## Samples
 
-{samples}## Training hyperparameters
+Validation prompts at step {{ sample_step }}:
+
+![validation samples]({{ sample_grid }})
+{% endif %}
+## Training hyperparameters
 
 | parameter | value |
 |---|---|
-{rows}
+{% for key, value in hyperparameters.items() %}| `{{ key }}` | `{{ value }}` |
+{% endfor %}
+### Framework versions
 
+{% for name, value in frameworks.items() %}- {{ name }}: {{ value }}
+{% endfor %}
 ## Citations
 
-{CITATIONS}
+Cite Diffusion-DPO and Diffusion-SDPO as:
+
+```bibtex
+{{ method_citations }}
+```
+
+Cite TRL as:
+
+```bibtex
+{{ trl_citation }}
+```
 """
-    return ModelCard(content)
+
+
+def hub_base_model(name_or_path: str | None) -> str | None:
+    """The base model as the card's ``base_model``: a Hub id, or ``None`` for a local folder (as TRL does)."""
+    if not name_or_path or os.path.isdir(name_or_path) or os.path.isabs(name_or_path):
+        return None
+    return name_or_path
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not os.path.exists(name) and not os.path.isabs(name) and name.count("/") <= 1
+
+
+def framework_versions() -> dict[str, str]:
+    versions = {}
+    for label, package in FRAMEWORKS.items():
+        try:
+            versions[label] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
 
 
 def method_description(method: str) -> str:
@@ -111,6 +159,86 @@ def method_description(method: str) -> str:
     )
 
 
+def usage_snippet(repo_id: str, base_model: str | None, is_lora: bool) -> str:
+    """How to load the result; ``repo_id`` is the Hub id the card will live under (or a placeholder)."""
+    prompt = 'image = pipe("a photo of a cat").images[0]'
+    if is_lora:
+        base = base_model or "<the base pipeline>"
+        return (
+            "from diffusers import DiffusionPipeline\n\n"
+            f'pipe = DiffusionPipeline.from_pretrained("{base}")\n'
+            f'pipe.load_lora_weights("{repo_id}")\n{prompt}'
+        )
+    load = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")'
+    return f"from diffusers import DiffusionPipeline\n\n{load}\n{prompt}"
+
+
+def build_model_card(
+    *,
+    base_model: str | None,
+    is_lora: bool,
+    method: str,
+    hyperparameters: dict[str, Any],
+    tags: list[str],
+    model_family: str,
+    model_name: str,
+    hub_model_id: str | None = None,
+    dataset_name: str | None = None,
+    license: str | None = None,
+    sample_grid: str | None = None,
+    sample_prompt: str | None = None,
+) -> ModelCard:
+    """A model card in TRL's and diffusers' shape: metadata (``base_model`` only when it is a Hub id, ``datasets``,
+    ``license``, tags), method, usage under ``hub_model_id``, the last validation grid (``sample_grid``, a path
+    relative to the card; with ``sample_prompt`` also the Hub's widget, as diffusers' training scripts do), key
+    hyperparameters, framework versions and the papers and TRL to cite."""
+    base_model = hub_base_model(base_model)
+    data = ModelCardData(
+        base_model=base_model,
+        datasets=[dataset_name] if _is_hub_id(dataset_name) else None,
+        license=license or "other",
+        library_name="diffusers",
+        model_name=model_name,
+        pipeline_tag="text-to-image",
+        tags=[],
+        widget=[{"text": sample_prompt, "output": {"url": sample_grid}}] if sample_grid and sample_prompt else None,
+    )
+    card = ModelCard.from_template(
+        data,
+        template_str=MODEL_CARD_TEMPLATE,
+        model_name=model_name,
+        kind="LoRA adapters for the UNet of a text-to-image pipeline" if is_lora else "A text-to-image pipeline",
+        base_model=base_model,
+        dataset_name=dataset_name,
+        dataset_is_hub=_is_hub_id(dataset_name),
+        method=method,
+        method_description=method_description(method),
+        usage=usage_snippet(hub_model_id or "<this repo>", base_model, is_lora),
+        sample_grid=sample_grid,
+        sample_step=_grid_step(sample_grid) if sample_grid else None,
+        hyperparameters=hyperparameters,
+        frameworks=framework_versions(),
+        method_citations=DIFFUSION_CITATIONS,
+        trl_citation=TRL_CITATION,
+    )
+    all_tags = ["diffusers", "trl", "diffusion-sdpo", "text-to-image", model_family] + (["lora"] if is_lora else [])
+    all_tags += [t for t in tags if t not in all_tags]
+    return populate_model_card(card, tags=all_tags)
+
+
+def _grid_step(sample_grid: str) -> str:
+    return os.path.splitext(os.path.basename(sample_grid))[0].removeprefix("step-").lstrip("0") or "0"
+
+
+def create_hub_repo(
+    repo_id: str, *, token: str | None = None, private: bool | None = None, api: HfApi | None = None
+) -> str:
+    """Create the model repo if needed; returns its full id (with the namespace the Hub resolved)."""
+    api = api or HfApi(token=token)
+    url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    return getattr(url, "repo_id", None) or repo_id
+
+
 def upload_folder_to_hub(
     folder: str,
     repo_id: str,
@@ -122,14 +250,56 @@ def upload_folder_to_hub(
     ignore_patterns: list[str] | None = None,
     api: HfApi | None = None,
 ):
-    """Create the model repo if needed and upload ``folder`` (checkpoints and private files excluded)."""
+    """Create the model repo if needed and upload ``folder`` (no checkpoints, private files or pickles)."""
     api = api or HfApi(token=token)
-    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    create_hub_repo(repo_id, private=private, api=api)
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=os.fspath(folder),
         commit_message=commit_message,
         revision=revision,
-        ignore_patterns=ignore_patterns or ["checkpoint-*", "_*", "runs/*"],
+        ignore_patterns=ignore_patterns or OUTPUT_IGNORE_PATTERNS,
         repo_type="model",
     )
+
+
+def push_checkpoint(
+    output_dir: str,
+    checkpoint_folder: str,
+    repo_id: str,
+    *,
+    commit_message: str,
+    push_checkpoint_folder: str | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    api: HfApi | None = None,
+) -> list[Future]:
+    """Upload ``output_dir`` (the weights of ``checkpoint_folder`` already copied there) in the background, and,
+    with ``push_checkpoint_folder`` (a path in the repo: ``last-checkpoint`` or the checkpoint's name), the
+    checkpoint itself for resuming; returns the upload futures."""
+    api = api or HfApi(token=token)
+    jobs = [
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=os.fspath(output_dir),
+            commit_message=commit_message,
+            revision=revision,
+            ignore_patterns=OUTPUT_IGNORE_PATTERNS,
+            repo_type="model",
+            run_as_future=True,
+        )
+    ]
+    if push_checkpoint_folder:
+        jobs.append(
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=os.fspath(checkpoint_folder),
+                path_in_repo=push_checkpoint_folder,
+                commit_message=commit_message + ", checkpoint",
+                revision=revision,
+                ignore_patterns=CHECKPOINT_IGNORE_PATTERNS,
+                repo_type="model",
+                run_as_future=True,
+            )
+        )
+    return jobs

@@ -3,14 +3,19 @@
 * LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``unet.``-prefixed keys), loadable with
   ``pipeline.load_lora_weights(output_dir)``.
 * Full tuning: ``unet/`` written by ``UNet2DConditionModel.save_pretrained`` (safetensors), loadable with
-  ``UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")``.
+  ``UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")``; in the final output folder also the rest
+  of the pipeline (:func:`save_pipeline_components`), so ``DiffusionPipeline.from_pretrained(output_dir)`` loads it,
+  as after diffusers' full fine-tuning scripts.
 
 The same files serve as the weights of a training checkpoint, so resuming reads exactly what a user would load.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from typing import Any
 
 import torch
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
@@ -23,16 +28,23 @@ from safetensors.torch import load_file
 __all__ = [
     "LORA_WEIGHTS_NAME",
     "UNET_SUBFOLDER",
+    "TRAINING_CONFIG_NAME",
+    "copy_saved_model",
+    "has_pipeline_components",
     "has_saved_weights",
     "load_full_unet",
     "load_lora_adapters",
     "save_full_unet",
     "save_lora_adapters",
+    "save_pipeline_components",
     "unet_has_lora",
+    "write_training_config",
 ]
 
 LORA_WEIGHTS_NAME = LORA_WEIGHT_NAME_SAFE
 UNET_SUBFOLDER = "unet"
+TRAINING_CONFIG_NAME = "training_config.json"
+PIPELINE_INDEX_NAME = "model_index.json"
 # diffusion_pytorch_model.safetensors, or -00001-of-0000N shards with diffusion_pytorch_model.safetensors.index.json
 _DIFFUSERS_WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 
@@ -115,3 +127,37 @@ def has_saved_weights(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, LORA_WEIGHTS_NAME)) or os.path.isdir(
         os.path.join(directory, UNET_SUBFOLDER)
     )
+
+
+def save_pipeline_components(pipeline: Any, output_dir: str) -> None:
+    """Write ``model_index.json`` and every component but the UNet as ``pipeline.save_pretrained`` would
+    (safetensors), so that with the ``unet/`` of :func:`save_full_unet` the folder is a whole pipeline."""
+    for name, component in pipeline.components.items():
+        if name == UNET_SUBFOLDER or component is None or not hasattr(component, "save_pretrained"):
+            continue
+        component.save_pretrained(os.path.join(output_dir, name))
+    pipeline.save_config(output_dir)
+
+
+def write_training_config(args: Any, output_dir: str) -> str:
+    """Write ``training_config.json``: ``args`` as JSON (the Hub token masked), never a pickle."""
+    path = os.path.join(output_dir, TRAINING_CONFIG_NAME)
+    with open(path, "w") as f:
+        json.dump(json.loads(args.to_json_string()), f, indent=2, sort_keys=True)
+    return path
+
+
+def copy_saved_model(source: str, destination: str) -> None:
+    """Copy the weights and ``training_config.json`` that :func:`save_lora_adapters` / :func:`save_full_unet`
+    wrote in ``source`` (a checkpoint) into ``destination``, replacing older copies."""
+    os.makedirs(destination, exist_ok=True)
+    for name in (LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+    if os.path.isdir(os.path.join(source, UNET_SUBFOLDER)):
+        shutil.rmtree(os.path.join(destination, UNET_SUBFOLDER), ignore_errors=True)
+        shutil.copytree(os.path.join(source, UNET_SUBFOLDER), os.path.join(destination, UNET_SUBFOLDER))
+
+
+def has_pipeline_components(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, PIPELINE_INDEX_NAME))

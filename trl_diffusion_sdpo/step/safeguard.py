@@ -186,7 +186,8 @@ def safeguarded_gradients(
         loser_grads: per-parameter gradients of the loss's loser term as the loss sees them,
             ``h_l = d/dtheta <dL/dpred_l, pred_l(theta)>``; the full Diffusion-DPO gradient is ``g_w + h_l``. In the
             errors' sign convention ``g_l = -h_l``.
-        mu, max_lambda: see :func:`parameter_space_lambda`.
+        mu: see :func:`parameter_space_lambda`.
+        max_lambda: see :func:`parameter_space_lambda`.
 
     Returns:
         ``g_w + lambda * h_l`` (``= g_w - lambda * g_l``: the Diffusion-DPO gradient with its loser term scaled by

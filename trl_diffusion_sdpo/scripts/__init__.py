@@ -1,0 +1,1 @@
+"""Command-line training scripts, as TRL's ``trl/scripts``: :mod:`.train` behind ``trl-diffusion-sdpo train``."""

@@ -1,0 +1,148 @@
+"""``trl-diffusion-sdpo train``: Diffusion-DPO / Diffusion-SDPO from a YAML config and flags, for every model family.
+
+    trl-diffusion-sdpo train --config examples/configs/sd15_lora.yaml
+    trl-diffusion-sdpo train --model_name_or_path path/to/sdxl --dataset_name path/to/pairs --output_dir out \\
+        --use_peft --lora_r 16 --lora_alpha 16 --safeguard_mu 0.6 --bf16
+    accelerate launch --config_file examples/accelerate_configs/deepspeed_zero2.yaml --num_processes 8 \\
+        -m trl_diffusion_sdpo train --config examples/configs/sd15_full.yaml
+
+Parsed by TRL's ``TrlParser`` from TRL's ``ScriptArguments`` (dataset) and ``ModelConfig`` (model, dtype, LoRA through
+``get_peft_config``), :class:`DiffusionScriptArguments` and :class:`~trl_diffusion_sdpo.DiffusionSDPOConfig` (every
+``transformers.TrainingArguments`` field too). Flags override the YAML file; ``--help`` lists them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+from ..config import DiffusionSDPOConfig
+from ..data.preference import load_preference_dataset
+from ..distributed import load_pipeline, zero3_init_disabled
+from ..families import family_for_pipeline
+
+__all__ = ["DEFAULT_LORA_TARGETS", "DiffusionScriptArguments", "build_pipeline", "main", "make_parser", "parse_args"]
+
+logger = logging.getLogger(__name__)
+
+# The attention projections of every diffusers denoiser this package tunes (UNet and transformer blocks alike).
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class DiffusionScriptArguments:
+    """Options of ``trl-diffusion-sdpo train`` that neither TRL's ``ScriptArguments`` nor ``ModelConfig`` has."""
+
+    max_train_rows: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    vae_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A replacement VAE folder or Hub id (e.g. an fp16-safe SDXL VAE); by default the pipeline's own "
+            "VAE, kept in float32 when its config sets force_upcast."
+        },
+    )
+    vae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of vae_name_or_path, if any."})
+
+
+ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments)
+TrainArguments = tuple[ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments]
+
+
+def make_parser(prog: str = "trl-diffusion-sdpo train") -> TrlParser:
+    return TrlParser(ARGUMENT_TYPES, prog=prog)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
+    """Parse ``argv`` (``--config file.yaml`` plus flags) into the four argument dataclasses."""
+    script_args, training_args, model_args, diffusion_args = make_parser().parse_args_and_config(argv)
+    return script_args, training_args, model_args, diffusion_args
+
+
+def _check_supported(script_args: ScriptArguments, model_args: ModelConfig) -> None:
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required: a diffusers pipeline folder or Hub id.")
+    if script_args.dataset_name is None:
+        raise ValueError("--dataset_name is required: a Hub id, a local data folder or a save_to_disk folder.")
+    unsupported = {
+        "load_in_4bit": model_args.load_in_4bit,
+        "load_in_8bit": model_args.load_in_8bit,
+        "attn_implementation": model_args.attn_implementation,
+        "lora_target_parameters": model_args.lora_target_parameters,
+    }
+    given = [name for name, value in unsupported.items() if value]
+    if given:
+        raise ValueError(
+            f"ModelConfig option(s) {given} apply to transformers language models and are not supported for "
+            "diffusion pipelines; remove them."
+        )
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    """``ModelConfig.dtype`` as a torch dtype; ``None`` or ``"auto"`` loads the checkpoint as diffusers does."""
+    if name in (None, "auto"):
+        return None
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
+def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
+    """Load the pipeline whole on every process (even under a ZeRO-3 config with ``zero3_init_flag``)."""
+    kwargs: dict = {"revision": model_args.model_revision}
+    dtype = _torch_dtype(model_args.dtype)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if diffusion_args.vae_name_or_path:
+        from diffusers import AutoencoderKL
+
+        with zero3_init_disabled():
+            kwargs["vae"] = AutoencoderKL.from_pretrained(
+                diffusion_args.vae_name_or_path, subfolder=diffusion_args.vae_subfolder, torch_dtype=dtype
+            )
+    return load_pipeline(model_args.model_name_or_path, **kwargs)
+
+
+def peft_config_for(model_args: ModelConfig, pipeline):
+    """TRL's ``get_peft_config``, with the denoiser's attention projections as default targets."""
+    peft_config = get_peft_config(model_args)
+    if peft_config is None:
+        return None
+    family = family_for_pipeline(pipeline)  # fails early, naming what the pipeline lacks
+    if not model_args.lora_target_modules:
+        peft_config.target_modules = set(getattr(family, "lora_target_modules", None) or DEFAULT_LORA_TARGETS)
+    peft_config.task_type = None  # TRL's default (CAUSAL_LM) names a language-model head
+    return peft_config
+
+
+def main(argv: Sequence[str] | None = None):
+    """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
+    from ..trainer import DiffusionSDPOTrainer
+
+    script_args, training_args, model_args, diffusion_args = parse_args(argv)
+    _check_supported(script_args, model_args)
+    pipeline = build_pipeline(model_args, diffusion_args)
+    peft_config = peft_config_for(model_args, pipeline)
+    train_dataset = load_preference_dataset(
+        script_args.dataset_name,
+        script_args.dataset_train_split,
+        script_args.dataset_streaming,
+        diffusion_args.max_train_rows,
+        config_name=script_args.dataset_config,
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_preference_dataset(
+            script_args.dataset_name, script_args.dataset_test_split, config_name=script_args.dataset_config
+        )
+    trainer = DiffusionSDPOTrainer(pipeline, None, training_args, train_dataset, eval_dataset, peft_config=peft_config)
+    if training_args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
+        trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
