@@ -62,17 +62,15 @@ from .io.saving import (
 )
 from .io.trackers import make_config_trackable
 from .objectives import (
-    DenoisingErrors,
-    ObjectiveOutput,
     PreferencePredictions,
     build_objective,
-    implicit_accuracy,
 )
 from .reference import Reference, build_reference
 from .step.batch import EncodedBatch, drop_prompts, encode_batch, fixed_time_ids
 from .step.branches import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
 from .step.draws import keyed_generator, rank_rows
 from .step.guard import NonFiniteLossGuard
+from .step.metrics import metric_names, record_metrics, reduce_metrics
 from .step.noising import NoisedPair, noise_pairs, sample_pair_noise, training_scheduler
 from .step.optimizer import (
     clip_divisor,
@@ -449,7 +447,7 @@ class DiffusionSDPOTrainer(Trainer):
             loss = loss * 0.0
             return (loss, {"logits": output.logits}) if return_outputs else loss
         self._flag_nonfinite(loss, mode)
-        self._record_metrics(self._metrics[mode], errors, output, {"safeguard/lambda": lam})
+        record_metrics(self._metrics[mode], errors, output, {"safeguard/lambda": lam})
         return (loss, {"logits": output.logits}) if return_outputs else loss
 
     def _parameter_space_training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -497,7 +495,7 @@ class DiffusionSDPOTrainer(Trainer):
         if replay:
             return torch.zeros((), device=loss.device)
         self._flag_nonfinite(loss, "train")
-        self._record_metrics(
+        record_metrics(
             self._metrics["train"],
             captured["errors"],
             captured["output"],
@@ -652,34 +650,20 @@ class DiffusionSDPOTrainer(Trainer):
             flag = (~torch.isfinite(loss.detach())).float()
             self._nonfinite_flag = flag if self._nonfinite_flag is None else self._nonfinite_flag + flag
 
-    def _record_metrics(
-        self,
-        metrics: defaultdict[str, list[torch.Tensor]],
-        errors: DenoisingErrors,
-        output: ObjectiveOutput,
-        lambdas: dict[str, torch.Tensor | None],
-    ) -> None:
-        # Tensors stay on the device; they are reduced only when logging, so a step never waits on the host.
-        metrics["implicit_acc"].append(implicit_accuracy(output.logits.detach()))
-        for name, value in output.metrics.items():
-            metrics[name].append(value.detach().float().mean())
-        metrics["mse/policy_winner"].append(errors.policy_winner.detach().mean())
-        metrics["mse/policy_loser"].append(errors.policy_loser.detach().mean())
-        if errors.reference_winner is not None:
-            metrics["mse/ref_winner"].append(errors.reference_winner.mean())
-            metrics["mse/ref_loser"].append(errors.reference_loser.mean())
-            metrics["delta/winner"].append((errors.policy_winner.detach() - errors.reference_winner).mean())
-            metrics["delta/loser"].append((errors.policy_loser.detach() - errors.reference_loser).mean())
-        for name, lam in lambdas.items():
-            if lam is not None:
-                metrics[name].append(lam)
-
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         prefix = self._eval_metric_prefix  # set while evaluate() runs
         mode = "train" if prefix is None else "eval"
-        reduced = self._reduce_metrics(self._metrics[mode])
+        several = self.accelerator.num_processes > 1
+        reduced = reduce_metrics(
+            self._metrics[mode],
+            metric_names(self.objective, self.args.safeguard, self.args.safeguard_space),
+            self.args.safeguard_max_lambda,
+            self.args.device,
+            (lambda t: self.accelerator.reduce(t, reduction="sum")) if several else None,
+            self.accelerator.gather if several else None,
+        )
         if mode == "train":
             self._count_device_skips()
             reduced["nonfinite_skipped"] = float(self._nonfinite_skipped)
@@ -688,64 +672,6 @@ class DiffusionSDPOTrainer(Trainer):
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.
         logs.update(reduced)
         super().log(logs, start_time)
-
-    def _metric_names(self) -> list[str]:
-        """The metrics every micro-batch records; the same list on every process (they are reduced together)."""
-        names = ["data/skipped_rows", "implicit_acc", "mse/policy_winner", "mse/policy_loser"]
-        if self.objective.requires_reference:
-            names += ["mse/ref_winner", "mse/ref_loser", "delta/winner", "delta/loser"]
-        names += list(getattr(self.objective, "metric_names", ()))  # a user's objective may declare none
-        if self.args.safeguard:
-            names.append("safeguard/lambda")
-            if self.args.safeguard_space == "parameter":
-                names.append("safeguard/output_lambda")  # the authors' rule on the same micro-batch, for comparison
-        return names
-
-    def _reduce_metrics(self, stored: defaultdict[str, list[torch.Tensor]]) -> dict[str, float]:
-        """Means over the micro-batches of all processes since the last log (sums for skipped rows; min, max and the
-        fraction below ``max_lambda`` for each lambda), with one all-reduce and one gather however many metrics
-        there are; the stored values are cleared.
-        """
-        names = self._metric_names()
-        lambdas = [n for n in names if n.startswith("safeguard/")]
-        device = self.args.device
-        # per metric: sum and count; per lambda: the count below max_lambda (engaged), and -min and max
-        sums = torch.zeros(len(names) + len(lambdas), device=device)
-        counts = torch.zeros_like(sums)
-        extremes = torch.full((2 * len(lambdas),), -torch.inf, device=device)
-        for i, name in enumerate(names):
-            values = stored.get(name)
-            if not values:
-                continue
-            stacked = torch.stack([v.detach().float().to(device) for v in values])
-            sums[i], counts[i] = stacked.sum(), stacked.numel()
-            if name in lambdas:
-                k = lambdas.index(name)
-                sums[len(names) + k] = (stacked < self.args.safeguard_max_lambda).float().sum()
-                counts[len(names) + k] = stacked.numel()
-                extremes[2 * k], extremes[2 * k + 1] = -stacked.min(), stacked.max()
-        stored.clear()
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
-            sums, counts = totals[0], totals[1]
-            extremes = self.accelerator.gather(extremes.reshape(1, -1)).amax(dim=0)
-        sums, counts, extremes = sums.tolist(), counts.tolist(), extremes.tolist()  # the one host sync
-        reduced: dict[str, float] = {}
-        for i, name in enumerate(names):
-            if counts[i] == 0:
-                continue
-            if name == "data/skipped_rows":
-                reduced[name] = sums[i]
-            elif name in lambdas:
-                k = lambdas.index(name)
-                reduced[f"{name}_mean"] = sums[i] / counts[i]
-                reduced[f"{name}_min"] = -extremes[2 * k]
-                reduced[f"{name}_max"] = extremes[2 * k + 1]
-                engaged = "safeguard/engaged" if name == "safeguard/lambda" else f"{name}_engaged"
-                reduced[engaged] = sums[len(names) + k] / counts[len(names) + k]
-            else:
-                reduced[name] = sums[i] / counts[i]
-        return reduced
 
     def _count_device_skips(self) -> None:
         pending, self._nonfinite_skipped_pending = self._nonfinite_skipped_pending, None

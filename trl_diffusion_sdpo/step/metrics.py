@@ -1,0 +1,108 @@
+"""The step's last stage: metrics recorded as device tensors every micro-batch, reduced only when logging.
+
+Recording never makes the host wait for the device. :func:`reduce_metrics` turns what was recorded since the last
+log into floats with one all-reduce and one gather over the processes, however many metrics there are, and a single
+host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+
+import torch
+
+from ..objectives import DenoisingErrors, ObjectiveOutput, PreferenceObjective, implicit_accuracy
+
+__all__ = ["metric_names", "record_metrics", "reduce_metrics"]
+
+Stored = MutableMapping[str, list[torch.Tensor]]
+
+
+def metric_names(objective: PreferenceObjective, safeguard: bool, safeguard_space: str) -> list[str]:
+    """The metrics every micro-batch records: the same list on every process, since they are reduced together."""
+    names = ["data/skipped_rows", "implicit_acc", "mse/policy_winner", "mse/policy_loser"]
+    if objective.requires_reference:
+        names += ["mse/ref_winner", "mse/ref_loser", "delta/winner", "delta/loser"]
+    names += list(getattr(objective, "metric_names", ()))  # a user's objective may declare none
+    if safeguard:
+        names.append("safeguard/lambda")
+        if safeguard_space == "parameter":
+            names.append("safeguard/output_lambda")  # the authors' rule on the same micro-batch, for comparison
+    return names
+
+
+def record_metrics(
+    stored: Stored,
+    errors: DenoisingErrors,
+    output: ObjectiveOutput,
+    lambdas: dict[str, torch.Tensor | None],
+) -> None:
+    """Append one micro-batch's metrics to ``stored`` (detached device tensors)."""
+    stored["implicit_acc"].append(implicit_accuracy(output.logits.detach()))
+    for name, value in output.metrics.items():
+        stored[name].append(value.detach().float().mean())
+    stored["mse/policy_winner"].append(errors.policy_winner.detach().mean())
+    stored["mse/policy_loser"].append(errors.policy_loser.detach().mean())
+    if errors.reference_winner is not None:
+        stored["mse/ref_winner"].append(errors.reference_winner.mean())
+        stored["mse/ref_loser"].append(errors.reference_loser.mean())
+        stored["delta/winner"].append((errors.policy_winner.detach() - errors.reference_winner).mean())
+        stored["delta/loser"].append((errors.policy_loser.detach() - errors.reference_loser).mean())
+    for name, lam in lambdas.items():
+        if lam is not None:
+            stored[name].append(lam)
+
+
+def reduce_metrics(
+    stored: Stored,
+    names: list[str],
+    max_lambda: float,
+    device: torch.device | str,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Means over the micro-batches of all processes since the last log, and ``stored`` cleared.
+
+    ``data/skipped_rows`` is summed; each ``safeguard/*`` lambda gives ``_mean``, ``_min``, ``_max`` and the fraction
+    of micro-batches below ``max_lambda`` (``safeguard/engaged`` for the rule in force, ``<name>_engaged`` for the
+    other). ``all_reduce_sum`` and ``all_gather`` (``None`` on one process) combine the processes' partial sums.
+    """
+    lambdas = [n for n in names if n.startswith("safeguard/")]
+    # per metric: sum and count; per lambda: the count below max_lambda (engaged), and -min and max
+    sums = torch.zeros(len(names) + len(lambdas), device=device)
+    counts = torch.zeros_like(sums)
+    extremes = torch.full((2 * len(lambdas),), -torch.inf, device=device)
+    for i, name in enumerate(names):
+        values = stored.get(name)
+        if not values:
+            continue
+        stacked = torch.stack([v.detach().float().to(device) for v in values])
+        sums[i], counts[i] = stacked.sum(), stacked.numel()
+        if name in lambdas:
+            k = lambdas.index(name)
+            sums[len(names) + k] = (stacked < max_lambda).float().sum()
+            counts[len(names) + k] = stacked.numel()
+            extremes[2 * k], extremes[2 * k + 1] = -stacked.min(), stacked.max()
+    stored.clear()
+    if all_reduce_sum is not None:
+        totals = all_reduce_sum(torch.stack([sums, counts]))
+        sums, counts = totals[0], totals[1]
+    if all_gather is not None:
+        extremes = all_gather(extremes.reshape(1, -1)).amax(dim=0)
+    sums, counts, extremes = sums.tolist(), counts.tolist(), extremes.tolist()  # the one host sync
+    reduced: dict[str, float] = {}
+    for i, name in enumerate(names):
+        if counts[i] == 0:
+            continue
+        if name == "data/skipped_rows":
+            reduced[name] = sums[i]
+        elif name in lambdas:
+            k = lambdas.index(name)
+            reduced[f"{name}_mean"] = sums[i] / counts[i]
+            reduced[f"{name}_min"] = -extremes[2 * k]
+            reduced[f"{name}_max"] = extremes[2 * k + 1]
+            engaged = "safeguard/engaged" if name == "safeguard/lambda" else f"{name}_engaged"
+            reduced[engaged] = sums[len(names) + k] / counts[len(names) + k]
+        else:
+            reduced[name] = sums[i] / counts[i]
+    return reduced
