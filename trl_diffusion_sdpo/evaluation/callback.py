@@ -143,10 +143,11 @@ class ValidationCallback(TrainerCallback):
         moved to the UNet's device for sampling and put back; the UNet's mode and every RNG state are restored.
         """
         pipeline = self._get_pipeline()
-        unet = pipeline.unet
+        name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # SD3 / FLUX: a transformer
+        unet = getattr(pipeline, name)
         was_training = unet.training
         device = unet.device
-        modules = {n: m for n, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and n != "unet"}
+        modules = {n: m for n, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and n != name}
         homes = {n: _module_device(m) for n, m in modules.items()}
         prompts = [p for _ in self.seeds for p in self.prompts]
         seeds = [s for s in self.seeds for _ in self.prompts]
