@@ -227,6 +227,7 @@ def _t5_encoder(vocab_size: int, hidden: int) -> T5EncoderModel:
         num_heads=2,
         relative_attention_num_buckets=8,
         relative_attention_max_distance=16,
+        dropout_rate=0.0,  # deterministic encodings, as a loaded encoder in eval mode gives
         decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,

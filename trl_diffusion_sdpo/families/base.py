@@ -100,12 +100,6 @@ class ModelFamily:
         at ``timestep [N]``, with ``conditioning`` from :meth:`unet_conditioning`; returns ``[N, C, h, w]``."""
         return model(sample, timestep, **conditioning, return_dict=False)[0]
 
-    def lora_save_kwargs(
-        self, layers: dict[str, torch.Tensor], metadata: dict[str, object]
-    ) -> dict[str, object]:
-        """Keyword arguments of the pipeline's ``save_lora_weights`` for the denoiser's adapter weights."""
-        return {f"{self.denoiser_name}_lora_layers": layers, f"{self.denoiser_name}_lora_adapter_metadata": metadata}
-
     @property
     def vae(self) -> torch.nn.Module:
         return self.pipeline.vae
