@@ -405,3 +405,36 @@ def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_flux_transformer
     assert rules["parameter"]["batches"] == 30 and rules["parameter"]["rose_beyond_tolerance"] == 0
     assert rules["parameter"]["lambda_min"] < 1.0  # the rule bound somewhere: the check is not vacuous
     assert rules["dpo"]["rose_beyond_tolerance"] > 0
+
+
+def test_flow_example_configs_parse_and_the_script_trains_from_local_folders(make_flow, flow_pairs, tmp_path) -> None:
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        import train_flow
+    finally:
+        sys.path.remove(str(examples))
+    for name, field, value in (("sd3_lora", "flow_shift", "scheduler"), ("flux_lora", "flux_guidance_scale", 3.5)):
+        script_args, config = train_flow.parse_args(
+            ["--config", str(examples / "configs" / f"{name}.yaml"), "--output_dir", "/tmp/unused", "--use_cpu"]
+        )
+        assert config.beta == 100 and getattr(config, field) == value and script_args.lora
+    pipe_dir, data_dir, out = tmp_path / "flux", tmp_path / "pairs", tmp_path / "out"
+    make_flow("flux").save_pretrained(pipe_dir)
+    flow_pairs.save_to_disk(str(data_dir))
+    train_flow.main(
+        ["--config", str(examples / "configs" / "flux_lora.yaml"), "--model_name_or_path", str(pipe_dir),
+         "--dataset_name", str(data_dir), "--output_dir", str(out), "--streaming", "false", "--weights_dtype",
+         "float32", "--bf16", "false", "--use_cpu", "--resolution", "32", "--max_sequence_length", str(SEQ),
+         "--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+         "--lora_rank", "4", "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0",
+         "--disable_tqdm", "true"]
+    )  # fmt: skip
+    keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    assert any("add_q_proj" in k for k in keys)  # both attention streams are adapted
