@@ -438,3 +438,51 @@ def test_flow_example_configs_parse_and_the_script_trains_from_local_folders(mak
     keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
     assert keys and all(k.startswith("transformer.") for k in keys)
     assert any("add_q_proj" in k for k in keys)  # both attention streams are adapted
+
+
+def test_validation_grids_sample_a_flux_model_with_its_flow_scheduler(make_flow, make_config, flow_pairs, tmp_path):
+    import os
+
+    pipe = make_flow("flux")
+    args = flow_config(
+        make_config, max_steps=1, output_dir=str(tmp_path / "run"), validation_prompts=["a red square"],
+        validation_seeds=[0], validation_steps=1, validation_num_inference_steps=2, validation_guidance_scale=1.0,
+    )  # fmt: skip
+    trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=flow_pairs, peft_config=lora())
+    trainer.train()
+    assert sorted(os.listdir(tmp_path / "run" / "validation")) == ["step-000000.png", "step-000001.png"]
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)  # training's scheduler untouched
+
+
+@pytest.mark.parametrize("kind,use_lora", [("flux", True), pytest.param("sd3", False, marks=pytest.mark.slow)])
+def test_resuming_a_flow_run_gives_the_weights_of_an_uninterrupted_one(
+    make_flow, make_config, flow_pairs, tmp_path, kind, use_lora
+) -> None:
+    from transformers import TrainerCallback
+
+    def run(output_dir, stop_at=None, resume=None):
+        args = flow_config(
+            make_config, output_dir=str(output_dir), max_steps=2, save_strategy="steps", save_steps=1,
+            learning_rate=1e-3 if use_lora else 1e-4,
+        )  # fmt: skip
+        trainer = DiffusionSDPOTrainer(
+            make_flow(kind), args=args, train_dataset=flow_pairs, peft_config=lora() if use_lora else None
+        )
+        if stop_at is not None:
+
+            class Stop(TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    control.should_training_stop = state.global_step == stop_at
+
+            trainer.add_callback(Stop())
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in trainer.family.denoiser.named_parameters() if p.requires_grad}
+
+    straight = run(tmp_path / "straight")
+    interrupted = run(tmp_path / "interrupted", stop_at=1)
+    name = "pytorch_lora_weights.safetensors" if use_lora else "transformer"
+    assert (tmp_path / "interrupted" / "checkpoint-1" / name).exists()
+    resumed = run(tmp_path / "interrupted", resume=str(tmp_path / "interrupted" / "checkpoint-1"))
+    assert any(not torch.equal(interrupted[k], resumed[k]) for k in resumed)  # the resumed run trained
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-7, msg=key)

@@ -122,10 +122,13 @@ class ValidationCallback(TrainerCallback):
         components = pipeline.components
         identity = tuple(id(module) for module in components.values())
         if self._sampler is None or self._sampler[0] != identity:
-            from diffusers import EulerDiscreteScheduler
+            from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
             from diffusers.utils import logging as diffusers_logging
 
-            scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+            # Flow-matching models (SD3, FLUX) sample with their own flow Euler scheduler, a copy of it.
+            flow = isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
+            scheduler_cls = FlowMatchEulerDiscreteScheduler if flow else EulerDiscreteScheduler
+            scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
             verbosity = diffusers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()  # the "safety checker disabled" notice, once per build
             try:
