@@ -27,8 +27,13 @@ def flow_assets(tmp_path_factory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("flow-distributed")
     Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
     assets = {}
+    # Widened (head dim 96): their feed-forward weights exceed ZeRO-3's persistence threshold and are partitioned.
+    wide = {"sd3": {}, "flux": {"axes_dims_rope": (24, 36, 36)}}
     for kind, build in (("sd3", build_tiny_sd3_pipeline), ("flux", build_tiny_flux_pipeline)):
-        build(seed=0, tokenizer_dir=str(root / f"tok-{kind}"), max_length=16).save_pretrained(root / kind)
+        pipe = build(
+            seed=0, tokenizer_dir=str(root / f"tok-{kind}"), max_length=16, attention_head_dim=96, **wide[kind]
+        )
+        pipe.save_pretrained(root / kind)
         assets[kind] = {
             "root": root / f"runs-{kind}",
             "pipeline": root / kind,

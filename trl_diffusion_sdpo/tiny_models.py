@@ -240,10 +240,17 @@ def _flow_scheduler(**dynamic) -> FlowMatchEulerDiscreteScheduler:
 
 
 def build_tiny_sd3_pipeline(
-    seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 16, with_t5: bool = True
+    seed: int = 0,
+    tokenizer_dir: str | None = None,
+    max_length: int = 16,
+    with_t5: bool = True,
+    attention_head_dim: int = 8,
 ) -> StableDiffusion3Pipeline:
     """A tiny SD3-style pipeline: MMDiT transformer, two CLIP encoders with projection, a T5 encoder, a 16-channel
-    VAE with SD3's latent scale and shift, and a flow-matching scheduler with SD3's static shift 3.0."""
+    VAE with SD3's latent scale and shift, and a flow-matching scheduler with SD3's static shift 3.0.
+
+    ``attention_head_dim`` (two heads) sets the transformer's width: 96 makes its feed-forward weights larger than
+    DeepSpeed ZeRO-3's default persistence threshold, so they really are partitioned."""
     torch.manual_seed(seed)
     base_dir = tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-")
     tokenizer = write_char_tokenizer(os.path.join(base_dir, "tokenizer"), max_length)
@@ -256,10 +263,10 @@ def build_tiny_sd3_pipeline(
         in_channels=16,
         out_channels=16,
         num_layers=2,
-        attention_head_dim=8,
+        attention_head_dim=attention_head_dim,
         num_attention_heads=2,
         joint_attention_dim=joint,
-        caption_projection_dim=16,
+        caption_projection_dim=2 * attention_head_dim,
         pooled_projection_dim=2 * clip_hidden,
         pos_embed_max_size=16,
     )
@@ -275,11 +282,18 @@ def build_tiny_sd3_pipeline(
 
 
 def build_tiny_flux_pipeline(
-    seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 16, guidance_embeds: bool = True
+    seed: int = 0,
+    tokenizer_dir: str | None = None,
+    max_length: int = 16,
+    guidance_embeds: bool = True,
+    attention_head_dim: int = 8,
+    axes_dims_rope: tuple[int, int, int] = (2, 2, 4),
 ) -> FluxPipeline:
     """A tiny FLUX.1-style pipeline: double- and single-stream transformer (with the guidance embedding of
     FLUX.1-dev, or without it as schnell), CLIP-L (pooled only) and T5 encoders, a VAE without quant convs and
-    FLUX's latent scale and shift, and a flow-matching scheduler with dynamic (resolution-dependent) shifting."""
+    FLUX's latent scale and shift, and a flow-matching scheduler with dynamic (resolution-dependent) shifting.
+
+    ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width."""
     torch.manual_seed(seed)
     base_dir = tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-")
     tokenizer = write_char_tokenizer(os.path.join(base_dir, "tokenizer"), max_length)
@@ -290,12 +304,12 @@ def build_tiny_flux_pipeline(
         in_channels=4 * latent_channels,  # latents are packed into 2x2 patches
         num_layers=1,
         num_single_layers=1,
-        attention_head_dim=8,
+        attention_head_dim=attention_head_dim,
         num_attention_heads=2,
         joint_attention_dim=hidden,
         pooled_projection_dim=16,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
+        axes_dims_rope=axes_dims_rope,
     )
     vae = _vae(
         (8, 8, 8, 8), latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159,
