@@ -145,6 +145,13 @@ def test_flux_call_packs_latents_and_passes_guidance_as_the_pipeline_does(make_f
     )
 
 
+def test_flux_schnell_without_guidance_embedding_trains(make_flow, make_config, flow_pairs) -> None:
+    pipe = make_flow("flux", guidance_embeds=False)
+    trainer = DiffusionSDPOTrainer(pipe, args=flow_config(make_config, max_steps=1), train_dataset=flow_pairs)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
 # ------------------------------------------------------------------------------------------------------- noising
 
 
@@ -293,6 +300,9 @@ def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_transformer(
     expected = transformer_outputs(trained, family)
     assert not torch.allclose(transformer_outputs(original.transformer, family), expected, atol=1e-5)
     torch.testing.assert_close(transformer_outputs(loaded, family), expected)
+    trainer.create_model_card()  # its usage snippet loads the transformer, not a UNet
+    card = (out / "README.md").read_text()
+    assert f'{TRANSFORMERS[kind].__name__}.from_pretrained("<this repo>", subfolder="transformer")' in card
 
 
 @pytest.mark.parametrize("space", ["output", "parameter"])

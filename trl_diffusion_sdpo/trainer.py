@@ -859,6 +859,7 @@ class DiffusionSDPOTrainer(Trainer):
             tags=list(self._tag_names) + list(tags or []),
             model_family=self.family.name,
             sample_grid=self._last_validation_grid(),
+            denoiser=(self.family.denoiser_name, type(self.family.denoiser).__name__),
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))

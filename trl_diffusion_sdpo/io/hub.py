@@ -38,9 +38,13 @@ def build_model_card(
     tags: list[str],
     model_family: str,
     sample_grid: str | None = None,
+    denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel"),
 ) -> ModelCard:
     """A model card naming the base model, method, key hyperparameters and the papers to cite; ``sample_grid``, a
-    path relative to the card, shows the last validation grid."""
+    path relative to the card, shows the last validation grid. ``denoiser`` is the trained network's pipeline name
+    and class (``("transformer", "FluxTransformer2DModel")`` for FLUX)."""
+    name, cls = denoiser
+    label = "UNet" if name == "unet" else "transformer"
     all_tags = ["diffusers", "trl", "diffusion-sdpo", "text-to-image", model_family]
     if is_lora:
         all_tags.append("lora")
@@ -51,7 +55,7 @@ def build_model_card(
         tags=all_tags,
         pipeline_tag="text-to-image",
     )
-    kind = "LoRA adapters for the UNet" if is_lora else "a fully fine-tuned UNet"
+    kind = f"LoRA adapters for the {label}" if is_lora else f"a fully fine-tuned {label}"
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hyperparameters.items())
     if is_lora:
         usage = (
@@ -61,9 +65,9 @@ def build_model_card(
         )
     else:
         usage = (
-            "```python\nfrom diffusers import DiffusionPipeline, UNet2DConditionModel\n\n"
-            "unet = UNet2DConditionModel.from_pretrained(\"<this repo>\", subfolder=\"unet\")\n"
-            f"pipe = DiffusionPipeline.from_pretrained({base_model!r}, unet=unet)\n"
+            f"```python\nfrom diffusers import DiffusionPipeline, {cls}\n\n"
+            f"{name} = {cls}.from_pretrained(\"<this repo>\", subfolder=\"{name}\")\n"
+            f"pipe = DiffusionPipeline.from_pretrained({base_model!r}, {name}={name})\n"
             "image = pipe(\"a photo of a cat\").images[0]\n```"
         )
     samples = ""
