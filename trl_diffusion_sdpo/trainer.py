@@ -92,12 +92,13 @@ def _compute_dtype(args: DiffusionSDPOConfig) -> torch.dtype:
 
 
 class DiffusionSDPOTrainer(Trainer):
-    """Preference tuning of a Stable Diffusion (1.x, 2.x, XL) UNet with Diffusion-DPO or Diffusion-SDPO.
+    """Preference tuning of a Stable Diffusion (1.x, 2.x, XL) UNet, or an SD3 / SD3.5 or FLUX.1 transformer (flow
+    matching), with Diffusion-DPO or Diffusion-SDPO.
 
     Args:
         model: a diffusers pipeline, or a local path / Hub id loaded with ``DiffusionPipeline.from_pretrained``.
-            Its UNet is tuned in place (after ``train()``, ``pipe(prompt)`` samples from the tuned model); the VAE
-            and text encoder(s) stay frozen.
+            Its UNet (or transformer) is tuned in place (after ``train()``, ``pipe(prompt)`` samples from the tuned
+            model); the VAE and text encoder(s) stay frozen.
         ref_model: ``None`` (the adapter-disabled policy with LoRA, else a frozen copy of the initial UNet), or a
             separate UNet or pipeline.
         args: a :class:`DiffusionSDPOConfig`.
@@ -597,9 +598,9 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _noise(self, generator: torch.Generator, mode: str, encoded: EncodedBatch) -> NoisedPair:
         """Draw one timestep and noise per pair and one posterior sample per image; noise the pair."""
-        latent_shape = tuple(encoded.mean.shape[1:])
         if self.flow_noising is not None:
             return self._flow_noise(generator, mode, encoded)
+        latent_shape = tuple(encoded.mean.shape[1:])
 
         def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
             timesteps, noise = sample_pair_noise(
