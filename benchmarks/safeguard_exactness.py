@@ -259,8 +259,11 @@ def run(
     gen = torch.Generator().manual_seed(setting.seed)
     drifted = _drifted(problem, gen)  # drawn first either way: the batches do not depend on ``starts``
     starts = {name: {"reference": problem.reference, "drifted": drifted}[name] for name in starts}
-    described = {"unet": pipeline_dir or "tiny random UNet", "sd3": "tiny random SD3 transformer (MMDiT)",
-                 "flux": "tiny random FLUX.1-dev transformer (guidance embedding)"}[model]
+    described = {
+        "unet": pipeline_dir or "tiny random UNet",
+        "sd3": "tiny random SD3 transformer (MMDiT)",
+        "flux": "tiny random FLUX.1-dev transformer (guidance embedding)",
+    }[model]
     report: dict = {"setting": setting.__dict__, "model": described, "starts": {}}
     began = time.perf_counter()
     for start, theta in starts.items():
@@ -340,8 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default=None, help="A diffusers pipeline folder (default: a tiny random UNet).")
     parser.add_argument("--json", default=None, help="Write the report (with every lambda) here.")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
-                        help="Plot the lambda histograms of these saved reports to --plot-to and exit.")
+    parser.add_argument(
+        "--plot",
+        nargs="*",
+        default=None,
+        metavar="JSON",
+        help="Plot the lambda histograms of these saved reports to --plot-to and exit.",
+    )
     parser.add_argument("--plot-to", default="docs/images/safeguard_lambdas.png")
     args = parser.parse_args(argv)
     if args.plot:

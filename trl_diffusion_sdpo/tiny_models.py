@@ -152,12 +152,22 @@ def build_tiny_sd_pipeline(
     vae = _vae((8, 8, 8, 8))
     text_encoder = _text_encoder(len(tokenizer), cross_attention_dim, 2, max_length)
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type=prediction_type, clip_sample=False,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
     )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -192,12 +202,21 @@ def build_tiny_sdxl_pipeline(
     text_encoder = _text_encoder(len(tokenizer), hidden_1, 2, max_length)
     text_encoder_2 = _text_encoder(len(tokenizer_2), hidden_2, 2, max_length, projection=projection)
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type=prediction_type, clip_sample=False,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
     )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
     )
 
 
@@ -275,9 +294,15 @@ def build_tiny_sd3_pipeline(
     text_encoder_2 = _text_encoder(len(tokenizer_2), clip_hidden, 2, max_length, projection=clip_hidden)
     text_encoder_3 = _t5_encoder(len(tokenizer_3), joint) if with_t5 else None
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=_flow_scheduler(shift=3.0), vae=vae,
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        transformer=transformer,
+        scheduler=_flow_scheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
 
 
@@ -312,16 +337,28 @@ def build_tiny_flux_pipeline(
         axes_dims_rope=axes_dims_rope,
     )
     vae = _vae(
-        (8, 8, 8, 8), latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159,
+        (8, 8, 8, 8),
+        latent_channels=latent_channels,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
         use_quant_conv=False,
     )
     text_encoder = _text_encoder(len(tokenizer), 16, 2, max_length)
     text_encoder_2 = _t5_encoder(len(tokenizer_2), hidden)
     scheduler = _flow_scheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
         max_image_seq_len=4096,
     )
     return FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2, transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )

@@ -291,8 +291,11 @@ class ImageCache:
         folder = self.folder(spec, base)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "model.json"), "w") as f:
-            json.dump({"name": spec.name, "base": base, "path": spec.path, "kind": spec.kind,
-                       "settings": asdict(settings)}, f, indent=2)
+            json.dump(
+                {"name": spec.name, "base": base, "path": spec.path, "kind": spec.kind, "settings": asdict(settings)},
+                f,
+                indent=2,
+            )
 
 
 def generate_images(
@@ -333,8 +336,9 @@ def generate_images(
             bar = tqdm(total=len(missing), desc=f"generating {spec.name}", unit="img", disable=not progress)
             for start in range(0, len(missing), batch_size):
                 chunk = missing[start : start + batch_size]
-                images = sample_images(pipe, [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk], settings,
-                                       batch_size=len(chunk))
+                images = sample_images(
+                    pipe, [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk], settings, batch_size=len(chunk)
+                )
                 for i, image in zip(chunk, images):
                     cache.put(paths[spec.name][i], image)
                 generated[spec.name] += len(chunk)

@@ -139,8 +139,6 @@ class ModelFamily:
         with torch.autocast(device_type=vae.device.type, enabled=False):
             return vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
 
-    def unet_conditioning(
-        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
-    ) -> dict[str, object]:
+    def unet_conditioning(self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None) -> dict[str, object]:
         """Keyword arguments for ``unet(sample, timestep, **kwargs)``."""
         return {"encoder_hidden_states": prompt_embeds.encoder_hidden_states}

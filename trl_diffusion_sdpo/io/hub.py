@@ -61,14 +61,14 @@ def build_model_card(
         usage = (
             "```python\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained({base_model!r})\n"
-            "pipe.load_lora_weights(\"<this repo>\")\nimage = pipe(\"a photo of a cat\").images[0]\n```"
+            'pipe.load_lora_weights("<this repo>")\nimage = pipe("a photo of a cat").images[0]\n```'
         )
     else:
         usage = (
             f"```python\nfrom diffusers import DiffusionPipeline, {cls}\n\n"
-            f"{name} = {cls}.from_pretrained(\"<this repo>\", subfolder=\"{name}\")\n"
+            f'{name} = {cls}.from_pretrained("<this repo>", subfolder="{name}")\n'
             f"pipe = DiffusionPipeline.from_pretrained({base_model!r}, {name}={name})\n"
-            "image = pipe(\"a photo of a cat\").images[0]\n```"
+            'image = pipe("a photo of a cat").images[0]\n```'
         )
     samples = ""
     if sample_grid:
@@ -78,7 +78,7 @@ def build_model_card(
 {data.to_yaml()}
 ---
 
-# {method} fine-tune of {base_model or 'a Stable Diffusion model'}
+# {method} fine-tune of {base_model or "a Stable Diffusion model"}
 
 This repository holds {kind}, trained with **{method}** using
 `trl-diffusion-sdpo` on preference pairs (winner and loser images per prompt).
