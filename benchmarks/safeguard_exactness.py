@@ -19,7 +19,13 @@ how often those rules let the winner's term rise.
 
 One AdamW step (first step, from fresh moments: a sign-like update) is reported too; the bound does not cover it.
 
+``--model sd3`` or ``--model flux`` runs the same check on a tiny flow-matching transformer (SD3's MMDiT, FLUX's
+double/single-stream blocks with packed latents and the guidance embedding), called through the model family as the
+trainer calls it: pairs are noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair,
+the target is the velocity ``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
+
     python benchmarks/safeguard_exactness.py --batches 100 --json benchmarks/results/safeguard_exactness.json
+    python benchmarks/safeguard_exactness.py --model flux --json benchmarks/results/safeguard_exactness_flux.json
 """
 
 from __future__ import annotations
@@ -38,8 +44,13 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trl_diffusion_sdpo.families import family_for_pipeline  # noqa: E402
 from trl_diffusion_sdpo.step.safeguard import parameter_space_lambda, winner_preserving_lambda  # noqa: E402
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline  # noqa: E402
+from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
+    build_tiny_flux_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sd_pipeline,
+)
 
 RULES = ("dpo", "output", "parameter", "parameter_adamw", "dpo_adamw")
 
@@ -75,17 +86,33 @@ def _unet(pipeline_dir: str | None) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
 
 
-class Problem:
-    """A float64 UNet as a function of its parameters, with random batches of noised pairs."""
+MODELS = ("unet", "sd3", "flux")
 
-    def __init__(self, unet: torch.nn.Module, setting: Setting) -> None:
+
+def _flow_family(model: str):
+    """A tiny SD3 or FLUX pipeline's family (its transformer is the network under test)."""
+    pipe = (build_tiny_sd3_pipeline if model == "sd3" else build_tiny_flux_pipeline)(seed=0)
+    return family_for_pipeline(pipe)
+
+
+class Problem:
+    """A float64 denoiser (a UNet, or a flow transformer called through its family) as a function of its parameters,
+    with random batches of noised pairs."""
+
+    def __init__(self, unet: torch.nn.Module, setting: Setting, family=None) -> None:
         self.unet = unet.double().eval()
         self.setting = setting
+        self.family = family  # None: the UNet and DDPM noising; a flow family: rectified-flow noising
         self.names = [n for n, _ in unet.named_parameters()]
         self.reference = {n: p.detach().clone() for n, p in unet.named_parameters()}
         cfg = unet.config
-        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        self.cross_dim = cfg.cross_attention_dim
+        if family is None:
+            self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+            self.cross_dim = cfg.cross_attention_dim
+        else:
+            self.latent_shape = (family.pipeline.vae.config.latent_channels, 8, 8)
+            self.cross_dim = cfg.joint_attention_dim
+            self.pooled_dim = cfg.pooled_projection_dim
         self.alphas = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)  # a smooth abar schedule
 
     def batch(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -100,15 +127,38 @@ class Problem:
         z_l = scale * (z_w + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64))
         noise = torch.randn(shape, generator=gen, dtype=torch.float64)  # shared by the pair
         cond = torch.randn((n, 8, self.cross_dim), generator=gen, dtype=torch.float64)
-        x_w = abar.sqrt() * z_w + (1 - abar).sqrt() * noise
-        x_l = abar.sqrt() * z_l + (1 - abar).sqrt() * noise
-        return {"x_w": x_w, "x_l": x_l, "t": t, "noise": noise, "cond": cond}
+        if self.family is None:
+            x_w = abar.sqrt() * z_w + (1 - abar).sqrt() * noise
+            x_l = abar.sqrt() * z_l + (1 - abar).sqrt() * noise
+            return {"x_w": x_w, "x_l": x_l, "t": t, "target_w": noise, "target_l": noise, "cond": cond}
+        # rectified flow: one logit-normal level per pair, velocity targets
+        s = torch.sigmoid(torch.randn((n,), generator=gen, dtype=torch.float64))
+        s_b = s.view(-1, 1, 1, 1)
+        pooled = torch.randn((n, self.pooled_dim), generator=gen, dtype=torch.float64)
+        return {
+            "x_w": (1 - s_b) * z_w + s_b * noise,
+            "x_l": (1 - s_b) * z_l + s_b * noise,
+            "t": 1000 * s,
+            "target_w": noise - z_w,
+            "target_l": noise - z_l,
+            "cond": cond,
+            "pooled": pooled,
+        }
 
     def predict(self, params: dict[str, torch.Tensor], x: torch.Tensor, batch) -> torch.Tensor:
-        return functional_call(self.unet, params, (x, batch["t"]), {"encoder_hidden_states": batch["cond"]})[0]
+        if self.family is None:
+            return functional_call(self.unet, params, (x, batch["t"]), {"encoder_hidden_states": batch["cond"]})[0]
+        from trl_diffusion_sdpo.families import PromptEmbeddings
 
-    def errors(self, pred: torch.Tensor, batch) -> torch.Tensor:
-        return (pred - batch["noise"]).pow(2).flatten(1).mean(1)
+        conditioning = self.family.unet_conditioning(PromptEmbeddings(batch["cond"], batch["pooled"]), None)
+
+        def network(*args, **kwargs):
+            return functional_call(self.unet, params, args, kwargs)
+
+        return self.family.call_denoiser(network, x, batch["t"], conditioning)
+
+    def errors(self, pred: torch.Tensor, batch, branch: str = "w") -> torch.Tensor:
+        return (pred - batch[f"target_{branch}"]).pow(2).flatten(1).mean(1)
 
     def dpo_loss(self, e_w, e_l, r_w, r_l) -> torch.Tensor:
         u = -0.5 * self.setting.beta * ((e_w - e_l) - (r_w - r_l))
@@ -127,9 +177,9 @@ def _drifted(problem: Problem, gen: torch.Generator) -> dict[str, torch.Tensor]:
         batch = problem.batch(gen)
         with torch.no_grad():
             r_w = problem.errors(problem.predict(problem.reference, batch["x_w"], batch), batch)
-            r_l = problem.errors(problem.predict(problem.reference, batch["x_l"], batch), batch)
+            r_l = problem.errors(problem.predict(problem.reference, batch["x_l"], batch), batch, "l")
         e_w = problem.errors(problem.predict(params, batch["x_w"], batch), batch)
-        e_l = problem.errors(problem.predict(params, batch["x_l"], batch), batch)
+        e_l = problem.errors(problem.predict(params, batch["x_l"], batch), batch, "l")
         optimizer.zero_grad()
         problem.dpo_loss(e_w, e_l, r_w, r_l).backward()
         optimizer.step()
@@ -142,11 +192,11 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
     setting = problem.setting
     with torch.no_grad():
         r_w = problem.errors(problem.predict(problem.reference, batch["x_w"], batch), batch)
-        r_l = problem.errors(problem.predict(problem.reference, batch["x_l"], batch), batch)
+        r_l = problem.errors(problem.predict(problem.reference, batch["x_l"], batch), batch, "l")
     leaf = {n: theta[n].clone().requires_grad_(True) for n in names}
     pred_w = problem.predict(leaf, batch["x_w"], batch)
     pred_l = problem.predict(leaf, batch["x_l"], batch)
-    e_w, e_l = problem.errors(pred_w, batch), problem.errors(pred_l, batch)
+    e_w, e_l = problem.errors(pred_w, batch), problem.errors(pred_l, batch, "l")
     e_w_leaf, e_l_leaf = e_w.detach().requires_grad_(True), e_l.detach().requires_grad_(True)
     a_w, a_l = torch.autograd.grad(problem.dpo_loss(e_w_leaf, e_l_leaf, r_w, r_l), (e_w_leaf, e_l_leaf))
     g_w = _flat(torch.autograd.grad((a_w * e_w).sum(), [leaf[n] for n in names], retain_graph=True))
@@ -170,7 +220,7 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
     w0 = winner_term(theta_flat)
     lam_param = parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), setting.mu).double()
     lam_out = winner_preserving_lambda(
-        (pred_w - batch["noise"]).detach(), (pred_l - batch["noise"]).detach(), setting.mu
+        (pred_w - batch["target_w"]).detach(), (pred_l - batch["target_l"]).detach(), setting.mu
     ).double()
     results = {}
     for rule, lam in (("dpo", torch.tensor(1.0, dtype=torch.float64)), ("output", lam_out), ("parameter", lam_param)):
@@ -198,13 +248,23 @@ def run(
     pipeline_dir: str | None = None,
     progress: bool = True,
     starts: tuple[str, ...] = ("reference", "drifted"),
+    model: str = "unet",
 ) -> dict:
     torch.manual_seed(setting.seed)
-    problem = Problem(_unet(pipeline_dir), setting)
+    if model == "unet":
+        problem = Problem(_unet(pipeline_dir), setting)
+    else:
+        family = _flow_family(model)
+        problem = Problem(family.denoiser, setting, family)
     gen = torch.Generator().manual_seed(setting.seed)
     drifted = _drifted(problem, gen)  # drawn first either way: the batches do not depend on ``starts``
     starts = {name: {"reference": problem.reference, "drifted": drifted}[name] for name in starts}
-    report: dict = {"setting": setting.__dict__, "model": pipeline_dir or "tiny random UNet", "starts": {}}
+    described = {
+        "unet": pipeline_dir or "tiny random UNet",
+        "sd3": "tiny random SD3 transformer (MMDiT)",
+        "flux": "tiny random FLUX.1-dev transformer (guidance embedding)",
+    }[model]
+    report: dict = {"setting": setting.__dict__, "model": described, "starts": {}}
     began = time.perf_counter()
     for start, theta in starts.items():
         counts = {rule: Counts() for rule in RULES}
@@ -278,11 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--mu", type=float, default=0.5)
     parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--model", choices=MODELS, default="unet", help="unet (default), or a tiny flow transformer.")
+    parser.add_argument("--beta", type=float, default=None, help="Default: 5000 (unet), 100 (sd3, flux).")
     parser.add_argument("--pipeline", default=None, help="A diffusers pipeline folder (default: a tiny random UNet).")
     parser.add_argument("--json", default=None, help="Write the report (with every lambda) here.")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--plot", nargs="*", default=None, metavar="JSON",
-                        help="Plot the lambda histograms of these saved reports to --plot-to and exit.")
+    parser.add_argument(
+        "--plot",
+        nargs="*",
+        default=None,
+        metavar="JSON",
+        help="Plot the lambda histograms of these saved reports to --plot-to and exit.",
+    )
     parser.add_argument("--plot-to", default="docs/images/safeguard_lambdas.png")
     args = parser.parse_args(argv)
     if args.plot:
@@ -291,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         plot_lambdas(reports, args.plot_to)
         return 0
     torch.set_num_threads(args.threads)
-    report = run(Setting(batches=args.batches, mu=args.mu, pairs=args.pairs), args.pipeline)
+    beta = args.beta if args.beta is not None else (5000.0 if args.model == "unet" else 100.0)
+    setting = Setting(batches=args.batches, mu=args.mu, pairs=args.pairs, beta=beta)
+    report = run(setting, args.pipeline, model=args.model)
     print(format_table(report))
     print(f"{report['seconds']:.0f} s")
     if args.json:

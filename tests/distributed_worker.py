@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 
 
 def _example(name: str):
-    path = os.path.join(ROOT, "examples", f"train_{name}.py")
+    path = os.path.join(ROOT, "examples", f"train_{name}.py")  # sd15, sdxl, or flow (SD3 / FLUX)
     spec = importlib.util.spec_from_file_location(f"train_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -44,7 +44,29 @@ def _gathered(params: list[torch.nn.Parameter]):
     return contextlib.nullcontext()
 
 
-def _inputs(unet_config, resolution: int) -> dict[str, torch.Tensor]:
+def _flow_inputs(family, resolution: int) -> dict:
+    """Fixed latents, timesteps and conditioning for a flow transformer, called through its family."""
+    from trl_diffusion_sdpo.families import PromptEmbeddings
+
+    generator = torch.Generator().manual_seed(123)
+    config = family.denoiser.config
+    size = resolution // family.pipeline.vae_scale_factor
+    channels = family.pipeline.vae.config.latent_channels
+    embeds = PromptEmbeddings(
+        torch.randn(2, 8, config.joint_attention_dim, generator=generator),
+        torch.randn(2, config.pooled_projection_dim, generator=generator),
+    )
+    return {
+        "sample": torch.randn(2, channels, size, size, generator=generator),
+        "timestep": torch.tensor([100.0, 700.0]),
+        "conditioning": family.unet_conditioning(embeds, None),
+        "family": family,
+    }
+
+
+def _inputs(unet_config, resolution: int, family=None) -> dict[str, torch.Tensor]:
+    if family is not None and family.flow_matching:
+        return _flow_inputs(family, resolution)
     generator = torch.Generator().manual_seed(123)
     size = resolution // 8
     inputs = {
@@ -90,6 +112,9 @@ def _poison(step: int, rank: int) -> None:
 
 @torch.no_grad()
 def _output(unet, inputs) -> torch.Tensor:
+    if "family" in inputs:  # a flow transformer
+        family = inputs["family"]
+        return family.call_denoiser(unet, inputs["sample"], inputs["timestep"], inputs["conditioning"]).float()
     return unet(**inputs, return_dict=False)[0].float()
 
 
@@ -109,7 +134,9 @@ def main() -> None:
     stage = zero_stage(accelerator)
     policy = trainer.accelerator.unwrap_model(trainer.model)
     model_dir = trainer.base_model_name
-    original = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    denoiser_name = trainer.family.denoiser_name  # "unet", or "transformer" for SD3 / FLUX
+    denoiser_cls = UNet2DConditionModel if denoiser_name == "unet" else type(trainer.family.denoiser)
+    original = denoiser_cls.from_pretrained(model_dir, subfolder=denoiser_name)
     original_state = original.state_dict()
     result: dict = {
         "num_processes": accelerator.num_processes,
@@ -161,18 +188,18 @@ def main() -> None:
         result["naive_load_partitions_text_encoder"] = any(is_partitioned(p) for p in naive.parameters())
 
     # The trained UNet's outputs on fixed inputs, to compare with what diffusers loads from the saved files.
-    inputs = _inputs(policy.config, trainer.args.resolution)
+    inputs = _inputs(policy.config, trainer.args.resolution, trainer.family)
     trained = _output(policy, inputs)
     if accelerator.is_main_process:
         output_dir = trainer.args.output_dir
         if trainer.is_lora:
             pipe = load_pipeline(model_dir)  # not partitioned: only this process loads it
             pipe.load_lora_weights(output_dir)
-            loaded = pipe.unet
+            loaded = getattr(pipe, denoiser_name)
             result["saved_files"] = sorted(os.listdir(output_dir))
         else:
-            loaded = UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")
-            result["saved_files"] = sorted(os.listdir(os.path.join(output_dir, "unet")))
+            loaded = denoiser_cls.from_pretrained(output_dir, subfolder=denoiser_name)
+            result["saved_files"] = sorted(os.listdir(os.path.join(output_dir, denoiser_name)))
         result["saved_vs_trained_max_abs_diff"] = (_output(loaded, inputs) - trained).abs().max().item()
         result["original_vs_trained_max_abs_diff"] = (_output(original, inputs) - trained).abs().max().item()
         with open(args.result, "w") as f:

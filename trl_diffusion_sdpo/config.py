@@ -28,7 +28,9 @@ class DiffusionSDPOConfig(TrainingArguments):
 
     beta (`float`, *optional*, defaults to `5000.0`):
         KL-regularisation strength of Diffusion-DPO. The timestep count and weighting are folded into it; the paper
-        reports 2000 to 5000 working. Larger values make the logit ``u`` more sensitive to error differences.
+        reports 2000 to 5000 working. Larger values make the logit ``u`` more sensitive to error differences. For the
+        flow-matching families (SD3, FLUX) the anchors use much smaller values (flow_grpo's SD3.5 Flow-DPO: 100 on
+        per-sample mean velocity errors); see docs/sd3.md.
     loss_type (`str`, *optional*, defaults to `"dpo"`):
         Preference objective (formulas and the authors' settings per model family: `docs/objectives.md`).
         `"dpo"`: Diffusion-DPO, ``-logsigmoid(u)``. `"dspo"`: the score-matching form (authors' beta 0.001 for SD1.5
@@ -96,7 +98,27 @@ class DiffusionSDPOConfig(TrainingArguments):
     min_timestep (`int`, *optional*, defaults to `0`):
         Smallest training timestep (inclusive).
     max_timestep (`int` or `None`, *optional*, defaults to `None`):
-        Largest training timestep (exclusive); `None` means the scheduler's ``num_train_timesteps``.
+        Largest training timestep (exclusive); `None` means the scheduler's ``num_train_timesteps``. UNet families
+        only; the flow families draw noise levels with the ``flow_*`` settings.
+
+    > Parameters of the flow-matching families (SD3 / SD3.5, FLUX.1)
+
+    flow_weighting_scheme (`str` or `None`, *optional*, defaults to `None`):
+        How the noise level ``s`` is drawn and weighted (diffusers' ``compute_density_for_timestep_sampling`` and
+        ``compute_loss_weighting_for_sd3``): `"logit_normal"`, `"mode"`, `"none"` (uniform), `"sigma_sqrt"` or
+        `"cosmap"` (uniform draws, weighted losses). `None`: the family's default (`"logit_normal"` for both).
+    flow_logit_mean, flow_logit_std (`float`, *optional*, defaults to `0.0`, `1.0`), flow_mode_scale (`float`,
+    *optional*, defaults to `1.29`):
+        Parameters of the logit-normal and mode densities.
+    flow_shift (`str` or `None`, *optional*, defaults to `None`):
+        `"scheduler"`: levels from the training scheduler's sigma table (its static shift, 3.0 for SD3), as diffusers'
+        scripts; `"resolution"`: FLUX's resolution-dependent shift on the unshifted table; `"none"`: unshifted.
+        `None`: the family's default (SD3 `"scheduler"`, FLUX `"resolution"`).
+    max_sequence_length (`int` or `None`, *optional*, defaults to `None`):
+        T5 tokens of the prompt; `None`: the family's default (SD3 77 as diffusers' SD3 LoRA script, FLUX 512).
+    flux_guidance_scale (`float`, *optional*, defaults to `3.5`):
+        The guidance value fed to FLUX.1-dev's guidance embedding (policy and reference alike); ignored by models
+        without one (schnell).
     caption_column, image_0_column, image_1_column, label_0_column (`str`):
         Pick-a-Pic column names (defaults `"caption"`, `"jpg_0"`, `"jpg_1"`, `"label_0"`). ``label_0`` is 1 when
         image 0 is preferred, 0 when image 1 is, 0.5 for a tie (ties are dropped and counted).
@@ -221,6 +243,24 @@ class DiffusionSDPOConfig(TrainingArguments):
     max_timestep: int | None = field(
         default=None, metadata={"help": "Largest training timestep (exclusive); None: num_train_timesteps."}
     )
+    flow_weighting_scheme: str | None = field(
+        default=None,
+        metadata={"help": "Flow families: noise-level density and loss weighting (logit_normal, mode, none, "
+                  "sigma_sqrt, cosmap); None: the family's default."},
+    )
+    flow_logit_mean: float = field(default=0.0, metadata={"help": "Flow families: logit-normal mean."})
+    flow_logit_std: float = field(default=1.0, metadata={"help": "Flow families: logit-normal std."})
+    flow_mode_scale: float = field(default=1.29, metadata={"help": "Flow families: mode-sampling scale."})
+    flow_shift: str | None = field(
+        default=None,
+        metadata={"help": "Flow families: sigma shift (scheduler, resolution, none); None: the family's default."},
+    )
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "Flow families: T5 prompt tokens; None: the family's default (77 / 512)."}
+    )
+    flux_guidance_scale: float = field(
+        default=3.5, metadata={"help": "FLUX.1-dev: guidance value of the guidance embedding while training."}
+    )
     caption_column: str = field(default="caption", metadata={"help": "Pick-a-Pic caption column."})
     image_0_column: str = field(default="jpg_0", metadata={"help": "Pick-a-Pic first image column."})
     image_1_column: str = field(default="jpg_1", metadata={"help": "Pick-a-Pic second image column."})
@@ -306,6 +346,17 @@ class DiffusionSDPOConfig(TrainingArguments):
             raise ValueError(
                 f"max_timestep ({self.max_timestep}) must be larger than min_timestep ({self.min_timestep})"
             )
+        if self.flow_weighting_scheme is not None or self.flow_shift is not None:
+            from .step.flow import FlowTimestepSampling  # validates both names
+
+            FlowTimestepSampling(
+                self.flow_weighting_scheme or "logit_normal", logit_std=self.flow_logit_std,
+                shift=self.flow_shift or "scheduler",
+            )
+        if self.flow_logit_std <= 0:
+            raise ValueError(f"flow_logit_std must be > 0, got {self.flow_logit_std}")
+        if self.max_sequence_length is not None and self.max_sequence_length <= 0:
+            raise ValueError(f"max_sequence_length must be positive, got {self.max_sequence_length}")
         if self.on_nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite_loss must be 'skip' or 'raise', got {self.on_nonfinite_loss!r}")
         if self.cache_latents and self.random_crop:

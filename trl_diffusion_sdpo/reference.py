@@ -1,7 +1,8 @@
-"""The frozen reference model of Diffusion-DPO: a frozen copy of the initial UNet, or, with LoRA, the policy UNet
-itself with its adapters disabled (no second copy of the weights).
+"""The frozen reference model of Diffusion-DPO: a frozen copy of the initial denoiser (UNet or transformer), or,
+with LoRA, the policy itself with its adapters disabled (no second copy of the weights).
 
-A reference predicts under ``torch.no_grad`` and in eval mode; it never receives gradients or optimizer updates.
+A reference predicts under ``torch.no_grad`` and in eval mode; it never receives gradients or optimizer updates. How
+the network is called (argument names, FLUX's latent packing) comes from the model family as ``call``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import torch
 from diffusers import DiffusionPipeline
 
 __all__ = ["DisabledAdaptersReference", "FrozenCopyReference", "Reference", "build_reference", "disabled_adapters"]
+
+DenoiserCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def _unet_call(model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict):
+    return model(sample, timestep, **conditioning, return_dict=False)[0]
 
 
 @contextlib.contextmanager
@@ -30,6 +37,7 @@ class Reference:
     """Interface: ``predict(sample, timestep, **conditioning) -> prediction`` without autograd."""
 
     shares_policy_weights: bool = False
+    call: DenoiserCall = staticmethod(_unet_call)
 
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
         raise NotImplementedError
@@ -38,15 +46,17 @@ class Reference:
 class FrozenCopyReference(Reference):
     """A separate UNet, frozen and in eval mode."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
-        self.unet = unet  # the UNet, or a DeepSpeed engine wrapping it (ZeRO-3)
+    def __init__(self, unet: torch.nn.Module, call: DenoiserCall | None = None) -> None:
+        self.unet = unet  # the denoiser, or a DeepSpeed engine wrapping it (ZeRO-3)
+        if call is not None:
+            self.call = call
         self.unet.requires_grad_(False)
         self.unet.eval()
         self.dtype: torch.dtype = unet.dtype  # the dtype its inputs are cast to
 
     @torch.no_grad()
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
-        return self.unet(sample.to(self.dtype), timestep, **conditioning, return_dict=False)[0]
+        return self.call(self.unet, sample.to(self.dtype), timestep, conditioning)
 
 
 class DisabledAdaptersReference(Reference):
@@ -54,18 +64,24 @@ class DisabledAdaptersReference(Reference):
 
     shares_policy_weights = True
 
-    def __init__(self, get_unet: Callable[[], torch.nn.Module]) -> None:
+    def __init__(self, get_unet: Callable[[], torch.nn.Module], call: DenoiserCall | None = None) -> None:
         # A getter, not the module: the trainer may wrap or move the policy after construction.
         self.get_unet = get_unet
+        if call is not None:
+            self.call = call
 
     @torch.no_grad()
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
         with disabled_adapters(self.get_unet()) as unet:
-            return unet(sample, timestep, **conditioning, return_dict=False)[0]
+            return self.call(unet, sample, timestep, conditioning)
 
 
 def _as_unet(model: torch.nn.Module | DiffusionPipeline) -> torch.nn.Module:
-    return model.unet if isinstance(model, DiffusionPipeline) else model
+    """The denoiser of a pipeline (its UNet or transformer), or the module itself."""
+    if isinstance(model, DiffusionPipeline):
+        unet = getattr(model, "unet", None)
+        return unet if unet is not None else model.transformer
+    return model
 
 
 def build_reference(
@@ -73,6 +89,7 @@ def build_reference(
     ref_model: torch.nn.Module | DiffusionPipeline | None,
     uses_lora: bool,
     get_policy: Callable[[], torch.nn.Module] | None = None,
+    call: DenoiserCall | None = None,
 ) -> Reference:
     """Choose the reference: ``ref_model`` if given, else disabled adapters (LoRA) or a frozen copy (full tuning).
 
@@ -80,12 +97,12 @@ def build_reference(
     """
     if ref_model is None:
         if uses_lora:
-            return DisabledAdaptersReference(get_policy or (lambda: policy_unet))
-        return FrozenCopyReference(copy.deepcopy(policy_unet))
+            return DisabledAdaptersReference(get_policy or (lambda: policy_unet), call)
+        return FrozenCopyReference(copy.deepcopy(policy_unet), call)
     ref_unet = _as_unet(ref_model)
     if ref_unet is policy_unet:
         raise ValueError(
             "ref_model is the same object as the policy model. Pass ref_model=None to get a frozen copy (full "
             "tuning) or the adapter-disabled policy (LoRA), or pass a separate model."
         )
-    return FrozenCopyReference(ref_unet)
+    return FrozenCopyReference(ref_unet, call)

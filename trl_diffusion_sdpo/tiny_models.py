@@ -1,8 +1,9 @@
-"""Small Stable Diffusion pipelines built from configs, for tests, the CPU demo and CPU benchmarks.
+"""Small diffusion pipelines built from configs, for tests, the CPU demo and CPU benchmarks.
 
-They are real diffusers pipelines (UNet, VAE, CLIP text encoder(s), CLIP tokenizer(s), scheduler), only narrow.
-The tokenizer is character-level: its vocabulary is CLIP's 256 byte symbols (plus word-final forms), written to
-a folder so nothing is downloaded.
+They are real diffusers pipelines (UNet or transformer, VAE, CLIP and T5 text encoders, tokenizers, scheduler),
+only narrow. The CLIP tokenizer is character-level: its vocabulary is CLIP's 256 byte symbols (plus word-final
+forms), written to a folder so nothing is downloaded. The T5 tokenizer is a character-level Unigram
+(sentencepiece-style) model built from a vocabulary list, also offline.
 """
 
 from __future__ import annotations
@@ -15,13 +16,33 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
-__all__ = ["build_tiny_sd_pipeline", "build_tiny_sdxl_pipeline", "write_char_tokenizer"]
+__all__ = [
+    "build_tiny_flux_pipeline",
+    "build_tiny_sd3_pipeline",
+    "build_tiny_sd_pipeline",
+    "build_tiny_sdxl_pipeline",
+    "write_char_tokenizer",
+    "write_t5_tokenizer",
+]
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -79,7 +100,14 @@ def _text_encoder(vocab_size: int, hidden: int, layers: int, max_length: int, pr
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def _vae(block_out_channels: tuple[int, ...], latent_channels: int = 4, force_upcast: bool = False) -> AutoencoderKL:
+def _vae(
+    block_out_channels: tuple[int, ...],
+    latent_channels: int = 4,
+    force_upcast: bool = False,
+    scaling_factor: float = 0.18215,
+    shift_factor: float | None = None,
+    use_quant_conv: bool = True,
+) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -91,6 +119,10 @@ def _vae(block_out_channels: tuple[int, ...], latent_channels: int = 4, force_up
         norm_num_groups=8,
         sample_size=32,
         force_upcast=force_upcast,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=use_quant_conv,
+        use_post_quant_conv=use_quant_conv,
     )
 
 
@@ -120,12 +152,22 @@ def build_tiny_sd_pipeline(
     vae = _vae((8, 8, 8, 8))
     text_encoder = _text_encoder(len(tokenizer), cross_attention_dim, 2, max_length)
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type=prediction_type, clip_sample=False,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
     )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -160,10 +202,163 @@ def build_tiny_sdxl_pipeline(
     text_encoder = _text_encoder(len(tokenizer), hidden_1, 2, max_length)
     text_encoder_2 = _text_encoder(len(tokenizer_2), hidden_2, 2, max_length, projection=projection)
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type=prediction_type, clip_sample=False,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
     )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def write_t5_tokenizer(directory: str, max_length: int = 16) -> T5TokenizerFast:
+    """Write a character-level T5 (Unigram, sentencepiece-style) tokenizer to ``directory`` and load it back.
+
+    Its pieces are ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), the word-start marker and the printable ASCII
+    characters with and without it; every prompt therefore tokenises without unknown pieces. ``max_length`` is
+    its ``model_max_length``.
+    """
+    os.makedirs(directory, exist_ok=True)
+    characters = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in characters] + [(c, -4.0) for c in characters]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(directory)
+    return T5TokenizerFast.from_pretrained(directory)
+
+
+def _t5_encoder(vocab_size: int, hidden: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=hidden,
+        d_kv=8,
+        d_ff=hidden * 2,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,  # deterministic encodings, as a loaded encoder in eval mode gives
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
+
+
+def _flow_scheduler(**dynamic) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **dynamic)
+
+
+def build_tiny_sd3_pipeline(
+    seed: int = 0,
+    tokenizer_dir: str | None = None,
+    max_length: int = 16,
+    with_t5: bool = True,
+    attention_head_dim: int = 8,
+) -> StableDiffusion3Pipeline:
+    """A tiny SD3-style pipeline: MMDiT transformer, two CLIP encoders with projection, a T5 encoder, a 16-channel
+    VAE with SD3's latent scale and shift, and a flow-matching scheduler with SD3's static shift 3.0.
+
+    ``attention_head_dim`` (two heads) sets the transformer's width: 96 makes its feed-forward weights larger than
+    DeepSpeed ZeRO-3's default persistence threshold, so they really are partitioned."""
+    torch.manual_seed(seed)
+    base_dir = tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-")
+    tokenizer = write_char_tokenizer(os.path.join(base_dir, "tokenizer"), max_length)
+    tokenizer_2 = write_char_tokenizer(os.path.join(base_dir, "tokenizer_2"), max_length, pad_token="!")
+    tokenizer_3 = write_t5_tokenizer(os.path.join(base_dir, "tokenizer_3"), max_length) if with_t5 else None
+    clip_hidden, joint = 16, 32  # the two CLIP widths add up to the T5 width (SD3: 768 + 1280 padded to 4096)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=2,
+        joint_attention_dim=joint,
+        caption_projection_dim=2 * attention_head_dim,
+        pooled_projection_dim=2 * clip_hidden,
+        pos_embed_max_size=16,
+    )
+    vae = _vae((8, 8, 8, 8), latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
+    text_encoder = _text_encoder(len(tokenizer), clip_hidden, 2, max_length, projection=clip_hidden)
+    text_encoder_2 = _text_encoder(len(tokenizer_2), clip_hidden, 2, max_length, projection=clip_hidden)
+    text_encoder_3 = _t5_encoder(len(tokenizer_3), joint) if with_t5 else None
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def build_tiny_flux_pipeline(
+    seed: int = 0,
+    tokenizer_dir: str | None = None,
+    max_length: int = 16,
+    guidance_embeds: bool = True,
+    attention_head_dim: int = 8,
+    axes_dims_rope: tuple[int, int, int] = (2, 2, 4),
+) -> FluxPipeline:
+    """A tiny FLUX.1-style pipeline: double- and single-stream transformer (with the guidance embedding of
+    FLUX.1-dev, or without it as schnell), CLIP-L (pooled only) and T5 encoders, a VAE without quant convs and
+    FLUX's latent scale and shift, and a flow-matching scheduler with dynamic (resolution-dependent) shifting.
+
+    ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width."""
+    torch.manual_seed(seed)
+    base_dir = tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-")
+    tokenizer = write_char_tokenizer(os.path.join(base_dir, "tokenizer"), max_length)
+    tokenizer_2 = write_t5_tokenizer(os.path.join(base_dir, "tokenizer_2"), max_length)
+    latent_channels, hidden = 4, 32
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # latents are packed into 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=2,
+        joint_attention_dim=hidden,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=axes_dims_rope,
+    )
+    vae = _vae(
+        (8, 8, 8, 8),
+        latent_channels=latent_channels,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+    )
+    text_encoder = _text_encoder(len(tokenizer), 16, 2, max_length)
+    text_encoder_2 = _t5_encoder(len(tokenizer_2), hidden)
+    scheduler = _flow_scheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )

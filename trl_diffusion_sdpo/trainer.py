@@ -69,6 +69,7 @@ from .reference import Reference, build_reference
 from .step.batch import EncodedBatch, drop_prompts, encode_batch, fixed_time_ids
 from .step.branches import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
 from .step.draws import keyed_generator, rank_rows
+from .step.flow import FlowNoising, flow_noising_for
 from .step.guard import NonFiniteLossGuard
 from .step.metrics import metric_names, record_metrics, reduce_metrics
 from .step.noising import NoisedPair, noise_pairs, sample_pair_noise, training_scheduler
@@ -97,12 +98,13 @@ def _compute_dtype(args: DiffusionSDPOConfig) -> torch.dtype:
 
 
 class DiffusionSDPOTrainer(Trainer):
-    """Preference tuning of a Stable Diffusion (1.x, 2.x, XL) UNet with Diffusion-DPO or Diffusion-SDPO.
+    """Preference tuning of a Stable Diffusion (1.x, 2.x, XL) UNet, or an SD3 / SD3.5 or FLUX.1 transformer (flow
+    matching), with Diffusion-DPO or Diffusion-SDPO.
 
     Args:
         model: a diffusers pipeline, or a local path / Hub id loaded with ``DiffusionPipeline.from_pretrained``.
-            Its UNet is tuned in place (after ``train()``, ``pipe(prompt)`` samples from the tuned model); the VAE
-            and text encoder(s) stay frozen.
+            Its UNet (or transformer) is tuned in place (after ``train()``, ``pipe(prompt)`` samples from the tuned
+            model); the VAE and text encoder(s) stay frozen.
         ref_model: ``None`` (the adapter-disabled policy with LoRA, else a frozen copy of the initial UNet), or a
             separate UNet or pipeline.
         args: a :class:`DiffusionSDPOConfig`.
@@ -155,13 +157,24 @@ class DiffusionSDPOTrainer(Trainer):
         if not isinstance(pipeline, DiffusionPipeline):
             raise TypeError(f"model must be a diffusers pipeline or a path/Hub id, got {type(model).__name__}")
         self.pipeline = pipeline
-        self.family: ModelFamily = family_for_pipeline(pipeline)
-        check_not_partitioned({**self.family.frozen_modules(), "unet": pipeline.unet})
-        self.noise_scheduler = training_scheduler(pipeline.scheduler)
+        self.family: ModelFamily = family_for_pipeline(pipeline, args.max_sequence_length, args.flux_guidance_scale)
+        check_not_partitioned({**self.family.frozen_modules(), self.family.denoiser_name: self.family.denoiser})
+        # Flow-matching families (SD3, FLUX) noise with step.flow; the UNet families with a DDPM scheduler.
+        self.flow_noising: FlowNoising | None = None
+        if self.family.flow_matching:
+            self.flow_noising = flow_noising_for(self.family, args)
+            self.noise_scheduler = pipeline.scheduler
+            if args.loss_type in ("dpo", "smpo") and args.beta == 5000.0:
+                logger.warning(
+                    "beta=5000 is Diffusion-DPO's value for SD UNets; the flow-matching anchors use beta=100 on "
+                    "mean velocity errors (flow_grpo's SD3.5 Flow-DPO). See docs/sd3.md before keeping it."
+                )
+        else:
+            self.noise_scheduler = training_scheduler(pipeline.scheduler)
         self.base_model_name = getattr(pipeline.config, "_name_or_path", None) or (
             model if isinstance(model, str) else None
         )
-        unet = pipeline.unet
+        unet = self.family.denoiser  # the UNet or transformer
 
         # Frozen components: never in the optimizer, never in train mode.
         for module in self.family.frozen_modules().values():
@@ -184,7 +197,11 @@ class DiffusionSDPOTrainer(Trainer):
         self.reference: Reference | None = None
         if self.objective.requires_reference:
             self.reference = build_reference(
-                unet, ref_model, uses_lora=peft_config is not None, get_policy=lambda: self._policy_unet()
+                unet,
+                ref_model,
+                uses_lora=peft_config is not None,
+                get_policy=lambda: self._policy_unet(),
+                call=self.family.call_denoiser,
             )
         elif ref_model is not None:
             logger.warning("loss_type=%r needs no reference model; the ref_model passed is not used", args.loss_type)
@@ -343,7 +360,7 @@ class DiffusionSDPOTrainer(Trainer):
         return EngineBranchGradients(trainable, engine_backward, lambda: engine_loss_scale(engine))
 
     def _policy_unet(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.pipeline.unet
+        return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.family.denoiser
 
     def _latent_cache(self, dataset, columns, args: DiffusionSDPOConfig, split: str) -> LatentCache:
         # Without a shared filesystem (save_on_each_node) every node encodes its own copy.
@@ -610,6 +627,8 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _noise(self, generator: torch.Generator, mode: str, encoded: EncodedBatch) -> NoisedPair:
         """Draw one timestep and noise per pair and one posterior sample per image; noise the pair."""
+        if self.flow_noising is not None:
+            return self._flow_noise(generator, mode, encoded)
         latent_shape = tuple(encoded.mean.shape[1:])
 
         def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -629,6 +648,19 @@ class DiffusionSDPOTrainer(Trainer):
         return noise_pairs(
             self.noise_scheduler, encoded.mean, encoded.std, timesteps, noise, eps, self.family.vae.config
         )
+
+    def _flow_noise(self, generator: torch.Generator, mode: str, encoded: EncodedBatch) -> NoisedPair:
+        """Flow matching: one noise level ``s`` and one noise per pair, one posterior sample per image."""
+        latent_shape = tuple(encoded.mean.shape[1:])
+
+        def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+            sigmas = self.flow_noising.sample_sigmas(n, latent_shape, generator, device)
+            noise = torch.randn((n, *latent_shape), generator=generator, device=device)
+            eps = torch.randn((n, 2, *latent_shape), generator=generator, device=device)
+            return sigmas, noise, eps
+
+        sigmas, noise, eps = self._draw(generator, mode, encoded.num_pairs, draw)
+        return self.flow_noising.noise_pairs(encoded.mean, encoded.std, sigmas, noise, eps, self.family.vae.config)
 
     def _output_space_lambda(self, predictions: PreferencePredictions) -> torch.Tensor:
         """The authors' output-space rule on the policy's residuals, one detached fp32 scalar per micro-batch.
@@ -732,15 +764,16 @@ class DiffusionSDPOTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         unet = self.accelerator.unwrap_model(self.model)
+        name = self.family.denoiser_name
         if self.is_lora:
-            save_lora_adapters(unet, output_dir, type(self.pipeline), state_dict=state_dict or None)
+            save_lora_adapters(unet, output_dir, type(self.pipeline), state_dict=state_dict or None, prefix=name)
         else:
-            save_full_unet(unet, output_dir, state_dict=state_dict or None)
+            save_full_unet(unet, output_dir, state_dict=state_dict or None, subfolder=name)
             # The whole pipeline in the output folder, only the UNet in checkpoints (all that resuming reads). The
             # other components are frozen: written once.
             is_checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith(f"{PREFIX_CHECKPOINT_DIR}-")
             if not is_checkpoint and not has_pipeline_components(output_dir):
-                save_pipeline_components(self.pipeline, output_dir)
+                save_pipeline_components(self.pipeline, output_dir, name)
         # Plain JSON instead of transformers' pickled training_args.bin; the config as given (learning_rate before
         # scale_lr), so that training again from the file does not scale it twice.
         write_training_config(self.args_as_given, output_dir)
@@ -750,9 +783,9 @@ class DiffusionSDPOTrainer(Trainer):
             raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {resume_from_checkpoint}")
         unet = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.is_lora:
-            load_lora_adapters(unet, resume_from_checkpoint)
+            load_lora_adapters(unet, resume_from_checkpoint, prefix=self.family.denoiser_name)
         else:
-            load_full_unet(unet, resume_from_checkpoint)
+            load_full_unet(unet, resume_from_checkpoint, subfolder=self.family.denoiser_name)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
@@ -788,7 +821,7 @@ class DiffusionSDPOTrainer(Trainer):
             * args.gradient_accumulation_steps,
             "max_steps": self.state.max_steps or args.max_steps,
             "resolution": args.resolution,
-            "tuning": "LoRA" if self.is_lora else "full UNet",
+            "tuning": "LoRA" if self.is_lora else f"full {self.family.denoiser_name.replace('unet', 'UNet')}",
         }
         if self.is_lora:
             lora = self.accelerator.unwrap_model(self.model).peft_config["default"]
@@ -810,6 +843,7 @@ class DiffusionSDPOTrainer(Trainer):
             license=card_args.get("license"),
             sample_grid=self._last_validation_grid(),
             sample_prompt=(args.validation_prompts or [None])[0],
+            denoiser=(self.family.denoiser_name, type(self.family.denoiser).__name__),
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))
@@ -843,7 +877,7 @@ class DiffusionSDPOTrainer(Trainer):
         self.callback_handler.on_push_begin(args, self.state, self.control)
         copy_saved_model(checkpoint_folder, args.output_dir)
         if not self.is_lora and not has_pipeline_components(args.output_dir):
-            save_pipeline_components(self.pipeline, args.output_dir)
+            save_pipeline_components(self.pipeline, args.output_dir, self.family.denoiser_name)
         self.create_model_card()
         checkpoint_path = {
             HubStrategy.CHECKPOINT: "last-checkpoint",

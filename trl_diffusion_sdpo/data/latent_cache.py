@@ -9,7 +9,8 @@ progress bar) and stores, per pair, through ``datasets``:
 * with ``random_flip``, ``latent_mean_flipped`` and ``latent_std_flipped`` as well: the cropped pair is mirrored in
   pixel space and encoded again (a VAE is not flip-equivariant, so mirroring latents would not be the same
   augmentation).
-* ``prompt_embeds`` ``[L, D]`` and, for SDXL, ``pooled_prompt_embeds`` ``[P]``.
+* ``prompt_embeds`` ``[L, D]`` and, for SDXL, SD3 and FLUX, ``pooled_prompt_embeds`` ``[P]`` (for SD3 and FLUX
+  the T5 part of the encoding, by far the costliest, is then never repeated; see docs/flux.md for the saving).
 * ``time_ids`` ``[2, 6]`` (and ``time_ids_flipped``): SDXL's micro-conditioning of each image.
 * with score columns (``loss_type="smpo"``), ``scores`` ``[2]`` float64 (read back as Python floats): the ordered
   pair's (winner, loser) scores, from which :class:`CachedPreferenceCollator` computes the same ``pair_weights``
@@ -107,9 +108,11 @@ def frozen_weights_digest(modules: dict[str, torch.nn.Module]) -> str:
 
 def _tokenizers_digest(family: ModelFamily) -> str:
     hasher = hashlib.sha256()
-    for key, tokenizer in sorted(family.prompt_tokenizer().tokenizers.items()):
+    prompt_tokenizer = family.prompt_tokenizer()
+    for key, tokenizer in sorted(prompt_tokenizer.tokenizers.items()):
         vocab = sorted(tokenizer.get_vocab().items())
-        hasher.update(json.dumps([key, type(tokenizer).__name__, tokenizer.model_max_length, vocab]).encode())
+        max_length = prompt_tokenizer.max_lengths.get(key, tokenizer.model_max_length)
+        hasher.update(json.dumps([key, type(tokenizer).__name__, max_length, vocab]).encode())
     return hasher.hexdigest()
 
 

@@ -125,10 +125,13 @@ class ValidationCallback(TrainerCallback):
         components = pipeline.components
         identity = tuple(id(module) for module in components.values())
         if self._sampler is None or self._sampler[0] != identity:
-            from diffusers import EulerDiscreteScheduler
+            from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
             from diffusers.utils import logging as diffusers_logging
 
-            scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+            # Flow-matching models (SD3, FLUX) sample with their own flow Euler scheduler, a copy of it.
+            flow = isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
+            scheduler_cls = FlowMatchEulerDiscreteScheduler if flow else EulerDiscreteScheduler
+            scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
             verbosity = diffusers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()  # the "safety checker disabled" notice, once per build
             try:
@@ -146,10 +149,11 @@ class ValidationCallback(TrainerCallback):
         moved to the UNet's device for sampling and put back; the UNet's mode and every RNG state are restored.
         """
         pipeline = self._get_pipeline()
-        unet = pipeline.unet
+        name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # SD3 / FLUX: a transformer
+        unet = getattr(pipeline, name)
         was_training = unet.training
         device = unet.device
-        modules = {n: m for n, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and n != "unet"}
+        modules = {n: m for n, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and n != name}
         homes = {n: _module_device(m) for n, m in modules.items()}
         prompts = [p for _ in self.seeds for p in self.prompts]
         seeds = [s for s in self.seeds for _ in self.prompts]

@@ -157,16 +157,20 @@ def detect_kind(path: str) -> str:
 
 
 def native_resolution(pipe) -> int:
-    """The resolution the UNet was trained at: ``unet.config.sample_size * vae_scale_factor``."""
+    """The resolution the UNet was trained at: ``unet.config.sample_size * vae_scale_factor`` (for transformer
+    pipelines such as SD3 and FLUX, their ``default_sample_size * vae_scale_factor``)."""
+    if getattr(pipe, "unet", None) is None:
+        return int(pipe.default_sample_size * pipe.vae_scale_factor)
     sample_size = pipe.unet.config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     return int(sample_size * pipe.vae_scale_factor)
 
 
 def _prepare(pipe, settings: GenerationSettings, device: torch.device):
-    from diffusers import EulerDiscreteScheduler
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-    if settings.scheduler == "euler" and not isinstance(pipe.scheduler, EulerDiscreteScheduler):
+    flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)  # SD3, FLUX: already a (flow) Euler sampler
+    if settings.scheduler == "euler" and not flow and not isinstance(pipe.scheduler, EulerDiscreteScheduler):
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # the authors decode without it; a blacked-out image would corrupt the scores
@@ -287,8 +291,11 @@ class ImageCache:
         folder = self.folder(spec, base)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "model.json"), "w") as f:
-            json.dump({"name": spec.name, "base": base, "path": spec.path, "kind": spec.kind,
-                       "settings": asdict(settings)}, f, indent=2)
+            json.dump(
+                {"name": spec.name, "base": base, "path": spec.path, "kind": spec.kind, "settings": asdict(settings)},
+                f,
+                indent=2,
+            )
 
 
 def generate_images(
@@ -329,8 +336,9 @@ def generate_images(
             bar = tqdm(total=len(missing), desc=f"generating {spec.name}", unit="img", disable=not progress)
             for start in range(0, len(missing), batch_size):
                 chunk = missing[start : start + batch_size]
-                images = sample_images(pipe, [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk], settings,
-                                       batch_size=len(chunk))
+                images = sample_images(
+                    pipe, [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk], settings, batch_size=len(chunk)
+                )
                 for i, image in zip(chunk, images):
                     cache.put(paths[spec.name][i], image)
                 generated[spec.name] += len(chunk)

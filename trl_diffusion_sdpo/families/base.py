@@ -1,8 +1,20 @@
-"""The interface every model family implements: frozen components, prompt encoding, denoiser conditioning.
+"""The interface every model family implements: frozen components, prompt encoding, the denoiser and its call.
 
 Tokenisation happens in the data collator (CPU, possibly in dataloader workers); encoding happens on the
 accelerator in the trainer. Both go through a family object so the trainer never branches on the model type.
-One module per family beside this one (:mod:`.sd`, :mod:`.sdxl`); :func:`~.family_for_pipeline` picks one.
+One module per family beside this one (:mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`);
+:func:`~.family_for_pipeline` picks one.
+
+What a family defines:
+
+* ``denoiser_name``: the pipeline attribute of the trained network (``"unet"`` or ``"transformer"``); it also names
+  the LoRA key prefix and the full-weights subfolder the pipeline's loaders expect.
+* ``flow_matching``: ``False`` for DDPM-style UNets (noised with the scheduler's ``add_noise``, target from its
+  ``prediction_type``), ``True`` for rectified-flow transformers (``x_s = (1 - s) x0 + s eps``, target
+  ``eps - x0``; see :mod:`trl_diffusion_sdpo.step.flow`).
+* :meth:`frozen_modules`, :meth:`prompt_tokenizer`, :meth:`encode_prompts`: the text side.
+* :meth:`unet_conditioning` and :meth:`call_denoiser`: how one prediction is made, in the latent layout
+  ``[N, C, h, w]`` whatever the network's own input layout (FLUX packs 2x2 patches inside the call).
 """
 
 from __future__ import annotations
@@ -37,17 +49,22 @@ def scale_latents(sample: torch.Tensor, vae_config) -> torch.Tensor:
 
 
 class PromptTokenizer:
-    """Tokenise prompts with each of a pipeline's tokenizers; small and picklable for dataloader workers."""
+    """Tokenise prompts with each of a pipeline's tokenizers; small and picklable for dataloader workers.
 
-    def __init__(self, tokenizers: dict[str, object]) -> None:
+    Each tokenizer pads and truncates to its ``model_max_length`` unless ``max_lengths`` names another length for its
+    key (T5's sequence length is a training choice: 77 to 512 tokens).
+    """
+
+    def __init__(self, tokenizers: dict[str, object], max_lengths: dict[str, int] | None = None) -> None:
         self.tokenizers = tokenizers  # output key -> tokenizer
+        self.max_lengths = dict(max_lengths or {})
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {
             key: tokenizer(
                 prompts,
                 padding="max_length",
-                max_length=tokenizer.model_max_length,
+                max_length=self.max_lengths.get(key, tokenizer.model_max_length),
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
@@ -56,17 +73,32 @@ class PromptTokenizer:
 
 
 class ModelFamily:
-    """Base class: a pipeline's frozen components and how to condition its UNet."""
+    """Base class: a pipeline's frozen components, its trained denoiser and how to condition and call it."""
 
     name: str = "base"
     needs_time_ids: bool = False
+    denoiser_name: str = "unet"
+    flow_matching: bool = False
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The trained network: the pipeline's UNet or transformer."""
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @property
     def unet(self) -> torch.nn.Module:
-        return self.pipeline.unet
+        """The denoiser, under its historical name (a transformer for the flow families)."""
+        return self.denoiser
+
+    def call_denoiser(
+        self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
+    ) -> torch.Tensor:
+        """One prediction of ``model`` (the policy, possibly DDP-wrapped, or the reference) on ``sample [N, C, h, w]``
+        at ``timestep [N]``, with ``conditioning`` from :meth:`unet_conditioning`; returns ``[N, C, h, w]``."""
+        return model(sample, timestep, **conditioning, return_dict=False)[0]
 
     @property
     def vae(self) -> torch.nn.Module:
@@ -107,8 +139,6 @@ class ModelFamily:
         with torch.autocast(device_type=vae.device.type, enabled=False):
             return vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
 
-    def unet_conditioning(
-        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
-    ) -> dict[str, object]:
+    def unet_conditioning(self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None) -> dict[str, object]:
         """Keyword arguments for ``unet(sample, timestep, **kwargs)``."""
         return {"encoder_hidden_states": prompt_embeds.encoder_hidden_states}

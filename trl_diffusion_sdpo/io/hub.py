@@ -187,12 +187,15 @@ def build_model_card(
     license: str | None = None,
     sample_grid: str | None = None,
     sample_prompt: str | None = None,
+    denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel"),
 ) -> ModelCard:
     """A model card in TRL's and diffusers' shape: metadata (``base_model`` only when it is a Hub id, ``datasets``,
     ``license``, tags), method, usage under ``hub_model_id``, the last validation grid (``sample_grid``, a path
     relative to the card; with ``sample_prompt`` also the Hub's widget, as diffusers' training scripts do), key
-    hyperparameters, framework versions and the papers and TRL to cite."""
+    hyperparameters, framework versions and the papers and TRL to cite. ``denoiser`` is the trained network's
+    pipeline name and class (``("transformer", "FluxTransformer2DModel")`` for FLUX)."""
     base_model = hub_base_model(base_model)
+    label = "UNet" if denoiser[0] == "unet" else "transformer"
     data = ModelCardData(
         base_model=base_model,
         datasets=[dataset_name] if _is_hub_id(dataset_name) else None,
@@ -207,7 +210,7 @@ def build_model_card(
         data,
         template_str=MODEL_CARD_TEMPLATE,
         model_name=model_name,
-        kind="LoRA adapters for the UNet of a text-to-image pipeline" if is_lora else "A text-to-image pipeline",
+        kind=f"LoRA adapters for the {label} of a text-to-image pipeline" if is_lora else "A text-to-image pipeline",
         base_model=base_model,
         dataset_name=dataset_name,
         dataset_is_hub=_is_hub_id(dataset_name),

@@ -1,11 +1,13 @@
 """Writing and reading trained weights in the formats diffusers loads.
 
-* LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``unet.``-prefixed keys), loadable with
+* LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``unet.``-prefixed keys; ``transformer.``-prefixed
+  PEFT keys for SD3 and FLUX, as diffusers' own training scripts write them), loadable with
   ``pipeline.load_lora_weights(output_dir)``.
-* Full tuning: ``unet/`` written by ``UNet2DConditionModel.save_pretrained`` (safetensors), loadable with
-  ``UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")``; in the final output folder also the rest
-  of the pipeline (:func:`save_pipeline_components`), so ``DiffusionPipeline.from_pretrained(output_dir)`` loads it,
-  as after diffusers' full fine-tuning scripts.
+* Full tuning: ``unet/`` (or ``transformer/``) written by the model's ``save_pretrained`` (safetensors), loadable with
+  ``UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")`` (``SD3Transformer2DModel`` /
+  ``FluxTransformer2DModel`` with ``subfolder="transformer"``); in the final output folder also the rest of the
+  pipeline (:func:`save_pipeline_components`), so ``DiffusionPipeline.from_pretrained(output_dir)`` loads it, as
+  after diffusers' full fine-tuning scripts.
 
 The same files serve as the weights of a training checkpoint, so resuming reads exactly what a user would load.
 """
@@ -27,6 +29,7 @@ from safetensors.torch import load_file
 
 __all__ = [
     "LORA_WEIGHTS_NAME",
+    "TRANSFORMER_SUBFOLDER",
     "UNET_SUBFOLDER",
     "TRAINING_CONFIG_NAME",
     "copy_saved_model",
@@ -43,6 +46,7 @@ __all__ = [
 
 LORA_WEIGHTS_NAME = LORA_WEIGHT_NAME_SAFE
 UNET_SUBFOLDER = "unet"
+TRANSFORMER_SUBFOLDER = "transformer"
 TRAINING_CONFIG_NAME = "training_config.json"
 PIPELINE_INDEX_NAME = "model_index.json"
 # diffusion_pytorch_model.safetensors, or -00001-of-0000N shards with diffusion_pytorch_model.safetensors.index.json
@@ -53,10 +57,15 @@ def unet_has_lora(unet: torch.nn.Module) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
 
-def lora_state_dict(unet: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None):
-    """The adapter weights of ``unet`` in diffusers' key format, on CPU."""
+def lora_state_dict(
+    unet: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None, prefix: str = UNET_SUBFOLDER
+):
+    """The adapter weights of ``unet`` in diffusers' key format, on CPU (PEFT keys for transformers, as diffusers'
+    SD3 and FLUX scripts save them; the UNet keys converted as its SD/SDXL scripts do)."""
     peft_state = get_peft_model_state_dict(unet, state_dict=state_dict)
-    return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}
+    if prefix == UNET_SUBFOLDER:
+        peft_state = convert_state_dict_to_diffusers(peft_state)
+    return {k: v.detach().cpu().contiguous() for k, v in peft_state.items()}
 
 
 def save_lora_adapters(
@@ -64,39 +73,56 @@ def save_lora_adapters(
     output_dir: str,
     pipeline_cls: type,
     state_dict: dict[str, torch.Tensor] | None = None,
+    prefix: str = UNET_SUBFOLDER,
 ) -> str:
     """Write the UNet's LoRA adapters with ``pipeline_cls.save_lora_weights``; returns the file path.
 
     The adapter config (``lora_alpha`` above all) is stored in the file's metadata: without it ``load_lora_weights``
     assumes ``lora_alpha == r`` and a model trained with another alpha would load with the wrong scale.
+    ``prefix`` is the pipeline's name of the denoiser (``"unet"`` or ``"transformer"``).
     """
     os.makedirs(output_dir, exist_ok=True)
     pipeline_cls.save_lora_weights(
         output_dir,
-        unet_lora_layers=lora_state_dict(unet, state_dict),
         safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        **{
+            f"{prefix}_lora_layers": lora_state_dict(unet, state_dict, prefix),
+            f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+        },
     )
     return os.path.join(output_dir, LORA_WEIGHTS_NAME)
 
 
-def load_lora_adapters(unet: torch.nn.Module, directory: str, adapter_name: str = "default") -> None:
-    """Load adapters saved by :func:`save_lora_adapters` into a UNet that already carries the same adapter config."""
+def load_lora_adapters(
+    unet: torch.nn.Module, directory: str, adapter_name: str = "default", prefix: str = UNET_SUBFOLDER
+) -> None:
+    """Load adapters saved by :func:`save_lora_adapters` into a denoiser that already carries the same adapter
+    config."""
     state = load_file(os.path.join(directory, LORA_WEIGHTS_NAME))
-    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name=adapter_name)
+    unet_state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+    if not unet_state:
+        raise ValueError(f"{directory} holds no LoRA weights for the {prefix} (no '{prefix}.' keys)")
+    if prefix == UNET_SUBFOLDER:
+        unet_state = convert_unet_state_dict_to_peft(unet_state)
+    result = set_peft_model_state_dict(unet, unet_state, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"LoRA weights in {directory} do not match the model's adapters: {unexpected[:5]}")
 
 
-def save_full_unet(unet: torch.nn.Module, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> str:
-    """Write ``output_dir/unet`` as ``save_pretrained`` does (config plus safetensors); returns that folder.
+def save_full_unet(
+    unet: torch.nn.Module,
+    output_dir: str,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    subfolder: str = UNET_SUBFOLDER,
+) -> str:
+    """Write ``output_dir/<subfolder>`` (``unet`` or ``transformer``) as ``save_pretrained`` does (config plus
+    safetensors); returns that folder.
 
     ``state_dict`` (for example weights gathered from ZeRO-3 shards, where the module itself holds only its shard)
     is written in place of the module's own, with diffusers' file names and shard index.
     """
-    folder = os.path.join(output_dir, UNET_SUBFOLDER)
+    folder = os.path.join(output_dir, subfolder)
     if state_dict is None:
         unet.save_pretrained(folder, safe_serialization=True)
         return folder
@@ -111,9 +137,9 @@ def save_full_unet(unet: torch.nn.Module, output_dir: str, state_dict: dict[str,
     return folder
 
 
-def load_full_unet(unet: torch.nn.Module, directory: str) -> None:
+def load_full_unet(unet: torch.nn.Module, directory: str, subfolder: str = UNET_SUBFOLDER) -> None:
     """Load weights written by :func:`save_full_unet` into ``unet`` in place (strict: every key must match)."""
-    folder = os.path.join(directory, UNET_SUBFOLDER)
+    folder = os.path.join(directory, subfolder)
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"No safetensors weights in {folder}")
@@ -124,16 +150,17 @@ def load_full_unet(unet: torch.nn.Module, directory: str) -> None:
 
 
 def has_saved_weights(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, LORA_WEIGHTS_NAME)) or os.path.isdir(
-        os.path.join(directory, UNET_SUBFOLDER)
+    return os.path.isfile(os.path.join(directory, LORA_WEIGHTS_NAME)) or any(
+        os.path.isdir(os.path.join(directory, sub)) for sub in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER)
     )
 
 
-def save_pipeline_components(pipeline: Any, output_dir: str) -> None:
-    """Write ``model_index.json`` and every component but the UNet as ``pipeline.save_pretrained`` would
-    (safetensors), so that with the ``unet/`` of :func:`save_full_unet` the folder is a whole pipeline."""
+def save_pipeline_components(pipeline: Any, output_dir: str, denoiser: str = UNET_SUBFOLDER) -> None:
+    """Write ``model_index.json`` and every component but the trained ``denoiser`` (``"unet"`` or
+    ``"transformer"``) as ``pipeline.save_pretrained`` would (safetensors), so that with the folder
+    :func:`save_full_unet` wrote the output is a whole pipeline."""
     for name, component in pipeline.components.items():
-        if name == UNET_SUBFOLDER or component is None or not hasattr(component, "save_pretrained"):
+        if name == denoiser or component is None or not hasattr(component, "save_pretrained"):
             continue
         component.save_pretrained(os.path.join(output_dir, name))
     pipeline.save_config(output_dir)
@@ -154,9 +181,10 @@ def copy_saved_model(source: str, destination: str) -> None:
     for name in (LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME):
         if os.path.isfile(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), os.path.join(destination, name))
-    if os.path.isdir(os.path.join(source, UNET_SUBFOLDER)):
-        shutil.rmtree(os.path.join(destination, UNET_SUBFOLDER), ignore_errors=True)
-        shutil.copytree(os.path.join(source, UNET_SUBFOLDER), os.path.join(destination, UNET_SUBFOLDER))
+    for subfolder in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER):
+        if os.path.isdir(os.path.join(source, subfolder)):
+            shutil.rmtree(os.path.join(destination, subfolder), ignore_errors=True)
+            shutil.copytree(os.path.join(source, subfolder), os.path.join(destination, subfolder))
 
 
 def has_pipeline_components(directory: str) -> bool:

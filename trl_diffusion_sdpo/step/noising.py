@@ -86,13 +86,15 @@ def prediction_target(
 class NoisedPair:
     """The noised batch, ``2B`` rows each (winners, then losers; the two images of a pair share their timestep and
     noise): the clean ``latents``, the ``noise``, the ``noisy`` input at ``timesteps`` and the regression
-    ``target``."""
+    ``target``; ``loss_weight`` ``[2B]`` multiplies each row's squared error (the flow families' weighted schemes;
+    ``None`` means 1)."""
 
     latents: torch.Tensor
     noise: torch.Tensor
     noisy: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor
+    loss_weight: torch.Tensor | None = None
 
 
 def noise_pairs(

@@ -43,17 +43,27 @@ def predict_pairs(
     else:
         passes = [(slice(0, 2 * batch), family.unet_conditioning(prompt_embeds.repeat(2), time_ids))]
     # Kept as separate outputs, never concatenated: each branch's backward must reach only its own graph.
-    outputs = [policy(noised.noisy[r], noised.timesteps[r], **c, return_dict=False)[0] for r, c in passes]
+    outputs = [family.call_denoiser(policy, noised.noisy[r], noised.timesteps[r], c) for r, c in passes]
     policy_winner, policy_loser = _winner_and_loser(outputs, batch)
     reference_winner = reference_loser = None
     if reference is not None:
         ref_outputs = [reference(noised.noisy[r], noised.timesteps[r], **c) for r, c in passes]
         reference_winner, reference_loser = _winner_and_loser(ref_outputs, batch)
+    target_winner, target_loser = noised.target[:batch], noised.target[batch:]
+    if noised.loss_weight is not None:
+        # A weighted squared error w * (pred - target)^2 is the plain error of sqrt(w) * pred and sqrt(w) * target.
+        root = noised.loss_weight.sqrt().view(-1, *([1] * (noised.target.dim() - 1)))
+        policy_winner = policy_winner * root[:batch].to(policy_winner)
+        policy_loser = policy_loser * root[batch:].to(policy_loser)
+        target_winner, target_loser = target_winner * root[:batch], target_loser * root[batch:]
+        if reference is not None:
+            reference_winner = reference_winner * root[:batch].to(reference_winner)
+            reference_loser = reference_loser * root[batch:].to(reference_loser)
     return PreferencePredictions(
         policy_winner=policy_winner,
         policy_loser=policy_loser,
-        target_winner=noised.target[:batch],
-        target_loser=noised.target[batch:],
+        target_winner=target_winner,
+        target_loser=target_loser,
         reference_winner=reference_winner,
         reference_loser=reference_loser,
     )

@@ -1,0 +1,88 @@
+"""FLUX.1 (dev and schnell): a double/single-stream transformer conditioned on T5 and CLIP-L, trained by rectified
+flow, with a guidance embedding on dev.
+
+Conditioning, as ``FluxPipeline.encode_prompt`` builds it: T5's last hidden state (``max_sequence_length`` tokens,
+512 in the pipeline) as the sequence, CLIP-L's ``pooler_output`` as the pooled projection, ``txt_ids`` zeros
+``[L, 3]``. The latents ``[N, C, h, w]`` are packed into ``(h/2)(w/2)`` tokens of ``4C`` features with positional
+``img_ids``, and the prediction is unpacked again, so the rest of the step sees the latent layout. The transformer
+takes the timestep as ``s = t / 1000`` and, with ``guidance_embeds`` (FLUX.1-dev), a guidance value: the same
+``guidance_scale`` for the policy and the reference (diffusers' FLUX script trains with 3.5).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxPipeline
+
+from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
+
+__all__ = ["FluxFamily"]
+
+
+class FluxFamily(ModelFamily):
+    """FLUX.1 (``FluxPipeline`` with a ``FluxTransformer2DModel``)."""
+
+    name = "flux"
+    denoiser_name = "transformer"
+    flow_matching = True
+    # Logit-normal(0, 1) levels with the resolution-dependent shift FLUX samples with (SimpleTuner's flow defaults
+    # with auto-shift); diffusers' FLUX LoRA script draws uniform levels without shift (flow_weighting_scheme="none",
+    # flow_shift="none").
+    default_weighting_scheme = "logit_normal"
+    default_flow_shift = "resolution"
+    default_max_sequence_length = 512  # the pipeline's and diffusers' FLUX script's
+    default_guidance_scale = 3.5
+
+    def __init__(self, pipeline, max_sequence_length: int | None = None, guidance_scale: float | None = None) -> None:
+        super().__init__(pipeline)
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.guidance_scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {
+            "vae": self.pipeline.vae,
+            "text_encoder": self.pipeline.text_encoder,
+            "text_encoder_2": self.pipeline.text_encoder_2,
+        }
+
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        return PromptTokenizer(
+            {"input_ids": self.pipeline.tokenizer, "input_ids_2": self.pipeline.tokenizer_2},
+            {"input_ids_2": self.max_sequence_length},
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> PromptEmbeddings:
+        clip, t5 = self.pipeline.text_encoder, self.pipeline.text_encoder_2
+        pooled = clip(tokens["input_ids"].to(clip.device), return_dict=True).pooler_output
+        hidden = t5(tokens["input_ids_2"].to(t5.device), return_dict=True).last_hidden_state
+        return PromptEmbeddings(hidden, pooled)
+
+    def unet_conditioning(self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None) -> dict[str, object]:
+        hidden = prompt_embeds.encoder_hidden_states
+        return {
+            "encoder_hidden_states": hidden,
+            "pooled_projections": prompt_embeds.pooled.to(hidden.dtype),
+            "txt_ids": torch.zeros(hidden.shape[1], 3, device=hidden.device, dtype=hidden.dtype),
+        }
+
+    def call_denoiser(
+        self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
+    ) -> torch.Tensor:
+        n, channels, height, width = sample.shape
+        packed = FluxPipeline._pack_latents(sample, n, channels, height, width)
+        img_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, sample.device, sample.dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:  # the pipeline's module: ``model`` may be a DDP or DeepSpeed wrapper
+            guidance = torch.full((n,), self.guidance_scale, device=sample.device, dtype=torch.float32)
+        out = model(
+            hidden_states=packed,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            img_ids=img_ids,
+            **conditioning,
+            return_dict=False,
+        )[0]
+        # [N, (h/2)(w/2), 4C] back to [N, C, h, w] (the inverse of _pack_latents)
+        out = out.view(n, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(n, channels, height, width)
