@@ -66,12 +66,20 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
     )
     assert isinstance(script_args, ScriptArguments) and isinstance(model_args, ModelConfig)
     assert isinstance(config, DiffusionSDPOConfig) and config.beta == 2500  # flags override the YAML file
-    assert config.safeguard and config.safeguard_mu == (0.6 if config_path.stem.startswith("sdxl") else 0.9)
-    assert script_args.dataset_name == "yuvalkirstain/pickapic_v2" and script_args.dataset_streaming
+    # family-specific: (mu, streamed, LoRA r, LoRA alpha) as each config's comments explain
+    mu, streamed, rank, alpha = {
+        "sd15": (0.9, True, 16, 16),
+        "sdxl": (0.6, True, 16, 16),
+        "sd3_lora": (0.5, True, 32, 64),
+        "sd3_full": (0.5, False, None, None),
+        "flux_lora": (0.5, True, 16, 16),
+    }[next(k for k in ("sd15", "sdxl", "sd3_lora", "sd3_full", "flux_lora") if config_path.stem.startswith(k))]
+    assert config.safeguard and config.safeguard_mu == mu
+    assert script_args.dataset_name == "yuvalkirstain/pickapic_v2" and script_args.dataset_streaming is streamed
     assert model_args.use_peft is config_path.stem.endswith("lora")
     peft_config = get_peft_config(model_args)
     if model_args.use_peft:
-        assert peft_config.r == peft_config.lora_alpha == 16 and peft_config.lora_dropout == 0.0
+        assert (peft_config.r, peft_config.lora_alpha, peft_config.lora_dropout) == (rank, alpha, 0.0)
     else:
         assert peft_config is None
     assert diffusion_args.max_train_rows is None

@@ -300,9 +300,14 @@ def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_transformer(
     expected = transformer_outputs(trained, family)
     assert not torch.allclose(transformer_outputs(original.transformer, family), expected, atol=1e-5)
     torch.testing.assert_close(transformer_outputs(loaded, family), expected)
-    trainer.create_model_card()  # its usage snippet loads the transformer, not a UNet
+    # The output folder is a whole pipeline (the frozen parts written beside transformer/), as the card says.
+    whole = PIPELINES[kind].from_pretrained(out)
+    torch.testing.assert_close(transformer_outputs(whole.transformer, family), expected)
+    assert not (out / "unet").exists()
+    trainer.create_model_card()
     card = (out / "README.md").read_text()
-    assert f'{TRANSFORMERS[kind].__name__}.from_pretrained("<this repo>", subfolder="transformer")' in card
+    assert 'DiffusionPipeline.from_pretrained("<this repo>")' in card
+    assert "fine-tuned from" in card and "UNet" not in card.split("## Usage")[0]
 
 
 @pytest.mark.parametrize("space", ["output", "parameter"])
@@ -430,19 +435,19 @@ def test_flow_example_configs_parse_and_the_script_trains_from_local_folders(mak
     finally:
         sys.path.remove(str(examples))
     for name, field, value in (("sd3_lora", "flow_shift", "scheduler"), ("flux_lora", "flux_guidance_scale", 3.5)):
-        script_args, config = train_flow.parse_args(
+        script_args, config, model_args, _ = train_flow.parse_args(
             ["--config", str(examples / "configs" / f"{name}.yaml"), "--output_dir", "/tmp/unused", "--use_cpu"]
         )
-        assert config.beta == 100 and getattr(config, field) == value and script_args.lora
+        assert config.beta == 100 and getattr(config, field) == value and model_args.use_peft
     pipe_dir, data_dir, out = tmp_path / "flux", tmp_path / "pairs", tmp_path / "out"
     make_flow("flux").save_pretrained(pipe_dir)
     flow_pairs.save_to_disk(str(data_dir))
     train_flow.main(
         ["--config", str(examples / "configs" / "flux_lora.yaml"), "--model_name_or_path", str(pipe_dir),
-         "--dataset_name", str(data_dir), "--output_dir", str(out), "--streaming", "false", "--weights_dtype",
+         "--dataset_name", str(data_dir), "--output_dir", str(out), "--dataset_streaming", "false", "--dtype",
          "float32", "--bf16", "false", "--use_cpu", "--resolution", "32", "--max_sequence_length", str(SEQ),
          "--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-         "--lora_rank", "4", "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0",
+         "--lora_r", "4", "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0",
          "--disable_tqdm", "true"]
     )  # fmt: skip
     keys = load_file(out / "pytorch_lora_weights.safetensors").keys()

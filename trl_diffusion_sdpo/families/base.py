@@ -79,6 +79,8 @@ class ModelFamily:
     needs_time_ids: bool = False
     denoiser_name: str = "unet"
     flow_matching: bool = False
+    # LoRA targets when the user names none: the attention projections of the denoiser's blocks.
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline

@@ -25,6 +25,8 @@ class FluxFamily(ModelFamily):
     name = "flux"
     denoiser_name = "transformer"
     flow_matching = True
+    # Both attention streams (image and text tokens), as flow_grpo's SD3.5 Flow-DPO and diffusers' scripts adapt them.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     # Logit-normal(0, 1) levels with the resolution-dependent shift FLUX samples with (SimpleTuner's flow defaults
     # with auto-shift); diffusers' FLUX LoRA script draws uniform levels without shift (flow_weighting_scheme="none",
     # flow_shift="none").

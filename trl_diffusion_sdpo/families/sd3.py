@@ -22,6 +22,8 @@ class StableDiffusion3Family(ModelFamily):
     name = "stable-diffusion-3"
     denoiser_name = "transformer"
     flow_matching = True
+    # Both attention streams (image and text tokens), as flow_grpo's SD3.5 Flow-DPO and diffusers' scripts adapt them.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     # As diffusers' SD3 training script and flow_grpo's SD3.5 DPO: logit-normal(0, 1) levels on the scheduler's
     # (statically shifted) sigma table, no loss weighting.
     default_weighting_scheme = "logit_normal"

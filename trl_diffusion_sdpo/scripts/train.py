@@ -29,7 +29,8 @@ __all__ = ["DEFAULT_LORA_TARGETS", "DiffusionScriptArguments", "build_pipeline",
 
 logger = logging.getLogger(__name__)
 
-# The attention projections of every diffusers denoiser this package tunes (UNet and transformer blocks alike).
+# The attention projections of every diffusers denoiser this package tunes (UNet and transformer blocks alike); a
+# family may name more (the flow transformers' text-stream projections, ``ModelFamily.lora_target_modules``).
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
