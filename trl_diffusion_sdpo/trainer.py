@@ -44,6 +44,7 @@ from .distributed import (
     zero_stage,
 )
 from .families import ModelFamily, PromptEmbeddings, family_for_pipeline
+from .io.checkpoints import AtomicCheckpoints
 from .io.hub import build_model_card, upload_folder_to_hub
 from .io.saving import (
     has_saved_weights,
@@ -90,7 +91,7 @@ def _compute_dtype(args: DiffusionSDPOConfig) -> torch.dtype:
     return torch.float32
 
 
-class DiffusionSDPOTrainer(Trainer):
+class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
     """Preference tuning of a Stable Diffusion (1.x, 2.x, XL) UNet with Diffusion-DPO or Diffusion-SDPO.
 
     Args:
