@@ -65,16 +65,16 @@ from .reference import Reference, build_reference
 from .step.batch import EncodedBatch, drop_prompts, encode_batch, fixed_time_ids
 from .step.branches import BranchGradientSplitter, branch_cotangents
 from .step.draws import keyed_generator, rank_rows
-from .step.guard import NonFiniteLossGuard
+from .step.guard import NonFiniteLossGuard, flag_nonfinite
 from .step.noising import NoisedPair, noise_pairs, sample_pair_noise, training_scheduler
 from .step.optimizer import (
     clip_divisor,
     engine_manages_gradients,
     fused_scaling_optimizer,
-    grad_norm,
     trainable_parameters,
     zero_grads,
 )
+from .step.optimizer import grad_norm as trainable_grad_norm
 from .step.predictions import denoising_errors, predict_pairs
 from .step.safeguard import lambda_from_sums, parameter_space_lambda, safeguard_sums, scale_gradient
 
@@ -388,9 +388,19 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
         fused = fused_scaling_optimizer(self.optimizer, self.accelerator)
         if fused is None:
             return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
-        norm = grad_norm(self._trainable)
+        norm = trainable_grad_norm(self._trainable)
         fused.grad_scale = clip_divisor(norm, self.args.max_grad_norm)
         return norm
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: torch.Tensor | None = None):
+        """The pre-clip gradient norm; a non-finite one (an inf gradient with a finite loss) is flagged on the device
+        and the step skipped or raised on like a non-finite loss (see :class:`.step.guard.NonFiniteLossGuard`)."""
+        if grad_norm is None and self._trainable and not engine_manages_gradients(self.accelerator):
+            grad_norm = trainable_grad_norm(self._trainable)  # max_grad_norm <= 0: no clipping, still guarded
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if isinstance(grad_norm, torch.Tensor) and not self.is_deepspeed_enabled:  # DeepSpeed skips overflow itself
+            self._nonfinite_flag = flag_nonfinite(self._nonfinite_flag, grad_norm)
+        return grad_norm
 
     def compute_loss(
         self,
@@ -619,8 +629,7 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
 
     def _flag_nonfinite(self, loss: torch.Tensor, mode: str) -> None:
         if mode == "train":
-            flag = (~torch.isfinite(loss.detach())).float()
-            self._nonfinite_flag = flag if self._nonfinite_flag is None else self._nonfinite_flag + flag
+            self._nonfinite_flag = flag_nonfinite(self._nonfinite_flag, loss)
 
     def _record_metrics(
         self,
@@ -723,7 +732,7 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
         if skipped:
             self._nonfinite_skipped += skipped
             logger.warning(
-                "Non-finite loss: %d optimizer step(s) skipped since the last log (%d so far)",
+                "Non-finite loss or gradient norm: %d optimizer step(s) skipped since the last log (%d so far)",
                 skipped,
                 self._nonfinite_skipped,
             )
