@@ -66,7 +66,7 @@ from .step.batch import EncodedBatch, drop_prompts, encode_batch, fixed_time_ids
 from .step.branches import BranchGradientSplitter, branch_cotangents
 from .step.draws import keyed_generator, rank_rows
 from .step.guard import NonFiniteLossGuard, flag_nonfinite
-from .step.noising import NoisedPair, noise_pairs, sample_pair_noise, training_scheduler
+from .step.noising import NoisedPair, check_timestep_range, noise_pairs, sample_pair_noise, training_scheduler
 from .step.optimizer import (
     clip_divisor,
     engine_manages_gradients,
@@ -149,6 +149,7 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
         self.family: ModelFamily = family_for_pipeline(pipeline)
         check_not_partitioned({**self.family.frozen_modules(), "unet": pipeline.unet})
         self.noise_scheduler = training_scheduler(pipeline.scheduler)
+        check_timestep_range(args.min_timestep, args.max_timestep, self.noise_scheduler.config.num_train_timesteps)
         self.base_model_name = getattr(pipeline.config, "_name_or_path", None) or (
             model if isinstance(model, str) else None
         )

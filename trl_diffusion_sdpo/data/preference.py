@@ -37,6 +37,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from ..objectives.smpo import PICKSCORE_MAX, PICKSCORE_MIN, smoothed_preference_weights
+from .images import image_mode_problem, to_rgb
 
 __all__ = [
     "DataReport",
@@ -152,7 +153,9 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
 
 
 def load_image(value: Any) -> Image.Image:
-    """Decode an image given as bytes, a ``datasets.Image`` dict (``bytes``/``path``), a path or a PIL image."""
+    """Decode an image given as bytes, a ``datasets.Image`` dict (``bytes``/``path``), a path or a PIL image, to
+    8-bit RGB with every PIL mode scaled by what its values mean (:func:`.images.to_rgb`; ``ValueError`` naming the
+    mode when it cannot be)."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, (bytes, bytearray, memoryview)):
@@ -167,14 +170,14 @@ def load_image(value: Any) -> Image.Image:
     else:
         raise ValueError(f"cannot read an image from a {type(value).__name__}")
     image.load()
-    return image.convert("RGB") if image.mode != "RGB" else image
+    return to_rgb(image)
 
 
 def _check_image(value: Any) -> str:
     """Empty string if the image decodes, else the reason. JPEGs decode at 1/8 scale: fast, still complete."""
     try:
         if isinstance(value, Image.Image):
-            return ""
+            return image_mode_problem(value)
         if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
             image = Image.open(value["path"])
         elif isinstance(value, dict):
@@ -189,7 +192,7 @@ def _check_image(value: Any) -> str:
             return f"cannot read an image from a {type(value).__name__}"
         image.draft("RGB", (64, 64))
         image.load()
-        return ""
+        return image_mode_problem(image)
     except Exception as err:  # PIL raises many types for corrupt data
         return f"cannot decode image: {err}"
 
