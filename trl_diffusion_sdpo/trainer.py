@@ -62,7 +62,7 @@ from .objectives import (
     implicit_accuracy,
 )
 from .reference import Reference, build_reference
-from .step.batch import EncodedBatch, drop_prompts, encode_batch, fixed_time_ids
+from .step.batch import EncodedBatch, crop_pairs, drop_prompts, encode_batch, fixed_time_ids
 from .step.branches import BranchGradientSplitter, branch_cotangents
 from .step.draws import keyed_generator, rank_rows
 from .step.guard import NonFiniteLossGuard, flag_nonfinite
@@ -521,8 +521,11 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
         """Stages batch -> latents -> noised pair -> predictions, with this micro-batch's keyed draws."""
         generator = self._generator(mode, self.args.device)
         train = mode == "train"
-        # batch: flips (per pair, or per image with independent_augmentation) and prompt dropout, training only
-        flip, drop = self._augmentation_draws(generator, mode, inputs["time_ids"].shape[0])
+        # batch: flips (per pair, or per image with independent_augmentation), prompt dropout and random crops,
+        # training only
+        flip, drop, crop = self._augmentation_draws(generator, mode, inputs["time_ids"].shape[0])
+        if "crop_sizes" in inputs:  # resized, not yet cropped, by the collator (random_crop)
+            inputs = crop_pairs(inputs, crop, self.args.resolution)
         encoded = encode_batch(inputs, self.family, flip if train and self.args.random_flip else None, self._dtype)
         if train and self.args.proportion_empty_prompts > 0:
             encoded.prompt_embeds = drop_prompts(
@@ -543,17 +546,23 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
 
     def _augmentation_draws(
         self, generator: torch.Generator, mode: str, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``flip`` booleans (``[B]``, or ``[B, 2]`` with ``independent_augmentation``) and ``drop`` uniforms ``[B]``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``flip`` booleans (``[B]``, or ``[B, 2]`` with ``independent_augmentation``), ``drop`` uniforms ``[B]`` and,
+        with ``random_crop``, crop fractions (``[B, 2]`` top and left, or ``[B, 2, 2]`` per image).
 
-        The winner's flip and the dropout are the first two rows of the draw whatever the option (a generator fills
-        rows in order), so the option adds the loser's own flip without changing the others."""
-        rows = 3 if self.args.independent_augmentation else 2
+        The winner's flip and the dropout are the first two rows of the draw whatever the options (a generator fills
+        rows in order), so the options add rows without changing the others."""
+        independent, cropping = self.args.independent_augmentation, self.args.random_crop and mode == "train"
+        rows = (3 if independent else 2) + (2 * (2 if independent else 1) if cropping else 0)
         draws = self._draw(
             generator, mode, batch, lambda n, device: tuple(torch.rand((rows, n), generator=generator, device=device))
         )
-        flip = torch.stack([draws[0], draws[2]], dim=1) < 0.5 if rows == 3 else draws[0] < 0.5
-        return flip, draws[1]
+        flip = torch.stack([draws[0], draws[2]], dim=1) < 0.5 if independent else draws[0] < 0.5
+        crop = None
+        if cropping:
+            first = 3 if independent else 2
+            crop = torch.stack(draws[first:], dim=1)  # [B, 2] or [B, 4]: (top, left) per pair or per image
+        return flip, draws[1], crop
 
     def _empty_prompt_embeds(self) -> PromptEmbeddings:
         if self._empty_prompt is None:

@@ -472,6 +472,12 @@ def mirrored_time_ids(time_ids: torch.Tensor) -> torch.Tensor:
     return mirrored
 
 
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """An 8-bit RGB image as ``[3, H, W]`` float32 in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
 class PairTransform:
     """Resize the shorter side to ``resolution`` and crop a square: the same crop position for both images, or
     (``independent``, with ``random_crop``) a random position for each.
@@ -491,22 +497,37 @@ class PairTransform:
         self.random_crop = random_crop
         self.independent = independent  # a random crop of its own for each image (the Diffusion-SDPO authors')
 
+    def _resize(self, image: Image.Image) -> Image.Image:
+        new_w, new_h = resized_size(*image.size, self.resolution)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+        return image
+
     def _one(self, image: Image.Image, crop_fraction: tuple[float, float] | None):
         res = self.resolution
         orig_w, orig_h = image.size
-        new_w, new_h = resized_size(orig_w, orig_h, res)
-        if (new_w, new_h) != (orig_w, orig_h):
-            image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+        image = self._resize(image)
+        new_w, new_h = image.size
         if crop_fraction is None:  # center crop, rounded like torchvision's CenterCrop
             top, left = round((new_h - res) / 2), round((new_w - res) / 2)
         else:  # each valid offset equally likely (as torchvision's RandomCrop), same relative position for the pair
             top = min(int(crop_fraction[0] * (new_h - res + 1)), new_h - res)
             left = min(int(crop_fraction[1] * (new_w - res + 1)), new_w - res)
         image = image.crop((left, top, left + res, top + res))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)
         time_ids = torch.tensor([orig_h, orig_w, top, left, res, res], dtype=torch.float32)
-        return pixels, time_ids
+        return _pixels(image), time_ids
+
+    def resized_pair(self, winner: Image.Image, loser: Image.Image) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """For a random crop drawn later by the trainer (keyed, so resume is exact): the two images resized but not
+        cropped (``[3, h, w]`` each, in [-1, 1]) and their ``time_ids [2, 6]`` with crop offsets 0, to be filled in
+        by :func:`~trl_diffusion_sdpo.step.batch.crop_pairs`."""
+        pixels, time_ids = [], []
+        for image in (winner, loser):
+            orig_w, orig_h = image.size
+            pixels.append(_pixels(self._resize(image)))
+            res = self.resolution
+            time_ids.append(torch.tensor([orig_h, orig_w, 0, 0, res, res], dtype=torch.float32))
+        return pixels, torch.stack(time_ids)
 
     def __call__(
         self, winner: Image.Image, loser: Image.Image, train: bool = True
@@ -532,8 +553,11 @@ class PreferenceCollator:
     """Turn raw rows into ``pixel_values [B, 2, 3, R, R]`` (winner first), ``time_ids [B, 2, 6]`` and token ids.
 
     With ``with_flipped``, ``time_ids_flipped`` holds the ``time_ids`` of the mirrored views, for the trainer's flip.
-    The only random draw here is a random crop (``torch``'s global generator); flip and prompt dropout are drawn by
-    the trainer. ``train=False`` gives the deterministic evaluation view: center crop.
+    Nothing random is drawn here. With a random crop (``train`` and the transform's ``random_crop``) the images are
+    only resized: ``pixel_values [B, 2, 3, H, W]`` holds them zero-padded to the largest, ``crop_sizes [B, 2, 2]``
+    their ``(height, width)``, and the trainer crops with keyed draws (:func:`~trl_diffusion_sdpo.step.batch.
+    crop_pairs`), so a resumed run crops exactly as the uninterrupted one. ``train=False`` gives the deterministic
+    evaluation view: center crop.
 
     With ``smpo_gamma`` (``loss_type="smpo"``; ``columns`` must have score columns) the batch also holds SmPO's
     ``pair_weights [B]`` float32, :func:`~trl_diffusion_sdpo.objectives.smoothed_preference_weights` of the ordered
@@ -562,6 +586,11 @@ class PreferenceCollator:
         self.smpo_score_min = smpo_score_min
         self.smpo_score_max = smpo_score_max
 
+    @property
+    def crops_later(self) -> bool:
+        """Whether the random crop is left to the trainer's keyed draws (training with ``random_crop``)."""
+        return self.train and self.transform.random_crop
+
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixels, time_ids, prompts, scores = [], [], [], []
         skipped = 0
@@ -578,23 +607,44 @@ class PreferenceCollator:
                 logger.warning("Skipping a bad row: %s", err)
                 skipped += 1
                 continue
-            pair_pixels, pair_ids = self.transform(winner, loser, train=self.train)
+            if self.crops_later:
+                pair_pixels, pair_ids = self.transform.resized_pair(winner, loser)
+            else:
+                pair_pixels, pair_ids = self.transform(winner, loser, train=self.train)
             pixels.append(pair_pixels)
             time_ids.append(pair_ids)
             prompts.append(prompt)
             scores.append(pair[2])
         res = self.transform.resolution
         batch: dict[str, torch.Tensor] = {
-            "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 2, 3, res, res),
             "time_ids": torch.stack(time_ids) if time_ids else torch.empty(0, 2, 6),
             "num_skipped": torch.tensor(skipped, dtype=torch.float32),
         }
+        if self.crops_later:
+            batch["pixel_values"], batch["crop_sizes"] = _padded_pairs(pixels, res)
+        else:
+            batch["pixel_values"] = torch.stack(pixels) if pixels else torch.empty(0, 2, 3, res, res)
         if self.with_flipped:
             batch["time_ids_flipped"] = mirrored_time_ids(batch["time_ids"])
         if self.smpo_gamma is not None:
             batch["pair_weights"] = pair_weights(scores, self.smpo_gamma, self.smpo_score_min, self.smpo_score_max)
         batch.update(self.tokenize(prompts) if prompts else {})
         return batch
+
+
+def _padded_pairs(pairs: list[list[torch.Tensor]], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized pairs (``[3, h, w]`` each) zero-padded into ``[B, 2, 3, H, W]``, and their sizes ``[B, 2, 2]``."""
+    if not pairs:
+        return torch.empty(0, 2, 3, resolution, resolution), torch.empty(0, 2, 2)
+    height = max(image.shape[1] for pair in pairs for image in pair)
+    width = max(image.shape[2] for pair in pairs for image in pair)
+    padded = torch.zeros(len(pairs), 2, 3, height, width)
+    sizes = torch.zeros(len(pairs), 2, 2)
+    for i, pair in enumerate(pairs):
+        for k, image in enumerate(pair):
+            padded[i, k, :, : image.shape[1], : image.shape[2]] = image
+            sizes[i, k, 0], sizes[i, k, 1] = image.shape[1], image.shape[2]
+    return padded, sizes
 
 
 def load_preference_dataset(
