@@ -5,9 +5,10 @@ safeguard on) for ``--steps`` optimizer steps, saving a checkpoint every ``--sav
 2, so rotation deletes as it goes) and logging every ``--logging-steps``. A callback records after every step the
 process's resident set size (``/proc/self/statm``) and the wall-clock time since the previous step.
 
-Reported: per window of ``--window`` steps the median step time, the median step time of the steps that saved a
-checkpoint, and the RSS at the window's end; the RSS growth and the median step time of the last window against the
-first window after warm-up (ratios, so a shared machine's speed cancels only partly: read them with the windows).
+Reported: per window of ``--window`` steps the median step time (wall clock, and the process's CPU time, which on a
+machine shared with other jobs counts our work rather than our waiting), the median wall time of the steps that
+saved a checkpoint, and the RSS at the window's end; the RSS growth and the median step times of the last window
+against the first window after warm-up.
 Nothing is asserted. Example::
 
     python benchmarks/soak.py --steps 2000 --save-steps 100 --output benchmarks/results/cpu-soak.json
@@ -50,14 +51,17 @@ class Recorder(TrainerCallback):
 
     def __init__(self) -> None:
         self.last = time.perf_counter()
+        self.last_cpu = time.process_time()
         self.step_seconds: list[float] = []
+        self.step_cpu_seconds: list[float] = []
         self.rss: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
         # A save at this step happens after on_step_end; its time falls into the next step's interval.
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.step_seconds.append(now - self.last)
-        self.last = now
+        self.step_cpu_seconds.append(cpu - self.last_cpu)
+        self.last, self.last_cpu = now, cpu
         self.rss.append(rss_mib())
 
 
@@ -73,6 +77,7 @@ def summarise(recorder: Recorder, save_steps: int, window: int, warmup: int) -> 
             {
                 "steps": [start + 1, end],
                 "median_step_s": statistics.median(times),
+                "median_step_cpu_s": statistics.median(recorder.step_cpu_seconds[start:end]),
                 "median_step_with_save_s": statistics.median(after_save) if after_save else None,
                 "rss_end_mib": recorder.rss[end - 1],
             }
@@ -86,6 +91,7 @@ def summarise(recorder: Recorder, save_steps: int, window: int, warmup: int) -> 
         "rss_growth_mib": last["rss_end_mib"] - first["rss_end_mib"],
         "rss_max_mib": max(recorder.rss),
         "median_step_ratio_last_to_first": last["median_step_s"] / first["median_step_s"],
+        "median_step_cpu_ratio_last_to_first": last["median_step_cpu_s"] / first["median_step_cpu_s"],
     }
 
 

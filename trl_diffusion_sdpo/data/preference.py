@@ -58,6 +58,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _LABEL_VALUES = (0.0, 0.5, 1.0)
+# A streamed row's position in the stream, added by preparation so a bad row's warning can name it.
+ROW_INDEX_COLUMN = "__row_index__"
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,8 @@ def prepare_preference_dataset(
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{split} dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}")
     columns = resolve_columns(dataset.column_names, args)
+    if len(dataset) == 0:
+        raise ValueError(f"The {split} dataset is empty (0 rows)")
     dataset = _undecoded(dataset.select_columns(columns.all), columns)
     report = DataReport(num_rows=len(dataset))
 
@@ -369,6 +373,7 @@ def _prepare_iterable(
     if column and not args.skip_invalid_rows:
         raise ValueError(f"Invalid {split} dataset row 0, column {column!r}: {reason}")
     dataset = _undecoded(dataset.select_columns(columns.all), columns)
+    dataset = dataset.map(lambda _, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
     return dataset, columns, DataReport()
 
 
@@ -598,13 +603,21 @@ class PreferenceCollator:
             # Rows of a map-style dataset were validated up front; this guards streamed rows.
             try:
                 prompt = row[self.columns.prompt]
-                pair = order_pair(row, self.columns)
-                if pair is None or not isinstance(prompt, str):
+                if not isinstance(prompt, str):
+                    raise ValueError(f"column {self.columns.prompt!r}: prompt must be a string, got "
+                                     f"{type(prompt).__name__}")
+                pair = order_pair(row, self.columns)  # a bad label or score raises, naming its column
+                if pair is None:  # a tie
                     skipped += 1
                     continue
-                winner, loser = load_image(pair[0]), load_image(pair[1])
+                winner_column, loser_column = (self.columns.first, self.columns.second)
+                if pair[0] is not row[self.columns.first]:
+                    winner_column, loser_column = loser_column, winner_column
+                winner, loser = _load_from(pair[0], winner_column), _load_from(pair[1], loser_column)
             except Exception as err:
-                logger.warning("Skipping a bad row: %s", err)
+                position = row.get(ROW_INDEX_COLUMN)
+                where = f"streamed row {position}" if position is not None else "a bad row"
+                logger.warning("Skipping %s: %s", where, err)
                 skipped += 1
                 continue
             if self.crops_later:
@@ -630,6 +643,13 @@ class PreferenceCollator:
             batch["pair_weights"] = pair_weights(scores, self.smpo_gamma, self.smpo_score_min, self.smpo_score_max)
         batch.update(self.tokenize(prompts) if prompts else {})
         return batch
+
+
+def _load_from(value: Any, column: str) -> Image.Image:
+    try:
+        return load_image(value)
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise ValueError(f"column {column!r}: {err}") from None
 
 
 def _padded_pairs(pairs: list[list[torch.Tensor]], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
