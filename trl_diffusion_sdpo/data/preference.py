@@ -604,8 +604,9 @@ class PreferenceCollator:
             try:
                 prompt = row[self.columns.prompt]
                 if not isinstance(prompt, str):
-                    raise ValueError(f"column {self.columns.prompt!r}: prompt must be a string, got "
-                                     f"{type(prompt).__name__}")
+                    raise ValueError(
+                        f"column {self.columns.prompt!r}: prompt must be a string, got {type(prompt).__name__}"
+                    )
                 pair = order_pair(row, self.columns)  # a bad label or score raises, naming its column
                 if pair is None:  # a tie
                     skipped += 1
