@@ -686,7 +686,9 @@ def load_preference_dataset(
     else:
         dataset = load_dataset(name_or_path, split=split, streaming=streaming)
     if max_rows is not None:
-        dataset = dataset.take(max_rows) if isinstance(dataset, IterableDataset) else dataset.select(
-            range(min(max_rows, len(dataset)))
+        dataset = (
+            dataset.take(max_rows)
+            if isinstance(dataset, IterableDataset)
+            else dataset.select(range(min(max_rows, len(dataset))))
         )
     return dataset
