@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -116,7 +117,9 @@ def test_resume_true_takes_the_newest_complete_checkpoint_and_logs_which(trained
 
 def test_rotation_keeps_the_newest_complete_checkpoint_despite_a_stale_partial_one(tmp_path):
     out = tmp_path / "out"
-    os.makedirs(out / "checkpoint-9")  # partial, from an older run: transformers' rotation would keep it instead
+    os.makedirs(out / "checkpoint-9")  # partial, from an older run or another machine's clock
+    future = time.time() + 3600
+    os.utime(out / "checkpoint-9", (future, future))  # transformers' rotation (newest mtime) would keep only it
     trainer = build_trainer(str(out), str(tmp_path / "tok"), max_steps=2)
     trainer.args.save_total_limit = 1
     trainer.train()
