@@ -83,7 +83,8 @@ class DiffusionSDPOConfig(TrainingArguments):
     resolution (`int`, *optional*, defaults to `512`):
         Training resolution: images are resized so their shorter side is this, then cropped to a square.
     random_crop (`bool`, *optional*, defaults to `False`):
-        Random instead of center crop. Winner and loser share the crop position (relative to their size).
+        Random instead of center crop. Winner and loser share the crop position (relative to their size). The offsets
+        come from the trainer's keyed draws (like the flips), so a resumed run crops as the uninterrupted one.
     random_flip (`bool`, *optional*, defaults to `True`):
         Flip horizontally with probability 0.5: both images of a pair together (MaPO's choice, and ours by default),
         or each image on its own with `independent_augmentation`.
@@ -123,9 +124,9 @@ class DiffusionSDPOConfig(TrainingArguments):
     > Parameters that control robustness
 
     on_nonfinite_loss (`str`, *optional*, defaults to `"skip"`):
-        What to do when a micro-batch's loss is NaN or infinite. `"skip"`: its gradients never reach the optimizer
-        (the optimizer step that would include it is skipped and counted in `nonfinite_skipped`). `"raise"`: save a
-        checkpoint of the last good state and stop with an error.
+        What to do when a micro-batch's loss, or the gradient norm of an optimizer step, is NaN or infinite.
+        `"skip"`: its gradients never reach the optimizer (the optimizer step that would include it is skipped and
+        counted in `nonfinite_skipped`). `"raise"`: save a checkpoint of the last good state and stop with an error.
 
     > Parameters that control evaluation
 
