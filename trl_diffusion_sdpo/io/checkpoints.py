@@ -118,7 +118,16 @@ def _file_problem(path: str) -> str:
         elif name.endswith(_TORCH_SUFFIXES) and size > 0:
             with zipfile.ZipFile(path) as archive:  # the central directory sits at the end: truncation shows
                 archive.namelist()
-    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, struct.error) as err:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        zipfile.BadZipFile,
+        struct.error,
+    ) as err:
         return f"cannot be read ({type(err).__name__}: {err})"
     return ""
 
