@@ -548,7 +548,7 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
         self, generator: torch.Generator, mode: str, batch: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``flip`` booleans (``[B]``, or ``[B, 2]`` with ``independent_augmentation``), ``drop`` uniforms ``[B]`` and,
-        with ``random_crop``, crop fractions (``[B, 2]`` top and left, or ``[B, 2, 2]`` per image).
+        with ``random_crop``, crop fractions (``[B, 2]`` top and left per pair, or ``[B, 4]`` per image).
 
         The winner's flip and the dropout are the first two rows of the draw whatever the options (a generator fills
         rows in order), so the options add rows without changing the others."""
