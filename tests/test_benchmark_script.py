@@ -22,3 +22,16 @@ def test_step_time_script_writes_every_requested_row(tmp_path):
     assert set(report["rows"]) == {"floor-lora", "dpo-cached-lora", "sdpo-cached-lora"}
     assert "ratio_to_floor_wall" in report["rows"]["dpo-cached-lora"]
     assert "safeguard overhead <= 2%" in report["targets"]
+
+
+@pytest.mark.slow
+def test_soak_script_records_every_step_and_keeps_the_last_two_checkpoints(tmp_path):
+    output = tmp_path / "soak.json"
+    script = SCRIPT.parent / "soak.py"
+    command = [sys.executable, str(script), "--steps", "6", "--save-steps", "2", "--window", "3",
+               "--logging-steps", "2", "--output", str(output)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(output.read_text())
+    assert [w["steps"] for w in report["windows"]] == [[1, 3], [4, 6]]
+    assert report["checkpoints_left"] == ["checkpoint-4", "checkpoint-6"]
+    assert all(w["rss_end_mib"] > 0 and w["median_step_cpu_s"] > 0 for w in report["windows"])

@@ -23,6 +23,31 @@ from trl_diffusion_sdpo import DiffusionSDPOConfig
         ({"on_nonfinite_loss": "ignore"}, "on_nonfinite_loss"),
         ({"loss_type": "ipo"}, "loss_type"),
         ({"remove_unused_columns": True}, "remove_unused_columns"),
+        # Non-finite values, which used to make training skip every step and still "finish"
+        ({"beta": float("nan")}, "beta must be finite"),
+        ({"beta": float("inf")}, "beta must be finite"),
+        ({"safeguard_mu": float("nan")}, "safeguard_mu must be finite"),
+        ({"safeguard_max_lambda": float("nan")}, "safeguard_max_lambda must be finite"),
+        ({"safeguard_max_lambda": float("inf")}, "safeguard_max_lambda must be finite"),
+        ({"proportion_empty_prompts": float("nan")}, "proportion_empty_prompts must be finite"),
+        # Values that failed only inside torch at train()
+        ({"learning_rate": -1e-05}, "learning_rate must be >= 0"),
+        ({"learning_rate": float("nan")}, "learning_rate must be finite"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"adam_beta2": 1.0}, r"adam_beta2 must lie in \[0, 1\)"),
+        ({"max_grad_norm": float("nan")}, "max_grad_norm must be finite"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be >= 1"),
+        # The other objective and data fields
+        ({"dmpo_alpha": 1.0}, r"dmpo_alpha must lie in \(0, 1\)"),
+        ({"mapo_snr_value": 0.0}, "mapo_snr_value must be positive"),
+        ({"smpo_gamma": -1.0}, "smpo_gamma must be >= 0"),
+        ({"resolution": 64.5}, "resolution must be an integer"),
+        ({"max_timestep": 0}, "max_timestep must be >= 1"),
+        ({"validation_guidance_scale": float("inf")}, "validation_guidance_scale must be finite"),
+        # Wrong types, as a YAML file gives them
+        ({"beta": "5e3"}, r"beta must be a real number, got '5e3' \(str\)\. \(In YAML"),
+        ({"safeguard_mu": True}, "safeguard_mu must be a real number"),
     ],
 )
 def test_bad_config_values_raise_value_error_naming_the_field(tmp_path, overrides, message):
@@ -31,6 +56,18 @@ def test_bad_config_values_raise_value_error_naming_the_field(tmp_path, override
     for value in overrides.values():
         if not isinstance(value, bool):
             assert str(value) in str(info.value)  # the offending value is quoted back
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_timestep": 5000}, "max_timestep=5000 is beyond the scheduler's num_train_timesteps=1000"),
+        ({"min_timestep": 1000}, "min_timestep=1000 leaves no timestep to train on"),
+    ],
+)
+def test_timesteps_beyond_the_scheduler_are_refused_when_the_trainer_is_built(make_trainer, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(**overrides)
 
 
 def test_defaults_follow_the_papers(tmp_path):

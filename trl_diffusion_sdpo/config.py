@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -83,7 +85,8 @@ class DiffusionSDPOConfig(TrainingArguments):
     resolution (`int`, *optional*, defaults to `512`):
         Training resolution: images are resized so their shorter side is this, then cropped to a square.
     random_crop (`bool`, *optional*, defaults to `False`):
-        Random instead of center crop. Winner and loser share the crop position (relative to their size).
+        Random instead of center crop. Winner and loser share the crop position (relative to their size). The offsets
+        come from the trainer's keyed draws (like the flips), so a resumed run crops as the uninterrupted one.
     random_flip (`bool`, *optional*, defaults to `True`):
         Flip horizontally with probability 0.5: both images of a pair together (MaPO's choice, and ours by default),
         or each image on its own with `independent_augmentation`.
@@ -143,9 +146,9 @@ class DiffusionSDPOConfig(TrainingArguments):
     > Parameters that control robustness
 
     on_nonfinite_loss (`str`, *optional*, defaults to `"skip"`):
-        What to do when a micro-batch's loss is NaN or infinite. `"skip"`: its gradients never reach the optimizer
-        (the optimizer step that would include it is skipped and counted in `nonfinite_skipped`). `"raise"`: save a
-        checkpoint of the last good state and stop with an error.
+        What to do when a micro-batch's loss, or the gradient norm of an optimizer step, is NaN or infinite.
+        `"skip"`: its gradients never reach the optimizer (the optimizer step that would include it is skipped and
+        counted in `nonfinite_skipped`). `"raise"`: save a checkpoint of the last good state and stop with an error.
 
     > Parameters that control evaluation
 
@@ -329,19 +332,11 @@ class DiffusionSDPOConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.loss_type not in OBJECTIVES:
             raise ValueError(f"loss_type={self.loss_type!r} is not supported; choose one of {sorted(OBJECTIVES)}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
-        if not 0.0 <= self.safeguard_mu <= 1.0:
-            raise ValueError(f"safeguard_mu must lie in [0, 1], got {self.safeguard_mu}")
-        if self.safeguard_max_lambda <= 0:
-            raise ValueError(f"safeguard_max_lambda must be positive, got {self.safeguard_max_lambda}")
-        if self.resolution <= 0 or self.resolution % 8 != 0:
-            raise ValueError(f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got "
-                             f"{self.resolution}")
-        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise ValueError(f"proportion_empty_prompts must lie in [0, 1], got {self.proportion_empty_prompts}")
-        if self.min_timestep < 0:
-            raise ValueError(f"min_timestep must be >= 0, got {self.min_timestep}")
+        self._check_numbers()
+        if self.resolution % 8 != 0:
+            raise ValueError(
+                f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}"
+            )
         if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
             raise ValueError(
                 f"max_timestep ({self.max_timestep}) must be larger than min_timestep ({self.min_timestep})"
@@ -382,11 +377,6 @@ class DiffusionSDPOConfig(TrainingArguments):
             )
         if self.validation_prompts is not None and not self.validation_prompts:
             raise ValueError("validation_prompts must hold at least one prompt, or be None to turn validation off")
-        if self.validation_steps < 0 or self.validation_num_inference_steps < 1:
-            raise ValueError(
-                f"validation_steps must be >= 0 and validation_num_inference_steps >= 1, got {self.validation_steps} "
-                f"and {self.validation_num_inference_steps}"
-            )
         if self.safeguard_scope not in ("local", "global"):
             raise ValueError(f"safeguard_scope must be 'local' or 'global', got {self.safeguard_scope!r}")
         if _launched_on_cpu_only():
@@ -397,6 +387,93 @@ class DiffusionSDPOConfig(TrainingArguments):
             if not self.deepspeed and not strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
                 self.use_cpu = True
         super().__post_init__()
+
+    def _check_numbers(self) -> None:
+        """Every numeric field is a finite number (an integer where one is needed) in its range, or a ValueError that
+        names the field, the value and what to change. NaN and inf are refused everywhere: a NaN ``beta`` or
+        ``safeguard_mu`` would make every step non-finite and training skip them all while still "finishing"."""
+        for name, rule in _NUMERIC_RULES.items():
+            value = getattr(self, name)
+            if value is None and rule.optional:
+                continue
+            rule.check(name, value)
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The allowed values of a numeric field: ``low``/``high`` bounds (open or closed), integer or real."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+    hint: str = ""
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"lie in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low == 0 and self.low_open:
+            return "be positive"
+        if self.low is not None:
+            return f"be {'>' if self.low_open else '>='} {self.low:g}"
+        return "be finite"
+
+    def check(self, name: str, value) -> None:
+        hint = f" {self.hint}" if self.hint else ""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.integer else numbers.Real):
+            kind = "an integer" if self.integer else "a real number"
+            yaml = " (In YAML 5e3 is read as a string: write 5.0e+3.)" if isinstance(value, str) else ""
+            optional = " or None" if self.optional else ""
+            raise ValueError(f"{name} must be {kind}{optional}, got {value!r} ({type(value).__name__}).{yaml}{hint}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}.{hint}")
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if below or above:
+            raise ValueError(f"{name} must {self.describe()}, got {value!r}.{hint}")
+
+
+_NUMERIC_RULES: dict[str, _Range] = {
+    # the objectives
+    "beta": _Range(0, low_open=True, hint="The paper uses 2000 to 5000 for Diffusion-DPO (default 5000)."),
+    "dmpo_alpha": _Range(0, 1, low_open=True, high_open=True, hint="DMPO's target is q = 1 - alpha (authors: 0.01)."),
+    "mapo_beta": _Range(0, low_open=True, hint="MaPO's authors use 0.1."),
+    "mapo_snr_value": _Range(0, low_open=True, hint="MaPO's authors use 0.5."),
+    "smpo_gamma": _Range(0, hint="SmPO's default is 10."),
+    "smpo_score_min": _Range(hint="Set it to the smallest score your scorer gives."),
+    "smpo_score_max": _Range(hint="Set it to the largest score your scorer gives."),
+    # the safeguard
+    "safeguard_mu": _Range(0, 1, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL."),
+    "safeguard_max_lambda": _Range(0, low_open=True, hint="The authors use 1.0."),
+    # the data
+    "resolution": _Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
+    "proportion_empty_prompts": _Range(0, 1, hint="The authors drop 0.2 of the prompts."),
+    "min_timestep": _Range(0, integer=True),
+    "max_timestep": _Range(1, integer=True, optional=True, hint="None uses the scheduler's num_train_timesteps."),
+    "dataset_num_proc": _Range(1, integer=True, optional=True),
+    # evaluation and validation
+    "eval_seed": _Range(0, integer=True),
+    "validation_steps": _Range(0, integer=True),
+    "validation_num_inference_steps": _Range(1, integer=True),
+    "validation_guidance_scale": _Range(hint="8.5 is the SDPO authors' guidance."),
+    # TrainingArguments fields that fail late (inside torch, or as NaN weights) when wrong
+    "learning_rate": _Range(0, hint="The authors use 1e-8 per pair with scale_lr; LoRA typically 1e-5 to 1e-4."),
+    "weight_decay": _Range(0, hint="The SDPO authors use 0.01."),
+    "adam_beta1": _Range(0, 1, high_open=True),
+    "adam_beta2": _Range(0, 1, high_open=True),
+    "adam_epsilon": _Range(0, low_open=True),
+    "max_grad_norm": _Range(hint="0 or less turns clipping off; the authors clip at 1.0."),
+    "warmup_steps": _Range(0),
+    "num_train_epochs": _Range(0),
+    "max_steps": _Range(hint="-1 trains for num_train_epochs.", integer=True),
+    "per_device_train_batch_size": _Range(1, integer=True),
+    "per_device_eval_batch_size": _Range(1, integer=True),
+    "gradient_accumulation_steps": _Range(1, integer=True),
+    "seed": _Range(0, integer=True),
+}
 
 
 def _launched_on_cpu_only() -> bool:

@@ -47,6 +47,7 @@ from .distributed import (
     zero_stage,
 )
 from .families import ModelFamily, PromptEmbeddings, family_for_pipeline
+from .io.checkpoints import AtomicCheckpoints
 from .io.hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
 from .io.saving import (
     copy_saved_model,
@@ -66,21 +67,21 @@ from .objectives import (
     build_objective,
 )
 from .reference import Reference, build_reference
-from .step.batch import EncodedBatch, drop_prompts, encode_batch, fixed_time_ids
+from .step.batch import EncodedBatch, crop_pairs, drop_prompts, encode_batch, fixed_time_ids
 from .step.branches import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
 from .step.draws import keyed_generator, rank_rows
 from .step.flow import FlowNoising, flow_noising_for
-from .step.guard import NonFiniteLossGuard
+from .step.guard import NonFiniteLossGuard, flag_nonfinite
 from .step.metrics import metric_names, record_metrics, reduce_metrics
-from .step.noising import NoisedPair, noise_pairs, sample_pair_noise, training_scheduler
+from .step.noising import NoisedPair, check_timestep_range, noise_pairs, sample_pair_noise, training_scheduler
 from .step.optimizer import (
     clip_divisor,
     engine_manages_gradients,
     fused_scaling_optimizer,
-    grad_norm,
     trainable_parameters,
     zero_grads,
 )
+from .step.optimizer import grad_norm as trainable_grad_norm
 from .step.predictions import denoising_errors, predict_pairs
 from .step.safeguard import lambda_from_sums, parameter_space_lambda, safeguard_sums, scale_gradient
 
@@ -97,7 +98,7 @@ def _compute_dtype(args: DiffusionSDPOConfig) -> torch.dtype:
     return torch.float32
 
 
-class DiffusionSDPOTrainer(Trainer):
+class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
     """Preference tuning of a Stable Diffusion (1.x, 2.x, XL) UNet, or an SD3 / SD3.5 or FLUX.1 transformer (flow
     matching), with Diffusion-DPO or Diffusion-SDPO.
 
@@ -171,6 +172,9 @@ class DiffusionSDPOTrainer(Trainer):
                 )
         else:
             self.noise_scheduler = training_scheduler(pipeline.scheduler)
+            check_timestep_range(
+                args.min_timestep, args.max_timestep, self.noise_scheduler.config.num_train_timesteps
+            )
         self.base_model_name = getattr(pipeline.config, "_name_or_path", None) or (
             model if isinstance(model, str) else None
         )
@@ -433,9 +437,19 @@ class DiffusionSDPOTrainer(Trainer):
         fused = fused_scaling_optimizer(self.optimizer, self.accelerator)
         if fused is None:
             return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
-        norm = grad_norm(self._trainable)
+        norm = trainable_grad_norm(self._trainable)
         fused.grad_scale = clip_divisor(norm, self.args.max_grad_norm)
         return norm
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: torch.Tensor | None = None):
+        """The pre-clip gradient norm; a non-finite one (an inf gradient with a finite loss) is flagged on the device
+        and the step skipped or raised on like a non-finite loss (see :class:`.step.guard.NonFiniteLossGuard`)."""
+        if grad_norm is None and self._trainable and not engine_manages_gradients(self.accelerator):
+            grad_norm = trainable_grad_norm(self._trainable)  # max_grad_norm <= 0: no clipping, still guarded
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if isinstance(grad_norm, torch.Tensor) and not self.is_deepspeed_enabled:  # DeepSpeed skips overflow itself
+            self._nonfinite_flag = flag_nonfinite(self._nonfinite_flag, grad_norm)
+        return grad_norm
 
     def compute_loss(
         self,
@@ -555,8 +569,11 @@ class DiffusionSDPOTrainer(Trainer):
         """Stages batch -> latents -> noised pair -> predictions, with this micro-batch's keyed draws."""
         generator = self._generator(mode, self.args.device)
         train = mode == "train"
-        # batch: flips (per pair, or per image with independent_augmentation) and prompt dropout, training only
-        flip, drop = self._augmentation_draws(generator, mode, inputs["time_ids"].shape[0])
+        # batch: flips (per pair, or per image with independent_augmentation), prompt dropout and random crops,
+        # training only
+        flip, drop, crop = self._augmentation_draws(generator, mode, inputs["time_ids"].shape[0])
+        if "crop_sizes" in inputs:  # resized, not yet cropped, by the collator (random_crop)
+            inputs = crop_pairs(inputs, crop, self.args.resolution)
         encoded = encode_batch(inputs, self.family, flip if train and self.args.random_flip else None, self._dtype)
         if train and self.args.proportion_empty_prompts > 0:
             encoded.prompt_embeds = drop_prompts(
@@ -577,17 +594,23 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _augmentation_draws(
         self, generator: torch.Generator, mode: str, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``flip`` booleans (``[B]``, or ``[B, 2]`` with ``independent_augmentation``) and ``drop`` uniforms ``[B]``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``flip`` booleans (``[B]``, or ``[B, 2]`` with ``independent_augmentation``), ``drop`` uniforms ``[B]`` and,
+        with ``random_crop``, crop fractions (``[B, 2]`` top and left per pair, or ``[B, 4]`` per image).
 
-        The winner's flip and the dropout are the first two rows of the draw whatever the option (a generator fills
-        rows in order), so the option adds the loser's own flip without changing the others."""
-        rows = 3 if self.args.independent_augmentation else 2
+        The winner's flip and the dropout are the first two rows of the draw whatever the options (a generator fills
+        rows in order), so the options add rows without changing the others."""
+        independent, cropping = self.args.independent_augmentation, self.args.random_crop and mode == "train"
+        rows = (3 if independent else 2) + (2 * (2 if independent else 1) if cropping else 0)
         draws = self._draw(
             generator, mode, batch, lambda n, device: tuple(torch.rand((rows, n), generator=generator, device=device))
         )
-        flip = torch.stack([draws[0], draws[2]], dim=1) < 0.5 if rows == 3 else draws[0] < 0.5
-        return flip, draws[1]
+        flip = torch.stack([draws[0], draws[2]], dim=1) < 0.5 if independent else draws[0] < 0.5
+        crop = None
+        if cropping:
+            first = 3 if independent else 2
+            crop = torch.stack(draws[first:], dim=1)  # [B, 2] or [B, 4]: (top, left) per pair or per image
+        return flip, draws[1], crop
 
     def _empty_prompt_embeds(self) -> PromptEmbeddings:
         if self._empty_prompt is None:
@@ -679,8 +702,7 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _flag_nonfinite(self, loss: torch.Tensor, mode: str) -> None:
         if mode == "train":
-            flag = (~torch.isfinite(loss.detach())).float()
-            self._nonfinite_flag = flag if self._nonfinite_flag is None else self._nonfinite_flag + flag
+            self._nonfinite_flag = flag_nonfinite(self._nonfinite_flag, loss)
 
     # ------------------------------------------------------------------ logging
 
@@ -711,7 +733,7 @@ class DiffusionSDPOTrainer(Trainer):
         if skipped:
             self._nonfinite_skipped += skipped
             logger.warning(
-                "Non-finite loss: %d optimizer step(s) skipped since the last log (%d so far)",
+                "Non-finite loss or gradient norm: %d optimizer step(s) skipped since the last log (%d so far)",
                 skipped,
                 self._nonfinite_skipped,
             )

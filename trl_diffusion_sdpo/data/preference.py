@@ -37,6 +37,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from ..objectives.smpo import PICKSCORE_MAX, PICKSCORE_MIN, smoothed_preference_weights
+from .images import image_mode_problem, to_rgb
 from .progress import datasets_progress_bars
 
 __all__ = [
@@ -58,6 +59,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _LABEL_VALUES = (0.0, 0.5, 1.0)
+# A streamed row's position in the stream, added by preparation so a bad row's warning can name it.
+ROW_INDEX_COLUMN = "__row_index__"
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,9 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
 
 
 def load_image(value: Any) -> Image.Image:
-    """Decode an image given as bytes, a ``datasets.Image`` dict (``bytes``/``path``), a path or a PIL image."""
+    """Decode an image given as bytes, a ``datasets.Image`` dict (``bytes``/``path``), a path or a PIL image, to
+    8-bit RGB with every PIL mode scaled by what its values mean (:func:`.images.to_rgb`; ``ValueError`` naming the
+    mode when it cannot be)."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, (bytes, bytearray, memoryview)):
@@ -174,14 +179,14 @@ def load_image(value: Any) -> Image.Image:
     else:
         raise ValueError(f"cannot read an image from a {type(value).__name__}")
     image.load()
-    return image.convert("RGB") if image.mode != "RGB" else image
+    return to_rgb(image)
 
 
 def _check_image(value: Any) -> str:
     """Empty string if the image decodes, else the reason. JPEGs decode at 1/8 scale: fast, still complete."""
     try:
         if isinstance(value, Image.Image):
-            return ""
+            return image_mode_problem(value)
         if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
             image = Image.open(value["path"])
         elif isinstance(value, dict):
@@ -196,7 +201,7 @@ def _check_image(value: Any) -> str:
             return f"cannot read an image from a {type(value).__name__}"
         image.draft("RGB", (64, 64))
         image.load()
-        return ""
+        return image_mode_problem(image)
     except Exception as err:  # PIL raises many types for corrupt data
         return f"cannot decode image: {err}"
 
@@ -315,6 +320,8 @@ def prepare_preference_dataset(
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{split} dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}")
     columns = resolve_columns(dataset.column_names, args)
+    if len(dataset) == 0:
+        raise ValueError(f"The {split} dataset is empty (0 rows)")
     dataset = _undecoded(dataset.select_columns(columns.all), columns)
     report = DataReport(num_rows=len(dataset))
 
@@ -374,6 +381,7 @@ def _prepare_iterable(
     if column and not args.skip_invalid_rows:
         raise ValueError(f"Invalid {split} dataset row 0, column {column!r}: {reason}")
     dataset = _undecoded(dataset.select_columns(columns.all), columns)
+    dataset = dataset.map(lambda _, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
     return dataset, columns, DataReport(streamed=True)
 
 
@@ -478,6 +486,12 @@ def mirrored_time_ids(time_ids: torch.Tensor) -> torch.Tensor:
     return mirrored
 
 
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """An 8-bit RGB image as ``[3, H, W]`` float32 in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
 class PairTransform:
     """Resize the shorter side to ``resolution`` and crop a square: the same crop position for both images, or
     (``independent``, with ``random_crop``) a random position for each.
@@ -497,22 +511,37 @@ class PairTransform:
         self.random_crop = random_crop
         self.independent = independent  # a random crop of its own for each image (the Diffusion-SDPO authors')
 
+    def _resize(self, image: Image.Image) -> Image.Image:
+        new_w, new_h = resized_size(*image.size, self.resolution)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+        return image
+
     def _one(self, image: Image.Image, crop_fraction: tuple[float, float] | None):
         res = self.resolution
         orig_w, orig_h = image.size
-        new_w, new_h = resized_size(orig_w, orig_h, res)
-        if (new_w, new_h) != (orig_w, orig_h):
-            image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+        image = self._resize(image)
+        new_w, new_h = image.size
         if crop_fraction is None:  # center crop, rounded like torchvision's CenterCrop
             top, left = round((new_h - res) / 2), round((new_w - res) / 2)
         else:  # each valid offset equally likely (as torchvision's RandomCrop), same relative position for the pair
             top = min(int(crop_fraction[0] * (new_h - res + 1)), new_h - res)
             left = min(int(crop_fraction[1] * (new_w - res + 1)), new_w - res)
         image = image.crop((left, top, left + res, top + res))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)
         time_ids = torch.tensor([orig_h, orig_w, top, left, res, res], dtype=torch.float32)
-        return pixels, time_ids
+        return _pixels(image), time_ids
+
+    def resized_pair(self, winner: Image.Image, loser: Image.Image) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """For a random crop drawn later by the trainer (keyed, so resume is exact): the two images resized but not
+        cropped (``[3, h, w]`` each, in [-1, 1]) and their ``time_ids [2, 6]`` with crop offsets 0, to be filled in
+        by :func:`~trl_diffusion_sdpo.step.batch.crop_pairs`."""
+        pixels, time_ids = [], []
+        for image in (winner, loser):
+            orig_w, orig_h = image.size
+            pixels.append(_pixels(self._resize(image)))
+            res = self.resolution
+            time_ids.append(torch.tensor([orig_h, orig_w, 0, 0, res, res], dtype=torch.float32))
+        return pixels, torch.stack(time_ids)
 
     def __call__(
         self, winner: Image.Image, loser: Image.Image, train: bool = True
@@ -538,8 +567,11 @@ class PreferenceCollator:
     """Turn raw rows into ``pixel_values [B, 2, 3, R, R]`` (winner first), ``time_ids [B, 2, 6]`` and token ids.
 
     With ``with_flipped``, ``time_ids_flipped`` holds the ``time_ids`` of the mirrored views, for the trainer's flip.
-    The only random draw here is a random crop (``torch``'s global generator); flip and prompt dropout are drawn by
-    the trainer. ``train=False`` gives the deterministic evaluation view: center crop.
+    Nothing random is drawn here. With a random crop (``train`` and the transform's ``random_crop``) the images are
+    only resized: ``pixel_values [B, 2, 3, H, W]`` holds them zero-padded to the largest, ``crop_sizes [B, 2, 2]``
+    their ``(height, width)``, and the trainer crops with keyed draws (:func:`~trl_diffusion_sdpo.step.batch.
+    crop_pairs`), so a resumed run crops exactly as the uninterrupted one. ``train=False`` gives the deterministic
+    evaluation view: center crop.
 
     With ``smpo_gamma`` (``loss_type="smpo"``; ``columns`` must have score columns) the batch also holds SmPO's
     ``pair_weights [B]`` float32, :func:`~trl_diffusion_sdpo.objectives.smoothed_preference_weights` of the ordered
@@ -568,6 +600,11 @@ class PreferenceCollator:
         self.smpo_score_min = smpo_score_min
         self.smpo_score_max = smpo_score_max
 
+    @property
+    def crops_later(self) -> bool:
+        """Whether the random crop is left to the trainer's keyed draws (training with ``random_crop``)."""
+        return self.train and self.transform.random_crop
+
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixels, time_ids, prompts, scores = [], [], [], []
         skipped = 0
@@ -575,32 +612,69 @@ class PreferenceCollator:
             # Rows of a map-style dataset were validated up front; this guards streamed rows.
             try:
                 prompt = row[self.columns.prompt]
-                pair = order_pair(row, self.columns)
-                if pair is None or not isinstance(prompt, str):
+                if not isinstance(prompt, str):
+                    raise ValueError(
+                        f"column {self.columns.prompt!r}: prompt must be a string, got {type(prompt).__name__}"
+                    )
+                pair = order_pair(row, self.columns)  # a bad label or score raises, naming its column
+                if pair is None:  # a tie
                     skipped += 1
                     continue
-                winner, loser = load_image(pair[0]), load_image(pair[1])
+                winner_column, loser_column = (self.columns.first, self.columns.second)
+                if pair[0] is not row[self.columns.first]:
+                    winner_column, loser_column = loser_column, winner_column
+                winner, loser = _load_from(pair[0], winner_column), _load_from(pair[1], loser_column)
             except Exception as err:
-                logger.warning("Skipping a bad row: %s", err)
+                position = row.get(ROW_INDEX_COLUMN)
+                where = f"streamed row {position}" if position is not None else "a bad row"
+                logger.warning("Skipping %s: %s", where, err)
                 skipped += 1
                 continue
-            pair_pixels, pair_ids = self.transform(winner, loser, train=self.train)
+            if self.crops_later:
+                pair_pixels, pair_ids = self.transform.resized_pair(winner, loser)
+            else:
+                pair_pixels, pair_ids = self.transform(winner, loser, train=self.train)
             pixels.append(pair_pixels)
             time_ids.append(pair_ids)
             prompts.append(prompt)
             scores.append(pair[2])
         res = self.transform.resolution
         batch: dict[str, torch.Tensor] = {
-            "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 2, 3, res, res),
             "time_ids": torch.stack(time_ids) if time_ids else torch.empty(0, 2, 6),
             "num_skipped": torch.tensor(skipped, dtype=torch.float32),
         }
+        if self.crops_later:
+            batch["pixel_values"], batch["crop_sizes"] = _padded_pairs(pixels, res)
+        else:
+            batch["pixel_values"] = torch.stack(pixels) if pixels else torch.empty(0, 2, 3, res, res)
         if self.with_flipped:
             batch["time_ids_flipped"] = mirrored_time_ids(batch["time_ids"])
         if self.smpo_gamma is not None:
             batch["pair_weights"] = pair_weights(scores, self.smpo_gamma, self.smpo_score_min, self.smpo_score_max)
         batch.update(self.tokenize(prompts) if prompts else {})
         return batch
+
+
+def _load_from(value: Any, column: str) -> Image.Image:
+    try:
+        return load_image(value)
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise ValueError(f"column {column!r}: {err}") from None
+
+
+def _padded_pairs(pairs: list[list[torch.Tensor]], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized pairs (``[3, h, w]`` each) zero-padded into ``[B, 2, 3, H, W]``, and their sizes ``[B, 2, 2]``."""
+    if not pairs:
+        return torch.empty(0, 2, 3, resolution, resolution), torch.empty(0, 2, 2)
+    height = max(image.shape[1] for pair in pairs for image in pair)
+    width = max(image.shape[2] for pair in pairs for image in pair)
+    padded = torch.zeros(len(pairs), 2, 3, height, width)
+    sizes = torch.zeros(len(pairs), 2, 2)
+    for i, pair in enumerate(pairs):
+        for k, image in enumerate(pair):
+            padded[i, k, :, : image.shape[1], : image.shape[2]] = image
+            sizes[i, k, 0], sizes[i, k, 1] = image.shape[1], image.shape[2]
+    return padded, sizes
 
 
 def load_preference_dataset(
@@ -626,7 +700,9 @@ def load_preference_dataset(
     else:
         dataset = load_dataset(name_or_path, config_name, split=split, streaming=streaming)
     if max_rows is not None:
-        dataset = dataset.take(max_rows) if isinstance(dataset, IterableDataset) else dataset.select(
-            range(min(max_rows, len(dataset)))
+        dataset = (
+            dataset.take(max_rows)
+            if isinstance(dataset, IterableDataset)
+            else dataset.select(range(min(max_rows, len(dataset))))
         )
     return dataset

@@ -14,7 +14,7 @@ import torch
 from ..data.latent_cache import cached_moments, cached_prompt_embeds, cached_time_ids
 from ..families import ModelFamily, PromptEmbeddings
 
-__all__ = ["EncodedBatch", "drop_prompts", "encode_batch", "fixed_time_ids", "where_rows"]
+__all__ = ["EncodedBatch", "crop_pairs", "drop_prompts", "encode_batch", "fixed_time_ids", "where_rows"]
 
 
 @dataclass
@@ -63,6 +63,37 @@ def encode_batch(
     mean, std = family.encode_moments(_pairs_to_rows(pixel_values))
     tokens = {k: v for k, v in inputs.items() if k.startswith("input_ids")}
     return EncodedBatch(mean, std, family.encode_prompts(tokens), _pairs_to_rows(inputs["time_ids"]))
+
+
+def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolution: int) -> dict[str, torch.Tensor]:
+    """Random-crop a batch of resized pairs (``pixel_values [B, 2, 3, H, W]`` zero-padded, ``crop_sizes [B, 2, 2]``
+    their ``(h, w)``) to ``resolution``, on the device with no host read.
+
+    ``fractions [B, 2]`` (``(top, left)`` uniforms in [0, 1) shared by the pair) or ``[B, 2, 2]`` (one per image)
+    give the offsets as torchvision's ``RandomCrop`` draws them, each valid offset equally likely:
+    ``offset = min(floor(f * (size - res + 1)), size - res)``. Returns the inputs with the cropped ``pixel_values``,
+    ``time_ids`` holding the offsets, and ``time_ids_flipped`` (when present) the offsets in the mirrored view
+    (``width - res - left``).
+    """
+    pixels, sizes = inputs["pixel_values"], inputs["crop_sizes"].to(inputs["pixel_values"].device)
+    batch, _, channels, height, width = pixels.shape
+    fractions = fractions.to(sizes).reshape(batch, -1, 2).expand(batch, 2, 2)
+    margin = sizes - resolution
+    offsets = torch.minimum(torch.floor(fractions * (margin + 1)), margin)  # [B, 2, (top, left)]
+    span = torch.arange(resolution, device=pixels.device)
+    rows = (offsets[..., 0].long().reshape(-1, 1) + span)[:, :, None]  # [2B, R, 1]
+    cols = (offsets[..., 1].long().reshape(-1, 1) + span)[:, None, :]  # [2B, 1, R]
+    images = torch.arange(2 * batch, device=pixels.device)[:, None, None]
+    flat = pixels.reshape(2 * batch, channels, height, width).permute(0, 2, 3, 1)  # [2B, H, W, C]
+    cropped = flat[images, rows, cols].permute(0, 3, 1, 2).reshape(batch, 2, channels, resolution, resolution)
+    time_ids = inputs["time_ids"].clone()
+    time_ids[..., 2:4] = offsets.to(time_ids)
+    out = dict(inputs, pixel_values=cropped, time_ids=time_ids)
+    if "time_ids_flipped" in inputs:
+        flipped = time_ids.clone()
+        flipped[..., 3] = (sizes[..., 1] - resolution - offsets[..., 1]).to(flipped)
+        out["time_ids_flipped"] = flipped
+    return out
 
 
 def drop_prompts(embeds: PromptEmbeddings, drop: torch.Tensor, empty: PromptEmbeddings) -> PromptEmbeddings:

@@ -1,7 +1,9 @@
-"""Stage after the objective: a non-finite loss never reaches the weights.
+"""Stage after the objective: a non-finite loss or gradient never reaches the weights.
 
-The trainer flags a non-finite micro-batch loss on the device; :class:`NonFiniteLossGuard` turns the flag into a
-skipped optimizer step (or a checkpoint and an error) without making the host wait every step.
+The trainer flags a non-finite micro-batch loss, and a non-finite gradient norm (an inf in one gradient element
+with a finite loss makes the clip divisor infinite and the update NaN), on the device with :func:`flag_nonfinite`;
+:class:`NonFiniteLossGuard` turns the flag into a skipped optimizer step (or a checkpoint and an error) without
+making the host wait every step.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -17,19 +20,26 @@ from .optimizer import fused_scaling_optimizer
 if TYPE_CHECKING:
     from ..trainer import DiffusionSDPOTrainer
 
-__all__ = ["NonFiniteLossGuard"]
+__all__ = ["NonFiniteLossGuard", "flag_nonfinite"]
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossGuard(TrainerCallback):
-    """Keeps gradients of a non-finite loss away from the optimizer.
+def flag_nonfinite(flag: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``flag + (value is NaN or infinite)``, a float32 device tensor (``flag`` ``None`` counts as 0); no host sync."""
+    new = (~torch.isfinite(value.detach())).any().float()
+    return new if flag is None else flag + new.to(flag.device)
 
-    The trainer flags a non-finite micro-batch loss on the device. With a fused optimizer (torch's fused AdamW, the
-    default) and ``on_nonfinite_loss="skip"`` the flag goes to the optimizer as ``found_inf`` and its fused kernel
-    skips the whole update on the device, so the host never waits; the skips are counted on the device and read
-    when logging. Otherwise the flag is read just before the optimizer step, and if set every gradient is dropped
-    (``grad = None``). Either way the step is a no-op for all parameters: no moment update, no weight decay.
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Keeps gradients of a non-finite loss, or non-finite gradients, away from the optimizer.
+
+    The trainer flags a non-finite micro-batch loss and a non-finite gradient norm on the device. With a fused
+    optimizer (torch's fused AdamW, the default) and ``on_nonfinite_loss="skip"`` the flag goes to the optimizer as
+    ``found_inf`` and its fused kernel skips the whole update on the device, so the host never waits; the skips are
+    counted on the device and read when logging. Otherwise the flag is read just before the optimizer step, and if
+    set every gradient is dropped (``grad = None``). Either way the step is a no-op for all parameters: no moment
+    update, no weight decay.
     """
 
     def __init__(self, trainer: DiffusionSDPOTrainer) -> None:
@@ -68,13 +78,16 @@ class NonFiniteLossGuard(TrainerCallback):
         if args.on_nonfinite_loss == "raise":
             trainer._save_checkpoint(trainer.model, trial=None)
             raise RuntimeError(
-                f"Non-finite loss at optimizer step {state.global_step + 1}; the update was not applied and a "
-                f"checkpoint of the last good state was saved in {args.output_dir}/{PREFIX_CHECKPOINT_DIR}-"
-                f"{state.global_step}. Lower the learning rate or beta, check the data, or set "
+                f"Non-finite loss or gradient norm at optimizer step {state.global_step + 1}; the update was not "
+                f"applied and a checkpoint of the last good state was saved in "
+                f"{args.output_dir}/{PREFIX_CHECKPOINT_DIR}-{state.global_step}. Lower the learning rate or beta, "
+                "check the data, or set "
                 "on_nonfinite_loss='skip'."
             )
         logger.warning(
-            "Non-finite loss: optimizer step %d skipped (%d so far)", state.global_step + 1, trainer._nonfinite_skipped
+            "Non-finite loss or gradient norm: optimizer step %d skipped (%d so far)",
+            state.global_step + 1,
+            trainer._nonfinite_skipped,
         )
 
     def on_optimizer_step(self, args, state, control, **kwargs):

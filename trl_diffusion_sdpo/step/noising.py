@@ -17,6 +17,7 @@ from ..families import scale_latents
 __all__ = [
     "SUPPORTED_PREDICTION_TYPES",
     "NoisedPair",
+    "check_timestep_range",
     "noise_pairs",
     "prediction_target",
     "sample_pair_noise",
@@ -39,6 +40,21 @@ def training_scheduler(pipeline_scheduler: SchedulerMixin) -> DDPMScheduler:
             f"Unsupported scheduler prediction_type {prediction_type!r}; supported: {SUPPORTED_PREDICTION_TYPES}"
         )
     return scheduler
+
+
+def check_timestep_range(min_timestep: int, max_timestep: int | None, num_train_timesteps: int) -> None:
+    """A ValueError naming the field when ``[min_timestep, max_timestep)`` does not fit the scheduler's timesteps
+    (otherwise diffusers fails with an ``IndexError`` at the first step)."""
+    if max_timestep is not None and max_timestep > num_train_timesteps:
+        raise ValueError(
+            f"max_timestep={max_timestep} is beyond the scheduler's num_train_timesteps={num_train_timesteps}; set "
+            f"max_timestep to at most {num_train_timesteps} (exclusive bound), or None for all timesteps."
+        )
+    if min_timestep >= num_train_timesteps:
+        raise ValueError(
+            f"min_timestep={min_timestep} leaves no timestep to train on: the scheduler has num_train_timesteps="
+            f"{num_train_timesteps}; set min_timestep below {num_train_timesteps}."
+        )
 
 
 def sample_pair_noise(

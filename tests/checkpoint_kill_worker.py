@@ -1,0 +1,158 @@
+"""Train a tiny LoRA run that SIGKILLs itself at a named stage of one checkpoint save (run as a subprocess).
+
+    python tests/checkpoint_kill_worker.py OUTPUT_DIR --kill-step 3 --kill-stage trainer_state [--resume]
+
+Stages, in the order a save reaches them: ``weights`` (after the weights file), ``weights_partial`` (the weights
+file cut to half its length, as a kill during its write leaves it), ``optimizer`` (after optimizer and scheduler),
+``optimizer_partial``, ``rng`` (after the RNG state), ``trainer_state`` (after ``trainer_state.json``),
+``before_rename`` (the manifest written, the folder not yet renamed), ``after_rename`` (published, before rotation)
+and ``rotation`` (while an old checkpoint is being deleted). :func:`build_trainer` is shared with the test, so the
+resumed run in the test is the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import lora_config, pickapic_rows  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers.trainer_callback import TrainerState  # noqa: E402
+
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
+from trl_diffusion_sdpo.io import checkpoints  # noqa: E402
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline  # noqa: E402
+
+STAGES = [
+    "weights",
+    "weights_partial",
+    "optimizer",
+    "optimizer_partial",
+    "rng",
+    "trainer_state",
+    "before_rename",
+    "after_rename",
+    "rotation",
+]
+MAX_STEPS = 4
+
+
+def build_trainer(output_dir: str, tokenizer_dir: str, max_steps: int = MAX_STEPS) -> DiffusionSDPOTrainer:
+    args = DiffusionSDPOConfig(
+        output_dir=output_dir,
+        resolution=32,
+        per_device_train_batch_size=2,
+        max_steps=max_steps,
+        learning_rate=1e-3,
+        scale_lr=False,
+        warmup_steps=0,
+        logging_steps=1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=2,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        random_flip=True,
+        proportion_empty_prompts=0.5,
+    )
+    pipeline = build_tiny_sd_pipeline(seed=0, tokenizer_dir=tokenizer_dir)
+    return DiffusionSDPOTrainer(
+        pipeline, args=args, train_dataset=Dataset.from_list(pickapic_rows(6)), peft_config=lora_config()
+    )
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _truncate_and_die(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    _die()
+
+
+def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
+    """Make the save at optimizer step ``step`` kill this process at ``stage``."""
+
+    def at_step() -> bool:
+        return trainer.state.global_step == step
+
+    def after(method_name: str, then):
+        original = getattr(trainer, method_name)
+
+        def wrapped(output_dir=None, *args, **kwargs):
+            result = original(output_dir, *args, **kwargs)
+            if at_step() and output_dir is not None and ".tmp-" in str(output_dir):
+                then(str(output_dir))
+            return result
+
+        setattr(trainer, method_name, wrapped)
+
+    if stage == "weights":
+        after("save_model", lambda d: _die())
+    elif stage == "weights_partial":
+        after("save_model", lambda d: _truncate_and_die(os.path.join(d, "pytorch_lora_weights.safetensors")))
+    elif stage == "optimizer":
+        after("_save_optimizer_and_scheduler", lambda d: _die())
+    elif stage == "optimizer_partial":
+        after("_save_optimizer_and_scheduler", lambda d: _truncate_and_die(os.path.join(d, "optimizer.pt")))
+    elif stage == "rng":
+        after("_save_rng_state", lambda d: _die())
+    elif stage == "trainer_state":
+        original = TrainerState.save_to_json
+
+        def save_to_json(self, json_path):
+            original(self, json_path)
+            if at_step():
+                _die()
+
+        TrainerState.save_to_json = save_to_json
+    elif stage in ("before_rename", "rotation"):
+        original_rename = os.rename
+
+        def rename(src, dst, *args, **kwargs):
+            name = os.path.basename(str(src))
+            if at_step() and stage == "before_rename" and name.startswith(".tmp-"):
+                _die()
+            original_rename(src, dst, *args, **kwargs)
+            if at_step() and stage == "rotation" and os.path.basename(str(dst)).startswith(".trash-"):
+                _die()  # renamed out of sight, not yet deleted
+
+        checkpoints.os.rename = rename
+    elif stage == "after_rename":
+        original_rotate = checkpoints.rotate_checkpoints
+
+        def rotate(*args, **kwargs):
+            if at_step():
+                _die()
+            original_rotate(*args, **kwargs)
+
+        checkpoints.rotate_checkpoints = rotate
+    else:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("--tokenizer-dir", required=True)
+    parser.add_argument("--kill-step", type=int, required=True)
+    parser.add_argument("--kill-stage", choices=STAGES, required=True)
+    parser.add_argument("--resume", action="store_true")
+    options = parser.parse_args()
+    trainer = build_trainer(options.output_dir, options.tokenizer_dir)
+    install_kill(trainer, options.kill_step, options.kill_stage)
+    trainer.train(resume_from_checkpoint=True if options.resume else None)
+    print("finished without being killed")
+
+
+if __name__ == "__main__":
+    main()

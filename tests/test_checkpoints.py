@@ -1,0 +1,173 @@
+"""Checkpoints appear whole or not at all; resume takes only complete ones and says which; damage is named.
+
+The kill tests run training in a subprocess (``checkpoint_kill_worker.py``) that SIGKILLs itself at a named stage of
+the save at step 3, resume in this process with ``resume_from_checkpoint=True``, and compare the final weights with
+an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from checkpoint_kill_worker import STAGES, build_trainer
+
+from trl_diffusion_sdpo.io.checkpoints import (
+    MANIFEST_NAME,
+    CheckpointError,
+    checkpoint_problem,
+    recover_interrupted_saves,
+    resolve_resume_checkpoint,
+)
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_kill_worker.py")
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def lora_state(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    trainer = build_trainer(str(root / "out"), str(root / "tok"))
+    trainer.train()
+    return lora_state(trainer)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> str:
+    """An output folder after 3 steps with a checkpoint per step (save_total_limit=2 keeps checkpoints 2 and 3)."""
+    root = tmp_path_factory.mktemp("run")
+    build_trainer(str(root / "out"), str(root / "tok"), max_steps=3).train()
+    return str(root / "out")
+
+
+def copy_run(source: str, tmp_path) -> str:
+    import shutil
+
+    target = str(tmp_path / "out")
+    shutil.copytree(source, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------- the files
+
+
+def test_a_save_leaves_only_complete_checkpoints_with_a_manifest_and_no_staging_folders(trained_run):
+    assert sorted(os.listdir(trained_run)) == ["checkpoint-2", "checkpoint-3"]
+    for name in ("checkpoint-2", "checkpoint-3"):
+        folder = os.path.join(trained_run, name)
+        assert checkpoint_problem(folder) == ""
+        with open(os.path.join(folder, MANIFEST_NAME)) as f:
+            files = json.load(f)["files"]
+        assert {WEIGHTS, "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= set(files)
+        assert all(os.path.getsize(os.path.join(folder, k)) == v for k, v in files.items())
+
+
+@pytest.mark.parametrize(
+    "damage,file,message",
+    [
+        ("truncate", WEIGHTS, "bytes"),
+        ("garbage", WEIGHTS, "damaged"),
+        ("garbage", "trainer_state.json", "cannot be read"),
+        ("truncate", "optimizer.pt", "bytes"),
+        ("delete", "rng_state.pth", "is missing"),
+    ],
+)
+def test_a_damaged_file_in_a_named_checkpoint_is_named_with_the_previous_good_checkpoint(
+    trained_run, tmp_path, damage, file, message
+):
+    run = copy_run(trained_run, tmp_path)
+    path = os.path.join(run, "checkpoint-3", file)
+    size = os.path.getsize(path)
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+    elif damage == "garbage":  # same size, so only the content check can tell
+        with open(path, "r+b") as f:
+            f.write(b"\x07" * min(size, 64))
+    else:
+        os.remove(path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        resolve_resume_checkpoint(os.path.join(run, "checkpoint-3"), run)
+    assert file in str(info.value)
+    assert os.path.join(run, "checkpoint-2") in str(info.value)
+
+
+def test_resume_true_takes_the_newest_complete_checkpoint_and_logs_which(trained_run, tmp_path, caplog):
+    run = copy_run(trained_run, tmp_path)
+    # A partial checkpoint-4 as an older, non-atomic save leaves it: weights but no trainer_state.json.
+    os.makedirs(os.path.join(run, "checkpoint-4"))
+    with open(os.path.join(run, "checkpoint-4", WEIGHTS), "wb") as f:
+        f.write(b"partial")
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.io.checkpoints"):
+        chosen = resolve_resume_checkpoint(True, run)
+    assert chosen == os.path.join(run, "checkpoint-3")
+    assert f"Resuming from {chosen}" in caplog.text
+    assert "checkpoint-4: trainer_state.json is missing" in caplog.text
+
+
+def test_rotation_keeps_the_newest_complete_checkpoint_despite_a_stale_partial_one(tmp_path):
+    out = tmp_path / "out"
+    os.makedirs(out / "checkpoint-9")  # partial, from an older run or another machine's clock
+    future = time.time() + 3600
+    os.utime(out / "checkpoint-9", (future, future))  # transformers' rotation (newest mtime) would keep only it
+    trainer = build_trainer(str(out), str(tmp_path / "tok"), max_steps=2)
+    trainer.args.save_total_limit = 1
+    trainer.train()
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]
+    assert resolve_resume_checkpoint(True, str(out)) == str(out / "checkpoint-2")
+
+
+def test_leftovers_of_a_kill_are_published_when_complete_and_removed_otherwise(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    os.rename(os.path.join(run, "checkpoint-3"), os.path.join(run, ".tmp-checkpoint-3"))  # complete, not renamed
+    os.makedirs(os.path.join(run, ".tmp-checkpoint-4"))  # partial
+    os.makedirs(os.path.join(run, ".trash-checkpoint-1"))  # rotation killed midway
+    recover_interrupted_saves(run)
+    assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-3"]
+    assert checkpoint_problem(os.path.join(run, "checkpoint-3")) == ""
+
+
+# ----------------------------------------------------------------------------------------------- kills
+
+
+def _kill_then_resume(stage: str, tmp_path, uninterrupted, expected_resume_step: int, caplog) -> None:
+    out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, WORKER, out, "--tokenizer-dir", tok, "--kill-step", "3", "--kill-stage", stage]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, f"the worker was not killed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert not os.path.isdir(os.path.join(out, "checkpoint-4"))
+    trainer = build_trainer(out, tok)
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.io.checkpoints"):
+        trainer.train(resume_from_checkpoint=True)
+    assert f"Resuming from {os.path.join(out, f'checkpoint-{expected_resume_step}')}" in caplog.text
+    assert trainer.state.global_step == 4
+    resumed = lora_state(trainer)
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    names = sorted(os.listdir(out))
+    assert names == ["checkpoint-3", "checkpoint-4"], names  # leftovers cleaned, rotation to 2 done
+    assert all(checkpoint_problem(os.path.join(out, n)) == "" for n in names)
+
+
+# Killed before the folder is renamed, the save at step 3 is lost and resuming starts from checkpoint-2; killed
+# after it (or with its manifest written), checkpoint-3 is complete and used.
+_RESUMES_FROM = {stage: 2 for stage in STAGES} | {"before_rename": 3, "after_rename": 3, "rotation": 3}
+_FAST = {"weights_partial"}
+
+
+@pytest.mark.parametrize("stage", [s if s in _FAST else pytest.param(s, marks=pytest.mark.slow) for s in STAGES])
+def test_a_run_killed_during_a_save_resumes_from_a_complete_checkpoint_bit_exactly(
+    stage, tmp_path, uninterrupted, caplog
+):
+    _kill_then_resume(stage, tmp_path, uninterrupted, _RESUMES_FROM[stage], caplog)
