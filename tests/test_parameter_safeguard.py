@@ -196,7 +196,7 @@ def _drift(model, scale: float = 0.02) -> None:
 
 def _explicit_branch_gradients(trainer, inputs):
     """``g_w`` and ``h_l`` by two ``torch.autograd.grad`` calls on the trainer's own predictions (same draws)."""
-    trainer._draw_step = -1  # replay this step's keyed draws
+    trainer._draws.replay_step()  # replay this step's keyed draws
     policy = trainer.model
     params = [p for p in policy.parameters() if p.requires_grad]
     predictions = trainer._predict(policy, inputs, "train", separate_branches=True)
@@ -239,7 +239,7 @@ def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autogr
     for p, a in zip(params, accumulated):
         p.grad = a.clone()
     trainer.current_gradient_accumulation_steps = 1
-    trainer._draw_step = -1
+    trainer._draws.replay_step()
     loss = trainer.training_step(model, inputs)
     assert torch.isfinite(loss)
     lam = trainer._metrics["train"]["safeguard/lambda"][-1].item()
@@ -262,7 +262,7 @@ def test_gradient_accumulation_divides_each_micro_batch_like_transformers(make_t
     for steps in (1, 4):
         model.zero_grad(set_to_none=True)
         trainer.current_gradient_accumulation_steps = steps
-        trainer._draw_step = -1
+        trainer._draws.replay_step()
         trainer.training_step(model, inputs)
         grads[steps] = [p.grad.clone() for p in params]
     for one, four in zip(grads[1], grads[4]):

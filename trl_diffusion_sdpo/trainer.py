@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,7 +68,7 @@ from .objectives import (
 from .reference import Reference, build_reference
 from .step.batch import EncodedBatch, crop_pairs, drop_prompts, encode_batch, fixed_time_ids
 from .step.branches import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
-from .step.draws import keyed_generator, rank_rows
+from .step.draws import MicroBatchDraws
 from .step.flow import FlowNoising, flow_noising_for
 from .step.guard import NonFiniteLossGuard, flag_nonfinite
 from .step.metrics import metric_names, record_metrics, reduce_metrics
@@ -317,9 +316,15 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
         self._nonfinite_skipped = 0
         self._nonfinite_skipped_pending: torch.Tensor | None = None  # skips counted on the device, read when logging
         self._trainable: list[torch.nn.Parameter] = []
-        self._eval_generator: torch.Generator | None = None
         self._eval_metric_prefix: str | None = None
-        self._draw_step, self._draw_index = -1, 0  # which micro-batch of which step the training draws are for
+        self._draws = MicroBatchDraws(
+            args.seed,
+            args.per_device_train_batch_size,
+            args.per_device_eval_batch_size,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+            args.device,
+        )
         self._last_inputs: dict[str, dict] = {}  # per mode, for a micro-batch whose rows were all invalid
         # The parameter-space safeguard's per-branch backward passes (one extra gradient-sized buffer, allocated at
         # the first such step).
@@ -567,11 +572,17 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
         self, policy: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, separate_branches: bool
     ) -> PreferencePredictions:
         """Stages batch -> latents -> noised pair -> predictions, with this micro-batch's keyed draws."""
-        generator = self._generator(mode, self.args.device)
+        generator = self._draws.generator(mode, self.state.global_step)
         train = mode == "train"
         # batch: flips (per pair, or per image with independent_augmentation), prompt dropout and random crops,
         # training only
-        flip, drop, crop = self._augmentation_draws(generator, mode, inputs["time_ids"].shape[0])
+        flip, drop, crop = self._draws.augmentation(
+            generator,
+            mode,
+            inputs["time_ids"].shape[0],
+            independent=self.args.independent_augmentation,
+            cropping=self.args.random_crop and train,
+        )
         if "crop_sizes" in inputs:  # resized, not yet cropped, by the collator (random_crop)
             inputs = crop_pairs(inputs, crop, self.args.resolution)
         encoded = encode_batch(inputs, self.family, flip if train and self.args.random_flip else None, self._dtype)
@@ -592,98 +603,38 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
             policy, reference, self.family, noised, encoded.prompt_embeds, time_ids, separate_branches
         )
 
-    def _augmentation_draws(
-        self, generator: torch.Generator, mode: str, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``flip`` booleans (``[B]``, or ``[B, 2]`` with ``independent_augmentation``), ``drop`` uniforms ``[B]`` and,
-        with ``random_crop``, crop fractions (``[B, 2]`` top and left per pair, or ``[B, 4]`` per image).
-
-        The winner's flip and the dropout are the first two rows of the draw whatever the options (a generator fills
-        rows in order), so the options add rows without changing the others."""
-        independent, cropping = self.args.independent_augmentation, self.args.random_crop and mode == "train"
-        rows = (3 if independent else 2) + (2 * (2 if independent else 1) if cropping else 0)
-        draws = self._draw(
-            generator, mode, batch, lambda n, device: tuple(torch.rand((rows, n), generator=generator, device=device))
-        )
-        flip = torch.stack([draws[0], draws[2]], dim=1) < 0.5 if independent else draws[0] < 0.5
-        crop = None
-        if cropping:
-            first = 3 if independent else 2
-            crop = torch.stack(draws[first:], dim=1)  # [B, 2] or [B, 4]: (top, left) per pair or per image
-        return flip, draws[1], crop
-
     def _empty_prompt_embeds(self) -> PromptEmbeddings:
         if self._empty_prompt is None:
             tokens = {k: v.to(self.args.device) for k, v in self._tokenize([""]).items()}
             self._empty_prompt = self.family.encode_prompts(tokens)
         return self._empty_prompt
 
-    def _generator(self, mode: str, device: torch.device) -> torch.Generator:
-        """The generator of this micro-batch's random draws (see :mod:`.step.draws`).
-
-        Training: keyed by ``(seed, global step, micro-batch within the step)``. Evaluation: the CPU generator seeded
-        with ``eval_seed`` at each ``evaluate()``.
-        """
-        if mode == "eval" and self._eval_generator is not None:
-            return self._eval_generator
-        step = self.state.global_step
-        if step != self._draw_step:
-            self._draw_step, self._draw_index = step, 0
-        self._draw_index += 1
-        return keyed_generator(self.args.seed, step, self._draw_index - 1, device)
-
-    def _draw(
-        self, generator: torch.Generator, mode: str, batch: int, draw: Callable[[int, torch.device], tuple]
-    ) -> tuple[torch.Tensor, ...]:
-        """``draw(n, device)`` for the global micro-batch, of which this process keeps its own rows."""
-        rows = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        return tuple(
-            t.to(self.args.device)
-            for t in rank_rows(
-                lambda n: draw(n, generator.device),
-                batch,
-                rows,
-                self.accelerator.process_index,
-                self.accelerator.num_processes,
-            )
-        )
-
     def _noise(self, generator: torch.Generator, mode: str, encoded: EncodedBatch) -> NoisedPair:
-        """Draw one timestep and noise per pair and one posterior sample per image; noise the pair."""
-        if self.flow_noising is not None:
-            return self._flow_noise(generator, mode, encoded)
-        latent_shape = tuple(encoded.mean.shape[1:])
+        """Draw one noise level (a timestep, or a flow-matching ``s``) and one noise per pair and one posterior sample
+        per image; noise the pair."""
+        shape = tuple(encoded.mean.shape[1:])
+        flow = self.flow_noising
 
         def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-            timesteps, noise = sample_pair_noise(
-                (n, *latent_shape),
-                self.noise_scheduler.config.num_train_timesteps,
-                self.args.min_timestep,
-                self.args.max_timestep,
-                device,
-                torch.float32,
-                generator,
-            )
-            eps = torch.randn((n, 2, *latent_shape), generator=generator, device=device)
-            return timesteps, noise, eps
+            if flow is not None:
+                levels = flow.sample_sigmas(n, shape, generator, device)
+                noise = torch.randn((n, *shape), generator=generator, device=device)
+            else:
+                levels, noise = sample_pair_noise(
+                    (n, *shape),
+                    self.noise_scheduler.config.num_train_timesteps,
+                    self.args.min_timestep,
+                    self.args.max_timestep,
+                    device,
+                    torch.float32,
+                    generator,
+                )
+            return levels, noise, torch.randn((n, 2, *shape), generator=generator, device=device)
 
-        timesteps, noise, eps = self._draw(generator, mode, encoded.num_pairs, draw)
-        return noise_pairs(
-            self.noise_scheduler, encoded.mean, encoded.std, timesteps, noise, eps, self.family.vae.config
-        )
-
-    def _flow_noise(self, generator: torch.Generator, mode: str, encoded: EncodedBatch) -> NoisedPair:
-        """Flow matching: one noise level ``s`` and one noise per pair, one posterior sample per image."""
-        latent_shape = tuple(encoded.mean.shape[1:])
-
-        def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-            sigmas = self.flow_noising.sample_sigmas(n, latent_shape, generator, device)
-            noise = torch.randn((n, *latent_shape), generator=generator, device=device)
-            eps = torch.randn((n, 2, *latent_shape), generator=generator, device=device)
-            return sigmas, noise, eps
-
-        sigmas, noise, eps = self._draw(generator, mode, encoded.num_pairs, draw)
-        return self.flow_noising.noise_pairs(encoded.mean, encoded.std, sigmas, noise, eps, self.family.vae.config)
+        levels, noise, eps = self._draws.rows(generator, mode, encoded.num_pairs, draw)
+        if flow is not None:
+            return flow.noise_pairs(encoded.mean, encoded.std, levels, noise, eps, self.family.vae.config)
+        return noise_pairs(self.noise_scheduler, encoded.mean, encoded.std, levels, noise, eps, self.family.vae.config)
 
     def _output_space_lambda(self, predictions: PreferencePredictions) -> torch.Tensor:
         """The authors' output-space rule on the policy's residuals, one detached fp32 scalar per micro-batch.
@@ -743,12 +694,12 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.
         # Every process draws for all of them and keeps its own rows (see _draw).
-        self._eval_generator = torch.Generator().manual_seed(self.args.eval_seed)
+        self._draws.start_evaluation(self.args.eval_seed)
         self._eval_metric_prefix = metric_key_prefix
         try:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally:
-            self._eval_generator = None
+            self._draws.end_evaluation()
             self._eval_metric_prefix = None
 
     def get_eval_dataloader(self, eval_dataset=None):
