@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "checkpoint_problem",
     "complete_checkpoints",
+    "is_checkpoint_folder",
     "publish_checkpoint",
     "recover_interrupted_saves",
     "resolve_resume_checkpoint",
@@ -208,6 +209,12 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
 
 
 # ----------------------------------------------------------------------------------------------- writing
+
+
+def is_checkpoint_folder(path: str) -> bool:
+    """Whether ``path`` is a training checkpoint (``checkpoint-N``, or its staging folder while being written)."""
+    name = os.path.basename(os.path.normpath(path)).removeprefix(_STAGING_PREFIX)
+    return name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
 
 
 def staging_folder(final: str) -> str:
