@@ -1,4 +1,4 @@
-"""Two processes on CPU over gloo: DDP, DeepSpeed ZeRO-1/2/3, LoRA and full UNet tuning.
+"""Two processes on CPU over gloo: DDP, DeepSpeed ZeRO-1/2/3, FSDP2, LoRA and full UNet tuning.
 
 Each case launches ``examples/train_sd15.py`` with the shipped accelerate config (``accelerate launch
 --num_processes 2 --mixed_precision no``) through ``tests/distributed_worker.py``, and compares it with the same
@@ -320,3 +320,77 @@ def test_parameter_space_under_deepspeed_is_refused_before_training(assets):
     assert proc.returncode != 0
     assert "safeguard_space='parameter' is not supported under DeepSpeed" in proc.stderr
     assert "multi_gpu.yaml" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------- FSDP2
+# accelerate engages FSDP only on accelerators; the worker lifts that gate on CPU (tests only), so these runs go
+# through accelerate's own FSDP2 path (fully_shard over the gloo group) with the shipped fsdp2.yaml.
+
+FSDP2 = "fsdp2.yaml"
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_fsdp2_two_processes_train_like_one(assets, single_process, lora):
+    report = run(assets, f"fsdp2-{'lora' if lora else 'full'}", FSDP2, lora)
+    single = single_process[lora]
+    assert report["distributed_type"].endswith("FSDP") and report["num_processes"] == 2
+    assert report["global_step"] == STEPS
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    # Every policy weight is a shard; a full-tuning reference copy is sharded too (half of it on each process).
+    assert report["policy_sharded"] == report["policy_parameters"]
+    if not lora:
+        assert report["reference_sharded"] == report["policy_parameters"]
+        assert report["reference_local_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert not any(report["frozen_partitioned"].values())
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["original_vs_trained_max_abs_diff"] > 1e-3
+    # Gathered and saved in diffusers' format: diffusers loads what was trained.
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+    assert report["saved_files"] == single["saved_files"]
+
+
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"])
+def test_fsdp2_parameter_space_safeguard_on_two_processes_trains_like_one(assets, lora):
+    """FSDP2 reduce-scatters each branch's gradient: lambda from the shards' inner products, summed over processes,
+    is that of one process with the same global batch."""
+    tuning = "lora" if lora else "full"
+    single = run(assets, f"single-parameter-{tuning}", None, lora, *PARAMETER)
+    report = run(assets, f"fsdp2-parameter-{tuning}", FSDP2, lora, *PARAMETER)
+    assert report["distributed_type"].endswith("FSDP") and report["global_step"] == STEPS
+    assert any(lam < 1.0 for lam in single["lambdas"])
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp2_parameter_space_with_gradient_accumulation_matches_one_process(assets):
+    single = run(assets, "accumulate-parameter-single", None, True, *PARAMETER, "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "2")
+    report = run(assets, "accumulate-parameter-fsdp2", FSDP2, True, *PARAMETER, "--per_device_train_batch_size", "1",
+                 "--gradient_accumulation_steps", "2")
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_run(assets, lora):
+    tag = f"fsdp2-{'lora' if lora else 'full'}"
+    straight = run(assets, f"straight-{tag}", FSDP2, lora)
+    run(assets, f"interrupted-{tag}", FSDP2, lora, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    checkpoint = assets["root"] / f"interrupted-{tag}" / "model" / "checkpoint-2"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert ("pytorch_lora_weights.safetensors" if lora else "unet") in names
+    assert any(n.startswith("optimizer") for n in names)  # accelerate's FSDP optimizer state
+    assert not any(n.startswith("pytorch_model_fsdp") for n in names)  # its pickled weights copy was dropped
+    resumed = run(assets, f"resumed-{tag}", FSDP2, lora, "--resume_from_checkpoint", str(checkpoint))
+    assert resumed["global_step"] == STEPS
+    assert resumed["losses"][-1] == pytest.approx(straight["losses"][-1], rel=1e-5)
+    a = _weights(assets["root"] / f"straight-{tag}" / "model", lora)
+    b = _weights(assets["root"] / f"resumed-{tag}" / "model", lora)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)

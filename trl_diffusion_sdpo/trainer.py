@@ -9,6 +9,7 @@ safeguard) -> guard -> log.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -38,9 +39,14 @@ from .distributed import (
     all_reduce_mean_,
     all_reduce_sum,
     check_not_partitioned,
+    drop_fsdp_model_copy,
+    gather_fsdp2_state_dict,
     gather_zero3_state_dict,
+    is_fsdp2,
     load_pipeline,
+    loading_into_shards,
     reference_inference_engine,
+    shard_reference_fsdp2,
     zero_stage,
 )
 from .families import ModelFamily, PromptEmbeddings, family_for_pipeline
@@ -300,7 +306,8 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _check_parameter_space_engine(self) -> None:
         """The parameter-space safeguard reads and rewrites ``.grad`` between two backward passes; engines that own
-        the gradients (DeepSpeed, FSDP) are refused here, before any step."""
+        the gradients inside their backward (DeepSpeed, FSDP1) are refused here, before any step. FSDP2 hands each
+        branch's reduced gradient shards back between the passes: allowed, with the global scope it implies."""
         if self.is_deepspeed_enabled:
             raise ValueError(
                 "safeguard_space='parameter' is not supported under DeepSpeed: ZeRO reduces and partitions gradients "
@@ -308,10 +315,16 @@ class DiffusionSDPOTrainer(Trainer):
                 "(examples/accelerate_configs/multi_gpu.yaml) with safeguard_space='parameter', or keep DeepSpeed "
                 "with safeguard_space='output' (the authors' rule)."
             )
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled and not is_fsdp2(self.accelerator):
             raise ValueError(
-                "safeguard_space='parameter' is not supported under FSDP (sharded gradients); use DDP with "
-                "safeguard_space='parameter', or FSDP with safeguard_space='output'."
+                "safeguard_space='parameter' is not supported under FSDP1; use FSDP2 "
+                "(examples/accelerate_configs/fsdp2.yaml) or DDP, or keep FSDP1 with safeguard_space='output'."
+            )
+        if is_fsdp2(self.accelerator) and self.args.safeguard_scope != "global":
+            raise ValueError(
+                "safeguard_space='parameter' under FSDP2 needs safeguard_scope='global': FSDP2 averages each branch's "
+                "gradient over processes inside its backward, so lambda is that of the global micro-batch. Set "
+                "safeguard_scope='global', or use DDP for one lambda per process."
             )
 
     def _policy_unet(self) -> torch.nn.Module:
@@ -337,8 +350,9 @@ class DiffusionSDPOTrainer(Trainer):
         """Move the VAE, text encoder(s) and a reference copy to the device in the compute dtype.
 
         With ``cache_latents`` the VAE and text encoders are not used during training and stay on the CPU. Under
-        DeepSpeed ZeRO-3 a reference copy is sharded like the policy instead (an engine without optimizer); under DDP
-        and ZeRO-1/2 every process holds it whole, in the compute dtype.
+        DeepSpeed ZeRO-3 and FSDP2 a reference copy is sharded like the policy instead (a ZeRO-3 engine without
+        optimizer, or ``fully_shard`` with the policy's blocks and mixed precision); under DDP and ZeRO-1/2 every
+        process holds it whole, in the compute dtype.
         """
         device = self.args.device
         compute_dtype = _compute_dtype(self.args)
@@ -351,6 +365,9 @@ class DiffusionSDPOTrainer(Trainer):
         if self.reference is not None and not self.reference.shares_policy_weights:
             if zero_stage(self.accelerator) == 3:
                 self.reference.unet = reference_inference_engine(self.reference.unet, self.accelerator)
+            elif is_fsdp2(self.accelerator):
+                self.reference.unet.to(device=device, dtype=compute_dtype)
+                self.reference.unet = shard_reference_fsdp2(self.reference.unet, self.accelerator)
             else:
                 self.reference.unet.to(device=device, dtype=compute_dtype)
             self.reference.dtype = compute_dtype
@@ -360,6 +377,9 @@ class DiffusionSDPOTrainer(Trainer):
     def train(self, *args, **kwargs):
         # Only trainable weights ever hold gradients: clipping and zeroing walk those, listed once, instead of every
         # module of the UNet (thousands with LoRA adapters: milliseconds per step). See :mod:`.step.optimizer`.
+        # Not under FSDP, whose wrapping (inside super().train()) replaces the parameters with sharded ones.
+        if self.is_fsdp_enabled:
+            return super().train(*args, **kwargs)
         unet = self._policy_unet()
         self._trainable = trainable_parameters(unet)
         unet.zero_grad = lambda set_to_none=True: zero_grads(self._trainable, set_to_none)
@@ -434,9 +454,18 @@ class DiffusionSDPOTrainer(Trainer):
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
         policy = self.accelerator.unwrap_model(model)  # the branches bypass DDP's hooks; reduced once below
+        fsdp2 = is_fsdp2(self.accelerator)
         if self._splitter is None:
             self._check_parameter_space_engine()
-            self._splitter = BranchGradientSplitter(trainable_parameters(policy))
+            self._splitter = BranchGradientSplitter(trainable_parameters(policy), local=fsdp2)
+        accumulated = None
+        if fsdp2:
+            # Each branch must reach its gradient shards now, not at the end of the accumulation window; the
+            # window's earlier sum is set aside (a 1/N-sized shard) so the branches start from empty gradients.
+            policy.set_requires_gradient_sync(True)
+            accumulated = [p.grad for p in self._splitter.parameters]
+            for p in self._splitter.parameters:
+                p.grad = None
         with self.compute_loss_context_manager():
             predictions = self._predict(policy, inputs, "train", separate_branches=True)
         pair_weights = inputs.get("pair_weights")
@@ -453,15 +482,22 @@ class DiffusionSDPOTrainer(Trainer):
         if replay:  # join the other processes' collectives with a zero contribution
             cot_winner, cot_loser = torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
         global_scope = self.args.safeguard_scope == "global" and self.accelerator.num_processes > 1
+        reduce_winner = all_reduce_mean_ if global_scope and not fsdp2 else None
         winner_sq = self._splitter.backward_winner(
-            predictions.policy_winner, cot_winner * scale.to(cot_winner), all_reduce_mean_ if global_scope else None
+            predictions.policy_winner, cot_winner * scale.to(cot_winner), reduce_winner
         )
         cross = self._splitter.backward_loser(predictions.policy_loser, cot_loser * scale.to(cot_loser))
-        if global_scope:
+        if fsdp2:  # sums over this process's shards of the already averaged gradients: add them up
+            winner_sq, cross = all_reduce_sum(torch.stack([winner_sq, cross]))
+        elif global_scope:
             cross = all_reduce_sum(cross) / self.accelerator.num_processes
         lam = parameter_space_lambda(winner_sq, -cross, self.args.safeguard_mu, self.args.safeguard_max_lambda)
         self._splitter.combine(lam)
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+        if accumulated is not None:
+            for p, earlier in zip(self._splitter.parameters, accumulated):
+                if earlier is not None:
+                    p.grad = earlier if p.grad is None else p.grad.add_(earlier)
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients and not fsdp2:
             all_reduce_mean_([p.grad if p.grad is not None else p.new_zeros(p.shape) for p in self._trainable])
         if replay:
             return torch.zeros((), device=loss.device)
@@ -758,12 +794,16 @@ class DiffusionSDPOTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the LoRA adapters or the UNet, in diffusers' format, to ``output_dir``.
 
-        Under DeepSpeed ZeRO-3 the weights are first gathered from their shards (every process must call this), so
-        the files are the same as on one process whatever ``stage3_gather_16bit_weights_on_model_save`` says.
+        Under DeepSpeed ZeRO-3 and FSDP2 the weights are first gathered from their shards (every process must call
+        this), so the files are the same as on one process whatever ``stage3_gather_16bit_weights_on_model_save`` or
+        ``fsdp_state_dict_type`` say.
         """
-        if getattr(self, "deepspeed", None) is None or zero_stage(self.accelerator) != 3:
+        if is_fsdp2(self.accelerator):
+            state_dict = gather_fsdp2_state_dict(self.model, trainable_only=self.is_lora)
+        elif getattr(self, "deepspeed", None) is None or zero_stage(self.accelerator) != 3:
             return super().save_model(output_dir, _internal_call)
-        state_dict = gather_zero3_state_dict(self.deepspeed, trainable_only=self.is_lora)
+        else:
+            state_dict = gather_zero3_state_dict(self.deepspeed, trainable_only=self.is_lora)
         self._save(output_dir, state_dict=state_dict)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub and not _internal_call:
@@ -783,14 +823,23 @@ class DiffusionSDPOTrainer(Trainer):
         with open(os.path.join(output_dir, "training_config.json"), "w") as f:
             f.write(self.args.to_json_string())
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if is_fsdp2(self.accelerator):  # accelerate's pickled copy of the weights duplicates the diffusers files
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                drop_fsdp_model_copy(output_dir)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if not has_saved_weights(resume_from_checkpoint):
             raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {resume_from_checkpoint}")
         unet = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if self.is_lora:
-            load_lora_adapters(unet, resume_from_checkpoint)
-        else:
-            load_full_unet(unet, resume_from_checkpoint)
+        # Under FSDP2 each process copies its own shards out of the full tensors on disk.
+        with loading_into_shards() if is_fsdp2(self.accelerator) else contextlib.nullcontext():
+            if self.is_lora:
+                load_lora_adapters(unet, resume_from_checkpoint)
+            else:
+                load_full_unet(unet, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
