@@ -20,6 +20,7 @@ from trl import TrlParser
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer, load_pipeline
 from trl_diffusion_sdpo.data.preference import load_preference_dataset
+from trl_diffusion_sdpo.data.sharded_cache import load_sharded_latent_cache
 
 
 @dataclass
@@ -30,6 +31,10 @@ class ScriptArguments:
     dataset_eval_split: str | None = field(default=None, metadata={"help": "Optional evaluation split."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (then set max_steps)."})
     max_train_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
+    latent_cache: str | None = field(
+        default=None,
+        metadata={"help": "Train from this folder written by `trl-diffusion-sdpo cache` (streamed; set max_steps)."},
+    )
     lora: bool = field(default=True, metadata={"help": "Train LoRA adapters (--no_lora: the full UNet)."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r (lora_alpha = r)."})
     lora_target_modules: list[str] = field(
@@ -52,9 +57,15 @@ def main(argv: list[str] | None = None) -> DiffusionSDPOTrainer:
     pipe = load_pipeline(
         script_args.model_name_or_path, torch_dtype=getattr(torch, script_args.weights_dtype)
     )
-    train_dataset = load_preference_dataset(
-        script_args.dataset_name, script_args.dataset_train_split, script_args.streaming, script_args.max_train_rows
-    )
+    if script_args.latent_cache:
+        train_dataset = load_sharded_latent_cache(script_args.latent_cache)
+    else:
+        train_dataset = load_preference_dataset(
+            script_args.dataset_name,
+            script_args.dataset_train_split,
+            script_args.streaming,
+            script_args.max_train_rows,
+        )
     eval_dataset = (
         load_preference_dataset(script_args.dataset_name, script_args.dataset_eval_split)
         if script_args.dataset_eval_split

@@ -20,6 +20,7 @@ from trl import TrlParser
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer, zero3_init_disabled
 from trl_diffusion_sdpo.data.preference import load_preference_dataset
+from trl_diffusion_sdpo.data.sharded_cache import load_sharded_latent_cache
 
 
 @dataclass
@@ -30,6 +31,10 @@ class ScriptArguments:
     dataset_eval_split: str | None = field(default=None, metadata={"help": "Optional evaluation split."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (then set max_steps)."})
     max_train_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
+    latent_cache: str | None = field(
+        default=None,
+        metadata={"help": "Train from this folder written by `trl-diffusion-sdpo cache` (streamed; set max_steps)."},
+    )
     vae_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Optional replacement VAE (e.g. an fp16-safe SDXL VAE); by default the pipeline's VAE "
@@ -66,9 +71,15 @@ def load_pipeline(script_args: ScriptArguments) -> StableDiffusionXLPipeline:
 def main(argv: list[str] | None = None) -> DiffusionSDPOTrainer:
     script_args, training_args = parse_args(argv)
     pipe = load_pipeline(script_args)
-    train_dataset = load_preference_dataset(
-        script_args.dataset_name, script_args.dataset_train_split, script_args.streaming, script_args.max_train_rows
-    )
+    if script_args.latent_cache:
+        train_dataset = load_sharded_latent_cache(script_args.latent_cache)
+    else:
+        train_dataset = load_preference_dataset(
+            script_args.dataset_name,
+            script_args.dataset_train_split,
+            script_args.streaming,
+            script_args.max_train_rows,
+        )
     eval_dataset = (
         load_preference_dataset(script_args.dataset_name, script_args.dataset_eval_split)
         if script_args.dataset_eval_split

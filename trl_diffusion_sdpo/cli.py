@@ -1,5 +1,5 @@
-"""Command line: ``trl-diffusion-sdpo demo --output-dir DIR`` and ``trl-diffusion-sdpo evaluate --base MODEL ...``
-(also ``python -m trl_diffusion_sdpo ...``)."""
+"""Command line: ``trl-diffusion-sdpo demo --output-dir DIR``, ``trl-diffusion-sdpo evaluate --base MODEL ...`` and
+``trl-diffusion-sdpo cache --config x.yaml`` (also ``python -m trl_diffusion_sdpo ...``)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_demo_arguments(demo)
     add_evaluate_parser(commands)
+    # Listed here for --help; its own parser (the training config's fields) takes its arguments, see main().
+    commands.add_parser(
+        "cache",
+        add_help=False,
+        help="Encode a preference dataset into a sharded, resumable latent cache, one shard per process under "
+        "accelerate launch (--config x.yaml: the training YAML; --help for every option).",
+    )
     return parser
 
 
@@ -115,6 +122,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cache"]:
+        from .cache_cli import run_cache
+
+        return run_cache(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo.cli import run_from_args

@@ -35,6 +35,7 @@ from .data.preference import (
     add_reward_scores,
     prepare_preference_dataset,
 )
+from .data.sharded_cache import ShardedLatentCache
 from .distributed import (
     all_reduce_mean_,
     all_reduce_sum,
@@ -106,7 +107,9 @@ class DiffusionSDPOTrainer(Trainer):
         ref_model: ``None`` (the adapter-disabled policy with LoRA, else a frozen copy of the initial UNet), or a
             separate UNet or pipeline.
         args: a :class:`DiffusionSDPOConfig`.
-        train_dataset, eval_dataset: preference datasets in Pick-a-Pic or TRL form (see :mod:`.data`).
+        train_dataset, eval_dataset: preference datasets in Pick-a-Pic or TRL form (see :mod:`.data`). The
+            train_dataset may also be a cache written by ``trl-diffusion-sdpo cache``
+            (:func:`~trl_diffusion_sdpo.data.sharded_cache.load_sharded_latent_cache`), read streamed.
         peft_config: a ``peft.LoraConfig`` to train LoRA adapters on the UNet instead of all its weights.
         callbacks, optimizers: as for ``transformers.Trainer``.
         reward_fn: ``loss_type="smpo"`` only: ``reward_fn(images: list[PIL.Image.Image], prompts: list[str]) ->
@@ -216,9 +219,15 @@ class DiffusionSDPOTrainer(Trainer):
             # data cannot concatenate across processes; each process reads its own shard instead.
             args.accelerator_config = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
 
-        # SmPO: score the images with reward_fn where the score columns are absent (an error for other loss types).
-        train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")
-        train_dataset, columns, self.train_data_report = prepare_preference_dataset(train_dataset, args, "train")
+        # A cache written by `trl-diffusion-sdpo cache` is read streamed, as it is (see .data.sharded_cache).
+        prebuilt = train_dataset if isinstance(train_dataset, ShardedLatentCache) else None
+        if prebuilt is not None:
+            prebuilt.check_matches(self.family, args.resolution, args.random_flip)
+            train_dataset, columns, self.train_data_report = prebuilt.dataset, prebuilt.columns, prebuilt.report()
+        else:
+            # SmPO: score the images with reward_fn where the score columns are absent (an error otherwise).
+            train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")
+            train_dataset, columns, self.train_data_report = prepare_preference_dataset(train_dataset, args, "train")
         self.eval_data_report: DataReport | None = None
         if eval_dataset is not None:
             eval_dataset = add_reward_scores(eval_dataset, args, reward_fn, "eval")
@@ -238,12 +247,16 @@ class DiffusionSDPOTrainer(Trainer):
         )
         self._eval_collator = PreferenceCollator(eval_columns, self._tokenize, transform, train=False, **weighting)
         self._empty_prompt: PromptEmbeddings | None = None  # for prompt dropout; encoded at first use
+        if prebuilt is not None:
+            data_collator = prebuilt.collator(**weighting)
+            self._empty_prompt = prebuilt.empty_prompt
         if args.cache_latents:
             # Encode once (main process first, the others load), then train from the cache.
-            train_cache = self._latent_cache(train_dataset, columns, args, "train")
-            train_dataset = train_cache.dataset
-            data_collator = CachedPreferenceCollator(with_flipped=args.random_flip, **weighting)
-            self._empty_prompt = train_cache.empty_prompt
+            if prebuilt is None:
+                train_cache = self._latent_cache(train_dataset, columns, args, "train")
+                train_dataset = train_cache.dataset
+                data_collator = CachedPreferenceCollator(with_flipped=args.random_flip, **weighting)
+                self._empty_prompt = train_cache.empty_prompt
             if eval_dataset is not None:
                 eval_cache = self._latent_cache(eval_dataset, eval_columns, args, "eval")
                 eval_dataset = eval_cache.dataset
