@@ -79,6 +79,8 @@ def _lift_fsdp_cpu_gate() -> None:
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             # Both states: every later AcceleratorState() copies PartialState's distributed type over its own.
             self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            if self._mixed_precision != "no":  # as accelerate's own FSDP branch does
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
 
     AcceleratorState.__init__ = init_keeping_fsdp

@@ -394,3 +394,33 @@ def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_run(assets, lora):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
+def test_sdxl_example_under_fsdp2_trains_like_one_process(sdxl_assets):
+    """examples/train_sdxl.py under FSDP2, full tuning: both text encoders stay whole, policy and reference copy are
+    sharded, and losses and saved weights behave as on one process."""
+    single = run(sdxl_assets, "sdxl-single-full", None, False, "--beta", "500")  # beta as in the ZeRO-3 SDXL test
+    report = run(sdxl_assets, "sdxl-fsdp2-full", FSDP2, False, "--beta", "500")
+    assert report["distributed_type"].endswith("FSDP") and report["num_processes"] == 2
+    assert set(report["frozen_partitioned"]) == {"vae", "text_encoder", "text_encoder_2"}
+    assert report["policy_sharded"] == report["policy_parameters"] == report["reference_sharded"]
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5 and report["original_vs_trained_max_abs_diff"] > 1e-3
+    assert report["saved_files"] == single["saved_files"]
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_precision_runs_like_one_bf16_process(assets):
+    """FSDP2 with accelerate's bf16 policy (bf16 compute and gradient reduce-scatter, float32 adapters): finite
+    losses, the lambdas of one bf16 process, an unchanged reference. (The losses themselves drift apart: bf16
+    rounding of tiny latents times beta = 5000, and autocast on one process against FSDP2's cast weights.)"""
+    single = run(assets, "bf16-single", None, True, "--bf16", "true", "--use_cpu", "true")
+    report = run(assets, "bf16-fsdp2", FSDP2, True, "--bf16", "true")
+    assert report["distributed_type"].endswith("FSDP")
+    assert all(math.isfinite(x) for x in report["losses"]) and report["losses"][0] == pytest.approx(math.log(2))
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["original_vs_trained_max_abs_diff"] > 1e-3
+    assert report["saved_files"] == single["saved_files"]

@@ -31,9 +31,19 @@ RESOLUTION = 32
 
 def _args(tmp_path, **overrides) -> DiffusionSDPOConfig:
     settings = dict(
-        output_dir=str(tmp_path / "out"), resolution=RESOLUTION, random_flip=True, report_to="none", max_steps=2,
-        per_device_train_batch_size=2, learning_rate=1e-3, warmup_steps=0, logging_steps=1, save_strategy="no",
-        seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        resolution=RESOLUTION,
+        random_flip=True,
+        report_to="none",
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     settings.update(overrides)
     return DiffusionSDPOConfig(**settings)
@@ -65,8 +75,15 @@ def test_the_sharded_cache_holds_what_cache_latents_holds(tmp_path, family, data
     # One pair per VAE batch on both sides: a convolution's float result may depend on the batch it runs in.
     cache = build_sharded_latent_cache(dataset, args, family, str(tmp_path / "sharded"), chunk_size=3, batch_size=1)
     prepared, columns, _ = prepare_preference_dataset(dataset, args)
-    reference = build_latent_cache(prepared, columns, family, resolution=RESOLUTION, random_flip=True,
-                                   cache_dir=str(tmp_path / "map"), batch_size=1)
+    reference = build_latent_cache(
+        prepared,
+        columns,
+        family,
+        resolution=RESOLUTION,
+        random_flip=True,
+        cache_dir=str(tmp_path / "map"),
+        batch_size=1,
+    )
     expected = CachedPreferenceCollator(with_flipped=True)([reference.dataset[i] for i in range(len(prepared))])
     got = _batch(cache)
     assert got.keys() == expected.keys()
@@ -173,12 +190,41 @@ def test_a_cache_for_another_resolution_is_refused_by_the_trainer(tmp_path, data
 
 def _cache_command(assets: Path, folder: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        "-m", "trl_diffusion_sdpo", "cache", "--model_name_or_path", str(assets / "pipeline"),
-        "--dataset_name", str(assets / "data"), "--latent_cache", str(folder), "--resolution", str(RESOLUTION),
-        "--random_flip", "true", "--cache_chunk_size", "1", "--cache_batch_size", "1", "--output_dir",
-        str(assets / "unused"), "--report_to", "none", *extra,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "trl_diffusion_sdpo",
+        "cache",
+        "--model_name_or_path",
+        str(assets / "pipeline"),
+        "--dataset_name",
+        str(assets / "data"),
+        "--latent_cache",
+        str(folder),
+        "--resolution",
+        str(RESOLUTION),
+        "--random_flip",
+        "true",
+        "--cache_chunk_size",
+        "1",
+        "--cache_batch_size",
+        "1",
+        "--output_dir",
+        str(assets / "unused"),
+        "--report_to",
+        "none",
+        *extra,
     ]
 
 
@@ -197,8 +243,14 @@ def test_the_cache_command_killed_midway_under_accelerate_launch_resumes_to_the_
     assert "16 pairs from 16 rows" in done.stdout
 
     folder = tmp_path / "killed"
-    proc = subprocess.Popen(_cache_command(tmp_path, folder), cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cache_command(tmp_path, folder),
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     progress = folder / "progress" / "rank-00000.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -216,7 +268,14 @@ def test_the_cache_command_killed_midway_under_accelerate_launch_resumes_to_the_
     a, b = _tables(straight), _tables(folder)
     assert len(a) == 16 and a.keys() == b.keys() and all(a[k].equals(b[k]) for k in a)
     # A map-style dataset is split in contiguous blocks: process 0's chunks then process 1's are the rows in order.
-    one = build_sharded_latent_cache(Dataset.from_list(_rows(16)), _args(tmp_path), family_for_pipeline(pipe),
-                                     str(tmp_path / "one"), chunk_size=16, batch_size=1)
-    torch.testing.assert_close(_batch(load_sharded_latent_cache(str(folder)))["latent_mean"],
-                               _batch(one)["latent_mean"], rtol=0, atol=0)
+    one = build_sharded_latent_cache(
+        Dataset.from_list(_rows(16)),
+        _args(tmp_path),
+        family_for_pipeline(pipe),
+        str(tmp_path / "one"),
+        chunk_size=16,
+        batch_size=1,
+    )
+    torch.testing.assert_close(
+        _batch(load_sharded_latent_cache(str(folder)))["latent_mean"], _batch(one)["latent_mean"], rtol=0, atol=0
+    )

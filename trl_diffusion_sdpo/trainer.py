@@ -274,10 +274,11 @@ class DiffusionSDPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.add_callback(NonFiniteLossGuard(self))
         if args.validation_prompts:
-            if zero_stage(self.accelerator) == 3:
+            if zero_stage(self.accelerator) == 3 or is_fsdp2(self.accelerator):
                 raise ValueError(
-                    "validation_prompts cannot sample under DeepSpeed ZeRO-3 (every process holds only a shard of the "
-                    "UNet); validate from a saved checkpoint with `trl-diffusion-sdpo evaluate`, or use ZeRO-2."
+                    "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
+                    "shard of the UNet, and the main process samples alone); validate from a saved checkpoint with "
+                    "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
                 )
             from .evaluation import ValidationCallback
 
