@@ -26,6 +26,7 @@ from trl_diffusion_sdpo.families import family_for_pipeline
 from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "accelerate_configs"
 RESOLUTION = 32
 
 
@@ -189,43 +190,14 @@ def test_a_cache_for_another_resolution_is_refused_by_the_trainer(tmp_path, data
 
 
 def _cache_command(assets: Path, folder: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        "-m",
-        "trl_diffusion_sdpo",
-        "cache",
-        "--model_name_or_path",
-        str(assets / "pipeline"),
-        "--dataset_name",
-        str(assets / "data"),
-        "--latent_cache",
-        str(folder),
-        "--resolution",
-        str(RESOLUTION),
-        "--random_flip",
-        "true",
-        "--cache_chunk_size",
-        "1",
-        "--cache_batch_size",
-        "1",
-        "--output_dir",
-        str(assets / "unused"),
-        "--report_to",
-        "none",
-        *extra,
-    ]
+    """`accelerate launch` of `trl-diffusion-sdpo cache` on 2 processes (the multi-GPU config: on a machine without
+    GPUs the training config then sets up gloo, as for training)."""
+    launch = f"-m accelerate.commands.launch --config_file {CONFIGS / 'multi_gpu.yaml'} --num_processes 2"
+    launch += " --mixed_precision no --main_process_port 0 -m trl_diffusion_sdpo cache"
+    options = f"--resolution {RESOLUTION} --random_flip true --cache_chunk_size 1 --cache_batch_size 1"
+    options += f" --output_dir {assets / 'unused'} --report_to none"
+    paths = ["--model_name_or_path", str(assets / "pipeline"), "--dataset_name", str(assets / "data")]
+    return [sys.executable, *launch.split(), *paths, "--latent_cache", str(folder), *options.split(), *extra]
 
 
 @pytest.mark.slow
@@ -267,6 +239,7 @@ def test_the_cache_command_killed_midway_under_accelerate_launch_resumes_to_the_
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     a, b = _tables(straight), _tables(folder)
     assert len(a) == 16 and a.keys() == b.keys() and all(a[k].equals(b[k]) for k in a)
+    assert {name.split("-chunk")[0] for name in a} == {"rank-00000-of-00002", "rank-00001-of-00002"}  # 8 rows each
     # A map-style dataset is split in contiguous blocks: process 0's chunks then process 1's are the rows in order.
     one = build_sharded_latent_cache(
         Dataset.from_list(_rows(16)),
@@ -279,3 +252,24 @@ def test_the_cache_command_killed_midway_under_accelerate_launch_resumes_to_the_
     torch.testing.assert_close(
         _batch(load_sharded_latent_cache(str(folder)))["latent_mean"], _batch(one)["latent_mean"], rtol=0, atol=0
     )
+
+
+def test_the_cache_command_reads_the_training_yaml_and_ignores_training_only_keys(tmp_path, capsys):
+    from trl_diffusion_sdpo.cli import main
+
+    pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tokenizer"))
+    pipe.save_pretrained(tmp_path / "pipeline")
+    Dataset.from_list(_rows(5)).save_to_disk(str(tmp_path / "data"))
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"model_name_or_path: {tmp_path / 'pipeline'}\ndataset_name: {tmp_path / 'data'}\nlora: true\n"
+        f"lora_rank: 4\nresolution: {RESOLUTION}\nrandom_flip: false\noutput_dir: {tmp_path / 'out'}\n"
+        "report_to: none\n"
+    )
+    folder = tmp_path / "cache"
+    assert main(["cache", "--config", str(config), "--latent_cache", str(folder), "--cache_chunk_size", "2"]) == 0
+    assert "5 pairs from 5 rows" in capsys.readouterr().out
+    cache = load_sharded_latent_cache(str(folder))
+    assert cache.manifest["resolution"] == RESOLUTION and not cache.flipped and len(cache.manifest["shards"]) == 3
+    with pytest.raises(SystemExit):  # a mistyped flag on the command line is an error, not ignored
+        main(["cache", "--config", str(config), "--latent_cache", str(folder), "--cache_chunk_sise", "2"])

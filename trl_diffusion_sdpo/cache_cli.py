@@ -1,7 +1,7 @@
 """``trl-diffusion-sdpo cache --config x.yaml``: encode a preference dataset into a sharded latent cache.
 
-    accelerate launch --num_processes 8 -m trl_diffusion_sdpo cache --config examples/configs/sd15_lora.yaml \
-        --latent_cache /data/pickapic-sd15-latents
+    accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml --num_processes 8 \
+        -m trl_diffusion_sdpo cache --config examples/configs/sd15_lora.yaml --latent_cache /data/sd15-latents
 
 Every process encodes its own shard (see :mod:`.data.sharded_cache`); run the same command again to resume an
 interrupted run. The YAML file is the training one: the model, dataset and transform settings are read from it, and
@@ -52,11 +52,14 @@ def run_cache(argv: list[str] | None = None) -> int:
     )
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # The training config sets up the process group as training would (gloo for several CPU processes); a bare
+    # PartialState() would run each CPU process as a lone one.
+    device = args.device
     state = PartialState()
     pipeline = load_pipeline(cache_args.model_name_or_path, torch_dtype=getattr(torch, cache_args.weights_dtype))
     family = family_for_pipeline(pipeline)
     for module in family.frozen_modules().values():  # placed once, not per chunk
-        module.to(device=state.device, dtype=torch.float32)
+        module.to(device=device, dtype=torch.float32)
     dataset = load_preference_dataset(
         cache_args.dataset_name, cache_args.dataset_train_split, cache_args.streaming, cache_args.max_train_rows
     )
@@ -67,7 +70,7 @@ def run_cache(argv: list[str] | None = None) -> int:
         cache_args.latent_cache,
         rank=state.process_index,
         world_size=state.num_processes,
-        device=state.device,
+        device=device,
         chunk_size=cache_args.cache_chunk_size,
         batch_size=cache_args.cache_batch_size,
         barrier=state.wait_for_everyone,
