@@ -56,8 +56,15 @@ def sdxl_assets(assets) -> dict[str, Path]:
     return {"root": root, "pipeline": root / "pipeline", "data": assets["data"], "example": "sdxl"}
 
 
+_SINGLE_RUNS: dict[tuple, dict] = {}  # one-process reference runs, shared by the tests that compare with them
+
+
 def run(assets, name: str, config: str | None, lora: bool, *extra: str, processes: int = 2) -> dict:
-    """Train with ``config`` (``None``: one plain process) and return the worker's report."""
+    """Train with ``config`` (``None``: one plain process, run once per set of arguments) and return the worker's
+    report."""
+    key = (str(assets["root"]), name, lora, extra)
+    if config is None and key in _SINGLE_RUNS:
+        return _SINGLE_RUNS[key]
     processes = 1 if config is None else processes
     out = assets["root"] / name
     result = out / "result.json"
@@ -82,7 +89,10 @@ def run(assets, name: str, config: str | None, lora: bool, *extra: str, processe
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(result.read_text())
+    report = json.loads(result.read_text())
+    if config is None:
+        _SINGLE_RUNS[key] = report
+    return report
 
 
 @pytest.fixture(scope="module")

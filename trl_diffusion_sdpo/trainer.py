@@ -250,6 +250,8 @@ class DiffusionSDPOTrainer(Trainer):
         if prebuilt is not None:
             data_collator = prebuilt.collator(**weighting)
             self._empty_prompt = prebuilt.empty_prompt
+        # Without images to encode, the VAE and text encoders stay on the CPU.
+        self._encoders_idle = args.cache_latents or (prebuilt is not None and eval_dataset is None)
         if args.cache_latents:
             # Encode once (main process first, the others load), then train from the cache.
             if prebuilt is None:
@@ -363,7 +365,7 @@ class DiffusionSDPOTrainer(Trainer):
     def _place_frozen_modules(self) -> None:
         """Move the VAE, text encoder(s) and a reference copy to the device in the compute dtype.
 
-        With ``cache_latents`` the VAE and text encoders are not used during training and stay on the CPU. Under
+        With ``cache_latents`` (or a sharded cache) the VAE and text encoders are not used and stay on the CPU. Under
         DeepSpeed ZeRO-3 and FSDP2 a reference copy is sharded like the policy instead (a ZeRO-3 engine without
         optimizer, or ``fully_shard`` with the policy's blocks and mixed precision); under DDP and ZeRO-1/2 every
         process holds it whole, in the compute dtype.
@@ -371,7 +373,7 @@ class DiffusionSDPOTrainer(Trainer):
         device = self.args.device
         compute_dtype = _compute_dtype(self.args)
         for name, module in self.family.frozen_modules().items():
-            if self.args.cache_latents:
+            if self._encoders_idle:
                 module.to(device="cpu")
                 continue
             dtype = torch.float32 if name == "vae" and self.family.vae_needs_fp32() else compute_dtype
