@@ -59,7 +59,9 @@ def sdxl_assets(assets) -> dict[str, Path]:
 _SINGLE_RUNS: dict[tuple, dict] = {}  # one-process reference runs, shared by the tests that compare with them
 
 
-def run(assets, name: str, config: str | None, lora: bool, *extra: str, processes: int = 2) -> dict:
+def run(
+    assets, name: str, config: str | None, lora: bool, *extra: str, processes: int = 2, launch: tuple[str, ...] = ()
+) -> dict:
     """Train with ``config`` (``None``: one plain process, run once per set of arguments) and return the worker's
     report."""
     key = (str(assets["root"]), name, lora, extra)
@@ -83,7 +85,7 @@ def run(assets, name: str, config: str | None, lora: bool, *extra: str, processe
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
             "--num_processes", str(processes), "--mixed_precision", "bf16" if "--bf16" in extra else "no",
-            "--main_process_port", str(_free_port()),
+            "--main_process_port", str(_free_port()), *launch,
             *script,
         ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -386,17 +388,23 @@ def test_fsdp2_parameter_space_with_gradient_accumulation_matches_one_process(as
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_run(assets, lora):
-    tag = f"fsdp2-{'lora' if lora else 'full'}"
-    straight = run(assets, f"straight-{tag}", FSDP2, lora)
-    run(assets, f"interrupted-{tag}", FSDP2, lora, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+@pytest.mark.parametrize(
+    "lora,state_dict_type",
+    [(True, "FULL_STATE_DICT"), (False, "FULL_STATE_DICT"), (False, "SHARDED_STATE_DICT")],
+    ids=["lora", "full", "full-sharded-optimizer"],
+)
+def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_run(assets, lora, state_dict_type):
+    tag = f"fsdp2-{'lora' if lora else 'full'}-{state_dict_type}"
+    launch = ("--fsdp_state_dict_type", state_dict_type)
+    straight = run(assets, f"straight-{tag}", FSDP2, lora, launch=launch)
+    run(assets, f"interrupted-{tag}", FSDP2, lora, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+        launch=launch)
     checkpoint = assets["root"] / f"interrupted-{tag}" / "model" / "checkpoint-2"
     names = {p.name for p in checkpoint.iterdir()}
     assert ("pytorch_lora_weights.safetensors" if lora else "unet") in names
-    assert any(n.startswith("optimizer") for n in names)  # accelerate's FSDP optimizer state
-    assert not any(n.startswith("pytorch_model_fsdp") for n in names)  # its pickled weights copy was dropped
-    resumed = run(assets, f"resumed-{tag}", FSDP2, lora, "--resume_from_checkpoint", str(checkpoint))
+    assert any(n.startswith("optimizer") for n in names)  # accelerate's FSDP optimizer state (a folder if sharded)
+    assert not any(n.startswith("pytorch_model_fsdp") for n in names)  # its copy of the weights was dropped
+    resumed = run(assets, f"resumed-{tag}", FSDP2, lora, "--resume_from_checkpoint", str(checkpoint), launch=launch)
     assert resumed["global_step"] == STEPS
     assert resumed["losses"][-1] == pytest.approx(straight["losses"][-1], rel=1e-5)
     a = _weights(assets["root"] / f"straight-{tag}" / "model", lora)
