@@ -19,6 +19,7 @@ import sys
 
 import torch
 from diffusers import UNet2DConditionModel
+from torch.distributed.tensor import DTensor
 
 from trl_diffusion_sdpo.distributed import is_partitioned, load_pipeline, zero_stage
 
@@ -83,6 +84,30 @@ def _inputs(unet_config, resolution: int, family=None) -> dict[str, torch.Tensor
     return inputs
 
 
+def _lift_fsdp_cpu_gate() -> None:
+    """Let accelerate's own FSDP path run on CPU processes (gloo), for tests only.
+
+    accelerate engages FSDP only on accelerators: on CPU it runs MULTI_CPU and drops the plugin ``accelerate launch``
+    built from the config. Here the state keeps the plugin and says FSDP, so ``fully_shard`` really shards the UNet
+    over the gloo group; the package itself never does this.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def init_keeping_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            # Both states: every later AcceleratorState() copies PartialState's distributed type over its own.
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            if self._mixed_precision != "no":  # as accelerate's own FSDP branch does
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init_keeping_fsdp
+
+
 def _poison(step: int, rank: int) -> None:
     """Make the objective's loss at optimizer step ``step`` (1-based, no accumulation) NaN on process ``rank`` only."""
     import trl_diffusion_sdpo.trainer as trainer_module
@@ -110,6 +135,11 @@ def _poison(step: int, rank: int) -> None:
     trainer_module.build_objective = poisoned_objective
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (an all-gather: every process must call it), else the tensor itself."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+
+
 @torch.no_grad()
 def _output(unet, inputs) -> torch.Tensor:
     if "family" in inputs:  # a flow transformer
@@ -125,6 +155,8 @@ def main() -> None:
     parser.add_argument("--poison_step", type=int, default=None, help="Make this step's loss NaN on one process.")
     parser.add_argument("--poison_rank", type=int, default=1)
     args, example_argv = parser.parse_known_args([a for a in sys.argv[1:] if a != "--"])
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        _lift_fsdp_cpu_gate()
     if args.poison_step is not None:
         _poison(args.poison_step, args.poison_rank)
     example = _example(args.example)
@@ -170,11 +202,20 @@ def main() -> None:
     with _gathered([p for _, p in named]):
         result["reference_max_abs_change"] = max(
             # against the original in the reference's dtype (bf16 under bf16 mixed precision): rounding is no change
-            (p.detach().float().cpu() - original_state[strip(n)].to(p.dtype).float()).abs().max().item()
+            (_full(p).float().cpu() - original_state[strip(n)].to(p.dtype).float()).abs().max().item()
             for n, p in named
         )
+    fsdp = str(accelerator.distributed_type).endswith("FSDP")
+    if fsdp:  # how many parameters fully_shard holds as shards (DTensors) on this process
+        result["policy_sharded"] = sum(isinstance(p, DTensor) for p in policy.parameters())
+        if not trainer.reference.shares_policy_weights:
+            ref_params = list(trainer.reference.unet.parameters())
+            result["reference_sharded"] = sum(isinstance(p, DTensor) for p in ref_params)
+            local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in ref_params)
+            result["reference_local_fraction"] = local / sum(p.numel() for p in ref_params)
 
-    if stage != 3:  # every process must hold the same trained weights (the combined gradient was all-reduced)
+    # every process must hold the same trained weights (the combined gradient was all-reduced); not under sharding
+    if stage != 3 and not fsdp:
         flat = torch.cat([p.detach().float().reshape(-1) for p in policy.parameters() if p.requires_grad])
         weights = torch.arange(flat.numel(), dtype=torch.float32) % 7 + 1
         probe = torch.stack([flat.sum(), (flat * weights).sum(), flat.pow(2).sum()]).to(accelerator.device)

@@ -1,4 +1,4 @@
-"""Two processes on CPU over gloo: DDP, DeepSpeed ZeRO-1/2/3, LoRA and full UNet tuning.
+"""Two processes on CPU over gloo: DDP, DeepSpeed ZeRO-1/2/3, FSDP2, LoRA and full UNet tuning.
 
 Each case launches ``examples/train_sd15.py`` with the shipped accelerate config (``accelerate launch
 --num_processes 2 --mixed_precision no``) through ``tests/distributed_worker.py``, and compares it with the same
@@ -56,8 +56,17 @@ def sdxl_assets(assets) -> dict[str, Path]:
     return {"root": root, "pipeline": root / "pipeline", "data": assets["data"], "example": "sdxl"}
 
 
-def run(assets, name: str, config: str | None, lora: bool, *extra: str, processes: int = 2) -> dict:
-    """Train with ``config`` (``None``: one plain process) and return the worker's report."""
+_SINGLE_RUNS: dict[tuple, dict] = {}  # one-process reference runs, shared by the tests that compare with them
+
+
+def run(
+    assets, name: str, config: str | None, lora: bool, *extra: str, processes: int = 2, launch: tuple[str, ...] = ()
+) -> dict:
+    """Train with ``config`` (``None``: one plain process, run once per set of arguments) and return the worker's
+    report."""
+    key = (str(assets["root"]), name, lora, extra)
+    if config is None and key in _SINGLE_RUNS:
+        return _SINGLE_RUNS[key]
     processes = 1 if config is None else processes
     out = assets["root"] / name
     result = out / "result.json"
@@ -77,13 +86,16 @@ def run(assets, name: str, config: str | None, lora: bool, *extra: str, processe
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
             "--num_processes", str(processes), "--mixed_precision", "bf16" if "--bf16" in extra else "no",
-            "--main_process_port", str(_free_port()),
+            "--main_process_port", str(_free_port()), *launch,
             *script,
         ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(result.read_text())
+    report = json.loads(result.read_text())
+    if config is None:
+        _SINGLE_RUNS[key] = report
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -375,3 +387,113 @@ def test_parameter_space_under_zero3_is_refused_before_training(assets):
     assert proc.returncode != 0
     assert "safeguard_space='parameter' is not supported under DeepSpeed ZeRO-3" in proc.stderr
     assert "deepspeed_zero2.yaml" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------- FSDP2
+# accelerate engages FSDP only on accelerators; the worker lifts that gate on CPU (tests only), so these runs go
+# through accelerate's own FSDP2 path (fully_shard over the gloo group) with the shipped fsdp2.yaml.
+
+FSDP2 = "fsdp2.yaml"
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_fsdp2_two_processes_train_like_one(assets, single_process, lora):
+    report = run(assets, f"fsdp2-{'lora' if lora else 'full'}", FSDP2, lora)
+    single = single_process[lora]
+    assert report["distributed_type"].endswith("FSDP") and report["num_processes"] == 2
+    assert report["global_step"] == STEPS
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    # Every policy weight is a shard; a full-tuning reference copy is sharded too (half of it on each process).
+    assert report["policy_sharded"] == report["policy_parameters"]
+    if not lora:
+        assert report["reference_sharded"] == report["policy_parameters"]
+        assert report["reference_local_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert not any(report["frozen_partitioned"].values())
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["original_vs_trained_max_abs_diff"] > 1e-3
+    # Gathered and saved in diffusers' format: diffusers loads what was trained.
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+    assert report["saved_files"] == single["saved_files"]
+
+
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"])
+def test_fsdp2_parameter_space_safeguard_on_two_processes_trains_like_one(assets, lora):
+    """FSDP2 reduce-scatters each branch's gradient: lambda from the shards' inner products, summed over processes,
+    is that of one process with the same global batch."""
+    tuning = "lora" if lora else "full"
+    single = run(assets, f"single-parameter-{tuning}", None, lora, *PARAMETER)
+    report = run(assets, f"fsdp2-parameter-{tuning}", FSDP2, lora, *PARAMETER)
+    assert report["distributed_type"].endswith("FSDP") and report["global_step"] == STEPS
+    assert any(lam < 1.0 for lam in single["lambdas"])
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp2_parameter_space_with_gradient_accumulation_matches_one_process(assets):
+    single = run(assets, "accumulate-parameter-single", None, True, *PARAMETER, "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "2")
+    report = run(assets, "accumulate-parameter-fsdp2", FSDP2, True, *PARAMETER, "--per_device_train_batch_size", "1",
+                 "--gradient_accumulation_steps", "2")
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "lora,state_dict_type",
+    [(True, "FULL_STATE_DICT"), (False, "FULL_STATE_DICT"), (False, "SHARDED_STATE_DICT")],
+    ids=["lora", "full", "full-sharded-optimizer"],
+)
+def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_run(assets, lora, state_dict_type):
+    tag = f"fsdp2-{'lora' if lora else 'full'}-{state_dict_type}"
+    launch = ("--fsdp_state_dict_type", state_dict_type)
+    straight = run(assets, f"straight-{tag}", FSDP2, lora, launch=launch)
+    run(assets, f"interrupted-{tag}", FSDP2, lora, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+        launch=launch)
+    checkpoint = assets["root"] / f"interrupted-{tag}" / "model" / "checkpoint-2"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert ("pytorch_lora_weights.safetensors" if lora else "unet") in names
+    assert any(n.startswith("optimizer") for n in names)  # accelerate's FSDP optimizer state (a folder if sharded)
+    assert not any(n.startswith("pytorch_model_fsdp") for n in names)  # its copy of the weights was dropped
+    resumed = run(assets, f"resumed-{tag}", FSDP2, lora, "--resume_from_checkpoint", str(checkpoint), launch=launch)
+    assert resumed["global_step"] == STEPS
+    assert resumed["losses"][-1] == pytest.approx(straight["losses"][-1], rel=1e-5)
+    a = _weights(assets["root"] / f"straight-{tag}" / "model", lora)
+    b = _weights(assets["root"] / f"resumed-{tag}" / "model", lora)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
+def test_sdxl_example_under_fsdp2_trains_like_one_process(sdxl_assets):
+    """examples/train_sdxl.py under FSDP2, full tuning: both text encoders stay whole, policy and reference copy are
+    sharded, and losses and saved weights behave as on one process."""
+    single = run(sdxl_assets, "sdxl-single-full", None, False, "--beta", "500")  # beta as in the ZeRO-3 SDXL test
+    report = run(sdxl_assets, "sdxl-fsdp2-full", FSDP2, False, "--beta", "500")
+    assert report["distributed_type"].endswith("FSDP") and report["num_processes"] == 2
+    assert set(report["frozen_partitioned"]) == {"vae", "text_encoder", "text_encoder_2"}
+    assert report["policy_sharded"] == report["policy_parameters"] == report["reference_sharded"]
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5 and report["original_vs_trained_max_abs_diff"] > 1e-3
+    assert report["saved_files"] == single["saved_files"]
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_precision_runs_like_one_bf16_process(assets):
+    """FSDP2 with accelerate's bf16 policy (bf16 compute and gradient reduce-scatter, float32 adapters): finite
+    losses, the lambdas of one bf16 process, an unchanged reference. (The losses themselves drift apart: bf16
+    rounding of tiny latents times beta = 5000, and autocast on one process against FSDP2's cast weights.)"""
+    single = run(assets, "bf16-single", None, True, "--bf16", "true", "--use_cpu", "true")
+    report = run(assets, "bf16-fsdp2", FSDP2, True, "--bf16", "true")
+    assert report["distributed_type"].endswith("FSDP")
+    assert all(math.isfinite(x) for x in report["losses"]) and report["losses"][0] == pytest.approx(math.log(2))
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["original_vs_trained_max_abs_diff"] > 1e-3
+    assert report["saved_files"] == single["saved_files"]

@@ -299,8 +299,20 @@ def test_zero3_and_fsdp_are_refused_with_the_alternatives_and_zero_1_2_accepted(
     with pytest.raises(ValueError, match="ZeRO-3.*deepspeed_zero2.yaml.*multi_gpu.yaml.*safeguard_space='output'"):
         trainer._check_parameter_space_engine()
     trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = False, True
-    with pytest.raises(ValueError, match="FSDP"):
+    with pytest.raises(ValueError, match="FSDP1.*fsdp2.yaml"):
         trainer._check_parameter_space_engine()
+
+
+def test_fsdp2_takes_the_parameter_space_safeguard_with_the_global_scope_only(make_trainer, monkeypatch):
+    import trl_diffusion_sdpo.trainer as trainer_module
+
+    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter")
+    trainer.is_fsdp_enabled = True
+    monkeypatch.setattr(trainer_module, "is_fsdp2", lambda accelerator: True)
+    with pytest.raises(ValueError, match="safeguard_scope='global'"):
+        trainer._check_parameter_space_engine()  # the default scope, "local", cannot be had under FSDP2
+    trainer.args.safeguard_scope = "global"
+    trainer._check_parameter_space_engine()  # accepted
 
 
 # ---------------------------------------------------------------------------------------------- objectives x spaces

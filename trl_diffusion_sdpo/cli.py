@@ -1,5 +1,6 @@
-"""Command line: ``trl-diffusion-sdpo train --config x.yaml``, ``trl-diffusion-sdpo demo --output-dir DIR`` and
-``trl-diffusion-sdpo evaluate --base MODEL ...`` (also ``python -m trl_diffusion_sdpo ...``)."""
+"""Command line: ``trl-diffusion-sdpo train --config x.yaml``, ``trl-diffusion-sdpo cache --config x.yaml``,
+``trl-diffusion-sdpo demo --output-dir DIR`` and ``trl-diffusion-sdpo evaluate --base MODEL ...`` (also
+``python -m trl_diffusion_sdpo ...``)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_demo_arguments(demo)
     add_evaluate_parser(commands)
+    # Listed here for --help; its own parser (the training config's fields) takes its arguments, see main().
+    commands.add_parser(
+        "cache",
+        add_help=False,
+        help="Encode a preference dataset into a sharded, resumable latent cache, one shard per process under "
+        "accelerate launch (--config x.yaml: the training YAML; --help for every option).",
+    )
     return parser
 
 
@@ -127,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
         train(argv[1:])
         return 0
+    if argv[:1] == ["cache"]:
+        from .cache_cli import run_cache
+
+        return run_cache(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo.cli import run_from_args

@@ -9,6 +9,7 @@ safeguard) -> guard -> log.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -34,14 +35,20 @@ from .data.preference import (
     add_reward_scores,
     prepare_preference_dataset,
 )
+from .data.sharded_cache import ShardedLatentCache
 from .distributed import (
     all_reduce_mean_,
     all_reduce_sum,
     check_not_partitioned,
+    drop_fsdp_model_copy,
     engine_loss_scale,
+    gather_fsdp2_state_dict,
     gather_zero3_state_dict,
+    is_fsdp2,
     load_pipeline,
+    loading_into_shards,
     reference_inference_engine,
+    shard_reference_fsdp2,
     zero_stage,
 )
 from .families import ModelFamily, PromptEmbeddings, family_for_pipeline
@@ -106,7 +113,9 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         ref_model: ``None`` (the adapter-disabled policy with LoRA, else a frozen copy of the initial UNet), or a
             separate UNet or pipeline.
         args: a :class:`DiffusionSDPOConfig`.
-        train_dataset: a preference dataset in Pick-a-Pic or TRL form (see :mod:`.data`).
+        train_dataset: a preference dataset in Pick-a-Pic or TRL form (see :mod:`.data`), or a cache written by
+            ``trl-diffusion-sdpo cache`` (:func:`~trl_diffusion_sdpo.data.sharded_cache.load_sharded_latent_cache`),
+            read streamed.
         eval_dataset: an optional preference dataset in the same forms.
         peft_config: a ``peft.LoraConfig`` to train LoRA adapters on the UNet instead of all its weights.
         callbacks: as for ``transformers.Trainer``.
@@ -238,9 +247,15 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
             # data cannot concatenate across processes; each process reads its own shard instead.
             args.accelerator_config = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
 
-        # SmPO: score the images with reward_fn where the score columns are absent (an error for other loss types).
-        train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")
-        train_dataset, columns, self.train_data_report = prepare_preference_dataset(train_dataset, args, "train")
+        # A cache written by `trl-diffusion-sdpo cache` is read streamed, as it is (see .data.sharded_cache).
+        prebuilt = train_dataset if isinstance(train_dataset, ShardedLatentCache) else None
+        if prebuilt is not None:
+            prebuilt.check_matches(self.family, args.resolution, args.random_flip)
+            train_dataset, columns, self.train_data_report = prebuilt.dataset, prebuilt.columns, prebuilt.report()
+        else:
+            # SmPO: score the images with reward_fn where the score columns are absent (an error otherwise).
+            train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")
+            train_dataset, columns, self.train_data_report = prepare_preference_dataset(train_dataset, args, "train")
         self.eval_data_report: DataReport | None = None
         if eval_dataset is not None:
             eval_dataset = add_reward_scores(eval_dataset, args, reward_fn, "eval")
@@ -260,12 +275,18 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         )
         self._eval_collator = PreferenceCollator(eval_columns, self._tokenize, transform, train=False, **weighting)
         self._empty_prompt: PromptEmbeddings | None = None  # for prompt dropout; encoded at first use
+        if prebuilt is not None:
+            data_collator = prebuilt.collator(**weighting)
+            self._empty_prompt = prebuilt.empty_prompt
+        # Without images to encode, the VAE and text encoders stay on the CPU.
+        self._encoders_idle = args.cache_latents or (prebuilt is not None and eval_dataset is None)
         if args.cache_latents:
             # Encode once (main process first, the others load), then train from the cache.
-            train_cache = self._latent_cache(train_dataset, columns, args, "train")
-            train_dataset = train_cache.dataset
-            data_collator = CachedPreferenceCollator(with_flipped=args.random_flip, **weighting)
-            self._empty_prompt = train_cache.empty_prompt
+            if prebuilt is None:
+                train_cache = self._latent_cache(train_dataset, columns, args, "train")
+                train_dataset = train_cache.dataset
+                data_collator = CachedPreferenceCollator(with_flipped=args.random_flip, **weighting)
+                self._empty_prompt = train_cache.empty_prompt
             if eval_dataset is not None:
                 eval_cache = self._latent_cache(eval_dataset, eval_columns, args, "eval")
                 eval_dataset = eval_cache.dataset
@@ -284,10 +305,11 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         make_config_trackable(unet)  # report_to trackers read model.config as a transformers config
         self.add_callback(NonFiniteLossGuard(self))
         if args.validation_prompts:
-            if zero_stage(self.accelerator) == 3:
+            if zero_stage(self.accelerator) == 3 or is_fsdp2(self.accelerator):
                 raise ValueError(
-                    "validation_prompts cannot sample under DeepSpeed ZeRO-3 (every process holds only a shard of the "
-                    "UNet); validate from a saved checkpoint with `trl-diffusion-sdpo evaluate`, or use ZeRO-2."
+                    "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
+                    "shard of the UNet, and the main process samples alone); validate from a saved checkpoint with "
+                    "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
                 )
             from .evaluation import ValidationCallback
 
@@ -335,26 +357,36 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
 
     def _check_parameter_space_engine(self) -> None:
         """The parameter-space safeguard runs its own per-branch backward passes; engines whose gradients it cannot
-        separate (DeepSpeed ZeRO-3, FSDP) are refused here, before any step."""
+        separate are refused here, before any step: DeepSpeed ZeRO-3 and FSDP1. Under DeepSpeed ZeRO-1/2 the engine
+        keeps the reduced sum (:class:`~.step.branches.EngineBranchGradients`); FSDP2 hands each branch's reduced
+        gradient shards back between the passes: allowed, with the global scope it implies."""
         if self.is_deepspeed_enabled and zero_stage(self.accelerator) == 3:
             raise ValueError(
                 "safeguard_space='parameter' is not supported under DeepSpeed ZeRO-3: the weights are partitioned, so "
                 "the per-branch gradients are never whole on one process. Use ZeRO-1 or ZeRO-2 "
-                "(examples/accelerate_configs/deepspeed_zero2.yaml) or DDP (multi_gpu.yaml) with "
-                "safeguard_space='parameter', or keep ZeRO-3 with safeguard_space='output' (the authors' rule)."
+                "(examples/accelerate_configs/deepspeed_zero2.yaml), FSDP2 (fsdp2.yaml, safeguard_scope='global') or "
+                "DDP (multi_gpu.yaml) with safeguard_space='parameter', or keep ZeRO-3 with safeguard_space='output' "
+                "(the authors' rule)."
             )
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled and not is_fsdp2(self.accelerator):
             raise ValueError(
-                "safeguard_space='parameter' is not supported under FSDP (sharded gradients); use DDP or DeepSpeed "
-                "ZeRO-1/2 with safeguard_space='parameter', or FSDP with safeguard_space='output'."
+                "safeguard_space='parameter' is not supported under FSDP1; use FSDP2 "
+                "(examples/accelerate_configs/fsdp2.yaml), DDP or DeepSpeed ZeRO-1/2, or keep FSDP1 with "
+                "safeguard_space='output'."
+            )
+        if is_fsdp2(self.accelerator) and self.args.safeguard_scope != "global":
+            raise ValueError(
+                "safeguard_space='parameter' under FSDP2 needs safeguard_scope='global': FSDP2 averages each branch's "
+                "gradient over processes inside its backward, so lambda is that of the global micro-batch. Set "
+                "safeguard_scope='global', or use DDP for one lambda per process."
             )
 
     def _branch_gradients(self, policy: torch.nn.Module) -> BranchGradientSplitter | EngineBranchGradients:
-        """The per-branch backward machinery: on the ``.grad`` fields, or through DeepSpeed's engine (ZeRO-1/2),
-        which owns the accumulated, reduced gradient."""
+        """The per-branch backward machinery: on the ``.grad`` fields (their FSDP2 shards), or through DeepSpeed's
+        engine (ZeRO-1/2), which owns the accumulated, reduced gradient."""
         trainable = trainable_parameters(policy)
-        if not self.is_deepspeed_enabled:
-            return BranchGradientSplitter(trainable)
+        if not self.is_deepspeed_enabled:  # under FSDP2, on each process's gradient shards
+            return BranchGradientSplitter(trainable, local=is_fsdp2(self.accelerator))
         engine = self.accelerator.deepspeed_engine_wrapped.engine
 
         def engine_backward(scalar: torch.Tensor, boundary: bool | None) -> None:
@@ -389,14 +421,15 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
     def _place_frozen_modules(self) -> None:
         """Move the VAE, text encoder(s) and a reference copy to the device in the compute dtype.
 
-        With ``cache_latents`` the VAE and text encoders are not used during training and stay on the CPU. Under
-        DeepSpeed ZeRO-3 a reference copy is sharded like the policy instead (an engine without optimizer); under DDP
-        and ZeRO-1/2 every process holds it whole, in the compute dtype.
+        With ``cache_latents`` (or a sharded cache) the VAE and text encoders are not used and stay on the CPU. Under
+        DeepSpeed ZeRO-3 and FSDP2 a reference copy is sharded like the policy instead (a ZeRO-3 engine without
+        optimizer, or ``fully_shard`` with the policy's blocks and mixed precision); under DDP and ZeRO-1/2 every
+        process holds it whole, in the compute dtype.
         """
         device = self.args.device
         compute_dtype = _compute_dtype(self.args)
         for name, module in self.family.frozen_modules().items():
-            if self.args.cache_latents:
+            if self._encoders_idle:
                 module.to(device="cpu")
                 continue
             dtype = torch.float32 if name == "vae" and self.family.vae_needs_fp32() else compute_dtype
@@ -404,6 +437,9 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         if self.reference is not None and not self.reference.shares_policy_weights:
             if zero_stage(self.accelerator) == 3:
                 self.reference.unet = reference_inference_engine(self.reference.unet, self.accelerator)
+            elif is_fsdp2(self.accelerator):
+                self.reference.unet.to(device=device, dtype=compute_dtype)
+                self.reference.unet = shard_reference_fsdp2(self.reference.unet, self.accelerator)
             else:
                 self.reference.unet.to(device=device, dtype=compute_dtype)
             self.reference.dtype = compute_dtype
@@ -413,6 +449,9 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
     def train(self, *args, **kwargs):
         # Only trainable weights ever hold gradients: clipping and zeroing walk those, listed once, instead of every
         # module of the UNet (thousands with LoRA adapters: milliseconds per step). See :mod:`.step.optimizer`.
+        # Not under FSDP, whose wrapping (inside super().train()) replaces the parameters with sharded ones.
+        if self.is_fsdp_enabled:
+            return super().train(*args, **kwargs)
         unet = self._policy_unet()
         self._trainable = trainable_parameters(unet)
         unet.zero_grad = lambda set_to_none=True: zero_grads(self._trainable, set_to_none)
@@ -497,9 +536,18 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
         policy = self.accelerator.unwrap_model(model)  # the branches bypass DDP's hooks; reduced once below
+        fsdp2 = is_fsdp2(self.accelerator)
         if self._splitter is None:
             self._check_parameter_space_engine()
             self._splitter = self._branch_gradients(policy)
+        accumulated = None
+        if fsdp2:
+            # Each branch must reach its gradient shards now, not at the end of the accumulation window; the
+            # window's earlier sum is set aside (a 1/N-sized shard) so the branches start from empty gradients.
+            policy.set_requires_gradient_sync(True)
+            accumulated = [p.grad for p in self._splitter.parameters]
+            for p in self._splitter.parameters:
+                p.grad = None
         with self.compute_loss_context_manager():
             predictions = self._predict(policy, inputs, "train", separate_branches=True)
         pair_weights = inputs.get("pair_weights")
@@ -516,15 +564,23 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         if replay:  # join the other processes' collectives with a zero contribution
             cot_winner, cot_loser = torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
         global_scope = self.args.safeguard_scope == "global" and self.accelerator.num_processes > 1
+        reduce_winner = all_reduce_mean_ if global_scope and not fsdp2 else None
         winner_sq = self._splitter.backward_winner(
-            predictions.policy_winner, cot_winner * scale.to(cot_winner), all_reduce_mean_ if global_scope else None
+            predictions.policy_winner, cot_winner * scale.to(cot_winner), reduce_winner
         )
         cross = self._splitter.backward_loser(predictions.policy_loser, cot_loser * scale.to(cot_loser))
-        if global_scope:
+        if fsdp2:  # sums over this process's shards of the already averaged gradients: add them up
+            winner_sq, cross = all_reduce_sum(torch.stack([winner_sq, cross]))
+        elif global_scope:
             cross = all_reduce_sum(cross) / self.accelerator.num_processes
         lam = parameter_space_lambda(winner_sq, -cross, self.args.safeguard_mu, self.args.safeguard_max_lambda)
         self._splitter.combine(lam)
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients and not self.is_deepspeed_enabled:
+        if accumulated is not None:
+            for p, earlier in zip(self._splitter.parameters, accumulated):
+                if earlier is not None:
+                    p.grad = earlier if p.grad is None else p.grad.add_(earlier)
+        several = self.accelerator.num_processes > 1
+        if several and self.accelerator.sync_gradients and not fsdp2 and not self.is_deepspeed_enabled:
             all_reduce_mean_([p.grad if p.grad is not None else p.new_zeros(p.shape) for p in self._trainable])
         if replay:
             return torch.zeros((), device=loss.device)
@@ -718,12 +774,16 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the LoRA adapters or the UNet, in diffusers' format, to ``output_dir``.
 
-        Under DeepSpeed ZeRO-3 the weights are first gathered from their shards (every process must call this), so
-        the files are the same as on one process whatever ``stage3_gather_16bit_weights_on_model_save`` says.
+        Under DeepSpeed ZeRO-3 and FSDP2 the weights are first gathered from their shards (every process must call
+        this), so the files are the same as on one process whatever ``stage3_gather_16bit_weights_on_model_save`` or
+        ``fsdp_state_dict_type`` say.
         """
-        if getattr(self, "deepspeed", None) is None or zero_stage(self.accelerator) != 3:
+        if is_fsdp2(self.accelerator):
+            state_dict = gather_fsdp2_state_dict(self.model, trainable_only=self.is_lora)
+        elif getattr(self, "deepspeed", None) is None or zero_stage(self.accelerator) != 3:
             return super().save_model(output_dir, _internal_call)
-        state_dict = gather_zero3_state_dict(self.deepspeed, trainable_only=self.is_lora)
+        else:
+            state_dict = gather_zero3_state_dict(self.deepspeed, trainable_only=self.is_lora)
         self._save(output_dir, state_dict=state_dict)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub and not _internal_call:
@@ -748,14 +808,23 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         # scale_lr), so that training again from the file does not scale it twice.
         write_training_config(self.args_as_given, output_dir)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if is_fsdp2(self.accelerator):  # accelerate's pickled copy of the weights duplicates the diffusers files
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                drop_fsdp_model_copy(output_dir)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if not has_saved_weights(resume_from_checkpoint):
             raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {resume_from_checkpoint}")
         unet = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if self.is_lora:
-            load_lora_adapters(unet, resume_from_checkpoint, prefix=self.family.denoiser_name)
-        else:
-            load_full_unet(unet, resume_from_checkpoint, subfolder=self.family.denoiser_name)
+        # Under FSDP2 each process copies its own shards out of the full tensors on disk.
+        with loading_into_shards() if is_fsdp2(self.accelerator) else contextlib.nullcontext():
+            if self.is_lora:
+                load_lora_adapters(unet, resume_from_checkpoint, prefix=self.family.denoiser_name)
+            else:
+                load_full_unet(unet, resume_from_checkpoint, subfolder=self.family.denoiser_name)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -1,5 +1,6 @@
-"""Preference data: loading, validation, per-image transforms and collators (:mod:`.preference`), and the latent
-cache that encodes every pair once (:mod:`.latent_cache`)."""
+"""Preference data: loading, validation, per-image transforms and collators (:mod:`.preference`), the latent
+cache that encodes every pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets one process
+cannot hold (:mod:`.sharded_cache`)."""
 
 from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .preference import (
@@ -13,6 +14,7 @@ from .preference import (
     pair_weights,
     prepare_preference_dataset,
 )
+from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
 
 __all__ = [
     "CachedPreferenceCollator",
@@ -21,9 +23,12 @@ __all__ = [
     "PairTransform",
     "PreferenceCollator",
     "PreferenceColumns",
+    "ShardedLatentCache",
     "add_reward_scores",
     "build_latent_cache",
+    "build_sharded_latent_cache",
     "load_preference_dataset",
+    "load_sharded_latent_cache",
     "order_pair",
     "pair_weights",
     "prepare_preference_dataset",

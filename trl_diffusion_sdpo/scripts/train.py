@@ -22,10 +22,20 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..config import DiffusionSDPOConfig
 from ..data.preference import load_preference_dataset
+from ..data.sharded_cache import load_sharded_latent_cache
 from ..distributed import load_pipeline, zero3_init_disabled
 from ..families import family_for_pipeline
 
-__all__ = ["DEFAULT_LORA_TARGETS", "DiffusionScriptArguments", "build_pipeline", "main", "make_parser", "parse_args"]
+__all__ = [
+    "ARGUMENT_TYPES",
+    "DEFAULT_LORA_TARGETS",
+    "DiffusionScriptArguments",
+    "build_pipeline",
+    "check_supported",
+    "main",
+    "make_parser",
+    "parse_args",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,13 @@ class DiffusionScriptArguments:
         },
     )
     vae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of vae_name_or_path, if any."})
+    latent_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from this folder written by `trl-diffusion-sdpo cache` (read streamed; set max_steps) "
+            "instead of encoding dataset_name's images."
+        },
+    )
 
 
 ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments)
@@ -63,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
     return script_args, training_args, model_args, diffusion_args
 
 
-def _check_supported(script_args: ScriptArguments, model_args: ModelConfig) -> None:
+def check_supported(script_args: ScriptArguments, model_args: ModelConfig) -> None:
     if model_args.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: a diffusers pipeline folder or Hub id.")
     if script_args.dataset_name is None:
@@ -124,16 +141,19 @@ def main(argv: Sequence[str] | None = None):
     from ..trainer import DiffusionSDPOTrainer
 
     script_args, training_args, model_args, diffusion_args = parse_args(argv)
-    _check_supported(script_args, model_args)
+    check_supported(script_args, model_args)
     pipeline = build_pipeline(model_args, diffusion_args)
     peft_config = peft_config_for(model_args, pipeline)
-    train_dataset = load_preference_dataset(
-        script_args.dataset_name,
-        script_args.dataset_train_split,
-        script_args.dataset_streaming,
-        diffusion_args.max_train_rows,
-        config_name=script_args.dataset_config,
-    )
+    if diffusion_args.latent_cache:
+        train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
+    else:
+        train_dataset = load_preference_dataset(
+            script_args.dataset_name,
+            script_args.dataset_train_split,
+            script_args.dataset_streaming,
+            diffusion_args.max_train_rows,
+            config_name=script_args.dataset_config,
+        )
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_preference_dataset(

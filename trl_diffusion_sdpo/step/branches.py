@@ -28,6 +28,11 @@ the winner pass is an ordinary engine backward (the engine adds ``g_w`` to its s
 ``g_w`` into the buffer); the loser pass is ``torch.autograd.grad`` (the engine sees nothing) streaming ``<g_w, h>``
 and the buffer is overwritten by ``h``; a last engine backward of ``lambda * <w, buffer>``, whose gradient is
 ``lambda * h_l``, hands the engine the loser's share. The engine's sum becomes ``A + g_w + lambda * h_l``.
+
+Under FSDP2 the parameters are shards (DTensors) whose ``.grad`` arrive already reduce-scattered, after autograd has
+finished with the gathered weights, so no per-parameter hook sees them: only the hook-free path applies, on each
+process's own shards (``local=True``). The two inner products it returns are then sums over this process's shard
+of every tensor, which the caller adds up over processes to get the exact global values.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = ["BranchGradientSplitter", "EngineBranchGradients", "branch_cotangents"]
+
+
+def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """This process's shard of an FSDP2 parameter or gradient (a view: in-place edits reach the DTensor)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def branch_cotangents(
@@ -68,8 +78,9 @@ class BranchGradientSplitter:
     The buffer is allocated at the first call and reused.
     """
 
-    def __init__(self, parameters: Sequence[torch.nn.Parameter]) -> None:
+    def __init__(self, parameters: Sequence[torch.nn.Parameter], local: bool = False) -> None:
         self.parameters = list(parameters)
+        self.local = local  # FSDP2 shards: the hook-free path on local shards (see the module docstring)
         self._buffers: list[torch.Tensor] | None = None
         self._seen: list[bool] = []
         self._dots: list[torch.Tensor] = []
@@ -77,7 +88,7 @@ class BranchGradientSplitter:
 
     def _ensure_buffers(self) -> list[torch.Tensor]:
         if self._buffers is None:
-            self._buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
+            self._buffers = [torch.zeros_like(_local(p), memory_format=torch.preserve_format) for p in self.parameters]
         return self._buffers
 
     def _hooked_backward(self, outputs: torch.Tensor, cotangents: torch.Tensor, hook) -> None:
@@ -101,6 +112,8 @@ class BranchGradientSplitter:
         """
         buffers = self._ensure_buffers()
         self._streaming = reduce_winner is not None or any(p.grad is not None for p in self.parameters)
+        if self.local and self._streaming:
+            raise RuntimeError("local shards need empty gradients and no winner reduction (FSDP2 reduces itself)")
         if self._streaming:
             torch._foreach_zero_(buffers)
 
@@ -110,7 +123,7 @@ class BranchGradientSplitter:
             self._hooked_backward(outputs, cotangents, copy)
         else:
             torch.autograd.backward(outputs, cotangents)
-            with_grad = [(buffer, p.grad) for p, buffer in zip(self.parameters, buffers) if p.grad is not None]
+            with_grad = [(buffer, _local(p.grad)) for p, buffer in zip(self.parameters, buffers) if p.grad is not None]
             without = [buffer for p, buffer in zip(self.parameters, buffers) if p.grad is None]
             if with_grad:
                 torch._foreach_copy_([b for b, _ in with_grad], [g for _, g in with_grad])
@@ -130,7 +143,7 @@ class BranchGradientSplitter:
         if not self._streaming:
             torch.autograd.backward(outputs, cotangents)
             self._seen = [p.grad is not None for p in self.parameters]
-            pairs = [(b, p.grad) for p, b, seen in zip(self.parameters, buffers, self._seen) if seen]
+            pairs = [(b, _local(p.grad)) for p, b, seen in zip(self.parameters, buffers, self._seen) if seen]
             if not pairs:
                 return torch.zeros(())
             # <g_w, h_l> = <buffer, .grad> - |buffer|^2, without materialising h_l
@@ -160,7 +173,7 @@ class BranchGradientSplitter:
         """``.grad += (lambda - 1) * h_l``: the accumulated gradient becomes ``A + g_w + lambda * h_l``."""
         buffers = self._ensure_buffers()
         if not self._streaming:  # .grad = g_w + h_l and buffer = g_w: .grad <- buffer + lambda * (.grad - buffer)
-            pairs = [(b, p.grad) for p, b, seen in zip(self.parameters, buffers, self._seen) if seen]
+            pairs = [(b, _local(p.grad)) for p, b, seen in zip(self.parameters, buffers, self._seen) if seen]
             if pairs:
                 grads, kept = [g for _, g in pairs], [b for b, _ in pairs]
                 weight = lam.detach().to(device=grads[0].device, dtype=grads[0].dtype)
