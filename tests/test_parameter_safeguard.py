@@ -81,11 +81,12 @@ class TwoLayer(torch.nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-@pytest.mark.parametrize("accumulating", [True, False], ids=["streaming-hooks", "fresh-grads"])
-def test_splitter_matches_explicit_per_branch_gradients(accumulating):
+def two_branch_problem(seed: int):
+    """A small model, a winner and a loser input, a DPO-like loss, and the explicit per-branch gradients ``g_w`` and
+    ``h_l`` from two ``torch.autograd.grad`` calls."""
     model = TwoLayer()
     params = list(model.parameters())
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     x_w, x_l, t = (torch.randn(4, 6, generator=gen) for _ in range(3))
 
     def loss_of(pred_w, pred_l):
@@ -93,9 +94,14 @@ def test_splitter_matches_explicit_per_branch_gradients(accumulating):
         e_l = (pred_l - t).pow(2).mean(1)
         return -torch.nn.functional.logsigmoid(-50.0 * (e_w - e_l)).mean()
 
-    # explicit: two autograd.grad calls, one per branch
     g_w = torch.autograd.grad(loss_of(model(x_w), model(x_l).detach()), params)
     h_l = torch.autograd.grad(loss_of(model(x_w).detach(), model(x_l)), params)
+    return model, params, gen, (x_w, x_l), loss_of, g_w, h_l
+
+
+@pytest.mark.parametrize("accumulating", [True, False], ids=["streaming-hooks", "fresh-grads"])
+def test_splitter_matches_explicit_per_branch_gradients(accumulating):
+    model, params, gen, (x_w, x_l), loss_of, g_w, h_l = two_branch_problem(seed=1)
     accumulated = [torch.randn(p.shape, generator=gen) if accumulating else torch.zeros(p.shape) for p in params]
     for p, a in zip(params, accumulated):
         p.grad = a.clone() if accumulating else None
@@ -117,18 +123,7 @@ def test_splitter_matches_explicit_per_branch_gradients(accumulating):
 def test_engine_branches_hand_the_engine_winner_plus_lambda_times_loser(loss_scale):
     """A stand-in for DeepSpeed ZeRO-1/2: an engine that keeps its own gradient sum (as ZeRO-2 keeps partitions and
     frees ``.grad``) and multiplies every loss by its loss scale before backpropagating it."""
-    model = TwoLayer()
-    params = list(model.parameters())
-    gen = torch.Generator().manual_seed(2)
-    x_w, x_l, t = (torch.randn(4, 6, generator=gen) for _ in range(3))
-
-    def loss_of(pred_w, pred_l):
-        e_w = (pred_w - t).pow(2).mean(1)
-        e_l = (pred_l - t).pow(2).mean(1)
-        return -torch.nn.functional.logsigmoid(-50.0 * (e_w - e_l)).mean()
-
-    g_w = torch.autograd.grad(loss_of(model(x_w), model(x_l).detach()), params)
-    h_l = torch.autograd.grad(loss_of(model(x_w).detach(), model(x_l)), params)
+    model, params, gen, (x_w, x_l), loss_of, g_w, h_l = two_branch_problem(seed=2)
     earlier = [torch.randn(p.shape, generator=gen) for p in params]  # the engine's sum of earlier micro-batches
     engine_sum = [e.clone() for e in earlier]
     boundaries: list[bool | None] = []

@@ -33,10 +33,9 @@ def run_cache(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
     from trl import TrlParser
 
-    from .data.preference import load_preference_dataset
     from .data.sharded_cache import build_sharded_latent_cache
     from .families import family_for_pipeline
-    from .scripts.train import ARGUMENT_TYPES, build_pipeline, check_supported
+    from .scripts.train import ARGUMENT_TYPES, build_pipeline, check_supported, load_train_split
 
     parser = TrlParser((*ARGUMENT_TYPES, CacheArguments), prog="trl-diffusion-sdpo cache")
     script_args, args, model_args, diffusion_args, cache_args = parser.parse_args_and_config(argv)
@@ -51,13 +50,7 @@ def run_cache(argv: list[str] | None = None) -> int:
     family = family_for_pipeline(pipeline, args.max_sequence_length, args.flux_guidance_scale)
     for module in family.frozen_modules().values():  # placed once, not per chunk
         module.to(device=device, dtype=torch.float32)
-    dataset = load_preference_dataset(
-        script_args.dataset_name,
-        script_args.dataset_train_split,
-        script_args.dataset_streaming,
-        diffusion_args.max_train_rows,
-        config_name=script_args.dataset_config,
-    )
+    dataset = load_train_split(script_args, diffusion_args)
     cache = build_sharded_latent_cache(
         dataset,
         args,

@@ -32,6 +32,7 @@ __all__ = [
     "DiffusionScriptArguments",
     "build_pipeline",
     "check_supported",
+    "load_train_split",
     "main",
     "make_parser",
     "parse_args",
@@ -136,6 +137,17 @@ def peft_config_for(model_args: ModelConfig, pipeline):
     return peft_config
 
 
+def load_train_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArguments):
+    """The training split as the arguments name it (streamed with ``dataset_streaming``, cut to ``max_train_rows``)."""
+    return load_preference_dataset(
+        script_args.dataset_name,
+        script_args.dataset_train_split,
+        script_args.dataset_streaming,
+        diffusion_args.max_train_rows,
+        config_name=script_args.dataset_config,
+    )
+
+
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
     from ..trainer import DiffusionSDPOTrainer
@@ -147,13 +159,7 @@ def main(argv: Sequence[str] | None = None):
     if diffusion_args.latent_cache:
         train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
     else:
-        train_dataset = load_preference_dataset(
-            script_args.dataset_name,
-            script_args.dataset_train_split,
-            script_args.dataset_streaming,
-            diffusion_args.max_train_rows,
-            config_name=script_args.dataset_config,
-        )
+        train_dataset = load_train_split(script_args, diffusion_args)
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_preference_dataset(
