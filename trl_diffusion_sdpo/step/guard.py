@@ -26,7 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 def flag_nonfinite(flag: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    """``flag + (value is NaN or infinite)``, a float32 device tensor (``flag`` ``None`` counts as 0); no host sync."""
+    """``flag + (value is NaN or infinite)``, a float32 device tensor (``flag`` ``None`` counts as 0); no host sync.
+
+    An FSDP2 gradient norm is a DTensor: its full value is used (a plain tensor, which the guard can all-reduce)."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
     new = (~torch.isfinite(value.detach())).any().float()
     return new if flag is None else flag + new.to(flag.device)
 
