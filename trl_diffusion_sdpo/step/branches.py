@@ -49,6 +49,40 @@ def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i |t_i|^2`` in float32."""
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
+    return torch.stack(norms).pow(2).sum() if norms else torch.zeros(())
+
+
+class _LoserStream:
+    """The loser's gradients streamed into ``buffers``, which hold ``g_w``: as weight ``i``'s gradient ``h`` arrives,
+    ``<buffer_i, h>`` is accumulated and ``buffer_i`` is overwritten by ``h``; :meth:`finish` zeroes the buffers no
+    gradient reached and returns ``<g_w, h_l>`` (float32)."""
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self.buffers = buffers
+        self.seen = [False] * len(buffers)
+        self._dots: list[torch.Tensor] = []
+
+    def take(self, i: int, grad: torch.Tensor) -> None:
+        if self.seen[i]:
+            raise RuntimeError(
+                "A trainable weight received its loser-branch gradient in several pieces (reentrant gradient "
+                "checkpointing around a shared weight?), which the parameter-space safeguard cannot stream. Use "
+                "non-reentrant checkpointing (diffusers' default) or safeguard_space='output'."
+            )
+        self.seen[i] = True
+        self._dots.append(torch.dot(self.buffers[i].reshape(-1).float(), grad.detach().reshape(-1).float()))
+        self.buffers[i].copy_(grad)
+
+    def finish(self) -> torch.Tensor:
+        for buffer, seen in zip(self.buffers, self.seen):
+            if not seen:  # no loser gradient reached this weight: nothing of the loser to scale
+                buffer.zero_()
+        return torch.stack(self._dots).sum() if self._dots else torch.zeros(())
+
+
 def branch_cotangents(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     policy_winner: torch.Tensor,
@@ -83,7 +117,6 @@ class BranchGradientSplitter:
         self.local = local  # FSDP2 shards: the hook-free path on local shards (see the module docstring)
         self._buffers: list[torch.Tensor] | None = None
         self._seen: list[bool] = []
-        self._dots: list[torch.Tensor] = []
         self._streaming = True  # False: this micro-batch started from empty gradients (see the module docstring)
 
     def _ensure_buffers(self) -> list[torch.Tensor]:
@@ -131,8 +164,7 @@ class BranchGradientSplitter:
                 torch._foreach_zero_(without)
         if reduce_winner is not None:
             reduce_winner(buffers)
-        norms = torch._foreach_norm([b.float() if b.dtype != torch.float32 else b for b in buffers])
-        return torch.stack(norms).pow(2).sum() if norms else torch.zeros(())
+        return _squared_norm(buffers)
 
     def backward_loser(self, outputs: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
         """Backpropagate ``cotangents`` through the loser's ``outputs``; returns ``<g_w, h_l>`` in float32.
@@ -149,25 +181,10 @@ class BranchGradientSplitter:
             # <g_w, h_l> = <buffer, .grad> - |buffer|^2, without materialising h_l
             cross = torch.stack([torch.dot(b.reshape(-1).float(), g.reshape(-1).float()) for b, g in pairs]).sum()
             return cross - torch.stack(torch._foreach_norm([b for b, _ in pairs])).float().pow(2).sum()
-        self._seen = [False] * len(self.parameters)
-        self._dots = []
-
-        def stream(i: int, grad: torch.Tensor) -> None:
-            if self._seen[i]:
-                raise RuntimeError(
-                    "A trainable weight received its loser-branch gradient in several pieces (reentrant gradient "
-                    "checkpointing around a shared weight?), which the parameter-space safeguard cannot stream. Use "
-                    "non-reentrant checkpointing (diffusers' default) or safeguard_space='output'."
-                )
-            self._seen[i] = True
-            self._dots.append(torch.dot(buffers[i].reshape(-1).float(), grad.detach().reshape(-1).float()))
-            buffers[i].copy_(grad)
-
-        self._hooked_backward(outputs, cotangents, stream)
-        for i, seen in enumerate(self._seen):
-            if not seen:  # no loser gradient reached this weight: nothing of the loser to scale
-                buffers[i].zero_()
-        return torch.stack(self._dots).sum() if self._dots else torch.zeros(())
+        stream = _LoserStream(buffers)
+        self._hooked_backward(outputs, cotangents, stream.take)
+        self._seen = stream.seen
+        return stream.finish()
 
     def combine(self, lam: torch.Tensor) -> None:
         """``.grad += (lambda - 1) * h_l``: the accumulated gradient becomes ``A + g_w + lambda * h_l``."""
@@ -239,37 +256,25 @@ class EngineBranchGradients:
                 handle.remove()
         if reduce_winner is not None:
             reduce_winner(buffers)
-        norms = torch._foreach_norm([b.float() if b.dtype != torch.float32 else b for b in buffers])
-        return torch.stack(norms).pow(2).sum() if norms else torch.zeros(())
+        return _squared_norm(buffers)
 
     def backward_loser(self, outputs: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
         """``torch.autograd.grad`` of ``<outputs, cotangents>`` (scaled as the engine scales), outside the engine;
         returns ``<g_w, h_l>`` (float32) and leaves ``h_l`` in the buffer."""
         buffers = self._ensure_buffers()
-        seen = [False] * len(self.parameters)
-        dots: list[torch.Tensor] = []
+        stream = _LoserStream(buffers)
 
-        def stream(i: int, grad: torch.Tensor) -> torch.Tensor:
-            if seen[i]:
-                raise RuntimeError(
-                    "A trainable weight received its loser-branch gradient in several pieces, which the "
-                    "parameter-space safeguard cannot stream; use non-reentrant gradient checkpointing."
-                )
-            seen[i] = True
-            dots.append(torch.dot(buffers[i].reshape(-1).float(), grad.detach().reshape(-1).float()))
-            buffers[i].copy_(grad)
+        def take(i: int, grad: torch.Tensor) -> torch.Tensor:
+            stream.take(i, grad)
             return grad.new_zeros(()).expand_as(grad)  # autograd.grad returns this: no second gradient-sized copy
 
-        handles = [p.register_hook(lambda grad, i=i: stream(i, grad)) for i, p in enumerate(self.parameters)]
+        handles = [p.register_hook(lambda grad, i=i: take(i, grad)) for i, p in enumerate(self.parameters)]
         try:
             torch.autograd.grad(outputs, self.parameters, cotangents * self._scale.to(cotangents), allow_unused=True)
         finally:
             for handle in handles:
                 handle.remove()
-        for i, was_seen in enumerate(seen):
-            if not was_seen:
-                buffers[i].zero_()
-        return torch.stack(dots).sum() if dots else torch.zeros(())
+        return stream.finish()
 
     def combine(self, lam: torch.Tensor) -> None:
         """The engine's backward of ``lambda / scale * sum_i <w_i, h_i>``: its gradient ``lambda * h_l`` joins the
