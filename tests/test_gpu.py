@@ -38,7 +38,7 @@ def test_parameter_space_gradient_under_mixed_precision_matches_explicit_branche
     for p in params:
         p.grad = None
     trainer.current_gradient_accumulation_steps = 1
-    trainer._draws.replay_step()
+    trainer.stages.draws.replay_step()
     with trainer.accelerator.autocast():
         trainer.training_step(model, inputs)
     scale = trainer.accelerator.scaler.get_scale() if precision == "fp16" else 1.0

@@ -157,7 +157,7 @@ def test_prompt_dropout_substitutes_the_cached_empty_prompt_embedding(tmp_path, 
     args = _config(tmp_path, proportion_empty_prompts=proportion, random_flip=False, max_steps=1,
                    per_device_train_batch_size=4, dataloader_drop_last=False)
     trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset)
-    torch.testing.assert_close(trainer._empty_prompt.encoder_hidden_states, expected_empty)
+    torch.testing.assert_close(trainer.stages.empty_prompt.encoder_hidden_states, expected_empty)
     calls = _capture_hidden_states(trainer)
     trainer.train()
     hidden = calls[0]
@@ -179,13 +179,13 @@ def test_training_flips_about_half_the_pairs_both_images_and_evaluation_never(tm
                    per_device_train_batch_size=8)
     trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset, eval_dataset=dataset)
     moments: list[torch.Tensor] = []
-    real_noise = trainer._noise
+    real_noise = trainer.stages.noise
 
     def record(generator, mode, encoded):
         moments.append((mode, encoded.mean.detach().clone()))
         return real_noise(generator, mode, encoded)
 
-    trainer._noise = record
+    trainer.stages.noise = record
     trainer.train()
     trainer.evaluate()
     transform = PairTransform(RESOLUTION, random_crop=False)

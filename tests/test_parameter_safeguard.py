@@ -191,10 +191,10 @@ def _drift(model, scale: float = 0.02) -> None:
 
 def _explicit_branch_gradients(trainer, inputs):
     """``g_w`` and ``h_l`` by two ``torch.autograd.grad`` calls on the trainer's own predictions (same draws)."""
-    trainer._draws.replay_step()  # replay this step's keyed draws
+    trainer.stages.draws.replay_step()  # replay this step's keyed draws
     policy = trainer.model
     params = [p for p in policy.parameters() if p.requires_grad]
-    predictions = trainer._predict(policy, inputs, "train", separate_branches=True)
+    predictions = trainer.stages.predict(policy, inputs, "train", trainer.state.global_step, separate_branches=True)
 
     def loss_of(pred_w, pred_l):
         branch = PreferencePredictions(
@@ -234,7 +234,7 @@ def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autogr
     for p, a in zip(params, accumulated):
         p.grad = a.clone()
     trainer.current_gradient_accumulation_steps = 1
-    trainer._draws.replay_step()
+    trainer.stages.draws.replay_step()
     loss = trainer.training_step(model, inputs)
     assert torch.isfinite(loss)
     lam = trainer._metrics["train"]["safeguard/lambda"][-1].item()
@@ -257,7 +257,7 @@ def test_gradient_accumulation_divides_each_micro_batch_like_transformers(make_t
     for steps in (1, 4):
         model.zero_grad(set_to_none=True)
         trainer.current_gradient_accumulation_steps = steps
-        trainer._draws.replay_step()
+        trainer.stages.draws.replay_step()
         trainer.training_step(model, inputs)
         grads[steps] = [p.grad.clone() for p in params]
     for one, four in zip(grads[1], grads[4]):
@@ -282,32 +282,6 @@ def test_bf16_autocast_runs_and_keeps_float32_gradients(make_trainer):
     trainer.train()
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
-
-
-def test_zero3_and_fsdp_are_refused_with_the_alternatives_and_zero_1_2_accepted(make_trainer, monkeypatch):
-    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter")
-    trainer.is_deepspeed_enabled = True
-    for stage in (1, 2):
-        monkeypatch.setattr("trl_diffusion_sdpo.trainer.zero_stage", lambda accelerator, stage=stage: stage)
-        trainer._check_parameter_space_engine()  # no error: the engine path runs it
-    monkeypatch.setattr("trl_diffusion_sdpo.trainer.zero_stage", lambda accelerator: 3)
-    with pytest.raises(ValueError, match="ZeRO-3.*deepspeed_zero2.yaml.*multi_gpu.yaml.*safeguard_space='output'"):
-        trainer._check_parameter_space_engine()
-    trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = False, True
-    with pytest.raises(ValueError, match="FSDP1.*fsdp2.yaml"):
-        trainer._check_parameter_space_engine()
-
-
-def test_fsdp2_takes_the_parameter_space_safeguard_with_the_global_scope_only(make_trainer, monkeypatch):
-    import trl_diffusion_sdpo.trainer as trainer_module
-
-    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter")
-    trainer.is_fsdp_enabled = True
-    monkeypatch.setattr(trainer_module, "is_fsdp2", lambda accelerator: True)
-    with pytest.raises(ValueError, match="safeguard_scope='global'"):
-        trainer._check_parameter_space_engine()  # the default scope, "local", cannot be had under FSDP2
-    trainer.args.safeguard_scope = "global"
-    trainer._check_parameter_space_engine()  # accepted
 
 
 # ---------------------------------------------------------------------------------------------- objectives x spaces

@@ -312,22 +312,22 @@ def test_trainer_regresses_on_the_velocity_for_v_prediction_models(make_sdxl, ma
     trainer = DiffusionSDPOTrainer(
         pipe, args=make_config(max_steps=1), train_dataset=sdxl_pairs, peft_config=lora_config()
     )
-    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    assert trainer.noiser.scheduler.config.prediction_type == "v_prediction"
     latents, predictions = [], []
-    noise = trainer._noise
+    noise = trainer.stages.noise
 
     def recording_noise(*args, **kwargs):
         noised = noise(*args, **kwargs)
         latents.append(noised.latents)
         return noised
 
-    trainer._noise = recording_noise
+    trainer.stages.noise = recording_noise
     handle = pipe.unet.register_forward_hook(lambda module, args, output: predictions.append(output[0].detach()))
     capture = train_and_capture(trainer)
     handle.remove()
     # x_t = sqrt(abar) z + sqrt(1 - abar) eps: recover eps from what the UNet received, then the velocity by hand.
     z, x_t = latents[0].float(), capture.unet_calls[0]["sample"]
-    abar = trainer.noise_scheduler.alphas_cumprod[capture.unet_calls[0]["timestep"]].view(-1, 1, 1, 1)
+    abar = trainer.noiser.scheduler.alphas_cumprod[capture.unet_calls[0]["timestep"]].view(-1, 1, 1, 1)
     eps = (x_t - abar.sqrt() * z) / (1 - abar).sqrt()
     torch.testing.assert_close(eps[:2], eps[2:], atol=1e-3, rtol=1e-3)  # one noise per pair
     velocity = abar.sqrt() * eps - (1 - abar).sqrt() * z
@@ -348,9 +348,9 @@ def test_zero_terminal_snr_schedule_is_kept_for_training(make_sdxl, make_config,
     # Only the last timestep, where the signal is gone: the velocity target is -z and the loss stays finite.
     args = make_config(max_steps=1, min_timestep=999)
     trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=sdxl_pairs, peft_config=lora_config())
-    assert trainer.noise_scheduler.config.rescale_betas_zero_snr
-    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
-    assert trainer.noise_scheduler.alphas_cumprod[-1] < 1e-6
+    assert trainer.noiser.scheduler.config.rescale_betas_zero_snr
+    assert trainer.noiser.scheduler.config.prediction_type == "v_prediction"
+    assert trainer.noiser.scheduler.alphas_cumprod[-1] < 1e-6
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 

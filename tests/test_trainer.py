@@ -219,7 +219,7 @@ def _hand_computed_step(trainer, pipe, inputs, captured, beta, mu, safeguard):
     latents = captured["latents"].float()
     timesteps, noise = captured["timesteps"], captured["noise"].float()
     batch = noise.shape[0]
-    abar = trainer.noise_scheduler.alphas_cumprod.double()[timesteps].float().view(-1, 1, 1, 1)
+    abar = trainer.noiser.scheduler.alphas_cumprod.double()[timesteps].float().view(-1, 1, 1, 1)
     hidden = pipe.text_encoder(inputs["input_ids"]).last_hidden_state
     prediction_type = pipe.scheduler.config.prediction_type
 
@@ -279,7 +279,7 @@ def test_training_step_loss_and_gradients_match_a_hand_computation(
 
     captured = {}
 
-    real_noise = trainer._noise
+    real_noise = trainer.stages.noise
 
     def record(*args, **kwargs):
         noised = real_noise(*args, **kwargs)
@@ -288,7 +288,7 @@ def test_training_step_loss_and_gradients_match_a_hand_computation(
         captured["latents"] = noised.latents
         return noised
 
-    monkeypatch.setattr(trainer, "_noise", record)
+    monkeypatch.setattr(trainer.stages, "noise", record)
 
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
     model.train()
@@ -338,7 +338,7 @@ def test_v_prediction_target_is_the_velocity(make_pipeline):
 
 def test_v_prediction_pipeline_trains(make_pipeline, make_trainer):
     trainer = make_trainer(pipeline=make_pipeline(prediction_type="v_prediction"))
-    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    assert trainer.noiser.scheduler.config.prediction_type == "v_prediction"
     trainer.train()
     logs = step_logs(trainer)
     assert len(logs) == 3 and all(np.isfinite(h["loss"]) for h in logs)
@@ -569,7 +569,7 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
     from accelerate import Accelerator
 
     import trl_diffusion_sdpo.trainer as trainer_module
-    from trl_diffusion_sdpo.step.safeguard import lambda_from_sums, safeguard_sums
+    from trl_diffusion_sdpo.step.safeguard import lambda_from_sums, output_space_lambda, safeguard_sums
 
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     seen = []
@@ -588,7 +588,14 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
     num, den = safeguard_sums(r[0] - r[2], r[1] - r[3])
     n = r[0].numel()
     for scope, expected in (("local", (num, den, n)), ("global", (num + 3.0, den + 1.0, n + 100))):
-        trainer = make_trainer(lora=True, safeguard_scope=scope, safeguard_mu=0.5)
-        lam = trainer._output_space_lambda(predictions)
+        lam = output_space_lambda(predictions, 0.5, 1.0, fake_all_reduce if scope == "global" else None)
         torch.testing.assert_close(lam, lambda_from_sums(expected[0], expected[1], 0.5, 1.0, expected[2]))
     assert len(seen) == 1
+    # The trainer hands the reduction to the stage with the global scope only.
+    for scope in ("local", "global"):
+        trainer = make_trainer(lora=True, safeguard=True, safeguard_space="output", safeguard_scope=scope)
+        inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
+        seen.clear()
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, inputs)
+        assert len(seen) == (1 if scope == "global" else 0)

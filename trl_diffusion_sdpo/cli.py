@@ -54,31 +54,58 @@ def add_evaluate_parser(commands) -> argparse.ArgumentParser:
         ),
     )
     evaluate.add_argument("--base", required=True, help="Base pipeline: Hub id or local folder.")
-    evaluate.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                          help="A variant: LoRA folder/file, UNet or pipeline folder, Hub id, or .pth UNet state "
-                          "dict (repeatable).")
-    evaluate.add_argument("--prompts", default="partiprompts", help="Preset (pickapic_v2, partiprompts, hpdv2), a "
-                          ".txt file, or a dataset id/folder (default: %(default)s).")
+    evaluate.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="A variant: LoRA folder/file, UNet or pipeline folder, Hub id, or .pth UNet state dict (repeatable).",
+    )
+    evaluate.add_argument(
+        "--prompts",
+        default="partiprompts",
+        help="Preset (pickapic_v2, partiprompts, hpdv2), a .txt file, or a dataset id/folder (default: %(default)s).",
+    )
     evaluate.add_argument("--prompt-column", default=None, help="Prompt column of a dataset.")
     evaluate.add_argument("--prompt-split", default=None, help="Split of a dataset.")
     evaluate.add_argument("--prompt-path", default=None, help="Read a preset from this local copy.")
     evaluate.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
-    evaluate.add_argument("--scorer", action="append", default=None, metavar="NAME",
-                          help="Registered scorer (repeatable; default: pickscore).")
-    evaluate.add_argument("--scorer-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
-                          help="Argument of a scorer, e.g. pickscore.model=/path (VALUE parsed as JSON if it can be).")
+    evaluate.add_argument(
+        "--scorer",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="Registered scorer (repeatable; default: pickscore).",
+    )
+    evaluate.add_argument(
+        "--scorer-arg",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="Argument of a scorer, e.g. pickscore.model=/path (VALUE parsed as JSON if it can be).",
+    )
     evaluate.add_argument("--output-dir", default="evaluation", help="Output folder (default: %(default)s).")
     evaluate.add_argument("--cache-dir", default=None, help="Image cache (default: OUTPUT_DIR/images).")
-    evaluate.add_argument("--seed", type=int, action="append", default=None, help="Noise seed (repeatable; "
-                          "default 0).")
+    evaluate.add_argument(
+        "--seed", type=int, action="append", default=None, help="Noise seed (repeatable; default 0)."
+    )
     evaluate.add_argument("--steps", type=int, default=50, help="Inference steps (default: %(default)s).")
-    evaluate.add_argument("--guidance-scale", type=float, default=8.5, help="diffusers guidance; 8.5 equals the "
-                          "authors' eps_c + 7.5 (eps_c - eps_u) (default: %(default)s).")
+    evaluate.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=8.5,
+        help="diffusers guidance; 8.5 equals the authors' eps_c + 7.5 (eps_c - eps_u) (default: %(default)s).",
+    )
     evaluate.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's native).")
-    evaluate.add_argument("--scheduler", choices=("euler", "model"), default="euler", help="Sampler (default: "
-                          "%(default)s).")
-    evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                          help="Generation dtype (default: %(default)s).")
+    evaluate.add_argument(
+        "--scheduler", choices=("euler", "model"), default="euler", help="Sampler (default: %(default)s)."
+    )
+    evaluate.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="Generation dtype (default: %(default)s).",
+    )
     evaluate.add_argument("--batch-size", type=int, default=1, help="Prompts per pipeline call.")
     evaluate.add_argument("--score-batch-size", type=int, default=16, help="Images per scorer call.")
     evaluate.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
@@ -108,17 +135,39 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import GenerationSettings, evaluate
 
     settings = GenerationSettings(
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=args.resolution,
-        width=args.resolution, scheduler=args.scheduler, dtype=args.dtype,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.resolution,
+        width=args.resolution,
+        scheduler=args.scheduler,
+        dtype=args.dtype,
     )
-    prompt_kwargs = {k: v for k, v in {"column": args.prompt_column, "split": args.prompt_split,
-                                       "path": args.prompt_path, "limit": args.limit}.items() if v is not None}
+    prompt_kwargs = {
+        k: v
+        for k, v in {
+            "column": args.prompt_column,
+            "split": args.prompt_split,
+            "path": args.prompt_path,
+            "limit": args.limit,
+        }.items()
+        if v is not None
+    }
     result = evaluate(
-        args.base, args.model, prompts=args.prompts, scorers=args.scorer or ["pickscore"],
-        output_dir=args.output_dir, seeds=args.seed or [0], settings=settings, batch_size=args.batch_size,
-        score_batch_size=args.score_batch_size, cache_dir=args.cache_dir, device=args.device,
-        scorer_kwargs=_scorer_kwargs(args.scorer_arg), prompt_kwargs=prompt_kwargs,
-        n_resamples=args.bootstrap_resamples, progress=not args.no_progress,
+        args.base,
+        args.model,
+        prompts=args.prompts,
+        scorers=args.scorer or ["pickscore"],
+        output_dir=args.output_dir,
+        seeds=args.seed or [0],
+        settings=settings,
+        batch_size=args.batch_size,
+        score_batch_size=args.score_batch_size,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        scorer_kwargs=_scorer_kwargs(args.scorer_arg),
+        prompt_kwargs=prompt_kwargs,
+        n_resamples=args.bootstrap_resamples,
+        progress=not args.no_progress,
     )
     for row in result.summary:
         print(f"{row.model:>16} {row.metric:>12} {row.mean:.4f} [{row.ci_low:.4f}, {row.ci_high:.4f}] ({row.scale})")

@@ -221,13 +221,19 @@ class DiffusionSDPOConfig(TrainingArguments):
     safeguard_max_lambda: float = field(default=1.0, metadata={"help": "Upper bound of the safeguard lambda."})
     safeguard_space: str = field(
         default="output",
-        metadata={"help": "'output': the authors' rule on residuals; 'parameter': the exact rule from per-branch "
-                  "parameter gradients (one backward per branch).", "choices": ["output", "parameter"]},
+        metadata={
+            "help": "'output': the authors' rule on residuals; 'parameter': the exact rule from per-branch "
+            "parameter gradients (one backward per branch).",
+            "choices": ["output", "parameter"],
+        },
     )
     safeguard_scope: str = field(
         default="local",
-        metadata={"help": "'local': one lambda per process micro-batch (authors); 'global': lambda of the global "
-                  "micro-batch, its sums all-reduced.", "choices": ["local", "global"]},
+        metadata={
+            "help": "'local': one lambda per process micro-batch (authors); 'global': lambda of the global "
+            "micro-batch, its sums all-reduced.",
+            "choices": ["local", "global"],
+        },
     )
     # Data
     resolution: int = field(default=512, metadata={"help": "Square training resolution in pixels."})
@@ -248,8 +254,10 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     flow_weighting_scheme: str | None = field(
         default=None,
-        metadata={"help": "Flow families: noise-level density and loss weighting (logit_normal, mode, none, "
-                  "sigma_sqrt, cosmap); None: the family's default."},
+        metadata={
+            "help": "Flow families: noise-level density and loss weighting (logit_normal, mode, none, "
+            "sigma_sqrt, cosmap); None: the family's default."
+        },
     )
     flow_logit_mean: float = field(default=0.0, metadata={"help": "Flow families: logit-normal mean."})
     flow_logit_std: float = field(default=1.0, metadata={"help": "Flow families: logit-normal std."})
@@ -289,8 +297,10 @@ class DiffusionSDPOConfig(TrainingArguments):
     # Robustness
     on_nonfinite_loss: str = field(
         default="skip",
-        metadata={"help": "On a NaN/inf loss: 'skip' the optimizer step, or 'raise' after a checkpoint.",
-                  "choices": ["skip", "raise"]},
+        metadata={
+            "help": "On a NaN/inf loss: 'skip' the optimizer step, or 'raise' after a checkpoint.",
+            "choices": ["skip", "raise"],
+        },
     )
     # Evaluation
     eval_seed: int = field(default=0, metadata={"help": "Seed of the fixed evaluation noise and timesteps."})
@@ -325,8 +335,10 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     logging_nan_inf_filter: bool = field(
         default=False,
-        metadata={"help": "transformers' per-step NaN check of the logged loss (a host sync); the trainer already "
-                  "keeps non-finite losses out of the log on the device."},
+        metadata={
+            "help": "transformers' per-step NaN check of the logged loss (a host sync); the trainer already "
+            "keeps non-finite losses out of the log on the device."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -345,7 +357,8 @@ class DiffusionSDPOConfig(TrainingArguments):
             from .step.flow import FlowTimestepSampling  # validates both names
 
             FlowTimestepSampling(
-                self.flow_weighting_scheme or "logit_normal", logit_std=self.flow_logit_std,
+                self.flow_weighting_scheme or "logit_normal",
+                logit_std=self.flow_logit_std,
                 shift=self.flow_shift or "scheduler",
             )
         if self.flow_logit_std <= 0:

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
 from diffusers import DiffusionPipeline
 
-__all__ = ["DisabledAdaptersReference", "FrozenCopyReference", "Reference", "build_reference", "disabled_adapters"]
+from .io.saving import unet_has_lora
+
+__all__ = [
+    "DisabledAdaptersReference",
+    "FrozenCopyReference",
+    "Reference",
+    "build_reference",
+    "disabled_adapters",
+    "reference_for",
+]
+
+logger = logging.getLogger(__name__)
 
 DenoiserCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
@@ -106,3 +118,26 @@ def build_reference(
             "tuning) or the adapter-disabled policy (LoRA), or pass a separate model."
         )
     return FrozenCopyReference(ref_unet, call)
+
+
+def reference_for(
+    objective,
+    family,
+    ref_model: torch.nn.Module | DiffusionPipeline | None,
+    peft_config,
+    get_policy: Callable[[], torch.nn.Module] | None = None,
+) -> Reference | None:
+    """The reference ``objective`` needs for ``family``'s denoiser, or ``None`` for reference-free objectives (MaPO,
+    SFT: no copy in memory, no forward pass). Call before adding LoRA adapters (see :func:`build_reference`)."""
+    denoiser = family.denoiser
+    if peft_config is not None and ref_model is None and unet_has_lora(denoiser):
+        raise ValueError(
+            f"The {family.denoiser_name} already carries LoRA adapters; pass an explicit ref_model or a clean model"
+        )
+    if not objective.requires_reference:
+        if ref_model is not None:
+            logger.warning("loss_type=%r needs no reference model; the ref_model passed is not used", objective.name)
+        return None
+    return build_reference(
+        denoiser, ref_model, uses_lora=peft_config is not None, get_policy=get_policy, call=family.call_denoiser
+    )

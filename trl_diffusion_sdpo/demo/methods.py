@@ -45,8 +45,9 @@ METHODS: dict[str, Method] = {
         Method("sdpo-output", "SDPO output mu=0.9", safeguard=True, safeguard_mu=0.9),
         Method("sdpo-output-mu0.6", "SDPO output mu=0.6", safeguard=True, safeguard_mu=0.6),
         Method("sdpo-output-mu0.2", "SDPO output mu=0.2", safeguard=True, safeguard_mu=0.2),
-        Method("sdpo-parameter", "SDPO parameter mu=0.9", safeguard=True, safeguard_mu=0.9,
-               safeguard_space="parameter"),
+        Method(
+            "sdpo-parameter", "SDPO parameter mu=0.9", safeguard=True, safeguard_mu=0.9, safeguard_space="parameter"
+        ),
     )
 }
 """``dpo``: no safeguard. ``sdpo-output``: the authors' output-space rule at their SD1.5 DPO setting ``mu = 0.9``,

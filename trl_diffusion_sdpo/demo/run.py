@@ -211,7 +211,9 @@ class _TrainingBar(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "delta/winner" in logs:
             self.bar.set_postfix(
-                loss=f"{logs['loss']:.3f}", dW=f"{logs['delta/winner']:+.4f}", dL=f"{logs['delta/loser']:+.4f}",
+                loss=f"{logs['loss']:.3f}",
+                dW=f"{logs['delta/winner']:+.4f}",
+                dL=f"{logs['delta/loser']:+.4f}",
                 refresh=False,
             )
 
@@ -220,9 +222,19 @@ class _TrainingBar(TrainerCallback):
 
 
 _HISTORY_KEYS = (
-    "loss", "implicit_acc", "delta/winner", "delta/loser", "mse/policy_winner", "mse/policy_loser",
-    "mse/ref_winner", "mse/ref_loser", "safeguard/lambda_mean", "safeguard/lambda_min", "safeguard/lambda_max",
-    "safeguard/engaged", "safeguard/output_lambda_mean",
+    "loss",
+    "implicit_acc",
+    "delta/winner",
+    "delta/loser",
+    "mse/policy_winner",
+    "mse/policy_loser",
+    "mse/ref_winner",
+    "mse/ref_loser",
+    "safeguard/lambda_mean",
+    "safeguard/lambda_min",
+    "safeguard/lambda_max",
+    "safeguard/engaged",
+    "safeguard/output_lambda_mean",
 )
 
 
@@ -301,7 +313,8 @@ def train_preference(
     peft_config = None
     if recipe.tuning == "lora":
         peft_config = LoraConfig(
-            r=recipe.lora_rank, lora_alpha=recipe.lora_rank,
+            r=recipe.lora_rank,
+            lora_alpha=recipe.lora_rank,
             target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"],
         )
     with tempfile.TemporaryDirectory(prefix=f"demo-{method.key}-") as workdir:
@@ -382,16 +395,24 @@ def _run_demo(
     tick = time.perf_counter()
     base, source, folder = load_base(recipe.pretrain, cache_root=cache_dir, use_cache=use_cache, warn=echo)
     timings["base_model_seconds"] = time.perf_counter() - tick
-    described = {"shipped": "loaded the base shipped with the package", "cache": "loaded the base from the cache",
-                 "pretrained": f"pretrained in {timings['base_model_seconds']:.0f} s"}[source]
+    described = {
+        "shipped": "loaded the base shipped with the package",
+        "cache": "loaded the base from the cache",
+        "pretrained": f"pretrained in {timings['base_model_seconds']:.0f} s",
+    }[source]
     echo(f"      {described} ({folder or 'not cached'}, recipe {recipe_hash(recipe.pretrain)})")
 
     echo("[2/4] Preference pairs: two samples per prompt from the base, ranked by colour agreement with the caption")
     tick = time.perf_counter()
     pair_captions, held_out = split_captions(recipe.num_held_out_prompts, recipe.seed)
     dataset, pair_stats = make_preference_pairs(
-        base, pair_captions, recipe.pairs_per_prompt, recipe.min_reward_margin, recipe.num_inference_steps,
-        recipe.guidance_scale, seed=100_000 * recipe.seed,
+        base,
+        pair_captions,
+        recipe.pairs_per_prompt,
+        recipe.min_reward_margin,
+        recipe.num_inference_steps,
+        recipe.guidance_scale,
+        seed=100_000 * recipe.seed,
     )
     timings["pairs_seconds"] = time.perf_counter() - tick
     echo(
@@ -403,8 +424,10 @@ def _run_demo(
     timings["base_eval_seconds"] = time.perf_counter() - tick
 
     runs_total = len(methods) * len(recipe.seeds)
-    echo(f"[3/4] {len(methods)} methods x {len(recipe.seeds)} seeds ({runs_total} runs of {recipe.max_steps} steps) "
-         "from the same base and pairs")
+    echo(
+        f"[3/4] {len(methods)} methods x {len(recipe.seeds)} seeds ({runs_total} runs of {recipe.max_steps} steps) "
+        "from the same base and pairs"
+    )
     for key, reason in skipped.items():
         echo(f"      skipped {key}: {reason}")
     runs: dict[str, list[dict[str, Any]]] = {m.key: [] for m in methods}
@@ -497,9 +520,9 @@ def _run_demo(
         "intervals": {
             "level": 0.95,
             "t": "Student t over training seeds (mean +- t(n-1) sd / sqrt n), clipped to the metric's range (reward, "
-                 "implicit_acc, lambda_mean in [0, 1]); null with one seed",
+            "implicit_acc, lambda_mean in [0, 1]); null with one seed",
             "bootstrap": "reward_change_bootstrap: percentile bootstrap resampling training seeds, then held-out "
-                         "samples (paired with the base's samples)",
+            "samples (paired with the base's samples)",
         },
         "config": {**recipe.to_dict(), "trainer": _trainer_settings(recipe)},
         "pairs": dataclasses.asdict(pair_stats),
@@ -519,13 +542,17 @@ def _run_demo(
     for line in format_table(summary).splitlines():
         echo(line)
     figures = "losses.png, lambda.png and samples.png" if safeguarded else "losses.png and samples.png"
-    echo(f"Wrote summary.json, history.json, {figures} to {out} ({timings['total_seconds'] / 60:.1f} min, load "
-         f"average {summary['environment']['load_average_end'][0]:.1f})")
+    echo(
+        f"Wrote summary.json, history.json, {figures} to {out} ({timings['total_seconds'] / 60:.1f} min, load "
+        f"average {summary['environment']['load_average_end'][0]:.1f})"
+    )
     return summary
 
 
 def run_pretrain(
-    output_dir: str | Path, recipe: PretrainRecipe | None = None, threads: int | None = 1,
+    output_dir: str | Path,
+    recipe: PretrainRecipe | None = None,
+    threads: int | None = 1,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """``demo --pretrain``: rebuild the base from ``recipe`` (default: the shipped one's), check it, compare it with
@@ -535,19 +562,25 @@ def run_pretrain(
     with _torch_threads(threads):
         report = rebuild_and_check(recipe, output_dir, echo=echo)
     check = report["check"]
-    echo(f"      held-out denoising loss {check['denoising_loss']:.4f} (untrained UNet "
-         f"{check['denoising_loss_untrained']:.4f}), VAE reconstruction MSE {check['vae_reconstruction_mse']:.4f}, "
-         f"sample colour reward {check['sample_reward']:.4f}")
+    echo(
+        f"      held-out denoising loss {check['denoising_loss']:.4f} (untrained UNet "
+        f"{check['denoising_loss_untrained']:.4f}), VAE reconstruction MSE {check['vae_reconstruction_mse']:.4f}, "
+        f"sample colour reward {check['sample_reward']:.4f}"
+    )
     echo("      check " + ("passed" if check["passed"] else "FAILED: " + "; ".join(check["failures"])))
     shipped = report["shipped"]
     if shipped is not None:
         weights = ", ".join(
             f"{name} " + ("identical" if w.get("identical") else f"relative L2 {w['relative_l2']:.2e}")
-            if w["comparable"] else f"{name} not comparable" for name, w in shipped["weights"].items()
+            if w["comparable"]
+            else f"{name} not comparable"
+            for name, w in shipped["weights"].items()
         )
         same = "same recipe" if shipped["same_recipe"] else "another recipe"
-        echo(f"      against the shipped base ({same}): {weights}; sample reward "
-             f"{shipped['sample_reward_difference']:+.4f}, denoising loss {shipped['denoising_loss_difference']:+.4f}")
+        echo(
+            f"      against the shipped base ({same}): {weights}; sample reward "
+            f"{shipped['sample_reward_difference']:+.4f}, denoising loss {shipped['denoising_loss_difference']:+.4f}"
+        )
     echo(f"Wrote {report['saved_to']} and pretrain_report.json")
     return report
 
@@ -587,8 +620,10 @@ def format_table(summary: dict[str, Any]) -> str:
         )
     steps = summary["config"]["max_steps"]
     lines.append("")
-    lines.append(f"Training diagnostics, mean over the last {max(1, round(steps * LAST_FRACTION))} of {steps} steps "
-                 "(delta = policy - reference denoising error)")
+    lines.append(
+        f"Training diagnostics, mean over the last {max(1, round(steps * LAST_FRACTION))} of {steps} steps "
+        "(delta = policy - reference denoising error)"
+    )
     header = f"{'':{width}}{'winner delta':>30}{'loser delta':>30}{'implicit acc':>22}{'mean lambda':>22}"
     lines += [header, "-" * len(header)]
     for r in results.values():

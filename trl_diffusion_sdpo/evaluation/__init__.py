@@ -160,11 +160,22 @@ def evaluate(
     os.makedirs(output_dir, exist_ok=True)
     cache_dir = cache_dir or os.path.join(output_dir, "images")
     with open(os.path.join(output_dir, "run.json"), "w") as f:
-        json.dump({"base": base, "models": [asdict(s) for s in specs], "num_prompts": len(prompt_list),
-                   "seeds": list(seeds), "settings": asdict(settings), "cache_dir": cache_dir}, f, indent=2)
+        json.dump(
+            {
+                "base": base,
+                "models": [asdict(s) for s in specs],
+                "num_prompts": len(prompt_list),
+                "seeds": list(seeds),
+                "settings": asdict(settings),
+                "cache_dir": cache_dir,
+            },
+            f,
+            indent=2,
+        )
 
-    image_paths, generated = generate_images(base, specs, prompt_list, seeds, settings, cache_dir, batch_size,
-                                             device, progress)
+    image_paths, generated = generate_images(
+        base, specs, prompt_list, seeds, settings, cache_dir, batch_size, device, progress
+    )
     pairs = [(p, int(s)) for p in prompt_list for s in seeds]
     sample_prompts = [p for p, _ in pairs]
     scores: dict[str, dict[str, list[float]]] = {spec.name: {} for spec in specs}
@@ -176,8 +187,12 @@ def evaluate(
         scales[scorer.name], floors[scorer.name] = scorer.scale, scorer.mean_floor
         for name, paths in image_paths.items():
             values: list[float] = []
-            for start in tqdm(range(0, len(paths), score_batch_size), desc=f"{scorer.name}: {name}", unit="batch",
-                              disable=not progress):
+            for start in tqdm(
+                range(0, len(paths), score_batch_size),
+                desc=f"{scorer.name}: {name}",
+                unit="batch",
+                disable=not progress,
+            ):
                 images = [Image.open(p).convert("RGB") for p in paths[start : start + score_batch_size]]
                 values += scorer(images, sample_prompts[start : start + score_batch_size]).tolist()
             scores[name][scorer.name] = values
@@ -196,8 +211,11 @@ def evaluate(
         files[f"plot/{metric}"] = plot_intervals(summary, metric, os.path.join(output_dir, "plots", f"{metric}.png"))
     shown = list(range(min(grid_prompts, len(pairs))))
     if shown:
-        grid = image_grid([[Image.open(image_paths[s.name][i]) for i in shown] for s in specs],
-                          row_labels=[s.name for s in specs], column_labels=[pairs[i][0] for i in shown])
+        grid = image_grid(
+            [[Image.open(image_paths[s.name][i]) for i in shown] for s in specs],
+            row_labels=[s.name for s in specs],
+            column_labels=[pairs[i][0] for i in shown],
+        )
         files["grid"] = os.path.join(output_dir, "grid.png")
         grid.save(files["grid"])
     return EvaluationResult(summary, wins, scores, image_paths, generated, files)

@@ -80,7 +80,10 @@ class ValidationCallback(TrainerCallback):
         self.prompts = list(prompts)
         self.seeds = [int(s) for s in seeds] or [0]
         self.settings = GenerationSettings(
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
             negative_prompt=negative_prompt,
         )
         self.every_n_steps = every_n_steps
@@ -165,10 +168,12 @@ class ValidationCallback(TrainerCallback):
                 if homes[name] is not None and homes[name] != device:
                     module.to(device)
             with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    images = sample_images(self._sampling_pipeline(pipeline), prompts, seeds, self.settings,
-                                           batch_size=self.batch_size)
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
+                    images = sample_images(
+                        self._sampling_pipeline(pipeline), prompts, seeds, self.settings, batch_size=self.batch_size
+                    )
         finally:
             unet.train(was_training)
             for name, module in modules.items():
@@ -287,7 +292,7 @@ class ValidationCallback(TrainerCallback):
                     import mlflow
 
                     if mlflow.active_run() is not None:
-                            mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
+                        mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
             except (ImportError, AttributeError) as error:
                 logger.debug("Tracker %s: validation rewards not logged (%s).", tracker, error)
 
@@ -300,6 +305,8 @@ def _module_device(module: torch.nn.Module) -> torch.device | None:
 def _report_to(args) -> list[str]:
     report_to = getattr(args, "report_to", None) or []
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
-    return [r for r in report_to if r not in ("none", "all")] if "all" not in report_to else [
-        "tensorboard", "wandb", "trackio", "mlflow"
-    ]
+    return (
+        [r for r in report_to if r not in ("none", "all")]
+        if "all" not in report_to
+        else ["tensorboard", "wandb", "trackio", "mlflow"]
+    )

@@ -70,8 +70,9 @@ def bootstrap_mean_ci(
     return float(array.mean()), float(low), float(high)
 
 
-def win_rate(scores: Sequence[float], opponent_scores: Sequence[float], metric: str = "", model: str = "A",
-             opponent: str = "B") -> WinRate:
+def win_rate(
+    scores: Sequence[float], opponent_scores: Sequence[float], metric: str = "", model: str = "A", opponent: str = "B"
+) -> WinRate:
     """Pairwise comparison sample by sample: a win when strictly higher, a tie when equal, ties counting half."""
     a, b = np.asarray(scores, dtype=np.float64), np.asarray(opponent_scores, dtype=np.float64)
     if a.shape != b.shape:
@@ -158,7 +159,9 @@ def plot_intervals(rows: Sequence[MetricSummary], metric: str, path: str) -> str
 
 
 def image_grid(
-    rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (), column_labels: Sequence[str] = (),
+    rows: Sequence[Sequence[Image.Image]],
+    row_labels: Sequence[str] = (),
+    column_labels: Sequence[str] = (),
     cell: int | None = None,
 ) -> Image.Image:
     """A grid with one row per entry of ``rows`` (e.g. a model) and one column per image (e.g. a prompt), each cell

@@ -126,8 +126,9 @@ def load_prompts(
         if preset.files:
             prompts = _from_json_lists(preset)
         else:
-            prompts = _load_dataset_prompts(preset.path, column or preset.column, split or preset.split,
-                                            preset.streaming)
+            prompts = _load_dataset_prompts(
+                preset.path, column or preset.column, split or preset.split, preset.streaming
+            )
         dedupe = preset.deduplicate if deduplicate is None else deduplicate
     elif isinstance(source, str) and source.endswith(".txt"):
         if not os.path.isfile(source):

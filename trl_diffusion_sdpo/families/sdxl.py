@@ -39,9 +39,7 @@ class StableDiffusionXLFamily(ModelFamily):
         pooled = out_2.text_embeds if hasattr(out_2, "text_embeds") else out_2.pooler_output
         return PromptEmbeddings(hidden, pooled)
 
-    def unet_conditioning(
-        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
-    ) -> dict[str, object]:
+    def unet_conditioning(self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None) -> dict[str, object]:
         if time_ids is None:
             raise ValueError("SDXL needs per-image time_ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w)")
         hidden = prompt_embeds.encoder_hidden_states

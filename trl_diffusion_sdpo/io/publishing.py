@@ -31,7 +31,6 @@ class HubPublishing(_Base):
     """Model card and Hub pushes for the trainer; reads its ``args``, ``args_as_given``, ``family``, ``pipeline``,
     ``is_lora``, ``base_model_name`` and ``_model_card_args``."""
 
-
     def create_model_card(
         self,
         model_name: str | None = None,

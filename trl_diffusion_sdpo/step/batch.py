@@ -14,7 +14,15 @@ import torch
 from ..data.latent_cache import cached_moments, cached_prompt_embeds, cached_time_ids
 from ..families import ModelFamily, PromptEmbeddings
 
-__all__ = ["EncodedBatch", "crop_pairs", "drop_prompts", "encode_batch", "fixed_time_ids", "where_rows"]
+__all__ = [
+    "EncodedBatch",
+    "UsableBatches",
+    "crop_pairs",
+    "drop_prompts",
+    "encode_batch",
+    "fixed_time_ids",
+    "where_rows",
+]
 
 
 @dataclass
@@ -112,3 +120,32 @@ def fixed_time_ids(resolution: int, rows: int, device: torch.device | str) -> to
     ids = torch.full((rows, 6), float(resolution), dtype=torch.float32, device=device)
     ids[:, 2:4] = 0.0
     return ids
+
+
+class UsableBatches:
+    """What to train on when a streamed micro-batch's rows were all invalid (the collator dropped every one).
+
+    On one process such a micro-batch is left out (``None``). With several processes, whose collectives must all
+    run, it is replaced by this process's last good micro-batch, to be weighted zero (``replay``) and kept out of
+    the metrics.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, dict[str, torch.Tensor]] = {}  # per mode
+
+    def __call__(
+        self, inputs: dict[str, torch.Tensor], mode: str, num_processes: int = 1, process_index: int = 0
+    ) -> tuple[dict[str, torch.Tensor] | None, bool]:
+        """``(inputs, replay)``: the micro-batch to use, and whether it is a zero-weighted replay."""
+        if inputs["time_ids"].shape[0] > 0:
+            if num_processes > 1:
+                self._last[mode] = inputs
+            return inputs, False
+        if num_processes == 1:
+            return None, False
+        if mode not in self._last:
+            raise RuntimeError(
+                f"Every row of the first {mode} micro-batch on process {process_index} was invalid, and with several "
+                "processes a micro-batch cannot be left out. Clean the data or raise the per-device batch size."
+            )
+        return self._last[mode], True

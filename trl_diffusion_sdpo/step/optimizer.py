@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DistributedType
 
 __all__ = [
     "clip_divisor",
-    "engine_manages_gradients",
     "fused_scaling_optimizer",
     "grad_norm",
     "trainable_parameters",
     "zero_grads",
 ]
-
-# Where gradients are sharded or clipped by the engine itself, accelerate's own clipping must be used.
-_ENGINE_MANAGED = {DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM}
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -68,15 +63,12 @@ def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
 
 
-def engine_manages_gradients(accelerator) -> bool:
-    """Whether DeepSpeed, FSDP, XLA or Megatron own the gradients (then leave clipping to accelerate)."""
-    return accelerator.distributed_type in _ENGINE_MANAGED
-
-
-def fused_scaling_optimizer(optimizer, accelerator) -> torch.optim.Optimizer | None:
+def fused_scaling_optimizer(
+    optimizer, scaler: object | None = None, manages_gradients: bool = False
+) -> torch.optim.Optimizer | None:
     """The torch optimizer inside ``optimizer`` if its fused step applies ``grad_scale`` and ``found_inf``, and
-    nothing else (a gradient scaler, an engine owning the gradients) already uses them; else ``None``."""
-    if optimizer is None or accelerator.scaler is not None or engine_manages_gradients(accelerator):
+    nothing else already uses them (a gradient ``scaler``, an engine that ``manages_gradients``); else ``None``."""
+    if optimizer is None or scaler is not None or manages_gradients:
         return None
     while isinstance(optimizer, AcceleratedOptimizer):
         optimizer = optimizer.optimizer

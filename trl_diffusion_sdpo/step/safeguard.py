@@ -29,14 +29,17 @@ sums of squared residuals over a whole micro-batch overflow.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+
+from ..objectives import PreferencePredictions
 
 __all__ = [
     "gradient_dots",
     "lambda_from_sums",
     "output_space_eps",
+    "output_space_lambda",
     "parameter_space_lambda",
     "safeguard_sums",
     "safeguarded_gradients",
@@ -147,6 +150,28 @@ def gradient_dots(
         if h_l is not None:
             cross = cross.to(flat_w.device) + torch.dot(flat_w, h_l.detach().reshape(-1).float())
     return sq, cross.to(sq.device)
+
+
+def output_space_lambda(
+    predictions: PreferencePredictions,
+    mu: float,
+    max_lambda: float = 1.0,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The authors' output-space ``lambda`` on the policy's residuals ``r = prediction - target``, one detached
+    float32 scalar per micro-batch (see the module docstring for the formula).
+
+    ``reduce_sum``, when given, sums ``[num, den, N]`` over processes first (``safeguard_scope="global"``), so
+    ``lambda`` is that of the global micro-batch and the epsilon uses the global element count.
+    """
+    winner_residual = predictions.policy_winner - predictions.target_winner
+    loser_residual = predictions.policy_loser - predictions.target_loser
+    num, den = safeguard_sums(winner_residual, loser_residual)
+    count: int | torch.Tensor = winner_residual.numel()
+    if reduce_sum is not None:
+        # torch.full, not torch.tensor: a host-to-device copy would make the host wait for the device
+        num, den, count = reduce_sum(torch.stack([num, den, torch.full_like(num, float(count))]))
+    return lambda_from_sums(num, den, mu, max_lambda, count)
 
 
 def parameter_space_lambda(

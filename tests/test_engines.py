@@ -1,0 +1,117 @@
+"""The engines: which one an accelerator gets, and what each answers (the trainer asks, never checks)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+
+from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine, PlainEngine, engine_for
+from trl_diffusion_sdpo.step.branches import BranchGradientSplitter
+from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+
+
+def _accelerator(distributed_type=DistributedType.NO, zero_stage=None, fsdp2=False, processes=1):
+    plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+    return SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+        is_fsdp2=fsdp2,
+        distributed_type=distributed_type,
+        num_processes=processes,
+    )
+
+
+@pytest.mark.parametrize(
+    "accelerator, expected",
+    [
+        (_accelerator(), PlainEngine),
+        (_accelerator(DistributedType.MULTI_GPU, processes=2), PlainEngine),
+        (_accelerator(DistributedType.DEEPSPEED, zero_stage=2, processes=2), DeepSpeedEngine),
+        (_accelerator(DistributedType.FSDP, fsdp2=True, processes=2), FSDP2Engine),
+        (_accelerator(DistributedType.FSDP, processes=2), FSDP1Engine),
+    ],
+    ids=["single", "ddp", "zero2", "fsdp2", "fsdp1"],
+)
+def test_engine_for_picks_the_engine_of_the_accelerator(accelerator, expected):
+    assert type(engine_for(accelerator)) is expected
+
+
+def test_the_deepspeed_engine_knows_its_stage():
+    assert engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=3)).stage == 3
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_parameter_space_runs_under_ddp_and_zero_1_2_in_either_scope(stage, scope):
+    ddp = engine_for(_accelerator(DistributedType.MULTI_GPU, processes=2))
+    zero = engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=stage, processes=2))
+    for engine in (ddp, zero):
+        assert ParameterSpaceBackward(engine, 0.5, 1.0, scope == "global").global_scope == (scope == "global")
+
+
+def test_zero3_and_fsdp1_are_refused_naming_the_alternatives():
+    zero3 = engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=3))
+    with pytest.raises(ValueError, match="ZeRO-3.*deepspeed_zero2.yaml.*multi_gpu.yaml.*safeguard_space='output'"):
+        ParameterSpaceBackward(zero3, 0.5, 1.0, global_scope=True)
+    with pytest.raises(ValueError, match="FSDP1.*fsdp2.yaml"):
+        ParameterSpaceBackward(engine_for(_accelerator(DistributedType.FSDP)), 0.5, 1.0, global_scope=True)
+
+
+def test_fsdp2_takes_the_parameter_space_safeguard_with_the_global_scope_only():
+    engine = engine_for(_accelerator(DistributedType.FSDP, fsdp2=True, processes=2))
+    with pytest.raises(ValueError, match="safeguard_scope='global'"):
+        ParameterSpaceBackward(engine, 0.5, 1.0, global_scope=False)
+    assert ParameterSpaceBackward(engine, 0.5, 1.0, global_scope=True).global_scope
+
+
+def test_validation_sampling_is_refused_where_no_process_holds_the_whole_denoiser():
+    engine_for(_accelerator()).check_validation_sampling()
+    engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=2)).check_validation_sampling()
+    for accelerator in (
+        _accelerator(DistributedType.DEEPSPEED, zero_stage=3),
+        _accelerator(DistributedType.FSDP, fsdp2=True),
+    ):
+        with pytest.raises(ValueError, match="validation_prompts cannot sample"):
+            engine_for(accelerator).check_validation_sampling()
+
+
+def test_who_owns_the_gradients():
+    assert not engine_for(_accelerator(DistributedType.MULTI_GPU)).manages_gradients
+    assert engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=1)).manages_gradients
+    assert engine_for(_accelerator(DistributedType.FSDP, fsdp2=True)).manages_gradients
+    assert engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=1)).skips_nonfinite_steps
+    assert not engine_for(_accelerator()).skips_nonfinite_steps
+
+
+def test_fsdp2_sets_the_accumulated_gradients_aside_and_adds_them_back():
+    class Policy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+            self.synced = False
+
+        def set_requires_gradient_sync(self, value):
+            self.synced = value
+
+    policy = Policy()
+    policy.weight.grad = torch.full((3,), 2.0)
+    engine = engine_for(_accelerator(DistributedType.FSDP, fsdp2=True))
+    assert isinstance(engine.branch_gradients([policy.weight]), BranchGradientSplitter)
+    accumulated = engine.set_aside_accumulated(policy, [policy.weight])
+    assert policy.synced and policy.weight.grad is None  # the branches start from empty gradients
+    policy.weight.grad = torch.full((3,), 0.5)  # what the branches left
+    engine.restore_accumulated([policy.weight], accumulated)
+    torch.testing.assert_close(policy.weight.grad, torch.full((3,), 2.5))
+
+
+def test_plain_engine_leaves_accumulated_gradients_in_place_and_does_not_reduce_on_one_process():
+    weight = torch.nn.Parameter(torch.ones(2))
+    weight.grad = torch.full((2,), 3.0)
+    engine = engine_for(_accelerator())
+    assert engine.set_aside_accumulated(torch.nn.Linear(1, 1), [weight]) is None
+    engine.reduce_combined_gradients([weight], sync_gradients=True)
+    torch.testing.assert_close(weight.grad, torch.full((2,), 3.0))
+    winner_sq, cross = engine.reduce_branch_sums(torch.tensor(4.0), torch.tensor(1.0), global_scope=True)
+    assert (float(winner_sq), float(cross)) == (4.0, 1.0)

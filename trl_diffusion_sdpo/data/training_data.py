@@ -1,0 +1,113 @@
+"""Everything the trainer reads data through, built once: datasets, collators, reports, the latent cache.
+
+Three sources, one result (:class:`TrainingData`): a preference dataset encoded live, the same dataset encoded once
+into a latent cache (``cache_latents``), or a cache written by ``trl-diffusion-sdpo cache`` (read streamed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..families import ModelFamily, PromptEmbeddings
+from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
+from .preference import (
+    DataReport,
+    PairTransform,
+    PreferenceCollator,
+    RewardFn,
+    add_reward_scores,
+    prepare_preference_dataset,
+)
+from .sharded_cache import ShardedLatentCache
+
+__all__ = ["TrainingData", "prepare_training_data"]
+
+
+@dataclass
+class TrainingData:
+    """The datasets and collators of a run, the data reports, and what the step needs from a cache."""
+
+    train_dataset: Any
+    eval_dataset: Any
+    collator: Any
+    eval_collator: Any
+    report: DataReport
+    eval_report: DataReport | None
+    empty_prompt: PromptEmbeddings | None  # a cache's stored empty-prompt embeddings (prompt dropout)
+    encoders_idle: bool  # no image or prompt is encoded during training: the VAE and text encoders stay on the CPU
+
+
+def prepare_training_data(
+    train_dataset,
+    eval_dataset,
+    args,
+    family: ModelFamily,
+    reward_fn: RewardFn | None = None,
+) -> TrainingData:
+    """Validate and prepare the datasets for ``args`` (a ``DiffusionSDPOConfig``) and ``family``; encode them into
+    a latent cache with ``cache_latents``. SmPO: images are scored with ``reward_fn`` where score columns are absent.
+    """
+    prebuilt = train_dataset if isinstance(train_dataset, ShardedLatentCache) else None
+    if prebuilt is not None:
+        prebuilt.check_matches(family, args.resolution, args.random_flip)
+        train_dataset, columns, report = prebuilt.dataset, prebuilt.columns, prebuilt.report()
+    else:
+        train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")
+        train_dataset, columns, report = prepare_preference_dataset(train_dataset, args, "train")
+    eval_report: DataReport | None = None
+    eval_columns = columns
+    if eval_dataset is not None:
+        eval_dataset = add_reward_scores(eval_dataset, args, reward_fn, "eval")
+        eval_dataset, eval_columns, eval_report = prepare_preference_dataset(eval_dataset, args, "eval")
+    # SmPO's per-pair weights are made by the collators, for smpo only (other objectives refuse them).
+    weighting: dict[str, float] = {}
+    if args.loss_type == "smpo":
+        weighting = dict(
+            smpo_gamma=args.smpo_gamma, smpo_score_min=args.smpo_score_min, smpo_score_max=args.smpo_score_max
+        )
+    transform = PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
+    tokenize = family.prompt_tokenizer()
+    collator = PreferenceCollator(columns, tokenize, transform, train=True, with_flipped=args.random_flip, **weighting)
+    eval_collator = PreferenceCollator(eval_columns, tokenize, transform, train=False, **weighting)
+    empty_prompt: PromptEmbeddings | None = None
+    if prebuilt is not None:
+        collator = prebuilt.collator(**weighting)
+        empty_prompt = prebuilt.empty_prompt
+    if args.cache_latents:
+        # Encode once (main process first, the others load), then train from the cache.
+        if prebuilt is None:
+            train_cache = _latent_cache(train_dataset, columns, args, family, "train")
+            train_dataset, empty_prompt = train_cache.dataset, train_cache.empty_prompt
+            collator = CachedPreferenceCollator(with_flipped=args.random_flip, **weighting)
+        if eval_dataset is not None:
+            eval_dataset = _latent_cache(eval_dataset, eval_columns, args, family, "eval").dataset
+            eval_collator = CachedPreferenceCollator(**weighting)
+    return TrainingData(
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        collator=collator,
+        eval_collator=eval_collator,
+        report=report,
+        eval_report=eval_report,
+        empty_prompt=empty_prompt,
+        encoders_idle=args.cache_latents or (prebuilt is not None and eval_dataset is None),
+    )
+
+
+def _latent_cache(dataset, columns, args, family: ModelFamily, split: str) -> LatentCache:
+    # Without a shared filesystem (save_on_each_node) every node encodes its own copy.
+    with args.main_process_first(local=args.save_on_each_node, desc=f"{split} latent cache"):
+        return build_latent_cache(
+            dataset,
+            columns,
+            family,
+            resolution=args.resolution,
+            random_flip=args.random_flip and split == "train",
+            random_crop=args.random_crop,
+            cache_dir=args.latent_cache_dir,
+            device=args.device,
+            batch_size=max(args.per_device_train_batch_size, 1),
+            split=split,
+            progress=not args.disable_tqdm,
+        )

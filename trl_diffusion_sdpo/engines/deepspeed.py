@@ -1,0 +1,82 @@
+"""DeepSpeed ZeRO 1, 2 and 3: the engine owns the reduced gradients and steps inside its backward."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..distributed import engine_loss_scale, gather_zero3_state_dict, reference_inference_engine
+from ..step.branches import EngineBranchGradients
+from .base import Engine
+
+__all__ = ["DeepSpeedEngine"]
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO at ``stage`` (1, 2 or 3).
+
+    ZeRO-1/2 keep the weights whole: the parameter-space safeguard uses the engine as its second gradient store
+    (:class:`~..step.branches.EngineBranchGradients`). ZeRO-3 partitions the weights, so per-branch gradients are
+    never whole on one process: refused; the reference is sharded like the policy and saves gather the shards.
+    """
+
+    name = "deepspeed"
+    skips_nonfinite_steps = True
+
+    def __init__(self, accelerator, stage: int) -> None:
+        super().__init__(accelerator)
+        self.stage = stage
+        self.samples_whole_denoiser = stage != 3
+
+    def __repr__(self) -> str:
+        return f"DeepSpeedEngine(zero_stage={self.stage}, processes={self.num_processes})"
+
+    def check_parameter_space(self, scope: str) -> None:
+        """ZeRO-1/2 in both scopes; ZeRO-3 refused."""
+        if self.stage == 3:
+            raise ValueError(
+                "safeguard_space='parameter' is not supported under DeepSpeed ZeRO-3: the weights are partitioned, so "
+                "the per-branch gradients are never whole on one process. Use ZeRO-1 or ZeRO-2 "
+                "(examples/accelerate_configs/deepspeed_zero2.yaml), FSDP2 (fsdp2.yaml, safeguard_scope='global') or "
+                "DDP (multi_gpu.yaml) with safeguard_space='parameter', or keep ZeRO-3 with safeguard_space='output' "
+                "(the authors' rule)."
+            )
+
+    def branch_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> EngineBranchGradients:
+        accelerator = self.accelerator
+        engine = accelerator.deepspeed_engine_wrapped.engine
+
+        def engine_backward(scalar: torch.Tensor, boundary: bool | None) -> None:
+            if boundary is None:  # the micro-batch's last pass: accelerate sets the boundary and steps the engine
+                accelerator.backward(scalar, scale_wrt_gas=False)
+            else:
+                engine.set_gradient_accumulation_boundary(boundary)
+                engine.backward(scalar, scale_wrt_gas=False)
+
+        return EngineBranchGradients(parameters, engine_backward, lambda: engine_loss_scale(engine))
+
+    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
+        """Nothing: the engine reduced every pass it saw into its own partitions."""
+
+    def check_validation_sampling(self) -> None:
+        if self.stage == 3:
+            raise ValueError(
+                "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
+                "shard of the denoiser, and the main process samples alone); validate from a saved checkpoint with "
+                "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
+            )
+
+    def place_reference(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        if self.stage == 3:  # sharded like the policy: a ZeRO-3 engine without optimizer
+            return reference_inference_engine(module, self.accelerator)
+        return super().place_reference(module, device, dtype)
+
+    def gathers_for_save(self) -> bool:
+        # Before train() has built the engine the weights are still whole.
+        return self.stage == 3 and getattr(self.accelerator, "deepspeed_engine_wrapped", None) is not None
+
+    def gather_state_dict(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+        if not self.gathers_for_save():
+            return None
+        return gather_zero3_state_dict(self.accelerator.deepspeed_engine_wrapped.engine, trainable_only=trainable_only)

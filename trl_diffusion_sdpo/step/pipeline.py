@@ -1,0 +1,136 @@
+"""One micro-batch from a collated batch to predictions: batch -> latents -> noised pair -> predictions.
+
+:class:`MicroBatchStages` holds what the stages need (the family, its noiser, the reference, the keyed draws and the
+augmentation settings) and runs them in order; each stage is a public method, so tests can run or replace one alone.
+The errors, objective, safeguard and backward that follow are the trainer's to call (:mod:`.predictions`,
+:mod:`trl_diffusion_sdpo.objectives`, :mod:`.safeguard`, :mod:`.parameter_space`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..families import ModelFamily, PromptEmbeddings
+from ..objectives import PreferencePredictions
+from .batch import EncodedBatch, crop_pairs, drop_prompts, encode_batch, fixed_time_ids
+from .draws import MicroBatchDraws
+from .predictions import predict_pairs
+
+__all__ = ["Augmentation", "MicroBatchStages"]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training-time augmentation settings (see the fields of the same names in ``DiffusionSDPOConfig``)."""
+
+    resolution: int
+    random_flip: bool = False
+    random_crop: bool = False
+    independent_augmentation: bool = False
+    proportion_empty_prompts: float = 0.0
+    fixed_time_ids: bool = False
+
+    @classmethod
+    def from_config(cls, args) -> Augmentation:
+        return cls(
+            resolution=args.resolution,
+            random_flip=args.random_flip,
+            random_crop=args.random_crop,
+            independent_augmentation=args.independent_augmentation,
+            proportion_empty_prompts=args.proportion_empty_prompts,
+            fixed_time_ids=args.fixed_time_ids,
+        )
+
+
+class MicroBatchStages:
+    """The stages of a micro-batch up to the predictions, with its keyed draws.
+
+    Args:
+        family: the model family (encoding, conditioning, the denoiser's call).
+        noiser: the family's noiser (``draw`` and ``noise_pairs``; DDPM or flow matching).
+        draws: where each micro-batch's random draws come from.
+        reference: the reference's ``predict``, or ``None`` for reference-free objectives.
+        augmentation: flips, crops, prompt dropout and SDXL's time ids.
+        dtype: the compute dtype of the prompt embeddings.
+        tokenize: the family's prompt tokenizer (for the empty prompt of prompt dropout).
+        device: where the empty prompt's tokens go to be encoded.
+        empty_prompt: the empty prompt's embeddings if known (a latent cache stores them), else encoded at first use.
+    """
+
+    def __init__(
+        self,
+        family: ModelFamily,
+        noiser,
+        draws: MicroBatchDraws,
+        reference: Callable[..., torch.Tensor] | None,
+        augmentation: Augmentation,
+        dtype: torch.dtype,
+        tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+        device: torch.device | str,
+        empty_prompt: PromptEmbeddings | None = None,
+    ) -> None:
+        self.family, self.noiser, self.draws, self.reference = family, noiser, draws, reference
+        self.augmentation, self.dtype, self.tokenize = augmentation, dtype, tokenize
+        self.device, self.empty_prompt = device, empty_prompt
+
+    def predict(
+        self, policy: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, step: int, separate_branches: bool
+    ) -> PreferencePredictions:
+        """batch -> latents -> noised pair -> predictions of ``policy`` (and the reference) for optimizer step
+        ``step``; ``separate_branches``: one forward pass per branch (the parameter-space safeguard)."""
+        generator = self.draws.generator(mode, step)
+        encoded, time_ids = self.encode(inputs, generator, mode)
+        noised = self.noise(generator, mode, encoded)
+        return predict_pairs(
+            policy, self.reference, self.family, noised, encoded.prompt_embeds, time_ids, separate_branches
+        )
+
+    def encode(
+        self, inputs: dict[str, torch.Tensor], generator: torch.Generator, mode: str
+    ) -> tuple[EncodedBatch, torch.Tensor | None]:
+        """batch and latents: flips (per pair, or per image), random crops and prompt dropout (training only), then
+        the VAE moments and prompt embeddings (or the cached ones); the denoiser's time ids where it takes them."""
+        aug, train = self.augmentation, mode == "train"
+        flip, drop, crop = self.draws.augmentation(
+            generator,
+            mode,
+            inputs["time_ids"].shape[0],
+            independent=aug.independent_augmentation,
+            cropping=aug.random_crop and train,
+        )
+        if "crop_sizes" in inputs:  # resized, not yet cropped, by the collator (random_crop)
+            inputs = crop_pairs(inputs, crop, aug.resolution)
+        encoded = encode_batch(inputs, self.family, flip if train and aug.random_flip else None, self.dtype)
+        if train and aug.proportion_empty_prompts > 0:
+            encoded.prompt_embeds = drop_prompts(
+                encoded.prompt_embeds, drop < aug.proportion_empty_prompts, self.empty_prompt_embeds()
+            )
+        time_ids = None
+        if self.family.needs_time_ids:
+            time_ids = encoded.time_ids
+            if aug.fixed_time_ids:
+                time_ids = fixed_time_ids(aug.resolution, time_ids.shape[0], time_ids.device)
+        return encoded, time_ids
+
+    def noise(self, generator: torch.Generator, mode: str, encoded: EncodedBatch):
+        """The noised pair: one noise level and one noise per pair (shared by winner and loser) and one posterior
+        sample per image, drawn for the global micro-batch; this process keeps its rows."""
+        shape = tuple(encoded.mean.shape[1:])
+        noiser = self.noiser
+
+        def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+            levels, noise = noiser.draw(n, shape, generator, device)
+            return levels, noise, torch.randn((n, 2, *shape), generator=generator, device=device)
+
+        levels, noise, eps = self.draws.rows(generator, mode, encoded.num_pairs, draw)
+        return noiser.noise_pairs(encoded.mean, encoded.std, levels, noise, eps, self.family.vae.config)
+
+    def empty_prompt_embeds(self) -> PromptEmbeddings:
+        """The empty prompt's embeddings (prompt dropout), encoded once."""
+        if self.empty_prompt is None:
+            tokens = {k: v.to(self.device) for k, v in self.tokenize([""]).items()}
+            self.empty_prompt = self.family.encode_prompts(tokens)
+        return self.empty_prompt

@@ -1,0 +1,97 @@
+"""What is trained, in which dtype, with which effective arguments: the denoiser prepared for LoRA or full tuning.
+
+As in diffusers' training scripts: frozen weights in the compute dtype, trainable weights in float32 (the fp16 grad
+scaler cannot unscale half-precision gradients, and bf16 weights lose small updates). The VAE and text encoders are
+frozen, in eval mode, on the device in the compute dtype (the VAE in float32 where the family asks), or left on the
+CPU when training reads a latent cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+
+from .families import ModelFamily
+
+__all__ = [
+    "compute_dtype",
+    "freeze_frozen_modules",
+    "place_frozen_modules",
+    "prepare_denoiser",
+    "training_arguments",
+    "wants_gradient_checkpointing",
+]
+
+
+def compute_dtype(args) -> torch.dtype:
+    """The mixed-precision dtype of ``args`` (bf16, fp16, else float32)."""
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def freeze_frozen_modules(family: ModelFamily) -> None:
+    """The VAE and text encoder(s): never in the optimizer, never in train mode."""
+    for module in family.frozen_modules().values():
+        module.requires_grad_(False)
+        module.eval()
+
+
+def prepare_denoiser(
+    denoiser: torch.nn.Module, peft_config: LoraConfig | None, dtype: torch.dtype, gradient_checkpointing: bool
+) -> None:
+    """Add LoRA adapters (base weights frozen in ``dtype``) or unfreeze every weight; trainable weights in float32."""
+    if peft_config is not None:
+        denoiser.requires_grad_(False)
+        denoiser.to(dtype=dtype)
+        denoiser.add_adapter(peft_config)
+    else:
+        denoiser.requires_grad_(True)
+    cast_training_params(denoiser, dtype=torch.float32)
+    if gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+
+
+def training_arguments(args):
+    """A copy of ``args`` (a ``DiffusionSDPOConfig``) as ``transformers.Trainer`` must see it; the caller's stays as
+    given (it is what ``training_config.json`` stores).
+
+    * ``scale_lr``: the learning rate times processes, per-device batch and accumulation steps.
+    * Gradient checkpointing is the denoiser's own switch (:func:`prepare_denoiser`): transformers would call a
+      method UNets do not have, so its flag (and the newer alias ``activation_checkpointing``) is turned off.
+    * Streamed batches vary in size (the collator drops bad rows), which accelerate's default for iterable data
+      cannot concatenate across processes: each process reads its own shard instead.
+    """
+    args = copy.copy(args)
+    if args.scale_lr:
+        args.learning_rate = (
+            args.learning_rate * args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        )
+    args.gradient_checkpointing = False
+    if hasattr(args, "activation_checkpointing"):
+        args.activation_checkpointing = False
+    if args.accelerator_config.dispatch_batches is None:
+        args.accelerator_config = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
+    return args
+
+
+def wants_gradient_checkpointing(args) -> bool:
+    """``gradient_checkpointing`` or its alias ``activation_checkpointing`` (recent transformers)."""
+    return bool(args.gradient_checkpointing or getattr(args, "activation_checkpointing", False))
+
+
+def place_frozen_modules(family: ModelFamily, device: torch.device | str, dtype: torch.dtype, on_cpu: bool) -> None:
+    """Move the VAE and text encoder(s) to ``device`` in ``dtype`` (the VAE in float32 where the family needs it),
+    or leave them on the CPU (``on_cpu``: nothing is encoded during training)."""
+    for name, module in family.frozen_modules().items():
+        if on_cpu:
+            module.to(device="cpu")
+            continue
+        module_dtype = torch.float32 if name == "vae" and family.vae_needs_fp32() else dtype
+        module.to(device=device, dtype=module_dtype)
