@@ -51,18 +51,18 @@ from .distributed import (
     shard_reference_fsdp2,
     zero_stage,
 )
-from .families import ModelFamily, PromptEmbeddings, family_for_pipeline
+from .families import ModelFamily, NoisedPair, Noiser, PromptEmbeddings, family_for_pipeline
 from .io.checkpoints import AtomicCheckpoints, is_checkpoint_folder
 from .io.publishing import HubPublishing
 from .io.saving import (
+    has_lora_adapters,
     has_pipeline_components,
     has_saved_weights,
-    load_full_unet,
+    load_full_denoiser,
     load_lora_adapters,
-    save_full_unet,
+    save_full_denoiser,
     save_lora_adapters,
     save_pipeline_components,
-    unet_has_lora,
     write_training_config,
 )
 from .io.trackers import make_config_trackable
@@ -74,10 +74,8 @@ from .reference import Reference, build_reference
 from .step.batch import EncodedBatch, crop_pairs, drop_prompts, encode_batch, fixed_time_ids
 from .step.branches import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
 from .step.draws import MicroBatchDraws
-from .step.flow import FlowNoising, flow_noising_for
 from .step.guard import NonFiniteLossGuard, flag_nonfinite
 from .step.metrics import metric_names, record_metrics, reduce_metrics
-from .step.noising import NoisedPair, check_timestep_range, noise_pairs, sample_pair_noise, training_scheduler
 from .step.optimizer import (
     clip_divisor,
     engine_manages_gradients,
@@ -164,23 +162,12 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         if not isinstance(pipeline, DiffusionPipeline):
             raise TypeError(f"model must be a diffusers pipeline or a path/Hub id, got {type(model).__name__}")
         self.pipeline = pipeline
-        self.family: ModelFamily = family_for_pipeline(pipeline, args.max_sequence_length, args.flux_guidance_scale)
+        self.family: ModelFamily = family_for_pipeline(
+            pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
+        )
         check_not_partitioned({**self.family.frozen_modules(), self.family.denoiser_name: self.family.denoiser})
-        # Flow-matching families (SD3, FLUX) noise with step.flow; the UNet families with a DDPM scheduler.
-        self.flow_noising: FlowNoising | None = None
-        if self.family.flow_matching:
-            self.flow_noising = flow_noising_for(self.family, args)
-            self.noise_scheduler = pipeline.scheduler
-            if args.loss_type in ("dpo", "smpo") and args.beta == 5000.0:
-                logger.warning(
-                    "beta=5000 is Diffusion-DPO's value for SD UNets; the flow-matching anchors use beta=100 on "
-                    "mean velocity errors (flow_grpo's SD3.5 Flow-DPO). See docs/sd3.md before keeping it."
-                )
-        else:
-            self.noise_scheduler = training_scheduler(pipeline.scheduler)
-            check_timestep_range(
-                args.min_timestep, args.max_timestep, self.noise_scheduler.config.num_train_timesteps
-            )
+        # The family's noiser (DDPM for the UNet families, flow matching for SD3 and FLUX), its config fields checked.
+        self.noiser: Noiser = self.family.noiser(args)
         self.base_model_name = getattr(pipeline.config, "_name_or_path", None) or (
             model if isinstance(model, str) else None
         )
@@ -198,11 +185,11 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
             dspo_form=args.dspo_form,
             mapo_beta=args.mapo_beta,
             mapo_snr_value=args.mapo_snr_value,
-            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+            num_train_timesteps=self.noiser.num_train_timesteps,
         )
         # The reference copy is taken before adapters are added so it holds the base weights only. Reference-free
         # objectives (MaPO, SFT) build none: no copy in memory, no forward pass.
-        if peft_config is not None and ref_model is None and unet_has_lora(unet):
+        if peft_config is not None and ref_model is None and has_lora_adapters(unet):
             raise ValueError("The UNet already carries LoRA adapters; pass an explicit ref_model or a clean UNet")
         self.reference: Reference | None = None
         if self.objective.requires_reference:
@@ -436,12 +423,12 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
             module.to(device=device, dtype=dtype)
         if self.reference is not None and not self.reference.shares_policy_weights:
             if zero_stage(self.accelerator) == 3:
-                self.reference.unet = reference_inference_engine(self.reference.unet, self.accelerator)
+                self.reference.denoiser = reference_inference_engine(self.reference.denoiser, self.accelerator)
             elif is_fsdp2(self.accelerator):
-                self.reference.unet.to(device=device, dtype=compute_dtype)
-                self.reference.unet = shard_reference_fsdp2(self.reference.unet, self.accelerator)
+                self.reference.denoiser.to(device=device, dtype=compute_dtype)
+                self.reference.denoiser = shard_reference_fsdp2(self.reference.denoiser, self.accelerator)
             else:
-                self.reference.unet.to(device=device, dtype=compute_dtype)
+                self.reference.denoiser.to(device=device, dtype=compute_dtype)
             self.reference.dtype = compute_dtype
 
     # ------------------------------------------------------------------ the step
@@ -667,28 +654,13 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         """Draw one noise level (a timestep, or a flow-matching ``s``) and one noise per pair and one posterior sample
         per image; noise the pair."""
         shape = tuple(encoded.mean.shape[1:])
-        flow = self.flow_noising
 
         def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-            if flow is not None:
-                levels = flow.sample_sigmas(n, shape, generator, device)
-                noise = torch.randn((n, *shape), generator=generator, device=device)
-            else:
-                levels, noise = sample_pair_noise(
-                    (n, *shape),
-                    self.noise_scheduler.config.num_train_timesteps,
-                    self.args.min_timestep,
-                    self.args.max_timestep,
-                    device,
-                    torch.float32,
-                    generator,
-                )
+            levels, noise = self.noiser.draw(n, shape, generator, device)
             return levels, noise, torch.randn((n, 2, *shape), generator=generator, device=device)
 
         levels, noise, eps = self._draws.rows(generator, mode, encoded.num_pairs, draw)
-        if flow is not None:
-            return flow.noise_pairs(encoded.mean, encoded.std, levels, noise, eps, self.family.vae.config)
-        return noise_pairs(self.noise_scheduler, encoded.mean, encoded.std, levels, noise, eps, self.family.vae.config)
+        return self.noiser.noise_pairs(encoded.mean, encoded.std, levels, noise, eps, self.family.vae.config)
 
     def _output_space_lambda(self, predictions: PreferencePredictions) -> torch.Tensor:
         """The authors' output-space rule on the policy's residuals, one detached fp32 scalar per micro-batch.
@@ -799,7 +771,7 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         if self.is_lora:
             save_lora_adapters(unet, output_dir, type(self.pipeline), state_dict=state_dict or None, prefix=name)
         else:
-            save_full_unet(unet, output_dir, state_dict=state_dict or None, subfolder=name)
+            save_full_denoiser(unet, output_dir, state_dict=state_dict or None, subfolder=name)
             # The whole pipeline in the output folder, only the UNet in checkpoints (all that resuming reads). The
             # other components are frozen: written once.
             if not is_checkpoint_folder(output_dir) and not has_pipeline_components(output_dir):
@@ -824,7 +796,7 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
             if self.is_lora:
                 load_lora_adapters(unet, resume_from_checkpoint, prefix=self.family.denoiser_name)
             else:
-                load_full_unet(unet, resume_from_checkpoint, subfolder=self.family.denoiser_name)
+                load_full_denoiser(unet, resume_from_checkpoint, subfolder=self.family.denoiser_name)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
