@@ -24,7 +24,7 @@ def test_sd_family_encodes_prompts_as_the_diffusers_pipeline_does(make_pipeline)
         )
     torch.testing.assert_close(embeds.encoder_hidden_states, expected, atol=1e-6, rtol=0)
     assert embeds.pooled is None
-    assert set(family.unet_conditioning(embeds, None)) == {"encoder_hidden_states"}
+    assert set(family.denoiser_conditioning(embeds, None)) == {"encoder_hidden_states"}
 
 
 def test_pipeline_without_a_unet_is_rejected(make_pipeline) -> None:
@@ -37,6 +37,6 @@ def test_pipeline_without_a_unet_is_rejected(make_pipeline) -> None:
 
 def test_sd2_style_v_prediction_model_trains_and_starts_at_log_2(make_pipeline, make_trainer) -> None:
     trainer = make_trainer(lora=True, pipeline=make_pipeline(prediction_type="v_prediction"), max_steps=1)
-    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    assert trainer.noiser.scheduler.config.prediction_type == "v_prediction"
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)

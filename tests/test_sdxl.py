@@ -21,7 +21,7 @@ from PIL import Image
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.preference import PairTransform
 from trl_diffusion_sdpo.families import PromptEmbeddings, StableDiffusionXLFamily, family_for_pipeline
-from trl_diffusion_sdpo.step.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
+from trl_diffusion_sdpo.families.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
 from trl_diffusion_sdpo.tiny_models import build_tiny_sdxl_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -312,7 +312,7 @@ def test_trainer_regresses_on_the_velocity_for_v_prediction_models(make_sdxl, ma
     trainer = DiffusionSDPOTrainer(
         pipe, args=make_config(max_steps=1), train_dataset=sdxl_pairs, peft_config=lora_config()
     )
-    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    assert trainer.noiser.scheduler.config.prediction_type == "v_prediction"
     latents, predictions = [], []
     noise = trainer._noise
 
@@ -327,7 +327,7 @@ def test_trainer_regresses_on_the_velocity_for_v_prediction_models(make_sdxl, ma
     handle.remove()
     # x_t = sqrt(abar) z + sqrt(1 - abar) eps: recover eps from what the UNet received, then the velocity by hand.
     z, x_t = latents[0].float(), capture.unet_calls[0]["sample"]
-    abar = trainer.noise_scheduler.alphas_cumprod[capture.unet_calls[0]["timestep"]].view(-1, 1, 1, 1)
+    abar = trainer.noiser.scheduler.alphas_cumprod[capture.unet_calls[0]["timestep"]].view(-1, 1, 1, 1)
     eps = (x_t - abar.sqrt() * z) / (1 - abar).sqrt()
     torch.testing.assert_close(eps[:2], eps[2:], atol=1e-3, rtol=1e-3)  # one noise per pair
     velocity = abar.sqrt() * eps - (1 - abar).sqrt() * z
@@ -348,9 +348,9 @@ def test_zero_terminal_snr_schedule_is_kept_for_training(make_sdxl, make_config,
     # Only the last timestep, where the signal is gone: the velocity target is -z and the loss stays finite.
     args = make_config(max_steps=1, min_timestep=999)
     trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=sdxl_pairs, peft_config=lora_config())
-    assert trainer.noise_scheduler.config.rescale_betas_zero_snr
-    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
-    assert trainer.noise_scheduler.alphas_cumprod[-1] < 1e-6
+    assert trainer.noiser.scheduler.config.rescale_betas_zero_snr
+    assert trainer.noiser.scheduler.config.prediction_type == "v_prediction"
+    assert trainer.noiser.scheduler.alphas_cumprod[-1] < 1e-6
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
@@ -374,7 +374,7 @@ def test_bf16_full_tuning_keeps_the_vae_fp32_and_trains_fp32_weights(make_sdxl, 
     trainer = DiffusionSDPOTrainer(pipe, args=make_config(max_steps=1, bf16=True), train_dataset=sdxl_pairs)
     assert pipe.vae.dtype == torch.float32  # force_upcast: the SDXL VAE overflows in half precision
     assert pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.bfloat16
-    assert trainer.reference.unet.dtype == torch.bfloat16  # the frozen copy runs in the compute dtype
+    assert trainer.reference.denoiser.dtype == torch.bfloat16  # the frozen copy runs in the compute dtype
     assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())  # trainable weights stay fp32
     capture = train_and_capture(trainer)
     assert capture.vae_inputs[0].dtype == torch.float32
@@ -421,7 +421,7 @@ def test_fp32_vae_encodes_in_fp32_inside_an_autocast_region(make_sdxl) -> None:
 def test_time_ids_reach_the_unet_exactly_even_with_bf16_embeddings() -> None:
     embeds = PromptEmbeddings(torch.zeros(2, 4, 8, dtype=torch.bfloat16), torch.zeros(2, 8, dtype=torch.bfloat16))
     time_ids = torch.tensor([[1023.0, 1366.0, 7.0, 171.0, 1024.0, 1024.0]] * 2)  # not representable in bf16
-    conditioning = StableDiffusionXLFamily.unet_conditioning(None, embeds, time_ids)
+    conditioning = StableDiffusionXLFamily.denoiser_conditioning(None, embeds, time_ids)
     assert torch.equal(conditioning["added_cond_kwargs"]["time_ids"], time_ids)
     assert conditioning["added_cond_kwargs"]["text_embeds"].dtype == torch.bfloat16
 
