@@ -150,7 +150,7 @@ class Problem:
             return functional_call(self.unet, params, (x, batch["t"]), {"encoder_hidden_states": batch["cond"]})[0]
         from trl_diffusion_sdpo.families import PromptEmbeddings
 
-        conditioning = self.family.unet_conditioning(PromptEmbeddings(batch["cond"], batch["pooled"]), None)
+        conditioning = self.family.denoiser_conditioning(PromptEmbeddings(batch["cond"], batch["pooled"]), None)
 
         def network(*args, **kwargs):
             return functional_call(self.unet, params, args, kwargs)

@@ -372,7 +372,7 @@ def make_floor_step(trainer, opts: argparse.Namespace, optimizer, policy):
         pooled = torch.randn(samples, spec["text"][-1]["projection_dim"], generator=generator).to(device)
     res = float(opts.resolution)
     time_ids = torch.tensor([res, res, 0.0, 0.0, res, res]).repeat(samples, 1).to(device)
-    conditioning = trainer.family.unet_conditioning(PromptEmbeddings(hidden, pooled), time_ids)
+    conditioning = trainer.family.denoiser_conditioning(PromptEmbeddings(hidden, pooled), time_ids)
     use_bf16 = opts.dtype == "bf16"
 
     def step() -> None:

@@ -60,7 +60,7 @@ def _flow_inputs(family, resolution: int) -> dict:
     return {
         "sample": torch.randn(2, channels, size, size, generator=generator),
         "timestep": torch.tensor([100.0, 700.0]),
-        "conditioning": family.unet_conditioning(embeds, None),
+        "conditioning": family.denoiser_conditioning(embeds, None),
         "family": family,
     }
 
@@ -191,7 +191,7 @@ def main() -> None:
         named = [(n, p) for n, p in policy.named_parameters() if "lora_" not in n]
         strip = lambda n: n.replace(".base_layer", "")  # noqa: E731
     else:
-        reference = trainer.reference.unet
+        reference = trainer.reference.denoiser
         module = getattr(reference, "module", reference)  # a DeepSpeed engine under ZeRO-3
         result["reference_is_engine"] = module is not reference
         result["reference_partitioned"] = sum(
@@ -209,7 +209,7 @@ def main() -> None:
     if fsdp:  # how many parameters fully_shard holds as shards (DTensors) on this process
         result["policy_sharded"] = sum(isinstance(p, DTensor) for p in policy.parameters())
         if not trainer.reference.shares_policy_weights:
-            ref_params = list(trainer.reference.unet.parameters())
+            ref_params = list(trainer.reference.denoiser.parameters())
             result["reference_sharded"] = sum(isinstance(p, DTensor) for p in ref_params)
             local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in ref_params)
             result["reference_local_fraction"] = local / sum(p.numel() for p in ref_params)

@@ -23,7 +23,7 @@ from peft import LoraConfig
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, PromptEmbeddings, StableDiffusion3Family, family_for_pipeline
-from trl_diffusion_sdpo.step.flow import FlowNoising, FlowTimestepSampling, resolution_shift, shift_sigmas
+from trl_diffusion_sdpo.families.flow import FlowNoiser, FlowTimestepSampling, resolution_shift, shift_sigmas
 from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
 from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, write_t5_tokenizer
 
@@ -67,7 +67,7 @@ def transformer_outputs(transformer: torch.nn.Module, family, seed: int = 1) -> 
     embeds = family.encode_prompts(tokens)
     with torch.no_grad():
         return family.call_denoiser(
-            transformer, sample, torch.tensor([300.0, 700.0]), family.unet_conditioning(embeds, None)
+            transformer, sample, torch.tensor([300.0, 700.0]), family.denoiser_conditioning(embeds, None)
         )
 
 
@@ -121,7 +121,7 @@ def test_flux_call_packs_latents_and_passes_guidance_as_the_pipeline_does(make_f
     latents = torch.randn((2, 4, 6, 4), generator=gen)
     embeds = family.encode_prompts(family.prompt_tokenizer()(["a", "b"]))
     timestep = torch.tensor([250.0, 800.0])
-    ours = family.call_denoiser(pipe.transformer, latents, timestep, family.unet_conditioning(embeds, None))
+    ours = family.call_denoiser(pipe.transformer, latents, timestep, family.denoiser_conditioning(embeds, None))
     # The pipeline's own packing, ids and unpacking (height/width in pixels).
     packed = FluxPipeline._pack_latents(latents, 2, 4, 6, 4)
     img_ids = FluxPipeline._prepare_latent_image_ids(2, 3, 2, "cpu", latents.dtype)
@@ -141,7 +141,7 @@ def test_flux_call_packs_latents_and_passes_guidance_as_the_pipeline_does(make_f
     # the guidance value reaches the model
     other = FluxFamily(pipe, max_sequence_length=SEQ, guidance_scale=5.0)
     assert not torch.allclose(
-        other.call_denoiser(pipe.transformer, latents, timestep, family.unet_conditioning(embeds, None)), ours
+        other.call_denoiser(pipe.transformer, latents, timestep, family.denoiser_conditioning(embeds, None)), ours
     )
 
 
@@ -157,7 +157,7 @@ def test_flux_schnell_without_guidance_embedding_trains(make_flow, make_config, 
 
 def test_flow_noising_matches_an_independent_computation() -> None:
     config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
-    noising = FlowNoising(config, FlowTimestepSampling("logit_normal", logit_mean=0.2, logit_std=0.8))
+    noising = FlowNoiser(config, FlowTimestepSampling("logit_normal", logit_mean=0.2, logit_std=0.8))
     n, shape = 64, (4, 6, 6)
     sigmas = noising.sample_sigmas(n, shape, torch.Generator().manual_seed(5), torch.device("cpu"))
     # independent: u = sigmoid(N(0.2, 0.8)), the table of t = 1000..1 shifted by 3, index floor(1000 u)
@@ -190,7 +190,7 @@ def test_resolution_shift_is_fluxs_time_shift() -> None:
     t = torch.linspace(0.01, 1, 50, dtype=torch.float64)
     mu = math.log(resolution_shift(64, 64, config))
     torch.testing.assert_close(shift_sigmas(t, math.exp(mu)), scheduler.time_shift(mu, 1.0, t))
-    noising = FlowNoising(config, FlowTimestepSampling("none", shift="resolution"))
+    noising = FlowNoiser(config, FlowTimestepSampling("none", shift="resolution"))
     sigmas = noising.sample_sigmas(32, (4, 64, 64), torch.Generator().manual_seed(0), torch.device("cpu"))
     u = torch.rand((32,), generator=torch.Generator().manual_seed(0))
     base = (1000 - (u * 1000).long()).double() / 1000
@@ -201,7 +201,7 @@ def test_a_weighting_scheme_multiplies_each_rows_squared_error() -> None:
     """With ``sigma_sqrt`` each branch's error is ``s^-2 * mean (pred - target)^2`` (diffusers' weighting)."""
 
     class Family:
-        def unet_conditioning(self, embeds, time_ids):
+        def denoiser_conditioning(self, embeds, time_ids):
             return {}
 
         def call_denoiser(self, model, sample, timestep, conditioning):
@@ -209,7 +209,7 @@ def test_a_weighting_scheme_multiplies_each_rows_squared_error() -> None:
 
     gen = torch.Generator().manual_seed(0)
     s = torch.tensor([0.3, 0.8])
-    noising = FlowNoising(FlowMatchEulerDiscreteScheduler().config, FlowTimestepSampling("sigma_sqrt"))
+    noising = FlowNoiser(FlowMatchEulerDiscreteScheduler().config, FlowTimestepSampling("sigma_sqrt"))
     vae = type("VaeConfig", (), {"scaling_factor": 1.0, "shift_factor": None})()
     noised = noising.noise_pairs(
         torch.randn((4, 2, 3, 3), generator=gen),
@@ -286,7 +286,7 @@ def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_transformer(
     trainer = DiffusionSDPOTrainer(
         str(local), args=flow_config(make_config, output_dir=str(out), learning_rate=1e-4), train_dataset=flow_pairs
     )
-    reference = trainer.reference.unet
+    reference = trainer.reference.denoiser
     reference_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
     trainer.train()
     trainer.save_model()

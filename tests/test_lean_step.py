@@ -85,7 +85,8 @@ def test_clipping_gives_the_optimizer_gradients_of_norm_max_grad_norm(make_train
     logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert all(norm > 0.5 for norm in logged)  # beta=5000 makes large gradients: clipping is active
     assert seen.norms == pytest.approx([0.5, 0.5], rel=1e-4)
-    uses_fused_path = fused_scaling_optimizer(trainer.optimizer, trainer.accelerator.scaler, trainer.engine.manages_gradients) is not None
+    fused = fused_scaling_optimizer(trainer.optimizer, trainer.accelerator.scaler, trainer.engine.manages_gradients)
+    uses_fused_path = fused is not None
     assert uses_fused_path == (optim == "adamw_torch_fused")
 
 

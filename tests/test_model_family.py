@@ -24,7 +24,7 @@ def test_sd_family_encodes_prompts_as_the_diffusers_pipeline_does(make_pipeline)
         )
     torch.testing.assert_close(embeds.encoder_hidden_states, expected, atol=1e-6, rtol=0)
     assert embeds.pooled is None
-    assert set(family.unet_conditioning(embeds, None)) == {"encoder_hidden_states"}
+    assert set(family.denoiser_conditioning(embeds, None)) == {"encoder_hidden_states"}
 
 
 def test_pipeline_without_a_unet_is_rejected(make_pipeline) -> None:

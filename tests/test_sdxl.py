@@ -21,7 +21,7 @@ from PIL import Image
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.preference import PairTransform
 from trl_diffusion_sdpo.families import PromptEmbeddings, StableDiffusionXLFamily, family_for_pipeline
-from trl_diffusion_sdpo.step.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
+from trl_diffusion_sdpo.families.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
 from trl_diffusion_sdpo.tiny_models import build_tiny_sdxl_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -374,7 +374,7 @@ def test_bf16_full_tuning_keeps_the_vae_fp32_and_trains_fp32_weights(make_sdxl, 
     trainer = DiffusionSDPOTrainer(pipe, args=make_config(max_steps=1, bf16=True), train_dataset=sdxl_pairs)
     assert pipe.vae.dtype == torch.float32  # force_upcast: the SDXL VAE overflows in half precision
     assert pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.bfloat16
-    assert trainer.reference.unet.dtype == torch.bfloat16  # the frozen copy runs in the compute dtype
+    assert trainer.reference.denoiser.dtype == torch.bfloat16  # the frozen copy runs in the compute dtype
     assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())  # trainable weights stay fp32
     capture = train_and_capture(trainer)
     assert capture.vae_inputs[0].dtype == torch.float32
@@ -421,7 +421,7 @@ def test_fp32_vae_encodes_in_fp32_inside_an_autocast_region(make_sdxl) -> None:
 def test_time_ids_reach_the_unet_exactly_even_with_bf16_embeddings() -> None:
     embeds = PromptEmbeddings(torch.zeros(2, 4, 8, dtype=torch.bfloat16), torch.zeros(2, 8, dtype=torch.bfloat16))
     time_ids = torch.tensor([[1023.0, 1366.0, 7.0, 171.0, 1024.0, 1024.0]] * 2)  # not representable in bf16
-    conditioning = StableDiffusionXLFamily.unet_conditioning(None, embeds, time_ids)
+    conditioning = StableDiffusionXLFamily.denoiser_conditioning(None, embeds, time_ids)
     assert torch.equal(conditioning["added_cond_kwargs"]["time_ids"], time_ids)
     assert conditioning["added_cond_kwargs"]["text_embeds"].dtype == torch.bfloat16
 

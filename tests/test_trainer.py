@@ -12,9 +12,9 @@ from conftest import changed_keys, snapshot
 from transformers import TrainerCallback
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from trl_diffusion_sdpo.families.noising import prediction_target
 from trl_diffusion_sdpo.objectives import ObjectiveOutput
 from trl_diffusion_sdpo.reference import disabled_adapters
-from trl_diffusion_sdpo.step.noising import prediction_target
 
 LOGGED_METRICS = [
     "loss",
@@ -145,7 +145,7 @@ def test_full_training_changes_the_unet_and_nothing_else(make_pipeline, make_tra
     pipe = make_pipeline()
     unet, vae, text = snapshot(pipe.unet), snapshot(pipe.vae), snapshot(pipe.text_encoder)
     trainer = make_trainer(lora=False, pipeline=pipe)
-    reference_before = snapshot(trainer.reference.unet)
+    reference_before = snapshot(trainer.reference.denoiser)
     trainer.train()
     changed = changed_keys(unet, snapshot(pipe.unet))
     assert len(changed) > len(unet) // 2  # most UNet tensors moved
@@ -153,8 +153,8 @@ def test_full_training_changes_the_unet_and_nothing_else(make_pipeline, make_tra
     assert not changed_keys(text, snapshot(pipe.text_encoder))
     # The frozen reference copy holds the initial weights, before and after.
     assert not changed_keys(unet, reference_before)
-    assert not changed_keys(reference_before, snapshot(trainer.reference.unet))
-    assert trainer.reference.unet is not pipe.unet
+    assert not changed_keys(reference_before, snapshot(trainer.reference.denoiser))
+    assert trainer.reference.denoiser is not pipe.unet
 
 
 def test_lora_reference_is_the_original_unet_after_training(make_pipeline, make_trainer):
@@ -197,7 +197,7 @@ def test_explicit_reference_model_is_used_and_stays_frozen(make_pipeline, make_t
     pipe, ref_pipe = make_pipeline(seed=0), make_pipeline(seed=1)
     ref_before = snapshot(ref_pipe.unet)
     trainer = make_trainer(pipeline=pipe, lora=False, ref_model=ref_pipe)
-    assert trainer.reference.unet is ref_pipe.unet
+    assert trainer.reference.denoiser is ref_pipe.unet
     trainer.train()
     assert not changed_keys(ref_before, snapshot(ref_pipe.unet))
     # A different reference: the policy's and reference's errors differ from the first step.
@@ -232,7 +232,7 @@ def _hand_computed_step(trainer, pipe, inputs, captured, beta, mu, safeguard):
                 ref = policy(x_t, timesteps, encoder_hidden_states=hidden).sample
         else:
             with torch.no_grad():
-                ref = trainer.reference.unet(x_t, timesteps, encoder_hidden_states=hidden).sample
+                ref = trainer.reference.denoiser(x_t, timesteps, encoder_hidden_states=hidden).sample
         return pred, ref, target
 
     pred_w, ref_w, target_w = branch(latents[:batch])
@@ -320,7 +320,7 @@ def test_training_step_loss_and_gradients_match_a_hand_computation(
 
 def test_v_prediction_target_is_the_velocity(make_pipeline):
     pipe = make_pipeline(prediction_type="v_prediction")
-    from trl_diffusion_sdpo.step.noising import training_scheduler
+    from trl_diffusion_sdpo.families.noising import training_scheduler
 
     scheduler = training_scheduler(pipe.scheduler)
     assert scheduler.config.prediction_type == "v_prediction"

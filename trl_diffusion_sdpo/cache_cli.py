@@ -47,7 +47,9 @@ def run_cache(argv: list[str] | None = None) -> int:
     device = args.device
     state = PartialState()
     pipeline = build_pipeline(model_args, diffusion_args)
-    family = family_for_pipeline(pipeline, args.max_sequence_length, args.flux_guidance_scale)
+    family = family_for_pipeline(
+        pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
+    )
     for module in family.frozen_modules().values():  # placed once, not per chunk
         module.to(device=device, dtype=torch.float32)
     dataset = load_train_split(script_args, diffusion_args)

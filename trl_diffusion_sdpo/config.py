@@ -354,7 +354,7 @@ class DiffusionSDPOConfig(TrainingArguments):
                 f"max_timestep ({self.max_timestep}) must be larger than min_timestep ({self.min_timestep})"
             )
         if self.flow_weighting_scheme is not None or self.flow_shift is not None:
-            from .step.flow import FlowTimestepSampling  # validates both names
+            from .families.flow import FlowTimestepSampling  # validates both names
 
             FlowTimestepSampling(
                 self.flow_weighting_scheme or "logit_normal",

@@ -11,11 +11,14 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DiffusionPipeline
 
-from .io.saving import unet_has_lora
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+from .io.saving import has_lora_adapters
 
 __all__ = [
     "DisabledAdaptersReference",
@@ -31,65 +34,70 @@ logger = logging.getLogger(__name__)
 DenoiserCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 
-def _unet_call(model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict):
+def _positional_denoiser_call(
+    model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict
+) -> torch.Tensor:
+    """``model(sample, timestep, **conditioning)``, as a UNet is called (the default when no family call is given)."""
     return model(sample, timestep, **conditioning, return_dict=False)[0]
 
 
 @contextlib.contextmanager
-def disabled_adapters(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run ``unet`` without its LoRA adapters inside the block; they are re-enabled even if the block raises."""
-    unet.disable_adapters()
+def disabled_adapters(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``denoiser`` without its LoRA adapters inside the block; they are re-enabled even if the block raises."""
+    denoiser.disable_adapters()
     try:
-        yield unet
+        yield denoiser
     finally:
-        unet.enable_adapters()
+        denoiser.enable_adapters()
 
 
 class Reference:
     """Interface: ``predict(sample, timestep, **conditioning) -> prediction`` without autograd."""
 
     shares_policy_weights: bool = False
-    call: DenoiserCall = staticmethod(_unet_call)
+    call: DenoiserCall = staticmethod(_positional_denoiser_call)
 
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
         raise NotImplementedError
 
 
 class FrozenCopyReference(Reference):
-    """A separate UNet, frozen and in eval mode."""
+    """A separate denoiser, frozen and in eval mode."""
 
-    def __init__(self, unet: torch.nn.Module, call: DenoiserCall | None = None) -> None:
-        self.unet = unet  # the denoiser, or a DeepSpeed engine wrapping it (ZeRO-3)
+    def __init__(self, denoiser: torch.nn.Module, call: DenoiserCall | None = None) -> None:
+        self.denoiser = denoiser  # the denoiser, or a DeepSpeed engine wrapping it (ZeRO-3)
         if call is not None:
             self.call = call
-        self.unet.requires_grad_(False)
-        self.unet.eval()
-        self.dtype: torch.dtype = unet.dtype  # the dtype its inputs are cast to
+        self.denoiser.requires_grad_(False)
+        self.denoiser.eval()
+        self.dtype: torch.dtype = denoiser.dtype  # the dtype its inputs are cast to
 
     @torch.no_grad()
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
-        return self.call(self.unet, sample.to(self.dtype), timestep, conditioning)
+        return self.call(self.denoiser, sample.to(self.dtype), timestep, conditioning)
 
 
 class DisabledAdaptersReference(Reference):
-    """The policy UNet with its LoRA adapters switched off for the duration of the call."""
+    """The policy denoiser with its LoRA adapters switched off for the duration of the call."""
 
     shares_policy_weights = True
 
-    def __init__(self, get_unet: Callable[[], torch.nn.Module], call: DenoiserCall | None = None) -> None:
+    def __init__(self, get_denoiser: Callable[[], torch.nn.Module], call: DenoiserCall | None = None) -> None:
         # A getter, not the module: the trainer may wrap or move the policy after construction.
-        self.get_unet = get_unet
+        self.get_denoiser = get_denoiser
         if call is not None:
             self.call = call
 
     @torch.no_grad()
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
-        with disabled_adapters(self.get_unet()) as unet:
-            return self.call(unet, sample, timestep, conditioning)
+        with disabled_adapters(self.get_denoiser()) as denoiser:
+            return self.call(denoiser, sample, timestep, conditioning)
 
 
-def _as_unet(model: torch.nn.Module | DiffusionPipeline) -> torch.nn.Module:
+def _as_denoiser(model: torch.nn.Module | DiffusionPipeline) -> torch.nn.Module:
     """The denoiser of a pipeline (its UNet or transformer), or the module itself."""
+    from diffusers import DiffusionPipeline
+
     if isinstance(model, DiffusionPipeline):
         unet = getattr(model, "unet", None)
         return unet if unet is not None else model.transformer
@@ -97,7 +105,7 @@ def _as_unet(model: torch.nn.Module | DiffusionPipeline) -> torch.nn.Module:
 
 
 def build_reference(
-    policy_unet: torch.nn.Module,
+    policy_denoiser: torch.nn.Module,
     ref_model: torch.nn.Module | DiffusionPipeline | None,
     uses_lora: bool,
     get_policy: Callable[[], torch.nn.Module] | None = None,
@@ -109,15 +117,15 @@ def build_reference(
     """
     if ref_model is None:
         if uses_lora:
-            return DisabledAdaptersReference(get_policy or (lambda: policy_unet), call)
-        return FrozenCopyReference(copy.deepcopy(policy_unet), call)
-    ref_unet = _as_unet(ref_model)
-    if ref_unet is policy_unet:
+            return DisabledAdaptersReference(get_policy or (lambda: policy_denoiser), call)
+        return FrozenCopyReference(copy.deepcopy(policy_denoiser), call)
+    ref_denoiser = _as_denoiser(ref_model)
+    if ref_denoiser is policy_denoiser:
         raise ValueError(
             "ref_model is the same object as the policy model. Pass ref_model=None to get a frozen copy (full "
             "tuning) or the adapter-disabled policy (LoRA), or pass a separate model."
         )
-    return FrozenCopyReference(ref_unet, call)
+    return FrozenCopyReference(ref_denoiser, call)
 
 
 def reference_for(
@@ -130,7 +138,7 @@ def reference_for(
     """The reference ``objective`` needs for ``family``'s denoiser, or ``None`` for reference-free objectives (MaPO,
     SFT: no copy in memory, no forward pass). Call before adding LoRA adapters (see :func:`build_reference`)."""
     denoiser = family.denoiser
-    if peft_config is not None and ref_model is None and unet_has_lora(denoiser):
+    if peft_config is not None and ref_model is None and has_lora_adapters(denoiser):
         raise ValueError(
             f"The {family.denoiser_name} already carries LoRA adapters; pass an explicit ref_model or a clean model"
         )

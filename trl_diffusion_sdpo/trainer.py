@@ -30,14 +30,13 @@ from .data.preference import RewardFn
 from .data.training_data import prepare_training_data
 from .distributed import all_reduce_sum, check_not_partitioned, load_pipeline
 from .engines import Engine, engine_for
-from .families import ModelFamily, family_for_pipeline
+from .families import ModelFamily, Noiser, family_for_pipeline
 from .io.checkpoints import AtomicCheckpoints
 from .io.denoiser_saving import DenoiserSaving
 from .io.publishing import HubPublishing
 from .io.trackers import make_config_trackable
 from .objectives import PreferencePredictions, build_objective
 from .reference import reference_for
-from .step._noiser_shim import noiser_for
 from .step.batch import UsableBatches
 from .step.draws import MicroBatchDraws
 from .step.guard import NonFiniteLossGuard, NonFiniteTracker
@@ -127,9 +126,12 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         self.base_model_name = getattr(pipeline.config, "_name_or_path", None) or (
             model if isinstance(model, str) else None
         )
-        self.family: ModelFamily = family_for_pipeline(pipeline, args.max_sequence_length, args.flux_guidance_scale)
+        self.family: ModelFamily = family_for_pipeline(
+            pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
+        )
         check_not_partitioned({**self.family.frozen_modules(), self.family.denoiser_name: self.family.denoiser})
-        self.noiser = noiser_for(self.family, args)
+        # DDPM for the UNet families, flow matching for the transformers; its config fields checked.
+        self.noiser: Noiser = self.family.noiser(args)
         denoiser = self.family.denoiser
         freeze_frozen_modules(self.family)
         self.objective = build_objective(
@@ -168,7 +170,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         self.engine: Engine = engine_for(self.accelerator)
         place_frozen_modules(self.family, args.device, self._dtype, on_cpu=data.encoders_idle)
         if self.reference is not None and not self.reference.shares_policy_weights:
-            self.reference.unet = self.engine.place_reference(self.reference.unet, args.device, self._dtype)
+            self.reference.denoiser = self.engine.place_reference(self.reference.denoiser, args.device, self._dtype)
             self.reference.dtype = self._dtype
         several = self.accelerator.num_processes > 1
         self.nonfinite = NonFiniteTracker(

@@ -46,7 +46,8 @@ class ValidationCallback(TrainerCallback):
         every_n_steps: validate when ``global_step % every_n_steps == 0``; 0 validates only at step 0.
         scorers: registered scorer names or `Scorer` instances; names are built on first use with
             ``scorer_kwargs[name]``.
-        pipeline: the pipeline whose ``unet`` is the trained UNet (the trainer's ``pipeline``); or pass ``trainer``.
+        pipeline: the pipeline whose denoiser (``unet`` or ``transformer``) is trained (the trainer's ``pipeline``);
+            or pass ``trainer``.
         trainer: a trainer exposing ``pipeline``; also lets the callback reuse its TensorBoard writer.
         at_start: validate the base model at step 0 (skipped when training resumes past step 0).
         autocast_dtype: run sampling under ``torch.autocast`` in this dtype; ``"auto"`` (default) picks bf16/fp16
@@ -149,13 +150,14 @@ class ValidationCallback(TrainerCallback):
         """Sample the grid now (prompts vary along a row, seeds down the columns); returns the grid and the images.
 
         Modules the trainer keeps elsewhere (the VAE and text encoders stay on the CPU with ``cache_latents``) are
-        moved to the UNet's device for sampling and put back; the UNet's mode and every RNG state are restored.
+        moved to the denoiser's device for sampling and put back; the denoiser's mode and every RNG state are
+        restored.
         """
         pipeline = self._get_pipeline()
         name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # SD3 / FLUX: a transformer
-        unet = getattr(pipeline, name)
-        was_training = unet.training
-        device = unet.device
+        denoiser = getattr(pipeline, name)
+        was_training = denoiser.training
+        device = denoiser.device
         modules = {n: m for n, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and n != name}
         homes = {n: _module_device(m) for n, m in modules.items()}
         prompts = [p for _ in self.seeds for p in self.prompts]
@@ -163,7 +165,7 @@ class ValidationCallback(TrainerCallback):
         autocast_dtype = self._autocast_dtype(pipeline)
         fork_devices = [device] if device.type == "cuda" else []
         try:
-            unet.eval()
+            denoiser.eval()
             for name, module in modules.items():
                 if homes[name] is not None and homes[name] != device:
                     module.to(device)
@@ -175,7 +177,7 @@ class ValidationCallback(TrainerCallback):
                         self._sampling_pipeline(pipeline), prompts, seeds, self.settings, batch_size=self.batch_size
                     )
         finally:
-            unet.train(was_training)
+            denoiser.train(was_training)
             for name, module in modules.items():
                 if homes[name] is not None and homes[name] != device:
                     module.to(homes[name])

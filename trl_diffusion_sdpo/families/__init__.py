@@ -1,69 +1,44 @@
 """Model families: what differs between pipelines (text encoders, the denoiser and its call, the noising).
 
-A family wraps a diffusers pipeline behind :class:`ModelFamily` (see :mod:`.base` for the interface); add a family
-by adding a module here and a branch in :func:`family_for_pipeline`. UNet families: SD 1.x/2.x (:mod:`.sd`), SDXL
-(:mod:`.sdxl`). Flow-matching transformer families: SD3/SD3.5 (:mod:`.sd3`), FLUX.1 (:mod:`.flux`).
+A family wraps a diffusers pipeline behind :class:`ModelFamily` (see :mod:`.base` for the interface) and registers
+itself with :func:`register_family`; :func:`family_for_pipeline` picks the registered family whose ``matches``
+accepts a pipeline. Adding a family is one module: a :class:`ModelFamily` subclass (a :class:`FlowMatchingFamily`
+for rectified-flow transformers) decorated with :func:`register_family`, imported below. UNet families: SD 1.x/2.x
+(:mod:`.sd`), SDXL (:mod:`.sdxl`), noised by :class:`DDPMNoiser`. Flow-matching transformer families: SD3/SD3.5
+(:mod:`.sd3`), FLUX.1 (:mod:`.flux`), noised by :class:`FlowNoiser` (:mod:`.flow`).
+
+Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
 
 from __future__ import annotations
 
-from diffusers import DiffusionPipeline
-
 from .base import ModelFamily, PromptEmbeddings, PromptTokenizer, scale_latents
-from .flux import FluxFamily
-from .sd import StableDiffusionFamily
-from .sd3 import StableDiffusion3Family
-from .sdxl import StableDiffusionXLFamily
+from .flow import FlowMatchingFamily, FlowNoiser, FlowTimestepSampling
+from .noising import DDPMNoiser, NoisedPair, Noiser
+from .registry import family_for_pipeline, register_family, registered_families
+
+# Registration order is the order family_for_pipeline tries them: specific before general.
+from .sd3 import StableDiffusion3Family  # isort: skip
+from .flux import FluxFamily  # isort: skip
+from .sdxl import StableDiffusionXLFamily  # isort: skip
+from .sd import StableDiffusionFamily  # isort: skip
 
 __all__ = [
+    "DDPMNoiser",
+    "FlowMatchingFamily",
+    "FlowNoiser",
+    "FlowTimestepSampling",
     "FluxFamily",
     "ModelFamily",
+    "NoisedPair",
+    "Noiser",
     "PromptEmbeddings",
     "PromptTokenizer",
     "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "family_for_pipeline",
+    "register_family",
+    "registered_families",
     "scale_latents",
 ]
-
-
-def family_for_pipeline(
-    pipeline: DiffusionPipeline, max_sequence_length: int | None = None, guidance_scale: float | None = None
-) -> ModelFamily:
-    """Pick the family from the pipeline's components (not its class name, so subclasses work).
-
-    ``max_sequence_length`` (T5 tokens) and ``guidance_scale`` (FLUX.1-dev's guidance embedding) apply to the flow
-    families only; ``None`` keeps each family's default.
-    """
-    transformer = getattr(pipeline, "transformer", None)
-    if getattr(pipeline, "unet", None) is None and transformer is not None:
-        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-        if isinstance(transformer, SD3Transformer2DModel) and hasattr(pipeline, "text_encoder_3"):
-            return StableDiffusion3Family(pipeline, max_sequence_length)
-        if isinstance(transformer, FluxTransformer2DModel) and hasattr(pipeline, "text_encoder_2"):
-            return FluxFamily(pipeline, max_sequence_length, guidance_scale)
-        raise ValueError(
-            f"{type(pipeline).__name__} with a {type(transformer).__name__} is not supported; supported transformer "
-            "pipelines: StableDiffusion3Pipeline (SD3Transformer2DModel) and FluxPipeline (FluxTransformer2DModel)"
-        )
-    if getattr(pipeline, "unet", None) is None:
-        raise ValueError(
-            f"{type(pipeline).__name__} has no `unet` or `transformer`; supported: Stable Diffusion 1.x/2.x, SDXL, "
-            "SD3/SD3.5 and FLUX.1 pipelines"
-        )
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        is_sdxl_base = getattr(pipeline, "text_encoder", None) is not None and (
-            getattr(pipeline.unet.config, "addition_embed_type", None) == "text_time"
-        )
-        if not is_sdxl_base:
-            raise ValueError(
-                f"{type(pipeline).__name__} has a second text encoder but is not an SDXL base pipeline (it needs "
-                "`text_encoder`, `text_encoder_2` and a UNet with `addition_embed_type='text_time'`); the SDXL "
-                "refiner's aesthetic-score conditioning is not supported"
-            )
-        return StableDiffusionXLFamily(pipeline)
-    if getattr(pipeline, "text_encoder", None) is None or getattr(pipeline, "tokenizer", None) is None:
-        raise ValueError(f"{type(pipeline).__name__} needs a `text_encoder` and a `tokenizer`")
-    return StableDiffusionFamily(pipeline)

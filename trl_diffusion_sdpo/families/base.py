@@ -1,38 +1,52 @@
-"""The interface every model family implements: frozen components, prompt encoding, the denoiser and its call.
+"""The interface every model family implements: frozen components, prompt encoding, the denoiser and its call, and
+the noiser that makes its training inputs.
 
 Tokenisation happens in the data collator (CPU, possibly in dataloader workers); encoding happens on the
 accelerator in the trainer. Both go through a family object so the trainer never branches on the model type.
-One module per family beside this one (:mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`);
-:func:`~.family_for_pipeline` picks one.
+One module per family beside this one (:mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`), each registered with
+:func:`~.registry.register_family`; :func:`~.registry.family_for_pipeline` picks one.
 
-What a family defines:
+What a family defines (abstract members are marked *):
 
+* ``name``\\* and ``pipeline_classes``\\*: the family's name and the diffusers pipeline classes it handles (for
+  errors and docs); :meth:`matches`\\*: whether a pipeline is one of them, decided from its components so that
+  subclasses work; :meth:`check_pipeline`: a specific refusal for a pipeline it claims but cannot train.
 * ``denoiser_name``: the pipeline attribute of the trained network (``"unet"`` or ``"transformer"``); it also names
   the LoRA key prefix and the full-weights subfolder the pipeline's loaders expect.
-* ``flow_matching``: ``False`` for DDPM-style UNets (noised with the scheduler's ``add_noise``, target from its
-  ``prediction_type``), ``True`` for rectified-flow transformers (``x_s = (1 - s) x0 + s eps``, target
-  ``eps - x0``; see :mod:`trl_diffusion_sdpo.step.flow`).
-* :meth:`frozen_modules`, :meth:`prompt_tokenizer`, :meth:`encode_prompts`: the text side.
-* :meth:`unet_conditioning` and :meth:`call_denoiser`: how one prediction is made, in the latent layout
+* ``lora_target_modules``: the LoRA targets when the user names none (the only place they are written).
+* ``flow_matching`` and :meth:`noiser`\\*: how training inputs are noised. DDPM-style UNets noise with the
+  scheduler's ``add_noise`` and regress its ``prediction_type`` (:class:`~.noising.DDPMNoiser`); rectified-flow
+  transformers noise ``x_s = (1 - s) x0 + s eps`` and regress ``eps - x0`` (:class:`~.flow.FlowNoiser`, through
+  :class:`~.flow.FlowMatchingFamily`).
+* :meth:`frozen_modules`\\*, :meth:`prompt_tokenizer`\\*, :meth:`encode_prompts`\\*: the text side.
+* :meth:`denoiser_conditioning` and :meth:`call_denoiser`: how one prediction is made, in the latent layout
   ``[N, C, h, w]`` whatever the network's own input layout (FLUX packs 2x2 patches inside the call).
+
+Diffusers' pipeline modules are imported where they are used, never here: importing a family costs nothing.
 """
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import DiffusionPipeline
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from .noising import Noiser
 
 __all__ = ["ModelFamily", "PromptEmbeddings", "PromptTokenizer", "scale_latents"]
 
 
 @dataclass
 class PromptEmbeddings:
-    """Text conditioning of the UNet for a batch of prompts."""
+    """Text conditioning of the denoiser for a batch of prompts."""
 
     encoder_hidden_states: torch.Tensor
-    pooled: torch.Tensor | None = None  # SDXL ``text_embeds``
+    pooled: torch.Tensor | None = None  # SDXL ``text_embeds``, the flow transformers' pooled projection
 
     def repeat(self, times: int) -> PromptEmbeddings:
         """Stack the batch ``times`` times along dim 0 (winner and loser share the prompt)."""
@@ -41,7 +55,7 @@ class PromptEmbeddings:
 
 
 def scale_latents(sample: torch.Tensor, vae_config) -> torch.Tensor:
-    """``(sample - shift_factor) * scaling_factor``: a posterior sample in the UNet's latent space."""
+    """``(sample - shift_factor) * scaling_factor``: a posterior sample in the denoiser's latent space."""
     shift = getattr(vae_config, "shift_factor", None)
     if shift is not None:
         sample = sample - shift
@@ -72,18 +86,50 @@ class PromptTokenizer:
         }
 
 
-class ModelFamily:
-    """Base class: a pipeline's frozen components, its trained denoiser and how to condition and call it."""
+class ModelFamily(abc.ABC):
+    """A pipeline's frozen components, its trained denoiser, how to condition and call it, and how to noise its
+    training inputs. Subclass it (or :class:`~.flow.FlowMatchingFamily`) and register the subclass with
+    :func:`~.registry.register_family`."""
 
-    name: str = "base"
-    needs_time_ids: bool = False
-    denoiser_name: str = "unet"
-    flow_matching: bool = False
+    name: ClassVar[str]
+    # The diffusers pipeline classes this family handles, by name (errors and docs list them; matching uses
+    # :meth:`matches`, on components).
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    needs_time_ids: ClassVar[bool] = False
+    denoiser_name: ClassVar[str] = "unet"
+    flow_matching: ClassVar[bool] = False
     # LoRA targets when the user names none: the attention projections of the denoiser's blocks.
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline
+
+    # ------------------------------------------------------------------------------------------- which pipelines
+
+    @classmethod
+    @abc.abstractmethod
+    def matches(cls, pipeline: Any) -> bool:
+        """Whether ``pipeline`` is one this family handles, from its components (not its class name)."""
+
+    @classmethod
+    def check_pipeline(cls, pipeline: Any) -> None:
+        """Raise a ValueError saying what is missing when a pipeline this family :meth:`matches` cannot be trained
+        (the SDXL refiner, a pipeline without its text encoder); by default every matching pipeline is accepted."""
+        return None
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipeline: DiffusionPipeline,
+        *,
+        max_sequence_length: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> ModelFamily:
+        """The family of ``pipeline`` with the training options that apply to it; the base families take none
+        (``max_sequence_length`` and ``guidance_scale`` are for the flow-matching transformers)."""
+        return cls(pipeline)
+
+    # ------------------------------------------------------------------------------------------------- the model
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -91,30 +137,30 @@ class ModelFamily:
         return getattr(self.pipeline, self.denoiser_name)
 
     @property
-    def unet(self) -> torch.nn.Module:
-        """The denoiser, under its historical name (a transformer for the flow families)."""
-        return self.denoiser
-
-    def call_denoiser(
-        self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
-    ) -> torch.Tensor:
-        """One prediction of ``model`` (the policy, possibly DDP-wrapped, or the reference) on ``sample [N, C, h, w]``
-        at ``timestep [N]``, with ``conditioning`` from :meth:`unet_conditioning`; returns ``[N, C, h, w]``."""
-        return model(sample, timestep, **conditioning, return_dict=False)[0]
-
-    @property
     def vae(self) -> torch.nn.Module:
         return self.pipeline.vae
 
+    @abc.abstractmethod
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """Modules that never train (VAE and text encoders), by pipeline attribute name."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
+    def noiser(self, args: Any) -> Noiser:
+        """The noiser of this family for the config ``args`` (a ``DiffusionSDPOConfig``), after checking the config's
+        noising fields against it (a ValueError naming the field to change)."""
+
+    # ------------------------------------------------------------------------------------------------- the text
+
+    @abc.abstractmethod
     def prompt_tokenizer(self) -> PromptTokenizer:
-        raise NotImplementedError
+        """The tokenizer(s) of the family's text encoders, as the collator runs them."""
 
+    @abc.abstractmethod
     def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> PromptEmbeddings:
-        raise NotImplementedError
+        """The text conditioning of ``tokens`` (the output of :meth:`prompt_tokenizer`), as the pipeline's
+        ``encode_prompt`` builds it."""
+
+    # ------------------------------------------------------------------------------------------------ the images
 
     def vae_needs_fp32(self) -> bool:
         """Whether the VAE must encode in float32 (the SDXL VAE overflows in fp16; diffusers flags it)."""
@@ -125,7 +171,7 @@ class ModelFamily:
         """VAE latents of ``pixel_values`` in [-1, 1]: a posterior sample, scaled (see :func:`scale_latents`).
 
         The VAE computes in its own dtype: an enclosing autocast is switched off, so a VAE kept in float32 (see
-        :meth:`vae_needs_fp32`) really encodes in float32 while the UNet runs in the mixed-precision dtype.
+        :meth:`vae_needs_fp32`) really encodes in float32 while the denoiser runs in the mixed-precision dtype.
         """
         posterior = self._posterior(pixel_values)
         return scale_latents(posterior.sample(generator=generator), self.vae.config)
@@ -141,6 +187,17 @@ class ModelFamily:
         with torch.autocast(device_type=vae.device.type, enabled=False):
             return vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
 
-    def unet_conditioning(self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None) -> dict[str, object]:
-        """Keyword arguments for ``unet(sample, timestep, **kwargs)``."""
+    # -------------------------------------------------------------------------------------------- the prediction
+
+    def denoiser_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        """Keyword arguments for :meth:`call_denoiser` (``denoiser(sample, timestep, **kwargs)`` for a UNet)."""
         return {"encoder_hidden_states": prompt_embeds.encoder_hidden_states}
+
+    def call_denoiser(
+        self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
+    ) -> torch.Tensor:
+        """One prediction of ``model`` (the policy, possibly DDP-wrapped, or the reference) on ``sample [N, C, h, w]``
+        at ``timestep [N]``, with ``conditioning`` from :meth:`denoiser_conditioning`; returns ``[N, C, h, w]``."""
+        return model(sample, timestep, **conditioning, return_dict=False)[0]

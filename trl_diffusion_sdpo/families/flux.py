@@ -12,21 +12,22 @@ takes the timestep as ``s = t / 1000`` and, with ``guidance_embeds`` (FLUX.1-dev
 from __future__ import annotations
 
 import torch
-from diffusers import FluxPipeline
 
-from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
+from .base import PromptEmbeddings, PromptTokenizer
+from .flow import FlowMatchingFamily
+from .registry import register_family
 
 __all__ = ["FluxFamily"]
 
 
-class FluxFamily(ModelFamily):
+@register_family
+class FluxFamily(FlowMatchingFamily):
     """FLUX.1 (``FluxPipeline`` with a ``FluxTransformer2DModel``)."""
 
     name = "flux"
-    denoiser_name = "transformer"
-    flow_matching = True
-    # Both attention streams (image and text tokens), as flow_grpo's SD3.5 Flow-DPO and diffusers' scripts adapt them.
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    transformer_class = "FluxTransformer2DModel"
+    required_components = ("text_encoder_2",)
+    pipeline_classes = ("FluxPipeline",)
     # Logit-normal(0, 1) levels with the resolution-dependent shift FLUX samples with (SimpleTuner's flow defaults
     # with auto-shift); diffusers' FLUX LoRA script draws uniform levels without shift (flow_weighting_scheme="none",
     # flow_shift="none").
@@ -34,11 +35,6 @@ class FluxFamily(ModelFamily):
     default_flow_shift = "resolution"
     default_max_sequence_length = 512  # the pipeline's and diffusers' FLUX script's
     default_guidance_scale = 3.5
-
-    def __init__(self, pipeline, max_sequence_length: int | None = None, guidance_scale: float | None = None) -> None:
-        super().__init__(pipeline)
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
-        self.guidance_scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {
@@ -60,17 +56,20 @@ class FluxFamily(ModelFamily):
         hidden = t5(tokens["input_ids_2"].to(t5.device), return_dict=True).last_hidden_state
         return PromptEmbeddings(hidden, pooled)
 
-    def unet_conditioning(self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None) -> dict[str, object]:
+    def denoiser_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        """The flow base's sequence and pooled projection, and ``txt_ids`` zeros ``[L, 3]`` (text positions)."""
+        conditioning = super().denoiser_conditioning(prompt_embeds, time_ids)
         hidden = prompt_embeds.encoder_hidden_states
-        return {
-            "encoder_hidden_states": hidden,
-            "pooled_projections": prompt_embeds.pooled.to(hidden.dtype),
-            "txt_ids": torch.zeros(hidden.shape[1], 3, device=hidden.device, dtype=hidden.dtype),
-        }
+        conditioning["txt_ids"] = torch.zeros(hidden.shape[1], 3, device=hidden.device, dtype=hidden.dtype)
+        return conditioning
 
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:
+        from diffusers import FluxPipeline  # the pipeline module is slow to import: only when a FLUX model runs
+
         n, channels, height, width = sample.shape
         packed = FluxPipeline._pack_latents(sample, n, channels, height, width)
         img_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, sample.device, sample.dtype)

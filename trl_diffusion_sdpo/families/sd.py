@@ -1,21 +1,41 @@
-"""SD 1.x / 2.x: one CLIP text encoder, ``encoder_hidden_states = last_hidden_state``."""
+"""SD 1.x / 2.x: one CLIP text encoder, ``encoder_hidden_states = last_hidden_state``, DDPM noising (epsilon or
+v-prediction, from the scheduler's ``prediction_type``)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
+from .noising import DDPMNoiser
+from .registry import register_family
 
 __all__ = ["StableDiffusionFamily"]
 
 
+@register_family
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x / 2.x: one CLIP text encoder, last hidden state as cross-attention context."""
 
     name = "stable-diffusion"
+    pipeline_classes = ("StableDiffusionPipeline",)
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        """A UNet and no second text encoder (which would make it SDXL)."""
+        return getattr(pipeline, "unet", None) is not None and getattr(pipeline, "text_encoder_2", None) is None
+
+    @classmethod
+    def check_pipeline(cls, pipeline: Any) -> None:
+        if getattr(pipeline, "text_encoder", None) is None or getattr(pipeline, "tokenizer", None) is None:
+            raise ValueError(f"{type(pipeline).__name__} needs a `text_encoder` and a `tokenizer`")
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {"vae": self.pipeline.vae, "text_encoder": self.pipeline.text_encoder}
+
+    def noiser(self, args: Any) -> DDPMNoiser:
+        return DDPMNoiser.from_config(self.pipeline.scheduler, args)
 
     def prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer({"input_ids": self.pipeline.tokenizer})

@@ -11,28 +11,26 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
+from .base import PromptEmbeddings, PromptTokenizer
+from .flow import FlowMatchingFamily
+from .registry import register_family
 
 __all__ = ["StableDiffusion3Family"]
 
 
-class StableDiffusion3Family(ModelFamily):
+@register_family
+class StableDiffusion3Family(FlowMatchingFamily):
     """SD3 / SD3.5 (``StableDiffusion3Pipeline`` with an ``SD3Transformer2DModel``)."""
 
     name = "stable-diffusion-3"
-    denoiser_name = "transformer"
-    flow_matching = True
-    # Both attention streams (image and text tokens), as flow_grpo's SD3.5 Flow-DPO and diffusers' scripts adapt them.
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    transformer_class = "SD3Transformer2DModel"
+    required_components = ("text_encoder_3",)
+    pipeline_classes = ("StableDiffusion3Pipeline",)
     # As diffusers' SD3 training script and flow_grpo's SD3.5 DPO: logit-normal(0, 1) levels on the scheduler's
     # (statically shifted) sigma table, no loss weighting.
     default_weighting_scheme = "logit_normal"
     default_flow_shift = "scheduler"
     default_max_sequence_length = 77  # diffusers' SD3 LoRA script (the pipeline samples with 256)
-
-    def __init__(self, pipeline, max_sequence_length: int | None = None) -> None:
-        super().__init__(pipeline)
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         modules = {
@@ -69,12 +67,3 @@ class StableDiffusion3Family(ModelFamily):
         clip_hidden = torch.nn.functional.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1]))
         sequence = torch.cat([clip_hidden, t5_hidden.to(clip_hidden)], dim=-2)
         return PromptEmbeddings(sequence, torch.cat(pooled, dim=-1))
-
-    def unet_conditioning(self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None) -> dict[str, object]:
-        hidden = prompt_embeds.encoder_hidden_states
-        return {"encoder_hidden_states": hidden, "pooled_projections": prompt_embeds.pooled.to(hidden.dtype)}
-
-    def call_denoiser(
-        self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
-    ) -> torch.Tensor:
-        return model(hidden_states=sample, timestep=timestep, **conditioning, return_dict=False)[0]

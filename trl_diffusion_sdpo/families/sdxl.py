@@ -4,19 +4,43 @@ micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
+from .noising import DDPMNoiser
+from .registry import register_family
 
 __all__ = ["StableDiffusionXLFamily"]
 
 
+@register_family
 class StableDiffusionXLFamily(ModelFamily):
     """SDXL: two CLIP text encoders (penultimate hidden states concatenated), pooled ``text_embeds``,
     per-image ``time_ids`` micro-conditioning."""
 
     name = "stable-diffusion-xl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
     needs_time_ids = True
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        """A UNet and a second text encoder."""
+        return getattr(pipeline, "unet", None) is not None and getattr(pipeline, "text_encoder_2", None) is not None
+
+    @classmethod
+    def check_pipeline(cls, pipeline: Any) -> None:
+        """Refuse the refiner: its UNet takes an aesthetic score instead of the base's size conditioning."""
+        is_sdxl_base = getattr(pipeline, "text_encoder", None) is not None and (
+            getattr(pipeline.unet.config, "addition_embed_type", None) == "text_time"
+        )
+        if not is_sdxl_base:
+            raise ValueError(
+                f"{type(pipeline).__name__} has a second text encoder but is not an SDXL base pipeline (it needs "
+                "`text_encoder`, `text_encoder_2` and a UNet with `addition_embed_type='text_time'`); the SDXL "
+                "refiner's aesthetic-score conditioning is not supported"
+            )
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {
@@ -24,6 +48,9 @@ class StableDiffusionXLFamily(ModelFamily):
             "text_encoder": self.pipeline.text_encoder,
             "text_encoder_2": self.pipeline.text_encoder_2,
         }
+
+    def noiser(self, args: Any) -> DDPMNoiser:
+        return DDPMNoiser.from_config(self.pipeline.scheduler, args)
 
     def prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer({"input_ids": self.pipeline.tokenizer, "input_ids_2": self.pipeline.tokenizer_2})
@@ -39,7 +66,9 @@ class StableDiffusionXLFamily(ModelFamily):
         pooled = out_2.text_embeds if hasattr(out_2, "text_embeds") else out_2.pooler_output
         return PromptEmbeddings(hidden, pooled)
 
-    def unet_conditioning(self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None) -> dict[str, object]:
+    def denoiser_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
         if time_ids is None:
             raise ValueError("SDXL needs per-image time_ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w)")
         hidden = prompt_embeds.encoder_hidden_states

@@ -4,9 +4,10 @@ config as trackers read it (:mod:`.trackers`)."""
 
 from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
 from .saving import (
-    load_full_unet,
+    has_lora_adapters,
+    load_full_denoiser,
     load_lora_adapters,
-    save_full_unet,
+    save_full_denoiser,
     save_lora_adapters,
     save_pipeline_components,
     write_training_config,
@@ -16,11 +17,12 @@ from .trackers import make_config_trackable
 __all__ = [
     "build_model_card",
     "create_hub_repo",
-    "load_full_unet",
+    "has_lora_adapters",
+    "load_full_denoiser",
     "load_lora_adapters",
     "make_config_trackable",
     "push_checkpoint",
-    "save_full_unet",
+    "save_full_denoiser",
     "save_lora_adapters",
     "save_pipeline_components",
     "upload_folder_to_hub",

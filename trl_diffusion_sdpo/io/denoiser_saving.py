@@ -18,9 +18,9 @@ from .checkpoints import is_checkpoint_folder
 from .saving import (
     has_pipeline_components,
     has_saved_weights,
-    load_full_unet,
+    load_full_denoiser,
     load_lora_adapters,
-    save_full_unet,
+    save_full_denoiser,
     save_lora_adapters,
     save_pipeline_components,
     write_training_config,
@@ -56,7 +56,7 @@ class DenoiserSaving:
         if self.is_lora:
             save_lora_adapters(denoiser, output_dir, type(self.pipeline), state_dict=state_dict or None, prefix=name)
         else:
-            save_full_unet(denoiser, output_dir, state_dict=state_dict or None, subfolder=name)
+            save_full_denoiser(denoiser, output_dir, state_dict=state_dict or None, subfolder=name)
             # The whole pipeline in the output folder, only the denoiser in checkpoints (all that resuming reads).
             # The other components are frozen: written once.
             if not is_checkpoint_folder(output_dir) and not has_pipeline_components(output_dir):
@@ -79,7 +79,7 @@ class DenoiserSaving:
             if self.is_lora:
                 load_lora_adapters(denoiser, resume_from_checkpoint, prefix=self.family.denoiser_name)
             else:
-                load_full_unet(denoiser, resume_from_checkpoint, subfolder=self.family.denoiser_name)
+                load_full_denoiser(denoiser, resume_from_checkpoint, subfolder=self.family.denoiser_name)
 
     def _load_best_model(self: Trainer) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -34,13 +34,13 @@ __all__ = [
     "TRAINING_CONFIG_NAME",
     "copy_saved_model",
     "has_pipeline_components",
+    "has_lora_adapters",
     "has_saved_weights",
-    "load_full_unet",
+    "load_full_denoiser",
     "load_lora_adapters",
-    "save_full_unet",
+    "save_full_denoiser",
     "save_lora_adapters",
     "save_pipeline_components",
-    "unet_has_lora",
     "write_training_config",
 ]
 
@@ -53,29 +53,30 @@ PIPELINE_INDEX_NAME = "model_index.json"
 _DIFFUSERS_WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 
 
-def unet_has_lora(unet: torch.nn.Module) -> bool:
-    return bool(getattr(unet, "peft_config", None))
+def has_lora_adapters(denoiser: torch.nn.Module) -> bool:
+    """Whether ``denoiser`` already carries PEFT adapters (a ``peft_config``)."""
+    return bool(getattr(denoiser, "peft_config", None))
 
 
 def lora_state_dict(
-    unet: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None, prefix: str = UNET_SUBFOLDER
+    denoiser: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None, prefix: str = UNET_SUBFOLDER
 ):
-    """The adapter weights of ``unet`` in diffusers' key format, on CPU (PEFT keys for transformers, as diffusers'
+    """The adapter weights of ``denoiser`` in diffusers' key format, on CPU (PEFT keys for transformers, as diffusers'
     SD3 and FLUX scripts save them; the UNet keys converted as its SD/SDXL scripts do)."""
-    peft_state = get_peft_model_state_dict(unet, state_dict=state_dict)
+    peft_state = get_peft_model_state_dict(denoiser, state_dict=state_dict)
     if prefix == UNET_SUBFOLDER:
         peft_state = convert_state_dict_to_diffusers(peft_state)
     return {k: v.detach().cpu().contiguous() for k, v in peft_state.items()}
 
 
 def save_lora_adapters(
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     output_dir: str,
     pipeline_cls: type,
     state_dict: dict[str, torch.Tensor] | None = None,
     prefix: str = UNET_SUBFOLDER,
 ) -> str:
-    """Write the UNet's LoRA adapters with ``pipeline_cls.save_lora_weights``; returns the file path.
+    """Write the denoiser's LoRA adapters with ``pipeline_cls.save_lora_weights``; returns the file path.
 
     The adapter config (``lora_alpha`` above all) is stored in the file's metadata: without it ``load_lora_weights``
     assumes ``lora_alpha == r`` and a model trained with another alpha would load with the wrong scale.
@@ -86,32 +87,32 @@ def save_lora_adapters(
         output_dir,
         safe_serialization=True,
         **{
-            f"{prefix}_lora_layers": lora_state_dict(unet, state_dict, prefix),
-            f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+            f"{prefix}_lora_layers": lora_state_dict(denoiser, state_dict, prefix),
+            f"{prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
         },
     )
     return os.path.join(output_dir, LORA_WEIGHTS_NAME)
 
 
 def load_lora_adapters(
-    unet: torch.nn.Module, directory: str, adapter_name: str = "default", prefix: str = UNET_SUBFOLDER
+    denoiser: torch.nn.Module, directory: str, adapter_name: str = "default", prefix: str = UNET_SUBFOLDER
 ) -> None:
     """Load adapters saved by :func:`save_lora_adapters` into a denoiser that already carries the same adapter
     config."""
     state = load_file(os.path.join(directory, LORA_WEIGHTS_NAME))
-    unet_state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
-    if not unet_state:
+    denoiser_state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+    if not denoiser_state:
         raise ValueError(f"{directory} holds no LoRA weights for the {prefix} (no '{prefix}.' keys)")
     if prefix == UNET_SUBFOLDER:
-        unet_state = convert_unet_state_dict_to_peft(unet_state)
-    result = set_peft_model_state_dict(unet, unet_state, adapter_name=adapter_name)
+        denoiser_state = convert_unet_state_dict_to_peft(denoiser_state)
+    result = set_peft_model_state_dict(denoiser, denoiser_state, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"LoRA weights in {directory} do not match the model's adapters: {unexpected[:5]}")
 
 
-def save_full_unet(
-    unet: torch.nn.Module,
+def save_full_denoiser(
+    denoiser: torch.nn.Module,
     output_dir: str,
     state_dict: dict[str, torch.Tensor] | None = None,
     subfolder: str = UNET_SUBFOLDER,
@@ -124,10 +125,10 @@ def save_full_unet(
     """
     folder = os.path.join(output_dir, subfolder)
     if state_dict is None:
-        unet.save_pretrained(folder, safe_serialization=True)
+        denoiser.save_pretrained(folder, safe_serialization=True)
         return folder
     os.makedirs(folder, exist_ok=True)
-    unet.save_config(folder)
+    denoiser.save_config(folder)
     save_torch_state_dict(
         {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
         folder,
@@ -137,8 +138,8 @@ def save_full_unet(
     return folder
 
 
-def load_full_unet(unet: torch.nn.Module, directory: str, subfolder: str = UNET_SUBFOLDER) -> None:
-    """Load weights written by :func:`save_full_unet` into ``unet`` in place (strict: every key must match)."""
+def load_full_denoiser(denoiser: torch.nn.Module, directory: str, subfolder: str = UNET_SUBFOLDER) -> None:
+    """Load weights written by :func:`save_full_denoiser` into ``denoiser`` in place (strict: every key must match)."""
     folder = os.path.join(directory, subfolder)
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
@@ -146,7 +147,7 @@ def load_full_unet(unet: torch.nn.Module, directory: str, subfolder: str = UNET_
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(os.path.join(folder, name)))
-    unet.load_state_dict(state, strict=True)
+    denoiser.load_state_dict(state, strict=True)
 
 
 def has_saved_weights(directory: str) -> bool:
@@ -158,7 +159,7 @@ def has_saved_weights(directory: str) -> bool:
 def save_pipeline_components(pipeline: Any, output_dir: str, denoiser: str = UNET_SUBFOLDER) -> None:
     """Write ``model_index.json`` and every component but the trained ``denoiser`` (``"unet"`` or
     ``"transformer"``) as ``pipeline.save_pretrained`` would (safetensors), so that with the folder
-    :func:`save_full_unet` wrote the output is a whole pipeline."""
+    :func:`save_full_denoiser` wrote the output is a whole pipeline."""
     for name, component in pipeline.components.items():
         if name == denoiser or component is None or not hasattr(component, "save_pretrained"):
             continue
@@ -175,7 +176,7 @@ def write_training_config(args: Any, output_dir: str) -> str:
 
 
 def copy_saved_model(source: str, destination: str) -> None:
-    """Copy the weights and ``training_config.json`` that :func:`save_lora_adapters` / :func:`save_full_unet`
+    """Copy the weights and ``training_config.json`` that :func:`save_lora_adapters` / :func:`save_full_denoiser`
     wrote in ``source`` (a checkpoint) into ``destination``, replacing older copies."""
     os.makedirs(destination, exist_ok=True)
     for name in (LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME):

@@ -28,7 +28,6 @@ from ..families import family_for_pipeline
 
 __all__ = [
     "ARGUMENT_TYPES",
-    "DEFAULT_LORA_TARGETS",
     "DiffusionScriptArguments",
     "build_pipeline",
     "check_supported",
@@ -39,10 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# The attention projections of every diffusers denoiser this package tunes (UNet and transformer blocks alike); a
-# family may name more (the flow transformers' text-stream projections, ``ModelFamily.lora_target_modules``).
-DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @dataclass
@@ -126,13 +121,13 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
 
 
 def peft_config_for(model_args: ModelConfig, pipeline):
-    """TRL's ``get_peft_config``, with the denoiser's attention projections as default targets."""
+    """TRL's ``get_peft_config``, with the family's ``lora_target_modules`` as default targets."""
     peft_config = get_peft_config(model_args)
     if peft_config is None:
         return None
     family = family_for_pipeline(pipeline)  # fails early, naming what the pipeline lacks
     if not model_args.lora_target_modules:
-        peft_config.target_modules = set(getattr(family, "lora_target_modules", None) or DEFAULT_LORA_TARGETS)
+        peft_config.target_modules = set(family.lora_target_modules)
     peft_config.task_type = None  # TRL's default (CAUSAL_LM) names a language-model head
     return peft_config
 

@@ -8,6 +8,7 @@ The errors, objective, safeguard and backward that follow are the trainer's to c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,14 +36,8 @@ class Augmentation:
 
     @classmethod
     def from_config(cls, args) -> Augmentation:
-        return cls(
-            resolution=args.resolution,
-            random_flip=args.random_flip,
-            random_crop=args.random_crop,
-            independent_augmentation=args.independent_augmentation,
-            proportion_empty_prompts=args.proportion_empty_prompts,
-            fixed_time_ids=args.fixed_time_ids,
-        )
+        """The config's fields of the same names."""
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
 class MicroBatchStages:

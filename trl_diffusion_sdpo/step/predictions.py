@@ -11,9 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..families import ModelFamily, PromptEmbeddings
+from ..families import ModelFamily, NoisedPair, PromptEmbeddings
 from ..objectives import DenoisingErrors, PreferencePredictions, denoising_error
-from .noising import NoisedPair
 
 __all__ = ["denoising_errors", "predict_pairs"]
 
@@ -37,11 +36,11 @@ def predict_pairs(
     # (LoRA at initialisation) has exactly u = 0 (beta = 5000 would amplify a 1e-7 difference).
     if separate_branches:
         passes = [
-            (rows, family.unet_conditioning(prompt_embeds, None if time_ids is None else time_ids[rows]))
+            (rows, family.denoiser_conditioning(prompt_embeds, None if time_ids is None else time_ids[rows]))
             for rows in (slice(0, batch), slice(batch, 2 * batch))
         ]
     else:
-        passes = [(slice(0, 2 * batch), family.unet_conditioning(prompt_embeds.repeat(2), time_ids))]
+        passes = [(slice(0, 2 * batch), family.denoiser_conditioning(prompt_embeds.repeat(2), time_ids))]
     # Kept as separate outputs, never concatenated: each branch's backward must reach only its own graph.
     outputs = [family.call_denoiser(policy, noised.noisy[r], noised.timesteps[r], c) for r, c in passes]
     policy_winner, policy_loser = _winner_and_loser(outputs, batch)

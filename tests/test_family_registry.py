@@ -1,0 +1,153 @@
+"""The family registry: a pipeline is matched by its components (so subclasses work), a pipeline no family handles is
+refused with every registered family and its pipelines named, and a family registered with ``register_family`` is
+picked for its pipelines without touching the package."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from trl_diffusion_sdpo.families import (
+    FluxFamily,
+    ModelFamily,
+    PromptEmbeddings,
+    PromptTokenizer,
+    StableDiffusion3Family,
+    StableDiffusionFamily,
+    StableDiffusionXLFamily,
+    family_for_pipeline,
+    register_family,
+    registered_families,
+)
+from trl_diffusion_sdpo.families import registry as registry_module
+from trl_diffusion_sdpo.families.noising import DDPMNoiser
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Registrations made in the test are dropped afterwards."""
+    monkeypatch.setattr(registry_module, "_FAMILIES", list(registry_module._FAMILIES))
+
+
+class PixelSpaceFamily(ModelFamily):
+    """A family for a made-up pipeline whose denoiser works on pixels (a ``pixel_denoiser`` component)."""
+
+    name = "pixel-space"
+    pipeline_classes = ("PixelSpacePipeline",)
+    denoiser_name = "pixel_denoiser"
+
+    @classmethod
+    def matches(cls, pipeline) -> bool:
+        return getattr(pipeline, "pixel_denoiser", None) is not None
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.pipeline.text_encoder}
+
+    def noiser(self, args) -> DDPMNoiser:
+        return DDPMNoiser.from_config(self.pipeline.scheduler, args)
+
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        return PromptTokenizer({"input_ids": self.pipeline.tokenizer})
+
+    def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> PromptEmbeddings:
+        return PromptEmbeddings(self.pipeline.text_encoder(tokens["input_ids"]))
+
+
+def test_built_in_families_are_tried_specific_before_general() -> None:
+    assert registered_families()[:4] == (
+        StableDiffusion3Family,
+        FluxFamily,
+        StableDiffusionXLFamily,
+        StableDiffusionFamily,
+    )
+
+
+def test_a_subclass_of_a_supported_pipeline_is_matched_by_its_components(make_pipeline) -> None:
+    class HouseStylePipeline(StableDiffusionPipeline):
+        """A user's pipeline subclass: same components, another class name."""
+
+    base = make_pipeline()
+    pipe = HouseStylePipeline(**base.components)
+    family = family_for_pipeline(pipe)
+    assert type(family) is StableDiffusionFamily
+    assert family.denoiser is base.unet and family.frozen_modules()["text_encoder"] is base.text_encoder
+
+
+def test_an_unknown_pipeline_is_refused_listing_every_registered_family(scratch_registry) -> None:
+    register_family(PixelSpaceFamily)
+    pipeline = SimpleNamespace(transformer=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError) as error:
+        family_for_pipeline(pipeline)
+    message = str(error.value)
+    assert "transformer=Linear" in message  # what the pipeline has
+    for name, pipeline_class in [
+        ("stable-diffusion-3", "StableDiffusion3Pipeline"),
+        ("flux", "FluxPipeline"),
+        ("stable-diffusion-xl", "StableDiffusionXLPipeline"),
+        ("stable-diffusion", "StableDiffusionPipeline"),
+        ("pixel-space", "PixelSpacePipeline"),
+    ]:
+        assert f"{name}: {pipeline_class}" in message
+    assert "register_family" in message
+
+
+def test_a_registered_family_is_picked_for_its_pipelines(scratch_registry, make_pipeline) -> None:
+    sd = make_pipeline()
+    pipeline = SimpleNamespace(
+        pixel_denoiser=sd.unet, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, scheduler=sd.scheduler
+    )
+    with pytest.raises(ValueError, match="not a pipeline of any registered family"):
+        family_for_pipeline(pipeline)
+    assert register_family(PixelSpaceFamily) is PixelSpaceFamily  # usable as a decorator
+    family = family_for_pipeline(pipeline)
+    assert type(family) is PixelSpaceFamily and family.denoiser is sd.unet
+    # The family's own choices reach the caller: the noiser, and the default LoRA targets of the base class.
+    noiser = family.noiser(SimpleNamespace(min_timestep=0, max_timestep=None))
+    assert isinstance(noiser, DDPMNoiser) and noiser.num_train_timesteps == sd.scheduler.config.num_train_timesteps
+    assert family.lora_target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+    # Registering it again changes nothing; the built-in families still get their own pipelines.
+    register_family(PixelSpaceFamily)
+    assert registered_families().count(PixelSpaceFamily) == 1
+    assert type(family_for_pipeline(sd)) is StableDiffusionFamily
+
+
+def test_register_family_refuses_incomplete_or_clashing_families(scratch_registry) -> None:
+    class NoEncoding(ModelFamily):
+        name = "no-encoding"
+        pipeline_classes = ("NoEncodingPipeline",)
+
+        @classmethod
+        def matches(cls, pipeline) -> bool:
+            return False
+
+    with pytest.raises(TypeError, match="encode_prompts") as error:
+        register_family(NoEncoding)
+    assert "frozen_modules" in str(error.value) and "noiser" in str(error.value)
+
+    class AnotherSD(PixelSpaceFamily):
+        name = "stable-diffusion"
+
+    with pytest.raises(ValueError, match="'stable-diffusion' is already registered"):
+        register_family(AnotherSD)
+    with pytest.raises(TypeError, match="ModelFamily subclass"):
+        register_family(object)
+
+
+def test_the_train_script_takes_lora_targets_from_the_family(make_pipeline) -> None:
+    from trl import ModelConfig
+
+    from trl_diffusion_sdpo.scripts.train import peft_config_for
+
+    peft_config = peft_config_for(ModelConfig(use_peft=True, lora_r=4), make_pipeline())
+    assert peft_config.target_modules == set(StableDiffusionFamily.lora_target_modules)
+    # The flow transformers' defaults add the text stream's projections (one source: FlowMatchingFamily).
+    assert set(FluxFamily.lora_target_modules) - set(StableDiffusionFamily.lora_target_modules) == {
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+    }
+    assert StableDiffusion3Family.lora_target_modules == FluxFamily.lora_target_modules

@@ -1,0 +1,310 @@
+"""Rectified-flow (flow-matching) families: the base class :class:`FlowMatchingFamily` that SD3 / SD3.5 and FLUX.1
+share, and their noiser :class:`FlowNoiser`.
+
+For a clean latent ``x0``, a noise ``eps ~ N(0, I)`` and a noise level ``s`` in ``(0, 1]``:
+
+    x_s    = (1 - s) * x0 + s * eps          (the network input, at timestep ``t = 1000 * s``)
+    target = eps - x0                        (the velocity the transformer predicts)
+
+As for the UNet families, one ``s`` and one ``eps`` are drawn per PAIR and used by both the winner and the loser,
+so the two errors of a pair differ only through the images.
+
+How ``s`` is drawn follows the way each family is trained, through diffusers' helpers
+(:func:`diffusers.training_utils.compute_density_for_timestep_sampling` and
+:func:`~diffusers.training_utils.compute_loss_weighting_for_sd3`):
+
+1. ``u`` in ``(0, 1)``: ``"logit_normal"`` ``sigmoid(N(logit_mean, logit_std))`` (SD3 paper's default),
+   ``"mode"`` (mode sampling with ``mode_scale``), or uniform (``"none"``, ``"sigma_sqrt"``, ``"cosmap"``);
+2. ``s`` from the 1000-entry sigma table of the training scheduler at index ``floor(1000 u)``, as diffusers'
+   training scripts do (``shift="scheduler"``: the table carries the scheduler's static shift, 3.0 for SD3; FLUX's
+   scheduler uses dynamic shifting, so its table is unshifted); or from the unshifted table followed by the
+   resolution-dependent shift (``shift="resolution"``, FLUX): ``mu = calculate_shift(seq_len)`` with
+   ``seq_len = (h/2)(w/2)`` latent tokens and ``s' = e^mu s / (1 + (e^mu - 1) s)``;
+3. a per-sample loss weight ``w(s)`` (``"sigma_sqrt"``: ``s^-2``; ``"cosmap"``: ``2 / (pi (1 - 2s + 2s^2))``;
+   otherwise 1). A weighted scheme multiplies each branch's squared error by ``w``; it is applied by scaling the
+   predictions and the target by ``sqrt(w)`` (see :mod:`trl_diffusion_sdpo.step.predictions`), so the errors, the
+   objectives and the safeguard all see the weighted problem. With weight 1 (the default schemes) nothing is scaled.
+
+Diffusers' schedulers and training helpers are imported when a noiser is built or draws, not when this module is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from .base import ModelFamily, PromptEmbeddings
+from .noising import NoisedPair, Noiser, pair_latents
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+__all__ = [
+    "FLOW_SHIFTS",
+    "FLOW_UNSUPPORTED_OBJECTIVES",
+    "FLOW_WEIGHTING_SCHEMES",
+    "FlowMatchingFamily",
+    "FlowNoiser",
+    "FlowTimestepSampling",
+    "flow_noised_pair",
+    "resolution_shift",
+    "shift_sigmas",
+]
+
+logger = logging.getLogger(__name__)
+
+FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
+FLOW_SHIFTS = ("scheduler", "resolution", "none")
+
+# Objectives whose formulas do not carry over to velocity errors (see docs/sd3.md, "Objectives").
+FLOW_UNSUPPORTED_OBJECTIVES = {
+    "mapo": (
+        "MaPO's margin T * (f(e_w) - f(e_l)), f(e) = g e / (exp(g e) - 1), multiplies by the DDPM timestep count T "
+        "and uses an epsilon-space constant g; velocity errors are (1 - s)^-2 times the epsilon errors of the same "
+        "prediction (unbounded as s -> 1), so f saturates at high noise and neither constant has a flow counterpart"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class FlowTimestepSampling:
+    """How the noise level ``s`` is drawn and weighted (see the module docstring)."""
+
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: str = "scheduler"
+
+    def __post_init__(self) -> None:
+        if self.weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+            raise ValueError(
+                f"flow_weighting_scheme={self.weighting_scheme!r} is not supported; choose one of "
+                f"{FLOW_WEIGHTING_SCHEMES}"
+            )
+        if self.shift not in FLOW_SHIFTS:
+            raise ValueError(f"flow_shift={self.shift!r} is not supported; choose one of {FLOW_SHIFTS}")
+        if self.logit_std <= 0:
+            raise ValueError(f"flow_logit_std must be > 0, got {self.logit_std}")
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """``shift * s / (1 + (shift - 1) * s)``: the time shift of SD3 (static) and FLUX (``shift = e^mu``)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def resolution_shift(latent_height: int, latent_width: int, scheduler_config) -> float:
+    """FLUX's resolution-dependent shift ``e^mu``, ``mu`` linear in the number of 2x2 latent tokens between
+    ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)`` of the scheduler config."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # the pipeline module is slow to import
+
+    seq_len = (latent_height // 2) * (latent_width // 2)
+    mu = calculate_shift(
+        seq_len,
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", 1.15),
+    )
+    return math.exp(mu)
+
+
+def flow_noised_pair(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    posterior_eps: torch.Tensor,
+    vae_config,
+    num_train_timesteps: int = 1000,
+) -> NoisedPair:
+    """A pair batch noised by rectified flow: ``x0 = scale(mean + std * posterior_eps)``, ``x_s = (1 - s) x0 + s eps``.
+
+    ``mean``/``std`` ``[2B, C, h, w]`` (winners, then losers); ``sigmas`` ``[B]`` and ``noise`` ``[B, C, h, w]`` per
+    pair, shared by both images; ``posterior_eps`` ``[B, 2, C, h, w]`` per image. ``timesteps`` are
+    ``num_train_timesteps * s`` (float), the target ``eps - x0``; no loss weight (see :meth:`FlowNoiser.noise_pairs`).
+    """
+    latents = pair_latents(mean, std, posterior_eps, vae_config)
+    s = sigmas.to(mean).repeat(2)
+    noise = noise.to(mean).repeat(2, *([1] * (mean.dim() - 1)))
+    s_b = s.view(-1, *([1] * (mean.dim() - 1)))
+    noisy = (1 - s_b) * latents + s_b * noise
+    return NoisedPair(latents, noise, noisy, s * num_train_timesteps, noise - latents)
+
+
+class FlowNoiser(Noiser):
+    """Draws ``s`` and ``eps`` per pair and noises pairs, for one training scheduler and one sampling setting."""
+
+    def __init__(self, scheduler_config, sampling: FlowTimestepSampling) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.sampling = sampling
+        self.scheduler_config = scheduler_config
+        self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
+        if sampling.shift == "scheduler":
+            table = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).sigmas
+        else:  # the unshifted table (1 down to 1/T)
+            table = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps).sigmas
+        self.sigma_table = table[: self.num_train_timesteps].float().cpu()  # descending: index 0 is s = 1
+
+    def sample_sigmas(
+        self,
+        n: int,
+        latent_shape: tuple[int, ...],
+        generator: torch.Generator | None,
+        device: torch.device | str,
+    ) -> torch.Tensor:
+        """``n`` noise levels ``s`` (float32, on the generator's device, then moved to ``device``)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        gen_device = generator.device if generator is not None else device
+        s = self.sampling
+        u = compute_density_for_timestep_sampling(
+            s.weighting_scheme, n, s.logit_mean, s.logit_std, s.mode_scale, device=gen_device, generator=generator
+        )
+        index = (u * len(self.sigma_table)).long().clamp(0, len(self.sigma_table) - 1)
+        sigmas = self.sigma_table.to(gen_device)[index]
+        if s.shift == "resolution":
+            sigmas = shift_sigmas(sigmas, resolution_shift(latent_shape[-2], latent_shape[-1], self.scheduler_config))
+        return sigmas.to(device)
+
+    def loss_weight(self, sigmas: torch.Tensor) -> torch.Tensor | None:
+        """The per-sample weight ``w(s)``, or ``None`` where it is 1 for every sample."""
+        if self.sampling.weighting_scheme not in ("sigma_sqrt", "cosmap"):
+            return None
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        return compute_loss_weighting_for_sd3(self.sampling.weighting_scheme, sigmas).float()
+
+    def draw(
+        self,
+        num_pairs: int,
+        latent_shape: tuple[int, ...],
+        generator: torch.Generator | None,
+        device: torch.device | str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The levels (:meth:`sample_sigmas`), then the noise, from ``generator`` on ``device``."""
+        sigmas = self.sample_sigmas(num_pairs, latent_shape, generator, device)
+        return sigmas, torch.randn((num_pairs, *latent_shape), generator=generator, device=device)
+
+    def noise_pairs(
+        self,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        levels: torch.Tensor,
+        noise: torch.Tensor,
+        posterior_eps: torch.Tensor,
+        vae_config,
+    ) -> NoisedPair:
+        """See :func:`flow_noised_pair`; adds this setting's loss weight."""
+        noised = flow_noised_pair(mean, std, levels, noise, posterior_eps, vae_config, self.num_train_timesteps)
+        weight = self.loss_weight(levels)
+        noised.loss_weight = None if weight is None else weight.to(mean.device).repeat(2)
+        return noised
+
+
+class FlowMatchingFamily(ModelFamily):
+    """Base of the rectified-flow transformer families: the transformer is the denoiser, both attention streams are
+    the LoRA targets, the noiser is :class:`FlowNoiser` with the family's default sampling, and T5-style prompts are
+    cut at ``max_sequence_length`` tokens. A subclass sets the ``default_*`` attributes and defines the text side
+    (and :meth:`call_denoiser` when its transformer takes another input layout)."""
+
+    denoiser_name = "transformer"
+    flow_matching = True
+    # Both attention streams (image and text tokens), as flow_grpo's SD3.5 Flow-DPO and diffusers' scripts adapt them.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    # The diffusers transformer class (a subclass matches too) and the pipeline attributes that must exist (they may
+    # hold None, as SD3 without T5) for :meth:`matches`.
+    transformer_class: ClassVar[str]
+    required_components: ClassVar[tuple[str, ...]] = ()
+    # The side of the latent patches the transformer takes: the resolution must be a multiple of it in pixels.
+    latent_patch_size: ClassVar[int] = 2
+    # How noise levels are drawn when the config leaves flow_weighting_scheme / flow_shift unset.
+    default_weighting_scheme: ClassVar[str] = "logit_normal"
+    default_flow_shift: ClassVar[str] = "scheduler"
+    default_max_sequence_length: ClassVar[int]
+    # The guidance embedding's value, for transformers that have one (FLUX.1-dev); None for the others.
+    default_guidance_scale: ClassVar[float | None] = None
+
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        max_sequence_length: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> None:
+        super().__init__(pipeline)
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.guidance_scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipeline: DiffusionPipeline,
+        *,
+        max_sequence_length: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> FlowMatchingFamily:
+        return cls(pipeline, max_sequence_length, guidance_scale)
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        """A transformer of ``transformer_class`` (or a subclass), no UNet, and the ``required_components``."""
+        transformer = getattr(pipeline, "transformer", None)
+        if getattr(pipeline, "unet", None) is not None or transformer is None:
+            return False
+        import diffusers  # the class is looked up only when a pipeline has a transformer
+
+        return isinstance(transformer, getattr(diffusers, cls.transformer_class)) and all(
+            hasattr(pipeline, name) for name in cls.required_components
+        )
+
+    def noiser(self, args: Any) -> FlowNoiser:
+        """The flow noiser with the ``flow_*`` settings of ``args`` (a ``DiffusionSDPOConfig``); refuses settings and
+        objectives that have no flow-matching meaning, naming the field to change, and warns about a UNet-scale
+        ``beta``."""
+        if args.loss_type in FLOW_UNSUPPORTED_OBJECTIVES:
+            raise ValueError(
+                f"loss_type={args.loss_type!r} is not supported for {self.name}: "
+                f"{FLOW_UNSUPPORTED_OBJECTIVES[args.loss_type]}. Use dpo, dspo, dmpo, smpo or sft."
+            )
+        if args.min_timestep != 0 or args.max_timestep is not None:
+            raise ValueError(
+                f"min_timestep/max_timestep apply to the UNet families; {self.name} draws noise levels with "
+                "flow_weighting_scheme, flow_logit_mean/std, flow_mode_scale and flow_shift"
+            )
+        multiple = self.latent_patch_size * self.pipeline.vae_scale_factor
+        if args.resolution % multiple != 0:
+            raise ValueError(
+                f"resolution must be a multiple of {multiple} for {self.name} (the transformer takes "
+                f"{self.latent_patch_size}x{self.latent_patch_size} latent patches), got {args.resolution}"
+            )
+        sampling = FlowTimestepSampling(
+            weighting_scheme=args.flow_weighting_scheme or self.default_weighting_scheme,
+            logit_mean=args.flow_logit_mean,
+            logit_std=args.flow_logit_std,
+            mode_scale=args.flow_mode_scale,
+            shift=args.flow_shift or self.default_flow_shift,
+        )
+        noiser = FlowNoiser(self.pipeline.scheduler.config, sampling)
+        if args.loss_type in ("dpo", "smpo") and args.beta == 5000.0:
+            logger.warning(
+                "beta=5000 is Diffusion-DPO's value for SD UNets; the flow-matching anchors use beta=100 on "
+                "mean velocity errors (flow_grpo's SD3.5 Flow-DPO). See docs/sd3.md before keeping it."
+            )
+        return noiser
+
+    def denoiser_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        """The sequence and the pooled projection (in the sequence's dtype), as the MMDiT transformers take them."""
+        hidden = prompt_embeds.encoder_hidden_states
+        return {"encoder_hidden_states": hidden, "pooled_projections": prompt_embeds.pooled.to(hidden.dtype)}
+
+    def call_denoiser(
+        self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
+    ) -> torch.Tensor:
+        return model(hidden_states=sample, timestep=timestep, **conditioning, return_dict=False)[0]
