@@ -26,8 +26,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .config import DiffusionSDPOConfig
-from .data.latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
-from .data.preference import (
+from .data import (
     DataReport,
     PairTransform,
     PreferenceCollator,
@@ -35,6 +34,7 @@ from .data.preference import (
     add_reward_scores,
     prepare_preference_dataset,
 )
+from .data.latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .data.sharded_cache import ShardedLatentCache
 from .distributed import (
     all_reduce_mean_,
@@ -68,7 +68,7 @@ from .io.saving import (
 from .io.trackers import make_config_trackable
 from .objectives import (
     PreferencePredictions,
-    build_objective,
+    objective_from_config,
 )
 from .reference import Reference, build_reference
 from .step.batch import EncodedBatch, crop_pairs, drop_prompts, encode_batch, fixed_time_ids
@@ -191,14 +191,8 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
             module.requires_grad_(False)
             module.eval()
 
-        self.objective = build_objective(
-            args.loss_type,
-            beta=args.beta,
-            dmpo_alpha=args.dmpo_alpha,
-            dspo_form=args.dspo_form,
-            mapo_beta=args.mapo_beta,
-            mapo_snr_value=args.mapo_snr_value,
-            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+        self.objective = objective_from_config(
+            args, num_train_timesteps=self.noise_scheduler.config.num_train_timesteps
         )
         # The reference copy is taken before adapters are added so it holds the base weights only. Reference-free
         # objectives (MaPO, SFT) build none: no copy in memory, no forward pass.
@@ -262,21 +256,15 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
             eval_dataset, eval_columns, self.eval_data_report = prepare_preference_dataset(eval_dataset, args, "eval")
         else:
             eval_columns = columns
-        # SmPO's per-pair weights are made by the collators, for smpo only (other objectives refuse them).
-        weighting: dict[str, float] = {}
-        if args.loss_type == "smpo":
-            weighting = dict(
-                smpo_gamma=args.smpo_gamma, smpo_score_min=args.smpo_score_min, smpo_score_max=args.smpo_score_max
-            )
         transform = PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
         self._tokenize = self.family.prompt_tokenizer()
         data_collator = PreferenceCollator(
-            columns, self._tokenize, transform, train=True, with_flipped=args.random_flip, **weighting
+            columns, self._tokenize, transform, train=True, with_flipped=args.random_flip
         )
-        self._eval_collator = PreferenceCollator(eval_columns, self._tokenize, transform, train=False, **weighting)
+        self._eval_collator = PreferenceCollator(eval_columns, self._tokenize, transform, train=False)
         self._empty_prompt: PromptEmbeddings | None = None  # for prompt dropout; encoded at first use
         if prebuilt is not None:
-            data_collator = prebuilt.collator(**weighting)
+            data_collator = prebuilt.collator()
             self._empty_prompt = prebuilt.empty_prompt
         # Without images to encode, the VAE and text encoders stay on the CPU.
         self._encoders_idle = args.cache_latents or (prebuilt is not None and eval_dataset is None)
@@ -285,12 +273,12 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
             if prebuilt is None:
                 train_cache = self._latent_cache(train_dataset, columns, args, "train")
                 train_dataset = train_cache.dataset
-                data_collator = CachedPreferenceCollator(with_flipped=args.random_flip, **weighting)
+                data_collator = CachedPreferenceCollator(with_flipped=args.random_flip)
                 self._empty_prompt = train_cache.empty_prompt
             if eval_dataset is not None:
                 eval_cache = self._latent_cache(eval_dataset, eval_columns, args, "eval")
                 eval_dataset = eval_cache.dataset
-                self._eval_collator = CachedPreferenceCollator(**weighting)
+                self._eval_collator = CachedPreferenceCollator()
 
         super().__init__(
             model=unet,
@@ -514,7 +502,7 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         if self.args.safeguard and self.args.safeguard_space == "output":
             lam = self._output_space_lambda(predictions)
             errors.policy_loser = scale_gradient(errors.policy_loser, lam)
-        output = self.objective(predictions, errors, pair_weights=inputs.get("pair_weights"))
+        output = self.objective(predictions, errors, pair_scores=inputs.get("pair_scores"))
         loss = output.loss
         if replay:
             loss = loss * 0.0
@@ -550,13 +538,13 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
                 p.grad = None
         with self.compute_loss_context_manager():
             predictions = self._predict(policy, inputs, "train", separate_branches=True)
-        pair_weights = inputs.get("pair_weights")
+        pair_scores = inputs.get("pair_scores")
         captured: dict[str, Any] = {}
 
         def loss_of(policy_winner: torch.Tensor, policy_loser: torch.Tensor) -> torch.Tensor:
             branch = dataclasses.replace(predictions, policy_winner=policy_winner, policy_loser=policy_loser)
             captured["errors"] = denoising_errors(branch)
-            captured["output"] = self.objective(branch, captured["errors"], pair_weights=pair_weights)
+            captured["output"] = self.objective(branch, captured["errors"], pair_scores=pair_scores)
             return captured["output"].loss
 
         loss, cot_winner, cot_loser = branch_cotangents(loss_of, predictions.policy_winner, predictions.policy_loser)
