@@ -11,16 +11,12 @@ from conftest import lora_config, pickapic_rows
 from datasets import Dataset, IterableDataset
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
-from trl_diffusion_sdpo.data.preference import (
-    PairTransform,
-    PreferenceCollator,
-    add_reward_scores,
-    load_image,
-    order_pair,
-    prepare_preference_dataset,
-    resolve_columns,
-)
+from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
+from trl_diffusion_sdpo.data.scoring import add_reward_scores
+from trl_diffusion_sdpo.data.transforms import PairTransform, load_image
+from trl_diffusion_sdpo.data.validation import order_pair, resolve_columns
 from trl_diffusion_sdpo.families import family_for_pipeline
 
 GAMMA, SCORE_MIN, SCORE_MAX = 10.0, 0.1, 0.3
