@@ -27,7 +27,7 @@ pairs, the data's pair scores. Two rules make every objective compose with the D
 from __future__ import annotations
 
 import abc
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -202,7 +202,9 @@ _REGISTRY: dict[str, type[PreferenceObjective]] = {}
 
 def register_objective(cls: type[PreferenceObjective]) -> type[PreferenceObjective]:
     """Class decorator: make ``cls`` (a :class:`PreferenceObjective` dataclass) buildable as ``loss_type=cls.name``."""
-    if not (isinstance(cls, type) and issubclass(cls, PreferenceObjective) and is_dataclass(cls)):
+    # ``__dataclass_params__`` in the class's own namespace: decorated itself, not only inheriting a dataclass (whose
+    # fields would then miss the ones this class declares).
+    if not (isinstance(cls, type) and issubclass(cls, PreferenceObjective) and "__dataclass_params__" in vars(cls)):
         raise TypeError(f"{cls!r} must be a PreferenceObjective subclass decorated with @dataclass(frozen=True)")
     if cls.name in _REGISTRY:
         raise ValueError(f"an objective named {cls.name!r} is already registered")
