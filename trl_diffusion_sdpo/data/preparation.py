@@ -7,9 +7,10 @@ Two input forms are accepted:
 * TRL preference form: ``prompt``, ``chosen``, ``rejected``.
 
 With ``loss_type="smpo"`` either form also needs one score per image (``score_0``, ``score_1``: finite real numbers,
-e.g. PickScore): the higher-scored image is the winner (equal scores: image 1, as SmPO's strict ``>``) and each pair
-carries SmPO's weight ``pair_weights`` (see :func:`order_pair`). Human ties (``label_0 = 0.5``) are still dropped.
-:func:`add_reward_scores` writes the score columns with a ``reward_fn`` when a dataset has none.
+e.g. PickScore): the higher-scored image is the winner (equal scores: image 1, as SmPO's strict ``>``) and each batch
+carries the pairs' scores (:func:`~.validation.order_pair`, :class:`~.collators.PreferenceCollator`). Human ties
+(``label_0 = 0.5``) are still dropped. :func:`~.scoring.add_reward_scores` writes the score columns with a
+``reward_fn`` when a dataset has none.
 
 A map-style dataset is checked in full before training (missing columns, missing prompts, labels outside
 {0, 0.5, 1}, undecodable images): the first problem raises a ``ValueError`` naming the row and column, or, with

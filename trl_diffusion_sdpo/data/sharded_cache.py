@@ -55,14 +55,7 @@ from .latent_cache import (
     build_latent_cache,
     frozen_weights_digest,
 )
-from .validation import (
-    DataReport,
-    PreferenceColumns,
-    is_tie,
-    resolve_columns,
-    row_problem,
-    with_undecoded_images,
-)
+from .validation import DataReport, PreferenceColumns, is_tie, resolve_columns, row_problem, with_undecoded_images
 
 __all__ = [
     "ArrowRowsCollator",

@@ -191,10 +191,6 @@ class DiffusionDPOLogitObjective(PreferenceObjective):
         Range(0, low_open=True, hint="The paper uses 2000 to 5000 for Diffusion-DPO (default 5000).")
     )
 
-    def logits(self, errors: DenoisingErrors) -> torch.Tensor:
-        """``u = -0.5 * beta * ((e_theta^w - e_theta^l) - (e_ref^w - e_ref^l))``, shape ``[B]``."""
-        return diffusion_dpo_logits(errors, self.beta)
-
 
 # loss_type -> objective class.
 _REGISTRY: dict[str, type[PreferenceObjective]] = {}
