@@ -68,7 +68,7 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     import datasets
 
     from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
-    from trl_diffusion_sdpo.data.preference import prepare_preference_dataset
+    from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
     from trl_diffusion_sdpo.data.sharded_cache import build_sharded_latent_cache
     from trl_diffusion_sdpo.families import family_for_pipeline
 
@@ -180,7 +180,7 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
 
 def decode_cost(repeats: int) -> dict[str, float]:
     """Milliseconds per pair of host work before the VAE: two JPEGs decoded, resized, center-cropped, and mirrored."""
-    from trl_diffusion_sdpo.data.preference import PairTransform, load_image
+    from trl_diffusion_sdpo.data.transforms import PairTransform, load_image
 
     out = {}
     for resolution in (512, 1024):

@@ -113,11 +113,11 @@ def _poison(step: int, rank: int) -> None:
     import trl_diffusion_sdpo.trainer as trainer_module
     from trl_diffusion_sdpo.objectives import ObjectiveOutput
 
-    build_objective = trainer_module.build_objective
+    objective_from_config = trainer_module.objective_from_config
     calls = {"n": 0}
 
-    def poisoned_objective(name, **hyperparameters):
-        objective = build_objective(name, **hyperparameters)
+    def poisoned_objective(config, **kwargs):
+        objective = objective_from_config(config, **kwargs)
 
         class Poisoned:
             def __getattr__(self, name):  # name, requires_reference, metric_names, ...
@@ -132,7 +132,7 @@ def _poison(step: int, rank: int) -> None:
 
         return Poisoned()
 
-    trainer_module.build_objective = poisoned_objective
+    trainer_module.objective_from_config = poisoned_objective
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

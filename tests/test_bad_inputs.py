@@ -11,7 +11,9 @@ from conftest import encode_image, pickapic_rows
 from datasets import Dataset
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo.data.preference import PairTransform, PreferenceCollator, prepare_preference_dataset
+from trl_diffusion_sdpo.data.collators import PreferenceCollator
+from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
+from trl_diffusion_sdpo.data.transforms import PairTransform
 from trl_diffusion_sdpo.io.checkpoints import CheckpointError, resolve_resume_checkpoint
 
 
@@ -32,7 +34,7 @@ def stream_collate(rows, make_config, caplog):
     """Prepare ``rows`` as a stream and collate all of them, capturing the warnings."""
     stream, columns, _ = prepare_preference_dataset(Dataset.from_list(rows).to_iterable_dataset(), make_config())
     collator = PreferenceCollator(columns, lambda prompts: {}, PairTransform(32), train=True)
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.data.preference"):
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.data.collators"):
         return collator(list(stream))
 
 

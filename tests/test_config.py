@@ -41,7 +41,11 @@ from trl_diffusion_sdpo import DiffusionSDPOConfig
         # The other objective and data fields
         ({"dmpo_alpha": 1.0}, r"dmpo_alpha must lie in \(0, 1\)"),
         ({"mapo_snr_value": 0.0}, "mapo_snr_value must be positive"),
-        ({"smpo_gamma": -1.0}, "smpo_gamma must be >= 0"),
+        ({"smpo_gamma": -1.0}, "smpo_gamma must be positive"),
+        ({"smpo_gamma": 0.0}, "smpo_gamma must be positive"),  # every weight 0: the pairs would teach nothing
+        ({"smpo_score_min": 0.3, "smpo_score_max": 0.2}, r"smpo_score_max \(0.2\) must be larger than smpo_score_min"),
+        ({"dspo_form": "sd21"}, "dspo_form must be one of"),
+        ({"mapo_beta": float("inf")}, "mapo_beta must be finite"),
         ({"resolution": 64.5}, "resolution must be an integer"),
         ({"max_timestep": 0}, "max_timestep must be >= 1"),
         ({"validation_guidance_scale": float("inf")}, "validation_guidance_scale must be finite"),

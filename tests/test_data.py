@@ -11,14 +11,10 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo.data.preference import (
-    PairTransform,
-    PreferenceCollator,
-    load_image,
-    mirrored_time_ids,
-    prepare_preference_dataset,
-    resolve_columns,
-)
+from trl_diffusion_sdpo.data.collators import PreferenceCollator
+from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
+from trl_diffusion_sdpo.data.transforms import PairTransform, load_image, mirrored_time_ids
+from trl_diffusion_sdpo.data.validation import resolve_columns
 
 
 def colour_of(pixels: torch.Tensor) -> tuple[int, int, int]:

@@ -10,7 +10,8 @@ from datasets import Dataset
 from PIL import Image
 
 from trl_diffusion_sdpo.data.images import to_rgb
-from trl_diffusion_sdpo.data.preference import load_image, prepare_preference_dataset
+from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
+from trl_diffusion_sdpo.data.transforms import load_image
 
 
 def palette_image(mode: str) -> Image.Image:

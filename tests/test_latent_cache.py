@@ -19,7 +19,8 @@ from trl_diffusion_sdpo.data.latent_cache import (
     cached_prompt_embeds,
     cached_time_ids,
 )
-from trl_diffusion_sdpo.data.preference import PairTransform, mirrored_time_ids, prepare_preference_dataset
+from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
+from trl_diffusion_sdpo.data.transforms import PairTransform, mirrored_time_ids
 from trl_diffusion_sdpo.families import family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 

@@ -12,10 +12,10 @@ from trl_diffusion_sdpo.objectives import (
     OBJECTIVES,
     DenoisingErrors,
     PreferencePredictions,
+    build_objective,
     denoising_error,
     diffusion_dpo_logits,
     diffusion_dpo_loss,
-    get_objective,
     implicit_accuracy,
 )
 from trl_diffusion_sdpo.step.safeguard import scale_gradient
@@ -132,10 +132,10 @@ def test_safeguard_scales_only_the_loser_error_gradient_of_the_loss():
 
 
 def test_objective_registry_resolves_dpo_and_rejects_unknown_names():
-    objective = get_objective("dpo", beta=10.0)
+    objective = build_objective("dpo", beta=10.0)
     assert "dpo" in OBJECTIVES and objective.name == "dpo" and objective.requires_reference
     preds = PreferencePredictions(*(torch.zeros(4, 1, 1, 1) for _ in range(4)))
     out = objective(preds, errors())
     assert out.loss.item() == pytest.approx(diffusion_dpo_loss(errors(), 10.0).loss.item())
     with pytest.raises(ValueError, match="dpo"):
-        get_objective("not-a-loss", beta=10.0)
+        build_objective("not-a-loss", beta=10.0)

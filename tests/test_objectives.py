@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
+from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.objectives import (
     OBJECTIVES,
     DenoisingErrors,
@@ -15,18 +17,23 @@ from trl_diffusion_sdpo.objectives import (
     DMPOObjective,
     DSPOObjective,
     MaPOObjective,
+    ObjectiveOutput,
     PreferenceObjective,
     PreferencePredictions,
     build_objective,
     diffusion_dpo_loss,
-    get_objective,
+    hyperparameter,
     mapo_score,
+    objective_class,
+    objective_from_config,
+    register_objective,
     smoothed_preference_weights,
 )
+from trl_diffusion_sdpo.objectives import base as objectives_base
 from trl_diffusion_sdpo.step.safeguard import scale_gradient
 
 B, SHAPE = 4, (4, 2, 3, 3)
-EXPECTED_FLAGS = {  # name: (requires_reference, uses_loser, needs_pair_weights)
+EXPECTED_FLAGS = {  # name: (requires_reference, uses_loser, needs_pair_scores)
     "dpo": (True, True, False),
     "dspo": (True, True, False),
     "dmpo": (True, True, False),
@@ -34,7 +41,12 @@ EXPECTED_FLAGS = {  # name: (requires_reference, uses_loser, needs_pair_weights)
     "mapo": (False, True, False),
     "smpo": (True, True, True),
 }
-PAIR_WEIGHTS = np.array([1.5, 0.2, 3.0, 0.7])
+# SmPO's PickScore normalisation range, copied from SmPO's train.py (not from the package).
+PICKSCORE_MIN, PICKSCORE_MAX = 0.11543526500463486, 0.28201571106910706
+# (winner, loser) scores of 4 pairs, and SmPO's weights of them with gamma 10 written out here in float64:
+# 10 * (2 sigmoid(x) - 1) = 10 * tanh(x / 2), x = (s_w - s_l) / (max - min).
+PAIR_SCORES = np.array([[0.25, 0.12], [0.2, 0.19], [0.28, 0.11], [0.21, 0.2]])
+PAIR_WEIGHTS = 10.0 * np.tanh((PAIR_SCORES[:, 0] - PAIR_SCORES[:, 1]) / (PICKSCORE_MAX - PICKSCORE_MIN) / 2)
 # Small betas keep u = O(1) on these random tensors, where every objective is far from saturation.
 BETAS = {"dpo": 2.0, "dspo": 2.0, "dmpo": 2.0, "sft": 2.0, "mapo": 2.0, "smpo": 2.0}
 
@@ -84,8 +96,15 @@ def batch(a: dict[str, np.ndarray], loser_scale: float | None = None, with_refer
     return predictions, errors
 
 
-def weights_for(name: str) -> torch.Tensor | None:
-    return torch.tensor(PAIR_WEIGHTS) if name == "smpo" else None
+def scores_for(name: str) -> torch.Tensor | None:
+    return torch.tensor(PAIR_SCORES) if name == "smpo" else None
+
+
+def build(name: str, beta: float = 1.0, **fields) -> PreferenceObjective:
+    """``build_objective`` with ``beta`` for the objectives that declare it (sft and mapo have none)."""
+    if "beta" in objective_class(name).hyperparameter_names():
+        fields["beta"] = beta
+    return build_objective(name, **fields)
 
 
 # ---------------------------------------------------------------------------------------------------- interface
@@ -97,17 +116,17 @@ def test_objectives_lists_the_six_loss_types():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_FLAGS))
 def test_each_objective_declares_what_the_trainer_must_run(name):
-    objective = build_objective(name, beta=1.0)
+    objective = build(name)
     assert isinstance(objective, PreferenceObjective)
     assert objective.name == name
-    assert (objective.requires_reference, objective.uses_loser, objective.needs_pair_weights) == EXPECTED_FLAGS[name]
+    assert (objective.requires_reference, objective.uses_loser, objective.needs_pair_scores) == EXPECTED_FLAGS[name]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_FLAGS))
 def test_each_objective_returns_a_scalar_loss_per_pair_logits_and_its_declared_metrics(name):
-    objective = build_objective(name, beta=BETAS[name])
+    objective = build(name, BETAS[name])
     predictions, errors = batch(arrays(), with_reference=objective.requires_reference)
-    out = objective(predictions, errors, pair_weights=weights_for(name))
+    out = objective(predictions, errors, pair_scores=scores_for(name))
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert out.logits.shape == (B,)
     assert tuple(out.metrics) == objective.metric_names
@@ -118,7 +137,7 @@ def test_each_objective_returns_a_scalar_loss_per_pair_logits_and_its_declared_m
 def test_reference_free_objectives_work_with_the_reference_fields_none(name):
     predictions, errors = batch(arrays(), with_reference=False)
     assert predictions.reference_winner is None and errors.reference_loser is None
-    build_objective(name, beta=1.0)(predictions, errors).loss.backward()
+    build(name)(predictions, errors).loss.backward()
     assert torch.isfinite(predictions.policy_winner.grad).all()
 
 
@@ -126,14 +145,14 @@ def test_reference_free_objectives_work_with_the_reference_fields_none(name):
 def test_objectives_with_a_reference_say_so_when_it_is_missing(name):
     predictions, errors = batch(arrays(), with_reference=False)
     with pytest.raises(ValueError, match="reference"):
-        build_objective(name, beta=1.0)(predictions, errors, pair_weights=weights_for(name))
+        build(name)(predictions, errors, pair_scores=scores_for(name))
 
 
-@pytest.mark.parametrize("name", ["dspo", "dmpo", "sft", "mapo"])
-def test_objectives_without_pair_weighting_refuse_pair_weights(name):
-    predictions, errors = batch(arrays())
-    with pytest.raises(ValueError, match="smpo"):
-        build_objective(name, beta=1.0)(predictions, errors, pair_weights=torch.ones(B))
+@pytest.mark.parametrize("name", ["dpo", "dspo", "dmpo", "sft", "mapo"])
+def test_objectives_that_do_not_weight_pairs_ignore_pair_scores(name):
+    objective = build(name, BETAS[name])
+    without = objective(*batch(arrays())).loss.item()
+    assert objective(*batch(arrays()), pair_scores=torch.tensor(PAIR_SCORES)).loss.item() == without
 
 
 def test_unknown_loss_type_lists_the_valid_names():
@@ -160,31 +179,139 @@ def test_unknown_loss_type_lists_the_valid_names():
         ("mapo_snr_value", float("nan")),
         ("num_train_timesteps", 0),
         ("num_train_timesteps", 1000.0),
+        ("smpo_gamma", 0.0),
+        ("smpo_score_min", float("nan")),
     ],
 )
 def test_bad_hyperparameters_raise_naming_the_field(field, value):
-    kwargs = {"beta": 1.0, field: value}
-    for name in ("dpo", "mapo"):  # every field is checked whatever the objective
+    owners = [name for name in OBJECTIVES if field in objective_class(name).hyperparameter_names()]
+    assert owners, f"no objective declares {field}"
+    for name in owners:  # beta: every objective over the Diffusion-DPO logit checks it, by the same rule
+        fields = {"beta": 1.0} if "beta" in objective_class(name).hyperparameter_names() else {}
         with pytest.raises(ValueError, match=field):
-            build_objective(name, **kwargs)
+            build_objective(name, **{**fields, field: value})
+
+
+def test_smpo_refuses_a_score_range_that_is_empty():
+    with pytest.raises(ValueError, match=r"smpo_score_max \(0.1\) must be larger than smpo_score_min \(0.2\)"):
+        build_objective("smpo", beta=1.0, smpo_score_min=0.2, smpo_score_max=0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "stray"),
+    [
+        ("mapo", {"beta": 1.0}, "beta"),
+        ("dpo", {"beta": 1.0, "dspo_form": "sdxl"}, "dspo_form"),
+        ("sft", {"x": 1}, "x"),
+    ],
+)
+def test_build_objective_refuses_a_field_the_objective_does_not_declare(name, fields, stray):
+    with pytest.raises(ValueError, match=f"no hyperparameter '{stray}'") as info:
+        build_objective(name, **fields)
+    assert str(list(objective_class(name).hyperparameter_names())) in str(info.value)  # lists what it does take
 
 
 def test_direct_construction_validates_too():
     with pytest.raises(ValueError, match="dmpo_alpha"):
-        DMPOObjective(beta=1.0, alpha=1.5)
+        DMPOObjective(beta=1.0, dmpo_alpha=1.5)
     with pytest.raises(ValueError, match="dspo_form"):
-        DSPOObjective(beta=1.0, form="sd3")
+        DSPOObjective(beta=1.0, dspo_form="sd3")
     with pytest.raises(ValueError, match="mapo_snr_value"):
-        MaPOObjective(snr_value=0.0)
+        MaPOObjective(mapo_snr_value=0.0)
     with pytest.raises(ValueError, match="beta"):
         DiffusionDPOObjective(beta=float("nan"))
 
 
-def test_get_objective_is_build_objective_with_beta_required():
-    objective = get_objective("dmpo", beta=3.0, dmpo_alpha=0.05)
-    assert (type(objective), objective.beta, objective.alpha) == (DMPOObjective, 3.0, 0.05)
-    with pytest.raises(TypeError):
-        get_objective("dpo")
+def test_each_objective_declares_its_fields_with_the_papers_defaults():
+    assert DMPOObjective(beta=2000.0) == DMPOObjective(beta=2000.0, dmpo_alpha=0.01)
+    assert DSPOObjective(beta=1.0).dspo_form == "sd15"
+    assert MaPOObjective() == MaPOObjective(mapo_beta=0.1, mapo_snr_value=0.5, num_train_timesteps=1000)
+    smpo = build_objective("smpo", beta=1.0)
+    assert (smpo.smpo_gamma, smpo.smpo_score_min, smpo.smpo_score_max) == (10.0, PICKSCORE_MIN, PICKSCORE_MAX)
+    assert repr(DMPOObjective(beta=2)) == "DMPOObjective(beta=2.0, dmpo_alpha=0.01)"
+
+
+# ------------------------------------------------------------------------------------------------ from the config
+
+
+def config(tmp_path, **fields) -> DiffusionSDPOConfig:
+    return DiffusionSDPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, safeguard=fields.pop("safeguard", True), **fields
+    )
+
+
+def test_config_fields_reach_dmpo(tmp_path):
+    a, beta, alpha = arrays(), 2.0, 0.2
+    objective = objective_from_config(
+        config(tmp_path, loss_type="dmpo", beta=beta, dmpo_alpha=alpha), num_train_timesteps=1
+    )
+    p, q = np_sigmoid(np_logits(a, beta)), 1 - alpha
+    kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+    assert objective(*batch(a)).loss.item() == pytest.approx(kl.mean(), rel=1e-10)
+
+
+def test_config_fields_reach_dspo(tmp_path):
+    a, beta = arrays(seed=5, reference_offset=1.0), 3.0
+    objective = objective_from_config(
+        config(tmp_path, loss_type="dspo", beta=beta, dspo_form="sdxl"), num_train_timesteps=1
+    )
+    d2 = ((a["pw"] - a["rw"]) ** 2).reshape(B, -1).mean(axis=1)
+    expected = np.mean((1 - np_sigmoid(np_logits(a, beta))) ** 2 * d2)  # the sdxl form, not the default sd15
+    assert objective(*batch(a)).loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_config_fields_and_the_schedulers_timesteps_reach_mapo(tmp_path):
+    a, g, mapo_beta, T = arrays(), 0.3, 0.7, 50
+    args = config(tmp_path, loss_type="mapo", mapo_beta=mapo_beta, mapo_snr_value=g)
+    objective = objective_from_config(args, num_train_timesteps=T)
+    e = np_errors(a)
+    f = lambda x: g * x / np.expm1(g * x)  # noqa: E731
+    expected = e["w"].mean() + mapo_beta * np.mean(np.logaddexp(0, -T * (f(e["w"]) - f(e["l"]))))
+    assert objective(*batch(a, with_reference=False)).loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_config_fields_reach_smpo(tmp_path):
+    a, beta, gamma, lo, hi = arrays(), 2.0, 3.0, 0.1, 0.3
+    args = config(tmp_path, loss_type="smpo", beta=beta, smpo_gamma=gamma, smpo_score_min=lo, smpo_score_max=hi)
+    objective = objective_from_config(args, num_train_timesteps=1)
+    weights = gamma * np.tanh((PAIR_SCORES[:, 0] - PAIR_SCORES[:, 1]) / (hi - lo) / 2)
+    expected = np.mean(np.logaddexp(0, -weights * np_logits(a, beta)))
+    out = objective(*batch(a), pair_scores=torch.tensor(PAIR_SCORES))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_bad_objective_field_fails_when_the_config_is_made_whatever_the_loss_type(tmp_path):
+    with pytest.raises(ValueError, match=r"dmpo_alpha must lie in \(0, 1\), got 1.5"):
+        config(tmp_path, loss_type="dpo", dmpo_alpha=1.5)
+    with pytest.raises(ValueError, match="winners only"):  # SFT declares no loser term: nothing to safeguard
+        config(tmp_path, loss_type="sft")
+
+
+def test_a_registered_objective_is_built_from_the_config_field_of_its_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(objectives_base, "_REGISTRY", dict(objectives_base._REGISTRY))  # undone after the test
+
+    @register_objective
+    @dataclass(frozen=True)
+    class ScaledSFT(PreferenceObjective):
+        mapo_beta: float = hyperparameter(objectives_base.Range(0, low_open=True), 1.0)  # any config field works
+
+        name = "scaled_sft"
+        requires_reference = False
+        uses_loser = False
+
+        def loss(self, predictions, errors) -> ObjectiveOutput:
+            return ObjectiveOutput(self.mapo_beta * errors.policy_winner.mean(), errors.policy_winner.detach())
+
+    args = config(tmp_path, safeguard=False, mapo_beta=4.0)
+    args.loss_type = "scaled_sft"
+    objective = objective_from_config(args, num_train_timesteps=1)
+    a = arrays()
+    assert objective.mapo_beta == 4.0
+    assert objective(*batch(a)).loss.item() == pytest.approx(4.0 * np_errors(a)["w"].mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="already registered"):
+        register_objective(ScaledSFT)
+    with pytest.raises(TypeError, match="dataclass"):
+        register_objective(type("Plain", (PreferenceObjective,), {"name": "plain", "loss": lambda self, p, e: None}))
 
 
 # ---------------------------------------------------------------------------------------------------- safeguard
@@ -198,12 +325,12 @@ def test_the_safeguard_scales_exactly_the_loser_gradient_of_every_objective(name
     lam = 0.3
     # A large reference offset puts DSPO's SDXL form on its D_w^2-weighted branch, where pred_w gets a gradient.
     a = arrays(seed=1, reference_offset=1.0)
-    objective = build_objective(name, beta=BETAS[name], dspo_form=form)
+    objective = build(name, BETAS[name], **({"dspo_form": form} if name == "dspo" else {}))
     plain_predictions, plain_errors = batch(a)
-    plain = objective(plain_predictions, plain_errors, pair_weights=weights_for(name))
+    plain = objective(plain_predictions, plain_errors, pair_scores=scores_for(name))
     plain.loss.backward()
     guarded_predictions, guarded_errors = batch(a, loser_scale=lam)
-    guarded = objective(guarded_predictions, guarded_errors, pair_weights=weights_for(name))
+    guarded = objective(guarded_predictions, guarded_errors, pair_scores=scores_for(name))
     guarded.loss.backward()
 
     assert guarded.loss.item() == plain.loss.item()
@@ -215,7 +342,7 @@ def test_the_safeguard_scales_exactly_the_loser_gradient_of_every_objective(name
 
 def test_sft_gives_the_loser_no_gradient_so_the_safeguard_has_nothing_to_scale():
     predictions, errors = batch(arrays())
-    build_objective("sft", beta=1.0)(predictions, errors).loss.backward()
+    build_objective("sft")(predictions, errors).loss.backward()
     assert predictions.policy_loser.grad is None
 
 
@@ -230,23 +357,25 @@ def test_dpo_object_matches_numpy():
     np.testing.assert_allclose(out.logits.detach().numpy(), u, rtol=1e-12)
 
 
-def test_smpo_with_unit_weights_is_dpo():
+def test_smpo_is_dpo_with_the_weights_of_its_pair_scores():
     a = arrays()
-    dpo_predictions, dpo_errors = batch(a)
-    dpo = build_objective("dpo", beta=2.0)(dpo_predictions, dpo_errors)
+    weighted_predictions, weighted_errors = batch(a)
+    dpo = diffusion_dpo_loss(weighted_errors, 2.0, pair_weights=torch.tensor(PAIR_WEIGHTS))
     dpo.loss.backward()
     smpo_predictions, smpo_errors = batch(a)
-    smpo = build_objective("smpo", beta=2.0)(smpo_predictions, smpo_errors, pair_weights=torch.ones(B))
+    smpo = build_objective("smpo", beta=2.0)(smpo_predictions, smpo_errors, pair_scores=torch.tensor(PAIR_SCORES))
     smpo.loss.backward()
-    assert smpo.loss.item() == pytest.approx(dpo.loss.item(), rel=1e-14)
+    assert smpo.loss.item() == pytest.approx(dpo.loss.item(), rel=1e-12)
     torch.testing.assert_close(smpo.logits, dpo.logits)
-    torch.testing.assert_close(smpo_predictions.policy_winner.grad, dpo_predictions.policy_winner.grad)
-    torch.testing.assert_close(smpo_predictions.policy_loser.grad, dpo_predictions.policy_loser.grad)
+    torch.testing.assert_close(smpo_predictions.policy_winner.grad, weighted_predictions.policy_winner.grad)
+    torch.testing.assert_close(smpo_predictions.policy_loser.grad, weighted_predictions.policy_loser.grad)
+    assert smpo.metrics["smpo/mean_pair_weight"].item() == pytest.approx(PAIR_WEIGHTS.mean(), rel=1e-6)
 
 
-def test_smpo_with_zero_weights_gives_log_two_and_no_gradient():
+def test_smpo_with_equal_scores_gives_log_two_and_no_gradient():
     predictions, errors = batch(arrays())
-    out = build_objective("smpo", beta=2.0)(predictions, errors, pair_weights=torch.zeros(B))
+    equal = torch.tensor([[0.2, 0.2]] * B, dtype=torch.float32)
+    out = build_objective("smpo", beta=2.0)(predictions, errors, pair_scores=equal)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(math.log(2), rel=1e-14)
     assert predictions.policy_winner.grad.abs().max() == 0 and predictions.policy_loser.grad.abs().max() == 0
@@ -256,14 +385,32 @@ def test_smpo_with_zero_weights_gives_log_two_and_no_gradient():
 def test_smpo_matches_numpy_with_per_pair_weights():
     a = arrays()
     wu = PAIR_WEIGHTS * np_logits(a, 2.0)
-    out = build_objective("smpo", beta=2.0)(*batch(a), pair_weights=torch.tensor(PAIR_WEIGHTS))
+    out = build_objective("smpo", beta=2.0)(*batch(a), pair_scores=torch.tensor(PAIR_SCORES))
     assert out.loss.item() == pytest.approx(np.mean(np.log1p(np.exp(-wu))), rel=1e-12)
     np.testing.assert_allclose(out.logits.detach().numpy(), np_logits(a, 2.0), rtol=1e-12)  # unweighted
 
 
-def test_smpo_without_pair_weights_says_what_is_missing():
-    with pytest.raises(ValueError, match="pair_weights"):
+def test_smpo_from_float32_pair_scores_equals_the_collators_former_weights():
+    """Before, the collators made the weights from the float64 scores (then float32); now SmPO makes them from the
+    float32 ``pair_scores`` the collators hand on. The loss agrees to float32 rounding."""
+    scores = [[0.2473, 0.1310], [0.2011, 0.1989], [0.27, 0.12], [0.1502, 0.1501]]  # (winner, loser)
+    span = 0.28201571106910706 - 0.11543526500463486
+    # the former formula, sigmoid written out, in float64, then rounded to float32 as the collators did
+    former = np.array([10.0 * (2.0 / (1.0 + math.exp(-(w - x) / span)) - 1.0) for w, x in scores], dtype=np.float32)
+    a = arrays()
+    expected = np.mean(np.logaddexp(0, -former.astype(np.float64) * np_logits(a, 2.0)))
+    out = build_objective("smpo", beta=2.0)(*batch(a), pair_scores=torch.tensor(scores, dtype=torch.float32))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.metrics["smpo/mean_pair_weight"].item() == pytest.approx(former.mean(), rel=1e-6)
+    swapped = build_objective("smpo", beta=2.0)(*batch(a), pair_scores=torch.tensor(scores).flip(1))
+    assert swapped.metrics["smpo/mean_pair_weight"].item() == pytest.approx(-former.mean(), rel=1e-6)
+
+
+def test_smpo_without_pair_scores_says_what_is_missing():
+    with pytest.raises(ValueError, match="pair_scores"):
         build_objective("smpo", beta=1.0)(*batch(arrays()))
+    with pytest.raises(ValueError, match=r"\[B, 2\]"):
+        build_objective("smpo", beta=1.0)(*batch(arrays()), pair_scores=torch.tensor(PAIR_WEIGHTS))
 
 
 def test_smoothed_preference_weights_match_numpy():
@@ -402,12 +549,12 @@ def test_dmpo_is_finite_at_saturated_logits():
 
 def test_sft_is_the_mean_squared_winner_error_ignoring_loser_and_reference():
     a = arrays()
-    out = build_objective("sft", beta=1.0)(*batch(a))
+    out = build_objective("sft")(*batch(a))
     assert out.loss.item() == pytest.approx(np.mean((a["pw"] - a["tw"]) ** 2), rel=1e-12)
     e = np_errors(a)
     np.testing.assert_allclose(out.logits.numpy(), e["l"] - e["w"], rtol=1e-12)
     other = dict(a, pl=a["pl"] + 5.0, rw=a["rw"] - 3.0, rl=a["rl"] * 2)
-    assert build_objective("sft", beta=1.0)(*batch(other)).loss.item() == out.loss.item()
+    assert build_objective("sft")(*batch(other)).loss.item() == out.loss.item()
 
 
 # ---------------------------------------------------------------------------------------------------- mapo
@@ -450,7 +597,7 @@ def test_mapo_matches_numpy_without_a_reference():
     margin = T * (f(e["w"]) - f(e["l"]))
     log_sigmoid = -np.logaddexp(0, -margin)
     expected = e["w"].mean() - beta * log_sigmoid.mean()
-    out = build_objective("mapo", beta=5000.0, mapo_beta=beta, mapo_snr_value=g, num_train_timesteps=T)(
+    out = build_objective("mapo", mapo_beta=beta, mapo_snr_value=g, num_train_timesteps=T)(
         *batch(a, with_reference=False)
     )
     assert out.loss.item() == pytest.approx(expected, rel=1e-12)
@@ -463,16 +610,9 @@ def test_mapo_matches_numpy_without_a_reference():
 def test_mapo_is_finite_with_zero_errors():
     zero = torch.zeros(2, requires_grad=True)
     errors = DenoisingErrors(zero, torch.tensor([0.0, 0.5], requires_grad=True))
-    out = build_objective("mapo", beta=1.0)(None, errors)
+    out = build_objective("mapo")(None, errors)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(zero.grad).all()
-
-
-def test_mapo_ignores_the_beta_of_the_dpo_logit():
-    a = arrays()
-    small = build_objective("mapo", beta=1.0)(*batch(a, with_reference=False)).loss.item()
-    large = build_objective("mapo", beta=5000.0)(*batch(a, with_reference=False)).loss.item()
-    assert small == large
 
 
 def test_diffusion_dpo_loss_is_still_exported():

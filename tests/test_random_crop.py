@@ -13,7 +13,9 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo.data.preference import PairTransform, PreferenceCollator, PreferenceColumns
+from trl_diffusion_sdpo.data.collators import PreferenceCollator
+from trl_diffusion_sdpo.data.transforms import PairTransform
+from trl_diffusion_sdpo.data.validation import PreferenceColumns
 from trl_diffusion_sdpo.step.batch import crop_pairs
 
 

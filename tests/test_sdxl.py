@@ -19,7 +19,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-from trl_diffusion_sdpo.data.preference import PairTransform
+from trl_diffusion_sdpo.data.transforms import PairTransform
 from trl_diffusion_sdpo.families import PromptEmbeddings, StableDiffusionXLFamily, family_for_pipeline
 from trl_diffusion_sdpo.families.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
 from trl_diffusion_sdpo.tiny_models import build_tiny_sdxl_pipeline

@@ -20,7 +20,7 @@ from test_latent_cache import _rows
 import trl_diffusion_sdpo.data.sharded_cache as sharded_cache
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
-from trl_diffusion_sdpo.data.preference import prepare_preference_dataset
+from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.sharded_cache import build_sharded_latent_cache, load_sharded_latent_cache
 from trl_diffusion_sdpo.families import family_for_pipeline
 from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline

@@ -1,4 +1,5 @@
-"""SmPO's data path: score columns, the score-ordered pair, ``pair_weights`` (plain and cached) and ``reward_fn``."""
+"""SmPO's data path: score columns, the score-ordered pair, ``pair_scores`` (plain and cached), the weights SmPO makes
+of them, and ``reward_fn``."""
 
 from __future__ import annotations
 
@@ -11,20 +12,16 @@ from conftest import lora_config, pickapic_rows
 from datasets import Dataset, IterableDataset
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
-from trl_diffusion_sdpo.data.preference import (
-    PairTransform,
-    PreferenceCollator,
-    add_reward_scores,
-    load_image,
-    order_pair,
-    prepare_preference_dataset,
-    resolve_columns,
-)
+from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
+from trl_diffusion_sdpo.data.scoring import add_reward_scores
+from trl_diffusion_sdpo.data.transforms import PairTransform, load_image
+from trl_diffusion_sdpo.data.validation import order_pair, resolve_columns
 from trl_diffusion_sdpo.families import family_for_pipeline
+from trl_diffusion_sdpo.objectives import build_objective
 
 GAMMA, SCORE_MIN, SCORE_MAX = 10.0, 0.1, 0.3
-WEIGHTING = dict(smpo_gamma=GAMMA, smpo_score_min=SCORE_MIN, smpo_score_max=SCORE_MAX)
 SMPO = dict(loss_type="smpo", smpo_gamma=GAMMA, smpo_score_min=SCORE_MIN, smpo_score_max=SCORE_MAX)
 
 
@@ -54,7 +51,7 @@ def colour_reward(images, prompts) -> torch.Tensor:
 
 
 class RecordingObjective:
-    """Wraps the trainer's objective and keeps every ``pair_weights`` it is called with."""
+    """Wraps the trainer's objective and keeps every ``pair_scores`` it is called with."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -63,9 +60,9 @@ class RecordingObjective:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, predictions, errors, *, pair_weights=None):
-        self.seen.append(None if pair_weights is None else pair_weights.detach().cpu().clone())
-        return self.inner(predictions, errors, pair_weights=pair_weights)
+    def __call__(self, predictions, errors, *, pair_scores=None):
+        self.seen.append(None if pair_scores is None else pair_scores.detach().cpu().clone())
+        return self.inner(predictions, errors, pair_scores=pair_scores)
 
 
 # ------------------------------------------------------------------------------------------ order and weights
@@ -88,14 +85,17 @@ def test_winner_is_the_higher_scored_image_even_when_the_label_disagrees(make_co
     assert order_pair(tie, columns) is None  # a human tie is still dropped
 
 
-def test_collator_puts_the_higher_scored_image_first_and_weights_equal_a_float64_computation(make_config):
+def test_collator_puts_the_higher_scored_image_first_and_smpo_weights_equal_a_float64_computation(make_config):
     rows = scored_rows(SCORES + [(0.29, 0.1)], LABELS + [0.5])  # the last row is a human tie
     columns = resolve_columns(list(rows[0]), make_config(**SMPO))
     transform = PairTransform(32)
-    batch = PreferenceCollator(columns, tokenize, transform, train=False, **WEIGHTING)(rows)
+    batch = PreferenceCollator(columns, tokenize, transform, train=False)(rows)
     assert batch["num_skipped"].item() == 1
-    weights = batch["pair_weights"]
-    assert weights.dtype == torch.float32 and weights.shape == (4,)
+    scores = batch["pair_scores"]  # (winner, loser): the higher score first
+    assert scores.dtype == torch.float32 and scores.shape == (4, 2)
+    assert torch.equal(scores, torch.tensor([(max(s), min(s)) for s in SCORES], dtype=torch.float32))
+    smpo = build_objective("smpo", beta=1.0, smpo_gamma=GAMMA, smpo_score_min=SCORE_MIN, smpo_score_max=SCORE_MAX)
+    weights = smpo.pair_weights(scores)
     expected = torch.tensor([expected_weight(*s) for s in SCORES], dtype=torch.float64)
     torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=1e-7)
     assert weights[3].item() == 0.0 and (weights[:3] > 0).all()
@@ -108,13 +108,14 @@ def test_collator_puts_the_higher_scored_image_first_and_weights_equal_a_float64
 def test_streamed_rows_with_bad_scores_are_skipped_and_counted(make_config):
     rows = scored_rows([(0.2, 0.1), (math.nan, 0.1), (0.2, "high"), (0.15, 0.25)])
     columns = resolve_columns(list(rows[0]), make_config(**SMPO))
-    batch = PreferenceCollator(columns, tokenize, PairTransform(32), train=False, **WEIGHTING)(rows)
-    assert batch["num_skipped"].item() == 2 and batch["pair_weights"].shape == (2,)
-    empty = PreferenceCollator(columns, tokenize, PairTransform(32), train=False, **WEIGHTING)(rows[1:3])
-    assert empty["pair_weights"].shape == (0,) and empty["pixel_values"].shape[0] == 0
+    batch = PreferenceCollator(columns, tokenize, PairTransform(32), train=False)(rows)
+    assert batch["num_skipped"].item() == 2
+    assert torch.equal(batch["pair_scores"], torch.tensor([[0.2, 0.1], [0.25, 0.15]]))
+    empty = PreferenceCollator(columns, tokenize, PairTransform(32), train=False)(rows[1:3])
+    assert empty["pair_scores"].shape == (0, 2) and empty["pixel_values"].shape[0] == 0
 
 
-def test_weights_through_the_latent_cache_equal_the_uncached_ones(make_pipeline, make_config, tmp_path):
+def test_pair_scores_through_the_latent_cache_equal_the_uncached_ones(make_pipeline, make_config, tmp_path):
     pipeline = make_pipeline()
     args = make_config(**SMPO)
     prepared, columns, _ = prepare_preference_dataset(Dataset.from_list(scored_rows(SCORES, LABELS)), args)
@@ -123,9 +124,9 @@ def test_weights_through_the_latent_cache_equal_the_uncached_ones(make_pipeline,
         prepared, columns, family, resolution=32, random_flip=False, cache_dir=str(tmp_path / "cache")
     )
     rows = [prepared[i] for i in range(len(prepared))]
-    plain = PreferenceCollator(columns, tokenize, PairTransform(32), train=False, **WEIGHTING)(rows)
-    cached = CachedPreferenceCollator(**WEIGHTING)([cache.dataset[i] for i in range(len(cache.dataset))])
-    assert torch.equal(cached["pair_weights"], plain["pair_weights"])
+    plain = PreferenceCollator(columns, tokenize, PairTransform(32), train=False)(rows)
+    cached = CachedPreferenceCollator()([cache.dataset[i] for i in range(len(cache.dataset))])
+    assert torch.equal(cached["pair_scores"], plain["pair_scores"])
     ordered = [(max(s), min(s)) for s in SCORES]
     assert [tuple(s) for s in cache.dataset["scores"]] == ordered
     with torch.no_grad():  # the cached pair is in score order: its winner is the encoding of the higher-scored image
@@ -138,8 +139,7 @@ def test_weights_through_the_latent_cache_equal_the_uncached_ones(make_pipeline,
         dpo_prepared, dpo_columns, family, resolution=32, random_flip=False, cache_dir=str(tmp_path / "cache")
     )
     assert dpo_cache.directory != cache.directory and "scores" not in dpo_cache.dataset.column_names
-    with pytest.raises(ValueError, match="no scores"):
-        CachedPreferenceCollator(**WEIGHTING)([dpo_cache.dataset[0]])
+    assert "pair_scores" not in CachedPreferenceCollator()([dpo_cache.dataset[0]])
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -206,8 +206,8 @@ def test_reward_fn_scores_a_streamed_dataset_lazily(make_config):
     scored = list(prepared)
     assert all(not math.isnan(r["score_0"]) for i, r in enumerate(scored) if i != 1)
     assert math.isnan(scored[1]["score_0"])  # a human tie is not scored (it is dropped anyway)
-    batch = PreferenceCollator(columns, tokenize, PairTransform(32), train=False, **WEIGHTING)(scored)
-    assert batch["num_skipped"].item() == 1 and batch["pair_weights"].shape == (3,)
+    batch = PreferenceCollator(columns, tokenize, PairTransform(32), train=False)(scored)
+    assert batch["num_skipped"].item() == 1 and batch["pair_scores"].shape == (3, 2)
 
 
 def test_reward_fn_fills_the_score_columns_and_smpo_trains_with_the_weights(make_pickapic, make_pipeline, make_config):
@@ -228,12 +228,13 @@ def test_reward_fn_fills_the_score_columns_and_smpo_trains_with_the_weights(make
     trainer.objective = recording
     trainer.train()
     assert trainer.state.global_step == 2
-    seen = torch.cat(recording.seen)
-    expected = torch.tensor(sorted(expected_weight(*s) for s in scores))  # one epoch: every pair once
-    torch.testing.assert_close(seen.sort().values.double(), expected.double(), rtol=1e-6, atol=1e-7)
+    seen = torch.cat(recording.seen)  # one epoch: every pair once, (winner, loser) in score order
+    expected = torch.tensor(sorted((max(s), min(s)) for s in scores), dtype=torch.float32)
+    assert torch.equal(torch.tensor(sorted(seen.tolist()), dtype=torch.float32), expected)
     logged = [log["smpo/mean_pair_weight"] for log in trainer.state.log_history if "smpo/mean_pair_weight" in log]
+    weights = [np.mean([expected_weight(*pair) for pair in step.tolist()]) for step in recording.seen]
     assert len(logged) == 2
-    torch.testing.assert_close(torch.tensor(logged), torch.stack([w.mean() for w in recording.seen]))
+    torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), torch.tensor(weights), rtol=1e-5, atol=1e-6)
 
 
 def test_smpo_without_score_columns_or_reward_fn_raises_the_column_error(make_trainer):
@@ -247,14 +248,14 @@ def test_reward_fn_with_another_loss_type_is_an_error(make_config, pickapic_data
 
 
 @pytest.mark.parametrize("cache_latents", [False, True])
-def test_other_loss_types_never_get_pair_weights_even_with_score_columns(make_trainer, tmp_path, cache_latents):
+def test_other_loss_types_never_get_pair_scores_even_with_score_columns(make_trainer, tmp_path, cache_latents):
     dataset = Dataset.from_list(scored_rows(SCORES, LABELS))
     trainer = make_trainer(
         train_dataset=dataset, cache_latents=cache_latents, latent_cache_dir=str(tmp_path / "cache"), max_steps=1
     )
     assert "score_0" not in trainer.train_dataset.column_names
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    assert "pair_weights" not in batch
+    assert "pair_scores" not in batch
     recording = RecordingObjective(trainer.objective)
     trainer.objective = recording
     trainer.train()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -12,7 +10,8 @@ from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from .objectives import OBJECTIVES
+from .checks import Range
+from .objectives import DSPO_FORMS, OBJECTIVES, check_objective_config, objective_class
 
 __all__ = ["DiffusionSDPOConfig"]
 
@@ -27,6 +26,9 @@ class DiffusionSDPOConfig(TrainingArguments):
     arXiv 2311.12908) and the Diffusion-SDPO paper (Fu et al., arXiv 2511.03317) for SD1.5.
 
     > Parameters that control the objective
+
+    Each objective reads the fields below that it declares, by name, and owns their rules (its class in
+    `trl_diffusion_sdpo/objectives/`); every objective field is checked when the config is made, whatever `loss_type`.
 
     beta (`float`, *optional*, defaults to `5000.0`):
         KL-regularisation strength of Diffusion-DPO. The timestep count and weighting are folded into it; the paper
@@ -49,7 +51,7 @@ class DiffusionSDPOConfig(TrainingArguments):
     mapo_beta (`float`, *optional*, defaults to `0.1`), mapo_snr_value (`float`, *optional*, defaults to `0.5`):
         MaPO's odds-ratio weight and the ``g`` of ``f(e) = g e / (exp(g e) - 1)`` (the MaPO authors' defaults).
     smpo_gamma (`float`, *optional*, defaults to `10.0`):
-        SmPO's scale of the per-pair logit weight ``gamma * (2p - 1)``, ``p = sigmoid(n_w - n_l)``.
+        SmPO's scale (> 0) of the per-pair logit weight ``gamma * (2p - 1)``, ``p = sigmoid(n_w - n_l)``.
     score_0_column, score_1_column (`str`, *optional*, defaults to `"score_0"`, `"score_1"`):
         Per-image score columns for `"smpo"` (the higher-scored image is the winner); or hand the trainer a
         ``reward_fn`` to score the images itself.
@@ -196,7 +198,7 @@ class DiffusionSDPOConfig(TrainingArguments):
     dmpo_alpha: float = field(default=0.01, metadata={"help": "DMPO target q = 1 - alpha (authors: 0.01)."})
     dspo_form: str = field(
         default="sd15",
-        metadata={"help": "DSPO form of the authors' code: 'sd15' or 'sdxl'.", "choices": ["sd15", "sdxl"]},
+        metadata={"help": "DSPO form of the authors' code: 'sd15' or 'sdxl'.", "choices": list(DSPO_FORMS)},
     )
     mapo_beta: float = field(default=0.1, metadata={"help": "MaPO odds-ratio weight (MaPO authors: 0.1)."})
     mapo_snr_value: float = field(default=0.5, metadata={"help": "MaPO's g in f(e) = g e / (exp(g e) - 1)."})
@@ -345,6 +347,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         if self.loss_type not in OBJECTIVES:
             raise ValueError(f"loss_type={self.loss_type!r} is not supported; choose one of {sorted(OBJECTIVES)}")
         self._check_numbers()
+        # The objective fields (beta, dmpo_alpha, ...) are checked by the objectives that declare them.
+        check_objective_config(self)
         if self.resolution % 8 != 0:
             raise ValueError(
                 f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}"
@@ -377,16 +381,10 @@ class DiffusionSDPOConfig(TrainingArguments):
             raise ValueError("remove_unused_columns=True would drop the image columns; leave it False")
         if self.safeguard_space not in ("output", "parameter"):
             raise ValueError(f"safeguard_space must be 'output' or 'parameter', got {self.safeguard_space!r}")
-        if self.loss_type == "sft" and self.safeguard:
+        if self.safeguard and not objective_class(self.loss_type).uses_loser:
             raise ValueError(
-                "loss_type='sft' trains on the winners only: there is no loser gradient for the safeguard to scale. "
-                "Set safeguard=False."
-            )
-        if self.dspo_form not in ("sd15", "sdxl"):
-            raise ValueError(f"dspo_form must be 'sd15' or 'sdxl', got {self.dspo_form!r}")
-        if not self.smpo_score_max > self.smpo_score_min:
-            raise ValueError(
-                f"smpo_score_max ({self.smpo_score_max}) must be larger than smpo_score_min ({self.smpo_score_min})"
+                f"loss_type={self.loss_type!r} trains on the winners only: there is no loser gradient for the "
+                "safeguard to scale. Set safeguard=False."
             )
         if self.validation_prompts is not None and not self.validation_prompts:
             raise ValueError("validation_prompts must hold at least one prompt, or be None to turn validation off")
@@ -402,90 +400,42 @@ class DiffusionSDPOConfig(TrainingArguments):
         super().__post_init__()
 
     def _check_numbers(self) -> None:
-        """Every numeric field is a finite number (an integer where one is needed) in its range, or a ValueError that
-        names the field, the value and what to change. NaN and inf are refused everywhere: a NaN ``beta`` or
-        ``safeguard_mu`` would make every step non-finite and training skip them all while still "finishing"."""
+        """Every general numeric field is a finite number (an integer where one is needed) in its range, or a
+        ValueError that names the field, the value and what to change (:class:`~.checks.Range`; the objective fields
+        have their rules in their objectives)."""
         for name, rule in _NUMERIC_RULES.items():
-            value = getattr(self, name)
-            if value is None and rule.optional:
-                continue
-            rule.check(name, value)
+            rule.check(name, getattr(self, name))
 
 
-@dataclass(frozen=True)
-class _Range:
-    """The allowed values of a numeric field: ``low``/``high`` bounds (open or closed), integer or real."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    integer: bool = False
-    optional: bool = False
-    hint: str = ""
-
-    def describe(self) -> str:
-        if self.low is not None and self.high is not None:
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"lie in {left}{self.low:g}, {self.high:g}{right}"
-        if self.low == 0 and self.low_open:
-            return "be positive"
-        if self.low is not None:
-            return f"be {'>' if self.low_open else '>='} {self.low:g}"
-        return "be finite"
-
-    def check(self, name: str, value) -> None:
-        hint = f" {self.hint}" if self.hint else ""
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.integer else numbers.Real):
-            kind = "an integer" if self.integer else "a real number"
-            yaml = " (In YAML 5e3 is read as a string: write 5.0e+3.)" if isinstance(value, str) else ""
-            optional = " or None" if self.optional else ""
-            raise ValueError(f"{name} must be {kind}{optional}, got {value!r} ({type(value).__name__}).{yaml}{hint}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}.{hint}")
-        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        if below or above:
-            raise ValueError(f"{name} must {self.describe()}, got {value!r}.{hint}")
-
-
-_NUMERIC_RULES: dict[str, _Range] = {
-    # the objectives
-    "beta": _Range(0, low_open=True, hint="The paper uses 2000 to 5000 for Diffusion-DPO (default 5000)."),
-    "dmpo_alpha": _Range(0, 1, low_open=True, high_open=True, hint="DMPO's target is q = 1 - alpha (authors: 0.01)."),
-    "mapo_beta": _Range(0, low_open=True, hint="MaPO's authors use 0.1."),
-    "mapo_snr_value": _Range(0, low_open=True, hint="MaPO's authors use 0.5."),
-    "smpo_gamma": _Range(0, hint="SmPO's default is 10."),
-    "smpo_score_min": _Range(hint="Set it to the smallest score your scorer gives."),
-    "smpo_score_max": _Range(hint="Set it to the largest score your scorer gives."),
+_NUMERIC_RULES: dict[str, Range] = {
     # the safeguard
-    "safeguard_mu": _Range(0, 1, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL."),
-    "safeguard_max_lambda": _Range(0, low_open=True, hint="The authors use 1.0."),
+    "safeguard_mu": Range(0, 1, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL."),
+    "safeguard_max_lambda": Range(0, low_open=True, hint="The authors use 1.0."),
     # the data
-    "resolution": _Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
-    "proportion_empty_prompts": _Range(0, 1, hint="The authors drop 0.2 of the prompts."),
-    "min_timestep": _Range(0, integer=True),
-    "max_timestep": _Range(1, integer=True, optional=True, hint="None uses the scheduler's num_train_timesteps."),
-    "dataset_num_proc": _Range(1, integer=True, optional=True),
+    "resolution": Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
+    "proportion_empty_prompts": Range(0, 1, hint="The authors drop 0.2 of the prompts."),
+    "min_timestep": Range(0, integer=True),
+    "max_timestep": Range(1, integer=True, optional=True, hint="None uses the scheduler's num_train_timesteps."),
+    "dataset_num_proc": Range(1, integer=True, optional=True),
     # evaluation and validation
-    "eval_seed": _Range(0, integer=True),
-    "validation_steps": _Range(0, integer=True),
-    "validation_num_inference_steps": _Range(1, integer=True),
-    "validation_guidance_scale": _Range(hint="8.5 is the SDPO authors' guidance."),
+    "eval_seed": Range(0, integer=True),
+    "validation_steps": Range(0, integer=True),
+    "validation_num_inference_steps": Range(1, integer=True),
+    "validation_guidance_scale": Range(hint="8.5 is the SDPO authors' guidance."),
     # TrainingArguments fields that fail late (inside torch, or as NaN weights) when wrong
-    "learning_rate": _Range(0, hint="The authors use 1e-8 per pair with scale_lr; LoRA typically 1e-5 to 1e-4."),
-    "weight_decay": _Range(0, hint="The SDPO authors use 0.01."),
-    "adam_beta1": _Range(0, 1, high_open=True),
-    "adam_beta2": _Range(0, 1, high_open=True),
-    "adam_epsilon": _Range(0, low_open=True),
-    "max_grad_norm": _Range(hint="0 or less turns clipping off; the authors clip at 1.0."),
-    "warmup_steps": _Range(0),
-    "num_train_epochs": _Range(0),
-    "max_steps": _Range(hint="-1 trains for num_train_epochs.", integer=True),
-    "per_device_train_batch_size": _Range(1, integer=True),
-    "per_device_eval_batch_size": _Range(1, integer=True),
-    "gradient_accumulation_steps": _Range(1, integer=True),
-    "seed": _Range(0, integer=True),
+    "learning_rate": Range(0, hint="The authors use 1e-8 per pair with scale_lr; LoRA typically 1e-5 to 1e-4."),
+    "weight_decay": Range(0, hint="The SDPO authors use 0.01."),
+    "adam_beta1": Range(0, 1, high_open=True),
+    "adam_beta2": Range(0, 1, high_open=True),
+    "adam_epsilon": Range(0, low_open=True),
+    "max_grad_norm": Range(hint="0 or less turns clipping off; the authors clip at 1.0."),
+    "warmup_steps": Range(0),
+    "num_train_epochs": Range(0),
+    "max_steps": Range(hint="-1 trains for num_train_epochs.", integer=True),
+    "per_device_train_batch_size": Range(1, integer=True),
+    "per_device_eval_batch_size": Range(1, integer=True),
+    "gradient_accumulation_steps": Range(1, integer=True),
+    "seed": Range(0, integer=True),
 }
 
 

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .config import DiffusionSDPOConfig
-from .data.preference import RewardFn
+from .data.scoring import RewardFn
 from .data.training_data import prepare_training_data
 from .distributed import all_reduce_sum, check_not_partitioned, load_pipeline
 from .engines import Engine, engine_for
@@ -35,7 +35,7 @@ from .io.checkpoints import AtomicCheckpoints
 from .io.denoiser_saving import DenoiserSaving
 from .io.publishing import HubPublishing
 from .io.trackers import make_config_trackable
-from .objectives import PreferencePredictions, build_objective
+from .objectives import PreferencePredictions, objective_from_config
 from .reference import reference_for
 from .step.batch import UsableBatches
 from .step.draws import MicroBatchDraws
@@ -134,15 +134,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         self.noiser: Noiser = self.family.noiser(args)
         denoiser = self.family.denoiser
         freeze_frozen_modules(self.family)
-        self.objective = build_objective(
-            args.loss_type,
-            beta=args.beta,
-            dmpo_alpha=args.dmpo_alpha,
-            dspo_form=args.dspo_form,
-            mapo_beta=args.mapo_beta,
-            mapo_snr_value=args.mapo_snr_value,
-            num_train_timesteps=self.noiser.num_train_timesteps,
-        )
+        self.objective = objective_from_config(args, num_train_timesteps=self.noiser.num_train_timesteps)
         # Taken before adapters are added, so a frozen copy holds the base weights only.
         self.reference = reference_for(self.objective, self.family, ref_model, peft_config, get_policy=self._policy)
         self.is_lora = peft_config is not None
@@ -294,7 +286,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         if self.args.safeguard and self.args.safeguard_space == "output":
             lam = self._output_space_lambda(predictions)
             errors.policy_loser = scale_gradient(errors.policy_loser, lam)
-        output = self.objective(predictions, errors, pair_weights=inputs.get("pair_weights"))
+        output = self.objective(predictions, errors, pair_scores=inputs.get("pair_scores"))
         loss = output.loss
         if replay:
             loss = loss * 0.0
@@ -311,7 +303,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
         policy = self.accelerator.unwrap_model(model)  # the branches bypass DDP's hooks; the engine reduces
-        pair_weights = inputs.get("pair_weights")
+        pair_scores = inputs.get("pair_scores")
         captured: dict[str, Any] = {}
 
         def predict() -> PreferencePredictions:
@@ -320,7 +312,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
 
         def objective_loss(branches: PreferencePredictions) -> torch.Tensor:
             captured["errors"] = denoising_errors(branches)
-            captured["output"] = self.objective(branches, captured["errors"], pair_weights=pair_weights)
+            captured["output"] = self.objective(branches, captured["errors"], pair_scores=pair_scores)
             return captured["output"].loss
 
         loss, lam, predictions = self.parameter_space(

@@ -1,20 +1,16 @@
-"""Preference data: loading, validation, per-image transforms and collators (:mod:`.preference`), the latent
-cache that encodes every pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets one process
-cannot hold (:mod:`.sharded_cache`)."""
+"""Preference data, one question per module: is a dataset usable and which image wins (:mod:`.validation`), how it
+is prepared for training (:mod:`.preparation`), how images become pixels (:mod:`.transforms`), how rows become
+batches (:mod:`.collators`), how images are scored for SmPO (:mod:`.scoring`), the latent cache that encodes every
+pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets one process cannot hold
+(:mod:`.sharded_cache`)."""
 
+from .collators import PreferenceCollator, pair_scores
 from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
-from .preference import (
-    DataReport,
-    PairTransform,
-    PreferenceCollator,
-    PreferenceColumns,
-    add_reward_scores,
-    load_preference_dataset,
-    order_pair,
-    pair_weights,
-    prepare_preference_dataset,
-)
+from .preparation import load_preference_dataset, prepare_preference_dataset
+from .scoring import RewardFn, add_reward_scores
 from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
+from .transforms import PairTransform, load_image
+from .validation import DataReport, PreferenceColumns, order_pair, resolve_columns
 
 __all__ = [
     "CachedPreferenceCollator",
@@ -23,13 +19,16 @@ __all__ = [
     "PairTransform",
     "PreferenceCollator",
     "PreferenceColumns",
+    "RewardFn",
     "ShardedLatentCache",
     "add_reward_scores",
     "build_latent_cache",
     "build_sharded_latent_cache",
+    "load_image",
     "load_preference_dataset",
     "load_sharded_latent_cache",
     "order_pair",
-    "pair_weights",
+    "pair_scores",
     "prepare_preference_dataset",
+    "resolve_columns",
 ]

@@ -13,8 +13,8 @@ progress bar) and stores, per pair, through ``datasets``:
   the T5 part of the encoding, by far the costliest, is then never repeated; see docs/flux.md for the saving).
 * ``time_ids`` ``[2, 6]`` (and ``time_ids_flipped``): SDXL's micro-conditioning of each image.
 * with score columns (``loss_type="smpo"``), ``scores`` ``[2]`` float64 (read back as Python floats): the ordered
-  pair's (winner, loser) scores, from which :class:`CachedPreferenceCollator` computes the same ``pair_weights``
-  as the uncached path.
+  pair's (winner, loser) scores, which :class:`CachedPreferenceCollator` hands on as the same ``pair_scores`` as
+  the uncached path.
 
 The empty-prompt embedding is stored once beside the table; the trainer substitutes it for prompt dropout and picks
 the mirrored or plain view with the same draws as without the cache.
@@ -44,9 +44,10 @@ from datasets import config as datasets_config
 from safetensors.torch import load_file, save_file
 
 from ..families import ModelFamily, PromptEmbeddings
-from ..objectives.smpo import PICKSCORE_MAX, PICKSCORE_MIN
-from .preference import PairTransform, PreferenceColumns, load_image, order_pair, pair_weights
+from .collators import pair_scores
 from .progress import datasets_progress_bars
+from .transforms import PairTransform, load_image
+from .validation import PreferenceColumns, order_pair
 
 __all__ = [
     "CACHE_VERSION",
@@ -338,8 +339,8 @@ def build_latent_cache(
         logger.info("Cached %d %s pairs in %s", len(cached), split, directory)
     else:
         logger.info("Loaded the cached %s latents from %s", split, directory)
-    # ``scores`` stay Python floats: the torch formatter would round them to float32, and the weights must equal
-    # those of the uncached path, computed from the float64 scores.
+    # ``scores`` stay float64 Python floats, rounded to float32 once by the collator's ``pair_scores`` exactly as on
+    # the uncached path.
     tensors = [name for name in cached.column_names if name != "scores"]
     return LatentCache(
         cached.with_format("torch", columns=tensors, output_all_columns=True), empty_prompt, directory, flipped
@@ -366,21 +367,12 @@ class CachedPreferenceCollator:
     ``[B, L, D]``, ``pooled_prompt_embeds`` ``[B, P]`` (SDXL), ``time_ids [B, 2, 6]``; with ``with_flipped`` also
     the mirrored views (``*_flipped``), among which the trainer draws its flips. Nothing random happens here.
 
-    With ``smpo_gamma`` the cached ``scores`` give ``pair_weights [B]`` float32, exactly as
-    :class:`~trl_diffusion_sdpo.data.PreferenceCollator` computes them.
+    When the cache holds ``scores`` (built with score columns), the batch has ``pair_scores [B, 2]`` float32, exactly
+    as :class:`~trl_diffusion_sdpo.data.PreferenceCollator` makes them.
     """
 
-    def __init__(
-        self,
-        with_flipped: bool = False,
-        smpo_gamma: float | None = None,
-        smpo_score_min: float = PICKSCORE_MIN,
-        smpo_score_max: float = PICKSCORE_MAX,
-    ) -> None:
+    def __init__(self, with_flipped: bool = False) -> None:
         self.with_flipped = with_flipped
-        self.smpo_gamma = smpo_gamma
-        self.smpo_score_min = smpo_score_min
-        self.smpo_score_max = smpo_score_max
 
     def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         keys = ["latent_mean", "latent_std", "time_ids", "prompt_embeds"]
@@ -390,11 +382,8 @@ class CachedPreferenceCollator:
             keys += ["latent_mean_flipped", "latent_std_flipped", "time_ids_flipped"]
         batch = {key: torch.stack([row[key] for row in rows]) for key in keys}
         batch["num_skipped"] = torch.tensor(0.0)
-        if self.smpo_gamma is not None:
-            if "scores" not in rows[0]:
-                raise ValueError("smpo_gamma was given but the cache holds no scores (built without score columns)")
-            scores = torch.tensor([[float(s) for s in row["scores"]] for row in rows], dtype=torch.float64)
-            batch["pair_weights"] = pair_weights(scores, self.smpo_gamma, self.smpo_score_min, self.smpo_score_max)
+        if "scores" in rows[0]:
+            batch["pair_scores"] = pair_scores([[float(s) for s in row["scores"]] for row in rows])
         return batch
 
 

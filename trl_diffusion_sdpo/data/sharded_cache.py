@@ -55,7 +55,7 @@ from .latent_cache import (
     build_latent_cache,
     frozen_weights_digest,
 )
-from .preference import DataReport, PreferenceColumns, _is_tie, _row_problem, _undecoded, resolve_columns
+from .validation import DataReport, PreferenceColumns, is_tie, resolve_columns, row_problem, with_undecoded_images
 
 __all__ = [
     "ArrowRowsCollator",
@@ -104,9 +104,9 @@ class ShardedLatentCache(LatentCache):
             num_kept=m["num_pairs"],
         )
 
-    def collator(self, **weighting) -> ArrowRowsCollator:
-        """The batch collator for this cache: flipped views when it has them, SmPO's ``weighting`` if given."""
-        return ArrowRowsCollator(CachedPreferenceCollator(with_flipped=self.flipped, **weighting))
+    def collator(self) -> ArrowRowsCollator:
+        """The batch collator for this cache: flipped views when it has them, pair scores when it has scores."""
+        return ArrowRowsCollator(CachedPreferenceCollator(with_flipped=self.flipped))
 
     def check_matches(self, family: ModelFamily, resolution: int, random_flip: bool) -> None:
         """Raise if this cache was not encoded for ``family``'s frozen weights at ``resolution`` (and, with
@@ -132,7 +132,7 @@ class ArrowRowsCollator:
     """Batch one-row Arrow tables from a streamed cache into the tensors :class:`CachedPreferenceCollator` expects.
 
     The rows are concatenated and read with ``datasets``' own Arrow-to-NumPy extraction (no Python lists, dtypes
-    kept: ``scores`` stay float64, so SmPO's weights equal those of the uncached path), then handed to ``collate``.
+    kept: ``scores`` stay float64, so the pair scores equal those of the uncached path), then handed to ``collate``.
     """
 
     def __init__(self, collate: CachedPreferenceCollator) -> None:
@@ -261,7 +261,7 @@ def build_sharded_latent_cache(
     progress_path = os.path.join(output_dir, "progress", f"rank-{rank:05d}.json")
     done = ShardProgress(**_read_json(progress_path)) if os.path.exists(progress_path) else ShardProgress()
     if not done.finished:
-        stream = _undecoded(process_shard(dataset, rank, world_size).select_columns(columns.all), columns)
+        stream = with_undecoded_images(process_shard(dataset, rank, world_size).select_columns(columns.all), columns)
         if done.dataset_state is not None:
             stream.load_state_dict(done.dataset_state)
         total = None
@@ -324,7 +324,7 @@ def _usable_rows(
     """The rows to encode: ties dropped and counted; an invalid row raises (naming it) or is dropped and counted."""
     kept = []
     for offset, row in enumerate(rows):
-        column, reason = _row_problem(row, columns)
+        column, reason = row_problem(row, columns)
         if column:
             if not skip_invalid_rows:
                 raise ValueError(
@@ -332,7 +332,7 @@ def _usable_rows(
                     "Fix the data or set skip_invalid_rows=True to skip and count such rows."
                 )
             done.invalid_skipped += 1
-        elif columns.label is not None and _is_tie(row[columns.label]):
+        elif columns.label is not None and is_tie(row[columns.label]):
             done.ties_dropped += 1
         else:
             kept.append(row)

@@ -11,14 +11,11 @@ from typing import Any
 
 from ..families import ModelFamily, PromptEmbeddings
 from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
-from .preference import (
-    DataReport,
-    PairTransform,
-    PreferenceCollator,
-    RewardFn,
-    add_reward_scores,
-    prepare_preference_dataset,
-)
+from .collators import PreferenceCollator
+from .preparation import prepare_preference_dataset
+from .scoring import RewardFn, add_reward_scores
+from .transforms import PairTransform
+from .validation import DataReport
 from .sharded_cache import ShardedLatentCache
 
 __all__ = ["TrainingData", "prepare_training_data"]
@@ -60,29 +57,23 @@ def prepare_training_data(
     if eval_dataset is not None:
         eval_dataset = add_reward_scores(eval_dataset, args, reward_fn, "eval")
         eval_dataset, eval_columns, eval_report = prepare_preference_dataset(eval_dataset, args, "eval")
-    # SmPO's per-pair weights are made by the collators, for smpo only (other objectives refuse them).
-    weighting: dict[str, float] = {}
-    if args.loss_type == "smpo":
-        weighting = dict(
-            smpo_gamma=args.smpo_gamma, smpo_score_min=args.smpo_score_min, smpo_score_max=args.smpo_score_max
-        )
     transform = PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
     tokenize = family.prompt_tokenizer()
-    collator = PreferenceCollator(columns, tokenize, transform, train=True, with_flipped=args.random_flip, **weighting)
-    eval_collator = PreferenceCollator(eval_columns, tokenize, transform, train=False, **weighting)
+    collator = PreferenceCollator(columns, tokenize, transform, train=True, with_flipped=args.random_flip)
+    eval_collator = PreferenceCollator(eval_columns, tokenize, transform, train=False)
     empty_prompt: PromptEmbeddings | None = None
     if prebuilt is not None:
-        collator = prebuilt.collator(**weighting)
+        collator = prebuilt.collator()
         empty_prompt = prebuilt.empty_prompt
     if args.cache_latents:
         # Encode once (main process first, the others load), then train from the cache.
         if prebuilt is None:
             train_cache = _latent_cache(train_dataset, columns, args, family, "train")
             train_dataset, empty_prompt = train_cache.dataset, train_cache.empty_prompt
-            collator = CachedPreferenceCollator(with_flipped=args.random_flip, **weighting)
+            collator = CachedPreferenceCollator(with_flipped=args.random_flip)
         if eval_dataset is not None:
             eval_dataset = _latent_cache(eval_dataset, eval_columns, args, family, "eval").dataset
-            eval_collator = CachedPreferenceCollator(**weighting)
+            eval_collator = CachedPreferenceCollator()
     return TrainingData(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,

@@ -1,25 +1,32 @@
 """Preference objectives over denoising errors, one module per objective over the shared pieces in :mod:`.base`.
 
-``build_objective(loss_type, beta=..., ...)`` returns an object carrying its hyperparameters; the trainer calls it
-once per micro-batch as ``objective(predictions, errors, pair_weights=...)``. ``OBJECTIVES`` lists the valid
-``loss_type`` names.
+Each objective is a frozen dataclass owning its hyperparameters (fields with their rules and the papers' defaults).
+The trainer builds it with ``objective_from_config(config, num_train_timesteps=...)`` and calls it once per
+micro-batch as ``objective(predictions, errors, pair_scores=...)``; ``build_objective(loss_type, **fields)`` builds
+one by name. ``OBJECTIVES`` lists the valid ``loss_type`` names; a new objective is a :class:`PreferenceObjective`
+subclass decorated with :func:`register_objective`.
 """
 
 from .base import (
     DenoisingErrors,
-    ObjectiveHyperparameters,
+    DiffusionDPOLogitObjective,
     ObjectiveOutput,
     PreferenceObjective,
     PreferencePredictions,
     build_objective,
+    check_objective_config,
     denoising_error,
     diffusion_dpo_logits,
+    hyperparameter,
     implicit_accuracy,
+    objective_class,
+    objective_from_config,
+    register_objective,
     registered_objectives,
 )
 from .dmpo import DMPOObjective, dmpo_loss
 from .dpo import DiffusionDPOObjective, diffusion_dpo_loss
-from .dspo import DSPOObjective, dspo_loss
+from .dspo import DSPO_FORMS, DSPOObjective, dspo_loss
 from .mapo import MaPOObjective, mapo_loss, mapo_score
 from .sft import SFTObjective, sft_loss
 from .smpo import SmoothedPreferenceObjective, smoothed_preference_weights
@@ -27,35 +34,35 @@ from .smpo import SmoothedPreferenceObjective, smoothed_preference_weights
 # Every module above registers its objective on import, so the list is complete here.
 OBJECTIVES: tuple[str, ...] = registered_objectives()
 
-
-def get_objective(name: str, *, beta: float, **hyperparameters) -> PreferenceObjective:
-    """Backwards-compatible alias of :func:`build_objective` (``beta`` is required)."""
-    return build_objective(name, beta=beta, **hyperparameters)
-
-
 __all__ = [
+    "DSPO_FORMS",
     "OBJECTIVES",
     "DMPOObjective",
     "DSPOObjective",
     "DenoisingErrors",
+    "DiffusionDPOLogitObjective",
     "DiffusionDPOObjective",
     "MaPOObjective",
-    "ObjectiveHyperparameters",
     "ObjectiveOutput",
     "PreferenceObjective",
     "PreferencePredictions",
     "SFTObjective",
     "SmoothedPreferenceObjective",
     "build_objective",
+    "check_objective_config",
     "denoising_error",
     "diffusion_dpo_logits",
     "diffusion_dpo_loss",
     "dmpo_loss",
     "dspo_loss",
-    "get_objective",
+    "hyperparameter",
     "implicit_accuracy",
     "mapo_loss",
     "mapo_score",
+    "objective_class",
+    "objective_from_config",
+    "register_objective",
+    "registered_objectives",
     "sft_loss",
     "smoothed_preference_weights",
 ]

@@ -12,52 +12,46 @@ Diffusion-DPO logit (Wallace et al., arXiv 2311.12908) is
 
 and the implicit reward prefers the winner when ``u > 0``.
 
-An objective is an object built once with its hyperparameters (:func:`build_objective`) and called per micro-batch
-with the full prediction tensors (:class:`PreferencePredictions`, for objectives such as DSPO that need more than
-four scalars per pair) and the per-sample errors (:class:`DenoisingErrors`). Two rules make every objective compose
-with the Diffusion-SDPO safeguard:
+An objective is a frozen dataclass of its hyperparameters (:class:`PreferenceObjective`), built once
+(:func:`objective_from_config` from the training config, or :func:`build_objective` by name) and called per
+micro-batch with the full prediction tensors (:class:`PreferencePredictions`, for objectives such as DSPO that need
+more than four scalars per pair), the per-sample errors (:class:`DenoisingErrors`) and, for objectives that weight
+pairs, the data's pair scores. Two rules make every objective compose with the Diffusion-SDPO safeguard:
 
 - the loser enters the loss ONLY through ``errors.policy_loser``, which may carry a straight-through gradient scale
   (value unchanged); an objective never recomputes the loser error from ``predictions.policy_loser``;
 - the loss is a differentiable function of the tensors it receives, nothing cached, so the parameter-space
   safeguard can differentiate it with respect to detached copies of the policy predictions.
-
-The class attributes tell the trainer what to run: ``requires_reference`` (False: no reference forward at all),
-``uses_loser`` (False: the safeguard has nothing to scale), ``needs_pair_weights`` (True: the data path must supply
-per-pair weights) and ``metric_names`` (the keys of ``ObjectiveOutput.metrics``, the same on every call).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+import abc
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 
+from ..checks import Choice, Range
+
 __all__ = [
-    "DSPO_FORMS",
     "DenoisingErrors",
-    "ObjectiveHyperparameters",
+    "DiffusionDPOLogitObjective",
     "ObjectiveOutput",
     "PreferenceObjective",
     "PreferencePredictions",
     "build_objective",
+    "check_objective_config",
     "denoising_error",
     "diffusion_dpo_logits",
+    "hyperparameter",
     "implicit_accuracy",
+    "objective_class",
+    "objective_from_config",
     "per_pair",
     "register_objective",
     "registered_objectives",
-    "reject_pair_weights",
-    "require_choice",
-    "require_open_unit",
-    "require_positive",
-    "require_positive_int",
 ]
-
-DSPO_FORMS = ("sd15", "sdxl")
 
 
 @dataclass
@@ -127,99 +121,87 @@ def implicit_accuracy(logits: torch.Tensor) -> torch.Tensor:
     return ((logits > 0).float() + 0.5 * (logits == 0).float()).mean()
 
 
-def _as_float(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return number
+def hyperparameter(check: Range | Choice, default: Any = MISSING) -> Any:
+    """A hyperparameter field of an objective (a dataclass field): ``check`` is its rule, applied once when the
+    objective is built (:meth:`PreferenceObjective.__post_init__`); ``default`` the paper's value, if it has one.
 
-
-def require_positive(name: str, value: float) -> float:
-    """``value`` as a float if it is finite and ``> 0``, else a ValueError naming ``name``."""
-    number = _as_float(name, value)
-    if number <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return number
-
-
-def require_open_unit(name: str, value: float) -> float:
-    """``value`` as a float if ``0 < value < 1``, else a ValueError naming ``name``."""
-    number = _as_float(name, value)
-    if not 0 < number < 1:
-        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}")
-    return number
-
-
-def require_positive_int(name: str, value: int) -> int:
-    """``value`` if it is an integer ``>= 1``, else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def require_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a ValueError naming ``name`` and listing them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
+    The field's name is the config field it is read from (:func:`objective_from_config`), so a hyperparameter is
+    added by declaring it here and documenting it in the config, nothing else.
+    """
+    return field(default=default, metadata={"check": check})
 
 
 @dataclass(frozen=True)
-class ObjectiveHyperparameters:
-    """Every objective hyperparameter, validated together; each objective reads the ones it uses.
+class PreferenceObjective(abc.ABC):
+    """What the trainer calls: a frozen dataclass of hyperparameters, called once per micro-batch.
 
-    Attributes:
-        beta: scale of the Diffusion-DPO logit ``u`` (dpo, dspo, dmpo, smpo); finite, > 0.
-        dmpo_alpha: DMPO's target ``q = 1 - alpha``; in (0, 1).
-        dspo_form: which of the DSPO authors' forms, ``"sd15"`` or ``"sdxl"``.
-        mapo_beta: MaPO's weight of the odds-ratio term; finite, > 0.
-        mapo_snr_value: MaPO's ``g`` in ``f(e) = g*e / (exp(g*e) - 1)``; finite, > 0.
-        num_train_timesteps: MaPO's ``T`` multiplying the margin (the scheduler's ``num_train_timesteps``); >= 1.
+    A subclass is a ``@dataclass(frozen=True)`` declaring each hyperparameter with :func:`hyperparameter` (its rule
+    and default), sets the class attributes below, implements :meth:`loss` and registers itself with
+    :func:`register_objective`. Every field is checked by its rule on construction, whichever way the objective is
+    built; a rule that ties several fields extends ``__post_init__`` (after ``super().__post_init__()``).
+
+    Class attributes: ``name`` (the ``loss_type``), ``requires_reference`` (False: no reference forward at all),
+    ``uses_loser`` (False: the safeguard has nothing to scale), ``needs_pair_scores`` (True: every call needs the
+    pair scores of the data) and ``metric_names`` (the keys of ``ObjectiveOutput.metrics``, the same on every call).
     """
 
-    beta: float
-    dmpo_alpha: float = 0.01
-    dspo_form: str = "sd15"
-    mapo_beta: float = 0.1
-    mapo_snr_value: float = 0.5
-    num_train_timesteps: int = 1000
+    name: ClassVar[str]
+    requires_reference: ClassVar[bool] = True
+    uses_loser: ClassVar[bool] = True
+    needs_pair_scores: ClassVar[bool] = False
+    metric_names: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", require_positive("beta", self.beta))
-        object.__setattr__(self, "dmpo_alpha", require_open_unit("dmpo_alpha", self.dmpo_alpha))
-        require_choice("dspo_form", self.dspo_form, DSPO_FORMS)
-        object.__setattr__(self, "mapo_beta", require_positive("mapo_beta", self.mapo_beta))
-        object.__setattr__(self, "mapo_snr_value", require_positive("mapo_snr_value", self.mapo_snr_value))
-        require_positive_int("num_train_timesteps", self.num_train_timesteps)
+        for spec in fields(self):
+            rule = spec.metadata.get("check")
+            if rule is not None:  # frozen: the checked (float) value replaces the given one
+                object.__setattr__(self, spec.name, rule.check(spec.name, getattr(self, spec.name)))
 
-
-@runtime_checkable
-class PreferenceObjective(Protocol):
-    """What the trainer calls: an object carrying its hyperparameters, called once per micro-batch."""
-
-    name: str
-    requires_reference: bool
-    uses_loser: bool
-    needs_pair_weights: bool
-    metric_names: tuple[str, ...]
+    @classmethod
+    def hyperparameter_names(cls) -> tuple[str, ...]:
+        """The names of the fields this objective declares, in declaration order."""
+        return tuple(spec.name for spec in fields(cls))
 
     def __call__(
         self,
         predictions: PreferencePredictions,
         errors: DenoisingErrors,
         *,
-        pair_weights: torch.Tensor | None = None,
-    ) -> ObjectiveOutput: ...
+        pair_scores: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """The objective on one micro-batch. ``pair_scores [B, 2]`` are the data's (winner, loser) scores; only an
+        objective with ``needs_pair_scores`` reads them, every other one ignores them."""
+        return self.loss(predictions, errors)
+
+    @abc.abstractmethod
+    def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:
+        """The objective's loss, logits and metrics (see the class's formula)."""
 
 
-# loss_type -> objective class; each class has ``name`` and ``from_hyperparameters(ObjectiveHyperparameters)``.
-_REGISTRY: dict[str, type] = {}
+@dataclass(frozen=True)
+class DiffusionDPOLogitObjective(PreferenceObjective):
+    """Base of the objectives over the Diffusion-DPO logit ``u`` (:func:`diffusion_dpo_logits`), scaled by ``beta``.
+
+    Attributes:
+        beta: scale of ``u``; finite, > 0 (no default: each objective and model family has its own, see the
+            subclasses and ``docs/objectives.md``).
+    """
+
+    beta: float = hyperparameter(
+        Range(0, low_open=True, hint="The paper uses 2000 to 5000 for Diffusion-DPO (default 5000).")
+    )
 
 
-def register_objective(cls: type) -> type:
-    """Class decorator: make ``cls`` buildable as ``loss_type=cls.name``."""
+# loss_type -> objective class.
+_REGISTRY: dict[str, type[PreferenceObjective]] = {}
+
+
+def register_objective(cls: type[PreferenceObjective]) -> type[PreferenceObjective]:
+    """Class decorator: make ``cls`` (a :class:`PreferenceObjective` dataclass) buildable as ``loss_type=cls.name``."""
+    # ``__dataclass_params__`` in the class's own namespace: decorated itself, not only inheriting a dataclass (whose
+    # fields would then miss the ones this class declares).
+    if not (isinstance(cls, type) and issubclass(cls, PreferenceObjective) and "__dataclass_params__" in vars(cls)):
+        raise TypeError(f"{cls!r} must be a PreferenceObjective subclass decorated with @dataclass(frozen=True)")
     if cls.name in _REGISTRY:
         raise ValueError(f"an objective named {cls.name!r} is already registered")
     _REGISTRY[cls.name] = cls
@@ -231,38 +213,62 @@ def registered_objectives() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def build_objective(
-    loss_type: str,
-    *,
-    beta: float,
-    dmpo_alpha: float = 0.01,
-    dspo_form: str = "sd15",
-    mapo_beta: float = 0.1,
-    mapo_snr_value: float = 0.5,
-    num_train_timesteps: int = 1000,
-) -> PreferenceObjective:
-    """Build the objective named ``loss_type`` with its hyperparameters (see :class:`ObjectiveHyperparameters`).
-
-    Every hyperparameter is validated, also those the chosen objective does not use, so a bad value fails here
-    with a ValueError naming the field, whatever ``loss_type`` is.
-    """
+def objective_class(loss_type: str) -> type[PreferenceObjective]:
+    """The objective class registered as ``loss_type``, or a ValueError listing the valid names."""
     if loss_type not in _REGISTRY:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {sorted(_REGISTRY)}")
-    hyperparameters = ObjectiveHyperparameters(
-        beta=beta,
-        dmpo_alpha=dmpo_alpha,
-        dspo_form=dspo_form,
-        mapo_beta=mapo_beta,
-        mapo_snr_value=mapo_snr_value,
-        num_train_timesteps=num_train_timesteps,
-    )
-    return _REGISTRY[loss_type].from_hyperparameters(hyperparameters)
+    return _REGISTRY[loss_type]
 
 
-def reject_pair_weights(name: str, pair_weights: torch.Tensor | None) -> None:
-    """Objectives that do not weight pairs refuse weights rather than silently ignore them."""
-    if pair_weights is not None:
-        raise ValueError(f"loss_type={name!r} does not take pair_weights; smoothed preferences need loss_type='smpo'")
+def build_objective(loss_type: str, **hyperparameters: Any) -> PreferenceObjective:
+    """Build the objective named ``loss_type`` from its hyperparameters (each objective's fields: its class).
+
+    A name the objective does not declare is refused with a ValueError naming it and listing the objective's
+    fields (``beta`` for ``"mapo"``, whose weight is ``mapo_beta``, would otherwise be silently ignored); a bad value
+    fails with a ValueError naming the field.
+    """
+    cls = objective_class(loss_type)
+    known = cls.hyperparameter_names()
+    unknown = [name for name in hyperparameters if name not in known]
+    if unknown:
+        raise ValueError(
+            f"loss_type={loss_type!r} has no hyperparameter {', '.join(map(repr, unknown))}; its hyperparameters "
+            f"are {list(known)}"
+        )
+    return cls(**hyperparameters)
+
+
+def objective_from_config(config: Any, *, num_train_timesteps: int) -> PreferenceObjective:
+    """The objective ``config.loss_type`` names, each of its fields read from the config field of the same name.
+
+    ``num_train_timesteps`` (the scheduler's, MaPO's ``T``) is not a config field: it is given here. A field the
+    config does not have keeps the objective's default.
+    """
+    cls = objective_class(config.loss_type)
+    return cls(**_values_from(cls, config, num_train_timesteps=num_train_timesteps))
+
+
+def check_objective_config(config: Any) -> None:
+    """Check the objective fields of ``config`` by the objectives that own them, the chosen ``loss_type`` first.
+
+    Every registered objective's fields are checked, not just the chosen one's, so a bad value fails when the config
+    is made whatever ``loss_type`` is, rather than later when someone switches to the objective that reads it.
+    """
+    chosen = objective_class(config.loss_type)
+    for cls in (chosen, *(c for c in _REGISTRY.values() if c is not chosen)):
+        cls(**_values_from(cls, config))
+
+
+def _values_from(cls: type[PreferenceObjective], config: Any, **given: Any) -> dict[str, Any]:
+    """The values of ``cls``'s fields: from ``given``, else from the config field of the same name, else left out
+    (the field's default)."""
+    values = {}
+    for name in cls.hyperparameter_names():
+        if name in given:
+            values[name] = given[name]
+        elif hasattr(config, name):
+            values[name] = getattr(config, name)
+    return values
 
 
 def per_pair(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..checks import Range
 from .base import (
     DenoisingErrors,
-    ObjectiveHyperparameters,
+    DiffusionDPOLogitObjective,
     ObjectiveOutput,
     PreferencePredictions,
     diffusion_dpo_logits,
+    hyperparameter,
     register_objective,
-    reject_pair_weights,
-    require_open_unit,
-    require_positive,
 )
 
 __all__ = ["DMPOObjective", "dmpo_loss"]
@@ -43,36 +43,22 @@ def dmpo_loss(errors: DenoisingErrors, beta: float, alpha: float) -> ObjectiveOu
 
 
 @register_objective
-class DMPOObjective:
+@dataclass(frozen=True)
+class DMPOObjective(DiffusionDPOLogitObjective):
     """DMPO (see :func:`dmpo_loss`).
 
-    Authors' settings (Diffusion-SDPO recipes): ``alpha = 0.01``; ``beta = 2000`` and safeguard ``mu = 0.9``
-    (SD1.5), ``beta = 6000`` and ``mu = 0.6`` (SDXL).
+    Attributes:
+        beta: the Diffusion-DPO logit's scale; authors 2000 (SD1.5) and 6000 (SDXL), with safeguard ``mu = 0.9``
+            (SD1.5) and ``0.6`` (SDXL).
+        dmpo_alpha: the target ``q = 1 - alpha``, in (0, 1); authors 0.01.
     """
 
+    dmpo_alpha: float = hyperparameter(
+        Range(0, 1, low_open=True, high_open=True, hint="DMPO's target is q = 1 - alpha (authors: 0.01)."), 0.01
+    )
+
     name = "dmpo"
-    requires_reference = True
-    uses_loser = True
-    needs_pair_weights = False
-    metric_names: tuple[str, ...] = ("dmpo/mean_p",)
+    metric_names = ("dmpo/mean_p",)
 
-    def __init__(self, beta: float, alpha: float = 0.01) -> None:
-        self.beta = require_positive("beta", beta)
-        self.alpha = require_open_unit("dmpo_alpha", alpha)
-
-    @classmethod
-    def from_hyperparameters(cls, hyperparameters: ObjectiveHyperparameters) -> DMPOObjective:
-        return cls(beta=hyperparameters.beta, alpha=hyperparameters.dmpo_alpha)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta}, alpha={self.alpha})"
-
-    def __call__(
-        self,
-        predictions: PreferencePredictions,
-        errors: DenoisingErrors,
-        *,
-        pair_weights: torch.Tensor | None = None,
-    ) -> ObjectiveOutput:
-        reject_pair_weights(self.name, pair_weights)
-        return dmpo_loss(errors, self.beta, self.alpha)
+    def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:
+        return dmpo_loss(errors, self.beta, self.dmpo_alpha)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .base import (
     DenoisingErrors,
-    ObjectiveHyperparameters,
+    DiffusionDPOLogitObjective,
     ObjectiveOutput,
     PreferencePredictions,
     diffusion_dpo_logits,
     register_objective,
-    require_positive,
 )
 
 __all__ = ["DiffusionDPOObjective", "diffusion_dpo_loss"]
@@ -39,35 +40,15 @@ def diffusion_dpo_loss(
 
 
 @register_objective
-class DiffusionDPOObjective:
+@dataclass(frozen=True)
+class DiffusionDPOObjective(DiffusionDPOLogitObjective):
     """Diffusion-DPO, ``loss = mean_pairs(-logsigmoid(u))`` (see :func:`diffusion_dpo_loss`).
 
     Authors' settings (Diffusion-SDPO recipes): ``beta = 5000`` for SD1.5 and SDXL; with the safeguard
-    ``mu = 0.9`` (SD1.5) and ``0.6`` (SDXL). Optional ``pair_weights`` multiply each logit (kept for backwards
-    compatibility; ``loss_type="smpo"`` is the objective that requires them).
+    ``mu = 0.9`` (SD1.5) and ``0.6`` (SDXL).
     """
 
     name = "dpo"
-    requires_reference = True
-    uses_loser = True
-    needs_pair_weights = False
-    metric_names: tuple[str, ...] = ()
 
-    def __init__(self, beta: float) -> None:
-        self.beta = require_positive("beta", beta)
-
-    @classmethod
-    def from_hyperparameters(cls, hyperparameters: ObjectiveHyperparameters) -> DiffusionDPOObjective:
-        return cls(beta=hyperparameters.beta)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta})"
-
-    def __call__(
-        self,
-        predictions: PreferencePredictions,
-        errors: DenoisingErrors,
-        *,
-        pair_weights: torch.Tensor | None = None,
-    ) -> ObjectiveOutput:
-        return diffusion_dpo_loss(errors, self.beta, pair_weights)
+    def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:
+        return diffusion_dpo_loss(errors, self.beta)

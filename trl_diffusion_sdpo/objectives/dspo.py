@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..checks import Choice
 from .base import (
-    DSPO_FORMS,
     DenoisingErrors,
-    ObjectiveHyperparameters,
+    DiffusionDPOLogitObjective,
     ObjectiveOutput,
     PreferencePredictions,
     diffusion_dpo_logits,
+    hyperparameter,
     per_pair,
     register_objective,
-    reject_pair_weights,
-    require_choice,
-    require_positive,
 )
 
-__all__ = ["SDXL_GAP_THRESHOLD", "DSPOObjective", "dspo_loss"]
+__all__ = ["DSPO_FORMS", "SDXL_GAP_THRESHOLD", "DSPOObjective", "dspo_loss"]
+
+# The two forms of the authors' code, named after the model each trained.
+DSPO_FORMS = ("sd15", "sdxl")
 
 # The SDXL form switches on the winner's policy-reference gap at this value (authors' constant).
 SDXL_GAP_THRESHOLD = 0.1
@@ -47,7 +50,7 @@ def dspo_loss(
     The gradient flows through ``r_w``, ``D_w`` and ``u``. Everything is computed in at least float32.
     ``logits`` is ``u``; ``metrics["dspo/winner_reference_gap"]`` is ``m``.
     """
-    require_choice("form", form, DSPO_FORMS)
+    Choice(DSPO_FORMS).check("form", form)
     if predictions.reference_winner is None:
         raise ValueError("DSPO needs the reference model's prediction on the winner")
     logits = diffusion_dpo_logits(errors, beta)
@@ -68,37 +71,21 @@ def dspo_loss(
 
 
 @register_objective
-class DSPOObjective:
-    """DSPO (see :func:`dspo_loss`), ``form`` chosen by ``dspo_form``.
+@dataclass(frozen=True)
+class DSPOObjective(DiffusionDPOLogitObjective):
+    """DSPO (see :func:`dspo_loss`).
 
-    Authors' settings (Diffusion-SDPO recipes): SD1.5 ``dspo_form="sd15"``, ``beta = 0.001``, safeguard
-    ``mu = 0.2``; SDXL ``dspo_form="sdxl"``, ``beta = 5000``, ``mu = 0.6``. Note the SD1.5 beta is about 10^6
-    times smaller than DPO's.
+    Attributes:
+        beta: the Diffusion-DPO logit's scale (in the SD1.5 form also the correction's coefficient); authors 0.001
+            for SD1.5 (about 10^6 times smaller than DPO's) with safeguard ``mu = 0.2``, 5000 for SDXL with
+            ``mu = 0.6``.
+        dspo_form: ``"sd15"`` or ``"sdxl"``, the authors' form for that model (default ``"sd15"``).
     """
 
+    dspo_form: str = hyperparameter(Choice(DSPO_FORMS), "sd15")
+
     name = "dspo"
-    requires_reference = True
-    uses_loser = True
-    needs_pair_weights = False
-    metric_names: tuple[str, ...] = ("dspo/winner_reference_gap",)
+    metric_names = ("dspo/winner_reference_gap",)
 
-    def __init__(self, beta: float, form: str = "sd15") -> None:
-        self.beta = require_positive("beta", beta)
-        self.form = require_choice("dspo_form", form, DSPO_FORMS)
-
-    @classmethod
-    def from_hyperparameters(cls, hyperparameters: ObjectiveHyperparameters) -> DSPOObjective:
-        return cls(beta=hyperparameters.beta, form=hyperparameters.dspo_form)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta}, form={self.form!r})"
-
-    def __call__(
-        self,
-        predictions: PreferencePredictions,
-        errors: DenoisingErrors,
-        *,
-        pair_weights: torch.Tensor | None = None,
-    ) -> ObjectiveOutput:
-        reject_pair_weights(self.name, pair_weights)
-        return dspo_loss(predictions, errors, self.beta, self.form)
+    def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:
+        return dspo_loss(predictions, errors, self.beta, self.dspo_form)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ..checks import Range
 from .base import (
     DenoisingErrors,
-    ObjectiveHyperparameters,
     ObjectiveOutput,
+    PreferenceObjective,
     PreferencePredictions,
+    hyperparameter,
     register_objective,
-    reject_pair_weights,
-    require_positive,
-    require_positive_int,
 )
 
 __all__ = ["MaPOObjective", "mapo_loss", "mapo_score"]
@@ -61,45 +62,27 @@ def mapo_loss(errors: DenoisingErrors, beta: float, snr_value: float, num_train_
 
 
 @register_objective
-class MaPOObjective:
+@dataclass(frozen=True)
+class MaPOObjective(PreferenceObjective):
     """MaPO (see :func:`mapo_loss`); reference-free.
 
-    Authors' settings (MaPO repository, SDXL): ``mapo_beta = 0.1``, ``mapo_snr_value = 0.5``, ``T = 1000``. MaPO
-    was not trained with the Diffusion-SDPO safeguard by either group of authors (no published ``mu``); it composes
-    with it, since the loser enters only through its error.
+    Attributes (defaults: the MaPO authors' SDXL settings):
+        mapo_beta: weight of the odds-ratio term, > 0 (0.1).
+        mapo_snr_value: ``g`` in ``f(e) = g*e / (exp(g*e) - 1)``, > 0 (0.5).
+        num_train_timesteps: ``T`` multiplying the margin, the scheduler's ``num_train_timesteps`` (1000); not a
+            config field: :func:`~.base.objective_from_config` takes it from the scheduler.
+
+    MaPO was not trained with the Diffusion-SDPO safeguard by either group of authors (no published ``mu``); it
+    composes with it, since the loser enters only through its error.
     """
+
+    mapo_beta: float = hyperparameter(Range(0, low_open=True, hint="MaPO's authors use 0.1."), 0.1)
+    mapo_snr_value: float = hyperparameter(Range(0, low_open=True, hint="MaPO's authors use 0.5."), 0.5)
+    num_train_timesteps: int = hyperparameter(Range(1, integer=True), 1000)
 
     name = "mapo"
     requires_reference = False
-    uses_loser = True
-    needs_pair_weights = False
-    metric_names: tuple[str, ...] = ("mapo/win_score", "mapo/lose_score", "mapo/ratio_loss")
+    metric_names = ("mapo/win_score", "mapo/lose_score", "mapo/ratio_loss")
 
-    def __init__(self, beta: float = 0.1, snr_value: float = 0.5, num_train_timesteps: int = 1000) -> None:
-        self.beta = require_positive("mapo_beta", beta)
-        self.snr_value = require_positive("mapo_snr_value", snr_value)
-        self.num_train_timesteps = require_positive_int("num_train_timesteps", num_train_timesteps)
-
-    @classmethod
-    def from_hyperparameters(cls, hyperparameters: ObjectiveHyperparameters) -> MaPOObjective:
-        return cls(
-            beta=hyperparameters.mapo_beta,
-            snr_value=hyperparameters.mapo_snr_value,
-            num_train_timesteps=hyperparameters.num_train_timesteps,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(beta={self.beta}, snr_value={self.snr_value}, "
-            f"num_train_timesteps={self.num_train_timesteps})"
-        )
-
-    def __call__(
-        self,
-        predictions: PreferencePredictions,
-        errors: DenoisingErrors,
-        *,
-        pair_weights: torch.Tensor | None = None,
-    ) -> ObjectiveOutput:
-        reject_pair_weights(self.name, pair_weights)
-        return mapo_loss(errors, self.beta, self.snr_value, self.num_train_timesteps)
+    def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:
+        return mapo_loss(errors, self.mapo_beta, self.mapo_snr_value, self.num_train_timesteps)

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from .base import (
-    DenoisingErrors,
-    ObjectiveHyperparameters,
-    ObjectiveOutput,
-    PreferencePredictions,
-    register_objective,
-    reject_pair_weights,
-)
+from .base import DenoisingErrors, ObjectiveOutput, PreferenceObjective, PreferencePredictions, register_objective
 
 __all__ = ["SFTObjective", "sft_loss"]
 
@@ -30,28 +23,13 @@ def sft_loss(errors: DenoisingErrors) -> ObjectiveOutput:
 
 
 @register_objective
-class SFTObjective:
+@dataclass(frozen=True)
+class SFTObjective(PreferenceObjective):
     """SFT on the winners (see :func:`sft_loss`); no hyperparameters, no reference, no safeguard."""
 
     name = "sft"
     requires_reference = False
     uses_loser = False
-    needs_pair_weights = False
-    metric_names: tuple[str, ...] = ()
 
-    @classmethod
-    def from_hyperparameters(cls, hyperparameters: ObjectiveHyperparameters) -> SFTObjective:
-        return cls()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-    def __call__(
-        self,
-        predictions: PreferencePredictions,
-        errors: DenoisingErrors,
-        *,
-        pair_weights: torch.Tensor | None = None,
-    ) -> ObjectiveOutput:
-        reject_pair_weights(self.name, pair_weights)
+    def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:
         return sft_loss(errors)

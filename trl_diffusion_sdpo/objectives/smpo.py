@@ -7,16 +7,12 @@ stage of the training step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .base import (
-    DenoisingErrors,
-    ObjectiveOutput,
-    PreferencePredictions,
-    register_objective,
-    require_positive,
-)
+from ..checks import Range
+from .base import DenoisingErrors, ObjectiveOutput, PreferencePredictions, hyperparameter, register_objective
 from .dpo import DiffusionDPOObjective, diffusion_dpo_loss
 
 __all__ = ["PICKSCORE_MAX", "PICKSCORE_MIN", "SmoothedPreferenceObjective", "smoothed_preference_weights"]
@@ -24,6 +20,8 @@ __all__ = ["PICKSCORE_MAX", "PICKSCORE_MIN", "SmoothedPreferenceObjective", "smo
 # SmPO's fixed, dataset-wide PickScore normalisation constants (raw cosine, no logit scale), SmPO train.py.
 PICKSCORE_MIN = 0.11543526500463486
 PICKSCORE_MAX = 0.28201571106910706
+
+_GAMMA = Range(0, low_open=True, hint="SmPO's default is 10; 0 would weight every pair 0 (no gradient).")
 
 
 def smoothed_preference_weights(
@@ -46,7 +44,7 @@ def smoothed_preference_weights(
     Returns:
         Weights of the broadcast shape of the scores, in their floating dtype (float32 for integer scores).
     """
-    gamma = require_positive("gamma", gamma)
+    gamma = _GAMMA.check("gamma", gamma)
     if not (math.isfinite(score_min) and math.isfinite(score_max) and score_max > score_min):
         raise ValueError(f"score_max must be finite and > score_min, got score_min={score_min}, score_max={score_max}")
     score_winner, score_loser = torch.as_tensor(score_winner), torch.as_tensor(score_loser)
@@ -61,35 +59,66 @@ def smoothed_preference_weights(
 
 
 @register_objective
+@dataclass(frozen=True)
 class SmoothedPreferenceObjective(DiffusionDPOObjective):
-    """SmPO: ``loss = mean_pairs(-logsigmoid(w * u))`` with ``w = gamma * (2p - 1)`` from
-    :func:`smoothed_preference_weights` and ``u`` the Diffusion-DPO logit.
+    """SmPO: ``loss = mean_pairs(-logsigmoid(w * u))`` with ``u`` the Diffusion-DPO logit and ``w = gamma * (2p - 1)``
+    the pair's weight, from the data's pair scores by :func:`smoothed_preference_weights`.
 
-    The weights come from the data path (``needs_pair_weights``); calling without them is an error. The returned
-    ``logits`` are the unweighted ``u`` (so implicit accuracy means what it means for DPO).
+    Every call needs ``pair_scores [B, 2]`` (``needs_pair_scores``): the raw (winner, loser) scores the collators hand
+    on; the weights are computed from them here, in float64. The returned ``logits`` are the unweighted ``u`` (so
+    implicit accuracy means what it means for DPO); ``metrics["smpo/mean_pair_weight"]`` is ``mean(w)``.
 
-    Authors' settings (SmPO recipes): ``beta = 2000`` (SD1.5, policy and reference from an SFT UNet) and ``5000``
-    (SDXL), ``gamma = 10``. SmPO's code uses the weight of the FIRST pair of a micro-batch for all its pairs
-    (correct only with 1 pair per device, as their scripts run); here each pair has its own weight. SmPO was not
-    combined with the safeguard by its authors; it composes with it like DPO.
+    Attributes (defaults: SmPO's):
+        beta: the Diffusion-DPO logit's scale; SmPO's authors 2000 (SD1.5, policy and reference from an SFT UNet)
+            and 5000 (SDXL).
+        smpo_gamma: the weight's scale ``gamma``, > 0 (10).
+        smpo_score_min, smpo_score_max: the normalisation ``n = (s - min) / (max - min)`` of the scores; SmPO's
+            constants for PickScore's raw cosine on Pick-a-Pic v2.
+
+    SmPO's code uses the weight of the FIRST pair of a micro-batch for all its pairs (correct only with 1 pair per
+    device, as their scripts run); here each pair has its own weight. SmPO was not combined with the safeguard by
+    its authors; it composes with it like DPO.
     """
 
+    smpo_gamma: float = hyperparameter(_GAMMA, 10.0)
+    smpo_score_min: float = hyperparameter(
+        Range(hint="Set it to the smallest score your scorer gives."), PICKSCORE_MIN
+    )
+    smpo_score_max: float = hyperparameter(Range(hint="Set it to the largest score your scorer gives."), PICKSCORE_MAX)
+
     name = "smpo"
-    needs_pair_weights = True
-    metric_names: tuple[str, ...] = ("smpo/mean_pair_weight",)
+    needs_pair_scores = True
+    metric_names = ("smpo/mean_pair_weight",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.smpo_score_max > self.smpo_score_min:
+            raise ValueError(
+                f"smpo_score_max ({self.smpo_score_max}) must be larger than smpo_score_min ({self.smpo_score_min})"
+            )
+
+    def pair_weights(self, pair_scores: torch.Tensor) -> torch.Tensor:
+        """``w = gamma * (2p - 1)`` per pair, ``[B]`` float64, from ``pair_scores [B, 2]`` = (winner, loser)."""
+        if pair_scores.dim() != 2 or pair_scores.shape[1] != 2:
+            raise ValueError(f"pair_scores must have shape [B, 2] (winner, loser), got {tuple(pair_scores.shape)}")
+        scores = pair_scores.to(torch.float64)
+        return smoothed_preference_weights(
+            scores[:, 0], scores[:, 1], self.smpo_gamma, self.smpo_score_min, self.smpo_score_max
+        )
 
     def __call__(
         self,
         predictions: PreferencePredictions,
         errors: DenoisingErrors,
         *,
-        pair_weights: torch.Tensor | None = None,
+        pair_scores: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
-        if pair_weights is None:
+        if pair_scores is None:
             raise ValueError(
-                "loss_type='smpo' needs pair_weights (gamma * (2p - 1) per pair, see smoothed_preference_weights); "
-                "the dataset must provide a score for each image of a pair"
+                "loss_type='smpo' needs pair_scores (the (winner, loser) scores of each pair, from which it makes "
+                "the weights gamma * (2p - 1)); the dataset must provide a score for each image of a pair"
             )
-        output = diffusion_dpo_loss(errors, self.beta, pair_weights)
-        output.metrics["smpo/mean_pair_weight"] = pair_weights.detach().float().mean()
+        weights = self.pair_weights(pair_scores)
+        output = diffusion_dpo_loss(errors, self.beta, weights)
+        output.metrics["smpo/mean_pair_weight"] = weights.detach().float().mean()
         return output

@@ -21,7 +21,7 @@ import torch
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..config import DiffusionSDPOConfig
-from ..data.preference import load_preference_dataset
+from ..data.preparation import load_preference_dataset
 from ..data.sharded_cache import load_sharded_latent_cache
 from ..distributed import load_pipeline, zero3_init_disabled
 from ..families import family_for_pipeline

@@ -1,0 +1,132 @@
+"""Raw preference rows to training batches: the winner-first pixel pairs, ``time_ids``, token ids and, where the
+dataset has score columns, the pair scores."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .transforms import PairTransform, load_image, mirrored_time_ids
+from .validation import ROW_INDEX_COLUMN, PreferenceColumns, order_pair
+
+__all__ = ["PreferenceCollator", "pair_scores"]
+
+logger = logging.getLogger(__name__)
+
+
+class PreferenceCollator:
+    """Turn raw rows into ``pixel_values [B, 2, 3, R, R]`` (winner first), ``time_ids [B, 2, 6]`` and token ids.
+
+    With ``with_flipped``, ``time_ids_flipped`` holds the ``time_ids`` of the mirrored views, for the trainer's flip.
+    Nothing random is drawn here. With a random crop (``train`` and the transform's ``random_crop``) the images are
+    only resized: ``pixel_values [B, 2, 3, H, W]`` holds them zero-padded to the largest, ``crop_sizes [B, 2, 2]``
+    their ``(height, width)``, and the trainer crops with keyed draws (:func:`~trl_diffusion_sdpo.step.batch.
+    crop_pairs`), so a resumed run crops exactly as the uninterrupted one. ``train=False`` gives the deterministic
+    evaluation view: center crop.
+
+    When ``columns`` have score columns (``loss_type="smpo"``) the batch also holds ``pair_scores [B, 2]`` float32,
+    the ordered pair's (winner, loser) scores as the data gives them (:func:`pair_scores`); the objective makes its
+    weights from them.
+    """
+
+    def __init__(
+        self,
+        columns: PreferenceColumns,
+        tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+        transform: PairTransform,
+        train: bool = True,
+        with_flipped: bool = False,
+    ) -> None:
+        self.columns = columns
+        self.tokenize = tokenize
+        self.transform = transform
+        self.train = train
+        self.with_flipped = with_flipped
+
+    @property
+    def crops_later(self) -> bool:
+        """Whether the random crop is left to the trainer's keyed draws (training with ``random_crop``)."""
+        return self.train and self.transform.random_crop
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pixels, time_ids, prompts, scores = [], [], [], []
+        skipped = 0
+        for row in rows:
+            # Rows of a map-style dataset were validated up front; this guards streamed rows.
+            try:
+                prompt = row[self.columns.prompt]
+                if not isinstance(prompt, str):
+                    raise ValueError(
+                        f"column {self.columns.prompt!r}: prompt must be a string, got {type(prompt).__name__}"
+                    )
+                pair = order_pair(row, self.columns)  # a bad label or score raises, naming its column
+                if pair is None:  # a tie
+                    skipped += 1
+                    continue
+                winner_column, loser_column = (self.columns.first, self.columns.second)
+                if pair[0] is not row[self.columns.first]:
+                    winner_column, loser_column = loser_column, winner_column
+                winner, loser = _load_from(pair[0], winner_column), _load_from(pair[1], loser_column)
+            except Exception as err:
+                position = row.get(ROW_INDEX_COLUMN)
+                where = f"streamed row {position}" if position is not None else "a bad row"
+                logger.warning("Skipping %s: %s", where, err)
+                skipped += 1
+                continue
+            if self.crops_later:
+                pair_pixels, pair_ids = self.transform.resized_pair(winner, loser)
+            else:
+                pair_pixels, pair_ids = self.transform(winner, loser, train=self.train)
+            pixels.append(pair_pixels)
+            time_ids.append(pair_ids)
+            prompts.append(prompt)
+            scores.append(pair[2])
+        res = self.transform.resolution
+        batch: dict[str, torch.Tensor] = {
+            "time_ids": torch.stack(time_ids) if time_ids else torch.empty(0, 2, 6),
+            "num_skipped": torch.tensor(skipped, dtype=torch.float32),
+        }
+        if self.crops_later:
+            batch["pixel_values"], batch["crop_sizes"] = _padded_pairs(pixels, res)
+        else:
+            batch["pixel_values"] = torch.stack(pixels) if pixels else torch.empty(0, 2, 3, res, res)
+        if self.with_flipped:
+            batch["time_ids_flipped"] = mirrored_time_ids(batch["time_ids"])
+        if self.columns.scored:
+            batch["pair_scores"] = pair_scores(scores)
+        batch.update(self.tokenize(prompts) if prompts else {})
+        return batch
+
+
+def pair_scores(scores: Sequence[tuple[float, float]] | torch.Tensor) -> torch.Tensor:
+    """``pair_scores [B, 2]`` float32, the (winner, loser) scores of each ordered pair (``[0, 2]`` for no pair).
+
+    Every collator hands the scores on through this one function, so the cached and uncached batches agree exactly.
+    """
+    return torch.as_tensor(scores, dtype=torch.float32).reshape(-1, 2)
+
+
+def _load_from(value: Any, column: str) -> Image.Image:
+    try:
+        return load_image(value)
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise ValueError(f"column {column!r}: {err}") from None
+
+
+def _padded_pairs(pairs: list[list[torch.Tensor]], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized pairs (``[3, h, w]`` each) zero-padded into ``[B, 2, 3, H, W]``, and their sizes ``[B, 2, 2]``."""
+    if not pairs:
+        return torch.empty(0, 2, 3, resolution, resolution), torch.empty(0, 2, 2)
+    height = max(image.shape[1] for pair in pairs for image in pair)
+    width = max(image.shape[2] for pair in pairs for image in pair)
+    padded = torch.zeros(len(pairs), 2, 3, height, width)
+    sizes = torch.zeros(len(pairs), 2, 2)
+    for i, pair in enumerate(pairs):
+        for k, image in enumerate(pair):
+            padded[i, k, :, : image.shape[1], : image.shape[2]] = image
+            sizes[i, k, 0], sizes[i, k, 1] = image.shape[1], image.shape[2]
+    return padded, sizes

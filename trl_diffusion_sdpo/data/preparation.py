@@ -1,0 +1,153 @@
+"""Preparing a preference dataset for training: loading it, validating every row, dropping ties and bad rows.
+
+Two input forms are accepted:
+
+* Pick-a-Pic: ``caption``, ``jpg_0``, ``jpg_1`` (encoded bytes, ``datasets.Image`` values or PIL images) and
+  ``label_0`` (1: image 0 preferred, 0: image 1 preferred, 0.5: tie). Ties are dropped and counted.
+* TRL preference form: ``prompt``, ``chosen``, ``rejected``.
+
+With ``loss_type="smpo"`` either form also needs one score per image (``score_0``, ``score_1``: finite real numbers,
+e.g. PickScore): the higher-scored image is the winner (equal scores: image 1, as SmPO's strict ``>``) and each batch
+carries the pairs' scores (:func:`~.validation.order_pair`, :class:`~.collators.PreferenceCollator`). Human ties
+(``label_0 = 0.5``) are still dropped. :func:`~.scoring.add_reward_scores` writes the score columns with a
+``reward_fn`` when a dataset has none.
+
+A map-style dataset is checked in full before training (missing columns, missing prompts, labels outside
+{0, 0.5, 1}, undecodable images): the first problem raises a ``ValueError`` naming the row and column, or, with
+``skip_invalid_rows``, every bad row is dropped and counted. The check runs through ``datasets.map`` so its result
+is cached by the dataset's fingerprint. The data itself is never rewritten: rows are selected by index.
+
+An ``IterableDataset`` cannot be scanned ahead; its first row is checked strictly before training and later bad
+rows are dropped by the collator and counted (the ``data/skipped_rows`` metric), never crashing a run midway.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from datasets import Dataset, IterableDataset
+
+from .progress import datasets_progress_bars
+from .validation import (
+    ROW_INDEX_COLUMN,
+    DataReport,
+    PreferenceColumns,
+    is_tie,
+    resolve_columns,
+    row_problem,
+    with_undecoded_images,
+)
+
+__all__ = ["load_preference_dataset", "prepare_preference_dataset"]
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_preference_dataset(
+    dataset: Dataset | IterableDataset, args: Any, split: str = "train"
+) -> tuple[Dataset | IterableDataset, PreferenceColumns, DataReport]:
+    """Validate ``dataset`` and drop ties (and, if asked, bad rows), without rewriting the data.
+
+    Returns the dataset restricted to the usable rows and columns, the resolved columns and a report.
+    Raises ``ValueError`` naming the split, row and column of the first problem unless ``args.skip_invalid_rows``.
+    """
+    if isinstance(dataset, IterableDataset):
+        return _prepare_iterable(dataset, args, split)
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"{split} dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}")
+    columns = resolve_columns(dataset.column_names, args)
+    if len(dataset) == 0:
+        raise ValueError(f"The {split} dataset is empty (0 rows)")
+    dataset = with_undecoded_images(dataset.select_columns(columns.all), columns)
+    report = DataReport(num_rows=len(dataset))
+
+    def check(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(indices))]
+        problems = [row_problem(row, columns) for row in rows]
+        ties = [
+            columns.label is not None and not p[0] and is_tie(row[columns.label]) for row, p in zip(rows, problems)
+        ]
+        return {"_column": [p[0] for p in problems], "_reason": [p[1] for p in problems], "_tie": ties}
+
+    with datasets_progress_bars(not getattr(args, "disable_tqdm", False)):
+        checks = dataset.map(
+            check,
+            batched=True,
+            batch_size=64,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            num_proc=args.dataset_num_proc,
+            desc=f"Validating {split} preference pairs",
+        )
+    bad_columns, reasons, ties = checks["_column"], checks["_reason"], checks["_tie"]
+    keep: list[int] = []
+    for index, (column, reason, tie) in enumerate(zip(bad_columns, reasons, ties)):
+        if column:
+            message = f"row {index}, column {column!r}: {reason}"
+            if not args.skip_invalid_rows:
+                raise ValueError(
+                    f"Invalid {split} dataset {message}. Fix the data or set skip_invalid_rows=True to skip and "
+                    "count such rows."
+                )
+            report.invalid_skipped += 1
+            if len(report.examples) < 5:
+                report.examples.append(message)
+        elif tie:
+            report.ties_dropped += 1
+        else:
+            keep.append(index)
+    report.num_kept = len(keep)
+    if not keep:
+        raise ValueError(f"The {split} dataset is empty after filtering: {report.summary()}")
+    if len(keep) < len(dataset):
+        dataset = dataset.select(keep)
+    logger.info("Prepared %s dataset: %s", split, report.summary())
+    return dataset, columns, report
+
+
+def _prepare_iterable(
+    dataset: IterableDataset, args: Any, split: str
+) -> tuple[IterableDataset, PreferenceColumns, DataReport]:
+    first = next(iter(dataset), None)
+    if first is None:
+        raise ValueError(f"The {split} dataset is empty")
+    names = dataset.column_names or list(first.keys())
+    columns = resolve_columns(names, args)
+    column, reason = row_problem(first, columns)
+    if column and not args.skip_invalid_rows:
+        raise ValueError(f"Invalid {split} dataset row 0, column {column!r}: {reason}")
+    dataset = with_undecoded_images(dataset.select_columns(columns.all), columns)
+    dataset = dataset.map(lambda _, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
+    return dataset, columns, DataReport(streamed=True)
+
+
+def load_preference_dataset(
+    name_or_path: str,
+    split: str = "train",
+    streaming: bool = False,
+    max_rows: int | None = None,
+    config_name: str | None = None,
+) -> Dataset | IterableDataset:
+    """Load a preference dataset from the Hub, a local data folder, or a folder written by ``save_to_disk``
+    (``config_name``: the dataset configuration, as ``load_dataset``'s ``name``)."""
+    import os
+
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isdir(name_or_path) and any(
+        os.path.isfile(os.path.join(name_or_path, f)) for f in ("state.json", "dataset_dict.json")
+    ):
+        loaded = load_from_disk(name_or_path)
+        dataset = loaded[split] if isinstance(loaded, DatasetDict) else loaded
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
+    else:
+        dataset = load_dataset(name_or_path, config_name, split=split, streaming=streaming)
+    if max_rows is not None:
+        dataset = (
+            dataset.take(max_rows)
+            if isinstance(dataset, IterableDataset)
+            else dataset.select(range(min(max_rows, len(dataset))))
+        )
+    return dataset

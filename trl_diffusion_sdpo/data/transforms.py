@@ -1,0 +1,130 @@
+"""Images to training pixels: decoding any image value to RGB, resizing, cropping the pair, SDXL's ``time_ids``."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import to_rgb
+
+__all__ = ["PairTransform", "load_image", "mirrored_time_ids", "resized_size"]
+
+
+def load_image(value: Any) -> Image.Image:
+    """Decode an image given as bytes, a ``datasets.Image`` dict (``bytes``/``path``), a path or a PIL image, to
+    8-bit RGB with every PIL mode scaled by what its values mean (:func:`.images.to_rgb`; ``ValueError`` naming the
+    mode when it cannot be)."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(value)))
+    elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
+        source = value["bytes"] if value.get("bytes") is not None else value["path"]
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    elif isinstance(value, str):
+        image = Image.open(value)
+    elif value is None:
+        raise ValueError("image is missing (None)")
+    else:
+        raise ValueError(f"cannot read an image from a {type(value).__name__}")
+    image.load()
+    return to_rgb(image)
+
+
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The size an image of ``width x height`` is resized to: shorter side ``resolution``, aspect ratio kept."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def mirrored_time_ids(time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL ``time_ids [..., 6]`` of the mirrored view: ``crop_left`` becomes the crop's offset in the mirrored
+    resized image, ``resized_width - target_width - crop_left``; everything else is unchanged."""
+    mirrored = time_ids.clone()
+    flat = mirrored.reshape(-1, 6)
+    for row in flat:
+        orig_h, orig_w, _, left, _, target_w = (int(v) for v in row.tolist())
+        resized_w, _ = resized_size(orig_w, orig_h, int(target_w))
+        row[3] = resized_w - target_w - left
+    return mirrored
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """An 8-bit RGB image as ``[3, H, W]`` float32 in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class PairTransform:
+    """Resize the shorter side to ``resolution`` and crop a square: the same crop position for both images, or
+    (``independent``, with ``random_crop``) a random position for each.
+
+    Returns the pixel tensors in [-1, 1] and, per image, SDXL's micro-conditioning
+    ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``: ``orig`` is the size of the image as decoded
+    (before resizing), ``crop_top, crop_left`` the offset of the crop in the resized image, as diffusers' SDXL training
+    script measures it, and ``target`` the resolution. The winner and the loser share the relative crop position but
+    get their own sizes and offsets.
+
+    The flip augmentation is not drawn here: the trainer mirrors the cropped pair (both images) itself, with the
+    ``time_ids`` of the mirrored view (:func:`mirrored_time_ids`), so that its draw is reproducible (see the trainer).
+    """
+
+    def __init__(self, resolution: int, random_crop: bool = False, independent: bool = False) -> None:
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.independent = independent  # a random crop of its own for each image (the Diffusion-SDPO authors')
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        new_w, new_h = resized_size(*image.size, self.resolution)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+        return image
+
+    def _one(self, image: Image.Image, crop_fraction: tuple[float, float] | None):
+        res = self.resolution
+        orig_w, orig_h = image.size
+        image = self._resize(image)
+        new_w, new_h = image.size
+        if crop_fraction is None:  # center crop, rounded like torchvision's CenterCrop
+            top, left = round((new_h - res) / 2), round((new_w - res) / 2)
+        else:  # each valid offset equally likely (as torchvision's RandomCrop), same relative position for the pair
+            top = min(int(crop_fraction[0] * (new_h - res + 1)), new_h - res)
+            left = min(int(crop_fraction[1] * (new_w - res + 1)), new_w - res)
+        image = image.crop((left, top, left + res, top + res))
+        time_ids = torch.tensor([orig_h, orig_w, top, left, res, res], dtype=torch.float32)
+        return _pixels(image), time_ids
+
+    def resized_pair(self, winner: Image.Image, loser: Image.Image) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """For a random crop drawn later by the trainer (keyed, so resume is exact): the two images resized but not
+        cropped (``[3, h, w]`` each, in [-1, 1]) and their ``time_ids [2, 6]`` with crop offsets 0, to be filled in
+        by :func:`~trl_diffusion_sdpo.step.batch.crop_pairs`."""
+        pixels, time_ids = [], []
+        for image in (winner, loser):
+            orig_w, orig_h = image.size
+            pixels.append(_pixels(self._resize(image)))
+            res = self.resolution
+            time_ids.append(torch.tensor([orig_h, orig_w, 0, 0, res, res], dtype=torch.float32))
+        return pixels, torch.stack(time_ids)
+
+    def __call__(
+        self, winner: Image.Image, loser: Image.Image, train: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixels [2, 3, R, R]`` (winner, loser) and ``time_ids [2, 6]``; a random crop only when training."""
+        crop = (float(torch.rand(())), float(torch.rand(()))) if train and self.random_crop else None
+        loser_crop = (float(torch.rand(())), float(torch.rand(()))) if crop is not None and self.independent else crop
+        pixels_w, ids_w = self._one(winner, crop)
+        pixels_l, ids_l = self._one(loser, loser_crop)
+        return torch.stack([pixels_w, pixels_l]), torch.stack([ids_w, ids_l])
+
+    def center_crop_pair(
+        self, winner: Image.Image, loser: Image.Image, flip: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The center-cropped view of a pair, mirrored or not, as the trainer sees it (for the latent cache)."""
+        pixels, time_ids = self(winner, loser, train=False)
+        if flip:
+            return pixels.flip(-1), mirrored_time_ids(time_ids)
+        return pixels, time_ids

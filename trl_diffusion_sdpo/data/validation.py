@@ -1,0 +1,250 @@
+"""Is a preference dataset usable, and which image of a row wins: column layouts, row checks, pair ordering.
+
+Two layouts are accepted: Pick-a-Pic (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``: 1 image 0 preferred, 0 image
+1 preferred, 0.5 a tie, dropped) and TRL's preference form (``prompt``, ``chosen``, ``rejected``). With
+``loss_type="smpo"`` each row also needs one finite score per image (``score_0``, ``score_1``), and the scores, not
+the label, order the pair (:func:`order_pair`, the one rule for every collator and cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, IterableDataset
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from .images import image_mode_problem
+
+__all__ = [
+    "ROW_INDEX_COLUMN",
+    "DataReport",
+    "PreferenceColumns",
+    "order_pair",
+    "resolve_columns",
+]
+
+_LABEL_VALUES = (0.0, 0.5, 1.0)
+# A streamed row's position in the stream, added by preparation so a bad row's warning can name it.
+ROW_INDEX_COLUMN = "__row_index__"
+
+
+@dataclass(frozen=True)
+class PreferenceColumns:
+    """Where a dataset keeps its prompt and images. ``label`` is ``None`` for TRL form (``first`` is chosen).
+
+    ``score_0``, ``score_1`` (SmPO only) hold a score per image (``first``, ``second``); when set, the scores, not the
+    label, order the pair.
+    """
+
+    prompt: str
+    first: str
+    second: str
+    label: str | None = None
+    score_0: str | None = None
+    score_1: str | None = None
+
+    @property
+    def all(self) -> list[str]:
+        columns = (self.prompt, self.first, self.second, self.label, self.score_0, self.score_1)
+        return [c for c in columns if c is not None]
+
+    @property
+    def scored(self) -> bool:
+        return self.score_0 is not None and self.score_1 is not None
+
+
+@dataclass
+class DataReport:
+    """What preparation did to a dataset; logged before training."""
+
+    num_rows: int | None = None
+    num_kept: int | None = None
+    ties_dropped: int = 0
+    invalid_skipped: int = 0
+    examples: list[str] = field(default_factory=list)  # first few reasons a row was skipped
+    streamed: bool = False  # rows are checked as they are read, so nothing is counted ahead of training
+
+    def summary(self) -> str:
+        if self.streamed:
+            return (
+                "streamed: the first row was checked; ties and invalid rows are dropped as rows are read during "
+                "training and counted in the data/skipped_rows metric"
+            )
+        parts = [f"{self.num_kept} of {self.num_rows} rows kept", f"{self.ties_dropped} ties dropped"]
+        parts.append(f"{self.invalid_skipped} invalid rows skipped")
+        text = ", ".join(parts)
+        if self.examples:
+            text += " (e.g. " + "; ".join(self.examples[:3]) + ")"
+        return text
+
+
+def uses_scores(args: Any) -> bool:
+    return getattr(args, "loss_type", None) == "smpo"
+
+
+def score_columns_of(args: Any) -> tuple[str, str]:
+    return args.score_0_column, args.score_1_column
+
+
+def resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
+    """The Pick-a-Pic or TRL layout (without score columns), or raise naming what is missing."""
+    names = set(column_names)
+    pickapic = PreferenceColumns(args.caption_column, args.image_0_column, args.image_1_column, args.label_0_column)
+    trl = PreferenceColumns(args.prompt_column, args.chosen_column, args.rejected_column)
+    for layout in (pickapic, trl):
+        if set(layout.all) <= names:
+            return layout
+    # Report against the layout the dataset resembles most.
+    best = max((pickapic, trl), key=lambda layout: len(set(layout.all) & names))
+    missing = [c for c in best.all if c not in names]
+    scores = f" and, for loss_type='smpo', score columns {list(score_columns_of(args))}" if uses_scores(args) else ""
+    raise ValueError(
+        f"Dataset is missing column(s) {missing}. Expected Pick-a-Pic columns {pickapic.all} or TRL preference "
+        f"columns {trl.all}{scores} (names can be changed in the config); found {sorted(names)}."
+    )
+
+
+def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns:
+    """Pick the Pick-a-Pic or the TRL layout from the column names, or raise naming what is missing.
+
+    With ``loss_type="smpo"`` the two score columns (``score_0_column``, ``score_1_column``) are required as well and
+    included in the result; for every other loss type they are ignored even when present.
+    """
+    layout = resolve_layout(column_names, args)
+    if not uses_scores(args):
+        return layout
+    names = set(column_names)
+    scores = score_columns_of(args)
+    missing = [c for c in scores if c not in names]
+    if missing:
+        raise ValueError(
+            f"loss_type='smpo' needs a score per image, but the dataset is missing score column(s) {missing} "
+            f"(expected {list(scores)}; names can be changed with score_0_column/score_1_column); found "
+            f"{sorted(names)}. Alternatively hand DiffusionSDPOTrainer a reward_fn(images, prompts) to score both "
+            "images of every row."
+        )
+    return dataclasses.replace(layout, score_0=scores[0], score_1=scores[1])
+
+
+def _check_image(value: Any) -> str:
+    """Empty string if the image decodes, else the reason. JPEGs decode at 1/8 scale: fast, still complete."""
+    try:
+        if isinstance(value, Image.Image):
+            return image_mode_problem(value)
+        if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+            image = Image.open(value["path"])
+        elif isinstance(value, dict):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(bytes(value)))
+        elif isinstance(value, str):
+            image = Image.open(value)
+        elif value is None:
+            return "image is missing (None)"
+        else:
+            return f"cannot read an image from a {type(value).__name__}"
+        image.draft("RGB", (64, 64))
+        image.load()
+        return image_mode_problem(image)
+    except Exception as err:  # PIL raises many types for corrupt data
+        return f"cannot decode image: {err}"
+
+
+def _label_problem(label: Any) -> str:
+    if label is None:
+        return "label is missing (None)"
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        return f"label {label!r} is not a number"
+    if math.isnan(value) or not any(abs(value - v) < 1e-6 for v in _LABEL_VALUES):
+        return f"label {label!r} is not one of 0, 0.5, 1"
+    return ""
+
+
+def _score_value(value: Any) -> float:
+    """A score as a float, or ``ValueError`` saying why it is not a finite real number. A one-element list (as
+    SmPO's scored Pick-a-Pic stores PickScore) counts as its element."""
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 1:
+        value = value[0]
+    if value is None:
+        raise ValueError("score is missing (None)")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"score {value!r} is not a real number")
+    score = float(value)
+    if not math.isfinite(score):
+        raise ValueError(f"score {value!r} is not finite")
+    return score
+
+
+def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
+    """``(column, reason)`` of the first problem in a row, or ``("", "")``. Ties are not problems (their scores
+    are not looked at: the row is dropped anyway)."""
+    prompt = row.get(columns.prompt)
+    if not isinstance(prompt, str):
+        return columns.prompt, f"prompt must be a string, got {type(prompt).__name__}"
+    if columns.label is not None:
+        reason = _label_problem(row.get(columns.label))
+        if reason:
+            return columns.label, reason
+    for column in (columns.first, columns.second):
+        reason = _check_image(row.get(column))
+        if reason:
+            return column, reason
+    if columns.scored and not (columns.label is not None and is_tie(row[columns.label])):
+        for column in (columns.score_0, columns.score_1):
+            try:
+                _score_value(row.get(column))
+            except ValueError as err:
+                return column, str(err)
+    return "", ""
+
+
+def is_tie(label: Any) -> bool:
+    return label is not None and abs(float(label) - 0.5) < 1e-6
+
+
+def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, Any, tuple[float, float] | None] | None:
+    """``(winner, loser, scores)`` of a row, the one rule for both collators and the latent cache.
+
+    ``None`` for a human tie (label 0.5), which is dropped whatever the scores. With score columns the higher-scored
+    image wins (equal scores: image 1, as SmPO's strict ``>``; the pair's weight is then 0) and ``scores`` is
+    ``(score_winner, score_loser)``; otherwise the label decides (TRL form: ``first`` is chosen) and ``scores`` is
+    ``None``. Raises ``ValueError`` naming the column of a bad label or score.
+    """
+    if columns.label is not None:
+        problem = _label_problem(row.get(columns.label))
+        if problem:  # a streamed row with a label outside {0, 0.5, 1} is bad, not a preference
+            raise ValueError(f"column {columns.label!r}: {problem}")
+        if is_tie(row[columns.label]):
+            return None
+    first, second = row[columns.first], row[columns.second]
+    if columns.scored:
+        scores = []
+        for column in (columns.score_0, columns.score_1):
+            try:
+                scores.append(_score_value(row.get(column)))
+            except ValueError as err:
+                raise ValueError(f"column {column!r}: {err}") from None
+        score_0, score_1 = scores
+        return (first, second, (score_0, score_1)) if score_0 > score_1 else (second, first, (score_1, score_0))
+    if columns.label is None or float(row[columns.label]) > 0.5:
+        return first, second, None
+    return second, first, None
+
+
+def with_undecoded_images(dataset: Dataset | IterableDataset, columns: PreferenceColumns):
+    """Keep ``datasets.Image`` columns as raw bytes so a corrupt file is reported by us, not raised on access."""
+    features = dataset.features or {}
+    for column in (columns.first, columns.second):
+        feature = features.get(column)
+        if isinstance(feature, ImageFeature) and feature.decode:
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset
