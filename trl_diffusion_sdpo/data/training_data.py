@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..families import ModelFamily, PromptEmbeddings
-from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .collators import PreferenceCollator
+from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .preparation import prepare_preference_dataset
 from .scoring import RewardFn, add_reward_scores
+from .sharded_cache import ShardedLatentCache
 from .transforms import PairTransform
 from .validation import DataReport
-from .sharded_cache import ShardedLatentCache
 
 __all__ = ["TrainingData", "prepare_training_data"]
 
