@@ -74,7 +74,10 @@ class DiffusionSDPOConfig(TrainingArguments):
         pass), which treats the UNet's Jacobians on the two branches as equal. `"parameter"`: the exact rule, from
         the gradients of the loss's winner and loser terms over the trainable weights, one backward pass per branch
         (one extra gradient-sized buffer; see `docs/safeguard.md` for its guarantee, cost and the measured
-        difference). Not available under DeepSpeed or FSDP.
+        difference). Not available under DeepSpeed ZeRO-3 or FSDP1. `"update"`: the same per-branch gradients, with
+        ``lambda`` chosen on the optimizer's actual update (AdamW, Adam or SGD: momentum, second moment, weight
+        decay and clipping included), so the winner's error does not rise to first order under the step taken;
+        one process or DDP, `gradient_accumulation_steps=1`.
     safeguard_scope (`str`, *optional*, defaults to `"local"`):
         Which samples one ``lambda`` covers when several processes train. `"local"` (the authors' choice): each
         process computes ``lambda`` from its own micro-batch. `"global"`: the two sums behind ``lambda`` are summed
@@ -225,8 +228,9 @@ class DiffusionSDPOConfig(TrainingArguments):
         default="output",
         metadata={
             "help": "'output': the authors' rule on residuals; 'parameter': the exact rule from per-branch "
-            "parameter gradients (one backward per branch).",
-            "choices": ["output", "parameter"],
+            "parameter gradients (one backward per branch); 'update': lambda chosen on the optimizer's actual update "
+            "(AdamW/Adam/SGD).",
+            "choices": ["output", "parameter", "update"],
         },
     )
     safeguard_scope: str = field(
@@ -379,8 +383,16 @@ class DiffusionSDPOConfig(TrainingArguments):
             )
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the image columns; leave it False")
-        if self.safeguard_space not in ("output", "parameter"):
-            raise ValueError(f"safeguard_space must be 'output' or 'parameter', got {self.safeguard_space!r}")
+        if self.safeguard_space not in ("output", "parameter", "update"):
+            raise ValueError(
+                f"safeguard_space must be 'output', 'parameter' or 'update', got {self.safeguard_space!r}"
+            )
+        if self.safeguard and self.safeguard_space == "update" and self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "safeguard_space='update' needs gradient_accumulation_steps=1: lambda is chosen on the optimizer's "
+                "update, which depends on the whole accumulated gradient, known only at the last micro-batch. "
+                "Raise per_device_train_batch_size instead, or use safeguard_space='parameter'."
+            )
         if self.safeguard and not objective_class(self.loss_type).uses_loser:
             raise ValueError(
                 f"loss_type={self.loss_type!r} trains on the winners only: there is no loser gradient for the "

@@ -197,11 +197,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             empty_prompt=data.empty_prompt,
         )
         self.batches = UsableBatches()
-        self.parameter_space: ParameterSpaceBackward | None = None
-        if args.safeguard and args.safeguard_space == "parameter":
-            self.parameter_space = ParameterSpaceBackward(
-                self.engine, args.safeguard_mu, args.safeguard_max_lambda, args.safeguard_scope == "global"
-            )
+        # safeguard_space "parameter" or "update": one backward pass per branch (None: transformers' backward)
+        self.parameter_space = ParameterSpaceBackward.from_config(self.engine, args)
         self._metrics: dict[str, defaultdict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -322,6 +319,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             self._backward_scale(self.args.device),
             contributes=not replay,
             sync_gradients=self.accelerator.sync_gradients,
+            optimizer=self.optimizer,
         )
         if replay:
             return torch.zeros((), device=loss.device)
@@ -330,7 +328,11 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             self._metrics["train"],
             captured["errors"],
             captured["output"],
-            {"safeguard/lambda": lam, "safeguard/output_lambda": self._output_space_lambda(predictions)},
+            {
+                "safeguard/lambda": lam,
+                "safeguard/output_lambda": self._output_space_lambda(predictions),
+                "safeguard/update_infeasible": self.parameter_space.infeasible,
+            },
         )
         return loss / self.current_gradient_accumulation_steps
 

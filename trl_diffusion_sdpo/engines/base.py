@@ -3,7 +3,8 @@
 The trainer picks an engine once (:func:`~trl_diffusion_sdpo.engines.engine_for`) after accelerate has set up its
 ``Accelerator``, and from then on asks it instead of checking which engine runs. An engine answers:
 
-* whether the parameter-space safeguard can run, and in which scope (:meth:`Engine.check_parameter_space`);
+* whether the parameter-space safeguard can run, and in which scope (:meth:`Engine.check_parameter_space`), and
+  whether the update space can (:meth:`Engine.check_update_space`, :meth:`Engine.reduce_branch_gradients`);
 * where the per-branch gradients live (:meth:`Engine.branch_gradients`), what happens to gradients accumulated
   before a micro-batch's branches (:meth:`Engine.set_aside_accumulated`) and how the branches' inner products and
   the combined gradient are reduced over processes (:meth:`Engine.reduce_branch_sums`,
@@ -106,6 +107,25 @@ class Engine(ABC):
         if global_scope and self.num_processes > 1:
             cross = all_reduce_sum(cross) / self.num_processes
         return winner_sq, cross
+
+    def check_update_space(self) -> None:
+        """Raise a ValueError when the update space cannot run here. By default it cannot: it reads the whole
+        optimizer state of every trainable weight and the whole per-branch gradients on each process, and an engine
+        that shards them (DeepSpeed ZeRO, FSDP) would have to reduce ``D(lambda)`` over processes at every
+        evaluation of the search (a method to add here)."""
+        raise ValueError(
+            f"safeguard_space='update' is not supported under {self.name}: the optimizer state and gradients are "
+            "sharded across processes, and the update space reads them whole. Use one process or DDP "
+            "(multi_gpu.yaml) with safeguard_space='update', or keep this engine with safeguard_space='parameter' "
+            "or 'output'."
+        )
+
+    def reduce_branch_gradients(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
+        """The update space: average ``g_w`` and ``h_l`` over processes in place (the optimizer sees their mean);
+        two gradient-sized all-reduces where a plain step has one."""
+        if self.num_processes > 1:
+            all_reduce_mean_(winner)
+            all_reduce_mean_(loser)
 
     @abstractmethod
     def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:

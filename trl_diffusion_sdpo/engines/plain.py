@@ -21,6 +21,10 @@ class PlainEngine(Engine):
     def check_parameter_space(self, scope: str) -> None:
         """Allowed in both scopes: every process holds whole weights and gradients."""
 
+    def check_update_space(self) -> None:
+        """Allowed: every process holds the whole optimizer state; the branches' gradients are averaged first
+        (:meth:`Engine.reduce_branch_gradients`)."""
+
     def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
         """At the end of the accumulation window, average the gradients over processes once, as DDP's hooks would
         have (the branches ran outside them)."""

@@ -186,6 +186,29 @@ class BranchGradientSplitter:
         self._seen = stream.seen
         return stream.finish()
 
+    def branch_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(g_w, h_l)`` per weight, after both passes of a micro-batch that started from empty gradients (the
+        update space): ``g_w`` is the buffer itself, ``h_l = .grad - g_w`` a new tensor (zeros where neither branch
+        reached the weight). Every weight gets an entry, so several processes can reduce the lists together."""
+        if self._streaming:
+            raise RuntimeError(
+                "the per-branch gradients are kept apart only when a micro-batch starts from empty gradients and the "
+                "winner's gradient stays local (gradient_accumulation_steps=1)"
+            )
+        buffers = self._ensure_buffers()
+        losers = [
+            _local(p.grad) - b if seen else torch.zeros_like(b)
+            for p, b, seen in zip(self.parameters, buffers, self._seen)
+        ]
+        return buffers, losers
+
+    def set_combined(self, lam: torch.Tensor, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
+        """``.grad = g_w + lambda * h_l`` for every weight a branch reached (``winner`` and ``loser`` as returned by
+        :meth:`branch_gradients`, possibly reduced over processes since)."""
+        for p, w, h, seen in zip(self.parameters, winner, loser, self._seen):
+            if seen:
+                _local(p.grad).copy_(w + lam.to(h) * h)
+
     def combine(self, lam: torch.Tensor) -> None:
         """``.grad += (lambda - 1) * h_l``: the accumulated gradient becomes ``A + g_w + lambda * h_l``."""
         buffers = self._ensure_buffers()

@@ -26,8 +26,10 @@ def metric_names(objective: PreferenceObjective, safeguard: bool, safeguard_spac
     names += list(getattr(objective, "metric_names", ()))  # a user's objective may declare none
     if safeguard:
         names.append("safeguard/lambda")
-        if safeguard_space == "parameter":
+        if safeguard_space in ("parameter", "update"):
             names.append("safeguard/output_lambda")  # the authors' rule on the same micro-batch, for comparison
+        if safeguard_space == "update":
+            names.append("safeguard/update_infeasible")  # fraction of steps where no lambda met the margin
     return names
 
 
@@ -63,11 +65,11 @@ def reduce_metrics(
 ) -> dict[str, float]:
     """Means over the micro-batches of all processes since the last log, and ``stored`` cleared.
 
-    ``data/skipped_rows`` is summed; each ``safeguard/*`` lambda gives ``_mean``, ``_min``, ``_max`` and the fraction
+    ``data/skipped_rows`` is summed; each ``safeguard/*lambda`` gives ``_mean``, ``_min``, ``_max`` and the fraction
     of micro-batches below ``max_lambda`` (``safeguard/engaged`` for the rule in force, ``<name>_engaged`` for the
     other). ``all_reduce_sum`` and ``all_gather`` (``None`` on one process) combine the processes' partial sums.
     """
-    lambdas = [n for n in names if n.startswith("safeguard/")]
+    lambdas = [n for n in names if n.startswith("safeguard/") and n.endswith("lambda")]
     # per metric: sum and count; per lambda: the count below max_lambda (engaged), and -min and max
     sums = torch.zeros(len(names) + len(lambdas), device=device)
     counts = torch.zeros_like(sums)

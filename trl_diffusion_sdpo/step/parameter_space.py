@@ -8,6 +8,10 @@ Replaces the single backward pass of a micro-batch when ``safeguard_space="param
 
 Where the gradients live and how they are reduced is the engine's business (:mod:`trl_diffusion_sdpo.engines`);
 the streaming with one extra buffer is :mod:`.branches`'; the formula is :func:`.safeguard.parameter_space_lambda`.
+
+With an :class:`~.update_space.UpdateSpaceRule` (``safeguard_space="update"``) the same passes feed the update space:
+``g_w`` and ``h_l`` are kept apart, averaged over processes by the engine, and ``lambda`` is chosen on the
+optimizer's actual update (:mod:`.update_space`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..objectives import PreferencePredictions
 from .branches import branch_cotangents
 from .optimizer import trainable_parameters
 from .safeguard import parameter_space_lambda
+from .update_space import UpdateSpaceRule
 
 if TYPE_CHECKING:
     from ..engines import BranchGradients, Engine
@@ -34,14 +39,44 @@ class ParameterSpaceBackward:
 
     ``global_scope``: one ``lambda`` for the global micro-batch (the inner products are reduced over processes),
     else one per process. The gradient store is built at the first micro-batch (the engine exists by then).
+    ``update_rule``: choose ``lambda`` on the optimizer's update instead (the update space; one ``lambda`` for the
+    global micro-batch whatever ``global_scope``).
     """
 
-    def __init__(self, engine: Engine, mu: float, max_lambda: float, global_scope: bool) -> None:
-        engine.check_parameter_space("global" if global_scope else "local")
+    def __init__(
+        self,
+        engine: Engine,
+        mu: float,
+        max_lambda: float,
+        global_scope: bool,
+        update_rule: UpdateSpaceRule | None = None,
+    ) -> None:
+        if update_rule is None:
+            engine.check_parameter_space("global" if global_scope else "local")
+        else:
+            engine.check_update_space()
+            global_scope = False  # the engine averages both branches' gradients instead (see _update_space)
         self.engine = engine
         self.mu, self.max_lambda = mu, max_lambda
         self.global_scope = global_scope and engine.num_processes > 1
+        self.update_rule = update_rule
         self.store: BranchGradients | None = None
+
+    @classmethod
+    def from_config(cls, engine: Engine, args) -> ParameterSpaceBackward | None:
+        """The stage a ``DiffusionSDPOConfig`` asks for: ``safeguard_space`` ``"parameter"`` or ``"update"``
+        (``None`` otherwise: the backward pass stays transformers')."""
+        if not args.safeguard or args.safeguard_space not in ("parameter", "update"):
+            return None
+        rule = None
+        if args.safeguard_space == "update":
+            rule = UpdateSpaceRule(args.safeguard_mu, args.safeguard_max_lambda, args.max_grad_norm)
+        return cls(engine, args.safeguard_mu, args.safeguard_max_lambda, args.safeguard_scope == "global", rule)
+
+    @property
+    def infeasible(self) -> torch.Tensor | None:
+        """The update space: 1.0 where the last micro-batch's ``lambda`` could not meet the margin; else ``None``."""
+        return self.update_rule.infeasible if self.update_rule is not None else None
 
     def __call__(
         self,
@@ -52,6 +87,7 @@ class ParameterSpaceBackward:
         *,
         contributes: bool = True,
         sync_gradients: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, PreferencePredictions]:
         """``(loss, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients.
 
@@ -64,6 +100,7 @@ class ParameterSpaceBackward:
             contributes: ``False`` for a replayed micro-batch that joins the other processes' collectives with a
                 zero contribution.
             sync_gradients: whether this micro-batch closes the accumulation window.
+            optimizer: the training optimizer, read (never changed) by the update space.
         """
         engine = self.engine
         if self.store is None:
@@ -84,9 +121,25 @@ class ParameterSpaceBackward:
             predictions.policy_winner, cot_winner * scale, engine.winner_reduction(self.global_scope)
         )
         cross = store.backward_loser(predictions.policy_loser, cot_loser * scale)
+        if self.update_rule is not None:
+            lam = self._update_space(store, optimizer, scale)
+            engine.restore_accumulated(store.parameters, accumulated)
+            return loss, lam, predictions
         winner_sq, cross = engine.reduce_branch_sums(winner_sq, cross, self.global_scope)
         lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
         store.combine(lam)
         engine.restore_accumulated(store.parameters, accumulated)
         engine.reduce_combined_gradients(store.parameters, sync_gradients)
         return loss, lam, predictions
+
+    def _update_space(self, store: BranchGradients, optimizer, scale: torch.Tensor) -> torch.Tensor:
+        """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes (what the optimizer will
+        see), ``lambda`` from them and the optimizer's state, and ``.grad = g_w + lambda * h_l``, already reduced."""
+        winner, loser = store.branch_gradients()
+        self.engine.reduce_branch_gradients(winner, loser)
+        unscale = 1.0 / scale  # the rule works in the optimizer's units; .grad stays in the backward's
+        lam = self.update_rule(
+            optimizer, store.parameters, [w * unscale.to(w) for w in winner], [h * unscale.to(h) for h in loser]
+        )
+        store.set_combined(lam, winner, loser)
+        return lam
