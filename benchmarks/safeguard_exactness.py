@@ -19,6 +19,14 @@ how often those rules let the winner's term rise.
 
 One AdamW step (first step, from fresh moments: a sign-like update) is reported too; the bound does not cover it.
 
+``--adamw`` measures every rule under a real ``torch.optim.AdamW`` step instead (``*@adamw`` rows): moments warmed
+by ``adamw_warm`` Diffusion-DPO gradients at the starting point (learning rate 0 while warming, so the weights stay),
+weight decay 0.01, gradients clipped at norm 1 as the trainer does, then one step of ``adamw_lr`` with each rule's
+gradient; ``update@adamw`` is ``safeguard_space="update"`` (:mod:`trl_diffusion_sdpo.step.update_space`), which
+chooses ``lambda`` on this very update. The tolerance is measured the same way along the update ``Delta``:
+``C = W(theta + Delta) - 2 W(theta) + W(theta - Delta)``, ``R3 = (W(theta + Delta) - W(theta - Delta)) / 2 -
+<g_w, Delta>``, plus float32 rounding of the rule's own evaluation (``64 eps32 sum |g_w * Delta|``).
+
 ``--model sd3`` or ``--model flux`` runs the same check on a tiny flow-matching transformer (SD3's MMDiT, FLUX's
 double/single-stream blocks with packed latents and the guidance embedding), called through the model family as the
 trainer calls it: pairs are noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair,
@@ -46,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trl_diffusion_sdpo.families import family_for_pipeline  # noqa: E402
 from trl_diffusion_sdpo.step.safeguard import parameter_space_lambda, winner_preserving_lambda  # noqa: E402
+from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_lambda  # noqa: E402
 from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_flux_pipeline,
     build_tiny_sd3_pipeline,
@@ -53,6 +62,7 @@ from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
 )
 
 RULES = ("dpo", "output", "parameter", "parameter_adamw", "dpo_adamw")
+ADAMW_RULES = ("dpo@adamw", "output@adamw", "parameter@adamw", "update@adamw")
 
 
 @dataclass
@@ -66,6 +76,9 @@ class Setting:
     drift_steps: int = 20
     drift_lr: float = 1e-4
     seed: int = 0
+    adamw: bool = False  # measure under a warmed real AdamW step (ADAMW_RULES) instead of RULES
+    adamw_warm: int = 5
+    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -186,6 +199,91 @@ def _drifted(problem: Problem, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in params.items()}
 
 
+def _branch_gradients(problem: Problem, theta: dict[str, torch.Tensor], batch):
+    """``(g_w, h_l, pred_w, pred_l, a_w)`` of Diffusion-DPO at ``theta``, flat."""
+    names = problem.names
+    with torch.no_grad():
+        r_w = problem.errors(problem.predict(problem.reference, batch["x_w"], batch), batch)
+        r_l = problem.errors(problem.predict(problem.reference, batch["x_l"], batch), batch, "l")
+    leaf = {n: theta[n].clone().requires_grad_(True) for n in names}
+    pred_w = problem.predict(leaf, batch["x_w"], batch)
+    pred_l = problem.predict(leaf, batch["x_l"], batch)
+    e_w, e_l = problem.errors(pred_w, batch), problem.errors(pred_l, batch, "l")
+    e_w_leaf, e_l_leaf = e_w.detach().requires_grad_(True), e_l.detach().requires_grad_(True)
+    a_w, a_l = torch.autograd.grad(problem.dpo_loss(e_w_leaf, e_l_leaf, r_w, r_l), (e_w_leaf, e_l_leaf))
+    g_w = _flat(torch.autograd.grad((a_w * e_w).sum(), [leaf[n] for n in names], retain_graph=True))
+    h_l = _flat(torch.autograd.grad((a_l * e_l).sum(), [leaf[n] for n in names]))
+    return g_w, h_l, pred_w.detach(), pred_l.detach(), a_w
+
+
+def warmed_adamw(problem: Problem, theta: dict[str, torch.Tensor], gen: torch.Generator):
+    """A real AdamW over the flat weights, its moments warmed by ``adamw_warm`` Diffusion-DPO gradients at
+    ``theta`` (learning rate 0 while warming: the weights do not move), then set to ``adamw_lr``."""
+    flat = torch.nn.Parameter(_flat([theta[n] for n in problem.names]).clone())
+    optimizer = torch.optim.AdamW([flat], lr=0.0, weight_decay=0.01)
+    for _ in range(problem.setting.adamw_warm):
+        g_w, h_l, *_ = _branch_gradients(problem, theta, problem.batch(gen))
+        flat.grad = g_w + h_l
+        torch.nn.utils.clip_grad_norm_([flat], problem.setting.max_grad_norm)
+        optimizer.step()
+    optimizer.param_groups[0]["lr"] = problem.setting.adamw_lr
+    return flat, optimizer
+
+
+def _adamw_delta(flat: torch.nn.Parameter, optimizer, gradient: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """The change of the weights under one real step of a copy of ``optimizer`` with ``gradient`` (clipped)."""
+    import copy
+
+    opt = copy.deepcopy(optimizer)
+    param = opt.param_groups[0]["params"][0]
+    param.grad = gradient.clone()
+    torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
+    before = param.detach().clone()
+    opt.step()
+    return param.detach() - before
+
+
+def measure_batch_adamw(problem: Problem, theta: dict[str, torch.Tensor], batch, adamw) -> dict:
+    """Per rule of :data:`ADAMW_RULES`: (dW, tolerance, lambda) under one real AdamW step."""
+    flat, optimizer = adamw
+    setting = problem.setting
+    g_w, h_l, pred_w, pred_l, a_w = _branch_gradients(problem, theta, batch)
+    shapes = [theta[n].shape for n in problem.names]
+    theta_flat = flat.detach()
+
+    def winner_term(vector: torch.Tensor) -> float:
+        params, offset = {}, 0
+        for n, shape in zip(problem.names, shapes):
+            size = math.prod(shape)
+            params[n] = vector[offset : offset + size].view(shape)
+            offset += size
+        with torch.no_grad():
+            e = problem.errors(problem.predict(params, batch["x_w"], batch), batch)
+        return float((a_w * e).sum())
+
+    w0 = winner_term(theta_flat)
+    update = OptimizerUpdate(optimizer, [flat], [g_w], [h_l], setting.max_grad_norm)
+    lambdas = {
+        "dpo@adamw": torch.tensor(1.0, dtype=torch.float64),
+        "output@adamw": winner_preserving_lambda(
+            pred_w - batch["target_w"], pred_l - batch["target_l"], setting.mu
+        ).double(),
+        "parameter@adamw": parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), setting.mu).double(),
+        "update@adamw": update_space_lambda(update, setting.mu)[0].double(),
+    }
+    results = {}
+    for rule, lam in lambdas.items():
+        delta = _adamw_delta(flat, optimizer, g_w + lam * h_l, setting.max_grad_norm)
+        plus, minus = winner_term(theta_flat + delta), winner_term(theta_flat - delta)
+        d_w = plus - w0
+        second = plus - 2 * w0 + minus
+        third = (plus - minus) / 2 - float(g_w.dot(delta))
+        rounding = 64 * torch.finfo(torch.float64).eps * (abs(w0) + abs(minus) + abs(plus))
+        rule_rounding = 64 * torch.finfo(torch.float32).eps * float((g_w * delta).abs().sum())
+        results[rule] = (d_w, max(second / 2, 0.0) + 2 * abs(third) + rounding + rule_rounding, float(lam))
+    return results
+
+
 def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> dict[str, tuple[float, float, float]]:
     """Per rule: (dW, tolerance, lambda)."""
     names = problem.names
@@ -267,14 +365,20 @@ def run(
     report: dict = {"setting": setting.__dict__, "model": described, "starts": {}}
     began = time.perf_counter()
     for start, theta in starts.items():
-        counts = {rule: Counts() for rule in RULES}
+        rules = ADAMW_RULES if setting.adamw else RULES
+        counts = {rule: Counts() for rule in rules}
+        adamw = warmed_adamw(problem, theta, gen) if setting.adamw else None
         iterator = range(setting.batches)
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, desc=f"batches from the {start}")
         for _ in iterator:
-            for rule, (d_w, tol, lam) in measure_batch(problem, theta, problem.batch(gen)).items():
+            batch = problem.batch(gen)
+            measured = (
+                measure_batch_adamw(problem, theta, batch, adamw) if adamw else measure_batch(problem, theta, batch)
+            )
+            for rule, (d_w, tol, lam) in measured.items():
                 c = counts[rule]
                 c.total += 1
                 c.rose += int(d_w > tol)
@@ -343,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default=None, help="A diffusers pipeline folder (default: a tiny random UNet).")
     parser.add_argument("--json", default=None, help="Write the report (with every lambda) here.")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--adamw", action="store_true", help="Every rule under a warmed real AdamW step.")
+    parser.add_argument("--adamw-lr", type=float, default=1e-6)
     parser.add_argument(
         "--plot",
         nargs="*",
@@ -359,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     beta = args.beta if args.beta is not None else (5000.0 if args.model == "unet" else 100.0)
-    setting = Setting(batches=args.batches, mu=args.mu, pairs=args.pairs, beta=beta)
+    setting = Setting(
+        batches=args.batches, mu=args.mu, pairs=args.pairs, beta=beta, adamw=args.adamw, adamw_lr=args.adamw_lr
+    )
     report = run(setting, args.pipeline, model=args.model)
     print(format_table(report))
     print(f"{report['seconds']:.0f} s")

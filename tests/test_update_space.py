@@ -1,0 +1,187 @@
+"""The update-space safeguard: lambda chosen on the optimizer's actual step, checked against real torch optimizer
+steps in float64 over a fine grid of lambda (computed here, independently of the implementation)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP2Engine
+from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, UpdateSpaceRule, update_space_lambda
+
+SHAPES = [(4, 3), (5,), (2, 2, 2)]
+
+
+def _optimizer(kind: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=1e-2, weight_decay=0.05)
+    if kind == "sgd-momentum":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    if kind == "sgd-nesterov":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1)
+    raise ValueError(kind)
+
+
+def _problem(kind: str, seed: int, warm_steps: int, conflict: float = 1.5):
+    """Weights, an optimizer with ``warm_steps`` real steps of state, and ``(g_w, h_l)`` with ``h_l`` partly
+    opposed to ``g_w`` (the case the safeguard restricts)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    optimizer = _optimizer(kind, params)
+    for _ in range(warm_steps):
+        for p in params:
+            p.grad = 0.3 * torch.randn(p.shape, generator=gen)
+        optimizer.step()
+    g_w = [0.5 * torch.randn(s, generator=gen) for s in SHAPES]
+    h_l = [-conflict * w + 0.5 * torch.randn(w.shape, generator=gen) for w in g_w]
+    return params, optimizer, g_w, h_l
+
+
+def _real_decreases(params, optimizer, g_w, h_l, lambdas, max_grad_norm: float) -> list[float]:
+    """``-<g_w, Delta(lambda)>`` with ``Delta`` the change of the weights under a real float64 optimizer step from a
+    copy of ``optimizer``'s state, the gradient ``g_w + lambda h_l`` clipped by ``clip_grad_norm_``."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    where = {id(p): (i, j) for i, group in enumerate(optimizer.param_groups) for j, p in enumerate(group["params"])}
+    out = []
+    for lam in lambdas:
+        opt = copy.deepcopy(optimizer)  # its own copies of the weights and state, promoted to float64
+        params64 = [opt.param_groups[where[id(p)][0]]["params"][where[id(p)][1]] for p in params]
+        for p in params64:
+            p.data = p.data.double()
+            for key, value in opt.state.get(p, {}).items():
+                if key != "step" and torch.is_tensor(value):
+                    opt.state[p][key] = value.double()
+        for p, w, h in zip(params64, g_w, h_l):
+            p.grad = w.double() + lam * h.double()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params64, max_grad_norm)
+        before = [p.detach().clone() for p in params64]
+        opt.step()
+        delta = [p.detach() - b for p, b in zip(params64, before)]
+        out.append(-sum(float((w.double() * d).sum()) for w, d in zip(g_w, delta)))
+    return out
+
+
+def _brute_force(params, optimizer, g_w, h_l, mu, max_grad_norm, points: int = 401):
+    lambdas = torch.linspace(0, 1, points, dtype=torch.float64).tolist()
+    decreases = _real_decreases(params, optimizer, g_w, h_l, lambdas, max_grad_norm)
+    target = mu * max(decreases[0], 0.0)
+    feasible = [lam for lam, d in zip(lambdas, decreases) if d >= target]
+    return (max(feasible) if feasible else None), target, decreases
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd-momentum", "sgd-nesterov", "sgd"])
+@pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0], ids=["unclipped", "clipped"])
+def test_lambda_is_the_largest_meeting_the_margin_under_the_real_optimizer_step(kind, mu, max_grad_norm):
+    params, optimizer, g_w, h_l = _problem(kind, seed=1, warm_steps=3)
+    update = OptimizerUpdate(optimizer, params, g_w, h_l, max_grad_norm)
+    lam, infeasible = update_space_lambda(update, mu)
+    expected, target, _ = _brute_force(params, optimizer, g_w, h_l, mu, max_grad_norm)
+    assert expected is not None and infeasible.item() == 0.0
+    assert 0.0 < expected < 1.0  # the margin binds: the case that tells a right lambda from a wrong one
+    assert lam.item() == pytest.approx(expected, abs=3e-3)  # grid 1/400 here, search resolution 5e-4
+    # the chosen lambda itself, under the real float64 step: the winner term falls by at least the margin
+    (chosen,) = _real_decreases(params, optimizer, g_w, h_l, [lam.item()], max_grad_norm)
+    assert chosen >= target - 1e-5 * abs(target) - 1e-9
+
+
+def test_first_adamw_step_from_empty_state_and_no_conflict_gives_max_lambda():
+    params, optimizer, g_w, h_l = _problem("adamw", seed=2, warm_steps=0)
+    lam, _ = update_space_lambda(OptimizerUpdate(optimizer, params, g_w, h_l, 1.0), 0.5)
+    expected, _, _ = _brute_force(params, optimizer, g_w, h_l, 0.5, 1.0)
+    assert lam.item() == pytest.approx(expected, abs=3e-3)
+    # h_l along g_w: the loser's term helps the winner, nothing to restrict
+    aligned = [w.clone() for w in g_w]
+    lam, infeasible = update_space_lambda(OptimizerUpdate(optimizer, params, g_w, aligned, 1.0), 0.9)
+    assert lam.item() == 1.0 and infeasible.item() == 0.0
+
+
+def test_plain_sgd_update_space_is_the_parameter_space_rule():
+    params, optimizer, g_w, h_l = _problem("sgd", seed=3, warm_steps=0)
+    lam, _ = update_space_lambda(OptimizerUpdate(optimizer, params, g_w, h_l, 0.0), 0.5)
+    ww = sum(float((w * w).sum()) for w in g_w)
+    wl = sum(float((w * h).sum()) for w, h in zip(g_w, h_l))
+    assert lam.item() == pytest.approx((1 - 0.5) * ww / -wl, abs=1e-3)
+
+
+def test_momentum_that_already_raises_the_winner_is_counted_infeasible_with_the_best_lambda():
+    params, optimizer, g_w, h_l = _problem("sgd-momentum", seed=4, warm_steps=0)
+    for p, w in zip(params, g_w):  # a momentum buffer pointing up the winner's term
+        optimizer.state[p]["momentum_buffer"] = -20.0 * w
+    lam, infeasible = update_space_lambda(OptimizerUpdate(optimizer, params, g_w, h_l, 0.0), 0.5)
+    lambdas = torch.linspace(0, 1, 9, dtype=torch.float64).tolist()
+    decreases = _real_decreases(params, optimizer, g_w, h_l, lambdas, 0.0)
+    assert max(decreases) < 0  # no lambda keeps the winner's term from rising
+    assert infeasible.item() == 1.0
+    assert lam.item() == pytest.approx(lambdas[max(range(9), key=decreases.__getitem__)])
+
+
+def test_unsupported_optimizers_are_refused_naming_the_supported_ones():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    rule = UpdateSpaceRule(0.5, 1.0, 1.0)
+    with pytest.raises(ValueError, match="Supported: torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD.*RMSprop"):
+        rule(torch.optim.RMSprop(params), params, [torch.ones(3)], [torch.ones(3)])
+    with pytest.raises(ValueError, match="amsgrad"):
+        rule(torch.optim.AdamW(params, amsgrad=True), params, [torch.ones(3)], [torch.ones(3)])
+
+
+def test_sharding_engines_refuse_and_the_config_refuses_accumulation(make_config):
+    with pytest.raises(ValueError, match="update.*not supported under deepspeed.*DDP"):
+        DeepSpeedEngine(None, 2).check_update_space()
+    with pytest.raises(ValueError, match="update.*not supported under fsdp2"):
+        FSDP2Engine(None).check_update_space()
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        make_config(safeguard_space="update", gradient_accumulation_steps=2)
+
+
+# ---------------------------------------------------------------------------------------------- through the trainer
+
+
+def test_trainer_lambda_matches_the_brute_force_over_its_own_optimizer(make_trainer):
+    from test_parameter_safeguard import _drift, _explicit_branch_gradients, _trainer_inputs
+
+    trainer = make_trainer(
+        lora=True,
+        safeguard=True,
+        safeguard_space="update",
+        safeguard_mu=0.5,
+        proportion_empty_prompts=0.0,
+        max_grad_norm=1.0,
+    )
+    model = trainer.model
+    _drift(model)
+    model.train()
+    trainer.create_optimizer()
+    inputs = _trainer_inputs(trainer)
+    params, g_w, h_l = _explicit_branch_gradients(trainer, inputs)
+    expected, _, _ = _brute_force(params, trainer.optimizer, g_w, h_l, 0.5, 1.0, points=401)
+    assert expected is not None and 0.0 < expected < 1.0
+    model.zero_grad(set_to_none=True)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.stages.draws.replay_step()
+    trainer.training_step(model, inputs)
+    lam = trainer._metrics["train"]["safeguard/lambda"][-1].item()
+    assert lam == pytest.approx(expected, abs=4e-3)
+    for p, w, h in zip(params, g_w, h_l):  # the gradient handed to the optimizer
+        torch.testing.assert_close(p.grad, w + lam * h, rtol=1e-4, atol=1e-6)
+
+
+def test_update_space_training_moves_the_weights_and_logs_lambda(make_trainer):
+    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="update", safeguard_mu=0.9, max_steps=3)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    logs = [entry for entry in trainer.state.log_history if "safeguard/lambda_mean" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert 0.0 <= entry["safeguard/lambda_min"] <= entry["safeguard/lambda_max"] <= 1.0
+        assert entry["safeguard/update_infeasible"] in (0.0, 1.0)
+        assert "safeguard/output_lambda_mean" in entry
