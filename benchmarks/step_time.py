@@ -179,7 +179,7 @@ ALL_ROWS = ["floor-full", "floor-lora"] + [
     f"{loss}-{cache}-{tuning}"
     for tuning in ("full", "lora")
     for cache in ("uncached", "cached")
-    for loss in ("dpo", "sdpo", "sdpo_param")
+    for loss in ("dpo", "sdpo", "sdpo_param", "sdpo_update")
 ]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -438,6 +438,18 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
     losses = opts.losses.split(",")
     num_steps = (opts.warmup + opts.steps) * len(losses)
     trainer, init_s = make_trainer(opts, run, workdir, num_steps)
+    # The per-branch backward stages, swapped in step by step (the trainer builds only the configured one).
+    from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+    from trl_diffusion_sdpo.step.update_space import UpdateSpaceRule
+
+    a = trainer.args
+    backward_stages = {
+        "sdpo_param": ParameterSpaceBackward(trainer.engine, a.safeguard_mu, a.safeguard_max_lambda, False),
+        "sdpo_update": ParameterSpaceBackward(
+            trainer.engine, a.safeguard_mu, a.safeguard_max_lambda, False,
+            UpdateSpaceRule(a.safeguard_mu, a.safeguard_max_lambda, a.max_grad_norm),
+        ),
+    }
     memory, clock = MemorySampler(opts.device), Clock(opts.device)
     times: dict[str, list[tuple[float, float]]] = {loss: [] for loss in losses}
     times["floor"] = []
@@ -455,7 +467,8 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
             # safeguards' costs are paired.
             loss = losses[state.global_step % len(losses)]
             args.safeguard = loss != "dpo"
-            args.safeguard_space = "parameter" if loss == "sdpo_param" else "output"
+            args.safeguard_space = {"sdpo_param": "parameter", "sdpo_update": "update"}.get(loss, "output")
+            trainer.parameter_space = backward_stages.get(loss)
 
         def on_step_end(self, args, state, control, **kwargs):
             times[losses[(state.global_step - 1) % len(losses)]].append(clock.lap())
@@ -563,7 +576,7 @@ def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Safeguard overhead (paired: same process), cache speed-up (floor-normalised), LoRA's memory saving."""
     derived: dict[str, Any] = {}
     for metric in TIME_METRICS:
-        overhead, parameter_overhead, speedup = {}, {}, {}
+        overhead, parameter_overhead, update_overhead, speedup = {}, {}, {}, {}
         for tuning in ("full", "lora"):
             for cache in ("uncached", "cached"):
                 dpo = rows.get(f"dpo-{cache}-{tuning}")
@@ -572,6 +585,9 @@ def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     overhead[f"{cache}-{tuning}"] = sdpo[TIME_METRICS[metric]] / dpo[TIME_METRICS[metric]] - 1
                 if dpo and exact:
                     parameter_overhead[f"{cache}-{tuning}"] = exact[TIME_METRICS[metric]] / dpo[TIME_METRICS[metric]]
+                update = rows.get(f"sdpo_update-{cache}-{tuning}")
+                if dpo and update:
+                    update_overhead[f"{cache}-{tuning}"] = update[TIME_METRICS[metric]] / dpo[TIME_METRICS[metric]]
             for loss in ("dpo", "sdpo"):
                 uncached, cached = rows.get(f"{loss}-uncached-{tuning}"), rows.get(f"{loss}-cached-{tuning}")
                 key = f"ratio_to_floor_{metric}"
@@ -579,6 +595,7 @@ def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     speedup[f"{loss}-{tuning}"] = uncached[key] / cached[key]
         derived[f"safeguard_overhead_{metric}"] = overhead
         derived[f"parameter_safeguard_ratio_to_dpo_{metric}"] = parameter_overhead
+        derived[f"update_safeguard_ratio_to_dpo_{metric}"] = update_overhead
         derived[f"cache_speedup_{metric}"] = speedup
     saving = {}
     for prefix in ("floor", "dpo-uncached", "dpo-cached"):
@@ -643,6 +660,8 @@ def print_table(rows: dict[str, dict[str, Any]], report: dict[str, Any], opts: a
         print(f"safeguard overhead ({metric}): {text}")
         text = ", ".join(f"{k} {v:.3f}x" for k, v in derived[f"parameter_safeguard_ratio_to_dpo_{metric}"].items())
         print(f"parameter-space step / DPO step ({metric}): {text}")
+        text = ", ".join(f"{k} {v:.3f}x" for k, v in derived[f"update_safeguard_ratio_to_dpo_{metric}"].items())
+        print(f"update-space step / DPO step ({metric}): {text}")
         text = ", ".join(f"{k} {v:.2f}x" for k, v in derived[f"cache_speedup_{metric}"].items())
         print(f"cache speed-up ({metric}): {text}")
     text = ", ".join(f"{k} {v:.2f}" for k, v in derived["lora_memory_saving_in_unet_weights"].items())
@@ -704,7 +723,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of everything; median of medians")
     parser.add_argument("--runs", default=None, help=f"comma-separated subset of {RUNS}")
     parser.add_argument("--losses", default="dpo,sdpo,sdpo_param",
-                        help="alternated within a trainer run: dpo, sdpo (output space), sdpo_param (parameter space)")
+                        help="alternated within a trainer run: dpo, sdpo (output space), sdpo_param (parameter "
+                        "space), sdpo_update (update space)")
     parser.add_argument("--loss-type", default="dpo",
                         help="the trainer's objective (rows keep the dpo/sdpo names: without/with the safeguard); "
                         "reference-free ones (mapo, sft) need --no-paired-floor")
