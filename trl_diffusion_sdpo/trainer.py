@@ -40,6 +40,7 @@ from .reference import reference_for
 from .step.batch import UsableBatches
 from .step.draws import MicroBatchDraws
 from .step.guard import NonFiniteLossGuard, NonFiniteTracker
+from .step.health import WinnerHealthCallback
 from .step.metrics import metric_names, record_metrics, reduce_metrics
 from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zero_grads
 from .step.optimizer import grad_norm as trainable_grad_norm
@@ -174,6 +175,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             save_checkpoint=lambda: self._save_checkpoint(self.model, trial=None),
         )
         self.add_callback(NonFiniteLossGuard(self.nonfinite))
+        self.callback_handler.callbacks.insert(0, WinnerHealthCallback())  # first: the trackers see its metric
         if args.validation_prompts:
             self._add_validation(args)
 
