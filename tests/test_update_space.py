@@ -185,3 +185,35 @@ def test_update_space_training_moves_the_weights_and_logs_lambda(make_trainer):
         assert 0.0 <= entry["safeguard/lambda_min"] <= entry["safeguard/lambda_max"] <= 1.0
         assert entry["safeguard/update_infeasible"] in (0.0, 1.0)
         assert "safeguard/output_lambda_mean" in entry
+
+
+# ---------------------------------------------------------------------------------------------- DSPO in each space
+
+
+def test_dspo_sd15_loser_branch_is_negligible_so_both_spaces_leave_the_update_unchanged(make_trainer):
+    """At the authors' DSPO settings (sd15 form, beta 0.001, mu 0.2) the loser enters only through the margin ``u``,
+    scaled by beta: its branch gradient is a tiny fraction of the winner's, the parameter-space (and update-space)
+    rule finds nothing to restrict (lambda = 1), and whatever lambda a rule picks, the step changes by less than
+    that fraction. docs/objectives.md: "DSPO and the safeguard"."""
+    from test_parameter_safeguard import _drift, _explicit_branch_gradients, _trainer_inputs
+
+    from trl_diffusion_sdpo.step.safeguard import gradient_dots, parameter_space_lambda
+
+    trainer = make_trainer(
+        lora=True, loss_type="dspo", dspo_form="sd15", beta=0.001, safeguard=True, safeguard_space="parameter",
+        safeguard_mu=0.2, proportion_empty_prompts=0.0,
+    )
+    model = trainer.model
+    _drift(model)
+    model.train()
+    params, g_w, h_l = _explicit_branch_gradients(trainer, _trainer_inputs(trainer))
+    sq, cross = gradient_dots(g_w, h_l)
+    loser_sq = sum(float((h.double() ** 2).sum()) for h in h_l)
+    ratio = (loser_sq / float(sq)) ** 0.5
+    assert ratio < 1e-4  # |h_l| / |g_w|
+    assert parameter_space_lambda(sq, -cross, 0.2).item() == 1.0
+    # any lambda in [0, 1] moves the combined gradient by at most |h_l|: below 1e-4 of it
+    for lam in (0.0, 0.8):
+        diff = sum(float((((1 - lam) * h.double()) ** 2).sum()) for h in h_l) ** 0.5
+        total = sum(float(((w.double() + h.double()) ** 2).sum()) for w, h in zip(g_w, h_l)) ** 0.5
+        assert diff / total < 1e-4
