@@ -200,8 +200,14 @@ def test_dspo_sd15_loser_branch_is_negligible_so_both_spaces_leave_the_update_un
     from trl_diffusion_sdpo.step.safeguard import gradient_dots, parameter_space_lambda
 
     trainer = make_trainer(
-        lora=True, loss_type="dspo", dspo_form="sd15", beta=0.001, safeguard=True, safeguard_space="parameter",
-        safeguard_mu=0.2, proportion_empty_prompts=0.0,
+        lora=True,
+        loss_type="dspo",
+        dspo_form="sd15",
+        beta=0.001,
+        safeguard=True,
+        safeguard_space="parameter",
+        safeguard_mu=0.2,
+        proportion_empty_prompts=0.0,
     )
     model = trainer.model
     _drift(model)
