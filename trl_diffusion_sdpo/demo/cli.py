@@ -21,23 +21,57 @@ DESCRIPTION = (
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--output-dir", default="demo-output", help="Where the figures and summary go (default: "
-                        "%(default)s).")
-    parser.add_argument("--quick", action="store_true", help="A smoke run of the same code path with a few steps "
-                        "and two seeds (under a minute; its numbers mean nothing).")
-    parser.add_argument("--seed", type=int, default=0, help="Data seed: held-out prompts, preference pairs and "
-                        "evaluation noise (default: %(default)s).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED", help="Training seeds; every "
-                        "method trains once per seed (default: 0 1 2, or 0 1 with --quick).")
-    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
-                        help=f"Methods to compare, in table order (default: all of {', '.join(METHODS)}).")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; on a shared "
-                        "2-core machine one thread was faster than two). 0 leaves torch's default.")
-    parser.add_argument("--pretrain", action="store_true", help="Instead of the demo: rebuild the base model from "
-                        "its recipe (minutes), check it against the stated thresholds, compare it with the shipped "
-                        "weights and save it to OUTPUT_DIR/base. With --quick, a few-step recipe (a smoke test).")
-    parser.add_argument("--cache-dir", default=None, help="Cache of pretrained bases for recipes other than the "
-                        "shipped one (default: ${XDG_CACHE_HOME:-~/.cache}/trl-diffusion-sdpo/demo).")
+    parser.add_argument(
+        "--output-dir", default="demo-output", help="Where the figures and summary go (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="A smoke run of the same code path with a few steps "
+        "and two seeds (under a minute; its numbers mean nothing).",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Data seed: held-out prompts, preference pairs and evaluation noise (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="Training seeds; every method trains once per seed (default: 0 1 2, or 0 1 with --quick).",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"Methods to compare, in table order (default: all of {', '.join(METHODS)}).",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default: %(default)s; on a shared "
+        "2-core machine one thread was faster than two). 0 leaves torch's default.",
+    )
+    parser.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="Instead of the demo: rebuild the base model from "
+        "its recipe (minutes), check it against the stated thresholds, compare it with the shipped "
+        "weights and save it to OUTPUT_DIR/base. With --quick, a few-step recipe (a smoke test).",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="Cache of pretrained bases for recipes other than the "
+        "shipped one (default: ${XDG_CACHE_HOME:-~/.cache}/trl-diffusion-sdpo/demo).",
+    )
     parser.add_argument("--no-cache", action="store_true", help="Do not read or write that cache.")
     return parser
 
@@ -57,7 +91,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     transformers.logging.set_verbosity_error()
     diffusers.logging.set_verbosity_error()
     from .pretrain import PretrainRecipe
-    from .run import DemoRecipe, quiet_libraries, run_demo, run_pretrain
+    from .recipe import DemoRecipe
+    from .run import quiet_libraries, run_demo, run_pretrain
 
     threads = getattr(args, "threads", 1) or None
     with quiet_libraries():
@@ -71,8 +106,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             overrides["seeds"] = tuple(args.seeds)
         if getattr(args, "methods", None):
             overrides["methods"] = tuple(args.methods)
-        recipe = DemoRecipe.quick(seed=args.seed, **overrides) if args.quick else DemoRecipe(seed=args.seed,
-                                                                                             **overrides)
+        recipe = (
+            DemoRecipe.quick(seed=args.seed, **overrides) if args.quick else DemoRecipe(seed=args.seed, **overrides)
+        )
         run_demo(args.output_dir, recipe, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     return 0
 

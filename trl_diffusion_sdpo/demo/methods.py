@@ -10,8 +10,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DiffusionSDPOConfig
-
 __all__ = ["METHODS", "Method", "method_unavailable", "resolve_methods"]
 
 
@@ -45,8 +43,9 @@ METHODS: dict[str, Method] = {
         Method("sdpo-output", "SDPO output mu=0.9", safeguard=True, safeguard_mu=0.9),
         Method("sdpo-output-mu0.6", "SDPO output mu=0.6", safeguard=True, safeguard_mu=0.6),
         Method("sdpo-output-mu0.2", "SDPO output mu=0.2", safeguard=True, safeguard_mu=0.2),
-        Method("sdpo-parameter", "SDPO parameter mu=0.9", safeguard=True, safeguard_mu=0.9,
-               safeguard_space="parameter"),
+        Method(
+            "sdpo-parameter", "SDPO parameter mu=0.9", safeguard=True, safeguard_mu=0.9, safeguard_space="parameter"
+        ),
     )
 }
 """``dpo``: no safeguard. ``sdpo-output``: the authors' output-space rule at their SD1.5 DPO setting ``mu = 0.9``,
@@ -56,6 +55,8 @@ exact rule from per-branch parameter gradients at ``mu = 0.9``."""
 
 def method_unavailable(method: Method) -> str | None:
     """Why the installed trainer cannot run ``method`` (then the demo skips it and says so), or ``None``."""
+    from ..config import DiffusionSDPOConfig  # imported here: the CLI reads METHODS for --help without transformers
+
     fields = {f.name for f in dataclasses.fields(DiffusionSDPOConfig)}
     if method.safeguard_space is not None and "safeguard_space" not in fields:
         return (

@@ -48,8 +48,12 @@ def plot_error_deltas(histories: dict[str, dict[str, list[float]]], titles: dict
     with ``u > 0``), i.e. whether the preference margin grows. Thin lines: per step; thick: moving average."""
     methods = list(histories)
     fig, axes = plt.subplots(
-        2, len(methods), figsize=(4.4 * len(methods), 5.6), sharex=True,
-        gridspec_kw={"height_ratios": [2.2, 1]}, squeeze=False,
+        2,
+        len(methods),
+        figsize=(4.4 * len(methods), 5.6),
+        sharex=True,
+        gridspec_kw={"height_ratios": [2.2, 1]},
+        squeeze=False,
     )
     for column, method in enumerate(methods):
         history = histories[method]
@@ -93,8 +97,13 @@ def plot_lambda(
         values = history["safeguard/lambda_mean"]
         colour = colours[(i + 2) % len(colours)]
         ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.7)
-        ax.plot(steps, smooth(values, _window(len(steps))), color=colour, linewidth=2.0,
-                label=f"{titles[method]} (mean {np.mean(values):.3f})")
+        ax.plot(
+            steps,
+            smooth(values, _window(len(steps))),
+            color=colour,
+            linewidth=2.0,
+            label=f"{titles[method]} (mean {np.mean(values):.3f})",
+        )
     ax.axhline(max_lambda, color="black", linewidth=0.8, linestyle=":", label=f"λ = {max_lambda:g}: plain DPO")
     ax.set_ylim(0.0, max_lambda * 1.08)
     ax.set_xlabel("optimizer step")

@@ -468,8 +468,11 @@ def held_out_denoising_loss(pipeline: StableDiffusionPipeline, pixels: torch.Ten
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     tokens = pipeline.tokenizer(
-        [c.text for c in captions], padding="max_length", max_length=pipeline.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
+        [c.text for c in captions],
+        padding="max_length",
+        max_length=pipeline.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
     hidden = pipeline.text_encoder(tokens).last_hidden_state
     generator = torch.Generator().manual_seed(_CHECK_SEED)
@@ -536,9 +539,7 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def rebuild_and_check(
-    recipe: PretrainRecipe, output_dir: str | os.PathLike, echo: Any = print
-) -> dict[str, Any]:
+def rebuild_and_check(recipe: PretrainRecipe, output_dir: str | os.PathLike, echo: Any = print) -> dict[str, Any]:
     """Pretrain ``recipe`` from scratch, check it (:func:`check_base`), compare it with the shipped base (weights
     and sample reward) and save it to ``<output_dir>/base`` with its record; write ``pretrain_report.json``.
 
