@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..._lazy import lazy_attributes
-from .base import Scorer, available_scorers, build_scorer, register_scorer
+from .base import Scorer, available_scorers, build_scorer, register_scorer, scorer_factory
 
 # Built-in scorer name -> "module:factory", imported on first use.
 _BUILTIN_SCORERS = {
@@ -52,6 +52,7 @@ __all__ = [
     "build_scorer",
     "open_clip_to_transformers",
     "register_scorer",
+    "scorer_factory",
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
