@@ -1,6 +1,6 @@
 """Seconds per evaluation image under the SDPO authors' sampling protocol, for the real-scale recipe's cost estimate.
 
-The pipelines are built from the real SD1.5 / SDXL configs with random weights (``step_time.build_pipeline``; the
+The pipelines are built from the real SD1.5 / SDXL configs with random weights (``harness.build_pipeline``; the
 cost does not depend on the weights): Euler scheduler, 50 steps, classifier-free guidance 8.5 (two UNet passes per
 step), the native resolution, UNet and text encoders in bf16, VAE decode in float32, one prompt per batch as the
 authors' scripts, or larger batches. Output: median seconds per image after one warm-up, and the peak memory.
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import PRESETS, build_pipeline  # noqa: E402
+from harness import PRESETS, build_pipeline  # noqa: E402
 
 
 def time_generation(preset: str, batch_size: int, steps: int, repeats: int, device: str) -> dict:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
-import step_time  # noqa: E402
+import harness  # noqa: E402
 
 # CLIP ViT-H/14 (laion2B-s32B-b79K, PickScore_v1's architecture).
 VIT_H = {
@@ -48,9 +48,9 @@ def build_assets(workdir: Path, pairs: int) -> dict[str, Path]:
 
     paths = {"base": workdir / "sd15", "data": workdir / "data", "pickscore": workdir / "pickscore"}
     if not paths["base"].exists():
-        step_time.build_pipeline("sd15", "cpu").save_pretrained(paths["base"], safe_serialization=True)
+        harness.build_pipeline("sd15", "cpu").save_pretrained(paths["base"], safe_serialization=True)
     if not paths["data"].exists():
-        step_time.synthetic_pairs(pairs, 512).save_to_disk(str(paths["data"]))
+        harness.synthetic_pairs(pairs, 512).save_to_disk(str(paths["data"]))
     if not paths["pickscore"].exists():
         config = CLIPConfig(text_config=VIT_H["text"], vision_config=VIT_H["vision"],
                             projection_dim=VIT_H["projection_dim"])

@@ -26,7 +26,7 @@ from trl_diffusion_sdpo.demo.pretrain import (
     shipped_base_problem,
     shipped_base_record,
 )
-from trl_diffusion_sdpo.demo.run import DemoRecipe
+from trl_diffusion_sdpo.demo.recipe import DemoRecipe
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.demo.shapes import COLOURS, Caption, all_captions, colour_reward, draw_shape, split_captions
 from trl_diffusion_sdpo.demo.stats import bootstrap_paired_change, t_interval, t_quantile_975

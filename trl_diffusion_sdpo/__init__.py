@@ -1,22 +1,58 @@
-"""Preference tuning of text-to-image diffusion models: Diffusion-DPO and Diffusion-SDPO."""
+"""Preference tuning of text-to-image diffusion models: Diffusion-DPO and Diffusion-SDPO.
 
-from .config import DiffusionSDPOConfig
-from .distributed import load_pipeline, zero3_init_disabled
-from .objectives import OBJECTIVES, build_objective
-from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
-from .trainer import DiffusionSDPOTrainer
+The names below are resolved on first access (see :mod:`._lazy`): ``import trl_diffusion_sdpo`` imports no torch,
+transformers or diffusers, so the command line's ``--help`` and tools that only read the package stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0.dev0"
 
+# Public name -> the submodule that defines it, imported when the name is first used.
+_EXPORTS = {
+    "DiffusionSDPOConfig": ".config",
+    "DiffusionSDPOTrainer": ".trainer",
+    "ModelFamily": ".families",
+    "OBJECTIVES": ".objectives",
+    "PreferenceObjective": ".objectives",
+    "Scorer": ".evaluation.scorers",
+    "build_objective": ".objectives",
+    "load_pipeline": ".distributed",
+    "parameter_space_lambda": ".step.safeguard",
+    "register_scorer": ".evaluation.scorers",
+    "safeguarded_gradients": ".step.safeguard",
+    "winner_preserving_lambda": ".step.safeguard",
+    "zero3_init_disabled": ".distributed",
+}
+
 __all__ = [
+    "OBJECTIVES",
     "DiffusionSDPOConfig",
     "DiffusionSDPOTrainer",
-    "OBJECTIVES",
+    "ModelFamily",
+    "PreferenceObjective",
+    "Scorer",
     "__version__",
     "build_objective",
     "load_pipeline",
     "parameter_space_lambda",
+    "register_scorer",
     "safeguarded_gradients",
     "winner_preserving_lambda",
     "zero3_init_disabled",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
+
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+    from .config import DiffusionSDPOConfig
+    from .distributed import load_pipeline, zero3_init_disabled
+    from .evaluation.scorers import Scorer, register_scorer
+    from .families import ModelFamily
+    from .objectives import OBJECTIVES, PreferenceObjective, build_objective
+    from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
+    from .trainer import DiffusionSDPOTrainer

@@ -29,16 +29,18 @@ class CacheArguments:
 
 
 def run_cache(argv: list[str] | None = None) -> int:
-    import torch
-    from accelerate import PartialState
     from trl import TrlParser
 
-    from .data.sharded_cache import build_sharded_latent_cache
-    from .families import family_for_pipeline
     from .scripts.train import ARGUMENT_TYPES, build_pipeline, check_supported, load_train_split
 
     parser = TrlParser((*ARGUMENT_TYPES, CacheArguments), prog="trl-diffusion-sdpo cache")
-    script_args, args, model_args, diffusion_args, cache_args = parser.parse_args_and_config(argv)
+    script_args, args, model_args, diffusion_args, cache_args = parser.parse_args_and_config(argv)  # exits on --help
+    import torch
+    from accelerate import PartialState
+
+    from .data.sharded_cache import build_sharded_latent_cache
+    from .families import family_for_pipeline
+
     check_supported(script_args, model_args)
     if not diffusion_args.latent_cache:
         parser.error("--latent_cache FOLDER is required: where the cache is written (or resumed)")

@@ -132,6 +132,7 @@ def _scorer_kwargs(items: list[str]) -> dict[str, dict]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from .demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
     from .evaluation import GenerationSettings, evaluate
 
     settings = GenerationSettings(

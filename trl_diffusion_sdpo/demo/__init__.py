@@ -7,10 +7,25 @@ Modules: :mod:`.shapes` (procedural images and the colour reward), :mod:`.scorer
 (orchestration and the summary) and :mod:`.cli` (options).
 """
 
-from .methods import METHODS, Method
-from .pretrain import PretrainRecipe, check_base, load_base, load_or_pretrain, rebuild_and_check
-from .run import DemoRecipe, run_demo, run_pretrain
-from .scorer import ColourRewardScorer
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
+
+_EXPORTS = {
+    "METHODS": ".methods",
+    "ColourRewardScorer": ".scorer",
+    "DemoRecipe": ".recipe",
+    "Method": ".methods",
+    "PretrainRecipe": ".pretrain",
+    "check_base": ".pretrain",
+    "load_base": ".pretrain",
+    "load_or_pretrain": ".pretrain",
+    "rebuild_and_check": ".pretrain",
+    "run_demo": ".run",
+    "run_pretrain": ".run",
+}
 
 __all__ = [
     "METHODS",
@@ -25,3 +40,13 @@ __all__ = [
     "run_demo",
     "run_pretrain",
 ]
+
+# Resolved on first use, so that ``trl-diffusion-sdpo --help`` builds the demo's options without importing torch.
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
+
+if TYPE_CHECKING:
+    from .methods import METHODS, Method
+    from .pretrain import PretrainRecipe, check_base, load_base, load_or_pretrain, rebuild_and_check
+    from .recipe import DemoRecipe
+    from .run import run_demo, run_pretrain
+    from .scorer import ColourRewardScorer

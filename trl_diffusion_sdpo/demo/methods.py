@@ -10,8 +10,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DiffusionSDPOConfig
-
 __all__ = ["METHODS", "Method", "method_unavailable", "resolve_methods"]
 
 
@@ -57,6 +55,8 @@ exact rule from per-branch parameter gradients at ``mu = 0.9``."""
 
 def method_unavailable(method: Method) -> str | None:
     """Why the installed trainer cannot run ``method`` (then the demo skips it and says so), or ``None``."""
+    from ..config import DiffusionSDPOConfig  # imported here: the CLI reads METHODS for --help without transformers
+
     fields = {f.name for f in dataclasses.fields(DiffusionSDPOConfig)}
     if method.safeguard_space is not None and "safeguard_space" not in fields:
         return (

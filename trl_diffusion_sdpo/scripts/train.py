@@ -16,15 +16,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..config import DiffusionSDPOConfig
-from ..data.preparation import load_preference_dataset
-from ..data.sharded_cache import load_sharded_latent_cache
-from ..distributed import load_pipeline, zero3_init_disabled
-from ..families import family_for_pipeline
+
+if TYPE_CHECKING:
+    import torch
+
+# The parser needs only the argument dataclasses above: data, pipeline and family code is imported where it runs, so
+# that ``trl-diffusion-sdpo train --help`` does not load diffusers' pipelines.
 
 __all__ = [
     "ARGUMENT_TYPES",
@@ -101,11 +103,15 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
         return None
     if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    import torch
+
     return getattr(torch, name)
 
 
 def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
     """Load the pipeline whole on every process (even under a ZeRO-3 config with ``zero3_init_flag``)."""
+    from ..distributed import load_pipeline, zero3_init_disabled
+
     kwargs: dict = {"revision": model_args.model_revision}
     dtype = _torch_dtype(model_args.dtype)
     if dtype is not None:
@@ -122,6 +128,8 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
 
 def peft_config_for(model_args: ModelConfig, pipeline):
     """TRL's ``get_peft_config``, with the family's ``lora_target_modules`` as default targets."""
+    from ..families import family_for_pipeline
+
     peft_config = get_peft_config(model_args)
     if peft_config is None:
         return None
@@ -134,6 +142,8 @@ def peft_config_for(model_args: ModelConfig, pipeline):
 
 def load_train_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArguments):
     """The training split as the arguments name it (streamed with ``dataset_streaming``, cut to ``max_train_rows``)."""
+    from ..data.preparation import load_preference_dataset
+
     return load_preference_dataset(
         script_args.dataset_name,
         script_args.dataset_train_split,
@@ -145,9 +155,11 @@ def load_train_split(script_args: ScriptArguments, diffusion_args: DiffusionScri
 
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
+    script_args, training_args, model_args, diffusion_args = parse_args(argv)  # exits here on --help
+    from ..data.preparation import load_preference_dataset
+    from ..data.sharded_cache import load_sharded_latent_cache
     from ..trainer import DiffusionSDPOTrainer
 
-    script_args, training_args, model_args, diffusion_args = parse_args(argv)
     check_supported(script_args, model_args)
     pipeline = build_pipeline(model_args, diffusion_args)
     peft_config = peft_config_for(model_args, pipeline)
