@@ -289,4 +289,5 @@ class FlowMatchingFamily(ModelFamily):
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:
+        """``model(hidden_states=sample, timestep=t, ...)`` on the latent layout, ``t`` on the 0-1000 scale (SD3)."""
         return model(hidden_states=sample, timestep=timestep, **conditioning, return_dict=False)[0]
