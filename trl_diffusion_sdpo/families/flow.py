@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from .base import ModelFamily, PromptEmbeddings
-from .noising import NoisedPair, Noiser, pair_latents
+from .noising import Device, NoisedPair, Noiser, pair_latents
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -152,11 +153,7 @@ class FlowNoiser(Noiser):
         self.sigma_table = table[: self.num_train_timesteps].float().cpu()  # descending: index 0 is s = 1
 
     def sample_sigmas(
-        self,
-        n: int,
-        latent_shape: tuple[int, ...],
-        generator: torch.Generator | None,
-        device: torch.device | str,
+        self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator | None, device: Device
     ) -> torch.Tensor:
         """``n`` noise levels ``s`` (float32, on the generator's device, then moved to ``device``)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -181,24 +178,14 @@ class FlowNoiser(Noiser):
         return compute_loss_weighting_for_sd3(self.sampling.weighting_scheme, sigmas).float()
 
     def draw(
-        self,
-        num_pairs: int,
-        latent_shape: tuple[int, ...],
-        generator: torch.Generator | None,
-        device: torch.device | str,
+        self, num_pairs: int, latent_shape: tuple[int, ...], generator: torch.Generator | None, device: Device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The levels (:meth:`sample_sigmas`), then the noise, from ``generator`` on ``device``."""
         sigmas = self.sample_sigmas(num_pairs, latent_shape, generator, device)
         return sigmas, torch.randn((num_pairs, *latent_shape), generator=generator, device=device)
 
     def noise_pairs(
-        self,
-        mean: torch.Tensor,
-        std: torch.Tensor,
-        levels: torch.Tensor,
-        noise: torch.Tensor,
-        posterior_eps: torch.Tensor,
-        vae_config,
+        self, mean: Tensor, std: Tensor, levels: Tensor, noise: Tensor, posterior_eps: Tensor, vae_config: Any
     ) -> NoisedPair:
         """See :func:`flow_noised_pair`; adds this setting's loss weight."""
         noised = flow_noised_pair(mean, std, levels, noise, posterior_eps, vae_config, self.num_train_timesteps)
@@ -241,14 +228,9 @@ class FlowMatchingFamily(ModelFamily):
         self.guidance_scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
 
     @classmethod
-    def from_pipeline(
-        cls,
-        pipeline: DiffusionPipeline,
-        *,
-        max_sequence_length: int | None = None,
-        guidance_scale: float | None = None,
-    ) -> FlowMatchingFamily:
-        return cls(pipeline, max_sequence_length, guidance_scale)
+    def from_pipeline(cls, pipeline: DiffusionPipeline, **options: Any) -> FlowMatchingFamily:
+        """The family with ``max_sequence_length`` and ``guidance_scale`` (keywords; ``None`` keeps the default)."""
+        return cls(pipeline, **options)
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
@@ -307,4 +289,5 @@ class FlowMatchingFamily(ModelFamily):
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:
+        """``model(hidden_states=sample, timestep=t, ...)`` on the latent layout, ``t`` on the 0-1000 scale (SD3)."""
         return model(hidden_states=sample, timestep=timestep, **conditioning, return_dict=False)[0]
