@@ -21,7 +21,8 @@ def test_step_time_script_writes_every_requested_row(tmp_path):
                "--resolution", "64", "--batch-size", "1", "--dataset-batches", "2", "--output", str(output)]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     report = json.loads(output.read_text())
-    assert set(report["rows"]) == {"floor-lora", "dpo-cached-lora", "sdpo-cached-lora"}
+    # a trainer run alternates the default --losses: dpo, sdpo (output space), sdpo_param (parameter space)
+    assert set(report["rows"]) == {"floor-lora", "dpo-cached-lora", "sdpo-cached-lora", "sdpo_param-cached-lora"}
     assert "ratio_to_floor_wall" in report["rows"]["dpo-cached-lora"]
     assert "safeguard overhead <= 2%" in report["targets"]
 
