@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from . import pretrain
 from .pairs import sample_images
 from .pretrain import (
     SHIPPED_BASE_DIR,
     PretrainRecipe,
     build_untrained_pipeline,
-    pretrain_base,
     recipe_hash,
     save_base,
     shipped_base_record,
@@ -179,7 +179,7 @@ def rebuild_and_check(recipe: PretrainRecipe, output_dir: str | os.PathLike, ech
     strict = record is not None and record.get("recipe_hash") == recipe_hash(recipe)
     load_before = os.getloadavg()
     tick = time.perf_counter()
-    pipeline = pretrain_base(recipe)
+    pipeline = pretrain.pretrain_base(recipe)  # looked up at call time, as load_base does (tests replace it)
     seconds = time.perf_counter() - tick
     load_after = os.getloadavg()
     echo(f"      pretrained in {seconds:.0f} s (load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)")
