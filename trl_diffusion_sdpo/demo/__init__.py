@@ -14,6 +14,14 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_attributes
 
+if TYPE_CHECKING:
+    from .base_check import check_base, rebuild_and_check
+    from .methods import METHODS, Method
+    from .pretrain import PretrainRecipe, load_base, load_or_pretrain
+    from .recipe import DemoRecipe
+    from .run import run_demo, run_pretrain
+    from .scorer import ColourRewardScorer
+
 _EXPORTS = {
     "METHODS": ".methods",
     "ColourRewardScorer": ".scorer",
@@ -44,11 +52,3 @@ __all__ = [
 
 # Resolved on first use, so that ``trl-diffusion-sdpo --help`` builds the demo's options without importing torch.
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
-
-if TYPE_CHECKING:
-    from .base_check import check_base, rebuild_and_check
-    from .methods import METHODS, Method
-    from .pretrain import PretrainRecipe, load_base, load_or_pretrain
-    from .recipe import DemoRecipe
-    from .run import run_demo, run_pretrain
-    from .scorer import ColourRewardScorer

@@ -40,26 +40,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # BLIP's ViT-L/16 at 224 px, as ImageReward builds it (vit='large'); timm's LayerNorm eps 1e-6.
 VIT_LARGE = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=16,
-    layer_norm_eps=1e-6,
-    hidden_act="gelu",
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+    patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu",
 )
 # BLIP's med_config.json (BERT-base with cross-attention, vocabulary 30522 + [DEC] + [ENC]).
 MED_BERT_BASE = dict(
-    vocab_size=30524,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=512,
-    layer_norm_eps=1e-12,
-    hidden_act="gelu",
-    pad_token_id=0,
+    vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=512, layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0,
 )
 
 _VISION_RENAMES = (
@@ -109,21 +96,11 @@ def _med_config(med_config: str | dict[str, Any] | None, hub_repo: str) -> dict[
 def text_config_from_med(med: dict[str, Any], encoder_hidden_size: int) -> BlipTextConfig:
     """`BlipTextConfig` from BLIP's BERT ``med_config.json`` (``encoder_width`` is replaced by the ViT width, as
     BLIP does)."""
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "max_position_embeddings",
-        "layer_norm_eps",
-        "hidden_act",
-        "pad_token_id",
-    )
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id")
     values = {k: med.get(k, MED_BERT_BASE[k]) for k in keys}
-    return BlipTextConfig(
-        **values, encoder_hidden_size=encoder_hidden_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-    )
+    return BlipTextConfig(**values, encoder_hidden_size=encoder_hidden_size, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
 
 
 class ImageRewardModel(nn.Module):
@@ -156,12 +133,8 @@ def _image_processor(size: int):
     except ImportError:
         from transformers import CLIPImageProcessor as processor_class
     return processor_class(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        resample=3,  # PIL bicubic
-        do_center_crop=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,  # PIL bicubic
+        do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
     )
 
 
@@ -201,9 +174,8 @@ class ImageRewardScorer(Scorer):
         vision = BlipVisionConfig(**{**VIT_LARGE, **(vision_config or {})})
         text = text_config_from_med(_med_config(med_config, hub_repo), vision.hidden_size)
         self.model = ImageRewardModel(vision, text)
-        missing, unexpected = self.model.load_state_dict(
-            blip_to_transformers(load_weights_file(checkpoint)), strict=False
-        )
+        missing, unexpected = self.model.load_state_dict(blip_to_transformers(load_weights_file(checkpoint)),
+                                                         strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
             raise ValueError(
@@ -228,11 +200,8 @@ class ImageRewardScorer(Scorer):
             batch = [image.convert("RGB") for image in images[start : start + self.batch_size]]
             pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device, dtype)
             tokens = self.tokenizer(
-                list(prompts[start : start + self.batch_size]),
-                padding="max_length",
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
+                list(prompts[start : start + self.batch_size]), padding="max_length", truncation=True,
+                max_length=self.max_length, return_tensors="pt",
             ).to(self.device)
             chunks.append(self.model(pixels, tokens["input_ids"], tokens["attention_mask"]).float())
         return torch.cat(chunks)
