@@ -12,6 +12,22 @@ from ._lazy import lazy_attributes
 
 __version__ = "0.1.0.dev0"
 
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+    from .config import DiffusionSDPOConfig
+    from .distributed import load_pipeline, zero3_init_disabled
+    from .engines import Engine, engine_for
+    from .evaluation.scorers import Scorer, register_scorer
+    from .families import FlowMatchingFamily, ModelFamily, Noiser, family_for_pipeline, register_family
+    from .objectives import (
+        OBJECTIVES,
+        PreferenceObjective,
+        build_objective,
+        objective_from_config,
+        register_objective,
+    )
+    from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
+    from .trainer import DiffusionSDPOTrainer
+
 # Public name -> the submodule that defines it, imported when the name is first used.
 _EXPORTS = {
     "DiffusionSDPOConfig": ".config",
@@ -64,19 +80,3 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
-
-if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
-    from .config import DiffusionSDPOConfig
-    from .distributed import load_pipeline, zero3_init_disabled
-    from .engines import Engine, engine_for
-    from .evaluation.scorers import Scorer, register_scorer
-    from .families import FlowMatchingFamily, ModelFamily, Noiser, family_for_pipeline, register_family
-    from .objectives import (
-        OBJECTIVES,
-        PreferenceObjective,
-        build_objective,
-        objective_from_config,
-        register_objective,
-    )
-    from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
-    from .trainer import DiffusionSDPOTrainer

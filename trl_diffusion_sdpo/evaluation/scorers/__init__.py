@@ -13,6 +13,13 @@ from typing import TYPE_CHECKING
 from ..._lazy import lazy_attributes
 from .base import Scorer, available_scorers, build_scorer, register_scorer, scorer_factory
 
+if TYPE_CHECKING:
+    from .aesthetic import AestheticMLP, AestheticScorer
+    from .clip_score import CLIPScoreScorer
+    from .hps import HPSv2Scorer, open_clip_to_transformers
+    from .image_reward import ImageRewardModel, ImageRewardScorer, blip_to_transformers
+    from .pickscore import PickScoreScorer
+
 # Built-in scorer name -> "module:factory", imported on first use.
 _BUILTIN_SCORERS = {
     "aesthetic": "aesthetic:AestheticScorer",
@@ -56,10 +63,3 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
-
-if TYPE_CHECKING:
-    from .aesthetic import AestheticMLP, AestheticScorer
-    from .clip_score import CLIPScoreScorer
-    from .hps import HPSv2Scorer, open_clip_to_transformers
-    from .image_reward import ImageRewardModel, ImageRewardScorer, blip_to_transformers
-    from .pickscore import PickScoreScorer
