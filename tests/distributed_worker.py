@@ -172,8 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
         _lift_fsdp_cpu_gate()
     if args.jobs is None:
-        jobs = [dict(result=args.result, example=args.example, argv=example_argv, poison_step=args.poison_step,
-                     poison_rank=args.poison_rank)]
+        jobs = [
+            dict(
+                result=args.result,
+                example=args.example,
+                argv=example_argv,
+                poison_step=args.poison_step,
+                poison_rank=args.poison_rank,
+            )
+        ]
     else:
         with open(args.jobs) as f:
             jobs = json.load(f)

@@ -446,6 +446,7 @@ def test_bf16_mixed_precision_under_ddp_behaves_as_one_process(runs):
 
 # ------------------------------------------------------------------------- the parameter-space safeguard under DDP
 
+
 def _parameter_space_global_scope_on_two_processes_trains_like_one(single: dict, report: dict) -> None:
     assert report["num_processes"] == 2 and report["global_step"] == STEPS
     # lambda from the globally averaged g_w and g_l is the one-process lambda of the same global batch, and the
@@ -538,11 +539,35 @@ def test_parameter_space_local_scope_under_zero2_keeps_the_processes_in_step(ass
 def test_parameter_space_under_zero3_is_refused_before_training(assets):
     out = assets["root"] / "zero3-parameter"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero3.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-        str(ROOT / "examples" / "train_sd15.py"), "--model_name_or_path", str(assets["pipeline"]),
-        "--dataset_name", str(assets["data"]), "--output_dir", str(out), "--resolution", "32", "--max_steps", "1",
-        "--per_device_train_batch_size", "1", "--report_to", "none", "--save_strategy", "no", "--use_peft",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / "deepspeed_zero3.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "examples" / "train_sd15.py"),
+        "--model_name_or_path",
+        str(assets["pipeline"]),
+        "--dataset_name",
+        str(assets["data"]),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "32",
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "1",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_peft",
         *PARAMETER,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -555,6 +580,7 @@ def test_parameter_space_under_zero3_is_refused_before_training(assets):
 # ------------------------------------------------------------------------------------------------------------- FSDP2
 # accelerate engages FSDP only on accelerators; the worker lifts that gate on CPU (tests only), so these runs go
 # through accelerate's own FSDP2 path (fully_shard over the gloo group) with the shipped fsdp2.yaml.
+
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_fsdp2_two_processes_train_like_one(runs, lora):
@@ -594,10 +620,28 @@ def test_fsdp2_parameter_space_safeguard_on_two_processes_trains_like_one(runs, 
 
 @pytest.mark.slow
 def test_fsdp2_parameter_space_with_gradient_accumulation_matches_one_process(assets):
-    single = run(assets, "accumulate-parameter-single", None, True, *PARAMETER, "--per_device_train_batch_size", "2",
-                 "--gradient_accumulation_steps", "2")
-    report = run(assets, "accumulate-parameter-fsdp2", FSDP2, True, *PARAMETER, "--per_device_train_batch_size", "1",
-                 "--gradient_accumulation_steps", "2")
+    single = run(
+        assets,
+        "accumulate-parameter-single",
+        None,
+        True,
+        *PARAMETER,
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+    )
+    report = run(
+        assets,
+        "accumulate-parameter-fsdp2",
+        FSDP2,
+        True,
+        *PARAMETER,
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+    )
     assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
 
@@ -612,8 +656,19 @@ def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_run(assets, lora, state_d
     tag = f"fsdp2-{'lora' if lora else 'full'}-{state_dict_type}"
     launch = ("--fsdp_state_dict_type", state_dict_type)
     straight = run(assets, f"straight-{tag}", FSDP2, lora, launch=launch)
-    run(assets, f"interrupted-{tag}", FSDP2, lora, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
-        launch=launch)
+    run(
+        assets,
+        f"interrupted-{tag}",
+        FSDP2,
+        lora,
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        launch=launch,
+    )
     checkpoint = assets["root"] / f"interrupted-{tag}" / "model" / "checkpoint-2"
     names = {p.name for p in checkpoint.iterdir()}
     assert ("pytorch_lora_weights.safetensors" if lora else "unet") in names
