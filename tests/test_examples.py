@@ -134,6 +134,51 @@ def test_train_command_trains_and_saves_from_local_folders(tmp_path: Path, famil
         assert any(not torch.equal(before[k], after[k]) for k in before)
     config = json.loads((out / "training_config.json").read_text())
     assert config["learning_rate"] == 1e-4 and config["max_steps"] == 2
+    card = (out / "README.md").read_text()  # the model card, as TRL's scripts write beside the weights
+    assert data_dir in card and "Diffusion-SDPO" in card and "tuning" in card
+
+
+def test_train_help_describes_the_command_and_marks_what_it_does_not_offer(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "Train Diffusion-DPO / Diffusion-SDPO" in out and "--config FILE.yaml" in out
+    assert "--no_scale_lr, --no-scale-lr Set scale_lr to False" in out  # not the field's own help, the opposite
+    for refused in ("--load_in_4bit [", "--lora_task_type LORA", "--attn_implementation ATTN"):
+        assert refused not in out  # hidden from the options; the epilog says why
+    assert "--load_in_4bit, --load_in_8bit" in out and "--lora_task_type is ignored" in out
+    assert "the shipped configs use 0.0" in out and "to_q, to_k, to_v, to_out.0" in out
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", True), ("True", True), ("false", None), ("FALSE", None), ("out/checkpoint-4", "out/checkpoint-4")],
+)
+def test_resume_flag_is_read_as_users_write_it(value, expected) -> None:
+    _, config, _, _ = parse_args(["--output_dir", "/tmp/unused", "--use_cpu", "--resume_from_checkpoint", value])
+    assert config.resume_from_checkpoint == expected
+
+
+def test_train_command_resumes_from_the_newest_checkpoint_with_resume_true(local_pipeline_and_data, tmp_path) -> None:
+    pipe_dir, data_dir = local_pipeline_and_data
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(out), "--use_peft",
+            "--lora_r", "4", *FAST, "--save_strategy", "steps", "--save_steps", "2"]
+    with pytest.raises(ValueError, match="No complete checkpoint"):  # true reaches the trainer as True, not a path
+        train_main([*argv, "--resume_from_checkpoint", "true"])
+    train_main(argv)  # max_steps 2: checkpoint-2
+    # Mark checkpoint-2's logged history: a resumed run carries it on, a fresh start would log step 1 anew.
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    first_loss = next(entry for entry in state["log_history"] if "loss" in entry)
+    first_loss["loss"] = 12345.0
+    state_file.write_text(json.dumps(state))
+    manifest = out / "checkpoint-2" / "checkpoint_manifest.json"
+    if manifest.is_file():  # the checkpoint's checksums cover trainer_state.json; keep the marked file valid
+        manifest.unlink()
+    resumed = train_main([*argv, "--max_steps", "3", "--resume_from_checkpoint", "true"])
+    losses = {entry["step"]: entry["loss"] for entry in resumed.state.log_history if "loss" in entry}
+    assert resumed.state.global_step == 3 and sorted(losses) == [1, 2, 3] and losses[1] == 12345.0
 
 
 @pytest.mark.slow
