@@ -4,6 +4,7 @@ resolved, the API reference generated from docstrings without a warning."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,71 @@ def test_docs_site_builds_strictly(tmp_path):
     trainer_api = (site / "api" / "trainer" / "index.html").read_text()
     assert "DiffusionSDPOTrainer" in trainer_api and "create_model_card" in trainer_api
     assert "safeguard_mu" in (site / "api" / "config" / "index.html").read_text()
+
+
+# -- keeping the docs true ---------------------------------------------------------------------------------------------
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A measured figure: a time, a size, a cost or a speed ratio (1.30x). Percentages, counts and settings are left out.
+FIGURE = re.compile(
+    r"(?<![\w.-])(?:\$\d[\d,.]*|\d+\.\d+x|\d[\d,]*(?:\.\d+)? ?(?:ms|s|min|minutes|h|hours|MB|GB|TB|MiB|GiB)(?!\w))"
+)
+# Where a figure comes from: a result file (benchmarks/results/ or the demo's docs/images/, named in full or by its
+# file name), a test, or a statement that it was computed (arithmetic) or observed without a file (not recorded).
+RESULT_FILE = re.compile(r"[\w{},*./-]*[\w}*]\.json")
+TEST_FILE = re.compile(r"tests/test_\w+\.py")
+NO_FILE = re.compile(r"\b(?:not recorded|arithmetic|computed)\b", re.IGNORECASE)
+
+
+def _sections(text: str) -> list[tuple[str, str]]:
+    """(heading, body) per Markdown section, fenced code and inline code left out (commands and formulas)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    text = re.sub(r"^\n((?: {4}.*\n)+)", "\n", text, flags=re.MULTILINE)  # indented code blocks
+    # inline code goes too, but for the sources it names (result files, tests)
+    text = re.sub(r"`[^`\n]*`", lambda m: m.group(0) if re.search(r"\.json`|^`tests/", m.group(0)) else "``", text)
+    parts = re.split(r"^(#{1,6} .*)$", text, flags=re.MULTILINE)
+    return [("(top)", parts[0])] + list(zip(parts[1::2], parts[2::2]))
+
+
+def _expand(name: str) -> list[str]:
+    """``cpu-small-{8,2}pairs.json`` -> both names."""
+    match = re.search(r"\{([^}]*)\}", name)
+    if not match:
+        return [name]
+    return [n for option in match.group(1).split(",") for n in _expand(name.replace(match.group(0), option, 1))]
+
+
+def _result_file_exists(name: str) -> bool:
+    """A path from the repository root or the docs folder, or a bare name of a file in ``benchmarks/results/``."""
+    name = name.lstrip("./")
+    candidates = [ROOT / name, ROOT / "docs" / name, ROOT / "benchmarks" / "results" / os.path.basename(name)]
+    return any(path.is_file() for candidate in candidates for path in candidate.parent.glob(candidate.name))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_every_quoted_figure_names_where_it_comes_from(page: Path) -> None:
+    """A section that quotes a time, a size, a cost or a speed ratio names its result file or test (or says the
+    figure is computed or not recorded), and every result file and test a page names exists."""
+    text = page.read_text()
+    unsourced = []
+    for heading, body in _sections(text):
+        figures = FIGURE.findall(body)
+        named = [n for found in RESULT_FILE.findall(body) for n in _expand(found) if _result_file_exists(n)]
+        if figures and not (named or TEST_FILE.search(body) or NO_FILE.search(body)):
+            unsourced.append(f"{heading.strip()}: {figures[:4]}")
+    assert not unsourced, f"{page.name}: figures without a source: {unsourced}"
+    for found in RESULT_FILE.findall(text):
+        # result files: paths under results/ or images/, or kebab-case names (the outputs that commands write,
+        # trainer_state.json and the like, are named in prose too)
+        if "results/" in found or "images/" in found or ("/" not in found and "-" in found):
+            for name in _expand(found):
+                assert _result_file_exists(name), f"{page.name} names {name}, which does not exist"
+    for name in TEST_FILE.findall(text):
+        assert (ROOT / name).is_file(), f"{page.name} names {name}, which does not exist"
+
+
+def test_the_shipped_demo_base_has_the_size_the_docs_quote() -> None:
+    base = ROOT / "trl_diffusion_sdpo" / "demo" / "base"
+    size_mb = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) / 1e6
+    for page in (ROOT / "README.md", ROOT / "docs" / "demo.md"):
+        assert f"{size_mb:.1f} MB" in page.read_text(), page.name

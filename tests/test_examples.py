@@ -71,7 +71,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         "sd15": (0.9, True, 16, 16),
         "sdxl": (0.6, True, 16, 16),
         "sd3_lora": (0.5, True, 32, 64),
-        "sd3_full": (0.5, False, None, None),
+        "sd3_full": (0.5, True, None, None),
         "flux_lora": (0.5, True, 16, 16),
     }[next(k for k in ("sd15", "sdxl", "sd3_lora", "sd3_full", "flux_lora") if config_path.stem.startswith(k))]
     assert config.safeguard and config.safeguard_mu == mu

@@ -72,7 +72,9 @@ class DiffusionSDPOConfig(TrainingArguments):
         pass), which treats the UNet's Jacobians on the two branches as equal. `"parameter"`: the exact rule, from
         the gradients of the loss's winner and loser terms over the trainable weights, one backward pass per branch
         (one extra gradient-sized buffer; see `docs/safeguard.md` for its guarantee, cost and the measured
-        difference). Not available under DeepSpeed or FSDP.
+        difference). Runs on one process, DDP, DeepSpeed ZeRO-1/2 and FSDP2 with `safeguard_scope="global"`;
+        refused under ZeRO-3, FSDP1 and FSDP2 with the local scope (`docs/safeguard.md`, "Where the exact rule
+        runs").
     safeguard_scope (`str`, *optional*, defaults to `"local"`):
         Which samples one ``lambda`` covers when several processes train. `"local"` (the authors' choice): each
         process computes ``lambda`` from its own micro-batch. `"global"`: the two sums behind ``lambda`` are summed
