@@ -33,7 +33,17 @@ def test_docs_site_builds_strictly(tmp_path):
         assert (site / page / "index.html").is_file(), page
     trainer_api = (site / "api" / "trainer" / "index.html").read_text()
     assert "DiffusionSDPOTrainer" in trainer_api and "create_model_card" in trainer_api
-    assert "safeguard_mu" in (site / "api" / "config" / "index.html").read_text()
+    config_api = (site / "api" / "config" / "index.html").read_text()
+    assert "<li><strong>safeguard_mu</strong>" in config_api  # HF parameter lists as list items, not run together
+    for page in sorted((site / "api").glob("*/index.html")):
+        html = page.read_text()
+        raw = re.findall(r":(?:class|func|meth|mod|attr|data|exc):`[^`]*`|\[`~?[\w.]+`\]", html)
+        assert not raw, f"{page.parent.name}: raw roles {raw[:5]}"
+    pages = {name: (site / "api" / name / "index.html").read_text() for name in ("families", "data", "cli", "evaluation")}
+    assert "StableDiffusion3Family" in pages["families"] and "FluxFamily" in pages["families"]
+    assert "build_sharded_latent_cache" in pages["data"] and "load_sharded_latent_cache" in pages["data"]
+    assert "run_cache" in pages["cli"] and "CacheArguments" in pages["cli"]
+    assert "register_scorer" in pages["evaluation"] and "available_scorers" in pages["evaluation"]
 
 
 # -- keeping the docs true ---------------------------------------------------------------------------------------------
@@ -102,3 +112,26 @@ def test_the_shipped_demo_base_has_the_size_the_docs_quote() -> None:
     size_mb = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) / 1e6
     for page in (ROOT / "README.md", ROOT / "docs" / "demo.md"):
         assert f"{size_mb:.1f} MB" in page.read_text(), page.name
+
+
+def test_the_api_pages_render_the_docstrings_roles_and_parameter_lists(tmp_path) -> None:
+    """No Sphinx role or Hugging Face link shows as raw text, and the config's parameters are list items."""
+    pytest.importorskip("mkdocstrings_handlers.python")
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        from _griffe_docstrings import rewrite_docstring
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    text = (
+        "See :class:`~trl_diffusion_sdpo.DiffusionSDPOConfig` and :mod:`.data.latent_cache`, or [`~transformers.X`].\n"
+        "\n> Parameters that control the objective\n\nbeta (`float`, *optional*, defaults to `5000.0`):\n"
+        "    KL strength.\n    Second line.\nmapo_beta (`float`), mapo_snr_value (`float`,\n    *optional*):\n"
+        "    MaPO's.\n"
+    )
+    rendered = rewrite_docstring(text, "trl_diffusion_sdpo")
+    assert '<autoref identifier="trl_diffusion_sdpo.DiffusionSDPOConfig" optional><code>DiffusionSDPOConfig</code>' in rendered
+    assert 'identifier="trl_diffusion_sdpo.data.latent_cache"' in rendered and 'identifier="transformers.X"' in rendered
+    assert "**Parameters that control the objective**" in rendered
+    assert "- **beta** (`float`, *optional*, defaults to `5000.0`):\n  KL strength.\n  Second line." in rendered
+    assert "- **mapo_beta** (`float`), mapo_snr_value (`float`, *optional*):\n  MaPO's." in rendered
+

@@ -29,6 +29,8 @@ class CacheArguments:
 
 
 def run_cache(argv: list[str] | None = None) -> int:
+    """``trl-diffusion-sdpo cache``: parse ``argv`` (the ``train`` command's options plus :class:`CacheArguments`)
+    and encode this process's shard into ``--latent_cache``; returns the exit status."""
     import torch
     from accelerate import PartialState
     from trl import TrlParser
