@@ -135,3 +135,61 @@ def test_the_api_pages_render_the_docstrings_roles_and_parameter_lists(tmp_path)
     assert "- **beta** (`float`, *optional*, defaults to `5000.0`):\n  KL strength.\n  Second line." in rendered
     assert "- **mapo_beta** (`float`), mapo_snr_value (`float`, *optional*):\n  MaPO's." in rendered
 
+
+
+# Where a command line starts: the console script, ``python -m trl_diffusion_sdpo`` (also under accelerate launch) and
+# the example scripts, which are the train command under another name.
+COMMAND = re.compile(
+    r"(?:trl-diffusion-sdpo|-m trl_diffusion_sdpo|python -m trl_diffusion_sdpo)\s+(train|cache|evaluate|demo)\b"
+    r"|(?:examples/train_(?:sd15|sdxl|flow)\.py)()"
+)
+
+
+def _command_lines(text: str) -> list[str]:
+    """Every command line in fenced code (continuation lines joined) and in inline code."""
+    lines = []
+    for block in re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.DOTALL):
+        lines += block.replace("\\\n", " ").splitlines()
+    lines += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL))
+    return lines
+
+
+def _help(command: str, capsys) -> str:
+    from trl_diffusion_sdpo.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_every_command_and_flag_the_docs_name_exists(capsys) -> None:
+    helps = {command: _help(command, capsys) for command in ("train", "cache", "evaluate", "demo")}
+    missing = []
+    for page in PAGES:
+        for line in _command_lines(page.read_text()):
+            for match in COMMAND.finditer(line):
+                command = match.group(1) or "train"
+                rest = re.split(r"&&|\||;|#", line[match.end():])[0]
+                for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+                    if flag == "--config" and command in ("train", "cache"):
+                        flag = "--config FILE.yaml"
+                    if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps[command]):
+                        missing.append(f"{page.name}: {command} {flag}")
+    assert not missing, missing
+
+
+def test_every_link_of_the_readme_resolves() -> None:
+    """The README is not part of the site (whose links ``mkdocs build --strict`` checks): its own relative links."""
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert links
+    for link in links:
+        if link.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.exists(), f"README links to {link}, which does not exist"
+        if anchor and target.suffix == ".md":
+            headings = [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                        for h in re.findall(r"^#+ (.*)$", target.read_text(), flags=re.MULTILINE)]
+            assert anchor in headings, f"README links to {link}: no such heading"

@@ -37,9 +37,10 @@ def run_cache(argv: list[str] | None = None) -> int:
 
     from .data.sharded_cache import build_sharded_latent_cache
     from .families import family_for_pipeline
-    from .scripts.train import ARGUMENT_TYPES, build_pipeline, check_supported, load_train_split
+    from .scripts.train import ARGUMENT_TYPES, add_config_argument, build_pipeline, check_supported, load_train_split
 
     parser = TrlParser((*ARGUMENT_TYPES, CacheArguments), prog="trl-diffusion-sdpo cache")
+    add_config_argument(parser)
     script_args, args, model_args, diffusion_args, cache_args = parser.parse_args_and_config(argv)
     check_supported(script_args, model_args)
     if not diffusion_args.latent_cache:

@@ -111,13 +111,7 @@ _FALSE = {"false", "no", "0", "none", ""}
 def make_parser(prog: str = "trl-diffusion-sdpo train") -> TrlParser:
     """TRL's ``TrlParser`` over :data:`ARGUMENT_TYPES`, with this command's description and help corrections."""
     parser = TrlParser(ARGUMENT_TYPES, prog=prog, description=DESCRIPTION, epilog=EPILOG)
-    # TrlParser reads --config itself before argparse sees the flags; listed here so --help names it.
-    parser.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        default=argparse.SUPPRESS,
-        help="YAML file of these options (keys are the flag names); flags given beside it override its values.",
-    )
+    add_config_argument(parser)
     for action in parser._actions:
         name = action.dest
         if name in HIDDEN_OPTIONS:
@@ -132,6 +126,16 @@ def make_parser(prog: str = "trl-diffusion-sdpo train") -> TrlParser:
         if any(option.startswith("--no_") for option in action.option_strings):
             action.help = f"Set {name} to False (see --{name})."
     return parser
+
+
+def add_config_argument(parser: TrlParser) -> None:
+    """List ``--config`` in ``--help``: TrlParser reads it itself before argparse sees the flags."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=argparse.SUPPRESS,
+        help="YAML file of these options (keys are the flag names); flags given beside it override its values.",
+    )
 
 
 def resume_argument(value: str | bool | None) -> str | bool | None:
