@@ -218,3 +218,21 @@ def test_quickstart_trains_saves_and_reloads(tmp_path: Path) -> None:
     assert (tmp_path / "qs" / "pytorch_lora_weights.safetensors").is_file()
     for key in ("eval_loss", "eval_implicit_acc", "eval_delta/winner", "eval_delta/loser"):
         assert np.isfinite(metrics[key])
+
+
+def test_train_command_writes_the_model_card_at_every_save(local_pipeline_and_data, tmp_path, monkeypatch) -> None:
+    from trl_diffusion_sdpo import DiffusionSDPOTrainer
+
+    pipe_dir, data_dir = local_pipeline_and_data
+    written = []
+    original = DiffusionSDPOTrainer.create_model_card
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        written.append((self.state.global_step, (Path(self.args.output_dir) / "README.md").is_file()))
+
+    monkeypatch.setattr(DiffusionSDPOTrainer, "create_model_card", record)
+    train_main(["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path / "out"),
+                "--use_peft", "--lora_r", "4", *FAST, "--save_strategy", "steps", "--save_steps", "1"])
+    assert written == [(1, True), (2, True), (2, True)]  # after checkpoint-1, checkpoint-2, and the final save
+    assert data_dir in (tmp_path / "out" / "README.md").read_text()

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..config import DiffusionSDPOConfig
@@ -222,6 +223,16 @@ def load_train_split(script_args: ScriptArguments, diffusion_args: DiffusionScri
     )
 
 
+class ModelCardOnSave(TrainerCallback):
+    """Rewrite ``output_dir/README.md`` at every checkpoint save, as TRL's trainers do, naming the dataset."""
+
+    def __init__(self, trainer, dataset_name: str | None) -> None:
+        self.trainer, self.dataset_name = trainer, dataset_name
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.create_model_card(dataset_name=self.dataset_name)  # writes on the main process only
+
+
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
     from ..trainer import DiffusionSDPOTrainer
@@ -242,6 +253,7 @@ def main(argv: Sequence[str] | None = None):
     trainer = DiffusionSDPOTrainer(pipeline, None, training_args, train_dataset, eval_dataset, peft_config=peft_config)
     if training_args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
         trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.add_callback(ModelCardOnSave(trainer, script_args.dataset_name))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     # As TRL's scripts: the saved model comes with its card (README.md: base model, dataset, method, settings).
