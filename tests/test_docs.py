@@ -39,14 +39,16 @@ def test_docs_site_builds_strictly(tmp_path):
         html = page.read_text()
         raw = re.findall(r":(?:class|func|meth|mod|attr|data|exc):`[^`]*`|\[`~?[\w.]+`\]", html)
         assert not raw, f"{page.parent.name}: raw roles {raw[:5]}"
-    pages = {name: (site / "api" / name / "index.html").read_text() for name in ("families", "data", "cli", "evaluation")}
+    pages = {
+        name: (site / "api" / name / "index.html").read_text() for name in ("families", "data", "cli", "evaluation")
+    }
     assert "StableDiffusion3Family" in pages["families"] and "FluxFamily" in pages["families"]
     assert "build_sharded_latent_cache" in pages["data"] and "load_sharded_latent_cache" in pages["data"]
     assert "run_cache" in pages["cli"] and "CacheArguments" in pages["cli"]
     assert "register_scorer" in pages["evaluation"] and "available_scorers" in pages["evaluation"]
 
 
-# -- keeping the docs true ---------------------------------------------------------------------------------------------
+# -- keeping the docs true --------------------------------------------------------------------------------------------
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A measured figure: a time, a size, a cost or a speed ratio (1.30x). Percentages, counts and settings are left out.
@@ -129,12 +131,16 @@ def test_the_api_pages_render_the_docstrings_roles_and_parameter_lists(tmp_path)
         "    MaPO's.\n"
     )
     rendered = rewrite_docstring(text, "trl_diffusion_sdpo")
-    assert '<autoref identifier="trl_diffusion_sdpo.DiffusionSDPOConfig" optional><code>DiffusionSDPOConfig</code>' in rendered
-    assert 'identifier="trl_diffusion_sdpo.data.latent_cache"' in rendered and 'identifier="transformers.X"' in rendered
+    assert (
+        '<autoref identifier="trl_diffusion_sdpo.DiffusionSDPOConfig" optional><code>DiffusionSDPOConfig</code>'
+        in rendered
+    )
+    assert (
+        'identifier="trl_diffusion_sdpo.data.latent_cache"' in rendered and 'identifier="transformers.X"' in rendered
+    )
     assert "**Parameters that control the objective**" in rendered
     assert "- **beta** (`float`, *optional*, defaults to `5000.0`):\n  KL strength.\n  Second line." in rendered
     assert "- **mapo_beta** (`float`), mapo_snr_value (`float`, *optional*):\n  MaPO's." in rendered
-
 
 
 # Where a command line starts: the console script, ``python -m trl_diffusion_sdpo`` (also under accelerate launch) and
@@ -169,7 +175,7 @@ def test_every_command_and_flag_the_docs_name_exists(capsys) -> None:
         for line in _command_lines(page.read_text()):
             for match in COMMAND.finditer(line):
                 command = match.group(1) or "train"
-                rest = re.split(r"&&|\||;|#", line[match.end():])[0]
+                rest = re.split(r"&&|\||;|#", line[match.end() :])[0]
                 for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
                     if flag == "--config" and command in ("train", "cache"):
                         flag = "--config FILE.yaml"
@@ -190,15 +196,17 @@ def test_every_link_of_the_readme_resolves() -> None:
         target = ROOT / path
         assert target.exists(), f"README links to {link}, which does not exist"
         if anchor and target.suffix == ".md":
-            headings = [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-                        for h in re.findall(r"^#+ (.*)$", target.read_text(), flags=re.MULTILINE)]
+            headings = [
+                re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.*)$", target.read_text(), flags=re.MULTILINE)
+            ]
             assert anchor in headings, f"README links to {link}: no such heading"
 
 
 def test_the_sdxl_recipe_table_is_what_sdxl_full_yaml_holds_but_the_two_named_settings() -> None:
-    """docs/sdxl.md's table of the authors' recipe against examples/configs/sdxl_full.yaml: every ``field=value`` of its
-    last column is the parsed config's value, except ``independent_augmentation`` and ``fixed_time_ids``, the two the
-    page says the file leaves at our defaults."""
+    """docs/sdxl.md's table of the authors' recipe against examples/configs/sdxl_full.yaml: every ``field=value`` of
+    its last column is the parsed config's value, except ``independent_augmentation`` and ``fixed_time_ids``, the two
+    the page says the file leaves at our defaults."""
     import ast
 
     from trl_diffusion_sdpo.scripts.train import parse_args

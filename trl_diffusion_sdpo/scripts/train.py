@@ -76,7 +76,8 @@ TrainArguments = tuple[ScriptArguments, DiffusionSDPOConfig, ModelConfig, Diffus
 DESCRIPTION = (
     "Train Diffusion-DPO / Diffusion-SDPO (LoRA or full tuning of an SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline) "
     "from a YAML file of these options (--config) and flags, which override the file. Saves to --output_dir: LoRA "
-    "weights (pytorch_lora_weights.safetensors) or a whole pipeline, training_config.json and a model card (README.md)."
+    "weights (pytorch_lora_weights.safetensors) or a whole pipeline, training_config.json and a model card "
+    "(README.md)."
 )
 EPILOG = (
     "Examples: examples/configs/*.yaml (sd15_lora, sdxl_lora, sd3_lora, flux_lora, ... ). Resume with "
