@@ -224,3 +224,22 @@ def test_the_sdxl_recipe_table_is_what_sdxl_full_yaml_holds_but_the_two_named_se
         if actual != value:
             differ[name] = (value, actual)
     assert differ == {"independent_augmentation": (True, False), "fixed_time_ids": (True, False)}
+
+
+def test_where_the_exact_safeguard_runs_is_stated_once_and_the_same_everywhere() -> None:
+    """docs/safeguard.md#engines states it; the config's help says the same; no page restates it another way."""
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+
+    page = (ROOT / "docs" / "safeguard.md").read_text()
+    statement = " ".join(page.split("{#engines}", 1)[1].split("\n## ", 1)[0].split())
+    allowed = (
+        'one process, under DDP, under DeepSpeed ZeRO-1 and ZeRO-2, and under FSDP2 with `safeguard_scope="global"`'
+    )
+    refused = 'under DeepSpeed ZeRO-3, under FSDP1 and under FSDP2 with `safeguard_scope="local"`'
+    assert allowed in statement and refused in statement
+    docstring = " ".join(DiffusionSDPOConfig.__doc__.split())
+    assert 'Runs on one process, DDP, DeepSpeed ZeRO-1/2 and FSDP2 with `safeguard_scope="global"`' in docstring
+    assert "refused under ZeRO-3, FSDP1 and FSDP2 with the local scope" in docstring
+    stale = re.compile(r"DDP only|refused under DeepSpeed(?! ZeRO-3)|not available under DeepSpeed", re.IGNORECASE)
+    for page in PAGES:
+        assert not stale.search(page.read_text()), page.name
