@@ -74,7 +74,9 @@ class DiffusionSDPOConfig(TrainingArguments):
         pass), which treats the UNet's Jacobians on the two branches as equal. `"parameter"`: the exact rule, from
         the gradients of the loss's winner and loser terms over the trainable weights, one backward pass per branch
         (one extra gradient-sized buffer; see `docs/safeguard.md` for its guarantee, cost and the measured
-        difference). Not available under DeepSpeed or FSDP.
+        difference). Runs on one process, DDP, DeepSpeed ZeRO-1/2 and FSDP2 with `safeguard_scope="global"`;
+        refused under ZeRO-3, FSDP1 and FSDP2 with the local scope (`docs/safeguard.md`, "Where the exact rule
+        runs").
     safeguard_scope (`str`, *optional*, defaults to `"local"`):
         Which samples one ``lambda`` covers when several processes train. `"local"` (the authors' choice): each
         process computes ``lambda`` from its own micro-batch. `"global"`: the two sums behind ``lambda`` are summed
@@ -177,13 +179,18 @@ class DiffusionSDPOConfig(TrainingArguments):
     learning_rate (`float`, defaults to `1e-8`) with scale_lr (`bool`, defaults to `True`):
         The authors' recipe: the learning rate is multiplied by ``processes * per_device_batch * accumulation``
         (2.048e-5 at their effective batch of 2048 pairs). Set `scale_lr=False` to use `learning_rate` as given.
-    lr_scheduler_type (defaults to `"constant_with_warmup"`), warmup_steps (defaults to `500`),
-    max_grad_norm (`1.0`), logging_steps (`10`), ddp_backend and use_cpu (when several processes run on a machine
-    without CUDA: `"gloo"`, and `use_cpu=True` outside DeepSpeed; otherwise accelerate would run each process as a
-    lone one, or disagree with DeepSpeed about the number of processes), remove_unused_columns (`False`: the
-    collator needs the image columns), logging_nan_inf_filter (`False`: its check makes the host wait for the
-    device every step; the trainer keeps non-finite micro-batch losses out of the logged loss on the device
-    instead).
+    lr_scheduler_type, warmup_steps, max_grad_norm (defaults to `"constant_with_warmup"`, `500`, `1.0`):
+        The authors' schedule (constant after a linear warmup) and gradient clipping.
+    logging_steps (defaults to `10`):
+        Log every 10 optimizer steps.
+    ddp_backend, use_cpu (when several processes run on a machine without CUDA):
+        `"gloo"`, and `use_cpu=True` outside DeepSpeed; otherwise accelerate would run each process as a lone one,
+        or disagree with DeepSpeed about the number of processes.
+    remove_unused_columns (defaults to `False`):
+        The collator needs the image columns.
+    logging_nan_inf_filter (defaults to `False`):
+        Its check makes the host wait for the device every step; the trainer keeps non-finite micro-batch losses out
+        of the logged loss on the device instead.
     """
 
     # Objective

@@ -217,7 +217,8 @@ def build_sharded_latent_cache(
             ``random_crop`` (must be ``False``), ``skip_invalid_rows``, ``loss_type`` for score columns).
         family: the pipeline's model family (VAE, text encoders, tokenizers).
         output_dir: the cache folder.
-        rank, world_size: this process and the number of processes.
+        rank: this process's index.
+        world_size: the number of processes.
         device: where to encode.
         chunk_size: source rows per chunk: the unit of resumption and of one shard file.
         batch_size: pairs per VAE batch.
