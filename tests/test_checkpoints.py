@@ -265,7 +265,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoints_and_names_fold
         assert f"Saving {os.path.join(out, 'checkpoint-3')} failed" in message
         size = sum(os.path.getsize(os.path.join(out, "checkpoint-2", n)) for n in os.listdir(out + "/checkpoint-2"))
         assert f"A save needs about {size} bytes (the size of {os.path.join(out, 'checkpoint-2')})" in message
-        assert "bytes are free there" in message
+        assert "bytes were free there" in message
         # The partial checkpoint-3 is gone; rotation never ran, so checkpoint-1 and -2 are both intact; the lock went.
         assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2"]
         assert all(checkpoint_problem(os.path.join(out, n)) == "" for n in os.listdir(out))

@@ -333,7 +333,24 @@ def _folder_bytes(folder: str) -> int:
     return sum(_files(folder).values()) if os.path.isdir(folder) else 0
 
 
-def save_failure(err: OSError, folder: str, run_dir: str, written: int) -> CheckpointSaveError:
+def _free_bytes(folder: str) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _is_save_failure(err: BaseException, free: int | None) -> bool:
+    """Whether ``err`` raised while writing files is the filesystem's doing. An ``OSError`` is; other errors count when
+    less than 1 MiB is left, as a full disk reaches torch (``RuntimeError: ... iostream error``) and safetensors
+    (``SafetensorError``) as their own error types."""
+    return isinstance(err, OSError) or (free is not None and free < _LOW_SPACE)
+
+
+_LOW_SPACE = 1 << 20
+
+
+def save_failure(err: BaseException, folder: str, run_dir: str, written: int, free: int | None) -> CheckpointSaveError:
     """A :class:`CheckpointSaveError` for ``err`` naming ``folder``, the bytes a save needs and the bytes free.
 
     The need is the size of the newest complete checkpoint in ``run_dir`` (a checkpoint's size does not change from
@@ -344,16 +361,18 @@ def save_failure(err: OSError, folder: str, run_dir: str, written: int) -> Check
         if previous
         else f"more than the {written} bytes written before the failure"
     )
-    try:
-        free = f"{shutil.disk_usage(run_dir or folder).free} bytes are free there"
-    except OSError:
-        free = "the free space could not be read"
-    cause = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"{type(err).__name__}: {err}"
+    number = getattr(err, "errno", None)
+    if not isinstance(err, OSError):  # diagnosed by the free space left (see _is_save_failure)
+        number = errno.ENOSPC
+    full = number in (errno.ENOSPC, errno.EDQUOT)
+    cause = "the disk is full" if full else "an I/O error"
+    where = f"{free} bytes were free there" if free is not None else "the free space could not be read"
     kept = f"The previous complete checkpoint {previous} is intact. " if previous else ""
     return CheckpointSaveError(
-        err.errno,
-        f"Saving {folder} failed ({cause}; {err.strerror or err}). A save needs {need}; {free}. The partial save was "
-        f"removed. {kept}Free space (or lower save_total_limit) and resume with resume_from_checkpoint=True.",
+        number,
+        f"Saving {folder} failed ({cause}; {type(err).__name__}: {err}). A save needs {need}; {where}. The partial "
+        f"save was removed. {kept}Free space (or lower save_total_limit) and resume with "
+        "resume_from_checkpoint=True.",
     )
 
 
@@ -419,11 +438,12 @@ class AtomicCheckpoints:
             return super().save_model(output_dir, _internal_call)
         except CheckpointSaveError:
             raise
-        except OSError as err:
-            if _internal_call:  # inside _save_checkpoint, which reports it
-                raise
+        except Exception as err:
             folder = output_dir if output_dir is not None else self.args.output_dir
-            raise save_failure(err, folder, self.args.output_dir, 0) from err
+            free = _free_bytes(folder if os.path.isdir(folder) else self.args.output_dir)
+            if _internal_call or not _is_save_failure(err, free):  # inside _save_checkpoint, which reports it
+                raise
+            raise save_failure(err, folder, self.args.output_dir, 0, free) from err
 
     def _save_checkpoint(self: Trainer, model, trial) -> None:
         args, state = self.args, self.state
@@ -437,13 +457,15 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()  # no process writes into a staging folder being cleared
         try:
             self._write_checkpoint(staging, final, run_dir)
-        except OSError as err:
+        except Exception as err:
             # Only the staging folder is removed: the complete checkpoints are untouched, and rotation (below) never
             # ran. Under several processes the others are left at a barrier; the job fails on this error.
-            written = _folder_bytes(staging)
+            written, free = _folder_bytes(staging), _free_bytes(run_dir)
             if args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise save_failure(err, final, run_dir, written) from err
+            if not _is_save_failure(err, free):
+                raise
+            raise save_failure(err, final, run_dir, written, free) from err
         self.accelerator.wait_for_everyone()
         if args.push_to_hub:
             self._push_from_checkpoint(final)
