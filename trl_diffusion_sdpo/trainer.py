@@ -36,6 +36,7 @@ from .data.preference import (
     prepare_preference_dataset,
 )
 from .data.sharded_cache import ShardedLatentCache
+from .data.stream_guard import StreamGuard
 from .distributed import (
     all_reduce_mean_,
     all_reduce_sum,
@@ -304,6 +305,8 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         self.model_accepts_loss_kwargs = False
         make_config_trackable(unet)  # report_to trackers read model.config as a transformers config
         self.add_callback(NonFiniteLossGuard(self))
+        self._stream_guard = StreamGuard(self)  # issue 26: an optimizer step without a valid pair is never applied
+        self.add_callback(self._stream_guard)
         if args.validation_prompts:
             if zero_stage(self.accelerator) == 3 or is_fsdp2(self.accelerator):
                 raise ValueError(
@@ -607,6 +610,8 @@ class DiffusionSDPOTrainer(AtomicCheckpoints, HubPublishing, Trainer):
         """``(inputs, replay)``. A streamed micro-batch whose rows were all invalid gives ``None`` on one process; with
         several processes (whose collectives must run) it is replaced by this process's last good micro-batch, to be
         weighted zero (``replay``) and kept out of the metrics."""
+        if mode == "train":
+            self._stream_guard.observe(inputs)  # issue 26: counts valid pairs and skipped rows per optimizer step
         self._metrics[mode]["data/skipped_rows"].append(inputs["num_skipped"].detach().float())
         if inputs["time_ids"].shape[0] > 0:
             if self.accelerator.num_processes > 1:
