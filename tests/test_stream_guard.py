@@ -40,8 +40,9 @@ def test_a_stream_of_only_bad_rows_stops_with_the_count_and_the_reason_and_never
     assert not trainer.optimizer.state  # AdamW never stepped: no moments
 
 
-def test_a_stream_that_ends_without_a_valid_pair_is_an_error(make_trainer):
-    trainer = make_trainer(train_dataset=stream(bad_rows(6)), skip_invalid_rows=True, max_steps=30)
+def test_a_run_that_ends_without_a_valid_pair_is_an_error(make_trainer):
+    # 3 steps of 2 rows: fewer than the 32 bad rows in a row that stop a run early, all of them invalid.
+    trainer = make_trainer(train_dataset=stream(bad_rows(6)), skip_invalid_rows=True, max_steps=3)
     with pytest.raises(NoValidPairsError, match="all 6 rows of the training stream were invalid"):
         trainer.train()
 

@@ -37,7 +37,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from ..objectives.smpo import PICKSCORE_MAX, PICKSCORE_MIN, smoothed_preference_weights
-from .images import image_mode_problem, to_rgb
+from .images import image_mode_problem, stored_bits, to_rgb
 from .progress import datasets_progress_bars
 
 __all__ = [
@@ -178,8 +178,9 @@ def load_image(value: Any) -> Image.Image:
         raise ValueError("image is missing (None)")
     else:
         raise ValueError(f"cannot read an image from a {type(value).__name__}")
+    bits = stored_bits(image)  # before load(), which forgets the decoder's raw mode
     image.load()
-    return to_rgb(image)
+    return to_rgb(image, bits)
 
 
 def _check_image(value: Any) -> str:
