@@ -48,15 +48,22 @@ def test_a_run_that_ends_without_a_valid_pair_is_an_error(make_trainer):
 
 
 def test_an_empty_step_among_good_ones_is_skipped_not_applied(make_trainer, caplog):
-    rows = bad_rows(2) + pickapic_rows(4)
-    trainer = make_trainer(train_dataset=stream(rows), skip_invalid_rows=True, max_steps=1)
-    before = trainable(trainer)
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.data.stream_guard"):
-        trainer.train()
-    assert "Optimizer step 1 has no valid pair (2 rows skipped): not applied" in caplog.text
-    assert not changed_keys(before, trainable(trainer))
-    assert not trainer.optimizer.state
+    rows = pickapic_rows(2) + bad_rows(2) + pickapic_rows(2)  # batch 2: step 2 has no valid pair
 
-    trainer = make_trainer(train_dataset=stream(rows), skip_invalid_rows=True, max_steps=2)
-    trainer.train()  # the next step has pairs: applied
-    assert changed_keys(before, trainable(trainer))
+    def run(max_steps: int):
+        trainer = make_trainer(train_dataset=stream(rows), skip_invalid_rows=True, max_steps=max_steps)
+        before = trainable(trainer)
+        trainer.train()
+        return before, trainer
+
+    before, one = run(1)
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.data.stream_guard"):
+        _, two = run(2)
+    assert "Optimizer step 2 has no valid pair (2 rows skipped): not applied" in caplog.text
+    # Step 2 changed nothing: the weights and AdamW's state are those after step 1, bit for bit.
+    assert changed_keys(before, trainable(one))
+    assert not changed_keys(trainable(one), trainable(two))
+    for state in two.optimizer.state.values():
+        assert int(state["step"]) == 1
+    _, three = run(3)  # step 3 has pairs again: applied
+    assert changed_keys(trainable(one), trainable(three))
