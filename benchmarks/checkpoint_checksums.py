@@ -2,9 +2,10 @@
 
     python benchmarks/checkpoint_checksums.py --out benchmarks/results/checkpoint-checksums-cpu.json
 
-Two checkpoints are written with the files a real one holds: ``tiny`` (the test suite's LoRA run: ~50 kB of LoRA
-weights, ~130 kB of optimizer state) and ``100mb`` (a 25 M-parameter float32 safetensors file plus an AdamW state of
-the same size in ``optimizer.pt``, ~200 MB in all, the size class of an SD1.5 LoRA of rank 64 with its optimizer).
+Two checkpoints are written with the files a real one holds: ``tiny`` (~150 kB: 12,600 float32 weights in
+safetensors and their AdamW moments in ``optimizer.pt``, the size of the test suite's LoRA run) and ``100mb``
+(8.3 M float32 weights, 33 MB, plus 67 MB of AdamW moments: 100 MB, the size class of an SDXL LoRA of rank 32 with
+its optimizer state).
 For each, measured over ``--repeats`` runs (the median is reported):
 
 * ``write_s``: writing the files (safetensors ``save_file`` and ``torch.save``), what every save costs anyway;
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trl_diffusion_sdpo.io import checkpoints  # noqa: E402
 
-SIZES = {"tiny": 12_600, "100mb": 25_000_000}  # float32 parameters of the weights file
+SIZES = {"tiny": 12_600, "100mb": 8_333_333}  # float32 parameters (weights + AdamW state: 12 bytes each)
 
 
 def write_checkpoint(folder: str, parameters: int) -> None:
