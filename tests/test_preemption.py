@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,8 +17,10 @@ from checkpoint_kill_worker import build_trainer
 
 from trl_diffusion_sdpo.io.checkpoints import checkpoint_problem
 from trl_diffusion_sdpo.io.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted, parse_signals
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preemption_worker.py")
+MULTI_GPU = os.path.join(os.path.dirname(os.path.dirname(WORKER)), "examples", "accelerate_configs", "multi_gpu.yaml")
 
 
 def lora_state(trainer) -> dict[str, torch.Tensor]:
@@ -97,3 +101,40 @@ def test_signal_names_are_parsed_and_uncatchable_or_unknown_ones_refused():
 def test_training_preempted_is_a_system_exit_with_status_75():
     error = TrainingPreempted("out/checkpoint-3", "SIGTERM", 3)
     assert isinstance(error, SystemExit) and error.code == PREEMPTED_EXIT_CODE == 75
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
+    out, tok, pause = str(tmp_path / "out"), str(tmp_path / "tok"), tmp_path / "pause"
+    pause.mkdir()
+    build_tiny_sd_pipeline(seed=0, tokenizer_dir=tok)  # written once, before two processes read it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_GPU), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(port),
+        WORKER, out, "--tokenizer-dir", tok, "--pause-step", "3", "--pause-rank", "1", "--pause-dir", str(pause),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 400
+        while not (pause / "paused").exists():
+            assert proc.poll() is None and time.time() < deadline, f"no pause:\n{proc.stdout.read()}"
+            time.sleep(0.2)
+        os.kill(int((pause / "paused").read_text()), signal.SIGTERM)  # process 1 only
+        (pause / "go").touch()
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    checkpoint = os.path.join(out, "checkpoint-3")
+    # Process 1 got the signal; process 0 learned it from the all-reduce at the end of the same step.
+    assert f"Training preempted by SIGTERM after optimizer step 3; checkpoint written to {checkpoint}" in output
+    assert (
+        "Training preempted by a preemption signal on another process after optimizer step 3; "
+        f"checkpoint written to {checkpoint}"
+    ) in output
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-3"]
+    assert checkpoint_problem(checkpoint) == ""
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(checkpoint))  # both processes saved
