@@ -12,6 +12,7 @@ import pytest
 from checkpoint_kill_worker import build_trainer
 from conftest import lora_config
 
+from trl_diffusion_sdpo.io.checkpoints import MANIFEST_NAME, file_sha256
 from trl_diffusion_sdpo.io.resume_check import RUN_IDENTITY_NAME, ResumeConfigError
 
 
@@ -73,3 +74,25 @@ def test_a_changed_learning_rate_takes_effect_and_safe_changes_are_logged(run, t
     assert "learning_rate (0.001 -> 0.002)" in caplog.text and "max_steps (2 -> 4)" in caplog.text
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("weight_decay (0.01 -> 0.0)" in w and "not the run the checkpoint began" in w for w in warnings)
+
+
+def test_resuming_on_another_number_of_processes_is_named_in_a_warning(run, tmp_path, caplog):
+    path = os.path.join(run, "checkpoint-2", RUN_IDENTITY_NAME)
+    with open(path) as f:
+        identity = json.load(f)
+    assert (identity["num_processes"], identity["global_batch_size"]) == (1, 2)
+    identity.update(num_processes=2, global_batch_size=4)  # as a 2-process run of the same per-device batch writes
+    with open(path, "w") as f:
+        json.dump(identity, f)
+    manifest_path = os.path.join(run, "checkpoint-2", MANIFEST_NAME)  # as that run's save would have listed it
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["files"][RUN_IDENTITY_NAME] = os.path.getsize(path)
+    manifest["sha256"][RUN_IDENTITY_NAME] = file_sha256(path)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    trainer = build_trainer(run, str(tmp_path / "tok"), max_steps=3)
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.io"):
+        trainer.train(resume_from_checkpoint=os.path.join(run, "checkpoint-2"))
+    assert trainer.state.global_step == 3
+    assert "Resuming on 1 process(es) from a checkpoint written by 2 (global batch 4 -> 2 pairs" in caplog.text

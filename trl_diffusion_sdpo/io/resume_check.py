@@ -118,6 +118,10 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         "base_model": getattr(trainer, "base_model_name", None),
         "denoiser_class": type(denoiser).__name__,
         "training": "lora" if getattr(trainer, "is_lora", False) else "full",
+        "num_processes": trainer.accelerator.num_processes,
+        "global_batch_size": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps
+        * trainer.accelerator.num_processes,
     }
     peft_config = (getattr(denoiser, "peft_config", None) or {}).get("default")
     if peft_config is not None:
@@ -154,11 +158,25 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
     """
     refused: list[tuple[str, Any, Any]] = []
     saved_identity = _read_json(os.path.join(checkpoint, RUN_IDENTITY_NAME))
+    identity = run_identity(trainer)
     if saved_identity is not None:
-        identity = run_identity(trainer)
         for name in IDENTITY_FIELDS:
             if name in saved_identity and saved_identity.get(name) != identity.get(name):
                 refused.append((name, saved_identity.get(name), identity.get(name)))
+    if (
+        saved_identity is not None
+        and saved_identity.get("num_processes", identity["num_processes"]) != identity["num_processes"]
+    ):
+        logger.warning(
+            "Resuming on %d process(es) from a checkpoint written by %d (global batch %s -> %d pairs per optimizer "
+            "step). Under DDP the weights, optimizer and scheduler continue (under DeepSpeed ZeRO the optimizer "
+            "partitions were written for the old count); the per-process random states are not restored and the "
+            "data order is not the one an uninterrupted run would see: not bit-exact (docs/reliability.md).",
+            identity["num_processes"],
+            saved_identity["num_processes"],
+            saved_identity.get("global_batch_size", "?"),
+            identity["global_batch_size"],
+        )
     saved = _read_json(os.path.join(checkpoint, TRAINING_CONFIG_NAME))
     if saved is None:
         logger.warning("%s has no %s: the resumed config cannot be compared", checkpoint, TRAINING_CONFIG_NAME)
