@@ -402,6 +402,7 @@ class AtomicCheckpoints:
                 callback = PreemptionCallback(self)
                 self.add_callback(callback)
             signals = parse_signals(getattr(self.args, "preemption_signals", None))
+            callback.enabled = bool(signals)
             with preemption_signal_handlers(callback, signals):
                 return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:

@@ -9,8 +9,8 @@ set, the trainer writes a checkpoint (the atomic save of :mod:`.checkpoints`), l
 ``resume_from_checkpoint=True``.
 
 With several processes the signal may reach them at different steps (or only some of them). The flag is all-reduced
-at every step end (one scalar ``all_reduce`` per optimizer step; none on one process), so every process stops after
-the same step and takes part in the same save.
+at every step end (one scalar ``all_reduce`` per optimizer step, and the host waits for it; none on one process or
+with ``preemption_signals=[]``), so every process stops after the same step and takes part in the same save.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class PreemptionCallback(TrainerCallback):
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.received: str | None = None  # name of the first signal received, set by the handler
+        self.enabled = True  # False with preemption_signals=[]: no per-step all-reduce then
         self._stopping = False
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
@@ -105,6 +106,8 @@ class PreemptionCallback(TrainerCallback):
         self.received, self._stopping = None, False
 
     def on_step_end(self, args, state, control, **kwargs):
+        if not self.enabled:
+            return control
         accelerator = self.trainer.accelerator
         local = self.received is not None
         if accelerator.num_processes > 1:  # every process stops after the same step
