@@ -153,6 +153,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         What to do when a micro-batch's loss, or the gradient norm of an optimizer step, is NaN or infinite.
         `"skip"`: its gradients never reach the optimizer (the optimizer step that would include it is skipped and
         counted in `nonfinite_skipped`). `"raise"`: save a checkpoint of the last good state and stop with an error.
+    preemption_signals (`list[str]`, *optional*, defaults to `["SIGTERM", "SIGUSR1"]`):
+        Signals (what SLURM and Kubernetes send before killing a job) on which training finishes the current
+        optimizer step, writes a checkpoint, logs its path and exits with status 75; resuming with
+        `resume_from_checkpoint=True` continues bit-exactly. Every process stops after the same step. `[]` (or
+        `["none"]`) turns it off. See `docs/reliability.md`.
 
     > Parameters that control evaluation
 
@@ -311,6 +316,11 @@ class DiffusionSDPOConfig(TrainingArguments):
             "choices": ["skip", "raise"],
         },
     )
+    preemption_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        metadata={"help": "Signals that stop training after the current step with a checkpoint and exit status 75 "
+                  "(docs/reliability.md); [] or 'none': off."},
+    )
     # Evaluation
     eval_seed: int = field(default=0, metadata={"help": "Seed of the fixed evaluation noise and timesteps."})
     validation_prompts: list[str] | None = field(
@@ -378,6 +388,9 @@ class DiffusionSDPOConfig(TrainingArguments):
             raise ValueError(f"max_sequence_length must be positive, got {self.max_sequence_length}")
         if self.on_nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite_loss must be 'skip' or 'raise', got {self.on_nonfinite_loss!r}")
+        from .io.preemption import parse_signals  # validates the names
+
+        parse_signals(self.preemption_signals)
         if self.cache_latents and self.random_crop:
             raise ValueError(
                 "cache_latents=True cannot be combined with random_crop=True: each step would need a new crop of the "

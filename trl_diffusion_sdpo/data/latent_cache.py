@@ -23,7 +23,8 @@ Random crops cannot be cached (every step would need a new crop of the pixels); 
 
 Where and when the cache is reused: the table lives in ``<cache dir>/<fingerprint>/latents.arrow`` where the
 fingerprint hashes the model family, the VAE and text-encoder configs, a digest of their weights (see
-:func:`frozen_weights_digest`), the tokenizers' vocabularies, the transform settings, the dataset's own
+:func:`frozen_weights_digest`), the tokenizers' vocabularies, the transform settings, the image-conversion
+rules (:func:`.images.image_conversion_digest`), the dataset's own
 ``datasets`` fingerprint, the resolved columns and :data:`CACHE_VERSION`. A later run with the same inputs loads
 the table instead of encoding. Under several processes only the main process encodes; the others wait and load.
 """
@@ -45,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from ..families import ModelFamily, PromptEmbeddings
 from .collators import pair_scores
+from .images import image_conversion_digest
 from .progress import datasets_progress_bars
 from .transforms import PairTransform, load_image
 from .validation import PreferenceColumns, order_pair
@@ -138,6 +140,7 @@ def cache_fingerprint(
         "weights": frozen_weights_digest(frozen),
         "tokenizers": _tokenizers_digest(family),
         "transform": {"resolution": resolution, "crop": "center", "flipped_copies": flipped},
+        "image_conversion": image_conversion_digest(),  # the rules turning every PIL mode into RGB
         # Score columns only when present, so that caches made before they existed keep their names.
         "columns": [columns.prompt, columns.first, columns.second, columns.label]
         + ([columns.score_0, columns.score_1] if columns.scored else []),
