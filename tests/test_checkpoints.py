@@ -22,7 +22,7 @@ import pytest
 import torch
 from checkpoint_kill_worker import STAGES, build_trainer
 
-from trl_diffusion_sdpo import trainer as trainer_module
+from trl_diffusion_sdpo.io import saving as saving_module
 from trl_diffusion_sdpo.io.checkpoints import (
     MANIFEST_NAME,
     CheckpointError,
@@ -279,7 +279,7 @@ def test_a_final_save_failing_with_oserror_names_the_folder_and_the_bytes_needed
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(trainer_module, "save_lora_adapters", full_disk)
+    monkeypatch.setattr(saving_module, "save_lora_adapters", full_disk)
     final = os.path.join(run, "final")
     with pytest.raises(CheckpointSaveError, match="the disk is full") as info:
         trainer.save_model(final)
