@@ -1,0 +1,137 @@
+"""Checks every flow-matching transformer family passes, shared by tests/test_qwen_image.py and tests/test_z_image.py:
+training moves the right weights and starts at log 2, the files it writes load back through the pipeline's own
+loaders and reproduce the trained predictions, both safeguard spaces run, a cached run equals an uncached one.
+
+Each check takes a ``FlowCase``: how to build the tiny pipeline, its diffusers classes and the test's sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from trl_diffusion_sdpo.families import family_for_pipeline
+
+
+@dataclass
+class FlowCase:
+    build: Callable[..., Any]  # build(seed=..., tokenizer_dir=...) -> pipeline
+    pipeline_class: type
+    transformer_class: type
+    sequence_length: int
+    lora_targets: tuple[str, ...]
+
+    def config(self, make_config, **overrides):
+        return make_config(**{"beta": 100.0, "max_sequence_length": self.sequence_length, "max_steps": 2, **overrides})
+
+    def lora(self) -> LoraConfig:
+        return LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(self.lora_targets))
+
+
+def transformer_outputs(transformer: torch.nn.Module, family, seed: int = 1) -> torch.Tensor:
+    """The transformer's prediction on fixed random latents and two prompts of different lengths, through the
+    family's call."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = family.latent_shape(32)[0]
+    sample = torch.randn((2, channels, 4, 4), generator=gen)
+    embeds = family.encode_prompts(family.prompt_tokenizer()(["a red square", "two blue circles"]))
+    with torch.no_grad():
+        return family.call_denoiser(
+            transformer, sample, torch.tensor([300.0, 700.0]), family.denoiser_conditioning(embeds, None)
+        )
+
+
+def check_lora_training_moves_only_the_adapters_and_starts_at_log_2(case: FlowCase, pipe, make_config, pairs):
+    frozen = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    encoder = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters()}
+    trainer = DiffusionSDPOTrainer(pipe, args=case.config(make_config), train_dataset=pairs, peft_config=case.lora())
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the reference is the policy: u = 0
+    assert first["implicit_acc"] == 0.5
+    state = dict(pipe.transformer.named_parameters())
+    moved = [n for n, p in state.items() if "lora_B" in n and p.requires_grad]
+    assert moved and any(state[n].abs().sum() > 0 for n in moved)  # lora_B starts at zero: it trained
+    for name, before in frozen.items():  # base weights keep their names under PEFT's base_layer
+        after = state.get(name, state.get(name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")))
+        assert torch.equal(after, before), name
+    assert all(torch.equal(p, encoder[n]) for n, p in pipe.text_encoder.named_parameters())
+
+
+def check_lora_reloads_with_load_lora_weights(case: FlowCase, local, make_config, pairs, out) -> None:
+    trainer = DiffusionSDPOTrainer(
+        str(local), args=case.config(make_config, output_dir=str(out)), train_dataset=pairs, peft_config=case.lora()
+    )
+    trainer.train()
+    trainer.save_model()
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    fresh = case.pipeline_class.from_pretrained(local)
+    family = family_for_pipeline(fresh, max_sequence_length=case.sequence_length)
+    base = transformer_outputs(fresh.transformer, family)
+    fresh.load_lora_weights(out)
+    expected = transformer_outputs(trained, family)
+    assert not torch.allclose(base, expected, atol=1e-5)  # training moved the adapters
+    torch.testing.assert_close(transformer_outputs(fresh.transformer, family), expected, atol=1e-6, rtol=1e-6)
+
+
+def check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline(case: FlowCase, local, make_config, pairs, out):
+    trainer = DiffusionSDPOTrainer(
+        str(local), args=case.config(make_config, output_dir=str(out), learning_rate=1e-4), train_dataset=pairs
+    )
+    reference = trainer.reference.denoiser
+    reference_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    trainer.train()
+    trainer.save_model()
+    assert reference is not trainer.family.denoiser
+    assert all(torch.equal(p, reference_before[n]) for n, p in reference.named_parameters())
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    original = case.pipeline_class.from_pretrained(local)
+    family = family_for_pipeline(original, max_sequence_length=case.sequence_length)
+    expected = transformer_outputs(trained, family)
+    assert not torch.allclose(transformer_outputs(original.transformer, family), expected, atol=1e-5)
+    whole = case.pipeline_class.from_pretrained(out)  # the output folder is a whole pipeline
+    assert isinstance(whole.transformer, case.transformer_class)
+    torch.testing.assert_close(transformer_outputs(whole.transformer, family), expected)
+    assert not (out / "unet").exists()
+
+
+def check_safeguard_space(case: FlowCase, pipe, make_config, pairs, space: str) -> None:
+    trainer = DiffusionSDPOTrainer(
+        pipe,
+        args=case.config(make_config, safeguard=True, safeguard_mu=0.5, safeguard_space=space),
+        train_dataset=pairs,
+        peft_config=case.lora(),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "safeguard/lambda_mean" in h]
+    assert len(logs) == 2
+    assert all(0.0 <= h["safeguard/lambda_min"] <= h["safeguard/lambda_max"] <= 1.0 for h in logs)
+    if space == "parameter":
+        assert all("safeguard/output_lambda_mean" in h for h in logs)
+
+
+def check_cached_run_gives_the_uncached_losses(case: FlowCase, make_pipe, make_config, pairs, cache_dir) -> None:
+    losses = []
+    for cache in (False, True):
+        trainer = DiffusionSDPOTrainer(
+            make_pipe(),
+            args=case.config(
+                make_config,
+                cache_latents=cache,
+                latent_cache_dir=str(cache_dir),
+                random_flip=False,
+                proportion_empty_prompts=0.0,
+            ),
+            train_dataset=pairs,
+            peft_config=case.lora(),
+        )
+        trainer.train()
+        losses.append([h["mse/policy_winner"] for h in trainer.state.log_history if "mse/policy_winner" in h])
+    assert len(losses[0]) == 2
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
