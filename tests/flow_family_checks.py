@@ -78,6 +78,10 @@ def check_lora_reloads_with_load_lora_weights(case: FlowCase, local, make_config
     expected = transformer_outputs(trained, family)
     assert not torch.allclose(base, expected, atol=1e-5)  # training moved the adapters
     torch.testing.assert_close(transformer_outputs(fresh.transformer, family), expected, atol=1e-6, rtol=1e-6)
+    trainer.create_model_card()
+    card = (out / "README.md").read_text()
+    assert f"- {family.name}" in card and "- lora" in card and "load_lora_weights" in card
+    assert "LoRA adapters for the transformer" in card
 
 
 def check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline(case: FlowCase, local, make_config, pairs, out):
@@ -99,6 +103,9 @@ def check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline(case: FlowCa
     assert isinstance(whole.transformer, case.transformer_class)
     torch.testing.assert_close(transformer_outputs(whole.transformer, family), expected)
     assert not (out / "unet").exists()
+    trainer.create_model_card()
+    card = (out / "README.md").read_text()
+    assert 'DiffusionPipeline.from_pretrained("<this repo>")' in card and f"- {family.name}" in card
 
 
 def check_safeguard_space(case: FlowCase, pipe, make_config, pairs, space: str) -> None:
@@ -135,3 +142,32 @@ def check_cached_run_gives_the_uncached_losses(case: FlowCase, make_pipe, make_c
         losses.append([h["mse/policy_winner"] for h in trainer.state.log_history if "mse/policy_winner" in h])
     assert len(losses[0]) == 2
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_name: str, pipe, pairs, tmp_path):
+    """The ``train`` command with ``examples/configs/<config_name>.yaml`` on a local tiny pipeline and local pairs
+    (sizes overridden for the CPU): the LoRA file holds adapters on the family's default targets."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from trl_diffusion_sdpo.scripts.train import main, parse_args
+
+    config_path = Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{config_name}.yaml"
+    _, config, model_args, _ = parse_args(["--config", str(config_path), "--output_dir", "/tmp/unused", "--use_cpu"])
+    assert config.beta == 100 and config.loss_type == "dpo" and config.safeguard and model_args.use_peft
+    pipe_dir, data_dir, out = tmp_path / "pipe", tmp_path / "pairs", tmp_path / "out"
+    pipe.save_pretrained(pipe_dir)
+    pairs.save_to_disk(str(data_dir))
+    main(
+        ["--config", str(config_path), "--model_name_or_path", str(pipe_dir), "--dataset_name", str(data_dir),
+         "--output_dir", str(out), "--dataset_streaming", "false", "--dtype", "float32", "--bf16", "false",
+         "--use_cpu", "--resolution", "32", "--max_sequence_length", str(case.sequence_length), "--max_steps", "1",
+         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--lora_r", "4",
+         "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+         "--gradient_checkpointing", "false"]
+    )  # fmt: skip
+    keys = list(load_file(out / "pytorch_lora_weights.safetensors"))
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    adapted = {target for target in case.lora_targets for k in keys if f".{target}.lora_" in k}
+    assert adapted == set(case.lora_targets)

@@ -21,6 +21,7 @@ from flow_family_checks import (
     check_lora_reloads_with_load_lora_weights,
     check_lora_training_moves_only_the_adapters_and_starts_at_log_2,
     check_safeguard_space,
+    check_the_shipped_config_trains_from_local_folders,
 )
 
 from trl_diffusion_sdpo.families import QwenImageFamily, family_for_pipeline, scale_latents
@@ -178,3 +179,7 @@ def test_both_safeguard_spaces_train_and_log_lambda(make_pipe, make_config, pair
 
 def test_cached_latents_and_prompt_embeddings_give_the_uncached_losses(make_pipe, make_config, pairs, tmp_path):
     check_cached_run_gives_the_uncached_losses(CASE, make_pipe, make_config, pairs, tmp_path / "cache")
+
+
+def test_the_shipped_config_trains_from_local_folders(make_pipe, pairs, tmp_path) -> None:
+    check_the_shipped_config_trains_from_local_folders(CASE, "qwen_image_lora", make_pipe(), pairs, tmp_path)
