@@ -19,10 +19,12 @@ how often those rules let the winner's term rise.
 
 One AdamW step (first step, from fresh moments: a sign-like update) is reported too; the bound does not cover it.
 
-``--model sd3``, ``flux``, ``qwen-image`` or ``z-image`` runs the same check on a tiny flow-matching transformer (SD3's MMDiT, FLUX's
-double/single-stream blocks with packed latents and the guidance embedding), called through the model family as the
-trainer calls it: pairs are noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair,
-the target is the velocity ``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
+``--model sd3``, ``flux``, ``qwen-image`` or ``z-image`` runs the same check on a tiny flow-matching transformer
+(SD3's MMDiT, FLUX's double/single-stream blocks with packed latents and the guidance embedding, Qwen-Image's MMDiT
+with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output), called through the model
+family as the trainer calls it: pairs are noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))``
+shared by the pair, the target is the velocity ``eps - z`` of each image, and ``--beta`` defaults to 100
+(flow_grpo's Flow-DPO) there.
 
     python benchmarks/safeguard_exactness.py --batches 100 --json benchmarks/results/safeguard_exactness.json
     python benchmarks/safeguard_exactness.py --model flux --json benchmarks/results/safeguard_exactness_flux.json

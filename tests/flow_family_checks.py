@@ -8,8 +8,9 @@ Each check takes a ``FlowCase``: how to build the tiny pipeline, its diffusers c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -59,7 +60,9 @@ def check_lora_training_moves_only_the_adapters_and_starts_at_log_2(case: FlowCa
     moved = [n for n, p in state.items() if "lora_B" in n and p.requires_grad]
     assert moved and any(state[n].abs().sum() > 0 for n in moved)  # lora_B starts at zero: it trained
     for name, before in frozen.items():  # base weights keep their names under PEFT's base_layer
-        after = state.get(name, state.get(name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")))
+        after = state.get(
+            name, state.get(name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias"))
+        )
         assert torch.equal(after, before), name
     assert all(torch.equal(p, encoder[n]) for n, p in pipe.text_encoder.named_parameters())
 

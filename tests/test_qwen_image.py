@@ -43,7 +43,9 @@ def make_pipe(tmp_path):
     counter = iter(range(1_000))
 
     def make(seed: int = 0, **kwargs) -> QwenImagePipeline:
-        return build_tiny_qwen_image_pipeline(seed=seed, tokenizer_dir=str(tmp_path / f"tok-{next(counter)}"), **kwargs)
+        return build_tiny_qwen_image_pipeline(
+            seed=seed, tokenizer_dir=str(tmp_path / f"tok-{next(counter)}"), **kwargs
+        )
 
     return make
 

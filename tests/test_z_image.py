@@ -93,7 +93,10 @@ def test_the_call_reverses_time_and_negates_the_prediction_as_the_pipeline_does(
     ours = family.call_denoiser(pipe.transformer, latents, timestep, conditioning)
     with torch.no_grad():  # the pipeline's loop: t -> (1000 - t) / 1000, list of [C, 1, h, w], output negated
         out = pipe.transformer(
-            list(latents.unsqueeze(2).unbind(0)), (1000 - timestep) / 1000, conditioning["cap_feats"], return_dict=False
+            list(latents.unsqueeze(2).unbind(0)),
+            (1000 - timestep) / 1000,
+            conditioning["cap_feats"],
+            return_dict=False,
         )[0]
     torch.testing.assert_close(ours, -torch.stack([o.float() for o in out]).squeeze(2))
 

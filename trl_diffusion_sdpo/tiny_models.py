@@ -479,7 +479,9 @@ def build_tiny_qwen_image_pipeline(
     )
 
 
-def build_tiny_z_image_pipeline(seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 64) -> ZImagePipeline:
+def build_tiny_z_image_pipeline(
+    seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 64
+) -> ZImagePipeline:
     """A tiny Z-Image-style pipeline: the single-stream S3-DiT transformer (noise and caption refiners, 3-axis
     RoPE), a Qwen3 text encoder with a chat-template tokenizer, a FLUX-style VAE with Z-Image's latent scale and
     shift, and a flow-matching scheduler with a static shift of 3.0 (Z-Image-Turbo's scheduler config)."""

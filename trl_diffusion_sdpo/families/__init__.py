@@ -5,7 +5,8 @@ itself with :func:`register_family`; :func:`family_for_pipeline` picks the regis
 accepts a pipeline. Adding a family is one module: a :class:`ModelFamily` subclass (a :class:`FlowMatchingFamily`
 for rectified-flow transformers) decorated with :func:`register_family`, imported below. UNet families: SD 1.x/2.x
 (:mod:`.sd`), SDXL (:mod:`.sdxl`), noised by :class:`DDPMNoiser`. Flow-matching transformer families: SD3/SD3.5
-(:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Qwen-Image (:mod:`.qwen_image`), Z-Image (:mod:`.z_image`), noised by :class:`FlowNoiser` (:mod:`.flow`).
+(:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Qwen-Image (:mod:`.qwen_image`), Z-Image (:mod:`.z_image`), noised by
+:class:`FlowNoiser` (:mod:`.flow`).
 
 Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
