@@ -174,3 +174,41 @@ def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_na
     assert keys and all(k.startswith("transformer.") for k in keys)
     adapted = {target for target in case.lora_targets for k in keys if f".{target}.lora_" in k}
     assert adapted == set(case.lora_targets)
+
+
+def check_bf16_lora_trains_float32_adapters(case: FlowCase, pipe, make_config, pairs) -> None:
+    trainer = DiffusionSDPOTrainer(
+        pipe, args=case.config(make_config, bf16=True), train_dataset=pairs, peft_config=case.lora()
+    )
+    trainer.train()
+    dtypes = {n: p.dtype for n, p in pipe.transformer.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def check_resuming_gives_the_weights_of_an_uninterrupted_run(case: FlowCase, make_pipe, make_config, pairs, tmp_path):
+    from transformers import TrainerCallback
+
+    def run(output_dir, stop_at=None, resume=None):
+        args = case.config(
+            make_config, output_dir=str(output_dir), save_strategy="steps", save_steps=1, learning_rate=1e-3
+        )
+        trainer = DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=case.lora())
+        if stop_at is not None:
+
+            class Stop(TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    control.should_training_stop = state.global_step == stop_at
+
+            trainer.add_callback(Stop())
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in trainer.family.denoiser.named_parameters() if p.requires_grad}
+
+    straight = run(tmp_path / "straight")
+    interrupted = run(tmp_path / "interrupted", stop_at=1)
+    assert (tmp_path / "interrupted" / "checkpoint-1" / "pytorch_lora_weights.safetensors").exists()
+    resumed = run(tmp_path / "interrupted", resume=str(tmp_path / "interrupted" / "checkpoint-1"))
+    assert any(not torch.equal(interrupted[k], resumed[k]) for k in resumed)  # the resumed run trained
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-7, msg=key)

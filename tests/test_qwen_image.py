@@ -16,10 +16,12 @@ from datasets import Dataset
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from flow_family_checks import (
     FlowCase,
+    check_bf16_lora_trains_float32_adapters,
     check_cached_run_gives_the_uncached_losses,
     check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline,
     check_lora_reloads_with_load_lora_weights,
     check_lora_training_moves_only_the_adapters_and_starts_at_log_2,
+    check_resuming_gives_the_weights_of_an_uninterrupted_run,
     check_safeguard_space,
     check_the_shipped_config_trains_from_local_folders,
 )
@@ -185,3 +187,12 @@ def test_cached_latents_and_prompt_embeddings_give_the_uncached_losses(make_pipe
 
 def test_the_shipped_config_trains_from_local_folders(make_pipe, pairs, tmp_path) -> None:
     check_the_shipped_config_trains_from_local_folders(CASE, "qwen_image_lora", make_pipe(), pairs, tmp_path)
+
+
+def test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(make_pipe, make_config, pairs) -> None:
+    check_bf16_lora_trains_float32_adapters(CASE, make_pipe(), make_config, pairs)
+
+
+@pytest.mark.slow
+def test_resuming_gives_the_weights_of_an_uninterrupted_run(make_pipe, make_config, pairs, tmp_path) -> None:
+    check_resuming_gives_the_weights_of_an_uninterrupted_run(CASE, make_pipe, make_config, pairs, tmp_path)
