@@ -18,6 +18,7 @@ from flow_family_checks import (
     FlowCase,
     check_bf16_lora_trains_float32_adapters,
     check_cached_run_gives_the_uncached_losses,
+    check_exact_safeguard_keeps_the_winner_term_from_rising,
     check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline,
     check_lora_reloads_with_load_lora_weights,
     check_lora_training_moves_only_the_adapters_and_starts_at_log_2,
@@ -196,3 +197,8 @@ def test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(make_pipe, make
 @pytest.mark.slow
 def test_resuming_gives_the_weights_of_an_uninterrupted_run(make_pipe, make_config, pairs, tmp_path) -> None:
     check_resuming_gives_the_weights_of_an_uninterrupted_run(CASE, make_pipe, make_config, pairs, tmp_path)
+
+
+@pytest.mark.slow
+def test_exact_safeguard_keeps_the_winner_term_from_rising() -> None:
+    check_exact_safeguard_keeps_the_winner_term_from_rising("qwen-image")
