@@ -233,3 +233,17 @@ def check_exact_safeguard_keeps_the_winner_term_from_rising(model: str, dpo_rise
     assert rules["output"]["rose_beyond_tolerance"] == 0
     assert rules["parameter"]["lambda_min"] < 1.0  # the rule bound somewhere: the check is not vacuous
     assert (rules["dpo"]["rose_beyond_tolerance"] > 0) is dpo_rises
+
+
+def check_validation_grids_sample_with_the_pipeline(case: FlowCase, pipe, make_config, pairs, tmp_path) -> None:
+    import os
+
+    args = case.config(
+        make_config, max_steps=1, output_dir=str(tmp_path / "run"), validation_prompts=["a red square"],
+        validation_seeds=[0], validation_steps=1, validation_num_inference_steps=2, validation_guidance_scale=1.0,
+    )  # fmt: skip
+    scheduler = pipe.scheduler
+    trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=pairs, peft_config=case.lora())
+    trainer.train()
+    assert sorted(os.listdir(tmp_path / "run" / "validation")) == ["step-000000.png", "step-000001.png"]
+    assert pipe.scheduler is scheduler  # training's scheduler untouched

@@ -25,6 +25,7 @@ from flow_family_checks import (
     check_resuming_gives_the_weights_of_an_uninterrupted_run,
     check_safeguard_space,
     check_the_shipped_config_trains_from_local_folders,
+    check_validation_grids_sample_with_the_pipeline,
 )
 
 from trl_diffusion_sdpo.families import QwenImageFamily, family_for_pipeline, scale_latents
@@ -202,3 +203,7 @@ def test_resuming_gives_the_weights_of_an_uninterrupted_run(make_pipe, make_conf
 @pytest.mark.slow
 def test_exact_safeguard_keeps_the_winner_term_from_rising() -> None:
     check_exact_safeguard_keeps_the_winner_term_from_rising("qwen-image")
+
+
+def test_validation_grids_sample_with_the_pipeline(make_pipe, make_config, pairs, tmp_path) -> None:
+    check_validation_grids_sample_with_the_pipeline(CASE, make_pipe(), make_config, pairs, tmp_path)
