@@ -3,8 +3,9 @@ the noiser that makes its training inputs.
 
 Tokenisation happens in the data collator (CPU, possibly in dataloader workers); encoding happens on the
 accelerator in the trainer. Both go through a family object so the trainer never branches on the model type.
-One module per family beside this one (:mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`), each registered with
-:func:`~.registry.register_family`; :func:`~.registry.family_for_pipeline` picks one.
+One module per family beside this one (:mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`, :mod:`.qwen_image`,
+:mod:`.z_image`), each registered with :func:`~.registry.register_family`; :func:`~.registry.family_for_pipeline`
+picks one.
 
 What a family defines (abstract members are marked *):
 

@@ -100,7 +100,9 @@ class QwenImageFamily(FlowMatchingFamily):
                 "Qwen-Image (load the checkpoint as a QwenImagePipeline)"
             )
 
-    def __init__(self, pipeline, max_sequence_length: int | None = None, guidance_scale: float | None = None):
+    def __init__(
+        self, pipeline: Any, max_sequence_length: int | None = None, guidance_scale: float | None = None
+    ) -> None:
         super().__init__(pipeline, max_sequence_length, guidance_scale)
         if self.max_sequence_length > 1024:
             raise ValueError(f"max_sequence_length for Qwen-Image is at most 1024, got {self.max_sequence_length}")
