@@ -21,10 +21,12 @@ from .registry import family_for_pipeline, register_family, registered_families
 # Registration order is the order family_for_pipeline tries them: specific before general.
 from .sd3 import StableDiffusion3Family  # isort: skip
 from .flux import FluxFamily  # isort: skip
-from .qwen_image import QwenImageFamily  # isort: skip
-from .z_image import ZImageFamily  # isort: skip
 from .sdxl import StableDiffusionXLFamily  # isort: skip
 from .sd import StableDiffusionFamily  # isort: skip
+
+# Transformers no family above claims (their matches are disjoint from the others').
+from .qwen_image import QwenImageFamily  # isort: skip
+from .z_image import ZImageFamily  # isort: skip
 
 __all__ = [
     "DDPMNoiser",
