@@ -57,11 +57,13 @@ def _flow_inputs(family, resolution: int) -> dict:
 
     generator = torch.Generator().manual_seed(123)
     config = family.denoiser.config
-    size = resolution // family.pipeline.vae_scale_factor
-    channels = family.pipeline.vae.config.latent_channels
+    channels, size, _ = family.latent_shape(resolution)
+    # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
+    width = config.get("joint_attention_dim") or config.get("cap_feat_dim")
+    pooled = config.get("pooled_projection_dim")
     embeds = PromptEmbeddings(
-        torch.randn(2, 8, config.joint_attention_dim, generator=generator),
-        torch.randn(2, config.pooled_projection_dim, generator=generator),
+        torch.randn(2, 8, width, generator=generator),
+        None if pooled is None else torch.randn(2, pooled, generator=generator),
     )
     return {
         "sample": torch.randn(2, channels, size, size, generator=generator),

@@ -184,10 +184,9 @@ class _FrozenEncoders:
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure_ready()
-        vae = self.family.vae
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            distribution = vae.encode(pixels.to(device=self.device, dtype=torch.float32)).latent_dist
-        return distribution.mean.float().cpu(), distribution.std.float().cpu()
+        # Through the family: it knows its VAE's input layout (Qwen-Image's VAE takes a frame axis).
+        mean, std = self.family.encode_moments(pixels.to(device=self.device, dtype=torch.float32))
+        return mean.cpu(), std.cpu()
 
     @torch.no_grad()
     def prompts(self, prompts: list[str]) -> PromptEmbeddings:
@@ -196,12 +195,6 @@ class _FrozenEncoders:
             embeds = self.family.encode_prompts(self.family.prompt_tokenizer()(prompts))
         pooled = None if embeds.pooled is None else embeds.pooled.float().cpu()
         return PromptEmbeddings(embeds.encoder_hidden_states.float().cpu(), pooled)
-
-
-def _latent_shape(family: ModelFamily, resolution: int) -> tuple[int, int, int]:
-    config = family.vae.config
-    factor = 2 ** (len(config.block_out_channels) - 1)
-    return config.latent_channels, resolution // factor, resolution // factor
 
 
 def _features(
@@ -285,7 +278,7 @@ def build_latent_cache(
     encoders = _FrozenEncoders(family, torch.device(device))
     try:
         empty_prompt = _empty_prompt(directory, encoders)
-        features = _features(_latent_shape(family, resolution), empty_prompt, flipped, columns.scored)
+        features = _features(family.latent_shape(resolution), empty_prompt, flipped, columns.scored)
 
         def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
             rows = [{k: batch[k][i] for k in batch} for i in range(len(batch[columns.prompt]))]

@@ -170,7 +170,10 @@ def native_resolution(pipe) -> int:
     """The resolution the UNet was trained at: ``unet.config.sample_size * vae_scale_factor`` (for transformer
     pipelines such as SD3 and FLUX, their ``default_sample_size * vae_scale_factor``)."""
     if getattr(pipe, "unet", None) is None:
-        return int(pipe.default_sample_size * pipe.vae_scale_factor)
+        sample_size = getattr(pipe, "default_sample_size", None)
+        if sample_size is None:  # ZImagePipeline keeps none: its __call__ samples 1024 x 1024 by default
+            return 1024
+        return int(sample_size * pipe.vae_scale_factor)
     sample_size = pipe.unet.config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     return int(sample_size * pipe.vae_scale_factor)

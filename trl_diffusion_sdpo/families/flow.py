@@ -48,6 +48,7 @@ __all__ = [
     "FLOW_SHIFTS",
     "FLOW_UNSUPPORTED_OBJECTIVES",
     "FLOW_WEIGHTING_SCHEMES",
+    "UNET_SCALE_BETA",
     "FlowMatchingFamily",
     "FlowNoiser",
     "FlowTimestepSampling",
@@ -69,6 +70,13 @@ FLOW_UNSUPPORTED_OBJECTIVES = {
         "prediction (unbounded as s -> 1), so f saturates at high noise and neither constant has a flow counterpart"
     ),
 }
+
+
+# A beta from this value up is on the scale of the UNet recipes (Diffusion-DPO: 2000-5000 for SD1.5/SDXL; DMPO:
+# 2000-6000), an order of magnitude above the flow anchors (100 on per-sample mean velocity errors).
+UNET_SCALE_BETA = 1000.0
+# The objectives whose ``beta`` scales the Diffusion-DPO logit (the warning applies to them).
+_DPO_LOGIT_OBJECTIVES = ("dpo", "smpo", "dmpo")
 
 
 @dataclass(frozen=True)
@@ -216,6 +224,12 @@ class FlowMatchingFamily(ModelFamily):
     default_max_sequence_length: ClassVar[int]
     # The guidance embedding's value, for transformers that have one (FLUX.1-dev); None for the others.
     default_guidance_scale: ClassVar[float | None] = None
+    # The recommended Diffusion-DPO ``beta`` and (LoRA) learning rate for this family, and where they come from (a
+    # paper, a public recipe or a measurement): the one place a family states them. docs/families.md tabulates them
+    # and the UNet-scale-beta warning of :meth:`noiser` quotes them.
+    default_beta: ClassVar[float]
+    default_learning_rate: ClassVar[float]
+    defaults_source: ClassVar[str]
 
     def __init__(
         self,
@@ -269,15 +283,21 @@ class FlowMatchingFamily(ModelFamily):
             logit_mean=args.flow_logit_mean,
             logit_std=args.flow_logit_std,
             mode_scale=args.flow_mode_scale,
-            shift=args.flow_shift or self.default_flow_shift,
+            shift=args.flow_shift or self.default_shift(),
         )
         noiser = FlowNoiser(self.pipeline.scheduler.config, sampling)
-        if args.loss_type in ("dpo", "smpo") and args.beta == 5000.0:
+        if args.loss_type in _DPO_LOGIT_OBJECTIVES and args.beta >= UNET_SCALE_BETA:
             logger.warning(
-                "beta=5000 is Diffusion-DPO's value for SD UNets; the flow-matching anchors use beta=100 on "
-                "mean velocity errors (flow_grpo's SD3.5 Flow-DPO). See docs/sd3.md before keeping it."
+                f"beta={args.beta:g} is Diffusion-DPO's value for SD UNets in scale (2000-5000); {self.name} is a "
+                f"flow model trained on mean velocity errors, where beta is an order of magnitude smaller: its "
+                f"default is beta={self.default_beta:g} with learning_rate={self.default_learning_rate:g} "
+                f"({self.defaults_source}). See docs/families.md before keeping it."
             )
         return noiser
+
+    def default_shift(self) -> str:
+        """The ``flow_shift`` used when the config leaves it unset: the class's ``default_flow_shift``."""
+        return self.default_flow_shift
 
     def denoiser_conditioning(
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None

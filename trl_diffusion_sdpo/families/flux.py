@@ -35,6 +35,12 @@ class FluxFamily(FlowMatchingFamily):
     default_flow_shift = "resolution"
     default_max_sequence_length = 512  # the pipeline's and diffusers' FLUX script's
     default_guidance_scale = 3.5
+    default_beta = 100.0
+    default_learning_rate = 1e-4
+    defaults_source = (
+        "beta: flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published FLUX Flow-DPO recipe on "
+        "mean errors); lr: diffusers' FLUX LoRA script (train_dreambooth_lora_flux.py)"
+    )
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {
