@@ -364,32 +364,22 @@ def push_checkpoint(
     checkpoint itself for resuming; returns the upload futures. A failing upload is retried with backoff, then
     logged, never raised: a Hub outage never stops training, and the next save's push uploads what was missed."""
     api = api or HfApi(token=token)
-    jobs = [
-        api.run_as_future(
+
+    def push(folder, message: str, **where) -> Future:
+        return api.run_as_future(
             _upload_never_raising,
             api,
-            f"Hub push of {output_dir} ({commit_message})",
+            f"Hub push of {folder} ({commit_message})",
             repo_id=repo_id,
-            folder_path=os.fspath(output_dir),
-            commit_message=commit_message,
+            folder_path=os.fspath(folder),
+            commit_message=message,
             revision=revision,
-            ignore_patterns=OUTPUT_IGNORE_PATTERNS,
             repo_type="model",
+            **where,
         )
-    ]
+
+    jobs = [push(output_dir, commit_message, ignore_patterns=OUTPUT_IGNORE_PATTERNS)]
     if push_checkpoint_folder:
-        jobs.append(
-            api.run_as_future(
-                _upload_never_raising,
-                api,
-                f"Hub push of {checkpoint_folder} ({commit_message})",
-                repo_id=repo_id,
-                folder_path=os.fspath(checkpoint_folder),
-                path_in_repo=push_checkpoint_folder,
-                commit_message=commit_message + ", checkpoint",
-                revision=revision,
-                ignore_patterns=CHECKPOINT_IGNORE_PATTERNS,
-                repo_type="model",
-            )
-        )
+        checkpoint_files = dict(path_in_repo=push_checkpoint_folder, ignore_patterns=CHECKPOINT_IGNORE_PATTERNS)
+        jobs.append(push(checkpoint_folder, commit_message + ", checkpoint", **checkpoint_files))
     return jobs
