@@ -306,6 +306,13 @@ class FlowMatchingFamily(ModelFamily):
         hidden = prompt_embeds.encoder_hidden_states
         return {"encoder_hidden_states": hidden, "pooled_projections": prompt_embeds.pooled.to(hidden.dtype)}
 
+    def guidance(self, num_samples: int, device: torch.device) -> torch.Tensor | None:
+        """The guidance value per sample for a guidance-distilled transformer (``guidance_embeds``: FLUX.1-dev, a
+        distilled Qwen-Image), else ``None``. Read from the pipeline's module: the called model may be a wrapper."""
+        if not getattr(self.denoiser.config, "guidance_embeds", False):
+            return None
+        return torch.full((num_samples,), self.guidance_scale, device=device, dtype=torch.float32)
+
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:

@@ -79,9 +79,7 @@ class FluxFamily(FlowMatchingFamily):
         n, channels, height, width = sample.shape
         packed = FluxPipeline._pack_latents(sample, n, channels, height, width)
         img_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, sample.device, sample.dtype)
-        guidance = None
-        if self.denoiser.config.guidance_embeds:  # the pipeline's module: ``model`` may be a DDP or DeepSpeed wrapper
-            guidance = torch.full((n,), self.guidance_scale, device=sample.device, dtype=torch.float32)
+        guidance = self.guidance(n, sample.device)
         out = model(
             hidden_states=packed,
             timestep=timestep / 1000,

@@ -167,9 +167,7 @@ class QwenImageFamily(FlowMatchingFamily):
 
         n, channels, height, width = sample.shape
         packed = QwenImagePipeline._pack_latents(sample, n, channels, height, width)
-        guidance = None
-        if self.denoiser.config.guidance_embeds:  # the pipeline's module: ``model`` may be a DDP or DeepSpeed wrapper
-            guidance = torch.full((n,), self.guidance_scale, device=sample.device, dtype=torch.float32)
+        guidance = self.guidance(n, sample.device)
         out = model(
             hidden_states=packed,
             timestep=timestep / 1000,
