@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_time import PRESETS, machine_description  # noqa: E402
+from harness import PRESETS, machine_description  # noqa: E402
 
 
 def shard(module: torch.nn.Module, mesh) -> list[int]:

@@ -3,7 +3,7 @@
     python benchmarks/latent_cache_scale.py --out benchmarks/results/latent-cache-cpu-small.json
     python benchmarks/latent_cache_scale.py --preset sd15 --device cuda --pairs 256 --out ...   # on a GPU
 
-Measured (one process, ``--preset`` models from ``benchmarks/step_time.py`` with random weights, synthetic JPEG
+Measured (one process, ``--preset`` models from ``benchmarks/harness.py`` with random weights, synthetic JPEG
 pairs at the preset's resolution):
 
 * ``map``: ``build_latent_cache`` (what ``cache_latents=True`` runs) on a map-style dataset, pairs per second;
@@ -36,7 +36,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_time import CLIP_BIG_G, CLIP_L, PRESETS, SD15_VAE, SDXL_VAE, build_pipeline, synthetic_pairs  # noqa: E402
+from harness import (  # noqa: E402
+    CLIP_BIG_G,
+    CLIP_L,
+    PRESETS,
+    SD15_VAE,
+    SDXL_VAE,
+    build_pipeline,
+    machine_description,
+    sync,
+    synthetic_pairs,
+)
 
 PICKAPIC_PAIRS = 1_000_000  # Pick-a-Pic v2 train, ties dropped: about a million pairs (issue 16)
 H100_PEAK_TF32 = 494.7e12  # dense TF32 tensor-core FLOP/s, H100 SXM datasheet (the cache encodes in float32/TF32)
@@ -53,11 +63,6 @@ def _config(resolution: int):
         report_to="none",
         disable_tqdm=True,
     )
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _folder_bytes(folder: str) -> int:
@@ -86,7 +91,7 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     sizes: dict[str, int] = {}
     for repeat in range(opts.repeats):  # alternate, so a change in machine load hits both
         folder = os.path.join(work, f"map-{repeat}")
-        _sync(opts.device)
+        sync(opts.device)
         start = time.perf_counter()
         mapped = build_latent_cache(
             prepared,
@@ -98,12 +103,12 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
             device=opts.device,
             batch_size=opts.batch_size,
         )
-        _sync(opts.device)
+        sync(opts.device)
         rows["map"].append(opts.pairs / (time.perf_counter() - start))
         sizes["map"] = _folder_bytes(folder)
 
         folder = os.path.join(work, f"sharded-{repeat}")
-        _sync(opts.device)
+        sync(opts.device)
         start = time.perf_counter()
         sharded = build_sharded_latent_cache(
             data,
@@ -115,7 +120,7 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
             chunk_size=opts.chunk_size,
             batch_size=opts.batch_size,
         )
-        _sync(opts.device)
+        sync(opts.device)
         rows["sharded"].append(opts.pairs / (time.perf_counter() - start))
         sizes["sharded_shards"] = _folder_bytes(os.path.join(folder, "shards"))
         one = os.path.join(work, f"one-{repeat}")
@@ -130,7 +135,7 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
             chunk_size=opts.pairs,
             batch_size=opts.batch_size,
         )
-        _sync(opts.device)
+        sync(opts.device)
         rows["sharded_one_chunk"].append(opts.pairs / (time.perf_counter() - start))
 
         collate = sharded.collator()
@@ -269,7 +274,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     opts = parser.parse_args()
-    from step_time import machine_description
 
     result = {
         "machine": machine_description(opts.device, torch.get_num_threads()),

@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import step_time  # noqa: E402
+import harness  # noqa: E402
 
 LEVERS = ["fused", "channels_last", "checkpointing", "compile"]
 
@@ -40,26 +40,26 @@ def measure(opts: argparse.Namespace, lever: str, tuning: str) -> dict[str, floa
     with tempfile.TemporaryDirectory(prefix="levers-") as workdir:
         for variant in ("A", "B"):
             with_lever = variant == "B"
-            bench_opts = argparse.Namespace(**vars(step_time.parse_args(opts.step_time_args)))
+            bench_opts = harness.parse_setup_args(opts.step_time_args)
             bench_opts.optim = "adamw_torch_fused" if (lever != "fused" or with_lever) else "adamw_torch"
             bench_opts.channels_last = lever == "channels_last" and with_lever
             bench_opts.gradient_checkpointing = lever == "checkpointing" and with_lever
             bench_opts.torch_compile = lever == "compile" and with_lever
-            trainer, _ = step_time.make_trainer(bench_opts, f"floor-{tuning}", os.path.join(workdir, variant), 1)
+            trainer, _ = harness.make_trainer(bench_opts, f"floor-{tuning}", os.path.join(workdir, variant), 1)
             for module in trainer.family.frozen_modules().values():
                 module.to("cpu")
             trainer.model.train()
             policy = torch.compile(trainer.model) if bench_opts.torch_compile else trainer.model
-            variants[variant] = step_time.make_floor_step(trainer, bench_opts, trainer.create_optimizer(), policy)
-    clock = step_time.Clock(opts.device)
+            variants[variant] = harness.make_floor_step(trainer, bench_opts, trainer.create_optimizer(), policy)
+    clock = harness.Clock(opts.device)
     times: dict[str, list[float]] = {"A": [], "B": []}
     for index in range(opts.warmup + opts.steps):
         for variant in ("A", "B") if index % 2 == 0 else ("B", "A"):
             clock.reset()
             variants[variant]()
             times[variant].append(clock.lap()[0])
-    a = statistics.median(times["A"][opts.warmup:])
-    b = statistics.median(times["B"][opts.warmup:])
+    a = statistics.median(times["A"][opts.warmup :])
+    b = statistics.median(times["B"][opts.warmup :])
     return {"without_ms": 1000 * a, "with_ms": 1000 * b, "ratio": b / a}
 
 
@@ -69,11 +69,12 @@ def main() -> None:
     parser.add_argument("--tunings", default="full,lora")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--output", default=None,
-                        help="JSON path (default benchmarks/results/levers-<device>-<unet>.json)")
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default benchmarks/results/levers-<device>-<unet>.json)"
+    )
     opts, rest = parser.parse_known_args()
-    opts.step_time_args = rest  # --device, --unet, --dtype, --batch-size, --threads, ... as for step_time.py
-    bench = step_time.parse_args(rest)
+    opts.step_time_args = rest  # --device, --unet, --dtype, --batch-size, --threads, ... (harness.add_setup_arguments)
+    bench = harness.parse_setup_args(rest)
     opts.device = bench.device
     if bench.threads:
         torch.set_num_threads(bench.threads)
@@ -82,16 +83,20 @@ def main() -> None:
         for tuning in opts.tunings.split(","):
             result = measure(opts, lever, tuning)
             results[f"{lever}-{tuning}"] = result
-            print(f"{lever:<14} {tuning:<5} without {result['without_ms']:8.1f} ms  with {result['with_ms']:8.1f} ms  "
-                  f"ratio {result['ratio']:.3f}", flush=True)
+            print(
+                f"{lever:<14} {tuning:<5} without {result['without_ms']:8.1f} ms  with {result['with_ms']:8.1f} ms  "
+                f"ratio {result['ratio']:.3f}",
+                flush=True,
+            )
     report = {
-        "machine": step_time.machine_description(bench.device, bench.threads),
+        "machine": harness.machine_description(bench.device, bench.threads),
         "settings": vars(bench) | vars(opts),
         "levers": results,
         "date": time.strftime("%Y-%m-%d"),
     }
-    output = opts.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                         f"levers-{bench.device}-{bench.unet}.json")
+    output = opts.output or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"levers-{bench.device}-{bench.unet}.json"
+    )
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump(report, f, indent=2, default=str)

@@ -1,5 +1,5 @@
 """Where a trainer step's time goes: ``torch.profiler`` tables of one Diffusion-DPO, output-space and
-parameter-space step on the same trainer (``step_time``'s models and data), for finding overheads.
+parameter-space step on the same trainer (``harness``'s models and data), for finding overheads.
 
     python benchmarks/profile_step.py --device cuda --unet sd15 --run cached-full
 """
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import step_time  # noqa: E402
+import harness  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=12)
     args = parser.parse_args(argv)
-    opts = step_time.parse_args(["--device", args.device, "--unet", args.unet, "--runs", args.run])
-    trainer, _ = step_time.make_trainer(opts, args.run, tempfile.mkdtemp(), 100)
+    opts = harness.parse_setup_args(["--device", args.device, "--unet", args.unet])
+    trainer, _ = harness.make_trainer(opts, args.run, tempfile.mkdtemp(), 100)
     model = trainer.model
     model.train()
     trainer._trainable = [p for p in model.parameters() if p.requires_grad]

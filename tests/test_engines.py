@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine, PlainEngine, engine_for
-from trl_diffusion_sdpo.step.branches import BranchGradientSplitter
+from trl_diffusion_sdpo.engines.branches import BranchGradientSplitter
 from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
 
 

@@ -1,22 +1,82 @@
-"""Preference tuning of text-to-image diffusion models: Diffusion-DPO and Diffusion-SDPO."""
+"""Preference tuning of text-to-image diffusion models: Diffusion-DPO and Diffusion-SDPO.
 
-from .config import DiffusionSDPOConfig
-from .distributed import load_pipeline, zero3_init_disabled
-from .objectives import OBJECTIVES, build_objective
-from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
-from .trainer import DiffusionSDPOTrainer
+The names below are resolved on first access (see :mod:`._lazy`): ``import trl_diffusion_sdpo`` imports no torch,
+transformers or diffusers, so the command line's ``--help`` and tools that only read the package stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0.dev0"
 
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+    from .config import DiffusionSDPOConfig
+    from .distributed import load_pipeline, zero3_init_disabled
+    from .engines import Engine, engine_for
+    from .evaluation.scorers import Scorer, register_scorer
+    from .families import FlowMatchingFamily, ModelFamily, Noiser, family_for_pipeline, register_family
+    from .objectives import (
+        OBJECTIVES,
+        PreferenceObjective,
+        build_objective,
+        objective_from_config,
+        register_objective,
+    )
+    from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
+    from .trainer import DiffusionSDPOTrainer
+
+# Public name -> the submodule that defines it, imported when the name is first used.
+_EXPORTS = {
+    "DiffusionSDPOConfig": ".config",
+    "DiffusionSDPOTrainer": ".trainer",
+    # extension points: a model family and its noiser, an objective, an engine, a scorer
+    "Engine": ".engines",
+    "FlowMatchingFamily": ".families",
+    "ModelFamily": ".families",
+    "Noiser": ".families",
+    "OBJECTIVES": ".objectives",
+    "PreferenceObjective": ".objectives",
+    "Scorer": ".evaluation.scorers",
+    "build_objective": ".objectives",
+    "engine_for": ".engines",
+    "family_for_pipeline": ".families",
+    "load_pipeline": ".distributed",
+    "objective_from_config": ".objectives",
+    "parameter_space_lambda": ".step.safeguard",
+    "register_family": ".families",
+    "register_objective": ".objectives",
+    "register_scorer": ".evaluation.scorers",
+    "safeguarded_gradients": ".step.safeguard",
+    "winner_preserving_lambda": ".step.safeguard",
+    "zero3_init_disabled": ".distributed",
+}
+
 __all__ = [
+    "OBJECTIVES",
     "DiffusionSDPOConfig",
     "DiffusionSDPOTrainer",
-    "OBJECTIVES",
+    "Engine",
+    "FlowMatchingFamily",
+    "ModelFamily",
+    "Noiser",
+    "PreferenceObjective",
+    "Scorer",
     "__version__",
     "build_objective",
+    "engine_for",
+    "family_for_pipeline",
     "load_pipeline",
+    "objective_from_config",
     "parameter_space_lambda",
+    "register_family",
+    "register_objective",
+    "register_scorer",
     "safeguarded_gradients",
     "winner_preserving_lambda",
     "zero3_init_disabled",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -29,16 +29,21 @@ class CacheArguments:
 
 
 def run_cache(argv: list[str] | None = None) -> int:
+    """``trl-diffusion-sdpo cache``: parse ``argv`` (the ``train`` command's options plus :class:`CacheArguments`)
+    and encode this process's shard into ``--latent_cache``; returns the exit status."""
+    from trl import TrlParser
+
+    from .scripts.train import ARGUMENT_TYPES, add_config_argument, build_pipeline, check_supported, load_train_split
+
+    parser = TrlParser((*ARGUMENT_TYPES, CacheArguments), prog="trl-diffusion-sdpo cache")
+    add_config_argument(parser)
+    script_args, args, model_args, diffusion_args, cache_args = parser.parse_args_and_config(argv)  # exits on --help
     import torch
     from accelerate import PartialState
-    from trl import TrlParser
 
     from .data.sharded_cache import build_sharded_latent_cache
     from .families import family_for_pipeline
-    from .scripts.train import ARGUMENT_TYPES, build_pipeline, check_supported, load_train_split
 
-    parser = TrlParser((*ARGUMENT_TYPES, CacheArguments), prog="trl-diffusion-sdpo cache")
-    script_args, args, model_args, diffusion_args, cache_args = parser.parse_args_and_config(argv)
     check_supported(script_args, model_args)
     if not diffusion_args.latent_cache:
         parser.error("--latent_cache FOLDER is required: where the cache is written (or resumed)")

@@ -23,7 +23,8 @@ Random crops cannot be cached (every step would need a new crop of the pixels); 
 
 Where and when the cache is reused: the table lives in ``<cache dir>/<fingerprint>/latents.arrow`` where the
 fingerprint hashes the model family, the VAE and text-encoder configs, a digest of their weights (see
-:func:`frozen_weights_digest`), the tokenizers' vocabularies, the transform settings, the dataset's own
+:func:`frozen_weights_digest`), the tokenizers' vocabularies, the transform settings, the image-conversion
+rules (:func:`.images.image_conversion_digest`), the dataset's own
 ``datasets`` fingerprint, the resolved columns and :data:`CACHE_VERSION`. A later run with the same inputs loads
 the table instead of encoding. Under several processes only the main process encodes; the others wait and load.
 """
@@ -45,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from ..families import ModelFamily, PromptEmbeddings
 from .collators import pair_scores
+from .images import image_conversion_digest
 from .progress import datasets_progress_bars
 from .transforms import PairTransform, load_image
 from .validation import PreferenceColumns, order_pair
@@ -138,6 +140,7 @@ def cache_fingerprint(
         "weights": frozen_weights_digest(frozen),
         "tokenizers": _tokenizers_digest(family),
         "transform": {"resolution": resolution, "crop": "center", "flipped_copies": flipped},
+        "image_conversion": image_conversion_digest(),  # the rules turning every PIL mode into RGB
         # Score columns only when present, so that caches made before they existed keep their names.
         "columns": [columns.prompt, columns.first, columns.second, columns.label]
         + ([columns.score_0, columns.score_1] if columns.scored else []),
@@ -181,10 +184,9 @@ class _FrozenEncoders:
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure_ready()
-        vae = self.family.vae
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            distribution = vae.encode(pixels.to(device=self.device, dtype=torch.float32)).latent_dist
-        return distribution.mean.float().cpu(), distribution.std.float().cpu()
+        # Through the family: it knows its VAE's input layout (Qwen-Image's VAE takes a frame axis).
+        mean, std = self.family.encode_moments(pixels.to(device=self.device, dtype=torch.float32))
+        return mean.cpu(), std.cpu()
 
     @torch.no_grad()
     def prompts(self, prompts: list[str]) -> PromptEmbeddings:
@@ -193,12 +195,6 @@ class _FrozenEncoders:
             embeds = self.family.encode_prompts(self.family.prompt_tokenizer()(prompts))
         pooled = None if embeds.pooled is None else embeds.pooled.float().cpu()
         return PromptEmbeddings(embeds.encoder_hidden_states.float().cpu(), pooled)
-
-
-def _latent_shape(family: ModelFamily, resolution: int) -> tuple[int, int, int]:
-    config = family.vae.config
-    factor = 2 ** (len(config.block_out_channels) - 1)
-    return config.latent_channels, resolution // factor, resolution // factor
 
 
 def _features(
@@ -282,7 +278,7 @@ def build_latent_cache(
     encoders = _FrozenEncoders(family, torch.device(device))
     try:
         empty_prompt = _empty_prompt(directory, encoders)
-        features = _features(_latent_shape(family, resolution), empty_prompt, flipped, columns.scored)
+        features = _features(family.latent_shape(resolution), empty_prompt, flipped, columns.scored)
 
         def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
             rows = [{k: batch[k][i] for k in batch} for i in range(len(batch[columns.prompt]))]

@@ -91,7 +91,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     transformers.logging.set_verbosity_error()
     diffusers.logging.set_verbosity_error()
     from .pretrain import PretrainRecipe
-    from .run import DemoRecipe, quiet_libraries, run_demo, run_pretrain
+    from .recipe import DemoRecipe
+    from .run import quiet_libraries, run_demo, run_pretrain
 
     threads = getattr(args, "threads", 1) or None
     with quiet_libraries():

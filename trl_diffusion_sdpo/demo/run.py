@@ -1,4 +1,5 @@
-"""Orchestration of the CPU demo: base model, preference pairs, several methods times several seeds, intervals.
+"""The CPU demo's runs: base model, preference pairs, several methods times several seeds, then the figures and
+``summary.json`` (the settings are :mod:`.recipe`'s, the summary and tables :mod:`.report`'s).
 
 Every method trains through the same :class:`~trl_diffusion_sdpo.DiffusionSDPOTrainer` code path real models use,
 from the same base weights, on the same pairs; for a training seed every method sees the same batches, timesteps
@@ -17,7 +18,6 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,131 +32,16 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import DiffusionSDPOConfig
 from ..trainer import DiffusionSDPOTrainer
+from .base_check import rebuild_and_check
 from .methods import METHODS, Method, method_unavailable, resolve_methods
 from .pairs import make_preference_pairs, sample_images
 from .plots import plot_error_deltas, plot_lambda, sample_grid
-from .pretrain import PretrainRecipe, load_base, rebuild_and_check, recipe_hash
+from .pretrain import PretrainRecipe, load_base, recipe_hash
+from .recipe import DemoRecipe
+from .report import final_mean, format_table, history_from_logs, mean_history, summarise_methods
 from .shapes import Caption, colour_reward, split_captions
-from .stats import bootstrap_paired_change, summarise
 
-__all__ = ["DemoRecipe", "format_table", "quiet_libraries", "run_demo", "run_pretrain"]
-
-LAST_FRACTION = 0.1  # "final" figures average the last 10% of optimizer steps
-# metric -> its range (t intervals are clipped to it), or None
-_METRICS: dict[str, tuple[float, float] | None] = {
-    "reward": (0.0, 1.0),
-    "reward_change": None,
-    "winner_delta": None,
-    "loser_delta": None,
-    "implicit_acc": (0.0, 1.0),
-    "loss": None,
-    "lambda_mean": (0.0, 1.0),
-}
-
-
-@dataclass(frozen=True)
-class DemoRecipe:
-    """Every knob of the demo. ``DemoRecipe()`` is the default demo; ``DemoRecipe.quick()`` a smoke run.
-
-    > Base model
-
-    pretrain: the base's recipe (:class:`PretrainRecipe`); the default one ships with the package, any other is
-        pretrained on first use and cached.
-
-    > Seeds and methods
-
-    seed: data seed: which captions are held out, the preference pairs' sampling noise and the evaluation noise.
-    seeds: training seeds; every method trains once per seed (batches, timesteps, noise, prompt dropout, flips).
-    methods: keys of :data:`~trl_diffusion_sdpo.demo.methods.METHODS`, in table order.
-
-    > Prompts, pairs and evaluation
-
-    num_held_out_prompts: captions kept out of the preference pairs; rewards are measured on these.
-    pairs_per_prompt: pairs sampled for each remaining caption (two samples each, ranked by the colour reward).
-    min_reward_margin: pairs whose rewards differ by less are dropped as ties.
-    num_inference_steps, guidance_scale: DDIM sampling for pairs, evaluation and the grid.
-    eval_seeds_per_prompt: samples per held-out prompt for the reward (same seeds for every model).
-    grid_seeds: samples per prompt and model shown in ``samples.png``.
-
-    > Preference tuning (identical for every method)
-
-    tuning: ``"full"`` (all UNet weights, frozen-copy reference) or ``"lora"`` (adapters of rank ``lora_rank``).
-    beta: Diffusion-DPO beta (the official launchers' 5000).
-    learning_rate: AdamW learning rate, used as given (no per-pair scaling), constant after a linear warmup.
-    weight_decay: AdamW weight decay (pinned here so the demo does not follow the config's default).
-    batch_size: preference pairs per optimizer step. max_steps, warmup_steps: optimizer steps.
-    proportion_empty_prompts, random_flip: prompt dropout and flip augmentation.
-    cache_latents: encode the pairs with the VAE once (shared by every run) instead of at every step.
-
-    > Machine
-
-    threads: torch intra-op threads during the demo (``None``: leave torch's setting).
-    """
-
-    pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
-    seed: int = 0
-    seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = tuple(METHODS)
-    # prompts, pairs, evaluation
-    num_held_out_prompts: int = 6
-    pairs_per_prompt: int = 6
-    min_reward_margin: float = 0.01
-    num_inference_steps: int = 8
-    guidance_scale: float = 5.0
-    eval_seeds_per_prompt: int = 16
-    grid_seeds: int = 2
-    # preference tuning
-    tuning: str = "full"
-    lora_rank: int = 8
-    beta: float = 5000.0
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    max_steps: int = 50
-    warmup_steps: int = 5
-    proportion_empty_prompts: float = 0.2
-    random_flip: bool = True
-    cache_latents: bool = True
-    # machine
-    threads: int | None = 1
-
-    def __post_init__(self) -> None:
-        if self.tuning not in ("full", "lora"):
-            raise ValueError(f"tuning must be 'full' or 'lora', got {self.tuning!r}")
-        if self.grid_seeds > self.eval_seeds_per_prompt:
-            raise ValueError(
-                f"grid_seeds ({self.grid_seeds}) cannot exceed eval_seeds_per_prompt ({self.eval_seeds_per_prompt})"
-            )
-        if self.max_steps < 1 or self.batch_size < 1:
-            raise ValueError("max_steps and batch_size must be at least 1")
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        object.__setattr__(self, "methods", tuple(self.methods))
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
-        resolve_methods(self.methods)  # fails early on unknown keys
-
-    @classmethod
-    def quick(cls, seed: int = 0, **overrides: Any) -> DemoRecipe:
-        """The same pipeline end to end in well under a minute: two seeds, every method, a few steps. For tests and
-        a first look, not for conclusions."""
-        values: dict[str, Any] = {
-            "seed": seed,
-            "seeds": (0, 1),
-            "pairs_per_prompt": 1,
-            "min_reward_margin": 0.0,
-            "num_inference_steps": 3,
-            "eval_seeds_per_prompt": 2,
-            "max_steps": 4,
-            "warmup_steps": 1,
-            "batch_size": 4,
-        }
-        return cls(**{**values, **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
+__all__ = ["quiet_libraries", "run_demo", "run_pretrain", "train_preference"]
 
 
 @contextlib.contextmanager
@@ -219,40 +104,6 @@ class _TrainingBar(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
-
-
-_HISTORY_KEYS = (
-    "loss",
-    "implicit_acc",
-    "delta/winner",
-    "delta/loser",
-    "mse/policy_winner",
-    "mse/policy_loser",
-    "mse/ref_winner",
-    "mse/ref_loser",
-    "safeguard/lambda_mean",
-    "safeguard/lambda_min",
-    "safeguard/lambda_max",
-    "safeguard/engaged",
-    "safeguard/output_lambda_mean",
-)
-
-
-def _history(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Per-step metrics from ``trainer.state.log_history`` as columns (``step`` plus the logged keys)."""
-    rows = [entry for entry in log_history if "delta/winner" in entry]
-    columns: dict[str, list[float]] = {"step": [int(row["step"]) for row in rows]}
-    for key in _HISTORY_KEYS:
-        if all(key in row for row in rows):
-            columns[key] = [float(row[key]) for row in rows]
-    return columns
-
-
-def _final_mean(history: dict[str, list[float]], key: str, max_steps: int) -> float:
-    """Mean of ``key`` over the logged steps in the last ``LAST_FRACTION`` of training (at least one entry)."""
-    threshold = max_steps * (1.0 - LAST_FRACTION)
-    values = [v for s, v in zip(history["step"], history[key]) if s > threshold] or history[key][-1:]
-    return float(np.mean(values))
 
 
 def _training_args(
@@ -325,7 +176,7 @@ def train_preference(
         trainer.add_callback(_TrainingBar(f"{method.label}, seed {seed}"))
         trainer.train()
     pipeline.unet.eval()
-    return pipeline, _history(trainer.state.log_history)
+    return pipeline, history_from_logs(trainer.state.log_history)
 
 
 def _evaluate(
@@ -344,12 +195,6 @@ def _evaluate(
 
 def _eval_seed(recipe: DemoRecipe, index: int) -> int:
     return 1_000_000 + 1_000 * recipe.seed + index
-
-
-def _mean_history(histories: list[dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Per-step means over the seeds' histories (they log the same steps)."""
-    keys = [k for k in histories[0] if all(k in h for h in histories)]
-    return {k: list(np.mean([h[k] for h in histories], axis=0)) for k in keys}
 
 
 def _load_average() -> list[float]:
@@ -453,16 +298,16 @@ def _run_demo(
                     "seed": seed,
                     "reward": float(rewards.mean()),
                     "reward_change": float(rewards.mean() - base_rewards.mean()),
-                    "winner_delta": _final_mean(history, "delta/winner", recipe.max_steps),
-                    "loser_delta": _final_mean(history, "delta/loser", recipe.max_steps),
-                    "implicit_acc": _final_mean(history, "implicit_acc", recipe.max_steps),
-                    "loss": _final_mean(history, "loss", recipe.max_steps),
+                    "winner_delta": final_mean(history, "delta/winner", recipe.max_steps),
+                    "loser_delta": final_mean(history, "delta/loser", recipe.max_steps),
+                    "implicit_acc": final_mean(history, "implicit_acc", recipe.max_steps),
+                    "loss": final_mean(history, "loss", recipe.max_steps),
                     "train_seconds": round(train_seconds, 2),
                     "eval_seconds": round(eval_seconds, 2),
                 }
                 if "safeguard/lambda_mean" in history:
                     run["lambda_mean"] = float(np.mean(history["safeguard/lambda_mean"]))
-                    run["lambda_final"] = _final_mean(history, "safeguard/lambda_mean", recipe.max_steps)
+                    run["lambda_final"] = final_mean(history, "safeguard/lambda_mean", recipe.max_steps)
                     run["lambda_below_max"] = float(np.mean(history["safeguard/engaged"]))
                 if "safeguard/output_lambda_mean" in history:
                     run["output_lambda_mean"] = float(np.mean(history["safeguard/output_lambda_mean"]))
@@ -476,7 +321,7 @@ def _run_demo(
     echo("[4/4] Figures and summary")
     tick = time.perf_counter()
     labels = {m.key: m.label for m in methods}
-    mean_histories = {k: _mean_history(list(h.values())) for k, h in histories.items()}
+    mean_histories = {k: mean_history(list(h.values())) for k, h in histories.items()}
     plot_error_deltas(mean_histories, labels, out / "losses.png")
     safeguarded = {k: h for k, h in mean_histories.items() if "safeguard/lambda_mean" in h}
     if safeguarded:
@@ -492,20 +337,7 @@ def _run_demo(
     timings["figures_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - start
 
-    results = {}
-    for method in methods:
-        rows = runs[method.key]
-        aggregate: dict[str, Any] = {"label": method.label, "config": method.config_kwargs(), "runs": rows}
-        for metric, bounds in _METRICS.items():
-            if all(metric in r for r in rows):
-                aggregate[metric] = summarise([r[metric] for r in rows], bounds)
-        aggregate["reward_change_bootstrap"] = bootstrap_paired_change(
-            np.stack(rewards_per_run[method.key]), base_rewards.ravel(), seed=recipe.seed
-        )
-        if method.key != "dpo" and "dpo" in runs:
-            by_seed = {r["seed"]: r["reward"] for r in runs["dpo"]}
-            aggregate["reward_minus_dpo"] = summarise([r["reward"] - by_seed[r["seed"]] for r in rows])
-        results[method.key] = aggregate
+    results = summarise_methods(methods, runs, rewards_per_run, base_rewards, recipe.seed)
 
     summary: dict[str, Any] = {
         "methods": results,
@@ -583,60 +415,3 @@ def run_pretrain(
         )
     echo(f"Wrote {report['saved_to']} and pretrain_report.json")
     return report
-
-
-def _cell(stats: dict[str, Any] | None, digits: int, signed: bool = False) -> str:
-    if stats is None:
-        return "-"
-    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
-    text = fmt.format(stats["mean"])
-    if stats.get("ci95") is not None:
-        low, high = stats["ci95"]
-        text += f" [{fmt.format(low)}, {fmt.format(high)}]"
-    return text
-
-
-def _where(stats: dict[str, Any] | None) -> str:
-    """Whether an interval lies above zero, below zero, or covers it (no claim beyond that)."""
-    if stats is None or stats.get("ci95") is None:
-        return "no interval"
-    low, high = stats["ci95"]
-    return "above 0" if low > 0 else "below 0" if high < 0 else "interval includes 0"
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """Two console tables (held-out reward; training diagnostics), each cell a mean with its 95% interval, then
-    where each interval lies relative to zero."""
-    results = summary["methods"]
-    width = max(len(r["label"]) for r in results.values()) + 2
-    n = max(r["reward"]["n"] for r in results.values())
-    lines = [f"Held-out reward (base {summary['base']['reward']:.3f}); mean over {n} training seed(s) [95% interval]"]
-    header = f"{'':{width}}{'reward':>27}{'change vs base (t)':>30}{'change (bootstrap)':>30}{'minus DPO (t)':>30}"
-    lines += [header, "-" * len(header)]
-    for r in results.values():
-        lines.append(
-            f"{r['label']:{width}}{_cell(r['reward'], 4):>27}{_cell(r['reward_change'], 4, True):>30}"
-            f"{_cell(r['reward_change_bootstrap'], 4, True):>30}{_cell(r.get('reward_minus_dpo'), 4, True):>30}"
-        )
-    steps = summary["config"]["max_steps"]
-    lines.append("")
-    lines.append(
-        f"Training diagnostics, mean over the last {max(1, round(steps * LAST_FRACTION))} of {steps} steps "
-        "(delta = policy - reference denoising error)"
-    )
-    header = f"{'':{width}}{'winner delta':>30}{'loser delta':>30}{'implicit acc':>22}{'mean lambda':>22}"
-    lines += [header, "-" * len(header)]
-    for r in results.values():
-        lines.append(
-            f"{r['label']:{width}}{_cell(r['winner_delta'], 5, True):>30}{_cell(r['loser_delta'], 5, True):>30}"
-            f"{_cell(r['implicit_acc'], 2):>22}{_cell(r.get('lambda_mean'), 3):>22}"
-        )
-    lines.append("")
-    for r in results.values():
-        lines.append(
-            f"{r['label']}: winner delta {_where(r['winner_delta'])}, loser delta {_where(r['loser_delta'])}; "
-            f"reward change: t {_where(r['reward_change'])}, bootstrap {_where(r['reward_change_bootstrap'])}"
-        )
-    for key, reason in summary["skipped"].items():
-        lines.append(f"{key}: skipped ({reason})")
-    return "\n".join(lines)

@@ -1,6 +1,6 @@
-"""The demo's colour reward as an evaluation ``Scorer``: registered as ``colour`` in
-:mod:`trl_diffusion_sdpo.evaluation.scorers`, so ``trl-diffusion-sdpo evaluate --scorer colour`` scores demo
-samples (and the demo evaluates through the same interface).
+"""The demo's colour reward as an evaluation ``Scorer``, registered as ``colour`` when this module is imported
+(the demo sits above the evaluation package, which never imports it): ``trl-diffusion-sdpo evaluate --scorer colour``
+imports it and scores demo samples through the same interface.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..evaluation.scorers.base import Scorer
+from ..evaluation.scorers.base import Scorer, register_scorer
 from .shapes import Caption, colour_reward
 
 __all__ = ["ColourRewardScorer"]
@@ -43,3 +43,6 @@ class ColourRewardScorer(Scorer):
             arrays.append(np.asarray(image, dtype=np.float64) / 255.0)
         captions = [Caption.parse(p) for p in prompts]
         return torch.from_numpy(colour_reward(np.stack(arrays), captions)).float()
+
+
+register_scorer("colour", ColourRewardScorer)

@@ -27,7 +27,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ..distributed import all_reduce_mean_, all_reduce_sum
-from ..step.branches import BranchGradientSplitter, EngineBranchGradients
+from .branches import BranchGradientSplitter, EngineBranchGradients
 
 __all__ = ["BranchGradients", "Engine"]
 
@@ -72,7 +72,7 @@ class Engine(ABC):
         ``safeguard_scope``, ``"local"`` or ``"global"``)."""
 
     def branch_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradients:
-        """The per-branch gradient store over the trainable ``parameters`` (see :mod:`..step.branches`)."""
+        """The per-branch gradient store over the trainable ``parameters`` (see :mod:`.branches`)."""
         return BranchGradientSplitter(parameters)
 
     def set_aside_accumulated(

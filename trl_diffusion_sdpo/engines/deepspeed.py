@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from ..distributed import engine_loss_scale, gather_zero3_state_dict, reference_inference_engine
-from ..step.branches import EngineBranchGradients
 from .base import Engine
+from .branches import EngineBranchGradients
 
 __all__ = ["DeepSpeedEngine"]
 
@@ -17,7 +17,7 @@ class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO at ``stage`` (1, 2 or 3).
 
     ZeRO-1/2 keep the weights whole: the parameter-space safeguard uses the engine as its second gradient store
-    (:class:`~..step.branches.EngineBranchGradients`). ZeRO-3 partitions the weights, so per-branch gradients are
+    (:class:`~.branches.EngineBranchGradients`). ZeRO-3 partitions the weights, so per-branch gradients are
     never whole on one process: refused; the reference is sharded like the policy and saves gather the shards.
     """
 

@@ -14,8 +14,8 @@ from ..distributed import (
     loading_into_shards,
     shard_reference_fsdp2,
 )
-from ..step.branches import BranchGradientSplitter
 from .base import Engine
+from .branches import BranchGradientSplitter
 
 __all__ = ["FSDP1Engine", "FSDP2Engine"]
 

@@ -6,8 +6,9 @@ Replaces the single backward pass of a micro-batch when ``safeguard_space="param
     -> winner backward -> loser backward -> lambda = f(<g_w, g_w>, <g_w, g_l>) -> g_w + lambda * h_l
     -> (several processes) the reductions the engine asks for
 
-Where the gradients live and how they are reduced is the engine's business (:mod:`trl_diffusion_sdpo.engines`);
-the streaming with one extra buffer is :mod:`.branches`'; the formula is :func:`.safeguard.parameter_space_lambda`.
+Where the gradients live and how they are reduced is the engine's business (:mod:`trl_diffusion_sdpo.engines`,
+whose :mod:`~trl_diffusion_sdpo.engines.branches` streams them with one extra buffer); the formula is
+:func:`.safeguard.parameter_space_lambda`.
 
 With an :class:`~.update_space.UpdateSpaceRule` (``safeguard_space="update"``) the same passes feed the update space:
 ``g_w`` and ``h_l`` are kept apart, averaged over processes by the engine, and ``lambda`` is chosen on the
@@ -18,18 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..engines import BranchGradients, Engine
+from ..engines.branches import branch_cotangents
 from ..objectives import PreferencePredictions
-from .branches import branch_cotangents
 from .optimizer import trainable_parameters
 from .safeguard import parameter_space_lambda
 from .update_space import UpdateSpaceRule
-
-if TYPE_CHECKING:
-    from ..engines import BranchGradients, Engine
 
 __all__ = ["ParameterSpaceBackward"]
 

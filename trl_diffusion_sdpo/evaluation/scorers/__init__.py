@@ -1,26 +1,52 @@
 """Reward models for evaluation, one module each, behind the `Scorer` interface and a name registry.
 
-Importing this package registers ``pickscore``, ``hpsv2``, ``hpsv2.1``, ``imagereward``, ``aesthetic``, ``clip``
-(torchmetrics convention), ``clip-cosine`` (SDPO's) and ``colour`` (the CPU demo's toy reward); `register_scorer`
-adds your own.
+The built-in scorers are registered here by name: ``pickscore``, ``hpsv2``, ``hpsv2.1``, ``imagereward``,
+``aesthetic``, ``clip`` (torchmetrics convention) and ``clip-cosine`` (SDPO's); each module is imported when its scorer
+is first built, so listing or importing the package loads no model code. `register_scorer` adds your own (the CPU
+demo registers ``colour`` in :mod:`trl_diffusion_sdpo.demo.scorer`).
 """
 
-from .aesthetic import AestheticMLP, AestheticScorer
-from .base import Scorer, available_scorers, build_scorer, register_scorer
-from .clip_score import CLIPScoreScorer
-from .hps import HPSv2Scorer, open_clip_to_transformers
-from .image_reward import ImageRewardModel, ImageRewardScorer, blip_to_transformers
-from .pickscore import PickScoreScorer
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def _colour_scorer(**kwargs) -> Scorer:
-    """The demo's colour reward, imported when asked for (the demo package is not needed otherwise)."""
-    from ...demo.scorer import ColourRewardScorer
+from ..._lazy import lazy_attributes
+from .registry import available_scorers, register_scorer, scorer_factory
 
-    return ColourRewardScorer(**kwargs)
+if TYPE_CHECKING:
+    from .aesthetic import AestheticMLP, AestheticScorer
+    from .base import Scorer, build_scorer
+    from .clip_score import CLIPScoreScorer
+    from .hps import HPSv2Scorer, open_clip_to_transformers
+    from .image_reward import ImageRewardModel, ImageRewardScorer, blip_to_transformers
+    from .pickscore import PickScoreScorer
 
+# Built-in scorer name -> "module:factory", imported on first use.
+_BUILTIN_SCORERS = {
+    "aesthetic": "aesthetic:AestheticScorer",
+    "clip": "clip_score:CLIPScoreScorer",
+    "clip-cosine": "clip_score:clip_cosine_scorer",
+    "hpsv2": "hps:HPSv2Scorer",
+    "hpsv2.1": "hps:hps_v21_scorer",
+    "imagereward": "image_reward:ImageRewardScorer",
+    "pickscore": "pickscore:PickScoreScorer",
+}
+for _name, _factory in _BUILTIN_SCORERS.items():
+    register_scorer(_name, f"{__name__}.{_factory}")
 
-register_scorer("colour", _colour_scorer)
+_EXPORTS = {
+    "Scorer": ".base",
+    "build_scorer": ".base",
+    "AestheticMLP": ".aesthetic",
+    "AestheticScorer": ".aesthetic",
+    "CLIPScoreScorer": ".clip_score",
+    "HPSv2Scorer": ".hps",
+    "ImageRewardModel": ".image_reward",
+    "ImageRewardScorer": ".image_reward",
+    "PickScoreScorer": ".pickscore",
+    "blip_to_transformers": ".image_reward",
+    "open_clip_to_transformers": ".hps",
+}
 
 __all__ = [
     "AestheticMLP",
@@ -36,4 +62,7 @@ __all__ = [
     "build_scorer",
     "open_clip_to_transformers",
     "register_scorer",
+    "scorer_factory",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ._clip import CLIPEmbedder, load_weights_file
-from .base import Scorer, register_scorer, resolve_device
+from .base import Scorer, resolve_device
 
 __all__ = ["AestheticMLP", "AestheticScorer"]
 
@@ -96,6 +96,3 @@ class AestheticScorer(Scorer):
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return self.mlp(self.embedder.image_embeddings(images)).squeeze(-1)
-
-
-register_scorer("aesthetic", AestheticScorer)

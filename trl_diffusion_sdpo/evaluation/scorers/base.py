@@ -7,11 +7,13 @@ A scorer maps a batch of (image, prompt) pairs to one float per pair. `scale` sa
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
+
+from .registry import available_scorers, register_scorer, scorer_factory
 
 __all__ = ["Scorer", "available_scorers", "build_scorer", "register_scorer", "resolve_device", "scorer_factory"]
 
@@ -53,28 +55,6 @@ class Scorer(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, scale={self.scale!r})"
-
-
-_REGISTRY: dict[str, Callable[..., Scorer]] = {}
-
-
-def register_scorer(name: str, factory: Callable[..., Scorer], overwrite: bool = False) -> None:
-    """Make ``build_scorer(name, **kwargs)`` call ``factory(**kwargs)``. ``factory`` may be a `Scorer` subclass."""
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"A scorer named {name!r} is already registered; pass overwrite=True to replace it.")
-    _REGISTRY[name] = factory
-
-
-def available_scorers() -> list[str]:
-    """The registered scorer names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def scorer_factory(name: str) -> Callable[..., Scorer]:
-    """The factory registered under ``name``."""
-    if name not in _REGISTRY:
-        raise KeyError(f"Unknown scorer {name!r}. Registered scorers: {', '.join(available_scorers())}.")
-    return _REGISTRY[name]
 
 
 def build_scorer(name: str | Scorer, **kwargs: Any) -> Scorer:

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from ._clip import CLIPEmbedder
-from .base import Scorer, register_scorer, resolve_device
+from .base import Scorer, resolve_device
 
-__all__ = ["CLIPScoreScorer"]
+__all__ = ["CLIPScoreScorer", "clip_cosine_scorer"]
 
 _DEFAULT_MODELS = {
     "torchmetrics": "openai/clip-vit-large-patch14",
@@ -55,9 +55,6 @@ class CLIPScoreScorer(Scorer):
         return self.factor * self.embedder.cosine(images, prompts)
 
 
-def _clip_cosine(**kwargs) -> CLIPScoreScorer:
+def clip_cosine_scorer(**kwargs) -> CLIPScoreScorer:
+    """The ``clip-cosine`` scorer: CLIP score on the raw cosine scale, as the SDPO authors report it."""
     return CLIPScoreScorer(convention="cosine", **kwargs)
-
-
-register_scorer("clip", CLIPScoreScorer)
-register_scorer("clip-cosine", _clip_cosine)

@@ -19,9 +19,9 @@ from PIL import Image
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from ._clip import CLIPEmbedder, load_weights_file
-from .base import Scorer, register_scorer, resolve_device
+from .base import Scorer, resolve_device
 
-__all__ = ["HPSv2Scorer", "open_clip_to_transformers"]
+__all__ = ["HPSv2Scorer", "hps_v21_scorer", "open_clip_to_transformers"]
 
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
@@ -142,9 +142,6 @@ class HPSv2Scorer(Scorer):
         return self.embedder.cosine(images, prompts)
 
 
-def _hps_v21(**kwargs) -> HPSv2Scorer:
+def hps_v21_scorer(**kwargs) -> HPSv2Scorer:
+    """The ``hpsv2.1`` scorer: HPS v2.1's checkpoint."""
     return HPSv2Scorer(version="v2.1", **kwargs)
-
-
-register_scorer("hpsv2", HPSv2Scorer)
-register_scorer("hpsv2.1", _hps_v21)

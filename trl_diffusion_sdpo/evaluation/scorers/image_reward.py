@@ -29,7 +29,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 
 from ._clip import load_weights_file
 from .aesthetic import AestheticMLP
-from .base import Scorer, register_scorer, resolve_device
+from .base import Scorer, resolve_device
 
 __all__ = ["IMAGE_REWARD_MEAN", "IMAGE_REWARD_STD", "ImageRewardModel", "ImageRewardScorer", "blip_to_transformers"]
 
@@ -239,6 +239,3 @@ class ImageRewardScorer(Scorer):
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return (self.raw_reward(images, prompts) - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD
-
-
-register_scorer("imagereward", ImageRewardScorer)

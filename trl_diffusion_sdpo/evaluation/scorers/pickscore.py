@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ._clip import CLIPEmbedder
-from .base import Scorer, register_scorer, resolve_device
+from .base import Scorer, resolve_device
 
 __all__ = ["PickScoreScorer"]
 
@@ -53,6 +53,3 @@ class PickScoreScorer(Scorer):
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return self.factor * self.embedder.cosine(images, prompts)
-
-
-register_scorer("pickscore", PickScoreScorer)

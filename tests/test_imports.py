@@ -1,0 +1,148 @@
+"""Importing the package and asking the command line for help load nothing heavy and print nothing on stderr.
+
+Each check runs a fresh interpreter (this one has long imported torch) and reads back which modules it loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import trl_diffusion_sdpo
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Loaded by diffusers' FLUX pipeline and transformers' image processors, they printed torchvision warnings; the
+# scorers load CLIP and BLIP models; the demo and evaluation are separate layers the package does not need.
+HEAVY_FOR_HELP = (
+    "diffusers.pipelines",
+    "transformers.models.clip.image_processing",
+    "transformers.models.siglip",
+    # evaluate --help lists the scorer names and prompt presets (torch-free modules), nothing more of evaluation
+    "trl_diffusion_sdpo.evaluation.scorers.base",
+    "trl_diffusion_sdpo.evaluation.generation",
+    "trl_diffusion_sdpo.evaluation.run",
+    "trl_diffusion_sdpo.evaluation.callback",
+    "trl_diffusion_sdpo.families",
+    "trl_diffusion_sdpo.trainer",
+)
+# The package itself and the parsers that do not read the training config need no deep-learning library at all.
+LIBRARIES = ("torch", "transformers", "diffusers", "peft", "accelerate", "datasets", "trl")
+
+
+def run_fresh(code: str) -> tuple[list[str], str]:
+    """Run ``code`` in a new interpreter on this checkout; the modules it left loaded and its stderr."""
+    script = textwrap.dedent(code) + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def loaded(modules: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if m.startswith(prefixes)]
+
+
+def top_level(modules: list[str], names: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if m.split(".")[0] in names]
+
+
+def test_import_loads_no_library_and_prints_nothing():
+    modules, stderr = run_fresh("import trl_diffusion_sdpo")
+    assert stderr == ""
+    assert "trl_diffusion_sdpo" in modules
+    assert top_level(modules, LIBRARIES) == []
+    assert [m for m in modules if m.startswith("trl_diffusion_sdpo.")] == ["trl_diffusion_sdpo._lazy"]
+
+
+def test_top_level_help_and_light_subcommands_load_no_library_and_print_nothing():
+    code = """
+        import contextlib, io
+        from trl_diffusion_sdpo.cli import main
+        for argv in (["--help"], ["demo", "--help"], ["evaluate", "--help"]):
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+                main(argv)
+            assert "usage:" in out.getvalue(), argv
+    """
+    modules, stderr = run_fresh(code)
+    assert stderr == ""
+    assert top_level(modules, LIBRARIES) == []
+    assert loaded(modules, HEAVY_FOR_HELP + ("trl_diffusion_sdpo.demo.run", "trl_diffusion_sdpo.demo.pretrain")) == []
+
+
+def test_train_and_cache_help_load_no_pipeline_family_or_scorer_and_print_nothing():
+    # Their parsers read the training config, a transformers TrainingArguments: transformers is loaded, its
+    # pipelines and image processors are not.
+    code = """
+        import contextlib, io
+        from trl_diffusion_sdpo.cli import main
+        for argv in (["train", "--help"], ["cache", "--help"]):
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+                main(argv)
+            assert "--safeguard_mu" in out.getvalue() and "--learning_rate" in out.getvalue(), argv
+    """
+    modules, stderr = run_fresh(code)
+    assert stderr == ""
+    assert "transformers.training_args" in modules
+    assert loaded(modules, HEAVY_FOR_HELP + ("trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.data")) == []
+
+
+def test_scorer_names_are_listed_without_loading_their_models():
+    code = """
+        from trl_diffusion_sdpo.evaluation.scorers import available_scorers
+        names = available_scorers()
+        assert {"pickscore", "hpsv2", "hpsv2.1", "imagereward", "aesthetic", "clip", "clip-cosine"} <= set(names)
+        assert "colour" not in names  # the demo registers it, evaluation never imports the demo
+    """
+    modules, stderr = run_fresh(code)
+    assert stderr == ""
+    assert top_level(modules, LIBRARIES) == []  # the registry is torch-free
+    assert loaded(modules, ("trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation.scorers.")) == [
+        "trl_diffusion_sdpo.evaluation.scorers.registry"
+    ]
+
+
+def test_every_public_name_resolves_to_its_defining_object():
+    from trl_diffusion_sdpo.config import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.evaluation.scorers.base import register_scorer
+    from trl_diffusion_sdpo.step.safeguard import winner_preserving_lambda
+
+    for name in trl_diffusion_sdpo.__all__:
+        assert getattr(trl_diffusion_sdpo, name) is not None, name
+    assert set(trl_diffusion_sdpo.__all__) <= set(dir(trl_diffusion_sdpo))
+    assert trl_diffusion_sdpo.DiffusionSDPOConfig is DiffusionSDPOConfig
+    assert trl_diffusion_sdpo.winner_preserving_lambda is winner_preserving_lambda
+    assert trl_diffusion_sdpo.register_scorer is register_scorer
+    with pytest.raises(AttributeError, match="no attribute 'DiffusionSDPOTrainerr'"):
+        trl_diffusion_sdpo.DiffusionSDPOTrainerr  # noqa: B018
+
+
+@pytest.mark.parametrize("package", ["trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation"])
+def test_lazy_subpackages_export_every_listed_name(package):
+    module = __import__(package, fromlist=["__all__"])
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert getattr(value, "__name__", name) == name or not callable(value), (package, name)
+
+
+def test_built_in_scorers_resolve_to_their_classes_and_the_demo_registers_colour():
+    from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
+    from trl_diffusion_sdpo.evaluation.scorers import build_scorer, scorer_factory
+    from trl_diffusion_sdpo.evaluation.scorers.base import register_scorer
+    from trl_diffusion_sdpo.evaluation.scorers.hps import HPSv2Scorer, hps_v21_scorer
+    from trl_diffusion_sdpo.evaluation.scorers.pickscore import PickScoreScorer
+
+    assert scorer_factory("pickscore") is PickScoreScorer
+    assert scorer_factory("hpsv2") is HPSv2Scorer and scorer_factory("hpsv2.1") is hps_v21_scorer
+    assert scorer_factory("colour") is ColourRewardScorer
+    assert isinstance(build_scorer("colour"), ColourRewardScorer)
+    with pytest.raises(ValueError, match="package.module:attribute"):
+        register_scorer("test-bad-name", "no_colon_here")

@@ -1,0 +1,37 @@
+"""Lazy package attributes: a package names its public objects and the submodules that define them, and each
+submodule is imported on first access (PEP 562 module ``__getattr__``), as TRL's and diffusers' ``_LazyModule`` do.
+
+``import trl_diffusion_sdpo`` then costs no torch, transformers or diffusers import; the first
+``trl_diffusion_sdpo.DiffusionSDPOTrainer`` pays for what the trainer needs, once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["lazy_attributes"]
+
+
+def lazy_attributes(
+    package: str, exports: Mapping[str, str], namespace: dict[str, Any]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """The ``__getattr__`` and ``__dir__`` of ``package`` for ``exports`` (public name -> relative submodule).
+
+    ``namespace`` is the package's ``globals()``: a resolved name is stored there, so ``__getattr__`` runs once per
+    name. A name that is not exported raises ``AttributeError`` as a plain module would (submodules stay importable
+    as usual, ``import package.submodule``).
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name], package), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__

@@ -1,0 +1,120 @@
+"""The CPU demo's settings: :class:`DemoRecipe`, every knob of a run (base recipe, seeds, methods, pairs, evaluation,
+preference tuning, machine), with the default demo and a quick smoke-run variant."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .methods import METHODS, resolve_methods
+from .pretrain import PretrainRecipe
+
+__all__ = ["LAST_FRACTION", "DemoRecipe"]
+
+LAST_FRACTION = 0.1  # "final" figures average the last 10% of optimizer steps
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Every knob of the demo. ``DemoRecipe()`` is the default demo; ``DemoRecipe.quick()`` a smoke run.
+
+    > Base model
+
+    pretrain: the base's recipe (:class:`PretrainRecipe`); the default one ships with the package, any other is
+        pretrained on first use and cached.
+
+    > Seeds and methods
+
+    seed: data seed: which captions are held out, the preference pairs' sampling noise and the evaluation noise.
+    seeds: training seeds; every method trains once per seed (batches, timesteps, noise, prompt dropout, flips).
+    methods: keys of :data:`~trl_diffusion_sdpo.demo.methods.METHODS`, in table order.
+
+    > Prompts, pairs and evaluation
+
+    num_held_out_prompts: captions kept out of the preference pairs; rewards are measured on these.
+    pairs_per_prompt: pairs sampled for each remaining caption (two samples each, ranked by the colour reward).
+    min_reward_margin: pairs whose rewards differ by less are dropped as ties.
+    num_inference_steps, guidance_scale: DDIM sampling for pairs, evaluation and the grid.
+    eval_seeds_per_prompt: samples per held-out prompt for the reward (same seeds for every model).
+    grid_seeds: samples per prompt and model shown in ``samples.png``.
+
+    > Preference tuning (identical for every method)
+
+    tuning: ``"full"`` (all UNet weights, frozen-copy reference) or ``"lora"`` (adapters of rank ``lora_rank``).
+    beta: Diffusion-DPO beta (the official launchers' 5000).
+    learning_rate: AdamW learning rate, used as given (no per-pair scaling), constant after a linear warmup.
+    weight_decay: AdamW weight decay (pinned here so the demo does not follow the config's default).
+    batch_size: preference pairs per optimizer step. max_steps, warmup_steps: optimizer steps.
+    proportion_empty_prompts, random_flip: prompt dropout and flip augmentation.
+    cache_latents: encode the pairs with the VAE once (shared by every run) instead of at every step.
+
+    > Machine
+
+    threads: torch intra-op threads during the demo (``None``: leave torch's setting).
+    """
+
+    pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
+    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = tuple(METHODS)
+    # prompts, pairs, evaluation
+    num_held_out_prompts: int = 6
+    pairs_per_prompt: int = 6
+    min_reward_margin: float = 0.01
+    num_inference_steps: int = 8
+    guidance_scale: float = 5.0
+    eval_seeds_per_prompt: int = 16
+    grid_seeds: int = 2
+    # preference tuning
+    tuning: str = "full"
+    lora_rank: int = 8
+    beta: float = 5000.0
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    max_steps: int = 50
+    warmup_steps: int = 5
+    proportion_empty_prompts: float = 0.2
+    random_flip: bool = True
+    cache_latents: bool = True
+    # machine
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.tuning not in ("full", "lora"):
+            raise ValueError(f"tuning must be 'full' or 'lora', got {self.tuning!r}")
+        if self.grid_seeds > self.eval_seeds_per_prompt:
+            raise ValueError(
+                f"grid_seeds ({self.grid_seeds}) cannot exceed eval_seeds_per_prompt ({self.eval_seeds_per_prompt})"
+            )
+        if self.max_steps < 1 or self.batch_size < 1:
+            raise ValueError("max_steps and batch_size must be at least 1")
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
+        resolve_methods(self.methods)  # fails early on unknown keys
+
+    @classmethod
+    def quick(cls, seed: int = 0, **overrides: Any) -> DemoRecipe:
+        """The same pipeline end to end in well under a minute: two seeds, every method, a few steps. For tests and
+        a first look, not for conclusions."""
+        values: dict[str, Any] = {
+            "seed": seed,
+            "seeds": (0, 1),
+            "pairs_per_prompt": 1,
+            "min_reward_margin": 0.0,
+            "num_inference_steps": 3,
+            "eval_seeds_per_prompt": 2,
+            "max_steps": 4,
+            "warmup_steps": 1,
+            "batch_size": 4,
+        }
+        return cls(**{**values, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers

@@ -1,0 +1,171 @@
+"""The CPU demo's results: per-step metric histories from the trainer's logs, the per-method summary with its
+intervals, and the console tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .methods import Method
+from .recipe import LAST_FRACTION
+from .stats import bootstrap_paired_change, summarise
+
+__all__ = ["final_mean", "format_table", "history_from_logs", "mean_history", "summarise_methods"]
+
+# metric -> its range (t intervals are clipped to it), or None
+_METRICS: dict[str, tuple[float, float] | None] = {
+    "reward": (0.0, 1.0),
+    "reward_change": None,
+    "winner_delta": None,
+    "loser_delta": None,
+    "implicit_acc": (0.0, 1.0),
+    "loss": None,
+    "lambda_mean": (0.0, 1.0),
+}
+
+_HISTORY_KEYS = (
+    "loss",
+    "implicit_acc",
+    "delta/winner",
+    "delta/loser",
+    "mse/policy_winner",
+    "mse/policy_loser",
+    "mse/ref_winner",
+    "mse/ref_loser",
+    "safeguard/lambda_mean",
+    "safeguard/lambda_min",
+    "safeguard/lambda_max",
+    "safeguard/engaged",
+    "safeguard/output_lambda_mean",
+)
+
+
+def history_from_logs(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-step metrics from ``trainer.state.log_history`` as columns (``step`` plus the logged keys)."""
+    rows = [entry for entry in log_history if "delta/winner" in entry]
+    columns: dict[str, list[float]] = {"step": [int(row["step"]) for row in rows]}
+    for key in _HISTORY_KEYS:
+        if all(key in row for row in rows):
+            columns[key] = [float(row[key]) for row in rows]
+    return columns
+
+
+def final_mean(history: dict[str, list[float]], key: str, max_steps: int) -> float:
+    """Mean of ``key`` over the logged steps in the last ``LAST_FRACTION`` of training (at least one entry)."""
+    threshold = max_steps * (1.0 - LAST_FRACTION)
+    values = [v for s, v in zip(history["step"], history[key]) if s > threshold] or history[key][-1:]
+    return float(np.mean(values))
+
+
+def mean_history(histories: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per-step means over the seeds' histories (they log the same steps)."""
+    keys = [k for k in histories[0] if all(k in h for h in histories)]
+    return {k: list(np.mean([h[k] for h in histories], axis=0)) for k in keys}
+
+
+def summarise_methods(
+    methods: list[Method],
+    runs: dict[str, list[dict[str, Any]]],
+    rewards_per_run: dict[str, list[np.ndarray]],
+    base_rewards: np.ndarray,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Per method: its label, config fields and runs, each metric's mean with a t interval over the training seeds,
+    the bootstrap interval of the reward change (paired with the base's samples) and, except for ``dpo``, the
+    per-seed reward difference to DPO."""
+    results = {}
+    for method in methods:
+        rows = runs[method.key]
+        aggregate: dict[str, Any] = {"label": method.label, "config": method.config_kwargs(), "runs": rows}
+        for metric, bounds in _METRICS.items():
+            if all(metric in r for r in rows):
+                aggregate[metric] = summarise([r[metric] for r in rows], bounds)
+        aggregate["reward_change_bootstrap"] = bootstrap_paired_change(
+            np.stack(rewards_per_run[method.key]), base_rewards.ravel(), seed=seed
+        )
+        if method.key != "dpo" and "dpo" in runs:
+            by_seed = {r["seed"]: r["reward"] for r in runs["dpo"]}
+            aggregate["reward_minus_dpo"] = summarise([r["reward"] - by_seed[r["seed"]] for r in rows])
+        results[method.key] = aggregate
+    return results
+
+
+def _cell(stats: dict[str, Any] | None, digits: int, signed: bool = False) -> str:
+    if stats is None:
+        return "-"
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    text = fmt.format(stats["mean"])
+    if stats.get("ci95") is not None:
+        low, high = stats["ci95"]
+        text += f" [{fmt.format(low)}, {fmt.format(high)}]"
+    return text
+
+
+def _where(stats: dict[str, Any] | None) -> str:
+    """Whether an interval lies above zero, below zero, or covers it (no claim beyond that)."""
+    if stats is None or stats.get("ci95") is None:
+        return "no interval"
+    low, high = stats["ci95"]
+    return "above 0" if low > 0 else "below 0" if high < 0 else "interval includes 0"
+
+
+def _table(width: int, columns: list[tuple[str, int]], cells: list[tuple[str, list[str]]]) -> list[str]:
+    """A header, a rule and one line per label, each cell right-aligned in its column's width."""
+    header = f"{'':{width}}" + "".join(f"{name:>{size}}" for name, size in columns)
+    lines = [header, "-" * len(header)]
+    for label, row in cells:
+        lines.append(f"{label:{width}}" + "".join(f"{cell:>{size}}" for cell, (_, size) in zip(row, columns)))
+    return lines
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Two console tables (held-out reward; training diagnostics), each cell a mean with its 95% interval, then
+    where each interval lies relative to zero."""
+    results = summary["methods"]
+    width = max(len(r["label"]) for r in results.values()) + 2
+    n = max(r["reward"]["n"] for r in results.values())
+    lines = [f"Held-out reward (base {summary['base']['reward']:.3f}); mean over {n} training seed(s) [95% interval]"]
+    columns = [("reward", 27), ("change vs base (t)", 30), ("change (bootstrap)", 30), ("minus DPO (t)", 30)]
+    cells = [
+        (
+            r["label"],
+            [
+                _cell(r["reward"], 4),
+                _cell(r["reward_change"], 4, True),
+                _cell(r["reward_change_bootstrap"], 4, True),
+                _cell(r.get("reward_minus_dpo"), 4, True),
+            ],
+        )
+        for r in results.values()
+    ]
+    lines += _table(width, columns, cells)
+    steps = summary["config"]["max_steps"]
+    lines.append("")
+    lines.append(
+        f"Training diagnostics, mean over the last {max(1, round(steps * LAST_FRACTION))} of {steps} steps "
+        "(delta = policy - reference denoising error)"
+    )
+    columns = [("winner delta", 30), ("loser delta", 30), ("implicit acc", 22), ("mean lambda", 22)]
+    cells = [
+        (
+            r["label"],
+            [
+                _cell(r["winner_delta"], 5, True),
+                _cell(r["loser_delta"], 5, True),
+                _cell(r["implicit_acc"], 2),
+                _cell(r.get("lambda_mean"), 3),
+            ],
+        )
+        for r in results.values()
+    ]
+    lines += _table(width, columns, cells)
+    lines.append("")
+    for r in results.values():
+        lines.append(
+            f"{r['label']}: winner delta {_where(r['winner_delta'])}, loser delta {_where(r['loser_delta'])}; "
+            f"reward change: t {_where(r['reward_change'])}, bootstrap {_where(r['reward_change_bootstrap'])}"
+        )
+    for key, reason in summary["skipped"].items():
+        lines.append(f"{key}: skipped ({reason})")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""`evaluate`: generate images for a prompt set from a base model and its variants, score them with the named reward
+models and write the comparison (scores, summaries with bootstrap intervals, win rates, plots and a grid)."""
+
+from __future__ import annotations
+
+import csv
+import gc
+import inspect
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .compare import (
+    MetricSummary,
+    WinRate,
+    image_grid,
+    plot_intervals,
+    summarise,
+    win_rate_table,
+    write_rows,
+)
+from .generation import GenerationSettings, ModelSpec, generate_images
+from .prompts import load_prompts
+from .scorers.base import Scorer, available_scorers, build_scorer, scorer_factory
+
+__all__ = ["EvaluationResult", "evaluate"]
+
+
+@dataclass
+class EvaluationResult:
+    """What `evaluate` computed and where it wrote it."""
+
+    summary: list[MetricSummary]
+    win_rates: list[WinRate]
+    scores: dict[str, dict[str, list[float]]]
+    image_paths: dict[str, list[str]]
+    generated: dict[str, int]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _model_specs(base: str, models: Mapping[str, str] | Sequence[str | ModelSpec]) -> list[ModelSpec]:
+    if isinstance(models, Mapping):
+        variants = [ModelSpec(name, path) for name, path in models.items()]
+    else:
+        variants = [m if isinstance(m, ModelSpec) else ModelSpec.parse(m) for m in models]
+    specs = [ModelSpec("base", None, "base"), *variants]
+    if "base" in [v.name for v in variants]:
+        raise ValueError("The name 'base' is reserved for the base model; name the variants differently.")
+    return specs
+
+
+def _scorer_arguments(entry: str | Scorer, scorer_kwargs: Mapping[str, Mapping[str, Any]], device: str | None):
+    """The keyword arguments for a named scorer; ``device`` is passed on when its factory takes one."""
+    if isinstance(entry, Scorer):
+        return {}
+    kwargs = dict(scorer_kwargs.get(entry, {}))
+    if device is not None and "device" not in kwargs:
+        try:
+            parameters = inspect.signature(scorer_factory(entry)).parameters.values()
+            accepts = any(p.name == "device" or p.kind is p.VAR_KEYWORD for p in parameters)
+        except (TypeError, ValueError):  # a factory without an inspectable signature
+            accepts = False
+        if accepts:
+            kwargs["device"] = device
+    return kwargs
+
+
+def _write_scores(path: str, pairs: list[tuple[str, int]], image_paths, scores, root: str) -> None:
+    metrics = sorted({m for per_model in scores.values() for m in per_model})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "prompt", "seed", "image", *metrics])
+        for model, paths in image_paths.items():
+            for i, (prompt, seed) in enumerate(pairs):
+                values = [scores.get(model, {}).get(m, [None] * len(pairs))[i] for m in metrics]
+                writer.writerow([model, prompt, seed, os.path.relpath(paths[i], root), *values])
+
+
+def evaluate(
+    base: str,
+    models: Mapping[str, str] | Sequence[str | ModelSpec] = (),
+    prompts: str | Sequence[str] = "partiprompts",
+    scorers: Sequence[str | Scorer] = ("pickscore",),
+    output_dir: str = "evaluation",
+    seeds: Sequence[int] = (0,),
+    settings: GenerationSettings | None = None,
+    batch_size: int = 1,
+    score_batch_size: int = 16,
+    cache_dir: str | None = None,
+    device: str | None = None,
+    scorer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    prompt_kwargs: Mapping[str, Any] | None = None,
+    n_resamples: int = 1000,
+    bootstrap_seed: int = 0,
+    grid_prompts: int = 4,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Generate, score and compare ``base`` and its variants.
+
+    Args:
+        base: the base pipeline (Hub id or local folder).
+        models: the variants, ``{name: path}`` or ``["name=path", ModelSpec(...)]`` (LoRA folder or file, UNet or
+            pipeline folder, Hub id, ``.pth`` UNet state dict); the base is always included, named ``base``.
+        prompts: a preset name, text file, dataset id/folder or list (see `load_prompts`; ``prompt_kwargs`` passes
+            ``column``, ``split``, ``path``, ``limit``, ``deduplicate``).
+        scorers: registered scorer names or `Scorer` instances; ``scorer_kwargs[name]`` configures a named one.
+        output_dir: where tables, plots, the grid and (unless ``cache_dir``) the image cache go.
+        seeds: each prompt is sampled once per seed, every prompt from the same noise for a given seed.
+        settings: `GenerationSettings` (default: the SDPO authors' protocol).
+        batch_size: prompts per pipeline call.
+        score_batch_size: images per scorer call.
+
+    Writes ``scores.csv`` (one row per model and sample), ``summary.{csv,json}`` (mean and bootstrap 95% interval
+    per model and metric), ``win_rates.{csv,json}``, ``plots/<metric>.png``, ``grid.png`` and ``run.json``.
+    """
+    settings = settings or GenerationSettings()
+    scorer_kwargs = dict(scorer_kwargs or {})
+    for scorer in scorers:  # fail before any generation on an unknown name
+        if not isinstance(scorer, Scorer) and scorer not in available_scorers():
+            raise KeyError(f"Unknown scorer {scorer!r}. Registered scorers: {', '.join(available_scorers())}.")
+    prompt_list = load_prompts(prompts, **dict(prompt_kwargs or {}))
+    specs = _model_specs(base, models)
+    os.makedirs(output_dir, exist_ok=True)
+    cache_dir = cache_dir or os.path.join(output_dir, "images")
+    with open(os.path.join(output_dir, "run.json"), "w") as f:
+        json.dump(
+            {
+                "base": base,
+                "models": [asdict(s) for s in specs],
+                "num_prompts": len(prompt_list),
+                "seeds": list(seeds),
+                "settings": asdict(settings),
+                "cache_dir": cache_dir,
+            },
+            f,
+            indent=2,
+        )
+
+    image_paths, generated = generate_images(
+        base, specs, prompt_list, seeds, settings, cache_dir, batch_size, device, progress
+    )
+    pairs = [(p, int(s)) for p in prompt_list for s in seeds]
+    sample_prompts = [p for p, _ in pairs]
+    scores: dict[str, dict[str, list[float]]] = {spec.name: {} for spec in specs}
+    scales: dict[str, str] = {}
+    floors: dict[str, float | None] = {}
+    scores_path = os.path.join(output_dir, "scores.csv")
+    for entry in scorers:
+        scorer = build_scorer(entry, **_scorer_arguments(entry, scorer_kwargs, device))
+        scales[scorer.name], floors[scorer.name] = scorer.scale, scorer.mean_floor
+        for name, paths in image_paths.items():
+            values: list[float] = []
+            for start in tqdm(
+                range(0, len(paths), score_batch_size),
+                desc=f"{scorer.name}: {name}",
+                unit="batch",
+                disable=not progress,
+            ):
+                images = [Image.open(p).convert("RGB") for p in paths[start : start + score_batch_size]]
+                values += scorer(images, sample_prompts[start : start + score_batch_size]).tolist()
+            scores[name][scorer.name] = values
+        del scorer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _write_scores(scores_path, pairs, image_paths, scores, output_dir)  # kept after each metric
+
+    files = {"scores": scores_path, "run": os.path.join(output_dir, "run.json")}
+    summary = summarise(scores, scales, floors, n_resamples=n_resamples, seed=bootstrap_seed)
+    wins = win_rate_table(scores)
+    files["summary"] = write_rows(summary, os.path.join(output_dir, "summary"))[0]
+    files["win_rates"] = write_rows(wins, os.path.join(output_dir, "win_rates"))[0]
+    for metric in scales:
+        files[f"plot/{metric}"] = plot_intervals(summary, metric, os.path.join(output_dir, "plots", f"{metric}.png"))
+    shown = list(range(min(grid_prompts, len(pairs))))
+    if shown:
+        grid = image_grid(
+            [[Image.open(image_paths[s.name][i]) for i in shown] for s in specs],
+            row_labels=[s.name for s in specs],
+            column_labels=[pairs[i][0] for i in shown],
+        )
+        files["grid"] = os.path.join(output_dir, "grid.png")
+        grid.save(files["grid"])
+    return EvaluationResult(summary, wins, scores, image_paths, generated, files)
