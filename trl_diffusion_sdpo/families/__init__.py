@@ -5,7 +5,7 @@ itself with :func:`register_family`; :func:`family_for_pipeline` picks the regis
 accepts a pipeline. Adding a family is one module: a :class:`ModelFamily` subclass (a :class:`FlowMatchingFamily`
 for rectified-flow transformers) decorated with :func:`register_family`, imported below. UNet families: SD 1.x/2.x
 (:mod:`.sd`), SDXL (:mod:`.sdxl`), noised by :class:`DDPMNoiser`. Flow-matching transformer families: SD3/SD3.5
-(:mod:`.sd3`), FLUX.1 (:mod:`.flux`), noised by :class:`FlowNoiser` (:mod:`.flow`).
+(:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Wan text-to-video (:mod:`.wan`), noised by :class:`FlowNoiser` (:mod:`.flow`).
 
 Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
@@ -20,6 +20,7 @@ from .registry import family_for_pipeline, register_family, registered_families
 # Registration order is the order family_for_pipeline tries them: specific before general.
 from .sd3 import StableDiffusion3Family  # isort: skip
 from .flux import FluxFamily  # isort: skip
+from .wan import WanFamily  # isort: skip
 from .sdxl import StableDiffusionXLFamily  # isort: skip
 from .sd import StableDiffusionFamily  # isort: skip
 
@@ -37,6 +38,7 @@ __all__ = [
     "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
+    "WanFamily",
     "family_for_pipeline",
     "register_family",
     "registered_families",

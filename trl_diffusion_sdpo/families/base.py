@@ -55,7 +55,16 @@ class PromptEmbeddings:
 
 
 def scale_latents(sample: torch.Tensor, vae_config) -> torch.Tensor:
-    """``(sample - shift_factor) * scaling_factor``: a posterior sample in the denoiser's latent space."""
+    """``(sample - shift_factor) * scaling_factor``: a posterior sample in the denoiser's latent space.
+
+    A VAE normalised per channel instead (Wan's ``AutoencoderKLWan``: ``latents_mean``/``latents_std`` and no
+    ``scaling_factor``) gives ``(sample - latents_mean[c]) / latents_std[c]`` on the channel axis (dim 1, for image
+    ``[N, C, h, w]`` and video ``[N, C, F, h, w]`` latents alike), as its pipelines encode."""
+    if getattr(vae_config, "scaling_factor", None) is None and getattr(vae_config, "latents_mean", None) is not None:
+        view = (1, -1, *([1] * (sample.dim() - 2)))
+        mean = torch.tensor(vae_config.latents_mean, device=sample.device, dtype=sample.dtype).view(view)
+        std = torch.tensor(vae_config.latents_std, device=sample.device, dtype=sample.dtype).view(view)
+        return (sample - mean) / std
     shift = getattr(vae_config, "shift_factor", None)
     if shift is not None:
         sample = sample - shift
@@ -98,6 +107,8 @@ class ModelFamily(abc.ABC):
     needs_time_ids: ClassVar[bool] = False
     denoiser_name: ClassVar[str] = "unet"
     flow_matching: ClassVar[bool] = False
+    # Whether the family trains on videos (pixel pairs ``[B, 2, 3, F, H, W]``, latents ``[N, C, F', h, w]``).
+    video: ClassVar[bool] = False
     # LoRA targets when the user names none: the attention projections of the denoiser's blocks.
     lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
 

@@ -276,7 +276,7 @@ class FlowMatchingFamily(ModelFamily):
                 f"min_timestep/max_timestep apply to the UNet families; {self.name} draws noise levels with "
                 "flow_weighting_scheme, flow_logit_mean/std, flow_mode_scale and flow_shift"
             )
-        multiple = self.latent_patch_size * self.pipeline.vae_scale_factor
+        multiple = self.latent_patch_size * self.spatial_compression
         if args.resolution % multiple != 0:
             raise ValueError(
                 f"resolution must be a multiple of {multiple} for {self.name} (the transformer takes "
@@ -289,13 +289,22 @@ class FlowMatchingFamily(ModelFamily):
             mode_scale=args.flow_mode_scale,
             shift=args.flow_shift or self.default_flow_shift,
         )
-        noiser = FlowNoiser(self.pipeline.scheduler.config, sampling)
+        noiser = FlowNoiser(self.training_scheduler_config(), sampling)
         if args.loss_type in ("dpo", "smpo") and args.beta == 5000.0:
             logger.warning(
                 "beta=5000 is Diffusion-DPO's value for SD UNets; the flow-matching anchors use beta=100 on "
                 "mean velocity errors (flow_grpo's SD3.5 Flow-DPO). See docs/sd3.md before keeping it."
             )
         return noiser
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent along each spatial axis (the VAE's downsampling factor)."""
+        return self.pipeline.vae_scale_factor
+
+    def training_scheduler_config(self):
+        """The ``FlowMatchEulerDiscreteScheduler`` config whose sigma table the noiser draws from: the pipeline's."""
+        return self.pipeline.scheduler.config
 
     def denoiser_conditioning(
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
