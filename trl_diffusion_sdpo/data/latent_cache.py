@@ -209,9 +209,7 @@ def _latent_shape(family: ModelFamily, resolution: int, clip: VideoClip | None =
     return config.latent_channels, resolution // factor, resolution // factor
 
 
-def _features(
-    latent_shape: tuple[int, ...], empty: PromptEmbeddings, flipped: bool, scored: bool = False
-) -> Features:
+def _features(latent_shape: tuple[int, ...], empty: PromptEmbeddings, flipped: bool, scored: bool = False) -> Features:
     array = Array4D if len(latent_shape) == 3 else Array5D  # images, or video clips
     pair_latents = array(shape=(2, *latent_shape), dtype="float32")
     features: dict[str, Any] = {

@@ -46,6 +46,7 @@ def prepare_training_data(
     """Validate and prepare the datasets for ``args`` (a ``DiffusionSDPOConfig``) and ``family``; encode them into
     a latent cache with ``cache_latents``. SmPO: images are scored with ``reward_fn`` where score columns are absent.
     """
+    _check_media(args, family)
     prebuilt = train_dataset if isinstance(train_dataset, ShardedLatentCache) else None
     if prebuilt is not None:
         prebuilt.check_matches(family, args.resolution, args.random_flip)
@@ -87,14 +88,18 @@ def prepare_training_data(
     )
 
 
-def _pair_transform(args, family: ModelFamily, columns: PreferenceColumns) -> PairTransform | VideoPairTransform:
-    """The image transform, or the video clip transform when the family trains on videos (``num_frames`` set)."""
-    if family.video != (columns.clip is not None):
+def _check_media(args, family: ModelFamily) -> None:
+    """Video settings for a video family, none for an image family, before any row is read."""
+    if family.video != (args.num_frames is not None):
         raise ValueError(
             f"{family.name} trains on {'videos' if family.video else 'images'}, but num_frames is "
             f"{args.num_frames!r}: "
             + ("set num_frames (frames per clip)" if family.video else "leave num_frames unset for image models")
         )
+
+
+def _pair_transform(args, family: ModelFamily, columns: PreferenceColumns) -> PairTransform | VideoPairTransform:
+    """The image transform, or the video clip transform when the family trains on videos (``num_frames`` set)."""
     if columns.clip is None:
         return PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
     if args.random_crop:

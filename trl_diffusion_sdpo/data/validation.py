@@ -256,7 +256,8 @@ def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, An
 
 
 def with_undecoded_images(dataset: Dataset | IterableDataset, columns: PreferenceColumns):
-    """Keep ``datasets.Image`` (and ``datasets.Video``) columns as raw bytes so a corrupt file is reported by us, not raised on access."""
+    """Keep ``datasets.Image`` (and ``datasets.Video``) columns as raw bytes so a corrupt file is reported by us, not
+    raised on access."""
     features = dataset.features or {}
     for column in (columns.first, columns.second):
         feature = features.get(column)

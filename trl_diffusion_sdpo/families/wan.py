@@ -36,7 +36,7 @@ __all__ = ["WanFamily", "WanPromptTokenizer"]
 
 
 class WanPromptTokenizer(PromptTokenizer):
-    """The UMT5 tokenizer as ``WanPipeline`` runs it: each prompt cleaned with the pipeline's ``prompt_clean`` first."""
+    """The UMT5 tokenizer as ``WanPipeline`` runs it: prompts cleaned with the pipeline's ``prompt_clean`` first."""
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # the pipeline module is slow to import
@@ -77,8 +77,8 @@ class WanFamily(FlowMatchingFamily):
             raise ValueError(
                 "This WanPipeline has two experts (Wan 2.2 A14B: `transformer` for high noise, `transformer_2` for "
                 "low noise); training one expert on its noise range is not supported. Load the pipeline with "
-                "transformer_2=None (and boundary_ratio=None) to tune `transformer` alone, or use a single-transformer "
-                "Wan (2.1 T2V, 2.2 TI2V-5B)."
+                "transformer_2=None (and boundary_ratio=None) to tune `transformer` alone, or use a "
+                "single-transformer Wan (2.1 T2V, 2.2 TI2V-5B)."
             )
         if pipeline.text_encoder is None:
             raise ValueError("The WanPipeline has no text_encoder (UMT5): it is needed to encode the prompts")
