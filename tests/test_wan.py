@@ -380,3 +380,27 @@ def test_sampled_clips_are_scored_as_the_mean_over_their_frames(make_wan) -> Non
         np.mean([np.asarray(f).mean() for f in v]) + len(p) for v, p in zip(videos, ["a cat", "a dog", "a cat"])
     ]
     torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float32))
+
+
+@pytest.mark.slow
+def test_the_train_command_trains_wan_lora_yaml_from_local_folders(make_wan, video_pairs, tmp_path) -> None:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from trl_diffusion_sdpo.scripts.train import main as train_main
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "wan_lora.yaml"
+    pipe_dir, data_dir, out = tmp_path / "wan", tmp_path / "pairs", tmp_path / "out"
+    make_wan().save_pretrained(pipe_dir)
+    video_pairs.save_to_disk(str(data_dir))
+    train_main(
+        ["--config", str(config), "--model_name_or_path", str(pipe_dir), "--dataset_name", str(data_dir),
+         "--output_dir", str(out), "--dtype", "float32", "--bf16", "false", "--use_cpu", "--resolution", "16",
+         "--num_frames", str(FRAMES), "--frame_stride", "1", "--max_sequence_length", str(SEQ), "--max_steps", "1",
+         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--lora_r", "4",
+         "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    assert any("attn2.to_k" in k for k in keys) and any("attn1.to_q" in k for k in keys)  # self- and cross-attention
