@@ -154,6 +154,10 @@ def test_wrong_clip_lengths_and_two_expert_pipelines_are_refused(make_wan, make_
         DiffusionSDPOTrainer(make_wan(), args=wan_config(make_config, num_frames=None), train_dataset=video_pairs)
     with pytest.raises(ValueError, match="4k \\+ 1"):
         DiffusionSDPOTrainer(make_wan(), args=wan_config(make_config, num_frames=4), train_dataset=video_pairs)
+    with pytest.raises(ValueError, match="sample_videos"):
+        DiffusionSDPOTrainer(
+            make_wan(), args=wan_config(make_config, validation_prompts=["a cat"]), train_dataset=video_pairs
+        )
     with pytest.raises(ValueError, match="random_crop"):
         DiffusionSDPOTrainer(make_wan(), args=wan_config(make_config, random_crop=True), train_dataset=video_pairs)
     pipe = make_wan()

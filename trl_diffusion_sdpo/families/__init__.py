@@ -20,9 +20,11 @@ from .registry import family_for_pipeline, register_family, registered_families
 # Registration order is the order family_for_pipeline tries them: specific before general.
 from .sd3 import StableDiffusion3Family  # isort: skip
 from .flux import FluxFamily  # isort: skip
-from .wan import WanFamily  # isort: skip
 from .sdxl import StableDiffusionXLFamily  # isort: skip
 from .sd import StableDiffusionFamily  # isort: skip
+
+# Families added later match disjoint components (their transformer class), so their place does not matter.
+from .wan import WanFamily  # isort: skip
 
 __all__ = [
     "DDPMNoiser",

@@ -99,8 +99,8 @@ class WanFamily(FlowMatchingFamily):
         return {"num_train_timesteps": int(config.get("num_train_timesteps", 1000)), "shift": float(shift)}
 
     def noiser(self, args: Any) -> FlowNoiser:
-        """The flow noiser (see :meth:`FlowMatchingFamily.noiser`), after checking the clip length: video data
-        (``num_frames``) of ``4k + 1`` frames."""
+        """The flow noiser (see :meth:`FlowMatchingFamily.noiser`), after checking the clip length (video data,
+        ``num_frames``, of ``4k + 1`` frames) and that no image validation grids are asked for."""
         frames = getattr(args, "num_frames", None)
         temporal = self.temporal_compression
         if frames is None:
@@ -112,6 +112,12 @@ class WanFamily(FlowMatchingFamily):
             raise ValueError(
                 f"num_frames must be {temporal}k + 1 for {self.name} (its VAE keeps the first frame and compresses "
                 f"the others {temporal}x in time), got {frames}"
+            )
+        if getattr(args, "validation_prompts", None):
+            # The validation callback samples and logs image grids; clips are sampled with evaluation.sample_videos.
+            raise ValueError(
+                f"validation_prompts sample image grids during training, which {self.name} (video) does not support "
+                "yet; leave them unset and evaluate with trl_diffusion_sdpo.evaluation.sample_videos / score_videos"
             )
         return super().noiser(args)
 
