@@ -19,8 +19,9 @@ how often those rules let the winner's term rise.
 
 One AdamW step (first step, from fresh moments: a sign-like update) is reported too; the bound does not cover it.
 
-``--model sd3`` or ``--model flux`` runs the same check on a tiny flow-matching transformer (SD3's MMDiT, FLUX's
-double/single-stream blocks with packed latents and the guidance embedding), called through the model family as the
+``--model sd3``, ``--model flux`` or ``--model wan`` runs the same check on a tiny flow-matching transformer (SD3's
+MMDiT, FLUX's double/single-stream blocks with packed latents and the guidance embedding, Wan's 3D transformer on
+video latents ``[16, 2, 4, 4]``), called through the model family as the
 trainer calls it: pairs are noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair,
 the target is the velocity ``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
 
@@ -50,6 +51,7 @@ from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_flux_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
+    build_tiny_wan_pipeline,
 )
 
 RULES = ("dpo", "output", "parameter", "parameter_adamw", "dpo_adamw")
@@ -86,13 +88,13 @@ def _unet(pipeline_dir: str | None) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
 
 
-MODELS = ("unet", "sd3", "flux")
+MODELS = ("unet", "sd3", "flux", "wan")
 
 
 def _flow_family(model: str):
-    """A tiny SD3 or FLUX pipeline's family (its transformer is the network under test)."""
-    pipe = (build_tiny_sd3_pipeline if model == "sd3" else build_tiny_flux_pipeline)(seed=0)
-    return family_for_pipeline(pipe)
+    """A tiny SD3, FLUX or Wan pipeline's family (its transformer is the network under test)."""
+    builders = {"sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline, "wan": build_tiny_wan_pipeline}
+    return family_for_pipeline(builders[model](seed=0))
 
 
 class Problem:
@@ -110,20 +112,24 @@ class Problem:
             self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
             self.cross_dim = cfg.cross_attention_dim
         else:
-            self.latent_shape = (family.pipeline.vae.config.latent_channels, 8, 8)
-            self.cross_dim = cfg.joint_attention_dim
-            self.pooled_dim = cfg.pooled_projection_dim
+            if family.video:  # Wan: [C, F', h, w] video latents, UMT5 conditioning, no pooled projection
+                self.latent_shape = (family.pipeline.vae.config.z_dim, 2, 4, 4)
+                self.cross_dim, self.pooled_dim = cfg.text_dim, None
+            else:
+                self.latent_shape = (family.pipeline.vae.config.latent_channels, 8, 8)
+                self.cross_dim, self.pooled_dim = cfg.joint_attention_dim, cfg.pooled_projection_dim
         self.alphas = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)  # a smooth abar schedule
 
     def batch(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         n = self.setting.pairs
         shape = (n, *self.latent_shape)
         t = torch.randint(0, 1000, (n,), generator=gen)
-        abar = self.alphas[t].view(-1, 1, 1, 1)
+        per_sample = (-1, *([1] * len(self.latent_shape)))
+        abar = self.alphas[t].view(per_sample)
         z_w = torch.randn(shape, generator=gen, dtype=torch.float64)
         # Similar images, as a pair's are, with a loser that is sometimes the harder one to denoise: the case where
         # Diffusion-DPO's loser term raises the winner's error.
-        scale = 0.7 + 0.9 * torch.rand((n, 1, 1, 1), generator=gen, dtype=torch.float64)
+        scale = 0.7 + 0.9 * torch.rand(n, generator=gen, dtype=torch.float64).view(per_sample)
         z_l = scale * (z_w + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64))
         noise = torch.randn(shape, generator=gen, dtype=torch.float64)  # shared by the pair
         cond = torch.randn((n, 8, self.cross_dim), generator=gen, dtype=torch.float64)
@@ -133,8 +139,10 @@ class Problem:
             return {"x_w": x_w, "x_l": x_l, "t": t, "target_w": noise, "target_l": noise, "cond": cond}
         # rectified flow: one logit-normal level per pair, velocity targets
         s = torch.sigmoid(torch.randn((n,), generator=gen, dtype=torch.float64))
-        s_b = s.view(-1, 1, 1, 1)
-        pooled = torch.randn((n, self.pooled_dim), generator=gen, dtype=torch.float64)
+        s_b = s.view(per_sample)
+        pooled = None
+        if self.pooled_dim is not None:
+            pooled = torch.randn((n, self.pooled_dim), generator=gen, dtype=torch.float64)
         return {
             "x_w": (1 - s_b) * z_w + s_b * noise,
             "x_l": (1 - s_b) * z_l + s_b * noise,
@@ -263,6 +271,7 @@ def run(
         "unet": pipeline_dir or "tiny random UNet",
         "sd3": "tiny random SD3 transformer (MMDiT)",
         "flux": "tiny random FLUX.1-dev transformer (guidance embedding)",
+        "wan": "tiny random Wan 2.1 3D transformer (video latents [16, 2, 4, 4])",
     }[model]
     report: dict = {"setting": setting.__dict__, "model": described, "starts": {}}
     began = time.perf_counter()
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mu", type=float, default=0.5)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--model", choices=MODELS, default="unet", help="unet (default), or a tiny flow transformer.")
-    parser.add_argument("--beta", type=float, default=None, help="Default: 5000 (unet), 100 (sd3, flux).")
+    parser.add_argument("--beta", type=float, default=None, help="Default: 5000 (unet), 100 (flow models).")
     parser.add_argument("--pipeline", default=None, help="A diffusers pipeline folder (default: a tiny random UNet).")
     parser.add_argument("--json", default=None, help="Write the report (with every lambda) here.")
     parser.add_argument("--threads", type=int, default=1)
