@@ -426,3 +426,18 @@ def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_wan_transformer(
     rules = report["starts"]["drifted"]
     assert rules["parameter"]["batches"] == 20 and rules["parameter"]["rose_beyond_tolerance"] == 0
     assert 0.0 <= rules["parameter"]["lambda_min"] <= rules["parameter"]["lambda_max"] <= 1.0
+
+
+def test_bf16_lora_trains_float32_adapters_on_a_bf16_wan_transformer(make_wan, make_config, video_pairs) -> None:
+    pipe = make_wan()
+    trainer = DiffusionSDPOTrainer(
+        pipe, args=wan_config(make_config, bf16=True), train_dataset=video_pairs, peft_config=lora()
+    )
+    trainer.train()
+    dtypes = {n: p.dtype for n, p in pipe.transformer.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    keep = set(pipe.transformer._keep_in_fp32_modules)  # as WanTransformer3DModel.from_pretrained leaves them
+    kept = {n for n in dtypes if "lora_" not in n and keep & set(n.split("."))}
+    assert kept and {dtypes[n] for n in kept} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n and n not in kept} == {torch.bfloat16}
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
