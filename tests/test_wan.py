@@ -158,8 +158,6 @@ def test_wrong_clip_lengths_and_two_expert_pipelines_are_refused(make_wan, make_
         DiffusionSDPOTrainer(
             make_wan(), args=wan_config(make_config, validation_prompts=["a cat"]), train_dataset=video_pairs
         )
-    with pytest.raises(ValueError, match="random_crop"):
-        DiffusionSDPOTrainer(make_wan(), args=wan_config(make_config, random_crop=True), train_dataset=video_pairs)
     pipe = make_wan()
     pipe.register_modules(transformer_2=make_wan(seed=1).transformer)
     with pytest.raises(ValueError, match="two experts"):
@@ -314,6 +312,44 @@ def test_both_videos_of_a_pair_are_resized_and_centre_cropped_the_same_way() -> 
             crop = np.asarray(resized.crop((left, top, left + 16, top + 16)), dtype=np.float32) / 127.5 - 1
             torch.testing.assert_close(pixels[index, :, f], torch.from_numpy(crop).permute(2, 0, 1))
     assert time_ids[:, :2].tolist() == [[20.0, 24.0], [28.0, 20.0]]  # each video's own size
+
+
+def test_a_random_crop_moves_every_frame_of_a_clip_and_both_clips_alike(make_wan, make_config, video_pairs) -> None:
+    from trl_diffusion_sdpo.step.batch import crop_pairs
+
+    transform = VideoPairTransform(16, VideoClip(num_frames=2), random_crop=True)
+    pairs = [
+        (
+            [Image.fromarray(f) for f in video_frames((200, 0, 0), 2)],
+            [Image.fromarray(f) for f in video_frames((0, 0, 200), 2, size=(20, 28))],
+        ),
+        ([Image.fromarray(f) for f in video_frames((0, 90, 0), 2, size=(32, 16))],) * 2,
+    ]
+    resized = [transform.resized_pair(w, lo) for w, lo in pairs]
+    columns = prepare_preference_dataset(video_pairs, wan_config(make_config))[1]
+    collator = PreferenceCollator(columns, lambda p: {}, transform)
+    rows = [{"prompt": "p", "chosen": f"w{i}", "rejected": f"l{i}"} for i in range(2)]
+    clips = {f"w{i}": w for i, (w, _) in enumerate(pairs)} | {f"l{i}": lo for i, (_, lo) in enumerate(pairs)}
+    transform.load = clips.__getitem__  # the rows name their clips
+    batch = collator(rows)
+    assert batch["pixel_values"].shape == (2, 2, 3, 2, 22, 32) and batch["crop_sizes"].tolist() == [
+        [[16, 19], [22, 16]],
+        [[16, 32], [16, 32]],
+    ]
+    fractions = torch.tensor([[0.9, 0.6], [0.2, 0.99]])
+    cropped = crop_pairs(batch, fractions, 16)["pixel_values"]
+    assert cropped.shape == (2, 2, 3, 2, 16, 16)
+    for b, (videos, _) in enumerate(resized):
+        for k, clip in enumerate(videos):  # independent: offset = min(floor(f * (size - 16 + 1)), size - 16)
+            h, w = clip.shape[-2:]
+            top = min(int(fractions[b, 0] * (h - 15)), h - 16)
+            left = min(int(fractions[b, 1] * (w - 15)), w - 16)
+            torch.testing.assert_close(cropped[b, k], clip[:, :, top : top + 16, left : left + 16])
+    trainer = DiffusionSDPOTrainer(
+        make_wan(), args=wan_config(make_config, random_crop=True), train_dataset=video_pairs, peft_config=lora()
+    )
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
 def test_a_video_pair_batch_names_bad_rows_by_row_and_column(make_wan, make_config) -> None:

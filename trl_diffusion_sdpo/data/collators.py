@@ -86,13 +86,12 @@ class PreferenceCollator:
             time_ids.append(pair_ids)
             prompts.append(prompt)
             scores.append(pair[2])
-        res = self.transform.resolution
         batch: dict[str, torch.Tensor] = {
             "time_ids": torch.stack(time_ids) if time_ids else torch.empty(0, 2, 6),
             "num_skipped": torch.tensor(skipped, dtype=torch.float32),
         }
         if self.crops_later:
-            batch["pixel_values"], batch["crop_sizes"] = _padded_pairs(pixels, res)
+            batch["pixel_values"], batch["crop_sizes"] = _padded_pairs(pixels, self.transform.pixel_shape)
         else:
             batch["pixel_values"] = torch.stack(pixels) if pixels else torch.empty(0, 2, *self.transform.pixel_shape)
         if self.with_flipped:
@@ -118,16 +117,17 @@ def _load_from(value: Any, column: str, load: Callable[[Any], Any] = load_image)
         raise ValueError(f"column {column!r}: {err}") from None
 
 
-def _padded_pairs(pairs: list[list[torch.Tensor]], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resized pairs (``[3, h, w]`` each) zero-padded into ``[B, 2, 3, H, W]``, and their sizes ``[B, 2, 2]``."""
+def _padded_pairs(pairs: list[list[torch.Tensor]], pixel_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized pairs (``[3, h, w]`` each, or ``[3, F, h, w]`` video clips) zero-padded into ``[B, 2, 3, H, W]`` (or
+    ``[B, 2, 3, F, H, W]``), and their sizes ``[B, 2, 2]``; ``pixel_shape`` is one cropped item's, for no pair."""
     if not pairs:
-        return torch.empty(0, 2, 3, resolution, resolution), torch.empty(0, 2, 2)
-    height = max(image.shape[1] for pair in pairs for image in pair)
-    width = max(image.shape[2] for pair in pairs for image in pair)
-    padded = torch.zeros(len(pairs), 2, 3, height, width)
+        return torch.empty(0, 2, *pixel_shape), torch.empty(0, 2, 2)
+    height = max(image.shape[-2] for pair in pairs for image in pair)
+    width = max(image.shape[-1] for pair in pairs for image in pair)
+    padded = torch.zeros(len(pairs), 2, *pairs[0][0].shape[:-2], height, width)
     sizes = torch.zeros(len(pairs), 2, 2)
     for i, pair in enumerate(pairs):
         for k, image in enumerate(pair):
-            padded[i, k, :, : image.shape[1], : image.shape[2]] = image
-            sizes[i, k, 0], sizes[i, k, 1] = image.shape[1], image.shape[2]
+            padded[i, k, ..., : image.shape[-2], : image.shape[-1]] = image
+            sizes[i, k, 0], sizes[i, k, 1] = image.shape[-2], image.shape[-1]
     return padded, sizes

@@ -102,12 +102,7 @@ def _pair_transform(args, family: ModelFamily, columns: PreferenceColumns) -> Pa
     """The image transform, or the video clip transform when the family trains on videos (``num_frames`` set)."""
     if columns.clip is None:
         return PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
-    if args.random_crop:
-        raise ValueError(
-            "random_crop=True is not supported for video data yet: both videos of a pair are centre-cropped. Set "
-            "random_crop=False, or crop the videos before training."
-        )
-    return VideoPairTransform(args.resolution, columns.clip)
+    return VideoPairTransform(args.resolution, columns.clip, random_crop=args.random_crop)
 
 
 def _latent_cache(dataset, columns, args, family: ModelFamily, split: str) -> LatentCache:

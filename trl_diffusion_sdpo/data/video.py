@@ -117,16 +117,17 @@ class VideoPairTransform:
     [2, 6]`` (those of the first frames; only SDXL reads them).
 
     Every frame of both videos is resized (shorter side ``resolution``) and centre-cropped like an image
-    (:class:`~.transforms.PairTransform`), so the pair shares the crop. A random crop is not offered for videos yet
-    (the image crop is drawn on the trainer's device per image, not per clip); the flip is the trainer's, over the
-    width axis, which mirrors every frame at once.
+    (:class:`~.transforms.PairTransform`), so the pair shares the crop. With ``random_crop`` the collator only
+    resizes (:meth:`resized_pair`) and the trainer crops each clip with its keyed draws, every frame of a video at
+    the same offset and both videos at the same relative position (each its own with ``independent_augmentation``;
+    :func:`~trl_diffusion_sdpo.step.batch.crop_pairs`). The flip is the trainer's too, over the width axis, which
+    mirrors every frame at once.
     """
 
-    random_crop = False  # the collator never leaves a video crop to the trainer
-
-    def __init__(self, resolution: int, clip: VideoClip) -> None:
+    def __init__(self, resolution: int, clip: VideoClip, random_crop: bool = False) -> None:
         self.resolution = resolution
         self.clip = clip
+        self.random_crop = random_crop
         self._frames = PairTransform(resolution)
 
     @property
@@ -144,6 +145,18 @@ class VideoPairTransform:
         pairs = [self._frames(w, lo, train=False) for w, lo in zip(winner, loser)]  # [2, 3, R, R] per frame
         pixels = torch.stack([p for p, _ in pairs], dim=2)  # [2, 3, F, R, R]
         return pixels, pairs[0][1]
+
+    def resized_pair(
+        self, winner: list[Image.Image], loser: list[Image.Image]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """For the trainer's keyed random crop: both clips resized, not cropped (``[3, F, h, w]`` each, in [-1, 1]),
+        and the ``time_ids [2, 6]`` of their first frames with crop offsets 0."""
+        pixels, time_ids = [], []
+        for video in (winner, loser):
+            frames, ids = zip(*(self._frames.resized_pair(frame, frame) for frame in video))
+            pixels.append(torch.stack([f[0] for f in frames], dim=1))  # [3, F, h, w]
+            time_ids.append(ids[0][0])
+        return pixels, torch.stack(time_ids)
 
     def center_crop_pair(
         self, winner: list[Image.Image], loser: list[Image.Image], flip: bool
