@@ -20,7 +20,8 @@ What a family defines (abstract members are marked *):
   :class:`~.flow.FlowMatchingFamily`).
 * :meth:`frozen_modules`\\*, :meth:`prompt_tokenizer`\\*, :meth:`encode_prompts`\\*: the text side.
 * :meth:`denoiser_conditioning` and :meth:`call_denoiser`: how one prediction is made, in the latent layout
-  ``[N, C, h, w]`` whatever the network's own input layout (FLUX packs 2x2 patches inside the call).
+  ``[N, C, h, w]`` (``[N, C, F', h, w]`` for a ``video`` family such as Wan) whatever the network's own input layout
+  (FLUX packs 2x2 patches inside the call).
 
 Diffusers' pipeline modules are imported where they are used, never here: importing a family costs nothing.
 """
