@@ -224,6 +224,9 @@ def test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(
     expected = transformer_outputs(trained, family)
     assert not torch.allclose(base, expected, atol=1e-5)  # training moved the adapters
     torch.testing.assert_close(transformer_outputs(fresh.transformer, family), expected, atol=1e-6, rtol=1e-6)
+    trainer.create_model_card()
+    card = (out / "README.md").read_text()
+    assert "load_lora_weights" in card and "UNet" not in card.split("## Usage")[0]
 
 
 @pytest.mark.slow
@@ -250,6 +253,8 @@ def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
     torch.testing.assert_close(transformer_outputs(loaded, family), expected)
     whole = WanPipeline.from_pretrained(out)  # the output folder is a whole pipeline
     torch.testing.assert_close(transformer_outputs(whole.transformer, family), expected)
+    trainer.create_model_card()
+    assert 'DiffusionPipeline.from_pretrained("<this repo>")' in (out / "README.md").read_text()
 
 
 def test_cached_video_latents_give_the_uncached_losses(make_wan, make_config, video_pairs, tmp_path) -> None:
@@ -350,6 +355,18 @@ def test_a_random_crop_moves_every_frame_of_a_clip_and_both_clips_alike(make_wan
     )
     trainer.train()
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_a_streamed_video_dataset_skips_and_counts_a_bad_row(make_wan, make_config) -> None:
+    rows = video_rows(4)
+    rows[2]["chosen"] = b"not a video"
+    streamed = Dataset.from_list(rows).to_iterable_dataset()
+    trainer = DiffusionSDPOTrainer(
+        make_wan(), args=wan_config(make_config, max_steps=2), train_dataset=streamed, peft_config=lora()
+    )
+    trainer.train()
+    skipped = sum(h.get("data/skipped_rows", 0) for h in trainer.state.log_history if "loss" in h)
+    assert skipped == 1 and all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
 def test_a_video_pair_batch_names_bad_rows_by_row_and_column(make_wan, make_config) -> None:
