@@ -58,6 +58,13 @@ class WanFamily(FlowMatchingFamily):
     default_weighting_scheme = "logit_normal"
     default_flow_shift = "scheduler"
     default_max_sequence_length = 512
+    # The recommended Diffusion-DPO beta and LoRA learning rate, with their sources (main's per-family defaults).
+    default_beta = 100.0
+    default_learning_rate = 1e-4
+    defaults_source = (
+        "beta: flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published Wan Flow-DPO recipe on "
+        "mean errors); lr: SimpleTuner's Wan LoRA quickstart"
+    )
     # The VAE keeps the first frame and compresses the rest in time by this factor (``scale_factor_temporal``).
     temporal_compression_default: ClassVar[int] = 4
 
