@@ -47,9 +47,16 @@ def time_generation(preset: str, batch_size: int, steps: int, repeats: int, devi
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            latents = pipe(prompts, num_inference_steps=steps, guidance_scale=8.5, height=resolution,
-                           width=resolution, negative_prompt=[""] * batch_size, generator=generator,
-                           output_type="latent").images
+            latents = pipe(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=8.5,
+                height=resolution,
+                width=resolution,
+                negative_prompt=[""] * batch_size,
+                generator=generator,
+                output_type="latent",
+            ).images
             # the authors decode in float32
             pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor, return_dict=False)
         if device == "cuda":
@@ -82,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in results:
         memory = "" if r["peak_memory_bytes"] is None else f", peak {r['peak_memory_bytes'] / 2**30:.1f} GiB"
-        print(f"{r['preset']} {r['resolution']} px, batch {r['batch_size']}, {r['steps']} steps: "
-              f"{r['seconds_per_image']:.2f} s/image{memory} ({r['device']})")
+        print(
+            f"{r['preset']} {r['resolution']} px, batch {r['batch_size']}, {r['steps']} steps: "
+            f"{r['seconds_per_image']:.2f} s/image{memory} ({r['device']})"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
     return 0

@@ -58,8 +58,8 @@ def measure(opts: argparse.Namespace, lever: str, tuning: str) -> dict[str, floa
             clock.reset()
             variants[variant]()
             times[variant].append(clock.lap()[0])
-    a = statistics.median(times["A"][opts.warmup:])
-    b = statistics.median(times["B"][opts.warmup:])
+    a = statistics.median(times["A"][opts.warmup :])
+    b = statistics.median(times["B"][opts.warmup :])
     return {"without_ms": 1000 * a, "with_ms": 1000 * b, "ratio": b / a}
 
 
@@ -69,8 +69,9 @@ def main() -> None:
     parser.add_argument("--tunings", default="full,lora")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--output", default=None,
-                        help="JSON path (default benchmarks/results/levers-<device>-<unet>.json)")
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default benchmarks/results/levers-<device>-<unet>.json)"
+    )
     opts, rest = parser.parse_known_args()
     opts.step_time_args = rest  # --device, --unet, --dtype, --batch-size, --threads, ... (harness.add_setup_arguments)
     bench = harness.parse_setup_args(rest)
@@ -82,16 +83,20 @@ def main() -> None:
         for tuning in opts.tunings.split(","):
             result = measure(opts, lever, tuning)
             results[f"{lever}-{tuning}"] = result
-            print(f"{lever:<14} {tuning:<5} without {result['without_ms']:8.1f} ms  with {result['with_ms']:8.1f} ms  "
-                  f"ratio {result['ratio']:.3f}", flush=True)
+            print(
+                f"{lever:<14} {tuning:<5} without {result['without_ms']:8.1f} ms  with {result['with_ms']:8.1f} ms  "
+                f"ratio {result['ratio']:.3f}",
+                flush=True,
+            )
     report = {
         "machine": harness.machine_description(bench.device, bench.threads),
         "settings": vars(bench) | vars(opts),
         "levers": results,
         "date": time.strftime("%Y-%m-%d"),
     }
-    output = opts.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                         f"levers-{bench.device}-{bench.unet}.json")
+    output = opts.output or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"levers-{bench.device}-{bench.unet}.json"
+    )
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump(report, f, indent=2, default=str)

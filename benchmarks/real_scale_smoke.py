@@ -33,10 +33,24 @@ import harness  # noqa: E402
 
 # CLIP ViT-H/14 (laion2B-s32B-b79K, PickScore_v1's architecture).
 VIT_H = {
-    "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-             "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu"},
-    "vision": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32,
-               "image_size": 224, "patch_size": 14, "hidden_act": "gelu"},
+    "text": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "hidden_act": "gelu",
+    },
+    "vision": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 32,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "gelu",
+    },
     "projection_dim": 1024,
 }
 
@@ -52,8 +66,9 @@ def build_assets(workdir: Path, pairs: int) -> dict[str, Path]:
     if not paths["data"].exists():
         harness.synthetic_pairs(pairs, 512).save_to_disk(str(paths["data"]))
     if not paths["pickscore"].exists():
-        config = CLIPConfig(text_config=VIT_H["text"], vision_config=VIT_H["vision"],
-                            projection_dim=VIT_H["projection_dim"])
+        config = CLIPConfig(
+            text_config=VIT_H["text"], vision_config=VIT_H["vision"], projection_dim=VIT_H["projection_dim"]
+        )
         CLIPModel(config).save_pretrained(paths["pickscore"], safe_serialization=True)
         tokenizer = write_char_tokenizer(str(workdir / "pickscore-tokenizer"), 77)
         CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer).save_pretrained(paths["pickscore"])
@@ -65,12 +80,32 @@ def train(paths: dict[str, Path], workdir: Path, steps: int, space: str) -> dict
 
     output_dir = workdir / f"run-{space}"
     argv = [
-        "--config", str(ROOT / "examples" / "configs" / "sd15_full.yaml"),
-        "--model_name_or_path", str(paths["base"]), "--dataset_name", str(paths["data"]),
-        "--dataset_streaming", "false",
-        "--output_dir", str(output_dir), "--max_steps", str(steps), "--gradient_accumulation_steps", "1",
-        "--warmup_steps", "0", "--logging_steps", str(max(steps // 3, 1)), "--save_steps", str(steps),
-        "--report_to", "none", "--safeguard_space", space, "--dataloader_num_workers", "4",
+        "--config",
+        str(ROOT / "examples" / "configs" / "sd15_full.yaml"),
+        "--model_name_or_path",
+        str(paths["base"]),
+        "--dataset_name",
+        str(paths["data"]),
+        "--dataset_streaming",
+        "false",
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(steps),
+        "--gradient_accumulation_steps",
+        "1",
+        "--warmup_steps",
+        "0",
+        "--logging_steps",
+        str(max(steps // 3, 1)),
+        "--save_steps",
+        str(steps),
+        "--report_to",
+        "none",
+        "--safeguard_space",
+        space,
+        "--dataloader_num_workers",
+        "4",
     ]
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -98,15 +133,26 @@ def evaluate(paths: dict[str, Path], workdir: Path, trained: str, prompts: int) 
     settings = GenerationSettings(dtype="bfloat16")
     start = time.perf_counter()
     result = run_evaluation(
-        str(paths["base"]), {"trained": trained}, prompts=prompt_list, scorers=("pickscore",),
-        output_dir=str(workdir / "evaluation"), settings=settings, batch_size=8, device="cuda",
+        str(paths["base"]),
+        {"trained": trained},
+        prompts=prompt_list,
+        scorers=("pickscore",),
+        output_dir=str(workdir / "evaluation"),
+        settings=settings,
+        batch_size=8,
+        device="cuda",
         scorer_kwargs={"pickscore": {"model": str(paths["pickscore"]), "processor": str(paths["pickscore"])}},
         progress=False,
     )
     seconds = time.perf_counter() - start
     images = 2 * prompts
-    return {"images": images, "wall_s": seconds, "seconds_per_image_all_in": seconds / images,
-            "generated": result.generated, "summary": [str(s) for s in result.summary]}
+    return {
+        "images": images,
+        "wall_s": seconds,
+        "seconds_per_image_all_in": seconds / images,
+        "generated": result.generated,
+        "summary": [str(s) for s in result.summary],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

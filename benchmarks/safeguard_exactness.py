@@ -19,11 +19,12 @@ how often those rules let the winner's term rise.
 
 One AdamW step (first step, from fresh moments: a sign-like update) is reported too; the bound does not cover it.
 
-``--model sd3``, ``--model flux`` or ``--model wan`` runs the same check on a tiny flow-matching transformer (SD3's
-MMDiT, FLUX's double/single-stream blocks with packed latents and the guidance embedding, Wan's 3D transformer on
-video latents ``[16, 2, 4, 4]``), called through the model family as the
-trainer calls it: pairs are noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair,
-the target is the velocity ``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
+``--model sd3``, ``flux``, ``qwen-image``, ``z-image`` or ``wan`` runs the same check on a tiny flow-matching
+transformer (SD3's MMDiT, FLUX's double/single-stream blocks with packed latents and the guidance embedding,
+Qwen-Image's MMDiT with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output, Wan's 3D
+transformer on video latents ``[16, 2, 4, 4]``), called through the model family as the trainer calls it: pairs are
+noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair, the target is the velocity
+``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
 
     python benchmarks/safeguard_exactness.py --batches 100 --json benchmarks/results/safeguard_exactness.json
     python benchmarks/safeguard_exactness.py --model flux --json benchmarks/results/safeguard_exactness_flux.json
@@ -49,9 +50,11 @@ from trl_diffusion_sdpo.families import family_for_pipeline  # noqa: E402
 from trl_diffusion_sdpo.step.safeguard import parameter_space_lambda, winner_preserving_lambda  # noqa: E402
 from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_flux_pipeline,
+    build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
     build_tiny_wan_pipeline,
+    build_tiny_z_image_pipeline,
 )
 
 RULES = ("dpo", "output", "parameter", "parameter_adamw", "dpo_adamw")
@@ -88,13 +91,19 @@ def _unet(pipeline_dir: str | None) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
 
 
-MODELS = ("unet", "sd3", "flux", "wan")
+MODELS = ("unet", "sd3", "flux", "qwen-image", "z-image", "wan")
+_FLOW_BUILDERS = {
+    "sd3": build_tiny_sd3_pipeline,
+    "flux": build_tiny_flux_pipeline,
+    "qwen-image": build_tiny_qwen_image_pipeline,
+    "z-image": build_tiny_z_image_pipeline,
+    "wan": build_tiny_wan_pipeline,
+}
 
 
 def _flow_family(model: str):
-    """A tiny SD3, FLUX or Wan pipeline's family (its transformer is the network under test)."""
-    builders = {"sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline, "wan": build_tiny_wan_pipeline}
-    return family_for_pipeline(builders[model](seed=0))
+    """A tiny flow pipeline's family (its transformer is the network under test)."""
+    return family_for_pipeline(_FLOW_BUILDERS[model](seed=0))
 
 
 class Problem:
@@ -116,8 +125,10 @@ class Problem:
                 self.latent_shape = (family.pipeline.vae.config.z_dim, 2, 4, 4)
                 self.cross_dim, self.pooled_dim = cfg.text_dim, None
             else:
-                self.latent_shape = (family.pipeline.vae.config.latent_channels, 8, 8)
-                self.cross_dim, self.pooled_dim = cfg.joint_attention_dim, cfg.pooled_projection_dim
+                self.latent_shape = (family.latent_shape(64)[0], 8, 8)
+                # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
+                self.cross_dim = cfg.get("joint_attention_dim") or cfg.get("cap_feat_dim")
+                self.pooled_dim = cfg.get("pooled_projection_dim")
         self.alphas = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)  # a smooth abar schedule
 
     def batch(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -173,8 +184,10 @@ class Problem:
         return -F.logsigmoid(u).mean()
 
 
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+def _flat(tensors, like=None) -> torch.Tensor:
+    """The tensors flattened into one vector; a ``None`` gradient (an unused parameter) is zeros like ``like``'s."""
+    like = like or tensors
+    return torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(tensors, like)])
 
 
 def _drifted(problem: Problem, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -207,8 +220,10 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
     e_w, e_l = problem.errors(pred_w, batch), problem.errors(pred_l, batch, "l")
     e_w_leaf, e_l_leaf = e_w.detach().requires_grad_(True), e_l.detach().requires_grad_(True)
     a_w, a_l = torch.autograd.grad(problem.dpo_loss(e_w_leaf, e_l_leaf, r_w, r_l), (e_w_leaf, e_l_leaf))
-    g_w = _flat(torch.autograd.grad((a_w * e_w).sum(), [leaf[n] for n in names], retain_graph=True))
-    h_l = _flat(torch.autograd.grad((a_l * e_l).sum(), [leaf[n] for n in names]))
+    # allow_unused: the last double-stream block's text branch (Qwen-Image) never reaches the output
+    params = [leaf[n] for n in names]
+    g_w = _flat(torch.autograd.grad((a_w * e_w).sum(), params, retain_graph=True, allow_unused=True), params)
+    h_l = _flat(torch.autograd.grad((a_l * e_l).sum(), params, allow_unused=True), params)
     shapes = [theta[n].shape for n in names]
     theta_flat = _flat([theta[n] for n in names])
 
@@ -272,6 +287,8 @@ def run(
         "sd3": "tiny random SD3 transformer (MMDiT)",
         "flux": "tiny random FLUX.1-dev transformer (guidance embedding)",
         "wan": "tiny random Wan 2.1 3D transformer (video latents [16, 2, 4, 4])",
+        "qwen-image": "tiny random Qwen-Image transformer (MMDiT, packed latents, 3-axis RoPE)",
+        "z-image": "tiny random Z-Image transformer (single-stream S3-DiT, reversed time, negated output)",
     }[model]
     report: dict = {"setting": setting.__dict__, "model": described, "starts": {}}
     began = time.perf_counter()

@@ -4,7 +4,7 @@ thin wrapper around ``trl-diffusion-sdpo train`` (which serves every model famil
     python examples/train_flow.py --config examples/configs/sd3_lora.yaml
     trl-diffusion-sdpo train --config examples/configs/flux_lora.yaml --output_dir my-flux-run   # the same command
     python examples/train_flow.py --model_name_or_path path/to/sd3.5-medium --dataset_name path/to/pairs \
-        --output_dir sd35-sdpo-full --beta 100 --safeguard_mu 0.5 --gradient_checkpointing
+        --output_dir sd35-sdpo-full --beta 100 --safeguard_mu 0.5 --activation_checkpointing
 
 The pipeline is loaded with ``DiffusionPipeline.from_pretrained`` (a ``StableDiffusion3Pipeline`` or a
 ``FluxPipeline``); the trainer picks the family from its components. With ``--use_peft`` and no

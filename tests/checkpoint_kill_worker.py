@@ -41,8 +41,11 @@ STAGES = [
 MAX_STEPS = 4
 
 
-def build_trainer(output_dir: str, tokenizer_dir: str, max_steps: int = MAX_STEPS) -> DiffusionSDPOTrainer:
-    args = DiffusionSDPOConfig(
+def build_trainer(
+    output_dir: str, tokenizer_dir: str, max_steps: int = MAX_STEPS, peft_config=None, **overrides
+) -> DiffusionSDPOTrainer:
+    """The run; ``overrides`` replace config fields, ``peft_config`` the LoRA config (``lora_config()``)."""
+    settings = dict(
         output_dir=output_dir,
         resolution=32,
         per_device_train_batch_size=2,
@@ -62,9 +65,13 @@ def build_trainer(output_dir: str, tokenizer_dir: str, max_steps: int = MAX_STEP
         random_flip=True,
         proportion_empty_prompts=0.5,
     )
+    args = DiffusionSDPOConfig(**(settings | overrides))
     pipeline = build_tiny_sd_pipeline(seed=0, tokenizer_dir=tokenizer_dir)
     return DiffusionSDPOTrainer(
-        pipeline, args=args, train_dataset=Dataset.from_list(pickapic_rows(6)), peft_config=lora_config()
+        pipeline,
+        args=args,
+        train_dataset=Dataset.from_list(pickapic_rows(6)),
+        peft_config=peft_config if peft_config is not None else lora_config(),
     )
 
 

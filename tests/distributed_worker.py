@@ -2,16 +2,22 @@
 
     accelerate launch --config_file <yaml> --num_processes 2 tests/distributed_worker.py --result r.json \
         --example sd15 -- <example script arguments>
+    accelerate launch ... tests/distributed_worker.py --jobs jobs.json
 
 After training, every process takes part in gathering sharded weights; the main process writes ``--result``:
 the logged losses, which modules DeepSpeed partitioned, whether the reference still equals the original UNet on
 disk, and whether the saved files, loaded back by diffusers, reproduce the trained UNet's outputs.
+
+``--jobs`` runs several trainings one after the other in the same processes (a JSON list of objects with
+``result``, ``example``, ``argv`` and optionally ``poison_step``, ``poison_rank``): the interpreters, imports and
+process group are paid for once instead of once per training.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import json
 import os
@@ -60,11 +66,13 @@ def _flow_inputs(family, resolution: int) -> dict:
             "conditioning": family.denoiser_conditioning(embeds, None),
             "family": family,
         }
-    size = resolution // family.pipeline.vae_scale_factor
-    channels = family.pipeline.vae.config.latent_channels
+    channels, size, _ = family.latent_shape(resolution)
+    # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
+    width = config.get("joint_attention_dim") or config.get("cap_feat_dim")
+    pooled = config.get("pooled_projection_dim")
     embeds = PromptEmbeddings(
-        torch.randn(2, 8, config.joint_attention_dim, generator=generator),
-        torch.randn(2, config.pooled_projection_dim, generator=generator),
+        torch.randn(2, 8, width, generator=generator),
+        None if pooled is None else torch.randn(2, pooled, generator=generator),
     )
     return {
         "sample": torch.randn(2, channels, size, size, generator=generator),
@@ -117,8 +125,10 @@ def _lift_fsdp_cpu_gate() -> None:
     AcceleratorState.__init__ = init_keeping_fsdp
 
 
-def _poison(step: int, rank: int) -> None:
-    """Make the objective's loss at optimizer step ``step`` (1-based, no accumulation) NaN on process ``rank`` only."""
+@contextlib.contextmanager
+def _poisoned(step: int, rank: int):
+    """Inside the block, the objective's loss at optimizer step ``step`` (1-based, no accumulation) is NaN on process
+    ``rank`` only."""
     import trl_diffusion_sdpo.trainer as trainer_module
     from trl_diffusion_sdpo.objectives import ObjectiveOutput
 
@@ -142,6 +152,10 @@ def _poison(step: int, rank: int) -> None:
         return Poisoned()
 
     trainer_module.objective_from_config = poisoned_objective
+    try:
+        yield
+    finally:  # the next job in this process trains with the real objective
+        trainer_module.objective_from_config = objective_from_config
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -157,20 +171,41 @@ def _output(unet, inputs) -> torch.Tensor:
     return unet(**inputs, return_dict=False)[0].float()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--result", required=True)
+    parser.add_argument("--jobs", default=None, help="A JSON file listing several trainings to run in turn.")
+    parser.add_argument("--result", default=None)
     parser.add_argument("--example", default="sd15")
     parser.add_argument("--poison_step", type=int, default=None, help="Make this step's loss NaN on one process.")
     parser.add_argument("--poison_rank", type=int, default=1)
-    args, example_argv = parser.parse_known_args([a for a in sys.argv[1:] if a != "--"])
+    argv = sys.argv[1:] if argv is None else argv
+    args, example_argv = parser.parse_known_args([a for a in argv if a != "--"])
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
         _lift_fsdp_cpu_gate()
-    if args.poison_step is not None:
-        _poison(args.poison_step, args.poison_rank)
-    example = _example(args.example)
-    trainer = example.main(example_argv)
+    if args.jobs is None:
+        jobs = [
+            dict(
+                result=args.result,
+                example=args.example,
+                argv=example_argv,
+                poison_step=args.poison_step,
+                poison_rank=args.poison_rank,
+            )
+        ]
+    else:
+        with open(args.jobs) as f:
+            jobs = json.load(f)
+    for job in jobs:
+        poison = job.get("poison_step")
+        with _poisoned(poison, job.get("poison_rank", 1)) if poison is not None else contextlib.nullcontext():
+            trainer = _example(job.get("example", "sd15")).main(job["argv"])
+        report(trainer, job["result"])
+        del trainer
+        gc.collect()
 
+
+def report(trainer, result_path: str) -> None:
+    """Every process gathers what it must; the main process writes the report to ``result_path``."""
     accelerator = trainer.accelerator
     stage = zero_stage(accelerator)
     policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -252,7 +287,7 @@ def main() -> None:
             result["saved_files"] = sorted(os.listdir(os.path.join(output_dir, denoiser_name)))
         result["saved_vs_trained_max_abs_diff"] = (_output(loaded, inputs) - trained).abs().max().item()
         result["original_vs_trained_max_abs_diff"] = (_output(original, inputs) - trained).abs().max().item()
-        with open(args.result, "w") as f:
+        with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
     accelerator.wait_for_everyone()
 

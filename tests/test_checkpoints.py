@@ -7,9 +7,13 @@ an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -18,9 +22,11 @@ import pytest
 import torch
 from checkpoint_kill_worker import STAGES, build_trainer
 
+from trl_diffusion_sdpo.io import saving as saving_module
 from trl_diffusion_sdpo.io.checkpoints import (
     MANIFEST_NAME,
     CheckpointError,
+    CheckpointSaveError,
     checkpoint_problem,
     recover_interrupted_saves,
     resolve_resume_checkpoint,
@@ -62,7 +68,7 @@ def copy_run(source: str, tmp_path) -> str:
 
 
 def test_a_save_leaves_only_complete_checkpoints_with_a_manifest_and_no_staging_folders(trained_run):
-    assert sorted(os.listdir(trained_run)) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(os.listdir(trained_run)) == ["checkpoint-2", "checkpoint-3"]  # and no lock file once train() ends
     for name in ("checkpoint-2", "checkpoint-3"):
         folder = os.path.join(trained_run, name)
         assert checkpoint_problem(folder) == ""
@@ -171,3 +177,111 @@ def test_a_run_killed_during_a_save_resumes_from_a_complete_checkpoint_bit_exact
     stage, tmp_path, uninterrupted, caplog
 ):
     _kill_then_resume(stage, tmp_path, uninterrupted, _RESUMES_FROM[stage], caplog)
+
+
+# ----------------------------------------------------------------------------------------------- damaged bytes
+
+
+def _flip_tensor_bytes(path: str) -> None:
+    """Flip 4 bytes inside the tensor data of a safetensors file (after its header): same size, header intact."""
+    with open(path, "r+b") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        data_start = 8 + header_len
+        offset = data_start + (os.path.getsize(path) - data_start) // 2
+        f.seek(offset)
+        original = f.read(4)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in original))
+
+
+def test_the_manifest_records_the_sha256_of_every_file(trained_run):
+    folder = os.path.join(trained_run, "checkpoint-3")
+    with open(os.path.join(folder, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    assert set(manifest["sha256"]) == set(manifest["files"])
+    for relative, digest in manifest["sha256"].items():
+        with open(os.path.join(folder, relative), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, relative
+
+
+def test_flipped_bytes_inside_tensor_data_are_named_and_resume_falls_back_to_the_previous_checkpoint(
+    trained_run, tmp_path, caplog
+):
+    run = copy_run(trained_run, tmp_path)
+    damaged = os.path.join(run, "checkpoint-3")
+    _flip_tensor_bytes(os.path.join(damaged, WEIGHTS))
+    # The structural checks alone (all there was before checksums) find nothing wrong.
+    assert checkpoint_problem(damaged, verify_checksums=False) == ""
+    assert checkpoint_problem(damaged).startswith(f"{WEIGHTS} is damaged: its SHA-256 differs")
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.io.checkpoints"):
+        chosen = resolve_resume_checkpoint(True, run)
+    assert chosen == os.path.join(run, "checkpoint-2")
+    assert f"{damaged}: {WEIGHTS} is damaged" in caplog.text
+    with pytest.raises(CheckpointError, match="SHA-256") as info:
+        resolve_resume_checkpoint(damaged, run)
+    assert WEIGHTS in str(info.value) and os.path.join(run, "checkpoint-2") in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- full disk
+
+
+@contextlib.contextmanager
+def small_disk(folder: str, size: str):
+    """A tmpfs of ``size`` mounted on ``folder`` (root only); yields False where none can be mounted."""
+    os.makedirs(folder)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True)
+    try:
+        yield mounted.returncode == 0
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", "-l", folder], check=False)
+
+
+def _raise_enospc_after_writing(trainer, method_name: str) -> None:
+    """Where no small filesystem can be mounted: the save writes part of a file, then fails as a full disk does."""
+
+    def fail(output_dir, *args, **kwargs):
+        if trainer.state.global_step == 3:
+            with open(os.path.join(output_dir, "optimizer.pt"), "wb") as f:
+                f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(output_dir, *args, **kwargs)
+
+    original = getattr(trainer, method_name)
+    setattr(trainer, method_name, fail)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoints_and_names_folder_and_bytes(tmp_path):
+    disk = str(tmp_path / "disk")
+    with small_disk(disk, "600k") as mounted:  # two checkpoints of ~230 kB fit, a third does not
+        out = os.path.join(disk, "out")
+        trainer = build_trainer(out, str(tmp_path / "tok"))
+        if not mounted:
+            _raise_enospc_after_writing(trainer, "_save_optimizer_and_scheduler")
+        with pytest.raises(CheckpointSaveError, match="the disk is full") as info:
+            trainer.train()
+        message = str(info.value)
+        assert info.value.errno == errno.ENOSPC
+        assert f"Saving {os.path.join(out, 'checkpoint-3')} failed" in message
+        size = sum(os.path.getsize(os.path.join(out, "checkpoint-2", n)) for n in os.listdir(out + "/checkpoint-2"))
+        assert f"A save needs about {size} bytes (the size of {os.path.join(out, 'checkpoint-2')})" in message
+        assert "bytes were free there" in message
+        # The partial checkpoint-3 is gone; rotation never ran, so checkpoint-1 and -2 are both intact; the lock went.
+        assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2"]
+        assert all(checkpoint_problem(os.path.join(out, n)) == "" for n in os.listdir(out))
+        assert resolve_resume_checkpoint(True, out) == os.path.join(out, "checkpoint-2")
+
+
+def test_a_final_save_failing_with_oserror_names_the_folder_and_the_bytes_needed(trained_run, tmp_path, monkeypatch):
+    run = copy_run(trained_run, tmp_path)
+    trainer = build_trainer(run, str(tmp_path / "tok"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(saving_module, "save_lora_adapters", full_disk)
+    final = os.path.join(run, "final")
+    with pytest.raises(CheckpointSaveError, match="the disk is full") as info:
+        trainer.save_model(final)
+    assert f"Saving {final} failed" in str(info.value)
+    assert f"(the size of {os.path.join(run, 'checkpoint-3')})" in str(info.value)

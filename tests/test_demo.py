@@ -15,7 +15,6 @@ from PIL import Image
 
 from trl_diffusion_sdpo import cli
 from trl_diffusion_sdpo.demo import cli as demo_cli
-from trl_diffusion_sdpo.demo import methods as methods_module
 from trl_diffusion_sdpo.demo import pretrain as pretrain_module
 from trl_diffusion_sdpo.demo.methods import METHODS, method_unavailable
 from trl_diffusion_sdpo.demo.pretrain import (
@@ -162,7 +161,7 @@ def test_demo_options_reach_the_recipe():
     assert DemoRecipe(seed=3).pretrain == PretrainRecipe()
 
 
-def test_only_the_parameter_space_method_passes_safeguard_space_and_is_skipped_without_the_field(monkeypatch):
+def test_only_the_parameter_space_method_passes_safeguard_space_and_is_skipped_without_the_field():
     passing = {k for k, m in METHODS.items() if "safeguard_space" in m.config_kwargs()}
     assert passing == {"sdpo-parameter"}
     assert METHODS["sdpo-parameter"].config_kwargs() == {
@@ -175,9 +174,9 @@ def test_only_the_parameter_space_method_passes_safeguard_space_and_is_skipped_w
 
     # a config without the field, as it was before the exact safeguard
     old_config = dataclasses.make_dataclass("OldConfig", [("safeguard", bool)])
-    monkeypatch.setattr(methods_module, "DiffusionSDPOConfig", old_config)
-    assert "safeguard_space" in method_unavailable(METHODS["sdpo-parameter"])
-    assert method_unavailable(METHODS["sdpo-output"]) is None
+    assert "safeguard_space" in method_unavailable(METHODS["sdpo-parameter"], old_config)
+    assert method_unavailable(METHODS["sdpo-output"], old_config) is None
+    assert method_unavailable(METHODS["sdpo-parameter"]) is None  # the installed config has the field
 
 
 # ---------------------------------------------------------------------------------------------------- --pretrain

@@ -8,6 +8,7 @@ its tensors exceed ZeRO-3's persistence threshold and really are partitioned; th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -56,52 +57,197 @@ def sdxl_assets(assets) -> dict[str, Path]:
     return {"root": root, "pipeline": root / "pipeline", "data": assets["data"], "example": "sdxl"}
 
 
-_SINGLE_RUNS: dict[tuple, dict] = {}  # one-process reference runs, shared by the tests that compare with them
+# ------------------------------------------------------------------------------------------------ running trainings
+# Interpreter start-up and imports cost more than a 3-step training of these tiny models, so trainings that share a
+# launch configuration run one after the other in the same processes (distributed_worker.py --jobs): one plain
+# process computes every one-process reference, one two-process launch serves each accelerate configuration. A
+# training is keyed by its arguments: tests that need the same one share it.
+
+_REPORTS: dict[tuple, dict] = {}  # launch key -> the worker's report (plus "model_dir"), for the whole module
+_FAILED: dict[tuple, str] = {}  # group -> why its launch failed, so its other tests fail at once
 
 
-def run(
-    assets, name: str, config: str | None, lora: bool, *extra: str, processes: int = 2, launch: tuple[str, ...] = ()
-) -> dict:
-    """Train with ``config`` (``None``: one plain process, run once per set of arguments) and return the worker's
-    report."""
-    key = (str(assets["root"]), name, lora, extra)
-    if config is None and key in _SINGLE_RUNS:
-        return _SINGLE_RUNS[key]
-    processes = 1 if config is None else processes
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training: which assets (``"sd15"`` or ``"sdxl"``), which accelerate config (``None``: one plain process),
+    LoRA or full tuning, further script arguments (``{root}`` stands for the assets' folder), extra ``accelerate
+    launch`` arguments, and the step whose loss turns NaN on process 1."""
+
+    assets: str
+    config: str | None
+    lora: bool
+    extra: tuple[str, ...] = ()
+    launch: tuple[str, ...] = ()
+    poison_step: int | None = None
+
+    def arguments(self, assets: dict) -> tuple[str, ...]:
+        return tuple(a.format(root=assets["root"]) for a in self.extra)
+
+    def key(self, assets: dict) -> tuple:
+        return (str(assets["root"]), self.config, self.lora, self.arguments(assets), self.launch, self.poison_step)
+
+    @property
+    def group(self) -> tuple:
+        """Trainings that can share processes: same config, launch arguments and mixed precision."""
+        return (self.config, self.launch, "--bf16" in self.extra)
+
+
+def _script_arguments(assets: dict, name: str, run: Run, processes: int) -> list[str]:
     out = assets["root"] / name
-    result = out / "result.json"
-    script = [
-        str(WORKER), "--result", str(result), "--example", assets.get("example", "sd15"), "--",
+    return [
         "--model_name_or_path", str(assets["pipeline"]), "--dataset_name", str(assets["data"]),
         "--output_dir", str(out / "model"), "--resolution", "32", "--max_steps", str(STEPS),
         "--per_device_train_batch_size", str(GLOBAL_BATCH // processes), "--learning_rate", "1e-3",
         "--scale_lr", "false", "--warmup_steps", "0", "--logging_steps", "1", "--report_to", "none",
         "--save_strategy", "no", "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
         "--safeguard_scope", "global",
-        *(["--use_peft", "--lora_r", "4", "--lora_alpha", "4", "--lora_dropout", "0"] if lora else []), *extra,
-    ]
-    if config is None:
-        command = [sys.executable, *script]
-    else:
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-            "--num_processes", str(processes), "--mixed_precision", "bf16" if "--bf16" in extra else "no",
-            "--main_process_port", str(_free_port()), *launch,
-            *script,
-        ]
+        *(["--use_peft", "--lora_r", "4", "--lora_alpha", "4", "--lora_dropout", "0"] if run.lora else []),
+        *run.arguments(assets),
+    ]  # fmt: skip
+
+
+def _launch(jobs: list[tuple[dict, str, Run]], processes: int = 2) -> None:
+    """Run ``jobs`` (assets, name, run; one launch configuration) in one launch and store their reports."""
+    first = jobs[0][2]
+    processes = 1 if first.config is None else processes
+    jobs_file = jobs[0][0]["root"] / f"jobs-{jobs[0][1]}.json"
+    worker_jobs = []
+    for assets, name, run in jobs:
+        worker_jobs.append(
+            {
+                "result": str(assets["root"] / name / "result.json"),
+                "example": assets.get("example", "sd15"),
+                "argv": _script_arguments(assets, name, run, processes),
+                "poison_step": run.poison_step,
+            }
+        )
+    jobs_file.write_text(json.dumps(worker_jobs, indent=1))
+    command = [sys.executable, str(WORKER), "--jobs", str(jobs_file)]
+    if first.config is not None:
+        command[1:1] = [
+            "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / first.config),
+            "--num_processes", str(processes), "--mixed_precision", "bf16" if "--bf16" in first.extra else "no",
+            "--main_process_port", str(_free_port()), *first.launch,
+        ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    report = json.loads(result.read_text())
-    if config is None:
-        _SINGLE_RUNS[key] = report
-    return report
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300 + 300 * len(jobs))
+    names = ", ".join(name for _, name, _ in jobs)
+    assert proc.returncode == 0, f"{names} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    for assets, name, run in jobs:
+        report = json.loads((assets["root"] / name / "result.json").read_text())
+        report["model_dir"] = str(assets["root"] / name / "model")
+        _REPORTS[run.key(assets)] = report
+
+
+def run(
+    assets, name: str, config: str | None, lora: bool, *extra: str, processes: int = 2, launch: tuple[str, ...] = ()
+) -> dict:
+    """Train with ``config`` (``None``: one plain process) in a launch of its own, once per set of arguments, and
+    return the worker's report."""
+    spec = Run("", config, lora, tuple(extra), tuple(launch))
+    key = spec.key(assets)
+    if key not in _REPORTS:
+        _launch([(assets, name, spec)], processes)
+    return _REPORTS[key]
+
+
+class Runs:
+    """The default suite's trainings (:data:`RUNS`), by name; the first request of a group launches all of it."""
+
+    def __init__(self, assets: dict[str, dict]) -> None:
+        self.assets = assets
+
+    def __getitem__(self, name: str) -> dict:
+        spec = RUNS[name]
+        key = spec.key(self.assets[spec.assets])
+        if key not in _REPORTS:
+            if spec.group in _FAILED:
+                pytest.fail(_FAILED[spec.group])
+            jobs, keys = [], set()
+            for other, run_ in RUNS.items():
+                other_key = run_.key(self.assets[run_.assets])
+                if run_.group == spec.group and other_key not in _REPORTS and other_key not in keys:
+                    keys.add(other_key)
+                    jobs.append((self.assets[run_.assets], other, run_))
+            try:
+                _launch(jobs)
+            except AssertionError as error:
+                _FAILED[spec.group] = str(error)
+                raise
+        return _REPORTS[key]
+
+
+PARAMETER = ("--safeguard_space", "parameter")
+BETA_500 = ("--beta", "500")
+ACCUMULATE = ("--gradient_accumulation_steps", "2")
+SAVE_AT_STEP_2 = ("--save_strategy", "steps", "--save_steps", "2")
+POISON = ("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")  # checkpoints after steps 1 and 2
+FSDP2 = "fsdp2.yaml"
+
+# Every training of the default suite, grouped by launch (see Run.group); within a group, in this order.
+RUNS: dict[str, Run] = {
+    # one plain process: the references
+    "single-lora": Run("sd15", None, True),
+    "single-full": Run("sd15", None, False),
+    "single-parameter-lora": Run("sd15", None, True, PARAMETER),
+    "single-parameter-lora-accumulated": Run(
+        "sd15", None, True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "2")
+    ),
+    "accumulate-single": Run(
+        "sd15", None, False, ("--per_device_train_batch_size", "2", *ACCUMULATE, "--learning_rate", "1e-4")
+    ),
+    "sdxl-single-full": Run("sdxl", None, False, BETA_500),
+    "bf16-single-beta500": Run("sd15", None, True, ("--bf16", "true", "--use_cpu", "true", *BETA_500)),
+    # DDP
+    "multi_gpu-lora": Run("sd15", "multi_gpu.yaml", True),
+    "multi_gpu-full": Run("sd15", "multi_gpu.yaml", False),
+    "poisoned-multi_gpu": Run("sd15", "multi_gpu.yaml", False, POISON, poison_step=2),
+    "ddp-cached": Run(
+        "sd15", "multi_gpu.yaml", True, ("--cache_latents", "true", "--latent_cache_dir", "{root}/latent-cache")
+    ),
+    "accumulate-ddp": Run(
+        "sd15", "multi_gpu.yaml", False, ("--per_device_train_batch_size", "1", *ACCUMULATE, "--learning_rate", "1e-4")
+    ),
+    "ddp-parameter-global-lora": Run("sd15", "multi_gpu.yaml", True, PARAMETER),
+    "bf16-ddp": Run("sd15", "multi_gpu.yaml", True, ("--bf16", "true", *BETA_500)),
+    # DeepSpeed ZeRO-1, -2 (its full-tuning run saves checkpoint-2, which the next run resumes from), -3
+    "deepspeed_zero1-lora": Run("sd15", "deepspeed_zero1.yaml", True),
+    "deepspeed_zero1-full": Run("sd15", "deepspeed_zero1.yaml", False),
+    "deepspeed_zero2-lora": Run("sd15", "deepspeed_zero2.yaml", True),
+    "deepspeed_zero2-full": Run("sd15", "deepspeed_zero2.yaml", False, SAVE_AT_STEP_2),
+    "resumed-deepspeed_zero2-full": Run(
+        "sd15",
+        "deepspeed_zero2.yaml",
+        False,
+        ("--resume_from_checkpoint", "{root}/deepspeed_zero2-full/model/checkpoint-2"),
+    ),
+    "poisoned-deepspeed_zero2": Run("sd15", "deepspeed_zero2.yaml", False, POISON, poison_step=2),
+    "deepspeed_zero2-parameter-lora-accumulated": Run(
+        "sd15", "deepspeed_zero2.yaml", True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "1")
+    ),
+    "deepspeed_zero3-lora": Run("sd15", "deepspeed_zero3.yaml", True),
+    "deepspeed_zero3-full": Run("sd15", "deepspeed_zero3.yaml", False),
+    "sdxl-zero3-full": Run("sdxl", "deepspeed_zero3.yaml", False, BETA_500),
+    # FSDP2
+    "fsdp2-lora": Run("sd15", FSDP2, True),
+    "fsdp2-full": Run("sd15", FSDP2, False),
+    "fsdp2-parameter-lora": Run("sd15", FSDP2, True, PARAMETER),
+}
 
 
 @pytest.fixture(scope="module")
-def single_process(assets) -> dict[bool, dict]:
-    """The one-process reference runs, keyed by ``lora``."""
-    return {lora: run(assets, f"single-{'lora' if lora else 'full'}", None, lora) for lora in (True, False)}
+def runs(assets, sdxl_assets) -> Runs:
+    return Runs({"sd15": assets, "sdxl": sdxl_assets})
+
+
+def _named_run(runs: Runs, assets: dict, name: str, config: str | None, lora: bool, *extra: str) -> dict:
+    """``runs[name]`` for a training of :data:`RUNS` (checking that its arguments are these), else a launch of its
+    own (slow tests)."""
+    if name in RUNS:
+        spec = RUNS[name]
+        assert (spec.config, spec.lora, spec.arguments(assets)) == (config, lora, extra), name
+        return runs[name]
+    return run(assets, name, config, lora, *extra)
 
 
 CASES = [
@@ -114,10 +260,10 @@ CASES = [
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("config,stage", CASES, ids=[c for c, _ in CASES])
-def test_two_processes_train_like_one(assets, single_process, config, stage, lora):
-    name = f"{config.removesuffix('.yaml')}-{'lora' if lora else 'full'}"
-    report = run(assets, name, config, lora)
-    single = single_process[lora]
+def test_two_processes_train_like_one(runs, config, stage, lora):
+    tuning = "lora" if lora else "full"
+    report = runs[f"{config.removesuffix('.yaml')}-{tuning}"]
+    single = runs[f"single-{tuning}"]
 
     assert report["num_processes"] == 2 and report["zero_stage"] == stage
     assert report["distributed_type"].endswith("DEEPSPEED" if stage else "MULTI_CPU")
@@ -164,63 +310,76 @@ def _weights(model_dir: Path, lora: bool) -> dict[str, torch.Tensor]:
     return weights
 
 
-@pytest.mark.parametrize(
-    "config,lora",
-    # ZeRO-3 resume takes a minute on 2 cores: slow (run with -m slow); ZeRO-2 keeps resume in every run.
-    [("deepspeed_zero2.yaml", False), pytest.param("deepspeed_zero3.yaml", True, marks=pytest.mark.slow)],
-    ids=["zero2-full", "zero3-lora"],
-)
-def test_checkpoint_saved_under_zero_resumes_under_the_same_stage(assets, config, lora):
-    tag = f"{config.removesuffix('.yaml')}-{'lora' if lora else 'full'}"
-    straight = run(assets, f"straight-{tag}", config, lora)
-    first = assets["root"] / f"interrupted-{tag}"
-    run(assets, f"interrupted-{tag}", config, lora, "--max_steps", "2", "--save_strategy", "steps",
-        "--save_steps", "2")
-    checkpoint = first / "model" / "checkpoint-2"
+def _assert_resumed_like_straight(straight: dict, resumed: dict, checkpoint: Path, lora: bool) -> None:
     assert (checkpoint / ("pytorch_lora_weights.safetensors" if lora else "unet")).exists()
     assert any(p.name.startswith("global_step") for p in checkpoint.iterdir())  # DeepSpeed's own state
-    resumed = run(assets, f"resumed-{tag}", config, lora, "--resume_from_checkpoint", str(checkpoint))
     assert resumed["global_step"] == STEPS
     assert resumed["losses"][-1] == pytest.approx(straight["losses"][-1], rel=1e-5)
-    a = _weights(assets["root"] / f"straight-{tag}" / "model", lora)
-    b = _weights(assets["root"] / f"resumed-{tag}" / "model", lora)
+    a = _weights(Path(straight["model_dir"]), lora)
+    b = _weights(Path(resumed["model_dir"]), lora)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
-@pytest.mark.parametrize("config", ["multi_gpu.yaml", "deepspeed_zero2.yaml"])
-def test_a_nan_loss_on_one_process_skips_the_step_on_all(assets, config):
-    """Process 1's loss is NaN at step 2: no process applies that update, the skip is counted, the log stays finite."""
-    tag = config.removesuffix(".yaml")
-    poisoned = run(assets, f"poisoned-{tag}", config, False, "--max_steps", "2", "--poison_step", "2")
-    run(assets, f"one-step-{tag}", config, False, "--max_steps", "1")
+def test_checkpoint_saved_under_zero2_resumes_under_the_same_stage(runs):
+    """The ZeRO-2 full-tuning run saves checkpoint-2 on its way to step 3; a second run resumes from it (weights,
+    DeepSpeed's optimizer state, the step) and ends where the uninterrupted run did."""
+    straight = runs["deepspeed_zero2-full"]
+    resumed = runs["resumed-deepspeed_zero2-full"]
+    _assert_resumed_like_straight(straight, resumed, Path(straight["model_dir"]) / "checkpoint-2", lora=False)
+
+
+@pytest.mark.slow  # ZeRO-3 resume takes a minute on 2 cores; ZeRO-2 keeps resume in every run
+def test_checkpoint_saved_under_zero3_resumes_under_the_same_stage(assets):
+    config, lora, tag = "deepspeed_zero3.yaml", True, "deepspeed_zero3-lora"
+    straight = run(assets, f"straight-{tag}", config, lora)
+    run(assets, f"interrupted-{tag}", config, lora, "--max_steps", "2", *SAVE_AT_STEP_2)
+    resumed = run(
+        assets, f"resumed-{tag}", config, lora, "--resume_from_checkpoint",
+        str(assets["root"] / f"interrupted-{tag}" / "model" / "checkpoint-2"),
+    )  # fmt: skip
+    _assert_resumed_like_straight(
+        straight, resumed, assets["root"] / f"interrupted-{tag}" / "model" / "checkpoint-2", lora
+    )
+
+
+@pytest.mark.parametrize("config", ["multi_gpu", "deepspeed_zero2"])
+def test_a_nan_loss_on_one_process_skips_the_step_on_all(runs, assets, config):
+    """Process 1's loss is NaN at step 2 (checkpoints after steps 1 and 2): no process applies that update (the
+    weights saved at the end are checkpoint-1's, bit for bit, on every process), the skip is counted, the log stays
+    finite. Step 1 was an ordinary step: the clean run's loss, and weights that moved."""
+    poisoned = runs[f"poisoned-{config}"]
     logs = [h for h in poisoned["log_history"] if "loss" in h]
     assert [h["nonfinite_skipped"] for h in logs] == [0, 1]
     assert all(math.isfinite(h["loss"]) for h in logs)
-    a = _weights(assets["root"] / f"one-step-{tag}" / "model", lora=False)
-    b = _weights(assets["root"] / f"poisoned-{tag}" / "model", lora=False)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    assert logs[0]["loss"] == pytest.approx(runs[f"{config}-full"]["losses"][0], rel=1e-6)
+    model_dir = Path(poisoned["model_dir"])
+    after_step_1 = _weights(model_dir / "checkpoint-1", lora=False)
+    final = _weights(model_dir, lora=False)
+    original = _weights(assets["pipeline"], lora=False)
+    assert final.keys() == after_step_1.keys() == original.keys()
+    assert any(not torch.equal(after_step_1[key], original[key]) for key in original)
+    for key in final:
+        torch.testing.assert_close(final[key], after_step_1[key], rtol=0, atol=0, msg=key)
+    assert poisoned["process_weight_spread"] == 0.0
 
 
-def test_latent_cache_is_built_once_and_trains_like_the_uncached_single_process(assets, single_process):
+def test_latent_cache_is_built_once_and_trains_like_the_uncached_single_process(runs, assets):
     """Under two processes the main process encodes, the other loads the same cache; the draws match an uncached
     single process (the cache holds the posterior, not a sample)."""
     cache_dir = assets["root"] / "latent-cache"
-    report = run(assets, "ddp-cached", "multi_gpu.yaml", True, "--cache_latents", "true", "--latent_cache_dir",
-                 str(cache_dir))
-    assert report["losses"] == pytest.approx(single_process[True]["losses"], rel=1e-3)
+    report = runs["ddp-cached"]
+    assert report["losses"] == pytest.approx(runs["single-lora"]["losses"], rel=1e-3)
     assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1  # one fingerprinted cache, written once
 
 
-def test_sdxl_example_under_zero3_trains_like_one_process(sdxl_assets):
+def test_sdxl_example_under_zero3_trains_like_one_process(runs):
     """examples/train_sdxl.py under ZeRO-3: both text encoders stay whole (the naive load would partition them),
     the reference copy is a DeepSpeed engine, and losses, saved weights and the reference behave as on one process."""
     # beta 500: with the default 5000 this tiny SDXL's loss reaches 2.8 in 3 steps, where float summation noise
     # (1e-7 in the errors) is amplified past 1e-3 in the loss.
-    single = run(sdxl_assets, "sdxl-single-full", None, False, "--beta", "500")
-    report = run(sdxl_assets, "sdxl-zero3-full", "deepspeed_zero3.yaml", False, "--beta", "500")
+    single, report = runs["sdxl-single-full"], runs["sdxl-zero3-full"]
     assert report["zero_stage"] == 3 and report["num_processes"] == 2
     assert set(report["frozen_partitioned"]) == {"vae", "text_encoder", "text_encoder_2"}
     assert not any(report["frozen_partitioned"].values())
@@ -231,17 +390,13 @@ def test_sdxl_example_under_zero3_trains_like_one_process(sdxl_assets):
     assert report["saved_files"] == single["saved_files"]
 
 
-def test_gradient_accumulation_over_two_processes_matches_one_process(assets):
+def test_gradient_accumulation_over_two_processes_matches_one_process(runs):
     """2 processes x 1 pair x 2 accumulated micro-batches against 1 process x 2 pairs x 2: the same micro-batches,
     draws and lambdas (global scope), hence the same logged losses. (Weights are not compared element-wise: AdamW
     turns float noise in near-zero gradients into +-lr updates.) A learning rate of 1e-4 keeps the loss away from 0,
     where beta = 5000 turns float summation order into relative differences above 1e-3 (at 1e-3 the third loss is
     ~0.002)."""
-    lr = ("--learning_rate", "1e-4")
-    single = run(assets, "accumulate-single", None, False, "--per_device_train_batch_size", "2",
-                 "--gradient_accumulation_steps", "2", *lr)
-    report = run(assets, "accumulate-ddp", "multi_gpu.yaml", False, "--per_device_train_batch_size", "1",
-                 "--gradient_accumulation_steps", "2", *lr)
+    single, report = runs["accumulate-single"], runs["accumulate-ddp"]
     assert report["global_step"] == single["global_step"] == STEPS
     assert single["losses"][1] != pytest.approx(single["losses"][0], rel=1e-2)  # the weights moved between steps
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
@@ -273,12 +428,11 @@ def test_zero3_init_disabled_lifts_and_restores_the_zero3_registration():
         assert not is_deepspeed_zero3_enabled()
 
 
-def test_bf16_mixed_precision_under_ddp_behaves_as_one_process(assets):
+def test_bf16_mixed_precision_under_ddp_behaves_as_one_process(runs):
     """bf16 autocast on two processes (DDP; DeepSpeed's bf16 needs a GPU): the same lambdas as one bf16 process, a
     bf16 reference equal to the original rounded to bf16, finite losses. beta 500, as in the SDXL tests: at 5000 the
     bf16 rounding of the tiny latents' errors, times beta, moved the third loss by 40% with TRL's LoRA settings."""
-    single = run(assets, "bf16-single-beta500", None, True, "--bf16", "true", "--use_cpu", "true", "--beta", "500")
-    report = run(assets, "bf16-ddp", "multi_gpu.yaml", True, "--bf16", "true", "--beta", "500")
+    single, report = runs["bf16-single-beta500"], runs["bf16-ddp"]
     assert report["distributed_type"].endswith("MULTI_CPU")
     assert all(math.isfinite(x) for x in report["losses"]) and report["losses"][0] == pytest.approx(math.log(2))
     assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
@@ -292,14 +446,8 @@ def test_bf16_mixed_precision_under_ddp_behaves_as_one_process(assets):
 
 # ------------------------------------------------------------------------- the parameter-space safeguard under DDP
 
-PARAMETER = ("--safeguard_space", "parameter")
 
-
-@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"])
-def test_parameter_space_global_scope_on_two_processes_trains_like_one(assets, lora):
-    tuning = "lora" if lora else "full"
-    single = run(assets, f"single-parameter-{tuning}", None, lora, *PARAMETER)
-    report = run(assets, f"ddp-parameter-global-{tuning}", "multi_gpu.yaml", lora, *PARAMETER)
+def _parameter_space_global_scope_on_two_processes_trains_like_one(single: dict, report: dict) -> None:
     assert report["num_processes"] == 2 and report["global_step"] == STEPS
     # lambda from the globally averaged g_w and g_l is the one-process lambda of the same global batch, and the
     # combined gradient, all-reduced once, is the one-process gradient.
@@ -310,6 +458,20 @@ def test_parameter_space_global_scope_on_two_processes_trains_like_one(assets, l
     assert report["process_weight_spread"] == 0.0
     assert report["reference_max_abs_change"] == 0.0
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
+def test_parameter_space_global_scope_on_two_processes_trains_like_one(runs):
+    _parameter_space_global_scope_on_two_processes_trains_like_one(
+        runs["single-parameter-lora"], runs["ddp-parameter-global-lora"]
+    )
+
+
+@pytest.mark.slow
+def test_parameter_space_global_scope_on_two_processes_trains_like_one_full_tuning(assets):
+    _parameter_space_global_scope_on_two_processes_trains_like_one(
+        run(assets, "single-parameter-full", None, False, *PARAMETER),
+        run(assets, "ddp-parameter-global-full", "multi_gpu.yaml", False, *PARAMETER),
+    )
 
 
 @pytest.mark.slow
@@ -332,20 +494,21 @@ def test_parameter_space_local_scope_gives_each_process_its_own_lambda_and_one_r
     ],
     ids=["zero2-lora-accumulated", "zero1-lora", "zero2-full"],
 )
-def test_parameter_space_under_zero_1_2_trains_like_one_process(assets, config, lora, accumulate):
+def test_parameter_space_under_zero_1_2_trains_like_one_process(runs, assets, config, lora, accumulate):
     """The engine keeps the reduced sum: the winner pass goes through it, the loser's gradient is taken beside it and
     handed over scaled by lambda. Global scope: the one-process lambdas, and losses that follow the same weights.
     (Weights are not compared element-wise: AdamW turns float noise in near-zero gradients into +-lr updates.)"""
     tuning = "lora" if lora else "full"
     batch = ("--gradient_accumulation_steps", "2") if accumulate else ()
-    single = run(
-        assets, f"single-parameter-{tuning}{'-accumulated' if accumulate else ''}", None, lora, *PARAMETER, *batch,
+    suffix = "-accumulated" if accumulate else ""
+    single = _named_run(
+        runs, assets, f"single-parameter-{tuning}{suffix}", None, lora, *PARAMETER, *batch,
         *(("--per_device_train_batch_size", "2") if accumulate else ()),
-    )
-    report = run(
-        assets, f"{config.removesuffix('.yaml')}-parameter-{tuning}", config, lora, *PARAMETER, *batch,
+    )  # fmt: skip
+    report = _named_run(
+        runs, assets, f"{config.removesuffix('.yaml')}-parameter-{tuning}{suffix}", config, lora, *PARAMETER, *batch,
         *(("--per_device_train_batch_size", "1") if accumulate else ()),
-    )
+    )  # fmt: skip
     assert report["num_processes"] == 2 and report["zero_stage"] == int(config[len("deepspeed_zero")])
     assert report["global_step"] == single["global_step"] == STEPS
     assert any(lam < 1.0 for lam in single["lambdas"])  # the safeguard engaged
@@ -376,11 +539,35 @@ def test_parameter_space_local_scope_under_zero2_keeps_the_processes_in_step(ass
 def test_parameter_space_under_zero3_is_refused_before_training(assets):
     out = assets["root"] / "zero3-parameter"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero3.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-        str(ROOT / "examples" / "train_sd15.py"), "--model_name_or_path", str(assets["pipeline"]),
-        "--dataset_name", str(assets["data"]), "--output_dir", str(out), "--resolution", "32", "--max_steps", "1",
-        "--per_device_train_batch_size", "1", "--report_to", "none", "--save_strategy", "no", "--use_peft",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / "deepspeed_zero3.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "examples" / "train_sd15.py"),
+        "--model_name_or_path",
+        str(assets["pipeline"]),
+        "--dataset_name",
+        str(assets["data"]),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "32",
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "1",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_peft",
         *PARAMETER,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -394,13 +581,11 @@ def test_parameter_space_under_zero3_is_refused_before_training(assets):
 # accelerate engages FSDP only on accelerators; the worker lifts that gate on CPU (tests only), so these runs go
 # through accelerate's own FSDP2 path (fully_shard over the gloo group) with the shipped fsdp2.yaml.
 
-FSDP2 = "fsdp2.yaml"
-
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_fsdp2_two_processes_train_like_one(assets, single_process, lora):
-    report = run(assets, f"fsdp2-{'lora' if lora else 'full'}", FSDP2, lora)
-    single = single_process[lora]
+def test_fsdp2_two_processes_train_like_one(runs, lora):
+    tuning = "lora" if lora else "full"
+    report, single = runs[f"fsdp2-{tuning}"], runs[f"single-{tuning}"]
     assert report["distributed_type"].endswith("FSDP") and report["num_processes"] == 2
     assert report["global_step"] == STEPS
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
@@ -420,12 +605,12 @@ def test_fsdp2_two_processes_train_like_one(assets, single_process, lora):
 
 
 @pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"])
-def test_fsdp2_parameter_space_safeguard_on_two_processes_trains_like_one(assets, lora):
+def test_fsdp2_parameter_space_safeguard_on_two_processes_trains_like_one(runs, assets, lora):
     """FSDP2 reduce-scatters each branch's gradient: lambda from the shards' inner products, summed over processes,
     is that of one process with the same global batch."""
     tuning = "lora" if lora else "full"
-    single = run(assets, f"single-parameter-{tuning}", None, lora, *PARAMETER)
-    report = run(assets, f"fsdp2-parameter-{tuning}", FSDP2, lora, *PARAMETER)
+    single = _named_run(runs, assets, f"single-parameter-{tuning}", None, lora, *PARAMETER)
+    report = _named_run(runs, assets, f"fsdp2-parameter-{tuning}", FSDP2, lora, *PARAMETER)
     assert report["distributed_type"].endswith("FSDP") and report["global_step"] == STEPS
     assert any(lam < 1.0 for lam in single["lambdas"])
     assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
@@ -435,10 +620,28 @@ def test_fsdp2_parameter_space_safeguard_on_two_processes_trains_like_one(assets
 
 @pytest.mark.slow
 def test_fsdp2_parameter_space_with_gradient_accumulation_matches_one_process(assets):
-    single = run(assets, "accumulate-parameter-single", None, True, *PARAMETER, "--per_device_train_batch_size", "2",
-                 "--gradient_accumulation_steps", "2")
-    report = run(assets, "accumulate-parameter-fsdp2", FSDP2, True, *PARAMETER, "--per_device_train_batch_size", "1",
-                 "--gradient_accumulation_steps", "2")
+    single = run(
+        assets,
+        "accumulate-parameter-single",
+        None,
+        True,
+        *PARAMETER,
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+    )
+    report = run(
+        assets,
+        "accumulate-parameter-fsdp2",
+        FSDP2,
+        True,
+        *PARAMETER,
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+    )
     assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
 
@@ -453,8 +656,19 @@ def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_run(assets, lora, state_d
     tag = f"fsdp2-{'lora' if lora else 'full'}-{state_dict_type}"
     launch = ("--fsdp_state_dict_type", state_dict_type)
     straight = run(assets, f"straight-{tag}", FSDP2, lora, launch=launch)
-    run(assets, f"interrupted-{tag}", FSDP2, lora, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
-        launch=launch)
+    run(
+        assets,
+        f"interrupted-{tag}",
+        FSDP2,
+        lora,
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        launch=launch,
+    )
     checkpoint = assets["root"] / f"interrupted-{tag}" / "model" / "checkpoint-2"
     names = {p.name for p in checkpoint.iterdir()}
     assert ("pytorch_lora_weights.safetensors" if lora else "unet") in names

@@ -4,6 +4,7 @@ resolved, the API reference generated from docstrings without a warning."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,4 +33,213 @@ def test_docs_site_builds_strictly(tmp_path):
         assert (site / page / "index.html").is_file(), page
     trainer_api = (site / "api" / "trainer" / "index.html").read_text()
     assert "DiffusionSDPOTrainer" in trainer_api and "create_model_card" in trainer_api
-    assert "safeguard_mu" in (site / "api" / "config" / "index.html").read_text()
+    config_api = (site / "api" / "config" / "index.html").read_text()
+    assert "<li><strong>safeguard_mu</strong>" in config_api  # HF parameter lists as list items, not run together
+    for page in sorted((site / "api").glob("*/index.html")):
+        html = page.read_text()
+        raw = re.findall(r":(?:class|func|meth|mod|attr|data|exc):`[^`]*`|\[`~?[\w.]+`\]", html)
+        assert not raw, f"{page.parent.name}: raw roles {raw[:5]}"
+    pages = {
+        name: (site / "api" / name / "index.html").read_text() for name in ("families", "data", "cli", "evaluation")
+    }
+    assert "StableDiffusion3Family" in pages["families"] and "FluxFamily" in pages["families"]
+    assert "build_sharded_latent_cache" in pages["data"] and "load_sharded_latent_cache" in pages["data"]
+    assert "run_cache" in pages["cli"] and "CacheArguments" in pages["cli"]
+    assert "register_scorer" in pages["evaluation"] and "available_scorers" in pages["evaluation"]
+
+
+# -- keeping the docs true --------------------------------------------------------------------------------------------
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A measured figure: a time, a size, a cost or a speed ratio (1.30x). Percentages, counts and settings are left out.
+FIGURE = re.compile(
+    r"(?<![\w.-])(?:\$\d[\d,.]*|\d+\.\d+x|\d[\d,]*(?:\.\d+)? ?(?:ms|s|min|minutes|h|hours|MB|GB|TB|MiB|GiB)(?!\w))"
+)
+# Where a figure comes from: a result file (benchmarks/results/ or the demo's docs/images/, named in full or by its
+# file name), a test, or a statement that it was computed (arithmetic) or observed without a file (not recorded).
+RESULT_FILE = re.compile(r"[\w{},*./-]*[\w}*]\.json")
+TEST_FILE = re.compile(r"tests/test_\w+\.py")
+NO_FILE = re.compile(r"\b(?:not recorded|arithmetic|computed)\b", re.IGNORECASE)
+
+
+def _sections(text: str) -> list[tuple[str, str]]:
+    """(heading, body) per Markdown section, fenced code and inline code left out (commands and formulas)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    text = re.sub(r"^\n((?: {4}.*\n)+)", "\n", text, flags=re.MULTILINE)  # indented code blocks
+    # inline code goes too, but for the sources it names (result files, tests)
+    text = re.sub(r"`[^`\n]*`", lambda m: m.group(0) if re.search(r"\.json`|^`tests/", m.group(0)) else "``", text)
+    parts = re.split(r"^(#{1,6} .*)$", text, flags=re.MULTILINE)
+    return [("(top)", parts[0])] + list(zip(parts[1::2], parts[2::2]))
+
+
+def _expand(name: str) -> list[str]:
+    """``cpu-small-{8,2}pairs.json`` -> both names."""
+    match = re.search(r"\{([^}]*)\}", name)
+    if not match:
+        return [name]
+    return [n for option in match.group(1).split(",") for n in _expand(name.replace(match.group(0), option, 1))]
+
+
+def _result_file_exists(name: str) -> bool:
+    """A path from the repository root or the docs folder, or a bare name of a file in ``benchmarks/results/``."""
+    name = name.lstrip("./")
+    candidates = [ROOT / name, ROOT / "docs" / name, ROOT / "benchmarks" / "results" / os.path.basename(name)]
+    return any(path.is_file() for candidate in candidates for path in candidate.parent.glob(candidate.name))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_every_quoted_figure_names_where_it_comes_from(page: Path) -> None:
+    """A section that quotes a time, a size, a cost or a speed ratio names its result file or test (or says the
+    figure is computed or not recorded), and every result file and test a page names exists."""
+    text = page.read_text()
+    unsourced = []
+    for heading, body in _sections(text):
+        figures = FIGURE.findall(body)
+        named = [n for found in RESULT_FILE.findall(body) for n in _expand(found) if _result_file_exists(n)]
+        if figures and not (named or TEST_FILE.search(body) or NO_FILE.search(body)):
+            unsourced.append(f"{heading.strip()}: {figures[:4]}")
+    assert not unsourced, f"{page.name}: figures without a source: {unsourced}"
+    for found in RESULT_FILE.findall(text):
+        # result files: paths under results/ or images/, or kebab-case names (the outputs that commands write,
+        # trainer_state.json and the like, are named in prose too)
+        if "results/" in found or "images/" in found or ("/" not in found and "-" in found):
+            for name in _expand(found):
+                assert _result_file_exists(name), f"{page.name} names {name}, which does not exist"
+    for name in TEST_FILE.findall(text):
+        assert (ROOT / name).is_file(), f"{page.name} names {name}, which does not exist"
+
+
+def test_the_shipped_demo_base_has_the_size_the_docs_quote() -> None:
+    base = ROOT / "trl_diffusion_sdpo" / "demo" / "base"
+    size_mb = sum(f.stat().st_size for f in base.rglob("*") if f.is_file()) / 1e6
+    for page in (ROOT / "README.md", ROOT / "docs" / "demo.md"):
+        assert f"{size_mb:.1f} MB" in page.read_text(), page.name
+
+
+def test_the_api_pages_render_the_docstrings_roles_and_parameter_lists(tmp_path) -> None:
+    """No Sphinx role or Hugging Face link shows as raw text, and the config's parameters are list items."""
+    pytest.importorskip("mkdocstrings_handlers.python")
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        from _griffe_docstrings import rewrite_docstring
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    text = (
+        "See :class:`~trl_diffusion_sdpo.DiffusionSDPOConfig` and :mod:`.data.latent_cache`, or [`~transformers.X`].\n"
+        "\n> Parameters that control the objective\n\nbeta (`float`, *optional*, defaults to `5000.0`):\n"
+        "    KL strength.\n    Second line.\nmapo_beta (`float`), mapo_snr_value (`float`,\n    *optional*):\n"
+        "    MaPO's.\n"
+    )
+    rendered = rewrite_docstring(text, "trl_diffusion_sdpo")
+    assert (
+        '<autoref identifier="trl_diffusion_sdpo.DiffusionSDPOConfig" optional><code>DiffusionSDPOConfig</code>'
+        in rendered
+    )
+    assert (
+        'identifier="trl_diffusion_sdpo.data.latent_cache"' in rendered and 'identifier="transformers.X"' in rendered
+    )
+    assert "**Parameters that control the objective**" in rendered
+    assert "- **beta** (`float`, *optional*, defaults to `5000.0`):\n  KL strength.\n  Second line." in rendered
+    assert "- **mapo_beta** (`float`), mapo_snr_value (`float`, *optional*):\n  MaPO's." in rendered
+
+
+# Where a command line starts: the console script, ``python -m trl_diffusion_sdpo`` (also under accelerate launch) and
+# the example scripts, which are the train command under another name.
+COMMAND = re.compile(
+    r"(?:trl-diffusion-sdpo|-m trl_diffusion_sdpo|python -m trl_diffusion_sdpo)\s+(train|cache|evaluate|demo)\b"
+    r"|(?:examples/train_(?:sd15|sdxl|flow)\.py)()"
+)
+
+
+def _command_lines(text: str) -> list[str]:
+    """Every command line in fenced code (continuation lines joined) and in inline code."""
+    lines = []
+    for block in re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.DOTALL):
+        lines += block.replace("\\\n", " ").splitlines()
+    lines += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL))
+    return lines
+
+
+def _help(command: str, capsys) -> str:
+    from trl_diffusion_sdpo.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_every_command_and_flag_the_docs_name_exists(capsys) -> None:
+    helps = {command: _help(command, capsys) for command in ("train", "cache", "evaluate", "demo")}
+    missing = []
+    for page in PAGES:
+        for line in _command_lines(page.read_text()):
+            for match in COMMAND.finditer(line):
+                command = match.group(1) or "train"
+                rest = re.split(r"&&|\||;|#", line[match.end() :])[0]
+                for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+                    if flag == "--config" and command in ("train", "cache"):
+                        flag = "--config FILE.yaml"
+                    if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps[command]):
+                        missing.append(f"{page.name}: {command} {flag}")
+    assert not missing, missing
+
+
+def test_every_link_of_the_readme_resolves() -> None:
+    """The README is not part of the site (whose links ``mkdocs build --strict`` checks): its own relative links."""
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert links
+    for link in links:
+        if link.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.exists(), f"README links to {link}, which does not exist"
+        if anchor and target.suffix == ".md":
+            headings = [
+                re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.*)$", target.read_text(), flags=re.MULTILINE)
+            ]
+            assert anchor in headings, f"README links to {link}: no such heading"
+
+
+def test_the_sdxl_recipe_table_is_what_sdxl_full_yaml_holds_but_the_two_named_settings() -> None:
+    """docs/sdxl.md's table of the authors' recipe against examples/configs/sdxl_full.yaml: every ``field=value`` of
+    its last column is the parsed config's value, except ``independent_augmentation`` and ``fixed_time_ids``, the two
+    the page says the file leaves at our defaults."""
+    import ast
+
+    from trl_diffusion_sdpo.scripts.train import parse_args
+
+    page = (ROOT / "docs" / "sdxl.md").read_text()
+    table = page.split("## Full tuning with the authors' SDXL recipe", 1)[1].split("\n\n", 2)[1]
+    settings = dict(re.findall(r"`(\w+)=([^`]+)`", table))
+    assert len(settings) >= 12, settings
+    _, config, _, _ = parse_args(["--config", str(ROOT / "examples" / "configs" / "sdxl_full.yaml"), "--use_cpu"])
+    differ = {}
+    for name, text in settings.items():
+        value = ast.literal_eval(text)
+        actual = getattr(config, name)
+        actual = getattr(actual, "value", actual)  # enums (optim, lr_scheduler_type)
+        if actual != value:
+            differ[name] = (value, actual)
+    assert differ == {"independent_augmentation": (True, False), "fixed_time_ids": (True, False)}
+
+
+def test_where_the_exact_safeguard_runs_is_stated_once_and_the_same_everywhere() -> None:
+    """docs/safeguard.md#engines states it; the config's help says the same; no page restates it another way."""
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+
+    page = (ROOT / "docs" / "safeguard.md").read_text()
+    statement = " ".join(page.split("{#engines}", 1)[1].split("\n## ", 1)[0].split())
+    allowed = (
+        'one process, under DDP, under DeepSpeed ZeRO-1 and ZeRO-2, and under FSDP2 with `safeguard_scope="global"`'
+    )
+    refused = 'under DeepSpeed ZeRO-3, under FSDP1 and under FSDP2 with `safeguard_scope="local"`'
+    assert allowed in statement and refused in statement
+    docstring = " ".join(DiffusionSDPOConfig.__doc__.split())
+    assert 'Runs on one process, DDP, DeepSpeed ZeRO-1/2 and FSDP2 with `safeguard_scope="global"`' in docstring
+    assert "refused under ZeRO-3, FSDP1 and FSDP2 with the local scope" in docstring
+    stale = re.compile(r"DDP only|refused under DeepSpeed(?! ZeRO-3)|not available under DeepSpeed", re.IGNORECASE)
+    for page in PAGES:
+        assert not stale.search(page.read_text()), page.name

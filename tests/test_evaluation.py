@@ -333,3 +333,49 @@ def test_sdxl_sampling_encodes_the_empty_negative_prompt_at_the_requested_size(t
     # "" is encoded by both text encoders; None would make SDXL use zero embeddings (force_zeros_for_empty_prompt).
     assert negatives == [["", ""]] and pipe.config.force_zeros_for_empty_prompt
     assert [image.size for image in images] == [(32, 32), (32, 32)]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("layout", ["output_folder", "transformer_folder"])
+def test_a_flow_model_full_tuning_output_is_evaluated_with_its_transformer(tmp_path, family, layout):
+    """SD3/FLUX full tuning saves ``transformer/`` (no ``unet/``): evaluate swaps it into the base pipeline."""
+    from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+
+    build = build_tiny_sd3_pipeline if family == "sd3" else build_tiny_flux_pipeline
+    build(seed=0, tokenizer_dir=str(tmp_path / "tok")).save_pretrained(str(tmp_path / "base"))
+    tuned = build(seed=1, tokenizer_dir=str(tmp_path / "tok1")).transformer
+    tuned.save_pretrained(str(tmp_path / "out" / "transformer"))  # what save_model writes for a full-tuned model
+    path = tmp_path / "out" if layout == "output_folder" else tmp_path / "out" / "transformer"
+    device = torch.device("cpu")
+    base = load_base_pipeline(str(tmp_path / "base"), FAST, device)
+    before = np.asarray(sample_images(base, ["a cat"], [0], FAST)[0])
+    with variant_pipeline(base, ModelSpec("full", str(path)), FAST, device) as pipe:
+        assert type(pipe) is type(base) and pipe.transformer is not base.transformer
+        for key, value in tuned.state_dict().items():
+            torch.testing.assert_close(pipe.transformer.state_dict()[key], value)
+        tuned_images = np.asarray(sample_images(pipe, ["a cat"], [0], FAST)[0])
+    assert not np.array_equal(before, tuned_images)
+
+
+def test_a_transformer_output_is_refused_for_a_unet_base(tmp_path, model_dirs):
+    from trl_diffusion_sdpo.tiny_models import build_tiny_sd3_pipeline
+
+    build_tiny_sd3_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok")).transformer.save_pretrained(
+        str(tmp_path / "out" / "transformer")
+    )
+    base = load_base_pipeline(model_dirs["base"], FAST, torch.device("cpu"))
+    with pytest.raises(ValueError, match="holds a transformer"):
+        with variant_pipeline(base, ModelSpec("x", str(tmp_path / "out")), FAST, torch.device("cpu")):
+            pass
+
+
+def test_evaluate_help_lists_the_registered_scorers_and_prompt_presets(capsys):
+    from trl_diffusion_sdpo.evaluation import PROMPT_PRESETS, available_scorers
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    packed = "".join(out.split())  # argparse wraps lines, also at the hyphen of clip-cosine
+    assert "registered:" + ",".join(available_scorers()) + ";" in packed  # read from the registry when asked
+    assert "Preset(" + ",".join(PROMPT_PRESETS) + ")" in packed
+    assert "%%" not in out and "95%intervals" in packed and "transformer/" in out

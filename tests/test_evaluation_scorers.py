@@ -23,13 +23,12 @@ from trl_diffusion_sdpo.evaluation.scorers import (
     build_scorer,
     register_scorer,
 )
-from trl_diffusion_sdpo.evaluation.scorers.image_reward import (
-    IMAGE_REWARD_MEAN,
-    IMAGE_REWARD_STD,
-    text_config_from_med,
-)
+from trl_diffusion_sdpo.evaluation.scorers.image_reward import text_config_from_med
 
 torch.set_num_threads(1)
+# The published normalisation, not the package's copy (THUDM/ImageReward, ImageReward/ImageReward.py, class
+# ImageReward: self.mean = 0.16717362830052426, self.std = 1.0333394966054072).
+IMAGE_REWARD_MEAN, IMAGE_REWARD_STD = 0.16717362830052426, 1.0333394966054072
 PROMPTS = ["a red cube", "two blue spheres", "a green field", "an orange cat"]
 DATA = os.path.join(os.path.dirname(__file__), "data")
 

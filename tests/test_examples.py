@@ -71,10 +71,18 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         "sd15": (0.9, True, 16, 16),
         "sdxl": (0.6, True, 16, 16),
         "sd3_lora": (0.5, True, 32, 64),
-        "sd3_full": (0.5, False, None, None),
+        "sd3_full": (0.5, True, None, None),
         "flux_lora": (0.5, True, 16, 16),
+        "qwen_image_lora": (0.5, True, 16, 16),
+        "z_image_lora": (0.5, True, 16, 16),
         "wan": (0.5, False, 16, 16),
-    }[next(k for k in ("sd15", "sdxl", "sd3_lora", "sd3_full", "flux_lora", "wan") if config_path.stem.startswith(k))]
+    }[
+        next(
+            k
+            for k in ("sd15", "sdxl", "sd3_lora", "sd3_full", "flux_lora", "qwen_image_lora", "z_image_lora", "wan")
+            if config_path.stem.startswith(k)
+        )
+    ]
     assert config.safeguard and config.safeguard_mu == mu
     assert script_args.dataset_streaming is streamed
     if config.num_frames is None:  # image models train on Pick-a-Pic; wan_lora names a placeholder video dataset
@@ -86,6 +94,20 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
     else:
         assert peft_config is None
     assert diffusion_args.max_train_rows is None
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_use_no_deprecated_training_argument(config_path: Path) -> None:
+    """transformers warns (FutureWarning, hidden by the suite's filter) for a deprecated TrainingArguments name such as
+    gradient_checkpointing; the shipped configs use the current names (activation_checkpointing)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, config, _, _ = parse_args(["--config", str(config_path), "--output_dir", "/tmp/unused", "--use_cpu"])
+    deprecated = [str(w.message) for w in caught if "deprecated" in str(w.message)]
+    assert not deprecated, deprecated
+    assert config.activation_checkpointing is True
 
 
 def test_train_help_comes_from_the_field_docs(capsys) -> None:
@@ -137,6 +159,51 @@ def test_train_command_trains_and_saves_from_local_folders(tmp_path: Path, famil
         assert any(not torch.equal(before[k], after[k]) for k in before)
     config = json.loads((out / "training_config.json").read_text())
     assert config["learning_rate"] == 1e-4 and config["max_steps"] == 2
+    card = (out / "README.md").read_text()  # the model card, as TRL's scripts write beside the weights
+    assert data_dir in card and "Diffusion-SDPO" in card and "tuning" in card
+
+
+def test_train_help_describes_the_command_and_marks_what_it_does_not_offer(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "Train Diffusion-DPO / Diffusion-SDPO" in out and "--config FILE.yaml" in out
+    assert "--no_scale_lr, --no-scale-lr Set scale_lr to False" in out  # not the field's own help, the opposite
+    for refused in ("--load_in_4bit [", "--lora_task_type LORA", "--attn_implementation ATTN"):
+        assert refused not in out  # hidden from the options; the epilog says why
+    assert "--load_in_4bit, --load_in_8bit" in out and "--lora_task_type is ignored" in out
+    assert "the shipped configs use 0.0" in out and "to_q, to_k, to_v, to_out.0" in out
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", True), ("True", True), ("false", None), ("FALSE", None), ("out/checkpoint-4", "out/checkpoint-4")],
+)
+def test_resume_flag_is_read_as_users_write_it(value, expected) -> None:
+    _, config, _, _ = parse_args(["--output_dir", "/tmp/unused", "--use_cpu", "--resume_from_checkpoint", value])
+    assert config.resume_from_checkpoint == expected
+
+
+def test_train_command_resumes_from_the_newest_checkpoint_with_resume_true(local_pipeline_and_data, tmp_path) -> None:
+    pipe_dir, data_dir = local_pipeline_and_data
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(out), "--use_peft",
+            "--lora_r", "4", *FAST, "--save_strategy", "steps", "--save_steps", "2"]
+    with pytest.raises(ValueError, match="No complete checkpoint"):  # true reaches the trainer as True, not a path
+        train_main([*argv, "--resume_from_checkpoint", "true"])
+    train_main(argv)  # max_steps 2: checkpoint-2
+    # Mark checkpoint-2's logged history: a resumed run carries it on, a fresh start would log step 1 anew.
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    first_loss = next(entry for entry in state["log_history"] if "loss" in entry)
+    first_loss["loss"] = 12345.0
+    state_file.write_text(json.dumps(state))
+    manifest = out / "checkpoint-2" / "checkpoint_manifest.json"
+    if manifest.is_file():  # the checkpoint's checksums cover trainer_state.json; keep the marked file valid
+        manifest.unlink()
+    resumed = train_main([*argv, "--max_steps", "3", "--resume_from_checkpoint", "true"])
+    losses = {entry["step"]: entry["loss"] for entry in resumed.state.log_history if "loss" in entry}
+    assert resumed.state.global_step == 3 and sorted(losses) == [1, 2, 3] and losses[1] == 12345.0
 
 
 @pytest.mark.slow
@@ -162,3 +229,21 @@ def test_quickstart_trains_saves_and_reloads(tmp_path: Path) -> None:
     assert (tmp_path / "qs" / "pytorch_lora_weights.safetensors").is_file()
     for key in ("eval_loss", "eval_implicit_acc", "eval_delta/winner", "eval_delta/loser"):
         assert np.isfinite(metrics[key])
+
+
+def test_train_command_writes_the_model_card_at_every_save(local_pipeline_and_data, tmp_path, monkeypatch) -> None:
+    from trl_diffusion_sdpo import DiffusionSDPOTrainer
+
+    pipe_dir, data_dir = local_pipeline_and_data
+    written = []
+    original = DiffusionSDPOTrainer.create_model_card
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        written.append((self.state.global_step, (Path(self.args.output_dir) / "README.md").is_file()))
+
+    monkeypatch.setattr(DiffusionSDPOTrainer, "create_model_card", record)
+    train_main(["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path / "out"),
+                "--use_peft", "--lora_r", "4", *FAST, "--save_strategy", "steps", "--save_steps", "1"])
+    assert written == [(1, True), (2, True), (2, True)]  # after checkpoint-1, checkpoint-2, and the final save
+    assert data_dir in (tmp_path / "out" / "README.md").read_text()

@@ -151,3 +151,17 @@ def test_the_train_script_takes_lora_targets_from_the_family(make_pipeline) -> N
         "to_add_out",
     }
     assert StableDiffusion3Family.lora_target_modules == FluxFamily.lora_target_modules
+
+
+def test_a_matched_pipeline_the_family_cannot_train_is_refused_saying_why() -> None:
+    # SD-shaped (a UNet, one text encoder slot) but without its text encoder and tokenizer
+    with pytest.raises(ValueError, match="needs a `text_encoder` and a `tokenizer`"):
+        family_for_pipeline(SimpleNamespace(unet=torch.nn.Linear(2, 2), text_encoder=None, tokenizer=None))
+    # SDXL-shaped (two text encoders) but refiner-like: no first text encoder
+    refiner = SimpleNamespace(
+        unet=SimpleNamespace(config=SimpleNamespace(addition_embed_type="text_time")),
+        text_encoder=None,
+        text_encoder_2=torch.nn.Linear(2, 2),
+    )
+    with pytest.raises(ValueError, match="not an SDXL base pipeline"):
+        family_for_pipeline(refiner)

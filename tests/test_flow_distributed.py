@@ -15,7 +15,12 @@ from conftest import pickapic_rows
 from datasets import Dataset
 from test_distributed import STEPS, run
 
-from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from trl_diffusion_sdpo.tiny_models import (
+    build_tiny_flux_pipeline,
+    build_tiny_qwen_image_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_z_image_pipeline,
+)
 
 pytest.importorskip("deepspeed")
 
@@ -41,6 +46,15 @@ def flow_assets(tmp_path_factory) -> dict[str, dict[str, Path]]:
             "example": "flow",
         }
         assets[kind]["root"].mkdir()
+    for kind, build in (("qwen-image", build_tiny_qwen_image_pipeline), ("z-image", build_tiny_z_image_pipeline)):
+        build(seed=0, tokenizer_dir=str(root / f"tok-{kind}")).save_pretrained(root / kind)
+        assets[kind] = {
+            "root": root / f"runs-{kind}",
+            "pipeline": root / kind,
+            "data": root / "data",
+            "example": "flow",
+        }
+        assets[kind]["root"].mkdir()
     return assets
 
 
@@ -51,6 +65,10 @@ CASES = [
     ("flux", "deepspeed_zero2.yaml", 2, True),
     ("flux", "deepspeed_zero3.yaml", 3, False),
     ("sd3", "deepspeed_zero3.yaml", 3, True),
+    ("qwen-image", "multi_gpu.yaml", None, True),
+    ("qwen-image", "deepspeed_zero2.yaml", 2, False),
+    ("z-image", "multi_gpu.yaml", None, True),
+    ("z-image", "deepspeed_zero2.yaml", 2, False),
 ]
 
 

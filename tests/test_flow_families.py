@@ -501,3 +501,15 @@ def test_resuming_a_flow_run_gives_the_weights_of_an_uninterrupted_one(
     assert any(not torch.equal(interrupted[k], resumed[k]) for k in resumed)  # the resumed run trained
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_every_registered_flow_family_declares_its_default_beta_and_learning_rate_with_a_source() -> None:
+    from trl_diffusion_sdpo.families import FlowMatchingFamily, registered_families
+    from trl_diffusion_sdpo.families.flow import UNET_SCALE_BETA
+
+    flow = [f for f in registered_families() if issubclass(f, FlowMatchingFamily)]
+    assert {"stable-diffusion-3", "flux", "qwen-image", "z-image"} <= {f.name for f in flow}
+    for family in flow:
+        assert 0 < family.default_beta < UNET_SCALE_BETA, family.name  # the warning never fires on the default
+        assert 0 < family.default_learning_rate < 1e-2, family.name
+        assert len(family.defaults_source) > 20, family.name

@@ -94,3 +94,14 @@ def test_images_whose_scale_cannot_be_known_are_refused_naming_the_row_and_colum
     assert "row 1, column 'rejected'" in str(info.value)
     with pytest.raises(ValueError, match=message):
         load_image(image)
+
+
+def test_a_dark_16_bit_file_that_pillow_opens_as_mode_i_is_read_as_16_bit():
+    # A 16-bit PGM (maxval 65535) opens in mode I; all its values (200) lie within 8 bits, yet they are 16-bit
+    # values: 200 / 257 rounds to 1, a nearly black image, not the mid-grey 200 that the 8-bit reading gives.
+    pgm = b"P5\n4 4\n65535\n" + np.full((4, 4), 200, dtype=">u2").tobytes()
+    assert Image.open(io.BytesIO(pgm)).mode == "I"
+    rgb = np.asarray(load_image(pgm))
+    assert rgb.shape == (4, 4, 3) and (rgb == round(200 / 257)).all()
+    # An 8-bit PGM of the same values stays 200.
+    assert (np.asarray(load_image(b"P5\n4 4\n255\n" + bytes([200] * 16))) == 200).all()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from datasets import Dataset
@@ -312,3 +314,20 @@ def test_a_streamed_dataset_cannot_be_cached(tmp_path):
     streamed = Dataset.from_list(_rows()).to_iterable_dataset()
     with pytest.raises(ValueError, match="map-style"):
         DiffusionSDPOTrainer(build_tiny_sd_pipeline(), args=_config(tmp_path), train_dataset=streamed)
+
+
+def test_a_change_of_the_image_conversion_rules_makes_a_new_cache(tmp_path, monkeypatch):
+    from trl_diffusion_sdpo.data import images, latent_cache
+
+    with open(images.__file__, "rb") as f:  # the rules' source and the decoder's version, hashed independently
+        expected = hashlib.sha256(f.read() + PIL.__version__.encode()).hexdigest()
+    assert images.image_conversion_digest() == expected
+    pipeline = build_tiny_sd_pipeline()
+    first = DiffusionSDPOTrainer(pipeline, args=_config(tmp_path), train_dataset=Dataset.from_list(_rows()))
+    monkeypatch.setattr(latent_cache, "image_conversion_digest", lambda: "rules after an edit of data/images.py")
+    calls = []
+    encode = pipeline.vae.encode
+    pipeline.vae.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    second = DiffusionSDPOTrainer(pipeline, args=_config(tmp_path), train_dataset=Dataset.from_list(_rows()))
+    assert second.train_dataset.cache_files != first.train_dataset.cache_files
+    assert calls  # encoded again, not reused

@@ -125,6 +125,11 @@ class FakeHfApi:
             return future
         return "commit-url"
 
+    def run_as_future(self, fn, *args, **kwargs):  # HfApi's background thread, run at once
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
 
 def card_metadata(readme: str) -> dict:
     assert readme.startswith("---\n")

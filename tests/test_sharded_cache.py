@@ -273,3 +273,14 @@ def test_the_cache_command_reads_the_training_yaml_with_its_training_only_keys(t
     assert cache.manifest["resolution"] == RESOLUTION and not cache.flipped and len(cache.manifest["shards"]) == 3
     with pytest.raises(ValueError, match="cache_chunk_sise"):  # a mistyped flag is an error naming it, not ignored
         main(["cache", "--config", str(config), "--latent_cache", str(folder), "--cache_chunk_sise", "2"])
+
+
+def test_a_cache_encoded_under_other_image_conversion_rules_is_refused_by_the_trainer(tmp_path, dataset):
+    pipe = build_tiny_sd_pipeline(seed=0)
+    folder = tmp_path / "c"
+    build_sharded_latent_cache(dataset, _args(tmp_path), family_for_pipeline(pipe), str(folder))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["image_conversion"] = "digest of the rules before an edit of data/images.py"  # the cache, edited on disk
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="other image-conversion rules"):
+        DiffusionSDPOTrainer(pipe, None, _args(tmp_path), load_sharded_latent_cache(str(folder)))

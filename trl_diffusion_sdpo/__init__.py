@@ -12,17 +12,42 @@ from ._lazy import lazy_attributes
 
 __version__ = "0.1.0.dev0"
 
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+    from .config import DiffusionSDPOConfig
+    from .distributed import load_pipeline, zero3_init_disabled
+    from .engines import Engine, engine_for
+    from .evaluation.scorers import Scorer, register_scorer
+    from .families import FlowMatchingFamily, ModelFamily, Noiser, family_for_pipeline, register_family
+    from .objectives import (
+        OBJECTIVES,
+        PreferenceObjective,
+        build_objective,
+        objective_from_config,
+        register_objective,
+    )
+    from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
+    from .trainer import DiffusionSDPOTrainer
+
 # Public name -> the submodule that defines it, imported when the name is first used.
 _EXPORTS = {
     "DiffusionSDPOConfig": ".config",
     "DiffusionSDPOTrainer": ".trainer",
+    # extension points: a model family and its noiser, an objective, an engine, a scorer
+    "Engine": ".engines",
+    "FlowMatchingFamily": ".families",
     "ModelFamily": ".families",
+    "Noiser": ".families",
     "OBJECTIVES": ".objectives",
     "PreferenceObjective": ".objectives",
     "Scorer": ".evaluation.scorers",
     "build_objective": ".objectives",
+    "engine_for": ".engines",
+    "family_for_pipeline": ".families",
     "load_pipeline": ".distributed",
+    "objective_from_config": ".objectives",
     "parameter_space_lambda": ".step.safeguard",
+    "register_family": ".families",
+    "register_objective": ".objectives",
     "register_scorer": ".evaluation.scorers",
     "safeguarded_gradients": ".step.safeguard",
     "winner_preserving_lambda": ".step.safeguard",
@@ -33,13 +58,21 @@ __all__ = [
     "OBJECTIVES",
     "DiffusionSDPOConfig",
     "DiffusionSDPOTrainer",
+    "Engine",
+    "FlowMatchingFamily",
     "ModelFamily",
+    "Noiser",
     "PreferenceObjective",
     "Scorer",
     "__version__",
     "build_objective",
+    "engine_for",
+    "family_for_pipeline",
     "load_pipeline",
+    "objective_from_config",
     "parameter_space_lambda",
+    "register_family",
+    "register_objective",
     "register_scorer",
     "safeguarded_gradients",
     "winner_preserving_lambda",
@@ -47,12 +80,3 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
-
-if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
-    from .config import DiffusionSDPOConfig
-    from .distributed import load_pipeline, zero3_init_disabled
-    from .evaluation.scorers import Scorer, register_scorer
-    from .families import ModelFamily
-    from .objectives import OBJECTIVES, PreferenceObjective, build_objective
-    from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
-    from .trainer import DiffusionSDPOTrainer

@@ -29,11 +29,14 @@ class CacheArguments:
 
 
 def run_cache(argv: list[str] | None = None) -> int:
+    """``trl-diffusion-sdpo cache``: parse ``argv`` (the ``train`` command's options plus :class:`CacheArguments`)
+    and encode this process's shard into ``--latent_cache``; returns the exit status."""
     from trl import TrlParser
 
-    from .scripts.train import ARGUMENT_TYPES, build_pipeline, check_supported, load_train_split
+    from .scripts.train import ARGUMENT_TYPES, add_config_argument, build_pipeline, check_supported, load_train_split
 
     parser = TrlParser((*ARGUMENT_TYPES, CacheArguments), prog="trl-diffusion-sdpo cache")
+    add_config_argument(parser)
     script_args, args, model_args, diffusion_args, cache_args = parser.parse_args_and_config(argv)  # exits on --help
     import torch
     from accelerate import PartialState

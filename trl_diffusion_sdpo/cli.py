@@ -10,7 +10,9 @@ import sys
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser. ``evaluate_choices``: the registered scorers and prompt presets that ``evaluate
+    --help`` lists (read from the evaluation package only when that command runs, see :func:`main`)."""
     parser = argparse.ArgumentParser(
         prog="trl-diffusion-sdpo",
         description="Preference tuning of text-to-image diffusion models with Diffusion-DPO and Diffusion-SDPO.",
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
     )
     add_demo_arguments(demo)
-    add_evaluate_parser(commands)
+    add_evaluate_parser(commands, *(evaluate_choices or ([], [])))
     # Listed here for --help; its own parser (the training config's fields) takes its arguments, see main().
     commands.add_parser(
         "cache",
@@ -42,48 +44,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_evaluate_parser(commands) -> argparse.ArgumentParser:
-    """The ``evaluate`` subcommand: generate, score and compare a base model and its variants."""
+def add_evaluate_parser(
+    commands, scorers: list[str] | None = None, presets: list[str] | None = None
+) -> argparse.ArgumentParser:
+    """The ``evaluate`` subcommand: generate, score and compare a base model and its variants. ``scorers`` and
+    ``presets`` (the registry's names) are listed in its help."""
+    listed = f"registered: {', '.join(scorers)}; " if scorers else ""
+    presets_listed = ", ".join(presets) if presets else "a registered name"
     evaluate = commands.add_parser(
         "evaluate",
         help="Generate images for a prompt set from a base model and its variants, score them, compare.",
         description=(
             "Sample every model on the prompt set with the SDPO authors' protocol (Euler, 50 steps, guidance 8.5, "
             "native resolution, seed-0 noise for every prompt; images cached), score them, and write scores.csv, "
-            "summary.csv/json (means with bootstrap 95%% intervals), win_rates.csv/json, plots/ and grid.png."
+            "summary.csv/json (means with bootstrap 95% intervals), win_rates.csv/json, plots/ and grid.png. "
+            "Models of every family: SD1.x/2.x and SDXL UNets, SD3/SD3.5 and FLUX.1 transformers (LoRA folders, "
+            "full-tuning outputs with unet/ or transformer/, or whole pipelines)."
         ),
     )
     evaluate.add_argument("--base", required=True, help="Base pipeline: Hub id or local folder.")
-    evaluate.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="A variant: LoRA folder/file, UNet or pipeline folder, Hub id, or .pth UNet state dict (repeatable).",
-    )
-    evaluate.add_argument(
-        "--prompts",
-        default="partiprompts",
-        help="Preset (pickapic_v2, partiprompts, hpdv2), a .txt file, or a dataset id/folder (default: %(default)s).",
-    )
+    evaluate.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                          help="A variant: LoRA folder/file, a full-tuning output (pipeline folder, or a folder with "
+                          "unet/ or transformer/), a UNet or transformer folder, Hub id, or .pth UNet state dict "
+                          "(repeatable).")
+    evaluate.add_argument("--prompts", default="partiprompts", help=f"Preset ({presets_listed}), a "
+                          ".txt file, or a dataset id/folder (default: %(default)s).")
     evaluate.add_argument("--prompt-column", default=None, help="Prompt column of a dataset.")
     evaluate.add_argument("--prompt-split", default=None, help="Split of a dataset.")
     evaluate.add_argument("--prompt-path", default=None, help="Read a preset from this local copy.")
     evaluate.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
-    evaluate.add_argument(
-        "--scorer",
-        action="append",
-        default=None,
-        metavar="NAME",
-        help="Registered scorer (repeatable; default: pickscore).",
-    )
-    evaluate.add_argument(
-        "--scorer-arg",
-        action="append",
-        default=[],
-        metavar="NAME.KEY=VALUE",
-        help="Argument of a scorer, e.g. pickscore.model=/path (VALUE parsed as JSON if it can be).",
-    )
+    evaluate.add_argument("--scorer", action="append", default=None, metavar="NAME",
+                          help=f"Scorer ({listed}repeatable; default: pickscore).")
+    evaluate.add_argument("--scorer-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
+                          help="Argument of a scorer, e.g. pickscore.model=/path (VALUE parsed as JSON if it can be).")
     evaluate.add_argument("--output-dir", default="evaluation", help="Output folder (default: %(default)s).")
     evaluate.add_argument("--cache-dir", default=None, help="Image cache (default: OUTPUT_DIR/images).")
     evaluate.add_argument(
@@ -189,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         from .cache_cli import run_cache
 
         return run_cache(argv[1:])
-    args = build_parser().parse_args(argv)
+    evaluate_choices = None
+    if argv[:1] == ["evaluate"]:  # the evaluation package is imported only for the command that uses it
+        from .evaluation.prompts import PROMPT_PRESETS
+        from .evaluation.scorers import available_scorers
+
+        evaluate_choices = (available_scorers(), list(PROMPT_PRESETS))
+    args = build_parser(evaluate_choices).parse_args(argv)
     if args.command == "demo":
         from .demo.cli import run_from_args
 

@@ -74,7 +74,9 @@ class DiffusionSDPOConfig(TrainingArguments):
         pass), which treats the UNet's Jacobians on the two branches as equal. `"parameter"`: the exact rule, from
         the gradients of the loss's winner and loser terms over the trainable weights, one backward pass per branch
         (one extra gradient-sized buffer; see `docs/safeguard.md` for its guarantee, cost and the measured
-        difference). Not available under DeepSpeed or FSDP.
+        difference). Runs on one process, DDP, DeepSpeed ZeRO-1/2 and FSDP2 with `safeguard_scope="global"`;
+        refused under ZeRO-3, FSDP1 and FSDP2 with the local scope (`docs/safeguard.md`, "Where the exact rule
+        runs").
     safeguard_scope (`str`, *optional*, defaults to `"local"`):
         Which samples one ``lambda`` covers when several processes train. `"local"` (the authors' choice): each
         process computes ``lambda`` from its own micro-batch. `"global"`: the two sums behind ``lambda`` are summed
@@ -157,6 +159,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         What to do when a micro-batch's loss, or the gradient norm of an optimizer step, is NaN or infinite.
         `"skip"`: its gradients never reach the optimizer (the optimizer step that would include it is skipped and
         counted in `nonfinite_skipped`). `"raise"`: save a checkpoint of the last good state and stop with an error.
+    preemption_signals (`list[str]`, *optional*, defaults to `["SIGTERM", "SIGUSR1"]`):
+        Signals (what SLURM and Kubernetes send before killing a job) on which training finishes the current
+        optimizer step, writes a checkpoint, logs its path and exits with status 75; resuming with
+        `resume_from_checkpoint=True` continues bit-exactly. Every process stops after the same step. `[]` (or
+        `["none"]`) turns it off. See `docs/reliability.md`.
 
     > Parameters that control evaluation
 
@@ -183,13 +190,18 @@ class DiffusionSDPOConfig(TrainingArguments):
     learning_rate (`float`, defaults to `1e-8`) with scale_lr (`bool`, defaults to `True`):
         The authors' recipe: the learning rate is multiplied by ``processes * per_device_batch * accumulation``
         (2.048e-5 at their effective batch of 2048 pairs). Set `scale_lr=False` to use `learning_rate` as given.
-    lr_scheduler_type (defaults to `"constant_with_warmup"`), warmup_steps (defaults to `500`),
-    max_grad_norm (`1.0`), logging_steps (`10`), ddp_backend and use_cpu (when several processes run on a machine
-    without CUDA: `"gloo"`, and `use_cpu=True` outside DeepSpeed; otherwise accelerate would run each process as a
-    lone one, or disagree with DeepSpeed about the number of processes), remove_unused_columns (`False`: the
-    collator needs the image columns), logging_nan_inf_filter (`False`: its check makes the host wait for the
-    device every step; the trainer keeps non-finite micro-batch losses out of the logged loss on the device
-    instead).
+    lr_scheduler_type, warmup_steps, max_grad_norm (defaults to `"constant_with_warmup"`, `500`, `1.0`):
+        The authors' schedule (constant after a linear warmup) and gradient clipping.
+    logging_steps (defaults to `10`):
+        Log every 10 optimizer steps.
+    ddp_backend, use_cpu (when several processes run on a machine without CUDA):
+        `"gloo"`, and `use_cpu=True` outside DeepSpeed; otherwise accelerate would run each process as a lone one,
+        or disagree with DeepSpeed about the number of processes.
+    remove_unused_columns (defaults to `False`):
+        The collator needs the image columns.
+    logging_nan_inf_filter (defaults to `False`):
+        Its check makes the host wait for the device every step; the trainer keeps non-finite micro-batch losses out
+        of the logged loss on the device instead.
     """
 
     # Objective
@@ -314,6 +326,11 @@ class DiffusionSDPOConfig(TrainingArguments):
             "choices": ["skip", "raise"],
         },
     )
+    preemption_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        metadata={"help": "Signals that stop training after the current step with a checkpoint and exit status 75 "
+                  "(docs/reliability.md); [] or 'none': off."},
+    )
     # Evaluation
     eval_seed: int = field(default=0, metadata={"help": "Seed of the fixed evaluation noise and timesteps."})
     validation_prompts: list[str] | None = field(
@@ -381,6 +398,9 @@ class DiffusionSDPOConfig(TrainingArguments):
             raise ValueError(f"max_sequence_length must be positive, got {self.max_sequence_length}")
         if self.on_nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite_loss must be 'skip' or 'raise', got {self.on_nonfinite_loss!r}")
+        from .io.preemption import parse_signals  # validates the names
+
+        parse_signals(self.preemption_signals)
         if self.cache_latents and self.random_crop:
             raise ValueError(
                 "cache_latents=True cannot be combined with random_crop=True: each step would need a new crop of the "

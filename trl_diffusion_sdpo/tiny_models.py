@@ -1,9 +1,11 @@
 """Small diffusion pipelines built from configs, for tests, the CPU demo and CPU benchmarks.
 
-They are real diffusers pipelines (UNet or transformer, VAE, CLIP, T5 and UMT5 text encoders, tokenizers, scheduler),
-only narrow. The CLIP tokenizer is character-level: its vocabulary is CLIP's 256 byte symbols (plus word-final
-forms), written to a folder so nothing is downloaded. The T5 tokenizer is a character-level Unigram
-(sentencepiece-style) model built from a vocabulary list, also offline.
+They are real diffusers pipelines (UNet or transformer, VAE, CLIP, T5, UMT5, Qwen2.5-VL or Qwen3 text encoders,
+tokenizers, scheduler), only narrow. The CLIP tokenizer is character-level: its vocabulary is CLIP's 256 byte
+symbols (plus word-final forms), written to a folder so nothing is downloaded. The T5 tokenizer is a
+character-level Unigram (sentencepiece-style) model built from a vocabulary list, also offline. The Qwen tokenizer
+is byte-level BPE without merges (one token per byte) plus Qwen's chat special tokens and a Qwen3-style chat
+template.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -27,12 +30,14 @@ from diffusers import (
     UNet2DConditionModel,
     WanPipeline,
     WanTransformer3DModel,
+    ZImagePipeline,
 )
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -42,11 +47,14 @@ from transformers import (
 
 __all__ = [
     "build_tiny_flux_pipeline",
+    "build_tiny_qwen_image_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_sd_pipeline",
     "build_tiny_sdxl_pipeline",
     "build_tiny_wan_pipeline",
+    "build_tiny_z_image_pipeline",
     "write_char_tokenizer",
+    "write_qwen_tokenizer",
     "write_t5_tokenizer",
 ]
 
@@ -422,5 +430,157 @@ def build_tiny_wan_pipeline(seed: int = 0, tokenizer_dir: str | None = None, max
         text_encoder=text_encoder,
         vae=vae,
         scheduler=_flow_scheduler(shift=3.0),
+        transformer=transformer,
+    )
+
+
+# Qwen's chat markers and a Qwen3-style chat template (the generation prompt, and the empty thinking block when
+# ``enable_thinking=False``), enough for ``apply_chat_template`` as the Z-Image pipeline calls it.
+_QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+# The words of QwenImagePipeline's prompt template, one token each as in Qwen's real BPE vocabulary: the template's
+# prefix is then 34 tokens, the pipeline's ``prompt_template_encode_start_idx``, and dropping it keeps the prompt.
+_QWEN_TEMPLATE_WORDS = (
+    "system", "user", "assistant", "Describe", " the", " image", " by", " detailing", " color", " shape", " size",
+    " texture", " quantity", " text", " spatial", " relationships", " of", " objects", " and", " background",
+)  # fmt: skip
+
+
+def write_qwen_tokenizer(directory: str, max_length: int = 64) -> Qwen2Tokenizer:
+    """Write a byte-level Qwen2 tokenizer (one token per byte, no merges, plus whole-word tokens for the words of
+    Qwen-Image's prompt template) with Qwen's chat special tokens (``<|endoftext|>`` pads) and a chat template to
+    ``directory``, and load it back."""
+    os.makedirs(directory, exist_ok=True)
+    vocab = {symbol: index for index, symbol in enumerate(dict.fromkeys(_bytes_to_unicode()))}
+    for token in _QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    tokenizer.add_tokens(list(_QWEN_TEMPLATE_WORDS))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL_TOKENS[1:])})
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return Qwen2Tokenizer.from_pretrained(directory)
+
+
+def _qwen_text_config(vocab_size: int, hidden: int, pad_token_id: int) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=pad_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def build_tiny_qwen_image_pipeline(
+    seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 64, guidance_embeds: bool = False
+) -> QwenImagePipeline:
+    """A tiny Qwen-Image-style pipeline: the double-stream MMDiT transformer with 3-axis RoPE, a Qwen2.5-VL text
+    encoder (tiny vision tower included, unused by text-to-image), the Qwen-Image VAE (causal 3D convolutions, a
+    temporal axis of one frame, per-channel ``latents_mean``/``latents_std``; 4x spatial downsampling here), and a
+    flow-matching scheduler with Qwen-Image's dynamic-shift settings."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(os.path.join(tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-"), "tokenizer"),
+                                     max_length)  # fmt: skip
+    hidden, latent_channels = 16, 4
+    text_config = _qwen_text_config(len(tokenizer), hidden, tokenizer.pad_token_id)
+    text_config["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}  # halves of the 8-wide heads
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden),
+        vocab_size=len(tokenizer),
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * latent_channels,  # latents are packed into 2x2 patches
+        out_channels=latent_channels,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=hidden,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=latent_channels,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=(torch.randn(latent_channels, generator=generator) * 0.3).tolist(),
+        latents_std=(1.0 + torch.rand(latent_channels, generator=generator)).tolist(),
+    )
+    scheduler = _flow_scheduler(
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+def build_tiny_z_image_pipeline(
+    seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 64
+) -> ZImagePipeline:
+    """A tiny Z-Image-style pipeline: the single-stream S3-DiT transformer (noise and caption refiners, 3-axis
+    RoPE), a Qwen3 text encoder with a chat-template tokenizer, a FLUX-style VAE with Z-Image's latent scale and
+    shift, and a flow-matching scheduler with a static shift of 3.0 (Z-Image-Turbo's scheduler config)."""
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(os.path.join(tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-"), "tokenizer"),
+                                     max_length)  # fmt: skip
+    hidden, latent_channels = 16, 4
+    text_encoder = Qwen3Model(
+        Qwen3Config(head_dim=8, **_qwen_text_config(len(tokenizer), hidden, tokenizer.pad_token_id))
+    ).eval()
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=latent_channels,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=hidden,
+        axes_dims=[4, 6, 6],
+        axes_lens=[256, 32, 32],
+    )
+    vae = _vae(
+        (8, 8, 8, 8),
+        latent_channels=latent_channels,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+    )
+    return ZImagePipeline(
+        scheduler=_flow_scheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         transformer=transformer,
     )

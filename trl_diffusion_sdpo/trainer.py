@@ -27,6 +27,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .config import DiffusionSDPOConfig
 from .data.scoring import RewardFn
+from .data.stream_guard import StreamGuard
 from .data.training_data import prepare_training_data
 from .distributed import all_reduce_sum, check_not_partitioned, load_pipeline
 from .engines import Engine, engine_for
@@ -174,6 +175,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             save_checkpoint=lambda: self._save_checkpoint(self.model, trial=None),
         )
         self.add_callback(NonFiniteLossGuard(self.nonfinite))
+        self.stream_guard = StreamGuard(self)  # an optimizer step without a valid pair is never applied
+        self.add_callback(self.stream_guard)
         if args.validation_prompts:
             self._add_validation(args)
 
@@ -337,6 +340,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
     def _batch(self, inputs: dict[str, torch.Tensor], mode: str) -> tuple[dict[str, torch.Tensor] | None, bool]:
         """The batch stage: count the rows the collator skipped; a micro-batch with none left is left out (one
         process) or replayed with weight zero (several; see :class:`.step.batch.UsableBatches`)."""
+        if mode == "train":
+            self.stream_guard.observe(inputs)  # valid pairs and skipped rows per optimizer step
         self._metrics[mode]["data/skipped_rows"].append(inputs["num_skipped"].detach().float())
         return self.batches(inputs, mode, self.accelerator.num_processes, self.accelerator.process_index)
 

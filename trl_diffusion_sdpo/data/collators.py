@@ -55,6 +55,7 @@ class PreferenceCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixels, time_ids, prompts, scores = [], [], [], []
         skipped = 0
+        reasons: list[str] = []  # one per skipped row, for data.stream_guard's error
         for row in rows:
             # Rows of a map-style dataset were validated up front; this guards streamed rows.
             try:
@@ -66,6 +67,7 @@ class PreferenceCollator:
                 pair = order_pair(row, self.columns)  # a bad label or score raises, naming its column
                 if pair is None:  # a tie
                     skipped += 1
+                    reasons.append("a tie (equal labels or scores)")
                     continue
                 winner_column, loser_column = (self.columns.first, self.columns.second)
                 if pair[0] is not row[self.columns.first]:
@@ -77,6 +79,7 @@ class PreferenceCollator:
                 where = f"streamed row {position}" if position is not None else "a bad row"
                 logger.warning("Skipping %s: %s", where, err)
                 skipped += 1
+                reasons.append(f"{where}: {err}")
                 continue
             if self.crops_later:
                 pair_pixels, pair_ids = self.transform.resized_pair(winner, loser)
@@ -89,6 +92,7 @@ class PreferenceCollator:
         batch: dict[str, torch.Tensor] = {
             "time_ids": torch.stack(time_ids) if time_ids else torch.empty(0, 2, 6),
             "num_skipped": torch.tensor(skipped, dtype=torch.float32),
+            "skip_reasons": reasons,
         }
         if self.crops_later:
             batch["pixel_values"], batch["crop_sizes"] = _padded_pairs(pixels, self.transform.pixel_shape)

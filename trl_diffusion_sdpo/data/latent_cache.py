@@ -23,7 +23,8 @@ Random crops cannot be cached (every step would need a new crop of the pixels); 
 
 Where and when the cache is reused: the table lives in ``<cache dir>/<fingerprint>/latents.arrow`` where the
 fingerprint hashes the model family, the VAE and text-encoder configs, a digest of their weights (see
-:func:`frozen_weights_digest`), the tokenizers' vocabularies, the transform settings, the dataset's own
+:func:`frozen_weights_digest`), the tokenizers' vocabularies, the transform settings, the image-conversion
+rules (:func:`.images.image_conversion_digest`), the dataset's own
 ``datasets`` fingerprint, the resolved columns and :data:`CACHE_VERSION`. A later run with the same inputs loads
 the table instead of encoding. Under several processes only the main process encodes; the others wait and load.
 """
@@ -45,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from ..families import ModelFamily, PromptEmbeddings
 from .collators import pair_scores
+from .images import image_conversion_digest
 from .progress import datasets_progress_bars
 from .transforms import PairTransform
 from .validation import PreferenceColumns, order_pair
@@ -141,6 +143,7 @@ def cache_fingerprint(
         "transform": {"resolution": resolution, "crop": "center", "flipped_copies": flipped}
         # The clip only for video data, so that image caches keep their names.
         | ({} if columns.clip is None else {"clip": [columns.clip.num_frames, columns.clip.frame_stride]}),
+        "image_conversion": image_conversion_digest(),  # the rules turning every PIL mode into RGB
         # Score columns only when present, so that caches made before they existed keep their names.
         "columns": [columns.prompt, columns.first, columns.second, columns.label]
         + ([columns.score_0, columns.score_1] if columns.scored else []),
@@ -184,10 +187,9 @@ class _FrozenEncoders:
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure_ready()
-        vae = self.family.vae
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            distribution = vae.encode(pixels.to(device=self.device, dtype=torch.float32)).latent_dist
-        return distribution.mean.float().cpu(), distribution.std.float().cpu()
+        # Through the family: it knows its VAE's input layout (Qwen-Image's VAE takes a frame axis).
+        mean, std = self.family.encode_moments(pixels.to(device=self.device, dtype=torch.float32))
+        return mean.cpu(), std.cpu()
 
     @torch.no_grad()
     def prompts(self, prompts: list[str]) -> PromptEmbeddings:
@@ -199,14 +201,11 @@ class _FrozenEncoders:
 
 
 def _latent_shape(family: ModelFamily, resolution: int, clip: VideoClip | None = None) -> tuple[int, ...]:
-    """``(C, h, w)`` of an image's latents, or ``(C, F', h, w)`` of a video clip's (Wan's VAE: the first frame kept,
-    the others compressed ``scale_factor_temporal``-fold; ``scale_factor_spatial`` in space)."""
-    config = family.vae.config
-    if clip is not None:
-        side = resolution // config.scale_factor_spatial
-        return config.z_dim, (clip.num_frames - 1) // config.scale_factor_temporal + 1, side, side
-    factor = 2 ** (len(config.block_out_channels) - 1)
-    return config.latent_channels, resolution // factor, resolution // factor
+    """``(C, h, w)`` of an image's latents (``family.latent_shape``), or ``(C, F', h, w)`` of a video clip's (the
+    video family's ``latent_shape`` for ``clip.num_frames`` frames)."""
+    if clip is None:
+        return family.latent_shape(resolution)
+    return family.latent_shape(resolution, num_frames=clip.num_frames)
 
 
 def _features(latent_shape: tuple[int, ...], empty: PromptEmbeddings, flipped: bool, scored: bool = False) -> Features:

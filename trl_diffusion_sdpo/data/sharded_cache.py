@@ -48,6 +48,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..families import ModelFamily
+from .images import image_conversion_digest
 from .latent_cache import (
     CACHE_VERSION,
     CachedPreferenceCollator,
@@ -121,6 +122,8 @@ class ShardedLatentCache(LatentCache):
             problems.append("no mirrored views, but random_flip=True")
         if not problems and m["weights_digest"] != frozen_weights_digest(family.frozen_modules()):
             problems.append("other VAE or text-encoder weights")
+        if m.get("image_conversion", image_conversion_digest()) != image_conversion_digest():
+            problems.append("other image-conversion rules (data/images.py or Pillow's version changed since)")
         if problems:
             raise ValueError(
                 f"The latent cache in {self.directory} was built with {'; '.join(problems)}. Rebuild it with "
@@ -217,7 +220,8 @@ def build_sharded_latent_cache(
             ``random_crop`` (must be ``False``), ``skip_invalid_rows``, ``loss_type`` for score columns).
         family: the pipeline's model family (VAE, text encoders, tokenizers).
         output_dir: the cache folder.
-        rank, world_size: this process and the number of processes.
+        rank: this process's index.
+        world_size: the number of processes.
         device: where to encode.
         chunk_size: source rows per chunk: the unit of resumption and of one shard file.
         batch_size: pairs per VAE batch.
@@ -241,6 +245,7 @@ def build_sharded_latent_cache(
         "cache_version": CACHE_VERSION,
         "family": family.name,
         "weights_digest": frozen_weights_digest(family.frozen_modules()),
+        "image_conversion": image_conversion_digest(),  # the rules turning every PIL mode into RGB
         "resolution": args.resolution,
         "flipped": bool(args.random_flip),
         "columns": dataclasses.asdict(columns),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import to_rgb
+from .images import stored_bits, to_rgb
 
 __all__ = ["PairTransform", "load_image", "mirrored_time_ids", "resized_size"]
 
@@ -31,8 +31,9 @@ def load_image(value: Any) -> Image.Image:
         raise ValueError("image is missing (None)")
     else:
         raise ValueError(f"cannot read an image from a {type(value).__name__}")
+    bits = stored_bits(image)  # before load(), which forgets the decoder's raw mode
     image.load()
-    return to_rgb(image)
+    return to_rgb(image, bits)
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:

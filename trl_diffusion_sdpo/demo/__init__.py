@@ -2,9 +2,10 @@
 
 Run it with ``trl-diffusion-sdpo demo --output-dir DIR`` or ``python -m trl_diffusion_sdpo.demo`` (all options).
 Modules: :mod:`.shapes` (procedural images and the colour reward), :mod:`.scorer` (that reward as a ``Scorer``),
-:mod:`.pretrain` (the shipped base model, its recipe and check), :mod:`.pairs` (sampling and ranking),
-:mod:`.methods` (the compared methods), :mod:`.stats` (intervals), :mod:`.plots` (figures), :mod:`.run`
-(orchestration and the summary) and :mod:`.cli` (options).
+:mod:`.pretrain` (the shipped base model, its recipe and pretraining), :mod:`.base_check` (its check and
+rebuild), :mod:`.pairs` (sampling and ranking), :mod:`.methods` (the compared methods), :mod:`.recipe` (the demo's
+settings), :mod:`.run` (the runs), :mod:`.report` (summary and tables), :mod:`.stats` (intervals), :mod:`.plots`
+(figures) and :mod:`.cli` (options).
 """
 
 from __future__ import annotations
@@ -13,16 +14,24 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_attributes
 
+if TYPE_CHECKING:
+    from .base_check import check_base, rebuild_and_check
+    from .methods import METHODS, Method
+    from .pretrain import PretrainRecipe, load_base, load_or_pretrain
+    from .recipe import DemoRecipe
+    from .run import run_demo, run_pretrain
+    from .scorer import ColourRewardScorer
+
 _EXPORTS = {
     "METHODS": ".methods",
     "ColourRewardScorer": ".scorer",
     "DemoRecipe": ".recipe",
     "Method": ".methods",
     "PretrainRecipe": ".pretrain",
-    "check_base": ".pretrain",
+    "check_base": ".base_check",
     "load_base": ".pretrain",
     "load_or_pretrain": ".pretrain",
-    "rebuild_and_check": ".pretrain",
+    "rebuild_and_check": ".base_check",
     "run_demo": ".run",
     "run_pretrain": ".run",
 }
@@ -43,10 +52,3 @@ __all__ = [
 
 # Resolved on first use, so that ``trl-diffusion-sdpo --help`` builds the demo's options without importing torch.
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
-
-if TYPE_CHECKING:
-    from .methods import METHODS, Method
-    from .pretrain import PretrainRecipe, check_base, load_base, load_or_pretrain, rebuild_and_check
-    from .recipe import DemoRecipe
-    from .run import run_demo, run_pretrain
-    from .scorer import ColourRewardScorer

@@ -53,11 +53,13 @@ with ``mu = 0.6`` (their SDXL setting) and ``0.2`` (their SD1.5 DSPO setting) as
 exact rule from per-branch parameter gradients at ``mu = 0.9``."""
 
 
-def method_unavailable(method: Method) -> str | None:
-    """Why the installed trainer cannot run ``method`` (then the demo skips it and says so), or ``None``."""
-    from ..config import DiffusionSDPOConfig  # imported here: the CLI reads METHODS for --help without transformers
+def method_unavailable(method: Method, config_class: type | None = None) -> str | None:
+    """Why the installed trainer (its config, ``config_class``, by default ``DiffusionSDPOConfig``) cannot run
+    ``method`` (then the demo skips it and says so), or ``None``."""
+    if config_class is None:
+        from ..config import DiffusionSDPOConfig as config_class  # here: --help reads METHODS without transformers
 
-    fields = {f.name for f in dataclasses.fields(DiffusionSDPOConfig)}
+    fields = {f.name for f in dataclasses.fields(config_class)}
     if method.safeguard_space is not None and "safeguard_space" not in fields:
         return (
             "the installed DiffusionSDPOConfig has no safeguard_space field (this trainer predates the exact "

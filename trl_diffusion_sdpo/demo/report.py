@@ -110,6 +110,15 @@ def _where(stats: dict[str, Any] | None) -> str:
     return "above 0" if low > 0 else "below 0" if high < 0 else "interval includes 0"
 
 
+def _table(width: int, columns: list[tuple[str, int]], cells: list[tuple[str, list[str]]]) -> list[str]:
+    """A header, a rule and one line per label, each cell right-aligned in its column's width."""
+    header = f"{'':{width}}" + "".join(f"{name:>{size}}" for name, size in columns)
+    lines = [header, "-" * len(header)]
+    for label, row in cells:
+        lines.append(f"{label:{width}}" + "".join(f"{cell:>{size}}" for cell, (_, size) in zip(row, columns)))
+    return lines
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """Two console tables (held-out reward; training diagnostics), each cell a mean with its 95% interval, then
     where each interval lies relative to zero."""
@@ -117,26 +126,40 @@ def format_table(summary: dict[str, Any]) -> str:
     width = max(len(r["label"]) for r in results.values()) + 2
     n = max(r["reward"]["n"] for r in results.values())
     lines = [f"Held-out reward (base {summary['base']['reward']:.3f}); mean over {n} training seed(s) [95% interval]"]
-    header = f"{'':{width}}{'reward':>27}{'change vs base (t)':>30}{'change (bootstrap)':>30}{'minus DPO (t)':>30}"
-    lines += [header, "-" * len(header)]
-    for r in results.values():
-        lines.append(
-            f"{r['label']:{width}}{_cell(r['reward'], 4):>27}{_cell(r['reward_change'], 4, True):>30}"
-            f"{_cell(r['reward_change_bootstrap'], 4, True):>30}{_cell(r.get('reward_minus_dpo'), 4, True):>30}"
+    columns = [("reward", 27), ("change vs base (t)", 30), ("change (bootstrap)", 30), ("minus DPO (t)", 30)]
+    cells = [
+        (
+            r["label"],
+            [
+                _cell(r["reward"], 4),
+                _cell(r["reward_change"], 4, True),
+                _cell(r["reward_change_bootstrap"], 4, True),
+                _cell(r.get("reward_minus_dpo"), 4, True),
+            ],
         )
+        for r in results.values()
+    ]
+    lines += _table(width, columns, cells)
     steps = summary["config"]["max_steps"]
     lines.append("")
     lines.append(
         f"Training diagnostics, mean over the last {max(1, round(steps * LAST_FRACTION))} of {steps} steps "
         "(delta = policy - reference denoising error)"
     )
-    header = f"{'':{width}}{'winner delta':>30}{'loser delta':>30}{'implicit acc':>22}{'mean lambda':>22}"
-    lines += [header, "-" * len(header)]
-    for r in results.values():
-        lines.append(
-            f"{r['label']:{width}}{_cell(r['winner_delta'], 5, True):>30}{_cell(r['loser_delta'], 5, True):>30}"
-            f"{_cell(r['implicit_acc'], 2):>22}{_cell(r.get('lambda_mean'), 3):>22}"
+    columns = [("winner delta", 30), ("loser delta", 30), ("implicit acc", 22), ("mean lambda", 22)]
+    cells = [
+        (
+            r["label"],
+            [
+                _cell(r["winner_delta"], 5, True),
+                _cell(r["loser_delta"], 5, True),
+                _cell(r["implicit_acc"], 2),
+                _cell(r.get("lambda_mean"), 3),
+            ],
         )
+        for r in results.values()
+    ]
+    lines += _table(width, columns, cells)
     lines.append("")
     for r in results.values():
         lines.append(

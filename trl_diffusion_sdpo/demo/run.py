@@ -32,10 +32,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import DiffusionSDPOConfig
 from ..trainer import DiffusionSDPOTrainer
+from .base_check import rebuild_and_check
 from .methods import METHODS, Method, method_unavailable, resolve_methods
 from .pairs import make_preference_pairs, sample_images
 from .plots import plot_error_deltas, plot_lambda, sample_grid
-from .pretrain import PretrainRecipe, load_base, rebuild_and_check, recipe_hash
+from .pretrain import PretrainRecipe, load_base, recipe_hash
 from .recipe import DemoRecipe
 from .report import final_mean, format_table, history_from_logs, mean_history, summarise_methods
 from .shapes import Caption, colour_reward, split_captions

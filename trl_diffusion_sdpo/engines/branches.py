@@ -43,6 +43,9 @@ import torch
 
 __all__ = ["BranchGradientSplitter", "EngineBranchGradients", "branch_cotangents"]
 
+Tensor = torch.Tensor
+Reduction = Callable[[list[torch.Tensor]], None]  # averages a list of tensors over processes, in place
+
 
 def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """This process's shard of an FSDP2 parameter or gradient (a view: in-place edits reach the DTensor)."""
@@ -132,12 +135,7 @@ class BranchGradientSplitter:
             for handle in handles:
                 handle.remove()
 
-    def backward_winner(
-        self,
-        outputs: torch.Tensor,
-        cotangents: torch.Tensor,
-        reduce_winner: Callable[[list[torch.Tensor]], None] | None = None,
-    ) -> torch.Tensor:
+    def backward_winner(self, outputs: Tensor, cotangents: Tensor, reduce_winner: Reduction | None = None) -> Tensor:
         """Backpropagate ``cotangents`` through the winner's ``outputs``; returns ``<g_w, g_w>`` in float32.
 
         ``reduce_winner``, if given, is applied to the buffered ``g_w`` before the norm (the global scope averages it
@@ -233,12 +231,7 @@ class EngineBranchGradients:
             self._buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
         return self._buffers
 
-    def backward_winner(
-        self,
-        outputs: torch.Tensor,
-        cotangents: torch.Tensor,
-        reduce_winner: Callable[[list[torch.Tensor]], None] | None = None,
-    ) -> torch.Tensor:
+    def backward_winner(self, outputs: Tensor, cotangents: Tensor, reduce_winner: Reduction | None = None) -> Tensor:
         """The engine's backward of ``<outputs, cotangents>``; returns ``<g_w, g_w>`` (float32) of the buffered
         ``g_w``: this process's gradient as the engine received it, after ``reduce_winner`` if given."""
         buffers = self._ensure_buffers()

@@ -13,6 +13,15 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_attributes
 
+if TYPE_CHECKING:
+    from .callback import ValidationCallback
+    from .compare import MetricSummary, WinRate, bootstrap_mean_ci, image_grid, summarise, win_rate, win_rate_table
+    from .generation import GenerationSettings, ImageCache, ModelSpec, generate_images, sample_images
+    from .prompts import PROMPT_PRESETS, load_prompts
+    from .run import EvaluationResult, evaluate
+    from .scorers import Scorer, available_scorers, build_scorer, register_scorer
+    from .video import sample_videos, score_videos
+
 # Resolved on first use: the scorers import transformers' CLIP and BLIP models, generation imports diffusers.
 _EXPORTS = {
     "PROMPT_PRESETS": ".prompts",
@@ -67,12 +76,3 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
-
-if TYPE_CHECKING:
-    from .callback import ValidationCallback
-    from .compare import MetricSummary, WinRate, bootstrap_mean_ci, image_grid, summarise, win_rate, win_rate_table
-    from .generation import GenerationSettings, ImageCache, ModelSpec, generate_images, sample_images
-    from .prompts import PROMPT_PRESETS, load_prompts
-    from .run import EvaluationResult, evaluate
-    from .scorers import Scorer, available_scorers, build_scorer, register_scorer
-    from .video import sample_videos, score_videos

@@ -11,8 +11,10 @@ The noise is drawn by a CPU generator, so it is the same on every device, but no
 bf16 CUDA draw.
 
 Variants (`ModelSpec`): the base itself, a LoRA folder or file (``pipe.load_lora_weights``, unloaded afterwards), a
-full-UNet checkpoint (a folder with ``unet/``, or a UNet folder), a whole pipeline folder, a Hub id of any of these,
-or the SDPO authors' ``unet.pth`` state dict (read with ``torch.load(weights_only=True)``).
+full-tuning checkpoint of any family (a folder with ``unet/`` for SD1.x/2.x and SDXL, ``transformer/`` for SD3/SD3.5
+and FLUX.1, or such a model folder itself), a whole pipeline folder, a Hub id of any of these, or the SDPO authors'
+``unet.pth`` state dict (read with ``torch.load(weights_only=True)``). SD3 and FLUX sample with their own
+flow-matching Euler scheduler.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ __all__ = [
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+# The pipeline component a full-tuning output replaces: SD1.x/2.x and SDXL train a UNet, SD3 and FLUX a transformer.
+DENOISER_FOLDERS = ("unet", "transformer")
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ class GenerationSettings:
 @dataclass(frozen=True)
 class ModelSpec:
     """A model to evaluate. ``path`` None is the base model. ``kind`` is ``auto`` (detected), ``base``, ``lora``,
-    ``unet`` (a folder with ``unet/`` or a UNet folder), ``pipeline`` or ``unet_state_dict`` (a ``.pth``)."""
+    ``unet`` (a folder with ``unet/`` or a UNet folder), ``transformer`` (a folder with ``transformer/`` or an SD3 /
+    FLUX transformer folder), ``pipeline`` or ``unet_state_dict`` (a ``.pth``)."""
 
     name: str
     path: str | None = None
@@ -141,26 +146,34 @@ def detect_kind(path: str) -> str:
             return "pipeline"
         if files & set(_LORA_FILES):
             return "lora"
-        if os.path.isfile(os.path.join(path, "unet", "config.json")):
-            return "unet"
-        if "config.json" in files:
-            with open(os.path.join(path, "config.json")) as f:
-                if "UNet" in json.load(f).get("_class_name", ""):
-                    return "unet"
+        for denoiser in DENOISER_FOLDERS:
+            if os.path.isfile(os.path.join(path, denoiser, "config.json")):
+                return denoiser
+        denoiser = _denoiser_folder_kind(path)
+        if denoiser:
+            return denoiser
         raise ValueError(
-            f"{path} holds no model_index.json, {' or '.join(_LORA_FILES)}, unet/config.json or UNet config.json."
+            f"{path} holds no model_index.json, {' or '.join(_LORA_FILES)}, unet/ or transformer/ config.json, or a "
+            "UNet / transformer config.json."
         )
-    for kind, filename in (("pipeline", "model_index.json"), ("lora", _LORA_FILES[0]), ("unet", "unet/config.json")):
+    candidates = [("pipeline", "model_index.json"), ("lora", _LORA_FILES[0])]
+    candidates += [(denoiser, f"{denoiser}/config.json") for denoiser in DENOISER_FOLDERS]
+    for kind, filename in candidates:
         if _hub_file_exists(path, filename):
             return kind
-    raise ValueError(f"{path!r} is neither a local path nor a Hub repository with a pipeline, LoRA or UNet.")
+    raise ValueError(
+        f"{path!r} is neither a local path nor a Hub repository with a pipeline, LoRA, UNet or transformer."
+    )
 
 
 def native_resolution(pipe) -> int:
     """The resolution the UNet was trained at: ``unet.config.sample_size * vae_scale_factor`` (for transformer
     pipelines such as SD3 and FLUX, their ``default_sample_size * vae_scale_factor``)."""
     if getattr(pipe, "unet", None) is None:
-        return int(pipe.default_sample_size * pipe.vae_scale_factor)
+        sample_size = getattr(pipe, "default_sample_size", None)
+        if sample_size is None:  # ZImagePipeline keeps none: its __call__ samples 1024 x 1024 by default
+            return 1024
+        return int(sample_size * pipe.vae_scale_factor)
     sample_size = pipe.unet.config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     return int(sample_size * pipe.vae_scale_factor)
@@ -203,16 +216,19 @@ def variant_pipeline(base_pipe, spec: ModelSpec, settings: GenerationSettings, d
             yield base_pipe
         finally:
             base_pipe.unload_lora_weights()
-    elif kind in ("unet", "unet_state_dict"):
-        if kind == "unet_state_dict":
-            unet = copy.deepcopy(base_pipe.unet)
-            unet.load_state_dict(torch.load(spec.path, map_location="cpu", weights_only=True))
-        else:
-            from diffusers import UNet2DConditionModel
-
-            subfolder = None if _is_unet_folder(spec.path) else "unet"
-            unet = UNet2DConditionModel.from_pretrained(spec.path, subfolder=subfolder, torch_dtype=dtype)
+    elif kind == "unet_state_dict":
+        unet = copy.deepcopy(base_pipe.unet)
+        unet.load_state_dict(torch.load(spec.path, map_location="cpu", weights_only=True))
         pipe = type(base_pipe)(**{**base_pipe.components, "unet": unet.to(device, dtype)})
+        yield _prepare(pipe, settings, device)
+    elif kind in DENOISER_FOLDERS:
+        from diffusers import AutoModel
+
+        if kind not in base_pipe.components:
+            raise ValueError(f"{spec.name} holds a {kind}, which {type(base_pipe).__name__} (the base) does not use.")
+        subfolder = None if _denoiser_folder_kind(spec.path) == kind else kind
+        denoiser = AutoModel.from_pretrained(spec.path, subfolder=subfolder, torch_dtype=dtype)
+        pipe = type(base_pipe)(**{**base_pipe.components, kind: denoiser.to(device, dtype)})
         yield _prepare(pipe, settings, device)
     elif kind == "pipeline":
         from diffusers import DiffusionPipeline
@@ -222,12 +238,19 @@ def variant_pipeline(base_pipe, spec: ModelSpec, settings: GenerationSettings, d
         raise ValueError(f"Unknown model kind {kind!r} for {spec.name}.")
 
 
-def _is_unet_folder(path: str) -> bool:
+def _denoiser_folder_kind(path: str) -> str | None:
+    """``"unet"`` or ``"transformer"`` when ``path`` is itself a saved denoiser (its ``config.json`` names a UNet or
+    a transformer class), else ``None``."""
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
-        return False
+        return None
     with open(config) as f:
-        return "UNet" in json.load(f).get("_class_name", "")
+        class_name = json.load(f).get("_class_name", "")
+    if "UNet" in class_name:
+        return "unet"
+    if "Transformer" in class_name:
+        return "transformer"
+    return None
 
 
 @torch.no_grad()

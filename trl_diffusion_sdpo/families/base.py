@@ -3,8 +3,9 @@ the noiser that makes its training inputs.
 
 Tokenisation happens in the data collator (CPU, possibly in dataloader workers); encoding happens on the
 accelerator in the trainer. Both go through a family object so the trainer never branches on the model type.
-One module per family beside this one (:mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`), each registered with
-:func:`~.registry.register_family`; :func:`~.registry.family_for_pipeline` picks one.
+One module per family beside this one (:mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`, :mod:`.qwen_image`,
+:mod:`.z_image`), each registered with :func:`~.registry.register_family`; :func:`~.registry.family_for_pipeline`
+picks one.
 
 What a family defines (abstract members are marked *):
 
@@ -56,15 +57,15 @@ class PromptEmbeddings:
 
 
 def scale_latents(sample: torch.Tensor, vae_config) -> torch.Tensor:
-    """``(sample - shift_factor) * scaling_factor``: a posterior sample in the denoiser's latent space.
-
-    A VAE normalised per channel instead (Wan's ``AutoencoderKLWan``: ``latents_mean``/``latents_std`` and no
-    ``scaling_factor``) gives ``(sample - latents_mean[c]) / latents_std[c]`` on the channel axis (dim 1, for image
-    ``[N, C, h, w]`` and video ``[N, C, F, h, w]`` latents alike), as its pipelines encode."""
-    if getattr(vae_config, "scaling_factor", None) is None and getattr(vae_config, "latents_mean", None) is not None:
-        view = (1, -1, *([1] * (sample.dim() - 2)))
-        mean = torch.tensor(vae_config.latents_mean, device=sample.device, dtype=sample.dtype).view(view)
-        std = torch.tensor(vae_config.latents_std, device=sample.device, dtype=sample.dtype).view(view)
+    """A posterior sample ``[N, C, h, w]`` in the denoiser's latent space: ``(sample - shift_factor) *
+    scaling_factor`` for the scalar-normalised VAEs (SD, SDXL, SD3, FLUX, Z-Image), or per channel
+    ``(sample - latents_mean[c]) / latents_std[c]`` for VAEs whose config carries those lists instead (Qwen-Image,
+    Wan), as their pipelines invert it before decoding."""
+    latents_mean = getattr(vae_config, "latents_mean", None)
+    if latents_mean is not None and getattr(vae_config, "scaling_factor", None) is None:
+        view = (1, len(latents_mean), *([1] * (sample.dim() - 2)))
+        mean = torch.tensor(latents_mean, dtype=sample.dtype, device=sample.device).view(view)
+        std = torch.tensor(vae_config.latents_std, dtype=sample.dtype, device=sample.device).view(view)
         return (sample - mean) / std
     shift = getattr(vae_config, "shift_factor", None)
     if shift is not None:
@@ -173,6 +174,14 @@ class ModelFamily(abc.ABC):
         ``encode_prompt`` builds it."""
 
     # ------------------------------------------------------------------------------------------------ the images
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """``(C, h, w)`` of the latents of a ``resolution``-pixel square image, in the layout the rest of the step
+        sees (the latent cache sizes its columns with it). A ``video`` family also takes ``num_frames`` and gives
+        ``(C, F', h, w)``."""
+        config = self.vae.config
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        return config.latent_channels, resolution // factor, resolution // factor
 
     def vae_needs_fp32(self) -> bool:
         """Whether the VAE must encode in float32 (the SDXL VAE overflows in fp16; diffusers flags it)."""

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from .base import ModelFamily, PromptEmbeddings
-from .noising import NoisedPair, Noiser, pair_latents
+from .noising import Device, NoisedPair, Noiser, pair_latents
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -47,6 +48,7 @@ __all__ = [
     "FLOW_SHIFTS",
     "FLOW_UNSUPPORTED_OBJECTIVES",
     "FLOW_WEIGHTING_SCHEMES",
+    "UNET_SCALE_BETA",
     "FlowMatchingFamily",
     "FlowNoiser",
     "FlowTimestepSampling",
@@ -68,6 +70,13 @@ FLOW_UNSUPPORTED_OBJECTIVES = {
         "prediction (unbounded as s -> 1), so f saturates at high noise and neither constant has a flow counterpart"
     ),
 }
+
+
+# A beta from this value up is on the scale of the UNet recipes (Diffusion-DPO: 2000-5000 for SD1.5/SDXL; DMPO:
+# 2000-6000), an order of magnitude above the flow anchors (100 on per-sample mean velocity errors).
+UNET_SCALE_BETA = 1000.0
+# The objectives whose ``beta`` scales the Diffusion-DPO logit (the warning applies to them).
+_DPO_LOGIT_OBJECTIVES = ("dpo", "smpo", "dmpo")
 
 
 @dataclass(frozen=True)
@@ -152,11 +161,7 @@ class FlowNoiser(Noiser):
         self.sigma_table = table[: self.num_train_timesteps].float().cpu()  # descending: index 0 is s = 1
 
     def sample_sigmas(
-        self,
-        n: int,
-        latent_shape: tuple[int, ...],
-        generator: torch.Generator | None,
-        device: torch.device | str,
+        self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator | None, device: Device
     ) -> torch.Tensor:
         """``n`` noise levels ``s`` (float32, on the generator's device, then moved to ``device``)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -181,24 +186,14 @@ class FlowNoiser(Noiser):
         return compute_loss_weighting_for_sd3(self.sampling.weighting_scheme, sigmas).float()
 
     def draw(
-        self,
-        num_pairs: int,
-        latent_shape: tuple[int, ...],
-        generator: torch.Generator | None,
-        device: torch.device | str,
+        self, num_pairs: int, latent_shape: tuple[int, ...], generator: torch.Generator | None, device: Device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The levels (:meth:`sample_sigmas`), then the noise, from ``generator`` on ``device``."""
         sigmas = self.sample_sigmas(num_pairs, latent_shape, generator, device)
         return sigmas, torch.randn((num_pairs, *latent_shape), generator=generator, device=device)
 
     def noise_pairs(
-        self,
-        mean: torch.Tensor,
-        std: torch.Tensor,
-        levels: torch.Tensor,
-        noise: torch.Tensor,
-        posterior_eps: torch.Tensor,
-        vae_config,
+        self, mean: Tensor, std: Tensor, levels: Tensor, noise: Tensor, posterior_eps: Tensor, vae_config: Any
     ) -> NoisedPair:
         """See :func:`flow_noised_pair`; adds this setting's loss weight."""
         noised = flow_noised_pair(mean, std, levels, noise, posterior_eps, vae_config, self.num_train_timesteps)
@@ -229,6 +224,12 @@ class FlowMatchingFamily(ModelFamily):
     default_max_sequence_length: ClassVar[int]
     # The guidance embedding's value, for transformers that have one (FLUX.1-dev); None for the others.
     default_guidance_scale: ClassVar[float | None] = None
+    # The recommended Diffusion-DPO ``beta`` and (LoRA) learning rate for this family, and where they come from (a
+    # paper, a public recipe or a measurement): the one place a family states them. docs/families.md tabulates them
+    # and the UNet-scale-beta warning of :meth:`noiser` quotes them.
+    default_beta: ClassVar[float]
+    default_learning_rate: ClassVar[float]
+    defaults_source: ClassVar[str]
 
     def __init__(
         self,
@@ -241,14 +242,9 @@ class FlowMatchingFamily(ModelFamily):
         self.guidance_scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
 
     @classmethod
-    def from_pipeline(
-        cls,
-        pipeline: DiffusionPipeline,
-        *,
-        max_sequence_length: int | None = None,
-        guidance_scale: float | None = None,
-    ) -> FlowMatchingFamily:
-        return cls(pipeline, max_sequence_length, guidance_scale)
+    def from_pipeline(cls, pipeline: DiffusionPipeline, **options: Any) -> FlowMatchingFamily:
+        """The family with ``max_sequence_length`` and ``guidance_scale`` (keywords; ``None`` keeps the default)."""
+        return cls(pipeline, **options)
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
@@ -287,13 +283,15 @@ class FlowMatchingFamily(ModelFamily):
             logit_mean=args.flow_logit_mean,
             logit_std=args.flow_logit_std,
             mode_scale=args.flow_mode_scale,
-            shift=args.flow_shift or self.default_flow_shift,
+            shift=args.flow_shift or self.default_shift(),
         )
         noiser = FlowNoiser(self.training_scheduler_config(), sampling)
-        if args.loss_type in ("dpo", "smpo") and args.beta == 5000.0:
+        if args.loss_type in _DPO_LOGIT_OBJECTIVES and args.beta >= UNET_SCALE_BETA:
             logger.warning(
-                "beta=5000 is Diffusion-DPO's value for SD UNets; the flow-matching anchors use beta=100 on "
-                "mean velocity errors (flow_grpo's SD3.5 Flow-DPO). See docs/sd3.md before keeping it."
+                f"beta={args.beta:g} is Diffusion-DPO's value for SD UNets in scale (2000-5000); {self.name} is a "
+                f"flow model trained on mean velocity errors, where beta is an order of magnitude smaller: its "
+                f"default is beta={self.default_beta:g} with learning_rate={self.default_learning_rate:g} "
+                f"({self.defaults_source}). See docs/families.md before keeping it."
             )
         return noiser
 
@@ -306,6 +304,10 @@ class FlowMatchingFamily(ModelFamily):
         """The ``FlowMatchEulerDiscreteScheduler`` config whose sigma table the noiser draws from: the pipeline's."""
         return self.pipeline.scheduler.config
 
+    def default_shift(self) -> str:
+        """The ``flow_shift`` used when the config leaves it unset: the class's ``default_flow_shift``."""
+        return self.default_flow_shift
+
     def denoiser_conditioning(
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
     ) -> dict[str, object]:
@@ -313,7 +315,15 @@ class FlowMatchingFamily(ModelFamily):
         hidden = prompt_embeds.encoder_hidden_states
         return {"encoder_hidden_states": hidden, "pooled_projections": prompt_embeds.pooled.to(hidden.dtype)}
 
+    def guidance(self, num_samples: int, device: torch.device) -> torch.Tensor | None:
+        """The guidance value per sample for a guidance-distilled transformer (``guidance_embeds``: FLUX.1-dev, a
+        distilled Qwen-Image), else ``None``. Read from the pipeline's module: the called model may be a wrapper."""
+        if not getattr(self.denoiser.config, "guidance_embeds", False):
+            return None
+        return torch.full((num_samples,), self.guidance_scale, device=device, dtype=torch.float32)
+
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:
+        """``model(hidden_states=sample, timestep=t, ...)`` on the latent layout, ``t`` on the 0-1000 scale (SD3)."""
         return model(hidden_states=sample, timestep=timestep, **conditioning, return_dict=False)[0]

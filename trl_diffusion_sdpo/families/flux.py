@@ -35,6 +35,12 @@ class FluxFamily(FlowMatchingFamily):
     default_flow_shift = "resolution"
     default_max_sequence_length = 512  # the pipeline's and diffusers' FLUX script's
     default_guidance_scale = 3.5
+    default_beta = 100.0
+    default_learning_rate = 1e-4
+    defaults_source = (
+        "beta: flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published FLUX Flow-DPO recipe on "
+        "mean errors); lr: diffusers' FLUX LoRA script (train_dreambooth_lora_flux.py)"
+    )
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {
@@ -73,9 +79,7 @@ class FluxFamily(FlowMatchingFamily):
         n, channels, height, width = sample.shape
         packed = FluxPipeline._pack_latents(sample, n, channels, height, width)
         img_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, sample.device, sample.dtype)
-        guidance = None
-        if self.denoiser.config.guidance_embeds:  # the pipeline's module: ``model`` may be a DDP or DeepSpeed wrapper
-            guidance = torch.full((n,), self.guidance_scale, device=sample.device, dtype=torch.float32)
+        guidance = self.guidance(n, sample.device)
         out = model(
             hidden_states=packed,
             timestep=timestep / 1000,

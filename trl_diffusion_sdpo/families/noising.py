@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from .base import scale_latents
 
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+Device = torch.device | str
 
 
 @dataclass
@@ -73,24 +76,14 @@ class Noiser(abc.ABC):
 
     @abc.abstractmethod
     def draw(
-        self,
-        num_pairs: int,
-        latent_shape: tuple[int, ...],
-        generator: torch.Generator | None,
-        device: torch.device | str,
+        self, num_pairs: int, latent_shape: tuple[int, ...], generator: torch.Generator | None, device: Device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One noise level ``[num_pairs]`` and one float32 noise ``[num_pairs, *latent_shape]`` per pair, drawn from
         ``generator`` (in that order: a keyed generator must give the same draws on every run) on ``device``."""
 
     @abc.abstractmethod
     def noise_pairs(
-        self,
-        mean: torch.Tensor,
-        std: torch.Tensor,
-        levels: torch.Tensor,
-        noise: torch.Tensor,
-        posterior_eps: torch.Tensor,
-        vae_config,
+        self, mean: Tensor, std: Tensor, levels: Tensor, noise: Tensor, posterior_eps: Tensor, vae_config: Any
     ) -> NoisedPair:
         """Sample ``x0 = scale(mean + std * posterior_eps)`` and noise it at ``levels`` with ``noise``.
 
@@ -208,11 +201,7 @@ class DDPMNoiser(Noiser):
         return cls(training_scheduler(pipeline_scheduler), args.min_timestep, args.max_timestep)
 
     def draw(
-        self,
-        num_pairs: int,
-        latent_shape: tuple[int, ...],
-        generator: torch.Generator | None,
-        device: torch.device | str,
+        self, num_pairs: int, latent_shape: tuple[int, ...], generator: torch.Generator | None, device: Device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return sample_pair_noise(
             (num_pairs, *latent_shape),
@@ -225,12 +214,6 @@ class DDPMNoiser(Noiser):
         )
 
     def noise_pairs(
-        self,
-        mean: torch.Tensor,
-        std: torch.Tensor,
-        levels: torch.Tensor,
-        noise: torch.Tensor,
-        posterior_eps: torch.Tensor,
-        vae_config,
+        self, mean: Tensor, std: Tensor, levels: Tensor, noise: Tensor, posterior_eps: Tensor, vae_config: Any
     ) -> NoisedPair:
         return ddpm_noised_pair(self.scheduler, mean, std, levels, noise, posterior_eps, vae_config)

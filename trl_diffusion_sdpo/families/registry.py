@@ -1,9 +1,10 @@
 """The family registry: :func:`register_family` adds a :class:`~.base.ModelFamily` subclass, and
 :func:`family_for_pipeline` picks the family of a pipeline by walking the registered families in order.
 
-The built-in families register in the order specific before general (SD3, FLUX.1, SDXL, SD 1.x/2.x, see
-:mod:`trl_diffusion_sdpo.families`), and their :meth:`~.base.ModelFamily.matches` are disjoint; a family registered
-later is tried after them, so it handles pipelines that none of them claims (a new transformer class, say).
+The built-in families register in the order specific before general (SD3, FLUX.1, SDXL, SD 1.x/2.x, then
+Qwen-Image and Z-Image, see :mod:`trl_diffusion_sdpo.families`), and their :meth:`~.base.ModelFamily.matches` are
+disjoint; a family registered later is tried after them, so it handles pipelines that none of them claims (a new
+transformer class, say).
 """
 
 from __future__ import annotations

@@ -31,6 +31,12 @@ class StableDiffusion3Family(FlowMatchingFamily):
     default_weighting_scheme = "logit_normal"
     default_flow_shift = "scheduler"
     default_max_sequence_length = 77  # diffusers' SD3 LoRA script (the pipeline samples with 256)
+    default_beta = 100.0
+    default_learning_rate = 3e-4
+    defaults_source = (
+        "flow_grpo's SD3.5 Flow-DPO (scripts/train_sd3_dpo.py, config/dpo.py): beta 100 on per-sample mean velocity "
+        "errors, LoRA lr 3e-4"
+    )
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         modules = {

@@ -98,6 +98,13 @@ class WanFamily(FlowMatchingFamily):
     def temporal_compression(self) -> int:
         return int(getattr(self.vae.config, "scale_factor_temporal", self.temporal_compression_default))
 
+    def latent_shape(self, resolution: int, num_frames: int = 1) -> tuple[int, int, int, int]:
+        """``(C, F', h, w)`` of the latents of a ``num_frames``-frame clip of ``resolution``-pixel square frames: the
+        VAE keeps the first frame and compresses the others ``scale_factor_temporal``-fold in time and
+        ``scale_factor_spatial``-fold in space."""
+        side = resolution // self.spatial_compression
+        return self.vae.config.z_dim, (num_frames - 1) // self.temporal_compression + 1, side, side
+
     def training_scheduler_config(self) -> dict[str, Any]:
         """A flow-match Euler config with the pipeline scheduler's static shift (``flow_shift`` of UniPC, ``shift``
         of flow-match Euler) and no dynamic shifting: the table Wan is trained and sampled on."""

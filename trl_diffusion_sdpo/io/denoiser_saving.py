@@ -14,17 +14,8 @@ import os
 import torch
 from transformers import Trainer
 
+from . import saving
 from .checkpoints import is_checkpoint_folder
-from .saving import (
-    has_pipeline_components,
-    has_saved_weights,
-    load_full_denoiser,
-    load_lora_adapters,
-    save_full_denoiser,
-    save_lora_adapters,
-    save_pipeline_components,
-    write_training_config,
-)
 
 __all__ = ["DenoiserSaving"]
 
@@ -54,16 +45,17 @@ class DenoiserSaving:
         denoiser = self.accelerator.unwrap_model(self.model)
         name = self.family.denoiser_name
         if self.is_lora:
-            save_lora_adapters(denoiser, output_dir, type(self.pipeline), state_dict=state_dict or None, prefix=name)
+            pipeline_class = type(self.pipeline)
+            saving.save_lora_adapters(denoiser, output_dir, pipeline_class, state_dict=state_dict or None, prefix=name)
         else:
-            save_full_denoiser(denoiser, output_dir, state_dict=state_dict or None, subfolder=name)
+            saving.save_full_denoiser(denoiser, output_dir, state_dict=state_dict or None, subfolder=name)
             # The whole pipeline in the output folder, only the denoiser in checkpoints (all that resuming reads).
             # The other components are frozen: written once.
-            if not is_checkpoint_folder(output_dir) and not has_pipeline_components(output_dir):
-                save_pipeline_components(self.pipeline, output_dir, name)
+            if not is_checkpoint_folder(output_dir) and not saving.has_pipeline_components(output_dir):
+                saving.save_pipeline_components(self.pipeline, output_dir, name)
         # Plain JSON instead of transformers' pickled training_args.bin; the config as given (learning_rate before
         # scale_lr), so that training again from the file does not scale it twice.
-        write_training_config(self.args_as_given, output_dir)
+        saving.write_training_config(self.args_as_given, output_dir)
 
     def _save_optimizer_and_scheduler(self: Trainer, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -72,14 +64,14 @@ class DenoiserSaving:
     def _load_from_checkpoint(
         self: Trainer, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        if not has_saved_weights(resume_from_checkpoint):
+        if not saving.has_saved_weights(resume_from_checkpoint):
             raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {resume_from_checkpoint}")
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         with self.engine.loading():
             if self.is_lora:
-                load_lora_adapters(denoiser, resume_from_checkpoint, prefix=self.family.denoiser_name)
+                saving.load_lora_adapters(denoiser, resume_from_checkpoint, prefix=self.family.denoiser_name)
             else:
-                load_full_denoiser(denoiser, resume_from_checkpoint, subfolder=self.family.denoiser_name)
+                saving.load_full_denoiser(denoiser, resume_from_checkpoint, subfolder=self.family.denoiser_name)
 
     def _load_best_model(self: Trainer) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -9,7 +9,10 @@ looks the card up on the Hub and leaves its training template's usage section as
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -20,11 +23,16 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 __all__ = [
     "CITATIONS",
     "PICKLE_PATTERNS",
+    "PUSH_ATTEMPTS",
+    "PUSH_BACKOFF_S",
+    "HubPushError",
     "build_model_card",
     "create_hub_repo",
     "hub_base_model",
+    "is_transient_hub_error",
     "push_checkpoint",
     "upload_folder_to_hub",
+    "with_retries",
 ]
 
 DIFFUSION_CITATIONS = """@inproceedings{wallace2024diffusion,
@@ -58,7 +66,7 @@ CITATIONS = f"```bibtex\n{DIFFUSION_CITATIONS}\n\n{TRL_CITATION}\n```"
 # Never uploaded from the output folder: checkpoints, private files, TensorBoard runs and any pickle (transformers
 # writes its arguments as a pickled training_args.bin; this package writes training_config.json instead).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
-OUTPUT_IGNORE_PATTERNS = ["checkpoint-*", "_*", "runs/*", *PICKLE_PATTERNS]
+OUTPUT_IGNORE_PATTERNS = ["checkpoint-*", "_*", "runs/*", ".trl-diffusion-sdpo.lock", *PICKLE_PATTERNS]
 # A pushed checkpoint keeps the optimizer and RNG states that resuming from it needs, never the pickled arguments.
 CHECKPOINT_IGNORE_PATTERNS = ["training_args.bin"]
 
@@ -233,6 +241,67 @@ def _grid_step(sample_grid: str) -> str:
     return os.path.splitext(os.path.basename(sample_grid))[0].removeprefix("step-").lstrip("0") or "0"
 
 
+logger = logging.getLogger(__name__)
+
+# A Hub outage (network error, 5xx, rate limit) is retried this many times in all, waiting PUSH_BACKOFF_S, then
+# twice as long each time (2 + 4 + 8 + 16 s: half a minute), before a push is given up.
+PUSH_ATTEMPTS = 5
+PUSH_BACKOFF_S = 2.0
+_sleep = time.sleep  # replaced by the tests
+
+
+class HubPushError(RuntimeError):
+    """The final push failed after its retries; everything is on disk, and the message says how to push it."""
+
+
+def is_transient_hub_error(err: BaseException) -> bool:
+    """Whether retrying may help: a network or timeout error, HTTP 408, 429 (rate limit) or 5xx. An authentication,
+    permission or not-found answer (401, 403, 404) is not retried."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status in (408, 429) or status >= 500
+    names = {c.__name__ for c in type(err).__mro__}
+    return isinstance(err, (ConnectionError, TimeoutError)) or bool(names & {"TransportError", "TimeoutException"})
+
+
+def with_retries(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()``, retried with exponential backoff (:data:`PUSH_ATTEMPTS`, :data:`PUSH_BACKOFF_S`) on transient
+    errors (:func:`is_transient_hub_error`); the last error is raised."""
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        try:
+            return fn()
+        except Exception as err:
+            if attempt == PUSH_ATTEMPTS or not is_transient_hub_error(err):
+                raise
+            delay = PUSH_BACKOFF_S * 2 ** (attempt - 1)
+            logger.warning(
+                "%s failed (%s: %s); retry %d of %d in %g s",
+                what,
+                type(err).__name__,
+                err,
+                attempt,
+                PUSH_ATTEMPTS - 1,
+                delay,
+            )
+            _sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _upload_never_raising(api: HfApi, what: str, **kwargs: Any) -> Any:
+    """A checkpoint push, run in HfApi's background thread: retried, then logged, never raised (training goes on;
+    every push uploads the whole output folder, so the next save's push carries what this one missed)."""
+    try:
+        return with_retries(lambda: api.upload_folder(**kwargs), what)
+    except Exception as err:
+        logger.warning(
+            "%s failed and was given up (%s: %s). Training goes on; the next save pushes what was missed.",
+            what,
+            type(err).__name__,
+            err,
+        )
+        return None
+
+
 def create_hub_repo(
     repo_id: str, *, token: str | None = None, private: bool | None = None, api: HfApi | None = None
 ) -> str:
@@ -253,17 +322,30 @@ def upload_folder_to_hub(
     ignore_patterns: list[str] | None = None,
     api: HfApi | None = None,
 ):
-    """Create the model repo if needed and upload ``folder`` (no checkpoints, private files or pickles)."""
+    """Create the model repo if needed and upload ``folder`` (no checkpoints, private files or pickles).
+
+    Transient errors are retried with backoff (:func:`with_retries`); if the push still fails,
+    :class:`HubPushError` says that everything is on disk and gives the command that pushes it later."""
     api = api or HfApi(token=token)
-    create_hub_repo(repo_id, private=private, api=api)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=os.fspath(folder),
-        commit_message=commit_message,
-        revision=revision,
-        ignore_patterns=ignore_patterns or OUTPUT_IGNORE_PATTERNS,
-        repo_type="model",
-    )
+    try:
+        with_retries(lambda: create_hub_repo(repo_id, private=private, api=api), f"Creating Hub repo {repo_id}")
+        return with_retries(
+            lambda: api.upload_folder(
+                repo_id=repo_id,
+                folder_path=os.fspath(folder),
+                commit_message=commit_message,
+                revision=revision,
+                ignore_patterns=ignore_patterns or OUTPUT_IGNORE_PATTERNS,
+                repo_type="model",
+            ),
+            f"Pushing {folder} to {repo_id}",
+        )
+    except Exception as err:
+        raise HubPushError(
+            f"Pushing {folder} to the Hub repo {repo_id} failed ({type(err).__name__}: {err}). Everything is saved "
+            f"in {folder}; push it later with: hf upload {repo_id} {folder} . --repo-type model --exclude "
+            + " ".join(f"'{pattern}'" for pattern in ignore_patterns or OUTPUT_IGNORE_PATTERNS)
+        ) from err
 
 
 def push_checkpoint(
@@ -279,30 +361,25 @@ def push_checkpoint(
 ) -> list[Future]:
     """Upload ``output_dir`` (the weights of ``checkpoint_folder`` already copied there) in the background, and,
     with ``push_checkpoint_folder`` (a path in the repo: ``last-checkpoint`` or the checkpoint's name), the
-    checkpoint itself for resuming; returns the upload futures."""
+    checkpoint itself for resuming; returns the upload futures. A failing upload is retried with backoff, then
+    logged, never raised: a Hub outage never stops training, and the next save's push uploads what was missed."""
     api = api or HfApi(token=token)
-    jobs = [
-        api.upload_folder(
+
+    def push(folder, message: str, **where) -> Future:
+        return api.run_as_future(
+            _upload_never_raising,
+            api,
+            f"Hub push of {folder} ({commit_message})",
             repo_id=repo_id,
-            folder_path=os.fspath(output_dir),
-            commit_message=commit_message,
+            folder_path=os.fspath(folder),
+            commit_message=message,
             revision=revision,
-            ignore_patterns=OUTPUT_IGNORE_PATTERNS,
             repo_type="model",
-            run_as_future=True,
+            **where,
         )
-    ]
+
+    jobs = [push(output_dir, commit_message, ignore_patterns=OUTPUT_IGNORE_PATTERNS)]
     if push_checkpoint_folder:
-        jobs.append(
-            api.upload_folder(
-                repo_id=repo_id,
-                folder_path=os.fspath(checkpoint_folder),
-                path_in_repo=push_checkpoint_folder,
-                commit_message=commit_message + ", checkpoint",
-                revision=revision,
-                ignore_patterns=CHECKPOINT_IGNORE_PATTERNS,
-                repo_type="model",
-                run_as_future=True,
-            )
-        )
+        checkpoint_files = dict(path_in_repo=push_checkpoint_folder, ignore_patterns=CHECKPOINT_IGNORE_PATTERNS)
+        jobs.append(push(checkpoint_folder, commit_message + ", checkpoint", **checkpoint_files))
     return jobs

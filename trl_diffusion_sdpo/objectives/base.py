@@ -170,8 +170,16 @@ class PreferenceObjective(abc.ABC):
         pair_scores: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """The objective on one micro-batch. ``pair_scores [B, 2]`` are the data's (winner, loser) scores; only an
-        objective with ``needs_pair_scores`` reads them, every other one ignores them."""
-        return self.loss(predictions, errors)
+        objective with ``needs_pair_scores`` reads them (its :meth:`loss` takes them as a third argument), every other
+        one ignores them."""
+        if not self.needs_pair_scores:
+            return self.loss(predictions, errors)
+        if pair_scores is None:
+            raise ValueError(
+                f"loss_type={self.name!r} needs pair_scores (the (winner, loser) scores of each pair); the dataset "
+                "must provide a score for each image of a pair"
+            )
+        return self.loss(predictions, errors, pair_scores)
 
     @abc.abstractmethod
     def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:

@@ -106,18 +106,10 @@ class SmoothedPreferenceObjective(DiffusionDPOObjective):
             scores[:, 0], scores[:, 1], self.smpo_gamma, self.smpo_score_min, self.smpo_score_max
         )
 
-    def __call__(
-        self,
-        predictions: PreferencePredictions,
-        errors: DenoisingErrors,
-        *,
-        pair_scores: torch.Tensor | None = None,
+    def loss(
+        self, predictions: PreferencePredictions, errors: DenoisingErrors, pair_scores: torch.Tensor
     ) -> ObjectiveOutput:
-        if pair_scores is None:
-            raise ValueError(
-                "loss_type='smpo' needs pair_scores (the (winner, loser) scores of each pair, from which it makes "
-                "the weights gamma * (2p - 1)); the dataset must provide a score for each image of a pair"
-            )
+        """Diffusion-DPO with each pair's logit weighted by ``gamma * (2p - 1)`` from its (winner, loser) scores."""
         weights = self.pair_weights(pair_scores)
         output = diffusion_dpo_loss(errors, self.beta, weights)
         output.metrics["smpo/mean_pair_weight"] = weights.detach().float().mean()

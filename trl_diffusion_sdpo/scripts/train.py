@@ -13,11 +13,13 @@ Parsed by TRL's ``TrlParser`` from TRL's ``ScriptArguments`` (dataset) and ``Mod
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..config import DiffusionSDPOConfig
@@ -68,13 +70,87 @@ ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionSc
 TrainArguments = tuple[ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments]
 
 
+DESCRIPTION = (
+    "Train Diffusion-DPO / Diffusion-SDPO (LoRA or full tuning of an SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline) "
+    "from a YAML file of these options (--config) and flags, which override the file. Saves to --output_dir: LoRA "
+    "weights (pytorch_lora_weights.safetensors) or a whole pipeline, training_config.json and a model card "
+    "(README.md)."
+)
+EPILOG = (
+    "Examples: examples/configs/*.yaml (sd15_lora, sdxl_lora, sd3_lora, flux_lora, ... ). Resume with "
+    "--resume_from_checkpoint true (the newest complete checkpoint in --output_dir) or a checkpoint folder. "
+    "Not offered: TRL ModelConfig's options for language models (--load_in_4bit, --load_in_8bit, the bnb "
+    "quantization options, --attn_implementation, --lora_target_parameters) are refused, and --lora_task_type is "
+    "ignored (a denoiser's LoRA has no task head)."
+)
+# TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
+# parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
+HIDDEN_OPTIONS = (
+    "load_in_4bit",
+    "load_in_8bit",
+    "bnb_4bit_quant_type",
+    "use_bnb_nested_quant",
+    "bnb_4bit_quant_storage",
+    "attn_implementation",
+    "lora_target_parameters",
+    "lora_task_type",
+)
+# TRL's ModelConfig help with the defaults this package uses in their place.
+LORA_HELP = {
+    "lora_r": "LoRA rank (TRL's default 16; the shipped configs use 16, sd3_lora.yaml 32).",
+    "lora_alpha": "LoRA alpha (TRL's default 32; the shipped configs use alpha = rank, sd3_lora.yaml 64).",
+    "lora_dropout": "LoRA dropout (TRL's default 0.05; the shipped configs use 0.0).",
+    "lora_target_modules": "LoRA target modules. Default (None): the model family's, the attention projections "
+    "to_q, to_k, to_v, to_out.0 (SD3 and FLUX add add_q_proj, add_k_proj, add_v_proj, to_add_out).",
+}
+_TRUE = {"true", "yes", "1"}
+_FALSE = {"false", "no", "0", "none", ""}
+
+
 def make_parser(prog: str = "trl-diffusion-sdpo train") -> TrlParser:
-    return TrlParser(ARGUMENT_TYPES, prog=prog)
+    """TRL's ``TrlParser`` over :data:`ARGUMENT_TYPES`, with this command's description and help corrections."""
+    parser = TrlParser(ARGUMENT_TYPES, prog=prog, description=DESCRIPTION, epilog=EPILOG)
+    add_config_argument(parser)
+    for action in parser._actions:
+        name = action.dest
+        if name in HIDDEN_OPTIONS:
+            action.help = argparse.SUPPRESS
+        elif name in LORA_HELP:
+            action.help = LORA_HELP[name] + " (default: %(default)s)"
+        elif name == "resume_from_checkpoint":
+            action.help = (
+                "Resume training: true for the newest complete checkpoint in output_dir, or a checkpoint folder."
+            )
+        # HfArgumentParser copies a True-by-default bool's help onto its --no_X switch, which does the opposite.
+        if any(option.startswith("--no_") for option in action.option_strings):
+            action.help = f"Set {name} to False (see --{name})."
+    return parser
+
+
+def add_config_argument(parser: TrlParser) -> None:
+    """List ``--config`` in ``--help``: TrlParser reads it itself before argparse sees the flags."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=argparse.SUPPRESS,
+        help="YAML file of these options (keys are the flag names); flags given beside it override its values.",
+    )
+
+
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """``--resume_from_checkpoint`` as users write it: ``true`` / ``false`` (any case, from a flag or a YAML file)
+    become booleans; anything else is a checkpoint folder."""
+    if isinstance(value, str) and value.strip().lower() in _TRUE:
+        return True
+    if isinstance(value, str) and value.strip().lower() in _FALSE:
+        return None
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
     """Parse ``argv`` (``--config file.yaml`` plus flags) into the four argument dataclasses."""
     script_args, training_args, model_args, diffusion_args = make_parser().parse_args_and_config(argv)
+    training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
     return script_args, training_args, model_args, diffusion_args
 
 
@@ -153,6 +229,16 @@ def load_train_split(script_args: ScriptArguments, diffusion_args: DiffusionScri
     )
 
 
+class ModelCardOnSave(TrainerCallback):
+    """Rewrite ``output_dir/README.md`` at every checkpoint save, as TRL's trainers do, naming the dataset."""
+
+    def __init__(self, trainer, dataset_name: str | None) -> None:
+        self.trainer, self.dataset_name = trainer, dataset_name
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.create_model_card(dataset_name=self.dataset_name)  # writes on the main process only
+
+
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
     script_args, training_args, model_args, diffusion_args = parse_args(argv)  # exits here on --help
@@ -175,8 +261,11 @@ def main(argv: Sequence[str] | None = None):
     trainer = DiffusionSDPOTrainer(pipeline, None, training_args, train_dataset, eval_dataset, peft_config=peft_config)
     if training_args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
         trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.add_callback(ModelCardOnSave(trainer, script_args.dataset_name))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    # As TRL's scripts: the saved model comes with its card (README.md: base model, dataset, method, settings).
+    trainer.create_model_card(dataset_name=script_args.dataset_name)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer

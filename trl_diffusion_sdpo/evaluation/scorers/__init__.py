@@ -11,7 +11,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..._lazy import lazy_attributes
-from .base import Scorer, available_scorers, build_scorer, register_scorer, scorer_factory
+from .registry import available_scorers, register_scorer, scorer_factory
+
+if TYPE_CHECKING:
+    from .aesthetic import AestheticMLP, AestheticScorer
+    from .base import Scorer, build_scorer
+    from .clip_score import CLIPScoreScorer
+    from .hps import HPSv2Scorer, open_clip_to_transformers
+    from .image_reward import ImageRewardModel, ImageRewardScorer, blip_to_transformers
+    from .pickscore import PickScoreScorer
 
 # Built-in scorer name -> "module:factory", imported on first use.
 _BUILTIN_SCORERS = {
@@ -27,6 +35,8 @@ for _name, _factory in _BUILTIN_SCORERS.items():
     register_scorer(_name, f"{__name__}.{_factory}")
 
 _EXPORTS = {
+    "Scorer": ".base",
+    "build_scorer": ".base",
     "AestheticMLP": ".aesthetic",
     "AestheticScorer": ".aesthetic",
     "CLIPScoreScorer": ".clip_score",
@@ -56,10 +66,3 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
-
-if TYPE_CHECKING:
-    from .aesthetic import AestheticMLP, AestheticScorer
-    from .clip_score import CLIPScoreScorer
-    from .hps import HPSv2Scorer, open_clip_to_transformers
-    from .image_reward import ImageRewardModel, ImageRewardScorer, blip_to_transformers
-    from .pickscore import PickScoreScorer

@@ -1,0 +1,98 @@
+"""Resuming with a changed config: what would make the checkpoint meaningless is refused, naming the fields; safe
+changes are logged and take effect (a changed learning rate included, which the restored scheduler used to undo)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+from checkpoint_kill_worker import build_trainer
+from conftest import lora_config
+
+from trl_diffusion_sdpo.io.checkpoints import MANIFEST_NAME, file_sha256
+from trl_diffusion_sdpo.io.resume_check import RUN_IDENTITY_NAME, ResumeConfigError
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> str:
+    """An output folder after 2 steps at learning rate 1e-3 (checkpoint-1 and checkpoint-2)."""
+    root = tmp_path_factory.mktemp("run")
+    build_trainer(str(root / "out"), str(root / "tok"), max_steps=2).train()
+    return str(root / "out")
+
+
+@pytest.fixture
+def run(two_steps, tmp_path) -> str:
+    target = str(tmp_path / "out")
+    shutil.copytree(two_steps, target)
+    return target
+
+
+def test_the_checkpoint_records_what_its_weights_are(two_steps):
+    with open(os.path.join(two_steps, "checkpoint-2", RUN_IDENTITY_NAME)) as f:
+        identity = json.load(f)
+    assert identity["training"] == "lora"
+    assert identity["denoiser_class"] == "UNet2DConditionModel"
+    assert (identity["lora_rank"], identity["lora_alpha"]) == (4, 8)
+    assert identity["lora_target_modules"] == sorted(["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@pytest.mark.parametrize(
+    "change,peft,expected",
+    [
+        ({"loss_type": "dmpo", "resolution": 64}, None, ["loss_type ('dpo' -> 'dmpo')", "resolution (32 -> 64)"]),
+        ({"safeguard_mu": 0.5}, None, ["safeguard_mu (0.9 -> 0.5)"]),
+        ({}, lora_config(r=8), ["lora_rank (4 -> 8)"]),
+    ],
+)
+def test_a_change_that_makes_the_checkpoint_meaningless_is_refused_naming_the_fields(
+    run, tmp_path, change, peft, expected
+):
+    before = sorted(os.listdir(run))
+    trainer = build_trainer(run, str(tmp_path / "tok"), peft_config=peft, **change)
+    with pytest.raises(ResumeConfigError, match="Cannot resume from") as info:
+        trainer.train(resume_from_checkpoint=True)
+    for text in expected:
+        assert text in str(info.value)
+    assert trainer.state.global_step == 0
+    assert sorted(os.listdir(run)) == before  # nothing trained, nothing written, the lock released
+
+
+def test_a_changed_learning_rate_takes_effect_and_safe_changes_are_logged(run, tmp_path, caplog):
+    trainer = build_trainer(run, str(tmp_path / "tok"), max_steps=4, learning_rate=2e-3, weight_decay=0.0)
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 4
+    logged = {entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry}
+    # Steps 1-2 ran before the resume at 1e-3 (the restored history); steps 3-4 at the new rate, not the old one
+    # that the restored scheduler state would bring back.
+    assert logged == {1: 1e-3, 2: 1e-3, 3: 2e-3, 4: 2e-3}
+    assert all(group["lr"] == 2e-3 for group in trainer.optimizer.param_groups)
+    assert "learning_rate (0.001 -> 0.002)" in caplog.text and "max_steps (2 -> 4)" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("weight_decay (0.01 -> 0.0)" in w and "not the run the checkpoint began" in w for w in warnings)
+
+
+def test_resuming_on_another_number_of_processes_is_named_in_a_warning(run, tmp_path, caplog):
+    path = os.path.join(run, "checkpoint-2", RUN_IDENTITY_NAME)
+    with open(path) as f:
+        identity = json.load(f)
+    assert (identity["num_processes"], identity["global_batch_size"]) == (1, 2)
+    identity.update(num_processes=2, global_batch_size=4)  # as a 2-process run of the same per-device batch writes
+    with open(path, "w") as f:
+        json.dump(identity, f)
+    manifest_path = os.path.join(run, "checkpoint-2", MANIFEST_NAME)  # as that run's save would have listed it
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["files"][RUN_IDENTITY_NAME] = os.path.getsize(path)
+    manifest["sha256"][RUN_IDENTITY_NAME] = file_sha256(path)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    trainer = build_trainer(run, str(tmp_path / "tok"), max_steps=3)
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.io"):
+        trainer.train(resume_from_checkpoint=os.path.join(run, "checkpoint-2"))
+    assert trainer.state.global_step == 3
+    assert "Resuming on 1 process(es) from a checkpoint written by 2 (global batch 4 -> 2 pairs" in caplog.text

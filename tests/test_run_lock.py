@@ -1,0 +1,67 @@
+"""Two runs, one folder: a live run's output_dir lock refuses a second run, naming the holder; a killed run leaves no
+lock behind. The holder is a real second process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from checkpoint_kill_worker import build_trainer
+
+from trl_diffusion_sdpo.io.run_lock import LOCK_NAME, RunLock, RunLockedError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLDER = """
+import sys
+from trl_diffusion_sdpo.io.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("LOCKED", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A second process holding the lock of ``tmp_path/out`` until it is killed."""
+    out = str(tmp_path / "out")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, out], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "LOCKED"
+    yield out, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_run_in_a_locked_output_dir_is_refused_naming_the_other_process(holder, tmp_path):
+    out, proc = holder
+    os.makedirs(os.path.join(out, ".tmp-checkpoint-5"))  # the live run's save in progress: must not be touched
+    trainer = build_trainer(out, str(tmp_path / "tok"))
+    with pytest.raises(RunLockedError, match=f"pid {proc.pid} on host {socket.gethostname()}") as info:
+        trainer.train()
+    assert f"{out} is in use by another training run" in str(info.value)
+    assert trainer.state.global_step == 0
+    assert os.path.isdir(os.path.join(out, ".tmp-checkpoint-5"))  # recovery never ran
+
+
+def test_a_killed_run_leaves_no_lock_and_a_finished_one_no_lock_file(holder):
+    out, proc = holder
+    with pytest.raises(RunLockedError):
+        RunLock(out).acquire()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(os.path.join(out, LOCK_NAME))  # the record is left, the lock is not
+    with RunLock(out) as lock:
+        with open(lock.path) as f:
+            assert f'"pid": {os.getpid()}' in f.read()
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            RunLock(out).acquire()  # a second lock in this very process is refused too (flock is per open file)
+    assert not os.path.exists(os.path.join(out, LOCK_NAME))
+    with RunLock(out):  # free again
+        pass

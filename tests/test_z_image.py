@@ -1,0 +1,167 @@
+"""Z-Image: prompts encoded as ZImagePipeline.encode_prompt does (chat template, Qwen3's second-to-last layer, the
+prompt's tokens only), the call with Z-Image's reversed time and negated prediction, the scheduler's shift, and the
+shared flow-family checks (LoRA, full, safeguards, cache).
+
+Tiny Qwen3 encoder, FLUX-style VAE and S3-DiT transformer built from configs; the byte-level tokenizer with its chat
+template is written offline by the test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import pickapic_rows
+from datasets import Dataset
+from diffusers import ZImagePipeline, ZImageTransformer2DModel
+from flow_family_checks import (
+    FlowCase,
+    check_bf16_lora_trains_float32_adapters,
+    check_cached_run_gives_the_uncached_losses,
+    check_exact_safeguard_keeps_the_winner_term_from_rising,
+    check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline,
+    check_lora_reloads_with_load_lora_weights,
+    check_lora_training_moves_only_the_adapters_and_starts_at_log_2,
+    check_resuming_gives_the_weights_of_an_uninterrupted_run,
+    check_safeguard_space,
+    check_the_shipped_config_trains_from_local_folders,
+    check_validation_grids_sample_with_the_pipeline,
+)
+
+from trl_diffusion_sdpo.families import ZImageFamily, family_for_pipeline
+from trl_diffusion_sdpo.families.flow import shift_sigmas
+from trl_diffusion_sdpo.tiny_models import build_tiny_z_image_pipeline
+
+SEQ = 32  # tokens in the tests (the pipeline's default is 512)
+CASE = FlowCase(
+    build=build_tiny_z_image_pipeline,
+    pipeline_class=ZImagePipeline,
+    transformer_class=ZImageTransformer2DModel,
+    sequence_length=SEQ,
+    lora_targets=ZImageFamily.lora_target_modules,
+)
+
+
+@pytest.fixture
+def make_pipe(tmp_path):
+    counter = iter(range(1_000))
+
+    def make(seed: int = 0) -> ZImagePipeline:
+        return build_tiny_z_image_pipeline(seed=seed, tokenizer_dir=str(tmp_path / f"tok-{next(counter)}"))
+
+    return make
+
+
+@pytest.fixture
+def pairs() -> Dataset:
+    return Dataset.from_list(pickapic_rows(4))
+
+
+# --------------------------------------------------------------------------------------------- what the family does
+
+
+def test_the_family_is_picked_for_a_z_image_pipeline_with_its_defaults(make_pipe) -> None:
+    pipe = make_pipe()
+    family = family_for_pipeline(pipe, max_sequence_length=SEQ)
+    assert isinstance(family, ZImageFamily) and family.denoiser is pipe.transformer
+    assert set(family.frozen_modules()) == {"vae", "text_encoder"}
+    assert family.default_beta == 100.0 and family.default_learning_rate == 1e-4
+    assert "README_z_image" in family.defaults_source
+    pipe.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        family_for_pipeline(pipe)
+
+
+def test_prompt_encoding_equals_the_pipelines_encode_prompt(make_pipe) -> None:
+    pipe = make_pipe()
+    family = family_for_pipeline(pipe, max_sequence_length=SEQ)
+    prompts = ["a red square", "two blue circles on a green lawn"]
+    ours = family.encode_prompts(family.prompt_tokenizer()(prompts))
+    # (a copy: the pipeline writes the templated prompts into the list it is given)
+    theirs, _ = pipe.encode_prompt(
+        list(prompts), device="cpu", do_classifier_free_guidance=False, max_sequence_length=SEQ
+    )
+    features = family.denoiser_conditioning(ours, None)["cap_feats"]
+    # one token per character plus the chat turn's 8 (markers, "user", "assistant", newlines); the second is cut
+    assert [f.shape[0] for f in features] == [t.shape[0] for t in theirs] == [len(prompts[0]) + 8, SEQ]
+    for mine, reference in zip(features, theirs, strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_the_call_reverses_time_and_negates_the_prediction_as_the_pipeline_does(make_pipe) -> None:
+    pipe = make_pipe()
+    family = family_for_pipeline(pipe, max_sequence_length=SEQ)
+    latents = torch.randn((2, 4, 4, 6), generator=torch.Generator().manual_seed(0))
+    embeds = family.encode_prompts(family.prompt_tokenizer()(["a", "a longer prompt"]))
+    conditioning = family.denoiser_conditioning(embeds, None)
+    timestep = torch.tensor([250.0, 800.0])
+    ours = family.call_denoiser(pipe.transformer, latents, timestep, conditioning)
+    with torch.no_grad():  # the pipeline's loop: t -> (1000 - t) / 1000, list of [C, 1, h, w], output negated
+        out = pipe.transformer(
+            list(latents.unsqueeze(2).unbind(0)),
+            (1000 - timestep) / 1000,
+            conditioning["cap_feats"],
+            return_dict=False,
+        )[0]
+    torch.testing.assert_close(ours, -torch.stack([o.float() for o in out]).squeeze(2))
+
+
+def test_noise_levels_take_the_schedulers_static_shift_or_the_resolution_shift(make_pipe, make_config) -> None:
+    pipe = make_pipe()
+    noiser = family_for_pipeline(pipe).noiser(CASE.config(make_config))
+    assert noiser.sampling.shift == "scheduler" and pipe.scheduler.config.shift == 3.0
+    unshifted = torch.linspace(1.0, 0.001, 1000)
+    torch.testing.assert_close(noiser.sigma_table, shift_sigmas(unshifted, 3.0))
+    pipe.scheduler.register_to_config(use_dynamic_shifting=True)
+    assert family_for_pipeline(pipe).noiser(CASE.config(make_config)).sampling.shift == "resolution"
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+
+def test_lora_training_moves_only_the_adapters_and_starts_at_log_2(make_pipe, make_config, pairs) -> None:
+    check_lora_training_moves_only_the_adapters_and_starts_at_log_2(CASE, make_pipe(), make_config, pairs)
+
+
+def test_lora_saved_by_the_trainer_reloads_with_load_lora_weights(make_pipe, make_config, pairs, tmp_path) -> None:
+    make_pipe().save_pretrained(tmp_path / "tiny")
+    check_lora_reloads_with_load_lora_weights(CASE, tmp_path / "tiny", make_config, pairs, tmp_path / "lora-out")
+
+
+def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_pipeline(
+    make_pipe, make_config, pairs, tmp_path
+) -> None:
+    make_pipe().save_pretrained(tmp_path / "tiny")
+    check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline(
+        CASE, tmp_path / "tiny", make_config, pairs, tmp_path / "full-out"
+    )
+
+
+@pytest.mark.parametrize("space", ["output", "parameter"])
+def test_both_safeguard_spaces_train_and_log_lambda(make_pipe, make_config, pairs, space) -> None:
+    check_safeguard_space(CASE, make_pipe(), make_config, pairs, space)
+
+
+def test_cached_latents_and_prompt_embeddings_give_the_uncached_losses(make_pipe, make_config, pairs, tmp_path):
+    check_cached_run_gives_the_uncached_losses(CASE, make_pipe, make_config, pairs, tmp_path / "cache")
+
+
+def test_the_shipped_config_trains_from_local_folders(make_pipe, pairs, tmp_path) -> None:
+    check_the_shipped_config_trains_from_local_folders(CASE, "z_image_lora", make_pipe(), pairs, tmp_path)
+
+
+def test_bf16_lora_trains_float32_adapters_on_a_bf16_transformer(make_pipe, make_config, pairs) -> None:
+    check_bf16_lora_trains_float32_adapters(CASE, make_pipe(), make_config, pairs)
+
+
+@pytest.mark.slow
+def test_resuming_gives_the_weights_of_an_uninterrupted_run(make_pipe, make_config, pairs, tmp_path) -> None:
+    check_resuming_gives_the_weights_of_an_uninterrupted_run(CASE, make_pipe, make_config, pairs, tmp_path)
+
+
+@pytest.mark.slow
+def test_exact_safeguard_keeps_the_winner_term_from_rising() -> None:
+    check_exact_safeguard_keeps_the_winner_term_from_rising("z-image", dpo_rises=False)
+
+
+def test_validation_grids_sample_with_the_pipeline(make_pipe, make_config, pairs, tmp_path) -> None:
+    check_validation_grids_sample_with_the_pipeline(CASE, make_pipe(), make_config, pairs, tmp_path)

@@ -1,0 +1,121 @@
+"""Streamed data that is all bad: an optimizer step without one valid pair is never applied, and a stream that keeps
+yielding none stops training with an error that says how many rows were skipped and why.
+
+With ``skip_invalid_rows=True`` the collator drops the bad rows of a streamed dataset, so a micro-batch, and a whole
+optimizer step, can end up with no pair. Stepping the optimizer then would still apply weight decay (and Adam's
+moments) to the weights with no data behind it. :class:`StreamGuard` counts, per optimizer step, the valid pairs and
+the skipped rows (host-side: batch shapes and the collator's ``skip_reasons`` list, no device sync):
+
+* a step with no valid pair is not applied: its gradients are dropped (``grad = None``, so AdamW leaves weights and
+  moments alone), with a warning; the step count and scheduler still advance, as for a skipped non-finite step;
+* when :func:`stop_threshold` rows in a row (``max(32, rows read per optimizer step)``) were all invalid, or the
+  stream ends without one valid pair, training stops with :class:`NoValidPairsError` naming the count and the most
+  frequent reasons.
+
+With several processes the counts are summed over processes at each step (one all-reduce of two numbers), only for a
+streamed dataset with ``skip_invalid_rows``; every process then decides the same.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import IterableDataset
+from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+__all__ = ["NoValidPairsError", "StreamGuard", "stop_threshold"]
+
+logger = logging.getLogger(__name__)
+
+_MIN_ROWS_BEFORE_STOP = 32
+
+
+class NoValidPairsError(RuntimeError):
+    """The training stream yields no valid preference pair."""
+
+
+def stop_threshold(rows_per_step: int) -> int:
+    """How many invalid rows in a row stop training: at least one whole optimizer step's worth, and at least 32, so
+    that with a small batch an isolated bad row only skips its step."""
+    return max(_MIN_ROWS_BEFORE_STOP, rows_per_step)
+
+
+class StreamGuard(TrainerCallback):
+    """Counts valid pairs and skipped rows per optimizer step; drops an empty step, stops a stream with none.
+
+    The trainer calls :meth:`observe` with every training micro-batch, as the collator made it (before any
+    replacement of an empty micro-batch)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.valid = 0  # valid pairs in this optimizer step
+        self.skipped = 0  # rows skipped in this optimizer step
+        self.skipped_in_a_row = 0  # rows skipped since the last valid pair
+        self.valid_total = 0
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.empty_steps = 0
+
+    def observe(self, inputs: dict[str, Any]) -> None:
+        reasons = inputs.get("skip_reasons") or []
+        self.valid += int(inputs["time_ids"].shape[0])
+        self.skipped += len(reasons)
+        self.reasons.update(_kind(r) for r in reasons)
+
+    def _synced(self) -> bool:
+        args = self.trainer.args
+        return (
+            self.trainer.accelerator.num_processes > 1
+            and args.skip_invalid_rows
+            and isinstance(self.trainer.train_dataset, IterableDataset)
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.valid = self.skipped = self.skipped_in_a_row = self.valid_total = self.empty_steps = 0
+        self.reasons.clear()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        valid, skipped = self.valid, self.skipped
+        self.valid = self.skipped = 0
+        if self._synced():
+            accelerator = self.trainer.accelerator
+            counts = torch.tensor([float(valid), float(skipped)], device=accelerator.device)
+            valid, skipped = (int(v) for v in accelerator.reduce(counts, reduction="sum").tolist())
+        if valid > 0:
+            self.valid_total += valid
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += skipped
+        self.empty_steps += 1
+        self.trainer.model.zero_grad(set_to_none=True)  # nothing reaches the weights: no decay, no moments
+        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        if self.skipped_in_a_row >= stop_threshold(rows_per_step):
+            raise NoValidPairsError(self._message(f"the last {self.skipped_in_a_row} rows of the training stream"))
+        logger.warning(
+            "Optimizer step %d has no valid pair (%d rows skipped): not applied (%d such step(s) so far)",
+            state.global_step + 1,
+            skipped,
+            self.empty_steps,
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.valid_total == 0 and self.skipped_in_a_row > 0:
+            raise NoValidPairsError(self._message(f"all {self.skipped_in_a_row} rows of the training stream"))
+
+    def _message(self, which: str) -> str:
+        why = "; ".join(f"{n} x {reason}" for reason, n in self.reasons.most_common(3)) or "no reason recorded"
+        return (
+            f"No valid preference pair: {which} were invalid and skipped (skip_invalid_rows=True); no optimizer step "
+            f"was applied without data. Most frequent reasons: {why}. Check the dataset's columns and images "
+            "(the warnings 'Skipping streamed row ...' name each row)."
+        )
+
+
+def _kind(reason: str) -> str:
+    """The reason without the row's position, so that equal problems are counted together."""
+    return reason.split(": ", 1)[1] if reason.startswith("streamed row ") and ": " in reason else reason

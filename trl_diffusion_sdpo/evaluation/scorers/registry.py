@@ -1,0 +1,42 @@
+"""The scorer name registry, without torch: listing the names (``evaluate --help``) imports no model code."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import Scorer
+
+__all__ = ["available_scorers", "register_scorer", "scorer_factory"]
+
+# name -> factory, or "package.module:attribute" naming it, imported when the scorer is first built (the built-in
+# scorers' modules import transformers' CLIP and BLIP models, which listing the names should not pay for).
+_REGISTRY: dict[str, Callable[..., Scorer] | str] = {}
+
+
+def register_scorer(name: str, factory: Callable[..., Scorer] | str, overwrite: bool = False) -> None:
+    """Make ``build_scorer(name, **kwargs)`` call ``factory(**kwargs)``. ``factory`` may be a `Scorer` subclass, or
+    ``"package.module:attribute"`` naming one, imported on first use."""
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"A scorer named {name!r} is already registered; pass overwrite=True to replace it.")
+    if isinstance(factory, str) and ":" not in factory:
+        raise ValueError(f"A scorer factory given by name reads 'package.module:attribute', got {factory!r}.")
+    _REGISTRY[name] = factory
+
+
+def available_scorers() -> list[str]:
+    """The registered scorer names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def scorer_factory(name: str) -> Callable[..., Scorer]:
+    """The factory registered under ``name`` (importing its module when it was registered by name)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"Unknown scorer {name!r}. Registered scorers: {', '.join(available_scorers())}.")
+    factory = _REGISTRY[name]
+    if isinstance(factory, str):
+        module, _, attribute = factory.partition(":")
+        factory = _REGISTRY[name] = getattr(importlib.import_module(module), attribute)
+    return factory

@@ -1,0 +1,234 @@
+"""Resuming with a changed configuration: refuse what makes the checkpoint meaningless, apply and log what is safe.
+
+A checkpoint holds ``training_config.json`` (the config as given) and ``run_identity.json`` (base model, denoiser
+class, full or LoRA, the LoRA rank, alpha and target modules: what the weights in it are). On resume both are
+compared with the new run's:
+
+* refused (:class:`ResumeConfigError` naming each field, its old and new value): the model and the adapters
+  (:data:`IDENTITY_FIELDS`), and the config fields in :data:`REFUSED_FIELDS` (the objective and its
+  hyperparameters, the safeguard, the resolution), whose change would make the resumed run a different experiment
+  on top of weights trained for another one;
+* allowed and logged at INFO (:data:`SAFE_FIELDS`): learning rate, step and epoch counts, logging, saving,
+  evaluation, validation, Hub and loader settings, which only say how the run goes on. A changed learning rate takes
+  effect (:func:`apply_new_learning_rates`; transformers' restored scheduler state would bring the old one back);
+* any other change is allowed with a WARNING naming it: the run continues, but is not the one the checkpoint began.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .saving import TRAINING_CONFIG_NAME
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+__all__ = [
+    "IDENTITY_FIELDS",
+    "REFUSED_FIELDS",
+    "RUN_IDENTITY_NAME",
+    "SAFE_FIELDS",
+    "ResumeConfigError",
+    "apply_new_learning_rates",
+    "check_resume_config",
+    "run_identity",
+    "write_run_identity",
+]
+
+logger = logging.getLogger(__name__)
+
+RUN_IDENTITY_NAME = "run_identity.json"
+
+IDENTITY_FIELDS = ("base_model", "denoiser_class", "training", "lora_rank", "lora_alpha", "lora_target_modules")
+REFUSED_FIELDS = frozenset(
+    {
+        "loss_type",
+        "beta",
+        "dmpo_alpha",
+        "dspo_form",
+        "mapo_beta",
+        "mapo_snr_value",
+        "smpo_gamma",
+        "smpo_score_min",
+        "smpo_score_max",
+        "safeguard",
+        "safeguard_mu",
+        "safeguard_max_lambda",
+        "safeguard_space",
+        "safeguard_scope",
+        "resolution",
+    }
+)
+SAFE_FIELDS = frozenset(
+    {
+        "learning_rate",
+        "max_steps",
+        "num_train_epochs",
+        "output_dir",
+        "logging_dir",
+        "logging_steps",
+        "logging_strategy",
+        "logging_first_step",
+        "report_to",
+        "run_name",
+        "disable_tqdm",
+        "save_steps",
+        "save_strategy",
+        "save_total_limit",
+        "save_only_model",
+        "eval_steps",
+        "eval_strategy",
+        "eval_delay",
+        "per_device_eval_batch_size",
+        "validation_prompts",
+        "validation_seeds",
+        "validation_steps",
+        "validation_num_inference_steps",
+        "validation_guidance_scale",
+        "validation_scorers",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_strategy",
+        "hub_private_repo",
+        "hub_revision",
+        "dataloader_num_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "preemption_signals",
+    }
+)
+
+
+class ResumeConfigError(ValueError):
+    """The new run's model or config contradicts the checkpoint it resumes from."""
+
+
+def run_identity(trainer: Trainer) -> dict[str, Any]:
+    """What the weights of this run's checkpoints are: base model, denoiser class, full or LoRA, the LoRA shape."""
+    denoiser = trainer.accelerator.unwrap_model(trainer.model)
+    identity: dict[str, Any] = {
+        "base_model": getattr(trainer, "base_model_name", None),
+        "denoiser_class": type(denoiser).__name__,
+        "training": "lora" if getattr(trainer, "is_lora", False) else "full",
+        "num_processes": trainer.accelerator.num_processes,
+        "global_batch_size": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps
+        * trainer.accelerator.num_processes,
+    }
+    peft_config = (getattr(denoiser, "peft_config", None) or {}).get("default")
+    if peft_config is not None:
+        targets = peft_config.target_modules
+        identity.update(
+            lora_rank=peft_config.r,
+            lora_alpha=peft_config.lora_alpha,
+            lora_target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+        )
+    return identity
+
+
+def write_run_identity(trainer: Trainer, folder: str) -> None:
+    with open(os.path.join(folder, RUN_IDENTITY_NAME), "w", encoding="utf-8") as f:
+        json.dump(run_identity(trainer), f, indent=1, sort_keys=True)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _describe(changes: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{name} ({old!r} -> {new!r})" for name, old, new in changes)
+
+
+def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
+    """Compare ``checkpoint``'s model and config with ``trainer``'s; returns the changed field names (logged).
+
+    Raises:
+        ResumeConfigError: a field of :data:`IDENTITY_FIELDS` or :data:`REFUSED_FIELDS` changed (all are named).
+    """
+    refused: list[tuple[str, Any, Any]] = []
+    saved_identity = _read_json(os.path.join(checkpoint, RUN_IDENTITY_NAME))
+    identity = run_identity(trainer)
+    if saved_identity is not None:
+        for name in IDENTITY_FIELDS:
+            if name in saved_identity and saved_identity.get(name) != identity.get(name):
+                refused.append((name, saved_identity.get(name), identity.get(name)))
+    if (
+        saved_identity is not None
+        and saved_identity.get("num_processes", identity["num_processes"]) != identity["num_processes"]
+    ):
+        logger.warning(
+            "Resuming on %d process(es) from a checkpoint written by %d (global batch %s -> %d pairs per optimizer "
+            "step). Under DDP the weights, optimizer and scheduler continue (under DeepSpeed ZeRO the optimizer "
+            "partitions were written for the old count); the per-process random states are not restored and the "
+            "data order is not the one an uninterrupted run would see: not bit-exact (docs/reliability.md).",
+            identity["num_processes"],
+            saved_identity["num_processes"],
+            saved_identity.get("global_batch_size", "?"),
+            identity["global_batch_size"],
+        )
+    saved = _read_json(os.path.join(checkpoint, TRAINING_CONFIG_NAME))
+    if saved is None:
+        logger.warning("%s has no %s: the resumed config cannot be compared", checkpoint, TRAINING_CONFIG_NAME)
+        saved = {}
+    given = getattr(trainer, "args_as_given", trainer.args)
+    current = json.loads(given.to_json_string())
+    safe, other = [], []
+    for name in sorted(set(saved) & set(current)):
+        old, new = saved[name], current[name]
+        if old == new or name.startswith("_"):
+            continue
+        change = (name, old, new)
+        if name in REFUSED_FIELDS:
+            refused.append(change)
+        elif name in SAFE_FIELDS:
+            safe.append(change)
+        else:
+            other.append(change)
+    if refused:
+        raise ResumeConfigError(
+            f"Cannot resume from {checkpoint}: {_describe(refused)} changed. The checkpoint's weights were trained "
+            "for the old value(s), so the resumed run would be another experiment on top of them. Restore the old "
+            "value(s), or start a new run (another output_dir, no resume_from_checkpoint) from these weights."
+        )
+    if safe:
+        logger.info("Resuming from %s with changed settings, applied from now on: %s", checkpoint, _describe(safe))
+    if other:
+        logger.warning(
+            "Resuming from %s with changed settings: %s. Allowed, but the resumed run is not the run the checkpoint "
+            "began.",
+            checkpoint,
+            _describe(other),
+        )
+    return [name for name, _, _ in safe + other]
+
+
+def apply_new_learning_rates(scheduler: Any, optimizer: torch.optim.Optimizer, fresh_base_lrs: list[float]) -> bool:
+    """Make a learning rate changed at resume take effect; returns whether it changed.
+
+    transformers restores the scheduler's ``state_dict``, which for ``LambdaLR`` holds ``base_lrs`` (the old
+    learning rates), and the optimizer's, which holds each group's current ``lr``. The fresh scheduler's
+    ``base_lrs`` come back, and each group's learning rate becomes ``base_lr * lr_lambda(last_epoch)``, the value
+    the schedule gives at the resumed step.
+    """
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return False
+    if list(scheduler.base_lrs) == list(fresh_base_lrs):
+        return False
+    scheduler.base_lrs = list(fresh_base_lrs)
+    lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(optimizer.param_groups, scheduler.base_lrs, lrs):
+        group["initial_lr"] = base
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    return True
