@@ -27,12 +27,12 @@ chooses ``lambda`` on this very update. The tolerance is measured the same way a
 ``C = W(theta + Delta) - 2 W(theta) + W(theta - Delta)``, ``R3 = (W(theta + Delta) - W(theta - Delta)) / 2 -
 <g_w, Delta>``, plus float32 rounding of the rule's own evaluation (``64 eps32 sum |g_w * Delta|``).
 
-``--model sd3``, ``flux``, ``qwen-image`` or ``z-image`` runs the same check on a tiny flow-matching transformer
-(SD3's MMDiT, FLUX's double/single-stream blocks with packed latents and the guidance embedding, Qwen-Image's MMDiT
-with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output), called through the model
-family as the trainer calls it: pairs are noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))``
-shared by the pair, the target is the velocity ``eps - z`` of each image, and ``--beta`` defaults to 100
-(flow_grpo's Flow-DPO) there.
+``--model sd3``, ``flux``, ``qwen-image``, ``z-image`` or ``wan`` runs the same check on a tiny flow-matching
+transformer (SD3's MMDiT, FLUX's double/single-stream blocks with packed latents and the guidance embedding,
+Qwen-Image's MMDiT with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output, Wan's 3D
+transformer on video latents ``[16, 2, 4, 4]``), called through the model family as the trainer calls it: pairs are
+noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair, the target is the velocity
+``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
 
     python benchmarks/safeguard_exactness.py --batches 100 --json benchmarks/results/safeguard_exactness.json
     python benchmarks/safeguard_exactness.py --model flux --json benchmarks/results/safeguard_exactness_flux.json
@@ -62,6 +62,7 @@ from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
+    build_tiny_wan_pipeline,
     build_tiny_z_image_pipeline,
 )
 
@@ -103,12 +104,13 @@ def _unet(pipeline_dir: str | None) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
 
 
-MODELS = ("unet", "sd3", "flux", "qwen-image", "z-image")
+MODELS = ("unet", "sd3", "flux", "qwen-image", "z-image", "wan")
 _FLOW_BUILDERS = {
     "sd3": build_tiny_sd3_pipeline,
     "flux": build_tiny_flux_pipeline,
     "qwen-image": build_tiny_qwen_image_pipeline,
     "z-image": build_tiny_z_image_pipeline,
+    "wan": build_tiny_wan_pipeline,
 }
 
 
@@ -132,21 +134,26 @@ class Problem:
             self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
             self.cross_dim = cfg.cross_attention_dim
         else:
-            self.latent_shape = (family.latent_shape(64)[0], 8, 8)
-            # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
-            self.cross_dim = cfg.get("joint_attention_dim") or cfg.get("cap_feat_dim")
-            self.pooled_dim = cfg.get("pooled_projection_dim")
+            if family.video:  # Wan: [C, F', h, w] video latents, UMT5 conditioning, no pooled projection
+                self.latent_shape = (family.pipeline.vae.config.z_dim, 2, 4, 4)
+                self.cross_dim, self.pooled_dim = cfg.text_dim, None
+            else:
+                self.latent_shape = (family.latent_shape(64)[0], 8, 8)
+                # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
+                self.cross_dim = cfg.get("joint_attention_dim") or cfg.get("cap_feat_dim")
+                self.pooled_dim = cfg.get("pooled_projection_dim")
         self.alphas = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)  # a smooth abar schedule
 
     def batch(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         n = self.setting.pairs
         shape = (n, *self.latent_shape)
         t = torch.randint(0, 1000, (n,), generator=gen)
-        abar = self.alphas[t].view(-1, 1, 1, 1)
+        per_sample = (-1, *([1] * len(self.latent_shape)))
+        abar = self.alphas[t].view(per_sample)
         z_w = torch.randn(shape, generator=gen, dtype=torch.float64)
         # Similar images, as a pair's are, with a loser that is sometimes the harder one to denoise: the case where
         # Diffusion-DPO's loser term raises the winner's error.
-        scale = 0.7 + 0.9 * torch.rand((n, 1, 1, 1), generator=gen, dtype=torch.float64)
+        scale = 0.7 + 0.9 * torch.rand(n, generator=gen, dtype=torch.float64).view(per_sample)
         z_l = scale * (z_w + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64))
         noise = torch.randn(shape, generator=gen, dtype=torch.float64)  # shared by the pair
         cond = torch.randn((n, 8, self.cross_dim), generator=gen, dtype=torch.float64)
@@ -156,7 +163,7 @@ class Problem:
             return {"x_w": x_w, "x_l": x_l, "t": t, "target_w": noise, "target_l": noise, "cond": cond}
         # rectified flow: one logit-normal level per pair, velocity targets
         s = torch.sigmoid(torch.randn((n,), generator=gen, dtype=torch.float64))
-        s_b = s.view(-1, 1, 1, 1)
+        s_b = s.view(per_sample)
         pooled = None
         if self.pooled_dim is not None:
             pooled = torch.randn((n, self.pooled_dim), generator=gen, dtype=torch.float64)
@@ -377,6 +384,7 @@ def run(
         "unet": pipeline_dir or "tiny random UNet",
         "sd3": "tiny random SD3 transformer (MMDiT)",
         "flux": "tiny random FLUX.1-dev transformer (guidance embedding)",
+        "wan": "tiny random Wan 2.1 3D transformer (video latents [16, 2, 4, 4])",
         "qwen-image": "tiny random Qwen-Image transformer (MMDiT, packed latents, 3-axis RoPE)",
         "z-image": "tiny random Z-Image transformer (single-stream S3-DiT, reversed time, negated output)",
     }[model]

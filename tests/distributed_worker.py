@@ -57,6 +57,15 @@ def _flow_inputs(family, resolution: int) -> dict:
 
     generator = torch.Generator().manual_seed(123)
     config = family.denoiser.config
+    if family.video:  # Wan: video latents [N, C, 2, h, w], UMT5 conditioning only
+        size = resolution // family.spatial_compression
+        embeds = PromptEmbeddings(torch.randn(2, 8, config.text_dim, generator=generator))
+        return {
+            "sample": torch.randn(2, family.vae.config.z_dim, 2, size, size, generator=generator),
+            "timestep": torch.tensor([100.0, 700.0]),
+            "conditioning": family.denoiser_conditioning(embeds, None),
+            "family": family,
+        }
     channels, size, _ = family.latent_shape(resolution)
     # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
     width = config.get("joint_attention_dim") or config.get("cap_feat_dim")

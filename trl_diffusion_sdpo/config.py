@@ -100,6 +100,12 @@ class DiffusionSDPOConfig(TrainingArguments):
     independent_augmentation (`bool`, *optional*, defaults to `False`):
         Flip (and, with `random_crop`, crop) each image of a pair independently, as the Diffusion-SDPO authors do,
         instead of the pair together.
+    num_frames (`int` or `None`, *optional*, defaults to `None`):
+        Video families (Wan): frames per clip, read from each video of a pair at `frame_stride` from its first frame
+        and resized and cropped like an image, the same way for both videos. Wan needs `4k + 1` (81 as it samples;
+        17 or 33 to save memory). `None`: the data are images.
+    frame_stride (`int`, *optional*, defaults to `1`):
+        Video families: keep every `frame_stride`-th frame (2 halves the frame rate of the clip the model sees).
     fixed_time_ids (`bool`, *optional*, defaults to `False`):
         SDXL only: condition every image on ``time_ids = (res, res, 0, 0, res, res)`` as the Diffusion-SDPO authors
         do, instead of its real original size and crop (the default, as SDXL was trained).
@@ -260,6 +266,10 @@ class DiffusionSDPOConfig(TrainingArguments):
     independent_augmentation: bool = field(
         default=False, metadata={"help": "Flip and crop each image of a pair independently (the SDPO authors')."}
     )
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Video families (Wan): frames per clip (Wan: 4k + 1); None: image data."}
+    )
+    frame_stride: int = field(default=1, metadata={"help": "Video families: keep every frame_stride-th frame."})
     fixed_time_ids: bool = field(
         default=False, metadata={"help": "SDXL: time_ids fixed to (res, res, 0, 0, res, res) (the SDPO authors')."}
     )
@@ -445,6 +455,8 @@ _NUMERIC_RULES: dict[str, Range] = {
     "safeguard_max_lambda": Range(0, low_open=True, hint="The authors use 1.0."),
     # the data
     "resolution": Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
+    "num_frames": Range(1, integer=True, optional=True, hint="Wan needs 4k + 1 frames (81, 33, 17, ...)."),
+    "frame_stride": Range(1, integer=True),
     "proportion_empty_prompts": Range(0, 1, hint="The authors drop 0.2 of the prompts."),
     "min_timestep": Range(0, integer=True),
     "max_timestep": Range(1, integer=True, optional=True, hint="None uses the scheduler's num_train_timesteps."),

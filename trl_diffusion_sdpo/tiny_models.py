@@ -1,6 +1,6 @@
 """Small diffusion pipelines built from configs, for tests, the CPU demo and CPU benchmarks.
 
-They are real diffusers pipelines (UNet or transformer, VAE, CLIP, T5, Qwen2.5-VL or Qwen3 text encoders,
+They are real diffusers pipelines (UNet or transformer, VAE, CLIP, T5, UMT5, Qwen2.5-VL or Qwen3 text encoders,
 tokenizers, scheduler), only narrow. The CLIP tokenizer is character-level: its vocabulary is CLIP's 256 byte
 symbols (plus word-final forms), written to a folder so nothing is downloaded. The T5 tokenizer is a
 character-level Unigram (sentencepiece-style) model built from a vocabulary list, also offline. The Qwen tokenizer
@@ -17,6 +17,7 @@ import tempfile
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLWan,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -27,6 +28,8 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
     ZImagePipeline,
 )
 from transformers import (
@@ -38,6 +41,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 __all__ = [
@@ -46,6 +51,7 @@ __all__ = [
     "build_tiny_sd3_pipeline",
     "build_tiny_sd_pipeline",
     "build_tiny_sdxl_pipeline",
+    "build_tiny_wan_pipeline",
     "build_tiny_z_image_pipeline",
     "write_char_tokenizer",
     "write_qwen_tokenizer",
@@ -368,6 +374,62 @@ def build_tiny_flux_pipeline(
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def build_tiny_wan_pipeline(seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 16) -> WanPipeline:
+    """A tiny Wan 2.1-style text-to-video pipeline: a ``WanTransformer3DModel`` (1x2x2 patches, two layers), a UMT5
+    encoder, a causal 3D ``AutoencoderKLWan`` (8x spatial, 4x temporal compression, 16 latent channels with Wan's
+    per-channel ``latents_mean``/``latents_std``) and a flow-matching scheduler with Wan's static shift.
+
+    Clips have ``4k + 1`` frames (the VAE keeps the first frame and compresses the rest 4x): 5 frames at 16x16
+    pixels are latents ``[16, 2, 2, 2]``."""
+    torch.manual_seed(seed)
+    tokenizer = write_t5_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-"), max_length)
+    text_dim = 32
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=text_dim,
+            d_kv=8,
+            d_ff=2 * text_dim,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    vae = AutoencoderKLWan(
+        base_dim=4,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=16,
+        out_channels=16,
+        text_dim=text_dim,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=_flow_scheduler(shift=3.0),
         transformer=transformer,
     )
 

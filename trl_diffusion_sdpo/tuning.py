@@ -50,6 +50,12 @@ def prepare_denoiser(
     if peft_config is not None:
         denoiser.requires_grad_(False)
         denoiser.to(dtype=dtype)
+        # As diffusers' from_pretrained(torch_dtype=...) leaves them: the modules a model keeps in float32 (Wan's time
+        # embedder, norms and modulation table) stay in float32.
+        keep = set(getattr(denoiser, "_keep_in_fp32_modules", None) or ())
+        for name, parameter in denoiser.named_parameters():  # by parameter: some are tables, not modules
+            if keep & set(name.split(".")):
+                parameter.data = parameter.data.float()
         denoiser.add_adapter(peft_config)
     else:
         denoiser.requires_grad_(True)

@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
 from .transforms import PairTransform, load_image, mirrored_time_ids
 from .validation import ROW_INDEX_COLUMN, PreferenceColumns, order_pair
@@ -19,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 class PreferenceCollator:
-    """Turn raw rows into ``pixel_values [B, 2, 3, R, R]`` (winner first), ``time_ids [B, 2, 6]`` and token ids.
+    """Turn raw rows into ``pixel_values [B, 2, 3, R, R]`` (winner first), ``time_ids [B, 2, 6]`` and token ids;
+    with a :class:`~.video.VideoPairTransform`, video pairs ``pixel_values [B, 2, 3, F, R, R]``.
 
     With ``with_flipped``, ``time_ids_flipped`` holds the ``time_ids`` of the mirrored views, for the trainer's flip.
     Nothing random is drawn here. With a random crop (``train`` and the transform's ``random_crop``) the images are
@@ -72,7 +72,8 @@ class PreferenceCollator:
                 winner_column, loser_column = (self.columns.first, self.columns.second)
                 if pair[0] is not row[self.columns.first]:
                     winner_column, loser_column = loser_column, winner_column
-                winner, loser = _load_from(pair[0], winner_column), _load_from(pair[1], loser_column)
+                load = self.transform.load  # images, or the clip of a video (VideoPairTransform)
+                winner, loser = _load_from(pair[0], winner_column, load), _load_from(pair[1], loser_column, load)
             except Exception as err:
                 position = row.get(ROW_INDEX_COLUMN)
                 where = f"streamed row {position}" if position is not None else "a bad row"
@@ -88,16 +89,15 @@ class PreferenceCollator:
             time_ids.append(pair_ids)
             prompts.append(prompt)
             scores.append(pair[2])
-        res = self.transform.resolution
         batch: dict[str, torch.Tensor] = {
             "time_ids": torch.stack(time_ids) if time_ids else torch.empty(0, 2, 6),
             "num_skipped": torch.tensor(skipped, dtype=torch.float32),
             "skip_reasons": reasons,
         }
         if self.crops_later:
-            batch["pixel_values"], batch["crop_sizes"] = _padded_pairs(pixels, res)
+            batch["pixel_values"], batch["crop_sizes"] = _padded_pairs(pixels, self.transform.pixel_shape)
         else:
-            batch["pixel_values"] = torch.stack(pixels) if pixels else torch.empty(0, 2, 3, res, res)
+            batch["pixel_values"] = torch.stack(pixels) if pixels else torch.empty(0, 2, *self.transform.pixel_shape)
         if self.with_flipped:
             batch["time_ids_flipped"] = mirrored_time_ids(batch["time_ids"])
         if self.columns.scored:
@@ -114,23 +114,24 @@ def pair_scores(scores: Sequence[tuple[float, float]] | torch.Tensor) -> torch.T
     return torch.as_tensor(scores, dtype=torch.float32).reshape(-1, 2)
 
 
-def _load_from(value: Any, column: str) -> Image.Image:
+def _load_from(value: Any, column: str, load: Callable[[Any], Any] = load_image) -> Any:
     try:
-        return load_image(value)
-    except Exception as err:  # PIL raises many types for corrupt data
+        return load(value)
+    except Exception as err:  # PIL and PyAV raise many types for corrupt data
         raise ValueError(f"column {column!r}: {err}") from None
 
 
-def _padded_pairs(pairs: list[list[torch.Tensor]], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resized pairs (``[3, h, w]`` each) zero-padded into ``[B, 2, 3, H, W]``, and their sizes ``[B, 2, 2]``."""
+def _padded_pairs(pairs: list[list[torch.Tensor]], pixel_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized pairs (``[3, h, w]`` each, or ``[3, F, h, w]`` video clips) zero-padded into ``[B, 2, 3, H, W]`` (or
+    ``[B, 2, 3, F, H, W]``), and their sizes ``[B, 2, 2]``; ``pixel_shape`` is one cropped item's, for no pair."""
     if not pairs:
-        return torch.empty(0, 2, 3, resolution, resolution), torch.empty(0, 2, 2)
-    height = max(image.shape[1] for pair in pairs for image in pair)
-    width = max(image.shape[2] for pair in pairs for image in pair)
-    padded = torch.zeros(len(pairs), 2, 3, height, width)
+        return torch.empty(0, 2, *pixel_shape), torch.empty(0, 2, 2)
+    height = max(image.shape[-2] for pair in pairs for image in pair)
+    width = max(image.shape[-1] for pair in pairs for image in pair)
+    padded = torch.zeros(len(pairs), 2, *pairs[0][0].shape[:-2], height, width)
     sizes = torch.zeros(len(pairs), 2, 2)
     for i, pair in enumerate(pairs):
         for k, image in enumerate(pair):
-            padded[i, k, :, : image.shape[1], : image.shape[2]] = image
-            sizes[i, k, 0], sizes[i, k, 1] = image.shape[1], image.shape[2]
+            padded[i, k, ..., : image.shape[-2], : image.shape[-1]] = image
+            sizes[i, k, 0], sizes[i, k, 1] = image.shape[-2], image.shape[-1]
     return padded, sizes

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Array2D, Array4D, Dataset, Features, IterableDataset, Sequence, Value
+from datasets import Array2D, Array4D, Array5D, Dataset, Features, IterableDataset, Sequence, Value
 from datasets import config as datasets_config
 from safetensors.torch import load_file, save_file
 
@@ -48,8 +48,9 @@ from ..families import ModelFamily, PromptEmbeddings
 from .collators import pair_scores
 from .images import image_conversion_digest
 from .progress import datasets_progress_bars
-from .transforms import PairTransform, load_image
+from .transforms import PairTransform
 from .validation import PreferenceColumns, order_pair
+from .video import VideoClip, VideoPairTransform
 
 __all__ = [
     "CACHE_VERSION",
@@ -139,7 +140,9 @@ def cache_fingerprint(
         "configs": {name: _config_dict(module) for name, module in sorted(frozen.items())},
         "weights": frozen_weights_digest(frozen),
         "tokenizers": _tokenizers_digest(family),
-        "transform": {"resolution": resolution, "crop": "center", "flipped_copies": flipped},
+        "transform": {"resolution": resolution, "crop": "center", "flipped_copies": flipped}
+        # The clip only for video data, so that image caches keep their names.
+        | ({} if columns.clip is None else {"clip": [columns.clip.num_frames, columns.clip.frame_stride]}),
         "image_conversion": image_conversion_digest(),  # the rules turning every PIL mode into RGB
         # Score columns only when present, so that caches made before they existed keep their names.
         "columns": [columns.prompt, columns.first, columns.second, columns.label]
@@ -197,10 +200,17 @@ class _FrozenEncoders:
         return PromptEmbeddings(embeds.encoder_hidden_states.float().cpu(), pooled)
 
 
-def _features(
-    latent_shape: tuple[int, int, int], empty: PromptEmbeddings, flipped: bool, scored: bool = False
-) -> Features:
-    pair_latents = Array4D(shape=(2, *latent_shape), dtype="float32")
+def _latent_shape(family: ModelFamily, resolution: int, clip: VideoClip | None = None) -> tuple[int, ...]:
+    """``(C, h, w)`` of an image's latents (``family.latent_shape``), or ``(C, F', h, w)`` of a video clip's (the
+    video family's ``latent_shape`` for ``clip.num_frames`` frames)."""
+    if clip is None:
+        return family.latent_shape(resolution)
+    return family.latent_shape(resolution, num_frames=clip.num_frames)
+
+
+def _features(latent_shape: tuple[int, ...], empty: PromptEmbeddings, flipped: bool, scored: bool = False) -> Features:
+    array = Array4D if len(latent_shape) == 3 else Array5D  # images, or video clips
+    pair_latents = array(shape=(2, *latent_shape), dtype="float32")
     features: dict[str, Any] = {
         "latent_mean": pair_latents,
         "latent_std": pair_latents,
@@ -274,11 +284,15 @@ def build_latent_cache(
     fingerprint = cache_fingerprint(dataset, columns, family, resolution, flipped)
     directory = os.path.join(cache_dir or _default_cache_root(dataset), fingerprint)
     os.makedirs(directory, exist_ok=True)
-    transform = PairTransform(resolution, random_crop=False)
+    transform = (
+        PairTransform(resolution, random_crop=False)
+        if columns.clip is None
+        else VideoPairTransform(resolution, columns.clip)
+    )
     encoders = _FrozenEncoders(family, torch.device(device))
     try:
         empty_prompt = _empty_prompt(directory, encoders)
-        features = _features(family.latent_shape(resolution), empty_prompt, flipped, columns.scored)
+        features = _features(_latent_shape(family, resolution, columns.clip), empty_prompt, flipped, columns.scored)
 
         def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
             rows = [{k: batch[k][i] for k in batch} for i in range(len(batch[columns.prompt]))]
@@ -289,13 +303,13 @@ def build_latent_cache(
                 pair = order_pair(row, columns)
                 if pair is None:
                     raise ValueError("a tie reached the latent cache; pass a prepared dataset (ties dropped)")
-                winner, loser = load_image(pair[0]), load_image(pair[1])
+                winner, loser = transform.load(pair[0]), transform.load(pair[1])
                 scores.append(pair[2])
                 for flip in views:
                     pair_pixels, pair_ids = transform.center_crop_pair(winner, loser, flip)
                     pixels[flip].append(pair_pixels)
                     time_ids[flip].append(pair_ids)
-            # One VAE batch for every view of every pair: [views * n * 2, 3, R, R].
+            # One VAE batch for every view of every pair: [views * n * 2, 3, R, R] (videos: [..., 3, F, R, R]).
             stacked = torch.cat([torch.stack(pixels[flip]) for flip in views]).flatten(0, 1)
             mean, std = encoders.posterior(stacked)
             encoders.vae_encode_calls += 1

@@ -16,7 +16,8 @@ from .preparation import prepare_preference_dataset
 from .scoring import RewardFn, add_reward_scores
 from .sharded_cache import ShardedLatentCache
 from .transforms import PairTransform
-from .validation import DataReport
+from .validation import DataReport, PreferenceColumns
+from .video import VideoPairTransform
 
 __all__ = ["TrainingData", "prepare_training_data"]
 
@@ -45,6 +46,7 @@ def prepare_training_data(
     """Validate and prepare the datasets for ``args`` (a ``DiffusionSDPOConfig``) and ``family``; encode them into
     a latent cache with ``cache_latents``. SmPO: images are scored with ``reward_fn`` where score columns are absent.
     """
+    _check_media(args, family)
     prebuilt = train_dataset if isinstance(train_dataset, ShardedLatentCache) else None
     if prebuilt is not None:
         prebuilt.check_matches(family, args.resolution, args.random_flip)
@@ -57,7 +59,7 @@ def prepare_training_data(
     if eval_dataset is not None:
         eval_dataset = add_reward_scores(eval_dataset, args, reward_fn, "eval")
         eval_dataset, eval_columns, eval_report = prepare_preference_dataset(eval_dataset, args, "eval")
-    transform = PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
+    transform = _pair_transform(args, family, columns)
     tokenize = family.prompt_tokenizer()
     collator = PreferenceCollator(columns, tokenize, transform, train=True, with_flipped=args.random_flip)
     eval_collator = PreferenceCollator(eval_columns, tokenize, transform, train=False)
@@ -84,6 +86,23 @@ def prepare_training_data(
         empty_prompt=empty_prompt,
         encoders_idle=args.cache_latents or (prebuilt is not None and eval_dataset is None),
     )
+
+
+def _check_media(args, family: ModelFamily) -> None:
+    """Video settings for a video family, none for an image family, before any row is read."""
+    if family.video != (args.num_frames is not None):
+        raise ValueError(
+            f"{family.name} trains on {'videos' if family.video else 'images'}, but num_frames is "
+            f"{args.num_frames!r}: "
+            + ("set num_frames (frames per clip)" if family.video else "leave num_frames unset for image models")
+        )
+
+
+def _pair_transform(args, family: ModelFamily, columns: PreferenceColumns) -> PairTransform | VideoPairTransform:
+    """The image transform, or the video clip transform when the family trains on videos (``num_frames`` set)."""
+    if columns.clip is None:
+        return PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
+    return VideoPairTransform(args.resolution, columns.clip, random_crop=args.random_crop)
 
 
 def _latent_cache(dataset, columns, args, family: ModelFamily, split: str) -> LatentCache:

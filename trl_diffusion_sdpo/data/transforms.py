@@ -79,6 +79,13 @@ class PairTransform:
         self.random_crop = random_crop
         self.independent = independent  # a random crop of its own for each image (the Diffusion-SDPO authors')
 
+    load = staticmethod(load_image)  # one value of an image column to RGB (the video transform reads clips)
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """The shape of one image's pixels: ``(3, resolution, resolution)``."""
+        return 3, self.resolution, self.resolution
+
     def _resize(self, image: Image.Image) -> Image.Image:
         new_w, new_h = resized_size(*image.size, self.resolution)
         if (new_w, new_h) != image.size:

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, IterableDataset
 from datasets import Image as ImageFeature
+from datasets import Video as VideoFeature
 from PIL import Image
 
 from .images import image_mode_problem
+from .video import VideoClip, read_video
 
 __all__ = [
     "ROW_INDEX_COLUMN",
@@ -40,7 +42,8 @@ class PreferenceColumns:
     """Where a dataset keeps its prompt and images. ``label`` is ``None`` for TRL form (``first`` is chosen).
 
     ``score_0``, ``score_1`` (SmPO only) hold a score per image (``first``, ``second``); when set, the scores, not the
-    label, order the pair.
+    label, order the pair. ``clip`` is set for video data (``num_frames``): ``first`` and ``second`` then hold videos,
+    of which this clip is read (:mod:`.video`).
     """
 
     prompt: str
@@ -49,6 +52,7 @@ class PreferenceColumns:
     label: str | None = None
     score_0: str | None = None
     score_1: str | None = None
+    clip: VideoClip | None = None
 
     @property
     def all(self) -> list[str]:
@@ -118,6 +122,8 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     included in the result; for every other loss type they are ignored even when present.
     """
     layout = resolve_layout(column_names, args)
+    if getattr(args, "num_frames", None) is not None:  # video data
+        layout = dataclasses.replace(layout, clip=VideoClip(args.num_frames, getattr(args, "frame_stride", 1)))
     if not uses_scores(args):
         return layout
     names = set(column_names)
@@ -155,6 +161,15 @@ def _check_image(value: Any) -> str:
         return image_mode_problem(image)
     except Exception as err:  # PIL raises many types for corrupt data
         return f"cannot decode image: {err}"
+
+
+def _check_video(value: Any, clip: VideoClip) -> str:
+    """Empty string if the clip of ``value`` reads (every frame it needs decoded), else the reason."""
+    try:
+        read_video(value, clip)
+        return ""
+    except Exception as err:  # PyAV and PIL raise many types for corrupt data
+        return f"cannot read video: {err}"
 
 
 def _label_problem(label: Any) -> str:
@@ -195,7 +210,7 @@ def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, s
         if reason:
             return columns.label, reason
     for column in (columns.first, columns.second):
-        reason = _check_image(row.get(column))
+        reason = _check_image(row.get(column)) if columns.clip is None else _check_video(row.get(column), columns.clip)
         if reason:
             return column, reason
     if columns.scored and not (columns.label is not None and is_tie(row[columns.label])):
@@ -241,10 +256,13 @@ def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, An
 
 
 def with_undecoded_images(dataset: Dataset | IterableDataset, columns: PreferenceColumns):
-    """Keep ``datasets.Image`` columns as raw bytes so a corrupt file is reported by us, not raised on access."""
+    """Keep ``datasets.Image`` (and ``datasets.Video``) columns as raw bytes so a corrupt file is reported by us, not
+    raised on access."""
     features = dataset.features or {}
     for column in (columns.first, columns.second):
         feature = features.get(column)
         if isinstance(feature, ImageFeature) and feature.decode:
             dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        elif isinstance(feature, VideoFeature) and feature.decode:  # decoded by us (PyAV), as raw bytes/path
+            dataset = dataset.cast_column(column, VideoFeature(decode=False))
     return dataset

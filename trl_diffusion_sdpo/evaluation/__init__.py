@@ -1,9 +1,10 @@
 """Evaluation of preference-tuned text-to-image models: generate images for a prompt set with the SDPO authors'
 protocol (cached on disk), score them with reward models, and compare models with bootstrap intervals and win rates.
 
-`evaluate` runs the whole pipeline; the pieces are importable on their own: `load_prompts` (prompts), `generate_images`
-(generation and cache), `build_scorer` / `register_scorer` (reward models), `summarise` / `win_rate_table` (comparison)
-and `ValidationCallback` (sample grids and rewards while training).
+`evaluate` runs the whole pipeline; the pieces are importable on their own: `load_prompts` (prompts),
+`generate_images` (generation and cache), `build_scorer` / `register_scorer` (reward models), `summarise` /
+`win_rate_table` (comparison), `ValidationCallback` (sample grids and rewards while training) and, for text-to-video
+models, `sample_videos` / `score_videos` (clips scored frame by frame).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from .prompts import PROMPT_PRESETS, load_prompts
     from .run import EvaluationResult, evaluate
     from .scorers import Scorer, available_scorers, build_scorer, register_scorer
+    from .video import sample_videos, score_videos
 
 # Resolved on first use: the scorers import transformers' CLIP and BLIP models, generation imports diffusers.
 _EXPORTS = {
@@ -40,6 +42,8 @@ _EXPORTS = {
     "load_prompts": ".prompts",
     "register_scorer": ".scorers",
     "sample_images": ".generation",
+    "sample_videos": ".video",
+    "score_videos": ".video",
     "summarise": ".compare",
     "win_rate": ".compare",
     "win_rate_table": ".compare",
@@ -64,6 +68,8 @@ __all__ = [
     "load_prompts",
     "register_scorer",
     "sample_images",
+    "sample_videos",
+    "score_videos",
     "summarise",
     "win_rate",
     "win_rate_table",

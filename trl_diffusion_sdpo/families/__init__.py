@@ -5,8 +5,8 @@ itself with :func:`register_family`; :func:`family_for_pipeline` picks the regis
 accepts a pipeline. Adding a family is one module: a :class:`ModelFamily` subclass (a :class:`FlowMatchingFamily`
 for rectified-flow transformers) decorated with :func:`register_family`, imported below. UNet families: SD 1.x/2.x
 (:mod:`.sd`), SDXL (:mod:`.sdxl`), noised by :class:`DDPMNoiser`. Flow-matching transformer families: SD3/SD3.5
-(:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Qwen-Image (:mod:`.qwen_image`), Z-Image (:mod:`.z_image`), noised by
-:class:`FlowNoiser` (:mod:`.flow`).
+(:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Qwen-Image (:mod:`.qwen_image`), Z-Image (:mod:`.z_image`), Wan
+text-to-video (:mod:`.wan`), noised by :class:`FlowNoiser` (:mod:`.flow`).
 
 Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
@@ -24,9 +24,10 @@ from .flux import FluxFamily  # isort: skip
 from .sdxl import StableDiffusionXLFamily  # isort: skip
 from .sd import StableDiffusionFamily  # isort: skip
 
-# Transformers no family above claims (their matches are disjoint from the others').
+# Transformers no family above claims (their matches are disjoint from the others'), so their place does not matter.
 from .qwen_image import QwenImageFamily  # isort: skip
 from .z_image import ZImageFamily  # isort: skip
+from .wan import WanFamily  # isort: skip
 
 __all__ = [
     "DDPMNoiser",
@@ -43,6 +44,7 @@ __all__ = [
     "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
+    "WanFamily",
     "ZImageFamily",
     "family_for_pipeline",
     "register_family",

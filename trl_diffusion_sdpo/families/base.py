@@ -21,7 +21,8 @@ What a family defines (abstract members are marked *):
   :class:`~.flow.FlowMatchingFamily`).
 * :meth:`frozen_modules`\\*, :meth:`prompt_tokenizer`\\*, :meth:`encode_prompts`\\*: the text side.
 * :meth:`denoiser_conditioning` and :meth:`call_denoiser`: how one prediction is made, in the latent layout
-  ``[N, C, h, w]`` whatever the network's own input layout (FLUX packs 2x2 patches inside the call).
+  ``[N, C, h, w]`` (``[N, C, F', h, w]`` for a ``video`` family such as Wan) whatever the network's own input layout
+  (FLUX packs 2x2 patches inside the call).
 
 Diffusers' pipeline modules are imported where they are used, never here: importing a family costs nothing.
 """
@@ -108,6 +109,8 @@ class ModelFamily(abc.ABC):
     needs_time_ids: ClassVar[bool] = False
     denoiser_name: ClassVar[str] = "unet"
     flow_matching: ClassVar[bool] = False
+    # Whether the family trains on videos (pixel pairs ``[B, 2, 3, F, H, W]``, latents ``[N, C, F', h, w]``).
+    video: ClassVar[bool] = False
     # LoRA targets when the user names none: the attention projections of the denoiser's blocks.
     lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -172,9 +175,10 @@ class ModelFamily(abc.ABC):
 
     # ------------------------------------------------------------------------------------------------ the images
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
         """``(C, h, w)`` of the latents of a ``resolution``-pixel square image, in the layout the rest of the step
-        sees (the latent cache sizes its columns with it)."""
+        sees (the latent cache sizes its columns with it). A ``video`` family also takes ``num_frames`` and gives
+        ``(C, F', h, w)``."""
         config = self.vae.config
         factor = 2 ** (len(config.block_out_channels) - 1)
         return config.latent_channels, resolution // factor, resolution // factor

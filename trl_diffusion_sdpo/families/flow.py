@@ -272,7 +272,7 @@ class FlowMatchingFamily(ModelFamily):
                 f"min_timestep/max_timestep apply to the UNet families; {self.name} draws noise levels with "
                 "flow_weighting_scheme, flow_logit_mean/std, flow_mode_scale and flow_shift"
             )
-        multiple = self.latent_patch_size * self.pipeline.vae_scale_factor
+        multiple = self.latent_patch_size * self.spatial_compression
         if args.resolution % multiple != 0:
             raise ValueError(
                 f"resolution must be a multiple of {multiple} for {self.name} (the transformer takes "
@@ -285,7 +285,7 @@ class FlowMatchingFamily(ModelFamily):
             mode_scale=args.flow_mode_scale,
             shift=args.flow_shift or self.default_shift(),
         )
-        noiser = FlowNoiser(self.pipeline.scheduler.config, sampling)
+        noiser = FlowNoiser(self.training_scheduler_config(), sampling)
         if args.loss_type in _DPO_LOGIT_OBJECTIVES and args.beta >= UNET_SCALE_BETA:
             logger.warning(
                 f"beta={args.beta:g} is Diffusion-DPO's value for SD UNets in scale (2000-5000); {self.name} is a "
@@ -294,6 +294,15 @@ class FlowMatchingFamily(ModelFamily):
                 f"({self.defaults_source}). See docs/families.md before keeping it."
             )
         return noiser
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent along each spatial axis (the VAE's downsampling factor)."""
+        return self.pipeline.vae_scale_factor
+
+    def training_scheduler_config(self):
+        """The ``FlowMatchEulerDiscreteScheduler`` config whose sigma table the noiser draws from: the pipeline's."""
+        return self.pipeline.scheduler.config
 
     def default_shift(self) -> str:
         """The ``flow_shift`` used when the config leaves it unset: the class's ``default_flow_shift``."""

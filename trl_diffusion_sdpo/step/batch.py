@@ -74,8 +74,9 @@ def encode_batch(
 
 
 def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolution: int) -> dict[str, torch.Tensor]:
-    """Random-crop a batch of resized pairs (``pixel_values [B, 2, 3, H, W]`` zero-padded, ``crop_sizes [B, 2, 2]``
-    their ``(h, w)``) to ``resolution``, on the device with no host read.
+    """Random-crop a batch of resized pairs (``pixel_values [B, 2, 3, H, W]`` zero-padded, or video pairs
+    ``[B, 2, 3, F, H, W]``; ``crop_sizes [B, 2, 2]`` their ``(h, w)``) to ``resolution``, on the device with no host
+    read.
 
     ``fractions [B, 2]`` (``(top, left)`` uniforms in [0, 1) shared by the pair) or ``[B, 2, 2]`` (one per image)
     give the offsets as torchvision's ``RandomCrop`` draws them, each valid offset equally likely:
@@ -84,6 +85,8 @@ def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolut
     (``width - res - left``).
     """
     pixels, sizes = inputs["pixel_values"], inputs["crop_sizes"].to(inputs["pixel_values"].device)
+    leading = pixels.shape[2:-2]  # (3,) for images, (3, F) for video clips: every frame gets its video's crop
+    pixels = pixels.reshape(*pixels.shape[:2], -1, *pixels.shape[-2:])
     batch, _, channels, height, width = pixels.shape
     fractions = fractions.to(sizes).reshape(batch, -1, 2).expand(batch, 2, 2)
     margin = sizes - resolution
@@ -93,7 +96,7 @@ def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolut
     cols = (offsets[..., 1].long().reshape(-1, 1) + span)[:, None, :]  # [2B, 1, R]
     images = torch.arange(2 * batch, device=pixels.device)[:, None, None]
     flat = pixels.reshape(2 * batch, channels, height, width).permute(0, 2, 3, 1)  # [2B, H, W, C]
-    cropped = flat[images, rows, cols].permute(0, 3, 1, 2).reshape(batch, 2, channels, resolution, resolution)
+    cropped = flat[images, rows, cols].permute(0, 3, 1, 2).reshape(batch, 2, *leading, resolution, resolution)
     time_ids = inputs["time_ids"].clone()
     time_ids[..., 2:4] = offsets.to(time_ids)
     out = dict(inputs, pixel_values=cropped, time_ids=time_ids)

@@ -1,0 +1,169 @@
+"""Wan 2.1 / 2.2 text-to-video: a 3D transformer (``WanTransformer3DModel``) conditioned on UMT5, over the latents of a
+causal 3D VAE (``AutoencoderKLWan``), trained by rectified flow. No pooled projection, no guidance embedding.
+
+Followed: diffusers' ``WanPipeline`` (``pipelines/wan/pipeline_wan.py``, diffusers 0.42) for everything the model
+sees, and SimpleTuner's Wan quickstart and the public diffusers+peft Wan 2.1 LoRA scripts for the training draw
+(logit-normal levels on the statically shifted sigma table, the flow-matching velocity target). Read, not copied.
+
+* Text, as ``WanPipeline._get_t5_prompt_embeds``: prompts cleaned (``prompt_clean``: HTML unescape, ftfy when
+  installed, whitespace collapsed), tokenised to ``max_sequence_length`` tokens (512, the pipeline's ``__call__``
+  default) with padding, UMT5's ``last_hidden_state`` computed with the attention mask, and every position past the
+  prompt's length set to zero (the pipeline cuts each sequence at its length and zero-pads it back). The mask is
+  ``input_ids != pad_token_id``: the tokenizer pads to the right with its pad id, which no text token has.
+* Latents ``[N, 16, F', h, w]`` with ``F' = (F - 1) / 4 + 1`` for ``F = 4k + 1`` frames and ``h, w`` the pixel size
+  over 8, normalised per channel with the VAE config's ``latents_mean``/``latents_std``:
+  ``x0 = (z - mean_c) / std_c`` (the inverse of the pipeline's decode, as ``WanVideoToVideoPipeline`` encodes); see
+  :func:`~.base.scale_latents`.
+* Noise levels: the sigma table of a ``FlowMatchEulerDiscreteScheduler`` with the pipeline scheduler's static shift
+  (``flow_shift`` of the ``UniPCMultistepScheduler`` the Wan checkpoints ship, 3.0 for the 480p T2V models, 5.0 at
+  720p; or ``shift`` of a flow-match Euler scheduler). The transformer takes ``t = 1000 s``; with the pipeline's
+  ``expand_timesteps`` (Wan 2.2 TI2V-5B) one timestep per latent token, all equal, as the pipeline passes them.
+* Wan 2.2 A14B has two experts (``transformer`` above ``boundary_ratio``, ``transformer_2`` below); training one
+  expert on its noise range is not implemented, so such pipelines are refused with what to do instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .base import PromptEmbeddings, PromptTokenizer
+from .flow import FlowMatchingFamily, FlowNoiser
+from .registry import register_family
+
+__all__ = ["WanFamily", "WanPromptTokenizer"]
+
+
+class WanPromptTokenizer(PromptTokenizer):
+    """The UMT5 tokenizer as ``WanPipeline`` runs it: prompts cleaned with the pipeline's ``prompt_clean`` first."""
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # the pipeline module is slow to import
+
+        return super().__call__([prompt_clean(prompt) for prompt in prompts])
+
+
+@register_family
+class WanFamily(FlowMatchingFamily):
+    """Wan 2.1 / 2.2 text-to-video (``WanPipeline`` with a ``WanTransformer3DModel``)."""
+
+    name = "wan"
+    transformer_class = "WanTransformer3DModel"
+    required_components = ("text_encoder", "vae")
+    pipeline_classes = ("WanPipeline",)
+    video = True
+    # The self- and cross-attention projections of every block (attn1, attn2), as diffusers' Wan LoRAs adapt them.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    default_weighting_scheme = "logit_normal"
+    default_flow_shift = "scheduler"
+    default_max_sequence_length = 512
+    # The recommended Diffusion-DPO beta and LoRA learning rate, with their sources (main's per-family defaults).
+    default_beta = 100.0
+    default_learning_rate = 1e-4
+    defaults_source = (
+        "beta: flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published Wan Flow-DPO recipe on "
+        "mean errors); lr: SimpleTuner's Wan LoRA quickstart"
+    )
+    # The VAE keeps the first frame and compresses the rest in time by this factor (``scale_factor_temporal``).
+    temporal_compression_default: ClassVar[int] = 4
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        """A Wan transformer and a Wan VAE (``AutoencoderKLWan``), so the image-to-video pipelines with an image
+        encoder, which this family does not condition, are not taken for text-to-video."""
+        if not super().matches(pipeline) or getattr(pipeline, "image_encoder", None) is not None:
+            return False
+        import diffusers
+
+        return isinstance(pipeline.vae, diffusers.AutoencoderKLWan)
+
+    @classmethod
+    def check_pipeline(cls, pipeline: Any) -> None:
+        if getattr(pipeline, "transformer_2", None) is not None:
+            raise ValueError(
+                "This WanPipeline has two experts (Wan 2.2 A14B: `transformer` for high noise, `transformer_2` for "
+                "low noise); training one expert on its noise range is not supported. Load the pipeline with "
+                "transformer_2=None (and boundary_ratio=None) to tune `transformer` alone, or use a "
+                "single-transformer Wan (2.1 T2V, 2.2 TI2V-5B)."
+            )
+        if pipeline.text_encoder is None:
+            raise ValueError("The WanPipeline has no text_encoder (UMT5): it is needed to encode the prompts")
+
+    @property
+    def spatial_compression(self) -> int:
+        return int(self.vae.config.scale_factor_spatial)
+
+    @property
+    def temporal_compression(self) -> int:
+        return int(getattr(self.vae.config, "scale_factor_temporal", self.temporal_compression_default))
+
+    def latent_shape(self, resolution: int, num_frames: int = 1) -> tuple[int, int, int, int]:
+        """``(C, F', h, w)`` of the latents of a ``num_frames``-frame clip of ``resolution``-pixel square frames: the
+        VAE keeps the first frame and compresses the others ``scale_factor_temporal``-fold in time and
+        ``scale_factor_spatial``-fold in space."""
+        side = resolution // self.spatial_compression
+        return self.vae.config.z_dim, (num_frames - 1) // self.temporal_compression + 1, side, side
+
+    def training_scheduler_config(self) -> dict[str, Any]:
+        """A flow-match Euler config with the pipeline scheduler's static shift (``flow_shift`` of UniPC, ``shift``
+        of flow-match Euler) and no dynamic shifting: the table Wan is trained and sampled on."""
+        config = self.pipeline.scheduler.config
+        shift = config.get("flow_shift", None) or config.get("shift", 1.0)
+        return {"num_train_timesteps": int(config.get("num_train_timesteps", 1000)), "shift": float(shift)}
+
+    def noiser(self, args: Any) -> FlowNoiser:
+        """The flow noiser (see :meth:`FlowMatchingFamily.noiser`), after checking the clip length (video data,
+        ``num_frames``, of ``4k + 1`` frames) and that no image validation grids are asked for."""
+        frames = getattr(args, "num_frames", None)
+        temporal = self.temporal_compression
+        if frames is None:
+            raise ValueError(
+                f"{self.name} trains on videos: set num_frames (frames per clip, {temporal}k + 1, e.g. 81 as Wan "
+                "samples, 17 or 33 to save memory) and optionally frame_stride"
+            )
+        if (frames - 1) % temporal != 0:
+            raise ValueError(
+                f"num_frames must be {temporal}k + 1 for {self.name} (its VAE keeps the first frame and compresses "
+                f"the others {temporal}x in time), got {frames}"
+            )
+        if getattr(args, "validation_prompts", None):
+            # The validation callback samples and logs image grids; clips are sampled with evaluation.sample_videos.
+            raise ValueError(
+                f"validation_prompts sample image grids during training, which {self.name} (video) does not support "
+                "yet; leave them unset and evaluate with trl_diffusion_sdpo.evaluation.sample_videos / score_videos"
+            )
+        return super().noiser(args)
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.pipeline.vae, "text_encoder": self.pipeline.text_encoder}
+
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        return WanPromptTokenizer({"input_ids": self.pipeline.tokenizer}, {"input_ids": self.max_sequence_length})
+
+    @torch.no_grad()
+    def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> PromptEmbeddings:
+        encoder = self.pipeline.text_encoder
+        ids = tokens["input_ids"].to(encoder.device)
+        mask = ids.ne(self.pipeline.tokenizer.pad_token_id).long()
+        hidden = encoder(ids, mask).last_hidden_state
+        # Zero past each prompt's length, as the pipeline's cut-and-pad does.
+        return PromptEmbeddings(hidden * mask.unsqueeze(-1).to(hidden.dtype))
+
+    def denoiser_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        """The UMT5 sequence only: Wan has no pooled projection."""
+        return {"encoder_hidden_states": prompt_embeds.encoder_hidden_states}
+
+    def call_denoiser(
+        self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
+    ) -> torch.Tensor:
+        """``model`` on ``sample [N, C, F', h, w]`` at ``timestep [N]`` (0-1000); ``[N, C, F', h, w]`` back."""
+        if self.pipeline.config.get("expand_timesteps", False):
+            # Wan 2.2 TI2V: one timestep per latent token (1x2x2 patches), all equal for text-to-video.
+            _, _, frames, height, width = sample.shape
+            patch = self.denoiser.config.patch_size
+            tokens = (frames // patch[0]) * (height // patch[1]) * (width // patch[2])
+            timestep = timestep[:, None].expand(-1, tokens)
+        return model(hidden_states=sample, timestep=timestep, **conditioning, return_dict=False)[0]
