@@ -10,9 +10,12 @@ template.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 
 import torch
 from diffusers import (
@@ -73,9 +76,23 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(s) for s in symbols]
 
 
-def write_char_tokenizer(directory: str, max_length: int = 32, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """Write a character-level CLIP tokenizer to ``directory`` and load it back."""
+@contextlib.contextmanager
+def _published(directory: str) -> Iterator[str]:
+    """Write into a staging folder inside ``directory``, then move each file into place with ``os.replace``: a process
+    reading the tokenizer while another (re)writes it (two training processes building the same tiny pipeline)
+    always sees whole files."""
     os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=directory)
+    try:
+        yield staging
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_char_tokenizer(directory: str, max_length: int = 32, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """Write a character-level CLIP tokenizer to ``directory`` (file by file, atomically) and load it back."""
     symbols = _bytes_to_unicode()
     vocab: dict[str, int] = {}
     for s in symbols:
@@ -84,17 +101,18 @@ def write_char_tokenizer(directory: str, max_length: int = 32, pad_token: str = 
         vocab.setdefault(s + "</w>", len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(directory, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        os.path.join(directory, "vocab.json"),
-        os.path.join(directory, "merges.txt"),
-        model_max_length=max_length,
-        pad_token=pad_token,
-    )
-    tokenizer.save_pretrained(directory)
+    with _published(directory) as staging:
+        with open(os.path.join(staging, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(staging, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(
+            os.path.join(staging, "vocab.json"),
+            os.path.join(staging, "merges.txt"),
+            model_max_length=max_length,
+            pad_token=pad_token,
+        )
+        tokenizer.save_pretrained(staging)
     return tokenizer
 
 
@@ -246,7 +264,8 @@ def write_t5_tokenizer(directory: str, max_length: int = 16) -> T5TokenizerFast:
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [("\u2581" + c, -3.0) for c in characters] + [(c, -4.0) for c in characters]
     tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
-    tokenizer.save_pretrained(directory)
+    with _published(directory) as staging:  # whole files for a process reading them meanwhile
+        tokenizer.save_pretrained(staging)
     return T5TokenizerFast.from_pretrained(directory)
 
 
@@ -464,7 +483,8 @@ def write_qwen_tokenizer(directory: str, max_length: int = 64) -> Qwen2Tokenizer
     tokenizer.add_tokens(list(_QWEN_TEMPLATE_WORDS))
     tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL_TOKENS[1:])})
     tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
-    tokenizer.save_pretrained(directory)
+    with _published(directory) as staging:  # whole files for a process reading them meanwhile
+        tokenizer.save_pretrained(staging)
     return Qwen2Tokenizer.from_pretrained(directory)
 
 
