@@ -15,7 +15,15 @@ from safetensors import safe_open
 
 from trl_diffusion_sdpo.cli import main
 from trl_diffusion_sdpo.families import family_for_pipeline
-from trl_diffusion_sdpo.io.export import export_lora, merge_lora, read_lora
+from trl_diffusion_sdpo.io.export import (
+    LoraFile,
+    LoraModule,
+    export_lora,
+    fuse_lora_modules,
+    kohya_fused_state_dict,
+    merge_lora,
+    read_lora,
+)
 from trl_diffusion_sdpo.io.saving import save_lora_adapters
 from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux_pipeline,
@@ -39,15 +47,16 @@ BUILDERS = {
 }
 
 
-def write_base_and_lora(name: str, folder) -> tuple[str, str]:
-    """A tiny pipeline saved as a local base folder, and a random LoRA on the family's default targets (every
-    ``lora_B`` nonzero, so the adapter changes the prediction) written by the trainer's own save function."""
+def write_base_and_lora(name: str, folder, targets=None) -> tuple[str, str]:
+    """A tiny pipeline saved as a local base folder, and a random LoRA on ``targets`` (default: the family's
+    default targets; every ``lora_B`` nonzero, so the adapter changes the prediction) written by the trainer's own
+    save function."""
     pipe = BUILDERS[name](seed=0, tokenizer_dir=str(folder / "tokenizers"))
     base = str(folder / "base")
     pipe.save_pretrained(base)
     family = family_for_pipeline(pipe)
     denoiser = family.denoiser
-    targets = list(family.lora_target_modules)
+    targets = list(targets or family.lora_target_modules)
     denoiser.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=targets))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -195,8 +204,9 @@ def test_bad_inputs_are_refused_clearly(sd_case, cases, tmp_path, capsys):
     flux_base, flux_lora = cases("flux")
     with pytest.raises(ValueError, match="adapts a `unet`.*flux"):
         export_lora(lora, flux_base, "kohya", out)
-    with pytest.raises(ValueError, match="kohya is written for SD1.x/2.x and SDXL only"):
-        export_lora(flux_lora, flux_base, "kohya", out)
+    qwen_base, qwen_lora = cases("qwen-image")
+    with pytest.raises(ValueError, match="not written for Qwen-Image: kohya-ss sd-scripts has no Qwen-Image"):
+        export_lora(qwen_lora, qwen_base, "kohya", out)
     with pytest.raises(ValueError, match="not a diffusers pipeline"):
         export_lora(lora, str(tmp_path), "kohya", out)
     kohya = str(tmp_path / "k.safetensors")
@@ -229,3 +239,130 @@ def test_rslora_scale_is_the_one_peft_applies(tmp_path):
     assert read.modules and {name: m.scale for name, m in read.modules.items()} == {
         name: layers[name].scaling["default"] for name in read.modules
     }
+
+
+def _linear_names(base: str) -> list[str]:
+    """Every Linear layer of the base's transformer, by its full name."""
+    transformer = DiffusionPipeline.from_pretrained(base).transformer
+    return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def test_flux_kohya_export_loads_with_diffusers_kohya_loader_and_predicts_like_the_lora(tmp_path):
+    """A LoRA on every layer of FLUX.1's blocks that diffusers' kohya loader maps at any size: the double blocks'
+    fused img/txt qkv (rank 3r, block-diagonal up), projections, MLPs and modulations, and the single blocks'
+    linear2 and modulation. (linear1 is split by that loader at FLUX.1's own sizes only, and the top-level layers
+    it converts but does not load: the next test.)"""
+    pipe = build_tiny_flux_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tokenizers"))
+    pipe.save_pretrained(str(tmp_path / "probe"))
+    targets = [
+        name
+        for name in _linear_names(str(tmp_path / "probe"))
+        if name.startswith("transformer_blocks.") or name.endswith(("proj_out", "norm.linear")) and "single" in name
+    ]
+    base, lora = write_base_and_lora("flux", tmp_path, targets=targets)
+    out = str(tmp_path / "flux_kohya.safetensors")
+    export_lora(lora, base, "kohya", out)
+    with safe_open(out, framework="pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+        qkv_down = handle.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight")
+        qkv_alpha = handle.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.alpha").item()
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert {"lora_unet_single_blocks_0_linear2.alpha", "lora_unet_double_blocks_0_txt_mod_lin.alpha"} <= keys
+    assert qkv_down.shape[0] == 3 * RANK and qkv_alpha == pytest.approx(ALPHA / RANK * 3 * RANK)
+    assert metadata["ss_base_model_version"] == "flux1" and metadata["ss_network_module"] == "networks.lora_flux"
+    assert metadata["ss_network_dim"] == str(RANK) and metadata["ss_network_alpha"] == str(ALPHA)
+    reference = prediction(loaded(base, lora))
+    assert (reference - prediction(loaded(base))).abs().max() > 1e-3, "the LoRA changes nothing"
+    exported = prediction(loaded(base, out))
+    print(f"FLUX kohya round trip: max |difference| {(exported - reference).abs().max().item():.3g}")
+    torch.testing.assert_close(exported, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_linear1_at_flux1_sizes_and_top_level_layers_convert_back_in_diffusers_kohya_converter():
+    """diffusers' kohya FLUX converter splits ``single_blocks_N_linear1`` into FLUX.1's q/k/v/proj_mlp sizes
+    (3072, 3072, 3072, 12288): a LoRA of those sizes on q, k and v (proj_mlp and the double block's k without
+    one) and on the top-level layers (embedders, final layer) is exported and converted back by it, and each
+    module's change ``scale * B A`` comes back exactly. The converter names the top-level layers without the
+    ``transformer.`` prefix, so ``load_lora_weights`` drops them (diffusers 0.42); ComfyUI loads them."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    gen = torch.Generator().manual_seed(5)
+    hidden, mlp = 3072, 12288
+    sizes = {f"single_transformer_blocks.0.attn.to_{p}": (hidden, hidden) for p in "qkv"}
+    sizes |= {"transformer_blocks.0.attn.to_q": (hidden, hidden), "transformer_blocks.0.attn.to_v": (hidden, hidden)}
+    top = {"x_embedder": (16, 64), "context_embedder": (16, 32), "proj_out": (64, 16), "norm_out.linear": (32, 16)}
+    top |= {
+        f"time_text_embed.{e}_embedder.linear_{i}": (16, 16) for e in ("timestep", "guidance", "text") for i in (1, 2)
+    }
+    modules = {
+        name: LoraModule(torch.randn(RANK, fan_in, generator=gen), torch.randn(out, RANK, generator=gen), 0.5)
+        for name, (out, fan_in) in (sizes | top).items()
+    }
+    lora = LoraFile("synthetic", "transformer", modules, None, {}, {})
+    out_features = {name: out for name, (out, _) in sizes.items()}
+    out_features |= {"single_transformer_blocks.0.proj_mlp": mlp, "transformer_blocks.0.attn.to_k": hidden}
+    state = kohya_fused_state_dict(lora, "flux", out_features)
+    assert state["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * hidden + mlp, 4 * RANK)
+    back = _convert_kohya_flux_lora_to_diffusers(dict(state))
+    for name, module in modules.items():
+        key = name if name in top else f"transformer.{name}"
+        a, b = back[f"{key}.lora_A.weight"], back[f"{key}.lora_B.weight"]
+        assert a.shape[0] == RANK  # split back at the part's rank: the block-diagonal ("sparse") path
+        torch.testing.assert_close(b @ a, module.scale * module.up @ module.down, rtol=1e-5, atol=1e-4)
+    for empty in ("single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.attn.to_k"):
+        assert not back[f"transformer.{empty}.lora_B.weight"].any()
+
+
+class _ZerosForMissing(dict):
+    """A checkpoint in which every tensor the converter asks for and the LoRA does not change is zero."""
+
+    def pop(self, key, *default):
+        return super().pop(key) if key in self else torch.zeros(6)
+
+
+def test_sd3_kohya_export_converts_back_through_diffusers_sd3_single_file_names(cases, tmp_path):
+    """No diffusers LoRA loader reads kohya SD3 files (ComfyUI does: `lora_unet_` plus its MMDiT's original names).
+    Each exported layer's change ``alpha / rank * up @ down`` is placed at its original MMDiT name and converted by
+    diffusers' own single-file SD3 converter to diffusers' names; it must equal the trained LoRA's changes."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    base, lora = cases("sd3")
+    out = str(tmp_path / "sd3_kohya.safetensors")
+    export_lora(lora, base, "kohya", out)
+    checkpoint = _ZerosForMissing({"context_embedder.weight": torch.zeros(16, 32)})
+    with safe_open(out, framework="pt") as handle:
+        metadata = handle.metadata()
+        for key in {k.split(".", 1)[0] for k in handle.keys()}:
+            down, up = handle.get_tensor(f"{key}.lora_down.weight"), handle.get_tensor(f"{key}.lora_up.weight")
+            alpha = handle.get_tensor(f"{key}.alpha").item()
+            name = key.removeprefix("lora_unet_").replace("_", ".")
+            for fused in ("joint.blocks", "x.block", "context.block", "adaLN.modulation"):
+                name = name.replace(fused, fused.replace(".", "_"))
+            checkpoint[f"{name}.weight"] = alpha / down.shape[0] * up @ down
+    assert metadata["ss_network_module"] == "networks.lora_sd3"
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(checkpoint)
+    trained = read_lora(lora)
+    assert trained.modules
+    for name, module in trained.modules.items():
+        expected = module.scale * module.up @ module.down
+        torch.testing.assert_close(converted[f"{name}.weight"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fusing_keeps_each_part_change_and_zero_rows_for_parts_without_a_lora():
+    """fuse_lora_modules against the definition: ``scale * up @ down`` stacks ``s_j B_j A_j`` (different ranks and
+    scales per part), zero rows for a part without a LoRA, and the off-diagonal blocks of ``up`` are zero."""
+    gen = torch.Generator().manual_seed(0)
+    q = LoraModule(torch.randn(2, 6, generator=gen), torch.randn(4, 2, generator=gen), 1.5)
+    v = LoraModule(torch.randn(3, 6, generator=gen), torch.randn(5, 3, generator=gen), 0.25)
+    fused = fuse_lora_modules([q, None, v], [4, 7, 5])
+    assert fused.rank == 9
+    expected = torch.cat([q.scale * q.up @ q.down, torch.zeros(7, 6), v.scale * v.up @ v.down])
+    torch.testing.assert_close(fused.scale * fused.up @ fused.down, expected)
+    assert not fused.up[:4, 3:].any() and not fused.up[4:11].any() and not fused.up[11:, :6].any()
+
+
+def test_kohya_refuses_a_layer_without_a_known_kohya_name():
+    module = LoraModule(torch.ones(1, 4), torch.ones(8, 1), 1.0)
+    lora = LoraFile("synthetic", "transformer", {"transformer_blocks.0.norm1.linear": module}, None, {}, {})
+    with pytest.raises(ValueError, match=r"no kohya-ss layer name is known for transformer_blocks.0.norm1.linear"):
+        kohya_fused_state_dict(lora, "stable-diffusion-3", {})

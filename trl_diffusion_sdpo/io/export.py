@@ -11,6 +11,16 @@ prefixed keys, the adapter config in the file's ``lora_adapter_metadata``). This
   ``alpha = rank``, right only when ``lora_alpha == r``. Metadata: ``ss_network_dim``, ``ss_network_alpha``,
   ``ss_network_module``, and ``ss_base_model_version``/``ss_v2``, from which the webui's ``network.py`` decides
   which model a LoRA belongs to (``sdxl_*`` is SDXL, ``ss_v2 == "True"`` SD2, else SD1).
+* ``kohya`` (FLUX.1, SD3/3.5): sd-scripts' ``networks/lora_flux.py``/``lora_sd3.py`` layout, ``lora_unet_`` plus
+  the original model's layer names (``double_blocks_N_img_attn_qkv``, ``single_blocks_N_linear1``,
+  ``joint_blocks_N_x_block_attn_qkv``...), in which q, k and v (and FLUX's single-block MLP input) are one fused
+  layer. The separate q/k/v LoRAs are fused exactly (:func:`fuse_lora_modules`): ``lora_down`` stacks their
+  ``A``, ``lora_up`` is block-diagonal in their ``B``, rank ``n r``, zero blocks for a part without a LoRA; this
+  is sd-scripts' own ``networks/convert_flux_lora.py`` layout, which diffusers' kohya FLUX loader splits back
+  exactly, and ComfyUI maps ``lora_unet_`` plus every original weight name of its FLUX and MMDiT models
+  (``comfy/lora.py``, ``model_lora_keys_unet``). ``ss_network_module`` is ``networks.lora_flux``/``lora_sd3``,
+  ``ss_base_model_version`` ``flux1`` (sd-scripts' ``MODEL_VERSION_FLUX_V1``) or ``sd3``.
+  Qwen-Image, Z-Image, Wan and FLUX.2 are refused: sd-scripts has no LoRA module for them (``_KOHYA_REFUSALS``).
 * ``comfyui``: for SD1.x/2.x and SDXL the kohya file (ComfyUI's ``comfy/lora.py`` maps ``lora_unet_`` plus the
   diffusers module name for UNet models). For SD3, FLUX.1, Qwen-Image and Z-Image the diffusers keys
   (``transformer.<module>.lora_A/B.weight``), which ``comfy/lora.py`` maps for each of these models; for Wan the
@@ -32,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -55,8 +66,24 @@ _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY 
 
 # Family name -> (ss_base_model_version as sd-scripts writes it, the family's kohya/ComfyUI layout).
 _UNET_FAMILIES = {"stable-diffusion", "stable-diffusion-xl"}
-_DIFFUSERS_KEY_FAMILIES = {"stable-diffusion-3", "flux", "qwen-image", "z-image"}
 _WAN = "wan"
+
+# Why --format kohya is refused for the other transformer families (kohya-ss sd-scripts' networks/ folder has LoRA
+# modules for SD1.x/2.x/SDXL, FLUX.1 and SD3 among these families, none for the rest).
+_NO_SD_SCRIPTS = "kohya-ss sd-scripts has no {model} LoRA module, so there is no sd-scripts layout to match"
+_KOHYA_REFUSALS = {
+    "qwen-image": f"--format kohya is not written for Qwen-Image: {_NO_SD_SCRIPTS.format(model='Qwen-Image')}, and "
+    "ComfyUI maps Qwen-Image LoRAs by diffusers' layer names, the ones the comfyui export writes.",
+    "z-image": f"--format kohya is not written for Z-Image: {_NO_SD_SCRIPTS.format(model='Z-Image')}, and ComfyUI "
+    "maps Z-Image LoRAs from diffusers' names (z_image_to_diffusers), the ones the comfyui export writes.",
+    "wan": f"--format kohya is not written for Wan: {_NO_SD_SCRIPTS.format(model='Wan')}, and ComfyUI maps Wan "
+    "LoRAs by the original Wan layer names, the ones the comfyui export writes.",
+    "flux2": "--format kohya is not written for FLUX.2: sd-scripts has no FLUX.2 LoRA module, and the fused layout "
+    "diffusers' _convert_kohya_flux2_lora_to_diffusers reads is not implemented or tested here.",
+    "flux2-klein": "--format kohya is not written for FLUX.2 [klein]: sd-scripts has no FLUX.2 LoRA module, and the "
+    "fused layout diffusers' _convert_kohya_flux2_lora_to_diffusers reads is not implemented or tested here.",
+}
+_USE_COMFYUI = " Use --format comfyui (or --format diffusers for diffusers' load_lora_weights)."
 
 # diffusers' Wan attention names -> the original Wan names ComfyUI's Wan model uses; the inverse of what
 # diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` maps (self_attn -> attn1, cross_attn -> attn2,
@@ -70,6 +97,67 @@ _WAN_PROJECTIONS = {
     "add_k_proj": "k_img",
     "add_v_proj": "v_img",
 }
+
+
+# kohya-ss sd-scripts' names for the FLUX.1 and SD3 transformers: the original (BFL / Stability) layer names, in
+# which q, k and v (and, in FLUX's single blocks, the MLP input) are one fused Linear. Each entry maps the original
+# layer (without ``lora_unet_`` and the block prefix) to the diffusers modules stacked in its output, in row order:
+# the layout of diffusers' own converters (``_convert_kohya_flux_lora_to_diffusers`` for FLUX, the single-file
+# ``convert_sd3_transformer_checkpoint_to_diffusers`` for SD3) read backwards.
+_FLUX_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+_FLUX_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+_FLUX_TOP = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+_SD3_JOINT = {
+    "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "x_block_attn_proj": ("attn.to_out.0",),
+    "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block_attn_proj": ("attn.to_add_out",),
+    "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block_attn2_proj": ("attn2.to_out.0",),
+    "x_block_mlp_fc1": ("ff.net.0.proj",),
+    "x_block_mlp_fc2": ("ff.net.2",),
+    "context_block_mlp_fc1": ("ff_context.net.0.proj",),
+    "context_block_mlp_fc2": ("ff_context.net.2",),
+}
+# Per family: (diffusers block prefix, original block prefix, the block's table), and the top-level layers.
+_FUSED_LAYOUTS: dict[str, tuple[tuple[tuple[str, str, dict[str, tuple[str, ...]]], ...], dict[str, str]]] = {
+    "flux": (
+        (
+            ("transformer_blocks", "double_blocks", _FLUX_DOUBLE),
+            ("single_transformer_blocks", "single_blocks", _FLUX_SINGLE),
+        ),
+        _FLUX_TOP,
+    ),
+    "stable-diffusion-3": ((("transformer_blocks", "joint_blocks", _SD3_JOINT),), {}),
+}
+# ss_base_model_version: "flux1" is sd-scripts' MODEL_VERSION_FLUX_V1 (library/flux_utils.py); "sd3" names the family.
+_FUSED_VERSIONS = {"flux": "flux1", "stable-diffusion-3": "sd3"}
 
 
 @dataclass
@@ -254,19 +342,21 @@ def check_against_base(lora: LoraFile, base: str) -> tuple[str, torch.nn.Module]
 
 
 def _ss_metadata(lora: LoraFile, family: str, denoiser: torch.nn.Module, output: str) -> dict[str, str]:
-    """kohya-ss metadata as sd-scripts writes it, for the fields the tools read (see the module docstring)."""
+    """kohya-ss metadata as sd-scripts writes it, for the fields the tools read (see the module docstring). The
+    dim and alpha are the trained adapter's (a fused FLUX/SD3 layer's own ``.alpha`` and rank are in its keys)."""
     ranks = {module.rank for module in lora.modules.values()}
     alphas = {module.scale * module.rank for module in lora.modules.values()}
-    sd2 = family == "stable-diffusion" and getattr(denoiser.config, "cross_attention_dim", 768) == 1024
-    version = {"stable-diffusion-xl": "sdxl_base_v1-0", "stable-diffusion": "sd_v2" if sd2 else "sd_v1"}[family]
-    return {
-        "ss_network_module": "networks.lora",
+    metadata = {
         "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "dynamic",
         "ss_network_alpha": f"{alphas.pop():g}" if len(alphas) == 1 else "dynamic",
-        "ss_base_model_version": version,
-        "ss_v2": str(sd2),
         "ss_output_name": os.path.splitext(os.path.basename(output))[0],
     }
+    if family in _FUSED_LAYOUTS:
+        module = {"flux": "networks.lora_flux", "stable-diffusion-3": "networks.lora_sd3"}[family]
+        return {"ss_network_module": module, "ss_base_model_version": _FUSED_VERSIONS[family], **metadata}
+    sd2 = family == "stable-diffusion" and getattr(denoiser.config, "cross_attention_dim", 768) == 1024
+    version = {"stable-diffusion-xl": "sdxl_base_v1-0", "stable-diffusion": "sd_v2" if sd2 else "sd_v1"}[family]
+    return {"ss_network_module": "networks.lora", "ss_base_model_version": version, "ss_v2": str(sd2), **metadata}
 
 
 def kohya_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
@@ -285,6 +375,94 @@ def kohya_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
             raise RuntimeError(f"convert_state_dict_to_kohya named {name} unexpectedly (no {alpha_key}).")
         kohya[alpha_key] = torch.tensor(module.scale * module.rank, dtype=torch.float32)
     return kohya
+
+
+def fuse_lora_modules(parts: list[LoraModule | None], out_features: list[int]) -> LoraModule:
+    """One LoRA on a fused layer whose output rows stack those of ``parts`` (``None``: a part without a LoRA, whose
+    rows stay unchanged), moving the fused weight exactly as the parts move theirs.
+
+    With ``n`` parts of rank at most ``r``, part ``j`` having ``A_j`` (``r_j x in``), ``B_j`` (``out_j x r_j``) and
+    scale ``s_j``: ``down = [A_1; ...; A_n]`` with each ``A_j`` padded to ``r`` rows by zeros (all zeros for a
+    missing part), ``up = blockdiag(c_1 B_1, ..., c_n B_n)`` (``B_j`` padded to ``r`` columns), rank ``n r``,
+    and scale ``s`` = the first part's, ``c_j = s_j / s``. Then ``s * up @ down = [s_1 B_1 A_1; ...; s_n B_n A_n]``.
+    The equal-width diagonal blocks are what diffusers' kohya FLUX loader recognises as "sparse" and splits back
+    into the parts exactly (sd-scripts' ``networks/convert_flux_lora.py`` writes the same layout)."""
+    present = [part for part in parts if part is not None]
+    if not present:
+        raise ValueError("fuse_lora_modules: no part has a LoRA.")
+    rank = max(part.rank for part in present)
+    scale = present[0].scale
+    reference = present[0].down
+    down = reference.new_zeros((len(parts) * rank, reference.shape[1]))
+    up = reference.new_zeros((sum(out_features), len(parts) * rank))
+    row = 0
+    for index, (part, out) in enumerate(zip(parts, out_features, strict=True)):
+        if part is not None:
+            if part.up.shape[0] != out or part.down.shape[1] != reference.shape[1]:
+                raise ValueError(f"fuse_lora_modules: part {index} maps {part.down.shape[1]} -> {part.up.shape[0]}.")
+            down[index * rank : index * rank + part.rank] = part.down
+            up[row : row + out, index * rank : index * rank + part.rank] = part.up * (part.scale / scale)
+        row += out
+    return LoraModule(down=down, up=up, scale=scale)
+
+
+def _fused_groups(lora: LoraFile, family: str) -> dict[str, tuple[str, ...]]:
+    """The kohya (original) layer of every adapted module: ``{lora_unet_<layer>: diffusers modules in its rows}``."""
+    blocks, top = _FUSED_LAYOUTS[family]
+    top_names = {diffusers_name: original for original, diffusers_name in top.items()}
+    groups: dict[str, tuple[str, ...]] = {}
+    unknown = []
+    for name in lora.modules:
+        found = None
+        if name in top_names:
+            found = (f"lora_unet_{top_names[name]}", (name,))
+        for diffusers_prefix, original_prefix, table in blocks:
+            match = re.fullmatch(rf"{diffusers_prefix}\.(\d+)\.(.+)", name)
+            if match is None:
+                continue
+            block, inner = match.groups()
+            for original, members in table.items():
+                if inner in members:
+                    parts = tuple(f"{diffusers_prefix}.{block}.{member}" for member in members)
+                    found = (f"lora_unet_{original_prefix}_{block}_{original}", parts)
+        if found is None:
+            unknown.append(name)
+        else:
+            groups[found[0]] = found[1]
+    if unknown:
+        listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ValueError(
+            f"--format kohya for {family}: no kohya-ss layer name is known for {listed} (mapped: the blocks' "
+            "attention, feed-forward"
+            + (", modulation and the embedders/final layer" if family == "flux" else "")
+            + "). Use --format comfyui, which names every layer."
+        )
+    return groups
+
+
+def kohya_fused_state_dict(lora: LoraFile, family: str, out_features: dict[str, int]) -> dict[str, torch.Tensor]:
+    """FLUX.1/SD3 LoRA in kohya-ss sd-scripts' layout: ``lora_unet_<original layer>``, the separate q/k/v (and
+    FLUX's single-block MLP input) LoRAs fused by :func:`fuse_lora_modules` onto the original fused layer,
+    ``.alpha = scale * rank`` so that the tools' ``alpha / rank`` is the scale. ``out_features`` gives every
+    module's output size (the rows of parts without a LoRA). FLUX's final layer is written with ``alpha = rank``
+    and the scale in ``lora_up``, since diffusers' kohya loader does not read the final layer's alpha, and its
+    modulation rows swapped back to the original (shift, scale) order (diffusers' ``swap_scale_shift``, its own
+    inverse)."""
+    from diffusers.loaders.lora_conversion_utils import swap_scale_shift
+
+    state = {}
+    for key, members in _fused_groups(lora, family).items():
+        parts = [lora.modules.get(member) for member in members]
+        fused = parts[0] if len(parts) == 1 else fuse_lora_modules(parts, [out_features[m] for m in members])
+        up, scale = fused.up, fused.scale
+        if key.startswith("lora_unet_final_layer"):
+            up, scale = up * scale, 1.0
+        if key == "lora_unet_final_layer_adaLN_modulation_1":
+            up = swap_scale_shift(up)
+        state[f"{key}.lora_down.weight"] = fused.down
+        state[f"{key}.lora_up.weight"] = up
+        state[f"{key}.alpha"] = torch.tensor(scale * fused.rank, dtype=torch.float32)
+    return state
 
 
 def _wan_name(name: str) -> str:
@@ -341,12 +519,15 @@ def export_lora(lora_path: str, base: str, export_format: str, output: str, dtyp
     elif family in _UNET_FAMILIES:  # kohya, and ComfyUI reads the same file for UNet models
         state = kohya_state_dict(lora)
         metadata = _ss_metadata(lora, family, denoiser, output)
+    elif export_format == "kohya" and family in _FUSED_LAYOUTS:
+        modules = dict(denoiser.named_modules())
+        out_features = {
+            name: module.weight.shape[0] for name, module in modules.items() if isinstance(module, torch.nn.Linear)
+        }
+        state = kohya_fused_state_dict(lora, family, out_features)
+        metadata = _ss_metadata(lora, family, denoiser, output)
     elif export_format == "kohya":
-        raise ValueError(
-            f"--format kohya is written for SD1.x/2.x and SDXL only; for {family} kohya-ss sd-scripts uses the "
-            "original model's fused layer names (e.g. FLUX's img_attn.qkv), which a LoRA on separate q/k/v "
-            "projections does not map onto at its rank. Use --format comfyui (ComfyUI loads it; so does diffusers)."
-        )
+        raise ValueError(_KOHYA_REFUSALS.get(family, f"--format kohya is not written for {family}.") + _USE_COMFYUI)
     else:
         state = comfyui_flow_state_dict(lora, family)
     if dtype is not None:
@@ -392,7 +573,8 @@ def build_export_parser() -> argparse.ArgumentParser:
         prog="trl-diffusion-sdpo export",
         description=(
             "Write a LoRA trained by `trl-diffusion-sdpo train` (diffusers format) for the image tools: kohya "
-            "(AUTOMATIC1111/Forge, ComfyUI, InvokeAI, diffusers; SD1.x/2.x and SDXL) or comfyui (every family), "
+            "(sd-scripts' layout: SD1.x/2.x and SDXL for AUTOMATIC1111/Forge, ComfyUI, InvokeAI, diffusers; "
+            "FLUX.1 and SD3 for ComfyUI, FLUX.1 also for diffusers) or comfyui (every family), "
             "checked against the base model; or, with --merge, the base pipeline with the LoRA fused in at --strength."
         ),
     )
@@ -410,7 +592,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=EXPORT_FORMATS,
         default=None,
-        help="kohya (A1111/Forge, ComfyUI, InvokeAI; SD1.x/2.x and SDXL), comfyui (every family), or diffusers.",
+        help="kohya (sd-scripts layout: SD1.x/2.x, SDXL, FLUX.1, SD3), comfyui (every family), or diffusers.",
     )
     parser.add_argument(
         "--output", required=True, help="A .safetensors file (export), or a new folder for the pipeline (--merge)."
