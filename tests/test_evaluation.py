@@ -379,3 +379,48 @@ def test_evaluate_help_lists_the_registered_scorers_and_prompt_presets(capsys):
     assert "registered:" + ",".join(available_scorers()) + ";" in packed  # read from the registry when asked
     assert "Preset(" + ",".join(PROMPT_PRESETS) + ")" in packed
     assert "%%" not in out and "95%intervals" in packed and "transformer/" in out
+
+
+def test_hpdv3_preset_reads_the_test_pairs_prompts_deduplicated_from_a_local_copy(tmp_path):
+    """HPDv3's test.json as published: a JSON array of pair records (``path1`` preferred); each prompt once, in the
+    order of its first pair. A record without a string prompt is named."""
+    records = [
+        {
+            "prompt": "a cat",
+            "choice_dist": [12, 7],
+            "confidence": 0.99,
+            "path1": "images/1.jpg",
+            "path2": "images/2.jpg",
+            "model1": "flux",
+            "model2": "infinity",
+        },
+        {
+            "prompt": "a dog",
+            "choice_dist": None,
+            "confidence": None,
+            "path1": "images/3.jpg",
+            "path2": "images/4.jpg",
+            "model1": "mj",
+            "model2": "sd3",
+        },
+        {
+            "prompt": "a cat",
+            "choice_dist": [9, 1],
+            "confidence": 0.9,
+            "path1": "images/5.jpg",
+            "path2": "images/6.jpg",
+            "model1": "kolors",
+            "model2": "flux",
+        },
+    ]
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    (tmp_path / "train.json").write_text(json.dumps([{"prompt": "not the test split"}]))
+    assert load_prompts("hpdv3", path=str(tmp_path)) == ["a cat", "a dog"]
+    assert load_prompts("hpdv3", path=str(tmp_path), deduplicate=False) == ["a cat", "a dog", "a cat"]
+    records[1] = {"caption": "a dog", "path1": "images/3.jpg", "path2": "images/4.jpg"}
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"record 1 has no string 'prompt' \(found \['caption', 'path1', 'path2'\]\)"):
+        load_prompts("hpdv3", path=str(tmp_path))
+    os.remove(tmp_path / "test.json")
+    with pytest.raises(FileNotFoundError, match="test.json"):
+        load_prompts("hpdv3", path=str(tmp_path))

@@ -11,6 +11,10 @@ Presets (the loading code is the same for the Hub and a local copy: pass ``path=
   (800 each, 3200 in all, kept with their duplicates as the benchmark does). Those files are JSON lists of strings,
   which ``datasets``' JSON builder cannot read, so they are fetched with ``hf_hub_download`` (or read from a local
   folder holding the four files).
+- ``hpdv3``: the prompts of HPDv3's test pairs, ``MizzenAI/HPDv3`` ``test.json`` (a JSON array of pair records:
+  ``prompt``, ``path1`` the preferred image, ``path2``, ``choice_dist``, ``confidence``, ``model1``, ``model2``; the
+  layout ``data.formats.read_hpd`` reads for training), deduplicated in order, since a prompt has several pairs.
+  Only ``test.json`` is fetched (``hf_hub_download``), not the images; ``path=`` is a folder holding ``test.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ class PromptPreset:
     split: str | None = None
     deduplicate: bool = False
     streaming: bool = False
-    files: tuple[str, ...] = ()  # JSON lists of strings inside ``path`` (HPDv2), instead of a ``datasets`` dataset
+    # JSON files inside ``path`` instead of a ``datasets`` dataset: lists of strings (HPDv2) or, with ``column``,
+    # arrays of records holding the prompt under ``column`` (HPDv3's pair annotations).
+    files: tuple[str, ...] = ()
 
     def at(self, path: str) -> PromptPreset:
         """The same preset read from another location (a local copy)."""
@@ -49,11 +55,31 @@ PROMPT_PRESETS: dict[str, PromptPreset] = {
         None,
         files=tuple(f"benchmark/{style}.json" for style in ("anime", "concept-art", "paintings", "photo")),
     ),
+    "hpdv3": PromptPreset("MizzenAI/HPDv3", "prompt", deduplicate=True, files=("test.json",)),
 }
 
 
 def _dedupe(prompts: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(prompts))
+
+
+def _json_prompts(values: object, column: str | None, path: str) -> list[str]:
+    """The prompts of one preset file: a JSON list of strings, or (``column`` set) of records with a string
+    prompt under ``column``; anything else is an error naming the first entry that does not fit."""
+    if not isinstance(values, list):
+        raise ValueError(f"{path} should hold a JSON list, not a {type(values).__name__}.")
+    if column is None:
+        if not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{path} should hold a JSON list of prompt strings.")
+        return list(values)
+    prompts = []
+    for index, record in enumerate(values):
+        prompt = record.get(column) if isinstance(record, dict) else None
+        if not isinstance(prompt, str):
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}: record {index} has no string {column!r} (found {found}).")
+        prompts.append(prompt)
+    return prompts
 
 
 def _from_json_lists(preset: PromptPreset) -> list[str]:
@@ -68,11 +94,9 @@ def _from_json_lists(preset: PromptPreset) -> list[str]:
             from huggingface_hub import hf_hub_download
 
             path = hf_hub_download(preset.path, name, repo_type="dataset")
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = json.load(f)
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise ValueError(f"{path} should hold a JSON list of prompt strings.")
-        prompts += values
+        prompts += _json_prompts(values, preset.column, path)
     return prompts
 
 
