@@ -322,3 +322,64 @@ def test_a_training_step_from_pair_folders_end_to_end(tmp_path, make_trainer):
     result = trainer.train()
     assert result.global_step == 1
     assert result.training_loss == result.training_loss  # finite, not NaN
+
+
+# -- video pair folders -------------------------------------------------------------------------------------------
+
+
+def mp4(path: Path, level: int, frames: int = 4) -> Path:
+    """A tiny mp4 clip (MPEG-4 part 2, 16x16): grey ``level`` with a white bar of ``1 + i`` columns in frame ``i``."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for i in range(frames):
+            array = np.full((16, 16, 3), level, np.uint8)
+            array[:, : 1 + i] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_video_pair_folders_fill_the_video_columns_and_a_mixed_pair_is_named(tmp_path, make_config):
+    """kohya w/l folders and one folder per pair holding .mp4 clips: the paths fill chosen/rejected, validated and
+    read as clips with num_frames set (the Wan family's columns); a video paired with an image is a bad row."""
+    from trl_diffusion_sdpo.data.video import VideoClip, read_video
+
+    root = tmp_path / "1_clips"
+    for i, name in enumerate(["a", "b", "c"]):
+        mp4(root / "w" / f"{name}.mp4", 40 * i)
+        (root / "w" / f"{name}.txt").write_text(f"clip {name}")
+    mp4(root / "l" / "a.mp4", 200)
+    mp4(root / "l" / "b.mp4", 210)
+    png(root / "l" / "c.png", COLOURS[0])  # c: a video against an image
+    dataset = load(root)
+    assert detect_format(str(root)) == "pair_folders" and len(dataset) == 3
+    assert [Path(p).name for p in dataset["chosen"][:2]] == ["a.mp4", "b.mp4"]
+    config = make_config(resolution=16, num_frames=3)
+    with pytest.raises(ValueError) as info:
+        prepare_preference_dataset(dataset, config, "train")
+    assert "row 2, column 'chosen'" in str(info.value) and "w is video, l image" in str(info.value)
+    kept, columns, report = prepare_preference_dataset(
+        dataset, make_config(resolution=16, num_frames=3, skip_invalid_rows=True), "train"
+    )
+    assert (len(kept), report.invalid_skipped, columns.clip) == (2, 1, VideoClip(3))
+    frames = read_video(kept[1]["rejected"], columns.clip)
+    bars = [sum(1 for x in range(16) if min(frame.getpixel((x, 8))) > 235) for frame in frames]
+    assert bars == [1, 2, 3] and abs(frames[0].getpixel((12, 8))[0] - 210) <= 6  # frames 0..2 of b's loser
+
+    per_pair = tmp_path / "pairs"
+    mp4(per_pair / "p0" / "chosen.webm.mp4", 10)  # not named chosen.<ext>: ignored, so p0 has no chosen
+    mp4(per_pair / "p0" / "rejected.mp4", 20)
+    mp4(per_pair / "p1" / "chosen.mp4", 30)
+    mp4(per_pair / "p1" / "rejected.mp4", 40)
+    for folder in ("p0", "p1"):
+        (per_pair / folder / "prompt.txt").write_text(folder)
+    dataset = load(per_pair)
+    assert dataset["prompt"] == ["p0", "p1"] and dataset["chosen"][0] is None
+    assert dataset["__source__"][0].endswith("p0: no chosen.<ext>") and Path(dataset["chosen"][1]).name == "chosen.mp4"

@@ -13,7 +13,10 @@ Formats (:func:`detect_format`, or named with ``format=``; see ``docs/data.md`` 
   pull request #1427 lays them out (``w/`` and ``l/``, a caption file beside each image), SimpleTuner's Flow-DPO
   (``win/`` preferred, ``lose/`` rejected) or ``chosen/`` and ``rejected/``; or one folder per pair holding
   ``chosen.<ext>``, ``rejected.<ext>`` and ``prompt.txt`` (this package's convention). Captions: ``<name>.txt`` or
-  ``<name>.caption`` beside the chosen image, else beside the rejected one, else at the top.
+  ``<name>.caption`` beside the chosen image, else beside the rejected one, else at the top. The files may be
+  videos (``.mp4``, ``.webm``, ``.mov``, ``.mkv``, ``.avi``, ``.m4v``) instead of images, for the video families
+  (Wan): their paths fill the same ``chosen``/``rejected`` columns, read as clips by ``VideoPairTransform``; a pair
+  of one image and one video is a bad row, named.
 * ``table``: a JSONL, JSON, CSV or TSV file of ``prompt, chosen, rejected`` image paths (relative to the file,
   absolute or ``file://``), read with ``datasets``' ``json`` / ``csv`` builders. Aliases ``caption`` (prompt),
   ``winner`` / ``preferred`` (chosen) and ``loser`` (rejected); ``chosen_score`` / ``rejected_score`` become the
@@ -62,6 +65,8 @@ RANKING_PAIRS = ("all", "best_worst")
 SIDE_FOLDERS = (("w", "l"), ("win", "lose"), ("chosen", "rejected"))
 CAPTION_EXTENSIONS = (".txt", ".caption")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Video files a pair folder may hold instead of images (the video families' clips, decoded by PyAV/FFmpeg).
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
 TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 # Names the tables use for the TRL columns, where the TRL name itself is absent.
@@ -255,7 +260,16 @@ def _side_folders(root: str) -> tuple[str, str] | None:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    """An image or video file of a pair folder (not hidden)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS) and not name.startswith(".")
+
+
+def _kind_mismatch(pair: list[str | None], sides: tuple[str, str]) -> str:
+    """The note for a pair of one image and one video ('' when both are of one kind or one is missing)."""
+    kinds = ["video" if p.lower().endswith(VIDEO_EXTENSIONS) else "image" for p in pair if p is not None]
+    if len(kinds) == 2 and kinds[0] != kinds[1]:
+        return f"{sides[0]} is {kinds[0]}, {sides[1]} {kinds[1]}: a pair is two images or two videos"
+    return ""
 
 
 def _pair_subfolders(root: str) -> list[str]:
@@ -322,6 +336,9 @@ def read_pair_folders(root: str) -> Dataset:
                 elif len(found) > 1:
                     notes.append(f"{len(found)} images for {side}/{key}: {[os.path.basename(p) for p in found]}")
                 pair.append(found[0] if len(found) == 1 else None)
+            if mismatch := _kind_mismatch(pair, sides):
+                notes.append(mismatch)
+                pair = [None, None]
             prompt = _caption(
                 [os.path.join(chosen_dir, key), os.path.join(rejected_dir, key), os.path.join(root, key)]
             )
@@ -344,6 +361,9 @@ def read_pair_folders(root: str) -> Dataset:
                 if len(found) != 1:
                     notes.append(f"{len(found)} {side} images" if found else f"no {side}.<ext>")
                 pair.append(found[0] if len(found) == 1 else None)
+            if mismatch := _kind_mismatch(pair, ("chosen", "rejected")):
+                notes.append(mismatch)
+                pair = [None, None]
             prompt = _caption([os.path.join(folder, "prompt"), os.path.join(folder, "caption")])
             if prompt is None:
                 notes.append("no prompt.txt or caption.txt")
@@ -352,7 +372,7 @@ def read_pair_folders(root: str) -> Dataset:
             rows["rejected"].append(pair[1])
             rows[SOURCE_COLUMN].append(f"pair folder {folder}" + (": " + "; ".join(notes) if notes else ""))
     if not rows["prompt"]:
-        raise ValueError(f"{root} holds no image pairs")
+        raise ValueError(f"{root} holds no image or video pairs")
     return Dataset.from_dict(rows)
 
 
