@@ -295,6 +295,37 @@ def test_cli_evaluate_end_to_end(tmp_path, model_dirs, capsys):
     assert "lora vs base [redness]" in capsys.readouterr().out
 
 
+def test_the_shared_sampling_flags_become_keywords_that_evaluate_and_make_pairs_both_take():
+    import inspect
+
+    from trl_diffusion_sdpo.cli import build_parser, sampling_keywords
+    from trl_diffusion_sdpo.evaluation.pairs import make_pairs
+
+    flags = ["--prompt-column", "text", "--prompt-split", "test", "--limit", "3", "--cache-dir", "imgs", "--steps",
+             "7", "--guidance-scale", "2.5", "--resolution", "64", "--scheduler", "model", "--dtype", "bfloat16",
+             "--batch-size", "2", "--score-batch-size", "5", "--device", "cpu", "--no-progress"]  # fmt: skip
+    expected = {
+        "settings": GenerationSettings(
+            num_inference_steps=7, guidance_scale=2.5, height=64, width=64, scheduler="model", dtype="bfloat16"
+        ),
+        "prompt_kwargs": {"column": "text", "split": "test", "limit": 3},
+        "batch_size": 2,
+        "score_batch_size": 5,
+        "cache_dir": "imgs",
+        "device": "cpu",
+        "progress": False,
+    }
+    for command in ("evaluate", "pairs"):
+        assert sampling_keywords(build_parser().parse_args([command, "--base", "b", *flags])) == expected, command
+    defaults = sampling_keywords(build_parser().parse_args(["pairs", "--base", "b"]))
+    assert defaults.pop("settings") == GenerationSettings()  # the authors' protocol: Euler, 50 steps, guidance 8.5
+    assert defaults.pop("prompt_kwargs") == {}
+    for function in (evaluate, make_pairs):
+        signature = inspect.signature(function)
+        signature.bind("b", **expected)  # raises TypeError on a keyword the function lacks
+        assert defaults == {name: signature.parameters[name].default for name in defaults}, function.__name__
+
+
 class DeviceRecordingScorer(RednessScorer):
     name = "device_recording"
     devices: list = []

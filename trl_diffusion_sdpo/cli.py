@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -19,11 +20,11 @@ def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) ->
         description="Preference tuning of text-to-image diffusion models with Diffusion-DPO and Diffusion-SDPO.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Listed here for --help; its arguments are TRL's TrlParser's (see main and trl_diffusion_sdpo.scripts.train).
-    commands.add_parser(
+    # Its arguments are TRL's TrlParser's (see main and trl_diffusion_sdpo.scripts.train).
+    add_forwarded_command(
+        commands,
         "train",
-        add_help=False,
-        help="Train Diffusion-DPO / Diffusion-SDPO from a YAML config and flags (`train --help` lists them).",
+        "Train Diffusion-DPO / Diffusion-SDPO from a YAML config and flags (`train --help` lists them).",
     )
     from .demo.cli import DESCRIPTION, add_demo_arguments
 
@@ -35,24 +36,31 @@ def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) ->
     )
     add_demo_arguments(demo)
     add_evaluate_parser(commands, *(evaluate_choices or ([], [])))
-    # Listed here for --help; its own parser (trl_diffusion_sdpo.io.export) takes its arguments, see main().
-    commands.add_parser(
+    # Its own parser (trl_diffusion_sdpo.io.export) takes its arguments.
+    add_forwarded_command(
+        commands,
         "export",
-        add_help=False,
-        help="Write a trained LoRA for AUTOMATIC1111/Forge, ComfyUI and kohya tools, or merge it into its base "
-        "pipeline (--help for every option).",
+        "Write a trained LoRA for AUTOMATIC1111/Forge, ComfyUI and kohya tools, or merge it into its base pipeline "
+        "(--help for every option).",
     )
     from .pairs_cli import add_pairs_parser
 
     add_pairs_parser(commands, *(evaluate_choices or ([], [])))
-    # Listed here for --help; its own parser (the training config's fields) takes its arguments, see main().
-    commands.add_parser(
+    # Its own parser (the training config's fields) takes its arguments.
+    add_forwarded_command(
+        commands,
         "cache",
-        add_help=False,
-        help="Encode a preference dataset into a sharded, resumable latent cache, one shard per process under "
-        "accelerate launch (--config x.yaml: the training YAML; --help for every option).",
+        "Encode a preference dataset into a sharded, resumable latent cache, one shard per process under accelerate "
+        "launch (--config x.yaml: the training YAML; --help for every option).",
     )
     return parser
+
+
+def add_forwarded_command(commands, name: str, help: str) -> None:
+    """A subcommand listed in ``--help`` whose arguments another parser takes: :func:`main` hands everything after
+    ``name`` to it before this parser runs, so this one adds no ``-h`` of its own (``name --help`` reaches the
+    command's parser)."""
+    commands.add_parser(name, add_help=False, help=help)
 
 
 def add_evaluate_parser(
@@ -74,16 +82,34 @@ def add_evaluate_parser(
         ),
     )
     evaluate.add_argument("--base", required=True, help="Base pipeline: Hub id or local folder.")
-    evaluate.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                          help="A variant: LoRA folder/file, a full-tuning output (pipeline folder, or a folder with "
-                          "unet/ or transformer/), a UNet or transformer folder, Hub id, or .pth UNet state dict "
-                          "(repeatable).")
-    evaluate.add_argument("--prompts", default="partiprompts", help=f"Preset ({presets_listed}), a "
-                          ".txt file, or a dataset id/folder (default: %(default)s).")
-    evaluate.add_argument("--scorer", action="append", default=None, metavar="NAME",
-                          help=f"Scorer ({listed}repeatable; default: pickscore).")
-    evaluate.add_argument("--scorer-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
-                          help="Argument of a scorer, e.g. pickscore.model=/path (VALUE parsed as JSON if it can be).")
+    evaluate.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="A variant: LoRA folder/file, a full-tuning output (pipeline folder, or a folder with "
+        "unet/ or transformer/), a UNet or transformer folder, Hub id, or .pth UNet state dict "
+        "(repeatable).",
+    )
+    evaluate.add_argument(
+        "--prompts",
+        default="partiprompts",
+        help=f"Preset ({presets_listed}), a .txt file, or a dataset id/folder (default: %(default)s).",
+    )
+    evaluate.add_argument(
+        "--scorer",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=f"Scorer ({listed}repeatable; default: pickscore).",
+    )
+    evaluate.add_argument(
+        "--scorer-arg",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="Argument of a scorer, e.g. pickscore.model=/path (VALUE parsed as JSON if it can be).",
+    )
     evaluate.add_argument("--output-dir", default="evaluation", help="Output folder (default: %(default)s).")
     evaluate.add_argument(
         "--seed", type=int, action="append", default=None, help="Noise seed (repeatable; default 0)."
@@ -95,7 +121,7 @@ def add_evaluate_parser(
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The prompt-source and sampling flags that ``evaluate`` and ``pairs`` share (read by
-    :func:`sampling_settings`)."""
+    :func:`sampling_keywords`)."""
     parser.add_argument("--prompt-column", default=None, help="Prompt column of a dataset.")
     parser.add_argument("--prompt-split", default=None, help="Split of a dataset.")
     parser.add_argument("--prompt-path", default=None, help="Read a preset from this local copy.")
@@ -124,8 +150,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
 
 
-def sampling_settings(args: argparse.Namespace):
-    """The generation settings and prompt-loading options of :func:`add_sampling_arguments`' flags."""
+def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords that :func:`add_sampling_arguments`' flags set, named as :func:`~.evaluation.evaluate` and
+    :func:`~.evaluation.pairs.make_pairs` both take them: the generation settings, the prompt-loading options, the
+    batch sizes, the image cache, the device and the progress bars."""
     from .evaluation import GenerationSettings
 
     settings = GenerationSettings(
@@ -137,7 +165,15 @@ def sampling_settings(args: argparse.Namespace):
         dtype=args.dtype,
     )
     options = {"column": args.prompt_column, "split": args.prompt_split, "path": args.prompt_path, "limit": args.limit}
-    return settings, {k: v for k, v in options.items() if v is not None}
+    return {
+        "settings": settings,
+        "prompt_kwargs": {k: v for k, v in options.items() if v is not None},
+        "batch_size": args.batch_size,
+        "score_batch_size": args.score_batch_size,
+        "cache_dir": args.cache_dir,
+        "device": args.device,
+        "progress": not args.no_progress,
+    }
 
 
 def _scorer_kwargs(items: list[str]) -> dict[str, dict]:
@@ -161,7 +197,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
     from .evaluation import evaluate
 
-    settings, prompt_kwargs = sampling_settings(args)
     result = evaluate(
         args.base,
         args.model,
@@ -169,15 +204,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         scorers=args.scorer or ["pickscore"],
         output_dir=args.output_dir,
         seeds=args.seed or [0],
-        settings=settings,
-        batch_size=args.batch_size,
-        score_batch_size=args.score_batch_size,
-        cache_dir=args.cache_dir,
-        device=args.device,
         scorer_kwargs=_scorer_kwargs(args.scorer_arg),
-        prompt_kwargs=prompt_kwargs,
         n_resamples=args.bootstrap_resamples,
-        progress=not args.no_progress,
+        **sampling_keywords(args),
     )
     for row in result.summary:
         print(f"{row.model:>16} {row.metric:>12} {row.mean:.4f} [{row.ci_low:.4f}, {row.ci_high:.4f}] ({row.scale})")

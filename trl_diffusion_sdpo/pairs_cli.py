@@ -72,11 +72,10 @@ def add_pairs_parser(
 
 
 def run_pairs(args: argparse.Namespace) -> int:
-    from .cli import _scorer_kwargs, sampling_settings
+    from .cli import _scorer_kwargs, sampling_keywords
     from .demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
     from .evaluation.pairs import make_pairs
 
-    settings, prompt_kwargs = sampling_settings(args)
     scorer_kwargs = _scorer_kwargs(args.scorer_arg)
     unknown = sorted(set(scorer_kwargs) - {args.scorer})
     if unknown:
@@ -91,14 +90,8 @@ def run_pairs(args: argparse.Namespace) -> int:
         mode=args.mode,
         output_dir=args.output_dir,
         seed=args.seed,
-        settings=settings,
-        batch_size=args.batch_size,
-        score_batch_size=args.score_batch_size,
-        cache_dir=args.cache_dir,
-        device=args.device,
         scorer_kwargs=scorer_kwargs.get(args.scorer, {}),
-        prompt_kwargs=prompt_kwargs,
-        progress=not args.no_progress,
+        **sampling_keywords(args),
     )
     s = result.summary
     print(f"{s['pairs']} pairs from {s['prompts_with_pair']} of {s['prompts']} prompts, {s['generated']} new images")

@@ -1,4 +1,5 @@
-"""Narrow components shared by the tiny pipelines: CLIP and T5 text encoders, a VAE, schedulers, a Qwen text config."""
+"""Narrow components shared by the tiny pipelines: CLIP and T5 text encoders, a VAE, schedulers, a decoder-only LM
+text config."""
 
 from __future__ import annotations
 
@@ -108,8 +109,12 @@ def resolution_shift_scheduler(
     )
 
 
-def qwen_text_config(vocab_size: int, hidden: int, pad_token_id: int) -> dict:
-    return dict(
+def decoder_text_config(vocab_size: int, hidden: int, pad_token_id: int, **overrides) -> dict:
+    """The text config of a narrow decoder-only language model (the Qwen2.5-VL, Qwen3 and Mistral-3 text encoders):
+    two layers, two attention heads and two key/value heads, a ``2 * hidden`` MLP, no BOS token and padding as EOS.
+    ``overrides`` replace or add fields (``model_type``, the layer count a pipeline reads hidden states from, the
+    tokenizer's special tokens)."""
+    config = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -121,6 +126,7 @@ def qwen_text_config(vocab_size: int, hidden: int, pad_token_id: int) -> dict:
         eos_token_id=pad_token_id,
         pad_token_id=pad_token_id,
     )
+    return {**config, **overrides}
 
 
 # Stable Diffusion 1.x/2.x's training noise schedule: scaled-linear betas 0.00085 to 0.012 over 1000 steps, no clipping

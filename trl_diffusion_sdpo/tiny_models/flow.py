@@ -16,9 +16,9 @@ from diffusers import (
 
 from .components import (
     clip_text_encoder,
+    decoder_text_config,
     flow_scheduler,
     flux_vae,
-    qwen_text_config,
     resolution_shift_scheduler,
     t5_encoder,
     tiny_vae,
@@ -133,7 +133,7 @@ def build_tiny_qwen_image_pipeline(
     torch.manual_seed(seed)
     tokenizer = write_qwen_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
     hidden, latent_channels = 16, 4
-    text_config = qwen_text_config(len(tokenizer), hidden, tokenizer.pad_token_id)
+    text_config = decoder_text_config(len(tokenizer), hidden, tokenizer.pad_token_id)
     text_config["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}  # halves of the 8-wide heads
     config = Qwen2_5_VLConfig(
         text_config=text_config,
@@ -183,7 +183,7 @@ def build_tiny_z_image_pipeline(
     tokenizer = write_qwen_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
     hidden, latent_channels = 16, 4
     text_encoder = Qwen3Model(
-        Qwen3Config(head_dim=8, **qwen_text_config(len(tokenizer), hidden, tokenizer.pad_token_id))
+        Qwen3Config(head_dim=8, **decoder_text_config(len(tokenizer), hidden, tokenizer.pad_token_id))
     ).eval()
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,),

@@ -9,7 +9,7 @@ import os
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 
-from .components import flow_scheduler, qwen_text_config, tokenizer_folder
+from .components import decoder_text_config, flow_scheduler, tokenizer_folder
 from .tokenizers import write_mistral_tokenizer, write_qwen_tokenizer
 
 __all__ = ["build_tiny_flux2_klein_pipeline", "build_tiny_flux2_pipeline"]
@@ -79,17 +79,13 @@ def build_tiny_flux2_pipeline(
 
     torch.manual_seed(seed)
     tokenizer = write_mistral_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
-    text_config = dict(
+    text_config = decoder_text_config(
+        len(tokenizer),
+        _HIDDEN,
+        tokenizer.pad_token_id,
         model_type="mistral",
-        vocab_size=len(tokenizer),
-        hidden_size=_HIDDEN,
-        intermediate_size=2 * _HIDDEN,
         num_hidden_layers=30,
-        num_attention_heads=2,
-        num_key_value_heads=2,
         head_dim=8,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -128,9 +124,8 @@ def build_tiny_flux2_klein_pipeline(
 
     torch.manual_seed(seed)
     tokenizer = write_qwen_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
-    config = qwen_text_config(len(tokenizer), _HIDDEN, tokenizer.pad_token_id)
-    config["num_hidden_layers"] = 27
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **config)).eval()
+    config = decoder_text_config(len(tokenizer), _HIDDEN, tokenizer.pad_token_id, num_hidden_layers=27, head_dim=8)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(**config)).eval()
     return Flux2KleinPipeline(
         scheduler=_scheduler(),
         vae=_vae(seed),
