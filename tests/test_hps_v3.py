@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 import os
 
@@ -127,6 +129,20 @@ def test_hpsv3_text_and_resize_follow_the_reference():
     assert HPSV3_INSTRUCTION.startswith("\nYou are tasked with evaluating a generated image")
     assert "**Visual Quality:**  \n" in HPSV3_INSTRUCTION and "lowest possible. \n" in HPSV3_INSTRUCTION
     assert HPSV3_INSTRUCTION.endswith("Textual prompt - {text_prompt}\n\n\n")
+    # Both paragraphs of hpsv3/dataset/data_collator_qwen.py's INSTRUCTION (MizzenAI/HPSv3), in its order: the
+    # checkpoint was trained with Text Alignment's five criteria between Safety and the prompt.
+    quality = HPSV3_INSTRUCTION.index("**Visual Quality:**  \n")
+    alignment = HPSV3_INSTRUCTION.index("lowest possible. \n\n**Text Alignment:**  \n")
+    assert quality < alignment < HPSV3_INSTRUCTION.index("Textual prompt - ")
+    for criterion in ("**Subject Relevance** ", "**Style Relevance:** ", "**Contextual Consistency**: ",
+                      "**Attribute Fidelity**: ", "**Semantic Coherence**: "):  # fmt: skip
+        assert f"\n- {criterion}" in HPSV3_INSTRUCTION[alignment:]
+    # The whole text: its length and SHA-256 as computed from the reference file's string (2523 characters).
+    digest = hashlib.sha256(HPSV3_INSTRUCTION.encode()).hexdigest()
+    assert (len(HPSV3_INSTRUCTION), digest) == (
+        2523,
+        "0393599dad45a971903d1d62a3acf9bad3ccccdafa7f40f680523419e1f68b7a",
+    )
     assert HPSV3_REWARD_SUFFIX == "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
     # A 1024x1024 sample becomes 448x448 (256 merged tokens), 512x768 keeps its aspect ratio under the budget.
     assert hps_v3_resize(Image.new("RGB", (1024, 1024))).size == (448, 448)

@@ -50,8 +50,9 @@ REWARD_TOKEN = "<|Reward|>"
 # min_pixels = max_pixels = 256 * 28 * 28 (HPSv3_7B.yaml, inference.py): every image becomes about 200704 pixels.
 HPSV3_PIXELS = 256 * 28 * 28
 
-# The reference's prompt text (data_collator_qwen.py, with_instruction=True, use_special_tokens=True), verbatim:
-# the trailing spaces and blank lines are part of what the checkpoint was trained on.
+# The reference's prompt text (hpsv3/dataset/data_collator_qwen.py, INSTRUCTION and prompt_with_special_token, as
+# its QWen2VLDataCollator sends them), verbatim: the trailing spaces and blank lines are part of what the checkpoint
+# was trained on. Both the Visual Quality and the Text Alignment paragraphs precede the prompt.
 HPSV3_INSTRUCTION = (
     "\nYou are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall "
     "score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 "
@@ -69,7 +70,23 @@ HPSV3_INSTRUCTION = (
     "harmony and balance.\n"
     "- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or "
     "adult material. If such content is present, the image quality and satisfaction score should be the lowest "
-    "possible. \n"
+    "possible. \n\n"
+    "**Text Alignment:**  \n"
+    "Assess how well the image matches the textual prompt across the following sub-dimensions:\n"
+    "- **Subject Relevance** Evaluate how accurately the subject(s) in the image (e.g., person, animal, object) align "
+    "with the textual description. The subject should match the description in terms of number, appearance, and "
+    "behavior.\n"
+    "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the "
+    "image adheres to this style.\n"
+    "- **Contextual Consistency**: Assess whether the background, setting, and surrounding elements in the image "
+    "logically fit the scenario described in the prompt. The environment should support and enhance the subject "
+    "without contradictions.\n"
+    "- **Attribute Fidelity**: Check if specific attributes mentioned in the prompt (e.g., colors, clothing, "
+    "accessories, expressions, actions) are faithfully represented in the image. Minor deviations may be acceptable, "
+    "but critical attributes should be preserved.\n"
+    "- **Semantic Coherence**: Evaluate whether the overall meaning and intent of the prompt are captured in the "
+    "image. The generated content should not introduce elements that conflict with or distort the original "
+    "description.\n"
     "Textual prompt - {text_prompt}\n\n\n"
 )
 HPSV3_REWARD_SUFFIX = f"\nPlease provide the overall ratings of this image: {REWARD_TOKEN}\n\nEND\n"
