@@ -471,3 +471,44 @@ def test_flux2_kohya_refuses_a_modulation_layer_and_points_to_diffusers():
     lora = LoraFile("synthetic", "transformer", {"double_stream_modulation_img.linear": module}, None, {}, {})
     with pytest.raises(ValueError, match=r"known for double_stream_modulation_img.linear .*Use --format diffusers"):
         kohya_fused_state_dict(lora, "flux2", {})
+
+
+def test_flux2_kohya_names_are_bfl_original_names_by_diffusers_single_file_converter():
+    """The exported names are BFL's original FLUX.2 layer names (what ComfyUI's generic ``lora_unet_`` mapping and
+    musubi-tuner address): each layer's change ``alpha / rank * up @ down`` is placed at its original weight name and
+    converted by diffusers' single-file FLUX.2 converter (which splits the fused qkv); every module's change must
+    come back at its diffusers name, and the txt qkv's k part, without a LoRA, as zeros."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    gen = torch.Generator().manual_seed(7)
+    sizes = {f"transformer_blocks.0.attn.{p}": (16, 16) for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    sizes |= {f"transformer_blocks.0.attn.{p}": (16, 16) for p in ("add_q_proj", "add_v_proj", "to_add_out")}
+    for ff in ("ff", "ff_context"):
+        sizes |= {f"transformer_blocks.0.{ff}.linear_in": (96, 16), f"transformer_blocks.0.{ff}.linear_out": (16, 48)}
+    sizes |= {"single_transformer_blocks.0.attn.to_qkv_mlp_proj": (144, 16)}
+    sizes |= {"single_transformer_blocks.0.attn.to_out": (16, 64), "x_embedder": (16, 16), "proj_out": (16, 16)}
+    sizes |= {"context_embedder": (16, 48), "time_guidance_embed.timestep_embedder.linear_1": (16, 32)}
+    sizes |= {"time_guidance_embed.timestep_embedder.linear_2": (16, 16)}
+    modules = {
+        name: LoraModule(
+            torch.randn(RANK, fan_in, generator=gen), torch.randn(out, RANK, generator=gen), 0.5 + index / 8
+        )
+        for index, (name, (out, fan_in)) in enumerate(sizes.items())
+    }
+    lora = LoraFile("synthetic", "transformer", modules, None, {}, {})
+    out_features = {name: out for name, (out, _) in sizes.items()} | {"transformer_blocks.0.attn.add_k_proj": 16}
+    state = kohya_fused_state_dict(lora, "flux2", out_features)
+    checkpoint = {}
+    for key in {k.split(".", 1)[0] for k in state}:
+        down, up = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"]
+        name = key.removeprefix("lora_unet_").replace("_", ".")
+        for joined in ("double_blocks", "single_blocks", "time_in", "in_layer", "out_layer", "final_layer"):
+            name = name.replace(joined.replace("_", "."), joined)
+        for joined in ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_in", "txt_in"):
+            name = name.replace(joined.replace("_", "."), joined)
+        checkpoint[f"{name}.weight"] = state[f"{key}.alpha"].item() / down.shape[0] * up @ down
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(checkpoint)
+    assert set(converted) == {f"{name}.weight" for name in out_features}
+    for name, module in modules.items():
+        torch.testing.assert_close(converted[f"{name}.weight"], module.scale * module.up @ module.down)
+    assert not converted["transformer_blocks.0.attn.add_k_proj.weight"].any()
