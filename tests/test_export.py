@@ -409,7 +409,9 @@ def test_flux2_kohya_export_of_the_default_targets_loads_in_diffusers_and_predic
     """The default targets (the double blocks' image attention, the single blocks' fused QKV+MLP input and output)
     in the layout of diffusers' ``_convert_kohya_flux2_lora_to_diffusers``: q/k/v fused onto ``img_attn_qkv`` at
     rank 3r (block-diagonal up), ``linear1``/``linear2`` as they are, ``alpha / rank`` the trained scale."""
-    out, _ = check_flux2_kohya_round_trip(name, tmp_path)
+    out, pipe = check_flux2_kohya_round_trip(name, tmp_path)
+    # split back at the part's rank r, not 3r: diffusers took the block-diagonal ("sparse") path
+    assert pipe.transformer.transformer_blocks[0].attn.to_k.lora_A["exported"].weight.shape[0] == RANK
     with safe_open(out, framework="pt") as handle:
         keys, metadata = {k.rsplit(".", 2)[0] for k in handle.keys()}, handle.metadata()
         qkv_up = handle.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight")
