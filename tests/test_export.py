@@ -26,6 +26,8 @@ from trl_diffusion_sdpo.io.export import (
 )
 from trl_diffusion_sdpo.io.saving import save_lora_adapters
 from trl_diffusion_sdpo.tiny_models import (
+    build_tiny_flux2_klein_pipeline,
+    build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
@@ -44,6 +46,8 @@ BUILDERS = {
     "qwen-image": build_tiny_qwen_image_pipeline,
     "z-image": build_tiny_z_image_pipeline,
     "wan": build_tiny_wan_pipeline,
+    "flux2": build_tiny_flux2_pipeline,
+    "flux2-klein": build_tiny_flux2_klein_pipeline,
 }
 
 
@@ -366,3 +370,147 @@ def test_kohya_refuses_a_layer_without_a_known_kohya_name():
     lora = LoraFile("synthetic", "transformer", {"transformer_blocks.0.norm1.linear": module}, None, {}, {})
     with pytest.raises(ValueError, match=r"no kohya-ss layer name is known for transformer_blocks.0.norm1.linear"):
         kohya_fused_state_dict(lora, "stable-diffusion-3", {})
+
+
+@torch.no_grad()
+def flux2_transformer_output(pipe) -> torch.Tensor:
+    """The FLUX.2 transformer's prediction through the family's call, on fixed latents and fixed random prompt
+    embeddings (the text encoder is not what an export changes)."""
+    family = family_for_pipeline(pipe)
+    gen = torch.Generator().manual_seed(3)
+    sample = torch.randn((2, *family.latent_shape(32)), generator=gen)
+    hidden = torch.randn((2, 7, pipe.transformer.config.joint_attention_dim), generator=gen)
+    timesteps = torch.tensor([300.0, 700.0])
+    return family.call_denoiser(pipe.transformer, sample, timesteps, {"encoder_hidden_states": hidden})
+
+
+def check_flux2_kohya_round_trip(name: str, tmp_path, targets=None):
+    """Export a FLUX.2 LoRA as kohya, load it with the pipeline's own ``load_lora_weights`` (diffusers' kohya FLUX.2
+    converter) and compare the transformer's output with the diffusers-format LoRA's, both loaded in one pipeline in
+    turn; returns the file and the pipeline holding the kohya file as adapter ``exported``."""
+    base, lora = write_base_and_lora(name, tmp_path, targets=targets)
+    out = str(tmp_path / f"{name}_kohya.safetensors")
+    export_lora(lora, base, "kohya", out)
+    pipe = DiffusionPipeline.from_pretrained(base)
+    untouched = flux2_transformer_output(pipe)
+    pipe.load_lora_weights(lora, adapter_name="trained")
+    reference = flux2_transformer_output(pipe)
+    assert (reference - untouched).abs().max() > 1e-3, "the LoRA changes nothing: the test could not fail"
+    pipe.delete_adapters("trained")
+    pipe.load_lora_weights(out, adapter_name="exported")
+    exported = flux2_transformer_output(pipe)
+    print(f"{name} kohya round trip: max |difference| {(exported - reference).abs().max().item():.3g}")
+    torch.testing.assert_close(exported, reference, rtol=1e-5, atol=1e-5)
+    return out, pipe
+
+
+@pytest.mark.parametrize("name", ["flux2", "flux2-klein"])
+def test_flux2_kohya_export_of_the_default_targets_loads_in_diffusers_and_predicts_like_the_lora(name, tmp_path):
+    """The default targets (the double blocks' image attention, the single blocks' fused QKV+MLP input and output)
+    in the layout of diffusers' ``_convert_kohya_flux2_lora_to_diffusers``: q/k/v fused onto ``img_attn_qkv`` at
+    rank 3r (block-diagonal up), ``linear1``/``linear2`` as they are, ``alpha / rank`` the trained scale."""
+    out, pipe = check_flux2_kohya_round_trip(name, tmp_path)
+    # split back at the part's rank r, not 3r: diffusers took the block-diagonal ("sparse") path
+    assert pipe.transformer.transformer_blocks[0].attn.to_k.lora_A["exported"].weight.shape[0] == RANK
+    with safe_open(out, framework="pt") as handle:
+        keys, metadata = {k.rsplit(".", 2)[0] for k in handle.keys()}, handle.metadata()
+        qkv_up = handle.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight")
+        qkv_alpha = handle.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.alpha").item()
+        linear1_alpha = handle.get_tensor("lora_unet_single_blocks_0_linear1.alpha").item()
+    assert {k.removesuffix(".lora_down").removesuffix(".lora_up") for k in keys} == {
+        "lora_unet_double_blocks_0_img_attn_qkv",
+        "lora_unet_double_blocks_0_img_attn_proj",
+        "lora_unet_single_blocks_0_linear1",
+        "lora_unet_single_blocks_0_linear2",
+    }
+    assert qkv_up.shape[1] == 3 * RANK and qkv_alpha == pytest.approx(ALPHA / RANK * 3 * RANK)
+    assert linear1_alpha == pytest.approx(ALPHA)
+    assert metadata["ss_network_module"] == "networks.lora_flux_2"
+    assert metadata["ss_base_model_version"] == {"flux2": "flux_2_dev", "flux2-klein": "flux_2_klein"}[name]
+    assert metadata["ss_network_dim"] == str(RANK) and metadata["ss_network_alpha"] == str(ALPHA)
+
+
+def test_flux2_kohya_export_of_every_mapped_layer_loads_in_diffusers_and_predicts_like_the_lora(tmp_path):
+    """Every layer the FLUX.2 kohya converter maps, top-level ones included: the double blocks' img and txt
+    attention (the txt qkv with add_k_proj left out, a zero block), projections and both MLPs, the single blocks,
+    the embedders and the final linear layer. diffusers' converter names the top-level layers under
+    ``transformer.`` (unlike its FLUX.1 one), so ``load_lora_weights`` loads them: checked on the module too."""
+    targets = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_v_proj",
+        "to_add_out",
+        "ff.linear_in",
+        "ff.linear_out",
+        "ff_context.linear_in",
+        "ff_context.linear_out",
+        "to_qkv_mlp_proj",
+        "single_transformer_blocks.0.attn.to_out",
+        "x_embedder",
+        "context_embedder",
+        "timestep_embedder.linear_1",
+        "timestep_embedder.linear_2",
+        "proj_out",
+    ]
+    out, pipe = check_flux2_kohya_round_trip("flux2-klein", tmp_path, targets=targets)
+    with safe_open(out, framework="pt") as handle:
+        keys = {k.rsplit(".", 2)[0].removesuffix(".lora_down").removesuffix(".lora_up") for k in handle.keys()}
+    top = {"img_in", "txt_in", "time_in_in_layer", "time_in_out_layer", "final_layer_linear"}
+    double = {f"{s}_{layer}" for s in ("img", "txt") for layer in ("attn_qkv", "attn_proj", "mlp_0", "mlp_2")}
+    assert keys == {f"lora_unet_{n}" for n in top} | {f"lora_unet_double_blocks_0_{n}" for n in double} | {
+        "lora_unet_single_blocks_0_linear1",
+        "lora_unet_single_blocks_0_linear2",
+    }
+    for name in ("x_embedder", "context_embedder", "proj_out"):
+        assert "exported" in getattr(pipe.transformer, name).lora_A, f"{name} was not loaded"
+
+
+def test_flux2_kohya_refuses_a_modulation_layer_and_points_to_diffusers():
+    module = LoraModule(torch.ones(1, 4), torch.ones(8, 1), 1.0)
+    lora = LoraFile("synthetic", "transformer", {"double_stream_modulation_img.linear": module}, None, {}, {})
+    with pytest.raises(ValueError, match=r"known for double_stream_modulation_img.linear .*Use --format diffusers"):
+        kohya_fused_state_dict(lora, "flux2", {})
+
+
+def test_flux2_kohya_names_are_bfl_original_names_by_diffusers_single_file_converter():
+    """The exported names are BFL's original FLUX.2 layer names (what ComfyUI's generic ``lora_unet_`` mapping and
+    musubi-tuner address): each layer's change ``alpha / rank * up @ down`` is placed at its original weight name and
+    converted by diffusers' single-file FLUX.2 converter (which splits the fused qkv); every module's change must
+    come back at its diffusers name, and the txt qkv's k part, without a LoRA, as zeros."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    gen = torch.Generator().manual_seed(7)
+    sizes = {f"transformer_blocks.0.attn.{p}": (16, 16) for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    sizes |= {f"transformer_blocks.0.attn.{p}": (16, 16) for p in ("add_q_proj", "add_v_proj", "to_add_out")}
+    for ff in ("ff", "ff_context"):
+        sizes |= {f"transformer_blocks.0.{ff}.linear_in": (96, 16), f"transformer_blocks.0.{ff}.linear_out": (16, 48)}
+    sizes |= {"single_transformer_blocks.0.attn.to_qkv_mlp_proj": (144, 16)}
+    sizes |= {"single_transformer_blocks.0.attn.to_out": (16, 64), "x_embedder": (16, 16), "proj_out": (16, 16)}
+    sizes |= {"context_embedder": (16, 48), "time_guidance_embed.timestep_embedder.linear_1": (16, 32)}
+    sizes |= {"time_guidance_embed.timestep_embedder.linear_2": (16, 16)}
+    modules = {
+        name: LoraModule(
+            torch.randn(RANK, fan_in, generator=gen), torch.randn(out, RANK, generator=gen), 0.5 + index / 8
+        )
+        for index, (name, (out, fan_in)) in enumerate(sizes.items())
+    }
+    lora = LoraFile("synthetic", "transformer", modules, None, {}, {})
+    out_features = {name: out for name, (out, _) in sizes.items()} | {"transformer_blocks.0.attn.add_k_proj": 16}
+    state = kohya_fused_state_dict(lora, "flux2", out_features)
+    checkpoint = {}
+    for key in {k.split(".", 1)[0] for k in state}:
+        down, up = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"]
+        name = key.removeprefix("lora_unet_").replace("_", ".")
+        for joined in ("double_blocks", "single_blocks", "time_in", "in_layer", "out_layer", "final_layer"):
+            name = name.replace(joined.replace("_", "."), joined)
+        for joined in ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_in", "txt_in"):
+            name = name.replace(joined.replace("_", "."), joined)
+        checkpoint[f"{name}.weight"] = state[f"{key}.alpha"].item() / down.shape[0] * up @ down
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(checkpoint)
+    assert set(converted) == {f"{name}.weight" for name in out_features}
+    for name, module in modules.items():
+        torch.testing.assert_close(converted[f"{name}.weight"], module.scale * module.up @ module.down)
+    assert not converted["transformer_blocks.0.attn.add_k_proj.weight"].any()

@@ -20,7 +20,16 @@ prefixed keys, the adapter config in the file's ``lora_adapter_metadata``). This
   exactly, and ComfyUI maps ``lora_unet_`` plus every original weight name of its FLUX and MMDiT models
   (``comfy/lora.py``, ``model_lora_keys_unet``). ``ss_network_module`` is ``networks.lora_flux``/``lora_sd3``,
   ``ss_base_model_version`` ``flux1`` (sd-scripts' ``MODEL_VERSION_FLUX_V1``) or ``sd3``.
-  Qwen-Image, Z-Image, Wan and FLUX.2 are refused: sd-scripts has no LoRA module for them (``_KOHYA_REFUSALS``).
+  Qwen-Image, Z-Image and Wan are refused: sd-scripts has no LoRA module for them (``_KOHYA_REFUSALS``).
+* ``kohya`` (FLUX.2 [dev], [klein]): the layout diffusers' ``_convert_kohya_flux2_lora_to_diffusers`` reads (that of
+  kohya-ss musubi-tuner's ``networks.lora_flux_2``), ``lora_unet_`` plus BFL's original FLUX.2 layer names: the
+  double blocks' fused ``img_attn_qkv``/``txt_attn_qkv`` (:func:`fuse_lora_modules` again), ``img_attn_proj``,
+  ``txt_attn_proj``, ``img_mlp_0/2``, ``txt_mlp_0/2``, the single blocks' ``linear1`` (diffusers' ``to_qkv_mlp_proj``,
+  already fused) and ``linear2``, and ``img_in``, ``txt_in``, ``time_in_in_layer``/``out_layer``,
+  ``final_layer_linear``. That converter names no modulation, guidance or final-modulation layer, so a LoRA on one is
+  refused. ComfyUI's generic ``lora_unet_<weight name>`` mapping covers the same names (not run here).
+  ``ss_network_module`` ``networks.lora_flux_2``, ``ss_base_model_version`` musubi-tuner's architecture name
+  (``flux_2_dev``, ``flux_2_klein_4b``/``_9b`` by width; ``flux_2_klein``, our label, for other widths).
 * ``comfyui``: for SD1.x/2.x and SDXL the kohya file (ComfyUI's ``comfy/lora.py`` maps ``lora_unet_`` plus the
   diffusers module name for UNet models). For SD3, FLUX.1, Qwen-Image and Z-Image the diffusers keys
   (``transformer.<module>.lora_A/B.weight``), which ``comfy/lora.py`` maps for each of these models; for Wan the
@@ -69,7 +78,7 @@ _UNET_FAMILIES = {"stable-diffusion", "stable-diffusion-xl"}
 _WAN = "wan"
 
 # Why --format kohya is refused for the other transformer families (kohya-ss sd-scripts' networks/ folder has LoRA
-# modules for SD1.x/2.x/SDXL, FLUX.1 and SD3 among these families, none for the rest).
+# modules for SD1.x/2.x/SDXL, FLUX.1 and SD3 among these families, musubi-tuner's one for FLUX.2, none for the rest).
 _NO_SD_SCRIPTS = "kohya-ss sd-scripts has no {model} LoRA module, so there is no sd-scripts layout to match"
 _KOHYA_REFUSALS = {
     "qwen-image": f"--format kohya is not written for Qwen-Image: {_NO_SD_SCRIPTS.format(model='Qwen-Image')}, and "
@@ -78,10 +87,6 @@ _KOHYA_REFUSALS = {
     "maps Z-Image LoRAs from diffusers' names (z_image_to_diffusers), the ones the comfyui export writes.",
     "wan": f"--format kohya is not written for Wan: {_NO_SD_SCRIPTS.format(model='Wan')}, and ComfyUI maps Wan "
     "LoRAs by the original Wan layer names, the ones the comfyui export writes.",
-    "flux2": "--format kohya is not written for FLUX.2: sd-scripts has no FLUX.2 LoRA module, and the fused layout "
-    "diffusers' _convert_kohya_flux2_lora_to_diffusers reads is not implemented or tested here.",
-    "flux2-klein": "--format kohya is not written for FLUX.2 [klein]: sd-scripts has no FLUX.2 LoRA module, and the "
-    "fused layout diffusers' _convert_kohya_flux2_lora_to_diffusers reads is not implemented or tested here.",
 }
 _USE_COMFYUI = " Use --format comfyui (or --format diffusers for diffusers' load_lora_weights)."
 
@@ -145,6 +150,31 @@ _SD3_JOINT = {
     "context_block_mlp_fc1": ("ff_context.net.0.proj",),
     "context_block_mlp_fc2": ("ff_context.net.2",),
 }
+# FLUX.2: the layers diffusers' ``_convert_kohya_flux2_lora_to_diffusers`` maps (its tables read backwards; the
+# original names are those of diffusers' single-file ``convert_flux2_transformer_checkpoint_to_diffusers``). The
+# attention layers are FLUX.1's; the MLPs are diffusers' ``linear_in``/``linear_out``; the single block's ``linear1``
+# is one diffusers module (``to_qkv_mlp_proj``). No modulation layer: that converter maps none.
+_FLUX2_DOUBLE = {name: members for name, members in _FLUX_DOUBLE.items() if "_attn_" in name} | {
+    "img_mlp_0": ("ff.linear_in",),
+    "img_mlp_2": ("ff.linear_out",),
+    "txt_mlp_0": ("ff_context.linear_in",),
+    "txt_mlp_2": ("ff_context.linear_out",),
+}
+_FLUX2_SINGLE = {"linear1": ("attn.to_qkv_mlp_proj",), "linear2": ("attn.to_out",)}
+_FLUX2_TOP = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+}
+_FLUX2_LAYOUT = (
+    (
+        ("transformer_blocks", "double_blocks", _FLUX2_DOUBLE),
+        ("single_transformer_blocks", "single_blocks", _FLUX2_SINGLE),
+    ),
+    _FLUX2_TOP,
+)
 # Per family: (diffusers block prefix, original block prefix, the block's table), and the top-level layers.
 _FUSED_LAYOUTS: dict[str, tuple[tuple[tuple[str, str, dict[str, tuple[str, ...]]], ...], dict[str, str]]] = {
     "flux": (
@@ -155,9 +185,22 @@ _FUSED_LAYOUTS: dict[str, tuple[tuple[tuple[str, str, dict[str, tuple[str, ...]]
         _FLUX_TOP,
     ),
     "stable-diffusion-3": ((("transformer_blocks", "joint_blocks", _SD3_JOINT),), {}),
+    "flux2": _FLUX2_LAYOUT,
+    "flux2-klein": _FLUX2_LAYOUT,
 }
+_FLUX2_FAMILIES = {"flux2", "flux2-klein"}
 # ss_base_model_version: "flux1" is sd-scripts' MODEL_VERSION_FLUX_V1 (library/flux_utils.py); "sd3" names the family.
 _FUSED_VERSIONS = {"flux": "flux1", "stable-diffusion-3": "sd3"}
+# ss_network_module: sd-scripts' FLUX.1/SD3 modules, musubi-tuner's FLUX.2 one.
+_FUSED_MODULES = {
+    "flux": "networks.lora_flux",
+    "stable-diffusion-3": "networks.lora_sd3",
+    "flux2": "networks.lora_flux_2",
+    "flux2-klein": "networks.lora_flux_2",
+}
+# FLUX.2 [klein] by transformer width (BFL's Klein4BParams/Klein9BParams hidden_size) -> musubi-tuner's
+# ss_base_model_version (its architecture_full_name); [dev] is "flux_2_dev".
+_KLEIN_VERSIONS = {3072: "flux_2_klein_4b", 4096: "flux_2_klein_9b"}
 
 
 @dataclass
@@ -352,8 +395,14 @@ def _ss_metadata(lora: LoraFile, family: str, denoiser: torch.nn.Module, output:
         "ss_output_name": os.path.splitext(os.path.basename(output))[0],
     }
     if family in _FUSED_LAYOUTS:
-        module = {"flux": "networks.lora_flux", "stable-diffusion-3": "networks.lora_sd3"}[family]
-        return {"ss_network_module": module, "ss_base_model_version": _FUSED_VERSIONS[family], **metadata}
+        if family == "flux2":
+            version = "flux_2_dev"
+        elif family == "flux2-klein":  # "flux_2_klein" (our label) for a width that is neither released model's
+            width = denoiser.config.num_attention_heads * denoiser.config.attention_head_dim
+            version = _KLEIN_VERSIONS.get(width, "flux_2_klein")
+        else:
+            version = _FUSED_VERSIONS[family]
+        return {"ss_network_module": _FUSED_MODULES[family], "ss_base_model_version": version, **metadata}
     sd2 = family == "stable-diffusion" and getattr(denoiser.config, "cross_attention_dim", 768) == 1024
     version = {"stable-diffusion-xl": "sdxl_base_v1-0", "stable-diffusion": "sd_v2" if sd2 else "sd_v1"}[family]
     return {"ss_network_module": "networks.lora", "ss_base_model_version": version, "ss_v2": str(sd2), **metadata}
@@ -431,21 +480,26 @@ def _fused_groups(lora: LoraFile, family: str) -> dict[str, tuple[str, ...]]:
             groups[found[0]] = found[1]
     if unknown:
         listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        mapped = {
+            "flux": ", modulation and the embedders/final layer",
+            "flux2": ", the img/txt/time embedders and final linear layer (diffusers' kohya FLUX.2 converter maps "
+            "no modulation or guidance layer)",
+        }.get("flux2" if family in _FLUX2_FAMILIES else family, "")
+        # FLUX.2's comfyui export (diffusers' names) is not known to load in ComfyUI: point to diffusers instead.
+        other = "--format diffusers" if family in _FLUX2_FAMILIES else "--format comfyui, which names every layer"
         raise ValueError(
             f"--format kohya for {family}: no kohya-ss layer name is known for {listed} (mapped: the blocks' "
-            "attention, feed-forward"
-            + (", modulation and the embedders/final layer" if family == "flux" else "")
-            + "). Use --format comfyui, which names every layer."
+            f"attention, feed-forward{mapped}). Use {other}."
         )
     return groups
 
 
 def kohya_fused_state_dict(lora: LoraFile, family: str, out_features: dict[str, int]) -> dict[str, torch.Tensor]:
-    """FLUX.1/SD3 LoRA in kohya-ss sd-scripts' layout: ``lora_unet_<original layer>``, the separate q/k/v (and
-    FLUX's single-block MLP input) LoRAs fused by :func:`fuse_lora_modules` onto the original fused layer,
+    """FLUX.1/SD3/FLUX.2 LoRA in kohya-ss's layout: ``lora_unet_<original layer>``, the separate q/k/v (and
+    FLUX.1's single-block MLP input) LoRAs fused by :func:`fuse_lora_modules` onto the original fused layer,
     ``.alpha = scale * rank`` so that the tools' ``alpha / rank`` is the scale. ``out_features`` gives every
-    module's output size (the rows of parts without a LoRA). FLUX's final layer is written with ``alpha = rank``
-    and the scale in ``lora_up``, since diffusers' kohya loader does not read the final layer's alpha, and its
+    module's output size (the rows of parts without a LoRA). FLUX.1's final layer is written with ``alpha = rank``
+    and the scale in ``lora_up``, since diffusers' kohya FLUX.1 loader does not read the final layer's alpha, and its
     modulation rows swapped back to the original (shift, scale) order (diffusers' ``swap_scale_shift``, its own
     inverse)."""
     from diffusers.loaders.lora_conversion_utils import swap_scale_shift
@@ -455,7 +509,7 @@ def kohya_fused_state_dict(lora: LoraFile, family: str, out_features: dict[str, 
         parts = [lora.modules.get(member) for member in members]
         fused = parts[0] if len(parts) == 1 else fuse_lora_modules(parts, [out_features[m] for m in members])
         up, scale = fused.up, fused.scale
-        if key.startswith("lora_unet_final_layer"):
+        if family == "flux" and key.startswith("lora_unet_final_layer"):
             up, scale = up * scale, 1.0
         if key == "lora_unet_final_layer_adaLN_modulation_1":
             up = swap_scale_shift(up)
@@ -574,7 +628,7 @@ def build_export_parser() -> argparse.ArgumentParser:
         description=(
             "Write a LoRA trained by `trl-diffusion-sdpo train` (diffusers format) for the image tools: kohya "
             "(sd-scripts' layout: SD1.x/2.x and SDXL for AUTOMATIC1111/Forge, ComfyUI, InvokeAI, diffusers; "
-            "FLUX.1 and SD3 for ComfyUI, FLUX.1 also for diffusers) or comfyui (every family), "
+            "FLUX.1, SD3 and FLUX.2 for ComfyUI, FLUX.1 and FLUX.2 also for diffusers) or comfyui (every family), "
             "checked against the base model; or, with --merge, the base pipeline with the LoRA fused in at --strength."
         ),
     )
@@ -592,7 +646,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=EXPORT_FORMATS,
         default=None,
-        help="kohya (sd-scripts layout: SD1.x/2.x, SDXL, FLUX.1, SD3), comfyui (every family), or diffusers.",
+        help="kohya (kohya-ss layout: SD1.x/2.x, SDXL, FLUX.1, SD3, FLUX.2 [dev]/[klein]), comfyui (every "
+        "family), or diffusers.",
     )
     parser.add_argument(
         "--output", required=True, help="A .safetensors file (export), or a new folder for the pipeline (--merge)."
