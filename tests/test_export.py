@@ -15,13 +15,12 @@ from safetensors import safe_open
 
 from trl_diffusion_sdpo.cli import main
 from trl_diffusion_sdpo.families import family_for_pipeline
-from trl_diffusion_sdpo.io.export import (
+from trl_diffusion_sdpo.io.export import export_lora, merge_lora
+from trl_diffusion_sdpo.io.lora_formats import (
     LoraFile,
     LoraModule,
-    export_lora,
     fuse_lora_modules,
     kohya_fused_state_dict,
-    merge_lora,
     read_lora,
 )
 from trl_diffusion_sdpo.io.saving import save_lora_adapters
@@ -428,6 +427,15 @@ def test_flux2_kohya_export_of_the_default_targets_loads_in_diffusers_and_predic
     assert metadata["ss_network_module"] == "networks.lora_flux_2"
     assert metadata["ss_base_model_version"] == {"flux2": "flux_2_dev", "flux2-klein": "flux_2_klein"}[name]
     assert metadata["ss_network_dim"] == str(RANK) and metadata["ss_network_alpha"] == str(ALPHA)
+    # For ComfyUI, FLUX.2's comfyui file is this kohya file: its diffusers-key mapping lacks FLUX.2's single blocks.
+    comfy = str(tmp_path / f"{name}_comfyui.safetensors")
+    export_lora(str(tmp_path / "lora"), str(tmp_path / "base"), "comfyui", comfy)
+    with safe_open(out, framework="pt") as kohya, safe_open(comfy, framework="pt") as comfyui:
+        named = {k: v for k, v in comfyui.metadata().items() if k != "ss_output_name"}  # the file's own name
+        assert set(comfyui.keys()) == set(kohya.keys())
+        assert named == {k: v for k, v in kohya.metadata().items() if k != "ss_output_name"}
+        for key in kohya.keys():
+            assert torch.equal(comfyui.get_tensor(key), kohya.get_tensor(key)), key
 
 
 def test_flux2_kohya_export_of_every_mapped_layer_loads_in_diffusers_and_predicts_like_the_lora(tmp_path):
