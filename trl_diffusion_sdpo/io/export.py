@@ -38,6 +38,8 @@ __all__ = [
 
 EXPORT_FORMATS = ("kohya", "comfyui", "diffusers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def _base_family(base: str) -> tuple[str, dict[str, Any]]:
     """The registered family of the pipeline at ``base`` (Hub id or folder), decided from ``model_index.json``
     alone: its pipeline class, else its denoiser class. Returns the family name and the model index."""
