@@ -117,6 +117,7 @@ def flow_root(tmp_path_factory) -> Path:
 
 
 _ASSETS: dict[tuple[str, str], dict] = {}
+_FAILED: dict[tuple, str] = {}  # (root, family, one or two processes) -> why its launch failed
 
 
 def family_assets(root: Path, kind: str) -> dict:
@@ -150,10 +151,17 @@ def flow_run(root: Path, kind: str, config: str | None, lora: bool) -> dict:
     extra = (*FLOW_ARGS, *FAMILIES[kind].extra)
     spec = Run(kind, config, lora, extra)
     if spec.key(assets) not in _REPORTS:
+        launch = (str(root), kind, spec.group)
+        if launch in _FAILED:  # the family's other cases fail at once instead of launching again
+            pytest.fail(_FAILED[launch])
         group = [(c if config is not None else None, lo) for k, c, _, lo in CASES if k == kind]
         group = sorted(dict.fromkeys(group), key=lambda case: _order(case[0]))  # in CASES order, ZeRO-3 last
         jobs = [(assets, _name(c, lo), Run(kind, c, lo, extra)) for c, lo in group]
-        _launch([job for job in jobs if job[2].key(assets) not in _REPORTS])
+        try:
+            _launch([job for job in jobs if job[2].key(assets) not in _REPORTS])
+        except AssertionError as error:
+            _FAILED[launch] = str(error)
+            raise
     return _REPORTS[spec.key(assets)]
 
 
@@ -177,6 +185,12 @@ def test_flow_models_train_on_two_processes_like_on_one(flow_root, kind, config,
     assert not any(report["frozen_partitioned"].values())
     assert report["reference_max_abs_change"] == 0.0
     assert report["original_vs_trained_max_abs_diff"] > 1e-4
+    # The trained transformer's outputs moved as one process's did: with LoRA at beta 100 the losses above stay
+    # within 1e-3 of log 2 whatever the gradients, while a process training on its own half-batch alone (no
+    # all-reduce) moves these outputs ~6% less (FLUX.2 [klein] under DDP); summation order moves them ~1e-6.
+    assert report["original_vs_trained_max_abs_diff"] == pytest.approx(
+        single["original_vs_trained_max_abs_diff"], rel=1e-2
+    )
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
     assert report["saved_files"] == single["saved_files"]
     if stage == 3:
