@@ -6,8 +6,8 @@ through ``tests/distributed_worker.py`` and is compared with one process, same g
 transformers are widened (head dim 96; Z-Image's width 224) so that their feed-forward weights exceed ZeRO-3's
 persistence threshold (1e5 elements) and really are partitioned. A family's trainings share processes (the worker's
 ``--jobs``): one plain process trains its one-process references, one two-process launch its engines in turn
-(ZeRO-3 last). A launch still takes a minute or more on two shared cores, so every case here is a slow test
-(``-m slow``).
+(ZeRO-3 last). A family's two launches still take 35 to 60 s on two shared cores, so every case here is a slow test
+(``-m slow``; benchmarks/results/flow-distributed-cpu.json).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def test_flow_models_train_on_two_processes_like_on_one(flow_root, kind, config,
     assert report["original_vs_trained_max_abs_diff"] > 1e-4
     # The trained transformer's outputs moved as one process's did: with LoRA at beta 100 the losses above stay
     # within 1e-3 of log 2 whatever the gradients, while a process training on its own half-batch alone (no
-    # all-reduce) moves these outputs ~6% less (FLUX.2 [klein] under DDP); summation order moves them ~1e-6.
+    # all-reduce) moved these outputs 6% less (FLUX.2 [klein] under DDP); summation order moves them < 1e-4 relative.
     assert report["original_vs_trained_max_abs_diff"] == pytest.approx(
         single["original_vs_trained_max_abs_diff"], rel=1e-2
     )
