@@ -339,9 +339,11 @@ def report(trainer, result_path: str, batches: list[list[int]] | None = None) ->
         result["process_weight_spread"] = (gathered.max(0).values - gathered.min(0).values).abs().max().item()
 
     if stage == 3:  # the hazard load_pipeline avoids: transformers builds the text encoder partitioned
-        from transformers import CLIPTextModel
+        import transformers
 
-        naive = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")  # every process joins zero.Init
+        with open(os.path.join(model_dir, "model_index.json")) as f:  # CLIP, UMT5, Qwen2.5-VL, Qwen3, Mistral-3 ...
+            encoder_cls = getattr(transformers, json.load(f)["text_encoder"][1])
+        naive = encoder_cls.from_pretrained(model_dir, subfolder="text_encoder")  # every process joins zero.Init
         result["naive_load_partitions_text_encoder"] = any(is_partitioned(p) for p in naive.parameters())
 
     # The trained UNet's outputs on fixed inputs, to compare with what diffusers loads from the saved files.

@@ -1,63 +1,81 @@
-"""SD3 and FLUX under two processes on CPU over gloo: DDP and DeepSpeed ZeRO-2/3 with the shipped accelerate configs.
+"""Every flow-matching family under two processes on CPU over gloo: DDP, DeepSpeed ZeRO-2/3 and FSDP2 with the shipped
+accelerate configs.
 
 As ``tests/test_distributed.py`` does for the UNets: ``examples/train_flow.py`` runs under ``accelerate launch``
-through ``tests/distributed_worker.py`` and is compared with one process, same global batch and seed.
-Two-process launches take a minute each on two shared cores, so every case here is a slow test (``-m slow``).
+through ``tests/distributed_worker.py`` and is compared with one process, same global batch and seed. The
+transformers are widened (head dim 96; Z-Image's width 224) so that their feed-forward weights exceed ZeRO-3's
+persistence threshold (1e5 elements) and really are partitioned. A family's trainings share processes (the worker's
+``--jobs``): one plain process trains its one-process references, one two-process launch its engines in turn
+(ZeRO-3 last). A family's two launches still take 35 to 60 s on two shared cores, so every case here is a slow test
+(``-m slow``; benchmarks/results/flow-distributed-cpu.json).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import pickapic_rows
 from datasets import Dataset
-from test_distributed import STEPS, run
+from test_distributed import _REPORTS, STEPS, Run, _launch, run
+from test_wan import FRAMES, video_rows
 
 from trl_diffusion_sdpo.tiny_models import (
+    build_tiny_flux2_klein_pipeline,
+    build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
+    build_tiny_wan_pipeline,
     build_tiny_z_image_pipeline,
 )
 
 pytest.importorskip("deepspeed")
 
 FLOW_ARGS = ("--beta", "100", "--max_sequence_length", "16")
+FSDP2 = "fsdp2.yaml"
 
 
-@pytest.fixture(scope="module")
-def flow_assets(tmp_path_factory) -> dict[str, dict[str, Path]]:
-    root = tmp_path_factory.mktemp("flow-distributed")
-    Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
-    assets = {}
-    # Widened (head dim 96): their feed-forward weights exceed ZeRO-3's persistence threshold and are partitioned.
-    wide = {"sd3": {}, "flux": {"axes_dims_rope": (24, 36, 36)}}
-    for kind, build in (("sd3", build_tiny_sd3_pipeline), ("flux", build_tiny_flux_pipeline)):
-        pipe = build(
-            seed=0, tokenizer_dir=str(root / f"tok-{kind}"), max_length=16, attention_head_dim=96, **wide[kind]
-        )
-        pipe.save_pretrained(root / kind)
-        assets[kind] = {
-            "root": root / f"runs-{kind}",
-            "pipeline": root / kind,
-            "data": root / "data",
-            "example": "flow",
-        }
-        assets[kind]["root"].mkdir()
-    for kind, build in (("qwen-image", build_tiny_qwen_image_pipeline), ("z-image", build_tiny_z_image_pipeline)):
-        build(seed=0, tokenizer_dir=str(root / f"tok-{kind}")).save_pretrained(root / kind)
-        assets[kind] = {
-            "root": root / f"runs-{kind}",
-            "pipeline": root / kind,
-            "data": root / "data",
-            "example": "flow",
-        }
-        assets[kind]["root"].mkdir()
-    return assets
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to build a family's widened tiny pipeline and train it: ``build``'s keyword arguments (besides the seed and
+    the tokenizer folder), the training script's arguments beyond :data:`FLOW_ARGS`, and video data instead of image
+    pairs."""
+
+    build: Callable
+    build_kwargs: dict
+    extra: tuple[str, ...] = ()
+    video: bool = False
 
 
+# Widened: head dim 96 (two heads) and RoPE axes that add up to it; Z-Image has no head-dim argument, its width is dim.
+FAMILIES = {
+    "sd3": Family(build_tiny_sd3_pipeline, {"attention_head_dim": 96, "max_length": 16}),
+    "flux": Family(
+        build_tiny_flux_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24, 36, 36), "max_length": 16}
+    ),
+    "qwen-image": Family(build_tiny_qwen_image_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (32, 32, 32)}),
+    "z-image": Family(build_tiny_z_image_pipeline, {"dim": 224, "axes_dims": (32, 40, 40)}),
+    "wan": Family(
+        build_tiny_wan_pipeline,
+        {"attention_head_dim": 96, "ffn_dim": 768, "max_length": 16},
+        ("--num_frames", str(FRAMES), "--resolution", "16"),
+        video=True,
+    ),
+    # [dev]'s system message takes about 30 tokens of its prompt
+    "flux2": Family(
+        build_tiny_flux2_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (24, 24, 24, 24)},
+        ("--max_sequence_length", "48"),
+    ),
+    "flux2-klein": Family(build_tiny_flux2_klein_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24,) * 4}),
+}
+
+# (family, accelerate config, ZeRO stage, LoRA): every family under every engine, LoRA and full tuning alternating
+# (full tuning under each engine among the newer families too).
 CASES = [
     ("flux", "multi_gpu.yaml", None, True),
     ("sd3", "multi_gpu.yaml", None, False),  # SD3's last block leaves add_q_proj unused: DDP must tolerate it
@@ -65,11 +83,86 @@ CASES = [
     ("flux", "deepspeed_zero2.yaml", 2, True),
     ("flux", "deepspeed_zero3.yaml", 3, False),
     ("sd3", "deepspeed_zero3.yaml", 3, True),
+    ("sd3", FSDP2, None, True),
+    ("flux", FSDP2, None, False),
     ("qwen-image", "multi_gpu.yaml", None, True),
     ("qwen-image", "deepspeed_zero2.yaml", 2, False),
+    ("qwen-image", "deepspeed_zero3.yaml", 3, False),
+    ("qwen-image", FSDP2, None, True),
     ("z-image", "multi_gpu.yaml", None, True),
     ("z-image", "deepspeed_zero2.yaml", 2, False),
+    ("z-image", "deepspeed_zero3.yaml", 3, True),
+    ("z-image", FSDP2, None, False),
+    ("wan", "multi_gpu.yaml", None, True),
+    ("wan", "deepspeed_zero2.yaml", 2, True),
+    ("wan", "deepspeed_zero3.yaml", 3, False),
+    ("wan", FSDP2, None, False),
+    ("flux2", "multi_gpu.yaml", None, False),
+    ("flux2", "deepspeed_zero2.yaml", 2, True),
+    ("flux2", "deepspeed_zero3.yaml", 3, True),
+    ("flux2", FSDP2, None, False),
+    ("flux2-klein", "multi_gpu.yaml", None, True),
+    ("flux2-klein", "deepspeed_zero2.yaml", 2, False),
+    ("flux2-klein", "deepspeed_zero3.yaml", 3, False),
+    ("flux2-klein", FSDP2, None, True),
 ]
+
+
+@pytest.fixture(scope="module")
+def flow_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("flow-distributed")
+    Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
+    Dataset.from_list(video_rows(8)).save_to_disk(str(root / "video-data"))
+    return root
+
+
+_ASSETS: dict[tuple[str, str], dict] = {}
+_FAILED: dict[tuple, str] = {}  # (root, family, one or two processes) -> why its launch failed
+
+
+def family_assets(root: Path, kind: str) -> dict:
+    """The family's widened tiny pipeline saved under ``root`` (built once), as a user's local folders."""
+    if (str(root), kind) not in _ASSETS:
+        family = FAMILIES[kind]
+        pipe = family.build(seed=0, tokenizer_dir=str(root / f"tok-{kind}"), **family.build_kwargs)
+        pipe.save_pretrained(root / kind)
+        _ASSETS[str(root), kind] = {
+            "root": root / f"runs-{kind}",
+            "pipeline": root / kind,
+            "data": root / ("video-data" if family.video else "data"),
+            "example": "flow",
+        }
+        _ASSETS[str(root), kind]["root"].mkdir()
+    return _ASSETS[str(root), kind]
+
+
+def _name(config: str | None, lora: bool) -> str:
+    return f"{'single' if config is None else config.removesuffix('.yaml')}-{'lora' if lora else 'full'}"
+
+
+def _order(config: str | None) -> int:
+    return 1 if config is not None and "zero3" in config else 0  # ZeRO-3 last (see test_distributed.RUNS)
+
+
+def flow_run(root: Path, kind: str, config: str | None, lora: bool) -> dict:
+    """The report of ``kind``'s training under ``config`` (``None``: one process). The first request of a family's
+    one-process (or two-process) training launches all of them: its :data:`CASES`, in one set of processes."""
+    assets = family_assets(root, kind)
+    extra = (*FLOW_ARGS, *FAMILIES[kind].extra)
+    spec = Run(kind, config, lora, extra)
+    if spec.key(assets) not in _REPORTS:
+        launch = (str(root), kind, spec.group)
+        if launch in _FAILED:  # the family's other cases fail at once instead of launching again
+            pytest.fail(_FAILED[launch])
+        group = [(c if config is not None else None, lo) for k, c, _, lo in CASES if k == kind]
+        group = sorted(dict.fromkeys(group), key=lambda case: _order(case[0]))  # in CASES order, ZeRO-3 last
+        jobs = [(assets, _name(c, lo), Run(kind, c, lo, extra)) for c, lo in group]
+        try:
+            _launch([job for job in jobs if job[2].key(assets) not in _REPORTS])
+        except AssertionError as error:
+            _FAILED[launch] = str(error)
+            raise
+    return _REPORTS[spec.key(assets)]
 
 
 @pytest.mark.slow
@@ -78,12 +171,12 @@ CASES = [
     CASES,
     ids=[f"{k}-{c.removesuffix('.yaml')}-{'lora' if lo else 'full'}" for k, c, _, lo in CASES],
 )
-def test_flow_models_train_on_two_processes_like_on_one(flow_assets, kind, config, stage, lora) -> None:
-    assets = flow_assets[kind]
-    tuning = "lora" if lora else "full"
-    single = run(assets, f"single-{tuning}-{config}", None, lora, *FLOW_ARGS)
-    report = run(assets, f"{config.removesuffix('.yaml')}-{tuning}", config, lora, *FLOW_ARGS)
+def test_flow_models_train_on_two_processes_like_on_one(flow_root, kind, config, stage, lora) -> None:
+    single = flow_run(flow_root, kind, None, lora)
+    report = flow_run(flow_root, kind, config, lora)
     assert report["num_processes"] == 2 and report["zero_stage"] == stage
+    fsdp = config == FSDP2
+    assert report["distributed_type"].endswith("FSDP" if fsdp else "DEEPSPEED" if stage else "MULTI_CPU")
     assert report["global_step"] == STEPS
     losses = report["losses"]
     assert all(math.isfinite(x) for x in losses) and losses[0] == pytest.approx(math.log(2), abs=1e-6)
@@ -92,17 +185,35 @@ def test_flow_models_train_on_two_processes_like_on_one(flow_assets, kind, confi
     assert not any(report["frozen_partitioned"].values())
     assert report["reference_max_abs_change"] == 0.0
     assert report["original_vs_trained_max_abs_diff"] > 1e-4
+    # The trained transformer's outputs moved as one process's did: with LoRA at beta 100 the losses above stay
+    # within 1e-3 of log 2 whatever the gradients, while a process training on its own half-batch alone (no
+    # all-reduce) moved these outputs 6% less (FLUX.2 [klein] under DDP); summation order moves them < 1e-4 relative.
+    assert report["original_vs_trained_max_abs_diff"] == pytest.approx(
+        single["original_vs_trained_max_abs_diff"], rel=1e-2
+    )
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
     assert report["saved_files"] == single["saved_files"]
     if stage == 3:
+        # The policy really is partitioned (small tensors stay whole below the persistence threshold) ...
         assert 0 < report["policy_partitioned"] < report["policy_parameters"]
+        # ... and so is a full-tuning reference copy, a DeepSpeed engine; with LoRA there is no copy at all.
+        if not lora:
+            assert report["reference_is_engine"] and report["reference_partitioned"] > 0
+        # Without load_pipeline, transformers would have built the text encoder partitioned: the guard matters.
+        assert report["naive_load_partitions_text_encoder"]
+    elif fsdp:
+        # Every policy weight is a shard; a full-tuning reference copy is sharded too (about half on each process).
+        assert report["policy_sharded"] == report["policy_parameters"]
+        if not lora:
+            assert report["reference_sharded"] == report["policy_parameters"]
+            assert report["reference_local_fraction"] == pytest.approx(0.5, abs=0.01)
     else:
-        assert report["process_weight_spread"] < 1e-6
+        assert report["policy_partitioned"] == 0 and report["process_weight_spread"] < 1e-6
 
 
 @pytest.mark.slow
-def test_parameter_space_safeguard_under_ddp_on_a_flux_transformer(flow_assets) -> None:
-    assets = flow_assets["flux"]
+def test_parameter_space_safeguard_under_ddp_on_a_flux_transformer(flow_root) -> None:
+    assets = family_assets(flow_root, "flux")
     extra = (*FLOW_ARGS, "--safeguard_space", "parameter")
     single = run(assets, "single-parameter", None, True, *extra)
     report = run(assets, "ddp-parameter", "multi_gpu.yaml", True, *extra)

@@ -121,12 +121,20 @@ def build_tiny_flux_pipeline(
 
 
 def build_tiny_qwen_image_pipeline(
-    seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 64, guidance_embeds: bool = False
+    seed: int = 0,
+    tokenizer_dir: str | None = None,
+    max_length: int = 64,
+    guidance_embeds: bool = False,
+    attention_head_dim: int = 16,
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6),
 ) -> QwenImagePipeline:
     """A tiny Qwen-Image-style pipeline: the double-stream MMDiT transformer with 3-axis RoPE, a Qwen2.5-VL text
     encoder (tiny vision tower included, unused by text-to-image), the Qwen-Image VAE (causal 3D convolutions, a
     temporal axis of one frame, per-channel ``latents_mean``/``latents_std``; 4x spatial downsampling here), and a
-    flow-matching scheduler with Qwen-Image's dynamic-shift settings."""
+    flow-matching scheduler with Qwen-Image's dynamic-shift settings.
+
+    ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width: 96 makes its
+    feed-forward weights (``2 * 96 x 4 * 2 * 96``) larger than DeepSpeed ZeRO-3's default persistence threshold."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -146,11 +154,11 @@ def build_tiny_qwen_image_pipeline(
         in_channels=4 * latent_channels,  # latents are packed into 2x2 patches
         out_channels=latent_channels,
         num_layers=2,
-        attention_head_dim=16,
+        attention_head_dim=attention_head_dim,
         num_attention_heads=2,
         joint_attention_dim=hidden,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=axes_dims_rope,
     )
     generator = torch.Generator().manual_seed(seed)
     vae = AutoencoderKLQwenImage(
@@ -171,11 +179,19 @@ def build_tiny_qwen_image_pipeline(
 
 
 def build_tiny_z_image_pipeline(
-    seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 64
+    seed: int = 0,
+    tokenizer_dir: str | None = None,
+    max_length: int = 64,
+    dim: int = 32,
+    axes_dims: tuple[int, int, int] = (4, 6, 6),
 ) -> ZImagePipeline:
     """A tiny Z-Image-style pipeline: the single-stream S3-DiT transformer (noise and caption refiners, 3-axis
     RoPE), a Qwen3 text encoder with a chat-template tokenizer, a FLUX-style VAE with Z-Image's latent scale and
-    shift, and a flow-matching scheduler with a static shift of 3.0 (Z-Image-Turbo's scheduler config)."""
+    shift, and a flow-matching scheduler with a static shift of 3.0 (Z-Image-Turbo's scheduler config).
+
+    ``dim`` (two heads; ``axes_dims`` must sum to ``dim / 2``) sets the transformer's width; its feed-forward is
+    ``dim x int(8 dim / 3)``, past DeepSpeed ZeRO-3's default persistence threshold (1e5 elements) from ``dim = 224``.
+    """
     from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
@@ -189,13 +205,13 @@ def build_tiny_z_image_pipeline(
         all_patch_size=(2,),
         all_f_patch_size=(1,),
         in_channels=latent_channels,
-        dim=32,
+        dim=dim,
         n_layers=2,
         n_refiner_layers=1,
         n_heads=2,
         n_kv_heads=2,
         cap_feat_dim=hidden,
-        axes_dims=[4, 6, 6],
+        axes_dims=list(axes_dims),
         axes_lens=[256, 32, 32],
     )
     vae = flux_vae(latent_channels)

@@ -18,17 +18,19 @@ _HIDDEN = 16  # the text encoders' width: the transformer's joint_attention_dim 
 _LATENT_CHANNELS = 4  # 16 channels once the VAE's 2x2 patches are folded in, as FLUX.2's 32 become 128
 
 
-def _transformer(guidance_embeds: bool) -> Flux2Transformer2DModel:
+def _transformer(
+    guidance_embeds: bool, attention_head_dim: int, axes_dims_rope: tuple[int, int, int, int]
+) -> Flux2Transformer2DModel:
     return Flux2Transformer2DModel(
         patch_size=1,
         in_channels=4 * _LATENT_CHANNELS,  # the pipeline's patchified latents: 2x2 patches folded into channels
         num_layers=1,
         num_single_layers=1,
-        attention_head_dim=8,
+        attention_head_dim=attention_head_dim,
         num_attention_heads=2,
         joint_attention_dim=3 * _HIDDEN,  # three hidden-state layers stacked, as encode_prompt builds them
         timestep_guidance_channels=32,
-        axes_dims_rope=(2, 2, 2, 2),  # the 4-axis (t, h, w, l) RoPE; sums to the head width
+        axes_dims_rope=axes_dims_rope,  # the 4-axis (t, h, w, l) RoPE; sums to the head width
         guidance_embeds=guidance_embeds,
     )
 
@@ -66,7 +68,12 @@ def _scheduler():
 
 
 def build_tiny_flux2_pipeline(
-    seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 64, guidance_embeds: bool = True
+    seed: int = 0,
+    tokenizer_dir: str | None = None,
+    max_length: int = 64,
+    guidance_embeds: bool = True,
+    attention_head_dim: int = 8,
+    axes_dims_rope: tuple[int, int, int, int] = (2, 2, 2, 2),
 ) -> Flux2Pipeline:
     """A tiny FLUX.2 [dev]-style pipeline: ``Flux2Transformer2DModel`` with the guidance embedding, a
     ``Mistral3ForConditionalGeneration`` text encoder (30 text layers, so the pipeline's hidden-state layers 10, 20
@@ -74,7 +81,10 @@ def build_tiny_flux2_pipeline(
     Mistral-style chat template, the FLUX.2 VAE and a dynamic-shift flow-matching scheduler.
 
     The released pipeline's ``tokenizer`` is a ``PixtralProcessor``, which transformers builds only with torchvision;
-    the pipeline calls nothing of it but ``apply_chat_template``, which the tokenizer has with the same arguments."""
+    the pipeline calls nothing of it but ``apply_chat_template``, which the tokenizer has with the same arguments.
+
+    ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width: from 96 its
+    SwiGLU input projection (``192 x 2 * 3 * 192``) exceeds DeepSpeed ZeRO-3's default persistence threshold."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -110,16 +120,22 @@ def build_tiny_flux2_pipeline(
         vae=_vae(seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=_transformer(guidance_embeds),
+        transformer=_transformer(guidance_embeds, attention_head_dim, axes_dims_rope),
     )
 
 
 def build_tiny_flux2_klein_pipeline(
-    seed: int = 0, tokenizer_dir: str | None = None, max_length: int = 64, is_distilled: bool = False
+    seed: int = 0,
+    tokenizer_dir: str | None = None,
+    max_length: int = 64,
+    is_distilled: bool = False,
+    attention_head_dim: int = 8,
+    axes_dims_rope: tuple[int, int, int, int] = (2, 2, 2, 2),
 ) -> Flux2KleinPipeline:
     """A tiny FLUX.2 [klein]-style pipeline: ``Flux2Transformer2DModel`` without the guidance embedding, a
     ``Qwen3ForCausalLM`` text encoder (27 layers, so the pipeline's hidden-state layers 9, 18 and 27 exist) with a
-    Qwen3 chat-template tokenizer, the FLUX.2 VAE and a dynamic-shift flow-matching scheduler."""
+    Qwen3 chat-template tokenizer, the FLUX.2 VAE and a dynamic-shift flow-matching scheduler; ``attention_head_dim``
+    and ``axes_dims_rope`` as in :func:`build_tiny_flux2_pipeline`."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -131,6 +147,6 @@ def build_tiny_flux2_klein_pipeline(
         vae=_vae(seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=_transformer(guidance_embeds=False),
+        transformer=_transformer(False, attention_head_dim, axes_dims_rope),
         is_distilled=is_distilled,
     )
