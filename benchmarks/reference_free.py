@@ -33,10 +33,27 @@ def main(argv: list[str] | None = None) -> int:
     for loss_type in ("dpo", "mapo"):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.json")
-            command = [sys.executable, os.path.join(HERE, "step_time.py"), "--device", args.device,
-                       "--unet", args.unet, "--runs", args.run, "--losses", "dpo", "--no-paired-floor",
-                       "--loss-type", loss_type, "--steps", str(args.steps), "--threads", str(args.threads),
-                       "--output", out]
+            command = [
+                sys.executable,
+                os.path.join(HERE, "step_time.py"),
+                "--device",
+                args.device,
+                "--unet",
+                args.unet,
+                "--runs",
+                args.run,
+                "--losses",
+                "dpo",
+                "--no-paired-floor",
+                "--loss-type",
+                loss_type,
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+                "--output",
+                out,
+            ]
             subprocess.run(command, check=True, capture_output=True, text=True)
             row = json.load(open(out))["rows"][f"dpo-{args.run}"]
         rows[loss_type] = {"median_step_s": row["median_step_s"], "peak_memory_bytes": row["peak_memory_bytes"]}
@@ -48,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         "mapo_step_ratio": rows["mapo"]["median_step_s"] / rows["dpo"]["median_step_s"],
         "memory_saved_bytes": rows["dpo"]["peak_memory_bytes"] - rows["mapo"]["peak_memory_bytes"],
     }
-    print(f"MaPO step / DPO step: {result['mapo_step_ratio']:.3f}; memory saved: "
-          f"{result['memory_saved_bytes'] / 2**20:.0f} MiB")
+    print(
+        f"MaPO step / DPO step: {result['mapo_step_ratio']:.3f}; memory saved: "
+        f"{result['memory_saved_bytes'] / 2**20:.0f} MiB"
+    )
     output = args.output or os.path.join(HERE, "results", f"reference-free-{args.device}-{args.unet}.json")
     with open(output, "w") as f:
         json.dump(result, f, indent=2)

@@ -54,9 +54,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     pipe = build_tiny_sd_pipeline(seed=0)
     config = DiffusionSDPOConfig(
-        output_dir=args.output_dir, beta=5000, safeguard_mu=0.9, resolution=32, per_device_train_batch_size=4,
-        max_steps=args.steps, learning_rate=1e-4, scale_lr=False, warmup_steps=0, logging_steps=5,
-        save_strategy="no", use_cpu=True, seed=0,
+        output_dir=args.output_dir,
+        beta=5000,
+        safeguard_mu=0.9,
+        resolution=32,
+        per_device_train_batch_size=4,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        scale_lr=False,
+        warmup_steps=0,
+        logging_steps=5,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
     )
     lora = LoraConfig(
         r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]

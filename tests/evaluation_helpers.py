@@ -18,22 +18,46 @@ except ImportError:  # transformers 4.x
 TEXT_LENGTH = 16
 
 
-def clip_config(vocab_size: int, eos: int, projection_dim: int = 24, image_size: int = 32, hidden: int = 32,
-                patch: int = 8, max_positions: int = TEXT_LENGTH) -> CLIPConfig:
+def clip_config(
+    vocab_size: int,
+    eos: int,
+    projection_dim: int = 24,
+    image_size: int = 32,
+    hidden: int = 32,
+    patch: int = 8,
+    max_positions: int = TEXT_LENGTH,
+) -> CLIPConfig:
     return CLIPConfig(
         projection_dim=projection_dim,
-        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=max_positions, hidden_act="gelu",
-                         eos_token_id=eos, bos_token_id=eos - 1, pad_token_id=eos),
-        vision_config=dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=image_size, patch_size=patch, hidden_act="gelu"),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=max_positions,
+            hidden_act="gelu",
+            eos_token_id=eos,
+            bos_token_id=eos - 1,
+            pad_token_id=eos,
+        ),
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            hidden_act="gelu",
+        ),
     )
 
 
 def save_clip_processor(directory: str, image_size: int = 32) -> CLIPProcessor:
     tokenizer = write_char_tokenizer(os.path.join(directory, "tok"), max_length=TEXT_LENGTH)
-    image_processor = ImageProcessor(size={"shortest_edge": image_size},
-                                     crop_size={"height": image_size, "width": image_size})
+    image_processor = ImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     processor.save_pretrained(directory)
     return processor

@@ -102,8 +102,9 @@ def test_scale_lr_leaves_the_callers_config_object_alone(make_config, make_pipel
 
     from trl_diffusion_sdpo import DiffusionSDPOTrainer
 
-    config = make_config(scale_lr=True, learning_rate=1e-5, per_device_train_batch_size=2,
-                         gradient_accumulation_steps=2)
+    config = make_config(
+        scale_lr=True, learning_rate=1e-5, per_device_train_batch_size=2, gradient_accumulation_steps=2
+    )
     for _ in range(2):  # reusing the config must not compound the scaling
         trainer = DiffusionSDPOTrainer(
             make_pipeline(), args=config, train_dataset=pickapic_dataset, peft_config=lora_config()

@@ -70,7 +70,8 @@ def _none_image(rows):
 
 
 @pytest.mark.parametrize(
-    "corrupt", [_bad_bytes, _truncated_jpeg, _label_out_of_range, _label_two, _none_prompt, _none_image],
+    "corrupt",
+    [_bad_bytes, _truncated_jpeg, _label_out_of_range, _label_two, _none_prompt, _none_image],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_bad_row_raises_value_error_naming_row_and_column_before_training(corrupt, make_pickapic, make_trainer):
@@ -185,14 +186,21 @@ def test_image_feature_columns_are_accepted_and_corrupt_ones_reported(make_picka
     rows = pickapic_rows(4)
     features = Features(
         {
-            "caption": Value("string"), "jpg_0": ImageFeature(), "jpg_1": ImageFeature(), "label_0": Value("float64"),
-            "label_1": Value("float64"), "model_0": Value("string"), "model_1": Value("string"),
+            "caption": Value("string"),
+            "jpg_0": ImageFeature(),
+            "jpg_1": ImageFeature(),
+            "label_0": Value("float64"),
+            "label_1": Value("float64"),
+            "model_0": Value("string"),
+            "model_1": Value("string"),
         }
     )
 
     def as_images(rows):
-        encoded = [{**r, "jpg_0": {"bytes": r["jpg_0"], "path": None}, "jpg_1": {"bytes": r["jpg_1"], "path": None}}
-                   for r in rows]
+        encoded = [
+            {**r, "jpg_0": {"bytes": r["jpg_0"], "path": None}, "jpg_1": {"bytes": r["jpg_1"], "path": None}}
+            for r in rows
+        ]
         return Dataset.from_list(encoded, features=features)
 
     dataset = as_images(rows)
@@ -337,8 +345,7 @@ def test_mirrored_view_is_the_crop_of_the_mirrored_image_where_its_time_ids_say(
 
 
 def test_images_smaller_than_the_resolution_are_upscaled():
-    pixels, time_ids = PairTransform(32)(Image.new("RGB", (16, 8), COLOURS[0]),
-                                                        Image.new("RGB", (8, 8), COLOURS[1]))
+    pixels, time_ids = PairTransform(32)(Image.new("RGB", (16, 8), COLOURS[0]), Image.new("RGB", (8, 8), COLOURS[1]))
     assert pixels.shape == (2, 3, 32, 32)
     assert_colour(pixels[0], COLOURS[0], tol=1)
     assert time_ids[0, :2].tolist() == [8, 16]

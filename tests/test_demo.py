@@ -72,8 +72,9 @@ def test_a_changed_recipe_or_code_version_no_longer_matches_the_shipped_base(mon
     assert problem is not None and "--pretrain" in problem
     # The demo then falls back to the cache or pretraining, and says why.
     sentinel = object()
-    monkeypatch.setattr(pretrain_module, "load_or_pretrain", lambda recipe, cache_root, use_cache: (sentinel, False,
-                                                                                                    None))
+    monkeypatch.setattr(
+        pretrain_module, "load_or_pretrain", lambda recipe, cache_root, use_cache: (sentinel, False, None)
+    )
     heard: list[str] = []
     pipeline, source, _ = load_base(PretrainRecipe(), cache_root=tmp_path, warn=heard.append)
     assert (pipeline, source) == (sentinel, "pretrained")
@@ -148,10 +149,16 @@ def test_demo_options_reach_the_recipe():
     args = demo_cli.build_parser().parse_args(
         ["--quick", "--seed", "2", "--seeds", "3", "4", "--methods", "dpo", "sdpo-output", "--threads", "2"]
     )
-    assert (args.quick, args.seed, args.seeds, args.methods, args.threads) == (True, 2, [3, 4], ["dpo",
-                                                                                                "sdpo-output"], 2)
-    args = cli.build_parser().parse_args(["demo", "--output-dir", "x", "--quick", "--seed", "2", "--no-cache",
-                                          "--cache-dir", "c"])
+    assert (args.quick, args.seed, args.seeds, args.methods, args.threads) == (
+        True,
+        2,
+        [3, 4],
+        ["dpo", "sdpo-output"],
+        2,
+    )
+    args = cli.build_parser().parse_args(
+        ["demo", "--output-dir", "x", "--quick", "--seed", "2", "--no-cache", "--cache-dir", "c"]
+    )
     assert (args.output_dir, args.quick, args.seed, args.no_cache, args.cache_dir) == ("x", True, 2, True, "c")
     with pytest.raises(ValueError, match="unknown demo method"):
         DemoRecipe(methods=("dpo", "ipo"))
@@ -165,11 +172,15 @@ def test_only_the_parameter_space_method_passes_safeguard_space_and_is_skipped_w
     passing = {k for k, m in METHODS.items() if "safeguard_space" in m.config_kwargs()}
     assert passing == {"sdpo-parameter"}
     assert METHODS["sdpo-parameter"].config_kwargs() == {
-        "safeguard": True, "safeguard_mu": 0.9, "safeguard_space": "parameter"
+        "safeguard": True,
+        "safeguard_mu": 0.9,
+        "safeguard_space": "parameter",
     }
     assert METHODS["dpo"].config_kwargs() == {"safeguard": False}
     assert [METHODS[k].safeguard_mu for k in ("sdpo-output", "sdpo-output-mu0.6", "sdpo-output-mu0.2")] == [
-        0.9, 0.6, 0.2
+        0.9,
+        0.6,
+        0.2,
     ]
 
     # a config without the field, as it was before the exact safeguard
@@ -243,8 +254,9 @@ def test_colour_reward_prefers_the_named_colours():
     images = np.stack([np.asarray(draw_shape(c, 32, rng), dtype=np.float64) / 255.0 for c in captions])
     right = colour_reward(images, captions)
     colours = list(COLOURS)
-    wrong_colour = [Caption(colours[(colours.index(c.colour) + 1) % len(colours)], c.shape, c.background)
-                    for c in captions]
+    wrong_colour = [
+        Caption(colours[(colours.index(c.colour) + 1) % len(colours)], c.shape, c.background) for c in captions
+    ]
     wrong_background = [Caption(c.colour, c.shape, "black" if c.background == "white" else "white") for c in captions]
     assert right.min() > 0.9
     assert np.all(right > colour_reward(images, wrong_colour))

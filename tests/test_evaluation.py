@@ -116,8 +116,12 @@ def test_win_rates_count_ties_half_and_a_dominating_model_wins_everything():
 
 
 def test_summary_clamps_a_floored_metric_and_its_interval():
-    rows = summarise({"m": {"clip": [-2.0, -1.0, -3.0], "raw": [-2.0, -1.0, -3.0]}}, {"clip": "x100"},
-                     {"clip": 0.0}, n_resamples=200)
+    rows = summarise(
+        {"m": {"clip": [-2.0, -1.0, -3.0], "raw": [-2.0, -1.0, -3.0]}},
+        {"clip": "x100"},
+        {"clip": 0.0},
+        n_resamples=200,
+    )
     clip, raw = rows
     assert (clip.mean, clip.ci_low, clip.ci_high, clip.scale) == (0.0, 0.0, 0.0, "x100")
     assert raw.mean == -2.0 and raw.ci_low < raw.mean < raw.ci_high
@@ -141,8 +145,9 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
     base = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(root / "tok"))
     base.save_pretrained(str(root / "base"))
     unet = base.unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
     lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(str(root / "lora"), unet_lora_layers=lora_state)
     other = build_tiny_sd_pipeline(seed=1, tokenizer_dir=str(root / "tok1"))
@@ -232,15 +237,31 @@ def count_calls(monkeypatch):
 
 def test_evaluate_writes_tables_plots_grid_and_a_second_run_generates_nothing(tmp_path, model_dirs, count_calls):
     out = str(tmp_path / "eval")
-    kwargs = dict(prompts=["a red cube", "a blue ball", "a tree"], scorers=["test-redness"], output_dir=out,
-                  settings=FAST, batch_size=2, device="cpu", n_resamples=200, progress=False)
+    kwargs = dict(
+        prompts=["a red cube", "a blue ball", "a tree"],
+        scorers=["test-redness"],
+        output_dir=out,
+        settings=FAST,
+        batch_size=2,
+        device="cpu",
+        n_resamples=200,
+        progress=False,
+    )
     models = {"lora": model_dirs["lora"], "full": model_dirs["full"]}
     result = evaluate(model_dirs["base"], models, **kwargs)
     assert result.generated == {"base": 3, "lora": 3, "full": 3} and count_calls["calls"] == 6  # 2 batches x 3
     assert {(r.model, r.metric) for r in result.summary} == {(m, "redness") for m in ("base", "lora", "full")}
     assert [(r.model, r.opponent) for r in result.win_rates] == [("lora", "base"), ("full", "base"), ("full", "lora")]
-    for name in ("scores.csv", "summary.csv", "summary.json", "win_rates.csv", "win_rates.json", "grid.png",
-                 "plots/redness.png", "run.json"):
+    for name in (
+        "scores.csv",
+        "summary.csv",
+        "summary.json",
+        "win_rates.csv",
+        "win_rates.json",
+        "grid.png",
+        "plots/redness.png",
+        "run.json",
+    ):
         assert os.path.isfile(os.path.join(out, name)), name
     with open(os.path.join(out, "scores.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -260,8 +281,15 @@ def test_evaluate_writes_tables_plots_grid_and_a_second_run_generates_nothing(tm
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, model_dirs, count_calls):
-    kwargs = dict(prompts=["p0", "p1", "p2", "p3"], scorers=["test-redness"], output_dir=str(tmp_path / "eval"),
-                  settings=FAST, batch_size=1, device="cpu", progress=False)
+    kwargs = dict(
+        prompts=["p0", "p1", "p2", "p3"],
+        scorers=["test-redness"],
+        output_dir=str(tmp_path / "eval"),
+        settings=FAST,
+        batch_size=1,
+        device="cpu",
+        progress=False,
+    )
     count_calls["fail_after"] = 3
     with pytest.raises(KeyboardInterrupt):
         evaluate(model_dirs["base"], {"lora": model_dirs["lora"]}, **kwargs)
@@ -282,10 +310,32 @@ def test_cli_evaluate_end_to_end(tmp_path, model_dirs, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\n")
     out = tmp_path / "cli"
-    code = main(["evaluate", "--base", model_dirs["base"], "--model", f"lora={model_dirs['lora']}",
-                 "--prompts", str(prompts), "--scorer", "test-redness", "--output-dir", str(out), "--steps", "2",
-                 "--resolution", "32", "--batch-size", "2", "--device", "cpu", "--bootstrap-resamples", "100",
-                 "--no-progress"])
+    code = main(
+        [
+            "evaluate",
+            "--base",
+            model_dirs["base"],
+            "--model",
+            f"lora={model_dirs['lora']}",
+            "--prompts",
+            str(prompts),
+            "--scorer",
+            "test-redness",
+            "--output-dir",
+            str(out),
+            "--steps",
+            "2",
+            "--resolution",
+            "32",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--bootstrap-resamples",
+            "100",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     with open(out / "summary.json") as f:
         summary = json.load(f)
@@ -339,8 +389,17 @@ register_scorer("test-device", DeviceRecordingScorer, overwrite=True)
 
 def test_evaluate_hands_its_device_to_scorers_that_take_one(tmp_path, model_dirs):
     DeviceRecordingScorer.devices.clear()
-    evaluate(model_dirs["base"], {}, prompts=["a"], scorers=["test-device", "test-redness"], settings=FAST,
-             output_dir=str(tmp_path), device="cpu", n_resamples=10, progress=False)
+    evaluate(
+        model_dirs["base"],
+        {},
+        prompts=["a"],
+        scorers=["test-device", "test-redness"],
+        settings=FAST,
+        output_dir=str(tmp_path),
+        device="cpu",
+        n_resamples=10,
+        progress=False,
+    )
     assert DeviceRecordingScorer.devices == ["cpu"]  # and RednessScorer(), which takes none, was built without it
 
 

@@ -76,9 +76,16 @@ def test_clip_score_conventions_scale_and_clamp_the_mean_not_each_pair(tiny_clip
 
 def test_aesthetic_head_reads_pth_and_safetensors_and_scores_normalised_embeddings(tmp_path, tiny_clip):
     torch.manual_seed(1)
-    head = torch.nn.Sequential(torch.nn.Linear(24, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)).eval()
+    head = torch.nn.Sequential(
+        torch.nn.Linear(24, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    ).eval()
     state = {f"layers.{k}": v for k, v in head.state_dict().items()}
     torch.save(state, tmp_path / "head.pth")
     save_file(state, str(tmp_path / "head.safetensors"))
@@ -114,11 +121,16 @@ def hps_architecture(tmp_path_factory) -> str:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                              model_max_length=16, pad_token="<|endoftext|>")
-    processor = CLIPProcessor(image_processor=ImageProcessor(size={"shortest_edge": 32},
-                                                             crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
+    tokenizer = CLIPTokenizer(
+        os.path.join(folder, "vocab.json"),
+        os.path.join(folder, "merges.txt"),
+        model_max_length=16,
+        pad_token="<|endoftext|>",
+    )
+    processor = CLIPProcessor(
+        image_processor=ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
     processor.save_pretrained(folder)
     config = clip_config(vocab_size=100, eos=99, projection_dim=24)
     config.save_pretrained(folder)
@@ -129,16 +141,19 @@ def test_hps_mapping_reproduces_open_clip_embeddings(tmp_path, hps_architecture)
     golden = load_file(os.path.join(DATA, "open_clip_tiny_vit.safetensors"))
     state = {k.removeprefix("state_dict."): v for k, v in golden.items() if k.startswith("state_dict.")}
     torch.save({"state_dict": state, "epoch": 1}, tmp_path / "HPS_v2_compressed.pt")
-    scorer = HPSv2Scorer(checkpoint=str(tmp_path / "HPS_v2_compressed.pt"), architecture=hps_architecture,
-                         device="cpu")
+    scorer = HPSv2Scorer(
+        checkpoint=str(tmp_path / "HPS_v2_compressed.pt"), architecture=hps_architecture, device="cpu"
+    )
     model = scorer.embedder.model
     with torch.no_grad():
         image = model.visual_projection(model.vision_model(pixel_values=golden["inputs.pixel_values"]).pooler_output)
         text = model.text_projection(model.text_model(input_ids=golden["inputs.input_ids"]).pooler_output)
-    torch.testing.assert_close(torch.nn.functional.normalize(image, dim=-1), golden["expected.image_embeds"],
-                               atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(torch.nn.functional.normalize(text, dim=-1), golden["expected.text_embeds"],
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(image, dim=-1), golden["expected.image_embeds"], atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(text, dim=-1), golden["expected.text_embeds"], atol=1e-5, rtol=1e-4
+    )
     assert scorer.name == "hpsv2" and scorer.scale == "raw cosine"
     images = coloured_images(2)
     tokens = scorer.embedder.processor.tokenizer(["ab", "cd"], padding=True, return_tensors="pt")
@@ -160,18 +175,41 @@ def test_hps_refuses_a_checkpoint_it_cannot_map(tmp_path, hps_architecture):
 
 # BLIP's own parameter names (salesforce/BLIP models/vit.py), the layout ImageReward.pt stores.
 def _to_blip_vision_name(name: str) -> str:
-    renames = [("embeddings.class_embedding", "cls_token"), ("embeddings.position_embedding", "pos_embed"),
-               ("embeddings.patch_embedding", "patch_embed.proj"), ("encoder.layers.", "blocks."),
-               ("self_attn.projection", "attn.proj"), ("self_attn.qkv", "attn.qkv"), ("layer_norm1", "norm1"),
-               ("layer_norm2", "norm2"), ("post_layernorm", "norm")]
+    renames = [
+        ("embeddings.class_embedding", "cls_token"),
+        ("embeddings.position_embedding", "pos_embed"),
+        ("embeddings.patch_embedding", "patch_embed.proj"),
+        ("encoder.layers.", "blocks."),
+        ("self_attn.projection", "attn.proj"),
+        ("self_attn.qkv", "attn.qkv"),
+        ("layer_norm1", "norm1"),
+        ("layer_norm2", "norm2"),
+        ("post_layernorm", "norm"),
+    ]
     for new, old in renames:
         name = name.replace(new, old)
     return name
 
 
 def _bert_vocab(folder: str) -> str:
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cube", "two", "blue", "spheres", "green",
-             "field", "an", "orange", "cat"] + [f"[unused{i}]" for i in range(4)]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "red",
+        "cube",
+        "two",
+        "blue",
+        "spheres",
+        "green",
+        "field",
+        "an",
+        "orange",
+        "cat",
+    ] + [f"[unused{i}]" for i in range(4)]
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
         f.write("\n".join(words) + "\n")
@@ -181,17 +219,28 @@ def _bert_vocab(folder: str) -> str:
 def test_image_reward_loads_the_original_blip_layout_and_standardises(tmp_path):
     tokenizer_dir = _bert_vocab(str(tmp_path / "bert"))
     vocab = len(BertTokenizer.from_pretrained(tokenizer_dir)) + 2  # + [DEC] + [ENC], as BLIP adds
-    med = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               max_position_embeddings=40, layer_norm_eps=1e-12, hidden_act="gelu", encoder_width=999)
+    med = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=40,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+        encoder_width=999,
+    )
     with open(tmp_path / "med_config.json", "w") as f:
         json.dump(med, f)
-    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    vision = dict(
+        hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
     from transformers import BlipVisionConfig
 
-    reference = ImageRewardModel(BlipVisionConfig(**{**vision, "layer_norm_eps": 1e-6}),
-                                 text_config_from_med(med, encoder_hidden_size=24)).eval()
+    reference = ImageRewardModel(
+        BlipVisionConfig(**{**vision, "layer_norm_eps": 1e-6}), text_config_from_med(med, encoder_hidden_size=24)
+    ).eval()
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -206,9 +255,13 @@ def test_image_reward_loads_the_original_blip_layout_and_standardises(tmp_path):
     state["blip.text_proj.weight"] = torch.zeros(3, 3)  # other BLIP heads in the file are ignored
     torch.save(state, tmp_path / "ImageReward.pt")
 
-    scorer = ImageRewardScorer(checkpoint=str(tmp_path / "ImageReward.pt"),
-                               med_config=str(tmp_path / "med_config.json"), tokenizer=tokenizer_dir,
-                               vision_config=vision, device="cpu")
+    scorer = ImageRewardScorer(
+        checkpoint=str(tmp_path / "ImageReward.pt"),
+        med_config=str(tmp_path / "med_config.json"),
+        tokenizer=tokenizer_dir,
+        vision_config=vision,
+        device="cpu",
+    )
     images, prompts = coloured_images(2), ["a red cube", "two blue spheres"]
     pixels = scorer.image_processor(images=images, return_tensors="pt")["pixel_values"]
     tokens = scorer.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
@@ -219,8 +272,9 @@ def test_image_reward_loads_the_original_blip_layout_and_standardises(tmp_path):
         vision_model: BlipVisionModel = reference.vision_model
         text_model: BlipTextModel = reference.text_encoder
         image_tokens = vision_model(pixel_values=pixels).last_hidden_state
-        text = text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                          encoder_hidden_states=image_tokens).last_hidden_state[:, 0]
+        text = text_model(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], encoder_hidden_states=image_tokens
+        ).last_hidden_state[:, 0]
         expected = (reference.mlp(text).squeeze(-1) - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD
     torch.testing.assert_close(scorer(images, prompts), expected, atol=1e-5, rtol=1e-5)
     assert scorer.model.text_encoder.config.encoder_hidden_size == 24  # encoder_width follows the ViT, as in BLIP
@@ -228,8 +282,9 @@ def test_image_reward_loads_the_original_blip_layout_and_standardises(tmp_path):
     del state["blip.visual_encoder.norm.weight"]
     torch.save(state, tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="post_layernorm.weight"):
-        ImageRewardScorer(checkpoint=str(tmp_path / "broken.pt"), med_config=med, tokenizer=tokenizer_dir,
-                          vision_config=vision)
+        ImageRewardScorer(
+            checkpoint=str(tmp_path / "broken.pt"), med_config=med, tokenizer=tokenizer_dir, vision_config=vision
+        )
 
 
 def test_checkpoints_with_arbitrary_pickled_objects_are_refused(tmp_path):

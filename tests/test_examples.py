@@ -82,8 +82,16 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         next(
             k
             for k in (
-                "sd15", "sdxl", "sd3_lora", "sd3_full", "flux_lora", "qwen_image_lora", "z_image_lora", "flux2_lora",
-                "flux2_klein_lora", "wan",
+                "sd15",
+                "sdxl",
+                "sd3_lora",
+                "sd3_full",
+                "flux_lora",
+                "qwen_image_lora",
+                "z_image_lora",
+                "flux2_lora",
+                "flux2_klein_lora",
+                "wan",
             )  # fmt: skip
             if config_path.stem.startswith(k)
         )
@@ -129,13 +137,46 @@ def test_train_help_comes_from_the_field_docs(capsys) -> None:
 def test_model_config_options_for_language_models_are_refused(local_pipeline_and_data, tmp_path: Path) -> None:
     pipe_dir, data_dir = local_pipeline_and_data
     with pytest.raises(ValueError, match="load_in_4bit"):
-        train_main(["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path),
-                    "--load_in_4bit"])
+        train_main(
+            [
+                "--model_name_or_path",
+                pipe_dir,
+                "--dataset_name",
+                data_dir,
+                "--output_dir",
+                str(tmp_path),
+                "--load_in_4bit",
+            ]
+        )
 
 
-FAST = ["--resolution", "32", "--per_device_train_batch_size", "2", "--max_steps", "2", "--learning_rate", "1e-4",
-        "--scale_lr", "false", "--warmup_steps", "0", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1",
-        "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--bf16", "false"]
+FAST = [
+    "--resolution",
+    "32",
+    "--per_device_train_batch_size",
+    "2",
+    "--max_steps",
+    "2",
+    "--learning_rate",
+    "1e-4",
+    "--scale_lr",
+    "false",
+    "--warmup_steps",
+    "0",
+    "--use_cpu",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--dataloader_num_workers",
+    "0",
+    "--bf16",
+    "false",
+]
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -148,8 +189,17 @@ def test_train_command_trains_and_saves_from_local_folders(tmp_path: Path, famil
     data_dir = _save_pairs(tmp_path / "pairs")
     out = tmp_path / "out"
     peft = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"] if use_peft else []
-    argv = ["train", "--model_name_or_path", str(pipe_dir), "--dataset_name", data_dir, "--output_dir", str(out),
-            *peft, *FAST]
+    argv = [
+        "train",
+        "--model_name_or_path",
+        str(pipe_dir),
+        "--dataset_name",
+        data_dir,
+        "--output_dir",
+        str(out),
+        *peft,
+        *FAST,
+    ]
     assert cli_main(argv) == 0
     pipe = DiffusionPipeline.from_pretrained(pipe_dir)
     if use_peft:
@@ -192,8 +242,22 @@ def test_resume_flag_is_read_as_users_write_it(value, expected) -> None:
 def test_train_command_resumes_from_the_newest_checkpoint_with_resume_true(local_pipeline_and_data, tmp_path) -> None:
     pipe_dir, data_dir = local_pipeline_and_data
     out = tmp_path / "out"
-    argv = ["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(out), "--use_peft",
-            "--lora_r", "4", *FAST, "--save_strategy", "steps", "--save_steps", "2"]
+    argv = [
+        "--model_name_or_path",
+        pipe_dir,
+        "--dataset_name",
+        data_dir,
+        "--output_dir",
+        str(out),
+        "--use_peft",
+        "--lora_r",
+        "4",
+        *FAST,
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+    ]
     with pytest.raises(ValueError, match="No complete checkpoint"):  # true reaches the trainer as True, not a path
         train_main([*argv, "--resume_from_checkpoint", "true"])
     train_main(argv)  # max_steps 2: checkpoint-2
@@ -215,8 +279,22 @@ def test_train_command_resumes_from_the_newest_checkpoint_with_resume_true(local
 def test_train_command_runs_as_a_console_script(local_pipeline_and_data, tmp_path: Path) -> None:
     pipe_dir, data_dir = local_pipeline_and_data
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "trl_diffusion_sdpo", "train", "--model_name_or_path", pipe_dir,
-               "--dataset_name", data_dir, "--output_dir", str(out), "--use_peft", "--lora_r", "4", *FAST]
+    command = [
+        sys.executable,
+        "-m",
+        "trl_diffusion_sdpo",
+        "train",
+        "--model_name_or_path",
+        pipe_dir,
+        "--dataset_name",
+        data_dir,
+        "--output_dir",
+        str(out),
+        "--use_peft",
+        "--lora_r",
+        "4",
+        *FAST,
+    ]
     env = dict(os.environ, PYTHONPATH=str(EXAMPLES.parent), OMP_NUM_THREADS="1")
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -248,7 +326,23 @@ def test_train_command_writes_the_model_card_at_every_save(local_pipeline_and_da
         written.append((self.state.global_step, (Path(self.args.output_dir) / "README.md").is_file()))
 
     monkeypatch.setattr(DiffusionSDPOTrainer, "create_model_card", record)
-    train_main(["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path / "out"),
-                "--use_peft", "--lora_r", "4", *FAST, "--save_strategy", "steps", "--save_steps", "1"])
+    train_main(
+        [
+            "--model_name_or_path",
+            pipe_dir,
+            "--dataset_name",
+            data_dir,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--use_peft",
+            "--lora_r",
+            "4",
+            *FAST,
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "1",
+        ]
+    )
     assert written == [(1, True), (2, True), (2, True)]  # after checkpoint-1, checkpoint-2, and the final save
     assert data_dir in (tmp_path / "out" / "README.md").read_text()

@@ -14,8 +14,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_parameter_space_gradient_under_mixed_precision_matches_explicit_branches(make_trainer, precision):
     trainer = make_trainer(
-        lora=True, safeguard=True, safeguard_space="parameter", safeguard_mu=0.5, proportion_empty_prompts=0.0,
-        use_cpu=False, fp16=precision == "fp16", bf16=precision == "bf16", max_steps=12, logging_steps=1,
+        lora=True,
+        safeguard=True,
+        safeguard_space="parameter",
+        safeguard_mu=0.5,
+        proportion_empty_prompts=0.0,
+        use_cpu=False,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        max_steps=12,
+        logging_steps=1,
     )
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_B" in k}
     trainer.train()  # through the scaler / autocast: the grad scaler's first steps overflow and are skipped

@@ -84,7 +84,11 @@ def _cache(pipeline, dataset, tmp_path, random_flip=True):
     args = _config(tmp_path, random_flip=random_flip)
     prepared, columns, _ = prepare_preference_dataset(dataset, args)
     return build_latent_cache(
-        prepared, columns, family_for_pipeline(pipeline), resolution=RESOLUTION, random_flip=random_flip,
+        prepared,
+        columns,
+        family_for_pipeline(pipeline),
+        resolution=RESOLUTION,
+        random_flip=random_flip,
         cache_dir=args.latent_cache_dir,
     )
 
@@ -157,8 +161,14 @@ def test_prompt_dropout_substitutes_the_cached_empty_prompt_embedding(tmp_path, 
     dataset = Dataset.from_list(_rows(4))
     family = family_for_pipeline(pipeline)
     expected_empty = family.encode_prompts(family.prompt_tokenizer()([""])).encoder_hidden_states
-    args = _config(tmp_path, proportion_empty_prompts=proportion, random_flip=False, max_steps=1,
-                   per_device_train_batch_size=4, dataloader_drop_last=False)
+    args = _config(
+        tmp_path,
+        proportion_empty_prompts=proportion,
+        random_flip=False,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        dataloader_drop_last=False,
+    )
     trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset)
     torch.testing.assert_close(trainer.stages.empty_prompt.encoder_hidden_states, expected_empty)
     calls = _capture_hidden_states(trainer)
@@ -178,8 +188,14 @@ def test_prompt_dropout_substitutes_the_cached_empty_prompt_embedding(tmp_path, 
 def test_training_flips_about_half_the_pairs_both_images_and_evaluation_never(tmp_path, cached):
     pipeline = build_tiny_sd_pipeline()
     dataset = Dataset.from_list(_rows(1) * 8)
-    args = _config(tmp_path, cache_latents=cached, random_flip=True, proportion_empty_prompts=0.0, max_steps=6,
-                   per_device_train_batch_size=8)
+    args = _config(
+        tmp_path,
+        cache_latents=cached,
+        random_flip=True,
+        proportion_empty_prompts=0.0,
+        max_steps=6,
+        per_device_train_batch_size=8,
+    )
     trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset, eval_dataset=dataset)
     moments: list[torch.Tensor] = []
     real_noise = trainer.stages.noise
@@ -218,10 +234,17 @@ def test_training_and_evaluation_losses_with_the_cache_equal_the_uncached_ones(t
     dataset = Dataset.from_list(_rows())
     losses, eval_losses = {}, {}
     for cached in (False, True):
-        args = _config(tmp_path, cache_latents=cached, random_flip=True, proportion_empty_prompts=0.5,
-                       scale_lr=False, learning_rate=1e-3)
-        trainer = DiffusionSDPOTrainer(build_tiny_sd_pipeline(), args=args, train_dataset=dataset,
-                                       eval_dataset=dataset)
+        args = _config(
+            tmp_path,
+            cache_latents=cached,
+            random_flip=True,
+            proportion_empty_prompts=0.5,
+            scale_lr=False,
+            learning_rate=1e-3,
+        )
+        trainer = DiffusionSDPOTrainer(
+            build_tiny_sd_pipeline(), args=args, train_dataset=dataset, eval_dataset=dataset
+        )
         trainer.train()
         losses[cached] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
         eval_losses[cached] = trainer.evaluate()["eval_loss"]
@@ -257,8 +280,12 @@ def test_sdxl_evaluation_loss_with_the_cache_equals_the_uncached_one(tmp_path):
     dataset = Dataset.from_list(_rows())
     eval_losses = {}
     for cached in (False, True):
-        trainer = DiffusionSDPOTrainer(build_tiny_sdxl_pipeline(), args=_config(tmp_path, cache_latents=cached),
-                                       train_dataset=dataset, eval_dataset=dataset)
+        trainer = DiffusionSDPOTrainer(
+            build_tiny_sdxl_pipeline(),
+            args=_config(tmp_path, cache_latents=cached),
+            train_dataset=dataset,
+            eval_dataset=dataset,
+        )
         eval_losses[cached] = trainer.evaluate()["eval_loss"]
     np.testing.assert_allclose(eval_losses[True], eval_losses[False], rtol=1e-4)
 
@@ -306,8 +333,15 @@ def test_random_crop_cannot_be_cached(tmp_path):
     args = _config(tmp_path)
     prepared, columns, _ = prepare_preference_dataset(Dataset.from_list(_rows()), args)
     with pytest.raises(ValueError, match="center crop"):
-        build_latent_cache(prepared, columns, family_for_pipeline(pipeline), resolution=RESOLUTION,
-                           random_flip=True, random_crop=True, cache_dir=args.latent_cache_dir)
+        build_latent_cache(
+            prepared,
+            columns,
+            family_for_pipeline(pipeline),
+            resolution=RESOLUTION,
+            random_flip=True,
+            random_crop=True,
+            cache_dir=args.latent_cache_dir,
+        )
 
 
 def test_a_streamed_dataset_cannot_be_cached(tmp_path):

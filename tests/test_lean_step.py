@@ -46,10 +46,12 @@ class _HostReadRecorder(TrainerCallback):
 
 
 @pytest.mark.parametrize(("lora", "cache_latents"), [(True, False), (False, True)])
-def test_no_host_reads_of_device_tensors_between_logging_steps(make_trainer, monkeypatch, tmp_path, lora,
-                                                               cache_latents):
-    trainer = make_trainer(lora=lora, max_steps=4, logging_steps=10, cache_latents=cache_latents,
-                           latent_cache_dir=str(tmp_path / "cache"))
+def test_no_host_reads_of_device_tensors_between_logging_steps(
+    make_trainer, monkeypatch, tmp_path, lora, cache_latents
+):
+    trainer = make_trainer(
+        lora=lora, max_steps=4, logging_steps=10, cache_latents=cache_latents, latent_cache_dir=str(tmp_path / "cache")
+    )
     recorder = _HostReadRecorder(monkeypatch)
     trainer.add_callback(recorder)
     trainer.train()

@@ -28,8 +28,10 @@ R_L = [0.35, 0.50, 0.25, 0.30]
 
 
 def errors(requires_grad: bool = False) -> DenoisingErrors:
-    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=requires_grad) for k, v in
-         dict(w=E_W, l=E_L, rw=R_W, rl=R_L).items()}
+    t = {
+        k: torch.tensor(v, dtype=torch.float64, requires_grad=requires_grad)
+        for k, v in dict(w=E_W, l=E_L, rw=R_W, rl=R_L).items()
+    }
     return DenoisingErrors(t["w"], t["l"], t["rw"], t["rl"])
 
 
@@ -116,7 +118,9 @@ def test_safeguard_scales_only_the_loser_error_gradient_of_the_loss():
     plain, guarded = errors(requires_grad=True), errors(requires_grad=True)
     diffusion_dpo_loss(plain, 10.0).loss.backward()
     scaled = DenoisingErrors(
-        guarded.policy_winner, scale_gradient(guarded.policy_loser, lam), guarded.reference_winner,
+        guarded.policy_winner,
+        scale_gradient(guarded.policy_loser, lam),
+        guarded.reference_winner,
         guarded.reference_loser,
     )
     out = diffusion_dpo_loss(scaled, 10.0)

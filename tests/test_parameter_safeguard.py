@@ -198,18 +198,24 @@ def _explicit_branch_gradients(trainer, inputs):
 
     def loss_of(pred_w, pred_l):
         branch = PreferencePredictions(
-            pred_w, pred_l, predictions.target_winner, predictions.target_loser,
-            predictions.reference_winner, predictions.reference_loser,
+            pred_w,
+            pred_l,
+            predictions.target_winner,
+            predictions.target_loser,
+            predictions.reference_winner,
+            predictions.reference_loser,
         )
         errors = DenoisingErrors(
-            denoising_error(pred_w, branch.target_winner), denoising_error(pred_l, branch.target_loser),
+            denoising_error(pred_w, branch.target_winner),
+            denoising_error(pred_l, branch.target_loser),
             denoising_error(branch.reference_winner, branch.target_winner),
             denoising_error(branch.reference_loser, branch.target_loser),
         )
         return trainer.objective(branch, errors).loss
 
-    g_w = torch.autograd.grad(loss_of(predictions.policy_winner, predictions.policy_loser.detach()), params,
-                              retain_graph=True)
+    g_w = torch.autograd.grad(
+        loss_of(predictions.policy_winner, predictions.policy_loser.detach()), params, retain_graph=True
+    )
     h_l = torch.autograd.grad(loss_of(predictions.policy_winner.detach(), predictions.policy_loser), params)
     return params, list(g_w), list(h_l)
 
@@ -218,7 +224,11 @@ def _explicit_branch_gradients(trainer, inputs):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autograd(make_trainer, lora, checkpointing):
     trainer = make_trainer(
-        lora=lora, safeguard=True, safeguard_space="parameter", safeguard_mu=0.5, proportion_empty_prompts=0.0,
+        lora=lora,
+        safeguard=True,
+        safeguard_space="parameter",
+        safeguard_mu=0.5,
+        proportion_empty_prompts=0.0,
         gradient_checkpointing=checkpointing,
     )
     model = trainer.model
@@ -299,8 +309,9 @@ def test_bf16_autocast_runs_and_keeps_float32_gradients(make_trainer):
 )
 @pytest.mark.parametrize("space", ["output", "parameter"])
 def test_every_pairwise_objective_trains_under_both_safeguard_spaces(make_trainer, loss_type, overrides, space):
-    trainer = make_trainer(lora=True, loss_type=loss_type, safeguard=True, safeguard_space=space, max_steps=2,
-                           **overrides)
+    trainer = make_trainer(
+        lora=True, loss_type=loss_type, safeguard=True, safeguard_space=space, max_steps=2, **overrides
+    )
     before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_A" in k}
     trainer.train()
     logged = trainer.state.log_history[-2]

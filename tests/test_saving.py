@@ -296,8 +296,14 @@ def test_model_card_follows_trl_and_diffusers_conventions(make_trainer, tmp_path
 
 def test_model_card_shows_the_validation_grid_and_a_hub_widget():
     card = hub.build_model_card(
-        base_model="org/base", is_lora=True, method="Diffusion-SDPO", hyperparameters={}, tags=[],
-        model_family="stable-diffusion", model_name="m", sample_grid="validation/step-000020.png",
+        base_model="org/base",
+        is_lora=True,
+        method="Diffusion-SDPO",
+        hyperparameters={},
+        tags=[],
+        model_family="stable-diffusion",
+        model_name="m",
+        sample_grid="validation/step-000020.png",
         sample_prompt="a red square",
     )
     meta = card_metadata(str(card))

@@ -289,8 +289,9 @@ def test_prompt_dropout_empties_the_prompt_for_both_text_encoders(make_sdxl, mak
 
 @pytest.mark.parametrize("prediction_type", SUPPORTED_PREDICTION_TYPES)
 def test_prediction_target_matches_the_scheduler_formula(prediction_type: str) -> None:
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type=prediction_type)
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(3, 4, 4, 4, generator=generator)
     noise = torch.randn(3, 4, 4, 4, generator=generator)
@@ -435,8 +436,12 @@ def unet_outputs(unet: torch.nn.Module, pipe: StableDiffusionXLPipeline) -> torc
     sample = torch.randn(1, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
     time_ids = torch.tensor([CENTER_TIME_IDS[(48, 40)]], dtype=torch.float32)
     with torch.no_grad():
-        return unet(sample, torch.tensor([500]), encoder_hidden_states=embeds,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        return unet(
+            sample,
+            torch.tensor([500]),
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
 
 
 def test_lora_from_a_local_folder_round_trips_through_load_lora_weights(
@@ -446,7 +451,9 @@ def test_lora_from_a_local_folder_round_trips_through_load_lora_weights(
     make_sdxl().save_pretrained(local)
     out = tmp_path / "lora-out"
     trainer = DiffusionSDPOTrainer(
-        str(local), args=make_config(output_dir=str(out), max_steps=2), train_dataset=sdxl_pairs,
+        str(local),
+        args=make_config(output_dir=str(out), max_steps=2),
+        train_dataset=sdxl_pairs,
         peft_config=lora_config(),
     )
     assert isinstance(trainer.pipeline, StableDiffusionXLPipeline)
@@ -527,12 +534,38 @@ def test_sdxl_example_trains_full_unet_with_adafactor_and_checkpointing_from_loc
     sdxl_pairs.save_to_disk(str(data))
     trainer = train_sdxl.main(
         [
-            "--config", str(EXAMPLES / "configs" / "sdxl_full.yaml"),
-            "--model_name_or_path", str(local), "--dataset_name", str(data), "--dataset_streaming", "false",
-            "--output_dir", str(out), "--resolution", str(RES), "--per_device_train_batch_size", "2",
-            "--gradient_accumulation_steps", "1", "--max_steps", "1", "--learning_rate", "1e-4", "--no_scale_lr",
-            "--warmup_steps", "0", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1",
-            "--dataloader_num_workers", "0", "--report_to", "none",
+            "--config",
+            str(EXAMPLES / "configs" / "sdxl_full.yaml"),
+            "--model_name_or_path",
+            str(local),
+            "--dataset_name",
+            str(data),
+            "--dataset_streaming",
+            "false",
+            "--output_dir",
+            str(out),
+            "--resolution",
+            str(RES),
+            "--per_device_train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "1",
+            "--max_steps",
+            "1",
+            "--learning_rate",
+            "1e-4",
+            "--no_scale_lr",
+            "--warmup_steps",
+            "0",
+            "--use_cpu",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+            "--dataloader_num_workers",
+            "0",
+            "--report_to",
+            "none",
         ]
     )
     assert trainer.state.global_step == 1

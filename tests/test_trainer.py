@@ -468,8 +468,13 @@ def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(
         trainer = DiffusionSDPOTrainer(
             make_pipeline(seed=0),
             args=make_config(
-                output_dir=str(output_dir), max_steps=4, save_strategy="steps", save_steps=2, random_flip=True,
-                proportion_empty_prompts=0.5, learning_rate=1e-3 if lora else 1e-4,
+                output_dir=str(output_dir),
+                max_steps=4,
+                save_strategy="steps",
+                save_steps=2,
+                random_flip=True,
+                proportion_empty_prompts=0.5,
+                learning_rate=1e-3 if lora else 1e-4,
             ),
             train_dataset=pickapic_dataset,
             peft_config=lora_config() if lora else None,
@@ -511,8 +516,15 @@ def test_resume_from_a_folder_without_weights_raises(make_trainer, tmp_path):
 
 def test_evaluation_during_training_logs_eval_metrics_and_tracks_the_best_model(make_trainer, pickapic_dataset):
     trainer = make_trainer(
-        lora=True, max_steps=4, eval_dataset=pickapic_dataset, eval_strategy="steps", eval_steps=2,
-        save_strategy="steps", save_steps=2, load_best_model_at_end=True, metric_for_best_model="implicit_acc",
+        lora=True,
+        max_steps=4,
+        eval_dataset=pickapic_dataset,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="implicit_acc",
     )
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]

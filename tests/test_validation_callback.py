@@ -34,8 +34,16 @@ def test_training_with_validation_is_identical_to_training_without(make_trainer,
     plain = make_trainer(max_steps=3)
     plain.train()
     validated = make_trainer(max_steps=3, output_dir=str(tmp_path / "validated"))
-    callback = ValidationCallback(PROMPTS, seeds=[0, 1], num_inference_steps=2, every_n_steps=2,
-                                  pipeline=validated.pipeline, scorers=[RednessScorer()], height=32, width=32)
+    callback = ValidationCallback(
+        PROMPTS,
+        seeds=[0, 1],
+        num_inference_steps=2,
+        every_n_steps=2,
+        pipeline=validated.pipeline,
+        scorers=[RednessScorer()],
+        height=32,
+        width=32,
+    )
     validated.add_callback(callback)
     validated.train()
     assert [h["step"] for h in callback.history] == [0, 2]
@@ -69,8 +77,9 @@ def test_generate_restores_mode_and_rng_and_keeps_the_training_scheduler(make_pi
 
 
 def test_a_resumed_run_does_not_validate_step_zero_again(make_pipeline, tmp_path):
-    callback = ValidationCallback(PROMPTS, num_inference_steps=1, every_n_steps=10, pipeline=make_pipeline(),
-                                  height=32, width=32)
+    callback = ValidationCallback(
+        PROMPTS, num_inference_steps=1, every_n_steps=10, pipeline=make_pipeline(), height=32, width=32
+    )
     args = SimpleNamespace(output_dir=str(tmp_path), report_to=[])
     state = TrainerState(global_step=5)
     callback.on_train_begin(args, state, None)
@@ -101,10 +110,18 @@ def test_images_and_rewards_go_to_the_trainers_tensorboard_writer_and_unknown_tr
     make_pipeline, tmp_path
 ):
     writer = RecordingWriter()
-    trainer = SimpleNamespace(pipeline=make_pipeline(),
-                              callback_handler=SimpleNamespace(callbacks=[SimpleNamespace(tb_writer=writer)]))
-    callback = ValidationCallback(PROMPTS, num_inference_steps=1, every_n_steps=3, trainer=trainer,
-                                  scorers=[RednessScorer()], height=32, width=32)
+    trainer = SimpleNamespace(
+        pipeline=make_pipeline(), callback_handler=SimpleNamespace(callbacks=[SimpleNamespace(tb_writer=writer)])
+    )
+    callback = ValidationCallback(
+        PROMPTS,
+        num_inference_steps=1,
+        every_n_steps=3,
+        trainer=trainer,
+        scorers=[RednessScorer()],
+        height=32,
+        width=32,
+    )
     args = SimpleNamespace(output_dir=str(tmp_path), report_to=["tensorboard", "comet_ml", "wandb"])
     state = TrainerState(global_step=3)
     callback.on_step_end(args, state, None)
@@ -121,8 +138,9 @@ def test_images_and_rewards_go_to_the_trainers_tensorboard_writer_and_unknown_tr
 def test_auto_autocast_samples_a_pipeline_that_mixes_bf16_and_float32(make_pipeline):
     pipe = make_pipeline()
     pipe.text_encoder.to(torch.bfloat16)  # a frozen module in the compute dtype, the UNet in float32
-    plain = ValidationCallback(PROMPTS[:1], num_inference_steps=1, pipeline=pipe, height=32, width=32,
-                               autocast_dtype=None)
+    plain = ValidationCallback(
+        PROMPTS[:1], num_inference_steps=1, pipeline=pipe, height=32, width=32, autocast_dtype=None
+    )
     with pytest.raises(RuntimeError):
         plain.generate()
     auto = ValidationCallback(PROMPTS[:1], num_inference_steps=1, pipeline=pipe, height=32, width=32)
@@ -132,8 +150,14 @@ def test_auto_autocast_samples_a_pipeline_that_mixes_bf16_and_float32(make_pipel
 
 
 def test_config_fields_wire_the_callback_and_save_a_grid_at_step_zero_and_every_n(make_trainer, tmp_path):
-    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"), validation_prompts=PROMPTS,
-                           validation_seeds=[0], validation_steps=2, validation_num_inference_steps=2)
+    trainer = make_trainer(
+        max_steps=2,
+        output_dir=str(tmp_path / "run"),
+        validation_prompts=PROMPTS,
+        validation_seeds=[0],
+        validation_steps=2,
+        validation_num_inference_steps=2,
+    )
     callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
     assert len(callbacks) == 1 and callbacks[0].prompts == PROMPTS
     trainer.train()
@@ -148,8 +172,13 @@ def test_validation_is_off_by_default_and_empty_prompt_lists_are_refused(make_tr
 
 
 def test_the_model_card_shows_the_last_validation_grid(make_trainer, tmp_path):
-    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"), validation_prompts=PROMPTS,
-                           validation_steps=2, validation_num_inference_steps=2)
+    trainer = make_trainer(
+        max_steps=2,
+        output_dir=str(tmp_path / "run"),
+        validation_prompts=PROMPTS,
+        validation_steps=2,
+        validation_num_inference_steps=2,
+    )
     trainer.train()
     trainer.create_model_card()
     card = (tmp_path / "run" / "README.md").read_text()

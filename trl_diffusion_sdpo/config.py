@@ -337,8 +337,10 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     preemption_signals: list[str] = field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1"],
-        metadata={"help": "Signals that stop training after the current step with a checkpoint and exit status 75 "
-                  "(docs/reliability.md); [] or 'none': off."},
+        metadata={
+            "help": "Signals that stop training after the current step with a checkpoint and exit status 75 "
+            "(docs/reliability.md); [] or 'none': off."
+        },
     )
     # Evaluation
     eval_seed: int = field(default=0, metadata={"help": "Seed of the fixed evaluation noise and timesteps."})
