@@ -63,9 +63,12 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def write_annotation(folder: str, rows: int, seed: int = 0, placeholder_rows: int = 0) -> dict[str, int]:
-    """Write ``folder/train.json`` with ``rows`` records (see the module docstring), and tiny JPEGs for the images
-    of its first ``placeholder_rows`` records. Returns what was written (records, prompts, images, bytes)."""
+def write_annotation(
+    folder: str, rows: int, seed: int = 0, placeholder_rows: int = 0, layout: str = "json"
+) -> dict[str, int]:
+    """Write ``folder/train.json`` with ``rows`` records (see the module docstring; ``layout="jsonl"``: the same
+    records as ``train.jsonl``, one object a line), and tiny JPEGs for the images of its first ``placeholder_rows``
+    records. Returns what was written (records, prompts, images, bytes)."""
     rng = random.Random(seed)
     prompts = max(1, round(rows / COMPARISONS_PER_PROMPT))
     # Comparisons of each prompt: rows spread as evenly as possible over the prompts (at most 6 = C(4, 2) each).
@@ -81,9 +84,10 @@ def write_annotation(folder: str, rows: int, seed: int = 0, placeholder_rows: in
     texts = [" ".join(rng.choices(WORDS, k=rng.randint(8, 60))) + f" #{p}" for p in range(prompts)]
     images = [f"images/{_uuid(rng)}.jpg" for _ in range(prompts * IMAGES_PER_PROMPT)]
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "train.json")
+    path = os.path.join(folder, "train." + layout)
+    array = layout == "json"
     with open(path, "w", encoding="utf-8") as f:
-        f.write("[\n")
+        f.write("[\n" if array else "")
         for n, (p, a, b) in enumerate(records):
             model1, model2 = rng.choice(MODELS), rng.choice(MODELS)
             voted = rng.random() >= 0.2
@@ -97,8 +101,8 @@ def write_annotation(folder: str, rows: int, seed: int = 0, placeholder_rows: in
                 "model1": model1,
                 "model2": model2,
             }
-            f.write(json.dumps(record) + (",\n" if n + 1 < len(records) else "\n"))
-        f.write("]\n")
+            f.write(json.dumps(record) + (",\n" if array and n + 1 < len(records) else "\n"))
+        f.write("]\n" if array else "")
     jpeg = _tiny_jpeg()
     placed = {images[i] for _, a, b in records[:placeholder_rows] for i in (a, b)}
     for relative in placed:
@@ -199,7 +203,23 @@ def _validate(dataset, rows: int, resolution: int, batch_size: int, folder: str)
     start = time.perf_counter()
     batch = collator([prepared[i] for i in range(batch_size)])
     batch_wall = time.perf_counter() - start
+    # The placeholders are 16 px; HPDv3's images are about 1024 px JPEGs: one such image (noise, so it compresses as
+    # badly as a photo) checked as validation checks every image (opened, decoded at 1/8 scale).
+    import numpy as np
+    from PIL import Image
+
+    from trl_diffusion_sdpo.data.validation import _check_image
+
+    large = os.path.join(folder, "large.jpg")
+    pixels = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(large, quality=90)
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        assert _check_image(large) == ""
+        times.append(time.perf_counter() - start)
     return {
+        "check_1024px_jpeg_ms_median": round(1000 * sorted(times)[len(times) // 2], 3),
         "validated_rows": len(subset),
         "validated_kept": report.num_kept,
         "validate_wall_s": round(validate_wall, 3),
@@ -241,8 +261,15 @@ def measure(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     folder, cache = os.path.join(work, "HPDv3"), os.path.join(work, "hf-cache")
     try:
         start = time.perf_counter()
-        written = write_annotation(folder, rows, seed=args.seed, placeholder_rows=args.validate_rows)
-        entry: dict[str, Any] = {"rows": rows, "written": written, "write_s": round(time.perf_counter() - start, 2)}
+        written = write_annotation(folder, rows, args.seed, args.validate_rows, args.layout)
+        entry: dict[str, Any] = {
+            "rows": rows,
+            "layout": args.layout,
+            "written": written,
+            "write_s": round(time.perf_counter() - start, 2),
+        }
+        if args.keep:
+            entry["folder"] = folder
         stages = ["load_cold", "load_warm"] + (["validate"] if args.validate_rows > 0 else [])
         for stage in stages:
             entry[stage] = _run_child(stage, folder, cache, args)
@@ -285,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--validate-rows", type=int, default=2000, help="rows validated (placeholders written)")
     parser.add_argument("--resolution", type=int, default=512, help="the first batch's resolution")
     parser.add_argument("--batch-size", type=int, default=4, help="the first batch's pairs")
+    parser.add_argument(
+        "--layout", choices=("json", "jsonl"), default="json", help="json: one array, as published; jsonl: a line each"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="where the synthetic data is written (default: the system's temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic data (its folder is reported)")
