@@ -25,7 +25,8 @@ the child; the RSS after imports is given too, so the reading itself is ``peak -
 * ``validate``: ``prepare_preference_dataset`` (what the trainer runs before training: every row's two images
   opened and decoded at 1/8 scale) on the first ``--validate-rows`` rows, for which tiny placeholder JPEGs are
   written (no image is written for the other rows: the reader never opens one, only validation does), and the
-  collated first batch (``PreferenceCollator`` with the trainer's pair transform at ``--resolution``).
+  collated first batch (``PreferenceCollator`` with the trainer's pair transform at ``--resolution``), and the check
+  of one 1024 px JPEG (median of 20), the size of HPDv3's images, for which the 16 px placeholders stand in.
 
 The reader checks that a file exists for the first image only (to find the image folder); every row's files are
 opened by validation, whose per-row cost is measured on the rows with placeholders.
