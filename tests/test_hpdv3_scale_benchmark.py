@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hpdv3_scale.py"
 
 
@@ -38,3 +40,23 @@ def test_hpdv3_scale_reports_the_pairs_prompts_and_images_of_the_annotation_it_w
         assert figures["first_chosen"] == os.path.join(size["folder"], records[0]["path1"])
         assert figures["wall_s"] > 0 and figures["cpu_s"] >= 0 and figures["peak_rss_mb"] > 0
     assert size["cache_bytes"] > 0  # the cold read wrote Arrow files into the stage's own cache
+
+
+@pytest.mark.slow
+def test_hpdv3_scale_in_child_processes_validates_the_rows_with_placeholders_and_collates_a_batch(tmp_path):
+    """The script as run for the result files: each stage a child process, validation on the placeholder rows."""
+    output = tmp_path / "result.json"
+    args = ["--rows", "120", "--validate-rows", "30", "--resolution", "64", "--batch-size", "3"]
+    _script().main([*args, "--workdir", str(tmp_path), "--keep", "--output", str(output)])
+    (size,) = json.loads(output.read_text())["sizes"]
+    records = json.loads((Path(size["folder"]) / "train.json").read_text())
+    validate = size["validate"]
+    assert validate["validated_rows"] == validate["validated_kept"] == 30
+    assert validate["first_batch_pixel_shape"] == [3, 2, 3, 64, 64]
+    assert validate["pairs"] == size["load_cold"]["pairs"] == 120
+    # Placeholders for the distinct images of the first 30 records, and for no other.
+    placed = {r[k] for r in records[:30] for k in ("path1", "path2")}
+    assert size["written"]["placeholder_images"] == len(placed)
+    on_disk = {str(p.relative_to(size["folder"])) for p in (Path(size["folder"]) / "images").iterdir()}
+    assert on_disk == placed
+    assert validate["check_1024px_jpeg_ms_median"] > 0
