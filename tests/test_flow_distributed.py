@@ -305,7 +305,9 @@ def test_parameter_space_safeguard_on_two_processes_like_one(flow_root, single, 
     assert report["distributed_type"].endswith("FSDP" if "fsdp2" in name else "DEEPSPEED" if stage else "MULTI_CPU")
     assert single["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert any(lam < 1.0 for lam in single["lambdas"])  # the safeguard engaged: a per-process lambda would differ
-    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    # Summation order moves lambda by at most 1.5e-6 relative; with FSDP2's sum over shards left out (each process's
+    # lambda from its own shards' sums) the logged mean was 9.7e-4 off (Qwen-Image LoRA), so 1e-3 would not do.
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-4)
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
     assert report["original_vs_trained_max_abs_diff"] == pytest.approx(
         single["original_vs_trained_max_abs_diff"], rel=1e-2
