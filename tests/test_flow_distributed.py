@@ -151,18 +151,23 @@ def flow_run(root: Path, kind: str, config: str | None, lora: bool) -> dict:
     extra = (*FLOW_ARGS, *FAMILIES[kind].extra)
     spec = Run(kind, config, lora, extra)
     if spec.key(assets) not in _REPORTS:
-        launch = (str(root), kind, spec.group)
-        if launch in _FAILED:  # the family's other cases fail at once instead of launching again
-            pytest.fail(_FAILED[launch])
         group = [(c if config is not None else None, lo) for k, c, _, lo in CASES if k == kind]
         group = sorted(dict.fromkeys(group), key=lambda case: _order(case[0]))  # in CASES order, ZeRO-3 last
         jobs = [(assets, _name(c, lo), Run(kind, c, lo, extra)) for c, lo in group]
-        try:
-            _launch([job for job in jobs if job[2].key(assets) not in _REPORTS])
-        except AssertionError as error:
-            _FAILED[launch] = str(error)
-            raise
+        _launch_group((str(root), kind, spec.group), jobs)
     return _REPORTS[spec.key(assets)]
+
+
+def _launch_group(launch: tuple, jobs: list[tuple[dict, str, Run]]) -> None:
+    """Launch ``jobs`` not yet reported, in one set of processes; once ``launch`` has failed, its other cases fail at
+    once instead of launching again."""
+    if launch in _FAILED:
+        pytest.fail(_FAILED[launch])
+    try:
+        _launch([job for job in jobs if job[2].key(job[0]) not in _REPORTS])
+    except AssertionError as error:
+        _FAILED[launch] = str(error)
+        raise
 
 
 @pytest.mark.slow
@@ -261,19 +266,9 @@ def extra_run(root: Path, name: str) -> dict:
     assets, spec = _extra_spec(root, name)
     if spec.key(assets) not in _REPORTS:
         group = (str(root), EXTRA_RUNS[name][0], spec.group)
-        if group in _FAILED:
-            pytest.fail(_FAILED[group])
-        jobs = []
-        for other in EXTRA_RUNS:
-            other_assets, other_spec = _extra_spec(root, other)
-            if (str(root), EXTRA_RUNS[other][0], other_spec.group) == group:
-                if other_spec.key(other_assets) not in _REPORTS:
-                    jobs.append((other_assets, other, other_spec))
-        try:
-            _launch(jobs)
-        except AssertionError as error:
-            _FAILED[group] = str(error)
-            raise
+        jobs = [(*_extra_spec(root, other), other) for other in EXTRA_RUNS]
+        jobs = [(a, other, s) for a, s, other in jobs if (str(root), EXTRA_RUNS[other][0], s.group) == group]
+        _launch_group(group, jobs)
     return _REPORTS[spec.key(assets)]
 
 
