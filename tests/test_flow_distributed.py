@@ -250,6 +250,12 @@ EXTRA_RUNS: dict[str, tuple[str, str, str | None, bool, tuple[str, ...]]] = {
         "resume", "qwen-image", "deepspeed_zero2.yaml", True,
         ("--resume_from_checkpoint", "{root}/zero2-straight-lora/model/checkpoint-2"),
     ),
+    # Qwen-Image's last block discards its text stream: its to_add_out adapters never get a gradient, nor AdamW state
+    "fsdp2-straight-lora": ("resume", "qwen-image", FSDP2, True, SAVE_AT_STEP_2),
+    "fsdp2-resumed-lora": (
+        "resume", "qwen-image", FSDP2, True,
+        ("--resume_from_checkpoint", "{root}/fsdp2-straight-lora/model/checkpoint-2"),
+    ),
     "fsdp2-straight-full": ("resume", "z-image", FSDP2, False, SAVE_AT_STEP_2),
     "fsdp2-resumed-full": (
         "resume", "z-image", FSDP2, False,
@@ -320,9 +326,10 @@ def test_parameter_space_safeguard_on_two_processes_like_one(flow_root, single, 
     "straight,resumed,lora,engine_state",
     [
         ("zero2-straight-lora", "zero2-resumed-lora", True, "global_step"),  # DeepSpeed's own state
-        ("fsdp2-straight-full", "fsdp2-resumed-full", False, "optimizer"),  # accelerate's FSDP optimizer state
+        ("fsdp2-straight-lora", "fsdp2-resumed-lora", True, "optimizer"),  # accelerate's FSDP optimizer state
+        ("fsdp2-straight-full", "fsdp2-resumed-full", False, "optimizer"),
     ],
-    ids=["qwen-image-zero2-lora", "z-image-fsdp2-full"],
+    ids=["qwen-image-zero2-lora", "qwen-image-fsdp2-lora", "z-image-fsdp2-full"],
 )
 def test_flow_checkpoint_resumes_under_the_same_engine_to_the_uninterrupted_run(
     flow_root, straight, resumed, lora, engine_state
