@@ -339,22 +339,33 @@ def test_two_processes_train_like_one(runs, config, stage, lora):
             assert report["reference_is_engine"] is False
 
 
-def _weights(model_dir: Path, lora: bool) -> dict[str, torch.Tensor]:
+def _weights(model_dir: Path, lora: bool, denoiser: str = "unet") -> dict[str, torch.Tensor]:
+    """The saved LoRA, or the saved denoiser's weights (``denoiser``: its subfolder, "transformer" for flow models)."""
     if lora:
         return load_file(model_dir / "pytorch_lora_weights.safetensors")
     weights: dict[str, torch.Tensor] = {}
-    for f in sorted((model_dir / "unet").glob("*.safetensors")):
+    for f in sorted((model_dir / denoiser).glob("*.safetensors")):
         weights.update(load_file(f))
     return weights
 
 
-def _assert_resumed_like_straight(straight: dict, resumed: dict, checkpoint: Path, lora: bool) -> None:
-    assert (checkpoint / ("pytorch_lora_weights.safetensors" if lora else "unet")).exists()
-    assert any(p.name.startswith("global_step") for p in checkpoint.iterdir())  # DeepSpeed's own state
+def _assert_resumed_like_straight(
+    straight: dict,
+    resumed: dict,
+    checkpoint: Path,
+    lora: bool,
+    denoiser: str = "unet",
+    engine_state: str = "global_step",
+) -> None:
+    """The checkpoint holds the weights and the engine's own state (``engine_state``: the name it starts with,
+    DeepSpeed's ``global_step*`` folder or accelerate's FSDP ``optimizer*``); the resumed run ends where the
+    uninterrupted one did."""
+    assert (checkpoint / ("pytorch_lora_weights.safetensors" if lora else denoiser)).exists()
+    assert any(p.name.startswith(engine_state) for p in checkpoint.iterdir())
     assert resumed["global_step"] == STEPS
     assert resumed["losses"][-1] == pytest.approx(straight["losses"][-1], rel=1e-5)
-    a = _weights(Path(straight["model_dir"]), lora)
-    b = _weights(Path(resumed["model_dir"]), lora)
+    a = _weights(Path(straight["model_dir"]), lora, denoiser)
+    b = _weights(Path(resumed["model_dir"]), lora, denoiser)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)

@@ -7,7 +7,9 @@ transformers are widened (head dim 96; Z-Image's width 224) so that their feed-f
 persistence threshold (1e5 elements) and really are partitioned. A family's trainings share processes (the worker's
 ``--jobs``): one plain process trains its one-process references, one two-process launch its engines in turn
 (ZeRO-3 last). A family's two launches still take 35 to 60 s on two shared cores, so every case here is a slow test
-(``-m slow``; benchmarks/results/flow-distributed-cpu.json).
+(``-m slow``; benchmarks/results/flow-distributed-cpu.json). Beyond the engines: the parameter-space safeguard on
+Qwen-Image, Wan and FLUX.2 [klein] (and FLUX.1) and resume under ZeRO-2 and FSDP2 (:data:`EXTRA_RUNS`;
+benchmarks/results/flow-distributed-safeguard-resume-cpu.json).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import pickapic_rows
 from datasets import Dataset
-from test_distributed import _REPORTS, STEPS, Run, _launch, run
+from test_distributed import _REPORTS, STEPS, Run, _assert_resumed_like_straight, _launch, run
 from test_wan import FRAMES, video_rows
 
 from trl_diffusion_sdpo.tiny_models import (
@@ -117,7 +119,7 @@ def flow_root(tmp_path_factory) -> Path:
 
 
 _ASSETS: dict[tuple[str, str], dict] = {}
-_FAILED: dict[tuple, str] = {}  # (root, family, one or two processes) -> why its launch failed
+_FAILED: dict[tuple, str] = {}  # (root, family or EXTRA_RUNS group, one or two processes) -> why its launch failed
 
 
 def family_assets(root: Path, kind: str) -> dict:
@@ -151,18 +153,23 @@ def flow_run(root: Path, kind: str, config: str | None, lora: bool) -> dict:
     extra = (*FLOW_ARGS, *FAMILIES[kind].extra)
     spec = Run(kind, config, lora, extra)
     if spec.key(assets) not in _REPORTS:
-        launch = (str(root), kind, spec.group)
-        if launch in _FAILED:  # the family's other cases fail at once instead of launching again
-            pytest.fail(_FAILED[launch])
         group = [(c if config is not None else None, lo) for k, c, _, lo in CASES if k == kind]
         group = sorted(dict.fromkeys(group), key=lambda case: _order(case[0]))  # in CASES order, ZeRO-3 last
         jobs = [(assets, _name(c, lo), Run(kind, c, lo, extra)) for c, lo in group]
-        try:
-            _launch([job for job in jobs if job[2].key(assets) not in _REPORTS])
-        except AssertionError as error:
-            _FAILED[launch] = str(error)
-            raise
+        _launch_group((str(root), kind, spec.group), jobs)
     return _REPORTS[spec.key(assets)]
+
+
+def _launch_group(launch: tuple, jobs: list[tuple[dict, str, Run]]) -> None:
+    """Launch ``jobs`` not yet reported, in one set of processes; once ``launch`` has failed, its other cases fail at
+    once instead of launching again."""
+    if launch in _FAILED:
+        pytest.fail(_FAILED[launch])
+    try:
+        _launch([job for job in jobs if job[2].key(job[0]) not in _REPORTS])
+    except AssertionError as error:
+        _FAILED[launch] = str(error)
+        raise
 
 
 @pytest.mark.slow
@@ -220,3 +227,118 @@ def test_parameter_space_safeguard_under_ddp_on_a_flux_transformer(flow_root) ->
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
     assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
     assert report["process_weight_spread"] < 1e-6
+
+
+# --------------------------------------------------------------- the parameter-space safeguard and resume, per family
+# Trainings beyond CASES, by name: (launch group, family, accelerate config or None, LoRA, script arguments beyond the
+# family's; a name is a folder under the family's runs). The first request of a group (its tag, then one or two
+# processes) trains all of it in one set of processes, in this order: the resumed runs after the runs whose
+# checkpoints they read.
+PARAMETER = ("--safeguard_space", "parameter")  # with the global scope (test_distributed's script arguments)
+SAVE_AT_STEP_2 = ("--save_strategy", "steps", "--save_steps", "2")  # on the way to step 3: the run is unchanged
+EXTRA_RUNS: dict[str, tuple[str, str, str | None, bool, tuple[str, ...]]] = {
+    "single-parameter-lora": ("parameter", "qwen-image", None, True, PARAMETER),
+    "single-parameter-lora-wan": ("parameter", "wan", None, True, PARAMETER),
+    "single-parameter-full": ("parameter", "flux2-klein", None, False, PARAMETER),
+    "ddp-parameter-lora": ("parameter", "qwen-image", "multi_gpu.yaml", True, PARAMETER),
+    "ddp-parameter-lora-wan": ("parameter", "wan", "multi_gpu.yaml", True, PARAMETER),
+    "ddp-parameter-full": ("parameter", "flux2-klein", "multi_gpu.yaml", False, PARAMETER),
+    "fsdp2-parameter-lora": ("parameter", "qwen-image", FSDP2, True, PARAMETER),
+    "zero2-parameter-full": ("parameter", "flux2-klein", "deepspeed_zero2.yaml", False, PARAMETER),
+    "zero2-straight-lora": ("resume", "qwen-image", "deepspeed_zero2.yaml", True, SAVE_AT_STEP_2),
+    "zero2-resumed-lora": (
+        "resume", "qwen-image", "deepspeed_zero2.yaml", True,
+        ("--resume_from_checkpoint", "{root}/zero2-straight-lora/model/checkpoint-2"),
+    ),
+    # Qwen-Image's last block discards its text stream: its to_add_out adapters never get a gradient, nor AdamW state
+    "fsdp2-straight-lora": ("resume", "qwen-image", FSDP2, True, SAVE_AT_STEP_2),
+    "fsdp2-resumed-lora": (
+        "resume", "qwen-image", FSDP2, True,
+        ("--resume_from_checkpoint", "{root}/fsdp2-straight-lora/model/checkpoint-2"),
+    ),
+    "fsdp2-straight-full": ("resume", "z-image", FSDP2, False, SAVE_AT_STEP_2),
+    "fsdp2-resumed-full": (
+        "resume", "z-image", FSDP2, False,
+        ("--resume_from_checkpoint", "{root}/fsdp2-straight-full/model/checkpoint-2"),
+    ),
+}  # fmt: skip
+
+
+def _extra_spec(root: Path, name: str) -> tuple[dict, Run]:
+    _, kind, config, lora, extra = EXTRA_RUNS[name]
+    return family_assets(root, kind), Run(kind, config, lora, (*FLOW_ARGS, *FAMILIES[kind].extra, *extra))
+
+
+def extra_run(root: Path, name: str) -> dict:
+    """The report of :data:`EXTRA_RUNS`' ``name``; its first request launches its group."""
+    assets, spec = _extra_spec(root, name)
+    if spec.key(assets) not in _REPORTS:
+        group = (str(root), EXTRA_RUNS[name][0], spec.group)
+        jobs = [(*_extra_spec(root, other), other) for other in EXTRA_RUNS]
+        jobs = [(a, other, s) for a, s, other in jobs if (str(root), EXTRA_RUNS[other][0], s.group) == group]
+        _launch_group(group, jobs)
+    return _REPORTS[spec.key(assets)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "single,name,stage",
+    [
+        ("single-parameter-lora", "ddp-parameter-lora", None),
+        ("single-parameter-lora-wan", "ddp-parameter-lora-wan", None),
+        ("single-parameter-full", "ddp-parameter-full", None),
+        ("single-parameter-lora", "fsdp2-parameter-lora", None),
+        ("single-parameter-full", "zero2-parameter-full", 2),
+    ],
+    ids=[
+        "qwen-image-ddp-lora",
+        "wan-ddp-lora",
+        "flux2-klein-ddp-full",
+        "qwen-image-fsdp2-lora",
+        "flux2-klein-zero2-full",
+    ],
+)
+def test_parameter_space_safeguard_on_two_processes_like_one(flow_root, single, name, stage) -> None:
+    """The exact rule with the global scope: lambda from the winner and loser gradients summed over processes (DDP:
+    the averaged g_w against each process's h_l, all-reduced; FSDP2: inner products of the reduce-scattered shards,
+    summed; ZeRO-2: the engine's reduced winner and the loser beside it) is one process's lambda of the global batch,
+    and the combined step follows the same losses."""
+    single, report = extra_run(flow_root, single), extra_run(flow_root, name)
+    assert report["num_processes"] == 2 and report["zero_stage"] == stage and report["global_step"] == STEPS
+    assert report["distributed_type"].endswith("FSDP" if "fsdp2" in name else "DEEPSPEED" if stage else "MULTI_CPU")
+    assert single["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert any(lam < 1.0 for lam in single["lambdas"])  # the safeguard engaged: a per-process lambda would differ
+    # Summation order moves lambda by at most 1.5e-6 relative; with FSDP2's sum over shards left out (each process's
+    # lambda from its own shards' sums) the logged mean was 9.7e-4 off (Qwen-Image LoRA), so 1e-3 would not do.
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-4)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["original_vs_trained_max_abs_diff"] == pytest.approx(
+        single["original_vs_trained_max_abs_diff"], rel=1e-2
+    )
+    assert report["reference_max_abs_change"] == 0.0
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+    if "fsdp2" not in name:
+        assert report["process_weight_spread"] < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "straight,resumed,lora,engine_state",
+    [
+        ("zero2-straight-lora", "zero2-resumed-lora", True, "global_step"),  # DeepSpeed's own state
+        ("fsdp2-straight-lora", "fsdp2-resumed-lora", True, "optimizer"),  # accelerate's FSDP optimizer state
+        ("fsdp2-straight-full", "fsdp2-resumed-full", False, "optimizer"),
+    ],
+    ids=["qwen-image-zero2-lora", "qwen-image-fsdp2-lora", "z-image-fsdp2-full"],
+)
+def test_flow_checkpoint_resumes_under_the_same_engine_to_the_uninterrupted_run(
+    flow_root, straight, resumed, lora, engine_state
+) -> None:
+    """The uninterrupted run saves checkpoint-2 on its way to step 3; a second run resumes from it (weights, the
+    engine's optimizer state, the step) and saves what the uninterrupted run saved."""
+    straight_report, resumed_report = extra_run(flow_root, straight), extra_run(flow_root, resumed)
+    checkpoint = Path(straight_report["model_dir"]) / "checkpoint-2"
+    if engine_state == "optimizer":  # FSDP2: the weights in diffusers' files only, not accelerate's copy too
+        assert not any(p.name.startswith("pytorch_model_fsdp") for p in checkpoint.iterdir())
+    _assert_resumed_like_straight(straight_report, resumed_report, checkpoint, lora, "transformer", engine_state)
+    assert resumed_report["losses"] == pytest.approx(straight_report["losses"], rel=1e-5)

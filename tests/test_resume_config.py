@@ -174,3 +174,23 @@ def test_the_data_position_rule_on_another_number_of_processes(saved, current, o
         outcome[2],
     )
     assert batch_options(4, 2) == [(2, 1), (1, 2)]
+
+
+def test_the_recorded_denoiser_class_is_the_models_own_under_fsdp2(tmp_path):
+    """fully_shard swaps the class for ``FSDP<name>``; the checkpoint must name the model's class, which is what a
+    resumed run (checked before it shards) sees."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from trl_diffusion_sdpo.io.resume_check import model_class_name
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = fully_shard(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        assert isinstance(model, FSDPModule) and type(model).__name__ == "FSDPSequential"
+        assert model_class_name(model) == "Sequential"
+    finally:
+        dist.destroy_process_group()
+    assert model_class_name(torch.nn.Linear(2, 2)) == "Linear"

@@ -11,7 +11,8 @@
   a single process does.
 * Under FSDP2 (``fully_shard`` through accelerate) a reference copy is sharded like the policy by
   :func:`shard_reference_fsdp2`, :func:`gather_fsdp2_state_dict` collects the full weights for a save, and
-  :func:`loading_into_shards` lets diffusers-format weights (full tensors) be loaded into the sharded UNet on resume.
+  :func:`loading_into_shards` lets diffusers-format weights (full tensors) be loaded into the sharded UNet on resume
+  (:func:`shard_like` first cuts each full tensor into the process's shard).
 * :func:`all_reduce_sum` serves the output-space safeguard's global scope; :func:`all_reduce_mean_` averages
   gradients (or the winner's gradient buffer) in buckets, for the parameter-space safeguard, which runs its two
   backward passes outside DDP's hooks and reduces the combined gradient once, as DDP would.
@@ -42,6 +43,7 @@ __all__ = [
     "load_pipeline",
     "loading_into_shards",
     "reference_inference_engine",
+    "shard_like",
     "shard_reference_fsdp2",
     "zero3_init_disabled",
     "zero_stage",
@@ -204,6 +206,29 @@ def loading_into_shards() -> Iterator[None]:
 
     with implicit_replication():
         yield
+
+
+def shard_like(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state``'s full tensors placed as ``module``'s FSDP2 parameters and buffers of the same names are (DTensors):
+    each process keeps its own slice of the full tensor, without communication; the rest as they are.
+
+    ``load_state_dict`` then copies shard into shard. A full tensor copied into a shard (even as an implicitly
+    replicated DTensor) fails where a process's shard is empty: a ``[1, d]`` weight sharded on dim 0 over two
+    processes (Z-Image's pad tokens).
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    targets = dict(module.named_parameters())
+    targets.update(module.named_buffers())
+    out = {}
+    for name, tensor in state.items():
+        target = targets.get(name)
+        if isinstance(target, DTensor) and not isinstance(tensor, DTensor):
+            tensor = distribute_tensor(
+                tensor.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+            )
+        out[name] = tensor
+    return out
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -156,6 +156,11 @@ class Engine(ABC):
         """Within the block, full diffusers-format weights load into the trained model."""
         yield
 
+    @contextlib.contextmanager
+    def loading_optimizer(self) -> Iterator[None]:
+        """Within the block, the trainer restores a checkpoint's optimizer state."""
+        yield
+
     def clean_checkpoint(self, output_dir: str, should_save: bool) -> None:
         """Remove what accelerate wrote into a checkpoint that resuming does not read."""
         return None

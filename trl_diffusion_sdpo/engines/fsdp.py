@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -89,6 +90,27 @@ class FSDP2Engine(Engine):
         # Each process copies its own shards out of the full tensors on disk.
         with loading_into_shards():
             yield
+
+    @contextlib.contextmanager
+    def loading_optimizer(self) -> Iterator[None]:
+        """accelerate restores FSDP2 optimizer state with torch's ``set_optimizer_state_dict``, which by default
+        refuses a trainable parameter without saved state. A parameter that never received a gradient has none
+        (AdamW creates it at the first gradient): Qwen-Image's last block discards its text stream, so its
+        ``to_add_out`` adapters never train. Within the block the load is not strict, as ``Optimizer.load_state_dict``
+        (DDP) and DeepSpeed are: such a parameter resumes without state, as it trained without."""
+        from torch.distributed.checkpoint import state_dict as torch_state_dict
+
+        set_optimizer_state_dict = torch_state_dict.set_optimizer_state_dict
+
+        def not_strict(model, optimizers, optim_state_dict, *, options=None):
+            options = dataclasses.replace(options or torch_state_dict.StateDictOptions(), strict=False)
+            return set_optimizer_state_dict(model, optimizers, optim_state_dict, options=options)
+
+        torch_state_dict.set_optimizer_state_dict = not_strict  # accelerate imports it at each call
+        try:
+            yield
+        finally:
+            torch_state_dict.set_optimizer_state_dict = set_optimizer_state_dict
 
     def clean_checkpoint(self, output_dir: str, should_save: bool) -> None:
         # accelerate's pickled copy of the weights duplicates the diffusers files

@@ -452,7 +452,8 @@ class AtomicCheckpoints:
     def _load_optimizer_and_scheduler(self: Trainer, checkpoint: str | None) -> None:
         # The restored scheduler state holds the old base learning rates; a rate changed at resume must win.
         fresh = list(getattr(self.lr_scheduler, "base_lrs", []))
-        super()._load_optimizer_and_scheduler(checkpoint)
+        with self.engine.loading_optimizer():
+            super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and fresh and apply_new_learning_rates(self.lr_scheduler, self.optimizer, fresh):
             logger.info("Learning rate(s) %s applied from the resumed step on", fresh)
 

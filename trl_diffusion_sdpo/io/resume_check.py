@@ -112,12 +112,21 @@ class ResumeConfigError(ValueError):
     """The new run's model or config contradicts the checkpoint it resumes from."""
 
 
+def model_class_name(module: torch.nn.Module) -> str:
+    """The name of the model's own class. FSDP2's ``fully_shard`` swaps a module's class for a subclass named
+    ``FSDP<name>`` (bases: ``FSDPModule`` and the class), which a resumed run does not have yet when its checkpoint
+    is checked."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def run_identity(trainer: Trainer) -> dict[str, Any]:
     """What the weights of this run's checkpoints are: base model, denoiser class, full or LoRA, the LoRA shape."""
     denoiser = trainer.accelerator.unwrap_model(trainer.model)
     identity: dict[str, Any] = {
         "base_model": getattr(trainer, "base_model_name", None),
-        "denoiser_class": type(denoiser).__name__,
+        "denoiser_class": model_class_name(denoiser),
         "training": "lora" if getattr(trainer, "is_lora", False) else "full",
         "num_processes": trainer.accelerator.num_processes,
         "per_device_train_batch_size": trainer.args.per_device_train_batch_size,

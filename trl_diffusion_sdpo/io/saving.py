@@ -27,6 +27,8 @@ from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from ..distributed import shard_like
+
 __all__ = [
     "LORA_WEIGHTS_NAME",
     "TRANSFORMER_SUBFOLDER",
@@ -139,7 +141,8 @@ def save_full_denoiser(
 
 
 def load_full_denoiser(denoiser: torch.nn.Module, directory: str, subfolder: str = UNET_SUBFOLDER) -> None:
-    """Load weights written by :func:`save_full_denoiser` into ``denoiser`` in place (strict: every key must match)."""
+    """Load weights written by :func:`save_full_denoiser` into ``denoiser`` in place (strict: every key must match;
+    into an FSDP2-sharded denoiser, each process's shards of them)."""
     folder = os.path.join(directory, subfolder)
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
@@ -147,7 +150,7 @@ def load_full_denoiser(denoiser: torch.nn.Module, directory: str, subfolder: str
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(os.path.join(folder, name)))
-    denoiser.load_state_dict(state, strict=True)
+    denoiser.load_state_dict(shard_like(denoiser, state), strict=True)
 
 
 def has_saved_weights(directory: str) -> bool:
