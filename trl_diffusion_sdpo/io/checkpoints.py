@@ -36,8 +36,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from .preemption import PreemptionCallback, parse_signals, preemption_signal_handlers
-from .resume_check import apply_new_learning_rates, check_resume_config, write_run_identity
-from .resume_world import saved_batch
+from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
 from .saving import has_saved_weights
 
@@ -408,7 +407,7 @@ class AtomicCheckpoints:
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
             if resume_from_checkpoint is not None:
                 check_resume_config(resume_from_checkpoint, self)
-                saved = saved_batch(resume_from_checkpoint) or {}
+                saved = read_run_identity(resume_from_checkpoint) or {}
                 if saved.get("num_processes", self.accelerator.num_processes) != self.accelerator.num_processes:
                     # another number of processes (resume_world): the engine says what to load from
                     view = resume_view_folder(resume_from_checkpoint)

@@ -37,6 +37,7 @@ __all__ = [
     "ResumeConfigError",
     "apply_new_learning_rates",
     "check_resume_config",
+    "read_run_identity",
     "run_identity",
     "write_run_identity",
 ]
@@ -161,6 +162,11 @@ def _read_json(path: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def read_run_identity(checkpoint: str) -> dict[str, Any] | None:
+    """The run identity :func:`write_run_identity` wrote into ``checkpoint`` (``None`` if it has none)."""
+    return _read_json(os.path.join(checkpoint, RUN_IDENTITY_NAME))
+
+
 def _describe(changes: list[tuple[str, Any, Any]]) -> str:
     return ", ".join(f"{name} ({old!r} -> {new!r})" for name, old, new in changes)
 
@@ -172,7 +178,7 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
         ResumeConfigError: a field of :data:`IDENTITY_FIELDS` or :data:`REFUSED_FIELDS` changed (all are named).
     """
     refused: list[tuple[str, Any, Any]] = []
-    saved_identity = _read_json(os.path.join(checkpoint, RUN_IDENTITY_NAME))
+    saved_identity = read_run_identity(checkpoint)
     identity = run_identity(trainer)
     if saved_identity is not None:
         for name in IDENTITY_FIELDS:

@@ -27,14 +27,9 @@ step depends on them, every draw is keyed by ``(seed, step, micro-batch)``; drop
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import os
 from typing import Any
 
-__all__ = ["ProcessCountChange", "batch_options", "plan_process_count_change", "samples_seen", "saved_batch"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["ProcessCountChange", "batch_options", "plan_process_count_change", "samples_seen"]
 
 
 def samples_seen(global_step: int, global_batch: int) -> int:
@@ -118,14 +113,3 @@ def plan_process_count_change(
     old_micro = saved.get("per_device_train_batch_size")
     same_micro = old_micro is not None and old * old_micro == new * current["per_device_train_batch_size"]
     return ProcessCountChange(old, new, old_batch, global_step, same_micro)
-
-
-def saved_batch(checkpoint: str) -> dict[str, Any] | None:
-    """The run identity of ``checkpoint`` (``None`` if it has none)."""
-    from .resume_check import RUN_IDENTITY_NAME
-
-    path = os.path.join(checkpoint, RUN_IDENTITY_NAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
