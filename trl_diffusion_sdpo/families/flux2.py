@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
+from .base import PromptEmbeddings, PromptTokenizer
 from .flow import FlowMatchingFamily, FlowNoiser
 from .registry import register_family
 from .z_image import ZImagePromptTokenizer
@@ -203,10 +203,6 @@ class Flux2Family(FlowMatchingFamily):
         return self._latents_config
 
     # -------------------------------------------------------------------------------------------- the prediction
-
-    # The stacked hidden states alone, as ModelFamily gives them: FLUX.2 has no pooled projection (which
-    # FlowMatchingFamily adds), and its text positions are made at the call.
-    denoiser_conditioning = ModelFamily.denoiser_conditioning
 
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
