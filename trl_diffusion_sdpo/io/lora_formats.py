@@ -178,8 +178,9 @@ _FUSED_LAYOUTS: dict[str, tuple[tuple[tuple[str, str, dict[str, tuple[str, ...]]
     "flux2-klein": _FLUX2_LAYOUT,
 }
 _FLUX2_FAMILIES = {"flux2", "flux2-klein"}
-# ss_base_model_version: "flux1" is sd-scripts' MODEL_VERSION_FLUX_V1 (library/flux_utils.py); "sd3" names the family.
-_FUSED_VERSIONS = {"flux": "flux1", "stable-diffusion-3": "sd3"}
+# ss_base_model_version: "flux1" is sd-scripts' MODEL_VERSION_FLUX_V1 (library/flux_utils.py); "sd3" names the family;
+# "flux_2_dev" is musubi-tuner's name for FLUX.2 [dev] ([klein] depends on the width: _KLEIN_VERSIONS).
+_FUSED_VERSIONS = {"flux": "flux1", "stable-diffusion-3": "sd3", "flux2": "flux_2_dev"}
 # ss_network_module: sd-scripts' FLUX.1/SD3 modules, musubi-tuner's FLUX.2 one.
 _FUSED_MODULES = {
     "flux": "networks.lora_flux",
@@ -305,9 +306,7 @@ def _ss_metadata(lora: LoraFile, family: str, denoiser: torch.nn.Module, output:
         "ss_output_name": os.path.splitext(os.path.basename(output))[0],
     }
     if family in _FUSED_LAYOUTS:
-        if family == "flux2":
-            version = "flux_2_dev"
-        elif family == "flux2-klein":  # "flux_2_klein" (our label) for a width that is neither released model's
+        if family == "flux2-klein":  # "flux_2_klein" (our label) for a width that is neither released model's
             width = denoiser.config.num_attention_heads * denoiser.config.attention_head_dim
             version = _KLEIN_VERSIONS.get(width, "flux_2_klein")
         else:
@@ -395,7 +394,7 @@ def _fused_groups(lora: LoraFile, family: str) -> dict[str, tuple[str, ...]]:
             "flux2": ", the img/txt/time embedders and final linear layer (diffusers' kohya FLUX.2 converter maps "
             "no modulation or guidance layer)",
         }.get("flux2" if family in _FLUX2_FAMILIES else family, "")
-        # FLUX.2's comfyui export (diffusers' names) is not known to load in ComfyUI: point to diffusers instead.
+        # FLUX.2's comfyui export is this same kohya file: only the diffusers format names every layer.
         other = "--format diffusers" if family in _FLUX2_FAMILIES else "--format comfyui, which names every layer"
         raise ValueError(
             f"--format kohya for {family}: no kohya-ss layer name is known for {listed} (mapped: the blocks' "
