@@ -48,6 +48,9 @@ import time
 import uuid
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import cpu_name, rss  # noqa: E402
+
 HPDV3_COMPARISONS = 1_170_000  # HPDv3 (MizzenAI/HPDv3): 1.17M annotated pairs of 1.08M images
 IMAGES_PER_PROMPT = 4
 COMPARISONS_PER_PROMPT = 1.17 / 1.08 * IMAGES_PER_PROMPT  # 4.33: HPDv3's images-to-comparisons ratio
@@ -141,14 +144,6 @@ def _usage() -> dict[str, float]:
     }
 
 
-def _current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _stage(name: str, folder: str, validate_rows: int, resolution: int, batch_size: int) -> dict[str, Any]:
     """Run one stage in this process and return its figures (called in a child: ``--stage``)."""
     from trl_diffusion_sdpo.data.formats import load_preference_data
@@ -156,7 +151,7 @@ def _stage(name: str, folder: str, validate_rows: int, resolution: int, batch_si
     if name == "validate":  # its imports (torch, transformers) before the clock starts
         import trl_diffusion_sdpo.data.preparation  # noqa: F401
         from trl_diffusion_sdpo import DiffusionSDPOConfig  # noqa: F401
-    rss_after_imports = _current_rss_mb()
+    rss_after_imports = rss() / 2**20
     before = _usage()
     start = time.perf_counter()
     dataset = load_preference_data(folder)
@@ -288,17 +283,13 @@ def machine() -> dict[str, Any]:
     import datasets
     import pyarrow
 
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     with open("/proc/meminfo") if os.path.exists("/proc/meminfo") else open(os.devnull) as f:
         memory = next((line.split(":", 1)[1].strip() for line in f if line.startswith("MemTotal")), "")
     return {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "memory": memory,
         "datasets": datasets.__version__,
