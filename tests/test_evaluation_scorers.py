@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from evaluation_helpers import ImageProcessor, clip_config, coloured_images, save_tiny_clip
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import BertTokenizer, BlipTextModel, BlipVisionModel, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -322,3 +323,24 @@ def test_registry_builds_custom_scorers_and_names_the_known_ones_on_a_typo():
         assert name in str(error.value) and name in available_scorers()
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         scorer(coloured_images(2), ["a"])
+
+
+class PairingScorer(Scorer):
+    """The image's red value plus 1000 times the number in its prompt: a score that tells both apart."""
+
+    name = "pairing"
+
+    def score(self, images, prompts) -> torch.Tensor:
+        return torch.tensor([image.getpixel((0, 0))[0] + 1000.0 * int(p) for image, p in zip(images, prompts)])
+
+
+def test_score_files_pairs_each_file_with_its_prompt_across_batches(tmp_path):
+    paths, prompts = [], []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (4, 4), (10 * i, 0, 0)).save(path)
+        paths.append(str(path))
+        prompts.append(str(i + 1))
+    batches = list(PairingScorer().score_files(paths, prompts, batch_size=2, desc="test", progress=False))
+    assert [len(b) for b in batches] == [2, 2, 1]  # one list per batch, as callers keep each before the next
+    assert [v for b in batches for v in b] == [1000.0 * (i + 1) + 10 * i for i in range(5)]

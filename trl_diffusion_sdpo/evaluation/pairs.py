@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .generation import GenerationSettings, ModelSpec, generate_images
 from .prompts import load_prompts
@@ -107,19 +106,17 @@ def _score_images(
     """Scores of ``paths`` (with their prompts), reading and extending the JSON cache ``cache_file`` (keyed by image
     path, which `ImageCache` derives from model, prompt, seed and settings; rewritten atomically after every batch).
     The scorer is built only when some image has no cached score."""
-    from PIL import Image
-
     cached: dict[str, float] = {}
     if os.path.isfile(cache_file):
         with open(cache_file) as f:
             cached = json.load(f)
     missing = [i for i, p in enumerate(paths) if p not in cached]
     scorer = make_scorer() if missing else None
-    for start in tqdm(range(0, len(missing), batch_size), desc="scoring", unit="batch", disable=not progress):
-        chunk = missing[start : start + batch_size]
-        images = [Image.open(paths[i]).convert("RGB") for i in chunk]
-        values = scorer(images, [prompts[i] for i in chunk]).tolist()
-        cached.update({paths[i]: float(v) for i, v in zip(chunk, values)})
+    missing_paths, missing_prompts = [paths[i] for i in missing], [prompts[i] for i in missing]
+    batches = scorer.score_files(missing_paths, missing_prompts, batch_size, "scoring", progress) if scorer else []
+    for start, values in zip(range(0, len(missing), batch_size), batches):
+        chunk = missing_paths[start : start + batch_size]
+        cached.update({path: float(v) for path, v in zip(chunk, values, strict=True)})
         tmp = f"{cache_file}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(cached, f)

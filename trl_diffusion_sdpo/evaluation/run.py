@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .compare import (
     MetricSummary,
@@ -155,16 +154,8 @@ def evaluate(
         scorer = build_scorer(entry, **_scorer_arguments(entry, scorer_kwargs, device))
         scales[scorer.name], floors[scorer.name] = scorer.scale, scorer.mean_floor
         for name, paths in image_paths.items():
-            values: list[float] = []
-            for start in tqdm(
-                range(0, len(paths), score_batch_size),
-                desc=f"{scorer.name}: {name}",
-                unit="batch",
-                disable=not progress,
-            ):
-                images = [Image.open(p).convert("RGB") for p in paths[start : start + score_batch_size]]
-                values += scorer(images, sample_prompts[start : start + score_batch_size]).tolist()
-            scores[name][scorer.name] = values
+            batches = scorer.score_files(paths, sample_prompts, score_batch_size, f"{scorer.name}: {name}", progress)
+            scores[name][scorer.name] = [value for batch in batches for value in batch]
         del scorer
         gc.collect()
         if torch.cuda.is_available():

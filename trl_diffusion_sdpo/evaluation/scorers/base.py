@@ -7,7 +7,7 @@ A scorer maps a batch of (image, prompt) pairs to one float per pair. `scale` sa
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -52,6 +52,17 @@ class Scorer(abc.ABC):
         if not images:
             return torch.zeros(0)
         return self.score(list(images), list(prompts)).detach().float().cpu().reshape(-1)
+
+    def score_files(
+        self, paths: Sequence[str], prompts: Sequence[str], batch_size: int, desc: str, progress: bool = True
+    ) -> Iterator[list[float]]:
+        """The scores of the image files ``paths`` (each with its prompt), ``batch_size`` images at a time, one list
+        per batch as it is scored (so a caller may keep each batch before the next), under a progress bar."""
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress):
+            images = [Image.open(path).convert("RGB") for path in paths[start : start + batch_size]]
+            yield self(images, prompts[start : start + batch_size]).tolist()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, scale={self.scale!r})"
