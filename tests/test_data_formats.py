@@ -18,7 +18,7 @@ from trl_diffusion_sdpo.data.formats import detect_format, ranked_pairs
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.transforms import PairTransform, load_image
 from trl_diffusion_sdpo.data.validation import resolve_columns
-from trl_diffusion_sdpo.scripts.train import DiffusionScriptArguments, load_train_split
+from trl_diffusion_sdpo.scripts.train import DiffusionScriptArguments, load_split, load_train_split
 
 
 def png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> Path:
@@ -103,6 +103,12 @@ def test_one_folder_per_pair_and_a_test_split_folder(tmp_path):
     assert pairs_of(load(root)) == [("train 0", COLOURS[0], COLOURS[3]), ("train 1", COLOURS[1], COLOURS[4])]
     test = [("test 0", COLOURS[1], COLOURS[4]), ("test 1", COLOURS[2], COLOURS[5])]
     assert pairs_of(load(root, split="test")) == test
+    # The evaluation split ``train`` loads beside a streamed, capped training split is read whole and not streamed.
+    script_args = ScriptArguments(dataset_name=str(root), dataset_streaming=True, dataset_test_split="test")
+    options = DiffusionScriptArguments(max_train_rows=1)
+    assert [row["prompt"] for row in load_train_split(script_args, options)] == ["train 0"]
+    evaluation = load_split(script_args, options, script_args.dataset_test_split)
+    assert len(evaluation) == 2 and pairs_of(evaluation) == test
 
 
 def test_pair_folder_bad_rows_are_named_by_row_column_and_file_and_skipped_and_counted(tmp_path, make_config):

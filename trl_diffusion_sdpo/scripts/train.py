@@ -35,6 +35,7 @@ __all__ = [
     "DiffusionScriptArguments",
     "build_pipeline",
     "check_supported",
+    "load_split",
     "load_train_split",
     "main",
     "make_parser",
@@ -235,20 +236,27 @@ def peft_config_for(model_args: ModelConfig, pipeline):
     return peft_config
 
 
-def load_train_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArguments):
-    """The training split as the arguments name it, in any format of :mod:`~trl_diffusion_sdpo.data.formats`
-    (``dataset_format``; streamed with ``dataset_streaming``, cut to ``max_train_rows``)."""
+def load_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArguments, split: str | None = None):
+    """A split as the arguments name it, in any format of :mod:`~trl_diffusion_sdpo.data.formats`
+    (``dataset_format``, ``ranking_pairs``). ``None``: the training split, streamed with ``dataset_streaming`` and
+    cut to ``max_train_rows``; another split (the evaluation split) is read whole."""
     from ..data.preparation import load_preference_dataset
 
+    train = split is None
     return load_preference_dataset(
         script_args.dataset_name,
-        script_args.dataset_train_split,
-        script_args.dataset_streaming,
-        diffusion_args.max_train_rows,
+        script_args.dataset_train_split if train else split,
+        train and script_args.dataset_streaming,
+        diffusion_args.max_train_rows if train else None,
         config_name=script_args.dataset_config,
         dataset_format=diffusion_args.dataset_format,
         ranking_pairs=diffusion_args.ranking_pairs,
     )
+
+
+def load_train_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArguments):
+    """The training split: :func:`load_split` with no split named."""
+    return load_split(script_args, diffusion_args)
 
 
 class ModelCardOnSave(TrainerCallback):
@@ -264,7 +272,6 @@ class ModelCardOnSave(TrainerCallback):
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
     script_args, training_args, model_args, diffusion_args = parse_args(argv)  # exits here on --help
-    from ..data.preparation import load_preference_dataset
     from ..data.sharded_cache import load_sharded_latent_cache
     from ..trainer import DiffusionSDPOTrainer
 
@@ -277,13 +284,7 @@ def main(argv: Sequence[str] | None = None):
         train_dataset = load_train_split(script_args, diffusion_args)
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        eval_dataset = load_preference_dataset(
-            script_args.dataset_name,
-            script_args.dataset_test_split,
-            config_name=script_args.dataset_config,
-            dataset_format=diffusion_args.dataset_format,
-            ranking_pairs=diffusion_args.ranking_pairs,
-        )
+        eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split)
     trainer = DiffusionSDPOTrainer(pipeline, None, training_args, train_dataset, eval_dataset, peft_config=peft_config)
     if training_args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
         trainer.create_model_card(dataset_name=script_args.dataset_name)
