@@ -68,11 +68,17 @@ def _uuid(rng: random.Random) -> str:
 
 
 def write_annotation(
-    folder: str, rows: int, seed: int = 0, placeholder_rows: int = 0, layout: str = "json"
+    folder: str,
+    rows: int,
+    seed: int = 0,
+    placeholder_rows: int = 0,
+    layout: str = "json",
+    placeholder_size: int = 16,
 ) -> dict[str, int]:
     """Write ``folder/train.json`` with ``rows`` records (see the module docstring; ``layout="jsonl"``: the same
-    records as ``train.jsonl``, one object a line), and tiny JPEGs for the images of its first ``placeholder_rows``
-    records. Returns what was written (records, prompts, images, bytes)."""
+    records as ``train.jsonl``, one object a line), and JPEGs of ``placeholder_size`` px (16: one colour; larger:
+    noise, which compresses as badly as a photo) for the images of its first ``placeholder_rows`` records. Returns
+    what was written (records, prompts, images, bytes)."""
     rng = random.Random(seed)
     prompts = max(1, round(rows / COMPARISONS_PER_PROMPT))
     # Comparisons of each prompt: rows spread as evenly as possible over the prompts (at most 6 = C(4, 2) each).
@@ -107,7 +113,7 @@ def write_annotation(
             }
             f.write(json.dumps(record) + (",\n" if array and n + 1 < len(records) else "\n"))
         f.write("]\n" if array else "")
-    jpeg = _tiny_jpeg()
+    jpeg = _placeholder_jpeg(placeholder_size)
     placed = {images[i] for _, a, b in records[:placeholder_rows] for i in (a, b)}
     for relative in placed:
         target = os.path.join(folder, relative)
@@ -123,13 +129,18 @@ def write_annotation(
     }
 
 
-def _tiny_jpeg() -> bytes:
+def _placeholder_jpeg(size: int = 16) -> bytes:
     import io
 
+    import numpy as np
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 80, 40)).save(buffer, format="JPEG")
+    if size <= 16:
+        Image.new("RGB", (size, size), (200, 80, 40)).save(buffer, format="JPEG")
+    else:
+        pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
@@ -204,13 +215,14 @@ def _validate(dataset, rows: int, resolution: int, batch_size: int, folder: str)
     import numpy as np
     from PIL import Image
 
-    from trl_diffusion_sdpo.data.validation import _check_image
+    from trl_diffusion_sdpo.data.validation import _check_image, _image_file_problem
 
     large = os.path.join(folder, "large.jpg")
     pixels = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(large, quality=90)
     times = []
     for _ in range(20):
+        _image_file_problem.cache_clear()  # a file's check is remembered: time the decoding, not the lookup
         start = time.perf_counter()
         assert _check_image(large) == ""
         times.append(time.perf_counter() - start)
@@ -257,9 +269,10 @@ def measure(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     folder, cache = os.path.join(work, "HPDv3"), os.path.join(work, "hf-cache")
     try:
         start = time.perf_counter()
-        written = write_annotation(folder, rows, args.seed, args.validate_rows, args.layout)
+        written = write_annotation(folder, rows, args.seed, args.validate_rows, args.layout, args.placeholder_size)
         entry: dict[str, Any] = {
             "rows": rows,
+            "placeholder_px": args.placeholder_size,
             "layout": args.layout,
             "written": written,
             "write_s": round(time.perf_counter() - start, 2),
@@ -302,6 +315,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, nargs="+", default=[HPDV3_COMPARISONS], help="comparisons (sizes)")
     parser.add_argument("--output", help="JSON file for the results")
     parser.add_argument("--validate-rows", type=int, default=2000, help="rows validated (placeholders written)")
+    parser.add_argument(
+        "--placeholder-size", type=int, default=16, help="the validated rows' JPEGs in px (HPDv3's: 1024)"
+    )
     parser.add_argument("--resolution", type=int, default=512, help="the first batch's resolution")
     parser.add_argument("--batch-size", type=int, default=4, help="the first batch's pairs")
     parser.add_argument(

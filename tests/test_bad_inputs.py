@@ -54,6 +54,27 @@ def test_a_zero_byte_image_names_the_row_and_column(make_config):
     expect_row_error(rows, make_config, 1, "jpg_0", "cannot decode image")
 
 
+def test_an_image_file_named_by_several_rows_is_decoded_once_until_it_changes(tmp_path, make_config, monkeypatch):
+    """HPDv3 names each image in about two comparisons: validation decodes a file once, and again once rewritten."""
+    from PIL import Image
+
+    paths = []
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 255, 0)), ("c", (0, 0, 255))):
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.new("RGB", (8, 8), colour).save(paths[-1])
+    a, b, c = paths
+    rows = [{"prompt": f"p{i}", "chosen": w, "rejected": r} for i, (w, r) in enumerate([(a, b), (a, c), (c, b)])]
+    opened: list[str] = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *args, **kw: opened.append(fp) or real_open(fp, *args, **kw))
+    _, _, report = prepare(rows, make_config)
+    assert report.num_kept == 3 and sorted(opened) == [a, b, c]
+    with open(a, "wb") as f:  # the same path, now not an image
+        f.write(b"not an image any more")
+    expect_row_error([rows[0], rows[2]], make_config, 0, "chosen", "cannot decode image")
+    assert opened.count(a) == 2
+
+
 def test_text_bytes_in_an_image_column_name_the_row_and_column(make_config):
     rows = pickapic_rows(4)
     rows[3]["jpg_0"] = b"a caption where an image should be"
