@@ -249,6 +249,25 @@ def test_hpdv3_pairs_path1_preferred_in_file_order_with_its_annotations_kept(tmp
     assert pairs_of(load(tmp_path / "test.json", dataset_format="hpd")) == [("a fox", COLOURS[4], COLOURS[5])]
 
 
+def test_hpdv3_json_lines_whose_first_block_has_no_votes_still_read(tmp_path):
+    """datasets reads JSON Lines in 10 MB blocks and types a column from the first: a vote column null through the
+    first block (Midjourney records first) and set later must not stop the read."""
+    write_hpdv3(tmp_path)
+    null = {"prompt": "x" * 600, "choice_dist": None, "confidence": None, "path1": "images/uuid3.jpg",
+            "path2": "images/uuid2.jpg", "model1": "midjourney", "model2": "midjourney"}  # fmt: skip
+    voted = {"prompt": "a cat", "choice_dist": [12, 7], "confidence": 0.75, "path1": "images/uuid0.jpg",
+             "path2": "images/uuid1.jpg", "model1": "flux", "model2": "infinity"}  # fmt: skip
+    lines = [json.dumps(null)] * 18_000 + [json.dumps(voted)] * 2  # 12 MB: the votes start after the first block
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    dataset = load(tmp_path)  # train.jsonl is read before train.json
+    assert len(dataset) == 18_002
+    assert dataset[0]["choice_dist"] is None and dataset[-1]["choice_dist"] == [12, 7]
+    assert dataset[-1]["confidence"] == 0.75 and pairs_of(dataset.select([0, 18_001])) == [
+        ("x" * 600, COLOURS[3], COLOURS[2]),
+        ("a cat", COLOURS[0], COLOURS[1]),
+    ]
+
+
 def test_hpdv3_missing_image_is_named_by_row_column_and_record(tmp_path, make_config):
     write_hpdv3(tmp_path)
     (tmp_path / "images" / "uuid2.jpg").unlink()

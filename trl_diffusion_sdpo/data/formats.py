@@ -462,6 +462,22 @@ def _ranking_problem(paths: Any, ranks: Any) -> str:
     return ""
 
 
+def _load_json(path: str) -> Dataset:
+    """``load_dataset("json")`` of one file. ``datasets`` reads JSON Lines in 10 MB blocks and types each column from
+    the first: a column that is ``null`` throughout it and set later (HPDv3's ``choice_dist`` when Midjourney records
+    come first) fails to cast, and such a file is read again as one block, typed from all its records."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return load_dataset("json", data_files=path, split="train")
+    except DatasetGenerationError as err:
+        if "Couldn't cast" not in str(err.__cause__):
+            raise
+        logger.info("%s: a column is null throughout its first block; reading it again as one block", path)
+        return load_dataset("json", data_files=path, split="train", chunksize=os.path.getsize(path) + 1)
+
+
 def read_hpd(path: str, ranking_pairs: str = "all") -> Dataset:
     """An HPDv3 (or HPDv2) annotation file as preference pairs.
 
@@ -470,7 +486,6 @@ def read_hpd(path: str, ranking_pairs: str = "all") -> Dataset:
     :func:`ranked_pairs`; a record whose lists do not match gives one row with no images, named by its record
     number. Image paths are relative to :func:`_image_root`.
     """
-    from datasets import load_dataset
 
     path = os.path.abspath(path)
     first = _first_record(path)
@@ -479,7 +494,7 @@ def read_hpd(path: str, ranking_pairs: str = "all") -> Dataset:
             f"{path} does not look like HPD annotations: its first record needs path1 and path2 (HPDv3) or "
             f"image_path and rank (HPDv2); found {sorted(first) if isinstance(first, dict) else first!r}"
         )
-    dataset = load_dataset("json", data_files=path, split="train")
+    dataset = _load_json(path)
     name = os.path.basename(path)
     if {"path1", "path2"} <= set(dataset.column_names):
         base = _image_root(path, first.get("path1"))
