@@ -11,6 +11,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from trl_diffusion_sdpo.families import (
+    Flux2Family,
+    Flux2KleinFamily,
     FluxFamily,
     ModelFamily,
     PromptEmbeddings,
@@ -153,6 +155,94 @@ def test_register_family_refuses_incomplete_or_clashing_families(scratch_registr
         register_family(AnotherSD)
     with pytest.raises(TypeError, match="ModelFamily subclass"):
         register_family(object)
+
+
+class _PixelSpaceMethods(ModelFamily):
+    """PixelSpaceFamily's behaviour without its identity, for registering with a name."""
+
+    denoiser_name = "pixel_denoiser"
+    matches = PixelSpaceFamily.matches
+    noiser = PixelSpaceFamily.noiser
+    prompt_tokenizer = PixelSpaceFamily.prompt_tokenizer
+    encode_prompts = PixelSpaceFamily.encode_prompts
+
+
+def test_register_family_with_a_name_sets_the_identity_and_picks_the_family(scratch_registry, make_pipeline) -> None:
+    class Pixels(_PixelSpaceMethods):
+        pass
+
+    decorate = register_family("pixels", pipelines=["PixelPipeline", "PixelXLPipeline"])
+    assert decorate(Pixels) is Pixels and registered_families()[-1] is Pixels
+    assert Pixels.name == "pixels" and Pixels.pipeline_classes == ("PixelPipeline", "PixelXLPipeline")
+    assert vars(Pixels)["name"] == "pixels"  # on the class itself, not on the shared base
+    assert "name" not in vars(_PixelSpaceMethods) and "name" not in vars(ModelFamily)
+    sd = make_pipeline()
+    pipeline = SimpleNamespace(pixel_denoiser=sd.unet, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer)
+    assert type(family_for_pipeline(pipeline)) is Pixels
+    with pytest.raises(ValueError, match="not a pipeline of any registered family") as error:  # lists the new family
+        family_for_pipeline(SimpleNamespace(transformer=torch.nn.Linear(2, 2)))
+    assert "pixels: PixelPipeline, PixelXLPipeline" in str(error.value)
+    # Registering it again under its own name changes nothing.
+    register_family("pixels", pipelines=("PixelPipeline", "PixelXLPipeline"))(Pixels)
+    assert registered_families().count(Pixels) == 1
+
+
+def test_a_subclass_registered_with_a_name_leaves_its_parents_identity(scratch_registry) -> None:
+    @register_family("pixels", pipelines=("PixelPipeline",))
+    class Pixels(_PixelSpaceMethods):
+        pass
+
+    @register_family("pixels-hd", pipelines=("PixelHDPipeline",))
+    class PixelsHD(Pixels):
+        pass
+
+    assert (PixelsHD.name, PixelsHD.pipeline_classes) == ("pixels-hd", ("PixelHDPipeline",))
+    assert (Pixels.name, Pixels.pipeline_classes) == ("pixels", ("PixelPipeline",))
+    assert registered_families()[-2:] == (Pixels, PixelsHD)
+
+
+def test_the_built_in_subclass_family_has_its_own_identity() -> None:
+    assert (Flux2Family.name, Flux2Family.pipeline_classes) == ("flux2", ("Flux2Pipeline",))
+    assert (Flux2KleinFamily.name, Flux2KleinFamily.pipeline_classes) == ("flux2-klein", ("Flux2KleinPipeline",))
+    names = [family.name for family in registered_families()]
+    assert len(names) == len(set(names)) and all(family.pipeline_classes for family in registered_families())
+
+
+def test_register_family_with_a_name_refuses_clashes_and_bad_arguments(scratch_registry) -> None:
+    class Pixels(_PixelSpaceMethods):
+        pass
+
+    with pytest.raises(ValueError, match="'flux' is already registered"):
+        register_family("flux", pipelines=("PixelPipeline",))(Pixels)
+    assert "name" not in vars(Pixels) and Pixels not in registered_families()  # a refusal leaves the class as it was
+    with pytest.raises(TypeError, match="non-empty sequence of pipeline class names"):
+        register_family("pixels", pipelines="PixelPipeline")  # a string, not a sequence of names
+    with pytest.raises(TypeError, match="non-empty sequence of pipeline class names"):
+        register_family("pixels", pipelines=())
+    with pytest.raises(TypeError, match="non-empty sequence of pipeline class names"):
+        register_family("pixels")
+    with pytest.raises(ValueError, match="non-empty family name"):
+        register_family("", pipelines=("PixelPipeline",))
+    with pytest.raises(TypeError, match="goes with the family's name"):
+        register_family(PixelSpaceFamily, pipelines=("PixelPipeline",))
+    with pytest.raises(TypeError, match="ModelFamily subclass or a family name"):
+        register_family("pixels", pipelines=("PixelPipeline",))(object)
+
+    class Stated(_PixelSpaceMethods):
+        name = "stated"
+        pipeline_classes = ("StatedPipeline",)
+
+    with pytest.raises(ValueError, match="states name='stated'"):
+        register_family("pixels", pipelines=("PixelPipeline",))(Stated)
+
+    class Abstract(ModelFamily):
+        @classmethod
+        def matches(cls, pipeline) -> bool:
+            return False
+
+    with pytest.raises(TypeError, match="encode_prompts"):
+        register_family("abstract", pipelines=("AbstractPipeline",))(Abstract)
+    assert "name" not in vars(Abstract)
 
 
 def test_the_train_script_takes_lora_targets_from_the_family(make_pipeline) -> None:

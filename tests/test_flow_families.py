@@ -6,6 +6,7 @@ Tiny transformers, CLIP and T5 encoders built from configs; the T5 tokenizer is 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -513,3 +514,57 @@ def test_every_registered_flow_family_declares_its_default_beta_and_learning_rat
         assert 0 < family.default_beta < UNET_SCALE_BETA, family.name  # the warning never fires on the default
         assert 0 < family.default_learning_rate < 1e-2, family.name
         assert len(family.defaults_source) > 20, family.name
+
+
+def test_a_flow_family_states_only_what_differs_from_the_flow_defaults() -> None:
+    from trl_diffusion_sdpo.families import FlowMatchingFamily
+
+    class HouseFlow(FlowMatchingFamily):
+        transformer_class = "HouseTransformer2DModel"
+        default_learning_rate = 5e-5
+        learning_rate_source = "a house recipe"
+
+    # The shared defaults come from the base, and the source is "beta: <shared>; lr: <the family's>".
+    assert (HouseFlow.default_beta, HouseFlow.default_max_sequence_length) == (100.0, 512)
+    assert (HouseFlow.default_weighting_scheme, HouseFlow.default_flow_shift) == ("logit_normal", "scheduler")
+    assert HouseFlow.required_components == ("text_encoder", "tokenizer")
+    assert HouseFlow.defaults_source == f"beta: {FlowMatchingFamily.beta_source}; lr: a house recipe"
+
+    class Retuned(HouseFlow):
+        learning_rate_source = "a second recipe"
+
+    class Written(HouseFlow):
+        defaults_source = "one recipe for both"
+
+    assert Retuned.defaults_source.endswith("; lr: a second recipe") and HouseFlow.defaults_source.endswith(
+        "house recipe"
+    )
+    assert Written.defaults_source == "one recipe for both"  # a source written whole is kept
+
+
+@pytest.mark.parametrize(
+    "family_name, lr_source",
+    [
+        ("stable-diffusion-3", "the same recipe's LoRA learning rate"),
+        ("flux", "train_dreambooth_lora_flux.py"),
+        ("flux2-klein", "train_dreambooth_lora_flux2.py"),
+    ],
+)
+def test_the_unet_scale_beta_warning_quotes_the_family_defaults_and_both_sources(
+    family_name, lr_source, make_config, caplog, tmp_path
+) -> None:
+    from trl_diffusion_sdpo import tiny_models
+    from trl_diffusion_sdpo.families import family_for_pipeline
+
+    builder = {
+        "stable-diffusion-3": "build_tiny_sd3_pipeline",
+        "flux": "build_tiny_flux_pipeline",
+        "flux2-klein": "build_tiny_flux2_klein_pipeline",
+    }[family_name]
+    family = family_for_pipeline(getattr(tiny_models, builder)(tokenizer_dir=str(tmp_path)))
+    assert family.name == family_name
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.families.flow"):
+        family.noiser(make_config(beta=5000.0))
+    message = caplog.text
+    assert f"default is beta=100 with learning_rate={family.default_learning_rate:g}" in message
+    assert "beta: flow_grpo's SD3.5 Flow-DPO" in message and lr_source in message

@@ -205,31 +205,48 @@ class FlowNoiser(Noiser):
 class FlowMatchingFamily(ModelFamily):
     """Base of the rectified-flow transformer families: the transformer is the denoiser, both attention streams are
     the LoRA targets, the noiser is :class:`FlowNoiser` with the family's default sampling, and T5-style prompts are
-    cut at ``max_sequence_length`` tokens. A subclass sets the ``default_*`` attributes and defines the text side
-    (and :meth:`call_denoiser` when its transformer takes another input layout)."""
+    cut at ``max_sequence_length`` tokens. A subclass sets ``transformer_class``, the defaults where its model differs
+    from the ones below (at least ``default_learning_rate`` and its ``learning_rate_source``), and defines the text
+    side (and :meth:`call_denoiser` when its transformer takes another input layout)."""
 
     denoiser_name = "transformer"
     flow_matching = True
     # Both attention streams (image and text tokens), as flow_grpo's SD3.5 Flow-DPO and diffusers' scripts adapt them.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     # The diffusers transformer class (a subclass matches too) and the pipeline attributes that must exist (they may
-    # hold None, as SD3 without T5) for :meth:`matches`.
+    # hold None, as SD3 without T5) for :meth:`matches`: by default the text encoder and its tokenizer, which every
+    # text-conditioned pipeline has.
     transformer_class: ClassVar[str]
-    required_components: ClassVar[tuple[str, ...]] = ()
+    required_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
     # The side of the latent patches the transformer takes: the resolution must be a multiple of it in pixels.
     latent_patch_size: ClassVar[int] = 2
-    # How noise levels are drawn when the config leaves flow_weighting_scheme / flow_shift unset.
+    # How noise levels are drawn when the config leaves flow_weighting_scheme / flow_shift unset: logit-normal(0, 1)
+    # levels on the scheduler's sigma table, no loss weighting, as diffusers' SD3 training script and flow_grpo's
+    # SD3.5 Flow-DPO draw them.
     default_weighting_scheme: ClassVar[str] = "logit_normal"
     default_flow_shift: ClassVar[str] = "scheduler"
-    default_max_sequence_length: ClassVar[int]
+    # The prompt length in tokens the pipelines sample with (FLUX.1, FLUX.2, Qwen-Image, Z-Image, Wan) and diffusers'
+    # LoRA scripts train with; SD3's script trains with 77.
+    default_max_sequence_length: ClassVar[int] = 512
     # The guidance embedding's value, for transformers that have one (FLUX.1-dev); None for the others.
     default_guidance_scale: ClassVar[float | None] = None
     # The recommended Diffusion-DPO ``beta`` and (LoRA) learning rate for this family, and where they come from (a
-    # paper, a public recipe or a measurement): the one place a family states them. docs/families.md tabulates them
-    # and the UNet-scale-beta warning of :meth:`noiser` quotes them.
-    default_beta: ClassVar[float]
+    # paper, a public recipe or a measurement): the one place a family states them. ``defaults_source`` reads
+    # "beta: <beta_source>; lr: <learning_rate_source>" unless the family writes it whole (SD3: one recipe gives
+    # both). docs/families.md tabulates them and the UNet-scale-beta warning of :meth:`noiser` quotes them.
+    default_beta: ClassVar[float] = 100.0
+    beta_source: ClassVar[str] = (
+        "flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published Flow-DPO recipe on mean errors "
+        "for this family)"
+    )
     default_learning_rate: ClassVar[float]
+    learning_rate_source: ClassVar[str]
     defaults_source: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "defaults_source" not in vars(cls) and hasattr(cls, "learning_rate_source"):
+            cls.defaults_source = f"beta: {cls.beta_source}; lr: {cls.learning_rate_source}"
 
     def __init__(
         self, pipeline: DiffusionPipeline, max_sequence_length: int | None = None, guidance_scale: float | None = None

@@ -20,28 +20,20 @@ from .registry import register_family
 __all__ = ["FluxFamily"]
 
 
-@register_family
+@register_family("flux", pipelines=("FluxPipeline",))
 class FluxFamily(FlowMatchingFamily):
     """FLUX.1 (``FluxPipeline`` with a ``FluxTransformer2DModel``)."""
 
-    name = "flux"
     transformer_class = "FluxTransformer2DModel"
     required_components = ("text_encoder_2",)
-    pipeline_classes = ("FluxPipeline",)
     frozen_components = ("vae", "text_encoder", "text_encoder_2")
-    # Logit-normal(0, 1) levels with the resolution-dependent shift FLUX samples with (SimpleTuner's flow defaults
-    # with auto-shift); diffusers' FLUX LoRA script draws uniform levels without shift (flow_weighting_scheme="none",
-    # flow_shift="none").
-    default_weighting_scheme = "logit_normal"
+    # The flow base's logit-normal(0, 1) levels with the resolution-dependent shift FLUX samples with (SimpleTuner's
+    # flow defaults with auto-shift); diffusers' FLUX LoRA script draws uniform levels without shift
+    # (flow_weighting_scheme="none", flow_shift="none").
     default_flow_shift = "resolution"
-    default_max_sequence_length = 512  # the pipeline's and diffusers' FLUX script's
     default_guidance_scale = 3.5
-    default_beta = 100.0
     default_learning_rate = 1e-4
-    defaults_source = (
-        "beta: flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published FLUX Flow-DPO recipe on "
-        "mean errors); lr: diffusers' FLUX LoRA script (train_dreambooth_lora_flux.py)"
-    )
+    learning_rate_source = "diffusers' FLUX LoRA script (train_dreambooth_lora_flux.py)"
 
     def prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer(

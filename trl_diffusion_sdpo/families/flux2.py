@@ -83,14 +83,11 @@ class Flux2KleinPromptTokenizer(ZImagePromptTokenizer):
     enable_thinking = False
 
 
-@register_family
+@register_family("flux2", pipelines=("Flux2Pipeline",))
 class Flux2Family(FlowMatchingFamily):
     """FLUX.2 [dev] (``Flux2Pipeline`` with a ``Flux2Transformer2DModel`` and a Mistral-3 text encoder)."""
 
-    name = "flux2"
     transformer_class = "Flux2Transformer2DModel"
-    required_components = ("text_encoder", "tokenizer")
-    pipeline_classes = ("Flux2Pipeline",)
     # Base classes of the text encoder that tell [dev] from [klein] (the pipeline's class when it has none).
     text_encoder_bases: ClassVar[tuple[str, ...]] = ("Mistral3PreTrainedModel",)
     # diffusers' FLUX.2 LoRA scripts' default targets: the double-stream blocks' image attention and the
@@ -99,17 +96,12 @@ class Flux2Family(FlowMatchingFamily):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj")
     # The patchified latents are the transformer's tokens; the VAE latents are folded into 2x2 patches.
     latent_patch_size = 2
-    default_weighting_scheme = "logit_normal"
-    default_flow_shift = "scheduler"
-    default_max_sequence_length = 512  # the pipeline's and diffusers' FLUX.2 scripts'
     # The pipeline's sampling default: the guidance embedding conditions each prediction on the value used at
     # sampling (diffusers' script trains with 3.5, its help text carried over from its FLUX.1 script).
     default_guidance_scale = 4.0
-    default_beta = 100.0
     default_learning_rate = 1e-4
-    defaults_source = (
-        "beta: flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published FLUX.2 Flow-DPO recipe); "
-        "lr: diffusers' FLUX.2 LoRA scripts (train_dreambooth_lora_flux2.py / _klein.py, --learning_rate 1e-4)"
+    learning_rate_source = (
+        "diffusers' FLUX.2 LoRA scripts (train_dreambooth_lora_flux2.py / _klein.py, --learning_rate 1e-4)"
     )
 
     def __init__(
@@ -224,12 +216,10 @@ class Flux2Family(FlowMatchingFamily):
         return out[:, : height * width].permute(0, 2, 1).reshape(n, channels, height, width)
 
 
-@register_family
+@register_family("flux2-klein", pipelines=("Flux2KleinPipeline",))
 class Flux2KleinFamily(Flux2Family):
     """FLUX.2 [klein] (``Flux2KleinPipeline`` with a ``Flux2Transformer2DModel`` and a Qwen3 text encoder)."""
 
-    name = "flux2-klein"
-    pipeline_classes = ("Flux2KleinPipeline",)
     text_encoder_bases = ("Qwen3PreTrainedModel",)
     default_guidance_scale = None  # the pipeline passes no guidance value (classifier-free guidance instead)
 

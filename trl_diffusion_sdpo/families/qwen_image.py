@@ -62,24 +62,15 @@ def prompt_mask(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.ne(0).any(dim=-1)
 
 
-@register_family
+@register_family("qwen-image", pipelines=("QwenImagePipeline",))
 class QwenImageFamily(FlowMatchingFamily):
-    """Qwen-Image (``QwenImagePipeline`` with a ``QwenImageTransformer2DModel``)."""
+    """Qwen-Image (``QwenImagePipeline`` with a ``QwenImageTransformer2DModel``); prompts of up to 1024 tokens."""
 
-    name = "qwen-image"
     transformer_class = "QwenImageTransformer2DModel"
-    required_components = ("text_encoder", "tokenizer")
-    pipeline_classes = ("QwenImagePipeline",)
-    default_weighting_scheme = "logit_normal"
     default_flow_shift = "resolution"
-    default_max_sequence_length = 512  # the pipeline's default; it accepts up to 1024
     default_guidance_scale = 1.0  # used only by a guidance-distilled transformer (guidance_embeds=True)
-    default_beta = 100.0
     default_learning_rate = 2e-4
-    defaults_source = (
-        "beta: flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published Qwen-Image Flow-DPO "
-        "recipe); lr: diffusers' Qwen-Image LoRA example (examples/dreambooth/README_qwen.md, 2e-4)"
-    )
+    learning_rate_source = "diffusers' Qwen-Image LoRA example (examples/dreambooth/README_qwen.md, 2e-4)"
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:

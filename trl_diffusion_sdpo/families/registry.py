@@ -1,6 +1,11 @@
 """The family registry: :func:`register_family` adds a :class:`~.base.ModelFamily` subclass, and
 :func:`family_for_pipeline` picks the family of a pipeline by walking the registered families in order.
 
+A family is registered with its identity, as peft's ``register_peft_method(name=...)`` and transformers'
+``AutoConfig.register(name, ...)`` take theirs: ``@register_family("qwen-image", pipelines=("QwenImagePipeline",))``
+sets the class's ``name`` and ``pipeline_classes``. The bare ``@register_family`` registers a class that sets both
+itself.
+
 The built-in families register in the order specific before general (SD3, FLUX.1, SDXL, SD 1.x/2.x, then
 Qwen-Image and Z-Image, see :mod:`trl_diffusion_sdpo.families`), and their :meth:`~.base.ModelFamily.matches` are
 disjoint; a family registered later is tried after them, so it handles pipelines that none of them claims (a new
@@ -10,7 +15,8 @@ transformer class, say).
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar, overload
 
 from .base import ModelFamily
 
@@ -24,25 +30,82 @@ FamilyType = TypeVar("FamilyType", bound=type[ModelFamily])
 _FAMILIES: list[type[ModelFamily]] = []
 
 
-def register_family(family: FamilyType) -> FamilyType:
-    """Class decorator: make ``family`` one of the families :func:`family_for_pipeline` picks from.
+@overload
+def register_family(family: FamilyType, /) -> FamilyType: ...
 
-    The class must be a concrete :class:`~.base.ModelFamily` with a ``name`` no other registered family has and the
-    ``pipeline_classes`` it handles. Registering the same class again is a no-op.
+
+@overload
+def register_family(name: str, /, *, pipelines: Sequence[str]) -> Callable[[FamilyType], FamilyType]: ...
+
+
+def register_family(
+    family_or_name: FamilyType | str, /, *, pipelines: Sequence[str] | None = None
+) -> FamilyType | Callable[[FamilyType], FamilyType]:
+    """Class decorator: make a family one of the families :func:`family_for_pipeline` picks from.
+
+    ``@register_family(name, pipelines=(...))`` sets the class's ``name`` and ``pipeline_classes`` (the diffusers
+    pipeline classes it handles, by name) in the class's own namespace, so a subclass of a registered family gets its
+    own and leaves its parent's alone. Bare ``@register_family`` registers a class that sets both itself.
+
+    The class must be a concrete :class:`~.base.ModelFamily` whose name no other registered family has. Registering
+    the same class again is a no-op; registering a class under another name or pipelines than it states is refused.
     """
+    if isinstance(family_or_name, str):
+        name = family_or_name
+        if not name:
+            raise ValueError("register_family needs a non-empty family name")
+        if isinstance(pipelines, str) or not pipelines or not all(isinstance(p, str) and p for p in pipelines):
+            raise TypeError(
+                f"register_family({name!r}, pipelines=...) takes a non-empty sequence of pipeline class names, got "
+                f"{pipelines!r}"
+            )
+        return lambda family: _register(family, name, tuple(pipelines))
+    if pipelines is not None:
+        raise TypeError("`pipelines` goes with the family's name: @register_family(name, pipelines=(...))")
+    family = family_or_name
+    _check_concrete(family)
+    if not getattr(family, "name", None) or not getattr(family, "pipeline_classes", None):
+        raise TypeError(
+            f"{family.__name__} must set `name` and `pipeline_classes` (the pipelines it handles), or be registered "
+            "with them: @register_family(name, pipelines=(...))"
+        )
+    _check_name_free(family, family.name)
+    return _append(family)
+
+
+def _register(family: FamilyType, name: str, pipeline_classes: tuple[str, ...]) -> FamilyType:
+    """The named form: check ``family``, then set its identity (on the class itself) and register it."""
+    _check_concrete(family)
+    own = vars(family)  # not inherited: a subclass of a registered family states nothing yet
+    stated = (own.get("name", name), tuple(own.get("pipeline_classes", pipeline_classes)))
+    if stated != (name, pipeline_classes):
+        raise ValueError(
+            f"{family.__name__} states name={stated[0]!r}, pipeline_classes={stated[1]!r} and is registered as "
+            f"{name!r} with {pipeline_classes!r}: give them in register_family only"
+        )
+    _check_name_free(family, name)
+    family.name = name
+    family.pipeline_classes = pipeline_classes
+    return _append(family)
+
+
+def _check_concrete(family: object) -> None:
     if not (isinstance(family, type) and issubclass(family, ModelFamily)):
-        raise TypeError(f"register_family takes a ModelFamily subclass, got {family!r}")
+        raise TypeError(f"register_family takes a ModelFamily subclass or a family name, got {family!r}")
     if inspect.isabstract(family):
         missing = ", ".join(sorted(family.__abstractmethods__))
         raise TypeError(f"{family.__name__} cannot be registered: it does not define {missing}")
-    if not getattr(family, "name", None) or not getattr(family, "pipeline_classes", None):
-        raise TypeError(f"{family.__name__} must set `name` and `pipeline_classes` (the pipelines it handles)")
-    if family in _FAMILIES:
-        return family
+
+
+def _check_name_free(family: type[ModelFamily], name: str) -> None:
     for other in _FAMILIES:
-        if other.name == family.name:
-            raise ValueError(f"a family named {family.name!r} is already registered ({other.__qualname__})")
-    _FAMILIES.append(family)
+        if other is not family and other.name == name:
+            raise ValueError(f"a family named {name!r} is already registered ({other.__qualname__})")
+
+
+def _append(family: FamilyType) -> FamilyType:
+    if family not in _FAMILIES:
+        _FAMILIES.append(family)
     return family
 
 

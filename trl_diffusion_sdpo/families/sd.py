@@ -14,12 +14,9 @@ from .registry import register_family
 __all__ = ["StableDiffusionFamily"]
 
 
-@register_family
+@register_family("stable-diffusion", pipelines=("StableDiffusionPipeline",))
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x / 2.x: one CLIP text encoder, last hidden state as cross-attention context."""
-
-    name = "stable-diffusion"
-    pipeline_classes = ("StableDiffusionPipeline",)
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:

@@ -18,26 +18,21 @@ from .registry import register_family
 __all__ = ["StableDiffusion3Family"]
 
 
-@register_family
+@register_family("stable-diffusion-3", pipelines=("StableDiffusion3Pipeline",))
 class StableDiffusion3Family(FlowMatchingFamily):
-    """SD3 / SD3.5 (``StableDiffusion3Pipeline`` with an ``SD3Transformer2DModel``)."""
+    """SD3 / SD3.5 (``StableDiffusion3Pipeline`` with an ``SD3Transformer2DModel``), noised as the flow base's
+    defaults: logit-normal levels on the scheduler's (statically shifted, 3.0) sigma table."""
 
-    name = "stable-diffusion-3"
     transformer_class = "SD3Transformer2DModel"
     required_components = ("text_encoder_3",)
-    pipeline_classes = ("StableDiffusion3Pipeline",)
     frozen_components = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")  # text_encoder_3 may be None
-    # As diffusers' SD3 training script and flow_grpo's SD3.5 DPO: logit-normal(0, 1) levels on the scheduler's
-    # (statically shifted) sigma table, no loss weighting.
-    default_weighting_scheme = "logit_normal"
-    default_flow_shift = "scheduler"
     default_max_sequence_length = 77  # diffusers' SD3 LoRA script (the pipeline samples with 256)
-    default_beta = 100.0
     default_learning_rate = 3e-4
-    defaults_source = (
-        "flow_grpo's SD3.5 Flow-DPO (scripts/train_sd3_dpo.py, config/dpo.py): beta 100 on per-sample mean velocity "
-        "errors, LoRA lr 3e-4"
+    # The one family with a Flow-DPO recipe of its own, which the other flow families' beta borrows.
+    beta_source = (
+        "flow_grpo's SD3.5 Flow-DPO (scripts/train_sd3_dpo.py, config/dpo.py) on per-sample mean velocity errors"
     )
+    learning_rate_source = "the same recipe's LoRA learning rate"
 
     def prompt_tokenizer(self) -> PromptTokenizer:
         tokenizers = {"input_ids": self.pipeline.tokenizer, "input_ids_2": self.pipeline.tokenizer_2}

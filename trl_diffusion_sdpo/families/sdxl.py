@@ -15,13 +15,11 @@ from .registry import register_family
 __all__ = ["StableDiffusionXLFamily"]
 
 
-@register_family
+@register_family("stable-diffusion-xl", pipelines=("StableDiffusionXLPipeline",))
 class StableDiffusionXLFamily(ModelFamily):
     """SDXL: two CLIP text encoders (penultimate hidden states concatenated), pooled ``text_embeds``,
     per-image ``time_ids`` micro-conditioning."""
 
-    name = "stable-diffusion-xl"
-    pipeline_classes = ("StableDiffusionXLPipeline",)
     frozen_components = ("vae", "text_encoder", "text_encoder_2")
     needs_time_ids = True
 

@@ -44,27 +44,17 @@ class WanPromptTokenizer(PromptTokenizer):
         return super().__call__([prompt_clean(prompt) for prompt in prompts])
 
 
-@register_family
+@register_family("wan", pipelines=("WanPipeline",))
 class WanFamily(FlowMatchingFamily):
     """Wan 2.1 / 2.2 text-to-video (``WanPipeline`` with a ``WanTransformer3DModel``)."""
 
-    name = "wan"
     transformer_class = "WanTransformer3DModel"
-    required_components = ("text_encoder", "vae")
-    pipeline_classes = ("WanPipeline",)
+    required_components = ("text_encoder", "vae")  # the VAE's class tells text-to-video apart (see matches)
     video = True
     # The self- and cross-attention projections of every block (attn1, attn2), as diffusers' Wan LoRAs adapt them.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
-    default_weighting_scheme = "logit_normal"
-    default_flow_shift = "scheduler"
-    default_max_sequence_length = 512
-    # The recommended Diffusion-DPO beta and LoRA learning rate, with their sources (main's per-family defaults).
-    default_beta = 100.0
     default_learning_rate = 1e-4
-    defaults_source = (
-        "beta: flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published Wan Flow-DPO recipe on "
-        "mean errors); lr: SimpleTuner's Wan LoRA quickstart"
-    )
+    learning_rate_source = "SimpleTuner's Wan LoRA quickstart"
     # The VAE keeps the first frame and compresses the rest in time by this factor (``scale_factor_temporal``).
     temporal_compression_default: ClassVar[int] = 4
 

@@ -56,26 +56,16 @@ class ZImagePromptTokenizer(PromptTokenizer):
         return super().__call__(chats)
 
 
-@register_family
+@register_family("z-image", pipelines=("ZImagePipeline",))
 class ZImageFamily(FlowMatchingFamily):
     """Z-Image and Z-Image-Turbo (``ZImagePipeline`` with a ``ZImageTransformer2DModel``)."""
 
-    name = "z-image"
     transformer_class = "ZImageTransformer2DModel"
-    required_components = ("text_encoder", "tokenizer")
-    pipeline_classes = ("ZImagePipeline",)
     # The single-stream blocks' attention (diffusers' Z-Image LoRA script's default targets): no text-stream
     # projections exist to adapt.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
-    default_weighting_scheme = "logit_normal"
-    default_flow_shift = "scheduler"
-    default_max_sequence_length = 512  # the pipeline's and diffusers' Z-Image script's
-    default_beta = 100.0
     default_learning_rate = 1e-4
-    defaults_source = (
-        "beta: flow_grpo's SD3.5 Flow-DPO value in the same mean-error units (no published Z-Image Flow-DPO "
-        "recipe); lr: diffusers' Z-Image LoRA example (examples/dreambooth/README_z_image.md, 1e-4)"
-    )
+    learning_rate_source = "diffusers' Z-Image LoRA example (examples/dreambooth/README_z_image.md, 1e-4)"
 
     @classmethod
     def check_pipeline(cls, pipeline: Any) -> None:
