@@ -3,7 +3,8 @@
 A family wraps a diffusers pipeline behind :class:`ModelFamily` (see :mod:`.base` for the interface) and registers
 itself with :func:`register_family`; :func:`family_for_pipeline` picks the registered family whose ``matches``
 accepts a pipeline. Adding a family is one module: a :class:`ModelFamily` subclass (a :class:`FlowMatchingFamily`
-for rectified-flow transformers) decorated with :func:`register_family`, imported below. UNet families: SD 1.x/2.x
+for rectified-flow transformers, stating only the defaults where its model differs from the flow base's) decorated
+with ``@register_family("name", pipelines=("SomePipeline",))``, imported below. UNet families: SD 1.x/2.x
 (:mod:`.sd`), SDXL (:mod:`.sdxl`), noised by :class:`DDPMNoiser`. Flow-matching transformer families: SD3/SD3.5
 (:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Qwen-Image (:mod:`.qwen_image`), Z-Image (:mod:`.z_image`), Wan
 text-to-video (:mod:`.wan`), FLUX.2 [dev] and [klein] (:mod:`.flux2`), noised by :class:`FlowNoiser` (:mod:`.flow`).

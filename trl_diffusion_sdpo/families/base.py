@@ -4,14 +4,15 @@ the noiser that makes its training inputs.
 Tokenisation happens in the data collator (CPU, possibly in dataloader workers); encoding happens on the
 accelerator in the trainer. Both go through a family object so the trainer never branches on the model type.
 One module per family beside this one (:mod:`.sd`, :mod:`.sdxl`, :mod:`.sd3`, :mod:`.flux`, :mod:`.qwen_image`,
-:mod:`.z_image`), each registered with :func:`~.registry.register_family`; :func:`~.registry.family_for_pipeline`
-picks one.
+:mod:`.z_image`, :mod:`.wan`, :mod:`.flux2`), each registered with :func:`~.registry.register_family`;
+:func:`~.registry.family_for_pipeline` picks one.
 
 What a family defines (abstract members are marked *):
 
-* ``name``\\* and ``pipeline_classes``\\*: the family's name and the diffusers pipeline classes it handles (for
-  errors and docs); :meth:`matches`\\*: whether a pipeline is one of them, decided from its components so that
-  subclasses work; :meth:`check_pipeline`: a specific refusal for a pipeline it claims but cannot train.
+* ``name`` and ``pipeline_classes``: the family's name and the diffusers pipeline classes it handles (for errors
+  and docs), given at registration (``@register_family("name", pipelines=("SomePipeline",))`` sets both on the
+  class); :meth:`matches`\\*: whether a pipeline is one of them, decided from its components so that subclasses
+  work; :meth:`check_pipeline`: a specific refusal for a pipeline it claims but cannot train.
 * ``denoiser_name``: the pipeline attribute of the trained network (``"unet"`` or ``"transformer"``); it also names
   the LoRA key prefix and the full-weights subfolder the pipeline's loaders expect.
 * ``lora_target_modules``: the LoRA targets when the user names none (the only place they are written).
@@ -103,9 +104,9 @@ class ModelFamily(abc.ABC):
     training inputs. Subclass it (or :class:`~.flow.FlowMatchingFamily`) and register the subclass with
     :func:`~.registry.register_family`."""
 
+    # The family's name and the diffusers pipeline classes it handles, by name (errors and docs list them; matching
+    # uses :meth:`matches`, on components): set by ``register_family(name, pipelines=...)``.
     name: ClassVar[str]
-    # The diffusers pipeline classes this family handles, by name (errors and docs list them; matching uses
-    # :meth:`matches`, on components).
     pipeline_classes: ClassVar[tuple[str, ...]]
     needs_time_ids: ClassVar[bool] = False
     denoiser_name: ClassVar[str] = "unet"

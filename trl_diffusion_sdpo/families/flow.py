@@ -1,5 +1,5 @@
-"""Rectified-flow (flow-matching) families: the base class :class:`FlowMatchingFamily` that SD3 / SD3.5 and FLUX.1
-share, and their noiser :class:`FlowNoiser`.
+"""Rectified-flow (flow-matching) families: the base class :class:`FlowMatchingFamily` that the flow transformer
+families share (with their common defaults), and their noiser :class:`FlowNoiser`.
 
 For a clean latent ``x0``, a noise ``eps ~ N(0, I)`` and a noise level ``s`` in ``(0, 1]``:
 
