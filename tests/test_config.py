@@ -20,7 +20,9 @@ from trl_diffusion_sdpo import DiffusionSDPOConfig
         ({"proportion_empty_prompts": 1.2}, r"proportion_empty_prompts must lie in \[0, 1\]"),
         ({"min_timestep": -1}, "min_timestep"),
         ({"min_timestep": 500, "max_timestep": 500}, "max_timestep"),
-        ({"on_nonfinite_loss": "ignore"}, "on_nonfinite_loss"),
+        ({"on_nonfinite_loss": "ignore"}, r"on_nonfinite_loss must be one of \['skip', 'raise'\]"),
+        ({"safeguard_space": "gradient"}, r"safeguard_space must be one of \['output', 'parameter', 'update'\]"),
+        ({"safeguard_scope": "world"}, r"safeguard_scope must be one of \['local', 'global'\]"),
         ({"loss_type": "ipo"}, "loss_type"),
         ({"remove_unused_columns": True}, "remove_unused_columns"),
         # Non-finite values, which used to make training skip every step and still "finish"

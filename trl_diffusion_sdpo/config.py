@@ -10,10 +10,15 @@ from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from .checks import Range
+from .checks import Choice, Range
 from .objectives import DSPO_FORMS, OBJECTIVES, check_objective_config, objective_class
 
 __all__ = ["DiffusionSDPOConfig"]
+
+# The options of the config's choice fields: the fields' ``choices`` (what ``--help`` lists) and their checks.
+SAFEGUARD_SPACES = ("output", "parameter", "update")
+SAFEGUARD_SCOPES = ("local", "global")
+NONFINITE_ACTIONS = ("skip", "raise")
 
 
 @dataclass
@@ -249,7 +254,7 @@ class DiffusionSDPOConfig(TrainingArguments):
             "help": "'output': the authors' rule on residuals; 'parameter': the exact rule from per-branch "
             "parameter gradients (one backward per branch); 'update': lambda chosen on the optimizer's actual update "
             "(AdamW/Adam/SGD).",
-            "choices": ["output", "parameter", "update"],
+            "choices": list(SAFEGUARD_SPACES),
         },
     )
     safeguard_scope: str = field(
@@ -257,7 +262,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         metadata={
             "help": "'local': one lambda per process micro-batch (authors); 'global': lambda of the global "
             "micro-batch, its sums all-reduced.",
-            "choices": ["local", "global"],
+            "choices": list(SAFEGUARD_SCOPES),
         },
     )
     # Data
@@ -332,7 +337,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         default="skip",
         metadata={
             "help": "On a NaN/inf loss: 'skip' the optimizer step, or 'raise' after a checkpoint.",
-            "choices": ["skip", "raise"],
+            "choices": list(NONFINITE_ACTIONS),
         },
     )
     preemption_signals: list[str] = field(
@@ -384,7 +389,7 @@ class DiffusionSDPOConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.loss_type not in OBJECTIVES:
             raise ValueError(f"loss_type={self.loss_type!r} is not supported; choose one of {sorted(OBJECTIVES)}")
-        self._check_numbers()
+        self._check_fields()
         # The objective fields (beta, dmpo_alpha, ...) are checked by the objectives that declare them.
         check_objective_config(self)
         if self.resolution % 8 != 0:
@@ -407,8 +412,6 @@ class DiffusionSDPOConfig(TrainingArguments):
             raise ValueError(f"flow_logit_std must be > 0, got {self.flow_logit_std}")
         if self.max_sequence_length is not None and self.max_sequence_length <= 0:
             raise ValueError(f"max_sequence_length must be positive, got {self.max_sequence_length}")
-        if self.on_nonfinite_loss not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite_loss must be 'skip' or 'raise', got {self.on_nonfinite_loss!r}")
         from .io.preemption import parse_signals  # validates the names
 
         parse_signals(self.preemption_signals)
@@ -420,10 +423,6 @@ class DiffusionSDPOConfig(TrainingArguments):
             )
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the image columns; leave it False")
-        if self.safeguard_space not in ("output", "parameter", "update"):
-            raise ValueError(
-                f"safeguard_space must be 'output', 'parameter' or 'update', got {self.safeguard_space!r}"
-            )
         if self.safeguard and self.safeguard_space == "update" and self.gradient_accumulation_steps != 1:
             raise ValueError(
                 "safeguard_space='update' needs gradient_accumulation_steps=1: lambda is chosen on the optimizer's "
@@ -437,8 +436,6 @@ class DiffusionSDPOConfig(TrainingArguments):
             )
         if self.validation_prompts is not None and not self.validation_prompts:
             raise ValueError("validation_prompts must hold at least one prompt, or be None to turn validation off")
-        if self.safeguard_scope not in ("local", "global"):
-            raise ValueError(f"safeguard_scope must be 'local' or 'global', got {self.safeguard_scope!r}")
         if _launched_on_cpu_only():
             # Several processes, no GPU: without these, accelerate finds no device backend and runs each process as a
             # lone one (no gradient sync), and under DeepSpeed disagrees with it on the number of processes.
@@ -448,16 +445,19 @@ class DiffusionSDPOConfig(TrainingArguments):
                 self.use_cpu = True
         super().__post_init__()
 
-    def _check_numbers(self) -> None:
-        """Every general numeric field is a finite number (an integer where one is needed) in its range, or a
-        ValueError that names the field, the value and what to change (:class:`~.checks.Range`; the objective fields
-        have their rules in their objectives)."""
-        for name, rule in _NUMERIC_RULES.items():
+    def _check_fields(self) -> None:
+        """Every general numeric field is a finite number (an integer where one is needed) in its range, and every
+        choice field one of its options, or a ValueError that names the field, the value and what to change
+        (:class:`~.checks.Range`, :class:`~.checks.Choice`; the objective fields have their rules in their
+        objectives)."""
+        for name, rule in _FIELD_RULES.items():
             rule.check(name, getattr(self, name))
 
 
-_NUMERIC_RULES: dict[str, Range] = {
+_FIELD_RULES: dict[str, Range | Choice] = {
     # the safeguard
+    "safeguard_space": Choice(SAFEGUARD_SPACES),
+    "safeguard_scope": Choice(SAFEGUARD_SCOPES),
     "safeguard_mu": Range(0, 1, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL."),
     "safeguard_max_lambda": Range(0, low_open=True, hint="The authors use 1.0."),
     # the data
@@ -487,6 +487,8 @@ _NUMERIC_RULES: dict[str, Range] = {
     "per_device_eval_batch_size": Range(1, integer=True),
     "gradient_accumulation_steps": Range(1, integer=True),
     "seed": Range(0, integer=True),
+    # robustness
+    "on_nonfinite_loss": Choice(NONFINITE_ACTIONS),
 }
 
 
