@@ -170,6 +170,7 @@ def test_protocol_defaults_and_native_resolution(model_dirs):
         ({"dtype": "fp16"}, "dtype must be one of ['float32', 'bfloat16', 'float16'], got 'fp16'."),
         ({"scheduler": "ddim"}, "scheduler must be one of ['euler', 'model'], got 'ddim'."),
     ],
+    ids=["dtype", "scheduler"],
 )
 def test_generation_settings_name_the_allowed_dtypes_and_schedulers(setting, message):
     with pytest.raises(ValueError, match=re.escape(message)):

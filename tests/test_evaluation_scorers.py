@@ -246,24 +246,16 @@ BLIP_MED_CONFIG = {
     "encoder_width": 768,
     "add_cross_attention": True,
 }
-# ImageReward's ViT (ImageReward.py: BLIP_Pretrain(image_size=224, vit='large'); BLIP's create_vit('large'):
-# VisionTransformer(patch_size=16, embed_dim=1024, depth=24, num_heads=16), mlp_ratio 4, LayerNorm eps 1e-6, GELU).
-VIT_L16_224 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=16,
-    layer_norm_eps=1e-6,
-    hidden_act="gelu",
-)
 
 
 @pytest.mark.parametrize("med", [BLIP_MED_CONFIG, {}], ids=["published-med-config", "fields-left-out"])
 def test_image_reward_builds_the_published_architecture(med):
     vision, text = image_reward_configs(med)
-    assert {key: getattr(vision, key) for key in VIT_L16_224} == VIT_L16_224
+    # ImageReward's ViT (ImageReward.py: BLIP_Pretrain(image_size=224, vit='large'); BLIP's create_vit('large'):
+    # VisionTransformer(patch_size=16, embed_dim=1024, depth=24, num_heads=16), mlp_ratio 4, LayerNorm eps 1e-6, GELU).
+    size = (vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads)
+    assert size == (1024, 4096, 24, 16)
+    assert (vision.image_size, vision.patch_size, vision.layer_norm_eps, vision.hidden_act) == (224, 16, 1e-6, "gelu")
     text_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     text_fields += ("max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id")
     assert {key: getattr(text, key) for key in text_fields} == {key: BLIP_MED_CONFIG[key] for key in text_fields}
