@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
+from trl_diffusion_sdpo.checks import Choice
 
 
 @pytest.mark.parametrize(
@@ -119,3 +120,11 @@ def test_scale_lr_leaves_the_callers_config_object_alone(make_config, make_pipel
 def test_scale_lr_false_uses_the_learning_rate_as_given(make_trainer):
     trainer = make_trainer(scale_lr=False, learning_rate=3e-4, gradient_accumulation_steps=4)
     assert trainer.args.learning_rate == 3e-4
+
+
+def test_a_choice_lists_its_options_in_the_order_given():
+    choice = Choice(("sd15", "sdxl", "flow"))
+    assert choice.check("form", "sdxl") == "sdxl"
+    with pytest.raises(ValueError) as info:
+        choice.check("form", "sd21")
+    assert str(info.value) == "form must be one of ['sd15', 'sdxl', 'flow'], got 'sd21'."

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -305,6 +306,11 @@ def test_ranked_records_become_every_pair_or_best_against_worst(tmp_path, make_c
     best_worst = load(tmp_path, split="test", ranking_pairs="best_worst")
     assert pairs_of(best_worst.select([0])) == [("three", COLOURS[1], COLOURS[0])]
     assert len(best_worst) == 2
+    # Without the check an unknown name would silently pair as "all".
+    with pytest.raises(
+        ValueError, match=re.escape("ranking_pairs must be one of ['all', 'best_worst'], got 'best-worst'.")
+    ):
+        load(tmp_path, split="test", ranking_pairs="best-worst")
 
 
 def test_ranked_pairs_against_a_brute_force_count():
@@ -323,7 +329,8 @@ def test_other_names_fall_back_to_load_dataset(tmp_path):
     assert detect_format("some-user/some-dataset") == "hub"
     (tmp_path / "data").mkdir()
     assert detect_format(str(tmp_path / "data")) == "hub"  # a folder load_dataset reads (parquet, ...)
-    with pytest.raises(ValueError, match="dataset_format must be one of"):
+    formats = "['auto', 'pair_folders', 'table', 'imagefolder', 'hpd', 'disk', 'hub']"
+    with pytest.raises(ValueError, match=re.escape(f"dataset_format must be one of {formats}, got 'parquet'.")):
         load(tmp_path, dataset_format="parquet")
 
 

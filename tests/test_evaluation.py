@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -161,6 +162,19 @@ def test_protocol_defaults_and_native_resolution(model_dirs):
     pipe = load_base_pipeline(model_dirs["base"], settings, torch.device("cpu"))
     assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.scheduler, EulerDiscreteScheduler)
     assert native_resolution(pipe) == pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"dtype": "fp16"}, "dtype must be one of ['float32', 'bfloat16', 'float16'], got 'fp16'."),
+        ({"scheduler": "ddim"}, "scheduler must be one of ['euler', 'model'], got 'ddim'."),
+    ],
+    ids=["dtype", "scheduler"],
+)
+def test_generation_settings_name_the_allowed_dtypes_and_schedulers(setting, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GenerationSettings(**setting)
 
 
 def test_every_prompt_starts_from_the_seeds_noise_whatever_the_batch(model_dirs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from trl_diffusion_sdpo.evaluation.scorers import (
     build_scorer,
     register_scorer,
 )
-from trl_diffusion_sdpo.evaluation.scorers.image_reward import text_config_from_med
+from trl_diffusion_sdpo.evaluation.scorers.image_reward import image_reward_configs, text_config_from_med
 
 torch.set_num_threads(1)
 # The published normalisation, not the package's copy (THUDM/ImageReward, ImageReward/ImageReward.py, class
@@ -57,7 +58,9 @@ def test_pickscore_is_the_raw_cosine_by_default_and_x100_on_request(tiny_clip):
     x100 = PickScoreScorer(model=tiny_clip, processor=tiny_clip, multiplier="x100", device="cpu")
     assert x100.scale == "x100 cosine"
     torch.testing.assert_close(x100(images, PROMPTS), 100 * expected, atol=1e-3, rtol=1e-5)
-    with pytest.raises(ValueError, match="multiplier"):
+    with pytest.raises(
+        ValueError, match=re.escape("multiplier must be one of ['raw', 'x100', 'logit_scale'], got 'x10'.")
+    ):
         PickScoreScorer(model=tiny_clip, processor=tiny_clip, multiplier="x10")
 
 
@@ -66,6 +69,10 @@ def test_clip_score_conventions_scale_and_clamp_the_mean_not_each_pair(tiny_clip
     cosine = reference_cosine(tiny_clip, images, PROMPTS)
     torchmetrics = CLIPScoreScorer("torchmetrics", model=tiny_clip, device="cpu")
     sdpo = build_scorer("clip-cosine", model=tiny_clip, device="cpu")
+    with pytest.raises(
+        ValueError, match=re.escape("convention must be one of ['torchmetrics', 'cosine'], got 'openai'.")
+    ):
+        CLIPScoreScorer("openai", model=tiny_clip, device="cpu")
     torch.testing.assert_close(torchmetrics(images, PROMPTS), 100 * cosine, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(sdpo(images, PROMPTS), cosine, atol=1e-5, rtol=1e-5)
     assert (torchmetrics.name, sdpo.name) == ("clip", "clip_cosine")
@@ -172,6 +179,8 @@ def test_hps_refuses_a_checkpoint_it_cannot_map(tmp_path, hps_architecture):
         HPSv2Scorer(checkpoint=str(tmp_path / "odd.safetensors"), architecture=hps_architecture)
     with pytest.raises(FileNotFoundError):
         HPSv2Scorer(checkpoint=str(tmp_path / "missing.pt"), architecture=hps_architecture)
+    with pytest.raises(ValueError, match=re.escape("version must be one of ['v2.0', 'v2.1'], got 'v3'.")):
+        HPSv2Scorer(version="v3", checkpoint=str(tmp_path / "odd.safetensors"), architecture=hps_architecture)
 
 
 # BLIP's own parameter names (salesforce/BLIP models/vit.py), the layout ImageReward.pt stores.
@@ -215,6 +224,43 @@ def _bert_vocab(folder: str) -> str:
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
         f.write("\n".join(words) + "\n")
     return folder
+
+
+# BLIP's configs/med_config.json (salesforce/BLIP), the text encoder's config ImageReward ships.
+BLIP_MED_CONFIG = {
+    "architectures": ["BertModel"],
+    "attention_probs_dropout_prob": 0.1,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 512,
+    "model_type": "bert",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 0,
+    "type_vocab_size": 2,
+    "vocab_size": 30524,
+    "encoder_width": 768,
+    "add_cross_attention": True,
+}
+
+
+@pytest.mark.parametrize("med", [BLIP_MED_CONFIG, {}], ids=["published-med-config", "fields-left-out"])
+def test_image_reward_builds_the_published_architecture(med):
+    vision, text = image_reward_configs(med)
+    # ImageReward's ViT (ImageReward.py: BLIP_Pretrain(image_size=224, vit='large'); BLIP's create_vit('large'):
+    # VisionTransformer(patch_size=16, embed_dim=1024, depth=24, num_heads=16), mlp_ratio 4, LayerNorm eps 1e-6, GELU).
+    size = (vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads)
+    assert size == (1024, 4096, 24, 16)
+    assert (vision.image_size, vision.patch_size, vision.layer_norm_eps, vision.hidden_act) == (224, 16, 1e-6, "gelu")
+    text_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    text_fields += ("max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id")
+    assert {key: getattr(text, key) for key in text_fields} == {key: BLIP_MED_CONFIG[key] for key in text_fields}
+    assert text.encoder_hidden_size == 1024  # the file's encoder_width (768, ViT-B) follows the ViT-L, as in BLIP
+    assert text.hidden_dropout_prob == text.attention_probs_dropout_prob == 0.0
 
 
 def test_image_reward_loads_the_original_blip_layout_and_standardises(tmp_path):

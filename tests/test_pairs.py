@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_select_pairs_and_summary_on_known_values():
     assert summary["pairs"] == 5 and summary["prompts_with_pair"] == 5 and summary["margin_mean"] == pytest.approx(0.3)
     assert summary["q50"] == pytest.approx(0.3) and summary["q25"] == pytest.approx(0.2)
     assert summary["q10"] == pytest.approx(0.14) and summary["prompts_without_pair"] == ["p"]
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match=re.escape("mode must be one of ['best-worst', 'all'], got 'best'.")):
         select_pairs([1.0, 0.0], "best", 0.0)
     with pytest.raises(ValueError, match="margin"):
         select_pairs([1.0, 0.0], "all", -0.1)
@@ -141,6 +142,13 @@ def test_pairs_are_the_right_ones_and_a_rerun_samples_and_scores_nothing(tmp_pat
     with pytest.raises(ValueError, match="No pair .* margin=1.0"):  # nothing above: no (stale) dataset is left
         make_pairs(model_dirs["base"], **{**kwargs, "margin": 1.0})
     assert not os.path.exists(again.dataset_dir) and count_calls["calls"] == 0
+
+
+def test_make_pairs_refuses_an_unknown_mode_before_sampling(tmp_path, model_dirs, count_calls):
+    with pytest.raises(ValueError, match=re.escape("mode must be one of ['best-worst', 'all'], got 'best'.")):
+        make_pairs(model_dirs["base"], prompts=PROMPTS, num_images=2, scorer="pairs-redness", mode="best",
+                   output_dir=str(tmp_path / "p"), settings=FAST, device="cpu", progress=False)  # fmt: skip
+    assert count_calls["calls"] == 0 and not os.path.exists(tmp_path / "p" / "images")
 
 
 def test_the_pairs_dataset_trains_smpo_with_its_scores(tmp_path, model_dirs, make_config):

@@ -1,5 +1,5 @@
-"""The value checks shared by the config and the objectives, so a field fails with the same message wherever it is
-checked: the name, the value, and what to change."""
+"""The value checks shared by the config, the objectives, the evaluation and the data readers, so a field fails with
+the same message wherever it is checked: the name, the value, and what to change."""
 
 from __future__ import annotations
 
@@ -59,12 +59,13 @@ class Range:
 
 @dataclass(frozen=True)
 class Choice:
-    """The allowed values of a field that names one of a few options."""
+    """The allowed values of a field that names one of a few options, listed in the order given (a table's keys:
+    ``Choice(tuple(table))``), so the message reads as the documentation does, the default usually first."""
 
     options: tuple[str, ...]
 
     def check(self, name: str, value: Any) -> str:
-        """``value`` if it is one of ``options``, else a ``ValueError`` naming ``name`` and listing them."""
+        """``value`` if it is one of ``options``, else a ``ValueError`` naming ``name``, the value and the options."""
         if value not in self.options:
-            raise ValueError(f"{name} must be one of {list(self.options)}, got {value!r}")
+            raise ValueError(f"{name} must be one of {list(self.options)}, got {value!r}.")
         return value

@@ -45,6 +45,7 @@ from urllib.request import url2pathname
 
 from datasets import Dataset, DatasetDict, IterableDataset
 
+from ..checks import Choice
 from .validation import _URL, SOURCE_COLUMN
 
 __all__ = [
@@ -88,10 +89,8 @@ def load_preference_data(
     Local formats are read whole into a ``Dataset`` (``streaming`` then iterates over it); ``max_rows`` keeps the
     first rows; ``config_name`` is ``load_dataset``'s configuration name (``hub`` only).
     """
-    if format not in FORMATS:
-        raise ValueError(f"dataset_format must be one of {list(FORMATS)}, got {format!r}")
-    if ranking_pairs not in RANKING_PAIRS:
-        raise ValueError(f"ranking_pairs must be one of {list(RANKING_PAIRS)}, got {ranking_pairs!r}")
+    Choice(FORMATS).check("dataset_format", format)
+    Choice(RANKING_PAIRS).check("ranking_pairs", ranking_pairs)
     if format == "auto":
         format = detect_format(name_or_path, split)
         logger.info("Reading %s as %s", name_or_path, format)

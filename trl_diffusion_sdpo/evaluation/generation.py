@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..checks import Choice
 from .scorers.base import resolve_device
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "variant_pipeline",
 ]
 
+SCHEDULERS = ("euler", "model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 # The pipeline component a full-tuning output replaces: SD1.x/2.x and SDXL train a UNet, SD3 and FLUX a transformer.
@@ -64,10 +66,8 @@ class GenerationSettings:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.scheduler not in ("euler", "model"):
-            raise ValueError(f"scheduler must be 'euler' or 'model', got {self.scheduler!r}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        Choice(SCHEDULERS).check("scheduler", self.scheduler)
+        Choice(tuple(DTYPES)).check("dtype", self.dtype)
         if self.num_inference_steps < 1:
             raise ValueError("num_inference_steps must be at least 1.")
 

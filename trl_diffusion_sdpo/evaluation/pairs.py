@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import Choice
 from .generation import GenerationSettings, ModelSpec, generate_images
 from .prompts import load_prompts
 from .run import _scorer_arguments
@@ -46,8 +47,7 @@ def select_pairs(scores: Sequence[float], mode: str = "best-worst", margin: floa
     ``best-worst``: at most one pair, (argmax, argmin); ``all``: every pair ``i, j`` with ``s_i - s_j > margin``,
     in order of ``i`` then ``j``. Non-finite scores are never paired.
     """
-    if mode not in PAIR_MODES:
-        raise ValueError(f"mode must be one of {PAIR_MODES}, got {mode!r}.")
+    Choice(PAIR_MODES).check("mode", mode)
     if margin < 0:
         raise ValueError(f"margin must be >= 0 (a pair's score gap is positive), got {margin}.")
     finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
@@ -194,8 +194,7 @@ def make_pairs(
     """
     if num_images < 2:
         raise ValueError(f"num_images must be at least 2 to form a pair, got {num_images}.")
-    if mode not in PAIR_MODES:
-        raise ValueError(f"mode must be one of {PAIR_MODES}, got {mode!r}.")
+    Choice(PAIR_MODES).check("mode", mode)
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}.")
     if not isinstance(scorer, Scorer) and scorer not in available_scorers():  # before any sampling

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from ...checks import Choice
 from ._clip import CLIPEmbedder
 from .base import Scorer, resolve_device
 
@@ -40,9 +41,7 @@ class CLIPScoreScorer(Scorer):
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
     ) -> None:
-        if convention not in _DEFAULT_MODELS:
-            raise ValueError(f"convention must be one of {sorted(_DEFAULT_MODELS)}, got {convention!r}.")
-        self.convention = convention
+        self.convention = Choice(tuple(_DEFAULT_MODELS)).check("convention", convention)
         model = model or _DEFAULT_MODELS[convention]
         self.embedder = CLIPEmbedder.from_pretrained(model, processor, resolve_device(device), dtype, batch_size)
         if convention == "torchmetrics":

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
+from ...checks import Choice
 from ._clip import CLIPEmbedder, load_weights_file
 from .base import Scorer, resolve_device
 
@@ -123,9 +124,7 @@ class HPSv2Scorer(Scorer):
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
     ) -> None:
-        if version not in HPS_FILES:
-            raise ValueError(f"version must be one of {sorted(HPS_FILES)}, got {version!r}.")
-        self.version = version
+        self.version = Choice(tuple(HPS_FILES)).check("version", version)
         self.name = "hpsv2" if version == "v2.0" else "hpsv2.1"
         if checkpoint is None:
             from huggingface_hub import hf_hub_download

@@ -38,28 +38,33 @@ IMAGE_REWARD_STD = 1.0333394966054072
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# BLIP's ViT-L/16 at 224 px, as ImageReward builds it (vit='large'); timm's LayerNorm eps 1e-6.
+# BLIP's ViT-L/16 at 224 px, as ImageReward builds it (``BLIP_Pretrain(image_size=224, vit='large')``: BLIP's
+# create_vit gives width 1024, depth 24, 16 heads, MLP ratio 4, timm's LayerNorm eps 1e-6), as the fields that differ
+# from BlipVisionConfig's defaults (BLIP's ViT-B/16 at 384 px: the 16 px patch and exact GELU are the same).
 VIT_LARGE = dict(
     hidden_size=1024,
     intermediate_size=4096,
     num_hidden_layers=24,
     num_attention_heads=16,
     image_size=224,
-    patch_size=16,
     layer_norm_eps=1e-6,
-    hidden_act="gelu",
 )
-# BLIP's med_config.json (BERT-base with cross-attention, vocabulary 30522 + [DEC] + [ENC]).
-MED_BERT_BASE = dict(
-    vocab_size=30524,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=512,
-    layer_norm_eps=1e-12,
-    hidden_act="gelu",
-    pad_token_id=0,
+# BLIP's med_config.json (BERT-base with cross-attention, vocabulary 30522 + [DEC] + [ENC]) differs from
+# BlipTextConfig's defaults (vocabulary 30524, width 768, MLP 3072, 12 layers, 512 positions, eps 1e-12, GELU, pad 0)
+# only in its 12 heads (8 there); so a field a med_config leaves out falls back to the published file's value.
+MED_BERT_BASE = dict(num_attention_heads=12)
+# The fields of a med_config that shape the text encoder; the others are not read (dropout is off at inference,
+# ``encoder_width`` follows the ViT).
+MED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "layer_norm_eps",
+    "hidden_act",
+    "pad_token_id",
 )
 
 _VISION_RENAMES = (
@@ -107,23 +112,21 @@ def _med_config(med_config: str | dict[str, Any] | None, hub_repo: str) -> dict[
 
 
 def text_config_from_med(med: dict[str, Any], encoder_hidden_size: int) -> BlipTextConfig:
-    """`BlipTextConfig` from BLIP's BERT ``med_config.json`` (``encoder_width`` is replaced by the ViT width, as
-    BLIP does)."""
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "max_position_embeddings",
-        "layer_norm_eps",
-        "hidden_act",
-        "pad_token_id",
-    )
-    values = {k: med.get(k, MED_BERT_BASE[k]) for k in keys}
+    """`BlipTextConfig` from BLIP's BERT ``med_config.json``: its :data:`MED_FIELDS`, each one it leaves out as BLIP's
+    own file has it; ``encoder_width`` is replaced by the ViT width, as BLIP does."""
+    values = {**MED_BERT_BASE, **{k: med[k] for k in MED_FIELDS if k in med}}
     return BlipTextConfig(
         **values, encoder_hidden_size=encoder_hidden_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
+
+
+def image_reward_configs(
+    med: dict[str, Any], vision_config: dict[str, Any] | None = None
+) -> tuple[BlipVisionConfig, BlipTextConfig]:
+    """The vision and text configs of `ImageRewardModel`: ImageReward's ViT-L/16 (:data:`VIT_LARGE`) with the
+    overrides ``vision_config``, and the text encoder of ``med`` (:func:`text_config_from_med`) cross-attending it."""
+    vision = BlipVisionConfig(**{**VIT_LARGE, **(vision_config or {})})
+    return vision, text_config_from_med(med, vision.hidden_size)
 
 
 class ImageRewardModel(nn.Module):
@@ -198,8 +201,7 @@ class ImageRewardScorer(Scorer):
             checkpoint = hf_hub_download(hub_repo, "ImageReward.pt")
         elif not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"ImageReward checkpoint {checkpoint!r} is not a file.")
-        vision = BlipVisionConfig(**{**VIT_LARGE, **(vision_config or {})})
-        text = text_config_from_med(_med_config(med_config, hub_repo), vision.hidden_size)
+        vision, text = image_reward_configs(_med_config(med_config, hub_repo), vision_config)
         self.model = ImageRewardModel(vision, text)
         missing, unexpected = self.model.load_state_dict(
             blip_to_transformers(load_weights_file(checkpoint)), strict=False

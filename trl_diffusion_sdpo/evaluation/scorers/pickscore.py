@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from ...checks import Choice
 from ._clip import CLIPEmbedder
 from .base import Scorer, resolve_device
 
@@ -44,10 +45,8 @@ class PickScoreScorer(Scorer):
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
     ) -> None:
-        if multiplier not in _MULTIPLIERS:
-            raise ValueError(f"multiplier must be one of {_MULTIPLIERS}, got {multiplier!r}.")
+        self.multiplier = Choice(_MULTIPLIERS).check("multiplier", multiplier)
         self.embedder = CLIPEmbedder.from_pretrained(model, processor, resolve_device(device), dtype, batch_size)
-        self.multiplier = multiplier
         self.factor = {"raw": 1.0, "x100": 100.0}.get(multiplier) or float(self.embedder.model.logit_scale.exp())
         self.scale = {"raw": "raw cosine", "x100": "x100 cosine"}.get(multiplier, f"x{self.factor:.2f} cosine")
 
