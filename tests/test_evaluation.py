@@ -390,6 +390,25 @@ def test_the_shared_sampling_flags_become_keywords_that_evaluate_and_make_pairs_
         assert defaults == {name: signature.parameters[name].default for name in defaults}, function.__name__
 
 
+def test_scorer_arg_flags_are_parsed_and_a_flag_for_a_scorer_not_run_is_refused_by_both_commands():
+    from trl_diffusion_sdpo.cli import main, scorer_arguments
+
+    parsed = scorer_arguments(
+        ["hpsv3.checkpoint=/m/HPSv3", "hpsv3.batch_size=4", "pickscore.x=[1, 2]"], ["hpsv3", "pickscore"]
+    )
+    assert parsed == {"hpsv3": {"checkpoint": "/m/HPSv3", "batch_size": 4}, "pickscore": {"x": [1, 2]}}
+    with pytest.raises(SystemExit, match="should read NAME.KEY=VALUE"):
+        scorer_arguments(["hpsv3=1"], ["hpsv3"])
+    # Refused before any model is loaded (the base folder does not exist), naming the flag and the scorers run.
+    for argv in (
+        ["evaluate", "--base", "missing", "--scorer", "pickscore", "--scorer-arg", "hps.version=v2.1"],
+        ["evaluate", "--base", "missing", "--scorer-arg", "hps.version=v2.1"],  # the default scorer, pickscore
+        ["pairs", "--base", "missing", "--scorer", "pickscore", "--scorer-arg", "hps.version=v2.1"],
+    ):
+        with pytest.raises(SystemExit, match=r"--scorer-arg names \['hps'\], but the scorers are \['pickscore'\]"):
+            main(argv)
+
+
 class DeviceRecordingScorer(RednessScorer):
     name = "device_recording"
     devices: list = []

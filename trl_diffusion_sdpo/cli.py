@@ -176,7 +176,9 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _scorer_kwargs(items: list[str]) -> dict[str, dict]:
+def scorer_arguments(items: list[str], scorers: list[str]) -> dict[str, dict]:
+    """``--scorer-arg NAME.KEY=VALUE`` flags as ``{NAME: {KEY: VALUE}}`` (VALUE parsed as JSON if it can be), for
+    ``evaluate`` and ``pairs`` alike: a flag for a scorer the command does not run is refused, not ignored."""
     import json
 
     kwargs: dict[str, dict] = {}
@@ -190,6 +192,9 @@ def _scorer_kwargs(items: list[str]) -> dict[str, dict]:
         except json.JSONDecodeError:
             parsed = value
         kwargs.setdefault(name, {})[argument] = parsed
+    unknown = sorted(set(kwargs) - set(scorers))
+    if unknown:
+        raise SystemExit(f"--scorer-arg names {unknown}, but the scorers are {scorers}.")
     return kwargs
 
 
@@ -197,14 +202,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
     from .evaluation import evaluate
 
+    scorers = args.scorer or ["pickscore"]
     result = evaluate(
         args.base,
         args.model,
         prompts=args.prompts,
-        scorers=args.scorer or ["pickscore"],
+        scorers=scorers,
         output_dir=args.output_dir,
         seeds=args.seed or [0],
-        scorer_kwargs=_scorer_kwargs(args.scorer_arg),
+        scorer_kwargs=scorer_arguments(args.scorer_arg, scorers),
         n_resamples=args.bootstrap_resamples,
         **sampling_keywords(args),
     )

@@ -72,14 +72,10 @@ def add_pairs_parser(
 
 
 def run_pairs(args: argparse.Namespace) -> int:
-    from .cli import _scorer_kwargs, sampling_keywords
+    from .cli import sampling_keywords, scorer_arguments
     from .demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
     from .evaluation.pairs import make_pairs
 
-    scorer_kwargs = _scorer_kwargs(args.scorer_arg)
-    unknown = sorted(set(scorer_kwargs) - {args.scorer})
-    if unknown:
-        raise SystemExit(f"--scorer-arg names {unknown}, but the scorer is {args.scorer!r}.")
     result = make_pairs(
         args.base,
         args.model,
@@ -90,7 +86,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         mode=args.mode,
         output_dir=args.output_dir,
         seed=args.seed,
-        scorer_kwargs=scorer_kwargs.get(args.scorer, {}),
+        scorer_kwargs=scorer_arguments(args.scorer_arg, [args.scorer]).get(args.scorer, {}),
         **sampling_keywords(args),
     )
     s = result.summary
