@@ -136,11 +136,14 @@ class DiffusionSDPOConfig(TrainingArguments):
         scripts; `"resolution"`: FLUX's resolution-dependent shift on the unshifted table; `"none"`: unshifted.
         `None`: the family's default (SD3 `"scheduler"`, FLUX `"resolution"`).
     max_sequence_length (`int` or `None`, *optional*, defaults to `None`):
-        T5 tokens of the prompt; `None`: the family's default (SD3 77 as diffusers' SD3 LoRA script, FLUX 512).
+        Prompt tokens of a flow family's text encoder (T5 for SD3 and FLUX.1, UMT5 for Wan, the language model for
+        Qwen-Image, Z-Image and FLUX.2); `None`: the family's default (SD3 77 as diffusers' SD3 LoRA script, the
+        others 512).
     flux_guidance_scale (`float` or `None`, *optional*, defaults to `None`):
         The guidance value fed to the guidance embedding of FLUX.1-dev and FLUX.2 [dev] (policy and reference alike);
-        ignored by models without one (schnell, FLUX.2 [klein]). `None`: the family's default (FLUX.1 3.5, as
-        diffusers' FLUX script; FLUX.2 [dev] 4.0, its pipeline's sampling default).
+        and of a guidance-distilled Qwen-Image transformer (`guidance_embeds=True`); ignored by models without one
+        (schnell, FLUX.2 [klein], the released Qwen-Image). `None`: the family's default (FLUX.1 3.5, as diffusers'
+        FLUX script; FLUX.2 [dev] 4.0, its pipeline's sampling default; Qwen-Image 1.0).
     caption_column, image_0_column, image_1_column, label_0_column (`str`):
         Pick-a-Pic column names (defaults `"caption"`, `"jpg_0"`, `"jpg_1"`, `"label_0"`). ``label_0`` is 1 when
         image 0 is preferred, 0 when image 1 is, 0.5 for a tie (ties are dropped and counted).
@@ -301,13 +304,16 @@ class DiffusionSDPOConfig(TrainingArguments):
         metadata={"help": "Flow families: sigma shift (scheduler, resolution, none); None: the family's default."},
     )
     max_sequence_length: int | None = field(
-        default=None, metadata={"help": "Flow families: T5 prompt tokens; None: the family's default (77 / 512)."}
+        default=None,
+        metadata={
+            "help": "Flow families: prompt tokens of the text encoder; None: the family's default (SD3 77, else 512)."
+        },
     )
     flux_guidance_scale: float | None = field(
         default=None,
         metadata={
-            "help": "FLUX.1-dev / FLUX.2 [dev]: guidance value of the guidance embedding while training; None: the "
-            "family's default (3.5 / 4.0)."
+            "help": "FLUX.1-dev / FLUX.2 [dev] / guidance-distilled Qwen-Image: guidance value of the guidance "
+            "embedding while training; None: the family's default (3.5 / 4.0 / 1.0)."
         },
     )
     caption_column: str = field(default="caption", metadata={"help": "Pick-a-Pic caption column."})
