@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -164,6 +165,13 @@ def test_demo_options_reach_the_recipe():
         DemoRecipe(methods=("dpo", "ipo"))
     with pytest.raises(ValueError, match="distinct"):
         DemoRecipe(seeds=(1, 1))
+    with pytest.raises(ValueError, match=re.escape("tuning must be one of ['full', 'lora'], got 'qlora'.")):
+        DemoRecipe(tuning="qlora")
+    for name in ("max_steps", "batch_size"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            DemoRecipe(**{name: 0})
+    with pytest.raises(ValueError, match=r"grid_seeds \(3\) cannot exceed eval_seeds_per_prompt \(2\)"):
+        DemoRecipe(grid_seeds=3, eval_seeds_per_prompt=2)
     # the data seed no longer changes the base: every seed uses the shipped one
     assert DemoRecipe(seed=3).pretrain == PretrainRecipe()
 

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import Choice, Range
 from .methods import METHODS, resolve_methods
 from .pretrain import PretrainRecipe
 
@@ -82,14 +83,13 @@ class DemoRecipe:
     threads: int | None = 1
 
     def __post_init__(self) -> None:
-        if self.tuning not in ("full", "lora"):
-            raise ValueError(f"tuning must be 'full' or 'lora', got {self.tuning!r}")
+        Choice(("full", "lora")).check("tuning", self.tuning)
+        for name in ("max_steps", "batch_size"):
+            Range(1, integer=True).check(name, getattr(self, name))
         if self.grid_seeds > self.eval_seeds_per_prompt:
             raise ValueError(
                 f"grid_seeds ({self.grid_seeds}) cannot exceed eval_seeds_per_prompt ({self.eval_seeds_per_prompt})"
             )
-        if self.max_steps < 1 or self.batch_size < 1:
-            raise ValueError("max_steps and batch_size must be at least 1")
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         object.__setattr__(self, "methods", tuple(self.methods))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
