@@ -185,6 +185,90 @@ def test_every_command_and_flag_the_docs_name_exists(capsys) -> None:
     assert not missing, missing
 
 
+# The pages that name the package's modules and the repository's files: the site's, the README and CONTRIBUTING.md
+# (whose recipes tell a contributor which files and functions to edit).
+NAMING_PAGES = [*PAGES, ROOT / "CONTRIBUTING.md"]
+# A repository path in inline code: benchmarks/..., examples/..., tests/..., docs/..., trl_diffusion_sdpo/...
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:benchmarks|examples|tests|docs|trl_diffusion_sdpo)/[\w./{},*<>-]*)")
+
+
+def _code(text: str) -> list[tuple[int, str]]:
+    """(line number, code) of every line of a fenced block and every inline code span outside them."""
+    spans, fenced = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            spans.append((number, line))
+        else:
+            spans += [(number, code) for code in re.findall(r"`([^`]+)`", line)]
+    return spans
+
+
+def _resolves(dotted: str) -> bool:
+    """``trl_diffusion_sdpo.a.b.C.d``: the longest importable module prefix, then attributes."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_every_module_name_and_repository_path_the_docs_give_exists() -> None:
+    """Every ``trl_diffusion_sdpo.x.y`` in code (fenced or inline) imports (module, then attributes), and every
+    repository path in code exists (``{a,b}`` alternatives and ``*`` globbed; a ``<placeholder>`` part, as in a
+    how-to, is left out, and ``examples/dreambooth/`` is diffusers' folder, which the family pages cite)."""
+    missing = []
+    for page in NAMING_PAGES:
+        for line, code in _code(page.read_text()):
+            for dotted in re.findall(r"\btrl_diffusion_sdpo(?:\.\w+)+", code):
+                if not _resolves(dotted):
+                    missing.append(f"{page.name}:{line}: {dotted}")
+            for path in REPO_PATH.findall(code):
+                path = path.rstrip(".,")
+                if "<" in path or path.startswith("examples/dreambooth/"):
+                    continue
+                if not any(list(ROOT.glob(name)) for name in _expand(path)):
+                    missing.append(f"{page.name}:{line}: {path}")
+    assert not missing, missing
+
+
+def test_the_config_docstring_states_each_fields_default() -> None:
+    """Each ``name (`type`, *optional*, defaults to `value`)`` of :class:`DiffusionSDPOConfig`'s docstring (the API
+    page shows it) is the dataclass field's default (the value itself for an enum: ``lr_scheduler_type``);
+    ``a, b (defaults to `x`, `y`)`` pairs them in order, one value for several names applies to each."""
+    import ast
+    import dataclasses
+
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+
+    fields = {f.name: f for f in dataclasses.fields(DiffusionSDPOConfig)}
+    doc = " ".join(DiffusionSDPOConfig.__doc__.split())
+    entries = re.findall(
+        r"(\w+(?:, \w+)*) \((?:`[^`]*`(?: or `[^`]*`)?, (?:\*optional\*, )?)?defaults to ((?:`[^`]*`(?:, )?)+)\)", doc
+    )
+    assert len(entries) == doc.count("defaults to"), "a stated default this test does not read"
+    wrong = []
+    for names, values in entries:
+        names, values = names.split(", "), re.findall(r"`([^`]*)`", values)
+        assert len(values) in (1, len(names)), (names, values)
+        for name, text in zip(names, values * len(names) if len(values) == 1 else values):
+            field = fields[name]
+            default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            if ast.literal_eval(text) != getattr(default, "value", default):
+                wrong.append(f"{name}: docstring {text}, field {default!r}")
+    assert not wrong, wrong
+
+
 def test_every_link_of_the_readme_resolves() -> None:
     """The README is not part of the site (whose links ``mkdocs build --strict`` checks): its own relative links."""
     readme = (ROOT / "README.md").read_text()
