@@ -134,20 +134,22 @@ def test_train_help_comes_from_the_field_docs(capsys) -> None:
     assert "Safeguard margin mu" in out  # DiffusionSDPOConfig's help metadata
 
 
-def test_model_config_options_for_language_models_are_refused(local_pipeline_and_data, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "flags,refused",
+    [
+        (["--load_in_4bit"], "load_in_4bit"),
+        (["--bnb_4bit_quant_type", "fp4"], "bnb_4bit_quant_type"),  # alone it used to be ignored
+        (["--use_bnb_nested_quant"], "use_bnb_nested_quant"),
+        (["--bnb_4bit_quant_storage", "uint8"], "bnb_4bit_quant_storage"),
+    ],
+)
+def test_model_config_options_for_language_models_are_refused(
+    local_pipeline_and_data, tmp_path: Path, flags, refused
+) -> None:
     pipe_dir, data_dir = local_pipeline_and_data
-    with pytest.raises(ValueError, match="load_in_4bit"):
-        train_main(
-            [
-                "--model_name_or_path",
-                pipe_dir,
-                "--dataset_name",
-                data_dir,
-                "--output_dir",
-                str(tmp_path),
-                "--load_in_4bit",
-            ]
-        )
+    argv = ["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path), *flags]
+    with pytest.raises(ValueError, match=rf"ModelConfig option\(s\) \['{refused}'\] apply to transformers language"):
+        train_main(argv)
 
 
 FAST = [

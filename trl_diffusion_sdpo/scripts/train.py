@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
@@ -103,7 +103,7 @@ EPILOG = (
 )
 # TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
 # parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
-HIDDEN_OPTIONS = (
+REFUSED_OPTIONS = (
     "load_in_4bit",
     "load_in_8bit",
     "bnb_4bit_quant_type",
@@ -111,15 +111,16 @@ HIDDEN_OPTIONS = (
     "bnb_4bit_quant_storage",
     "attn_implementation",
     "lora_target_parameters",
-    "lora_task_type",
 )
+HIDDEN_OPTIONS = (*REFUSED_OPTIONS, "lora_task_type")
 # TRL's ModelConfig help with the defaults this package uses in their place.
 LORA_HELP = {
     "lora_r": "LoRA rank (TRL's default 16; the shipped configs use 16, sd3_lora.yaml 32).",
     "lora_alpha": "LoRA alpha (TRL's default 32; the shipped configs use alpha = rank, sd3_lora.yaml 64).",
     "lora_dropout": "LoRA dropout (TRL's default 0.05; the shipped configs use 0.0).",
     "lora_target_modules": "LoRA target modules. Default (None): the model family's, the attention projections "
-    "to_q, to_k, to_v, to_out.0 (SD3 and FLUX add add_q_proj, add_k_proj, add_v_proj, to_add_out).",
+    "to_q, to_k, to_v, to_out.0; SD3, FLUX.1 and Qwen-Image add add_q_proj, add_k_proj, add_v_proj, to_add_out, and "
+    "FLUX.2 to_qkv_mlp_proj and its single blocks' output projection (docs/quickstart.md).",
 }
 _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0", "none", ""}
@@ -177,13 +178,9 @@ def check_supported(script_args: ScriptArguments, model_args: ModelConfig) -> No
         raise ValueError("--model_name_or_path is required: a diffusers pipeline folder or Hub id.")
     if script_args.dataset_name is None:
         raise ValueError("--dataset_name is required: a Hub id, a local data folder or a save_to_disk folder.")
-    unsupported = {
-        "load_in_4bit": model_args.load_in_4bit,
-        "load_in_8bit": model_args.load_in_8bit,
-        "attn_implementation": model_args.attn_implementation,
-        "lora_target_parameters": model_args.lora_target_parameters,
-    }
-    given = [name for name, value in unsupported.items() if value]
+    # Any of them set away from TRL's default is refused: a quantization option alone would otherwise be ignored.
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    given = [name for name in REFUSED_OPTIONS if getattr(model_args, name) != defaults[name]]
     if given:
         raise ValueError(
             f"ModelConfig option(s) {given} apply to transformers language models and are not supported for "
