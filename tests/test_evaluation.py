@@ -31,8 +31,17 @@ from trl_diffusion_sdpo.evaluation import (
     win_rate,
     win_rate_table,
 )
-from trl_diffusion_sdpo.evaluation.generation import load_base_pipeline, native_resolution, variant_pipeline
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+from trl_diffusion_sdpo.evaluation.generation import (
+    load_base_pipeline,
+    native_resolution,
+    variant_pipeline,
+)
+from trl_diffusion_sdpo.tiny_models import (
+    build_tiny_flux2_klein_pipeline,
+    build_tiny_flux2_pipeline,
+    build_tiny_qwen_image_pipeline,
+    build_tiny_sd_pipeline,
+)
 
 torch.set_num_threads(1)
 FAST = GenerationSettings(num_inference_steps=2, height=32, width=32)
@@ -154,6 +163,19 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
     other = build_tiny_sd_pipeline(seed=1, tokenizer_dir=str(root / "tok1"))
     other.unet.save_pretrained(str(root / "full" / "unet"))
     return {"base": str(root / "base"), "lora": str(root / "lora"), "full": str(root / "full")}
+
+
+@pytest.mark.parametrize(
+    "build", [build_tiny_flux2_pipeline, build_tiny_flux2_klein_pipeline, build_tiny_qwen_image_pipeline]
+)
+def test_the_newer_flow_pipelines_sample_with_the_protocol_settings(build, tmp_path):
+    """FLUX.2's pipelines take no negative prompt (sampling passed one and failed); Qwen-Image takes one."""
+    pipe = build(seed=0, tokenizer_dir=str(tmp_path / "tok"))
+    settings = GenerationSettings(num_inference_steps=2, guidance_scale=1.0, height=32, width=32)
+    images = sample_images(pipe, ["a red cube", "a blue ball"], [0, 0], settings)
+    assert [image.size for image in images] == [(32, 32), (32, 32)]
+    again = sample_images(pipe, ["a red cube"], [0], settings)  # the seed, not the batch, fixes the noise
+    assert np.array_equal(np.asarray(again[0]), np.asarray(images[0]))
 
 
 def test_protocol_defaults_and_native_resolution(model_dirs):

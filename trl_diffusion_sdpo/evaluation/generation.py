@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -269,14 +270,17 @@ def sample_images(
         raise ValueError(f"Got {len(prompts)} prompts and {len(seeds)} seeds; they are paired.")
     size = native_resolution(pipe)
     height, width = settings.height or size, settings.width or size
+    # FLUX.2's pipelines take no negative prompt (FLUX.2 [klein] guides against an empty prompt itself).
+    takes_negative = "negative_prompt" in inspect.signature(pipe.__call__).parameters
     images: list[Image.Image] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=description, unit="batch", disable=not progress):
         batch_prompts = list(prompts[start : start + batch_size])
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        negative = {"negative_prompt": [settings.negative_prompt] * len(batch_prompts)} if takes_negative else {}
         output = pipe(
             prompt=batch_prompts,
-            negative_prompt=[settings.negative_prompt] * len(batch_prompts),
+            **negative,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             height=height,
