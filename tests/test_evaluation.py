@@ -178,6 +178,24 @@ def test_the_newer_flow_pipelines_sample_with_the_protocol_settings(build, tmp_p
     assert np.array_equal(np.asarray(again[0]), np.asarray(images[0]))
 
 
+def test_true_cfg_scale_sets_qwen_images_guidance_and_is_refused_where_a_pipeline_has_none(tmp_path):
+    pipe = build_tiny_qwen_image_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"))
+    base = dict(num_inference_steps=2, guidance_scale=1.0, height=32, width=32)
+
+    def pixels(**settings) -> np.ndarray:
+        return np.asarray(sample_images(pipe, ["a red cube"], [0], GenerationSettings(**base, **settings))[0])
+
+    default, four, off = pixels(), pixels(true_cfg_scale=4.0), pixels(true_cfg_scale=1.0)
+    assert np.array_equal(default, four)  # unset: the pipeline's 4.0, guided because a negative prompt is passed
+    assert not np.array_equal(default, off)  # 1.0: no guidance
+    # An unset value leaves the image cache's names as they were before the setting existed (hashes of the old key).
+    assert GenerationSettings().key() == "37aa75dd5b76" and GenerationSettings(**base).key() == "8428b664565f"
+    assert GenerationSettings(true_cfg_scale=4.0).key() != GenerationSettings().key()
+    klein = build_tiny_flux2_klein_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok2"))
+    with pytest.raises(ValueError, match="true_cfg_scale is set, but Flux2KleinPipeline takes none"):
+        sample_images(klein, ["a red cube"], [0], GenerationSettings(**base, true_cfg_scale=2.0))
+
+
 def test_protocol_defaults_and_native_resolution(model_dirs):
     settings = GenerationSettings()
     assert (settings.num_inference_steps, settings.guidance_scale, settings.negative_prompt) == (50, 8.5, "")
@@ -389,10 +407,17 @@ def test_the_shared_sampling_flags_become_keywords_that_evaluate_and_make_pairs_
 
     flags = ["--prompt-column", "text", "--prompt-split", "test", "--limit", "3", "--cache-dir", "imgs", "--steps",
              "7", "--guidance-scale", "2.5", "--resolution", "64", "--scheduler", "model", "--dtype", "bfloat16",
+             "--true-cfg-scale", "3.0",
              "--batch-size", "2", "--score-batch-size", "5", "--device", "cpu", "--no-progress"]  # fmt: skip
     expected = {
         "settings": GenerationSettings(
-            num_inference_steps=7, guidance_scale=2.5, height=64, width=64, scheduler="model", dtype="bfloat16"
+            num_inference_steps=7,
+            guidance_scale=2.5,
+            height=64,
+            width=64,
+            scheduler="model",
+            dtype="bfloat16",
+            true_cfg_scale=3.0,
         ),
         "prompt_kwargs": {"column": "text", "split": "test", "limit": 3},
         "batch_size": 2,

@@ -134,6 +134,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         default=8.5,
         help="diffusers guidance; 8.5 equals the authors' eps_c + 7.5 (eps_c - eps_u) (default: %(default)s).",
     )
+    parser.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance of pipelines that take true_cfg_scale (Qwen-Image, FLUX.1; default: the "
+        "pipeline's, 4.0 for Qwen-Image).",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's native).")
     parser.add_argument(
         "--scheduler", choices=("euler", "model"), default="euler", help="Sampler (default: %(default)s)."
@@ -163,6 +170,7 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
         width=args.resolution,
         scheduler=args.scheduler,
         dtype=args.dtype,
+        true_cfg_scale=args.true_cfg_scale,
     )
     options = {"column": args.prompt_column, "split": args.prompt_split, "path": args.prompt_path, "limit": args.limit}
     return {

@@ -27,6 +27,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -56,7 +57,9 @@ DENOISER_FOLDERS = ("unet", "transformer")
 @dataclass(frozen=True)
 class GenerationSettings:
     """How images are sampled. ``height``/``width`` None means the model's native resolution. ``scheduler`` is
-    ``"euler"`` (the authors' protocol) or ``"model"`` (keep the pipeline's own)."""
+    ``"euler"`` (the authors' protocol) or ``"model"`` (keep the pipeline's own). ``true_cfg_scale``: the
+    classifier-free guidance of pipelines that take it (Qwen-Image, FLUX.1); None keeps the pipeline's default
+    (Qwen-Image 4.0, applied because a negative prompt is passed; FLUX.1 1.0, no guidance)."""
 
     num_inference_steps: int = 50
     guidance_scale: float = 8.5
@@ -65,6 +68,7 @@ class GenerationSettings:
     negative_prompt: str = ""
     scheduler: str = "euler"
     dtype: str = "float32"
+    true_cfg_scale: float | None = None
 
     def __post_init__(self) -> None:
         Choice(SCHEDULERS).check("scheduler", self.scheduler)
@@ -77,8 +81,12 @@ class GenerationSettings:
         return DTYPES[self.dtype]
 
     def key(self) -> str:
-        """A short hash of every setting that changes the pixels (the batch size does not, by design)."""
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """A short hash of every setting that changes the pixels (the batch size does not, by design). An unset
+        ``true_cfg_scale`` is left out, so images cached before it existed keep their names."""
+        values = asdict(self)
+        if values["true_cfg_scale"] is None:
+            del values["true_cfg_scale"]
+        return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -271,16 +279,22 @@ def sample_images(
     size = native_resolution(pipe)
     height, width = settings.height or size, settings.width or size
     # FLUX.2's pipelines take no negative prompt (FLUX.2 [klein] guides against an empty prompt itself).
-    takes_negative = "negative_prompt" in inspect.signature(pipe.__call__).parameters
+    parameters = inspect.signature(pipe.__call__).parameters
+    if settings.true_cfg_scale is not None and "true_cfg_scale" not in parameters:
+        raise ValueError(f"true_cfg_scale is set, but {type(pipe).__name__} takes none; leave it unset.")
     images: list[Image.Image] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=description, unit="batch", disable=not progress):
         batch_prompts = list(prompts[start : start + batch_size])
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-        negative = {"negative_prompt": [settings.negative_prompt] * len(batch_prompts)} if takes_negative else {}
+        keywords: dict[str, Any] = {}
+        if "negative_prompt" in parameters:
+            keywords["negative_prompt"] = [settings.negative_prompt] * len(batch_prompts)
+        if settings.true_cfg_scale is not None:
+            keywords["true_cfg_scale"] = settings.true_cfg_scale
         output = pipe(
             prompt=batch_prompts,
-            **negative,
+            **keywords,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             height=height,
