@@ -212,14 +212,11 @@ def _validate(dataset, rows: int, resolution: int, batch_size: int, folder: str)
     batch_wall = time.perf_counter() - start
     # The placeholders are 16 px; HPDv3's images are about 1024 px JPEGs: one such image (noise, so it compresses as
     # badly as a photo) checked as validation checks every image (opened, decoded at 1/8 scale).
-    import numpy as np
-    from PIL import Image
-
     from trl_diffusion_sdpo.data.validation import _check_image, _image_file_problem
 
     large = os.path.join(folder, "large.jpg")
-    pixels = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(large, quality=90)
+    with open(large, "wb") as f:
+        f.write(_placeholder_jpeg(1024))
     times = []
     for _ in range(20):
         _image_file_problem.cache_clear()  # a file's check is remembered: time the decoding, not the lookup
