@@ -278,20 +278,21 @@ def sample_images(
         raise ValueError(f"Got {len(prompts)} prompts and {len(seeds)} seeds; they are paired.")
     size = native_resolution(pipe)
     height, width = settings.height or size, settings.width or size
-    # FLUX.2's pipelines take no negative prompt (FLUX.2 [klein] guides against an empty prompt itself).
     parameters = inspect.signature(pipe.__call__).parameters
-    if settings.true_cfg_scale is not None and "true_cfg_scale" not in parameters:
-        raise ValueError(f"true_cfg_scale is set, but {type(pipe).__name__} takes none; leave it unset.")
+    keywords: dict[str, Any] = {}
+    if settings.true_cfg_scale is not None:
+        if "true_cfg_scale" not in parameters:
+            raise ValueError(f"true_cfg_scale is set, but {type(pipe).__name__} takes none; leave it unset.")
+        keywords["true_cfg_scale"] = settings.true_cfg_scale
+    # FLUX.2's pipelines take no negative prompt (FLUX.2 [klein] guides against an empty prompt itself).
+    negative = "negative_prompt" in parameters
     images: list[Image.Image] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=description, unit="batch", disable=not progress):
         batch_prompts = list(prompts[start : start + batch_size])
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-        keywords: dict[str, Any] = {}
-        if "negative_prompt" in parameters:
+        if negative:
             keywords["negative_prompt"] = [settings.negative_prompt] * len(batch_prompts)
-        if settings.true_cfg_scale is not None:
-            keywords["true_cfg_scale"] = settings.true_cfg_scale
         output = pipe(
             prompt=batch_prompts,
             **keywords,
