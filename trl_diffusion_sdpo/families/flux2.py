@@ -94,8 +94,6 @@ class Flux2Family(FlowMatchingFamily):
     # single-stream blocks' fused QKV+MLP input and their output projection (``single_transformer_blocks.<i>.attn
     # .to_out``, added per block in ``__init__``: a bare ``to_out`` would also name the double-stream ModuleList).
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj")
-    # The patchified latents are the transformer's tokens; the VAE latents are folded into 2x2 patches.
-    latent_patch_size = 2
     # The pipeline's sampling default: the guidance embedding conditions each prediction on the value used at
     # sampling (diffusers' script trains with 3.5, its help text carried over from its FLUX.1 script).
     default_guidance_scale = 4.0
