@@ -543,24 +543,19 @@ def test_a_flow_family_states_only_what_differs_from_the_flow_defaults() -> None
 
 
 @pytest.mark.parametrize(
-    "family_name, lr_source",
+    "builder, family_name, lr_source",
     [
-        ("stable-diffusion-3", "the same recipe's LoRA learning rate"),
-        ("flux", "train_dreambooth_lora_flux.py"),
-        ("flux2-klein", "train_dreambooth_lora_flux2.py"),
+        ("build_tiny_sd3_pipeline", "stable-diffusion-3", "the same recipe's LoRA learning rate"),
+        ("build_tiny_flux_pipeline", "flux", "train_dreambooth_lora_flux.py"),
+        ("build_tiny_flux2_klein_pipeline", "flux2-klein", "train_dreambooth_lora_flux2.py"),
     ],
 )
 def test_the_unet_scale_beta_warning_quotes_the_family_defaults_and_both_sources(
-    family_name, lr_source, make_config, caplog, tmp_path
+    builder, family_name, lr_source, make_config, caplog, tmp_path
 ) -> None:
     from trl_diffusion_sdpo import tiny_models
     from trl_diffusion_sdpo.families import family_for_pipeline
 
-    builder = {
-        "stable-diffusion-3": "build_tiny_sd3_pipeline",
-        "flux": "build_tiny_flux_pipeline",
-        "flux2-klein": "build_tiny_flux2_klein_pipeline",
-    }[family_name]
     family = family_for_pipeline(getattr(tiny_models, builder)(tokenizer_dir=str(tmp_path)))
     assert family.name == family_name
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.families.flow"):
