@@ -323,13 +323,23 @@ class _ZerosForMissing(dict):
         return super().pop(key) if key in self else torch.zeros(6)
 
 
-def test_sd3_kohya_export_converts_back_through_diffusers_sd3_single_file_names(cases, tmp_path):
+# Every attention and MLP layer of SD3's joint blocks (the last block's context stream has no MLP or output
+# projection; PEFT adapts the names that exist).
+SD3_JOINT_BLOCK_LAYERS = [
+    *("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj"),
+    *("attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+]
+
+
+@pytest.mark.parametrize("targets", [None, SD3_JOINT_BLOCK_LAYERS], ids=["default-targets", "every-joint-layer"])
+def test_sd3_kohya_export_converts_back_through_diffusers_sd3_single_file_names(targets, cases, tmp_path):
     """No diffusers LoRA loader reads kohya SD3 files (ComfyUI does: `lora_unet_` plus its MMDiT's original names).
     Each exported layer's change ``alpha / rank * up @ down`` is placed at its original MMDiT name and converted by
-    diffusers' own single-file SD3 converter to diffusers' names; it must equal the trained LoRA's changes."""
+    diffusers' own single-file SD3 converter to diffusers' names; it must equal the trained LoRA's changes. On the
+    default (attention) targets and on every attention and MLP layer of the joint blocks."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    base, lora = cases("sd3")
+    base, lora = cases("sd3") if targets is None else write_base_and_lora("sd3", tmp_path, targets=targets)
     out = str(tmp_path / "sd3_kohya.safetensors")
     export_lora(lora, base, "kohya", out)
     checkpoint = _ZerosForMissing({"context_embedder.weight": torch.zeros(16, 32)})
@@ -346,6 +356,9 @@ def test_sd3_kohya_export_converts_back_through_diffusers_sd3_single_file_names(
     converted = convert_sd3_transformer_checkpoint_to_diffusers(checkpoint)
     trained = read_lora(lora)
     assert trained.modules
+    if targets is not None:  # the MLPs of both streams are adapted, so their original names are checked too
+        assert any(name.endswith("ff.net.2") for name in trained.modules)
+        assert any(name.endswith("ff_context.net.0.proj") for name in trained.modules)
     for name, module in trained.modules.items():
         expected = module.scale * module.up @ module.down
         torch.testing.assert_close(converted[f"{name}.weight"], expected, rtol=1e-5, atol=1e-6)

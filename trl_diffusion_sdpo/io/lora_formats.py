@@ -98,15 +98,23 @@ _WAN_PROJECTIONS = {
 # layer (without ``lora_unet_`` and the block prefix) to the diffusers modules stacked in its output, in row order:
 # the layout of diffusers' own converters (``_convert_kohya_flux_lora_to_diffusers`` for FLUX, the single-file
 # ``convert_sd3_transformer_checkpoint_to_diffusers`` for SD3) read backwards.
-_FLUX_DOUBLE = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn_proj": ("attn.to_add_out",),
-    "img_mlp_0": ("ff.net.0.proj",),
-    "img_mlp_2": ("ff.net.2",),
-    "txt_mlp_0": ("ff_context.net.0.proj",),
-    "txt_mlp_2": ("ff_context.net.2",),
+def _joint_block(image: str, text: str, mlp_in: str, mlp_out: str) -> dict[str, tuple[str, ...]]:
+    """The attention and MLP layers of an MMDiT joint block, which FLUX.1's double blocks and SD3's joint blocks lay
+    out alike in diffusers: the original names are ``{stream}attn_qkv``, ``{stream}attn_proj``, ``{stream}{mlp_in}``
+    and ``{stream}{mlp_out}`` for the ``image`` and ``text`` stream prefixes."""
+    return {
+        f"{image}attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        f"{image}attn_proj": ("attn.to_out.0",),
+        f"{text}attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        f"{text}attn_proj": ("attn.to_add_out",),
+        f"{image}{mlp_in}": ("ff.net.0.proj",),
+        f"{image}{mlp_out}": ("ff.net.2",),
+        f"{text}{mlp_in}": ("ff_context.net.0.proj",),
+        f"{text}{mlp_out}": ("ff_context.net.2",),
+    }
+
+
+_FLUX_DOUBLE = _joint_block("img_", "txt_", "mlp_0", "mlp_2") | {
     "img_mod_lin": ("norm1.linear",),
     "txt_mod_lin": ("norm1_context.linear",),
 }
@@ -127,17 +135,9 @@ _FLUX_TOP = {
     "final_layer_linear": "proj_out",
     "final_layer_adaLN_modulation_1": "norm_out.linear",
 }
-_SD3_JOINT = {
-    "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "x_block_attn_proj": ("attn.to_out.0",),
-    "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "context_block_attn_proj": ("attn.to_add_out",),
-    "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+_SD3_JOINT = _joint_block("x_block_", "context_block_", "mlp_fc1", "mlp_fc2") | {
+    "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # SD3.5's second image attention (MMDiT-X)
     "x_block_attn2_proj": ("attn2.to_out.0",),
-    "x_block_mlp_fc1": ("ff.net.0.proj",),
-    "x_block_mlp_fc2": ("ff.net.2",),
-    "context_block_mlp_fc1": ("ff_context.net.0.proj",),
-    "context_block_mlp_fc2": ("ff_context.net.2",),
 }
 # FLUX.2: the layers diffusers' ``_convert_kohya_flux2_lora_to_diffusers`` maps (its tables read backwards; the
 # original names are those of diffusers' single-file ``convert_flux2_transformer_checkpoint_to_diffusers``). The
