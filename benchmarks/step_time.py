@@ -99,7 +99,6 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
     trainer, init_s = make_trainer(opts, run, workdir, num_steps)
     # The per-branch backward stages, swapped in step by step (the trainer builds only the configured one).
     from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
-    from trl_diffusion_sdpo.step.update_space import UpdateSpaceRule
 
     a = trainer.args
     backward_stages = {
@@ -109,7 +108,8 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
             a.safeguard_mu,
             a.safeguard_max_lambda,
             False,
-            UpdateSpaceRule(a.safeguard_mu, a.safeguard_max_lambda, a.max_grad_norm),
+            update_space=True,
+            max_grad_norm=a.max_grad_norm,
         ),
     }
     memory, clock = MemorySampler(opts.device), Clock(opts.device)

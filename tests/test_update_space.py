@@ -4,12 +4,14 @@ steps in float64 over a fine grid of lambda (computed here, independently of the
 from __future__ import annotations
 
 import copy
+import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP2Engine
-from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, UpdateSpaceRule, update_space_lambda
+from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_lambda
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 
@@ -125,11 +127,80 @@ def test_momentum_that_already_raises_the_winner_is_counted_infeasible_with_the_
 
 def test_unsupported_optimizers_are_refused_naming_the_supported_ones():
     params = [torch.nn.Parameter(torch.zeros(3))]
-    rule = UpdateSpaceRule(0.5, 1.0, 1.0)
     with pytest.raises(ValueError, match="Supported: torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD.*RMSprop"):
-        rule(torch.optim.RMSprop(params), params, [torch.ones(3)], [torch.ones(3)])
+        OptimizerUpdate(torch.optim.RMSprop(params), params, [torch.ones(3)], [torch.ones(3)], 1.0)
     with pytest.raises(ValueError, match="amsgrad"):
-        rule(torch.optim.AdamW(params, amsgrad=True), params, [torch.ones(3)], [torch.ones(3)])
+        OptimizerUpdate(torch.optim.AdamW(params, amsgrad=True), params, [torch.ones(3)], [torch.ones(3)], 1.0)
+
+
+def _stage_problem(seed: int = 5):
+    """A linear "denoiser", a warmed SGD-momentum optimizer and a Diffusion-DPO loss over one pair batch."""
+    from trl_diffusion_sdpo.objectives import PreferencePredictions, build_objective, denoising_error
+    from trl_diffusion_sdpo.objectives.base import DenoisingErrors
+
+    gen = torch.Generator().manual_seed(seed)
+    policy = torch.nn.Linear(6, 5)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for p in policy.parameters():
+            p.grad = 0.05 * torch.randn(p.shape, generator=gen)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # a micro-batch starts from empty gradients
+    x_w, x_l, t_w, t_l = (torch.randn(3, *shape, generator=gen) for shape in [(6,), (6,), (5,), (5,)])
+    ref_w, ref_l = t_w + 0.3 * torch.randn(3, 5, generator=gen), t_l + 0.3 * torch.randn(3, 5, generator=gen)
+    objective = build_objective("dpo", beta=2.0)
+
+    def predict() -> PreferencePredictions:
+        return PreferencePredictions(policy(x_w), policy(x_l), t_w, t_l, ref_w, ref_l)
+
+    def objective_loss(p: PreferencePredictions) -> torch.Tensor:
+        errors = DenoisingErrors(*(denoising_error(a, b) for a, b in [(p.policy_winner, t_w), (p.policy_loser, t_l)]))
+        errors.reference_winner, errors.reference_loser = denoising_error(ref_w, t_w), denoising_error(ref_l, t_l)
+        return objective(p, errors).loss
+
+    return policy, optimizer, predict, objective_loss
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.3], ids=["unclipped", "clipped"])
+def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clipping_threshold(clip):
+    """ParameterSpaceBackward(update_space=True) on one process: lambda is update_space_lambda of the optimizer's
+    update built from the branch gradients computed here by autograd, under the stage's max_grad_norm (a fraction
+    of the gradient's norm, so clipping binds: a stage that dropped the threshold picks another lambda), and
+    ``.grad`` is ``scale * (g_w + lambda * h_l)``."""
+    from trl_diffusion_sdpo.engines import PlainEngine
+    from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+
+    policy, optimizer, predict, objective_loss = _stage_problem()
+    params = list(policy.parameters())
+    out = predict()
+    g_w = torch.autograd.grad(objective_loss(dataclasses.replace(out, policy_loser=out.policy_loser.detach())), params)
+    h_l = torch.autograd.grad(
+        objective_loss(dataclasses.replace(out, policy_winner=out.policy_winner.detach())), params
+    )
+    norm = sum(float(((w + h) ** 2).sum()) for w, h in zip(g_w, h_l)) ** 0.5
+    max_grad_norm = clip * norm
+    expected = {
+        threshold: update_space_lambda(OptimizerUpdate(optimizer, params, g_w, h_l, threshold), 0.95)[0].item()
+        for threshold in (0.0, max_grad_norm)
+    }
+    assert 0.0 < expected[max_grad_norm] < 1.0  # the margin binds
+    if clip:
+        assert abs(expected[max_grad_norm] - expected[0.0]) > 0.1  # and the threshold moves lambda (0.23 -> 0.44)
+
+    stage = ParameterSpaceBackward(
+        PlainEngine(SimpleNamespace(num_processes=1)), 0.95, 1.0, False, update_space=True, max_grad_norm=max_grad_norm
+    )
+    # scale 0.25 (an accumulation average): lambda is read in the optimizer's units, .grad stays in the backward's
+    _, lam, _ = stage(policy, predict, objective_loss, torch.tensor(0.25), optimizer=optimizer)
+    assert lam.item() == pytest.approx(expected[max_grad_norm], abs=1e-6)
+    assert stage.infeasible.item() == 0.0
+    for p, w, h in zip(params, g_w, h_l):
+        torch.testing.assert_close(p.grad, 0.25 * (w + lam * h))
+    with pytest.raises(ValueError, match="needs the optimizer"):
+        stage(policy, predict, objective_loss, torch.tensor(1.0))
 
 
 def test_sharding_engines_refuse_and_the_config_refuses_accumulation(make_config):

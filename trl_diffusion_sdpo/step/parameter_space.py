@@ -10,9 +10,9 @@ Where the gradients live and how they are reduced is the engine's business (:mod
 whose :mod:`~trl_diffusion_sdpo.engines.branches` streams them with one extra buffer); the formula is
 :func:`.safeguard.parameter_space_lambda`.
 
-With an :class:`~.update_space.UpdateSpaceRule` (``safeguard_space="update"``) the same passes feed the update space:
-``g_w`` and ``h_l`` are kept apart, averaged over processes by the engine, and ``lambda`` is chosen on the
-optimizer's actual update (:mod:`.update_space`).
+With ``update_space=True`` (``safeguard_space="update"``) the same passes feed the update space: ``g_w`` and ``h_l``
+are kept apart, averaged over processes by the engine, and ``lambda`` is chosen on the optimizer's actual update
+(:class:`~.update_space.OptimizerUpdate`, :func:`~.update_space.update_space_lambda`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..engines.branches import branch_cotangents
 from ..objectives import PreferencePredictions
 from .optimizer import trainable_parameters
 from .safeguard import parameter_space_lambda
-from .update_space import UpdateSpaceRule
+from .update_space import OptimizerUpdate, update_space_lambda
 
 __all__ = ["ParameterSpaceBackward"]
 
@@ -37,8 +37,8 @@ class ParameterSpaceBackward:
 
     ``global_scope``: one ``lambda`` for the global micro-batch (the inner products are reduced over processes),
     else one per process. The gradient store is built at the first micro-batch (the engine exists by then).
-    ``update_rule``: choose ``lambda`` on the optimizer's update instead (the update space; one ``lambda`` for the
-    global micro-batch whatever ``global_scope``).
+    ``update_space``: choose ``lambda`` on the optimizer's update instead (one ``lambda`` for the global micro-batch
+    whatever ``global_scope``), with ``max_grad_norm`` the trainer's clipping threshold (``<= 0``: no clipping).
     """
 
     def __init__(
@@ -47,18 +47,23 @@ class ParameterSpaceBackward:
         mu: float,
         max_lambda: float,
         global_scope: bool,
-        update_rule: UpdateSpaceRule | None = None,
+        *,
+        update_space: bool = False,
+        max_grad_norm: float = 0.0,
     ) -> None:
-        if update_rule is None:
-            engine.check_parameter_space("global" if global_scope else "local")
-        else:
+        if update_space:
             engine.check_update_space()
             global_scope = False  # the engine averages both branches' gradients instead (see _update_space)
+        else:
+            engine.check_parameter_space("global" if global_scope else "local")
         self.engine = engine
         self.mu, self.max_lambda = mu, max_lambda
         self.global_scope = global_scope and engine.num_processes > 1
-        self.update_rule = update_rule
+        self.update_space, self.max_grad_norm = update_space, max_grad_norm
         self.store: BranchGradients | None = None
+        # The update space: 1.0 where the last micro-batch's lambda could not meet the margin (a device tensor, for
+        # the metrics); None before the first micro-batch and in the parameter space.
+        self.infeasible: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, engine: Engine, args) -> ParameterSpaceBackward | None:
@@ -66,15 +71,14 @@ class ParameterSpaceBackward:
         (``None`` otherwise: the backward pass stays transformers')."""
         if not args.safeguard or args.safeguard_space not in ("parameter", "update"):
             return None
-        rule = None
-        if args.safeguard_space == "update":
-            rule = UpdateSpaceRule(args.safeguard_mu, args.safeguard_max_lambda, args.max_grad_norm)
-        return cls(engine, args.safeguard_mu, args.safeguard_max_lambda, args.safeguard_scope == "global", rule)
-
-    @property
-    def infeasible(self) -> torch.Tensor | None:
-        """The update space: 1.0 where the last micro-batch's ``lambda`` could not meet the margin; else ``None``."""
-        return self.update_rule.infeasible if self.update_rule is not None else None
+        return cls(
+            engine,
+            args.safeguard_mu,
+            args.safeguard_max_lambda,
+            args.safeguard_scope == "global",
+            update_space=args.safeguard_space == "update",
+            max_grad_norm=args.max_grad_norm,
+        )
 
     def __call__(
         self,
@@ -119,7 +123,7 @@ class ParameterSpaceBackward:
             predictions.policy_winner, cot_winner * scale, engine.winner_reduction(self.global_scope)
         )
         cross = store.backward_loser(predictions.policy_loser, cot_loser * scale)
-        if self.update_rule is not None:
+        if self.update_space:
             lam = self._update_space(store, optimizer, scale)
             engine.restore_accumulated(store.parameters, accumulated)
             return loss, lam, predictions
@@ -133,11 +137,18 @@ class ParameterSpaceBackward:
     def _update_space(self, store: BranchGradients, optimizer, scale: torch.Tensor) -> torch.Tensor:
         """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes (what the optimizer will
         see), ``lambda`` from them and the optimizer's state, and ``.grad = g_w + lambda * h_l``, already reduced."""
+        if optimizer is None:
+            raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
         winner, loser = store.branch_gradients()
         self.engine.reduce_branch_gradients(winner, loser)
-        unscale = 1.0 / scale  # the rule works in the optimizer's units; .grad stays in the backward's
-        lam = self.update_rule(
-            optimizer, store.parameters, [w * unscale.to(w) for w in winner], [h * unscale.to(h) for h in loser]
+        unscale = 1.0 / scale  # the update is read in the optimizer's units; .grad stays in the backward's
+        update = OptimizerUpdate(
+            optimizer,
+            store.parameters,
+            [w * unscale.to(w) for w in winner],
+            [h * unscale.to(h) for h in loser],
+            self.max_grad_norm,
         )
+        lam, self.infeasible = update_space_lambda(update, self.mu, self.max_lambda)
         store.set_combined(lam, winner, loser)
         return lam

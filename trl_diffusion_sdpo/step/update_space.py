@@ -46,7 +46,6 @@ __all__ = [
     "GRID_POINTS",
     "SUPPORTED_OPTIMIZERS",
     "OptimizerUpdate",
-    "UpdateSpaceRule",
     "unwrap_optimizer",
     "update_space_lambda",
 ]
@@ -221,31 +220,3 @@ def update_space_lambda(
     infeasible = last < 0
     lam = torch.where(infeasible, grid[decrease.argmax()], lo)
     return lam.detach().float(), infeasible.float()
-
-
-class UpdateSpaceRule:
-    """The update space's ``lambda`` from the per-branch gradients and the optimizer's state, as a stage of
-    :class:`~.parameter_space.ParameterSpaceBackward`.
-
-    ``mu``, ``max_lambda``: the margin and cap; ``max_grad_norm``: the trainer's clipping threshold. After each call
-    :attr:`infeasible` holds ``1.0`` where no ``lambda`` met the margin (a device tensor, for the metrics).
-    """
-
-    def __init__(self, mu: float, max_lambda: float, max_grad_norm: float) -> None:
-        self.mu, self.max_lambda, self.max_grad_norm = mu, max_lambda, max_grad_norm
-        self.infeasible: torch.Tensor | None = None
-
-    def __call__(
-        self,
-        optimizer,
-        parameters: Sequence[torch.nn.Parameter],
-        winner: Sequence[torch.Tensor],
-        loser: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        """``lambda`` for the gradients ``winner`` (``g_w``) and ``loser`` (``h_l``) of ``parameters``, in the
-        optimizer's units."""
-        if optimizer is None:
-            raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
-        update = OptimizerUpdate(optimizer, parameters, winner, loser, self.max_grad_norm)
-        lam, self.infeasible = update_space_lambda(update, self.mu, self.max_lambda)
-        return lam
