@@ -4,6 +4,7 @@ text config."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from transformers import (
@@ -15,6 +16,27 @@ from transformers import (
     UMT5Config,
     UMT5EncoderModel,
 )
+
+
+def rope_axes(axes: Sequence[int], head_dim: int, names: str) -> tuple[int, ...]:
+    """``axes`` as a tuple if they sum to ``head_dim``, else a ValueError naming the builder's arguments ``names``:
+    RoPE rotates each head's channels, split axis by axis, and a mismatch would otherwise fail only in the first
+    forward pass, as a shape error inside diffusers."""
+    axes = tuple(int(a) for a in axes)
+    if sum(axes) != head_dim:
+        raise ValueError(f"{names}: the RoPE axes {axes} sum to {sum(axes)}, not to the head width {head_dim}")
+    return axes
+
+
+def two_rope_heads(attention_head_dim: int, axes_dims_rope: Sequence[int]) -> dict:
+    """The width keywords of the tiny double-stream transformers (FLUX.1, FLUX.2, Qwen-Image): two heads of
+    ``attention_head_dim`` channels, rotated along ``axes_dims_rope`` (checked to sum to it)."""
+    names = f"attention_head_dim={attention_head_dim}, axes_dims_rope={tuple(axes_dims_rope)}"
+    return {
+        "attention_head_dim": attention_head_dim,
+        "num_attention_heads": 2,
+        "axes_dims_rope": rope_axes(axes_dims_rope, attention_head_dim, names),
+    }
 
 
 def clip_text_encoder(vocab_size: int, hidden: int, layers: int, max_length: int, projection: int | None = None):

@@ -20,9 +20,11 @@ from .components import (
     flow_scheduler,
     flux_vae,
     resolution_shift_scheduler,
+    rope_axes,
     t5_encoder,
     tiny_vae,
     tokenizer_folder,
+    two_rope_heads,
 )
 from .tokenizers import write_char_tokenizer, write_qwen_tokenizer, write_t5_tokenizer
 
@@ -98,12 +100,10 @@ def build_tiny_flux_pipeline(
         in_channels=4 * latent_channels,  # latents are packed into 2x2 patches
         num_layers=1,
         num_single_layers=1,
-        attention_head_dim=attention_head_dim,
-        num_attention_heads=2,
         joint_attention_dim=hidden,
         pooled_projection_dim=16,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=axes_dims_rope,
+        **two_rope_heads(attention_head_dim, axes_dims_rope),
     )
     vae = flux_vae(latent_channels)
     text_encoder = clip_text_encoder(len(tokenizer), 16, 2, max_length)
@@ -154,11 +154,9 @@ def build_tiny_qwen_image_pipeline(
         in_channels=4 * latent_channels,  # latents are packed into 2x2 patches
         out_channels=latent_channels,
         num_layers=2,
-        attention_head_dim=attention_head_dim,
-        num_attention_heads=2,
         joint_attention_dim=hidden,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=axes_dims_rope,
+        **two_rope_heads(attention_head_dim, axes_dims_rope),
     )
     generator = torch.Generator().manual_seed(seed)
     vae = AutoencoderKLQwenImage(
@@ -211,7 +209,7 @@ def build_tiny_z_image_pipeline(
         n_heads=2,
         n_kv_heads=2,
         cap_feat_dim=hidden,
-        axes_dims=list(axes_dims),
+        axes_dims=list(rope_axes(axes_dims, dim // 2, f"dim={dim}, axes_dims={tuple(axes_dims)}")),
         axes_lens=[256, 32, 32],
     )
     vae = flux_vae(latent_channels)

@@ -9,7 +9,7 @@ import os
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 
-from .components import decoder_text_config, flow_scheduler, tokenizer_folder
+from .components import decoder_text_config, flow_scheduler, tokenizer_folder, two_rope_heads
 from .tokenizers import write_mistral_tokenizer, write_qwen_tokenizer
 
 __all__ = ["build_tiny_flux2_klein_pipeline", "build_tiny_flux2_pipeline"]
@@ -26,12 +26,10 @@ def _transformer(
         in_channels=4 * _LATENT_CHANNELS,  # the pipeline's patchified latents: 2x2 patches folded into channels
         num_layers=1,
         num_single_layers=1,
-        attention_head_dim=attention_head_dim,
-        num_attention_heads=2,
         joint_attention_dim=3 * _HIDDEN,  # three hidden-state layers stacked, as encode_prompt builds them
         timestep_guidance_channels=32,
-        axes_dims_rope=axes_dims_rope,  # the 4-axis (t, h, w, l) RoPE; sums to the head width
         guidance_embeds=guidance_embeds,
+        **two_rope_heads(attention_head_dim, axes_dims_rope),  # the 4-axis (t, h, w, l) RoPE
     )
 
 
