@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from transformers import HfArgumentParser
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.objectives import (
@@ -155,10 +156,12 @@ def test_objectives_that_do_not_weight_pairs_ignore_pair_scores(name):
     assert objective(*batch(arrays()), pair_scores=torch.tensor(PAIR_SCORES)).loss.item() == without
 
 
-def test_unknown_loss_type_lists_the_valid_names():
+def test_unknown_loss_type_lists_the_valid_names(tmp_path):
     with pytest.raises(ValueError, match="not-a-loss") as info:
         build_objective("not-a-loss", beta=1.0)
     assert all(name in str(info.value) for name in EXPECTED_FLAGS)
+    with pytest.raises(ValueError, match=r"loss_type must be one of \[.*'dpo'.*'smpo'\], got 'not-a-loss'"):
+        config(tmp_path, loss_type="not-a-loss")
 
 
 @pytest.mark.parametrize(
@@ -302,8 +305,12 @@ def test_a_registered_objective_is_built_from_the_config_field_of_its_name(tmp_p
         def loss(self, predictions, errors) -> ObjectiveOutput:
             return ObjectiveOutput(self.mapo_beta * errors.policy_winner.mean(), errors.policy_winner.detach())
 
-    args = config(tmp_path, safeguard=False, mapo_beta=4.0)
-    args.loss_type = "scaled_sft"
+    # The config takes the registered name as it takes a built-in one, from Python and from the command line.
+    args = config(tmp_path, safeguard=False, mapo_beta=4.0, loss_type="scaled_sft")
+    (parsed,) = HfArgumentParser(DiffusionSDPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--safeguard", "false", "--loss_type", "scaled_sft"]
+    )
+    assert parsed.loss_type == "scaled_sft"
     objective = objective_from_config(args, num_train_timesteps=1)
     a = arrays()
     assert objective.mapo_beta == 4.0

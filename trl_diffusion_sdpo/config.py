@@ -47,7 +47,9 @@ class DiffusionSDPOConfig(TrainingArguments):
         (`dmpo_alpha`; beta 2000 SD1.5, 6000 SDXL). `"sft"`: supervised fine-tuning on the winners (no reference,
         no safeguard). `"mapo"`: reference-free margin-aware preference optimisation (`mapo_beta`,
         `mapo_snr_value`; no reference model is built or run). `"smpo"`: Diffusion-DPO with SmPO's smoothed
-        preferences, each pair's logit weighted by ``smpo_gamma * (2p - 1)`` from two score columns.
+        preferences, each pair's logit weighted by ``smpo_gamma * (2p - 1)`` from two score columns. Or the name of an
+        objective registered with `register_objective` before the config is made (its fields are read from the config
+        fields of the same names).
     dmpo_alpha (`float`, *optional*, defaults to `0.01`):
         DMPO's target ``q = 1 - alpha`` (authors: 0.01).
     dspo_form (`str`, *optional*, defaults to `"sd15"`):
@@ -223,7 +225,10 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     loss_type: str = field(
         default="dpo",
-        metadata={"help": "Preference objective.", "choices": list(OBJECTIVES)},
+        metadata={
+            "help": f"Preference objective: {', '.join(OBJECTIVES)}, or the name of one registered with "
+            "register_objective (checked against the registry when the config is made)."
+        },
     )
     dmpo_alpha: float = field(default=0.01, metadata={"help": "DMPO target q = 1 - alpha (authors: 0.01)."})
     dspo_form: str = field(
@@ -393,11 +398,10 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.loss_type not in OBJECTIVES:
-            raise ValueError(f"loss_type={self.loss_type!r} is not supported; choose one of {sorted(OBJECTIVES)}")
-        self._check_fields()
-        # The objective fields (beta, dmpo_alpha, ...) are checked by the objectives that declare them.
+        # loss_type and the objective fields (beta, dmpo_alpha, ...) are checked by the registry and the objectives
+        # that declare them, so an objective registered outside the package is accepted like a built-in one.
         check_objective_config(self)
+        self._check_fields()
         if self.resolution % 8 != 0:
             raise ValueError(
                 f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}"

@@ -222,10 +222,8 @@ def registered_objectives() -> tuple[str, ...]:
 
 
 def objective_class(loss_type: str) -> type[PreferenceObjective]:
-    """The objective class registered as ``loss_type``, or a ValueError listing the valid names."""
-    if loss_type not in _REGISTRY:
-        raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[loss_type]
+    """The objective class registered as ``loss_type``, or a ValueError listing the registered names."""
+    return _REGISTRY[Choice(tuple(_REGISTRY)).check("loss_type", loss_type)]
 
 
 def build_objective(loss_type: str, **hyperparameters: Any) -> PreferenceObjective:
