@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families.noising import prediction_target
 from trl_diffusion_sdpo.objectives import ObjectiveOutput
-from trl_diffusion_sdpo.reference import disabled_adapters
+from trl_diffusion_sdpo.reference import Reference, disabled_adapters
 
 LOGGED_METRICS = [
     "loss",
@@ -183,6 +183,14 @@ def test_the_pipeline_passed_in_is_tuned_in_place(make_pipeline, make_trainer, l
     # The tuned pipeline still samples.
     image = pipe("a picture", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_a_reference_must_implement_predict():
+    class Incomplete(Reference):
+        pass
+
+    with pytest.raises(TypeError, match="predict"):
+        Incomplete()
 
 
 def test_same_object_as_policy_and_reference_raises(make_pipeline, make_trainer):

@@ -7,6 +7,7 @@ the network is called (argument names, FLUX's latent packing) comes from the mod
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import logging
@@ -51,14 +52,15 @@ def disabled_adapters(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
         denoiser.enable_adapters()
 
 
-class Reference:
+class Reference(abc.ABC):
     """Interface: ``predict(sample, timestep, **conditioning) -> prediction`` without autograd."""
 
     shares_policy_weights: bool = False
     call: DenoiserCall = staticmethod(_positional_denoiser_call)
 
+    @abc.abstractmethod
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
-        raise NotImplementedError
+        """The reference's prediction for ``sample`` at ``timestep``, without autograd."""
 
 
 class FrozenCopyReference(Reference):
