@@ -152,6 +152,21 @@ def test_model_config_options_for_language_models_are_refused(
         train_main(argv)
 
 
+@pytest.mark.parametrize("command", ["train", "cache"])
+def test_a_refused_config_value_ends_the_command_as_a_bad_flag_does(command, tmp_path: Path, capsys) -> None:
+    """A config field's check (from a flag or the YAML file) exits with argparse's status 2 and its one-line error on
+    stderr, not a traceback."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("safeguard_mu: 1.5\n")
+    for argv in (["--beta", "-1"], ["--config", str(config)]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([command, *argv, "--output_dir", str(tmp_path)])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"trl-diffusion-sdpo {command}: error: ")
+        assert ("beta must be positive, got -1.0" if "--beta" in argv else "safeguard_mu") in error
+
+
 FAST = [
     "--resolution",
     "32",

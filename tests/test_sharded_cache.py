@@ -271,8 +271,9 @@ def test_the_cache_command_reads_the_training_yaml_with_its_training_only_keys(t
     assert "5 pairs from 5 rows" in capsys.readouterr().out
     cache = load_sharded_latent_cache(str(folder))
     assert cache.manifest["resolution"] == RESOLUTION and not cache.flipped and len(cache.manifest["shards"]) == 3
-    with pytest.raises(ValueError, match="cache_chunk_sise"):  # a mistyped flag is an error naming it, not ignored
+    with pytest.raises(SystemExit) as exit_info:  # a mistyped flag is an error naming it, not ignored
         main(["cache", "--config", str(config), "--latent_cache", str(folder), "--cache_chunk_sise", "2"])
+    assert exit_info.value.code == 2 and "cache_chunk_sise" in capsys.readouterr().err
 
 
 def test_a_cache_encoded_under_other_image_conversion_rules_is_refused_by_the_trainer(tmp_path, dataset):

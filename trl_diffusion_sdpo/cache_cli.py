@@ -33,11 +33,18 @@ def run_cache(argv: list[str] | None = None) -> int:
     and encode this process's shard into ``--latent_cache``; returns the exit status."""
     from trl import TrlParser
 
-    from .scripts.train import ARGUMENT_TYPES, add_config_argument, build_pipeline, check_supported, load_train_split
+    from .scripts.train import (
+        ARGUMENT_TYPES,
+        add_config_argument,
+        build_pipeline,
+        check_supported,
+        load_train_split,
+        parse_or_exit,
+    )
 
     parser = TrlParser((*ARGUMENT_TYPES, CacheArguments), prog="trl-diffusion-sdpo cache")
     add_config_argument(parser)
-    script_args, args, model_args, diffusion_args, cache_args = parser.parse_args_and_config(argv)  # exits on --help
+    script_args, args, model_args, diffusion_args, cache_args = parse_or_exit(parser, argv)  # exits on --help
     import torch
     from accelerate import PartialState
 

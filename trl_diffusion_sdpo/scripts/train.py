@@ -40,6 +40,7 @@ __all__ = [
     "main",
     "make_parser",
     "parse_args",
+    "parse_or_exit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -166,9 +167,18 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
     return value
 
 
+def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
+    """``parser.parse_args_and_config(argv)``; a value the argument classes refuse (a config field's check) ends the
+    command as argparse ends it on a bad flag: the message and the usage on stderr, exit status 2, no traceback."""
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
-    """Parse ``argv`` (``--config file.yaml`` plus flags) into the four argument dataclasses."""
-    script_args, training_args, model_args, diffusion_args = make_parser().parse_args_and_config(argv)
+    """``argv`` (``--config file.yaml`` plus flags) as the four argument dataclasses (:func:`parse_or_exit`)."""
+    script_args, training_args, model_args, diffusion_args = parse_or_exit(make_parser(), argv)
     training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
     return script_args, training_args, model_args, diffusion_args
 
