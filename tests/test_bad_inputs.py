@@ -5,6 +5,7 @@ and counted; none trains silently on a wrong value. (More kinds live beside the 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 from conftest import encode_image, pickapic_rows
@@ -67,8 +68,13 @@ def test_an_image_file_named_by_several_rows_is_decoded_once_until_it_changes(tm
     opened: list[str] = []
     real_open = Image.open
     monkeypatch.setattr(Image, "open", lambda fp, *args, **kw: opened.append(fp) or real_open(fp, *args, **kw))
+    stated: list[str] = []  # one stat per row naming a file (a network file system's round trip), not two
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *args, **kw: stated.append(path) or real_stat(path, *args, **kw))
     _, _, report = prepare(rows, make_config)
     assert report.num_kept == 3 and sorted(opened) == [a, b, c]
+    assert stated.count(a) == 2 and stated.count(c) == 2
+    monkeypatch.setattr(os, "stat", real_stat)
     with open(a, "wb") as f:  # the same path, now not an image
         f.write(b"not an image any more")
     expect_row_error([rows[0], rows[2]], make_config, 0, "chosen", "cannot decode image")

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,14 +151,24 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
 
 def path_problem(path: str) -> str:
     """Why an image path cannot be opened before trying (a URL, a missing file), or ``""``."""
+    return _file_stat(path)[1]
+
+
+def _file_stat(path: str) -> tuple[os.stat_result | None, str]:
+    """``(stat, "")`` of the regular file at ``path``, or ``(None, why it cannot be opened)``: one ``stat`` call,
+    which on a network file system is a round trip per image."""
     if _URL.match(path):
-        return (
+        return None, (
             f"{path!r} is a URL: images are never downloaded; download them first and give local paths (relative "
             "to the annotation file, absolute, or file://)"
         )
-    if not os.path.isfile(path):
-        return f"No such file: {path}"
-    return ""
+    try:
+        result = os.stat(path)
+    except (OSError, ValueError):  # as os.path.isfile: missing, unreadable, or a path with a NUL byte
+        return None, f"No such file: {path}"
+    if not stat.S_ISREG(result.st_mode):
+        return None, f"No such file: {path}"
+    return result, ""
 
 
 def _decode_problem(image: Image.Image) -> str:
@@ -191,11 +202,10 @@ def _check_image(value: Any) -> str:
             return image_mode_problem(value)
         path = value["path"] if isinstance(value, dict) and value.get("bytes") is None else value
         if isinstance(path, str) and path:
-            problem = path_problem(path)
+            result, problem = _file_stat(path)
             if problem:
                 return problem
-            stat = os.stat(path)
-            return _image_file_problem(path, stat.st_mtime_ns, stat.st_size)
+            return _image_file_problem(path, result.st_mtime_ns, result.st_size)
         if isinstance(value, dict) and value.get("bytes") is not None:
             return _decode_problem(Image.open(io.BytesIO(value["bytes"])))
         if isinstance(value, (bytes, bytearray, memoryview)):
