@@ -59,4 +59,4 @@ def test_hpdv3_scale_in_child_processes_validates_the_rows_with_placeholders_and
     assert size["written"]["placeholder_images"] == len(placed)
     on_disk = {str(p.relative_to(size["folder"])) for p in (Path(size["folder"]) / "images").iterdir()}
     assert on_disk == placed
-    assert validate["check_1024px_jpeg_ms_median"] > 0
+    assert validate["check_1024px_jpeg_ms_median"] > 0 and validate["remembered_check_us_median"] > 0
