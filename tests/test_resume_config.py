@@ -46,6 +46,7 @@ def test_the_checkpoint_records_what_its_weights_are(two_steps):
     [
         ({"loss_type": "dmpo", "resolution": 64}, None, ["loss_type ('dpo' -> 'dmpo')", "resolution (32 -> 64)"]),
         ({"safeguard_mu": 0.5}, None, ["safeguard_mu (0.9 -> 0.5)"]),
+        ({"beta": 100.0}, None, ["beta (5000.0 -> 100.0)"]),  # an objective's field: refused through the registry
         ({}, lora_config(r=8), ["lora_rank (4 -> 8)"]),
     ],
 )
@@ -194,3 +195,27 @@ def test_the_recorded_denoiser_class_is_the_models_own_under_fsdp2(tmp_path):
     finally:
         dist.destroy_process_group()
     assert model_class_name(torch.nn.Linear(2, 2)) == "Linear"
+
+
+def test_the_refused_fields_are_every_registered_objectives_hyperparameters(monkeypatch):
+    """The objectives declare their fields, so one registered outside the package has its own refused on resume."""
+    from dataclasses import dataclass
+
+    from trl_diffusion_sdpo.io.resume_check import REFUSED_FIELDS, refused_fields
+    from trl_diffusion_sdpo.objectives import PreferenceObjective, base, hyperparameter, register_objective
+
+    built_in = {"beta", "dmpo_alpha", "dspo_form", "mapo_beta", "mapo_snr_value", "smpo_gamma", "smpo_score_min"}
+    assert built_in | {"smpo_score_max", "loss_type", "safeguard_mu", "resolution"} <= refused_fields()
+    assert not built_in & REFUSED_FIELDS  # stated by the objectives, not restated here
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # undone after the test
+
+    @register_objective
+    @dataclass(frozen=True)
+    class Scaled(PreferenceObjective):
+        scaled_weight: float = hyperparameter(base.Range(0, low_open=True), 1.0)
+        name = "scaled_resume_test"
+
+        def loss(self, predictions, errors):
+            raise AssertionError("not called")
+
+    assert "scaled_weight" in refused_fields()

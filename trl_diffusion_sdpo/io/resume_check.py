@@ -5,9 +5,9 @@ class, full or LoRA, the LoRA rank, alpha and target modules: what the weights i
 compared with the new run's:
 
 * refused (:class:`ResumeConfigError` naming each field, its old and new value): the model and the adapters
-  (:data:`IDENTITY_FIELDS`), and the config fields in :data:`REFUSED_FIELDS` (the objective and its
-  hyperparameters, the safeguard, the resolution), whose change would make the resumed run a different experiment
-  on top of weights trained for another one;
+  (:data:`IDENTITY_FIELDS`), and the config fields of :func:`refused_fields` (the objective, every registered
+  objective's hyperparameters, the safeguard, the resolution), whose change would make the resumed run a different
+  experiment on top of weights trained for another one;
 * allowed and logged at INFO (:data:`SAFE_FIELDS`): learning rate, step and epoch counts, logging, saving,
   evaluation, validation, Hub and loader settings, which only say how the run goes on. A changed learning rate takes
   effect (:func:`apply_new_learning_rates`; transformers' restored scheduler state would bring the old one back);
@@ -38,6 +38,7 @@ __all__ = [
     "apply_new_learning_rates",
     "check_resume_config",
     "read_run_identity",
+    "refused_fields",
     "run_identity",
     "write_run_identity",
 ]
@@ -47,17 +48,10 @@ logger = logging.getLogger(__name__)
 RUN_IDENTITY_NAME = "run_identity.json"
 
 IDENTITY_FIELDS = ("base_model", "denoiser_class", "training", "lora_rank", "lora_alpha", "lora_target_modules")
+# With the hyperparameters of every registered objective (refused_fields): they are the objectives' to declare.
 REFUSED_FIELDS = frozenset(
     {
         "loss_type",
-        "beta",
-        "dmpo_alpha",
-        "dspo_form",
-        "mapo_beta",
-        "mapo_snr_value",
-        "smpo_gamma",
-        "smpo_score_min",
-        "smpo_score_max",
         "safeguard",
         "safeguard_mu",
         "safeguard_max_lambda",
@@ -107,6 +101,18 @@ SAFE_FIELDS = frozenset(
         "preemption_signals",
     }
 )
+
+
+def refused_fields() -> frozenset[str]:
+    """The config fields whose change refuses a resume: :data:`REFUSED_FIELDS` and the hyperparameters of every
+    registered objective (each read from the config field of its name), one registered outside the package
+    included."""
+    from ..objectives import objective_class, registered_objectives
+
+    declared = {
+        name for loss_type in registered_objectives() for name in objective_class(loss_type).hyperparameter_names()
+    }
+    return REFUSED_FIELDS | declared
 
 
 class ResumeConfigError(ValueError):
@@ -175,7 +181,7 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
     """Compare ``checkpoint``'s model and config with ``trainer``'s; returns the changed field names (logged).
 
     Raises:
-        ResumeConfigError: a field of :data:`IDENTITY_FIELDS` or :data:`REFUSED_FIELDS` changed (all are named).
+        ResumeConfigError: a field of :data:`IDENTITY_FIELDS` or :func:`refused_fields` changed (all are named).
     """
     refused: list[tuple[str, Any, Any]] = []
     saved_identity = read_run_identity(checkpoint)
@@ -190,13 +196,13 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
         saved = {}
     given = getattr(trainer, "args_as_given", trainer.args)
     current = json.loads(given.to_json_string())
-    safe, other = [], []
+    safe, other, refused_names = [], [], refused_fields()
     for name in sorted(set(saved) & set(current)):
         old, new = saved[name], current[name]
         if old == new or name.startswith("_"):
             continue
         change = (name, old, new)
-        if name in REFUSED_FIELDS:
+        if name in refused_names:
             refused.append(change)
         elif name in SAFE_FIELDS:
             safe.append(change)

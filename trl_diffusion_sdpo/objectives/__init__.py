@@ -3,8 +3,8 @@
 Each objective is a frozen dataclass owning its hyperparameters (fields with their rules and the papers' defaults).
 The trainer builds it with ``objective_from_config(config, num_train_timesteps=...)`` and calls it once per
 micro-batch as ``objective(predictions, errors, pair_scores=...)``; ``build_objective(loss_type, **fields)`` builds
-one by name. ``OBJECTIVES`` lists the valid ``loss_type`` names; a new objective is a :class:`PreferenceObjective`
-subclass decorated with :func:`register_objective`.
+one by name. ``OBJECTIVES`` lists the built-in ``loss_type`` names; a new objective is a :class:`PreferenceObjective`
+subclass decorated with :func:`register_objective`, and ``registered_objectives()`` lists every registered name.
 """
 
 from .base import (
@@ -31,7 +31,7 @@ from .mapo import MaPOObjective, mapo_loss, mapo_score
 from .sft import SFTObjective, sft_loss
 from .smpo import SmoothedPreferenceObjective, smoothed_preference_weights
 
-# Every module above registers its objective on import, so the list is complete here.
+# Every module above registers its objective on import: the built-in names (one registered later is not added).
 OBJECTIVES: tuple[str, ...] = registered_objectives()
 
 __all__ = [
