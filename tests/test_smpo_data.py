@@ -260,3 +260,42 @@ def test_other_loss_types_never_get_pair_scores_even_with_score_columns(make_tra
     trainer.objective = recording
     trainer.train()
     assert recording.seen == [None]
+
+
+def test_a_registered_objective_that_reads_pair_scores_gets_them_from_the_data(make_trainer, monkeypatch):
+    """The data path asks the objective (``needs_pair_scores``), not the name "smpo": an objective of one's own script
+    that reads the scores gets the score columns kept and ``pair_scores`` in score order, and its own name in the
+    missing-column error."""
+    from dataclasses import dataclass
+
+    from trl_diffusion_sdpo.objectives import ObjectiveOutput, PreferenceObjective, base, register_objective
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # undone after the test
+
+    @register_objective
+    @dataclass(frozen=True)
+    class ScoreGapSFT(PreferenceObjective):
+        name = "score_gap_sft"
+        requires_reference = False
+        uses_loser = False
+        needs_pair_scores = True
+
+        def loss(self, predictions, errors, pair_scores) -> ObjectiveOutput:
+            gap = (pair_scores[:, 0] - pair_scores[:, 1]).to(errors.policy_winner)
+            return ObjectiveOutput((gap * errors.policy_winner).mean(), gap.detach())
+
+    with pytest.raises(ValueError, match=r"loss_type='score_gap_sft' needs a score per image"):
+        make_trainer(loss_type="score_gap_sft", safeguard=False)
+    rows = scored_rows(SCORES[:3], LABELS[:3])  # no tie: every pair is kept
+    trainer = make_trainer(
+        train_dataset=Dataset.from_list(rows), loss_type="score_gap_sft", safeguard=False, max_steps=1
+    )
+    assert {"score_0", "score_1"} <= set(trainer.train_dataset.column_names)
+    recording = RecordingObjective(trainer.objective)
+    trainer.objective = recording
+    trainer.train()
+    (seen,) = recording.seen
+    assert seen is not None and bool((seen[:, 0] > seen[:, 1]).all())  # (winner, loser) in score order
+    assert {tuple(round(v, 4) for v in pair) for pair in seen.tolist()} <= {
+        (round(max(s), 4), round(min(s), 4)) for s in SCORES[:3]
+    }

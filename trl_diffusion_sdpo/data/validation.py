@@ -100,7 +100,14 @@ class DataReport:
 
 
 def uses_scores(args: Any) -> bool:
-    return getattr(args, "loss_type", None) == "smpo"
+    """Whether ``args.loss_type`` names an objective that reads the data's pair scores (its ``needs_pair_scores``:
+    SmPO, or one registered with :func:`~trl_diffusion_sdpo.objectives.register_objective`)."""
+    loss_type = getattr(args, "loss_type", None)
+    if loss_type is None:
+        return False
+    from ..objectives import objective_class
+
+    return objective_class(loss_type).needs_pair_scores
 
 
 def score_columns_of(args: Any) -> tuple[str, str]:
@@ -118,7 +125,9 @@ def resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
     # Report against the layout the dataset resembles most.
     best = max((pickapic, trl), key=lambda layout: len(set(layout.all) & names))
     missing = [c for c in best.all if c not in names]
-    scores = f" and, for loss_type='smpo', score columns {list(score_columns_of(args))}" if uses_scores(args) else ""
+    scores = ""
+    if uses_scores(args):
+        scores = f" and, for loss_type={args.loss_type!r}, score columns {list(score_columns_of(args))}"
     raise ValueError(
         f"Dataset is missing column(s) {missing}. Expected Pick-a-Pic columns {pickapic.all} or TRL preference "
         f"columns {trl.all}{scores} (names can be changed in the config); found {sorted(names)}."
@@ -128,8 +137,9 @@ def resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
 def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns:
     """Pick the Pick-a-Pic or the TRL layout from the column names, or raise naming what is missing.
 
-    With ``loss_type="smpo"`` the two score columns (``score_0_column``, ``score_1_column``) are required as well and
-    included in the result; for every other loss type they are ignored even when present.
+    With an objective that reads pair scores (``loss_type="smpo"``; :func:`uses_scores`) the two score columns
+    (``score_0_column``, ``score_1_column``) are required as well and included in the result; for every other loss
+    type they are ignored even when present.
     """
     layout = resolve_layout(column_names, args)
     if getattr(args, "num_frames", None) is not None:  # video data
@@ -141,8 +151,8 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     missing = [c for c in scores if c not in names]
     if missing:
         raise ValueError(
-            f"loss_type='smpo' needs a score per image, but the dataset is missing score column(s) {missing} "
-            f"(expected {list(scores)}; names can be changed with score_0_column/score_1_column); found "
+            f"loss_type={args.loss_type!r} needs a score per image, but the dataset is missing score column(s) "
+            f"{missing} (expected {list(scores)}; names can be changed with score_0_column/score_1_column); found "
             f"{sorted(names)}. Alternatively hand DiffusionSDPOTrainer a reward_fn(images, prompts) to score both "
             "images of every row."
         )
