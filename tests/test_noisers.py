@@ -168,6 +168,38 @@ def test_flow_noiser_warns_about_a_unet_scale_beta(caplog) -> None:
     assert "beta=5000 is Diffusion-DPO's value for SD UNets" in caplog.text
 
 
+@pytest.mark.parametrize(("loss_type", "warns"), [("dpo", True), ("smpo", True), ("dmpo", True), ("dspo", False)])
+def test_the_unet_scale_beta_warning_is_for_the_objectives_whose_beta_scales_the_dpo_logit(loss_type, warns, caplog):
+    """DSPO's beta is another quantity (0.001 in its SD1.5 form), so 5000 is not a UNet-scale slip there."""
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.families.flow"):
+        flow_family(StableDiffusion3Family).noiser(noise_args(loss_type=loss_type, beta=5000.0))
+    assert ("Diffusion-DPO's value for SD UNets" in caplog.text) is warns
+
+
+def test_an_objective_without_a_flow_counterpart_is_refused_with_its_reason_and_the_usable_ones(monkeypatch):
+    from dataclasses import dataclass
+
+    from trl_diffusion_sdpo.objectives import PreferenceObjective, base, register_objective
+
+    with pytest.raises(
+        ValueError, match=r"DDPM timestep count T.*Use one of \['dmpo', 'dpo', 'dspo', 'sft', 'smpo'\]"
+    ):
+        flow_family(StableDiffusion3Family).noiser(noise_args(loss_type="mapo"))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # undone after the test
+
+    @register_objective
+    @dataclass(frozen=True)
+    class EpsilonOnly(PreferenceObjective):
+        name = "epsilon_only"
+        not_for_flow_matching = "it weights by the epsilon-space SNR"
+
+        def loss(self, predictions, errors):
+            raise AssertionError("not called")
+
+    with pytest.raises(ValueError, match="'epsilon_only' is not supported for stable-diffusion-3: it weights by"):
+        flow_family(StableDiffusion3Family).noiser(noise_args(loss_type="epsilon_only"))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

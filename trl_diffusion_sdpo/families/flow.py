@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..objectives import objective_class, registered_objectives
 from .base import ModelFamily, PromptEmbeddings
 from .noising import Device, NoisedPair, Noiser, pair_latents
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FLOW_SHIFTS",
-    "FLOW_UNSUPPORTED_OBJECTIVES",
     "FLOW_WEIGHTING_SCHEMES",
     "UNET_SCALE_BETA",
     "FlowMatchingFamily",
@@ -62,21 +62,10 @@ logger = logging.getLogger(__name__)
 FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
 FLOW_SHIFTS = ("scheduler", "resolution", "none")
 
-# Objectives whose formulas do not carry over to velocity errors (see docs/sd3.md, "Objectives").
-FLOW_UNSUPPORTED_OBJECTIVES = {
-    "mapo": (
-        "MaPO's margin T * (f(e_w) - f(e_l)), f(e) = g e / (exp(g e) - 1), multiplies by the DDPM timestep count T "
-        "and uses an epsilon-space constant g; velocity errors are (1 - s)^-2 times the epsilon errors of the same "
-        "prediction (unbounded as s -> 1), so f saturates at high noise and neither constant has a flow counterpart"
-    ),
-}
-
-
 # A beta from this value up is on the scale of the UNet recipes (Diffusion-DPO: 2000-5000 for SD1.5/SDXL; DMPO:
-# 2000-6000), an order of magnitude above the flow anchors (100 on per-sample mean velocity errors).
+# 2000-6000), an order of magnitude above the flow anchors (100 on per-sample mean velocity errors). The objectives
+# say whether the warning applies to them (``unet_scale_beta_warning``).
 UNET_SCALE_BETA = 1000.0
-# The objectives whose ``beta`` scales the Diffusion-DPO logit (the warning applies to them).
-_DPO_LOGIT_OBJECTIVES = ("dpo", "smpo", "dmpo")
 
 
 @dataclass(frozen=True)
@@ -276,10 +265,12 @@ class FlowMatchingFamily(ModelFamily):
         """The flow noiser with the ``flow_*`` settings of ``args`` (a ``DiffusionSDPOConfig``); refuses settings and
         objectives that have no flow-matching meaning, naming the field to change, and warns about a UNet-scale
         ``beta``."""
-        if args.loss_type in FLOW_UNSUPPORTED_OBJECTIVES:
+        objective = objective_class(args.loss_type)
+        if objective.not_for_flow_matching:
+            usable = [n for n in registered_objectives() if not objective_class(n).not_for_flow_matching]
             raise ValueError(
-                f"loss_type={args.loss_type!r} is not supported for {self.name}: "
-                f"{FLOW_UNSUPPORTED_OBJECTIVES[args.loss_type]}. Use dpo, dspo, dmpo, smpo or sft."
+                f"loss_type={args.loss_type!r} is not supported for {self.name}: {objective.not_for_flow_matching}. "
+                f"Use one of {usable}."
             )
         if args.min_timestep != 0 or args.max_timestep is not None:
             raise ValueError(
@@ -300,7 +291,7 @@ class FlowMatchingFamily(ModelFamily):
             shift=args.flow_shift or self.default_shift(),
         )
         noiser = FlowNoiser(self.training_scheduler_config(), sampling)
-        if args.loss_type in _DPO_LOGIT_OBJECTIVES and args.beta >= UNET_SCALE_BETA:
+        if objective.unet_scale_beta_warning and args.beta >= UNET_SCALE_BETA:
             logger.warning(
                 f"beta={args.beta:g} is Diffusion-DPO's value for SD UNets in scale (2000-5000); {self.name} is a "
                 f"flow model trained on mean velocity errors, where beta is an order of magnitude smaller: its "

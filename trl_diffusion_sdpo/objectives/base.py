@@ -142,7 +142,10 @@ class PreferenceObjective(abc.ABC):
 
     Class attributes: ``name`` (the ``loss_type``), ``requires_reference`` (False: no reference forward at all),
     ``uses_loser`` (False: the safeguard has nothing to scale), ``needs_pair_scores`` (True: every call needs the
-    pair scores of the data) and ``metric_names`` (the keys of ``ObjectiveOutput.metrics``, the same on every call).
+    pair scores of the data), ``metric_names`` (the keys of ``ObjectiveOutput.metrics``, the same on every call),
+    ``not_for_flow_matching`` (why the formula has no counterpart on flow-matching velocity errors, which the flow
+    families then refuse; empty: it runs on them) and ``unet_scale_beta_warning`` (True: ``beta`` scales the
+    Diffusion-DPO logit as in the UNet recipes, so a flow family warns about a UNet-scale value).
     """
 
     name: ClassVar[str]
@@ -150,6 +153,8 @@ class PreferenceObjective(abc.ABC):
     uses_loser: ClassVar[bool] = True
     needs_pair_scores: ClassVar[bool] = False
     metric_names: ClassVar[tuple[str, ...]] = ()
+    not_for_flow_matching: ClassVar[str] = ""
+    unet_scale_beta_warning: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for spec in fields(self):

@@ -58,6 +58,7 @@ class DMPOObjective(DiffusionDPOLogitObjective):
     )
 
     name = "dmpo"
+    unet_scale_beta_warning = True
     metric_names = ("dmpo/mean_p",)
 
     def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:

@@ -49,6 +49,7 @@ class DiffusionDPOObjective(DiffusionDPOLogitObjective):
     """
 
     name = "dpo"
+    unet_scale_beta_warning = True  # SmPO inherits it: its beta scales the same logit
 
     def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:
         return diffusion_dpo_loss(errors, self.beta)

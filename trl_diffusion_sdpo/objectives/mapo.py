@@ -82,6 +82,12 @@ class MaPOObjective(PreferenceObjective):
 
     name = "mapo"
     requires_reference = False
+    # See docs/sd3.md, "Objectives".
+    not_for_flow_matching = (
+        "MaPO's margin T * (f(e_w) - f(e_l)), f(e) = g e / (exp(g e) - 1), multiplies by the DDPM timestep count T "
+        "and uses an epsilon-space constant g; velocity errors are (1 - s)^-2 times the epsilon errors of the same "
+        "prediction (unbounded as s -> 1), so f saturates at high noise and neither constant has a flow counterpart"
+    )
     metric_names = ("mapo/win_score", "mapo/lose_score", "mapo/ratio_loss")
 
     def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:
