@@ -56,6 +56,14 @@ def pickapic_rows(n: int = 6, labels: Sequence[float] | None = None) -> list[dic
 
 
 @pytest.fixture
+def objective_registry(monkeypatch) -> None:
+    """Objectives registered in the test stay in the test: the registry is a copy, put back afterwards."""
+    from trl_diffusion_sdpo.objectives import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+
+@pytest.fixture
 def make_pickapic() -> Callable[..., Dataset]:
     """``make_pickapic(n=6, labels=None, rows=None)``: a ``datasets.Dataset`` in Pick-a-Pic v2 form."""
 

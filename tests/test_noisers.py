@@ -176,16 +176,15 @@ def test_the_unet_scale_beta_warning_is_for_the_objectives_whose_beta_scales_the
     assert ("Diffusion-DPO's value for SD UNets" in caplog.text) is warns
 
 
-def test_an_objective_without_a_flow_counterpart_is_refused_with_its_reason_and_the_usable_ones(monkeypatch):
+def test_an_objective_without_a_flow_counterpart_is_refused_with_its_reason_and_the_usable_ones(objective_registry):
     from dataclasses import dataclass
 
-    from trl_diffusion_sdpo.objectives import PreferenceObjective, base, register_objective
+    from trl_diffusion_sdpo.objectives import PreferenceObjective, register_objective
 
     with pytest.raises(
         ValueError, match=r"DDPM timestep count T.*Use one of \['dmpo', 'dpo', 'dspo', 'sft', 'smpo'\]"
     ):
         flow_family(StableDiffusion3Family).noiser(noise_args(loss_type="mapo"))
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # undone after the test
 
     @register_objective
     @dataclass(frozen=True)

@@ -290,8 +290,7 @@ def test_a_bad_objective_field_fails_when_the_config_is_made_whatever_the_loss_t
         config(tmp_path, loss_type="sft")
 
 
-def test_a_registered_objective_is_built_from_the_config_field_of_its_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(objectives_base, "_REGISTRY", dict(objectives_base._REGISTRY))  # undone after the test
+def test_a_registered_objective_is_built_from_the_config_field_of_its_name(tmp_path, objective_registry):
 
     @register_objective
     @dataclass(frozen=True)
@@ -321,11 +320,10 @@ def test_a_registered_objective_is_built_from_the_config_field_of_its_name(tmp_p
         register_objective(type("Plain", (PreferenceObjective,), {"name": "plain", "loss": lambda self, p, e: None}))
 
 
-def test_a_registered_objective_reads_a_new_field_from_a_config_subclass(tmp_path, monkeypatch):
+def test_a_registered_objective_reads_a_new_field_from_a_config_subclass(tmp_path, objective_registry):
     """docs/objectives.md: an objective of one's own script with a hyperparameter no built-in config field has reads it
     from a ``DiffusionSDPOConfig`` subclass, from Python and from the command line, and checks it when the config is
     made."""
-    monkeypatch.setattr(objectives_base, "_REGISTRY", dict(objectives_base._REGISTRY))  # undone after the test
 
     @register_objective
     @dataclass(frozen=True)

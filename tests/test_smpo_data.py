@@ -262,15 +262,13 @@ def test_other_loss_types_never_get_pair_scores_even_with_score_columns(make_tra
     assert recording.seen == [None]
 
 
-def test_a_registered_objective_that_reads_pair_scores_gets_them_from_the_data(make_trainer, monkeypatch):
+def test_a_registered_objective_that_reads_pair_scores_gets_them_from_the_data(make_trainer, objective_registry):
     """The data path asks the objective (``needs_pair_scores``), not the name "smpo": an objective of one's own script
     that reads the scores gets the score columns kept and ``pair_scores`` in score order, and its own name in the
     missing-column error."""
     from dataclasses import dataclass
 
-    from trl_diffusion_sdpo.objectives import ObjectiveOutput, PreferenceObjective, base, register_objective
-
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # undone after the test
+    from trl_diffusion_sdpo.objectives import ObjectiveOutput, PreferenceObjective, register_objective
 
     @register_objective
     @dataclass(frozen=True)
