@@ -52,6 +52,13 @@ from trl_diffusion_sdpo.checks import Choice
         ({"resolution": 64.5}, "resolution must be an integer"),
         ({"max_timestep": 0}, "max_timestep must be >= 1"),
         ({"validation_guidance_scale": float("inf")}, "validation_guidance_scale must be finite"),
+        # The flow-matching families' fields
+        ({"flow_weighting_scheme": "uniform"}, r"flow_weighting_scheme must be one of \['logit_normal', .*\] or None"),
+        ({"flow_shift": "dynamic"}, r"flow_shift must be one of \['scheduler', 'resolution', 'none'\] or None"),
+        ({"flow_logit_std": 0.0}, "flow_logit_std must be positive"),
+        ({"flow_logit_std": float("nan")}, "flow_logit_std must be finite"),  # passed the old `<= 0` check
+        ({"max_sequence_length": 0}, "max_sequence_length must be >= 1"),
+        ({"max_sequence_length": 77.5}, "max_sequence_length must be an integer or None"),
         # Wrong types, as a YAML file gives them
         ({"beta": "5e3"}, r"beta must be a real number, got '5e3' \(str\)\. \(In YAML"),
         ({"safeguard_mu": True}, "safeguard_mu must be a real number"),

@@ -210,3 +210,18 @@ def test_an_objective_without_a_flow_counterpart_is_refused_with_its_reason_and_
 def test_flow_noiser_refuses_settings_without_flow_meaning(overrides, message) -> None:
     with pytest.raises(ValueError, match=message):
         flow_family(StableDiffusion3Family).noiser(noise_args(**overrides))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"weighting_scheme": "uniform"}, r"flow_weighting_scheme must be one of \['logit_normal'"),
+        ({"weighting_scheme": "logit_normal", "shift": "dynamic"}, r"flow_shift must be one of \['scheduler'"),
+        ({"weighting_scheme": "logit_normal", "logit_std": float("nan")}, "flow_logit_std must be finite"),
+    ],
+)
+def test_flow_timestep_sampling_refuses_bad_settings_named_as_the_config_fields(fields, message) -> None:
+    from trl_diffusion_sdpo.families.flow import FlowTimestepSampling
+
+    with pytest.raises(ValueError, match=message):
+        FlowTimestepSampling(**fields)

@@ -63,9 +63,14 @@ class Choice:
     ``Choice(tuple(table))``), so the message reads as the documentation does, the default usually first."""
 
     options: tuple[str, ...]
+    optional: bool = False  # None allowed too (the field's default is chosen elsewhere)
 
-    def check(self, name: str, value: Any) -> str:
-        """``value`` if it is one of ``options``, else a ``ValueError`` naming ``name``, the value and the options."""
+    def check(self, name: str, value: Any) -> str | None:
+        """``value`` if it is one of ``options`` (or ``None`` with ``optional``), else a ``ValueError`` naming
+        ``name``, the value and the options."""
+        if value is None and self.optional:
+            return None
         if value not in self.options:
-            raise ValueError(f"{name} must be one of {list(self.options)}, got {value!r}.")
+            optional = " or None" if self.optional else ""
+            raise ValueError(f"{name} must be one of {list(self.options)}{optional}, got {value!r}.")
         return value

@@ -411,17 +411,10 @@ class DiffusionSDPOConfig(TrainingArguments):
                 f"max_timestep ({self.max_timestep}) must be larger than min_timestep ({self.min_timestep})"
             )
         if self.flow_weighting_scheme is not None or self.flow_shift is not None:
-            from .families.flow import FlowTimestepSampling  # validates both names
+            from .families.flow import FLOW_SHIFTS, FLOW_WEIGHTING_SCHEMES  # the families own the names
 
-            FlowTimestepSampling(
-                self.flow_weighting_scheme or "logit_normal",
-                logit_std=self.flow_logit_std,
-                shift=self.flow_shift or "scheduler",
-            )
-        if self.flow_logit_std <= 0:
-            raise ValueError(f"flow_logit_std must be > 0, got {self.flow_logit_std}")
-        if self.max_sequence_length is not None and self.max_sequence_length <= 0:
-            raise ValueError(f"max_sequence_length must be positive, got {self.max_sequence_length}")
+            Choice(FLOW_WEIGHTING_SCHEMES, optional=True).check("flow_weighting_scheme", self.flow_weighting_scheme)
+            Choice(FLOW_SHIFTS, optional=True).check("flow_shift", self.flow_shift)
         from .io.preemption import parse_signals  # validates the names
 
         parse_signals(self.preemption_signals)
@@ -478,6 +471,9 @@ _FIELD_RULES: dict[str, Range | Choice] = {
     "min_timestep": Range(0, integer=True),
     "max_timestep": Range(1, integer=True, optional=True, hint="None uses the scheduler's num_train_timesteps."),
     "dataset_num_proc": Range(1, integer=True, optional=True),
+    # the flow-matching families
+    "flow_logit_std": Range(0, low_open=True),
+    "max_sequence_length": Range(1, integer=True, optional=True, hint="None uses the family's default."),
     # evaluation and validation
     "eval_seed": Range(0, integer=True),
     "validation_steps": Range(0, integer=True),

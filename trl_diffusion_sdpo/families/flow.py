@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..checks import Choice, Range
 from ..objectives import objective_class, registered_objectives
 from .base import ModelFamily, PromptEmbeddings
 from .noising import Device, NoisedPair, Noiser, pair_latents
@@ -79,15 +80,10 @@ class FlowTimestepSampling:
     shift: str = "scheduler"
 
     def __post_init__(self) -> None:
-        if self.weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
-            raise ValueError(
-                f"flow_weighting_scheme={self.weighting_scheme!r} is not supported; choose one of "
-                f"{FLOW_WEIGHTING_SCHEMES}"
-            )
-        if self.shift not in FLOW_SHIFTS:
-            raise ValueError(f"flow_shift={self.shift!r} is not supported; choose one of {FLOW_SHIFTS}")
-        if self.logit_std <= 0:
-            raise ValueError(f"flow_logit_std must be > 0, got {self.logit_std}")
+        # Named as the config fields they come from.
+        Choice(FLOW_WEIGHTING_SCHEMES).check("flow_weighting_scheme", self.weighting_scheme)
+        Choice(FLOW_SHIFTS).check("flow_shift", self.shift)
+        Range(0, low_open=True).check("flow_logit_std", self.logit_std)
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
