@@ -159,11 +159,6 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     return dataclasses.replace(layout, score_0=scores[0], score_1=scores[1])
 
 
-def path_problem(path: str) -> str:
-    """Why an image path cannot be opened before trying (a URL, a missing file), or ``""``."""
-    return _file_stat(path)[1]
-
-
 def _file_stat(path: str) -> tuple[os.stat_result | None, str]:
     """``(stat, "")`` of the regular file at ``path``, or ``(None, why it cannot be opened)``: one ``stat`` call,
     which on a network file system is a round trip per image."""
