@@ -153,8 +153,11 @@ def _stage_problem(seed: int = 5):
     ref_w, ref_l = t_w + 0.3 * torch.randn(3, 5, generator=gen), t_l + 0.3 * torch.randn(3, 5, generator=gen)
     objective = build_objective("dpo", beta=2.0)
 
-    def predict() -> PreferencePredictions:
-        return PreferencePredictions(policy(x_w), policy(x_l), t_w, t_l, ref_w, ref_l)
+    def predict(separate_branches: bool = True) -> PreferencePredictions:
+        if separate_branches:
+            return PreferencePredictions(policy(x_w), policy(x_l), t_w, t_l, ref_w, ref_l)
+        both = policy(torch.cat([x_w, x_l]))
+        return PreferencePredictions(both[:3], both[3:], t_w, t_l, ref_w, ref_l)
 
     def objective_loss(p: PreferencePredictions) -> torch.Tensor:
         errors = DenoisingErrors(*(denoising_error(a, b) for a, b in [(p.policy_winner, t_w), (p.policy_loser, t_l)]))

@@ -17,7 +17,8 @@ __all__ = ["DiffusionSDPOConfig"]
 
 # The options of the config's choice fields: the fields' ``choices`` (what ``--help`` lists) and their checks.
 SAFEGUARD_SPACES = ("output", "parameter", "update")
-SAFEGUARD_SCOPES = ("local", "global")
+SAFEGUARD_SCOPES = ("local", "global", "pair")
+SAFEGUARD_PASSES = ("one", "two")
 NONFINITE_ACTIONS = ("skip", "raise")
 
 
@@ -92,7 +93,16 @@ class DiffusionSDPOConfig(TrainingArguments):
         process computes ``lambda`` from its own micro-batch. `"global"`: the two sums behind ``lambda`` are summed
         over all processes, so every process uses the ``lambda`` of the global micro-batch (one extra all-reduce of
         two numbers per micro-batch); the run then matches a single process with the same global batch. On one
-        process the two are the same.
+        process the two are the same. `"pair"` (`safeguard_space="parameter"`, LoRA): one ``lambda_i`` per preference
+        pair, from that pair's own gradients, so that pair ``i``'s safeguarded gradient does not raise pair ``i``'s
+        winner term to first order (with margin ``mu``); not a guarantee for the batch sum, since other pairs'
+        gradients still act on pair ``i`` (`docs/safeguard.md`). It keeps one gradient of the adapters per image.
+    safeguard_passes (`str`, *optional*, defaults to `"one"`):
+        How the parameter and update spaces get the branches' gradients. `"one"`: one forward and one backward pass
+        over the whole pair batch, as Diffusion-DPO, each weight's gradient split by branch inside it (per-layer
+        taps); where that cannot run (DeepSpeed, FSDP2, a trainable weight outside Linear/ConvNd/norm/embedding
+        layers) the step falls back to `"two"` and says once why. `"two"`: one forward and one backward pass per
+        branch, the reference implementation.
 
     > Parameters that control the data
 
@@ -273,6 +283,14 @@ class DiffusionSDPOConfig(TrainingArguments):
             "choices": list(SAFEGUARD_SCOPES),
         },
     )
+    safeguard_passes: str = field(
+        default="one",
+        metadata={
+            "help": "'one': one forward and backward pass, the branches' weight gradients split inside it (falls back "
+            "to 'two' where it cannot, and says why); 'two': one pass per branch (the reference implementation).",
+            "choices": list(SAFEGUARD_PASSES),
+        },
+    )
     # Data
     resolution: int = field(default=512, metadata={"help": "Square training resolution in pixels."})
     random_crop: bool = field(default=False, metadata={"help": "Random crop instead of center crop."})
@@ -432,6 +450,15 @@ class DiffusionSDPOConfig(TrainingArguments):
                 "update, which depends on the whole accumulated gradient, known only at the last micro-batch. "
                 "Raise per_device_train_batch_size instead, or use safeguard_space='parameter'."
             )
+        if self.safeguard and self.safeguard_scope == "pair" and self.safeguard_space != "parameter":
+            raise ValueError(
+                f"safeguard_scope='pair' chooses one lambda per pair from that pair's parameter gradients: it needs "
+                f"safeguard_space='parameter', got {self.safeguard_space!r}"
+            )
+        if self.safeguard and self.safeguard_scope == "pair" and self.safeguard_passes != "one":
+            raise ValueError(
+                "safeguard_scope='pair' needs safeguard_passes='one': its per-pair gradients come from it"
+            )
         if self.safeguard and not objective_class(self.loss_type).uses_loser:
             raise ValueError(
                 f"loss_type={self.loss_type!r} trains on the winners only: there is no loser gradient for the "
@@ -461,6 +488,7 @@ _FIELD_RULES: dict[str, Range | Choice] = {
     # the safeguard
     "safeguard_space": Choice(SAFEGUARD_SPACES),
     "safeguard_scope": Choice(SAFEGUARD_SCOPES),
+    "safeguard_passes": Choice(SAFEGUARD_PASSES),
     "safeguard_mu": Range(0, 1, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL."),
     "safeguard_max_lambda": Range(0, low_open=True, hint="The authors use 1.0."),
     # the data

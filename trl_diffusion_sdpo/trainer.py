@@ -299,7 +299,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         return (loss, {"logits": output.logits}) if return_outputs else loss
 
     def _parameter_space_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The exact safeguard: one forward and one backward pass per branch (:mod:`.step.parameter_space`)."""
+        """The exact safeguard: one forward and one backward pass with the branches' gradients split inside it, or one
+        of each per branch (:mod:`.step.parameter_space`)."""
         model.train()
         inputs, replay = self._batch(self._prepare_inputs(inputs), "train")
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
@@ -308,9 +309,11 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         pair_scores = inputs.get("pair_scores")
         captured: dict[str, Any] = {}
 
-        def predict() -> PreferencePredictions:
+        noised = self.stages.noised_pair(inputs, "train", self.state.global_step)
+
+        def predict(separate_branches: bool) -> PreferencePredictions:
             with self.compute_loss_context_manager():
-                return self.stages.predict(policy, inputs, "train", self.state.global_step, separate_branches=True)
+                return self.stages.predict_noised(policy, noised, separate_branches)
 
         def objective_loss(branches: PreferencePredictions) -> torch.Tensor:
             captured["errors"] = denoising_errors(branches)
@@ -325,6 +328,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             contributes=not replay,
             sync_gradients=self.accelerator.sync_gradients,
             optimizer=self.optimizer,
+            pairs=noised.num_pairs,
         )
         if replay:
             return torch.zeros((), device=loss.device)

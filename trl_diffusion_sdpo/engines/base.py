@@ -71,6 +71,11 @@ class Engine(ABC):
         """Raise a ValueError naming what to use instead when the per-branch passes cannot run here (``scope``:
         ``safeguard_scope``, ``"local"`` or ``"global"``)."""
 
+    def one_pass_reason(self) -> str | None:
+        """Why the exact safeguard cannot split the branches' gradients inside one pass here (``None``: it can; the
+        per-branch passes run otherwise). One process, or DDP: it can."""
+        return None
+
     def branch_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradients:
         """The per-branch gradient store over the trainable ``parameters`` (see :mod:`.branches`)."""
         return BranchGradientSplitter(parameters)

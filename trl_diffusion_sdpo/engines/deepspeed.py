@@ -86,6 +86,12 @@ class DeepSpeedEngine(Engine):
                 "(the authors' rule)."
             )
 
+    def one_pass_reason(self) -> str:
+        return (
+            "DeepSpeed owns the gradient partitions and reduces each backward into them; the one-pass split hands "
+            "autograd no weight gradient (not implemented under ZeRO)"
+        )
+
     def branch_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> EngineBranchGradients:
         accelerator = self.accelerator
         engine = accelerator.deepspeed_engine_wrapped.engine

@@ -41,6 +41,12 @@ class FSDP2Engine(Engine):
                 "safeguard_scope='global', or use DDP for one lambda per process."
             )
 
+    def one_pass_reason(self) -> str:
+        return (
+            "FSDP2 gathers each weight for its layer and reduce-scatters its gradient inside autograd; the one-pass "
+            "split would hold whole per-branch gradients of gathered weights (not implemented under FSDP2)"
+        )
+
     def branch_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradientSplitter:
         return BranchGradientSplitter(parameters, local=True)
 

@@ -78,7 +78,7 @@ def reduce_metrics(
         values = stored.get(name)
         if not values:
             continue
-        stacked = torch.stack([v.detach().float().to(device) for v in values])
+        stacked = torch.cat([v.detach().float().reshape(-1).to(device) for v in values])  # the pair scope: a vector
         sums[i], counts[i] = stacked.sum(), stacked.numel()
         if name in lambdas:
             k = lambdas.index(name)

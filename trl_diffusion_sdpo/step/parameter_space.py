@@ -1,42 +1,66 @@
-"""The parameter-space safeguard's backward stage: one backward pass per branch, ``lambda`` from their gradients.
+"""The parameter-space safeguard's backward stage: ``lambda`` from per-branch gradients, in one pass or two.
 
-Replaces the single backward pass of a micro-batch when ``safeguard_space="parameter"``::
+Replaces the single backward pass of a micro-batch when ``safeguard_space="parameter"``. By default it runs one
+forward and one backward pass over the whole pair batch, like Diffusion-DPO, with each trainable weight's gradient
+split by branch inside it (per-layer taps, :mod:`.layer_taps`; the store is
+:class:`~.one_pass.OnePassBranchGradients`)::
 
-    predictions (per branch) -> objective on detached predictions (each branch's cotangent)
-    -> winner backward -> loser backward -> lambda = f(<g_w, g_w>, <g_w, g_l>) -> g_w + lambda * h_l
-    -> (several processes) the reductions the engine asks for
+    predictions (one pass) -> objective on detached predictions (each branch's cotangent)
+    -> one backward, weight gradients split by rows: g_w, h_l -> lambda = f(<g_w, g_w>, <g_w, h_l>)
+    -> .grad += g_w + lambda * h_l -> (several processes) the reductions the engine asks for
 
-Where the gradients live and how they are reduced is the engine's business (:mod:`trl_diffusion_sdpo.engines`,
-whose :mod:`~trl_diffusion_sdpo.engines.branches` streams them with one extra buffer); the formula is
-:func:`.safeguard.parameter_space_lambda`.
+Where that cannot run (an engine that shards or owns the gradients, a trainable weight no tap covers, a layer that
+sees rows it cannot group, ``safeguard_passes="two"``) it runs the reference implementation: one forward and one
+backward pass per branch (:mod:`~trl_diffusion_sdpo.engines.branches`), and says once why.
 
-With ``update_space=True`` (``safeguard_space="update"``) the same passes feed the update space: ``g_w`` and ``h_l``
-are kept apart, averaged over processes by the engine, and ``lambda`` is chosen on the optimizer's actual update
+``safeguard_scope="pair"`` splits by image instead: one ``lambda_i`` per pair from that pair's own gradients,
+``.grad += sum_i (g_w,i + lambda_i * h_l,i)`` (one pass only).
+
+With ``update_space=True`` (``safeguard_space="update"``) the same branch gradients feed the update space: ``g_w``
+and ``h_l`` are averaged over processes by the engine, and ``lambda`` is chosen on the optimizer's actual update
 (:class:`~.update_space.OptimizerUpdate`, :func:`~.update_space.update_space_lambda`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import torch
 
+from ..distributed import all_reduce_sum
 from ..engines import BranchGradients, Engine
 from ..engines.branches import branch_cotangents
 from ..objectives import PreferencePredictions
+from .one_pass import OnePassBranchGradients
 from .optimizer import trainable_parameters
 from .safeguard import parameter_space_lambda
 from .update_space import OptimizerUpdate, update_space_lambda
 
-__all__ = ["ParameterSpaceBackward"]
+__all__ = ["SAFEGUARD_PASSES", "ParameterSpaceBackward", "pair_scope_memory_bytes"]
+
+logger = logging.getLogger(__name__)
+
+#: ``safeguard_passes``: "one" (one pass, the branches split inside it; two where it cannot split) or "two"
+SAFEGUARD_PASSES = ("one", "two")
+
+Predict = Callable[[bool], PreferencePredictions]  # separate_branches -> the micro-batch's predictions
+
+
+def pair_scope_memory_bytes(trainable_elements: int, pairs: int) -> int:
+    """What the per-pair scope keeps: one float32 gradient of the trainable weights per image (``2 * pairs``)."""
+    return 2 * pairs * trainable_elements * 4
 
 
 class ParameterSpaceBackward:
-    """Runs a micro-batch's per-branch backward passes on ``engine`` with margin ``mu`` and cap ``max_lambda``.
+    """Runs a micro-batch's backward with margin ``mu`` and cap ``max_lambda`` on ``engine``.
 
     ``global_scope``: one ``lambda`` for the global micro-batch (the inner products are reduced over processes),
-    else one per process. The gradient store is built at the first micro-batch (the engine exists by then).
+    else one per process. ``pair_scope``: one ``lambda`` per pair (the one pass only). ``passes``: ``"one"`` (the
+    default: one forward and one backward pass, falling back to two where the gradients cannot be split in one) or
+    ``"two"`` (the per-branch passes, the reference implementation). The gradient stores are built at the first
+    micro-batch (the engine exists by then).
     ``update_space``: choose ``lambda`` on the optimizer's update instead (one ``lambda`` for the global micro-batch
     whatever ``global_scope``), with ``max_grad_norm`` the trainer's clipping threshold (``<= 0``: no clipping).
     """
@@ -50,17 +74,35 @@ class ParameterSpaceBackward:
         *,
         update_space: bool = False,
         max_grad_norm: float = 0.0,
+        pair_scope: bool = False,
+        passes: str = "one",
     ) -> None:
+        if passes not in SAFEGUARD_PASSES:
+            raise ValueError(f"passes must be one of {SAFEGUARD_PASSES}, got {passes!r}")
+        if pair_scope and (update_space or passes != "one"):
+            raise ValueError(
+                "safeguard_scope='pair' runs in the parameter space with safeguard_passes='one' only: the per-pair "
+                "gradients come from the one-pass split"
+            )
         if update_space:
             engine.check_update_space()
             global_scope = False  # the engine averages both branches' gradients instead (see _update_space)
         else:
-            engine.check_parameter_space("global" if global_scope else "local")
+            engine.check_parameter_space("pair" if pair_scope else "global" if global_scope else "local")
+        if pair_scope and engine.one_pass_reason() is not None:
+            raise ValueError(f"safeguard_scope='pair' needs the one-pass split: {engine.one_pass_reason()}")
         self.engine = engine
         self.mu, self.max_lambda = mu, max_lambda
         self.global_scope = global_scope and engine.num_processes > 1
+        self.pair_scope = pair_scope
         self.update_space, self.max_grad_norm = update_space, max_grad_norm
-        self.store: BranchGradients | None = None
+        self.passes = passes
+        self.store: BranchGradients | None = None  # the per-branch passes' store, built when they run
+        self.one_pass: OnePassBranchGradients | None = None
+        #: why the per-branch passes run instead of one pass (``None``: one pass, or not decided yet)
+        self.two_pass_reason: str | None = None
+        self._decided = False
+        self._probed = False
         # The update space: 1.0 where the last micro-batch's lambda could not meet the margin (a device tensor, for
         # the metrics); None before the first micro-batch and in the parameter space.
         self.infeasible: torch.Tensor | None = None
@@ -78,24 +120,30 @@ class ParameterSpaceBackward:
             args.safeguard_scope == "global",
             update_space=args.safeguard_space == "update",
             max_grad_norm=args.max_grad_norm,
+            pair_scope=args.safeguard_scope == "pair",
+            passes=args.safeguard_passes,
         )
 
     def __call__(
         self,
         policy: torch.nn.Module,
-        predict: Callable[[], PreferencePredictions],
+        predict: Predict,
         objective_loss: Callable[[PreferencePredictions], torch.Tensor],
         scale: torch.Tensor,
         *,
         contributes: bool = True,
         sync_gradients: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
+        pairs: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, PreferencePredictions]:
-        """``(loss, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients.
+        """``(loss, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients (the pair
+        scope: ``lambda`` holds one value per pair).
 
         Args:
-            policy: the unwrapped denoiser (the branches bypass DDP's hooks; the engine reduces once).
-            predict: the micro-batch's predictions, one forward pass per branch.
+            policy: the unwrapped denoiser (the passes bypass DDP's hooks; the engine reduces once).
+            predict: the micro-batch's predictions, ``predict(separate_branches)``: one forward pass over both
+                branches (``False``) or one per branch (``True``). It may be called twice (a fallback), and must
+                then predict the same noised pair.
             objective_loss: the loss of a micro-batch's predictions (errors and objective); it is evaluated on
                 detached copies of the policy's predictions to get each branch's cotangent.
             scale: what a plain backward would multiply the loss by (accumulation average, fp16 loss scale).
@@ -103,28 +151,137 @@ class ParameterSpaceBackward:
                 zero contribution.
             sync_gradients: whether this micro-batch closes the accumulation window.
             optimizer: the training optimizer, read (never changed) by the update space.
+            pairs: the micro-batch's number of pairs (the pair scope groups rows by it; else read off the
+                predictions).
         """
-        engine = self.engine
-        if self.store is None:
-            self.store = engine.branch_gradients(trainable_parameters(policy))
-        store = self.store
-        accumulated = engine.set_aside_accumulated(policy, store.parameters)
-        predictions = predict()
+        if not self._decided:
+            self._decide(policy)
+        if self.one_pass is not None:
+            done = self._one_pass(predict, objective_loss, scale, contributes, sync_gradients, optimizer, pairs)
+            if done is not None:
+                return done
+        return self._two_passes(policy, predict, objective_loss, scale, contributes, sync_gradients, optimizer)
+
+    # ------------------------------------------------------------------ which passes
+
+    def _decide(self, policy: torch.nn.Module) -> None:
+        """One pass where the engine, the trainable weights and ``passes`` allow it; else why not, said once."""
+        self._decided = True
+        reason = "safeguard_passes='two'" if self.passes == "two" else self.engine.one_pass_reason()
+        if reason is None:
+            store = OnePassBranchGradients(policy, trainable_parameters(policy))
+            if store.uncovered:
+                shown = ", ".join(store.uncovered[:5]) + (", ..." if len(store.uncovered) > 5 else "")
+                reason = (
+                    f"{len(store.uncovered)} trainable parameter(s) are held by modules no per-layer tap covers "
+                    f"({shown}); only Linear, ConvNd, norm and embedding layers are split"
+                )
+            else:
+                self.one_pass = store
+        if reason is not None:
+            self._fall_back(reason)
+
+    def _fall_back(self, reason: str) -> None:
+        self.one_pass, self.two_pass_reason = None, reason
+        if self.pair_scope:
+            raise ValueError(f"safeguard_scope='pair' needs the one-pass split, which cannot run here: {reason}")
+        if self.passes == "one":
+            logger.warning("The exact safeguard runs one forward and backward pass per branch: %s.", reason)
+
+    def _agreed(self, failed: bool) -> bool:
+        """Whether any process failed (the fallback is a decision every process must take together)."""
+        if self.engine.num_processes == 1:
+            return failed
+        return bool(all_reduce_sum(torch.tensor(float(failed))).item() > 0)
+
+    # ------------------------------------------------------------------ one pass
+
+    def _one_pass(self, predict, objective_loss, scale, contributes, sync_gradients, optimizer, pairs):
+        store = self.one_pass
+        groups = 2 * pairs if self.pair_scope else 2
+        if self.pair_scope and pairs is None:
+            raise ValueError("the pair scope needs the micro-batch's number of pairs (pairs=)")
+        probe = not self._probed
+        before = store.grad_states() if probe else None
+        with store.split(groups):
+            predictions = predict(False)
+            failed = bool(store.failures)
+            if probe:
+                failed = self._agreed(failed)
+            elif failed:
+                raise RuntimeError(
+                    "a layer could not be tapped in this micro-batch although it was in the first: "
+                    + "; ".join(store.failures[:3])
+                )
+            if not failed:
+                loss, cot_winner, cot_loser = self._cotangents(predictions, objective_loss, scale, contributes)
+                torch.autograd.backward((predictions.policy_winner, predictions.policy_loser), (cot_winner, cot_loser))
+        if failed:
+            self._fall_back("layers saw rows they could not split by branch: " + "; ".join(store.failures[:3]))
+            return None
+        if probe:
+            self._probed = True
+            untapped = store.untapped_gradients(before)
+            if self._agreed(bool(untapped)):
+                names = ", ".join(store.taps.names[i] for i in untapped[:5]) if untapped else "on another process"
+                for i in untapped:
+                    if before[i][0] is not None:
+                        raise RuntimeError(
+                            f"trainable weights received gradients outside their layers' taps ({names}) while "
+                            "holding accumulated gradients; set safeguard_passes='two'"
+                        )
+                    store.parameters[i].grad = None
+                self._fall_back(f"gradients reached weights outside their layers' taps ({names})")
+                return None
+        if self.pair_scope:
+            winner_sq, cross = store.pair_sums()
+            lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
+            store.combine_pairs(lam)
+        elif self.update_space:
+            winner, loser = store.branch_gradients()
+            lam = self._update_space_lambda(winner, loser, optimizer, scale)
+            store.set_combined(lam, winner, loser)
+            return loss, lam, predictions
+        else:
+            winner_sq, cross = store.branch_sums(self.engine.winner_reduction(self.global_scope))
+            winner_sq, cross = self.engine.reduce_branch_sums(winner_sq, cross, self.global_scope)
+            lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
+            store.combine(lam)
+        self.engine.reduce_combined_gradients(store.parameters, sync_gradients)
+        return loss, lam, predictions
+
+    @staticmethod
+    def _cotangents(predictions, objective_loss, scale, contributes):
+        """``(loss, scale * dL/dpred_w, scale * dL/dpred_l)``; zeros for a micro-batch that does not contribute."""
 
         def loss_of(policy_winner: torch.Tensor, policy_loser: torch.Tensor) -> torch.Tensor:
             branches = dataclasses.replace(predictions, policy_winner=policy_winner, policy_loser=policy_loser)
             return objective_loss(branches)
 
         loss, cot_winner, cot_loser = branch_cotangents(loss_of, predictions.policy_winner, predictions.policy_loser)
-        scale = scale.to(cot_winner)
         if not contributes:
-            cot_winner, cot_loser = torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
+            return loss, torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
+        scale = scale.to(cot_winner)
+        return loss, cot_winner * scale, cot_loser * scale
+
+    # ------------------------------------------------------------------ two passes (the reference implementation)
+
+    def _two_passes(self, policy, predict, objective_loss, scale, contributes, sync_gradients, optimizer):
+        engine = self.engine
+        if self.store is None:
+            self.store = engine.branch_gradients(trainable_parameters(policy))
+        store = self.store
+        accumulated = engine.set_aside_accumulated(policy, store.parameters)
+        predictions = predict(True)
+        loss, cot_winner, cot_loser = self._cotangents(predictions, objective_loss, scale, contributes)
         winner_sq = store.backward_winner(
-            predictions.policy_winner, cot_winner * scale, engine.winner_reduction(self.global_scope)
+            predictions.policy_winner, cot_winner, engine.winner_reduction(self.global_scope)
         )
-        cross = store.backward_loser(predictions.policy_loser, cot_loser * scale)
+        cross = store.backward_loser(predictions.policy_loser, cot_loser)
         if self.update_space:
-            lam = self._update_space(store, optimizer, scale)
+            winner, loser = store.branch_gradients()
+            lam = self._update_space_lambda(winner, loser, optimizer, scale)
+            store.set_combined(lam, winner, loser)
             engine.restore_accumulated(store.parameters, accumulated)
             return loss, lam, predictions
         winner_sq, cross = engine.reduce_branch_sums(winner_sq, cross, self.global_scope)
@@ -134,21 +291,19 @@ class ParameterSpaceBackward:
         engine.reduce_combined_gradients(store.parameters, sync_gradients)
         return loss, lam, predictions
 
-    def _update_space(self, store: BranchGradients, optimizer, scale: torch.Tensor) -> torch.Tensor:
-        """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes (what the optimizer will
-        see), ``lambda`` from them and the optimizer's state, and ``.grad = g_w + lambda * h_l``, already reduced."""
+    def _update_space_lambda(self, winner, loser, optimizer, scale: torch.Tensor) -> torch.Tensor:
+        """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes in place (what the
+        optimizer will see), ``lambda`` from them and the optimizer's state."""
         if optimizer is None:
             raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
-        winner, loser = store.branch_gradients()
         self.engine.reduce_branch_gradients(winner, loser)
         unscale = 1.0 / scale  # the update is read in the optimizer's units; .grad stays in the backward's
         update = OptimizerUpdate(
             optimizer,
-            store.parameters,
+            self.one_pass.parameters if self.one_pass is not None else self.store.parameters,
             [w * unscale.to(w) for w in winner],
             [h * unscale.to(h) for h in loser],
             self.max_grad_norm,
         )
         lam, self.infeasible = update_space_lambda(update, self.mu, self.max_lambda)
-        store.set_combined(lam, winner, loser)
         return lam

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..families import ModelFamily, PromptEmbeddings
+from ..families import ModelFamily, NoisedPair, PromptEmbeddings
 from ..objectives import PreferencePredictions
 from .batch import EncodedBatch, crop_pairs, drop_prompts, encode_batch, fixed_time_ids
 from .draws import MicroBatchDraws
 from .predictions import predict_pairs
 
-__all__ = ["Augmentation", "MicroBatchStages"]
+__all__ = ["Augmentation", "MicroBatchStages", "NoisedMicroBatch"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,19 @@ class Augmentation:
     def from_config(cls, args) -> Augmentation:
         """The config's fields of the same names."""
         return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
+@dataclass
+class NoisedMicroBatch:
+    """A micro-batch up to the noised pair: what the predictions need."""
+
+    noised: NoisedPair
+    prompt_embeds: PromptEmbeddings
+    time_ids: torch.Tensor | None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.noised.noisy.shape[0] // 2
 
 
 class MicroBatchStages:
@@ -75,12 +88,21 @@ class MicroBatchStages:
         self, policy: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, step: int, separate_branches: bool
     ) -> PreferencePredictions:
         """batch -> latents -> noised pair -> predictions of ``policy`` (and the reference) for optimizer step
-        ``step``; ``separate_branches``: one forward pass per branch (the parameter-space safeguard)."""
+        ``step``; ``separate_branches``: one forward pass per branch (the parameter-space safeguard's two passes)."""
+        return self.predict_noised(policy, self.noised_pair(inputs, mode, step), separate_branches)
+
+    def noised_pair(self, inputs: dict[str, torch.Tensor], mode: str, step: int) -> NoisedMicroBatch:
+        """batch -> latents -> noised pair: the micro-batch's draws are taken here, once."""
         generator = self.draws.generator(mode, step)
         encoded, time_ids = self.encode(inputs, generator, mode)
-        noised = self.noise(generator, mode, encoded)
+        return NoisedMicroBatch(self.noise(generator, mode, encoded), encoded.prompt_embeds, time_ids)
+
+    def predict_noised(
+        self, policy: torch.nn.Module, batch: NoisedMicroBatch, separate_branches: bool
+    ) -> PreferencePredictions:
+        """The predictions of ``policy`` (and the reference) on a noised pair (may run twice on the same one)."""
         return predict_pairs(
-            policy, self.reference, self.family, noised, encoded.prompt_embeds, time_ids, separate_branches
+            policy, self.reference, self.family, batch.noised, batch.prompt_embeds, batch.time_ids, separate_branches
         )
 
     def encode(

@@ -1,0 +1,382 @@
+"""The exact safeguard in one pass: the branches' gradients split inside one forward and one backward pass equal the
+per-branch passes (the reference implementation), and the per-pair scope equals explicit per-pair autograd.
+
+Every family's tiny denoiser, LoRA and full tuning, in float64: ``lambda`` and ``.grad`` of the one-pass stage against
+the two-pass stage on the same noised pair, with and without an accumulated gradient. Planted bugs (rows split off
+by one, loser rows scaled twice, a layer type silently skipped) are caught here too.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from trl_diffusion_sdpo.engines import PlainEngine
+from trl_diffusion_sdpo.families import NoisedPair, family_for_pipeline
+from trl_diffusion_sdpo.objectives import build_objective
+from trl_diffusion_sdpo.step import layer_taps
+from trl_diffusion_sdpo.step.layer_taps import LayerTaps
+from trl_diffusion_sdpo.step.one_pass import OnePassBranchGradients
+from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+from trl_diffusion_sdpo.step.pipeline import NoisedMicroBatch
+from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
+from trl_diffusion_sdpo.tiny_models import (
+    build_tiny_flux2_klein_pipeline,
+    build_tiny_flux2_pipeline,
+    build_tiny_flux_pipeline,
+    build_tiny_qwen_image_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sd_pipeline,
+    build_tiny_sdxl_pipeline,
+    build_tiny_wan_pipeline,
+    build_tiny_z_image_pipeline,
+)
+
+# family -> (builder, prompt tokens, latent shape without the batch, LoRA targets)
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+FAMILIES = {
+    "sd": (build_tiny_sd_pipeline, 16, None, ATTENTION),
+    "sdxl": (build_tiny_sdxl_pipeline, 16, None, ATTENTION),
+    "sd3": (build_tiny_sd3_pipeline, 16, None, ATTENTION),
+    "flux": (build_tiny_flux_pipeline, 16, None, (*ATTENTION, "add_q_proj", "to_add_out")),
+    "flux2": (build_tiny_flux2_pipeline, 48, None, (*ATTENTION, "to_qkv_mlp_proj")),
+    "flux2-klein": (build_tiny_flux2_klein_pipeline, 48, None, (*ATTENTION, "to_qkv_mlp_proj")),
+    "qwen-image": (build_tiny_qwen_image_pipeline, 24, None, (*ATTENTION, "add_k_proj", "to_add_out")),
+    "z-image": (build_tiny_z_image_pipeline, 32, None, ATTENTION),
+    "wan": (build_tiny_wan_pipeline, 16, (16, 2, 2, 2), ATTENTION),
+}
+# Full tuning of these holds raw parameters outside any layer (Wan's scale_shift_table, Z-Image's pad tokens): the
+# stage falls back to the per-branch passes and names them.
+UNCOVERED_WHEN_FULL = {"wan": "scale_shift_table", "z-image": "pad_token"}
+PAIRS = 2
+
+
+@dataclasses.dataclass
+class Problem:
+    policy: torch.nn.Module
+    batch: NoisedMicroBatch
+    reference: torch.nn.Module
+    family: object
+    objective: object
+
+    def predict(self, separate_branches: bool):
+        return predict_pairs(
+            self.policy,
+            lambda sample, t, **c: self.family.call_denoiser(self.reference, sample, t, c),
+            self.family,
+            self.batch.noised,
+            self.batch.prompt_embeds,
+            self.batch.time_ids,
+            separate_branches,
+        )
+
+    def loss(self, predictions) -> torch.Tensor:
+        return self.objective(predictions, denoising_errors(predictions)).loss
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+
+def _double(value):
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(
+            value, **{f.name: _double(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        )
+    return value
+
+
+def make_problem(name: str, lora: bool, tmp_path, seed: int = 0, pairs: int = PAIRS) -> Problem:
+    """A float64 denoiser of ``name`` moved off its reference, and a random noised pair batch with its prompts."""
+    build, tokens, shape, targets = FAMILIES[name]
+    pipe = build(seed=seed, tokenizer_dir=str(tmp_path / f"tok-{name}-{seed}"), max_length=tokens)
+    family = family_for_pipeline(pipe, max_sequence_length=tokens)
+    denoiser = family.denoiser
+    denoiser.requires_grad_(False)
+    reference = copy.deepcopy(denoiser).double()
+    gen = torch.Generator().manual_seed(seed + 1)
+    if lora:
+        denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(targets)))
+    else:
+        denoiser.requires_grad_(True)
+    denoiser.double()
+    with torch.no_grad():  # off the reference, so that the branches get different weights (u != 0)
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    shape = shape or family.latent_shape(32)
+    rows = 2 * pairs
+    prompts = [f"a red square number {i}" for i in range(pairs)]
+    with torch.no_grad():
+        embeds = _double(family.encode_prompts(family.prompt_tokenizer()(prompts)))
+    # a pair's images close to each other, as preference pairs are: their gradients correlate and the margin binds
+    winners = torch.randn((pairs, *shape), generator=gen, dtype=torch.float64)
+    latents = torch.cat([winners, winners + 0.5 * torch.randn(winners.shape, generator=gen, dtype=torch.float64)])
+    noise = torch.randn((pairs, *shape), generator=gen, dtype=torch.float64).repeat(2, *([1] * len(shape)))
+    levels = torch.rand(pairs, generator=gen, dtype=torch.float64).repeat(2)
+    view = levels.view(-1, *([1] * len(shape)))
+    noised = NoisedPair(
+        latents=latents,
+        noise=noise,
+        noisy=(1 - view) * latents + view * noise,
+        timesteps=levels * 999,
+        target=noise - latents,
+    )
+    time_ids = None
+    if family.needs_time_ids:
+        time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]], dtype=torch.float64).repeat(rows, 1)
+    return Problem(
+        denoiser,
+        NoisedMicroBatch(noised, embeds, time_ids),
+        reference,
+        family,
+        build_objective("dpo", beta=50.0),
+    )
+
+
+def run_stage(problem: Problem, accumulated=None, **stage_options):
+    """``(lambda, [.grad])`` of one micro-batch through the backward stage, from ``accumulated`` gradients."""
+    stage = ParameterSpaceBackward(PlainEngine(SimpleNamespace(num_processes=1)), 0.5, 1.0, False, **stage_options)
+    params = problem.trainable()
+    for i, p in enumerate(params):
+        p.grad = None if accumulated is None else accumulated[i].clone()
+    _, lam, _ = stage(
+        problem.policy,
+        problem.predict,
+        problem.loss,
+        torch.tensor(0.5, dtype=torch.float64),
+        pairs=problem.batch.num_pairs,
+    )
+    return stage, lam, [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def assert_equal_gradients(one: list[torch.Tensor | None], two: list[torch.Tensor | None], rel: float = 1e-6) -> None:
+    """Equal within ``rel`` of the largest entry; a weight no gradient reached keeps ``.grad = None`` in both (an
+    optimizer skips it: a zero gradient instead would still decay it)."""
+    assert [g is None for g in one] == [g is None for g in two]
+    scale = max(float(g.abs().max()) for g in two if g is not None)
+    assert scale > 0
+    for a, b in zip(one, two):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=rel, atol=rel * scale)
+
+
+def _accumulated(problem: Problem) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return [1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in problem.trainable()]
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["fresh", "accumulating"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_one_pass_equals_the_per_branch_passes_in_float64(name, lora, accumulate, tmp_path, caplog):
+    problem = make_problem(name, lora, tmp_path)
+    accumulated = _accumulated(problem) if accumulate else None
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.step.parameter_space"):
+        one, lam_one, grads_one = run_stage(problem, accumulated, passes="one")
+    _, lam_two, grads_two = run_stage(problem, accumulated, passes="two")
+    if not lora and name in UNCOVERED_WHEN_FULL:  # falls back, saying which parameters forced it
+        assert one.one_pass is None and UNCOVERED_WHEN_FULL[name] in one.two_pass_reason
+        assert UNCOVERED_WHEN_FULL[name] in caplog.text
+    else:
+        assert one.one_pass is not None and one.two_pass_reason is None, one.two_pass_reason
+    assert 0.0 < lam_two.item() <= 1.0
+    assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)
+    assert_equal_gradients(grads_one, grads_two)
+
+
+def test_the_lambda_binds_in_the_comparison_case(tmp_path):
+    """The comparison above is informative: on the SD case the margin binds (lambda strictly inside (0, 1))."""
+    _, lam, _ = run_stage(make_problem("sd", True, tmp_path), passes="two")
+    assert 0.0 < lam.item() < 1.0
+
+
+# ------------------------------------------------------------------------------------------- per pair
+
+
+def explicit_per_pair(problem: Problem):
+    """Each pair's ``g_w,i`` and ``h_l,i`` by ``torch.autograd.grad`` of the loss through that pair's predictions
+    alone (the others detached), one pass per image."""
+    params = problem.trainable()
+    pairs = problem.batch.num_pairs
+    winners, losers = [], []
+    for i in range(pairs):
+        for which, store in (("policy_winner", winners), ("policy_loser", losers)):
+            predictions = problem.predict(False)
+            value = getattr(predictions, which)
+            mask = torch.zeros(pairs, dtype=torch.bool)
+            mask[i] = True
+            view = mask.view(-1, *([1] * (value.dim() - 1)))
+            kept = torch.where(view, value, value.detach())
+            other = "policy_loser" if which == "policy_winner" else "policy_winner"
+            branches = dataclasses.replace(predictions, **{which: kept, other: getattr(predictions, other).detach()})
+            store.append(torch.autograd.grad(problem.loss(branches), params, materialize_grads=True))
+    return params, winners, losers
+
+
+def float64_pair_lambdas(winners, losers, mu: float, max_lambda: float = 1.0) -> list[float]:
+    out = []
+    for g_w, h_l in zip(winners, losers):
+        sq = sum(float((w * w).sum()) for w in g_w)
+        dot = -sum(float((w * h).sum()) for w, h in zip(g_w, h_l))  # <g_w, g_l>, g_l = -h_l
+        out.append(max_lambda if dot <= 0 else min(max(0.0, (1 - mu) * sq / dot), max_lambda))
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_pair_scope_lambdas_and_gradient_equal_explicit_per_pair_autograd(name, tmp_path):
+    problem = make_problem(name, True, tmp_path, pairs=3)
+    params, winners, losers = explicit_per_pair(problem)
+    expected = float64_pair_lambdas(winners, losers, mu=0.5)
+    accumulated = _accumulated(problem)
+    _, lam, grads = run_stage(problem, accumulated, pair_scope=True)
+    assert lam.shape == (3,)
+    assert lam.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    combined = [
+        a + 0.5 * sum(w[k] + lam_i * h[k] for w, h, lam_i in zip(winners, losers, expected))
+        for k, a in enumerate(accumulated)
+    ]
+    assert_equal_gradients(grads, combined)
+    # each pair's first-order condition: <g_w,i, g_w,i + lambda_i h_l,i> >= mu |g_w,i|^2
+    for g_w, h_l, lam_i in zip(winners, losers, expected):
+        sq = sum(float((w * w).sum()) for w in g_w)
+        first = sum(float((w * (w + lam_i * h)).sum()) for w, h in zip(g_w, h_l))
+        assert first >= 0.5 * sq * (1 - 1e-9)
+
+
+def test_pair_scope_engages_on_some_pairs_only(tmp_path):
+    """The per-pair lambdas differ: at least one pair is restricted and they are not all equal (else the pair scope
+    would be the local scope under another name)."""
+    problem = make_problem("sd", True, tmp_path, pairs=3)
+    _, _, losers = explicit_per_pair(problem)
+    _, lam, _ = run_stage(problem, pair_scope=True)
+    assert (lam < 1).any() and len(set(lam.tolist())) > 1
+
+
+# ------------------------------------------------------------------------------------------- planted bugs
+
+
+def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
+    problem = make_problem("sd", True, tmp_path)
+    _, lam_two, grads_two = run_stage(problem, passes="two")
+    original = layer_taps._LinearTap.backward
+
+    def shifted(ctx, grad):  # the group boundary moved by one row
+        x, weight = ctx.saved_tensors
+        grad_x = grad.matmul(weight)
+        g, xs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        cut = g.shape[0] // 2 + 1
+        parts = torch.stack([g[:cut].T @ xs[:cut], g[cut:].T @ xs[cut:]])
+        ctx.tap.sink(ctx.layer.indices["weight"], parts)
+        return grad_x, None, None, None, None
+
+    monkeypatch.setattr(layer_taps._LinearTap, "backward", staticmethod(shifted))
+    _, lam_one, grads_one = run_stage(problem, passes="one")
+    monkeypatch.setattr(layer_taps._LinearTap, "backward", original)
+    with pytest.raises(AssertionError):
+        assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)
+        assert_equal_gradients(grads_one, grads_two)
+
+
+def test_planted_loser_rows_scaled_twice_are_caught(tmp_path, monkeypatch):
+    problem = make_problem("sdxl", False, tmp_path)
+    _, lam_two, grads_two = run_stage(problem, passes="two")
+    original = OnePassBranchGradients.set_combined
+
+    def twice(self, lam, winner, loser):
+        torch._foreach_mul_(loser, lam)
+        return original(self, lam, winner, loser)
+
+    monkeypatch.setattr(OnePassBranchGradients, "set_combined", twice)
+    _, lam_one, grads_one = run_stage(problem, passes="one")
+    assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)  # lambda itself is right
+    with pytest.raises(AssertionError):
+        assert_equal_gradients(grads_one, grads_two)
+
+
+def test_planted_layer_type_silently_skipped_is_caught(tmp_path, monkeypatch):
+    """GroupNorm dropped from the tapped types without being reported as uncovered: autograd hands its weights their
+    unsplit gradient. The first micro-batch's probe catches that and falls back; with the probe silenced as well,
+    the comparison fails. Reported as uncovered (the real code's behaviour) it falls back up front."""
+    problem = make_problem("sd", False, tmp_path)
+    _, _, grads_two = run_stage(problem, passes="two")
+    real_kind = layer_taps._kind
+
+    def skipping(module):
+        return None if isinstance(module, torch.nn.GroupNorm) else real_kind(module)
+
+    monkeypatch.setattr(layer_taps, "_kind", skipping)
+    real_init = LayerTaps.__init__
+
+    def hiding(self, module, parameters):
+        real_init(self, module, parameters)
+        self.uncovered = []  # the planted bug: the skipped layer is not reported
+
+    monkeypatch.setattr(LayerTaps, "__init__", hiding)
+    # the first micro-batch's probe sees the norms' gradients arrive outside any tap, and falls back
+    stage, _, grads = run_stage(problem, passes="one")
+    assert stage.one_pass is None and "norm1.weight" in stage.two_pass_reason
+    assert_equal_gradients(grads, grads_two)
+    # with the probe silenced too, the comparison itself catches it
+    monkeypatch.setattr(OnePassBranchGradients, "untapped_gradients", lambda self, before: [])
+    _, _, grads_one = run_stage(problem, passes="one")
+    with pytest.raises(AssertionError):
+        assert_equal_gradients(grads_one, grads_two)
+    monkeypatch.setattr(LayerTaps, "__init__", real_init)
+    stage, _, grads = run_stage(problem, passes="one")  # reported as uncovered: falls back up front, and equals
+    assert stage.one_pass is None and "norm" in stage.two_pass_reason
+    assert_equal_gradients(grads, grads_two)
+
+
+# ------------------------------------------------------------------------------------------- coverage and fallback
+
+
+def test_a_weight_used_outside_its_layer_falls_back_on_the_first_micro_batch(tmp_path):
+    """A tapped weight also read directly by the model (here: added to the output) reaches ``.grad`` outside the
+    tap: the first micro-batch detects it, discards it, falls back to the per-branch passes and equals them."""
+    problem = make_problem("sd", True, tmp_path)
+    layer = next(m for n, m in problem.policy.named_modules() if n.endswith("to_q.lora_B.default"))
+    real_forward = problem.policy.forward
+
+    def leaky(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        return (out[0] + 1e-3 * layer.weight.sum(),) + tuple(out[1:])
+
+    problem.policy.forward = leaky
+    _, lam_two, grads_two = run_stage(problem, passes="two")
+    stage, lam_one, grads_one = run_stage(problem, passes="one")
+    assert stage.one_pass is None and "outside their layers' taps" in stage.two_pass_reason
+    assert "to_q.lora_B" in stage.two_pass_reason
+    assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)
+    assert_equal_gradients(grads_one, grads_two)
+
+
+def test_a_layer_on_rows_it_cannot_group_falls_back(tmp_path):
+    """A tapped layer called on a leading dimension that does not split by branch (an odd one here) is reported and
+    the micro-batch runs on the per-branch passes."""
+    layer = torch.nn.Linear(3, 3)
+    taps = LayerTaps(layer, list(layer.parameters()))
+    assert taps.uncovered == []
+    with taps.tapping(2, lambda i, g: None):
+        layer(torch.randn(3, 3))
+    assert "leading dimension" in taps.failures[0]
+
+
+def test_pair_scope_is_refused_where_the_one_pass_cannot_run(make_config):
+    from trl_diffusion_sdpo.engines import DeepSpeedEngine
+
+    with pytest.raises(ValueError, match="pair.*one-pass split.*DeepSpeed"):
+        ParameterSpaceBackward(DeepSpeedEngine(SimpleNamespace(num_processes=1), 2), 0.5, 1.0, False, pair_scope=True)
+    with pytest.raises(ValueError, match="safeguard_space='parameter'"):
+        make_config(safeguard_space="output", safeguard_scope="pair")
+    with pytest.raises(ValueError, match="safeguard_passes='one'"):
+        make_config(safeguard_space="parameter", safeguard_scope="pair", safeguard_passes="two")
+    with pytest.raises(ValueError, match="safeguard_passes"):
+        make_config(safeguard_passes="three")

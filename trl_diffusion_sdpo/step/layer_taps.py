@@ -1,0 +1,287 @@
+"""Per-layer gradient taps: each trainable weight's gradient split by groups of batch rows, inside one backward pass.
+
+The exact safeguard needs the winner's and the loser's share of every trainable weight's gradient. The batch's rows
+are independent samples (no layer of a denoiser mixes samples), so one forward pass over ``[winners; losers]`` and
+one backward pass already give every layer the right output gradient on every row; only a weight gradient's sum over
+rows mixes the two branches. A tap computes that sum per group of rows instead, from the layer's saved input and its
+output gradient, as per-sample-gradient libraries do (Opacus' grad samplers), with two groups (the branches) or
+``2B`` (one per image: the per-pair scope)::
+
+    Linear:  dW_k = sum_{r in group k} g_r x_r^T,  db_k = sum_{r in group k} g_r      (one batched matmul)
+    ConvNd:  dW_k, db_k = convolution_backward over group k's rows                    (one call per group)
+    norms, embeddings (leaf modules of the types in :data:`RECOMPUTED`): the layer's forward recomputed per group
+             under autograd (elementwise work, small against the matmuls)
+
+The group sums together are what autograd's one sum would be: FLOPs equal to one weight gradient's, no second pass
+through the network. The layer's input gradient is computed once over all rows, as usual. A tapped layer hands its
+weights' gradients to a sink (``sink(index, per_group)``, ``per_group`` of shape ``[groups, *weight.shape]``) and
+returns none to autograd, so ``.grad`` is not touched by the pass.
+
+Rows are grouped as the layer sees them: the first ``1/groups`` of the leading dimension is group 0, and so on, which
+holds when the leading dimension is the batch or the batch times a per-sample axis (tokens, pixels, frames), as in
+every family's denoiser (checked against per-branch passes for each in ``tests/test_one_pass_safeguard.py``).
+
+A trainable parameter that no tap covers (one held by a module that is not a leaf of a tapped type, as Wan's
+``scale_shift_table``, or a peft variant such as DoRA's magnitude vector) is listed by :attr:`LayerTaps.uncovered`; a
+layer called on rows it cannot group (no leading dimension divisible by ``groups``) records why in
+:attr:`LayerTaps.failures` and computes its output as usual. The caller falls back to per-branch passes then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RECOMPUTED", "LayerTaps", "Sink"]
+
+Sink = Callable[[int, torch.Tensor], None]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _recomputed_types() -> tuple[type[nn.Module], ...]:
+    """Leaf modules whose trainable weights are tapped by recomputing their forward per group: one tensor in, one
+    tensor out, rows independent (norm affines, embeddings), from torch and diffusers."""
+    types: list[type[nn.Module]] = [nn.LayerNorm, nn.GroupNorm, nn.Embedding]
+    if hasattr(nn, "RMSNorm"):
+        types.append(nn.RMSNorm)
+    try:
+        from diffusers.models import normalization
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return tuple(types)
+    for name in ("RMSNorm", "FP32LayerNorm", "LayerNorm"):
+        if isinstance(getattr(normalization, name, None), type):
+            types.append(getattr(normalization, name))
+    return tuple(types)
+
+
+RECOMPUTED: tuple[type[nn.Module], ...] = _recomputed_types()
+
+
+def _kind(module: nn.Module) -> str | None:
+    """How a module's own weights are tapped: ``"linear"``, ``"conv"``, ``"recompute"``, or ``None`` (not covered)."""
+    if next(module.children(), None) is not None:
+        return None
+    forward = type(module).forward
+    if isinstance(module, nn.Linear) and forward is nn.Linear.forward:
+        return "linear"
+    if isinstance(module, _CONVS) and forward in (c.forward for c in _CONVS):
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return "conv"
+        return "recompute"
+    if isinstance(module, RECOMPUTED):
+        return "recompute"
+    return None
+
+
+class _Layer:
+    """One tapped module: its weights' indices in the caller's parameter list, by attribute name."""
+
+    def __init__(self, name: str, module: nn.Module, kind: str, indices: dict[str, int]) -> None:
+        self.name, self.module, self.kind, self.indices = name, module, kind, indices
+
+
+class _Pass:
+    """What the layers of one tapped pass share: the number of row groups, the sink and the failures."""
+
+    def __init__(self, groups: int, sink: Sink) -> None:
+        self.groups, self.sink = groups, sink
+        self.failures: list[str] = []
+
+
+def _groupable(x: torch.Tensor, groups: int) -> bool:
+    return x.dim() >= 1 and x.shape[0] >= groups and x.shape[0] % groups == 0
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class _LinearTap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
+        ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        groups, indices = ctx.tap.groups, ctx.layer.indices
+        per_group_g = grad.reshape(groups, -1, grad.shape[-1])
+        if "weight" in indices:
+            per_group_x = x.reshape(groups, -1, x.shape[-1])
+            ctx.tap.sink(indices["weight"], torch.bmm(per_group_g.transpose(1, 2), per_group_x))
+        if ctx.has_bias and "bias" in indices:
+            ctx.tap.sink(indices["bias"], per_group_g.sum(1))
+        return grad_x, None, None, None, None
+
+
+class _ConvTap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
+        ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
+        ctx.save_for_backward(x, weight)
+        return layer.module._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        conv = ctx.layer.module
+        spatial = len(conv.stride)
+        args = (conv.stride, conv.padding, conv.dilation, False, [0] * spatial, conv.groups)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, *args, [True, False, False])[0]
+        indices, groups = ctx.layer.indices, ctx.tap.groups
+        want_w, want_b = "weight" in indices, ctx.has_bias and "bias" in indices
+        if want_w or want_b:
+            weights, biases = [], []
+            bias_sizes = [weight.shape[0]] if want_b else None
+            for g, xs in zip(grad.chunk(groups), x.chunk(groups)):
+                _, dw, db = torch.ops.aten.convolution_backward(
+                    g, xs, weight, bias_sizes, *args, [False, want_w, want_b]
+                )
+                weights.append(dw)
+                biases.append(db)
+            if want_w:
+                ctx.tap.sink(indices["weight"], torch.stack(weights))
+            if want_b:
+                ctx.tap.sink(indices["bias"], torch.stack(biases))
+        return grad_x, None, None, None, None
+
+
+class _RecomputeTap(torch.autograd.Function):
+    """The layer's forward without autograd; its backward recomputes it per group of rows under autograd."""
+
+    @staticmethod
+    def forward(ctx, x, layer: _Layer, tap: _Pass, forward: Callable, autocast: torch.dtype | None, *weights):
+        ctx.layer, ctx.tap, ctx.run, ctx.autocast = layer, tap, forward, autocast
+        ctx.save_for_backward(x)
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        layer, groups = ctx.layer, ctx.tap.groups
+        names = list(layer.indices)
+        weights = [getattr(layer.module, name) for name in names]
+        needs_x = ctx.needs_input_grad[0]
+        autocast = (
+            torch.autocast(x.device.type, dtype=ctx.autocast) if ctx.autocast is not None else contextlib.nullcontext()
+        )
+        grads_x, per_weight = [], [[] for _ in names]
+        with torch.enable_grad(), autocast:
+            for g, xs in zip(grad.chunk(groups), x.chunk(groups)):
+                xs = xs.detach().requires_grad_(needs_x)
+                out = ctx.run(xs)
+                inputs = ([xs] if needs_x else []) + weights
+                found = torch.autograd.grad(out, inputs, g, allow_unused=True)
+                if needs_x:
+                    grads_x.append(found[0])
+                    found = found[1:]
+                for i, (w, dw) in enumerate(zip(weights, found)):
+                    per_weight[i].append(torch.zeros_like(w) if dw is None else dw)
+        for name, dws in zip(names, per_weight):
+            ctx.tap.sink(layer.indices[name], torch.stack(dws))
+        grad_x = torch.cat(grads_x) if needs_x else None
+        return (grad_x, None, None, None, None) + (None,) * len(weights)
+
+
+def _tapped_forward(layer: _Layer, original: Callable, current: Callable[[], _Pass | None]) -> Callable:
+    module = layer.module
+
+    def forward(*args, **kwargs):
+        tap = current()
+        if tap is None or not torch.is_grad_enabled() or len(args) != 1 or kwargs:
+            if tap is not None and torch.is_grad_enabled():
+                tap.failures.append(
+                    f"{layer.name} was called with {len(args)} positional and {len(kwargs)} keyword "
+                    "arguments (a tap takes one input)"
+                )
+            return original(*args, **kwargs)
+        (x,) = args
+        if not isinstance(x, torch.Tensor) or not _groupable(x, tap.groups):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            tap.failures.append(
+                f"{layer.name} saw an input of shape {shape}, whose leading dimension does not split "
+                f"into {tap.groups} groups of rows"
+            )
+            return original(x)
+        if layer.kind == "recompute":
+            weights = [getattr(module, name) for name in layer.indices]
+            return _RecomputeTap.apply(x, layer, tap, original, _autocast_dtype(x), *weights)
+        weight, bias = module.weight, module.bias
+        dtype = _autocast_dtype(x)
+        if dtype is not None and x.is_floating_point():
+            # autocast's policy for linear and convolution, made explicit: the tap then runs without autocast
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast(x.device.type, enabled=False):
+                return (_LinearTap if layer.kind == "linear" else _ConvTap).apply(x, weight, bias, layer, tap)
+        return (_LinearTap if layer.kind == "linear" else _ConvTap).apply(x, weight, bias, layer, tap)
+
+    return forward
+
+
+class LayerTaps:
+    """The taps over ``module`` for the trainable ``parameters`` (indices into that list go to the sink).
+
+    Build once; :meth:`tapping` installs the taps for one forward and backward pass.
+    """
+
+    def __init__(self, module: nn.Module, parameters: Sequence[nn.Parameter]) -> None:
+        index = {id(p): i for i, p in enumerate(parameters)}
+        names = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
+        covered: set[int] = set()
+        self.layers: list[_Layer] = []
+        for name, child in module.named_modules():
+            own = {n: index[id(p)] for n, p in child.named_parameters(recurse=False) if id(p) in index}
+            kind = _kind(child) if own else None
+            if kind is None:
+                continue
+            self.layers.append(_Layer(name, child, kind, own))
+            covered.update(own.values())
+        #: each trainable parameter's name in ``module``
+        self.names = [names.get(id(p), f"parameter {i}") for i, p in enumerate(parameters)]
+        #: names of the trainable parameters no tap covers (empty: every gradient can be split)
+        self.uncovered = [name for i, name in enumerate(self.names) if i not in covered]
+        self._pass: _Pass | None = None
+        self._failures: list[str] = []
+
+    @property
+    def failures(self) -> list[str]:
+        """Why layers of the current (or last) pass could not be tapped (empty: every weight's gradient went to the
+        sink)."""
+        return self._pass.failures if self._pass is not None else self._failures
+
+    @contextlib.contextmanager
+    def tapping(self, groups: int, sink: Sink) -> Iterator[None]:
+        """Within the block, each tapped layer sends its weights' per-group gradients to ``sink`` during backward
+        passes (run the forward and the backward inside the block; with gradient checkpointing the backward
+        recomputes tapped forwards)."""
+        self._pass = _Pass(groups, sink)
+        current = lambda: self._pass  # noqa: E731 - read at call time, so a recompute after the block is untapped
+        saved = []
+        for layer in self.layers:
+            had = layer.module.__dict__.get("forward")
+            original = had if had is not None else layer.module.forward
+            layer.module.forward = _tapped_forward(layer, original, current)
+            saved.append(had)
+        try:
+            yield
+        finally:
+            for layer, had in zip(self.layers, saved):
+                if had is None:
+                    del layer.module.forward
+                else:
+                    layer.module.forward = had
+            self._failures, self._pass = self._pass.failures, None
