@@ -23,7 +23,7 @@ from trl_diffusion_sdpo.checks import Choice
         ({"min_timestep": 500, "max_timestep": 500}, "max_timestep"),
         ({"on_nonfinite_loss": "ignore"}, r"on_nonfinite_loss must be one of \['skip', 'raise'\]"),
         ({"safeguard_space": "gradient"}, r"safeguard_space must be one of \['output', 'parameter', 'update'\]"),
-        ({"safeguard_scope": "world"}, r"safeguard_scope must be one of \['local', 'global'\]"),
+        ({"safeguard_scope": "world"}, r"safeguard_scope must be one of \['local', 'global', 'pair'\]"),
         ({"loss_type": "ipo"}, "loss_type"),
         ({"remove_unused_columns": True}, "remove_unused_columns"),
         # Non-finite values, which used to make training skip every step and still "finish"

@@ -189,12 +189,15 @@ def _drift(model, scale: float = 0.02) -> None:
                 p.add_(scale * torch.randn(p.shape, generator=gen).to(p.device))
 
 
-def _explicit_branch_gradients(trainer, inputs):
-    """``g_w`` and ``h_l`` by two ``torch.autograd.grad`` calls on the trainer's own predictions (same draws)."""
+def _explicit_branch_gradients(trainer, inputs, separate_branches: bool = False):
+    """``g_w`` and ``h_l`` by two ``torch.autograd.grad`` calls on the trainer's own predictions (same draws), from
+    one forward pass over both branches (the step's default) or one per branch (``safeguard_passes="two"``)."""
     trainer.stages.draws.replay_step()  # replay this step's keyed draws
     policy = trainer.model
     params = [p for p in policy.parameters() if p.requires_grad]
-    predictions = trainer.stages.predict(policy, inputs, "train", trainer.state.global_step, separate_branches=True)
+    predictions = trainer.stages.predict(
+        policy, inputs, "train", trainer.state.global_step, separate_branches=separate_branches
+    )
 
     def loss_of(pred_w, pred_l):
         branch = PreferencePredictions(
@@ -220,9 +223,12 @@ def _explicit_branch_gradients(trainer, inputs):
     return params, list(g_w), list(h_l)
 
 
+@pytest.mark.parametrize("passes", ["one", "two"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autograd(make_trainer, lora, checkpointing):
+def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autograd(
+    make_trainer, lora, checkpointing, passes
+):
     trainer = make_trainer(
         lora=lora,
         safeguard=True,
@@ -230,12 +236,13 @@ def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autogr
         safeguard_mu=0.5,
         proportion_empty_prompts=0.0,
         gradient_checkpointing=checkpointing,
+        safeguard_passes=passes,
     )
     model = trainer.model
     _drift(model)
     model.train()
     inputs = _trainer_inputs(trainer)
-    params, g_w, h_l = _explicit_branch_gradients(trainer, inputs)
+    params, g_w, h_l = _explicit_branch_gradients(trainer, inputs, separate_branches=passes == "two")
     expected_lambda = float64_lambda(g_w, h_l, mu=0.5)
     assert 0.0 < expected_lambda < 1.0  # the constraint binds: the case that tells the rules apart
 
