@@ -57,11 +57,18 @@ from harness import (
 
 # One process per run; a trainer run yields a Diffusion-DPO and a Diffusion-SDPO row (alternating steps).
 RUNS = ["floor-full", "floor-lora", "uncached-full", "cached-full", "uncached-lora", "cached-lora"]
+# The losses a trainer run can alternate: Diffusion-DPO, the output space, the parameter space in one pass (default)
+# and in two (the reference implementation), the update space likewise, and the per-pair scope (LoRA).
+LOSSES = ("dpo", "sdpo", "sdpo_param", "sdpo_param_two", "sdpo_update", "sdpo_update_two", "sdpo_pair")
+STAGE_OPTIONS = {
+    "sdpo_param": {},
+    "sdpo_param_two": {"passes": "two"},
+    "sdpo_update": {"update_space": True},
+    "sdpo_update_two": {"update_space": True, "passes": "two"},
+    "sdpo_pair": {"pair_scope": True},
+}
 ALL_ROWS = ["floor-full", "floor-lora"] + [
-    f"{loss}-{cache}-{tuning}"
-    for tuning in ("full", "lora")
-    for cache in ("uncached", "cached")
-    for loss in ("dpo", "sdpo", "sdpo_param", "sdpo_update")
+    f"{loss}-{cache}-{tuning}" for tuning in ("full", "lora") for cache in ("uncached", "cached") for loss in LOSSES
 ]
 
 
@@ -102,15 +109,16 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
 
     a = trainer.args
     backward_stages = {
-        "sdpo_param": ParameterSpaceBackward(trainer.engine, a.safeguard_mu, a.safeguard_max_lambda, False),
-        "sdpo_update": ParameterSpaceBackward(
+        loss: ParameterSpaceBackward(
             trainer.engine,
             a.safeguard_mu,
             a.safeguard_max_lambda,
             False,
-            update_space=True,
-            max_grad_norm=a.max_grad_norm,
-        ),
+            max_grad_norm=a.max_grad_norm if options.get("update_space") else 0.0,
+            **options,
+        )
+        for loss, options in STAGE_OPTIONS.items()
+        if loss in losses
     }
     memory, clock = MemorySampler(opts.device), Clock(opts.device)
     times: dict[str, list[tuple[float, float]]] = {loss: [] for loss in losses}
@@ -129,7 +137,9 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
             # safeguards' costs are paired.
             loss = losses[state.global_step % len(losses)]
             args.safeguard = loss != "dpo"
-            args.safeguard_space = {"sdpo_param": "parameter", "sdpo_update": "update"}.get(loss, "output")
+            args.safeguard_space = {"sdpo": "output", "dpo": "output"}.get(
+                loss, "update" if loss.startswith("sdpo_update") else "parameter"
+            )
             trainer.parameter_space = backward_stages.get(loss)
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -223,6 +233,11 @@ def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         derived[f"parameter_safeguard_ratio_to_dpo_{metric}"] = parameter_overhead
         derived[f"update_safeguard_ratio_to_dpo_{metric}"] = update_overhead
         derived[f"cache_speedup_{metric}"] = speedup
+        derived[f"ratio_to_dpo_{metric}"] = {
+            name: row[TIME_METRICS[metric]] / rows[f"dpo-{name.split('-', 1)[1]}"][TIME_METRICS[metric]]
+            for name, row in rows.items()
+            if not name.startswith(("floor", "dpo-")) and f"dpo-{name.split('-', 1)[1]}" in rows
+        }
     saving = {}
     for prefix in ("floor", "dpo-uncached", "dpo-cached"):
         full, lora = rows.get(f"{prefix}-full"), rows.get(f"{prefix}-lora")
@@ -238,9 +253,11 @@ def check_targets(rows: dict[str, dict[str, Any]], derived: dict[str, Any], metr
     overheads = list(derived[f"safeguard_overhead_{metric}"].values())
     if overheads:
         targets["safeguard overhead <= 2%"] = {"worst": max(overheads), "met": max(overheads) <= 0.02}
-    exact = list(derived[f"parameter_safeguard_ratio_to_dpo_{metric}"].values())
-    if exact:
-        targets["parameter-space step <= 1.15x DPO"] = {"worst": max(exact), "met": max(exact) <= 1.15}
+    ratios = derived.get(f"ratio_to_dpo_{metric}", {})
+    for loss, bound in (("sdpo_param", 1.05), ("sdpo_update", 1.10), ("sdpo_pair", 1.10)):
+        measured = [v for k, v in ratios.items() if k.startswith(f"{loss}-")]
+        if measured:
+            targets[f"{loss} step <= {bound:.2f}x DPO"] = {"worst": max(measured), "met": max(measured) <= bound}
     for tuning in ("full", "lora"):
         ratios = [
             row[f"ratio_to_floor_{metric}"]
@@ -301,6 +318,8 @@ def print_table(rows: dict[str, dict[str, Any]], report: dict[str, Any], opts: a
         print(f"parameter-space step / DPO step ({metric}): {text}")
         text = ", ".join(f"{k} {v:.3f}x" for k, v in derived[f"update_safeguard_ratio_to_dpo_{metric}"].items())
         print(f"update-space step / DPO step ({metric}): {text}")
+        text = ", ".join(f"{k} {v:.3f}x" for k, v in derived.get(f"ratio_to_dpo_{metric}", {}).items())
+        print(f"every safeguard step / DPO step ({metric}): {text}")
         text = ", ".join(f"{k} {v:.2f}x" for k, v in derived[f"cache_speedup_{metric}"].items())
         print(f"cache speed-up ({metric}): {text}")
     text = ", ".join(f"{k} {v:.2f}" for k, v in derived["lora_memory_saving_in_unet_weights"].items())
@@ -361,8 +380,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--losses",
         default="dpo,sdpo,sdpo_param",
-        help="alternated within a trainer run: dpo, sdpo (output space), sdpo_param (parameter space), sdpo_update "
-        "(update space)",
+        help="alternated within a trainer run: dpo, sdpo (output space), sdpo_param / sdpo_param_two (parameter "
+        "space in one pass / two), sdpo_update / sdpo_update_two (update space), sdpo_pair (per-pair scope, LoRA)",
     )
     parser.add_argument(
         "--no-paired-floor",

@@ -288,13 +288,13 @@ def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
 def test_planted_loser_rows_scaled_twice_are_caught(tmp_path, monkeypatch):
     problem = make_problem("sdxl", False, tmp_path)
     _, lam_two, grads_two = run_stage(problem, passes="two")
-    original = OnePassBranchGradients.set_combined
+    original = OnePassBranchGradients.combine
 
-    def twice(self, lam, winner, loser):
-        torch._foreach_mul_(loser, lam)
-        return original(self, lam, winner, loser)
+    def twice(self, lam):
+        torch._foreach_mul_(self.branch_gradients()[1], lam)
+        return original(self, lam)
 
-    monkeypatch.setattr(OnePassBranchGradients, "set_combined", twice)
+    monkeypatch.setattr(OnePassBranchGradients, "combine", twice)
     _, lam_one, grads_one = run_stage(problem, passes="one")
     assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)  # lambda itself is right
     with pytest.raises(AssertionError):
@@ -380,3 +380,92 @@ def test_pair_scope_is_refused_where_the_one_pass_cannot_run(make_config):
         make_config(safeguard_space="parameter", safeguard_scope="pair", safeguard_passes="two")
     with pytest.raises(ValueError, match="safeguard_passes"):
         make_config(safeguard_passes="three")
+
+
+# ------------------------------------------------------------------------------------------- two processes
+
+
+def _ddp_worker(rank: int, port: int, tmp: str, queue) -> None:
+    import os
+    from pathlib import Path
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for lora in (True, False):
+            for scope in ("global", "local"):
+                for passes in ("one", "two"):
+                    # the same weights on both processes, each its own pairs (seed by rank)
+                    problem = make_problem("sd", lora, Path(tmp) / f"r{rank}", seed=0)
+                    other = make_problem("sd", lora, Path(tmp) / f"r{rank}-data", seed=10 + rank)
+                    problem.batch = other.batch
+                    engine = PlainEngine(SimpleNamespace(num_processes=2))
+                    stage = ParameterSpaceBackward(engine, 0.5, 1.0, scope == "global", passes=passes)
+                    for p in problem.trainable():
+                        p.grad = None
+                    _, lam, _ = stage(
+                        problem.policy, problem.predict, problem.loss, torch.tensor(1.0, dtype=torch.float64)
+                    )
+                    grads = [p.grad.clone() for p in problem.trainable() if p.grad is not None]
+                    out[(lora, scope, passes)] = (lam.item(), grads, stage.one_pass is not None)
+        queue.put((rank, out))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_one_pass_equals_the_per_branch_passes_under_ddp_in_float64(tmp_path):
+    """Two processes (gloo), each with its own pairs, both scopes, LoRA and full: after the engine's reduction the
+    one-pass ``lambda`` and ``.grad`` equal the per-branch passes' on every process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, str(tmp_path), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank in (0, 1):
+        for lora in (True, False):
+            for scope in ("global", "local"):
+                lam_one, grads_one, used_one = results[rank][(lora, scope, "one")]
+                lam_two, grads_two, _ = results[rank][(lora, scope, "two")]
+                assert used_one
+                assert lam_one == pytest.approx(lam_two, rel=1e-6)
+                assert_equal_gradients(grads_one, grads_two)
+        # the reduced gradient is the same on both processes; the local scope's lambdas differ between them
+    for lora in (True, False):
+        assert_equal_gradients(results[0][(lora, "global", "one")][1], results[1][(lora, "global", "one")][1], 1e-12)
+        assert results[0][(lora, "global", "one")][0] == pytest.approx(results[1][(lora, "global", "one")][0])
+        assert results[0][(lora, "local", "one")][0] != pytest.approx(results[1][(lora, "local", "one")][0])
+
+
+# ------------------------------------------------------------------------------------------- through the trainer
+
+
+def test_the_trainer_trains_the_pair_scope_and_logs_every_pairs_lambda(make_trainer):
+    trainer = make_trainer(
+        lora=True, safeguard=True, safeguard_space="parameter", safeguard_scope="pair", safeguard_mu=0.9, max_steps=2
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert trainer.parameter_space.one_pass is not None and trainer.parameter_space.pair_scope
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[n], b) for n, b in before.items())
+    logged = trainer.state.log_history[0]
+    assert {"safeguard/lambda_mean", "safeguard/lambda_min", "safeguard/lambda_max"} <= logged.keys()
+    assert 0.0 <= logged["safeguard/lambda_min"] <= logged["safeguard/lambda_max"] <= 1.0
+
+
+def test_the_trainer_refuses_the_pair_scope_for_full_tuning_stating_its_memory(make_trainer):
+    with pytest.raises(ValueError, match=r"per image: 2 x 2 x [\d,]+ weights = [\d.]+ GiB for full tuning"):
+        make_trainer(lora=False, safeguard=True, safeguard_space="parameter", safeguard_scope="pair")

@@ -203,7 +203,12 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         )
         self.batches = UsableBatches()
         # safeguard_space "parameter" or "update": one backward pass per branch (None: transformers' backward)
-        self.parameter_space = ParameterSpaceBackward.from_config(self.engine, args)
+        self.parameter_space = ParameterSpaceBackward.from_config(
+            self.engine,
+            args,
+            lora=self.is_lora,
+            trainable_elements=sum(p.numel() for p in trainable_parameters(denoiser)),
+        )
         self._metrics: dict[str, defaultdict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),

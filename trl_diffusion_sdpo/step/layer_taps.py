@@ -8,9 +8,10 @@ output gradient, as per-sample-gradient libraries do (Opacus' grad samplers), wi
 ``2B`` (one per image: the per-pair scope)::
 
     Linear:  dW_k = sum_{r in group k} g_r x_r^T,  db_k = sum_{r in group k} g_r      (one batched matmul)
-    ConvNd:  dW_k, db_k = convolution_backward over group k's rows                    (one call per group)
-    norms, embeddings (leaf modules of the types in :data:`RECOMPUTED`): the layer's forward recomputed per group
-             under autograd (elementwise work, small against the matmuls)
+    ConvNd:  dx_k, dW_k, db_k = convolution_backward over group k's rows              (one call per group)
+    LayerNorm, GroupNorm: dgamma_k = sum_{group k} g * x_hat, dbeta_k = sum g      (aten's native backward for dx)
+    other norms, embeddings (leaf modules of the types in :data:`RECOMPUTED`): the layer's forward recomputed per
+             group under autograd (elementwise work, small against the matmuls)
 
 The group sums together are what autograd's one sum would be: FLOPs equal to one weight gradient's, no second pass
 through the network. The layer's input gradient is computed once over all rows, as usual. A tapped layer hands its
@@ -73,6 +74,8 @@ def _kind(module: nn.Module) -> str | None:
         if module.padding_mode == "zeros" and not isinstance(module.padding, str):
             return "conv"
         return "recompute"
+    if type(module) in (nn.LayerNorm, nn.GroupNorm) and getattr(module, "weight", None) is not None:
+        return "norm"
     if isinstance(module, RECOMPUTED):
         return "recompute"
     return None
@@ -134,28 +137,76 @@ class _ConvTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # One convolution_backward per group of rows, input and weight gradients together as autograd's one call
+        # computes them (the same FLOPs in all; on CPU the unfolded input is then built once per row, not twice).
         x, weight = ctx.saved_tensors
         conv = ctx.layer.module
         spatial = len(conv.stride)
         args = (conv.stride, conv.padding, conv.dilation, False, [0] * spatial, conv.groups)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, *args, [True, False, False])[0]
         indices, groups = ctx.layer.indices, ctx.tap.groups
+        want_x = ctx.needs_input_grad[0]
         want_w, want_b = "weight" in indices, ctx.has_bias and "bias" in indices
-        if want_w or want_b:
-            weights, biases = [], []
-            bias_sizes = [weight.shape[0]] if want_b else None
-            for g, xs in zip(grad.chunk(groups), x.chunk(groups)):
-                _, dw, db = torch.ops.aten.convolution_backward(
-                    g, xs, weight, bias_sizes, *args, [False, want_w, want_b]
-                )
-                weights.append(dw)
-                biases.append(db)
-            if want_w:
-                ctx.tap.sink(indices["weight"], torch.stack(weights))
-            if want_b:
-                ctx.tap.sink(indices["bias"], torch.stack(biases))
+        bias_sizes = [weight.shape[0]] if want_b else None
+        inputs, weights, biases = [], [], []
+        for g, xs in zip(grad.chunk(groups), x.chunk(groups)):
+            dx, dw, db = torch.ops.aten.convolution_backward(
+                g, xs, weight, bias_sizes, *args, [want_x, want_w, want_b]
+            )
+            inputs.append(dx)
+            weights.append(dw)
+            biases.append(db)
+        if want_w:
+            ctx.tap.sink(indices["weight"], torch.stack(weights))
+        if want_b:
+            ctx.tap.sink(indices["bias"], torch.stack(biases))
+        return torch.cat(inputs) if want_x else None, None, None, None, None
+
+
+class _NormTap(torch.autograd.Function):
+    """LayerNorm and GroupNorm through aten's native kernels: the input gradient as autograd computes it, the
+    affine weights' per-group gradients ``sum g * x_hat`` and ``sum g`` from the saved mean and inverse std."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
+        ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
+        module = layer.module
+        if isinstance(module, nn.GroupNorm):
+            n, c = x.shape[:2]
+            hw = x.numel() // max(n * c, 1)
+            ctx.shape = (n, c, hw, module.num_groups)
+            out, mean, rstd = torch.ops.aten.native_group_norm(
+                x, weight, bias, n, c, hw, module.num_groups, module.eps
+            )
+        else:
+            ctx.shape = None
+            out, mean, rstd = torch.ops.aten.native_layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad = grad.contiguous()
+        module, indices, groups = ctx.layer.module, ctx.layer.indices, ctx.tap.groups
+        mask = [ctx.needs_input_grad[0], False, False]
+        if ctx.shape is not None:  # GroupNorm: x [N, C, ...], mean and rstd [N, G]
+            n, c, hw, g = ctx.shape
+            grad_x = torch.ops.aten.native_group_norm_backward(grad, x, mean, rstd, weight, n, c, hw, g, mask)[0]
+            per_channel = (c // g, hw)
+            stats = (mean.view(n, g, 1, 1), rstd.view(n, g, 1, 1))
+            x_hat = (x.reshape(n, g, *per_channel) - stats[0]) * stats[1]
+            dw = (grad.reshape(n, g, *per_channel) * x_hat).sum(-1).reshape(groups, -1, c).sum(1)
+            db = grad.reshape(n, c, hw).sum(-1).reshape(groups, -1, c).sum(1)
+        else:  # LayerNorm over the trailing normalized_shape; mean and rstd [..., 1, ...]
+            shape = module.normalized_shape
+            grad_x = torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, weight, None, mask)[0]
+            x_hat = (x - mean) * rstd
+            dw = (grad * x_hat).reshape(groups, -1, *shape).sum(1)
+            db = grad.reshape(groups, -1, *shape).sum(1)
+        if "weight" in indices:
+            ctx.tap.sink(indices["weight"], dw)
+        if ctx.has_bias and "bias" in indices:
+            ctx.tap.sink(indices["bias"], db)
         return grad_x, None, None, None, None
 
 
@@ -196,6 +247,9 @@ class _RecomputeTap(torch.autograd.Function):
         return (grad_x, None, None, None, None) + (None,) * len(weights)
 
 
+_FUNCTIONS = {"linear": _LinearTap, "conv": _ConvTap, "norm": _NormTap}
+
+
 def _tapped_forward(layer: _Layer, original: Callable, current: Callable[[], _Pass | None]) -> Callable:
     module = layer.module
 
@@ -220,14 +274,17 @@ def _tapped_forward(layer: _Layer, original: Callable, current: Callable[[], _Pa
             weights = [getattr(module, name) for name in layer.indices]
             return _RecomputeTap.apply(x, layer, tap, original, _autocast_dtype(x), *weights)
         weight, bias = module.weight, module.bias
+        function = _FUNCTIONS[layer.kind]
         dtype = _autocast_dtype(x)
         if dtype is not None and x.is_floating_point():
-            # autocast's policy for linear and convolution, made explicit: the tap then runs without autocast
+            # autocast's policy made explicit (linear and convolution in its dtype, norms in float32): the tap then
+            # runs without autocast
+            dtype = torch.float32 if layer.kind == "norm" else dtype
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
             with torch.autocast(x.device.type, enabled=False):
-                return (_LinearTap if layer.kind == "linear" else _ConvTap).apply(x, weight, bias, layer, tap)
-        return (_LinearTap if layer.kind == "linear" else _ConvTap).apply(x, weight, bias, layer, tap)
+                return function.apply(x, weight, bias, layer, tap)
+        return function.apply(x, weight, bias, layer, tap)
 
     return forward
 

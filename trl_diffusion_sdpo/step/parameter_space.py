@@ -108,11 +108,22 @@ class ParameterSpaceBackward:
         self.infeasible: torch.Tensor | None = None
 
     @classmethod
-    def from_config(cls, engine: Engine, args) -> ParameterSpaceBackward | None:
+    def from_config(
+        cls, engine: Engine, args, *, lora: bool = True, trainable_elements: int = 0
+    ) -> ParameterSpaceBackward | None:
         """The stage a ``DiffusionSDPOConfig`` asks for: ``safeguard_space`` ``"parameter"`` or ``"update"``
-        (``None`` otherwise: the backward pass stays transformers')."""
+        (``None`` otherwise: the backward pass stays transformers'). The per-pair scope is refused for full tuning
+        (``lora=False``), with the memory its per-image gradients of ``trainable_elements`` weights would take."""
         if not args.safeguard or args.safeguard_space not in ("parameter", "update"):
             return None
+        if args.safeguard_scope == "pair" and not lora:
+            pairs = args.per_device_train_batch_size
+            need = pair_scope_memory_bytes(trainable_elements, pairs)
+            raise ValueError(
+                f"safeguard_scope='pair' keeps one float32 gradient of the trainable weights per image: 2 x {pairs} x "
+                f"{trainable_elements:,} weights = {need / 2**30:.1f} GiB for full tuning here (SD1.5's UNet at 4 "
+                "pairs: 25.6 GiB). Train LoRA adapters (peft_config) with it, or use safeguard_scope='local'."
+            )
         return cls(
             engine,
             args.safeguard_mu,

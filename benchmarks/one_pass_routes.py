@@ -1,0 +1,181 @@
+"""Two routes to the exact safeguard's per-branch gradients in one forward pass, timed against a plain backward.
+
+Not part of the test suite. On the benchmarks' small UNet (``--unet small``, random weights) or the tiny test UNet
+(``--unet tiny``), one batch of ``2B`` rows (winners, then losers) with random latents, timesteps and prompts, it
+times, side by side in one process, interleaved step by step (median over ``--steps``):
+
+* ``dpo``: one forward and one backward pass (the cost to match);
+* ``two_pass``: one forward and one backward pass per branch (the reference implementation);
+* ``taps``: one forward and one backward pass with per-layer taps (:mod:`trl_diffusion_sdpo.step.layer_taps`), the
+  gradients split by branch and combined (the default since this benchmark);
+* ``vmap_vjp``: ``torch.func``: one forward pass under ``vjp`` over the trainable weights, then ``vmap`` of the
+  vector-Jacobian product over the two branches' cotangents (``[c_w; 0]`` and ``[0; c_l]``).
+
+Full tuning and LoRA (rank 8 on the attention projections). Process CPU time per step is what is compared (on a
+shared CPU it counts our work, not our waiting).
+
+    python benchmarks/one_pass_routes.py --json benchmarks/results/one-pass-routes-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+from harness import SMALL_UNET, machine_description  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+
+from trl_diffusion_sdpo.step.one_pass import OnePassBranchGradients  # noqa: E402
+
+TINY_UNET: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+}
+
+
+def build(preset: str, lora: bool, pairs: int, seed: int = 0):
+    config = {"small": SMALL_UNET, "tiny": TINY_UNET}[preset]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**config)
+    if lora:
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(
+                r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+            )
+        )
+    unet.train()
+    side = config["sample_size"]
+    gen = torch.Generator().manual_seed(seed + 1)
+    rows = 2 * pairs
+    sample = torch.randn(rows, config["in_channels"], side, side, generator=gen)
+    timesteps = torch.randint(0, 1000, (pairs,), generator=gen).repeat(2)
+    context = torch.randn(pairs, 8, config["cross_attention_dim"], generator=gen).repeat(2, 1, 1)
+    target = torch.randn(rows, config["out_channels"], side, side, generator=gen)
+    return unet, (sample, timesteps, context), target
+
+
+def cotangents(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A preference-loss-like cotangent per row: a sigmoid-weighted squared-error gradient, of opposite sign on the
+    losers (what the DPO loss hands its predictions)."""
+    rows = prediction.shape[0]
+    sign = torch.cat([torch.ones(rows // 2), -torch.ones(rows // 2)]).view(-1, 1, 1, 1)
+    return (2 * sign * (prediction.detach() - target) / prediction[0].numel()).to(prediction)
+
+
+def make_routes(preset: str, lora: bool, pairs: int) -> dict[str, Any]:
+    """The four routes on one model and batch, as callables of no arguments."""
+    unet, inputs, target = build(preset, lora, pairs)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    store = OnePassBranchGradients(unet, params)
+    assert not store.uncovered, store.uncovered
+    half = inputs[0].shape[0] // 2
+
+    def zero() -> None:
+        for p in params:
+            p.grad = None
+
+    def dpo() -> None:
+        zero()
+        out = unet(*inputs, return_dict=False)[0]
+        out.backward(cotangents(out, target))
+
+    def two_pass() -> None:
+        zero()
+        for rows in (slice(0, half), slice(half, None)):
+            out = unet(*(t[rows] for t in inputs), return_dict=False)[0]
+            grads = torch.autograd.grad(
+                out,
+                params,
+                cotangents(out, target[rows]) if rows.start == 0 else -cotangents(out, target[rows]),
+                allow_unused=True,
+            )
+            del grads
+
+    def taps() -> None:
+        zero()
+        with store.split(2):
+            out = unet(*inputs, return_dict=False)[0]
+            out.backward(cotangents(out, target))
+        sq, cross = store.branch_sums()
+        store.combine(torch.clamp(0.5 * sq / cross.clamp(min=1e-12), 0, 1))
+
+    def vmap_vjp() -> None:
+        zero()
+        weights = {n: p for n, p in zip(names, params)}
+
+        def run(w):
+            return torch.func.functional_call(unet, w, inputs, {"return_dict": False})[0]
+
+        out, vjp_fn = torch.func.vjp(run, weights)
+        cot = cotangents(out, target)
+        mask = torch.zeros(2, *cot.shape, dtype=cot.dtype)
+        mask[0, :half], mask[1, half:] = 1, 1
+        (per_branch,) = torch.func.vmap(vjp_fn)(mask * cot)
+        del per_branch
+
+    return {"dpo": dpo, "two_pass": two_pass, "taps": taps, "vmap_vjp": vmap_vjp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unet", choices=["small", "tiny"], default="small")
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    report: dict[str, Any] = {"machine": machine_description("cpu", opts.threads), "settings": vars(opts), "rows": {}}
+    for lora in (False, True):
+        routes = make_routes(opts.unet, lora, opts.pairs)
+        failed: dict[str, str] = {}
+        times: dict[str, list[float]] = {k: [] for k in routes}
+        for step in range(opts.steps + 1):
+            for name, route in routes.items():
+                if name in failed:
+                    continue
+                start = time.process_time()
+                try:
+                    route()
+                except Exception as error:  # a route that cannot run on this model is reported, not fatal
+                    failed[name] = f"{type(error).__name__}: {error}"[:300]
+                    continue
+                if step:  # the first step warms up
+                    times[name].append(time.process_time() - start)
+        tuning = "lora" if lora else "full"
+        for name in routes:
+            row: dict[str, Any] = {"failed": failed[name]} if name in failed else {}
+            if times[name]:
+                median = statistics.median(times[name])
+                row.update(median_step_cpu_s=median, step_cpu_s=times[name])
+                row["ratio_to_dpo"] = median / statistics.median(times["dpo"])
+            report["rows"][f"{name}-{tuning}"] = row
+            shown = f"{row['median_step_cpu_s'] * 1000:.1f} ms ({row['ratio_to_dpo']:.3f}x)" if times[name] else ""
+            print(f"{tuning:5s} {name:9s} {shown} {row.get('failed', '')}", flush=True)
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {opts.json}")
+
+
+if __name__ == "__main__":
+    main()
