@@ -408,7 +408,8 @@ def _ddp_worker(rank: int, port: int, tmp: str, queue) -> None:
                     _, lam, _ = stage(
                         problem.policy, problem.predict, problem.loss, torch.tensor(1.0, dtype=torch.float64)
                     )
-                    grads = [p.grad.clone() for p in problem.trainable() if p.grad is not None]
+                    # numpy copies: a tensor sent through the queue shares memory that dies with this process
+                    grads = [p.grad.numpy().copy() for p in problem.trainable() if p.grad is not None]
                     out[(lora, scope, passes)] = (lam.item(), grads, stage.one_pass is not None)
         queue.put((rank, out))
     finally:
@@ -430,7 +431,12 @@ def test_one_pass_equals_the_per_branch_passes_under_ddp_in_float64(tmp_path):
     procs = [ctx.Process(target=_ddp_worker, args=(r, port, str(tmp_path), queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=600) for _ in procs)
+    results = {}
+    for _ in procs:
+        rank, out = queue.get(timeout=600)
+        results[rank] = {
+            key: (lam, [torch.from_numpy(g) for g in grads], used) for key, (lam, grads, used) in out.items()
+        }
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
