@@ -47,7 +47,19 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(root / "tokenizer"))
     pipe.save_pretrained(root / "pipeline")
     Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
+    Dataset.from_list(mixed_rows(12, ties=(1, 4, 6), broken=(9,))).save_to_disk(str(root / "data-ties"))
     return {"root": root, "pipeline": root / "pipeline", "data": root / "data"}
+
+
+def mixed_rows(n: int, ties: tuple[int, ...] = (), broken: tuple[int, ...] = ()) -> list[dict]:
+    """``n`` Pick-a-Pic rows, human ties (``label_0 = 0.5``) at ``ties`` and an undecodable image at ``broken``: the
+    collator drops both kinds from a stream, whatever ``skip_invalid_rows`` says."""
+    rows = pickapic_rows(n)
+    for i in ties:
+        rows[i]["label_0"] = rows[i]["label_1"] = 0.5
+    for i in broken:
+        rows[i]["jpg_1"] = b"not an image"
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +230,13 @@ ACCUMULATE = ("--gradient_accumulation_steps", "2")
 SAVE_AT_STEP_2 = ("--save_strategy", "steps", "--save_steps", "2")
 POISON = ("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")  # checkpoints after steps 1 and 2
 FSDP2 = "fsdp2.yaml"
+# A stream of 12 rows, one pair per process per micro-batch, two micro-batches per step: micro-batch k gives process
+# 0 row 2k and process 1 row 2k+1. Process 1's first micro-batch is a tie (row 1: nothing to replay yet), process 0's
+# whole second step is ties (rows 4, 6), process 1 loses row 9 (a broken image) at step 3.
+STREAMED_TIES = (
+    "--dataset_name", "{root}/data-ties", "--dataset_streaming", "true", "--per_device_train_batch_size", "1",
+    *ACCUMULATE,
+)  # fmt: skip
 
 # Every training of the default suite, grouped by launch (see Run.group); within a group, in this order (ZeRO-3, whose
 # registration with transformers the worker undoes after each training, last).
@@ -248,6 +267,8 @@ RUNS: dict[str, Run] = {
     "ddp-parameter-global-lora": Run("sd15", "multi_gpu.yaml", True, PARAMETER),
     "ddp-update-lora": Run("sd15", "multi_gpu.yaml", True, UPDATE),
     "bf16-ddp": Run("sd15", "multi_gpu.yaml", True, ("--bf16", "true", *BETA_500)),
+    "ddp-streamed-ties-lora": Run("sd15", "multi_gpu.yaml", True, STREAMED_TIES),
+    "ddp-streamed-ties-parameter-lora": Run("sd15", "multi_gpu.yaml", True, (*STREAMED_TIES, *PARAMETER)),
     # FSDP2
     "fsdp2-lora": Run("sd15", FSDP2, True),
     "fsdp2-full": Run("sd15", FSDP2, False),
@@ -412,6 +433,24 @@ def test_a_nan_loss_on_one_process_skips_the_step_on_all(runs, assets, config):
     for key in final:
         torch.testing.assert_close(final[key], after_step_1[key], rtol=0, atol=0, msg=key)
     assert poisoned["process_weight_spread"] == 0.0
+
+
+@pytest.mark.parametrize("space", ["output", "parameter"])
+def test_streamed_ties_and_broken_rows_keep_the_replicas_identical(runs, space):
+    """Issue 34: the collator drops streamed ties and broken rows whatever skip_invalid_rows says (here False). A
+    process whose first micro-batch is a tie joins its peer with a zero-weighted placeholder pair (it used to raise),
+    a process whose whole step is ties drops its gradients only when the summed count says the step is empty (it used
+    to drop them alone, after DDP had averaged them: the replicas drifted), and both processes enter the same
+    collectives in the same order (the parameter space's output-lambda metric used to reduce on one only)."""
+    report = runs["ddp-streamed-ties-lora" if space == "output" else "ddp-streamed-ties-parameter-lora"]
+    assert report["global_step"] == STEPS
+    skipped = [h["data/skipped_rows"] for h in report["log_history"] if "loss" in h]
+    assert skipped == [1.0, 2.0, 1.0]  # the ties and the broken row were in the stream where they were put
+    assert report["collectives_match"], report["first_collective_mismatch"]
+    assert min(report["collective_counts"]) > 0
+    assert report["process_weight_spread"] == 0.0
+    assert report["original_vs_trained_max_abs_diff"] > 1e-3
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
 
 
 def test_latent_cache_is_built_once_and_trains_like_the_uncached_single_process(runs, assets):
