@@ -178,7 +178,8 @@ def _recording_samples(batches: list[list[int]]):
     get_train_dataloader = DiffusionSDPOTrainer.get_train_dataloader
 
     def recording(self):
-        if not isinstance(self.train_dataset, RecordingDataset):
+        streamed = isinstance(self.train_dataset, torch.utils.data.IterableDataset)  # no indices to record
+        if not streamed and not isinstance(self.train_dataset, RecordingDataset):
             self.train_dataset = RecordingDataset(self.train_dataset, batches)
         return get_train_dataloader(self)
 
@@ -187,6 +188,50 @@ def _recording_samples(batches: list[list[int]]):
         yield
     finally:
         DiffusionSDPOTrainer.get_train_dataloader = get_train_dataloader
+
+
+_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all_single", "barrier",
+    "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter",
+    "reduce_scatter_tensor", "scatter",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _counting_collectives(calls: list[str]):
+    """Inside the block, every collective this process enters through ``torch.distributed`` (accelerate, DeepSpeed,
+    FSDP2 and the package all call them there) is appended to ``calls`` as ``name:elements``. Every process must
+    enter the same sequence, or one is left unmatched (a hang, or a reduction paired with another's). DDP's gradient
+    buckets are all-reduced in C++, not counted: every process runs every backward pass, so they match."""
+    import torch.distributed as dist
+
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+
+    def counting(name, original):
+        def call(*args, **kwargs):
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            size = first.numel() if isinstance(first, torch.Tensor) else ""
+            calls.append(f"{name}:{size}")
+            return original(*args, **kwargs)
+
+        return call
+
+    for name, original in originals.items():
+        setattr(dist, name, counting(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _first_mismatch(sequences: list[list[str]]) -> str | None:
+    """Where the processes' collective sequences first differ, as text; ``None`` when they are equal."""
+    for i in range(max(len(s) for s in sequences)):
+        entries = [s[i] if i < len(s) else "(none)" for s in sequences]
+        if len(set(entries)) > 1:
+            return f"collective {i}: " + ", ".join(f"process {p}: {e}" for p, e in enumerate(entries))
+    return None
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -255,12 +300,14 @@ def main(argv: list[str] | None = None) -> None:
         _use_environment(job.get("env", launch_environment))
         poison = job.get("poison_step")
         batches: list[list[int]] = []  # the row indices this process's dataloader fetched, batch by batch
+        collectives: list[str] = []  # the collectives this process entered while training
         with (
             _poisoned(poison, job.get("poison_rank", 1)) if poison is not None else contextlib.nullcontext(),
             _recording_samples(batches),
+            _counting_collectives(collectives),
         ):
             trainer = _example(job.get("example", "sd15")).main(job["argv"])
-        report(trainer, job["result"], batches)
+        report(trainer, job["result"], batches, collectives)
         del trainer
         gc.collect()
         if "deepspeed" in sys.modules:  # ZeRO-3 registers its config with transformers; a new process has none
@@ -269,13 +316,18 @@ def main(argv: list[str] | None = None) -> None:
             unset_hf_deepspeed_config()
 
 
-def report(trainer, result_path: str, batches: list[list[int]] | None = None) -> None:
+def report(
+    trainer, result_path: str, batches: list[list[int]] | None = None, collectives: list[str] | None = None
+) -> None:
     """Every process gathers what it must; the main process writes the report to ``result_path``."""
     from accelerate.utils import gather_object
 
     accelerator = trainer.accelerator
     # each process's fetched batches, by process (a list holding one list per process)
     sample_batches = gather_object([batches or []]) if accelerator.num_processes > 1 else [batches or []]
+    # each process's sequence of collectives while training (the main process compares them)
+    several = accelerator.num_processes > 1
+    collective_sequences = gather_object([collectives or []]) if several else [collectives or []]
     stage = zero_stage(accelerator)
     policy = trainer.accelerator.unwrap_model(trainer.model)
     model_dir = trainer.base_model_name
@@ -291,6 +343,9 @@ def report(trainer, result_path: str, batches: list[list[int]] | None = None) ->
         "lambdas": [h["safeguard/lambda_mean"] for h in trainer.state.log_history if "safeguard/lambda_mean" in h],
         "global_step": trainer.state.global_step,
         "sample_batches": sample_batches,
+        "collective_counts": [len(c) for c in collective_sequences],
+        "collectives_match": all(c == collective_sequences[0] for c in collective_sequences),
+        "first_collective_mismatch": _first_mismatch(collective_sequences),
         "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "log_history": trainer.state.log_history,

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -47,7 +48,37 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(root / "tokenizer"))
     pipe.save_pretrained(root / "pipeline")
     Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
+    Dataset.from_list(mixed_rows(12, ties=(1, 4, 6), broken=(9,))).save_to_disk(str(root / "data-ties"))
+    Dataset.from_list(random_stream_rows(0)).save_to_disk(str(root / "data-random-0"))
     return {"root": root, "pipeline": root / "pipeline", "data": root / "data"}
+
+
+def random_stream_rows(seed: int, n: int = 16) -> list[dict]:
+    """A stream mixing valid rows, ties and broken images at random (seeded); the first row, which is checked
+    before training, is valid."""
+    rng = random.Random(seed)
+    kinds = ["valid"] + rng.choices(["valid", "tie", "broken"], weights=[6, 3, 2], k=n - 1)
+    ties = tuple(i for i, k in enumerate(kinds) if k == "tie")
+    return mixed_rows(n, ties=ties, broken=tuple(i for i, k in enumerate(kinds) if k == "broken"))
+
+
+def random_stream(assets: dict, seed: int) -> str:
+    """The folder of :func:`random_stream_rows` ``(seed)``, written once."""
+    path = assets["root"] / f"data-random-{seed}"
+    if not path.exists():
+        Dataset.from_list(random_stream_rows(seed)).save_to_disk(str(path))
+    return str(path)
+
+
+def mixed_rows(n: int, ties: tuple[int, ...] = (), broken: tuple[int, ...] = ()) -> list[dict]:
+    """``n`` Pick-a-Pic rows, human ties (``label_0 = 0.5``) at ``ties`` and an undecodable image at ``broken``: the
+    collator drops both kinds from a stream, whatever ``skip_invalid_rows`` says."""
+    rows = pickapic_rows(n)
+    for i in ties:
+        rows[i]["label_0"] = rows[i]["label_1"] = 0.5
+    for i in broken:
+        rows[i]["jpg_1"] = b"not an image"
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +250,22 @@ SAVE_AT_STEP_2 = ("--save_strategy", "steps", "--save_steps", "2")
 POISON = ("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")  # checkpoints after steps 1 and 2
 FSDP2 = "fsdp2.yaml"
 
+
+# A stream of 12 rows, one pair per process per micro-batch, two micro-batches per step: micro-batch k gives process
+# 0 row 2k and process 1 row 2k+1. Process 1's first micro-batch is a tie (row 1: nothing to replay yet), process 0's
+# whole second step is ties (rows 4, 6), process 1 loses row 9 (a broken image) at step 3.
+def random_stream_arguments(folder: str) -> tuple[str, ...]:
+    """A random stream (:func:`random_stream_rows`), one pair per process per micro-batch, two per step."""
+    return ("--dataset_name", folder, "--dataset_streaming", "true", "--per_device_train_batch_size", "1", *ACCUMULATE)
+
+
+RANDOM_STREAM_0 = random_stream_arguments("{root}/data-random-0")
+PLAIN_DPO = ("--safeguard", "false")
+STREAMED_TIES = (
+    "--dataset_name", "{root}/data-ties", "--dataset_streaming", "true", "--per_device_train_batch_size", "1",
+    *ACCUMULATE,
+)  # fmt: skip
+
 # Every training of the default suite, grouped by launch (see Run.group); within a group, in this order (ZeRO-3, whose
 # registration with transformers the worker undoes after each training, last).
 RUNS: dict[str, Run] = {
@@ -248,10 +295,14 @@ RUNS: dict[str, Run] = {
     "ddp-parameter-global-lora": Run("sd15", "multi_gpu.yaml", True, PARAMETER),
     "ddp-update-lora": Run("sd15", "multi_gpu.yaml", True, UPDATE),
     "bf16-ddp": Run("sd15", "multi_gpu.yaml", True, ("--bf16", "true", *BETA_500)),
+    "ddp-streamed-ties-lora": Run("sd15", "multi_gpu.yaml", True, STREAMED_TIES),
+    "ddp-streamed-ties-parameter-lora": Run("sd15", "multi_gpu.yaml", True, (*STREAMED_TIES, *PARAMETER)),
+    "ddp-random-stream-0-dpo": Run("sd15", "multi_gpu.yaml", True, (*RANDOM_STREAM_0, *PLAIN_DPO)),
     # FSDP2
     "fsdp2-lora": Run("sd15", FSDP2, True),
     "fsdp2-full": Run("sd15", FSDP2, False),
     "fsdp2-parameter-lora": Run("sd15", FSDP2, True, PARAMETER),
+    "fsdp2-random-stream-0-parameter": Run("sd15", FSDP2, True, (*RANDOM_STREAM_0, *PARAMETER)),
     # DeepSpeed ZeRO-1, -2 (its full-tuning run saves checkpoint-2, which the next run resumes from), -3
     "deepspeed_zero1-lora": Run("sd15", "deepspeed_zero1.yaml", True),
     "deepspeed_zero1-full": Run("sd15", "deepspeed_zero1.yaml", False),
@@ -264,6 +315,7 @@ RUNS: dict[str, Run] = {
         ("--resume_from_checkpoint", "{root}/deepspeed_zero2-full/model/checkpoint-2"),
     ),
     "poisoned-deepspeed_zero2": Run("sd15", "deepspeed_zero2.yaml", False, POISON, poison_step=2),
+    "deepspeed_zero2-random-stream-0-output": Run("sd15", "deepspeed_zero2.yaml", True, RANDOM_STREAM_0),
     "deepspeed_zero2-parameter-lora-accumulated": Run(
         "sd15", "deepspeed_zero2.yaml", True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "1")
     ),
@@ -412,6 +464,79 @@ def test_a_nan_loss_on_one_process_skips_the_step_on_all(runs, assets, config):
     for key in final:
         torch.testing.assert_close(final[key], after_step_1[key], rtol=0, atol=0, msg=key)
     assert poisoned["process_weight_spread"] == 0.0
+
+
+@pytest.mark.parametrize("space", ["output", "parameter"])
+def test_streamed_ties_and_broken_rows_keep_the_replicas_identical(runs, space):
+    """Issue 34: the collator drops streamed ties and broken rows whatever skip_invalid_rows says (here False). A
+    process whose first micro-batch is a tie joins its peer with a zero-weighted placeholder pair (it used to raise),
+    a process whose whole step is ties drops its gradients only when the summed count says the step is empty (it used
+    to drop them alone, after DDP had averaged them: the replicas drifted), and both processes enter the same
+    collectives in the same order (the parameter space's output-lambda metric used to reduce on one only)."""
+    report = runs["ddp-streamed-ties-lora" if space == "output" else "ddp-streamed-ties-parameter-lora"]
+    assert report["global_step"] == STEPS
+    skipped = [h["data/skipped_rows"] for h in report["log_history"] if "loss" in h]
+    assert skipped == [1.0, 2.0, 1.0]  # the ties and the broken row were in the stream where they were put
+    assert report["collectives_match"], report["first_collective_mismatch"]
+    assert min(report["collective_counts"]) > 0
+    assert report["process_weight_spread"] == 0.0
+    assert report["original_vs_trained_max_abs_diff"] > 1e-3
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
+def _assert_ranks_agree(report: dict) -> None:
+    """Every process entered the same collectives and, where weights are replicated, ends with the same ones."""
+    assert report["global_step"] == STEPS
+    assert report["collectives_match"], report["first_collective_mismatch"]
+    assert min(report["collective_counts"]) > 0
+    if "process_weight_spread" in report:  # DDP, ZeRO-1/2 (sharded weights have no replicas to compare)
+        assert report["process_weight_spread"] == 0.0
+    assert all(math.isfinite(x) for x in report["losses"])
+    assert report["original_vs_trained_max_abs_diff"] > 1e-3
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ddp-random-stream-0-dpo", "deepspeed_zero2-random-stream-0-output", "fsdp2-random-stream-0-parameter"],
+)
+def test_a_random_stream_of_valid_rows_ties_and_broken_images_keeps_the_ranks_in_agreement(runs, name):
+    """The default suite's slice of the randomized invariance test (the full matrix: the slow test below): one
+    engine per safeguard space on the seed-0 stream, accumulation 2. A hang fails the launch's timeout."""
+    _assert_ranks_agree(runs[name])
+
+
+RANDOM_ENGINES = ["multi_gpu.yaml", "deepspeed_zero2.yaml", FSDP2]
+RANDOM_SPACES = {"dpo": PLAIN_DPO, "output": (), "parameter": PARAMETER}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_streams_keep_every_rank_in_agreement_under_every_engine_and_space(assets, seed):
+    """Randomized invariance (issue 34): a seeded stream mixing valid rows, ties and broken images; DDP, ZeRO-2 and
+    FSDP2, each with plain DPO, the output-space and the parameter-space safeguard, accumulation 2, in one two-process
+    launch (a hang fails its timeout). Every process enters the same collectives; replicated weights are equal on
+    every process; FSDP2's sharded run logs DDP's losses (a process that dropped its shard's gradients alone would
+    leave half the weights one update behind, which moves the next losses by far more than 1e-3 at beta 5000; the
+    weights themselves are not compared across engines: AdamW turns float summation noise in near-zero LoRA
+    gradients into +-lr updates)."""
+    folder = random_stream(assets, seed)
+    jobs = []
+    for config in RANDOM_ENGINES:
+        for space, extra in RANDOM_SPACES.items():
+            name = f"random-{seed}-{config.removesuffix('.yaml')}-{space}"
+            jobs.append((assets, name, Run("sd15", config, True, (*random_stream_arguments(folder), *extra))))
+    _launch(jobs)
+    reports = {name: _REPORTS[run.key(a)] for a, name, run in jobs}
+    for name, report in reports.items():
+        try:
+            _assert_ranks_agree(report)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from error
+    for space in RANDOM_SPACES:
+        ddp = reports[f"random-{seed}-multi_gpu-{space}"]
+        fsdp = reports[f"random-{seed}-fsdp2-{space}"]
+        assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-3), space
 
 
 def test_latent_cache_is_built_once_and_trains_like_the_uncached_single_process(runs, assets):

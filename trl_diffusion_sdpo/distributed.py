@@ -34,6 +34,7 @@ __all__ = [
     "all_reduce_mean_",
     "all_reduce_sum",
     "check_not_partitioned",
+    "check_one_device_per_process",
     "drop_fsdp_model_copy",
     "engine_loss_scale",
     "gather_fsdp2_state_dict",
@@ -104,6 +105,23 @@ def check_not_partitioned(modules: dict[str, torch.nn.Module]) -> None:
                 "must be whole on every process: load the pipeline with trl_diffusion_sdpo.load_pipeline(path) or "
                 "inside trl_diffusion_sdpo.zero3_init_disabled()."
             )
+
+
+def check_one_device_per_process(args) -> None:
+    """Refuse one process driving several GPUs (``python train.py`` on a multi-GPU machine).
+
+    transformers then sets ``args.n_gpu`` to the device count and wraps the denoiser in ``torch.nn.DataParallel``,
+    which splits every input tensor along its first axis: the conditioning tensors without a batch axis (FLUX's
+    ``img_ids`` and ``txt_ids``) are cut wrongly, the step's draws and its collectives assume one device per process.
+    """
+    n_gpu = args.n_gpu
+    if n_gpu > 1:
+        raise ValueError(
+            f"One process sees {n_gpu} GPUs (started with `python`, not a launcher): transformers would wrap the "
+            "denoiser in torch.nn.DataParallel, which this trainer does not support. Start one process per GPU: "
+            f"`accelerate launch --num_processes {n_gpu} your_script.py ...` (or `torchrun --nproc_per_node "
+            f"{n_gpu} ...`), or train on one GPU with CUDA_VISIBLE_DEVICES=0."
+        )
 
 
 def _without_auto(config: Any) -> Any:

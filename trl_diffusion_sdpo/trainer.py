@@ -29,7 +29,7 @@ from .config import DiffusionSDPOConfig
 from .data.scoring import RewardFn
 from .data.stream_guard import StreamGuard
 from .data.training_data import prepare_training_data
-from .distributed import all_reduce_sum, check_not_partitioned, load_pipeline
+from .distributed import all_reduce_sum, check_not_partitioned, check_one_device_per_process, load_pipeline
 from .engines import Engine, engine_for
 from .families import ModelFamily, Noiser, family_for_pipeline
 from .io.checkpoints import AtomicCheckpoints
@@ -77,7 +77,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         train_dataset: a preference dataset in Pick-a-Pic or TRL form (see :mod:`.data`), or a cache written by
             ``trl-diffusion-sdpo cache`` (:func:`~trl_diffusion_sdpo.data.sharded_cache.load_sharded_latent_cache`),
             read streamed.
-        eval_dataset: an optional preference dataset in the same forms.
+        eval_dataset: an optional preference dataset in the same forms, or a dict of them by name (each evaluated
+            and logged under ``eval_<name>_``, as ``transformers.Trainer`` does).
         peft_config: a ``peft.LoraConfig`` to train LoRA adapters on the UNet instead of all its weights.
         callbacks: as for ``transformers.Trainer``.
         optimizers: as for ``transformers.Trainer``.
@@ -101,7 +102,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         ref_model: torch.nn.Module | DiffusionPipeline | None = None,
         args: DiffusionSDPOConfig | None = None,
         train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         *,
         peft_config: LoraConfig | None = None,
         callbacks: list[TrainerCallback] | None = None,
@@ -114,6 +115,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             raise TypeError(f"args must be a DiffusionSDPOConfig, got {type(args).__name__}")
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
+        check_one_device_per_process(args)
         self.args_as_given = args  # what training_config.json stores
         self._model_card_args: dict[str, Any] = {}
         # Seeded before LoRA adapters are initialised, so their random init is the same on every run.
@@ -147,7 +149,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         args = training_arguments(args)
         data = prepare_training_data(train_dataset, eval_dataset, args, self.family, reward_fn)
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
-        self._eval_collator = data.eval_collator
+        self._eval_collator = data.eval_collator  # one, or one per named eval dataset
+        self._eval_collator_in_use = data.eval_collator  # the one of the running evaluation (a placeholder's shape)
         super().__init__(
             model=denoiser,
             args=args,
@@ -174,6 +177,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             fused_optimizer=self._fused_optimizer,
             zero_grads=lambda: self.model.zero_grad(set_to_none=True),
             save_checkpoint=lambda: self._save_checkpoint(self.model, trial=None),
+            gradient_scaler=lambda: self.accelerator.scaler is not None,
+            device=args.device,
         )
         self.add_callback(NonFiniteLossGuard(self.nonfinite))
         self.stream_guard = StreamGuard(self)  # an optimizer step without a valid pair is never applied
@@ -201,7 +206,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             args.device,
             empty_prompt=data.empty_prompt,
         )
-        self.batches = UsableBatches()
+        self.batches = UsableBatches(self._blank_batch)
         # safeguard_space "parameter" or "update": one backward pass per branch (None: transformers' backward)
         self.parameter_space = ParameterSpaceBackward.from_config(
             self.engine,
@@ -291,7 +296,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         errors = denoising_errors(predictions)
         lam = None
         if self.args.safeguard and self.args.safeguard_space == "output":
-            lam = self._output_space_lambda(predictions)
+            lam = self._output_space_lambda(predictions, contributes=not replay)
             errors.policy_loser = scale_gradient(errors.policy_loser, lam)
         output = self.objective(predictions, errors, pair_scores=inputs.get("pair_scores"))
         loss = output.loss
@@ -307,6 +312,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         """The exact safeguard: one forward and one backward pass with the branches' gradients split inside it, or one
         of each per branch (:mod:`.step.parameter_space`)."""
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # as Trainer.training_step: schedule-free optimizers
+            self.optimizer.train()
         inputs, replay = self._batch(self._prepare_inputs(inputs), "train")
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
@@ -335,6 +342,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             optimizer=self.optimizer,
             pairs=noised.num_pairs,
         )
+        # Before the replay's return: with the global scope every process must enter this reduction.
+        output_lambda = self._output_space_lambda(predictions, contributes=not replay)
         if replay:
             return torch.zeros((), device=loss.device)
         self.nonfinite.flag(loss)
@@ -344,7 +353,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             captured["output"],
             {
                 "safeguard/lambda": lam,
-                "safeguard/output_lambda": self._output_space_lambda(predictions),
+                "safeguard/output_lambda": output_lambda,
                 "safeguard/update_infeasible": self.parameter_space.infeasible,
             },
         )
@@ -357,6 +366,14 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             self.stream_guard.observe(inputs)  # valid pairs and skipped rows per optimizer step
         self._metrics[mode]["data/skipped_rows"].append(inputs["num_skipped"].detach().float())
         return self.batches(inputs, mode, self.accelerator.num_processes, self.accelerator.process_index)
+
+    def _blank_batch(self, mode: str) -> dict[str, Any] | None:
+        """A placeholder pair on the device, for a process whose first micro-batch lost every row while its peers
+        train (:class:`.step.batch.UsableBatches`); ``None`` where the collator makes none (a latent cache's rows
+        were all checked when it was built)."""
+        collator = self.data_collator if mode == "train" else self._eval_collator_in_use
+        blank = getattr(collator, "blank_batch", None)
+        return None if blank is None else self._prepare_inputs(blank())
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # Pair scores are data for SmPO's weights, not model inputs: kept in float32 where transformers would cast
@@ -375,11 +392,14 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             scale = self.accelerator.scaler.scale(scale)
         return scale
 
-    def _output_space_lambda(self, predictions: PreferencePredictions) -> torch.Tensor:
-        """The authors' rule; with ``safeguard_scope="global"`` its sums are added up over processes first."""
+    def _output_space_lambda(self, predictions: PreferencePredictions, contributes: bool = True) -> torch.Tensor:
+        """The authors' rule; with ``safeguard_scope="global"`` its sums are added up over processes first (every
+        process enters that reduction every micro-batch; a zero-weighted replay adds zeros)."""
         global_scope = self.args.safeguard_scope == "global" and self.accelerator.num_processes > 1
         reduce_sum = all_reduce_sum if global_scope else None
-        return output_space_lambda(predictions, self.args.safeguard_mu, self.args.safeguard_max_lambda, reduce_sum)
+        return output_space_lambda(
+            predictions, self.args.safeguard_mu, self.args.safeguard_max_lambda, reduce_sum, contributes=contributes
+        )
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
         """Clip the trainable weights' gradients; with a fused optimizer, inside the optimizer's own pass."""
@@ -399,7 +419,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             grad_norm = trainable_grad_norm(self._trainable)  # max_grad_norm <= 0: no clipping, still guarded
         grad_norm = super()._get_grad_norm(model, grad_norm)
         if isinstance(grad_norm, torch.Tensor) and not self.engine.skips_nonfinite_steps:
-            self.nonfinite.flag(grad_norm)
+            self.nonfinite.flag_gradient_norm(grad_norm)
         return grad_norm
 
     # ------------------------------------------------------------------ logging and evaluation
@@ -435,7 +455,11 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             self._eval_metric_prefix = None
 
     def get_eval_dataloader(self, eval_dataset=None):
-        train_collator, self.data_collator = self.data_collator, self._eval_collator
+        collator = self._eval_collator
+        if isinstance(collator, dict):  # named eval datasets: transformers asks for each by name
+            collator = collator[eval_dataset] if isinstance(eval_dataset, str) else next(iter(collator.values()))
+        self._eval_collator_in_use = collator
+        train_collator, self.data_collator = self.data_collator, collator
         try:
             return super().get_eval_dataloader(eval_dataset)
         finally:

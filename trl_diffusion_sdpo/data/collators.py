@@ -99,6 +99,32 @@ class PreferenceCollator:
         batch.update(self.tokenize(prompts) if prompts else {})
         return batch
 
+    def blank_batch(self) -> dict[str, torch.Tensor]:
+        """A batch of one placeholder pair, shaped as :meth:`__call__` makes them: grey images (zero pixels), the
+        empty prompt, ``time_ids`` of an uncropped ``R x R`` image, scores 0.
+
+        For a process whose first micro-batch lost every row (ties, bad streamed rows) while its peers train: it must
+        still run the step's forward and backward passes and their collectives, with weight zero, and has no earlier
+        micro-batch to replay (:class:`~trl_diffusion_sdpo.step.batch.UsableBatches`).
+        """
+        shape = self.transform.pixel_shape
+        height, width = shape[-2:]
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32).expand(1, 2, 6).clone()
+        batch: dict[str, torch.Tensor] = {
+            "pixel_values": torch.zeros(1, 2, *shape),
+            "time_ids": ids,
+            "num_skipped": torch.tensor(0.0),
+            "skip_reasons": [],
+        }
+        if self.crops_later:  # already R x R: the crop keeps it whole
+            batch["crop_sizes"] = torch.tensor([height, width], dtype=torch.float32).expand(1, 2, 2).clone()
+        if self.with_flipped:
+            batch["time_ids_flipped"] = mirrored_time_ids(ids)
+        if self.columns.scored:
+            batch["pair_scores"] = pair_scores([(0.0, 0.0)])
+        batch.update(self.tokenize([""]))
+        return batch
+
 
 def pair_scores(scores: Sequence[tuple[float, float]] | torch.Tensor) -> torch.Tensor:
     """``pair_scores [B, 2]`` float32, the (winner, loser) scores of each ordered pair (``[0, 2]`` for no pair).

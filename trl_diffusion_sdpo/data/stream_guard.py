@@ -1,10 +1,11 @@
 """Streamed data that is all bad: an optimizer step without one valid pair is never applied, and a stream that keeps
 yielding none stops training with an error that says how many rows were skipped and why.
 
-With ``skip_invalid_rows=True`` the collator drops the bad rows of a streamed dataset, so a micro-batch, and a whole
-optimizer step, can end up with no pair. Stepping the optimizer then would still apply weight decay (and Adam's
-moments) to the weights with no data behind it. :class:`StreamGuard` counts, per optimizer step, the valid pairs and
-the skipped rows (host-side: batch shapes and the collator's ``skip_reasons`` list, no device sync):
+The collator drops a streamed dataset's human ties and bad rows (only its first row is checked up front, strictly
+unless ``skip_invalid_rows``), so a micro-batch, and a whole optimizer step, can end up with no pair. Stepping the
+optimizer then would still apply weight decay (and Adam's moments) to the weights with no data behind it.
+:class:`StreamGuard` counts, per optimizer step, the valid pairs and the skipped rows (host-side: batch shapes and
+the collator's ``skip_reasons`` list, no device sync):
 
 * a step with no valid pair is not applied: its gradients are dropped (``grad = None``, so AdamW leaves weights and
   moments alone), with a warning; the step count and scheduler still advance, as for a skipped non-finite step;
@@ -12,8 +13,10 @@ the skipped rows (host-side: batch shapes and the collator's ``skip_reasons`` li
   stream ends without one valid pair, training stops with :class:`NoValidPairsError` naming the count and the most
   frequent reasons.
 
-With several processes the counts are summed over processes at each step (one all-reduce of two numbers), only for a
-streamed dataset with ``skip_invalid_rows``; every process then decides the same.
+With several processes the counts are summed over processes at every optimizer step (one all-reduce of two numbers,
+which the host waits for), whatever the dataset and ``skip_invalid_rows``: the collator drops human ties and bad
+streamed rows in any case, and a process that dropped its gradients on its own count would leave the others'
+update unapplied on its replica (the replicas drift apart). Every process then decides the same.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from datasets import IterableDataset
 from transformers import TrainerCallback
 
 if TYPE_CHECKING:
@@ -68,12 +70,9 @@ class StreamGuard(TrainerCallback):
         self.reasons.update(_kind(r) for r in reasons)
 
     def _synced(self) -> bool:
-        args = self.trainer.args
-        return (
-            self.trainer.accelerator.num_processes > 1
-            and args.skip_invalid_rows
-            and isinstance(self.trainer.train_dataset, IterableDataset)
-        )
+        """Whether the counts are summed over processes: always with several (ties are dropped whatever
+        ``skip_invalid_rows`` says, and a decision taken on one process's count alone desynchronises the replicas)."""
+        return self.trainer.accelerator.num_processes > 1
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.valid = self.skipped = self.skipped_in_a_row = self.valid_total = self.empty_steps = 0
@@ -110,7 +109,7 @@ class StreamGuard(TrainerCallback):
     def _message(self, which: str) -> str:
         why = "; ".join(f"{n} x {reason}" for reason, n in self.reasons.most_common(3)) or "no reason recorded"
         return (
-            f"No valid preference pair: {which} were invalid and skipped (skip_invalid_rows=True); no optimizer step "
+            f"No valid preference pair: {which} were invalid or ties and skipped; no optimizer step "
             f"was applied without data. Most frequent reasons: {why}. Check the dataset's columns and images "
             "(the warnings 'Skipping streamed row ...' name each row)."
         )

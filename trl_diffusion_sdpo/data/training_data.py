@@ -27,11 +27,11 @@ class TrainingData:
     """The datasets and collators of a run, the data reports, and what the step needs from a cache."""
 
     train_dataset: Any
-    eval_dataset: Any
+    eval_dataset: Any  # None, a dataset, or a dict of them by name
     collator: Any
-    eval_collator: Any
+    eval_collator: Any  # a collator, or a dict of them with the eval datasets' names
     report: DataReport
-    eval_report: DataReport | None
+    eval_report: DataReport | dict[str, DataReport] | None
     empty_prompt: PromptEmbeddings | None  # a cache's stored empty-prompt embeddings (prompt dropout)
     encoders_idle: bool  # no image or prompt is encoded during training: the VAE and text encoders stay on the CPU
 
@@ -54,28 +54,31 @@ def prepare_training_data(
     else:
         train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")
         train_dataset, columns, report = prepare_preference_dataset(train_dataset, args, "train")
-    eval_report: DataReport | None = None
-    eval_columns = columns
-    if eval_dataset is not None:
-        eval_dataset = add_reward_scores(eval_dataset, args, reward_fn, "eval")
-        eval_dataset, eval_columns, eval_report = prepare_preference_dataset(eval_dataset, args, "eval")
     transform = _pair_transform(args, family, columns)
     tokenize = family.prompt_tokenizer()
     collator = PreferenceCollator(columns, tokenize, transform, train=True, with_flipped=args.random_flip)
-    eval_collator = PreferenceCollator(eval_columns, tokenize, transform, train=False)
     empty_prompt: PromptEmbeddings | None = None
     if prebuilt is not None:
         collator = prebuilt.collator()
         empty_prompt = prebuilt.empty_prompt
-    if args.cache_latents:
+    if args.cache_latents and prebuilt is None:
         # Encode once (main process first, the others load), then train from the cache.
-        if prebuilt is None:
-            train_cache = _latent_cache(train_dataset, columns, args, family, "train")
-            train_dataset, empty_prompt = train_cache.dataset, train_cache.empty_prompt
-            collator = CachedPreferenceCollator(with_flipped=args.random_flip)
-        if eval_dataset is not None:
-            eval_dataset = _latent_cache(eval_dataset, eval_columns, args, family, "eval").dataset
-            eval_collator = CachedPreferenceCollator()
+        train_cache = _latent_cache(train_dataset, columns, args, family, "train")
+        train_dataset, empty_prompt = train_cache.dataset, train_cache.empty_prompt
+        collator = CachedPreferenceCollator(with_flipped=args.random_flip)
+    # One evaluation set, or several by name (a dict, as transformers takes it: each evaluated under eval_<name>).
+    evals = {
+        name: _eval_split(dataset, split, args, family, reward_fn, tokenize, transform)
+        for name, dataset, split in _named_eval_sets(eval_dataset)
+    }
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {name: dataset for name, (dataset, _, _) in evals.items()}
+        eval_collator = {name: collator for name, (_, collator, _) in evals.items()}
+        eval_report = {name: report for name, (_, _, report) in evals.items()}
+    else:
+        eval_dataset, eval_collator, eval_report = evals.get(
+            None, (None, PreferenceCollator(columns, tokenize, transform, train=False), None)
+        )
     return TrainingData(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -86,6 +89,30 @@ def prepare_training_data(
         empty_prompt=empty_prompt,
         encoders_idle=args.cache_latents or (prebuilt is not None and eval_dataset is None),
     )
+
+
+def _named_eval_sets(eval_dataset) -> list[tuple[str | None, Any, str]]:
+    """``(name, dataset, split)`` of each evaluation set: one unnamed (``split`` "eval"), or each of a dict's, whose
+    split reads ``eval_<name>`` (the prefix of its metrics); none for ``None``."""
+    if eval_dataset is None:
+        return []
+    if not isinstance(eval_dataset, dict):
+        return [(None, eval_dataset, "eval")]
+    if not eval_dataset:
+        raise ValueError("eval_dataset is an empty dict: give at least one named evaluation dataset, or None")
+    return [(name, dataset, f"eval_{name}") for name, dataset in eval_dataset.items()]
+
+
+def _eval_split(dataset, split: str, args, family: ModelFamily, reward_fn, tokenize, transform) -> tuple[Any, ...]:
+    """An evaluation set validated (and encoded into a latent cache with ``cache_latents``): ``(dataset, collator,
+    report)``. Its own columns: two sets may name theirs differently."""
+    dataset = add_reward_scores(dataset, args, reward_fn, split)
+    dataset, columns, report = prepare_preference_dataset(dataset, args, split)
+    collator = PreferenceCollator(columns, tokenize, transform, train=False)
+    if args.cache_latents:
+        dataset = _latent_cache(dataset, columns, args, family, split).dataset
+        collator = CachedPreferenceCollator()
+    return dataset, collator, report
 
 
 def _check_media(args, family: ModelFamily) -> None:

@@ -7,6 +7,7 @@ pair or per image; prompt dropout substitutes the empty prompt's embeddings. Eve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,15 +127,19 @@ def fixed_time_ids(resolution: int, rows: int, device: torch.device | str) -> to
 
 
 class UsableBatches:
-    """What to train on when a streamed micro-batch's rows were all invalid (the collator dropped every one).
+    """What to train on when a micro-batch's rows were all dropped (the collator skips human ties and bad streamed
+    rows).
 
     On one process such a micro-batch is left out (``None``). With several processes, whose collectives must all
     run, it is replaced by this process's last good micro-batch, to be weighted zero (``replay``) and kept out of
-    the metrics.
+    the metrics; before the first good one, by ``blank(mode)`` (one placeholder pair, see
+    :meth:`~trl_diffusion_sdpo.data.collators.PreferenceCollator.blank_batch`), weighted zero the same way.
+    ``blank`` returns ``None`` where the data cannot make one (then the first micro-batch must hold a row).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, blank: Callable[[str], dict[str, torch.Tensor] | None] | None = None) -> None:
         self._last: dict[str, dict[str, torch.Tensor]] = {}  # per mode
+        self._blank = blank
 
     def __call__(
         self, inputs: dict[str, torch.Tensor], mode: str, num_processes: int = 1, process_index: int = 0
@@ -147,8 +152,12 @@ class UsableBatches:
         if num_processes == 1:
             return None, False
         if mode not in self._last:
-            raise RuntimeError(
-                f"Every row of the first {mode} micro-batch on process {process_index} was invalid, and with several "
-                "processes a micro-batch cannot be left out. Clean the data or raise the per-device batch size."
-            )
+            blank = self._blank(mode) if self._blank is not None else None
+            if blank is None:
+                raise RuntimeError(
+                    f"Every row of the first {mode} micro-batch on process {process_index} was invalid, and with "
+                    "several processes a micro-batch cannot be left out. Clean the data or raise the per-device "
+                    "batch size."
+                )
+            self._last[mode] = blank
         return self._last[mode], True

@@ -40,6 +40,14 @@ class NonFiniteTracker:
     parameters: no moment update, no weight decay. Where the engine skips overflowing steps itself (DeepSpeed), the
     tracker only counts.
 
+    Under fp16 with a gradient scaler (``gradient_scaler()`` true) a non-finite gradient norm with a finite loss is an
+    ordinary overflow of the scaled gradients: the scaler skips that step and lowers its scale, as it is made to, so
+    the tracker leaves it alone (it neither drops the gradients, which would hide the overflow from the scaler, nor
+    counts it, nor raises). A non-finite loss is still the tracker's.
+
+    With several processes the flag is summed over processes before every optimizer step, also on a process that
+    flagged nothing (it adds 0): every process enters the reduction, and all skip or stop together.
+
     Args:
         on_nonfinite: ``"skip"`` (warn and go on) or ``"raise"`` (save a checkpoint of the last good state, then
             raise).
@@ -48,6 +56,8 @@ class NonFiniteTracker:
         fused_optimizer: returns the fused optimizer that can skip on the device, or ``None``.
         zero_grads: drops every gradient.
         save_checkpoint: saves a checkpoint of the current (last good) state.
+        gradient_scaler: whether an fp16 gradient scaler checks the gradients for overflow itself.
+        device: where the flag lives (a process with nothing flagged joins the reduction with a zero there).
     """
 
     def __init__(
@@ -59,8 +69,11 @@ class NonFiniteTracker:
         fused_optimizer: Callable[[], torch.optim.Optimizer | None],
         zero_grads: Callable[[], None],
         save_checkpoint: Callable[[], None],
+        gradient_scaler: Callable[[], bool] = lambda: False,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.on_nonfinite = on_nonfinite
+        self.gradient_scaler, self.device = gradient_scaler, device
         self.engine_skips = engine_skips
         self.reduce_sum = reduce_sum
         self.fused_optimizer = fused_optimizer
@@ -71,8 +84,14 @@ class NonFiniteTracker:
         self.pending: torch.Tensor | None = None  # skips counted on the device, read when logging
 
     def flag(self, value: torch.Tensor) -> None:
-        """Flag ``value`` (a loss or a gradient norm) if it is not finite; no host sync."""
+        """Flag ``value`` (a micro-batch loss) if it is not finite; no host sync."""
         self.flag_value = flag_nonfinite(self.flag_value, value)
+
+    def flag_gradient_norm(self, norm: torch.Tensor) -> None:
+        """Flag the step's pre-clip gradient ``norm`` if it is not finite (no host sync); under a gradient scaler
+        an overflow is the scaler's to skip, not a non-finite step."""
+        if not self.gradient_scaler():
+            self.flag(norm)
 
     def reset(self) -> None:
         """Forget what an interrupted earlier ``train()`` left behind in the fused optimizer."""
@@ -82,10 +101,10 @@ class NonFiniteTracker:
 
     def before_optimizer_step(self, global_step: int, output_dir: str) -> None:
         flag, self.flag_value = self.flag_value, None
-        if flag is None:
+        if self.reduce_sum is not None:  # every process, whatever it flagged: the reduction must be matched
+            flag = self.reduce_sum(flag if flag is not None else torch.zeros((), device=self.device))
+        elif flag is None:
             return
-        if self.reduce_sum is not None:
-            flag = self.reduce_sum(flag)
         if self.engine_skips:
             # DeepSpeed has already stepped, inside backward, and skipped the update: a non-finite loss makes the
             # gradient norm non-finite, which its ZeRO optimizers treat as an overflow. Count it, or stop.

@@ -157,17 +157,23 @@ def output_space_lambda(
     mu: float,
     max_lambda: float = 1.0,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    contributes: bool = True,
 ) -> torch.Tensor:
     """The authors' output-space ``lambda`` on the policy's residuals ``r = prediction - target``, one detached
     float32 scalar per micro-batch (see the module docstring for the formula).
 
     ``reduce_sum``, when given, sums ``[num, den, N]`` over processes first (``safeguard_scope="global"``), so
-    ``lambda`` is that of the global micro-batch and the epsilon uses the global element count.
+    ``lambda`` is that of the global micro-batch and the epsilon uses the global element count. ``contributes=False``
+    (a zero-weighted replay of a process whose micro-batch lost every row): this process joins the reduction with
+    ``[0, 0, 0]``, so ``lambda`` is that of the other processes' pairs.
     """
     winner_residual = predictions.policy_winner - predictions.target_winner
     loser_residual = predictions.policy_loser - predictions.target_loser
     num, den = safeguard_sums(winner_residual, loser_residual)
     count: int | torch.Tensor = winner_residual.numel()
+    if not contributes:
+        num, den, count = torch.zeros_like(num), torch.zeros_like(den), 0
     if reduce_sum is not None:
         # torch.full, not torch.tensor: a host-to-device copy would make the host wait for the device
         num, den, count = reduce_sum(torch.stack([num, den, torch.full_like(num, float(count))]))
