@@ -164,8 +164,13 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         self.engine: Engine = engine_for(self.accelerator)
         place_frozen_modules(self.family, args.device, self._dtype, on_cpu=data.encoders_idle)
         if self.reference is not None and not self.reference.shares_policy_weights:
-            self.reference.denoiser = self.engine.place_reference(self.reference.denoiser, args.device, self._dtype)
-            self.reference.dtype = self._dtype
+            # In the policy's precision and under its autocast: at step 0 the reference computes what the policy does.
+            self.reference.denoiser = self.engine.place_reference(
+                self.reference.denoiser, denoiser, args.device, self._dtype
+            )
+            self.reference.dtype = None  # the policy's inputs as they are
+            self.reference.precision = self.accelerator.autocast
+            self.reference.mode_of = self._policy
         several = self.accelerator.num_processes > 1
         self.nonfinite = NonFiniteTracker(
             args.on_nonfinite_loss,
