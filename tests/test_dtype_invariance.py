@@ -86,3 +86,33 @@ def test_the_frozen_reference_takes_the_policys_dtypes_parameter_by_parameter(ma
     assert reference.keys() == policy.keys()
     assert {n: p.dtype for n, p in reference.items()} == {n: p.dtype for n, p in policy.items()}
     assert not any(p.requires_grad for p in reference.values())
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_after_bf16_training_the_pipeline_samples_in_place_with_a_vae_that_does_not_upcast(
+    tuning, make_config, tmp_path
+):
+    """accelerate's float32 outputs stay on the denoiser only while the trainer runs it: a bf16 VAE that does not
+    upcast (``force_upcast=False``, as the fp16-fix SDXL VAE) decodes the tuned denoiser's latents, after ``train()``
+    and after an ``evaluate()`` that follows it, and training or evaluating again still works."""
+    pipe = tiny.build_tiny_sd_pipeline(tokenizer_dir=str(tmp_path / "tok"))
+    pipe.vae.register_to_config(force_upcast=False)
+    pairs = Dataset.from_list(pickapic_rows(2))
+    trainer = DiffusionSDPOTrainer(
+        pipe,
+        args=make_config(bf16=True, max_steps=1),
+        train_dataset=pairs,
+        eval_dataset=pairs,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS) if tuning == "lora" else None,
+    )
+    trainer.train()
+    assert pipe.vae.dtype == torch.bfloat16  # the trainer put it in the compute dtype: it does not upcast
+
+    def sample() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a fox", num_inference_steps=2, height=32, width=32, output_type="pt", generator=generator).images
+
+    images = sample()
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images.float()).all()
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    torch.testing.assert_close(sample(), images)  # the same weights, the same sampling after evaluate()

@@ -50,6 +50,7 @@ from .step.pipeline import Augmentation, MicroBatchStages
 from .step.predictions import denoising_errors
 from .step.safeguard import output_space_lambda, scale_gradient
 from .tuning import (
+    MixedPrecisionForward,
     compute_dtype,
     freeze_frozen_modules,
     place_frozen_modules,
@@ -214,6 +215,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             "eval": defaultdict(list),
         }
         self._trainable: list[torch.nn.Parameter] = []
+        # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
+        self.mixed_precision_forward = MixedPrecisionForward(self._policy)
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
@@ -252,16 +255,17 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         # Only trainable weights ever hold gradients: clipping and zeroing walk those, listed once, instead of every
         # module of the denoiser (thousands with LoRA adapters: milliseconds per step). See :mod:`.step.optimizer`.
         # Not where the engine replaces the parameters inside super().train() (FSDP).
-        if self.engine.replaces_parameters_in_train:
-            return super().train(*args, **kwargs)
-        policy = self._policy()
-        self._trainable = trainable_parameters(policy)
-        policy.zero_grad = lambda set_to_none=True: zero_grads(self._trainable, set_to_none)
-        self.nonfinite.reset()
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            del policy.zero_grad  # back to Module.zero_grad
+        with self.mixed_precision_forward.running():  # after it, the pipeline samples in place
+            if self.engine.replaces_parameters_in_train:
+                return super().train(*args, **kwargs)
+            policy = self._policy()
+            self._trainable = trainable_parameters(policy)
+            policy.zero_grad = lambda set_to_none=True: zero_grads(self._trainable, set_to_none)
+            self.nonfinite.reset()
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                del policy.zero_grad  # back to Module.zero_grad
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         if self.parameter_space is not None:
@@ -425,7 +429,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         self.stages.draws.start_evaluation(self.args.eval_seed)
         self._eval_metric_prefix = metric_key_prefix
         try:
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            with self.mixed_precision_forward.running():
+                return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally:
             self.stages.draws.end_evaluation()
             self._eval_metric_prefix = None

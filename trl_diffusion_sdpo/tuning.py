@@ -8,16 +8,21 @@ CPU when training reads a latent cache.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Callable, Iterator
+from types import MethodType
 
 import torch
+from accelerate.utils.operations import ConvertOutputsToFp32
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from .families import ModelFamily
 
 __all__ = [
+    "MixedPrecisionForward",
     "compute_dtype",
     "freeze_frozen_modules",
     "keeps_in_float32",
@@ -132,3 +137,51 @@ def place_frozen_modules(family: ModelFamily, device: torch.device | str, dtype:
             continue
         module_dtype = torch.float32 if name == "vae" and family.vae_needs_fp32() else dtype
         module.to(device=device, dtype=module_dtype)
+
+
+class MixedPrecisionForward:
+    """accelerate's mixed-precision wrapper on the denoiser's ``forward``, whole while the trainer runs the model and
+    without its float32 outputs outside.
+
+    ``accelerator.prepare`` wraps the model's ``forward`` in its autocast and converts the outputs to float32, and
+    leaves it so. Inside a pipeline a float32 prediction meets a bf16/fp16 VAE that does not upcast
+    (``force_upcast=False``, as the fp16-fix SDXL VAE): ``Input type (float) and bias type (BFloat16)``. Outside
+    ``train()`` and ``evaluate()`` the denoiser keeps the autocast (full tuning's float32 weights take the pipeline's
+    half-precision inputs) and returns what it computes, in the pipeline's dtype, so ``pipe(prompt)`` samples in place;
+    the trainer puts the float32 conversion back before it runs the model again.
+    """
+
+    def __init__(self, get_model: Callable[[], torch.nn.Module]) -> None:
+        self.get_model = get_model  # the denoiser, unwrapped: it may be wrapped (DDP) after construction
+        self._wrapped = None
+        self._depth = 0  # evaluate() runs inside train(): the wrapper comes off when the outermost call ends
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Within the block (``train()``, ``evaluate()``) the forward is accelerate's, float32 outputs included."""
+        if self._depth == 0:
+            self.restore()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.release()
+
+    def release(self) -> None:
+        """Take the float32 conversion off the forward (nothing where accelerate put none: fp32, DeepSpeed)."""
+        model = self.get_model()
+        forward = model.__dict__.get("forward")
+        inner = getattr(getattr(forward, "__func__", forward), "__wrapped__", None)
+        if not isinstance(inner, ConvertOutputsToFp32):
+            return
+        self._wrapped = forward
+        autocast_forward = inner.model_forward
+        model.forward = MethodType(autocast_forward, model) if isinstance(forward, MethodType) else autocast_forward
+
+    def restore(self) -> None:
+        """Put accelerate's wrapper back as it was."""
+        if self._wrapped is not None:
+            self.get_model().forward = self._wrapped
+            self._wrapped = None
