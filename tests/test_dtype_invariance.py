@@ -116,3 +116,22 @@ def test_after_bf16_training_the_pipeline_samples_in_place_with_a_vae_that_does_
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images.float()).all()
     assert math.isfinite(trainer.evaluate()["eval_loss"])
     torch.testing.assert_close(sample(), images)  # the same weights, the same sampling after evaluate()
+
+
+def test_validation_grids_sample_with_each_familys_own_guidance_unless_set(make_config, tmp_path):
+    """FLUX.1-dev conditions on guidance 3.5 in training: its grid samples at 3.5, not SD's 8.5; a set value wins."""
+    from trl_diffusion_sdpo.evaluation import ValidationCallback
+
+    def grid_guidance(family: str, **fields) -> float | None:
+        build, family_fields = FAMILIES[family]
+        args = make_config(validation_prompts=["a fox"], validation_steps=1, **family_fields, **fields)
+        trainer = DiffusionSDPOTrainer(
+            build(str(tmp_path / f"tok-{family}-{len(fields)}")), args=args, train_dataset=pairs_for(family)
+        )
+        (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
+        return callback.settings.guidance_scale if hasattr(callback, "settings") else callback.guidance_scale
+
+    assert grid_guidance("flux") == 3.5
+    assert grid_guidance("sd") == 8.5  # the SDPO authors' guidance for the UNet families
+    assert grid_guidance("sd3") == 7.0  # StableDiffusion3Pipeline's own default
+    assert grid_guidance("flux", validation_guidance_scale=2.0) == 2.0

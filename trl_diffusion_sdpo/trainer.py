@@ -231,7 +231,11 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
                 prompts=args.validation_prompts,
                 seeds=args.validation_seeds,
                 num_inference_steps=args.validation_num_inference_steps,
-                guidance_scale=args.validation_guidance_scale,
+                guidance_scale=(
+                    self.family.sampling_guidance_scale()
+                    if args.validation_guidance_scale is None
+                    else args.validation_guidance_scale
+                ),
                 every_n_steps=args.validation_steps,
                 scorers=args.validation_scorers or None,
                 height=args.resolution,

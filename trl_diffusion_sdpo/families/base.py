@@ -103,9 +103,28 @@ class ModelFamily(abc.ABC):
     # The pipeline attributes that never train (VAE and text encoders); one that holds None (SD3 without T5) is left
     # out of :meth:`frozen_modules`.
     frozen_components: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")
+    # The guidance of validation grids when validation_guidance_scale is None; None: the pipeline's own default
+    # (its __call__'s guidance_scale: 3.5 for FLUX.1-dev, whose training conditions on 3.5 too).
+    validation_guidance_scale: ClassVar[float | None] = None
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline
+
+    def sampling_guidance_scale(self) -> float | None:
+        """The guidance a validation grid samples with by default: :attr:`validation_guidance_scale`; else the
+        guidance a guidance-distilled transformer is trained on (FLUX.1-dev's ``flux_guidance_scale``, 3.5); else the
+        ``guidance_scale`` default of the pipeline's ``__call__`` (``None`` where it has none)."""
+        if self.validation_guidance_scale is not None:
+            return self.validation_guidance_scale
+        trained = getattr(self, "guidance_scale", None)
+        if trained is not None:
+            return float(trained)
+        import inspect
+
+        parameter = inspect.signature(type(self.pipeline).__call__).parameters.get("guidance_scale")
+        if parameter is None or parameter.default in (inspect.Parameter.empty, None):
+            return None
+        return float(parameter.default)
 
     # ------------------------------------------------------------------------------------------- which pipelines
 
