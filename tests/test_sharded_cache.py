@@ -182,7 +182,7 @@ def test_training_streams_the_cache_as_it_would_stream_the_images(tmp_path):
 def test_a_cache_for_another_resolution_is_refused_by_the_trainer(tmp_path, dataset):
     pipe = build_tiny_sd_pipeline(seed=0)
     cache = build_sharded_latent_cache(dataset, _args(tmp_path), family_for_pipeline(pipe), str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="resolution 32, not 64"):
+    with pytest.raises(ValueError, match="resolution: built with 32, this run has 64"):
         DiffusionSDPOTrainer(pipe, None, _args(tmp_path, resolution=64), cache)
 
 
@@ -281,7 +281,43 @@ def test_a_cache_encoded_under_other_image_conversion_rules_is_refused_by_the_tr
     folder = tmp_path / "c"
     build_sharded_latent_cache(dataset, _args(tmp_path), family_for_pipeline(pipe), str(folder))
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["image_conversion"] = "digest of the rules before an edit of data/images.py"  # the cache, edited on disk
+    manifest["settings"]["image_conversion"] = "digest of the rules before an edit of data/images.py"  # edited on disk
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="other image-conversion rules"):
+    with pytest.raises(ValueError, match="image-conversion rules"):
         DiffusionSDPOTrainer(pipe, None, _args(tmp_path), load_sharded_latent_cache(str(folder)))
+
+
+def test_an_sd3_cache_built_at_another_max_sequence_length_is_refused_naming_it(tmp_path):
+    """The tokens per prompt shape the cached T5 embeddings: a cache built at 4 does not serve a run at 12."""
+    from trl_diffusion_sdpo.tiny_models import build_tiny_sd3_pipeline
+
+    pipe = build_tiny_sd3_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=16)
+    pairs = Dataset.from_list(_rows(3))
+    at_4 = _args(tmp_path, max_sequence_length=4)
+    cache = build_sharded_latent_cache(
+        pairs, at_4, family_for_pipeline(pipe, max_sequence_length=4), str(tmp_path / "c")
+    )
+    with pytest.raises(
+        ValueError, match=r"max_sequence_length \(tokens per prompt\): built with .*4.*this run has .*12"
+    ):
+        DiffusionSDPOTrainer(pipe, None, _args(tmp_path, max_sequence_length=12), cache)
+    DiffusionSDPOTrainer(pipe, None, at_4, load_sharded_latent_cache(str(tmp_path / "c")))  # the same settings train
+
+
+@pytest.mark.parametrize("other", [{"num_frames": 9}, {"frame_stride": 2}])
+def test_a_wan_cache_built_for_other_frames_is_refused_naming_them(tmp_path, other):
+    pytest.importorskip("av")
+    from test_wan import video_rows
+
+    from trl_diffusion_sdpo.tiny_models import build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=16)
+    settings = dict(resolution=16, num_frames=5, max_sequence_length=16)
+    cache = build_sharded_latent_cache(
+        Dataset.from_list(video_rows(2)),
+        _args(tmp_path, **settings),
+        family_for_pipeline(pipe, max_sequence_length=16),
+        str(tmp_path / "c"),
+    )
+    with pytest.raises(ValueError, match=r"video frames \(num_frames, frame_stride\): built with"):
+        DiffusionSDPOTrainer(pipe, None, _args(tmp_path, **{**settings, **other}), cache)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
-__all__ = ["build_parser", "main"]
+# The options evaluate and pairs share live in their own module, which pairs_cli imports without importing this one.
+from .sampling_cli import add_sampling_arguments, sampling_keywords, scorer_arguments
+
+__all__ = ["add_sampling_arguments", "build_parser", "main", "sampling_keywords", "scorer_arguments"]
 
 
 def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) -> argparse.ArgumentParser:
@@ -117,93 +119,6 @@ def add_evaluate_parser(
     evaluate.add_argument("--bootstrap-resamples", type=int, default=1000, help="Bootstrap resamples.")
     add_sampling_arguments(evaluate)
     return evaluate
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """The prompt-source and sampling flags that ``evaluate`` and ``pairs`` share (read by
-    :func:`sampling_keywords`)."""
-    parser.add_argument("--prompt-column", default=None, help="Prompt column of a dataset.")
-    parser.add_argument("--prompt-split", default=None, help="Split of a dataset.")
-    parser.add_argument("--prompt-path", default=None, help="Read a preset from this local copy.")
-    parser.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
-    parser.add_argument("--cache-dir", default=None, help="Image cache (default: OUTPUT_DIR/images).")
-    parser.add_argument("--steps", type=int, default=50, help="Inference steps (default: %(default)s).")
-    parser.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=8.5,
-        help="diffusers guidance; 8.5 equals the authors' eps_c + 7.5 (eps_c - eps_u) (default: %(default)s).",
-    )
-    parser.add_argument(
-        "--true-cfg-scale",
-        type=float,
-        default=None,
-        help="Classifier-free guidance of pipelines that take true_cfg_scale (Qwen-Image, FLUX.1; default: the "
-        "pipeline's, 4.0 for Qwen-Image).",
-    )
-    parser.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's native).")
-    parser.add_argument(
-        "--scheduler", choices=("euler", "model"), default="euler", help="Sampler (default: %(default)s)."
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default="float32",
-        help="Generation dtype (default: %(default)s).",
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="Prompts per pipeline call.")
-    parser.add_argument("--score-batch-size", type=int, default=16, help="Images per scorer call.")
-    parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
-    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
-
-
-def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
-    """The keywords that :func:`add_sampling_arguments`' flags set, named as :func:`~.evaluation.evaluate` and
-    :func:`~.evaluation.pairs.make_pairs` both take them: the generation settings, the prompt-loading options, the
-    batch sizes, the image cache, the device and the progress bars."""
-    from .evaluation import GenerationSettings
-
-    settings = GenerationSettings(
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        height=args.resolution,
-        width=args.resolution,
-        scheduler=args.scheduler,
-        dtype=args.dtype,
-        true_cfg_scale=args.true_cfg_scale,
-    )
-    options = {"column": args.prompt_column, "split": args.prompt_split, "path": args.prompt_path, "limit": args.limit}
-    return {
-        "settings": settings,
-        "prompt_kwargs": {k: v for k, v in options.items() if v is not None},
-        "batch_size": args.batch_size,
-        "score_batch_size": args.score_batch_size,
-        "cache_dir": args.cache_dir,
-        "device": args.device,
-        "progress": not args.no_progress,
-    }
-
-
-def scorer_arguments(items: list[str], scorers: list[str]) -> dict[str, dict]:
-    """``--scorer-arg NAME.KEY=VALUE`` flags as ``{NAME: {KEY: VALUE}}`` (VALUE parsed as JSON if it can be), for
-    ``evaluate`` and ``pairs`` alike: a flag for a scorer the command does not run is refused, not ignored."""
-    import json
-
-    kwargs: dict[str, dict] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        name, dot, argument = key.rpartition(".")
-        if not sep or not dot or not name or not argument:
-            raise SystemExit(f"--scorer-arg {item!r} should read NAME.KEY=VALUE.")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        kwargs.setdefault(name, {})[argument] = parsed
-    unknown = sorted(set(kwargs) - set(scorers))
-    if unknown:
-        raise SystemExit(f"--scorer-arg names {unknown}, but the scorers are {scorers}.")
-    return kwargs
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

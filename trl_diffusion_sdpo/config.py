@@ -201,9 +201,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         One sample per prompt and seed; the same seeds every time, so grids compare across steps.
     validation_steps (`int`, *optional*, defaults to `500`):
         Validate every this many optimizer steps.
-    validation_num_inference_steps (`int`, *optional*, defaults to `25`), validation_guidance_scale (`float`,
-    *optional*, defaults to `8.5`):
-        Sampling settings of the validation grid (Euler; 8.5 is the SDPO authors' guidance in diffusers' convention).
+    validation_num_inference_steps (`int`, *optional*, defaults to `25`), validation_guidance_scale (`float` or
+    `None`, *optional*, defaults to `None`):
+        Sampling settings of the validation grid. `None`: the family's own guidance, 8.5 for SD 1.x/2.x and SDXL (the
+        SDPO authors', in diffusers' convention), else the pipeline's default (3.5 for FLUX.1-dev, as training
+        conditions on).
     validation_scorers (`list[str]`, *optional*, defaults to `[]`):
         Registered scorers (e.g. `"pickscore"`, `"clip"`) whose means are logged as `eval/reward/<name>`.
 
@@ -384,7 +386,9 @@ class DiffusionSDPOConfig(TrainingArguments):
     validation_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the grid."})
     validation_steps: int = field(default=500, metadata={"help": "Validate every N optimizer steps."})
     validation_num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps of the grid."})
-    validation_guidance_scale: float = field(default=8.5, metadata={"help": "Guidance of the grid (diffusers')."})
+    validation_guidance_scale: float | None = field(
+        default=None, metadata={"help": "Guidance of the grid (diffusers'); None: the family's own."}
+    )
     validation_scorers: list[str] = field(
         default_factory=list, metadata={"help": "Scorers logged as eval/reward/<name> at each validation."}
     )
@@ -506,7 +510,7 @@ _FIELD_RULES: dict[str, Range | Choice] = {
     "eval_seed": Range(0, integer=True),
     "validation_steps": Range(0, integer=True),
     "validation_num_inference_steps": Range(1, integer=True),
-    "validation_guidance_scale": Range(hint="8.5 is the SDPO authors' guidance."),
+    "validation_guidance_scale": Range(optional=True, hint="None uses the family's guidance (8.5 for SD and SDXL)."),
     # TrainingArguments fields that fail late (inside torch, or as NaN weights) when wrong
     "learning_rate": Range(0, hint="The authors use 1e-8 per pair with scale_lr; LoRA typically 1e-5 to 1e-4."),
     "weight_decay": Range(0, hint="The SDPO authors use 0.01."),

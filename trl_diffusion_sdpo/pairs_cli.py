@@ -18,7 +18,7 @@ def add_pairs_parser(
     commands, scorers: list[str] | None = None, presets: list[str] | None = None
 ) -> argparse.ArgumentParser:
     """The ``pairs`` subcommand; ``scorers`` and ``presets`` (the registries' names) are listed in its help."""
-    from .cli import add_sampling_arguments
+    from .sampling_cli import add_sampling_arguments
 
     listed = f"registered: {', '.join(scorers)}; " if scorers else ""
     presets_listed = ", ".join(presets) if presets else "a registered name"
@@ -72,9 +72,9 @@ def add_pairs_parser(
 
 
 def run_pairs(args: argparse.Namespace) -> int:
-    from .cli import sampling_keywords, scorer_arguments
     from .demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
     from .evaluation.pairs import make_pairs
+    from .sampling_cli import sampling_keywords, scorer_arguments
 
     result = make_pairs(
         args.base,

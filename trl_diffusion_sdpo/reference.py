@@ -1,7 +1,8 @@
 """The frozen reference model of Diffusion-DPO: a frozen copy of the initial denoiser (UNet or transformer), or,
 with LoRA, the policy itself with its adapters disabled (no second copy of the weights).
 
-A reference predicts under ``torch.no_grad`` and in eval mode; it never receives gradients or optimizer updates. How
+A reference predicts under ``torch.no_grad``, in the policy's precision, autocast and train/eval mode (so that at
+step 0 it computes exactly what the policy computes); it never receives gradients or optimizer updates. How
 the network is called (argument names, FLUX's latent packing) comes from the model family as ``call``.
 """
 
@@ -72,11 +73,26 @@ class FrozenCopyReference(Reference):
             self.call = call
         self.denoiser.requires_grad_(False)
         self.denoiser.eval()
-        self.dtype: torch.dtype = denoiser.dtype  # the dtype its inputs are cast to
+        self.dtype: torch.dtype | None = denoiser.dtype  # the dtype its inputs are cast to (None: as given)
+        # The mixed precision the policy's forward runs in (accelerate wraps the policy's forward in its autocast):
+        # the reference runs in the same, or its float32 ops would run in another precision than the policy's.
+        self.precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        # The policy whose train/eval mode the reference takes (None: always eval). A Dropout(p=0) is the identity in
+        # value, but in train mode it returns a fresh contiguous tensor where eval returns its input as is, and the
+        # next matmul then rounds differently (the tiny SDXL's first bf16 loss was 0.02 off log 2): in the policy's
+        # mode the reference computes exactly what the policy computes at step 0, as the LoRA reference (the policy
+        # itself) does.
+        self.mode_of: Callable[[], torch.nn.Module] | None = None
 
     @torch.no_grad()
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
-        return self.call(self.denoiser, sample.to(self.dtype), timestep, conditioning)
+        if self.dtype is not None:
+            sample = sample.to(self.dtype)
+        training = self.mode_of().training if self.mode_of is not None else False
+        if self.denoiser.training != training:
+            self.denoiser.train(training)
+        with self.precision():
+            return self.call(self.denoiser, sample, timestep, conditioning)
 
 
 class DisabledAdaptersReference(Reference):

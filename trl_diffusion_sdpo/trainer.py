@@ -50,6 +50,7 @@ from .step.pipeline import Augmentation, MicroBatchStages
 from .step.predictions import denoising_errors
 from .step.safeguard import output_space_lambda, scale_gradient
 from .tuning import (
+    MixedPrecisionForward,
     compute_dtype,
     freeze_frozen_modules,
     place_frozen_modules,
@@ -167,8 +168,13 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         self.engine: Engine = engine_for(self.accelerator)
         place_frozen_modules(self.family, args.device, self._dtype, on_cpu=data.encoders_idle)
         if self.reference is not None and not self.reference.shares_policy_weights:
-            self.reference.denoiser = self.engine.place_reference(self.reference.denoiser, args.device, self._dtype)
-            self.reference.dtype = self._dtype
+            # In the policy's precision and under its autocast: at step 0 the reference computes what the policy does.
+            self.reference.denoiser = self.engine.place_reference(
+                self.reference.denoiser, denoiser, args.device, self._dtype
+            )
+            self.reference.dtype = None  # the policy's inputs as they are
+            self.reference.precision = self.accelerator.autocast
+            self.reference.mode_of = self._policy
         several = self.accelerator.num_processes > 1
         self.nonfinite = NonFiniteTracker(
             args.on_nonfinite_loss,
@@ -219,6 +225,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             "eval": defaultdict(list),
         }
         self._trainable: list[torch.nn.Parameter] = []
+        # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
+        self.mixed_precision_forward = MixedPrecisionForward(self._policy)
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
@@ -233,7 +241,11 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
                 prompts=args.validation_prompts,
                 seeds=args.validation_seeds,
                 num_inference_steps=args.validation_num_inference_steps,
-                guidance_scale=args.validation_guidance_scale,
+                guidance_scale=(
+                    self.family.sampling_guidance_scale()
+                    if args.validation_guidance_scale is None
+                    else args.validation_guidance_scale
+                ),
                 every_n_steps=args.validation_steps,
                 scorers=args.validation_scorers or None,
                 height=args.resolution,
@@ -257,16 +269,17 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         # Only trainable weights ever hold gradients: clipping and zeroing walk those, listed once, instead of every
         # module of the denoiser (thousands with LoRA adapters: milliseconds per step). See :mod:`.step.optimizer`.
         # Not where the engine replaces the parameters inside super().train() (FSDP).
-        if self.engine.replaces_parameters_in_train:
-            return super().train(*args, **kwargs)
-        policy = self._policy()
-        self._trainable = trainable_parameters(policy)
-        policy.zero_grad = lambda set_to_none=True: zero_grads(self._trainable, set_to_none)
-        self.nonfinite.reset()
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            del policy.zero_grad  # back to Module.zero_grad
+        with self.mixed_precision_forward.running():  # after it, the pipeline samples in place
+            if self.engine.replaces_parameters_in_train:
+                return super().train(*args, **kwargs)
+            policy = self._policy()
+            self._trainable = trainable_parameters(policy)
+            policy.zero_grad = lambda set_to_none=True: zero_grads(self._trainable, set_to_none)
+            self.nonfinite.reset()
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                del policy.zero_grad  # back to Module.zero_grad
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         if self.parameter_space is not None:
@@ -449,7 +462,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         self.stages.draws.start_evaluation(self.args.eval_seed)
         self._eval_metric_prefix = metric_key_prefix
         try:
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            with self.mixed_precision_forward.running():
+                return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally:
             self.stages.draws.end_evaluation()
             self._eval_metric_prefix = None

@@ -8,20 +8,27 @@ CPU when training reads a latent cache.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Callable, Iterator
+from types import MethodType
 
 import torch
+from accelerate.utils.operations import ConvertOutputsToFp32
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from .families import ModelFamily
 
 __all__ = [
+    "MixedPrecisionForward",
     "compute_dtype",
     "freeze_frozen_modules",
+    "keeps_in_float32",
     "place_frozen_modules",
     "prepare_denoiser",
+    "reference_like_policy",
     "training_arguments",
     "wants_gradient_checkpointing",
 ]
@@ -43,6 +50,38 @@ def freeze_frozen_modules(family: ModelFamily) -> None:
         module.eval()
 
 
+def keeps_in_float32(model: torch.nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` of ``model`` belongs to a module the model keeps in float32 whatever the compute
+    dtype (``_keep_in_fp32_modules``: Wan's time embedder, norms and modulation table), as diffusers'
+    ``from_pretrained(torch_dtype=...)`` leaves them. By parameter name: some are tables, not modules."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return bool(keep & set(name.split(".")))
+
+
+def reference_like_policy(
+    reference: torch.nn.Module, policy: torch.nn.Module, device: torch.device | str, dtype: torch.dtype
+) -> torch.nn.Module:
+    """``reference`` on ``device`` in the policy's precision, parameter by parameter, so that at step 0 it computes
+    exactly what the policy computes (under the same autocast): each parameter takes the dtype of the policy's
+    parameter of the same name (PEFT's ``base_layer`` ignored), float32 for full tuning's trainable weights; a
+    parameter the policy lacks (a separate ``ref_model``) takes ``dtype``, or float32 where the model keeps it so.
+
+    A bf16 copy beside a float32 policy under autocast computes in another precision: norms, residual sums and the
+    float32 ops of autocast run on bf16-rounded weights and activations, and the first loss starts off log 2 (0.02 on
+    the tiny SDXL, tests/test_reference_precision.py). The cost is the parameter bytes of a float32 copy instead of a
+    bf16 one (docs/reliability.md)."""
+    policy_tensors = [*policy.named_parameters(), *policy.named_buffers()]
+    policy_dtypes = {name.replace("base_layer.", ""): t.dtype for name, t in policy_tensors}
+    reference.to(device=device)
+    for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
+        wanted = policy_dtypes.get(name)
+        if wanted is None:
+            wanted = torch.float32 if keeps_in_float32(reference, name) else dtype
+        if tensor.is_floating_point() and tensor.dtype != wanted:
+            tensor.data = tensor.data.to(wanted)
+    return reference
+
+
 def prepare_denoiser(
     denoiser: torch.nn.Module, peft_config: LoraConfig | None, dtype: torch.dtype, gradient_checkpointing: bool
 ) -> None:
@@ -50,11 +89,8 @@ def prepare_denoiser(
     if peft_config is not None:
         denoiser.requires_grad_(False)
         denoiser.to(dtype=dtype)
-        # As diffusers' from_pretrained(torch_dtype=...) leaves them: the modules a model keeps in float32 (Wan's time
-        # embedder, norms and modulation table) stay in float32.
-        keep = set(getattr(denoiser, "_keep_in_fp32_modules", None) or ())
-        for name, parameter in denoiser.named_parameters():  # by parameter: some are tables, not modules
-            if keep & set(name.split(".")):
+        for name, parameter in denoiser.named_parameters():
+            if keeps_in_float32(denoiser, name):
                 parameter.data = parameter.data.float()
         denoiser.add_adapter(peft_config)
     else:
@@ -101,3 +137,51 @@ def place_frozen_modules(family: ModelFamily, device: torch.device | str, dtype:
             continue
         module_dtype = torch.float32 if name == "vae" and family.vae_needs_fp32() else dtype
         module.to(device=device, dtype=module_dtype)
+
+
+class MixedPrecisionForward:
+    """accelerate's mixed-precision wrapper on the denoiser's ``forward``, whole while the trainer runs the model and
+    without its float32 outputs outside.
+
+    ``accelerator.prepare`` wraps the model's ``forward`` in its autocast and converts the outputs to float32, and
+    leaves it so. Inside a pipeline a float32 prediction meets a bf16/fp16 VAE that does not upcast
+    (``force_upcast=False``, as the fp16-fix SDXL VAE): ``Input type (float) and bias type (BFloat16)``. Outside
+    ``train()`` and ``evaluate()`` the denoiser keeps the autocast (full tuning's float32 weights take the pipeline's
+    half-precision inputs) and returns what it computes, in the pipeline's dtype, so ``pipe(prompt)`` samples in place;
+    the trainer puts the float32 conversion back before it runs the model again.
+    """
+
+    def __init__(self, get_model: Callable[[], torch.nn.Module]) -> None:
+        self.get_model = get_model  # the denoiser, unwrapped: it may be wrapped (DDP) after construction
+        self._wrapped = None
+        self._depth = 0  # evaluate() runs inside train(): the wrapper comes off when the outermost call ends
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Within the block (``train()``, ``evaluate()``) the forward is accelerate's, float32 outputs included."""
+        if self._depth == 0:
+            self.restore()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.release()
+
+    def release(self) -> None:
+        """Take the float32 conversion off the forward (nothing where accelerate put none: fp32, DeepSpeed)."""
+        model = self.get_model()
+        forward = model.__dict__.get("forward")
+        inner = getattr(getattr(forward, "__func__", forward), "__wrapped__", None)
+        if not isinstance(inner, ConvertOutputsToFp32):
+            return
+        self._wrapped = forward
+        autocast_forward = inner.model_forward
+        model.forward = MethodType(autocast_forward, model) if isinstance(forward, MethodType) else autocast_forward
+
+    def restore(self) -> None:
+        """Put accelerate's wrapper back as it was."""
+        if self._wrapped is not None:
+            self.get_model().forward = self._wrapped
+            self._wrapped = None

@@ -22,9 +22,10 @@ the mirrored or plain view with the same draws as without the cache.
 Random crops cannot be cached (every step would need a new crop of the pixels); ``random_crop=True`` is refused.
 
 Where and when the cache is reused: the table lives in ``<cache dir>/<fingerprint>/latents.arrow`` where the
-fingerprint hashes the model family, the VAE and text-encoder configs, a digest of their weights (see
-:func:`frozen_weights_digest`), the tokenizers' vocabularies, the transform settings, the image-conversion
-rules (:func:`.images.image_conversion_digest`), the dataset's own
+fingerprint hashes :func:`encoding_settings` (the model family, the VAE and text-encoder configs, a digest of their
+weights (see :func:`frozen_weights_digest`), the tokenizers' vocabularies and lengths, the resolution, flips and
+video frames, the image-conversion rules (:func:`.images.image_conversion_digest`): the settings the sharded cache
+checks too), the dataset's own
 ``datasets`` fingerprint, the resolved columns and :data:`CACHE_VERSION`. A later run with the same inputs loads
 the table instead of encoding. Under several processes only the main process encodes; the others wait and load.
 """
@@ -61,12 +62,14 @@ __all__ = [
     "cached_moments",
     "cached_prompt_embeds",
     "cached_time_ids",
+    "encoding_settings",
     "frozen_weights_digest",
+    "settings_mismatches",
 ]
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = "2"  # 2: the flipped view is the mirrored center crop
+CACHE_VERSION = "3"  # 2: the flipped view is the mirrored center crop; 3: encoding_settings recorded and checked
 """Bumped whenever what is stored, or how it is computed, changes; old caches are then ignored, never misread."""
 
 _SAMPLES_PER_TENSOR = 1024
@@ -111,12 +114,11 @@ def frozen_weights_digest(modules: dict[str, torch.nn.Module]) -> str:
 
 
 def _tokenizers_digest(family: ModelFamily) -> str:
+    """The tokenizers' classes and vocabularies (their lengths are :func:`encoding_settings`' own entry)."""
     hasher = hashlib.sha256()
-    prompt_tokenizer = family.prompt_tokenizer()
-    for key, tokenizer in sorted(prompt_tokenizer.tokenizers.items()):
+    for key, tokenizer in sorted(family.prompt_tokenizer().tokenizers.items()):
         vocab = sorted(tokenizer.get_vocab().items())
-        max_length = prompt_tokenizer.max_lengths.get(key, tokenizer.model_max_length)
-        hasher.update(json.dumps([key, type(tokenizer).__name__, max_length, vocab]).encode())
+        hasher.update(json.dumps([key, type(tokenizer).__name__, vocab]).encode())
     return hasher.hexdigest()
 
 
@@ -129,21 +131,71 @@ def _config_dict(module: torch.nn.Module) -> dict[str, Any]:
     return {k: v for k, v in as_dict.items() if not k.startswith("_") and k not in ("transformers_version",)}
 
 
-def cache_fingerprint(
-    dataset: Dataset, columns: PreferenceColumns, family: ModelFamily, resolution: int, flipped: bool
-) -> str:
-    """The name under which a split's cache is stored: changes whenever the cached values could."""
+def encoding_settings(family: ModelFamily, resolution: int, flipped: bool, clip: VideoClip | None) -> dict[str, Any]:
+    """Every setting besides the data that the cached values depend on, as JSON values.
+
+    The one list both caches check: the in-trainer cache hashes it into its folder name (:func:`cache_fingerprint`),
+    the sharded cache stores it in its manifest and compares it with the run's (:func:`settings_mismatches`).
+    """
     frozen = family.frozen_modules()
-    description = {
-        "cache_version": CACHE_VERSION,
+    prompt_tokenizer = family.prompt_tokenizer()
+    settings = {
         "family": family.name,
         "configs": {name: _config_dict(module) for name, module in sorted(frozen.items())},
         "weights": frozen_weights_digest(frozen),
         "tokenizers": _tokenizers_digest(family),
-        "transform": {"resolution": resolution, "crop": "center", "flipped_copies": flipped}
-        # The clip only for video data, so that image caches keep their names.
-        | ({} if columns.clip is None else {"clip": [columns.clip.num_frames, columns.clip.frame_stride]}),
+        "max_sequence_length": {
+            key: prompt_tokenizer.max_lengths.get(key, tokenizer.model_max_length)
+            for key, tokenizer in sorted(prompt_tokenizer.tokenizers.items())
+        },
+        "resolution": resolution,
+        "crop": "center",
+        "flipped": bool(flipped),
+        "clip": None if clip is None else {"num_frames": clip.num_frames, "frame_stride": clip.frame_stride},
         "image_conversion": image_conversion_digest(),  # the rules turning every PIL mode into RGB
+    }
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))  # as a manifest reads back: lists, str keys
+
+
+# Each setting of encoding_settings as an error message names it.
+_SETTING_NAMES = {
+    "family": "model family",
+    "configs": "VAE or text-encoder configs",
+    "weights": "VAE or text-encoder weights",
+    "tokenizers": "tokenizer (class or vocabulary)",
+    "max_sequence_length": "max_sequence_length (tokens per prompt)",
+    "resolution": "resolution",
+    "crop": "crop",
+    "clip": "video frames (num_frames, frame_stride)",
+    "image_conversion": "image-conversion rules (data/images.py or Pillow's version changed since)",
+}
+
+
+def settings_mismatches(built: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What differs between the :func:`encoding_settings` a cache was ``built`` with and those a run ``wanted``, one
+    line per setting naming it; a cache with mirrored views serves a run without ``random_flip`` as well."""
+    problems = [
+        f"{name}: built with {_shown(built.get(key))}, this run has {_shown(wanted.get(key))}"
+        for key, name in _SETTING_NAMES.items()
+        if built.get(key) != wanted.get(key)
+    ]
+    if wanted["flipped"] and not built.get("flipped"):
+        problems.append("random_flip: built without mirrored views, this run has random_flip=True")
+    return problems
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:12] + "..."
+
+
+def cache_fingerprint(
+    dataset: Dataset, columns: PreferenceColumns, family: ModelFamily, resolution: int, flipped: bool
+) -> str:
+    """The name under which a split's cache is stored: changes whenever the cached values could."""
+    description = {
+        "cache_version": CACHE_VERSION,
+        "settings": encoding_settings(family, resolution, flipped, columns.clip),
         # Score columns only when present, so that caches made before they existed keep their names.
         "columns": [columns.prompt, columns.first, columns.second, columns.label]
         + ([columns.score_0, columns.score_1] if columns.scored else []),

@@ -48,15 +48,23 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..families import ModelFamily
-from .images import image_conversion_digest
 from .latent_cache import (
     CACHE_VERSION,
     CachedPreferenceCollator,
     LatentCache,
     build_latent_cache,
-    frozen_weights_digest,
+    encoding_settings,
+    settings_mismatches,
 )
-from .validation import DataReport, PreferenceColumns, is_tie, resolve_columns, row_problem, with_undecoded_images
+from .validation import (
+    DataReport,
+    PreferenceColumns,
+    is_tie,
+    resolve_columns,
+    row_problem,
+    video_clip,
+    with_undecoded_images,
+)
 
 __all__ = [
     "ArrowRowsCollator",
@@ -109,25 +117,18 @@ class ShardedLatentCache(LatentCache):
         """The batch collator for this cache: flipped views when it has them, pair scores when it has scores."""
         return ArrowRowsCollator(CachedPreferenceCollator(with_flipped=self.flipped))
 
-    def check_matches(self, family: ModelFamily, resolution: int, random_flip: bool) -> None:
-        """Raise if this cache was not encoded for ``family``'s frozen weights at ``resolution`` (and, with
-        ``random_flip``, without the mirrored views)."""
-        m = self.manifest
-        problems = []
-        if m["family"] != family.name:
-            problems.append(f"model family {m['family']!r}, not {family.name!r}")
-        if m["resolution"] != resolution:
-            problems.append(f"resolution {m['resolution']}, not {resolution}")
-        if random_flip and not m["flipped"]:
-            problems.append("no mirrored views, but random_flip=True")
-        if not problems and m["weights_digest"] != frozen_weights_digest(family.frozen_modules()):
-            problems.append("other VAE or text-encoder weights")
-        if m.get("image_conversion", image_conversion_digest()) != image_conversion_digest():
-            problems.append("other image-conversion rules (data/images.py or Pillow's version changed since)")
+    def check_matches(self, family: ModelFamily, args) -> None:
+        """Raise, naming each setting, if this cache was not encoded as the run ``args`` (a ``DiffusionSDPOConfig``)
+        with ``family`` would encode: the same :func:`~.latent_cache.encoding_settings` the in-trainer cache's
+        fingerprint hashes (family, frozen weights and configs, tokenizers and ``max_sequence_length``, resolution,
+        flips, video frames, image conversion)."""
+        wanted = encoding_settings(family, args.resolution, bool(args.random_flip), video_clip(args))
+        problems = settings_mismatches(self.manifest["settings"], wanted)
         if problems:
             raise ValueError(
-                f"The latent cache in {self.directory} was built with {'; '.join(problems)}. Rebuild it with "
-                "`trl-diffusion-sdpo cache` for this model and these settings."
+                f"The latent cache in {self.directory} was not built for this run: {'; '.join(problems)}. Rebuild "
+                "it with `trl-diffusion-sdpo cache` for this model and these settings, or train with the settings "
+                "it was built with."
             )
 
 
@@ -243,9 +244,9 @@ def build_sharded_latent_cache(
     columns = resolve_columns(names, args)
     spec = {
         "cache_version": CACHE_VERSION,
+        # What the cached values depend on besides the data, as the in-trainer cache's fingerprint hashes it.
+        "settings": encoding_settings(family, args.resolution, bool(args.random_flip), columns.clip),
         "family": family.name,
-        "weights_digest": frozen_weights_digest(family.frozen_modules()),
-        "image_conversion": image_conversion_digest(),  # the rules turning every PIL mode into RGB
         "resolution": args.resolution,
         "flipped": bool(args.random_flip),
         "columns": dataclasses.asdict(columns),

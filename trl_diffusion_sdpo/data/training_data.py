@@ -49,7 +49,7 @@ def prepare_training_data(
     _check_media(args, family)
     prebuilt = train_dataset if isinstance(train_dataset, ShardedLatentCache) else None
     if prebuilt is not None:
-        prebuilt.check_matches(family, args.resolution, args.random_flip)
+        prebuilt.check_matches(family, args)
         train_dataset, columns, report = prebuilt.dataset, prebuilt.columns, prebuilt.report()
     else:
         train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")

@@ -35,6 +35,7 @@ __all__ = [
     "PreferenceColumns",
     "order_pair",
     "resolve_columns",
+    "video_clip",
 ]
 
 _LABEL_VALUES = (0.0, 0.5, 1.0)
@@ -134,6 +135,13 @@ def resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
     )
 
 
+def video_clip(args: Any) -> VideoClip | None:
+    """The frames a video run reads (``num_frames``, ``frame_stride``), or ``None`` for image data."""
+    if getattr(args, "num_frames", None) is None:
+        return None
+    return VideoClip(args.num_frames, getattr(args, "frame_stride", 1))
+
+
 def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns:
     """Pick the Pick-a-Pic or the TRL layout from the column names, or raise naming what is missing.
 
@@ -142,8 +150,8 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     type they are ignored even when present.
     """
     layout = resolve_layout(column_names, args)
-    if getattr(args, "num_frames", None) is not None:  # video data
-        layout = dataclasses.replace(layout, clip=VideoClip(args.num_frames, getattr(args, "frame_stride", 1)))
+    if video_clip(args) is not None:  # video data
+        layout = dataclasses.replace(layout, clip=video_clip(args))
     if not uses_scores(args):
         return layout
     names = set(column_names)

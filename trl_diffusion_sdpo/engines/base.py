@@ -9,7 +9,7 @@ The trainer picks an engine once (:func:`~trl_diffusion_sdpo.engines.engine_for`
   before a micro-batch's branches (:meth:`Engine.set_aside_accumulated`) and how the branches' inner products and
   the combined gradient are reduced over processes (:meth:`Engine.reduce_branch_sums`,
   :meth:`Engine.reduce_combined_gradients`);
-* where a frozen reference copy lives (:meth:`Engine.place_reference`);
+* where a frozen reference copy lives, and in which precision (:meth:`Engine.place_reference`);
 * how the weights are gathered for a save (:meth:`Engine.gather_state_dict`), loaded back
   (:meth:`Engine.loading`) and what accelerate writes that a checkpoint does not need
   (:meth:`Engine.clean_checkpoint`);
@@ -27,6 +27,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ..distributed import all_reduce_mean_, all_reduce_sum
+from ..tuning import reference_like_policy
 from .branches import BranchGradientSplitter, EngineBranchGradients
 
 __all__ = ["BranchGradients", "Engine"]
@@ -143,9 +144,14 @@ class Engine(ABC):
         """Raise when the main process cannot sample validation images alone."""
         return None
 
-    def place_reference(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        """A frozen reference copy, ready for inference: whole on every process, in the compute dtype."""
-        return module.to(device=device, dtype=dtype)
+    def place_reference(
+        self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype
+    ) -> torch.nn.Module:
+        """A frozen reference copy, ready for inference: whole on every process, each weight in the dtype of the
+        ``policy``'s (float32 for full tuning's trainable weights, ``dtype`` for LoRA's frozen base), so that under the
+        policy's autocast it computes what the policy computes at step 0 (see
+        :func:`~trl_diffusion_sdpo.tuning.reference_like_policy`)."""
+        return reference_like_policy(module, policy, device, dtype)
 
     def gather_state_dict(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         """The full weights to save, gathered from shards on the main process (every process calls it); ``None``

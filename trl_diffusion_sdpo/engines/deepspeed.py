@@ -116,10 +116,13 @@ class DeepSpeedEngine(Engine):
                 "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
             )
 
-    def place_reference(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    def place_reference(
+        self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype
+    ) -> torch.nn.Module:
         if self.stage == 3:  # sharded like the policy: a ZeRO-3 engine without optimizer
             return reference_inference_engine(module, self.accelerator)
-        return super().place_reference(module, device, dtype)
+        # DeepSpeed casts the policy to its bf16/fp16 wholesale (and computes without autocast): so is the reference.
+        return module.to(device=device, dtype=dtype)
 
     def resume_on_other_count(self, checkpoint: str, saved_processes: int, work_dir: str) -> str:
         """ZeRO-1/2: the checkpoint converted to DeepSpeed's universal format (:func:`universal_checkpoint_view`,

@@ -15,6 +15,7 @@ from ..distributed import (
     loading_into_shards,
     shard_reference_fsdp2,
 )
+from ..tuning import reference_like_policy
 from .base import Engine
 from .branches import BranchGradientSplitter
 
@@ -81,8 +82,12 @@ class FSDP2Engine(Engine):
             "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
         )
 
-    def place_reference(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        module.to(device=device, dtype=dtype)
+    def place_reference(
+        self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype
+    ) -> torch.nn.Module:
+        # In the policy's dtypes before sharding, as the policy is: the mixed-precision policy then casts both alike
+        # when it gathers a block, and the models' float32 modules stay float32 in the reference.
+        reference_like_policy(module, policy, device, dtype)
         return shard_reference_fsdp2(module, self.accelerator)
 
     def gathers_for_save(self) -> bool:

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .latents import scale_latents
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
@@ -56,23 +58,6 @@ class PromptEmbeddings:
         """Stack the batch ``times`` times along dim 0 (winner and loser share the prompt)."""
         pooled = None if self.pooled is None else self.pooled.repeat(times, 1)
         return PromptEmbeddings(self.encoder_hidden_states.repeat(times, 1, 1), pooled)
-
-
-def scale_latents(sample: torch.Tensor, vae_config) -> torch.Tensor:
-    """A posterior sample ``[N, C, h, w]`` in the denoiser's latent space: ``(sample - shift_factor) *
-    scaling_factor`` for the scalar-normalised VAEs (SD, SDXL, SD3, FLUX, Z-Image), or per channel
-    ``(sample - latents_mean[c]) / latents_std[c]`` for VAEs whose config carries those lists instead (Qwen-Image,
-    Wan), as their pipelines invert it before decoding."""
-    latents_mean = getattr(vae_config, "latents_mean", None)
-    if latents_mean is not None and getattr(vae_config, "scaling_factor", None) is None:
-        view = (1, len(latents_mean), *([1] * (sample.dim() - 2)))
-        mean = torch.tensor(latents_mean, dtype=sample.dtype, device=sample.device).view(view)
-        std = torch.tensor(vae_config.latents_std, dtype=sample.dtype, device=sample.device).view(view)
-        return (sample - mean) / std
-    shift = getattr(vae_config, "shift_factor", None)
-    if shift is not None:
-        sample = sample - shift
-    return sample * vae_config.scaling_factor
 
 
 class PromptTokenizer:
@@ -118,9 +103,28 @@ class ModelFamily(abc.ABC):
     # The pipeline attributes that never train (VAE and text encoders); one that holds None (SD3 without T5) is left
     # out of :meth:`frozen_modules`.
     frozen_components: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")
+    # The guidance of validation grids when validation_guidance_scale is None; None: the pipeline's own default
+    # (its __call__'s guidance_scale: 3.5 for FLUX.1-dev, whose training conditions on 3.5 too).
+    validation_guidance_scale: ClassVar[float | None] = None
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline
+
+    def sampling_guidance_scale(self) -> float | None:
+        """The guidance a validation grid samples with by default: :attr:`validation_guidance_scale`; else the
+        guidance a guidance-distilled transformer is trained on (FLUX.1-dev's ``flux_guidance_scale``, 3.5); else the
+        ``guidance_scale`` default of the pipeline's ``__call__`` (``None`` where it has none)."""
+        if self.validation_guidance_scale is not None:
+            return self.validation_guidance_scale
+        trained = getattr(self, "guidance_scale", None)
+        if trained is not None:
+            return float(trained)
+        import inspect
+
+        parameter = inspect.signature(type(self.pipeline).__call__).parameters.get("guidance_scale")
+        if parameter is None or parameter.default in (inspect.Parameter.empty, None):
+            return None
+        return float(parameter.default)
 
     # ------------------------------------------------------------------------------------------- which pipelines
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .base import scale_latents
+from .latents import scale_latents
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler

@@ -18,6 +18,8 @@ __all__ = ["StableDiffusionFamily"]
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x / 2.x: one CLIP text encoder, last hidden state as cross-attention context."""
 
+    validation_guidance_scale = 8.5  # the SDPO authors' guidance (diffusers' convention) for SD 1.5 and SDXL
+
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
         """A UNet and no second text encoder (which would make it SDXL)."""

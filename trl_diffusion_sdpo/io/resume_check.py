@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .resume_world import plan_process_count_change, samples_seen
+from .resume_world import ResumeConfigError, plan_process_count_change, samples_seen
 from .saving import TRAINING_CONFIG_NAME
 
 if TYPE_CHECKING:
@@ -113,10 +113,6 @@ def refused_fields() -> frozenset[str]:
         name for loss_type in registered_objectives() for name in objective_class(loss_type).hyperparameter_names()
     }
     return REFUSED_FIELDS | declared
-
-
-class ResumeConfigError(ValueError):
-    """The new run's model or config contradicts the checkpoint it resumes from."""
 
 
 def model_class_name(module: torch.nn.Module) -> str:

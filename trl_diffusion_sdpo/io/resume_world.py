@@ -13,7 +13,7 @@ resuming from it on ``P'`` processes must keep ``G``:
   micro-batch ``P' * b'`` is also kept (so ``A' = A``), every micro-batch holds the same pairs with the same keyed
   draws (:mod:`..step.draws`) as in the uninterrupted run; otherwise the micro-batches are split differently and
   the per-micro-batch draws and safeguard ``lambda`` are those of the new split (logged).
-* ``G`` would change: refused (:class:`~.resume_check.ResumeConfigError`), naming the per-device batch and
+* ``G`` would change: refused (:class:`ResumeConfigError`), naming the per-device batch and
   accumulation that keep it on ``P'`` processes. A new global batch would move the dataloader to a position that
   matches no sample count of the run (transformers skips ``global_step * A'`` batches of the new size) and change what
   one optimizer step is.
@@ -29,7 +29,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["ProcessCountChange", "batch_options", "plan_process_count_change", "samples_seen"]
+__all__ = ["ProcessCountChange", "ResumeConfigError", "batch_options", "plan_process_count_change", "samples_seen"]
+
+
+class ResumeConfigError(ValueError):
+    """The new run's model or config contradicts the checkpoint it resumes from (raised here and by
+    :mod:`.resume_check`, which re-exports it)."""
 
 
 def samples_seen(global_step: int, global_batch: int) -> int:
@@ -82,11 +87,9 @@ def plan_process_count_change(
     process count is unchanged (or the checkpoint predates the count being recorded).
 
     Raises:
-        ValueError (:class:`~.resume_check.ResumeConfigError`): the global batch would change; the message names the
+        ValueError (:class:`ResumeConfigError`): the global batch would change; the message names the
         settings that keep it.
     """
-    from .resume_check import ResumeConfigError
-
     old, new = saved.get("num_processes"), current["num_processes"]
     if old is None or old == new:
         return None

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .base import Scorer
+from typing import Any
 
 __all__ = ["available_scorers", "register_scorer", "scorer_factory"]
 
 # name -> factory, or "package.module:attribute" naming it, imported when the scorer is first built (the built-in
 # scorers' modules import transformers' CLIP and BLIP models, which listing the names should not pay for).
-_REGISTRY: dict[str, Callable[..., Scorer] | str] = {}
+# A factory returns a `Scorer` (.base); not named here, so that the registry imports nothing of the scorers.
+_REGISTRY: dict[str, Callable[..., Any] | str] = {}
 
 
-def register_scorer(name: str, factory: Callable[..., Scorer] | str, overwrite: bool = False) -> None:
+def register_scorer(name: str, factory: Callable[..., Any] | str, overwrite: bool = False) -> None:
     """Make ``build_scorer(name, **kwargs)`` call ``factory(**kwargs)``. ``factory`` may be a `Scorer` subclass, or
     ``"package.module:attribute"`` naming one, imported on first use."""
     if name in _REGISTRY and not overwrite:
@@ -31,7 +29,7 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def scorer_factory(name: str) -> Callable[..., Scorer]:
+def scorer_factory(name: str) -> Callable[..., Any]:
     """The factory registered under ``name`` (importing its module when it was registered by name)."""
     if name not in _REGISTRY:
         raise KeyError(f"Unknown scorer {name!r}. Registered scorers: {', '.join(available_scorers())}.")
