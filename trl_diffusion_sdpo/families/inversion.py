@@ -249,20 +249,22 @@ class DDIMInversionNoiser(InversionNoiser):
 
     def __init__(self, base: DDPMNoiser, settings: InversionSettings, scheduler_config: Any) -> None:
         super().__init__(base, settings)
-        config = dict(scheduler_config)
+        from diffusers import DDIMInverseScheduler
+
+        # The config as DDIMInverseScheduler resolves it (its defaults where the pipeline's config has none, or
+        # marks a value as defaulted), as SmPO's code builds its inverse scheduler from the pipeline's config.
+        config = dict(DDIMInverseScheduler.from_config(scheduler_config).config)
         self.scheduler = base.scheduler
         self.prediction_type = self.scheduler.config.prediction_type
         T = self.num_train_timesteps
-        self.grid = ddim_inversion_grid(
-            T, settings.steps, config.get("timestep_spacing", "leading"), int(config.get("steps_offset", 0) or 0)
-        )
+        self.grid = ddim_inversion_grid(T, settings.steps, config["timestep_spacing"], int(config["steps_offset"]))
         abar = self.scheduler.alphas_cumprod
-        initial = torch.tensor(1.0) if config.get("set_alpha_to_one", True) else abar[0]
+        initial = torch.tensor(1.0) if config["set_alpha_to_one"] else abar[0]
         # From g - T // n (or the initial abar below 0) to g, as DDIMInverseScheduler.step goes.
         start = self.grid - T // settings.steps
         start_alpha = torch.where(start >= 0, abar[start.clamp(0, T - 1)], initial)
         self.alpha_from, self.alpha_to = start_alpha, abar[self.grid.clamp(max=T - 1)]
-        self.clip_range = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None
+        self.clip_range = float(config["clip_sample_range"]) if config["clip_sample"] else None
 
     def step(self, k: int, sample: Tensor, output: Tensor) -> Tensor:
         """``S_k``: the DDIM inversion step of grid point ``k``."""
