@@ -1,12 +1,13 @@
 """Step time of SmPO's ReNoise inversion against forward noising, side by side in one run.
 
-One ``DiffusionSDPOTrainer`` (Diffusion-DPO objective, no safeguard, ``benchmarks/harness.py``'s synthetic pairs and
-UNet presets) whose noising stage is swapped step by step: forward noising, inversion with the policy inverting
-(SmPO's code), inversion with the reference inverting. The modes alternate on the same trainer, model, batches and
-seconds, so a shared machine's drifts hit them alike. Reported per mode: the median wall and process-CPU step time
-after warm-up, and the ratio to forward noising. Inversion: ``--inversion-steps`` (SmPO: 5 for SD1.5) grid steps with
-``--renoise`` evaluations each; a pair takes the grid points below its timestep, so a step costs on average about
-``steps * renoise / 2`` extra no-grad forward passes of the batch (timesteps are uniform).
+One ``DiffusionSDPOTrainer`` (``benchmarks/harness.py``'s trainer: the Diffusion-DPO objective with the config's
+default output-space safeguard, synthetic pairs, the UNet presets) whose noising stage is swapped step by step:
+forward noising, inversion with the policy inverting (SmPO's code), inversion with the reference inverting. The modes
+alternate on the same trainer, model, batches and seconds, so a shared machine's drifts hit them alike. Reported per
+mode: the median wall and process-CPU step time after warm-up, and the ratio to forward noising. Inversion:
+``--inversion-steps`` (SmPO: 5 for SD1.5) grid steps with ``--renoise`` evaluations each; a pair takes the grid
+points below its timestep, so a step costs on average about ``steps * renoise / 2`` extra no-grad forward passes of
+the batch (timesteps are uniform).
 
     OMP_NUM_THREADS=1 python benchmarks/inversion_cost.py --runs uncached-full,uncached-lora \\
         --output benchmarks/results/inversion-cost-cpu-small.json

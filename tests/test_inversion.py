@@ -410,3 +410,39 @@ def test_trainer_trains_with_inversion(make_pickapic, make_pipeline, make_config
     assert any(not torch.equal(before[k], after[k]) for k in before)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flow_families_train_with_euler_inversion(kind, tmp_path, make_config, monkeypatch):
+    """SD3 (static shift) and FLUX.1 (resolution shift) train with the flow inversion: the invert stage runs, with the
+    grid the noiser's levels give, and the step moves the adapters."""
+    from conftest import pickapic_rows
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_diffusion_sdpo.tiny_models.flow import build_tiny_flux_pipeline
+
+    build = build_tiny_sd3_pipeline if kind == "sd3" else build_tiny_flux_pipeline
+    pipe = build(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=16)
+    seen: list[tuple[float, ...]] = []
+    original = FlowInversionNoiser.invert
+
+    def recording(self, noised, predict, max_level=None):
+        seen.append(tuple(self.grid(tuple(noised.latents.shape[1:])).tolist()))
+        return original(self, noised, predict, max_level)
+
+    monkeypatch.setattr(FlowInversionNoiser, "invert", recording)
+    trainer = DiffusionSDPOTrainer(
+        pipe,
+        args=make_config(
+            beta=100.0, max_sequence_length=16, max_steps=2, noising="inversion", inversion_steps=3, safeguard=False
+        ),
+        train_dataset=Dataset.from_list(pickapic_rows(4)),
+        peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k"]),
+    )
+    before = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    trainer.train()
+    assert len(seen) == 2 and len(seen[0]) == 3 and seen[0][-1] == pytest.approx(1.0)
+    assert list(seen[0]) == sorted(seen[0]) and seen[0][0] > 0
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
