@@ -446,3 +446,39 @@ def test_flow_families_train_with_euler_inversion(kind, tmp_path, make_config, m
     assert list(seen[0]) == sorted(seen[0]) and seen[0][0] > 0
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, space", [("fsdp2.yaml", "parameter"), ("deepspeed_zero3.yaml", "output")])
+def test_two_processes_call_the_network_equally_often_whatever_their_own_timesteps(tmp_path, config, space):
+    """FSDP2 and ZeRO-3 gather weights inside every forward: each process's inversion must call the network as
+    often as the other's, or the run hangs. Two CPU processes, SmPO with inversion, 3 steps: they finish, and each
+    step's call count is the same on both although their timesteps (and so their own grid points) differ."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = tmp_path / "calls"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(root / "examples" / "accelerate_configs" / config), "--num_processes", "2", "--mixed_precision", "no",
+        "--main_process_port", str(port), str(root / "tests" / "inversion_worker.py"), str(result), space,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    ranks = [json.loads(Path(f"{result}.{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    for (_, calls_0), (_, calls_1) in zip(*ranks):
+        assert calls_0 == calls_1 > 0
+    grid = [0, 200, 400, 600, 800]  # the tiny scheduler's 5-step grid (steps_offset 0)
+    own = [[2 * sum(g < max(levels) for g in grid) for levels, _ in rank] for rank in ranks]
+    assert own[0] != own[1]  # the processes' own needs differed at some step: the equal counts are not a coincidence
