@@ -1,5 +1,9 @@
 """One micro-batch from a collated batch to predictions: batch -> latents -> noised pair -> predictions.
 
+The noised pair is forward noising, or, with an inverting noiser (``noising="inversion"``, SmPO's default), the
+ReNoise inversion of the clean latents by the policy or the reference (:meth:`MicroBatchStages.inverting_network`),
+made without gradient before the predictions.
+
 :class:`MicroBatchStages` holds what the stages need (the family, its noiser, the reference, the keyed draws and the
 augmentation settings) and runs them in order; each stage is a public method, so tests can run or replace one alone.
 The errors, objective, safeguard and backward that follow are the trainer's to call (:mod:`.predictions`,
