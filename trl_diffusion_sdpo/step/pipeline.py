@@ -97,7 +97,13 @@ class MicroBatchStages:
         ``step``; ``separate_branches``: one forward pass per branch (the parameter-space safeguard)."""
         generator = self.draws.generator(mode, step)
         encoded, time_ids = self.encode(inputs, generator, mode)
-        noised = self.noise(generator, mode, encoded, self.inverting_network(policy, encoded.prompt_embeds, time_ids))
+        inverting = self.inverting_network(policy, encoded.prompt_embeds, time_ids)
+        # Forward noising calls the stage as (generator, mode, encoded): a replaced stage of that form keeps working.
+        noised = (
+            self.noise(generator, mode, encoded)
+            if inverting is None
+            else self.noise(generator, mode, encoded, inverting)
+        )
         return predict_pairs(
             policy, self.reference, self.family, noised, encoded.prompt_embeds, time_ids, separate_branches
         )
