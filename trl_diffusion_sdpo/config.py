@@ -20,6 +20,9 @@ SAFEGUARD_SPACES = ("output", "parameter", "update")
 SAFEGUARD_SCOPES = ("local", "global", "pair")
 SAFEGUARD_PASSES = ("one", "two")
 NONFINITE_ACTIONS = ("skip", "raise")
+# Kept equal to families.inversion's NOISING_MODES / INVERSION_NETWORKS (a test checks; the config imports no family).
+NOISING_MODES = ("forward", "inversion")
+INVERSION_NETWORKS = ("policy", "reference")
 
 
 @dataclass
@@ -133,6 +136,20 @@ class DiffusionSDPOConfig(TrainingArguments):
     max_timestep (`int` or `None`, *optional*, defaults to `None`):
         Largest training timestep (exclusive); `None` means the scheduler's ``num_train_timesteps``. UNet families
         only; the flow families draw noise levels with the ``flow_*`` settings.
+    noising (`str` or `None`, *optional*, defaults to `None`):
+        How the noised input is made: ``"forward"`` (``x_t`` from fresh noise, the target that noise) or
+        ``"inversion"`` (SmPO's ReNoise inversion: ``x_t`` from inverting the clean latents with the network, no
+        gradient, and the target the noise that ``x_t`` implies; DDIM inversion for the UNet families, Euler
+        inversion of the velocity for the flow families; see ``docs/objectives.md``). `None`: ``"inversion"`` for
+        ``loss_type="smpo"`` (the paper's method), ``"forward"`` otherwise. Any objective can use either.
+    inversion_steps (`int` or `None`, *optional*, defaults to `None`):
+        Length of the inversion grid; `None`: the family's default (SmPO: 5 for SD 1.x/2.x, 10 for SDXL; 10 for the
+        flow families, this package's choice). A pair takes the grid points below its timestep, so the cost per pair
+        is up to ``inversion_steps * inversion_renoise`` no-grad forward passes.
+    inversion_renoise (`int`, *optional*, defaults to `2`):
+        Network evaluations per inversion step, averaged (ReNoise; SmPO: 2; 1 is plain DDIM inversion).
+    inversion_network (`str`, *optional*, defaults to `"policy"`):
+        Which network inverts: ``"policy"`` (the model being trained, as SmPO's code does) or ``"reference"``.
 
     > Parameters of the flow-matching families (SD3 / SD3.5, FLUX.1)
 
@@ -314,6 +331,28 @@ class DiffusionSDPOConfig(TrainingArguments):
     max_timestep: int | None = field(
         default=None, metadata={"help": "Largest training timestep (exclusive); None: num_train_timesteps."}
     )
+    noising: str | None = field(
+        default=None,
+        metadata={
+            "help": "'forward' (fresh noise) or 'inversion' (SmPO's ReNoise inversion); None: 'inversion' for "
+            "loss_type='smpo', else 'forward'.",
+            "choices": list(NOISING_MODES),
+        },
+    )
+    inversion_steps: int | None = field(
+        default=None,
+        metadata={"help": "Inversion grid length; None: the family's (SmPO: 5 SD1.x/2.x, 10 SDXL; 10 flow)."},
+    )
+    inversion_renoise: int = field(
+        default=2, metadata={"help": "Network evaluations per inversion step, averaged (SmPO: 2)."}
+    )
+    inversion_network: str = field(
+        default="policy",
+        metadata={
+            "help": "Which network inverts: 'policy' (SmPO's code) or 'reference'.",
+            "choices": list(INVERSION_NETWORKS),
+        },
+    )
     flow_weighting_scheme: str | None = field(
         default=None,
         metadata={
@@ -468,6 +507,12 @@ class DiffusionSDPOConfig(TrainingArguments):
                 f"loss_type={self.loss_type!r} trains on the winners only: there is no loser gradient for the "
                 "safeguard to scale. Set safeguard=False."
             )
+        needs_reference = self.inverts and self.inversion_network == "reference"
+        if needs_reference and not objective_class(self.loss_type).requires_reference:
+            raise ValueError(
+                f"inversion_network='reference' needs a reference model, and loss_type={self.loss_type!r} uses "
+                "none; set inversion_network='policy' (as SmPO does) or noising='forward'."
+            )
         if self.validation_prompts is not None and not self.validation_prompts:
             raise ValueError("validation_prompts must hold at least one prompt, or be None to turn validation off")
         if _launched_on_cpu_only():
@@ -478,6 +523,12 @@ class DiffusionSDPOConfig(TrainingArguments):
             if not self.deepspeed and not strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
                 self.use_cpu = True
         super().__post_init__()
+
+    @property
+    def inverts(self) -> bool:
+        """Whether the noised input comes from ReNoise inversion: ``noising="inversion"``, or ``noising=None`` with
+        ``loss_type="smpo"``."""
+        return self.noising == "inversion" or (self.noising is None and self.loss_type == "smpo")
 
     def _check_fields(self) -> None:
         """Every general numeric field is a finite number (an integer where one is needed) in its range, and every
@@ -502,6 +553,10 @@ _FIELD_RULES: dict[str, Range | Choice] = {
     "proportion_empty_prompts": Range(0, 1, hint="The authors drop 0.2 of the prompts."),
     "min_timestep": Range(0, integer=True),
     "max_timestep": Range(1, integer=True, optional=True, hint="None uses the scheduler's num_train_timesteps."),
+    "noising": Choice(NOISING_MODES, optional=True),
+    "inversion_steps": Range(1, integer=True, optional=True, hint="SmPO: 5 for SD1.5, 10 for SDXL."),
+    "inversion_renoise": Range(1, integer=True, hint="SmPO evaluates twice per step (ReNoise)."),
+    "inversion_network": Choice(INVERSION_NETWORKS),
     "dataset_num_proc": Range(1, integer=True, optional=True),
     # the flow-matching families
     "flow_logit_std": Range(0, low_open=True),

@@ -334,7 +334,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         pair_scores = inputs.get("pair_scores")
         captured: dict[str, Any] = {}
 
-        noised = self.stages.noised_pair(inputs, "train", self.state.global_step)
+        with self.compute_loss_context_manager():  # an inversion (SmPO) runs the denoiser as the predictions do
+            noised = self.stages.noised_pair(policy, inputs, "train", self.state.global_step)
 
         def predict(separate_branches: bool) -> PreferencePredictions:
             with self.compute_loss_context_manager():

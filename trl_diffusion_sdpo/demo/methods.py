@@ -18,7 +18,9 @@ class Method:
     """One row of the comparison.
 
     ``safeguard_space`` is passed to the config only when set: the field is recent, and leaving it out keeps the
-    output-space rows working on trainers that predate it (where the output space is the only one).
+    output-space rows working on trainers that predate it (where the output space is the only one). ``config``:
+    further config fields as ``(name, value)`` pairs (e.g. ``loss_type``, ``noising``), for methods beyond the
+    demo's own (``benchmarks/smpo_inversion.py``).
     """
 
     key: str
@@ -26,6 +28,7 @@ class Method:
     safeguard: bool
     safeguard_mu: float | None = None
     safeguard_space: str | None = None
+    config: tuple[tuple[str, Any], ...] = ()
 
     def config_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"safeguard": self.safeguard}
@@ -33,6 +36,7 @@ class Method:
             kwargs["safeguard_mu"] = self.safeguard_mu
         if self.safeguard_space is not None:
             kwargs["safeguard_space"] = self.safeguard_space
+        kwargs.update(self.config)
         return kwargs
 
 

@@ -70,11 +70,14 @@ def make_preference_pairs(
     num_inference_steps: int,
     guidance_scale: float,
     seed: int,
+    scores: bool = False,
 ) -> tuple[Dataset, PairStats]:
     """Sample two images per pair from ``pipeline``; the higher colour reward is ``chosen``.
 
     Pairs whose rewards differ by less than ``min_margin`` are dropped (near-ties carry no preference, as Pick-a-Pic
-    ties are dropped). Returns a TRL-form dataset (``prompt``, ``chosen``, ``rejected`` as PIL images).
+    ties are dropped). Returns a TRL-form dataset (``prompt``, ``chosen``, ``rejected`` as PIL images); with
+    ``scores``, also the colour rewards of the two images as ``score_0`` (chosen) and ``score_1`` (rejected), the
+    score columns SmPO weights its pairs with (the demo's own run does not use them).
     """
     pair_captions = [c for c in captions for _ in range(pairs_per_prompt)]
     prompts = [c.text for c in pair_captions for _ in range(2)]
@@ -104,4 +107,6 @@ def make_preference_pairs(
         mean_reward_rejected=float(np.mean(rejected_rewards)),
         mean_margin=float(np.mean(np.array(chosen_rewards) - np.array(rejected_rewards))),
     )
+    if scores:
+        rows["score_0"], rows["score_1"] = [float(r) for r in chosen_rewards], [float(r) for r in rejected_rewards]
     return Dataset.from_dict(rows), stats

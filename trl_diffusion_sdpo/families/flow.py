@@ -41,6 +41,7 @@ from torch import Tensor
 from ..checks import Choice, Range
 from ..objectives import objective_class, registered_objectives
 from .base import ModelFamily, PromptEmbeddings
+from .inversion import FlowInversionNoiser, inversion_settings
 from .noising import Device, NoisedPair, Noiser, pair_latents
 
 if TYPE_CHECKING:
@@ -215,6 +216,9 @@ class FlowMatchingFamily(ModelFamily):
     default_max_sequence_length: ClassVar[int] = 512
     # The guidance embedding's value, for transformers that have one (FLUX.1-dev); None for the others.
     default_guidance_scale: ClassVar[float | None] = None
+    # The Euler inversion grid's length when noising="inversion" leaves inversion_steps unset: SmPO's SDXL value (no
+    # published SmPO recipe for a flow model; a choice of this package, not the authors').
+    default_inversion_steps: ClassVar[int] = 10
     # The recommended Diffusion-DPO ``beta`` and (LoRA) learning rate for this family, and where they come from (a
     # paper, a public recipe or a measurement): the one place a family states them. ``defaults_source`` reads
     # "beta: <beta_source>; lr: <learning_rate_source>" unless the family writes it whole (SD3: one recipe gives
@@ -257,10 +261,10 @@ class FlowMatchingFamily(ModelFamily):
             hasattr(pipeline, name) for name in cls.required_components
         )
 
-    def noiser(self, args: Any) -> FlowNoiser:
-        """The flow noiser with the ``flow_*`` settings of ``args`` (a ``DiffusionSDPOConfig``); refuses settings and
-        objectives that have no flow-matching meaning, naming the field to change, and warns about a UNet-scale
-        ``beta``."""
+    def noiser(self, args: Any) -> FlowNoiser | FlowInversionNoiser:
+        """The flow noiser with the ``flow_*`` settings of ``args`` (a ``DiffusionSDPOConfig``), with Euler ReNoise
+        inversion on top under ``noising`` (see :mod:`.inversion`); refuses settings and objectives that have no
+        flow-matching meaning, naming the field to change, and warns about a UNet-scale ``beta``."""
         objective = objective_class(args.loss_type)
         if objective.not_for_flow_matching:
             usable = [n for n in registered_objectives() if not objective_class(n).not_for_flow_matching]
@@ -287,6 +291,9 @@ class FlowMatchingFamily(ModelFamily):
             shift=args.flow_shift or self.default_shift(),
         )
         noiser = FlowNoiser(self.training_scheduler_config(), sampling)
+        settings = inversion_settings(args, self.default_inversion_steps)
+        if settings is not None:
+            noiser = FlowInversionNoiser(noiser, settings)
         if objective.unet_scale_beta_warning and args.beta >= UNET_SCALE_BETA:
             logger.warning(
                 f"beta={args.beta:g} is Diffusion-DPO's value for SD UNets in scale (2000-5000); {self.name} is a "

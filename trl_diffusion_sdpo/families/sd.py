@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
+from .inversion import DDIMInversionNoiser, inversion_settings
 from .noising import DDPMNoiser
 from .registry import register_family
 
@@ -19,6 +20,8 @@ class StableDiffusionFamily(ModelFamily):
     """SD 1.x / 2.x: one CLIP text encoder, last hidden state as cross-attention context."""
 
     validation_guidance_scale = 8.5  # the SDPO authors' guidance (diffusers' convention) for SD 1.5 and SDXL
+    # SmPO's inversion grid for SD1.5 (their train.py: a 5-step DDIM inverse schedule).
+    default_inversion_steps = 5
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
@@ -30,8 +33,13 @@ class StableDiffusionFamily(ModelFamily):
         if getattr(pipeline, "text_encoder", None) is None or getattr(pipeline, "tokenizer", None) is None:
             raise ValueError(f"{type(pipeline).__name__} needs a `text_encoder` and a `tokenizer`")
 
-    def noiser(self, args: Any) -> DDPMNoiser:
-        return DDPMNoiser.from_config(self.pipeline.scheduler, args)
+    def noiser(self, args: Any) -> DDPMNoiser | DDIMInversionNoiser:
+        """DDPM forward noising, or DDIM ReNoise inversion on top of it (``noising``, see :mod:`.inversion`)."""
+        noiser = DDPMNoiser.from_config(self.pipeline.scheduler, args)
+        settings = inversion_settings(args, self.default_inversion_steps)
+        if settings is None:
+            return noiser
+        return DDIMInversionNoiser(noiser, settings, self.pipeline.scheduler.config)
 
     def prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer({"input_ids": self.pipeline.tokenizer})

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
+from .inversion import DDIMInversionNoiser, inversion_settings
 from .noising import DDPMNoiser
 from .registry import register_family
 
@@ -24,6 +25,8 @@ class StableDiffusionXLFamily(ModelFamily):
 
     frozen_components = ("vae", "text_encoder", "text_encoder_2")
     needs_time_ids = True
+    # SmPO's inversion grid for SDXL (their train.py: a 10-step DDIM inverse schedule).
+    default_inversion_steps = 10
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
@@ -43,8 +46,13 @@ class StableDiffusionXLFamily(ModelFamily):
                 "refiner's aesthetic-score conditioning is not supported"
             )
 
-    def noiser(self, args: Any) -> DDPMNoiser:
-        return DDPMNoiser.from_config(self.pipeline.scheduler, args)
+    def noiser(self, args: Any) -> DDPMNoiser | DDIMInversionNoiser:
+        """DDPM forward noising, or DDIM ReNoise inversion on top of it (``noising``, see :mod:`.inversion`)."""
+        noiser = DDPMNoiser.from_config(self.pipeline.scheduler, args)
+        settings = inversion_settings(args, self.default_inversion_steps)
+        if settings is None:
+            return noiser
+        return DDIMInversionNoiser(noiser, settings, self.pipeline.scheduler.config)
 
     def prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer({"input_ids": self.pipeline.tokenizer, "input_ids_2": self.pipeline.tokenizer_2})

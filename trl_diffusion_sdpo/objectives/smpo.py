@@ -1,7 +1,8 @@
 """SmPO-Diffusion's smoothed preference (Lu et al., arXiv 2506.02698): Diffusion-DPO with per-pair weights.
 
-Only the objective half of SmPO lives here; its ReNoise inversion (which replaces forward noising) is a separate
-stage of the training step.
+This is the objective half of SmPO. Its other half, the ReNoise inversion that replaces forward noising, is a noising
+mode of the families (:mod:`trl_diffusion_sdpo.families.inversion`), which ``loss_type="smpo"`` turns on by default
+(``noising=None``; ``noising="forward"`` trains this objective on forward-noised inputs instead).
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class SmoothedPreferenceObjective(DiffusionDPOObjective):
             constants for PickScore's raw cosine on Pick-a-Pic v2.
 
     SmPO's code uses the weight of the FIRST pair of a micro-batch for all its pairs (correct only with 1 pair per
-    device, as their scripts run); here each pair has its own weight. SmPO was not combined with the safeguard by
-    its authors; it composes with it like DPO.
+    device, as their scripts run); here each pair has its own weight. The noised inputs this objective sees come from
+    the ReNoise inversion by default (the config's ``noising``), as in the paper. SmPO was not combined with the
+    safeguard by its authors; it composes with it like DPO.
     """
 
     smpo_gamma: float = hyperparameter(_GAMMA, 10.0)

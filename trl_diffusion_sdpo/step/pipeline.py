@@ -1,5 +1,9 @@
 """One micro-batch from a collated batch to predictions: batch -> latents -> noised pair -> predictions.
 
+The noised pair is forward noising, or, with an inverting noiser (``noising="inversion"``, SmPO's default), the
+ReNoise inversion of the clean latents by the policy or the reference (:meth:`MicroBatchStages.inverting_network`),
+made without gradient before the predictions.
+
 :class:`MicroBatchStages` holds what the stages need (the family, its noiser, the reference, the keyed draws and the
 augmentation settings) and runs them in order; each stage is a public method, so tests can run or replace one alone.
 The errors, objective, safeguard and backward that follow are the trainer's to call (:mod:`.predictions`,
@@ -20,7 +24,16 @@ from .batch import EncodedBatch, crop_pairs, drop_prompts, encode_batch, fixed_t
 from .draws import MicroBatchDraws
 from .predictions import predict_pairs
 
-__all__ = ["Augmentation", "MicroBatchStages", "NoisedMicroBatch"]
+__all__ = ["Augmentation", "MicroBatchStages", "NoisedMicroBatch", "select_prompts"]
+
+
+def select_prompts(prompt_embeds: PromptEmbeddings, index: torch.Tensor) -> PromptEmbeddings:
+    """The rows ``index`` of every tensor field of ``prompt_embeds`` (a family's embeddings may carry more fields)."""
+    values = {
+        field.name: value[index] if isinstance(value := getattr(prompt_embeds, field.name), torch.Tensor) else value
+        for field in dataclasses.fields(prompt_embeds)
+    }
+    return type(prompt_embeds)(**values)
 
 
 @dataclass(frozen=True)
@@ -83,19 +96,35 @@ class MicroBatchStages:
         self.family, self.noiser, self.draws, self.reference = family, noiser, draws, reference
         self.augmentation, self.dtype, self.tokenize = augmentation, dtype, tokenize
         self.device, self.empty_prompt = device, empty_prompt
+        settings = getattr(noiser, "settings", None) if getattr(noiser, "inverts", False) else None
+        if settings is not None and settings.network == "reference" and reference is None:
+            raise ValueError(
+                "inversion_network='reference' needs a reference model, and this objective uses none; set "
+                "inversion_network='policy' (as SmPO does) or noising='forward'."
+            )
 
     def predict(
         self, policy: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, step: int, separate_branches: bool
     ) -> PreferencePredictions:
         """batch -> latents -> noised pair -> predictions of ``policy`` (and the reference) for optimizer step
         ``step``; ``separate_branches``: one forward pass per branch (the parameter-space safeguard's two passes)."""
-        return self.predict_noised(policy, self.noised_pair(inputs, mode, step), separate_branches)
+        return self.predict_noised(policy, self.noised_pair(policy, inputs, mode, step), separate_branches)
 
-    def noised_pair(self, inputs: dict[str, torch.Tensor], mode: str, step: int) -> NoisedMicroBatch:
-        """batch -> latents -> noised pair: the micro-batch's draws are taken here, once."""
+    def noised_pair(
+        self, policy: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, step: int
+    ) -> NoisedMicroBatch:
+        """batch -> latents -> noised pair (by forward noising, or by inverting with ``policy`` or the reference):
+        the micro-batch's draws, and any inversion, are taken here, once."""
         generator = self.draws.generator(mode, step)
         encoded, time_ids = self.encode(inputs, generator, mode)
-        return NoisedMicroBatch(self.noise(generator, mode, encoded), encoded.prompt_embeds, time_ids)
+        inverting = self.inverting_network(policy, encoded.prompt_embeds, time_ids)
+        # Forward noising calls the stage as (generator, mode, encoded): a replaced stage of that form keeps working.
+        noised = (
+            self.noise(generator, mode, encoded)
+            if inverting is None
+            else self.noise(generator, mode, encoded, inverting)
+        )
+        return NoisedMicroBatch(noised, encoded.prompt_embeds, time_ids)
 
     def predict_noised(
         self, policy: torch.nn.Module, batch: NoisedMicroBatch, separate_branches: bool
@@ -132,18 +161,56 @@ class MicroBatchStages:
                 time_ids = fixed_time_ids(aug.resolution, time_ids.shape[0], time_ids.device)
         return encoded, time_ids
 
-    def noise(self, generator: torch.Generator, mode: str, encoded: EncodedBatch):
+    def noise(
+        self,
+        generator: torch.Generator,
+        mode: str,
+        encoded: EncodedBatch,
+        inverting: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
         """The noised pair: one noise level and one noise per pair (shared by winner and loser) and one posterior
-        sample per image, drawn for the global micro-batch; this process keeps its rows."""
+        sample per image, drawn for the global micro-batch; this process keeps its rows. An inverting noiser
+        (ReNoise inversion) then inverts the clean latents with ``inverting`` (:meth:`inverting_network`), walking
+        the grid up to the largest level of the global micro-batch (every process calls the network equally often)."""
         shape = tuple(encoded.mean.shape[1:])
         noiser = self.noiser
+        drawn: dict[str, torch.Tensor] = {}
 
         def draw(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
             levels, noise = noiser.draw(n, shape, generator, device)
+            drawn["levels"] = levels
             return levels, noise, torch.randn((n, 2, *shape), generator=generator, device=device)
 
         levels, noise, eps = self.draws.rows(generator, mode, encoded.num_pairs, draw)
-        return noiser.noise_pairs(encoded.mean, encoded.std, levels, noise, eps, self.family.latents_config())
+        noised = noiser.noise_pairs(encoded.mean, encoded.std, levels, noise, eps, self.family.latents_config())
+        if getattr(noiser, "inverts", False):
+            if inverting is None:
+                raise ValueError("an inverting noiser needs its network (see MicroBatchStages.inverting_network)")
+            noised = noiser.invert(noised, inverting, drawn["levels"].max().item())
+        return noised
+
+    def inverting_network(
+        self, policy: torch.nn.Module, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The network that inverts (``None`` under forward noising): ``(sample, timestep, rows) -> output`` on rows
+        of the ``2B``-row batch (winners, then losers), each with its pair's prompt and its own time ids, without
+        autograd; the policy (SmPO's code) or the reference, as the noiser's settings say."""
+        if not getattr(self.noiser, "inverts", False):
+            return None
+        family, batch = self.family, prompt_embeds.encoder_hidden_states.shape[0]
+        use_reference = self.noiser.settings.network == "reference"
+
+        def predict(sample: torch.Tensor, timestep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            pairs = (rows % batch).to(prompt_embeds.encoder_hidden_states.device)
+            conditioning = family.denoiser_conditioning(
+                select_prompts(prompt_embeds, pairs), None if time_ids is None else time_ids[rows.to(time_ids.device)]
+            )
+            if use_reference:
+                return self.reference(sample, timestep, **conditioning)
+            with torch.no_grad():
+                return family.call_denoiser(policy, sample, timestep, conditioning)
+
+        return predict
 
     def empty_prompt_embeds(self) -> PromptEmbeddings:
         """The empty prompt's embeddings (prompt dropout), encoded once."""
