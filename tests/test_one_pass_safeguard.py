@@ -475,3 +475,50 @@ def test_the_trainer_trains_the_pair_scope_and_logs_every_pairs_lambda(make_trai
 def test_the_trainer_refuses_the_pair_scope_for_full_tuning_stating_its_memory(make_trainer):
     with pytest.raises(ValueError, match=r"per image: 2 x 2 x [\d,]+ weights = [\d.]+ GiB for full tuning"):
         make_trainer(lora=False, safeguard=True, safeguard_space="parameter", safeguard_scope="pair")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.nn.GroupNorm(4, 8),
+        lambda: torch.nn.LayerNorm(8),
+        lambda: torch.nn.Conv2d(8, 3, 3, padding=1),
+        lambda: torch.nn.Linear(8, 3),
+        lambda: torch.nn.RMSNorm(8),
+    ],
+    ids=["groupnorm", "layernorm", "conv", "linear", "rmsnorm"],
+)
+def test_each_tap_splits_like_autograd_per_group_in_every_memory_layout(make, layout):
+    """Each tap's input gradient and per-group weight gradients equal autograd's on each group's rows alone, for
+    contiguous, channels-last (as the trainer lays out UNet activations) and transposed inputs."""
+    torch.manual_seed(0)
+    layer = make().double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    base = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    if isinstance(layer, (torch.nn.LayerNorm, torch.nn.Linear, torch.nn.RMSNorm)):
+        base = base.permute(0, 2, 3, 1)  # features last: a non-contiguous view
+        base = base.contiguous() if layout == "contiguous" else base
+    if layout == "transposed":  # a non-contiguous view; rows stay leading and channels where each layer reads them
+        base = base.transpose(1, 2) if base.shape[-1] == 8 else base.transpose(2, 3)
+    params = list(layer.parameters())
+    got = {}
+    taps = LayerTaps(layer, params)
+    x = base.clone().requires_grad_(True) if layout == "contiguous" else base.detach().requires_grad_(True)
+    with taps.tapping(2, lambda i, g: got.__setitem__(i, g.clone())):
+        out = layer(x)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    assert not taps.failures
+    plain = base.detach().requires_grad_(True)
+    layer(plain).backward(grad)
+    torch.testing.assert_close(x.grad, plain.grad, rtol=1e-12, atol=1e-12)
+    for k, rows in enumerate((slice(0, 2), slice(2, 4))):
+        # (contiguous: torch 2.13 crashes in GroupNorm's backward on a slice of a channels-last double tensor)
+        expected = torch.autograd.grad(layer(base[rows].contiguous()), params, grad[rows])
+        for i, e in enumerate(expected):
+            torch.testing.assert_close(got[i][k], e, rtol=1e-12, atol=1e-12)

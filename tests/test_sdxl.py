@@ -375,7 +375,8 @@ def test_bf16_full_tuning_keeps_the_vae_fp32_and_trains_fp32_weights(make_sdxl, 
     trainer = DiffusionSDPOTrainer(pipe, args=make_config(max_steps=1, bf16=True), train_dataset=sdxl_pairs)
     assert pipe.vae.dtype == torch.float32  # force_upcast: the SDXL VAE overflows in half precision
     assert pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.bfloat16
-    assert trainer.reference.denoiser.dtype == torch.bfloat16  # the frozen copy runs in the compute dtype
+    # the frozen copy keeps the policy's weight dtypes and runs under its autocast: equal to the policy at step 0
+    assert trainer.reference.denoiser.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())  # trainable weights stay fp32
     capture = train_and_capture(trainer)
     assert capture.vae_inputs[0].dtype == torch.float32

@@ -146,6 +146,18 @@ class FlowNoiser(Noiser):
             table = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps).sigmas
         self.sigma_table = table[: self.num_train_timesteps].float().cpu()  # descending: index 0 is s = 1
 
+    def level_grid(self, num_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """``num_steps`` levels at the unshifted times ``k / n`` (``k = 1..n``), mapped as the training levels are:
+        the sigma table (index ``T (1 - k/n)``, rounded), then FLUX's resolution shift under
+        ``flow_shift="resolution"``. Ascending, float64 (the inversion's grid, :mod:`.inversion`)."""
+        table = self.sigma_table.double()
+        count = len(table)
+        index = torch.round(count * (1 - torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps)).long()
+        grid = table[index.clamp(0, count - 1)]
+        if self.sampling.shift == "resolution":
+            grid = shift_sigmas(grid, resolution_shift(latent_shape[-2], latent_shape[-1], self.scheduler_config))
+        return grid
+
     def sample_sigmas(
         self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator | None, device: Device
     ) -> torch.Tensor:

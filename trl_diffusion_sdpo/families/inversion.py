@@ -60,9 +60,10 @@ from torch import Tensor
 from ..checks import Choice, Range
 from .noising import Device, NoisedPair, Noiser, prediction_target
 
-if TYPE_CHECKING:
-    from .flow import FlowNoiser
+if TYPE_CHECKING:  # annotations only; .flow imports this module
     from .noising import DDPMNoiser
+
+    FlowNoiser = Noiser  # the flow families' noiser (.flow.FlowNoiser), named without importing .flow
 
 __all__ = [
     "INVERSION_NETWORKS",
@@ -73,7 +74,6 @@ __all__ = [
     "InversionNoiser",
     "ddim_inverse_step",
     "ddim_inversion_grid",
-    "flow_inversion_grid",
     "inversion_settings",
     "renoise_inversion",
 ]
@@ -290,21 +290,6 @@ class DDIMInversionNoiser(InversionNoiser):
 # --------------------------------------------------------------------------------------------------- rectified flow
 
 
-def flow_inversion_grid(noiser: FlowNoiser, num_steps: int, latent_shape: tuple[int, ...]) -> Tensor:
-    """``num_steps`` levels at the unshifted times ``k / n`` (``k = 1..n``), mapped as the training levels are: the
-    noiser's sigma table (index ``T (1 - k/n)``, rounded), then FLUX's resolution shift under
-    ``flow_shift="resolution"``. Ascending, float64."""
-    from .flow import resolution_shift, shift_sigmas
-
-    table = noiser.sigma_table.double()
-    T = len(table)
-    index = torch.round(T * (1 - torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps)).long()
-    grid = table[index.clamp(0, T - 1)]
-    if noiser.sampling.shift == "resolution":
-        grid = shift_sigmas(grid, resolution_shift(latent_shape[-2], latent_shape[-1], noiser.scheduler_config))
-    return grid
-
-
 class FlowInversionNoiser(InversionNoiser):
     """The flow families' inversion: Euler inversion of the velocity field with ReNoise averaging (module
     docstring)."""
@@ -313,7 +298,9 @@ class FlowInversionNoiser(InversionNoiser):
         super().__init__(base, settings)
 
     def grid(self, latent_shape: tuple[int, ...]) -> Tensor:
-        return flow_inversion_grid(self.base, self.settings.steps, latent_shape)
+        """``settings.steps`` levels at the unshifted times ``k / n`` mapped as the training levels are
+        (:meth:`~.flow.FlowNoiser.level_grid`): ascending, float64."""
+        return self.base.level_grid(self.settings.steps, latent_shape)
 
     def invert(self, noised: NoisedPair, predict: RowPredictor, max_level: Tensor | float | None = None) -> NoisedPair:
         x0 = noised.latents

@@ -170,6 +170,7 @@ class _NormTap(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
         ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
         module = layer.module
+        x = x.contiguous()  # aten's native norm kernels read a contiguous layout (channels-last UNets are not)
         if isinstance(module, nn.GroupNorm):
             n, c = x.shape[:2]
             hw = x.numel() // max(n * c, 1)

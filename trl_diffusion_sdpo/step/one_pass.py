@@ -25,9 +25,24 @@ import torch
 
 from .layer_taps import LayerTaps
 
-__all__ = ["OnePassBranchGradients"]
+__all__ = ["OnePassBranchGradients", "blocked_dot"]
 
 Reduction = Callable[[list[torch.Tensor]], None]
+
+
+def blocked_dot(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 16) -> torch.Tensor:
+    """``<a, b>`` of two long flat vectors, summed per block of ``block`` elements (one batched matmul) and the
+    blocks' sums added in float64: one dot over millions of float32 elements accumulates a relative error that
+    ``lambda``'s ratio amplifies where ``<g_w, h_l>`` nearly cancels."""
+    n = a.numel()
+    k = n // block
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    if k:
+        head = torch.bmm(a[: k * block].view(k, 1, block), b[: k * block].view(k, block, 1))
+        total = total + head.double().sum()
+    if n > k * block:
+        total = total + torch.dot(a[k * block :], b[k * block :]).double()
+    return total
 
 
 class OnePassBranchGradients:
@@ -113,7 +128,7 @@ class OnePassBranchGradients:
         winner, loser = self._flat[0], self._flat[1]
         if reduce_winner is not None:
             reduce_winner([winner])
-        return torch.dot(winner, winner), torch.dot(winner, loser)
+        return blocked_dot(winner, winner), blocked_dot(winner, loser)
 
     def branch_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``(g_w, h_l)`` per weight: views of the buffer (the update space reduces them in place)."""
