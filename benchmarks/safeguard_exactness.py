@@ -69,8 +69,8 @@ from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_z_image_pipeline,
 )
 
-RULES = ("dpo", "output", "parameter", "parameter_adamw", "dpo_adamw")
-ADAMW_RULES = ("dpo@adamw", "output@adamw", "parameter@adamw", "update@adamw")
+RULES = ("dpo", "output", "parameter", "pair", "parameter_adamw", "dpo_adamw")
+ADAMW_RULES = ("dpo@adamw", "output@adamw", "parameter@adamw", "pair@adamw", "update@adamw")
 
 
 @dataclass
@@ -244,6 +244,30 @@ def _branch_gradients(problem: Problem, theta: dict[str, torch.Tensor], batch):
     return g_w, h_l, pred_w.detach(), pred_l.detach(), a_w
 
 
+def _pair_gradient(problem: Problem, theta: dict[str, torch.Tensor], batch) -> tuple[torch.Tensor, list[float]]:
+    """The per-pair scope's gradient ``sum_i (g_w,i + lambda_i h_l,i)``, flat, and its ``lambda_i``: each pair's
+    branch gradients by autograd of that pair's terms alone (``safeguard_scope="pair"``)."""
+    names = problem.names
+    with torch.no_grad():
+        r_w = problem.errors(problem.predict(problem.reference, batch["x_w"], batch), batch)
+        r_l = problem.errors(problem.predict(problem.reference, batch["x_l"], batch), batch, "l")
+    leaf = {n: theta[n].clone().requires_grad_(True) for n in names}
+    params = [leaf[n] for n in names]
+    e_w = problem.errors(problem.predict(leaf, batch["x_w"], batch), batch)
+    e_l = problem.errors(problem.predict(leaf, batch["x_l"], batch), batch, "l")
+    e_w_leaf, e_l_leaf = e_w.detach().requires_grad_(True), e_l.detach().requires_grad_(True)
+    a_w, a_l = torch.autograd.grad(problem.dpo_loss(e_w_leaf, e_l_leaf, r_w, r_l), (e_w_leaf, e_l_leaf))
+    total, lambdas = None, []
+    for i in range(e_w.shape[0]):
+        g_w = _flat(torch.autograd.grad(a_w[i] * e_w[i], params, retain_graph=True, allow_unused=True), params)
+        h_l = _flat(torch.autograd.grad(a_l[i] * e_l[i], params, retain_graph=True, allow_unused=True), params)
+        lam = parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), problem.setting.mu).double()
+        lambdas.append(float(lam))
+        term = g_w + lam * h_l
+        total = term if total is None else total + term
+    return total, lambdas
+
+
 def warmed_adamw(problem: Problem, theta: dict[str, torch.Tensor], gen: torch.Generator):
     """A real AdamW over the flat weights, its moments warmed by ``adamw_warm`` Diffusion-DPO gradients at
     ``theta`` (learning rate 0 while warming: the weights do not move), then set to ``adamw_lr``."""
@@ -299,9 +323,13 @@ def measure_batch_adamw(problem: Problem, theta: dict[str, torch.Tensor], batch,
         "parameter@adamw": parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), setting.mu).double(),
         "update@adamw": update_space_lambda(update, setting.mu)[0].double(),
     }
+    pair_gradient, pair_lambdas = _pair_gradient(problem, theta, batch)
+    gradients = {rule: g_w + lam * h_l for rule, lam in lambdas.items()}
+    gradients["pair@adamw"] = pair_gradient
+    lambdas["pair@adamw"] = torch.tensor(sum(pair_lambdas) / len(pair_lambdas), dtype=torch.float64)
     results = {}
     for rule, lam in lambdas.items():
-        delta = _adamw_delta(flat, optimizer, g_w + lam * h_l, setting.max_grad_norm)
+        delta = _adamw_delta(flat, optimizer, gradients[rule], setting.max_grad_norm)
         plus, minus = winner_term(theta_flat + delta), winner_term(theta_flat - delta)
         d_w = plus - w0
         second = plus - 2 * w0 + minus
@@ -338,9 +366,15 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
     lam_out = winner_preserving_lambda(
         (pred_w - batch["target_w"]).detach(), (pred_l - batch["target_l"]).detach(), setting.mu
     ).double()
+    pair_gradient, pair_lambdas = _pair_gradient(problem, theta, batch)
     results = {}
-    for rule, lam in (("dpo", torch.tensor(1.0, dtype=torch.float64)), ("output", lam_out), ("parameter", lam_param)):
-        g = g_w + lam * h_l
+    for rule, lam in (
+        ("dpo", torch.tensor(1.0, dtype=torch.float64)),
+        ("output", lam_out),
+        ("parameter", lam_param),
+        ("pair", torch.tensor(sum(pair_lambdas) / len(pair_lambdas), dtype=torch.float64)),
+    ):
+        g = pair_gradient if rule == "pair" else g_w + lam * h_l  # pair: lambda is the mean of the pairs' (logged)
         eta = setting.step_norm / float(g.norm())
         minus, plus = winner_term(theta_flat - eta * g), winner_term(theta_flat + eta * g)
         d_w = minus - w0

@@ -31,18 +31,21 @@ Reduction = Callable[[list[torch.Tensor]], None]
 
 
 def blocked_dot(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 16) -> torch.Tensor:
-    """``<a, b>`` of two long flat vectors, summed per block of ``block`` elements (one batched matmul) and the
-    blocks' sums added in float64: one dot over millions of float32 elements accumulates a relative error that
-    ``lambda``'s ratio amplifies where ``<g_w, h_l>`` nearly cancels."""
-    n = a.numel()
+    """``<a, b>`` of a long flat vector ``a`` with ``b`` (the same length, or rows ``[m, len(a)]``: then one product
+    per row, reading ``a`` once), summed per block of ``block`` elements by one batched matmul and the blocks' sums
+    added in float64: one dot over millions of float32 elements accumulates a relative error that ``lambda``'s ratio
+    amplifies where ``<g_w, h_l>`` nearly cancels."""
+    rows = b.view(1, -1) if b.dim() == 1 else b
+    n, m = a.numel(), rows.shape[0]
     k = n // block
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    total = torch.zeros(m, dtype=torch.float64, device=a.device)
     if k:
-        head = torch.bmm(a[: k * block].view(k, 1, block), b[: k * block].view(k, block, 1))
-        total = total + head.double().sum()
+        left = a[: k * block].view(k, 1, block)
+        right = rows[:, : k * block].reshape(m, k, block).permute(1, 2, 0)  # [k, block, m]: a view, no copy
+        total = total + torch.bmm(left, right).double().sum((0, 1))
     if n > k * block:
-        total = total + torch.dot(a[k * block :], b[k * block :]).double()
-    return total
+        total = total + (rows[:, k * block :] @ a[k * block :]).double()
+    return total if b.dim() > 1 else total[0]
 
 
 class OnePassBranchGradients:
@@ -125,10 +128,11 @@ class OnePassBranchGradients:
     def branch_sums(self, reduce_winner: Reduction | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(<g_w, g_w>, <g_w, h_l>)`` in float32; ``reduce_winner`` (the global scope) first averages the buffered
         ``g_w`` over processes, in place."""
-        winner, loser = self._flat[0], self._flat[1]
+        winner = self._flat[0]
         if reduce_winner is not None:
             reduce_winner([winner])
-        return blocked_dot(winner, winner), blocked_dot(winner, loser)
+        both = blocked_dot(winner, self._flat)  # one read of each half: [<g_w, g_w>, <g_w, h_l>]
+        return both[0], both[1]
 
     def branch_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``(g_w, h_l)`` per weight: views of the buffer (the update space reduces them in place)."""
@@ -138,7 +142,7 @@ class OnePassBranchGradients:
         """``.grad = A + g_w + lambda * h_l``, with ``g_w`` as buffered (averaged over processes in the global scope:
         the engine's final average of ``.grad`` then gives the same mean)."""
         winner, loser = self._flat[0], self._flat[1]
-        winner.add_(loser.mul_(lam.detach().to(loser)))
+        winner.addcmul_(loser, lam.detach().to(loser))  # one fused pass; lambda stays on the device
         self._assign([v[0] for v in self._views])
 
     def set_combined(self, lam: torch.Tensor, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
