@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -146,6 +147,7 @@ def main() -> None:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     report: dict[str, Any] = {"machine": machine_description("cpu", opts.threads), "settings": vars(opts), "rows": {}}
+    report["machine"]["load_average_at_start"] = os.getloadavg()  # a shared machine: how busy it was
     for lora in (False, True):
         routes = make_routes(opts.unet, lora, opts.pairs)
         failed: dict[str, str] = {}

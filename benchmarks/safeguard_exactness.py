@@ -96,6 +96,7 @@ class Counts:
     total: int = 0
     lambdas: list[float] = field(default_factory=list)
     worst_excess: float = -math.inf  # max over batches of (dW - tol) / |first-order decrease scale|
+    changes: list[float] = field(default_factory=list)  # dW per batch: what the step did to the winner term
 
 
 def _unet(pipeline_dir: str | None) -> torch.nn.Module:
@@ -442,6 +443,7 @@ def run(
                 c.rose_at_all += int(d_w > 0)
                 c.lambdas.append(lam)
                 c.worst_excess = max(c.worst_excess, d_w - tol)
+                c.changes.append(d_w)
         report["starts"][start] = {
             rule: {
                 "rose_beyond_tolerance": c.rose,
@@ -452,6 +454,9 @@ def run(
                 "lambda_max": max(c.lambdas),
                 "lambdas": c.lambdas,
                 "worst_dW_minus_tolerance": c.worst_excess,
+                "dW_mean": sum(c.changes) / max(len(c.changes), 1),
+                "dW_max": max(c.changes, default=0.0),
+                "dWs": c.changes,
             }
             for rule, c in counts.items()
         }
