@@ -274,3 +274,33 @@ def test_a_matched_pipeline_the_family_cannot_train_is_refused_saying_why() -> N
     )
     with pytest.raises(ValueError, match="not an SDXL base pipeline"):
         family_for_pipeline(refiner)
+
+
+@pytest.mark.parametrize("name", ["FluxKontextPipeline", "FluxFillPipeline", "FluxControlPipeline"])
+def test_editing_fill_and_control_pipelines_are_refused_by_name(name, tmp_path):
+    """FLUX's Kontext, Fill and Control pipelines have FLUX's components (the family's ``matches`` accepts them) but
+    their transformer reads latents the family does not build: refused at construction, naming the pipeline."""
+    import diffusers
+
+    from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline
+
+    flux = build_tiny_flux_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"))
+    cls = getattr(diffusers, name)
+    components = {k: v for k, v in flux.components.items() if k in cls._get_signature_keys(cls)[0]}
+    pipeline = cls(**components)
+    with pytest.raises(ValueError, match=f"{name} is an? .*not supported yet"):
+        family_for_pipeline(pipeline)
+
+
+def test_a_nine_channel_inpainting_unet_is_refused(tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+
+    sd = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"))
+    unet = UNet2DConditionModel(**{**sd.unet.config, "in_channels": 9})
+    pipeline = StableDiffusionInpaintPipeline(**{**sd.components, "unet": unet})
+    with pytest.raises(ValueError, match="UNet takes 9 input channels but the VAE's latents have 4"):
+        family_for_pipeline(pipeline)
+    # the same pipeline class around a 4-channel UNet (inpainting by blending) trains: only the inputs matter
+    assert family_for_pipeline(StableDiffusionInpaintPipeline(**sd.components)).name

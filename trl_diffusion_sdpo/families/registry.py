@@ -23,7 +23,7 @@ from .base import ModelFamily
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-__all__ = ["family_for_pipeline", "register_family", "registered_families"]
+__all__ = ["UNTRAINABLE_PIPELINES", "check_trainable", "family_for_pipeline", "register_family", "registered_families"]
 
 FamilyType = TypeVar("FamilyType", bound=type[ModelFamily])
 
@@ -114,6 +114,45 @@ def registered_families() -> tuple[type[ModelFamily], ...]:
     return tuple(_FAMILIES)
 
 
+# Pipelines whose denoiser takes conditioning the families do not build (source-image, mask or control latents beside
+# the noisy ones): a family's ``matches`` accepts them by their components, and their first forward pass would fail.
+UNTRAINABLE_PIPELINES: dict[str, str] = {
+    "FluxKontextPipeline": "an editing pipeline: its transformer reads the source image's latents packed beside the "
+    "target's",
+    "FluxKontextInpaintPipeline": "an editing pipeline (source image and mask latents beside the target's)",
+    "FluxFillPipeline": "an inpainting pipeline: its transformer takes masked-image and mask latents as channels",
+    "FluxControlPipeline": "a control pipeline: its transformer takes control-image latents as extra channels",
+    "FluxControlImg2ImgPipeline": "a control pipeline (control-image latents as extra channels)",
+    "FluxControlInpaintPipeline": "a control pipeline (control-image and mask latents as extra channels)",
+    "QwenImageEditPipeline": "an editing pipeline: its prompt encoding reads the source image and its transformer "
+    "the source latents",
+    "QwenImageEditPlusPipeline": "a multi-image editing pipeline (source images in the prompt and the sequence)",
+    "QwenImageEditInpaintPipeline": "an editing pipeline (source image and mask)",
+}
+
+
+def check_trainable(pipeline: DiffusionPipeline) -> None:
+    """Refuse, by name and reason, a pipeline whose denoiser takes inputs the families do not build: the editing,
+    fill and control pipelines of :data:`UNTRAINABLE_PIPELINES` (and their subclasses), and a UNet with more input
+    channels than the VAE's latents (SD inpainting's 9-channel UNet: latents, mask, masked-image latents)."""
+    for cls in type(pipeline).__mro__:
+        if cls.__name__ in UNTRAINABLE_PIPELINES:
+            raise ValueError(
+                f"{type(pipeline).__name__} is {UNTRAINABLE_PIPELINES[cls.__name__]}; preference tuning of such "
+                "pipelines is not supported yet. To tune the text-to-image behaviour of the same weights, load them "
+                "with the text-to-image pipeline (e.g. FluxPipeline, QwenImagePipeline)."
+            )
+    unet, vae = getattr(pipeline, "unet", None), getattr(pipeline, "vae", None)
+    if unet is not None and vae is not None:
+        channels, latent = unet.config.in_channels, getattr(vae.config, "latent_channels", None)
+        if latent is not None and channels != latent:
+            raise ValueError(
+                f"{type(pipeline).__name__}'s UNet takes {channels} input channels but the VAE's latents have "
+                f"{latent}: an inpainting or conditioned UNet (mask and masked-image latents beside the noisy ones), "
+                "which this trainer does not build inputs for. Use a text-to-image checkpoint."
+            )
+
+
 def family_for_pipeline(
     pipeline: DiffusionPipeline,
     *,
@@ -127,6 +166,7 @@ def family_for_pipeline(
     families only; ``None`` keeps each family's default. A pipeline no family matches is refused with a ValueError
     listing every registered family and the pipelines it handles.
     """
+    check_trainable(pipeline)
     for family in _FAMILIES:
         if family.matches(pipeline):
             family.check_pipeline(pipeline)
