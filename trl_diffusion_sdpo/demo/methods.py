@@ -18,7 +18,9 @@ class Method:
     """One row of the comparison.
 
     ``safeguard_space`` is passed to the config only when set: the field is recent, and leaving it out keeps the
-    output-space rows working on trainers that predate it (where the output space is the only one).
+    output-space rows working on trainers that predate it (where the output space is the only one). ``config``: any
+    other config fields as ``(name, value)`` pairs, e.g. ``(("safeguard_scope", "pair"),)`` or
+    ``(("loss_type", "smpo"),)``, so a new variant is one ``Method(...)`` line.
     """
 
     key: str
@@ -26,6 +28,7 @@ class Method:
     safeguard: bool
     safeguard_mu: float | None = None
     safeguard_space: str | None = None
+    config: tuple[tuple[str, Any], ...] = ()
 
     def config_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"safeguard": self.safeguard}
@@ -33,6 +36,7 @@ class Method:
             kwargs["safeguard_mu"] = self.safeguard_mu
         if self.safeguard_space is not None:
             kwargs["safeguard_space"] = self.safeguard_space
+        kwargs.update(self.config)
         return kwargs
 
 
@@ -65,6 +69,9 @@ def method_unavailable(method: Method, config_class: type | None = None) -> str 
             "the installed DiffusionSDPOConfig has no safeguard_space field (this trainer predates the exact "
             "parameter-space safeguard)"
         )
+    missing = [name for name, _ in method.config if name not in fields]
+    if missing:
+        return f"the installed DiffusionSDPOConfig has no {', '.join(missing)} field (this trainer predates it)"
     return None
 
 

@@ -1,0 +1,287 @@
+"""The paired comparison of the safeguards against Diffusion-DPO on the toy demo, from ``stability_map.py``'s runs.
+
+    python benchmarks/safeguard_comparison.py \\
+        benchmarks/results/safeguard-comparison-cpu-lr1e-4-2e-4.json \\
+        benchmarks/results/safeguard-comparison-cpu-lr2e-5-1000steps.json \\
+        --json benchmarks/results/safeguard-comparison-cpu.json --images docs/images \\
+        --recommendation trl_diffusion_sdpo/demo/safeguard_recommendation.json
+
+Works on partial files (runs cut short): a method is compared with Diffusion-DPO over the seeds both have finished.
+Per setting (learning rate, beta, steps) and method it gives the paired difference from Diffusion-DPO, seed by seed
+(every method of a seed saw the same batches, timesteps and noise: the reference's errors, which depend on nothing
+else, are checked to be identical), with the 95% paired t interval and a percentile bootstrap over seeds
+(``trl_diffusion_sdpo.demo.stats.paired_difference``), for:
+
+* the held-out reward change at the last evaluation step (and at every evaluation step);
+* the winner's error against the reference (``delta/winner``) and the implicit accuracy, means over the last 10% of
+  the steps.
+
+Power: the minimum detectable reward difference at 80% power, alpha 0.05 (paired t), from the paired SD.
+
+Verdicts: a method *pays* in a setting when the reward difference's interval lies above 0, *costs* when it lies
+below 0, and otherwise shows *no detectable difference* (at that setting's minimum detectable effect). Writes the
+summary JSON, ``safeguard_comparison.png`` (the paired differences with their intervals) and the recommendation
+file the demo ships and quotes, and prints the Markdown tables.
+
+To compare a new method (the per-pair scope, SmPO with inversion): add its ``Method`` line to
+``stability_map.EXTRA_METHODS``, rerun ``stability_map.py`` with the same arguments and its key appended to
+``--methods`` (the runs already there are kept), then rerun this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
+
+REFERENCE = "dpo"
+LABELS = {
+    "dpo": "Diffusion-DPO",
+    "sdpo-output-mu0.5": "output space, mu=0.5",
+    "sdpo-output": "output space, mu=0.9",
+    "sdpo-parameter-mu0.5": "parameter space, mu=0.5",
+    "sdpo-update-mu0.5": "update space, mu=0.5",
+}
+METRICS = ("reward_change", "winner_delta", "implicit_acc")
+
+
+def setting_key(run: dict[str, Any], steps: int) -> str:
+    return f"lr{run['learning_rate']:g}-beta{run['beta']:g}-{steps}steps"
+
+
+def run_metrics(run: dict[str, Any], step: str) -> dict[str, float]:
+    """The compared numbers of one run at evaluation step ``step``."""
+    window = run["window"][step]
+    return {
+        "reward_change": run["reward_change"][step],
+        "winner_delta": window["delta/winner"],
+        "implicit_acc": window["implicit_acc"],
+    }
+
+
+def compare(report: dict[str, Any]) -> dict[str, Any]:
+    """Per setting of one ``stability_map.py`` file: per method its means, its paired differences from DPO, the
+    pairing check and the cost."""
+    steps = int(report["grid"]["max_steps"])
+    final = str(steps)
+    grouped: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for run in report["runs"].values():
+        grouped[setting_key(run, steps)][run["method"]][run["seed"]] = run
+    out = {}
+    for key, by_method in grouped.items():
+        any_run = next(iter(next(iter(by_method.values())).values()))
+        setting: dict[str, Any] = {
+            "learning_rate": any_run["learning_rate"],
+            "beta": any_run["beta"],
+            "steps": steps,
+            "eval_steps": sorted((int(s) for s in any_run["reward_change"]), key=int),
+            "methods": {},
+        }
+        reference = by_method.get(REFERENCE, {})
+        for method, runs in by_method.items():
+            seeds = sorted(runs)
+            entry: dict[str, Any] = {
+                "label": LABELS.get(method, method),
+                "seeds": seeds,
+                "seconds": round(sum(r["seconds"] for r in runs.values()), 1),
+                "seconds_per_run": round(float(np.mean([r["seconds"] for r in runs.values()])), 1),
+                "machines": sorted(
+                    {json.dumps(r.get("machine", "not recorded"), sort_keys=True) for r in runs.values()}
+                ),
+            }
+            entry["machines"] = [json.loads(m) for m in entry["machines"]]
+            values = {m: [run_metrics(runs[s], final)[m] for s in seeds] for m in METRICS}
+            entry.update({m: summarise(values[m]) if len(seeds) > 1 else None for m in METRICS})
+            paired = sorted(set(seeds) & set(reference))
+            if method != REFERENCE and len(paired) >= 2:
+                entry["paired_seeds"] = paired
+                entry["minus_dpo"] = {
+                    m: paired_difference(
+                        [run_metrics(runs[s], final)[m] for s in paired],
+                        [run_metrics(reference[s], final)[m] for s in paired],
+                    )
+                    for m in METRICS
+                }
+                entry["reward_minus_dpo_by_step"] = {
+                    str(step): paired_difference(
+                        [runs[s]["reward_change"][str(step)] for s in paired],
+                        [reference[s]["reward_change"][str(step)] for s in paired],
+                    )
+                    for step in setting["eval_steps"]
+                }
+                entry["verdict"] = verdict(entry["minus_dpo"]["reward_change"])
+            setting["methods"][method] = entry
+        setting["pairing"] = pairing_check(by_method)
+        out[key] = setting
+    return out
+
+
+def verdict(difference: dict[str, Any]) -> str:
+    low, high = difference["ci95"]
+    return "pays" if low > 0 else "costs" if high < 0 else "no detectable difference"
+
+
+def pairing_check(by_method: dict[str, dict[int, dict]]) -> dict[str, Any]:
+    """Per seed, the digest of the reference's errors at every step must be the same for every method (same
+    batches, timesteps and noise) and differ between seeds (else the check would be vacuous)."""
+    digests: dict[int, set[str]] = defaultdict(set)
+    for runs in by_method.values():
+        for seed, run in runs.items():
+            if "reference_errors" in run:
+                digests[seed].add(run["reference_errors"]["sha256"])
+    mismatched = sorted(seed for seed, found in digests.items() if len(found) != 1)
+    distinct = len({next(iter(found)) for found in digests.values() if len(found) == 1})
+    return {
+        "seeds_checked": len(digests),
+        "seeds_with_differing_batches": mismatched,
+        "distinct_across_seeds": distinct,
+        "paired": not mismatched and distinct == len(digests),
+    }
+
+
+def _fmt(difference: dict[str, Any], digits: int = 4) -> str:
+    low, high = difference["ci95"]
+    return f"{difference['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def markdown(settings: dict[str, Any]) -> list[str]:
+    """One table per setting: each method's paired differences from DPO with 95% paired t intervals."""
+    lines = []
+    for key, setting in settings.items():
+        dpo = setting["methods"].get(REFERENCE)
+        lines.append(
+            f"\n{key}: Diffusion-DPO reward change {_summary(dpo, 'reward_change')}, winner delta "
+            f"{_summary(dpo, 'winner_delta', 3)}, implicit acc. {_summary(dpo, 'implicit_acc', 2)}"
+        )
+        lines.append(
+            "| method | seeds | reward minus DPO [95% t] | bootstrap | MDE (80%) | winner delta minus DPO "
+            "| implicit acc. minus DPO | verdict | s / run |"
+        )
+        lines.append("|---|---:|---|---|---:|---|---|---|---:|")
+        for entry in setting["methods"].values():
+            if "minus_dpo" not in entry:
+                continue
+            reward = entry["minus_dpo"]["reward_change"]
+            boot = reward["ci95_bootstrap"]
+            lines.append(
+                f"| {entry['label']} | {reward['n']} | {_fmt(reward)} | [{boot[0]:+.4f}, {boot[1]:+.4f}] | "
+                f"{reward['mde80']:.4f} | {_fmt(entry['minus_dpo']['winner_delta'], 3)} | "
+                f"{_fmt(entry['minus_dpo']['implicit_acc'], 2)} | {entry['verdict']} | {entry['seconds_per_run']} |"
+            )
+    return lines
+
+
+def _summary(entry: dict[str, Any] | None, metric: str, digits: int = 4) -> str:
+    if entry is None or entry.get(metric) is None:
+        return "-"
+    stats = entry[metric]
+    low, high = stats["ci95"]
+    return f"{stats['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] (n={stats['n']})"
+
+
+def plot(settings: dict[str, Any], path: Path) -> None:
+    """Per setting, each method's paired reward and winner-error differences from DPO with 95% t intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(settings)
+    fig, axes = plt.subplots(2, len(keys), figsize=(4.6 * len(keys), 6.4), squeeze=False)
+    for column, key in enumerate(keys):
+        entries = [(m, e) for m, e in settings[key]["methods"].items() if "minus_dpo" in e]
+        for row, (metric, name) in enumerate((("reward_change", "held-out reward"), ("winner_delta", "winner error"))):
+            ax = axes[row][column]
+            for y, (_, entry) in enumerate(entries):
+                difference = entry["minus_dpo"][metric]
+                low, high = difference["ci95"]
+                colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:grey"
+                ax.errorbar(
+                    difference["mean"],
+                    y,
+                    xerr=[[difference["mean"] - low], [high - difference["mean"]]],
+                    fmt="o",
+                    color=colour,
+                    capsize=3,
+                )
+                ax.plot(difference["differences"], [y + 0.18] * difference["n"], "|", color=colour, alpha=0.5)
+            ax.axvline(0.0, color="black", lw=0.8)
+            ax.set_yticks(range(len(entries)), [e["label"] for _, e in entries] if column == 0 else [])
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{name}: method minus Diffusion-DPO")
+            if row == 0:
+                n = max((e["minus_dpo"]["reward_change"]["n"] for _, e in entries), default=0)
+                setting = settings[key]
+                ax.set_title(f"lr {setting['learning_rate']:g}, {setting['steps']} steps ({n} seeds)")
+    fig.suptitle(
+        "Paired difference from Diffusion-DPO per seed (ticks) and mean with 95% paired t interval\n"
+        "green: interval above 0, red: below 0 (benchmarks/results/safeguard-comparison-cpu.json)"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="stability_map.py result files")
+    parser.add_argument("--json", required=True, help="Summary to write.")
+    parser.add_argument("--images", default=None, help="Folder for safeguard_comparison.png.")
+    args = parser.parse_args(argv)
+    settings: dict[str, Any] = {}
+    sources = {}
+    for name in args.runs:
+        report = json.loads(Path(name).read_text())
+        settings.update(compare(report))
+        sources[name] = {
+            "grid": report["grid"],
+            "runs": len(report["runs"]),
+            "sessions": report["sessions"],
+            "skipped": report.get("skipped", {}),
+            "base": report["base"],
+        }
+    cost = {
+        "run_seconds": round(sum(m["seconds"] for s in settings.values() for m in s["methods"].values()), 1),
+        "session_wall_seconds": round(
+            sum(x.get("wall_seconds", 0) for s in sources.values() for x in s["sessions"]), 1
+        ),
+        "session_process_cpu_seconds": round(
+            sum(x.get("process_cpu_seconds", 0) for s in sources.values() for x in s["sessions"]), 1
+        ),
+        "runs": sum(s["runs"] for s in sources.values()),
+        "machines": sorted(
+            {json.dumps(x.get("machine"), sort_keys=True) for s in sources.values() for x in s["sessions"]}
+        ),
+    }
+    cost["machines"] = [json.loads(m) for m in cost["machines"]]
+    summary = {
+        "what": "paired differences from Diffusion-DPO per setting and method (benchmarks/safeguard_comparison.py)",
+        "intervals": "95% paired t over training seeds (df = n - 1); ci95_bootstrap: percentile bootstrap over seeds",
+        "power": "mde80: smallest true mean difference a two-sided paired t test (alpha 0.05) detects with 80% power",
+        "settings": settings,
+        "sources": sources,
+        "cost": cost,
+    }
+    Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    if args.images:
+        plot(settings, Path(args.images) / "safeguard_comparison.png")
+    for line in markdown(settings):
+        print(line)
+    for key, setting in settings.items():
+        print(f"{key}: pairing {setting['pairing']}")
+    print(f"cost: {cost}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
