@@ -52,6 +52,7 @@ LABELS = {
     "sdpo-update-mu0.5": "update space, mu=0.5",
 }
 METRICS = ("reward_change", "winner_delta", "implicit_acc")
+MIN_SEEDS = 10  # paired seeds a method needs in a setting before the recommendation rests on it
 
 
 def setting_key(run: dict[str, Any], steps: int) -> str:
@@ -177,6 +178,7 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
                 continue
             reward = entry["reward_minus_dpo_by_step"][step]
             row = {"setting": name, "method": key, "label": entry["label"], "n": reward["n"], "step": int(step)}
+            row.update(learning_rate=setting["learning_rate"], run_steps=setting["steps"])
             row["reward_minus_dpo"] = {k: reward[k] for k in ("mean", "ci95", "mde80")}
             row["verdict"] = verdict(reward)
             if step == str(setting["steps"]):
@@ -188,6 +190,11 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
         return [r for r in rows if r["method"] == method and r["setting"].startswith(prefix)]
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    # Decide on the methods with the full 10 paired seeds where they ran; the rest are listed as undecided.
+    full = [m for m in methods if all(r["n"] >= MIN_SEEDS for r in rows if r["method"] == m)]
+    undecided = [m for m in methods if m not in full]
+    preliminary = not full
+    methods = full or methods
     pathological = {m: verdicts(m, "pathological") for m in methods}
     mild = {m: verdicts(m, "demo's") for m in methods}
     pays = [m for m in methods if pathological[m] and pathological[m][0]["verdict"] == "pays"]
@@ -196,7 +203,11 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
     if safe:
         pick = max(safe, key=lambda m: pathological[m][0]["reward_minus_dpo"]["mean"])
         row = pathological[pick][0]
-        mild_text = "; ".join(f"{_ci(r['reward_minus_dpo'])} at {r['step']} steps" for r in mild[pick])
+        mild_text = "; ".join(
+            f"{_ci(r['reward_minus_dpo'])} at {r['step']} steps, where {r['n']} seeds detect "
+            f"{r['reward_minus_dpo']['mde80']:.3f}"
+            for r in mild[pick]
+        )
         text = (
             f"Turn the safeguard on ({row['label']}): at lr 2e-4 it changes the held-out reward by "
             f"{_ci(row['reward_minus_dpo'])} against Diffusion-DPO, and at the demo's lr 2e-5 it costs nothing "
@@ -221,8 +232,15 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
             "No safeguard pays on the toy demo: keep Diffusion-DPO (the default, safeguard=False). No safeguard's "
             "held-out reward is detectably above Diffusion-DPO's at lr 2e-4, where Diffusion-DPO's pathology appears."
         )
+    if preliminary:
+        text += f" (Preliminary: fewer than {MIN_SEEDS} paired seeds.)"
+    elif undecided:
+        labels = ", ".join(
+            f"{r['label']} ({r['n']} seeds)" for r in rows if r["method"] in undecided and r["setting"][0] == "p"
+        )
+        text += f" Too few seeds to decide: {labels}."
     n = sorted({r["n"] for r in rows})
-    return {"source": source, "seeds": n, "text": text, "rows": rows}
+    return {"source": source, "seeds": n, "min_seeds": MIN_SEEDS, "text": text, "rows": rows}
 
 
 def recommendation_table(rec: dict[str, Any]) -> list[str]:
@@ -334,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings: dict[str, Any] = {}
     sources = {}
+    merged: dict[str, dict[str, Any]] = {}  # files of the same run length pooled (a method may run in its own file)
     for name in args.runs:
         report = json.loads(Path(name).read_text())
-        settings.update(compare(report))
+        pool = merged.setdefault(str(report["grid"]["max_steps"]), {"grid": report["grid"], "runs": {}})
+        pool["runs"].update(report["runs"])
         sources[name] = {
             "grid": report["grid"],
             "runs": len(report["runs"]),
@@ -344,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             "skipped": report.get("skipped", {}),
             "base": report["base"],
         }
+    for pool in merged.values():
+        settings.update(compare(pool))
     cost = {
         "run_seconds": round(sum(m["seconds"] for s in settings.values() for m in s["methods"].values()), 1),
         "session_wall_seconds": round(
