@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
+from trl_diffusion_sdpo.step.health import winner_pathology  # noqa: E402
 
 REFERENCE = "dpo"
 LABELS = {
@@ -122,8 +123,26 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
                 entry["verdict"] = verdict(entry["minus_dpo"]["reward_change"])
             setting["methods"][method] = entry
         setting["pairing"] = pairing_check(by_method)
+        if reference:
+            setting["dpo_health_flag"] = health_flag(list(reference.values()))
         out[key] = setting
     return out
+
+
+def health_flag(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How often ``health/winner_pathology`` (``trl_diffusion_sdpo.step.health.winner_pathology`` over the logged
+    steps, one log per step here) would have fired in these runs: the fraction of steps flagged and the first
+    flagged step, per seed, so one sees whether the flag tells the pathological setting from the mild one."""
+    fractions, first = [], []
+    for run in runs:
+        history = run["history"]
+        logs = [
+            {"delta/winner": w, "implicit_acc": a} for w, a in zip(history["delta/winner"], history["implicit_acc"])
+        ]
+        flags = [winner_pathology(logs[: i + 1]) for i in range(len(logs))]
+        fractions.append(float(np.mean(flags)))
+        first.append(next((int(history["step"][i]) for i, f in enumerate(flags) if f), None))
+    return {"fraction_of_steps": summarise(fractions), "first_step": first}
 
 
 def verdict(difference: dict[str, Any]) -> str:
@@ -131,21 +150,40 @@ def verdict(difference: dict[str, Any]) -> str:
     return "pays" if low > 0 else "costs" if high < 0 else "no detectable difference"
 
 
+def _same_reference(run: dict[str, Any], reference: dict[str, Any]) -> str:
+    """How a run's reference errors compare with Diffusion-DPO's of the same seed: ``exact`` (same digest over
+    every step), ``trace`` (every step within float32 rounding, rtol 1e-5: the parameter and update spaces evaluate
+    each branch's half batch), ``first steps`` (only the first three steps were recorded by the DPO run, and they
+    agree within rtol 1e-5), or ``differ``."""
+    mine, theirs = run["reference_errors"], reference["reference_errors"]
+    if mine["sha256"] == theirs["sha256"]:
+        return "exact"
+    if "trace" in mine and "trace" in theirs:
+        return "trace" if np.allclose(mine["trace"], theirs["trace"], rtol=1e-5, atol=0) else "differ"
+    return "first steps" if np.allclose(mine["first_steps"], theirs["first_steps"], rtol=1e-5, atol=0) else "differ"
+
+
 def pairing_check(by_method: dict[str, dict[int, dict]]) -> dict[str, Any]:
-    """Per seed, the digest of the reference's errors at every step must be the same for every method (same
-    batches, timesteps and noise) and differ between seeds (else the check would be vacuous)."""
-    digests: dict[int, set[str]] = defaultdict(set)
-    for runs in by_method.values():
+    """Per seed, every method's reference errors (which depend only on the batches, timesteps and noise: the
+    reference is frozen) must be Diffusion-DPO's, and the seeds' must differ (else the check would be vacuous)."""
+    counts: dict[str, int] = defaultdict(int)
+    differ = []
+    reference = by_method.get(REFERENCE, {})
+    for method, runs in by_method.items():
         for seed, run in runs.items():
-            if "reference_errors" in run:
-                digests[seed].add(run["reference_errors"]["sha256"])
-    mismatched = sorted(seed for seed, found in digests.items() if len(found) != 1)
-    distinct = len({next(iter(found)) for found in digests.values() if len(found) == 1})
+            if method == REFERENCE or seed not in reference:
+                continue
+            found = _same_reference(run, reference[seed])
+            counts[found] += 1
+            if found == "differ":
+                differ.append(f"seed{seed}-{method}")
+    distinct = len({run["reference_errors"]["sha256"] for run in reference.values()})
     return {
-        "seeds_checked": len(digests),
-        "seeds_with_differing_batches": mismatched,
+        "runs_against_dpo": dict(counts),
+        "runs_with_other_batches": differ,
+        "dpo_seeds": len(reference),
         "distinct_across_seeds": distinct,
-        "paired": not mismatched and distinct == len(digests),
+        "paired": not differ and distinct == len(reference),
     }
 
 
@@ -199,7 +237,13 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
     mild = {m: verdicts(m, "demo's") for m in methods}
     pays = [m for m in methods if pathological[m] and pathological[m][0]["verdict"] == "pays"]
     safe = [m for m in pays if mild[m] and all(r["verdict"] != "costs" for r in mild[m])]
-    best = max(pays, key=lambda m: pathological[m][0]["reward_minus_dpo"]["mean"]) if pays else None
+    measured = [m for m in pays if mild[m]]
+
+    def mild_cost(method: str) -> float:  # the worst mean reward difference at the demo's learning rate
+        return min(r["reward_minus_dpo"]["mean"] for r in mild[method])
+
+    # of the safeguards that pay where the pathology bites, the one that costs least where it does not
+    best = max(measured, key=mild_cost) if measured else pays[0] if pays else None
     if safe:
         pick = max(safe, key=lambda m: pathological[m][0]["reward_minus_dpo"]["mean"])
         row = pathological[pick][0]
@@ -222,14 +266,21 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
             else "not measured there"
         )
         text = (
-            f"Keep Diffusion-DPO as the default; turn the safeguard on ({row['label']}) only when its pathology "
-            f"shows (the winner's error rises while the margin grows, health/winner_pathology): at lr 2e-4 it changes "
-            f"the held-out reward by {_ci(row['reward_minus_dpo'])} against Diffusion-DPO, but at the demo's lr 2e-5 "
-            f"it costs {where}."
+            f"Train with Diffusion-DPO (safeguard=False) where it is healthy; turn the safeguard on ({row['label']}) "
+            f"only where Diffusion-DPO's pathology bites (its held-out reward falls while the winner's error rises, "
+            f"here at 10x the demo's learning rate): at lr 2e-4 it changes the held-out reward by "
+            f"{_ci(row['reward_minus_dpo'])} against Diffusion-DPO, but at the demo's lr 2e-5 it costs {where}."
         )
+        flags = [_setting(settings, 2e-4, 200), _setting(settings, 2e-5, 200) or _setting(settings, 2e-5, 1000)]
+        if all(f is not None and "dpo_health_flag" in f for f in flags):
+            shares = [f["dpo_health_flag"]["fraction_of_steps"]["mean"] for f in flags]
+            text += (
+                f" The per-step health/winner_pathology flag does not tell the two apart here: it fired on "
+                f"{shares[0]:.2f} of Diffusion-DPO's steps at 2e-4 and {shares[1]:.2f} at 2e-5."
+            )
     else:
         text = (
-            "No safeguard pays on the toy demo: keep Diffusion-DPO (the default, safeguard=False). No safeguard's "
+            "No safeguard pays on the toy demo: train with Diffusion-DPO (safeguard=False). No safeguard's "
             "held-out reward is detectably above Diffusion-DPO's at lr 2e-4, where Diffusion-DPO's pathology appears."
         )
     if preliminary:
@@ -300,42 +351,40 @@ def _summary(entry: dict[str, Any] | None, metric: str, digits: int = 4) -> str:
 
 
 def plot(settings: dict[str, Any], path: Path) -> None:
-    """Per setting, each method's paired reward and winner-error differences from DPO with 95% t intervals."""
+    """Per setting (columns, by learning rate), each method's paired reward and winner-error differences from DPO:
+    the per-seed differences (ticks) and the mean with its 95% paired t interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(settings)
-    fig, axes = plt.subplots(2, len(keys), figsize=(4.6 * len(keys), 6.4), squeeze=False)
+    keys = sorted(
+        (k for k, s in settings.items() if any("minus_dpo" in e for e in s["methods"].values())),
+        key=lambda k: (settings[k]["learning_rate"], settings[k]["steps"]),
+    )
+    fig, axes = plt.subplots(2, len(keys), figsize=(6.0 * len(keys), 6.6), squeeze=False)
+    colours = {"above": "tab:blue", "below": "tab:orange", "includes": "tab:grey"}
     for column, key in enumerate(keys):
-        entries = [(m, e) for m, e in settings[key]["methods"].items() if "minus_dpo" in e]
+        setting = settings[key]
+        entries = [e for e in setting["methods"].values() if "minus_dpo" in e]
         for row, (metric, name) in enumerate((("reward_change", "held-out reward"), ("winner_delta", "winner error"))):
             ax = axes[row][column]
-            for y, (_, entry) in enumerate(entries):
+            for y, entry in enumerate(entries):
                 difference = entry["minus_dpo"][metric]
-                low, high = difference["ci95"]
-                colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:grey"
-                ax.errorbar(
-                    difference["mean"],
-                    y,
-                    xerr=[[difference["mean"] - low], [high - difference["mean"]]],
-                    fmt="o",
-                    color=colour,
-                    capsize=3,
-                )
-                ax.plot(difference["differences"], [y + 0.18] * difference["n"], "|", color=colour, alpha=0.5)
+                mean, (low, high) = difference["mean"], difference["ci95"]
+                colour = colours["above" if low > 0 else "below" if high < 0 else "includes"]
+                ax.errorbar(mean, y, xerr=[[mean - low], [high - mean]], fmt="o", color=colour, capsize=3)
+                ax.plot(difference["differences"], [y + 0.2] * difference["n"], "|", color=colour, alpha=0.6)
             ax.axvline(0.0, color="black", lw=0.8)
-            ax.set_yticks(range(len(entries)), [e["label"] for _, e in entries] if column == 0 else [])
-            ax.invert_yaxis()
+            ax.set_yticks(range(len(entries)), [f"{e['label']} ({e['minus_dpo'][metric]['n']})" for e in entries])
+            ax.set_ylim(len(entries) - 0.5, -0.5)
             ax.set_xlabel(f"{name}: method minus Diffusion-DPO")
+            ax.grid(alpha=0.3, axis="x")
             if row == 0:
-                n = max((e["minus_dpo"]["reward_change"]["n"] for _, e in entries), default=0)
-                setting = settings[key]
-                ax.set_title(f"lr {setting['learning_rate']:g}, {setting['steps']} steps ({n} seeds)")
+                ax.set_title(f"lr {setting['learning_rate']:g}, beta {setting['beta']:g}, {setting['steps']} steps")
     fig.suptitle(
-        "Paired difference from Diffusion-DPO per seed (ticks) and mean with 95% paired t interval\n"
-        "green: interval above 0, red: below 0 (benchmarks/results/safeguard-comparison-cpu.json)"
+        "Paired difference from Diffusion-DPO: per seed (ticks), mean and 95% paired t interval (seeds in brackets)\n"
+        "blue: interval above 0, orange: below 0, grey: includes 0 (benchmarks/results/safeguard-comparison-cpu.json)"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     print(rec["text"])
     for key, setting in settings.items():
         print(f"{key}: pairing {setting['pairing']}")
+        if "dpo_health_flag" in setting:
+            flag = setting["dpo_health_flag"]
+            share = flag["fraction_of_steps"]["mean"]
+            print(f"{key}: DPO health flag on {share:.2f} of steps, first flagged steps {flag['first_step']}")
     print(f"cost: {cost}")
     return 0
 

@@ -155,7 +155,13 @@ def reference_errors(history: dict[str, list[float]]) -> dict[str, Any]:
     depend only on the batches, timesteps and noise: equal digests across methods for a seed show the runs are
     paired (and differing ones that they are not)."""
     values = np.asarray([history["mse/ref_winner"], history["mse/ref_loser"]], dtype=np.float32)
-    return {"sha256": hashlib.sha256(values.tobytes()).hexdigest(), "first_steps": values[:, :3].tolist()}
+    return {
+        "sha256": hashlib.sha256(values.tobytes()).hexdigest(),
+        "first_steps": values[:, :3].tolist(),
+        # the whole trace too: the parameter and update spaces compute the reference's errors on each branch's half
+        # batch, which rounds differently in float32 (same batches, digests differ by a last bit)
+        "trace": [_rounded(row) for row in values.tolist()],
+    }
 
 
 def _rounded(values: list[float]) -> list[float]:
