@@ -224,17 +224,20 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
                     row[f"{metric}_minus_dpo"] = {k: entry["minus_dpo"][metric][k] for k in ("mean", "ci95")}
             rows.append(row)
 
-    def verdicts(method: str, prefix: str) -> list[dict[str, Any]]:
-        return [r for r in rows if r["method"] == method and r["setting"].startswith(prefix)]
-
+    # Decide on rows with the full MIN_SEEDS paired seeds; a method needs one at lr 2e-4 and one at the demo's lr.
+    decisive = [r for r in rows if r["n"] >= MIN_SEEDS]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    # Decide on the methods with the full 10 paired seeds where they ran; the rest are listed as undecided.
-    full = [m for m in methods if all(r["n"] >= MIN_SEEDS for r in rows if r["method"] == m)]
+
+    def verdicts(method: str, prefix: str, pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in pool if r["method"] == method and r["setting"].startswith(prefix)]
+
+    full = [m for m in methods if verdicts(m, "pathological", decisive) and verdicts(m, "demo's", decisive)]
     undecided = [m for m in methods if m not in full]
     preliminary = not full
-    methods = full or methods
-    pathological = {m: verdicts(m, "pathological") for m in methods}
-    mild = {m: verdicts(m, "demo's") for m in methods}
+    pool = rows if preliminary else decisive
+    methods = methods if preliminary else full
+    pathological = {m: verdicts(m, "pathological", pool) for m in methods}
+    mild = {m: verdicts(m, "demo's", pool) for m in methods}
     pays = [m for m in methods if pathological[m] and pathological[m][0]["verdict"] == "pays"]
     safe = [m for m in pays if mild[m] and all(r["verdict"] != "costs" for r in mild[m])]
     measured = [m for m in pays if mild[m]]
@@ -286,10 +289,17 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
     if preliminary:
         text += f" (Preliminary: fewer than {MIN_SEEDS} paired seeds.)"
     elif undecided:
-        labels = ", ".join(
-            f"{r['label']} ({r['n']} seeds)" for r in rows if r["method"] in undecided and r["setting"][0] == "p"
-        )
-        text += f" Too few seeds to decide: {labels}."
+        labels = []
+        for method in undecided:
+            label = next(r["label"] for r in rows if r["method"] == method)
+            reasons = []
+            for prefix, where in (("pathological", "lr 2e-4"), ("demo's", "the demo's lr 2e-5")):
+                if not verdicts(method, prefix, rows):
+                    reasons.append(f"not run at {where}")
+                elif not verdicts(method, prefix, decisive):
+                    reasons.append(f"{max(r['n'] for r in verdicts(method, prefix, rows))} seeds at {where}")
+            labels.append(f"{label} ({', '.join(reasons)})")
+        text += f" Not decided (fewer than {MIN_SEEDS} paired seeds, or not run): {'; '.join(labels)}."
     n = sorted({r["n"] for r in rows})
     return {"source": source, "seeds": n, "min_seeds": MIN_SEEDS, "text": text, "rows": rows}
 
