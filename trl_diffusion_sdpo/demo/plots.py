@@ -86,7 +86,7 @@ def plot_error_deltas(
     axes[1, 0].set_ylabel("implicit accuracy")
     fig.suptitle("Denoising error relative to the frozen base (above 0: worse than the base); mean over seeds")
     if note:
-        wrapped = textwrap.fill(note, width=int(30 * len(methods)))
+        wrapped = textwrap.fill(note, width=int(38 * len(methods)))
         fig.text(0.01, 0.005, wrapped, fontsize=8, va="bottom", ha="left")
         fig.tight_layout(rect=(0, 0.04 * (wrapped.count("\n") + 1), 1, 1))
     else:
