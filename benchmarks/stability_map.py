@@ -28,9 +28,12 @@ map still covers every cell.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import hashlib
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -44,11 +47,11 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from trl_diffusion_sdpo.demo.methods import METHODS, Method  # noqa: E402
+from trl_diffusion_sdpo.demo.methods import METHODS, Method, method_unavailable  # noqa: E402
 from trl_diffusion_sdpo.demo.pairs import make_preference_pairs  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import load_base, recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
-from trl_diffusion_sdpo.demo.run import _evaluate, quiet_libraries, train_preference  # noqa: E402
+from trl_diffusion_sdpo.demo.run import _evaluate, _training_args, quiet_libraries, train_preference  # noqa: E402
 from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
 
 DEMO_LR, DEMO_BETA = DemoRecipe.learning_rate, DemoRecipe.beta
@@ -57,12 +60,20 @@ EXTRA_METHODS = (
     Method("sdpo-parameter-mu0.5", "SDPO parameter mu=0.5", True, 0.5, "parameter"),
     Method("sdpo-update", "SDPO update mu=0.9", True, 0.9, "update"),
     Method("sdpo-update-mu0.5", "SDPO update mu=0.5", True, 0.5, "update"),
+    # A new variant is one line here plus its key in --methods; a run whose config the installed trainer refuses
+    # (a field or value not landed yet) is skipped and listed under "skipped" in the results file. For example:
+    #   Method("sdpo-pair-mu0.5", "SDPO per-pair mu=0.5", True, 0.5, "parameter", (("safeguard_scope", "pair"),)),
+    #   Method("smpo-inversion", "SmPO (inversion)", False, config=(("loss_type", "smpo"), ...)),
 )
 HISTORY_KEYS = ("step", "loss", "delta/winner", "delta/loser", "implicit_acc", "safeguard/lambda_mean")
 
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
+
+
+def _listed(value: str | list[str] | None) -> list[str]:
+    return value.split(",") if isinstance(value, str) else list(value or [])
 
 
 def cells(lrs: list[float], betas: list[float]) -> list[tuple[float, float]]:
@@ -115,6 +126,48 @@ def _run_key(seed: int, lr: float, beta: float, method: str) -> str:
     return f"seed{seed}-lr{lr:g}-beta{beta:g}-{method}"
 
 
+def machine() -> dict[str, Any]:
+    """Which machine ran a run: the device, the CPU model, cores and torch threads."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"device": "cpu", "cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def refused(recipe: DemoRecipe, method: Method) -> str | None:
+    """Why the installed trainer refuses ``method``'s config (a field or value that has not landed), or ``None``."""
+    reason = method_unavailable(method)
+    if reason is not None:
+        return reason
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            _training_args(recipe, method, 0, workdir, None)
+        except (TypeError, ValueError) as error:
+            return f"{type(error).__name__}: {error}"
+    return None
+
+
+def reference_errors(history: dict[str, list[float]]) -> dict[str, Any]:
+    """A digest of the reference's winner and loser errors at every logged step. The reference is frozen, so these
+    depend only on the batches, timesteps and noise: equal digests across methods for a seed show the runs are
+    paired (and differing ones that they are not)."""
+    values = np.asarray([history["mse/ref_winner"], history["mse/ref_loser"]], dtype=np.float32)
+    return {
+        "sha256": hashlib.sha256(values.tobytes()).hexdigest(),
+        "first_steps": values[:, :3].tolist(),
+        # the whole trace too: the parameter and update spaces compute the reference's errors on each branch's half
+        # batch, which rounds differently in float32 (same batches, digests differ by a last bit)
+        "trace": [_rounded(row) for row in values.tolist()],
+    }
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [float(f"{v:.6g}") for v in values]
+
+
 def _write(path: Path, report: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report))
@@ -140,19 +193,35 @@ def main(argv: list[str] | None = None) -> int:
     eval_steps = sorted(int(s) for s in args.eval_steps.split(","))
     if eval_steps[-1] != args.max_steps:
         raise ValueError(f"the last --eval-steps ({eval_steps[-1]}) must be --max-steps ({args.max_steps})")
-    grid = {k: v for k, v in vars(args).items() if k != "json"}
+    # Seeds, methods and cells may grow between sessions (runs are keyed by them); every other setting must match.
+    grown = ("seeds", "methods", "lrs", "betas")
+    grid = {k: v for k, v in vars(args).items() if k != "json" and k not in grown}
     path = Path(args.json)
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    if report and report["grid"] != grid:
+    if report and {k: v for k, v in report["grid"].items() if k not in grown} != grid:
         raise ValueError(f"{path} holds another grid ({report['grid']}); pass another --json")
     report.setdefault("grid", grid)
+    for name, new in (("seeds", args.seeds), ("methods", args.methods), ("lrs", args.lrs), ("betas", args.betas)):
+        report["grid"][name] = list(
+            dict.fromkeys([*_listed(report["grid"].get(name)), *(v for v in new.split(",") if v)])
+        )
     report.setdefault("runs", {})
     report.setdefault("sessions", [])
-    session = {"load_average_start": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count()}
+    torch.set_num_threads(1)
+    session = {
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
+        "cpu_count": os.cpu_count(),
+        "machine": machine(),
+    }
     report["sessions"].append(session)
     path.parent.mkdir(parents=True, exist_ok=True)
     began_cpu, began = time.process_time(), time.perf_counter()
-    torch.set_num_threads(1)
+    probe = DemoRecipe(batch_size=args.batch_size, max_steps=args.max_steps)
+    skipped = {key: reason for key in methods if (reason := refused(probe, METHODS[key])) is not None}
+    report["skipped"] = skipped
+    for key, reason in skipped.items():
+        print(f"skipped {key}: {reason}", flush=True)
+    methods = [key for key in methods if key not in skipped]
     todo = [
         (seed, lr, beta, method)
         for seed in seeds
@@ -192,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             tick = time.perf_counter()
             _, history = train_preference(base, dataset, recipe, METHODS[key], seed, latent_cache_dir, [evaluator])
             seconds = time.perf_counter() - tick
+            if history["step"][-1] != args.max_steps:  # preempted (SIGTERM): record only whole runs
+                raise RuntimeError(f"run stopped at step {history['step'][-1]} of {args.max_steps}")
             run = {
                 "seed": seed,
                 "learning_rate": lr,
@@ -199,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                 "method": key,
                 "reward_change": {str(s): r - report["base"]["reward"] for s, r in evaluator.rewards.items()},
                 "window": {str(s): window(history, s) for s in eval_steps},
-                "history": {k: history[k] for k in HISTORY_KEYS if k in history},
+                "history": {k: _rounded(history[k]) for k in HISTORY_KEYS if k in history},
+                "reference_errors": reference_errors(history),
                 "seconds": round(seconds, 1),
                 "eval_seconds": round(evaluator.seconds, 1),
+                "machine": session["machine"],
             }
             report["runs"][_run_key(seed, lr, beta, key)] = run
             session["wall_seconds"] = round(time.perf_counter() - began, 1)

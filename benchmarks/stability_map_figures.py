@@ -32,7 +32,8 @@ def table(report: dict) -> tuple[list[dict], list[str]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in report["runs"].values():
         groups[(run["learning_rate"], run["beta"], run["method"])].append(run)
-    methods = report["grid"]["methods"].split(",")
+    methods = report["grid"]["methods"]  # a comma-separated string in older files, a list since the seeds grew
+    methods = methods.split(",") if isinstance(methods, str) else methods
     rows, lines = [], []
     lines.append(
         "| lr | beta | method | step | reward change (95% CI) | winner delta | loser delta | implicit acc. | seeds "
@@ -63,7 +64,8 @@ def plot(report: dict, rows: list[dict], images: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = report["grid"]["methods"].split(",")
+    methods = report["grid"]["methods"]  # a comma-separated string in older files, a list since the seeds grew
+    methods = methods.split(",") if isinstance(methods, str) else methods
     last = max(r["step"] for r in rows)
     demo_lr, demo_beta = 2e-5, 5000.0
     sweeps = [

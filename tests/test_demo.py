@@ -27,6 +27,7 @@ from trl_diffusion_sdpo.demo.pretrain import (
     shipped_base_record,
 )
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe
+from trl_diffusion_sdpo.demo.report import RECOMMENDATION_FILE, recommendation_line, safeguard_recommendation
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.demo.shapes import COLOURS, Caption, all_captions, colour_reward, draw_shape, split_captions
 from trl_diffusion_sdpo.demo.stats import bootstrap_paired_change, t_interval, t_quantile_975
@@ -144,6 +145,22 @@ def test_quick_demo_runs_every_method_and_seed_and_reports_intervals(tmp_path, m
         with Image.open(out / name) as image:
             assert image.width >= 400 and image.height >= 200
     assert summary["timings"]["total_seconds"] > 0 and len(summary["environment"]["load_average_start"]) == 3
+    # the recommendation: quoted from the shipped comparison file, in the summary and on the console
+    shipped = json.loads(RECOMMENDATION_FILE.read_text())
+    assert summary["recommendation"]["text"] == shipped["text"]
+    assert summary["recommendation"]["source"] == "benchmarks/results/safeguard-comparison-cpu.json"
+    assert shipped["text"] in printed and summary["recommendation"]["source"] in printed
+
+
+def test_recommendation_line_names_its_source_and_seeds(tmp_path):
+    (tmp_path / "r.json").write_text(
+        json.dumps({"text": "Keep X.", "source": "a.json", "seeds": [10, 12], "rows": []})
+    )
+    found = safeguard_recommendation(tmp_path / "r.json")
+    assert found == {"text": "Keep X.", "source": "a.json", "seeds": [10, 12]}
+    line = recommendation_line(found)
+    assert line.endswith(": Keep X.") and "10-12 seeds" in line and "a.json" in line
+    assert safeguard_recommendation(tmp_path / "missing.json") is None
 
 
 def test_demo_options_reach_the_recipe():

@@ -328,3 +328,30 @@ def test_where_the_exact_safeguard_runs_is_stated_once_and_the_same_everywhere()
     stale = re.compile(r"DDP only|refused under DeepSpeed(?! ZeRO-3)|not available under DeepSpeed", re.IGNORECASE)
     for page in PAGES:
         assert not stale.search(page.read_text()), page.name
+
+
+def test_the_safeguard_recommendation_is_the_comparisons_and_the_same_in_readme_docs_and_demo() -> None:
+    """The README, docs/safeguard.md and the demo (which quotes ``safeguard_recommendation.json``) state the same
+    recommendation, and every row of its table is the paired comparison's result file's number."""
+    import json
+
+    from trl_diffusion_sdpo.demo.report import RECOMMENDATION_FILE
+
+    shipped = json.loads(RECOMMENDATION_FILE.read_text())
+    comparison = json.loads((ROOT / shipped["source"]).read_text())
+    assert shipped["rows"], "the recommendation has no rows: regenerate it with benchmarks/safeguard_comparison.py"
+    pages = {name: " ".join((ROOT / name).read_text().split()) for name in ("README.md", "docs/safeguard.md")}
+    for name, text in pages.items():
+        assert shipped["text"] in text, f"{name} does not state the shipped recommendation"
+        assert shipped["source"] in text, name
+    for row in shipped["rows"]:
+        setting = next(
+            s
+            for s in comparison["settings"].values()
+            if s["learning_rate"] == row["learning_rate"] and s["steps"] == row["run_steps"]
+        )
+        found = setting["methods"][row["method"]]["reward_minus_dpo_by_step"][str(row["step"])]
+        assert found["mean"] == row["reward_minus_dpo"]["mean"] and found["ci95"] == row["reward_minus_dpo"]["ci95"]
+        cell = "{:+.3f} [{:+.3f}, {:+.3f}]".format(found["mean"], *found["ci95"])
+        for name, text in pages.items():
+            assert cell in text, f"{name} lacks {row['setting']} {row['label']}: {cell}"

@@ -18,9 +18,9 @@ class Method:
     """One row of the comparison.
 
     ``safeguard_space`` is passed to the config only when set: the field is recent, and leaving it out keeps the
-    output-space rows working on trainers that predate it (where the output space is the only one). ``config``:
-    further config fields as ``(name, value)`` pairs (e.g. ``loss_type``, ``noising``), for methods beyond the
-    demo's own (``benchmarks/smpo_inversion.py``).
+    output-space rows working on trainers that predate it (where the output space is the only one). ``config``: any
+    other config fields as ``(name, value)`` pairs, e.g. ``(("safeguard_scope", "pair"),)`` or
+    ``(("loss_type", "smpo"),)``, so a new variant is one ``Method(...)`` line.
     """
 
     key: str
@@ -69,6 +69,9 @@ def method_unavailable(method: Method, config_class: type | None = None) -> str 
             "the installed DiffusionSDPOConfig has no safeguard_space field (this trainer predates the exact "
             "parameter-space safeguard)"
         )
+    missing = [name for name, _ in method.config if name not in fields]
+    if missing:
+        return f"the installed DiffusionSDPOConfig has no {', '.join(missing)} field (this trainer predates it)"
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -42,10 +43,13 @@ def _limits(curves: list[np.ndarray]) -> tuple[float, float]:
     return low - pad, high + pad
 
 
-def plot_error_deltas(histories: dict[str, dict[str, list[float]]], titles: dict[str, str], path: Path) -> None:
+def plot_error_deltas(
+    histories: dict[str, dict[str, list[float]]], titles: dict[str, str], path: Path, note: str | None = None
+) -> None:
     """Top row: winner and loser ``policy - reference`` error per step, one panel per method (each with its own y
     scale, so a small rise is visible next to a large fall). Bottom row: the implicit accuracy (fraction of pairs
-    with ``u > 0``), i.e. whether the preference margin grows. Thin lines: per step; thick: moving average."""
+    with ``u > 0``), i.e. whether the preference margin grows. Thin lines: per step; thick: moving average.
+    ``note``: a line of text under the panels (the demo's: when to turn the safeguard on, and its source)."""
     methods = list(histories)
     fig, axes = plt.subplots(
         2,
@@ -81,7 +85,12 @@ def plot_error_deltas(histories: dict[str, dict[str, list[float]]], titles: dict
     axes[0, 0].set_ylabel("denoising error\npolicy − reference")
     axes[1, 0].set_ylabel("implicit accuracy")
     fig.suptitle("Denoising error relative to the frozen base (above 0: worse than the base); mean over seeds")
-    fig.tight_layout()
+    if note:
+        wrapped = textwrap.fill(note, width=int(38 * len(methods)))
+        fig.text(0.01, 0.005, wrapped, fontsize=8, va="bottom", ha="left")
+        fig.tight_layout(rect=(0, 0.04 * (wrapped.count("\n") + 1), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -3,6 +3,8 @@ intervals, and the console tables."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,21 @@ from .methods import Method
 from .recipe import LAST_FRACTION
 from .stats import bootstrap_paired_change, summarise
 
-__all__ = ["final_mean", "format_table", "history_from_logs", "mean_history", "summarise_methods"]
+__all__ = [
+    "RECOMMENDATION_FILE",
+    "final_mean",
+    "format_table",
+    "history_from_logs",
+    "mean_history",
+    "recommendation_line",
+    "safeguard_recommendation",
+    "summarise_methods",
+]
+
+RECOMMENDATION_FILE = Path(__file__).with_name("safeguard_recommendation.json")
+"""When to turn the safeguard on, from the paired comparison on this demo (``benchmarks/safeguard_comparison.py``,
+written there from ``benchmarks/results/safeguard-comparison-cpu.json``); shipped so the demo can quote it without
+rerunning the comparison."""
 
 # metric -> its range (t intervals are clipped to it), or None
 _METRICS: dict[str, tuple[float, float] | None] = {
@@ -91,6 +107,25 @@ def summarise_methods(
     return results
 
 
+def safeguard_recommendation(path: Path = RECOMMENDATION_FILE) -> dict[str, Any] | None:
+    """The shipped recommendation: ``text`` (the sentence the README and ``docs/safeguard.md`` carry), ``source`` (the
+    comparison's result file), ``seeds`` (paired seeds per method and setting); ``None`` if the file is absent."""
+    if not path.is_file():
+        return None
+    found = json.loads(path.read_text())
+    return {key: found[key] for key in ("text", "source", "seeds")}
+
+
+def recommendation_line(recommendation: dict[str, Any]) -> str:
+    """One line: the recommendation and where it comes from."""
+    low, high = min(recommendation["seeds"], default=0), max(recommendation["seeds"], default=0)
+    seeds = str(low) if low == high else f"{low}-{high}"
+    return (
+        f"When to turn the safeguard on (a paired comparison on this demo's base and pairs, {seeds} seeds per method "
+        f"and setting, {recommendation['source']}; a demo run's few seeds cannot tell): {recommendation['text']}"
+    )
+
+
 def _cell(stats: dict[str, Any] | None, digits: int, signed: bool = False) -> str:
     if stats is None:
         return "-"
@@ -168,4 +203,6 @@ def format_table(summary: dict[str, Any]) -> str:
         )
     for key, reason in summary["skipped"].items():
         lines.append(f"{key}: skipped ({reason})")
+    if summary.get("recommendation"):
+        lines += ["", recommendation_line(summary["recommendation"])]
     return "\n".join(lines)

@@ -38,7 +38,15 @@ from .pairs import make_preference_pairs, sample_images
 from .plots import plot_error_deltas, plot_lambda, sample_grid
 from .pretrain import PretrainRecipe, load_base, recipe_hash
 from .recipe import DemoRecipe
-from .report import final_mean, format_table, history_from_logs, mean_history, summarise_methods
+from .report import (
+    final_mean,
+    format_table,
+    history_from_logs,
+    mean_history,
+    recommendation_line,
+    safeguard_recommendation,
+    summarise_methods,
+)
 from .shapes import Caption, colour_reward, split_captions
 
 __all__ = ["quiet_libraries", "run_demo", "run_pretrain", "train_preference"]
@@ -328,7 +336,9 @@ def _run_demo(
     tick = time.perf_counter()
     labels = {m.key: m.label for m in methods}
     mean_histories = {k: mean_history(list(h.values())) for k, h in histories.items()}
-    plot_error_deltas(mean_histories, labels, out / "losses.png")
+    recommendation = safeguard_recommendation()
+    note = recommendation_line(recommendation) if recommendation else None
+    plot_error_deltas(mean_histories, labels, out / "losses.png", note)
     safeguarded = {k: h for k, h in mean_histories.items() if "safeguard/lambda_mean" in h}
     if safeguarded:
         plot_lambda(safeguarded, labels, 1.0, out / "lambda.png")
@@ -348,6 +358,7 @@ def _run_demo(
     summary: dict[str, Any] = {
         "methods": results,
         "skipped": skipped,
+        "recommendation": recommendation,
         "base": {
             "reward": float(base_rewards.mean()),
             "reward_stderr": float(base_rewards.std(ddof=1) / np.sqrt(base_rewards.size)),

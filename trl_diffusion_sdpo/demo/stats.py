@@ -1,4 +1,6 @@
-"""Intervals for the demo's comparison: Student t over training seeds, and a two-level bootstrap of reward changes.
+"""Intervals for the demo's comparison: Student t over training seeds, a two-level bootstrap of reward changes, and
+the paired comparison against a reference method with its power (:func:`paired_difference`,
+:func:`minimum_detectable_effect`).
 
 Pure functions over arrays; no demo state.
 """
@@ -10,7 +12,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_paired_change", "summarise", "t_interval", "t_quantile_975"]
+__all__ = [
+    "bootstrap_paired_change",
+    "minimum_detectable_effect",
+    "paired_difference",
+    "summarise",
+    "t_interval",
+    "t_quantile_80",
+    "t_quantile_975",
+]
 
 # Two-sided 95% Student t quantiles for 1 to 30 degrees of freedom.
 _T975 = (
@@ -18,6 +28,24 @@ _T975 = (
     2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
     2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 )  # fmt: skip
+
+# The 0.80 quantile, for the power of a test: 1 to 30 degrees of freedom.
+_T80 = (
+    1.3764, 1.0607, 0.9785, 0.9410, 0.9195, 0.9057, 0.8960, 0.8889, 0.8834, 0.8791,
+    0.8755, 0.8726, 0.8702, 0.8681, 0.8662, 0.8647, 0.8633, 0.8620, 0.8610, 0.8600,
+    0.8591, 0.8583, 0.8575, 0.8569, 0.8562, 0.8557, 0.8551, 0.8546, 0.8542, 0.8538,
+)  # fmt: skip
+
+
+def _cornish_fisher(z: float, df: int) -> float:
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def t_quantile_80(df: int) -> float:
+    """The 0.80 quantile of Student's t with ``df`` degrees of freedom (a table to 30, then Cornish-Fisher)."""
+    if df < 1:
+        raise ValueError(f"df must be at least 1, got {df}")
+    return _T80[df - 1] if df <= len(_T80) else _cornish_fisher(0.841621, df)
 
 
 def t_quantile_975(df: int) -> float:
@@ -27,8 +55,7 @@ def t_quantile_975(df: int) -> float:
         raise ValueError(f"df must be at least 1, got {df}")
     if df <= len(_T975):
         return _T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    return _cornish_fisher(1.959964, df)
 
 
 def t_interval(values: Sequence[float]) -> list[float] | None:
@@ -73,3 +100,48 @@ def bootstrap_paired_change(
     means = picked.mean(axis=(1, 2))
     low, high = np.percentile(means, [2.5, 97.5])
     return {"mean": float(differences.mean()), "ci95": [float(low), float(high)], "resamples": resamples}
+
+
+def minimum_detectable_effect(sd: float, n: int) -> float:
+    """The smallest true mean difference a two-sided paired t test at alpha 0.05 detects with 80% power, from the
+    paired differences' standard deviation ``sd`` over ``n`` pairs: ``(t_0.975(n-1) + t_0.80(n-1)) * sd / sqrt(n)``
+    (the usual approximation to the noncentral-t power: 0.79 at n = 5, 0.80 at n = 10)."""
+    if n < 2:
+        raise ValueError(f"need at least 2 pairs, got {n}")
+    return (t_quantile_975(n - 1) + t_quantile_80(n - 1)) * sd / math.sqrt(n)
+
+
+def paired_difference(
+    values: Sequence[float], reference: Sequence[float], resamples: int = 10_000, seed: int = 0
+) -> dict[str, object]:
+    """``values - reference`` pair by pair (pair ``i`` shares its training seed: same batches, timesteps, noise).
+
+    Returns the mean difference, the differences' standard deviation ``sd`` (``ddof=1``), ``n``, the 95% paired t
+    interval ``mean +- t_0.975(n-1) * sd / sqrt(n)`` (``ci95``), a 95% percentile bootstrap interval resampling the
+    pairs (``ci95_bootstrap``), the two-sided p-value's side (``excludes_zero``) and the minimum detectable effect at
+    80% power (``mde80``). The t interval is the one to read: with 10 pairs the percentile bootstrap is known to be
+    too narrow; it is there as a check on the t interval's normality assumption.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if values.shape != reference.shape or values.ndim != 1:
+        raise ValueError(f"paired values need the same 1-d shape, got {values.shape} and {reference.shape}")
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"need at least 2 pairs, got {n}")
+    differences = values - reference
+    mean, sd = float(differences.mean()), float(differences.std(ddof=1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    rng = np.random.default_rng(seed)
+    means = differences[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "mean": mean,
+        "sd": sd,
+        "n": n,
+        "ci95": [mean - half, mean + half],
+        "ci95_bootstrap": [float(low), float(high)],
+        "excludes_zero": bool(mean - half > 0 or mean + half < 0),
+        "mde80": minimum_detectable_effect(sd, n),
+        "differences": [float(d) for d in differences],
+    }
