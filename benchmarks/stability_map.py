@@ -60,6 +60,7 @@ EXTRA_METHODS = (
     Method("sdpo-parameter-mu0.5", "SDPO parameter mu=0.5", True, 0.5, "parameter"),
     Method("sdpo-update", "SDPO update mu=0.9", True, 0.9, "update"),
     Method("sdpo-update-mu0.5", "SDPO update mu=0.5", True, 0.5, "update"),
+    Method("sdpo-pair-mu0.5", "SDPO per-pair mu=0.5", True, 0.5, "parameter", (("safeguard_scope", "pair"),)),
     # A new variant is one line here plus its key in --methods; a run whose config the installed trainer refuses
     # (a field or value not landed yet) is skipped and listed under "skipped" in the results file. For example:
     #   Method("sdpo-pair-mu0.5", "SDPO per-pair mu=0.5", True, 0.5, "parameter", (("safeguard_scope", "pair"),)),

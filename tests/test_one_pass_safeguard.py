@@ -472,9 +472,14 @@ def test_the_trainer_trains_the_pair_scope_and_logs_every_pairs_lambda(make_trai
     assert 0.0 <= logged["safeguard/lambda_min"] <= logged["safeguard/lambda_max"] <= 1.0
 
 
-def test_the_trainer_refuses_the_pair_scope_for_full_tuning_stating_its_memory(make_trainer):
+def test_the_trainer_refuses_the_pair_scope_for_large_full_tuning_stating_its_memory(make_trainer, monkeypatch):
+    from trl_diffusion_sdpo.step import parameter_space
+
+    options = dict(lora=False, safeguard=True, safeguard_space="parameter", safeguard_scope="pair", max_steps=1)
+    make_trainer(**options).train()  # the tiny UNet's per-image gradients are small: accepted
+    monkeypatch.setattr(parameter_space, "PAIR_SCOPE_MAX_FULL_BYTES", 1024)
     with pytest.raises(ValueError, match=r"per image: 2 x 2 x [\d,]+ weights = [\d.]+ GiB for full tuning"):
-        make_trainer(lora=False, safeguard=True, safeguard_space="parameter", safeguard_scope="pair")
+        make_trainer(**options)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])

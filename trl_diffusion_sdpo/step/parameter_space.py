@@ -48,6 +48,10 @@ SAFEGUARD_PASSES = ("one", "two")
 Predict = Callable[[bool], PreferencePredictions]  # separate_branches -> the micro-batch's predictions
 
 
+#: Full tuning with the per-pair scope is refused above this many bytes of per-image gradients (small models pass)
+PAIR_SCOPE_MAX_FULL_BYTES = 4 * 2**30
+
+
 def pair_scope_memory_bytes(trainable_elements: int, pairs: int) -> int:
     """What the per-pair scope keeps: one float32 gradient of the trainable weights per image (``2 * pairs``)."""
     return 2 * pairs * trainable_elements * 4
@@ -113,16 +117,18 @@ class ParameterSpaceBackward:
     ) -> ParameterSpaceBackward | None:
         """The stage a ``DiffusionSDPOConfig`` asks for: ``safeguard_space`` ``"parameter"`` or ``"update"``
         (``None`` otherwise: the backward pass stays transformers'). The per-pair scope is refused for full tuning
-        (``lora=False``), with the memory its per-image gradients of ``trainable_elements`` weights would take."""
+        (``lora=False``) whose per-image gradients of ``trainable_elements`` weights would take more than
+        :data:`PAIR_SCOPE_MAX_FULL_BYTES`, with that figure."""
         if not args.safeguard or args.safeguard_space not in ("parameter", "update"):
             return None
-        if args.safeguard_scope == "pair" and not lora:
+        need = pair_scope_memory_bytes(trainable_elements, args.per_device_train_batch_size)
+        if args.safeguard_scope == "pair" and not lora and need > PAIR_SCOPE_MAX_FULL_BYTES:
             pairs = args.per_device_train_batch_size
-            need = pair_scope_memory_bytes(trainable_elements, pairs)
             raise ValueError(
                 f"safeguard_scope='pair' keeps one float32 gradient of the trainable weights per image: 2 x {pairs} x "
                 f"{trainable_elements:,} weights = {need / 2**30:.1f} GiB for full tuning here (SD1.5's UNet at 4 "
-                "pairs: 25.6 GiB). Train LoRA adapters (peft_config) with it, or use safeguard_scope='local'."
+                f"pairs: 25.6 GiB; full tuning is accepted up to {PAIR_SCOPE_MAX_FULL_BYTES / 2**30:g} GiB). Train "
+                "LoRA adapters (peft_config) with it, or use safeguard_scope='local'."
             )
         return cls(
             engine,
