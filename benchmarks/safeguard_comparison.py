@@ -51,6 +51,7 @@ LABELS = {
     "sdpo-output": "output space, mu=0.9",
     "sdpo-parameter-mu0.5": "parameter space, mu=0.5",
     "sdpo-update-mu0.5": "update space, mu=0.5",
+    "sdpo-pair-mu0.5": "parameter space per pair, mu=0.5",
 }
 METRICS = ("reward_change", "winner_delta", "implicit_acc")
 MIN_SEEDS = 10  # paired seeds a method needs in a setting before the recommendation rests on it

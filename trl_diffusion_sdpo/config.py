@@ -96,10 +96,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         process computes ``lambda`` from its own micro-batch. `"global"`: the two sums behind ``lambda`` are summed
         over all processes, so every process uses the ``lambda`` of the global micro-batch (one extra all-reduce of
         two numbers per micro-batch); the run then matches a single process with the same global batch. On one
-        process the two are the same. `"pair"` (`safeguard_space="parameter"`, LoRA): one ``lambda_i`` per preference
+        process the two are the same. `"pair"` (`safeguard_space="parameter"`): one ``lambda_i`` per preference
         pair, from that pair's own gradients, so that pair ``i``'s safeguarded gradient does not raise pair ``i``'s
         winner term to first order (with margin ``mu``); not a guarantee for the batch sum, since other pairs'
-        gradients still act on pair ``i`` (`docs/safeguard.md`). It keeps one gradient of the adapters per image.
+        gradients still act on pair ``i`` (`docs/safeguard.md`). It keeps one gradient of the trainable weights per
+        image: LoRA, or full tuning up to 4 GiB of them.
     safeguard_passes (`str`, *optional*, defaults to `"one"`):
         How the parameter and update spaces get the branches' gradients. `"one"`: one forward and one backward pass
         over the whole pair batch, as Diffusion-DPO, each weight's gradient split by branch inside it (per-layer
