@@ -206,10 +206,12 @@ class ParameterSpaceBackward:
             logger.warning("The exact safeguard runs one forward and backward pass per branch: %s.", reason)
 
     def _agreed(self, failed: bool) -> bool:
-        """Whether any process failed (the fallback is a decision every process must take together)."""
+        """Whether any process failed (the fallback is a decision every process must take together); the flag is
+        reduced on the weights' device (NCCL reduces device tensors only)."""
         if self.engine.num_processes == 1:
             return failed
-        return bool(all_reduce_sum(torch.tensor(float(failed))).item() > 0)
+        device = self.one_pass.parameters[0].device if self.one_pass is not None else None
+        return bool(all_reduce_sum(torch.tensor(float(failed), device=device)).item() > 0)
 
     # ------------------------------------------------------------------ one pass
 
