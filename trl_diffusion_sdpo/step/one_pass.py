@@ -12,7 +12,7 @@ rows; this store keeps the groups apart until ``lambda`` is known, then writes `
 Memory: two gradient-sized float32 halves by branch. Without accumulation each ``.grad`` is a view of the winner
 half (handed over), so the peak is that of the per-branch passes (``.grad`` plus one buffer); with accumulation
 ``A`` is a third.
-By pair: ``2B`` gradients of the trainable weights (LoRA only; see
+By pair: ``2B`` gradients of the trainable weights (LoRA, or full tuning up to a cap; see
 :meth:`~trl_diffusion_sdpo.step.parameter_space.ParameterSpaceBackward.from_config`).
 """
 
@@ -52,8 +52,9 @@ class OnePassBranchGradients:
     """Per-branch or per-image gradients of the trainable ``parameters`` of ``module`` from one tapped pass.
 
     Use once per micro-batch: :meth:`split` around the forward and the backward, then, by branch,
-    :meth:`branch_sums` and :meth:`combine` (or :meth:`branch_gradients` and :meth:`set_combined`, the update space),
-    by pair :meth:`pair_sums` and :meth:`combine_pairs`. The groups live in one flat float32 buffer
+    :meth:`branch_sums` and :meth:`combine` (the update space: :meth:`branch_gradients`, reduced in place, then
+    :meth:`combine`),
+    by pair :meth:`pair_sums` and :meth:`combine_pairs`. The groups live in one flat buffer (float32 or wider)
     ``[groups, total]`` (each weight a view of its columns), so the inner products, the combination and a reduction
     over processes are one call each, whatever the number of weights.
     """
@@ -144,11 +145,6 @@ class OnePassBranchGradients:
         winner, loser = self._flat[0], self._flat[1]
         winner.addcmul_(loser, lam.detach().to(loser))  # one fused pass; lambda stays on the device
         self._assign([v[0] for v in self._views])
-
-    def set_combined(self, lam: torch.Tensor, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
-        """``.grad = A + winner + lambda * loser`` (``winner``, ``loser``: :meth:`branch_gradients`, possibly reduced
-        in place since)."""
-        self.combine(lam)
 
     def _assign(self, combined: list[torch.Tensor]) -> None:
         """``.grad += combined`` (``.grad = combined`` where it is empty), in the weights' dtype. A weight no

@@ -257,9 +257,8 @@ class ParameterSpaceBackward:
             lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
             store.combine_pairs(lam)
         elif self.update_space:
-            winner, loser = store.branch_gradients()
-            lam = self._update_space_lambda(winner, loser, optimizer, scale)
-            store.set_combined(lam, winner, loser)
+            lam = self._update_space_lambda(*store.branch_gradients(), optimizer, scale)  # reduced in place
+            store.combine(lam)
             return loss, lam, predictions
         else:
             winner_sq, cross = store.branch_sums(self.engine.winner_reduction(self.global_scope))
