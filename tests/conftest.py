@@ -55,6 +55,25 @@ def pickapic_rows(n: int = 6, labels: Sequence[float] | None = None) -> list[dic
     return rows
 
 
+def edit_rows(n: int = 4, sources: int | None = None) -> list[dict]:
+    """Editing rows in TRL form: an instruction, a chosen and a rejected edit of the same size, and a source image of
+    that size (``source_image``), or, with ``sources``, a list of that many of varied sizes (``source_images``)."""
+    rows = []
+    for i in range(n):
+        size = SIZES[i % 6]
+        row = {
+            "prompt": f"make picture {i} brighter",
+            "chosen": encode_image(COLOURS[(2 * i) % 6], size),
+            "rejected": encode_image(COLOURS[(2 * i + 1) % 6], size, "JPEG"),
+        }
+        if sources is None:
+            row["source_image"] = encode_image(COLOURS[(i + 2) % 6], size)
+        else:
+            row["source_images"] = [encode_image(COLOURS[(i + k) % 6], SIZES[(i + k) % 6]) for k in range(sources)]
+        rows.append(row)
+    return rows
+
+
 @pytest.fixture
 def objective_registry(monkeypatch) -> None:
     """Objectives registered in the test stay in the test: the registry is a copy, put back afterwards."""

@@ -47,6 +47,8 @@ def transformer_outputs(
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randn(sample_shape or (2, family.latent_shape(32)[0], 4, 4), generator=gen)
     embeds = family.encode_prompts(family.prompt_tokenizer()(["a red square", "two blue circles"]))
+    if family.edits:  # one source image per sample, the target's size
+        embeds.source_latents = torch.randn(sample.shape[0], 1, *sample.shape[1:], generator=gen)
     with torch.no_grad():
         return family.call_denoiser(
             transformer, sample, torch.tensor([300.0, 700.0]), family.denoiser_conditioning(embeds, None)

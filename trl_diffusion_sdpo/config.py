@@ -180,6 +180,10 @@ class DiffusionSDPOConfig(TrainingArguments):
     prompt_column, chosen_column, rejected_column (`str`):
         TRL preference column names (defaults `"prompt"`, `"chosen"`, `"rejected"`). Used when the Pick-a-Pic
         columns are absent.
+    source_image_column, source_images_column (`str`):
+        Editing data (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 with reference images): the column holding each row's
+        source image (defaults `"source_image"`), or a list of them for multi-image editing (defaults
+        `"source_images"`); the prompt column then holds the instruction. See docs/editing.md.
     skip_invalid_rows (`bool`, *optional*, defaults to `False`):
         By default a bad row (undecodable image, label outside {0, 0.5, 1}, missing value) raises a `ValueError`
         naming the row and column before training starts. With `True` such rows are skipped and counted.
@@ -390,6 +394,12 @@ class DiffusionSDPOConfig(TrainingArguments):
     prompt_column: str = field(default="prompt", metadata={"help": "TRL-format prompt column."})
     chosen_column: str = field(default="chosen", metadata={"help": "TRL-format preferred image column."})
     rejected_column: str = field(default="rejected", metadata={"help": "TRL-format rejected image column."})
+    source_image_column: str = field(
+        default="source_image", metadata={"help": "Editing data: the column of each row's source image."}
+    )
+    source_images_column: str = field(
+        default="source_images", metadata={"help": "Editing data: the column of each row's list of source images."}
+    )
     skip_invalid_rows: bool = field(
         default=False, metadata={"help": "Skip and count bad rows instead of raising before training."}
     )

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .transforms import PairTransform, load_image, mirrored_time_ids
-from .validation import ROW_INDEX_COLUMN, PreferenceColumns, order_pair
+from .validation import ROW_INDEX_COLUMN, PreferenceColumns, order_pair, source_values
 
 __all__ = ["PreferenceCollator", "pair_scores"]
 
@@ -33,6 +34,11 @@ class PreferenceCollator:
     When ``columns`` have score columns (``loss_type="smpo"``) the batch also holds ``pair_scores [B, 2]`` float32,
     the ordered pair's (winner, loser) scores as the data gives them (:func:`pair_scores`); the objective makes its
     weights from them.
+
+    Editing rows (``columns.source``) also give ``source_pixel_values [B, S, 3, R, R]``: each pair's ``S`` source
+    images, resized and center-cropped as the edited images are; every row of a batch must have the same ``S``. A
+    tokenizer that reads the sources (``tokenize.reads_sources``, a vision-language prompt encoder) is called as
+    ``tokenize(prompts, sources)`` with the decoded images.
     """
 
     columns: PreferenceColumns
@@ -47,7 +53,7 @@ class PreferenceCollator:
         return self.train and self.transform.random_crop
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixels, time_ids, prompts, scores = [], [], [], []
+        pixels, time_ids, prompts, scores, sources = [], [], [], [], []
         skipped = 0
         reasons: list[str] = []  # one per skipped row, for data.stream_guard's error
         for row in rows:
@@ -68,6 +74,7 @@ class PreferenceCollator:
                     winner_column, loser_column = loser_column, winner_column
                 load = self.transform.load  # images, or the clip of a video (VideoPairTransform)
                 winner, loser = _load_from(pair[0], winner_column, load), _load_from(pair[1], loser_column, load)
+                row_sources = self._sources(row, sources[0] if sources else None)
             except Exception as err:
                 position = row.get(ROW_INDEX_COLUMN)
                 where = f"streamed row {position}" if position is not None else "a bad row"
@@ -83,6 +90,8 @@ class PreferenceCollator:
             time_ids.append(pair_ids)
             prompts.append(prompt)
             scores.append(pair[2])
+            if row_sources is not None:
+                sources.append(row_sources)
         batch: dict[str, torch.Tensor] = {
             "time_ids": torch.stack(time_ids) if time_ids else torch.empty(0, 2, 6),
             "num_skipped": torch.tensor(skipped, dtype=torch.float32),
@@ -96,8 +105,32 @@ class PreferenceCollator:
             batch["time_ids_flipped"] = mirrored_time_ids(batch["time_ids"])
         if self.columns.scored:
             batch["pair_scores"] = pair_scores(scores)
-        batch.update(self.tokenize(prompts) if prompts else {})
+        if self.columns.edits:
+            batch["source_pixel_values"] = (
+                torch.stack([torch.stack([self.transform.source(image) for image in row]) for row in sources])
+                if sources
+                else torch.empty(0, 1, *self.transform.pixel_shape)
+            )
+        batch.update(self._tokens(prompts, sources) if prompts else {})
         return batch
+
+    def _sources(self, row: dict[str, Any], first: list[Any] | None) -> list[Any] | None:
+        """An editing row's decoded source images (``None`` for text-to-image data); ``first``, the batch's first
+        row's, sets how many each row must have."""
+        if not self.columns.edits:
+            return None
+        values = source_values(row, self.columns)
+        if first is not None and len(values) != len(first):
+            raise ValueError(
+                f"column {self.columns.source!r}: {len(values)} source images where the batch's first row has "
+                f"{len(first)}; every row of a batch needs the same number (group the rows by their number of sources)"
+            )
+        return [_load_from(value, self.columns.source) for value in values]
+
+    def _tokens(self, prompts: list[str], sources: list[list[Any]]) -> dict[str, torch.Tensor]:
+        if getattr(self.tokenize, "reads_sources", False):
+            return self.tokenize(prompts, sources)
+        return self.tokenize(prompts)
 
     def blank_batch(self) -> dict[str, torch.Tensor]:
         """A batch of one placeholder pair, shaped as :meth:`__call__` makes them: grey images (zero pixels), the
@@ -109,6 +142,7 @@ class PreferenceCollator:
         """
         shape = self.transform.pixel_shape
         height, width = shape[-2:]
+        # Grey is zero in [-1, 1] pixels up to 8-bit rounding: the editing placeholder's source, like its images.
         ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32).expand(1, 2, 6).clone()
         batch: dict[str, torch.Tensor] = {
             "pixel_values": torch.zeros(1, 2, *shape),
@@ -122,7 +156,10 @@ class PreferenceCollator:
             batch["time_ids_flipped"] = mirrored_time_ids(ids)
         if self.columns.scored:
             batch["pair_scores"] = pair_scores([(0.0, 0.0)])
-        batch.update(self.tokenize([""]))
+        grey = [[Image.new("RGB", (width, height), (127, 127, 127))]] if self.columns.edits else []
+        if self.columns.edits:
+            batch["source_pixel_values"] = torch.stack([self.transform.source(grey[0][0])])[None]
+        batch.update(self._tokens([""], grey))
         return batch
 
 

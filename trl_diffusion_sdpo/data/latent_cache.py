@@ -12,6 +12,11 @@ progress bar) and stores, per pair, through ``datasets``:
 * ``prompt_embeds`` ``[L, D]`` and, for SDXL, SD3 and FLUX, ``pooled_prompt_embeds`` ``[P]`` (for SD3 and FLUX
   the T5 part of the encoding, by far the costliest, is then never repeated; see docs/flux.md for the saving).
 * ``time_ids`` ``[2, 6]`` (and ``time_ids_flipped``): SDXL's micro-conditioning of each image.
+* editing data (a source column): ``source_latents`` ``[S, C, h, w]`` (and ``source_latents_flipped``, the
+  mirrored sources, with ``random_flip``), each source image's latents
+  (:meth:`~trl_diffusion_sdpo.families.ModelFamily.encode_sources`: the VAE posterior's mode, scaled, as the editing
+  pipelines encode their input image), encoded once per pair and shared by both branches; the prompt embedding of a
+  family whose prompt encoding reads the sources (Qwen-Image-Edit) is computed with them.
 * with score columns (``loss_type="smpo"``), ``scores`` ``[2]`` float64 (read back as Python floats): the ordered
   pair's (winner, loser) scores, which :class:`CachedPreferenceCollator` hands on as the same ``pair_scores`` as
   the uncached path.
@@ -43,6 +48,7 @@ import numpy as np
 import torch
 from datasets import Array2D, Array4D, Array5D, Dataset, Features, IterableDataset, Sequence, Value
 from datasets import config as datasets_config
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..families import ModelFamily, PromptEmbeddings
@@ -50,7 +56,7 @@ from .collators import pair_scores
 from .images import image_conversion_digest
 from .progress import datasets_progress_bars
 from .transforms import PairTransform
-from .validation import PreferenceColumns, order_pair
+from .validation import PreferenceColumns, order_pair, source_values
 from .video import VideoClip, VideoPairTransform
 
 __all__ = [
@@ -198,7 +204,8 @@ def cache_fingerprint(
         "settings": encoding_settings(family, resolution, flipped, columns.clip),
         # Score columns only when present, so that caches made before they existed keep their names.
         "columns": [columns.prompt, columns.first, columns.second, columns.label]
-        + ([columns.score_0, columns.score_1] if columns.scored else []),
+        + ([columns.score_0, columns.score_1] if columns.scored else [])
+        + ([columns.source] if columns.edits else []),
         "dataset": dataset._fingerprint,
     }
     text = json.dumps(description, sort_keys=True, default=str)
@@ -244,12 +251,21 @@ class _FrozenEncoders:
         return mean.cpu(), std.cpu()
 
     @torch.no_grad()
-    def prompts(self, prompts: list[str]) -> PromptEmbeddings:
+    def prompts(self, prompts: list[str], sources: list[list[Any]] | None = None) -> PromptEmbeddings:
+        """The prompts' embeddings; ``sources`` (decoded images per prompt) for a tokenizer that reads them."""
         self._ensure_ready()
+        tokenize = self.family.prompt_tokenizer()
         with torch.autocast(device_type=self.device.type, enabled=False):
-            embeds = self.family.encode_prompts(self.family.prompt_tokenizer()(prompts))
+            tokens = tokenize(prompts, sources) if getattr(tokenize, "reads_sources", False) else tokenize(prompts)
+            embeds = self.family.encode_prompts(tokens)
         pooled = None if embeds.pooled is None else embeds.pooled.float().cpu()
         return PromptEmbeddings(embeds.encoder_hidden_states.float().cpu(), pooled)
+
+    @torch.no_grad()
+    def sources(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Source latents ``[N, S, C, h, w]`` of ``pixels [N, S, 3, R, R]`` (:meth:`ModelFamily.encode_sources`)."""
+        self._ensure_ready()
+        return self.family.encode_sources(pixels.to(device=self.device, dtype=torch.float32)).float().cpu()
 
 
 def _latent_shape(family: ModelFamily, resolution: int, clip: VideoClip | None = None) -> tuple[int, ...]:
@@ -260,7 +276,13 @@ def _latent_shape(family: ModelFamily, resolution: int, clip: VideoClip | None =
     return family.latent_shape(resolution, num_frames=clip.num_frames)
 
 
-def _features(latent_shape: tuple[int, ...], empty: PromptEmbeddings, flipped: bool, scored: bool = False) -> Features:
+def _features(
+    latent_shape: tuple[int, ...],
+    empty: PromptEmbeddings,
+    flipped: bool,
+    scored: bool = False,
+    source_shape: tuple[int, ...] | None = None,
+) -> Features:
     array = Array4D if len(latent_shape) == 3 else Array5D  # images, or video clips
     pair_latents = array(shape=(2, *latent_shape), dtype="float32")
     features: dict[str, Any] = {
@@ -279,6 +301,10 @@ def _features(latent_shape: tuple[int, ...], empty: PromptEmbeddings, flipped: b
         features["pooled_prompt_embeds"] = Sequence(Value("float32"), length=empty.pooled.shape[-1])
     if scored:
         features["scores"] = Sequence(Value("float64"), length=2)
+    if source_shape is not None:  # editing: [S, C, h, w], S may differ between rows
+        features["source_latents"] = Array4D(shape=(None, *source_shape), dtype="float32")
+        if flipped:
+            features["source_latents_flipped"] = Array4D(shape=(None, *source_shape), dtype="float32")
     return Features(features)
 
 
@@ -343,20 +369,25 @@ def build_latent_cache(
     )
     encoders = _FrozenEncoders(family, torch.device(device))
     try:
-        empty_prompt = _empty_prompt(directory, encoders)
-        features = _features(_latent_shape(family, resolution, columns.clip), empty_prompt, flipped, columns.scored)
+        empty_prompt = _empty_prompt(directory, encoders, resolution if columns.edits else None)
+        latent_shape = _latent_shape(family, resolution, columns.clip)
+        features = _features(
+            latent_shape, empty_prompt, flipped, columns.scored, latent_shape if columns.edits else None
+        )
 
         def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
             rows = [{k: batch[k][i] for k in batch} for i in range(len(batch[columns.prompt]))]
             views = [False, True] if flipped else [False]
             pixels, time_ids = {flip: [] for flip in views}, {flip: [] for flip in views}
-            scores = []
+            scores, sources = [], []
             for row in rows:
                 pair = order_pair(row, columns)
                 if pair is None:
                     raise ValueError("a tie reached the latent cache; pass a prepared dataset (ties dropped)")
                 winner, loser = transform.load(pair[0]), transform.load(pair[1])
                 scores.append(pair[2])
+                if columns.edits:
+                    sources.append([transform.load(value) for value in source_values(row, columns)])
                 for flip in views:
                     pair_pixels, pair_ids = transform.center_crop_pair(winner, loser, flip)
                     pixels[flip].append(pair_pixels)
@@ -368,8 +399,16 @@ def build_latent_cache(
             n = len(rows)
             mean = mean.reshape(len(views), n, 2, *mean.shape[1:])
             std = std.reshape(len(views), n, 2, *std.shape[1:])
-            embeds = encoders.prompts([row[columns.prompt] for row in rows])
-            out: dict[str, np.ndarray] = {}
+            embeds = encoders.prompts([row[columns.prompt] for row in rows], sources if columns.edits else None)
+            out: dict[str, Any] = {}
+            if columns.edits:  # one VAE batch for every view of every source of every pair, split back per pair
+                source_pixels = torch.stack([transform.source(image) for row in sources for image in row])
+                views_pixels = torch.cat([source_pixels.flip(-1) if flip else source_pixels for flip in views])
+                latents = encoders.sources(views_pixels[:, None])[:, 0].chunk(len(views))
+                counts = [len(row) for row in sources]
+                for index, flip in enumerate(views):
+                    suffix = "_flipped" if flip else ""
+                    out[f"source_latents{suffix}"] = [part.numpy() for part in torch.split(latents[index], counts)]
             for index, flip in enumerate(views):
                 suffix = "_flipped" if flip else ""
                 out[f"latent_mean{suffix}"] = mean[index].numpy()
@@ -409,13 +448,17 @@ def build_latent_cache(
     )
 
 
-def _empty_prompt(directory: str, encoders: _FrozenEncoders) -> PromptEmbeddings:
-    """The empty prompt's embedding ``[1, L, D]`` (and pooled ``[1, P]``), computed once and stored with the cache."""
+def _empty_prompt(directory: str, encoders: _FrozenEncoders, edit_resolution: int | None = None) -> PromptEmbeddings:
+    """The empty prompt's embedding ``[1, L, D]`` (and pooled ``[1, P]``), computed once and stored with the cache;
+    for editing data (``edit_resolution`` set) with a grey source, for a prompt encoding that reads the sources."""
     path = os.path.join(directory, "empty_prompt.safetensors")
     if os.path.exists(path):
         tensors = load_file(path)
         return PromptEmbeddings(tensors["prompt_embeds"], tensors.get("pooled_prompt_embeds"))
-    embeds = encoders.prompts([""])
+    grey = None
+    if edit_resolution is not None:
+        grey = [[Image.new("RGB", (edit_resolution, edit_resolution), (127, 127, 127))]]
+    embeds = encoders.prompts([""], grey)
     tensors = {"prompt_embeds": embeds.encoder_hidden_states.contiguous()}
     if embeds.pooled is not None:
         tensors["pooled_prompt_embeds"] = embeds.pooled.contiguous()
@@ -440,6 +483,16 @@ class CachedPreferenceCollator:
         keys = ["latent_mean", "latent_std", "time_ids", "prompt_embeds"]
         if "pooled_prompt_embeds" in rows[0]:
             keys.append("pooled_prompt_embeds")
+        if "source_latents" in rows[0]:
+            counts = {len(row["source_latents"]) for row in rows}
+            if len(counts) > 1:
+                raise ValueError(
+                    f"cached editing rows with {sorted(counts)} source images in one batch: every row of a batch "
+                    "needs the same number (group the rows by their number of sources)"
+                )
+            keys.append("source_latents")
+            if self.with_flipped:
+                keys.append("source_latents_flipped")
         if self.with_flipped:
             keys += ["latent_mean_flipped", "latent_std_flipped", "time_ids_flipped"]
         batch = {key: torch.stack([row[key] for row in rows]) for key in keys}
@@ -459,9 +512,12 @@ def cached_moments(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 def cached_prompt_embeds(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> PromptEmbeddings:
-    """The cached prompt embeddings of a batch (one per pair), in ``dtype``."""
+    """The cached prompt embeddings of a batch (one per pair), in ``dtype``, with an editing batch's source latents
+    (float32, as the uncached path's VAE gives them)."""
     pooled = inputs.get("pooled_prompt_embeds")
-    return PromptEmbeddings(inputs["prompt_embeds"].to(dtype), None if pooled is None else pooled.to(dtype))
+    return PromptEmbeddings(
+        inputs["prompt_embeds"].to(dtype), None if pooled is None else pooled.to(dtype), inputs.get("source_latents")
+    )
 
 
 def cached_time_ids(inputs: dict[str, torch.Tensor]) -> torch.Tensor:

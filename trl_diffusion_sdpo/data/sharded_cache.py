@@ -242,6 +242,11 @@ def build_sharded_latent_cache(
     else:
         names = dataset.column_names or list(next(iter(dataset)).keys())
     columns = resolve_columns(names, args)
+    if columns.edits:
+        raise ValueError(
+            f"the sharded cache does not store editing data yet (column {columns.source!r}): train with "
+            "cache_latents=True, which caches the source latents beside the edited images', or without a cache"
+        )
     spec = {
         "cache_version": CACHE_VERSION,
         # What the cached values depend on besides the data, as the in-trainer cache's fingerprint hashes it.

@@ -54,6 +54,7 @@ def prepare_training_data(
     else:
         train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")
         train_dataset, columns, report = prepare_preference_dataset(train_dataset, args, "train")
+    check_sources(columns, args, family)
     transform = _pair_transform(args, family, columns)
     tokenize = family.prompt_tokenizer()
     collator = PreferenceCollator(columns, tokenize, transform, train=True, with_flipped=args.random_flip)
@@ -108,6 +109,7 @@ def _eval_split(dataset, split: str, args, family: ModelFamily, reward_fn, token
     report)``. Its own columns: two sets may name theirs differently."""
     dataset = add_reward_scores(dataset, args, reward_fn, split)
     dataset, columns, report = prepare_preference_dataset(dataset, args, split)
+    check_sources(columns, args, family, split)
     collator = PreferenceCollator(columns, tokenize, transform, train=False)
     if args.cache_latents:
         dataset = _latent_cache(dataset, columns, args, family, split).dataset
@@ -123,6 +125,51 @@ def _check_media(args, family: ModelFamily) -> None:
             f"{args.num_frames!r}: "
             + ("set num_frames (frames per clip)" if family.video else "leave num_frames unset for image models")
         )
+
+
+def check_sources(columns: PreferenceColumns, args, family: ModelFamily, split: str = "train") -> None:
+    """Editing data for an editing family and text-to-image data for the others, and the settings editing cannot
+    take, before any row is encoded: a ValueError naming the column or the field."""
+    if family.edits and not columns.edits:
+        raise ValueError(
+            f"{family.name} edits a source image, but the {split} dataset has no source column: add "
+            f"{args.source_image_column!r} (one image per row) or {args.source_images_column!r} (a list), or change "
+            "source_image_column / source_images_column (docs/editing.md)"
+        )
+    if columns.edits and not family.edits:
+        raise ValueError(
+            f"the {split} dataset has a source column {columns.source!r}, but {family.name} is a text-to-image "
+            f"family: load an editing pipeline ({_editing_pipelines()}), or drop the column"
+        )
+    if not columns.edits:
+        return
+    if columns.source_list and family.max_sources == 1:
+        raise ValueError(
+            f"column {columns.source!r} holds lists of source images, but {family.name} edits one image: use a "
+            f"{args.source_image_column!r} column"
+        )
+    if args.random_crop:
+        raise ValueError(
+            "random_crop=True cannot be used with editing data: the source and the edited images must stay aligned, "
+            "and the crop is drawn for the edited images only. Set random_crop=False (the center crop)."
+        )
+    if args.random_flip and args.independent_augmentation:
+        raise ValueError(
+            "random_flip=True with independent_augmentation=True mirrors the two edits of a pair independently, but "
+            "they share one source: set independent_augmentation=False (a pair, its source included, is mirrored "
+            "together) or random_flip=False."
+        )
+    if family.prompt_reads_sources and args.proportion_empty_prompts > 0:
+        raise ValueError(
+            f"proportion_empty_prompts={args.proportion_empty_prompts} cannot be used with {family.name}: its prompt "
+            "encoding reads the source images, so an empty prompt has no encoding of its own. Set it to 0."
+        )
+
+
+def _editing_pipelines() -> str:
+    from ..families import registered_families
+
+    return ", ".join(name for family in registered_families() if family.edits for name in family.pipeline_classes)
 
 
 def _pair_transform(args, family: ModelFamily, columns: PreferenceColumns) -> PairTransform | VideoPairTransform:

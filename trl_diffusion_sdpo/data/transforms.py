@@ -106,6 +106,11 @@ class PairTransform:
         time_ids = torch.tensor([orig_h, orig_w, top, left, res, res], dtype=torch.float32)
         return _pixels(image), time_ids
 
+    def source(self, image: Image.Image) -> torch.Tensor:
+        """An editing pair's source image as ``[3, R, R]`` in [-1, 1]: resized and center-cropped as the edited
+        images are, so a source of their aspect ratio stays aligned with them."""
+        return self._one(image, None)[0]
+
     def resized_pair(self, winner: Image.Image, loser: Image.Image) -> tuple[list[torch.Tensor], torch.Tensor]:
         """For a random crop drawn later by the trainer (keyed, so resume is exact): the two images resized but not
         cropped (``[3, h, w]`` each, in [-1, 1]) and their ``time_ids [2, 6]`` with crop offsets 0, to be filled in

@@ -4,6 +4,11 @@ Two layouts are accepted: Pick-a-Pic (``caption``, ``jpg_0``, ``jpg_1``, ``label
 1 preferred, 0.5 a tie, dropped) and TRL's preference form (``prompt``, ``chosen``, ``rejected``). With
 ``loss_type="smpo"`` each row also needs one finite score per image (``score_0``, ``score_1``), and the scores, not
 the label, order the pair (:func:`order_pair`, the one rule for every collator and cache).
+
+Editing data adds the source: ``source_image`` (one image, the picture the instruction edits) or ``source_images``
+(a list, for multi-image editing and reference images); the prompt column then holds the instruction. A source
+must decode, and a single source must have the edited images' aspect ratio within :data:`SOURCE_ASPECT_TOLERANCE`
+(both are resized and center-cropped alike, so the crops then show the same part of the scene).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, IterableDataset
 from datasets import Image as ImageFeature
+from datasets import List as ListFeature
 from datasets import Video as VideoFeature
 from PIL import Image
 
@@ -30,6 +36,7 @@ from .video import VideoClip, read_video
 
 __all__ = [
     "ROW_INDEX_COLUMN",
+    "SOURCE_ASPECT_TOLERANCE",
     "SOURCE_COLUMN",
     "DataReport",
     "PreferenceColumns",
@@ -46,6 +53,9 @@ ROW_INDEX_COLUMN = "__row_index__"
 SOURCE_COLUMN = "__source__"
 # A value with a URL scheme (``http://``, ``s3://``...): never fetched (the readers turn ``file://`` into a path).
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# How far a single source's aspect ratio may be from the chosen image's, as |log(ratio_source / ratio_chosen)|:
+# 1 % keeps the two center crops within about 1 % of the crop's side of each other (5 px at 512).
+SOURCE_ASPECT_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,8 @@ class PreferenceColumns:
 
     ``score_0``, ``score_1`` (SmPO only) hold a score per image (``first``, ``second``); when set, the scores, not the
     label, order the pair. ``clip`` is set for video data (``num_frames``): ``first`` and ``second`` then hold videos,
-    of which this clip is read (:mod:`.video`).
+    of which this clip is read (:mod:`.video`). ``source`` names an editing dataset's source column: one image per
+    row, or a list of them when ``source_list``.
     """
 
     prompt: str
@@ -64,11 +75,18 @@ class PreferenceColumns:
     score_0: str | None = None
     score_1: str | None = None
     clip: VideoClip | None = None
+    source: str | None = None
+    source_list: bool = False
 
     @property
     def all(self) -> list[str]:
-        columns = (self.prompt, self.first, self.second, self.label, self.score_0, self.score_1)
+        columns = (self.prompt, self.first, self.second, self.label, self.score_0, self.score_1, self.source)
         return [c for c in columns if c is not None]
+
+    @property
+    def edits(self) -> bool:
+        """Whether the rows are edits (a source column beside the prompt and the two images)."""
+        return self.source is not None
 
     @property
     def scored(self) -> bool:
@@ -152,6 +170,7 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     layout = resolve_layout(column_names, args)
     if video_clip(args) is not None:  # video data
         layout = dataclasses.replace(layout, clip=video_clip(args))
+    layout = _with_source(layout, column_names, args)
     if not uses_scores(args):
         return layout
     names = set(column_names)
@@ -165,6 +184,79 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
             "images of every row."
         )
     return dataclasses.replace(layout, score_0=scores[0], score_1=scores[1])
+
+
+def _with_source(layout: PreferenceColumns, column_names: Sequence[str], args: Any) -> PreferenceColumns:
+    """``layout`` with the editing source column the dataset has (``source_image_column`` or
+    ``source_images_column``), or unchanged for text-to-image data; both at once is refused."""
+    single = getattr(args, "source_image_column", "source_image")
+    multiple = getattr(args, "source_images_column", "source_images")
+    present = [column for column in (single, multiple) if column in column_names]
+    if len(present) == 2:
+        raise ValueError(
+            f"Dataset has both {single!r} (one source image per row) and {multiple!r} (a list per row): keep one. "
+            "A single source belongs in a one-element list when the pipeline takes several."
+        )
+    if not present:
+        return layout
+    if layout.clip is not None:
+        raise ValueError(f"column {present[0]!r}: editing data (source images) is for image models, not video")
+    return dataclasses.replace(layout, source=present[0], source_list=present[0] == multiple)
+
+
+def source_values(row: dict[str, Any], columns: PreferenceColumns) -> list[Any]:
+    """The source image values of an editing row, as a list (one for ``source_image``); raises ``ValueError`` naming
+    the column when a ``source_images`` value is not a non-empty list."""
+    value = row.get(columns.source)
+    if not columns.source_list:
+        return [value]
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"column {columns.source!r}: expected a list of source images, got {type(value).__name__} (one image "
+            "per row goes in a `source_image` column)"
+        )
+    if not value:
+        raise ValueError(f"column {columns.source!r}: the list of source images is empty")
+    return list(value)
+
+
+def image_size(value: Any) -> tuple[int, int]:
+    """``(width, height)`` of an image value (path, bytes, ``{"path", "bytes"}`` or PIL image) from its header."""
+    if isinstance(value, Image.Image):
+        return value.size
+    if isinstance(value, dict):
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = io.BytesIO(bytes(value))
+    with Image.open(value) as image:
+        return image.size
+
+
+def _source_problem(row: dict[str, Any], columns: PreferenceColumns) -> str:
+    """Empty string if the row's source image(s) decode and a single source matches the chosen image's aspect
+    ratio, else the reason."""
+    try:
+        values = source_values(row, columns)
+    except ValueError as err:
+        return str(err).split(": ", 1)[1]
+    for index, value in enumerate(values):
+        reason = _check_image(value)
+        if reason:
+            which = "source image" if not columns.source_list else f"source image {index}"
+            return f"{which}: {reason}"
+    if columns.source_list:  # reference images: not aligned with the edit, any shape
+        return ""
+    try:
+        (source_w, source_h), (target_w, target_h) = image_size(values[0]), image_size(row.get(columns.first))
+    except Exception as err:  # checked to decode above; a header that then fails to read is still bad
+        return f"cannot read the image size: {err}"
+    if abs(math.log((source_w / source_h) / (target_w / target_h))) > SOURCE_ASPECT_TOLERANCE:
+        return (
+            f"the source is {source_w}x{source_h} and {columns.first!r} is {target_w}x{target_h}: an edit must keep "
+            "the source's aspect ratio (both are resized and center-cropped alike, so other shapes would crop "
+            "different parts of the scene); crop or pad the source to the edited images' shape"
+        )
+    return ""
 
 
 def _file_stat(path: str) -> tuple[os.stat_result | None, str]:
@@ -284,6 +376,10 @@ def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, s
         reason = _check_image(row.get(column)) if columns.clip is None else _check_video(row.get(column), columns.clip)
         if reason:
             return column, reason
+    if columns.edits:
+        reason = _source_problem(row, columns)
+        if reason:
+            return columns.source, reason
     if columns.scored and not (columns.label is not None and is_tie(row[columns.label])):
         for column in (columns.score_0, columns.score_1):
             try:
@@ -326,14 +422,21 @@ def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, An
     return second, first, None
 
 
+def _inner(feature: Any) -> Any:
+    """The element feature of a list feature (``[Image()]`` or ``Sequence(Image())``)."""
+    return feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
+
+
 def with_undecoded_images(dataset: Dataset | IterableDataset, columns: PreferenceColumns):
     """Keep ``datasets.Image`` (and ``datasets.Video``) columns as raw bytes so a corrupt file is reported by us, not
     raised on access."""
     features = dataset.features or {}
-    for column in (columns.first, columns.second):
+    for column in (columns.first, columns.second, columns.source):
         feature = features.get(column)
         if isinstance(feature, ImageFeature) and feature.decode:
             dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        elif isinstance(feature, (list, ListFeature)) and isinstance(_inner(feature), ImageFeature):
+            dataset = dataset.cast_column(column, ListFeature(ImageFeature(decode=False)))  # a list of sources
         elif isinstance(feature, VideoFeature) and feature.decode:  # decoded by us (PyAV), as raw bytes/path
             dataset = dataset.cast_column(column, VideoFeature(decode=False))
     return dataset

@@ -8,6 +8,8 @@ with ``@register_family("name", pipelines=("SomePipeline",))``, imported below. 
 (:mod:`.sd`), SDXL (:mod:`.sdxl`), noised by :class:`DDPMNoiser`. Flow-matching transformer families: SD3/SD3.5
 (:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Qwen-Image (:mod:`.qwen_image`), Z-Image (:mod:`.z_image`), Wan
 text-to-video (:mod:`.wan`), FLUX.2 [dev] and [klein] (:mod:`.flux2`), noised by :class:`FlowNoiser` (:mod:`.flow`).
+Editing families (``edits``: the denoiser also reads source images, see docs/editing.md): FLUX.1 Kontext
+(:mod:`.flux_kontext`).
 
 Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
@@ -21,6 +23,7 @@ from .registry import family_for_pipeline, register_family, registered_families
 
 # Registration order is the order family_for_pipeline tries them: specific before general.
 from .sd3 import StableDiffusion3Family  # isort: skip
+from .flux_kontext import FluxKontextFamily  # isort: skip
 from .flux import FluxFamily  # isort: skip
 from .sdxl import StableDiffusionXLFamily  # isort: skip
 from .sd import StableDiffusionFamily  # isort: skip
@@ -39,6 +42,7 @@ __all__ = [
     "Flux2Family",
     "Flux2KleinFamily",
     "FluxFamily",
+    "FluxKontextFamily",
     "ModelFamily",
     "NoisedPair",
     "Noiser",

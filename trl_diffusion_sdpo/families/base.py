@@ -49,15 +49,24 @@ __all__ = ["ModelFamily", "PromptEmbeddings", "PromptTokenizer", "scale_latents"
 
 @dataclass
 class PromptEmbeddings:
-    """Text conditioning of the denoiser for a batch of prompts."""
+    """The conditioning of the denoiser for a batch of pairs: the prompt's embeddings and, for an editing family,
+    the source images' latents. Both images of a pair share it."""
 
     encoder_hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None  # SDXL ``text_embeds``, the flow transformers' pooled projection
+    # An editing family's source latents ``[B, S, C, h, w]`` (``S`` source images per pair), in the denoiser's latent
+    # space (:meth:`ModelFamily.encode_sources`); ``None`` for text-to-image.
+    source_latents: torch.Tensor | None = None
 
     def repeat(self, times: int) -> PromptEmbeddings:
-        """Stack the batch ``times`` times along dim 0 (winner and loser share the prompt)."""
-        pooled = None if self.pooled is None else self.pooled.repeat(times, 1)
-        return PromptEmbeddings(self.encoder_hidden_states.repeat(times, 1, 1), pooled)
+        """Stack the batch ``times`` times along dim 0 (winner and loser share the prompt and the sources)."""
+
+        def stacked(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.repeat(times, *([1] * (value.dim() - 1)))
+
+        return PromptEmbeddings(
+            stacked(self.encoder_hidden_states), stacked(self.pooled), stacked(self.source_latents)
+        )
 
 
 class PromptTokenizer:
@@ -103,6 +112,13 @@ class ModelFamily(abc.ABC):
     # The pipeline attributes that never train (VAE and text encoders); one that holds None (SD3 without T5) is left
     # out of :meth:`frozen_modules`.
     frozen_components: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")
+    # Editing: whether the denoiser conditions on source images (the data then needs a source column; see
+    # docs/editing.md), and how many sources a pair may have (None: any number, as multi-image editing takes).
+    edits: ClassVar[bool] = False
+    max_sources: ClassVar[int | None] = 1
+    # Whether the prompt's encoding reads the source images too (a vision-language encoder): the collator then hands
+    # them to the tokenizer, and prompt dropout, whose empty prompt has no image, is refused.
+    prompt_reads_sources: ClassVar[bool] = False
     # The guidance of validation grids when validation_guidance_scale is None; None: the pipeline's own default
     # (its __call__'s guidance_scale: 3.5 for FLUX.1-dev, whose training conditions on 3.5 too).
     validation_guidance_scale: ClassVar[float | None] = None
@@ -218,6 +234,16 @@ class ModelFamily(abc.ABC):
         """The VAE posterior's mean and standard deviation for ``pixel_values``, unscaled, in float32."""
         posterior = self._posterior(pixel_values)
         return posterior.mean.float(), posterior.std.float()
+
+    @torch.no_grad()
+    def encode_sources(self, source_pixels: torch.Tensor) -> torch.Tensor:
+        """An editing family's source latents ``[B, S, C, h, w]`` of ``source_pixels [B, S, 3, H, W]`` in [-1, 1]:
+        the VAE posterior's mode, scaled into the denoiser's latent space, as the editing pipelines encode their
+        input image (``sample_mode="argmax"``): the conditioning is deterministic, only the targets are sampled."""
+        batch, sources = source_pixels.shape[:2]
+        posterior = self._posterior(source_pixels.flatten(0, 1))
+        latents = scale_latents(posterior.mode(), self.latents_config())
+        return latents.reshape(batch, sources, *latents.shape[1:])
 
     def _posterior(self, pixel_values: torch.Tensor):
         vae = self.vae

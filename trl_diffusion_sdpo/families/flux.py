@@ -17,7 +17,13 @@ from .base import PromptEmbeddings, PromptTokenizer
 from .flow import FlowMatchingFamily
 from .registry import register_family
 
-__all__ = ["FluxFamily"]
+__all__ = ["FluxFamily", "pipeline_is"]
+
+
+def pipeline_is(pipeline: object, *names: str) -> bool:
+    """Whether ``pipeline`` is an instance of one of the diffusers pipeline classes ``names`` (or of a subclass):
+    for pipelines whose components are the same and only the class tells them apart (FLUX.1 and FLUX.1 Kontext)."""
+    return any(cls.__name__ in names for cls in type(pipeline).__mro__)
 
 
 @register_family("flux", pipelines=("FluxPipeline",))
@@ -34,6 +40,12 @@ class FluxFamily(FlowMatchingFamily):
     default_guidance_scale = 3.5
     default_learning_rate = 1e-4
     learning_rate_source = "diffusers' FLUX LoRA script (train_dreambooth_lora_flux.py)"
+
+    @classmethod
+    def matches(cls, pipeline: object) -> bool:
+        """A FLUX transformer with both text encoders, in a text-to-image pipeline: FLUX.1 Kontext's pipeline has
+        the same components and is :class:`~.flux_kontext.FluxKontextFamily`'s."""
+        return super().matches(pipeline) and not pipeline_is(pipeline, "FluxKontextPipeline")
 
     def prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer(

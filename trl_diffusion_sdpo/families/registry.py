@@ -117,8 +117,6 @@ def registered_families() -> tuple[type[ModelFamily], ...]:
 # Pipelines whose denoiser takes conditioning the families do not build (source-image, mask or control latents beside
 # the noisy ones): a family's ``matches`` accepts them by their components, and their first forward pass would fail.
 UNTRAINABLE_PIPELINES: dict[str, str] = {
-    "FluxKontextPipeline": "an editing pipeline: its transformer reads the source image's latents packed beside the "
-    "target's",
     "FluxKontextInpaintPipeline": "an editing pipeline (source image and mask latents beside the target's)",
     "FluxFillPipeline": "an inpainting pipeline: its transformer takes masked-image and mask latents as channels",
     "FluxControlPipeline": "a control pipeline: its transformer takes control-image latents as extra channels",
@@ -139,8 +137,9 @@ def check_trainable(pipeline: DiffusionPipeline) -> None:
         if cls.__name__ in UNTRAINABLE_PIPELINES:
             raise ValueError(
                 f"{type(pipeline).__name__} is {UNTRAINABLE_PIPELINES[cls.__name__]}; preference tuning of such "
-                "pipelines is not supported yet. To tune the text-to-image behaviour of the same weights, load them "
-                "with the text-to-image pipeline (e.g. FluxPipeline, QwenImagePipeline)."
+                "pipelines is not supported. Instruction editing trains with the editing pipelines (e.g. "
+                "FluxKontextPipeline, see docs/editing.md); to tune the text-to-image behaviour of the same weights, "
+                "load them with the text-to-image pipeline (e.g. FluxPipeline, QwenImagePipeline)."
             )
     unet, vae = getattr(pipeline, "unet", None), getattr(pipeline, "vae", None)
     if unet is not None and vae is not None:

@@ -22,6 +22,7 @@ __all__ = [
     "drop_prompts",
     "encode_batch",
     "fixed_time_ids",
+    "prompt_inputs",
     "where_rows",
 ]
 
@@ -57,12 +58,13 @@ def _pairs_to_rows(x: torch.Tensor) -> torch.Tensor:
 def encode_batch(
     inputs: dict[str, torch.Tensor], family: ModelFamily, flip: torch.Tensor | None, dtype: torch.dtype
 ) -> EncodedBatch:
-    """Encode a collated batch (live or cached); ``flip`` (``[B]`` or ``[B, 2]`` booleans) selects mirrored views."""
+    """Encode a collated batch (live or cached); ``flip`` (``[B]`` or ``[B, 2]`` booleans) selects mirrored views
+    (``[B]`` for editing data: a pair is mirrored with its sources)."""
     if flip is not None:
         inputs = dict(inputs, time_ids=where_rows(flip, inputs["time_ids_flipped"], inputs["time_ids"]))
     if "latent_mean" in inputs:  # a batch of the latent cache: nothing left to encode
         if flip is not None:
-            for key in ("latent_mean", "latent_std"):
+            for key in ("latent_mean", "latent_std", "source_latents")[: 3 if "source_latents" in inputs else 2]:
                 inputs[key] = where_rows(flip, inputs[f"{key}_flipped"], inputs[key])
         mean, std = cached_moments(inputs)
         return EncodedBatch(mean, std, cached_prompt_embeds(inputs, dtype), cached_time_ids(inputs))
@@ -70,8 +72,20 @@ def encode_batch(
     if flip is not None:
         pixel_values = where_rows(flip, pixel_values.flip(-1), pixel_values)
     mean, std = family.encode_moments(_pairs_to_rows(pixel_values))
-    tokens = {k: v for k, v in inputs.items() if k.startswith("input_ids")}
-    return EncodedBatch(mean, std, family.encode_prompts(tokens), _pairs_to_rows(inputs["time_ids"]))
+    embeds = family.encode_prompts(prompt_inputs(inputs))
+    if "source_pixel_values" in inputs:  # editing: the pair's source images, encoded once for both branches
+        sources = inputs["source_pixel_values"]  # [B, S, 3, H, W]; a pair is mirrored with its sources
+        if flip is not None:
+            sources = where_rows(flip, sources.flip(-1), sources)
+        embeds.source_latents = family.encode_sources(sources)
+    return EncodedBatch(mean, std, embeds, _pairs_to_rows(inputs["time_ids"]))
+
+
+def prompt_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a family's ``encode_prompts`` reads from a collated batch: its tokenizer's outputs, the keys starting
+    with ``input_ids`` (token ids) or ``prompt_`` (what else the tokenizer made, such as a vision-language encoder's
+    image patches)."""
+    return {k: v for k, v in inputs.items() if k.startswith(("input_ids", "prompt_"))}
 
 
 def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolution: int) -> dict[str, torch.Tensor]:
@@ -109,13 +123,14 @@ def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolut
 
 
 def drop_prompts(embeds: PromptEmbeddings, drop: torch.Tensor, empty: PromptEmbeddings) -> PromptEmbeddings:
-    """Replace the prompt embeddings of the rows where ``drop`` is set by ``empty``'s (classifier-free dropout)."""
+    """Replace the prompt embeddings of the rows where ``drop`` is set by ``empty``'s (classifier-free dropout); an
+    editing pair keeps its source latents (the instruction is dropped, not the image)."""
     hidden = embeds.encoder_hidden_states
     hidden = where_rows(drop, empty.encoder_hidden_states.to(hidden).expand_as(hidden), hidden)
     pooled = embeds.pooled
     if pooled is not None:
         pooled = where_rows(drop, empty.pooled.to(pooled).expand_as(pooled), pooled)
-    return PromptEmbeddings(hidden, pooled)
+    return PromptEmbeddings(hidden, pooled, embeds.source_latents)
 
 
 def fixed_time_ids(resolution: int, rows: int, device: torch.device | str) -> torch.Tensor:

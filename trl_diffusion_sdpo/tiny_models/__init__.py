@@ -6,6 +6,7 @@ encoders, tokenizers, scheduler), only narrow; their tokenizers are written from
 """
 
 from .flow import (
+    build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
@@ -19,6 +20,7 @@ from .video import build_tiny_wan_pipeline
 __all__ = [
     "build_tiny_flux2_klein_pipeline",
     "build_tiny_flux2_pipeline",
+    "build_tiny_flux_kontext_pipeline",
     "build_tiny_flux_pipeline",
     "build_tiny_qwen_image_pipeline",
     "build_tiny_sd3_pipeline",

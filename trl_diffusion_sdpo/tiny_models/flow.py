@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from diffusers import (
@@ -220,3 +221,13 @@ def build_tiny_z_image_pipeline(
         tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+def build_tiny_flux_kontext_pipeline(seed: int = 0, tokenizer_dir: str | None = None, **options: Any):
+    """A tiny FLUX.1 Kontext pipeline: :func:`build_tiny_flux_pipeline`'s components (Kontext's are FLUX.1's) in a
+    ``FluxKontextPipeline``; ``options`` as there."""
+    from diffusers import FluxKontextPipeline
+
+    flux = build_tiny_flux_pipeline(seed=seed, tokenizer_dir=tokenizer_dir, **options)
+    names = FluxKontextPipeline._get_signature_keys(FluxKontextPipeline)[0]
+    return FluxKontextPipeline(**{name: value for name, value in flux.components.items() if name in names})

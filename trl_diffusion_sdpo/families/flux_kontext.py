@@ -1,0 +1,84 @@
+"""FLUX.1 Kontext: FLUX.1's transformer editing a source image, whose latents are packed beside the target's in the
+token sequence.
+
+Followed: diffusers' ``FluxKontextPipeline`` (``pipelines/flux/pipeline_flux_kontext.py``, diffusers 0.42) and the
+Kontext section of diffusers' FLUX LoRA example (``examples/dreambooth/README_flux.md``).
+
+* Text: FLUX.1's (:class:`~.flux.FluxFamily`): T5's sequence, CLIP-L's pooled projection, ``txt_ids`` zeros. The
+  instruction is the prompt.
+* Source: the VAE posterior's mode (``sample_mode="argmax"``), shifted and scaled as the targets
+  (:meth:`~.base.ModelFamily.encode_sources`), encoded once per pair and shared by both branches. The data resizes
+  and center-crops it as the edited images, so it has their latent size.
+* The call: the target's ``(h/2)(w/2)`` packed 2x2 patches, then the source's, in one sequence
+  (``torch.cat([latents, image_latents], dim=1)``); ``img_ids`` are the target's positions followed by the source's,
+  whose first coordinate is 1 (``image_ids[..., 0] = 1``); the prediction keeps the target's tokens
+  (``noise_pred[:, : latents.size(1)]``) and is unpacked.
+* Noise levels: FLUX.1's, with the resolution shift of the target's tokens (the pipeline's ``image_seq_len`` is the
+  target's sequence length, before the source is appended).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import PromptEmbeddings
+from .flux import FluxFamily, pipeline_is
+from .registry import register_family
+
+__all__ = ["FluxKontextFamily"]
+
+
+@register_family("flux-kontext", pipelines=("FluxKontextPipeline",))
+class FluxKontextFamily(FluxFamily):
+    """FLUX.1 Kontext (``FluxKontextPipeline`` with a ``FluxTransformer2DModel``): instruction editing of one source
+    image."""
+
+    edits = True
+    max_sources = 1
+    # diffusers' Kontext LoRA example trains with --guidance_scale=1 and --learning_rate=1e-4 (README_flux.md).
+    default_guidance_scale = 1.0
+    default_learning_rate = 1e-4
+    learning_rate_source = "diffusers' FLUX.1 Kontext LoRA example (examples/dreambooth/README_flux.md, 1e-4)"
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        """A FLUX transformer in a ``FluxKontextPipeline`` (or a subclass): its components are FLUX.1's, so the
+        pipeline's class is what tells the editing pipeline apart."""
+        return super(FluxFamily, cls).matches(pipeline) and pipeline_is(pipeline, "FluxKontextPipeline")
+
+    def denoiser_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        """FLUX.1's conditioning and the pair's source latents ``[N, 1, C, h, w]``."""
+        if prompt_embeds.source_latents is None:
+            raise ValueError(f"{self.name} edits a source image: the batch has no source latents")
+        conditioning = super().denoiser_conditioning(prompt_embeds, time_ids)
+        conditioning["source_latents"] = prompt_embeds.source_latents
+        return conditioning
+
+    def call_denoiser(
+        self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
+    ) -> torch.Tensor:
+        from diffusers import FluxKontextPipeline  # slow to import: only when the model runs
+
+        conditioning = dict(conditioning)
+        source = conditioning.pop("source_latents")[:, 0].to(sample.dtype)  # [N, C, h', w']
+        n, channels, height, width = sample.shape
+        pack, ids = FluxKontextPipeline._pack_latents, FluxKontextPipeline._prepare_latent_image_ids
+        target_tokens = pack(sample, n, channels, height, width)
+        source_tokens = pack(source, n, channels, *source.shape[-2:])
+        target_ids = ids(n, height // 2, width // 2, sample.device, sample.dtype)
+        source_ids = ids(n, source.shape[-2] // 2, source.shape[-1] // 2, sample.device, sample.dtype)
+        source_ids[..., 0] = 1
+        out = model(
+            hidden_states=torch.cat([target_tokens, source_tokens], dim=1),
+            timestep=timestep / 1000,
+            guidance=self.guidance(n, sample.device),
+            img_ids=torch.cat([target_ids, source_ids], dim=0),
+            **conditioning,
+            return_dict=False,
+        )[0][:, : target_tokens.shape[1]]
+        out = out.view(n, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(n, channels, height, width)
