@@ -27,9 +27,10 @@ chooses ``lambda`` on this very update. The tolerance is measured the same way a
 ``C = W(theta + Delta) - 2 W(theta) + W(theta - Delta)``, ``R3 = (W(theta + Delta) - W(theta - Delta)) / 2 -
 <g_w, Delta>``, plus float32 rounding of the rule's own evaluation (``64 eps32 sum |g_w * Delta|``).
 
-``--model sd3``, ``flux``, ``qwen-image``, ``z-image``, ``wan``, ``flux2`` or ``flux2-klein`` runs the same check on a
-tiny flow-matching transformer (SD3's MMDiT, FLUX's double/single-stream blocks with packed latents and the guidance
-embedding, Qwen-Image's MMDiT with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output,
+``--model sd3``, ``flux``, ``flux-kontext``, ``qwen-image``, ``z-image``, ``wan``, ``flux2`` or ``flux2-klein`` runs
+the same check on a tiny flow-matching transformer (SD3's MMDiT, FLUX's double/single-stream blocks with packed
+latents and the guidance embedding, FLUX.1 Kontext's with a random source image's latents beside them, Qwen-Image's
+MMDiT with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output,
 Wan's 3D transformer on video latents ``[16, 2, 4, 4]``, FLUX.2's transformer on 2x2-patchified latents with 4-axis
 RoPE and, for [dev], the guidance embedding), called through the model family as the trainer calls it: pairs are
 noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair, the target is the velocity
@@ -61,6 +62,7 @@ from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_l
 from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
+    build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
@@ -108,10 +110,11 @@ def _unet(pipeline_dir: str | None) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
 
 
-MODELS = ("unet", "sd3", "flux", "qwen-image", "z-image", "wan", "flux2", "flux2-klein")
+MODELS = ("unet", "sd3", "flux", "flux-kontext", "qwen-image", "z-image", "wan", "flux2", "flux2-klein")
 _FLOW_BUILDERS = {
     "sd3": build_tiny_sd3_pipeline,
     "flux": build_tiny_flux_pipeline,
+    "flux-kontext": build_tiny_flux_kontext_pipeline,
     "qwen-image": build_tiny_qwen_image_pipeline,
     "z-image": build_tiny_z_image_pipeline,
     "wan": build_tiny_wan_pipeline,
@@ -173,6 +176,8 @@ class Problem:
         pooled = None
         if self.pooled_dim is not None:
             pooled = torch.randn((n, self.pooled_dim), generator=gen, dtype=torch.float64)
+        # An editing family's source latents, one per pair (drawn last: the other families' batches are unchanged).
+        sources = torch.randn((n, 1, *shape[1:]), generator=gen, dtype=torch.float64) if self.family.edits else None
         return {
             "x_w": (1 - s_b) * z_w + s_b * noise,
             "x_l": (1 - s_b) * z_l + s_b * noise,
@@ -181,6 +186,7 @@ class Problem:
             "target_l": noise - z_l,
             "cond": cond,
             "pooled": pooled,
+            "sources": sources,
         }
 
     def predict(self, params: dict[str, torch.Tensor], x: torch.Tensor, batch) -> torch.Tensor:
@@ -188,7 +194,8 @@ class Problem:
             return functional_call(self.unet, params, (x, batch["t"]), {"encoder_hidden_states": batch["cond"]})[0]
         from trl_diffusion_sdpo.families import PromptEmbeddings
 
-        conditioning = self.family.denoiser_conditioning(PromptEmbeddings(batch["cond"], batch["pooled"]), None)
+        embeds = PromptEmbeddings(batch["cond"], batch["pooled"], batch["sources"])
+        conditioning = self.family.denoiser_conditioning(embeds, None)
 
         def network(*args, **kwargs):
             return functional_call(self.unet, params, args, kwargs)
@@ -415,6 +422,7 @@ def run(
         "sd3": "tiny random SD3 transformer (MMDiT)",
         "flux": "tiny random FLUX.1-dev transformer (guidance embedding)",
         "wan": "tiny random Wan 2.1 3D transformer (video latents [16, 2, 4, 4])",
+        "flux-kontext": "tiny random FLUX.1 Kontext transformer (a source image's latents packed beside the target's)",
         "qwen-image": "tiny random Qwen-Image transformer (MMDiT, packed latents, 3-axis RoPE)",
         "z-image": "tiny random Z-Image transformer (single-stream S3-DiT, reversed time, negated output)",
         "flux2": "tiny random FLUX.2 [dev] transformer (patchified latents, 4-axis RoPE, guidance embedding)",

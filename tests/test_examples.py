@@ -73,6 +73,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         "sd3_lora": (0.5, True, 32, 64),
         "sd3_full": (0.5, True, None, None),
         "flux_lora": (0.5, True, 16, 16),
+        "flux_kontext_lora": (0.5, True, 16, 16),
         "qwen_image_lora": (0.5, True, 16, 16),
         "z_image_lora": (0.5, True, 16, 16),
         "flux2_lora": (0.5, True, 16, 16),
@@ -87,6 +88,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
                 "sd3_lora",
                 "sd3_full",
                 "flux_lora",
+                "flux_kontext_lora",
                 "qwen_image_lora",
                 "z_image_lora",
                 "flux2_lora",
@@ -98,7 +100,10 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
     ]
     assert config.safeguard and config.safeguard_mu == mu
     assert script_args.dataset_streaming is streamed
-    if config.num_frames is None:  # image models train on Pick-a-Pic; wan_lora names a placeholder video dataset
+    editing = "kontext" in config_path.stem or "edit" in config_path.stem
+    if editing:  # editing models train on EditReward-Data's votes, with its source column
+        assert script_args.dataset_name == "TIGER-Lab/EditReward-Data" and config.source_image_column == "source_img"
+    elif config.num_frames is None:  # image models train on Pick-a-Pic; wan_lora names a placeholder video dataset
         assert script_args.dataset_name == "yuvalkirstain/pickapic_v2"
     assert model_args.use_peft is config_path.stem.endswith("lora")
     peft_config = get_peft_config(model_args)

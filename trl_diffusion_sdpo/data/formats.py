@@ -28,6 +28,11 @@ Formats (:func:`detect_format`, or named with ``format=``; see ``docs/data.md`` 
   MizzenAI/HPSv3's README documents them) and HPDv2's ranked form (``prompt``, ``image_path`` a list, ``rank`` a list,
   lower preferred), turned into pairs by ``ranking_pairs``: ``"all"`` (every two images of different rank, better
   first) or ``"best_worst"`` (one pair per prompt).
+* Editing rows (docs/editing.md) add the source: a ``source_image`` column (aliases ``input_image``, ``source``) or
+  ``source_images`` (a list; alias ``input_images``; in CSV/TSV a JSON array) in a table, paths resolved as the
+  others; ``source.<ext>`` (or ``source_0.<ext>``, ``source_1.<ext>``, ... for several) in a pair's folder, or a
+  ``source/`` folder beside the side folders holding ``source/<key>.<ext>``; ``source_image_file_name`` in an image
+  folder's metadata.
 * ``disk`` (a ``save_to_disk`` folder) and ``hub`` (``datasets.load_dataset``: a Hub id or a local data folder), as
   before.
 """
@@ -73,6 +78,10 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 # Names the tables use for the TRL columns, where the TRL name itself is absent.
 ALIASES = {"prompt": ("caption",), "chosen": ("winner", "preferred"), "rejected": ("loser",)}
 SCORE_ALIASES = {"score_0": "chosen_score", "score_1": "rejected_score"}
+# Editing tables: the source column(s) and their aliases (EditReward-style data names the source "input_image").
+SOURCE_ALIASES = {"source_image": ("input_image", "source"), "source_images": ("input_images",)}
+# The side-folder layout's folder of source images, beside the chosen and rejected folders.
+SOURCE_FOLDERS = ("source", "sources", "input")
 
 
 def load_preference_data(
@@ -228,6 +237,10 @@ def read_table(path: str) -> Dataset:
         for target, alias in SCORE_ALIASES.items():
             if target not in names and alias in names:
                 renames[alias] = target
+        for target, aliases in SOURCE_ALIASES.items():
+            alias = next((a for a in aliases if a in names), None)
+            if not names & set(SOURCE_ALIASES) and alias is not None:
+                renames[alias] = target
         if renames:
             dataset = dataset.rename_columns(renames)
         prompt, images = "prompt", ("chosen", "rejected")
@@ -243,9 +256,26 @@ def read_table(path: str) -> Dataset:
         out = {prompt: [_prompt(v) for v in batch[prompt]]}
         for column in images:
             out[column] = [resolve_path(v, base) for v in batch[column]]
+        if "source_image" in batch:
+            out["source_image"] = [resolve_path(v, base) for v in batch["source_image"]]
+        if "source_images" in batch:
+            out["source_images"] = [_source_list(v, base) for v in batch["source_images"]]
         return out
 
     return dataset.map(resolve, batched=True, desc=f"Resolving image paths of {os.path.basename(path)}")
+
+
+def _source_list(value: Any, base: str) -> Any:
+    """A row's list of source paths resolved against ``base``; a CSV cell holding a JSON array is parsed first.
+    Anything else is kept for validation to name."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, list):
+        return [resolve_path(v, base) for v in value]
+    return value
 
 
 # -- pair folders -------------------------------------------------------------------------------------------------
@@ -315,6 +345,39 @@ def _images_by_key(folder: str) -> dict[str, list[str]]:
     return images
 
 
+def _folder_sources(folder: str) -> tuple[list[str], str]:
+    """A pair folder's source images: ``source.<ext>``, or ``source_0.<ext>``, ``source_1.<ext>``, ... in order;
+    and a note when they cannot be read as one list (both forms, a gap in the numbering)."""
+    single, numbered = [], {}
+    for name in sorted(os.listdir(folder)):
+        stem = os.path.splitext(name)[0].lower()
+        if not _is_image(name):
+            continue
+        if stem == "source":
+            single.append(os.path.join(folder, name))
+        elif stem.startswith("source_") and stem[7:].isdigit():
+            numbered.setdefault(int(stem[7:]), []).append(os.path.join(folder, name))
+    if single and numbered:
+        return [], "both source.<ext> and source_<i>.<ext>: keep one form"
+    if len(single) > 1 or any(len(paths) > 1 for paths in numbered.values()):
+        return [], "two source images with one name (different extensions)"
+    if numbered and sorted(numbered) != list(range(len(numbered))):
+        return [], f"source images numbered {sorted(numbered)}: number them from 0 without gaps"
+    return single or [numbered[i][0] for i in sorted(numbered)], ""
+
+
+def _source_column(sources: list[tuple[list[str], str]]) -> str | None:
+    """``source_image`` when every pair folder with a source has one ``source.<ext>``, ``source_images`` when any
+    has numbered ones, ``None`` when no folder has a source."""
+    if not any(values or note for values, note in sources):
+        return None
+    numbered = any(
+        len(values) > 1 or any(os.path.splitext(os.path.basename(p))[0].lower() != "source" for p in values)
+        for values, _ in sources
+    )
+    return "source_images" if numbered else "source_image"
+
+
 def read_pair_folders(root: str) -> Dataset:
     """Pairs from side folders (``w``/``l``, ``win``/``lose``, ``chosen``/``rejected``) or one folder per pair.
 
@@ -326,6 +389,12 @@ def read_pair_folders(root: str) -> Dataset:
     if sides is not None:
         chosen_dir, rejected_dir = (os.path.join(root, s) for s in sides)
         chosen, rejected = _images_by_key(chosen_dir), _images_by_key(rejected_dir)
+        source_dir = next(
+            (os.path.join(root, s) for s in SOURCE_FOLDERS if os.path.isdir(os.path.join(root, s))), None
+        )
+        sources = _images_by_key(source_dir) if source_dir is not None else None
+        if sources is not None:
+            rows["source_image"] = []
         for key in sorted(chosen.keys() | rejected.keys()):
             notes = []
             pair = []
@@ -343,12 +412,23 @@ def read_pair_folders(root: str) -> Dataset:
             )
             if prompt is None:
                 notes.append(f"no caption {key}.txt or {key}.caption")
+            if sources is not None:
+                found = sources.get(key, [])
+                if len(found) != 1:
+                    side = os.path.basename(source_dir)
+                    notes.append(f"{len(found)} source images {side}/{key}.*" if found else f"no image {side}/{key}.*")
+                rows["source_image"].append(found[0] if len(found) == 1 else None)
             rows["prompt"].append(prompt)
             rows["chosen"].append(pair[0])
             rows["rejected"].append(pair[1])
             rows[SOURCE_COLUMN].append(f"pair {key!r} in {root}" + (": " + "; ".join(notes) if notes else ""))
     else:
-        for folder in _pair_subfolders(root):
+        folders = _pair_subfolders(root)
+        sources_per_folder = [_folder_sources(folder) for folder in folders]
+        source_column = _source_column(sources_per_folder)
+        if source_column is not None:
+            rows[source_column] = []
+        for folder, (source_values, source_note) in zip(folders, sources_per_folder, strict=True):
             images = {}
             for name in sorted(os.listdir(folder)):
                 if _is_image(name):
@@ -366,6 +446,14 @@ def read_pair_folders(root: str) -> Dataset:
             prompt = _caption([os.path.join(folder, "prompt"), os.path.join(folder, "caption")])
             if prompt is None:
                 notes.append("no prompt.txt or caption.txt")
+            if source_column == "source_image":
+                if source_note:
+                    notes.append(source_note)
+                rows[source_column].append(source_values[0] if len(source_values) == 1 and not source_note else None)
+            elif source_column == "source_images":
+                if source_note or not source_values:
+                    notes.append(source_note or "no source.<ext> or source_<i>.<ext>")
+                rows[source_column].append(source_values if source_values and not source_note else None)
             rows["prompt"].append(prompt)
             rows["chosen"].append(pair[0])
             rows["rejected"].append(pair[1])

@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 _LABEL_VALUES = (0.0, 0.5, 1.0)
+# Votes written as words, as EditReward-Data's ``vote_type`` column holds them (image 0 is the left output): read as
+# the label of image 0.
+LABEL_WORDS = {"leftvote": 1.0, "rightvote": 0.0, "tie": 0.5}
 # A streamed row's position in the stream, added by preparation so a bad row's warning can name it.
 ROW_INDEX_COLUMN = "__row_index__"
 # Where a row came from in the user's files (a pair folder, an annotation record), written by the file-format readers
@@ -337,9 +340,9 @@ def _label_problem(label: Any) -> str:
     if label is None:
         return "label is missing (None)"
     try:
-        value = float(label)
+        value = label_value(label)
     except (TypeError, ValueError):
-        return f"label {label!r} is not a number"
+        return f"label {label!r} is not a number or one of {sorted(LABEL_WORDS)}"
     if math.isnan(value) or not any(abs(value - v) < 1e-6 for v in _LABEL_VALUES):
         return f"label {label!r} is not one of 0, 0.5, 1"
     return ""
@@ -389,8 +392,15 @@ def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, s
     return "", ""
 
 
+def label_value(label: Any) -> float:
+    """Image 0's label as a number: the number itself, or a vote word of :data:`LABEL_WORDS`."""
+    if isinstance(label, str) and label.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[label.strip().lower()]
+    return float(label)
+
+
 def is_tie(label: Any) -> bool:
-    return label is not None and abs(float(label) - 0.5) < 1e-6
+    return label is not None and abs(label_value(label) - 0.5) < 1e-6
 
 
 def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, Any, tuple[float, float] | None] | None:
@@ -417,7 +427,7 @@ def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, An
                 raise ValueError(f"column {column!r}: {err}") from None
         score_0, score_1 = scores
         return (first, second, (score_0, score_1)) if score_0 > score_1 else (second, first, (score_1, score_0))
-    if columns.label is None or float(row[columns.label]) > 0.5:
+    if columns.label is None or label_value(row[columns.label]) > 0.5:
         return first, second, None
     return second, first, None
 
