@@ -14,7 +14,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 
 from trl_diffusion_sdpo.cli import main
-from trl_diffusion_sdpo.families import family_for_pipeline
+from trl_diffusion_sdpo.families import FluxKontextFamily, family_for_pipeline
 from trl_diffusion_sdpo.io.export import export_lora, merge_lora
 from trl_diffusion_sdpo.io.lora_formats import (
     LoraFile,
@@ -27,6 +27,7 @@ from trl_diffusion_sdpo.io.saving import save_lora_adapters
 from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
+    build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
@@ -41,6 +42,7 @@ BUILDERS = {
     "sd": build_tiny_sd_pipeline,
     "sdxl": build_tiny_sdxl_pipeline,
     "flux": build_tiny_flux_pipeline,
+    "flux-kontext": build_tiny_flux_kontext_pipeline,
     "sd3": build_tiny_sd3_pipeline,
     "qwen-image": build_tiny_qwen_image_pipeline,
     "z-image": build_tiny_z_image_pipeline,
@@ -79,6 +81,8 @@ def prediction(pipe) -> torch.Tensor:
     shape = family.latent_shape(32, num_frames=5) if family.video else family.latent_shape(32)
     sample = torch.randn((2, *shape), generator=gen)
     embeds = family.encode_prompts(family.prompt_tokenizer()(["a red square", "two blue circles"]))
+    if family.edits:  # an editing family: a source image's latents as well
+        embeds.source_latents = torch.randn((2, 1, *shape), generator=gen)
     time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2)
     timesteps = torch.tensor([300.0, 700.0]) if family.flow_matching else torch.tensor([300, 700])
     return family.call_denoiser(family.denoiser, sample, timesteps, family.denoiser_conditioning(embeds, time_ids))
@@ -279,6 +283,27 @@ def test_flux_kohya_export_loads_with_diffusers_kohya_loader_and_predicts_like_t
     exported = prediction(loaded(base, out))
     print(f"FLUX kohya round trip: max |difference| {(exported - reference).abs().max().item():.3g}")
     torch.testing.assert_close(exported, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("export_format", ["kohya", "comfyui"])
+def test_flux_kontext_exports_in_flux1s_layouts_and_reloads_into_the_kontext_pipeline(tmp_path, export_format):
+    """Kontext's transformer is FLUX.1's: its LoRA is written in FLUX.1's kohya and ComfyUI layouts (sd-scripts'
+    metadata names flux1), and FluxKontextPipeline.load_lora_weights of the exported file predicts as the LoRA. The
+    double blocks' layers: diffusers' kohya loader splits the single blocks' fused linear1 at FLUX.1's sizes only."""
+    targets = [f"transformer_blocks.0.attn.{name}" for name in FluxKontextFamily.lora_target_modules]
+    base, lora = write_base_and_lora("flux-kontext", tmp_path, targets=targets)
+    out = str(tmp_path / f"kontext_{export_format}.safetensors")
+    result = export_lora(lora, base, export_format, out)
+    assert result.family == "flux-kontext"
+    with safe_open(out, framework="pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata() or {}
+    prefix = "lora_unet_double_blocks_0_" if export_format == "kohya" else "transformer.transformer_blocks.0."
+    assert any(k.startswith(prefix) for k in keys)
+    if export_format == "kohya":
+        assert metadata["ss_base_model_version"] == "flux1" and metadata["ss_network_module"] == "networks.lora_flux"
+    reference = prediction(loaded(base, lora))
+    assert (reference - prediction(loaded(base))).abs().max() > 1e-3, "the LoRA changes nothing"
+    torch.testing.assert_close(prediction(loaded(base, out)), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_flux_linear1_at_flux1_sizes_and_top_level_layers_convert_back_in_diffusers_kohya_converter():

@@ -177,13 +177,16 @@ _FUSED_LAYOUTS: dict[str, tuple[tuple[tuple[str, str, dict[str, tuple[str, ...]]
     "flux2": _FLUX2_LAYOUT,
     "flux2-klein": _FLUX2_LAYOUT,
 }
+# FLUX.1 Kontext's transformer is FLUX.1's (BFL's flux code runs both): the same original names, the same tools.
+_FUSED_LAYOUTS["flux-kontext"] = _FUSED_LAYOUTS["flux"]
 _FLUX2_FAMILIES = {"flux2", "flux2-klein"}
 # ss_base_model_version: "flux1" is sd-scripts' MODEL_VERSION_FLUX_V1 (library/flux_utils.py); "sd3" names the family;
 # "flux_2_dev" is musubi-tuner's name for FLUX.2 [dev] ([klein] depends on the width: _KLEIN_VERSIONS).
-_FUSED_VERSIONS = {"flux": "flux1", "stable-diffusion-3": "sd3", "flux2": "flux_2_dev"}
+_FUSED_VERSIONS = {"flux": "flux1", "flux-kontext": "flux1", "stable-diffusion-3": "sd3", "flux2": "flux_2_dev"}
 # ss_network_module: sd-scripts' FLUX.1/SD3 modules, musubi-tuner's FLUX.2 one.
 _FUSED_MODULES = {
     "flux": "networks.lora_flux",
+    "flux-kontext": "networks.lora_flux",
     "stable-diffusion-3": "networks.lora_sd3",
     "flux2": "networks.lora_flux_2",
     "flux2-klein": "networks.lora_flux_2",
@@ -442,7 +445,8 @@ def _wan_name(name: str) -> str:
 
 
 def comfyui_flow_state_dict(lora: LoraFile, family: str) -> dict[str, torch.Tensor]:
-    """Transformer LoRA as ComfyUI maps it: ``transformer.<diffusers name>`` (SD3, FLUX.1, Qwen-Image, Z-Image) or
+    """Transformer LoRA as ComfyUI maps it: ``transformer.<diffusers name>`` (SD3, FLUX.1 and Kontext, Qwen-Image,
+    Z-Image) or
     ``diffusion_model.<Wan name>`` (Wan), PEFT ``lora_A``/``lora_B`` names, the scale multiplied into ``lora_B``
     (no ``.alpha``: ComfyUI and diffusers then both apply scale 1 to the product)."""
     state = {}
