@@ -1,6 +1,6 @@
 """What a training step costs on the tiny flow pipelines of tests/ (Qwen-Image, Z-Image, FLUX.2 [dev] and [klein],
-FLUX.1 for comparison), on
-the CPU: median step time of LoRA Diffusion-DPO, and with the output-space and the parameter-space safeguard.
+FLUX.1 Kontext on editing pairs, FLUX.1 for comparison), on the CPU: median step time of LoRA Diffusion-DPO, and with
+the output-space and the parameter-space safeguard.
 
 The tiny models say how the three methods compare on one machine, not what a real-size model costs: their
 transformers have a few thousand parameters and the step is dominated by fixed overheads (the VAE, the text
@@ -9,6 +9,8 @@ encoder, Python). Run alone on a quiet machine; the shared CPUs this was measure
     python benchmarks/flow_family_cost.py --steps 8 --json benchmarks/results/flow-family-cost-cpu-tiny.json
     python benchmarks/flow_family_cost.py --families flux2 flux2-klein flux \
         --json benchmarks/results/flow-family-cost-flux2-cpu-tiny.json
+    python benchmarks/flow_family_cost.py --families flux-kontext flux \
+        --json benchmarks/results/flow-family-cost-kontext-cpu-tiny.json
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen-image", "z-image", "flux", "flux2", "flux2-klein")
+FAMILIES = ("qwen-image", "z-image", "flux", "flux-kontext", "flux2", "flux2-klein")
 DEFAULT_FAMILIES = ("qwen-image", "z-image", "flux")
 METHODS = {
     "dpo": {"safeguard": False},
@@ -36,11 +38,14 @@ def _pipeline(family: str, workdir: str):
     from trl_diffusion_sdpo.tiny_models import (
         build_tiny_flux2_klein_pipeline,
         build_tiny_flux2_pipeline,
+        build_tiny_flux_kontext_pipeline,
         build_tiny_flux_pipeline,
         build_tiny_qwen_image_pipeline,
         build_tiny_z_image_pipeline,
     )
 
+    if family == "flux-kontext":
+        return build_tiny_flux_kontext_pipeline(seed=0, tokenizer_dir=workdir, max_length=32)
     if family == "flux":
         return build_tiny_flux_pipeline(seed=0, tokenizer_dir=workdir, max_length=32)
     if family == "flux2":
@@ -51,7 +56,7 @@ def _pipeline(family: str, workdir: str):
     return builder(seed=0, tokenizer_dir=workdir)
 
 
-def _pairs(n: int):
+def _pairs(n: int, edits: bool = False):
     import io
 
     from datasets import Dataset
@@ -63,13 +68,15 @@ def _pairs(n: int):
         return buffer.getvalue()
 
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
-    return Dataset.from_list(
-        [
-            {"caption": f"a square number {i}", "jpg_0": png(colours[i % 4]), "jpg_1": png(colours[(i + 1) % 4]),
-             "label_0": float(i % 2)}
-            for i in range(n)
-        ]
-    )  # fmt: skip
+    rows = [
+        {"caption": f"a square number {i}", "jpg_0": png(colours[i % 4]), "jpg_1": png(colours[(i + 1) % 4]),
+         "label_0": float(i % 2)}
+        for i in range(n)
+    ]  # fmt: skip
+    if edits:  # an editing family's pairs: a source image of the edits' size beside each
+        for i, row in enumerate(rows):
+            row["source_image"] = png(colours[(i + 2) % 4])
+    return Dataset.from_list(rows)
 
 
 def measure(family: str, method: str, steps: int, pairs: int) -> dict[str, float]:
@@ -101,7 +108,10 @@ def measure(family: str, method: str, steps: int, pairs: int) -> dict[str, float
 
             targets = list(family_for_pipeline(pipe).lora_target_modules)
         trainer = DiffusionSDPOTrainer(
-            pipe, args=args, train_dataset=_pairs(pairs * steps), peft_config=LoraConfig(r=4, target_modules=targets)
+            pipe,
+            args=args,
+            train_dataset=_pairs(pairs * steps, edits=family == "flux-kontext"),
+            peft_config=LoraConfig(r=4, target_modules=targets),
         )
         trainer.add_callback(Clock())
         trainer.train()

@@ -14,6 +14,7 @@ from trl_diffusion_sdpo.families import (
     Flux2Family,
     Flux2KleinFamily,
     FluxFamily,
+    FluxKontextFamily,
     ModelFamily,
     PromptEmbeddings,
     PromptTokenizer,
@@ -59,8 +60,9 @@ class PixelSpaceFamily(ModelFamily):
 
 
 def test_built_in_families_are_tried_specific_before_general() -> None:
-    assert registered_families()[:4] == (
+    assert registered_families()[:5] == (
         StableDiffusion3Family,
+        FluxKontextFamily,
         FluxFamily,
         StableDiffusionXLFamily,
         StableDiffusionFamily,
