@@ -62,8 +62,8 @@ class PixelSpaceFamily(ModelFamily):
 def test_built_in_families_are_tried_specific_before_general() -> None:
     assert registered_families()[:5] == (
         StableDiffusion3Family,
-        FluxKontextFamily,
         FluxFamily,
+        FluxKontextFamily,
         StableDiffusionXLFamily,
         StableDiffusionFamily,
     )

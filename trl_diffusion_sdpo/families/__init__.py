@@ -23,8 +23,8 @@ from .registry import family_for_pipeline, register_family, registered_families
 
 # Registration order is the order family_for_pipeline tries them: specific before general.
 from .sd3 import StableDiffusion3Family  # isort: skip
-from .flux_kontext import FluxKontextFamily  # isort: skip
 from .flux import FluxFamily  # isort: skip
+from .flux_kontext import FluxKontextFamily  # isort: skip  (FLUX.1's components: told apart by the pipeline class)
 from .sdxl import StableDiffusionXLFamily  # isort: skip
 from .sd import StableDiffusionFamily  # isort: skip
 

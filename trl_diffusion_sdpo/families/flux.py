@@ -15,15 +15,9 @@ import torch
 
 from .base import PromptEmbeddings, PromptTokenizer
 from .flow import FlowMatchingFamily
-from .registry import register_family
+from .registry import pipeline_is, register_family
 
-__all__ = ["FluxFamily", "pipeline_is"]
-
-
-def pipeline_is(pipeline: object, *names: str) -> bool:
-    """Whether ``pipeline`` is an instance of one of the diffusers pipeline classes ``names`` (or of a subclass):
-    for pipelines whose components are the same and only the class tells them apart (FLUX.1 and FLUX.1 Kontext)."""
-    return any(cls.__name__ in names for cls in type(pipeline).__mro__)
+__all__ = ["FluxFamily"]
 
 
 @register_family("flux", pipelines=("FluxPipeline",))

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from .base import PromptEmbeddings
-from .flux import FluxFamily, pipeline_is
-from .registry import register_family
+from .flux import FluxFamily
+from .registry import pipeline_is, register_family
 
 __all__ = ["FluxKontextFamily"]
 

@@ -23,7 +23,14 @@ from .base import ModelFamily
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-__all__ = ["UNTRAINABLE_PIPELINES", "check_trainable", "family_for_pipeline", "register_family", "registered_families"]
+__all__ = [
+    "UNTRAINABLE_PIPELINES",
+    "check_trainable",
+    "family_for_pipeline",
+    "pipeline_is",
+    "register_family",
+    "registered_families",
+]
 
 FamilyType = TypeVar("FamilyType", bound=type[ModelFamily])
 
@@ -107,6 +114,12 @@ def _append(family: FamilyType) -> FamilyType:
     if family not in _FAMILIES:
         _FAMILIES.append(family)
     return family
+
+
+def pipeline_is(pipeline: object, *names: str) -> bool:
+    """Whether ``pipeline`` is an instance of one of the diffusers pipeline classes ``names`` (or of a subclass):
+    for pipelines whose components are the same and only the class tells them apart (FLUX.1 and FLUX.1 Kontext)."""
+    return any(cls.__name__ in names for cls in type(pipeline).__mro__)
 
 
 def registered_families() -> tuple[type[ModelFamily], ...]:
