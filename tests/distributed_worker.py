@@ -84,6 +84,8 @@ def _flow_inputs(family, resolution: int) -> dict:
         torch.randn(2, 8, width, generator=generator),
         None if pooled is None else torch.randn(2, pooled, generator=generator),
     )
+    if family.edits:  # an editing family: a source image's latents per sample
+        embeds.source_latents = torch.randn(2, 1, channels, size, size, generator=generator)
     return {
         "sample": torch.randn(2, channels, size, size, generator=generator),
         "timestep": torch.tensor([100.0, 700.0]),

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import pickapic_rows
+from conftest import edit_rows, pickapic_rows
 from datasets import Dataset
 from test_distributed import _REPORTS, STEPS, Run, _assert_resumed_like_straight, _launch, run
 from test_wan import FRAMES, video_rows
@@ -28,6 +28,7 @@ from test_wan import FRAMES, video_rows
 from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
+    build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
@@ -45,12 +46,13 @@ FSDP2 = "fsdp2.yaml"
 class Family:
     """How to build a family's widened tiny pipeline and train it: ``build``'s keyword arguments (besides the seed and
     the tokenizer folder), the training script's arguments beyond :data:`FLOW_ARGS`, and video data instead of image
-    pairs."""
+    pairs (``video``) or editing pairs, a source image beside each (``edits``)."""
 
     build: Callable
     build_kwargs: dict
     extra: tuple[str, ...] = ()
     video: bool = False
+    edits: bool = False
 
 
 # Widened: head dim 96 (two heads) and RoPE axes that add up to it; Z-Image has no head-dim argument, its width is dim.
@@ -58,6 +60,11 @@ FAMILIES = {
     "sd3": Family(build_tiny_sd3_pipeline, {"attention_head_dim": 96, "max_length": 16}),
     "flux": Family(
         build_tiny_flux_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24, 36, 36), "max_length": 16}
+    ),
+    "flux-kontext": Family(
+        build_tiny_flux_kontext_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (24, 36, 36), "max_length": 16},
+        edits=True,
     ),
     "qwen-image": Family(build_tiny_qwen_image_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (32, 32, 32)}),
     "z-image": Family(build_tiny_z_image_pipeline, {"dim": 224, "axes_dims": (32, 40, 40)}),
@@ -107,6 +114,8 @@ CASES = [
     ("flux2-klein", "deepspeed_zero2.yaml", 2, False),
     ("flux2-klein", "deepspeed_zero3.yaml", 3, False),
     ("flux2-klein", FSDP2, None, True),
+    ("flux-kontext", "multi_gpu.yaml", None, True),
+    ("flux-kontext", FSDP2, None, False),
 ]
 
 
@@ -115,6 +124,7 @@ def flow_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flow-distributed")
     Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
     Dataset.from_list(video_rows(8)).save_to_disk(str(root / "video-data"))
+    Dataset.from_list(edit_rows(8)).save_to_disk(str(root / "edit-data"))
     return root
 
 
@@ -131,7 +141,7 @@ def family_assets(root: Path, kind: str) -> dict:
         _ASSETS[str(root), kind] = {
             "root": root / f"runs-{kind}",
             "pipeline": root / kind,
-            "data": root / ("video-data" if family.video else "data"),
+            "data": root / ("video-data" if family.video else "edit-data" if family.edits else "data"),
             "example": "flow",
         }
         _ASSETS[str(root), kind]["root"].mkdir()

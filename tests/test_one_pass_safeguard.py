@@ -29,6 +29,7 @@ from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
 from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
+    build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
@@ -45,6 +46,7 @@ FAMILIES = {
     "sdxl": (build_tiny_sdxl_pipeline, 16, None, ATTENTION),
     "sd3": (build_tiny_sd3_pipeline, 16, None, ATTENTION),
     "flux": (build_tiny_flux_pipeline, 16, None, (*ATTENTION, "add_q_proj", "to_add_out")),
+    "flux-kontext": (build_tiny_flux_kontext_pipeline, 16, None, (*ATTENTION, "add_q_proj", "to_add_out")),
     "flux2": (build_tiny_flux2_pipeline, 48, None, (*ATTENTION, "to_qkv_mlp_proj")),
     "flux2-klein": (build_tiny_flux2_klein_pipeline, 48, None, (*ATTENTION, "to_qkv_mlp_proj")),
     "qwen-image": (build_tiny_qwen_image_pipeline, 24, None, (*ATTENTION, "add_k_proj", "to_add_out")),
@@ -116,6 +118,9 @@ def make_problem(name: str, lora: bool, tmp_path, seed: int = 0, pairs: int = PA
     prompts = [f"a red square number {i}" for i in range(pairs)]
     with torch.no_grad():
         embeds = _double(family.encode_prompts(family.prompt_tokenizer()(prompts)))
+    if family.edits:  # an editing family: one source per pair, shared by its branches (its own stream)
+        source_gen = torch.Generator().manual_seed(seed + 2)
+        embeds.source_latents = torch.randn((pairs, 1, *shape), generator=source_gen, dtype=torch.float64)
     # a pair's images close to each other, as preference pairs are: their gradients correlate and the margin binds
     winners = torch.randn((pairs, *shape), generator=gen, dtype=torch.float64)
     latents = torch.cat([winners, winners + 0.5 * torch.randn(winners.shape, generator=gen, dtype=torch.float64)])
