@@ -77,6 +77,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         "z_image_lora": (0.5, True, 16, 16),
         "flux2_lora": (0.5, True, 16, 16),
         "flux2_klein_lora": (0.5, True, 16, 16),
+        "flux2_klein_edit": (0.5, False, 16, 16),
         "wan": (0.5, False, 16, 16),
     }[
         next(
@@ -91,6 +92,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
                 "z_image_lora",
                 "flux2_lora",
                 "flux2_klein_lora",
+                "flux2_klein_edit",
                 "wan",
             )  # fmt: skip
             if config_path.stem.startswith(k)
@@ -98,7 +100,8 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
     ]
     assert config.safeguard and config.safeguard_mu == mu
     assert script_args.dataset_streaming is streamed
-    if config.num_frames is None:  # image models train on Pick-a-Pic; wan_lora names a placeholder video dataset
+    # image models train on Pick-a-Pic; the video (wan_lora) and editing (*_edit_*) configs name placeholder datasets
+    if config.num_frames is None and "_edit" not in config_path.stem:
         assert script_args.dataset_name == "yuvalkirstain/pickapic_v2"
     assert model_args.use_peft is config_path.stem.endswith("lora")
     peft_config = get_peft_config(model_args)
