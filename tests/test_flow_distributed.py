@@ -9,7 +9,9 @@ persistence threshold (1e5 elements) and really are partitioned. A family's trai
 (ZeRO-3 last). A family's two launches still take 35 to 60 s on two shared cores, so every case here is a slow test
 (``-m slow``; benchmarks/results/flow-distributed-cpu.json). Beyond the engines: the parameter-space safeguard on
 Qwen-Image, Wan and FLUX.2 [klein] (and FLUX.1) and resume under ZeRO-2 and FSDP2 (:data:`EXTRA_RUNS`;
-benchmarks/results/flow-distributed-safeguard-resume-cpu.json).
+benchmarks/results/flow-distributed-safeguard-resume-cpu.json). FLUX.2 with reference images trains on editing rows
+with two references each (``*-references``: the same tiny pipelines, the data switching editing on) under DDP and
+FSDP2.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import pickapic_rows
+from conftest import edit_rows, pickapic_rows
 from datasets import Dataset
 from test_distributed import _REPORTS, STEPS, Run, _assert_resumed_like_straight, _launch, run
 from test_wan import FRAMES, video_rows
@@ -51,6 +53,7 @@ class Family:
     build_kwargs: dict
     extra: tuple[str, ...] = ()
     video: bool = False
+    edits: bool = False  # editing rows with two reference images each (source_images) instead of image pairs
 
 
 # Widened: head dim 96 (two heads) and RoPE axes that add up to it; Z-Image has no head-dim argument, its width is dim.
@@ -74,6 +77,16 @@ FAMILIES = {
         ("--max_sequence_length", "48"),
     ),
     "flux2-klein": Family(build_tiny_flux2_klein_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24,) * 4}),
+    # the same pipelines trained on reference images
+    "flux2-references": Family(
+        build_tiny_flux2_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (24, 24, 24, 24)},
+        ("--max_sequence_length", "48"),
+        edits=True,
+    ),
+    "flux2-klein-references": Family(
+        build_tiny_flux2_klein_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24,) * 4}, edits=True
+    ),
 }
 
 # (family, accelerate config, ZeRO stage, LoRA): every family under every engine, LoRA and full tuning alternating
@@ -107,6 +120,10 @@ CASES = [
     ("flux2-klein", "deepspeed_zero2.yaml", 2, False),
     ("flux2-klein", "deepspeed_zero3.yaml", 3, False),
     ("flux2-klein", FSDP2, None, True),
+    ("flux2-references", "multi_gpu.yaml", None, True),
+    ("flux2-references", FSDP2, None, False),
+    ("flux2-klein-references", "multi_gpu.yaml", None, False),
+    ("flux2-klein-references", FSDP2, None, True),
 ]
 
 
@@ -115,6 +132,7 @@ def flow_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flow-distributed")
     Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
     Dataset.from_list(video_rows(8)).save_to_disk(str(root / "video-data"))
+    Dataset.from_list(edit_rows(8, sources=2)).save_to_disk(str(root / "edit-data"))
     return root
 
 
@@ -131,7 +149,7 @@ def family_assets(root: Path, kind: str) -> dict:
         _ASSETS[str(root), kind] = {
             "root": root / f"runs-{kind}",
             "pipeline": root / kind,
-            "data": root / ("video-data" if family.video else "data"),
+            "data": root / ("video-data" if family.video else "edit-data" if family.edits else "data"),
             "example": "flow",
         }
         _ASSETS[str(root), kind]["root"].mkdir()
