@@ -78,6 +78,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         "z_image_lora": (0.5, True, 16, 16),
         "flux2_lora": (0.5, True, 16, 16),
         "flux2_klein_lora": (0.5, True, 16, 16),
+        "flux2_klein_edit": (0.5, True, 16, 16),
         "wan": (0.5, False, 16, 16),
     }[
         next(
@@ -93,6 +94,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
                 "z_image_lora",
                 "flux2_lora",
                 "flux2_klein_lora",
+                "flux2_klein_edit",
                 "wan",
             )  # fmt: skip
             if config_path.stem.startswith(k)

@@ -9,7 +9,9 @@ persistence threshold (1e5 elements) and really are partitioned. A family's trai
 (ZeRO-3 last). A family's two launches still take 35 to 60 s on two shared cores, so every case here is a slow test
 (``-m slow``; benchmarks/results/flow-distributed-cpu.json). Beyond the engines: the parameter-space safeguard on
 Qwen-Image, Wan and FLUX.2 [klein] (and FLUX.1) and resume under ZeRO-2 and FSDP2 (:data:`EXTRA_RUNS`;
-benchmarks/results/flow-distributed-safeguard-resume-cpu.json).
+benchmarks/results/flow-distributed-safeguard-resume-cpu.json). FLUX.2 with reference images trains on editing rows
+with two references each (``*-references``: the same tiny pipelines, the data switching editing on) under DDP and
+FSDP2.
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ FSDP2 = "fsdp2.yaml"
 class Family:
     """How to build a family's widened tiny pipeline and train it: ``build``'s keyword arguments (besides the seed and
     the tokenizer folder), the training script's arguments beyond :data:`FLOW_ARGS`, and video data instead of image
-    pairs (``video``) or editing pairs, a source image beside each (``edits``)."""
+    pairs (``video``) or editing pairs (``edits``: one source image each, or two reference images)."""
 
     build: Callable
     build_kwargs: dict
     extra: tuple[str, ...] = ()
     video: bool = False
-    edits: bool = False
+    edits: str | None = None  # editing rows: "one source" (source_image) or "references" (two, source_images)
 
 
 # Widened: head dim 96 (two heads) and RoPE axes that add up to it; Z-Image has no head-dim argument, its width is dim.
@@ -64,7 +66,7 @@ FAMILIES = {
     "flux-kontext": Family(
         build_tiny_flux_kontext_pipeline,
         {"attention_head_dim": 96, "axes_dims_rope": (24, 36, 36), "max_length": 16},
-        edits=True,
+        edits="one source",
     ),
     "qwen-image": Family(build_tiny_qwen_image_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (32, 32, 32)}),
     "z-image": Family(build_tiny_z_image_pipeline, {"dim": 224, "axes_dims": (32, 40, 40)}),
@@ -81,6 +83,16 @@ FAMILIES = {
         ("--max_sequence_length", "48"),
     ),
     "flux2-klein": Family(build_tiny_flux2_klein_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24,) * 4}),
+    # the same pipelines trained on reference images
+    "flux2-references": Family(
+        build_tiny_flux2_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (24, 24, 24, 24)},
+        ("--max_sequence_length", "48"),
+        edits="references",
+    ),
+    "flux2-klein-references": Family(
+        build_tiny_flux2_klein_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24,) * 4}, edits="references"
+    ),
 }
 
 # (family, accelerate config, ZeRO stage, LoRA): every family under every engine, LoRA and full tuning alternating
@@ -116,6 +128,10 @@ CASES = [
     ("flux2-klein", FSDP2, None, True),
     ("flux-kontext", "multi_gpu.yaml", None, True),
     ("flux-kontext", FSDP2, None, False),
+    ("flux2-references", "multi_gpu.yaml", None, True),
+    ("flux2-references", FSDP2, None, False),
+    ("flux2-klein-references", "multi_gpu.yaml", None, False),
+    ("flux2-klein-references", FSDP2, None, True),
 ]
 
 
@@ -125,9 +141,11 @@ def flow_root(tmp_path_factory) -> Path:
     Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
     Dataset.from_list(video_rows(8)).save_to_disk(str(root / "video-data"))
     Dataset.from_list(edit_rows(8)).save_to_disk(str(root / "edit-data"))
+    Dataset.from_list(edit_rows(8, sources=2)).save_to_disk(str(root / "reference-data"))
     return root
 
 
+_DATA = {None: "data", "one source": "edit-data", "references": "reference-data"}  # the saved datasets by kind
 _ASSETS: dict[tuple[str, str], dict] = {}
 _FAILED: dict[tuple, str] = {}  # (root, family or EXTRA_RUNS group, one or two processes) -> why its launch failed
 
@@ -141,7 +159,7 @@ def family_assets(root: Path, kind: str) -> dict:
         _ASSETS[str(root), kind] = {
             "root": root / f"runs-{kind}",
             "pipeline": root / kind,
-            "data": root / ("video-data" if family.video else "edit-data" if family.edits else "data"),
+            "data": root / _DATA[family.edits] if not family.video else root / "video-data",
             "example": "flow",
         }
         _ASSETS[str(root), kind]["root"].mkdir()

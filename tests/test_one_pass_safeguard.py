@@ -95,8 +95,9 @@ def _double(value):
     return value
 
 
-def make_problem(name: str, lora: bool, tmp_path, seed: int = 0, pairs: int = PAIRS) -> Problem:
-    """A float64 denoiser of ``name`` moved off its reference, and a random noised pair batch with its prompts."""
+def make_problem(name: str, lora: bool, tmp_path, seed: int = 0, pairs: int = PAIRS, sources: int = 0) -> Problem:
+    """A float64 denoiser of ``name`` moved off its reference, and a random noised pair batch with its prompts (and,
+    with ``sources``, that many random source latents per pair, the images' size)."""
     build, tokens, shape, targets = FAMILIES[name]
     pipe = build(seed=seed, tokenizer_dir=str(tmp_path / f"tok-{name}-{seed}"), max_length=tokens)
     family = family_for_pipeline(pipe, max_sequence_length=tokens)
@@ -134,6 +135,8 @@ def make_problem(name: str, lora: bool, tmp_path, seed: int = 0, pairs: int = PA
         timesteps=levels * 999,
         target=noise - latents,
     )
+    if sources:  # drawn last: the batches without sources stay as they were
+        embeds.source_latents = torch.randn((pairs, sources, *shape), generator=gen, dtype=torch.float64)
     time_ids = None
     if family.needs_time_ids:
         time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]], dtype=torch.float64).repeat(rows, 1)
@@ -192,6 +195,21 @@ def test_one_pass_equals_the_per_branch_passes_in_float64(name, lora, accumulate
         assert UNCOVERED_WHEN_FULL[name] in caplog.text
     else:
         assert one.one_pass is not None and one.two_pass_reason is None, one.two_pass_reason
+    assert 0.0 < lam_two.item() <= 1.0
+    assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)
+    assert_equal_gradients(grads_one, grads_two)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_one_pass_equals_the_per_branch_passes_with_flux2_reference_images(lora, tmp_path):
+    """FLUX.2 [klein] editing with two reference images per pair: their tokens ride in the sequence beside the
+    target's, in every pass, and the branches' gradients still split exactly."""
+    problem = make_problem("flux2-klein", lora, tmp_path, sources=2)
+    assert problem.batch.prompt_embeds.source_latents.shape == (PAIRS, 2, 16, 4, 4)
+    accumulated = _accumulated(problem)
+    one, lam_one, grads_one = run_stage(problem, accumulated, passes="one")
+    _, lam_two, grads_two = run_stage(problem, accumulated, passes="two")
+    assert one.one_pass is not None and one.two_pass_reason is None, one.two_pass_reason
     assert 0.0 < lam_two.item() <= 1.0
     assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)
     assert_equal_gradients(grads_one, grads_two)

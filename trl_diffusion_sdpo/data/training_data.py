@@ -130,6 +130,8 @@ def _check_media(args, family: ModelFamily) -> None:
 def check_sources(columns: PreferenceColumns, args, family: ModelFamily, split: str = "train") -> None:
     """Editing data for an editing family and text-to-image data for the others, and the settings editing cannot
     take, before any row is encoded: a ValueError naming the column or the field."""
+    if family.sources_optional and not columns.edits:  # text-to-image data on a family that also edits (FLUX.2)
+        return
     if family.edits and not columns.edits:
         raise ValueError(
             f"{family.name} edits a source image, but the {split} dataset has no source column: add "

@@ -116,6 +116,9 @@ class ModelFamily(abc.ABC):
     # docs/editing.md), and how many sources a pair may have (None: any number, as multi-image editing takes).
     edits: ClassVar[bool] = False
     max_sources: ClassVar[int | None] = 1
+    # Whether the sources are optional: the same pipeline also generates from the prompt alone, and the data decides
+    # (FLUX.2's reference images: a dataset with a source column trains editing, one without it text-to-image).
+    sources_optional: ClassVar[bool] = False
     # Whether the prompt's encoding reads the source images too (a vision-language encoder): the collator then hands
     # them to the tokenizer, and prompt dropout, whose empty prompt has no image, is refused.
     prompt_reads_sources: ClassVar[bool] = False

@@ -23,6 +23,16 @@ Followed: diffusers' ``Flux2Pipeline`` (``pipelines/flux2/pipeline_flux2.py``) a
   (``_prepare_latent_ids``), the timestep as ``s = t / 1000``, and for [dev] the guidance value (the transformer's
   ``guidance_embeds``; ``Flux2KleinPipeline`` passes none whatever the transformer has); the prediction is unpacked
   again (``_unpack_latents_with_ids``).
+* Reference images (multi-reference editing), switched on by the data: a dataset with a ``source_image`` or
+  ``source_images`` column trains editing, one without it text-to-image, on the same pipeline (``Flux2Pipeline``
+  takes ``image=`` for both). Each reference is encoded as the pipeline's ``_encode_vae_image`` encodes its ``image``
+  (the posterior's mode, patchified, batch-norm normalised: :meth:`~.base.ModelFamily.encode_sources` with this
+  family's posterior and latents config), once per pair. The call appends, as ``prepare_image_latents`` and the
+  denoising loop do, every reference's packed tokens in order after the target's, with positions
+  ``(10 + 10 i, h, w, 0)`` for reference ``i`` (``_prepare_image_ids``, ``scale=10``), and keeps the target's tokens
+  of the prediction (``noise_pred[:, : latents.size(1)]``). The data resizes and center-crops each reference to the
+  training resolution (diffusers' ``train_dreambooth_lora_flux2_klein_img2img.py`` likewise trains its condition
+  image at the target's size); the pipeline samples with each reference's own size, its area capped at 1024x1024.
 * Noise levels: logit-normal on the scheduler's sigma table, as the script draws them (FLUX.2's scheduler enables
   dynamic shifting, so the table is unshifted; the script's default weighting is uniform, ``flow_weighting_scheme:
   none``). The pipeline shifts its sampling steps by ``compute_empirical_mu(image_seq_len, num_steps)``, which
@@ -43,7 +53,13 @@ from .flow import FlowMatchingFamily, FlowNoiser
 from .registry import register_family
 from .z_image import ZImagePromptTokenizer
 
-__all__ = ["Flux2Family", "Flux2KleinFamily", "Flux2KleinPromptTokenizer", "Flux2PromptTokenizer"]
+__all__ = [
+    "Flux2Family",
+    "Flux2KleinFamily",
+    "Flux2KleinPromptTokenizer",
+    "Flux2PromptTokenizer",
+    "reference_tokens",
+]
 
 
 def _inner_tokenizer(tokenizer: Any) -> Any:
@@ -83,6 +99,19 @@ class Flux2KleinPromptTokenizer(ZImagePromptTokenizer):
     enable_thinking = False
 
 
+def reference_tokens(references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference images' tokens ``[N, S h w, C]`` and 4-axis positions ``[N, S h w, 4]`` of their latents
+    ``[N, S, C, h, w]``, as ``Flux2Pipeline.prepare_image_latents`` builds them: each reference packed
+    (``_pack_latents``) and concatenated in order, positions ``(10 + 10 i, y, x, 0)`` for reference ``i``
+    (``_prepare_image_ids``). Every pair's references have the same shapes, so the positions are one pair's."""
+    from diffusers import Flux2Pipeline
+
+    n, count, channels = references.shape[:3]
+    tokens = Flux2Pipeline._pack_latents(references.flatten(0, 1))  # [N S, h w, C], reference after reference
+    positions = Flux2Pipeline._prepare_image_ids(list(references[0]))  # [1, S h w, 4]
+    return tokens.reshape(n, -1, channels), positions.to(references.device).expand(n, -1, -1)
+
+
 @register_family("flux2", pipelines=("Flux2Pipeline",))
 class Flux2Family(FlowMatchingFamily):
     """FLUX.2 [dev] (``Flux2Pipeline`` with a ``Flux2Transformer2DModel`` and a Mistral-3 text encoder)."""
@@ -101,6 +130,11 @@ class Flux2Family(FlowMatchingFamily):
     learning_rate_source = (
         "diffusers' FLUX.2 LoRA scripts (train_dreambooth_lora_flux2.py / _klein.py, --learning_rate 1e-4)"
     )
+    # Reference images when the data has them (any number: the pipeline sets no limit; Black Forest Labs recommend
+    # at most 6 for [dev] and 4 for [klein]), text-to-image when it has none.
+    edits = True
+    sources_optional = True
+    max_sources = None
 
     def __init__(
         self, pipeline: Any, max_sequence_length: int | None = None, guidance_scale: float | None = None
@@ -194,6 +228,15 @@ class Flux2Family(FlowMatchingFamily):
 
     # -------------------------------------------------------------------------------------------- the prediction
 
+    def denoiser_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        """The stacked hidden states and, for editing data, the pair's reference latents ``[N, S, C, h, w]``."""
+        conditioning = super().denoiser_conditioning(prompt_embeds, time_ids)
+        if prompt_embeds.source_latents is not None:
+            conditioning["source_latents"] = prompt_embeds.source_latents
+        return conditioning
+
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:
@@ -201,16 +244,23 @@ class Flux2Family(FlowMatchingFamily):
 
         n, channels, height, width = sample.shape
         hidden = conditioning["encoder_hidden_states"]
+        tokens = Flux2Pipeline._pack_latents(sample)  # [N, h w, 4C]
+        positions = Flux2Pipeline._prepare_latent_ids(sample).to(sample.device)
+        references = conditioning.get("source_latents")
+        if references is not None:  # the references' tokens after the target's, as the pipeline's loop
+            extra_tokens, extra_positions = reference_tokens(references.to(sample.dtype))
+            tokens = torch.cat([tokens, extra_tokens], dim=1)
+            positions = torch.cat([positions, extra_positions], dim=1)
         out = model(
-            hidden_states=Flux2Pipeline._pack_latents(sample),  # [N, h w, 4C]
+            hidden_states=tokens,
             timestep=timestep / 1000,
             guidance=self.guidance(n, sample.device),
             encoder_hidden_states=hidden,
             txt_ids=Flux2Pipeline._prepare_text_ids(hidden).to(sample.device),
-            img_ids=Flux2Pipeline._prepare_latent_ids(sample).to(sample.device),
+            img_ids=positions,
             return_dict=False,
         )[0]
-        # [N, h w, 4C] back to [N, 4C, h, w] (_unpack_latents_with_ids for these row-major positions)
+        # the target's tokens, [N, h w, 4C] back to [N, 4C, h, w] (_unpack_latents_with_ids for row-major positions)
         return out[:, : height * width].permute(0, 2, 1).reshape(n, channels, height, width)
 
 
