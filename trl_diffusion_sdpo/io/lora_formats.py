@@ -78,6 +78,19 @@ _KOHYA_REFUSALS = {
     "LoRAs by the original Wan layer names, the ones the comfyui export writes.",
 }
 _USE_COMFYUI = " Use --format comfyui (or --format diffusers for diffusers' load_lora_weights)."
+_NOT_MAPPED = (
+    "neither sd-scripts nor ComfyUI's LoRA key mapping was checked for {family}, so no file is written that a tool "
+    "might misread. Use --format diffusers (diffusers' load_lora_weights reads it), or merge the LoRA into the "
+    "base (trl-diffusion-sdpo export --merge)."
+)
+# The transformer families whose LoRA key mapping in ComfyUI's comfy/lora.py (model_lora_keys_unet) was read:
+# diffusers' names under ``transformer.`` (Wan: its original names under ``diffusion_model.``). FLUX.1 Kontext and
+# Qwen-Image-Edit run on FLUX.1's and Qwen-Image's model classes there, with the same mapping. Any other family is
+# refused by name.
+COMFYUI_FLOW_FAMILIES = frozenset(
+    {"stable-diffusion-3", "flux", "flux-kontext", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image",
+     "wan"}
+)  # fmt: skip
 
 # diffusers' Wan attention names -> the original Wan names ComfyUI's Wan model uses; the inverse of what
 # diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` maps (self_attn -> attn1, cross_attn -> attn2,
@@ -480,7 +493,11 @@ def tool_state_dict(
         state = kohya_fused_state_dict(lora, family, out_features)
         metadata = _ss_metadata(lora, family, denoiser, output)
     elif export_format == "kohya":
+        if family not in COMFYUI_FLOW_FAMILIES:
+            raise ValueError(f"--format kohya is not written for {family}: {_NOT_MAPPED.format(family=family)}")
         raise ValueError(_KOHYA_REFUSALS.get(family, f"--format kohya is not written for {family}.") + _USE_COMFYUI)
+    elif family not in COMFYUI_FLOW_FAMILIES:
+        raise ValueError(f"--format comfyui is not written for {family}: {_NOT_MAPPED.format(family=family)}")
     else:
         state = comfyui_flow_state_dict(lora, family)
     return state, metadata
