@@ -3,7 +3,8 @@
 The built-in scorers are registered here by name: ``pickscore``, ``hpsv2``, ``hpsv2.1``, ``hpsv3``,
 ``imagereward``, ``aesthetic``, ``clip`` (torchmetrics convention) and ``clip-cosine`` (SDPO's); each module is
 imported when its scorer is first built, so listing or importing the package loads no model code. `register_scorer`
-adds your own (the CPU demo registers ``colour`` in :mod:`trl_diffusion_sdpo.demo.scorer`).
+adds your own (the CPU demo registers ``colour`` in :mod:`trl_diffusion_sdpo.demo.scorer`); a reward model of edits
+subclasses `EditScorer`, whose ``score`` also receives each edited image's source image(s).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .registry import available_scorers, register_scorer, scorer_factory
 
 if TYPE_CHECKING:
     from .aesthetic import AestheticMLP, AestheticScorer
-    from .base import Scorer, build_scorer
+    from .base import EditScorer, Scorer, build_scorer, scores_edits
     from .clip_score import CLIPScoreScorer
     from .hps import HPSv2Scorer, open_clip_to_transformers
     from .hps_v3 import HPSv3Scorer, hpsv3_to_transformers
@@ -37,8 +38,10 @@ for _name, _factory in _BUILTIN_SCORERS.items():
     register_scorer(_name, f"{__name__}.{_factory}")
 
 _EXPORTS = {
+    "EditScorer": ".base",
     "Scorer": ".base",
     "build_scorer": ".base",
+    "scores_edits": ".base",
     "AestheticMLP": ".aesthetic",
     "AestheticScorer": ".aesthetic",
     "CLIPScoreScorer": ".clip_score",
@@ -56,6 +59,7 @@ __all__ = [
     "AestheticMLP",
     "AestheticScorer",
     "CLIPScoreScorer",
+    "EditScorer",
     "HPSv2Scorer",
     "HPSv3Scorer",
     "ImageRewardModel",
@@ -69,6 +73,7 @@ __all__ = [
     "open_clip_to_transformers",
     "register_scorer",
     "scorer_factory",
+    "scores_edits",
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
