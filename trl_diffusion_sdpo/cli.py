@@ -80,7 +80,9 @@ def add_evaluate_parser(
             "native resolution, seed-0 noise for every prompt; images cached), score them, and write scores.csv, "
             "summary.csv/json (means with bootstrap 95% intervals), win_rates.csv/json, plots/ and grid.png. "
             "Models of every family: SD1.x/2.x and SDXL UNets, SD3/SD3.5 and FLUX.1 transformers (LoRA folders, "
-            "full-tuning outputs with unet/ or transformer/, or whole pipelines)."
+            "full-tuning outputs with unet/ or transformer/, or whole pipelines). Edits: a prompt set with source "
+            "images is sampled by the editing pipeline from each source and scored against the instruction (an "
+            "editing scorer such as editreward also reads the source)."
         ),
     )
     evaluate.add_argument("--base", required=True, help="Base pipeline: Hub id or local folder.")
@@ -96,7 +98,9 @@ def add_evaluate_parser(
     evaluate.add_argument(
         "--prompts",
         default="partiprompts",
-        help=f"Preset ({presets_listed}), a .txt file, or a dataset id/folder (default: %(default)s).",
+        help=f"Preset ({presets_listed}), a .txt file, or a dataset id/folder (default: %(default)s); a .jsonl file "
+        "or dataset whose rows carry source_image or source_images is a set of edits, sampled by an editing pipeline "
+        "(FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2) with the sources as its image.",
     )
     evaluate.add_argument(
         "--scorer",

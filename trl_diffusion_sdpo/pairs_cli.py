@@ -42,7 +42,8 @@ def add_pairs_parser(
     )
     pairs.add_argument(
         "--prompts", default="pickapic_v2", help=f"Preset ({presets_listed}), a .txt file, or a dataset id/folder "
-        "(default: %(default)s).",
+        "(default: %(default)s); a .jsonl file or dataset whose rows carry source_image or source_images is a set of "
+        "edits: the K images are edits of each source, and the rows keep the source.",
     )  # fmt: skip
     pairs.add_argument("--num-images", type=int, default=4, help="Images per prompt, K (default: %(default)s).")
     pairs.add_argument("--scorer", default="pickscore", help=f"Reward model ({listed}default: %(default)s).")

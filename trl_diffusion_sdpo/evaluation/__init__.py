@@ -1,7 +1,8 @@
 """Evaluation of preference-tuned text-to-image models: generate images for a prompt set with the SDPO authors'
 protocol (cached on disk), score them with reward models, and compare models with bootstrap intervals and win rates.
 
-`evaluate` runs the whole pipeline; the pieces are importable on their own: `load_prompts` (prompts),
+`evaluate` runs the whole pipeline; the pieces are importable on their own: `load_prompts` (prompts; `load_edits`
+and `EditPrompt` for a prompt set of edits: instructions with source images),
 `generate_images` (generation and cache), `build_scorer` / `register_scorer` (reward models), `summarise` /
 `win_rate_table` (comparison), `ValidationCallback` (sample grids and rewards while training) and, for text-to-video
 models, `sample_videos` / `score_videos` (clips scored frame by frame). `make_pairs` turns sampling and a scorer into
@@ -19,14 +20,16 @@ if TYPE_CHECKING:
     from .compare import MetricSummary, WinRate, bootstrap_mean_ci, image_grid, summarise, win_rate, win_rate_table
     from .generation import GenerationSettings, ImageCache, ModelSpec, generate_images, sample_images
     from .pairs import PairsResult, make_pairs, select_pairs
-    from .prompts import PROMPT_PRESETS, load_prompts
+    from .prompts import PROMPT_PRESETS, EditPrompt, load_edits, load_prompt_set, load_prompts
     from .run import EvaluationResult, evaluate
-    from .scorers import Scorer, available_scorers, build_scorer, register_scorer
+    from .scorers import EditScorer, Scorer, available_scorers, build_scorer, register_scorer
     from .video import sample_videos, score_videos
 
 # Resolved on first use: the scorers import transformers' CLIP and BLIP models, generation imports diffusers.
 _EXPORTS = {
     "PROMPT_PRESETS": ".prompts",
+    "EditPrompt": ".prompts",
+    "EditScorer": ".scorers",
     "EvaluationResult": ".run",
     "GenerationSettings": ".generation",
     "ImageCache": ".generation",
@@ -42,6 +45,8 @@ _EXPORTS = {
     "evaluate": ".run",
     "generate_images": ".generation",
     "image_grid": ".compare",
+    "load_edits": ".prompts",
+    "load_prompt_set": ".prompts",
     "load_prompts": ".prompts",
     "make_pairs": ".pairs",
     "register_scorer": ".scorers",
@@ -56,6 +61,8 @@ _EXPORTS = {
 
 __all__ = [
     "PROMPT_PRESETS",
+    "EditPrompt",
+    "EditScorer",
     "EvaluationResult",
     "GenerationSettings",
     "ImageCache",
@@ -71,6 +78,8 @@ __all__ = [
     "evaluate",
     "generate_images",
     "image_grid",
+    "load_edits",
+    "load_prompt_set",
     "load_prompts",
     "make_pairs",
     "register_scorer",

@@ -15,6 +15,15 @@ full-tuning checkpoint of any family (a folder with ``unet/`` for SD1.x/2.x and 
 and FLUX.1, or such a model folder itself), a whole pipeline folder, a Hub id of any of these, or the SDPO authors'
 ``unet.pth`` state dict (read with ``torch.load(weights_only=True)``). SD3 and FLUX sample with their own
 flow-matching Euler scheduler.
+
+Edits (a prompt set of `~.prompts.EditPrompt`): the source image(s) go to the editing pipeline's ``image`` argument
+(FLUX.1 Kontext, Qwen-Image-Edit and its Plus version, FLUX.2 with reference images): one source as a PIL image,
+several as a list. Whether a pipeline edits is read from its ``__call__`` signature (an ``image`` parameter, and no
+``mask_image``: inpainting needs a mask these sets do not have). The edited image has the configured size, else the
+(first) source's size rounded down to the pipeline's latent multiple (``2 * vae_scale_factor``). Each sample's
+generator is seeded with its own seed, as for text-to-image; the samples of one edit are drawn in one call
+(``num_images_per_prompt``, one generator each), never two edits in one call, because the pipelines read a list of
+images as reference images (Qwen-Image-Edit Plus, FLUX.2) or as a batch (Kontext, Qwen-Image-Edit), not both.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -36,7 +45,11 @@ from tqdm.auto import tqdm
 from ..checks import Choice
 from .scorers.base import resolve_device
 
+if TYPE_CHECKING:
+    from .prompts import EditPrompt
+
 __all__ = [
+    "SINGLE_SOURCE_PIPELINES",
     "GenerationSettings",
     "ImageCache",
     "ModelSpec",
@@ -44,6 +57,7 @@ __all__ = [
     "load_base_pipeline",
     "native_resolution",
     "sample_images",
+    "source_argument",
     "variant_pipeline",
 ]
 
@@ -52,6 +66,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 # The pipeline component a full-tuning output replaces: SD1.x/2.x and SDXL train a UNet, SD3 and FLUX a transformer.
 DENOISER_FOLDERS = ("unet", "transformer")
+# Editing pipelines whose ``image`` takes one source per prompt: they read a list of images as a batch, not as
+# several references. Their ``__call__`` signatures cannot tell (Kontext, Qwen-Image-Edit and Qwen-Image-Edit Plus
+# all annotate ``image: PipelineImageInput``), so these are named; an edit with several sources is refused for them.
+SINGLE_SOURCE_PIPELINES = ("FluxKontextPipeline", "QwenImageEditPipeline")
 
 
 @dataclass(frozen=True)
@@ -262,6 +280,38 @@ def _denoiser_folder_kind(path: str) -> str | None:
     return None
 
 
+def source_argument(pipe, num_sources: int = 1) -> str:
+    """The ``__call__`` keyword that takes an edit's source image(s) (``image``); a ``ValueError`` naming the pipeline
+    when it takes none, needs a mask (inpainting), or takes one source and an edit has ``num_sources``."""
+    name = type(pipe).__name__
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "image" not in parameters:
+        raise ValueError(
+            f"{name} takes no source image (its __call__ has no `image` argument), so it cannot sample edits; use an "
+            "editing pipeline (FluxKontextPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, Flux2Pipeline, "
+            "Flux2KleinPipeline) or a prompt set without source_image/source_images."
+        )
+    if "mask_image" in parameters:
+        raise ValueError(f"{name} inpaints: it needs a mask_image, which a prompt set of edits does not give.")
+    if num_sources > 1 and any(cls.__name__ in SINGLE_SOURCE_PIPELINES for cls in type(pipe).__mro__):
+        raise ValueError(
+            f"{name} edits one source image per instruction, but an edit has {num_sources} (source_images); use a "
+            "multi-image pipeline (QwenImageEditPlusPipeline, Flux2Pipeline, Flux2KleinPipeline)."
+        )
+    return "image"
+
+
+def _edit_size(pipe, settings: GenerationSettings, source: Image.Image) -> tuple[int, int]:
+    """``(height, width)`` of an edit: the settings', else the source's rounded down to the latent multiple."""
+    if settings.height and settings.width:
+        return settings.height, settings.width
+    multiple = 2 * int(getattr(pipe, "vae_scale_factor", 8))
+    width, height = source.size
+    height = settings.height or max(multiple, height // multiple * multiple)
+    width = settings.width or max(multiple, width // multiple * multiple)
+    return height, width
+
+
 @torch.no_grad()
 def sample_images(
     pipe,
@@ -271,13 +321,18 @@ def sample_images(
     batch_size: int = 1,
     progress: bool = False,
     description: str = "sampling",
+    sources: Sequence[Sequence[Image.Image]] | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair, in order; each image's generator is seeded with its own seed, so equal
-    seeds give every prompt the same initial noise whatever the batch size."""
+    seeds give every prompt the same initial noise whatever the batch size.
+
+    ``sources`` (edits): per pair, the source image(s) the editing pipeline's ``image`` receives (see the module
+    docstring); consecutive pairs with the same instruction and sources are sampled together, up to ``batch_size``.
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"Got {len(prompts)} prompts and {len(seeds)} seeds; they are paired.")
-    size = native_resolution(pipe)
-    height, width = settings.height or size, settings.width or size
+    if sources is not None and len(sources) != len(prompts):
+        raise ValueError(f"Got {len(prompts)} prompts and {len(sources)} source lists; they are paired.")
     parameters = inspect.signature(pipe.__call__).parameters
     keywords: dict[str, Any] = {}
     if settings.true_cfg_scale is not None:
@@ -286,6 +341,10 @@ def sample_images(
         keywords["true_cfg_scale"] = settings.true_cfg_scale
     # FLUX.2's pipelines take no negative prompt (FLUX.2 [klein] guides against an empty prompt itself).
     negative = "negative_prompt" in parameters
+    if sources is not None:
+        return _sample_edits(pipe, prompts, seeds, settings, batch_size, progress, description, sources, keywords)
+    size = native_resolution(pipe)
+    height, width = settings.height or size, settings.width or size
     images: list[Image.Image] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=description, unit="batch", disable=not progress):
@@ -307,6 +366,48 @@ def sample_images(
     return images
 
 
+def _sample_edits(pipe, prompts, seeds, settings, batch_size, progress, description, sources, keywords):
+    """`sample_images` for edits: one pipeline call per run of consecutive pairs sharing instruction and sources."""
+    argument = source_argument(pipe, max(len(s) for s in sources))
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "negative_prompt" in parameters:
+        keywords["negative_prompt"] = settings.negative_prompt
+    groups, start = [], 0
+    while start < len(prompts):
+        end = start + 1
+        while (
+            end < len(prompts)
+            and end - start < batch_size
+            and prompts[end] == prompts[start]
+            and tuple(sources[end]) == tuple(sources[start])
+        ):
+            end += 1
+        groups.append((start, end))
+        start = end
+    images: list[Image.Image] = []
+    for start, end in tqdm(groups, desc=description, unit="edit", disable=not progress):
+        edit_sources = list(sources[start])
+        if not edit_sources:
+            raise ValueError(f"The edit {prompts[start]!r} has no source image.")
+        height, width = _edit_size(pipe, settings, edit_sources[0])
+        if "max_area" in parameters:  # Kontext rescales height x width to max_area (1024^2) unless told this size
+            keywords["max_area"] = height * width
+        output = pipe(
+            prompt=prompts[start],
+            **{argument: edit_sources[0] if len(edit_sources) == 1 else edit_sources},
+            **keywords,
+            num_images_per_prompt=end - start,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            height=height,
+            width=width,
+            generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:end]],
+            output_type="pil",
+        )
+        images += output.images
+    return images
+
+
 class ImageCache:
     """PNG files under ``root/<model name>-<model identity>/<hash(prompt, seed, settings)>.png``, written atomically
     (a temporary file renamed into place) so an interrupted run never leaves a truncated image."""
@@ -318,8 +419,19 @@ class ImageCache:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
         return os.path.join(self.root, f"{safe}-{spec.identity(base)}")
 
-    def path(self, spec: ModelSpec, base: str, prompt: str, seed: int, settings: GenerationSettings) -> str:
-        digest = hashlib.sha1(json.dumps([prompt, int(seed), settings.key()]).encode()).hexdigest()[:20]
+    def path(
+        self,
+        spec: ModelSpec,
+        base: str,
+        prompt: str,
+        seed: int,
+        settings: GenerationSettings,
+        source_digest: str | None = None,
+    ) -> str:
+        """The PNG of one sample; an edit's name also hashes its sources' pixels (``source_digest``), so two sources
+        with one instruction are two images (text-to-image names are unchanged)."""
+        key = [prompt, int(seed), settings.key()] + ([source_digest] if source_digest else [])
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:20]
         return os.path.join(self.folder(spec, base), f"{digest}.png")
 
     def put(self, path: str, image: Image.Image) -> None:
@@ -340,10 +452,22 @@ class ImageCache:
             )
 
 
+def split_edits(prompts: Sequence[str | EditPrompt]) -> tuple[list[str], list[EditPrompt] | None]:
+    """The instructions of a prompt set and its edits (None for text-to-image); a set mixing both is refused."""
+    from .prompts import EditPrompt
+
+    edits = [p for p in prompts if isinstance(p, EditPrompt)]
+    if edits and len(edits) != len(prompts):
+        raise ValueError("A prompt set holds prompts (text-to-image) or edits (EditPrompt), not both.")
+    if edits:
+        return [e.prompt for e in edits], edits
+    return [str(p) for p in prompts], None
+
+
 def generate_images(
     base: str,
     models: Sequence[ModelSpec],
-    prompts: Sequence[str],
+    prompts: Sequence[str | EditPrompt],
     seeds: Sequence[int] = (0,),
     settings: GenerationSettings | None = None,
     cache_dir: str = "evaluation-images",
@@ -355,34 +479,55 @@ def generate_images(
 
     Returns ``(paths, generated)``: ``paths[name]`` lists the PNG files in (prompt, seed) order, prompts outer;
     ``generated[name]`` counts the images made in this call. The base pipeline is loaded only if some image is
-    missing, and a variant only if one of its own is.
+    missing, and a variant only if one of its own is. ``prompts`` may be edits (`~.prompts.EditPrompt`): their
+    sources go to the editing pipeline (see the module docstring), which is checked before the first sample.
     """
     settings = settings or GenerationSettings()
     device = resolve_device(device)
     cache = ImageCache(cache_dir)
-    pairs = [(p, int(s)) for p in prompts for s in seeds]
+    texts, edits = split_edits(prompts)
+    pairs = [(i, int(s)) for i in range(len(texts)) for s in seeds]
     names = [spec.name for spec in models]
     if len(set(names)) != len(names):
         raise ValueError(f"Model names must be unique, got {names}.")
-    paths = {spec.name: [cache.path(spec, base, p, s, settings) for p, s in pairs] for spec in models}
+
+    def digest(i: int) -> str | None:
+        return edits[i].digest if edits else None
+
+    paths = {
+        spec.name: [cache.path(spec, base, texts[i], s, settings, digest(i)) for i, s in pairs] for spec in models
+    }
     generated = dict.fromkeys(names, 0)
+    most_sources = max((len(e.sources) for e in edits), default=1) if edits else 0
     base_pipe = None
     for spec in tqdm(models, desc="models", unit="model", disable=not progress):
-        missing = [i for i, path in enumerate(paths[spec.name]) if not os.path.isfile(path)]
+        missing = [k for k, path in enumerate(paths[spec.name]) if not os.path.isfile(path)]
         if not missing:
             continue
         if base_pipe is None:
             base_pipe = load_base_pipeline(base, settings, device)
+            if edits:
+                source_argument(base_pipe, most_sources)  # before any sample: can this pipeline edit these?
         cache.record(spec, base, settings)
         with variant_pipeline(base_pipe, spec, settings, device) as pipe:
             bar = tqdm(total=len(missing), desc=f"generating {spec.name}", unit="img", disable=not progress)
+            decoded: dict[int, list[Image.Image]] = {}
             for start in range(0, len(missing), batch_size):
                 chunk = missing[start : start + batch_size]
+                sources = None
+                if edits:
+                    decoded = {i: decoded.get(i) or edits[i].images() for i in {pairs[k][0] for k in chunk}}
+                    sources = [decoded[pairs[k][0]] for k in chunk]
                 images = sample_images(
-                    pipe, [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk], settings, batch_size=len(chunk)
+                    pipe,
+                    [texts[pairs[k][0]] for k in chunk],
+                    [pairs[k][1] for k in chunk],
+                    settings,
+                    batch_size=len(chunk),
+                    sources=sources,
                 )
-                for i, image in zip(chunk, images):
-                    cache.put(paths[spec.name][i], image)
+                for k, image in zip(chunk, images):
+                    cache.put(paths[spec.name][k], image)
                 generated[spec.name] += len(chunk)
                 bar.update(len(chunk))
             bar.close()

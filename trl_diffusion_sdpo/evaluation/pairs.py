@@ -14,6 +14,12 @@ Pairing, for the K scores ``s_1..s_K`` of one prompt (``margin`` m >= 0):
 The dataset (``datasets.save_to_disk``, TRL preference columns) has ``prompt``, ``chosen``, ``rejected`` (images, PNG
 bytes embedded), ``chosen_score``, ``rejected_score``, ``margin`` (their difference) and ``chosen_seed``,
 ``rejected_seed``. SmPO reads the scores with ``score_0_column="chosen_score"``, ``score_1_column="rejected_score"``.
+
+Edits (a prompt set whose rows carry ``source_image`` or ``source_images``): the K images of an edit are K samples of
+the editing pipeline from its source(s), scored with them by an `EditScorer` (any other scorer scores them against
+the instruction), and each row also carries the edit's source: ``source_image`` (one image) or, when some edit has
+several, ``source_images`` (a list), its bytes embedded as given. ``scores.jsonl`` names the sources by path (a
+source given as bytes or a PIL image is written once under ``sources/``).
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ import numpy as np
 import torch
 
 from ..checks import Choice
-from .generation import GenerationSettings, ModelSpec, generate_images
-from .prompts import load_prompts
-from .run import _scorer_arguments
-from .scorers.base import Scorer, available_scorers, build_scorer
+from .generation import GenerationSettings, ModelSpec, generate_images, split_edits
+from .prompts import EditPrompt, load_prompt_set
+from .run import _scorer_arguments, check_scorers
+from .scorers.base import Scorer, Sources, build_scorer
 
 __all__ = ["PAIR_MODES", "PairsResult", "make_pairs", "margin_summary", "select_pairs"]
 
@@ -102,10 +108,12 @@ def _score_images(
     cache_file: str,
     batch_size: int,
     progress: bool,
+    sources: Sources | None = None,
 ) -> list[float]:
-    """Scores of ``paths`` (with their prompts), reading and extending the JSON cache ``cache_file`` (keyed by image
-    path, which `ImageCache` derives from model, prompt, seed and settings; rewritten atomically after every batch).
-    The scorer is built only when some image has no cached score."""
+    """Scores of ``paths`` (with their prompts and, for edits, their ``sources``), reading and extending the JSON
+    cache ``cache_file`` (keyed by image path, which `ImageCache` derives from model, prompt, sources, seed and
+    settings; rewritten atomically after every batch). The scorer is built only when some image has no cached
+    score."""
     cached: dict[str, float] = {}
     if os.path.isfile(cache_file):
         with open(cache_file) as f:
@@ -113,7 +121,12 @@ def _score_images(
     missing = [i for i, p in enumerate(paths) if p not in cached]
     scorer = make_scorer() if missing else None
     missing_paths, missing_prompts = [paths[i] for i in missing], [prompts[i] for i in missing]
-    batches = scorer.score_files(missing_paths, missing_prompts, batch_size, "scoring", progress) if scorer else []
+    missing_sources = [sources[i] for i in missing] if sources is not None else None
+    batches = (
+        scorer.score_files(missing_paths, missing_prompts, batch_size, "scoring", progress, missing_sources)
+        if scorer
+        else []
+    )
     for start, values in zip(range(0, len(missing), batch_size), batches):
         chunk = missing_paths[start : start + batch_size]
         cached.update({path: float(v) for path, v in zip(chunk, values, strict=True)})
@@ -124,13 +137,56 @@ def _score_images(
     return [cached[p] for p in paths]
 
 
+def _image_bytes(value: Any) -> dict:
+    """A source image as a ``datasets`` image value with its bytes embedded as they were given (a file's bytes, a
+    ``datasets`` image's bytes, raw bytes, or a PIL image encoded as PNG)."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, Mapping):
+        if value.get("bytes") is not None:
+            return {"bytes": bytes(value["bytes"]), "path": None}
+        value = value["path"]
+    if isinstance(value, str):
+        with open(value, "rb") as f:
+            return {"bytes": f.read(), "path": None}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"bytes": bytes(value), "path": None}
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+    raise ValueError(f"Cannot embed a source image given as a {type(value).__name__}.")
+
+
+def _source_files(edit: EditPrompt, folder: str) -> list[str]:
+    """The paths of an edit's sources: as given where they are files, else decoded and written once as
+    ``folder/<digest>-<k>.png``."""
+    paths = edit.paths()
+    if all(paths):
+        return [str(p) for p in paths]
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for k, (path, image) in enumerate(zip(paths, edit.images())):
+        if path is None:
+            path = os.path.join(folder, f"{edit.digest}-{k}.png")
+            if not os.path.isfile(path):
+                image.save(path, format="PNG")
+        out.append(path)
+    return out
+
+
 def _write_dataset(rows: dict[str, list], folder: str) -> None:
-    from datasets import Dataset, Features, Value
+    from datasets import Dataset, Features, List, Value
     from datasets import Image as ImageFeature
 
+    sources = {c: rows[c] for c in ("source_image", "source_images") if c in rows}
     features = Features(
         {
             "prompt": Value("string"),
+            **({"source_image": ImageFeature()} if "source_image" in sources else {}),
+            **({"source_images": List(ImageFeature())} if "source_images" in sources else {}),
             "chosen": ImageFeature(),
             "rejected": ImageFeature(),
             "chosen_score": Value("float64"),
@@ -149,6 +205,10 @@ def _write_dataset(rows: dict[str, list], folder: str) -> None:
         return out
 
     data = {**rows, "chosen": embedded(rows["chosen"]), "rejected": embedded(rows["rejected"])}
+    if "source_image" in sources:
+        data["source_image"] = [_image_bytes(value) for value in sources["source_image"]]
+    if "source_images" in sources:
+        data["source_images"] = [[_image_bytes(v) for v in values] for values in sources["source_images"]]
     staging = f"{folder}.{os.getpid()}.tmp"
     Dataset.from_dict(data, features=features).save_to_disk(staging)
     if os.path.isdir(folder):  # replace a previous run's dataset only once the new one is whole
@@ -184,7 +244,8 @@ def make_pairs(
         model: what to sample from instead of the base: a LoRA folder/file or a full-tuning output of this package
             (anything `ModelSpec` accepts; see docs/evaluation.md), or None for the base itself.
         prompts: a preset, ``.txt`` file, dataset id/folder or list (`load_prompts`; ``prompt_kwargs`` passes
-            ``column``, ``split``, ``path``, ``limit``, ``deduplicate``).
+            ``column``, ``split``, ``path``, ``limit``, ``deduplicate``), or a prompt set of edits (rows with
+            ``source_image`` or ``source_images``, `load_edits`): the pairs are then edits of the same source(s).
         num_images: K, images per prompt, from seeds ``seed, seed + 1, ..., seed + K - 1``.
         scorer: a registered scorer name (``scorer_kwargs`` are its arguments) or a `Scorer`.
         margin, mode: see the module docstring.
@@ -197,10 +258,11 @@ def make_pairs(
     Choice(PAIR_MODES).check("mode", mode)
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}.")
-    if not isinstance(scorer, Scorer) and scorer not in available_scorers():  # before any sampling
-        raise KeyError(f"Unknown scorer {scorer!r}. Registered scorers: {', '.join(available_scorers())}.")
+    check_scorers([scorer], edits=True)  # an unknown name, before reading the prompts
     settings = settings or GenerationSettings()
-    prompt_list = load_prompts(prompts, **dict(prompt_kwargs or {}))
+    prompt_set = load_prompt_set(prompts, **dict(prompt_kwargs or {}))
+    prompt_list, edits = split_edits(prompt_set)
+    check_scorers([scorer], edits is not None)  # an editing scorer needs edits; before any sampling
     if not prompt_list:
         raise ValueError(f"No prompts in {prompts!r}.")
     spec = model if isinstance(model, ModelSpec) else ModelSpec("base", None, "base")
@@ -214,6 +276,7 @@ def make_pairs(
         "base": base,
         "model": asdict(spec),
         "num_prompts": len(prompt_list),
+        "edits": edits is not None,
         "seeds": seeds,
         "scorer": scorer if isinstance(scorer, str) else scorer.name,
         "scorer_kwargs": {k: str(v) for k, v in scorer_kwargs.items()},
@@ -226,13 +289,14 @@ def make_pairs(
         json.dump(run, f, indent=2)
 
     paths, generated = generate_images(
-        base, [spec], prompt_list, seeds, settings, cache_dir, batch_size, device, progress
+        base, [spec], prompt_set, seeds, settings, cache_dir, batch_size, device, progress
     )
     gc.collect()  # the sampling pipeline is gone before the scorer is built
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     flat_paths = paths[spec.name]  # prompts outer, seeds inner
     flat_prompts = [p for p in prompt_list for _ in seeds]
+    flat_sources = [edit.images for edit in edits for _ in seeds] if edits else None
     if isinstance(scorer, Scorer):
         key, arguments = f"{scorer.name}-instance", {}
     else:
@@ -245,6 +309,7 @@ def make_pairs(
         os.path.join(output_dir, f"scores-{key}.json"),
         score_batch_size,
         progress,
+        flat_sources,
     )
 
     k = num_images
@@ -252,12 +317,21 @@ def make_pairs(
     per_prompt_scores = [flat_scores[i * k : (i + 1) * k] for i in range(len(prompt_list))]
     rows: dict[str, list] = {c: [] for c in ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")}
     rows.update(margin=[], chosen_seed=[], rejected_seed=[])
+    # One source column for the whole dataset: source_image when every edit has one, else source_images (lists).
+    source_column = None
+    if edits:
+        source_column = "source_images" if any(e.column == "source_images" for e in edits) else "source_image"
+        rows[source_column] = []
     without_pair = []
-    for prompt, images, scores in zip(prompt_list, per_prompt_paths, per_prompt_scores):
+    for index, (prompt, images, scores) in enumerate(zip(prompt_list, per_prompt_paths, per_prompt_scores)):
         selected = select_pairs(scores, mode, margin)
         if not selected:
             without_pair.append(prompt)
         for i, j in selected:
+            if source_column == "source_image":
+                rows[source_column].append(edits[index].sources[0])
+            elif source_column == "source_images":
+                rows[source_column].append(list(edits[index].sources))
             rows["prompt"].append(prompt)
             rows["chosen"].append(images[i])
             rows["rejected"].append(images[j])
@@ -275,9 +349,13 @@ def make_pairs(
         json.dump(summary, f, indent=2)
     files["scores"] = os.path.join(output_dir, "scores.jsonl")
     with open(files["scores"], "w") as f:
-        for prompt, images, scores in zip(prompt_list, per_prompt_paths, per_prompt_scores):
+        for index, (prompt, images, scores) in enumerate(zip(prompt_list, per_prompt_paths, per_prompt_scores)):
+            source = {}
+            if edits:
+                found = _source_files(edits[index], os.path.join(output_dir, "sources"))
+                source = {"source_image": found[0]} if source_column == "source_image" else {"source_images": found}
             for s, path, value in zip(seeds, images, scores):
-                f.write(json.dumps({"prompt": prompt, "seed": s, "image": path, "score": value}) + "\n")
+                f.write(json.dumps({"prompt": prompt, **source, "seed": s, "image": path, "score": value}) + "\n")
     if not rows["prompt"]:
         if os.path.isdir(dataset_dir):  # a previous run's pairs would no longer match this run's settings
             import shutil

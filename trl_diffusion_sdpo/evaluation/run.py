@@ -24,9 +24,9 @@ from .compare import (
     win_rate_table,
     write_rows,
 )
-from .generation import GenerationSettings, ModelSpec, generate_images
-from .prompts import load_prompts
-from .scorers.base import Scorer, available_scorers, build_scorer, scorer_factory
+from .generation import GenerationSettings, ModelSpec, generate_images, split_edits
+from .prompts import EditPrompt, load_prompt_set
+from .scorers.base import Scorer, available_scorers, build_scorer, scorer_factory, scores_edits
 
 __all__ = ["EvaluationResult", "evaluate"]
 
@@ -70,15 +70,37 @@ def _scorer_arguments(entry: str | Scorer, scorer_kwargs: Mapping[str, Mapping[s
     return kwargs
 
 
-def _write_scores(path: str, pairs: list[tuple[str, int]], image_paths, scores, root: str) -> None:
+def check_scorers(scorers: Sequence[str | Scorer], edits: bool) -> None:
+    """Refuse, before any generation, an unknown scorer name and an editing scorer for a text-to-image prompt set."""
+    for scorer in scorers:
+        if not isinstance(scorer, Scorer) and scorer not in available_scorers():
+            raise KeyError(f"Unknown scorer {scorer!r}. Registered scorers: {', '.join(available_scorers())}.")
+        if not edits and scores_edits(scorer):
+            name = scorer if isinstance(scorer, str) else scorer.name
+            raise ValueError(
+                f"{name} scores edits: it needs source images, and the prompt set has no source_image or "
+                "source_images column."
+            )
+
+
+def source_label(edit: EditPrompt) -> str:
+    """How ``scores.csv`` names an edit's sources: their paths joined by ``;``, or ``pixels:<digest>``."""
+    paths = edit.paths()
+    return ";".join(paths) if all(paths) else f"pixels:{edit.digest}"
+
+
+def _write_scores(
+    path: str, pairs: list[tuple[str, int]], image_paths, scores, root: str, sources: list[str] | None = None
+) -> None:
     metrics = sorted({m for per_model in scores.values() for m in per_model})
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "prompt", "seed", "image", *metrics])
+        writer.writerow(["model", "prompt", *(["source"] if sources else []), "seed", "image", *metrics])
         for model, paths in image_paths.items():
             for i, (prompt, seed) in enumerate(pairs):
                 values = [scores.get(model, {}).get(m, [None] * len(pairs))[i] for m in metrics]
-                writer.writerow([model, prompt, seed, os.path.relpath(paths[i], root), *values])
+                source = [sources[i]] if sources else []
+                writer.writerow([model, prompt, *source, seed, os.path.relpath(paths[i], root), *values])
 
 
 def evaluate(
@@ -107,23 +129,30 @@ def evaluate(
         models: the variants, ``{name: path}`` or ``["name=path", ModelSpec(...)]`` (LoRA folder or file, UNet or
             pipeline folder, Hub id, ``.pth`` UNet state dict); the base is always included, named ``base``.
         prompts: a preset name, text file, dataset id/folder or list (see `load_prompts`; ``prompt_kwargs`` passes
-            ``column``, ``split``, ``path``, ``limit``, ``deduplicate``).
-        scorers: registered scorer names or `Scorer` instances; ``scorer_kwargs[name]`` configures a named one.
+            ``column``, ``split``, ``path``, ``limit``, ``deduplicate``), or a prompt set of edits: a JSONL file,
+            dataset or list of rows with ``source_image`` or ``source_images`` (`load_edits`), sampled by an editing
+            pipeline with the sources as its ``image``.
+        scorers: registered scorer names or `Scorer` instances; ``scorer_kwargs[name]`` configures a named one. On
+            edits an `EditScorer` also receives each image's sources; any other scorer scores the edited image
+            against its instruction.
         output_dir: where tables, plots, the grid and (unless ``cache_dir``) the image cache go.
         seeds: each prompt is sampled once per seed, every prompt from the same noise for a given seed.
         settings: `GenerationSettings` (default: the SDPO authors' protocol).
         batch_size: prompts per pipeline call.
         score_batch_size: images per scorer call.
 
-    Writes ``scores.csv`` (one row per model and sample), ``summary.{csv,json}`` (mean and bootstrap 95% interval
-    per model and metric), ``win_rates.{csv,json}``, ``plots/<metric>.png``, ``grid.png`` and ``run.json``.
+    Writes ``scores.csv`` (one row per model and sample; for edits with a ``source`` column), ``summary.{csv,json}``
+    (mean and bootstrap 95% interval per model and metric), ``win_rates.{csv,json}``, ``plots/<metric>.png``,
+    ``grid.png`` (for edits, the sources in the first row) and ``run.json``.
     """
     settings = settings or GenerationSettings()
     scorer_kwargs = dict(scorer_kwargs or {})
-    for scorer in scorers:  # fail before any generation on an unknown name
+    for scorer in scorers:  # fail before reading the prompts on an unknown name
         if not isinstance(scorer, Scorer) and scorer not in available_scorers():
             raise KeyError(f"Unknown scorer {scorer!r}. Registered scorers: {', '.join(available_scorers())}.")
-    prompt_list = load_prompts(prompts, **dict(prompt_kwargs or {}))
+    prompt_set = load_prompt_set(prompts, **dict(prompt_kwargs or {}))
+    prompt_list, edits = split_edits(prompt_set)
+    check_scorers(scorers, edits is not None)  # before any generation
     specs = _model_specs(base, models)
     os.makedirs(output_dir, exist_ok=True)
     cache_dir = cache_dir or os.path.join(output_dir, "images")
@@ -133,6 +162,7 @@ def evaluate(
                 "base": base,
                 "models": [asdict(s) for s in specs],
                 "num_prompts": len(prompt_list),
+                "edits": edits is not None,
                 "seeds": list(seeds),
                 "settings": asdict(settings),
                 "cache_dir": cache_dir,
@@ -142,10 +172,13 @@ def evaluate(
         )
 
     image_paths, generated = generate_images(
-        base, specs, prompt_list, seeds, settings, cache_dir, batch_size, device, progress
+        base, specs, prompt_set, seeds, settings, cache_dir, batch_size, device, progress
     )
     pairs = [(p, int(s)) for p in prompt_list for s in seeds]
     sample_prompts = [p for p, _ in pairs]
+    # Per sample, its edit's sources, decoded when an editing scorer reads that batch.
+    sample_sources = [edit.images for edit in edits for _ in seeds] if edits else None
+    source_labels = [source_label(edit) for edit in edits for _ in seeds] if edits else None
     scores: dict[str, dict[str, list[float]]] = {spec.name: {} for spec in specs}
     scales: dict[str, str] = {}
     floors: dict[str, float | None] = {}
@@ -154,13 +187,15 @@ def evaluate(
         scorer = build_scorer(entry, **_scorer_arguments(entry, scorer_kwargs, device))
         scales[scorer.name], floors[scorer.name] = scorer.scale, scorer.mean_floor
         for name, paths in image_paths.items():
-            batches = scorer.score_files(paths, sample_prompts, score_batch_size, f"{scorer.name}: {name}", progress)
+            batches = scorer.score_files(
+                paths, sample_prompts, score_batch_size, f"{scorer.name}: {name}", progress, sample_sources
+            )
             scores[name][scorer.name] = [value for batch in batches for value in batch]
         del scorer
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        _write_scores(scores_path, pairs, image_paths, scores, output_dir)  # kept after each metric
+        _write_scores(scores_path, pairs, image_paths, scores, output_dir, source_labels)  # kept after each metric
 
     files = {"scores": scores_path, "run": os.path.join(output_dir, "run.json")}
     summary = summarise(scores, scales, floors, n_resamples=n_resamples, seed=bootstrap_seed)
@@ -171,11 +206,11 @@ def evaluate(
         files[f"plot/{metric}"] = plot_intervals(summary, metric, os.path.join(output_dir, "plots", f"{metric}.png"))
     shown = list(range(min(grid_prompts, len(pairs))))
     if shown:
-        grid = image_grid(
-            [[Image.open(image_paths[s.name][i]) for i in shown] for s in specs],
-            row_labels=[s.name for s in specs],
-            column_labels=[pairs[i][0] for i in shown],
-        )
+        rows = [[Image.open(image_paths[s.name][i]) for i in shown] for s in specs]
+        labels, cell = [s.name for s in specs], rows[0][0].width
+        if edits:  # the (first) source above each edit
+            rows, labels = [[sample_sources[i]()[0] for i in shown], *rows], ["source", *labels]
+        grid = image_grid(rows, row_labels=labels, column_labels=[pairs[i][0] for i in shown], cell=cell)
         files["grid"] = os.path.join(output_dir, "grid.png")
         grid.save(files["grid"])
     return EvaluationResult(summary, wins, scores, image_paths, generated, files)

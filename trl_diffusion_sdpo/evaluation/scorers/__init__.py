@@ -1,9 +1,11 @@
 """Reward models for evaluation, one module each, behind the `Scorer` interface and a name registry.
 
 The built-in scorers are registered here by name: ``pickscore``, ``hpsv2``, ``hpsv2.1``, ``hpsv3``,
-``imagereward``, ``aesthetic``, ``clip`` (torchmetrics convention) and ``clip-cosine`` (SDPO's); each module is
+``imagereward``, ``aesthetic``, ``clip`` (torchmetrics convention), ``clip-cosine`` (SDPO's) and, for edits,
+``editreward`` (an `EditScorer`: it reads each edit's source image too); each module is
 imported when its scorer is first built, so listing or importing the package loads no model code. `register_scorer`
-adds your own (the CPU demo registers ``colour`` in :mod:`trl_diffusion_sdpo.demo.scorer`).
+adds your own (the CPU demo registers ``colour`` in :mod:`trl_diffusion_sdpo.demo.scorer`); a reward model of edits
+subclasses `EditScorer`, whose ``score`` also receives each edited image's source image(s).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from .registry import available_scorers, register_scorer, scorer_factory
 
 if TYPE_CHECKING:
     from .aesthetic import AestheticMLP, AestheticScorer
-    from .base import Scorer, build_scorer
+    from .base import EditScorer, Scorer, build_scorer, scores_edits
     from .clip_score import CLIPScoreScorer
+    from .edit_reward import EditRewardScorer, editreward_to_transformers
     from .hps import HPSv2Scorer, open_clip_to_transformers
     from .hps_v3 import HPSv3Scorer, hpsv3_to_transformers
     from .image_reward import ImageRewardModel, ImageRewardScorer, blip_to_transformers
@@ -27,6 +30,7 @@ _BUILTIN_SCORERS = {
     "aesthetic": "aesthetic:AestheticScorer",
     "clip": "clip_score:CLIPScoreScorer",
     "clip-cosine": "clip_score:clip_cosine_scorer",
+    "editreward": "edit_reward:EditRewardScorer",
     "hpsv2": "hps:HPSv2Scorer",
     "hpsv2.1": "hps:hps_v21_scorer",
     "hpsv3": "hps_v3:HPSv3Scorer",
@@ -37,11 +41,15 @@ for _name, _factory in _BUILTIN_SCORERS.items():
     register_scorer(_name, f"{__name__}.{_factory}")
 
 _EXPORTS = {
+    "EditScorer": ".base",
     "Scorer": ".base",
     "build_scorer": ".base",
+    "scores_edits": ".base",
     "AestheticMLP": ".aesthetic",
     "AestheticScorer": ".aesthetic",
     "CLIPScoreScorer": ".clip_score",
+    "EditRewardScorer": ".edit_reward",
+    "editreward_to_transformers": ".edit_reward",
     "HPSv2Scorer": ".hps",
     "HPSv3Scorer": ".hps_v3",
     "hpsv3_to_transformers": ".hps_v3",
@@ -56,6 +64,8 @@ __all__ = [
     "AestheticMLP",
     "AestheticScorer",
     "CLIPScoreScorer",
+    "EditRewardScorer",
+    "EditScorer",
     "HPSv2Scorer",
     "HPSv3Scorer",
     "ImageRewardModel",
@@ -65,10 +75,12 @@ __all__ = [
     "available_scorers",
     "blip_to_transformers",
     "build_scorer",
+    "editreward_to_transformers",
     "hpsv3_to_transformers",
     "open_clip_to_transformers",
     "register_scorer",
     "scorer_factory",
+    "scores_edits",
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
