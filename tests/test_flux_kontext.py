@@ -263,3 +263,56 @@ def test_lora_loads_into_the_pipeline_and_edits(make_pipe, make_config, pairs, t
     edited = edit()
     assert edited.shape == base.shape and edited.shape[:2] == (1, 3) and torch.isfinite(edited).all()
     assert not torch.allclose(edited, base, atol=1e-4)  # the adapter is in the pipeline's transformer
+
+
+def test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them(make_pipe, make_config, pairs, tmp_path):
+    """validation_source_images: the grid edits those images (another source, another grid) and an editing scorer
+    among validation_scorers receives each cell's source."""
+    import numpy as np
+    from PIL import Image
+
+    from trl_diffusion_sdpo.evaluation import EditScorer, register_scorer
+
+    received = []
+
+    class Recorder(EditScorer):
+        name = "recorder"
+        scale = "mean red of the source"
+
+        def score(self, images, prompts, sources):
+            received.extend((prompt, np.asarray(group[0])) for prompt, group in zip(prompts, sources))
+            return torch.tensor([float(np.asarray(group[0])[..., 0].mean()) for group in sources])
+
+    register_scorer("test-kontext-recorder", Recorder, overwrite=True)
+    grids = []
+    for index, colour in enumerate([(220, 20, 20), (20, 20, 220)]):
+        source = tmp_path / f"source-{index}.png"
+        Image.new("RGB", (32, 32), colour).save(source)
+        args = CASE.config(
+            make_config, max_steps=1, output_dir=str(tmp_path / f"run-{index}"), validation_prompts=["make it green"],
+            validation_source_images=[str(source)], validation_seeds=[0, 1], validation_steps=1,
+            validation_num_inference_steps=2, validation_scorers=["test-kontext-recorder"],
+        )  # fmt: skip
+        trainer = DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora())
+        trainer.train()
+        grids.append(np.asarray(Image.open(tmp_path / f"run-{index}" / "validation" / "step-000000.png")))
+    assert not np.array_equal(grids[0], grids[1])  # the source reached the pipeline
+    # two validations (steps 0 and 1) x two seeds per run, each with its run's source
+    assert [prompt for prompt, _ in received] == ["make it green"] * 8
+    assert all(tuple(s[0, 0]) == (220, 20, 20) for _, s in received[:4])
+    assert all(tuple(s[0, 0]) == (20, 20, 220) for _, s in received[4:])
+
+
+def test_validation_sources_are_checked_when_the_trainer_is_built(make_pipe, make_config, pairs, tmp_path):
+    with pytest.raises(ValueError, match="1 images for 2 validation_prompts"):
+        CASE.config(make_config, validation_prompts=["a", "b"], validation_source_images=["x.png"])
+    args = CASE.config(make_config, validation_prompts=["a"], validation_source_images=[str(tmp_path / "missing.png")])
+    with pytest.raises(ValueError, match=r"validation_source_images\[0\] .*missing.png.* cannot be read"):
+        DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora())
+    flux = build_tiny_flux_pipeline(seed=0, tokenizer_dir=str(tmp_path / "flux"), max_length=SEQ)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    args = CASE.config(make_config, validation_prompts=["a"], validation_source_images=[str(tmp_path / "ok.png")])
+    with pytest.raises(ValueError, match="validation_source_images is for editing families; flux generates"):
+        DiffusionSDPOTrainer(flux, args=args, train_dataset=Dataset.from_list(pickapic_rows(2)))

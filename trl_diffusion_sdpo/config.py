@@ -230,6 +230,10 @@ class DiffusionSDPOConfig(TrainingArguments):
         conditions on).
     validation_scorers (`list[str]`, *optional*, defaults to `[]`):
         Registered scorers (e.g. `"pickscore"`, `"clip"`) whose means are logged as `eval/reward/<name>`.
+    validation_source_images (`list[str]` or `None`, *optional*, defaults to `None`):
+        Editing families: one source image file per validation prompt (the prompt is then its instruction), so the
+        grid shows edits of these images; an editing scorer among `validation_scorers` is given them. `None`: the
+        editing pipeline samples from the prompt alone.
 
     > Defaults changed from `TrainingArguments`
 
@@ -439,6 +443,9 @@ class DiffusionSDPOConfig(TrainingArguments):
     validation_guidance_scale: float | None = field(
         default=None, metadata={"help": "Guidance of the grid (diffusers'); None: the family's own."}
     )
+    validation_source_images: list[str] | None = field(
+        default=None, metadata={"help": "Editing: a source image file per validation prompt."}
+    )
     validation_scorers: list[str] = field(
         default_factory=list, metadata={"help": "Scorers logged as eval/reward/<name> at each validation."}
     )
@@ -526,6 +533,13 @@ class DiffusionSDPOConfig(TrainingArguments):
             )
         if self.validation_prompts is not None and not self.validation_prompts:
             raise ValueError("validation_prompts must hold at least one prompt, or be None to turn validation off")
+        if self.validation_source_images is not None and len(self.validation_source_images) != len(
+            self.validation_prompts or []
+        ):
+            raise ValueError(
+                f"validation_source_images holds {len(self.validation_source_images)} images for "
+                f"{len(self.validation_prompts or [])} validation_prompts: give one source image per prompt"
+            )
         if _launched_on_cpu_only():
             # Several processes, no GPU: without these, accelerate finds no device backend and runs each process as a
             # lone one (no gradient sync), and under DeepSpeed disagrees with it on the number of processes.

@@ -251,8 +251,29 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
                 height=args.resolution,
                 width=args.resolution,
                 trainer=self,
+                sources=self._validation_sources(args),
             )
         )
+
+    def _validation_sources(self, args) -> list | None:
+        """``validation_source_images`` decoded now (a bad file fails here, naming it, not at the first grid), for an
+        editing family only."""
+        if args.validation_source_images is None:
+            return None
+        if not self.family.edits:
+            raise ValueError(
+                f"validation_source_images is for editing families; {self.family.name} generates from prompts alone: "
+                "leave it unset"
+            )
+        from .data.transforms import load_image
+
+        images = []
+        for index, path in enumerate(args.validation_source_images):
+            try:
+                images.append(load_image(path))
+            except Exception as err:  # PIL raises many types for a corrupt or missing file
+                raise ValueError(f"validation_source_images[{index}] ({path!r}) cannot be read: {err}") from None
+        return images
 
     def _policy(self) -> torch.nn.Module:
         """The trained denoiser, unwrapped from DDP or an engine."""

@@ -73,9 +73,12 @@ class ValidationCallback(TrainerCallback):
         at_start: bool = True,
         autocast_dtype: torch.dtype | str | None = "auto",
         batch_size: int = 4,
+        sources: Sequence[Image.Image] | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("ValidationCallback needs at least one prompt.")
+        if sources is not None and len(sources) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts and {len(sources)} source images; they are paired.")
         if every_n_steps < 0:
             raise ValueError("every_n_steps must be >= 0.")
         self.prompts = list(prompts)
@@ -96,6 +99,7 @@ class ValidationCallback(TrainerCallback):
         self.at_start = at_start
         self.autocast_dtype = autocast_dtype
         self.batch_size = batch_size
+        self.sources = None if sources is None else list(sources)
         self.history: list[dict[str, Any]] = []  # one entry per validation: step, path, seconds, rewards
         self._own_tb_writer = None
         self._sampler: tuple[tuple[int, ...], Any] | None = None
@@ -174,8 +178,9 @@ class ValidationCallback(TrainerCallback):
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
                 ):
                     images = sample_images(
-                        self._sampling_pipeline(pipeline), prompts, seeds, self.settings, batch_size=self.batch_size
-                    )
+                        self._sampling_pipeline(pipeline), prompts, seeds, self.settings, batch_size=self.batch_size,
+                        sources=self._grid_sources(),
+                    )  # fmt: skip
         finally:
             denoiser.train(was_training)
             for name, module in modules.items():
@@ -184,6 +189,12 @@ class ValidationCallback(TrainerCallback):
         rows = [images[i * len(self.prompts) : (i + 1) * len(self.prompts)] for i in range(len(self.seeds))]
         grid = image_grid(rows, row_labels=[f"seed {s}" for s in self.seeds] if len(self.seeds) > 1 else ())
         return grid, images
+
+    def _grid_sources(self) -> list[list[Image.Image]] | None:
+        """Each grid cell's source images (prompts along a row, seeds down the columns), or ``None``."""
+        if self.sources is None:
+            return None
+        return [[source] for _ in self.seeds for source in self.sources]
 
     def _autocast_dtype(self, pipeline) -> torch.dtype | None:
         """``autocast_dtype`` as given; with ``"auto"``, the half-precision dtype the pipeline's modules mix with
@@ -209,7 +220,8 @@ class ValidationCallback(TrainerCallback):
                 for s in self.scorer_specs
             ]
         prompts = [p for _ in self.seeds for p in self.prompts]
-        return {f"eval/reward/{s.name}": s.aggregate(s(images, prompts)) for s in self._scorers}
+        sources = self._grid_sources()
+        return {f"eval/reward/{s.name}": s.aggregate(s(images, prompts, sources)) for s in self._scorers}
 
     def _validate(self, args, state) -> None:
         if not state.is_world_process_zero:
