@@ -78,6 +78,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         "flux2_lora": (0.5, True, 16, 16),
         "flux2_klein_lora": (0.5, True, 16, 16),
         "wan": (0.5, False, 16, 16),
+        "hunyuan_video15": (0.5, False, 16, 16),
     }[
         next(
             k
@@ -92,13 +93,14 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
                 "flux2_lora",
                 "flux2_klein_lora",
                 "wan",
+                "hunyuan_video15",
             )  # fmt: skip
             if config_path.stem.startswith(k)
         )
     ]
     assert config.safeguard and config.safeguard_mu == mu
     assert script_args.dataset_streaming is streamed
-    if config.num_frames is None:  # image models train on Pick-a-Pic; wan_lora names a placeholder video dataset
+    if config.num_frames is None:  # image models train on Pick-a-Pic; the video configs name a placeholder dataset
         assert script_args.dataset_name == "yuvalkirstain/pickapic_v2"
     assert model_args.use_peft is config_path.stem.endswith("lora")
     peft_config = get_peft_config(model_args)

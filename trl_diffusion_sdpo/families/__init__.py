@@ -8,6 +8,7 @@ with ``@register_family("name", pipelines=("SomePipeline",))``, imported below. 
 (:mod:`.sd`), SDXL (:mod:`.sdxl`), noised by :class:`DDPMNoiser`. Flow-matching transformer families: SD3/SD3.5
 (:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Qwen-Image (:mod:`.qwen_image`), Z-Image (:mod:`.z_image`), Wan
 text-to-video (:mod:`.wan`), FLUX.2 [dev] and [klein] (:mod:`.flux2`), noised by :class:`FlowNoiser` (:mod:`.flow`).
+HunyuanVideo 1.5 text-to-video (:mod:`.hunyuan_video15`), a video flow family as Wan (:mod:`.video`).
 
 Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
@@ -30,6 +31,7 @@ from .qwen_image import QwenImageFamily  # isort: skip
 from .z_image import ZImageFamily  # isort: skip
 from .wan import WanFamily  # isort: skip
 from .flux2 import Flux2Family, Flux2KleinFamily  # isort: skip
+from .hunyuan_video15 import HunyuanVideo15Family  # isort: skip
 
 __all__ = [
     "DDPMNoiser",
@@ -39,6 +41,7 @@ __all__ = [
     "Flux2Family",
     "Flux2KleinFamily",
     "FluxFamily",
+    "HunyuanVideo15Family",
     "ModelFamily",
     "NoisedPair",
     "Noiser",
