@@ -29,6 +29,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_hunyuan_video15_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_wan_pipeline,
@@ -74,6 +75,14 @@ FAMILIES = {
         ("--max_sequence_length", "48"),
     ),
     "flux2-klein": Family(build_tiny_flux2_klein_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24,) * 4}),
+    # Not widened: its ByT5 projection (2048 x 2048, a width fixed in diffusers) is past ZeRO-3's threshold anyway;
+    # 24 Qwen2.5-VL tokens hold the test prompts whole, 5-frame 32x32 clips are 2x2 latents at its VAE's 16x.
+    "hunyuan-video-1.5": Family(
+        build_tiny_hunyuan_video15_pipeline,
+        {"max_length": 24},
+        ("--num_frames", str(FRAMES), "--resolution", "32", "--max_sequence_length", "24"),
+        video=True,
+    ),
 }
 
 # (family, accelerate config, ZeRO stage, LoRA): every family under every engine, LoRA and full tuning alternating
@@ -107,6 +116,8 @@ CASES = [
     ("flux2-klein", "deepspeed_zero2.yaml", 2, False),
     ("flux2-klein", "deepspeed_zero3.yaml", 3, False),
     ("flux2-klein", FSDP2, None, True),
+    ("hunyuan-video-1.5", "multi_gpu.yaml", None, True),
+    ("hunyuan-video-1.5", FSDP2, None, False),
 ]
 
 
