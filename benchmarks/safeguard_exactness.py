@@ -27,14 +27,15 @@ chooses ``lambda`` on this very update. The tolerance is measured the same way a
 ``C = W(theta + Delta) - 2 W(theta) + W(theta - Delta)``, ``R3 = (W(theta + Delta) - W(theta - Delta)) / 2 -
 <g_w, Delta>``, plus float32 rounding of the rule's own evaluation (``64 eps32 sum |g_w * Delta|``).
 
-``--model sd3``, ``flux``, ``flux-kontext``, ``qwen-image``, ``z-image``, ``wan``, ``flux2`` or ``flux2-klein`` runs
-the same check on a tiny flow-matching transformer (SD3's MMDiT, FLUX's double/single-stream blocks with packed
-latents and the guidance embedding, FLUX.1 Kontext's with a random source image's latents beside them, Qwen-Image's
-MMDiT with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output,
-Wan's 3D transformer on video latents ``[16, 2, 4, 4]``, FLUX.2's transformer on 2x2-patchified latents with 4-axis
-RoPE and, for [dev], the guidance embedding), called through the model family as the trainer calls it: pairs are
-noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair, the target is the velocity
-``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
+``--model sd3``, ``flux``, ``flux-kontext``, ``qwen-image``, ``z-image``, ``wan``, ``flux2``, ``flux2-klein`` or
+``hunyuan-video-1.5`` runs the same check on a tiny flow-matching transformer (SD3's MMDiT, FLUX's double/single-stream
+blocks with packed latents and the guidance embedding, FLUX.1 Kontext's with a random source image's latents beside
+them, Qwen-Image's MMDiT with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output, Wan's
+3D transformer on video latents ``[16, 2, 4, 4]``, FLUX.2's transformer on 2x2-patchified latents with 4-axis RoPE
+and, for [dev], the guidance embedding, HunyuanVideo 1.5's 3D transformer on video latents ``[4, 2, 4, 4]`` with
+Qwen2.5-VL and ByT5 rows and the zero image conditioning), called through the model family as the trainer calls it:
+pairs are noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair, the target is the
+velocity ``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
 
     python benchmarks/safeguard_exactness.py --batches 100 --json benchmarks/results/safeguard_exactness.json
     python benchmarks/safeguard_exactness.py --model flux --json benchmarks/results/safeguard_exactness_flux.json
@@ -64,6 +65,7 @@ from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_flux2_pipeline,
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_hunyuan_video15_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -110,7 +112,9 @@ def _unet(pipeline_dir: str | None) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
 
 
-MODELS = ("unet", "sd3", "flux", "flux-kontext", "qwen-image", "z-image", "wan", "flux2", "flux2-klein")
+MODELS = (
+    "unet", "sd3", "flux", "flux-kontext", "qwen-image", "z-image", "wan", "flux2", "flux2-klein", "hunyuan-video-1.5"
+)  # fmt: skip
 _FLOW_BUILDERS = {
     "sd3": build_tiny_sd3_pipeline,
     "flux": build_tiny_flux_pipeline,
@@ -120,6 +124,7 @@ _FLOW_BUILDERS = {
     "wan": build_tiny_wan_pipeline,
     "flux2": build_tiny_flux2_pipeline,
     "flux2-klein": build_tiny_flux2_klein_pipeline,
+    "hunyuan-video-1.5": build_tiny_hunyuan_video15_pipeline,
 }
 
 
@@ -136,6 +141,7 @@ class Problem:
         self.unet = unet.double().eval()
         self.setting = setting
         self.family = family  # None: the UNet and DDPM noising; a flow family: rectified-flow noising
+        self.cond_rows = 8  # text tokens of the random conditioning
         self.names = [n for n, _ in unet.named_parameters()]
         self.reference = {n: p.detach().clone() for n, p in unet.named_parameters()}
         cfg = unet.config
@@ -143,9 +149,13 @@ class Problem:
             self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
             self.cross_dim = cfg.cross_attention_dim
         else:
-            if family.video:  # Wan: [C, F', h, w] video latents, UMT5 conditioning, no pooled projection
-                self.latent_shape = (family.pipeline.vae.config.z_dim, 2, 4, 4)
-                self.cross_dim, self.pooled_dim = cfg.text_dim, None
+            if family.video:  # [C, F', h, w] video latents, no pooled projection
+                self.latent_shape = (family.latent_channels, 2, 4, 4)
+                self.cross_dim, self.pooled_dim = cfg.get("text_dim"), None  # Wan: UMT5 conditioning
+                if self.cross_dim is None:  # HunyuanVideo 1.5: 8 Qwen2.5-VL rows, then 8 ByT5 rows, in one tensor
+                    family.pipeline.tokenizer_2_max_length = 8  # not the pipeline's 256: 8 text rows, as the others
+                    self.cross_dim = max(cfg.text_embed_dim, cfg.text_embed_2_dim)
+                    self.cond_rows = 16
             else:
                 self.latent_shape = (family.latent_shape(64)[0], 8, 8)
                 # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
@@ -165,7 +175,7 @@ class Problem:
         scale = 0.7 + 0.9 * torch.rand(n, generator=gen, dtype=torch.float64).view(per_sample)
         z_l = scale * (z_w + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64))
         noise = torch.randn(shape, generator=gen, dtype=torch.float64)  # shared by the pair
-        cond = torch.randn((n, 8, self.cross_dim), generator=gen, dtype=torch.float64)
+        cond = torch.randn((n, self.cond_rows, self.cross_dim), generator=gen, dtype=torch.float64)
         if self.family is None:
             x_w = abar.sqrt() * z_w + (1 - abar).sqrt() * noise
             x_l = abar.sqrt() * z_l + (1 - abar).sqrt() * noise
@@ -427,6 +437,8 @@ def run(
         "z-image": "tiny random Z-Image transformer (single-stream S3-DiT, reversed time, negated output)",
         "flux2": "tiny random FLUX.2 [dev] transformer (patchified latents, 4-axis RoPE, guidance embedding)",
         "flux2-klein": "tiny random FLUX.2 [klein] transformer (patchified latents, 4-axis RoPE, no guidance)",
+        "hunyuan-video-1.5": "tiny random HunyuanVideo 1.5 3D transformer (video latents [4, 2, 4, 4], Qwen and ByT5 "
+        "rows)",
     }[model]
     report: dict = {"setting": setting.__dict__, "model": described, "starts": {}}
     began = time.perf_counter()

@@ -67,11 +67,14 @@ def _flow_inputs(family, resolution: int) -> dict:
 
     generator = torch.Generator().manual_seed(123)
     config = family.denoiser.config
-    if family.video:  # Wan: video latents [N, C, 2, h, w], UMT5 conditioning only
-        size = resolution // family.spatial_compression
-        embeds = PromptEmbeddings(torch.randn(2, 8, config.text_dim, generator=generator))
+    if family.video:  # video latents [N, C, 2, h, w]
+        channels, _, size, _ = family.latent_shape(resolution)
+        if "text_dim" in config:  # Wan: UMT5 conditioning only
+            embeds = PromptEmbeddings(torch.randn(2, 8, config.text_dim, generator=generator))
+        else:  # HunyuanVideo 1.5: its two text sequences packed in one, as its encoders make them
+            embeds = family.encode_prompts(family.prompt_tokenizer()(['a sign reading "OPEN"', "two blue circles"]))
         return {
-            "sample": torch.randn(2, family.vae.config.z_dim, 2, size, size, generator=generator),
+            "sample": torch.randn(2, channels, 2, size, size, generator=generator),
             "timestep": torch.tensor([100.0, 700.0]),
             "conditioning": family.denoiser_conditioning(embeds, None),
             "family": family,
@@ -410,8 +413,11 @@ def report(
         output_dir = trainer.args.output_dir
         if trainer.is_lora:
             pipe = load_pipeline(model_dir)  # not partitioned: only this process loads it
-            pipe.load_lora_weights(output_dir)
             loaded = getattr(pipe, denoiser_name)
+            if hasattr(pipe, "load_lora_weights"):
+                pipe.load_lora_weights(output_dir)
+            else:  # no LoRA loader for the pipeline in diffusers (HunyuanVideo 1.5): the denoiser's own
+                loaded.load_lora_adapter(output_dir, prefix=denoiser_name, use_safetensors=True)
             result["saved_files"] = sorted(os.listdir(output_dir))
         else:
             loaded = denoiser_cls.from_pretrained(output_dir, subfolder=denoiser_name)

@@ -80,6 +80,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         "flux2_klein_lora": (0.5, True, 16, 16),
         "flux2_klein_edit": (0.5, True, 16, 16),
         "wan": (0.5, False, 16, 16),
+        "hunyuan_video15": (0.5, False, 16, 16),
     }[
         next(
             k
@@ -96,6 +97,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
                 "flux2_klein_lora",
                 "flux2_klein_edit",
                 "wan",
+                "hunyuan_video15",
             )  # fmt: skip
             if config_path.stem.startswith(k)
         )

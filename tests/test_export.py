@@ -560,3 +560,19 @@ def test_flux2_kohya_names_are_bfl_original_names_by_diffusers_single_file_conve
     for name, module in modules.items():
         torch.testing.assert_close(converted[f"{name}.weight"], module.scale * module.up @ module.down)
     assert not converted["transformer_blocks.0.attn.add_k_proj.weight"].any()
+
+
+@pytest.mark.parametrize("export_format", ["comfyui", "kohya"])
+def test_a_family_whose_tool_mapping_was_not_read_is_refused_by_name(tmp_path, export_format):
+    """HunyuanVideo 1.5: neither sd-scripts' nor ComfyUI's LoRA key mapping was checked, so nothing is written; the
+    diffusers file and merging stay available."""
+    from trl_diffusion_sdpo.tiny_models import build_tiny_hunyuan_video15_pipeline
+
+    BUILDERS["hunyuan-video-1.5"] = build_tiny_hunyuan_video15_pipeline
+    base, lora = write_base_and_lora("hunyuan-video-1.5", tmp_path, targets=["to_q"])
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(ValueError, match=f"--format {export_format} is not written for hunyuan-video-1.5: neither"):
+        export_lora(lora, base, export_format, str(out))
+    assert not out.exists()
+    export_lora(lora, base, "diffusers", str(out))
+    assert out.exists()

@@ -88,6 +88,7 @@ def test_a_subclass_of_a_supported_pipeline_is_matched_by_its_components(make_pi
         ("build_tiny_sd3_pipeline", {}, {"vae", "text_encoder", "text_encoder_2", "text_encoder_3"}),
         ("build_tiny_sd3_pipeline", {"with_t5": False}, {"vae", "text_encoder", "text_encoder_2"}),
         ("build_tiny_flux_pipeline", {}, {"vae", "text_encoder", "text_encoder_2"}),
+        ("build_tiny_hunyuan_video15_pipeline", {}, {"vae", "text_encoder", "text_encoder_2"}),
     ],
 )
 def test_frozen_modules_are_every_text_encoder_and_the_vae_the_pipeline_holds(builder, kwargs, frozen, tmp_path):

@@ -32,6 +32,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_pipeline,
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_hunyuan_video15_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_wan_pipeline,
@@ -93,6 +94,14 @@ FAMILIES = {
     "flux2-klein-references": Family(
         build_tiny_flux2_klein_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24,) * 4}, edits="references"
     ),
+    # Not widened: its ByT5 projection (2048 x 2048, a width fixed in diffusers) is past ZeRO-3's threshold anyway;
+    # 24 Qwen2.5-VL tokens hold the test prompts whole, 5-frame 32x32 clips are 2x2 latents at its VAE's 16x.
+    "hunyuan-video-1.5": Family(
+        build_tiny_hunyuan_video15_pipeline,
+        {"max_length": 24},
+        ("--num_frames", str(FRAMES), "--resolution", "32", "--max_sequence_length", "24"),
+        video=True,
+    ),
 }
 
 # (family, accelerate config, ZeRO stage, LoRA): every family under every engine, LoRA and full tuning alternating
@@ -132,6 +141,8 @@ CASES = [
     ("flux2-references", FSDP2, None, False),
     ("flux2-klein-references", "multi_gpu.yaml", None, False),
     ("flux2-klein-references", FSDP2, None, True),
+    ("hunyuan-video-1.5", "multi_gpu.yaml", None, True),
+    ("hunyuan-video-1.5", FSDP2, None, False),
 ]
 
 

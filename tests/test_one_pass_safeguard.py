@@ -31,6 +31,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_pipeline,
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_hunyuan_video15_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -52,6 +53,12 @@ FAMILIES = {
     "qwen-image": (build_tiny_qwen_image_pipeline, 24, None, (*ATTENTION, "add_k_proj", "to_add_out")),
     "z-image": (build_tiny_z_image_pipeline, 32, None, ATTENTION),
     "wan": (build_tiny_wan_pipeline, 16, (16, 2, 2, 2), ATTENTION),
+    "hunyuan-video-1.5": (
+        build_tiny_hunyuan_video15_pipeline,
+        24,
+        (4, 2, 2, 2),
+        (*ATTENTION, "add_v_proj", "to_add_out"),
+    ),
 }
 # Full tuning of these holds raw parameters outside any layer (Wan's scale_shift_table, Z-Image's pad tokens): the
 # stage falls back to the per-branch passes and names them.

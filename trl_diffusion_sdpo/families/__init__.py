@@ -10,6 +10,7 @@ with ``@register_family("name", pipelines=("SomePipeline",))``, imported below. 
 text-to-video (:mod:`.wan`), FLUX.2 [dev] and [klein] (:mod:`.flux2`), noised by :class:`FlowNoiser` (:mod:`.flow`).
 Editing families (``edits``: the denoiser also reads source images, see docs/editing.md): FLUX.1 Kontext
 (:mod:`.flux_kontext`).
+HunyuanVideo 1.5 text-to-video (:mod:`.hunyuan_video15`), a video flow family as Wan (:mod:`.video`).
 
 Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
@@ -33,6 +34,7 @@ from .qwen_image import QwenImageFamily  # isort: skip
 from .z_image import ZImageFamily  # isort: skip
 from .wan import WanFamily  # isort: skip
 from .flux2 import Flux2Family, Flux2KleinFamily  # isort: skip
+from .hunyuan_video15 import HunyuanVideo15Family  # isort: skip
 
 __all__ = [
     "DDPMNoiser",
@@ -43,6 +45,7 @@ __all__ = [
     "Flux2KleinFamily",
     "FluxFamily",
     "FluxKontextFamily",
+    "HunyuanVideo15Family",
     "ModelFamily",
     "NoisedPair",
     "Noiser",

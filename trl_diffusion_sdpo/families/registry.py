@@ -139,6 +139,8 @@ UNTRAINABLE_PIPELINES: dict[str, str] = {
     "the source latents",
     "QwenImageEditPlusPipeline": "a multi-image editing pipeline (source images in the prompt and the sequence)",
     "QwenImageEditInpaintPipeline": "an editing pipeline (source image and mask)",
+    "HunyuanVideo15ImageToVideoPipeline": "an image-to-video pipeline: its transformer reads the first frame's "
+    "latents and SigLIP image embeddings beside the text (text-to-video weights train as HunyuanVideo15Pipeline)",
 }
 
 

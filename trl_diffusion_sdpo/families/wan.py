@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 import torch
 
 from .base import PromptEmbeddings, PromptTokenizer
-from .flow import FlowMatchingFamily, FlowNoiser
 from .registry import register_family
+from .video import VideoFlowMatchingFamily
 
 __all__ = ["WanFamily", "WanPromptTokenizer"]
 
@@ -45,12 +45,12 @@ class WanPromptTokenizer(PromptTokenizer):
 
 
 @register_family("wan", pipelines=("WanPipeline",))
-class WanFamily(FlowMatchingFamily):
+class WanFamily(VideoFlowMatchingFamily):
     """Wan 2.1 / 2.2 text-to-video (``WanPipeline`` with a ``WanTransformer3DModel``)."""
 
     transformer_class = "WanTransformer3DModel"
     required_components = ("text_encoder", "vae")  # the VAE's class tells text-to-video apart (see matches)
-    video = True
+    suggested_num_frames = "81 as Wan samples, 17 or 33 to save memory"
     # The self- and cross-attention projections of every block (attn1, attn2), as diffusers' Wan LoRAs adapt them.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     default_learning_rate = 1e-4
@@ -88,12 +88,9 @@ class WanFamily(FlowMatchingFamily):
     def temporal_compression(self) -> int:
         return int(getattr(self.vae.config, "scale_factor_temporal", self.temporal_compression_default))
 
-    def latent_shape(self, resolution: int, num_frames: int = 1) -> tuple[int, int, int, int]:
-        """``(C, F', h, w)`` of the latents of a ``num_frames``-frame clip of ``resolution``-pixel square frames: the
-        VAE keeps the first frame and compresses the others ``scale_factor_temporal``-fold in time and
-        ``scale_factor_spatial``-fold in space."""
-        side = resolution // self.spatial_compression
-        return self.vae.config.z_dim, (num_frames - 1) // self.temporal_compression + 1, side, side
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.z_dim)
 
     def training_scheduler_config(self) -> dict[str, Any]:
         """A flow-match Euler config with the pipeline scheduler's static shift (``flow_shift`` of UniPC, ``shift``
@@ -101,29 +98,6 @@ class WanFamily(FlowMatchingFamily):
         config = self.pipeline.scheduler.config
         shift = config.get("flow_shift", None) or config.get("shift", 1.0)
         return {"num_train_timesteps": int(config.get("num_train_timesteps", 1000)), "shift": float(shift)}
-
-    def noiser(self, args: Any) -> FlowNoiser:
-        """The flow noiser (see :meth:`FlowMatchingFamily.noiser`), after checking the clip length (video data,
-        ``num_frames``, of ``4k + 1`` frames) and that no image validation grids are asked for."""
-        frames = getattr(args, "num_frames", None)
-        temporal = self.temporal_compression
-        if frames is None:
-            raise ValueError(
-                f"{self.name} trains on videos: set num_frames (frames per clip, {temporal}k + 1, e.g. 81 as Wan "
-                "samples, 17 or 33 to save memory) and optionally frame_stride"
-            )
-        if (frames - 1) % temporal != 0:
-            raise ValueError(
-                f"num_frames must be {temporal}k + 1 for {self.name} (its VAE keeps the first frame and compresses "
-                f"the others {temporal}x in time), got {frames}"
-            )
-        if getattr(args, "validation_prompts", None):
-            # The validation callback samples and logs image grids; clips are sampled with evaluation.sample_videos.
-            raise ValueError(
-                f"validation_prompts sample image grids during training, which {self.name} (video) does not support "
-                "yet; leave them unset and evaluate with trl_diffusion_sdpo.evaluation.sample_videos / score_videos"
-            )
-        return super().noiser(args)
 
     def prompt_tokenizer(self) -> PromptTokenizer:
         return WanPromptTokenizer({"input_ids": self.pipeline.tokenizer}, {"input_ids": self.max_sequence_length})

@@ -167,15 +167,20 @@ def method_description(method: str) -> str:
     )
 
 
-def usage_snippet(repo_id: str, base_model: str | None, is_lora: bool) -> str:
-    """How to load the result; ``repo_id`` is the Hub id the card will live under (or a placeholder)."""
+def usage_snippet(repo_id: str, base_model: str | None, is_lora: bool, lora_denoiser: str | None = None) -> str:
+    """How to load the result; ``repo_id`` is the Hub id the card will live under (or a placeholder).
+    ``lora_denoiser``: the denoiser's name for a pipeline without ``load_lora_weights`` (no LoRA loader in diffusers,
+    as HunyuanVideo 1.5's), whose adapters load with the denoiser's own ``load_lora_adapter``."""
     prompt = 'image = pipe("a photo of a cat").images[0]'
     if is_lora:
         base = base_model or "<the base pipeline>"
+        load = f'pipe.load_lora_weights("{repo_id}")'
+        if lora_denoiser is not None:
+            options = f'prefix="{lora_denoiser}", use_safetensors=True'
+            load = f'pipe.{lora_denoiser}.load_lora_adapter("{repo_id}", {options})'
         return (
             "from diffusers import DiffusionPipeline\n\n"
-            f'pipe = DiffusionPipeline.from_pretrained("{base}")\n'
-            f'pipe.load_lora_weights("{repo_id}")\n{prompt}'
+            f'pipe = DiffusionPipeline.from_pretrained("{base}")\n{load}\n{prompt}'
         )
     load = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")'
     return f"from diffusers import DiffusionPipeline\n\n{load}\n{prompt}"
@@ -196,12 +201,14 @@ def build_model_card(
     sample_grid: str | None = None,
     sample_prompt: str | None = None,
     denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel"),
+    pipeline_loads_lora: bool = True,
 ) -> ModelCard:
     """A model card in TRL's and diffusers' shape: metadata (``base_model`` only when it is a Hub id, ``datasets``,
     ``license``, tags), method, usage under ``hub_model_id``, the last validation grid (``sample_grid``, a path
     relative to the card; with ``sample_prompt`` also the Hub's widget, as diffusers' training scripts do), key
     hyperparameters, framework versions and the papers and TRL to cite. ``denoiser`` is the trained network's
-    pipeline name and class (``("transformer", "FluxTransformer2DModel")`` for FLUX)."""
+    pipeline name and class (``("transformer", "FluxTransformer2DModel")`` for FLUX); ``pipeline_loads_lora``: whether
+    the pipeline has diffusers' ``load_lora_weights`` (else the usage loads the adapters into the denoiser)."""
     base_model = hub_base_model(base_model)
     label = "UNet" if denoiser[0] == "unet" else "transformer"
     data = ModelCardData(
@@ -224,7 +231,9 @@ def build_model_card(
         dataset_is_hub=_is_hub_id(dataset_name),
         method=method,
         method_description=method_description(method),
-        usage=usage_snippet(hub_model_id or "<this repo>", base_model, is_lora),
+        usage=usage_snippet(
+            hub_model_id or "<this repo>", base_model, is_lora, None if pipeline_loads_lora else denoiser[0]
+        ),
         sample_grid=sample_grid,
         sample_step=_grid_step(sample_grid) if sample_grid else None,
         hyperparameters=hyperparameters,

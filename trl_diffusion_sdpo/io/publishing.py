@@ -83,6 +83,7 @@ class HubPublishing(_Base):
             sample_grid=self._last_validation_grid(),
             sample_prompt=(args.validation_prompts or [None])[0],
             denoiser=(self.family.denoiser_name, type(self.family.denoiser).__name__),
+            pipeline_loads_lora=hasattr(type(self.pipeline), "load_lora_weights"),
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))

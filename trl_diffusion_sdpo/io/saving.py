@@ -2,7 +2,9 @@
 
 * LoRA: ``pytorch_lora_weights.safetensors`` in diffusers' format (``unet.``-prefixed keys; ``transformer.``-prefixed
   PEFT keys for SD3 and FLUX, as diffusers' own training scripts write them), loadable with
-  ``pipeline.load_lora_weights(output_dir)``.
+  ``pipeline.load_lora_weights(output_dir)`` (with ``pipeline.transformer.load_lora_adapter(output_dir,
+  prefix="transformer", use_safetensors=True)`` for a pipeline without a LoRA loader in diffusers, as HunyuanVideo
+  1.5's).
 * Full tuning: ``unet/`` (or ``transformer/``) written by the model's ``save_pretrained`` (safetensors), loadable with
   ``UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")`` (``SD3Transformer2DModel`` /
   ``FluxTransformer2DModel`` with ``subfolder="transformer"``); in the final output folder also the rest of the
@@ -78,20 +80,26 @@ def save_lora_adapters(
     state_dict: dict[str, torch.Tensor] | None = None,
     prefix: str = UNET_SUBFOLDER,
 ) -> str:
-    """Write the denoiser's LoRA adapters with ``pipeline_cls.save_lora_weights``; returns the file path.
+    """Write the denoiser's LoRA adapters with ``pipeline_cls.save_lora_weights`` (diffusers' shared LoRA writer
+    for a pipeline class without one); returns the file path.
 
     The adapter config (``lora_alpha`` above all) is stored in the file's metadata: without it ``load_lora_weights``
     assumes ``lora_alpha == r`` and a model trained with another alpha would load with the wrong scale.
     ``prefix`` is the pipeline's name of the denoiser (``"unet"`` or ``"transformer"``).
     """
     os.makedirs(output_dir, exist_ok=True)
+    layers, metadata = lora_state_dict(denoiser, state_dict, prefix), denoiser.peft_config["default"].to_dict()
+    if not hasattr(pipeline_cls, "save_lora_weights"):
+        # A pipeline diffusers has no LoRA loader for (HunyuanVideo15Pipeline in 0.42): the same file through the
+        # writer every loader's save_lora_weights calls, which the denoiser's own load_lora_adapter reads back.
+        from diffusers.loaders.lora_base import LoraBaseMixin
+
+        LoraBaseMixin._save_lora_weights(output_dir, {prefix: layers}, {prefix: metadata}, safe_serialization=True)
+        return os.path.join(output_dir, LORA_WEIGHTS_NAME)
     pipeline_cls.save_lora_weights(
         output_dir,
         safe_serialization=True,
-        **{
-            f"{prefix}_lora_layers": lora_state_dict(denoiser, state_dict, prefix),
-            f"{prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
-        },
+        **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": metadata},
     )
     return os.path.join(output_dir, LORA_WEIGHTS_NAME)
 
