@@ -29,6 +29,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_pipeline,
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_hunyuan_video15_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -49,6 +50,7 @@ BUILDERS = {
     "wan": build_tiny_wan_pipeline,
     "flux2": build_tiny_flux2_pipeline,
     "flux2-klein": build_tiny_flux2_klein_pipeline,
+    "hunyuan-video-1.5": build_tiny_hunyuan_video15_pipeline,
 }
 
 
@@ -566,9 +568,6 @@ def test_flux2_kohya_names_are_bfl_original_names_by_diffusers_single_file_conve
 def test_a_family_whose_tool_mapping_was_not_read_is_refused_by_name(tmp_path, export_format):
     """HunyuanVideo 1.5: neither sd-scripts' nor ComfyUI's LoRA key mapping was checked, so nothing is written; the
     diffusers file and merging stay available."""
-    from trl_diffusion_sdpo.tiny_models import build_tiny_hunyuan_video15_pipeline
-
-    BUILDERS["hunyuan-video-1.5"] = build_tiny_hunyuan_video15_pipeline
     base, lora = write_base_and_lora("hunyuan-video-1.5", tmp_path, targets=["to_q"])
     out = tmp_path / "x.safetensors"
     with pytest.raises(ValueError, match=f"--format {export_format} is not written for hunyuan-video-1.5: neither"):
