@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from peft import LoraConfig
+from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import family_for_pipeline
@@ -30,6 +31,7 @@ class FlowCase:
     lora_targets: tuple[str, ...]
     config_values: dict[str, Any] = field(default_factory=dict)  # more config fields (a video family's num_frames)
     sample_shape: tuple[int, ...] | None = None  # the latents of transformer_outputs; None: [2, C, 4, 4]
+    sources: int = 1  # an editing family's source images per sample in transformer_outputs
 
     def config(self, make_config, **overrides):
         values = {"beta": 100.0, "max_sequence_length": self.sequence_length, "max_steps": 2, **self.config_values}
@@ -40,15 +42,26 @@ class FlowCase:
 
 
 def transformer_outputs(
-    transformer: torch.nn.Module, family, seed: int = 1, sample_shape: tuple[int, ...] | None = None
+    transformer: torch.nn.Module,
+    family,
+    seed: int = 1,
+    sample_shape: tuple[int, ...] | None = None,
+    sources: int = 1,
 ) -> torch.Tensor:
     """The transformer's prediction on fixed random latents (``sample_shape``, by default ``[2, C, 4, 4]``) and two
-    prompts of different lengths, through the family's call."""
+    prompts of different lengths, through the family's call; an editing family gets ``sources`` random source
+    latents per sample (and, when its prompt encoding reads them, as many solid-colour source images)."""
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randn(sample_shape or (2, family.latent_shape(32)[0], 4, 4), generator=gen)
-    embeds = family.encode_prompts(family.prompt_tokenizer()(["a red square", "two blue circles"]))
-    if family.edits:  # one source image per sample, the target's size
-        embeds.source_latents = torch.randn(sample.shape[0], 1, *sample.shape[1:], generator=gen)
+    prompts, tokenize = ["a red square", "two blue circles"], family.prompt_tokenizer()
+    if getattr(tokenize, "reads_sources", False):
+        colours = [(200, 30, 30), (30, 30, 200), (30, 200, 30)]
+        images = [[Image.new("RGB", (32, 32), colours[(row + k) % 3]) for k in range(sources)] for row in range(2)]
+        embeds = family.encode_prompts(tokenize(prompts, images))
+    else:
+        embeds = family.encode_prompts(tokenize(prompts))
+    if family.edits:  # source images the target's size
+        embeds.source_latents = torch.randn(sample.shape[0], sources, *sample.shape[1:], generator=gen)
     with torch.no_grad():
         return family.call_denoiser(
             transformer, sample, torch.tensor([300.0, 700.0]), family.denoiser_conditioning(embeds, None)
@@ -84,12 +97,15 @@ def check_lora_reloads_with_load_lora_weights(case: FlowCase, local, make_config
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     fresh = case.pipeline_class.from_pretrained(local)
     family = family_for_pipeline(fresh, max_sequence_length=case.sequence_length)
-    base = transformer_outputs(fresh.transformer, family, sample_shape=shape)
+    base = transformer_outputs(fresh.transformer, family, sample_shape=shape, sources=case.sources)
     fresh.load_lora_weights(out)
-    expected = transformer_outputs(trained, family, sample_shape=shape)
+    expected = transformer_outputs(trained, family, sample_shape=shape, sources=case.sources)
     assert not torch.allclose(base, expected, atol=1e-5)  # training moved the adapters
     torch.testing.assert_close(
-        transformer_outputs(fresh.transformer, family, sample_shape=shape), expected, atol=1e-6, rtol=1e-6
+        transformer_outputs(fresh.transformer, family, sample_shape=shape, sources=case.sources),
+        expected,
+        atol=1e-6,
+        rtol=1e-6,
     )
     trainer.create_model_card()
     card = (out / "README.md").read_text()
@@ -111,15 +127,19 @@ def check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline(case: FlowCa
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     original = case.pipeline_class.from_pretrained(local)
     family = family_for_pipeline(original, max_sequence_length=case.sequence_length)
-    expected = transformer_outputs(trained, family, sample_shape=shape)
+    expected = transformer_outputs(trained, family, sample_shape=shape, sources=case.sources)
     assert not torch.allclose(
-        transformer_outputs(original.transformer, family, sample_shape=shape), expected, atol=1e-5
+        transformer_outputs(original.transformer, family, sample_shape=shape, sources=case.sources),
+        expected,
+        atol=1e-5,
     )
     whole = case.pipeline_class.from_pretrained(out)  # the output folder is a whole pipeline
     assert isinstance(whole.transformer, case.transformer_class)
     loaded = case.transformer_class.from_pretrained(out, subfolder="transformer")
-    torch.testing.assert_close(transformer_outputs(loaded, family, sample_shape=shape), expected)
-    torch.testing.assert_close(transformer_outputs(whole.transformer, family, sample_shape=shape), expected)
+    torch.testing.assert_close(transformer_outputs(loaded, family, sample_shape=shape, sources=case.sources), expected)
+    torch.testing.assert_close(
+        transformer_outputs(whole.transformer, family, sample_shape=shape, sources=case.sources), expected
+    )
     assert not (out / "unet").exists()
     trainer.create_model_card()
     card = (out / "README.md").read_text()

@@ -74,6 +74,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         "sd3_full": (0.5, True, None, None),
         "flux_lora": (0.5, True, 16, 16),
         "qwen_image_lora": (0.5, True, 16, 16),
+        "qwen_image_edit": (0.5, False, 16, 16),
         "z_image_lora": (0.5, True, 16, 16),
         "flux2_lora": (0.5, True, 16, 16),
         "flux2_klein_lora": (0.5, True, 16, 16),
@@ -88,6 +89,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
                 "sd3_full",
                 "flux_lora",
                 "qwen_image_lora",
+                "qwen_image_edit",
                 "z_image_lora",
                 "flux2_lora",
                 "flux2_klein_lora",
@@ -98,7 +100,8 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
     ]
     assert config.safeguard and config.safeguard_mu == mu
     assert script_args.dataset_streaming is streamed
-    if config.num_frames is None:  # image models train on Pick-a-Pic; wan_lora names a placeholder video dataset
+    # image models train on Pick-a-Pic; wan_lora and the editing configs name placeholder video and editing datasets
+    if config.num_frames is None and "_edit" not in config_path.stem:
         assert script_args.dataset_name == "yuvalkirstain/pickapic_v2"
     assert model_args.use_peft is config_path.stem.endswith("lora")
     peft_config = get_peft_config(model_args)

@@ -13,7 +13,14 @@ from .flow import (
     build_tiny_z_image_pipeline,
 )
 from .flux2 import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
-from .tokenizers import write_char_tokenizer, write_mistral_tokenizer, write_qwen_tokenizer, write_t5_tokenizer
+from .qwen_image_edit import build_tiny_qwen_image_edit_pipeline, build_tiny_qwen_image_edit_plus_pipeline
+from .tokenizers import (
+    write_char_tokenizer,
+    write_mistral_tokenizer,
+    write_qwen_tokenizer,
+    write_qwen_vl_tokenizer,
+    write_t5_tokenizer,
+)
 from .unet import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from .video import build_tiny_wan_pipeline
 
@@ -22,6 +29,8 @@ __all__ = [
     "build_tiny_flux2_pipeline",
     "build_tiny_flux_kontext_pipeline",
     "build_tiny_flux_pipeline",
+    "build_tiny_qwen_image_edit_pipeline",
+    "build_tiny_qwen_image_edit_plus_pipeline",
     "build_tiny_qwen_image_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_sd_pipeline",
@@ -31,5 +40,6 @@ __all__ = [
     "write_char_tokenizer",
     "write_mistral_tokenizer",
     "write_qwen_tokenizer",
+    "write_qwen_vl_tokenizer",
     "write_t5_tokenizer",
 ]
