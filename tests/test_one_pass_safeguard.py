@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig
+from PIL import Image
 
 from trl_diffusion_sdpo.engines import PlainEngine
 from trl_diffusion_sdpo.families import NoisedPair, family_for_pipeline
@@ -30,6 +31,8 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_qwen_image_edit_pipeline,
+    build_tiny_qwen_image_edit_plus_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -48,6 +51,15 @@ FAMILIES = {
     "flux2": (build_tiny_flux2_pipeline, 48, None, (*ATTENTION, "to_qkv_mlp_proj")),
     "flux2-klein": (build_tiny_flux2_klein_pipeline, 48, None, (*ATTENTION, "to_qkv_mlp_proj")),
     "qwen-image": (build_tiny_qwen_image_pipeline, 24, None, (*ATTENTION, "add_k_proj", "to_add_out")),
+    # editing: the source latents after the target's in the sequence (one source; two for Plus), the prompt read with
+    # the source images
+    "qwen-image-edit": (build_tiny_qwen_image_edit_pipeline, 24, None, (*ATTENTION, "add_k_proj", "to_add_out")),
+    "qwen-image-edit-plus": (
+        build_tiny_qwen_image_edit_plus_pipeline,
+        48,
+        None,
+        (*ATTENTION, "add_k_proj", "to_add_out"),
+    ),
     "z-image": (build_tiny_z_image_pipeline, 32, None, ATTENTION),
     "wan": (build_tiny_wan_pipeline, 16, (16, 2, 2, 2), ATTENTION),
 }
@@ -114,8 +126,11 @@ def make_problem(name: str, lora: bool, tmp_path, seed: int = 0, pairs: int = PA
     shape = shape or family.latent_shape(32)
     rows = 2 * pairs
     prompts = [f"a red square number {i}" for i in range(pairs)]
+    tokenize, sources = family.prompt_tokenizer(), min(family.max_sources or 2, 2) if family.edits else 0
+    images = [[Image.new("RGB", (32, 32), (40 * i, 200 - 40 * k, 90)) for k in range(sources)] for i in range(pairs)]
     with torch.no_grad():
-        embeds = _double(family.encode_prompts(family.prompt_tokenizer()(prompts)))
+        tokens = tokenize(prompts, images) if getattr(tokenize, "reads_sources", False) else tokenize(prompts)
+        embeds = _double(family.encode_prompts(tokens))
     # a pair's images close to each other, as preference pairs are: their gradients correlate and the margin binds
     winners = torch.randn((pairs, *shape), generator=gen, dtype=torch.float64)
     latents = torch.cat([winners, winners + 0.5 * torch.randn(winners.shape, generator=gen, dtype=torch.float64)])
@@ -129,6 +144,8 @@ def make_problem(name: str, lora: bool, tmp_path, seed: int = 0, pairs: int = PA
         timesteps=levels * 999,
         target=noise - latents,
     )
+    if family.edits:  # drawn last, so that the other families' problems stay as they were
+        embeds.source_latents = torch.randn((pairs, sources, *shape), generator=gen, dtype=torch.float64)
     time_ids = None
     if family.needs_time_ids:
         time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]], dtype=torch.float64).repeat(rows, 1)
