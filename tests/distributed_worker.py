@@ -84,6 +84,8 @@ def _flow_inputs(family, resolution: int) -> dict:
         torch.randn(2, 8, width, generator=generator),
         None if pooled is None else torch.randn(2, pooled, generator=generator),
     )
+    if family.edits:  # an editing family's source latents, one per sample, the target's size
+        embeds.source_latents = torch.randn(2, 1, channels, size, size, generator=torch.Generator().manual_seed(7))
     return {
         "sample": torch.randn(2, channels, size, size, generator=generator),
         "timestep": torch.tensor([100.0, 700.0]),

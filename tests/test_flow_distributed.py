@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import pickapic_rows
+from conftest import edit_rows, pickapic_rows
 from datasets import Dataset
 from test_distributed import _REPORTS, STEPS, Run, _assert_resumed_like_straight, _launch, run
 from test_wan import FRAMES, video_rows
@@ -29,6 +29,8 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_qwen_image_edit_pipeline,
+    build_tiny_qwen_image_edit_plus_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_wan_pipeline,
@@ -39,6 +41,7 @@ pytest.importorskip("deepspeed")
 
 FLOW_ARGS = ("--beta", "100", "--max_sequence_length", "16")
 FSDP2 = "fsdp2.yaml"
+EDITING_ARGS = ("--random_flip", "false", "--proportion_empty_prompts", "0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Family:
     build_kwargs: dict
     extra: tuple[str, ...] = ()
     video: bool = False
+    data: str | None = None  # another dataset folder under the root than the pairs or videos (editing rows)
 
 
 # Widened: head dim 96 (two heads) and RoPE axes that add up to it; Z-Image has no head-dim argument, its width is dim.
@@ -74,6 +78,19 @@ FAMILIES = {
         ("--max_sequence_length", "48"),
     ),
     "flux2-klein": Family(build_tiny_flux2_klein_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24,) * 4}),
+    # editing rows (one source; two for Plus); the prompt encoding reads the sources: no flips, no prompt dropout
+    "qwen-image-edit": Family(
+        build_tiny_qwen_image_edit_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (32, 32, 32)},
+        ("--max_sequence_length", "32", *EDITING_ARGS),
+        data="edit-data",
+    ),
+    "qwen-image-edit-plus": Family(
+        build_tiny_qwen_image_edit_plus_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (32, 32, 32)},
+        ("--max_sequence_length", "64", *EDITING_ARGS),
+        data="edit2-data",
+    ),
 }
 
 # (family, accelerate config, ZeRO stage, LoRA): every family under every engine, LoRA and full tuning alternating
@@ -107,6 +124,10 @@ CASES = [
     ("flux2-klein", "deepspeed_zero2.yaml", 2, False),
     ("flux2-klein", "deepspeed_zero3.yaml", 3, False),
     ("flux2-klein", FSDP2, None, True),
+    ("qwen-image-edit", "multi_gpu.yaml", None, True),
+    ("qwen-image-edit", FSDP2, None, False),
+    ("qwen-image-edit-plus", "multi_gpu.yaml", None, False),
+    ("qwen-image-edit-plus", FSDP2, None, True),
 ]
 
 
@@ -115,6 +136,8 @@ def flow_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flow-distributed")
     Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
     Dataset.from_list(video_rows(8)).save_to_disk(str(root / "video-data"))
+    Dataset.from_list(edit_rows(8)).save_to_disk(str(root / "edit-data"))
+    Dataset.from_list(edit_rows(8, sources=2)).save_to_disk(str(root / "edit2-data"))
     return root
 
 
@@ -131,7 +154,7 @@ def family_assets(root: Path, kind: str) -> dict:
         _ASSETS[str(root), kind] = {
             "root": root / f"runs-{kind}",
             "pipeline": root / kind,
-            "data": root / ("video-data" if family.video else "data"),
+            "data": root / (family.data or ("video-data" if family.video else "data")),
             "example": "flow",
         }
         _ASSETS[str(root), kind]["root"].mkdir()
