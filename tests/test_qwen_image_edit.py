@@ -367,3 +367,22 @@ def test_plus_embeddings_have_one_length_whatever_the_number_of_sources(make_edi
         assert embeds.shape[1] == family.prompt_length == 3 * 9 + PLUS_SEQ
         # each image: its label (11 byte tokens), the vision markers and 9 tokens; then "ab" and the closing turn
         assert embeds.ne(0).any(-1).sum() == count * (11 + 2 + 9) + 2 + 5
+
+
+def test_the_latent_caches_settings_change_with_how_the_sources_are_read(make_edit_pipe) -> None:
+    """The cached prompt embeddings depend on the image processor and the condition size: a cache built with other
+    settings is not reused (its fingerprint differs and the sharded cache names the mismatch)."""
+    from trl_diffusion_sdpo.data.latent_cache import encoding_settings, settings_mismatches
+
+    pipe = make_edit_pipe("edit")
+    family = family_for_pipeline(pipe, max_sequence_length=SEQ)
+    built = encoding_settings(family, 32, False, None)
+    assert built["vision"]["condition_size"] == [1024, 1024]
+    pipe.processor.image_processor.size["longest_edge"] = 56 * 56  # fewer vision tokens
+    wanted = encoding_settings(family, 32, False, None)
+    assert any(
+        line.startswith("how the prompt encoding reads the source images")
+        for line in settings_mismatches(built, wanted)
+    )
+    text = build_tiny_qwen_image_pipeline(tokenizer_dir=str(pipe.tokenizer.name_or_path) + "-t2i")
+    assert "vision" not in encoding_settings(family_for_pipeline(text), 32, False, None)

@@ -177,6 +177,7 @@ _SETTING_NAMES = {
     "crop": "crop",
     "clip": "video frames (num_frames, frame_stride)",
     "image_conversion": "image-conversion rules (data/images.py or Pillow's version changed since)",
+    "vision": "how the prompt encoding reads the source images (image processor, condition size, template)",
 }
 
 
