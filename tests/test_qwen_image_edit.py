@@ -200,6 +200,17 @@ def test_a_batch_of_prompts_needs_the_same_number_of_sources_within_the_pipeline
         tokenize(["a"], [[solid((1, 2, 3))] * 4])
 
 
+def test_a_long_instruction_is_cut_at_its_end_and_a_length_too_short_for_the_images_is_named(make_edit_pipe) -> None:
+    pipe = make_edit_pipe("edit")
+    tokenize = family_for_pipeline(pipe, max_sequence_length=SEQ).prompt_tokenizer()
+    ids = tokenize(["x" * 100], [[solid((1, 2, 3))]])["input_ids"][0]
+    kept = pipe.tokenizer.decode(ids[pipe.prompt_template_encode_start_idx :])
+    assert len(ids) == 64 + 9 + SEQ and kept.endswith("<|vision_end|>" + "x" * (SEQ - 2))  # the markers count
+    short = family_for_pipeline(make_edit_pipe("plus"), max_sequence_length=4).prompt_tokenizer()
+    with pytest.raises(ValueError, match="max_sequence_length=4 leaves no room for the images' tokens"):
+        short(["ab"], [[solid((1, 2, 3))]])
+
+
 # -------------------------------------------------------------------------------------- the sources and the call
 
 

@@ -128,14 +128,24 @@ class QwenImageEditPromptTokenizer(PromptTokenizer):
         out = self.processor(
             text=[self.template.format(labels + prompt) for prompt in prompts],
             images=[self.condition_image(image) for images in sources for image in images],
-            padding="max_length",
-            max_length=self.template_start + count * self.vision_tokens + self.max_sequence_length,
-            truncation=True,
+            padding=True,
+            padding_side="right",
             return_tensors="pt",
         )
+        # Cut each row at its end (the instruction's last tokens, then the closing turn) or pad it to one length;
+        # the processor's own truncation would refuse rows it cuts, as it checks the image tokens before cutting.
+        length = self.template_start + count * self.vision_tokens + self.max_sequence_length
+        ids = out["input_ids"][:, :length]
+        ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=self.processor.tokenizer.pad_token_id)
+        kept = ids.eq(self.processor.image_token_id).sum(1)
+        if bool(kept.ne(count * self.vision_tokens).any()):
+            raise ValueError(
+                f"max_sequence_length={self.max_sequence_length} leaves no room for the images' tokens: it counts the "
+                "text around the images too (their labels and vision markers) and the instruction; raise it"
+            )
         batch = len(prompts)
         return {
-            "input_ids": out["input_ids"],
+            "input_ids": ids,
             "prompt_pixel_values": out["pixel_values"].reshape(batch, -1, out["pixel_values"].shape[-1]),
             "prompt_image_grid_thw": out["image_grid_thw"].reshape(batch, count, 3),
         }
