@@ -120,7 +120,7 @@ class QwenImageFamily(FlowMatchingFamily):
         ``max_sequence_length`` (``[B, L, D]``; no pooled projection)."""
         encoder = self.pipeline.text_encoder
         ids = tokens["input_ids"].to(encoder.device)
-        attention_mask = ids.ne(self.pipeline.tokenizer.pad_token_id).long()
+        attention_mask = ids.ne(self.pad_token_id).long()
         hidden = encoder(
             input_ids=ids, attention_mask=attention_mask, output_hidden_states=True, **self._vision_inputs(tokens)
         ).hidden_states[-1]
@@ -130,6 +130,11 @@ class QwenImageFamily(FlowMatchingFamily):
             kept = hidden[row][attention_mask[row].bool()][start : start + length]
             sequence[row, : kept.shape[0]] = kept
         return PromptEmbeddings(sequence)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id that pads the tokens (the attention mask leaves it out)."""
+        return self.pipeline.tokenizer.pad_token_id
 
     @property
     def prompt_length(self) -> int:

@@ -92,11 +92,8 @@ class QwenImageEditPromptTokenizer(PromptTokenizer):
         self.resize = resize  # the pipeline's VaeImageProcessor.resize (PIL, Lanczos)
         self.template, self.image_prompt = template, image_prompt
         self.template_start, self.condition_size = template_start, condition_size
-        self.vision_tokens, self.max_sequence_length, self.max_sources = (
-            vision_tokens,
-            max_sequence_length,
-            max_sources,
-        )
+        self.vision_tokens = vision_tokens
+        self.max_sequence_length, self.max_sources = max_sequence_length, max_sources
 
     @property
     def vision_settings(self) -> dict[str, Any]:
@@ -171,8 +168,8 @@ class QwenImageEditFamily(QwenImageFamily):
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
-        """Qwen-Image's components (and a Qwen2-VL processor) in this family's pipeline class (or a subclass): the
-        edit pipelines' components are the same, their class tells them apart."""
+        """A Qwen-Image transformer in this family's pipeline class (or a subclass): the edit pipelines' components
+        are the same, their class tells them apart."""
         return super(QwenImageFamily, cls).matches(pipeline) and pipeline_is(pipeline, *cls.pipeline_classes)
 
     @classmethod
@@ -220,6 +217,11 @@ class QwenImageEditFamily(QwenImageFamily):
             self.max_sequence_length,
             self.max_sources,
         )
+
+    @property
+    def pad_token_id(self) -> int:
+        """The processor's tokenizer made the tokens."""
+        return self.pipeline.processor.tokenizer.pad_token_id
 
     def _vision_inputs(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The sources' patches and grids, flattened over the batch as the processor makes them for one call."""
