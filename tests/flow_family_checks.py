@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from peft import LoraConfig
+from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import family_for_pipeline
@@ -64,12 +65,19 @@ def transformer_outputs(
 ) -> torch.Tensor:
     """The transformer's prediction on fixed random latents (``sample_shape``, by default ``[2, C, 4, 4]``) and two
     prompts of different lengths, through the family's call; with ``sources`` random source latents per sample (by
-    default one for a family that needs a source, none otherwise)."""
+    default one for a family that needs a source, none otherwise) and, when its prompt encoding reads them, as many
+    solid-colour source images."""
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randn(sample_shape or (2, family.latent_shape(32)[0], 4, 4), generator=gen)
-    embeds = family.encode_prompts(family.prompt_tokenizer()(["a red square", "two blue circles"]))
     if sources is None:
         sources = 1 if family.edits and not family.sources_optional else 0
+    prompts, tokenize = ["a red square", "two blue circles"], family.prompt_tokenizer()
+    if getattr(tokenize, "reads_sources", False):
+        colours = [(200, 30, 30), (30, 30, 200), (30, 200, 30)]
+        images = [[Image.new("RGB", (32, 32), colours[(row + k) % 3]) for k in range(sources)] for row in range(2)]
+        embeds = family.encode_prompts(tokenize(prompts, images))
+    else:
+        embeds = family.encode_prompts(tokenize(prompts))
     if sources:  # source images of the target's size
         embeds.source_latents = torch.randn(sample.shape[0], sources, *sample.shape[1:], generator=gen)
     with torch.no_grad():

@@ -33,6 +33,8 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_hunyuan_video15_pipeline,
+    build_tiny_qwen_image_edit_pipeline,
+    build_tiny_qwen_image_edit_plus_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_wan_pipeline,
@@ -43,6 +45,7 @@ pytest.importorskip("deepspeed")
 
 FLOW_ARGS = ("--beta", "100", "--max_sequence_length", "16")
 FSDP2 = "fsdp2.yaml"
+EDITING_ARGS = ("--random_flip", "false", "--proportion_empty_prompts", "0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Family:
     build_kwargs: dict
     extra: tuple[str, ...] = ()
     video: bool = False
-    edits: str | None = None  # editing rows: "one source" (source_image) or "references" (two, source_images)
+    edits: str | None = None  # editing rows: "one source" (source_image) or "references" (source_images, two each)
 
 
 # Widened: head dim 96 (two heads) and RoPE axes that add up to it; Z-Image has no head-dim argument, its width is dim.
@@ -102,6 +105,19 @@ FAMILIES = {
         ("--num_frames", str(FRAMES), "--resolution", "32", "--max_sequence_length", "24"),
         video=True,
     ),
+    # editing rows (one source; two for Plus); the prompt encoding reads the sources: no flips, no prompt dropout
+    "qwen-image-edit": Family(
+        build_tiny_qwen_image_edit_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (32, 32, 32)},
+        ("--max_sequence_length", "32", *EDITING_ARGS),
+        edits="one source",
+    ),
+    "qwen-image-edit-plus": Family(
+        build_tiny_qwen_image_edit_plus_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (32, 32, 32)},
+        ("--max_sequence_length", "64", *EDITING_ARGS),
+        edits="references",
+    ),
 }
 
 # (family, accelerate config, ZeRO stage, LoRA): every family under every engine, LoRA and full tuning alternating
@@ -143,6 +159,10 @@ CASES = [
     ("flux2-klein-references", FSDP2, None, True),
     ("hunyuan-video-1.5", "multi_gpu.yaml", None, True),
     ("hunyuan-video-1.5", FSDP2, None, False),
+    ("qwen-image-edit", "multi_gpu.yaml", None, True),
+    ("qwen-image-edit", FSDP2, None, False),
+    ("qwen-image-edit-plus", "multi_gpu.yaml", None, False),
+    ("qwen-image-edit-plus", FSDP2, None, True),
 ]
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig
+from PIL import Image
 
 from trl_diffusion_sdpo.engines import PlainEngine
 from trl_diffusion_sdpo.families import NoisedPair, family_for_pipeline
@@ -32,6 +33,8 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_hunyuan_video15_pipeline,
+    build_tiny_qwen_image_edit_pipeline,
+    build_tiny_qwen_image_edit_plus_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -51,6 +54,15 @@ FAMILIES = {
     "flux2": (build_tiny_flux2_pipeline, 48, None, (*ATTENTION, "to_qkv_mlp_proj")),
     "flux2-klein": (build_tiny_flux2_klein_pipeline, 48, None, (*ATTENTION, "to_qkv_mlp_proj")),
     "qwen-image": (build_tiny_qwen_image_pipeline, 24, None, (*ATTENTION, "add_k_proj", "to_add_out")),
+    # editing: the source latents after the target's in the sequence (one source; two for Plus), the prompt read with
+    # the source images
+    "qwen-image-edit": (build_tiny_qwen_image_edit_pipeline, 24, None, (*ATTENTION, "add_k_proj", "to_add_out")),
+    "qwen-image-edit-plus": (
+        build_tiny_qwen_image_edit_plus_pipeline,
+        48,
+        None,
+        (*ATTENTION, "add_k_proj", "to_add_out"),
+    ),
     "z-image": (build_tiny_z_image_pipeline, 32, None, ATTENTION),
     "wan": (build_tiny_wan_pipeline, 16, (16, 2, 2, 2), ATTENTION),
     "hunyuan-video-1.5": (
@@ -124,11 +136,13 @@ def make_problem(name: str, lora: bool, tmp_path, seed: int = 0, pairs: int = PA
     shape = shape or family.latent_shape(32)
     rows = 2 * pairs
     prompts = [f"a red square number {i}" for i in range(pairs)]
+    if family.edits and not family.sources_optional:  # a family that needs a source: one, or two where it takes more
+        sources = sources or min(family.max_sources or 2, 2)
+    tokenize = family.prompt_tokenizer()
+    images = [[Image.new("RGB", (32, 32), (40 * i, 200 - 40 * k, 90)) for k in range(sources)] for i in range(pairs)]
     with torch.no_grad():
-        embeds = _double(family.encode_prompts(family.prompt_tokenizer()(prompts)))
-    if family.edits:  # an editing family: one source per pair, shared by its branches (its own stream)
-        source_gen = torch.Generator().manual_seed(seed + 2)
-        embeds.source_latents = torch.randn((pairs, 1, *shape), generator=source_gen, dtype=torch.float64)
+        tokens = tokenize(prompts, images) if getattr(tokenize, "reads_sources", False) else tokenize(prompts)
+        embeds = _double(family.encode_prompts(tokens))
     # a pair's images close to each other, as preference pairs are: their gradients correlate and the margin binds
     winners = torch.randn((pairs, *shape), generator=gen, dtype=torch.float64)
     latents = torch.cat([winners, winners + 0.5 * torch.randn(winners.shape, generator=gen, dtype=torch.float64)])

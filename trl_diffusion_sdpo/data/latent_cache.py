@@ -160,6 +160,9 @@ def encoding_settings(family: ModelFamily, resolution: int, flipped: bool, clip:
         "clip": None if clip is None else {"num_frames": clip.num_frames, "frame_stride": clip.frame_stride},
         "image_conversion": image_conversion_digest(),  # the rules turning every PIL mode into RGB
     }
+    vision = getattr(prompt_tokenizer, "vision_settings", None)  # a prompt encoding that reads the source images
+    if vision is not None:
+        settings["vision"] = vision
     return json.loads(json.dumps(settings, sort_keys=True, default=str))  # as a manifest reads back: lists, str keys
 
 
@@ -174,6 +177,7 @@ _SETTING_NAMES = {
     "crop": "crop",
     "clip": "video frames (num_frames, frame_stride)",
     "image_conversion": "image-conversion rules (data/images.py or Pillow's version changed since)",
+    "vision": "how the prompt encoding reads the source images (image processor, condition size, template)",
 }
 
 

@@ -161,6 +161,12 @@ def check_sources(columns: PreferenceColumns, args, family: ModelFamily, split: 
             "they share one source: set independent_augmentation=False (a pair, its source included, is mirrored "
             "together) or random_flip=False."
         )
+    if family.prompt_reads_sources and args.random_flip:
+        raise ValueError(
+            f"random_flip=True cannot be used with {family.name}: its prompt encoding reads the source images as "
+            "the data gives them, while the flip mirrors the pair and its source latents, so the two would disagree. "
+            "Set random_flip=False."
+        )
     if family.prompt_reads_sources and args.proportion_empty_prompts > 0:
         raise ValueError(
             f"proportion_empty_prompts={args.proportion_empty_prompts} cannot be used with {family.name}: its prompt "

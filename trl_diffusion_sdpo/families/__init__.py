@@ -11,6 +11,7 @@ text-to-video (:mod:`.wan`), FLUX.2 [dev] and [klein] (:mod:`.flux2`), noised by
 Editing families (``edits``: the denoiser also reads source images, see docs/editing.md): FLUX.1 Kontext
 (:mod:`.flux_kontext`).
 HunyuanVideo 1.5 text-to-video (:mod:`.hunyuan_video15`), a video flow family as Wan (:mod:`.video`).
+Qwen-Image-Edit and Qwen-Image-Edit-Plus (:mod:`.qwen_image_edit`).
 
 Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
@@ -31,6 +32,7 @@ from .sd import StableDiffusionFamily  # isort: skip
 
 # Transformers no family above claims (their matches are disjoint from the others'), so their place does not matter.
 from .qwen_image import QwenImageFamily  # isort: skip
+from .qwen_image_edit import QwenImageEditFamily, QwenImageEditPlusFamily  # isort: skip
 from .z_image import ZImageFamily  # isort: skip
 from .wan import WanFamily  # isort: skip
 from .flux2 import Flux2Family, Flux2KleinFamily  # isort: skip
@@ -51,6 +53,8 @@ __all__ = [
     "Noiser",
     "PromptEmbeddings",
     "PromptTokenizer",
+    "QwenImageEditFamily",
+    "QwenImageEditPlusFamily",
     "QwenImageFamily",
     "StableDiffusion3Family",
     "StableDiffusionFamily",

@@ -32,6 +32,7 @@ import torch
 
 from .base import PromptEmbeddings, PromptTokenizer
 from .flow import FlowMatchingFamily
+from .flux import pipeline_is
 from .registry import register_family
 
 __all__ = ["QwenImageFamily", "QwenImagePromptTokenizer"]
@@ -43,6 +44,8 @@ _TEMPLATE = (
     "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
 _TEMPLATE_START = 34
+# The instruction-editing pipelines: Qwen-Image's components plus a Qwen2-VL processor; the class tells them apart.
+EDIT_PIPELINES = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline")
 
 
 class QwenImagePromptTokenizer(PromptTokenizer):
@@ -75,8 +78,9 @@ class QwenImageFamily(FlowMatchingFamily):
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
         """A ``QwenImageTransformer2DModel`` with a VAE that carries per-channel ``latents_mean`` (the text-to-image
-        pipeline; the edit and layered variants take image conditioning this family does not build)."""
-        if not super().matches(pipeline):
+        pipeline; the edit pipelines, whose components are the same, are :mod:`.qwen_image_edit`'s, and the layered
+        variant takes image conditioning no family builds)."""
+        if not super().matches(pipeline) or pipeline_is(pipeline, *EDIT_PIPELINES):
             return False
         vae = getattr(pipeline, "vae", None)
         return vae is not None and getattr(vae.config, "latents_mean", None) is not None
@@ -116,14 +120,30 @@ class QwenImageFamily(FlowMatchingFamily):
         ``max_sequence_length`` (``[B, L, D]``; no pooled projection)."""
         encoder = self.pipeline.text_encoder
         ids = tokens["input_ids"].to(encoder.device)
-        attention_mask = ids.ne(self.pipeline.tokenizer.pad_token_id).long()
-        hidden = encoder(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
-        start, length = self._template_start, self.max_sequence_length
+        attention_mask = ids.ne(self.pad_token_id).long()
+        hidden = encoder(
+            input_ids=ids, attention_mask=attention_mask, output_hidden_states=True, **self._vision_inputs(tokens)
+        ).hidden_states[-1]
+        start, length = self._template_start, self.prompt_length
         sequence = hidden.new_zeros(hidden.shape[0], length, hidden.shape[-1])
         for row in range(hidden.shape[0]):
             kept = hidden[row][attention_mask[row].bool()][start : start + length]
             sequence[row, : kept.shape[0]] = kept
         return PromptEmbeddings(sequence)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id that pads the tokens (the attention mask leaves it out)."""
+        return self.pipeline.tokenizer.pad_token_id
+
+    @property
+    def prompt_length(self) -> int:
+        """The encoded prompt's length: the tokens kept after the template's prefix, zero-padded."""
+        return self.max_sequence_length
+
+    def _vision_inputs(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the text encoder reads besides the tokens: nothing for text-to-image (the edit families' images)."""
+        return {}
 
     # ------------------------------------------------------------------------------------------------ the images
 
@@ -153,17 +173,24 @@ class QwenImageFamily(FlowMatchingFamily):
     ) -> torch.Tensor:
         from diffusers import QwenImagePipeline  # the pipeline module is slow to import: only when the model runs
 
+        conditioning = dict(conditioning)
+        sources = conditioning.pop("source_latents", None)  # an edit family's [N, S, C, h', w']
         n, channels, height, width = sample.shape
-        packed = QwenImagePipeline._pack_latents(sample, n, channels, height, width)
-        guidance = self.guidance(n, sample.device)
+        pack = QwenImagePipeline._pack_latents
+        tokens, shapes = [pack(sample, n, channels, height, width)], [(1, height // 2, width // 2)]
+        # Editing: each source's packed latents after the target's, each listed in img_shapes for the RoPE, as the
+        # edit pipelines concatenate them (torch.cat([latents, image_latents], dim=1)).
+        for source in [] if sources is None else sources.to(sample.dtype).unbind(1):
+            tokens.append(pack(source, n, channels, *source.shape[-2:]))
+            shapes.append((1, source.shape[-2] // 2, source.shape[-1] // 2))
         out = model(
-            hidden_states=packed,
+            hidden_states=torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0],
             timestep=timestep / 1000,
-            guidance=guidance,
-            img_shapes=[[(1, height // 2, width // 2)]] * n,
+            guidance=self.guidance(n, sample.device),
+            img_shapes=[shapes] * n,
             **conditioning,
             return_dict=False,
-        )[0]
+        )[0][:, : tokens[0].shape[1]]  # the target's tokens (noise_pred[:, : latents.size(1)])
         # [N, (h/2)(w/2), 4C] back to [N, C, h, w] (QwenImagePipeline._unpack_latents without its frame axis)
         out = out.view(n, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(n, channels, height, width)

@@ -135,9 +135,6 @@ UNTRAINABLE_PIPELINES: dict[str, str] = {
     "FluxControlPipeline": "a control pipeline: its transformer takes control-image latents as extra channels",
     "FluxControlImg2ImgPipeline": "a control pipeline (control-image latents as extra channels)",
     "FluxControlInpaintPipeline": "a control pipeline (control-image and mask latents as extra channels)",
-    "QwenImageEditPipeline": "an editing pipeline: its prompt encoding reads the source image and its transformer "
-    "the source latents",
-    "QwenImageEditPlusPipeline": "a multi-image editing pipeline (source images in the prompt and the sequence)",
     "QwenImageEditInpaintPipeline": "an editing pipeline (source image and mask)",
     "HunyuanVideo15ImageToVideoPipeline": "an image-to-video pipeline: its transformer reads the first frame's "
     "latents and SigLIP image embeddings beside the text (text-to-video weights train as HunyuanVideo15Pipeline)",

@@ -14,7 +14,14 @@ from .flow import (
 )
 from .flux2 import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
 from .hunyuan_video15 import build_tiny_hunyuan_video15_pipeline
-from .tokenizers import write_char_tokenizer, write_mistral_tokenizer, write_qwen_tokenizer, write_t5_tokenizer
+from .qwen_image_edit import build_tiny_qwen_image_edit_pipeline, build_tiny_qwen_image_edit_plus_pipeline
+from .tokenizers import (
+    write_char_tokenizer,
+    write_mistral_tokenizer,
+    write_qwen_tokenizer,
+    write_qwen_vl_tokenizer,
+    write_t5_tokenizer,
+)
 from .unet import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from .video import build_tiny_wan_pipeline
 
@@ -24,6 +31,8 @@ __all__ = [
     "build_tiny_flux_kontext_pipeline",
     "build_tiny_flux_pipeline",
     "build_tiny_hunyuan_video15_pipeline",
+    "build_tiny_qwen_image_edit_pipeline",
+    "build_tiny_qwen_image_edit_plus_pipeline",
     "build_tiny_qwen_image_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_sd_pipeline",
@@ -33,5 +42,6 @@ __all__ = [
     "write_char_tokenizer",
     "write_mistral_tokenizer",
     "write_qwen_tokenizer",
+    "write_qwen_vl_tokenizer",
     "write_t5_tokenizer",
 ]

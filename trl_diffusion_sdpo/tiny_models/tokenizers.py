@@ -18,7 +18,13 @@ from collections.abc import Iterator
 
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer, T5TokenizerFast
 
-__all__ = ["write_char_tokenizer", "write_mistral_tokenizer", "write_qwen_tokenizer", "write_t5_tokenizer"]
+__all__ = [
+    "write_char_tokenizer",
+    "write_mistral_tokenizer",
+    "write_qwen_tokenizer",
+    "write_qwen_vl_tokenizer",
+    "write_t5_tokenizer",
+]
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -123,6 +129,30 @@ def write_qwen_tokenizer(directory: str, max_length: int = 64) -> Qwen2Tokenizer
     tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL_TOKENS[1:])})
     tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
     with _published(directory) as staging:  # whole files for a process reading them meanwhile
+        tokenizer.save_pretrained(staging)
+    return Qwen2Tokenizer.from_pretrained(directory)
+
+
+# The words of the Qwen-Image-Edit pipelines' prompt template that Qwen-Image's leave out, one token each as in Qwen's
+# real vocabulary: the template's prefix (up to the user turn) is then 64 tokens, their
+# ``prompt_template_encode_start_idx``. Qwen2-VL's vision markers delimit each image's placeholder tokens.
+_QWEN_EDIT_TEMPLATE_WORDS = (
+    " key", " features", " input", " (", "color", "),", " then", " explain", " how", " user", "'s", " instruction",
+    " should", " alter", " or", " modify", " Generate", " a", " new", " that", " meets", " requirements", " while",
+    " maintaining", " consistency", " with", " original", " where", " appropriate",
+)  # fmt: skip
+_QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def write_qwen_vl_tokenizer(directory: str, max_length: int = 64) -> Qwen2Tokenizer:
+    """:func:`write_qwen_tokenizer`'s tokenizer with the words of the Qwen-Image-Edit template and Qwen2-VL's vision
+    special tokens added after its vocabulary (the tokenizer of a Qwen2-VL processor), written to ``directory`` and
+    loaded back."""
+    tokenizer = write_qwen_tokenizer(directory, max_length)
+    tokenizer.add_tokens(list(_QWEN_EDIT_TEMPLATE_WORDS))
+    special = [*_QWEN_SPECIAL_TOKENS[1:], *_QWEN_VISION_TOKENS]
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    with _published(directory) as staging:
         tokenizer.save_pretrained(staging)
     return Qwen2Tokenizer.from_pretrained(directory)
 
