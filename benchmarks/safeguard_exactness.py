@@ -66,6 +66,8 @@ from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_hunyuan_video15_pipeline,
+    build_tiny_qwen_image_edit_pipeline,
+    build_tiny_qwen_image_edit_plus_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -113,12 +115,15 @@ def _unet(pipeline_dir: str | None) -> torch.nn.Module:
 
 
 MODELS = (
-    "unet", "sd3", "flux", "flux-kontext", "qwen-image", "z-image", "wan", "flux2", "flux2-klein", "hunyuan-video-1.5"
+    "unet", "sd3", "flux", "flux-kontext", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image", "wan",
+    "flux2", "flux2-klein", "hunyuan-video-1.5",
 )  # fmt: skip
 _FLOW_BUILDERS = {
     "sd3": build_tiny_sd3_pipeline,
     "flux": build_tiny_flux_pipeline,
     "flux-kontext": build_tiny_flux_kontext_pipeline,
+    "qwen-image-edit": build_tiny_qwen_image_edit_pipeline,
+    "qwen-image-edit-plus": build_tiny_qwen_image_edit_plus_pipeline,
     "qwen-image": build_tiny_qwen_image_pipeline,
     "z-image": build_tiny_z_image_pipeline,
     "wan": build_tiny_wan_pipeline,
@@ -433,6 +438,9 @@ def run(
         "flux": "tiny random FLUX.1-dev transformer (guidance embedding)",
         "wan": "tiny random Wan 2.1 3D transformer (video latents [16, 2, 4, 4])",
         "flux-kontext": "tiny random FLUX.1 Kontext transformer (a source image's latents packed beside the target's)",
+        "qwen-image-edit": "tiny random Qwen-Image-Edit transformer (a random source's latents after the target's)",
+        "qwen-image-edit-plus": "tiny random Qwen-Image-Edit-Plus transformer (a random source's latents after the "
+        "target's)",
         "qwen-image": "tiny random Qwen-Image transformer (MMDiT, packed latents, 3-axis RoPE)",
         "z-image": "tiny random Z-Image transformer (single-stream S3-DiT, reversed time, negated output)",
         "flux2": "tiny random FLUX.2 [dev] transformer (patchified latents, 4-axis RoPE, guidance embedding)",

@@ -289,12 +289,20 @@ def check_exact_safeguard_keeps_the_winner_term_from_rising(model: str, dpo_rise
     assert (rules["dpo"]["rose_beyond_tolerance"] > 0) is dpo_rises
 
 
-def check_validation_grids_sample_with_the_pipeline(case: FlowCase, pipe, make_config, pairs, tmp_path) -> None:
+def check_validation_grids_sample_with_the_pipeline(
+    case: FlowCase, pipe, make_config, pairs, tmp_path, source: bool = False
+) -> None:
+    """A grid at step 0 and after step 1; with ``source`` (an editing family) the grid edits a source image."""
     import os
 
+    sources = {}
+    if source:
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "source.png")
+        sources = {"validation_source_images": [str(tmp_path / "source.png")]}
     args = case.config(
         make_config, max_steps=1, output_dir=str(tmp_path / "run"), validation_prompts=["a red square"],
         validation_seeds=[0], validation_steps=1, validation_num_inference_steps=2, validation_guidance_scale=1.0,
+        **sources,
     )  # fmt: skip
     scheduler = pipe.scheduler
     trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=pairs, peft_config=case.lora())

@@ -19,7 +19,12 @@ import torch
 from conftest import edit_rows, encode_image
 from datasets import Dataset
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-from flow_family_checks import FlowCase, FlowFamilyTrainingChecks
+from flow_family_checks import (
+    FlowCase,
+    FlowFamilyTrainingChecks,
+    check_the_shipped_config_trains_from_local_folders,
+    check_validation_grids_sample_with_the_pipeline,
+)
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
@@ -342,11 +347,15 @@ class _EditingChecks(FlowFamilyTrainingChecks):
     def pairs(self) -> Dataset:
         return Dataset.from_list(edit_rows(4, sources=self.sources))
 
-    @pytest.mark.skip(reason="validation grids sample text-to-image prompts; editing prompt sets are issue 36 item 3")
-    def test_validation_grids_sample_with_the_pipeline(self) -> None: ...
+    def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
+        # the edit pipelines need an image: the grid edits validation_source_images
+        check_validation_grids_sample_with_the_pipeline(self.case, make_pipe(), make_config, pairs, tmp_path, True)
 
-    @pytest.mark.skip(reason="benchmarks/safeguard_exactness.py builds text-to-image batches only")
-    def test_exact_safeguard_keeps_the_winner_term_from_rising(self) -> None: ...
+    def test_the_shipped_config_trains_from_local_folders(self, make_pipe, pairs, tmp_path) -> None:
+        # The YAML reads EditReward-Data's column names: a single source is named as it names it.
+        if "source_image" in pairs.column_names:
+            pairs = pairs.rename_column("source_image", "source_img")
+        check_the_shipped_config_trains_from_local_folders(self.case, self.config_name, make_pipe(), pairs, tmp_path)
 
 
 class TestQwenImageEditTraining(_EditingChecks):

@@ -32,8 +32,7 @@ import torch
 
 from .base import PromptEmbeddings, PromptTokenizer
 from .flow import FlowMatchingFamily
-from .flux import pipeline_is
-from .registry import register_family
+from .registry import pipeline_is, register_family
 
 __all__ = ["QwenImageFamily", "QwenImagePromptTokenizer"]
 

@@ -37,9 +37,8 @@ import torch
 from PIL import Image
 
 from .base import PromptEmbeddings, PromptTokenizer
-from .flux import pipeline_is
 from .qwen_image import QwenImageFamily
-from .registry import register_family
+from .registry import pipeline_is, register_family
 
 __all__ = ["QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageEditPromptTokenizer"]
 
