@@ -75,7 +75,7 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
         "flux_lora": (0.5, True, 16, 16),
         "flux_kontext_lora": (0.5, True, 16, 16),
         "qwen_image_lora": (0.5, True, 16, 16),
-        "qwen_image_edit": (0.5, False, 16, 16),
+        "qwen_image_edit": (0.5, True, 16, 16),
         "z_image_lora": (0.5, True, 16, 16),
         "flux2_lora": (0.5, True, 16, 16),
         "flux2_klein_lora": (0.5, True, 16, 16),
