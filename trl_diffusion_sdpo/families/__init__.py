@@ -8,6 +8,7 @@ with ``@register_family("name", pipelines=("SomePipeline",))``, imported below. 
 (:mod:`.sd`), SDXL (:mod:`.sdxl`), noised by :class:`DDPMNoiser`. Flow-matching transformer families: SD3/SD3.5
 (:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Qwen-Image (:mod:`.qwen_image`), Z-Image (:mod:`.z_image`), Wan
 text-to-video (:mod:`.wan`), FLUX.2 [dev] and [klein] (:mod:`.flux2`), noised by :class:`FlowNoiser` (:mod:`.flow`).
+Qwen-Image 2.1 (:mod:`.qwen_image21`) is a flow family too, a subclass of the Qwen-Image family.
 
 Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
@@ -27,6 +28,7 @@ from .sd import StableDiffusionFamily  # isort: skip
 
 # Transformers no family above claims (their matches are disjoint from the others'), so their place does not matter.
 from .qwen_image import QwenImageFamily  # isort: skip
+from .qwen_image21 import QwenImage21Family  # isort: skip
 from .z_image import ZImageFamily  # isort: skip
 from .wan import WanFamily  # isort: skip
 from .flux2 import Flux2Family, Flux2KleinFamily  # isort: skip
@@ -44,6 +46,7 @@ __all__ = [
     "Noiser",
     "PromptEmbeddings",
     "PromptTokenizer",
+    "QwenImage21Family",
     "QwenImageFamily",
     "StableDiffusion3Family",
     "StableDiffusionFamily",
