@@ -31,7 +31,8 @@ chooses ``lambda`` on this very update. The tolerance is measured the same way a
 tiny flow-matching transformer (SD3's MMDiT, FLUX's double/single-stream blocks with packed latents and the guidance
 embedding, Qwen-Image's MMDiT with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output,
 Wan's 3D transformer on video latents ``[16, 2, 4, 4]``, FLUX.2's transformer on 2x2-patchified latents with 4-axis
-RoPE and, for [dev], the guidance embedding), called through the model family as the trainer calls it: pairs are
+RoPE and, for [dev], the guidance embedding; ``--model qwen-image-2.1``: Qwen-Image 2.1's single-stream block-causal
+transformer on unpatched latents), called through the model family as the trainer calls it: pairs are
 noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair, the target is the velocity
 ``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
 
@@ -62,6 +63,7 @@ from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_qwen_image21_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -108,7 +110,7 @@ def _unet(pipeline_dir: str | None) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
 
 
-MODELS = ("unet", "sd3", "flux", "qwen-image", "z-image", "wan", "flux2", "flux2-klein")
+MODELS = ("unet", "sd3", "flux", "qwen-image", "z-image", "wan", "flux2", "flux2-klein", "qwen-image-2.1")
 _FLOW_BUILDERS = {
     "sd3": build_tiny_sd3_pipeline,
     "flux": build_tiny_flux_pipeline,
@@ -117,6 +119,7 @@ _FLOW_BUILDERS = {
     "wan": build_tiny_wan_pipeline,
     "flux2": build_tiny_flux2_pipeline,
     "flux2-klein": build_tiny_flux2_klein_pipeline,
+    "qwen-image-2.1": build_tiny_qwen_image21_pipeline,
 }
 
 
@@ -145,8 +148,9 @@ class Problem:
                 self.cross_dim, self.pooled_dim = cfg.text_dim, None
             else:
                 self.latent_shape = (family.latent_shape(64)[0], 8, 8)
-                # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
-                self.cross_dim = cfg.get("joint_attention_dim") or cfg.get("cap_feat_dim")
+                # the text width (Z-Image: cap_feat_dim, Qwen-Image 2.1: context_in_dim); a pooled projection only
+                # where the transformer takes one
+                self.cross_dim = cfg.get("joint_attention_dim") or cfg.get("cap_feat_dim") or cfg.get("context_in_dim")
                 self.pooled_dim = cfg.get("pooled_projection_dim")
         self.alphas = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)  # a smooth abar schedule
 
@@ -419,6 +423,7 @@ def run(
         "z-image": "tiny random Z-Image transformer (single-stream S3-DiT, reversed time, negated output)",
         "flux2": "tiny random FLUX.2 [dev] transformer (patchified latents, 4-axis RoPE, guidance embedding)",
         "flux2-klein": "tiny random FLUX.2 [klein] transformer (patchified latents, 4-axis RoPE, no guidance)",
+        "qwen-image-2.1": "tiny random Qwen-Image 2.1 transformer (single-stream block-causal, unpatched latents)",
     }[model]
     report: dict = {"setting": setting.__dict__, "model": described, "starts": {}}
     began = time.perf_counter()

@@ -29,6 +29,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_qwen_image21_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_wan_pipeline,
@@ -74,6 +75,12 @@ FAMILIES = {
         ("--max_sequence_length", "48"),
     ),
     "flux2-klein": Family(build_tiny_flux2_klein_pipeline, {"attention_head_dim": 96, "axes_dims_rope": (24,) * 4}),
+    # the user turn's template takes 8 tokens of its prompt
+    "qwen-image-2.1": Family(
+        build_tiny_qwen_image21_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (32, 32, 32)},
+        ("--max_sequence_length", "32"),
+    ),
 }
 
 # (family, accelerate config, ZeRO stage, LoRA): every family under every engine, LoRA and full tuning alternating
@@ -107,6 +114,10 @@ CASES = [
     ("flux2-klein", "deepspeed_zero2.yaml", 2, False),
     ("flux2-klein", "deepspeed_zero3.yaml", 3, False),
     ("flux2-klein", FSDP2, None, True),
+    ("qwen-image-2.1", "multi_gpu.yaml", None, True),
+    ("qwen-image-2.1", "deepspeed_zero2.yaml", 2, False),
+    ("qwen-image-2.1", "deepspeed_zero3.yaml", 3, True),
+    ("qwen-image-2.1", FSDP2, None, False),
 ]
 
 

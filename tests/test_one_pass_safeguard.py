@@ -30,6 +30,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_qwen_image21_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -50,10 +51,14 @@ FAMILIES = {
     "qwen-image": (build_tiny_qwen_image_pipeline, 24, None, (*ATTENTION, "add_k_proj", "to_add_out")),
     "z-image": (build_tiny_z_image_pipeline, 32, None, ATTENTION),
     "wan": (build_tiny_wan_pipeline, 16, (16, 2, 2, 2), ATTENTION),
+    "qwen-image-2.1": (build_tiny_qwen_image21_pipeline, 32, (8, 4, 4), ATTENTION),
 }
 # Full tuning of these holds raw parameters outside any layer (Wan's scale_shift_table, Z-Image's pad tokens): the
 # stage falls back to the per-branch passes and names them.
 UNCOVERED_WHEN_FULL = {"wan": "scale_shift_table", "z-image": "pad_token"}
+# Qwen-Image 2.1's zero-centred text norm is such a layer; its shared modulation also sees one row beyond the batch (the
+# t = 0 row of the text tokens, shared by every sample), which no tap could split by branch.
+UNCOVERED_WHEN_FULL["qwen-image-2.1"] = "txt_in.text_norm"
 PAIRS = 2
 
 

@@ -10,6 +10,8 @@ video processors, so its text path is the real one.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -122,17 +124,14 @@ def test_prompt_encoding_equals_the_pipelines_encode_prompt(make_pipe) -> None:
     length = hidden.shape[1]
     torch.testing.assert_close(ours.encoder_hidden_states[:, :length] * mask[..., None], hidden * mask[..., None])
     assert ours.encoder_hidden_states[0, 20:].abs().sum() == 0 and ours.encoder_hidden_states[:, length:].eq(0).all()
-    # The call's conditioning is the pipeline's: cut to the longest prompt, with its mask.
     conditioning = family.denoiser_conditioning(ours, None)
-    assert conditioning["encoder_hidden_states"].shape == hidden.shape
-    assert torch.equal(conditioning["encoder_hidden_states_mask"], mask.bool())
-    # One prompt: nothing padded, no mask (encode_prompt returns None); the empty prompt is read as a space.
+    assert torch.equal(conditioning["encoder_hidden_states_mask"][:, :length], mask.bool())
+    # One prompt: nothing padded (encode_prompt returns no mask); the empty prompt is read as a space.
     for prompt in ("a red square", ""):
         ours = family.encode_prompts(family.prompt_tokenizer()([prompt]))
         hidden, mask, _ = pipeline_conditioning(pipe, [prompt])
-        conditioning = family.denoiser_conditioning(ours, None)
-        assert mask is None and conditioning["encoder_hidden_states_mask"] is None
-        torch.testing.assert_close(conditioning["encoder_hidden_states"], hidden)
+        assert mask is None and ours.encoder_hidden_states[:, hidden.shape[1] :].eq(0).all()
+        torch.testing.assert_close(ours.encoder_hidden_states[:, : hidden.shape[1]], hidden)
 
 
 def test_the_template_is_left_padded_and_its_system_turn_dropped(make_pipe) -> None:
@@ -188,20 +187,29 @@ def test_the_call_packs_latents_and_masks_slots_as_the_pipeline_does(make_pipe) 
     family = family_for_pipeline(pipe, max_sequence_length=SEQ)
     latents = torch.randn((2, 8, 4, 6), generator=torch.Generator().manual_seed(0))  # not square: h, w stay apart
     timestep = torch.tensor([250.0, 800.0])
-    ours = family_prediction(family, pipe.transformer, latents, timestep, PROMPTS)
-    torch.testing.assert_close(ours, pipeline_prediction(pipe, latents, timestep, PROMPTS))
-    # Alone, a pair reproduces the pipeline's single-prompt call; left at SEQ tokens of padding it would not: the
-    # image's RoPE frame index is the text's length, padding included.
-    single = family_prediction(family, pipe.transformer, latents, timestep, PROMPTS[:1] * 2)
-    torch.testing.assert_close(single[:1], pipeline_prediction(pipe, latents[:1], timestep[:1], PROMPTS[:1]))
-    embeds = family.encode_prompts(family.prompt_tokenizer()(PROMPTS[:1] * 2))
-    hidden = embeds.encoder_hidden_states
-    padded = {"encoder_hidden_states": hidden, "encoder_hidden_states_mask": hidden.ne(0).any(-1)}
-    with torch.no_grad():
-        not_cut = family.call_denoiser(pipe.transformer, latents, timestep, padded)
-    assert not torch.allclose(not_cut, single, atol=1e-4)
+    # A pair: both rows share the prompt, one call with no padding, as the pipeline's call on that prompt.
+    ours = family_prediction(family, pipe.transformer, latents, timestep, PROMPTS[1:] * 2)
+    torch.testing.assert_close(ours, pipeline_prediction(pipe, latents, timestep, PROMPTS[1:] * 2))
     with pytest.raises(ValueError, match="even height and width"):
-        family.call_denoiser(pipe.transformer, latents[:, :, :3], timestep, padded)
+        family_prediction(family, pipe.transformer, latents[:, :, :3], timestep, PROMPTS)
+
+
+def test_each_row_is_predicted_at_its_own_prompt_length_whatever_shares_the_batch(make_pipe) -> None:
+    """The image's RoPE frame index is the text's length, padding included: the pipeline's batched call pads the short
+    prompt to the long one's length and changes its image's prediction. The family calls each prompt length on its
+    own, so a row's prediction is the pipeline's single-prompt call, in any batch (one process or a DDP shard)."""
+    pipe = make_pipe()
+    family = family_for_pipeline(pipe, max_sequence_length=SEQ)
+    latents = torch.randn((3, 8, 4, 4), generator=torch.Generator().manual_seed(1))
+    timestep = torch.tensor([250.0, 800.0, 500.0])
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]  # rows 0 and 2 share a length, row 1 is longer
+    ours = family_prediction(family, pipe.transformer, latents, timestep, prompts)
+    for row, prompt in enumerate(prompts):
+        alone = pipeline_prediction(pipe, latents[row : row + 1], timestep[row : row + 1], [prompt])
+        torch.testing.assert_close(ours[row : row + 1], alone)
+    batched = pipeline_prediction(pipe, latents, timestep, prompts)  # padded to the longest prompt
+    torch.testing.assert_close(batched[1], ours[1])
+    assert not torch.allclose(batched[0], ours[0], atol=1e-4)
 
 
 def test_noise_levels_take_the_pipelines_shift_over_latent_positions(make_pipe, make_config) -> None:
@@ -233,6 +241,28 @@ def test_validation_sampling_passes_no_guidance_scale_and_refuses_one_it_cannot_
     assert len(images) == 1 and images[0].size == (32, 32)
     with pytest.raises(ValueError, match="true_cfg_scale"):
         sample_images(pipe, ["a red square"], [0], GenerationSettings(num_inference_steps=2, guidance_scale=4.0))
+
+
+def test_the_exact_safeguard_splits_calls_grouped_by_prompt_length_by_branch(tmp_path) -> None:
+    """Prompts of three pairs in two lengths: two transformer calls per pass, each over whole pairs (winners, then
+    losers). The one-pass stage's lambda and gradients equal the per-branch passes' (tests/test_one_pass_safeguard.py's
+    check, on grouped calls). The per-pair scope needs one call over every image, so it is refused here, with the
+    layers named (its lambdas on equally long prompts are checked in tests/test_one_pass_safeguard.py)."""
+    from test_one_pass_safeguard import _double, assert_equal_gradients, make_problem, run_stage
+
+    problem = make_problem("qwen-image-2.1", True, tmp_path, pairs=3)
+    family = problem.family
+    with torch.no_grad():
+        embeds = _double(family.encode_prompts(family.prompt_tokenizer()(["a red square", "a cat", "a red circle"])))
+    assert len(set(embeds.encoder_hidden_states.ne(0).any(-1).sum(1).tolist())) == 2
+    problem.batch = dataclasses.replace(problem.batch, prompt_embeds=embeds)
+    one, lam_one, grads_one = run_stage(problem, passes="one")
+    _, lam_two, grads_two = run_stage(problem, passes="two")
+    assert one.one_pass is not None and one.two_pass_reason is None, one.two_pass_reason
+    assert 0.0 < lam_two.item() <= 1.0 and lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)
+    assert_equal_gradients(grads_one, grads_two)
+    with pytest.raises(ValueError, match="safeguard_scope='pair' needs the one-pass split.*attn.to_q"):
+        run_stage(problem, pair_scope=True)
 
 
 # ----------------------------------------------------------------------------------------------------- training
