@@ -124,14 +124,17 @@ def test_prompt_encoding_equals_the_pipelines_encode_prompt(make_pipe) -> None:
     length = hidden.shape[1]
     torch.testing.assert_close(ours.encoder_hidden_states[:, :length] * mask[..., None], hidden * mask[..., None])
     assert ours.encoder_hidden_states[0, 20:].abs().sum() == 0 and ours.encoder_hidden_states[:, length:].eq(0).all()
+    # The call's conditioning is the pipeline's: cut to the longest prompt, with its mask.
     conditioning = family.denoiser_conditioning(ours, None)
-    assert torch.equal(conditioning["encoder_hidden_states_mask"][:, :length], mask.bool())
-    # One prompt: nothing padded (encode_prompt returns no mask); the empty prompt is read as a space.
+    assert conditioning["encoder_hidden_states"].shape == hidden.shape
+    assert torch.equal(conditioning["encoder_hidden_states_mask"], mask.bool())
+    # One prompt: nothing padded, no mask (encode_prompt returns None); the empty prompt is read as a space.
     for prompt in ("a red square", ""):
         ours = family.encode_prompts(family.prompt_tokenizer()([prompt]))
         hidden, mask, _ = pipeline_conditioning(pipe, [prompt])
-        assert mask is None and ours.encoder_hidden_states[:, hidden.shape[1] :].eq(0).all()
-        torch.testing.assert_close(ours.encoder_hidden_states[:, : hidden.shape[1]], hidden)
+        conditioning = family.denoiser_conditioning(ours, None)
+        assert mask is None and conditioning["encoder_hidden_states_mask"] is None
+        torch.testing.assert_close(conditioning["encoder_hidden_states"], hidden)
 
 
 def test_the_template_is_left_padded_and_its_system_turn_dropped(make_pipe) -> None:
@@ -187,29 +190,28 @@ def test_the_call_packs_latents_and_masks_slots_as_the_pipeline_does(make_pipe) 
     family = family_for_pipeline(pipe, max_sequence_length=SEQ)
     latents = torch.randn((2, 8, 4, 6), generator=torch.Generator().manual_seed(0))  # not square: h, w stay apart
     timestep = torch.tensor([250.0, 800.0])
-    # A pair: both rows share the prompt, one call with no padding, as the pipeline's call on that prompt.
-    ours = family_prediction(family, pipe.transformer, latents, timestep, PROMPTS[1:] * 2)
-    torch.testing.assert_close(ours, pipeline_prediction(pipe, latents, timestep, PROMPTS[1:] * 2))
+    ours = family_prediction(family, pipe.transformer, latents, timestep, PROMPTS)
+    torch.testing.assert_close(ours, pipeline_prediction(pipe, latents, timestep, PROMPTS))
     with pytest.raises(ValueError, match="even height and width"):
         family_prediction(family, pipe.transformer, latents[:, :, :3], timestep, PROMPTS)
 
 
-def test_each_row_is_predicted_at_its_own_prompt_length_whatever_shares_the_batch(make_pipe) -> None:
-    """The image's RoPE frame index is the text's length, padding included: the pipeline's batched call pads the short
-    prompt to the long one's length and changes its image's prediction. The family calls each prompt length on its
-    own, so a row's prediction is the pipeline's single-prompt call, in any batch (one process or a DDP shard)."""
+def test_a_call_pads_to_its_longest_prompt_as_the_pipelines_batched_call(make_pipe) -> None:
+    """The image's RoPE frame index is the text's length, padding included. A pair (both rows share the prompt) is the
+    pipeline's single-prompt call, not the call padded to ``max_sequence_length``; beside a longer prompt, a short
+    prompt's image is padded as in the pipeline's batched call, and its prediction changes (docs/qwen_image21.md)."""
     pipe = make_pipe()
     family = family_for_pipeline(pipe, max_sequence_length=SEQ)
-    latents = torch.randn((3, 8, 4, 4), generator=torch.Generator().manual_seed(1))
-    timestep = torch.tensor([250.0, 800.0, 500.0])
-    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]  # rows 0 and 2 share a length, row 1 is longer
-    ours = family_prediction(family, pipe.transformer, latents, timestep, prompts)
-    for row, prompt in enumerate(prompts):
-        alone = pipeline_prediction(pipe, latents[row : row + 1], timestep[row : row + 1], [prompt])
-        torch.testing.assert_close(ours[row : row + 1], alone)
-    batched = pipeline_prediction(pipe, latents, timestep, prompts)  # padded to the longest prompt
-    torch.testing.assert_close(batched[1], ours[1])
-    assert not torch.allclose(batched[0], ours[0], atol=1e-4)
+    latents = torch.randn((2, 8, 4, 4), generator=torch.Generator().manual_seed(1))
+    timestep = torch.tensor([250.0, 800.0])
+    pair = family_prediction(family, pipe.transformer, latents, timestep, PROMPTS[:1] * 2)
+    torch.testing.assert_close(pair, pipeline_prediction(pipe, latents, timestep, PROMPTS[:1] * 2))
+    hidden = family.encode_prompts(family.prompt_tokenizer()(PROMPTS[:1] * 2)).encoder_hidden_states
+    not_cut = {"encoder_hidden_states": hidden, "encoder_hidden_states_mask": hidden.ne(0).any(-1)}
+    with torch.no_grad():
+        assert not torch.allclose(family.call_denoiser(pipe.transformer, latents, timestep, not_cut), pair, atol=1e-4)
+    mixed = family_prediction(family, pipe.transformer, latents, timestep, PROMPTS)
+    assert not torch.allclose(mixed[0], pair[0], atol=1e-4)
 
 
 def test_noise_levels_take_the_pipelines_shift_over_latent_positions(make_pipe, make_config) -> None:
@@ -243,26 +245,33 @@ def test_validation_sampling_passes_no_guidance_scale_and_refuses_one_it_cannot_
         sample_images(pipe, ["a red square"], [0], GenerationSettings(num_inference_steps=2, guidance_scale=4.0))
 
 
-def test_the_exact_safeguard_splits_calls_grouped_by_prompt_length_by_branch(tmp_path) -> None:
-    """Prompts of three pairs in two lengths: two transformer calls per pass, each over whole pairs (winners, then
-    losers). The one-pass stage's lambda and gradients equal the per-branch passes' (tests/test_one_pass_safeguard.py's
-    check, on grouped calls). The per-pair scope needs one call over every image, so it is refused here, with the
-    layers named (its lambdas on equally long prompts are checked in tests/test_one_pass_safeguard.py)."""
-    from test_one_pass_safeguard import _double, assert_equal_gradients, make_problem, run_stage
+def test_the_exact_safeguard_splits_padded_prompts_by_branch_and_by_pair(tmp_path) -> None:
+    """tests/test_one_pass_safeguard.py's checks (its prompts are equally long) on prompts of different lengths, so
+    that the call pads: the one-pass stage's lambda and gradients equal the per-branch passes', and the per-pair
+    scope's lambdas equal explicit per-pair autograd."""
+    from test_one_pass_safeguard import (
+        _double,
+        assert_equal_gradients,
+        explicit_per_pair,
+        float64_pair_lambdas,
+        make_problem,
+        run_stage,
+    )
 
     problem = make_problem("qwen-image-2.1", True, tmp_path, pairs=3)
     family = problem.family
     with torch.no_grad():
         embeds = _double(family.encode_prompts(family.prompt_tokenizer()(["a red square", "a cat", "a red circle"])))
-    assert len(set(embeds.encoder_hidden_states.ne(0).any(-1).sum(1).tolist())) == 2
+    assert embeds.encoder_hidden_states.ne(0).any(-1).sum(1).tolist() == [20, 13, 20]
     problem.batch = dataclasses.replace(problem.batch, prompt_embeds=embeds)
     one, lam_one, grads_one = run_stage(problem, passes="one")
     _, lam_two, grads_two = run_stage(problem, passes="two")
     assert one.one_pass is not None and one.two_pass_reason is None, one.two_pass_reason
     assert 0.0 < lam_two.item() <= 1.0 and lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)
     assert_equal_gradients(grads_one, grads_two)
-    with pytest.raises(ValueError, match="safeguard_scope='pair' needs the one-pass split.*attn.to_q"):
-        run_stage(problem, pair_scope=True)
+    _, winners, losers = explicit_per_pair(problem)
+    _, lam_pairs, _ = run_stage(problem, pair_scope=True)
+    assert lam_pairs.tolist() == pytest.approx(float64_pair_lambdas(winners, losers, mu=0.5), rel=1e-6, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------- training

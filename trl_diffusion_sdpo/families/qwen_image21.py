@@ -24,10 +24,14 @@ no training script for it.
   prediction's last ``h w`` tokens (the transformer returns the whole text-and-image sequence) unpacked again. No
   guidance embedding: 2.1 guides with ``true_cfg_scale`` only.
 * The prompt's length matters to the transformer: the image's RoPE frame index is the length of the text before it,
-  padding included, and every sample of a call shares one layout. The pipeline pads a batch of prompts to its longest,
-  so a prompt's image would depend on the other prompts of its batch (of its process, under DDP). Each row is called
-  at its own prompt's length instead, unpadded: one transformer call per prompt length among the rows (a pair's
-  images share theirs; one pair per device is one call), so every prediction is the pipeline's single-prompt call.
+  padding included, and the samples of a call share one layout. The pipeline pads a batch of prompts to its longest;
+  so does the call (the padding columns no prompt of the call uses are dropped), one transformer call as for every
+  family, so a call reproduces the pipeline's call on the same prompts. A pair's images share their prompt: with one
+  pair per device (the shipped config) every call is the pipeline's single-prompt call. With several pairs of prompts
+  of different token lengths (or prompt dropout's empty prompt) a shorter prompt's image sees the longest one's
+  frame index, so its prediction depends on the other pairs of its micro-batch (of its process, under DDP), as in the
+  pipeline's batched sampling. One call per length would avoid that but make the number of forward passes depend on
+  the data, which the sharded engines' collectives forbid (a hang).
 * Noise levels: logit-normal with the shift the pipeline samples with: ``calculate_shift`` of the ``h w`` latent
   positions (not ``(h/2)(w/2)`` patches as Qwen-Image) over the scheduler config when it enables dynamic shifting,
   else the scheduler's static table.
@@ -41,7 +45,8 @@ from typing import Any
 
 import torch
 
-from .qwen_image import QwenImageFamily, QwenImagePromptTokenizer
+from .base import PromptEmbeddings
+from .qwen_image import QwenImageFamily, QwenImagePromptTokenizer, prompt_mask
 from .registry import register_family
 
 __all__ = ["QwenImage21Family", "QwenImage21PromptTokenizer"]
@@ -137,51 +142,37 @@ class QwenImage21Family(QwenImageFamily):
 
     # -------------------------------------------------------------------------------------------- the prediction
 
+    def denoiser_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        """The sequence cut to the call's longest prompt (the pipeline pads a batch to it) and its mask (``None`` when
+        no prompt is padded, as the pipeline passes it)."""
+        hidden = prompt_embeds.encoder_hidden_states
+        mask = prompt_mask(hidden)
+        length = int(mask.sum(dim=1).max())  # the rows are prompt tokens first, then zeros
+        hidden, mask = hidden[:, :length], mask[:, :length]
+        return {"encoder_hidden_states": hidden, "encoder_hidden_states_mask": None if bool(mask.all()) else mask}
+
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:
-        """One transformer call per prompt length among the rows (one call when they are all as long), each at that
-        length unpadded: every row's prediction is the pipeline's single-prompt call, whatever shares the batch."""
-        if sample.shape[-2] % 2 or sample.shape[-1] % 2:
-            raise ValueError(
-                f"{self.name} takes latents of even height and width (a vision slot covers 2x2), got "
-                f"{tuple(sample.shape[-2:])}"
-            )
-        hidden = conditioning["encoder_hidden_states"]
-        mask = conditioning.get("encoder_hidden_states_mask")
-        lengths = [hidden.shape[1]] * hidden.shape[0] if mask is None else mask.sum(dim=1).tolist()
-        groups: dict[int, list[int]] = {}
-        for row, length in enumerate(lengths):
-            groups.setdefault(int(length), []).append(row)
-        if len(groups) == 1:
-            return self._predict(model, sample, timestep, hidden[:, : next(iter(groups))])
-        # Rows keep their order within a group: winners before losers, as the one-pass safeguard's taps split them.
-        outputs, order = [], []
-        for length, rows in groups.items():
-            index = torch.tensor(rows, device=sample.device)
-            outputs.append(self._predict(model, sample[index], timestep[index], hidden[index, :length]))
-            order += rows
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return torch.cat(outputs)[inverse.to(sample.device)]
-
-    def _predict(
-        self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor
-    ) -> torch.Tensor:
-        """The pipeline's text-to-image call on ``sample [N, C, h, w]`` with unpadded prompts ``hidden [N, L, D]``."""
         from diffusers import QwenImage21Pipeline  # the pipeline module is slow to import: only when the model runs
 
         n, channels, height, width = sample.shape
-        tokens = height * width
+        if height % 2 or width % 2:
+            raise ValueError(
+                f"{self.name} takes latents of even height and width (a vision slot covers 2x2), got {height}x{width}"
+            )
+        tokens, text = height * width, conditioning["encoder_hidden_states"].shape[1]
         # No slot over the prompt (text-to-image), then one per 2x2 group of target latents.
-        img_mask = torch.ones(n, hidden.shape[1] + tokens // 4, dtype=torch.bool, device=sample.device)
-        img_mask[:, : hidden.shape[1]] = False
+        img_mask = torch.ones(n, text + tokens // 4, dtype=torch.bool, device=sample.device)
+        img_mask[:, :text] = False
         out = model(
             hidden_states=QwenImage21Pipeline._pack_latents(sample, n, channels, height, width),
             timestep=timestep / 1000,
-            encoder_hidden_states=hidden,
             img_shapes=[[(1, height, width)]] * n,
             img_mask=img_mask,
+            **conditioning,
             return_dict=False,
         )[0]
         # the target's tokens, [N, h w, C], back to [N, C, h, w] (QwenImage21Pipeline._unpack_latents, no frame axis)
