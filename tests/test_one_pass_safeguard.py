@@ -56,8 +56,8 @@ FAMILIES = {
 # Full tuning of these holds raw parameters outside any layer (Wan's scale_shift_table, Z-Image's pad tokens): the
 # stage falls back to the per-branch passes and names them.
 UNCOVERED_WHEN_FULL = {"wan": "scale_shift_table", "z-image": "pad_token"}
-# Qwen-Image 2.1's zero-centred text norm is such a layer; its shared modulation also sees one row beyond the batch (the
-# t = 0 row of the text tokens, shared by every sample), which no tap could split by branch.
+# Qwen-Image 2.1's zero-centred text norm is such a layer; its shared modulation also sees one row beyond the batch
+# (the t = 0 row of the text tokens, shared by every sample), which no tap could split by branch.
 UNCOVERED_WHEN_FULL["qwen-image-2.1"] = "txt_in.text_norm"
 PAIRS = 2
 
