@@ -27,15 +27,17 @@ chooses ``lambda`` on this very update. The tolerance is measured the same way a
 ``C = W(theta + Delta) - 2 W(theta) + W(theta - Delta)``, ``R3 = (W(theta + Delta) - W(theta - Delta)) / 2 -
 <g_w, Delta>``, plus float32 rounding of the rule's own evaluation (``64 eps32 sum |g_w * Delta|``).
 
-``--model sd3``, ``flux``, ``flux-kontext``, ``qwen-image``, ``z-image``, ``wan``, ``flux2``, ``flux2-klein`` or
-``hunyuan-video-1.5`` runs the same check on a tiny flow-matching transformer (SD3's MMDiT, FLUX's double/single-stream
-blocks with packed latents and the guidance embedding, FLUX.1 Kontext's with a random source image's latents beside
-them, Qwen-Image's MMDiT with 3-axis RoPE, Z-Image's single-stream blocks with reversed time and negated output, Wan's
-3D transformer on video latents ``[16, 2, 4, 4]``, FLUX.2's transformer on 2x2-patchified latents with 4-axis RoPE
-and, for [dev], the guidance embedding, HunyuanVideo 1.5's 3D transformer on video latents ``[4, 2, 4, 4]`` with
-Qwen2.5-VL and ByT5 rows and the zero image conditioning), called through the model family as the trainer calls it:
-pairs are noised as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair, the target is the
-velocity ``eps - z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
+``--model`` names a tiny flow-matching transformer to run the same check on (``sd3``, ``flux``, ``flux-kontext``,
+``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``qwen-image-2.1``, ``z-image``, ``wan``, ``flux2``,
+``flux2-klein``, ``hunyuan-video-1.5``): SD3's MMDiT, FLUX's double/single-stream blocks with packed latents and the
+guidance embedding, FLUX.1 Kontext's and Qwen-Image-Edit's (and Plus) with a random source image's latents beside
+the target's, Qwen-Image's MMDiT with 3-axis RoPE, Qwen-Image 2.1's single-stream block-causal transformer on
+unpatched latents, Z-Image's single-stream blocks with reversed time and negated output, Wan's 3D transformer on video
+latents ``[16, 2, 4, 4]``, FLUX.2's transformer on 2x2-patchified latents with 4-axis RoPE and, for [dev], the
+guidance embedding, HunyuanVideo 1.5's 3D transformer on video latents ``[4, 2, 4, 4]`` with Qwen2.5-VL and ByT5 rows
+and the zero image conditioning. Each is called through the model family as the trainer calls it: pairs are noised
+as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair, the target is the velocity ``eps -
+z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
 
     python benchmarks/safeguard_exactness.py --batches 100 --json benchmarks/results/safeguard_exactness.json
     python benchmarks/safeguard_exactness.py --model flux --json benchmarks/results/safeguard_exactness_flux.json
@@ -68,6 +70,7 @@ from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_hunyuan_video15_pipeline,
     build_tiny_qwen_image_edit_pipeline,
     build_tiny_qwen_image_edit_plus_pipeline,
+    build_tiny_qwen_image21_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -116,7 +119,7 @@ def _unet(pipeline_dir: str | None) -> torch.nn.Module:
 
 MODELS = (
     "unet", "sd3", "flux", "flux-kontext", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "z-image", "wan",
-    "flux2", "flux2-klein", "hunyuan-video-1.5",
+    "flux2", "flux2-klein", "hunyuan-video-1.5", "qwen-image-2.1",
 )  # fmt: skip
 _FLOW_BUILDERS = {
     "sd3": build_tiny_sd3_pipeline,
@@ -130,6 +133,7 @@ _FLOW_BUILDERS = {
     "flux2": build_tiny_flux2_pipeline,
     "flux2-klein": build_tiny_flux2_klein_pipeline,
     "hunyuan-video-1.5": build_tiny_hunyuan_video15_pipeline,
+    "qwen-image-2.1": build_tiny_qwen_image21_pipeline,
 }
 
 
@@ -163,8 +167,9 @@ class Problem:
                     self.cond_rows = 16
             else:
                 self.latent_shape = (family.latent_shape(64)[0], 8, 8)
-                # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
-                self.cross_dim = cfg.get("joint_attention_dim") or cfg.get("cap_feat_dim")
+                # the text width (Z-Image: cap_feat_dim, Qwen-Image 2.1: context_in_dim); a pooled projection only
+                # where the transformer takes one
+                self.cross_dim = cfg.get("joint_attention_dim") or cfg.get("cap_feat_dim") or cfg.get("context_in_dim")
                 self.pooled_dim = cfg.get("pooled_projection_dim")
         self.alphas = torch.linspace(0.9999, 0.005, 1000, dtype=torch.float64)  # a smooth abar schedule
 
@@ -447,6 +452,7 @@ def run(
         "flux2-klein": "tiny random FLUX.2 [klein] transformer (patchified latents, 4-axis RoPE, no guidance)",
         "hunyuan-video-1.5": "tiny random HunyuanVideo 1.5 3D transformer (video latents [4, 2, 4, 4], Qwen and ByT5 "
         "rows)",
+        "qwen-image-2.1": "tiny random Qwen-Image 2.1 transformer (single-stream block-causal, unpatched latents)",
     }[model]
     report: dict = {"setting": setting.__dict__, "model": described, "starts": {}}
     began = time.perf_counter()

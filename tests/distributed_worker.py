@@ -80,8 +80,9 @@ def _flow_inputs(family, resolution: int) -> dict:
             "family": family,
         }
     channels, size, _ = family.latent_shape(resolution)
-    # the text width (Z-Image: cap_feat_dim); a pooled projection only where the transformer takes one
-    width = config.get("joint_attention_dim") or config.get("cap_feat_dim")
+    # the text width (Z-Image: cap_feat_dim, Qwen-Image 2.1: context_in_dim); a pooled projection only where the
+    # transformer takes one
+    width = config.get("joint_attention_dim") or config.get("cap_feat_dim") or config.get("context_in_dim")
     pooled = config.get("pooled_projection_dim")
     embeds = PromptEmbeddings(
         torch.randn(2, 8, width, generator=generator),

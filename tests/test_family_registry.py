@@ -18,6 +18,8 @@ from trl_diffusion_sdpo.families import (
     ModelFamily,
     PromptEmbeddings,
     PromptTokenizer,
+    QwenImage21Family,
+    QwenImageFamily,
     StableDiffusion3Family,
     StableDiffusionFamily,
     StableDiffusionXLFamily,
@@ -207,6 +209,10 @@ def test_a_subclass_registered_with_a_name_leaves_its_parents_identity(scratch_r
 def test_the_built_in_subclass_family_has_its_own_identity() -> None:
     assert (Flux2Family.name, Flux2Family.pipeline_classes) == ("flux2", ("Flux2Pipeline",))
     assert (Flux2KleinFamily.name, Flux2KleinFamily.pipeline_classes) == ("flux2-klein", ("Flux2KleinPipeline",))
+    assert (QwenImageFamily.name, QwenImageFamily.pipeline_classes) == ("qwen-image", ("QwenImagePipeline",))
+    assert (QwenImage21Family.name, QwenImage21Family.pipeline_classes) == ("qwen-image-2.1", ("QwenImage21Pipeline",))
+    order = registered_families()
+    assert order.index(QwenImage21Family) == order.index(QwenImageFamily) + 1
     names = [family.name for family in registered_families()]
     assert len(names) == len(set(names)) and all(family.pipeline_classes for family in registered_families())
 

@@ -35,6 +35,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_hunyuan_video15_pipeline,
     build_tiny_qwen_image_edit_pipeline,
     build_tiny_qwen_image_edit_plus_pipeline,
+    build_tiny_qwen_image21_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_wan_pipeline,
@@ -118,6 +119,14 @@ FAMILIES = {
         ("--max_sequence_length", "64", *EDITING_ARGS),
         edits="references",
     ),
+    # The user turn's template takes 8 tokens of its prompt. A call pads its prompts to the longest, which moves the
+    # image's RoPE frame index (docs/qwen_image21.md): with prompt dropout's empty prompt in some micro-batches, one
+    # process's padding would differ from each of two processes', whatever the engine. The captions are equally long.
+    "qwen-image-2.1": Family(
+        build_tiny_qwen_image21_pipeline,
+        {"attention_head_dim": 96, "axes_dims_rope": (32, 32, 32)},
+        ("--max_sequence_length", "32", "--proportion_empty_prompts", "0"),
+    ),
 }
 
 # (family, accelerate config, ZeRO stage, LoRA): every family under every engine, LoRA and full tuning alternating
@@ -163,6 +172,10 @@ CASES = [
     ("qwen-image-edit", FSDP2, None, False),
     ("qwen-image-edit-plus", "multi_gpu.yaml", None, False),
     ("qwen-image-edit-plus", FSDP2, None, True),
+    ("qwen-image-2.1", "multi_gpu.yaml", None, True),
+    ("qwen-image-2.1", "deepspeed_zero2.yaml", 2, False),
+    ("qwen-image-2.1", "deepspeed_zero3.yaml", 3, True),
+    ("qwen-image-2.1", FSDP2, None, False),
 ]
 
 

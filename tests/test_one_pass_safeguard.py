@@ -35,6 +35,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_hunyuan_video15_pipeline,
     build_tiny_qwen_image_edit_pipeline,
     build_tiny_qwen_image_edit_plus_pipeline,
+    build_tiny_qwen_image21_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -71,10 +72,14 @@ FAMILIES = {
         (4, 2, 2, 2),
         (*ATTENTION, "add_v_proj", "to_add_out"),
     ),
+    "qwen-image-2.1": (build_tiny_qwen_image21_pipeline, 32, (8, 4, 4), ATTENTION),
 }
 # Full tuning of these holds raw parameters outside any layer (Wan's scale_shift_table, Z-Image's pad tokens): the
 # stage falls back to the per-branch passes and names them.
 UNCOVERED_WHEN_FULL = {"wan": "scale_shift_table", "z-image": "pad_token"}
+# Qwen-Image 2.1's zero-centred text norm is such a layer; its shared modulation also sees one row beyond the batch
+# (the t = 0 row of the text tokens, shared by every sample), which no tap could split by branch.
+UNCOVERED_WHEN_FULL["qwen-image-2.1"] = "txt_in.text_norm"
 PAIRS = 2
 
 

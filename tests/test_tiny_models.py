@@ -9,6 +9,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
+    build_tiny_qwen_image21_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_z_image_pipeline,
 )
@@ -23,8 +24,9 @@ from trl_diffusion_sdpo.tiny_models.components import rope_axes, two_rope_heads
         (build_tiny_flux2_pipeline, {"axes_dims_rope": (2, 2, 2)}, r"axes_dims_rope=\(2, 2, 2\).*head width 8"),
         (build_tiny_flux2_klein_pipeline, {"attention_head_dim": 12}, r"attention_head_dim=12.*head width 12"),
         (build_tiny_z_image_pipeline, {"dim": 64}, r"dim=64, axes_dims=\(4, 6, 6\).*sum to 16.*head width 32"),
+        (build_tiny_qwen_image21_pipeline, {"attention_head_dim": 12}, r"attention_head_dim=12.*head width 12"),
     ],
-    ids=["flux", "qwen-image", "flux2", "flux2-klein", "z-image"],
+    ids=["flux", "qwen-image", "flux2", "flux2-klein", "z-image", "qwen-image-2.1"],
 )
 def test_rope_axes_that_do_not_split_the_head_are_refused_naming_the_arguments(build, widths, message, tmp_path):
     with pytest.raises(ValueError, match=message):

@@ -339,6 +339,13 @@ def sample_images(
         if "true_cfg_scale" not in parameters:
             raise ValueError(f"true_cfg_scale is set, but {type(pipe).__name__} takes none; leave it unset.")
         keywords["true_cfg_scale"] = settings.true_cfg_scale
+    if "guidance_scale" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        keywords["guidance_scale"] = settings.guidance_scale
+    elif settings.guidance_scale not in (None, 1.0):  # 1: no guidance, whichever kind a pipeline has
+        raise ValueError(
+            f"guidance_scale={settings.guidance_scale} is set, but {type(pipe).__name__} takes none (it guides with "
+            "true_cfg_scale and a negative prompt): leave it unset or 1, or set true_cfg_scale."
+        )
     # FLUX.2's pipelines take no negative prompt (FLUX.2 [klein] guides against an empty prompt itself).
     negative = "negative_prompt" in parameters
     if sources is not None:
@@ -356,7 +363,6 @@ def sample_images(
             prompt=batch_prompts,
             **keywords,
             num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
             height=height,
             width=width,
             generator=generators,

@@ -12,6 +12,7 @@ Editing families (``edits``: the denoiser also reads source images, see docs/edi
 (:mod:`.flux_kontext`).
 HunyuanVideo 1.5 text-to-video (:mod:`.hunyuan_video15`), a video flow family as Wan (:mod:`.video`).
 Qwen-Image-Edit and Qwen-Image-Edit-Plus (:mod:`.qwen_image_edit`).
+Qwen-Image 2.1 (:mod:`.qwen_image21`) is a flow family too, a subclass of the Qwen-Image family.
 
 Importing this package imports no diffusers pipeline module: each family imports what it uses when it runs.
 """
@@ -33,6 +34,7 @@ from .sd import StableDiffusionFamily  # isort: skip
 # Transformers no family above claims (their matches are disjoint from the others'), so their place does not matter.
 from .qwen_image import QwenImageFamily  # isort: skip
 from .qwen_image_edit import QwenImageEditFamily, QwenImageEditPlusFamily  # isort: skip
+from .qwen_image21 import QwenImage21Family  # isort: skip
 from .z_image import ZImageFamily  # isort: skip
 from .wan import WanFamily  # isort: skip
 from .flux2 import Flux2Family, Flux2KleinFamily  # isort: skip
@@ -55,6 +57,7 @@ __all__ = [
     "PromptTokenizer",
     "QwenImageEditFamily",
     "QwenImageEditPlusFamily",
+    "QwenImage21Family",
     "QwenImageFamily",
     "StableDiffusion3Family",
     "StableDiffusionFamily",

@@ -19,7 +19,8 @@ How ``s`` is drawn follows the way each family is trained, through diffusers' he
    training scripts do (``shift="scheduler"``: the table carries the scheduler's static shift, 3.0 for SD3; FLUX's
    scheduler uses dynamic shifting, so its table is unshifted); or from the unshifted table followed by the
    resolution-dependent shift (``shift="resolution"``, FLUX): ``mu = calculate_shift(seq_len)`` with
-   ``seq_len = (h/2)(w/2)`` latent tokens and ``s' = e^mu s / (1 + (e^mu - 1) s)``;
+   ``seq_len = (h/2)(w/2)`` image tokens of 2x2 latent patches (``h w`` for a transformer that takes latents
+   unpatched, Qwen-Image 2.1) and ``s' = e^mu s / (1 + (e^mu - 1) s)``;
 3. a per-sample loss weight ``w(s)`` (``"sigma_sqrt"``: ``s^-2``; ``"cosmap"``: ``2 / (pi (1 - 2s + 2s^2))``;
    otherwise 1). A weighted scheme multiplies each branch's squared error by ``w``; it is applied by scaling the
    predictions and the target by ``sqrt(w)`` (see :mod:`trl_diffusion_sdpo.step.predictions`), so the errors, the
@@ -92,12 +93,13 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def resolution_shift(latent_height: int, latent_width: int, scheduler_config) -> float:
-    """FLUX's resolution-dependent shift ``e^mu``, ``mu`` linear in the number of 2x2 latent tokens between
+def resolution_shift(latent_height: int, latent_width: int, scheduler_config, token_patch_size: int = 2) -> float:
+    """FLUX's resolution-dependent shift ``e^mu``, ``mu`` linear in the number of image tokens (``token_patch_size``
+    x ``token_patch_size`` latent patches: 2x2 for FLUX.1 and Qwen-Image, 1 for Qwen-Image 2.1) between
     ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)`` of the scheduler config."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # the pipeline module is slow to import
 
-    seq_len = (latent_height // 2) * (latent_width // 2)
+    seq_len = (latent_height // token_patch_size) * (latent_width // token_patch_size)
     mu = calculate_shift(
         seq_len,
         scheduler_config.get("base_image_seq_len", 256),
@@ -132,13 +134,15 @@ def flow_noised_pair(
 
 
 class FlowNoiser(Noiser):
-    """Draws ``s`` and ``eps`` per pair and noises pairs, for one training scheduler and one sampling setting."""
+    """Draws ``s`` and ``eps`` per pair and noises pairs, for one training scheduler and one sampling setting;
+    ``token_patch_size`` is the side of the latent patch one image token covers (the resolution shift counts them)."""
 
-    def __init__(self, scheduler_config, sampling: FlowTimestepSampling) -> None:
+    def __init__(self, scheduler_config, sampling: FlowTimestepSampling, token_patch_size: int = 2) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.sampling = sampling
         self.scheduler_config = scheduler_config
+        self.token_patch_size = token_patch_size
         self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
         if sampling.shift == "scheduler":
             table = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).sigmas
@@ -155,7 +159,7 @@ class FlowNoiser(Noiser):
         index = torch.round(count * (1 - torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps)).long()
         grid = table[index.clamp(0, count - 1)]
         if self.sampling.shift == "resolution":
-            grid = shift_sigmas(grid, resolution_shift(latent_shape[-2], latent_shape[-1], self.scheduler_config))
+            grid = shift_sigmas(grid, self._resolution_shift(latent_shape))
         return grid
 
     def sample_sigmas(
@@ -172,8 +176,11 @@ class FlowNoiser(Noiser):
         index = (u * len(self.sigma_table)).long().clamp(0, len(self.sigma_table) - 1)
         sigmas = self.sigma_table.to(gen_device)[index]
         if s.shift == "resolution":
-            sigmas = shift_sigmas(sigmas, resolution_shift(latent_shape[-2], latent_shape[-1], self.scheduler_config))
+            sigmas = shift_sigmas(sigmas, self._resolution_shift(latent_shape))
         return sigmas.to(device)
+
+    def _resolution_shift(self, latent_shape: tuple[int, ...]) -> float:
+        return resolution_shift(latent_shape[-2], latent_shape[-1], self.scheduler_config, self.token_patch_size)
 
     def loss_weight(self, sigmas: torch.Tensor) -> torch.Tensor | None:
         """The per-sample weight ``w(s)``, or ``None`` where it is 1 for every sample."""
@@ -218,11 +225,17 @@ class FlowMatchingFamily(ModelFamily):
     required_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
     # The side of the latent patches the transformer takes: the resolution must be a multiple of it in pixels.
     latent_patch_size: ClassVar[int] = 2
+    # The side of the latent patch one image token covers: the resolution shift's image_seq_len counts them (the
+    # transformer's patches, but Qwen-Image 2.1 takes latents unpatched and its pipeline counts latent positions).
+    token_patch_size: ClassVar[int] = 2
     # How noise levels are drawn when the config leaves flow_weighting_scheme / flow_shift unset: logit-normal(0, 1)
     # levels on the scheduler's sigma table, no loss weighting, as diffusers' SD3 training script and flow_grpo's
     # SD3.5 Flow-DPO draw them.
     default_weighting_scheme: ClassVar[str] = "logit_normal"
     default_flow_shift: ClassVar[str] = "scheduler"
+    # Whether the default follows the pipeline's scheduler instead: "resolution" when its config enables dynamic
+    # (resolution-dependent) shifting at sampling, else ``default_flow_shift`` (its static table).
+    shift_follows_scheduler: ClassVar[bool] = False
     # The prompt length in tokens the pipelines sample with (FLUX.1, FLUX.2, Qwen-Image, Z-Image, Wan) and diffusers'
     # LoRA scripts train with; SD3's script trains with 77.
     default_max_sequence_length: ClassVar[int] = 512
@@ -302,7 +315,7 @@ class FlowMatchingFamily(ModelFamily):
             mode_scale=args.flow_mode_scale,
             shift=args.flow_shift or self.default_shift(),
         )
-        noiser = FlowNoiser(self.training_scheduler_config(), sampling)
+        noiser = FlowNoiser(self.training_scheduler_config(), sampling, self.token_patch_size)
         settings = inversion_settings(args, self.default_inversion_steps)
         if settings is not None:
             noiser = FlowInversionNoiser(noiser, settings)
@@ -325,7 +338,10 @@ class FlowMatchingFamily(ModelFamily):
         return self.pipeline.scheduler.config
 
     def default_shift(self) -> str:
-        """The ``flow_shift`` used when the config leaves it unset: the class's ``default_flow_shift``."""
+        """The ``flow_shift`` used when the config leaves it unset: the class's ``default_flow_shift``, or
+        ``"resolution"`` under ``shift_follows_scheduler`` when the scheduler shifts by resolution at sampling."""
+        if self.shift_follows_scheduler and self.pipeline.scheduler.config.get("use_dynamic_shifting", False):
+            return "resolution"
         return self.default_flow_shift
 
     def denoiser_conditioning(

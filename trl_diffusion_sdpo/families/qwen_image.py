@@ -26,7 +26,7 @@ diffusers' LoRA script ``examples/dreambooth/train_dreambooth_lora_qwen_image.py
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -73,6 +73,8 @@ class QwenImageFamily(FlowMatchingFamily):
     default_guidance_scale = 1.0  # used only by a guidance-distilled transformer (guidance_embeds=True)
     default_learning_rate = 2e-4
     learning_rate_source = "diffusers' Qwen-Image LoRA example (examples/dreambooth/README_qwen.md, 2e-4)"
+    # The most prompt tokens max_sequence_length may keep (the pipeline's own limit).
+    max_prompt_tokens: ClassVar[int] = 1024
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
@@ -98,8 +100,11 @@ class QwenImageFamily(FlowMatchingFamily):
         self, pipeline: Any, max_sequence_length: int | None = None, guidance_scale: float | None = None
     ) -> None:
         super().__init__(pipeline, max_sequence_length, guidance_scale)
-        if self.max_sequence_length > 1024:
-            raise ValueError(f"max_sequence_length for Qwen-Image is at most 1024, got {self.max_sequence_length}")
+        if self.max_sequence_length > self.max_prompt_tokens:
+            raise ValueError(
+                f"max_sequence_length for {self.name} is at most {self.max_prompt_tokens}, got "
+                f"{self.max_sequence_length}"
+            )
 
     # -------------------------------------------------------------------------------------------------- the text
 
@@ -113,16 +118,23 @@ class QwenImageFamily(FlowMatchingFamily):
             self.pipeline.tokenizer, template, self._template_start, self.max_sequence_length
         )
 
+    def _last_hidden_state(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The text encoder's last hidden state ``[B, T, D]`` of the tokens ``ids`` (with ``vision``, the edit
+        families' image inputs)."""
+        encoder = self.pipeline.text_encoder
+        return encoder(
+            input_ids=ids, attention_mask=attention_mask, output_hidden_states=True, **(vision or {})
+        ).hidden_states[-1]
+
     @torch.no_grad()
     def encode_prompts(self, tokens: dict[str, torch.Tensor]) -> PromptEmbeddings:
-        """Qwen2.5-VL's last hidden state of the prompt's tokens after the template's prefix, zero-padded to
+        """The text encoder's last hidden state of the prompt's tokens after the template's prefix, zero-padded to
         ``max_sequence_length`` (``[B, L, D]``; no pooled projection)."""
-        encoder = self.pipeline.text_encoder
-        ids = tokens["input_ids"].to(encoder.device)
+        ids = tokens["input_ids"].to(self.pipeline.text_encoder.device)
         attention_mask = ids.ne(self.pad_token_id).long()
-        hidden = encoder(
-            input_ids=ids, attention_mask=attention_mask, output_hidden_states=True, **self._vision_inputs(tokens)
-        ).hidden_states[-1]
+        hidden = self._last_hidden_state(ids, attention_mask, self._vision_inputs(tokens))
         start, length = self._template_start, self.prompt_length
         sequence = hidden.new_zeros(hidden.shape[0], length, hidden.shape[-1])
         for row in range(hidden.shape[0]):

@@ -66,6 +66,7 @@ class ZImageFamily(FlowMatchingFamily):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     default_learning_rate = 1e-4
     learning_rate_source = "diffusers' Z-Image LoRA example (examples/dreambooth/README_z_image.md, 1e-4)"
+    shift_follows_scheduler = True  # the static table of Z-Image-Turbo's scheduler (3.0), else the resolution shift
 
     @classmethod
     def check_pipeline(cls, pipeline: Any) -> None:
@@ -73,11 +74,6 @@ class ZImageFamily(FlowMatchingFamily):
             raise ValueError("ZImagePipeline needs its Qwen3 `text_encoder` and `tokenizer` for training")
         if getattr(pipeline.tokenizer, "chat_template", None) is None:
             raise ValueError("ZImagePipeline's tokenizer has no chat template: Z-Image encodes prompts as chat turns")
-
-    def default_shift(self) -> str:
-        """``"resolution"`` when the scheduler shifts by resolution at sampling, else its static table."""
-        dynamic = self.pipeline.scheduler.config.get("use_dynamic_shifting", False)
-        return "resolution" if dynamic else self.default_flow_shift
 
     # -------------------------------------------------------------------------------------------------- the text
 

@@ -1,7 +1,7 @@
 """Small diffusion pipelines built from configs, for tests, the CPU demo and CPU benchmarks.
 
-They are real diffusers pipelines (UNet or transformer, VAE, CLIP, T5, UMT5, Qwen2.5-VL, Qwen3 or Mistral-3 text
-encoders, tokenizers, scheduler), only narrow; their tokenizers are written from small vocabularies
+They are real diffusers pipelines (UNet or transformer, VAE, CLIP, T5, UMT5, Qwen2.5-VL, Qwen3-VL, Qwen3 or Mistral-3
+text encoders, tokenizers, scheduler), only narrow; their tokenizers are written from small vocabularies
 (``tokenizers``), so nothing is downloaded. One module per kind of denoiser; ``components`` holds the parts they share.
 """
 
@@ -14,10 +14,12 @@ from .flow import (
 )
 from .flux2 import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
 from .hunyuan_video15 import build_tiny_hunyuan_video15_pipeline
+from .qwen_image21 import TextOnlyQwen3VLProcessor, build_tiny_qwen_image21_pipeline
 from .qwen_image_edit import build_tiny_qwen_image_edit_pipeline, build_tiny_qwen_image_edit_plus_pipeline
 from .tokenizers import (
     write_char_tokenizer,
     write_mistral_tokenizer,
+    write_qwen3_vl_tokenizer,
     write_qwen_tokenizer,
     write_qwen_vl_tokenizer,
     write_t5_tokenizer,
@@ -26,6 +28,7 @@ from .unet import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from .video import build_tiny_wan_pipeline
 
 __all__ = [
+    "TextOnlyQwen3VLProcessor",
     "build_tiny_flux2_klein_pipeline",
     "build_tiny_flux2_pipeline",
     "build_tiny_flux_kontext_pipeline",
@@ -33,6 +36,7 @@ __all__ = [
     "build_tiny_hunyuan_video15_pipeline",
     "build_tiny_qwen_image_edit_pipeline",
     "build_tiny_qwen_image_edit_plus_pipeline",
+    "build_tiny_qwen_image21_pipeline",
     "build_tiny_qwen_image_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_sd_pipeline",
@@ -41,6 +45,7 @@ __all__ = [
     "build_tiny_z_image_pipeline",
     "write_char_tokenizer",
     "write_mistral_tokenizer",
+    "write_qwen3_vl_tokenizer",
     "write_qwen_tokenizer",
     "write_qwen_vl_tokenizer",
     "write_t5_tokenizer",

@@ -2,9 +2,10 @@
 
 The CLIP tokenizer is character-level: its vocabulary is CLIP's 256 byte symbols (plus word-final forms). The T5
 tokenizer is a character-level Unigram (sentencepiece-style) model. The Qwen tokenizer is byte-level BPE without
-merges (one token per byte) plus Qwen's chat special tokens and a Qwen3-style chat template; the Mistral tokenizer
-is the same byte-level model with Mistral's control tokens and a Mistral-Small-3-style chat template. Files are
-published atomically, so two processes building the same pipeline never read a half-written vocabulary.
+merges (one token per byte) plus Qwen's chat special tokens and a Qwen3-style chat template (its Qwen3-VL variant
+adds the vision markers and a template for contents given as parts); the Mistral tokenizer is the same byte-level
+model with Mistral's control tokens and a Mistral-Small-3-style chat template. Files are published atomically, so
+two processes building the same pipeline never read a half-written vocabulary.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import CLIPTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer,
 __all__ = [
     "write_char_tokenizer",
     "write_mistral_tokenizer",
+    "write_qwen3_vl_tokenizer",
     "write_qwen_tokenizer",
     "write_qwen_vl_tokenizer",
     "write_t5_tokenizer",
@@ -120,14 +122,52 @@ def write_qwen_tokenizer(directory: str, max_length: int = 64) -> Qwen2Tokenizer
     """Write a byte-level Qwen2 tokenizer (one token per byte, no merges, plus whole-word tokens for the words of
     Qwen-Image's prompt template) with Qwen's chat special tokens (``<|endoftext|>`` pads) and a chat template to
     ``directory``, and load it back."""
+    return _write_byte_level_qwen(
+        directory, max_length, _QWEN_SPECIAL_TOKENS, _QWEN_TEMPLATE_WORDS, _QWEN_CHAT_TEMPLATE
+    )
+
+
+# Qwen3-VL's vision markers beside the chat markers, and a Qwen3-VL-style chat template whose message contents are
+# strings or lists of ``{"type": "text"}`` / ``{"type": "image"}`` parts (how QwenImage21Pipeline writes its system
+# turn).
+_QWEN_VL_SPECIAL_TOKENS = (
+    *_QWEN_SPECIAL_TOKENS, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+_QWEN_VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The words of QwenImage21Pipeline's system prompt and template, one token each as in Qwen's real BPE vocabulary: the
+# system turn the pipeline drops is then 9 tokens, not 52.
+_QWEN21_TEMPLATE_WORDS = (
+    "system", "user", "assistant", "Comprehend", " and", " analyze", " the", " provided", " prompt",
+)  # fmt: skip
+
+
+def write_qwen3_vl_tokenizer(directory: str, max_length: int = 64) -> Qwen2Tokenizer:
+    """Write a byte-level Qwen2 tokenizer as :func:`write_qwen_tokenizer` does, with Qwen3-VL's vision markers
+    (``<|image_pad|>`` and the rest), whole-word tokens for the words of Qwen-Image 2.1's system prompt and a
+    Qwen3-VL-style chat template (contents as strings or lists of parts) to ``directory``, and load it back."""
+    return _write_byte_level_qwen(
+        directory, max_length, _QWEN_VL_SPECIAL_TOKENS, _QWEN21_TEMPLATE_WORDS, _QWEN_VL_CHAT_TEMPLATE
+    )
+
+
+def _write_byte_level_qwen(
+    directory: str, max_length: int, special_tokens: tuple[str, ...], words: tuple[str, ...], chat_template: str
+) -> Qwen2Tokenizer:
+    """One token per byte, ``special_tokens`` (the first pads), then ``words`` as whole tokens; saved and reloaded."""
     os.makedirs(directory, exist_ok=True)
     vocab = {symbol: index for index, symbol in enumerate(dict.fromkeys(_bytes_to_unicode()))}
-    for token in _QWEN_SPECIAL_TOKENS:
+    for token in special_tokens:
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-    tokenizer.add_tokens(list(_QWEN_TEMPLATE_WORDS))
-    tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL_TOKENS[1:])})
-    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    tokenizer.add_tokens(list(words))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens[1:])})
+    tokenizer.chat_template = chat_template
     with _published(directory) as staging:  # whole files for a process reading them meanwhile
         tokenizer.save_pretrained(staging)
     return Qwen2Tokenizer.from_pretrained(directory)
