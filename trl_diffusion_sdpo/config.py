@@ -167,8 +167,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         `None`: the family's default (SD3 `"scheduler"`, FLUX `"resolution"`).
     max_sequence_length (`int` or `None`, *optional*, defaults to `None`):
         Prompt tokens of a flow family's text encoder (T5 for SD3 and FLUX.1, UMT5 for Wan, the language model for
-        Qwen-Image, Z-Image and FLUX.2); `None`: the family's default (SD3 77 as diffusers' SD3 LoRA script, the
-        others 512).
+        Qwen-Image and its edit and 2.1 variants, Z-Image, FLUX.2 and HunyuanVideo 1.5); `None`: the family's default
+        (SD3 77 as diffusers' SD3 LoRA script, the others 512).
     flux_guidance_scale (`float` or `None`, *optional*, defaults to `None`):
         The guidance value fed to the guidance embedding of FLUX.1-dev and FLUX.2 [dev] (policy and reference alike);
         and of a guidance-distilled Qwen-Image transformer (`guidance_embeds=True`); ignored by models without one
