@@ -404,7 +404,6 @@ def _sample_edits(pipe, prompts, seeds, settings, batch_size, progress, descript
             **keywords,
             num_images_per_prompt=end - start,
             num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
             height=height,
             width=width,
             generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:end]],
