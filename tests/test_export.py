@@ -30,6 +30,8 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_hunyuan_video15_pipeline,
+    build_tiny_qwen_image21_pipeline,
+    build_tiny_qwen_image_edit_pipeline,
     build_tiny_qwen_image_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
@@ -51,6 +53,8 @@ BUILDERS = {
     "flux2": build_tiny_flux2_pipeline,
     "flux2-klein": build_tiny_flux2_klein_pipeline,
     "hunyuan-video-1.5": build_tiny_hunyuan_video15_pipeline,
+    "qwen-image-2.1": build_tiny_qwen_image21_pipeline,
+    "qwen-image-edit": build_tiny_qwen_image_edit_pipeline,
 }
 
 
@@ -82,7 +86,13 @@ def prediction(pipe) -> torch.Tensor:
     gen = torch.Generator().manual_seed(3)
     shape = family.latent_shape(32, num_frames=5) if family.video else family.latent_shape(32)
     sample = torch.randn((2, *shape), generator=gen)
-    embeds = family.encode_prompts(family.prompt_tokenizer()(["a red square", "two blue circles"]))
+    tokenize, prompts = family.prompt_tokenizer(), ["a red square", "two blue circles"]
+    if getattr(tokenize, "reads_sources", False):  # the prompt encoding reads the source too (Qwen-Image-Edit)
+        from PIL import Image
+
+        embeds = family.encode_prompts(tokenize(prompts, [[Image.new("RGB", (32, 32), (200, 30, 30))]] * 2))
+    else:
+        embeds = family.encode_prompts(tokenize(prompts))
     if family.edits:  # an editing family: a source image's latents as well
         embeds.source_latents = torch.randn((2, 1, *shape), generator=gen)
     time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2)
@@ -306,6 +316,22 @@ def test_flux_kontext_exports_in_flux1s_layouts_and_reloads_into_the_kontext_pip
     reference = prediction(loaded(base, lora))
     assert (reference - prediction(loaded(base))).abs().max() > 1e-3, "the LoRA changes nothing"
     torch.testing.assert_close(prediction(loaded(base, out)), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen_image_edit_comfyui_export_is_qwen_images_layout_and_reloads_into_the_edit_pipeline(cases, tmp_path):
+    """Qwen-Image-Edit's transformer is Qwen-Image's: ComfyUI maps its LoRA by the same diffusers names, and
+    QwenImageEditPipeline.load_lora_weights of the exported file predicts as the LoRA."""
+    base, lora = cases("qwen-image-edit")
+    out = str(tmp_path / "edit_comfy.safetensors")
+    assert export_lora(lora, base, "comfyui", out).family == "qwen-image-edit"
+    with safe_open(out, framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    reference = prediction(loaded(base, lora))
+    assert (reference - prediction(loaded(base))).abs().max() > 1e-3, "the LoRA changes nothing"
+    torch.testing.assert_close(prediction(loaded(base, out)), reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="--format kohya is not written for qwen-image-edit"):
+        export_lora(lora, base, "kohya", str(tmp_path / "k.safetensors"))
 
 
 def test_flux_linear1_at_flux1_sizes_and_top_level_layers_convert_back_in_diffusers_kohya_converter():
@@ -565,12 +591,13 @@ def test_flux2_kohya_names_are_bfl_original_names_by_diffusers_single_file_conve
 
 
 @pytest.mark.parametrize("export_format", ["comfyui", "kohya"])
-def test_a_family_whose_tool_mapping_was_not_read_is_refused_by_name(tmp_path, export_format):
-    """HunyuanVideo 1.5: neither sd-scripts' nor ComfyUI's LoRA key mapping was checked, so nothing is written; the
-    diffusers file and merging stay available."""
-    base, lora = write_base_and_lora("hunyuan-video-1.5", tmp_path, targets=["to_q"])
+@pytest.mark.parametrize("name", ["hunyuan-video-1.5", "qwen-image-2.1"])
+def test_a_family_whose_tool_mapping_was_not_read_is_refused_by_name(tmp_path, export_format, name):
+    """HunyuanVideo 1.5 and Qwen-Image 2.1: neither sd-scripts' nor ComfyUI's LoRA key mapping was checked, so
+    nothing is written; the diffusers file and merging stay available."""
+    base, lora = write_base_and_lora(name, tmp_path, targets=["to_q"])
     out = tmp_path / "x.safetensors"
-    with pytest.raises(ValueError, match=f"--format {export_format} is not written for hunyuan-video-1.5: neither"):
+    with pytest.raises(ValueError, match=f"--format {export_format} is not written for {name}: neither"):
         export_lora(lora, base, export_format, str(out))
     assert not out.exists()
     export_lora(lora, base, "diffusers", str(out))
