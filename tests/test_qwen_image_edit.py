@@ -273,7 +273,7 @@ def test_the_call_concatenates_the_sources_after_the_target_as_the_pipeline_does
 def test_the_conditioning_needs_the_source_latents(make_edit_pipe) -> None:
     family = family_for_pipeline(make_edit_pipe("edit"), max_sequence_length=SEQ)
     embeds = family.encode_prompts(family.prompt_tokenizer()(["a"], [[solid((1, 2, 3))]]))
-    with pytest.raises(ValueError, match="qwen-image-edit edits source images: the batch has no source latents"):
+    with pytest.raises(ValueError, match="qwen-image-edit edits a source image: the batch has no source latents"):
         family.denoiser_conditioning(embeds, None)
 
 

@@ -261,6 +261,16 @@ class ModelFamily(abc.ABC):
         """Keyword arguments for :meth:`call_denoiser` (``denoiser(sample, timestep, **kwargs)`` for a UNet)."""
         return {"encoder_hidden_states": prompt_embeds.encoder_hidden_states}
 
+    def with_sources(self, conditioning: dict[str, object], prompt_embeds: PromptEmbeddings) -> dict[str, object]:
+        """An editing family's ``conditioning`` with the pairs' ``source_latents`` added (for :meth:`call_denoiser` to
+        pack beside the target); refused when a family that needs a source gets a batch without one, unchanged when
+        its sources are optional (FLUX.2: text-to-image data)."""
+        if prompt_embeds.source_latents is None:
+            if self.edits and not self.sources_optional:
+                raise ValueError(f"{self.name} edits a source image: the batch has no source latents")
+            return conditioning
+        return {**conditioning, "source_latents": prompt_embeds.source_latents}
+
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:

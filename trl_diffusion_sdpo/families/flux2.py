@@ -232,10 +232,7 @@ class Flux2Family(FlowMatchingFamily):
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
     ) -> dict[str, object]:
         """The stacked hidden states and, for editing data, the pair's reference latents ``[N, S, C, h, w]``."""
-        conditioning = super().denoiser_conditioning(prompt_embeds, time_ids)
-        if prompt_embeds.source_latents is not None:
-            conditioning["source_latents"] = prompt_embeds.source_latents
-        return conditioning
+        return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)
 
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]

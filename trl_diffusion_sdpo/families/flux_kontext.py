@@ -52,11 +52,7 @@ class FluxKontextFamily(FluxFamily):
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
     ) -> dict[str, object]:
         """FLUX.1's conditioning and the pair's source latents ``[N, 1, C, h, w]``."""
-        if prompt_embeds.source_latents is None:
-            raise ValueError(f"{self.name} edits a source image: the batch has no source latents")
-        conditioning = super().denoiser_conditioning(prompt_embeds, time_ids)
-        conditioning["source_latents"] = prompt_embeds.source_latents
-        return conditioning
+        return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)
 
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]

@@ -237,11 +237,7 @@ class QwenImageEditFamily(QwenImageFamily):
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
     ) -> dict[str, object]:
         """Qwen-Image's conditioning and the pair's source latents ``[N, S, C, h, w]``."""
-        if prompt_embeds.source_latents is None:
-            raise ValueError(f"{self.name} edits source images: the batch has no source latents")
-        conditioning = super().denoiser_conditioning(prompt_embeds, time_ids)
-        conditioning["source_latents"] = prompt_embeds.source_latents
-        return conditioning
+        return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)
 
 
 @register_family("qwen-image-edit-plus", pipelines=("QwenImageEditPlusPipeline",))
