@@ -198,3 +198,20 @@ def test_hpsv3_is_registered_and_built_by_name(tmp_path, tiny_hpsv3):
                           device="cpu", dtype="float32")  # fmt: skip
     assert isinstance(scorer, HPSv3Scorer)
     assert scorer([Image.new("RGB", (64, 64))], ["a"]).shape == (1,)
+
+
+def test_hpsv3_processor_keeps_an_image_the_resize_grew_past_max_pixels(tmp_path, tiny_hpsv3):
+    """qwen-vl-utils' resize rounds a small image's sides up (its min_pixels branch), so the area can overshoot
+    ``max_pixels`` (400x300 becomes 532x392 > 256*28*28); the reference's processor (``AutoProcessor`` with the base's
+    own pixel range) keeps that image as it is, so the scorer's must not resize it a second time."""
+    save_file({k: v.contiguous() for k, v in tiny_hpsv3["state"].items()}, str(tmp_path / "HPSv3.safetensors"))
+    scorer = HPSv3Scorer(checkpoint=str(tmp_path), base=tiny_hpsv3["base"], device="cpu", dtype="float32")
+    image = Image.fromarray((torch.rand(300, 400, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
+    resized = hps_v3_resize(image)
+    assert resized.size == (532, 392) and 532 * 392 > 256 * 28 * 28
+    reference = Qwen2VLImageProcessorPil.from_pretrained(tiny_hpsv3["base"])(images=[resized], return_tensors="pt")
+    batch = scorer.inputs([image], ["a red fox"])
+    assert batch["image_grid_thw"].tolist() == reference["image_grid_thw"].tolist() == [[1, 392 // 14, 532 // 14]]
+    torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"], atol=0, rtol=0)
+    image_pad = scorer.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((batch["input_ids"] == image_pad).sum()) == (392 // 28) * (532 // 28)

@@ -31,7 +31,6 @@ transformers key layouts are mapped, ``lm_head`` dropped, an unknown key refused
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 
@@ -39,8 +38,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import EditScorer, resolve_device
-from .hps_v3 import HPSV3_PIXELS, HPSV3_REWARD_SUFFIX, REWARD_TOKEN, _load_state, hps_v3_resize, reward_head
+from .base import EditScorer
+from .hps_v3 import HPSV3_PIXELS, HPSV3_REWARD_SUFFIX, hps_v3_resize
+from .qwen_vl_reward import (
+    QwenVLRewardModel,
+    RewardModelSpec,
+    checkpoint_files,
+    load_reward_model,
+    load_state,
+    reward_head,
+    reward_inputs,
+    run_batches,
+    to_transformers_keys,
+    token_embeddings,
+)
 
 __all__ = ["EDITREWARD_FOLLOWING", "EDITREWARD_QUALITY", "EditRewardScorer", "editreward_to_transformers"]
 
@@ -111,15 +122,18 @@ EDITREWARD_QUALITY = (
 # head_i reads INSTRUCTIONS[i] (the reference's batch_dim1 -> head_0, batch_dim2 -> head_1).
 EDITREWARD_INSTRUCTIONS = (EDITREWARD_FOLLOWING, EDITREWARD_QUALITY)
 
-# (pattern, replacement) over the reference's state-dict keys, first match wins.
-_KEY_RULES = (
-    (re.compile(r"^model\.visual\.(.*)"), r"backbone.visual.\1"),
-    (re.compile(r"^model\.language_model\.(.*)"), r"backbone.language_model.\1"),
-    (re.compile(r"^visual\.(.*)"), r"backbone.visual.\1"),  # transformers < 4.52
-    (re.compile(r"^model\.(embed_tokens|layers|norm|rotary_emb)(.*)"), r"backbone.language_model.\1\2"),  # < 4.52
-    (re.compile(r"^rm_heads\.head_(\d+)\.(\d+\.(?:weight|bias))$"), r"heads.\1.\2"),
+_SPEC = RewardModelSpec(
+    name="EditReward",
+    family="Qwen2.5-VL",
+    config="Qwen2_5_VLConfig",
+    file=None,
+    pickle_hint=".pth",
+    save_as="model.safetensors",
+    missing_hint="the reference saves model.pth: convert it once, see docs/evaluation.md",
 )
-_DROPPED = {"lm_head.weight"}
+# The reference's head keys (rm_heads.head_<i>.<index>.weight/bias); the backbone's are mapped by
+# `to_transformers_keys`.
+_HEAD_RULE = (re.compile(r"^rm_heads\.head_(\d+)\.(\d+\.(?:weight|bias))$"), r"heads.\1.\2")
 
 
 def editreward_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,25 +143,14 @@ def editreward_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torc
     ``KeyError`` on any other key (a single-head ``rm_head`` checkpoint included: the released configs are
     multi-head), so another architecture fails loudly instead of loading partly.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key in _DROPPED:
-            continue
-        for pattern, replacement in _KEY_RULES:
-            if pattern.match(key):
-                out[pattern.sub(replacement, key)] = value
-                break
-        else:
-            raise KeyError(
-                f"Unexpected EditReward checkpoint key {key!r}: not a multi-head Qwen2.5-VL reward model "
-                "(rm_heads.head_0/head_1) this scorer can map."
-            )
-    return out
+    what = "multi-head Qwen2.5-VL reward model (rm_heads.head_0/head_1)"
+    return to_transformers_keys(state, _HEAD_RULE, _SPEC, what)
 
 
-class EditRewardModel(nn.Module):
+class EditRewardModel(QwenVLRewardModel):
     """`Qwen2_5_VLModel` (vision tower + language model) and the float32 ``(mu, sigma)`` heads."""
+
+    name = _SPEC.name
 
     def __init__(self, config, num_heads: int = 2) -> None:
         from transformers import Qwen2_5_VLModel
@@ -169,44 +172,9 @@ class EditRewardModel(nn.Module):
         """``(mu, sigma)`` of head ``head`` per row, shape ``(B, 2)``, read at each row's ``<|Reward|>`` token."""
         # cumsum(mask) - 1, padding at 1, on every M-RoPE axis: the reference's positions (see the module doc).
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            position_ids=positions,
-            use_cache=False,
-        ).last_hidden_state
-        is_reward = input_ids == reward_token_id
-        counts = is_reward.sum(-1)
-        if not bool((counts == 1).all()):
-            raise ValueError(f"Each EditReward input must hold one {REWARD_TOKEN} token; counts {counts.tolist()}.")
-        return self.heads[head](hidden[is_reward].float())
-
-
-def _checkpoint_files(checkpoint: str) -> list[str]:
-    """The safetensors file(s) ``checkpoint`` names: a file, a folder of them, or a Hub repository id."""
-    if os.path.isfile(checkpoint):
-        if not checkpoint.endswith(".safetensors"):
-            raise ValueError(
-                f"{checkpoint}: EditReward weights are read from safetensors only. Convert a trusted .pth once with "
-                "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')."
-            )
-        return [checkpoint]
-    folder = checkpoint
-    if not os.path.isdir(checkpoint):
-        if checkpoint.count("/") != 1:
-            raise FileNotFoundError(f"EditReward checkpoint {checkpoint!r} is neither a file, a folder nor a Hub id.")
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(checkpoint, allow_patterns=["*.safetensors"])
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"{checkpoint} holds no .safetensors file (the reference saves model.pth: convert it once, see "
-            "docs/evaluation.md)."
+        return self.heads[head](
+            self.reward_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions, reward_token_id)
         )
-    return files
 
 
 class EditRewardScorer(EditScorer):
@@ -236,51 +204,14 @@ class EditRewardScorer(EditScorer):
         min_pixels: int = EDITREWARD_PIXELS,
         max_pixels: int = EDITREWARD_PIXELS,
     ) -> None:
-        from accelerate import init_empty_weights
-        from transformers import AutoTokenizer, Qwen2_5_VLConfig
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        state = editreward_to_transformers(_load_state(_checkpoint_files(checkpoint)))
-        embeddings = state.get("backbone.language_model.embed_tokens.weight")
-        if embeddings is None:
-            raise ValueError(f"{checkpoint} has no token embedding; not an EditReward model.")
+        state = editreward_to_transformers(load_state(checkpoint_files(checkpoint, _SPEC)))
+        token_embeddings(state, checkpoint, _SPEC)
         heads = sorted({int(k.split(".")[1]) for k in state if k.startswith("heads.")})
         if heads != [0, 1]:
             raise ValueError(f"{checkpoint} has reward heads {heads}; EditReward's released models have two (0, 1).")
-
-        self.tokenizer = AutoTokenizer.from_pretrained(base, padding_side="right")
-        if self.tokenizer.chat_template is None:
-            raise ValueError(f"The tokenizer in {base} has no chat template; EditReward reads Qwen2.5-VL's format.")
-        self.tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
-        self.reward_token_id = self.tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
-        # The base's own pixel range, as the reference's AutoProcessor: the images arrive already resized, and an
-        # image that smart_resize grew past max_pixels (a small one) is kept as it is, not resized again.
-        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(base)
-        config = Qwen2_5_VLConfig.from_pretrained(base)
-        config.text_config.vocab_size = embeddings.shape[0]  # resized for <|Reward|> by the reference
-        if self.reward_token_id >= embeddings.shape[0]:
-            raise ValueError(
-                f"{REWARD_TOKEN} gets id {self.reward_token_id} from {base}'s tokenizer, outside the checkpoint's "
-                f"{embeddings.shape[0]} embeddings: the tokenizer is not the one EditReward was trained with."
-            )
-        image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        if image_token_id != config.image_token_id:
-            raise ValueError(
-                f"{base}: tokenizer's <|image_pad|> is {image_token_id}, config's {config.image_token_id}."
-            )
-        with init_empty_weights(include_buffers=False):  # no 7B random initialisation: the checkpoint fills it
-            model = EditRewardModel(config, num_heads=len(heads))
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise ValueError(
-                f"{checkpoint} does not match {base}'s Qwen2.5-VL architecture: missing {missing[:8]}, "
-                f"unexpected {unexpected[:8]}."
-            )
-        model.backbone.to(dtype)
-        model.heads.float()
-        self.device = resolve_device(device)
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.tokenizer, self.reward_token_id, self.image_processor, self.model, self.device = load_reward_model(
+            _SPEC, state, checkpoint, base, lambda config: EditRewardModel(config, num_heads=len(heads)), dtype, device
+        )
         self.batch_size = batch_size
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
 
@@ -302,39 +233,28 @@ class EditRewardScorer(EditScorer):
         for source, image in zip(sources, images):
             resized += [hps_v3_resize(source, self.min_pixels, self.max_pixels)]
             resized += [hps_v3_resize(image, self.min_pixels, self.max_pixels)]
-        vision = self.image_processor(images=resized, return_tensors="pt")
-        merge = self.image_processor.merge_size**2
-        counts = [int(grid.prod()) // merge for grid in vision["image_grid_thw"]]
-        texts = []
-        for row, prompt in enumerate(prompts):
-            text = self.prompt_text(prompt, head)
-            for count in counts[2 * row : 2 * row + 2]:  # the first placeholder not yet expanded, in order
-                text = text.replace("<|image_pad|>", "<|placeholder|>" * count, 1)
-            texts.append(text.replace("<|placeholder|>", "<|image_pad|>"))
-        tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
-        return {
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "pixel_values": vision["pixel_values"],
-            "image_grid_thw": vision["image_grid_thw"],
-        }
+        texts = [self.prompt_text(prompt, head) for prompt in prompts]
+        return reward_inputs(self.tokenizer, self.image_processor, resized, texts)
 
     @torch.no_grad()
     def mu_sigma(
         self, images: Sequence[Image.Image], prompts: Sequence[str], sources: Sequence[Image.Image]
     ) -> torch.Tensor:
         """Per head, the ``(mu, sigma)`` of each edit, shape ``(heads, N, 2)``, float32 on the CPU."""
-        dtype = next(self.model.backbone.parameters()).dtype
-        per_head = []
-        for head in range(len(self.model.heads)):
-            outputs = []
-            for start in range(0, len(images), self.batch_size):
-                end = start + self.batch_size
-                batch = self.inputs(sources[start:end], images[start:end], prompts[start:end], head)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-                outputs.append(self.model(head, **batch, reward_token_id=self.reward_token_id).float().cpu())
-            per_head.append(torch.cat(outputs))
+        per_head = [
+            run_batches(
+                self.model,
+                lambda start, end, head=head: self.inputs(
+                    sources[start:end], images[start:end], prompts[start:end], head
+                ),
+                len(images),
+                self.batch_size,
+                self.device,
+                head=head,
+                reward_token_id=self.reward_token_id,
+            )
+            for head in range(len(self.model.heads))
+        ]
         return torch.stack(per_head)
 
     def score(self, images, prompts, sources) -> torch.Tensor:

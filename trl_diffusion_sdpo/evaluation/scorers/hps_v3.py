@@ -11,7 +11,9 @@ prompt):
   tokenizer's length); right padding;
 * image: resized by qwen-vl-utils' ``smart_resize`` with ``min_pixels = max_pixels = 256 * 28 * 28`` (a 1024x1024
   image becomes 448x448, 256 merged image tokens; PIL's default bicubic resize), then Qwen2-VL's image processor
-  (rescale, CLIP mean/std, 14-pixel patches);
+  (rescale, CLIP mean/std, 14-pixel patches) with the base's own pixel range, as the reference's ``AutoProcessor``,
+  so an image whose resize overshot ``max_pixels`` (a small one, through the ``min_pixels`` branch) is not resized
+  again;
 * backbone: the image embeddings are scattered into the ``<|image_pad|>`` positions and the language model runs with
   **sequential text positions** ``0..L-1`` on all three M-RoPE axes (the reference calls the decoder without
   ``image_grid_thw``, so Qwen2-VL's 3-D image positions are never computed; its checkpoint was trained that way);
@@ -31,22 +33,31 @@ read: re-save a ``.pt``/``.pth`` training checkpoint once as safetensors (see do
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
-from torch import nn
 
-from .base import Scorer, resolve_device
+from .base import Scorer
+from .qwen_vl_reward import (
+    REWARD_TOKEN,
+    QwenVLRewardModel,
+    RewardModelSpec,
+    checkpoint_files,
+    load_reward_model,
+    load_state,
+    reward_head,
+    reward_inputs,
+    run_batches,
+    to_transformers_keys,
+)
 
 __all__ = ["HPSV3_INSTRUCTION", "HPSV3_REWARD_SUFFIX", "HPSv3Scorer", "hps_v3_resize", "hpsv3_to_transformers"]
 
 HPSV3_REPO = "MizzenAI/HPSv3"
 HPSV3_FILE = "HPSv3.safetensors"
 HPSV3_BASE = "Qwen/Qwen2-VL-7B-Instruct"
-REWARD_TOKEN = "<|Reward|>"
 # min_pixels = max_pixels = 256 * 28 * 28 (HPSv3_7B.yaml, inference.py): every image becomes about 200704 pixels.
 HPSV3_PIXELS = 256 * 28 * 28
 
@@ -116,22 +127,17 @@ def hps_v3_resize(image: Image.Image, min_pixels: int = HPSV3_PIXELS, max_pixels
     return image.resize((w_bar, h_bar), Image.Resampling.BICUBIC)
 
 
-def reward_head(hidden_size: int) -> nn.Sequential:
-    """The reference's default ``ranknet`` head (indices 0, 3, 5 hold the weights, as in its state dict)."""
-    return nn.Sequential(
-        nn.Linear(hidden_size, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2)
-    )
-
-
-# (pattern, replacement) over the reference's state-dict keys, first match wins.
-_KEY_RULES = (
-    (re.compile(r"^model\.visual\.(.*)"), r"backbone.visual.\1"),
-    (re.compile(r"^model\.language_model\.(.*)"), r"backbone.language_model.\1"),
-    (re.compile(r"^visual\.(.*)"), r"backbone.visual.\1"),  # transformers < 4.52
-    (re.compile(r"^model\.(embed_tokens|layers|norm|rotary_emb)(.*)"), r"backbone.language_model.\1\2"),  # < 4.52
-    (re.compile(r"^rm_head\.(\d+\.(?:weight|bias))$"), r"head.\1"),
+_SPEC = RewardModelSpec(
+    name="HPSv3",
+    family="Qwen2-VL",
+    config="Qwen2VLConfig",
+    file=HPSV3_FILE,
+    pickle_hint=".pt/.pth",
+    save_as=HPSV3_FILE,
+    missing_hint=f"expected {HPSV3_FILE}",
 )
-_DROPPED = {"lm_head.weight"}
+# The reference's head keys (rm_head.<index>.weight/bias); the backbone's are mapped by `to_transformers_keys`.
+_HEAD_RULE = (re.compile(r"^rm_head\.(\d+\.(?:weight|bias))$"), r"head.\1")
 
 
 def hpsv3_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,24 +147,13 @@ def hpsv3_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     ``model.language_model.*`` after) and a ``module.`` prefix; drops ``lm_head.weight`` (the reward never reads the
     LM head); raises ``KeyError`` on any other key, so another architecture fails loudly instead of loading partly.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key in _DROPPED:
-            continue
-        for pattern, replacement in _KEY_RULES:
-            if pattern.match(key):
-                out[pattern.sub(replacement, key)] = value
-                break
-        else:
-            raise KeyError(
-                f"Unexpected HPSv3 checkpoint key {key!r}: not a Qwen2-VL reward model this scorer can map."
-            )
-    return out
+    return to_transformers_keys(state, _HEAD_RULE, _SPEC, "Qwen2-VL reward model")
 
 
-class HPSv3RewardModel(nn.Module):
+class HPSv3RewardModel(QwenVLRewardModel):
     """`Qwen2VLModel` (vision tower + language model) and the float32 ``(mu, sigma)`` head."""
+
+    name = _SPEC.name
 
     def __init__(self, config) -> None:
         from transformers import Qwen2VLModel
@@ -179,52 +174,9 @@ class HPSv3RewardModel(nn.Module):
         """``(mu, sigma)`` per row, shape ``(B, 2)``, read at each row's single ``<|Reward|>`` token."""
         # Sequential positions 0..L-1 on every M-RoPE axis, as the reference's forward produces (see module doc).
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            position_ids=positions,
-            use_cache=False,
-        ).last_hidden_state
-        is_reward = input_ids == reward_token_id
-        counts = is_reward.sum(-1)
-        if not bool((counts == 1).all()):
-            raise ValueError(f"Each HPSv3 input must hold exactly one {REWARD_TOKEN} token; counts {counts.tolist()}.")
-        return self.head(hidden[is_reward].float())
-
-
-def _checkpoint_file(checkpoint: str) -> list[str]:
-    """The safetensors file(s) a checkpoint argument names: a file, a folder, or a Hub repository id."""
-    if os.path.isfile(checkpoint):
-        if not checkpoint.endswith(".safetensors"):
-            raise ValueError(
-                f"{checkpoint}: HPSv3 weights are read from safetensors only. Convert a trusted .pt/.pth once with "
-                "safetensors.torch.save_file(torch.load(path, weights_only=True), 'HPSv3.safetensors')."
-            )
-        return [checkpoint]
-    if os.path.isdir(checkpoint):
-        named = os.path.join(checkpoint, HPSV3_FILE)
-        if os.path.isfile(named):
-            return [named]
-        files = sorted(os.path.join(checkpoint, f) for f in os.listdir(checkpoint) if f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{checkpoint} holds no .safetensors file (expected {HPSV3_FILE}).")
-        return files
-    if checkpoint.count("/") == 1 and not os.path.exists(checkpoint):
-        from huggingface_hub import hf_hub_download
-
-        return [hf_hub_download(checkpoint, HPSV3_FILE)]
-    raise FileNotFoundError(f"HPSv3 checkpoint {checkpoint!r} is neither a file, a folder nor a Hub repository id.")
-
-
-def _load_state(files: Sequence[str]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(load_file(path))
-    return state
+        return self.head(
+            self.reward_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions, reward_token_id)
+        )
 
 
 class HPSv3Scorer(Scorer):
@@ -252,51 +204,10 @@ class HPSv3Scorer(Scorer):
         min_pixels: int = HPSV3_PIXELS,
         max_pixels: int = HPSV3_PIXELS,
     ) -> None:
-        from accelerate import init_empty_weights
-        from transformers import AutoTokenizer, Qwen2VLConfig
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        state = hpsv3_to_transformers(_load_state(_checkpoint_file(checkpoint)))
-        embeddings = state.get("backbone.language_model.embed_tokens.weight")
-        if embeddings is None:
-            raise ValueError(f"{checkpoint} has no token embedding (model.embed_tokens.weight); not an HPSv3 model.")
-
-        self.tokenizer = AutoTokenizer.from_pretrained(base, padding_side="right")
-        if self.tokenizer.chat_template is None:
-            raise ValueError(f"The tokenizer in {base} has no chat template; HPSv3 reads Qwen2-VL's chat format.")
-        # As the reference: <|Reward|> is a new special token right after the base vocabulary.
-        self.tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
-        self.reward_token_id = self.tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
-        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-            base, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        state = hpsv3_to_transformers(load_state(checkpoint_files(checkpoint, _SPEC)))
+        self.tokenizer, self.reward_token_id, self.image_processor, self.model, self.device = load_reward_model(
+            _SPEC, state, checkpoint, base, HPSv3RewardModel, dtype, device
         )
-
-        config = Qwen2VLConfig.from_pretrained(base)
-        # The reference resized the embeddings to len(tokenizer) with <|Reward|>; the weights say the size.
-        config.text_config.vocab_size = embeddings.shape[0]
-        if self.reward_token_id >= embeddings.shape[0]:
-            raise ValueError(
-                f"{REWARD_TOKEN} gets id {self.reward_token_id} from {base}'s tokenizer, outside the checkpoint's "
-                f"{embeddings.shape[0]} embeddings: the tokenizer is not the one HPSv3 was trained with."
-            )
-        image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        if image_token_id != config.image_token_id:
-            raise ValueError(
-                f"{base}: tokenizer's <|image_pad|> is {image_token_id}, config's {config.image_token_id}."
-            )
-        with init_empty_weights(include_buffers=False):  # no 7B random initialisation: the checkpoint fills it
-            model = HPSv3RewardModel(config)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise ValueError(
-                f"{checkpoint} does not match {base}'s Qwen2-VL architecture: missing {missing[:8]}, "
-                f"unexpected {unexpected[:8]}."
-            )
-        model.backbone.to(dtype)
-        model.head.float()
-        self.device = resolve_device(device)
-        self.model = model.eval().requires_grad_(False).to(self.device)
         self.batch_size = batch_size
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
 
@@ -310,31 +221,20 @@ class HPSv3Scorer(Scorer):
         """Token ids, attention mask, pixel patches and image grids, as Qwen2-VL's processor builds them: the single
         ``<|image_pad|>`` is repeated ``t*h*w / merge_size**2`` times for its image's grid."""
         resized = [hps_v3_resize(image, self.min_pixels, self.max_pixels) for image in images]
-        vision = self.image_processor(images=resized, return_tensors="pt")
-        merge = self.image_processor.merge_size**2
-        texts = []
-        for prompt, grid in zip(prompts, vision["image_grid_thw"]):
-            text = self.prompt_text(prompt)
-            texts.append(text.replace("<|image_pad|>", "<|image_pad|>" * (int(grid.prod()) // merge), 1))
-        tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
-        return {
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "pixel_values": vision["pixel_values"],
-            "image_grid_thw": vision["image_grid_thw"],
-        }
+        texts = [self.prompt_text(prompt) for prompt in prompts]
+        return reward_inputs(self.tokenizer, self.image_processor, resized, texts)
 
     @torch.no_grad()
     def mu_sigma(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         """The head's ``(mu, sigma)`` per pair, shape ``(N, 2)``, float32 on the CPU."""
-        outputs = []
-        dtype = next(self.model.backbone.parameters()).dtype
-        for start in range(0, len(images), self.batch_size):
-            batch = self.inputs(images[start : start + self.batch_size], prompts[start : start + self.batch_size])
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            outputs.append(self.model(**batch, reward_token_id=self.reward_token_id).float().cpu())
-        return torch.cat(outputs)
+        return run_batches(
+            self.model,
+            lambda start, end: self.inputs(images[start:end], prompts[start:end]),
+            len(images),
+            self.batch_size,
+            self.device,
+            reward_token_id=self.reward_token_id,
+        )
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return self.mu_sigma(images, prompts)[:, 0]
