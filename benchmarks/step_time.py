@@ -18,8 +18,11 @@ Reported per row: median step time after warm-up (wall clock between consecutive
 there; also the process CPU time, which on a CPU shared with other jobs counts our work rather than our waiting),
 the ratio to the paired floor, peak memory of the run (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process
 RSS sampled every 5 ms), and the trainer's construction time (with the cache: building it, on a fresh cache folder).
-Derived: safeguard overhead, the cache's speed-up (floor-normalised), LoRA's memory saving in units of one UNet's
-float32 weights, and the issue's targets.
+The losses of a trainer run share its process and so its peak memory; ``--memory-per-loss`` runs each loss in a
+process of its own instead, for a peak per row (its times are then not paired). Derived: safeguard overhead, each
+row's ratio to the Diffusion-DPO row (of the medians, and step by step paired: the median over a row's steps of the
+step's time over the Diffusion-DPO step of the same cycle, which the targets use), the cache's speed-up
+(floor-normalised), LoRA's memory saving in units of one UNet's float32 weights, and the issue's targets.
 
 The UNets (and VAEs, text encoders) of ``--unet sd15`` and ``--unet sdxl`` are built from the real model configs
 embedded below, with random weights: step time and memory do not depend on the weights' values. Nothing is
@@ -166,6 +169,7 @@ def _timing(intervals: list[tuple[float, float]]) -> dict[str, Any]:
         # Process CPU time per step: on a shared CPU it counts our work, not our waiting.
         "median_step_cpu_s": statistics.median(cpu for _, cpu in intervals),
         "step_times_s": [wall for wall, _ in intervals],
+        "step_cpu_s": [cpu for _, cpu in intervals],
     }
 
 
@@ -198,6 +202,8 @@ def merge_repeats(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "unet_params": repeats[0]["unet_params"],
             "trainer_init_s": repeats[0].get("trainer_init_s"),
             "step_times_s": [t for r in repeats for t in r["step_times_s"]],
+            "step_cpu_s": [t for r in repeats for t in r.get("step_cpu_s", [])],
+            "separate_process": repeats[0].get("separate_process", False),
         }
         for metric, key in TIME_METRICS.items():
             row[key] = statistics.median(r[key] for r in repeats)
@@ -238,6 +244,7 @@ def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for name, row in rows.items()
             if not name.startswith(("floor", "dpo-")) and f"dpo-{name.split('-', 1)[1]}" in rows
         }
+        derived[f"paired_ratio_to_dpo_{metric}"] = paired_ratios_to_dpo(rows, metric)
     saving = {}
     for prefix in ("floor", "dpo-uncached", "dpo-cached"):
         full, lora = rows.get(f"{prefix}-full"), rows.get(f"{prefix}-lora")
@@ -247,13 +254,33 @@ def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return derived
 
 
+STEP_LISTS = {"wall": "step_times_s", "cpu": "step_cpu_s"}
+
+
+def paired_ratios_to_dpo(rows: dict[str, dict[str, Any]], metric: str) -> dict[str, float]:
+    """Per row, the median over its steps of the step's time over the Diffusion-DPO step of the same cycle (the
+    losses alternate step by step, so the k-th step of each row of a run falls in the same seconds): a shared
+    machine's drifts cancel step by step, not only run by run. Empty where the rows do not hold per-step times
+    (older result files, or --memory-per-loss, whose losses ran in different processes)."""
+    key, out = STEP_LISTS[metric], {}
+    for name, row in rows.items():
+        dpo = rows.get(f"dpo-{name.split('-', 1)[1]}")
+        if name.startswith(("floor", "dpo-")) or dpo is None or row.get("separate_process"):
+            continue
+        steps, reference = row.get(key, []), dpo.get(key, [])
+        if steps and len(steps) == len(reference):
+            out[name] = statistics.median(a / b for a, b in zip(steps, reference))
+    return out
+
+
 def check_targets(rows: dict[str, dict[str, Any]], derived: dict[str, Any], metric: str) -> dict[str, Any]:
     """The issue's targets, each with the worst measured value."""
     targets: dict[str, dict[str, Any]] = {}
     overheads = list(derived[f"safeguard_overhead_{metric}"].values())
     if overheads:
         targets["safeguard overhead <= 2%"] = {"worst": max(overheads), "met": max(overheads) <= 0.02}
-    ratios = derived.get(f"ratio_to_dpo_{metric}", {})
+    # the step-by-step paired ratios where the file has them (the losses alternated in one process)
+    ratios = derived.get(f"paired_ratio_to_dpo_{metric}") or derived.get(f"ratio_to_dpo_{metric}", {})
     for loss, bound in (("sdpo_param", 1.05), ("sdpo_update", 1.10), ("sdpo_pair", 1.10)):
         measured = [v for k, v in ratios.items() if k.startswith(f"{loss}-")]
         if measured:
@@ -320,6 +347,8 @@ def print_table(rows: dict[str, dict[str, Any]], report: dict[str, Any], opts: a
         print(f"update-space step / DPO step ({metric}): {text}")
         text = ", ".join(f"{k} {v:.3f}x" for k, v in derived.get(f"ratio_to_dpo_{metric}", {}).items())
         print(f"every safeguard step / DPO step ({metric}): {text}")
+        text = ", ".join(f"{k} {v:.3f}x" for k, v in derived.get(f"paired_ratio_to_dpo_{metric}", {}).items())
+        print(f"  the same, step by step paired ({metric}): {text}")
         text = ", ".join(f"{k} {v:.2f}x" for k, v in derived[f"cache_speedup_{metric}"].items())
         print(f"cache speed-up ({metric}): {text}")
     text = ", ".join(f"{k} {v:.2f}" for k, v in derived["lora_memory_saving_in_unet_weights"].items())
@@ -334,11 +363,18 @@ def driver(opts: argparse.Namespace, argv: list[str]) -> None:
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; choose from {RUNS}")
+    # --memory-per-loss: each loss of a trainer run in a process of its own, so that each row has its own peak
+    jobs = [
+        (run, loss)
+        for run in runs
+        for loss in (opts.losses.split(",") if opts.memory_per_loss and not run.startswith("floor") else [None])
+    ]
     results = []
     for repeat in range(opts.repeats):
         # Interleaved repeats: slow drifts of a shared machine hit every run alike.
-        for run in runs:
+        for run, loss in jobs:
             command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", run]
+            command += ["--losses", loss] if loss else []
             start = time.perf_counter()
             completed = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
@@ -346,10 +382,13 @@ def driver(opts: argparse.Namespace, argv: list[str]) -> None:
                 sys.stderr.write(completed.stderr[-4000:])
                 raise SystemExit(f"run {run} failed (exit {completed.returncode})")
             result = json.loads(lines[-1][len("RESULT ") :])
+            for row in result["rows"].values() if loss else []:
+                row["separate_process"] = True  # not paired with the other losses' steps
             results.append(result)
             summary = ", ".join(f"{name} {1000 * row['median_step_s']:.1f} ms" for name, row in result["rows"].items())
             print(
-                f"[{repeat + 1}/{opts.repeats}] {run:<14} {summary} ({time.perf_counter() - start:.0f} s)", flush=True
+                f"[{repeat + 1}/{opts.repeats}] {run:<14} {summary} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
             )
     rows = merge_repeats(results)
     derived = derive(rows)
@@ -382,6 +421,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="dpo,sdpo,sdpo_param",
         help="alternated within a trainer run: dpo, sdpo (output space), sdpo_param / sdpo_param_two (parameter "
         "space in one pass / two), sdpo_update / sdpo_update_two (update space), sdpo_pair (per-pair scope, LoRA)",
+    )
+    parser.add_argument(
+        "--memory-per-loss",
+        action="store_true",
+        help="run each of --losses in a process of its own, so that each row's peak memory is its own (the rows' "
+        "times then come from different processes: compare their memory, not their ratios)",
     )
     parser.add_argument(
         "--no-paired-floor",

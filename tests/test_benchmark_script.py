@@ -41,6 +41,41 @@ def test_step_time_script_writes_every_requested_row(tmp_path):
     assert set(report["rows"]) == {"floor-lora", "dpo-cached-lora", "sdpo-cached-lora", "sdpo_param-cached-lora"}
     assert "ratio_to_floor_wall" in report["rows"]["dpo-cached-lora"]
     assert "safeguard overhead <= 2%" in report["targets"]
+    assert set(report["derived"]["paired_ratio_to_dpo_cpu"]) == {"sdpo-cached-lora", "sdpo_param-cached-lora"}
+
+
+def _step_time_module():
+    import importlib.util
+
+    sys.path.insert(0, str(SCRIPT.parent))  # its harness
+    try:
+        spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_the_paired_ratio_divides_each_step_by_the_dpo_step_of_its_cycle():
+    """Step k of a row over step k of the Diffusion-DPO row of the same run (the losses alternate, so they fall in
+    the same seconds), median over k: a drift that slows a whole cycle cancels, where the ratio of the two medians
+    does not. Rows from separate processes (--memory-per-loss) or without per-step times are left out."""
+    step_time = _step_time_module()
+    dpo = [1.0, 2.0, 4.0, 8.0, 16.0]  # the machine slows down cycle by cycle
+    param = [1.1 * t for t in dpo]
+    rows = {
+        "dpo-cached-full": {"step_cpu_s": dpo},
+        "sdpo_param-cached-full": {"step_cpu_s": param},
+        "sdpo_update-cached-full": {"step_cpu_s": [2.0] * 4},  # another number of steps: not paired
+        "sdpo_pair-cached-full": {"step_cpu_s": param, "separate_process": True},
+        "floor-full": {"step_cpu_s": dpo},
+    }
+    paired = step_time.paired_ratios_to_dpo(rows, "cpu")
+    assert paired == {"sdpo_param-cached-full": pytest.approx(1.1)}
+    # the same steps paired with the next cycle's Diffusion-DPO step: the drift no longer cancels
+    shifted = {"dpo-cached-full": {"step_cpu_s": dpo}, "sdpo_param-cached-full": {"step_cpu_s": param[1:] + [1.1]}}
+    assert step_time.paired_ratios_to_dpo(shifted, "cpu")["sdpo_param-cached-full"] == pytest.approx(2.2)
 
 
 @pytest.mark.slow

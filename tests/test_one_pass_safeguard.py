@@ -531,6 +531,8 @@ def test_the_trainer_refuses_the_pair_scope_for_large_full_tuning_stating_its_me
         make_trainer(**options)
 
 
+@pytest.mark.parametrize("handed", ["sink", "destination"])
+@pytest.mark.parametrize("groups", [2, 4])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 @pytest.mark.parametrize(
     "make",
@@ -543,9 +545,11 @@ def test_the_trainer_refuses_the_pair_scope_for_large_full_tuning_stating_its_me
     ],
     ids=["groupnorm", "layernorm", "conv", "linear", "rmsnorm"],
 )
-def test_each_tap_splits_like_autograd_per_group_in_every_memory_layout(make, layout):
+def test_each_tap_splits_like_autograd_per_group_in_every_memory_layout(make, layout, groups, handed):
     """Each tap's input gradient and per-group weight gradients equal autograd's on each group's rows alone, for
-    contiguous, channels-last (as the trainer lays out UNet activations) and transposed inputs."""
+    contiguous, channels-last (as the trainer lays out UNet activations) and transposed inputs, by branch (2 groups)
+    and by image (4: the pair scope's grouping, which the norms compute another way), handed to a sink or written
+    into the destination the one pass offers."""
     torch.manual_seed(0)
     layer = make().double()
     with torch.no_grad():
@@ -563,7 +567,11 @@ def test_each_tap_splits_like_autograd_per_group_in_every_memory_layout(make, la
     got = {}
     taps = LayerTaps(layer, params)
     x = base.clone().requires_grad_(True) if layout == "contiguous" else base.detach().requires_grad_(True)
-    with taps.tapping(2, lambda i, g: got.__setitem__(i, g.clone())):
+    destination = None
+    if handed == "destination":
+        got = {i: torch.full((groups, *p.shape), float("nan"), dtype=p.dtype) for i, p in enumerate(params)}
+        destination = lambda i, dtype: got[i]  # noqa: E731
+    with taps.tapping(groups, lambda i, g: got.__setitem__(i, g.clone()), destination):
         out = layer(x)
         grad = torch.randn_like(out)
         out.backward(grad)
@@ -571,8 +579,51 @@ def test_each_tap_splits_like_autograd_per_group_in_every_memory_layout(make, la
     plain = base.detach().requires_grad_(True)
     layer(plain).backward(grad)
     torch.testing.assert_close(x.grad, plain.grad, rtol=1e-12, atol=1e-12)
-    for k, rows in enumerate((slice(0, 2), slice(2, 4))):
+    size = 4 // groups
+    for k, rows in enumerate(slice(k * size, (k + 1) * size) for k in range(groups)):
         # (contiguous: torch 2.13 crashes in GroupNorm's backward on a slice of a channels-last double tensor)
         expected = torch.autograd.grad(layer(base[rows].contiguous()), params, grad[rows])
         for i, e in enumerate(expected):
             torch.testing.assert_close(got[i][k], e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["unfolded", "per-group calls"])
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=1),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=(3, 2), padding=(2, 1), dilation=(2, 1), bias=False),
+        dict(kernel_size=3, padding=1, groups=2),
+    ],
+    ids=["3x3", "1x1", "strided", "dilated-no-bias", "grouped"],
+)
+def test_conv_tap_routes_split_like_autograd(conv, groups, route, monkeypatch):
+    """A convolution's per-group weight and bias gradients, by either route (the unfolded input and one batched
+    matmul, taken on tiny CPU feature maps; or one weight-gradient call per group), written into a destination
+    buffer as the one pass does, equal autograd's on each group's rows alone; the input gradient equals autograd's
+    over all rows. (A grouped convolution always takes the per-group calls.)"""
+    monkeypatch.setattr(layer_taps, "UNFOLD_MAX_ROWS_TIMES_PIXELS", 10**9 if route == "unfolded" else 0)
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(4, 6, **conv).double()
+    params = list(layer.parameters())
+    base = torch.randn(8, 4, 5, 6, dtype=torch.float64)
+    buffers = [torch.full((groups, *p.shape), float("nan"), dtype=torch.float64) for p in params]
+    taps = LayerTaps(layer, params)
+    x = base.clone().requires_grad_(True)
+    with taps.tapping(groups, lambda i, g: buffers[i].copy_(g), lambda i, dtype: buffers[i]):
+        out = layer(x)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    assert not taps.failures and all(p.grad is None for p in params)  # autograd handed the weights nothing
+    plain = base.clone().requires_grad_(True)
+    layer(plain).backward(grad)
+    torch.testing.assert_close(x.grad, plain.grad, rtol=1e-12, atol=1e-12)
+    size = 8 // groups
+    for k in range(groups):
+        rows = slice(k * size, (k + 1) * size)
+        expected = torch.autograd.grad(layer(base[rows]), params, grad[rows])
+        for buffer, e in zip(buffers, expected):
+            torch.testing.assert_close(buffer[k], e, rtol=1e-12, atol=1e-12)

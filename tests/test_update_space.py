@@ -125,6 +125,111 @@ def test_momentum_that_already_raises_the_winner_is_counted_infeasible_with_the_
     assert lam.item() == pytest.approx(lambdas[max(range(9), key=decreases.__getitem__)])
 
 
+def _reference_lambda(optimizer, params, g_w, h_l, mu, max_grad_norm, unscale=1.0, max_lambda=1.0):
+    """The search of ``update_space_lambda`` written out plainly, independently of the implementation: ``D`` per
+    weight tensor in float64 from the optimizer's formulas (torch's Adam/AdamW/SGD step, the clip coefficient from
+    the combined gradient's norm), all 9 grid points, then 8 bisection steps from the largest satisfying one."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    w = [unscale * x.double() for x in g_w]
+    h = [unscale * x.double() for x in h_l]
+
+    def decrease(lam: float) -> float:
+        norm = sum(float(((a + lam * b) ** 2).sum()) for a, b in zip(w, h)) ** 0.5
+        c = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm > 0 else 1.0
+        total = 0.0
+        for p, a, b in zip(params, w, h):
+            group, state = group_of[id(p)], optimizer.state.get(p, {})
+            theta = p.detach().double()
+            grad = c * (a + lam * b)
+            if isinstance(optimizer, torch.optim.SGD):
+                grad = grad + group["weight_decay"] * theta
+                if group["momentum"]:
+                    buf = state.get("momentum_buffer")
+                    buf = grad if buf is None else group["momentum"] * buf.double() + (1 - group["dampening"]) * grad
+                    grad = grad + group["momentum"] * buf if group["nesterov"] else buf
+                step = -group["lr"] * grad
+            else:
+                if not isinstance(optimizer, torch.optim.AdamW):
+                    grad = grad + group["weight_decay"] * theta
+                beta1, beta2 = group["betas"]
+                t = float(state.get("step", 0.0)) + 1
+                m, v = (1 - beta1) * grad, (1 - beta2) * grad**2
+                if "exp_avg" in state:
+                    m, v = m + beta1 * state["exp_avg"].double(), v + beta2 * state["exp_avg_sq"].double()
+                step = -group["lr"] / (1 - beta1**t) * m / (v.sqrt() / (1 - beta2**t) ** 0.5 + group["eps"])
+                if isinstance(optimizer, torch.optim.AdamW):
+                    step = step - group["lr"] * group["weight_decay"] * theta
+            total -= float((a * step).sum())
+        return total
+
+    grid = [max_lambda * k / 8 for k in range(9)]
+    values = [decrease(lam) for lam in grid]
+    target = mu * max(values[0], 0.0)
+    feasible = [k for k in range(9) if values[k] >= target]
+    if not feasible:
+        return grid[max(range(9), key=values.__getitem__)], True
+    lo = grid[feasible[-1]]
+    hi = grid[min(feasible[-1] + 1, 8)]
+    if feasible[-1] == 8:
+        return lo, False
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if decrease(mid) >= target else (lo, mid)
+    return lo, False
+
+
+def _grouped_problem(kind: str, seed: int, conflict: float):
+    """Weights of many sizes in two optimizer groups (another learning rate and weight decay), one weight a step
+    behind the others (another bias correction), warmed state; ``g_w``, ``h_l`` in float64 as views of one flat
+    buffer ``[2, total]``, as the one pass hands them over."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(40, 30), (7,), (3, 2, 2), (300,), (5,), (1,), (64, 9)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    groups = [{"params": params[::2]}, {"params": params[1::2], "lr": 3e-3, "weight_decay": 0.0}]
+    if kind.startswith("sgd"):
+        optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=kind == "sgd-nesterov", weight_decay=0.01)
+    else:
+        cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+        optimizer = cls(groups, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
+    for step in range(3):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 3 and step == 0) else 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        optimizer.step()
+    sizes = [p.numel() for p in params]
+    flat = torch.empty(2, sum(sizes), dtype=torch.float64)
+    g_w = [v.view(s) for v, s in zip(flat[0].split(sizes), shapes)]
+    h_l = [v.view(s) for v, s in zip(flat[1].split(sizes), shapes)]
+    for w, h in zip(g_w, h_l):
+        w.copy_(0.5 * torch.randn(w.shape, generator=gen, dtype=w.dtype))
+        h.copy_(-conflict * w + 0.5 * torch.randn(w.shape, generator=gen, dtype=w.dtype))
+    return params, optimizer, g_w, h_l
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd-momentum", "sgd-nesterov"])
+@pytest.mark.parametrize("mu", [0.3, 0.9])
+@pytest.mark.parametrize("max_grad_norm", [0.0, 2.0], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("slice_size", [None, 16], ids=["one-slice", "many-slices"])
+def test_the_search_equals_the_plain_reference_search_in_float64(kind, mu, max_grad_norm, slice_size, monkeypatch):
+    """The vectorised search (segments of equal hyperparameters, slices that are views of the flat buffer or copies
+    of small tensors, all lambdas of a grid in one pass, SGD's closed form) returns the lambda of the plain search
+    above, within 1e-6 relative, for gradients in the backward's units (``unscale``)."""
+    from trl_diffusion_sdpo.step import update_space
+
+    if slice_size:  # large tensors split, small ones joined, runs that cross optimizer groups
+        monkeypatch.setattr(update_space, "CPU_SLICE", slice_size)
+    checked_binding = 0
+    for seed, conflict in ((0, 1.5), (1, 0.8), (2, 3.0), (3, -0.5)):
+        params, optimizer, g_w, h_l = _grouped_problem(kind, seed, conflict)
+        update = OptimizerUpdate(optimizer, params, g_w, h_l, max_grad_norm, unscale=0.5)
+        lam, infeasible = update_space_lambda(update, mu)
+        expected, expected_infeasible = _reference_lambda(optimizer, params, g_w, h_l, mu, max_grad_norm, 0.5)
+        assert lam.item() == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        assert bool(infeasible.item()) == expected_infeasible
+        checked_binding += 0.0 < expected < 1.0
+    assert checked_binding >= 2  # the margin binds in most of these: the bisection itself is compared
+
+
 def test_unsupported_optimizers_are_refused_naming_the_supported_ones():
     params = [torch.nn.Parameter(torch.zeros(3))]
     with pytest.raises(ValueError, match="Supported: torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD.*RMSprop"):

@@ -31,15 +31,18 @@ layer called on rows it cannot group (no leading dimension divisible by ``groups
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RECOMPUTED", "LayerTaps", "Sink"]
+__all__ = ["RECOMPUTED", "Destination", "LayerTaps", "Sink"]
 
 Sink = Callable[[int, torch.Tensor], None]
+# (index, dtype) -> the view to write weight ``index``'s first per-group gradient into, or None (use the sink)
+Destination = Callable[[int, torch.dtype], "torch.Tensor | None"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -89,11 +92,17 @@ class _Layer:
 
 
 class _Pass:
-    """What the layers of one tapped pass share: the number of row groups, the sink and the failures."""
+    """What the layers of one tapped pass share: the number of row groups, the sink, where a weight's first
+    gradient may be written directly, and the failures."""
 
-    def __init__(self, groups: int, sink: Sink) -> None:
-        self.groups, self.sink = groups, sink
+    def __init__(self, groups: int, sink: Sink, destination: Destination | None) -> None:
+        self.groups, self.sink, self.destination = groups, sink, destination
         self.failures: list[str] = []
+
+    def into(self, index: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The ``[groups, *weight.shape]`` view to write weight ``index``'s per-group gradient into (its first
+        gradient of the pass, in ``dtype``), or ``None``: then hand it to :meth:`sink`."""
+        return None if self.destination is None else self.destination(index, dtype)
 
 
 def _groupable(x: torch.Tensor, groups: int) -> bool:
@@ -118,14 +127,35 @@ class _LinearTap(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-        groups, indices = ctx.tap.groups, ctx.layer.indices
-        per_group_g = grad.reshape(groups, -1, grad.shape[-1])
+        tap, indices = ctx.tap, ctx.layer.indices
+        per_group_g = grad.reshape(tap.groups, -1, grad.shape[-1])
         if "weight" in indices:
-            per_group_x = x.reshape(groups, -1, x.shape[-1])
-            ctx.tap.sink(indices["weight"], torch.bmm(per_group_g.transpose(1, 2), per_group_x))
+            index = indices["weight"]
+            per_group_x = x.reshape(tap.groups, -1, x.shape[-1])
+            into = tap.into(index, grad.dtype)  # the batched matmul writes straight into the split buffer
+            if into is None:
+                tap.sink(index, torch.bmm(per_group_g.transpose(1, 2), per_group_x))
+            else:
+                torch.bmm(per_group_g.transpose(1, 2), per_group_x, out=into)
         if ctx.has_bias and "bias" in indices:
-            ctx.tap.sink(indices["bias"], per_group_g.sum(1))
+            _group_sum(tap, indices["bias"], per_group_g, 1)
         return grad_x, None, None, None, None
+
+
+def _group_sum(tap: _Pass, index: int, values: torch.Tensor, dims: int | tuple[int, ...]) -> None:
+    """Weight ``index``'s per-group gradient ``values.sum(dims)`` (``values``' leading dimension: the groups),
+    summed straight into the split buffer where it can be."""
+    into = tap.into(index, values.dtype)
+    if into is None:
+        tap.sink(index, values.sum(dims))
+    else:
+        torch.sum(values, dims, out=into)
+
+
+#: A CPU convolution whose rows per group times output pixels are at most this gets its per-group weight gradients
+#: from the unfolded input and one batched matmul: on tiny feature maps oneDNN's weight-gradient call costs about as
+#: much for half the rows as for all of them, so two calls would cost twice one (see _ConvTap).
+UNFOLD_MAX_ROWS_TIMES_PIXELS = 32
 
 
 class _ConvTap(torch.autograd.Function):
@@ -137,29 +167,67 @@ class _ConvTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # One convolution_backward per group of rows, input and weight gradients together as autograd's one call
-        # computes them (the same FLOPs in all; on CPU the unfolded input is then built once per row, not twice).
+        # The input gradient over all rows in one call, as autograd computes it; the weight and bias gradients per
+        # group of rows: one weight-gradient call per group (the same FLOPs as one over all rows), or on tiny CPU
+        # feature maps one batched matmul over the unfolded input (_unfolded_weight_gradients).
         x, weight = ctx.saved_tensors
         conv = ctx.layer.module
         spatial = len(conv.stride)
         args = (conv.stride, conv.padding, conv.dilation, False, [0] * spatial, conv.groups)
-        indices, groups = ctx.layer.indices, ctx.tap.groups
+        tap, indices = ctx.tap, ctx.layer.indices
+        groups = tap.groups
         want_x = ctx.needs_input_grad[0]
         want_w, want_b = "weight" in indices, ctx.has_bias and "bias" in indices
-        bias_sizes = [weight.shape[0]] if want_b else None
-        inputs, weights, biases = [], [], []
-        for g, xs in zip(grad.chunk(groups), x.chunk(groups)):
-            dx, dw, db = torch.ops.aten.convolution_backward(
-                g, xs, weight, bias_sizes, *args, [want_x, want_w, want_b]
-            )
-            inputs.append(dx)
-            weights.append(dw)
-            biases.append(db)
-        if want_w:
-            ctx.tap.sink(indices["weight"], torch.stack(weights))
+        grad_x = None
+        if want_x:
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, *args, [True, False, False])[0]
         if want_b:
-            ctx.tap.sink(indices["bias"], torch.stack(biases))
-        return torch.cat(inputs) if want_x else None, None, None, None, None
+            pixels = math.prod(grad.shape[2:])
+            _group_sum(tap, indices["bias"], grad.reshape(groups, -1, grad.shape[1], pixels), (1, 3))
+        if not want_w:
+            return grad_x, None, None, None, None
+        index = indices["weight"]
+        into = tap.into(index, grad.dtype)
+        if _unfolds(conv, x, grad, groups):
+            per_group = _unfolded_weight_gradients(conv, x, grad, groups, into)
+            if into is None:
+                tap.sink(index, per_group)
+            return grad_x, None, None, None, None
+        parts = []
+        for k, (g, xs) in enumerate(zip(grad.chunk(groups), x.chunk(groups))):
+            dw = torch.ops.aten.convolution_backward(g, xs, weight, None, *args, [False, True, False])[1]
+            if into is None:
+                parts.append(dw)
+            else:
+                into[k].copy_(dw)
+        if into is None:
+            tap.sink(index, torch.stack(parts))
+        return grad_x, None, None, None, None
+
+
+def _unfolds(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor, groups: int) -> bool:
+    """Whether :func:`_unfolded_weight_gradients` computes this convolution's weight gradients (CPU, 2-D, not
+    grouped, tiny feature maps)."""
+    if x.device.type != "cpu" or x.dim() != 4 or conv.groups != 1:
+        return False
+    return (x.shape[0] // groups) * math.prod(grad.shape[2:]) <= UNFOLD_MAX_ROWS_TIMES_PIXELS
+
+
+def _unfolded_weight_gradients(
+    conv: nn.Module, x: torch.Tensor, grad: torch.Tensor, groups: int, into: torch.Tensor | None
+) -> torch.Tensor:
+    """``dW_k = sum_{rows r of group k, output pixels p} g[r, :, p] unfold(x)[r, :, p]^T``: one batched matmul over
+    the groups, written into ``into`` where given."""
+    rows, out_channels = grad.shape[:2]
+    n = rows // groups
+    unfolded = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [rows, C*k*k, pixels]
+    patch, pixels = unfolded.shape[1:]
+    per_group_g = grad.reshape(groups, n, out_channels, pixels).transpose(1, 2).reshape(groups, out_channels, -1)
+    per_group_x = unfolded.view(groups, n, patch, pixels).transpose(2, 3).reshape(groups, n * pixels, patch)
+    if into is None:
+        return torch.bmm(per_group_g, per_group_x).view(groups, *conv.weight.shape)
+    torch.bmm(per_group_g, per_group_x, out=into.view(groups, out_channels, patch))
+    return into
 
 
 class _NormTap(torch.autograd.Function):
@@ -181,14 +249,46 @@ class _NormTap(torch.autograd.Function):
         else:
             ctx.shape = None
             out, mean, rstd = torch.ops.aten.native_layer_norm(x, module.normalized_shape, weight, bias, module.eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         grad = grad.contiguous()
-        module, indices, groups = ctx.layer.module, ctx.layer.indices, ctx.tap.groups
+        module, indices, tap = ctx.layer.module, ctx.layer.indices, ctx.tap
+        groups = tap.groups
+        want_w, want_b = "weight" in indices, ctx.has_bias and "bias" in indices
+        if groups == 2:
+            # aten's fused kernel twice: over all rows (the input gradient and the affine gradients' sum) and over
+            # the first group's rows (its affine gradients); the second group's are the difference
+            mask = [ctx.needs_input_grad[0], want_w, want_b]
+            half = x.shape[0] // 2
+            if ctx.shape is not None:  # GroupNorm: x [N, C, ...], mean and rstd [N, G]
+                n, c, hw, g = ctx.shape
+                grad_x, dw, db = torch.ops.aten.native_group_norm_backward(
+                    grad, x, mean, rstd, weight, n, c, hw, g, mask
+                )
+                _, dw0, db0 = torch.ops.aten.native_group_norm_backward(
+                    grad[:half], x[:half], mean[:half], rstd[:half], weight, half, c, hw, g, [False, want_w, want_b]
+                )
+            else:  # LayerNorm over the trailing normalized_shape; mean and rstd [..., 1, ...]
+                shape = module.normalized_shape
+                grad_x, dw, db = torch.ops.aten.native_layer_norm_backward(
+                    grad, x, shape, mean, rstd, weight, bias, mask
+                )
+                _, dw0, db0 = torch.ops.aten.native_layer_norm_backward(
+                    grad[:half], x[:half], shape, mean[:half], rstd[:half], weight, bias, [False, want_w, want_b]
+                )
+            for name, wanted, total, first in (("weight", want_w, dw, dw0), ("bias", want_b, db, db0)):
+                if wanted:
+                    into = tap.into(indices[name], total.dtype)
+                    if into is None:
+                        tap.sink(indices[name], torch.stack([first, total - first]))
+                    else:
+                        into[0].copy_(first)
+                        torch.sub(total, first, out=into[1])
+            return grad_x, None, None, None, None
         mask = [ctx.needs_input_grad[0], False, False]
         if ctx.shape is not None:  # GroupNorm: x [N, C, ...], mean and rstd [N, G]
             n, c, hw, g = ctx.shape
@@ -204,10 +304,10 @@ class _NormTap(torch.autograd.Function):
             x_hat = (x - mean) * rstd
             dw = (grad * x_hat).reshape(groups, -1, *shape).sum(1)
             db = grad.reshape(groups, -1, *shape).sum(1)
-        if "weight" in indices:
-            ctx.tap.sink(indices["weight"], dw)
-        if ctx.has_bias and "bias" in indices:
-            ctx.tap.sink(indices["bias"], db)
+        if want_w:
+            tap.sink(indices["weight"], dw)
+        if want_b:
+            tap.sink(indices["bias"], db)
         return grad_x, None, None, None, None
 
 
@@ -322,11 +422,13 @@ class LayerTaps:
         return self._pass.failures if self._pass is not None else self._failures
 
     @contextlib.contextmanager
-    def tapping(self, groups: int, sink: Sink) -> Iterator[None]:
+    def tapping(self, groups: int, sink: Sink, destination: Destination | None = None) -> Iterator[None]:
         """Within the block, each tapped layer sends its weights' per-group gradients to ``sink`` during backward
         passes (run the forward and the backward inside the block; with gradient checkpointing the backward
-        recomputes tapped forwards)."""
-        self._pass = _Pass(groups, sink)
+        recomputes tapped forwards). ``destination(index, dtype)``, where given, may instead hand a layer the
+        ``[groups, *weight.shape]`` tensor to write a weight's first gradient of the pass into (``None``: use the
+        sink), which saves a copy of every weight gradient."""
+        self._pass = _Pass(groups, sink, destination)
         current = lambda: self._pass  # noqa: E731 - read at call time, so a recompute after the block is untapped
         saved = []
         for layer in self.layers:

@@ -84,7 +84,7 @@ class OnePassBranchGradients:
         """Run the micro-batch's forward and backward inside: ``groups`` 2 (by branch) or ``2B`` (by image)."""
         self._seen = [False] * len(self.parameters)
         self._prepare(groups)
-        with self.taps.tapping(groups, self._sink):
+        with self.taps.tapping(groups, self._sink, self._destination):
             yield
         for view, seen in zip(self._views, self._seen):
             if not seen:  # no gradient reached this weight in this pass
@@ -103,6 +103,15 @@ class OnePassBranchGradients:
             self._views = [
                 chunk.view(groups, *p.shape) for chunk, p in zip(flat.split(self._sizes, dim=1), self.parameters)
             ]
+
+    def _destination(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Weight ``i``'s view of the buffer for its first gradient of the pass (then marked seen), where ``dtype``
+        is the buffer's; else ``None`` (the tap hands its gradient to :meth:`_sink`)."""
+        view = self._views[i]
+        if self._seen[i] or view.dtype != dtype:
+            return None
+        self._seen[i] = True
+        return view
 
     def _sink(self, i: int, per_group: torch.Tensor) -> None:
         if self._seen[i]:

@@ -315,13 +315,13 @@ class ParameterSpaceBackward:
         if optimizer is None:
             raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
         self.engine.reduce_branch_gradients(winner, loser)
-        unscale = 1.0 / scale  # the update is read in the optimizer's units; .grad stays in the backward's
         update = OptimizerUpdate(
             optimizer,
             self.one_pass.parameters if self.one_pass is not None else self.store.parameters,
-            [w * unscale.to(w) for w in winner],
-            [h * unscale.to(h) for h in loser],
+            winner,
+            loser,
             self.max_grad_norm,
+            unscale=1.0 / scale,  # the update is read in the optimizer's units; .grad stays in the backward's
         )
         lam, self.infeasible = update_space_lambda(update, self.mu, self.max_lambda)
         return lam

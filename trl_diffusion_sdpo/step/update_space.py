@@ -22,11 +22,16 @@ condition asks for no rise at all (``D(lambda) >= 0``); it may then be infeasibl
 ``lambda`` is the largest value in ``[0, max_lambda]`` satisfying it, found by a scalar search over the real update
 (AdamW's second moment depends on ``lambda``, so there is no closed form): ``D`` on a grid of
 :data:`GRID_POINTS` values, then :data:`BISECTIONS` bisection steps between the largest satisfying grid point and
-the next. Each evaluation of ``D`` is one elementwise pass over the trainable weights' gradients and optimizer state
-(no forward or backward pass). ``D(0)`` and ``D(max_lambda)`` come first and the host reads whether
-``max_lambda`` meets the condition (one sync per step): if so there is nothing to restrict and no search (two
-evaluations); else 17. When no grid point satisfies the condition, ``lambda`` is the grid point with the largest
-``D`` and the step is counted as infeasible.
+the next. ``D(0)`` and ``D(max_lambda)`` come first, from one pass, and the host reads whether ``max_lambda`` meets
+the condition (one sync per step): if so there is nothing to restrict and no search; else the seven inner grid
+points take one more pass and each bisection step one (17 evaluations of ``D`` in 10 passes). When no grid point
+satisfies the condition, ``lambda`` is the grid point with the largest ``D`` and the step is counted as infeasible.
+
+A pass reads the gradients, the optimizer's moments and (for an L2 weight decay) the weights once, in slices that
+stay in cache on a CPU, for all of its ``lambda`` together: a handful of batched elementwise operations per slice,
+no Python loop over the weights, and no copy of the gradients (they are read in the backward's units, with
+``unscale`` folded into the scalars). SGD's update is affine in the gradient: its ``D`` follows from four sums read
+once, and the search costs no pass at all.
 
 Supported optimizers: ``torch.optim.AdamW``, ``torch.optim.Adam`` (its weight decay is an L2 term added to the
 gradient) and ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay); foreach and fused implementations
@@ -84,28 +89,88 @@ def check_optimizer(optimizer) -> torch.optim.Optimizer:
     return inner
 
 
-@dataclass
-class _Tensor:
-    """What the update of one weight tensor needs, in float32 (state tensors are read, never written)."""
+#: Elements per slice of the evaluation: CPU slices stay in cache with their per-lambda temporaries; accelerator
+#: slices bound the temporaries (``lambdas x slice`` elements) while keeping kernels large.
+CPU_SLICE, DEVICE_SLICE = 1 << 15, 1 << 22
 
-    winner: torch.Tensor  # g_w
-    loser: torch.Tensor  # h_l
-    param: torch.Tensor
-    first: torch.Tensor | None  # Adam's exp_avg, SGD's momentum buffer (None: the first step)
-    second: torch.Tensor | None  # Adam's exp_avg_sq
-    step: torch.Tensor | float  # Adam's step count before this step
+
+@dataclass
+class _Slice:
+    """One slice of a segment's elements: the winner's and the loser's gradient (backward units), the optimizer's
+    first and second state (``None``: the first step) and the weights (where an L2 weight decay needs them). Views of
+    the inputs where the slice lies in one tensor or in consecutive memory, else a copy of the small tensors in it."""
+
+    winner: torch.Tensor
+    loser: torch.Tensor
+    first: torch.Tensor | None
+    second: torch.Tensor | None
+    param: torch.Tensor | None
+
+
+@dataclass
+class _Segment:
+    """The weights whose update has the same lambda-dependent hyperparameters (one optimizer group's, and one step
+    count for Adam), cut into slices. SGD's update is affine in the gradient: its ``D`` follows from the sums
+    ``<g_w, g_w>``, ``<g_w, h_l>``, ``<g_w, theta>`` and ``<g_w, b>`` (``sums``), read once, and it keeps no slices."""
+
+    hyper: dict
+    slices: list[_Slice]
+    sums: dict[str, torch.Tensor]
+
+
+def _host_floats(values: Sequence) -> list[float]:
+    """Python floats of numbers and 0-dim tensors (Adam's step counts): one host read for those on a device."""
+    tensors = [i for i, v in enumerate(values) if torch.is_tensor(v)]
+    out = [float(v) if not torch.is_tensor(v) else 0.0 for v in values]
+    on_device = [i for i in tensors if values[i].device.type != "cpu"]
+    if on_device:
+        read = torch.stack([values[i].detach().double() for i in on_device]).tolist()
+        for i, value in zip(on_device, read):
+            out[i] = value
+    for i in tensors:
+        if values[i].device.type == "cpu":
+            out[i] = float(values[i])
+    return out
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One flat tensor of ``parts`` (flat pieces): a view where they lie back to back in one storage, else a copy."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    size = first.element_size()
+    consecutive = all(
+        p.dtype == first.dtype
+        and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and p.data_ptr() == q.data_ptr() + q.numel() * size
+        for q, p in zip(parts, parts[1:])
+    )
+    if consecutive:
+        return first.as_strided((sum(p.numel() for p in parts),), (1,), first.storage_offset())
+    return torch.cat(parts)
+
+
+def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().reshape(-1)
 
 
 class OptimizerUpdate:
     """``D(lambda) = -<g_w, Delta(lambda)>`` for the update ``optimizer`` would take next from the gradient
-    ``c(lambda) * (g_w + lambda * h_l)`` (see the module docstring).
+    ``c(lambda) * (g_w + lambda * h_l)`` (see the module docstring), for many ``lambda`` at once.
+
+    The trainable weights are grouped into segments of equal lambda-dependent hyperparameters and cut into slices
+    (views where the inputs allow, e.g. the one-pass buffer's rows); an evaluation is a few batched elementwise
+    operations per slice for all requested ``lambda`` together, summed in float64. SGD's ``D`` is affine in the
+    gradient and follows from four sums read once (no pass per ``lambda``).
 
     Args:
         optimizer: the training optimizer (accelerate's wrapper is unwrapped); its state is read, not changed.
         parameters: the trainable weights, in the order of ``winner`` and ``loser``.
-        winner: ``g_w`` per weight, in the units the optimizer sees (unscaled).
+        winner: ``g_w`` per weight, in the backward's units (times ``unscale``: the optimizer's).
         loser: ``h_l`` per weight, same units.
         max_grad_norm: the trainer's clipping threshold (``<= 0``: no clipping).
+        unscale: what turns ``winner`` and ``loser`` into the units the optimizer sees (``1 / scale`` of a scaled
+            backward), a number or a 0-dim tensor; no copy of the gradients is made.
     """
 
     def __init__(
@@ -115,81 +180,201 @@ class OptimizerUpdate:
         winner: Sequence[torch.Tensor],
         loser: Sequence[torch.Tensor],
         max_grad_norm: float,
+        unscale: torch.Tensor | float = 1.0,
     ) -> None:
         self.optimizer = check_optimizer(optimizer)
         self.adam = not isinstance(self.optimizer, torch.optim.SGD)
         self.decoupled = isinstance(self.optimizer, torch.optim.AdamW)
+        self.max_grad_norm = max_grad_norm
+        parameters, winner, loser = list(parameters), list(winner), list(loser)
+        device = winner[0].device if winner else torch.device("cpu")
+        self.dtype = torch.promote_types(winner[0].dtype, torch.float32) if winner else torch.float32
+        self.unscale = torch.as_tensor(unscale, dtype=torch.float64, device=device)
         group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
-        self.groups: list[tuple[dict, list[_Tensor]]] = []
-        by_group: dict[int, list[_Tensor]] = {}
-        for p, w, h in zip(parameters, winner, loser):
+        states = [self.optimizer.state.get(p, {}) for p in parameters]
+        steps = _host_floats([state.get("step", 0.0) for state in states])
+        keys, by_key = [], {}
+        for i, p in enumerate(parameters):
             group = group_of.get(id(p))
             if group is None:
                 raise ValueError("a trainable weight is not in the optimizer's parameter groups")
-            state = self.optimizer.state.get(p, {})
-            entry = _Tensor(
-                w.float(),
-                h.float(),
-                p.detach().float(),
-                state.get("exp_avg" if self.adam else "momentum_buffer"),
-                state.get("exp_avg_sq"),
-                state.get("step", 0.0),
+            key = self._key(group, states[i], steps[i])
+            if key not in by_key:
+                by_key[key] = []
+                keys.append(key)
+            by_key[key].append(i)
+        self.segments: list[_Segment] = []
+        slice_size = CPU_SLICE if device.type == "cpu" else DEVICE_SLICE
+        norms: list[torch.Tensor] = []  # per slice <w, w>, <w, h>, <h, h> (the clip coefficient's sums)
+        clipping = max_grad_norm > 0
+        for key in keys:
+            indices = by_key[key]
+            hyper = dict(key)
+            state_names = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer", None)
+            segment = _Segment(hyper, [], {})
+            parts = self._slices(
+                indices, winner, loser, parameters, states, state_names, hyper["l2"] != 0, slice_size, self.dtype
             )
-            if id(group) not in by_group:
-                by_group[id(group)] = []
-                self.groups.append((group, by_group[id(group)]))
-            by_group[id(group)].append(entry)
-        entries = [e for _, es in self.groups for e in es]
-        dots = [(e.winner * e.winner).sum() for e in entries], [(e.winner * e.loser).sum() for e in entries]
-        zero = torch.zeros((), device=entries[0].winner.device) if entries else torch.zeros(())
-        # ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll: the clip coefficient for any lambda from 3 sums
-        self.ww = torch.stack(dots[0]).sum() if entries else zero
-        self.wl = torch.stack(dots[1]).sum() if entries else zero
-        self.ll = torch.stack([(e.loser * e.loser).sum() for e in entries]).sum() if entries else zero
-        self.max_grad_norm = max_grad_norm
+            sgd: dict[str, list[torch.Tensor]] = {"ww": [], "wh": [], "wp": [], "wb": []}
+            for part in parts:
+                w, h = part.winner, part.loser
+                if clipping:
+                    norms += [torch.dot(w, w), torch.dot(w, h), torch.dot(h, h)]
+                if self.adam:
+                    segment.slices.append(part)
+                    continue
+                for name, other in (("ww", w), ("wh", h), ("wp", part.param), ("wb", part.first)):
+                    if other is not None:  # SGD: the four sums of its closed form
+                        sgd[name].append(torch.dot(w, other))
+            segment.sums = {name: torch.stack(values).double().sum() for name, values in sgd.items() if values}
+            self.segments.append(segment)
+        sums = torch.stack(norms).double().view(-1, 3).sum(0) if norms else torch.zeros(3, dtype=torch.float64)
+        sums = sums.to(device)
+        decay = torch.zeros((), dtype=torch.float64, device=device)  # AdamW: sum_groups lr wd <g_w, theta>
+        if self.decoupled:
+            for group in self.optimizer.param_groups:
+                if group["weight_decay"] != 0:
+                    members = [i for i, p in enumerate(parameters) if group_of.get(id(p)) is group]
+                    dots = [torch.dot(_flat(winner[i]), _flat(parameters[i]).to(winner[i].dtype)) for i in members]
+                    if dots:
+                        decay = decay + group["lr"] * group["weight_decay"] * torch.stack(dots).double().sum()
+        u = self.unscale
+        # ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll (optimizer units): the clip coefficient of any lambda
+        self.ww, self.wl, self.ll = sums[0] * u * u, sums[1] * u * u, sums[2] * u * u
+        self._decay = decay * u  # the decoupled weight decay's share of D, the same for every lambda
+
+    def _key(self, group: dict, state: dict, step: float) -> tuple:
+        """The hyperparameters a weight's ``D(lambda)`` depends on beyond its own tensors (hashable)."""
+        lr = float(group["lr"])
+        l2 = 0.0 if self.decoupled else float(group["weight_decay"])
+        if self.adam:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            first = "exp_avg" in state
+            return (
+                ("lr", lr),
+                ("beta1", beta1),
+                ("beta2", beta2),
+                ("eps", float(group["eps"])),
+                ("step", step),
+                ("l2", l2),
+                ("has_state", first),
+            )
+        return (
+            ("lr", lr),
+            ("l2", l2),
+            ("momentum", float(group["momentum"])),
+            ("dampening", float(group["dampening"])),
+            ("nesterov", bool(group["nesterov"])),
+            ("has_state", state.get("momentum_buffer") is not None),
+        )
+
+    @staticmethod
+    def _slices(indices, winner, loser, parameters, states, state_names, wants_param, size, dtype):
+        """The segment's elements in slices of about ``size``: a large tensor in pieces, small ones together."""
+        first_name, second_name = state_names
+        columns = [  # per tensor of the segment, each input flattened (None where it does not exist)
+            [_flat(winner[i]) for i in indices],
+            [_flat(loser[i]) for i in indices],
+            [_flat(states[i].get(first_name)) for i in indices],
+            [_flat(states[i].get(second_name)) if second_name else None for i in indices],
+            [_flat(parameters[i]) if wants_param else None for i in indices],
+        ]
+
+        def make(run: list[tuple[int, int, int]]) -> _Slice:
+            joined = []
+            for column in columns:
+                if column[run[0][0]] is None:
+                    joined.append(None)
+                    continue
+                pieces = [column[k] if b - a == column[k].numel() else column[k][a:b] for k, a, b in run]
+                joined.append(_joined([piece if piece.dtype == dtype else piece.to(dtype) for piece in pieces]))
+            return _Slice(*joined)
+
+        run: list[tuple[int, int, int]] = []  # (position in the segment, start, stop)
+        total = 0
+        for k, flat in enumerate(columns[0]):
+            n = flat.numel()
+            if n >= size:
+                if run:
+                    yield make(run)
+                    run, total = [], 0
+                for a in range(0, n, size):
+                    yield make([(k, a, min(a + size, n))])
+                continue
+            if total + n > size and run:
+                yield make(run)
+                run, total = [], 0
+            run.append((k, 0, n))
+            total += n
+        if run:
+            yield make(run)
 
     def clip_coefficient(self, lam: torch.Tensor) -> torch.Tensor:
         """``min(1, max_grad_norm / (||g_w + lambda h_l|| + 1e-6))``, as ``clip_grad_norm_`` multiplies."""
+        lam = lam.double()
         if self.max_grad_norm <= 0:
             return torch.ones_like(lam)
         norm = (self.ww + 2 * lam * self.wl + lam * lam * self.ll).clamp(min=0).sqrt()
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
     def winner_decrease(self, lam: torch.Tensor) -> torch.Tensor:
-        """``D(lambda) = -<g_w, Delta(lambda)>`` in float32 (a 0-dim device tensor)."""
-        coefficient = self.clip_coefficient(lam)
-        total = torch.zeros((), device=lam.device)
-        for group, entries in self.groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for e in entries:
-                grad = coefficient * (e.winner + lam * e.loser)
-                if wd != 0 and not self.decoupled:  # Adam's and SGD's L2 term
-                    grad = grad + wd * e.param
-                step = (-self._adam(group, e, grad)) if self.adam else (-self._sgd(group, e, grad))
-                if wd != 0 and self.decoupled:  # AdamW: p <- p * (1 - lr * wd) before the Adam step
-                    step = step + lr * wd * e.param
-                total = total + (e.winner * step).sum()
+        """``D(lambda) = -<g_w, Delta(lambda)>`` (a 0-dim float64 device tensor)."""
+        return self.winner_decreases(lam.reshape(1))[0]
+
+    def winner_decreases(self, lams: torch.Tensor) -> torch.Tensor:
+        """``D`` at each of ``lams`` (a vector), in one pass over the weights (float64)."""
+        lams = lams.to(self.ww.device, torch.float64)
+        coefficient = self.clip_coefficient(lams) * self.unscale  # G = s g_w + t h_l in the optimizer's units
+        s, t = coefficient, coefficient * lams
+        total = self._decay + torch.zeros_like(lams)
+        for segment in self.segments:
+            total = total + (self._adam(segment, s, t) if self.adam else self._sgd(segment, s, t))
         return total
 
-    @staticmethod
-    def _adam(group: dict, e: _Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """torch's Adam step (without weight decay): ``-lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``."""
-        beta1, beta2 = group["betas"]
-        t = e.step + 1
-        m = grad * (1 - beta1) if e.first is None else e.first.float() * beta1 + grad * (1 - beta1)
-        v = grad * grad * (1 - beta2) if e.second is None else e.second.float() * beta2 + grad * grad * (1 - beta2)
-        bc1 = 1 - beta1**t
-        bc2_sqrt = (1 - beta2**t) ** 0.5
-        return -group["lr"] / bc1 * m / (v.sqrt() / bc2_sqrt + group["eps"])
+    def _adam(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Adam's share of ``D``: torch's ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each
+        slice costs a few operations over ``[lambdas, slice]``: with ``G = s g_w + t h_l`` (+ ``wd theta``),
+        ``m' = (1 - beta1)(G + c1 m)``, ``v' = (1 - beta2) c2 (v + G^2 / c2)`` (``c1 = beta1 / (1 - beta1)``,
+        ``c2 = beta2 / (1 - beta2)``; no state: ``m = v = 0`` and ``c2 = 1``),
+        ``kappa = sqrt((1 - beta2) c2 / bc2)``:
+        ``D = lr (1 - beta1) / (bc1 kappa) <g_w, (G + c1 m) / (sqrt(v + G^2 / c2) + eps / kappa)>``."""
+        hyper = segment.hyper
+        beta1, beta2, step = hyper["beta1"], hyper["beta2"], hyper["step"] + 1
+        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        c1, c2 = beta1 / (1 - beta1), (beta2 / (1 - beta2) if hyper["has_state"] else 1.0)
+        kappa = ((1 - beta2) * c2 / bc2) ** 0.5
+        eps = hyper["eps"] / kappa
+        s, t = s.to(self.dtype).unsqueeze(1), t.to(self.dtype).unsqueeze(1)
+        shares = torch.empty(len(segment.slices), s.shape[0], dtype=self.dtype, device=s.device)
+        for part, share in zip(segment.slices, shares):
+            grad = part.winner * s
+            grad.addcmul_(t, part.loser.unsqueeze(0))
+            if hyper["l2"] != 0:
+                grad.add_(part.param, alpha=hyper["l2"])
+            if part.first is not None:
+                numerator = torch.add(grad, part.first, alpha=c1)
+                denominator = torch.addcmul(part.second, grad, grad, value=1 / c2).sqrt_()
+            else:
+                numerator, denominator = grad, grad.abs()
+            torch.mv(numerator.div_(denominator.add_(eps)), part.winner, out=share)
+        return shares.double().sum(0) * (self.unscale * hyper["lr"] * (1 - beta1) / (bc1 * kappa))
 
-    @staticmethod
-    def _sgd(group: dict, e: _Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """torch's SGD step: ``-lr * buf`` (or ``-lr * (grad + momentum * buf)`` with Nesterov)."""
-        momentum = group["momentum"]
-        if momentum != 0:
-            buf = grad if e.first is None else e.first.float() * momentum + grad * (1 - group["dampening"])
-            grad = grad + momentum * buf if group["nesterov"] else buf
-        return -group["lr"] * grad
+    def _sgd(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """SGD's share of ``D``: ``lr <g_w, alpha G' + beta b>`` with ``G' = s g_w + t h_l + wd theta``, ``b`` the
+        momentum buffer, and ``(alpha, beta)`` from momentum, dampening and Nesterov: affine, from the four sums."""
+        hyper, sums = segment.hyper, segment.sums
+        momentum, dampening = hyper["momentum"], hyper["dampening"]
+        if momentum == 0:
+            alpha, beta = 1.0, 0.0
+        elif not hyper["has_state"]:  # the first step: b' = G'
+            alpha, beta = (1 + momentum if hyper["nesterov"] else 1.0), 0.0
+        elif hyper["nesterov"]:  # G' + momentum (momentum b + (1 - dampening) G')
+            alpha, beta = 1 + momentum * (1 - dampening), momentum * momentum
+        else:
+            alpha, beta = 1 - dampening, momentum
+        zero = torch.zeros((), dtype=torch.float64, device=s.device)
+        gradient = s * sums.get("ww", zero) + t * sums.get("wh", zero) + hyper["l2"] * sums.get("wp", zero)
+        return self.unscale * hyper["lr"] * (alpha * gradient + beta * sums.get("wb", zero))
 
 
 def update_space_lambda(
@@ -198,16 +383,17 @@ def update_space_lambda(
     """``(lambda, infeasible)``: the largest ``lambda`` in ``[0, max_lambda]`` with
     ``D(lambda) >= mu * max(D(0), 0)`` (see the module docstring), found by a grid of :data:`GRID_POINTS` values and
     :data:`BISECTIONS` bisection steps; where no grid point satisfies it, the grid point with the largest ``D`` and
-    ``infeasible = 1``. Both are detached float32 0-dim device tensors. ``D(max_lambda)`` is read on the host once:
-    when it meets the margin (nothing to restrict) the search is skipped, two evaluations instead of 17."""
+    ``infeasible = 1``. Both are detached float32 0-dim device tensors. ``D(0)`` and ``D(max_lambda)`` come from one
+    pass and ``D(max_lambda)`` is read on the host once: when it meets the margin (nothing to restrict) the search
+    is skipped; else the inner grid points take one more pass and each bisection step one."""
     device = update.ww.device
-    grid = torch.linspace(0.0, max_lambda, GRID_POINTS, device=device)
-    first, last_point = update.winner_decrease(grid[0]), update.winner_decrease(grid[-1])
+    grid = torch.linspace(0.0, max_lambda, GRID_POINTS, device=device, dtype=torch.float64)
+    first, last_point = update.winner_decreases(grid[[0, -1]]).unbind()
     target = mu * first.clamp(min=0)
     if bool(last_point >= target):  # one host read: the common case (nothing to restrict) needs no search
         return grid[-1].detach().float(), torch.zeros((), device=device)
-    inner = [update.winner_decrease(lam) for lam in grid[1:-1]]
-    decrease = torch.stack([first, *inner, last_point])
+    inner = update.winner_decreases(grid[1:-1])
+    decrease = torch.cat([first.reshape(1), inner, last_point.reshape(1)])
     feasible = decrease >= target
     index = torch.arange(GRID_POINTS, device=device)
     last = torch.where(feasible, index, -1).max()
