@@ -118,13 +118,18 @@ class _Segment:
     sums: dict[str, torch.Tensor]
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """What ``D`` and the sums are accumulated in: float64, where the device has it (MPS has not: float32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _host_floats(values: Sequence) -> list[float]:
     """Python floats of numbers and 0-dim tensors (Adam's step counts): one host read for those on a device."""
     tensors = [i for i, v in enumerate(values) if torch.is_tensor(v)]
     out = [float(v) if not torch.is_tensor(v) else 0.0 for v in values]
     on_device = [i for i in tensors if values[i].device.type != "cpu"]
     if on_device:
-        read = torch.stack([values[i].detach().double() for i in on_device]).tolist()
+        read = torch.stack([values[i].detach().float() for i in on_device]).tolist()
         for i, value in zip(on_device, read):
             out[i] = value
     for i in tensors:
@@ -189,7 +194,8 @@ class OptimizerUpdate:
         parameters, winner, loser = list(parameters), list(winner), list(loser)
         device = winner[0].device if winner else torch.device("cpu")
         self.dtype = torch.promote_types(winner[0].dtype, torch.float32) if winner else torch.float32
-        self.unscale = torch.as_tensor(unscale, dtype=torch.float64, device=device)
+        self.sum_dtype = _sum_dtype(device)
+        self.unscale = torch.as_tensor(unscale, dtype=self.sum_dtype, device=device)
         group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         states = [self.optimizer.state.get(p, {}) for p in parameters]
         steps = _host_floats([state.get("step", 0.0) for state in states])
@@ -226,18 +232,21 @@ class OptimizerUpdate:
                 for name, other in (("ww", w), ("wh", h), ("wp", part.param), ("wb", part.first)):
                     if other is not None:  # SGD: the four sums of its closed form
                         sgd[name].append(torch.dot(w, other))
-            segment.sums = {name: torch.stack(values).double().sum() for name, values in sgd.items() if values}
+            segment.sums = {
+                name: torch.stack(values).to(self.sum_dtype).sum() for name, values in sgd.items() if values
+            }
             self.segments.append(segment)
-        sums = torch.stack(norms).double().view(-1, 3).sum(0) if norms else torch.zeros(3, dtype=torch.float64)
+        zeros = torch.zeros(3, dtype=self.sum_dtype)
+        sums = torch.stack(norms).to(self.sum_dtype).view(-1, 3).sum(0) if norms else zeros
         sums = sums.to(device)
-        decay = torch.zeros((), dtype=torch.float64, device=device)  # AdamW: sum_groups lr wd <g_w, theta>
+        decay = torch.zeros((), dtype=self.sum_dtype, device=device)  # AdamW: sum_groups lr wd <g_w, theta>
         if self.decoupled:
             for group in self.optimizer.param_groups:
                 if group["weight_decay"] != 0:
                     members = [i for i, p in enumerate(parameters) if group_of.get(id(p)) is group]
                     dots = [torch.dot(_flat(winner[i]), _flat(parameters[i]).to(winner[i].dtype)) for i in members]
                     if dots:
-                        decay = decay + group["lr"] * group["weight_decay"] * torch.stack(dots).double().sum()
+                        decay = decay + group["lr"] * group["weight_decay"] * torch.stack(dots).to(decay).sum()
         u = self.unscale
         # ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll (optimizer units): the clip coefficient of any lambda
         self.ww, self.wl, self.ll = sums[0] * u * u, sums[1] * u * u, sums[2] * u * u
@@ -311,19 +320,19 @@ class OptimizerUpdate:
 
     def clip_coefficient(self, lam: torch.Tensor) -> torch.Tensor:
         """``min(1, max_grad_norm / (||g_w + lambda h_l|| + 1e-6))``, as ``clip_grad_norm_`` multiplies."""
-        lam = lam.double()
+        lam = lam.to(self.sum_dtype)
         if self.max_grad_norm <= 0:
             return torch.ones_like(lam)
         norm = (self.ww + 2 * lam * self.wl + lam * lam * self.ll).clamp(min=0).sqrt()
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
     def winner_decrease(self, lam: torch.Tensor) -> torch.Tensor:
-        """``D(lambda) = -<g_w, Delta(lambda)>`` (a 0-dim float64 device tensor)."""
+        """``D(lambda) = -<g_w, Delta(lambda)>`` (a 0-dim device tensor, float64 where the device has it)."""
         return self.winner_decreases(lam.reshape(1))[0]
 
     def winner_decreases(self, lams: torch.Tensor) -> torch.Tensor:
-        """``D`` at each of ``lams`` (a vector), in one pass over the weights (float64)."""
-        lams = lams.to(self.ww.device, torch.float64)
+        """``D`` at each of ``lams`` (a vector), in one pass over the weights (float64 where the device has it)."""
+        lams = lams.to(self.ww.device, self.sum_dtype)
         coefficient = self.clip_coefficient(lams) * self.unscale  # G = s g_w + t h_l in the optimizer's units
         s, t = coefficient, coefficient * lams
         total = self._decay + torch.zeros_like(lams)
@@ -357,7 +366,7 @@ class OptimizerUpdate:
             else:
                 numerator, denominator = grad, grad.abs()
             torch.mv(numerator.div_(denominator.add_(eps)), part.winner, out=share)
-        return shares.double().sum(0) * (self.unscale * hyper["lr"] * (1 - beta1) / (bc1 * kappa))
+        return shares.to(self.sum_dtype).sum(0) * (self.unscale * hyper["lr"] * (1 - beta1) / (bc1 * kappa))
 
     def _sgd(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """SGD's share of ``D``: ``lr <g_w, alpha G' + beta b>`` with ``G' = s g_w + t h_l + wd theta``, ``b`` the
@@ -372,7 +381,7 @@ class OptimizerUpdate:
             alpha, beta = 1 + momentum * (1 - dampening), momentum * momentum
         else:
             alpha, beta = 1 - dampening, momentum
-        zero = torch.zeros((), dtype=torch.float64, device=s.device)
+        zero = torch.zeros((), dtype=self.sum_dtype, device=s.device)
         gradient = s * sums.get("ww", zero) + t * sums.get("wh", zero) + hyper["l2"] * sums.get("wp", zero)
         return self.unscale * hyper["lr"] * (alpha * gradient + beta * sums.get("wb", zero))
 
@@ -387,7 +396,7 @@ def update_space_lambda(
     pass and ``D(max_lambda)`` is read on the host once: when it meets the margin (nothing to restrict) the search
     is skipped; else the inner grid points take one more pass and each bisection step one."""
     device = update.ww.device
-    grid = torch.linspace(0.0, max_lambda, GRID_POINTS, device=device, dtype=torch.float64)
+    grid = torch.linspace(0.0, max_lambda, GRID_POINTS, device=device, dtype=update.sum_dtype)
     first, last_point = update.winner_decreases(grid[[0, -1]]).unbind()
     target = mu * first.clamp(min=0)
     if bool(last_point >= target):  # one host read: the common case (nothing to restrict) needs no search
