@@ -9,14 +9,14 @@ and :data:`~.validation.SOURCE_COLUMN` says where it came from (the pair's file 
 
 Formats (:func:`detect_format`, or named with ``format=``; see ``docs/data.md`` for a small example of each):
 
-* ``pair_folders``: one folder per side, files paired by their path inside it, as kohya-ss/sd-scripts' preference
-  pull request #1427 lays them out (``w/`` and ``l/``, a caption file beside each image), SimpleTuner's Flow-DPO
-  (``win/`` preferred, ``lose/`` rejected) or ``chosen/`` and ``rejected/``; or one folder per pair holding
-  ``chosen.<ext>``, ``rejected.<ext>`` and ``prompt.txt`` (this package's convention). Captions: ``<name>.txt`` or
-  ``<name>.caption`` beside the chosen image, else beside the rejected one, else at the top. The files may be
-  videos (``.mp4``, ``.webm``, ``.mov``, ``.mkv``, ``.avi``, ``.m4v``) instead of images, for the video families
-  (Wan): their paths fill the same ``chosen``/``rejected`` columns, read as clips by ``VideoPairTransform``; a pair
-  of one image and one video is a bad row, named.
+* ``pair_folders`` (read by :mod:`.pair_folders`): one folder per side, files paired by their path inside it, as
+  kohya-ss/sd-scripts' preference pull request #1427 lays them out (``w/`` and ``l/``, a caption file beside each
+  image), SimpleTuner's Flow-DPO (``win/`` preferred, ``lose/`` rejected) or ``chosen/`` and ``rejected/``; or one
+  folder per pair holding ``chosen.<ext>``, ``rejected.<ext>`` and ``prompt.txt`` (this package's convention).
+  Captions: ``<name>.txt`` or ``<name>.caption`` beside the chosen image, else beside the rejected one, else at the
+  top. The files may be videos (``.mp4``, ``.webm``, ``.mov``, ``.mkv``, ``.avi``, ``.m4v``) instead of images, for the
+  video families (Wan): their paths fill the same ``chosen``/``rejected`` columns, read as clips by
+  ``VideoPairTransform``; a pair of one image and one video is a bad row, named.
 * ``table``: a JSONL, JSON, CSV or TSV file of ``prompt, chosen, rejected`` image paths (relative to the file,
   absolute or ``file://``), read with ``datasets``' ``json`` / ``csv`` builders. Aliases ``caption`` (prompt),
   ``winner`` / ``preferred`` (chosen) and ``loser`` (rejected); ``chosen_score`` / ``rejected_score`` become the
@@ -51,6 +51,7 @@ from urllib.request import url2pathname
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from ..checks import Choice
+from .pair_folders import SIDE_FOLDERS, pair_root, prompt_text, read_pair_folders
 from .validation import _URL, SOURCE_COLUMN
 
 __all__ = [
@@ -67,12 +68,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "pair_folders", "table", "imagefolder", "hpd", "disk", "hub")
 RANKING_PAIRS = ("all", "best_worst")
-# (chosen, rejected) folder names: kohya-ss/sd-scripts PR #1427 (w, l), SimpleTuner's Flow-DPO docs (win, lose), TRL.
-SIDE_FOLDERS = (("w", "l"), ("win", "lose"), ("chosen", "rejected"))
-CAPTION_EXTENSIONS = (".txt", ".caption")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# Video files a pair folder may hold instead of images (the video families' clips, decoded by PyAV/FFmpeg).
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
 TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 # Names the tables use for the TRL columns, where the TRL name itself is absent.
@@ -80,8 +75,6 @@ ALIASES = {"prompt": ("caption",), "chosen": ("winner", "preferred"), "rejected"
 SCORE_ALIASES = {"score_0": "chosen_score", "score_1": "rejected_score"}
 # Editing tables: the source column(s) and their aliases (EditReward-style data names the source "input_image").
 SOURCE_ALIASES = {"source_image": ("input_image", "source"), "source_images": ("input_images",)}
-# The side-folder layout's folder of source images, beside the chosen and rejected folders.
-SOURCE_FOLDERS = ("source", "sources", "input")
 
 
 def load_preference_data(
@@ -143,7 +136,7 @@ def detect_format(name_or_path: str, split: str = "train") -> str:
     table = _split_file(name_or_path, split)
     if table is not None:
         return "hpd" if _is_hpd_file(table) else "table"
-    if _pair_root(name_or_path, split) is not None:
+    if pair_root(name_or_path, split) is not None:
         return "pair_folders"
     return "hub"
 
@@ -161,7 +154,7 @@ def _load_local(path: str, format: str, split: str, ranking_pairs: str) -> Datas
 
         return load_dataset("imagefolder", data_dir=path, split=split)
     if format == "pair_folders":
-        root = _pair_root(path, split)
+        root = pair_root(path, split)
         if root is None:
             raise ValueError(
                 f"{path} has no pair folders for split {split!r}: expected side folders "
@@ -198,14 +191,6 @@ def resolve_path(value: Any, base: str) -> Any:
         return url2pathname(unquote(parsed.path))
     path = os.path.expanduser(text)
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
-
-
-def _prompt(value: Any) -> Any:
-    """A prompt with surrounding whitespace removed; an empty one is missing (``None``), which validation names."""
-    if isinstance(value, str):
-        value = value.strip()
-        return value or None
-    return value
 
 
 # -- tables -------------------------------------------------------------------------------------------------------
@@ -253,7 +238,7 @@ def read_table(path: str) -> Dataset:
     base = os.path.dirname(path)
 
     def resolve(batch: dict[str, list]) -> dict[str, list]:
-        out = {prompt: [_prompt(v) for v in batch[prompt]]}
+        out = {prompt: [prompt_text(v) for v in batch[prompt]]}
         for column in images:
             out[column] = [resolve_path(v, base) for v in batch[column]]
         if "source_image" in batch:
@@ -276,191 +261,6 @@ def _source_list(value: Any, base: str) -> Any:
     if isinstance(value, list):
         return [resolve_path(v, base) for v in value]
     return value
-
-
-# -- pair folders -------------------------------------------------------------------------------------------------
-
-
-def _side_folders(root: str) -> tuple[str, str] | None:
-    for chosen, rejected in SIDE_FOLDERS:
-        if os.path.isdir(os.path.join(root, chosen)) and os.path.isdir(os.path.join(root, rejected)):
-            return chosen, rejected
-    return None
-
-
-def _is_image(name: str) -> bool:
-    """An image or video file of a pair folder (not hidden)."""
-    return name.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS) and not name.startswith(".")
-
-
-def _kind_mismatch(pair: list[str | None], sides: tuple[str, str]) -> str:
-    """The note for a pair of one image and one video ('' when both are of one kind or one is missing)."""
-    kinds = ["video" if p.lower().endswith(VIDEO_EXTENSIONS) else "image" for p in pair if p is not None]
-    if len(kinds) == 2 and kinds[0] != kinds[1]:
-        return f"{sides[0]} is {kinds[0]}, {sides[1]} {kinds[1]}: a pair is two images or two videos"
-    return ""
-
-
-def _pair_subfolders(root: str) -> list[str]:
-    """Sub-folders of ``root`` holding a ``chosen.<ext>`` or ``rejected.<ext>`` image (the one-folder-per-pair
-    layout)."""
-    found = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.is_dir() and not entry.name.startswith("."):
-            stems = {os.path.splitext(f)[0].lower() for f in os.listdir(entry.path) if _is_image(f)}
-            if stems & {"chosen", "rejected"}:
-                found.append(entry.path)
-    return found
-
-
-def _pair_root(path: str, split: str) -> str | None:
-    """The folder holding ``split``'s pairs: ``path/<split>`` if it holds them, else ``path`` for the train split."""
-    candidates = [os.path.join(path, split)] + ([path] if split == "train" else [])
-    for root in candidates:
-        if os.path.isdir(root) and (_side_folders(root) is not None or _pair_subfolders(root)):
-            return root
-    return None
-
-
-def _caption(stem_paths: list[str]) -> str | None:
-    """The text of the first caption file ``<stem>.txt`` / ``<stem>.caption`` that exists, stripped."""
-    for stem in stem_paths:
-        for extension in CAPTION_EXTENSIONS:
-            if os.path.isfile(stem + extension):
-                with open(stem + extension, encoding="utf-8") as f:
-                    return _prompt(f.read())
-    return None
-
-
-def _images_by_key(folder: str) -> dict[str, list[str]]:
-    """Every image under ``folder`` by its path inside it without extension (``sub/cat`` for ``sub/cat.png``)."""
-    images: dict[str, list[str]] = {}
-    for directory, subdirs, files in os.walk(folder):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            if _is_image(name):
-                path = os.path.join(directory, name)
-                key = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
-                images.setdefault(key, []).append(path)
-    return images
-
-
-def _folder_sources(folder: str) -> tuple[list[str], str]:
-    """A pair folder's source images: ``source.<ext>``, or ``source_0.<ext>``, ``source_1.<ext>``, ... in order;
-    and a note when they cannot be read as one list (both forms, a gap in the numbering)."""
-    single, numbered = [], {}
-    for name in sorted(os.listdir(folder)):
-        stem = os.path.splitext(name)[0].lower()
-        if not _is_image(name):
-            continue
-        if stem == "source":
-            single.append(os.path.join(folder, name))
-        elif stem.startswith("source_") and stem[7:].isdigit():
-            numbered.setdefault(int(stem[7:]), []).append(os.path.join(folder, name))
-    if single and numbered:
-        return [], "both source.<ext> and source_<i>.<ext>: keep one form"
-    if len(single) > 1 or any(len(paths) > 1 for paths in numbered.values()):
-        return [], "two source images with one name (different extensions)"
-    if numbered and sorted(numbered) != list(range(len(numbered))):
-        return [], f"source images numbered {sorted(numbered)}: number them from 0 without gaps"
-    return single or [numbered[i][0] for i in sorted(numbered)], ""
-
-
-def _source_column(sources: list[tuple[list[str], str]]) -> str | None:
-    """``source_image`` when every pair folder with a source has one ``source.<ext>``, ``source_images`` when any
-    has numbered ones, ``None`` when no folder has a source."""
-    if not any(values or note for values, note in sources):
-        return None
-    numbered = any(
-        len(values) > 1 or any(os.path.splitext(os.path.basename(p))[0].lower() != "source" for p in values)
-        for values, _ in sources
-    )
-    return "source_images" if numbered else "source_image"
-
-
-def read_pair_folders(root: str) -> Dataset:
-    """Pairs from side folders (``w``/``l``, ``win``/``lose``, ``chosen``/``rejected``) or one folder per pair.
-
-    Rows are sorted by the pair's name. An image without its counterpart, two images for one side of a pair or a
-    missing caption gives a row whose bad value (``None``) validation names, with the reason in ``__source__``.
-    """
-    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], SOURCE_COLUMN: []}
-    sides = _side_folders(root)
-    if sides is not None:
-        chosen_dir, rejected_dir = (os.path.join(root, s) for s in sides)
-        chosen, rejected = _images_by_key(chosen_dir), _images_by_key(rejected_dir)
-        source_dir = next(
-            (os.path.join(root, s) for s in SOURCE_FOLDERS if os.path.isdir(os.path.join(root, s))), None
-        )
-        sources = _images_by_key(source_dir) if source_dir is not None else None
-        if sources is not None:
-            rows["source_image"] = []
-        for key in sorted(chosen.keys() | rejected.keys()):
-            notes = []
-            pair = []
-            for side, found in ((sides[0], chosen.get(key, [])), (sides[1], rejected.get(key, []))):
-                if not found:
-                    notes.append(f"no image {side}/{key}.*")
-                elif len(found) > 1:
-                    notes.append(f"{len(found)} images for {side}/{key}: {[os.path.basename(p) for p in found]}")
-                pair.append(found[0] if len(found) == 1 else None)
-            if mismatch := _kind_mismatch(pair, sides):
-                notes.append(mismatch)
-                pair = [None, None]
-            prompt = _caption(
-                [os.path.join(chosen_dir, key), os.path.join(rejected_dir, key), os.path.join(root, key)]
-            )
-            if prompt is None:
-                notes.append(f"no caption {key}.txt or {key}.caption")
-            if sources is not None:
-                found = sources.get(key, [])
-                if len(found) != 1:
-                    side = os.path.basename(source_dir)
-                    notes.append(f"{len(found)} source images {side}/{key}.*" if found else f"no image {side}/{key}.*")
-                rows["source_image"].append(found[0] if len(found) == 1 else None)
-            rows["prompt"].append(prompt)
-            rows["chosen"].append(pair[0])
-            rows["rejected"].append(pair[1])
-            rows[SOURCE_COLUMN].append(f"pair {key!r} in {root}" + (": " + "; ".join(notes) if notes else ""))
-    else:
-        folders = _pair_subfolders(root)
-        sources_per_folder = [_folder_sources(folder) for folder in folders]
-        source_column = _source_column(sources_per_folder)
-        if source_column is not None:
-            rows[source_column] = []
-        for folder, (source_values, source_note) in zip(folders, sources_per_folder, strict=True):
-            images = {}
-            for name in sorted(os.listdir(folder)):
-                if _is_image(name):
-                    images.setdefault(os.path.splitext(name)[0].lower(), []).append(os.path.join(folder, name))
-            notes = []
-            pair = []
-            for side in ("chosen", "rejected"):
-                found = images.get(side, [])
-                if len(found) != 1:
-                    notes.append(f"{len(found)} {side} images" if found else f"no {side}.<ext>")
-                pair.append(found[0] if len(found) == 1 else None)
-            if mismatch := _kind_mismatch(pair, ("chosen", "rejected")):
-                notes.append(mismatch)
-                pair = [None, None]
-            prompt = _caption([os.path.join(folder, "prompt"), os.path.join(folder, "caption")])
-            if prompt is None:
-                notes.append("no prompt.txt or caption.txt")
-            if source_column == "source_image":
-                if source_note:
-                    notes.append(source_note)
-                rows[source_column].append(source_values[0] if len(source_values) == 1 and not source_note else None)
-            elif source_column == "source_images":
-                if source_note or not source_values:
-                    notes.append(source_note or "no source.<ext> or source_<i>.<ext>")
-                rows[source_column].append(source_values if source_values and not source_note else None)
-            rows["prompt"].append(prompt)
-            rows["chosen"].append(pair[0])
-            rows["rejected"].append(pair[1])
-            rows[SOURCE_COLUMN].append(f"pair folder {folder}" + (": " + "; ".join(notes) if notes else ""))
-    if not rows["prompt"]:
-        raise ValueError(f"{root} holds no image or video pairs")
-    return Dataset.from_dict(rows)
 
 
 # -- HPDv3 / HPDv2 annotations ------------------------------------------------------------------------------------
@@ -588,7 +388,7 @@ def read_hpd(path: str, ranking_pairs: str = "all") -> Dataset:
 
         def pairs(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
             return {
-                "prompt": [_prompt(v) for v in batch["prompt"]],
+                "prompt": [prompt_text(v) for v in batch["prompt"]],
                 "chosen": [resolve_path(v, base) for v in batch["path1"]],
                 "rejected": [resolve_path(v, base) for v in batch["path2"]],
                 SOURCE_COLUMN: [f"{name} record {i}" for i in indices],
@@ -606,14 +406,14 @@ def read_hpd(path: str, ranking_pairs: str = "all") -> Dataset:
             problem = _ranking_problem(paths, ranks)
             found = [] if problem else ranked_pairs(ranks, ranking_pairs)
             if problem:  # one row with no images, so validation names the record (stop, or skip and count)
-                out["prompt"].append(_prompt(prompt))
+                out["prompt"].append(prompt_text(prompt))
                 out["chosen"].append(None)
                 out["rejected"].append(None)
                 out[SOURCE_COLUMN].append(f"{name} record {index}: {problem}")
             elif not found:
                 counts["prompts without a pair (all ranks equal)"] += 1
             for better, worse in found:
-                out["prompt"].append(_prompt(prompt))
+                out["prompt"].append(prompt_text(prompt))
                 out["chosen"].append(resolve_path(paths[better], base))
                 out["rejected"].append(resolve_path(paths[worse], base))
                 out[SOURCE_COLUMN].append(f"{name} record {index}, images {better} > {worse}")
