@@ -323,7 +323,7 @@ def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
         g, xs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         cut = g.shape[0] // 2 + 1
         parts = torch.stack([g[:cut].T @ xs[:cut], g[cut:].T @ xs[cut:]])
-        ctx.tap.sink(ctx.layer.indices["weight"], parts)
+        ctx.layer.deliver(ctx.layer.weight, parts, ctx.tap)
         return grad_x, None, None, None, None
 
     monkeypatch.setattr(layer_taps._LinearTap, "backward", staticmethod(shifted))
@@ -570,7 +570,7 @@ def test_each_tap_splits_like_autograd_per_group_in_every_memory_layout(make, la
     destination = None
     if handed == "destination":
         got = {i: torch.full((groups, *p.shape), float("nan"), dtype=p.dtype) for i, p in enumerate(params)}
-        destination = lambda i, dtype: got[i]  # noqa: E731
+        destination = got.__getitem__
     with taps.tapping(groups, lambda i, g: got.__setitem__(i, g.clone()), destination):
         out = layer(x)
         grad = torch.randn_like(out)
@@ -613,7 +613,7 @@ def test_conv_tap_routes_split_like_autograd(conv, groups, route, monkeypatch):
     buffers = [torch.full((groups, *p.shape), float("nan"), dtype=torch.float64) for p in params]
     taps = LayerTaps(layer, params)
     x = base.clone().requires_grad_(True)
-    with taps.tapping(groups, lambda i, g: buffers[i].copy_(g), lambda i, dtype: buffers[i]):
+    with taps.tapping(groups, lambda i, g: buffers[i].copy_(g), buffers.__getitem__):
         out = layer(x)
         grad = torch.randn_like(out)
         out.backward(grad)

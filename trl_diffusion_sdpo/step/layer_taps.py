@@ -14,9 +14,15 @@ output gradient, as per-sample-gradient libraries do (Opacus' grad samplers), wi
              group under autograd (elementwise work, small against the matmuls)
 
 The group sums together are what autograd's one sum would be: FLOPs equal to one weight gradient's, no second pass
-through the network. The layer's input gradient is computed once over all rows, as usual. A tapped layer hands its
-weights' gradients to a sink (``sink(index, per_group)``, ``per_group`` of shape ``[groups, *weight.shape]``) and
-returns none to autograd, so ``.grad`` is not touched by the pass.
+through the network. The layer's input gradient is computed once over all rows, as usual. A tapped layer writes its
+weights' per-group gradients (``[groups, *weight.shape]``) into the view the caller's ``destination`` offers for
+each weight (the first gradient of the pass overwrites it, any later one adds to it), or hands them to a sink
+(``sink(index, per_group)``) where it offers none, and returns none to autograd, so ``.grad`` is not touched by the
+pass.
+
+A tap runs on every tapped layer in every step, so its Python is kept to a few calls: what a layer needs (its
+weights' indices and views, a convolution's arguments, resolved aten overloads) is looked up when it is built or
+when the pass starts, not in the forward or the backward.
 
 Rows are grouped as the layer sees them: the first ``1/groups`` of the leading dimension is group 0, and so on, which
 holds when the leading dimension is the batch or the batch times a per-sample axis (tokens, pixels, frames), as in
@@ -41,10 +47,13 @@ from torch import nn
 __all__ = ["RECOMPUTED", "Destination", "LayerTaps", "Sink"]
 
 Sink = Callable[[int, torch.Tensor], None]
-# (index, dtype) -> the view to write weight ``index``'s first per-group gradient into, or None (use the sink)
-Destination = Callable[[int, torch.dtype], "torch.Tensor | None"]
+# index -> the ``[groups, *weight.shape]`` view weight ``index``'s per-group gradients are written into, or None (sink)
+Destination = Callable[[int], "torch.Tensor | None"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_BACKWARD = torch.ops.aten.convolution_backward.default
+_GROUP_NORM_BACKWARD = torch.ops.aten.native_group_norm_backward.default
+_LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
 
 
 def _recomputed_types() -> tuple[type[nn.Module], ...]:
@@ -84,29 +93,60 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+class _Pass:
+    """What the layers of one tapped pass share: the number of row groups, the sink and the failures."""
+
+    __slots__ = ("groups", "sink", "failures")
+
+    def __init__(self, groups: int, sink: Sink) -> None:
+        self.groups, self.sink = groups, sink
+        self.failures: list[str] = []
+
+
 class _Layer:
-    """One tapped module: its weights' indices in the caller's parameter list, by attribute name."""
+    """One tapped module: its weights' indices in the caller's parameter list (``slots``: ``(attribute, index)``,
+    the weight first), and per pass the views its gradients go to and whether each was written yet."""
+
+    __slots__ = ("name", "module", "kind", "indices", "slots", "weight", "bias", "conv_args", "views", "written")
 
     def __init__(self, name: str, module: nn.Module, kind: str, indices: dict[str, int]) -> None:
         self.name, self.module, self.kind, self.indices = name, module, kind, indices
+        self.slots = list(indices.items())
+        self.weight = indices.get("weight")  # the index of the module's ``weight`` (None: frozen or absent)
+        self.bias = indices.get("bias")
+        self.conv_args = None
+        if kind == "conv":  # convolution_backward's arguments after the weight's sizes
+            spatial = len(module.stride)
+            args = (module.stride, module.padding, module.dilation, False, (0,) * spatial, module.groups)
+            self.conv_args = tuple(tuple(a) if isinstance(a, list) else a for a in args)
+        self.views: dict[int, torch.Tensor | None] = {}
+        self.written: dict[int, bool] = {}
 
+    def start(self, destination: Destination | None) -> None:
+        """Take this pass's views (none written yet)."""
+        self.views = {i: (destination(i) if destination is not None else None) for _, i in self.slots}
+        self.written = dict.fromkeys(self.views, False)
 
-class _Pass:
-    """What the layers of one tapped pass share: the number of row groups, the sink, where a weight's first
-    gradient may be written directly, and the failures."""
+    def target(self, index: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The view to overwrite with weight ``index``'s per-group gradient, where this is its first of the pass
+        and ``dtype`` is the view's (then marked written); else ``None``: hand the gradient to :meth:`deliver`."""
+        view = self.views[index]
+        if view is None or self.written[index] or view.dtype != dtype:
+            return None
+        self.written[index] = True
+        return view
 
-    def __init__(self, groups: int, sink: Sink, destination: Destination | None) -> None:
-        self.groups, self.sink, self.destination = groups, sink, destination
-        self.failures: list[str] = []
-
-    def into(self, index: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The ``[groups, *weight.shape]`` view to write weight ``index``'s per-group gradient into (its first
-        gradient of the pass, in ``dtype``), or ``None``: then hand it to :meth:`sink`."""
-        return None if self.destination is None else self.destination(index, dtype)
-
-
-def _groupable(x: torch.Tensor, groups: int) -> bool:
-    return x.dim() >= 1 and x.shape[0] >= groups and x.shape[0] % groups == 0
+    def deliver(self, index: int, per_group: torch.Tensor, tap: _Pass) -> None:
+        """Weight ``index``'s per-group gradient computed apart: copied into its view (added, after the first), or
+        handed to the sink where there is no view."""
+        view = self.views[index]
+        if view is None:
+            tap.sink(index, per_group)
+        elif self.written[index]:
+            view.add_(per_group)
+        else:
+            view.copy_(per_group)
+            self.written[index] = True
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -114,6 +154,16 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def _group_sum(layer: _Layer, tap: _Pass, index: int, values: torch.Tensor, dims: int | tuple[int, ...]) -> None:
+    """Weight ``index``'s per-group gradient ``values.sum(dims)`` (``values``' leading dimension: the groups),
+    summed straight into its view where it can be."""
+    into = layer.target(index, values.dtype)
+    if into is None:
+        layer.deliver(index, values.sum(dims), tap)
+    else:
+        torch.sum(values, dims, out=into)
 
 
 class _LinearTap(torch.autograd.Function):
@@ -126,30 +176,21 @@ class _LinearTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        layer, tap = ctx.layer, ctx.tap
         grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-        tap, indices = ctx.tap, ctx.layer.indices
         per_group_g = grad.reshape(tap.groups, -1, grad.shape[-1])
-        if "weight" in indices:
-            index = indices["weight"]
+        index = layer.weight
+        if index is not None:
+            per_group_g_t = per_group_g.transpose(1, 2)
             per_group_x = x.reshape(tap.groups, -1, x.shape[-1])
-            into = tap.into(index, grad.dtype)  # the batched matmul writes straight into the split buffer
+            into = layer.target(index, grad.dtype)  # the batched matmul writes straight into the split buffer
             if into is None:
-                tap.sink(index, torch.bmm(per_group_g.transpose(1, 2), per_group_x))
+                layer.deliver(index, torch.bmm(per_group_g_t, per_group_x), tap)
             else:
-                torch.bmm(per_group_g.transpose(1, 2), per_group_x, out=into)
-        if ctx.has_bias and "bias" in indices:
-            _group_sum(tap, indices["bias"], per_group_g, 1)
+                torch.bmm(per_group_g_t, per_group_x, out=into)
+        if ctx.has_bias and layer.bias is not None:
+            _group_sum(layer, tap, layer.bias, per_group_g, 1)
         return grad_x, None, None, None, None
-
-
-def _group_sum(tap: _Pass, index: int, values: torch.Tensor, dims: int | tuple[int, ...]) -> None:
-    """Weight ``index``'s per-group gradient ``values.sum(dims)`` (``values``' leading dimension: the groups),
-    summed straight into the split buffer where it can be."""
-    into = tap.into(index, values.dtype)
-    if into is None:
-        tap.sink(index, values.sum(dims))
-    else:
-        torch.sum(values, dims, out=into)
 
 
 #: A CPU convolution whose rows per group times output pixels are at most this gets its per-group weight gradients
@@ -171,37 +212,32 @@ class _ConvTap(torch.autograd.Function):
         # group of rows: one weight-gradient call per group (the same FLOPs as one over all rows), or on tiny CPU
         # feature maps one batched matmul over the unfolded input (_unfolded_weight_gradients).
         x, weight = ctx.saved_tensors
-        conv = ctx.layer.module
-        spatial = len(conv.stride)
-        args = (conv.stride, conv.padding, conv.dilation, False, [0] * spatial, conv.groups)
-        tap, indices = ctx.tap, ctx.layer.indices
-        groups = tap.groups
-        want_x = ctx.needs_input_grad[0]
-        want_w, want_b = "weight" in indices, ctx.has_bias and "bias" in indices
+        layer, tap = ctx.layer, ctx.tap
+        args, groups = layer.conv_args, tap.groups
         grad_x = None
-        if want_x:
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, *args, [True, False, False])[0]
-        if want_b:
-            pixels = math.prod(grad.shape[2:])
-            _group_sum(tap, indices["bias"], grad.reshape(groups, -1, grad.shape[1], pixels), (1, 3))
-        if not want_w:
+        if ctx.needs_input_grad[0]:
+            grad_x = _CONV_BACKWARD(grad, x, weight, None, *args, (True, False, False))[0]
+        if ctx.has_bias and layer.bias is not None:
+            pixels = grad[0, 0].numel()
+            _group_sum(layer, tap, layer.bias, grad.reshape(groups, -1, grad.shape[1], pixels), (1, 3))
+        index = layer.weight
+        if index is None:
             return grad_x, None, None, None, None
-        index = indices["weight"]
-        into = tap.into(index, grad.dtype)
-        if _unfolds(conv, x, grad, groups):
-            per_group = _unfolded_weight_gradients(conv, x, grad, groups, into)
+        into = layer.target(index, grad.dtype)
+        if _unfolds(layer.module, x, grad, groups):
+            per_group = _unfolded_weight_gradients(layer.module, x, grad, groups, into)
             if into is None:
-                tap.sink(index, per_group)
+                layer.deliver(index, per_group, tap)
             return grad_x, None, None, None, None
         parts = []
         for k, (g, xs) in enumerate(zip(grad.chunk(groups), x.chunk(groups))):
-            dw = torch.ops.aten.convolution_backward(g, xs, weight, None, *args, [False, True, False])[1]
+            dw = _CONV_BACKWARD(g, xs, weight, None, *args, (False, True, False))[1]
             if into is None:
                 parts.append(dw)
             else:
                 into[k].copy_(dw)
         if into is None:
-            tap.sink(index, torch.stack(parts))
+            layer.deliver(index, torch.stack(parts), tap)
         return grad_x, None, None, None, None
 
 
@@ -243,12 +279,10 @@ class _NormTap(torch.autograd.Function):
             n, c = x.shape[:2]
             hw = x.numel() // max(n * c, 1)
             ctx.shape = (n, c, hw, module.num_groups)
-            out, mean, rstd = torch.ops.aten.native_group_norm(
-                x, weight, bias, n, c, hw, module.num_groups, module.eps
-            )
+            out, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, module.num_groups, module.eps)
         else:
             ctx.shape = None
-            out, mean, rstd = torch.ops.aten.native_layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+            out, mean, rstd = torch.native_layer_norm(x, module.normalized_shape, weight, bias, module.eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return out
 
@@ -256,58 +290,54 @@ class _NormTap(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         grad = grad.contiguous()
-        module, indices, tap = ctx.layer.module, ctx.layer.indices, ctx.tap
+        layer, tap = ctx.layer, ctx.tap
         groups = tap.groups
-        want_w, want_b = "weight" in indices, ctx.has_bias and "bias" in indices
+        want_w, want_b = layer.weight is not None, ctx.has_bias and layer.bias is not None
         if groups == 2:
             # aten's fused kernel twice: over all rows (the input gradient and the affine gradients' sum) and over
             # the first group's rows (its affine gradients); the second group's are the difference
-            mask = [ctx.needs_input_grad[0], want_w, want_b]
+            mask = (ctx.needs_input_grad[0], want_w, want_b)
             half = x.shape[0] // 2
             if ctx.shape is not None:  # GroupNorm: x [N, C, ...], mean and rstd [N, G]
                 n, c, hw, g = ctx.shape
-                grad_x, dw, db = torch.ops.aten.native_group_norm_backward(
-                    grad, x, mean, rstd, weight, n, c, hw, g, mask
-                )
-                _, dw0, db0 = torch.ops.aten.native_group_norm_backward(
-                    grad[:half], x[:half], mean[:half], rstd[:half], weight, half, c, hw, g, [False, want_w, want_b]
+                grad_x, dw, db = _GROUP_NORM_BACKWARD(grad, x, mean, rstd, weight, n, c, hw, g, mask)
+                _, dw0, db0 = _GROUP_NORM_BACKWARD(
+                    grad[:half], x[:half], mean[:half], rstd[:half], weight, half, c, hw, g, (False, want_w, want_b)
                 )
             else:  # LayerNorm over the trailing normalized_shape; mean and rstd [..., 1, ...]
-                shape = module.normalized_shape
-                grad_x, dw, db = torch.ops.aten.native_layer_norm_backward(
-                    grad, x, shape, mean, rstd, weight, bias, mask
+                shape = layer.module.normalized_shape
+                grad_x, dw, db = _LAYER_NORM_BACKWARD(grad, x, shape, mean, rstd, weight, bias, mask)
+                _, dw0, db0 = _LAYER_NORM_BACKWARD(
+                    grad[:half], x[:half], shape, mean[:half], rstd[:half], weight, bias, (False, want_w, want_b)
                 )
-                _, dw0, db0 = torch.ops.aten.native_layer_norm_backward(
-                    grad[:half], x[:half], shape, mean[:half], rstd[:half], weight, bias, [False, want_w, want_b]
-                )
-            for name, wanted, total, first in (("weight", want_w, dw, dw0), ("bias", want_b, db, db0)):
+            for index, wanted, total, first in ((layer.weight, want_w, dw, dw0), (layer.bias, want_b, db, db0)):
                 if wanted:
-                    into = tap.into(indices[name], total.dtype)
+                    into = layer.target(index, total.dtype)
                     if into is None:
-                        tap.sink(indices[name], torch.stack([first, total - first]))
+                        layer.deliver(index, torch.stack([first, total - first]), tap)
                     else:
                         into[0].copy_(first)
                         torch.sub(total, first, out=into[1])
             return grad_x, None, None, None, None
-        mask = [ctx.needs_input_grad[0], False, False]
+        mask = (ctx.needs_input_grad[0], False, False)
         if ctx.shape is not None:  # GroupNorm: x [N, C, ...], mean and rstd [N, G]
             n, c, hw, g = ctx.shape
-            grad_x = torch.ops.aten.native_group_norm_backward(grad, x, mean, rstd, weight, n, c, hw, g, mask)[0]
+            grad_x = _GROUP_NORM_BACKWARD(grad, x, mean, rstd, weight, n, c, hw, g, mask)[0]
             per_channel = (c // g, hw)
             stats = (mean.view(n, g, 1, 1), rstd.view(n, g, 1, 1))
             x_hat = (x.reshape(n, g, *per_channel) - stats[0]) * stats[1]
             dw = (grad.reshape(n, g, *per_channel) * x_hat).sum(-1).reshape(groups, -1, c).sum(1)
             db = grad.reshape(n, c, hw).sum(-1).reshape(groups, -1, c).sum(1)
         else:  # LayerNorm over the trailing normalized_shape; mean and rstd [..., 1, ...]
-            shape = module.normalized_shape
-            grad_x = torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, weight, None, mask)[0]
+            shape = layer.module.normalized_shape
+            grad_x = _LAYER_NORM_BACKWARD(grad, x, shape, mean, rstd, weight, None, mask)[0]
             x_hat = (x - mean) * rstd
             dw = (grad * x_hat).reshape(groups, -1, *shape).sum(1)
             db = grad.reshape(groups, -1, *shape).sum(1)
         if want_w:
-            tap.sink(indices["weight"], dw)
+            layer.deliver(layer.weight, dw, tap)
         if want_b:
-            tap.sink(indices["bias"], db)
+            layer.deliver(layer.bias, db, tap)
         return grad_x, None, None, None, None
 
 
@@ -323,16 +353,15 @@ class _RecomputeTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        layer, groups = ctx.layer, ctx.tap.groups
-        names = list(layer.indices)
-        weights = [getattr(layer.module, name) for name in names]
+        layer, tap = ctx.layer, ctx.tap
+        weights = [getattr(layer.module, name) for name, _ in layer.slots]
         needs_x = ctx.needs_input_grad[0]
         autocast = (
             torch.autocast(x.device.type, dtype=ctx.autocast) if ctx.autocast is not None else contextlib.nullcontext()
         )
-        grads_x, per_weight = [], [[] for _ in names]
+        grads_x, per_weight = [], [[] for _ in weights]
         with torch.enable_grad(), autocast:
-            for g, xs in zip(grad.chunk(groups), x.chunk(groups)):
+            for g, xs in zip(grad.chunk(tap.groups), x.chunk(tap.groups)):
                 xs = xs.detach().requires_grad_(needs_x)
                 out = ctx.run(xs)
                 inputs = ([xs] if needs_x else []) + weights
@@ -342,8 +371,8 @@ class _RecomputeTap(torch.autograd.Function):
                     found = found[1:]
                 for i, (w, dw) in enumerate(zip(weights, found)):
                     per_weight[i].append(torch.zeros_like(w) if dw is None else dw)
-        for name, dws in zip(names, per_weight):
-            ctx.tap.sink(layer.indices[name], torch.stack(dws))
+        for (_, index), dws in zip(layer.slots, per_weight):
+            layer.deliver(index, torch.stack(dws), tap)
         grad_x = torch.cat(grads_x) if needs_x else None
         return (grad_x, None, None, None, None) + (None,) * len(weights)
 
@@ -351,39 +380,72 @@ class _RecomputeTap(torch.autograd.Function):
 _FUNCTIONS = {"linear": _LinearTap, "conv": _ConvTap, "norm": _NormTap}
 
 
-def _tapped_forward(layer: _Layer, original: Callable, current: Callable[[], _Pass | None]) -> Callable:
+class _Current:
+    """The pass the taps of one :class:`LayerTaps` write to (``None`` outside :meth:`LayerTaps.tapping`: a recompute
+    after the block runs untapped)."""
+
+    __slots__ = ("tap",)
+
+    def __init__(self) -> None:
+        self.tap: _Pass | None = None
+
+
+def _refuse(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str | None:
+    """Why this call cannot be tapped (``None``: it can): one tensor input whose leading dimension splits into the
+    pass's groups of rows."""
+    if len(args) != 1 or kwargs:
+        return (
+            f"{layer.name} was called with {len(args)} positional and {len(kwargs)} keyword arguments (a tap takes "
+            "one input)"
+        )
+    (x,) = args
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] < tap.groups or x.shape[0] % tap.groups:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        return (
+            f"{layer.name} saw an input of shape {shape}, whose leading dimension does not split into {tap.groups} "
+            "groups of rows"
+        )
+    return None
+
+
+def _tapped_forward(layer: _Layer, original: Callable, current: _Current) -> Callable:
     module = layer.module
+    parameters = module._parameters  # read directly: nn.Module.__getattr__ costs a lookup chain per call
+    if layer.kind == "recompute":
+
+        def forward(*args, **kwargs):
+            tap = current.tap
+            if tap is None or not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            why = _refuse(layer, tap, args, kwargs)
+            if why is not None:
+                tap.failures.append(why)
+                return original(*args, **kwargs)
+            weights = [parameters[name] for name, _ in layer.slots]
+            return _RecomputeTap.apply(args[0], layer, tap, original, _autocast_dtype(args[0]), *weights)
+
+        return forward
+    function = _FUNCTIONS[layer.kind]
+    # autocast's policy made explicit (linear and convolution in its dtype, norms in float32): the tap then runs
+    # without autocast
+    norm = layer.kind == "norm"
 
     def forward(*args, **kwargs):
-        tap = current()
-        if tap is None or not torch.is_grad_enabled() or len(args) != 1 or kwargs:
-            if tap is not None and torch.is_grad_enabled():
-                tap.failures.append(
-                    f"{layer.name} was called with {len(args)} positional and {len(kwargs)} keyword "
-                    "arguments (a tap takes one input)"
-                )
+        tap = current.tap
+        if tap is None or not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        (x,) = args
-        if not isinstance(x, torch.Tensor) or not _groupable(x, tap.groups):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            tap.failures.append(
-                f"{layer.name} saw an input of shape {shape}, whose leading dimension does not split "
-                f"into {tap.groups} groups of rows"
-            )
-            return original(x)
-        if layer.kind == "recompute":
-            weights = [getattr(module, name) for name in layer.indices]
-            return _RecomputeTap.apply(x, layer, tap, original, _autocast_dtype(x), *weights)
-        weight, bias = module.weight, module.bias
-        function = _FUNCTIONS[layer.kind]
-        dtype = _autocast_dtype(x)
-        if dtype is not None and x.is_floating_point():
-            # autocast's policy made explicit (linear and convolution in its dtype, norms in float32): the tap then
-            # runs without autocast
-            dtype = torch.float32 if layer.kind == "norm" else dtype
+        why = _refuse(layer, tap, args, kwargs)
+        if why is not None:
+            tap.failures.append(why)
+            return original(*args, **kwargs)
+        x = args[0]
+        weight, bias = parameters["weight"], parameters.get("bias")
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+            dtype = torch.float32 if norm else torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-            with torch.autocast(x.device.type, enabled=False):
+            with torch.autocast(device_type, enabled=False):
                 return function.apply(x, weight, bias, layer, tap)
         return function.apply(x, weight, bias, layer, tap)
 
@@ -412,36 +474,44 @@ class LayerTaps:
         self.names = [names.get(id(p), f"parameter {i}") for i, p in enumerate(parameters)]
         #: names of the trainable parameters no tap covers (empty: every gradient can be split)
         self.uncovered = [name for i, name in enumerate(self.names) if i not in covered]
-        self._pass: _Pass | None = None
+        self._current = _Current()
         self._failures: list[str] = []
 
     @property
     def failures(self) -> list[str]:
         """Why layers of the current (or last) pass could not be tapped (empty: every weight's gradient went to the
-        sink)."""
-        return self._pass.failures if self._pass is not None else self._failures
+        sink or its view)."""
+        tap = self._current.tap
+        return tap.failures if tap is not None else self._failures
+
+    def written(self) -> list[int]:
+        """Indices of the weights whose view (from ``destination``) received a gradient in the current (or last)
+        pass."""
+        return [index for layer in self.layers for index, done in layer.written.items() if done]
 
     @contextlib.contextmanager
     def tapping(self, groups: int, sink: Sink, destination: Destination | None = None) -> Iterator[None]:
-        """Within the block, each tapped layer sends its weights' per-group gradients to ``sink`` during backward
-        passes (run the forward and the backward inside the block; with gradient checkpointing the backward
-        recomputes tapped forwards). ``destination(index, dtype)``, where given, may instead hand a layer the
-        ``[groups, *weight.shape]`` tensor to write a weight's first gradient of the pass into (``None``: use the
-        sink), which saves a copy of every weight gradient."""
-        self._pass = _Pass(groups, sink, destination)
-        current = lambda: self._pass  # noqa: E731 - read at call time, so a recompute after the block is untapped
+        """Within the block, each tapped layer writes its weights' per-group gradients into the view
+        ``destination(index)`` offers (``[groups, *weight.shape]``; the first gradient of the pass overwrites it,
+        later ones add to it), or where it offers ``None`` (or no ``destination`` is given) hands them to ``sink``,
+        during backward passes (run the forward and the backward inside the block; with gradient checkpointing the
+        backward recomputes tapped forwards)."""
+        tap = _Pass(groups, sink)
         saved = []
         for layer in self.layers:
+            layer.start(destination)
             had = layer.module.__dict__.get("forward")
             original = had if had is not None else layer.module.forward
-            layer.module.forward = _tapped_forward(layer, original, current)
+            layer.module.forward = _tapped_forward(layer, original, self._current)
             saved.append(had)
+        self._current.tap = tap
         try:
             yield
         finally:
+            self._current.tap = None
             for layer, had in zip(self.layers, saved):
                 if had is None:
                     del layer.module.forward
                 else:
                     layer.module.forward = had
-            self._failures, self._pass = self._pass.failures, None
+            self._failures = tap.failures

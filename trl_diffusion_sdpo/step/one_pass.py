@@ -84,8 +84,10 @@ class OnePassBranchGradients:
         """Run the micro-batch's forward and backward inside: ``groups`` 2 (by branch) or ``2B`` (by image)."""
         self._seen = [False] * len(self.parameters)
         self._prepare(groups)
-        with self.taps.tapping(groups, self._sink, self._destination):
+        with self.taps.tapping(groups, self._sink, self._views.__getitem__):
             yield
+        for i in self.taps.written():
+            self._seen[i] = True
         for view, seen in zip(self._views, self._seen):
             if not seen:  # no gradient reached this weight in this pass
                 view.zero_()
@@ -104,16 +106,9 @@ class OnePassBranchGradients:
                 chunk.view(groups, *p.shape) for chunk, p in zip(flat.split(self._sizes, dim=1), self.parameters)
             ]
 
-    def _destination(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """Weight ``i``'s view of the buffer for its first gradient of the pass (then marked seen), where ``dtype``
-        is the buffer's; else ``None`` (the tap hands its gradient to :meth:`_sink`)."""
-        view = self._views[i]
-        if self._seen[i] or view.dtype != dtype:
-            return None
-        self._seen[i] = True
-        return view
-
     def _sink(self, i: int, per_group: torch.Tensor) -> None:
+        """A gradient the taps could not write into its view themselves (they do whenever a view is offered, and
+        this store offers one for every weight)."""
         if self._seen[i]:
             self._views[i].add_(per_group)
         else:
@@ -171,9 +166,11 @@ class OnePassBranchGradients:
     # ------------------------------------------------------------------ by pair
 
     def pair_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(<g_w,i, g_w,i>, <g_w,i, h_l,i>)`` per pair ``i`` (float32 vectors of length ``B``)."""
-        winners, losers = self._flat.chunk(2)
-        return (winners * winners).sum(1), (winners * losers).sum(1)
+        """``(<g_w,i, g_w,i>, <g_w,i, h_l,i>)`` per pair ``i`` (float32 vectors of length ``B``): per pair, one blocked
+        read of its winner's and loser's rows (``flat[i::B]``, a view), no temporary the size of the buffer."""
+        pairs = self._flat.shape[0] // 2
+        sums = torch.stack([blocked_dot(self._flat[i], self._flat[i::pairs]) for i in range(pairs)])
+        return sums[:, 0].float(), sums[:, 1].float()
 
     def combine_pairs(self, lam: torch.Tensor) -> None:
         """``.grad = A + sum_i (g_w,i + lambda_i * h_l,i)`` (``lam``: one ``lambda`` per pair)."""
