@@ -390,22 +390,27 @@ class _Current:
         self.tap: _Pass | None = None
 
 
-def _refuse(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str | None:
-    """Why this call cannot be tapped (``None``: it can): one tensor input whose leading dimension splits into the
-    pass's groups of rows."""
+def _tappable(tap: _Pass, args: tuple, kwargs: dict) -> bool:
+    """Whether a call can be tapped: one tensor input whose leading dimension splits into the pass's groups of rows."""
+    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+        return False
+    rows = args[0].shape[0]
+    return rows >= tap.groups and rows % tap.groups == 0
+
+
+def _refuse(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str:
+    """Why this call cannot be tapped (see :func:`_tappable`)."""
     if len(args) != 1 or kwargs:
         return (
             f"{layer.name} was called with {len(args)} positional and {len(kwargs)} keyword arguments (a tap takes "
             "one input)"
         )
-    (x,) = args
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] < tap.groups or x.shape[0] % tap.groups:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        return (
-            f"{layer.name} saw an input of shape {shape}, whose leading dimension does not split into {tap.groups} "
-            "groups of rows"
-        )
-    return None
+    x = args[0]
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    return (
+        f"{layer.name} saw an input of shape {shape}, whose leading dimension does not split into {tap.groups} "
+        "groups of rows"
+    )
 
 
 def _tapped_forward(layer: _Layer, original: Callable, current: _Current) -> Callable:
@@ -417,9 +422,8 @@ def _tapped_forward(layer: _Layer, original: Callable, current: _Current) -> Cal
             tap = current.tap
             if tap is None or not torch.is_grad_enabled():
                 return original(*args, **kwargs)
-            why = _refuse(layer, tap, args, kwargs)
-            if why is not None:
-                tap.failures.append(why)
+            if not _tappable(tap, args, kwargs):
+                tap.failures.append(_refuse(layer, tap, args, kwargs))
                 return original(*args, **kwargs)
             weights = [parameters[name] for name, _ in layer.slots]
             return _RecomputeTap.apply(args[0], layer, tap, original, _autocast_dtype(args[0]), *weights)
@@ -434,20 +438,18 @@ def _tapped_forward(layer: _Layer, original: Callable, current: _Current) -> Cal
         tap = current.tap
         if tap is None or not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        why = _refuse(layer, tap, args, kwargs)
-        if why is not None:
-            tap.failures.append(why)
+        if not _tappable(tap, args, kwargs):
+            tap.failures.append(_refuse(layer, tap, args, kwargs))
             return original(*args, **kwargs)
         x = args[0]
-        weight, bias = parameters["weight"], parameters.get("bias")
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type) and x.is_floating_point():
             dtype = torch.float32 if norm else torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
+            weight, bias = parameters["weight"].to(dtype), parameters.get("bias")
             bias = bias.to(dtype) if bias is not None else None
             with torch.autocast(device_type, enabled=False):
-                return function.apply(x, weight, bias, layer, tap)
-        return function.apply(x, weight, bias, layer, tap)
+                return function.apply(x.to(dtype), weight, bias, layer, tap)
+        return function.apply(x, parameters["weight"], parameters.get("bias"), layer, tap)
 
     return forward
 
