@@ -300,6 +300,24 @@ def test_pair_scope_lambdas_and_gradient_equal_explicit_per_pair_autograd(name, 
         assert first >= 0.5 * sq * (1 - 1e-9)
 
 
+@pytest.mark.parametrize("scope", ["batch", "pair"])
+def test_a_second_micro_batch_keeps_the_first_ones_gradient(scope, tmp_path):
+    """Without accumulated gradients the combination is handed to ``.grad`` as a view of the split buffer; the next
+    micro-batch of the window must split into a fresh buffer, not overwrite that ``.grad``: the same micro-batch at
+    loss scales 0.5 and 0.25 through one stage gives 1.5 times the gradient at 0.5."""
+    problem = make_problem("sd", True, tmp_path, pairs=2)
+    options = {"pair_scope": True} if scope == "pair" else {}
+    _, _, once = run_stage(problem, **options)
+    stage = ParameterSpaceBackward(PlainEngine(SimpleNamespace(num_processes=1)), 0.5, 1.0, False, **options)
+    params = problem.trainable()
+    for p in params:
+        p.grad = None
+    for scale in (0.5, 0.25):
+        stage(problem.policy, problem.predict, problem.loss, torch.tensor(scale, dtype=torch.float64), pairs=2)
+    assert stage.one_pass is not None
+    assert_equal_gradients([p.grad for p in params], [None if g is None else 1.5 * g for g in once])
+
+
 def test_pair_scope_engages_on_some_pairs_only(tmp_path):
     """The per-pair lambdas differ: at least one pair is restricted and they are not all equal (else the pair scope
     would be the local scope under another name)."""

@@ -175,5 +175,5 @@ class OnePassBranchGradients:
     def combine_pairs(self, lam: torch.Tensor) -> None:
         """``.grad = A + sum_i (g_w,i + lambda_i * h_l,i)`` (``lam``: one ``lambda`` per pair)."""
         weights = torch.cat([torch.ones_like(lam), lam]).to(self._flat)
-        combined = weights @ self._flat
+        combined = self._flat[0].addmv_(self._flat[1:].t(), weights[1:])  # in place: no fresh gradient-sized tensor
         self._assign([c.view(p.shape) for c, p in zip(combined.split(self._sizes), self.parameters)])
