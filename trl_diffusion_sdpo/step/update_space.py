@@ -19,19 +19,34 @@ For a plain gradient step (``Delta = -lr * g``, no clipping) ``D(lambda) = lr * 
 ``max(., 0)``: when momentum or weight decay already make the winner's own update raise ``W`` (``D(0) < 0``) the
 condition asks for no rise at all (``D(lambda) >= 0``); it may then be infeasible (see :func:`update_space_lambda`).
 
-``lambda`` is the largest value in ``[0, max_lambda]`` satisfying it, found by a scalar search over the real update
-(AdamW's second moment depends on ``lambda``, so there is no closed form): ``D`` on a grid of
-:data:`GRID_POINTS` values, then :data:`BISECTIONS` bisection steps between the largest satisfying grid point and
-the next. ``D(0)`` and ``D(max_lambda)`` come first, from one pass, and the host reads whether ``max_lambda`` meets
-the condition (one sync per step): if so there is nothing to restrict and no search; else the seven inner grid
-points take one more pass and each bisection step one (17 evaluations of ``D`` in 10 passes). When no grid point
-satisfies the condition, ``lambda`` is the grid point with the largest ``D`` and the step is counted as infeasible.
+``lambda`` is found by a scalar search over the real update (AdamW's second moment depends on ``lambda``, so there
+is no closed form). ``D(0)`` and ``D(max_lambda)`` come first, from one pass, read on the host: when ``D(max_lambda)``
+meets the target ``mu * max(D(0), 0)`` there is nothing to restrict, ``lambda = max_lambda``, and no search. Else:
 
-A pass reads the gradients, the optimizer's moments and (for an L2 weight decay) the weights once, in slices that
-stay in cache on a CPU, for all of its ``lambda`` together: a handful of batched elementwise operations per slice,
-no Python loop over the weights, and no copy of the gradients (they are read in the backward's units, with
-``unscale`` folded into the scalars). SGD's update is affine in the gradient: its ``D`` follows from four sums read
-once, and the search costs no pass at all.
+* ``D(0)`` meets the target (always, unless ``D(0) < 0``): ``[0, max_lambda]`` brackets a crossing, and
+  :func:`bracketed_crossing` narrows it to ``resolution = max_lambda *`` :data:`RESOLUTION` (``max_lambda / 2048``,
+  the resolution of the grid and bisections before): ``lambda`` is the bracket's lower end, so ``D(lambda) >=
+  target > D(hi)`` for some ``hi`` in ``(lambda, lambda + resolution]``. A pass evaluates ``x - resolution / 2``
+  and ``x + resolution / 2`` around the crossing ``x`` of an interpolant of the points evaluated so far (its basis
+  built on the clip coefficient, which is known exactly), which certifies the bracket at once when ``x`` is that
+  close; ITP's bound keeps the worst case to 13 passes. Typically two or three passes of two ``lambda`` each.
+* ``D(0)`` misses it (momentum or weight decay already raise the winner's term; the target is 0): the inner points
+  of the :data:`GRID_POINTS`-point grid ``0, max_lambda / 8, ..., max_lambda`` take one pass; the crossing is searched
+  between the largest grid point that meets the target and the next; where none does, ``lambda`` is the grid point
+  with the largest ``D`` and the step is counted as infeasible.
+
+Where ``D`` crosses the target once, ``lambda`` is within the resolution below the largest ``lambda`` meeting the
+target, as before. Where ``D`` crosses the target more than once in ``[0, max_lambda]``, the search returns one of
+the crossings (the rightmost sign change among the points it evaluated), not necessarily the largest: the grid
+before took the largest grid point meeting the target, which could also miss a feasible region between grid points.
+Every candidate is a float32 number, the ``lambda`` the trainer will use, so ``D(lambda) >= target`` holds for the
+returned value itself.
+
+A pass reads the gradients, the optimizer's moments and (for an L2 weight decay) the weights once, in slices (on a
+CPU 128K elements, views of the tensors, or small tensors joined) for all of its ``lambda`` together: a handful of
+batched elementwise operations per slice into one workspace allocated per pass, no Python loop over the weights,
+and no copy of the gradients (they are read in the backward's units, with ``unscale`` folded into the scalars).
+SGD's update is affine in the gradient: its ``D`` follows from four sums read once, and the search costs no pass.
 
 Supported optimizers: ``torch.optim.AdamW``, ``torch.optim.Adam`` (its weight decay is an L2 term added to the
 gradient) and ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay); foreach and fused implementations
@@ -588,14 +603,14 @@ def bracketed_crossing(
 def update_space_lambda(
     update: OptimizerUpdate, mu: float, max_lambda: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lambda, infeasible)``: the largest ``lambda`` of ``[0, max_lambda]`` with ``D(lambda) >= target = mu *
-    max(D(0), 0)`` where ``D(max_lambda)`` meets it, else ``lambda`` within ``resolution = max_lambda *``
-    :data:`RESOLUTION` below a crossing: ``D(lambda) >= target > D(hi)`` for some ``hi <= lambda + resolution``
-    (see the module docstring); both are detached float32 0-dim device tensors.
+    """``(lambda, infeasible)``: ``max_lambda`` where ``D(max_lambda) >= target = mu * max(D(0), 0)``, else ``lambda``
+    within ``resolution = max_lambda *`` :data:`RESOLUTION` below a crossing: ``D(lambda) >= target > D(hi)`` for some
+    ``hi`` in ``(lambda, lambda + resolution]`` (see the module docstring); both are detached float32 0-dim device
+    tensors.
 
     ``D(0)`` and ``D(max_lambda)`` come from one pass, read on the host: when ``D(max_lambda)`` meets the target
     (nothing to restrict) the search ends there. When ``D(0)`` meets it, the crossing is searched in ``[0,
-    max_lambda]`` by :func:`bracketed_crossing` (one to two ``lambda`` per pass, one host read each). When it does
+    max_lambda]`` by :func:`bracketed_crossing` (at most three ``lambda`` per pass, one host read each). When it does
     not (momentum or weight decay already raise the winner's term, so the target is 0), the inner grid points of
     :data:`GRID_POINTS` take one pass; the crossing is searched between the largest grid point that meets the target
     and the next, and where none does, ``lambda`` is the grid point with the largest ``D`` and ``infeasible = 1``.
