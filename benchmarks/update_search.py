@@ -1,13 +1,15 @@
 """The update-space safeguard's ``lambda`` search before and after issue 33 item 4, side by side in one process.
 
 Not part of the test suite. CPU, one thread. The synthetic problem: 12.38M float32 weights (four 1280x1280, six
-320x320x9, 300 of 1000 elements), a fused ``torch.optim.AdamW`` (lr 1e-4) after ``--warm-steps`` steps of random
-gradients, ``g_w ~ 1e-3 N(0, 1)`` and ``h_l = -conflict g_w + 1e-3 N(0, 1)`` as the rows of one flat ``[2, total]``
-buffer (as the one pass hands them), clipping at 1.0. Two cases:
+320x320x9, 300 of 1000 elements), a fused ``torch.optim.AdamW`` (lr 1e-4) after steps of random gradients,
+``g_w ~ 1e-3 N(0, 1)`` and ``h_l = -conflict g_w + 1e-3 N(0, 1)`` as the rows of one flat ``[2, total]``
+buffer (as the one pass hands them), clipping at 1.0. Three cases:
 
-* ``shortcut``: conflict 0.5, ``mu = 0.5``: ``D(max_lambda)`` meets the target, so there is no search;
-* ``binding``: conflict 3.0, ``mu = 0.5``: ``h_l`` strongly opposes ``g_w``, ``D(max_lambda)`` misses the target
-  and the search runs.
+* ``shortcut``: conflict 0.5, ``mu = 0.5``, one step of N(0, 1) gradients before: ``D(max_lambda)`` meets the
+  target, so there is no search;
+* ``binding``: conflict 3.0, ``mu = 0.5``, the same state: ``h_l`` strongly opposes ``g_w``, ``D(max_lambda)``
+  misses the target and the search runs (a state of one step of much larger gradients: ``D`` far from linear);
+* ``binding_warm``: the same gradients after 20 steps of gradients of their own scale (``1e-3 N(0, 1)``).
 
 Three implementations, interleaved repeat by repeat (median and minimum over ``--repeats`` of the process CPU time
 of each call, which counts our work on a shared machine, and the wall time):
@@ -53,7 +55,11 @@ from trl_diffusion_sdpo.step import update_space as after  # noqa: E402
 MODULE = "trl_diffusion_sdpo/step/update_space.py"
 BEFORE = "0d0a5c5"  # the last commit with the grid-and-bisection search
 SIZES = [1280 * 1280] * 4 + [320 * 320 * 9] * 6 + [1000] * 300
-CASES = {"shortcut": (0.5, 0.5), "binding": (3.0, 0.5)}  # conflict, mu
+CASES = {  # conflict, mu, AdamW steps before, their gradients' scale
+    "shortcut": (0.5, 0.5, 1, 1.0),
+    "binding": (3.0, 0.5, 1, 1.0),
+    "binding_warm": (3.0, 0.5, 20, 1e-3),
+}
 
 
 def _grid_bisection_search(update, mu: float, max_lambda: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,13 +95,15 @@ def load_before(ref: str):
     return module
 
 
-def problem(conflict: float, warm_steps: int, seed: int = 0):
+def problem(conflict: float, warm_steps: int, history_scale: float = 1.0, seed: int = 0):
+    """Weights, a fused AdamW after ``warm_steps`` steps of gradients ``history_scale N(0, 1)``, and ``(g_w, h_l)``
+    as rows of one flat buffer."""
     torch.manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(n) * 0.02) for n in SIZES]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     for _ in range(warm_steps):
         for p in params:
-            p.grad = torch.randn_like(p)
+            p.grad = torch.randn_like(p) * history_scale
         optimizer.step()
     flat = torch.empty(2, sum(SIZES))
     winner, loser = list(flat[0].split(SIZES)), list(flat[1].split(SIZES))
@@ -129,8 +137,8 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median_ms": 1e3 * statistics.median(values), "min_ms": 1e3 * min(values)}
 
 
-def run_case(before, conflict: float, mu: float, args) -> dict[str, Any]:
-    optimizer, params, winner, loser = problem(conflict, args.warm_steps)
+def run_case(before, conflict: float, mu: float, warm_steps: int, history_scale: float, args) -> dict[str, Any]:
+    optimizer, params, winner, loser = problem(conflict, warm_steps, history_scale)
     variants = {
         "before": (before.OptimizerUpdate, before.update_space_lambda),
         "after": (after.OptimizerUpdate, after.update_space_lambda),
@@ -176,7 +184,8 @@ def run_case(before, conflict: float, mu: float, args) -> dict[str, Any]:
 
 def run_passes(before, args) -> dict[str, Any]:
     """One evaluation pass of ``k`` lambdas, before and after, interleaved."""
-    optimizer, params, winner, loser = problem(3.0, args.warm_steps)
+    conflict, _, warm_steps, history_scale = CASES["binding"]
+    optimizer, params, winner, loser = problem(conflict, warm_steps, history_scale)
     updates = {
         "before": before.OptimizerUpdate(optimizer, params, winner, loser, 1.0),
         "after": after.OptimizerUpdate(optimizer, params, winner, loser, 1.0),
@@ -198,7 +207,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default=BEFORE, help="the git revision of the search before the change")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warm-steps", type=int, default=1, help="AdamW steps taken before the measured one")
     parser.add_argument("--pass-lambdas", type=int, nargs="*", default=[1, 2, 3, 7])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -211,12 +219,15 @@ def main() -> None:
             "weights": sum(SIZES),
             "max_grad_norm": 1.0,
             "resolution": after.RESOLUTION,
-            "cases": {name: {"conflict": c, "mu": mu} for name, (c, mu) in CASES.items()},
+            "cases": {
+                name: {"conflict": c, "mu": mu, "warm_steps": steps, "history_scale": scale}
+                for name, (c, mu, steps, scale) in CASES.items()
+            },
         },
         "cases": {},
     }
-    for name, (conflict, mu) in CASES.items():
-        report["cases"][name] = row = run_case(before, conflict, mu, args)
+    for name, case in CASES.items():
+        report["cases"][name] = row = run_case(before, *case, args)
         old, new = row["before"], row["after"]
         print(
             f"{name}: search {old['search_cpu']['median_ms']:.1f} -> {new['search_cpu']['median_ms']:.1f} ms CPU "
