@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP2Engine
-from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_lambda
+from trl_diffusion_sdpo.step.update_space import (
+    ESTIMATED_PASSES,
+    SPARE_PASSES,
+    OptimizerUpdate,
+    bracketed_crossing,
+    update_space_lambda,
+)
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 
@@ -125,58 +132,103 @@ def test_momentum_that_already_raises_the_winner_is_counted_infeasible_with_the_
     assert lam.item() == pytest.approx(lambdas[max(range(9), key=decreases.__getitem__)])
 
 
-def _reference_lambda(optimizer, params, g_w, h_l, mu, max_grad_norm, unscale=1.0, max_lambda=1.0):
-    """The search of ``update_space_lambda`` written out plainly, independently of the implementation: ``D`` per
-    weight tensor in float64 from the optimizer's formulas (torch's Adam/AdamW/SGD step, the clip coefficient from
-    the combined gradient's norm), all 9 grid points, then 8 bisection steps from the largest satisfying one."""
+def _reference_decreases(optimizer, params, g_w, h_l, max_grad_norm, lambdas, unscale=1.0) -> torch.Tensor:
+    """``D`` at each of ``lambdas``, written out plainly and independently of the implementation: per weight tensor in
+    float64 from the optimizer's formulas (torch's Adam/AdamW/SGD step, the clip coefficient from the combined
+    gradient's norm), all ``lambdas`` at once by broadcasting."""
     optimizer = getattr(optimizer, "optimizer", optimizer)
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    w = [unscale * x.double() for x in g_w]
-    h = [unscale * x.double() for x in h_l]
-
-    def decrease(lam: float) -> float:
-        norm = sum(float(((a + lam * b) ** 2).sum()) for a, b in zip(w, h)) ** 0.5
-        c = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm > 0 else 1.0
-        total = 0.0
-        for p, a, b in zip(params, w, h):
-            group, state = group_of[id(p)], optimizer.state.get(p, {})
-            theta = p.detach().double()
-            grad = c * (a + lam * b)
-            if isinstance(optimizer, torch.optim.SGD):
+    lam = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1, 1)
+    w = [unscale * x.double().reshape(1, -1) for x in g_w]
+    h = [unscale * x.double().reshape(1, -1) for x in h_l]
+    norm = sum(((a + lam * b) ** 2).sum(1) for a, b in zip(w, h)).sqrt()
+    c = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0) if max_grad_norm > 0 else torch.ones_like(norm)
+    total = torch.zeros(lam.shape[0], dtype=torch.float64)
+    for p, a, b in zip(params, w, h):
+        group, state = group_of[id(p)], optimizer.state.get(p, {})
+        theta = p.detach().double().reshape(1, -1)
+        grad = c.unsqueeze(1) * (a + lam * b)
+        if isinstance(optimizer, torch.optim.SGD):
+            grad = grad + group["weight_decay"] * theta
+            if group["momentum"]:
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = grad
+                else:
+                    buf = group["momentum"] * buf.double().reshape(1, -1) + (1 - group["dampening"]) * grad
+                grad = grad + group["momentum"] * buf if group["nesterov"] else buf
+            step = -group["lr"] * grad
+        else:
+            if not isinstance(optimizer, torch.optim.AdamW):
                 grad = grad + group["weight_decay"] * theta
-                if group["momentum"]:
-                    buf = state.get("momentum_buffer")
-                    buf = grad if buf is None else group["momentum"] * buf.double() + (1 - group["dampening"]) * grad
-                    grad = grad + group["momentum"] * buf if group["nesterov"] else buf
-                step = -group["lr"] * grad
-            else:
-                if not isinstance(optimizer, torch.optim.AdamW):
-                    grad = grad + group["weight_decay"] * theta
-                beta1, beta2 = group["betas"]
-                t = float(state.get("step", 0.0)) + 1
-                m, v = (1 - beta1) * grad, (1 - beta2) * grad**2
-                if "exp_avg" in state:
-                    m, v = m + beta1 * state["exp_avg"].double(), v + beta2 * state["exp_avg_sq"].double()
-                step = -group["lr"] / (1 - beta1**t) * m / (v.sqrt() / (1 - beta2**t) ** 0.5 + group["eps"])
-                if isinstance(optimizer, torch.optim.AdamW):
-                    step = step - group["lr"] * group["weight_decay"] * theta
-            total -= float((a * step).sum())
-        return total
+            beta1, beta2 = group["betas"]
+            t = float(state.get("step", 0.0)) + 1
+            m, v = (1 - beta1) * grad, (1 - beta2) * grad**2
+            if "exp_avg" in state:
+                m = m + beta1 * state["exp_avg"].double().reshape(1, -1)
+                v = v + beta2 * state["exp_avg_sq"].double().reshape(1, -1)
+            step = -group["lr"] / (1 - beta1**t) * m / (v.sqrt() / (1 - beta2**t) ** 0.5 + group["eps"])
+            if isinstance(optimizer, torch.optim.AdamW):
+                step = step - group["lr"] * group["weight_decay"] * theta
+        total -= (a * step).sum(1)
+    return total
 
-    grid = [max_lambda * k / 8 for k in range(9)]
-    values = [decrease(lam) for lam in grid]
-    target = mu * max(values[0], 0.0)
-    feasible = [k for k in range(9) if values[k] >= target]
-    if not feasible:
-        return grid[max(range(9), key=values.__getitem__)], True
-    lo = grid[feasible[-1]]
-    hi = grid[min(feasible[-1] + 1, 8)]
-    if feasible[-1] == 8:
-        return lo, False
-    for _ in range(8):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if decrease(mid) >= target else (lo, mid)
-    return lo, False
+
+def _check_specification(decreases, lam: float, infeasible: bool, mu: float, max_lambda: float = 1.0) -> str:
+    """``lam`` and ``infeasible`` against the search's specification, with ``decreases`` the reference ``D`` (a
+    function of a list of lambdas); returns which case applied. Brute force over a fine float64 grid:
+
+    * ``D(max) >= target``: ``lam = max``;
+    * ``D(0) >= target > D(max)``: ``D(lam) >= target``, and ``D < target`` somewhere in ``(lam, lam + resolution]``
+      (``lam`` lies within the resolution below a crossing); where the grid shows one crossing, ``lam`` is within the
+      resolution below it (the crossing located by 60 bisections of the reference);
+    * ``D(0) < target``: the 9-point grid; no point meets the target: ``infeasible`` and ``lam`` its best point; else
+      the same crossing property between the largest grid point that meets it and the next.
+    """
+    resolution, tol = max_lambda / 2048, 1e-9
+    first, last = decreases([0.0, max_lambda]).tolist()
+    target = mu * max(first, 0.0)
+    slack = tol * max(abs(target), 1e-12)
+    if last >= target:
+        assert lam == pytest.approx(max_lambda, abs=1e-7) and not infeasible
+        return "unrestricted"
+    lo, hi = 0.0, max_lambda
+    if first < target:
+        grid = [max_lambda * k / 8 for k in range(9)]
+        values = decreases(grid).tolist()
+        feasible = [k for k in range(9) if values[k] >= target]
+        if not feasible:
+            assert infeasible and lam == pytest.approx(grid[max(range(9), key=values.__getitem__)], abs=1e-7)
+            return "infeasible"
+        lo, hi = grid[feasible[-1]], grid[feasible[-1] + 1]
+    assert not infeasible
+    assert lo <= lam < hi
+    assert float(decreases([lam])[0]) >= target - slack  # lam meets the margin
+    beyond = decreases(torch.linspace(lam, lam + resolution, 65, dtype=torch.float64)[1:])
+    assert bool((beyond < target + slack).any())  # and D misses it within the resolution above lam
+    dense = torch.linspace(lo, hi, 2049, dtype=torch.float64)
+    signs = decreases(dense) >= target
+    if int((signs[1:] != signs[:-1]).sum()) == 1:  # one crossing: lam lies within the resolution below it
+        k = int(torch.nonzero(signs[:-1] & ~signs[1:])[0])
+        a, b = float(dense[k]), float(dense[k + 1])
+        for _ in range(60):
+            middle = (a + b) / 2
+            a, b = (middle, b) if float(decreases([middle])[0]) >= target else (a, middle)
+        assert a - resolution - 1e-9 <= lam <= a + 1e-9
+    return "binding" if first >= target else "grid"
+
+
+def _counted(update: OptimizerUpdate) -> list[int]:
+    """The number of lambdas of each evaluation pass of ``update`` from now on."""
+    passes: list[int] = []
+    evaluate = update.winner_decreases
+
+    def counted(lams: torch.Tensor) -> torch.Tensor:
+        passes.append(lams.numel())
+        return evaluate(lams)
+
+    update.winner_decreases = counted
+    return passes
 
 
 def _grouped_problem(kind: str, seed: int, conflict: float):
@@ -210,24 +262,124 @@ def _grouped_problem(kind: str, seed: int, conflict: float):
 @pytest.mark.parametrize("mu", [0.3, 0.9])
 @pytest.mark.parametrize("max_grad_norm", [0.0, 2.0], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("slice_size", [None, 16], ids=["one-slice", "many-slices"])
-def test_the_search_equals_the_plain_reference_search_in_float64(kind, mu, max_grad_norm, slice_size, monkeypatch):
+def test_the_search_meets_its_specification_against_a_plain_float64_reference(
+    kind, mu, max_grad_norm, slice_size, monkeypatch
+):
     """The vectorised search (segments of equal hyperparameters, slices that are views of the flat buffer or copies
-    of small tensors, all lambdas of a grid in one pass, SGD's closed form) returns the lambda of the plain search
-    above, within 1e-6 relative, for gradients in the backward's units (``unscale``)."""
+    of small tensors, a pass's lambdas together, SGD's closed form) returns a lambda that meets the margin and lies
+    within max_lambda/2048 below a crossing of the plain reference ``D`` (brute force over a fine grid), for
+    gradients in the backward's units (``unscale``), in at most four passes."""
     from trl_diffusion_sdpo.step import update_space
 
     if slice_size:  # large tensors split, small ones joined, runs that cross optimizer groups
         monkeypatch.setattr(update_space, "CPU_SLICE", slice_size)
-    checked_binding = 0
+        monkeypatch.setattr(update_space, "CPU_JOIN", slice_size // 2)
+    cases = []
     for seed, conflict in ((0, 1.5), (1, 0.8), (2, 3.0), (3, -0.5)):
         params, optimizer, g_w, h_l = _grouped_problem(kind, seed, conflict)
         update = OptimizerUpdate(optimizer, params, g_w, h_l, max_grad_norm, unscale=0.5)
+        passes = _counted(update)
         lam, infeasible = update_space_lambda(update, mu)
-        expected, expected_infeasible = _reference_lambda(optimizer, params, g_w, h_l, mu, max_grad_norm, 0.5)
-        assert lam.item() == pytest.approx(expected, rel=1e-6, abs=1e-12)
-        assert bool(infeasible.item()) == expected_infeasible
-        checked_binding += 0.0 < expected < 1.0
-    assert checked_binding >= 2  # the margin binds in most of these: the bisection itself is compared
+
+        def decreases(lambdas, optimizer=optimizer, params=params, g_w=g_w, h_l=h_l):
+            return _reference_decreases(optimizer, params, g_w, h_l, max_grad_norm, lambdas, unscale=0.5)
+
+        cases.append(_check_specification(decreases, lam.item(), bool(infeasible.item()), mu))
+        assert len(passes) <= 4 and max(passes) <= 3
+        if cases[-1] == "unrestricted":
+            assert passes == [2]  # D(0) and D(max) in one pass, no search
+    assert cases.count("binding") >= 2  # the margin binds in most of these: the search itself is checked
+
+
+def test_the_grid_finds_the_largest_feasible_region_where_the_winners_own_update_raises_its_term():
+    """SGD with a momentum buffer that raises the winner's term (``D(0) < 0``, so the target is 0), a loser gradient
+    along the winner's with a large orthogonal part, and clipping that starts halfway: ``D`` rises above 0, then
+    falls below it again before ``max_lambda``. The 9-point grid finds the feasible region and the search the
+    crossing at its right end (between 0.75 and 0.875), not the one at its left end."""
+    param = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    optimizer = torch.optim.SGD([param], lr=1.0, momentum=0.9)
+    optimizer.state[param]["momentum_buffer"] = torch.tensor([-1.2 / 0.9, 0.0], dtype=torch.float64)
+    g_w, h_l = [torch.tensor([1.0, 0.0], dtype=torch.float64)], [torch.tensor([1.0, 3.0], dtype=torch.float64)]
+    update = OptimizerUpdate(optimizer, [param], g_w, h_l, 2.0)
+    lam, infeasible = update_space_lambda(update, 0.5)
+
+    def decreases(lambdas):
+        return _reference_decreases(optimizer, [param], g_w, h_l, 2.0, lambdas)
+
+    assert decreases([0.0]).item() < 0 < decreases([0.5]).item() and decreases([1.0]).item() < 0
+    assert _check_specification(decreases, lam.item(), bool(infeasible.item()), 0.5) == "grid"
+    assert 0.75 <= lam.item() < 0.875
+
+
+def _float32_exact(x: float) -> bool:
+    return float(torch.tensor(x, dtype=torch.float32)) == x
+
+
+SHAPES_OF_F = {  # f decreasing through 0 (or not monotone), on [0, 1]
+    "linear": lambda x: 0.3 - x,
+    "sigmoid": lambda x: 1 / (1 + math.exp(12 * (x - 0.6))) - 0.5,
+    "sqrt": lambda x: 0.5 - math.sqrt(x),
+    "exponential": lambda x: math.exp(-8 * x) - 0.1,
+    "step": lambda x: 1.0 if x < 0.3 else -1.0,
+    "steep": lambda x: math.atan(200 * (0.37 - x)),
+    "two crossings": lambda x: math.cos(9 * x),
+    "flat then down": lambda x: 1e-3 if x < 0.9 else -1.0,
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES_OF_F))
+@pytest.mark.parametrize("clip", [None, lambda x: min(1.0, 1.5 / (1 + 2 * x))], ids=["unclipped", "clipped"])
+def test_bracketed_crossing_certifies_a_crossing_within_its_pass_bound(shape, clip):
+    """Whatever the shape, the returned ``(lo, hi)`` is a certified bracket of a crossing: ``f(lo) >= 0 > f(hi)``,
+    ``0 < hi - lo <= resolution``, both float32 numbers that were evaluated; every point evaluated lies inside the
+    bracket of its pass; at most ceil(log2(1 / resolution)) + SPARE_PASSES passes (13) of at most three points,
+    and one point after the first ESTIMATED_PASSES."""
+    f = SHAPES_OF_F[shape]
+    resolution = 1 / 2048
+    evaluated: list[float] = []
+    passes: list[list[float]] = []
+
+    def evaluate(points: list[float]) -> list[float]:
+        passes.append(points)
+        evaluated.extend(points)
+        return [f(x) for x in points]
+
+    lo, hi = bracketed_crossing(evaluate, 0.0, 1.0, f(0.0), f(1.0), resolution, clip)
+    assert f(lo) >= 0 > f(hi) and 0 < hi - lo <= resolution
+    assert all(_float32_exact(x) and 0 < x < 1 for x in evaluated)
+    assert lo in evaluated and hi in evaluated
+    assert len(passes) <= 11 + SPARE_PASSES
+    assert all(len(points) <= 3 for points in passes)
+    assert all(len(points) == 1 for points in passes[ESTIMATED_PASSES:])
+    assert all(points == sorted(points) and len(set(points)) == len(points) for points in passes)
+
+
+@pytest.mark.parametrize("root", [0.1, 0.4371, 0.93])
+def test_a_linear_f_is_certified_by_the_first_pair_around_the_secant(root):
+    """For ``f`` linear the secant through the bracket's ends is the crossing: one pass of two points, ``resolution``
+    apart, around it (a wrong sign in the secant, or a pair on one side of it, fails this)."""
+    f = lambda x: 2.0 * (root - x)  # noqa: E731
+    passes: list[list[float]] = []
+
+    def evaluate(points):
+        passes.append(points)
+        return [f(x) for x in points]
+
+    lo, hi = bracketed_crossing(evaluate, 0.0, 1.0, f(0.0), f(1.0), 1 / 2048)
+    assert len(passes) == 1 and passes[0] == [lo, hi]
+    assert lo <= root < hi and hi - lo <= 1 / 2048
+
+
+def test_an_affine_update_under_clipping_is_certified_by_the_second_pair():
+    """Plain SGD with momentum state and clipping: ``D(lambda) = a + c(lambda) (b + d lambda)`` exactly, which the
+    search's interpolant (basis ``c, c lambda, 1``) reproduces from three points: the first pass, one pair around the
+    secant, one pair around the interpolated crossing, no more (the search uses the clip coefficient)."""
+    params, optimizer, g_w, h_l = _grouped_problem("sgd-momentum", 2, 3.0)
+    update = OptimizerUpdate(optimizer, params, g_w, h_l, 2.0, unscale=0.5)
+    assert float(update.clip_coefficient(torch.tensor(0.0))) < 1  # clipping binds
+    passes = _counted(update)
+    lam, _ = update_space_lambda(update, 0.9)
+    assert 0 < lam.item() < 1 and passes == [2, 2, 2]
 
 
 def test_unsupported_optimizers_are_refused_naming_the_supported_ones():

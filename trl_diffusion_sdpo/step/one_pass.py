@@ -30,21 +30,23 @@ __all__ = ["OnePassBranchGradients", "blocked_dot"]
 Reduction = Callable[[list[torch.Tensor]], None]
 
 
-def blocked_dot(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 16) -> torch.Tensor:
+def blocked_dot(
+    a: torch.Tensor, b: torch.Tensor, block: int = 1 << 16, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """``<a, b>`` of a long flat vector ``a`` with ``b`` (the same length, or rows ``[m, len(a)]``: then one product
     per row, reading ``a`` once), summed per block of ``block`` elements by one batched matmul and the blocks' sums
-    added in float64: one dot over millions of float32 elements accumulates a relative error that ``lambda``'s ratio
-    amplifies where ``<g_w, h_l>`` nearly cancels."""
+    added in ``dtype`` (float64; MPS has none): one dot over millions of float32 elements accumulates a relative
+    error that ``lambda``'s ratio amplifies where ``<g_w, h_l>`` nearly cancels."""
     rows = b.view(1, -1) if b.dim() == 1 else b
     n, m = a.numel(), rows.shape[0]
     k = n // block
-    total = torch.zeros(m, dtype=torch.float64, device=a.device)
+    total = torch.zeros(m, dtype=dtype, device=a.device)
     if k:
         left = a[: k * block].view(k, 1, block)
         right = rows[:, : k * block].reshape(m, k, block).permute(1, 2, 0)  # [k, block, m]: a view, no copy
-        total = total + torch.bmm(left, right).double().sum((0, 1))
+        total = total + torch.bmm(left, right).to(dtype).sum((0, 1))
     if n > k * block:
-        total = total + (rows[:, k * block :] @ a[k * block :]).double()
+        total = total + (rows[:, k * block :] @ a[k * block :]).to(dtype)
     return total if b.dim() > 1 else total[0]
 
 

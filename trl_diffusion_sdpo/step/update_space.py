@@ -19,19 +19,34 @@ For a plain gradient step (``Delta = -lr * g``, no clipping) ``D(lambda) = lr * 
 ``max(., 0)``: when momentum or weight decay already make the winner's own update raise ``W`` (``D(0) < 0``) the
 condition asks for no rise at all (``D(lambda) >= 0``); it may then be infeasible (see :func:`update_space_lambda`).
 
-``lambda`` is the largest value in ``[0, max_lambda]`` satisfying it, found by a scalar search over the real update
-(AdamW's second moment depends on ``lambda``, so there is no closed form): ``D`` on a grid of
-:data:`GRID_POINTS` values, then :data:`BISECTIONS` bisection steps between the largest satisfying grid point and
-the next. ``D(0)`` and ``D(max_lambda)`` come first, from one pass, and the host reads whether ``max_lambda`` meets
-the condition (one sync per step): if so there is nothing to restrict and no search; else the seven inner grid
-points take one more pass and each bisection step one (17 evaluations of ``D`` in 10 passes). When no grid point
-satisfies the condition, ``lambda`` is the grid point with the largest ``D`` and the step is counted as infeasible.
+``lambda`` is found by a scalar search over the real update (AdamW's second moment depends on ``lambda``, so there
+is no closed form). ``D(0)`` and ``D(max_lambda)`` come first, from one pass, read on the host: when ``D(max_lambda)``
+meets the target ``mu * max(D(0), 0)`` there is nothing to restrict, ``lambda = max_lambda``, and no search. Else:
 
-A pass reads the gradients, the optimizer's moments and (for an L2 weight decay) the weights once, in slices that
-stay in cache on a CPU, for all of its ``lambda`` together: a handful of batched elementwise operations per slice,
-no Python loop over the weights, and no copy of the gradients (they are read in the backward's units, with
-``unscale`` folded into the scalars). SGD's update is affine in the gradient: its ``D`` follows from four sums read
-once, and the search costs no pass at all.
+* ``D(0)`` meets the target (always, unless ``D(0) < 0``): ``[0, max_lambda]`` brackets a crossing, and
+  :func:`bracketed_crossing` narrows it to ``resolution = max_lambda *`` :data:`RESOLUTION` (``max_lambda / 2048``,
+  the resolution of the grid and bisections before): ``lambda`` is the bracket's lower end, so ``D(lambda) >=
+  target > D(hi)`` for some ``hi`` in ``(lambda, lambda + resolution]``. A pass evaluates ``x - resolution / 2``
+  and ``x + resolution / 2`` around the crossing ``x`` of an interpolant of the points evaluated so far (its basis
+  built on the clip coefficient, which is known exactly), which certifies the bracket at once when ``x`` is that
+  close; ITP's bound keeps the worst case to 13 passes. Typically two or three passes of two ``lambda`` each.
+* ``D(0)`` misses it (momentum or weight decay already raise the winner's term; the target is 0): the inner points
+  of the :data:`GRID_POINTS`-point grid ``0, max_lambda / 8, ..., max_lambda`` take one pass; the crossing is searched
+  between the largest grid point that meets the target and the next; where none does, ``lambda`` is the grid point
+  with the largest ``D`` and the step is counted as infeasible.
+
+Where ``D`` crosses the target once, ``lambda`` is within the resolution below the largest ``lambda`` meeting the
+target, as before. Where ``D`` crosses the target more than once in ``[0, max_lambda]``, the search returns one of
+the crossings (the rightmost sign change among the points it evaluated), not necessarily the largest: the grid
+before took the largest grid point meeting the target, which could also miss a feasible region between grid points.
+Every candidate is a float32 number, the ``lambda`` the trainer will use, so ``D(lambda) >= target`` holds for the
+returned value itself.
+
+A pass reads the gradients, the optimizer's moments and (for an L2 weight decay) the weights once, in slices (on a
+CPU 128K elements, views of the tensors, or small tensors joined) for all of its ``lambda`` together: a handful of
+batched elementwise operations per slice into one workspace allocated per pass, no Python loop over the weights,
+and no copy of the gradients (they are read in the backward's units, with ``unscale`` folded into the scalars).
+SGD's update is affine in the gradient: its ``D`` follows from four sums read once, and the search costs no pass.
 
 Supported optimizers: ``torch.optim.AdamW``, ``torch.optim.Adam`` (its weight decay is an L2 term added to the
 gradient) and ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay); foreach and fused implementations
@@ -40,23 +55,32 @@ compute the same update. ``amsgrad`` and ``maximize`` are refused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
+from .one_pass import blocked_dot
+
 __all__ = [
-    "BISECTIONS",
+    "ESTIMATED_PASSES",
     "GRID_POINTS",
+    "RESOLUTION",
+    "SPARE_PASSES",
     "SUPPORTED_OPTIMIZERS",
     "OptimizerUpdate",
+    "bracketed_crossing",
     "unwrap_optimizer",
     "update_space_lambda",
 ]
 
-GRID_POINTS = 9  # lambda = 0, max/8, ..., max
-BISECTIONS = 8  # resolution max_lambda / 8 / 2^8 ~ 5e-4 * max_lambda
+RESOLUTION = 1 / 2048  # of max_lambda: lambda lies within this below a crossing (as 9 grid points + 8 bisections)
+SPARE_PASSES = 2  # search passes allowed beyond bisection's count (ITP's n0)
+ESTIMATED_PASSES = 4  # search passes that evaluate around an interpolated crossing; bisection after them
+GRID_POINTS = 9  # lambda = 0, max/8, ..., max: where D(0) misses the margin, the grid that looks for a feasible lambda
 SUPPORTED_OPTIMIZERS = "torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD"
 
 
@@ -89,9 +113,12 @@ def check_optimizer(optimizer) -> torch.optim.Optimizer:
     return inner
 
 
-#: Elements per slice of the evaluation: CPU slices stay in cache with their per-lambda temporaries; accelerator
-#: slices bound the temporaries (``lambdas x slice`` elements) while keeping kernels large.
-CPU_SLICE, DEVICE_SLICE = 1 << 15, 1 << 22
+#: Elements per slice of the evaluation. On a CPU a slice is a view of a tensor of at least ``CPU_JOIN`` elements
+#: (cut into ``CPU_SLICE`` pieces) or a run of smaller tensors joined (copied) up to ``CPU_SLICE``: large enough that
+#: the per-operation dispatch is small against the arithmetic, small enough that a pass's workspace (``lambdas x
+#: slice`` elements, three of them) stays in the last-level cache. On an accelerator slices bound the workspace while
+#: keeping kernels large, and tensors below a slice are joined.
+CPU_SLICE, CPU_JOIN, DEVICE_SLICE = 1 << 17, 1 << 15, 1 << 22
 
 
 @dataclass
@@ -117,6 +144,11 @@ class _Segment:
     slices: list[_Slice]
     sums: dict[str, torch.Tensor]
 
+    @property
+    def largest(self) -> int:
+        """Elements of the segment's largest slice (0 without slices)."""
+        return max((part.winner.numel() for part in self.slices), default=0)
+
 
 def _sum_dtype(device: torch.device) -> torch.dtype:
     """What ``D`` and the sums are accumulated in: float64, where the device has it (MPS has not: float32)."""
@@ -138,13 +170,13 @@ def _host_floats(values: Sequence) -> list[float]:
     return out
 
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """One flat tensor of ``parts`` (flat pieces): a view where they lie back to back in one storage, else a copy."""
+def _one_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One flat view of ``parts`` (flat contiguous pieces) where they lie back to back in one storage, else None."""
     if len(parts) == 1:
-        return parts[0]
+        return parts[0] if parts[0].is_contiguous() else None
     first = parts[0]
     size = first.element_size()
-    consecutive = all(
+    consecutive = all(p.is_contiguous() for p in parts) and all(
         p.dtype == first.dtype
         and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
         and p.data_ptr() == q.data_ptr() + q.numel() * size
@@ -152,7 +184,28 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     )
     if consecutive:
         return first.as_strided((sum(p.numel() for p in parts),), (1,), first.storage_offset())
-    return torch.cat(parts)
+    return None
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One flat tensor of ``parts`` (flat pieces): a view where they lie back to back in one storage, else a copy."""
+    view = _one_view(parts)
+    return view if view is not None else torch.cat(parts)
+
+
+def _rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
+    """``[first; second]`` as one ``[2, n]`` view where ``second`` lies a fixed stride after ``first`` in the same
+    storage (the one pass's buffer ``[2, total]``), else None."""
+    size = first.element_size()
+    offset, rest = divmod(second.data_ptr() - first.data_ptr(), size)
+    if (
+        first.dtype != second.dtype
+        or first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+        or rest
+        or offset < first.numel()
+    ):
+        return None
+    return first.as_strided((2, first.numel()), (offset, 1), first.storage_offset())
 
 
 def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -191,7 +244,10 @@ class OptimizerUpdate:
         self.adam = not isinstance(self.optimizer, torch.optim.SGD)
         self.decoupled = isinstance(self.optimizer, torch.optim.AdamW)
         self.max_grad_norm = max_grad_norm
-        parameters, winner, loser = list(parameters), list(winner), list(loser)
+        parameters = list(parameters)
+        winner, loser = [_flat(w) for w in winner], [_flat(h) for h in loser]  # flat views, made once
+        decays = any(group["weight_decay"] != 0 for group in self.optimizer.param_groups)
+        weights = [_flat(p) for p in parameters] if decays else [None] * len(parameters)
         device = winner[0].device if winner else torch.device("cpu")
         self.dtype = torch.promote_types(winner[0].dtype, torch.float32) if winner else torch.float32
         self.sum_dtype = _sum_dtype(device)
@@ -210,21 +266,22 @@ class OptimizerUpdate:
                 keys.append(key)
             by_key[key].append(i)
         self.segments: list[_Segment] = []
-        slice_size = CPU_SLICE if device.type == "cpu" else DEVICE_SLICE
+        slice_size, join = (CPU_SLICE, CPU_JOIN) if device.type == "cpu" else (DEVICE_SLICE, DEVICE_SLICE)
         norms: list[torch.Tensor] = []  # per slice <w, w>, <w, h>, <h, h> (the clip coefficient's sums)
         clipping = max_grad_norm > 0
+        sums = self._flat_norms(winner, loser) if clipping else None  # one blocked read where they are one buffer
         for key in keys:
             indices = by_key[key]
             hyper = dict(key)
             state_names = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer", None)
             segment = _Segment(hyper, [], {})
             parts = self._slices(
-                indices, winner, loser, parameters, states, state_names, hyper["l2"] != 0, slice_size, self.dtype
+                indices, winner, loser, weights, states, state_names, hyper["l2"] != 0, slice_size, join, self.dtype
             )
             sgd: dict[str, list[torch.Tensor]] = {"ww": [], "wh": [], "wp": [], "wb": []}
             for part in parts:
                 w, h = part.winner, part.loser
-                if clipping:
+                if clipping and sums is None:
                     norms += [torch.dot(w, w), torch.dot(w, h), torch.dot(h, h)]
                 if self.adam:
                     segment.slices.append(part)
@@ -236,21 +293,39 @@ class OptimizerUpdate:
                 name: torch.stack(values).to(self.sum_dtype).sum() for name, values in sgd.items() if values
             }
             self.segments.append(segment)
-        zeros = torch.zeros(3, dtype=self.sum_dtype)
-        sums = torch.stack(norms).to(self.sum_dtype).view(-1, 3).sum(0) if norms else zeros
-        sums = sums.to(device)
+        if sums is None:
+            zeros = torch.zeros(3, dtype=self.sum_dtype)
+            sums = torch.stack(norms).to(self.sum_dtype).view(-1, 3).sum(0) if norms else zeros
+            sums = sums.to(device)
+        self._largest = max((segment.largest for segment in self.segments), default=0)
         decay = torch.zeros((), dtype=self.sum_dtype, device=device)  # AdamW: sum_groups lr wd <g_w, theta>
         if self.decoupled:
             for group in self.optimizer.param_groups:
                 if group["weight_decay"] != 0:
                     members = [i for i, p in enumerate(parameters) if group_of.get(id(p)) is group]
-                    dots = [torch.dot(_flat(winner[i]), _flat(parameters[i]).to(winner[i].dtype)) for i in members]
+                    dots = [torch.dot(winner[i], weights[i].to(winner[i].dtype)) for i in members]
                     if dots:
                         decay = decay + group["lr"] * group["weight_decay"] * torch.stack(dots).to(decay).sum()
         u = self.unscale
         # ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll (optimizer units): the clip coefficient of any lambda
         self.ww, self.wl, self.ll = sums[0] * u * u, sums[1] * u * u, sums[2] * u * u
         self._decay = decay * u  # the decoupled weight decay's share of D, the same for every lambda
+
+    def _flat_norms(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> torch.Tensor | None:
+        """``[<w, w>, <w, h>, <h, h>]`` (backward units) in two blocked reads where ``winner`` and ``loser`` (flat) are
+        each one flat buffer (the one pass hands the rows of ``[2, total]``), else None (then summed per slice)."""
+        flat_winner = _one_view(winner) if winner else None
+        flat_loser = _one_view(loser) if loser else None
+        if flat_winner is None or flat_loser is None or flat_winner.dtype != flat_loser.dtype:
+            return None
+        rows = _rows(flat_winner, flat_loser)
+        if rows is not None:  # <w, w> and <w, h> reading w once
+            winner_sums = blocked_dot(flat_winner, rows, dtype=self.sum_dtype)
+        else:
+            winner_sums = torch.stack(
+                [blocked_dot(flat_winner, b, dtype=self.sum_dtype) for b in (flat_winner, flat_loser)]
+            )
+        return torch.cat([winner_sums, blocked_dot(flat_loser, flat_loser, dtype=self.sum_dtype).reshape(1)])
 
     def _key(self, group: dict, state: dict, step: float) -> tuple:
         """The hyperparameters a weight's ``D(lambda)`` depends on beyond its own tensors (hashable)."""
@@ -278,15 +353,16 @@ class OptimizerUpdate:
         )
 
     @staticmethod
-    def _slices(indices, winner, loser, parameters, states, state_names, wants_param, size, dtype):
-        """The segment's elements in slices of about ``size``: a large tensor in pieces, small ones together."""
+    def _slices(indices, winner, loser, weights, states, state_names, wants_param, size, join, dtype):
+        """The segment's elements in slices of at most ``size``: a tensor of at least ``join`` elements in views of
+        ``size``, smaller ones joined in runs of up to ``size`` (copies, unless they lie back to back)."""
         first_name, second_name = state_names
         columns = [  # per tensor of the segment, each input flattened (None where it does not exist)
-            [_flat(winner[i]) for i in indices],
-            [_flat(loser[i]) for i in indices],
+            [winner[i] for i in indices],
+            [loser[i] for i in indices],
             [_flat(states[i].get(first_name)) for i in indices],
             [_flat(states[i].get(second_name)) if second_name else None for i in indices],
-            [_flat(parameters[i]) if wants_param else None for i in indices],
+            [weights[i] if wants_param else None for i in indices],
         ]
 
         def make(run: list[tuple[int, int, int]]) -> _Slice:
@@ -303,7 +379,7 @@ class OptimizerUpdate:
         total = 0
         for k, flat in enumerate(columns[0]):
             n = flat.numel()
-            if n >= size:
+            if n >= join:
                 if run:
                     yield make(run)
                     run, total = [], 0
@@ -317,6 +393,19 @@ class OptimizerUpdate:
             total += n
         if run:
             yield make(run)
+
+    def host_clip_coefficient(self) -> Callable[[float], float]:
+        """:meth:`clip_coefficient` as a function of a Python float, from the three sums read once on the host."""
+        if self.max_grad_norm <= 0:
+            return lambda lam: 1.0
+        ww, wl, ll = torch.stack([self.ww, self.wl, self.ll]).tolist()
+        threshold = self.max_grad_norm
+
+        def coefficient(lam: float) -> float:
+            norm = math.sqrt(max(ww + 2 * lam * wl + lam * lam * ll, 0.0))
+            return min(threshold / (norm + 1e-6), 1.0)
+
+        return coefficient
 
     def clip_coefficient(self, lam: torch.Tensor) -> torch.Tensor:
         """``min(1, max_grad_norm / (||g_w + lambda h_l|| + 1e-6))``, as ``clip_grad_norm_`` multiplies."""
@@ -336,11 +425,15 @@ class OptimizerUpdate:
         coefficient = self.clip_coefficient(lams) * self.unscale  # G = s g_w + t h_l in the optimizer's units
         s, t = coefficient, coefficient * lams
         total = self._decay + torch.zeros_like(lams)
+        # the pass's temporaries, allocated once: [gradient, numerator, denominator] x lambdas x the largest slice
+        work = (
+            torch.empty(3, lams.numel() * self._largest, dtype=self.dtype, device=lams.device) if self.adam else None
+        )
         for segment in self.segments:
-            total = total + (self._adam(segment, s, t) if self.adam else self._sgd(segment, s, t))
+            total = total + (self._adam(segment, s, t, work) if self.adam else self._sgd(segment, s, t))
         return total
 
-    def _adam(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _adam(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
         """Adam's share of ``D``: torch's ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each
         slice costs a few operations over ``[lambdas, slice]``: with ``G = s g_w + t h_l`` (+ ``wd theta``),
         ``m' = (1 - beta1)(G + c1 m)``, ``v' = (1 - beta2) c2 (v + G^2 / c2)`` (``c1 = beta1 / (1 - beta1)``,
@@ -353,18 +446,22 @@ class OptimizerUpdate:
         c1, c2 = beta1 / (1 - beta1), (beta2 / (1 - beta2) if hyper["has_state"] else 1.0)
         kappa = ((1 - beta2) * c2 / bc2) ** 0.5
         eps = hyper["eps"] / kappa
+        count = s.shape[0]
         s, t = s.to(self.dtype).unsqueeze(1), t.to(self.dtype).unsqueeze(1)
-        shares = torch.empty(len(segment.slices), s.shape[0], dtype=self.dtype, device=s.device)
+        shares = torch.empty(len(segment.slices), count, dtype=self.dtype, device=s.device)
         for part, share in zip(segment.slices, shares):
-            grad = part.winner * s
-            grad.addcmul_(t, part.loser.unsqueeze(0))
+            n = part.winner.numel()
+            grad, numerator, denominator = (buffer[: count * n].view(count, n) for buffer in work)
+            torch.mul(part.winner, s, out=grad)
+            grad.addcmul_(t, part.loser)
             if hyper["l2"] != 0:
                 grad.add_(part.param, alpha=hyper["l2"])
             if part.first is not None:
-                numerator = torch.add(grad, part.first, alpha=c1)
-                denominator = torch.addcmul(part.second, grad, grad, value=1 / c2).sqrt_()
+                torch.add(grad, part.first, alpha=c1, out=numerator)
+                torch.addcmul(part.second, grad, grad, value=1 / c2, out=denominator).sqrt_()
             else:
-                numerator, denominator = grad, grad.abs()
+                numerator = grad
+                torch.abs(grad, out=denominator)
             torch.mv(numerator.div_(denominator.add_(eps)), part.winner, out=share)
         return shares.to(self.sum_dtype).sum(0) * (self.unscale * hyper["lr"] * (1 - beta1) / (bc1 * kappa))
 
@@ -386,32 +483,175 @@ class OptimizerUpdate:
         return self.unscale * hyper["lr"] * (alpha * gradient + beta * sums.get("wb", zero))
 
 
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32: the search evaluates ``D`` at the ``lambda`` the trainer will use."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _float32_at_most(x: float) -> float:
+    """The largest float32 not above ``x``."""
+    y = _float32(x)
+    if y > x:
+        below = torch.tensor(-math.inf, dtype=torch.float32)
+        y = torch.nextafter(torch.tensor(y, dtype=torch.float32), below).item()
+    return y
+
+
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """``matrix^-1 rhs`` by Gaussian elimination with partial pivoting (at most 4 x 4); None where singular."""
+    n = len(rhs)
+    rows = [row[:] + [value] for row, value in zip(matrix, rhs)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(rows[r][col]))
+        if not rows[pivot][col] or not math.isfinite(rows[pivot][col]):
+            return None
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(col + 1, n):
+            factor = rows[r][col] / rows[col][col]
+            rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
+    out = [0.0] * n
+    for r in reversed(range(n)):
+        out[r] = (rows[r][n] - sum(rows[r][k] * out[k] for k in range(r + 1, n))) / rows[r][r]
+    return out
+
+
+def _interpolated_crossing(
+    known: list[tuple[float, float]], lo: float, hi: float, clip: Callable[[float], float]
+) -> float:
+    """Where the interpolant of the evaluated points nearest the bracket ``[lo, hi]`` (up to four, ``lo`` and ``hi``
+    first) crosses zero inside it; NaN where it does not (or the points do not determine it).
+
+    The interpolant suits ``D``: where the second moment dominates the update, ``D(lambda) ~ a + c(lambda) (b +
+    d lambda)`` with ``c`` the clip coefficient (known exactly), so the basis is ``c, c lambda, 1, c lambda^2`` (as
+    many as points; the first two alone are the secant when ``c`` is 1); where ``c`` is the same at every point (no
+    clipping) the polynomial ``1, lambda, lambda^2, lambda^3``. The crossing is found on the host by bisection of the
+    interpolant."""
+    nearest = sorted(known, key=lambda p: max(lo - p[0], p[0] - hi, 0.0))[:4]
+    scales = [clip(x) for x, _ in nearest]
+    polynomial = max(scales) - min(scales) <= 1e-12 * max(scales)
+
+    def basis(x: float, c: float) -> list[float]:
+        terms = [1.0, x, x * x, x**3] if polynomial else [c, c * x, 1.0, c * x * x]
+        return terms[: len(nearest)]
+
+    coefficients = _solve([basis(x, c) for (x, _), c in zip(nearest, scales)], [f for _, f in nearest])
+    if coefficients is None:
+        return math.nan
+
+    def model(x: float) -> float:
+        return sum(a * b for a, b in zip(coefficients, basis(x, clip(x))))
+
+    a, b = lo, hi
+    if not (model(a) >= 0 > model(b)):
+        return math.nan
+    for _ in range(60):
+        middle = (a + b) / 2
+        a, b = (middle, b) if model(middle) >= 0 else (a, middle)
+    return (a + b) / 2
+
+
+def bracketed_crossing(
+    evaluate: Callable[[list[float]], list[float]],
+    lo: float,
+    hi: float,
+    f_lo: float,
+    f_hi: float,
+    resolution: float,
+    clip: Callable[[float], float] | None = None,
+) -> tuple[float, float]:
+    """A crossing of ``f`` from above, bracketed to ``resolution``: ``(lo, hi)`` with ``f(lo) >= 0 > f(hi)`` and
+    ``lo < hi <= lo + resolution``, from a bracket ``lo < hi`` with ``f_lo = f(lo) >= 0 > f_hi = f(hi)``.
+
+    ``evaluate`` takes a list of float32 points and returns ``f`` at each (for ``D``: one pass over the weights for
+    all of them); ``clip`` is the clip coefficient ``c(lambda)`` the interpolant uses (None: 1). A pass evaluates the
+    pair ``x - resolution/2``, ``x + resolution/2`` around the interpolated crossing ``x``
+    (:func:`_interpolated_crossing`), which certifies the bracket at once where ``x`` is within ``resolution/2`` of
+    a crossing; the bracket becomes the rightmost sign change among its ends and the new points (the largest
+    evaluated point with ``f >= 0`` and the next one). The worst case is bounded as in ITP (Oliveira and Takahashi,
+    2020): with ``n = ceil(log2((hi - lo) / resolution)) +`` :data:`SPARE_PASSES`, pass ``k`` leaves at most
+    ``resolution * 2^(n - k)``; where the pair alone could leave more (``x`` far from the bracket's middle) the
+    midpoint joins it, and after :data:`ESTIMATED_PASSES` passes (or without a finite ``x``) the midpoint is
+    evaluated alone. So at most ``n`` passes (13 for ``[0, max_lambda]``; one more where float32 rounding of the
+    points leaves the last bracket a few ulps too wide), three points each in the first four and one after. With
+    ``f`` smooth the first or second pair usually certifies."""
+    clip = clip or (lambda lam: 1.0)
+    half = resolution / 2
+    budget = math.ceil(math.log2((hi - lo) / resolution)) + SPARE_PASSES if hi - lo > resolution else 0
+    known = [(lo, f_lo), (hi, f_hi)]
+    passes = 0
+    while hi - lo > resolution:
+        passes += 1
+        width = hi - lo
+        mid = _float32(lo + width / 2)
+        x = _interpolated_crossing(known, lo, hi, clip) if passes <= ESTIMATED_PASSES else math.nan
+        if width <= 2 * resolution or not math.isfinite(x):
+            points = [mid]
+        else:
+            x = min(max(x, lo + resolution), hi - resolution)
+            first = _float32(x - half)
+            points = [first, _float32_at_most(first + resolution)]
+            if abs(x - mid) > resolution * 2.0 ** (budget - passes) - width / 2 and mid not in points:
+                points = sorted([*points, mid])  # the pair alone may leave more than this pass's bound
+        values = evaluate(points)
+        known += zip(points, values)
+        xs, fs = [lo, *points, hi], [f_lo, *values, f_hi]
+        j = max(i for i in range(len(xs) - 1) if fs[i] >= 0)  # lo's f is >= 0, hi's is not
+        lo, hi, f_lo, f_hi = xs[j], xs[j + 1], fs[j], fs[j + 1]
+    return lo, hi
+
+
 def update_space_lambda(
     update: OptimizerUpdate, mu: float, max_lambda: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lambda, infeasible)``: the largest ``lambda`` in ``[0, max_lambda]`` with
-    ``D(lambda) >= mu * max(D(0), 0)`` (see the module docstring), found by a grid of :data:`GRID_POINTS` values and
-    :data:`BISECTIONS` bisection steps; where no grid point satisfies it, the grid point with the largest ``D`` and
-    ``infeasible = 1``. Both are detached float32 0-dim device tensors. ``D(0)`` and ``D(max_lambda)`` come from one
-    pass and ``D(max_lambda)`` is read on the host once: when it meets the margin (nothing to restrict) the search
-    is skipped; else the inner grid points take one more pass and each bisection step one."""
+    """``(lambda, infeasible)``: ``max_lambda`` where ``D(max_lambda) >= target = mu * max(D(0), 0)``, else ``lambda``
+    within ``resolution = max_lambda *`` :data:`RESOLUTION` below a crossing: ``D(lambda) >= target > D(hi)`` for some
+    ``hi`` in ``(lambda, lambda + resolution]`` (see the module docstring); both are detached float32 0-dim device
+    tensors.
+
+    ``D(0)`` and ``D(max_lambda)`` come from one pass, read on the host: when ``D(max_lambda)`` meets the target
+    (nothing to restrict) the search ends there. When ``D(0)`` meets it, the crossing is searched in ``[0,
+    max_lambda]`` by :func:`bracketed_crossing` (at most three ``lambda`` per pass, one host read each). When it does
+    not (momentum or weight decay already raise the winner's term, so the target is 0), the inner grid points of
+    :data:`GRID_POINTS` take one pass; the crossing is searched between the largest grid point that meets the target
+    and the next, and where none does, ``lambda`` is the grid point with the largest ``D`` and ``infeasible = 1``.
+    Every candidate is a float32 number, as the trainer will use it."""
     device = update.ww.device
-    grid = torch.linspace(0.0, max_lambda, GRID_POINTS, device=device, dtype=update.sum_dtype)
-    first, last_point = update.winner_decreases(grid[[0, -1]]).unbind()
-    target = mu * first.clamp(min=0)
-    if bool(last_point >= target):  # one host read: the common case (nothing to restrict) needs no search
-        return grid[-1].detach().float(), torch.zeros((), device=device)
-    inner = update.winner_decreases(grid[1:-1])
-    decrease = torch.cat([first.reshape(1), inner, last_point.reshape(1)])
-    feasible = decrease >= target
-    index = torch.arange(GRID_POINTS, device=device)
-    last = torch.where(feasible, index, -1).max()
-    lo = grid[last.clamp(min=0)]
-    hi = grid[(last + 1).clamp(max=GRID_POINTS - 1)]
-    for _ in range(BISECTIONS):  # lo satisfies the condition throughout; hi does not (unless lo = max_lambda)
-        mid = (lo + hi) / 2
-        ok = update.winner_decrease(mid) >= target
-        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-    infeasible = last < 0
-    lam = torch.where(infeasible, grid[decrease.argmax()], lo)
-    return lam.detach().float(), infeasible.float()
+    top = _float32(max_lambda)
+
+    def decreases(points: list[float]) -> list[float]:
+        return update.winner_decreases(torch.tensor(points, dtype=update.sum_dtype, device=device)).tolist()
+
+    first, last = decreases([0.0, top])
+    target = mu * max(first, 0.0)
+    infeasible = False
+    if last >= target:  # the common case: nothing to restrict, no search
+        lam = top
+    elif first >= target:
+        lam, _ = bracketed_crossing(
+            lambda points: [d - target for d in decreases(points)],
+            0.0,
+            top,
+            first - target,
+            last - target,
+            max_lambda * RESOLUTION,
+            update.host_clip_coefficient(),
+        )
+    else:
+        grid = [_float32(max_lambda * k / (GRID_POINTS - 1)) for k in range(GRID_POINTS)]
+        values = [first, *decreases(grid[1:-1]), last]
+        feasible = [k for k, d in enumerate(values) if d >= target]
+        if feasible:
+            k = feasible[-1]  # < GRID_POINTS - 1: D(max_lambda) misses the target
+            lam, _ = bracketed_crossing(
+                lambda points: [d - target for d in decreases(points)],
+                grid[k],
+                grid[k + 1],
+                values[k] - target,
+                values[k + 1] - target,
+                max_lambda * RESOLUTION,
+                update.host_clip_coefficient(),
+            )
+        else:
+            lam, infeasible = grid[max(range(GRID_POINTS), key=lambda k: values[k])], True
+    as_float = {"dtype": torch.float32, "device": device}
+    return torch.tensor(lam, **as_float), torch.tensor(float(infeasible), **as_float)
