@@ -56,10 +56,10 @@ compute the same update. ``amsgrad`` and ``maximize`` are refused.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
@@ -485,34 +485,22 @@ class OptimizerUpdate:
 
 def _float32(x: float) -> float:
     """``x`` rounded to the nearest float32: the search evaluates ``D`` at the ``lambda`` the trainer will use."""
-    return struct.unpack("f", struct.pack("f", x))[0]
+    return float(np.float32(x))
 
 
 def _float32_at_most(x: float) -> float:
     """The largest float32 not above ``x``."""
-    y = _float32(x)
-    if y > x:
-        below = torch.tensor(-math.inf, dtype=torch.float32)
-        y = torch.nextafter(torch.tensor(y, dtype=torch.float32), below).item()
-    return y
+    y = np.float32(x)
+    return float(y if y <= x else np.nextafter(y, np.float32(-np.inf)))
 
 
 def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
-    """``matrix^-1 rhs`` by Gaussian elimination with partial pivoting (at most 4 x 4); None where singular."""
-    n = len(rhs)
-    rows = [row[:] + [value] for row, value in zip(matrix, rhs)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(rows[r][col]))
-        if not rows[pivot][col] or not math.isfinite(rows[pivot][col]):
-            return None
-        rows[col], rows[pivot] = rows[pivot], rows[col]
-        for r in range(col + 1, n):
-            factor = rows[r][col] / rows[col][col]
-            rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
-    out = [0.0] * n
-    for r in reversed(range(n)):
-        out[r] = (rows[r][n] - sum(rows[r][k] * out[k] for k in range(r + 1, n))) / rows[r][r]
-    return out
+    """``matrix^-1 rhs`` (at most 4 x 4); None where singular or not finite."""
+    try:
+        out = np.linalg.solve(np.asarray(matrix, dtype=np.float64), np.asarray(rhs, dtype=np.float64))
+    except np.linalg.LinAlgError:
+        return None
+    return out.tolist() if np.isfinite(out).all() else None
 
 
 def _interpolated_crossing(
