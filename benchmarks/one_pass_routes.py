@@ -15,6 +15,12 @@ Full tuning and LoRA (rank 8 on the attention projections). Process CPU time per
 shared CPU it counts our work, not our waiting).
 
     python benchmarks/one_pass_routes.py --json benchmarks/results/one-pass-routes-cpu.json
+
+``--profile`` instead profiles ``dpo`` and ``taps`` with full tuning (``torch.profiler``, ``--steps`` steps each after
+warm-up) and writes each operator's and each tap function's self CPU time per step, to find where the taps' extra
+time goes:
+
+    python benchmarks/one_pass_routes.py --profile --threads 1 --json benchmarks/results/one-pass-profile-cpu.json
 """
 
 from __future__ import annotations
@@ -136,6 +142,42 @@ def make_routes(preset: str, lora: bool, pairs: int) -> dict[str, Any]:
     return {"dpo": dpo, "two_pass": two_pass, "taps": taps, "vmap_vjp": vmap_vjp}
 
 
+def profile_routes(preset: str, pairs: int, steps: int, rows: int = 30) -> dict[str, Any]:
+    """Self CPU time per step (ms) of each operator and Python function, for ``dpo`` and ``taps`` (full tuning); the
+    ``rows`` largest differences first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    routes = make_routes(preset, False, pairs)
+    per_step: dict[str, dict[str, float]] = {}
+    counts: dict[str, dict[str, float]] = {}
+    for name in ("dpo", "taps"):
+        for _ in range(2):  # warm-up
+            routes[name]()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                routes[name]()
+        events = prof.key_averages()
+        per_step[name] = {e.key: e.self_cpu_time_total / 1000 / steps for e in events}
+        counts[name] = {e.key: e.count / steps for e in events}
+    keys = set(per_step["dpo"]) | set(per_step["taps"])
+    difference = {k: per_step["taps"].get(k, 0.0) - per_step["dpo"].get(k, 0.0) for k in keys}
+    ranked = sorted(keys, key=lambda k: -abs(difference[k]))[:rows]
+    return {
+        "total_self_cpu_ms_per_step": {name: sum(values.values()) for name, values in per_step.items()},
+        "tap_functions_self_cpu_ms_per_step": sum(v for k, v in per_step["taps"].items() if "Tap" in k),
+        "largest_differences": [
+            {
+                "key": k,
+                "dpo_ms": per_step["dpo"].get(k, 0.0),
+                "taps_ms": per_step["taps"].get(k, 0.0),
+                "taps_minus_dpo_ms": difference[k],
+                "calls_per_step": {"dpo": counts["dpo"].get(k, 0.0), "taps": counts["taps"].get(k, 0.0)},
+            }
+            for k in ranked
+        ],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", choices=["small", "tiny"], default="small")
@@ -143,11 +185,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="profile dpo and taps (full tuning) instead")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     report: dict[str, Any] = {"machine": machine_description("cpu", opts.threads), "settings": vars(opts), "rows": {}}
     report["machine"]["load_average_at_start"] = os.getloadavg()  # a shared machine: how busy it was
+    if opts.profile:
+        del report["rows"]
+        report["profile"] = profile_routes(opts.unet, opts.pairs, opts.steps)
+        for row in report["profile"]["largest_differences"]:
+            print(f"{row['key'][:60]:60s} dpo {row['dpo_ms']:7.2f}  taps {row['taps_ms']:7.2f}  ms/step")
+        totals = report["profile"]["total_self_cpu_ms_per_step"]
+        print(f"total self CPU ms/step: dpo {totals['dpo']:.1f}, taps {totals['taps']:.1f}")
+        if opts.json:
+            Path(opts.json).write_text(json.dumps(report, indent=2))
+            print(f"wrote {opts.json}")
+        return
     for lora in (False, True):
         routes = make_routes(opts.unet, lora, opts.pairs)
         failed: dict[str, str] = {}
