@@ -416,20 +416,8 @@ def _refuse(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str:
 def _tapped_forward(layer: _Layer, original: Callable, current: _Current) -> Callable:
     module = layer.module
     parameters = module._parameters  # read directly: nn.Module.__getattr__ costs a lookup chain per call
-    if layer.kind == "recompute":
-
-        def forward(*args, **kwargs):
-            tap = current.tap
-            if tap is None or not torch.is_grad_enabled():
-                return original(*args, **kwargs)
-            if not _tappable(tap, args, kwargs):
-                tap.failures.append(_refuse(layer, tap, args, kwargs))
-                return original(*args, **kwargs)
-            weights = [parameters[name] for name, _ in layer.slots]
-            return _RecomputeTap.apply(args[0], layer, tap, original, _autocast_dtype(args[0]), *weights)
-
-        return forward
-    function = _FUNCTIONS[layer.kind]
+    recompute = layer.kind == "recompute"
+    function = None if recompute else _FUNCTIONS[layer.kind]
     # autocast's policy made explicit (linear and convolution in its dtype, norms in float32): the tap then runs
     # without autocast
     norm = layer.kind == "norm"
@@ -442,6 +430,9 @@ def _tapped_forward(layer: _Layer, original: Callable, current: _Current) -> Cal
             tap.failures.append(_refuse(layer, tap, args, kwargs))
             return original(*args, **kwargs)
         x = args[0]
+        if recompute:
+            weights = [parameters[name] for name, _ in layer.slots]
+            return _RecomputeTap.apply(x, layer, tap, original, _autocast_dtype(x), *weights)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type) and x.is_floating_point():
             dtype = torch.float32 if norm else torch.get_autocast_dtype(device_type)
