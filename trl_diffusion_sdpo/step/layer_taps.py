@@ -218,7 +218,7 @@ class _ConvTap(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _CONV_BACKWARD(grad, x, weight, None, *args, (True, False, False))[0]
         if ctx.has_bias and layer.bias is not None:
-            pixels = grad[0, 0].numel()
+            pixels = math.prod(grad.shape[2:])
             _group_sum(layer, tap, layer.bias, grad.reshape(groups, -1, grad.shape[1], pixels), (1, 3))
         index = layer.weight
         if index is None:
