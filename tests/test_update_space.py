@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP2Engine
-from trl_diffusion_sdpo.step.update_space import (
-    ESTIMATED_PASSES,
-    SPARE_PASSES,
-    OptimizerUpdate,
-    bracketed_crossing,
-    update_space_lambda,
-)
+from trl_diffusion_sdpo.step.crossing import ESTIMATED_PASSES, SPARE_PASSES, bracketed_crossing
+from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_lambda
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 
