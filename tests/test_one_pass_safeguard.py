@@ -425,6 +425,17 @@ def test_a_weight_used_outside_its_layer_falls_back_on_the_first_micro_batch(tmp
     assert_equal_gradients(grads_one, grads_two)
 
 
+def test_tapping_refuses_a_weight_with_neither_a_view_nor_a_sink():
+    """A weight whose gradient would have nowhere to go is refused when the block starts, before any forward is
+    replaced."""
+    layer = torch.nn.Linear(3, 3)
+    taps = LayerTaps(layer, list(layer.parameters()))
+    with pytest.raises(ValueError, match="Linear: a weight has no view"):
+        with taps.tapping(2, destination=lambda i: torch.zeros(2, 3, 3) if i == 0 else None):
+            pass
+    assert "forward" not in layer.__dict__
+
+
 def test_a_layer_on_rows_it_cannot_group_falls_back(tmp_path):
     """A tapped layer called on a leading dimension that does not split by branch (an odd one here) is reported and
     the micro-batch runs on the per-branch passes."""

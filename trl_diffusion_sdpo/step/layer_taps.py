@@ -98,7 +98,7 @@ class _Pass:
 
     __slots__ = ("groups", "sink", "failures")
 
-    def __init__(self, groups: int, sink: Sink) -> None:
+    def __init__(self, groups: int, sink: Sink | None) -> None:
         self.groups, self.sink = groups, sink
         self.failures: list[str] = []
 
@@ -107,10 +107,10 @@ class _Layer:
     """One tapped module: its weights' indices in the caller's parameter list (``slots``: ``(attribute, index)``,
     the weight first), and per pass the views its gradients go to and whether each was written yet."""
 
-    __slots__ = ("name", "module", "kind", "indices", "slots", "weight", "bias", "conv_args", "views", "written")
+    __slots__ = ("name", "module", "kind", "slots", "weight", "bias", "conv_args", "views", "written")
 
     def __init__(self, name: str, module: nn.Module, kind: str, indices: dict[str, int]) -> None:
-        self.name, self.module, self.kind, self.indices = name, module, kind, indices
+        self.name, self.module, self.kind = name, module, kind
         self.slots = list(indices.items())
         self.weight = indices.get("weight")  # the index of the module's ``weight`` (None: frozen or absent)
         self.bias = indices.get("bias")
@@ -122,10 +122,13 @@ class _Layer:
         self.views: dict[int, torch.Tensor | None] = {}
         self.written: dict[int, bool] = {}
 
-    def start(self, destination: Destination | None) -> None:
-        """Take this pass's views (none written yet)."""
+    def start(self, destination: Destination | None, sink: Sink | None) -> None:
+        """Take this pass's views (none written yet); a weight without one needs the sink."""
         self.views = {i: (destination(i) if destination is not None else None) for _, i in self.slots}
         self.written = dict.fromkeys(self.views, False)
+        if sink is None and None in self.views.values():
+            where = self.name or type(self.module).__name__
+            raise ValueError(f"{where}: a weight has no view to write its gradient into and no sink was given")
 
     def target(self, index: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The view to overwrite with weight ``index``'s per-group gradient, where this is its first of the pass
@@ -483,16 +486,17 @@ class LayerTaps:
         return [index for layer in self.layers for index, done in layer.written.items() if done]
 
     @contextlib.contextmanager
-    def tapping(self, groups: int, sink: Sink, destination: Destination | None = None) -> Iterator[None]:
+    def tapping(self, groups: int, sink: Sink | None = None, destination: Destination | None = None) -> Iterator[None]:
         """Within the block, each tapped layer writes its weights' per-group gradients into the view
         ``destination(index)`` offers (``[groups, *weight.shape]``; the first gradient of the pass overwrites it,
-        later ones add to it), or where it offers ``None`` (or no ``destination`` is given) hands them to ``sink``,
-        during backward passes (run the forward and the backward inside the block; with gradient checkpointing the
-        backward recomputes tapped forwards)."""
+        later ones add to it), or where it offers ``None`` (or no ``destination`` is given) hands them to ``sink``
+        (needed then: a ValueError when the block starts without it), during backward passes (run the forward and the
+        backward inside the block; with gradient checkpointing the backward recomputes tapped forwards)."""
         tap = _Pass(groups, sink)
+        for layer in self.layers:
+            layer.start(destination, sink)
         saved = []
         for layer in self.layers:
-            layer.start(destination)
             had = layer.module.__dict__.get("forward")
             original = had if had is not None else layer.module.forward
             layer.module.forward = _tapped_forward(layer, original, self._current)

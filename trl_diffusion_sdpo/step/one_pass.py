@@ -84,12 +84,11 @@ class OnePassBranchGradients:
     @contextlib.contextmanager
     def split(self, groups: int) -> Iterator[None]:
         """Run the micro-batch's forward and backward inside: ``groups`` 2 (by branch) or ``2B`` (by image)."""
-        self._seen = [False] * len(self.parameters)
         self._prepare(groups)
-        with self.taps.tapping(groups, self._sink, self._views.__getitem__):
+        with self.taps.tapping(groups, destination=self._views.__getitem__):
             yield
-        for i in self.taps.written():
-            self._seen[i] = True
+        written = set(self.taps.written())
+        self._seen = [i in written for i in range(len(self.parameters))]
         for view, seen in zip(self._views, self._seen):
             if not seen:  # no gradient reached this weight in this pass
                 view.zero_()
@@ -107,15 +106,6 @@ class OnePassBranchGradients:
             self._views = [
                 chunk.view(groups, *p.shape) for chunk, p in zip(flat.split(self._sizes, dim=1), self.parameters)
             ]
-
-    def _sink(self, i: int, per_group: torch.Tensor) -> None:
-        """A gradient the taps could not write into its view themselves (they do whenever a view is offered, and
-        this store offers one for every weight)."""
-        if self._seen[i]:
-            self._views[i].add_(per_group)
-        else:
-            self._views[i].copy_(per_group)
-            self._seen[i] = True
 
     def untapped_gradients(self, before: list[tuple[torch.Tensor | None, int]]) -> list[int]:
         """Indices of the weights whose ``.grad`` autograd changed since ``before`` (:meth:`grad_states`): a gradient
