@@ -126,7 +126,8 @@ class _Layer:
         """Take this pass's views (none written yet); a weight without one needs the sink."""
         self.views = {i: (destination(i) if destination is not None else None) for _, i in self.slots}
         self.written = dict.fromkeys(self.views, False)
-        if sink is None and None in self.views.values():
+        # ``is None``, not ``None in values()``: ``in`` compares each view with ``==``, a tensor operation per weight
+        if sink is None and any(view is None for view in self.views.values()):
             where = self.name or type(self.module).__name__
             raise ValueError(f"{where}: a weight has no view to write its gradient into and no sink was given")
 
