@@ -11,10 +11,20 @@ times, side by side in one process, interleaved step by step (median over ``--st
 * ``vmap_vjp``: ``torch.func``: one forward pass under ``vjp`` over the trainable weights, then ``vmap`` of the
   vector-Jacobian product over the two branches' cotangents (``[c_w; 0]`` and ``[0; c_l]``).
 
+* ``dpo_zeroed`` (with ``--routes``): ``dpo`` with ``.grad`` zeroed in place instead of freed, so no step allocates
+  a fresh gradient (``dpo`` frees it, as a trainer's ``zero_grad`` does; the taps' buffer is reused; on a CPU a fresh
+  allocation costs page faults that grow with the model, on a GPU the caching allocator makes it free).
+
 Full tuning and LoRA (rank 8 on the attention projections). Process CPU time per step is what is compared (on a
-shared CPU it counts our work, not our waiting).
+shared CPU it counts our work, not our waiting), as medians and, step by step, as paired ratios.
 
     python benchmarks/one_pass_routes.py --json benchmarks/results/one-pass-routes-cpu.json
+
+``--unet sd15`` builds Stable Diffusion 1.5's UNet from its real config (860M weights, random) with 77 prompt
+tokens; ``--sample-size`` sets the latent side (32: 256 px), ``--routes`` and ``--tuning`` pick rows:
+
+    python benchmarks/one_pass_routes.py --unet sd15 --sample-size 32 --pairs 2 --steps 3 --threads 2 \
+        --routes dpo,dpo_zeroed,taps,two_pass --json benchmarks/results/one-pass-routes-sd15-cpu.json
 
 ``--profile`` instead profiles ``dpo`` and ``taps`` with full tuning (``torch.profiler``, ``--steps`` steps each after
 warm-up) and writes each operator's and each tap function's self CPU time per step, to find where the taps' extra
@@ -39,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
-from harness import SMALL_UNET, machine_description  # noqa: E402
+from harness import SD15_UNET, SMALL_UNET, machine_description  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 from trl_diffusion_sdpo.step.one_pass import OnePassBranchGradients  # noqa: E402
@@ -57,8 +67,13 @@ TINY_UNET: dict[str, Any] = {
 }
 
 
-def build(preset: str, lora: bool, pairs: int, seed: int = 0):
-    config = {"small": SMALL_UNET, "tiny": TINY_UNET}[preset]
+PRESETS: dict[str, dict[str, Any]] = {"small": SMALL_UNET, "tiny": TINY_UNET, "sd15": SD15_UNET}
+
+
+def build(preset: str, lora: bool, pairs: int, seed: int = 0, sample_size: int | None = None):
+    """The preset's UNet (random weights; ``sample_size`` overrides the latent side), one batch of ``2 * pairs`` rows
+    and a target. SD1.5 gets CLIP's 77 prompt tokens, the others 8."""
+    config = {**PRESETS[preset], **({"sample_size": sample_size} if sample_size else {})}
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**config)
     if lora:
@@ -74,22 +89,24 @@ def build(preset: str, lora: bool, pairs: int, seed: int = 0):
     rows = 2 * pairs
     sample = torch.randn(rows, config["in_channels"], side, side, generator=gen)
     timesteps = torch.randint(0, 1000, (pairs,), generator=gen).repeat(2)
-    context = torch.randn(pairs, 8, config["cross_attention_dim"], generator=gen).repeat(2, 1, 1)
+    tokens = 77 if preset == "sd15" else 8
+    context = torch.randn(pairs, tokens, config["cross_attention_dim"], generator=gen).repeat(2, 1, 1)
     target = torch.randn(rows, config["out_channels"], side, side, generator=gen)
     return unet, (sample, timesteps, context), target
 
 
-def cotangents(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """A preference-loss-like cotangent per row: a sigmoid-weighted squared-error gradient, of opposite sign on the
-    losers (what the DPO loss hands its predictions)."""
+def cotangents(prediction: torch.Tensor, target: torch.Tensor, sign: float | None = None) -> torch.Tensor:
+    """A preference-loss-like cotangent per row: a squared-error gradient, of opposite sign on the losers (what the
+    DPO loss hands its predictions); ``sign`` for one branch's rows alone (``None``: winners then losers)."""
     rows = prediction.shape[0]
-    sign = torch.cat([torch.ones(rows // 2), -torch.ones(rows // 2)]).view(-1, 1, 1, 1)
+    if sign is None:
+        sign = torch.cat([torch.ones(rows // 2), -torch.ones(rows // 2)]).view(-1, 1, 1, 1)
     return (2 * sign * (prediction.detach() - target) / prediction[0].numel()).to(prediction)
 
 
-def make_routes(preset: str, lora: bool, pairs: int) -> dict[str, Any]:
+def make_routes(preset: str, lora: bool, pairs: int, sample_size: int | None = None) -> dict[str, Any]:
     """The four routes on one model and batch, as callables of no arguments."""
-    unet, inputs, target = build(preset, lora, pairs)
+    unet, inputs, target = build(preset, lora, pairs, sample_size=sample_size)
     params = [p for p in unet.parameters() if p.requires_grad]
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     store = OnePassBranchGradients(unet, params)
@@ -105,16 +122,21 @@ def make_routes(preset: str, lora: bool, pairs: int) -> dict[str, Any]:
         out = unet(*inputs, return_dict=False)[0]
         out.backward(cotangents(out, target))
 
+    def dpo_zeroed() -> None:
+        # .grad zeroed in place, not freed: no fresh gradient-sized allocation per step (on a GPU the caching
+        # allocator makes that free; on a CPU a fresh one costs page faults, which ``dpo`` pays as a trainer does)
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        out = unet(*inputs, return_dict=False)[0]
+        out.backward(cotangents(out, target))
+
     def two_pass() -> None:
         zero()
         for rows in (slice(0, half), slice(half, None)):
             out = unet(*(t[rows] for t in inputs), return_dict=False)[0]
-            grads = torch.autograd.grad(
-                out,
-                params,
-                cotangents(out, target[rows]) if rows.start == 0 else -cotangents(out, target[rows]),
-                allow_unused=True,
-            )
+            sign = 1.0 if rows.start == 0 else -1.0
+            grads = torch.autograd.grad(out, params, cotangents(out, target[rows], sign), allow_unused=True)
             del grads
 
     def taps() -> None:
@@ -139,7 +161,7 @@ def make_routes(preset: str, lora: bool, pairs: int) -> dict[str, Any]:
         (per_branch,) = torch.func.vmap(vjp_fn)(mask * cot)
         del per_branch
 
-    return {"dpo": dpo, "two_pass": two_pass, "taps": taps, "vmap_vjp": vmap_vjp}
+    return {"dpo": dpo, "dpo_zeroed": dpo_zeroed, "two_pass": two_pass, "taps": taps, "vmap_vjp": vmap_vjp}
 
 
 def profile_routes(preset: str, pairs: int, steps: int, rows: int = 30) -> dict[str, Any]:
@@ -180,8 +202,15 @@ def profile_routes(preset: str, pairs: int, steps: int, rows: int = 30) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--unet", choices=["small", "tiny"], default="small")
+    parser.add_argument("--unet", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--sample-size", type=int, default=None, help="latent side (default: the preset's)")
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument(
+        "--routes",
+        default="dpo,two_pass,taps,vmap_vjp",
+        help="comma-separated subset of dpo, dpo_zeroed, two_pass, taps, vmap_vjp (dpo is always timed)",
+    )
+    parser.add_argument("--tuning", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", default=None)
@@ -202,8 +231,9 @@ def main() -> None:
             Path(opts.json).write_text(json.dumps(report, indent=2))
             print(f"wrote {opts.json}")
         return
-    for lora in (False, True):
-        routes = make_routes(opts.unet, lora, opts.pairs)
+    wanted = {"dpo", *opts.routes.split(",")}
+    for lora in [t == "lora" for t in opts.tuning.split(",")]:
+        routes = {k: v for k, v in make_routes(opts.unet, lora, opts.pairs, opts.sample_size).items() if k in wanted}
         failed: dict[str, str] = {}
         times: dict[str, list[float]] = {k: [] for k in routes}
         for step in range(opts.steps + 1):
@@ -225,6 +255,11 @@ def main() -> None:
                 median = statistics.median(times[name])
                 row.update(median_step_cpu_s=median, step_cpu_s=times[name])
                 row["ratio_to_dpo"] = median / statistics.median(times["dpo"])
+                for reference in ("dpo", "dpo_zeroed"):  # step by step against the reference's step just before
+                    if len(times[name]) == len(times.get(reference, ())):
+                        row[f"paired_ratio_to_{reference}"] = statistics.median(
+                            t / d for t, d in zip(times[name], times[reference])
+                        )
             report["rows"][f"{name}-{tuning}"] = row
             shown = f"{row['median_step_cpu_s'] * 1000:.1f} ms ({row['ratio_to_dpo']:.3f}x)" if times[name] else ""
             print(f"{tuning:5s} {name:9s} {shown} {row.get('failed', '')}", flush=True)
