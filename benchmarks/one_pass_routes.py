@@ -11,10 +11,6 @@ times, side by side in one process, interleaved step by step (median over ``--st
 * ``vmap_vjp``: ``torch.func``: one forward pass under ``vjp`` over the trainable weights, then ``vmap`` of the
   vector-Jacobian product over the two branches' cotangents (``[c_w; 0]`` and ``[0; c_l]``).
 
-* ``dpo_zeroed`` (with ``--routes``): ``dpo`` with ``.grad`` zeroed in place instead of freed, so no step allocates
-  a fresh gradient (``dpo`` frees it, as a trainer's ``zero_grad`` does; the taps' buffer is reused; on a CPU a fresh
-  allocation costs page faults that grow with the model, on a GPU the caching allocator makes it free).
-
 Full tuning and LoRA (rank 8 on the attention projections). Process CPU time per step is what is compared (on a
 shared CPU it counts our work, not our waiting), as medians and, step by step, as paired ratios.
 
@@ -23,8 +19,15 @@ shared CPU it counts our work, not our waiting), as medians and, step by step, a
 ``--unet sd15`` builds Stable Diffusion 1.5's UNet from its real config (860M weights, random) with 77 prompt
 tokens; ``--sample-size`` sets the latent side (32: 256 px), ``--routes`` and ``--tuning`` pick rows:
 
-    python benchmarks/one_pass_routes.py --unet sd15 --sample-size 32 --pairs 2 --steps 3 --threads 2 \
-        --routes dpo,dpo_zeroed,taps,two_pass --json benchmarks/results/one-pass-routes-sd15-cpu.json
+    python benchmarks/one_pass_routes.py --unet sd15 --sample-size 32 --pairs 2 --steps 5 --threads 2 \
+        --routes dpo,taps,two_pass --json benchmarks/results/one-pass-routes-sd15-cpu.json
+
+``--ablate`` adds ``pass[kinds]`` rows: the tapped forward and backward alone, with only the layers of those kinds
+tapped (``pass[none]``: none, ``pass[conv+linear+norm]``: all), each paired step by step with ``dpo``; the
+difference between ``pass[...]`` of all kinds and ``taps`` is the inner products and the combination:
+
+    python benchmarks/one_pass_routes.py --ablate --routes dpo,taps --tuning full --steps 30 --threads 1 \
+        --json benchmarks/results/one-pass-ablation-cpu.json
 
 ``--profile`` instead profiles ``dpo`` and ``taps`` with full tuning (``torch.profiler``, ``--steps`` steps each after
 warm-up) and writes each operator's and each tap function's self CPU time per step, to find where the taps' extra
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -104,8 +108,12 @@ def cotangents(prediction: torch.Tensor, target: torch.Tensor, sign: float | Non
     return (2 * sign * (prediction.detach() - target) / prediction[0].numel()).to(prediction)
 
 
-def make_routes(preset: str, lora: bool, pairs: int, sample_size: int | None = None) -> dict[str, Any]:
-    """The four routes on one model and batch, as callables of no arguments."""
+def make_routes(
+    preset: str, lora: bool, pairs: int, sample_size: int | None = None, ablate: bool = False
+) -> dict[str, Any]:
+    """The routes on one model and batch, as callables of no arguments. ``ablate`` adds ``pass[kinds]``: the tapped
+    forward and backward alone (no inner products, no combination) with only the layers of those kinds tapped (the
+    others' weights get autograd's gradient), to attribute the one pass's cost to the layers' kinds."""
     unet, inputs, target = build(preset, lora, pairs, sample_size=sample_size)
     params = [p for p in unet.parameters() if p.requires_grad]
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
@@ -119,15 +127,6 @@ def make_routes(preset: str, lora: bool, pairs: int, sample_size: int | None = N
 
     def dpo() -> None:
         zero()
-        out = unet(*inputs, return_dict=False)[0]
-        out.backward(cotangents(out, target))
-
-    def dpo_zeroed() -> None:
-        # .grad zeroed in place, not freed: no fresh gradient-sized allocation per step (on a GPU the caching
-        # allocator makes that free; on a CPU a fresh one costs page faults, which ``dpo`` pays as a trainer does)
-        for p in params:
-            if p.grad is not None:
-                p.grad.zero_()
         out = unet(*inputs, return_dict=False)[0]
         out.backward(cotangents(out, target))
 
@@ -161,7 +160,28 @@ def make_routes(preset: str, lora: bool, pairs: int, sample_size: int | None = N
         (per_branch,) = torch.func.vmap(vjp_fn)(mask * cot)
         del per_branch
 
-    return {"dpo": dpo, "dpo_zeroed": dpo_zeroed, "two_pass": two_pass, "taps": taps, "vmap_vjp": vmap_vjp}
+    routes = {"dpo": dpo, "two_pass": two_pass, "taps": taps, "vmap_vjp": vmap_vjp}
+    if ablate:
+        layers = list(store.taps.layers)
+        store._prepare(2)  # the buffer the views come from, as split() makes it
+
+        def tapped_pass(kinds: frozenset[str]) -> Any:
+            def route() -> None:
+                zero()
+                store.taps.layers = [layer for layer in layers if layer.kind in kinds]
+                try:
+                    with store.taps.tapping(2, lambda i, g: None, store._views.__getitem__):
+                        out = unet(*inputs, return_dict=False)[0]
+                        out.backward(cotangents(out, target))
+                finally:
+                    store.taps.layers = layers
+
+            return route
+
+        every = frozenset(layer.kind for layer in layers)
+        for kinds in [frozenset(), *(frozenset({kind}) for kind in sorted(every)), every]:
+            routes[f"pass[{'+'.join(sorted(kinds)) or 'none'}]"] = tapped_pass(kinds)
+    return routes
 
 
 def profile_routes(preset: str, pairs: int, steps: int, rows: int = 30) -> dict[str, Any]:
@@ -208,9 +228,14 @@ def main() -> None:
     parser.add_argument(
         "--routes",
         default="dpo,two_pass,taps,vmap_vjp",
-        help="comma-separated subset of dpo, dpo_zeroed, two_pass, taps, vmap_vjp (dpo is always timed)",
+        help="comma-separated subset of dpo, two_pass, taps, vmap_vjp (dpo is always timed)",
     )
     parser.add_argument("--tuning", default="full,lora", help="comma-separated: full, lora")
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="add pass[kinds] rows: the tapped pass alone with only those kinds of layers tapped (see make_routes)",
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", default=None)
@@ -232,15 +257,21 @@ def main() -> None:
             print(f"wrote {opts.json}")
         return
     wanted = {"dpo", *opts.routes.split(",")}
+    wanted_prefixes: tuple[str, ...] = ("pass[",) if opts.ablate else ()
     for lora in [t == "lora" for t in opts.tuning.split(",")]:
-        routes = {k: v for k, v in make_routes(opts.unet, lora, opts.pairs, opts.sample_size).items() if k in wanted}
+        built = make_routes(opts.unet, lora, opts.pairs, opts.sample_size, ablate=opts.ablate)
+        routes = {k: v for k, v in built.items() if k in wanted or k.startswith(wanted_prefixes)}
         failed: dict[str, str] = {}
         times: dict[str, list[float]] = {k: [] for k in routes}
+        # minor page faults: on a CPU a fresh gradient-sized allocation per step (dpo's .grad, freed by zero_grad as
+        # a trainer frees it) costs page faults that the taps' reused buffer does not; a GPU's caching allocator
+        # hides both
+        faults: dict[str, list[int]] = {k: [] for k in routes}
         for step in range(opts.steps + 1):
             for name, route in routes.items():
                 if name in failed:
                     continue
-                start = time.process_time()
+                start, faulted = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 try:
                     route()
                 except Exception as error:  # a route that cannot run on this model is reported, not fatal
@@ -248,6 +279,7 @@ def main() -> None:
                     continue
                 if step:  # the first step warms up
                     times[name].append(time.process_time() - start)
+                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
         tuning = "lora" if lora else "full"
         for name in routes:
             row: dict[str, Any] = {"failed": failed[name]} if name in failed else {}
@@ -255,14 +287,14 @@ def main() -> None:
                 median = statistics.median(times[name])
                 row.update(median_step_cpu_s=median, step_cpu_s=times[name])
                 row["ratio_to_dpo"] = median / statistics.median(times["dpo"])
-                for reference in ("dpo", "dpo_zeroed"):  # step by step against the reference's step just before
-                    if len(times[name]) == len(times.get(reference, ())):
-                        row[f"paired_ratio_to_{reference}"] = statistics.median(
-                            t / d for t, d in zip(times[name], times[reference])
-                        )
+                if len(times[name]) == len(times["dpo"]):  # step by step against the dpo step just before
+                    row["paired_ratio_to_dpo"] = statistics.median(t / d for t, d in zip(times[name], times["dpo"]))
+                row["minor_page_faults_per_step"] = statistics.median(faults[name])
             report["rows"][f"{name}-{tuning}"] = row
             shown = f"{row['median_step_cpu_s'] * 1000:.1f} ms ({row['ratio_to_dpo']:.3f}x)" if times[name] else ""
-            print(f"{tuning:5s} {name:9s} {shown} {row.get('failed', '')}", flush=True)
+            if "paired_ratio_to_dpo" in row:
+                shown += f", paired {row['paired_ratio_to_dpo']:.3f}x"
+            print(f"{tuning:5s} {name:24s} {shown} {row.get('failed', '')}", flush=True)
     if opts.json:
         Path(opts.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {opts.json}")
