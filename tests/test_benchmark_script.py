@@ -156,3 +156,25 @@ def test_fsdp_reference_script_runs_on_two_processes(tmp_path):
     first = report["per_process"][0]
     assert first["bytes_held"]["sharded"] * 2 == first["bytes_held"]["replicated"]
     assert first["max_abs_difference"] == 0.0  # the sharded copy computes what the whole one does
+
+
+def test_one_pass_routes_script_writes_its_rows_and_the_ablation(tmp_path):
+    """``one_pass_routes.py`` on the tiny UNet: every requested route and tuning, the ablation's ``pass[kinds]`` rows
+    (none, each kind, all), each paired with ``dpo`` step by step, with page-fault counts."""
+    output = tmp_path / "routes.json"
+    script = SCRIPT.parent / "one_pass_routes.py"
+    command = [sys.executable, str(script), "--unet", "tiny", "--steps", "2", "--threads", "1", "--ablate"]
+    command += ["--routes", "dpo,taps,two_pass", "--tuning", "full,lora", "--json", str(output)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    rows = json.loads(output.read_text())["rows"]
+    passes = {"pass[none]", "pass[conv]", "pass[linear]", "pass[norm]", "pass[conv+linear+norm]"}
+    for tuning in ("full", "lora"):
+        expected = {f"{name}-{tuning}" for name in {"dpo", "taps", "two_pass"} | passes}
+        if tuning == "lora":  # LoRA's trainable layers are Linear only: its ablation has no conv or norm row
+            expected = {f"{name}-lora" for name in ("dpo", "taps", "two_pass", "pass[none]", "pass[linear]")}
+        assert {name for name in rows if name.endswith(f"-{tuning}")} == expected
+        for name in expected:
+            row = rows[name]
+            assert "failed" not in row, row
+            assert len(row["step_cpu_s"]) == 2 and row["paired_ratio_to_dpo"] > 0
+            assert row["minor_page_faults_per_step"] >= 0

@@ -577,8 +577,8 @@ def test_the_trainer_refuses_the_pair_scope_for_large_full_tuning_stating_its_me
 def test_each_tap_splits_like_autograd_per_group_in_every_memory_layout(make, layout, groups, handed):
     """Each tap's input gradient and per-group weight gradients equal autograd's on each group's rows alone, for
     contiguous, channels-last (as the trainer lays out UNet activations) and transposed inputs, by branch (2 groups)
-    and by image (4: the pair scope's grouping), handed to a sink or written into the destination the one pass
-    offers."""
+    and by image (4: the pair scope's grouping, which the norms compute another way), handed to a sink or written
+    into the destination the one pass offers."""
     torch.manual_seed(0)
     layer = make().double()
     with torch.no_grad():

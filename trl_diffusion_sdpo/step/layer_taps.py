@@ -9,7 +9,7 @@ output gradient, as per-sample-gradient libraries do (Opacus' grad samplers), wi
 
     Linear:  dW_k = sum_{r in group k} g_r x_r^T,  db_k = sum_{r in group k} g_r      (one batched matmul)
     ConvNd:  dx_k, dW_k, db_k = convolution_backward over group k's rows              (one call per group)
-    LayerNorm, GroupNorm: dgamma_k = sum_{group k} g * x_hat, dbeta_k = sum g      (aten's fused backward per group)
+    LayerNorm, GroupNorm: dgamma_k = sum_{group k} g * x_hat, dbeta_k = sum g      (aten's native backward for dx)
     other norms, embeddings (leaf modules of the types in :data:`RECOMPUTED`): the layer's forward recomputed per
              group under autograd (elementwise work, small against the matmuls)
 
@@ -272,8 +272,7 @@ def _unfolded_weight_gradients(
 
 class _NormTap(torch.autograd.Function):
     """LayerNorm and GroupNorm through aten's native kernels: the input gradient as autograd computes it, the
-    affine weights' per-group gradients ``sum g * x_hat`` and ``sum g`` from the same fused kernel run on each group's
-    rows with the saved mean and inverse std (the last group's: the sum over all rows minus the others')."""
+    affine weights' per-group gradients ``sum g * x_hat`` and ``sum g`` from the saved mean and inverse std."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
@@ -293,36 +292,56 @@ class _NormTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # aten's fused kernel over all rows (the input gradient and the affine gradients' sum), then over each group
-        # of rows but the last (its affine gradients); the last group's are the sum minus the others'
         x, weight, bias, mean, rstd = ctx.saved_tensors
         grad = grad.contiguous()
         layer, tap = ctx.layer, ctx.tap
+        groups = tap.groups
         want_w, want_b = layer.weight is not None, ctx.has_bias and layer.bias is not None
-        group_norm = ctx.shape is not None  # GroupNorm: x [N, C, ...], mean and rstd [N, G]; else LayerNorm
-
-        def kernel(rows: int, mask: tuple[bool, bool, bool], *tensors: torch.Tensor):
-            g, xs, m, r = tensors or (grad, x, mean, rstd)
-            if group_norm:
-                return _GROUP_NORM_BACKWARD(g, xs, m, r, weight, rows, *ctx.shape[1:], mask)
-            return _LAYER_NORM_BACKWARD(g, xs, layer.module.normalized_shape, m, r, weight, bias, mask)
-
-        grad_x, dw, db = kernel(x.shape[0], (ctx.needs_input_grad[0], want_w, want_b))
-        size = x.shape[0] // tap.groups
-        parts = [
-            kernel(size, (False, want_w, want_b), *(t[k * size : (k + 1) * size] for t in (grad, x, mean, rstd)))
-            for k in range(tap.groups - 1)
-        ]
-        for index, wanted, total, position in ((layer.weight, want_w, dw, 1), (layer.bias, want_b, db, 2)):
-            if not wanted:
-                continue
-            into = layer.target(index, total.dtype)
-            per_group = into if into is not None else total.new_empty((tap.groups, *total.shape))
-            for k, part in enumerate(parts):
-                per_group[k].copy_(part[position])
-            torch.sub(total, per_group[:-1].sum(0) if len(parts) > 1 else per_group[0], out=per_group[-1])
-            if into is None:
-                layer.deliver(index, per_group, tap)
+        if groups == 2:
+            # aten's fused kernel twice: over all rows (the input gradient and the affine gradients' sum) and over
+            # the first group's rows (its affine gradients); the second group's are the difference
+            mask = (ctx.needs_input_grad[0], want_w, want_b)
+            half = x.shape[0] // 2
+            if ctx.shape is not None:  # GroupNorm: x [N, C, ...], mean and rstd [N, G]
+                n, c, hw, g = ctx.shape
+                grad_x, dw, db = _GROUP_NORM_BACKWARD(grad, x, mean, rstd, weight, n, c, hw, g, mask)
+                _, dw0, db0 = _GROUP_NORM_BACKWARD(
+                    grad[:half], x[:half], mean[:half], rstd[:half], weight, half, c, hw, g, (False, want_w, want_b)
+                )
+            else:  # LayerNorm over the trailing normalized_shape; mean and rstd [..., 1, ...]
+                shape = layer.module.normalized_shape
+                grad_x, dw, db = _LAYER_NORM_BACKWARD(grad, x, shape, mean, rstd, weight, bias, mask)
+                _, dw0, db0 = _LAYER_NORM_BACKWARD(
+                    grad[:half], x[:half], shape, mean[:half], rstd[:half], weight, bias, (False, want_w, want_b)
+                )
+            for index, wanted, total, first in ((layer.weight, want_w, dw, dw0), (layer.bias, want_b, db, db0)):
+                if wanted:
+                    into = layer.target(index, total.dtype)
+                    if into is None:
+                        layer.deliver(index, torch.stack([first, total - first]), tap)
+                    else:
+                        into[0].copy_(first)
+                        torch.sub(total, first, out=into[1])
+            return grad_x, None, None, None, None
+        mask = (ctx.needs_input_grad[0], False, False)
+        if ctx.shape is not None:  # GroupNorm: x [N, C, ...], mean and rstd [N, G]
+            n, c, hw, g = ctx.shape
+            grad_x = _GROUP_NORM_BACKWARD(grad, x, mean, rstd, weight, n, c, hw, g, mask)[0]
+            per_channel = (c // g, hw)
+            stats = (mean.view(n, g, 1, 1), rstd.view(n, g, 1, 1))
+            x_hat = (x.reshape(n, g, *per_channel) - stats[0]) * stats[1]
+            dw = (grad.reshape(n, g, *per_channel) * x_hat).sum(-1).reshape(groups, -1, c).sum(1)
+            db = grad.reshape(n, c, hw).sum(-1).reshape(groups, -1, c).sum(1)
+        else:  # LayerNorm over the trailing normalized_shape; mean and rstd [..., 1, ...]
+            shape = layer.module.normalized_shape
+            grad_x = _LAYER_NORM_BACKWARD(grad, x, shape, mean, rstd, weight, None, mask)[0]
+            x_hat = (x - mean) * rstd
+            dw = (grad * x_hat).reshape(groups, -1, *shape).sum(1)
+            db = grad.reshape(groups, -1, *shape).sum(1)
+        if want_w:
+            layer.deliver(layer.weight, dw, tap)
+        if want_b:
+            layer.deliver(layer.bias, db, tap)
         return grad_x, None, None, None, None
 
 
