@@ -56,6 +56,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from harness import SD15_UNET, SMALL_UNET, machine_description  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
+from trl_diffusion_sdpo.step.layer_taps import LayerTaps  # noqa: E402
 from trl_diffusion_sdpo.step.one_pass import OnePassBranchGradients  # noqa: E402
 
 TINY_UNET: dict[str, Any] = {
@@ -162,23 +163,21 @@ def make_routes(
 
     routes = {"dpo": dpo, "two_pass": two_pass, "taps": taps, "vmap_vjp": vmap_vjp}
     if ablate:
-        layers = list(store.taps.layers)
-        store._prepare(2)  # the buffer the views come from, as split() makes it
+        store._prepare(2)  # the split buffer, as split() makes it: the restricted taps write into its views
 
         def tapped_pass(kinds: frozenset[str]) -> Any:
+            restricted = LayerTaps(unet, params)
+            restricted.layers = [layer for layer in restricted.layers if layer.kind in kinds]
+
             def route() -> None:
                 zero()
-                store.taps.layers = [layer for layer in layers if layer.kind in kinds]
-                try:
-                    with store.taps.tapping(2, lambda i, g: None, store._views.__getitem__):
-                        out = unet(*inputs, return_dict=False)[0]
-                        out.backward(cotangents(out, target))
-                finally:
-                    store.taps.layers = layers
+                with restricted.tapping(2, destination=store._views.__getitem__):
+                    out = unet(*inputs, return_dict=False)[0]
+                    out.backward(cotangents(out, target))
 
             return route
 
-        every = frozenset(layer.kind for layer in layers)
+        every = frozenset(layer.kind for layer in store.taps.layers)
         for kinds in [frozenset(), *(frozenset({kind}) for kind in sorted(every)), every]:
             routes[f"pass[{'+'.join(sorted(kinds)) or 'none'}]"] = tapped_pass(kinds)
     return routes
@@ -257,10 +256,9 @@ def main() -> None:
             print(f"wrote {opts.json}")
         return
     wanted = {"dpo", *opts.routes.split(",")}
-    wanted_prefixes: tuple[str, ...] = ("pass[",) if opts.ablate else ()
     for lora in [t == "lora" for t in opts.tuning.split(",")]:
         built = make_routes(opts.unet, lora, opts.pairs, opts.sample_size, ablate=opts.ablate)
-        routes = {k: v for k, v in built.items() if k in wanted or k.startswith(wanted_prefixes)}
+        routes = {k: v for k, v in built.items() if k in wanted or k.startswith("pass[")}  # pass[...]: --ablate
         failed: dict[str, str] = {}
         times: dict[str, list[float]] = {k: [] for k in routes}
         # minor page faults: on a CPU a fresh gradient-sized allocation per step (dpo's .grad, freed by zero_grad as

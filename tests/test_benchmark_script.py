@@ -167,11 +167,10 @@ def test_one_pass_routes_script_writes_its_rows_and_the_ablation(tmp_path):
     command += ["--routes", "dpo,taps,two_pass", "--tuning", "full,lora", "--json", str(output)]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     rows = json.loads(output.read_text())["rows"]
-    passes = {"pass[none]", "pass[conv]", "pass[linear]", "pass[norm]", "pass[conv+linear+norm]"}
-    for tuning in ("full", "lora"):
-        expected = {f"{name}-{tuning}" for name in {"dpo", "taps", "two_pass"} | passes}
-        if tuning == "lora":  # LoRA's trainable layers are Linear only: its ablation has no conv or norm row
-            expected = {f"{name}-lora" for name in ("dpo", "taps", "two_pass", "pass[none]", "pass[linear]")}
+    # LoRA's trainable layers are Linear only: its ablation has no conv or norm row
+    passes = {"full": ["none", "conv", "linear", "norm", "conv+linear+norm"], "lora": ["none", "linear"]}
+    for tuning, kinds in passes.items():
+        expected = {f"{name}-{tuning}" for name in ["dpo", "taps", "two_pass", *(f"pass[{k}]" for k in kinds)]}
         assert {name for name in rows if name.endswith(f"-{tuning}")} == expected
         for name in expected:
             row = rows[name]
