@@ -29,6 +29,13 @@ difference between ``pass[...]`` of all kinds and ``taps`` is the inner products
     python benchmarks/one_pass_routes.py --ablate --routes dpo,taps --tuning full --steps 30 --threads 1 \
         --json benchmarks/results/one-pass-ablation-cpu.json
 
+``--layers`` instead times each tapped layer alone at the shapes it sees in the pass (full tuning), its forward and
+backward natively and under its tap, and totals them per kind of layer and convolution shape: run at two batch sizes,
+the taps' extra time splits into a part fixed per layer and one growing with the rows:
+
+    python benchmarks/one_pass_routes.py --layers --pairs 2 --steps 30 --threads 1 \
+        --json benchmarks/results/one-pass-layers-cpu-2pairs.json
+
 ``--profile`` instead profiles ``dpo`` and ``taps`` with full tuning (``torch.profiler``, ``--steps`` steps each after
 warm-up) and writes each operator's and each tap function's self CPU time per step, to find where the taps' extra
 time goes:
@@ -183,6 +190,102 @@ def make_routes(
     return routes
 
 
+def _layer_row(
+    layer: Any, single: LayerTaps, destination: Any, x: torch.Tensor, g: torch.Tensor, repeats: int
+) -> dict[str, Any]:
+    """One layer's row of :func:`layer_rows`: its forward and backward on ``x`` with output gradient ``g``, natively
+    and under ``single`` (taps restricted to this layer), interleaved, the median of ``repeats`` after a warm-up."""
+    module, tapped_layer = layer.module, single.layers[0]
+    weights = [getattr(module, name) for name, _ in layer.slots]
+    needs_x = x.is_floating_point()
+
+    def native() -> None:
+        xs = x.detach().requires_grad_(needs_x)
+        for w in weights:
+            w.grad = None
+        module(xs).backward(g)
+
+    def tapped() -> None:
+        tapped_layer.start(destination, None)  # a pass starts each layer once (its views, none written yet)
+        module(x.detach().requires_grad_(needs_x)).backward(g)
+
+    times: dict[str, list[float]] = {"native": [], "tapped": []}
+    for repeat in range(repeats + 1):  # the first warms up
+        start = time.process_time()
+        native()
+        native_time = time.process_time() - start
+        with single.tapping(2, destination=destination):  # installed outside the timed call, as once per pass
+            start = time.process_time()
+            tapped()
+            tapped_time = time.process_time() - start
+        if repeat:
+            times["native"].append(native_time)
+            times["tapped"].append(tapped_time)
+    side = x.shape[-1]
+    return {
+        "name": layer.name,
+        "kind": layer.kind,
+        "conv": f"{module.kernel_size[0]}x{module.kernel_size[0]} on {side}x{side}" if layer.kind == "conv" else None,
+        "input_shape": list(x.shape),
+        "native_us": statistics.median(times["native"]) * 1e6,
+        "tapped_us": statistics.median(times["tapped"]) * 1e6,
+        # the tapped call wrote every weight's split gradient (the replay ran the tap, not autograd's path)
+        "tap_wrote": all(tapped_layer.written.values()),
+    }
+
+
+def layer_rows(preset: str, pairs: int, repeats: int) -> dict[str, Any]:
+    """Each tapped layer alone, at the shapes it sees in a pass over ``2 * pairs`` rows (full tuning): its forward and
+    backward as autograd computes them (``native``) and under its tap alone (``tapped``, the weights' gradients split
+    by branch into the buffer's views), interleaved, median of ``repeats`` process CPU times. Totals per kind of
+    layer and, for convolutions, per kernel size and feature map. The taps' extra time at one batch size against
+    another tells fixed cost (the same at every batch) from the split kernels' (growing with the rows)."""
+    unet, inputs, target = build(preset, False, pairs)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    store = OnePassBranchGradients(unet, params)
+    store._prepare(2)
+    layers = store.taps.layers
+    seen: dict[int, torch.Tensor] = {}  # each layer's input in the pass
+    grads: dict[int, torch.Tensor] = {}
+
+    def capture(k: int):
+        def hook(module, args, output):
+            if k not in seen:  # a layer called twice keeps its first call
+                seen[k] = args[0].detach().clone()
+                output.register_hook(lambda g: grads.setdefault(k, g.detach().clone()))
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(capture(k)) for k, layer in enumerate(layers)]
+    out = unet(*inputs, return_dict=False)[0]
+    out.backward(cotangents(out, target))
+    for handle in handles:
+        handle.remove()
+    single = LayerTaps(unet, params)
+    destination = store._views.__getitem__
+    by_module = {id(layer.module): layer for layer in single.layers}
+
+    rows = []
+    for k, layer in enumerate(layers):
+        if k in grads:
+            single.layers = [by_module[id(layer.module)]]
+            rows.append(_layer_row(layer, single, destination, seen[k], grads[k], repeats))
+
+    def totals(selected: list[dict[str, Any]]) -> dict[str, float]:
+        native = sum(r["native_us"] for r in selected) / 1000
+        tapped = sum(r["tapped_us"] for r in selected) / 1000
+        return {"layers": len(selected), "native_ms": native, "tapped_ms": tapped, "extra_ms": tapped - native}
+
+    kinds = sorted({r["kind"] for r in rows})
+    convs = sorted({r["conv"] for r in rows if r["conv"]})
+    return {
+        "per_kind": {kind: totals([r for r in rows if r["kind"] == kind]) for kind in kinds},
+        "per_conv_shape": {shape: totals([r for r in rows if r["conv"] == shape]) for shape in convs},
+        "all": totals(rows),
+        "layers": rows,
+    }
+
+
 def profile_routes(preset: str, pairs: int, steps: int, rows: int = 30) -> dict[str, Any]:
     """Self CPU time per step (ms) of each operator and Python function, for ``dpo`` and ``taps`` (full tuning); the
     ``rows`` largest differences first."""
@@ -239,6 +342,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="profile dpo and taps (full tuning) instead")
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="instead time each tapped layer alone, natively and under its tap, at its shapes (see layer_rows)",
+    )
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -251,6 +359,21 @@ def main() -> None:
             print(f"{row['key'][:60]:60s} dpo {row['dpo_ms']:7.2f}  taps {row['taps_ms']:7.2f}  ms/step")
         totals = report["profile"]["total_self_cpu_ms_per_step"]
         print(f"total self CPU ms/step: dpo {totals['dpo']:.1f}, taps {totals['taps']:.1f}")
+        if opts.json:
+            Path(opts.json).write_text(json.dumps(report, indent=2))
+            print(f"wrote {opts.json}")
+        return
+    if opts.layers:
+        del report["rows"]
+        report["layers"] = layer_rows(opts.unet, opts.pairs, opts.steps)
+        for group in ("per_kind", "per_conv_shape"):
+            for key, row in report["layers"][group].items():
+                print(
+                    f"{key:16s} {row['layers']:4d} layers: native {row['native_ms']:7.2f} ms, tapped "
+                    f"{row['tapped_ms']:7.2f} ms, extra {row['extra_ms']:6.2f} ms"
+                )
+        row = report["layers"]["all"]
+        print(f"all {row['layers']} layers: native {row['native_ms']:.2f} ms, tapped {row['tapped_ms']:.2f} ms")
         if opts.json:
             Path(opts.json).write_text(json.dumps(report, indent=2))
             print(f"wrote {opts.json}")

@@ -177,3 +177,31 @@ def test_one_pass_routes_script_writes_its_rows_and_the_ablation(tmp_path):
             assert "failed" not in row, row
             assert len(row["step_cpu_s"]) == 2 and row["paired_ratio_to_dpo"] > 0
             assert row["minor_page_faults_per_step"] >= 0
+
+
+def test_one_pass_routes_layer_replay_runs_every_tapped_layer_under_its_tap(tmp_path):
+    """``one_pass_routes.py --layers`` on the tiny UNet: one row per tapped layer (its forward hook saw it and its
+    output got a gradient), each tapped call wrote its weights' split gradients, and the totals add up."""
+    output = tmp_path / "layers.json"
+    script = SCRIPT.parent / "one_pass_routes.py"
+    command = [sys.executable, str(script), "--unet", "tiny", "--layers", "--steps", "1", "--threads", "1"]
+    subprocess.run(command + ["--json", str(output)], check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(output.read_text())["layers"]
+    rows = report["layers"]
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from one_pass_routes import TINY_UNET
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    from trl_diffusion_sdpo.step.layer_taps import LayerTaps
+
+    unet = UNet2DConditionModel(**TINY_UNET)
+    expected = {layer.name: layer.kind for layer in LayerTaps(unet, list(unet.parameters())).layers}
+    assert {row["name"]: row["kind"] for row in rows} == expected
+    assert all(row["tap_wrote"] and row["native_us"] > 0 and row["tapped_us"] > 0 for row in rows)
+    assert {row["conv"] for row in rows if row["kind"] == "conv"} == set(report["per_conv_shape"])
+    assert sum(kind["layers"] for kind in report["per_kind"].values()) == report["all"]["layers"] == len(rows)
+    total = sum(row["tapped_us"] for row in rows) / 1000
+    assert abs(report["all"]["tapped_ms"] - total) <= 1e-9 * total
