@@ -322,6 +322,13 @@ def profile_routes(preset: str, pairs: int, steps: int, rows: int = 30) -> dict[
     }
 
 
+def write_report(report: dict[str, Any], path: str | None) -> None:
+    """The report as JSON at ``path`` (None: not written)."""
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", choices=sorted(PRESETS), default="small")
@@ -359,9 +366,7 @@ def main() -> None:
             print(f"{row['key'][:60]:60s} dpo {row['dpo_ms']:7.2f}  taps {row['taps_ms']:7.2f}  ms/step")
         totals = report["profile"]["total_self_cpu_ms_per_step"]
         print(f"total self CPU ms/step: dpo {totals['dpo']:.1f}, taps {totals['taps']:.1f}")
-        if opts.json:
-            Path(opts.json).write_text(json.dumps(report, indent=2))
-            print(f"wrote {opts.json}")
+        write_report(report, opts.json)
         return
     if opts.layers:
         del report["rows"]
@@ -374,9 +379,7 @@ def main() -> None:
                 )
         row = report["layers"]["all"]
         print(f"all {row['layers']} layers: native {row['native_ms']:.2f} ms, tapped {row['tapped_ms']:.2f} ms")
-        if opts.json:
-            Path(opts.json).write_text(json.dumps(report, indent=2))
-            print(f"wrote {opts.json}")
+        write_report(report, opts.json)
         return
     wanted = {"dpo", *opts.routes.split(",")}
     for lora in [t == "lora" for t in opts.tuning.split(",")]:
@@ -416,9 +419,7 @@ def main() -> None:
             if "paired_ratio_to_dpo" in row:
                 shown += f", paired {row['paired_ratio_to_dpo']:.3f}x"
             print(f"{tuning:5s} {name:24s} {shown} {row.get('failed', '')}", flush=True)
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {opts.json}")
+    write_report(report, opts.json)
 
 
 if __name__ == "__main__":
