@@ -190,12 +190,11 @@ def make_routes(
     return routes
 
 
-def _layer_row(
-    layer: Any, single: LayerTaps, destination: Any, x: torch.Tensor, g: torch.Tensor, repeats: int
-) -> dict[str, Any]:
-    """One layer's row of :func:`layer_rows`: its forward and backward on ``x`` with output gradient ``g``, natively
-    and under ``single`` (taps restricted to this layer), interleaved, the median of ``repeats`` after a warm-up."""
-    module, tapped_layer = layer.module, single.layers[0]
+def _layer_row(single: LayerTaps, destination: Any, x: torch.Tensor, g: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """One layer's row of :func:`layer_rows`, the one layer ``single`` taps: its forward and backward on ``x`` with
+    output gradient ``g``, natively and under its tap, interleaved, the median of ``repeats`` after a warm-up."""
+    layer = single.layers[0]
+    module = layer.module
     weights = [getattr(module, name) for name, _ in layer.slots]
     needs_x = x.is_floating_point()
 
@@ -206,7 +205,7 @@ def _layer_row(
         module(xs).backward(g)
 
     def tapped() -> None:
-        tapped_layer.start(destination, None)  # a pass starts each layer once (its views, none written yet)
+        layer.start(destination, None)  # a pass starts each layer once (its views, none written yet)
         module(x.detach().requires_grad_(needs_x)).backward(g)
 
     times: dict[str, list[float]] = {"native": [], "tapped": []}
@@ -230,7 +229,7 @@ def _layer_row(
         "native_us": statistics.median(times["native"]) * 1e6,
         "tapped_us": statistics.median(times["tapped"]) * 1e6,
         # the tapped call wrote every weight's split gradient (the replay ran the tap, not autograd's path)
-        "tap_wrote": all(tapped_layer.written.values()),
+        "tap_wrote": all(layer.written.values()),
     }
 
 
@@ -243,8 +242,9 @@ def layer_rows(preset: str, pairs: int, repeats: int) -> dict[str, Any]:
     unet, inputs, target = build(preset, False, pairs)
     params = [p for p in unet.parameters() if p.requires_grad]
     store = OnePassBranchGradients(unet, params)
-    store._prepare(2)
-    layers = store.taps.layers
+    store._prepare(2)  # the split buffer: the tapped calls write into its views
+    single = LayerTaps(unet, params)
+    layers = single.layers
     seen: dict[int, torch.Tensor] = {}  # each layer's input in the pass
     grads: dict[int, torch.Tensor] = {}
 
@@ -261,15 +261,11 @@ def layer_rows(preset: str, pairs: int, repeats: int) -> dict[str, Any]:
     out.backward(cotangents(out, target))
     for handle in handles:
         handle.remove()
-    single = LayerTaps(unet, params)
-    destination = store._views.__getitem__
-    by_module = {id(layer.module): layer for layer in single.layers}
-
     rows = []
     for k, layer in enumerate(layers):
         if k in grads:
-            single.layers = [by_module[id(layer.module)]]
-            rows.append(_layer_row(layer, single, destination, seen[k], grads[k], repeats))
+            single.layers = [layer]
+            rows.append(_layer_row(single, store._views.__getitem__, seen[k], grads[k], repeats))
 
     def totals(selected: list[dict[str, Any]]) -> dict[str, float]:
         native = sum(r["native_us"] for r in selected) / 1000
