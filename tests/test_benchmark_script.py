@@ -201,7 +201,15 @@ def test_one_pass_routes_layer_replay_runs_every_tapped_layer_under_its_tap(tmp_
     expected = {layer.name: layer.kind for layer in LayerTaps(unet, list(unet.parameters())).layers}
     assert {row["name"]: row["kind"] for row in rows} == expected
     assert all(row["tap_wrote"] and row["native_us"] > 0 and row["tapped_us"] > 0 for row in rows)
+    # the backward called as a function, on every conv, linear and norm layer (the tiny UNet has no other kind)
+    assert all(row["tap_backward_wrote"] and row["native_backward_us"] > 0 for row in rows)
+    assert all(row["tap_backward_us"] > 0 for row in rows)
     assert {row["conv"] for row in rows if row["kind"] == "conv"} == set(report["per_conv_shape"])
     assert sum(kind["layers"] for kind in report["per_kind"].values()) == report["all"]["layers"] == len(rows)
     total = sum(row["tapped_us"] for row in rows) / 1000
     assert abs(report["all"]["tapped_ms"] - total) <= 1e-9 * total
+    everything = report["all"]
+    backward = sum(row["tap_backward_us"] - row["native_backward_us"] for row in rows) / 1000
+    assert abs(everything["backward_extra_ms"] - backward) <= 1e-9 * abs(backward) + 1e-12
+    parts = everything["backward_extra_ms"] + everything["rest_extra_ms"]
+    assert abs(parts - everything["extra_ms"]) <= 1e-9 * abs(everything["extra_ms"]) + 1e-12

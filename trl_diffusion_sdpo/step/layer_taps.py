@@ -394,22 +394,17 @@ class _Current:
         self.tap: _Pass | None = None
 
 
-def _tappable(tap: _Pass, args: tuple, kwargs: dict) -> bool:
-    """Whether a call can be tapped: one tensor input whose leading dimension splits into the pass's groups of rows."""
-    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
-        return False
-    rows = args[0].shape[0]
-    return rows >= tap.groups and rows % tap.groups == 0
-
-
-def _refuse(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str:
-    """Why this call cannot be tapped (see :func:`_tappable`)."""
+def _refusal(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str | None:
+    """Why this call cannot be tapped, or None where it can: one tensor input whose leading dimension splits into the
+    pass's groups of rows."""
     if len(args) != 1 or kwargs:
         return (
             f"{layer.name} was called with {len(args)} positional and {len(kwargs)} keyword arguments (a tap takes "
             "one input)"
         )
     x = args[0]
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] >= tap.groups and x.shape[0] % tap.groups == 0:
+        return None
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
     return (
         f"{layer.name} saw an input of shape {shape}, whose leading dimension does not split into {tap.groups} "
@@ -430,8 +425,9 @@ def _tapped_forward(layer: _Layer, original: Callable, current: _Current) -> Cal
         tap = current.tap
         if tap is None or not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        if not _tappable(tap, args, kwargs):
-            tap.failures.append(_refuse(layer, tap, args, kwargs))
+        refusal = _refusal(layer, tap, args, kwargs)
+        if refusal is not None:
+            tap.failures.append(refusal)
             return original(*args, **kwargs)
         x = args[0]
         if recompute:
