@@ -233,16 +233,17 @@ def _native_backward(layer: Any, x: torch.Tensor, g: torch.Tensor, needs_x: bool
     return None
 
 
-def _tap_backward(layer: Any, tap: Any, x: torch.Tensor, g: torch.Tensor, needs_x: bool) -> Callable[[], Any] | None:
+def _tap_backward(layer: Any, x: torch.Tensor, g: torch.Tensor, needs_x: bool) -> Callable[[], Any] | None:
     """The tap's own ``backward`` of ``layer`` (the library's code: its kernels, its writes into the buffer's views
-    and its Python), called as a function on a plain context its ``forward`` filled; None for a recomputed layer."""
+    and its Python) in a pass split by branch, called as a function on a plain context its ``forward`` filled; None
+    for a recomputed layer."""
     function = layer_taps._FUNCTIONS.get(layer.kind)
     if function is None:
         return None
     module = layer.module
     ctx = _Context(needs_x)
     with torch.no_grad():
-        function.forward(ctx, x, module.weight, getattr(module, "bias", None), layer, tap)
+        function.forward(ctx, x, module.weight, getattr(module, "bias", None), layer, layer_taps._Pass(2, None))
 
     def backward() -> Any:
         with torch.no_grad():  # as autograd's engine runs a backward
@@ -273,8 +274,7 @@ def _layer_row(single: LayerTaps, destination: Any, x: torch.Tensor, g: torch.Te
         module(x.detach().requires_grad_(needs_x)).backward(g)
 
     native_backward = _native_backward(layer, x, g, needs_x)
-    tap = layer_taps._Pass(2, None)
-    tap_backward = _tap_backward(layer, tap, x, g, needs_x)
+    tap_backward = _tap_backward(layer, x, g, needs_x)
     times: dict[str, list[float]] = {"native": [], "tapped": [], "native_backward": [], "tap_backward": []}
     wrote = called_wrote = True
     for repeat in range(repeats + 1):  # the first warms up
