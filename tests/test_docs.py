@@ -31,6 +31,8 @@ def test_docs_site_builds_strictly(tmp_path):
     site = tmp_path / "site"
     for page in ("quickstart", "concepts", "data", "families", "distributed", "evaluation", "benchmarks", "faq"):
         assert (site / page / "index.html").is_file(), page
+    for page in ("safeguard", "benchmarks"):
+        assert (site / "research" / page / "index.html").is_file(), f"research/{page}"
     trainer_api = (site / "api" / "trainer" / "index.html").read_text()
     assert "DiffusionSDPOTrainer" in trainer_api and "create_model_card" in trainer_api
     config_api = (site / "api" / "config" / "index.html").read_text()
@@ -50,7 +52,7 @@ def test_docs_site_builds_strictly(tmp_path):
 
 # -- keeping the docs true --------------------------------------------------------------------------------------------
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # A measured figure: a time, a size, a cost or a speed ratio (1.30x). Percentages, counts and settings are left out.
 FIGURE = re.compile(
     r"(?<![\w.-])(?:\$\d[\d,.]*|\d+\.\d+x|\d[\d,]*(?:\.\d+)? ?(?:ms|s|min|minutes|h|hours|MB|GB|TB|MiB|GiB)(?!\w))"
@@ -87,7 +89,7 @@ def _result_file_exists(name: str) -> bool:
     return any(path.is_file() for candidate in candidates for path in candidate.parent.glob(candidate.name))
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_every_quoted_figure_names_where_it_comes_from(page: Path) -> None:
     """A section that quotes a time, a size, a cost or a speed ratio names its result file or test (or says the
     figure is computed or not recorded), and every result file and test a page names exists."""
@@ -311,23 +313,70 @@ def test_the_sdxl_recipe_table_is_what_sdxl_full_yaml_holds_but_the_two_named_se
     assert differ == {"independent_augmentation": (True, False), "fixed_time_ids": (True, False)}
 
 
-def test_where_the_exact_safeguard_runs_is_stated_once_and_the_same_everywhere() -> None:
-    """docs/safeguard.md#engines states it; the config's help says the same; no page restates it another way."""
+def _engines_table() -> dict[str, list[str]]:
+    """The rows of docs/safeguard.md#engines's table: engine -> its cells for the output, parameter, update spaces."""
+    page = (ROOT / "docs" / "safeguard.md").read_text()
+    section = page.split("{#engines}", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[2:]}
+
+
+def _engine(cls: type, **attributes) -> object:
+    """An engine without an accelerator: the checks below read only the class and ``attributes``."""
+    engine = cls.__new__(cls)
+    engine.__dict__.update(attributes)
+    return engine
+
+
+def _refuses(check, *args) -> bool:
+    try:
+        check(*args)
+    except ValueError:
+        return True
+    return False
+
+
+def test_where_the_exact_safeguard_runs_is_what_the_engines_allow() -> None:
+    """docs/safeguard.md#engines's table against the engines' own checks: "refused" exactly where
+    ``check_parameter_space`` / ``check_update_space`` raise, ``safeguard_scope="global"`` where only the global
+    scope is allowed, "one pass" / "per-branch passes" as ``one_pass_reason`` says; no page says it otherwise."""
+    from trl_diffusion_sdpo.engines.deepspeed import DeepSpeedEngine
+    from trl_diffusion_sdpo.engines.fsdp import FSDP1Engine, FSDP2Engine
+    from trl_diffusion_sdpo.engines.plain import PlainEngine
+
+    engines = {
+        "one process, DDP": [_engine(PlainEngine)],
+        "DeepSpeed ZeRO-1/2": [_engine(DeepSpeedEngine, stage=1), _engine(DeepSpeedEngine, stage=2)],
+        "DeepSpeed ZeRO-3": [_engine(DeepSpeedEngine, stage=3)],
+        "FSDP2": [_engine(FSDP2Engine)],
+        "FSDP1": [_engine(FSDP1Engine)],
+    }
+    table = _engines_table()
+    assert set(table) == set(engines), sorted(table)
+    wrong = []
+    for name, instances in engines.items():
+        output, parameter, update = table[name]
+        for engine in instances:
+            refused = {scope: _refuses(engine.check_parameter_space, scope) for scope in ("local", "global")}
+            if output != "yes":
+                wrong.append(f"{name}: output space is allowed everywhere, the table says {output!r}")
+            if ("refused" in parameter) != all(refused.values()):
+                wrong.append(f"{name}: parameter space refused={refused}, the table says {parameter!r}")
+            elif not all(refused.values()):
+                global_only = refused["local"] and not refused["global"]
+                if global_only != ('safeguard_scope="global"' in parameter):
+                    wrong.append(f"{name}: parameter space refused={refused}, the table says {parameter!r}")
+                if (engine.one_pass_reason() is None) != ("one pass" in parameter):
+                    wrong.append(f"{name}: one_pass_reason={engine.one_pass_reason()!r}, the table says {parameter!r}")
+            if ("refused" in update) != _refuses(engine.check_update_space):
+                wrong.append(f"{name}: update space, the table says {update!r}")
+    assert not wrong, wrong
     from trl_diffusion_sdpo import DiffusionSDPOConfig
 
-    page = (ROOT / "docs" / "safeguard.md").read_text()
-    statement = " ".join(page.split("{#engines}", 1)[1].split("\n## ", 1)[0].split())
-    allowed = (
-        'one process, under DDP, under DeepSpeed ZeRO-1 and ZeRO-2, and under FSDP2 with `safeguard_scope="global"`'
-    )
-    refused = 'under DeepSpeed ZeRO-3, under FSDP1 and under FSDP2 with `safeguard_scope="local"`'
-    assert allowed in statement and refused in statement
-    docstring = " ".join(DiffusionSDPOConfig.__doc__.split())
-    assert 'Runs on one process, DDP, DeepSpeed ZeRO-1/2 and FSDP2 with `safeguard_scope="global"`' in docstring
-    assert "refused under ZeRO-3, FSDP1 and FSDP2 with the local scope" in docstring
     stale = re.compile(r"DDP only|refused under DeepSpeed(?! ZeRO-3)|not available under DeepSpeed", re.IGNORECASE)
     for page in PAGES:
         assert not stale.search(page.read_text()), page.name
+    assert not stale.search(" ".join(DiffusionSDPOConfig.__doc__.split()))
 
 
 def test_the_safeguard_recommendation_is_the_comparisons_and_the_same_in_readme_docs_and_demo() -> None:
@@ -344,6 +393,10 @@ def test_the_safeguard_recommendation_is_the_comparisons_and_the_same_in_readme_
     for name, text in pages.items():
         assert shipped["text"] in text, f"{name} does not state the shipped recommendation"
         assert shipped["source"] in text, name
+    block = (
+        pages["docs/safeguard.md"].split("<!-- recommendation:start -->", 1)[1].split("<!-- recommendation:end -->")[0]
+    )
+    assert shipped["text"] in block, "docs/safeguard.md states the recommendation outside its generated block"
     for row in shipped["rows"]:
         setting = next(
             s
@@ -355,3 +408,167 @@ def test_the_safeguard_recommendation_is_the_comparisons_and_the_same_in_readme_
         cell = "{:+.3f} [{:+.3f}, {:+.3f}]".format(found["mean"], *found["ci95"])
         for name, text in pages.items():
             assert cell in text, f"{name} lacks {row['setting']} {row['label']}: {cell}"
+
+
+# -- links and the nav, without mkdocs --------------------------------------------------------------------------------
+
+DOCS = ROOT / "docs"
+
+
+def _slug(heading: str) -> str:
+    """Python-Markdown's toc slug (mkdocs' default): ASCII, word characters, spaces and hyphens, lower case, runs of
+    spaces and hyphens joined into one hyphen."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", heading).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def _without_fences(text: str) -> str:
+    """The Markdown without its fenced blocks (a heading or link in a code block is not one)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+
+
+def _without_code(text: str) -> str:
+    """The Markdown without fenced blocks and inline code."""
+    return re.sub(r"`[^`\n]*`", "", _without_fences(text))
+
+
+def _anchors(page: Path) -> set[str]:
+    """Every anchor a page's headings give: ``{#id}`` where set, else the heading's slug."""
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.*)$", _without_fences(page.read_text()), flags=re.MULTILINE):
+        explicit = re.search(r"\{#([\w-]+)\}\s*$", heading)
+        anchors.add(explicit.group(1) if explicit else _slug(heading))
+    return anchors
+
+
+def _broken_links(page: Path) -> list[str]:
+    """Relative links of ``page`` whose file does not exist or whose anchor no heading of the target gives."""
+    broken = []
+    for link in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", _without_code(page.read_text())):
+        if re.match(r"[a-z]+:", link):  # http:, https:, mailto:
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            broken.append(f"{link} (no such file)")
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            broken.append(f"{link} (no such heading)")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_every_relative_link_resolves(page: Path) -> None:
+    """Every relative link of the README and of every docs page names a file that exists and, for a page, an anchor
+    one of its headings gives (checked here without mkdocs, whose strict build checks the site's links too)."""
+    assert not _broken_links(page), f"{page.relative_to(ROOT)}: {_broken_links(page)}"
+
+
+def test_the_link_check_finds_a_missing_page_and_a_missing_heading(tmp_path) -> None:
+    (tmp_path / "other.md").write_text(
+        '# Other\n\n## A heading {#custom}\n\n## Plain heading, with a comma\n\n## Noising (`noising="x"`)\n'
+        "```\n# not a heading\n```\n"
+    )
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](other.md#custom) [ok](other.md#plain-heading-with-a-comma) [ok](#top) [web](https://x.org/a#b)\n"
+        "[ok](other.md#noising-noisingx) [bad](missing.md) [bad](other.md#a-heading) `[code](missing.md)`\n"
+        "[bad](other.md#not-a-heading)\n\n# Top\n"
+    )
+    assert _broken_links(page) == [
+        "missing.md (no such file)",
+        "other.md#a-heading (no such heading)",
+        "other.md#not-a-heading (no such heading)",
+    ]
+
+
+def _nav_pages(nav) -> list[str]:
+    if isinstance(nav, str):
+        return [nav]
+    if isinstance(nav, dict):
+        return [page for value in nav.values() for page in _nav_pages(value)]
+    return [page for item in nav for page in _nav_pages(item)]
+
+
+def test_the_mkdocs_nav_lists_every_page_and_only_pages_that_exist() -> None:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    listed = _nav_pages(config["nav"])
+    pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
+    assert sorted(pages - set(listed)) == [], "pages missing from mkdocs.yml's nav"
+    assert sorted(set(listed) - pages) == [], "the nav lists pages that do not exist"
+
+
+# -- the docs speak of the project, not of how the work on it was organised ------------------------------------------
+
+# Sentences about the work rather than the project: tracker numbers, work units, who else used the machine, which
+# machine was or was not available. Each pattern is narrow enough that the technical words it shares stay free:
+# "another process" (a process of a distributed run), "helpers" (diffusers' helper functions), "on-policy rounds".
+WORK_ACCOUNT = re.compile(
+    r"\bissues? \d+|\btasks? \d+|\b(?:this|last|previous) round\b|\bround before\b|\bsessions?\b"
+    r"|\bwas (?:not )?lent\b|\blent (?:to|for)\b|\bno GPU (?:was|were) (?:available|lent|used)\b"
+    r"|\bGPU was (?:not )?(?:available|lent)\b|\bmachine was (?:busy|not quiet|shared)\b"
+    r"|\banother (?:job|process|agent|helper) (?:was )?running\b|\bother (?:jobs|agents|helpers)\b|\bagents?\b"
+    r"|\b(?:another|documentation) helper\b|\bwhen this (?:family|feature) was added\b",
+    re.IGNORECASE,
+)
+# A result file's name is an identifier its script writes and tests read, not a sentence: left out of the check.
+FILE_NAME = re.compile(r"[\w{},*./-]+\.(?:json|png|csv)\b")
+PACKAGE = ROOT / "trl_diffusion_sdpo"
+PACKAGE_TEXT = sorted(
+    p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".json", ".txt", ".yaml", ".yml")
+)
+
+
+def _work_accounts(text: str) -> list[str]:
+    """Each line of ``text`` that tells how the work was organised (file names left out)."""
+    return [line.strip()[:160] for line in text.splitlines() if WORK_ACCOUNT.search(FILE_NAME.sub("", line))]
+
+
+@pytest.mark.parametrize(
+    "path", [*PAGES, *PACKAGE_TEXT], ids=[str(p.relative_to(ROOT)) for p in [*PAGES, *PACKAGE_TEXT]]
+)
+def test_no_account_of_how_the_work_was_organised(path: Path) -> None:
+    """The README, the docs and the package's strings (messages, docstrings, shipped data) speak of the project: no
+    issue or task number, session, round of work, lent or busy machine, other jobs or agents."""
+    found = _work_accounts(path.read_text(errors="replace"))
+    assert not found, f"{path.relative_to(ROOT)}: {found}"
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "Measured before and after issue 21 on the 2-core machine.",
+        "This round the update space got faster than in the last round.",
+        "Not measured: no GPU was lent to this work.",
+        "No GPU was available for this work.",
+        "The GPU was not available, so the H100 rows are missing.",
+        "The figures of the last session are kept for comparison.",
+        "The machine was busy, so wall times are noisy.",
+        "Another job was running beside it (load average 6).",
+        "The CPU was shared with four other agents' jobs.",
+        "What task 7 asked: every method at three learning rates.",
+        "A documentation helper edited files beside it.",
+        "Unmeasured at real scale: nothing ran when this family was added.",
+    ],
+)
+def test_the_work_account_check_finds_a_planted_sentence(sentence: str) -> None:
+    assert _work_accounts(f"A line about the trainer.\n{sentence}\n") == [sentence]
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "A preemption signal on another process stops both after the same step.",
+        "How `s` is drawn follows diffusers' own helpers.",
+        "Pass the next round's base to `trl-diffusion-sdpo pairs` for on-policy rounds.",
+        "Results: `benchmarks/results/structure-session-abba-cpu-small.json`.",
+        "An open ComfyUI issue (Comfy-Org/ComfyUI #11926) reports the missing key names.",
+        "Both safeguard spaces train on the task of instruction editing.",
+    ],
+)
+def test_the_work_account_check_leaves_technical_uses(sentence: str) -> None:
+    assert _work_accounts(sentence) == []
