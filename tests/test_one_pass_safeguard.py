@@ -542,7 +542,8 @@ def test_the_trainer_trains_the_pair_scope_and_logs_every_pairs_lambda(make_trai
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
-    assert trainer.parameter_space.one_pass is not None and trainer.parameter_space.pair_scope
+    stage = trainer.safeguard.backward_stage
+    assert stage.one_pass is not None and stage.pair_scope
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(after[n], b) for n, b in before.items())
     logged = trainer.state.log_history[0]
@@ -551,11 +552,11 @@ def test_the_trainer_trains_the_pair_scope_and_logs_every_pairs_lambda(make_trai
 
 
 def test_the_trainer_refuses_the_pair_scope_for_large_full_tuning_stating_its_memory(make_trainer, monkeypatch):
-    from trl_diffusion_sdpo.step import parameter_space
+    from trl_diffusion_sdpo.safeguards import parameter
 
     options = dict(lora=False, safeguard=True, safeguard_space="parameter", safeguard_scope="pair", max_steps=1)
     make_trainer(**options).train()  # the tiny UNet's per-image gradients are small: accepted
-    monkeypatch.setattr(parameter_space, "PAIR_SCOPE_MAX_FULL_BYTES", 1024)
+    monkeypatch.setattr(parameter, "PAIR_SCOPE_MAX_FULL_BYTES", 1024)
     with pytest.raises(ValueError, match=r"per image: 2 x 2 x [\d,]+ weights = [\d.]+ GiB for full tuning"):
         make_trainer(**options)
 

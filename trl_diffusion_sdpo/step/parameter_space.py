@@ -35,10 +35,11 @@ from ..engines.branches import branch_cotangents
 from ..objectives import PreferencePredictions
 from .one_pass import OnePassBranchGradients
 from .optimizer import trainable_parameters
+from .predictions import Evaluation
 from .safeguard import parameter_space_lambda
 from .update_space import OptimizerUpdate, update_space_lambda
 
-__all__ = ["SAFEGUARD_PASSES", "ParameterSpaceBackward", "pair_scope_memory_bytes"]
+__all__ = ["PAIR_SCOPE_MAX_FULL_BYTES", "SAFEGUARD_PASSES", "ParameterSpaceBackward", "pair_scope_memory_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +82,7 @@ class ParameterSpaceBackward:
         pair_scope: bool = False,
         passes: str = "one",
     ) -> None:
-        if passes not in SAFEGUARD_PASSES:
-            raise ValueError(f"passes must be one of {SAFEGUARD_PASSES}, got {passes!r}")
-        if pair_scope and (update_space or passes != "one"):
-            raise ValueError(
-                "safeguard_scope='pair' runs in the parameter space with safeguard_passes='one' only: the per-pair "
-                "gradients come from the one-pass split"
-            )
+        # The config's rules (DiffusionSDPOConfig) exclude the pair scope with the update space or two passes.
         if update_space:
             engine.check_update_space()
             global_scope = False  # the engine averages both branches' gradients instead (see _update_space)
@@ -111,58 +106,29 @@ class ParameterSpaceBackward:
         # the metrics); None before the first micro-batch and in the parameter space.
         self.infeasible: torch.Tensor | None = None
 
-    @classmethod
-    def from_config(
-        cls, engine: Engine, args, *, lora: bool = True, trainable_elements: int = 0
-    ) -> ParameterSpaceBackward | None:
-        """The stage a ``DiffusionSDPOConfig`` asks for: ``safeguard_space`` ``"parameter"`` or ``"update"``
-        (``None`` otherwise: the backward pass stays transformers'). The per-pair scope is refused for full tuning
-        (``lora=False``) whose per-image gradients of ``trainable_elements`` weights would take more than
-        :data:`PAIR_SCOPE_MAX_FULL_BYTES`, with that figure."""
-        if not args.safeguard or args.safeguard_space not in ("parameter", "update"):
-            return None
-        need = pair_scope_memory_bytes(trainable_elements, args.per_device_train_batch_size)
-        if args.safeguard_scope == "pair" and not lora and need > PAIR_SCOPE_MAX_FULL_BYTES:
-            pairs = args.per_device_train_batch_size
-            raise ValueError(
-                f"safeguard_scope='pair' keeps one float32 gradient of the trainable weights per image: 2 x {pairs} x "
-                f"{trainable_elements:,} weights = {need / 2**30:.1f} GiB for full tuning here (SD1.5's UNet at 4 "
-                f"pairs: 25.6 GiB; full tuning is accepted up to {PAIR_SCOPE_MAX_FULL_BYTES / 2**30:g} GiB). Train "
-                "LoRA adapters (peft_config) with it, or use safeguard_scope='local'."
-            )
-        return cls(
-            engine,
-            args.safeguard_mu,
-            args.safeguard_max_lambda,
-            args.safeguard_scope == "global",
-            update_space=args.safeguard_space == "update",
-            max_grad_norm=args.max_grad_norm,
-            pair_scope=args.safeguard_scope == "pair",
-            passes=args.safeguard_passes,
-        )
-
     def __call__(
         self,
         policy: torch.nn.Module,
         predict: Predict,
-        objective_loss: Callable[[PreferencePredictions], torch.Tensor],
+        evaluate: Callable[[PreferencePredictions], Evaluation | torch.Tensor],
         scale: torch.Tensor,
         *,
         contributes: bool = True,
         sync_gradients: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
         pairs: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, PreferencePredictions]:
-        """``(loss, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients (the pair
-        scope: ``lambda`` holds one value per pair).
+    ) -> tuple[Evaluation | torch.Tensor, torch.Tensor, PreferencePredictions]:
+        """``(evaluation, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients (the
+        pair scope: ``lambda`` holds one value per pair).
 
         Args:
             policy: the unwrapped denoiser (the passes bypass DDP's hooks; the engine reduces once).
             predict: the micro-batch's predictions, ``predict(separate_branches)``: one forward pass over both
                 branches (``False``) or one per branch (``True``). It may be called twice (a fallback), and must
                 then predict the same noised pair.
-            objective_loss: the loss of a micro-batch's predictions (errors and objective); it is evaluated on
-                detached copies of the policy's predictions to get each branch's cotangent.
+            evaluate: errors and objective of a micro-batch's predictions (an :class:`~.predictions.Evaluation`, or
+                the loss alone); it is evaluated on detached copies of the policy's predictions to get each branch's
+                cotangent, and returned.
             scale: what a plain backward would multiply the loss by (accumulation average, fp16 loss scale).
             contributes: ``False`` for a replayed micro-batch that joins the other processes' collectives with a
                 zero contribution.
@@ -174,10 +140,10 @@ class ParameterSpaceBackward:
         if not self._decided:
             self._decide(policy)
         if self.one_pass is not None:
-            done = self._one_pass(predict, objective_loss, scale, contributes, sync_gradients, optimizer, pairs)
+            done = self._one_pass(predict, evaluate, scale, contributes, sync_gradients, optimizer, pairs)
             if done is not None:
                 return done
-        return self._two_passes(policy, predict, objective_loss, scale, contributes, sync_gradients, optimizer)
+        return self._two_passes(policy, predict, evaluate, scale, contributes, sync_gradients, optimizer)
 
     # ------------------------------------------------------------------ which passes
 
@@ -215,7 +181,7 @@ class ParameterSpaceBackward:
 
     # ------------------------------------------------------------------ one pass
 
-    def _one_pass(self, predict, objective_loss, scale, contributes, sync_gradients, optimizer, pairs):
+    def _one_pass(self, predict, evaluate, scale, contributes, sync_gradients, optimizer, pairs):
         store = self.one_pass
         groups = 2 * pairs if self.pair_scope else 2
         if self.pair_scope and pairs is None:
@@ -233,7 +199,7 @@ class ParameterSpaceBackward:
                     + "; ".join(store.failures[:3])
                 )
             if not failed:
-                loss, cot_winner, cot_loser = self._cotangents(predictions, objective_loss, scale, contributes)
+                evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
                 torch.autograd.backward((predictions.policy_winner, predictions.policy_loser), (cot_winner, cot_loser))
         if failed:
             self._fall_back("layers saw rows they could not split by branch: " + "; ".join(store.failures[:3]))
@@ -259,39 +225,42 @@ class ParameterSpaceBackward:
         elif self.update_space:
             lam = self._update_space_lambda(*store.branch_gradients(), optimizer, scale)  # reduced in place
             store.combine(lam)
-            return loss, lam, predictions
+            return evaluation, lam, predictions
         else:
             winner_sq, cross = store.branch_sums(self.engine.winner_reduction(self.global_scope))
             winner_sq, cross = self.engine.reduce_branch_sums(winner_sq, cross, self.global_scope)
             lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
             store.combine(lam)
         self.engine.reduce_combined_gradients(store.parameters, sync_gradients)
-        return loss, lam, predictions
+        return evaluation, lam, predictions
 
     @staticmethod
-    def _cotangents(predictions, objective_loss, scale, contributes):
-        """``(loss, scale * dL/dpred_w, scale * dL/dpred_l)``; zeros for a micro-batch that does not contribute."""
+    def _cotangents(predictions, evaluate, scale, contributes):
+        """``(evaluation, scale * dL/dpred_w, scale * dL/dpred_l)``; zeros for a micro-batch that does not
+        contribute."""
 
-        def loss_of(policy_winner: torch.Tensor, policy_loser: torch.Tensor) -> torch.Tensor:
+        def loss_of(policy_winner: torch.Tensor, policy_loser: torch.Tensor) -> Evaluation | torch.Tensor:
             branches = dataclasses.replace(predictions, policy_winner=policy_winner, policy_loser=policy_loser)
-            return objective_loss(branches)
+            return evaluate(branches)
 
-        loss, cot_winner, cot_loser = branch_cotangents(loss_of, predictions.policy_winner, predictions.policy_loser)
+        evaluation, cot_winner, cot_loser = branch_cotangents(
+            loss_of, predictions.policy_winner, predictions.policy_loser
+        )
         if not contributes:
-            return loss, torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
+            return evaluation, torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
         scale = scale.to(cot_winner)
-        return loss, cot_winner * scale, cot_loser * scale
+        return evaluation, cot_winner * scale, cot_loser * scale
 
     # ------------------------------------------------------------------ two passes (the reference implementation)
 
-    def _two_passes(self, policy, predict, objective_loss, scale, contributes, sync_gradients, optimizer):
+    def _two_passes(self, policy, predict, evaluate, scale, contributes, sync_gradients, optimizer):
         engine = self.engine
         if self.store is None:
             self.store = engine.branch_gradients(trainable_parameters(policy))
         store = self.store
         accumulated = engine.set_aside_accumulated(policy, store.parameters)
         predictions = predict(True)
-        loss, cot_winner, cot_loser = self._cotangents(predictions, objective_loss, scale, contributes)
+        evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
         winner_sq = store.backward_winner(
             predictions.policy_winner, cot_winner, engine.winner_reduction(self.global_scope)
         )
@@ -301,13 +270,13 @@ class ParameterSpaceBackward:
             lam = self._update_space_lambda(winner, loser, optimizer, scale)
             store.set_combined(lam, winner, loser)
             engine.restore_accumulated(store.parameters, accumulated)
-            return loss, lam, predictions
+            return evaluation, lam, predictions
         winner_sq, cross = engine.reduce_branch_sums(winner_sq, cross, self.global_scope)
         lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
         store.combine(lam)
         engine.restore_accumulated(store.parameters, accumulated)
         engine.reduce_combined_gradients(store.parameters, sync_gradients)
-        return loss, lam, predictions
+        return evaluation, lam, predictions
 
     def _update_space_lambda(self, winner, loser, optimizer, scale: torch.Tensor) -> torch.Tensor:
         """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes in place (what the
