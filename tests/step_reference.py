@@ -112,7 +112,9 @@ class _Recorder(TrainerCallback):
         self.grads: list[list[float]] = []
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        params = [p for p in self.trainer_ref().accelerator.unwrap_model(kwargs["model"]).parameters() if p.requires_grad]
+        params = [
+            p for p in self.trainer_ref().accelerator.unwrap_model(kwargs["model"]).parameters() if p.requires_grad
+        ]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         self.grads.append(_projections(grads))
 
@@ -123,8 +125,7 @@ def _dataset(family: Family) -> Dataset:
 
 def train_once(name: str, setting: str, lora: bool, work_dir: str) -> dict[str, Any]:
     """One run in this process (under DDP: one of its processes); the result as stored."""
-    from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-    from trl_diffusion_sdpo import tiny_models
+    from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer, tiny_models
 
     torch.use_deterministic_algorithms(True)
     family = FAMILIES[name]

@@ -20,10 +20,10 @@ from PIL import Image
 
 from trl_diffusion_sdpo.engines import PlainEngine
 from trl_diffusion_sdpo.families import NoisedPair, family_for_pipeline
+from trl_diffusion_sdpo.gradients import layer_taps
+from trl_diffusion_sdpo.gradients.layer_taps import LayerTaps
+from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.objectives import build_objective
-from trl_diffusion_sdpo.step import layer_taps
-from trl_diffusion_sdpo.step.layer_taps import LayerTaps
-from trl_diffusion_sdpo.step.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
 from trl_diffusion_sdpo.step.pipeline import NoisedMicroBatch
 from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs

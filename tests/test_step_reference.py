@@ -12,7 +12,6 @@ import json
 import math
 
 import pytest
-
 from step_reference import STORED, key, run, runs
 
 with open(STORED, encoding="utf-8") as f:

@@ -2,8 +2,8 @@
 
 Replaces the single backward pass of a micro-batch when ``safeguard_space="parameter"``. By default it runs one
 forward and one backward pass over the whole pair batch, like Diffusion-DPO, with each trainable weight's gradient
-split by branch inside it (per-layer taps, :mod:`.layer_taps`; the store is
-:class:`~.one_pass.OnePassBranchGradients`)::
+split by branch inside it (per-layer taps, :mod:`~trl_diffusion_sdpo.gradients.layer_taps`; the store is
+:class:`~trl_diffusion_sdpo.gradients.one_pass.OnePassBranchGradients`)::
 
     predictions (one pass) -> objective on detached predictions (each branch's cotangent)
     -> one backward, weight gradients split by rows: g_w, h_l -> lambda = f(<g_w, g_w>, <g_w, h_l>)
@@ -11,7 +11,7 @@ split by branch inside it (per-layer taps, :mod:`.layer_taps`; the store is
 
 Where that cannot run (an engine that shards or owns the gradients, a trainable weight no tap covers, a layer that
 sees rows it cannot group, ``safeguard_passes="two"``) it runs the reference implementation: one forward and one
-backward pass per branch (:mod:`~trl_diffusion_sdpo.engines.branches`), and says once why.
+backward pass per branch (:mod:`~trl_diffusion_sdpo.gradients.per_branch`), and says once why.
 
 ``safeguard_scope="pair"`` splits by image instead: one ``lambda_i`` per pair from that pair's own gradients,
 ``.grad += sum_i (g_w,i + lambda_i * h_l,i)`` (one pass only).
@@ -30,10 +30,9 @@ from collections.abc import Callable
 import torch
 
 from ..distributed import all_reduce_sum
-from ..engines import BranchGradients, Engine
-from ..engines.branches import branch_cotangents
+from ..engines import Engine
+from ..gradients import OnePassBranchGradients, PerBranchStore, branch_cotangents, collectives_for
 from ..objectives import PreferencePredictions
-from .one_pass import OnePassBranchGradients
 from .optimizer import trainable_parameters
 from .predictions import Evaluation
 from .safeguard import parameter_space_lambda
@@ -83,20 +82,21 @@ class ParameterSpaceBackward:
         passes: str = "one",
     ) -> None:
         # The config's rules (DiffusionSDPOConfig) exclude the pair scope with the update space or two passes.
+        collectives = collectives_for(engine)
         if update_space:
-            engine.check_update_space()
-            global_scope = False  # the engine averages both branches' gradients instead (see _update_space)
+            collectives.check_update_space()
+            global_scope = False  # both branches' gradients are averaged instead (see _update_space_lambda)
         else:
-            engine.check_parameter_space("pair" if pair_scope else "global" if global_scope else "local")
-        if pair_scope and engine.one_pass_reason() is not None:
-            raise ValueError(f"safeguard_scope='pair' needs the one-pass split: {engine.one_pass_reason()}")
-        self.engine = engine
+            collectives.check_parameter_space("pair" if pair_scope else "global" if global_scope else "local")
+        if pair_scope and collectives.one_pass_reason() is not None:
+            raise ValueError(f"safeguard_scope='pair' needs the one-pass split: {collectives.one_pass_reason()}")
+        self.engine, self.collectives = engine, collectives
         self.mu, self.max_lambda = mu, max_lambda
         self.global_scope = global_scope and engine.num_processes > 1
         self.pair_scope = pair_scope
         self.update_space, self.max_grad_norm = update_space, max_grad_norm
         self.passes = passes
-        self.store: BranchGradients | None = None  # the per-branch passes' store, built when they run
+        self.store: PerBranchStore | None = None  # the per-branch passes' store, built when they run
         self.one_pass: OnePassBranchGradients | None = None
         #: why the per-branch passes run instead of one pass (``None``: one pass, or not decided yet)
         self.two_pass_reason: str | None = None
@@ -150,7 +150,7 @@ class ParameterSpaceBackward:
     def _decide(self, policy: torch.nn.Module) -> None:
         """One pass where the engine, the trainable weights and ``passes`` allow it; else why not, said once."""
         self._decided = True
-        reason = "safeguard_passes='two'" if self.passes == "two" else self.engine.one_pass_reason()
+        reason = "safeguard_passes='two'" if self.passes == "two" else self.collectives.one_pass_reason()
         if reason is None:
             store = OnePassBranchGradients(policy, trainable_parameters(policy))
             if store.uncovered:
@@ -227,11 +227,11 @@ class ParameterSpaceBackward:
             store.combine(lam)
             return evaluation, lam, predictions
         else:
-            winner_sq, cross = store.branch_sums(self.engine.winner_reduction(self.global_scope))
-            winner_sq, cross = self.engine.reduce_branch_sums(winner_sq, cross, self.global_scope)
+            winner_sq, cross = store.branch_sums(self.collectives.winner_reduction(self.global_scope))
+            winner_sq, cross = self.collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
             lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
             store.combine(lam)
-        self.engine.reduce_combined_gradients(store.parameters, sync_gradients)
+        self.collectives.reduce_combined_gradients(store.parameters, sync_gradients)
         return evaluation, lam, predictions
 
     @staticmethod
@@ -254,28 +254,28 @@ class ParameterSpaceBackward:
     # ------------------------------------------------------------------ two passes (the reference implementation)
 
     def _two_passes(self, policy, predict, evaluate, scale, contributes, sync_gradients, optimizer):
-        engine = self.engine
+        collectives = self.collectives
         if self.store is None:
-            self.store = engine.branch_gradients(trainable_parameters(policy))
+            self.store = collectives.per_branch_store(trainable_parameters(policy))
         store = self.store
-        accumulated = engine.set_aside_accumulated(policy, store.parameters)
+        accumulated = collectives.set_aside_accumulated(policy, store.parameters)
         predictions = predict(True)
         evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
         winner_sq = store.backward_winner(
-            predictions.policy_winner, cot_winner, engine.winner_reduction(self.global_scope)
+            predictions.policy_winner, cot_winner, collectives.winner_reduction(self.global_scope)
         )
         cross = store.backward_loser(predictions.policy_loser, cot_loser)
         if self.update_space:
             winner, loser = store.branch_gradients()
             lam = self._update_space_lambda(winner, loser, optimizer, scale)
             store.set_combined(lam, winner, loser)
-            engine.restore_accumulated(store.parameters, accumulated)
+            collectives.restore_accumulated(store.parameters, accumulated)
             return evaluation, lam, predictions
-        winner_sq, cross = engine.reduce_branch_sums(winner_sq, cross, self.global_scope)
+        winner_sq, cross = collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
         lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
         store.combine(lam)
-        engine.restore_accumulated(store.parameters, accumulated)
-        engine.reduce_combined_gradients(store.parameters, sync_gradients)
+        collectives.restore_accumulated(store.parameters, accumulated)
+        collectives.reduce_combined_gradients(store.parameters, sync_gradients)
         return evaluation, lam, predictions
 
     def _update_space_lambda(self, winner, loser, optimizer, scale: torch.Tensor) -> torch.Tensor:
@@ -283,7 +283,7 @@ class ParameterSpaceBackward:
         optimizer will see), ``lambda`` from them and the optimizer's state."""
         if optimizer is None:
             raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
-        self.engine.reduce_branch_gradients(winner, loser)
+        self.collectives.reduce_branch_gradients(winner, loser)
         update = OptimizerUpdate(
             optimizer,
             self.one_pass.parameters if self.one_pass is not None else self.store.parameters,
