@@ -11,7 +11,7 @@ from accelerate.utils import DistributedType
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine, PlainEngine, engine_for
 from trl_diffusion_sdpo.gradients import collectives_for
 from trl_diffusion_sdpo.gradients.per_branch import BranchGradientSplitter
-from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 
 
 def _accelerator(distributed_type=DistributedType.NO, zero_stage=None, fsdp2=False, processes=1):

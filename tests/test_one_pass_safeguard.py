@@ -24,7 +24,7 @@ from trl_diffusion_sdpo.gradients import layer_taps
 from trl_diffusion_sdpo.gradients.layer_taps import LayerTaps
 from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.objectives import build_objective
-from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 from trl_diffusion_sdpo.step.pipeline import NoisedMicroBatch
 from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
 from trl_diffusion_sdpo.tiny_models import (
@@ -213,7 +213,7 @@ def _accumulated(problem: Problem) -> list[torch.Tensor]:
 def test_one_pass_equals_the_per_branch_passes_in_float64(name, lora, accumulate, tmp_path, caplog):
     problem = make_problem(name, lora, tmp_path)
     accumulated = _accumulated(problem) if accumulate else None
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.step.parameter_space"):
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.safeguards.parameter"):
         one, lam_one, grads_one = run_stage(problem, accumulated, passes="one")
     _, lam_two, grads_two = run_stage(problem, accumulated, passes="two")
     if not lora and name in UNCOVERED_WHEN_FULL:  # falls back, saying which parameters forced it

@@ -427,7 +427,7 @@ def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clippin
     of the gradient's norm, so clipping binds: a stage that dropped the threshold picks another lambda), and
     ``.grad`` is ``scale * (g_w + lambda * h_l)``."""
     from trl_diffusion_sdpo.engines import PlainEngine
-    from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+    from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 
     policy, optimizer, predict, objective_loss = _stage_problem()
     params = list(policy.parameters())

@@ -1,14 +1,14 @@
 """``DiffusionSDPOTrainer``: Diffusion-DPO / Diffusion-SDPO on diffusion denoisers with ``transformers.Trainer``.
 
-The trainer orchestrates: it builds the parts, then calls the stages of :mod:`.step` in order. The math lives in
-:mod:`.objectives` and :mod:`.step.safeguard`, the data in :mod:`.data`, model specifics in :mod:`.families`, what
-differs between DDP, DeepSpeed and FSDP in :mod:`.engines`, the reference model in :mod:`.reference` and the file
-formats in :mod:`.io`. One micro-batch reads::
+The trainer orchestrates: it builds the parts, then calls the stages in order. The math lives in :mod:`.objectives`
+and :mod:`.step.safeguard`, the data in :mod:`.data`, model specifics in :mod:`.families`, what differs between DDP,
+DeepSpeed and FSDP in :mod:`.engines`, the reference model in :mod:`.reference` and the file formats in :mod:`.io`.
+One micro-batch (:meth:`DiffusionSDPOTrainer.training_step`) reads::
 
-    batch -> latents -> noised pair -> predictions      (step.pipeline.MicroBatchStages)
-    -> errors -> safeguard (output space) -> objective  (step.predictions, step.safeguard, objectives)
-    -> backward: transformers', or one per branch       (step.parameter_space, with the engine)
-    -> non-finite guard -> metrics                      (step.guard, step.metrics)
+    batch -> noised pair                                    (step.batch, step.pipeline)
+    -> safeguard.step: predictions -> errors -> objective   (safeguards: chosen once; step.predictions)
+       -> lambda -> backward
+    -> non-finite guard -> metrics                          (step.guard, step.metrics)
 """
 
 from __future__ import annotations

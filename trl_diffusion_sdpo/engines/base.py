@@ -62,8 +62,13 @@ class Engine:
     # ------------------------------------------------------------------ placement, saving, loading
 
     def check_validation_sampling(self) -> None:
-        """Raise when the main process cannot sample validation images alone."""
-        return None
+        """Raise when the main process cannot sample validation images alone (its denoiser is a shard)."""
+        if not self.samples_whole_denoiser:
+            raise ValueError(
+                "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
+                "shard of the denoiser, and the main process samples alone); validate from a saved checkpoint with "
+                "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
+            )
 
     def place_reference(
         self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype

@@ -125,14 +125,6 @@ class DeepSpeedEngine(Engine):
     def __repr__(self) -> str:
         return f"DeepSpeedEngine(zero_stage={self.stage}, processes={self.num_processes})"
 
-    def check_validation_sampling(self) -> None:
-        if self.stage == 3:
-            raise ValueError(
-                "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
-                "shard of the denoiser, and the main process samples alone); validate from a saved checkpoint with "
-                "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
-            )
-
     def place_reference(
         self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype
     ) -> torch.nn.Module:

@@ -97,13 +97,6 @@ class FSDP2Engine(Engine):
     replaces_parameters_in_train = True
     samples_whole_denoiser = False
 
-    def check_validation_sampling(self) -> None:
-        raise ValueError(
-            "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
-            "shard of the denoiser, and the main process samples alone); validate from a saved checkpoint with "
-            "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
-        )
-
     def place_reference(
         self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype
     ) -> torch.nn.Module:

@@ -74,10 +74,13 @@ class BranchCollectives:
     def check_update_space(self) -> None:
         """Raise a ValueError naming what to use instead when the update space cannot run here."""
 
+    #: why the branches' gradients cannot be split inside one pass here (``None``: they can)
+    one_pass_refusal: str | None = None
+
     def one_pass_reason(self) -> str | None:
         """Why the branches' gradients cannot be split inside one pass here (``None``: they can; the per-branch
         passes run otherwise)."""
-        return None
+        return self.one_pass_refusal
 
     # ------------------------------------------------------------------ the per-branch passes
 
@@ -163,11 +166,10 @@ class DeepSpeedCollectives(_ShardedCollectives):
                 "(the authors' rule)."
             )
 
-    def one_pass_reason(self) -> str:
-        return (
-            "DeepSpeed owns the gradient partitions and reduces each backward into them; the one-pass split hands "
-            "autograd no weight gradient (not implemented under ZeRO)"
-        )
+    one_pass_refusal = (
+        "DeepSpeed owns the gradient partitions and reduces each backward into them; the one-pass split hands "
+        "autograd no weight gradient (not implemented under ZeRO)"
+    )
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> EngineBranchGradients:
         accelerator = self.engine.accelerator
@@ -200,11 +202,10 @@ class FSDP2Collectives(_ShardedCollectives):
                 "safeguard_scope='global', or use DDP for one lambda per process."
             )
 
-    def one_pass_reason(self) -> str:
-        return (
-            "FSDP2 gathers each weight for its layer and reduce-scatters its gradient inside autograd; the one-pass "
-            "split would hold whole per-branch gradients of gathered weights (not implemented under FSDP2)"
-        )
+    one_pass_refusal = (
+        "FSDP2 gathers each weight for its layer and reduce-scatters its gradient inside autograd; the one-pass "
+        "split would hold whole per-branch gradients of gathered weights (not implemented under FSDP2)"
+    )
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradientSplitter:
         return BranchGradientSplitter(parameters, local=True)

@@ -15,7 +15,6 @@ comes in the :class:`MicroBatch`, and what it computed goes back in the :class:`
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -71,9 +70,10 @@ class StepResult:
     lambdas: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
 
-class Safeguard(ABC):
-    """How a micro-batch's gradient is formed from its two branches. Subclasses set :attr:`name`,
-    :attr:`metric_names` and :attr:`engine_backward`, and implement :meth:`step`.
+class Safeguard:
+    """How a micro-batch's gradient is formed from its two branches; as it stands, none: Diffusion-DPO's gradient.
+    A safeguard subclasses it, sets :attr:`name`, :attr:`metric_names` and :attr:`engine_backward`, and overrides
+    :meth:`step`.
 
     Args:
         args: the training's ``DiffusionSDPOConfig`` (``safeguard_mu``, ``safeguard_max_lambda``,
@@ -93,9 +93,13 @@ class Safeguard(ABC):
         self.args = args
         self.engine = engine
 
-    @abstractmethod
     def step(self, batch: MicroBatch) -> StepResult:
-        """Predict, evaluate the objective, choose ``lambda`` and add this micro-batch's gradient to ``.grad``."""
+        """Predict, evaluate the objective, choose ``lambda`` and add this micro-batch's gradient to ``.grad``.
+
+        Here Diffusion-DPO's: one forward pass, the objective, the engine's backward, no ``lambda``."""
+        evaluation = batch.evaluate(batch.predict(False))
+        self.backward(evaluation.loss, batch)
+        return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output)
 
     def evaluation_lambdas(self, predictions: PreferencePredictions, contributes: bool) -> dict[str, torch.Tensor]:
         """The ``lambda`` an evaluation micro-batch records (no backward runs there); none by default."""

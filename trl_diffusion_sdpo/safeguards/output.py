@@ -19,14 +19,9 @@ __all__ = ["DiffusionDPO", "OutputSpace", "OutputSpaceRule"]
 
 
 class DiffusionDPO(Safeguard):
-    """No safeguard (``safeguard=False``): the objective's gradient as it is."""
+    """No safeguard (``safeguard=False``): the objective's gradient as it is (the base class's step)."""
 
     name = "none"
-
-    def step(self, batch: MicroBatch) -> StepResult:
-        evaluation = batch.evaluate(batch.predict(False))
-        self.backward(evaluation.loss, batch)
-        return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output)
 
 
 class OutputSpaceRule:

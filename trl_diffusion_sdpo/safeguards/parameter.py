@@ -1,28 +1,317 @@
 """The exact rule: ``lambda`` from the parameter gradients of the two branches, or from the optimizer's update.
 
-``safeguard_space="parameter"`` chooses ``lambda`` so that ``<g_w, g_w + lambda h_l> >= mu |g_w|^2`` on the
-trainable weights' gradients (per micro-batch, per process or for the global micro-batch; or per pair with
-``safeguard_scope="pair"``); ``safeguard_space="update"`` so that the optimizer's actual update keeps the winner's
-error from rising to first order. Both run the backward themselves
-(:class:`~trl_diffusion_sdpo.step.parameter_space.ParameterSpaceBackward`: one pass with the branches split inside it,
-or one pass per branch) on the unwrapped denoiser, and reduce over processes what the engine's own backward would
-have. Each step also records the authors' output-space ``lambda`` on the same micro-batch, for comparison.
+``safeguard_space="parameter"`` (:class:`ParameterSpace`) chooses ``lambda`` so that
+``<g_w, g_w + lambda h_l> >= mu |g_w|^2`` on the trainable weights' gradients: per micro-batch, per process or for
+the global micro-batch, or per pair with ``safeguard_scope="pair"``. ``safeguard_space="update"``
+(:class:`UpdateSpace`) chooses it so that the optimizer's actual update keeps the winner's error from rising to first
+order (:class:`~trl_diffusion_sdpo.step.update_space.OptimizerUpdate`,
+:func:`~trl_diffusion_sdpo.step.update_space.update_space_lambda`). Each step also records the authors'
+output-space ``lambda`` on the same micro-batch, for comparison.
+
+Both run their backward themselves (:class:`ParameterSpaceBackward`) on the unwrapped denoiser. By default that is
+one forward and one backward pass over the whole pair batch, like Diffusion-DPO, with each trainable weight's gradient
+split by branch inside it (per-layer taps, :mod:`~trl_diffusion_sdpo.gradients.layer_taps`; the store is
+:class:`~trl_diffusion_sdpo.gradients.one_pass.OnePassBranchGradients`)::
+
+    predictions (one pass) -> objective on detached predictions (each branch's cotangent)
+    -> one backward, weight gradients split by rows: g_w, h_l -> lambda = f(<g_w, g_w>, <g_w, h_l>)
+    -> .grad += g_w + lambda * h_l -> (several processes) the engine's collectives
+
+Where that cannot run (an engine that shards or owns the gradients, a trainable weight no tap covers, a layer that
+sees rows it cannot group, ``safeguard_passes="two"``) it runs the reference implementation: one forward and one
+backward pass per branch (:mod:`~trl_diffusion_sdpo.gradients.per_branch`), and says once why. The per-pair scope
+splits by image instead: one ``lambda_i`` per pair, ``.grad += sum_i (g_w,i + lambda_i * h_l,i)`` (one pass only).
+The reductions over processes are the engine's :class:`~trl_diffusion_sdpo.gradients.collectives.BranchCollectives`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Callable
+
 import torch
 
-from ..step.parameter_space import PAIR_SCOPE_MAX_FULL_BYTES, ParameterSpaceBackward, pair_scope_memory_bytes
+from ..distributed import all_reduce_sum
+from ..engines import Engine
+from ..gradients import OnePassBranchGradients, PerBranchStore, branch_cotangents, collectives_for
+from ..objectives import PreferencePredictions
+from ..step.optimizer import trainable_parameters
+from ..step.predictions import Evaluation
+from ..step.safeguard import parameter_space_lambda
+from ..step.update_space import OptimizerUpdate, update_space_lambda
 from .base import MicroBatch, Safeguard, StepResult
 from .output import OutputSpaceRule
 
-__all__ = ["ParameterSpace", "UpdateSpace", "check_pair_scope_memory"]
+__all__ = [
+    "PAIR_SCOPE_MAX_FULL_BYTES",
+    "SAFEGUARD_PASSES",
+    "ParameterSpace",
+    "ParameterSpaceBackward",
+    "UpdateSpace",
+    "check_pair_scope_memory",
+    "pair_scope_memory_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``safeguard_passes``: "one" (one pass, the branches split inside it; two where it cannot split) or "two"
+SAFEGUARD_PASSES = ("one", "two")
+
+Predict = Callable[[bool], PreferencePredictions]  # separate_branches -> the micro-batch's predictions
+
+
+#: Full tuning with the per-pair scope is refused above this many bytes of per-image gradients (small models pass)
+PAIR_SCOPE_MAX_FULL_BYTES = 4 * 2**30
+
+
+def pair_scope_memory_bytes(trainable_elements: int, pairs: int) -> int:
+    """What the per-pair scope keeps: one float32 gradient of the trainable weights per image (``2 * pairs``)."""
+    return 2 * pairs * trainable_elements * 4
+
+
+class ParameterSpaceBackward:
+    """Runs a micro-batch's backward with margin ``mu`` and cap ``max_lambda`` on ``engine``.
+
+    ``global_scope``: one ``lambda`` for the global micro-batch (the inner products are reduced over processes),
+    else one per process. ``pair_scope``: one ``lambda`` per pair (the one pass only). ``passes``: ``"one"`` (the
+    default: one forward and one backward pass, falling back to two where the gradients cannot be split in one) or
+    ``"two"`` (the per-branch passes, the reference implementation). The gradient stores are built at the first
+    micro-batch (the engine exists by then).
+    ``update_space``: choose ``lambda`` on the optimizer's update instead (one ``lambda`` for the global micro-batch
+    whatever ``global_scope``), with ``max_grad_norm`` the trainer's clipping threshold (``<= 0``: no clipping).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        mu: float,
+        max_lambda: float,
+        global_scope: bool,
+        *,
+        update_space: bool = False,
+        max_grad_norm: float = 0.0,
+        pair_scope: bool = False,
+        passes: str = "one",
+    ) -> None:
+        # The config's rules (DiffusionSDPOConfig) exclude the pair scope with the update space or two passes.
+        collectives = collectives_for(engine)
+        if update_space:
+            collectives.check_update_space()
+            global_scope = False  # both branches' gradients are averaged instead (see _update_space_lambda)
+        else:
+            collectives.check_parameter_space("pair" if pair_scope else "global" if global_scope else "local")
+        if pair_scope and collectives.one_pass_reason() is not None:
+            raise ValueError(f"safeguard_scope='pair' needs the one-pass split: {collectives.one_pass_reason()}")
+        self.engine, self.collectives = engine, collectives
+        self.mu, self.max_lambda = mu, max_lambda
+        self.global_scope = global_scope and engine.num_processes > 1
+        self.pair_scope = pair_scope
+        self.update_space, self.max_grad_norm = update_space, max_grad_norm
+        self.passes = passes
+        self.store: PerBranchStore | None = None  # the per-branch passes' store, built when they run
+        self.one_pass: OnePassBranchGradients | None = None
+        #: why the per-branch passes run instead of one pass (``None``: one pass, or not decided yet)
+        self.two_pass_reason: str | None = None
+        self._decided = False
+        self._probed = False
+        # The update space: 1.0 where the last micro-batch's lambda could not meet the margin (a device tensor, for
+        # the metrics); None before the first micro-batch and in the parameter space.
+        self.infeasible: torch.Tensor | None = None
+
+    def __call__(
+        self,
+        policy: torch.nn.Module,
+        predict: Predict,
+        evaluate: Callable[[PreferencePredictions], Evaluation | torch.Tensor],
+        scale: torch.Tensor,
+        *,
+        contributes: bool = True,
+        sync_gradients: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
+        pairs: int | None = None,
+    ) -> tuple[Evaluation | torch.Tensor, torch.Tensor, PreferencePredictions]:
+        """``(evaluation, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients (the
+        pair scope: ``lambda`` holds one value per pair).
+
+        Args:
+            policy: the unwrapped denoiser (the passes bypass DDP's hooks; the engine reduces once).
+            predict: the micro-batch's predictions, ``predict(separate_branches)``: one forward pass over both
+                branches (``False``) or one per branch (``True``). It may be called twice (a fallback), and must
+                then predict the same noised pair.
+            evaluate: errors and objective of a micro-batch's predictions (an :class:`~.predictions.Evaluation`, or
+                the loss alone); it is evaluated on detached copies of the policy's predictions to get each branch's
+                cotangent, and returned.
+            scale: what a plain backward would multiply the loss by (accumulation average, fp16 loss scale).
+            contributes: ``False`` for a replayed micro-batch that joins the other processes' collectives with a
+                zero contribution.
+            sync_gradients: whether this micro-batch closes the accumulation window.
+            optimizer: the training optimizer, read (never changed) by the update space.
+            pairs: the micro-batch's number of pairs (the pair scope groups rows by it; else read off the
+                predictions).
+        """
+        if not self._decided:
+            self._decide(policy)
+        if self.one_pass is not None:
+            done = self._one_pass(predict, evaluate, scale, contributes, sync_gradients, optimizer, pairs)
+            if done is not None:
+                return done
+        return self._two_passes(policy, predict, evaluate, scale, contributes, sync_gradients, optimizer)
+
+    # ------------------------------------------------------------------ which passes
+
+    def _decide(self, policy: torch.nn.Module) -> None:
+        """One pass where the engine, the trainable weights and ``passes`` allow it; else why not, said once."""
+        self._decided = True
+        reason = "safeguard_passes='two'" if self.passes == "two" else self.collectives.one_pass_reason()
+        if reason is None:
+            store = OnePassBranchGradients(policy, trainable_parameters(policy))
+            if store.uncovered:
+                shown = ", ".join(store.uncovered[:5]) + (", ..." if len(store.uncovered) > 5 else "")
+                reason = (
+                    f"{len(store.uncovered)} trainable parameter(s) are held by modules no per-layer tap covers "
+                    f"({shown}); only Linear, ConvNd, norm and embedding layers are split"
+                )
+            else:
+                self.one_pass = store
+        if reason is not None:
+            self._fall_back(reason)
+
+    def _fall_back(self, reason: str) -> None:
+        self.one_pass, self.two_pass_reason = None, reason
+        if self.pair_scope:
+            raise ValueError(f"safeguard_scope='pair' needs the one-pass split, which cannot run here: {reason}")
+        if self.passes == "one":
+            logger.warning("The exact safeguard runs one forward and backward pass per branch: %s.", reason)
+
+    def _agreed(self, failed: bool) -> bool:
+        """Whether any process failed (the fallback is a decision every process must take together); the flag is
+        reduced on the weights' device (NCCL reduces device tensors only)."""
+        if self.engine.num_processes == 1:
+            return failed
+        device = self.one_pass.parameters[0].device if self.one_pass is not None else None
+        return bool(all_reduce_sum(torch.tensor(float(failed), device=device)).item() > 0)
+
+    # ------------------------------------------------------------------ one pass
+
+    def _one_pass(self, predict, evaluate, scale, contributes, sync_gradients, optimizer, pairs):
+        store = self.one_pass
+        groups = 2 * pairs if self.pair_scope else 2
+        if self.pair_scope and pairs is None:
+            raise ValueError("the pair scope needs the micro-batch's number of pairs (pairs=)")
+        probe = not self._probed
+        before = store.grad_states() if probe else None
+        with store.split(groups):
+            predictions = predict(False)
+            failed = bool(store.failures)
+            if probe:
+                failed = self._agreed(failed)
+            elif failed:
+                raise RuntimeError(
+                    "a layer could not be tapped in this micro-batch although it was in the first: "
+                    + "; ".join(store.failures[:3])
+                )
+            if not failed:
+                evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
+                torch.autograd.backward((predictions.policy_winner, predictions.policy_loser), (cot_winner, cot_loser))
+        if failed:
+            self._fall_back("layers saw rows they could not split by branch: " + "; ".join(store.failures[:3]))
+            return None
+        if probe:
+            self._probed = True
+            untapped = store.untapped_gradients(before)
+            if self._agreed(bool(untapped)):
+                names = ", ".join(store.taps.names[i] for i in untapped[:5]) if untapped else "on another process"
+                for i in untapped:
+                    if before[i][0] is not None:
+                        raise RuntimeError(
+                            f"trainable weights received gradients outside their layers' taps ({names}) while "
+                            "holding accumulated gradients; set safeguard_passes='two'"
+                        )
+                    store.parameters[i].grad = None
+                self._fall_back(f"gradients reached weights outside their layers' taps ({names})")
+                return None
+        if self.pair_scope:
+            winner_sq, cross = store.pair_sums()
+            lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
+            store.combine_pairs(lam)
+        elif self.update_space:
+            lam = self._update_space_lambda(*store.branch_gradients(), optimizer, scale)  # reduced in place
+            store.combine(lam)
+            return evaluation, lam, predictions
+        else:
+            winner_sq, cross = store.branch_sums(self.collectives.winner_reduction(self.global_scope))
+            winner_sq, cross = self.collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
+            lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
+            store.combine(lam)
+        self.collectives.reduce_combined_gradients(store.parameters, sync_gradients)
+        return evaluation, lam, predictions
+
+    @staticmethod
+    def _cotangents(predictions, evaluate, scale, contributes):
+        """``(evaluation, scale * dL/dpred_w, scale * dL/dpred_l)``; zeros for a micro-batch that does not
+        contribute."""
+
+        def loss_of(policy_winner: torch.Tensor, policy_loser: torch.Tensor) -> Evaluation | torch.Tensor:
+            branches = dataclasses.replace(predictions, policy_winner=policy_winner, policy_loser=policy_loser)
+            return evaluate(branches)
+
+        evaluation, cot_winner, cot_loser = branch_cotangents(
+            loss_of, predictions.policy_winner, predictions.policy_loser
+        )
+        if not contributes:
+            return evaluation, torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
+        scale = scale.to(cot_winner)
+        return evaluation, cot_winner * scale, cot_loser * scale
+
+    # ------------------------------------------------------------------ two passes (the reference implementation)
+
+    def _two_passes(self, policy, predict, evaluate, scale, contributes, sync_gradients, optimizer):
+        collectives = self.collectives
+        if self.store is None:
+            self.store = collectives.per_branch_store(trainable_parameters(policy))
+        store = self.store
+        accumulated = collectives.set_aside_accumulated(policy, store.parameters)
+        predictions = predict(True)
+        evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
+        winner_sq = store.backward_winner(
+            predictions.policy_winner, cot_winner, collectives.winner_reduction(self.global_scope)
+        )
+        cross = store.backward_loser(predictions.policy_loser, cot_loser)
+        if self.update_space:
+            winner, loser = store.branch_gradients()
+            lam = self._update_space_lambda(winner, loser, optimizer, scale)
+            store.set_combined(lam, winner, loser)
+            collectives.restore_accumulated(store.parameters, accumulated)
+            return evaluation, lam, predictions
+        winner_sq, cross = collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
+        lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
+        store.combine(lam)
+        collectives.restore_accumulated(store.parameters, accumulated)
+        collectives.reduce_combined_gradients(store.parameters, sync_gradients)
+        return evaluation, lam, predictions
+
+    def _update_space_lambda(self, winner, loser, optimizer, scale: torch.Tensor) -> torch.Tensor:
+        """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes in place (what the
+        optimizer will see), ``lambda`` from them and the optimizer's state."""
+        if optimizer is None:
+            raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
+        self.collectives.reduce_branch_gradients(winner, loser)
+        update = OptimizerUpdate(
+            optimizer,
+            self.one_pass.parameters if self.one_pass is not None else self.store.parameters,
+            winner,
+            loser,
+            self.max_grad_norm,
+            unscale=1.0 / scale,  # the update is read in the optimizer's units; .grad stays in the backward's
+        )
+        lam, self.infeasible = update_space_lambda(update, self.mu, self.max_lambda)
+        return lam
 
 
 def check_pair_scope_memory(args, *, lora: bool, trainable_elements: int) -> None:
     """Refuse the per-pair scope for full tuning whose per-image gradients would take more than
-    :data:`~trl_diffusion_sdpo.step.parameter_space.PAIR_SCOPE_MAX_FULL_BYTES`, stating that figure."""
+    :data:`~trl_diffusion_sdpo.safeguards.parameter.PAIR_SCOPE_MAX_FULL_BYTES`, stating that figure."""
     pairs = args.per_device_train_batch_size
     need = pair_scope_memory_bytes(trainable_elements, pairs)
     if args.safeguard_scope == "pair" and not lora and need > PAIR_SCOPE_MAX_FULL_BYTES:
