@@ -6,7 +6,7 @@ times, side by side in one process, interleaved step by step (median over ``--st
 
 * ``dpo``: one forward and one backward pass (the cost to match);
 * ``two_pass``: one forward and one backward pass per branch (the reference implementation);
-* ``taps``: one forward and one backward pass with per-layer taps (:mod:`trl_diffusion_sdpo.step.layer_taps`), the
+* ``taps``: one forward and one backward pass with per-layer taps (:mod:`trl_diffusion_sdpo.gradients.layer_taps`), the
   gradients split by branch and combined (the default since this benchmark);
 * ``vmap_vjp``: ``torch.func``: one forward pass under ``vjp`` over the trainable weights, then ``vmap`` of the
   vector-Jacobian product over the two branches' cotangents (``[c_w; 0]`` and ``[0; c_l]``).
@@ -64,9 +64,9 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from harness import SD15_UNET, SMALL_UNET, machine_description  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
-from trl_diffusion_sdpo.step import layer_taps  # noqa: E402
-from trl_diffusion_sdpo.step.layer_taps import LayerTaps  # noqa: E402
-from trl_diffusion_sdpo.step.one_pass import OnePassBranchGradients  # noqa: E402
+from trl_diffusion_sdpo.gradients import layer_taps  # noqa: E402
+from trl_diffusion_sdpo.gradients.layer_taps import LayerTaps  # noqa: E402
+from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients  # noqa: E402
 
 TINY_UNET: dict[str, Any] = {
     "block_out_channels": [32, 64],

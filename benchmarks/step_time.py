@@ -63,12 +63,15 @@ RUNS = ["floor-full", "floor-lora", "uncached-full", "cached-full", "uncached-lo
 # The losses a trainer run can alternate: Diffusion-DPO, the output space, the parameter space in one pass (default)
 # and in two (the reference implementation), the update space likewise, and the per-pair scope (LoRA).
 LOSSES = ("dpo", "sdpo", "sdpo_param", "sdpo_param_two", "sdpo_update", "sdpo_update_two", "sdpo_pair")
-STAGE_OPTIONS = {
-    "sdpo_param": {},
-    "sdpo_param_two": {"passes": "two"},
-    "sdpo_update": {"update_space": True},
-    "sdpo_update_two": {"update_space": True, "passes": "two"},
-    "sdpo_pair": {"pair_scope": True},
+# Each loss's safeguard settings (the trainer is built with Diffusion-DPO's; the safeguards are swapped in per step).
+SAFEGUARD_SETTINGS = {
+    "dpo": {"safeguard": False},
+    "sdpo": {"safeguard_space": "output"},
+    "sdpo_param": {"safeguard_space": "parameter"},
+    "sdpo_param_two": {"safeguard_space": "parameter", "safeguard_passes": "two"},
+    "sdpo_update": {"safeguard_space": "update"},
+    "sdpo_update_two": {"safeguard_space": "update", "safeguard_passes": "two"},
+    "sdpo_pair": {"safeguard_space": "parameter", "safeguard_scope": "pair"},
 }
 ALL_ROWS = ["floor-full", "floor-lora"] + [
     f"{loss}-{cache}-{tuning}" for tuning in ("full", "lora") for cache in ("uncached", "cached") for loss in LOSSES
@@ -107,22 +110,18 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
     losses = opts.losses.split(",")
     num_steps = (opts.warmup + opts.steps) * len(losses)
     trainer, init_s = make_trainer(opts, run, workdir, num_steps)
-    # The per-branch backward stages, swapped in step by step (the trainer builds only the configured one).
-    from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+    # The safeguards, swapped in step by step (the trainer builds only the configured one).
+    import copy
 
-    a = trainer.args
-    backward_stages = {
-        loss: ParameterSpaceBackward(
-            trainer.engine,
-            a.safeguard_mu,
-            a.safeguard_max_lambda,
-            False,
-            max_grad_norm=a.max_grad_norm if options.get("update_space") else 0.0,
-            **options,
-        )
-        for loss, options in STAGE_OPTIONS.items()
-        if loss in losses
-    }
+    from trl_diffusion_sdpo.safeguards import safeguard_for
+
+    def settings(loss: str):
+        args = copy.copy(trainer.args)
+        for name, value in {"safeguard": True, **SAFEGUARD_SETTINGS[loss]}.items():
+            setattr(args, name, value)
+        return args
+
+    safeguards = {loss: safeguard_for(settings(loss), trainer.engine, lora=run.endswith("lora")) for loss in losses}
     memory, clock = MemorySampler(opts.device), Clock(opts.device)
     times: dict[str, list[tuple[float, float]]] = {loss: [] for loss in losses}
     times["floor"] = []
@@ -138,12 +137,7 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
         def on_step_begin(self, args, state, control, **kwargs):
             # Diffusion-DPO and Diffusion-SDPO (output and parameter space) alternate on the same trainer: the
             # safeguards' costs are paired.
-            loss = losses[state.global_step % len(losses)]
-            args.safeguard = loss != "dpo"
-            args.safeguard_space = {"sdpo": "output", "dpo": "output"}.get(
-                loss, "update" if loss.startswith("sdpo_update") else "parameter"
-            )
-            trainer.parameter_space = backward_stages.get(loss)
+            trainer.safeguard = safeguards[losses[state.global_step % len(losses)]]
 
         def on_step_end(self, args, state, control, **kwargs):
             times[losses[(state.global_step - 1) % len(losses)]].append(clock.lap())

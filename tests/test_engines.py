@@ -9,8 +9,9 @@ import torch
 from accelerate.utils import DistributedType
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine, PlainEngine, engine_for
-from trl_diffusion_sdpo.engines.branches import BranchGradientSplitter
-from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+from trl_diffusion_sdpo.gradients import collectives_for
+from trl_diffusion_sdpo.gradients.per_branch import BranchGradientSplitter
+from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 
 
 def _accelerator(distributed_type=DistributedType.NO, zero_stage=None, fsdp2=False, processes=1):
@@ -97,8 +98,8 @@ def test_fsdp2_sets_the_accumulated_gradients_aside_and_adds_them_back():
 
     policy = Policy()
     policy.weight.grad = torch.full((3,), 2.0)
-    engine = engine_for(_accelerator(DistributedType.FSDP, fsdp2=True))
-    assert isinstance(engine.branch_gradients([policy.weight]), BranchGradientSplitter)
+    engine = collectives_for(engine_for(_accelerator(DistributedType.FSDP, fsdp2=True)))
+    assert isinstance(engine.per_branch_store([policy.weight]), BranchGradientSplitter)
     accumulated = engine.set_aside_accumulated(policy, [policy.weight])
     assert policy.synced and policy.weight.grad is None  # the branches start from empty gradients
     policy.weight.grad = torch.full((3,), 0.5)  # what the branches left
@@ -109,7 +110,7 @@ def test_fsdp2_sets_the_accumulated_gradients_aside_and_adds_them_back():
 def test_plain_engine_leaves_accumulated_gradients_in_place_and_does_not_reduce_on_one_process():
     weight = torch.nn.Parameter(torch.ones(2))
     weight.grad = torch.full((2,), 3.0)
-    engine = engine_for(_accelerator())
+    engine = collectives_for(engine_for(_accelerator()))
     assert engine.set_aside_accumulated(torch.nn.Linear(1, 1), [weight]) is None
     engine.reduce_combined_gradients([weight], sync_gradients=True)
     torch.testing.assert_close(weight.grad, torch.full((2,), 3.0))

@@ -19,8 +19,10 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "data": ("demo", "evaluation", "trainer"),
     "objectives": ("demo", "evaluation", "trainer"),
     "families": ("demo", "evaluation", "trainer", "step"),
-    "step": ("demo", "evaluation", "trainer"),
-    "engines": ("demo", "evaluation", "trainer", "step"),
+    "step": ("demo", "evaluation", "trainer", "safeguards"),
+    "safeguards": ("demo", "evaluation", "trainer"),
+    "gradients": ("demo", "evaluation", "trainer", "step", "safeguards"),
+    "engines": ("demo", "evaluation", "trainer", "step", "safeguards", "gradients"),
     "io": ("demo", "evaluation", "trainer"),
     "evaluation": ("demo", "trainer"),
 }

@@ -20,11 +20,11 @@ from PIL import Image
 
 from trl_diffusion_sdpo.engines import PlainEngine
 from trl_diffusion_sdpo.families import NoisedPair, family_for_pipeline
+from trl_diffusion_sdpo.gradients import layer_taps
+from trl_diffusion_sdpo.gradients.layer_taps import LayerTaps
+from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.objectives import build_objective
-from trl_diffusion_sdpo.step import layer_taps
-from trl_diffusion_sdpo.step.layer_taps import LayerTaps
-from trl_diffusion_sdpo.step.one_pass import OnePassBranchGradients
-from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 from trl_diffusion_sdpo.step.pipeline import NoisedMicroBatch
 from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
 from trl_diffusion_sdpo.tiny_models import (
@@ -213,7 +213,7 @@ def _accumulated(problem: Problem) -> list[torch.Tensor]:
 def test_one_pass_equals_the_per_branch_passes_in_float64(name, lora, accumulate, tmp_path, caplog):
     problem = make_problem(name, lora, tmp_path)
     accumulated = _accumulated(problem) if accumulate else None
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.step.parameter_space"):
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.safeguards.parameter"):
         one, lam_one, grads_one = run_stage(problem, accumulated, passes="one")
     _, lam_two, grads_two = run_stage(problem, accumulated, passes="two")
     if not lora and name in UNCOVERED_WHEN_FULL:  # falls back, saying which parameters forced it
@@ -542,7 +542,8 @@ def test_the_trainer_trains_the_pair_scope_and_logs_every_pairs_lambda(make_trai
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
-    assert trainer.parameter_space.one_pass is not None and trainer.parameter_space.pair_scope
+    stage = trainer.safeguard.backward_stage
+    assert stage.one_pass is not None and stage.pair_scope
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(after[n], b) for n, b in before.items())
     logged = trainer.state.log_history[0]
@@ -551,11 +552,11 @@ def test_the_trainer_trains_the_pair_scope_and_logs_every_pairs_lambda(make_trai
 
 
 def test_the_trainer_refuses_the_pair_scope_for_large_full_tuning_stating_its_memory(make_trainer, monkeypatch):
-    from trl_diffusion_sdpo.step import parameter_space
+    from trl_diffusion_sdpo.safeguards import parameter
 
     options = dict(lora=False, safeguard=True, safeguard_space="parameter", safeguard_scope="pair", max_steps=1)
     make_trainer(**options).train()  # the tiny UNet's per-image gradients are small: accepted
-    monkeypatch.setattr(parameter_space, "PAIR_SCOPE_MAX_FULL_BYTES", 1024)
+    monkeypatch.setattr(parameter, "PAIR_SCOPE_MAX_FULL_BYTES", 1024)
     with pytest.raises(ValueError, match=r"per image: 2 x 2 x [\d,]+ weights = [\d.]+ GiB for full tuning"):
         make_trainer(**options)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from trl_diffusion_sdpo.engines.branches import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
+from trl_diffusion_sdpo.gradients.per_branch import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
 from trl_diffusion_sdpo.objectives import DenoisingErrors, PreferencePredictions, denoising_error
 from trl_diffusion_sdpo.step.safeguard import gradient_dots, parameter_space_lambda, safeguarded_gradients
 

@@ -299,11 +299,10 @@ def test_training_step_loss_and_gradients_match_a_hand_computation(
     monkeypatch.setattr(trainer.stages, "noise", record)
 
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
-    model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)
-    loss = trainer.compute_loss(model, inputs)
-    loss.backward()
+    trainer.current_gradient_accumulation_steps = 1  # what train() sets for each accumulation window
+    loss = trainer.training_step(model, inputs)  # the backward included, averaged over one micro-batch
     got = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
     lam_logged = trainer._metrics["train"]["safeguard/lambda"][-1].item() if safeguard else 1.0
     model.zero_grad(set_to_none=True)
@@ -589,7 +588,7 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
     """``safeguard_scope="global"`` feeds the all-reduced sums to lambda; "local" never communicates."""
     from accelerate import Accelerator
 
-    import trl_diffusion_sdpo.trainer as trainer_module
+    import trl_diffusion_sdpo.safeguards.output as trainer_module
     from trl_diffusion_sdpo.step.safeguard import lambda_from_sums, output_space_lambda, safeguard_sums
 
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
@@ -612,7 +611,7 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
         lam = output_space_lambda(predictions, 0.5, 1.0, fake_all_reduce if scope == "global" else None)
         torch.testing.assert_close(lam, lambda_from_sums(expected[0], expected[1], 0.5, 1.0, expected[2]))
     assert len(seen) == 1
-    # The trainer hands the reduction to the stage with the global scope only.
+    # The trainer's safeguard hands the reduction to the stage with the global scope only.
     for scope in ("local", "global"):
         trainer = make_trainer(lora=True, safeguard=True, safeguard_space="output", safeguard_scope=scope)
         inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP2Engine
+from trl_diffusion_sdpo.gradients import collectives_for
 from trl_diffusion_sdpo.step.crossing import ESTIMATED_PASSES, SPARE_PASSES, bracketed_crossing
 from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_lambda
 
@@ -426,7 +427,7 @@ def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clippin
     of the gradient's norm, so clipping binds: a stage that dropped the threshold picks another lambda), and
     ``.grad`` is ``scale * (g_w + lambda * h_l)``."""
     from trl_diffusion_sdpo.engines import PlainEngine
-    from trl_diffusion_sdpo.step.parameter_space import ParameterSpaceBackward
+    from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 
     policy, optimizer, predict, objective_loss = _stage_problem()
     params = list(policy.parameters())
@@ -460,9 +461,9 @@ def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clippin
 
 def test_sharding_engines_refuse_and_the_config_refuses_accumulation(make_config):
     with pytest.raises(ValueError, match="update.*not supported under deepspeed.*DDP"):
-        DeepSpeedEngine(None, 2).check_update_space()
+        collectives_for(DeepSpeedEngine(None, 2)).check_update_space()
     with pytest.raises(ValueError, match="update.*not supported under fsdp2"):
-        FSDP2Engine(None).check_update_space()
+        collectives_for(FSDP2Engine(None)).check_update_space()
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         make_config(safeguard_space="update", gradient_accumulation_steps=2)
 

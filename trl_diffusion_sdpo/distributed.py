@@ -1,31 +1,23 @@
-"""What changes when training runs on several processes: DDP, DeepSpeed ZeRO 1/2/3, FSDP2.
+"""What every engine shares when training runs on several processes: setting up, and the collectives.
 
 * The frozen VAE and text encoder(s) are never partitioned: :func:`load_pipeline` loads a pipeline with ZeRO-3's
   model construction switched off (transformers would otherwise build the CLIP text encoders inside
   ``deepspeed.zero.Init`` and shard them), and :func:`check_not_partitioned` refuses a pipeline that was loaded
-  sharded.
-* The reference UNet (a frozen copy, for full tuning) is replicated in the compute dtype under DDP and ZeRO-1/2;
-  under ZeRO-3 it is sharded like the policy, by :func:`reference_inference_engine`: a DeepSpeed engine with no
-  optimizer, in eval mode.
-* :func:`gather_zero3_state_dict` collects ZeRO-3 shards on the main process, so a save writes the same files as
-  a single process does.
-* Under FSDP2 (``fully_shard`` through accelerate) a reference copy is sharded like the policy by
-  :func:`shard_reference_fsdp2`, :func:`gather_fsdp2_state_dict` collects the full weights for a save, and
-  :func:`loading_into_shards` lets diffusers-format weights (full tensors) be loaded into the sharded UNet on resume
-  (:func:`shard_like` first cuts each full tensor into the process's shard).
+  sharded; :func:`check_one_device_per_process` refuses a process that sees several GPUs.
+* :func:`shard_like` cuts full tensors into a process's FSDP2 shards (loading diffusers-format weights on resume).
 * :func:`all_reduce_sum` serves the output-space safeguard's global scope; :func:`all_reduce_mean_` averages
-  gradients (or the winner's gradient buffer) in buckets, for the parameter-space safeguard, which runs its two
-  backward passes outside DDP's hooks and reduces the combined gradient once, as DDP would.
+  gradients (or the winner's gradient buffer) in buckets, for the exact safeguard, which runs its passes outside
+  DDP's hooks and reduces the combined gradient once, as DDP would.
+
+What is particular to DeepSpeed or FSDP2 (a sharded reference, gathering the weights for a save) lives with its
+engine in :mod:`trl_diffusion_sdpo.engines`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
-import shutil
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -35,17 +27,9 @@ __all__ = [
     "all_reduce_sum",
     "check_not_partitioned",
     "check_one_device_per_process",
-    "drop_fsdp_model_copy",
-    "engine_loss_scale",
-    "gather_fsdp2_state_dict",
-    "gather_zero3_state_dict",
-    "is_fsdp2",
     "is_partitioned",
     "load_pipeline",
-    "loading_into_shards",
-    "reference_inference_engine",
     "shard_like",
-    "shard_reference_fsdp2",
     "zero3_init_disabled",
     "zero_stage",
 ]
@@ -124,108 +108,6 @@ def check_one_device_per_process(args) -> None:
         )
 
 
-def _without_auto(config: Any) -> Any:
-    """``config`` without the entries still set to ``"auto"``: DeepSpeed then uses its own defaults for them."""
-    if isinstance(config, dict):
-        return {k: _without_auto(v) for k, v in config.items() if v != "auto"}
-    return config
-
-
-def reference_inference_engine(module: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """Shard a frozen reference ``module`` with ZeRO-3, like the policy: a DeepSpeed engine without optimizer.
-
-    The engine reuses the run's DeepSpeed config (precision, ZeRO-3 settings, batch sizes) minus the optimizer,
-    scheduler and optimizer offload, and is put in eval mode. Its forward gathers each layer's shards on the fly.
-    """
-    import deepspeed
-
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
-    config.get("zero_optimization", {}).pop("offload_optimizer", None)
-    config = _without_auto(config)
-    module.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=module, config=config)
-    engine.eval()
-    return engine
-
-
-def gather_zero3_state_dict(engine, trainable_only: bool) -> dict[str, torch.Tensor] | None:
-    """The full state dict of a ZeRO-3 ``engine``'s module, gathered layer by layer onto the main process's CPU.
-
-    Every process must call it; the main process gets the dict, the others ``None``. With ``trainable_only`` only
-    parameters that require gradients (LoRA adapters) are gathered.
-    """
-    return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
-
-
-def is_fsdp2(accelerator) -> bool:
-    """Whether ``accelerator`` trains with FSDP2 (``fully_shard``)."""
-    return getattr(accelerator, "is_fsdp2", False)
-
-
-def shard_reference_fsdp2(module: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """Shard a frozen reference ``module`` with FSDP2 exactly as accelerate shards the policy: the same blocks (the
-    config's wrap policy), mesh and mixed precision, and no optimizer. Each forward all-gathers one block at a time
-    and frees it after use, so a process holds 1/N of the reference plus one block."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-    module.requires_grad_(False)
-    module = fsdp2_prepare_model(accelerator, module)
-    # accelerate keeps the root's own weights (stem and head) gathered after the forward, for the backward that
-    # follows; a reference has no backward, so every block, the root included, frees its gathered weights at once.
-    module.set_reshard_after_forward(True, recurse=True)
-    module.eval()
-    return module
-
-
-def gather_fsdp2_state_dict(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
-    """The full state dict of an FSDP2-sharded ``module``, gathered tensor by tensor onto the main process's CPU.
-
-    Every process must call it (each tensor is one all-gather); process 0 gets the dict, the others ``None``. With
-    ``trainable_only`` only parameters that require gradients (LoRA adapters) are gathered. Names are the module's
-    own (``fully_shard`` does not rename parameters).
-    """
-    from torch.distributed.tensor import DTensor
-
-    keep = {name for name, p in module.named_parameters() if p.requires_grad} if trainable_only else None
-    is_main = torch.distributed.get_rank() == 0
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in module.state_dict().items():
-        if keep is not None and name not in keep:
-            continue
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if is_main:
-            state[name] = full.detach().to("cpu", copy=True)
-    return state if is_main else None
-
-
-def drop_fsdp_model_copy(checkpoint_dir: str) -> list[str]:
-    """Remove the model copy accelerate's ``save_fsdp_model`` writes into a checkpoint (``pytorch_model_fsdp*``: a
-    torch pickle, or a folder of distributed-checkpoint shards); returns the names removed.
-
-    The trainer's checkpoints already hold the weights in diffusers' format, which is what resuming reads; the
-    optimizer state accelerate writes beside them is kept.
-    """
-    removed = []
-    for name in sorted(os.listdir(checkpoint_dir)):
-        if name.startswith("pytorch_model_fsdp"):
-            path = os.path.join(checkpoint_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            removed.append(name)
-    return removed
-
-
-@contextlib.contextmanager
-def loading_into_shards() -> Iterator[None]:
-    """Within the block, ``load_state_dict`` of full tensors into an FSDP2-sharded module works: each process copies
-    its own shard out of the full tensor (the full tensors are treated as replicated DTensors)."""
-    from torch.distributed.tensor.experimental import implicit_replication
-
-    with implicit_replication():
-        yield
-
-
 def shard_like(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state``'s full tensors placed as ``module``'s FSDP2 parameters and buffers of the same names are (DTensors):
     each process keeps its own slice of the full tensor, without communication; the rest as they are.
@@ -289,13 +171,3 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor], bucket_elements: int = 1 <
         bucket.append(tensor)
         size += tensor.numel()
     flush()
-
-
-def engine_loss_scale(engine) -> torch.Tensor:
-    """What DeepSpeed's ``engine.backward`` multiplies a loss by besides the accumulation average: its fp16 loss
-    scale (dynamic or static), 1 under bf16 and fp32. A device scalar, read without a host sync."""
-    device = next(engine.module.parameters()).device
-    probe = torch.ones((), device=device, requires_grad=True) * 1.0  # a loss-like scalar: DeepSpeed scales only these
-    scale_if_loss = getattr(engine.optimizer, "scale_if_loss", None)
-    scaled = scale_if_loss(probe) if scale_if_loss is not None else probe
-    return scaled.detach().float()

@@ -1,24 +1,26 @@
 """``DiffusionSDPOTrainer``: Diffusion-DPO / Diffusion-SDPO on diffusion denoisers with ``transformers.Trainer``.
 
-The trainer orchestrates: it builds the parts, then calls the stages of :mod:`.step` in order. The math lives in
-:mod:`.objectives` and :mod:`.step.safeguard`, the data in :mod:`.data`, model specifics in :mod:`.families`, what
-differs between DDP, DeepSpeed and FSDP in :mod:`.engines`, the reference model in :mod:`.reference` and the file
-formats in :mod:`.io`. One micro-batch reads::
+The trainer orchestrates: it builds the parts, then calls the stages in order. The math lives in :mod:`.objectives`
+and :mod:`.step.safeguard`, the data in :mod:`.data`, model specifics in :mod:`.families`, what differs between DDP,
+DeepSpeed and FSDP in :mod:`.engines`, the reference model in :mod:`.reference` and the file formats in :mod:`.io`.
+One micro-batch (:meth:`DiffusionSDPOTrainer.training_step`) reads::
 
-    batch -> latents -> noised pair -> predictions      (step.pipeline.MicroBatchStages)
-    -> errors -> safeguard (output space) -> objective  (step.predictions, step.safeguard, objectives)
-    -> backward: transformers', or one per branch       (step.parameter_space, with the engine)
-    -> non-finite guard -> metrics                      (step.guard, step.metrics)
+    batch -> noised pair                                    (step.batch, step.pipeline)
+    -> safeguard.step: predictions -> errors -> objective   (safeguards: chosen once; step.predictions)
+       -> lambda -> backward
+    -> non-finite guard -> metrics                          (step.guard, step.metrics)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import defaultdict
 from typing import Any
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
@@ -29,15 +31,16 @@ from .config import DiffusionSDPOConfig
 from .data.scoring import RewardFn
 from .data.stream_guard import StreamGuard
 from .data.training_data import prepare_training_data
-from .distributed import all_reduce_sum, check_not_partitioned, check_one_device_per_process, load_pipeline
+from .distributed import check_not_partitioned, check_one_device_per_process, load_pipeline
 from .engines import Engine, engine_for
 from .families import ModelFamily, Noiser, family_for_pipeline
 from .io.checkpoints import AtomicCheckpoints
 from .io.denoiser_saving import DenoiserSaving
 from .io.publishing import HubPublishing
 from .io.trackers import make_config_trackable
-from .objectives import PreferencePredictions, objective_from_config
+from .objectives import objective_from_config
 from .reference import reference_for
+from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.batch import UsableBatches
 from .step.draws import MicroBatchDraws
 from .step.guard import NonFiniteLossGuard, NonFiniteTracker
@@ -45,10 +48,8 @@ from .step.health import WinnerHealthCallback
 from .step.metrics import metric_names, record_metrics, reduce_metrics
 from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zero_grads
 from .step.optimizer import grad_norm as trainable_grad_norm
-from .step.parameter_space import ParameterSpaceBackward
 from .step.pipeline import Augmentation, MicroBatchStages
-from .step.predictions import denoising_errors
-from .step.safeguard import output_space_lambda, scale_gradient
+from .step.predictions import evaluate_objective
 from .tuning import (
     MixedPrecisionForward,
     compute_dtype,
@@ -213,10 +214,10 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             empty_prompt=data.empty_prompt,
         )
         self.batches = UsableBatches(self._blank_batch)
-        # safeguard_space "parameter" or "update": one backward pass per branch (None: transformers' backward)
-        self.parameter_space = ParameterSpaceBackward.from_config(
-            self.engine,
+        # The safeguard, chosen once: Diffusion-DPO, the output, parameter or update space (see .safeguards).
+        self.safeguard: Safeguard = safeguard_for(
             args,
+            self.engine,
             lora=self.is_lora,
             trainable_elements=sum(p.numel() for p in trainable_parameters(denoiser)),
         )
@@ -303,12 +304,42 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
                 del policy.zero_grad  # back to Module.zero_grad
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        if self.parameter_space is not None:
-            loss = self._parameter_space_step(model, inputs)
-        else:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+        """One micro-batch: batch -> noised pair -> the safeguard's step (predictions -> errors -> objective -> lambda
+        -> backward) -> non-finite guard -> metrics. Returns the loss averaged over the accumulation window."""
+        model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # as Trainer.training_step: schedule-free optimizers
+            self.optimizer.train()
+        inputs, replay = self._batch(self._prepare_inputs(inputs), "train")
+        if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
+            return torch.zeros((), device=self.args.device)
+        # The exact rule runs its passes outside the engine's wrapper (DDP's hooks) and reduces what it would have.
+        denoiser = model if self.safeguard.engine_backward else self.accelerator.unwrap_model(model)
+        with self.compute_loss_context_manager():  # an inversion (SmPO) runs the denoiser as the predictions do
+            noised = self.stages.noised_pair(denoiser, inputs, "train", self.state.global_step)
+            result = self.safeguard.step(
+                MicroBatch(
+                    model=denoiser,
+                    predict=functools.partial(self.stages.predict_noised, denoiser, noised),
+                    evaluate=functools.partial(
+                        evaluate_objective, self.objective, pair_scores=inputs.get("pair_scores")
+                    ),
+                    pairs=noised.num_pairs,
+                    contributes=not replay,
+                    accumulation_steps=self.current_gradient_accumulation_steps,
+                    sync_gradients=self.accelerator.sync_gradients,
+                    optimizer=self.optimizer,
+                )
+            )
+        steps = self.args.torch_empty_cache_steps
+        if steps is not None and self.state.global_step % steps == 0:  # as Trainer.training_step
+            clear_device_cache()
+        if replay:  # a zero-weighted replay: its loss and metrics are its peers'
+            return torch.zeros((), device=self.args.device)
+        self.nonfinite.flag(result.loss)
+        record_metrics(self._metrics["train"], result.errors, result.output, result.lambdas)
         # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
+        loss = result.loss / self.current_gradient_accumulation_steps
         return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
     def compute_loss(
@@ -318,81 +349,22 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """One micro-batch: batch -> latents -> noised pair -> predictions -> errors -> safeguard (output space) ->
-        objective. The backward pass is transformers'; the parameter-space safeguard replaces it
-        (:meth:`_parameter_space_step`)."""
+        """An evaluation micro-batch (training runs :meth:`training_step`): batch -> noised pair -> predictions ->
+        errors -> objective, and the ``lambda`` the safeguard records there."""
         mode = "train" if model.training else "eval"
         inputs, replay = self._batch(inputs, mode)
         if inputs is None:  # every row was invalid, one process: contribute nothing, keep the graph connected
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, {}) if return_outputs else loss
         predictions = self.stages.predict(model, inputs, mode, self.state.global_step, separate_branches=False)
-        errors = denoising_errors(predictions)
-        lam = None
-        if self.args.safeguard and self.args.safeguard_space == "output":
-            lam = self._output_space_lambda(predictions, contributes=not replay)
-            errors.policy_loser = scale_gradient(errors.policy_loser, lam)
-        output = self.objective(predictions, errors, pair_scores=inputs.get("pair_scores"))
-        loss = output.loss
+        lambdas = self.safeguard.evaluation_lambdas(predictions, contributes=not replay)
+        evaluation = evaluate_objective(self.objective, predictions, inputs.get("pair_scores"))
+        loss = evaluation.loss
         if replay:
             loss = loss * 0.0
         else:
-            if mode == "train":
-                self.nonfinite.flag(loss)
-            record_metrics(self._metrics[mode], errors, output, {"safeguard/lambda": lam})
-        return (loss, {"logits": output.logits}) if return_outputs else loss
-
-    def _parameter_space_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The exact safeguard: one forward and one backward pass with the branches' gradients split inside it, or one
-        of each per branch (:mod:`.step.parameter_space`)."""
-        model.train()
-        if callable(getattr(self.optimizer, "train", None)):  # as Trainer.training_step: schedule-free optimizers
-            self.optimizer.train()
-        inputs, replay = self._batch(self._prepare_inputs(inputs), "train")
-        if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
-            return torch.zeros((), device=self.args.device)
-        policy = self.accelerator.unwrap_model(model)  # the branches bypass DDP's hooks; the engine reduces
-        pair_scores = inputs.get("pair_scores")
-        captured: dict[str, Any] = {}
-
-        with self.compute_loss_context_manager():  # an inversion (SmPO) runs the denoiser as the predictions do
-            noised = self.stages.noised_pair(policy, inputs, "train", self.state.global_step)
-
-        def predict(separate_branches: bool) -> PreferencePredictions:
-            with self.compute_loss_context_manager():
-                return self.stages.predict_noised(policy, noised, separate_branches)
-
-        def objective_loss(branches: PreferencePredictions) -> torch.Tensor:
-            captured["errors"] = denoising_errors(branches)
-            captured["output"] = self.objective(branches, captured["errors"], pair_scores=pair_scores)
-            return captured["output"].loss
-
-        loss, lam, predictions = self.parameter_space(
-            policy,
-            predict,
-            objective_loss,
-            self._backward_scale(self.args.device),
-            contributes=not replay,
-            sync_gradients=self.accelerator.sync_gradients,
-            optimizer=self.optimizer,
-            pairs=noised.num_pairs,
-        )
-        # Before the replay's return: with the global scope every process must enter this reduction.
-        output_lambda = self._output_space_lambda(predictions, contributes=not replay)
-        if replay:
-            return torch.zeros((), device=loss.device)
-        self.nonfinite.flag(loss)
-        record_metrics(
-            self._metrics["train"],
-            captured["errors"],
-            captured["output"],
-            {
-                "safeguard/lambda": lam,
-                "safeguard/output_lambda": output_lambda,
-                "safeguard/update_infeasible": self.parameter_space.infeasible,
-            },
-        )
-        return loss / self.current_gradient_accumulation_steps
+            record_metrics(self._metrics[mode], evaluation.errors, evaluation.output, lambdas)
+        return (loss, {"logits": evaluation.output.logits}) if return_outputs else loss
 
     def _batch(self, inputs: dict[str, torch.Tensor], mode: str) -> tuple[dict[str, torch.Tensor] | None, bool]:
         """The batch stage: count the rows the collator skipped; a micro-batch with none left is left out (one
@@ -418,23 +390,6 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         if scores is not None:
             inputs["pair_scores"] = scores.to(device=self.args.device, dtype=torch.float32)
         return inputs
-
-    def _backward_scale(self, device: torch.device) -> torch.Tensor:
-        """What ``accelerator.backward`` would multiply the loss by: the gradient-accumulation average, and the fp16
-        grad scaler's current scale (a device tensor: no host sync)."""
-        scale = torch.full((), 1.0 / self.current_gradient_accumulation_steps, device=device)
-        if self.accelerator.scaler is not None:
-            scale = self.accelerator.scaler.scale(scale)
-        return scale
-
-    def _output_space_lambda(self, predictions: PreferencePredictions, contributes: bool = True) -> torch.Tensor:
-        """The authors' rule; with ``safeguard_scope="global"`` its sums are added up over processes first (every
-        process enters that reduction every micro-batch; a zero-weighted replay adds zeros)."""
-        global_scope = self.args.safeguard_scope == "global" and self.accelerator.num_processes > 1
-        reduce_sum = all_reduce_sum if global_scope else None
-        return output_space_lambda(
-            predictions, self.args.safeguard_mu, self.args.safeguard_max_lambda, reduce_sum, contributes=contributes
-        )
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
         """Clip the trainable weights' gradients; with a fused optimizer, inside the optimizer's own pass."""
@@ -465,7 +420,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         several = self.accelerator.num_processes > 1
         reduced = reduce_metrics(
             self._metrics[mode],
-            metric_names(self.objective, self.args.safeguard, self.args.safeguard_space),
+            metric_names(self.objective, self.safeguard.metric_names),
             self.args.safeguard_max_lambda,
             self.args.device,
             (lambda t: self.accelerator.reduce(t, reduction="sum")) if several else None,

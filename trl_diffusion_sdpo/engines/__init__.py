@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from accelerate.utils import DistributedType
 
-from .base import BranchGradients, Engine
+from .base import Engine
 from .deepspeed import DeepSpeedEngine
 from .fsdp import FSDP1Engine, FSDP2Engine
 from .plain import PlainEngine
 
 __all__ = [
-    "BranchGradients",
     "DeepSpeedEngine",
     "Engine",
     "FSDP1Engine",

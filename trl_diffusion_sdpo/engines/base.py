@@ -3,42 +3,36 @@
 The trainer picks an engine once (:func:`~trl_diffusion_sdpo.engines.engine_for`) after accelerate has set up its
 ``Accelerator``, and from then on asks it instead of checking which engine runs. An engine answers:
 
-* whether the parameter-space safeguard can run, and in which scope (:meth:`Engine.check_parameter_space`), and
-  whether the update space can (:meth:`Engine.check_update_space`, :meth:`Engine.reduce_branch_gradients`);
-* where the per-branch gradients live (:meth:`Engine.branch_gradients`), what happens to gradients accumulated
-  before a micro-batch's branches (:meth:`Engine.set_aside_accumulated`) and how the branches' inner products and
-  the combined gradient are reduced over processes (:meth:`Engine.reduce_branch_sums`,
-  :meth:`Engine.reduce_combined_gradients`);
 * where a frozen reference copy lives, and in which precision (:meth:`Engine.place_reference`);
 * how the weights are gathered for a save (:meth:`Engine.gather_state_dict`), loaded back
-  (:meth:`Engine.loading`) and what accelerate writes that a checkpoint does not need
-  (:meth:`Engine.clean_checkpoint`);
+  (:meth:`Engine.loading`, :meth:`Engine.loading_optimizer`), what accelerate writes that a checkpoint does not need
+  (:meth:`Engine.clean_checkpoint`) and how a checkpoint of another process count resumes
+  (:meth:`Engine.resume_on_other_count`);
 * who owns gradient clipping and overflow skipping (:attr:`Engine.manages_gradients`,
-  :attr:`Engine.skips_nonfinite_steps`).
+  :attr:`Engine.skips_nonfinite_steps`), and whether the main process can sample alone
+  (:meth:`Engine.check_validation_sampling`).
+
+What the exact safeguard needs of an engine (its per-branch gradient store and reductions) is that engine's
+:class:`~trl_diffusion_sdpo.gradients.collectives.BranchCollectives`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from accelerate.utils import DistributedType
 
-from ..distributed import all_reduce_mean_, all_reduce_sum
 from ..tuning import reference_like_policy
-from .branches import BranchGradientSplitter, EngineBranchGradients
 
-__all__ = ["BranchGradients", "Engine"]
-
-BranchGradients = BranchGradientSplitter | EngineBranchGradients
+__all__ = ["Engine"]
 
 # Where gradients are sharded or clipped by the engine itself, accelerate's own clipping must be used.
 _ENGINE_MANAGED = {DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM}
 
 
-class Engine(ABC):
+class Engine:
     """One training engine behind accelerate. Subclasses override what differs; the defaults are one process's."""
 
     name: str = "base"
@@ -65,84 +59,16 @@ class Engine(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(processes={self.num_processes})"
 
-    # ------------------------------------------------------------------ the parameter-space safeguard
-
-    @abstractmethod
-    def check_parameter_space(self, scope: str) -> None:
-        """Raise a ValueError naming what to use instead when the per-branch passes cannot run here (``scope``:
-        ``safeguard_scope``, ``"local"`` or ``"global"``)."""
-
-    def one_pass_reason(self) -> str | None:
-        """Why the exact safeguard cannot split the branches' gradients inside one pass here (``None``: it can; the
-        per-branch passes run otherwise). One process, or DDP: it can."""
-        return None
-
-    def branch_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradients:
-        """The per-branch gradient store over the trainable ``parameters`` (see :mod:`.branches`)."""
-        return BranchGradientSplitter(parameters)
-
-    def set_aside_accumulated(
-        self, policy: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
-    ) -> list[torch.Tensor | None] | None:
-        """Called before a micro-batch's branches: what must be set aside of the gradients accumulated so far
-        (``None``: nothing, the branches add to them in place)."""
-        return None
-
-    def restore_accumulated(
-        self, parameters: Sequence[torch.nn.Parameter], accumulated: list[torch.Tensor | None] | None
-    ) -> None:
-        """Add back what :meth:`set_aside_accumulated` took."""
-        if accumulated is None:
-            return
-        for p, earlier in zip(parameters, accumulated):
-            if earlier is not None:
-                p.grad = earlier if p.grad is None else p.grad.add_(earlier)
-
-    def winner_reduction(self, global_scope: bool) -> Callable[[list[torch.Tensor]], None] | None:
-        """What averages the winner's buffered gradient over processes before ``<g_w, g_w>`` (global scope)."""
-        if global_scope and self.num_processes > 1:
-            return all_reduce_mean_
-        return None
-
-    def reduce_branch_sums(
-        self, winner_sq: torch.Tensor, cross: torch.Tensor, global_scope: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(<g_w, g_w>, <g_w, h_l>)`` over the scope: with the global scope the cross term of the averaged winner
-        gradient with each process's loser gradient is averaged too (the winner's was averaged by
-        :meth:`winner_reduction`)."""
-        if global_scope and self.num_processes > 1:
-            cross = all_reduce_sum(cross) / self.num_processes
-        return winner_sq, cross
-
-    def check_update_space(self) -> None:
-        """Raise a ValueError when the update space cannot run here. By default it cannot: it reads the whole
-        optimizer state of every trainable weight and the whole per-branch gradients on each process, and an engine
-        that shards them (DeepSpeed ZeRO, FSDP) would have to reduce ``D(lambda)`` over processes at every
-        evaluation of the search (a method to add here)."""
-        raise ValueError(
-            f"safeguard_space='update' is not supported under {self.name}: the optimizer state and gradients are "
-            "sharded across processes, and the update space reads them whole. Use one process or DDP "
-            "(multi_gpu.yaml) with safeguard_space='update', or keep this engine with safeguard_space='parameter' "
-            "or 'output'."
-        )
-
-    def reduce_branch_gradients(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
-        """The update space: average ``g_w`` and ``h_l`` over processes in place (the optimizer sees their mean);
-        two gradient-sized all-reduces where a plain step has one."""
-        if self.num_processes > 1:
-            all_reduce_mean_(winner)
-            all_reduce_mean_(loser)
-
-    @abstractmethod
-    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
-        """After the branches are combined: whatever reduction over processes the engine's own backward would have
-        done (``sync_gradients``: this micro-batch closes the accumulation window)."""
-
     # ------------------------------------------------------------------ placement, saving, loading
 
     def check_validation_sampling(self) -> None:
-        """Raise when the main process cannot sample validation images alone."""
-        return None
+        """Raise when the main process cannot sample validation images alone (its denoiser is a shard)."""
+        if not self.samples_whole_denoiser:
+            raise ValueError(
+                "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
+                "shard of the denoiser, and the main process samples alone); validate from a saved checkpoint with "
+                "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
+            )
 
     def place_reference(
         self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype

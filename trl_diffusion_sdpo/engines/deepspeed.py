@@ -4,21 +4,71 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from ..distributed import engine_loss_scale, gather_zero3_state_dict, reference_inference_engine
 from .base import Engine
-from .branches import EngineBranchGradients
 
-__all__ = ["DeepSpeedEngine", "universal_checkpoint_view"]
+__all__ = [
+    "DeepSpeedEngine",
+    "engine_loss_scale",
+    "gather_zero3_state_dict",
+    "reference_inference_engine",
+    "universal_checkpoint_view",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def _without_auto(config: Any) -> Any:
+    """``config`` without the entries still set to ``"auto"``: DeepSpeed then uses its own defaults for them."""
+    if isinstance(config, dict):
+        return {k: _without_auto(v) for k, v in config.items() if v != "auto"}
+    return config
+
+
+def reference_inference_engine(module: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Shard a frozen reference ``module`` with ZeRO-3, like the policy: a DeepSpeed engine without optimizer.
+
+    The engine reuses the run's DeepSpeed config (precision, ZeRO-3 settings, batch sizes) minus the optimizer,
+    scheduler and optimizer offload, and is put in eval mode. Its forward gathers each layer's shards on the fly.
+    """
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config.get("zero_optimization", {}).pop("offload_optimizer", None)
+    config = _without_auto(config)
+    module.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine
+
+
+def gather_zero3_state_dict(engine, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a ZeRO-3 ``engine``'s module, gathered layer by layer onto the main process's CPU.
+
+    Every process must call it; the main process gets the dict, the others ``None``. With ``trainable_only`` only
+    parameters that require gradients (LoRA adapters) are gathered.
+    """
+    return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+
+
+def engine_loss_scale(engine) -> torch.Tensor:
+    """What DeepSpeed's ``engine.backward`` multiplies a loss by besides the accumulation average: its fp16 loss
+    scale (dynamic or static), 1 under bf16 and fp32. A device scalar, read without a host sync."""
+    device = next(engine.module.parameters()).device
+    probe = torch.ones((), device=device, requires_grad=True) * 1.0  # a loss-like scalar: DeepSpeed scales only these
+    scale_if_loss = getattr(engine.optimizer, "scale_if_loss", None)
+    scaled = scale_if_loss(probe) if scale_if_loss is not None else probe
+    return scaled.detach().float()
 
 
 def universal_checkpoint_view(checkpoint: str, view: str) -> str:
@@ -74,47 +124,6 @@ class DeepSpeedEngine(Engine):
 
     def __repr__(self) -> str:
         return f"DeepSpeedEngine(zero_stage={self.stage}, processes={self.num_processes})"
-
-    def check_parameter_space(self, scope: str) -> None:
-        """ZeRO-1/2 in both scopes; ZeRO-3 refused."""
-        if self.stage == 3:
-            raise ValueError(
-                "safeguard_space='parameter' is not supported under DeepSpeed ZeRO-3: the weights are partitioned, so "
-                "the per-branch gradients are never whole on one process. Use ZeRO-1 or ZeRO-2 "
-                "(examples/accelerate_configs/deepspeed_zero2.yaml), FSDP2 (fsdp2.yaml, safeguard_scope='global') or "
-                "DDP (multi_gpu.yaml) with safeguard_space='parameter', or keep ZeRO-3 with safeguard_space='output' "
-                "(the authors' rule)."
-            )
-
-    def one_pass_reason(self) -> str:
-        return (
-            "DeepSpeed owns the gradient partitions and reduces each backward into them; the one-pass split hands "
-            "autograd no weight gradient (not implemented under ZeRO)"
-        )
-
-    def branch_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> EngineBranchGradients:
-        accelerator = self.accelerator
-        engine = accelerator.deepspeed_engine_wrapped.engine
-
-        def engine_backward(scalar: torch.Tensor, boundary: bool | None) -> None:
-            if boundary is None:  # the micro-batch's last pass: accelerate sets the boundary and steps the engine
-                accelerator.backward(scalar, scale_wrt_gas=False)
-            else:
-                engine.set_gradient_accumulation_boundary(boundary)
-                engine.backward(scalar, scale_wrt_gas=False)
-
-        return EngineBranchGradients(parameters, engine_backward, lambda: engine_loss_scale(engine))
-
-    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
-        """Nothing: the engine reduced every pass it saw into its own partitions."""
-
-    def check_validation_sampling(self) -> None:
-        if self.stage == 3:
-            raise ValueError(
-                "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
-                "shard of the denoiser, and the main process samples alone); validate from a saved checkpoint with "
-                "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
-            )
 
     def place_reference(
         self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype

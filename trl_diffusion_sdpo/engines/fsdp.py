@@ -4,22 +4,85 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+import os
+import shutil
+from collections.abc import Iterator
 
 import torch
 
-from ..distributed import (
-    all_reduce_sum,
-    drop_fsdp_model_copy,
-    gather_fsdp2_state_dict,
-    loading_into_shards,
-    shard_reference_fsdp2,
-)
 from ..tuning import reference_like_policy
 from .base import Engine
-from .branches import BranchGradientSplitter
 
-__all__ = ["FSDP1Engine", "FSDP2Engine"]
+__all__ = [
+    "FSDP1Engine",
+    "FSDP2Engine",
+    "drop_fsdp_model_copy",
+    "gather_fsdp2_state_dict",
+    "loading_into_shards",
+    "shard_reference_fsdp2",
+]
+
+
+def shard_reference_fsdp2(module: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Shard a frozen reference ``module`` with FSDP2 exactly as accelerate shards the policy: the same blocks (the
+    config's wrap policy), mesh and mixed precision, and no optimizer. Each forward all-gathers one block at a time
+    and frees it after use, so a process holds 1/N of the reference plus one block."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    module.requires_grad_(False)
+    module = fsdp2_prepare_model(accelerator, module)
+    # accelerate keeps the root's own weights (stem and head) gathered after the forward, for the backward that
+    # follows; a reference has no backward, so every block, the root included, frees its gathered weights at once.
+    module.set_reshard_after_forward(True, recurse=True)
+    module.eval()
+    return module
+
+
+def gather_fsdp2_state_dict(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+    """The full state dict of an FSDP2-sharded ``module``, gathered tensor by tensor onto the main process's CPU.
+
+    Every process must call it (each tensor is one all-gather); process 0 gets the dict, the others ``None``. With
+    ``trainable_only`` only parameters that require gradients (LoRA adapters) are gathered. Names are the module's
+    own (``fully_shard`` does not rename parameters).
+    """
+    from torch.distributed.tensor import DTensor
+
+    keep = {name for name, p in module.named_parameters() if p.requires_grad} if trainable_only else None
+    is_main = torch.distributed.get_rank() == 0
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in module.state_dict().items():
+        if keep is not None and name not in keep:
+            continue
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if is_main:
+            state[name] = full.detach().to("cpu", copy=True)
+    return state if is_main else None
+
+
+def drop_fsdp_model_copy(checkpoint_dir: str) -> list[str]:
+    """Remove the model copy accelerate's ``save_fsdp_model`` writes into a checkpoint (``pytorch_model_fsdp*``: a
+    torch pickle, or a folder of distributed-checkpoint shards); returns the names removed.
+
+    The trainer's checkpoints already hold the weights in diffusers' format, which is what resuming reads; the
+    optimizer state accelerate writes beside them is kept.
+    """
+    removed = []
+    for name in sorted(os.listdir(checkpoint_dir)):
+        if name.startswith("pytorch_model_fsdp"):
+            path = os.path.join(checkpoint_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(name)
+    return removed
+
+
+@contextlib.contextmanager
+def loading_into_shards() -> Iterator[None]:
+    """Within the block, ``load_state_dict`` of full tensors into an FSDP2-sharded module works: each process copies
+    its own shard out of the full tensor (the full tensors are treated as replicated DTensors)."""
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    with implicit_replication():
+        yield
 
 
 class FSDP2Engine(Engine):
@@ -33,54 +96,6 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     replaces_parameters_in_train = True
     samples_whole_denoiser = False
-
-    def check_parameter_space(self, scope: str) -> None:
-        if scope != "global":
-            raise ValueError(
-                "safeguard_space='parameter' under FSDP2 needs safeguard_scope='global': FSDP2 averages each branch's "
-                "gradient over processes inside its backward, so lambda is that of the global micro-batch. Set "
-                "safeguard_scope='global', or use DDP for one lambda per process."
-            )
-
-    def one_pass_reason(self) -> str:
-        return (
-            "FSDP2 gathers each weight for its layer and reduce-scatters its gradient inside autograd; the one-pass "
-            "split would hold whole per-branch gradients of gathered weights (not implemented under FSDP2)"
-        )
-
-    def branch_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradientSplitter:
-        return BranchGradientSplitter(parameters, local=True)
-
-    def set_aside_accumulated(
-        self, policy: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
-    ) -> list[torch.Tensor | None]:
-        # Each branch must reach its gradient shards now, not at the end of the accumulation window; the window's
-        # earlier sum is set aside (a 1/N-sized shard) so the branches start from empty gradients.
-        policy.set_requires_gradient_sync(True)
-        accumulated = [p.grad for p in parameters]
-        for p in parameters:
-            p.grad = None
-        return accumulated
-
-    def winner_reduction(self, global_scope: bool) -> None:
-        return None  # already averaged by FSDP2's reduce-scatter
-
-    def reduce_branch_sums(
-        self, winner_sq: torch.Tensor, cross: torch.Tensor, global_scope: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Sums over this process's shards of the already averaged gradients: add them up.
-        winner_sq, cross = all_reduce_sum(torch.stack([winner_sq, cross]))
-        return winner_sq, cross
-
-    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
-        """Nothing: every branch was reduce-scattered inside its backward."""
-
-    def check_validation_sampling(self) -> None:
-        raise ValueError(
-            "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
-            "shard of the denoiser, and the main process samples alone); validate from a saved checkpoint with "
-            "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
-        )
 
     def place_reference(
         self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype
@@ -136,13 +151,3 @@ class FSDP1Engine(Engine):
 
     name = "fsdp1"
     replaces_parameters_in_train = True
-
-    def check_parameter_space(self, scope: str) -> None:
-        raise ValueError(
-            "safeguard_space='parameter' is not supported under FSDP1; use FSDP2 "
-            "(examples/accelerate_configs/fsdp2.yaml), DDP or DeepSpeed ZeRO-1/2, or keep FSDP1 with "
-            "safeguard_space='output'."
-        )
-
-    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
-        """Never called: :meth:`check_parameter_space` refuses the per-branch passes."""

@@ -7,7 +7,7 @@ host sync.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 
 import torch
 
@@ -18,19 +18,14 @@ __all__ = ["metric_names", "record_metrics", "reduce_metrics"]
 Stored = MutableMapping[str, list[torch.Tensor]]
 
 
-def metric_names(objective: PreferenceObjective, safeguard: bool, safeguard_space: str) -> list[str]:
-    """The metrics every micro-batch records: the same list on every process, since they are reduced together."""
+def metric_names(objective: PreferenceObjective, safeguard_names: Sequence[str] = ()) -> list[str]:
+    """The metrics every micro-batch records: the data's, the objective's and the safeguard's (its
+    ``metric_names``), the same list on every process, since they are reduced together."""
     names = ["data/skipped_rows", "implicit_acc", "mse/policy_winner", "mse/policy_loser"]
     if objective.requires_reference:
         names += ["mse/ref_winner", "mse/ref_loser", "delta/winner", "delta/loser"]
     names += list(getattr(objective, "metric_names", ()))  # a user's objective may declare none
-    if safeguard:
-        names.append("safeguard/lambda")
-        if safeguard_space in ("parameter", "update"):
-            names.append("safeguard/output_lambda")  # the authors' rule on the same micro-batch, for comparison
-        if safeguard_space == "update":
-            names.append("safeguard/update_infeasible")  # fraction of steps where no lambda met the margin
-    return names
+    return names + list(safeguard_names)
 
 
 def record_metrics(

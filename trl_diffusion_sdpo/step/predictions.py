@@ -8,13 +8,21 @@ own). The reference, when the objective needs one, runs without autograd in the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..families import ModelFamily, NoisedPair, PromptEmbeddings
-from ..objectives import DenoisingErrors, PreferencePredictions, denoising_error
+from ..objectives import (
+    DenoisingErrors,
+    ObjectiveOutput,
+    PreferenceObjective,
+    PreferencePredictions,
+    denoising_error,
+)
+from .safeguard import scale_gradient
 
-__all__ = ["denoising_errors", "predict_pairs"]
+__all__ = ["Evaluation", "denoising_errors", "evaluate_objective", "predict_pairs"]
 
 
 def predict_pairs(
@@ -85,3 +93,29 @@ def denoising_errors(predictions: PreferencePredictions) -> DenoisingErrors:
         errors.reference_winner = denoising_error(predictions.reference_winner, predictions.target_winner)
         errors.reference_loser = denoising_error(predictions.reference_loser, predictions.target_loser)
     return errors
+
+
+@dataclass
+class Evaluation:
+    """A micro-batch's errors and its objective's output on them (``loss`` is the objective's)."""
+
+    errors: DenoisingErrors
+    output: ObjectiveOutput
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.output.loss
+
+
+def evaluate_objective(
+    objective: PreferenceObjective,
+    predictions: PreferencePredictions,
+    pair_scores: torch.Tensor | None = None,
+    loser_scale: torch.Tensor | None = None,
+) -> Evaluation:
+    """errors -> objective: the per-sample errors of ``predictions`` and ``objective`` on them; ``loser_scale`` scales
+    the gradient of the policy loser's error, not its value (the output-space safeguard's ``lambda``)."""
+    errors = denoising_errors(predictions)
+    if loser_scale is not None:
+        errors.policy_loser = scale_gradient(errors.policy_loser, loser_scale)
+    return Evaluation(errors, objective(predictions, errors, pair_scores=pair_scores))

@@ -13,7 +13,7 @@ Memory: two gradient-sized float32 halves by branch. Without accumulation each `
 half (handed over), so the peak is that of the per-branch passes (``.grad`` plus one buffer); with accumulation
 ``A`` is a third.
 By pair: ``2B`` gradients of the trainable weights (LoRA, or full tuning up to a cap; see
-:meth:`~trl_diffusion_sdpo.step.parameter_space.ParameterSpaceBackward.from_config`).
+:func:`~trl_diffusion_sdpo.safeguards.parameter.check_pair_scope_memory`).
 """
 
 from __future__ import annotations

@@ -1,24 +1,27 @@
-"""The parameter-space safeguard's backward stage: ``lambda`` from per-branch gradients, in one pass or two.
+"""The exact rule: ``lambda`` from the parameter gradients of the two branches, or from the optimizer's update.
 
-Replaces the single backward pass of a micro-batch when ``safeguard_space="parameter"``. By default it runs one
-forward and one backward pass over the whole pair batch, like Diffusion-DPO, with each trainable weight's gradient
-split by branch inside it (per-layer taps, :mod:`.layer_taps`; the store is
-:class:`~.one_pass.OnePassBranchGradients`)::
+``safeguard_space="parameter"`` (:class:`ParameterSpace`) chooses ``lambda`` so that
+``<g_w, g_w + lambda h_l> >= mu |g_w|^2`` on the trainable weights' gradients: per micro-batch, per process or for
+the global micro-batch, or per pair with ``safeguard_scope="pair"``. ``safeguard_space="update"``
+(:class:`UpdateSpace`) chooses it so that the optimizer's actual update keeps the winner's error from rising to first
+order (:class:`~trl_diffusion_sdpo.step.update_space.OptimizerUpdate`,
+:func:`~trl_diffusion_sdpo.step.update_space.update_space_lambda`). Each step also records the authors'
+output-space ``lambda`` on the same micro-batch, for comparison.
+
+Both run their backward themselves (:class:`ParameterSpaceBackward`) on the unwrapped denoiser. By default that is
+one forward and one backward pass over the whole pair batch, like Diffusion-DPO, with each trainable weight's gradient
+split by branch inside it (per-layer taps, :mod:`~trl_diffusion_sdpo.gradients.layer_taps`; the store is
+:class:`~trl_diffusion_sdpo.gradients.one_pass.OnePassBranchGradients`)::
 
     predictions (one pass) -> objective on detached predictions (each branch's cotangent)
     -> one backward, weight gradients split by rows: g_w, h_l -> lambda = f(<g_w, g_w>, <g_w, h_l>)
-    -> .grad += g_w + lambda * h_l -> (several processes) the reductions the engine asks for
+    -> .grad += g_w + lambda * h_l -> (several processes) the engine's collectives
 
 Where that cannot run (an engine that shards or owns the gradients, a trainable weight no tap covers, a layer that
 sees rows it cannot group, ``safeguard_passes="two"``) it runs the reference implementation: one forward and one
-backward pass per branch (:mod:`~trl_diffusion_sdpo.engines.branches`), and says once why.
-
-``safeguard_scope="pair"`` splits by image instead: one ``lambda_i`` per pair from that pair's own gradients,
-``.grad += sum_i (g_w,i + lambda_i * h_l,i)`` (one pass only).
-
-With ``update_space=True`` (``safeguard_space="update"``) the same branch gradients feed the update space: ``g_w``
-and ``h_l`` are averaged over processes by the engine, and ``lambda`` is chosen on the optimizer's actual update
-(:class:`~.update_space.OptimizerUpdate`, :func:`~.update_space.update_space_lambda`).
+backward pass per branch (:mod:`~trl_diffusion_sdpo.gradients.per_branch`), and says once why. The per-pair scope
+splits by image instead: one ``lambda_i`` per pair, ``.grad += sum_i (g_w,i + lambda_i * h_l,i)`` (one pass only).
+The reductions over processes are the engine's :class:`~trl_diffusion_sdpo.gradients.collectives.BranchCollectives`.
 """
 
 from __future__ import annotations
@@ -30,15 +33,25 @@ from collections.abc import Callable
 import torch
 
 from ..distributed import all_reduce_sum
-from ..engines import BranchGradients, Engine
-from ..engines.branches import branch_cotangents
+from ..engines import Engine
+from ..gradients import OnePassBranchGradients, PerBranchStore, branch_cotangents, collectives_for
 from ..objectives import PreferencePredictions
-from .one_pass import OnePassBranchGradients
-from .optimizer import trainable_parameters
-from .safeguard import parameter_space_lambda
-from .update_space import OptimizerUpdate, update_space_lambda
+from ..step.optimizer import trainable_parameters
+from ..step.predictions import Evaluation
+from ..step.safeguard import parameter_space_lambda
+from ..step.update_space import OptimizerUpdate, update_space_lambda
+from .base import MicroBatch, Safeguard, StepResult
+from .output import OutputSpaceRule
 
-__all__ = ["SAFEGUARD_PASSES", "ParameterSpaceBackward", "pair_scope_memory_bytes"]
+__all__ = [
+    "PAIR_SCOPE_MAX_FULL_BYTES",
+    "SAFEGUARD_PASSES",
+    "ParameterSpace",
+    "ParameterSpaceBackward",
+    "UpdateSpace",
+    "check_pair_scope_memory",
+    "pair_scope_memory_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,27 +94,22 @@ class ParameterSpaceBackward:
         pair_scope: bool = False,
         passes: str = "one",
     ) -> None:
-        if passes not in SAFEGUARD_PASSES:
-            raise ValueError(f"passes must be one of {SAFEGUARD_PASSES}, got {passes!r}")
-        if pair_scope and (update_space or passes != "one"):
-            raise ValueError(
-                "safeguard_scope='pair' runs in the parameter space with safeguard_passes='one' only: the per-pair "
-                "gradients come from the one-pass split"
-            )
+        # The config's rules (DiffusionSDPOConfig) exclude the pair scope with the update space or two passes.
+        collectives = collectives_for(engine)
         if update_space:
-            engine.check_update_space()
-            global_scope = False  # the engine averages both branches' gradients instead (see _update_space)
+            collectives.check_update_space()
+            global_scope = False  # both branches' gradients are averaged instead (see _update_space_lambda)
         else:
-            engine.check_parameter_space("pair" if pair_scope else "global" if global_scope else "local")
-        if pair_scope and engine.one_pass_reason() is not None:
-            raise ValueError(f"safeguard_scope='pair' needs the one-pass split: {engine.one_pass_reason()}")
-        self.engine = engine
+            collectives.check_parameter_space("pair" if pair_scope else "global" if global_scope else "local")
+        if pair_scope and collectives.one_pass_reason() is not None:
+            raise ValueError(f"safeguard_scope='pair' needs the one-pass split: {collectives.one_pass_reason()}")
+        self.engine, self.collectives = engine, collectives
         self.mu, self.max_lambda = mu, max_lambda
         self.global_scope = global_scope and engine.num_processes > 1
         self.pair_scope = pair_scope
         self.update_space, self.max_grad_norm = update_space, max_grad_norm
         self.passes = passes
-        self.store: BranchGradients | None = None  # the per-branch passes' store, built when they run
+        self.store: PerBranchStore | None = None  # the per-branch passes' store, built when they run
         self.one_pass: OnePassBranchGradients | None = None
         #: why the per-branch passes run instead of one pass (``None``: one pass, or not decided yet)
         self.two_pass_reason: str | None = None
@@ -111,58 +119,29 @@ class ParameterSpaceBackward:
         # the metrics); None before the first micro-batch and in the parameter space.
         self.infeasible: torch.Tensor | None = None
 
-    @classmethod
-    def from_config(
-        cls, engine: Engine, args, *, lora: bool = True, trainable_elements: int = 0
-    ) -> ParameterSpaceBackward | None:
-        """The stage a ``DiffusionSDPOConfig`` asks for: ``safeguard_space`` ``"parameter"`` or ``"update"``
-        (``None`` otherwise: the backward pass stays transformers'). The per-pair scope is refused for full tuning
-        (``lora=False``) whose per-image gradients of ``trainable_elements`` weights would take more than
-        :data:`PAIR_SCOPE_MAX_FULL_BYTES`, with that figure."""
-        if not args.safeguard or args.safeguard_space not in ("parameter", "update"):
-            return None
-        need = pair_scope_memory_bytes(trainable_elements, args.per_device_train_batch_size)
-        if args.safeguard_scope == "pair" and not lora and need > PAIR_SCOPE_MAX_FULL_BYTES:
-            pairs = args.per_device_train_batch_size
-            raise ValueError(
-                f"safeguard_scope='pair' keeps one float32 gradient of the trainable weights per image: 2 x {pairs} x "
-                f"{trainable_elements:,} weights = {need / 2**30:.1f} GiB for full tuning here (SD1.5's UNet at 4 "
-                f"pairs: 25.6 GiB; full tuning is accepted up to {PAIR_SCOPE_MAX_FULL_BYTES / 2**30:g} GiB). Train "
-                "LoRA adapters (peft_config) with it, or use safeguard_scope='local'."
-            )
-        return cls(
-            engine,
-            args.safeguard_mu,
-            args.safeguard_max_lambda,
-            args.safeguard_scope == "global",
-            update_space=args.safeguard_space == "update",
-            max_grad_norm=args.max_grad_norm,
-            pair_scope=args.safeguard_scope == "pair",
-            passes=args.safeguard_passes,
-        )
-
     def __call__(
         self,
         policy: torch.nn.Module,
         predict: Predict,
-        objective_loss: Callable[[PreferencePredictions], torch.Tensor],
+        evaluate: Callable[[PreferencePredictions], Evaluation | torch.Tensor],
         scale: torch.Tensor,
         *,
         contributes: bool = True,
         sync_gradients: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
         pairs: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, PreferencePredictions]:
-        """``(loss, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients (the pair
-        scope: ``lambda`` holds one value per pair).
+    ) -> tuple[Evaluation | torch.Tensor, torch.Tensor, PreferencePredictions]:
+        """``(evaluation, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients (the
+        pair scope: ``lambda`` holds one value per pair).
 
         Args:
             policy: the unwrapped denoiser (the passes bypass DDP's hooks; the engine reduces once).
             predict: the micro-batch's predictions, ``predict(separate_branches)``: one forward pass over both
                 branches (``False``) or one per branch (``True``). It may be called twice (a fallback), and must
                 then predict the same noised pair.
-            objective_loss: the loss of a micro-batch's predictions (errors and objective); it is evaluated on
-                detached copies of the policy's predictions to get each branch's cotangent.
+            evaluate: errors and objective of a micro-batch's predictions (an :class:`~.predictions.Evaluation`, or
+                the loss alone); it is evaluated on detached copies of the policy's predictions to get each branch's
+                cotangent, and returned.
             scale: what a plain backward would multiply the loss by (accumulation average, fp16 loss scale).
             contributes: ``False`` for a replayed micro-batch that joins the other processes' collectives with a
                 zero contribution.
@@ -174,17 +153,17 @@ class ParameterSpaceBackward:
         if not self._decided:
             self._decide(policy)
         if self.one_pass is not None:
-            done = self._one_pass(predict, objective_loss, scale, contributes, sync_gradients, optimizer, pairs)
+            done = self._one_pass(predict, evaluate, scale, contributes, sync_gradients, optimizer, pairs)
             if done is not None:
                 return done
-        return self._two_passes(policy, predict, objective_loss, scale, contributes, sync_gradients, optimizer)
+        return self._two_passes(policy, predict, evaluate, scale, contributes, sync_gradients, optimizer)
 
     # ------------------------------------------------------------------ which passes
 
     def _decide(self, policy: torch.nn.Module) -> None:
         """One pass where the engine, the trainable weights and ``passes`` allow it; else why not, said once."""
         self._decided = True
-        reason = "safeguard_passes='two'" if self.passes == "two" else self.engine.one_pass_reason()
+        reason = "safeguard_passes='two'" if self.passes == "two" else self.collectives.one_pass_reason()
         if reason is None:
             store = OnePassBranchGradients(policy, trainable_parameters(policy))
             if store.uncovered:
@@ -215,7 +194,7 @@ class ParameterSpaceBackward:
 
     # ------------------------------------------------------------------ one pass
 
-    def _one_pass(self, predict, objective_loss, scale, contributes, sync_gradients, optimizer, pairs):
+    def _one_pass(self, predict, evaluate, scale, contributes, sync_gradients, optimizer, pairs):
         store = self.one_pass
         groups = 2 * pairs if self.pair_scope else 2
         if self.pair_scope and pairs is None:
@@ -233,7 +212,7 @@ class ParameterSpaceBackward:
                     + "; ".join(store.failures[:3])
                 )
             if not failed:
-                loss, cot_winner, cot_loser = self._cotangents(predictions, objective_loss, scale, contributes)
+                evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
                 torch.autograd.backward((predictions.policy_winner, predictions.policy_loser), (cot_winner, cot_loser))
         if failed:
             self._fall_back("layers saw rows they could not split by branch: " + "; ".join(store.failures[:3]))
@@ -259,62 +238,65 @@ class ParameterSpaceBackward:
         elif self.update_space:
             lam = self._update_space_lambda(*store.branch_gradients(), optimizer, scale)  # reduced in place
             store.combine(lam)
-            return loss, lam, predictions
+            return evaluation, lam, predictions
         else:
-            winner_sq, cross = store.branch_sums(self.engine.winner_reduction(self.global_scope))
-            winner_sq, cross = self.engine.reduce_branch_sums(winner_sq, cross, self.global_scope)
+            winner_sq, cross = store.branch_sums(self.collectives.winner_reduction(self.global_scope))
+            winner_sq, cross = self.collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
             lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
             store.combine(lam)
-        self.engine.reduce_combined_gradients(store.parameters, sync_gradients)
-        return loss, lam, predictions
+        self.collectives.reduce_combined_gradients(store.parameters, sync_gradients)
+        return evaluation, lam, predictions
 
     @staticmethod
-    def _cotangents(predictions, objective_loss, scale, contributes):
-        """``(loss, scale * dL/dpred_w, scale * dL/dpred_l)``; zeros for a micro-batch that does not contribute."""
+    def _cotangents(predictions, evaluate, scale, contributes):
+        """``(evaluation, scale * dL/dpred_w, scale * dL/dpred_l)``; zeros for a micro-batch that does not
+        contribute."""
 
-        def loss_of(policy_winner: torch.Tensor, policy_loser: torch.Tensor) -> torch.Tensor:
+        def loss_of(policy_winner: torch.Tensor, policy_loser: torch.Tensor) -> Evaluation | torch.Tensor:
             branches = dataclasses.replace(predictions, policy_winner=policy_winner, policy_loser=policy_loser)
-            return objective_loss(branches)
+            return evaluate(branches)
 
-        loss, cot_winner, cot_loser = branch_cotangents(loss_of, predictions.policy_winner, predictions.policy_loser)
+        evaluation, cot_winner, cot_loser = branch_cotangents(
+            loss_of, predictions.policy_winner, predictions.policy_loser
+        )
         if not contributes:
-            return loss, torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
+            return evaluation, torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
         scale = scale.to(cot_winner)
-        return loss, cot_winner * scale, cot_loser * scale
+        return evaluation, cot_winner * scale, cot_loser * scale
 
     # ------------------------------------------------------------------ two passes (the reference implementation)
 
-    def _two_passes(self, policy, predict, objective_loss, scale, contributes, sync_gradients, optimizer):
-        engine = self.engine
+    def _two_passes(self, policy, predict, evaluate, scale, contributes, sync_gradients, optimizer):
+        collectives = self.collectives
         if self.store is None:
-            self.store = engine.branch_gradients(trainable_parameters(policy))
+            self.store = collectives.per_branch_store(trainable_parameters(policy))
         store = self.store
-        accumulated = engine.set_aside_accumulated(policy, store.parameters)
+        accumulated = collectives.set_aside_accumulated(policy, store.parameters)
         predictions = predict(True)
-        loss, cot_winner, cot_loser = self._cotangents(predictions, objective_loss, scale, contributes)
+        evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
         winner_sq = store.backward_winner(
-            predictions.policy_winner, cot_winner, engine.winner_reduction(self.global_scope)
+            predictions.policy_winner, cot_winner, collectives.winner_reduction(self.global_scope)
         )
         cross = store.backward_loser(predictions.policy_loser, cot_loser)
         if self.update_space:
             winner, loser = store.branch_gradients()
             lam = self._update_space_lambda(winner, loser, optimizer, scale)
             store.set_combined(lam, winner, loser)
-            engine.restore_accumulated(store.parameters, accumulated)
-            return loss, lam, predictions
-        winner_sq, cross = engine.reduce_branch_sums(winner_sq, cross, self.global_scope)
+            collectives.restore_accumulated(store.parameters, accumulated)
+            return evaluation, lam, predictions
+        winner_sq, cross = collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
         lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
         store.combine(lam)
-        engine.restore_accumulated(store.parameters, accumulated)
-        engine.reduce_combined_gradients(store.parameters, sync_gradients)
-        return loss, lam, predictions
+        collectives.restore_accumulated(store.parameters, accumulated)
+        collectives.reduce_combined_gradients(store.parameters, sync_gradients)
+        return evaluation, lam, predictions
 
     def _update_space_lambda(self, winner, loser, optimizer, scale: torch.Tensor) -> torch.Tensor:
         """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes in place (what the
         optimizer will see), ``lambda`` from them and the optimizer's state."""
         if optimizer is None:
             raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
-        self.engine.reduce_branch_gradients(winner, loser)
+        self.collectives.reduce_branch_gradients(winner, loser)
         update = OptimizerUpdate(
             optimizer,
             self.one_pass.parameters if self.one_pass is not None else self.store.parameters,
@@ -325,3 +307,76 @@ class ParameterSpaceBackward:
         )
         lam, self.infeasible = update_space_lambda(update, self.mu, self.max_lambda)
         return lam
+
+
+def check_pair_scope_memory(args, *, lora: bool, trainable_elements: int) -> None:
+    """Refuse the per-pair scope for full tuning whose per-image gradients would take more than
+    :data:`~trl_diffusion_sdpo.safeguards.parameter.PAIR_SCOPE_MAX_FULL_BYTES`, stating that figure."""
+    pairs = args.per_device_train_batch_size
+    need = pair_scope_memory_bytes(trainable_elements, pairs)
+    if args.safeguard_scope == "pair" and not lora and need > PAIR_SCOPE_MAX_FULL_BYTES:
+        raise ValueError(
+            f"safeguard_scope='pair' keeps one float32 gradient of the trainable weights per image: 2 x {pairs} x "
+            f"{trainable_elements:,} weights = {need / 2**30:.1f} GiB for full tuning here (SD1.5's UNet at 4 "
+            f"pairs: 25.6 GiB; full tuning is accepted up to {PAIR_SCOPE_MAX_FULL_BYTES / 2**30:g} GiB). Train "
+            "LoRA adapters (peft_config) with it, or use safeguard_scope='local'."
+        )
+
+
+class ParameterSpace(Safeguard):
+    """``safeguard_space="parameter"``: ``lambda`` from ``<g_w, g_w>`` and ``<g_w, h_l>``.
+
+    Args:
+        lora: whether LoRA adapters are trained (the per-pair scope's memory check).
+        trainable_elements: the number of trainable weights (the same check).
+    """
+
+    name = "parameter"
+    metric_names = ("safeguard/lambda", "safeguard/output_lambda")
+    engine_backward = False
+    update_space = False
+
+    def __init__(self, args, engine, *, lora: bool = True, trainable_elements: int = 0) -> None:
+        super().__init__(args, engine)
+        check_pair_scope_memory(args, lora=lora, trainable_elements=trainable_elements)
+        self.backward_stage = ParameterSpaceBackward(
+            engine,
+            args.safeguard_mu,
+            args.safeguard_max_lambda,
+            args.safeguard_scope == "global",
+            update_space=self.update_space,
+            max_grad_norm=args.max_grad_norm,
+            pair_scope=args.safeguard_scope == "pair",
+            passes=args.safeguard_passes,
+        )
+        self.output_rule = OutputSpaceRule(args, engine.num_processes)
+
+    def step(self, batch: MicroBatch) -> StepResult:
+        evaluation, lam, predictions = self.backward_stage(
+            batch.model,
+            batch.predict,
+            batch.evaluate,
+            self.backward_scale(batch, self.engine.accelerator.device),
+            contributes=batch.contributes,
+            sync_gradients=batch.sync_gradients,
+            optimizer=batch.optimizer,
+            pairs=batch.pairs,
+        )
+        # Every process enters this reduction (the global scope), replays included.
+        output_lambda = self.output_rule(predictions, batch.contributes)
+        lambdas = self._lambdas(lam, output_lambda)
+        return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output, lambdas)
+
+    def _lambdas(self, lam: torch.Tensor, output_lambda: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {"safeguard/lambda": lam, "safeguard/output_lambda": output_lambda}
+
+
+class UpdateSpace(ParameterSpace):
+    """``safeguard_space="update"``: ``lambda`` chosen on the optimizer's update of ``g_w + lambda h_l``."""
+
+    name = "update"
+    metric_names = (*ParameterSpace.metric_names, "safeguard/update_infeasible")
+    update_space = True
+
+    def _lambdas(self, lam: torch.Tensor, output_lambda: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {**super()._lambdas(lam, output_lambda), "safeguard/update_infeasible": self.backward_stage.infeasible}

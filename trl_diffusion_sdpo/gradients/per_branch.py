@@ -38,6 +38,7 @@ of every tensor, which the caller adds up over processes to get the exact global
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -87,25 +88,27 @@ class _LoserStream:
 
 
 def branch_cotangents(
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], Any],
     policy_winner: torch.Tensor,
     policy_loser: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, dL/dpred_w, dL/dpred_l)``: the loss evaluated on detached copies of the two branches' predictions.
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """``(value, dL/dpred_w, dL/dpred_l)``: the loss evaluated on detached copies of the two branches' predictions.
 
     ``loss_fn(pred_w, pred_l)`` must build everything that depends on the policy (errors, logits) from its two
-    arguments. The cotangents are cheap (prediction-sized); backpropagating each through its branch gives the
-    per-branch parameter gradients, and their sum is the loss's gradient (chain rule: the loss depends on the
-    weights only through the two predictions).
+    arguments; it returns the loss, or an object whose ``loss`` is it (returned as ``value``; a bare loss detached).
+    The cotangents are cheap (prediction-sized); backpropagating each through its branch gives the per-branch
+    parameter gradients, and their sum is the loss's gradient (chain rule: the loss depends on the weights only
+    through the two predictions).
     """
     winner = policy_winner.detach().requires_grad_(True)
     loser = policy_loser.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = loss_fn(winner, loser)
+        value = loss_fn(winner, loser)
+        loss = value.loss if hasattr(value, "loss") else value
         cot_w, cot_l = torch.autograd.grad(loss, (winner, loser), allow_unused=True)
     cot_w = torch.zeros_like(winner) if cot_w is None else cot_w
     cot_l = torch.zeros_like(loser) if cot_l is None else cot_l
-    return loss.detach(), cot_w, cot_l
+    return value if value is not loss else loss.detach(), cot_w, cot_l
 
 
 class BranchGradientSplitter:

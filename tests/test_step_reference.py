@@ -1,0 +1,71 @@
+"""The training step computes what the stored reference runs computed: ``.grad`` at every optimizer step, every
+logged metric (``lambda`` included) and the trained weights, for every image family's tiny pipeline with the exact
+rule (LoRA and full tuning), for every safeguard setting on SD, and under DDP on two processes.
+
+The runs and how they are recorded: ``tests/step_reference.py``. A restructuring of the step that changes no value
+passes; one that changes a gradient, a ``lambda`` or a metric fails here, naming the run and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from step_reference import STORED, key, run, runs
+
+with open(STORED, encoding="utf-8") as f:
+    REFERENCE = json.load(f)
+
+# float32 on one thread with deterministic kernels: the same computation gives the same bits. The tolerance leaves
+# room for a float32 sum taken in another order (relative 1e-5 of the quantity's scale), nothing more.
+RTOL = 1e-5
+
+
+def assert_close_lists(got: list[float], expected: list[float], what: str) -> None:
+    scale = max(abs(v) for v in expected) or 1.0
+    assert len(got) == len(expected), f"{what}: {len(got)} values, {len(expected)} stored"
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL * scale), f"{what}[{i}]: {a!r} != stored {b!r}"
+
+
+def assert_equal_run(got: dict, expected: dict, name: str) -> None:
+    assert len(got["grads"]) == len(expected["grads"]), f"{name}: optimizer steps differ"
+    for step, (a, b) in enumerate(zip(got["grads"], expected["grads"])):
+        assert_close_lists(a, b, f"{name} .grad at optimizer step {step}")
+    assert len(got["logs"]) == len(expected["logs"]), f"{name}: logged steps differ"
+    for step, (a, b) in enumerate(zip(got["logs"], expected["logs"])):
+        assert a.keys() == b.keys(), f"{name} step {step}: logged {sorted(a.keys() ^ b.keys())} differ"
+        for metric in b:
+            assert_close_lists([a[metric]], [b[metric]], f"{name} step {step} {metric}")
+    assert_close_lists(got["weights"], expected["weights"], f"{name} trained weights")
+
+
+ONE_PROCESS = [spec for spec in runs() if spec[3] == 1]
+TWO_PROCESSES = [spec for spec in runs() if spec[3] == 2]
+
+
+@pytest.mark.parametrize("spec", ONE_PROCESS, ids=[key(*spec) for spec in ONE_PROCESS])
+def test_one_process_runs_equal_the_stored_reference(spec):
+    assert_equal_run(run(*spec), REFERENCE[key(*spec)], key(*spec))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", TWO_PROCESSES, ids=[key(*spec) for spec in TWO_PROCESSES])
+def test_ddp_runs_equal_the_stored_reference(spec):
+    assert_equal_run(run(*spec), REFERENCE[key(*spec)], key(*spec))
+
+
+def test_two_process_parameter_space_run_equals_the_stored_reference():
+    """One DDP run in the default suite (the exact rule's reductions); the others are marked slow."""
+    spec = ("sd", "parameter-global", True, 2)
+    assert_equal_run(run(*spec), REFERENCE[key(*spec)], key(*spec))
+
+
+def test_the_stored_reference_is_sensitive_to_the_safeguard():
+    """The runs differ where their settings do: a step that ignored the safeguard would not pass above."""
+    dpo, output = REFERENCE[key("sd", "dpo", True, 1)], REFERENCE[key("sd", "output", True, 1)]
+    parameter = REFERENCE[key("sd", "parameter", True, 1)]
+    assert dpo["grads"][0] != output["grads"][0] != parameter["grads"][0]
+    assert "safeguard/lambda_mean" not in dpo["logs"][0]
+    assert output["logs"][0]["safeguard/lambda_mean"] != parameter["logs"][0]["safeguard/lambda_mean"]

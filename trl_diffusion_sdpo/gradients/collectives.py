@@ -1,0 +1,247 @@
+"""What the exact safeguard's per-branch gradients need from each engine: which store holds them, what is set aside
+of an accumulation window, and the reductions over processes.
+
+One object per engine, picked by :func:`collectives_for` from the engine's class (register another with
+:func:`register_collectives`); the engine itself keeps placement, saving, loading and resume. The defaults are one
+process's and DDP's: whole weights and gradients on every process, the branches run outside DDP's hooks and the
+combined gradient is averaged once at the end of the accumulation window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..distributed import all_reduce_mean_, all_reduce_sum
+from ..engines import DeepSpeedEngine, Engine, FSDP1Engine, FSDP2Engine, PlainEngine
+from ..engines.deepspeed import engine_loss_scale
+from .base import PerBranchStore
+from .per_branch import BranchGradientSplitter, EngineBranchGradients
+
+__all__ = [
+    "BranchCollectives",
+    "DeepSpeedCollectives",
+    "FSDP1Collectives",
+    "FSDP2Collectives",
+    "collectives_for",
+    "register_collectives",
+]
+
+Reduction = Callable[[list[torch.Tensor]], None]
+
+_REGISTRY: dict[type[Engine], type[BranchCollectives]] = {}
+
+
+def register_collectives(engine_class: type[Engine]):
+    """Class decorator: the collectives of ``engine_class`` (and of its subclasses without their own)."""
+
+    def register(cls: type[BranchCollectives]) -> type[BranchCollectives]:
+        _REGISTRY[engine_class] = cls
+        return cls
+
+    return register
+
+
+def collectives_for(engine: Engine) -> BranchCollectives:
+    """The collectives of ``engine``'s class, or of its nearest registered base class."""
+    for cls in type(engine).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls](engine)
+    raise ValueError(
+        f"the exact safeguard has no collectives for {type(engine).__name__}: register them with "
+        "trl_diffusion_sdpo.gradients.register_collectives, or use safeguard_space='output'"
+    )
+
+
+@register_collectives(PlainEngine)
+class BranchCollectives:
+    """One process, or DDP: the parameter space in every scope, the update space, the one-pass split."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @property
+    def num_processes(self) -> int:
+        return self.engine.num_processes
+
+    # ------------------------------------------------------------------ what can run
+
+    def check_parameter_space(self, scope: str) -> None:
+        """Raise a ValueError naming what to use instead when the parameter space cannot run here in ``scope``
+        (``safeguard_scope``: ``"local"``, ``"global"`` or ``"pair"``)."""
+
+    def check_update_space(self) -> None:
+        """Raise a ValueError naming what to use instead when the update space cannot run here."""
+
+    #: why the branches' gradients cannot be split inside one pass here (``None``: they can)
+    one_pass_refusal: str | None = None
+
+    def one_pass_reason(self) -> str | None:
+        """Why the branches' gradients cannot be split inside one pass here (``None``: they can; the per-branch
+        passes run otherwise)."""
+        return self.one_pass_refusal
+
+    # ------------------------------------------------------------------ the per-branch passes
+
+    def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> PerBranchStore:
+        """The store of the per-branch passes over the trainable ``parameters``."""
+        return BranchGradientSplitter(parameters)
+
+    def set_aside_accumulated(
+        self, policy: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
+    ) -> list[torch.Tensor | None] | None:
+        """Called before a micro-batch's branches: what must be set aside of the gradients accumulated so far
+        (``None``: nothing, the branches add to them in place)."""
+        return None
+
+    def restore_accumulated(
+        self, parameters: Sequence[torch.nn.Parameter], accumulated: list[torch.Tensor | None] | None
+    ) -> None:
+        """Add back what :meth:`set_aside_accumulated` took."""
+        if accumulated is None:
+            return
+        for p, earlier in zip(parameters, accumulated):
+            if earlier is not None:
+                p.grad = earlier if p.grad is None else p.grad.add_(earlier)
+
+    # ------------------------------------------------------------------ reductions
+
+    def winner_reduction(self, global_scope: bool) -> Reduction | None:
+        """What averages the winner's buffered gradient over processes before ``<g_w, g_w>`` (global scope)."""
+        return all_reduce_mean_ if global_scope and self.num_processes > 1 else None
+
+    def reduce_branch_sums(
+        self, winner_sq: torch.Tensor, cross: torch.Tensor, global_scope: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(<g_w, g_w>, <g_w, h_l>)`` over the scope: with the global scope the cross term of the averaged winner
+        gradient with each process's loser gradient is averaged too (the winner's was averaged by
+        :meth:`winner_reduction`)."""
+        if global_scope and self.num_processes > 1:
+            cross = all_reduce_sum(cross) / self.num_processes
+        return winner_sq, cross
+
+    def reduce_branch_gradients(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
+        """The update space: average ``g_w`` and ``h_l`` over processes in place (the optimizer sees their mean);
+        two gradient-sized all-reduces where a plain step has one."""
+        if self.num_processes > 1:
+            all_reduce_mean_(winner)
+            all_reduce_mean_(loser)
+
+    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
+        """After the branches are combined: at the end of the accumulation window (``sync_gradients``), average the
+        gradients over processes once, as DDP's hooks would have (the branches ran outside them)."""
+        if self.num_processes > 1 and sync_gradients:
+            all_reduce_mean_([p.grad if p.grad is not None else p.new_zeros(p.shape) for p in parameters])
+
+
+_SHARDED_UPDATE = (
+    "safeguard_space='update' is not supported under {name}: the optimizer state and gradients are sharded across "
+    "processes, and the update space reads them whole. Use one process or DDP (multi_gpu.yaml) with "
+    "safeguard_space='update', or keep this engine with safeguard_space='parameter' or 'output'."
+)
+
+
+class _ShardedCollectives(BranchCollectives):
+    """An engine that shards the optimizer state: the update space is refused (it would have to reduce
+    ``D(lambda)`` over processes at every evaluation of its search)."""
+
+    def check_update_space(self) -> None:
+        raise ValueError(_SHARDED_UPDATE.format(name=self.engine.name))
+
+
+@register_collectives(DeepSpeedEngine)
+class DeepSpeedCollectives(_ShardedCollectives):
+    """DeepSpeed ZeRO-1/2 keep the weights whole: the engine is the second gradient store
+    (:class:`~.per_branch.EngineBranchGradients`) and reduces every pass it sees. ZeRO-3 partitions the weights, so
+    per-branch gradients are never whole on one process: refused."""
+
+    def check_parameter_space(self, scope: str) -> None:
+        if self.engine.stage == 3:
+            raise ValueError(
+                "safeguard_space='parameter' is not supported under DeepSpeed ZeRO-3: the weights are partitioned, so "
+                "the per-branch gradients are never whole on one process. Use ZeRO-1 or ZeRO-2 "
+                "(examples/accelerate_configs/deepspeed_zero2.yaml), FSDP2 (fsdp2.yaml, safeguard_scope='global') or "
+                "DDP (multi_gpu.yaml) with safeguard_space='parameter', or keep ZeRO-3 with safeguard_space='output' "
+                "(the authors' rule)."
+            )
+
+    one_pass_refusal = (
+        "DeepSpeed owns the gradient partitions and reduces each backward into them; the one-pass split hands "
+        "autograd no weight gradient (not implemented under ZeRO)"
+    )
+
+    def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> EngineBranchGradients:
+        accelerator = self.engine.accelerator
+        engine = accelerator.deepspeed_engine_wrapped.engine
+
+        def engine_backward(scalar: torch.Tensor, boundary: bool | None) -> None:
+            if boundary is None:  # the micro-batch's last pass: accelerate sets the boundary and steps the engine
+                accelerator.backward(scalar, scale_wrt_gas=False)
+            else:
+                engine.set_gradient_accumulation_boundary(boundary)
+                engine.backward(scalar, scale_wrt_gas=False)
+
+        return EngineBranchGradients(parameters, engine_backward, lambda: engine_loss_scale(engine))
+
+    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
+        """Nothing: the engine reduced every pass it saw into its own partitions."""
+
+
+@register_collectives(FSDP2Engine)
+class FSDP2Collectives(_ShardedCollectives):
+    """FSDP2: each branch's backward reduce-scatters its gradient inside autograd, so the parameter space works on
+    each process's gradient shards (hook-free) and its inner products are summed over processes: the global scope
+    is implied. The accumulation window's earlier sum is set aside while the branches run."""
+
+    def check_parameter_space(self, scope: str) -> None:
+        if scope != "global":
+            raise ValueError(
+                "safeguard_space='parameter' under FSDP2 needs safeguard_scope='global': FSDP2 averages each branch's "
+                "gradient over processes inside its backward, so lambda is that of the global micro-batch. Set "
+                "safeguard_scope='global', or use DDP for one lambda per process."
+            )
+
+    one_pass_refusal = (
+        "FSDP2 gathers each weight for its layer and reduce-scatters its gradient inside autograd; the one-pass "
+        "split would hold whole per-branch gradients of gathered weights (not implemented under FSDP2)"
+    )
+
+    def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradientSplitter:
+        return BranchGradientSplitter(parameters, local=True)
+
+    def set_aside_accumulated(
+        self, policy: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
+    ) -> list[torch.Tensor | None]:
+        # Each branch must reach its gradient shards now, not at the end of the accumulation window; the window's
+        # earlier sum is set aside (a 1/N-sized shard) so the branches start from empty gradients.
+        policy.set_requires_gradient_sync(True)
+        accumulated = [p.grad for p in parameters]
+        for p in parameters:
+            p.grad = None
+        return accumulated
+
+    def winner_reduction(self, global_scope: bool) -> None:
+        return None  # already averaged by FSDP2's reduce-scatter
+
+    def reduce_branch_sums(
+        self, winner_sq: torch.Tensor, cross: torch.Tensor, global_scope: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Sums over this process's shards of the already averaged gradients: add them up.
+        winner_sq, cross = all_reduce_sum(torch.stack([winner_sq, cross]))
+        return winner_sq, cross
+
+    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
+        """Nothing: every branch was reduce-scattered inside its backward."""
+
+
+@register_collectives(FSDP1Engine)
+class FSDP1Collectives(_ShardedCollectives):
+    """FSDP1's flattened, sharded gradients cannot be separated per branch: the parameter space is refused."""
+
+    def check_parameter_space(self, scope: str) -> None:
+        raise ValueError(
+            "safeguard_space='parameter' is not supported under FSDP1; use FSDP2 "
+            "(examples/accelerate_configs/fsdp2.yaml), DDP or DeepSpeed ZeRO-1/2, or keep FSDP1 with "
+            "safeguard_space='output'."
+        )

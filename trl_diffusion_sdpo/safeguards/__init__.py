@@ -1,0 +1,49 @@
+"""Safeguards: how a micro-batch's gradient is formed from its winner's and loser's branches, one object per
+``safeguard_space`` behind :class:`Safeguard`, chosen once by :func:`safeguard_for`.
+
+* :class:`DiffusionDPO`: no safeguard (``safeguard=False``), Diffusion-DPO's gradient (:mod:`.output`);
+* :class:`OutputSpace`: the authors' rule on the predictions' residuals (:mod:`.output`);
+* :class:`ParameterSpace`: the exact rule on the parameter gradients, one pass or two, per process, global or per
+  pair (:mod:`.parameter`);
+* :class:`UpdateSpace`: the exact rule on the optimizer's update (:mod:`.parameter`).
+
+To add one, subclass :class:`Safeguard` in a module of this folder and register it in :data:`SAFEGUARDS` under the
+``safeguard_space`` value that selects it (see CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+from ..engines import Engine
+from .base import MicroBatch, Safeguard, StepResult
+from .output import DiffusionDPO, OutputSpace, OutputSpaceRule
+from .parameter import ParameterSpace, UpdateSpace
+
+__all__ = [
+    "SAFEGUARDS",
+    "DiffusionDPO",
+    "MicroBatch",
+    "OutputSpace",
+    "OutputSpaceRule",
+    "ParameterSpace",
+    "Safeguard",
+    "StepResult",
+    "UpdateSpace",
+    "safeguard_for",
+]
+
+#: ``safeguard_space`` -> its safeguard (``"none"``: ``safeguard=False``)
+SAFEGUARDS: dict[str, type[Safeguard]] = {
+    "none": DiffusionDPO,
+    "output": OutputSpace,
+    "parameter": ParameterSpace,
+    "update": UpdateSpace,
+}
+
+
+def safeguard_for(args, engine: Engine, *, lora: bool = True, trainable_elements: int = 0) -> Safeguard:
+    """The safeguard ``args`` asks for, checked against ``engine`` (a ValueError names what to use instead where it
+    cannot run). ``lora`` and ``trainable_elements`` describe the trained weights (the per-pair scope's memory)."""
+    cls = SAFEGUARDS[args.safeguard_space if args.safeguard else "none"]
+    if issubclass(cls, ParameterSpace):
+        return cls(args, engine, lora=lora, trainable_elements=trainable_elements)
+    return cls(args, engine)
