@@ -7,7 +7,7 @@ formats in :mod:`.io`. One micro-batch reads::
 
     batch -> latents -> noised pair -> predictions      (step.pipeline.MicroBatchStages)
     -> errors -> safeguard (output space) -> objective  (step.predictions, step.safeguard, objectives)
-    -> backward: transformers', or one per branch       (step.parameter_space, with the engine)
+    -> backward: transformers', or split by branch      (step.parameter_space, with the engine)
     -> non-finite guard -> metrics                      (step.guard, step.metrics)
 """
 
@@ -25,7 +25,7 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from .config import DiffusionSDPOConfig
+from .config import DiffusionSDPOConfig, check_config
 from .data.scoring import RewardFn
 from .data.stream_guard import StreamGuard
 from .data.training_data import prepare_training_data
@@ -114,6 +114,9 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             args = DiffusionSDPOConfig(output_dir="diffusion-sdpo")
         if not isinstance(args, DiffusionSDPOConfig):
             raise TypeError(f"args must be a DiffusionSDPOConfig, got {type(args).__name__}")
+        # Every rule again, now that the objectives, families and io (imported above) have registered theirs: a
+        # config made before they were imported met only the config layer's own rules.
+        check_config(args)
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
         check_one_device_per_process(args)
@@ -213,7 +216,8 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             empty_prompt=data.empty_prompt,
         )
         self.batches = UsableBatches(self._blank_batch)
-        # safeguard_space "parameter" or "update": one backward pass per branch (None: transformers' backward)
+        # safeguard_space "parameter" or "update": one backward pass with the branches' gradients split inside it, or
+        # one pass per branch (safeguard_passes="two", or where the engine cannot split); None: transformers' backward
         self.parameter_space = ParameterSpaceBackward.from_config(
             self.engine,
             args,
