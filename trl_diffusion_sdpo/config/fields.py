@@ -115,7 +115,7 @@ class DiffusionSDPOConfig(TrainingArguments):
     safeguard_mu: float = field(
         default=0.5,
         metadata={
-            "help": "Safeguard margin `mu` in [0, 1]; larger is more conservative. 0.5 is this package's default, "
+            "help": "Safeguard margin mu in [0, 1]; larger is more conservative. 0.5 is this package's default, "
             "not the authors': in its paired comparison on the CPU demo (benchmarks/results/"
             "safeguard-comparison-cpu.json, summarised in trl_diffusion_sdpo/demo/safeguard_recommendation.json) "
             "the output space with mu 0.5 paid about as much as with 0.9 where Diffusion-DPO's pathology bites and "
