@@ -12,6 +12,8 @@ The package's docstrings use two conventions the site's Google-style parser does
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from typing import Any
 
@@ -90,11 +92,31 @@ def rewrite_docstring(text: str, package: str) -> str:
     return text
 
 
+def _docstring_written_at_import(path: str) -> str | None:
+    """The docstring a class without one in its source is given at import (``DiffusionSDPOConfig``'s, written from
+    its fields' helps), or ``None``; a dataclass's generated signature does not count."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return None
+    doc = vars(cls).get("__doc__")
+    if not isinstance(doc, str) or doc.startswith(f"{name}("):
+        return None
+    return inspect.cleandoc(doc)
+
+
 class HFStyleDocstrings(griffe.Extension):
     """Rewrites every docstring of the loaded package once the object tree is complete."""
 
     def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
-        if obj.is_alias or obj.docstring is None:
+        if obj.is_alias:
+            return
+        if obj.docstring is None and obj.is_class:
+            written = _docstring_written_at_import(obj.path)
+            if written:
+                obj.docstring = griffe.Docstring(written, parent=obj)
+        if obj.docstring is None:
             return
         module = obj.module
         package = module.path if module.is_package else module.path.rsplit(".", 1)[0]

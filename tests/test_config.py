@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import re
+
 import pytest
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.checks import Choice
+from trl_diffusion_sdpo.config import docs, rules
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(DiffusionSDPOConfig) if f.name == name)
 
 
 @pytest.mark.parametrize(
@@ -84,13 +93,26 @@ def test_timesteps_beyond_the_scheduler_are_refused_when_the_trainer_is_built(ma
         make_trainer(**overrides)
 
 
-def test_defaults_follow_the_papers(tmp_path):
+def test_defaults_follow_the_papers_but_the_safeguard_margin(tmp_path):
     config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
     assert config.beta == 5000.0
-    assert config.safeguard and config.safeguard_mu == 0.9 and config.safeguard_max_lambda == 1.0
+    assert config.safeguard and config.safeguard_space == "output" and config.safeguard_max_lambda == 1.0
     assert config.learning_rate == 1e-8 and config.scale_lr
     assert config.max_grad_norm == 1.0 and config.proportion_empty_prompts == 0.2 and config.random_flip
     assert not config.remove_unused_columns
+    # mu: the package's 0.5 (the paired comparison's cheapest insurance), not the authors' per-model values; its help
+    # names theirs and how to get them, and the authors' value is one keyword away
+    assert config.safeguard_mu == 0.5
+    help_text = " ".join(_field("safeguard_mu").metadata["help"].split())
+    for authors in (
+        "0.9 for SD1.5 DPO and DMPO",
+        "0.2 for SD1.5 DSPO",
+        "0.6 for every SDXL run",
+        "set `safeguard_mu`",
+    ):
+        assert authors in help_text
+    assert "safeguard_recommendation.json" in help_text and "safeguard-comparison-cpu.json" in help_text
+    assert DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.9).safeguard_mu == 0.9
 
 
 @pytest.mark.parametrize("batch,accumulation", [(2, 1), (1, 3), (2, 2)])
@@ -135,3 +157,224 @@ def test_a_choice_lists_its_options_in_the_order_given():
     with pytest.raises(ValueError) as info:
         choice.check("form", "sd21")
     assert str(info.value) == "form must be one of ['sd15', 'sdxl', 'flow'], got 'sd21'."
+
+
+# -- one source for each field's documentation ------------------------------------------------------------------------
+
+
+def test_the_docstring_is_each_declared_fields_help_under_one_heading():
+    """Every field the class declares (its own and the TrainingArguments defaults it changes) is documented once, in
+    the docstring, by its help text, under one ``> Parameters ...`` heading, with its type and default."""
+    doc = " ".join(DiffusionSDPOConfig.__doc__.split())
+    declared = list(vars(DiffusionSDPOConfig)["__annotations__"])
+    assert len(declared) > 60
+    headings = re.findall(r"^> (.+)$", DiffusionSDPOConfig.__doc__, flags=re.MULTILINE)
+    assert headings == list(docs.GROUPS) and "Parameters that control the safeguard" in headings
+    for name in declared:
+        field = _field(name)
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        help_text = " ".join(field.metadata["help"].split())
+        entries = [m.start() for m in re.finditer(rf"(?<!\w){name} \(`", doc)]
+        assert len(entries) == 1, name  # one entry, found under exactly one heading
+        start = entries[0]
+        stated = re.match(rf"{name} \(`[^)]*`, \*optional\*, defaults to `([^`]*)`\): ", doc[start:])
+        assert stated and ast.literal_eval(stated[1]) == getattr(default, "value", default), name
+        assert doc[start + stated.end() :].startswith(help_text), name  # the entry's text is the help itself
+    owner = {name: heading for heading, (_, names) in docs.GROUPS.items() for name in names}
+    assert owner["safeguard_mu"] == "Parameters that control the safeguard"
+    assert owner["learning_rate"] == "Defaults changed from `TrainingArguments`"
+
+
+def test_a_field_no_heading_lists_fails_the_import_of_its_class():
+    @dataclasses.dataclass
+    class Extended(DiffusionSDPOConfig):
+        new_weight: float = dataclasses.field(default=1.0, metadata={"help": "A weight."})
+
+    with pytest.raises(TypeError, match=r"must list each field of Extended once: not listed \['new_weight'\]"):
+        docs.config_docstring(Extended, "Summary.")
+    assert "beta (`float`, *optional*, defaults to `5000.0`):" in docs.config_docstring(DiffusionSDPOConfig, "S.")
+
+
+def test_no_help_says_the_parameter_space_runs_a_pass_per_branch_by_default():
+    """The parameter space's default is one forward and backward pass with the branches' gradients split inside it
+    (safeguard_passes='one'); two passes only with 'two' or where the engine cannot split."""
+    space = " ".join(_field("safeguard_space").metadata["help"].split())
+    assert "by default one forward and one backward pass with the branches' gradients split inside it" in space
+    doc = " ".join(DiffusionSDPOConfig.__doc__.split())
+    per_branch = [sentence for sentence in doc.split(". ") if re.search(r"pass(es)? per branch", sentence)]
+    assert per_branch and all("`two`" in sentence for sentence in per_branch), per_branch
+    assert _field("safeguard_passes").default == "one"
+
+
+def test_the_objectives_and_options_the_help_names_are_the_registered_ones():
+    """The config imports no objective, so ``--help``'s lists are the config's: they must match the owners'."""
+    from trl_diffusion_sdpo.families import inversion
+    from trl_diffusion_sdpo.objectives import DSPO_FORMS, OBJECTIVES
+
+    assert rules.DSPO_FORM_CHOICES == DSPO_FORMS and _field("dspo_form").metadata["choices"] == list(DSPO_FORMS)
+    assert (rules.NOISING_MODES, rules.INVERSION_NETWORKS) == (inversion.NOISING_MODES, inversion.INVERSION_NETWORKS)
+    loss_help = _field("loss_type").metadata["help"]
+    assert [name for name in OBJECTIVES if f"`{name}`" not in loss_help] == []
+
+
+# -- the rules over several fields: one table -------------------------------------------------------------------------
+
+# (overrides breaking one rule, its message): every rule of rules.CROSS_FIELD_RULES, then the objectives' two
+CROSS_FIELD_CASES = [
+    ({"resolution": 36}, r"resolution must be a positive multiple of 8 \(the VAE downsamples by 8\), got 36"),
+    ({"min_timestep": 500, "max_timestep": 400}, r"max_timestep \(400\) must be larger than min_timestep \(500\)"),
+    ({"cache_latents": True, "random_crop": True}, "cache_latents=True cannot be combined with random_crop=True"),
+    ({"remove_unused_columns": True}, "remove_unused_columns=True would drop the image columns"),
+    (
+        {"safeguard_space": "update", "gradient_accumulation_steps": 2},
+        "safeguard_space='update' needs gradient_accumulation_steps=1",
+    ),
+    ({"safeguard_scope": "pair"}, "safeguard_scope='pair' .* needs safeguard_space='parameter', got 'output'"),
+    (
+        {"safeguard_scope": "pair", "safeguard_space": "parameter", "safeguard_passes": "two"},
+        "safeguard_scope='pair' needs safeguard_passes='one'",
+    ),
+    ({"validation_prompts": []}, "validation_prompts must hold at least one prompt"),
+    (
+        {"validation_prompts": ["a"], "validation_source_images": ["x.png", "y.png"]},
+        "validation_source_images holds 2 images for 1 validation_prompts",
+    ),
+]
+OBJECTIVE_CASES = [
+    ({"loss_type": "sft"}, "loss_type='sft' trains on the winners only: .* Set safeguard=False."),
+    (
+        {"loss_type": "mapo", "noising": "inversion", "inversion_network": "reference"},
+        "inversion_network='reference' needs a reference model, and loss_type='mapo' uses none",
+    ),
+]
+
+
+def test_every_rule_of_the_table_has_a_case():
+    assert len(CROSS_FIELD_CASES) == len(rules.CROSS_FIELD_RULES)
+    for rule, (overrides, _) in zip(rules.CROSS_FIELD_RULES, CROSS_FIELD_CASES):
+        assert set(overrides) <= set(rule.fields) | {"validation_prompts", "safeguard_space"}, rule.fields
+
+
+@pytest.mark.parametrize(("overrides", "message"), CROSS_FIELD_CASES + OBJECTIVE_CASES)
+def test_a_config_breaking_a_rule_over_several_fields_is_refused_when_made(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"safeguard": False, "safeguard_space": "update", "gradient_accumulation_steps": 2},
+        {"safeguard": False, "safeguard_scope": "pair"},
+        {"safeguard": False, "loss_type": "sft"},
+        {"loss_type": "mapo", "noising": "inversion", "inversion_network": "policy"},
+    ],
+)
+def test_the_safeguards_rules_bind_only_with_the_safeguard_on(tmp_path, overrides):
+    DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
+
+
+@pytest.mark.parametrize(("overrides", "message"), CROSS_FIELD_CASES)
+def test_the_table_is_the_only_place_that_checks_these_rules(tmp_path, monkeypatch, overrides, message):
+    """With the table emptied each of its rules' configs is accepted: no second copy of the rule in the config."""
+    monkeypatch.setattr(rules, "CROSS_FIELD_RULES", ())
+    if "resolution" in overrides:  # the field's own range still holds; the multiple of 8 is the table's
+        assert rules.FIELD_RULES["resolution"].check("resolution", overrides["resolution"]) == 36
+    DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
+
+
+# -- the checks the layers above register ---------------------------------------------------------------------------
+
+# values only the checks that objectives, flow families and preemption register refuse
+REGISTERED_CASES = [
+    ({"dmpo_alpha": 1.0}, r"dmpo_alpha must lie in \(0, 1\), got 1.0"),
+    ({"flow_shift": "dynamic"}, r"flow_shift must be one of \['scheduler', 'resolution', 'none'\] or None"),
+    ({"preemption_signals": ["SIGKILL"]}, "preemption_signals: SIGKILL cannot be caught"),
+    *OBJECTIVE_CASES,
+]
+
+
+def test_the_objectives_flow_families_and_preemption_register_their_checks():
+    import trl_diffusion_sdpo.families.flow  # noqa: F401
+    import trl_diffusion_sdpo.io.preemption  # noqa: F401
+    import trl_diffusion_sdpo.objectives  # noqa: F401
+
+    owners = set(rules.registered_config_checks())
+    assert {
+        "trl_diffusion_sdpo.objectives.base",
+        "trl_diffusion_sdpo.families.flow",
+        "trl_diffusion_sdpo.io.preemption",
+    } <= owners
+    before = rules.registered_config_checks()
+    rules.register_config_check("trl_diffusion_sdpo.families.flow", before["trl_diffusion_sdpo.families.flow"])
+    assert rules.registered_config_checks() == before  # registering again (a reload) replaces, never adds
+
+
+@pytest.mark.parametrize(("overrides", "message"), REGISTERED_CASES)
+def test_a_config_made_before_its_owners_registered_is_refused_when_the_trainer_is_built(
+    make_config, make_pipeline, pickapic_dataset, monkeypatch, overrides, message
+):
+    """Made when no layer had registered a check (as after importing the config alone), the config is accepted; the
+    trainer runs every check again and refuses it with the message the config gives once they are registered."""
+    from conftest import lora_config
+
+    from trl_diffusion_sdpo import DiffusionSDPOTrainer
+
+    with pytest.raises(ValueError, match=message):
+        make_config(**overrides)
+    with monkeypatch.context() as hidden:
+        hidden.setattr(rules, "_REGISTERED", {})
+        config = make_config(**overrides)
+    with pytest.raises(ValueError, match=message):
+        DiffusionSDPOTrainer(make_pipeline(), args=config, train_dataset=pickapic_dataset, peft_config=lora_config())
+
+
+def test_the_config_alone_imports_no_layer_above_it_and_still_checks_its_own_fields():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from trl_diffusion_sdpo.config import DiffusionSDPOConfig, registered_config_checks\n"
+        "try:\n"
+        "    DiffusionSDPOConfig(output_dir='unused', use_cpu=True, safeguard_scope='pair')\n"
+        "except ValueError as err:\n"
+        "    print('refused:', err)\n"
+        "print(registered_config_checks())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('trl_diffusion_sdpo.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    refused, checks, modules = done.stdout.strip().splitlines()[-3:]
+    assert refused.startswith("refused: safeguard_scope='pair' chooses one lambda per pair")
+    assert checks == "{}"
+    assert eval(modules) == [  # noqa: S307  (our own output)
+        "trl_diffusion_sdpo._lazy",
+        "trl_diffusion_sdpo.checks",
+        "trl_diffusion_sdpo.config",
+        "trl_diffusion_sdpo.config.docs",
+        "trl_diffusion_sdpo.config.fields",
+        "trl_diffusion_sdpo.config.rules",
+    ]
+
+
+@pytest.mark.parametrize(("flags", "message"), [(["--beta", "-1"], "beta must be positive, got -1.0")])
+def test_the_train_command_refuses_an_objectives_field_before_loading_anything(tmp_path, flags, message):
+    """In a fresh interpreter (nothing registered before the command runs) the command line still refuses a value
+    an objective owns as a bad flag, before it looks for the model (no --model_name_or_path is given)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "trl_diffusion_sdpo", "train", *flags, "--output_dir", str(tmp_path), "--use_cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"trl-diffusion-sdpo train: error: {message}")

@@ -343,13 +343,17 @@ def test_where_the_exact_safeguard_runs_is_what_the_engines_allow() -> None:
     from trl_diffusion_sdpo.engines.deepspeed import DeepSpeedEngine
     from trl_diffusion_sdpo.engines.fsdp import FSDP1Engine, FSDP2Engine
     from trl_diffusion_sdpo.engines.plain import PlainEngine
+    from trl_diffusion_sdpo.gradients import collectives_for
+
+    def of(cls: type, **attributes):  # what the exact safeguard asks of an engine: its collectives
+        return collectives_for(_engine(cls, **attributes))
 
     engines = {
-        "one process, DDP": [_engine(PlainEngine)],
-        "DeepSpeed ZeRO-1/2": [_engine(DeepSpeedEngine, stage=1), _engine(DeepSpeedEngine, stage=2)],
-        "DeepSpeed ZeRO-3": [_engine(DeepSpeedEngine, stage=3)],
-        "FSDP2": [_engine(FSDP2Engine)],
-        "FSDP1": [_engine(FSDP1Engine)],
+        "one process, DDP": [of(PlainEngine)],
+        "DeepSpeed ZeRO-1/2": [of(DeepSpeedEngine, stage=1), of(DeepSpeedEngine, stage=2)],
+        "DeepSpeed ZeRO-3": [of(DeepSpeedEngine, stage=3)],
+        "FSDP2": [of(FSDP2Engine)],
+        "FSDP1": [of(FSDP1Engine)],
     }
     table = _engines_table()
     assert set(table) == set(engines), sorted(table)

@@ -27,7 +27,7 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from .config import DiffusionSDPOConfig
+from .config import DiffusionSDPOConfig, check_config
 from .data.scoring import RewardFn
 from .data.stream_guard import StreamGuard
 from .data.training_data import prepare_training_data
@@ -115,6 +115,9 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             args = DiffusionSDPOConfig(output_dir="diffusion-sdpo")
         if not isinstance(args, DiffusionSDPOConfig):
             raise TypeError(f"args must be a DiffusionSDPOConfig, got {type(args).__name__}")
+        # Every rule again, now that the objectives, families and io (imported above) have registered theirs: a
+        # config made before they were imported met only the config layer's own rules.
+        check_config(args)
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
         check_one_device_per_process(args)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..checks import Choice, Range
+from ..config.rules import register_config_check
 from ..objectives import objective_class, registered_objectives
 from .base import ModelFamily, PromptEmbeddings
 from .inversion import FlowInversionNoiser, inversion_settings
@@ -55,6 +56,7 @@ __all__ = [
     "FlowMatchingFamily",
     "FlowNoiser",
     "FlowTimestepSampling",
+    "check_flow_config",
     "flow_noised_pair",
     "resolution_shift",
     "shift_sigmas",
@@ -64,6 +66,16 @@ logger = logging.getLogger(__name__)
 
 FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
 FLOW_SHIFTS = ("scheduler", "resolution", "none")
+
+
+def check_flow_config(config: Any) -> None:
+    """The config's flow fields name options of these tables (``None``: the family's default); registered with the
+    config, which imports no family, so a bad name fails when the config is made and when the trainer is built."""
+    Choice(FLOW_WEIGHTING_SCHEMES, optional=True).check("flow_weighting_scheme", config.flow_weighting_scheme)
+    Choice(FLOW_SHIFTS, optional=True).check("flow_shift", config.flow_shift)
+
+
+register_config_check(__name__, check_flow_config)
 
 # A beta from this value up is on the scale of the UNet recipes (Diffusion-DPO: 2000-5000 for SD1.5/SDXL; DMPO:
 # 2000-6000), an order of magnitude above the flow anchors (100 on per-sample mean velocity errors). The objectives

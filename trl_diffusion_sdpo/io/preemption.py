@@ -28,6 +28,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..config.rules import register_config_check
+
 if TYPE_CHECKING:
     from transformers import Trainer
 
@@ -81,6 +83,11 @@ def parse_signals(names: Sequence[str] | None) -> list[signal.Signals]:
             raise ValueError(f"preemption_signals: {sig.name} cannot be caught; use SIGTERM or SIGUSR1")
         found.append(sig)
     return found
+
+
+# The config imports nothing of io: its preemption_signals are checked here, when the config is made once this
+# module is imported and when the trainer is built.
+register_config_check(__name__, lambda config: parse_signals(config.preemption_signals))
 
 
 class PreemptionCallback(TrainerCallback):

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..checks import Choice, Range
+from ..config.rules import register_config_check
 
 __all__ = [
     "DenoisingErrors",
@@ -263,11 +264,26 @@ def check_objective_config(config: Any) -> None:
     """Check the objective fields of ``config`` by the objectives that own them, the chosen ``loss_type`` first.
 
     Every registered objective's fields are checked, not just the chosen one's, so a bad value fails when the config
-    is made whatever ``loss_type`` is, rather than later when someone switches to the objective that reads it.
+    is made whatever ``loss_type`` is, rather than later when someone switches to the objective that reads it. Then
+    what the chosen objective lacks: a loser for the safeguard to scale, a reference to invert with.
     """
     chosen = objective_class(config.loss_type)
     for cls in (chosen, *(c for c in _REGISTRY.values() if c is not chosen)):
         cls(**_values_from(cls, config))
+    if config.safeguard and not chosen.uses_loser:
+        raise ValueError(
+            f"loss_type={config.loss_type!r} trains on the winners only: there is no loser gradient for the "
+            "safeguard to scale. Set safeguard=False."
+        )
+    if config.inverts and config.inversion_network == "reference" and not chosen.requires_reference:
+        raise ValueError(
+            f"inversion_network='reference' needs a reference model, and loss_type={config.loss_type!r} uses "
+            "none; set inversion_network='policy' (as SmPO does) or noising='forward'."
+        )
+
+
+# Run by every DiffusionSDPOConfig made from now on, and by the trainer (the config layer imports no objective).
+register_config_check(__name__, check_objective_config)
 
 
 def _values_from(cls: type[PreferenceObjective], config: Any, **given: Any) -> dict[str, Any]:

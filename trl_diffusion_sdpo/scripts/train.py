@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from ..config import DiffusionSDPOConfig
+from ..config import DiffusionSDPOConfig, check_config
 
 if TYPE_CHECKING:
     import torch
@@ -171,7 +171,16 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
     """``parser.parse_args_and_config(argv)``; a value the argument classes refuse (a config field's check) ends the
     command as argparse ends it on a bad flag: the message and the usage on stderr, exit status 2, no traceback."""
     try:
-        return parser.parse_args_and_config(argv)
+        parsed = parser.parse_args_and_config(argv)
+        # The objectives', flow families' and preemption's checks of the config, registered when these are imported
+        # (the config imports none of them; --help, which exits above, must not load them): before any model loads.
+        from ..families import flow  # noqa: F401  (imports the objectives too)
+        from ..io import preemption  # noqa: F401
+
+        for args in parsed:
+            if isinstance(args, DiffusionSDPOConfig):
+                check_config(args)
+        return parsed
     except ValueError as err:
         parser.error(str(err))
 

@@ -1,8 +1,10 @@
 """Stages 3 and 4 of the step: the policy's and the reference's predictions on a noised pair, and their errors.
 
 The policy predicts either in one forward pass over winners and losers together (the output-space safeguard and
-plain objectives) or in one pass per branch (the parameter-space safeguard, which backpropagates each branch on its
-own). The reference, when the objective needs one, runs without autograd in the same shape of passes.
+plain objectives, and the parameter-space safeguard by default) or in one pass per branch (the parameter-space
+safeguard with ``safeguard_passes="two"`` or where the engine cannot split the gradients in one pass, which
+backpropagates each branch on its own). The reference, when the objective needs one, runs without autograd in the
+same shape of passes.
 """
 
 from __future__ import annotations

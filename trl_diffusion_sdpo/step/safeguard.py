@@ -20,8 +20,9 @@ Two ways to evaluate it, one detached ``lambda`` per micro-batch either way:
   with ``eps = 1e-9 * N^2 / 4``: the authors add 1e-9 to the dot products of the gradients of the per-branch MEAN
   errors (``2 r / N``), which is this in residual-sum units.
 * ``"parameter"`` space, exact: ``g_w`` and ``g_l`` are the gradients, over the trainable weights, of the loss's
-  winner and loser terms, from one backward pass per branch (:func:`parameter_space_lambda`,
-  :func:`safeguarded_gradients`; the streaming implementation is in :mod:`.branches`).
+  winner and loser terms, from one backward pass with the branches' gradients split inside it (the default), or one
+  per branch with ``safeguard_passes="two"`` (:func:`parameter_space_lambda`, :func:`safeguarded_gradients`; the
+  streaming implementation is in :mod:`.branches`).
 
 Everything here is a pure function over tensors; sums are taken in float32 whatever the input dtype, because fp16
 sums of squared residuals over a whole micro-batch overflow.

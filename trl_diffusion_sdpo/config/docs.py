@@ -1,0 +1,170 @@
+""":class:`~.fields.DiffusionSDPOConfig`'s docstring, written at import from its fields: each field's
+``metadata["help"]`` is its documentation (``--help`` shows the same text), grouped under TRL-style
+``> Parameters that control ...`` headings by ``GROUPS``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+from typing import Any
+
+__all__ = ["GROUPS", "config_docstring"]
+
+WIDTH = 119  # the package's line length
+
+# heading -> (what the heading adds, the fields under it in order). Every field the config class declares (its own
+# and the TrainingArguments defaults it changes) is under exactly one heading: config_docstring checks.
+GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Parameters that control the objective": (
+        "Each objective reads the fields below that it declares, by name, and owns their rules (its class in "
+        "`trl_diffusion_sdpo/objectives/`); every objective field is checked whatever `loss_type`: when the config "
+        "is made once `trl_diffusion_sdpo.objectives` is imported (the trainer and `trl-diffusion-sdpo train` "
+        "import it), and again when the trainer is built.",
+        (
+            "beta",
+            "loss_type",
+            "dmpo_alpha",
+            "dspo_form",
+            "mapo_beta",
+            "mapo_snr_value",
+            "smpo_gamma",
+            "score_0_column",
+            "score_1_column",
+            "smpo_score_min",
+            "smpo_score_max",
+        ),
+    ),
+    "Parameters that control the safeguard": (
+        "",
+        (
+            "safeguard",
+            "safeguard_mu",
+            "safeguard_max_lambda",
+            "safeguard_space",
+            "safeguard_scope",
+            "safeguard_passes",
+        ),
+    ),
+    "Parameters that control the data": (
+        "",
+        (
+            "resolution",
+            "random_crop",
+            "random_flip",
+            "independent_augmentation",
+            "num_frames",
+            "frame_stride",
+            "fixed_time_ids",
+            "proportion_empty_prompts",
+            "min_timestep",
+            "max_timestep",
+            "noising",
+            "inversion_steps",
+            "inversion_renoise",
+            "inversion_network",
+            "caption_column",
+            "image_0_column",
+            "image_1_column",
+            "label_0_column",
+            "prompt_column",
+            "chosen_column",
+            "rejected_column",
+            "source_image_column",
+            "source_images_column",
+            "skip_invalid_rows",
+            "dataset_num_proc",
+            "cache_latents",
+            "latent_cache_dir",
+        ),
+    ),
+    "Parameters of the flow-matching families (SD3 / SD3.5, FLUX.1 and the other transformers)": (
+        "",
+        (
+            "flow_weighting_scheme",
+            "flow_logit_mean",
+            "flow_logit_std",
+            "flow_mode_scale",
+            "flow_shift",
+            "max_sequence_length",
+            "flux_guidance_scale",
+        ),
+    ),
+    "Parameters that control robustness": ("", ("on_nonfinite_loss", "preemption_signals")),
+    "Parameters that control evaluation": (
+        "",
+        (
+            "eval_seed",
+            "validation_prompts",
+            "validation_seeds",
+            "validation_steps",
+            "validation_num_inference_steps",
+            "validation_guidance_scale",
+            "validation_scorers",
+            "validation_source_images",
+        ),
+    ),
+    "Defaults changed from `TrainingArguments`": (
+        'When several processes run on a machine without CUDA, `ddp_backend` becomes `"gloo"` and `use_cpu` '
+        "`True` (outside DeepSpeed); otherwise accelerate would run each process as a lone one, or disagree with "
+        "DeepSpeed about the number of processes.",
+        (
+            "scale_lr",
+            "learning_rate",
+            "lr_scheduler_type",
+            "warmup_steps",
+            "max_grad_norm",
+            "weight_decay",
+            "logging_steps",
+            "remove_unused_columns",
+            "logging_nan_inf_filter",
+        ),
+    ),
+}
+
+
+def config_docstring(cls: type, summary: str) -> str:
+    """``summary``, then for each heading of ``GROUPS`` its text and an entry per field,
+    ``name (`type`, *optional*, defaults to `value`):`` over the field's help. A field ``cls`` declares that no
+    heading lists, or a listed name that is no field, raises ``TypeError`` (so the class cannot be imported)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    declared = list(vars(cls).get("__annotations__", {}))
+    listed = [name for _, names in GROUPS.values() for name in names]
+    unlisted = [name for name in declared if name not in listed]
+    unknown = [name for name in listed if name not in fields]
+    repeated = sorted({name for name in listed if listed.count(name) > 1})
+    if unlisted or unknown or repeated:
+        raise TypeError(
+            f"config.docs.GROUPS must list each field of {cls.__name__} once: not listed {unlisted}, not a field "
+            f"{unknown}, listed twice {repeated}"
+        )
+    lines = [*summary.strip("\n").splitlines()]
+    for heading, (text, names) in GROUPS.items():
+        lines += ["", f"> {heading}", ""]
+        if text:
+            lines += [*textwrap.wrap(text, WIDTH), ""]
+        for name in names:
+            lines.append(_entry_heading(fields[name]))
+            lines += textwrap.wrap(
+                " ".join(fields[name].metadata["help"].split()),
+                WIDTH,
+                initial_indent="    ",
+                subsequent_indent="    ",
+                break_on_hyphens=False,
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _entry_heading(field: dataclasses.Field) -> str:
+    """``name (`float`, *optional*, defaults to `5000.0`):``; ``str | None`` as ```str` or `None```."""
+    kinds = " or ".join(f"`{kind.strip()}`" for kind in str(field.type).split("|"))
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return f"{field.name} ({kinds}, *optional*, defaults to `{_literal(default)}`):"
+
+
+def _literal(value: Any) -> str:
+    """``value`` as Python reads it back, strings in double quotes as the Hugging Face docs write them."""
+    value = getattr(value, "value", value)  # an enum (lr_scheduler_type): its value
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return json.dumps(value)
+    return repr(value)

@@ -1,0 +1,211 @@
+"""The rules of :class:`~.fields.DiffusionSDPOConfig`'s values, in three tables checked in this order:
+
+- ``FIELD_RULES``: one field's range or options (:class:`~trl_diffusion_sdpo.checks.Range`,
+  :class:`~trl_diffusion_sdpo.checks.Choice`);
+- ``CROSS_FIELD_RULES``: what a field's range cannot say (several fields together, or a multiple of 8);
+- the checks the layers above register (:func:`register_config_check`): the objectives own ``loss_type``, their
+  fields and what an objective lacks (a loser, a reference); the flow families own their noise-level names; the
+  checkpointing owns the preemption signals. The config imports none of them (it is the bottom layer), so their
+  checks run when the config is made once they are imported (the trainer and ``trl-diffusion-sdpo train`` import
+  them before they make or read a config), and :func:`check_config` runs them all again when the trainer is built.
+
+Each rule raises a ``ValueError`` naming the field, the value and what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..checks import Choice, Range
+
+__all__ = [
+    "CROSS_FIELD_RULES",
+    "DSPO_FORM_CHOICES",
+    "FIELD_RULES",
+    "INVERSION_NETWORKS",
+    "NOISING_MODES",
+    "NONFINITE_ACTIONS",
+    "SAFEGUARD_PASSES",
+    "SAFEGUARD_SCOPES",
+    "SAFEGUARD_SPACES",
+    "CrossFieldRule",
+    "check_config",
+    "register_config_check",
+    "registered_config_checks",
+]
+
+# The options of the config's choice fields: the fields' ``choices`` (what ``--help`` lists) and their checks.
+SAFEGUARD_SPACES = ("output", "parameter", "update")
+SAFEGUARD_SCOPES = ("local", "global", "pair")
+SAFEGUARD_PASSES = ("one", "two")
+NONFINITE_ACTIONS = ("skip", "raise")
+# Kept equal to families.inversion's NOISING_MODES / INVERSION_NETWORKS and objectives.dspo's DSPO_FORMS (tests
+# check): ``--help`` lists them, and the config imports no family or objective. The objective checks dspo_form.
+NOISING_MODES = ("forward", "inversion")
+INVERSION_NETWORKS = ("policy", "reference")
+DSPO_FORM_CHOICES = ("sd15", "sdxl")
+
+FIELD_RULES: dict[str, Range | Choice] = {
+    # the safeguard
+    "safeguard_space": Choice(SAFEGUARD_SPACES),
+    "safeguard_scope": Choice(SAFEGUARD_SCOPES),
+    "safeguard_passes": Choice(SAFEGUARD_PASSES),
+    "safeguard_mu": Range(0, 1, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL."),
+    "safeguard_max_lambda": Range(0, low_open=True, hint="The authors use 1.0."),
+    # the data
+    "resolution": Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
+    "num_frames": Range(1, integer=True, optional=True, hint="Wan needs 4k + 1 frames (81, 33, 17, ...)."),
+    "frame_stride": Range(1, integer=True),
+    "proportion_empty_prompts": Range(0, 1, hint="The authors drop 0.2 of the prompts."),
+    "min_timestep": Range(0, integer=True),
+    "max_timestep": Range(1, integer=True, optional=True, hint="None uses the scheduler's num_train_timesteps."),
+    "noising": Choice(NOISING_MODES, optional=True),
+    "inversion_steps": Range(1, integer=True, optional=True, hint="SmPO: 5 for SD1.5, 10 for SDXL."),
+    "inversion_renoise": Range(1, integer=True, hint="SmPO evaluates twice per step (ReNoise)."),
+    "inversion_network": Choice(INVERSION_NETWORKS),
+    "dataset_num_proc": Range(1, integer=True, optional=True),
+    # the flow-matching families
+    "flow_logit_std": Range(0, low_open=True),
+    "max_sequence_length": Range(1, integer=True, optional=True, hint="None uses the family's default."),
+    # evaluation and validation
+    "eval_seed": Range(0, integer=True),
+    "validation_steps": Range(0, integer=True),
+    "validation_num_inference_steps": Range(1, integer=True),
+    "validation_guidance_scale": Range(optional=True, hint="None uses the family's guidance (8.5 for SD and SDXL)."),
+    # TrainingArguments fields that fail late (inside torch, or as NaN weights) when wrong
+    "learning_rate": Range(0, hint="The authors use 1e-8 per pair with scale_lr; LoRA typically 1e-5 to 1e-4."),
+    "weight_decay": Range(0, hint="The SDPO authors use 0.01."),
+    "adam_beta1": Range(0, 1, high_open=True),
+    "adam_beta2": Range(0, 1, high_open=True),
+    "adam_epsilon": Range(0, low_open=True),
+    "max_grad_norm": Range(hint="0 or less turns clipping off; the authors clip at 1.0."),
+    "warmup_steps": Range(0),
+    "num_train_epochs": Range(0),
+    "max_steps": Range(hint="-1 trains for num_train_epochs.", integer=True),
+    "per_device_train_batch_size": Range(1, integer=True),
+    "per_device_eval_batch_size": Range(1, integer=True),
+    "gradient_accumulation_steps": Range(1, integer=True),
+    "seed": Range(0, integer=True),
+    # robustness
+    "on_nonfinite_loss": Choice(NONFINITE_ACTIONS),
+}
+
+
+@dataclass(frozen=True)
+class CrossFieldRule:
+    """A rule over the values of ``fields`` together: ``broken(config)`` is true when they break it, and
+    ``message(config)`` then says why and what to change. Checked after every field's own rule has passed."""
+
+    fields: tuple[str, ...]
+    broken: Callable[[Any], bool]
+    message: Callable[[Any], str]
+
+    def check(self, config: Any) -> None:
+        if self.broken(config):
+            raise ValueError(self.message(config))
+
+
+def _safeguarded(config: Any, space: str | None = None, scope: str | None = None) -> bool:
+    """The safeguard is on (in ``space`` and with ``scope`` where given): a safeguard field is read only then."""
+    return (
+        bool(config.safeguard) and space in (None, config.safeguard_space) and scope in (None, config.safeguard_scope)
+    )
+
+
+CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        ("resolution",),
+        lambda c: c.resolution % 8 != 0,
+        lambda c: f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {c.resolution}",
+    ),
+    CrossFieldRule(
+        ("min_timestep", "max_timestep"),
+        lambda c: c.max_timestep is not None and c.max_timestep <= c.min_timestep,
+        lambda c: f"max_timestep ({c.max_timestep}) must be larger than min_timestep ({c.min_timestep})",
+    ),
+    CrossFieldRule(
+        ("cache_latents", "random_crop"),
+        lambda c: c.cache_latents and c.random_crop,
+        lambda c: (
+            "cache_latents=True cannot be combined with random_crop=True: each step would need a new crop of the "
+            "pixels, which cached latents no longer hold. Use the center crop (random_crop=False), crop the "
+            "images before training, or set cache_latents=False."
+        ),
+    ),
+    CrossFieldRule(
+        ("remove_unused_columns",),
+        lambda c: c.remove_unused_columns,
+        lambda c: "remove_unused_columns=True would drop the image columns; leave it False",
+    ),
+    CrossFieldRule(
+        ("safeguard", "safeguard_space", "gradient_accumulation_steps"),
+        lambda c: _safeguarded(c, space="update") and c.gradient_accumulation_steps != 1,
+        lambda c: (
+            "safeguard_space='update' needs gradient_accumulation_steps=1: lambda is chosen on the optimizer's "
+            "update, which depends on the whole accumulated gradient, known only at the last micro-batch. "
+            "Raise per_device_train_batch_size instead, or use safeguard_space='parameter'."
+        ),
+    ),
+    CrossFieldRule(
+        ("safeguard", "safeguard_scope", "safeguard_space"),
+        lambda c: _safeguarded(c, scope="pair") and c.safeguard_space != "parameter",
+        lambda c: (
+            f"safeguard_scope='pair' chooses one lambda per pair from that pair's parameter gradients: it needs "
+            f"safeguard_space='parameter', got {c.safeguard_space!r}"
+        ),
+    ),
+    CrossFieldRule(
+        ("safeguard", "safeguard_scope", "safeguard_passes"),
+        lambda c: _safeguarded(c, scope="pair") and c.safeguard_passes != "one",
+        lambda c: "safeguard_scope='pair' needs safeguard_passes='one': its per-pair gradients come from it",
+    ),
+    CrossFieldRule(
+        ("validation_prompts",),
+        lambda c: c.validation_prompts is not None and not c.validation_prompts,
+        lambda c: "validation_prompts must hold at least one prompt, or be None to turn validation off",
+    ),
+    CrossFieldRule(
+        ("validation_source_images", "validation_prompts"),
+        lambda c: (
+            c.validation_source_images is not None
+            and len(c.validation_source_images) != len(c.validation_prompts or [])
+        ),
+        lambda c: (
+            f"validation_source_images holds {len(c.validation_source_images)} images for "
+            f"{len(c.validation_prompts or [])} validation_prompts: give one source image per prompt"
+        ),
+    ),
+)
+
+# owner (the module that registered it) -> its check of a whole config.
+_REGISTERED: dict[str, Callable[[Any], None]] = {}
+
+
+def register_config_check(owner: str, check: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Register ``check(config)``, a layer's own rules of the config's fields (raising ``ValueError``), run by every
+    config made from now on and by :func:`check_config`. ``owner`` (the registering module's ``__name__``) keys it,
+    so a module imported twice (a reload) replaces its check instead of adding a second one. Returns ``check``."""
+    _REGISTERED[owner] = check
+    return check
+
+
+def registered_config_checks() -> dict[str, Callable[[Any], None]]:
+    """The registered checks by owner, in registration order (a copy)."""
+    return dict(_REGISTERED)
+
+
+def check_config(config: Any) -> None:
+    """Every rule of ``config``: each field's own (``FIELD_RULES``), then the rules over several fields
+    (``CROSS_FIELD_RULES``), then the checks registered by the layers that own fields (objectives, families, ...).
+
+    The config runs this when it is made; the trainer runs it again when it is built, by which time every layer
+    that reads the config has been imported and has registered its check.
+    """
+    for name, rule in FIELD_RULES.items():
+        rule.check(name, getattr(config, name))
+    for cross_rule in CROSS_FIELD_RULES:
+        cross_rule.check(config)
+    for check in tuple(_REGISTERED.values()):
+        check(config)
