@@ -69,3 +69,39 @@ def test_the_stored_reference_is_sensitive_to_the_safeguard():
     assert dpo["grads"][0] != output["grads"][0] != parameter["grads"][0]
     assert "safeguard/lambda_mean" not in dpo["logs"][0]
     assert output["logs"][0]["safeguard/lambda_mean"] != parameter["logs"][0]["safeguard/lambda_mean"]
+
+
+def _fails_against_the_reference(spec) -> bool:
+    try:
+        assert_equal_run(run(*spec), REFERENCE[key(*spec)], key(*spec))
+    except AssertionError:
+        return True
+    return False
+
+
+def test_a_safeguard_that_never_scales_the_loser_is_caught(monkeypatch):
+    from trl_diffusion_sdpo.safeguards import OutputSpace
+    from trl_diffusion_sdpo.safeguards.base import StepResult
+
+    def unscaled(self, batch):
+        predictions = batch.predict(False)
+        lam = self.rule(predictions, batch.contributes)
+        evaluation = batch.evaluate(predictions)  # planted: lambda computed and logged, never applied
+        self.backward(evaluation.loss, batch)
+        return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output, {"safeguard/lambda": lam})
+
+    monkeypatch.setattr(OutputSpace, "step", unscaled)
+    assert _fails_against_the_reference(("sd", "output", True, 1))
+
+
+def test_a_store_that_swaps_the_branches_is_caught(monkeypatch):
+    from trl_diffusion_sdpo.gradients import OnePassBranchGradients
+
+    combine = OnePassBranchGradients.combine
+
+    def swapped(self, lam):
+        self._flat[[0, 1]] = self._flat[[1, 0]]  # planted: the loser's rows taken for the winner's
+        combine(self, lam)
+
+    monkeypatch.setattr(OnePassBranchGradients, "combine", swapped)
+    assert _fails_against_the_reference(("sd", "parameter", True, 1))
