@@ -240,44 +240,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         self.engine.check_validation_sampling()
         from .evaluation import ValidationCallback  # evaluation's scorers are heavy: imported when used
 
-        self.add_callback(
-            ValidationCallback(
-                prompts=args.validation_prompts,
-                seeds=args.validation_seeds,
-                num_inference_steps=args.validation_num_inference_steps,
-                guidance_scale=(
-                    self.family.sampling_guidance_scale()
-                    if args.validation_guidance_scale is None
-                    else args.validation_guidance_scale
-                ),
-                every_n_steps=args.validation_steps,
-                scorers=args.validation_scorers or None,
-                height=args.resolution,
-                width=args.resolution,
-                trainer=self,
-                sources=self._validation_sources(args),
-            )
-        )
-
-    def _validation_sources(self, args) -> list | None:
-        """``validation_source_images`` decoded now (a bad file fails here, naming it, not at the first grid), for an
-        editing family only."""
-        if args.validation_source_images is None:
-            return None
-        if not self.family.edits:
-            raise ValueError(
-                f"validation_source_images is for editing families; {self.family.name} generates from prompts alone: "
-                "leave it unset"
-            )
-        from .data.transforms import load_image
-
-        images = []
-        for index, path in enumerate(args.validation_source_images):
-            try:
-                images.append(load_image(path))
-            except Exception as err:  # PIL raises many types for a corrupt or missing file
-                raise ValueError(f"validation_source_images[{index}] ({path!r}) cannot be read: {err}") from None
-        return images
+        self.add_callback(ValidationCallback.from_config(args, self.family, trainer=self))
 
     def _policy(self) -> torch.nn.Module:
         """The trained denoiser, unwrapped from DDP or an engine."""

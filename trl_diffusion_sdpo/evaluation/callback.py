@@ -27,7 +27,7 @@ from .compare import image_grid
 from .generation import GenerationSettings, sample_images
 from .scorers.base import Scorer, build_scorer
 
-__all__ = ["ValidationCallback"]
+__all__ = ["ValidationCallback", "validation_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,24 @@ class ValidationCallback(TrainerCallback):
             compute dtype, trainable weights in float32), else none; None never autocasts.
         batch_size: images per pipeline call.
     """
+
+    @classmethod
+    def from_config(cls, args, family, trainer=None) -> ValidationCallback:
+        """The callback a ``DiffusionSDPOConfig``'s ``validation_*`` fields ask for, sampling ``family``'s pipeline
+        (its own guidance scale unless ``validation_guidance_scale`` is set) at the training resolution."""
+        guidance = args.validation_guidance_scale
+        return cls(
+            prompts=args.validation_prompts,
+            seeds=args.validation_seeds,
+            num_inference_steps=args.validation_num_inference_steps,
+            guidance_scale=family.sampling_guidance_scale() if guidance is None else guidance,
+            every_n_steps=args.validation_steps,
+            scorers=args.validation_scorers or None,
+            height=args.resolution,
+            width=args.resolution,
+            trainer=trainer,
+            sources=validation_sources(args.validation_source_images, family),
+        )
 
     def __init__(
         self,
@@ -324,3 +342,24 @@ def _report_to(args) -> list[str]:
         if "all" not in report_to
         else ["tensorboard", "wandb", "trackio", "mlflow"]
     )
+
+
+def validation_sources(paths: Sequence[str] | None, family) -> list[Image.Image] | None:
+    """``validation_source_images`` decoded now (a bad file fails here, naming it, not at the first grid), for an
+    editing family only."""
+    if paths is None:
+        return None
+    if not family.edits:
+        raise ValueError(
+            f"validation_source_images is for editing families; {family.name} generates from prompts alone: "
+            "leave it unset"
+        )
+    from ..data.transforms import load_image
+
+    images = []
+    for index, path in enumerate(paths):
+        try:
+            images.append(load_image(path))
+        except Exception as err:  # PIL raises many types for a corrupt or missing file
+            raise ValueError(f"validation_source_images[{index}] ({path!r}) cannot be read: {err}") from None
+    return images
