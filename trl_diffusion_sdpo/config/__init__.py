@@ -12,42 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import lazy_attributes
+from .rules import *  # noqa: F403  (the rules import nothing heavy)
+from .rules import __all__ as _RULES
 
-if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+if TYPE_CHECKING:  # the eager import, for type checkers and IDEs only
     from .fields import DiffusionSDPOConfig
-    from .rules import (
-        CROSS_FIELD_RULES,
-        DSPO_FORM_CHOICES,
-        FIELD_RULES,
-        INVERSION_NETWORKS,
-        NOISING_MODES,
-        NONFINITE_ACTIONS,
-        SAFEGUARD_PASSES,
-        SAFEGUARD_SCOPES,
-        SAFEGUARD_SPACES,
-        CrossFieldRule,
-        check_config,
-        register_config_check,
-        registered_config_checks,
-    )
 
-__all__ = [
-    "CROSS_FIELD_RULES",
-    "DSPO_FORM_CHOICES",
-    "FIELD_RULES",
-    "INVERSION_NETWORKS",
-    "NOISING_MODES",
-    "NONFINITE_ACTIONS",
-    "SAFEGUARD_PASSES",
-    "SAFEGUARD_SCOPES",
-    "SAFEGUARD_SPACES",
-    "CrossFieldRule",
-    "DiffusionSDPOConfig",
-    "check_config",
-    "register_config_check",
-    "registered_config_checks",
-]
+__all__ = [*_RULES, "DiffusionSDPOConfig"]
 
-# Public name -> the submodule that defines it, imported when the name is first used.
-_EXPORTS = {name: ".fields" if name == "DiffusionSDPOConfig" else ".rules" for name in __all__}
-__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
+# DiffusionSDPOConfig (over transformers.TrainingArguments) is imported when first used.
+__getattr__, __dir__ = lazy_attributes(__name__, {"DiffusionSDPOConfig": ".fields"}, globals())

@@ -156,6 +156,11 @@ class DeepSpeedCollectives(_ShardedCollectives):
     (:class:`~.per_branch.EngineBranchGradients`) and reduces every pass it sees. ZeRO-3 partitions the weights, so
     per-branch gradients are never whole on one process: refused."""
 
+    one_pass_refusal = (
+        "DeepSpeed owns the gradient partitions and reduces each backward into them; the one-pass split hands "
+        "autograd no weight gradient (not implemented under ZeRO)"
+    )
+
     def check_parameter_space(self, scope: str) -> None:
         if self.engine.stage == 3:
             raise ValueError(
@@ -165,11 +170,6 @@ class DeepSpeedCollectives(_ShardedCollectives):
                 "DDP (multi_gpu.yaml) with safeguard_space='parameter', or keep ZeRO-3 with safeguard_space='output' "
                 "(the authors' rule)."
             )
-
-    one_pass_refusal = (
-        "DeepSpeed owns the gradient partitions and reduces each backward into them; the one-pass split hands "
-        "autograd no weight gradient (not implemented under ZeRO)"
-    )
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> EngineBranchGradients:
         accelerator = self.engine.accelerator
@@ -194,6 +194,11 @@ class FSDP2Collectives(_ShardedCollectives):
     each process's gradient shards (hook-free) and its inner products are summed over processes: the global scope
     is implied. The accumulation window's earlier sum is set aside while the branches run."""
 
+    one_pass_refusal = (
+        "FSDP2 gathers each weight for its layer and reduce-scatters its gradient inside autograd; the one-pass "
+        "split would hold whole per-branch gradients of gathered weights (not implemented under FSDP2)"
+    )
+
     def check_parameter_space(self, scope: str) -> None:
         if scope != "global":
             raise ValueError(
@@ -201,11 +206,6 @@ class FSDP2Collectives(_ShardedCollectives):
                 "gradient over processes inside its backward, so lambda is that of the global micro-batch. Set "
                 "safeguard_scope='global', or use DDP for one lambda per process."
             )
-
-    one_pass_refusal = (
-        "FSDP2 gathers each weight for its layer and reduce-scatters its gradient inside autograd; the one-pass "
-        "split would hold whole per-branch gradients of gathered weights (not implemented under FSDP2)"
-    )
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradientSplitter:
         return BranchGradientSplitter(parameters, local=True)
