@@ -200,15 +200,20 @@ def test_the_tuned_pipeline_samples_in_place(name, precision, tuning, make_confi
 
 def test_a_float32_vae_takes_half_precision_inputs_and_computes_in_float32(make_config, tmp_path) -> None:
     """The VAE kept in float32 decodes bf16 latents as it decodes the same latents given in float32 (its computation
-    stays float32: the cast is of the input only), and it encodes a bf16 image as the float32 image."""
+    stays float32: the cast is of the input only), also under a bf16 autocast (a validation grid's), and it encodes
+    a bf16 image as the float32 image."""
     trainer, pipe = trained_pipeline("sdxl", "bf16", True, make_config, tmp_path)
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     decoded = pipe.vae.decode(latents).sample
     assert decoded.dtype == torch.float32
     torch.testing.assert_close(decoded, pipe.vae.decode(latents.float()).sample, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = pipe.vae.decode(latents).sample
+        assert torch.is_autocast_enabled("cpu")  # on again after the VAE
+    torch.testing.assert_close(under_autocast, decoded, rtol=0, atol=0)
     image = (torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(torch.bfloat16)
     mode = pipe.vae.encode(image).latent_dist.mode()
     torch.testing.assert_close(mode, pipe.vae.encode(image.float()).latent_dist.mode(), rtol=0, atol=0)
     # placing the modules again (a second trainer on the same pipeline) adds no second cast
     DiffusionSDPOTrainer(pipe, args=trainer.args_as_given, train_dataset=pairs(CASES["sdxl"]))
-    assert all(len(child._forward_pre_hooks) == 1 for child in pipe.vae.children())
+    assert all(len(child._forward_pre_hooks) == len(child._forward_hooks) == 1 for child in pipe.vae.children())

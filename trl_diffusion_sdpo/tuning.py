@@ -148,30 +148,50 @@ def place_frozen_modules(family: ModelFamily, device: torch.device | str, dtype:
             cast_inputs_to_own_dtype(module)
 
 
-def _inputs_in_own_dtype(
+# The autocast switched off by _enter_own_dtype, per module call in progress, until _leave_own_dtype restores it.
+_AUTOCAST_OFF: dict[int, list[torch.autocast]] = {}
+
+
+def _enter_own_dtype(
     module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
 ) -> tuple[tuple[object, ...], dict[str, object]]:
-    """Forward pre-hook: floating-point tensor arguments in the dtype of ``module``'s first floating parameter."""
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
-    if dtype is None:
+    """Forward pre-hook: an enclosing autocast off, and floating-point tensor arguments in the dtype of ``module``'s
+    first floating parameter."""
+    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if parameter is None:
         return args, kwargs
+    context = torch.autocast(parameter.device.type, enabled=False)
+    context.__enter__()
+    _AUTOCAST_OFF.setdefault(id(module), []).append(context)
 
     def cast(value: object) -> object:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
-            return value.to(dtype)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != parameter.dtype:
+            return value.to(parameter.dtype)
         return value
 
     return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
+def _leave_own_dtype(module: torch.nn.Module, args: object, kwargs: object, output: object) -> None:
+    """Forward hook, called even when the forward raises: the autocast :func:`_enter_own_dtype` switched off is on."""
+    contexts = _AUTOCAST_OFF.get(id(module))
+    if contexts:
+        contexts.pop().__exit__(None, None, None)
+        if not contexts:
+            del _AUTOCAST_OFF[id(module)]
+
+
 def cast_inputs_to_own_dtype(module: torch.nn.Module) -> None:
-    """Make each direct child of ``module`` (a VAE's encoder, decoder and quant convs) cast floating-point inputs to
-    its own dtype, as SDXL's pipeline casts the latents when it upcasts its VAE (``latents.to(post_quant_conv
-    dtype)``). On the children, not on ``forward``: pipelines call ``vae.encode`` and ``vae.decode``. Once per
-    child, however often the module is placed."""
+    """Make each direct child of ``module`` (a VAE's encoder, decoder and quant convs) compute in its own dtype,
+    whatever it is given and under whatever autocast: floating-point inputs are cast to it, as SDXL's pipeline casts
+    the latents when it upcasts its VAE (``latents.to(post_quant_conv dtype)``), and an enclosing autocast is off, as
+    in :meth:`~.families.ModelFamily.encode_images` (a validation grid samples under one; the SDXL VAE overflows in
+    fp16). On the children, not on ``forward``: pipelines call ``vae.encode`` and ``vae.decode``. Once per child,
+    however often the module is placed."""
     for child in module.children():
-        if _inputs_in_own_dtype not in child._forward_pre_hooks.values():
-            child.register_forward_pre_hook(_inputs_in_own_dtype, with_kwargs=True)
+        if _enter_own_dtype not in child._forward_pre_hooks.values():
+            child.register_forward_pre_hook(_enter_own_dtype, with_kwargs=True)
+            child.register_forward_hook(_leave_own_dtype, with_kwargs=True, always_call=True)
 
 
 class MixedPrecisionForward:
