@@ -173,7 +173,7 @@ def _enter_own_dtype(
 
 
 def _leave_own_dtype(module: torch.nn.Module, args: object, kwargs: object, output: object) -> None:
-    """Forward hook, called even when the forward raises: the autocast :func:`_enter_own_dtype` switched off is on."""
+    """Forward hook, called even when the forward raises: restores the autocast :func:`_enter_own_dtype` turned off."""
     contexts = _AUTOCAST_OFF.get(id(module))
     if contexts:
         contexts.pop().__exit__(None, None, None)
