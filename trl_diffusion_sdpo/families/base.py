@@ -32,6 +32,7 @@ Diffusers' pipeline modules are imported where they are used, never here: import
 from __future__ import annotations
 
 import abc
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from .noising import Noiser
 
 __all__ = ["ModelFamily", "PromptEmbeddings", "PromptTokenizer", "scale_latents"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,6 +122,11 @@ class ModelFamily(abc.ABC):
     # Whether the sources are optional: the same pipeline also generates from the prompt alone, and the data decides
     # (FLUX.2's reference images: a dataset with a source column trains editing, one without it text-to-image).
     sources_optional: ClassVar[bool] = False
+    # Editing: the side of the square at which :meth:`encode_sources` encodes the sources; None: as the data gives them
+    # (resized and center-cropped at the training resolution). Set from the config by :meth:`configure_sources`.
+    source_resolution: int | None = None
+    # Editing: how to sample with sources of the training size, for the warning of :meth:`configure_sources`.
+    same_source_size_hint: ClassVar[str] = ""
     # Whether the prompt's encoding reads the source images too (a vision-language encoder): the collator then hands
     # them to the tokenizer, and prompt dropout, whose empty prompt has no image, is refused.
     prompt_reads_sources: ClassVar[bool] = False
@@ -242,11 +250,74 @@ class ModelFamily(abc.ABC):
     def encode_sources(self, source_pixels: torch.Tensor) -> torch.Tensor:
         """An editing family's source latents ``[B, S, C, h, w]`` of ``source_pixels [B, S, 3, H, W]`` in [-1, 1]:
         the VAE posterior's mode, scaled into the denoiser's latent space, as the editing pipelines encode their
-        input image (``sample_mode="argmax"``): the conditioning is deterministic, only the targets are sampled."""
+        input image (``sample_mode="argmax"``): the conditioning is deterministic, only the targets are sampled.
+        With :attr:`source_resolution` set the pixels are resized to that square first."""
         batch, sources = source_pixels.shape[:2]
-        posterior = self._posterior(source_pixels.flatten(0, 1))
+        pixels = source_pixels.flatten(0, 1)
+        size = self.source_resolution
+        if size is not None and tuple(pixels.shape[-2:]) != (size, size):
+            # From the training crop (the data resizes a pair's images alike): bicubic, antialiased when shrinking.
+            pixels = torch.nn.functional.interpolate(
+                pixels.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True
+            ).clamp(-1, 1)
+        posterior = self._posterior(pixels)
         latents = scale_latents(posterior.mode(), self.latents_config())
         return latents.reshape(batch, sources, *latents.shape[1:])
+
+    def pipeline_source_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` at which the family's pipeline, called with its defaults, hands a ``width x height``
+        source image to its VAE; by default the image's own size."""
+        return width, height
+
+    def source_multiple(self) -> int:
+        """What a source's side must be a multiple of: the VAE's downsampling (a flow family: times its patch)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def configure_sources(self, args: Any) -> None:
+        """Take ``source_resolution`` from the config ``args`` (None where the config has no such field), refusing a
+        value that cannot apply, and warn when the sources are encoded at another size than the one the pipeline
+        encodes a source of the training size at by default: the model would be tuned on source latents (their token
+        count, their positions) it does not see at sampling.
+
+        Editing families only; called from the family's :meth:`noiser`, with the config's other checks."""
+        value = getattr(args, "source_resolution", None)
+        if value is not None:
+            if not self.edits:
+                raise ValueError(f"source_resolution is for editing families; {self.name} has no source images")
+            multiple = self.source_multiple()
+            if value <= 0 or value % multiple != 0:
+                raise ValueError(f"source_resolution must be a positive multiple of {multiple} for {self.name}")
+            if getattr(args, "cache_latents", False):
+                raise ValueError(
+                    "source_resolution cannot be combined with cache_latents=True: the latent cache stores the "
+                    "sources at the training resolution. Set one of them."
+                )
+        self.source_resolution = value
+        if not self.edits:
+            return
+        resolution = args.resolution
+        trained = value or resolution
+        width, height = self.pipeline_source_size(resolution, resolution)
+        if (width, height) == (trained, trained):
+            return
+        multiple = self.source_multiple()
+        logger.warning(
+            "%s encodes each source at %dx%d pixels (%d tokens), but %s, called with its defaults, encodes a %dx%d "
+            "source at %dx%d (%d tokens): the model is tuned on source latents it will not see at sampling. Set "
+            "source_resolution=%d to train on the pipeline's size%s.",
+            self.name,
+            trained,
+            trained,
+            (trained // multiple) ** 2,
+            type(self.pipeline).__name__,
+            resolution,
+            resolution,
+            width,
+            height,
+            (width // multiple) * (height // multiple),
+            max(width, height),
+            f", or {self.same_source_size_hint.format(size=trained)}" if self.same_source_size_hint else "",
+        )
 
     def _posterior(self, pixel_values: torch.Tensor):
         vae = self.vae

@@ -320,6 +320,7 @@ class FlowMatchingFamily(ModelFamily):
                 f"resolution must be a multiple of {multiple} for {self.name} (the transformer takes "
                 f"{self.latent_patch_size}x{self.latent_patch_size} latent patches), got {args.resolution}"
             )
+        self.configure_sources(args)
         sampling = FlowTimestepSampling(
             weighting_scheme=args.flow_weighting_scheme or self.default_weighting_scheme,
             logit_mean=args.flow_logit_mean,
@@ -344,6 +345,10 @@ class FlowMatchingFamily(ModelFamily):
     def spatial_compression(self) -> int:
         """Pixels per latent along each spatial axis (the VAE's downsampling factor)."""
         return self.pipeline.vae_scale_factor
+
+    def source_multiple(self) -> int:
+        """A source's side is a whole number of the transformer's latent patches."""
+        return self.latent_patch_size * self.spatial_compression
 
     def training_scheduler_config(self):
         """The ``FlowMatchEulerDiscreteScheduler`` config whose sigma table the noiser draws from: the pipeline's."""

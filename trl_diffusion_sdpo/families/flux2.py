@@ -43,6 +43,7 @@ Followed: diffusers' ``Flux2Pipeline`` (``pipelines/flux2/pipeline_flux2.py``) a
 from __future__ import annotations
 
 import inspect
+import math
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -174,6 +175,15 @@ class Flux2Family(FlowMatchingFamily):
         return super().noiser(args)
 
     # -------------------------------------------------------------------------------------------------- the text
+
+    def pipeline_source_size(self, width: int, height: int) -> tuple[int, int]:
+        """As ``Flux2Pipeline.__call__`` sizes a reference image: its own size, scaled down to 1024^2 pixels where it
+        has more (``_resize_to_target_area``), rounded down to the latent patch."""
+        if width * height > 1024 * 1024:
+            scale = math.sqrt(1024 * 1024 / (width * height))
+            width, height = int(width * scale), int(height * scale)
+        multiple = self.pipeline.vae_scale_factor * 2
+        return width // multiple * multiple, height // multiple * multiple
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {"vae": self.pipeline.vae, "text_encoder": self.pipeline.text_encoder}

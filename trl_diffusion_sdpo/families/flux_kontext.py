@@ -15,6 +15,11 @@ Kontext section of diffusers' FLUX LoRA example (``examples/dreambooth/README_fl
   (``noise_pred[:, : latents.size(1)]``) and is unpacked.
 * Noise levels: FLUX.1's, with the resolution shift of the target's tokens (the pipeline's ``image_seq_len`` is the
   target's sequence length, before the source is appended).
+* Source size: the pipeline, called with its defaults (``_auto_resize=True``), resizes its input image to the
+  ``PREFERRED_KONTEXT_RESOLUTIONS`` entry nearest its aspect ratio (1024x1024 for a square): about 1024^2 pixels,
+  4096 source tokens, whatever the training resolution. Training encodes the source at the training resolution
+  unless ``source_resolution`` says otherwise, and warns at start where the two differ
+  (:meth:`~.base.ModelFamily.configure_sources`).
 """
 
 from __future__ import annotations
@@ -41,12 +46,26 @@ class FluxKontextFamily(FluxFamily):
     default_guidance_scale = 1.0
     default_learning_rate = 1e-4
     learning_rate_source = "diffusers' FLUX.1 Kontext LoRA example (examples/dreambooth/README_flux.md, 1e-4)"
+    same_source_size_hint = "call FluxKontextPipeline with the source at {size}x{size} and _auto_resize=False"
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
         """A FLUX transformer in a ``FluxKontextPipeline`` (or a subclass): its components are FLUX.1's, so the
         pipeline's class is what tells the editing pipeline apart."""
         return super(FluxFamily, cls).matches(pipeline) and pipeline_is(pipeline, "FluxKontextPipeline")
+
+    def pipeline_source_size(self, width: int, height: int) -> tuple[int, int]:
+        """As ``FluxKontextPipeline.__call__`` with ``_auto_resize=True`` sizes its input image: the preferred Kontext
+        resolution nearest the aspect ratio of the image (its size rounded down to the VAE's factor), rounded down to
+        the latent patch."""
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+        from PIL import Image
+
+        height, width = self.pipeline.image_processor.get_default_height_width(Image.new("RGB", (width, height)))
+        aspect_ratio = width / height
+        _, width, height = min((abs(aspect_ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        multiple = self.source_multiple()
+        return width // multiple * multiple, height // multiple * multiple
 
     def denoiser_conditioning(
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None

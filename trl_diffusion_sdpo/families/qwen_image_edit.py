@@ -23,8 +23,10 @@ Followed: diffusers' ``QwenImageEditPipeline`` and ``QwenImageEditPlusPipeline``
 
 What differs from the pipelines, because training batches square crops at one resolution ``R``:
 
-* the sources reach the VAE at ``R x R``, centre-cropped as the edited images; the pipelines encode them at about
-  1024^2 pixels at their own aspect ratio (the same for a square source when ``R = 1024``);
+* the sources reach the VAE at ``R x R``, centre-cropped as the edited images, or at ``source_resolution``; the
+  pipelines encode them at about 1024^2 pixels at their own aspect ratio (the same for a square source when
+  ``R = 1024``), and have no setting that keeps another size: training warns at start where the sizes differ
+  (:meth:`~.base.ModelFamily.configure_sources`);
 * the vision encoder sees the same central square of each source, resized to the pipeline's condition size for a
   square; the pipelines resize the whole source at its aspect ratio.
 """
@@ -46,6 +48,8 @@ __all__ = ["QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageEditPromp
 # pixels (for the VAE too); QwenImageEditPlusPipeline to CONDITION_IMAGE_SIZE, 384^2 (and to 1024^2 for the VAE).
 _EDIT_CONDITION_AREA = 1024 * 1024
 _PLUS_CONDITION_AREA = 384 * 384
+# The pixel area of the image the VAE encodes, in both pipelines (Plus: VAE_IMAGE_SIZE).
+_VAE_AREA = 1024 * 1024
 # QwenImageEditPlusPipeline._get_qwen_prompt_embeds labels each image so in the user turn.
 _PLUS_IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 
@@ -181,6 +185,14 @@ class QwenImageEditFamily(QwenImageFamily):
             )
 
     # ------------------------------------------------------------------------------------------ the text and images
+
+    def pipeline_source_size(self, width: int, height: int) -> tuple[int, int]:
+        """As the edit pipelines size the image their VAE encodes: ``calculate_dimensions(1024 * 1024, width /
+        height)`` (Plus: its ``VAE_IMAGE_SIZE``, the same area), sides rounded to 32."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+        width, height = calculate_dimensions(_VAE_AREA, width / height)[:2]
+        return int(width), int(height)
 
     @property
     def condition_size(self) -> tuple[int, int]:

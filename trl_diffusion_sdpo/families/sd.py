@@ -35,6 +35,7 @@ class StableDiffusionFamily(ModelFamily):
 
     def noiser(self, args: Any) -> DDPMNoiser | DDIMInversionNoiser:
         """DDPM forward noising, or DDIM ReNoise inversion on top of it (``noising``, see :mod:`.inversion`)."""
+        self.configure_sources(args)  # refuses source_resolution: no sources
         noiser = DDPMNoiser.from_config(self.pipeline.scheduler, args)
         settings = inversion_settings(args, self.default_inversion_steps)
         if settings is None:
