@@ -50,6 +50,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
         "",
         (
             "resolution",
+            "source_resolution",
             "random_crop",
             "random_flip",
             "independent_augmentation",

@@ -176,6 +176,15 @@ class DiffusionSDPOConfig(TrainingArguments):
             "square (a multiple of 8)."
         },
     )
+    source_resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Editing: the side of the square each source image is encoded at (a multiple of the family's "
+            "latent patch: 16 for FLUX.1 Kontext and Qwen-Image-Edit). None: the training resolution, as the data "
+            "crops it. FluxKontextPipeline and QwenImageEditPipeline encode their input image at about 1024x1024 by "
+            "default; training warns at start where the sizes differ. Not with cache_latents."
+        },
+    )
     random_crop: bool = field(
         default=False,
         metadata={
