@@ -14,6 +14,7 @@ Parsed by TRL's ``TrlParser`` from TRL's ``ScriptArguments`` (dataset) and ``Mod
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -168,12 +169,69 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
 
 
 def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
-    """``parser.parse_args_and_config(argv)``; a value the argument classes refuse (a config field's check) ends the
-    command as argparse ends it on a bad flag: the message and the usage on stderr, exit status 2, no traceback."""
+    """``parser.parse_args_and_config(argv)``; a value the argument classes refuse (a config field's check), an
+    unknown flag or an unknown YAML key ends the command as argparse ends it on a bad flag: the message (with the
+    closest known option for a misspelt one) and the usage on stderr, exit status 2, no traceback."""
     try:
-        return parser.parse_args_and_config(argv)
+        *parsed, from_config, from_flags = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
     except ValueError as err:
         parser.error(str(err))
+    unknown = unknown_options_message(parser, from_config, from_flags)
+    if unknown:
+        parser.error(unknown)
+    return tuple(parsed)
+
+
+def known_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The option names the parser accepts and lists (``--help``), without the leading ``--``."""
+    names = []
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS and action.dest in HIDDEN_OPTIONS:
+            continue
+        names += [option[2:] for option in action.option_strings if option.startswith("--")]
+    return names
+
+
+def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:
+    """`` (did you mean --x?)`` with the known option closest to ``name`` (``difflib``), or ``""``."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def unknown_options_message(
+    parser: argparse.ArgumentParser, from_config: Sequence[str], from_flags: Sequence[str]
+) -> str | None:
+    """What the parser left unused, each with the closest known option: the YAML keys (TrlParser hands them back as
+    ``["--key", "value", ...]``) and the command-line words (an unknown flag, or a value with no flag)."""
+    known = known_options(parser)
+    problems = []
+    for key in from_config[::2]:
+        name = key[2:]
+        problems.append(f"unknown key {name!r} in the --config file{did_you_mean(name, known, '')}")
+    value_of_unknown = False  # the word after an unknown ``--flag`` is taken as its value
+    for word in from_flags:
+        if word.startswith("--"):
+            name = word[2:].split("=", 1)[0]
+            problems.append(f"unknown option --{name}{did_you_mean(name, known)}")
+            value_of_unknown = "=" not in word
+        elif word.startswith("-") and len(word) > 1 and not _is_number(word):
+            problems.append(f"unknown option {word}")
+            value_of_unknown = True
+        elif value_of_unknown:
+            value_of_unknown = False
+        else:
+            problems.append(f"unexpected argument {word!r}")
+    return "; ".join(problems) or None
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
