@@ -270,17 +270,16 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
 def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
     """Load the pipeline whole on every process (even under a ZeRO-3 config with ``zero3_init_flag``)."""
     from ..distributed import load_pipeline, zero3_init_disabled
+    from ..loading import dtype_keyword
 
-    kwargs: dict = {"revision": model_args.model_revision}
     dtype = _torch_dtype(model_args.dtype)
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+    kwargs: dict = {"revision": model_args.model_revision, **dtype_keyword(dtype)}
     if diffusion_args.vae_name_or_path:
         from diffusers import AutoencoderKL
 
         with zero3_init_disabled():
             kwargs["vae"] = AutoencoderKL.from_pretrained(
-                diffusion_args.vae_name_or_path, subfolder=diffusion_args.vae_subfolder, torch_dtype=dtype
+                diffusion_args.vae_name_or_path, subfolder=diffusion_args.vae_subfolder, **dtype_keyword(dtype)
             )
     return load_pipeline(model_args.model_name_or_path, **kwargs)
 
@@ -337,6 +336,13 @@ class ModelCardOnSave(TrainerCallback):
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
     script_args, training_args, model_args, diffusion_args = parse_args(argv)  # exits here on --help
+    from ..console import filter_known_noise, log_to_console, on_terminal, quiet_progress_bars
+
+    filter_known_noise()  # before diffusers' pipelines are imported
+    log_to_console()
+    if not on_terminal():  # a log file: no bars of \r redraws; each log is a line of its own
+        quiet_progress_bars()
+        training_args.disable_tqdm = True
     from ..data.sharded_cache import load_sharded_latent_cache
     from ..trainer import DiffusionSDPOTrainer
 
