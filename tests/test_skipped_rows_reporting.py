@@ -62,3 +62,27 @@ def test_a_clean_dataset_logs_no_skip_warning_and_counts_zero(make_trainer, capl
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     trainer.train()
     assert summed_skipped_rows(trainer) == 0
+
+
+def test_a_latent_cache_names_the_rows_it_skips_and_training_from_it_counts_them(tmp_path, make_config, caplog):
+    from test_latent_cache import _rows
+
+    from trl_diffusion_sdpo import DiffusionSDPOTrainer
+    from trl_diffusion_sdpo.data.sharded_cache import build_sharded_latent_cache
+    from trl_diffusion_sdpo.families import family_for_pipeline
+    from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+
+    rows = _rows(6)
+    rows[1]["jpg_1"] = b"not an image"
+    rows[4]["label_0"] = 0.5  # a tie
+    args = make_config(skip_invalid_rows=True, max_steps=2, per_device_train_batch_size=1)
+    pipe = build_tiny_sd_pipeline(seed=0)
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.data.sharded_cache"):
+        cache = build_sharded_latent_cache(
+            Dataset.from_list(rows), args, family_for_pipeline(pipe), str(tmp_path / "c")
+        )
+    named = [r.getMessage() for r in caplog.records if r.name == "trl_diffusion_sdpo.data.sharded_cache"]
+    assert len(named) == 1 and "row 1 of this process's shard" in named[0] and "'jpg_1'" in named[0]
+    trainer = DiffusionSDPOTrainer(pipe, None, args, cache)
+    trainer.train()
+    assert summed_skipped_rows(trainer) == 2  # the invalid row and the tie, dropped when the cache was built
