@@ -11,7 +11,28 @@ import sys
 # The options evaluate and pairs share live in their own module, which pairs_cli imports without importing this one.
 from .sampling_cli import add_sampling_arguments, sampling_keywords, scorer_arguments
 
-__all__ = ["add_sampling_arguments", "build_parser", "main", "sampling_keywords", "scorer_arguments"]
+__all__ = [
+    "OUTSIDE_SCORERS",
+    "add_sampling_arguments",
+    "build_parser",
+    "main",
+    "register_outside_scorers",
+    "sampling_keywords",
+    "scorer_arguments",
+]
+
+# Scorers that live outside the evaluation package, registered by name so that `evaluate --help` lists them without
+# importing them (their module is imported, and registers the class itself, when the scorer is first built).
+OUTSIDE_SCORERS = {"colour": "trl_diffusion_sdpo.demo.scorer:ColourRewardScorer"}
+
+
+def register_outside_scorers() -> None:
+    """Register :data:`OUTSIDE_SCORERS` (by name; a scorer already registered is left as it is)."""
+    from .evaluation.scorers import available_scorers, register_scorer
+
+    for name, factory in OUTSIDE_SCORERS.items():
+        if name not in available_scorers():
+            register_scorer(name, factory)
 
 
 def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) -> argparse.ArgumentParser:
@@ -126,21 +147,30 @@ def add_evaluate_parser(
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
+    from .console import on_terminal, quiet_progress_bars
     from .evaluation import evaluate
+    from .evaluation.scorers.preflight import ScorerModelUnavailable, ScorerPromptError
 
     scorers = args.scorer or ["pickscore"]
-    result = evaluate(
-        args.base,
-        args.model,
-        prompts=args.prompts,
-        scorers=scorers,
-        output_dir=args.output_dir,
-        seeds=args.seed or [0],
-        scorer_kwargs=scorer_arguments(args.scorer_arg, scorers),
-        n_resamples=args.bootstrap_resamples,
-        **sampling_keywords(args),
-    )
+    keywords = sampling_keywords(args)
+    if not on_terminal():  # a log file: no bars of \r redraws
+        quiet_progress_bars()
+        keywords["progress"] = False
+    try:
+        result = evaluate(
+            args.base,
+            args.model,
+            prompts=args.prompts,
+            scorers=scorers,
+            output_dir=args.output_dir,
+            seeds=args.seed or [0],
+            scorer_kwargs=scorer_arguments(args.scorer_arg, scorers),
+            n_resamples=args.bootstrap_resamples,
+            **keywords,
+        )
+    except (ScorerModelUnavailable, ScorerPromptError) as err:  # found before any image was generated
+        print(f"trl-diffusion-sdpo evaluate: error: {err}", file=sys.stderr)
+        return 2
     for row in result.summary:
         print(f"{row.model:>16} {row.metric:>12} {row.mean:.4f} [{row.ci_low:.4f}, {row.ci_high:.4f}] ({row.scale})")
     for row in result.win_rates:
@@ -166,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_export(build_export_parser().parse_args(argv[1:]))
     evaluate_choices = None
     if argv[:1] in (["evaluate"], ["pairs"]):  # the evaluation package is imported only for the commands using it
+        from .console import filter_known_noise
         from .evaluation.prompts import PROMPT_PRESETS
         from .evaluation.scorers import available_scorers
 
+        filter_known_noise()
+        register_outside_scorers()
         evaluate_choices = (available_scorers(), list(PROMPT_PRESETS))
     args = build_parser(evaluate_choices).parse_args(argv)
     if args.command == "demo":

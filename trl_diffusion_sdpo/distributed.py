@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from diffusers import DiffusionPipeline
 
+from .loading import resolve_model_name
+
 __all__ = [
     "all_reduce_mean_",
     "all_reduce_sum",
@@ -65,14 +67,15 @@ def zero3_init_disabled() -> Iterator[None]:
 
 
 def load_pipeline(pretrained: str | os.PathLike, **kwargs) -> DiffusionPipeline:
-    """``DiffusionPipeline.from_pretrained(pretrained, **kwargs)``, never partitioned by ZeRO-3.
+    """``DiffusionPipeline.from_pretrained(pretrained, **kwargs)``, never partitioned by ZeRO-3; a shipped model's
+    short name (``trl-diffusion-sdpo:tiny``, :mod:`.loading`) loads its folder.
 
     Use it (or :func:`zero3_init_disabled`) to load the pipeline when launching with a ZeRO-3 config: the frozen
     VAE and text encoders must be whole on every process, and the UNet that trains is partitioned by DeepSpeed itself
     when training starts.
     """
     with zero3_init_disabled():
-        return DiffusionPipeline.from_pretrained(pretrained, **kwargs)
+        return DiffusionPipeline.from_pretrained(resolve_model_name(pretrained), **kwargs)
 
 
 def is_partitioned(parameter: torch.Tensor) -> bool:

@@ -40,6 +40,7 @@ from .io.publishing import HubPublishing
 from .io.trackers import make_config_trackable
 from .objectives import objective_from_config
 from .reference import reference_for
+from .run_summary import StartSummary
 from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.batch import UsableBatches
 from .step.draws import MicroBatchDraws
@@ -193,6 +194,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
         self.add_callback(NonFiniteLossGuard(self.nonfinite))
         self.stream_guard = StreamGuard(self)  # an optimizer step without a valid pair is never applied
         self.add_callback(self.stream_guard)
+        self.add_callback(StartSummary(self))  # the effective rate, schedule and safeguard; warnings on traps
         self.callback_handler.callbacks.insert(0, WinnerHealthCallback())  # first: the trackers see its metric
         if args.validation_prompts:
             self._add_validation(args)

@@ -21,6 +21,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from .families import ModelFamily
+from .loading import cast_module
 
 __all__ = [
     "MixedPrecisionForward",
@@ -90,7 +91,7 @@ def prepare_denoiser(
     """Add LoRA adapters (base weights frozen in ``dtype``) or unfreeze every weight; trainable weights in float32."""
     if peft_config is not None:
         denoiser.requires_grad_(False)
-        denoiser.to(dtype=dtype)
+        cast_module(denoiser, dtype)
         for name, parameter in denoiser.named_parameters():
             if keeps_in_float32(denoiser, name):
                 parameter.data = parameter.data.float()
@@ -143,7 +144,7 @@ def place_frozen_modules(family: ModelFamily, device: torch.device | str, dtype:
             module.to(device="cpu")
             continue
         module_dtype = torch.float32 if name == "vae" and family.vae_needs_fp32() else dtype
-        module.to(device=device, dtype=module_dtype)
+        cast_module(module, module_dtype, device)
         if module_dtype != dtype:
             cast_inputs_to_own_dtype(module)
 

@@ -107,6 +107,15 @@ def prepare_preference_dataset(
         raise ValueError(f"The {split} dataset is empty after filtering: {report.summary()}")
     if len(keep) < len(dataset):
         dataset = dataset.select(keep)
+    if report.invalid_skipped:
+        logger.warning(
+            "Skipped %d invalid %s row(s) of %d (skip_invalid_rows=True; counted in data/skipped_rows): %s%s",
+            report.invalid_skipped,
+            split,
+            report.num_rows,
+            "; ".join(report.examples),
+            "; ..." if report.invalid_skipped > len(report.examples) else "",
+        )
     logger.info("Prepared %s dataset: %s", split, report.summary())
     return dataset, columns, report
 

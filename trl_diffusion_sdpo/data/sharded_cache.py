@@ -329,6 +329,10 @@ def _check_spec(found: dict[str, Any], expected: dict[str, Any], output_dir: str
         )
 
 
+# Skipped rows named in a warning per process; the manifest counts them all.
+_NAMED_SKIPS = 5
+
+
 def _usable_rows(
     rows: list[dict], columns: PreferenceColumns, skip_invalid_rows: bool, done: ShardProgress
 ) -> list[dict]:
@@ -343,6 +347,13 @@ def _usable_rows(
                     "Fix the data or set skip_invalid_rows=True to skip and count such rows."
                 )
             done.invalid_skipped += 1
+            if done.invalid_skipped <= _NAMED_SKIPS:  # the first few named, the rest counted in the manifest
+                logger.warning(
+                    "Skipping invalid row %d of this process's shard (skip_invalid_rows=True), column %r: %s",
+                    done.rows_read + offset,
+                    column,
+                    reason,
+                )
         elif columns.label is not None and is_tie(row[columns.label]):
             done.ties_dropped += 1
         else:

@@ -17,6 +17,9 @@ With several processes the counts are summed over processes at every optimizer s
 which the host waits for), whatever the dataset and ``skip_invalid_rows``: the collator drops human ties and bad
 streamed rows in any case, and a process that dropped its gradients on its own count would leave the others'
 update unapplied on its replica (the replicas drift apart). Every process then decides the same.
+
+The rows a map-style dataset (or a latent cache) dropped before training, ties and invalid rows, are added to the
+first micro-batch's ``data/skipped_rows`` of a run that starts at step 0, so the metric counts every dropped row.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from transformers import TrainerCallback
 if TYPE_CHECKING:
     from transformers import Trainer
 
-__all__ = ["NoValidPairsError", "StreamGuard", "stop_threshold"]
+    from .validation import DataReport
+
+__all__ = ["NoValidPairsError", "StreamGuard", "dropped_at_preparation", "stop_threshold"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +67,18 @@ class StreamGuard(TrainerCallback):
         self.valid_total = 0
         self.reasons: collections.Counter[str] = collections.Counter()
         self.empty_steps = 0
+        # Rows dropped when the data was prepared (ties, invalid rows): added once to the first micro-batch's
+        # data/skipped_rows, on the main process (the metric is summed over processes).
+        self.dropped_before = 0
 
     def observe(self, inputs: dict[str, Any]) -> None:
         reasons = inputs.get("skip_reasons") or []
         self.valid += int(inputs["time_ids"].shape[0])
         self.skipped += len(reasons)
         self.reasons.update(_kind(r) for r in reasons)
+        if self.dropped_before:
+            inputs["num_skipped"] = inputs["num_skipped"] + self.dropped_before
+            self.dropped_before = 0
 
     def _synced(self) -> bool:
         """Whether the counts are summed over processes: always with several (ties are dropped whatever
@@ -77,6 +88,10 @@ class StreamGuard(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.valid = self.skipped = self.skipped_in_a_row = self.valid_total = self.empty_steps = 0
         self.reasons.clear()
+        report = getattr(self.trainer, "train_data_report", None)
+        # Counted by the run that started from step 0, not again by a resumed one.
+        first = state.global_step == 0 and self.trainer.accelerator.is_main_process and report is not None
+        self.dropped_before = dropped_at_preparation(report) if first else 0
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         valid, skipped = self.valid, self.skipped
@@ -113,6 +128,11 @@ class StreamGuard(TrainerCallback):
             f"was applied without data. Most frequent reasons: {why}. Check the dataset's columns and images "
             "(the warnings 'Skipping streamed row ...' name each row)."
         )
+
+
+def dropped_at_preparation(report: DataReport) -> int:
+    """Rows a prepared dataset (or a latent cache) dropped before training: ties and invalid rows."""
+    return report.ties_dropped + report.invalid_skipped
 
 
 def _kind(reason: str) -> str:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from ..evaluation.scorers.base import Scorer, register_scorer
-from .shapes import Caption, colour_reward
+from ..evaluation.scorers.preflight import ScorerPromptError
+from .shapes import BACKGROUNDS, COLOURS, SHAPES, Caption, all_captions, colour_reward
 
 __all__ = ["ColourRewardScorer"]
 
@@ -32,6 +33,19 @@ class ColourRewardScorer(Scorer):
     def __init__(self, image_size: int = 32) -> None:
         self.image_size = image_size
 
+    @classmethod
+    def check_prompts(cls, prompts: Sequence[str]) -> None:
+        """Every prompt must be a demo caption, ``"<colour> <shape> on <background>"`` with the demo's words."""
+        for index, prompt in enumerate(prompts):
+            caption = _parsed(prompt)
+            if caption is None:
+                raise ScorerPromptError(
+                    f"The colour scorer scores the demo's captions, '<colour> <shape> on <background>' (colours "
+                    f"{', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; backgrounds {', '.join(BACKGROUNDS)}), e.g. "
+                    f"{all_captions()[0].text!r}; prompt {index} is {prompt!r}. Use the demo's prompts or another "
+                    "scorer."
+                )
+
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         """One reward per (image, prompt) pair; prompts must parse as demo captions."""
         size = (self.image_size, self.image_size)
@@ -43,6 +57,16 @@ class ColourRewardScorer(Scorer):
             arrays.append(np.asarray(image, dtype=np.float64) / 255.0)
         captions = [Caption.parse(p) for p in prompts]
         return torch.from_numpy(colour_reward(np.stack(arrays), captions)).float()
+
+
+def _parsed(prompt: str) -> Caption | None:
+    """``prompt`` as a demo caption, or ``None`` where it is not one."""
+    try:
+        caption = Caption.parse(prompt)
+    except ValueError:  # not four words
+        return None
+    known = caption.colour in COLOURS and caption.shape in SHAPES and caption.background in BACKGROUNDS
+    return caption if known else None
 
 
 register_scorer("colour", ColourRewardScorer)

@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..checks import Choice
+from ..loading import cast_module, dtype_keyword, resolve_model_name
 from .scorers.base import resolve_device
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ def load_base_pipeline(base: str, settings: GenerationSettings, device: torch.de
     """``DiffusionPipeline.from_pretrained(base)`` in the settings' dtype, on ``device``, with the Euler sampler."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=settings.torch_dtype)
+    pipe = DiffusionPipeline.from_pretrained(resolve_model_name(base), **dtype_keyword(settings.torch_dtype))
     return _prepare(pipe, settings, device)
 
 
@@ -254,13 +255,14 @@ def variant_pipeline(base_pipe, spec: ModelSpec, settings: GenerationSettings, d
         if kind not in base_pipe.components:
             raise ValueError(f"{spec.name} holds a {kind}, which {type(base_pipe).__name__} (the base) does not use.")
         subfolder = None if _denoiser_folder_kind(spec.path) == kind else kind
-        denoiser = AutoModel.from_pretrained(spec.path, subfolder=subfolder, torch_dtype=dtype)
-        pipe = type(base_pipe)(**{**base_pipe.components, kind: denoiser.to(device, dtype)})
+        denoiser = AutoModel.from_pretrained(spec.path, subfolder=subfolder, **dtype_keyword(dtype))
+        cast_module(denoiser, dtype, device)
+        pipe = type(base_pipe)(**{**base_pipe.components, kind: denoiser})
         yield _prepare(pipe, settings, device)
     elif kind == "pipeline":
         from diffusers import DiffusionPipeline
 
-        yield _prepare(DiffusionPipeline.from_pretrained(spec.path, torch_dtype=dtype), settings, device)
+        yield _prepare(DiffusionPipeline.from_pretrained(spec.path, **dtype_keyword(dtype)), settings, device)
     else:
         raise ValueError(f"Unknown model kind {kind!r} for {spec.name}.")
 

@@ -40,6 +40,7 @@ from .generation import GenerationSettings, ModelSpec, generate_images, split_ed
 from .prompts import EditPrompt, load_prompt_set
 from .run import _scorer_arguments, check_scorers
 from .scorers.base import Scorer, Sources, build_scorer
+from .scorers.preflight import check_models, check_prompts
 
 __all__ = ["PAIR_MODES", "PairsResult", "make_pairs", "margin_summary", "select_pairs"]
 
@@ -265,6 +266,9 @@ def make_pairs(
     check_scorers([scorer], edits is not None)  # an editing scorer needs edits; before any sampling
     if not prompt_list:
         raise ValueError(f"No prompts in {prompts!r}.")
+    check_prompts([scorer], prompt_list)
+    if isinstance(scorer, str):
+        check_models([scorer], {scorer: dict(scorer_kwargs or {})})
     spec = model if isinstance(model, ModelSpec) else ModelSpec("base", None, "base")
     if isinstance(model, str):
         spec = ModelSpec("policy", model)

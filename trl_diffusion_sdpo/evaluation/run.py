@@ -27,6 +27,7 @@ from .compare import (
 from .generation import GenerationSettings, ModelSpec, generate_images, split_edits
 from .prompts import EditPrompt, load_prompt_set
 from .scorers.base import Scorer, available_scorers, build_scorer, scorer_factory, scores_edits
+from .scorers.preflight import check_models, check_prompts
 
 __all__ = ["EvaluationResult", "evaluate"]
 
@@ -153,6 +154,8 @@ def evaluate(
     prompt_set = load_prompt_set(prompts, **dict(prompt_kwargs or {}))
     prompt_list, edits = split_edits(prompt_set)
     check_scorers(scorers, edits is not None)  # before any generation
+    check_prompts(scorers, prompt_list)
+    check_models(scorers, scorer_kwargs)
     specs = _model_specs(base, models)
     os.makedirs(output_dir, exist_ok=True)
     cache_dir = cache_dir or os.path.join(output_dir, "images")

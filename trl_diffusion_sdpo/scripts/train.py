@@ -14,6 +14,7 @@ Parsed by TRL's ``TrlParser`` from TRL's ``ScriptArguments`` (dataset) and ``Mod
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -168,10 +169,13 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
 
 
 def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
-    """``parser.parse_args_and_config(argv)``; a value the argument classes refuse (a config field's check) ends the
-    command as argparse ends it on a bad flag: the message and the usage on stderr, exit status 2, no traceback."""
+    """``parser.parse_args_and_config(argv)``; a value the argument classes refuse (a config field's check), an
+    unknown flag or an unknown YAML key ends the command as argparse ends it on a bad flag: the message (with the
+    closest known option for a misspelt one) and the usage on stderr, exit status 2, no traceback."""
     try:
-        parsed = parser.parse_args_and_config(argv)
+        *parsed, from_config, from_flags = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
         # The objectives', flow families' and preemption's checks of the config, registered when these are imported
         # (the config imports none of them; --help, which exits above, must not load them): before any model loads.
         from ..families import flow  # noqa: F401  (imports the objectives too)
@@ -180,9 +184,62 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
         for args in parsed:
             if isinstance(args, DiffusionSDPOConfig):
                 check_config(args)
-        return parsed
     except ValueError as err:
         parser.error(str(err))
+    unknown = unknown_options_message(parser, from_config, from_flags)
+    if unknown:
+        parser.error(unknown)
+    return tuple(parsed)
+
+
+def known_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The option names the parser accepts and lists (``--help``), without the leading ``--``."""
+    names = []
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS and action.dest in HIDDEN_OPTIONS:
+            continue
+        names += [option[2:] for option in action.option_strings if option.startswith("--")]
+    return names
+
+
+def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:
+    """`` (did you mean --x?)`` with the known option closest to ``name`` (``difflib``), or ``""``."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def unknown_options_message(
+    parser: argparse.ArgumentParser, from_config: Sequence[str], from_flags: Sequence[str]
+) -> str | None:
+    """What the parser left unused, each with the closest known option: the YAML keys (TrlParser hands them back as
+    ``["--key", "value", ...]``) and the command-line words (an unknown flag, or a value with no flag)."""
+    known = known_options(parser)
+    problems = []
+    for key in from_config[::2]:
+        name = key[2:]
+        problems.append(f"unknown key {name!r} in the --config file{did_you_mean(name, known, '')}")
+    value_of_unknown = False  # the word after an unknown ``--flag`` is taken as its value
+    for word in from_flags:
+        if word.startswith("--"):
+            name = word[2:].split("=", 1)[0]
+            problems.append(f"unknown option --{name}{did_you_mean(name, known)}")
+            value_of_unknown = "=" not in word
+        elif word.startswith("-") and len(word) > 1 and not _is_number(word):
+            problems.append(f"unknown option {word}")
+            value_of_unknown = True
+        elif value_of_unknown:
+            value_of_unknown = False
+        else:
+            problems.append(f"unexpected argument {word!r}")
+    return "; ".join(problems) or None
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
@@ -221,17 +278,16 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
 def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
     """Load the pipeline whole on every process (even under a ZeRO-3 config with ``zero3_init_flag``)."""
     from ..distributed import load_pipeline, zero3_init_disabled
+    from ..loading import dtype_keyword
 
-    kwargs: dict = {"revision": model_args.model_revision}
     dtype = _torch_dtype(model_args.dtype)
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+    kwargs: dict = {"revision": model_args.model_revision, **dtype_keyword(dtype)}
     if diffusion_args.vae_name_or_path:
         from diffusers import AutoencoderKL
 
         with zero3_init_disabled():
             kwargs["vae"] = AutoencoderKL.from_pretrained(
-                diffusion_args.vae_name_or_path, subfolder=diffusion_args.vae_subfolder, torch_dtype=dtype
+                diffusion_args.vae_name_or_path, subfolder=diffusion_args.vae_subfolder, **dtype_keyword(dtype)
             )
     return load_pipeline(model_args.model_name_or_path, **kwargs)
 
@@ -288,6 +344,13 @@ class ModelCardOnSave(TrainerCallback):
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
     script_args, training_args, model_args, diffusion_args = parse_args(argv)  # exits here on --help
+    from ..console import filter_known_noise, log_to_console, on_terminal, quiet_progress_bars
+
+    filter_known_noise()  # before diffusers' pipelines are imported
+    log_to_console()
+    if not on_terminal():  # a log file: no bars of \r redraws; each log is a line of its own
+        quiet_progress_bars()
+        training_args.disable_tqdm = True
     from ..data.sharded_cache import load_sharded_latent_cache
     from ..trainer import DiffusionSDPOTrainer
 

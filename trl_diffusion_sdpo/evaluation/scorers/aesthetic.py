@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ._clip import CLIPEmbedder, load_weights_file
-from .base import Scorer, resolve_device
+from .base import Scorer, arguments_with_defaults, resolve_device
 
 __all__ = ["AestheticMLP", "AestheticScorer"]
 
@@ -94,5 +94,12 @@ class AestheticScorer(Scorer):
         self.mlp.eval().requires_grad_(False).to(device)
 
     @torch.no_grad()
+    @classmethod
+    def model_sources(cls, **kwargs) -> dict[str, str]:
+        values = arguments_with_defaults(cls, kwargs)
+        sources = {"clip_model": values["clip_model"], "processor": values.get("processor")}
+        sources.update({"weights": values["weights"]} if values.get("weights") else {"head_repo": values["head_repo"]})
+        return {name: ref for name, ref in sources.items() if ref}
+
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return self.mlp(self.embedder.image_embeddings(images)).squeeze(-1)

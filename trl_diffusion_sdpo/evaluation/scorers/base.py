@@ -11,6 +11,7 @@ still scores edits: the edited image against the instruction, without the source
 from __future__ import annotations
 
 import abc
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ from .registry import available_scorers, register_scorer, scorer_factory
 
 __all__ = [
     "EditScorer",
+    "arguments_with_defaults",
     "Scorer",
     "available_scorers",
     "build_scorer",
@@ -62,6 +64,18 @@ class Scorer(abc.ABC):
     @abc.abstractmethod
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         """One score per (image, prompt) pair."""
+
+    @classmethod
+    def check_prompts(cls, prompts: Sequence[str]) -> None:
+        """Raise a ``ValueError`` naming the first prompt this scorer cannot score, before any image is generated
+        (a scorer that reads its prompts in a fixed form); any prompt by default."""
+        return None
+
+    @classmethod
+    def model_sources(cls, **kwargs: Any) -> dict[str, str]:
+        """The models the scorer built with ``kwargs`` loads, as ``{constructor argument: Hub id or local path}``,
+        checked before any image is generated (:mod:`.preflight`); none by default."""
+        return {}
 
     def aggregate(self, scores: torch.Tensor) -> float:
         """The metric's value over a set of scores: the mean, clamped at ``mean_floor`` when that is set."""
@@ -149,6 +163,13 @@ def scores_edits(entry: str | Scorer) -> bool:
     if isinstance(entry, Scorer):
         return entry.edits
     return getattr(scorer_factory(entry), "edits", False) is True
+
+
+def arguments_with_defaults(factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` completed with the defaults of ``factory``'s signature (for :meth:`Scorer.model_sources`)."""
+    parameters = inspect.signature(factory).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return {**defaults, **kwargs}
 
 
 def build_scorer(name: str | Scorer, **kwargs: Any) -> Scorer:

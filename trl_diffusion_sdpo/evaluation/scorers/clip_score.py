@@ -19,7 +19,7 @@ from PIL import Image
 
 from ...checks import Choice
 from ._clip import CLIPEmbedder
-from .base import Scorer, resolve_device
+from .base import Scorer, arguments_with_defaults, resolve_device
 
 __all__ = ["CLIPScoreScorer", "clip_cosine_scorer"]
 
@@ -50,6 +50,14 @@ class CLIPScoreScorer(Scorer):
         else:
             self.name, self.scale, self.factor = "clip_cosine", "raw cosine (SDPO)", 1.0
 
+    @classmethod
+    def model_sources(cls, **kwargs) -> dict[str, str]:
+        values = arguments_with_defaults(cls, kwargs)
+        sources = {"model": values.get("model") or _DEFAULT_MODELS.get(values["convention"])}
+        if values.get("processor"):
+            sources["processor"] = values["processor"]
+        return {name: ref for name, ref in sources.items() if ref}
+
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return self.factor * self.embedder.cosine(images, prompts)
 
@@ -57,3 +65,6 @@ class CLIPScoreScorer(Scorer):
 def clip_cosine_scorer(**kwargs) -> CLIPScoreScorer:
     """The ``clip-cosine`` scorer: CLIP score on the raw cosine scale, as the SDPO authors report it."""
     return CLIPScoreScorer(convention="cosine", **kwargs)
+
+
+clip_cosine_scorer.model_sources = lambda **kwargs: CLIPScoreScorer.model_sources(**{"convention": "cosine", **kwargs})

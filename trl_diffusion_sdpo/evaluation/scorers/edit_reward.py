@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import EditScorer
+from .base import EditScorer, arguments_with_defaults
 from .hps_v3 import HPSV3_PIXELS, HPSV3_REWARD_SUFFIX, hps_v3_resize
 from .qwen_vl_reward import (
     QwenVLRewardModel,
@@ -256,6 +256,11 @@ class EditRewardScorer(EditScorer):
             for head in range(len(self.model.heads))
         ]
         return torch.stack(per_head)
+
+    @classmethod
+    def model_sources(cls, **kwargs) -> dict[str, str]:
+        values = arguments_with_defaults(cls, kwargs)
+        return {name: values[name] for name in ("checkpoint", "base") if values.get(name)}
 
     def score(self, images, prompts, sources) -> torch.Tensor:
         """The mean over the heads of ``mu`` (the reference's ``mean`` pooling of ``(mu, sigma)``, component 0)."""

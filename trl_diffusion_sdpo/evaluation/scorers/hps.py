@@ -20,7 +20,7 @@ from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from ...checks import Choice
 from ._clip import CLIPEmbedder, load_weights_file
-from .base import Scorer, resolve_device
+from .base import Scorer, arguments_with_defaults, resolve_device
 
 __all__ = ["HPSv2Scorer", "hps_v21_scorer", "open_clip_to_transformers"]
 
@@ -137,6 +137,12 @@ class HPSv2Scorer(Scorer):
         processor = AutoProcessor.from_pretrained(architecture)
         self.embedder = CLIPEmbedder(model.to(dtype), processor, resolve_device(device), batch_size)
 
+    @classmethod
+    def model_sources(cls, **kwargs) -> dict[str, str]:
+        values = arguments_with_defaults(cls, kwargs)
+        weights = "checkpoint" if values.get("checkpoint") else "hub_repo"  # hub_repo: downloaded when none is given
+        return {"architecture": values["architecture"], weights: values[weights]}
+
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return self.embedder.cosine(images, prompts)
 
@@ -144,3 +150,6 @@ class HPSv2Scorer(Scorer):
 def hps_v21_scorer(**kwargs) -> HPSv2Scorer:
     """The ``hpsv2.1`` scorer: HPS v2.1's checkpoint."""
     return HPSv2Scorer(version="v2.1", **kwargs)
+
+
+hps_v21_scorer.model_sources = HPSv2Scorer.model_sources

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .base import Scorer
+from .base import Scorer, arguments_with_defaults
 from .qwen_vl_reward import (
     REWARD_TOKEN,
     QwenVLRewardModel,
@@ -235,6 +235,11 @@ class HPSv3Scorer(Scorer):
             self.device,
             reward_token_id=self.reward_token_id,
         )
+
+    @classmethod
+    def model_sources(cls, **kwargs) -> dict[str, str]:
+        values = arguments_with_defaults(cls, kwargs)
+        return {name: values[name] for name in ("checkpoint", "base") if values.get(name)}
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return self.mu_sigma(images, prompts)[:, 0]

@@ -29,7 +29,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 
 from ._clip import load_weights_file
 from .aesthetic import AestheticMLP
-from .base import Scorer, resolve_device
+from .base import Scorer, arguments_with_defaults, resolve_device
 
 __all__ = ["IMAGE_REWARD_MEAN", "IMAGE_REWARD_STD", "ImageRewardModel", "ImageRewardScorer", "blip_to_transformers"]
 
@@ -238,6 +238,14 @@ class ImageRewardScorer(Scorer):
             ).to(self.device)
             chunks.append(self.model(pixels, tokens["input_ids"], tokens["attention_mask"]).float())
         return torch.cat(chunks)
+
+    @classmethod
+    def model_sources(cls, **kwargs) -> dict[str, str]:
+        values = arguments_with_defaults(cls, kwargs)
+        sources = {"tokenizer": values["tokenizer"], "checkpoint": values.get("checkpoint")}
+        if values.get("checkpoint") is None or values.get("med_config") is None:  # downloaded from hub_repo
+            sources["hub_repo"] = values["hub_repo"]
+        return {name: ref for name, ref in sources.items() if isinstance(ref, str)}
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return (self.raw_reward(images, prompts) - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ...checks import Choice
 from ._clip import CLIPEmbedder
-from .base import Scorer, resolve_device
+from .base import Scorer, arguments_with_defaults, resolve_device
 
 __all__ = ["PickScoreScorer"]
 
@@ -49,6 +49,11 @@ class PickScoreScorer(Scorer):
         self.embedder = CLIPEmbedder.from_pretrained(model, processor, resolve_device(device), dtype, batch_size)
         self.factor = {"raw": 1.0, "x100": 100.0}.get(multiplier) or float(self.embedder.model.logit_scale.exp())
         self.scale = {"raw": "raw cosine", "x100": "x100 cosine"}.get(multiplier, f"x{self.factor:.2f} cosine")
+
+    @classmethod
+    def model_sources(cls, **kwargs) -> dict[str, str]:
+        values = arguments_with_defaults(cls, kwargs)
+        return {name: values[name] for name in ("model", "processor") if values.get(name)}
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return self.factor * self.embedder.cosine(images, prompts)

@@ -17,11 +17,20 @@ _REGISTRY: dict[str, Callable[..., Any] | str] = {}
 def register_scorer(name: str, factory: Callable[..., Any] | str, overwrite: bool = False) -> None:
     """Make ``build_scorer(name, **kwargs)`` call ``factory(**kwargs)``. ``factory`` may be a `Scorer` subclass, or
     ``"package.module:attribute"`` naming one, imported on first use."""
-    if name in _REGISTRY and not overwrite:
+    if name in _REGISTRY and not overwrite and not _same_factory(_REGISTRY[name], factory):
         raise ValueError(f"A scorer named {name!r} is already registered; pass overwrite=True to replace it.")
     if isinstance(factory, str) and ":" not in factory:
         raise ValueError(f"A scorer factory given by name reads 'package.module:attribute', got {factory!r}.")
     _REGISTRY[name] = factory
+
+
+def _same_factory(registered: Callable[..., Any] | str, factory: Callable[..., Any] | str) -> bool:
+    """Whether a registration by ``"module:attribute"`` and one by the object it names are one: a command registers a
+    scorer by name so that its help lists it, and importing the scorer's module registers the object itself."""
+    if isinstance(registered, str) == isinstance(factory, str):
+        return False
+    named, obj = (registered, factory) if isinstance(registered, str) else (factory, registered)
+    return named == f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
 
 
 def available_scorers() -> list[str]:

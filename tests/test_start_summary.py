@@ -1,0 +1,91 @@
+"""The start summary says what a run will do (effective learning rate and how scale_lr made it, schedule, pairs per
+step, safeguard, engine, precision), and warns on the settings that quietly defeat a run."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from trl_diffusion_sdpo.config import DiffusionSDPOConfig
+from trl_diffusion_sdpo.families.learning_rates import LEARNING_RATE_RANGES, recommended_learning_rate
+from trl_diffusion_sdpo.families.registry import registered_families
+
+LOGGER = "trl_diffusion_sdpo.run_summary"
+
+
+def train_and_capture(make_trainer, caplog, **overrides):
+    trainer = make_trainer(**overrides)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        trainer.train()
+    records = [r for r in caplog.records if r.name == LOGGER]
+    info = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    return trainer, info, warnings
+
+
+def logged_rates(trainer) -> list[float]:
+    return [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+
+
+def test_the_summary_spells_out_the_scaled_rate_the_optimizer_uses(make_trainer, caplog):
+    trainer, info, _ = train_and_capture(
+        make_trainer, caplog, learning_rate=1e-5, scale_lr=True, gradient_accumulation_steps=2, max_steps=1
+    )
+    assert len(info) == 1, info
+    summary = info[0]
+    pairs = 2 * 2  # per-device batch 2 x 2 accumulation steps, one process
+    peak = 1e-5 * pairs
+    assert logged_rates(trainer) == [pytest.approx(peak)]  # what the scheduler applied (warmup 0, constant)
+    assert f"{peak:.3g} = 1e-05 x {pairs} pairs per optimizer step" in summary
+    assert "1 process(es) x 2 per device x 2 accumulation; scale_lr" in summary
+    assert "schedule constant_with_warmup, no warmup" in summary
+    assert "Diffusion-SDPO: safeguard mu=0.9, output space" in summary
+    assert "stable-diffusion (LoRA)" in summary and "float32" in summary and "processes=1" in summary
+
+
+def test_the_summary_names_diffusion_dpo_and_an_unscaled_rate(make_trainer, caplog):
+    _, info, _ = train_and_capture(make_trainer, caplog, safeguard=False, learning_rate=5e-5, max_steps=1)
+    assert "objective Diffusion-DPO (no safeguard)" in info[0]
+    assert "5e-05 (as given; scale_lr=False)" in info[0]
+
+
+def test_a_warmup_longer_than_half_the_run_warns_with_the_rate_it_reaches(make_trainer, caplog):
+    trainer, _, warnings = train_and_capture(make_trainer, caplog, learning_rate=5e-5, warmup_steps=500, max_steps=2)
+    warmup = [w for w in warnings if "warmup_steps=500" in w]
+    assert len(warmup) == 1, warnings
+    last = logged_rates(trainer)[-1]
+    assert last == pytest.approx(5e-5 * 1 / 500)  # the trap: the second step of a 500-step warmup
+    assert f"the last step runs at {last:.3g}" in warmup[0]
+
+
+def test_a_short_warmup_and_a_recommended_rate_give_no_warning(make_trainer, caplog):
+    _, _, warnings = train_and_capture(make_trainer, caplog, learning_rate=5e-5, warmup_steps=1, max_steps=2)
+    assert warnings == []
+
+
+def test_a_rate_outside_the_familys_range_warns_naming_the_range_and_source(make_trainer, caplog):
+    _, _, warnings = train_and_capture(make_trainer, caplog, learning_rate=1e-3, max_steps=1)
+    assert len(warnings) == 1, warnings
+    assert "outside the range recommended for stable-diffusion LoRA: 1e-05 to 0.0001" in warnings[0]
+    assert "docs/usage.md" in warnings[0]
+
+
+def test_no_scale_lr_without_a_rate_warns_that_the_per_pair_default_is_used_as_is(make_trainer, caplog):
+    default = DiffusionSDPOConfig.__dataclass_fields__["learning_rate"].default
+    trainer, _, warnings = train_and_capture(make_trainer, caplog, learning_rate=default, max_steps=1)
+    assert logged_rates(trainer) == [pytest.approx(default)]
+    assert any("learning_rate is its default 1e-08" in w and "scale_lr=False" in w for w in warnings), warnings
+    assert any("outside the range" in w for w in warnings)
+
+
+def test_every_registered_family_has_a_recommended_lora_range_that_holds_its_own_rate():
+    for family in registered_families():
+        name = family.name
+        recommended = recommended_learning_rate(family, lora=True)
+        assert recommended is not None, name
+        assert recommended.low < recommended.high and recommended.source
+        rate = getattr(family, "default_learning_rate", None)
+        if rate is not None:
+            assert recommended.contains(rate), name
+    assert all(entry.contains(1e-5) or key[1] == "full" for key, entry in LEARNING_RATE_RANGES.items())

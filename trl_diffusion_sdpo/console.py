@@ -1,0 +1,76 @@
+"""What the command line prints: the package's INFO messages (the start summary, the data report), third-party
+noise filtered by its exact message, and progress bars only on a terminal.
+
+Written to a file (``> train.log 2>&1``) a tqdm bar is a line of ``\\r`` redraws, and nested bars (diffusers' loading
+bar around transformers' weight-loading bar) add cursor-up escape codes (``ESC[A``). Off a terminal the commands turn
+the bars off: training then prints each log as its own line (transformers' ``PrinterCallback``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+__all__ = ["NOISE", "filter_known_noise", "log_to_console", "on_terminal", "quiet_progress_bars"]
+
+# Messages that say nothing a user can act on, by the logger that emits them and their exact text.
+NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
+    # transformers without torchvision falls back to the PIL image processors it loads for pipelines' safety
+    # checkers and feature extractors (diffusers imports them with every Stable Diffusion pipeline).
+    "transformers.utils.import_utils": (
+        re.compile(
+            r"`(\w+)ImageProcessor` requires torchvision \(not installed\); falling back to `\1ImageProcessorPil` "
+            r"for backward compatibility\. Install torchvision to use the default backend, or import "
+            r"`\1ImageProcessorPil` directly to silence this warning\.$"
+        ),
+    ),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, patterns: tuple[re.Pattern[str], ...]) -> None:
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern.match(message) for pattern in self.patterns)
+
+
+def filter_known_noise() -> None:
+    """Drop the :data:`NOISE` messages (once per logger, however often it is called)."""
+    for name, patterns in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(patterns))
+
+
+def on_terminal() -> bool:
+    """Whether stderr, where progress bars and logs go, is a terminal."""
+    return sys.stderr.isatty()
+
+
+def quiet_progress_bars() -> None:
+    """Turn off the loading bars of diffusers (pipeline components), transformers (weights) and the Hub
+    (downloads)."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def log_to_console() -> None:
+    """Show the package's messages on stderr: INFO on the main process, WARNING on the others (``RANK``), unless
+    logging is already configured (a handler on the root logger)."""
+    package = logging.getLogger("trl_diffusion_sdpo")
+    package.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    if logging.getLogger().hasHandlers() or package.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package.addHandler(handler)
