@@ -40,7 +40,7 @@ def test_the_summary_spells_out_the_scaled_rate_the_optimizer_uses(make_trainer,
     assert f"{peak:.3g} = 1e-05 x {pairs} pairs per optimizer step" in summary
     assert "1 process(es) x 2 per device x 2 accumulation; scale_lr" in summary
     assert "schedule constant_with_warmup, no warmup" in summary
-    assert "Diffusion-SDPO: safeguard mu=0.9, output space" in summary
+    assert f"Diffusion-SDPO: safeguard mu={trainer.args.safeguard_mu:g}, output space" in summary
     assert "stable-diffusion (LoRA)" in summary and "float32" in summary and "processes=1" in summary
 
 
