@@ -1,5 +1,5 @@
 """Reference training runs of the step: what ``lambda``, ``.grad``, the logged metrics and the trained weights were,
-stored in ``tests/data/step_reference.json`` and compared by ``tests/test_step_reference.py``.
+stored in ``tests/data/step_reference.json`` and compared by ``tests/safeguard/test_step_reference.py``.
 
 Each run trains a family's tiny pipeline for three optimizer steps on a fixed dataset with one safeguard setting,
 and records at every optimizer step (before the optimizer reads ``.grad``) eight fixed random projections of the

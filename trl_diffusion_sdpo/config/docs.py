@@ -158,9 +158,19 @@ def config_docstring(cls: type, summary: str) -> str:
 
 def _entry_heading(field: dataclasses.Field) -> str:
     """``name (`float`, *optional*, defaults to `5000.0`):``; ``str | None`` as ```str` or `None```."""
-    kinds = " or ".join(f"`{kind.strip()}`" for kind in str(field.type).split("|"))
+    kinds = " or ".join(f"`{kind.strip()}`" for kind in _type_name(field.type).split("|"))
     default = field.default_factory() if field.default is dataclasses.MISSING else field.default
     return f"{field.name} ({kinds}, *optional*, defaults to `{_literal(default)}`):"
+
+
+def _type_name(annotation: Any) -> str:
+    """The annotation as written (``"str | None"``); transformers' argument parser replaces each field's string
+    annotation by the type it resolves (``<class 'float'>``, ``typing.Optional[str]``) on the class itself."""
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
 def _literal(value: Any) -> str:

@@ -26,7 +26,7 @@ when the pass starts, not in the forward or the backward.
 
 Rows are grouped as the layer sees them: the first ``1/groups`` of the leading dimension is group 0, and so on, which
 holds when the leading dimension is the batch or the batch times a per-sample axis (tokens, pixels, frames), as in
-every family's denoiser (checked against per-branch passes for each in ``tests/test_one_pass_safeguard.py``).
+every family's denoiser (checked against per-branch passes for each in ``tests/safeguard/test_one_pass_safeguard.py``).
 
 A trainable parameter that no tap covers (one held by a module that is not a leaf of a tapped type, as Wan's
 ``scale_shift_table``, or a peft variant such as DoRA's magnitude vector) is listed by :attr:`LayerTaps.uncovered`; a

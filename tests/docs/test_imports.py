@@ -16,7 +16,7 @@ import pytest
 
 import trl_diffusion_sdpo
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Loaded by diffusers' FLUX pipeline and transformers' image processors, they printed torchvision warnings; the
 # scorers load CLIP and BLIP models; the demo and evaluation are separate layers the package does not need.

@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 # ImageReward: self.mean = 0.16717362830052426, self.std = 1.0333394966054072).
 IMAGE_REWARD_MEAN, IMAGE_REWARD_STD = 0.16717362830052426, 1.0333394966054072
 PROMPTS = ["a red cube", "two blue spheres", "a green field", "an orange cat"]
-DATA = os.path.join(os.path.dirname(__file__), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
 
 
 @pytest.fixture(scope="module")

@@ -421,7 +421,7 @@ def test_the_train_command_trains_wan_lora_yaml_from_local_folders(make_wan, vid
 
     from trl_diffusion_sdpo.scripts.train import main as train_main
 
-    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "wan_lora.yaml"
+    config = Path(__file__).resolve().parents[2] / "examples" / "configs" / "wan_lora.yaml"
     pipe_dir, data_dir, out = tmp_path / "wan", tmp_path / "pairs", tmp_path / "out"
     make_wan().save_pretrained(pipe_dir)
     video_pairs.save_to_disk(str(data_dir))
@@ -444,7 +444,7 @@ def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_wan_transformer(
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from safeguard_exactness import Setting, run
 
     report = run(

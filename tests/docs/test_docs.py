@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_docs_site_builds_strictly(tmp_path):
@@ -60,7 +60,7 @@ FIGURE = re.compile(
 # Where a figure comes from: a result file (benchmarks/results/ or the demo's docs/images/, named in full or by its
 # file name), a test, or a statement that it was computed (arithmetic) or observed without a file (not recorded).
 RESULT_FILE = re.compile(r"[\w{},*./-]*[\w}*]\.json")
-TEST_FILE = re.compile(r"tests/test_\w+\.py")
+TEST_FILE = re.compile(r"tests/(?:\w+/)?test_\w+\.py")
 NO_FILE = re.compile(r"\b(?:not recorded|arithmetic|computed)\b", re.IGNORECASE)
 
 

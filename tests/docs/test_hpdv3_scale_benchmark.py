@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hpdv3_scale.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "hpdv3_scale.py"
 
 
 def _script():

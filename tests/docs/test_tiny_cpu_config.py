@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from trl_diffusion_sdpo import load_pipeline
 from trl_diffusion_sdpo.loading import SHIPPED_MODELS, resolve_model_name
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
 # What the run's log must not hold: diffusers' torch_dtype deprecation, transformers' torchvision fallback, diffusers'
 # float32-modules warning for a model that keeps none, and tqdm's redraws (carriage return, cursor up).

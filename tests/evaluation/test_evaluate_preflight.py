@@ -19,7 +19,7 @@ from trl_diffusion_sdpo.evaluation.scorers import preflight
 from trl_diffusion_sdpo.evaluation.scorers.preflight import ScorerModelUnavailable, ScorerPromptError, check_models
 from trl_diffusion_sdpo.evaluation.scorers.registry import register_scorer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -411,7 +411,7 @@ def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_flux_transformer
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from safeguard_exactness import Setting, run
 
     report = run(
@@ -429,7 +429,7 @@ def test_flow_example_configs_parse_and_the_script_trains_from_local_folders(mak
 
     from safetensors.torch import load_file
 
-    examples = Path(__file__).resolve().parents[1] / "examples"
+    examples = Path(__file__).resolve().parents[2] / "examples"
     sys.path.insert(0, str(examples))
     try:
         import train_flow

@@ -460,7 +460,7 @@ def test_two_processes_call_the_network_equally_often_whatever_their_own_timeste
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

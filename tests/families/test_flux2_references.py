@@ -4,7 +4,7 @@ after the target's with the pipeline's time offsets (10, 20, ...), the call equa
 and the flow-family training checks (LoRA, full, safeguards, cache, the shipped YAML) on editing rows with one
 reference (``source_image``) and two (``source_images``).
 
-Tiny pipelines as in tests/test_flux2.py.
+Tiny pipelines as in tests/families/test_flux2.py.
 """
 
 from __future__ import annotations

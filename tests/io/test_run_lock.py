@@ -14,7 +14,7 @@ from checkpoint_kill_worker import build_trainer
 
 from trl_diffusion_sdpo.io.run_lock import LOCK_NAME, RunLock, RunLockedError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The holder loads run_lock.py (standard library only) by its path: importing it through trl_diffusion_sdpo.io would
 # import diffusers first, ~5 s of interpreter start-up per test for nothing the lock uses.
 HOLDER = """

@@ -24,7 +24,7 @@ from trl_diffusion_sdpo.families import PromptEmbeddings, StableDiffusionXLFamil
 from trl_diffusion_sdpo.families.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
 from trl_diffusion_sdpo.tiny_models import build_tiny_sdxl_pipeline
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RES = 32
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -366,7 +366,7 @@ def test_the_train_command_refuses_an_objectives_field_before_loading_anything(t
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, "-m", "trl_diffusion_sdpo", "train", *flags, "--output_dir", str(tmp_path), "--use_cpu"],

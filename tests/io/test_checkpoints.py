@@ -32,7 +32,7 @@ from trl_diffusion_sdpo.io.checkpoints import (
     resolve_resume_checkpoint,
 )
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint_kill_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoint_kill_worker.py")
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 

@@ -28,7 +28,7 @@ from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sd
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 CONFIGS = ROOT / "examples" / "accelerate_configs"
 GLOBAL_BATCH = 4

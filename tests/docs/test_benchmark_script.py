@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step_time.py"
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from trl_diffusion_sdpo.scripts.train import main as train_main
 from trl_diffusion_sdpo.scripts.train import parse_args
 from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import train_sd15  # noqa: E402
@@ -56,7 +56,7 @@ def local_pipeline_and_data(tmp_path: Path) -> tuple[str, str]:
     return str(pipe_dir), _save_pairs(tmp_path / "pairs")
 
 
-# The real-model recipes; tiny_cpu.yaml (the shipped tiny base) has its own test, tests/test_tiny_cpu_config.py.
+# The real-model recipes; tiny_cpu.yaml (the shipped tiny base) has its own test, tests/docs/test_tiny_cpu_config.py.
 CONFIGS = sorted(p for p in (EXAMPLES / "configs").glob("*.yaml") if p.stem != "tiny_cpu")
 
 
