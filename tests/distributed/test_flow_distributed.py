@@ -1,8 +1,8 @@
 """Every flow-matching family under two processes on CPU over gloo: DDP, DeepSpeed ZeRO-2/3 and FSDP2 with the shipped
 accelerate configs.
 
-As ``tests/distributed/test_distributed.py`` does for the UNets: ``examples/train_flow.py`` runs under ``accelerate launch``
-through ``tests/distributed_worker.py`` and is compared with one process, same global batch and seed. The
+As ``tests/distributed/test_distributed.py`` does for the UNets: ``examples/train_flow.py`` runs under
+``accelerate launch`` through ``tests/distributed_worker.py`` and is compared with one process, same global batch and seed. The
 transformers are widened (head dim 96; Z-Image's width 224) so that their feed-forward weights exceed ZeRO-3's
 persistence threshold (1e5 elements) and really are partitioned. A family's trainings share processes (the worker's
 ``--jobs``): one plain process trains its one-process references, one two-process launch its engines in turn

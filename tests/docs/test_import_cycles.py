@@ -1,7 +1,8 @@
 """The package has no import cycle: no module imports, directly or through others, a module that imports it back.
 
 Every import statement counts, wherever it stands (top level, inside a function, under ``TYPE_CHECKING``), as for
-the layering rule (tests/docs/test_layering.py): a function-level import defers the cycle to the call, it does not untie it.
+the layering rule (tests/docs/test_layering.py): a function-level import defers the cycle to the call, it does not
+untie it.
 An import of a package (``from ..families import X``) counts as an import of its ``__init__``.
 """
 
