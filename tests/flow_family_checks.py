@@ -1,6 +1,7 @@
 """Checks every flow-matching transformer family passes, shared by tests/families/test_qwen_image.py and
-tests/families/test_z_image.py: training moves the right weights and starts at log 2, the files it writes load back through the pipeline's own
-loaders and reproduce the trained predictions, both safeguard spaces run, a cached run equals an uncached one.
+tests/families/test_z_image.py: training moves the right weights and starts at log 2, the files it writes load back
+through the pipeline's own loaders and reproduce the trained predictions, both safeguard spaces run, a cached run
+equals an uncached one.
 
 Each check takes a ``FlowCase``: how to build the tiny pipeline, its diffusers classes and the test's sequence length.
 :class:`FlowFamilyTrainingChecks` runs them all as test methods for a family's test module.

@@ -1,5 +1,5 @@
-"""One process of a two-process SmPO training with ReNoise inversion (``tests/families/test_inversion.py``):
-records, per step, this process's timesteps and how often its inversion called the network, into ``<result>.<rank>.json``.
+"""One process of a two-process SmPO training with ReNoise inversion (``tests/families/test_inversion.py``): records,
+per step, this process's timesteps and how often its inversion called the network, into ``<result>.<rank>.json``.
 
     accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml --num_processes 2 \
         tests/inversion_worker.py <result> <safeguard_space>

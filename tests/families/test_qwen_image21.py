@@ -247,8 +247,8 @@ def test_validation_sampling_passes_no_guidance_scale_and_refuses_one_it_cannot_
 
 def test_the_exact_safeguard_splits_padded_prompts_by_branch_and_by_pair(tmp_path) -> None:
     """tests/safeguard/test_one_pass_safeguard.py's checks (its prompts are equally long) on prompts of different
-    lengths, so that the call pads: the one-pass stage's lambda and gradients equal the per-branch passes', and the per-pair
-    scope's lambdas equal explicit per-pair autograd."""
+    lengths, so that the call pads: the one-pass stage's lambda and gradients equal the per-branch passes', and the
+    per-pair scope's lambdas equal explicit per-pair autograd."""
     from test_one_pass_safeguard import (
         _double,
         assert_equal_gradients,
