@@ -10,6 +10,7 @@ rename, renames a folder out of the way before deleting it, and never deletes th
 left by a kill (``.tmp-*``, ``.trash-*``) are finished or removed when training starts again
 (:func:`recover_interrupted_saves`). A save failing with an ``OSError`` (a full disk) removes its staging folder and
 raises :class:`CheckpointSaveError` naming the folder and the bytes needed; the previous checkpoints are untouched.
+The trainer's saves and resumes go through :class:`~trl_diffusion_sdpo.io.run_files.RunFiles`, which uses these.
 
 On resume a checkpoint is checked before use: every file of the manifest is present with its size, JSON files
 parse, safetensors headers parse and agree with the file size, torch files open as zip archives, and every file's
@@ -40,7 +41,10 @@ __all__ = [
     "CheckpointSaveError",
     "checkpoint_problem",
     "complete_checkpoints",
+    "folder_bytes",
+    "free_bytes",
     "is_checkpoint_folder",
+    "is_save_failure",
     "publish_checkpoint",
     "recover_interrupted_saves",
     "resolve_resume_checkpoint",
