@@ -286,8 +286,6 @@ class DiffusionSDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ the step
 
-    # ------------------------------------------------------------------ the step
-
     def train(self, *args, **kwargs):
         """``transformers.Trainer.train``, resumed only from a complete checkpoint (:meth:`.RunFiles.train`)."""
         # Clipping and zeroing walk the trainable weights only, listed once (step.optimizer), unless FSDP swaps them.
