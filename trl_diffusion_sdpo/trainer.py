@@ -41,7 +41,7 @@ from .step.draws import MicroBatchDraws
 from .step.guard import NonFiniteLossGuard, NonFiniteTracker
 from .step.health import WinnerHealthCallback
 from .step.metrics import metric_names, record_metrics, reduce_metrics
-from .step.optimizer import clip_divisor, trainable_parameters, zeroing_only
+from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zeroing_only
 from .step.optimizer import grad_norm as trainable_grad_norm
 from .step.parameter_space import ParameterSpaceBackward
 from .step.pipeline import Augmentation, MicroBatchStages
@@ -268,7 +268,9 @@ class DiffusionSDPOTrainer(Trainer):
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.family.denoiser
 
     def _fused_optimizer(self) -> torch.optim.Optimizer | None:
-        return self.nonfinite.fused_optimizer()
+        return fused_scaling_optimizer(
+            getattr(self, "optimizer", None), self.accelerator.scaler, self.engine.manages_gradients
+        )
 
     # ------------------------------------------------------------------ files: each hook handed to self.files
 
