@@ -34,9 +34,7 @@ from .data.training_data import prepare_training_data
 from .distributed import check_not_partitioned, check_one_device_per_process, load_pipeline
 from .engines import Engine, engine_for
 from .families import ModelFamily, Noiser, family_for_pipeline
-from .io.checkpoints import AtomicCheckpoints
-from .io.denoiser_saving import DenoiserSaving
-from .io.publishing import HubPublishing
+from .io.run_files import RunFiles, files_hook
 from .io.trackers import make_config_trackable
 from .objectives import objective_from_config
 from .reference import reference_for
@@ -47,7 +45,7 @@ from .step.draws import MicroBatchDraws
 from .step.guard import NonFiniteLossGuard, NonFiniteTracker
 from .step.health import WinnerHealthCallback
 from .step.metrics import metric_names, record_metrics, reduce_metrics
-from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zero_grads
+from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zeroing_only
 from .step.optimizer import grad_norm as trainable_grad_norm
 from .step.pipeline import Augmentation, MicroBatchStages
 from .step.predictions import evaluate_objective
@@ -66,7 +64,7 @@ __all__ = ["DiffusionSDPOTrainer"]
 logger = logging.getLogger(__name__)
 
 
-class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Trainer):
+class DiffusionSDPOTrainer(Trainer):
     """Preference tuning of a Stable Diffusion (1.x, 2.x, XL) UNet, or an SD3 / SD3.5 or FLUX.1 transformer (flow
     matching), with Diffusion-DPO or Diffusion-SDPO.
 
@@ -123,7 +121,7 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
         check_one_device_per_process(args)
         self.args_as_given = args  # what training_config.json stores
-        self._model_card_args: dict[str, Any] = {}
+        self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
         # Seeded before LoRA adapters are initialised, so their random init is the same on every run.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
@@ -180,22 +178,12 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             self.reference.dtype = None  # the policy's inputs as they are
             self.reference.precision = self.accelerator.autocast
             self.reference.mode_of = self._policy
-        several = self.accelerator.num_processes > 1
-        self.nonfinite = NonFiniteTracker(
-            args.on_nonfinite_loss,
-            engine_skips=self.engine.skips_nonfinite_steps,
-            reduce_sum=(lambda t: self.accelerator.reduce(t, reduction="sum")) if several else None,
-            fused_optimizer=self._fused_optimizer,
-            zero_grads=lambda: self.model.zero_grad(set_to_none=True),
-            save_checkpoint=lambda: self._save_checkpoint(self.model, trial=None),
-            gradient_scaler=lambda: self.accelerator.scaler is not None,
-            device=args.device,
-        )
+        self.nonfinite = NonFiniteTracker(args.on_nonfinite_loss, self.engine, self.accelerator, self.files)
         self.add_callback(NonFiniteLossGuard(self.nonfinite))
         self.stream_guard = StreamGuard(self)  # an optimizer step without a valid pair is never applied
         self.add_callback(self.stream_guard)
         self.add_callback(StartSummary(self))  # the effective rate, schedule and safeguard; warnings on traps
-        self.callback_handler.callbacks.insert(0, WinnerHealthCallback())  # first: the trackers see its metric
+        self.callback_handler.callbacks.insert(0, WinnerHealthCallback())  # before the trackers (callbacks= appends)
         if args.validation_prompts:
             self._add_validation(args)
 
@@ -253,23 +241,34 @@ class DiffusionSDPOTrainer(DenoiserSaving, AtomicCheckpoints, HubPublishing, Tra
             getattr(self, "optimizer", None), self.accelerator.scaler, self.engine.manages_gradients
         )
 
+    # ------------------------------------------------------------------ files: each hook handed to self.files
+
+    save_model = files_hook("save_model")
+    _save = files_hook("save_weights")
+    _load_from_checkpoint = files_hook("load_weights")
+    _load_best_model = files_hook("load_best_model")
+    _save_optimizer_and_scheduler = files_hook("save_optimizer_and_scheduler")
+    _load_optimizer_and_scheduler = files_hook("load_optimizer_and_scheduler")
+    _save_checkpoint = files_hook("save_checkpoint")
+    create_model_card = files_hook("create_model_card")
+    init_hf_repo = files_hook("init_hf_repo")
+    _push_from_checkpoint = files_hook("push_from_checkpoint")
+    push_to_hub = files_hook("push_to_hub")
+
     # ------------------------------------------------------------------ the step
 
     def train(self, *args, **kwargs):
-        # Only trainable weights ever hold gradients: clipping and zeroing walk those, listed once, instead of every
-        # module of the denoiser (thousands with LoRA adapters: milliseconds per step). See :mod:`.step.optimizer`.
-        # Not where the engine replaces the parameters inside super().train() (FSDP).
-        with self.mixed_precision_forward.running():  # after it, the pipeline samples in place
-            if self.engine.replaces_parameters_in_train:
-                return super().train(*args, **kwargs)
-            policy = self._policy()
-            self._trainable = trainable_parameters(policy)
-            policy.zero_grad = lambda set_to_none=True: zero_grads(self._trainable, set_to_none)
-            self.nonfinite.reset()
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                del policy.zero_grad  # back to Module.zero_grad
+        """``transformers.Trainer.train``, resumed only from a complete checkpoint (:meth:`.RunFiles.train`)."""
+        # Clipping and zeroing walk the trainable weights only, listed once (step.optimizer), unless FSDP swaps them.
+        lean = not self.engine.replaces_parameters_in_train
+        self._trainable = trainable_parameters(self._policy()) if lean else self._trainable
+        self.nonfinite.reset()  # what an interrupted train() left in the fused optimizer
+        with self.mixed_precision_forward.running(), zeroing_only(self._policy(), self._trainable if lean else None):
+            return self.files.train(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        self.nonfinite.optimizer = super().create_optimizer(model)  # the guard drops and skips through it
+        return self.nonfinite.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One micro-batch: batch -> noised pair -> the safeguard's step (predictions -> errors -> objective -> lambda

@@ -67,6 +67,7 @@ class _TwoProcesses:
 
     num_processes = 2
     device = "cpu"
+    scaler = None
 
     def __init__(self, other: list[float]) -> None:
         self.other = torch.tensor(other)
@@ -75,6 +76,9 @@ class _TwoProcesses:
     def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
         self.calls += 1
         return tensor + self.other.to(tensor)
+
+
+_ENGINE = SimpleNamespace(skips_nonfinite_steps=False, manages_gradients=False)  # plain DDP
 
 
 @pytest.mark.parametrize("skip_invalid_rows", [False, True])
@@ -101,27 +105,16 @@ def test_the_non_finite_flag_is_reduced_on_a_process_that_flagged_nothing():
     the reduction (a process that skipped it left the other's unmatched) and both skip."""
     accelerator = _TwoProcesses([1.0])
     zeroed = []
-    tracker = NonFiniteTracker(
-        "skip",
-        engine_skips=False,
-        reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
-        fused_optimizer=lambda: None,
-        zero_grads=lambda: zeroed.append(True),
-        save_checkpoint=lambda: None,
-    )
+    tracker = NonFiniteTracker("skip", _ENGINE, accelerator, checkpoints=None)
+    tracker.optimizer = SimpleNamespace(zero_grad=lambda set_to_none: zeroed.append(set_to_none))  # not fused
     tracker.before_optimizer_step(0, "out")
     assert accelerator.calls == 1 and zeroed == [True] and tracker.skipped == 1
 
 
 def test_one_process_with_nothing_flagged_reduces_nothing():
-    tracker = NonFiniteTracker(
-        "skip",
-        engine_skips=False,
-        reduce_sum=None,
-        fused_optimizer=lambda: None,
-        zero_grads=lambda: pytest.fail("nothing was flagged"),
-        save_checkpoint=lambda: None,
-    )
+    one_process = SimpleNamespace(num_processes=1, device="cpu", scaler=None)
+    tracker = NonFiniteTracker("skip", _ENGINE, one_process, checkpoints=None)
+    tracker.optimizer = SimpleNamespace(zero_grad=lambda set_to_none: pytest.fail("nothing was flagged"))
     tracker.before_optimizer_step(0, "out")
     assert tracker.skipped == 0
 

@@ -310,3 +310,41 @@ def test_model_card_shows_the_validation_grid_and_a_hub_widget():
     assert meta["widget"] == [{"text": "a red square", "output": {"url": "validation/step-000020.png"}}]
     assert "![validation samples](validation/step-000020.png)" in str(card) and "at step 20" in str(card)
     assert 'pipe.load_lora_weights("<this repo>")' in str(card)  # no hub_model_id given
+
+
+# transformers.Trainer's file hooks -> the method of the trainer's RunFiles (trainer.files) that does its work.
+FILE_HOOKS = {
+    "save_model": "save_model",
+    "_save": "save_weights",
+    "_save_checkpoint": "save_checkpoint",
+    "_load_from_checkpoint": "load_weights",
+    "_load_best_model": "load_best_model",
+    "_save_optimizer_and_scheduler": "save_optimizer_and_scheduler",
+    "_load_optimizer_and_scheduler": "load_optimizer_and_scheduler",
+    "create_model_card": "create_model_card",
+    "init_hf_repo": "init_hf_repo",
+    "_push_from_checkpoint": "push_from_checkpoint",
+    "push_to_hub": "push_to_hub",
+}
+
+
+def test_each_file_hook_is_overridden_once_and_goes_to_the_trainers_files(make_trainer):
+    """No mixin between the trainer and transformers.Trainer: each of transformers' save, load and Hub hooks is
+    defined by the trainer alone and hands its arguments, unchanged, to the one object that owns the run's files."""
+    from transformers import Trainer
+
+    from trl_diffusion_sdpo import DiffusionSDPOTrainer
+
+    trainer = make_trainer(lora=True, max_steps=1)
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: calls.append((name, args, kwargs)) or f"{name} result"
+
+    trainer.files = Recorder()
+    for hook, method in FILE_HOOKS.items():
+        assert [c for c in type(trainer).__mro__ if hook in vars(c)] == [DiffusionSDPOTrainer, Trainer], hook
+        assert getattr(trainer, hook)("folder", flag=True) == f"{method} result"
+        assert calls.pop() == (method, ("folder",), {"flag": True})
+    assert calls == []

@@ -1,6 +1,6 @@
 """What leaves the trainer: weights in diffusers' formats (:mod:`.saving`), model cards and Hub uploads
-(:mod:`.hub`; the trainer's side in :mod:`.publishing`), atomic checkpoints (:mod:`.checkpoints`), and the model's
-config as trackers read it (:mod:`.trackers`)."""
+(:mod:`.hub`), atomic checkpoints (:mod:`.checkpoints`), all of it done for the trainer by one object,
+``trainer.files`` (:mod:`.run_files`), and the model's config as trackers read it (:mod:`.trackers`)."""
 
 from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
 from .saving import (

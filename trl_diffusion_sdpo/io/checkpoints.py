@@ -10,6 +10,7 @@ rename, renames a folder out of the way before deleting it, and never deletes th
 left by a kill (``.tmp-*``, ``.trash-*``) are finished or removed when training starts again
 (:func:`recover_interrupted_saves`). A save failing with an ``OSError`` (a full disk) removes its staging folder and
 raises :class:`CheckpointSaveError` naming the folder and the bytes needed; the previous checkpoints are untouched.
+The trainer's saves and resumes go through :class:`~trl_diffusion_sdpo.io.run_files.RunFiles`, which uses these.
 
 On resume a checkpoint is checked before use: every file of the manifest is present with its size, JSON files
 parse, safetensors headers parse and agree with the file size, torch files open as zip archives, and every file's
@@ -29,32 +30,28 @@ import re
 import shutil
 import struct
 import zipfile
-from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .preemption import PreemptionCallback, parse_signals, preemption_signal_handlers
-from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
-from .run_lock import RunLock, RunLockedError
 from .saving import has_saved_weights
-
-if TYPE_CHECKING:
-    from transformers import Trainer
 
 __all__ = [
     "MANIFEST_NAME",
-    "AtomicCheckpoints",
     "CheckpointError",
     "CheckpointSaveError",
     "checkpoint_problem",
     "complete_checkpoints",
+    "folder_bytes",
+    "free_bytes",
     "is_checkpoint_folder",
+    "is_save_failure",
     "publish_checkpoint",
     "recover_interrupted_saves",
     "resolve_resume_checkpoint",
+    "resume_view_folder",
     "rotate_checkpoints",
+    "save_failure",
+    "staging_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -338,18 +335,18 @@ def recover_interrupted_saves(run_dir: str) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _folder_bytes(folder: str) -> int:
+def folder_bytes(folder: str) -> int:
     return sum(_files(folder).values()) if os.path.isdir(folder) else 0
 
 
-def _free_bytes(folder: str) -> int | None:
+def free_bytes(folder: str) -> int | None:
     try:
         return shutil.disk_usage(folder).free
     except OSError:
         return None
 
 
-def _is_save_failure(err: BaseException, free: int | None) -> bool:
+def is_save_failure(err: BaseException, free: int | None) -> bool:
     """Whether ``err`` raised while writing files is the filesystem's doing. An ``OSError`` is; other errors count when
     less than 1 MiB is left, as a full disk reaches torch (``RuntimeError: ... iostream error``) and safetensors
     (``SafetensorError``) as their own error types."""
@@ -366,12 +363,12 @@ def save_failure(err: BaseException, folder: str, run_dir: str, written: int, fr
     one save to the next), else at least the ``written`` bytes that fit before the failure."""
     previous = next(iter(complete_checkpoints(run_dir, verify_checksums=False)), None) if run_dir else None
     need = (
-        f"about {_folder_bytes(previous)} bytes (the size of {previous})"
+        f"about {folder_bytes(previous)} bytes (the size of {previous})"
         if previous
         else f"more than the {written} bytes written before the failure"
     )
     number = getattr(err, "errno", None)
-    if not isinstance(err, OSError):  # diagnosed by the free space left (see _is_save_failure)
+    if not isinstance(err, OSError):  # diagnosed by the free space left (see is_save_failure)
         number = errno.ENOSPC
     full = number in (errno.ENOSPC, errno.EDQUOT)
     cause = "the disk is full" if full else "an I/O error"
@@ -383,144 +380,3 @@ def save_failure(err: BaseException, folder: str, run_dir: str, written: int, fr
         f"save was removed. {kept}Free space (or lower save_total_limit) and resume with "
         "resume_from_checkpoint=True.",
     )
-
-
-class AtomicCheckpoints:
-    """``transformers.Trainer`` mixin: atomic, checksummed checkpoint saves; resuming only from complete ones.
-
-    ``_save_checkpoint`` does what transformers' does (weights, optimizer, scheduler, scaler, RNG state, trainer
-    state, Hub push, rotation) but into a staging folder published by :func:`publish_checkpoint`, with
-    ``run_identity.json`` beside the weights; a save failing with an ``OSError`` leaves no partial folder and raises
-    :class:`CheckpointSaveError`. ``train`` takes the output folder's lock (:mod:`.run_lock`), finishes or removes
-    what an interrupted save left, resolves ``resume_from_checkpoint`` with :func:`resolve_resume_checkpoint`,
-    compares the checkpoint's config with the new one (:mod:`.resume_check`) and handles preemption signals
-    (:mod:`.preemption`) while training runs.
-    """
-
-    def train(self: Trainer, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        lock = self._lock_output_dir()
-        view = None
-        try:
-            if self.args.should_save:
-                recover_interrupted_saves(self.args.output_dir)
-            self.accelerator.wait_for_everyone()
-            resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-            if resume_from_checkpoint is not None:
-                check_resume_config(resume_from_checkpoint, self)
-                saved = read_run_identity(resume_from_checkpoint) or {}
-                if saved.get("num_processes", self.accelerator.num_processes) != self.accelerator.num_processes:
-                    # another number of processes (resume_world): the engine says what to load from
-                    view = resume_view_folder(resume_from_checkpoint)
-                    resume_from_checkpoint = self.engine.resume_on_other_count(
-                        resume_from_checkpoint, saved["num_processes"], view
-                    )
-            callback = next((c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
-            if callback is None:
-                callback = PreemptionCallback(self)
-                self.add_callback(callback)
-            signals = parse_signals(getattr(self.args, "preemption_signals", None))
-            callback.enabled = bool(signals)
-            with preemption_signal_handlers(callback, signals):
-                return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:
-            if view is not None:  # every process is done reading it
-                self.accelerator.wait_for_everyone()
-                if self.args.should_save:
-                    shutil.rmtree(view, ignore_errors=True)  # links and the converted state, never the checkpoint
-            if lock is not None:
-                lock.release()
-
-    def _lock_output_dir(self: Trainer) -> RunLock | None:
-        """Process 0 locks ``output_dir``; every process learns whether it was refused (one scalar all-reduce), so
-        none waits at a barrier for a process that stopped."""
-        lock, error = None, None
-        if self.args.process_index == 0:
-            lock = RunLock(self.args.output_dir)
-            try:
-                lock.acquire()
-            except RunLockedError as err:
-                lock, error = None, err
-        if self.accelerator.num_processes > 1:
-            flag = torch.full((), float(error is not None), device=self.accelerator.device)
-            if self.accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:
-                error = RunLockedError(f"{self.args.output_dir} is in use by another training run (see process 0)")
-        if error is not None:
-            raise error
-        return lock
-
-    def _load_optimizer_and_scheduler(self: Trainer, checkpoint: str | None) -> None:
-        # The restored scheduler state holds the old base learning rates; a rate changed at resume must win.
-        fresh = list(getattr(self.lr_scheduler, "base_lrs", []))
-        with self.engine.loading_optimizer():
-            super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and fresh and apply_new_learning_rates(self.lr_scheduler, self.optimizer, fresh):
-            logger.info("Learning rate(s) %s applied from the resumed step on", fresh)
-
-    def save_model(self: Trainer, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        try:
-            return super().save_model(output_dir, _internal_call)
-        except CheckpointSaveError:
-            raise
-        except Exception as err:
-            folder = output_dir if output_dir is not None else self.args.output_dir
-            free = _free_bytes(folder if os.path.isdir(folder) else self.args.output_dir)
-            if _internal_call or not _is_save_failure(err, free):  # inside _save_checkpoint, which reports it
-                raise
-            raise save_failure(err, folder, self.args.output_dir, 0, free) from err
-
-    def _save_checkpoint(self: Trainer, model, trial) -> None:
-        args, state = self.args, self.state
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        run_dir = self._get_output_dir(trial=trial)
-        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        staging = staging_folder(final)
-        if args.should_save and os.path.exists(staging):
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()  # no process writes into a staging folder being cleared
-        try:
-            self._write_checkpoint(staging, final, run_dir)
-        except Exception as err:
-            # Only the staging folder is removed: the complete checkpoints are untouched, and rotation (below) never
-            # ran. Under several processes the others are left at a barrier; the job fails on this error.
-            written, free = _folder_bytes(staging), _free_bytes(run_dir)
-            if args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            if not _is_save_failure(err, free):
-                raise
-            raise save_failure(err, final, run_dir, written, free) from err
-        self.accelerator.wait_for_everyone()
-        if args.push_to_hub:
-            self._push_from_checkpoint(final)
-        if args.should_save:
-            rotate_checkpoints(run_dir, args.save_total_limit, keep=[final, state.best_model_checkpoint])
-
-    def _write_checkpoint(self: Trainer, staging: str, final: str, run_dir: str) -> None:
-        """Every file of the checkpoint into ``staging``, then (main process) the manifest and the rename."""
-        args, state = self.args, self.state
-        self.save_model(staging, _internal_call=True)
-        if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and (
-            state.best_global_step
-        ):
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
-            if state.best_global_step == state.global_step or os.path.exists(best):
-                state.best_model_checkpoint = best  # its final name, which the trainer state records
-        if not args.save_only_model:
-            self._save_optimizer_and_scheduler(staging)
-            self._save_scaler(staging)
-            self._save_rng_state(staging)
-        if args.should_save:
-            write_run_identity(self, staging)
-            for callback in [
-                c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)
-            ]:
-                name, callback_state = callback.__class__.__name__, callback.state()
-                if isinstance(state.stateful_callbacks[name], list):
-                    state.stateful_callbacks[name].append(callback_state)
-                else:
-                    state.stateful_callbacks[name] = callback_state
-            state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
-
-        self.accelerator.wait_for_everyone()  # every process's files (RNG states, engine shards) are written
-        if args.should_save:
-            publish_checkpoint(staging, final)

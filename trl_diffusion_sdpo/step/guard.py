@@ -3,17 +3,24 @@
 The trainer flags a non-finite micro-batch loss, and a non-finite gradient norm (an inf in one gradient element
 with a finite loss makes the clip divisor infinite and the update NaN), on the device (:meth:`NonFiniteTracker.flag`);
 the tracker turns the flag into a skipped optimizer step (or a checkpoint and an error) without making the host wait
-every step. It owns its counters; what it needs of the run (the optimizer, a reduction, a save) it is given.
+every step. It owns its counters; it is given the run's engine, accelerator and optimizer, and what saves a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .optimizer import fused_scaling_optimizer
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..engines import Engine
 
 __all__ = ["NonFiniteLossGuard", "NonFiniteTracker", "flag_nonfinite"]
 
@@ -40,7 +47,7 @@ class NonFiniteTracker:
     parameters: no moment update, no weight decay. Where the engine skips overflowing steps itself (DeepSpeed), the
     tracker only counts.
 
-    Under fp16 with a gradient scaler (``gradient_scaler()`` true) a non-finite gradient norm with a finite loss is an
+    Under fp16 with a gradient scaler (``accelerator.scaler``) a non-finite gradient norm with a finite loss is an
     ordinary overflow of the scaled gradients: the scaler skips that step and lowers its scale, as it is made to, so
     the tracker leaves it alone (it neither drops the gradients, which would hide the overflow from the scaler, nor
     counts it, nor raises). A non-finite loss is still the tracker's.
@@ -51,37 +58,27 @@ class NonFiniteTracker:
     Args:
         on_nonfinite: ``"skip"`` (warn and go on) or ``"raise"`` (save a checkpoint of the last good state, then
             raise).
-        engine_skips: whether the engine already skipped the update (DeepSpeed).
-        reduce_sum: sums the flag over processes (``None`` on one process).
-        fused_optimizer: returns the fused optimizer that can skip on the device, or ``None``.
-        zero_grads: drops every gradient.
-        save_checkpoint: saves a checkpoint of the current (last good) state.
-        gradient_scaler: whether an fp16 gradient scaler checks the gradients for overflow itself.
-        device: where the flag lives (a process with nothing flagged joins the reduction with a zero there).
+        engine: the run's engine: whether it skips non-finite updates itself (DeepSpeed), or manages the gradients
+            (then no fused skip).
+        accelerator: the run's accelerator: its processes (the flag's reduction), gradient scaler and device.
+        checkpoints: what saves a checkpoint of the current (last good) state: ``checkpoints.save_checkpoint()``
+            (the trainer's :class:`~trl_diffusion_sdpo.io.run_files.RunFiles`).
+
+    The optimizer is handed over when the trainer creates it (:attr:`optimizer`): a flagged step's gradients are
+    dropped through it (its parameters are the trained ones), and its fused step skips the update on the device.
     """
 
-    def __init__(
-        self,
-        on_nonfinite: str,
-        *,
-        engine_skips: bool,
-        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None,
-        fused_optimizer: Callable[[], torch.optim.Optimizer | None],
-        zero_grads: Callable[[], None],
-        save_checkpoint: Callable[[], None],
-        gradient_scaler: Callable[[], bool] = lambda: False,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    def __init__(self, on_nonfinite: str, engine: Engine, accelerator: Accelerator, checkpoints: Any) -> None:
         self.on_nonfinite = on_nonfinite
-        self.gradient_scaler, self.device = gradient_scaler, device
-        self.engine_skips = engine_skips
-        self.reduce_sum = reduce_sum
-        self.fused_optimizer = fused_optimizer
-        self.zero_grads = zero_grads
-        self.save_checkpoint = save_checkpoint
+        self.engine, self.accelerator, self.checkpoints = engine, accelerator, checkpoints
+        self.optimizer: torch.optim.Optimizer | None = None  # set by the trainer's create_optimizer
         self.flag_value: torch.Tensor | None = None  # non-finite values seen since the last optimizer step
         self.skipped = 0  # optimizer steps skipped so far, as read by the host
         self.pending: torch.Tensor | None = None  # skips counted on the device, read when logging
+
+    def fused_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose fused step takes ``grad_scale`` and ``found_inf`` (:mod:`.optimizer`), or ``None``."""
+        return fused_scaling_optimizer(self.optimizer, self.accelerator.scaler, self.engine.manages_gradients)
 
     def flag(self, value: torch.Tensor) -> None:
         """Flag ``value`` (a micro-batch loss) if it is not finite; no host sync."""
@@ -90,7 +87,7 @@ class NonFiniteTracker:
     def flag_gradient_norm(self, norm: torch.Tensor) -> None:
         """Flag the step's pre-clip gradient ``norm`` if it is not finite (no host sync); under a gradient scaler
         an overflow is the scaler's to skip, not a non-finite step."""
-        if not self.gradient_scaler():
+        if self.accelerator.scaler is None:
             self.flag(norm)
 
     def reset(self) -> None:
@@ -101,11 +98,12 @@ class NonFiniteTracker:
 
     def before_optimizer_step(self, global_step: int, output_dir: str) -> None:
         flag, self.flag_value = self.flag_value, None
-        if self.reduce_sum is not None:  # every process, whatever it flagged: the reduction must be matched
-            flag = self.reduce_sum(flag if flag is not None else torch.zeros((), device=self.device))
+        if self.accelerator.num_processes > 1:  # every process, whatever it flagged: the reduction must be matched
+            flag = flag if flag is not None else torch.zeros((), device=self.accelerator.device)
+            flag = self.accelerator.reduce(flag, reduction="sum")
         elif flag is None:
             return
-        if self.engine_skips:
+        if self.engine.skips_nonfinite_steps:
             # DeepSpeed has already stepped, inside backward, and skipped the update: a non-finite loss makes the
             # gradient norm non-finite, which its ZeRO optimizers treat as an overflow. Count it, or stop.
             if bool(flag.item() > 0):
@@ -118,7 +116,7 @@ class NonFiniteTracker:
             self.pending = skipped if self.pending is None else self.pending + skipped
             return
         if bool(flag.item() > 0):
-            self.zero_grads()
+            self.optimizer.zero_grad(set_to_none=True)  # the trained weights' gradients: nothing is applied
             self._skip(global_step, output_dir)
 
     def after_optimizer_step(self) -> None:
@@ -144,7 +142,7 @@ class NonFiniteTracker:
     def _skip(self, global_step: int, output_dir: str) -> None:
         self.skipped += 1
         if self.on_nonfinite == "raise":
-            self.save_checkpoint()
+            self.checkpoints.save_checkpoint()
             raise RuntimeError(
                 f"Non-finite loss or gradient norm at optimizer step {global_step + 1}; the update was not applied "
                 f"and a checkpoint of the last good state was saved in "

@@ -15,6 +15,9 @@ update, no weight decay, step count unchanged) without the host ever waiting.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
@@ -24,6 +27,7 @@ __all__ = [
     "grad_norm",
     "trainable_parameters",
     "zero_grads",
+    "zeroing_only",
 ]
 
 
@@ -75,3 +79,21 @@ def fused_scaling_optimizer(
     if isinstance(optimizer, torch.optim.Optimizer) and getattr(optimizer, "_step_supports_amp_scaling", False):
         return optimizer
     return None
+
+
+@contextlib.contextmanager
+def zeroing_only(module: torch.nn.Module, parameters: list[torch.nn.Parameter] | None) -> Iterator[None]:
+    """Within the block, ``module.zero_grad`` walks only ``parameters`` (:func:`zero_grads`), not every module
+    (``None``: ``module.zero_grad`` as it is).
+
+    ``transformers.Trainer``'s loop calls ``model.zero_grad()`` itself after every optimizer step, with no hook to
+    override, so the module's own method is shadowed for the block's duration and restored after it, however it ends.
+    """
+    if parameters is None:
+        yield
+        return
+    module.zero_grad = lambda set_to_none=True: zero_grads(parameters, set_to_none)
+    try:
+        yield
+    finally:
+        del module.zero_grad  # back to Module.zero_grad

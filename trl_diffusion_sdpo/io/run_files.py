@@ -1,0 +1,442 @@
+"""Everything a training run writes and reads, held by the trainer as one object: ``trainer.files``.
+
+:class:`RunFiles` owns what ``transformers.Trainer`` does through its save, load, resume and Hub hooks, done the
+way this package needs:
+
+* weights in diffusers' formats (:mod:`.saving`): LoRA adapters (``pytorch_lora_weights.safetensors``) or the
+  denoiser's subfolder, never pickles, gathered first where the engine shards them
+  (:meth:`~trl_diffusion_sdpo.engines.Engine.gather_state_dict`) and loaded into its shards
+  (:meth:`~trl_diffusion_sdpo.engines.Engine.loading`);
+* checkpoints that appear whole or not at all, with a checksummed manifest (:mod:`.checkpoints`);
+* before training: the output folder's lock (:mod:`.run_lock`), recovery of interrupted saves, the checkpoint to
+  resume from, checked, its config compared with the new one (:mod:`.resume_check`), resuming on another number of
+  processes (:mod:`.resume_world`, through the engine), and preemption signals (:mod:`.preemption`) while it runs;
+* the model card and Hub pushes (:mod:`.hub`): transformers' versions copy files named as its own weights (none of
+  ours) and upload a pickled ``training_args.bin``.
+
+The trainer overrides each of those hooks once, as a call to the method here of the same purpose. Every step here
+that is itself a hook (``save_model`` inside a checkpoint save, ``_save`` inside ``save_model``, ...) is called on
+the trainer, so a subclass's override of it, or a test's wrapper, is the one that runs; where transformers' own
+implementation is wanted it is called explicitly as ``transformers.Trainer.<hook>(trainer, ...)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
+from transformers.utils import PushInProgress
+
+from . import checkpoints, saving
+from .checkpoints import (
+    TRAINER_STATE_NAME,
+    CheckpointSaveError,
+    folder_bytes,
+    free_bytes,
+    is_checkpoint_folder,
+    is_save_failure,
+    publish_checkpoint,
+    recover_interrupted_saves,
+    resolve_resume_checkpoint,
+    resume_view_folder,
+    save_failure,
+    staging_folder,
+)
+from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
+from .preemption import PreemptionCallback, parse_signals, preemption_signal_handlers
+from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
+from .run_lock import RunLock, RunLockedError
+
+__all__ = ["RunFiles", "files_hook"]
+
+logger = logging.getLogger(__name__)
+
+
+class RunFiles:
+    """The trainer's files: saving, loading, checkpoints, resume checks and the Hub, for ``trainer``.
+
+    Reads the trainer's ``args``, ``args_as_given`` (the config as given, which ``training_config.json`` stores),
+    ``state``, ``accelerator``, ``model``, ``engine``, ``family``, ``pipeline``, ``is_lora`` and ``base_model_name``;
+    keeps transformers' own ``hub_model_id`` and ``push_in_progress`` on the trainer, where transformers reads them.
+    Built before ``transformers.Trainer.__init__``, which may call :meth:`init_hf_repo`: it reads nothing at
+    construction.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.model_card_args: dict[str, Any] = {}  # create_model_card's arguments, remembered for later pushes
+
+    # ------------------------------------------------------------------ training, resumed from a complete checkpoint
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``transformers.Trainer.train`` under the output folder's lock, after finishing or removing what an
+        interrupted save left, from ``resume_from_checkpoint`` resolved and checked
+        (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), with the
+        preemption signals handled while it runs."""
+        trainer = self.trainer
+        lock = self._lock_output_dir()
+        view = None
+        try:
+            if trainer.args.should_save:
+                recover_interrupted_saves(trainer.args.output_dir)
+            trainer.accelerator.wait_for_everyone()
+            resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
+            if resume_from_checkpoint is not None:
+                check_resume_config(resume_from_checkpoint, trainer)
+                saved = read_run_identity(resume_from_checkpoint) or {}
+                processes = trainer.accelerator.num_processes
+                if saved.get("num_processes", processes) != processes:
+                    # another number of processes (resume_world): the engine says what to load from
+                    view = resume_view_folder(resume_from_checkpoint)
+                    resume_from_checkpoint = trainer.engine.resume_on_other_count(
+                        resume_from_checkpoint, saved["num_processes"], view
+                    )
+            callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
+            if callback is None:
+                callback = PreemptionCallback(trainer)
+                trainer.add_callback(callback)
+            signals = parse_signals(getattr(trainer.args, "preemption_signals", None))
+            callback.enabled = bool(signals)
+            with preemption_signal_handlers(callback, signals):
+                return Trainer.train(trainer, resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if view is not None:  # every process is done reading it
+                trainer.accelerator.wait_for_everyone()
+                if trainer.args.should_save:
+                    shutil.rmtree(view, ignore_errors=True)  # links and the converted state, never the checkpoint
+            if lock is not None:
+                lock.release()
+
+    def _lock_output_dir(self) -> RunLock | None:
+        """Process 0 locks ``output_dir``; every process learns whether it was refused (one scalar all-reduce), so
+        none waits at a barrier for a process that stopped."""
+        args, accelerator = self.trainer.args, self.trainer.accelerator
+        lock, error = None, None
+        if args.process_index == 0:
+            lock = RunLock(args.output_dir)
+            try:
+                lock.acquire()
+            except RunLockedError as err:
+                lock, error = None, err
+        if accelerator.num_processes > 1:
+            flag = torch.full((), float(error is not None), device=accelerator.device)
+            if accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:
+                error = RunLockedError(f"{args.output_dir} is in use by another training run (see process 0)")
+        if error is not None:
+            raise error
+        return lock
+
+    # ------------------------------------------------------------------ weights
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the LoRA adapters or the denoiser, in diffusers' format, to ``output_dir``.
+
+        Where the engine shards the weights (DeepSpeed ZeRO-3, FSDP2) they are first gathered (every process must
+        call this), so the files are the same as on one process whatever the engine's own save settings say. A
+        direct call failing on the filesystem (a full disk) raises :class:`.checkpoints.CheckpointSaveError`.
+        """
+        trainer = self.trainer
+        if trainer.engine.gathers_for_save():
+            state_dict = trainer.engine.gather_state_dict(trainer.model, trainable_only=trainer.is_lora)
+            trainer._save(output_dir, state_dict=state_dict)
+            trainer.accelerator.wait_for_everyone()
+            if trainer.args.push_to_hub and not _internal_call:
+                trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
+            return None
+        try:
+            return Trainer.save_model(trainer, output_dir, _internal_call)
+        except CheckpointSaveError:
+            raise
+        except Exception as err:
+            folder = output_dir if output_dir is not None else trainer.args.output_dir
+            free = free_bytes(folder if os.path.isdir(folder) else trainer.args.output_dir)
+            if _internal_call or not is_save_failure(err, free):  # inside save_checkpoint, which reports it
+                raise
+            raise save_failure(err, folder, trainer.args.output_dir, 0, free) from err
+
+    def save_weights(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """``_save``: the weights (``state_dict`` if given, gathered by the engine) and ``training_config.json``; the
+        whole pipeline beside them in an output folder, the denoiser alone in a checkpoint. Main process only."""
+        trainer = self.trainer
+        output_dir = output_dir if output_dir is not None else trainer.args.output_dir
+        if not trainer.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        denoiser = trainer.accelerator.unwrap_model(trainer.model)
+        name = trainer.family.denoiser_name
+        if trainer.is_lora:
+            pipeline_class = type(trainer.pipeline)
+            saving.save_lora_adapters(denoiser, output_dir, pipeline_class, state_dict=state_dict or None, prefix=name)
+        else:
+            saving.save_full_denoiser(denoiser, output_dir, state_dict=state_dict or None, subfolder=name)
+            # The whole pipeline in the output folder, only the denoiser in checkpoints (all that resuming reads).
+            # The other components are frozen: written once.
+            if not is_checkpoint_folder(output_dir) and not saving.has_pipeline_components(output_dir):
+                saving.save_pipeline_components(trainer.pipeline, output_dir, name)
+        # Plain JSON instead of transformers' pickled training_args.bin; the config as given (learning_rate before
+        # scale_lr), so that training again from the file does not scale it twice.
+        saving.write_training_config(trainer.args_as_given, output_dir)
+
+    def load_weights(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """``_load_from_checkpoint``: the LoRA adapters or the denoiser from a checkpoint, into the engine's
+        shards where it shards them."""
+        trainer = self.trainer
+        if not saving.has_saved_weights(resume_from_checkpoint):
+            raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {resume_from_checkpoint}")
+        denoiser = trainer.accelerator.unwrap_model(model if model is not None else trainer.model)
+        with trainer.engine.loading():
+            if trainer.is_lora:
+                saving.load_lora_adapters(denoiser, resume_from_checkpoint, prefix=trainer.family.denoiser_name)
+            else:
+                saving.load_full_denoiser(denoiser, resume_from_checkpoint, subfolder=trainer.family.denoiser_name)
+
+    def load_best_model(self) -> None:
+        """``_load_best_model``: the weights of the best checkpoint (``load_best_model_at_end``)."""
+        self.trainer._load_from_checkpoint(self.trainer.state.best_model_checkpoint)
+
+    def save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """transformers' save of the optimizer and scheduler, then what the engine removes from the checkpoint."""
+        Trainer._save_optimizer_and_scheduler(self.trainer, output_dir)
+        self.trainer.engine.clean_checkpoint(output_dir, self.trainer.args.should_save)
+
+    def load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """transformers' load of the optimizer and scheduler (within the engine's loading context); a learning rate
+        changed at resume wins over the restored scheduler's base rates."""
+        trainer = self.trainer
+        fresh = list(getattr(trainer.lr_scheduler, "base_lrs", []))
+        with trainer.engine.loading_optimizer():
+            Trainer._load_optimizer_and_scheduler(trainer, checkpoint)
+        if (
+            checkpoint is not None
+            and fresh
+            and apply_new_learning_rates(trainer.lr_scheduler, trainer.optimizer, fresh)
+        ):
+            logger.info("Learning rate(s) %s applied from the resumed step on", fresh)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, model: torch.nn.Module | None = None, trial: Any = None) -> None:
+        """``_save_checkpoint``: what transformers' does (weights, optimizer, scheduler, scaler, RNG state, trainer
+        state, Hub push, rotation), into a staging folder published whole by
+        :func:`.checkpoints.publish_checkpoint`, with ``run_identity.json`` beside the weights. A save failing on the
+        filesystem leaves no partial folder and raises :class:`.checkpoints.CheckpointSaveError`."""
+        trainer = self.trainer
+        args, state = trainer.args, trainer.state
+        if trainer.hp_search_backend is None and trial is None:
+            trainer.store_flos()
+        run_dir = trainer._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        staging = staging_folder(final)
+        if args.should_save and os.path.exists(staging):
+            shutil.rmtree(staging)
+        trainer.accelerator.wait_for_everyone()  # no process writes into a staging folder being cleared
+        try:
+            self._write_checkpoint(staging, final, run_dir)
+        except Exception as err:
+            # Only the staging folder is removed: the complete checkpoints are untouched, and rotation (below) never
+            # ran. Under several processes the others are left at a barrier; the job fails on this error.
+            written, free = folder_bytes(staging), free_bytes(run_dir)
+            if args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if not is_save_failure(err, free):
+                raise
+            raise save_failure(err, final, run_dir, written, free) from err
+        trainer.accelerator.wait_for_everyone()
+        if args.push_to_hub:
+            trainer._push_from_checkpoint(final)
+        if args.should_save:
+            # Looked up on the module at call time, as transformers' hooks are on the trainer.
+            checkpoints.rotate_checkpoints(run_dir, args.save_total_limit, keep=[final, state.best_model_checkpoint])
+
+    def _write_checkpoint(self, staging: str, final: str, run_dir: str) -> None:
+        """Every file of the checkpoint into ``staging``, then (main process) the manifest and the rename."""
+        trainer = self.trainer
+        args, state = trainer.args, trainer.state
+        trainer.save_model(staging, _internal_call=True)
+        if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and (
+            state.best_global_step
+        ):
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
+            if state.best_global_step == state.global_step or os.path.exists(best):
+                state.best_model_checkpoint = best  # its final name, which the trainer state records
+        if not args.save_only_model:
+            trainer._save_optimizer_and_scheduler(staging)
+            trainer._save_scaler(staging)
+            trainer._save_rng_state(staging)
+        if args.should_save:
+            write_run_identity(trainer, staging)
+            for callback in [
+                c for c in trainer.callback_handler.callbacks + [trainer.control] if isinstance(c, ExportableState)
+            ]:
+                name, callback_state = callback.__class__.__name__, callback.state()
+                if isinstance(state.stateful_callbacks[name], list):
+                    state.stateful_callbacks[name].append(callback_state)
+                else:
+                    state.stateful_callbacks[name] = callback_state
+            state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
+
+        trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, engine shards) are written
+        if args.should_save:
+            publish_checkpoint(staging, final)
+
+    # ------------------------------------------------------------------ the model card and the Hub
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+    ) -> None:
+        """Write ``README.md`` in ``output_dir`` (TRL's signature, plus transformers' ``license``): base model (when
+        a Hub id), dataset, method, usage, the last validation grid, key hyperparameters, framework versions and
+        citations. Arguments given once are remembered for the cards of later pushes."""
+        trainer = self.trainer
+        given = {"model_name": model_name, "dataset_name": dataset_name, "tags": tags, "license": license}
+        self.model_card_args.update({k: v for k, v in given.items() if v is not None})
+        if not trainer.is_world_process_zero():
+            return
+        args, card_args, family = trainer.args, self.model_card_args, trainer.family
+        hyperparameters: dict[str, Any] = {
+            "loss_type": args.loss_type,
+            "beta": args.beta,
+            "safeguard": args.safeguard,
+            "safeguard_mu": args.safeguard_mu if args.safeguard else None,
+            "safeguard_space": args.safeguard_space if args.safeguard else None,
+            "learning_rate": trainer.args_as_given.learning_rate,
+            "scale_lr": args.scale_lr,
+            "effective_learning_rate": args.learning_rate,
+            "effective_batch_size": args.world_size
+            * args.per_device_train_batch_size
+            * args.gradient_accumulation_steps,
+            "max_steps": trainer.state.max_steps or args.max_steps,
+            "resolution": args.resolution,
+            "tuning": "LoRA" if trainer.is_lora else f"full {family.denoiser_name.replace('unet', 'UNet')}",
+        }
+        if trainer.is_lora:
+            lora = trainer.accelerator.unwrap_model(trainer.model).peft_config["default"]
+            hyperparameters["lora_rank"] = lora.r
+            hyperparameters["lora_alpha"] = lora.lora_alpha
+        tags = card_args.get("tags") or []
+        hub_model_id = trainer.hub_model_id or args.hub_model_id
+        card = build_model_card(
+            base_model=trainer.base_model_name,
+            is_lora=trainer.is_lora,
+            method="Diffusion-SDPO" if args.safeguard else "Diffusion-DPO",
+            hyperparameters=hyperparameters,
+            tags=list(trainer._tag_names) + ([tags] if isinstance(tags, str) else list(tags)),
+            model_family=family.name,
+            model_name=card_args.get("model_name")
+            or (hub_model_id or os.path.basename(os.path.abspath(args.output_dir))).split("/")[-1],
+            hub_model_id=hub_model_id,
+            dataset_name=card_args.get("dataset_name"),
+            license=card_args.get("license"),
+            sample_grid=self._last_validation_grid(),
+            sample_prompt=(args.validation_prompts or [None])[0],
+            denoiser=(family.denoiser_name, type(family.denoiser).__name__),
+            pipeline_loads_lora=hasattr(type(trainer.pipeline), "load_lora_weights"),
+        )
+        os.makedirs(args.output_dir, exist_ok=True)
+        card.save(os.path.join(args.output_dir, "README.md"))
+
+    def _last_validation_grid(self) -> str | None:
+        """The newest ``validation/step-*.png`` in ``output_dir``, relative to it (for the model card)."""
+        folder = os.path.join(self.trainer.args.output_dir, "validation")
+        grids = sorted(f for f in os.listdir(folder) if f.startswith("step-")) if os.path.isdir(folder) else []
+        return f"validation/{grids[-1]}" if grids else None
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo (``hub_model_id``, else the output folder's name) through :mod:`.hub`."""
+        trainer = self.trainer
+        if not trainer.is_world_process_zero():
+            return
+        trainer.hub_model_id = create_hub_repo(
+            trainer.args.hub_model_id or os.path.basename(os.path.abspath(trainer.args.output_dir)),
+            token=token or trainer.args.hub_token,
+            private=private if private is not None else trainer.args.hub_private_repo,
+        )
+        trainer.push_in_progress = None
+
+    def push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``_push_from_checkpoint``: a save with ``push_to_hub`` copies the checkpoint's weights to ``output_dir``
+        (with the rest of the pipeline for full tuning, and a model card) and uploads it in the background."""
+        trainer = self.trainer
+        args = trainer.args
+        if not trainer.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
+            return
+        if (
+            not args.hub_always_push
+            and trainer.push_in_progress is not None
+            and not trainer.push_in_progress.is_done()
+        ):
+            return
+        trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
+        saving.copy_saved_model(checkpoint_folder, args.output_dir)
+        if not trainer.is_lora and not saving.has_pipeline_components(args.output_dir):
+            saving.save_pipeline_components(trainer.pipeline, args.output_dir, trainer.family.denoiser_name)
+        trainer.create_model_card()
+        checkpoint_path = {
+            HubStrategy.CHECKPOINT: "last-checkpoint",
+            HubStrategy.ALL_CHECKPOINTS: os.path.basename(checkpoint_folder),
+        }.get(args.hub_strategy)
+        jobs = push_checkpoint(
+            args.output_dir,
+            checkpoint_folder,
+            trainer.hub_model_id,
+            commit_message=f"Training in progress, step {trainer.state.global_step}",
+            push_checkpoint_folder=checkpoint_path,
+            token=args.hub_token,
+            revision=args.hub_revision,
+        )
+        if trainer.push_in_progress is None or trainer.push_in_progress.is_done():
+            trainer.push_in_progress = PushInProgress(jobs)
+        else:
+            trainer.push_in_progress.jobs.extend(jobs)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Save the weights and a model card (``kwargs``: :meth:`create_model_card`'s) to ``output_dir`` and upload
+        that folder to ``hub_model_id``, once the checkpoint pushes still running are done."""
+        trainer = self.trainer
+        args = trainer.args
+        trainer.save_model(_internal_call=True)
+        if not trainer.is_world_process_zero():
+            return None
+        trainer.create_model_card(**kwargs)
+        trainer._finish_current_push()
+        repo_id = trainer.hub_model_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        return upload_folder_to_hub(
+            args.output_dir,
+            repo_id,
+            token=token or args.hub_token,
+            private=private if private is not None else args.hub_private_repo,
+            revision=revision or args.hub_revision,
+            commit_message=commit_message or "End of training",
+        )
+
+
+def files_hook(name: str) -> Callable[..., Any]:
+    """A trainer method that hands the call to ``trainer.files.<name>`` (:class:`RunFiles`), with that method's
+    signature and docstring: each of transformers' file hooks is overridden once, as one such line."""
+    target = getattr(RunFiles, name)
+
+    @functools.wraps(target)
+    def hook(trainer: Trainer, *args: Any, **kwargs: Any) -> Any:
+        return getattr(trainer.files, name)(*args, **kwargs)
+
+    return hook
