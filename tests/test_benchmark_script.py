@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "speed" / "step_time.py"
 
 
 @pytest.mark.slow
@@ -47,13 +48,9 @@ def test_step_time_script_writes_every_requested_row(tmp_path):
 def _step_time_module():
     import importlib.util
 
-    sys.path.insert(0, str(SCRIPT.parent))  # its harness
-    try:
-        spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # it puts the repository root on sys.path for benchmarks.harness
     return module
 
 
@@ -81,7 +78,7 @@ def test_the_paired_ratio_divides_each_step_by_the_dpo_step_of_its_cycle():
 @pytest.mark.slow
 def test_soak_script_records_every_step_and_keeps_the_last_two_checkpoints(tmp_path):
     output = tmp_path / "soak.json"
-    script = SCRIPT.parent / "soak.py"
+    script = ROOT / "benchmarks" / "smoke" / "soak.py"
     command = [
         sys.executable,
         str(script),
@@ -190,11 +187,11 @@ def test_one_pass_routes_layer_replay_runs_every_tapped_layer_under_its_tap(tmp_
     rows = report["layers"]
     from diffusers import UNet2DConditionModel
 
-    sys.path.insert(0, str(SCRIPT.parent))
+    sys.path.insert(0, str(ROOT))
     try:
-        from one_pass_routes import TINY_UNET
+        from benchmarks.speed.one_pass_routes import TINY_UNET
     finally:
-        sys.path.remove(str(SCRIPT.parent))
+        sys.path.remove(str(ROOT))
     from trl_diffusion_sdpo.step.layer_taps import LayerTaps
 
     unet = UNet2DConditionModel(**TINY_UNET)

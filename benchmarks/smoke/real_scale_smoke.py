@@ -11,7 +11,7 @@ CLIP ViT-H/14. Then, through the same entry points a user runs:
 2. ``trl_diffusion_sdpo.evaluation.evaluate`` of the base and the trained UNet on ``--prompts`` prompts with the
    authors' protocol (Euler, 50 steps, 512 px, guidance 8.5) and PickScore; records seconds per image.
 
-    python benchmarks/real_scale_smoke.py --workdir /tmp/smoke --steps 30 --prompts 16
+    python benchmarks/smoke/real_scale_smoke.py --workdir /tmp/smoke --steps 30 --prompts 16
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the package and benchmarks.harness
 sys.path.insert(0, str(ROOT / "examples"))
 
-import harness  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 # CLIP ViT-H/14 (laion2B-s32B-b79K, PickScore_v1's architecture).
 VIT_H = {

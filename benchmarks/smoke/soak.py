@@ -11,7 +11,7 @@ saved a checkpoint, and the RSS at the window's end; the RSS growth and the medi
 against the first window after warm-up.
 Nothing is asserted. Example::
 
-    python benchmarks/soak.py --steps 2000 --save-steps 100 --output benchmarks/results/cpu-soak.json
+    python benchmarks/smoke/soak.py --steps 2000 --save-steps 100 --output benchmarks/results/cpu-soak-tiny.json
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from conftest import lora_config, pickapic_rows  # noqa: E402

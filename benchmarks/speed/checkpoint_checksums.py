@@ -1,6 +1,6 @@
 """The cost of the SHA-256 checksums in the checkpoint manifest, at save and at resume.
 
-    python benchmarks/checkpoint_checksums.py --out benchmarks/results/checkpoint-checksums-cpu.json
+    python benchmarks/speed/checkpoint_checksums.py --out benchmarks/results/cpu-checkpoint-checksums-tiny-100mb.json
 
 Two checkpoints are written with the files a real one holds: ``tiny`` (~150 kB: 12,600 float32 weights in
 safetensors and their AdamW moments in ``optimizer.pt``, the size of the test suite's LoRA run) and ``100mb``
@@ -33,7 +33,7 @@ from unittest import mock
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from trl_diffusion_sdpo.io import checkpoints  # noqa: E402
 
 SIZES = {"tiny": 12_600, "100mb": 8_333_333}  # float32 parameters (weights + AdamW state: 12 bytes each)

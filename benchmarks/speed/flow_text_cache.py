@@ -10,7 +10,7 @@ Three measurements, side by side in one run:
    downloaded), each encoder's parameter count and its forward cost per prompt, ``2 * parameters * tokens``
    multiply-adds counted as FLOPs (the embedding tables excluded: a lookup costs no multiply-adds).
 
-    python benchmarks/flow_text_cache.py --output benchmarks/results/flow-text-cache-cpu-tiny.json
+    python benchmarks/speed/flow_text_cache.py --output benchmarks/results/cpu-flow-text-cache-tiny.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.families import family_for_pipeline  # noqa: E402

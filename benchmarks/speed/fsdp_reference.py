@@ -1,6 +1,7 @@
 """The FSDP2 reference copy: sharded like the policy, or replicated whole on every process? Memory and time.
 
-    torchrun --nproc_per_node 2 benchmarks/fsdp_reference.py --out benchmarks/results/fsdp-reference-cpu-small.json
+    torchrun --nproc_per_node 2 benchmarks/speed/fsdp_reference.py \\
+        --out benchmarks/results/cpu-fsdp-reference-small.json
 
 Each process holds two frozen copies of the same UNet (``--preset``'s, random weights, float32 on CPU, bf16 on CUDA):
 one whole, one sharded with ``fully_shard`` the way :func:`trl_diffusion_sdpo.distributed.shard_reference_fsdp2`
@@ -22,13 +23,14 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import PRESETS, machine_description  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
+from benchmarks.harness import PRESETS, machine_description  # noqa: E402
 
 
 def shard(module: torch.nn.Module, mesh) -> list[int]:

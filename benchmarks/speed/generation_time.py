@@ -5,7 +5,7 @@ cost does not depend on the weights): Euler scheduler, 50 steps, classifier-free
 step), the native resolution, UNet and text encoders in bf16, VAE decode in float32, one prompt per batch as the
 authors' scripts, or larger batches. Output: median seconds per image after one warm-up, and the peak memory.
 
-    python benchmarks/generation_time.py --unet sd15 --batch-sizes 1,4
+    python benchmarks/speed/generation_time.py --unet sd15 --batch-sizes 1,4
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
 
-from harness import PRESETS, build_pipeline  # noqa: E402
+from benchmarks.harness import PRESETS, build_pipeline  # noqa: E402
 
 
 def time_generation(preset: str, batch_size: int, steps: int, repeats: int, device: str) -> dict:

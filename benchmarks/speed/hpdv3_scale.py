@@ -1,8 +1,8 @@
 """What reading HPDv3 at its published size costs: a synthetic ``train.json`` of ``--rows`` comparisons, read as
 ``trl-diffusion-sdpo train --dataset_name <folder>`` reads it.
 
-    python benchmarks/hpdv3_scale.py --rows 1170000 --output benchmarks/results/hpdv3-scale-cpu.json
-    python benchmarks/hpdv3_scale.py --rows 10000 100000 1170000 --output ...   # several sizes, one file
+    python benchmarks/speed/hpdv3_scale.py --rows 1170000 --output benchmarks/results/cpu-hpdv3-scale-1170k.json
+    python benchmarks/speed/hpdv3_scale.py --rows 10000 100000 1170000 --output ...   # several sizes, one file
 
 The synthetic annotation (assumptions, from ``docs/data.md``'s HPDv3 section and ``formats.read_hpd``):
 
@@ -46,10 +46,11 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import cpu_name, rss  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
+from benchmarks.harness import cpu_name, rss  # noqa: E402
 
 HPDV3_COMPARISONS = 1_170_000  # HPDv3 (MizzenAI/HPDv3): 1.17M annotated pairs of 1.08M images
 IMAGES_PER_PROMPT = 4

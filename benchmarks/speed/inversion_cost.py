@@ -9,8 +9,8 @@ mode: the median wall and process-CPU step time after warm-up, and the ratio to 
 points below its timestep, so a step costs on average about ``steps * renoise / 2`` extra no-grad forward passes of
 the batch (timesteps are uniform).
 
-    OMP_NUM_THREADS=1 python benchmarks/inversion_cost.py --runs uncached-full,uncached-lora \\
-        --output benchmarks/results/inversion-cost-cpu-small.json
+    OMP_NUM_THREADS=1 python benchmarks/speed/inversion_cost.py --runs uncached-full,uncached-lora \\
+        --output benchmarks/results/cpu-inversion-cost-small.json
 """
 
 from __future__ import annotations
@@ -22,10 +22,21 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-import torch
-from harness import Clock, add_setup_arguments, machine_description, make_trainer, resolve_setup
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
+
+
+import torch  # noqa: E402
+
+from benchmarks.harness import (  # noqa: E402
+    Clock,
+    add_setup_arguments,
+    machine_description,
+    make_trainer,
+    resolve_setup,
+)
 
 MODES = ("forward", "inversion-policy", "inversion-reference")
 

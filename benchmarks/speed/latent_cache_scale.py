@@ -1,7 +1,7 @@
 """The sharded latent cache's throughput, side by side with ``cache_latents``, and the arithmetic for Pick-a-Pic.
 
-    python benchmarks/latent_cache_scale.py --out benchmarks/results/latent-cache-cpu-small.json
-    python benchmarks/latent_cache_scale.py --preset sd15 --device cuda --pairs 256 --out ...   # on a GPU
+    python benchmarks/speed/latent_cache_scale.py --out benchmarks/results/cpu-latent-cache-small.json
+    python benchmarks/speed/latent_cache_scale.py --preset sd15 --device cuda --pairs 256 --out ...   # on a GPU
 
 Measured (one process, ``--preset`` models from ``benchmarks/harness.py`` with random weights, synthetic JPEG
 pairs at the preset's resolution):
@@ -30,13 +30,14 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
+from benchmarks.harness import (  # noqa: E402
     CLIP_BIG_G,
     CLIP_L,
     PRESETS,

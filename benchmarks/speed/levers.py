@@ -10,9 +10,9 @@ activations in channels-last memory format), ``checkpointing`` (gradient checkpo
 its memory effect is measured by ``step_time.py --gradient-checkpointing``), ``compile`` (``torch.compile`` of the
 policy UNet; the first steps, which compile, are discarded as warm-up).
 
-    python benchmarks/levers.py                                  # CPU, small UNet, every lever, full and LoRA
-    python benchmarks/levers.py --device cuda --unet sd15 --levers channels_last,compile
-    python benchmarks/levers.py --device cuda --unet sdxl --tunings lora   # two full-tuning SDXL copies do not fit
+    python benchmarks/speed/levers.py                            # CPU, small UNet, every lever, full and LoRA
+    python benchmarks/speed/levers.py --device cuda --unet sd15 --levers channels_last,compile
+    python benchmarks/speed/levers.py --device cuda --unet sdxl --tunings lora   # two full-tuning SDXLs do not fit
 
 Both copies live in one process: for full tuning that is twice the policy, reference and optimizer state.
 """
@@ -26,11 +26,12 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
+from benchmarks import harness  # noqa: E402
 
 LEVERS = ["fused", "channels_last", "checkpointing", "compile"]
 
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
-        "--output", default=None, help="JSON path (default benchmarks/results/levers-<device>-<unet>.json)"
+        "--output", default=None, help="JSON path (default benchmarks/results/<device>-levers-<unet>.json)"
     )
     opts, rest = parser.parse_known_args()
     opts.step_time_args = rest  # --device, --unet, --dtype, --batch-size, --threads, ... (harness.add_setup_arguments)
@@ -94,9 +95,7 @@ def main() -> None:
         "levers": results,
         "date": time.strftime("%Y-%m-%d"),
     }
-    output = opts.output or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"levers-{bench.device}-{bench.unet}.json"
-    )
+    output = opts.output or harness.result_path(bench.device, "levers", bench.unet)
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump(report, f, indent=2, default=str)

@@ -1,7 +1,7 @@
 """Where a trainer step's time goes: ``torch.profiler`` tables of one Diffusion-DPO, output-space and
 parameter-space step on the same trainer (``harness``'s models and data), for finding overheads.
 
-    python benchmarks/profile_step.py --device cuda --unet sd15 --run cached-full
+    python benchmarks/speed/profile_step.py --device cuda --unet sd15 --run cached-full
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
 
-import harness  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@ frozen reference copy (full tuning), each in its own process, same model, data a
 Runs ``step_time.py`` twice (``--loss-type dpo`` and ``--loss-type mapo``, no safeguard, no paired floor) and reports
 the median step time and the peak memory of each, and their ratios.
 
-    python benchmarks/reference_free.py --threads 1                   # CPU, small UNet
-    python benchmarks/reference_free.py --device cuda --unet sd15
+    python benchmarks/speed/reference_free.py --threads 1                   # CPU, small UNet
+    python benchmarks/speed/reference_free.py --device cuda --unet sd15
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         f"MaPO step / DPO step: {result['mapo_step_ratio']:.3f}; memory saved: "
         f"{result['memory_saved_bytes'] / 2**20:.0f} MiB"
     )
-    output = args.output or os.path.join(HERE, "results", f"reference-free-{args.device}-{args.unet}.json")
+    # benchmarks/results/<device>-reference-free-<unet>.json (harness.result_path; not imported: this script only
+    # launches step_time.py)
+    output = args.output or os.path.join(
+        os.path.dirname(HERE), "results", f"{args.device}-reference-free-{args.unet}.json"
+    )
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
     return 0

@@ -28,10 +28,10 @@ The UNets (and VAEs, text encoders) of ``--unet sd15`` and ``--unet sdxl`` are b
 embedded below, with random weights: step time and memory do not depend on the weights' values. Nothing is
 downloaded. Examples::
 
-    python benchmarks/step_time.py                                    # CPU, small UNet, everything
-    python benchmarks/step_time.py --device cuda --unet sd15          # bf16 mixed precision by default on CUDA
-    python benchmarks/step_time.py --device cuda --unet sdxl --batch-size 1
-    python benchmarks/step_time.py --runs floor-full,cached-full --steps 10 --repeats 3   # a subset
+    python benchmarks/speed/step_time.py                                    # CPU, small UNet, everything
+    python benchmarks/speed/step_time.py --device cuda --unet sd15          # bf16 mixed precision by default on CUDA
+    python benchmarks/speed/step_time.py --device cuda --unet sdxl --batch-size 1
+    python benchmarks/speed/step_time.py --runs floor-full,cached-full --steps 10 --repeats 3   # a subset
 """
 
 from __future__ import annotations
@@ -44,10 +44,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-import torch
-from harness import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
+
+
+import torch  # noqa: E402
+
+from benchmarks.harness import (  # noqa: E402
     Clock,
     MemorySampler,
     add_setup_arguments,
@@ -55,6 +60,7 @@ from harness import (
     make_floor_step,
     make_trainer,
     resolve_setup,
+    result_path,
     unet_params,
 )
 
@@ -400,9 +406,7 @@ def driver(opts: argparse.Namespace, argv: list[str]) -> None:
         "targets": check_targets(rows, derived, opts.metric),
     }
     print_table(rows, report, opts)
-    output = opts.output or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"{opts.device}-{opts.unet}.json"
-    )
+    output = opts.output or result_path(opts.device, "step-time", opts.unet)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(report, f, indent=2)
@@ -441,7 +445,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="time metric the targets are checked on: wall clock, or process CPU time (for a CPU "
         "shared with other jobs)",
     )
-    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<device>-<unet>.json)")
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default benchmarks/results/<device>-step-time-<unet>.json)"
+    )
     parser.add_argument("--render", default=None, help="print the table of a results JSON instead of measuring")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return resolve_setup(parser.parse_args(argv))

@@ -25,7 +25,7 @@ Per case: ``OptimizerUpdate.__init__``, the search, their sum, the passes and th
 resolution above, agreement with the old within the resolution). Also one evaluation pass of ``k`` lambdas before
 and after.
 
-    python benchmarks/update_search.py --json benchmarks/results/update-search-cpu.json
+    python benchmarks/speed/update_search.py --json benchmarks/results/cpu-update-search-12m.json
 """
 
 from __future__ import annotations
@@ -43,13 +43,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the package and benchmarks.harness
 
 import torch  # noqa: E402
-from harness import machine_description  # noqa: E402
 
+from benchmarks.harness import machine_description  # noqa: E402
 from trl_diffusion_sdpo.step import update_space as after  # noqa: E402
 
 MODULE = "trl_diffusion_sdpo/step/update_space.py"

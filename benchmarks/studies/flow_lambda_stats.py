@@ -5,7 +5,7 @@ applied) and the authors' output-space ``lambda`` on the same predictions (``saf
 LoRA adapters on random-colour preference pairs for ``--steps`` steps per model and ``mu`` and reports both series'
 mean, range, mean absolute difference and correlation.
 
-    python benchmarks/flow_lambda_stats.py --output benchmarks/results/flow-lambda-stats-cpu-tiny.json
+    python benchmarks/studies/flow_lambda_stats.py --output benchmarks/results/cpu-flow-lambda-stats-tiny.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline  # noqa: E402

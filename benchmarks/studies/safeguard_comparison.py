@@ -1,9 +1,9 @@
 """The paired comparison of the safeguards against Diffusion-DPO on the toy demo, from ``stability_map.py``'s runs.
 
-    python benchmarks/safeguard_comparison.py \\
-        benchmarks/results/safeguard-comparison-cpu-lr1e-4-2e-4.json \\
-        benchmarks/results/safeguard-comparison-cpu-lr2e-5-1000steps.json \\
-        --json benchmarks/results/safeguard-comparison-cpu.json --images docs/images \\
+    python benchmarks/studies/safeguard_comparison.py \\
+        benchmarks/results/cpu-safeguard-comparison-demo-lr1e-4-2e-4.json \\
+        benchmarks/results/cpu-safeguard-comparison-demo-lr2e-5-1000steps.json \\
+        --json benchmarks/results/cpu-safeguard-comparison-demo.json --images docs/images \\
         --recommendation trl_diffusion_sdpo/demo/safeguard_recommendation.json
 
 Works on partial files (runs cut short): a method is compared with Diffusion-DPO over the seeds both have finished.
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 from trl_diffusion_sdpo.step.health import winner_pathology  # noqa: E402
@@ -395,7 +395,8 @@ def plot(settings: dict[str, Any], path: Path) -> None:
                 ax.set_title(f"lr {setting['learning_rate']:g}, beta {setting['beta']:g}, {setting['steps']} steps")
     fig.suptitle(
         "Paired difference from Diffusion-DPO: per seed (ticks), mean and 95% paired t interval (seeds in brackets)\n"
-        "blue: interval above 0, orange: below 0, grey: includes 0 (benchmarks/results/safeguard-comparison-cpu.json)"
+        "blue: interval above 0, orange: below 0, grey: includes 0 "
+        "(benchmarks/results/cpu-safeguard-comparison-demo.json)"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -441,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     cost["machines"] = [json.loads(m) for m in cost["machines"]]
     summary = {
-        "what": "paired differences from Diffusion-DPO per setting and method (benchmarks/safeguard_comparison.py)",
+        "what": "paired differences from Diffusion-DPO per setting and method "
+        "(benchmarks/studies/safeguard_comparison.py)",
         "intervals": "95% paired t over training seeds (df = n - 1); ci95_bootstrap: percentile bootstrap over seeds",
         "power": "mde80: smallest true mean difference a two-sided paired t test (alpha 0.05) detects with 80% power",
         "settings": settings,

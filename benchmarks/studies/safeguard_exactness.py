@@ -39,8 +39,10 @@ and the zero image conditioning. Each is called through the model family as the 
 as ``x_s = (1 - s) z + s eps`` with ``s = sigmoid(N(0, 1))`` shared by the pair, the target is the velocity ``eps -
 z`` of each image, and ``--beta`` defaults to 100 (flow_grpo's Flow-DPO) there.
 
-    python benchmarks/safeguard_exactness.py --batches 100 --json benchmarks/results/safeguard_exactness.json
-    python benchmarks/safeguard_exactness.py --model flux --json benchmarks/results/safeguard_exactness_flux.json
+    python benchmarks/studies/safeguard_exactness.py --batches 100 --mu 0.5 \\
+        --json benchmarks/results/cpu-safeguard-exactness-tiny-unet-mu0.5.json
+    python benchmarks/studies/safeguard_exactness.py --model flux --mu 0.5 \\
+        --json benchmarks/results/cpu-safeguard-exactness-tiny-flux-mu0.5.json
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trl_diffusion_sdpo.families import family_for_pipeline  # noqa: E402
 from trl_diffusion_sdpo.step.safeguard import parameter_space_lambda, winner_preserving_lambda  # noqa: E402

@@ -10,8 +10,8 @@ logged winner's and loser's error against the reference (``delta/winner``, ``del
 steps; each run's errors are on its own noised inputs, so these compare the runs' own objectives, not a common
 measurement).
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/smpo_inversion.py \
-        --json benchmarks/results/smpo-inversion-demo-cpu.json
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/studies/smpo_inversion.py \
+        --json benchmarks/results/cpu-smpo-inversion-demo.json
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -22,7 +22,8 @@ Resumable: each finished run is appended to ``--json`` at once (written atomical
 the runs already there. Runs go seed by seed (every cell and method for seed 0, then seed 1, ...), so a cut-short
 map still covers every cell.
 
-    OMP_NUM_THREADS=1 nohup python benchmarks/stability_map.py --json benchmarks/results/stability-map-cpu.json &
+    OMP_NUM_THREADS=1 nohup python benchmarks/studies/stability_map.py \\
+        --json benchmarks/results/cpu-stability-map-demo.json &
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

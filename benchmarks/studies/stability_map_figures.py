@@ -1,6 +1,7 @@
-"""Figures and a table from ``benchmarks/stability_map.py``'s results (works on a partial file too).
+"""Figures and a table from ``benchmarks/studies/stability_map.py``'s results (works on a partial file too).
 
-    python benchmarks/stability_map_figures.py benchmarks/results/stability-map-cpu.json --images docs/images
+    python benchmarks/studies/stability_map_figures.py benchmarks/results/cpu-stability-map-demo.json \\
+        --images docs/images
 
 Per cell (learning rate, beta), method and evaluation step: the held-out reward change against the base, mean over
 seeds with a 95% Student t interval (``trl_diffusion_sdpo.demo.stats``), and the pathology test of
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trl_diffusion_sdpo.demo.stats import summarise  # noqa: E402
 
