@@ -85,8 +85,8 @@ def _result_file_exists(name: str) -> bool:
     ``history/`` (superseded runs the docs still quote)."""
     name = name.lstrip("./")
     results = ROOT / "benchmarks" / "results"
-    candidates = [ROOT / name, ROOT / "docs" / name, results / os.path.basename(name), results / "history" / name]
-    candidates.append(results / "history" / os.path.basename(name))
+    base = os.path.basename(name)
+    candidates = [ROOT / name, ROOT / "docs" / name, results / base, results / "history" / base]
     return any(path.is_file() for candidate in candidates for path in candidate.parent.glob(candidate.name))
 
 
