@@ -103,6 +103,7 @@ s#results/stability-map-cpu-small\.json#results/history/cpu-stability-map-demo-4
 s#(^|[^A-Za-z0-9_.-])stability-map-cpu-small\.json#\1cpu-stability-map-demo-4pairs-one-seed.json#g
 s#(^|[^A-Za-z0-9_.-])stability-map-cpu\.json#\1cpu-stability-map-demo.json#g
 s#(^|[^A-Za-z0-9_.-])step-time-aa-cpu-small\.json#\1cpu-step-time-small-2pairs-aa.json#g
+s#(^|[^A-Za-z0-9_.-])structure-\{before,after\}-cpu-small-2pairs-run\{1,2\}\.json#\1cpu-structure-small-2pairs-{before,after}-run{1,2}.json#g
 s#(^|[^A-Za-z0-9_.-])structure-abba-cpu-small-2pairs\.json#\1cpu-structure-small-2pairs-abba.json#g
 s#(^|[^A-Za-z0-9_.-])structure-abba-cpu-small-4pairs\.json#\1cpu-structure-small-2pairs-abba-twice.json#g
 s#(^|[^A-Za-z0-9_.-])structure-after-cpu-small-2pairs-run1\.json#\1cpu-structure-small-2pairs-after-run1.json#g
