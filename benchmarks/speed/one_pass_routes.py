@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -63,7 +62,7 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
-from benchmarks.harness import SD15_UNET, SMALL_UNET, machine_description  # noqa: E402
+from benchmarks.harness import SD15_UNET, SMALL_UNET, machine_description, process_step  # noqa: E402
 from trl_diffusion_sdpo.step import layer_taps  # noqa: E402
 from trl_diffusion_sdpo.step.layer_taps import LayerTaps  # noqa: E402
 from trl_diffusion_sdpo.step.one_pass import OnePassBranchGradients  # noqa: E402
@@ -491,15 +490,14 @@ def main() -> None:
             for name, route in routes.items():
                 if name in failed:
                     continue
-                start, faulted = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 try:
-                    route()
+                    seconds, faulted = process_step(route)
                 except Exception as error:  # a route that cannot run on this model is reported, not fatal
                     failed[name] = f"{type(error).__name__}: {error}"[:300]
                     continue
                 if step:  # the first step warms up
-                    times[name].append(time.process_time() - start)
-                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
+                    times[name].append(seconds)
+                    faults[name].append(faulted)
         tuning = "lora" if lora else "full"
         for name in routes:
             row: dict[str, Any] = {"failed": failed[name]} if name in failed else {}
