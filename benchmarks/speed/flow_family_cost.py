@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package measured
+
 FAMILIES = ("qwen-image", "z-image", "flux", "flux-kontext", "flux2", "flux2-klein")
 DEFAULT_FAMILIES = ("qwen-image", "z-image", "flux")
 METHODS = {

@@ -49,7 +49,7 @@ from benchmarks.harness import (  # noqa: E402
     synthetic_pairs,
 )
 
-PICKAPIC_PAIRS = 1_000_000  # Pick-a-Pic v2 train, ties dropped: about a million pairs (issue 16)
+PICKAPIC_PAIRS = 1_000_000  # Pick-a-Pic v2 train, ties dropped: about a million pairs
 H100_PEAK_TF32 = 494.7e12  # dense TF32 tensor-core FLOP/s, H100 SXM datasheet (the cache encodes in float32/TF32)
 H100_PEAK_BF16 = 989.4e12  # dense BF16
 

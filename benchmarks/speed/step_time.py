@@ -22,7 +22,7 @@ The losses of a trainer run share its process and so its peak memory; ``--memory
 process of its own instead, for a peak per row (its times are then not paired). Derived: safeguard overhead, each
 row's ratio to the Diffusion-DPO row (of the medians, and step by step paired: the median over a row's steps of the
 step's time over the Diffusion-DPO step of the same cycle, which the targets use), the cache's speed-up
-(floor-normalised), LoRA's memory saving in units of one UNet's float32 weights, and the issue's targets.
+(floor-normalised), LoRA's memory saving in units of one UNet's float32 weights, and the step-time targets.
 
 The UNets (and VAEs, text encoders) of ``--unet sd15`` and ``--unet sdxl`` are built from the real model configs
 embedded below, with random weights: step time and memory do not depend on the weights' values. Nothing is
@@ -280,7 +280,7 @@ def paired_ratios_to_dpo(rows: dict[str, dict[str, Any]], metric: str) -> dict[s
 
 
 def check_targets(rows: dict[str, dict[str, Any]], derived: dict[str, Any], metric: str) -> dict[str, Any]:
-    """The issue's targets, each with the worst measured value."""
+    """The step-time targets, each with the worst measured value."""
     targets: dict[str, dict[str, Any]] = {}
     overheads = list(derived[f"safeguard_overhead_{metric}"].values())
     if overheads:

@@ -1,4 +1,4 @@
-"""The update-space safeguard's ``lambda`` search before and after issue 33 item 4, side by side in one process.
+"""The update-space safeguard's ``lambda`` search before and after brackets replaced the grid, side by side.
 
 Not part of the test suite. CPU, one thread. The synthetic problem: 12.38M float32 weights (four 1280x1280, six
 320x320x9, 300 of 1000 elements), a fused ``torch.optim.AdamW`` (lr 1e-4) after steps of random gradients,
