@@ -189,7 +189,7 @@ def test_one_pass_routes_layer_replay_runs_every_tapped_layer_under_its_tap(tmp_
 
     sys.path.insert(0, str(ROOT))
     try:
-        from benchmarks.speed.one_pass_routes import TINY_UNET
+        from benchmarks.speed.one_pass_model import TINY_UNET
     finally:
         sys.path.remove(str(ROOT))
     from trl_diffusion_sdpo.step.layer_taps import LayerTaps
