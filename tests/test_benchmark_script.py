@@ -249,3 +249,22 @@ def test_a_step_counts_the_minor_page_faults_its_own_allocation_causes():
     _, again = process_step(touch)  # the same pages, mapped now
     assert again < 50, again
     buffer.close()
+
+
+BENCHMARK_MODULES = sorted((ROOT / "benchmarks").rglob("*.py"))
+
+
+def test_no_benchmark_module_is_over_600_lines():
+    """One script per question, split by role past 600 lines (the layout in benchmarks/README.md)."""
+    long = {str(p.relative_to(ROOT)): n for p in BENCHMARK_MODULES if (n := len(p.read_text().splitlines())) > 600}
+    assert BENCHMARK_MODULES and not long, long
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [p for p in BENCHMARK_MODULES if "__main__" in p.read_text()], ids=lambda p: p.name)
+def test_every_benchmark_script_answers_help_from_the_repository_root(script):
+    """Each script finds the package and ``benchmarks.harness`` itself: run from the root without ``PYTHONPATH``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(script.relative_to(ROOT)), "--help"], cwd=ROOT, env=env, timeout=300,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
