@@ -58,7 +58,7 @@ s#(^|[^A-Za-z0-9_.-])ci-suite-cpu-quiet-xdist\.json#\1cpu-test-suite-xdist.json#
 s#results/ci-suite-cpu-quiet\.json#results/history/cpu-test-suite-one-process.json#g
 s#(^|[^A-Za-z0-9_.-])ci-suite-cpu-quiet\.json#\1cpu-test-suite-one-process.json#g
 s#(^|[^A-Za-z0-9_.-])test-suite-durations-cpu\.json#\1cpu-test-suite-durations.json#g
-s#(^|[^A-Za-z0-9_.-])cuda-h100-generation\.json#\1cuda-h100-generation-time-sd15.json#g
+s#(^|[^A-Za-z0-9_.-])cuda-h100-generation\.json#\1cuda-h100-generation-time-sd15-sdxl.json#g
 s#(^|[^A-Za-z0-9_.-])cuda-h100-real-scale-smoke\.json#\1cuda-h100-real-scale-smoke-sd15.json#g
 s#results/cuda-h100-sd15-4pairs-first-run\.json#results/history/cuda-h100-step-time-sd15-4pairs-first-run.json#g
 s#(^|[^A-Za-z0-9_.-])cuda-h100-sd15-4pairs-first-run\.json#\1cuda-h100-step-time-sd15-4pairs-first-run.json#g
