@@ -2,9 +2,10 @@
 pipelines and synthetic Pick-a-Pic-style data built from them, a trainer and the compute-floor step for a run, the
 clock, the memory sampler, and the machine's description for the results files.
 
-Scripts in this folder import it as ``import harness`` after putting the folder on ``sys.path``. The command-line
-options that choose the model and the trainer's settings are added by :func:`add_setup_arguments` (``step_time.py``'s
-``--device``, ``--unet``, ``--dtype``, ...), and :func:`parse_setup_args` parses them alone.
+The scripts in ``speed/``, ``studies/`` and ``smoke/`` put the repository root on ``sys.path`` and import it as
+``benchmarks.harness``. The command-line options that choose the model and the trainer's settings are added by
+:func:`add_setup_arguments` (``step_time.py``'s ``--device``, ``--unet``, ``--dtype``, ...), and
+:func:`parse_setup_args` parses them alone. Default output paths follow :func:`result_path`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import functools
 import io
 import os
 import platform
+import resource
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,6 +148,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd15": {"unet": SD15_UNET, "vae": SD15_VAE, "text": [CLIP_L], "resolution": 512, "batch_size": 4},
     "sdxl": {"unet": SDXL_UNET, "vae": SDXL_VAE, "text": [CLIP_L, CLIP_BIG_G], "resolution": 1024, "batch_size": 1},
 }
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def result_path(device: str, what: str, size: str) -> str:
+    """``benchmarks/results/<device>-<what>-<size>.json``, the results' naming scheme (``device``: ``cpu`` or
+    ``cuda``; ``what``: the question, as the script's name; ``size``: the model preset, with ``<N>pairs`` where the
+    batch is not the default)."""
+    return str(RESULTS / f"{device}-{what}-{size}.json")
+
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -388,6 +402,20 @@ class Clock:
         interval = (wall - self.wall, cpu - self.cpu)
         self.wall, self.cpu = wall, cpu
         return interval
+
+
+def minor_page_faults() -> int:
+    """The process's minor page faults so far: ``getrusage(RUSAGE_SELF).ru_minflt``, every thread's, the count the
+    kernel keeps as field 10 of ``/proc/self/stat``."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def process_step(step: Callable[[], Any]) -> tuple[float, int]:
+    """One call of ``step``: the process CPU seconds it took and the minor page faults it caused (on a CPU a fresh
+    allocation costs a fault per page first touched; a reused buffer costs none)."""
+    cpu, faults = time.process_time(), minor_page_faults()
+    step()
+    return time.process_time() - cpu, minor_page_faults() - faults
 
 
 def unet_params(unet: torch.nn.Module) -> int:

@@ -83,9 +83,12 @@ def _expand(name: str) -> list[str]:
 
 
 def _result_file_exists(name: str) -> bool:
-    """A path from the repository root or the docs folder, or a bare name of a file in ``benchmarks/results/``."""
+    """A path from the repository root or the docs folder, or a bare name of a file in ``benchmarks/results/`` or its
+    ``history/`` (superseded runs the docs still quote)."""
     name = name.lstrip("./")
-    candidates = [ROOT / name, ROOT / "docs" / name, ROOT / "benchmarks" / "results" / os.path.basename(name)]
+    results = ROOT / "benchmarks" / "results"
+    base = os.path.basename(name)
+    candidates = [ROOT / name, ROOT / "docs" / name, results / base, results / "history" / base]
     return any(path.is_file() for candidate in candidates for path in candidate.parent.glob(candidate.name))
 
 
@@ -392,7 +395,9 @@ def test_the_safeguard_recommendation_is_the_comparisons_and_the_same_in_readme_
 
     shipped = json.loads(RECOMMENDATION_FILE.read_text())
     comparison = json.loads((ROOT / shipped["source"]).read_text())
-    assert shipped["rows"], "the recommendation has no rows: regenerate it with benchmarks/safeguard_comparison.py"
+    assert shipped["rows"], (
+        "the recommendation has no rows: regenerate it with benchmarks/studies/safeguard_comparison.py"
+    )
     pages = {name: " ".join((ROOT / name).read_text().split()) for name in ("README.md", "docs/safeguard.md")}
     for name, text in pages.items():
         assert shipped["text"] in text, f"{name} does not state the shipped recommendation"
@@ -569,7 +574,7 @@ def test_the_work_account_check_finds_a_planted_sentence(sentence: str) -> None:
         "A preemption signal on another process stops both after the same step.",
         "How `s` is drawn follows diffusers' own helpers.",
         "Pass the next round's base to `trl-diffusion-sdpo pairs` for on-policy rounds.",
-        "Results: `benchmarks/results/structure-session-abba-cpu-small.json`.",
+        "Results: `benchmarks/results/cpu-structure-small-2pairs-session-abba.json`.",
         "An open ComfyUI issue (Comfy-Org/ComfyUI #11926) reports the missing key names.",
         "Both safeguard spaces train on the task of instruction editing.",
     ],

@@ -1,5 +1,5 @@
-"""benchmarks/hpdv3_scale.py at a tiny size: its counts come from the dataset it read, checked against the synthetic
-annotation read independently with ``json``."""
+"""benchmarks/speed/hpdv3_scale.py at a tiny size: its counts come from the dataset it read, checked against the
+synthetic annotation read independently with ``json``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "hpdv3_scale.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed" / "hpdv3_scale.py"
 
 
 def _script():

@@ -405,13 +405,13 @@ def test_settings_without_flow_meaning_are_refused_naming_the_field(make_flow, m
 
 
 def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_flux_transformer() -> None:
-    """The first-order check of benchmarks/safeguard_exactness.py on a FLUX.1-dev-style transformer: after a small
-    SGD step along the parameter-space rule's gradient the winner term never rises beyond the second-order
+    """The first-order check of benchmarks/studies/safeguard_exactness.py on a FLUX.1-dev-style transformer: after a
+    small SGD step along the parameter-space rule's gradient the winner term never rises beyond the second-order
     tolerance, while plain Diffusion-DPO's step does on some of the same batches."""
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "studies"))
     from safeguard_exactness import Setting, run
 
     report = run(

@@ -111,7 +111,7 @@ def test_defaults_follow_the_papers_but_the_safeguard_margin(tmp_path):
         "set `safeguard_mu`",
     ):
         assert authors in help_text
-    assert "safeguard_recommendation.json" in help_text and "safeguard-comparison-cpu.json" in help_text
+    assert "safeguard_recommendation.json" in help_text and "cpu-safeguard-comparison-demo.json" in help_text
     assert DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.9).safeguard_mu == 0.9
 
 

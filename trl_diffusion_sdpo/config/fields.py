@@ -117,7 +117,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         metadata={
             "help": "Safeguard margin mu in [0, 1]; larger is more conservative. 0.5 is this package's default, "
             "not the authors': in its paired comparison on the CPU demo (benchmarks/results/"
-            "safeguard-comparison-cpu.json, summarised in trl_diffusion_sdpo/demo/safeguard_recommendation.json) "
+            "cpu-safeguard-comparison-demo.json, summarised in trl_diffusion_sdpo/demo/safeguard_recommendation.json) "
             "the output space with mu 0.5 paid about as much as with 0.9 where Diffusion-DPO's pathology bites and "
             "cost less where it does not. The authors' values are per model: 0.9 for SD1.5 DPO and DMPO, 0.2 for "
             "SD1.5 DSPO, 0.6 for every SDXL run; set `safeguard_mu` to train with theirs."

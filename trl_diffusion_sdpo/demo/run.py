@@ -168,7 +168,7 @@ def train_preference(
 ) -> tuple[StableDiffusionPipeline, dict[str, list[float]]]:
     """Tune a copy of ``base``'s UNet with ``method`` and training seed ``seed``; return the tuned pipeline and the
     per-step metrics. The VAE and text encoder are shared with ``base`` (they stay frozen). ``callbacks`` are added
-    to the trainer (e.g. an evaluation partway through training, as ``benchmarks/stability_map.py`` does); each
+    to the trainer (e.g. an evaluation partway through training, as ``benchmarks/studies/stability_map.py`` does); each
     receives the pipeline being tuned as its ``pipeline`` attribute."""
     components = {**base.components, "unet": copy.deepcopy(base.unet), "scheduler": copy.deepcopy(base.scheduler)}
     pipeline = StableDiffusionPipeline(**components, requires_safety_checker=False)

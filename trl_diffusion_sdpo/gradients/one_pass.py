@@ -1,6 +1,6 @@
 """The exact safeguard's gradients from one forward and one backward pass over the whole pair batch.
 
-:class:`~trl_diffusion_sdpo.step.layer_taps.LayerTaps` hands every trainable weight's gradient split by groups of
+:class:`~trl_diffusion_sdpo.gradients.layer_taps.LayerTaps` hands every trainable weight's gradient split by groups of
 rows; this store keeps the groups apart until ``lambda`` is known, then writes ``.grad``:
 
 * by branch (two groups: winner rows, loser rows): ``g_w`` and ``h_l`` in one flat buffer, ``<g_w, g_w>`` and

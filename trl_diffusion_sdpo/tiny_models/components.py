@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from transformers import (
     CLIPTextConfig,
@@ -28,14 +29,15 @@ def rope_axes(axes: Sequence[int], head_dim: int, names: str) -> tuple[int, ...]
     return axes
 
 
-def two_rope_heads(attention_head_dim: int, axes_dims_rope: Sequence[int]) -> dict:
-    """The width keywords of the tiny double-stream transformers (FLUX.1, FLUX.2, Qwen-Image): two heads of
-    ``attention_head_dim`` channels, rotated along ``axes_dims_rope`` (checked to sum to it)."""
-    names = f"attention_head_dim={attention_head_dim}, axes_dims_rope={tuple(axes_dims_rope)}"
+def two_rope_heads(attention_head_dim: int, axes_dims_rope: Sequence[int], axes_name: str = "axes_dims_rope") -> dict:
+    """The width keywords of the tiny transformers (FLUX.1, FLUX.2, Qwen-Image, Qwen-Image 2.1, HunyuanVideo 1.5):
+    two heads of ``attention_head_dim`` channels, rotated along ``axes_dims_rope`` (checked to sum to it), passed as
+    the transformer's keyword ``axes_name``."""
+    names = f"attention_head_dim={attention_head_dim}, {axes_name}={tuple(axes_dims_rope)}"
     return {
         "attention_head_dim": attention_head_dim,
         "num_attention_heads": 2,
-        "axes_dims_rope": rope_axes(axes_dims_rope, attention_head_dim, names),
+        axes_name: rope_axes(axes_dims_rope, attention_head_dim, names),
     }
 
 
@@ -129,6 +131,30 @@ def resolution_shift_scheduler(
         max_image_seq_len=max_image_seq_len,
         **extra,
     )
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's and FLUX.2's scheduler settings: shift 3.0, dynamic shifting up to 1.15 at 4096 image tokens (FLUX.2
+    samples with a resolution- and step-dependent ``mu``, so its training table is unshifted too)."""
+    return resolution_shift_scheduler(shift=3.0, max_shift=1.15, max_image_seq_len=4096)
+
+
+def qwen_image_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Qwen-Image's scheduler settings (1.0 and 2.1): exponential time shift, dynamic up to 0.9 at 8192 image
+    tokens, a terminal shift of 0.02."""
+    return resolution_shift_scheduler(
+        shift=1.0, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"
+    )
+
+
+def latent_statistics(latent_channels: int, seed: int) -> dict[str, list[float]]:
+    """Per-channel ``latents_mean`` (N(0, 0.3^2)) and ``latents_std`` (U[1, 2)) drawn from their own generator seeded
+    with ``seed``, for the Qwen-Image VAEs: non-trivial, so that the normalisation the pipelines apply is visible."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "latents_mean": (torch.randn(latent_channels, generator=generator) * 0.3).tolist(),
+        "latents_std": (1.0 + torch.rand(latent_channels, generator=generator)).tolist(),
+    }
 
 
 def decoder_text_config(vocab_size: int, hidden: int, pad_token_id: int, **overrides) -> dict:

@@ -19,8 +19,10 @@ from .components import (
     clip_text_encoder,
     decoder_text_config,
     flow_scheduler,
+    flux_scheduler,
     flux_vae,
-    resolution_shift_scheduler,
+    latent_statistics,
+    qwen_image_scheduler,
     rope_axes,
     t5_encoder,
     tiny_vae,
@@ -109,9 +111,8 @@ def build_tiny_flux_pipeline(
     vae = flux_vae(latent_channels)
     text_encoder = clip_text_encoder(len(tokenizer), 16, 2, max_length)
     text_encoder_2 = t5_encoder(len(tokenizer_2), hidden)
-    scheduler = resolution_shift_scheduler(shift=3.0, max_shift=1.15, max_image_seq_len=4096)
     return FluxPipeline(
-        scheduler=scheduler,
+        scheduler=flux_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -159,21 +160,20 @@ def build_tiny_qwen_image_pipeline(
         guidance_embeds=guidance_embeds,
         **two_rope_heads(attention_head_dim, axes_dims_rope),
     )
-    generator = torch.Generator().manual_seed(seed)
     vae = AutoencoderKLQwenImage(
         base_dim=8,
         z_dim=latent_channels,
         dim_mult=[1, 2, 4],
         num_res_blocks=1,
         temperal_downsample=[False, True],
-        latents_mean=(torch.randn(latent_channels, generator=generator) * 0.3).tolist(),
-        latents_std=(1.0 + torch.rand(latent_channels, generator=generator)).tolist(),
-    )
-    scheduler = resolution_shift_scheduler(
-        shift=1.0, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"
+        **latent_statistics(latent_channels, seed),
     )
     return QwenImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        scheduler=qwen_image_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
     )
 
 

@@ -9,7 +9,7 @@ import os
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 
-from .components import decoder_text_config, flow_scheduler, tokenizer_folder, two_rope_heads
+from .components import decoder_text_config, flux_scheduler, tokenizer_folder, two_rope_heads
 from .tokenizers import write_mistral_tokenizer, write_qwen_tokenizer
 
 __all__ = ["build_tiny_flux2_klein_pipeline", "build_tiny_flux2_pipeline"]
@@ -50,19 +50,6 @@ def _vae(seed: int) -> AutoencoderKLFlux2:
     vae.bn.running_mean.copy_(torch.randn(channels, generator=generator) * 0.3)
     vae.bn.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
     return vae.eval()
-
-
-def _scheduler():
-    # FLUX.2's scheduler samples with a resolution- and step-dependent mu (compute_empirical_mu), so its config
-    # enables dynamic shifting and its training table is unshifted.
-    return flow_scheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
 
 
 def build_tiny_flux2_pipeline(
@@ -114,7 +101,7 @@ def build_tiny_flux2_pipeline(
     )
     text_encoder = Mistral3ForConditionalGeneration(config).eval()
     return Flux2Pipeline(
-        scheduler=_scheduler(),
+        scheduler=flux_scheduler(),
         vae=_vae(seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -141,7 +128,7 @@ def build_tiny_flux2_klein_pipeline(
     config = decoder_text_config(len(tokenizer), _HIDDEN, tokenizer.pad_token_id, num_hidden_layers=27, head_dim=8)
     text_encoder = Qwen3ForCausalLM(Qwen3Config(**config)).eval()
     return Flux2KleinPipeline(
-        scheduler=_scheduler(),
+        scheduler=flux_scheduler(),
         vae=_vae(seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,

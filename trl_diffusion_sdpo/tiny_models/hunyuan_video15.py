@@ -15,7 +15,7 @@ from diffusers import (
 )
 from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2Tokenizer
 
-from .components import decoder_text_config, rope_axes, t5_encoder, tokenizer_folder
+from .components import decoder_text_config, t5_encoder, tokenizer_folder, two_rope_heads
 from .tokenizers import _published, write_qwen_tokenizer
 
 __all__ = ["build_tiny_hunyuan_video15_pipeline", "write_hunyuan_video15_tokenizer"]
@@ -96,12 +96,9 @@ def build_tiny_hunyuan_video15_pipeline(
     text_config["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}  # halves of the 8-wide heads
     text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**text_config)).eval()
     text_encoder_2 = t5_encoder(len(tokenizer_2), glyph_dim).eval()
-    names = f"attention_head_dim={attention_head_dim}, rope_axes_dim={tuple(rope_axes_dim)}"
     transformer = HunyuanVideo15Transformer3DModel(
         in_channels=2 * latent_channels + 1,
         out_channels=latent_channels,
-        num_attention_heads=2,
-        attention_head_dim=attention_head_dim,
         num_layers=2,
         num_refiner_layers=1,
         patch_size=1,
@@ -109,7 +106,7 @@ def build_tiny_hunyuan_video15_pipeline(
         text_embed_dim=text_dim,
         text_embed_2_dim=glyph_dim,
         image_embed_dim=8,
-        rope_axes_dim=rope_axes(rope_axes_dim, attention_head_dim, names),
+        **two_rope_heads(attention_head_dim, rope_axes_dim, axes_name="rope_axes_dim"),
         target_size=32,
         task_type="t2v",
     )

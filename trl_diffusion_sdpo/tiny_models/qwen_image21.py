@@ -18,7 +18,7 @@ from transformers import Qwen3VLProcessor
 # module: ProcessorMixin is named here so that QwenImage21Pipeline.from_pretrained loads the processor below.
 from transformers.processing_utils import ProcessorMixin
 
-from .components import decoder_text_config, resolution_shift_scheduler, rope_axes, tokenizer_folder
+from .components import decoder_text_config, latent_statistics, qwen_image_scheduler, tokenizer_folder, two_rope_heads
 from .tokenizers import write_qwen3_vl_tokenizer
 
 __all__ = ["TextOnlyQwen3VLProcessor", "build_tiny_qwen_image21_pipeline"]
@@ -93,18 +93,14 @@ def build_tiny_qwen_image21_pipeline(
         **token_ids,
     )
     text_encoder = Qwen3VLForConditionalGeneration(config).eval()
-    names = f"attention_head_dim={attention_head_dim}, axes_dims_rope={tuple(axes_dims_rope)}"
     transformer = QwenImage21Transformer2DModel(
         patch_size=1,
         in_channels=latent_channels,
         out_channels=latent_channels,
         num_layers=2,
-        attention_head_dim=attention_head_dim,
-        num_attention_heads=2,
         context_in_dim=hidden,
-        axes_dims_rope=rope_axes(axes_dims_rope, attention_head_dim, names),
+        **two_rope_heads(attention_head_dim, axes_dims_rope),
     )
-    generator = torch.Generator().manual_seed(seed)
     vae = AutoencoderKLQwenImage21(
         base_dim=8,
         decoder_base_dim=8,
@@ -112,12 +108,12 @@ def build_tiny_qwen_image21_pipeline(
         dim_mult=[1, 1, 1, 1, 1],  # four downsamplings: 16x
         num_res_blocks=1,
         temperal_downsample=[False, True, True, True],
-        latents_mean=(torch.randn(latent_channels, generator=generator) * 0.3).tolist(),
-        latents_std=(1.0 + torch.rand(latent_channels, generator=generator)).tolist(),
-    )
-    scheduler = resolution_shift_scheduler(
-        shift=1.0, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"
+        **latent_statistics(latent_channels, seed),
     )
     return QwenImage21Pipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, processor=processor, transformer=transformer
+        scheduler=qwen_image_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        processor=processor,
+        transformer=transformer,
     )

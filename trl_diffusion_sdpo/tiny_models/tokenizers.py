@@ -19,15 +19,6 @@ from collections.abc import Iterator
 
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer, T5TokenizerFast
 
-__all__ = [
-    "write_char_tokenizer",
-    "write_mistral_tokenizer",
-    "write_qwen3_vl_tokenizer",
-    "write_qwen_tokenizer",
-    "write_qwen_vl_tokenizer",
-    "write_t5_tokenizer",
-]
-
 
 def _bytes_to_unicode() -> list[str]:
     # CLIP's reversible byte -> printable-symbol table.
