@@ -6,7 +6,7 @@ safeguard on) for ``--steps`` optimizer steps, saving a checkpoint every ``--sav
 process's resident set size (``/proc/self/statm``) and the wall-clock time since the previous step.
 
 Reported: per window of ``--window`` steps the median step time (wall clock, and the process's CPU time, which on a
-machine shared with other jobs counts our work rather than our waiting), the median wall time of the steps that
+loaded machine counts our work rather than our waiting), the median wall time of the steps that
 saved a checkpoint, and the RSS at the window's end; the RSS growth and the median step times of the last window
 against the first window after warm-up.
 Nothing is asserted. Example::

@@ -106,7 +106,7 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cpu_cores": os.cpu_count(),
-            "note": "shared machine (other jobs running); files in the page cache",
+            "note": "files in the page cache",
         },
         "measured": results,
     }

@@ -15,7 +15,7 @@ Runs (each in its own fresh process, so memory peaks and allocator state never l
   drifts cancel out. Each run yields the rows ``dpo-<run>`` and ``sdpo-<run>``.
 
 Reported per row: median step time after warm-up (wall clock between consecutive step ends, the device synchronised
-there; also the process CPU time, which on a CPU shared with other jobs counts our work rather than our waiting),
+there; also the process CPU time, which on a loaded CPU counts our work rather than our waiting),
 the ratio to the paired floor, peak memory of the run (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process
 RSS sampled every 5 ms), and the trainer's construction time (with the cache: building it, on a fresh cache folder).
 The losses of a trainer run share its process and so its peak memory; ``--memory-per-loss`` runs each loss in a
@@ -436,8 +436,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--metric",
         choices=sorted(TIME_METRICS),
         default="wall",
-        help="time metric the targets are checked on: wall clock, or process CPU time (for a CPU "
-        "shared with other jobs)",
+        help="time metric the targets are checked on: wall clock, or process CPU time (for a loaded CPU)",
     )
     parser.add_argument(
         "--output", default=None, help="JSON path (default benchmarks/results/<device>-step-time-<unet>.json)"

@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         sources[name] = {
             "grid": report["grid"],
             "runs": len(report["runs"]),
-            "sessions": report["sessions"],
+            "invocations": report["invocations"],
             "skipped": report.get("skipped", {}),
             "base": report["base"],
         }
@@ -429,15 +429,15 @@ def main(argv: list[str] | None = None) -> int:
         settings.update(compare(pool))
     cost = {
         "run_seconds": round(sum(m["seconds"] for s in settings.values() for m in s["methods"].values()), 1),
-        "session_wall_seconds": round(
-            sum(x.get("wall_seconds", 0) for s in sources.values() for x in s["sessions"]), 1
+        "invocation_wall_seconds": round(
+            sum(x.get("wall_seconds", 0) for s in sources.values() for x in s["invocations"]), 1
         ),
-        "session_process_cpu_seconds": round(
-            sum(x.get("process_cpu_seconds", 0) for s in sources.values() for x in s["sessions"]), 1
+        "invocation_process_cpu_seconds": round(
+            sum(x.get("process_cpu_seconds", 0) for s in sources.values() for x in s["invocations"]), 1
         ),
         "runs": sum(s["runs"] for s in sources.values()),
         "machines": sorted(
-            {json.dumps(x.get("machine"), sort_keys=True) for s in sources.values() for x in s["sessions"]}
+            {json.dumps(x.get("machine"), sort_keys=True) for s in sources.values() for x in s["invocations"]}
         ),
     }
     cost["machines"] = [json.loads(m) for m in cost["machines"]]

@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="Results file; finished runs in it are skipped on a rerun.")
     args = parser.parse_args(argv)
     path = Path(args.json)
-    report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": {}, "sessions": []}
-    session = {"load_average_start": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count()}
-    report["sessions"].append(session)
+    report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": {}, "invocations": []}
+    invocation = {"load_average_start": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count()}
+    report["invocations"].append(invocation)
     torch.set_num_threads(1)
     began = time.perf_counter()
     with quiet_libraries(), tempfile.TemporaryDirectory(prefix="smpo-latents-") as latent_cache_dir:
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                     "history": {k: history[k] for k in HISTORY_KEYS if k in history},
                     "train_seconds": round(seconds, 1),
                 }
-                session["wall_seconds"] = round(time.perf_counter() - began, 1)
-                session["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+                invocation["wall_seconds"] = round(time.perf_counter() - began, 1)
+                invocation["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(report))
                 run = report["runs"][run_key]

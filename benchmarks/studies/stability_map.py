@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_steps = sorted(int(s) for s in args.eval_steps.split(","))
     if eval_steps[-1] != args.max_steps:
         raise ValueError(f"the last --eval-steps ({eval_steps[-1]}) must be --max-steps ({args.max_steps})")
-    # Seeds, methods and cells may grow between sessions (runs are keyed by them); every other setting must match.
+    # Seeds, methods and cells may grow between invocations (runs are keyed by them); every other setting must match.
     grown = ("seeds", "methods", "lrs", "betas")
     grid = {k: v for k, v in vars(args).items() if k != "json" and k not in grown}
     path = Path(args.json)
@@ -208,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             dict.fromkeys([*_listed(report["grid"].get(name)), *(v for v in new.split(",") if v)])
         )
     report.setdefault("runs", {})
-    report.setdefault("sessions", [])
+    report.setdefault("invocations", [])
     torch.set_num_threads(1)
-    session = {
+    invocation = {
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
         "cpu_count": os.cpu_count(),
         "machine": machine(),
     }
-    report["sessions"].append(session)
+    report["invocations"].append(invocation)
     path.parent.mkdir(parents=True, exist_ok=True)
     began_cpu, began = time.process_time(), time.perf_counter()
     probe = DemoRecipe(batch_size=args.batch_size, max_steps=args.max_steps)
@@ -276,18 +276,18 @@ def main(argv: list[str] | None = None) -> int:
                 "reference_errors": reference_errors(history),
                 "seconds": round(seconds, 1),
                 "eval_seconds": round(evaluator.seconds, 1),
-                "machine": session["machine"],
+                "machine": invocation["machine"],
             }
             report["runs"][_run_key(seed, lr, beta, key)] = run
-            session["wall_seconds"] = round(time.perf_counter() - began, 1)
-            session["process_cpu_seconds"] = round(time.process_time() - began_cpu, 1)
-            session["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+            invocation["wall_seconds"] = round(time.perf_counter() - began, 1)
+            invocation["process_cpu_seconds"] = round(time.process_time() - began_cpu, 1)
+            invocation["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
             _write(path, report)
             change = run["reward_change"][str(args.max_steps)]
             print(f"{_run_key(seed, lr, beta, key)}: reward change {change:+.4f} ({seconds:.0f} s)", flush=True)
-    session["wall_seconds"] = round(time.perf_counter() - began, 1)
-    session["process_cpu_seconds"] = round(time.process_time() - began_cpu, 1)
-    session["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    invocation["wall_seconds"] = round(time.perf_counter() - began, 1)
+    invocation["process_cpu_seconds"] = round(time.process_time() - began_cpu, 1)
+    invocation["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     _write(path, report)
     return 0
 

@@ -468,7 +468,7 @@ def test_a_nan_loss_on_one_process_skips_the_step_on_all(runs, assets, config):
 
 @pytest.mark.parametrize("space", ["output", "parameter"])
 def test_streamed_ties_and_broken_rows_keep_the_replicas_identical(runs, space):
-    """Issue 34: the collator drops streamed ties and broken rows whatever skip_invalid_rows says (here False). A
+    """The collator drops streamed ties and broken rows whatever skip_invalid_rows says (here False). A
     process whose first micro-batch is a tie joins its peer with a zero-weighted placeholder pair (it used to raise),
     a process whose whole step is ties drops its gradients only when the summed count says the step is empty (it used
     to drop them alone, after DDP had averaged them: the replicas drifted), and both processes enter the same
@@ -513,7 +513,7 @@ RANDOM_SPACES = {"dpo": PLAIN_DPO, "output": (), "parameter": PARAMETER}
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_random_streams_keep_every_rank_in_agreement_under_every_engine_and_space(assets, seed):
-    """Randomized invariance (issue 34): a seeded stream mixing valid rows, ties and broken images; DDP, ZeRO-2 and
+    """Randomized invariance: a seeded stream mixing valid rows, ties and broken images; DDP, ZeRO-2 and
     FSDP2, each with plain DPO, the output-space and the parameter-space safeguard, accumulation 2, in one two-process
     launch (a hang fails its timeout). Every process enters the same collectives; replicated weights are equal on
     every process; FSDP2's sharded run logs DDP's losses (a process that dropped its shard's gradients alone would

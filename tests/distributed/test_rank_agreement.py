@@ -1,4 +1,4 @@
-"""Decisions a process takes from its own data are reduced before they act (issue 34; the table in docs/design.md).
+"""Decisions a process takes from its own data are reduced before they act (the table in docs/design.md).
 
 Each piece is tested here alone with a stand-in for the other process; the two-process launches of
 ``test_distributed.py`` run them together (streamed ties, and random streams under DDP, ZeRO-2 and FSDP2)."""

@@ -1,6 +1,6 @@
-"""The suspected items of issue 34, each confirmed (and fixed) or ruled out by a test: one process driving several
-GPUs, schedule-free optimizers under the parameter-space step, a dict of evaluation datasets, and fp16's gradient
-scaler overflowing under ``on_nonfinite_loss="raise"``."""
+"""Suspected problems, each confirmed (and fixed) or ruled out by a test: one process driving several GPUs,
+schedule-free optimizers under the parameter-space step, a dict of evaluation datasets, and fp16's gradient scaler
+overflowing under ``on_nonfinite_loss="raise"``."""
 
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def _with_gradient_scaler(trainer) -> torch.amp.GradScaler:
 def test_a_gradient_scaler_overflow_is_the_scalers_to_skip_not_a_non_finite_step(
     make_trainer, on_nonfinite, max_grad_norm
 ):
-    """Issue 34: the non-finite guard took the scaler's ordinary first-step overflow for a non-finite gradient: with
+    """The non-finite guard took the scaler's ordinary first-step overflow for a non-finite gradient: with
     "raise" the run stopped at step 1; with "skip" and no clipping it dropped the gradients before the scaler looked
     at them, so the scale was never lowered and every step was skipped. Now the scaler skips the overflowing step and
     lowers its scale, the guard counts nothing, and the later steps are applied."""
