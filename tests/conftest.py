@@ -6,7 +6,9 @@ Everything runs on CPU at resolution 32 with a handful of steps; nothing is down
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,12 @@ from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
 # so tests can tell which image of a pair ended up where.
 COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (230, 230, 20), (200, 20, 200), (20, 200, 200)]
 SIZES = [(40, 32), (32, 48), (64, 64), (48, 40), (36, 36), (32, 72)]
+
+# Test modules import shared helpers from each other across the area folders (tests/<area>/test_*.py): every area is
+# importable by module name, whichever tests a run selects.
+for _area in sorted(Path(__file__).parent.iterdir()):
+    if _area.is_dir() and any(_area.glob("test_*.py")) and str(_area) not in sys.path:
+        sys.path.append(str(_area))
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
