@@ -3,8 +3,10 @@ text config."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -192,3 +194,23 @@ def ddpm_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 def tokenizer_folder(tokenizer_dir: str | None) -> str:
     """Where a builder writes its tokenizers: ``tokenizer_dir``, or a fresh temporary folder."""
     return tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildArguments:
+    """The keyword arguments the transformer builders share (their ``**arguments``): ``seed`` (torch's global seed,
+    set before any module is built, so equal seeds give equal weights), ``tokenizer_dir`` (where the tokenizers are
+    written; a fresh temporary folder when ``None``) and the tokenizers' ``max_length`` (each builder's own default).
+    """
+
+    seed: int = 0
+    tokenizer_dir: str | None = None
+    max_length: int = 64
+
+    @classmethod
+    def start(cls, arguments: dict[str, Any], max_length: int = 64) -> BuildArguments:
+        """``arguments`` (``max_length`` the builder's default; an unknown name is a TypeError, as for any keyword)
+        with ``tokenizer_dir`` resolved by :func:`tokenizer_folder`, after seeding torch with the seed."""
+        build = cls(**{"max_length": max_length, **arguments})
+        torch.manual_seed(build.seed)
+        return dataclasses.replace(build, tokenizer_dir=tokenizer_folder(build.tokenizer_dir))

@@ -9,8 +9,8 @@ of the processor's image and video sides, so the tiny pipeline takes :class:`Tex
 from __future__ import annotations
 
 import os
+from typing import Any
 
-import torch
 from diffusers import QwenImage21Pipeline
 from transformers import Qwen3VLProcessor
 
@@ -18,7 +18,7 @@ from transformers import Qwen3VLProcessor
 # module: ProcessorMixin is named here so that QwenImage21Pipeline.from_pretrained loads the processor below.
 from transformers.processing_utils import ProcessorMixin
 
-from .components import decoder_text_config, latent_statistics, qwen_image_scheduler, tokenizer_folder, two_rope_heads
+from .components import BuildArguments, decoder_text_config, latent_statistics, qwen_image_scheduler, two_rope_heads
 from .tokenizers import write_qwen3_vl_tokenizer
 
 __all__ = ["TextOnlyQwen3VLProcessor", "build_tiny_qwen_image21_pipeline"]
@@ -45,11 +45,7 @@ class TextOnlyQwen3VLProcessor(Qwen3VLProcessor):
 
 
 def build_tiny_qwen_image21_pipeline(
-    seed: int = 0,
-    tokenizer_dir: str | None = None,
-    max_length: int = 64,
-    attention_head_dim: int = 16,
-    axes_dims_rope: tuple[int, int, int] = (4, 6, 6),
+    attention_head_dim: int = 16, axes_dims_rope: tuple[int, int, int] = (4, 6, 6), **arguments: Any
 ) -> QwenImage21Pipeline:
     """A tiny Qwen-Image 2.1-style pipeline: the single-stream block-causal ``QwenImage21Transformer2DModel`` (two
     heads, 3-axis RoPE, latents unpatched), a ``Qwen3VLForConditionalGeneration`` text encoder (tiny vision tower,
@@ -58,12 +54,13 @@ def build_tiny_qwen_image21_pipeline(
     ``latents_mean``/``latents_std``) and a flow-matching scheduler with Qwen-Image's dynamic-shift settings.
 
     ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width: 96 makes its
-    SwiGLU weights (``192 x 3 * 192``) larger than DeepSpeed ZeRO-3's default persistence threshold."""
+    SwiGLU weights (``192 x 3 * 192``) larger than DeepSpeed ZeRO-3's default persistence threshold. ``arguments``:
+    the :class:`~.components.BuildArguments`."""
     from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    tokenizer = write_qwen3_vl_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
+    build = BuildArguments.start(arguments)
+    tokenizer = write_qwen3_vl_tokenizer(os.path.join(build.tokenizer_dir, "tokenizer"), build.max_length)
     processor = TextOnlyQwen3VLProcessor(tokenizer=tokenizer, chat_template=tokenizer.chat_template)
     hidden, latent_channels = 16, 8
     text_config = decoder_text_config(
@@ -108,7 +105,7 @@ def build_tiny_qwen_image21_pipeline(
         dim_mult=[1, 1, 1, 1, 1],  # four downsamplings: 16x
         num_res_blocks=1,
         temperal_downsample=[False, True, True, True],
-        **latent_statistics(latent_channels, seed),
+        **latent_statistics(latent_channels, build.seed),
     )
     return QwenImage21Pipeline(
         scheduler=qwen_image_scheduler(),
