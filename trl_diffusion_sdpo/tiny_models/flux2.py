@@ -53,6 +53,16 @@ def _vae(seed: int) -> AutoencoderKLFlux2:
     return vae.eval()
 
 
+def _denoising_components(
+    seed: int, guidance_embeds: bool, attention_head_dim: int, axes_dims_rope: tuple[int, int, int, int]
+) -> dict[str, object]:
+    """What FLUX.2 [dev] and [klein] share beside their text encoders: the dynamic-shift scheduler, the VAE of
+    :func:`_vae` and the transformer, built in that order (after the text encoder, as the weights were recorded)."""
+    vae = _vae(seed)
+    transformer = _transformer(guidance_embeds, attention_head_dim, axes_dims_rope)
+    return {"scheduler": flux_scheduler(), "vae": vae, "transformer": transformer}
+
+
 def build_tiny_flux2_pipeline(
     guidance_embeds: bool = True,
     attention_head_dim: int = 8,
@@ -101,11 +111,9 @@ def build_tiny_flux2_pipeline(
     )
     text_encoder = Mistral3ForConditionalGeneration(config).eval()
     return Flux2Pipeline(
-        scheduler=flux_scheduler(),
-        vae=_vae(build.seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=_transformer(guidance_embeds, attention_head_dim, axes_dims_rope),
+        **_denoising_components(build.seed, guidance_embeds, attention_head_dim, axes_dims_rope),
     )
 
 
@@ -117,7 +125,7 @@ def build_tiny_flux2_klein_pipeline(
 ) -> Flux2KleinPipeline:
     """A tiny FLUX.2 [klein]-style pipeline: ``Flux2Transformer2DModel`` without the guidance embedding, a
     ``Qwen3ForCausalLM`` text encoder (27 layers, so the pipeline's hidden-state layers 9, 18 and 27 exist) with a
-    Qwen3 chat-template tokenizer, the FLUX.2 VAE and a dynamic-shift flow-matching scheduler; ``attention_head_dim``
+    Qwen3 chat-template tokenizer, the FLUX.2 VAE and a dynamic-shift flow-matching scheduler; ``attention_head_dim``,
     ``axes_dims_rope`` and ``arguments`` as in :func:`build_tiny_flux2_pipeline`."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -126,10 +134,8 @@ def build_tiny_flux2_klein_pipeline(
     config = decoder_text_config(len(tokenizer), _HIDDEN, tokenizer.pad_token_id, num_hidden_layers=27, head_dim=8)
     text_encoder = Qwen3ForCausalLM(Qwen3Config(**config)).eval()
     return Flux2KleinPipeline(
-        scheduler=flux_scheduler(),
-        vae=_vae(build.seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=_transformer(False, attention_head_dim, axes_dims_rope),
         is_distilled=is_distilled,
+        **_denoising_components(build.seed, False, attention_head_dim, axes_dims_rope),
     )
