@@ -159,6 +159,25 @@ def latent_statistics(latent_channels: int, seed: int) -> dict[str, list[float]]
     }
 
 
+def qwen_vl_vision_config(hidden: int, **extra: Any) -> dict:
+    """The vision tower of the tiny Qwen-VL text encoders (Qwen2.5-VL, Qwen3-VL; unused by text-to-image): one layer
+    16 wide with two heads, merged into the text width ``hidden``; ``extra`` adds fields."""
+    return dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, **extra)
+
+
+def qwen_image_vae(vae_class: type, latent_channels: int, seed: int, **layout: Any) -> Any:
+    """A Qwen-Image VAE of ``vae_class`` (1.0's or 2.1's: causal 3D convolutions, 8 base channels, one residual block a
+    level) with ``latent_channels`` latents, its per-level ``layout`` (``dim_mult``, ``temperal_downsample``, ...)
+    and the :func:`latent_statistics` of ``seed``."""
+    return vae_class(
+        base_dim=8,
+        z_dim=latent_channels,
+        num_res_blocks=1,
+        **layout,
+        **latent_statistics(latent_channels, seed),
+    )
+
+
 def decoder_text_config(vocab_size: int, hidden: int, pad_token_id: int, **overrides) -> dict:
     """The text config of a narrow decoder-only language model (the Qwen2.5-VL, Qwen3 and Mistral-3 text encoders):
     two layers, two attention heads and two key/value heads, a ``2 * hidden`` MLP, no BOS token and padding as EOS.

@@ -21,8 +21,9 @@ from .components import (
     flow_scheduler,
     flux_scheduler,
     flux_vae,
-    latent_statistics,
     qwen_image_scheduler,
+    qwen_image_vae,
+    qwen_vl_vision_config,
     rope_axes,
     t5_encoder,
     tiny_vae,
@@ -141,7 +142,7 @@ def build_tiny_qwen_image_pipeline(
     text_config["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}  # halves of the 8-wide heads
     config = Qwen2_5_VLConfig(
         text_config=text_config,
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden),
+        vision_config=qwen_vl_vision_config(hidden),
         vocab_size=len(tokenizer),
     )
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -154,13 +155,8 @@ def build_tiny_qwen_image_pipeline(
         guidance_embeds=guidance_embeds,
         **two_rope_heads(attention_head_dim, axes_dims_rope),
     )
-    vae = AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=latent_channels,
-        dim_mult=[1, 2, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],
-        **latent_statistics(latent_channels, build.seed),
+    vae = qwen_image_vae(
+        AutoencoderKLQwenImage, latent_channels, build.seed, dim_mult=[1, 2, 4], temperal_downsample=[False, True]
     )
     return QwenImagePipeline(
         scheduler=qwen_image_scheduler(),

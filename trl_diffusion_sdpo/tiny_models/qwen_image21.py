@@ -18,7 +18,14 @@ from transformers import Qwen3VLProcessor
 # module: ProcessorMixin is named here so that QwenImage21Pipeline.from_pretrained loads the processor below.
 from transformers.processing_utils import ProcessorMixin
 
-from .components import BuildArguments, decoder_text_config, latent_statistics, qwen_image_scheduler, two_rope_heads
+from .components import (
+    BuildArguments,
+    decoder_text_config,
+    qwen_image_scheduler,
+    qwen_image_vae,
+    qwen_vl_vision_config,
+    two_rope_heads,
+)
 from .tokenizers import write_qwen3_vl_tokenizer
 
 __all__ = ["TextOnlyQwen3VLProcessor", "build_tiny_qwen_image21_pipeline"]
@@ -76,15 +83,8 @@ def build_tiny_qwen_image21_pipeline(
     }
     config = Qwen3VLConfig(
         text_config=text_config,
-        vision_config=dict(
-            depth=1,
-            hidden_size=16,
-            intermediate_size=32,
-            num_heads=2,
-            out_hidden_size=hidden,
-            patch_size=4,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=[],
+        vision_config=qwen_vl_vision_config(
+            hidden, patch_size=4, num_position_embeddings=16, deepstack_visual_indexes=[]
         ),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
         **token_ids,
@@ -98,14 +98,13 @@ def build_tiny_qwen_image21_pipeline(
         context_in_dim=hidden,
         **two_rope_heads(attention_head_dim, axes_dims_rope),
     )
-    vae = AutoencoderKLQwenImage21(
-        base_dim=8,
+    vae = qwen_image_vae(
+        AutoencoderKLQwenImage21,
+        latent_channels,
+        build.seed,
         decoder_base_dim=8,
-        z_dim=latent_channels,
         dim_mult=[1, 1, 1, 1, 1],  # four downsamplings: 16x
-        num_res_blocks=1,
         temperal_downsample=[False, True, True, True],
-        **latent_statistics(latent_channels, build.seed),
     )
     return QwenImage21Pipeline(
         scheduler=qwen_image_scheduler(),
