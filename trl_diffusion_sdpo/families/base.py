@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from .noising import Noiser
 
-__all__ = ["ModelFamily", "PromptEmbeddings", "PromptTokenizer", "scale_latents"]
+__all__ = ["ModelFamily", "PromptEmbeddings", "PromptTokenizer", "SourceConditioning", "scale_latents"]
 
 logger = logging.getLogger(__name__)
 
@@ -348,3 +348,14 @@ class ModelFamily(abc.ABC):
         """One prediction of ``model`` (the policy, possibly DDP-wrapped, or the reference) on ``sample [N, C, h, w]``
         at ``timestep [N]``, with ``conditioning`` from :meth:`denoiser_conditioning`; returns ``[N, C, h, w]``."""
         return model(sample, timestep, **conditioning, return_dict=False)[0]
+
+
+class SourceConditioning:
+    """Mixin, before the family it extends, of the editing families (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit): the
+    extended family's :meth:`~ModelFamily.denoiser_conditioning` with the pairs' source latents ``[N, S, C, h, w]``
+    added by :meth:`~ModelFamily.with_sources`."""
+
+    def denoiser_conditioning(
+        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> dict[str, object]:
+        return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)

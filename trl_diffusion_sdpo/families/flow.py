@@ -251,6 +251,8 @@ class FlowMatchingFamily(ModelFamily):
     # The prompt length in tokens the pipelines sample with (FLUX.1, FLUX.2, Qwen-Image, Z-Image, Wan) and diffusers'
     # LoRA scripts train with; SD3's script trains with 77.
     default_max_sequence_length: ClassVar[int] = 512
+    # The most prompt tokens max_sequence_length may keep (the pipeline's own limit), or None where none is checked.
+    max_prompt_tokens: ClassVar[int | None] = None
     # The guidance embedding's value, for transformers that have one (FLUX.1-dev); None for the others.
     default_guidance_scale: ClassVar[float | None] = None
     # The Euler inversion grid's length when noising="inversion" leaves inversion_steps unset: SmPO's SDXL value (no
@@ -280,6 +282,9 @@ class FlowMatchingFamily(ModelFamily):
         super().__init__(pipeline)
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.guidance_scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        longest, wanted = self.max_prompt_tokens, self.max_sequence_length
+        if longest is not None and wanted > longest:
+            raise ValueError(f"max_sequence_length for {self.name} is at most {longest}, got {wanted}")
 
     @classmethod
     def from_pipeline(cls, pipeline: DiffusionPipeline, **options: Any) -> FlowMatchingFamily:

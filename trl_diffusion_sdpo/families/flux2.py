@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import PromptEmbeddings, PromptTokenizer
+from .base import PromptEmbeddings, PromptTokenizer, SourceConditioning
 from .flow import FlowMatchingFamily, FlowNoiser
 from .registry import register_family
 from .z_image import ZImagePromptTokenizer
@@ -114,7 +114,7 @@ def reference_tokens(references: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 @register_family("flux2", pipelines=("Flux2Pipeline",))
-class Flux2Family(FlowMatchingFamily):
+class Flux2Family(SourceConditioning, FlowMatchingFamily):
     """FLUX.2 [dev] (``Flux2Pipeline`` with a ``Flux2Transformer2DModel`` and a Mistral-3 text encoder)."""
 
     transformer_class = "Flux2Transformer2DModel"
@@ -237,12 +237,6 @@ class Flux2Family(FlowMatchingFamily):
         return self._latents_config
 
     # -------------------------------------------------------------------------------------------- the prediction
-
-    def denoiser_conditioning(
-        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
-    ) -> dict[str, object]:
-        """The stacked hidden states and, for editing data, the pair's reference latents ``[N, S, C, h, w]``."""
-        return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)
 
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]

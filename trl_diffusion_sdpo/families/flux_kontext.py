@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .base import PromptEmbeddings
+from .base import SourceConditioning
 from .flux import FluxFamily
 from .registry import pipeline_is, register_family
 
@@ -36,7 +36,7 @@ __all__ = ["FluxKontextFamily"]
 
 
 @register_family("flux-kontext", pipelines=("FluxKontextPipeline",))
-class FluxKontextFamily(FluxFamily):
+class FluxKontextFamily(SourceConditioning, FluxFamily):
     """FLUX.1 Kontext (``FluxKontextPipeline`` with a ``FluxTransformer2DModel``): instruction editing of one source
     image."""
 
@@ -66,12 +66,6 @@ class FluxKontextFamily(FluxFamily):
         _, width, height = min((abs(aspect_ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
         multiple = self.source_multiple()
         return width // multiple * multiple, height // multiple * multiple
-
-    def denoiser_conditioning(
-        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
-    ) -> dict[str, object]:
-        """FLUX.1's conditioning and the pair's source latents ``[N, 1, C, h, w]``."""
-        return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)
 
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]

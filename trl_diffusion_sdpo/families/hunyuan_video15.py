@@ -144,16 +144,10 @@ class HunyuanVideo15Family(VideoFlowMatchingFamily):
                 "(the latents, zero condition latents and a zero mask, as HunyuanVideo15Pipeline does)"
             )
 
-    def __init__(
-        self, pipeline: Any, max_sequence_length: int | None = None, guidance_scale: float | None = None
-    ) -> None:
-        super().__init__(pipeline, max_sequence_length, guidance_scale)
-        longest = int(getattr(pipeline, "tokenizer_max_length", _MLLM_LENGTH))
-        if self.max_sequence_length > longest:
-            raise ValueError(
-                f"max_sequence_length for HunyuanVideo 1.5 is at most {longest} (the Qwen2.5-VL tokens its pipeline "
-                f"encodes), got {self.max_sequence_length}"
-            )
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The Qwen2.5-VL tokens the pipeline encodes (its ``tokenizer_max_length``)."""
+        return int(getattr(self.pipeline, "tokenizer_max_length", _MLLM_LENGTH))
 
     # -------------------------------------------------------------------------------------------- the latents
 

@@ -58,11 +58,9 @@ import torch
 from torch import Tensor
 
 from ..checks import Choice, Range
-from .noising import Device, NoisedPair, Noiser, prediction_target
+from .noising import DDPMNoiser, Device, NoisedPair, Noiser, prediction_target
 
 if TYPE_CHECKING:  # annotations only; .flow imports this module
-    from .noising import DDPMNoiser
-
     FlowNoiser = Noiser  # the flow families' noiser (.flow.FlowNoiser), named without importing .flow
 
 __all__ = [
@@ -75,6 +73,7 @@ __all__ = [
     "ddim_inverse_step",
     "ddim_inversion_grid",
     "inversion_settings",
+    "unet_noiser",
     "renoise_inversion",
 ]
 
@@ -285,6 +284,18 @@ class DDIMInversionNoiser(InversionNoiser):
         noise = (noisy - abar**0.5 * x0) / (1 - abar) ** 0.5
         target = prediction_target(self.scheduler, x0, noise, t)
         return NoisedPair(x0, noise, noisy, t, target, noised.loss_weight)
+
+
+def unet_noiser(family: Any, args: Any) -> DDPMNoiser | DDIMInversionNoiser:
+    """The UNet families' noiser (``family`` an SD or SDXL family, ``args`` a ``DiffusionSDPOConfig``): DDPM forward
+    noising from the pipeline's scheduler, or DDIM ReNoise inversion on top of it under ``noising`` with the family's
+    ``default_inversion_steps``."""
+    family.configure_sources(args)  # refuses source_resolution: no sources
+    noiser = DDPMNoiser.from_config(family.pipeline.scheduler, args)
+    settings = inversion_settings(args, family.default_inversion_steps)
+    if settings is None:
+        return noiser
+    return DDIMInversionNoiser(noiser, settings, family.pipeline.scheduler.config)
 
 
 # --------------------------------------------------------------------------------------------------- rectified flow

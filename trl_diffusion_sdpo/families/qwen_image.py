@@ -73,8 +73,7 @@ class QwenImageFamily(FlowMatchingFamily):
     default_guidance_scale = 1.0  # used only by a guidance-distilled transformer (guidance_embeds=True)
     default_learning_rate = 2e-4
     learning_rate_source = "diffusers' Qwen-Image LoRA example (examples/dreambooth/README_qwen.md, 2e-4)"
-    # The most prompt tokens max_sequence_length may keep (the pipeline's own limit).
-    max_prompt_tokens: ClassVar[int] = 1024
+    max_prompt_tokens: ClassVar[int] = 1024  # the pipeline's own limit
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
@@ -94,16 +93,6 @@ class QwenImageFamily(FlowMatchingFamily):
             raise ValueError(
                 f"{type(pipeline).__name__} conditions on an input image; this family trains text-to-image "
                 "Qwen-Image (load the checkpoint as a QwenImagePipeline)"
-            )
-
-    def __init__(
-        self, pipeline: Any, max_sequence_length: int | None = None, guidance_scale: float | None = None
-    ) -> None:
-        super().__init__(pipeline, max_sequence_length, guidance_scale)
-        if self.max_sequence_length > self.max_prompt_tokens:
-            raise ValueError(
-                f"max_sequence_length for {self.name} is at most {self.max_prompt_tokens}, got "
-                f"{self.max_sequence_length}"
             )
 
     # -------------------------------------------------------------------------------------------------- the text

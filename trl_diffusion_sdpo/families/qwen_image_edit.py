@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from .base import PromptEmbeddings, PromptTokenizer
+from .base import PromptTokenizer, SourceConditioning
 from .qwen_image import QwenImageFamily
 from .registry import pipeline_is, register_family
 
@@ -152,7 +152,7 @@ class QwenImageEditPromptTokenizer(PromptTokenizer):
 
 
 @register_family("qwen-image-edit", pipelines=("QwenImageEditPipeline",))
-class QwenImageEditFamily(QwenImageFamily):
+class QwenImageEditFamily(SourceConditioning, QwenImageFamily):
     """Qwen-Image-Edit (``QwenImageEditPipeline``): instruction editing of one source image."""
 
     edits = True
@@ -244,12 +244,6 @@ class QwenImageEditFamily(QwenImageFamily):
         }
 
     # -------------------------------------------------------------------------------------------- the prediction
-
-    def denoiser_conditioning(
-        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
-    ) -> dict[str, object]:
-        """Qwen-Image's conditioning and the pair's source latents ``[N, S, C, h, w]``."""
-        return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)
 
 
 @register_family("qwen-image-edit-plus", pipelines=("QwenImageEditPlusPipeline",))

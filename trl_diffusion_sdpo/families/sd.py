@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
-from .inversion import DDIMInversionNoiser, inversion_settings
+from .inversion import DDIMInversionNoiser, unet_noiser
 from .noising import DDPMNoiser
 from .registry import register_family
 
@@ -35,12 +35,7 @@ class StableDiffusionFamily(ModelFamily):
 
     def noiser(self, args: Any) -> DDPMNoiser | DDIMInversionNoiser:
         """DDPM forward noising, or DDIM ReNoise inversion on top of it (``noising``, see :mod:`.inversion`)."""
-        self.configure_sources(args)  # refuses source_resolution: no sources
-        noiser = DDPMNoiser.from_config(self.pipeline.scheduler, args)
-        settings = inversion_settings(args, self.default_inversion_steps)
-        if settings is None:
-            return noiser
-        return DDIMInversionNoiser(noiser, settings, self.pipeline.scheduler.config)
+        return unet_noiser(self, args)
 
     def prompt_tokenizer(self) -> PromptTokenizer:
         return PromptTokenizer({"input_ids": self.pipeline.tokenizer})

@@ -3,8 +3,10 @@ text config."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -157,6 +159,25 @@ def latent_statistics(latent_channels: int, seed: int) -> dict[str, list[float]]
     }
 
 
+def qwen_vl_vision_config(hidden: int, **extra: Any) -> dict:
+    """The vision tower of the tiny Qwen-VL text encoders (Qwen2.5-VL, Qwen3-VL; unused by text-to-image): one layer
+    16 wide with two heads, merged into the text width ``hidden``; ``extra`` adds fields."""
+    return dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, **extra)
+
+
+def qwen_image_vae(vae_class: type, latent_channels: int, seed: int, **layout: Any) -> Any:
+    """A Qwen-Image VAE of ``vae_class`` (1.0's or 2.1's: causal 3D convolutions, 8 base channels, one residual block a
+    level) with ``latent_channels`` latents, its per-level ``layout`` (``dim_mult``, ``temperal_downsample``, ...)
+    and the :func:`latent_statistics` of ``seed``."""
+    return vae_class(
+        base_dim=8,
+        z_dim=latent_channels,
+        num_res_blocks=1,
+        **layout,
+        **latent_statistics(latent_channels, seed),
+    )
+
+
 def decoder_text_config(vocab_size: int, hidden: int, pad_token_id: int, **overrides) -> dict:
     """The text config of a narrow decoder-only language model (the Qwen2.5-VL, Qwen3 and Mistral-3 text encoders):
     two layers, two attention heads and two key/value heads, a ``2 * hidden`` MLP, no BOS token and padding as EOS.
@@ -192,3 +213,23 @@ def ddpm_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 def tokenizer_folder(tokenizer_dir: str | None) -> str:
     """Where a builder writes its tokenizers: ``tokenizer_dir``, or a fresh temporary folder."""
     return tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildArguments:
+    """The keyword arguments the transformer builders share (their ``**arguments``): ``seed`` (torch's global seed,
+    set before any module is built, so equal seeds give equal weights), ``tokenizer_dir`` (where the tokenizers are
+    written; a fresh temporary folder when ``None``) and the tokenizers' ``max_length`` (each builder's own default).
+    """
+
+    seed: int = 0
+    tokenizer_dir: str | None = None
+    max_length: int = 64
+
+    @classmethod
+    def start(cls, arguments: dict[str, Any], max_length: int = 64) -> BuildArguments:
+        """``arguments`` (``max_length`` the builder's default; an unknown name is a TypeError, as for any keyword)
+        with ``tokenizer_dir`` resolved by :func:`tokenizer_folder`, after seeding torch with the seed."""
+        build = cls(**{"max_length": max_length, **arguments})
+        torch.manual_seed(build.seed)
+        return dataclasses.replace(build, tokenizer_dir=tokenizer_folder(build.tokenizer_dir))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
@@ -16,36 +15,34 @@ from diffusers import (
 )
 
 from .components import (
+    BuildArguments,
     clip_text_encoder,
     decoder_text_config,
     flow_scheduler,
     flux_scheduler,
     flux_vae,
-    latent_statistics,
     qwen_image_scheduler,
+    qwen_image_vae,
+    qwen_vl_vision_config,
     rope_axes,
     t5_encoder,
     tiny_vae,
-    tokenizer_folder,
     two_rope_heads,
 )
 from .tokenizers import write_char_tokenizer, write_qwen_tokenizer, write_t5_tokenizer
 
 
 def build_tiny_sd3_pipeline(
-    seed: int = 0,
-    tokenizer_dir: str | None = None,
-    max_length: int = 16,
-    with_t5: bool = True,
-    attention_head_dim: int = 8,
+    with_t5: bool = True, attention_head_dim: int = 8, **arguments: Any
 ) -> StableDiffusion3Pipeline:
     """A tiny SD3-style pipeline: MMDiT transformer, two CLIP encoders with projection, a T5 encoder, a 16-channel
     VAE with SD3's latent scale and shift, and a flow-matching scheduler with SD3's static shift 3.0.
 
     ``attention_head_dim`` (two heads) sets the transformer's width: 96 makes its feed-forward weights larger than
-    DeepSpeed ZeRO-3's default persistence threshold, so they really are partitioned."""
-    torch.manual_seed(seed)
-    base_dir = tokenizer_folder(tokenizer_dir)
+    DeepSpeed ZeRO-3's default persistence threshold, so they really are partitioned. ``arguments``: the
+    :class:`~.components.BuildArguments` (``max_length`` 16)."""
+    build = BuildArguments.start(arguments, max_length=16)
+    base_dir, max_length = build.tokenizer_dir, build.max_length
     tokenizer = write_char_tokenizer(os.path.join(base_dir, "tokenizer"), max_length)
     tokenizer_2 = write_char_tokenizer(os.path.join(base_dir, "tokenizer_2"), max_length, pad_token="!")
     tokenizer_3 = write_t5_tokenizer(os.path.join(base_dir, "tokenizer_3"), max_length) if with_t5 else None
@@ -81,20 +78,19 @@ def build_tiny_sd3_pipeline(
 
 
 def build_tiny_flux_pipeline(
-    seed: int = 0,
-    tokenizer_dir: str | None = None,
-    max_length: int = 16,
     guidance_embeds: bool = True,
     attention_head_dim: int = 8,
     axes_dims_rope: tuple[int, int, int] = (2, 2, 4),
+    **arguments: Any,
 ) -> FluxPipeline:
     """A tiny FLUX.1-style pipeline: double- and single-stream transformer (with the guidance embedding of
     FLUX.1-dev, or without it as schnell), CLIP-L (pooled only) and T5 encoders, a VAE without quant convs and
     FLUX's latent scale and shift, and a flow-matching scheduler with dynamic (resolution-dependent) shifting.
 
-    ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width."""
-    torch.manual_seed(seed)
-    base_dir = tokenizer_folder(tokenizer_dir)
+    ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width. ``arguments``:
+    the :class:`~.components.BuildArguments` (``max_length`` 16)."""
+    build = BuildArguments.start(arguments, max_length=16)
+    base_dir, max_length = build.tokenizer_dir, build.max_length
     tokenizer = write_char_tokenizer(os.path.join(base_dir, "tokenizer"), max_length)
     tokenizer_2 = write_t5_tokenizer(os.path.join(base_dir, "tokenizer_2"), max_length)
     latent_channels, hidden = 4, 32
@@ -123,12 +119,10 @@ def build_tiny_flux_pipeline(
 
 
 def build_tiny_qwen_image_pipeline(
-    seed: int = 0,
-    tokenizer_dir: str | None = None,
-    max_length: int = 64,
     guidance_embeds: bool = False,
     attention_head_dim: int = 16,
     axes_dims_rope: tuple[int, int, int] = (4, 6, 6),
+    **arguments: Any,
 ) -> QwenImagePipeline:
     """A tiny Qwen-Image-style pipeline: the double-stream MMDiT transformer with 3-axis RoPE, a Qwen2.5-VL text
     encoder (tiny vision tower included, unused by text-to-image), the Qwen-Image VAE (causal 3D convolutions, a
@@ -136,18 +130,19 @@ def build_tiny_qwen_image_pipeline(
     flow-matching scheduler with Qwen-Image's dynamic-shift settings.
 
     ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width: 96 makes its
-    feed-forward weights (``2 * 96 x 4 * 2 * 96``) larger than DeepSpeed ZeRO-3's default persistence threshold."""
+    feed-forward weights (``2 * 96 x 4 * 2 * 96``) larger than DeepSpeed ZeRO-3's default persistence threshold.
+    ``arguments``: the :class:`~.components.BuildArguments`."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    tokenizer = write_qwen_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
+    build = BuildArguments.start(arguments)
+    tokenizer = write_qwen_tokenizer(os.path.join(build.tokenizer_dir, "tokenizer"), build.max_length)
     hidden, latent_channels = 16, 4
     text_config = decoder_text_config(len(tokenizer), hidden, tokenizer.pad_token_id)
     text_config["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}  # halves of the 8-wide heads
     config = Qwen2_5_VLConfig(
         text_config=text_config,
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden),
+        vision_config=qwen_vl_vision_config(hidden),
         vocab_size=len(tokenizer),
     )
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -160,13 +155,8 @@ def build_tiny_qwen_image_pipeline(
         guidance_embeds=guidance_embeds,
         **two_rope_heads(attention_head_dim, axes_dims_rope),
     )
-    vae = AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=latent_channels,
-        dim_mult=[1, 2, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],
-        **latent_statistics(latent_channels, seed),
+    vae = qwen_image_vae(
+        AutoencoderKLQwenImage, latent_channels, build.seed, dim_mult=[1, 2, 4], temperal_downsample=[False, True]
     )
     return QwenImagePipeline(
         scheduler=qwen_image_scheduler(),
@@ -178,11 +168,7 @@ def build_tiny_qwen_image_pipeline(
 
 
 def build_tiny_z_image_pipeline(
-    seed: int = 0,
-    tokenizer_dir: str | None = None,
-    max_length: int = 64,
-    dim: int = 32,
-    axes_dims: tuple[int, int, int] = (4, 6, 6),
+    dim: int = 32, axes_dims: tuple[int, int, int] = (4, 6, 6), **arguments: Any
 ) -> ZImagePipeline:
     """A tiny Z-Image-style pipeline: the single-stream S3-DiT transformer (noise and caption refiners, 3-axis
     RoPE), a Qwen3 text encoder with a chat-template tokenizer, a FLUX-style VAE with Z-Image's latent scale and
@@ -190,12 +176,12 @@ def build_tiny_z_image_pipeline(
 
     ``dim`` (two heads; ``axes_dims`` must sum to ``dim / 2``) sets the transformer's width; its feed-forward is
     ``dim x int(8 dim / 3)``, past DeepSpeed ZeRO-3's default persistence threshold (1e5 elements) from ``dim = 224``.
-    """
+    ``arguments``: the :class:`~.components.BuildArguments`."""
     from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    torch.manual_seed(seed)
-    tokenizer = write_qwen_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
+    build = BuildArguments.start(arguments)
+    tokenizer = write_qwen_tokenizer(os.path.join(build.tokenizer_dir, "tokenizer"), build.max_length)
     hidden, latent_channels = 16, 4
     text_encoder = Qwen3Model(
         Qwen3Config(head_dim=8, **decoder_text_config(len(tokenizer), hidden, tokenizer.pad_token_id))

@@ -5,11 +5,12 @@ latent statistics."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 
-from .components import decoder_text_config, flux_scheduler, tokenizer_folder, two_rope_heads
+from .components import BuildArguments, decoder_text_config, flux_scheduler, two_rope_heads
 from .tokenizers import write_mistral_tokenizer, write_qwen_tokenizer
 
 __all__ = ["build_tiny_flux2_klein_pipeline", "build_tiny_flux2_pipeline"]
@@ -52,13 +53,21 @@ def _vae(seed: int) -> AutoencoderKLFlux2:
     return vae.eval()
 
 
+def _denoising_components(
+    seed: int, guidance_embeds: bool, attention_head_dim: int, axes_dims_rope: tuple[int, int, int, int]
+) -> dict[str, object]:
+    """What FLUX.2 [dev] and [klein] share beside their text encoders: the dynamic-shift scheduler, the VAE of
+    :func:`_vae` and the transformer, built in that order (after the text encoder, as the weights were recorded)."""
+    vae = _vae(seed)
+    transformer = _transformer(guidance_embeds, attention_head_dim, axes_dims_rope)
+    return {"scheduler": flux_scheduler(), "vae": vae, "transformer": transformer}
+
+
 def build_tiny_flux2_pipeline(
-    seed: int = 0,
-    tokenizer_dir: str | None = None,
-    max_length: int = 64,
     guidance_embeds: bool = True,
     attention_head_dim: int = 8,
     axes_dims_rope: tuple[int, int, int, int] = (2, 2, 2, 2),
+    **arguments: Any,
 ) -> Flux2Pipeline:
     """A tiny FLUX.2 [dev]-style pipeline: ``Flux2Transformer2DModel`` with the guidance embedding, a
     ``Mistral3ForConditionalGeneration`` text encoder (30 text layers, so the pipeline's hidden-state layers 10, 20
@@ -69,11 +78,12 @@ def build_tiny_flux2_pipeline(
     the pipeline calls nothing of it but ``apply_chat_template``, which the tokenizer has with the same arguments.
 
     ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width: from 96 its
-    SwiGLU input projection (``192 x 2 * 3 * 192``) exceeds DeepSpeed ZeRO-3's default persistence threshold."""
+    SwiGLU input projection (``192 x 2 * 3 * 192``) exceeds DeepSpeed ZeRO-3's default persistence threshold.
+    ``arguments``: the :class:`~.components.BuildArguments`."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
-    torch.manual_seed(seed)
-    tokenizer = write_mistral_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
+    build = BuildArguments.start(arguments)
+    tokenizer = write_mistral_tokenizer(os.path.join(build.tokenizer_dir, "tokenizer"), build.max_length)
     text_config = decoder_text_config(
         len(tokenizer),
         _HIDDEN,
@@ -101,37 +111,31 @@ def build_tiny_flux2_pipeline(
     )
     text_encoder = Mistral3ForConditionalGeneration(config).eval()
     return Flux2Pipeline(
-        scheduler=flux_scheduler(),
-        vae=_vae(seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=_transformer(guidance_embeds, attention_head_dim, axes_dims_rope),
+        **_denoising_components(build.seed, guidance_embeds, attention_head_dim, axes_dims_rope),
     )
 
 
 def build_tiny_flux2_klein_pipeline(
-    seed: int = 0,
-    tokenizer_dir: str | None = None,
-    max_length: int = 64,
     is_distilled: bool = False,
     attention_head_dim: int = 8,
     axes_dims_rope: tuple[int, int, int, int] = (2, 2, 2, 2),
+    **arguments: Any,
 ) -> Flux2KleinPipeline:
     """A tiny FLUX.2 [klein]-style pipeline: ``Flux2Transformer2DModel`` without the guidance embedding, a
     ``Qwen3ForCausalLM`` text encoder (27 layers, so the pipeline's hidden-state layers 9, 18 and 27 exist) with a
-    Qwen3 chat-template tokenizer, the FLUX.2 VAE and a dynamic-shift flow-matching scheduler; ``attention_head_dim``
-    and ``axes_dims_rope`` as in :func:`build_tiny_flux2_pipeline`."""
+    Qwen3 chat-template tokenizer, the FLUX.2 VAE and a dynamic-shift flow-matching scheduler; ``attention_head_dim``,
+    ``axes_dims_rope`` and ``arguments`` as in :func:`build_tiny_flux2_pipeline`."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    torch.manual_seed(seed)
-    tokenizer = write_qwen_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
+    build = BuildArguments.start(arguments)
+    tokenizer = write_qwen_tokenizer(os.path.join(build.tokenizer_dir, "tokenizer"), build.max_length)
     config = decoder_text_config(len(tokenizer), _HIDDEN, tokenizer.pad_token_id, num_hidden_layers=27, head_dim=8)
     text_encoder = Qwen3ForCausalLM(Qwen3Config(**config)).eval()
     return Flux2KleinPipeline(
-        scheduler=flux_scheduler(),
-        vae=_vae(seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        transformer=_transformer(False, attention_head_dim, axes_dims_rope),
         is_distilled=is_distilled,
+        **_denoising_components(build.seed, False, attention_head_dim, axes_dims_rope),
     )

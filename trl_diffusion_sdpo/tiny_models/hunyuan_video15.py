@@ -5,8 +5,8 @@ from __future__ import annotations
 import inspect
 import os
 import re
+from typing import Any
 
-import torch
 from diffusers import (
     AutoencoderKLHunyuanVideo15,
     FlowMatchEulerDiscreteScheduler,
@@ -15,7 +15,7 @@ from diffusers import (
 )
 from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2Tokenizer
 
-from .components import decoder_text_config, t5_encoder, tokenizer_folder, two_rope_heads
+from .components import BuildArguments, decoder_text_config, t5_encoder, two_rope_heads
 from .tokenizers import _published, write_qwen_tokenizer
 
 __all__ = ["build_tiny_hunyuan_video15_pipeline", "write_hunyuan_video15_tokenizer"]
@@ -65,11 +65,7 @@ def write_hunyuan_video15_tokenizer(directory: str, max_length: int = 64) -> Qwe
 
 
 def build_tiny_hunyuan_video15_pipeline(
-    seed: int = 0,
-    tokenizer_dir: str | None = None,
-    max_length: int = 64,
-    attention_head_dim: int = 16,
-    rope_axes_dim: tuple[int, int, int] = (4, 6, 6),
+    attention_head_dim: int = 16, rope_axes_dim: tuple[int, int, int] = (4, 6, 6), **arguments: Any
 ) -> HunyuanVideo15Pipeline:
     """A tiny HunyuanVideo 1.5-style text-to-video pipeline from configs of the real classes: a
     ``HunyuanVideo15Transformer3DModel`` (1x1x1 patches, two double-stream layers, one token-refiner layer, the ByT5
@@ -81,12 +77,13 @@ def build_tiny_hunyuan_video15_pipeline(
     flow-match Euler scheduler with a static shift of 5.0 and classifier-free guidance 6.0.
 
     Clips have ``4k + 1`` frames: 5 frames of 32x32 pixels are latents ``[4, 2, 2, 2]``. ``attention_head_dim`` (two
-    heads; ``rope_axes_dim`` must sum to it) sets the transformer's width."""
+    heads; ``rope_axes_dim`` must sum to it) sets the transformer's width. ``arguments``: the
+    :class:`~.components.BuildArguments`."""
     from diffusers.guiders import ClassifierFreeGuidance
 
-    torch.manual_seed(seed)
-    folder = tokenizer_folder(tokenizer_dir)
-    tokenizer = write_hunyuan_video15_tokenizer(os.path.join(folder, "tokenizer"), max_length)
+    build = BuildArguments.start(arguments)
+    folder = build.tokenizer_dir
+    tokenizer = write_hunyuan_video15_tokenizer(os.path.join(folder, "tokenizer"), build.max_length)
     tokenizer_2 = ByT5Tokenizer()
     with _published(os.path.join(folder, "tokenizer_2")) as staging:  # as a saved pipeline holds it
         tokenizer_2.save_pretrained(staging)

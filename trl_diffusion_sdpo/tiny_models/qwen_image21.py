@@ -9,8 +9,8 @@ of the processor's image and video sides, so the tiny pipeline takes :class:`Tex
 from __future__ import annotations
 
 import os
+from typing import Any
 
-import torch
 from diffusers import QwenImage21Pipeline
 from transformers import Qwen3VLProcessor
 
@@ -18,7 +18,14 @@ from transformers import Qwen3VLProcessor
 # module: ProcessorMixin is named here so that QwenImage21Pipeline.from_pretrained loads the processor below.
 from transformers.processing_utils import ProcessorMixin
 
-from .components import decoder_text_config, latent_statistics, qwen_image_scheduler, tokenizer_folder, two_rope_heads
+from .components import (
+    BuildArguments,
+    decoder_text_config,
+    qwen_image_scheduler,
+    qwen_image_vae,
+    qwen_vl_vision_config,
+    two_rope_heads,
+)
 from .tokenizers import write_qwen3_vl_tokenizer
 
 __all__ = ["TextOnlyQwen3VLProcessor", "build_tiny_qwen_image21_pipeline"]
@@ -45,11 +52,7 @@ class TextOnlyQwen3VLProcessor(Qwen3VLProcessor):
 
 
 def build_tiny_qwen_image21_pipeline(
-    seed: int = 0,
-    tokenizer_dir: str | None = None,
-    max_length: int = 64,
-    attention_head_dim: int = 16,
-    axes_dims_rope: tuple[int, int, int] = (4, 6, 6),
+    attention_head_dim: int = 16, axes_dims_rope: tuple[int, int, int] = (4, 6, 6), **arguments: Any
 ) -> QwenImage21Pipeline:
     """A tiny Qwen-Image 2.1-style pipeline: the single-stream block-causal ``QwenImage21Transformer2DModel`` (two
     heads, 3-axis RoPE, latents unpatched), a ``Qwen3VLForConditionalGeneration`` text encoder (tiny vision tower,
@@ -58,12 +61,13 @@ def build_tiny_qwen_image21_pipeline(
     ``latents_mean``/``latents_std``) and a flow-matching scheduler with Qwen-Image's dynamic-shift settings.
 
     ``attention_head_dim`` (two heads; ``axes_dims_rope`` must sum to it) sets the transformer's width: 96 makes its
-    SwiGLU weights (``192 x 3 * 192``) larger than DeepSpeed ZeRO-3's default persistence threshold."""
+    SwiGLU weights (``192 x 3 * 192``) larger than DeepSpeed ZeRO-3's default persistence threshold. ``arguments``:
+    the :class:`~.components.BuildArguments`."""
     from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    tokenizer = write_qwen3_vl_tokenizer(os.path.join(tokenizer_folder(tokenizer_dir), "tokenizer"), max_length)
+    build = BuildArguments.start(arguments)
+    tokenizer = write_qwen3_vl_tokenizer(os.path.join(build.tokenizer_dir, "tokenizer"), build.max_length)
     processor = TextOnlyQwen3VLProcessor(tokenizer=tokenizer, chat_template=tokenizer.chat_template)
     hidden, latent_channels = 16, 8
     text_config = decoder_text_config(
@@ -79,15 +83,8 @@ def build_tiny_qwen_image21_pipeline(
     }
     config = Qwen3VLConfig(
         text_config=text_config,
-        vision_config=dict(
-            depth=1,
-            hidden_size=16,
-            intermediate_size=32,
-            num_heads=2,
-            out_hidden_size=hidden,
-            patch_size=4,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=[],
+        vision_config=qwen_vl_vision_config(
+            hidden, patch_size=4, num_position_embeddings=16, deepstack_visual_indexes=[]
         ),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
         **token_ids,
@@ -101,14 +98,13 @@ def build_tiny_qwen_image21_pipeline(
         context_in_dim=hidden,
         **two_rope_heads(attention_head_dim, axes_dims_rope),
     )
-    vae = AutoencoderKLQwenImage21(
-        base_dim=8,
+    vae = qwen_image_vae(
+        AutoencoderKLQwenImage21,
+        latent_channels,
+        build.seed,
         decoder_base_dim=8,
-        z_dim=latent_channels,
         dim_mult=[1, 1, 1, 1, 1],  # four downsamplings: 16x
-        num_res_blocks=1,
         temperal_downsample=[False, True, True, True],
-        **latent_statistics(latent_channels, seed),
     )
     return QwenImage21Pipeline(
         scheduler=qwen_image_scheduler(),

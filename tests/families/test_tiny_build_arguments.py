@@ -1,0 +1,39 @@
+"""The shared keyword arguments of the tiny transformer builders (seed, tokenizer folder, max length): the builder's
+own max-length default, torch seeded before anything is built, the folder resolved once, an unknown keyword
+refused as a plain signature would refuse it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_qwen_image21_pipeline
+from trl_diffusion_sdpo.tiny_models.components import BuildArguments
+
+
+def test_start_seeds_torch_and_resolves_the_folder_once(tmp_path):
+    build = BuildArguments.start({"seed": 3}, max_length=16)
+    drawn = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.rand(4))
+    assert (build.seed, build.max_length) == (3, 16)
+    assert build.tokenizer_dir is not None and os.path.isdir(build.tokenizer_dir)  # a fresh temporary folder
+    given = BuildArguments.start({"tokenizer_dir": str(tmp_path), "max_length": 9}, max_length=16)
+    assert (given.seed, given.tokenizer_dir, given.max_length) == (0, str(tmp_path), 9)
+
+
+@pytest.mark.parametrize(
+    "build, max_length", [(build_tiny_flux_pipeline, 16), (build_tiny_qwen_image21_pipeline, 64)], ids=["flux", "q21"]
+)
+def test_each_builder_keeps_its_own_max_length_default(build, max_length, tmp_path):
+    pipe = build(tokenizer_dir=str(tmp_path))
+    tokenizer = pipe.tokenizer if hasattr(pipe, "tokenizer") else pipe.processor.tokenizer
+    assert tokenizer.model_max_length == max_length
+    assert os.path.isdir(tmp_path / "tokenizer")
+
+
+def test_an_unknown_keyword_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="max_lenght"):
+        build_tiny_flux_pipeline(tokenizer_dir=str(tmp_path), max_lenght=8)
