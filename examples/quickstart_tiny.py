@@ -3,8 +3,8 @@
     python examples/quickstart_tiny.py --output-dir quickstart-output
 
 Builds a tiny pipeline and a small Pick-a-Pic-style dataset of coloured images (the "winner" is the image whose
-colour the caption names), trains LoRA adapters with the safeguard on, prints the logged metrics, saves the
-adapters in diffusers format and checks that a fresh pipeline loading them reproduces the trained UNet.
+colour the caption names), trains LoRA adapters with the safeguard at its defaults, prints the logged metrics, saves
+the adapters in diffusers format and checks that a fresh pipeline loading them reproduces the trained UNet.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = DiffusionSDPOConfig(
         output_dir=args.output_dir,
         beta=5000,
-        safeguard_mu=0.9,
         resolution=32,
         per_device_train_batch_size=4,
         max_steps=args.steps,

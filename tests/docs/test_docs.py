@@ -398,14 +398,15 @@ def test_the_safeguard_recommendation_is_the_comparisons_and_the_same_in_readme_
     assert shipped["rows"], (
         "the recommendation has no rows: regenerate it with benchmarks/studies/safeguard_comparison.py"
     )
-    pages = {name: " ".join((ROOT / name).read_text().split()) for name in ("README.md", "docs/safeguard.md")}
+    # the README carries the short form with a link here (tests/docs/test_readme.py checks its block)
+    pages = {name: " ".join((ROOT / name).read_text().split()) for name in ("docs/safeguard.md",)}
     for name, text in pages.items():
-        assert shipped["text"] in text, f"{name} does not state the shipped recommendation"
+        assert " ".join(shipped["text"].split()) in text, f"{name} does not state the shipped recommendation"
         assert shipped["source"] in text, name
     block = (
         pages["docs/safeguard.md"].split("<!-- recommendation:start -->", 1)[1].split("<!-- recommendation:end -->")[0]
     )
-    assert shipped["text"] in block, "docs/safeguard.md states the recommendation outside its generated block"
+    assert " ".join(shipped["text"].split()) in block, "docs/safeguard.md states it outside its generated block"
     for row in shipped["rows"]:
         setting = next(
             s

@@ -109,21 +109,28 @@ def summarise_methods(
 
 
 def safeguard_recommendation(path: Path = RECOMMENDATION_FILE) -> dict[str, Any] | None:
-    """The shipped recommendation: ``text`` (the sentence the README and ``docs/safeguard.md`` carry), ``source`` (the
+    """The shipped recommendation: ``text`` (what the README and ``docs/safeguard.md`` carry, rendered from the file's
+    rows by :func:`.recommendation.render`; the file's own ``text`` where it has no rows), ``source`` (the
     comparison's result file), ``seeds`` (paired seeds per method and setting); ``None`` if the file is absent."""
+    from .recommendation import render
+
     if not path.is_file():
         return None
     found = json.loads(path.read_text())
-    return {key: found[key] for key in ("text", "source", "seeds")}
+    text = render(found) if found.get("rows") else found["text"]
+    return {"text": text, "source": found["source"], "seeds": found["seeds"]}
 
 
 def recommendation_line(recommendation: dict[str, Any]) -> str:
-    """One line: the recommendation and where it comes from."""
+    """The recommendation and where it comes from: one line, or a heading line and the rendered list (the demo's
+    table above keeps the authors' settings, mu=0.9 and the sweep, for comparison)."""
     low, high = min(recommendation["seeds"], default=0), max(recommendation["seeds"], default=0)
     seeds = str(low) if low == high else f"{low}-{high}"
+    text = recommendation["text"]
+    gap = "\n" if "\n" in text else " "
     return (
-        f"When to turn the safeguard on (a paired comparison on this demo's base and pairs, {seeds} seeds per method "
-        f"and setting, {recommendation['source']}; a demo run's few seeds cannot tell): {recommendation['text']}"
+        f"Which setting to use (a paired comparison on this demo's base and pairs, {seeds} seeds per method "
+        f"and setting, {recommendation['source']}; a demo run's few seeds cannot tell):{gap}{text}"
     )
 
 

@@ -1,0 +1,236 @@
+"""Which safeguard setting to use: the text the README, ``docs/safeguard.md`` and the demo's report quote, rendered
+from the rows of the paired comparison (``safeguard_recommendation.json``, written by
+``benchmarks/studies/safeguard_comparison.py`` from the result file its ``source`` names).
+
+``python -m trl_diffusion_sdpo.demo.recommendation`` rewrites the blocks between :data:`START` and :data:`END` in
+:data:`PAGES` and the ``text`` field of the shipped file; ``--check`` only reports the blocks that differ.
+
+The rule, read off the rows (every number in the text is a row's):
+
+* default: of the safeguards that pay where Diffusion-DPO's pathology bites (lr 2e-4), the one that costs least
+  where Diffusion-DPO is healthy (the demo's lr 2e-5, 200 steps): the cheapest insurance;
+* Diffusion-DPO (``safeguard=False``) where it is healthy: there every safeguard's reward is at or below its own;
+* the update space where the pathology bites or may: it pays at lr 2e-4 and, of the safeguards, is the one that
+  still pays at the in-between lr 1e-4;
+* the authors' per-model values (:data:`AUTHORS_MU`), which the demo's own table keeps for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AUTHORS_MU",
+    "END",
+    "PAGES",
+    "START",
+    "choose",
+    "load_rows",
+    "main",
+    "marked_block",
+    "render",
+    "replace_block",
+    "table",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = Path(__file__).with_name("safeguard_recommendation.json")
+START = "<!-- recommendation:start -->"
+END = "<!-- recommendation:end -->"
+PAGES = ("README.md", "docs/safeguard.md")
+"""The pages that carry the block, relative to the repository root."""
+
+AUTHORS_MU: tuple[tuple[str, float, str], ...] = (
+    ("SD1.5 with Diffusion-DPO and DMPO", 0.9, "`examples/configs/sd15_lora.yaml`"),
+    ("SDXL", 0.6, "`examples/configs/sdxl_lora.yaml`"),
+    ("SD1.5 with DSPO", 0.2, "`--loss_type dspo --safeguard_mu 0.2`"),
+)
+"""The Diffusion-SDPO authors' ``mu`` per model and objective (arXiv 2511.03317), and how to train with it here."""
+
+_PATHOLOGICAL, _BETWEEN, _HEALTHY = "pathological", "between", "demo's"
+_LABEL = re.compile(r"^(?P<space>\w+) space(?P<pair> per pair)?, mu=(?P<mu>[\d.]+)$")
+
+
+def load_rows(path: Path = SHIPPED) -> dict[str, Any]:
+    """The shipped recommendation file: ``rows`` (one per setting and safeguard, with the reward difference from
+    Diffusion-DPO, its 95% paired t interval, the seeds and a verdict), ``source`` and ``min_seeds``."""
+    return json.loads(Path(path).read_text())
+
+
+def _ci(reward: dict[str, Any]) -> str:
+    low, high = reward["ci95"]
+    return f"{reward['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _setting(row: dict[str, Any]) -> str:
+    """The regime a row's setting names: its first word (``pathological``, ``between`` or ``demo's``)."""
+    return row["setting"].split()[0].rstrip(":")
+
+
+def choose(recommendation: dict[str, Any]) -> dict[str, Any]:
+    """The rows the text quotes, picked by the rule in the module's docstring from the rows with at least
+    ``min_seeds`` paired seeds.
+
+    Returns ``default``, ``update`` (their row at lr 2e-4), ``default_healthy`` (the default's rows at the demo's lr,
+    by run length), ``update_between`` (the update space's row at lr 1e-4, or ``None``), ``between_others`` (the other
+    safeguards' rows there), ``healthy_range`` (the lowest and highest safeguard reward difference at the demo's lr,
+    200 steps), ``space`` and ``mu`` (the default's, parsed from its label) and ``n`` (the seeds)."""
+    rows = [r for r in recommendation["rows"] if r["n"] >= recommendation.get("min_seeds", 0)]
+
+    def at(setting: str, method: str | None = None, step: int | None = None) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in rows
+            if _setting(r) == setting and method in (None, r["method"]) and step in (None, r["run_steps"])
+        ]
+
+    healthy = at(_HEALTHY, step=200)
+    paying = [r for r in at(_PATHOLOGICAL) if r["verdict"] == "pays"]
+    priced = [r for r in paying if any(h["method"] == r["method"] for h in healthy)]
+    if not priced:
+        raise ValueError("no safeguard both pays at lr 2e-4 and was measured at the demo's lr: nothing to recommend")
+
+    def cost(row: dict[str, Any]) -> float:
+        return next(h for h in healthy if h["method"] == row["method"])["reward_minus_dpo"]["mean"]
+
+    default = max(priced, key=cost)
+    parsed = _LABEL.match(default["label"])
+    if parsed is None or parsed["pair"]:
+        raise ValueError(f"cannot read a safeguard_space and mu from {default['label']!r}")
+    update = next((r for r in paying if (m := _LABEL.match(r["label"])) and m["space"] == "update"), None)
+    if update is None:
+        raise ValueError("the update space does not pay at lr 2e-4 in these rows")
+    between = at(_BETWEEN)
+    means = [h["reward_minus_dpo"]["mean"] for h in healthy]
+    return {
+        "default": default,
+        "default_healthy": sorted(at(_HEALTHY, default["method"]), key=lambda r: r["run_steps"]),
+        "update": update,
+        "update_between": next((r for r in between if r["method"] == update["method"]), None),
+        "between_others": [r for r in between if r["method"] != update["method"]],
+        "healthy_range": (min(means), max(means)),
+        "healthy_all_below": all(h["verdict"] == "costs" for h in healthy),
+        "space": parsed["space"],
+        "mu": float(parsed["mu"]),
+        "n": min(r["n"] for r in rows),
+    }
+
+
+def _lr(row: dict[str, Any]) -> str:
+    """The learning rate as the row's setting writes it (``lr 2e-4``)."""
+    found = re.search(r"lr [\d.e+-]+", row["setting"])
+    return found.group(0) if found else f"lr {row['learning_rate']:g}"
+
+
+def render(recommendation: dict[str, Any], page: str | None = None) -> str:
+    """The five lines of "which setting should I use", as Markdown. ``page``: where the text goes; from the README
+    the evidence is a link to ``docs/safeguard.md`` (which names the result file), elsewhere the result file;
+    ``docs/safeguard.md`` also gets every row as a table (:func:`table`). ``None``: the demo's console."""
+    picked = choose(recommendation)
+    default, update, healthy = picked["default"], picked["update"], picked["default_healthy"]
+    compared = len({r["method"] for r in recommendation["rows"] if _setting(r) == _HEALTHY and r["run_steps"] == 200})
+    costs = [f"{_ci(r['reward_minus_dpo'])} at {r['run_steps']} steps" for r in healthy]
+    costs[0] += f" (the least of the {compared} safeguards)"
+    low, high = picked["healthy_range"]
+    between, others = picked["update_between"], picked["between_others"]
+    also = ""
+    if between is not None and between["verdict"] == "pays":
+        quiet = sum(r["verdict"] != "pays" for r in others)
+        who = f"none of the other {len(others)}" if quiet == len(others) else f"{len(others) - quiet} of the other"
+        also = f", and {_ci(between['reward_minus_dpo'])} at {_lr(between)}, where {who} paid"
+    authors = ", ".join(f"{mu:g} for {model} ({how})" for model, mu, how in AUTHORS_MU)
+    evidence = (
+        "[the safeguard](docs/safeguard.md)"
+        if page == "README.md"
+        else f"`{recommendation['source']}`, {picked['n']} paired seeds per setting and safeguard"
+    )
+    dpo_cost = (
+        f"every safeguard cost reward there ({low:+.3f} to {high:+.3f} at 200 steps)"
+        if picked["healthy_all_below"]
+        else f"the safeguards differed from it by {low:+.3f} to {high:+.3f} there at 200 steps"
+    )
+    lines = [
+        f'- Default: Diffusion-SDPO in the {picked["space"]} space at `mu={picked["mu"]:g}` (`safeguard_space="'
+        f"{picked['space']}\"`, `safeguard_mu={picked['mu']:g}`), the cheapest insurance: where Diffusion-DPO's "
+        f"pathology bites ({_lr(default)}) it changes the held-out reward by {_ci(default['reward_minus_dpo'])} "
+        f"against Diffusion-DPO; where Diffusion-DPO is healthy ({_lr(healthy[0])}) it costs {' and '.join(costs)}.",
+        "- Diffusion-DPO (`safeguard=False`) where it is healthy (its held-out reward rising) costs "
+        f"nothing: {dpo_cost}.",
+        f'- The update space at `mu={_LABEL.match(update["label"])["mu"]}` (`safeguard_space="update"`) where '
+        "Diffusion-DPO's pathology bites (its held-out reward falling, its winner's error rising): "
+        f"{_ci(update['reward_minus_dpo'])} at {_lr(update)}{also}.",
+        f"- The authors' values: `safeguard_mu` {authors}.",
+        "- Evidence: paired comparisons on the demo's toy base (held-out reward minus Diffusion-DPO's, 95% paired t "
+        f"interval): {evidence}.",
+    ]
+    if page == "docs/safeguard.md":
+        lines += ["", *table(recommendation)]
+    return "\n".join(lines)
+
+
+def table(recommendation: dict[str, Any]) -> list[str]:
+    """Every row as a Markdown table: the evidence ``docs/safeguard.md`` carries under the five lines."""
+    lines = [
+        "| setting | safeguard | seeds | reward minus Diffusion-DPO [95% paired t] | detectable (80% power) "
+        "| verdict |",
+        "|---|---|---:|---|---:|---|",
+    ]
+    for row in recommendation["rows"]:
+        reward = row["reward_minus_dpo"]
+        lines.append(
+            f"| {row['setting']} | {row['label']} | {row['n']} | {_ci(reward)} | {reward['mde80']:.3f} | "
+            f"{row['verdict']} |"
+        )
+    return lines
+
+
+def marked_block(text: str) -> str | None:
+    """What a page holds between :data:`START` and :data:`END` (without the markers' lines), or ``None``."""
+    if START not in text or END not in text:
+        return None
+    return text.split(START, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with the marked block replaced by ``block`` (the markers must be there)."""
+    if marked_block(text) is None:
+        raise ValueError(f"no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    # blank lines inside the markers, so that the block renders as Markdown
+    return f"{head}{START}\n\n{block}\n\n{END}{rest.split(END, 1)[1]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default=str(ROOT), help="Repository root (default: this checkout's).")
+    parser.add_argument("--check", action="store_true", help="Only report the blocks that differ (exit status 1).")
+    args = parser.parse_args(argv)
+    recommendation = load_rows()
+    stale = []
+    for name in PAGES:
+        path = Path(args.root) / name
+        if not path.is_file():
+            parser.error(f"no {name} under {args.root}: run from a clone of the repository or pass --root")
+        text = path.read_text()
+        block = render(recommendation, name)
+        if marked_block(text) != block:
+            stale.append(name)
+            if not args.check:
+                path.write_text(replace_block(text, block))
+    console = render(recommendation)
+    if recommendation.get("text") != console:
+        stale.append(str(SHIPPED.relative_to(ROOT)))
+        if not args.check:
+            SHIPPED.write_text(json.dumps({**recommendation, "text": console}, indent=1) + "\n")
+    for name in stale:
+        print(f"{name}: {'differs from the generated text' if args.check else 'rewritten'}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
