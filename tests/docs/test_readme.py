@@ -125,7 +125,6 @@ def _pair_folder(root: Path, pairs: int = 4) -> None:
         (folder / "prompt.txt").write_text(f"a {asked} square")
 
 
-@pytest.mark.slow
 def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) -> None:
     """The tiny-base train command (on a pair folder laid out as the README shows) and the export command, as
     written, from the repository root's relative paths."""
