@@ -131,9 +131,8 @@ class DiffusionSDPOTrainer(Trainer):
         if not isinstance(pipeline, DiffusionPipeline):
             raise TypeError(f"model must be a diffusers pipeline or a path/Hub id, got {type(model).__name__}")
         self.pipeline = pipeline
-        self.base_model_name = getattr(pipeline.config, "_name_or_path", None) or (
-            model if isinstance(model, str) else None
-        )
+        name = getattr(pipeline.config, "_name_or_path", None) or (model if isinstance(model, str) else None)
+        self.base_model_name = None if name is None else os.fspath(name)  # a pathlib.Path given to from_pretrained
         self.family: ModelFamily = family_for_pipeline(
             pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
         )

@@ -458,7 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     rec = recommendation(settings, Path(args.json).as_posix())
     rec["cost"] = {k: cost[k] for k in ("runs", "run_seconds", "machines")}
     if args.recommendation:
-        Path(args.recommendation).write_text(json.dumps(rec, indent=1) + "\n")
+        # The text the demo, README and docs quote is the package's one rendering of these rows.
+        from trl_diffusion_sdpo.demo.recommendation import render
+
+        shipped = {**rec, "text": render(rec)}
+        Path(args.recommendation).write_text(json.dumps(shipped, indent=1) + "\n")
     print()
     for line in recommendation_table(rec):
         print(line)

@@ -348,3 +348,17 @@ def test_each_file_hook_is_overridden_once_and_goes_to_the_trainers_files(make_t
         assert getattr(trainer, hook)("folder", flag=True) == f"{method} result"
         assert calls.pop() == (method, ("folder",), {"flag": True})
     assert calls == []
+
+
+def test_a_pipeline_loaded_from_a_path_object_saves_checkpoints_naming_its_base(make_pipeline, make_trainer, tmp_path):
+    """``from_pretrained(pathlib.Path)`` keeps the Path as the pipeline's ``_name_or_path``: the run's identity
+    (written into every checkpoint as JSON) names the base as a string."""
+    from pathlib import Path
+
+    folder = tmp_path / "base"
+    make_pipeline().save_pretrained(str(folder))
+    pipe = DiffusionPipeline.from_pretrained(Path(folder))
+    trainer = make_trainer(pipeline=pipe, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.train()
+    with open(tmp_path / "out" / "checkpoint-1" / "run_identity.json", encoding="utf-8") as f:
+        assert json.load(f)["base_model"] == str(folder)
