@@ -199,7 +199,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora", required=True, help="The trained LoRA: an output/checkpoint folder of `train`, or its .safetensors."
     )
-    parser.add_argument("--base", required=True, help="The base pipeline it was trained on: Hub id or local folder.")
+    parser.add_argument(
+        "--base",
+        required=True,
+        help="The base pipeline it was trained on: Hub id, local folder or trl-diffusion-sdpo:tiny (the shipped one).",
+    )
     parser.add_argument(
         "--format",
         choices=EXPORT_FORMATS,
@@ -227,6 +231,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """``trl-diffusion-sdpo export``: one export or merge; errors on bad input leave with a message, status 2."""
+    from ..loading import resolve_model_name
+
+    args.base = resolve_model_name(args.base)
     try:
         if args.merge:
             if args.format is not None:
