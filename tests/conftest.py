@@ -131,30 +131,33 @@ def make_pipeline(tmp_path) -> Callable[..., object]:
     return make
 
 
+def fast_config_values(output_dir: str) -> dict:
+    """A fast CPU run's config fields: resolution 32, batch 2, 3 steps, lr 1e-3 unscaled, no warmup, no saving."""
+    return dict(
+        output_dir=output_dir,
+        resolution=32,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_steps=3,
+        learning_rate=1e-3,
+        scale_lr=False,
+        warmup_steps=0,
+        logging_steps=1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
 @pytest.fixture
 def make_config(tmp_path) -> Callable[..., DiffusionSDPOConfig]:
-    """``make_config(**overrides)``: a fast CPU config (resolution 32, batch 2, 3 steps, no saving)."""
+    """``make_config(**overrides)``: a fast CPU config (:func:`fast_config_values`)."""
 
     def make(**overrides) -> DiffusionSDPOConfig:
-        values = dict(
-            output_dir=str(tmp_path / "out"),
-            resolution=32,
-            per_device_train_batch_size=2,
-            per_device_eval_batch_size=2,
-            max_steps=3,
-            learning_rate=1e-3,
-            scale_lr=False,
-            warmup_steps=0,
-            logging_steps=1,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            seed=0,
-        )
-        values.update(overrides)
-        return DiffusionSDPOConfig(**values)
+        return DiffusionSDPOConfig(**{**fast_config_values(str(tmp_path / "out")), **overrides})
 
     return make
 

@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import edit_rows, pickapic_rows  # noqa: E402
+from conftest import edit_rows, fast_config_values, pickapic_rows  # noqa: E402
 
 STORED = os.path.join(ROOT, "tests", "data", "step_reference.json")
 PROJECTIONS = 8
@@ -132,26 +132,13 @@ def train_once(name: str, setting: str, lora: bool, work_dir: str) -> dict[str, 
     pipe = getattr(tiny_models, family.builder)(
         seed=0, tokenizer_dir=os.path.join(work_dir, "tokenizer"), max_length=family.tokens
     )
-    values = dict(
-        output_dir=os.path.join(work_dir, "out"),
-        resolution=32,
-        per_device_train_batch_size=2,
-        max_steps=3,
-        learning_rate=1e-3,
-        scale_lr=False,
-        warmup_steps=0,
-        logging_steps=1,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        beta=100.0,
-        max_sequence_length=family.tokens,
+    values = {
+        **fast_config_values(os.path.join(work_dir, "out")),
+        "beta": 100.0,
+        "max_sequence_length": family.tokens,
         **family.config,
         **SETTINGS[setting],
-    )
+    }
     peft = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(family.lora_targets))
     holder: list[Any] = []
     recorder = _Recorder(lambda: holder[0])
