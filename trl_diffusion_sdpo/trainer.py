@@ -43,7 +43,7 @@ from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.batch import UsableBatches
 from .step.draws import MicroBatchDraws
 from .step.guard import NonFiniteLossGuard, NonFiniteTracker
-from .step.health import WinnerHealthCallback
+from .step.health import WinnerHealth
 from .step.metrics import metric_names, record_metrics, reduce_metrics
 from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zeroing_only
 from .step.optimizer import grad_norm as trainable_grad_norm
@@ -182,7 +182,6 @@ class DiffusionSDPOTrainer(Trainer):
         self.stream_guard = StreamGuard(self)  # an optimizer step without a valid pair is never applied
         self.add_callback(self.stream_guard)
         self.add_callback(StartSummary(self))  # the effective rate, schedule and safeguard; warnings on traps
-        self.callback_handler.callbacks.insert(0, WinnerHealthCallback())  # before the trackers (callbacks= appends)
         if args.validation_prompts:
             self._add_validation(args)
 
@@ -220,6 +219,7 @@ class DiffusionSDPOTrainer(Trainer):
         self._trainable: list[torch.nn.Parameter] = []
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy)
+        self.health = WinnerHealth()  # Diffusion-DPO's pathology, flagged in the training logs
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
@@ -394,6 +394,7 @@ class DiffusionSDPOTrainer(Trainer):
         )
         if mode == "train":
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
+            self.health.annotate(reduced, self.state.log_history, self.state.global_step)
         else:
             reduced = {f"{prefix}_{k}": v for k, v in reduced.items()}
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 
-from transformers import TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback
 
-from trl_diffusion_sdpo.step.health import WinnerHealthCallback, winner_pathology
+from trl_diffusion_sdpo.step.health import WinnerHealth, winner_pathology
 
 
 def _history(deltas: list[float], accuracies: list[float]) -> list[dict[str, float]]:
@@ -33,24 +33,22 @@ def test_the_pathology_needs_every_window_above_the_reference_and_a_growing_accu
 
 
 def _replay(history: list[dict[str, float]], caplog) -> tuple[list[float], list[str]]:
-    """Feed ``history`` to the callback one log at a time, as ``Trainer.log`` does."""
-    callback, state = WinnerHealthCallback(), TrainerState()
-    args, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerControl()
+    """Annotate ``history`` one log at a time, as the trainer's ``log`` does before transformers records it."""
+    health, recorded = WinnerHealth(), []
     flags = []
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.step.health"):
-        for entry in history:
+        for step, entry in enumerate(history):
             logs = {k: v for k, v in entry.items() if k != "step"}
-            state.log_history.append(dict(entry))
-            callback.on_log(args, state, control, logs=logs)
+            health.annotate(logs, recorded, step)
+            recorded.append(logs)
             if "delta/winner" in logs:
                 flags.append(logs["health/winner_pathology"])
-                assert state.log_history[-1]["health/winner_pathology"] == logs["health/winner_pathology"]
             else:
                 assert "health/winner_pathology" not in logs
     return flags, [r.getMessage() for r in caplog.records]
 
 
-def test_the_callback_logs_the_metric_every_window_and_warns_once_naming_the_remedies(caplog):
+def test_the_check_logs_the_metric_every_window_and_warns_once_naming_the_remedies(caplog):
     flags, warnings = _replay(_history([0.01, 0.02, 0.03, 0.04, 0.05], [0.5, 0.6, 0.7, 0.8, 0.9]), caplog)
     assert flags == [0.0, 0.0, 1.0, 1.0, 1.0]
     assert len(warnings) == 1
@@ -66,8 +64,18 @@ def test_a_real_run_logs_the_verdict_of_its_own_history_at_every_window(make_tra
     # A tiny random UNet on 2-pair batches does not reliably show the pathology in a few steps (tried: lr 2e-3 and
     # 3e-2, beta 5000 and 50000): this run checks the wiring; the verdicts themselves are tested above.
     trainer = make_trainer(lora=False, max_steps=5, safeguard=False, learning_rate=2e-3, beta=5000.0)
-    assert isinstance(trainer.callback_handler.callbacks[0], WinnerHealthCallback)  # before the trackers
+    seen: list[dict[str, float]] = []
+
+    class Seen(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer.add_callback(Seen())
     trainer.train()
+    # the reporting callbacks (any on_log) see the metric with the rest of the log
+    assert [e["health/winner_pathology"] for e in seen if "delta/winner" in e] == [
+        e["health/winner_pathology"] for e in trainer.state.log_history if "delta/winner" in e
+    ]
     logs = [entry for entry in trainer.state.log_history if "delta/winner" in entry]
     assert len(logs) == 5 and all("health/winner_pathology" in entry for entry in logs)
     expected = [float(winner_pathology(logs[: i + 1])) for i in range(len(logs))]

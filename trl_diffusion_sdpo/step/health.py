@@ -3,7 +3,7 @@
 Diffusion-DPO can widen the preference margin by making the loser worse faster than the winner, while the winner's
 own denoising error climbs above the reference's (Fu et al., arXiv 2511.03317, the pathology the safeguard exists
 for). Both halves are in the logs already: ``delta/winner`` (policy's winner error minus the reference's, averaged
-over a logging window) and ``implicit_acc``. :func:`winner_pathology` reads them; :class:`WinnerHealthCallback`
+over a logging window) and ``implicit_acc``. :func:`winner_pathology` reads them; :class:`WinnerHealth`
 logs the verdict as ``health/winner_pathology`` (1.0 or 0.0) at every training log and warns once.
 """
 
@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from transformers import TrainerCallback
-
-__all__ = ["WINDOWS", "WinnerHealthCallback", "winner_pathology"]
+__all__ = ["WINDOWS", "WinnerHealth", "winner_pathology"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +35,21 @@ def winner_pathology(history: Sequence[Mapping[str, float]], windows: int = WIND
     return above_reference and accuracy_grew
 
 
-class WinnerHealthCallback(TrainerCallback):
+class WinnerHealth:
     """Adds ``health/winner_pathology`` to every training log that has ``delta/winner`` and warns once when it is
-    1, naming the remedies. Put it before the reporting callbacks so that they see the metric."""
+    1, naming the remedies. The trainer calls :meth:`annotate` on a log before transformers records it, so the
+    reporting callbacks and ``state.log_history`` see the metric with the rest of the log."""
 
     def __init__(self, windows: int = WINDOWS) -> None:
         self.windows = windows
         self.warned = False
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "delta/winner" not in logs:
+    def annotate(self, logs: dict[str, float], history: Sequence[Mapping[str, float]], step: int) -> None:
+        """Add the verdict on ``history`` (the logs recorded so far) followed by ``logs`` to ``logs``, in place."""
+        if "delta/winner" not in logs:
             return
-        flagged = winner_pathology(state.log_history, self.windows)
+        flagged = winner_pathology([*history, logs], self.windows)
         logs["health/winner_pathology"] = float(flagged)
-        if state.log_history and state.log_history[-1].get("delta/winner") == logs["delta/winner"]:
-            state.log_history[-1]["health/winner_pathology"] = float(flagged)
         if flagged and not self.warned:
             self.warned = True
             logger.warning(
@@ -59,6 +57,6 @@ class WinnerHealthCallback(TrainerCallback):
                 "(delta/winner > 0) while the implicit accuracy grew: Diffusion-DPO's pathology (the margin grows by "
                 "making the winner worse). Remedies: the safeguard (safeguard=True, safeguard_space='parameter' or "
                 "'update'), a smaller beta, or a smaller learning_rate.",
-                state.global_step,
+                step,
                 self.windows,
             )
