@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
         objective_from_config,
         register_objective,
     )
+    from .online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
     from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
     from .trainer import DiffusionSDPOTrainer
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
 _EXPORTS = {
     "DiffusionSDPOConfig": ".config",
     "DiffusionSDPOTrainer": ".trainer",
+    "OnlineDiffusionSDPOConfig": ".online",
+    "OnlineDiffusionSDPOTrainer": ".online",
     # extension points: a model family and its noiser, an objective, an engine, a scorer
     "Engine": ".engines",
     "FlowMatchingFamily": ".families",
@@ -57,6 +60,8 @@ _EXPORTS = {
 __all__ = [
     "OBJECTIVES",
     "DiffusionSDPOConfig",
+    "OnlineDiffusionSDPOConfig",
+    "OnlineDiffusionSDPOTrainer",
     "DiffusionSDPOTrainer",
     "Engine",
     "FlowMatchingFamily",

@@ -29,6 +29,7 @@ __all__ = [
     "build_reference",
     "disabled_adapters",
     "reference_for",
+    "refreshed_reference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,3 +168,23 @@ def reference_for(
     return build_reference(
         denoiser, ref_model, uses_lora=peft_config is not None, get_policy=get_policy, call=family.call_denoiser
     )
+
+
+def refreshed_reference(reference: Reference, policy: torch.nn.Module, call: DenoiserCall | None = None) -> Reference:
+    """A reference that computes what ``policy`` computes now (online training's ``ref_update_steps``).
+
+    A frozen copy of a policy without adapters takes the policy's weights in place. Otherwise (LoRA: the reference
+    was the adapter-disabled policy, or an earlier refresh) the reference becomes a frozen copy of the policy with its
+    adapters merged into the base weights: one more copy of the denoiser in memory."""
+    if isinstance(reference, FrozenCopyReference) and not has_lora_adapters(policy):
+        with torch.no_grad():
+            for target, source in zip(reference.denoiser.parameters(), policy.parameters()):
+                target.copy_(source)
+        return reference
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(policy)
+    for module in merged.modules():
+        if isinstance(module, BaseTunerLayer) and not module.merged:
+            module.merge()
+    return FrozenCopyReference(merged, call)

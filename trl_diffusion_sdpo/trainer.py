@@ -150,7 +150,7 @@ class DiffusionSDPOTrainer(Trainer):
 
         # The data, then transformers.Trainer with the effective arguments.
         args = training_arguments(args)
-        data = prepare_training_data(train_dataset, eval_dataset, args, self.family, reward_fn)
+        data = self.prepare_data(train_dataset, eval_dataset, args, reward_fn)
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
         self._eval_collator_in_use = data.eval_collator  # the one of the running evaluation (a placeholder's shape)
@@ -230,6 +230,11 @@ class DiffusionSDPOTrainer(Trainer):
         from .evaluation import ValidationCallback  # evaluation's scorers are heavy: imported when used
 
         self.add_callback(ValidationCallback.from_config(args, self.family, trainer=self))
+
+    def prepare_data(self, train_dataset, eval_dataset, args: DiffusionSDPOConfig, reward_fn: RewardFn | None):
+        """The datasets and collators of the run (:func:`~.data.training_data.prepare_training_data`): preference
+        pairs, validated and, with ``cache_latents``, encoded. The online trainer trains on prompts instead."""
+        return prepare_training_data(train_dataset, eval_dataset, args, self.family, reward_fn)
 
     def _policy(self) -> torch.nn.Module:
         """The trained denoiser, unwrapped from DDP or an engine."""
@@ -386,7 +391,7 @@ class DiffusionSDPOTrainer(Trainer):
         several = self.accelerator.num_processes > 1
         reduced = reduce_metrics(
             self._metrics[mode],
-            metric_names(self.objective, self.safeguard.metric_names),
+            self.metric_names(),
             self.args.safeguard_max_lambda,
             self.args.device,
             (lambda t: self.accelerator.reduce(t, reduction="sum")) if several else None,
@@ -400,6 +405,19 @@ class DiffusionSDPOTrainer(Trainer):
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.
         logs.update(reduced)
         super().log(logs, start_time)
+
+    def method_name(self) -> str:
+        """The method the model card names."""
+        return "Diffusion-SDPO" if self.args.safeguard else "Diffusion-DPO"
+
+    def model_card_details(self) -> dict[str, Any]:
+        """Hyperparameters the model card lists beside the shared ones (none here)."""
+        return {}
+
+    def metric_names(self) -> list[str]:
+        """The metrics each micro-batch records (the data's, the objective's, the safeguard's): the same list on every
+        process, since :meth:`log` reduces them together."""
+        return metric_names(self.objective, self.safeguard.metric_names)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.

@@ -9,9 +9,21 @@ import json
 import textwrap
 from typing import Any
 
-__all__ = ["GROUPS", "config_docstring"]
+__all__ = ["GROUPS", "VALIDATION_FIELDS", "config_docstring"]
 
 WIDTH = 119  # the package's line length
+
+# The settings of the validation grids: documented under evaluation, and safe to change on resume
+# (io.resume_check.SAFE_FIELDS).
+VALIDATION_FIELDS = (
+    "validation_prompts",
+    "validation_seeds",
+    "validation_steps",
+    "validation_num_inference_steps",
+    "validation_guidance_scale",
+    "validation_scorers",
+    "validation_source_images",
+)
 
 # heading -> (what the heading adds, the fields under it in order). Every field the config class declares (its own
 # and the TrainingArguments defaults it changes) is under exactly one heading: config_docstring checks.
@@ -92,19 +104,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "Parameters that control robustness": ("", ("on_nonfinite_loss", "preemption_signals")),
-    "Parameters that control evaluation": (
-        "",
-        (
-            "eval_seed",
-            "validation_prompts",
-            "validation_seeds",
-            "validation_steps",
-            "validation_num_inference_steps",
-            "validation_guidance_scale",
-            "validation_scorers",
-            "validation_source_images",
-        ),
-    ),
+    "Parameters that control evaluation": ("", ("eval_seed", *VALIDATION_FIELDS)),
     "Defaults changed from `TrainingArguments`": (
         'When several processes run on a machine without CUDA, `ddp_backend` becomes `"gloo"` and `use_cpu` '
         "`True` (outside DeepSpeed); otherwise accelerate would run each process as a lone one, or disagree with "
@@ -124,23 +124,24 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def config_docstring(cls: type, summary: str) -> str:
-    """``summary``, then for each heading of ``GROUPS`` its text and an entry per field,
+def config_docstring(cls: type, summary: str, groups: dict[str, tuple[str, tuple[str, ...]]] | None = None) -> str:
+    """``summary``, then for each heading of ``groups`` (default ``GROUPS``) its text and an entry per field,
     ``name (`type`, *optional*, defaults to `value`):`` over the field's help. A field ``cls`` declares that no
     heading lists, or a listed name that is no field, raises ``TypeError`` (so the class cannot be imported)."""
+    groups = GROUPS if groups is None else groups
     fields = {f.name: f for f in dataclasses.fields(cls)}
     declared = list(vars(cls).get("__annotations__", {}))
-    listed = [name for _, names in GROUPS.values() for name in names]
+    listed = [name for _, names in groups.values() for name in names]
     unlisted = [name for name in declared if name not in listed]
     unknown = [name for name in listed if name not in fields]
     repeated = sorted({name for name in listed if listed.count(name) > 1})
     if unlisted or unknown or repeated:
         raise TypeError(
-            f"config.docs.GROUPS must list each field of {cls.__name__} once: not listed {unlisted}, not a field "
+            f"the docstring's groups must list each field of {cls.__name__} once: not listed {unlisted}, not a field "
             f"{unknown}, listed twice {repeated}"
         )
     lines = [*summary.strip("\n").splitlines()]
-    for heading, (text, names) in GROUPS.items():
+    for heading, (text, names) in groups.items():
         lines += ["", f"> {heading}", ""]
         if text:
             lines += [*textwrap.wrap(text, WIDTH), ""]

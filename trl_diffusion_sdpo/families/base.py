@@ -133,6 +133,10 @@ class ModelFamily(abc.ABC):
     # The guidance of validation grids when validation_guidance_scale is None; None: the pipeline's own default
     # (its __call__'s guidance_scale: 3.5 for FLUX.1-dev, whose training conditions on 3.5 too).
     validation_guidance_scale: ClassVar[float | None] = None
+    # Whether the latents the pipeline's sampler ends with (``callback_on_step_end``'s ``latents``) are
+    # ``[N, C, h, w]`` in the denoiser's latent space, so that online training trains on them as they are; False
+    # (packed tokens, or not checked): the sampled images are encoded again from their decoded pixels.
+    sampled_latents_are_denoiser_latents: ClassVar[bool] = False
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["scale_latents"]
+__all__ = ["scale_latents", "unscale_latents"]
 
 
 def scale_latents(sample: torch.Tensor, vae_config) -> torch.Tensor:
@@ -24,3 +24,17 @@ def scale_latents(sample: torch.Tensor, vae_config) -> torch.Tensor:
     if shift is not None:
         sample = sample - shift
     return sample * vae_config.scaling_factor
+
+
+def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """The inverse of :func:`scale_latents`: latents ``[N, C, ...]`` of the denoiser's latent space back to the VAE's
+    (what its decoder takes, and what a posterior's mean is in), as the pipelines do before decoding."""
+    latents_mean = getattr(vae_config, "latents_mean", None)
+    if latents_mean is not None and getattr(vae_config, "scaling_factor", None) is None:
+        view = (1, len(latents_mean), *([1] * (latents.dim() - 2)))
+        mean = torch.tensor(latents_mean, dtype=latents.dtype, device=latents.device).view(view)
+        std = torch.tensor(vae_config.latents_std, dtype=latents.dtype, device=latents.device).view(view)
+        return latents * std + mean
+    latents = latents / vae_config.scaling_factor
+    shift = getattr(vae_config, "shift_factor", None)
+    return latents if shift is None else latents + shift

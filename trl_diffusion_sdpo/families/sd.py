@@ -19,6 +19,8 @@ __all__ = ["StableDiffusionFamily"]
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x / 2.x: one CLIP text encoder, last hidden state as cross-attention context."""
 
+    sampled_latents_are_denoiser_latents = True
+
     validation_guidance_scale = 8.5  # the SDPO authors' guidance (diffusers' convention) for SD 1.5 and SDXL
     # SmPO's inversion grid for SD1.5 (their train.py: a 5-step DDIM inverse schedule).
     default_inversion_steps = 5

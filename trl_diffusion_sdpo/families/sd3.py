@@ -23,6 +23,8 @@ class StableDiffusion3Family(FlowMatchingFamily):
     """SD3 / SD3.5 (``StableDiffusion3Pipeline`` with an ``SD3Transformer2DModel``), noised as the flow base's
     defaults: logit-normal levels on the scheduler's (statically shifted, 3.0) sigma table."""
 
+    sampled_latents_are_denoiser_latents = True
+
     transformer_class = "SD3Transformer2DModel"
     required_components = ("text_encoder_3",)
     frozen_components = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")  # text_encoder_3 may be None

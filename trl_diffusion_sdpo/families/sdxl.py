@@ -21,6 +21,8 @@ class StableDiffusionXLFamily(ModelFamily):
     """SDXL: two CLIP text encoders (penultimate hidden states concatenated), pooled ``text_embeds``,
     per-image ``time_ids`` micro-conditioning."""
 
+    sampled_latents_are_denoiser_latents = True
+
     validation_guidance_scale = 8.5  # the SDPO authors' guidance (diffusers' convention) for SD 1.5 and SDXL
 
     frozen_components = ("vae", "text_encoder", "text_encoder_2")

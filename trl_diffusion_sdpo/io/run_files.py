@@ -325,12 +325,13 @@ class RunFiles:
             lora = trainer.accelerator.unwrap_model(trainer.model).peft_config["default"]
             hyperparameters["lora_rank"] = lora.r
             hyperparameters["lora_alpha"] = lora.lora_alpha
+        hyperparameters.update(trainer.model_card_details())  # the online trainer's rewards and generation
         tags = card_args.get("tags") or []
         hub_model_id = trainer.hub_model_id or args.hub_model_id
         card = build_model_card(
             base_model=trainer.base_model_name,
             is_lora=trainer.is_lora,
-            method="Diffusion-SDPO" if args.safeguard else "Diffusion-DPO",
+            method=trainer.method_name(),
             hyperparameters=hyperparameters,
             tags=list(trainer._tag_names) + ([tags] if isinstance(tags, str) else list(tags)),
             model_family=family.name,

@@ -1,0 +1,23 @@
+"""Online Diffusion-DPO / Diffusion-SDPO: pairs sampled from the policy being trained, scored by reward functions,
+and trained on with the offline trainer's step (its objectives, safeguards, engines and families unchanged).
+
+* :class:`OnlineDiffusionSDPOConfig` (:mod:`.config`): the offline config plus the generation's fields;
+* :class:`OnlineDiffusionSDPOTrainer` (:mod:`.trainer`): the trainer, a generation stage before the offline step;
+* :mod:`.generation`: sample, score and pair one micro-batch; :mod:`.rewards`: the weighted reward functions.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_attributes
+
+__all__ = ["OnlineDiffusionSDPOConfig", "OnlineDiffusionSDPOTrainer", "RewardFunctions"]
+
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        "OnlineDiffusionSDPOConfig": ".config",
+        "OnlineDiffusionSDPOTrainer": ".trainer",
+        "RewardFunctions": ".rewards",
+    },
+    globals(),
+)

@@ -1,0 +1,158 @@
+"""``OnlineDiffusionSDPOConfig``: the offline config's fields plus those of the generation stage (what is sampled,
+how it is scored and paired, how often the reference moves), in the names TRL's ``OnlineDPOConfig`` and
+``GRPOConfig`` use where they have one (``num_generations``, ``reward_weights``, ``num_iterations``,
+``generation_batch_size``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..checks import Choice, Range
+from ..config import DiffusionSDPOConfig
+from ..config.docs import config_docstring
+
+__all__ = ["PAIR_MODES", "OnlineDiffusionSDPOConfig", "check_online_config"]
+
+#: How a prompt's K scored samples become pairs (as ``trl-diffusion-sdpo pairs`` pairs them).
+PAIR_MODES = ("best-worst", "all")
+
+_SUMMARY = r"""
+Configuration class for [`OnlineDiffusionSDPOTrainer`]: every field of [`DiffusionSDPOConfig`] (objective, safeguard,
+family and data settings apply unchanged to the generated pairs) and the generation stage's fields below.
+"""
+
+
+@dataclass
+class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
+    # The docstring is written at import from the fields' helps (config_docstring, below the class).
+
+    # Rewards
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Registered scorer names that score the generated images (`pickscore`, `hpsv3`, `imagereward`, "
+            "`editreward`, `clip`, the demo's `colour`, ...; `trl-diffusion-sdpo evaluate --help` lists them). The "
+            "trainer's `reward_funcs=` argument also takes callables `(prompts, images, **columns) -> list[float]` "
+            "and replaces this list."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per reward function; the reward is the weighted sum of their scores (None: weight 1 "
+            "each, as in TRL's GRPO)."
+        },
+    )
+    # Generation
+    num_generations: int = field(
+        default=4,
+        metadata={"help": "Images sampled per prompt (K), from which the pairs are chosen."},
+    )
+    pair_mode: str = field(
+        default="best-worst",
+        metadata={
+            "help": "How a prompt's K samples become pairs: `best-worst` (one pair, the highest against the lowest "
+            "reward) or `all` (every two samples whose rewards differ by more than `reward_margin`).",
+            "choices": list(PAIR_MODES),
+        },
+    )
+    reward_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "A pair's reward gap must exceed this. A prompt with no such pair (ties included) gives none, "
+            "and is counted in `online/prompts_without_pair`."
+        },
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images per sampling call (a memory setting: the samples do not depend on it). None: a "
+            "micro-batch's prompts times `num_generations`, in one call."
+        },
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "Optimizer steps that train on one generation batch (GRPO's `num_iterations`): the prompts of an "
+            "optimizer step are repeated this many times and sampled once."
+        },
+    )
+    sample_steps: int | None = field(
+        default=None,
+        metadata={"help": "Sampling steps of the generation (None: the pipeline's default)."},
+    )
+    sample_guidance_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Classifier-free guidance scale of the generation (None: the family's sampling default, else "
+            "the pipeline's)."
+        },
+    )
+    ref_update_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Refresh the reference to the policy's current weights every this many optimizer steps (None: "
+            "the reference stays the initial model). With LoRA the reference becomes a frozen copy of the denoiser "
+            "with the adapters merged at each refresh (one more copy of the denoiser in memory)."
+        },
+    )
+    # The generated pairs are not augmented: a flipped or cropped latent is not the latent of the flipped image.
+    random_flip: bool = field(
+        default=False,
+        metadata={
+            "help": "Not used by online training (the generated latents are trained as sampled); must be False."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_online_config(self)
+        super().__post_init__()
+
+
+_GROUPS = {
+    "Parameters that control the rewards": ("", ("reward_funcs", "reward_weights")),
+    "Parameters that control the generation": (
+        "Each micro-batch's prompts are sampled `num_generations` times by the policy (eval mode, no gradient, "
+        "adapters on), scored, and paired; the pairs' sampled latents are the micro-batch's images.",
+        (
+            "num_generations",
+            "pair_mode",
+            "reward_margin",
+            "generation_batch_size",
+            "num_iterations",
+            "sample_steps",
+            "sample_guidance_scale",
+            "random_flip",
+        ),
+    ),
+    "Parameters that control the reference": ("", ("ref_update_steps",)),
+}
+OnlineDiffusionSDPOConfig.__doc__ = config_docstring(OnlineDiffusionSDPOConfig, _SUMMARY, _GROUPS)
+
+_RULES: dict[str, Range | Choice] = {
+    "num_generations": Range(2, integer=True, hint="A pair needs two samples of the prompt."),
+    "pair_mode": Choice(PAIR_MODES),
+    "reward_margin": Range(0),
+    "generation_batch_size": Range(1, integer=True, optional=True),
+    "num_iterations": Range(1, integer=True),
+    "sample_steps": Range(1, integer=True, optional=True),
+    "ref_update_steps": Range(1, integer=True, optional=True),
+}
+
+
+def check_online_config(config: OnlineDiffusionSDPOConfig) -> None:
+    """The generation stage's rules: each field's range, weights matching the reward functions, no augmentation of
+    generated latents."""
+    for name, rule in _RULES.items():
+        rule.check(name, getattr(config, name))
+    if config.reward_weights is not None and config.reward_funcs is not None:
+        if len(config.reward_weights) != len(config.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(config.reward_weights)} weights but reward_funcs names "
+                f"{len(config.reward_funcs)} functions ({config.reward_funcs}); give one weight per function."
+            )
+    for name in ("random_flip", "random_crop", "independent_augmentation"):
+        if getattr(config, name, False):
+            raise ValueError(f"{name}=True: online training trains the sampled latents as they are; set {name}=False.")
+    if config.cache_latents:
+        raise ValueError("cache_latents=True: online training has no dataset of images to cache; set it to False.")

@@ -1,0 +1,280 @@
+"""``OnlineDiffusionSDPOTrainer``: Diffusion-DPO / Diffusion-SDPO on pairs the policy samples while it trains.
+
+The offline trainer's step with a generation stage in front of it::
+
+    prompts -> generation (sample K per prompt, score, pair; online.generation) -> the offline step:
+    batch -> noised pair -> safeguard.step (predictions -> errors -> objective -> lambda -> backward) -> metrics
+
+Objectives, safeguards, engines and families are the offline trainer's, unchanged. The reference stays the initial
+model, or moves to the policy every ``ref_update_steps`` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from torch.utils.data import Sampler
+from transformers import TrainerCallback
+
+from ..data.training_data import TrainingData
+from ..data.validation import DataReport
+from ..families import PromptEmbeddings
+from ..reference import refreshed_reference
+from ..trainer import DiffusionSDPOTrainer
+from .config import OnlineDiffusionSDPOConfig
+from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage
+from .rewards import RewardFunction, RewardFunctions
+
+__all__ = ["OnlineDiffusionSDPOTrainer", "PromptCollator", "RepeatedBlockSampler"]
+
+logger = logging.getLogger(__name__)
+
+#: The generation metrics every micro-batch records (per reward function: ``online/reward/<name>`` too).
+GENERATION_METRICS = (
+    "online/reward_mean",
+    "online/reward_std",
+    "online/chosen_reward",
+    "online/rejected_reward",
+    "online/reward_margin",
+    "online/prompts_without_pair",
+    "online/pairs",
+    "online/diversity",
+    "online/generation_time_share",
+)
+
+
+class PromptCollator:
+    """Prompt rows to lists by column (``prompt`` and any other column a reward function reads)."""
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        return {name: [row[name] for row in rows] for name in rows[0]}
+
+
+class RepeatedBlockSampler(Sampler[int]):
+    """``sampler``'s indices in blocks of ``block`` (one optimizer step's prompts over every process), each block
+    yielded ``repeats`` times in a row: the optimizer steps that reuse a generation see the prompts it sampled."""
+
+    def __init__(self, sampler: Sampler[int], block: int, repeats: int) -> None:
+        self.sampler, self.block, self.repeats = sampler, block, repeats
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(self.sampler)
+        for start in range(0, len(indices), self.block):
+            chunk = indices[start : start + self.block]
+            for _ in range(self.repeats):
+                yield from chunk
+
+    def __len__(self) -> int:
+        return len(self.sampler) * self.repeats  # type: ignore[arg-type]
+
+
+def check_prompt_dataset(dataset: Dataset | IterableDataset) -> None:
+    """A prompt dataset: a ``prompt`` column of non-empty strings (a ValueError names the first bad row)."""
+    columns = dataset.column_names
+    if columns is None or PROMPT_COLUMN not in columns:
+        raise ValueError(
+            f"The online trainer's train_dataset holds prompts: a {PROMPT_COLUMN!r} column (plus any column a reward "
+            f"function reads); its columns are {columns}."
+        )
+    if isinstance(dataset, Dataset):
+        for index, prompt in enumerate(dataset[PROMPT_COLUMN]):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(
+                    f"Invalid train dataset row {index}, column {PROMPT_COLUMN!r}: {prompt!r} is no prompt."
+                )
+
+
+class _ReferenceRefresh(TrainerCallback):
+    """Moves the reference to the policy every ``ref_update_steps`` optimizer steps."""
+
+    def __init__(self, trainer: OnlineDiffusionSDPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.ref_update_steps and state.global_step % args.ref_update_steps == 0:
+            self.trainer.refresh_reference()
+
+
+class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
+    """Online Diffusion-DPO / Diffusion-SDPO: every micro-batch's prompts are sampled ``num_generations`` times by the
+    policy, scored by ``reward_funcs``, and the best against the worst (or every pair above ``reward_margin``) trained
+    on with the offline trainer's step.
+
+    Args:
+        model: a diffusers pipeline or a path / Hub id (as :class:`~trl_diffusion_sdpo.DiffusionSDPOTrainer`).
+        ref_model: as the offline trainer.
+        args: an :class:`OnlineDiffusionSDPOConfig`.
+        train_dataset: prompts: a ``prompt`` column, and any column a reward function reads.
+        reward_funcs: registered scorer names or callables ``(prompts, images, **columns) -> list[float]``; by
+            default the config's ``reward_funcs``.
+        peft_config: a ``peft.LoraConfig`` to train LoRA adapters.
+        callbacks, optimizers: as for ``transformers.Trainer``.
+    """
+
+    _tag_names = ["trl", "diffusion-sdpo", "online-dpo"]
+
+    def __init__(
+        self,
+        model: DiffusionPipeline | str,
+        ref_model: torch.nn.Module | DiffusionPipeline | None = None,
+        args: OnlineDiffusionSDPOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        *,
+        reward_funcs: Sequence[str | RewardFunction] | None = None,
+        peft_config: LoraConfig | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+    ) -> None:
+        if args is None:
+            args = OnlineDiffusionSDPOConfig(output_dir="online-diffusion-sdpo")
+        if not isinstance(args, OnlineDiffusionSDPOConfig):
+            raise TypeError(f"args must be an OnlineDiffusionSDPOConfig, got {type(args).__name__}")
+        functions = list(reward_funcs) if reward_funcs is not None else list(args.reward_funcs or [])
+        self.rewards = RewardFunctions(functions, args.reward_weights)
+        super().__init__(
+            model,
+            ref_model,
+            args,
+            train_dataset,
+            None,
+            peft_config=peft_config,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        if args.ref_update_steps is not None:
+            if self.engine.manages_gradients or self.engine.replaces_parameters_in_train:
+                raise ValueError(
+                    f"ref_update_steps runs on one process or DDP; under {self.engine!r} keep the initial reference "
+                    "(ref_update_steps=None)."
+                )
+            if self.reference is None:
+                raise ValueError(f"ref_update_steps: loss_type={args.loss_type!r} uses no reference model.")
+            self.add_callback(_ReferenceRefresh(self))
+        self.generation = GenerationStage(
+            self.family,
+            self.rewards,
+            GenerationSettings.from_config(args, self.family),
+            self.encode_prompts,
+            args.device,
+            self.accelerator.autocast,
+        )
+        self._prompt_cache: dict[str, PromptEmbeddings] = {}
+        self._generated: dict[int, GeneratedPairs] = {}  # the window's generations by micro-batch index
+        self._window: int | None = None
+        self._micro = 0
+        self.last_generation: GeneratedPairs | None = None
+
+    # ------------------------------------------------------------------ data: prompts
+
+    def prepare_data(self, train_dataset, eval_dataset, args, reward_fn) -> TrainingData:
+        """Prompts, not pairs: the generation stage makes the pairs, so nothing is encoded ahead."""
+        check_prompt_dataset(train_dataset)
+        rows = len(train_dataset) if isinstance(train_dataset, Dataset) else None
+        return TrainingData(
+            train_dataset=train_dataset,
+            eval_dataset=None,
+            collator=PromptCollator(),
+            eval_collator=None,
+            report=DataReport(num_rows=rows, num_kept=rows, streamed=rows is None),
+            eval_report=None,
+            empty_prompt=None,
+            encoders_idle=False,
+        )
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if sampler is None or self.args.num_iterations == 1:
+            return sampler
+        args = self.args
+        block = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return RepeatedBlockSampler(sampler, block, args.num_iterations)
+
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
+        """The prompts' embeddings in the compute dtype, each prompt encoded once per run."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            tokens = {k: v.to(self.args.device) for k, v in self.family.prompt_tokenizer()(missing).items()}
+            with torch.no_grad():
+                embeds = self.family.encode_prompts(tokens)
+            for index, prompt in enumerate(missing):
+                pooled = None if embeds.pooled is None else embeds.pooled[index : index + 1]
+                self._prompt_cache[prompt] = PromptEmbeddings(
+                    embeds.encoder_hidden_states[index : index + 1].to(self._dtype),
+                    None if pooled is None else pooled.to(self._dtype),
+                )
+        rows = [self._prompt_cache[p] for p in prompts]
+        pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows])
+        return PromptEmbeddings(torch.cat([r.encoder_hidden_states for r in rows]), pooled)
+
+    # ------------------------------------------------------------------ the step: generation, then the offline step
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """generation (or its reuse within ``num_iterations``) -> the offline step on the generated pairs."""
+        started = time.perf_counter()
+        generated = self._generation(inputs)
+        generation_seconds = time.perf_counter() - started if generated is not self.last_generation else 0.0
+        self.last_generation = generated
+        loss = super().training_step(model, generated.batch, num_items_in_batch)
+        share = generation_seconds / max(time.perf_counter() - started, 1e-9)
+        stored = self._metrics["train"]
+        for name, value in generated.metrics().items():
+            stored[name].append(value.to(self.args.device))
+        stored["online/generation_time_share"].append(torch.tensor(share, device=self.args.device))
+        return loss
+
+    def _generation(self, inputs: dict[str, list[Any]]) -> GeneratedPairs:
+        """This micro-batch's generation: sampled now at the first optimizer step of a ``num_iterations`` window,
+        else the one sampled then for the same micro-batch index."""
+        args = self.args
+        window = self.state.global_step // args.num_iterations
+        if window != self._window:
+            self._window, self._generated = window, {}
+        micro = self._micro % args.gradient_accumulation_steps
+        self._micro += 1
+        if micro in self._generated:
+            return self._generated[micro]
+        generation = window * args.gradient_accumulation_steps + micro
+        first_row = self.accelerator.process_index * args.per_device_train_batch_size
+        self._policy().eval()
+        generated = self.generation(inputs, generation, first_row)
+        self._generated[micro] = generated
+        return generated
+
+    def _blank_batch(self, mode: str) -> dict[str, Any] | None:
+        return self._prepare_inputs(self.generation.blank_batch())
+
+    def metric_names(self) -> list[str]:
+        per_function = [f"online/reward/{name}" for name in self.rewards.names]
+        return super().metric_names() + list(GENERATION_METRICS) + per_function
+
+    # ------------------------------------------------------------------ reference and model card
+
+    def refresh_reference(self) -> None:
+        """The reference becomes the policy as it is now (adapters merged into a frozen copy with LoRA)."""
+        self.reference = refreshed_reference(self.reference, self._policy(), self.family.call_denoiser)
+        self.reference.precision = self.accelerator.autocast
+        self.reference.dtype = None
+        self.reference.mode_of = self._policy
+        self.stages.reference = self.reference.predict
+        logger.info("Step %d: the reference is now the policy's current weights.", self.state.global_step)
+
+    def method_name(self) -> str:
+        return f"Online {super().method_name()}"
+
+    def model_card_details(self) -> dict[str, Any]:
+        args = self.args
+        return {
+            "reward_funcs": ", ".join(self.rewards.describe()),
+            "num_generations": args.num_generations,
+            "pair_mode": args.pair_mode,
+            "reward_margin": args.reward_margin,
+            "num_iterations": args.num_iterations,
+            "ref_update_steps": args.ref_update_steps,
+        }
