@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config.docs import VALIDATION_FIELDS
 from .resume_world import ResumeConfigError, plan_process_count_change, samples_seen
 from .saving import TRAINING_CONFIG_NAME
 
@@ -81,12 +82,7 @@ SAFE_FIELDS = frozenset(
         "eval_strategy",
         "eval_delay",
         "per_device_eval_batch_size",
-        "validation_prompts",
-        "validation_seeds",
-        "validation_steps",
-        "validation_num_inference_steps",
-        "validation_guidance_scale",
-        "validation_scorers",
+        *VALIDATION_FIELDS,
         "push_to_hub",
         "hub_model_id",
         "hub_strategy",
