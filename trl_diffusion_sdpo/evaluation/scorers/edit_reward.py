@@ -38,17 +38,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import EditScorer, arguments_with_defaults
-from .hps_v3 import HPSV3_PIXELS, HPSV3_REWARD_SUFFIX, hps_v3_resize
+from .base import EditScorer
+from .hps_v3 import HPSV3_PIXELS, HPSV3_REWARD_SUFFIX
 from .qwen_vl_reward import (
     QwenVLRewardModel,
+    QwenVLRewardScorer,
     RewardModelSpec,
     checkpoint_files,
-    load_reward_model,
     load_state,
     reward_head,
-    reward_inputs,
-    run_batches,
     to_transformers_keys,
     token_embeddings,
 )
@@ -160,24 +158,12 @@ class EditRewardModel(QwenVLRewardModel):
         self.backbone = Qwen2_5_VLModel(config)
         self.heads = nn.ModuleList([reward_head(config.text_config.hidden_size).float() for _ in range(num_heads)])
 
-    def forward(
-        self,
-        head: int,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        image_grid_thw: torch.Tensor,
-        reward_token_id: int,
-    ) -> torch.Tensor:
-        """``(mu, sigma)`` of head ``head`` per row, shape ``(B, 2)``, read at each row's ``<|Reward|>`` token."""
-        # cumsum(mask) - 1, padding at 1, on every M-RoPE axis: the reference's positions (see the module doc).
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        return self.heads[head](
-            self.reward_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions, reward_token_id)
-        )
+    def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``cumsum(mask) - 1``, padding at 1, on every M-RoPE axis: the reference's positions (see the module doc)."""
+        return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
-class EditRewardScorer(EditScorer):
+class EditRewardScorer(QwenVLRewardScorer, EditScorer):
     """EditReward score of an edit: the mean over its two heads of ``mu`` (see the module docstring).
 
     Args:
@@ -209,32 +195,31 @@ class EditRewardScorer(EditScorer):
         heads = sorted({int(k.split(".")[1]) for k in state if k.startswith("heads.")})
         if heads != [0, 1]:
             raise ValueError(f"{checkpoint} has reward heads {heads}; EditReward's released models have two (0, 1).")
-        self.tokenizer, self.reward_token_id, self.image_processor, self.model, self.device = load_reward_model(
-            _SPEC, state, checkpoint, base, lambda config: EditRewardModel(config, num_heads=len(heads)), dtype, device
+        super().__init__(
+            _SPEC,
+            state,
+            checkpoint,
+            base,
+            lambda config: EditRewardModel(config, num_heads=len(heads)),
+            dtype,
+            device,
+            batch_size,
+            min_pixels,
+            max_pixels,
         )
-        self.batch_size = batch_size
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
 
     def prompt_text(self, instruction: str, head: int) -> str:
         """The chat-formatted text of one edit for head ``head``: the source image, the edited image, then the head's
         instruction text (one ``<|image_pad|>`` per image, before expansion)."""
-        content = EDITREWARD_INSTRUCTIONS[head].format(text_prompt=instruction) + HPSV3_REWARD_SUFFIX
-        message = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": content}]}
-        ]
-        return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+        return self.chat_text(2, EDITREWARD_INSTRUCTIONS[head].format(text_prompt=instruction) + HPSV3_REWARD_SUFFIX)
 
     def inputs(
         self, sources: Sequence[Image.Image], images: Sequence[Image.Image], prompts: Sequence[str], head: int
     ) -> dict[str, torch.Tensor]:
         """Token ids, attention mask, pixel patches and image grids for one head, as Qwen2.5-VL's processor builds
         them: per row the source's then the edit's ``<|image_pad|>`` repeated ``t*h*w / merge_size**2`` times."""
-        resized = []
-        for source, image in zip(sources, images):
-            resized += [hps_v3_resize(source, self.min_pixels, self.max_pixels)]
-            resized += [hps_v3_resize(image, self.min_pixels, self.max_pixels)]
-        texts = [self.prompt_text(prompt, head) for prompt in prompts]
-        return reward_inputs(self.tokenizer, self.image_processor, resized, texts)
+        pictures = [picture for source, image in zip(sources, images) for picture in (source, image)]
+        return self.model_inputs(pictures, [self.prompt_text(prompt, head) for prompt in prompts])
 
     @torch.no_grad()
     def mu_sigma(
@@ -242,25 +227,16 @@ class EditRewardScorer(EditScorer):
     ) -> torch.Tensor:
         """Per head, the ``(mu, sigma)`` of each edit, shape ``(heads, N, 2)``, float32 on the CPU."""
         per_head = [
-            run_batches(
-                self.model,
+            self.run_batches(
                 lambda start, end, head=head: self.inputs(
                     sources[start:end], images[start:end], prompts[start:end], head
                 ),
                 len(images),
-                self.batch_size,
-                self.device,
                 head=head,
-                reward_token_id=self.reward_token_id,
             )
             for head in range(len(self.model.heads))
         ]
         return torch.stack(per_head)
-
-    @classmethod
-    def model_sources(cls, **kwargs) -> dict[str, str]:
-        values = arguments_with_defaults(cls, kwargs)
-        return {name: values[name] for name in ("checkpoint", "base") if values.get(name)}
 
     def score(self, images, prompts, sources) -> torch.Tensor:
         """The mean over the heads of ``mu`` (the reference's ``mean`` pooling of ``(mu, sigma)``, component 0)."""

@@ -32,24 +32,21 @@ read: re-save a ``.pt``/``.pth`` training checkpoint once as safetensors (see do
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
-from .base import Scorer, arguments_with_defaults
 from .qwen_vl_reward import (
     REWARD_TOKEN,
     QwenVLRewardModel,
+    QwenVLRewardScorer,
     RewardModelSpec,
     checkpoint_files,
-    load_reward_model,
     load_state,
+    qwen_vl_resize,
     reward_head,
-    reward_inputs,
-    run_batches,
     to_transformers_keys,
 )
 
@@ -104,27 +101,9 @@ HPSV3_REWARD_SUFFIX = f"\nPlease provide the overall ratings of this image: {REW
 
 
 def hps_v3_resize(image: Image.Image, min_pixels: int = HPSV3_PIXELS, max_pixels: int = HPSV3_PIXELS) -> Image.Image:
-    """qwen-vl-utils' ``fetch_image``: RGB, then resize (PIL's default bicubic) to ``smart_resize``'s size, whose sides
-    are multiples of 28 and whose area lies in ``[min_pixels, max_pixels]`` at about the image's aspect ratio:
-
-    ``h, w = max(28, round(H/28)*28), max(28, round(W/28)*28)``; if ``h*w > max_pixels``:
-    ``b = sqrt(H*W/max_pixels)``, ``h, w = floor(H/b/28)*28, floor(W/b/28)*28``; if ``h*w < min_pixels``:
-    ``b = sqrt(min_pixels/(H*W))``, ``h, w = ceil(H*b/28)*28, ceil(W*b/28)*28``.
-    """
-    factor = 28
-    image = image.convert("RGB")
-    width, height = image.size
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = math.floor(height / beta / factor) * factor
-        w_bar = math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return image.resize((w_bar, h_bar), Image.Resampling.BICUBIC)
+    """HPSv3's image preprocessing: :func:`~.qwen_vl_reward.qwen_vl_resize` (qwen-vl-utils' ``fetch_image``) into
+    ``[min_pixels, max_pixels]``, 256 * 28 * 28 pixels by default."""
+    return qwen_vl_resize(image, min_pixels, max_pixels)
 
 
 _SPEC = RewardModelSpec(
@@ -163,23 +142,18 @@ class HPSv3RewardModel(QwenVLRewardModel):
         self.backbone = Qwen2VLModel(config)
         self.head = reward_head(config.text_config.hidden_size).float()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        image_grid_thw: torch.Tensor,
-        reward_token_id: int,
-    ) -> torch.Tensor:
-        """``(mu, sigma)`` per row, shape ``(B, 2)``, read at each row's single ``<|Reward|>`` token."""
-        # Sequential positions 0..L-1 on every M-RoPE axis, as the reference's forward produces (see module doc).
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        return self.head(
-            self.reward_states(input_ids, attention_mask, pixel_values, image_grid_thw, positions, reward_token_id)
-        )
+    @property
+    def heads(self) -> tuple[torch.nn.Module]:
+        """The one head (the checkpoint's ``rm_head``)."""
+        return (self.head,)
+
+    def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sequential positions 0..L-1 on every M-RoPE axis, as the reference's forward produces (see module doc)."""
+        rows, length = attention_mask.shape
+        return torch.arange(length, device=attention_mask.device).expand(rows, -1)
 
 
-class HPSv3Scorer(Scorer):
+class HPSv3Scorer(QwenVLRewardScorer):
     """HPSv3 score: ``mu`` of the reward head at the ``<|Reward|>`` token (see the module docstring).
 
     Args:
@@ -205,41 +179,23 @@ class HPSv3Scorer(Scorer):
         max_pixels: int = HPSV3_PIXELS,
     ) -> None:
         state = hpsv3_to_transformers(load_state(checkpoint_files(checkpoint, _SPEC)))
-        self.tokenizer, self.reward_token_id, self.image_processor, self.model, self.device = load_reward_model(
-            _SPEC, state, checkpoint, base, HPSv3RewardModel, dtype, device
+        super().__init__(
+            _SPEC, state, checkpoint, base, HPSv3RewardModel, dtype, device, batch_size, min_pixels, max_pixels
         )
-        self.batch_size = batch_size
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
 
     def prompt_text(self, prompt: str) -> str:
         """The chat-formatted text for one prompt (one ``<|image_pad|>`` placeholder, before expansion)."""
-        content = HPSV3_INSTRUCTION.format(text_prompt=prompt) + HPSV3_REWARD_SUFFIX
-        message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": content}]}]
-        return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+        return self.chat_text(1, HPSV3_INSTRUCTION.format(text_prompt=prompt) + HPSV3_REWARD_SUFFIX)
 
     def inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Token ids, attention mask, pixel patches and image grids, as Qwen2-VL's processor builds them: the single
         ``<|image_pad|>`` is repeated ``t*h*w / merge_size**2`` times for its image's grid."""
-        resized = [hps_v3_resize(image, self.min_pixels, self.max_pixels) for image in images]
-        texts = [self.prompt_text(prompt) for prompt in prompts]
-        return reward_inputs(self.tokenizer, self.image_processor, resized, texts)
+        return self.model_inputs(images, [self.prompt_text(prompt) for prompt in prompts])
 
     @torch.no_grad()
     def mu_sigma(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         """The head's ``(mu, sigma)`` per pair, shape ``(N, 2)``, float32 on the CPU."""
-        return run_batches(
-            self.model,
-            lambda start, end: self.inputs(images[start:end], prompts[start:end]),
-            len(images),
-            self.batch_size,
-            self.device,
-            reward_token_id=self.reward_token_id,
-        )
-
-    @classmethod
-    def model_sources(cls, **kwargs) -> dict[str, str]:
-        values = arguments_with_defaults(cls, kwargs)
-        return {name: values[name] for name in ("checkpoint", "base") if values.get(name)}
+        return self.run_batches(lambda start, end: self.inputs(images[start:end], prompts[start:end]), len(images))
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         return self.mu_sigma(images, prompts)[:, 0]

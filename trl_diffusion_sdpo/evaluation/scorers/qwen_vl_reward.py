@@ -3,36 +3,35 @@ Qwen-VL backbone whose final-norm hidden state at a special ``<|Reward|>`` token
 
 What is the same for both: the checkpoint's safetensors files, its keys renamed to transformers' layout, the
 tokenizer with ``<|Reward|>`` added, the base's image processor, the backbone built without random initialisation
-and filled from the checkpoint, the prompts' ``<|image_pad|>`` expanded to each image's grid, the hidden state read at
-``<|Reward|>``, and the batches. What differs (backbone class, heads, prompts, positions, how ``mu`` is aggregated)
-stays in each scorer's module.
+and filled from the checkpoint, the images resized as qwen-vl-utils does, the chat-formatted texts, the prompts'
+``<|image_pad|>`` expanded to each image's grid, the hidden state read at ``<|Reward|>`` by a head, the batches and
+the models a scorer names (:class:`QwenVLRewardModel`, :class:`QwenVLRewardScorer`). What differs (backbone class,
+heads, prompts, positions, how ``mu`` is aggregated) stays in each scorer's module.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .base import resolve_device
+from .base import Scorer, arguments_with_defaults, resolve_device
 
 __all__ = [
     "REWARD_TOKEN",
-    "LoadedRewardModel",
     "QwenVLRewardModel",
+    "QwenVLRewardScorer",
     "RewardModelSpec",
     "checkpoint_files",
-    "load_reward_model",
     "load_state",
+    "qwen_vl_resize",
     "reward_head",
-    "reward_inputs",
-    "run_batches",
     "to_transformers_keys",
     "token_embeddings",
 ]
@@ -157,127 +156,59 @@ def token_embeddings(state: dict[str, torch.Tensor], checkpoint: str, spec: Rewa
     return embeddings
 
 
-class LoadedRewardModel(NamedTuple):
-    """What `load_reward_model` builds for a scorer."""
+def qwen_vl_resize(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """qwen-vl-utils' ``fetch_image``: RGB, then resize (PIL's default bicubic) to ``smart_resize``'s size, whose sides
+    are multiples of 28 and whose area lies in ``[min_pixels, max_pixels]`` at about the image's aspect ratio:
 
-    tokenizer: object
-    reward_token_id: int
-    image_processor: object
-    model: QwenVLRewardModel
-    device: torch.device
-
-
-def load_reward_model(
-    spec: RewardModelSpec,
-    state: dict[str, torch.Tensor],
-    checkpoint: str,
-    base: str,
-    make_model: Callable[[object], QwenVLRewardModel],
-    dtype: torch.dtype | str,
-    device: str | torch.device | None,
-) -> LoadedRewardModel:
-    """Tokenizer, image processor and reward model from the mapped checkpoint ``state`` and the ``base`` folder.
-
-    The tokenizer (right padding, the base's chat template) gets ``<|Reward|>`` as a new special token, as the
-    references add it; the embedding count is read from the checkpoint (the references resized it for that token).
-    The image processor keeps the base's own pixel range, as the references' ``AutoProcessor``: the scorers resize
-    each image beforehand, and an image that resize grew past ``max_pixels`` (a small one, through its
-    ``min_pixels`` branch, which rounds its sides up) is kept as it is, not resized a second time. The model,
-    ``make_model(config)`` with a ``backbone`` and float32 heads, is built without random initialisation and filled
-    from ``state`` (nothing missing, nothing left over); the backbone runs in ``dtype`` (a ``torch.dtype`` or its
-    name), the heads in float32, on ``device`` (`resolve_device`).
+    ``h, w = max(28, round(H/28)*28), max(28, round(W/28)*28)``; if ``h*w > max_pixels``:
+    ``b = sqrt(H*W/max_pixels)``, ``h, w = floor(H/b/28)*28, floor(W/b/28)*28``; if ``h*w < min_pixels``:
+    ``b = sqrt(min_pixels/(H*W))``, ``h, w = ceil(H*b/28)*28, ceil(W*b/28)*28``.
     """
-    import transformers
-    from accelerate import init_empty_weights
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    embeddings = token_embeddings(state, checkpoint, spec)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base, padding_side="right")
-    if tokenizer.chat_template is None:
-        raise ValueError(
-            f"The tokenizer in {base} has no chat template; {spec.name} reads {spec.family}'s chat format."
-        )
-    tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
-    reward_token_id = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(base)
-
-    config = getattr(transformers, spec.config).from_pretrained(base)
-    config.text_config.vocab_size = embeddings.shape[0]
-    if reward_token_id >= embeddings.shape[0]:
-        raise ValueError(
-            f"{REWARD_TOKEN} gets id {reward_token_id} from {base}'s tokenizer, outside the checkpoint's "
-            f"{embeddings.shape[0]} embeddings: the tokenizer is not the one {spec.name} was trained with."
-        )
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    if image_token_id != config.image_token_id:
-        raise ValueError(f"{base}: tokenizer's {IMAGE_PAD} is {image_token_id}, config's {config.image_token_id}.")
-    with init_empty_weights(include_buffers=False):  # no 7B random initialisation: the checkpoint fills it
-        model = make_model(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint} does not match {base}'s {spec.family} architecture: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}."
-        )
-    for child_name, child in model.named_children():
-        if child_name == "backbone":
-            child.to(dtype)
-        else:
-            child.float()  # the heads, in whatever dtype the checkpoint stored them
-    device = resolve_device(device)
-    model = model.eval().requires_grad_(False).to(device)
-    return LoadedRewardModel(tokenizer, reward_token_id, image_processor, model, device)
-
-
-def reward_inputs(
-    tokenizer, image_processor, images: Sequence[Image.Image], texts: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """Token ids, attention mask, pixel patches and image grids, as the Qwen-VL processors build them: ``images``
-    (already resized, the same number per text) in the order of the texts' ``<|image_pad|>`` placeholders, each
-    placeholder repeated ``t*h*w / merge_size**2`` times for its image's grid."""
-    vision = image_processor(images=images, return_tensors="pt")
-    merge = image_processor.merge_size**2
-    counts = [int(grid.prod()) // merge for grid in vision["image_grid_thw"]]
-    per_text = len(counts) // len(texts)
-    expanded = []
-    for row, text in enumerate(texts):
-        for count in counts[per_text * row : per_text * (row + 1)]:  # the first placeholder not yet expanded
-            text = text.replace(IMAGE_PAD, _EXPANDED_PAD * count, 1)
-        expanded.append(text.replace(_EXPANDED_PAD, IMAGE_PAD))
-    tokens = tokenizer(expanded, padding=True, return_tensors="pt")
-    return {
-        "input_ids": tokens["input_ids"],
-        "attention_mask": tokens["attention_mask"],
-        "pixel_values": vision["pixel_values"],
-        "image_grid_thw": vision["image_grid_thw"],
-    }
+    factor = 28
+    image = image.convert("RGB")
+    width, height = image.size
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return image.resize((w_bar, h_bar), Image.Resampling.BICUBIC)
 
 
 class QwenVLRewardModel(nn.Module):
-    """A Qwen-VL ``backbone`` read at the ``<|Reward|>`` token; subclasses add the float32 heads, ``name`` (for
-    messages) and a ``forward`` with the reference's positions."""
+    """A Qwen-VL ``backbone`` read at the ``<|Reward|>`` token by float32 ``heads``; subclasses build both, set
+    ``name`` (for messages) and give the reference's :meth:`positions`."""
 
     name: str
     backbone: nn.Module
+    heads: Sequence[nn.Module]
 
-    def reward_states(
+    def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The reference's position ids, shape ``(B, L)``, the same on every M-RoPE axis."""
+        raise NotImplementedError
+
+    def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
-        position_ids: torch.Tensor,
         reward_token_id: int,
+        head: int = 0,
     ) -> torch.Tensor:
-        """The backbone's last hidden state at each row's single ``<|Reward|>`` token, in float32, shape ``(B, d)``;
-        ``position_ids`` (the same on every M-RoPE axis) are the reference's."""
+        """``(mu, sigma)`` of head ``head`` per row, shape ``(B, 2)``: the head on the backbone's last hidden state (in
+        float32) at each row's single ``<|Reward|>`` token, the backbone run at the reference's :meth:`positions`."""
         hidden = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
-            position_ids=position_ids,
+            position_ids=self.positions(attention_mask),
             use_cache=False,
         ).last_hidden_state
         is_reward = input_ids == reward_token_id
@@ -286,23 +217,128 @@ class QwenVLRewardModel(nn.Module):
             raise ValueError(
                 f"Each {self.name} input must hold exactly one {REWARD_TOKEN} token; counts {counts.tolist()}."
             )
-        return hidden[is_reward].float()
+        return self.heads[head](hidden[is_reward].float())
 
 
-def run_batches(
-    model: QwenVLRewardModel,
-    inputs: Callable[[int, int], dict[str, torch.Tensor]],
-    count: int,
-    batch_size: int,
-    device: torch.device,
-    **forward,
-) -> torch.Tensor:
-    """``model(**inputs(start, end), **forward)`` over ``count`` rows in batches of ``batch_size`` on ``device`` (the
-    pixels in the backbone's dtype), concatenated as float32 on the CPU."""
-    dtype = next(model.backbone.parameters()).dtype
-    outputs = []
-    for start in range(0, count, batch_size):
-        batch = {k: v.to(device) for k, v in inputs(start, start + batch_size).items()}
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        outputs.append(model(**batch, **forward).float().cpu())
-    return torch.cat(outputs)
+class QwenVLRewardScorer(Scorer):
+    """A scorer on a Qwen-VL reward model: what HPSv3's and EditReward's share once the checkpoint is read (the
+    model loaded, the chat-formatted texts, the inputs of the resized images, the batches, the models it names).
+    Subclasses give the prompts and turn the heads' ``(mu, sigma)`` into scores."""
+
+    def __init__(
+        self,
+        spec: RewardModelSpec,
+        state: dict[str, torch.Tensor],
+        checkpoint: str,
+        base: str,
+        make_model: Callable[[object], QwenVLRewardModel],
+        dtype: torch.dtype | str,
+        device: str | torch.device | None,
+        batch_size: int,
+        min_pixels: int,
+        max_pixels: int,
+    ) -> None:
+        """Tokenizer, image processor and reward model from the mapped checkpoint ``state`` and the ``base`` folder.
+
+        The tokenizer (right padding, the base's chat template) gets ``<|Reward|>`` as a new special token, as the
+        references add it; the embedding count is read from the checkpoint (the references resized it for that
+        token). The image processor keeps the base's own pixel range, as the references' ``AutoProcessor``: each
+        image is resized beforehand (:func:`qwen_vl_resize`, into ``[min_pixels, max_pixels]``), and an image that
+        resize grew past ``max_pixels`` (a small one, through its ``min_pixels`` branch, which rounds its sides up) is
+        kept as it is, not resized a second time. The model, ``make_model(config)`` with a ``backbone`` and float32
+        heads, is built without random initialisation and filled from ``state`` (nothing missing, nothing left over);
+        the backbone runs in ``dtype`` (a ``torch.dtype`` or its name), the heads in float32, on ``device``
+        (`resolve_device`), ``batch_size`` rows at a time.
+        """
+        import transformers
+        from accelerate import init_empty_weights
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        embeddings = token_embeddings(state, checkpoint, spec)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base, padding_side="right")
+        if tokenizer.chat_template is None:
+            raise ValueError(
+                f"The tokenizer in {base} has no chat template; {spec.name} reads {spec.family}'s chat format."
+            )
+        tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
+        reward_token_id = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(base)
+
+        config = getattr(transformers, spec.config).from_pretrained(base)
+        config.text_config.vocab_size = embeddings.shape[0]
+        if reward_token_id >= embeddings.shape[0]:
+            raise ValueError(
+                f"{REWARD_TOKEN} gets id {reward_token_id} from {base}'s tokenizer, outside the checkpoint's "
+                f"{embeddings.shape[0]} embeddings: the tokenizer is not the one {spec.name} was trained with."
+            )
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        if image_token_id != config.image_token_id:
+            raise ValueError(f"{base}: tokenizer's {IMAGE_PAD} is {image_token_id}, config's {config.image_token_id}.")
+        with init_empty_weights(include_buffers=False):  # no 7B random initialisation: the checkpoint fills it
+            model = make_model(config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(
+                f"{checkpoint} does not match {base}'s {spec.family} architecture: missing {missing[:8]}, "
+                f"unexpected {unexpected[:8]}."
+            )
+        for child_name, child in model.named_children():
+            if child_name == "backbone":
+                child.to(dtype)
+            else:
+                child.float()  # the heads, in whatever dtype the checkpoint stored them
+        self.device = resolve_device(device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.tokenizer, self.reward_token_id, self.image_processor = tokenizer, reward_token_id, image_processor
+        self.batch_size = batch_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+    @classmethod
+    def model_sources(cls, **kwargs) -> dict[str, str]:
+        values = arguments_with_defaults(cls, kwargs)
+        return {name: values[name] for name in ("checkpoint", "base") if values.get(name)}
+
+    def chat_text(self, images: int, text: str) -> str:
+        """One user turn of the base's chat template, with the generation prompt: ``images`` images (one
+        ``<|image_pad|>`` each, before expansion), then ``text``."""
+        content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]
+        message = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+
+    def model_inputs(self, images: Sequence[Image.Image], texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask, pixel patches and image grids, as the Qwen-VL processors build them: ``images``
+        (the same number per text, each resized by :func:`qwen_vl_resize`) in the order of the texts'
+        ``<|image_pad|>`` placeholders, each placeholder repeated ``t*h*w / merge_size**2`` times for its image's
+        grid."""
+        resized = [qwen_vl_resize(image, self.min_pixels, self.max_pixels) for image in images]
+        vision = self.image_processor(images=resized, return_tensors="pt")
+        merge = self.image_processor.merge_size**2
+        counts = [int(grid.prod()) // merge for grid in vision["image_grid_thw"]]
+        per_text = len(counts) // len(texts)
+        expanded = []
+        for row, text in enumerate(texts):
+            for count in counts[per_text * row : per_text * (row + 1)]:  # the first placeholder not yet expanded
+                text = text.replace(IMAGE_PAD, _EXPANDED_PAD * count, 1)
+            expanded.append(text.replace(_EXPANDED_PAD, IMAGE_PAD))
+        tokens = self.tokenizer(expanded, padding=True, return_tensors="pt")
+        return {
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": vision["image_grid_thw"],
+        }
+
+    def run_batches(
+        self, inputs: Callable[[int, int], dict[str, torch.Tensor]], count: int, **forward
+    ) -> torch.Tensor:
+        """``model(**inputs(start, end), reward_token_id=..., **forward)`` over ``count`` rows in batches of
+        ``batch_size`` on the scorer's device (the pixels in the backbone's dtype), concatenated as float32 on the
+        CPU."""
+        dtype = next(self.model.backbone.parameters()).dtype
+        outputs = []
+        for start in range(0, count, self.batch_size):
+            batch = {k: v.to(self.device) for k, v in inputs(start, start + self.batch_size).items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            outputs.append(self.model(**batch, reward_token_id=self.reward_token_id, **forward).float().cpu())
+        return torch.cat(outputs)
