@@ -1,4 +1,5 @@
-"""Command line: ``trl-diffusion-sdpo train --config x.yaml``, ``trl-diffusion-sdpo cache --config x.yaml``,
+"""Command line: ``trl-diffusion-sdpo train --config x.yaml``, ``trl-diffusion-sdpo online --config x.yaml``,
+``trl-diffusion-sdpo cache --config x.yaml``,
 ``trl-diffusion-sdpo demo --output-dir DIR``, ``trl-diffusion-sdpo evaluate --base MODEL ...`` and
 ``trl-diffusion-sdpo export --lora DIR --base MODEL ...``, ``trl-diffusion-sdpo pairs --base MODEL ...`` (also
 ``python -m trl_diffusion_sdpo ...``)."""
@@ -48,6 +49,12 @@ def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) ->
         commands,
         "train",
         "Train Diffusion-DPO / Diffusion-SDPO from a YAML config and flags (`train --help` lists them).",
+    )
+    add_forwarded_command(
+        commands,
+        "online",
+        "Train online: the policy samples each prompt several times, reward functions score the samples, and the "
+        "best and worst are trained on with the safeguard (`online --help` lists the options).",
     )
     from .demo.cli import DESCRIPTION, add_demo_arguments
 
@@ -185,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         from .scripts.train import main as train
 
         train(argv[1:])
+        return 0
+    if argv[:1] == ["online"]:
+        from .scripts.online import main as online
+
+        online(argv[1:])
         return 0
     if argv[:1] == ["cache"]:
         from .cache_cli import run_cache

@@ -89,9 +89,8 @@ MODEL_CARD_TEMPLATE = """---
 {{ kind }}, fine-tuned from {% if base_model %}[{{ base_model }}](https://huggingface.co/{{ base_model }}){% else %}a \
 local Stable Diffusion pipeline{% endif %}{% if dataset_name %} on {% if dataset_is_hub %}\
 [{{ dataset_name }}](https://huggingface.co/datasets/{{ dataset_name }}){% else %}`{{ dataset_name }}`{% endif %}\
-{% endif %} with **{{ method }}** by `trl-diffusion-sdpo`'s `DiffusionSDPOTrainer` (a \
-[TRL](https://github.com/huggingface/trl)-style trainer), on preference pairs: a preferred and a rejected image per \
-prompt.
+{% endif %} with **{{ method }}** by `trl-diffusion-sdpo`'s `{{ trainer_name }}` (a \
+[TRL](https://github.com/huggingface/trl)-style trainer), on {{ pairs }}.
 
 {{ method_description }}
 
@@ -155,6 +154,12 @@ def framework_versions() -> dict[str, str]:
 
 
 def method_description(method: str) -> str:
+    if method.startswith("Online "):
+        return (
+            "Online: every prompt was sampled several times by the model being trained, the samples scored by the "
+            "reward functions listed below, and the best against the worst trained on. "
+            + method_description(method.removeprefix("Online "))
+        )
     if method == "Diffusion-SDPO":
         return (
             "Diffusion-SDPO is Diffusion-DPO with a winner-preserving safeguard: the gradient of the loser's "
@@ -202,13 +207,15 @@ def build_model_card(
     sample_prompt: str | None = None,
     denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel"),
     pipeline_loads_lora: bool = True,
+    trainer_name: str = "DiffusionSDPOTrainer",
 ) -> ModelCard:
     """A model card in TRL's and diffusers' shape: metadata (``base_model`` only when it is a Hub id, ``datasets``,
     ``license``, tags), method, usage under ``hub_model_id``, the last validation grid (``sample_grid``, a path
     relative to the card; with ``sample_prompt`` also the Hub's widget, as diffusers' training scripts do), key
     hyperparameters, framework versions and the papers and TRL to cite. ``denoiser`` is the trained network's
     pipeline name and class (``("transformer", "FluxTransformer2DModel")`` for FLUX); ``pipeline_loads_lora``: whether
-    the pipeline has diffusers' ``load_lora_weights`` (else the usage loads the adapters into the denoiser)."""
+    the pipeline has diffusers' ``load_lora_weights`` (else the usage loads the adapters into the denoiser);
+    ``trainer_name``: the trainer class that trained it."""
     base_model = hub_base_model(base_model)
     label = "UNet" if denoiser[0] == "unet" else "transformer"
     data = ModelCardData(
@@ -231,6 +238,10 @@ def build_model_card(
         dataset_is_hub=_is_hub_id(dataset_name),
         method=method,
         method_description=method_description(method),
+        trainer_name=trainer_name,
+        pairs="pairs it sampled itself and the reward functions ranked"
+        if method.startswith("Online ")
+        else "preference pairs: a preferred and a rejected image per prompt",
         usage=usage_snippet(
             hub_model_id or "<this repo>", base_model, is_lora, None if pipeline_loads_lora else denoiser[0]
         ),

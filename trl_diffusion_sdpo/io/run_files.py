@@ -344,6 +344,7 @@ class RunFiles:
             sample_prompt=(args.validation_prompts or [None])[0],
             denoiser=(family.denoiser_name, type(family.denoiser).__name__),
             pipeline_loads_lora=hasattr(type(trainer.pipeline), "load_lora_weights"),
+            trainer_name=type(trainer).__name__,
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))

@@ -36,6 +36,7 @@ __all__ = [
     "DiffusionScriptArguments",
     "build_pipeline",
     "check_supported",
+    "check_supported_model",
     "load_split",
     "load_train_split",
     "main",
@@ -128,9 +129,15 @@ _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0", "none", ""}
 
 
-def make_parser(prog: str = "trl-diffusion-sdpo train") -> TrlParser:
-    """TRL's ``TrlParser`` over :data:`ARGUMENT_TYPES`, with this command's description and help corrections."""
-    parser = TrlParser(ARGUMENT_TYPES, prog=prog, description=DESCRIPTION, epilog=EPILOG)
+def make_parser(
+    prog: str = "trl-diffusion-sdpo train",
+    argument_types: tuple[type, ...] = ARGUMENT_TYPES,
+    description: str = DESCRIPTION,
+    epilog: str = EPILOG,
+) -> TrlParser:
+    """TRL's ``TrlParser`` over ``argument_types`` (:data:`ARGUMENT_TYPES`), with the command's description and
+    help corrections."""
+    parser = TrlParser(argument_types, prog=prog, description=description, epilog=epilog)
     add_config_argument(parser)
     for action in parser._actions:
         name = action.dest
@@ -250,10 +257,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
 
 
 def check_supported(script_args: ScriptArguments, model_args: ModelConfig) -> None:
-    if model_args.model_name_or_path is None:
-        raise ValueError("--model_name_or_path is required: a diffusers pipeline folder or Hub id.")
     if script_args.dataset_name is None:
         raise ValueError("--dataset_name is required: a Hub id, a local data folder or a save_to_disk folder.")
+    check_supported_model(model_args)
+
+
+def check_supported_model(model_args: ModelConfig) -> None:
+    """A pipeline named, and none of TRL's language-model options set."""
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required: a diffusers pipeline folder or Hub id.")
     # Any of them set away from TRL's default is refused: a quantization option alone would otherwise be ignored.
     defaults = {f.name: f.default for f in fields(ModelConfig)}
     given = [name for name in REFUSED_OPTIONS if getattr(model_args, name) != defaults[name]]

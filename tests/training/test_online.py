@@ -1,0 +1,310 @@
+"""Online training: the generation stage (samples, rewards, pairs, the pairs' latents) and the online trainer on the
+shipped tiny base, against independent computations."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from PIL import Image
+from safetensors.torch import load_file
+
+from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
+from trl_diffusion_sdpo.demo.shapes import all_captions
+from trl_diffusion_sdpo.families.latents import scale_latents, unscale_latents
+from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer, RewardFunctions
+from trl_diffusion_sdpo.online.generation import image_seed
+from trl_diffusion_sdpo.online.trainer import RepeatedBlockSampler
+from trl_diffusion_sdpo.reference import DisabledAdaptersReference, refreshed_reference
+
+PROMPTS = [c.text for c in all_captions()[:8]]
+LORA = dict(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def red_minus_blue(prompts, images, **columns) -> list[float]:
+    """A reward read off the pixels: mean red minus mean blue, in [-1, 1]."""
+    return [
+        float((np.asarray(im, dtype=np.float64)[..., 0] - np.asarray(im, dtype=np.float64)[..., 2]).mean() / 255)
+        for im in images
+    ]
+
+
+def online_config(tmp_path, **overrides) -> OnlineDiffusionSDPOConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        resolution=32,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        scale_lr=False,
+        warmup_steps=0,
+        logging_steps=1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        num_generations=3,
+        sample_steps=3,
+    )
+    return OnlineDiffusionSDPOConfig(**{**values, **overrides})
+
+
+def make_trainer(tmp_path, reward=red_minus_blue, lora=True, prompts=PROMPTS, **overrides):
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
+    return OnlineDiffusionSDPOTrainer(
+        pipe,
+        None,
+        online_config(tmp_path, **overrides),
+        Dataset.from_dict({"prompt": prompts}),
+        reward_funcs=[reward],
+        peft_config=LoraConfig(**LORA) if lora else None,
+    )
+
+
+def lora_weights(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer._policy().named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_image_seeds_differ_by_each_coordinate_and_repeat_for_the_same_one():
+    seeds = {image_seed(0, g, r, k) for g in range(3) for r in range(4) for k in range(4)}
+    assert len(seeds) == 48
+    assert image_seed(3, 1, 2, 0) == image_seed(3, 1, 2, 0) != image_seed(4, 1, 2, 0)
+
+
+def test_rewards_are_the_weighted_sum_of_each_function():
+    images = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 0, 255), (10, 10, 10))]
+
+    def constant(prompts, images, **columns):
+        return [2.0] * len(images)
+
+    total, parts = RewardFunctions([red_minus_blue, constant], [0.5, -1.0])(["a", "b", "c"], images)
+    expected = 0.5 * torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) - 2.0
+    torch.testing.assert_close(total, expected)
+    assert list(parts) == ["red_minus_blue", "constant"]
+    with pytest.raises(ValueError, match="returned 1 scores for 3 images"):
+        RewardFunctions([lambda p, i, **c: [0.0]])(["a", "b", "c"], images)
+    with pytest.raises(ValueError, match="no registered scorer.*colour"):
+        RewardFunctions(["colur"])
+    with pytest.raises(ValueError, match="at least one reward function"):
+        RewardFunctions([])
+
+
+def test_the_registered_colour_scorer_is_a_reward_function():
+    caption = all_captions()[0]
+    total, _ = RewardFunctions(["colour"])([caption.text], [Image.new("RGB", (32, 32), "white")])
+    assert total.shape == (1,) and 0.0 <= float(total[0]) <= 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_generations": 1}, "num_generations"),
+        ({"pair_mode": "best"}, "pair_mode"),
+        ({"random_flip": True}, "random_flip=True"),
+        ({"cache_latents": True}, "cache_latents=True"),
+        ({"reward_funcs": ["colour"], "reward_weights": [1.0, 2.0]}, "reward_weights has 2 weights"),
+        ({"num_iterations": 0}, "num_iterations"),
+    ],
+)
+def test_the_config_refuses_settings_online_training_cannot_honour(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        online_config(tmp_path, **overrides)
+
+
+def test_the_repeated_sampler_yields_each_optimizer_steps_prompts_num_iterations_times():
+    assert list(RepeatedBlockSampler(range(6), block=2, repeats=3)) == [0, 1] * 3 + [2, 3] * 3 + [4, 5] * 3
+    assert len(RepeatedBlockSampler(range(6), block=4, repeats=2)) == 12
+
+
+def test_a_prompt_dataset_without_prompts_is_refused_naming_the_column_or_row(tmp_path):
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
+    with pytest.raises(ValueError, match="'prompt' column.*\\['caption'\\]"):
+        OnlineDiffusionSDPOTrainer(
+            pipe, None, online_config(tmp_path), Dataset.from_dict({"caption": ["a"]}), reward_funcs=[red_minus_blue]
+        )
+    with pytest.raises(ValueError, match="row 1, column 'prompt'"):
+        OnlineDiffusionSDPOTrainer(
+            pipe,
+            None,
+            online_config(tmp_path),
+            Dataset.from_dict({"prompt": ["a", " "]}),
+            reward_funcs=[red_minus_blue],
+        )
+
+
+# ---------------------------------------------------------------------------------------------- the generation
+
+
+def max_difference(a: list[list[Image.Image]], b: list[list[Image.Image]]) -> float:
+    """The largest 8-bit difference between two [N][K] grids of images of the same shape."""
+    assert [len(row) for row in a] == [len(row) for row in b]
+    return max(
+        float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+        for row_a, row_b in zip(a, b)
+        for x, y in zip(row_a, row_b)
+    )
+
+
+def test_the_pairs_are_the_sampled_latents_of_the_best_and_worst_scored_images(tmp_path):
+    trainer = make_trainer(tmp_path)
+    stage = trainer.generation
+    generated = stage({"prompt": PROMPTS[:4]}, generation=0, first_row=0)
+    images = generated.images
+    # the rewards are the function's on the decoded images, and each pair is (argmax, argmin) of its prompt
+    rewards = torch.tensor([red_minus_blue(None, row) for row in images], dtype=torch.float64)
+    torch.testing.assert_close(generated.rewards, rewards)
+    expected = [(r, int(rewards[r].argmax()), int(rewards[r].argmin())) for r in range(4)]
+    assert generated.pairs == [p for p in expected if rewards[p[0]].max() > rewards[p[0]].min()]
+    # the batch holds the sampler's final latents of those images, unscaled: decoding them gives the scored images
+    _, latents = stage.sample(PROMPTS[:4], 0, 0)
+    vae = trainer.family.vae
+    for index, (row, chosen, rejected) in enumerate(generated.pairs):
+        for side, sample in ((0, chosen), (1, rejected)):
+            mean = generated.batch["latent_mean"][index, side]
+            torch.testing.assert_close(mean, unscale_latents(latents[row, sample][None], vae.config)[0])
+            with torch.no_grad():
+                decoded = vae.decode(mean[None]).sample
+            pixels = trainer.pipeline.image_processor.postprocess(decoded, output_type="np")[0]
+            scored = np.asarray(images[row][sample], dtype=np.float64) / 255
+            assert np.abs(pixels - scored).max() <= 1 / 255 + 1e-6
+    assert float(generated.batch["latent_std"].abs().max()) == 0.0
+    # scale_latents (the noiser's) inverts unscale_latents
+    x = torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(scale_latents(unscale_latents(x, vae.config), vae.config), x)
+
+
+def test_samples_do_not_depend_on_the_batch_split_or_generation_batch_size(tmp_path):
+    trainer = make_trainer(tmp_path)
+    stage = trainer.generation
+    whole, _ = stage.sample(PROMPTS[:4], 5, 0)
+    first, _ = stage.sample(PROMPTS[:2], 5, 0)  # process 0 of two, two prompts each
+    second, _ = stage.sample(PROMPTS[2:4], 5, 2)  # process 1: its prompts are rows 2 and 3 of the global batch
+    stage.settings = type(stage.settings)(**{**stage.settings.__dict__, "generation_batch_size": 1})
+    one_by_one, _ = stage.sample(PROMPTS[:4], 5, 0)
+    # batched convolutions may round differently in the last bit: one 8-bit level at most
+    assert max_difference(first + second, whole) <= 1
+    assert max_difference(one_by_one, whole) <= 1
+    other, _ = stage.sample(PROMPTS[:4], 6, 0)  # another generation draws other noise
+    assert max_difference(other, whole) > 10
+
+
+def test_a_step_where_every_prompt_ties_is_counted_and_not_applied(tmp_path):
+    trainer = make_trainer(tmp_path, reward=lambda p, images, **c: [0.5] * len(images), max_steps=1)
+    before = lora_weights(trainer)
+    trainer.train()
+    for name, value in lora_weights(trainer).items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    log = trainer.state.log_history[0]
+    assert log["online/prompts_without_pair"] == 1.0 and log["online/pairs"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+
+@pytest.mark.parametrize("space", ["output", "parameter"])
+def test_online_training_logs_the_generation_and_safeguard_and_moves_the_weights(tmp_path, space):
+    trainer = make_trainer(tmp_path, safeguard_space=space)
+    before = lora_weights(trainer)
+    trainer.train()
+    assert any(not torch.equal(value, before[name]) for name, value in lora_weights(trainer).items())
+    log = trainer.state.log_history[0]
+    for name in (
+        "online/reward_mean",
+        "online/chosen_reward",
+        "online/rejected_reward",
+        "online/reward_margin",
+        "online/prompts_without_pair",
+        "online/diversity",
+        "online/generation_time_share",
+        "online/reward/red_minus_blue",
+        "safeguard/lambda_mean",
+        "implicit_acc",
+    ):
+        assert name in log, name
+    assert log["online/chosen_reward"] > log["online/rejected_reward"]
+    assert 0.0 < log["online/generation_time_share"] < 1.0
+
+
+def test_num_iterations_trains_one_generation_for_several_optimizer_steps(tmp_path):
+    trainer = make_trainer(tmp_path, num_iterations=2, max_steps=4)
+    stage, calls = trainer.generation, []
+
+    class CountingStage:
+        """The trainer's stage, recording which generation each call samples."""
+
+        def __call__(self, inputs, generation, first_row):
+            calls.append((generation, tuple(inputs["prompt"])))
+            return stage(inputs, generation, first_row)
+
+        def __getattr__(self, name):
+            return getattr(stage, name)
+
+    trainer.generation = CountingStage()
+    trainer.train()
+    assert [g for g, _ in calls] == [0, 1]  # steps 0-1 train generation 0, steps 2-3 generation 1
+    assert calls[0][1] != calls[1][1]  # each generation samples the next prompts
+
+
+def test_a_refreshed_lora_reference_predicts_what_the_policy_predicts(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.train()
+    policy = trainer._policy()
+    assert isinstance(trainer.reference, DisabledAdaptersReference)
+    sample = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 77, policy.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        tuned = policy(sample, t, encoder_hidden_states=hidden).sample
+        base = trainer.reference.predict(sample, t, encoder_hidden_states=hidden)
+    assert (tuned - base).abs().max() > 1e-6  # the run moved the policy away from the initial reference
+    refreshed = refreshed_reference(trainer.reference, policy, trainer.family.call_denoiser)
+    torch.testing.assert_close(refreshed.predict(sample, t, encoder_hidden_states=hidden), tuned, rtol=1e-5, atol=1e-5)
+
+
+def test_ref_update_steps_moves_the_reference_during_training(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=3, ref_update_steps=2, lora=False)
+    trainer.train()
+    policy, reference = trainer._policy(), trainer.reference.denoiser
+    # refreshed after step 2: the reference holds step 2's weights, the policy step 3's
+    moved = [not torch.equal(p, r) for p, r in zip(policy.parameters(), reference.parameters())]
+    assert any(moved)
+    deltas = [abs(log["delta/winner"]) for log in trainer.state.log_history if "delta/winner" in log]
+    # step 1 (the initial weights) and step 3 (step 2's weights, just copied into the reference): policy = reference;
+    # step 2 trains weights that moved from the reference
+    assert deltas[0] < 1e-9 and deltas[2] < 1e-9 and deltas[1] > 1e-7
+
+
+def test_resuming_from_a_checkpoint_samples_and_trains_as_the_uninterrupted_run(tmp_path):
+    whole = make_trainer(tmp_path / "a", max_steps=4)
+    whole.train()
+    first = make_trainer(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
+    first.train()
+    resumed = make_trainer(tmp_path / "c", max_steps=4, output_dir=str(tmp_path / "b" / "out"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-2"))
+    expected = lora_weights(whole)
+    for name, value in lora_weights(resumed).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_model_card_names_the_online_trainer_and_its_rewards(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card()
+    card = open(os.path.join(trainer.args.output_dir, "README.md")).read()
+    assert "OnlineDiffusionSDPOTrainer" in card and "Online Diffusion-SDPO" in card
+    assert "| `reward_funcs` | `red_minus_blue` |" in card
+    assert set(load_file(os.path.join(trainer.args.output_dir, "pytorch_lora_weights.safetensors")))
+    saved = json.load(open(os.path.join(trainer.args.output_dir, "training_config.json")))
+    assert saved["num_generations"] == 3

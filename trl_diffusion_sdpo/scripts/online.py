@@ -1,0 +1,109 @@
+"""``trl-diffusion-sdpo online``: online Diffusion-DPO / Diffusion-SDPO from a YAML config and flags.
+
+    trl-diffusion-sdpo online --config examples/configs/online_tiny_cpu.yaml
+    trl-diffusion-sdpo online --model_name_or_path path/to/sd15 --prompts prompts.txt --reward_funcs pickscore \\
+        --num_generations 4 --use_peft --output_dir out
+
+Parsed by TRL's ``TrlParser`` as ``train`` is (:mod:`.train`), over :class:`OnlinePromptArguments`,
+:class:`~trl_diffusion_sdpo.online.OnlineDiffusionSDPOConfig` and TRL's ``ModelConfig``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from trl import ModelConfig
+
+from ..online.config import OnlineDiffusionSDPOConfig
+from .train import (
+    DiffusionScriptArguments,
+    ModelCardOnSave,
+    build_pipeline,
+    check_supported_model,
+    make_parser,
+    parse_or_exit,
+    resume_argument,
+)
+
+__all__ = ["OnlinePromptArguments", "load_prompt_dataset", "main", "parse_args"]
+
+
+@dataclass
+class OnlinePromptArguments:
+    """Where the prompts come from."""
+
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "The prompts to sample: a preset name (as `evaluate --prompts` takes), a .txt file (one prompt a "
+            "line), a .jsonl file or a dataset id/folder with a prompt column."
+        },
+    )
+    prompt_column: str | None = field(default=None, init=False, repr=False)  # set from the config's prompt_column
+    prompt_split: str | None = field(default=None, metadata={"help": "The split of a Hub dataset of prompts."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+
+
+ARGUMENT_TYPES = (OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig)
+DESCRIPTION = (
+    "Online Diffusion-DPO / Diffusion-SDPO: the policy samples --num_generations images per prompt, --reward_funcs "
+    "score them, the best and worst of each prompt (or every pair above --reward_margin) are trained on with the "
+    "safeguard, and the next prompts are sampled from the updated policy. Saves to --output_dir as `train` does."
+)
+EPILOG = "Example: examples/configs/online_tiny_cpu.yaml (the shipped tiny base and the demo's colour reward, CPU)."
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """``argv`` as the three argument dataclasses; exits with a usage error on a bad value or unknown flag."""
+    parser = make_parser("trl-diffusion-sdpo online", ARGUMENT_TYPES, DESCRIPTION, EPILOG)
+    prompt_args, training_args, model_args = parse_or_exit(parser, argv)
+    prompt_args.prompt_column = training_args.prompt_column  # the config's field names the column
+    training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
+    if prompt_args.prompts is None:
+        parser.error("--prompts is required: a preset, a .txt file, a .jsonl file or a dataset with a prompt column.")
+    return prompt_args, training_args, model_args
+
+
+def load_prompt_dataset(args: OnlinePromptArguments):
+    """The prompts as a ``datasets.Dataset`` with a ``prompt`` column (through the evaluation's prompt loader; a
+    dataset's column is the config's ``prompt_column``)."""
+    from datasets import Dataset
+
+    from ..evaluation.prompts import load_prompt_set
+
+    prompts = load_prompt_set(args.prompts, column=args.prompt_column, split=args.prompt_split, limit=args.max_prompts)
+    if prompts and not isinstance(prompts[0], str):
+        raise ValueError(
+            f"{args.prompts} holds edits (rows with source images); online training samples text-to-image families "
+            "only."
+        )
+    return Dataset.from_dict({"prompt": list(prompts)})
+
+
+def main(argv: Sequence[str] | None = None):
+    """Train online, save to ``output_dir`` with a model card naming the rewards, and (``push_to_hub``) push."""
+    prompt_args, training_args, model_args = parse_args(argv)  # exits here on --help
+    from ..console import filter_known_noise, log_to_console, on_terminal, quiet_progress_bars
+
+    filter_known_noise()
+    log_to_console()
+    if not on_terminal():
+        quiet_progress_bars()
+        training_args.disable_tqdm = True
+    from ..online.trainer import OnlineDiffusionSDPOTrainer
+    from .train import peft_config_for
+
+    check_supported_model(model_args)
+    pipeline = build_pipeline(model_args, DiffusionScriptArguments())
+    peft_config = peft_config_for(model_args, pipeline)
+    trainer = OnlineDiffusionSDPOTrainer(
+        pipeline, None, training_args, load_prompt_dataset(prompt_args), peft_config=peft_config
+    )
+    trainer.add_callback(ModelCardOnSave(trainer, prompt_args.prompts))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(dataset_name=prompt_args.prompts)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=prompt_args.prompts)
+    return trainer
