@@ -298,8 +298,9 @@ def test_resuming_from_a_checkpoint_samples_and_trains_as_the_uninterrupted_run(
 
 
 def test_the_model_card_names_the_online_trainer_and_its_rewards(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer = make_trainer(tmp_path, max_steps=1, validation_prompts=[PROMPTS[0]], validation_steps=1)
     trainer.train()
+    assert os.listdir(os.path.join(trainer.args.output_dir, "validation"))  # the offline trainer's grids
     trainer.save_model()
     trainer.create_model_card()
     card = open(os.path.join(trainer.args.output_dir, "README.md")).read()

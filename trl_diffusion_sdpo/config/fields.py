@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate.utils import str_to_bool as strtobool
@@ -23,7 +24,13 @@ from .rules import (
     check_config,
 )
 
-__all__ = ["DiffusionSDPOConfig"]
+__all__ = ["DiffusionSDPOConfig", "option"]
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field whose ``help`` (its documentation: ``--help`` and the class docstring) comes second."""
+    return field(default=default, metadata={"help": help, **metadata})
+
 
 _SUMMARY = r"""
 Configuration class for [`DiffusionSDPOTrainer`].
@@ -40,346 +47,267 @@ class DiffusionSDPOConfig(TrainingArguments):
     # The docstring is written at import from the fields' helps (config_docstring, below the class).
 
     # Objective
-    beta: float = field(
-        default=5000.0,
-        metadata={
-            "help": "KL-regularisation strength of Diffusion-DPO. The timestep count and weighting are folded into "
-            "it; the paper reports 2000 to 5000 working. Larger values make the logit `u` more sensitive to error "
-            "differences. For the flow-matching families (SD3, FLUX) the anchors use much smaller values "
-            "(flow_grpo's SD3.5 Flow-DPO: 100 on per-sample mean velocity errors); see docs/sd3.md."
-        },
+    beta: float = option(
+        5000.0,
+        "KL-regularisation strength of Diffusion-DPO. The timestep count and weighting are folded into "
+        "it; the paper reports 2000 to 5000 working. Larger values make the logit `u` more sensitive to error "
+        "differences. For the flow-matching families (SD3, FLUX) the anchors use much smaller values "
+        "(flow_grpo's SD3.5 Flow-DPO: 100 on per-sample mean velocity errors); see docs/sd3.md.",
     )
-    loss_type: str = field(
-        default="dpo",
-        metadata={
-            "help": "Preference objective (formulas and the authors' settings per model family: "
-            "`docs/objectives.md`). `dpo`: Diffusion-DPO, `-logsigmoid(u)`. `dspo`: the score-matching form "
-            "(authors' beta 0.001 for SD1.5 with `dspo_form=sd15`, 5000 for SDXL with `dspo_form=sdxl`). `dmpo`: "
-            "KL to a Bernoulli target (`dmpo_alpha`; beta 2000 SD1.5, 6000 SDXL). `sft`: supervised fine-tuning on "
-            "the winners (no reference, no safeguard). `mapo`: reference-free margin-aware preference optimisation "
-            "(`mapo_beta`, `mapo_snr_value`; no reference model is built or run). `smpo`: Diffusion-DPO with "
-            "SmPO's smoothed preferences, each pair's logit weighted by `smpo_gamma * (2p - 1)` from two score "
-            "columns. Or the name of an objective registered with `register_objective` (its fields are read from "
-            "the config fields of the same names)."
-        },
+    loss_type: str = option(
+        "dpo",
+        "Preference objective (formulas and the authors' settings per model family: "
+        "`docs/objectives.md`). `dpo`: Diffusion-DPO, `-logsigmoid(u)`. `dspo`: the score-matching form "
+        "(authors' beta 0.001 for SD1.5 with `dspo_form=sd15`, 5000 for SDXL with `dspo_form=sdxl`). `dmpo`: "
+        "KL to a Bernoulli target (`dmpo_alpha`; beta 2000 SD1.5, 6000 SDXL). `sft`: supervised fine-tuning on "
+        "the winners (no reference, no safeguard). `mapo`: reference-free margin-aware preference optimisation "
+        "(`mapo_beta`, `mapo_snr_value`; no reference model is built or run). `smpo`: Diffusion-DPO with "
+        "SmPO's smoothed preferences, each pair's logit weighted by `smpo_gamma * (2p - 1)` from two score "
+        "columns. Or the name of an objective registered with `register_objective` (its fields are read from "
+        "the config fields of the same names).",
     )
     dmpo_alpha: float = field(default=0.01, metadata={"help": "DMPO's target `q = 1 - alpha` (authors: 0.01)."})
-    dspo_form: str = field(
-        default="sd15",
-        metadata={
-            "help": "Which of the authors' DSPO forms: `sd15` (winner residual plus the scaled policy-reference "
-            "difference) or `sdxl` (the squared policy-reference difference weighted by `(1 - sigmoid(u))^2`).",
-            "choices": list(DSPO_FORM_CHOICES),
-        },
+    dspo_form: str = option(
+        "sd15",
+        "Which of the authors' DSPO forms: `sd15` (winner residual plus the scaled policy-reference "
+        "difference) or `sdxl` (the squared policy-reference difference weighted by `(1 - sigmoid(u))^2`).",
+        choices=list(DSPO_FORM_CHOICES),
     )
     mapo_beta: float = field(default=0.1, metadata={"help": "MaPO's odds-ratio weight (the MaPO authors' 0.1)."})
     mapo_snr_value: float = field(
         default=0.5, metadata={"help": "MaPO's `g` of `f(e) = g e / (exp(g e) - 1)` (the MaPO authors' 0.5)."}
     )
-    smpo_gamma: float = field(
-        default=10.0,
-        metadata={
-            "help": "SmPO's scale (> 0) of the per-pair logit weight `gamma * (2p - 1)`, `p = sigmoid(n_w - n_l)`."
-        },
+    smpo_gamma: float = option(
+        10.0, "SmPO's scale (> 0) of the per-pair logit weight `gamma * (2p - 1)`, `p = sigmoid(n_w - n_l)`."
     )
-    score_0_column: str = field(
-        default="score_0",
-        metadata={
-            "help": "SmPO: score column of the first image (the higher-scored image is the winner); or hand the "
-            "trainer a `reward_fn` to score the images itself."
-        },
+    score_0_column: str = option(
+        "score_0",
+        "SmPO: score column of the first image (the higher-scored image is the winner); or hand the "
+        "trainer a `reward_fn` to score the images itself.",
     )
     score_1_column: str = field(default="score_1", metadata={"help": "SmPO: score column of the second image."})
-    smpo_score_min: float = field(
-        default=0.11543526500463486,
-        metadata={
-            "help": "SmPO: the minimum of the score normalisation `n = (s - min) / (max - min)` (SmPO's constant "
-            "for PickScore's raw cosine)."
-        },
+    smpo_score_min: float = option(
+        0.11543526500463486,
+        "SmPO: the minimum of the score normalisation `n = (s - min) / (max - min)` (SmPO's constant "
+        "for PickScore's raw cosine).",
     )
-    smpo_score_max: float = field(
-        default=0.28201571106910706,
-        metadata={
-            "help": "SmPO: the maximum of the score normalisation (SmPO's constant for PickScore's raw cosine)."
-        },
+    smpo_score_max: float = option(
+        0.28201571106910706,
+        "SmPO: the maximum of the score normalisation (SmPO's constant for PickScore's raw cosine).",
     )
     # Safeguard
-    safeguard: bool = field(
-        default=True,
-        metadata={
-            "help": "Apply the Diffusion-SDPO winner-preserving safeguard: the loser error's gradient is scaled by a "
-            "detached `lambda` so that, to first order, the winner's error does not increase. `False` is plain "
-            "Diffusion-DPO."
-        },
+    safeguard: bool = option(
+        True,
+        "Apply the Diffusion-SDPO winner-preserving safeguard: the loser error's gradient is scaled by a "
+        "detached `lambda` so that, to first order, the winner's error does not increase. `False` is plain "
+        "Diffusion-DPO.",
     )
-    safeguard_mu: float = field(
-        default=0.5,
-        metadata={
-            "help": "Safeguard margin mu in [0, 1]; larger is more conservative. 0.5 is this package's default, "
-            "not the authors': in its paired comparison on the CPU demo (benchmarks/results/"
-            "cpu-safeguard-comparison-demo.json, summarised in trl_diffusion_sdpo/demo/safeguard_recommendation.json) "
-            "the output space with mu 0.5 paid about as much as with 0.9 where Diffusion-DPO's pathology bites and "
-            "cost less where it does not. The authors' values are per model: 0.9 for SD1.5 DPO and DMPO, 0.2 for "
-            "SD1.5 DSPO, 0.6 for every SDXL run; set `safeguard_mu` to train with theirs."
-        },
+    safeguard_mu: float = option(
+        0.5,
+        "Safeguard margin mu in [0, 1]; larger is more conservative. 0.5 is this package's default, "
+        "not the authors': in its paired comparison on the CPU demo (benchmarks/results/"
+        "cpu-safeguard-comparison-demo.json, summarised in trl_diffusion_sdpo/demo/safeguard_recommendation.json) "
+        "the output space with mu 0.5 paid about as much as with 0.9 where Diffusion-DPO's pathology bites and "
+        "cost less where it does not. The authors' values are per model: 0.9 for SD1.5 DPO and DMPO, 0.2 for "
+        "SD1.5 DSPO, 0.6 for every SDXL run; set `safeguard_mu` to train with theirs.",
     )
     safeguard_max_lambda: float = field(default=1.0, metadata={"help": "Upper bound of the safeguard's `lambda`."})
-    safeguard_space: str = field(
-        default="output",
-        metadata={
-            "help": "Where `lambda` is computed. `output`: the authors' rule on the policy's residuals (two sums, no "
-            "extra pass), which treats the UNet's Jacobians on the two branches as equal. `parameter`: the exact "
-            "rule, from the gradients of the loss's winner and loser terms over the trainable weights, in the "
-            "passes `safeguard_passes` chooses: by default one forward and one backward pass with the branches' "
-            "gradients split inside it (one extra gradient-sized buffer; see `docs/safeguard.md` for its "
-            "guarantee, cost and the measured difference). Runs on one process, DDP, DeepSpeed ZeRO-1/2 and FSDP2 "
-            'with `safeguard_scope="global"`; refused under ZeRO-3, FSDP1 and FSDP2 with the local scope '
-            '(`docs/safeguard.md`, "Where the exact rule runs"). `update`: the same per-branch gradients, with '
-            "`lambda` chosen on the optimizer's actual update (AdamW, Adam or SGD: momentum, second moment, weight "
-            "decay and clipping included), so the winner's error does not rise to first order under the step "
-            "taken; one process or DDP, `gradient_accumulation_steps=1`.",
-            "choices": list(SAFEGUARD_SPACES),
-        },
+    safeguard_space: str = option(
+        "output",
+        "Where `lambda` is computed. `output`: the authors' rule on the policy's residuals (two sums, no "
+        "extra pass), which treats the UNet's Jacobians on the two branches as equal. `parameter`: the exact "
+        "rule, from the gradients of the loss's winner and loser terms over the trainable weights, in the "
+        "passes `safeguard_passes` chooses: by default one forward and one backward pass with the branches' "
+        "gradients split inside it (one extra gradient-sized buffer; see `docs/safeguard.md` for its "
+        "guarantee, cost and the measured difference). Runs on one process, DDP, DeepSpeed ZeRO-1/2 and FSDP2 "
+        'with `safeguard_scope="global"`; refused under ZeRO-3, FSDP1 and FSDP2 with the local scope '
+        '(`docs/safeguard.md`, "Where the exact rule runs"). `update`: the same per-branch gradients, with '
+        "`lambda` chosen on the optimizer's actual update (AdamW, Adam or SGD: momentum, second moment, weight "
+        "decay and clipping included), so the winner's error does not rise to first order under the step "
+        "taken; one process or DDP, `gradient_accumulation_steps=1`.",
+        choices=list(SAFEGUARD_SPACES),
     )
-    safeguard_scope: str = field(
-        default="local",
-        metadata={
-            "help": "Which samples one `lambda` covers when several processes train. `local` (the authors' choice): "
-            "each process computes `lambda` from its own micro-batch. `global`: the two sums behind `lambda` are "
-            "summed over all processes, so every process uses the `lambda` of the global micro-batch (one extra "
-            "all-reduce of two numbers per micro-batch); the run then matches a single process with the same global "
-            "batch. On one process the two are the same. `pair` (`safeguard_space=parameter`, "
-            "`safeguard_passes=one`): one `lambda_i` per preference pair, from that pair's own gradients, so that "
-            "pair `i`'s safeguarded gradient does not raise pair `i`'s winner term to first order (with margin "
-            "`mu`); not a guarantee for the batch sum, since other pairs' gradients still act on pair `i` "
-            "(`docs/safeguard.md`). It keeps one gradient of the trainable weights per image: LoRA, or full tuning "
-            "up to 4 GiB of them.",
-            "choices": list(SAFEGUARD_SCOPES),
-        },
+    safeguard_scope: str = option(
+        "local",
+        "Which samples one `lambda` covers when several processes train. `local` (the authors' choice): "
+        "each process computes `lambda` from its own micro-batch. `global`: the two sums behind `lambda` are "
+        "summed over all processes, so every process uses the `lambda` of the global micro-batch (one extra "
+        "all-reduce of two numbers per micro-batch); the run then matches a single process with the same global "
+        "batch. On one process the two are the same. `pair` (`safeguard_space=parameter`, "
+        "`safeguard_passes=one`): one `lambda_i` per preference pair, from that pair's own gradients, so that "
+        "pair `i`'s safeguarded gradient does not raise pair `i`'s winner term to first order (with margin "
+        "`mu`); not a guarantee for the batch sum, since other pairs' gradients still act on pair `i` "
+        "(`docs/safeguard.md`). It keeps one gradient of the trainable weights per image: LoRA, or full tuning "
+        "up to 4 GiB of them.",
+        choices=list(SAFEGUARD_SCOPES),
     )
-    safeguard_passes: str = field(
-        default="one",
-        metadata={
-            "help": "How the parameter and update spaces get the branches' gradients. `one`: one forward and one "
-            "backward pass over the whole pair batch, as Diffusion-DPO, each weight's gradient split by branch "
-            "inside it (per-layer taps); where that cannot run (DeepSpeed, FSDP2, a trainable weight outside "
-            "Linear/ConvNd/norm/embedding layers) the step falls back to `two` and says once why. `two`: one "
-            "forward and one backward pass per branch, the reference implementation.",
-            "choices": list(SAFEGUARD_PASSES),
-        },
+    safeguard_passes: str = option(
+        "one",
+        "How the parameter and update spaces get the branches' gradients. `one`: one forward and one "
+        "backward pass over the whole pair batch, as Diffusion-DPO, each weight's gradient split by branch "
+        "inside it (per-layer taps); where that cannot run (DeepSpeed, FSDP2, a trainable weight outside "
+        "Linear/ConvNd/norm/embedding layers) the step falls back to `two` and says once why. `two`: one "
+        "forward and one backward pass per branch, the reference implementation.",
+        choices=list(SAFEGUARD_PASSES),
     )
     # Data
-    resolution: int = field(
-        default=512,
-        metadata={
-            "help": "Training resolution: images are resized so their shorter side is this, then cropped to a "
-            "square (a multiple of 8)."
-        },
+    resolution: int = option(
+        512,
+        "Training resolution: images are resized so their shorter side is this, then cropped to a "
+        "square (a multiple of 8).",
     )
-    source_resolution: int | None = field(
-        default=None,
-        metadata={
-            "help": "Editing: the side of the square each source image is encoded at (a multiple of the family's "
-            "latent patch: 16 for FLUX.1 Kontext and Qwen-Image-Edit). None: the training resolution, as the data "
-            "crops it. FluxKontextPipeline and QwenImageEditPipeline encode their input image at about 1024x1024 by "
-            "default; training warns at start where the sizes differ. Not with cache_latents."
-        },
+    source_resolution: int | None = option(
+        None,
+        "Editing: the side of the square each source image is encoded at (a multiple of the family's "
+        "latent patch: 16 for FLUX.1 Kontext and Qwen-Image-Edit). None: the training resolution, as the data "
+        "crops it. FluxKontextPipeline and QwenImageEditPipeline encode their input image at about 1024x1024 by "
+        "default; training warns at start where the sizes differ. Not with cache_latents.",
     )
-    random_crop: bool = field(
-        default=False,
-        metadata={
-            "help": "Random instead of center crop. Winner and loser share the crop position (relative to their "
-            "size). The offsets come from the trainer's keyed draws (like the flips), so a resumed run crops as the "
-            "uninterrupted one."
-        },
+    random_crop: bool = option(
+        False,
+        "Random instead of center crop. Winner and loser share the crop position (relative to their "
+        "size). The offsets come from the trainer's keyed draws (like the flips), so a resumed run crops as the "
+        "uninterrupted one.",
     )
-    random_flip: bool = field(
-        default=True,
-        metadata={
-            "help": "Flip horizontally with probability 0.5: both images of a pair together (MaPO's choice, and ours "
-            "by default), or each image on its own with `independent_augmentation`."
-        },
+    random_flip: bool = option(
+        True,
+        "Flip horizontally with probability 0.5: both images of a pair together (MaPO's choice, and ours "
+        "by default), or each image on its own with `independent_augmentation`.",
     )
-    independent_augmentation: bool = field(
-        default=False,
-        metadata={
-            "help": "Flip (and, with `random_crop`, crop) each image of a pair independently, as the Diffusion-SDPO "
-            "authors do, instead of the pair together."
-        },
+    independent_augmentation: bool = option(
+        False,
+        "Flip (and, with `random_crop`, crop) each image of a pair independently, as the Diffusion-SDPO "
+        "authors do, instead of the pair together.",
     )
-    num_frames: int | None = field(
-        default=None,
-        metadata={
-            "help": "Video families (Wan): frames per clip, read from each video of a pair at `frame_stride` from its "
-            "first frame and resized and cropped like an image, the same way for both videos. Wan needs `4k + 1` "
-            "(81 as it samples; 17 or 33 to save memory). `None`: the data are images."
-        },
+    num_frames: int | None = option(
+        None,
+        "Video families (Wan): frames per clip, read from each video of a pair at `frame_stride` from its "
+        "first frame and resized and cropped like an image, the same way for both videos. Wan needs `4k + 1` "
+        "(81 as it samples; 17 or 33 to save memory). `None`: the data are images.",
     )
-    frame_stride: int = field(
-        default=1,
-        metadata={
-            "help": "Video families: keep every `frame_stride`-th frame (2 halves the frame rate of the clip the "
-            "model sees)."
-        },
+    frame_stride: int = option(
+        1, "Video families: keep every `frame_stride`-th frame (2 halves the frame rate of the clip the model sees)."
     )
-    fixed_time_ids: bool = field(
-        default=False,
-        metadata={
-            "help": "SDXL only: condition every image on `time_ids = (res, res, 0, 0, res, res)` as the "
-            "Diffusion-SDPO authors do, instead of its real original size and crop (the default, as SDXL was "
-            "trained)."
-        },
+    fixed_time_ids: bool = option(
+        False,
+        "SDXL only: condition every image on `time_ids = (res, res, 0, 0, res, res)` as the "
+        "Diffusion-SDPO authors do, instead of its real original size and crop (the default, as SDXL was "
+        "trained).",
     )
-    proportion_empty_prompts: float = field(
-        default=0.2,
-        metadata={
-            "help": "Fraction of prompts replaced by the empty prompt during training (classifier-free guidance "
-            "dropout)."
-        },
+    proportion_empty_prompts: float = option(
+        0.2, "Fraction of prompts replaced by the empty prompt during training (classifier-free guidance dropout)."
     )
     min_timestep: int = field(default=0, metadata={"help": "Smallest training timestep (inclusive)."})
-    max_timestep: int | None = field(
-        default=None,
-        metadata={
-            "help": "Largest training timestep (exclusive); `None` means the scheduler's `num_train_timesteps`. UNet "
-            "families only; the flow families draw noise levels with the `flow_*` settings."
-        },
+    max_timestep: int | None = option(
+        None,
+        "Largest training timestep (exclusive); `None` means the scheduler's `num_train_timesteps`. UNet "
+        "families only; the flow families draw noise levels with the `flow_*` settings.",
     )
-    noising: str | None = field(
-        default=None,
-        metadata={
-            "help": "How the noised input is made: `forward` (`x_t` from fresh noise, the target that noise) or "
-            "`inversion` (SmPO's ReNoise inversion: `x_t` from inverting the clean latents with the network, no "
-            "gradient, and the target the noise that `x_t` implies; DDIM inversion for the UNet families, Euler "
-            "inversion of the velocity for the flow families; see `docs/objectives.md`). `None`: `inversion` for "
-            "`loss_type=smpo` (the paper's method), `forward` otherwise. Any objective can use either.",
-            "choices": list(NOISING_MODES),
-        },
+    noising: str | None = option(
+        None,
+        "How the noised input is made: `forward` (`x_t` from fresh noise, the target that noise) or "
+        "`inversion` (SmPO's ReNoise inversion: `x_t` from inverting the clean latents with the network, no "
+        "gradient, and the target the noise that `x_t` implies; DDIM inversion for the UNet families, Euler "
+        "inversion of the velocity for the flow families; see `docs/objectives.md`). `None`: `inversion` for "
+        "`loss_type=smpo` (the paper's method), `forward` otherwise. Any objective can use either.",
+        choices=list(NOISING_MODES),
     )
-    inversion_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "Length of the inversion grid; `None`: the family's default (SmPO: 5 for SD 1.x/2.x, 10 for "
-            "SDXL; 10 for the flow families, this package's choice). A pair takes the grid points below its "
-            "timestep, so the cost per pair is up to `inversion_steps * inversion_renoise` no-grad forward passes."
-        },
+    inversion_steps: int | None = option(
+        None,
+        "Length of the inversion grid; `None`: the family's default (SmPO: 5 for SD 1.x/2.x, 10 for "
+        "SDXL; 10 for the flow families, this package's choice). A pair takes the grid points below its "
+        "timestep, so the cost per pair is up to `inversion_steps * inversion_renoise` no-grad forward passes.",
     )
-    inversion_renoise: int = field(
-        default=2,
-        metadata={
-            "help": "Network evaluations per inversion step, averaged (ReNoise; SmPO: 2; 1 is plain DDIM inversion)."
-        },
+    inversion_renoise: int = option(
+        2, "Network evaluations per inversion step, averaged (ReNoise; SmPO: 2; 1 is plain DDIM inversion)."
     )
-    inversion_network: str = field(
-        default="policy",
-        metadata={
-            "help": "Which network inverts: `policy` (the model being trained, as SmPO's code does) or `reference`.",
-            "choices": list(INVERSION_NETWORKS),
-        },
+    inversion_network: str = option(
+        "policy",
+        "Which network inverts: `policy` (the model being trained, as SmPO's code does) or `reference`.",
+        choices=list(INVERSION_NETWORKS),
     )
-    flow_weighting_scheme: str | None = field(
-        default=None,
-        metadata={
-            "help": "How the noise level `s` is drawn and weighted (diffusers' "
-            "`compute_density_for_timestep_sampling` and `compute_loss_weighting_for_sd3`): `logit_normal`, "
-            "`mode`, `none` (uniform), `sigma_sqrt` or `cosmap` (uniform draws, weighted losses). `None`: the "
-            "family's default (`logit_normal` for SD3 and FLUX)."
-        },
+    flow_weighting_scheme: str | None = option(
+        None,
+        "How the noise level `s` is drawn and weighted (diffusers' "
+        "`compute_density_for_timestep_sampling` and `compute_loss_weighting_for_sd3`): `logit_normal`, "
+        "`mode`, `none` (uniform), `sigma_sqrt` or `cosmap` (uniform draws, weighted losses). `None`: the "
+        "family's default (`logit_normal` for SD3 and FLUX).",
     )
     flow_logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal density."})
     flow_logit_std: float = field(default=1.0, metadata={"help": "Standard deviation of the logit-normal density."})
     flow_mode_scale: float = field(default=1.29, metadata={"help": "Scale of the mode density."})
-    flow_shift: str | None = field(
-        default=None,
-        metadata={
-            "help": "`scheduler`: levels from the training scheduler's sigma table (its static shift, 3.0 for SD3), "
-            "as diffusers' scripts; `resolution`: FLUX's resolution-dependent shift on the unshifted table; `none`: "
-            "unshifted. `None`: the family's default (SD3 `scheduler`, FLUX `resolution`)."
-        },
+    flow_shift: str | None = option(
+        None,
+        "`scheduler`: levels from the training scheduler's sigma table (its static shift, 3.0 for SD3), "
+        "as diffusers' scripts; `resolution`: FLUX's resolution-dependent shift on the unshifted table; `none`: "
+        "unshifted. `None`: the family's default (SD3 `scheduler`, FLUX `resolution`).",
     )
-    max_sequence_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "Prompt tokens of a flow family's text encoder (T5 for SD3 and FLUX.1, UMT5 for Wan, the language "
-            "model for Qwen-Image and its edit and 2.1 variants, Z-Image, FLUX.2 and HunyuanVideo 1.5); `None`: the "
-            "family's default (SD3 77 as diffusers' SD3 LoRA script, the others 512)."
-        },
+    max_sequence_length: int | None = option(
+        None,
+        "Prompt tokens of a flow family's text encoder (T5 for SD3 and FLUX.1, UMT5 for Wan, the language "
+        "model for Qwen-Image and its edit and 2.1 variants, Z-Image, FLUX.2 and HunyuanVideo 1.5); `None`: the "
+        "family's default (SD3 77 as diffusers' SD3 LoRA script, the others 512).",
     )
-    flux_guidance_scale: float | None = field(
-        default=None,
-        metadata={
-            "help": "The guidance value fed to the guidance embedding of FLUX.1-dev and FLUX.2 [dev] (policy and "
-            "reference alike), and of a guidance-distilled Qwen-Image transformer (`guidance_embeds=True`); ignored "
-            "by models without one (schnell, FLUX.2 [klein], the released Qwen-Image). `None`: the family's default "
-            "(FLUX.1 3.5, as diffusers' FLUX script; FLUX.2 [dev] 4.0, its pipeline's sampling default; Qwen-Image "
-            "1.0)."
-        },
+    flux_guidance_scale: float | None = option(
+        None,
+        "The guidance value fed to the guidance embedding of FLUX.1-dev and FLUX.2 [dev] (policy and "
+        "reference alike), and of a guidance-distilled Qwen-Image transformer (`guidance_embeds=True`); ignored "
+        "by models without one (schnell, FLUX.2 [klein], the released Qwen-Image). `None`: the family's default "
+        "(FLUX.1 3.5, as diffusers' FLUX script; FLUX.2 [dev] 4.0, its pipeline's sampling default; Qwen-Image "
+        "1.0).",
     )
     caption_column: str = field(default="caption", metadata={"help": "Pick-a-Pic caption column."})
     image_0_column: str = field(default="jpg_0", metadata={"help": "Pick-a-Pic first image column."})
     image_1_column: str = field(default="jpg_1", metadata={"help": "Pick-a-Pic second image column."})
-    label_0_column: str = field(
-        default="label_0",
-        metadata={
-            "help": "Pick-a-Pic label column: 1 when image 0 is preferred, 0 when image 1 is, 0.5 for a tie (ties "
-            "are dropped and counted)."
-        },
+    label_0_column: str = option(
+        "label_0",
+        "Pick-a-Pic label column: 1 when image 0 is preferred, 0 when image 1 is, 0.5 for a tie (ties "
+        "are dropped and counted).",
     )
     prompt_column: str = field(
         default="prompt", metadata={"help": "TRL-format prompt column (used when the Pick-a-Pic columns are absent)."}
     )
     chosen_column: str = field(default="chosen", metadata={"help": "TRL-format preferred image column."})
     rejected_column: str = field(default="rejected", metadata={"help": "TRL-format rejected image column."})
-    source_image_column: str = field(
-        default="source_image",
-        metadata={
-            "help": "Editing data (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 with reference images): the column "
-            "holding each row's source image; the prompt column then holds the instruction. See docs/editing.md."
-        },
+    source_image_column: str = option(
+        "source_image",
+        "Editing data (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 with reference images): the column "
+        "holding each row's source image; the prompt column then holds the instruction. See docs/editing.md.",
     )
-    source_images_column: str = field(
-        default="source_images",
-        metadata={"help": "Editing data: the column holding each row's list of source images (multi-image editing)."},
+    source_images_column: str = option(
+        "source_images", "Editing data: the column holding each row's list of source images (multi-image editing)."
     )
-    skip_invalid_rows: bool = field(
-        default=False,
-        metadata={
-            "help": "By default a bad row (undecodable image, label outside {0, 0.5, 1}, missing value) raises a "
-            "`ValueError` naming the row and column before training starts. With `True` such rows are skipped and "
-            "counted."
-        },
+    skip_invalid_rows: bool = option(
+        False,
+        "By default a bad row (undecodable image, label outside {0, 0.5, 1}, missing value) raises a "
+        "`ValueError` naming the row and column before training starts. With `True` such rows are skipped and "
+        "counted.",
     )
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes used to validate the dataset's images before training."}
     )
-    cache_latents: bool = field(
-        default=False,
-        metadata={
-            "help": "Encode every pair with the VAE and every prompt with the text encoder(s) once, before training, "
-            "and train from the cached posterior mean and std (sampled afresh each step) and embeddings (see "
-            "docs/latent_cache.md). With `random_flip` both the flipped and unflipped pair are cached; prompt "
-            "dropout substitutes the cached empty-prompt embedding; `random_crop=True` cannot be cached. The VAE "
-            "and text encoders then stay on the CPU during training. Needs a map-style dataset."
-        },
+    cache_latents: bool = option(
+        False,
+        "Encode every pair with the VAE and every prompt with the text encoder(s) once, before training, "
+        "and train from the cached posterior mean and std (sampled afresh each step) and embeddings (see "
+        "docs/latent_cache.md). With `random_flip` both the flipped and unflipped pair are cached; prompt "
+        "dropout substitutes the cached empty-prompt embedding; `random_crop=True` cannot be cached. The VAE "
+        "and text encoders then stay on the CPU during training. Needs a map-style dataset.",
     )
-    latent_cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Where the latent cache is stored and looked up; `None` uses a folder beside the dataset's cache "
-            "files (or the `datasets` cache for in-memory datasets). A cache is reused whenever model, transforms "
-            "and data match."
-        },
+    latent_cache_dir: str | None = option(
+        None,
+        "Where the latent cache is stored and looked up; `None` uses a folder beside the dataset's cache "
+        "files (or the `datasets` cache for in-memory datasets). A cache is reused whenever model, transforms "
+        "and data match.",
     )
     # Robustness
-    on_nonfinite_loss: str = field(
-        default="skip",
-        metadata={
-            "help": "What to do when a micro-batch's loss, or the gradient norm of an optimizer step, is NaN or "
-            "infinite. `skip`: its gradients never reach the optimizer (the optimizer step that would include it is "
-            "skipped and counted in `nonfinite_skipped`). `raise`: save a checkpoint of the last good state and "
-            "stop with an error.",
-            "choices": list(NONFINITE_ACTIONS),
-        },
+    on_nonfinite_loss: str = option(
+        "skip",
+        "What to do when a micro-batch's loss, or the gradient norm of an optimizer step, is NaN or "
+        "infinite. `skip`: its gradients never reach the optimizer (the optimizer step that would include it is "
+        "skipped and counted in `nonfinite_skipped`). `raise`: save a checkpoint of the last good state and "
+        "stop with an error.",
+        choices=list(NONFINITE_ACTIONS),
     )
     preemption_signals: list[str] = field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1"],
@@ -391,17 +319,14 @@ class DiffusionSDPOConfig(TrainingArguments):
         },
     )
     # Evaluation
-    eval_seed: int = field(
-        default=0,
-        metadata={"help": "Seed of the noise and timesteps used in evaluation, so that two `evaluate()` calls agree."},
+    eval_seed: int = option(
+        0, "Seed of the noise and timesteps used in evaluation, so that two `evaluate()` calls agree."
     )
-    validation_prompts: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Prompts sampled while training (off when `None`): at step 0 (the base model) and every "
-            "`validation_steps` steps a grid of the policy's samples is saved as PNG under `output_dir/validation/` "
-            "and logged to every tracker in `report_to` that takes images (see `docs/evaluation.md`)."
-        },
+    validation_prompts: list[str] | None = option(
+        None,
+        "Prompts sampled while training (off when `None`): at step 0 (the base model) and every "
+        "`validation_steps` steps a grid of the policy's samples is saved as PNG under `output_dir/validation/` "
+        "and logged to every tracker in `report_to` that takes images (see `docs/evaluation.md`).",
     )
     validation_seeds: list[int] = field(
         default_factory=lambda: [0],
@@ -414,21 +339,17 @@ class DiffusionSDPOConfig(TrainingArguments):
     validation_num_inference_steps: int = field(
         default=25, metadata={"help": "Sampling steps of the validation grid."}
     )
-    validation_guidance_scale: float | None = field(
-        default=None,
-        metadata={
-            "help": "Guidance of the validation grid (diffusers' convention). `None`: the family's own guidance, 8.5 "
-            "for SD 1.x/2.x and SDXL (the SDPO authors'), else the pipeline's default (3.5 for FLUX.1-dev, as "
-            "training conditions on)."
-        },
+    validation_guidance_scale: float | None = option(
+        None,
+        "Guidance of the validation grid (diffusers' convention). `None`: the family's own guidance, 8.5 "
+        "for SD 1.x/2.x and SDXL (the SDPO authors'), else the pipeline's default (3.5 for FLUX.1-dev, as "
+        "training conditions on).",
     )
-    validation_source_images: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Editing families: one source image file per validation prompt (the prompt is then its "
-            "instruction), so the grid shows edits of these images; an editing scorer among `validation_scorers` "
-            "is given them. `None`: the editing pipeline samples from the prompt alone."
-        },
+    validation_source_images: list[str] | None = option(
+        None,
+        "Editing families: one source image file per validation prompt (the prompt is then its "
+        "instruction), so the grid shows edits of these images; an editing scorer among `validation_scorers` "
+        "is given them. `None`: the editing pipeline samples from the prompt alone.",
     )
     validation_scorers: list[str] = field(
         default_factory=list,
@@ -438,24 +359,18 @@ class DiffusionSDPOConfig(TrainingArguments):
         },
     )
     # Learning-rate scaling (authors' recipe)
-    scale_lr: bool = field(
-        default=True,
-        metadata={
-            "help": "The authors' recipe: `learning_rate` is multiplied by `processes * per_device_batch * "
-            "accumulation` (2.048e-5 at their effective batch of 2048 pairs and 1e-8). `False`: `learning_rate` as "
-            "given."
-        },
+    scale_lr: bool = option(
+        True,
+        "The authors' recipe: `learning_rate` is multiplied by `processes * per_device_batch * "
+        "accumulation` (2.048e-5 at their effective batch of 2048 pairs and 1e-8). `False`: `learning_rate` as "
+        "given.",
     )
     # Changed TrainingArguments defaults
-    learning_rate: float = field(
-        default=1e-8,
-        metadata={
-            "help": "Learning rate per pair (scaled by the effective batch with `scale_lr`; the authors' 1e-8)."
-        },
+    learning_rate: float = option(
+        1e-8, "Learning rate per pair (scaled by the effective batch with `scale_lr`; the authors' 1e-8)."
     )
-    lr_scheduler_type: SchedulerType | str = field(
-        default="constant_with_warmup",
-        metadata={"help": "Scheduler type (the authors': constant after a linear warmup)."},
+    lr_scheduler_type: SchedulerType | str = option(
+        "constant_with_warmup", "Scheduler type (the authors': constant after a linear warmup)."
     )
     warmup_steps: float = field(default=500, metadata={"help": "Linear warmup steps (the authors' 500)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (the authors' 1.0)."})
@@ -466,13 +381,11 @@ class DiffusionSDPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay `False`: the collator reads the image columns."}
     )
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={
-            "help": "transformers' per-step NaN check of the logged loss, which makes the host wait for the device "
-            "every step; the trainer already keeps non-finite micro-batch losses out of the logged loss on the "
-            "device."
-        },
+    logging_nan_inf_filter: bool = option(
+        False,
+        "transformers' per-step NaN check of the logged loss, which makes the host wait for the device "
+        "every step; the trainer already keeps non-finite micro-batch losses out of the logged loss on the "
+        "device.",
     )
 
     def __post_init__(self) -> None:

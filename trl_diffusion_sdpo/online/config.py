@@ -5,16 +5,18 @@ how it is scored and paired, how often the reference moves), in the names TRL's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..checks import Choice, Range
 from ..config import DiffusionSDPOConfig
 from ..config.docs import config_docstring
+from ..config.fields import option
 
 __all__ = ["PAIR_MODES", "OnlineDiffusionSDPOConfig", "check_online_config"]
 
 #: How a prompt's K scored samples become pairs (as ``trl-diffusion-sdpo pairs`` pairs them).
 PAIR_MODES = ("best-worst", "all")
+
 
 _SUMMARY = r"""
 Configuration class for [`OnlineDiffusionSDPOTrainer`]: every field of [`DiffusionSDPOConfig`] (objective, safeguard,
@@ -27,81 +29,55 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
     # The docstring is written at import from the fields' helps (config_docstring, below the class).
 
     # Rewards
-    reward_funcs: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Registered scorer names that score the generated images (`pickscore`, `hpsv3`, `imagereward`, "
-            "`editreward`, `clip`, the demo's `colour`, ...; `trl-diffusion-sdpo evaluate --help` lists them). The "
-            "trainer's `reward_funcs=` argument also takes callables `(prompts, images, **columns) -> list[float]` "
-            "and replaces this list."
-        },
+    reward_funcs: list[str] | None = option(
+        None,
+        "Registered scorer names that score the generated images (`pickscore`, `hpsv3`, `imagereward`, "
+        "`editreward`, `clip`, the demo's `colour`, ...; `trl-diffusion-sdpo evaluate --help` lists them). The "
+        "trainer's `reward_funcs=` argument also takes callables `(prompts, images, **columns) -> list[float]` "
+        "and replaces this list.",
     )
-    reward_weights: list[float] | None = field(
-        default=None,
-        metadata={
-            "help": "One weight per reward function; the reward is the weighted sum of their scores (None: weight 1 "
-            "each, as in TRL's GRPO)."
-        },
+    reward_weights: list[float] | None = option(
+        None,
+        "One weight per reward function; the reward is the weighted sum of their scores (None: weight 1 "
+        "each, as in TRL's GRPO).",
     )
     # Generation
-    num_generations: int = field(
-        default=4,
-        metadata={"help": "Images sampled per prompt (K), from which the pairs are chosen."},
+    num_generations: int = option(4, "Images sampled per prompt (K), from which the pairs are chosen.")
+    pair_mode: str = option(
+        "best-worst",
+        "How a prompt's K samples become pairs: `best-worst` (one pair, the highest against the lowest "
+        "reward) or `all` (every two samples whose rewards differ by more than `reward_margin`).",
+        choices=list(PAIR_MODES),
     )
-    pair_mode: str = field(
-        default="best-worst",
-        metadata={
-            "help": "How a prompt's K samples become pairs: `best-worst` (one pair, the highest against the lowest "
-            "reward) or `all` (every two samples whose rewards differ by more than `reward_margin`).",
-            "choices": list(PAIR_MODES),
-        },
+    reward_margin: float = option(
+        0.0,
+        "A pair's reward gap must exceed this. A prompt with no such pair (ties included) gives none, "
+        "and is counted in `online/prompts_without_pair`.",
     )
-    reward_margin: float = field(
-        default=0.0,
-        metadata={
-            "help": "A pair's reward gap must exceed this. A prompt with no such pair (ties included) gives none, "
-            "and is counted in `online/prompts_without_pair`."
-        },
+    generation_batch_size: int | None = option(
+        None,
+        "Images per sampling call (a memory setting: the samples do not depend on it). None: a "
+        "micro-batch's prompts times `num_generations`, in one call.",
     )
-    generation_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Images per sampling call (a memory setting: the samples do not depend on it). None: a "
-            "micro-batch's prompts times `num_generations`, in one call."
-        },
+    num_iterations: int = option(
+        1,
+        "Optimizer steps that train on one generation batch (GRPO's `num_iterations`): the prompts of an "
+        "optimizer step are repeated this many times and sampled once.",
     )
-    num_iterations: int = field(
-        default=1,
-        metadata={
-            "help": "Optimizer steps that train on one generation batch (GRPO's `num_iterations`): the prompts of an "
-            "optimizer step are repeated this many times and sampled once."
-        },
+    sample_steps: int | None = option(None, "Sampling steps of the generation (None: the pipeline's default).")
+    sample_guidance_scale: float | None = option(
+        None,
+        "Classifier-free guidance scale of the generation (None: the family's sampling default, else the pipeline's).",
     )
-    sample_steps: int | None = field(
-        default=None,
-        metadata={"help": "Sampling steps of the generation (None: the pipeline's default)."},
-    )
-    sample_guidance_scale: float | None = field(
-        default=None,
-        metadata={
-            "help": "Classifier-free guidance scale of the generation (None: the family's sampling default, else "
-            "the pipeline's)."
-        },
-    )
-    ref_update_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "Refresh the reference to the policy's current weights every this many optimizer steps (None: "
-            "the reference stays the initial model). With LoRA the reference becomes a frozen copy of the denoiser "
-            "with the adapters merged at each refresh (one more copy of the denoiser in memory)."
-        },
+    ref_update_steps: int | None = option(
+        None,
+        "Refresh the reference to the policy's current weights every this many optimizer steps (None: "
+        "the reference stays the initial model). With LoRA the reference becomes a frozen copy of the denoiser "
+        "with the adapters merged at each refresh (one more copy of the denoiser in memory).",
     )
     # The generated pairs are not augmented: a flipped or cropped latent is not the latent of the flipped image.
-    random_flip: bool = field(
-        default=False,
-        metadata={
-            "help": "Not used by online training (the generated latents are trained as sampled); must be False."
-        },
+    random_flip: bool = option(
+        False, "Not used by online training (the generated latents are trained as sampled); must be False."
     )
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ row in the global micro-batch and the sample's index: the samples do not depend 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ def image_seed(seed: int, generation: int, row: int, sample: int) -> int:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What the stage samples and how it pairs (the config's fields of the same meaning)."""
+    """What the stage samples and how it pairs: the config's fields of the same names, and the guidance scale."""
 
     num_generations: int
     pair_mode: str
@@ -55,23 +56,15 @@ class GenerationSettings:
     seed: int
     generation_batch_size: int | None = None
     sample_steps: int | None = None
-    guidance_scale: float | None = None
+    sample_guidance_scale: float | None = None
 
     @classmethod
     def from_config(cls, args, family: ModelFamily) -> GenerationSettings:
-        guidance = args.sample_guidance_scale
-        if guidance is None:
-            guidance = family.sampling_guidance_scale()
-        return cls(
-            num_generations=args.num_generations,
-            pair_mode=args.pair_mode,
-            reward_margin=args.reward_margin,
-            resolution=args.resolution,
-            seed=args.seed,
-            generation_batch_size=args.generation_batch_size,
-            sample_steps=args.sample_steps,
-            guidance_scale=guidance,
-        )
+        """The config's values; the guidance, where the config leaves it, the family's sampling default."""
+        settings = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        if settings.sample_guidance_scale is None:
+            settings = dataclasses.replace(settings, sample_guidance_scale=family.sampling_guidance_scale())
+        return settings
 
 
 @dataclass
@@ -177,8 +170,8 @@ class GenerationStage:
         kwargs: dict[str, Any] = {"height": s.resolution, "width": s.resolution, "output_type": "pil"}
         if s.sample_steps is not None:
             kwargs["num_inference_steps"] = s.sample_steps
-        if s.guidance_scale is not None:
-            kwargs["guidance_scale"] = s.guidance_scale
+        if s.sample_guidance_scale is not None:
+            kwargs["guidance_scale"] = s.sample_guidance_scale
         images: list[Image.Image] = []
         latents: list[torch.Tensor] = []
         denoiser = self.family.denoiser

@@ -18,12 +18,12 @@ from trl import ModelConfig
 from ..online.config import OnlineDiffusionSDPOConfig
 from .train import (
     DiffusionScriptArguments,
-    ModelCardOnSave,
     build_pipeline,
     check_supported_model,
     make_parser,
     parse_or_exit,
     resume_argument,
+    train_save_and_push,
 )
 
 __all__ = ["OnlinePromptArguments", "load_prompt_dataset", "main", "parse_args"]
@@ -100,10 +100,4 @@ def main(argv: Sequence[str] | None = None):
     trainer = OnlineDiffusionSDPOTrainer(
         pipeline, None, training_args, load_prompt_dataset(prompt_args), peft_config=peft_config
     )
-    trainer.add_callback(ModelCardOnSave(trainer, prompt_args.prompts))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.create_model_card(dataset_name=prompt_args.prompts)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=prompt_args.prompts)
-    return trainer
+    return train_save_and_push(trainer, prompt_args.prompts)

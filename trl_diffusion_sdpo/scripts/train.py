@@ -43,6 +43,7 @@ __all__ = [
     "make_parser",
     "parse_args",
     "parse_or_exit",
+    "train_save_and_push",
 ]
 
 logger = logging.getLogger(__name__)
@@ -377,13 +378,20 @@ def main(argv: Sequence[str] | None = None):
     if training_args.eval_strategy != "no":
         eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split)
     trainer = DiffusionSDPOTrainer(pipeline, None, training_args, train_dataset, eval_dataset, peft_config=peft_config)
-    if training_args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
-        trainer.create_model_card(dataset_name=script_args.dataset_name)
-    trainer.add_callback(ModelCardOnSave(trainer, script_args.dataset_name))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    return train_save_and_push(trainer, script_args.dataset_name)
+
+
+def train_save_and_push(trainer, dataset_name: str | None):
+    """Train (resuming as ``resume_from_checkpoint`` says), save to ``output_dir`` with a model card naming
+    ``dataset_name`` and, with ``push_to_hub``, push; the trainer."""
+    args = trainer.args
+    if args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
+        trainer.create_model_card(dataset_name=dataset_name)
+    trainer.add_callback(ModelCardOnSave(trainer, dataset_name))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
     # As TRL's scripts: the saved model comes with its card (README.md: base model, dataset, method, settings).
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.create_model_card(dataset_name=dataset_name)
+    if args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
     return trainer
