@@ -143,6 +143,16 @@ def test_a_prompt_dataset_without_prompts_is_refused_naming_the_column_or_row(tm
         )
 
 
+def test_families_that_do_not_sample_images_from_prompts_are_refused(tmp_path):
+    from trl_diffusion_sdpo.tiny_models import build_tiny_flux_kontext_pipeline
+
+    pipe = build_tiny_flux_kontext_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"))
+    with pytest.raises(ValueError, match="FluxKontextFamily makes edits of source images"):
+        OnlineDiffusionSDPOTrainer(
+            pipe, None, online_config(tmp_path), Dataset.from_dict({"prompt": ["a"]}), reward_funcs=[red_minus_blue]
+        )
+
+
 # ---------------------------------------------------------------------------------------------- the generation
 
 
@@ -234,6 +244,46 @@ def test_online_training_logs_the_generation_and_safeguard_and_moves_the_weights
         assert name in log, name
     assert log["online/chosen_reward"] > log["online/rejected_reward"]
     assert 0.0 < log["online/generation_time_share"] < 1.0
+
+
+@pytest.mark.parametrize(
+    "family, tokens, direct",
+    [("sdxl", 77, True), ("sd3", 16, True), ("flux", 16, False), ("qwen-image", 24, False), ("z-image", 32, False)],
+)
+def test_every_text_to_image_family_trains_online_on_its_own_samples(tmp_path, family, tokens, direct):
+    """One step of each family's tiny pipeline with the exact safeguard: pairs are formed from its samples, their
+    latents taken as sampled where the pipeline ends in the denoiser's layout, else encoded from the images."""
+    from step_reference import FAMILIES
+
+    from trl_diffusion_sdpo import tiny_models
+
+    case = FAMILIES[family]
+    pipe = getattr(tiny_models, case.builder)(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=tokens)
+    trainer = OnlineDiffusionSDPOTrainer(
+        pipe,
+        None,
+        online_config(
+            tmp_path,
+            max_steps=1,
+            per_device_train_batch_size=2,
+            num_generations=2,
+            sample_steps=2,
+            beta=100.0,
+            max_sequence_length=tokens,
+            safeguard_space="parameter",
+        ),
+        Dataset.from_dict({"prompt": ["a red square", "a blue circle"]}),
+        reward_funcs=[red_minus_blue],
+        peft_config=LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(case.lora_targets)
+        ),
+    )
+    assert trainer.generation.direct_latents is direct
+    before = lora_weights(trainer)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["online/pairs"] > 0 and "safeguard/lambda_mean" in log
+    assert any(not torch.equal(value, before[name]) for name, value in lora_weights(trainer).items())
 
 
 def test_num_iterations_trains_one_generation_for_several_optimizer_steps(tmp_path):

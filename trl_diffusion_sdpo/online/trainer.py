@@ -175,6 +175,13 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
 
     def prepare_data(self, train_dataset, eval_dataset, args, reward_fn) -> TrainingData:
         """Prompts, not pairs: the generation stage makes the pairs, so nothing is encoded ahead."""
+        family = self.family
+        if family.video or (family.edits and not family.sources_optional):
+            kind = "videos" if family.video else "edits of source images"
+            raise ValueError(
+                f"Online training samples images from prompts; {type(family).__name__} makes {kind}, which it does "
+                "not support. Make pairs with `trl-diffusion-sdpo pairs` and train on them with `train`."
+            )
         check_prompt_dataset(train_dataset)
         rows = len(train_dataset) if isinstance(train_dataset, Dataset) else None
         return TrainingData(
