@@ -1,0 +1,380 @@
+"""Online Diffusion-SDPO on two CPU processes over gloo: DDP, DeepSpeed ZeRO-2/3 and FSDP2 with the shipped
+accelerate configs, against one process with the same global batch.
+
+The online trainer samples each micro-batch's prompts with the policy before it trains on the best-worst pairs.
+Every image's noise is seeded by ``(seed, generation, global row, sample)``, so two processes with half the per-device
+batch each must sample, score and pair exactly what one process does, and then train as it does. Under ZeRO-3 and
+FSDP2 the policy samples through its sharded weights (every layer gathered on the fly, both processes taking part).
+
+Trainings run through ``tests/online_worker.py --jobs`` (the ``distributed_worker.py`` machinery): one plain process
+trains the one-process references, one two-process launch of ``multi_gpu.yaml`` trains DDP, ZeRO-2, FSDP2 and ZeRO-3
+in turn (the environment ``accelerate launch`` builds from each shipped yaml swapped in per training): about 65 s for
+the whole file on a 2-core CPU. The tiny SD pipeline is widened (128 channels) so that ZeRO-3 really partitions some
+of its weights.
+
+Whether a micro-batch has pairs is decided from the process's own samples; the tie data makes one process's
+micro-batches pairless while the other trains, then every process's. Under DeepSpeed an optimizer step without any
+pair is still applied (an expected failure, :data:`DEEPSPEED_APPLIES_EMPTY_STEPS`, says why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from test_distributed import Run, _launch_environment
+
+from trl_diffusion_sdpo.demo.shapes import all_captions
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+
+pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "online_worker.py"
+GLOBAL_BATCH = 4  # prompts per optimizer step over all processes
+STEPS = 3
+LEARNING_RATE = 1e-3
+FSDP2 = "fsdp2.yaml"
+
+# The fields every training shares (the offline distributed tests' settings; global safeguard scope: every process
+# computes the one-process lambda of the global batch).
+BASE_CONFIG: dict[str, Any] = {
+    "resolution": 32,
+    "max_steps": STEPS,
+    "learning_rate": LEARNING_RATE,
+    "scale_lr": False,
+    "warmup_steps": 0,
+    "logging_steps": 1,
+    "report_to": "none",
+    "save_strategy": "no",
+    "seed": 0,
+    "dataloader_num_workers": 0,
+    "disable_tqdm": True,
+    "safeguard_scope": "global",
+    "num_generations": 2,
+    "sample_steps": 4,
+}
+PARAMETER = {"safeguard_space": "parameter"}
+
+# The tie data: one prompt per process per micro-batch, read in order. Step 1: process 1's prompt ties (its first
+# micro-batch has no pair: a zero-weighted placeholder), step 2: process 0's ties (a zero-weighted replay of its step
+# 1), step 3: both tie (no pair on any process: the step must not be applied).
+TIE_PROMPTS = [
+    "red circle on white",
+    "flat red square on black",
+    "flat green circle on white",
+    "red triangle on black",
+    "flat red circle on black",
+    "flat green square on white",
+]
+TIES = {
+    "per_device_train_batch_size": 1,
+    "train_sampling_strategy": "sequential",
+    "reward_margin": 1e-6,
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """A saved widened tiny SD pipeline, the demo's captions as a prompt dataset, and the tie prompts."""
+    root = tmp_path_factory.mktemp("online-distributed")
+    pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(root / "tokenizer"))
+    pipe.save_pretrained(root / "pipeline")
+    Dataset.from_dict({"prompt": [c.text for c in all_captions()[:8]]}).save_to_disk(str(root / "prompts"))
+    Dataset.from_dict({"prompt": TIE_PROMPTS}).save_to_disk(str(root / "ties"))
+    return {"root": root, "pipeline": root / "pipeline"}
+
+
+# ------------------------------------------------------------------------------------------------ running trainings
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineRun:
+    """One training: the accelerate config (``None``: one plain process), the prompt data folder's name, the reward
+    function of ``online_worker.py`` and config fields beyond :data:`BASE_CONFIG`."""
+
+    config: str | None
+    data: str = "prompts"
+    reward: str = "redness"
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def processes(self) -> int:
+        return 1 if self.config is None else 2
+
+    def fields(self) -> dict[str, Any]:
+        return {"per_device_train_batch_size": GLOBAL_BATCH // self.processes, **BASE_CONFIG, **dict(self.extra)}
+
+
+def _extra(*configs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(item for config in configs for item in config.items())
+
+
+TIE_DATA = ("ties", "redness_unless_flat")
+
+# Every training, grouped by launch: one plain process (the references), then one two-process launch of
+# multi_gpu.yaml that trains DDP, ZeRO-2, FSDP2 and ZeRO-3 in turn (ZeRO-3, whose registration with transformers the
+# worker undoes after each training, last). The parameter space is refused under ZeRO-3 (per-branch gradients are
+# never whole there; test_distributed.py runs the refusal): ZeRO-3 trains the output space only.
+RUNS: dict[str, OnlineRun] = {
+    "single-output": OnlineRun(None),
+    "single-parameter": OnlineRun(None, extra=_extra(PARAMETER)),
+    "ddp-output": OnlineRun("multi_gpu.yaml"),
+    "ddp-parameter": OnlineRun("multi_gpu.yaml", extra=_extra(PARAMETER)),
+    "ddp-ties-output": OnlineRun("multi_gpu.yaml", *TIE_DATA, _extra(TIES)),
+    "ddp-ties-parameter": OnlineRun("multi_gpu.yaml", *TIE_DATA, _extra(TIES, PARAMETER)),
+    "zero2-output": OnlineRun("deepspeed_zero2.yaml"),
+    "zero2-parameter": OnlineRun("deepspeed_zero2.yaml", extra=_extra(PARAMETER)),
+    "zero2-ties-output": OnlineRun("deepspeed_zero2.yaml", *TIE_DATA, _extra(TIES)),
+    "fsdp2-output": OnlineRun(FSDP2),
+    "fsdp2-parameter": OnlineRun(FSDP2, extra=_extra(PARAMETER)),
+    "fsdp2-ties-parameter": OnlineRun(FSDP2, *TIE_DATA, _extra(TIES, PARAMETER)),
+    "zero3-output": OnlineRun("deepspeed_zero3.yaml"),
+    "zero3-ties-output": OnlineRun("deepspeed_zero3.yaml", *TIE_DATA, _extra(TIES)),
+}
+
+_REPORTS: dict[str, dict] = {}  # run name -> the worker's report (plus "model_dir")
+_FAILED: dict[int, str] = {}  # launch group (its number of processes) -> why it failed: its other tests fail at once
+
+
+def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
+    """Train ``runs`` (all on one process, or all on two) in one launch of the first one's accelerate config."""
+    root = assets["root"]
+    first = next(iter(runs.values()))
+    launch = Run("", first.config, True)  # test_distributed's launch arguments for this config
+    jobs = []
+    for name, spec in runs.items():
+        job = {
+            "result": str(root / name / "result.json"),
+            "pipeline": str(assets["pipeline"]),
+            "data": str(root / spec.data),
+            "output_dir": str(root / name / "model"),
+            "reward": spec.reward,
+            "config": spec.fields(),
+        }
+        if spec.config is not None and spec.config != first.config:
+            job["env"] = _launch_environment(Run("", spec.config, True), spec.processes)
+        jobs.append(job)
+    jobs_file = root / f"jobs-{next(iter(runs))}.json"
+    jobs_file.write_text(json.dumps(jobs, indent=1))
+    command = [sys.executable, str(WORKER), "--jobs", str(jobs_file)]
+    if first.config is not None:
+        command[1:1] = ["-m", "accelerate.commands.launch", *launch.launch_arguments(first.processes)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # ~5 s a training on a quiet machine; a process left waiting in a collective fails the launch at the timeout
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120 + 60 * len(jobs))
+    assert proc.returncode == 0, f"{', '.join(runs)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    for name in runs:
+        report = json.loads((root / name / "result.json").read_text())
+        report["model_dir"] = str(root / name / "model")
+        _REPORTS[name] = report
+
+
+class Runs:
+    """Reports by name; the first request of a launch group (one process, or two) trains all of it."""
+
+    def __init__(self, assets: dict) -> None:
+        self.assets = assets
+
+    def __getitem__(self, name: str) -> dict:
+        if name not in _REPORTS:
+            group = RUNS[name].processes
+            if group in _FAILED:
+                pytest.fail(_FAILED[group])
+            runs = {n: r for n, r in RUNS.items() if r.processes == group and n not in _REPORTS}
+            try:
+                _launch(self.assets, runs)
+            except AssertionError as error:
+                _FAILED[group] = str(error)
+                raise
+        return _REPORTS[name]
+
+
+@pytest.fixture(scope="module")
+def runs(assets) -> Runs:
+    return Runs(assets)
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def _by_global_row(report: dict) -> dict[tuple[int, int], dict[str, Any]]:
+    """Every sampled prompt of the run, keyed by ``(generation, global row)``: its prompt, rewards and pair, and its
+    pair's trained latents' sums, from whichever process sampled it."""
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for process, generations in enumerate(report["generations"]):
+        for g in generations:
+            pairs = {row: (i, j) for row, i, j in g["pairs"]}
+            sums = dict(zip([row for row, _, _ in g["pairs"]], g["pair_latent_sums"]))
+            for offset, (prompt, rewards) in enumerate(zip(g["prompts"], g["rewards"])):
+                row = g["first_row"] + offset
+                key = (g["generation"], row)
+                assert key not in rows, f"process {process} sampled {key} again"
+                rows[key] = {"prompt": prompt, "rewards": rewards, "pair": pairs.get(row), "latents": sums.get(row)}
+    return rows
+
+
+def _weights(report: dict) -> dict[str, torch.Tensor]:
+    return load_file(Path(report["model_dir"]) / "pytorch_lora_weights.safetensors")
+
+
+def _assert_same_samples_and_pairs(report: dict, single: dict) -> None:
+    """The same prompts at the same global rows, the same rewards and pairs, the same trained latents."""
+    for process, generations in enumerate(report["generations"]):
+        per_device = GLOBAL_BATCH // report["num_processes"]
+        assert [g["first_row"] for g in generations] == [process * per_device] * STEPS, process
+    ours, theirs = _by_global_row(report), _by_global_row(single)
+    assert ours.keys() == theirs.keys() == {(g, r) for g in range(STEPS) for r in range(GLOBAL_BATCH)}
+    for key, row in theirs.items():
+        other = ours[key]
+        assert other["prompt"] == row["prompt"], key
+        assert row["pair"] is not None and other["pair"] == row["pair"], key
+        # One process samples 8 images per call, each of two 4: CPU kernels round differently by batch size, and
+        # later generations sample weights that differ by summation order (see _assert_weights_match). One pixel's
+        # 8-bit level moves a reward by 1 / (255 * 32 * 32) = 4e-6 (measured: exactly that, at most); the rewards of a
+        # prompt's two samples differ by 8e-4 at least, so the pairs are the same.
+        assert other["rewards"] == pytest.approx(row["rewards"], abs=1e-4, rel=0), key
+        # the trained latents' sums (~300): measured 4e-5 relative at most
+        assert other["latents"] == pytest.approx(row["latents"], rel=1e-3), key
+
+
+def _assert_weights_match(report: dict, single: dict) -> None:
+    """The saved LoRA weights agree with one process's, to float summation noise.
+
+    peft's ``lora_B`` (saved as ``lora.up``) starts at zero and gets the large gradients: within 2e-5 = 0.02 lr
+    (measured: 3e-6 at most, every engine). ``lora_A`` (``lora.down``) has no gradient at step 1 and one scaled by
+    ``B ~ lr`` after it, where float noise is a large part of some elements' gradients, and AdamW, whose first updates
+    are about +-lr whatever the gradient's size, turns it into updates of up to lr (measured: 1.5e-4 = 0.15 lr in one
+    element of 13568 under ZeRO-2, 5e-5 at most elsewhere): within 0.5 lr each. Over all weights the difference's
+    norm is within 1e-3 of the norm ``lora_B`` trained to (measured: 8e-5). Training on other samples or pairs, or a
+    missed or extra update, moves ``lora_B`` by ~lr per element."""
+    a, b = _weights(single), _weights(report)
+    assert a.keys() == b.keys()
+    for key in a:
+        atol = 0.02 * LEARNING_RATE if ".lora.up." in key else 0.5 * LEARNING_RATE
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=key)
+    trained = torch.cat([a[k].reshape(-1) for k in a if ".lora.up." in k]).norm()
+    difference = torch.cat([(b[k] - a[k]).reshape(-1) for k in a]).norm()
+    assert difference < 1e-3 * trained
+    assert trained > 10 * LEARNING_RATE  # the comparison is not between two untrained adapters
+
+
+def _assert_in_step(report: dict) -> None:
+    """Every process entered the same collectives, and after every step where each holds the whole of the trainable
+    weights (DDP, ZeRO-2; ZeRO-3 once it keeps LoRA's small tensors whole) every process held the same ones."""
+    assert report["global_step"] == STEPS
+    assert report["collectives_match"], report["first_collective_mismatch"]
+    assert min(report["collective_counts"]) > 0
+    whole = 0
+    for step, snapshots in enumerate(zip(*report["snapshots"])):
+        if all(s["whole"] for s in snapshots):
+            whole += 1
+            a, b = (torch.tensor(s["values"]) for s in snapshots)
+            assert torch.equal(a, b), f"the processes' weights differ after step {step}"
+    assert whole > 0 or report["distributed_type"].endswith("FSDP")  # FSDP2: every step's weights are shards
+
+
+# ------------------------------------------------------------------------------------------------------ the tests
+
+ENGINES = {"ddp": ("MULTI_CPU", None), "zero2": ("DEEPSPEED", 2), "fsdp2": ("FSDP", None), "zero3": ("DEEPSPEED", 3)}
+CASES = [f"{engine}-{space}" for engine in ENGINES for space in ("output", "parameter") if engine != "zero3"]
+CASES.append("zero3-output")  # the parameter space is refused under ZeRO-3
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_processes_sample_pair_and_train_like_one(runs, name):
+    """Two processes with half the per-device batch sample the same images (seeded by global row), score and pair
+    them as one process does, and end with its LoRA weights; the losses and lambdas follow (global scope)."""
+    engine, space = name.split("-")
+    distributed_type, stage = ENGINES[engine]
+    report, single = runs[name], runs[f"single-{space}"]
+    assert report["num_processes"] == 2 and report["distributed_type"].endswith(distributed_type)
+    assert report["zero_stage"] == stage
+    assert report["global_step"] == single["global_step"] == STEPS
+    _assert_same_samples_and_pairs(report, single)
+    # as the offline tests: summation order, amplified by beta = 5000, moves the losses by up to ~2e-4 relative
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    assert report["lambdas"] == pytest.approx(single["lambdas"], rel=1e-3)
+    assert report["losses"][0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
+    assert any(lam < 1.0 for lam in single["lambdas"])  # the safeguard engaged
+    _assert_weights_match(report, single)
+    _assert_in_step(report)
+    assert report["saved_files"] == single["saved_files"]
+    sharded = [g["sharded_weights"] for process in report["generations"] for g in process]
+    gathers = [g["collectives"] for process in report["generations"] for g in process]
+    if engine in ("zero3", "fsdp2"):
+        # The policy sampled through its shards: on every process, whenever it sampled, some of its weights were
+        # partitioned (FSDP2: all; ZeRO-3: the 11 tensors above its persistence threshold, all before the first
+        # step), and every sampling call gathered them, the two processes together.
+        assert min(sharded) > 0 and min(gathers) > 0
+    else:
+        assert max(sharded) == 0 and max(gathers) == 0  # whole weights: sampling needs no collective
+
+
+TIE_CASES = ["ddp-ties-output", "ddp-ties-parameter", "zero2-ties-output", "fsdp2-ties-parameter", "zero3-ties-output"]
+
+
+@pytest.mark.parametrize("name", TIE_CASES)
+def test_a_process_without_pairs_stays_in_step(runs, name):
+    """Whether a micro-batch has pairs is decided from the process's own samples: process 1's first micro-batch ties
+    (a zero-weighted placeholder joins process 0's step), process 0's second ties (a zero-weighted replay of its
+    first), and at step 3 every prompt ties. Both processes enter the same collectives (no hang) and hold the same
+    weights after every step."""
+    report = runs[name]
+    generations = report["generations"]
+    prompts = [[g["prompts"] for g in process] for process in generations]
+    assert prompts == [[[p] for p in TIE_PROMPTS[0::2]], [[p] for p in TIE_PROMPTS[1::2]]]  # read in order
+    assert [[len(g["pairs"]) for g in process] for process in generations] == [[1, 0, 0], [0, 1, 0]]
+    _assert_in_step(report)
+    logs = [h for h in report["log_history"] if "loss" in h]
+    assert [h["online/prompts_without_pair"] for h in logs] == [0.5, 0.5, 1.0]
+    assert [h["online/pairs"] for h in logs] == [0.5, 0.5, 0.0]  # per micro-batch, averaged over processes
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    for process, snapshots in enumerate(report["snapshots"]):  # each process's part (its shard under FSDP2)
+        before, after_1, after_2 = (torch.tensor(s["values"]) for s in snapshots[:3])
+        if before.shape == after_1.shape:  # ZeRO-3: before the first step even LoRA's tensors are partitioned
+            assert not torch.equal(after_1, before), process  # step 1 trained
+        assert not torch.equal(after_2, after_1), process  # step 2 trained
+
+
+# DeepSpeed steps inside backward (accelerate's DeepSpeedEngineWrapper.backward calls engine.step()), before the
+# trainer's on_pre_optimizer_step, where the stream guard drops the gradients of a step without pairs: the engine has
+# already applied AdamW with the earlier steps' moments. The offline trainer's empty steps (streamed ties on every
+# process) take the same path.
+DEEPSPEED_APPLIES_EMPTY_STEPS = pytest.mark.xfail(
+    strict=True,
+    reason="under DeepSpeed the engine steps inside backward, before the stream guard drops an empty step's "
+    "gradients (trl_diffusion_sdpo/data/stream_guard.py): the step is applied with the earlier steps' moments",
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ddp-ties-output",
+        "ddp-ties-parameter",
+        "fsdp2-ties-parameter",
+        pytest.param("zero2-ties-output", marks=DEEPSPEED_APPLIES_EMPTY_STEPS),
+        pytest.param("zero3-ties-output", marks=DEEPSPEED_APPLIES_EMPTY_STEPS),
+    ],
+)
+def test_an_optimizer_step_without_a_pair_on_any_process_is_not_applied(runs, name):
+    """Step 3 has no pair on any process (the summed count says so on both): its update is not applied, neither
+    AdamW's momentum from steps 1 and 2 nor weight decay; every process's part of the weights is unchanged."""
+    report = runs[name]
+    assert [sum(len(g["pairs"]) for g in process[2:]) for process in report["generations"]] == [0, 0]
+    for process, snapshots in enumerate(report["snapshots"]):
+        after_2, after_3 = (torch.tensor(s["values"]) for s in snapshots[2:])
+        assert torch.equal(after_3, after_2), (
+            f"process {process}: step 3 moved the weights by {(after_3 - after_2).abs().max():.2e}"
+        )
