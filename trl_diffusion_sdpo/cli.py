@@ -10,6 +10,7 @@ import argparse
 import sys
 
 # The options evaluate and pairs share live in their own module, which pairs_cli imports without importing this one.
+from .evaluation.scorers.registry import OUTSIDE_SCORERS, register_outside_scorers
 from .sampling_cli import add_sampling_arguments, sampling_keywords, scorer_arguments
 
 __all__ = [
@@ -21,19 +22,6 @@ __all__ = [
     "sampling_keywords",
     "scorer_arguments",
 ]
-
-# Scorers that live outside the evaluation package, registered by name so that `evaluate --help` lists them without
-# importing them (their module is imported, and registers the class itself, when the scorer is first built).
-OUTSIDE_SCORERS = {"colour": "trl_diffusion_sdpo.demo.scorer:ColourRewardScorer"}
-
-
-def register_outside_scorers() -> None:
-    """Register :data:`OUTSIDE_SCORERS` (by name; a scorer already registered is left as it is)."""
-    from .evaluation.scorers import available_scorers, register_scorer
-
-    for name, factory in OUTSIDE_SCORERS.items():
-        if name not in available_scorers():
-            register_scorer(name, factory)
 
 
 def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) -> argparse.ArgumentParser:

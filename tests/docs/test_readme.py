@@ -149,6 +149,24 @@ def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) ->
     assert (tmp_path / "tiny.safetensors").stat().st_size > 0
 
 
+def test_the_online_command_runs_as_written(tmp_path: Path) -> None:
+    """The online command on the shipped config, as written, from the repository root's relative paths."""
+    commands = [c for b in _blocks(README, "bash") for c in _commands(b)]
+    online = next(c for c in commands if c.startswith("trl-diffusion-sdpo online"))
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    proc = subprocess.run(
+        [sys.executable, "-m", "trl_diffusion_sdpo", *shlex.split(online)[1:]],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"{online}\n{proc.stderr[-4000:]}"
+    assert (tmp_path / "tiny-cpu-online-sdpo" / "pytorch_lora_weights.safetensors").is_file()
+    assert "reward_funcs" in (tmp_path / "tiny-cpu-online-sdpo" / "README.md").read_text()
+
+
 # -- links ------------------------------------------------------------------------------------------------------------
 
 

@@ -115,7 +115,8 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         reward_funcs: registered scorer names or callables ``(prompts, images, **columns) -> list[float]``; by
             default the config's ``reward_funcs``.
         peft_config: a ``peft.LoraConfig`` to train LoRA adapters.
-        callbacks, optimizers: as for ``transformers.Trainer``.
+        callbacks: as for ``transformers.Trainer``.
+        optimizers: as for ``transformers.Trainer``.
     """
 
     _tag_names = ["trl", "diffusion-sdpo", "online-dpo"]

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["available_scorers", "register_scorer", "scorer_factory"]
+__all__ = ["OUTSIDE_SCORERS", "available_scorers", "register_outside_scorers", "register_scorer", "scorer_factory"]
 
 # name -> factory, or "package.module:attribute" naming it, imported when the scorer is first built (the built-in
 # scorers' modules import transformers' CLIP and BLIP models, which listing the names should not pay for).
@@ -47,3 +47,15 @@ def scorer_factory(name: str) -> Callable[..., Any]:
         module, _, attribute = factory.partition(":")
         factory = _REGISTRY[name] = getattr(importlib.import_module(module), attribute)
     return factory
+
+
+# Scorers that live outside the evaluation package (which never imports them), registered by name so that listing
+# the names needs no import; their module is imported, and registers the class itself, when one is first built.
+OUTSIDE_SCORERS = {"colour": "trl_diffusion_sdpo.demo.scorer:ColourRewardScorer"}
+
+
+def register_outside_scorers() -> None:
+    """Register :data:`OUTSIDE_SCORERS` (by name; a scorer already registered is left as it is)."""
+    for name, factory in OUTSIDE_SCORERS.items():
+        if name not in _REGISTRY:
+            register_scorer(name, factory)
