@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..checks import Range
-from .base import (
-    DenoisingErrors,
-    DiffusionDPOLogitObjective,
-    ObjectiveOutput,
-    PreferencePredictions,
-    diffusion_dpo_logits,
-    hyperparameter,
-    register_objective,
-)
+from .base import DiffusionDPOLogitObjective, ObjectiveOutput, diffusion_dpo_logits, hyperparameter, register_objective
+
+if TYPE_CHECKING:
+    from .base import DenoisingErrors, PreferencePredictions
 
 __all__ = ["DMPOObjective", "dmpo_loss"]
 

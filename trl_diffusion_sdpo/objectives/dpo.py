@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .base import (
-    DenoisingErrors,
-    DiffusionDPOLogitObjective,
-    ObjectiveOutput,
-    PreferencePredictions,
-    diffusion_dpo_logits,
-    register_objective,
-)
+from .base import DiffusionDPOLogitObjective, ObjectiveOutput, diffusion_dpo_logits, register_objective
+
+if TYPE_CHECKING:
+    from .base import DenoisingErrors, PreferencePredictions
 
 __all__ = ["DiffusionDPOObjective", "diffusion_dpo_loss"]
 

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..checks import Choice
 from .base import (
-    DenoisingErrors,
     DiffusionDPOLogitObjective,
     ObjectiveOutput,
-    PreferencePredictions,
     diffusion_dpo_logits,
     hyperparameter,
     per_pair,
     register_objective,
 )
+
+if TYPE_CHECKING:
+    from .base import DenoisingErrors, PreferencePredictions
 
 __all__ = ["DSPO_FORMS", "SDXL_GAP_THRESHOLD", "DSPOObjective", "dspo_loss"]
 

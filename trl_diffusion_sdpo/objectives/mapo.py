@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..checks import Range
-from .base import (
-    DenoisingErrors,
-    ObjectiveOutput,
-    PreferenceObjective,
-    PreferencePredictions,
-    hyperparameter,
-    register_objective,
-)
+from .base import ObjectiveOutput, PreferenceObjective, hyperparameter, register_objective
+
+if TYPE_CHECKING:
+    from .base import DenoisingErrors, PreferencePredictions
 
 __all__ = ["MaPOObjective", "mapo_loss", "mapo_score"]
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .base import DenoisingErrors, ObjectiveOutput, PreferenceObjective, PreferencePredictions, register_objective
+from .base import ObjectiveOutput, PreferenceObjective, register_objective
+
+if TYPE_CHECKING:
+    from .base import DenoisingErrors, PreferencePredictions
 
 __all__ = ["SFTObjective", "sft_loss"]
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..checks import Range
-from .base import DenoisingErrors, ObjectiveOutput, PreferencePredictions, hyperparameter, register_objective
+from .base import ObjectiveOutput, hyperparameter, register_objective
 from .dpo import DiffusionDPOObjective, diffusion_dpo_loss
+
+if TYPE_CHECKING:
+    from .base import DenoisingErrors, PreferencePredictions
 
 __all__ = ["PICKSCORE_MAX", "PICKSCORE_MIN", "SmoothedPreferenceObjective", "smoothed_preference_weights"]
 
