@@ -170,7 +170,6 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         self._generated: dict[int, GeneratedPairs] = {}  # the window's generations by micro-batch index
         self._window: int | None = None
         self._micro = 0
-        self.last_generation: GeneratedPairs | None = None
 
     # ------------------------------------------------------------------ data: prompts
 
@@ -226,9 +225,8 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """generation (or its reuse within ``num_iterations``) -> the offline step on the generated pairs."""
         started = time.perf_counter()
-        generated = self._generation(inputs)
-        generation_seconds = time.perf_counter() - started if generated is not self.last_generation else 0.0
-        self.last_generation = generated
+        generated = self._generation(inputs)  # a reused generation costs a lookup
+        generation_seconds = time.perf_counter() - started
         loss = super().training_step(model, generated.batch, num_items_in_batch)
         share = generation_seconds / max(time.perf_counter() - started, 1e-9)
         stored = self._metrics["train"]
@@ -250,7 +248,6 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
             return self._generated[micro]
         generation = window * args.gradient_accumulation_steps + micro
         first_row = self.accelerator.process_index * args.per_device_train_batch_size
-        self._policy().eval()
         generated = self.generation(inputs, generation, first_row)
         self._generated[micro] = generated
         return generated
