@@ -45,18 +45,22 @@ def image_seed(seed: int, generation: int, row: int, sample: int) -> int:
     return int(np.random.SeedSequence([seed, generation, row, sample]).generate_state(1, dtype=np.uint32)[0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerationSettings:
-    """What the stage samples and how it pairs: the config's fields of the same names, and the guidance scale."""
+    """What the stage samples and how it pairs: the config's fields of the same names, and the guidance scale.
 
+    Keyword-only, so that the fields stand in those two groups rather than in the order their defaults impose."""
+
+    # what each prompt's samples are
     num_generations: int
-    pair_mode: str
-    reward_margin: float
     resolution: int
-    seed: int
-    generation_batch_size: int | None = None
     sample_steps: int | None = None
     sample_guidance_scale: float | None = None
+    seed: int
+    generation_batch_size: int | None = None  # images per sampling call: memory only, the samples do not depend on it
+    # how they become pairs
+    pair_mode: str
+    reward_margin: float
 
     @classmethod
     def from_config(cls, args, family: ModelFamily) -> GenerationSettings:
