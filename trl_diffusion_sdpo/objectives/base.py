@@ -77,6 +77,15 @@ class DenoisingErrors:
     reference_loser: torch.Tensor | None = None
 
 
+def denoising_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One entry of :class:`DenoisingErrors`: ``mean over all non-batch dims of (prediction - target)^2``, in
+    float32, shape ``[B]``."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    diff = prediction.float() - target.float()
+    return diff.pow(2).flatten(1).mean(dim=1)
+
+
 @dataclass
 class ObjectiveOutput:
     """What an objective returns for one micro-batch.
@@ -91,14 +100,6 @@ class ObjectiveOutput:
     loss: torch.Tensor
     logits: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def denoising_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``mean over all non-batch dims of (prediction - target)^2``, in float32, shape ``[B]``."""
-    if prediction.shape != target.shape:
-        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
-    diff = prediction.float() - target.float()
-    return diff.pow(2).flatten(1).mean(dim=1)
 
 
 def diffusion_dpo_logits(errors: DenoisingErrors, beta: float) -> torch.Tensor:
