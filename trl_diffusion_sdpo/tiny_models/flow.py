@@ -47,11 +47,12 @@ def build_tiny_sd3_pipeline(
     tokenizer_2 = write_char_tokenizer(os.path.join(base_dir, "tokenizer_2"), max_length, pad_token="!")
     tokenizer_3 = write_t5_tokenizer(os.path.join(base_dir, "tokenizer_3"), max_length) if with_t5 else None
     clip_hidden, joint = 16, 32  # the two CLIP widths add up to the T5 width (SD3: 768 + 1280 padded to 4096)
+    latent_channels = 16  # SD3's VAE
     transformer = SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,
-        in_channels=16,
-        out_channels=16,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         num_layers=2,
         attention_head_dim=attention_head_dim,
         num_attention_heads=2,
@@ -60,7 +61,7 @@ def build_tiny_sd3_pipeline(
         pooled_projection_dim=2 * clip_hidden,
         pos_embed_max_size=16,
     )
-    vae = tiny_vae((8, 8, 8, 8), latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
+    vae = tiny_vae((8, 8, 8, 8), latent_channels=latent_channels, scaling_factor=1.5305, shift_factor=0.0609)
     text_encoder = clip_text_encoder(len(tokenizer), clip_hidden, 2, max_length, projection=clip_hidden)
     text_encoder_2 = clip_text_encoder(len(tokenizer_2), clip_hidden, 2, max_length, projection=clip_hidden)
     text_encoder_3 = t5_encoder(len(tokenizer_3), joint) if with_t5 else None
