@@ -127,10 +127,10 @@ def resolution_shift_scheduler(
     return flow_scheduler(
         shift=shift,
         use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=max_shift,
         base_image_seq_len=256,
+        base_shift=0.5,
         max_image_seq_len=max_image_seq_len,
+        max_shift=max_shift,
         **extra,
     )
 
