@@ -68,13 +68,13 @@ def build_tiny_hunyuan_video15_pipeline(
     attention_head_dim: int = 16, rope_axes_dim: tuple[int, int, int] = (4, 6, 6), **arguments: Any
 ) -> HunyuanVideo15Pipeline:
     """A tiny HunyuanVideo 1.5-style text-to-video pipeline from configs of the real classes: a
-    ``HunyuanVideo15Transformer3DModel`` (1x1x1 patches, two double-stream layers, one token-refiner layer, the ByT5
-    and image projections, ``in_channels = 2C + 1`` for the zero condition latents and mask the text-to-video
-    pipeline concatenates), a four-layer ``Qwen2_5_VLTextModel`` (the pipeline reads its third hidden state from the
-    end) with the tokenizer of :func:`write_hunyuan_video15_tokenizer`, a ByT5 glyph encoder (``T5EncoderModel``
-    with ByT5's byte vocabulary and ``ByT5Tokenizer``, which needs no files), an ``AutoencoderKLHunyuanVideo15``
-    (16x spatial, 4x temporal compression as the real one, 4 latent channels, the real ``scaling_factor``), a
-    flow-match Euler scheduler with a static shift of 5.0 and classifier-free guidance 6.0.
+    ``HunyuanVideo15Transformer3DModel`` (the released model's 1x1x1 patches, its config's default; two double-stream
+    layers, one token-refiner layer, the ByT5 and image projections, ``in_channels = 2C + 1`` for the zero condition
+    latents and mask the text-to-video pipeline concatenates), a four-layer ``Qwen2_5_VLTextModel`` (the pipeline reads
+    its third hidden state from the end) with the tokenizer of :func:`write_hunyuan_video15_tokenizer`, a ByT5 glyph
+    encoder (``T5EncoderModel`` with ByT5's byte vocabulary and ``ByT5Tokenizer``, which needs no files), an
+    ``AutoencoderKLHunyuanVideo15`` (16x spatial, 4x temporal compression as the real one, 4 latent channels, the real
+    ``scaling_factor``), a flow-match Euler scheduler with a static shift of 5.0 and classifier-free guidance 6.0.
 
     Clips have ``4k + 1`` frames: 5 frames of 32x32 pixels are latents ``[4, 2, 2, 2]``. ``attention_head_dim`` (two
     heads; ``rope_axes_dim`` must sum to it) sets the transformer's width. ``arguments``: the
@@ -98,8 +98,6 @@ def build_tiny_hunyuan_video15_pipeline(
         out_channels=latent_channels,
         num_layers=2,
         num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
         text_embed_dim=text_dim,
         text_embed_2_dim=glyph_dim,
         image_embed_dim=8,
