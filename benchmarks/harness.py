@@ -349,8 +349,6 @@ def make_trainer(opts: argparse.Namespace, run: str, workdir: str, num_steps: in
 
 def make_floor_step(trainer, opts: argparse.Namespace, optimizer, policy):
     """One step of the floor on the trainer's own UNet, reference and optimizer, with fixed inputs on the device."""
-    import torch.nn.functional as F
-
     from trl_diffusion_sdpo.families import PromptEmbeddings
 
     device = trainer.args.device
@@ -371,13 +369,26 @@ def make_floor_step(trainer, opts: argparse.Namespace, optimizer, policy):
     res = float(opts.resolution)
     time_ids = torch.tensor([res, res, 0.0, 0.0, res, res]).repeat(samples, 1).to(device)
     conditioning = trainer.family.denoiser_conditioning(PromptEmbeddings(hidden, pooled), time_ids)
-    use_bf16 = opts.dtype == "bf16"
+    return floor_step(trainer, optimizer, policy, (latents, timesteps, conditioning, noise), opts.dtype == "bf16")
+
+
+def floor_step(
+    trainer, optimizer, policy, inputs: tuple[torch.Tensor, torch.Tensor, dict[str, Any], torch.Tensor], bf16: bool
+) -> Callable[[], None]:
+    """The floor's step on fixed ``inputs`` ``(latents, timesteps, conditioning, target)`` of ``2B`` rows already on
+    the device: policy forward + MSE backward, reference forward, ``optimizer.step()``, ``zero_grad``. The denoiser is
+    called through the trainer's family, so any family's inputs serve (``gpu_matrix.py`` takes a trainer's own first
+    micro-batch)."""
+    import torch.nn.functional as F
+
+    latents, timesteps, conditioning, target = inputs
+    device_type, family = latents.device.type, trainer.family
 
     def step() -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            prediction = policy(latents, timesteps, **conditioning, return_dict=False)[0]
-        F.mse_loss(prediction.float(), noise).backward()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+            prediction = family.call_denoiser(policy, latents, timesteps, conditioning)
+        F.mse_loss(prediction.float(), target.float()).backward()
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
             trainer.reference.predict(latents, timesteps, **conditioning)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
