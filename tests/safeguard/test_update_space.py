@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP2Engine
+from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine
 from trl_diffusion_sdpo.gradients import collectives_for
 from trl_diffusion_sdpo.step.crossing import ESTIMATED_PASSES, SPARE_PASSES, bracketed_crossing
 from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_lambda
@@ -459,11 +459,12 @@ def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clippin
         stage(policy, predict, objective_loss, torch.tensor(1.0))
 
 
-def test_sharding_engines_refuse_and_the_config_refuses_accumulation(make_config):
-    with pytest.raises(ValueError, match="update.*not supported under deepspeed.*DDP"):
+def test_sharding_engines_other_than_fsdp2_refuse_and_the_config_refuses_accumulation(make_config):
+    with pytest.raises(ValueError, match="update.*not supported under deepspeed.*DDP.*FSDP2"):
         collectives_for(DeepSpeedEngine(None, 2)).check_update_space()
-    with pytest.raises(ValueError, match="update.*not supported under fsdp2"):
-        collectives_for(FSDP2Engine(None)).check_update_space()
+    with pytest.raises(ValueError, match="update.*not supported under fsdp1"):
+        collectives_for(FSDP1Engine(None)).check_update_space()
+    collectives_for(FSDP2Engine(None)).check_update_space()  # runs on its shards (test_update_space_sharded.py)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         make_config(safeguard_space="update", gradient_accumulation_steps=2)
 

@@ -90,7 +90,8 @@ class FSDP2Engine(Engine):
 
     Each branch's backward reduce-scatters its gradient inside autograd, so the parameter-space safeguard works on
     each process's gradient shards (hook-free) and its inner products are summed over processes: the global scope
-    is implied. The accumulation window's earlier sum is set aside while the branches run.
+    is implied. The update space works on the same shards and the optimizer state's, its sums summed over processes.
+    The accumulation window's earlier sum is set aside while the branches run.
     """
 
     name = "fsdp2"

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 Reduction = Callable[[list[torch.Tensor]], None]
+SumReduction = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes and returns it
 
 _REGISTRY: dict[type[Engine], type[BranchCollectives]] = {}
 
@@ -128,6 +129,11 @@ class BranchCollectives:
             all_reduce_mean_(winner)
             all_reduce_mean_(loser)
 
+    def update_sum_reduction(self) -> SumReduction | None:
+        """The update space: what adds up :class:`~..step.update_space.OptimizerUpdate`'s sums over processes where
+        each holds a shard of the weights (``None``: every process holds them whole, nothing to add up)."""
+        return None
+
     def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
         """After the branches are combined: at the end of the accumulation window (``sync_gradients``), average the
         gradients over processes once, as DDP's hooks would have (the branches ran outside them)."""
@@ -137,14 +143,15 @@ class BranchCollectives:
 
 _SHARDED_UPDATE = (
     "safeguard_space='update' is not supported under {name}: the optimizer state and gradients are sharded across "
-    "processes, and the update space reads them whole. Use one process or DDP (multi_gpu.yaml) with "
-    "safeguard_space='update', or keep this engine with safeguard_space='parameter' or 'output'."
+    "processes, and the update space reads them on each process's shards only under FSDP2. Use one process, DDP "
+    "(multi_gpu.yaml) or FSDP2 (fsdp2.yaml) with safeguard_space='update', or keep this engine with "
+    "safeguard_space='parameter' or 'output'."
 )
 
 
 class _ShardedCollectives(BranchCollectives):
-    """An engine that shards the optimizer state: the update space is refused (it would have to reduce
-    ``D(lambda)`` over processes at every evaluation of its search)."""
+    """An engine that shards the optimizer state where the update space's reductions are not implemented: refused
+    (its ``D(lambda)`` would be summed over the engine's own partitions at every evaluation of the search)."""
 
     def check_update_space(self) -> None:
         raise ValueError(_SHARDED_UPDATE.format(name=self.engine.name))
@@ -189,10 +196,12 @@ class DeepSpeedCollectives(_ShardedCollectives):
 
 
 @register_collectives(FSDP2Engine)
-class FSDP2Collectives(_ShardedCollectives):
+class FSDP2Collectives(BranchCollectives):
     """FSDP2: each branch's backward reduce-scatters its gradient inside autograd, so the parameter space works on
     each process's gradient shards (hook-free) and its inner products are summed over processes: the global scope
-    is implied. The accumulation window's earlier sum is set aside while the branches run."""
+    is implied. The update space works on the same shards and the optimizer state's: every sum it forms, ``D(lambda)``
+    at each evaluation of its search included, is summed over processes, so every process finds the ``lambda`` of
+    the global micro-batch. The accumulation window's earlier sum is set aside while the branches run."""
 
     one_pass_refusal = (
         "FSDP2 gathers each weight for its layer and reduce-scatters its gradient inside autograd; the one-pass "
@@ -230,6 +239,12 @@ class FSDP2Collectives(_ShardedCollectives):
         # Sums over this process's shards of the already averaged gradients: add them up.
         winner_sq, cross = all_reduce_sum(torch.stack([winner_sq, cross]))
         return winner_sq, cross
+
+    def reduce_branch_gradients(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
+        """Nothing: each branch's gradient shards are already averaged (FSDP2's reduce-scatter)."""
+
+    def update_sum_reduction(self) -> SumReduction:
+        return all_reduce_sum  # the sums over this process's shards: added up, the global sums on every process
 
     def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
         """Nothing: every branch was reduce-scattered inside its backward."""

@@ -293,7 +293,8 @@ class ParameterSpaceBackward:
 
     def _update_space_lambda(self, winner, loser, optimizer, scale: torch.Tensor) -> torch.Tensor:
         """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes in place (what the
-        optimizer will see), ``lambda`` from them and the optimizer's state."""
+        optimizer will see; on shards, FSDP2's reduce-scatter did it), ``lambda`` from them and the optimizer's
+        state, its sums added up over processes where each holds a shard."""
         if optimizer is None:
             raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
         self.collectives.reduce_branch_gradients(winner, loser)
@@ -304,6 +305,7 @@ class ParameterSpaceBackward:
             loser,
             self.max_grad_norm,
             unscale=1.0 / scale,  # the update is read in the optimizer's units; .grad stays in the backward's
+            reduce_sum=self.collectives.update_sum_reduction(),
         )
         lam, self.infeasible = update_space_lambda(update, self.mu, self.max_lambda)
         return lam

@@ -49,6 +49,12 @@ batched elementwise operations per slice into one workspace allocated per pass, 
 and no copy of the gradients (they are read in the backward's units, with ``unscale`` folded into the scalars).
 SGD's update is affine in the gradient: its ``D`` follows from four sums read once, and the search costs no pass.
 
+On sharded weights (FSDP2) each process holds a shard of every tensor, and every sum above is a sum over
+elements: :class:`OptimizerUpdate` works on the local shards and adds up, through ``reduce_sum``, the clip
+coefficient's three sums, AdamW's weight-decay term and SGD's four sums (one collective when it is built) and
+``D(lambda)`` (one collective per evaluation pass). Every process then reads the same numbers on the host and takes
+the same decisions in the search: the same ``lambda``, that of the global micro-batch.
+
 Supported optimizers: ``torch.optim.AdamW``, ``torch.optim.Adam`` (its weight decay is an L2 term added to the
 gradient) and ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay); foreach and fused implementations
 compute the same update. ``amsgrad`` and ``maximize`` are refused.
@@ -115,6 +121,8 @@ def check_optimizer(optimizer) -> torch.optim.Optimizer:
 #: slice`` elements, three of them) stays in the last-level cache. On an accelerator slices bound the workspace while
 #: keeping kernels large, and tensors below a slice are joined.
 CPU_SLICE, CPU_JOIN, DEVICE_SLICE = 1 << 17, 1 << 15, 1 << 22
+
+_SGD_SUMS = ("ww", "wh", "wp", "wb")  # SGD's closed form: <g_w, g_w>, <g_w, h_l>, <g_w, theta>, <g_w, b>
 
 
 @dataclass
@@ -205,7 +213,12 @@ def _rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
 
 
 def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().reshape(-1)
+    """A flat view of ``tensor``; of this process's shard for a DTensor (FSDP2's weights, gradients and state)."""
+    if tensor is None:
+        return None
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
+    return tensor.detach().reshape(-1)
 
 
 class OptimizerUpdate:
@@ -225,6 +238,9 @@ class OptimizerUpdate:
         max_grad_norm: the trainer's clipping threshold (``<= 0``: no clipping).
         unscale: what turns ``winner`` and ``loser`` into the units the optimizer sees (``1 / scale`` of a scaled
             backward), a number or a 0-dim tensor; no copy of the gradients is made.
+        reduce_sum: where the weights are sharded over processes, what sums a tensor over them (returning the sum;
+            e.g. an all-reduce): the inputs are then each process's shards, and every sum formed from them is added
+            up (see the module docstring). ``None``: the weights are whole here, nothing is reduced.
     """
 
     def __init__(
@@ -235,8 +251,10 @@ class OptimizerUpdate:
         loser: Sequence[torch.Tensor],
         max_grad_norm: float,
         unscale: torch.Tensor | float = 1.0,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.optimizer = check_optimizer(optimizer)
+        self.reduce_sum = reduce_sum
         self.adam = not isinstance(self.optimizer, torch.optim.SGD)
         self.decoupled = isinstance(self.optimizer, torch.optim.AdamW)
         self.max_grad_norm = max_grad_norm
@@ -274,7 +292,7 @@ class OptimizerUpdate:
             parts = self._slices(
                 indices, winner, loser, weights, states, state_names, hyper["l2"] != 0, slice_size, join, self.dtype
             )
-            sgd: dict[str, list[torch.Tensor]] = {"ww": [], "wh": [], "wp": [], "wb": []}
+            sgd: dict[str, list[torch.Tensor]] = {name: [] for name in _SGD_SUMS}
             for part in parts:
                 w, h = part.winner, part.loser
                 if clipping and sums is None:
@@ -302,10 +320,28 @@ class OptimizerUpdate:
                     dots = [torch.dot(winner[i], weights[i].to(winner[i].dtype)) for i in members]
                     if dots:
                         decay = decay + group["lr"] * group["weight_decay"] * torch.stack(dots).to(decay).sum()
+        if reduce_sum is not None:
+            sums, decay = self._reduce_sums(reduce_sum, sums, decay)
         u = self.unscale
         # ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll (optimizer units): the clip coefficient of any lambda
         self.ww, self.wl, self.ll = sums[0] * u * u, sums[1] * u * u, sums[2] * u * u
         self._decay = decay * u  # the decoupled weight decay's share of D, the same for every lambda
+
+    def _reduce_sums(
+        self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], sums: torch.Tensor, decay: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clip coefficient's three sums, AdamW's decay term and each SGD segment's four sums (zeros where a sum
+        does not apply) over this process's shards, added up over processes in one collective: ``(sums, decay)``,
+        and the segments' sums replaced by their totals. The layout is the same on every process (the same weights
+        in the same segments)."""
+        zero = decay.new_zeros(())
+        sgd = [] if self.adam else self.segments
+        packed = reduce_sum(
+            torch.cat([sums, decay.reshape(1), *(torch.stack([s.sums.get(n, zero) for n in _SGD_SUMS]) for s in sgd)])
+        )
+        for k, segment in enumerate(sgd):
+            segment.sums = dict(zip(_SGD_SUMS, packed[4 + 4 * k : 8 + 4 * k]))
+        return packed[:3], packed[3]
 
     def _flat_norms(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> torch.Tensor | None:
         """``[<w, w>, <w, h>, <h, h>]`` (backward units) in two blocked reads where ``winner`` and ``loser`` (flat) are
@@ -416,18 +452,22 @@ class OptimizerUpdate:
         return self.winner_decreases(lam.reshape(1))[0]
 
     def winner_decreases(self, lams: torch.Tensor) -> torch.Tensor:
-        """``D`` at each of ``lams`` (a vector), in one pass over the weights (float64 where the device has it)."""
+        """``D`` at each of ``lams`` (a vector), in one pass over the weights (float64 where the device has it); on
+        shards (``reduce_sum``), every process's share added up in one collective, the same ``D`` on every process."""
         lams = lams.to(self.ww.device, self.sum_dtype)
         coefficient = self.clip_coefficient(lams) * self.unscale  # G = s g_w + t h_l in the optimizer's units
         s, t = coefficient, coefficient * lams
-        total = self._decay + torch.zeros_like(lams)
+        # sharded Adam: this process's share of the elementwise sums, added up over processes in one collective (the
+        # decay term and SGD's closed form are built from sums already added up)
+        sharded = self.reduce_sum is not None and self.adam
+        total = torch.zeros_like(lams) if sharded else self._decay + torch.zeros_like(lams)
         # the pass's temporaries, allocated once: [gradient, numerator, denominator] x lambdas x the largest slice
         work = (
             torch.empty(3, lams.numel() * self._largest, dtype=self.dtype, device=lams.device) if self.adam else None
         )
         for segment in self.segments:
             total = total + (self._adam(segment, s, t, work) if self.adam else self._sgd(segment, s, t))
-        return total
+        return self._decay + self.reduce_sum(total) if sharded else total
 
     def _adam(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
         """Adam's share of ``D``: torch's ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each
