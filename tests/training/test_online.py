@@ -194,6 +194,19 @@ def test_the_pairs_are_the_sampled_latents_of_the_best_and_worst_scored_images(t
     torch.testing.assert_close(scale_latents(unscale_latents(x, vae.config), vae.config), x)
 
 
+def test_encoded_pair_latents_are_the_vae_encoding_of_the_scored_images(tmp_path):
+    trainer = make_trainer(tmp_path, pair_latents="encoded")
+    assert not trainer.generation.direct_latents
+    generated = trainer.generation({"prompt": PROMPTS[:2]}, generation=0, first_row=0)
+    row, chosen, rejected = generated.pairs[0]
+    for side, sample in ((0, chosen), (1, rejected)):
+        pixels = np.asarray(generated.images[row][sample], dtype=np.float32) / 127.5 - 1.0
+        with torch.no_grad():
+            posterior = trainer.family.vae.encode(torch.from_numpy(pixels).permute(2, 0, 1)[None]).latent_dist
+        torch.testing.assert_close(generated.batch["latent_mean"][0, side], posterior.mean[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(generated.batch["latent_std"][0, side], posterior.std[0], rtol=1e-4, atol=1e-5)
+
+
 def test_samples_do_not_depend_on_the_batch_split_or_generation_batch_size(tmp_path):
     trainer = make_trainer(tmp_path)
     stage = trainer.generation

@@ -12,10 +12,12 @@ from ..config import DiffusionSDPOConfig
 from ..config.docs import config_docstring
 from ..config.fields import option
 
-__all__ = ["PAIR_MODES", "OnlineDiffusionSDPOConfig", "check_online_config"]
+__all__ = ["PAIR_LATENTS", "PAIR_MODES", "OnlineDiffusionSDPOConfig", "check_online_config"]
 
 #: How a prompt's K scored samples become pairs (as ``trl-diffusion-sdpo pairs`` pairs them).
 PAIR_MODES = ("best-worst", "all")
+#: What a pair's images are trained as: the sampler's latents, or the VAE encoding of the decoded images.
+PAIR_LATENTS = ("sampled", "encoded")
 
 
 _SUMMARY = r"""
@@ -53,6 +55,14 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
         0.0,
         "A pair's reward gap must exceed this. A prompt with no such pair (ties included) gives none, "
         "and is counted in `online/prompts_without_pair`.",
+    )
+    pair_latents: str = option(
+        "sampled",
+        "What a pair trains on: `sampled`, the sampler's own final latents where the family's pipeline ends in the "
+        "denoiser's latent space (SD, SDXL, SD3; other families encode their images), or `encoded`, the VAE "
+        "encoding of the decoded images, as offline pairs are. On the toy demo the parameter-space safeguard lost "
+        "less held-out shape accuracy with `encoded` (docs/research/online.md).",
+        choices=list(PAIR_LATENTS),
     )
     generation_batch_size: int | None = option(
         None,
@@ -94,6 +104,7 @@ _GROUPS = {
             "num_generations",
             "pair_mode",
             "reward_margin",
+            "pair_latents",
             "generation_batch_size",
             "num_iterations",
             "sample_steps",
@@ -108,6 +119,7 @@ OnlineDiffusionSDPOConfig.__doc__ = config_docstring(OnlineDiffusionSDPOConfig, 
 _RULES: dict[str, Range | Choice] = {
     "num_generations": Range(2, integer=True, hint="A pair needs two samples of the prompt."),
     "pair_mode": Choice(PAIR_MODES),
+    "pair_latents": Choice(PAIR_LATENTS),
     "reward_margin": Range(0),
     "generation_batch_size": Range(1, integer=True, optional=True),
     "num_iterations": Range(1, integer=True),

@@ -58,9 +58,10 @@ class GenerationSettings:
     sample_guidance_scale: float | None = None
     seed: int
     generation_batch_size: int | None = None  # images per sampling call: memory only, the samples do not depend on it
-    # how they become pairs
+    # how they become pairs, and what latents a pair trains on
     pair_mode: str
     reward_margin: float
+    pair_latents: str = "sampled"
 
     @classmethod
     def from_config(cls, args, family: ModelFamily) -> GenerationSettings:
@@ -151,8 +152,8 @@ class GenerationStage:
         self.family, self.rewards, self.settings = family, rewards, settings
         self.encode_prompts, self.device = encode_prompts, device
         self.autocast = autocast
-        self.direct_latents = family.sampled_latents_are_denoiser_latents
-        if not self.direct_latents:
+        self.direct_latents = settings.pair_latents == "sampled" and family.sampled_latents_are_denoiser_latents
+        if settings.pair_latents == "sampled" and not self.direct_latents:
             logger.info(
                 "%s: the paired images are encoded again from their decoded pixels (its pipeline's latents are not "
                 "in the denoiser's layout).",
