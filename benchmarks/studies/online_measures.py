@@ -20,6 +20,7 @@ import torch
 
 from trl_diffusion_sdpo.demo.base_check import held_out_denoising_loss
 from trl_diffusion_sdpo.demo.shapes import SHAPES, Caption, all_captions, draw_shape
+from trl_diffusion_sdpo.online.generation import sample_diversity
 
 __all__ = [
     "FOREGROUND_DISTANCE",
@@ -122,11 +123,8 @@ def validate_shape_scorer(per_caption: int = 4, seed: int = 4321, size: int = 32
 
 def diversity(images: np.ndarray) -> np.ndarray:
     """Per prompt, the mean over its samples' pairs of the RMS distance of their pixels in [0, 1] (images
-    ``[P, S, H, W, 3]``; the online trainer's ``online/diversity`` formula)."""
-    p, s = images.shape[:2]
-    flat = torch.from_numpy(np.asarray(images, dtype=np.float64).reshape(p, s, -1))
-    distances = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # [P, S, S]
-    return (distances.sum(dim=(1, 2)) / (s * (s - 1))).numpy()
+    ``[P, S, H, W, 3]``): the online trainer's ``online/diversity`` (``sample_diversity``)."""
+    return sample_diversity(torch.from_numpy(np.asarray(images, dtype=np.float64))).numpy()
 
 
 def drawings(captions: Sequence[Caption], per_caption: int, seed: int, size: int = 32) -> torch.Tensor:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from .images import stored_bits, to_rgb
 
-__all__ = ["PairTransform", "load_image", "mirrored_time_ids", "resized_size"]
+__all__ = ["PairTransform", "image_pixels", "load_image", "mirrored_time_ids", "resized_size"]
 
 
 def load_image(value: Any) -> Image.Image:
@@ -54,7 +54,7 @@ def mirrored_time_ids(time_ids: torch.Tensor) -> torch.Tensor:
     return mirrored
 
 
-def _pixels(image: Image.Image) -> torch.Tensor:
+def image_pixels(image: Image.Image) -> torch.Tensor:
     """An 8-bit RGB image as ``[3, H, W]`` float32 in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
@@ -104,7 +104,7 @@ class PairTransform:
             left = min(int(crop_fraction[1] * (new_w - res + 1)), new_w - res)
         image = image.crop((left, top, left + res, top + res))
         time_ids = torch.tensor([orig_h, orig_w, top, left, res, res], dtype=torch.float32)
-        return _pixels(image), time_ids
+        return image_pixels(image), time_ids
 
     def source(self, image: Image.Image) -> torch.Tensor:
         """An editing pair's source image as ``[3, R, R]`` in [-1, 1]: resized and center-cropped as the edited
@@ -118,7 +118,7 @@ class PairTransform:
         pixels, time_ids = [], []
         for image in (winner, loser):
             orig_w, orig_h = image.size
-            pixels.append(_pixels(self._resize(image)))
+            pixels.append(image_pixels(self._resize(image)))
             res = self.resolution
             time_ids.append(torch.tensor([orig_h, orig_w, 0, 0, res, res], dtype=torch.float32))
         return pixels, torch.stack(time_ids)

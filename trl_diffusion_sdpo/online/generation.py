@@ -27,12 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.transforms import image_pixels
 from ..evaluation.pairs import select_pairs
 from ..families import ModelFamily, PromptEmbeddings
 from ..families.latents import unscale_latents
+from ..step.batch import fixed_time_ids
 from .rewards import RewardFunctions
 
-__all__ = ["GeneratedPairs", "GenerationSettings", "GenerationStage", "image_seed", "select_pairs"]
+__all__ = ["GeneratedPairs", "GenerationSettings", "GenerationStage", "image_seed", "sample_diversity", "select_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,21 +113,17 @@ class GeneratedPairs:
 
 
 def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
-    """8-bit RGB PIL images as ``[N, 3, H, W]`` floats in [-1, 1]."""
-    arrays = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for image in images])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    """8-bit PIL images as ``[N, 3, H, W]`` floats in [-1, 1], as the collator reads dataset images."""
+    return torch.stack([image_pixels(image.convert("RGB")) for image in images])
 
 
-def _diversity(images: list[list[Image.Image]]) -> torch.Tensor:
-    """Per prompt, the mean over its samples' pairs of the RMS distance of their pixels in [0, 1]."""
-    out = []
-    for samples in images:
-        pixels = (_pixels(samples).double() + 1) / 2
-        flat = pixels.reshape(len(samples), -1)
-        distances = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
-        k = len(samples)
-        out.append(distances.sum() / (k * (k - 1)))
-    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+def sample_diversity(pixels: torch.Tensor) -> torch.Tensor:
+    """Per prompt, the mean over its samples' pairs of the RMS distance of their pixels: ``pixels [P, S, ...]`` (``S``
+    samples of each of ``P`` prompts, values in [0, 1]) -> ``[P]`` in float64."""
+    prompts, samples = pixels.shape[:2]
+    flat = pixels.double().reshape(prompts, samples, -1)
+    distances = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5
+    return distances.sum(dim=(1, 2)) / (samples * (samples - 1))
 
 
 class GenerationStage:
@@ -235,7 +233,7 @@ class GenerationStage:
             rewards=rewards,
             per_function={name: scores.reshape(len(prompts), k) for name, scores in per_function.items()},
             pairs=pairs,
-            diversity=_diversity(images),
+            diversity=sample_diversity((torch.stack([_pixels(row) for row in images]) + 1) / 2),
             seconds=time.perf_counter() - started,
             images=images,
         )
@@ -249,7 +247,6 @@ class GenerationStage:
     ) -> dict[str, Any]:
         """The pairs in the latent cache's batch form: ``latent_mean``/``latent_std`` ``[P, 2, C, h, w]`` (unscaled
         VAE latents, float32), ``prompt_embeds`` (and ``pooled_prompt_embeds``), ``time_ids [P, 2, 6]``."""
-        res = self.settings.resolution
         if not pairs:
             return self.empty_batch()
         rows = [r for r, _, _ in pairs]
@@ -270,19 +267,7 @@ class GenerationStage:
             half = len(pairs)
             mean = torch.stack([m[:half], m[half:]], dim=1)
             std = torch.stack([sd[:half], sd[half:]], dim=1)
-        embeds = self.encode_prompts([prompts[r] for r in rows])
-        ids = torch.tensor([res, res, 0, 0, res, res], dtype=torch.float32).expand(len(pairs), 2, 6).clone()
-        batch: dict[str, Any] = {
-            "latent_mean": mean.to(self.device),
-            "latent_std": std.to(self.device),
-            "prompt_embeds": embeds.encoder_hidden_states,
-            "time_ids": ids.to(self.device),
-            "num_skipped": torch.tensor(0.0, device=self.device),
-            "skip_reasons": [],
-        }
-        if embeds.pooled is not None:
-            batch["pooled_prompt_embeds"] = embeds.pooled
-        return batch
+        return self._batch(mean, std, self.encode_prompts([prompts[r] for r in rows]))
 
     def empty_batch(self) -> dict[str, Any]:
         """A micro-batch without pairs (``time_ids`` with no row): the step leaves it out (one process) or replays
@@ -296,16 +281,18 @@ class GenerationStage:
     def blank_batch(self) -> dict[str, Any]:
         """One placeholder pair (zero latents, the empty prompt), for a process whose first micro-batch has no pair
         while its peers train: it still runs the step's passes and collectives, with weight zero."""
-        res = self.settings.resolution
-        shape = self.family.latent_shape(res)
-        embeds = self.encode_prompts([""])
+        zeros = torch.zeros(1, 2, *self.family.latent_shape(self.settings.resolution))
+        return self._batch(zeros, zeros, self.encode_prompts([""]))
+
+    def _batch(self, mean: torch.Tensor, std: torch.Tensor, embeds: PromptEmbeddings) -> dict[str, Any]:
+        """``P`` pairs' moments ``[P, 2, C, h, w]`` and prompt embeddings in the latent cache's batch form, with the
+        uncropped square's ``time_ids``."""
+        pairs = mean.shape[0]
         batch: dict[str, Any] = {
-            "latent_mean": torch.zeros(1, 2, *shape, device=self.device),
-            "latent_std": torch.zeros(1, 2, *shape, device=self.device),
+            "latent_mean": mean.to(self.device),
+            "latent_std": std.to(self.device),
             "prompt_embeds": embeds.encoder_hidden_states,
-            "time_ids": torch.tensor([res, res, 0, 0, res, res], dtype=torch.float32, device=self.device)
-            .expand(1, 2, 6)
-            .clone(),
+            "time_ids": fixed_time_ids(self.settings.resolution, 2 * pairs, self.device).reshape(pairs, 2, 6),
             "num_skipped": torch.tensor(0.0, device=self.device),
             "skip_reasons": [],
         }
