@@ -125,6 +125,19 @@ def _pair_folder(root: Path, pairs: int = 4) -> None:
         (folder / "prompt.txt").write_text(f"a {asked} square")
 
 
+def _run_as_written(line: str, cwd: Path) -> None:
+    """Run a README ``trl-diffusion-sdpo ...`` command line as written, in ``cwd``, and require it to succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "trl_diffusion_sdpo", *shlex.split(line)[1:]],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"{line}\n{proc.stderr[-4000:]}"
+
+
 def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) -> None:
     """The tiny-base train command (on a pair folder laid out as the README shows) and the export command, as
     written, from the repository root's relative paths."""
@@ -135,16 +148,7 @@ def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) ->
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     (tmp_path / "trl_diffusion_sdpo").symlink_to(ROOT / "trl_diffusion_sdpo")
     for line in (train, export):
-        argv = shlex.split(line)
-        proc = subprocess.run(
-            [sys.executable, "-m", "trl_diffusion_sdpo", *argv[1:]],
-            cwd=tmp_path,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert proc.returncode == 0, f"{line}\n{proc.stderr[-4000:]}"
+        _run_as_written(line, tmp_path)
     assert (tmp_path / "tiny-sdpo" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "tiny.safetensors").stat().st_size > 0
 
@@ -154,15 +158,7 @@ def test_the_online_command_runs_as_written(tmp_path: Path) -> None:
     commands = [c for b in _blocks(README, "bash") for c in _commands(b)]
     online = next(c for c in commands if c.startswith("trl-diffusion-sdpo online"))
     (tmp_path / "examples").symlink_to(ROOT / "examples")
-    proc = subprocess.run(
-        [sys.executable, "-m", "trl_diffusion_sdpo", *shlex.split(online)[1:]],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, f"{online}\n{proc.stderr[-4000:]}"
+    _run_as_written(online, tmp_path)
     assert (tmp_path / "tiny-cpu-online-sdpo" / "pytorch_lora_weights.safetensors").is_file()
     assert "reward_funcs" in (tmp_path / "tiny-cpu-online-sdpo" / "README.md").read_text()
 

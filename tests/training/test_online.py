@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import fast_config_values
 from datasets import Dataset
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
@@ -36,24 +37,9 @@ def red_minus_blue(prompts, images, **columns) -> list[float]:
 
 
 def online_config(tmp_path, **overrides) -> OnlineDiffusionSDPOConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        resolution=32,
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-3,
-        scale_lr=False,
-        warmup_steps=0,
-        logging_steps=1,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        num_generations=3,
-        sample_steps=3,
-    )
+    """The suite's fast CPU config with 4 prompts a step, 2 steps, 3 samples of 3 sampling steps each."""
+    values = fast_config_values(str(tmp_path / "out"))
+    values.update(per_device_train_batch_size=4, max_steps=2, num_generations=3, sample_steps=3)
     return OnlineDiffusionSDPOConfig(**{**values, **overrides})
 
 
