@@ -44,7 +44,6 @@ import copy
 import json
 import multiprocessing
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -65,6 +64,7 @@ from benchmarks.studies.online_measures import (  # noqa: E402
     shape_templates,
     validate_shape_scorer,
 )
+from benchmarks.studies.stability_map import machine as stability_machine  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
@@ -106,20 +106,8 @@ def _ints(text: str) -> list[int]:
 
 
 def machine() -> dict[str, Any]:
-    """The CPU model, cores, torch threads and load average."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "device": "cpu",
-        "cpu": model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
-    }
+    """The stability map's machine record (device, CPU model, cores, torch threads) and the load average."""
+    return {**stability_machine(), "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
 # ---------------------------------------------------------------------------------------------- shared set-up
