@@ -85,6 +85,13 @@ class FrozenCopyReference(Reference):
         # itself) does.
         self.mode_of: Callable[[], torch.nn.Module] | None = None
 
+    def follow(
+        self, policy: Callable[[], torch.nn.Module], precision: Callable[[], contextlib.AbstractContextManager]
+    ):
+        """Compute as ``policy()`` does: its inputs as they are, under its mixed precision ``precision()``, in its
+        train/eval mode, so that at step 0 the reference computes what the policy computes."""
+        self.dtype, self.precision, self.mode_of = None, precision, policy
+
     @torch.no_grad()
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
         if self.dtype is not None:

@@ -174,9 +174,7 @@ class DiffusionSDPOTrainer(Trainer):
             self.reference.denoiser = self.engine.place_reference(
                 self.reference.denoiser, denoiser, args.device, self._dtype
             )
-            self.reference.dtype = None  # the policy's inputs as they are
-            self.reference.precision = self.accelerator.autocast
-            self.reference.mode_of = self._policy
+            self.reference.follow(self._policy, self.accelerator.autocast)
         self.nonfinite = NonFiniteTracker(args.on_nonfinite_loss, self.engine, self.accelerator, self.files)
         self.add_callback(NonFiniteLossGuard(self.nonfinite))
         self.stream_guard = StreamGuard(self)  # an optimizer step without a valid pair is never applied

@@ -264,9 +264,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
     def refresh_reference(self) -> None:
         """The reference becomes the policy as it is now (adapters merged into a frozen copy with LoRA)."""
         self.reference = refreshed_reference(self.reference, self._policy(), self.family.call_denoiser)
-        self.reference.precision = self.accelerator.autocast
-        self.reference.dtype = None
-        self.reference.mode_of = self._policy
+        self.reference.follow(self._policy, self.accelerator.autocast)
         self.stages.reference = self.reference.predict
         logger.info("Step %d: the reference is now the policy's current weights.", self.state.global_step)
 
