@@ -40,7 +40,6 @@ class OnlinePromptArguments:
             "line), a .jsonl file or a dataset id/folder with a prompt column."
         },
     )
-    prompt_column: str | None = field(default=None, init=False, repr=False)  # set from the config's prompt_column
     prompt_split: str | None = field(default=None, metadata={"help": "The split of a Hub dataset of prompts."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
 
@@ -58,21 +57,20 @@ def parse_args(argv: Sequence[str] | None = None):
     """``argv`` as the three argument dataclasses; exits with a usage error on a bad value or unknown flag."""
     parser = make_parser("trl-diffusion-sdpo online", ARGUMENT_TYPES, DESCRIPTION, EPILOG)
     prompt_args, training_args, model_args = parse_or_exit(parser, argv)
-    prompt_args.prompt_column = training_args.prompt_column  # the config's field names the column
     training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
     if prompt_args.prompts is None:
         parser.error("--prompts is required: a preset, a .txt file, a .jsonl file or a dataset with a prompt column.")
     return prompt_args, training_args, model_args
 
 
-def load_prompt_dataset(args: OnlinePromptArguments):
-    """The prompts as a ``datasets.Dataset`` with a ``prompt`` column (through the evaluation's prompt loader; a
-    dataset's column is the config's ``prompt_column``)."""
+def load_prompt_dataset(args: OnlinePromptArguments, column: str | None = None):
+    """The prompts as a ``datasets.Dataset`` with a ``prompt`` column (through the evaluation's prompt loader;
+    ``column``: a dataset's prompt column, the config's ``prompt_column``)."""
     from datasets import Dataset
 
     from ..evaluation.prompts import load_prompt_set
 
-    prompts = load_prompt_set(args.prompts, column=args.prompt_column, split=args.prompt_split, limit=args.max_prompts)
+    prompts = load_prompt_set(args.prompts, column=column, split=args.prompt_split, limit=args.max_prompts)
     if prompts and not isinstance(prompts[0], str):
         raise ValueError(
             f"{args.prompts} holds edits (rows with source images); online training samples text-to-image families "
@@ -98,6 +96,10 @@ def main(argv: Sequence[str] | None = None):
     pipeline = build_pipeline(model_args, DiffusionScriptArguments())
     peft_config = peft_config_for(model_args, pipeline)
     trainer = OnlineDiffusionSDPOTrainer(
-        pipeline, None, training_args, load_prompt_dataset(prompt_args), peft_config=peft_config
+        pipeline,
+        None,
+        training_args,
+        load_prompt_dataset(prompt_args, training_args.prompt_column),
+        peft_config=peft_config,
     )
     return train_save_and_push(trainer, prompt_args.prompts)
