@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import Choice, Range
-from ..config import DiffusionSDPOConfig
+from ..config import DiffusionSDPOConfig, register_config_check
 from ..config.docs import config_docstring
 from ..config.fields import option
 
@@ -90,10 +90,6 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
         False, "Not used by online training (the generated latents are trained as sampled); must be False."
     )
 
-    def __post_init__(self) -> None:
-        check_online_config(self)
-        super().__post_init__()
-
 
 _GROUPS = {
     "Parameters that control the rewards": ("", ("reward_funcs", "reward_weights")),
@@ -128,9 +124,12 @@ _RULES: dict[str, Range | Choice] = {
 }
 
 
-def check_online_config(config: OnlineDiffusionSDPOConfig) -> None:
+def check_online_config(config) -> None:
     """The generation stage's rules: each field's range, weights matching the reward functions, no augmentation of
-    generated latents."""
+    generated latents. Registered with the config's checks, so it runs when a config is made and again when the
+    trainer is built; an offline config has none of these fields to check."""
+    if not isinstance(config, OnlineDiffusionSDPOConfig):
+        return
     for name, rule in _RULES.items():
         rule.check(name, getattr(config, name))
     if config.reward_weights is not None and config.reward_funcs is not None:
@@ -144,3 +143,6 @@ def check_online_config(config: OnlineDiffusionSDPOConfig) -> None:
             raise ValueError(f"{name}=True: online training trains the sampled latents as they are; set {name}=False.")
     if config.cache_latents:
         raise ValueError("cache_latents=True: online training has no dataset of images to cache; set it to False.")
+
+
+register_config_check(__name__, check_online_config)
