@@ -11,10 +11,11 @@ Parsed by TRL's ``TrlParser`` as ``train`` is (:mod:`.train`), over :class:`Onli
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trl import ModelConfig
 
+from ..config.fields import option
 from ..online.config import OnlineDiffusionSDPOConfig
 from .train import (
     DiffusionScriptArguments,
@@ -33,15 +34,13 @@ __all__ = ["OnlinePromptArguments", "load_prompt_dataset", "main", "parse_args"]
 class OnlinePromptArguments:
     """Where the prompts come from."""
 
-    prompts: str | None = field(
-        default=None,
-        metadata={
-            "help": "The prompts to sample: a preset name (as `evaluate --prompts` takes), a .txt file (one prompt a "
-            "line), a .jsonl file or a dataset id/folder with a prompt column."
-        },
+    prompts: str | None = option(
+        None,
+        "The prompts to sample: a preset name (as `evaluate --prompts` takes), a .txt file (one prompt a line), a "
+        ".jsonl file or a dataset id/folder with a prompt column (`--prompt_column`).",
     )
-    prompt_split: str | None = field(default=None, metadata={"help": "The split of a Hub dataset of prompts."})
-    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    prompt_split: str | None = option(None, "The split of a Hub dataset of prompts.")
+    max_prompts: int | None = option(None, "Use only the first N prompts.")
 
 
 ARGUMENT_TYPES = (OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig)
