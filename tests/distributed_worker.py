@@ -335,6 +335,7 @@ def report(
     several = accelerator.num_processes > 1
     collective_sequences = gather_object([collectives or []]) if several else [collectives or []]
     stage = zero_stage(accelerator)
+    backward = getattr(trainer.safeguard, "backward_stage", None)  # the exact safeguard's backward
     policy = trainer.accelerator.unwrap_model(trainer.model)
     model_dir = trainer.base_model_name
     denoiser_name = trainer.family.denoiser_name  # "unet", or "transformer" for SD3 / FLUX
@@ -361,6 +362,9 @@ def report(
         },
         "policy_partitioned": sum(is_partitioned(p) and p.numel() < p.ds_numel for p in policy.parameters()),
         "policy_parameters": sum(1 for _ in policy.parameters()),
+        # the exact safeguard's per-branch store, if its per-branch passes ran, and why they ran instead of one pass
+        "branch_store": type(getattr(backward, "store", None)).__name__,
+        "two_pass_reason": getattr(backward, "two_pass_reason", None),
     }
 
     # The reference: unchanged base weights (LoRA, adapters disabled) or an unchanged frozen copy.

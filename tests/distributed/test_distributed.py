@@ -723,8 +723,10 @@ def test_parameter_space_local_scope_under_zero2_keeps_the_processes_in_step(ass
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
 
 
-@pytest.mark.slow  # the refusal itself is unit-tested in test_parameter_safeguard.py; this runs the real launch
-def test_parameter_space_under_zero3_is_refused_before_training(assets):
+@pytest.mark.slow  # the refusal itself is unit-tested in test_engines.py; this runs the real launch
+def test_parameter_space_under_zero3_with_the_local_scope_is_refused_before_training(assets):
+    """ZeRO-3 averages each branch's gradient as it partitions it: the default local scope is refused, naming the
+    global scope (test_zero3_parameter_space.py trains with it) and the engines with a per-process lambda."""
     out = assets["root"] / "zero3-parameter"
     command = [
         sys.executable,
@@ -761,7 +763,7 @@ def test_parameter_space_under_zero3_is_refused_before_training(assets):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
-    assert "safeguard_space='parameter' is not supported under DeepSpeed ZeRO-3" in proc.stderr
+    assert "safeguard_space='parameter' under DeepSpeed ZeRO-3 needs safeguard_scope='global'" in proc.stderr
     assert "deepspeed_zero2.yaml" in proc.stderr
 
 

@@ -10,7 +10,9 @@ from accelerate.utils import DistributedType
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine, PlainEngine, engine_for
 from trl_diffusion_sdpo.gradients import collectives_for
+from trl_diffusion_sdpo.gradients.collectives import DeepSpeedCollectives
 from trl_diffusion_sdpo.gradients.per_branch import BranchGradientSplitter
+from trl_diffusion_sdpo.gradients.zero3 import DeepSpeedZeRO3Collectives
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 
 
@@ -52,10 +54,28 @@ def test_parameter_space_runs_under_ddp_and_zero_1_2_in_either_scope(stage, scop
         assert ParameterSpaceBackward(engine, 0.5, 1.0, scope == "global").global_scope == (scope == "global")
 
 
-def test_zero3_and_fsdp1_are_refused_naming_the_alternatives():
-    zero3 = engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=3))
-    with pytest.raises(ValueError, match="ZeRO-3.*deepspeed_zero2.yaml.*multi_gpu.yaml.*safeguard_space='output'"):
-        ParameterSpaceBackward(zero3, 0.5, 1.0, global_scope=True)
+def test_zero3_takes_the_parameter_space_safeguard_with_the_global_scope_in_per_branch_passes():
+    engine = engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=3, processes=2))
+    collectives = collectives_for(engine)
+    assert type(collectives) is DeepSpeedZeRO3Collectives
+    zero2 = engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=2, processes=2))
+    assert type(collectives_for(zero2)) is DeepSpeedCollectives  # the ZeRO-3 variant takes stage 3 only
+    assert ParameterSpaceBackward(engine, 0.5, 1.0, global_scope=True).global_scope
+    with pytest.raises(ValueError, match="ZeRO-3 needs safeguard_scope='global'.*multi_gpu.yaml.*deepspeed_zero2"):
+        ParameterSpaceBackward(engine, 0.5, 1.0, global_scope=False)
+    assert "not implemented under ZeRO-3" in collectives.one_pass_reason()
+    with pytest.raises(ValueError, match="safeguard_scope='pair' needs the one-pass split.*ZeRO-3"):
+        ParameterSpaceBackward(engine, 0.5, 1.0, False, pair_scope=True)
+    with pytest.raises(ValueError, match="safeguard_space='update' is not supported under (?i:deepspeed)"):
+        ParameterSpaceBackward(engine, 0.5, 1.0, False, update_space=True)
+    offloading = _accelerator(DistributedType.DEEPSPEED, zero_stage=3, processes=2)
+    offload = {"offload_optimizer": {"device": "cpu"}}
+    offloading.state.deepspeed_plugin.deepspeed_config = {"zero_optimization": offload}
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        ParameterSpaceBackward(engine_for(offloading), 0.5, 1.0, global_scope=True)
+
+
+def test_fsdp1_is_refused_naming_the_alternatives():
     with pytest.raises(ValueError, match="FSDP1.*fsdp2.yaml"):
         ParameterSpaceBackward(engine_for(_accelerator(DistributedType.FSDP)), 0.5, 1.0, global_scope=True)
 

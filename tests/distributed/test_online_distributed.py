@@ -124,8 +124,8 @@ TIE_DATA = ("ties", "redness_unless_flat")
 
 # Every training, grouped by launch: one plain process (the references), then one two-process launch of
 # multi_gpu.yaml that trains DDP, ZeRO-2, FSDP2 and ZeRO-3 in turn (ZeRO-3, whose registration with transformers the
-# worker undoes after each training, last). The parameter space is refused under ZeRO-3 (per-branch gradients are
-# never whole there; test_distributed.py runs the refusal): ZeRO-3 trains the output space only.
+# worker undoes after each training, last). ZeRO-3 trains the output space only here (its parameter space, global
+# scope only, is tested offline: test_zero3_parameter_space.py).
 RUNS: dict[str, OnlineRun] = {
     "single-output": OnlineRun(None),
     "single-parameter": OnlineRun(None, extra=_extra(PARAMETER)),
@@ -288,7 +288,7 @@ def _assert_in_step(report: dict) -> None:
 
 ENGINES = {"ddp": ("MULTI_CPU", None), "zero2": ("DEEPSPEED", 2), "fsdp2": ("FSDP", None), "zero3": ("DEEPSPEED", 3)}
 CASES = [f"{engine}-{space}" for engine in ENGINES for space in ("output", "parameter") if engine != "zero3"]
-CASES.append("zero3-output")  # the parameter space is refused under ZeRO-3
+CASES.append("zero3-output")  # the parameter space under ZeRO-3: test_zero3_parameter_space.py
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -119,8 +119,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         "rule, from the gradients of the loss's winner and loser terms over the trainable weights, in the "
         "passes `safeguard_passes` chooses: by default one forward and one backward pass with the branches' "
         "gradients split inside it (one extra gradient-sized buffer; see `docs/safeguard.md` for its "
-        "guarantee, cost and the measured difference). Runs on one process, DDP, DeepSpeed ZeRO-1/2 and FSDP2 "
-        'with `safeguard_scope="global"`; refused under ZeRO-3, FSDP1 and FSDP2 with the local scope '
+        "guarantee, cost and the measured difference). Runs on one process, DDP, DeepSpeed ZeRO-1/2, and ZeRO-3 "
+        'and FSDP2 with `safeguard_scope="global"`; refused under FSDP1, and ZeRO-3 and FSDP2 with the local scope '
         '(`docs/safeguard.md`, "Where the exact rule runs"). `update`: the same per-branch gradients, with '
         "`lambda` chosen on the optimizer's actual update (AdamW, Adam or SGD: momentum, second moment, weight "
         "decay and clipping included), so the winner's error does not rise to first order under the step "

@@ -1,7 +1,7 @@
 """Per-branch gradients for the exact safeguard: the stores that keep the winner's and the loser's gradients apart
 within a micro-batch (:mod:`.base` has their protocol), the per-layer taps that split them inside one pass
-(:mod:`.layer_taps`, :mod:`.one_pass`), the per-branch passes (:mod:`.per_branch`), and each engine's reductions over
-processes (:mod:`.collectives`).
+(:mod:`.layer_taps`, :mod:`.one_pass`), the per-branch passes (:mod:`.per_branch`; on DeepSpeed ZeRO-3's gradient
+partitions: :mod:`.zero3`), and each engine's reductions over processes (:mod:`.collectives`).
 """
 
 from __future__ import annotations
@@ -10,14 +10,17 @@ from .base import BranchGradients, PerBranchStore
 from .collectives import BranchCollectives, collectives_for, register_collectives
 from .one_pass import OnePassBranchGradients, blocked_dot
 from .per_branch import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
+from .zero3 import DeepSpeedZeRO3Collectives, ZeRO3BranchGradients  # registers ZeRO-3's collectives
 
 __all__ = [
     "BranchCollectives",
     "BranchGradientSplitter",
     "BranchGradients",
+    "DeepSpeedZeRO3Collectives",
     "EngineBranchGradients",
     "OnePassBranchGradients",
     "PerBranchStore",
+    "ZeRO3BranchGradients",
     "blocked_dot",
     "branch_cotangents",
     "collectives_for",

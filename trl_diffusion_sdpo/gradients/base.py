@@ -2,14 +2,16 @@
 
 The exact safeguard needs, per micro-batch, the gradients of the loss's winner term ``g_w`` and of its loser term
 ``h_l`` over the trainable weights, kept apart until ``lambda`` is known, then ``.grad = A + g_w + lambda * h_l``
-(``A``: the accumulation window's earlier sum). Three stores hold them:
+(``A``: the accumulation window's earlier sum). Four stores hold them:
 
 * :class:`~.one_pass.OnePassBranchGradients`: split inside one forward and one backward pass by per-layer taps (by
   branch, or by image for the per-pair scope);
 * :class:`~.per_branch.BranchGradientSplitter`: one backward pass per branch, ``.grad`` plus one buffer (one process,
   DDP, FSDP2's local shards);
 * :class:`~.per_branch.EngineBranchGradients`: one backward pass per branch with the engine as the second store
-  (DeepSpeed ZeRO-1/2).
+  (DeepSpeed ZeRO-1/2);
+* :class:`~.zero3.ZeRO3BranchGradients`: one engine backward pass per branch, read off and written back to each
+  process's gradient partitions (DeepSpeed ZeRO-3).
 
 They differ in how the branches' passes run; what the safeguard writes afterwards is :class:`BranchGradients`'s
 ``combine``. The stores that keep both branches whole on the process (the first two) also hand them out with

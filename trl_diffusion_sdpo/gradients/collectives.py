@@ -32,21 +32,31 @@ Reduction = Callable[[list[torch.Tensor]], None]
 SumReduction = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes and returns it
 
 _REGISTRY: dict[type[Engine], type[BranchCollectives]] = {}
+# engine class -> [(when, collectives)]: collectives for those of its engines that ``when`` accepts (a ZeRO stage)
+_VARIANTS: dict[type[Engine], list[tuple[Callable[[Engine], bool], type[BranchCollectives]]]] = {}
 
 
-def register_collectives(engine_class: type[Engine]):
-    """Class decorator: the collectives of ``engine_class`` (and of its subclasses without their own)."""
+def register_collectives(engine_class: type[Engine], when: Callable[[Engine], bool] | None = None):
+    """Class decorator: the collectives of ``engine_class`` (and of its subclasses without their own); with
+    ``when``, only of the engines for which ``when(engine)`` holds (they take precedence over the class's own)."""
 
     def register(cls: type[BranchCollectives]) -> type[BranchCollectives]:
-        _REGISTRY[engine_class] = cls
+        if when is None:
+            _REGISTRY[engine_class] = cls
+        else:
+            _VARIANTS.setdefault(engine_class, []).append((when, cls))
         return cls
 
     return register
 
 
 def collectives_for(engine: Engine) -> BranchCollectives:
-    """The collectives of ``engine``'s class, or of its nearest registered base class."""
+    """The collectives of ``engine``'s class, or of its nearest registered base class (a variant whose ``when``
+    accepts ``engine`` first)."""
     for cls in type(engine).__mro__:
+        for when, variant in _VARIANTS.get(cls, ()):
+            if when(engine):
+                return variant(engine)
         if cls in _REGISTRY:
             return _REGISTRY[cls](engine)
     raise ValueError(
@@ -160,23 +170,13 @@ class _ShardedCollectives(BranchCollectives):
 @register_collectives(DeepSpeedEngine)
 class DeepSpeedCollectives(_ShardedCollectives):
     """DeepSpeed ZeRO-1/2 keep the weights whole: the engine is the second gradient store
-    (:class:`~.per_branch.EngineBranchGradients`) and reduces every pass it sees. ZeRO-3 partitions the weights, so
-    per-branch gradients are never whole on one process: refused."""
+    (:class:`~.per_branch.EngineBranchGradients`) and reduces every pass it sees. ZeRO-3 partitions the weights:
+    :class:`~.zero3.DeepSpeedZeRO3Collectives`."""
 
     one_pass_refusal = (
         "DeepSpeed owns the gradient partitions and reduces each backward into them; the one-pass split hands "
         "autograd no weight gradient (not implemented under ZeRO)"
     )
-
-    def check_parameter_space(self, scope: str) -> None:
-        if self.engine.stage == 3:
-            raise ValueError(
-                "safeguard_space='parameter' is not supported under DeepSpeed ZeRO-3: the weights are partitioned, so "
-                "the per-branch gradients are never whole on one process. Use ZeRO-1 or ZeRO-2 "
-                "(examples/accelerate_configs/deepspeed_zero2.yaml), FSDP2 (fsdp2.yaml, safeguard_scope='global') or "
-                "DDP (multi_gpu.yaml) with safeguard_space='parameter', or keep ZeRO-3 with safeguard_space='output' "
-                "(the authors' rule)."
-            )
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> EngineBranchGradients:
         accelerator = self.engine.accelerator
