@@ -1,6 +1,7 @@
 """The update-space safeguard under FSDP2 on two CPU processes (gloo) against one process with the same global batch.
 
-FSDP2 reduce-scatters each branch's gradient, so each process holds its shards of the averaged ``g_w`` and ``h_l``,
+Each branch's gradient is reduce-scattered (by the one pass's taps with AdamW, by FSDP2's backward in the per-branch
+passes with SGD), so each process holds its shards of the averaged ``g_w`` and ``h_l``,
 of the weights and of the optimizer's state; ``OptimizerUpdate`` adds up every sum it forms over the processes (the
 clip coefficient's, AdamW's weight decay, SGD's four, ``D(lambda)`` at each evaluation), so every process searches
 the same ``D`` and finds the ``lambda`` of the global micro-batch. Launched as ``test_distributed.py`` launches its
@@ -23,7 +24,8 @@ from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
 UPDATE = ("--safeguard_space", "update")  # with the config's weight decay 0.01 and clipping at 1.0, both binding
 OPTIMIZERS = {
     "adamw": (),  # the default: torch's AdamW at lr 1e-3
-    "sgd": ("--optim", "sgd", "--learning_rate", "1e-2", "--optim_args", "momentum=0.9"),
+    # in per-branch passes (the one pass is the default, as for AdamW): both stores on shards stay covered
+    "sgd": ("--optim", "sgd", "--learning_rate", "1e-2", "--optim_args", "momentum=0.9", "--safeguard_passes", "two"),
 }
 TUNINGS = ("lora", "full")
 
@@ -56,8 +58,9 @@ def trainings(assets) -> dict[str, tuple[dict, dict]]:
     return {name: (_REPORTS[single[name].key(assets)], _REPORTS[sharded[name].key(assets)]) for name in single}
 
 
-def _assert_sharded_like_one_process(single: dict, report: dict) -> None:
+def _assert_sharded_like_one_process(single: dict, report: dict, passes: str) -> None:
     assert report["distributed_type"].endswith("FSDP") and report["num_processes"] == 2
+    assert (report["two_pass_reason"] is None) == (passes == "one")
     assert report["global_step"] == STEPS == len(single["lambdas"]) == len(report["lambdas"])
     assert report["policy_sharded"] == report["policy_parameters"]  # every trained weight is a shard
     # every process entered the same collectives: the same search (its passes, each one all-reduce) on each
@@ -88,7 +91,7 @@ def test_fsdp2_update_space_under_adamw_chooses_one_processs_lambdas(trainings, 
     rounding in near-zero gradient entries into +-lr moves: up to 2e-3 = 2 lr here), but the difference's norm
     against how far the weights moved: 5.7e-4 LoRA, 6.5e-3 full measured (2e-2)."""
     single, report = trainings[f"adamw-{tuning}"]
-    _assert_sharded_like_one_process(single, report)
+    _assert_sharded_like_one_process(single, report, "one")
     assert report["lambdas"] == pytest.approx(single["lambdas"], abs=1e-3)
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3 if tuning == "lora" else 5e-3)
     lora = tuning == "lora"
@@ -106,7 +109,7 @@ def test_fsdp2_update_space_under_sgd_trains_one_processs_weights(trainings, tun
     would move them by lr * d * |h_l|; D is smooth in lambda (the clip coefficient its only nonlinearity), lambdas
     agree to 1.6e-5 measured (tolerance 2e-4) and losses to 5.8e-4 (1e-3)."""
     single, report = trainings[f"sgd-{tuning}"]
-    _assert_sharded_like_one_process(single, report)
+    _assert_sharded_like_one_process(single, report, "two")
     assert report["lambdas"] == pytest.approx(single["lambdas"], abs=2e-4)
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
     expected = _weights(Path(single["model_dir"]), tuning == "lora")

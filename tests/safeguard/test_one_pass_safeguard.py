@@ -355,13 +355,13 @@ def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
 def test_planted_loser_rows_scaled_twice_are_caught(tmp_path, monkeypatch):
     problem = make_problem("sdxl", False, tmp_path)
     _, lam_two, grads_two = run_stage(problem, passes="two")
-    original = OnePassBranchGradients.combine
+    original = OnePassBranchGradients.combination
 
     def twice(self, lam):
         torch._foreach_mul_(self.branch_gradients()[1], lam)
         return original(self, lam)
 
-    monkeypatch.setattr(OnePassBranchGradients, "combine", twice)
+    monkeypatch.setattr(OnePassBranchGradients, "combination", twice)
     _, lam_one, grads_one = run_stage(problem, passes="one")
     assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)  # lambda itself is right
     with pytest.raises(AssertionError):
@@ -450,8 +450,8 @@ def test_a_layer_on_rows_it_cannot_group_falls_back(tmp_path):
 def test_pair_scope_is_refused_where_the_one_pass_cannot_run(make_config):
     from trl_diffusion_sdpo.engines import DeepSpeedEngine
 
-    with pytest.raises(ValueError, match="pair.*one-pass split.*DeepSpeed"):
-        ParameterSpaceBackward(DeepSpeedEngine(SimpleNamespace(num_processes=1), 2), 0.5, 1.0, False, pair_scope=True)
+    with pytest.raises(ValueError, match="pair.*one-pass split.*ZeRO-3"):
+        ParameterSpaceBackward(DeepSpeedEngine(SimpleNamespace(num_processes=1), 3), 0.5, 1.0, True, pair_scope=True)
     with pytest.raises(ValueError, match="safeguard_space='parameter'"):
         make_config(safeguard_space="output", safeguard_scope="pair")
     with pytest.raises(ValueError, match="safeguard_passes='one'"):

@@ -97,11 +97,11 @@ def test_a_safeguard_that_never_scales_the_loser_is_caught(monkeypatch):
 def test_a_store_that_swaps_the_branches_is_caught(monkeypatch):
     from trl_diffusion_sdpo.gradients import OnePassBranchGradients
 
-    combine = OnePassBranchGradients.combine
+    combination = OnePassBranchGradients.combination
 
     def swapped(self, lam):
         self._flat[[0, 1]] = self._flat[[1, 0]]  # planted: the loser's rows taken for the winner's
-        combine(self, lam)
+        return combination(self, lam)
 
-    monkeypatch.setattr(OnePassBranchGradients, "combine", swapped)
+    monkeypatch.setattr(OnePassBranchGradients, "combination", swapped)
     assert _fails_against_the_reference(("sd", "parameter", True, 1))

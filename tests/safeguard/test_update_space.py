@@ -459,12 +459,15 @@ def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clippin
         stage(policy, predict, objective_loss, torch.tensor(1.0))
 
 
-def test_sharding_engines_other_than_fsdp2_refuse_and_the_config_refuses_accumulation(make_config):
-    with pytest.raises(ValueError, match="update.*not supported under deepspeed.*DDP.*FSDP2"):
-        collectives_for(DeepSpeedEngine(None, 2)).check_update_space()
+def test_zero3_and_fsdp1_refuse_and_the_config_refuses_accumulation(make_config):
+    with pytest.raises(ValueError, match="update.*not supported under DeepSpeed ZeRO-3.*DDP.*ZeRO-1/2.*FSDP2"):
+        collectives_for(DeepSpeedEngine(SimpleNamespace(num_processes=2), 3)).check_update_space()
     with pytest.raises(ValueError, match="update.*not supported under fsdp1"):
         collectives_for(FSDP1Engine(None)).check_update_space()
-    collectives_for(FSDP2Engine(None)).check_update_space()  # runs on its shards (test_update_space_sharded.py)
+    # on its shards (test_update_space_sharded.py) and on ZeRO-1/2's partitions (test_zero_one_pass.py)
+    collectives_for(FSDP2Engine(None)).check_update_space()
+    for stage in (1, 2):
+        collectives_for(DeepSpeedEngine(None, stage)).check_update_space()
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         make_config(safeguard_space="update", gradient_accumulation_steps=2)
 

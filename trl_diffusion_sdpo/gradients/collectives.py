@@ -9,7 +9,8 @@ combined gradient is averaged once at the end of the accumulation window.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -17,7 +18,10 @@ from ..distributed import all_reduce_mean_, all_reduce_sum
 from ..engines import DeepSpeedEngine, Engine, FSDP1Engine, FSDP2Engine, PlainEngine
 from ..engines.deepspeed import engine_loss_scale
 from .base import PerBranchStore
+from .one_pass import OnePassBranchGradients
+from .one_pass_sharded import ShardedOnePassBranchGradients
 from .per_branch import BranchGradientSplitter, EngineBranchGradients
+from .zero_partitions import zero_partition_inputs
 
 __all__ = [
     "BranchCollectives",
@@ -29,7 +33,10 @@ __all__ = [
 ]
 
 Reduction = Callable[[list[torch.Tensor]], None]
+Tensors = list[torch.Tensor]
 SumReduction = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes and returns it
+# what OptimizerUpdate reads: (optimizer, parameters, winner, loser)
+UpdateInputs = tuple[object, Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor]]
 
 _REGISTRY: dict[type[Engine], type[BranchCollectives]] = {}
 # engine class -> [(when, collectives)]: collectives for those of its engines that ``when`` accepts (a ZeRO stage)
@@ -87,11 +94,31 @@ class BranchCollectives:
 
     #: why the branches' gradients cannot be split inside one pass here (``None``: they can)
     one_pass_refusal: str | None = None
+    #: whether the update space can run on the per-branch passes' store (else it needs the one pass)
+    two_pass_update_space = True
+    #: whether the engine takes every gradient autograd hands a weight (its hooks reduce it away at once)
+    owns_gradients = False
 
     def one_pass_reason(self) -> str | None:
         """Why the branches' gradients cannot be split inside one pass here (``None``: they can; the per-branch
         passes run otherwise)."""
         return self.one_pass_refusal
+
+    def one_pass_store(
+        self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
+    ) -> OnePassBranchGradients:
+        """The one pass's store over the trainable ``parameters`` of ``module``: whole weights here."""
+        return OnePassBranchGradients(module, parameters)
+
+    @contextlib.contextmanager
+    def tapped_pass(self, parameters: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+        """Around the one pass's forward and backward: the taps hand autograd no weight gradient, and whatever the
+        engine hooks on the weights' gradients must let that pass."""
+        yield
+
+    def reduce_pair_sums(self, winner_sq: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-pair scope's ``(<g_w,i, g_w,i>, <g_w,i, h_l,i>)``: whole here (each process's pairs are its own)."""
+        return winner_sq, cross
 
     # ------------------------------------------------------------------ the per-branch passes
 
@@ -144,18 +171,36 @@ class BranchCollectives:
         each holds a shard of the weights (``None``: every process holds them whole, nothing to add up)."""
         return None
 
+    def update_inputs(
+        self, optimizer, parameters: Sequence[torch.nn.Parameter], winner: Tensors, loser: Tensors
+    ) -> UpdateInputs:
+        """The update space: what :class:`~..step.update_space.OptimizerUpdate` reads, ``(optimizer, parameters,
+        winner, loser)``, after :meth:`reduce_branch_gradients`: here the training optimizer and the whole weights
+        (or FSDP2's shards: each tensor's local part)."""
+        return optimizer, parameters, winner, loser
+
     def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
         """After the branches are combined: at the end of the accumulation window (``sync_gradients``), average the
         gradients over processes once, as DDP's hooks would have (the branches ran outside them)."""
         if self.num_processes > 1 and sync_gradients:
             all_reduce_mean_([p.grad if p.grad is not None else p.new_zeros(p.shape) for p in parameters])
 
+    def add_combined(
+        self, store: OnePassBranchGradients, combined: list[torch.Tensor], sync_gradients: bool, *, reduced: bool
+    ) -> None:
+        """The one pass: the micro-batch's ``combined`` gradient (``g_w + lambda h_l`` per weight, or the pair scope's
+        sum) joins the gradients the optimizer will see: added to ``.grad``, then averaged over processes by
+        :meth:`reduce_combined_gradients` unless its branches were already (``reduced``: the update space)."""
+        store.assign(combined)
+        if not reduced:
+            self.reduce_combined_gradients(store.parameters, sync_gradients)
+
 
 _SHARDED_UPDATE = (
     "safeguard_space='update' is not supported under {name}: the optimizer state and gradients are sharded across "
-    "processes, and the update space reads them on each process's shards only under FSDP2. Use one process, DDP "
-    "(multi_gpu.yaml) or FSDP2 (fsdp2.yaml) with safeguard_space='update', or keep this engine with "
-    "safeguard_space='parameter' or 'output'."
+    "processes, and the update space reads them on each process's shards only under DeepSpeed ZeRO-1/2 and FSDP2. "
+    "Use one process, DDP (multi_gpu.yaml), ZeRO-1/2 (deepspeed_zero2.yaml) or FSDP2 (fsdp2.yaml) with "
+    "safeguard_space='update', or keep this engine with safeguard_space='parameter' or 'output'."
 )
 
 
@@ -168,28 +213,78 @@ class _ShardedCollectives(BranchCollectives):
 
 
 @register_collectives(DeepSpeedEngine)
-class DeepSpeedCollectives(_ShardedCollectives):
-    """DeepSpeed ZeRO-1/2 keep the weights whole: the engine is the second gradient store
-    (:class:`~.per_branch.EngineBranchGradients`) and reduces every pass it sees. ZeRO-3 partitions the weights:
-    :class:`~.zero3.DeepSpeedZeRO3Collectives`."""
+class DeepSpeedCollectives(BranchCollectives):
+    """DeepSpeed ZeRO-1/2 keep the weights whole and own the accumulated, reduced gradients (their partitions).
 
-    one_pass_refusal = (
-        "DeepSpeed owns the gradient partitions and reduces each backward into them; the one-pass split hands "
-        "autograd no weight gradient (not implemented under ZeRO)"
-    )
+    The one pass splits the branches on this process's whole weights as under DDP; the combined gradient is then
+    handed to the engine as the gradient of a surrogate linear in the weights (:meth:`add_combined`), so the engine
+    reduces, accumulates, clips and steps it as it would a plain backward's: one gradient-sized reduction, as for
+    Diffusion-DPO (two in the global scope, whose winner gradient is averaged first; three in the update space,
+    whose two branches are). The per-branch passes use the engine as their second gradient store
+    (:class:`~.per_branch.EngineBranchGradients`). The update space reads the optimizer's state on this process's
+    partitions (:func:`~.zero_partitions.zero_partition_inputs`), its sums added up over processes.
+    """
+
+    #: the per-branch passes keep the winner's gradient in the engine: the update space needs the one pass
+    two_pass_update_space = False
+    owns_gradients = True
+
+    def check_update_space(self) -> None:
+        if self.engine.stage == 3:
+            raise ValueError(_SHARDED_UPDATE.format(name="DeepSpeed ZeRO-3"))
+
+    @property
+    def _engine(self):
+        return self.engine.accelerator.deepspeed_engine_wrapped.engine
+
+    def _engine_backward(self, scalar: torch.Tensor, boundary: bool | None) -> None:
+        """The engine's backward of ``scalar`` (its loss scale applied, no accumulation average): ``boundary=False``
+        inside a micro-batch (no step), ``None`` the micro-batch's last pass (accelerate sets the boundary and steps
+        the engine at the end of the window)."""
+        if boundary is None:
+            self.engine.accelerator.backward(scalar, scale_wrt_gas=False)
+        else:
+            self._engine.set_gradient_accumulation_boundary(boundary)
+            self._engine.backward(scalar, scale_wrt_gas=False)
+
+    @contextlib.contextmanager
+    def tapped_pass(self, parameters: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+        # ZeRO-1/2's hooks run after each weight's gradient accumulation, also where the taps handed it none; their
+        # flag for transient gradients (``ds_grad_is_ready``, which DeepSpeed's own tiled computations set) makes
+        # them leave the weight alone. The combination reaches the engine afterwards (add_combined).
+        for p in parameters:
+            p.ds_grad_is_ready = False
+        try:
+            yield
+        finally:
+            for p in parameters:
+                p.ds_grad_is_ready = True
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> EngineBranchGradients:
-        accelerator = self.engine.accelerator
-        engine = accelerator.deepspeed_engine_wrapped.engine
+        return EngineBranchGradients(parameters, self._engine_backward, lambda: engine_loss_scale(self._engine))
 
-        def engine_backward(scalar: torch.Tensor, boundary: bool | None) -> None:
-            if boundary is None:  # the micro-batch's last pass: accelerate sets the boundary and steps the engine
-                accelerator.backward(scalar, scale_wrt_gas=False)
-            else:
-                engine.set_gradient_accumulation_boundary(boundary)
-                engine.backward(scalar, scale_wrt_gas=False)
+    def update_inputs(
+        self, optimizer, parameters: Sequence[torch.nn.Parameter], winner: Tensors, loser: Tensors
+    ) -> UpdateInputs:
+        """This process's partitions: the optimizer state exists only there."""
+        return zero_partition_inputs(self._engine.optimizer, parameters, winner, loser)
 
-        return EngineBranchGradients(parameters, engine_backward, lambda: engine_loss_scale(engine))
+    def update_sum_reduction(self) -> SumReduction:
+        return all_reduce_sum  # the sums over this process's partition: added up, the global sums on every process
+
+    def add_combined(
+        self, store: OnePassBranchGradients, combined: list[torch.Tensor], sync_gradients: bool, *, reduced: bool
+    ) -> None:
+        """The engine's backward of ``sum_i <w_i, c_i>`` over the weights the pass reached (``c``: ``combined``,
+        detached): its gradient is ``c``, which the engine's hooks reduce into its partitions as a plain backward's.
+        ``c`` already carries the accumulation average; the engine applies its own loss scale, as to a loss."""
+        terms = [
+            torch.dot(p.reshape(-1), c.detach().reshape(-1).to(p.dtype))
+            for p, c, reached in zip(store.parameters, combined, store.reached)
+            if reached
+        ]
+        surrogate = torch.stack(terms).sum() if terms else store.parameters[0].reshape(-1)[:1].sum() * 0.0
+        self._engine_backward(surrogate, None)
 
     def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
         """Nothing: the engine reduced every pass it saw into its own partitions."""
@@ -203,18 +298,23 @@ class FSDP2Collectives(BranchCollectives):
     at each evaluation of its search included, is summed over processes, so every process finds the ``lambda`` of
     the global micro-batch. The accumulation window's earlier sum is set aside while the branches run."""
 
-    one_pass_refusal = (
-        "FSDP2 gathers each weight for its layer and reduce-scatters its gradient inside autograd; the one-pass "
-        "split would hold whole per-branch gradients of gathered weights (not implemented under FSDP2)"
-    )
-
     def check_parameter_space(self, scope: str) -> None:
-        if scope != "global":
+        if scope == "local":
             raise ValueError(
-                "safeguard_space='parameter' under FSDP2 needs safeguard_scope='global': FSDP2 averages each branch's "
-                "gradient over processes inside its backward, so lambda is that of the global micro-batch. Set "
+                "safeguard_space='parameter' under FSDP2 needs safeguard_scope='global' (or 'pair'): FSDP2 averages "
+                "each branch's gradient over processes, so lambda is that of the global micro-batch. Set "
                 "safeguard_scope='global', or use DDP for one lambda per process."
             )
+
+    def one_pass_store(
+        self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
+    ) -> ShardedOnePassBranchGradients:
+        return ShardedOnePassBranchGradients(module, parameters)
+
+    def reduce_pair_sums(self, winner_sq: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # sums over this process's rows of every process's images: added up, every pair's sums on every process
+        sums = all_reduce_sum(torch.stack([winner_sq, cross]))
+        return sums[0], sums[1]
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradientSplitter:
         return BranchGradientSplitter(parameters, local=True)

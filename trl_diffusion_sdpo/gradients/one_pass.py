@@ -95,7 +95,7 @@ class OnePassBranchGradients:
 
     def _prepare(self, groups: int) -> None:
         """The flat buffer for ``groups``: reused, unless its size changed or a view of it is still some weight's
-        ``.grad`` (handed over by :meth:`_assign` and kept by gradient accumulation)."""
+        ``.grad`` (handed over by :meth:`assign` and kept by gradient accumulation)."""
         flat, handed = self._flat, self._handed
         handed_over = handed is not None and handed[0].grad is not None and handed[0].grad.data_ptr() == handed[1]
         if flat is None or flat.shape[0] != groups or handed_over:
@@ -135,14 +135,24 @@ class OnePassBranchGradients:
         """``(g_w, h_l)`` per weight: views of the buffer (the update space reduces them in place)."""
         return [v[0] for v in self._views], [v[1] for v in self._views]
 
-    def combine(self, lam: torch.Tensor) -> None:
-        """``.grad = A + g_w + lambda * h_l``, with ``g_w`` as buffered (averaged over processes in the global scope:
-        the engine's final average of ``.grad`` then gives the same mean)."""
+    def combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
+        """``g_w + lambda * h_l`` per weight, with ``g_w`` as buffered (averaged over processes in the global scope:
+        the engine's final average then gives the same mean), formed in place in the buffer's winner half (views of
+        it). :meth:`assign` adds it to ``.grad``; an engine that owns the gradients takes it itself."""
         winner, loser = self._flat[0], self._flat[1]
         winner.addcmul_(loser, lam.detach().to(loser))  # one fused pass; lambda stays on the device
-        self._assign([v[0] for v in self._views])
+        return [v[0] for v in self._views]
 
-    def _assign(self, combined: list[torch.Tensor]) -> None:
+    def combine(self, lam: torch.Tensor) -> None:
+        """``.grad = A + g_w + lambda * h_l`` (:meth:`combination`, then :meth:`assign`)."""
+        self.assign(self.combination(lam))
+
+    @property
+    def reached(self) -> list[bool]:
+        """Per weight, whether the last pass's gradient reached it."""
+        return list(self._seen)
+
+    def assign(self, combined: list[torch.Tensor]) -> None:
         """``.grad += combined`` (``.grad = combined`` where it is empty), in the weights' dtype. A weight no
         gradient reached keeps an empty ``.grad``, as after a plain backward (an optimizer then skips it)."""
         accumulated = [(p.grad, c) for p, c in zip(self.parameters, combined) if p.grad is not None]
@@ -164,8 +174,13 @@ class OnePassBranchGradients:
         sums = torch.stack([blocked_dot(self._flat[i], self._flat[i::pairs]) for i in range(pairs)])
         return sums[:, 0].float(), sums[:, 1].float()
 
-    def combine_pairs(self, lam: torch.Tensor) -> None:
-        """``.grad = A + sum_i (g_w,i + lambda_i * h_l,i)`` (``lam``: one ``lambda`` per pair)."""
+    def pair_combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
+        """``sum_i (g_w,i + lambda_i * h_l,i)`` per weight (``lam``: one ``lambda`` per pair), formed in place in the
+        buffer's first row (views of it), for :meth:`assign`."""
         weights = torch.cat([torch.ones_like(lam), lam]).to(self._flat)
         combined = self._flat[0].addmv_(self._flat[1:].t(), weights[1:])  # in place: no fresh gradient-sized tensor
-        self._assign([c.view(p.shape) for c, p in zip(combined.split(self._sizes), self.parameters)])
+        return [c.view_as(v[0]) for c, v in zip(combined.split(self._sizes), self._views)]
+
+    def combine_pairs(self, lam: torch.Tensor) -> None:
+        """``.grad = A + sum_i (g_w,i + lambda_i * h_l,i)`` (:meth:`pair_combination`, then :meth:`assign`)."""
+        self.assign(self.pair_combination(lam))

@@ -165,7 +165,7 @@ class ParameterSpaceBackward:
         self._decided = True
         reason = "safeguard_passes='two'" if self.passes == "two" else self.collectives.one_pass_reason()
         if reason is None:
-            store = OnePassBranchGradients(policy, trainable_parameters(policy))
+            store = self.collectives.one_pass_store(policy, trainable_parameters(policy))
             if store.uncovered:
                 shown = ", ".join(store.uncovered[:5]) + (", ..." if len(store.uncovered) > 5 else "")
                 reason = (
@@ -181,6 +181,12 @@ class ParameterSpaceBackward:
         self.one_pass, self.two_pass_reason = None, reason
         if self.pair_scope:
             raise ValueError(f"safeguard_scope='pair' needs the one-pass split, which cannot run here: {reason}")
+        if self.update_space and not self.collectives.two_pass_update_space:
+            raise ValueError(
+                f"safeguard_space='update' under {self.engine.name} needs the one-pass split (the per-branch passes "
+                f"keep the winner's gradient inside the engine), which cannot run here: {reason}. Use "
+                "safeguard_space='parameter', or DDP or FSDP2 with safeguard_space='update'."
+            )
         if self.passes == "one":
             logger.warning("The exact safeguard runs one forward and backward pass per branch: %s.", reason)
 
@@ -201,7 +207,7 @@ class ParameterSpaceBackward:
             raise ValueError("the pair scope needs the micro-batch's number of pairs (pairs=)")
         probe = not self._probed
         before = store.grad_states() if probe else None
-        with store.split(groups):
+        with store.split(groups), self.collectives.tapped_pass(store.parameters):
             predictions = predict(False)
             failed = bool(store.failures)
             if probe:
@@ -223,28 +229,28 @@ class ParameterSpaceBackward:
             if self._agreed(bool(untapped)):
                 names = ", ".join(store.taps.names[i] for i in untapped[:5]) if untapped else "on another process"
                 for i in untapped:
-                    if before[i][0] is not None:
+                    if before[i][0] is not None or self.collectives.owns_gradients:
                         raise RuntimeError(
                             f"trainable weights received gradients outside their layers' taps ({names}) while "
-                            "holding accumulated gradients; set safeguard_passes='two'"
+                            "holding accumulated gradients (or under an engine that took them); set "
+                            "safeguard_passes='two'"
                         )
                     store.parameters[i].grad = None
                 self._fall_back(f"gradients reached weights outside their layers' taps ({names})")
                 return None
         if self.pair_scope:
-            winner_sq, cross = store.pair_sums()
+            winner_sq, cross = self.collectives.reduce_pair_sums(*store.pair_sums())
             lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
-            store.combine_pairs(lam)
+            combined = store.pair_combination(lam)
         elif self.update_space:
             lam = self._update_space_lambda(*store.branch_gradients(), optimizer, scale)  # reduced in place
-            store.combine(lam)
-            return evaluation, lam, predictions
+            combined = store.combination(lam)
         else:
             winner_sq, cross = store.branch_sums(self.collectives.winner_reduction(self.global_scope))
             winner_sq, cross = self.collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
             lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
-            store.combine(lam)
-        self.collectives.reduce_combined_gradients(store.parameters, sync_gradients)
+            combined = store.combination(lam)
+        self.collectives.add_combined(store, combined, sync_gradients, reduced=self.update_space)
         return evaluation, lam, predictions
 
     @staticmethod
@@ -298,11 +304,9 @@ class ParameterSpaceBackward:
         if optimizer is None:
             raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
         self.collectives.reduce_branch_gradients(winner, loser)
+        parameters = self.one_pass.parameters if self.one_pass is not None else self.store.parameters
         update = OptimizerUpdate(
-            optimizer,
-            self.one_pass.parameters if self.one_pass is not None else self.store.parameters,
-            winner,
-            loser,
+            *self.collectives.update_inputs(optimizer, parameters, winner, loser),
             self.max_grad_norm,
             unscale=1.0 / scale,  # the update is read in the optimizer's units; .grad stays in the backward's
             reduce_sum=self.collectives.update_sum_reduction(),

@@ -1,0 +1,124 @@
+"""The one pass on FSDP2's shards: each gathered weight's per-group gradient is reduce-scattered as the taps make it.
+
+FSDP2 gathers a block's weights for its forward and backward and keeps only this process's rows of each (dimension 0,
+in ``torch.chunk``'s pieces) between them. The per-layer taps see the gathered weights, so each hands its per-group
+gradient ``[groups, *weight.shape]`` whole; this store reduce-scatters it at once, in float32, into this process's rows
+and drops it, so what it keeps is shard-sized, as FSDP2's gradients are:
+
+* by branch (two groups, the global scope): averaged over processes (``AVG``): every process holds the rows of the
+  global micro-batch's ``g_w`` and ``h_l``; the inner products are summed over processes (the engine's
+  :meth:`~.collectives.BranchCollectives.reduce_branch_sums`, two scalars) and the combination is formed on the rows.
+  Two gradients' worth of reduce-scatter where FSDP2's own backward moves one.
+* by pair (one group per image): a pair's ``lambda_i`` needs that pair's own gradients, not their average over
+  processes: each process puts its images into its own rows of ``[2 B world, ...]`` (winners first, then losers, in
+  the order of the processes) and the reduce-scatter adds them up (``SUM``), so every process holds every image's
+  rows; the per-pair inner products are summed over processes and the combination is divided by the number of
+  processes (FSDP2 averages). ``2 B world`` image gradients' worth of reduce-scatter, and ``2 B`` gradients of the
+  trainable weights kept per process (LoRA; see
+  :func:`~trl_diffusion_sdpo.safeguards.parameter.check_pair_scope_memory`).
+
+FSDP2's own backward sees no gradient for the tapped weights (the taps hand autograd none) and reduces nothing for
+them. The combination becomes each weight's ``.grad`` as a DTensor over this process's rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .one_pass import OnePassBranchGradients
+
+__all__ = ["ShardedOnePassBranchGradients"]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class ShardedOnePassBranchGradients(OnePassBranchGradients):
+    """:class:`~.one_pass.OnePassBranchGradients` over FSDP2-sharded ``parameters`` (DTensors sharded on dimension 0
+    over the default process group): the buffer holds this process's rows of every weight, per group."""
+
+    def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
+        super().__init__(module, parameters)
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self._local_shapes = [tuple(_local(p).shape) for p in self.parameters]
+        self._sizes = [math.prod(shape) for shape in self._local_shapes]
+        self._by_image = False
+        self._written: list[bool] = []
+
+    def _prepare(self, groups: int) -> None:
+        rows = groups * self.world if self._by_image else groups
+        if self._flat is None or self._flat.shape[0] != rows:
+            first = self.parameters[0]
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            self._flat = torch.empty((rows, sum(self._sizes)), dtype=dtype, device=_local(first).device)
+            self._views = [
+                chunk.view(rows, *shape)
+                for chunk, shape in zip(self._flat.split(self._sizes, dim=1), self._local_shapes)
+            ]
+
+    @contextlib.contextmanager
+    def split(self, groups: int) -> Iterator[None]:
+        """As :meth:`OnePassBranchGradients.split`; ``groups`` larger than 2 is by image (the pair scope)."""
+        self._by_image = groups > 2
+        self._prepare(groups)
+        self._written = [False] * len(self.parameters)
+        with self.taps.tapping(groups, sink=self._scatter):
+            yield
+        self._seen = list(self._written)  # the same on every process: they ran the same layers
+        for view, seen in zip(self._views, self._seen):
+            if not seen:
+                view.zero_()
+
+    def _scatter(self, index: int, per_group: torch.Tensor) -> None:
+        """Reduce-scatter weight ``index``'s whole per-group gradient into this process's rows of its view."""
+        groups, shape = per_group.shape[0], per_group.shape[1:]
+        view = self._views[index]
+        chunk = -(-shape[0] // self.world)  # rows per process, as torch.chunk and FSDP2 cut them
+        rows = view.shape[0]
+        send = per_group.new_zeros((self.world, rows, chunk, *shape[1:]), dtype=view.dtype)
+        pieces = per_group.to(view.dtype).split(chunk, dim=1)
+        if self._by_image:  # image k of this process -> its row among all processes' (winners, then losers)
+            pairs = groups // 2
+            slots = [self.rank * pairs + k if k < pairs else (self.world + self.rank) * pairs + k - pairs for k in
+                     range(groups)]  # fmt: skip
+            for destination, piece in enumerate(pieces):
+                send[destination, slots, : piece.shape[1]] = piece
+            op = dist.ReduceOp.SUM
+        else:
+            for destination, piece in enumerate(pieces):
+                send[destination, :, : piece.shape[1]] = piece
+            op = dist.ReduceOp.AVG
+        received = send.new_empty((rows, chunk, *shape[1:]))
+        dist.reduce_scatter_tensor(received.view(-1), send.view(-1), op=op)  # flat: gloo wants 1-D
+        mine = received[:, : self._local_shapes[index][0]]
+        if self._written[index]:
+            view.add_(mine)
+        else:
+            view.copy_(mine)
+            self._written[index] = True
+
+    def pair_combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
+        """``sum_i (g_w,i + lambda_i * h_l,i) / processes`` over every process's pairs, on this process's rows."""
+        combined = super().pair_combination(lam)
+        self._flat[0].div_(self.world)
+        return combined
+
+    def assign(self, combined: list[torch.Tensor]) -> None:
+        """``.grad += combined`` as DTensors over this process's rows (copies: the buffer is reused)."""
+        from torch.distributed.tensor import DTensor
+
+        for p, c, seen in zip(self.parameters, combined, self._seen):
+            if not seen:
+                continue
+            if p.grad is None:
+                p.grad = DTensor.from_local(
+                    c.to(p.dtype, copy=True), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                )
+            else:
+                _local(p.grad).add_(c.to(p.dtype))
