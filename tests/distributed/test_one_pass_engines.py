@@ -116,8 +116,9 @@ def _check(root: Path, engine: str, name: str) -> None:
     as under FSDP2: test_fsdp2_update_space.py). Losses: 1.7e-4 relative with LoRA (1e-3), 2.2e-3 with full tuning
     (5e-3). The logged gradient norms (what the optimizer saw, after the engine's reduction): 2.9e-4 relative
     (tolerance 2e-3; a gradient off by the number of processes, which AdamW's normalisation would hide from the
-    weights, is a factor 2). Weights: the difference's norm against how far the weights moved, 5.7e-4 with LoRA and 5.8e-3 with full
-    tuning (AdamW turns rounding in near-zero gradient entries into +-lr moves; tolerance 2e-2)."""
+    weights, is a factor 2). Weights: the difference's norm against how far the weights moved, 5.7e-4 with LoRA
+    and 5.8e-3 with full tuning (AdamW turns rounding in near-zero gradient entries into +-lr moves; tolerance
+    2e-2)."""
     kind, _, lora = SETTINGS[name]
     single, report = _report(root, None, name), _report(root, engine, name)
     assert report["num_processes"] == 2
