@@ -54,7 +54,7 @@ def test_parameter_space_runs_under_ddp_and_zero_1_2_in_either_scope(stage, scop
         assert ParameterSpaceBackward(engine, 0.5, 1.0, scope == "global").global_scope == (scope == "global")
 
 
-def test_zero3_takes_the_parameter_space_safeguard_with_the_global_scope_in_per_branch_passes():
+def test_zero3_takes_the_exact_safeguard_in_one_pass_with_the_global_or_pair_scope():
     engine = engine_for(_accelerator(DistributedType.DEEPSPEED, zero_stage=3, processes=2))
     collectives = collectives_for(engine)
     assert type(collectives) is DeepSpeedZeRO3Collectives
@@ -63,16 +63,15 @@ def test_zero3_takes_the_parameter_space_safeguard_with_the_global_scope_in_per_
     assert ParameterSpaceBackward(engine, 0.5, 1.0, global_scope=True).global_scope
     with pytest.raises(ValueError, match="ZeRO-3 needs safeguard_scope='global'.*multi_gpu.yaml.*deepspeed_zero2"):
         ParameterSpaceBackward(engine, 0.5, 1.0, global_scope=False)
-    assert "not implemented under ZeRO-3" in collectives.one_pass_reason()
-    with pytest.raises(ValueError, match="safeguard_scope='pair' needs the one-pass split.*ZeRO-3"):
-        ParameterSpaceBackward(engine, 0.5, 1.0, False, pair_scope=True)
-    with pytest.raises(ValueError, match="safeguard_space='update' is not supported under (?i:deepspeed)"):
-        ParameterSpaceBackward(engine, 0.5, 1.0, False, update_space=True)
+    assert collectives.one_pass_reason() is None
+    ParameterSpaceBackward(engine, 0.5, 1.0, False, pair_scope=True)
+    ParameterSpaceBackward(engine, 0.5, 1.0, False, update_space=True)
     offloading = _accelerator(DistributedType.DEEPSPEED, zero_stage=3, processes=2)
     offload = {"offload_optimizer": {"device": "cpu"}}
     offloading.state.deepspeed_plugin.deepspeed_config = {"zero_optimization": offload}
-    with pytest.raises(ValueError, match="offload_optimizer"):
-        ParameterSpaceBackward(engine_for(offloading), 0.5, 1.0, global_scope=True)
+    for space in ({}, {"update_space": True}):
+        with pytest.raises(ValueError, match="offload_optimizer"):
+            ParameterSpaceBackward(engine_for(offloading), 0.5, 1.0, global_scope=True, **space)
 
 
 def test_fsdp1_is_refused_naming_the_alternatives():
@@ -80,11 +79,13 @@ def test_fsdp1_is_refused_naming_the_alternatives():
         ParameterSpaceBackward(engine_for(_accelerator(DistributedType.FSDP)), 0.5, 1.0, global_scope=True)
 
 
-def test_fsdp2_takes_the_parameter_space_safeguard_with_the_global_scope_only():
+def test_fsdp2_takes_the_parameter_space_safeguard_with_the_global_or_pair_scope():
     engine = engine_for(_accelerator(DistributedType.FSDP, fsdp2=True, processes=2))
     with pytest.raises(ValueError, match="safeguard_scope='global'"):
         ParameterSpaceBackward(engine, 0.5, 1.0, global_scope=False)
     assert ParameterSpaceBackward(engine, 0.5, 1.0, global_scope=True).global_scope
+    assert collectives_for(engine).one_pass_reason() is None
+    ParameterSpaceBackward(engine, 0.5, 1.0, False, pair_scope=True)
 
 
 def test_validation_sampling_is_refused_where_no_process_holds_the_whole_denoiser():

@@ -1,14 +1,17 @@
-"""The exact safeguard in one pass under DeepSpeed ZeRO-1/2 on two CPU processes (gloo), against one process with the
-same global batch: the parameter space (global scope), the per-pair scope and the update space, LoRA and full.
+"""The exact safeguard in one pass under DeepSpeed ZeRO-1/2/3 and FSDP2 on two CPU processes (gloo), against one
+process with the same global batch: the parameter space (global scope), the per-pair scope and the update space, SD
+and SDXL, LoRA and full.
 
 ZeRO-1/2 keep the weights whole: each process splits its own micro-batch's gradient by branch (or by image) inside
 one backward, as under DDP, and hands the combination to the engine as the gradient of a surrogate linear in the
-weights, so the engine reduces, clips and steps it as a plain backward's. The update space first averages both
+weights, so the engine reduces, clips and steps it as a plain backward's; the update space first averages both
 branches over processes, then reads AdamW's moments on each process's flat float32 partition (DeepSpeed's
-``_hp_mapping`` links each weight's piece to it) and adds every sum up over processes. Launched as
-``test_distributed.py`` launches its trainings: the one-process references in one launch, the two-process trainings
-in another. The LoRA parameter space, the per-pair scope and the update space stay in the default suite; the rest
-(full tuning, ZeRO-1, SDXL) are slow tests.
+``_hp_mapping`` links each weight's piece to it) and adds every sum up over processes. FSDP2 and ZeRO-3 gather each
+block's weights for its backward: the taps' per-branch (per-image) gradients are reduce-scattered into each
+process's shards (FSDP2's rows, ZeRO-3's flat partitions), where the inner products are summed over processes.
+Launched as ``test_distributed.py`` launches its trainings: the one-process references in one launch, the
+two-process trainings in another. Five LoRA cases stay in the default suite (:data:`DEFAULT_SUITE`); the rest are
+slow tests.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ PARAMETER = ("--safeguard_space", "parameter")  # the global scope (test_distrib
 PAIR = ("--safeguard_space", "parameter", "--safeguard_scope", "pair")
 UPDATE = ("--safeguard_space", "update")  # AdamW with weight decay 0.01 and clipping at 1.0
 BETA_500 = ("--beta", "500")
-ZERO1, ZERO2, FSDP2 = "deepspeed_zero1.yaml", "deepspeed_zero2.yaml", "fsdp2.yaml"
+ZERO1, ZERO2, ZERO3 = "deepspeed_zero1.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"
+FSDP2 = "fsdp2.yaml"
 
 # name -> (assets, settings, LoRA); each runs on one process and under the engines listed in ENGINES
 SETTINGS: dict[str, tuple[str, tuple[str, ...], bool]] = {
@@ -43,11 +47,20 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "sdxl-update-lora": ("sdxl", (*UPDATE, *BETA_500), True),
 }
 GRAD_NORM_REL = 2e-3  # see _check
-DEFAULT_SUITE = ("parameter-lora", "pair-lora", "update-lora")  # the rest: -m slow
+# the default suite's trainings (engine, setting); the rest: -m slow. ZeRO-2's parameter space (with accumulation)
+# and FSDP2's are also in test_distributed.py's default trainings.
+DEFAULT_SUITE = {
+    ("deepspeed_zero2.yaml", "update-lora"),
+    ("fsdp2.yaml", "pair-lora"),
+    ("fsdp2.yaml", "update-lora"),
+    ("deepspeed_zero3.yaml", "parameter-lora"),
+    ("deepspeed_zero3.yaml", "update-lora"),
+}
 ENGINES = {
     ZERO2: tuple(SETTINGS),
     ZERO1: ("parameter-lora", "update-full"),
     FSDP2: ("parameter-lora", "pair-lora", "update-lora", "parameter-full", "pair-full", "sdxl-parameter-full"),
+    ZERO3: ("parameter-lora", "pair-lora", "update-lora", "parameter-full", "update-full", "sdxl-parameter-full"),
 }
 
 
@@ -67,7 +80,10 @@ def _assets(root: Path, kind: str) -> dict[str, Path]:
 def _cases(slow: bool) -> list[tuple[str, str]]:
     """``(engine, setting)`` pairs of the default suite (``slow=False``) or of the slow tests."""
     return [
-        (engine, name) for engine, names in ENGINES.items() for name in names if (name not in DEFAULT_SUITE) == slow
+        (engine, name)
+        for engine, names in ENGINES.items()
+        for name in names
+        if ((engine, name) not in DEFAULT_SUITE) == slow
     ]
 
 
@@ -81,19 +97,20 @@ def root(tmp_path_factory) -> Path:
 _LAUNCHED: set[tuple[str, bool]] = set()
 
 
-def _report(root: Path, engine: str | None, name: str) -> dict:
-    """The report of ``name`` under ``engine`` (``None``: one process). The first request launches every training of
-    its kind (default suite or slow) on one process, and then on two."""
+def _report(root: Path, engine: str | None, name: str, slow: bool) -> dict:
+    """The report of ``name`` under ``engine`` (``None``: one process). The first request of a group (the default
+    suite's trainings, or the slow ones) launches all of it not yet reported: on one process, then on two."""
     kind, settings, lora = SETTINGS[name]
     spec = Run(kind, engine, lora, settings)
     assets = _assets(root, kind)
-    slow = name not in DEFAULT_SUITE
     if spec.key(assets) not in _REPORTS and (str(root), slow) not in _LAUNCHED:
         _LAUNCHED.add((str(root), slow))
         cases = _cases(slow)
-        singles = sorted({name for _, name in cases})
-        _launch([_job(root, None, n) for n in singles])
-        _launch([_job(root, e, n) for e, n in cases])
+        singles = [_job(root, None, n) for n in sorted({n for _, n in cases})]
+        for jobs in (singles, [_job(root, e, n) for e, n in cases]):
+            jobs = [job for job in jobs if job[2].key(job[0]) not in _REPORTS]
+            if jobs:
+                _launch(jobs)
     return _REPORTS[spec.key(assets)]
 
 
@@ -104,7 +121,7 @@ def _job(root: Path, engine: str | None, name: str) -> tuple[dict, str, Run]:
 
 
 def _check(root: Path, engine: str, name: str) -> None:
-    """Lambdas, losses and weights of one process; the one pass ran (no per-branch passes) under ZeRO.
+    """Lambdas, losses, gradient norms and weights of one process; the one pass ran (no per-branch passes).
 
     Tolerances, against what was measured (max over the cases). The logged losses and the cotangents come from
     errors summed over two pairs per process instead of four, a rounding difference that beta 5000 amplifies: the
@@ -120,9 +137,10 @@ def _check(root: Path, engine: str, name: str) -> None:
     and 5.8e-3 with full tuning (AdamW turns rounding in near-zero gradient entries into +-lr moves; tolerance
     2e-2)."""
     kind, _, lora = SETTINGS[name]
-    single, report = _report(root, None, name), _report(root, engine, name)
+    slow = (engine, name) not in DEFAULT_SUITE
+    single, report = _report(root, None, name, slow), _report(root, engine, name, slow)
     assert report["num_processes"] == 2
-    assert report["zero_stage"] == {ZERO1: 1, ZERO2: 2, FSDP2: None}[engine]
+    assert report["zero_stage"] == {ZERO1: 1, ZERO2: 2, ZERO3: 3, FSDP2: None}[engine]
     assert report["global_step"] == STEPS == len(single["lambdas"]) == len(report["lambdas"])
     assert report["two_pass_reason"] is None and report["branch_store"] == "NoneType"  # one pass, no fallback
     assert any(lam < 1.0 for lam in single["lambdas"])  # the margin binds: a wrong lambda would show
@@ -136,6 +154,8 @@ def _check(root: Path, engine: str, name: str) -> None:
     assert len(norms[0]) == STEPS and norms[0] == pytest.approx(norms[1], rel=GRAD_NORM_REL)
     if engine == FSDP2:  # every trained weight is a shard
         assert report["policy_sharded"] == report["policy_parameters"]
+    elif engine == ZERO3:  # the widened UNet's large tensors are partitioned (SDXL's all stay whole)
+        assert report["policy_partitioned"] > 0 or kind == "sdxl"
     else:  # every process stepped the same whole weights
         assert report["process_weight_spread"] < 1e-6
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
@@ -151,7 +171,7 @@ def _check(root: Path, engine: str, name: str) -> None:
 @pytest.mark.parametrize(
     "engine,name", _cases(slow=False), ids=[f"{e.removesuffix('.yaml')}-{n}" for e, n in _cases(slow=False)]
 )
-def test_zero2_one_pass_trains_like_one_process(root, engine, name):
+def test_one_pass_under_sharding_engines_trains_like_one_process(root, engine, name):
     _check(root, engine, name)
 
 
@@ -159,5 +179,5 @@ def test_zero2_one_pass_trains_like_one_process(root, engine, name):
 @pytest.mark.parametrize(
     "engine,name", _cases(slow=True), ids=[f"{e.removesuffix('.yaml')}-{n}" for e, n in _cases(slow=True)]
 )
-def test_zero_one_pass_trains_like_one_process(root, engine, name):
+def test_one_pass_under_sharding_engines_trains_like_one_process_slow(root, engine, name):
     _check(root, engine, name)

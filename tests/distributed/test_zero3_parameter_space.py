@@ -25,22 +25,24 @@ from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 PARAMETER = ("--safeguard_space", "parameter")  # every launch trains with safeguard_scope="global"
+# ZeRO-3 in its per-branch passes (the one pass, its default, is tests/distributed/test_one_pass_engines.py's)
+TWO = ("--safeguard_passes", "two")
 ZERO3 = "deepspeed_zero3.yaml"
 ACCUMULATE = ("--gradient_accumulation_steps", "2")
 
 # name -> (the one-process reference, the ZeRO-3 training); the same global batch of 4 pairs per micro-batch
 TRAININGS: dict[str, tuple[Run, Run]] = {
-    "lora": (Run("sd15", None, True, PARAMETER), Run("sd15", ZERO3, True, PARAMETER)),
-    "full": (Run("sd15", None, False, PARAMETER), Run("sd15", ZERO3, False, PARAMETER)),
+    "lora": (Run("sd15", None, True, PARAMETER), Run("sd15", ZERO3, True, (*PARAMETER, *TWO))),
+    "full": (Run("sd15", None, False, PARAMETER), Run("sd15", ZERO3, False, (*PARAMETER, *TWO))),
     # 1 process x 2 pairs x 2 micro-batches against 2 processes x 1 pair x 2
     "lora-accumulated": (
         Run("sd15", None, True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "2")),
-        Run("sd15", ZERO3, True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "1")),
+        Run("sd15", ZERO3, True, (*PARAMETER, *TWO, *ACCUMULATE, "--per_device_train_batch_size", "1")),
     ),
     # beta 500 as in test_distributed.py's SDXL tests: at 5000 float noise in the errors moves the loss past 1e-3
     "sdxl-full": (
         Run("sdxl", None, False, (*PARAMETER, "--beta", "500")),
-        Run("sdxl", ZERO3, False, (*PARAMETER, "--beta", "500")),
+        Run("sdxl", ZERO3, False, (*PARAMETER, *TWO, "--beta", "500")),
     ),
 }
 
@@ -64,7 +66,7 @@ def sdxl_assets(assets) -> dict[str, Path]:
     return {"root": root, "pipeline": root / "pipeline", "data": assets["data"], "example": "sdxl"}
 
 
-GUARD = "lora"  # the default suite's comparison; the others are slow
+GUARD = "lora"  # launched alone when requested alone; the others together
 
 
 def _trained(request, name: str) -> tuple[dict, dict]:
@@ -108,7 +110,9 @@ TOLERANCES = {
 
 @pytest.mark.parametrize(
     "name",
-    [GUARD, *(pytest.param(name, marks=pytest.mark.slow) for name in ("full", "lora-accumulated", "sdxl-full"))],
+    # all slow: the per-branch passes are the fallback; the default suite runs ZeRO-3's one pass
+    # (tests/distributed/test_one_pass_engines.py) and this module's one-process unit test
+    [pytest.param(name, marks=pytest.mark.slow) for name in (GUARD, "full", "lora-accumulated", "sdxl-full")],
 )
 def test_parameter_space_under_zero3_trains_like_one_process(request, name):
     """Two processes under ZeRO-3 ran the per-branch passes on each process's gradient partitions and trained as
@@ -131,7 +135,7 @@ def test_parameter_space_under_zero3_trains_like_one_process(request, name):
     assert report["global_step"] == single["global_step"] == STEPS == len(report["lambdas"])
     if run.assets == "sd15":  # the widened UNet really is partitioned (SDXL's tensors all stay whole)
         assert report["policy_partitioned"] > 0
-    assert report["branch_store"] == "ZeRO3BranchGradients" and "ZeRO-3" in report["two_pass_reason"]
+    assert report["branch_store"] == "ZeRO3BranchGradients" and report["two_pass_reason"] == "safeguard_passes='two'"
     assert single["branch_store"] == "NoneType"  # one process ran the one pass: the two paths agree
     assert report["collectives_match"], report["first_collective_mismatch"]
     assert all(lam < 1.0 for lam in single["lambdas"])  # the margin binds: a wrong lambda would show
@@ -197,12 +201,12 @@ def test_zero3_collectives_accumulate_the_window_themselves_and_step_at_its_end(
     monkeypatch.setattr(deepspeed.utils, "safe_get_local_grad", engine.get)
     monkeypatch.setattr(deepspeed.utils, "safe_set_local_grad", engine.set)
     accelerator = SimpleNamespace(num_processes=1, deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
-    stage = ParameterSpaceBackward(DeepSpeedEngine(accelerator, 3), 0.5, 1.0, True)
+    stage = ParameterSpaceBackward(DeepSpeedEngine(accelerator, 3), 0.5, 1.0, True, passes="two")
     for scale, sync in ((0.5, False), (0.25, True), (0.5, True)):
         scale = torch.tensor(scale, dtype=torch.float64)
         _, lam, _ = stage(problem.policy, problem.predict, problem.loss, scale, sync_gradients=sync)
         torch.testing.assert_close(lam, expected_lambda)
-    assert isinstance(stage.store, ZeRO3BranchGradients) and "ZeRO-3" in stage.two_pass_reason
+    assert isinstance(stage.store, ZeRO3BranchGradients) and stage.two_pass_reason == "safeguard_passes='two'"
     assert 0.0 < float(expected_lambda) < 1.0  # the margin binds: the loser's share is scaled
     assert len(engine.steps) == 2
     for stepped, factor in zip(engine.steps, (1.5, 1.0)):

@@ -341,8 +341,9 @@ def _refuses(check, *args) -> bool:
 
 def test_where_the_exact_safeguard_runs_is_what_the_engines_allow() -> None:
     """docs/safeguard.md#engines's table against the engines' own checks: "refused" exactly where
-    ``check_parameter_space`` / ``check_update_space`` raise, ``safeguard_scope="global"`` where only the global
-    scope is allowed, "one pass" / "per-branch passes" as ``one_pass_reason`` says; no page says it otherwise."""
+    ``check_parameter_space`` / ``check_update_space`` raise (the per-pair scope, and the update space where it needs
+    it, also where the one pass cannot run), ``safeguard_scope="global"`` where only the global scope is allowed,
+    "one pass" / "per-branch passes" as ``one_pass_reason`` says; no page says it otherwise."""
     from trl_diffusion_sdpo.engines.deepspeed import DeepSpeedEngine
     from trl_diffusion_sdpo.engines.fsdp import FSDP1Engine, FSDP2Engine
     from trl_diffusion_sdpo.engines.plain import PlainEngine
@@ -362,7 +363,7 @@ def test_where_the_exact_safeguard_runs_is_what_the_engines_allow() -> None:
     assert set(table) == set(engines), sorted(table)
     wrong = []
     for name, instances in engines.items():
-        output, parameter, update = table[name]
+        output, parameter, pair, update = table[name]
         for engine in instances:
             refused = {scope: _refuses(engine.check_parameter_space, scope) for scope in ("local", "global")}
             if output != "yes":
@@ -375,8 +376,14 @@ def test_where_the_exact_safeguard_runs_is_what_the_engines_allow() -> None:
                     wrong.append(f"{name}: parameter space refused={refused}, the table says {parameter!r}")
                 if (engine.one_pass_reason() is None) != ("one pass" in parameter):
                     wrong.append(f"{name}: one_pass_reason={engine.one_pass_reason()!r}, the table says {parameter!r}")
-            if ("refused" in update) != _refuses(engine.check_update_space):
+            one_pass = engine.one_pass_reason() is None
+            if ("refused" in pair) != (_refuses(engine.check_parameter_space, "pair") or not one_pass):
+                wrong.append(f"{name}: the per-pair scope, the table says {pair!r}")
+            update_refused = _refuses(engine.check_update_space) or not (one_pass or engine.two_pass_update_space)
+            if ("refused" in update) != update_refused:
                 wrong.append(f"{name}: update space, the table says {update!r}")
+            elif not update_refused and one_pass != ("one pass" in update):
+                wrong.append(f"{name}: update space in one pass={one_pass}, the table says {update!r}")
     assert not wrong, wrong
     from trl_diffusion_sdpo import DiffusionSDPOConfig
 

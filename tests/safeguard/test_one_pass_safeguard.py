@@ -447,11 +447,13 @@ def test_a_layer_on_rows_it_cannot_group_falls_back(tmp_path):
     assert "leading dimension" in taps.failures[0]
 
 
-def test_pair_scope_is_refused_where_the_one_pass_cannot_run(make_config):
-    from trl_diffusion_sdpo.engines import DeepSpeedEngine
+def test_pair_scope_is_refused_where_the_one_pass_cannot_run(make_config, monkeypatch):
+    from trl_diffusion_sdpo.engines import PlainEngine
+    from trl_diffusion_sdpo.gradients import BranchCollectives
 
-    with pytest.raises(ValueError, match="pair.*one-pass split.*ZeRO-3"):
-        ParameterSpaceBackward(DeepSpeedEngine(SimpleNamespace(num_processes=1), 3), 0.5, 1.0, True, pair_scope=True)
+    monkeypatch.setattr(BranchCollectives, "one_pass_refusal", "an engine that cannot split")
+    with pytest.raises(ValueError, match="pair.*one-pass split.*an engine that cannot split"):
+        ParameterSpaceBackward(PlainEngine(SimpleNamespace(num_processes=1)), 0.5, 1.0, True, pair_scope=True)
     with pytest.raises(ValueError, match="safeguard_space='parameter'"):
         make_config(safeguard_space="output", safeguard_scope="pair")
     with pytest.raises(ValueError, match="safeguard_passes='one'"):

@@ -124,7 +124,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         '(`docs/safeguard.md`, "Where the exact rule runs"). `update`: the same per-branch gradients, with '
         "`lambda` chosen on the optimizer's actual update (AdamW, Adam or SGD: momentum, second moment, weight "
         "decay and clipping included), so the winner's error does not rise to first order under the step "
-        "taken; one process or DDP, `gradient_accumulation_steps=1`.",
+        "taken; one process, DDP, DeepSpeed ZeRO-1/2 or FSDP2, `gradient_accumulation_steps=1`.",
         choices=list(SAFEGUARD_SPACES),
     )
     safeguard_scope: str = option(
@@ -145,7 +145,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         "one",
         "How the parameter and update spaces get the branches' gradients. `one`: one forward and one "
         "backward pass over the whole pair batch, as Diffusion-DPO, each weight's gradient split by branch "
-        "inside it (per-layer taps); where that cannot run (DeepSpeed, FSDP2, a trainable weight outside "
+        "inside it (per-layer taps); where that cannot run (a trainable weight outside "
         "Linear/ConvNd/norm/embedding layers) the step falls back to `two` and says once why. `two`: one "
         "forward and one backward pass per branch, the reference implementation.",
         choices=list(SAFEGUARD_PASSES),

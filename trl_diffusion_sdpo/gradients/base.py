@@ -2,10 +2,12 @@
 
 The exact safeguard needs, per micro-batch, the gradients of the loss's winner term ``g_w`` and of its loser term
 ``h_l`` over the trainable weights, kept apart until ``lambda`` is known, then ``.grad = A + g_w + lambda * h_l``
-(``A``: the accumulation window's earlier sum). Four stores hold them:
+(``A``: the accumulation window's earlier sum). These stores hold them:
 
 * :class:`~.one_pass.OnePassBranchGradients`: split inside one forward and one backward pass by per-layer taps (by
-  branch, or by image for the per-pair scope);
+  branch, or by image for the per-pair scope), on whole weights (one process, DDP, DeepSpeed ZeRO-1/2); on each
+  process's shards, reduce-scattered as the taps make them, :class:`~.one_pass_sharded.ShardedOnePassBranchGradients`
+  (FSDP2) and :class:`~.one_pass_sharded.ZeRO3OnePassBranchGradients` (DeepSpeed ZeRO-3);
 * :class:`~.per_branch.BranchGradientSplitter`: one backward pass per branch, ``.grad`` plus one buffer (one process,
   DDP, FSDP2's local shards);
 * :class:`~.per_branch.EngineBranchGradients`: one backward pass per branch with the engine as the second store
@@ -14,7 +16,7 @@ The exact safeguard needs, per micro-batch, the gradients of the loss's winner t
   process's gradient partitions (DeepSpeed ZeRO-3).
 
 They differ in how the branches' passes run; what the safeguard writes afterwards is :class:`BranchGradients`'s
-``combine``. The stores that keep both branches whole on the process (the first two) also hand them out with
+``combine``. The one-pass stores and :class:`~.per_branch.BranchGradientSplitter` also hand both branches out with
 ``branch_gradients()``, which the update space reads. The reductions over processes each engine needs are its
 :class:`~.collectives.BranchCollectives`.
 """

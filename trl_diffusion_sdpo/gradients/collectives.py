@@ -28,6 +28,7 @@ __all__ = [
     "DeepSpeedCollectives",
     "FSDP1Collectives",
     "FSDP2Collectives",
+    "ShardSums",
     "collectives_for",
     "register_collectives",
 ]
@@ -104,11 +105,14 @@ class BranchCollectives:
         passes run otherwise)."""
         return self.one_pass_refusal
 
+    #: the one pass's store (whole weights here; each process's shards where the engine shards them)
+    one_pass_store_class: type[OnePassBranchGradients] = OnePassBranchGradients
+
     def one_pass_store(
         self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
     ) -> OnePassBranchGradients:
-        """The one pass's store over the trainable ``parameters`` of ``module``: whole weights here."""
-        return OnePassBranchGradients(module, parameters)
+        """The one pass's store over the trainable ``parameters`` of ``module``."""
+        return self.one_pass_store_class(module, parameters)
 
     @contextlib.contextmanager
     def tapped_pass(self, parameters: Sequence[torch.nn.Parameter]) -> Iterator[None]:
@@ -119,6 +123,10 @@ class BranchCollectives:
     def reduce_pair_sums(self, winner_sq: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-pair scope's ``(<g_w,i, g_w,i>, <g_w,i, h_l,i>)``: whole here (each process's pairs are its own)."""
         return winner_sq, cross
+
+    def tapped_backward(self, outputs: tuple[torch.Tensor, ...], cotangents: tuple[torch.Tensor, ...]) -> None:
+        """The one pass's backward of the branches' ``outputs`` with their ``cotangents``."""
+        torch.autograd.backward(outputs, cotangents)
 
     # ------------------------------------------------------------------ the per-branch passes
 
@@ -198,9 +206,9 @@ class BranchCollectives:
 
 _SHARDED_UPDATE = (
     "safeguard_space='update' is not supported under {name}: the optimizer state and gradients are sharded across "
-    "processes, and the update space reads them on each process's shards only under DeepSpeed ZeRO-1/2 and FSDP2. "
-    "Use one process, DDP (multi_gpu.yaml), ZeRO-1/2 (deepspeed_zero2.yaml) or FSDP2 (fsdp2.yaml) with "
-    "safeguard_space='update', or keep this engine with safeguard_space='parameter' or 'output'."
+    "processes, and the update space reads them on each process's shards only under DeepSpeed ZeRO and FSDP2. "
+    "Use one process, DDP (multi_gpu.yaml), DeepSpeed ZeRO (deepspeed_zero2.yaml) or FSDP2 (fsdp2.yaml) with "
+    "safeguard_space='update', or keep this engine with safeguard_space='output'."
 )
 
 
@@ -228,10 +236,6 @@ class DeepSpeedCollectives(BranchCollectives):
     #: the per-branch passes keep the winner's gradient in the engine: the update space needs the one pass
     two_pass_update_space = False
     owns_gradients = True
-
-    def check_update_space(self) -> None:
-        if self.engine.stage == 3:
-            raise ValueError(_SHARDED_UPDATE.format(name="DeepSpeed ZeRO-3"))
 
     @property
     def _engine(self):
@@ -290,13 +294,37 @@ class DeepSpeedCollectives(BranchCollectives):
         """Nothing: the engine reduced every pass it saw into its own partitions."""
 
 
+class ShardSums:
+    """For collectives whose engine averages each branch's gradient over processes as it shards it (FSDP2 and
+    ZeRO-3 reduce-scatter): every process holds its shard of the global micro-batch's ``g_w`` and ``h_l`` (or, by
+    pair, its rows of every process's images), so the inner products over its shard, added up over processes in one
+    all-reduce, are the global values; the global scope is implied."""
+
+    def winner_reduction(self, global_scope: bool) -> None:
+        return None  # already averaged by the engine's reduce-scatter
+
+    def reduce_branch_sums(
+        self, winner_sq: torch.Tensor, cross: torch.Tensor, global_scope: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sums = all_reduce_sum(torch.stack([winner_sq, cross]))
+        return sums[0], sums[1]
+
+    def reduce_pair_sums(self, winner_sq: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.reduce_branch_sums(winner_sq, cross, True)
+
+    def reduce_branch_gradients(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
+        """Nothing: each branch's shards are already averaged (the engine's reduce-scatter)."""
+
+
 @register_collectives(FSDP2Engine)
-class FSDP2Collectives(BranchCollectives):
+class FSDP2Collectives(ShardSums, BranchCollectives):
     """FSDP2: each branch's backward reduce-scatters its gradient inside autograd, so the parameter space works on
     each process's gradient shards (hook-free) and its inner products are summed over processes: the global scope
     is implied. The update space works on the same shards and the optimizer state's: every sum it forms, ``D(lambda)``
     at each evaluation of its search included, is summed over processes, so every process finds the ``lambda`` of
     the global micro-batch. The accumulation window's earlier sum is set aside while the branches run."""
+
+    one_pass_store_class = ShardedOnePassBranchGradients
 
     def check_parameter_space(self, scope: str) -> None:
         if scope == "local":
@@ -305,16 +333,6 @@ class FSDP2Collectives(BranchCollectives):
                 "each branch's gradient over processes, so lambda is that of the global micro-batch. Set "
                 "safeguard_scope='global', or use DDP for one lambda per process."
             )
-
-    def one_pass_store(
-        self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
-    ) -> ShardedOnePassBranchGradients:
-        return ShardedOnePassBranchGradients(module, parameters)
-
-    def reduce_pair_sums(self, winner_sq: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # sums over this process's rows of every process's images: added up, every pair's sums on every process
-        sums = all_reduce_sum(torch.stack([winner_sq, cross]))
-        return sums[0], sums[1]
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradientSplitter:
         return BranchGradientSplitter(parameters, local=True)
@@ -329,19 +347,6 @@ class FSDP2Collectives(BranchCollectives):
         for p in parameters:
             p.grad = None
         return accumulated
-
-    def winner_reduction(self, global_scope: bool) -> None:
-        return None  # already averaged by FSDP2's reduce-scatter
-
-    def reduce_branch_sums(
-        self, winner_sq: torch.Tensor, cross: torch.Tensor, global_scope: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Sums over this process's shards of the already averaged gradients: add them up.
-        winner_sq, cross = all_reduce_sum(torch.stack([winner_sq, cross]))
-        return winner_sq, cross
-
-    def reduce_branch_gradients(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
-        """Nothing: each branch's gradient shards are already averaged (FSDP2's reduce-scatter)."""
 
     def update_sum_reduction(self) -> SumReduction:
         return all_reduce_sum  # the sums over this process's shards: added up, the global sums on every process

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from .one_pass import OnePassBranchGradients
 
-__all__ = ["ShardedOnePassBranchGradients"]
+__all__ = ["ShardedOnePassBranchGradients", "ZeRO3OnePassBranchGradients"]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -41,15 +41,32 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 class ShardedOnePassBranchGradients(OnePassBranchGradients):
     """:class:`~.one_pass.OnePassBranchGradients` over FSDP2-sharded ``parameters`` (DTensors sharded on dimension 0
-    over the default process group): the buffer holds this process's rows of every weight, per group."""
+    over the default process group): the buffer holds this process's rows of every weight, per group.
+
+    Another layout of the shards (:class:`ZeRO3OnePassBranchGradients`) overrides :meth:`_shard_shape`,
+    :meth:`_pieces` and :meth:`_mine`."""
 
     def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
         super().__init__(module, parameters)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
-        self._local_shapes = [tuple(_local(p).shape) for p in self.parameters]
+        self._local_shapes = [self._shard_shape(p) for p in self.parameters]
         self._sizes = [math.prod(shape) for shape in self._local_shapes]
         self._by_image = False
         self._written: list[bool] = []
+
+    def _shard_shape(self, parameter: torch.nn.Parameter) -> tuple[int, ...]:
+        """The shape of this process's shard of ``parameter``."""
+        return tuple(_local(parameter).shape)
+
+    def _pieces(self, per_group: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+        """``per_group`` (``[groups, *weight.shape]``) cut into each process's piece (``[groups, ...]``, the last
+        ones possibly shorter or missing), and the shape of a whole piece (after ``groups``)."""
+        chunk = -(-per_group.shape[1] // self.world)  # rows per process, as torch.chunk and FSDP2 cut them
+        return list(per_group.split(chunk, dim=1)), (chunk, *per_group.shape[2:])
+
+    def _mine(self, received: torch.Tensor, index: int) -> torch.Tensor:
+        """This process's shard of weight ``index`` out of a whole piece received."""
+        return received[:, : self._local_shapes[index][0]]
 
     def _prepare(self, groups: int) -> None:
         rows = groups * self.world if self._by_image else groups
@@ -76,13 +93,12 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
                 view.zero_()
 
     def _scatter(self, index: int, per_group: torch.Tensor) -> None:
-        """Reduce-scatter weight ``index``'s whole per-group gradient into this process's rows of its view."""
-        groups, shape = per_group.shape[0], per_group.shape[1:]
+        """Reduce-scatter weight ``index``'s whole per-group gradient into this process's shard of its view."""
+        groups = per_group.shape[0]
         view = self._views[index]
-        chunk = -(-shape[0] // self.world)  # rows per process, as torch.chunk and FSDP2 cut them
         rows = view.shape[0]
-        send = per_group.new_zeros((self.world, rows, chunk, *shape[1:]), dtype=view.dtype)
-        pieces = per_group.to(view.dtype).split(chunk, dim=1)
+        pieces, piece_shape = self._pieces(per_group.to(view.dtype))
+        send = per_group.new_zeros((self.world, rows, *piece_shape), dtype=view.dtype)
         if self._by_image:  # image k of this process -> its row among all processes' (winners, then losers)
             pairs = groups // 2
             slots = [self.rank * pairs + k if k < pairs else (self.world + self.rank) * pairs + k - pairs for k in
@@ -94,9 +110,9 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
             for destination, piece in enumerate(pieces):
                 send[destination, :, : piece.shape[1]] = piece
             op = dist.ReduceOp.AVG
-        received = send.new_empty((rows, chunk, *shape[1:]))
+        received = send.new_empty((rows, *piece_shape))
         dist.reduce_scatter_tensor(received.view(-1), send.view(-1), op=op)  # flat: gloo wants 1-D
-        mine = received[:, : self._local_shapes[index][0]]
+        mine = self._mine(received, index)
         if self._written[index]:
             view.add_(mine)
         else:
@@ -122,3 +138,24 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
                 )
             else:
                 _local(p.grad).add_(c.to(p.dtype))
+
+
+class ZeRO3OnePassBranchGradients(ShardedOnePassBranchGradients):
+    """The same over DeepSpeed ZeRO-3's partitions: each weight flattened, padded to a multiple of the processes and
+    cut into equal pieces, piece ``r`` on process ``r`` (``param.ds_tensor``, of ``ds_tensor.ds_numel`` elements).
+    The combination goes to the engine's gradient partitions (:class:`~.zero3.DeepSpeedZeRO3Collectives`), not to
+    ``.grad``."""
+
+    def _shard_shape(self, parameter: torch.nn.Parameter) -> tuple[int, ...]:
+        return (parameter.ds_tensor.ds_numel,)
+
+    def _pieces(self, per_group: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+        flat = per_group.reshape(per_group.shape[0], -1)
+        size = -(-flat.shape[1] // self.world)
+        return list(flat.split(size, dim=1)), (size,)
+
+    def _mine(self, received: torch.Tensor, index: int) -> torch.Tensor:
+        return received
+
+    def assign(self, combined: list[torch.Tensor]) -> None:
+        raise RuntimeError("under ZeRO-3 the combination goes to the engine's partitions (add_combined)")

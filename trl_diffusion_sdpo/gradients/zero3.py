@@ -1,4 +1,8 @@
-"""The parameter-space safeguard under DeepSpeed ZeRO-3: per-branch passes on each process's gradient partitions.
+"""The exact safeguard under DeepSpeed ZeRO-3, on each process's gradient partitions.
+
+In one pass (the default) the taps' per-branch gradients of each gathered weight are reduce-scattered into ZeRO-3's
+partition layout (:class:`~.one_pass_sharded.ZeRO3OnePassBranchGradients`), and the combination is written into the
+engine's partitions (:meth:`DeepSpeedZeRO3Collectives.add_combined`). With ``safeguard_passes="two"``:
 
 ZeRO-3 partitions every weight; the engine's backward hooks reduce-scatter each weight's gradient into this process's
 float32 gradient partition, averaged over processes. Each branch runs as one engine backward, and its gradient is
@@ -32,10 +36,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..distributed import all_reduce_sum
 from ..engines import DeepSpeedEngine
-from .collectives import DeepSpeedCollectives, register_collectives
+from .collectives import DeepSpeedCollectives, ShardSums, register_collectives
+from .one_pass_sharded import ZeRO3OnePassBranchGradients
 from .per_branch import _squared_norm
+from .zero_partitions import zero_partition_inputs
 
 __all__ = ["DeepSpeedZeRO3Collectives", "ZeRO3BranchGradients", "local_gradients", "set_local_gradients"]
 
@@ -125,10 +130,14 @@ class ZeRO3BranchGradients:
 
 
 @register_collectives(DeepSpeedEngine, when=lambda engine: engine.stage == 3)
-class DeepSpeedZeRO3Collectives(DeepSpeedCollectives):
-    """DeepSpeed ZeRO-3: the parameter space on each process's gradient partitions (:class:`ZeRO3BranchGradients`),
-    the global scope only, in per-branch passes; the update space (refused by :class:`DeepSpeedCollectives`) and the
-    one-pass split are not implemented."""
+class DeepSpeedZeRO3Collectives(ShardSums, DeepSpeedCollectives):
+    """DeepSpeed ZeRO-3: the exact rule on each process's gradient partitions, the global or the per-pair scope. In
+    one pass the taps' split gradients are reduce-scattered into them (:class:`~.one_pass_sharded.
+    ZeRO3OnePassBranchGradients`); in per-branch passes the engine's backward fills them
+    (:class:`ZeRO3BranchGradients`). The update space reads the optimizer's state on the engine's partitions (the one
+    pass only). The window's earlier sum is kept here, and the engine steps at the window's end."""
+
+    one_pass_store_class = ZeRO3OnePassBranchGradients
 
     def __init__(self, engine) -> None:
         super().__init__(engine)
@@ -152,13 +161,34 @@ class DeepSpeedZeRO3Collectives(DeepSpeedCollectives):
                 "gradient partitions it reads are filled only at the end of the accumulation window. Set "
                 "offload_optimizer_device: none, or use safeguard_space='output'."
             )
-        # safeguard_scope='pair' passes here and is refused for want of the one-pass split (one_pass_reason)
 
-    def one_pass_reason(self) -> str:
-        return (
-            "ZeRO-3 gathers each weight for its layer and reduce-scatters its gradient inside the backward; the "
-            "one-pass split is not implemented under ZeRO-3"
-        )
+    def check_update_space(self) -> None:
+        if _offloads_optimizer(self.engine):
+            raise ValueError(
+                "safeguard_space='update' under DeepSpeed ZeRO-3 does not support offload_optimizer: the optimizer "
+                "state it reads lives on the CPU. Set offload_optimizer_device: none, or use "
+                "safeguard_space='parameter'."
+            )
+
+    def tapped_backward(self, outputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...]) -> None:
+        # Through the engine (boundary False, no step): its hooks gather each block's weights for the backward and
+        # its epilogue runs; the trainable weights' reduction is skipped (tapped_pass), the taps reduce-scatter them.
+        engine = self._deepspeed_engine
+        engine.set_gradient_accumulation_boundary(False)
+        engine.backward(sum((o * c.detach()).sum() for o, c in zip(outputs, cotangents)), scale_wrt_gas=False)
+
+    def update_inputs(self, optimizer, parameters, winner, loser):
+        """The optimizer's state where ZeRO-3 keeps it: each sub-group's flat float32 partition."""
+        return zero_partition_inputs(self._deepspeed_engine.optimizer, parameters, winner, loser)
+
+    def add_combined(self, store, combined: list[Tensor], sync_gradients: bool, *, reduced: bool) -> None:
+        """The one pass: this process's partitions of the combination (averaged over processes) become the engine's
+        gradient partitions, the window's earlier sum added; the engine steps at the window's end."""
+        values = combined
+        if self._window_open:
+            values = [c + a for c, a in zip(combined, local_gradients(store.parameters))]
+        set_local_gradients(store.parameters, values)
+        self.reduce_combined_gradients(store.parameters, sync_gradients)
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> ZeRO3BranchGradients:
         engine = self._deepspeed_engine
@@ -181,14 +211,6 @@ class DeepSpeedZeRO3Collectives(DeepSpeedCollectives):
             return
         torch._foreach_add_(accumulated, local_gradients(parameters))
         set_local_gradients(parameters, accumulated)
-
-    def winner_reduction(self, global_scope: bool) -> None:
-        return None  # already averaged by ZeRO-3's reduce-scatter
-
-    def reduce_branch_sums(self, winner_sq: Tensor, cross: Tensor, global_scope: bool) -> tuple[Tensor, Tensor]:
-        # Sums over this process's partitions of the already averaged gradients: added up, the global values.
-        winner_sq, cross = all_reduce_sum(torch.stack([winner_sq, cross]))
-        return winner_sq, cross
 
     def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
         """At the end of the accumulation window the engine steps (boundary set, then ``engine.step()``: clipping,

@@ -15,10 +15,11 @@ split by branch inside it (per-layer taps, :mod:`~trl_diffusion_sdpo.gradients.l
 
     predictions (one pass) -> objective on detached predictions (each branch's cotangent)
     -> one backward, weight gradients split by rows: g_w, h_l -> lambda = f(<g_w, g_w>, <g_w, h_l>)
-    -> .grad += g_w + lambda * h_l -> (several processes) the engine's collectives
+    -> .grad += g_w + lambda * h_l (or the engine's own gradient store) -> (several processes) the engine's
+    collectives
 
-Where that cannot run (an engine that shards or owns the gradients, a trainable weight no tap covers, a layer that
-sees rows it cannot group, ``safeguard_passes="two"``) it runs the reference implementation: one forward and one
+Where that cannot run (a trainable weight no tap covers, a layer that sees rows it cannot group,
+``safeguard_passes="two"``) it runs the reference implementation: one forward and one
 backward pass per branch (:mod:`~trl_diffusion_sdpo.gradients.per_branch`), and says once why. The per-pair scope
 splits by image instead: one ``lambda_i`` per pair, ``.grad += sum_i (g_w,i + lambda_i * h_l,i)`` (one pass only).
 The reductions over processes are the engine's :class:`~trl_diffusion_sdpo.gradients.collectives.BranchCollectives`.
@@ -219,7 +220,8 @@ class ParameterSpaceBackward:
                 )
             if not failed:
                 evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
-                torch.autograd.backward((predictions.policy_winner, predictions.policy_loser), (cot_winner, cot_loser))
+                outputs = (predictions.policy_winner, predictions.policy_loser)
+                self.collectives.tapped_backward(outputs, (cot_winner, cot_loser))
         if failed:
             self._fall_back("layers saw rows they could not split by branch: " + "; ".join(store.failures[:3]))
             return None
