@@ -45,6 +45,8 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "update-full": ("sd15", UPDATE, False),
     "sdxl-parameter-full": ("sdxl", (*PARAMETER, *BETA_500), False),
     "sdxl-update-lora": ("sdxl", (*UPDATE, *BETA_500), True),
+    # two micro-batches per step: the window's earlier sum kept beside the engine's partitions (ZeRO-3) or in .grad
+    "parameter-lora-accumulated": ("sd15", (*PARAMETER, "--gradient_accumulation_steps", "2"), True),
 }
 GRAD_NORM_REL = 2e-3  # see _check
 # the default suite's trainings (engine, setting); the rest: -m slow. ZeRO-2's parameter space (with accumulation)
@@ -59,8 +61,24 @@ DEFAULT_SUITE = {
 ENGINES = {
     ZERO2: tuple(SETTINGS),
     ZERO1: ("parameter-lora", "update-full"),
-    FSDP2: ("parameter-lora", "pair-lora", "update-lora", "parameter-full", "pair-full", "sdxl-parameter-full"),
-    ZERO3: ("parameter-lora", "pair-lora", "update-lora", "parameter-full", "update-full", "sdxl-parameter-full"),
+    FSDP2: (
+        "parameter-lora",
+        "pair-lora",
+        "update-lora",
+        "parameter-full",
+        "pair-full",
+        "sdxl-parameter-full",
+        "parameter-lora-accumulated",
+    ),
+    ZERO3: (
+        "parameter-lora",
+        "pair-lora",
+        "update-lora",
+        "parameter-full",
+        "update-full",
+        "sdxl-parameter-full",
+        "parameter-lora-accumulated",
+    ),
 }
 
 
