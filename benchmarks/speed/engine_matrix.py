@@ -9,8 +9,8 @@ median over its steps of the peak resident memory during the step, sampled on ev
 figure is kept). ``MALLOC_MMAP_THRESHOLD_`` is fixed at 128 KiB in the workers so that freed tensors leave the
 resident set at once and a step's peak is its own, not an earlier step's high-water mark. A safeguard the engine
 refuses is recorded with the trainer's error. accelerate engages FSDP on accelerators only: on CPU processes the
-FSDP2 worker lifts that gate as the tests' worker does (``tests/distributed_worker.py``), so ``fully_shard`` really
-shards the model over gloo.
+FSDP2 worker lifts that gate (``benchmarks.harness.lift_fsdp_cpu_gate``, as the tests' worker does), so
+``fully_shard`` really shards the model over gloo.
 
     python benchmarks/speed/engine_matrix.py                        # SD1.5 at 256 px, 2 pairs, LoRA, all engines
     python benchmarks/speed/engine_matrix.py --engines multi_gpu --unet small --resolution 64 --steps 2
@@ -34,19 +34,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
 
-from benchmarks.harness import add_setup_arguments, machine_description, make_trainer, resolve_setup, rss  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    SAFEGUARDS,
+    add_setup_arguments,
+    lift_fsdp_cpu_gate,
+    machine_description,
+    make_trainer,
+    resolve_setup,
+    rss,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "examples" / "accelerate_configs"
 ENGINES = ("multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp2")
-SAFEGUARDS = {
-    "dpo": {"safeguard": False},
-    "output": {"safeguard_space": "output"},
-    "parameter": {"safeguard_space": "parameter"},  # one pass where the engine allows it
-    "parameter_two": {"safeguard_space": "parameter", "safeguard_passes": "two"},
-    "pair": {"safeguard_space": "parameter", "safeguard_scope": "pair"},
-    "update": {"safeguard_space": "update"},
-}
 
 
 class StepPeak:
@@ -83,11 +83,7 @@ def worker(opts: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
-        # accelerate engages FSDP on accelerators only; on CPU processes the tests' worker lifts that gate
-        sys.path.insert(0, str(ROOT / "tests"))
-        from distributed_worker import _lift_fsdp_cpu_gate
-
-        _lift_fsdp_cpu_gate()
+        lift_fsdp_cpu_gate()  # accelerate engages FSDP on accelerators only
     names = opts.safeguards.split(",")
     with tempfile.TemporaryDirectory(prefix="engine-matrix-") as workdir:
         trainer, init_s = make_trainer(opts, "cached-lora", workdir, (opts.warmup + opts.steps) * len(names))
@@ -208,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         earlier = json.loads(output.read_text())
         for engine in results:
             earlier["engines"][engine] = {**results[engine], "machine": record["machine"], "settings": settings}
+        earlier["settings"]["engines"] = ",".join(earlier["engines"])  # the file's engines, each run's in its entry
         record = earlier
     output.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {output}")
