@@ -160,6 +160,16 @@ def result_path(device: str, what: str, size: str) -> str:
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Trainer settings of each safeguard, by the name the engine matrix and the profile give it.
+SAFEGUARDS: dict[str, dict[str, Any]] = {
+    "dpo": {"safeguard": False},
+    "output": {"safeguard_space": "output"},
+    "parameter": {"safeguard_space": "parameter"},  # one pass where the engine allows it
+    "parameter_two": {"safeguard_space": "parameter", "safeguard_passes": "two"},
+    "pair": {"safeguard_space": "parameter", "safeguard_scope": "pair"},
+    "update": {"safeguard_space": "update"},
+}
+
 
 # --------------------------------------------------------------------------------------------------- building blocks
 
@@ -278,6 +288,30 @@ class MemorySampler:
             self._stop.set()
             self._thread.join()
         return self.peak
+
+
+def lift_fsdp_cpu_gate() -> None:
+    """Let accelerate's own FSDP path run on CPU processes (gloo), for tests and benchmarks only.
+
+    accelerate engages FSDP only on accelerators: on CPU it runs MULTI_CPU and drops the plugin ``accelerate launch``
+    built from the config. Here the state keeps the plugin and says FSDP, so ``fully_shard`` really shards the UNet
+    over the gloo group; the package itself never does this.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def init_keeping_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            # Both states: every later AcceleratorState() copies PartialState's distributed type over its own.
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            if self._mixed_precision != "no":  # as accelerate's own FSDP branch does
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init_keeping_fsdp
 
 
 def rss() -> int:

@@ -40,7 +40,10 @@ from trl_diffusion_sdpo.distributed import is_partitioned, load_pipeline, zero_s
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # conftest's RecordingDataset
+sys.path.insert(0, ROOT)  # benchmarks.harness: FSDP on CPU processes
 torch.set_num_threads(1)
+
+from benchmarks.harness import lift_fsdp_cpu_gate  # noqa: E402
 
 
 def _example(name: str):
@@ -115,30 +118,6 @@ def _inputs(unet_config, resolution: int, family=None) -> dict[str, torch.Tensor
             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * 2, dtype=torch.float),
         }
     return inputs
-
-
-def _lift_fsdp_cpu_gate() -> None:
-    """Let accelerate's own FSDP path run on CPU processes (gloo), for tests only.
-
-    accelerate engages FSDP only on accelerators: on CPU it runs MULTI_CPU and drops the plugin ``accelerate launch``
-    built from the config. Here the state keeps the plugin and says FSDP, so ``fully_shard`` really shards the UNet
-    over the gloo group; the package itself never does this.
-    """
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    init = AcceleratorState.__init__
-
-    def init_keeping_fsdp(self, *args, fsdp_plugin=None, **kwargs):
-        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            # Both states: every later AcceleratorState() copies PartialState's distributed type over its own.
-            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            if self._mixed_precision != "no":  # as accelerate's own FSDP branch does
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            self.fsdp_plugin = fsdp_plugin
-
-    AcceleratorState.__init__ = init_keeping_fsdp
 
 
 @contextlib.contextmanager
@@ -298,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             jobs = json.load(f)
     environments = [dict(os.environ), *(job["env"] for job in jobs if "env" in job)]
     if any(_uses(env, "ACCELERATE_USE_FSDP") for env in environments) and not torch.cuda.is_available():
-        _lift_fsdp_cpu_gate()  # inert for trainings without FSDP: accelerate builds no FSDP plugin for them
+        lift_fsdp_cpu_gate()  # inert for trainings without FSDP: accelerate builds no FSDP plugin for them
     if any(_uses(env, "ACCELERATE_USE_DEEPSPEED") for env in environments) and not torch.cuda.is_available():
         _skip_deepspeed_shm_op()
     launch_environment = {name: value for name, value in os.environ.items() if name.startswith(_ENGINE_PREFIXES)}

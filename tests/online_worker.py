@@ -34,10 +34,10 @@ import distributed_worker  # noqa: E402  (the shared engine machinery; sets one 
 from distributed_worker import (  # noqa: E402
     _counting_collectives,
     _first_mismatch,
-    _lift_fsdp_cpu_gate,
     _skip_deepspeed_shm_op,
     _use_environment,
     _uses,
+    lift_fsdp_cpu_gate,
 )
 
 # FSDP2 gathers and reduce-scatters its shards through these (torch 2.13), and DeepSpeed may take the older names:
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         jobs = json.load(f)
     environments = [dict(os.environ), *(job["env"] for job in jobs if "env" in job)]
     if any(_uses(env, "ACCELERATE_USE_FSDP") for env in environments) and not torch.cuda.is_available():
-        _lift_fsdp_cpu_gate()
+        lift_fsdp_cpu_gate()
     if any(_uses(env, "ACCELERATE_USE_DEEPSPEED") for env in environments) and not torch.cuda.is_available():
         _skip_deepspeed_shm_op()
     launch_environment = {n: v for n, v in os.environ.items() if n.startswith(("ACCELERATE_", "FSDP_"))}

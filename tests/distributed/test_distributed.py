@@ -41,16 +41,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_assets(root: Path, kind: str = "sd15", data: Path | None = None) -> dict[str, Path]:
+    """A saved tiny pipeline and a saved 8-row preference dataset (``data``: an existing one instead) under ``root``,
+    as a user's local folders, built once. ``kind``: SD with its UNet widened to 128 channels (some of its tensors
+    large enough for ZeRO-3 to partition), or SDXL (every tensor below ZeRO-3's persistence threshold)."""
+    if not (root / "pipeline").exists():
+        if kind == "sd15":
+            pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(root / "tokenizer"))
+        else:
+            pipe = build_tiny_sdxl_pipeline(seed=0, tokenizer_dir=str(root / "tokenizers"))
+        pipe.save_pretrained(root / "pipeline")
+    if data is None:
+        data = root / "data"
+        if not data.exists():
+            Dataset.from_list(pickapic_rows(8)).save_to_disk(str(data))
+    assets = {"root": root, "pipeline": root / "pipeline", "data": data}
+    return assets if kind == "sd15" else {**assets, "example": "sdxl"}
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    """A saved tiny pipeline and a saved preference dataset, as a user's local folders."""
-    root = tmp_path_factory.mktemp("distributed")
-    pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(root / "tokenizer"))
-    pipe.save_pretrained(root / "pipeline")
-    Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
+    """The tiny SD pipeline, its preference dataset and the streams' datasets."""
+    assets = tiny_assets(tmp_path_factory.mktemp("distributed"))
+    root = assets["root"]
     Dataset.from_list(mixed_rows(12, ties=(1, 4, 6), broken=(9,))).save_to_disk(str(root / "data-ties"))
     Dataset.from_list(random_stream_rows(0)).save_to_disk(str(root / "data-random-0"))
-    return {"root": root, "pipeline": root / "pipeline", "data": root / "data"}
+    return assets
 
 
 def random_stream_rows(seed: int, n: int = 16) -> list[dict]:
@@ -83,9 +99,7 @@ def mixed_rows(n: int, ties: tuple[int, ...] = (), broken: tuple[int, ...] = ())
 
 @pytest.fixture(scope="module")
 def sdxl_assets(assets) -> dict[str, Path]:
-    root = assets["root"] / "sdxl"
-    build_tiny_sdxl_pipeline(seed=0, tokenizer_dir=str(root / "tokenizers")).save_pretrained(root / "pipeline")
-    return {"root": root, "pipeline": root / "pipeline", "data": assets["data"], "example": "sdxl"}
+    return tiny_assets(assets["root"] / "sdxl", "sdxl", data=assets["data"])
 
 
 # ------------------------------------------------------------------------------------------------ running trainings

@@ -15,11 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pickapic_rows
-from datasets import Dataset
-from test_distributed import _REPORTS, FSDP2, STEPS, Run, _launch, _weights
-
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+from test_distributed import _REPORTS, FSDP2, STEPS, Run, _launch, _weights, tiny_assets
 
 UPDATE = ("--safeguard_space", "update")  # with the config's weight decay 0.01 and clipping at 1.0, both binding
 OPTIMIZERS = {
@@ -40,13 +36,9 @@ def _trainings(config: str | None) -> dict[str, Run]:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    """The tiny pipeline of ``test_distributed.py`` and a preference dataset, saved as a user's folders (uneven and
-    empty shards: ``tests/safeguard/test_update_space_sharded.py``)."""
-    root = tmp_path_factory.mktemp("fsdp2-update")
-    pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(root / "tokenizer"))
-    pipe.save_pretrained(root / "pipeline")
-    Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
-    return {"root": root, "pipeline": root / "pipeline", "data": root / "data"}
+    """``test_distributed.py``'s tiny pipeline and dataset (uneven and empty shards:
+    ``tests/safeguard/test_update_space_sharded.py``)."""
+    return tiny_assets(tmp_path_factory.mktemp("fsdp2-update"))
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,8 @@ import pytest
 import torch
 from conftest import pickapic_rows
 from datasets import Dataset
-from test_distributed import _REPORTS, STEPS, Run, _launch, _weights
-
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from test_distributed import _REPORTS, STEPS, Run, _launch, _weights, tiny_assets
+from test_flow_distributed import FAMILIES, FLOW_ARGS, family_assets
 
 pytest.importorskip("deepspeed")
 
@@ -34,6 +33,7 @@ UPDATE = ("--safeguard_space", "update")  # AdamW with weight decay 0.01 and cli
 BETA_500 = ("--beta", "500")
 ZERO1, ZERO2, ZERO3 = "deepspeed_zero1.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"
 FSDP2 = "fsdp2.yaml"
+FLOW = "flux2-klein"  # FLUX.2 [klein]: the flow family of these tests
 
 # name -> (assets, settings, LoRA); each runs on one process and under the engines listed in ENGINES
 SETTINGS: dict[str, tuple[str, tuple[str, ...], bool]] = {
@@ -47,6 +47,12 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "sdxl-update-lora": ("sdxl", (*UPDATE, *BETA_500), True),
     # two micro-batches per step: the window's earlier sum kept beside the engine's partitions (ZeRO-3) or in .grad
     "parameter-lora-accumulated": ("sd15", (*PARAMETER, "--gradient_accumulation_steps", "2"), True),
+    # a flow-matching transformer (examples/train_flow.py), each space and scope, LoRA and full
+    **{
+        f"{FLOW}-{space}-{tuning}": (FLOW, (*FLOW_ARGS, *FAMILIES[FLOW].extra, *arguments), tuning == "lora")
+        for space, arguments in (("parameter", PARAMETER), ("pair", PAIR), ("update", UPDATE))
+        for tuning in ("lora", "full")
+    },
 }
 GRAD_NORM_REL = 2e-3  # see _check
 # the default suite's trainings (engine, setting); the rest: -m slow. ZeRO-2's parameter space (with accumulation)
@@ -58,6 +64,7 @@ DEFAULT_SUITE = {
     ("deepspeed_zero3.yaml", "parameter-lora"),
     ("deepspeed_zero3.yaml", "update-lora"),
 }
+FLOW_SETTINGS = tuple(name for name in SETTINGS if name.startswith(FLOW))
 ENGINES = {
     ZERO2: tuple(SETTINGS),
     ZERO1: ("parameter-lora", "update-full"),
@@ -69,30 +76,28 @@ ENGINES = {
         "pair-full",
         "sdxl-parameter-full",
         "parameter-lora-accumulated",
+        *FLOW_SETTINGS,
     ),
     ZERO3: (
         "parameter-lora",
         "pair-lora",
         "update-lora",
         "parameter-full",
+        "pair-full",
         "update-full",
         "sdxl-parameter-full",
         "parameter-lora-accumulated",
+        *FLOW_SETTINGS,
     ),
 }
 
 
 def _assets(root: Path, kind: str) -> dict[str, Path]:
-    """The tiny pipeline (SD's UNet widened to 128 channels, as test_distributed.py's) saved as a user's folders."""
-    folder = root / kind
-    if not (folder / "pipeline").exists():
-        if kind == "sd15":
-            pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(folder / "tokenizer"))
-        else:
-            pipe = build_tiny_sdxl_pipeline(seed=0, tokenizer_dir=str(folder / "tokenizers"))
-        pipe.save_pretrained(folder / "pipeline")
-    assets = {"root": folder, "pipeline": folder / "pipeline", "data": root / "data"}
-    return assets if kind == "sd15" else {**assets, "example": "sdxl"}
+    """``kind``'s tiny pipeline saved as a user's folders: ``test_distributed.py``'s widened SD and its SDXL, or the
+    flow family's (``test_flow_distributed.py``'s), all on the same dataset."""
+    if kind in FAMILIES:
+        return family_assets(root, kind)
+    return tiny_assets(root / kind, kind, data=root / "data")
 
 
 def _cases(slow: bool) -> list[tuple[str, str]]:
@@ -173,14 +178,15 @@ def _check(root: Path, engine: str, name: str) -> None:
     if engine == FSDP2:  # every trained weight is a shard
         assert report["policy_sharded"] == report["policy_parameters"]
     elif engine == ZERO3:  # the widened UNet's large tensors are partitioned (SDXL's all stay whole)
-        assert report["policy_partitioned"] > 0 or kind == "sdxl"
+        assert report["policy_partitioned"] > 0 or kind != "sd15"
     else:  # every process stepped the same whole weights
         assert report["process_weight_spread"] < 1e-6
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
-    start = _assets(root, kind)["pipeline"]
-    expected, trained = _weights(Path(single["model_dir"]), lora), _weights(Path(report["model_dir"]), lora)
-    original = {} if lora else _weights(start, False)
-    keys = [k for k in expected if not lora or ".lora.up." in k]  # LoRA's B matrices start at zero
+    start, denoiser = _assets(root, kind)["pipeline"], "transformer" if kind in FAMILIES else "unet"
+    expected = _weights(Path(single["model_dir"]), lora, denoiser)
+    trained = _weights(Path(report["model_dir"]), lora, denoiser)
+    original = {} if lora else _weights(start, False, denoiser)
+    keys = [k for k in expected if not lora or ".lora.up." in k or ".lora_B." in k]  # B matrices start at zero
     moved = torch.cat([(expected[k] - original.get(k, 0)).reshape(-1) for k in keys]).norm()
     difference = torch.cat([(trained[k] - expected[k]).reshape(-1) for k in keys]).norm()
     assert difference < 2e-2 * moved, (difference, moved)

@@ -15,14 +15,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import pickapic_rows
-from datasets import Dataset
-from test_distributed import _REPORTS, STEPS, Run, _launch, _weights
+from test_distributed import _REPORTS, STEPS, Run, _launch, _weights, tiny_assets
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine
 from trl_diffusion_sdpo.gradients.zero3 import ZeRO3BranchGradients
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 PARAMETER = ("--safeguard_space", "parameter")  # every launch trains with safeguard_scope="global"
 # ZeRO-3 in its per-branch passes (the one pass, its default, is tests/distributed/test_one_pass_engines.py's)
@@ -49,21 +46,12 @@ TRAININGS: dict[str, tuple[Run, Run]] = {
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    """The widened tiny SD pipeline of ``test_distributed.py`` and a preference dataset."""
-    root = tmp_path_factory.mktemp("zero3-parameter")
-    pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(root / "tokenizer"))
-    pipe.save_pretrained(root / "pipeline")
-    Dataset.from_list(pickapic_rows(8)).save_to_disk(str(root / "data"))
-    return {"root": root, "pipeline": root / "pipeline", "data": root / "data"}
+    return tiny_assets(tmp_path_factory.mktemp("zero3-parameter"))
 
 
 @pytest.fixture(scope="module")
 def sdxl_assets(assets) -> dict[str, Path]:
-    """The tiny SDXL pipeline (every tensor below ZeRO-3's persistence threshold: whole on each process, each with
-    its gradient partition)."""
-    root = assets["root"] / "sdxl"
-    build_tiny_sdxl_pipeline(seed=0, tokenizer_dir=str(root / "tokenizers")).save_pretrained(root / "pipeline")
-    return {"root": root, "pipeline": root / "pipeline", "data": assets["data"], "example": "sdxl"}
+    return tiny_assets(assets["root"] / "sdxl", "sdxl", data=assets["data"])
 
 
 GUARD = "lora"  # launched alone when requested alone; the others together

@@ -268,3 +268,25 @@ def test_every_benchmark_script_answers_help_from_the_repository_root(script):
     done = subprocess.run([sys.executable, str(script.relative_to(ROOT)), "--help"], cwd=ROOT, env=env, timeout=300,
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
+
+
+def test_profile_step_script_profiles_each_safeguard_against_dpo(tmp_path):
+    """One trainer, the safeguards alternating: each keeps its own timed steps, and its profiled step differs from
+    Diffusion-DPO's where it does more (the per-pair scope's per-image sums: more operator calls)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "speed" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = tmp_path / "profile.json"
+    argv = ["--resolution", "64", "--batch-size", "2", "--steps", "2", "--warmup", "0", "--safeguards", "dpo,pair"]
+    module.main([*argv, "--dataset-batches", "2", "--output", str(output)])
+    rows = json.loads(output.read_text())["rows"]
+    assert set(rows) == {"dpo", "pair"}
+    assert [len(row["step_times_s"]) for row in rows.values()] == [2, 2]  # the profiled step is not among them
+    assert rows["dpo"]["step_ratio_to_dpo"] == 1.0 and "operators_against_dpo" not in rows["dpo"]
+    against = rows["pair"]["operators_against_dpo"]
+    assert any(op["calls"] > op["dpo_calls"] for op in against)
+    assert rows["pair"]["slowest_operators"][0]["self_s"] > 0
+    with pytest.raises(SystemExit):  # the differences are taken against Diffusion-DPO, so it comes first
+        module.main(["--safeguards", "pair,dpo"])

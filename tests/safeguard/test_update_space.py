@@ -460,7 +460,7 @@ def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clippin
 
 
 def test_fsdp1_refuses_and_the_config_refuses_accumulation(make_config):
-    with pytest.raises(ValueError, match="update.*not supported under fsdp1.*DDP.*DeepSpeed ZeRO.*FSDP2"):
+    with pytest.raises(ValueError, match="update.*not supported under FSDP1.*FSDP2.*DDP.*DeepSpeed ZeRO"):
         collectives_for(FSDP1Engine(None)).check_update_space()
     # on its shards (test_update_space_sharded.py) and on ZeRO's partitions (test_one_pass_engines.py)
     collectives_for(FSDP2Engine(None)).check_update_space()

@@ -204,22 +204,6 @@ class BranchCollectives:
             self.reduce_combined_gradients(store.parameters, sync_gradients)
 
 
-_SHARDED_UPDATE = (
-    "safeguard_space='update' is not supported under {name}: the optimizer state and gradients are sharded across "
-    "processes, and the update space reads them on each process's shards only under DeepSpeed ZeRO and FSDP2. "
-    "Use one process, DDP (multi_gpu.yaml), DeepSpeed ZeRO (deepspeed_zero2.yaml) or FSDP2 (fsdp2.yaml) with "
-    "safeguard_space='update', or keep this engine with safeguard_space='output'."
-)
-
-
-class _ShardedCollectives(BranchCollectives):
-    """An engine that shards the optimizer state where the update space's reductions are not implemented: refused
-    (its ``D(lambda)`` would be summed over the engine's own partitions at every evaluation of the search)."""
-
-    def check_update_space(self) -> None:
-        raise ValueError(_SHARDED_UPDATE.format(name=self.engine.name))
-
-
 @register_collectives(DeepSpeedEngine)
 class DeepSpeedCollectives(BranchCollectives):
     """DeepSpeed ZeRO-1/2 keep the weights whole and own the accumulated, reduced gradients (their partitions).
@@ -356,12 +340,20 @@ class FSDP2Collectives(ShardSums, BranchCollectives):
 
 
 @register_collectives(FSDP1Engine)
-class FSDP1Collectives(_ShardedCollectives):
-    """FSDP1's flattened, sharded gradients cannot be separated per branch: the parameter space is refused."""
+class FSDP1Collectives(BranchCollectives):
+    """FSDP1's flattened, sharded gradients cannot be separated per branch, and its flat optimizer state cannot be
+    read per weight: the parameter and update spaces are refused, each naming FSDP2."""
 
     def check_parameter_space(self, scope: str) -> None:
         raise ValueError(
             "safeguard_space='parameter' is not supported under FSDP1; use FSDP2 "
             "(examples/accelerate_configs/fsdp2.yaml), DDP or DeepSpeed ZeRO-1/2, or keep FSDP1 with "
             "safeguard_space='output'."
+        )
+
+    def check_update_space(self) -> None:
+        raise ValueError(
+            "safeguard_space='update' is not supported under FSDP1: its flattened, sharded optimizer state cannot "
+            "be read per weight. Use FSDP2 (examples/accelerate_configs/fsdp2.yaml), DDP or DeepSpeed ZeRO "
+            "(deepspeed_zero2.yaml) with safeguard_space='update', or keep FSDP1 with safeguard_space='output'."
         )
