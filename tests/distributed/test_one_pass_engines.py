@@ -1,6 +1,6 @@
 """The exact safeguard in one pass under DeepSpeed ZeRO-1/2/3 and FSDP2 on two CPU processes (gloo), against one
-process with the same global batch: the parameter space (global scope), the per-pair scope and the update space, SD
-and SDXL, LoRA and full.
+process with the same global batch: the parameter space (global scope), the per-pair scope and the update space, SD,
+SDXL and a flow-matching transformer (FLUX.2 [klein]), LoRA and full.
 
 ZeRO-1/2 keep the weights whole: each process splits its own micro-batch's gradient by branch (or by image) inside
 one backward, as under DDP, and hands the combination to the engine as the gradient of a surrogate linear in the
@@ -47,10 +47,15 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "sdxl-update-lora": ("sdxl", (*UPDATE, *BETA_500), True),
     # two micro-batches per step: the window's earlier sum kept beside the engine's partitions (ZeRO-3) or in .grad
     "parameter-lora-accumulated": ("sd15", (*PARAMETER, "--gradient_accumulation_steps", "2"), True),
-    # a flow-matching transformer (examples/train_flow.py), each space and scope, LoRA and full
+    # a flow-matching transformer (examples/train_flow.py), each space and scope, LoRA and full; the update space at
+    # mu 0.9, where its lambda binds on every step (at 0.5 the LoRA run's stays at 1)
     **{
         f"{FLOW}-{space}-{tuning}": (FLOW, (*FLOW_ARGS, *FAMILIES[FLOW].extra, *arguments), tuning == "lora")
-        for space, arguments in (("parameter", PARAMETER), ("pair", PAIR), ("update", UPDATE))
+        for space, arguments in (
+            ("parameter", PARAMETER),
+            ("pair", PAIR),
+            ("update", (*UPDATE, "--safeguard_mu", "0.9")),
+        )
         for tuning in ("lora", "full")
     },
 }
