@@ -338,6 +338,8 @@ def make_trainer(opts: argparse.Namespace, run: str, workdir: str, num_steps: in
 
     cache, tuning = run.split("-")
     is_floor = cache == "floor"
+    renamed = "activation_checkpointing" in DiffusionSDPOConfig.__dataclass_fields__
+    checkpointing_field = "activation_checkpointing" if renamed else "gradient_checkpointing"
     pipeline = build_pipeline(opts.unet, opts.device)
     if opts.channels_last:
         pipeline.unet.to(memory_format=torch.channels_last)
@@ -357,11 +359,12 @@ def make_trainer(opts: argparse.Namespace, run: str, workdir: str, num_steps: in
         latent_cache_dir=os.path.join(workdir, "cache"),
         optim=opts.optim,
         max_grad_norm=opts.max_grad_norm,
-        gradient_checkpointing=opts.gradient_checkpointing,
         torch_compile=opts.torch_compile,
         dataloader_num_workers=opts.dataloader_num_workers,
         loss_type=opts.loss_type,
         seed=0,
+        # transformers 5 renamed the flag (the old name still works, with a deprecation warning)
+        **{checkpointing_field: opts.gradient_checkpointing},
     )
     peft_config = None
     if tuning == "lora":
