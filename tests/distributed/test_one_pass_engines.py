@@ -9,9 +9,12 @@ branches over processes, then reads AdamW's moments on each process's flat float
 ``_hp_mapping`` links each weight's piece to it) and adds every sum up over processes. FSDP2 and ZeRO-3 gather each
 block's weights for its backward: the taps' per-branch (per-image) gradients are reduce-scattered into each
 process's shards (FSDP2's rows, ZeRO-3's flat partitions), where the inner products are summed over processes.
-Launched as ``test_distributed.py`` launches its trainings: the one-process references in one launch, the
-two-process trainings in another. Five LoRA cases stay in the default suite (:data:`DEFAULT_SUITE`); the rest are
-slow tests.
+The update space under FSDP2 works on each process's shards of the averaged ``g_w`` and ``h_l``, of the weights and
+of the optimizer's state: ``OptimizerUpdate`` adds up every sum it forms over the processes (the clip coefficient's,
+AdamW's weight decay, SGD's four, ``D(lambda)`` at each evaluation), so every process searches the same ``D``; it is
+tested with AdamW in one pass and with SGD in per-branch passes (:data:`SGD_SETTINGS`). Launched as
+``test_distributed.py`` launches its trainings: the one-process references in one launch, the two-process trainings
+in another. Eight cases stay in the default suite (:data:`DEFAULT_SUITE`); the rest are slow tests.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ pytest.importorskip("deepspeed")
 PARAMETER = ("--safeguard_space", "parameter")  # the global scope (test_distributed's script arguments)
 PAIR = ("--safeguard_space", "parameter", "--safeguard_scope", "pair")
 UPDATE = ("--safeguard_space", "update")  # AdamW with weight decay 0.01 and clipping at 1.0
+# SGD with momentum, in per-branch passes (the one pass is covered with AdamW): both stores on shards stay covered
+SGD_TWO = ("--optim", "sgd", "--learning_rate", "1e-2", "--optim_args", "momentum=0.9", "--safeguard_passes", "two")
 BETA_500 = ("--beta", "500")
 ZERO1, ZERO2, ZERO3 = "deepspeed_zero1.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"
 FSDP2 = "fsdp2.yaml"
@@ -45,6 +50,8 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "update-full": ("sd15", UPDATE, False),
     "sdxl-parameter-full": ("sdxl", (*PARAMETER, *BETA_500), False),
     "sdxl-update-lora": ("sdxl", (*UPDATE, *BETA_500), True),
+    "update-sgd-lora": ("sd15", (*UPDATE, *SGD_TWO), True),
+    "update-sgd-full": ("sd15", (*UPDATE, *SGD_TWO), False),
     # two micro-batches per step: the window's earlier sum kept beside the engine's partitions (ZeRO-3) or in .grad
     "parameter-lora-accumulated": ("sd15", (*PARAMETER, "--gradient_accumulation_steps", "2"), True),
     # a flow-matching transformer (examples/train_flow.py), each space and scope, LoRA and full; the update space at
@@ -66,12 +73,16 @@ DEFAULT_SUITE = {
     ("deepspeed_zero2.yaml", "update-lora"),
     ("fsdp2.yaml", "pair-lora"),
     ("fsdp2.yaml", "update-lora"),
+    ("fsdp2.yaml", "update-full"),
+    ("fsdp2.yaml", "update-sgd-lora"),
+    ("fsdp2.yaml", "update-sgd-full"),
     ("deepspeed_zero3.yaml", "parameter-lora"),
     ("deepspeed_zero3.yaml", "update-lora"),
 }
 FLOW_SETTINGS = tuple(name for name in SETTINGS if name.startswith(FLOW))
+SGD_SETTINGS = ("update-sgd-lora", "update-sgd-full")  # FSDP2 only: test_fsdp2_update_space_under_sgd_...
 ENGINES = {
-    ZERO2: tuple(SETTINGS),
+    ZERO2: tuple(name for name in SETTINGS if name not in SGD_SETTINGS),
     ZERO1: ("parameter-lora", "update-full"),
     FSDP2: (
         "parameter-lora",
@@ -79,6 +90,8 @@ ENGINES = {
         "update-lora",
         "parameter-full",
         "pair-full",
+        "update-full",
+        *SGD_SETTINGS,
         "sdxl-parameter-full",
         "parameter-lora-accumulated",
         *FLOW_SETTINGS,
@@ -106,13 +119,17 @@ def _assets(root: Path, kind: str) -> dict[str, Path]:
 
 
 def _cases(slow: bool) -> list[tuple[str, str]]:
-    """``(engine, setting)`` pairs of the default suite (``slow=False``) or of the slow tests."""
+    """``(engine, setting)`` pairs of the default suite (``slow=False``) or of the slow tests: one launch group."""
     return [
         (engine, name)
         for engine, names in ENGINES.items()
         for name in names
         if ((engine, name) not in DEFAULT_SUITE) == slow
     ]
+
+
+def _one_pass_cases(slow: bool) -> list[tuple[str, str]]:
+    return [(engine, name) for engine, name in _cases(slow) if name not in SGD_SETTINGS]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +175,7 @@ def _check(root: Path, engine: str, name: str) -> None:
     to 3.2e-5 relative with LoRA (tolerance 1e-4) and 1.1e-4 with full tuning (1e-3, as test_distributed.py's
     engines); the per-pair scope's to 5.7e-5. The update space's lambda lies within max_lambda / 2048 (4.9e-4) below
     a crossing of D with its target, which rounding moves by up to a step: 1.4e-4 absolute measured (tolerance 1e-3,
-    as under FSDP2: test_fsdp2_update_space.py). Losses: 1.7e-4 relative with LoRA (1e-3), 2.2e-3 with full tuning
+    as under FSDP2 with SGD below). Losses: 1.7e-4 relative with LoRA (1e-3), 2.2e-3 with full tuning
     (5e-3). The logged gradient norms (what the optimizer saw, after the engine's reduction): 2.9e-4 relative
     (tolerance 2e-3; a gradient off by the number of processes, which AdamW's normalisation would hide from the
     weights, is a factor 2). Weights: the difference's norm against how far the weights moved, 5.7e-4 with LoRA
@@ -182,6 +199,8 @@ def _check(root: Path, engine: str, name: str) -> None:
     assert len(norms[0]) == STEPS and norms[0] == pytest.approx(norms[1], rel=GRAD_NORM_REL)
     if engine == FSDP2:  # every trained weight is a shard
         assert report["policy_sharded"] == report["policy_parameters"]
+        # every process entered the same collectives: the same search (its passes, each one all-reduce) on each
+        assert report["collectives_match"], report["first_collective_mismatch"]
     elif engine == ZERO3:  # the widened UNet's large tensors are partitioned (SDXL's all stay whole)
         assert report["policy_partitioned"] > 0 or kind != "sd15"
     else:  # every process stepped the same whole weights
@@ -198,7 +217,9 @@ def _check(root: Path, engine: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "engine,name", _cases(slow=False), ids=[f"{e.removesuffix('.yaml')}-{n}" for e, n in _cases(slow=False)]
+    "engine,name",
+    _one_pass_cases(slow=False),
+    ids=[f"{e.removesuffix('.yaml')}-{n}" for e, n in _one_pass_cases(slow=False)],
 )
 def test_one_pass_under_sharding_engines_trains_like_one_process(root, engine, name):
     _check(root, engine, name)
@@ -206,7 +227,35 @@ def test_one_pass_under_sharding_engines_trains_like_one_process(root, engine, n
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "engine,name", _cases(slow=True), ids=[f"{e.removesuffix('.yaml')}-{n}" for e, n in _cases(slow=True)]
+    "engine,name",
+    _one_pass_cases(slow=True),
+    ids=[f"{e.removesuffix('.yaml')}-{n}" for e, n in _one_pass_cases(slow=True)],
 )
 def test_one_pass_under_sharding_engines_trains_like_one_process_slow(root, engine, name):
     _check(root, engine, name)
+
+
+@pytest.mark.parametrize("name", SGD_SETTINGS)
+def test_fsdp2_update_space_under_sgd_in_per_branch_passes_trains_one_processs_weights(root, name):
+    """SGD with momentum on FSDP2's shards, in per-branch passes (each branch's backward reduce-scatters it): its
+    ``D(lambda)`` is formed from four sums, each added up over processes, so every process searches the same ``D``.
+    SGD's update is linear in the gradient, so rounding stays rounding: the weights agree element-wise to 1.5e-7
+    measured (float32 weights of size ~1; tolerance 1e-6), where a lambda wrong by d on one process's shards would
+    move them by lr * d * |h_l|; D is smooth in lambda (the clip coefficient its only nonlinearity), lambdas agree to
+    1.6e-5 measured (tolerance 2e-4) and losses to 5.8e-4 (1e-3)."""
+    single, report = _report(root, None, name, False), _report(root, FSDP2, name, False)
+    assert report["distributed_type"].endswith("FSDP") and report["num_processes"] == 2
+    assert report["two_pass_reason"] == "safeguard_passes='two'"
+    assert report["global_step"] == STEPS == len(single["lambdas"]) == len(report["lambdas"])
+    assert report["policy_sharded"] == report["policy_parameters"]  # every trained weight is a shard
+    # every process entered the same collectives: the same search (its passes, each one all-reduce) on each
+    assert report["collectives_match"], report["first_collective_mismatch"]
+    assert any(lam < 1.0 for lam in single["lambdas"])  # the margin binds: a wrong D would move lambda
+    assert report["saved_vs_trained_max_abs_diff"] < 1e-5
+    assert report["lambdas"] == pytest.approx(single["lambdas"], abs=2e-4)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    lora = name.endswith("lora")
+    expected, trained = _weights(Path(single["model_dir"]), lora), _weights(Path(report["model_dir"]), lora)
+    assert trained.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(trained[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -153,12 +153,22 @@ def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) ->
     assert (tmp_path / "tiny.safetensors").stat().st_size > 0
 
 
-def test_the_online_command_runs_as_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "override",
+    [
+        # the command and its config's paths, as written, for 2 of the config's 30 steps (a flag overrides the config,
+        # as the README says); all 30 in the slow test
+        " --max_steps 2",
+        pytest.param("", marks=pytest.mark.slow),
+    ],
+    ids=["2-steps", "as-written"],
+)
+def test_the_online_command_runs_as_written(tmp_path: Path, override: str) -> None:
     """The online command on the shipped config, as written, from the repository root's relative paths."""
     commands = [c for b in _blocks(README, "bash") for c in _commands(b)]
     online = next(c for c in commands if c.startswith("trl-diffusion-sdpo online"))
     (tmp_path / "examples").symlink_to(ROOT / "examples")
-    _run_as_written(online, tmp_path)
+    _run_as_written(online + override, tmp_path)
     assert (tmp_path / "tiny-cpu-online-sdpo" / "pytorch_lora_weights.safetensors").is_file()
     assert "reward_funcs" in (tmp_path / "tiny-cpu-online-sdpo" / "README.md").read_text()
 
