@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "step_times_s": times[name][opts.warmup :],
             "step_ratio_to_dpo": median / dpo,
             "profiled_self_s": profiled,
+            # why the exact rule ran per-branch passes (None: one pass, or no exact rule)
+            "two_pass_reason": getattr(getattr(safeguards[name], "backward_stage", None), "two_pass_reason", None),
             "slowest_operators": sorted(
                 ({"operator": k, **v} for k, v in profiles[name].items()), key=lambda r: -r["self_s"]
             )[: opts.rows],
