@@ -178,7 +178,9 @@ def _recording_samples(batches: list[list[int]]):
 _COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all_single", "barrier",
     "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter",
-    "reduce_scatter_tensor", "scatter",
+    "reduce_scatter_tensor", "scatter", "all_gather_coalesced",
+    # FSDP2 gathers and reduce-scatters its shards through these (torch 2.13), DeepSpeed may take the older names
+    "all_gather_single", "reduce_scatter_single", "_all_gather_base", "_reduce_scatter_base",
 )  # fmt: skip
 
 

@@ -30,8 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import distributed_worker  # noqa: E402  (the shared engine machinery; sets one thread per process)
-from distributed_worker import (  # noqa: E402
+from distributed_worker import (  # noqa: E402  (the shared engine machinery; sets one thread per process)
     _counting_collectives,
     _first_mismatch,
     _skip_deepspeed_shm_op,
@@ -39,11 +38,6 @@ from distributed_worker import (  # noqa: E402
     _uses,
     lift_fsdp_cpu_gate,
 )
-
-# FSDP2 gathers and reduce-scatters its shards through these (torch 2.13), and DeepSpeed may take the older names:
-# counted here too, so that a sampling call under FSDP2 or ZeRO-3 shows the gathers it entered.
-_MORE_COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "_all_gather_base", "_reduce_scatter_base")
-distributed_worker._COLLECTIVES = (*distributed_worker._COLLECTIVES, *_MORE_COLLECTIVES, "all_gather_coalesced")
 
 #: Rows whose prompt starts with this get a reward that depends on the prompt only: its samples tie.
 FLAT = "flat"
