@@ -325,6 +325,32 @@ def rss() -> int:
         return psutil.Process().memory_info().rss
 
 
+class StepPeak:
+    """The peak resident memory of this process between :meth:`start` and :meth:`stop`, sampled by a thread every
+    5 ms (run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave the resident set at once and a
+    step's peak is its own, not an earlier step's high-water mark)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._running = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            self._running.wait()
+            self.peak = max(self.peak, rss())
+            time.sleep(0.005)
+
+    def start(self) -> None:
+        self.peak = rss()
+        self._running.set()
+
+    def stop(self) -> int:
+        self._running.clear()
+        return max(self.peak, rss())
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

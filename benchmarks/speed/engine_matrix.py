@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,41 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from benchmarks.harness import (  # noqa: E402
     SAFEGUARDS,
+    StepPeak,
     add_setup_arguments,
     lift_fsdp_cpu_gate,
     machine_description,
     make_trainer,
     resolve_setup,
-    rss,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "examples" / "accelerate_configs"
 ENGINES = ("multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp2")
-
-
-class StepPeak:
-    """The peak resident memory of this process between :meth:`start` and :meth:`stop`, sampled by a thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._running = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while True:
-            self._running.wait()
-            self.peak = max(self.peak, rss())
-            time.sleep(0.005)
-
-    def start(self) -> None:
-        self.peak = rss()
-        self._running.set()
-
-    def stop(self) -> int:
-        self._running.clear()
-        return max(self.peak, rss())
 
 
 def worker(opts: argparse.Namespace) -> None:

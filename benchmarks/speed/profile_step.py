@@ -1,10 +1,13 @@
 """Where a trainer step's time goes: one ``trainer.train()`` with the safeguards alternating step by step (as
-``engine_matrix.py`` runs them), the step times of each, and a ``torch.profiler`` record of one step of each. The
-result file holds, per safeguard, its median step time against Diffusion-DPO's, the operators that take the most
-time in its profiled step, and the operators whose time differs most from Diffusion-DPO's profiled step: where a
-safeguard's extra time goes.
+``engine_matrix.py`` runs them), the step times and peak memory of each, and a ``torch.profiler`` record of one step
+of each. The result file holds, per safeguard, its median step time and its median step's peak memory against
+Diffusion-DPO's (CUDA: ``torch.cuda.max_memory_allocated`` of the step; CPU: the process's resident memory sampled
+during the step, best with ``MALLOC_MMAP_THRESHOLD_=131072`` as below), the operators that take the most time in its
+profiled step, and the operators whose time differs most from Diffusion-DPO's profiled step: where a safeguard's
+extra time goes.
 
-    python benchmarks/speed/profile_step.py --unet sd15 --resolution 256 --batch-size 2 --safeguards dpo,pair
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/speed/profile_step.py --unet sd15 --resolution 256 \
+        --batch-size 2 --safeguards dpo,pair
     python benchmarks/speed/profile_step.py --device cuda --unet sd15 --run cached-full
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 setattr(args, field, value)
             safeguards[name] = safeguard_for(args, trainer.engine, lora=opts.run.endswith("lora"))
         times: dict[str, list[float]] = {name: [] for name in names}
+        peaks: dict[str, list[int]] = {name: [] for name in names}
+        sampler = harness.StepPeak() if opts.device == "cpu" else None
         profiles: dict[str, dict[str, dict[str, float]]] = {}
         state = {"clock": 0.0, "profile": None}
 
@@ -94,11 +100,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     state["profile"] = torch.profiler.profile(activities=activities)
                     state["profile"].__enter__()
                 harness.sync(opts.device)
+                if sampler is None:
+                    torch.cuda.reset_peak_memory_stats()
+                else:
+                    sampler.start()
                 state["clock"] = time.perf_counter()
 
             def on_step_end(self, args, state_, control, **kwargs):
                 harness.sync(opts.device)
                 elapsed = time.perf_counter() - state["clock"]
+                peak = torch.cuda.max_memory_allocated() if sampler is None else sampler.stop()
                 name = names[(state_.global_step - 1) % len(names)]
                 if state["profile"] is not None:
                     state["profile"].__exit__(None, None, None)
@@ -106,10 +117,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     state["profile"] = None
                 else:
                     times[name].append(elapsed)
+                    peaks[name].append(peak)
 
         trainer.add_callback(Schedule())
         trainer.train()
     dpo = statistics.median(times["dpo"][opts.warmup :])
+    dpo_peak = statistics.median(peaks["dpo"][opts.warmup :])
     rows = {}
     for name in names:
         median = statistics.median(times[name][opts.warmup :])
@@ -118,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "median_step_s": median,
             "step_times_s": times[name][opts.warmup :],
             "step_ratio_to_dpo": median / dpo,
+            "median_peak_memory_bytes": statistics.median(peaks[name][opts.warmup :]),
+            "peak_memory_ratio_to_dpo": statistics.median(peaks[name][opts.warmup :]) / dpo_peak,
             "profiled_self_s": profiled,
             # why the exact rule ran per-branch passes (None: one pass, or no exact rule)
             "two_pass_reason": getattr(getattr(safeguards[name], "backward_stage", None), "two_pass_reason", None),
@@ -130,11 +145,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows[name]["operators_against_dpo"] = differences(profiles[name], profiles["dpo"], opts.rows)
     result = {
         "machine": harness.machine_description(opts.device, opts.threads),
-        "settings": {k: v for k, v in vars(opts).items() if k != "output"},
+        "settings": {
+            **{k: v for k, v in vars(opts).items() if k != "output"},
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        },
         "rows": rows,
     }
     for name, row in rows.items():
-        print(f"{name:14s} {row['median_step_s']:8.3f} s  x{row['step_ratio_to_dpo']:.3f}")
+        print(
+            f"{name:14s} {row['median_step_s']:8.3f} s  x{row['step_ratio_to_dpo']:.3f}"
+            f"  peak {row['median_peak_memory_bytes'] / 2**30:.2f} GiB  x{row['peak_memory_ratio_to_dpo']:.4f}"
+        )
         for op in row.get("operators_against_dpo", [])[:8]:
             print(f"    {op['operator']:40s} {op['extra_s']:+8.3f} s  ({op['dpo_calls']} -> {op['calls']} calls)")
     if opts.output:

@@ -288,5 +288,6 @@ def test_profile_step_script_profiles_each_safeguard_against_dpo(tmp_path):
     against = rows["pair"]["operators_against_dpo"]
     assert any(op["calls"] > op["dpo_calls"] for op in against)
     assert rows["pair"]["slowest_operators"][0]["self_s"] > 0
+    assert rows["dpo"]["peak_memory_ratio_to_dpo"] == 1.0 and rows["pair"]["median_peak_memory_bytes"] > 0
     with pytest.raises(SystemExit):  # the differences are taken against Diffusion-DPO, so it comes first
         module.main(["--safeguards", "pair,dpo"])
