@@ -329,6 +329,12 @@ def report(
         "zero_stage": stage,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "lambdas": [h["safeguard/lambda_mean"] for h in trainer.state.log_history if "safeguard/lambda_mean" in h],
+        # each logged step's largest lambda less its smallest, over every process's micro-batches
+        "lambda_spreads": [
+            h["safeguard/lambda_max"] - h["safeguard/lambda_min"]
+            for h in trainer.state.log_history
+            if "safeguard/lambda_max" in h
+        ],
         "global_step": trainer.state.global_step,
         "sample_batches": sample_batches,
         "collective_counts": [len(c) for c in collective_sequences],
