@@ -257,7 +257,9 @@ def synthetic_pairs(num_pairs: int, resolution: int, seed: int = 0):
 
 
 class MemorySampler:
-    """Peak memory over a window: CUDA's allocator peak, or the process RSS sampled by a thread on CPU."""
+    """Peak memory over a window, one window after another: CUDA's allocator peak, or the process RSS sampled by a
+    thread every 5 ms on CPU (run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave the resident set
+    at once and a window's peak is its own, not an earlier window's high-water mark)."""
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -276,6 +278,7 @@ class MemorySampler:
                 self.peak = max(self.peak, rss())
                 self._stop.wait(0.005)
 
+        self._stop.clear()
         self.peak = rss()
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -287,6 +290,8 @@ class MemorySampler:
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
+            self._thread = None
+            self.peak = max(self.peak, rss())
         return self.peak
 
 
@@ -323,32 +328,6 @@ def rss() -> int:
         import psutil
 
         return psutil.Process().memory_info().rss
-
-
-class StepPeak:
-    """The peak resident memory of this process between :meth:`start` and :meth:`stop`, sampled by a thread every
-    5 ms (run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave the resident set at once and a
-    step's peak is its own, not an earlier step's high-water mark)."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._running = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while True:
-            self._running.wait()
-            self.peak = max(self.peak, rss())
-            time.sleep(0.005)
-
-    def start(self) -> None:
-        self.peak = rss()
-        self._running.set()
-
-    def stop(self) -> int:
-        self._running.clear()
-        return max(self.peak, rss())
 
 
 def sync(device: str) -> None:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from benchmarks.harness import (  # noqa: E402
     SAFEGUARDS,
-    StepPeak,
+    MemorySampler,
     add_setup_arguments,
     lift_fsdp_cpu_gate,
     machine_description,
@@ -75,7 +75,7 @@ def worker(opts: argparse.Namespace) -> None:
         running = [name for name in names if name in safeguards]
         times: dict[str, list[float]] = {name: [] for name in running}
         peaks: dict[str, list[int]] = {name: [] for name in running}
-        sampler = StepPeak()
+        sampler = MemorySampler("cpu")
         clock = [0.0]
 
         class Schedule(TrainerCallback):

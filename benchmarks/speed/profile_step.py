@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             safeguards[name] = safeguard_for(args, trainer.engine, lora=opts.run.endswith("lora"))
         times: dict[str, list[float]] = {name: [] for name in names}
         peaks: dict[str, list[int]] = {name: [] for name in names}
-        sampler = harness.StepPeak() if opts.device == "cpu" else None
+        sampler = harness.MemorySampler(opts.device)
         profiles: dict[str, dict[str, dict[str, float]]] = {}
         state = {"clock": 0.0, "profile": None}
 
@@ -99,17 +99,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         activities.append(torch.profiler.ProfilerActivity.CUDA)
                     state["profile"] = torch.profiler.profile(activities=activities)
                     state["profile"].__enter__()
-                harness.sync(opts.device)
-                if sampler is None:
-                    torch.cuda.reset_peak_memory_stats()
-                else:
-                    sampler.start()
+                sampler.start()  # CUDA: synchronised, its peak reset
                 state["clock"] = time.perf_counter()
 
             def on_step_end(self, args, state_, control, **kwargs):
                 harness.sync(opts.device)
                 elapsed = time.perf_counter() - state["clock"]
-                peak = torch.cuda.max_memory_allocated() if sampler is None else sampler.stop()
+                peak = sampler.stop()
                 name = names[(state_.global_step - 1) % len(names)]
                 if state["profile"] is not None:
                     state["profile"].__exit__(None, None, None)

@@ -124,7 +124,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         '(`docs/safeguard.md`, "Where the exact rule runs"). `update`: the same per-branch gradients, with '
         "`lambda` chosen on the optimizer's actual update (AdamW, Adam or SGD: momentum, second moment, weight "
         "decay and clipping included), so the winner's error does not rise to first order under the step "
-        "taken; one process, DDP, DeepSpeed ZeRO-1/2 or FSDP2, `gradient_accumulation_steps=1`.",
+        "taken; one process, DDP, DeepSpeed ZeRO-1/2/3 or FSDP2, `gradient_accumulation_steps=1`.",
         choices=list(SAFEGUARD_SPACES),
     )
     safeguard_scope: str = option(
