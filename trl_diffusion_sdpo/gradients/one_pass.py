@@ -29,6 +29,9 @@ __all__ = ["OnePassBranchGradients", "blocked_dot"]
 
 Reduction = Callable[[list[torch.Tensor]], None]
 
+# Rows longer than this take blocked_dot's per-row route (the largest 32-bit signed leading dimension).
+LONG_ROWS = 2**31 - 1
+
 
 def blocked_dot(
     a: torch.Tensor, b: torch.Tensor, block: int = 1 << 16, dtype: torch.dtype = torch.float64
@@ -37,8 +40,15 @@ def blocked_dot(
     per row, reading ``a`` once), summed per block of ``block`` elements by one batched matmul and the blocks' sums
     added in ``dtype`` (float64; MPS has none): one dot over millions of float32 elements accumulates a relative
     error that ``lambda``'s ratio amplifies where ``<g_w, h_l>`` nearly cancels."""
+    n = a.numel()
+    if n > LONG_ROWS:
+        # cuBLAS takes the rows' stride as a 32-bit leading dimension, which the [k, block, m] view of rows longer
+        # than 2^31 elements (full tuning of a multi-billion-parameter model) exceeds: one contiguous product per row
+        rows = [b] if b.dim() == 1 else list(b)
+        total = torch.stack([_contiguous_blocked_dot(a, row, block, dtype) for row in rows])
+        return total if b.dim() > 1 else total[0]
     rows = b.view(1, -1) if b.dim() == 1 else b
-    n, m = a.numel(), rows.shape[0]
+    m = rows.shape[0]
     k = n // block
     total = torch.zeros(m, dtype=dtype, device=a.device)
     if k:
@@ -48,6 +58,19 @@ def blocked_dot(
     if n > k * block:
         total = total + (rows[:, k * block :] @ a[k * block :]).to(dtype)
     return total if b.dim() > 1 else total[0]
+
+
+def _contiguous_blocked_dot(a: torch.Tensor, row: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`blocked_dot` of two flat vectors through contiguous ``[k, block]`` views only (no stride over 2^31)."""
+    n = a.numel()
+    k = n // block
+    total = torch.zeros((), dtype=dtype, device=a.device)
+    if k:
+        products = torch.bmm(a[: k * block].view(k, 1, block), row[: k * block].view(k, block, 1))
+        total = total + products.to(dtype).sum()
+    if n > k * block:
+        total = total + torch.dot(row[k * block :], a[k * block :]).to(dtype)
+    return total
 
 
 class OnePassBranchGradients:

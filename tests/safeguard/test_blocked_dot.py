@@ -1,0 +1,28 @@
+"""``blocked_dot``: the safeguard's inner products over the flat per-branch gradient buffer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trl_diffusion_sdpo.gradients import one_pass
+from trl_diffusion_sdpo.gradients.one_pass import blocked_dot
+
+
+@pytest.mark.parametrize("long_rows", [False, True])
+@pytest.mark.parametrize("n", [5, 1000, 70_001])
+def test_blocked_dot_equals_the_float64_dot_on_both_routes(n, long_rows, monkeypatch):
+    """Both routes (the batched view, and the per-row route rows longer than a 32-bit leading dimension take on CUDA)
+    give the float64 dot products, per row and for a flat vector."""
+    if long_rows:  # rows of n elements count as "longer than 2^31" here
+        monkeypatch.setattr(one_pass, "LONG_ROWS", n - 1)
+    generator = torch.Generator().manual_seed(n)
+    a = torch.randn(n, generator=generator)
+    rows = torch.randn(3, n, generator=generator)
+    expected = rows.double() @ a.double()
+    # float32 products summed per block: an error of order eps * |a| |row|, far below a wrong or missing block
+    scale = 1e-6 * a.double().norm() * rows.double().norm(dim=1)
+    got = blocked_dot(a, rows, block=64)
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    assert ((got - expected).abs() <= scale).all(), (got, expected)
+    assert (blocked_dot(a, rows[1], block=64) - expected[1]).abs() <= scale[1]
