@@ -39,11 +39,10 @@ from torch.distributed.tensor import DTensor
 from trl_diffusion_sdpo.distributed import is_partitioned, load_pipeline, zero_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # conftest's RecordingDataset
-sys.path.insert(0, ROOT)  # benchmarks.harness: FSDP on CPU processes
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # conftest's RecordingDataset, FSDP on CPU processes
 torch.set_num_threads(1)
 
-from benchmarks.harness import lift_fsdp_cpu_gate  # noqa: E402
+from fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402
 
 
 def _example(name: str):

@@ -270,15 +270,11 @@ def check_resuming_gives_the_weights_of_an_uninterrupted_run(case: FlowCase, mak
 
 
 def check_exact_safeguard_keeps_the_winner_term_from_rising(model: str, dpo_rises: bool = True) -> None:
-    """benchmarks/studies/safeguard_exactness.py's first-order check on the family's tiny transformer: after a small
+    """The first-order check of ``tests/winner_term_check.py`` on the family's tiny transformer: after a small
     SGD step along the parameter-space rule's gradient the winner term never rises beyond the second-order tolerance,
     while plain Diffusion-DPO's step does on some of the same batches (``dpo_rises``; on tiny Z-Image it does on about
     a third of 100 batches from the reference, but on none of these 20 from the drifted start)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "studies"))
-    from safeguard_exactness import Setting, run
+    from winner_term_check import Setting, run
 
     report = run(
         Setting(batches=20, pairs=2, beta=100.0, drift_steps=5), progress=False, starts=("drifted",), model=model

@@ -405,14 +405,10 @@ def test_settings_without_flow_meaning_are_refused_naming_the_field(make_flow, m
 
 
 def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_flux_transformer() -> None:
-    """The first-order check of benchmarks/studies/safeguard_exactness.py on a FLUX.1-dev-style transformer: after a
+    """The first-order check of ``tests/winner_term_check.py`` on a FLUX.1-dev-style transformer: after a
     small SGD step along the parameter-space rule's gradient the winner term never rises beyond the second-order
     tolerance, while plain Diffusion-DPO's step does on some of the same batches."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "studies"))
-    from safeguard_exactness import Setting, run
+    from winner_term_check import Setting, run
 
     report = run(
         Setting(batches=30, pairs=2, beta=100.0, drift_steps=5), progress=False, starts=("drifted",), model="flux"

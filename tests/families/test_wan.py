@@ -438,14 +438,10 @@ def test_the_train_command_trains_wan_lora_yaml_from_local_folders(make_wan, vid
 
 
 def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_wan_transformer() -> None:
-    """The first-order check of benchmarks/studies/safeguard_exactness.py on video latents ``[16, 2, 4, 4]`` through
+    """The first-order check of ``tests/winner_term_check.py`` on video latents ``[16, 2, 4, 4]`` through
     the Wan family's call: after a small step along the parameter-space rule's gradient the winner term never rises
     beyond the second-order tolerance."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "studies"))
-    from safeguard_exactness import Setting, run
+    from winner_term_check import Setting, run
 
     report = run(
         Setting(batches=20, pairs=2, beta=100.0, drift_steps=5), progress=False, starts=("drifted",), model="wan"

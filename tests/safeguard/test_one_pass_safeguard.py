@@ -330,9 +330,19 @@ def test_pair_scope_engages_on_some_pairs_only(tmp_path):
 # ------------------------------------------------------------------------------------------- planted bugs
 
 
+def _assert_one_pass_equals(problem: Problem, lam_two: torch.Tensor, grads_two: list) -> None:
+    """The clean one pass passes the comparison the planted one must fail: a planted-bug test that only saw a failure
+    would also pass where the comparison fails for every run."""
+    stage, lam_one, grads_one = run_stage(problem, passes="one")
+    assert stage.one_pass is not None
+    assert lam_one.item() == pytest.approx(lam_two.item(), rel=1e-6)
+    assert_equal_gradients(grads_one, grads_two)
+
+
 def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
     problem = make_problem("sd", True, tmp_path)
     _, lam_two, grads_two = run_stage(problem, passes="two")
+    _assert_one_pass_equals(problem, lam_two, grads_two)
     original = layer_taps._LinearTap.backward
 
     def shifted(ctx, grad):  # the group boundary moved by one row
@@ -355,6 +365,7 @@ def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
 def test_planted_loser_rows_scaled_twice_are_caught(tmp_path, monkeypatch):
     problem = make_problem("sdxl", False, tmp_path)
     _, lam_two, grads_two = run_stage(problem, passes="two")
+    _assert_one_pass_equals(problem, lam_two, grads_two)
     original = OnePassBranchGradients.combination
 
     def twice(self, lam):
@@ -373,7 +384,8 @@ def test_planted_layer_type_silently_skipped_is_caught(tmp_path, monkeypatch):
     unsplit gradient. The first micro-batch's probe catches that and falls back; with the probe silenced as well,
     the comparison fails. Reported as uncovered (the real code's behaviour) it falls back up front."""
     problem = make_problem("sd", False, tmp_path)
-    _, _, grads_two = run_stage(problem, passes="two")
+    _, lam_two, grads_two = run_stage(problem, passes="two")
+    _assert_one_pass_equals(problem, lam_two, grads_two)
     real_kind = layer_taps._kind
 
     def skipping(module):

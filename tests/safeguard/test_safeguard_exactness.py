@@ -1,17 +1,11 @@
 """The parameter-space safeguard's guarantee, measured: after one small plain-SGD step along its gradient, the loss's
-winner term never rises beyond the second-order tolerance derived in ``benchmarks/studies/safeguard_exactness.py``;
+winner term never rises beyond the second-order tolerance derived in ``tests/winner_term_check.py``;
 plain Diffusion-DPO's step does let it rise on some of the same batches (so the check can fail)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "studies"))
-
-from safeguard_exactness import Setting, run  # noqa: E402
+from winner_term_check import Setting, run
 
 
 def _check(report: dict, start: str, binding: bool = True) -> None:
