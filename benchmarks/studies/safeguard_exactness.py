@@ -22,7 +22,7 @@ One AdamW step (first step, from fresh moments: a sign-like update) is reported 
 ``--adamw`` measures every rule under a real ``torch.optim.AdamW`` step instead (``*@adamw`` rows): moments warmed
 by ``adamw_warm`` Diffusion-DPO gradients at the starting point (learning rate 0 while warming, so the weights stay),
 weight decay 0.01, gradients clipped at norm 1 as the trainer does, then one step of ``adamw_lr`` with each rule's
-gradient; ``update@adamw`` is ``safeguard_space="update"`` (:mod:`trl_diffusion_sdpo.step.update_space`), which
+gradient; ``update@adamw`` is ``safeguard_space="update"`` (:mod:`trl_diffusion_sdpo.safeguards.update_space`), which
 chooses ``lambda`` on this very update. The tolerance is measured the same way along the update ``Delta``:
 ``C = W(theta + Delta) - 2 W(theta) + W(theta - Delta)``, ``R3 = (W(theta + Delta) - W(theta - Delta)) / 2 -
 <g_w, Delta>``, plus float32 rounding of the rule's own evaluation (``64 eps32 sum |g_w * Delta|``).
@@ -62,8 +62,9 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trl_diffusion_sdpo.families import family_for_pipeline  # noqa: E402
-from trl_diffusion_sdpo.step.safeguard import parameter_space_lambda, winner_preserving_lambda  # noqa: E402
-from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_lambda  # noqa: E402
+from trl_diffusion_sdpo.safeguards.output import winner_preserving_lambda  # noqa: E402
+from trl_diffusion_sdpo.safeguards.parameter import parameter_space_lambda  # noqa: E402
+from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, update_space_lambda  # noqa: E402
 from trl_diffusion_sdpo.tiny_models import (  # noqa: E402
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
@@ -291,7 +292,7 @@ def _pair_gradient(problem: Problem, theta: dict[str, torch.Tensor], batch) -> t
     for i in range(e_w.shape[0]):
         g_w = _flat(torch.autograd.grad(a_w[i] * e_w[i], params, retain_graph=True, allow_unused=True), params)
         h_l = _flat(torch.autograd.grad(a_l[i] * e_l[i], params, retain_graph=True, allow_unused=True), params)
-        lam = parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), problem.setting.mu).double()
+        lam = parameter_space_lambda(g_w.dot(g_w), g_w.dot(h_l), problem.setting.mu).double()
         lambdas.append(float(lam))
         term = g_w + lam * h_l
         total = term if total is None else total + term
@@ -350,7 +351,7 @@ def measure_batch_adamw(problem: Problem, theta: dict[str, torch.Tensor], batch,
         "output@adamw": winner_preserving_lambda(
             pred_w - batch["target_w"], pred_l - batch["target_l"], setting.mu
         ).double(),
-        "parameter@adamw": parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), setting.mu).double(),
+        "parameter@adamw": parameter_space_lambda(g_w.dot(g_w), g_w.dot(h_l), setting.mu).double(),
         "update@adamw": update_space_lambda(update, setting.mu)[0].double(),
     }
     pair_gradient, pair_lambdas = _pair_gradient(problem, theta, batch)
@@ -392,7 +393,7 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
         return float((a_w * e).sum())
 
     w0 = winner_term(theta_flat)
-    lam_param = parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), setting.mu).double()
+    lam_param = parameter_space_lambda(g_w.dot(g_w), g_w.dot(h_l), setting.mu).double()
     lam_out = winner_preserving_lambda(
         (pred_w - batch["target_w"]).detach(), (pred_l - batch["target_l"]).detach(), setting.mu
     ).double()
