@@ -168,7 +168,13 @@ def check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline(case: FlowCa
 def check_safeguard_space(case: FlowCase, pipe, make_config, pairs, space: str) -> None:
     trainer = DiffusionSDPOTrainer(
         pipe,
-        args=case.config(make_config, safeguard=True, safeguard_mu=0.5, safeguard_space=space),
+        args=case.config(
+            make_config,
+            safeguard=True,
+            safeguard_mu=0.5,
+            safeguard_space=space,
+            safeguard_log_output_lambda=space == "parameter",
+        ),
         train_dataset=pairs,
         peft_config=case.lora(),
     )

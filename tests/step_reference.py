@@ -136,6 +136,7 @@ def train_once(name: str, setting: str, lora: bool, work_dir: str) -> dict[str, 
         **fast_config_values(os.path.join(work_dir, "out")),
         "beta": 100.0,
         "max_sequence_length": family.tokens,
+        "safeguard_log_output_lambda": True,  # the stored exact-rule runs record the authors' lambda beside theirs
         **family.config,
         **SETTINGS[setting],
     }

@@ -23,10 +23,10 @@ One AdamW step (first step, from fresh moments: a sign-like update) is reported 
 rows): moments warmed by ``adamw_warm`` Diffusion-DPO gradients at the starting point (learning rate 0 while warming,
 so the weights stay), weight decay 0.01, gradients clipped at norm 1 as the trainer does, then one step of ``adamw_lr``
 with each rule's gradient; ``update@adamw`` is ``safeguard_space="update"``
-(:mod:`trl_diffusion_sdpo.step.update_space`), which chooses ``lambda`` on this very update. The tolerance is measured
-the same way along the update ``Delta``: ``C = W(theta + Delta) - 2 W(theta) + W(theta - Delta)``, ``R3 = (W(theta +
-Delta) - W(theta - Delta)) / 2 - <g_w, Delta>``, plus float32 rounding of the rule's own evaluation (``64 eps32 sum
-|g_w * Delta|``).
+(:mod:`trl_diffusion_sdpo.safeguards.update_space`), which chooses ``lambda`` on this very update. The tolerance is
+measured the same way along the update ``Delta``: ``C = W(theta + Delta) - 2 W(theta) + W(theta - Delta)``,
+``R3 = (W(theta + Delta) - W(theta - Delta)) / 2 - <g_w, Delta>``, plus float32 rounding of the rule's own
+evaluation (``64 eps32 sum |g_w * Delta|``).
 
 ``model`` (``--model``) names a tiny flow-matching transformer to run the same check on (``sd3``, ``flux``,
 ``flux-kontext``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``qwen-image-2.1``, ``z-image``,
@@ -54,8 +54,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from trl_diffusion_sdpo.families import family_for_pipeline
-from trl_diffusion_sdpo.step.safeguard import parameter_space_lambda, winner_preserving_lambda
-from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_lambda
+from trl_diffusion_sdpo.safeguards.output import winner_preserving_lambda
+from trl_diffusion_sdpo.safeguards.parameter import parameter_space_lambda
+from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, update_space_lambda
 from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
@@ -283,7 +284,7 @@ def _pair_gradient(problem: Problem, theta: dict[str, torch.Tensor], batch) -> t
     for i in range(e_w.shape[0]):
         g_w = _flat(torch.autograd.grad(a_w[i] * e_w[i], params, retain_graph=True, allow_unused=True), params)
         h_l = _flat(torch.autograd.grad(a_l[i] * e_l[i], params, retain_graph=True, allow_unused=True), params)
-        lam = parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), problem.setting.mu).double()
+        lam = parameter_space_lambda(g_w.dot(g_w), g_w.dot(h_l), problem.setting.mu).double()
         lambdas.append(float(lam))
         term = g_w + lam * h_l
         total = term if total is None else total + term
@@ -342,7 +343,7 @@ def measure_batch_adamw(problem: Problem, theta: dict[str, torch.Tensor], batch,
         "output@adamw": winner_preserving_lambda(
             pred_w - batch["target_w"], pred_l - batch["target_l"], setting.mu
         ).double(),
-        "parameter@adamw": parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), setting.mu).double(),
+        "parameter@adamw": parameter_space_lambda(g_w.dot(g_w), g_w.dot(h_l), setting.mu).double(),
         "update@adamw": update_space_lambda(update, setting.mu)[0].double(),
     }
     pair_gradient, pair_lambdas = _pair_gradient(problem, theta, batch)
@@ -384,7 +385,7 @@ def measure_batch(problem: Problem, theta: dict[str, torch.Tensor], batch) -> di
         return float((a_w * e).sum())
 
     w0 = winner_term(theta_flat)
-    lam_param = parameter_space_lambda(g_w.dot(g_w), -g_w.dot(h_l), setting.mu).double()
+    lam_param = parameter_space_lambda(g_w.dot(g_w), g_w.dot(h_l), setting.mu).double()
     lam_out = winner_preserving_lambda(
         (pred_w - batch["target_w"]).detach(), (pred_l - batch["target_l"]).detach(), setting.mu
     ).double()

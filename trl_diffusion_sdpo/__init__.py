@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
         register_objective,
     )
     from .online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
-    from .step.safeguard import parameter_space_lambda, safeguarded_gradients, winner_preserving_lambda
+    from .safeguards.output import winner_preserving_lambda
+    from .safeguards.parameter import parameter_space_lambda, safeguarded_gradients
     from .trainer import DiffusionSDPOTrainer
 
 # Public name -> the submodule that defines it, imported when the name is first used.
@@ -48,12 +49,12 @@ _EXPORTS = {
     "family_for_pipeline": ".families",
     "load_pipeline": ".distributed",
     "objective_from_config": ".objectives",
-    "parameter_space_lambda": ".step.safeguard",
+    "parameter_space_lambda": ".safeguards.parameter",
     "register_family": ".families",
     "register_objective": ".objectives",
     "register_scorer": ".evaluation.scorers",
-    "safeguarded_gradients": ".step.safeguard",
-    "winner_preserving_lambda": ".step.safeguard",
+    "safeguarded_gradients": ".safeguards.parameter",
+    "winner_preserving_lambda": ".safeguards.output",
     "zero3_init_disabled": ".distributed",
 }
 

@@ -1,19 +1,18 @@
 """``DiffusionSDPOTrainer``: Diffusion-DPO / Diffusion-SDPO on diffusion denoisers with ``transformers.Trainer``.
 
 The trainer orchestrates: it builds the parts, then calls the stages in order. The math lives in :mod:`.objectives`
-and :mod:`.step.safeguard`, the data in :mod:`.data`, model specifics in :mod:`.families`, what differs between DDP,
+and :mod:`.safeguards`, the data in :mod:`.data`, model specifics in :mod:`.families`, what differs between DDP,
 DeepSpeed and FSDP in :mod:`.engines`, the reference model in :mod:`.reference` and the file formats in :mod:`.io`.
 One micro-batch (:meth:`DiffusionSDPOTrainer.training_step`) reads::
 
-    batch -> noised pair                                    (step.batch, step.pipeline)
-    -> safeguard.step: predictions -> errors -> objective   (safeguards: chosen once; step.predictions)
+    batch -> noised pair                                    (step.stages)
+    -> safeguard.step: predictions -> errors -> objective   (safeguards: chosen once; step.stages)
        -> lambda -> backward
     -> non-finite guard -> metrics                          (step.guard, step.metrics)
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections import defaultdict
@@ -40,15 +39,13 @@ from .objectives import objective_from_config
 from .reference import reference_for
 from .run_summary import StartSummary
 from .safeguards import MicroBatch, Safeguard, safeguard_for
-from .step.batch import UsableBatches
 from .step.draws import MicroBatchDraws
 from .step.guard import NonFiniteLossGuard, NonFiniteTracker
 from .step.health import WinnerHealth
 from .step.metrics import metric_names, record_metrics, reduce_metrics
 from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zeroing_only
 from .step.optimizer import grad_norm as trainable_grad_norm
-from .step.pipeline import Augmentation, MicroBatchStages
-from .step.predictions import evaluate_objective
+from .step.stages import Augmentation, MicroBatchStages, UsableBatches, evaluate_objective
 from .tuning import (
     MixedPrecisionForward,
     compute_dtype,
@@ -288,11 +285,10 @@ class DiffusionSDPOTrainer(Trainer):
             result = self.safeguard.step(
                 MicroBatch(
                     model=denoiser,
-                    predict=functools.partial(self.stages.predict_noised, denoiser, noised),
-                    evaluate=functools.partial(
-                        evaluate_objective, self.objective, pair_scores=inputs.get("pair_scores")
-                    ),
-                    pairs=noised.num_pairs,
+                    stages=self.stages,
+                    noised=noised,
+                    objective=self.objective,
+                    pair_scores=inputs.get("pair_scores"),
                     contributes=not replay,
                     accumulation_steps=self.current_gradient_accumulation_steps,
                     sync_gradients=self.accelerator.sync_gradients,
@@ -337,7 +333,7 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _batch(self, inputs: dict[str, torch.Tensor], mode: str) -> tuple[dict[str, torch.Tensor] | None, bool]:
         """The batch stage: count the rows the collator skipped; a micro-batch with none left is left out (one
-        process) or replayed with weight zero (several; see :class:`.step.batch.UsableBatches`)."""
+        process) or replayed with weight zero (several; see :class:`.step.stages.UsableBatches`)."""
         if mode == "train":
             self.stream_guard.observe(inputs)  # valid pairs and skipped rows per optimizer step
         self._metrics[mode]["data/skipped_rows"].append(inputs["num_skipped"].detach().float())
@@ -345,7 +341,7 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _blank_batch(self, mode: str) -> dict[str, Any] | None:
         """A placeholder pair on the device, for a process whose first micro-batch lost every row while its peers
-        train (:class:`.step.batch.UsableBatches`); ``None`` where the collator makes none (a latent cache's rows
+        train (:class:`.step.stages.UsableBatches`); ``None`` where the collator makes none (a latent cache's rows
         were all checked when it was built)."""
         collator = self.data_collator if mode == "train" else self._eval_collator_in_use
         blank = getattr(collator, "blank_batch", None)

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))  # the package and benchmarks.harness
 import torch  # noqa: E402
 
 from benchmarks.harness import machine_description  # noqa: E402
-from trl_diffusion_sdpo.step import update_space as after  # noqa: E402
+from trl_diffusion_sdpo.safeguards import update_space as after  # noqa: E402
 
 MODULE = "trl_diffusion_sdpo/step/update_space.py"
 BEFORE = "0d0a5c5"  # the last commit with the grid-and-bisection search
@@ -76,7 +76,7 @@ def _grid_bisection_search(update, mu: float, max_lambda: float = 1.0) -> tuple[
     lo, hi = grid[last.clamp(min=0)], grid[(last + 1).clamp(max=8)]
     for _ in range(8):
         mid = (lo + hi) / 2
-        ok = update.winner_decrease(mid) >= target
+        ok = update.winner_decreases(mid.reshape(1))[0] >= target
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     infeasible = last < 0
     return torch.where(infeasible, grid[decrease.argmax()], lo).detach().float(), infeasible.float()

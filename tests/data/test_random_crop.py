@@ -16,7 +16,7 @@ from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.transforms import PairTransform
 from trl_diffusion_sdpo.data.validation import PreferenceColumns
-from trl_diffusion_sdpo.step.batch import crop_pairs
+from trl_diffusion_sdpo.step.stages import crop_pairs
 
 
 def ramp(width: int, height: int) -> Image.Image:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_parameter_safeguard import _drift, _explicit_branch_gradients, _trainer_inputs, float64_lambda
+from test_parameter_safeguard import _drift, _explicit_branch_gradients, _trainer_inputs, float64_lambda, replay_draws
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,7 +46,7 @@ def test_parameter_space_gradient_under_mixed_precision_matches_explicit_branche
     for p in params:
         p.grad = None
     trainer.current_gradient_accumulation_steps = 1
-    trainer.stages.draws.replay_step()
+    replay_draws(trainer)
     with trainer.accelerator.autocast():
         trainer.training_step(model, inputs)
     scale = trainer.accelerator.scaler.get_scale() if precision == "fp16" else 1.0

@@ -12,9 +12,9 @@ import torch
 
 from trl_diffusion_sdpo.data.stream_guard import StreamGuard
 from trl_diffusion_sdpo.objectives import PreferencePredictions
-from trl_diffusion_sdpo.step.batch import UsableBatches
+from trl_diffusion_sdpo.safeguards.output import output_space_lambda
 from trl_diffusion_sdpo.step.guard import NonFiniteTracker
-from trl_diffusion_sdpo.step.safeguard import output_space_lambda
+from trl_diffusion_sdpo.step.stages import UsableBatches
 
 
 def _batch(rows: int) -> dict[str, torch.Tensor]:

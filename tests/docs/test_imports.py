@@ -116,7 +116,7 @@ def test_scorer_names_are_listed_without_loading_their_models():
 def test_every_public_name_resolves_to_its_defining_object():
     from trl_diffusion_sdpo.config import DiffusionSDPOConfig
     from trl_diffusion_sdpo.evaluation.scorers.base import register_scorer
-    from trl_diffusion_sdpo.step.safeguard import winner_preserving_lambda
+    from trl_diffusion_sdpo.safeguards.output import winner_preserving_lambda
 
     for name in trl_diffusion_sdpo.__all__:
         assert getattr(trl_diffusion_sdpo, name) is not None, name

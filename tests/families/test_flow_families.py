@@ -25,7 +25,7 @@ from peft import LoraConfig
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, PromptEmbeddings, StableDiffusion3Family, family_for_pipeline
 from trl_diffusion_sdpo.families.flow import FlowNoiser, FlowTimestepSampling, resolution_shift, shift_sigmas
-from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
+from trl_diffusion_sdpo.step.stages import denoising_errors, predict_pairs
 from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, write_t5_tokenizer
 
 SEQ = 16  # T5 tokens in the tests
@@ -316,7 +316,13 @@ def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_transformer(
 def test_both_safeguard_spaces_train_and_log_lambda(make_flow, make_config, flow_pairs, kind, space) -> None:
     trainer = DiffusionSDPOTrainer(
         make_flow(kind),
-        args=flow_config(make_config, safeguard=True, safeguard_mu=0.5, safeguard_space=space),
+        args=flow_config(
+            make_config,
+            safeguard=True,
+            safeguard_mu=0.5,
+            safeguard_space=space,
+            safeguard_log_output_lambda=space == "parameter",
+        ),
         train_dataset=flow_pairs,
         peft_config=lora(),
     )

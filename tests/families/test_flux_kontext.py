@@ -163,7 +163,7 @@ def test_a_flipped_pair_mirrors_its_source_with_it(make_pipe, make_config, pairs
     original = family.encode_sources
     family.encode_sources = lambda pixels: encoded_sources.append(pixels) or original(pixels)
     flip = torch.tensor([True, False])
-    from trl_diffusion_sdpo.step.batch import encode_batch
+    from trl_diffusion_sdpo.step.stages import encode_batch
 
     encoded = encode_batch(dict(batch), family, flip, torch.float32)
     sent = encoded_sources[0]

@@ -201,7 +201,13 @@ def test_lora_training_moves_only_the_adapters_and_starts_at_log_2(make_wan, mak
 def test_both_safeguard_spaces_train_and_log_lambda(make_wan, make_config, video_pairs, space) -> None:
     trainer = DiffusionSDPOTrainer(
         make_wan(),
-        args=wan_config(make_config, safeguard=True, safeguard_mu=0.5, safeguard_space=space),
+        args=wan_config(
+            make_config,
+            safeguard=True,
+            safeguard_mu=0.5,
+            safeguard_space=space,
+            safeguard_log_output_lambda=space == "parameter",
+        ),
         train_dataset=video_pairs,
         peft_config=lora(),
     )
@@ -294,7 +300,7 @@ def test_both_videos_of_a_pair_are_resized_and_centre_cropped_the_same_way() -> 
 
 
 def test_a_random_crop_moves_every_frame_of_a_clip_and_both_clips_alike(make_wan, make_config, video_pairs) -> None:
-    from trl_diffusion_sdpo.step.batch import crop_pairs
+    from trl_diffusion_sdpo.step.stages import crop_pairs
 
     transform = VideoPairTransform(16, VideoClip(num_frames=2), random_crop=True)
     pairs = [

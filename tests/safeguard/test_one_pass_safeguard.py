@@ -25,8 +25,7 @@ from trl_diffusion_sdpo.gradients.layer_taps import LayerTaps
 from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.objectives import build_objective
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
-from trl_diffusion_sdpo.step.pipeline import NoisedMicroBatch
-from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
+from trl_diffusion_sdpo.step.stages import NoisedMicroBatch, denoising_errors, predict_pairs
 from trl_diffusion_sdpo.tiny_models import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,

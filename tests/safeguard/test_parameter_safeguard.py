@@ -7,9 +7,28 @@ import numpy as np
 import pytest
 import torch
 
-from trl_diffusion_sdpo.gradients.per_branch import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
+from trl_diffusion_sdpo.gradients.per_branch import BranchGradientSplitter, EngineBranchGradients
 from trl_diffusion_sdpo.objectives import DenoisingErrors, PreferencePredictions, denoising_error
-from trl_diffusion_sdpo.step.safeguard import gradient_dots, parameter_space_lambda, safeguarded_gradients
+from trl_diffusion_sdpo.safeguards.parameter import (
+    branch_cotangents,
+    gradient_dots,
+    parameter_space_lambda,
+    safeguarded_gradients,
+)
+from trl_diffusion_sdpo.step.draws import MicroBatchDraws
+
+
+def replay_draws(trainer) -> None:
+    """Fresh keyed draws with the trainer's settings: the next micro-batch draws what its step's first one drew."""
+    draws = trainer.stages.draws
+    trainer.stages.draws = MicroBatchDraws(
+        draws.seed,
+        draws.rows_per_process["train"],
+        draws.rows_per_process["eval"],
+        draws.process_index,
+        draws.num_processes,
+        draws.device,
+    )
 
 
 def float64_lambda(g_w: list[torch.Tensor], h_l: list[torch.Tensor], mu: float, max_lambda: float = 1.0) -> float:
@@ -111,7 +130,7 @@ def test_splitter_matches_explicit_per_branch_gradients(accumulating):
     splitter = BranchGradientSplitter(params)
     sq = splitter.backward_winner(pred_w, cot_w)
     cross = splitter.backward_loser(pred_l, cot_l)
-    lam = parameter_space_lambda(sq, -cross, mu=0.5)
+    lam = parameter_space_lambda(sq, cross, mu=0.5)
     splitter.combine(lam)
 
     assert lam.item() == pytest.approx(float64_lambda(list(g_w), list(h_l), 0.5), rel=1e-5)
@@ -138,7 +157,7 @@ def test_engine_branches_hand_the_engine_winner_plus_lambda_times_loser(loss_sca
     branches = EngineBranchGradients(params, engine_backward, lambda: torch.tensor(loss_scale))
     sq = branches.backward_winner(pred_w, cot_w)
     cross = branches.backward_loser(pred_l, cot_l)
-    lam = parameter_space_lambda(sq, -cross, mu=0.5)
+    lam = parameter_space_lambda(sq, cross, mu=0.5)
     branches.combine(lam)
 
     assert boundaries == [False, None]  # inside the micro-batch, then the caller's boundary and step
@@ -192,7 +211,7 @@ def _drift(model, scale: float = 0.02) -> None:
 def _explicit_branch_gradients(trainer, inputs, separate_branches: bool = False):
     """``g_w`` and ``h_l`` by two ``torch.autograd.grad`` calls on the trainer's own predictions (same draws), from
     one forward pass over both branches (the step's default) or one per branch (``safeguard_passes="two"``)."""
-    trainer.stages.draws.replay_step()  # replay this step's keyed draws
+    replay_draws(trainer)
     policy = trainer.model
     params = [p for p in policy.parameters() if p.requires_grad]
     predictions = trainer.stages.predict(
@@ -251,7 +270,7 @@ def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autogr
     for p, a in zip(params, accumulated):
         p.grad = a.clone()
     trainer.current_gradient_accumulation_steps = 1
-    trainer.stages.draws.replay_step()
+    replay_draws(trainer)
     loss = trainer.training_step(model, inputs)
     assert torch.isfinite(loss)
     lam = trainer._metrics["train"]["safeguard/lambda"][-1].item()
@@ -259,8 +278,8 @@ def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autogr
     scale = max(float((w + lam * h).abs().max()) for w, h in zip(g_w, h_l))  # float32 summation-order noise
     for p, a, w, h in zip(params, accumulated, g_w, h_l):
         torch.testing.assert_close(p.grad, a + w + lam * h, rtol=1e-4, atol=1e-5 * scale)
-    # the authors' rule on the same micro-batch is logged beside it
-    assert "safeguard/output_lambda" in trainer._metrics["train"]
+    # the authors' rule on the same micro-batch is logged only when asked for (safeguard_log_output_lambda)
+    assert "safeguard/output_lambda" not in trainer._metrics["train"]
 
 
 def test_gradient_accumulation_divides_each_micro_batch_like_transformers(make_trainer):
@@ -274,7 +293,7 @@ def test_gradient_accumulation_divides_each_micro_batch_like_transformers(make_t
     for steps in (1, 4):
         model.zero_grad(set_to_none=True)
         trainer.current_gradient_accumulation_steps = steps
-        trainer.stages.draws.replay_step()
+        replay_draws(trainer)
         trainer.training_step(model, inputs)
         grads[steps] = [p.grad.clone() for p in params]
     for one, four in zip(grads[1], grads[4]):
@@ -282,7 +301,9 @@ def test_gradient_accumulation_divides_each_micro_batch_like_transformers(make_t
 
 
 def test_parameter_space_training_changes_only_trainable_weights_and_logs_both_lambdas(make_trainer):
-    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter", max_steps=3)
+    trainer = make_trainer(
+        lora=True, safeguard=True, safeguard_space="parameter", max_steps=3, safeguard_log_output_lambda=True
+    )
     frozen_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora" not in k}
     lora_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
     trainer.train()

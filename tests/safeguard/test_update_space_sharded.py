@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_update_space import _counted, _grouped_problem
 
-from trl_diffusion_sdpo.step.update_space import OptimizerUpdate, update_space_lambda
+from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, update_space_lambda
 
 LAMBDAS = torch.linspace(0, 1, 9, dtype=torch.float64)
 

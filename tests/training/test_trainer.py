@@ -589,7 +589,7 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
     from accelerate import Accelerator
 
     import trl_diffusion_sdpo.safeguards.output as trainer_module
-    from trl_diffusion_sdpo.step.safeguard import lambda_from_sums, output_space_lambda, safeguard_sums
+    from trl_diffusion_sdpo.safeguards.output import lambda_from_sums, output_space_lambda, safeguard_sums
 
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     seen = []

@@ -56,6 +56,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "safeguard_space",
             "safeguard_scope",
             "safeguard_passes",
+            "safeguard_log_output_lambda",
         ),
     ),
     "Parameters that control the data": (

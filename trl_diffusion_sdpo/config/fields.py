@@ -150,6 +150,13 @@ class DiffusionSDPOConfig(TrainingArguments):
         "forward and one backward pass per branch, the reference implementation.",
         choices=list(SAFEGUARD_PASSES),
     )
+    safeguard_log_output_lambda: bool = option(
+        False,
+        "With `safeguard_space` `parameter` or `update`: also compute the authors' output-space `lambda` on the "
+        "same micro-batch and log it as `safeguard/output_lambda_*`, for comparison (it is never applied). It "
+        'costs a pass over the residuals every micro-batch and, with `safeguard_scope="global"`, one more '
+        "all-reduce.",
+    )
     # Data
     resolution: int = option(
         512,

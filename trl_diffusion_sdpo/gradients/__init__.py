@@ -11,7 +11,7 @@ from .base import BranchGradients, PerBranchStore
 from .collectives import BranchCollectives, collectives_for, register_collectives
 from .one_pass import OnePassBranchGradients, blocked_dot
 from .one_pass_sharded import ShardedOnePassBranchGradients, ZeRO3OnePassBranchGradients
-from .per_branch import BranchGradientSplitter, EngineBranchGradients, branch_cotangents
+from .per_branch import BranchGradientSplitter, EngineBranchGradients
 from .zero3 import DeepSpeedZeRO3Collectives, ZeRO3BranchGradients  # registers ZeRO-3's collectives
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "ZeRO3BranchGradients",
     "ZeRO3OnePassBranchGradients",
     "blocked_dot",
-    "branch_cotangents",
     "collectives_for",
     "register_collectives",
 ]

@@ -79,10 +79,7 @@ class BranchCollectives:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-
-    @property
-    def num_processes(self) -> int:
-        return self.engine.num_processes
+        self.num_processes = engine.num_processes  # fixed for a run: read once, not at every reduction
 
     # ------------------------------------------------------------------ what can run
 
@@ -175,16 +172,17 @@ class BranchCollectives:
             all_reduce_mean_(loser)
 
     def update_sum_reduction(self) -> SumReduction | None:
-        """The update space: what adds up :class:`~..step.update_space.OptimizerUpdate`'s sums over processes where
-        each holds a shard of the weights (``None``: every process holds them whole, nothing to add up)."""
+        """The update space: what adds up :class:`~trl_diffusion_sdpo.safeguards.update_space.OptimizerUpdate`'s sums
+        over processes where each holds a shard of the weights (``None``: every process holds them whole, nothing to
+        add up)."""
         return None
 
     def update_inputs(
         self, optimizer, parameters: Sequence[torch.nn.Parameter], winner: Tensors, loser: Tensors
     ) -> UpdateInputs:
-        """The update space: what :class:`~..step.update_space.OptimizerUpdate` reads, ``(optimizer, parameters,
-        winner, loser)``, after :meth:`reduce_branch_gradients`: here the training optimizer and the whole weights
-        (or FSDP2's shards: each tensor's local part)."""
+        """The update space: what :class:`~trl_diffusion_sdpo.safeguards.update_space.OptimizerUpdate` reads,
+        ``(optimizer, parameters, winner, loser)``, after :meth:`reduce_branch_gradients`: here the training
+        optimizer and the whole weights (or FSDP2's shards: each tensor's local part)."""
         return optimizer, parameters, winner, loser
 
     def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:

@@ -78,10 +78,10 @@ class OnePassBranchGradients:
 
     Use once per micro-batch: :meth:`split` around the forward and the backward, then, by branch,
     :meth:`branch_sums` and :meth:`combine` (the update space: :meth:`branch_gradients`, reduced in place, then
-    :meth:`combine`),
-    by pair :meth:`pair_sums` and :meth:`combine_pairs`. The groups live in one flat buffer (float32 or wider)
-    ``[groups, total]`` (each weight a view of its columns), so the inner products, the combination and a reduction
-    over processes are one call each, whatever the number of weights.
+    :meth:`combine`), by pair :meth:`pair_sums`, :meth:`pair_combination` and :meth:`assign` (or the engine's
+    collectives). The groups live in one flat buffer (float32 or wider) ``[groups, total]`` (each weight a view of
+    its columns), so the inner products, the combination and a reduction over processes are one call each, whatever
+    the number of weights.
     """
 
     def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
@@ -203,7 +203,3 @@ class OnePassBranchGradients:
         weights = torch.cat([torch.ones_like(lam), lam]).to(self._flat)
         combined = self._flat[0].addmv_(self._flat[1:].t(), weights[1:])  # in place: no fresh gradient-sized tensor
         return [c.view_as(v[0]) for c, v in zip(combined.split(self._sizes), self._views)]
-
-    def combine_pairs(self, lam: torch.Tensor) -> None:
-        """``.grad = A + sum_i (g_w,i + lambda_i * h_l,i)`` (:meth:`pair_combination`, then :meth:`assign`)."""
-        self.assign(self.pair_combination(lam))

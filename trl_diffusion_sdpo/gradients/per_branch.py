@@ -2,10 +2,10 @@
 
 The exact safeguard needs, per micro-batch, ``g_w`` (gradient of the loss's winner term) and ``h_l`` (gradient of
 its loser term, as the loss sees it) over the trainable weights, and then hands the optimizer
-``g_w + lambda * h_l`` (:func:`~.safeguard.safeguarded_gradients`). With gradient accumulation the ``.grad`` fields
-already hold the earlier micro-batches' sum ``A``, and ``lambda`` is known only after both passes, so three vectors
-are in play. They are kept in two places, the ``.grad`` fields and one buffer, by streaming the loser's gradient
-through per-parameter hooks:
+``g_w + lambda * h_l`` (:func:`~trl_diffusion_sdpo.safeguards.parameter.safeguarded_gradients`). With gradient
+accumulation the ``.grad`` fields already hold the earlier micro-batches' sum ``A``, and ``lambda`` is known only after
+both passes, so three vectors are in play. They are kept in two places, the ``.grad`` fields and one buffer, by
+streaming the loser's gradient through per-parameter hooks:
 
 1. winner pass: each parameter's gradient accumulates into ``.grad`` as usual (``A + g_w``) and is copied into the
    buffer; afterwards ``<g_w, g_w>`` is read off the buffer.
@@ -38,11 +38,10 @@ of every tensor, which the caller adds up over processes to get the exact global
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
-__all__ = ["BranchGradientSplitter", "EngineBranchGradients", "branch_cotangents"]
+__all__ = ["BranchGradientSplitter", "EngineBranchGradients"]
 
 Tensor = torch.Tensor
 Reduction = Callable[[list[torch.Tensor]], None]  # averages a list of tensors over processes, in place
@@ -85,30 +84,6 @@ class _LoserStream:
             if not seen:  # no loser gradient reached this weight: nothing of the loser to scale
                 buffer.zero_()
         return torch.stack(self._dots).sum() if self._dots else torch.zeros(())
-
-
-def branch_cotangents(
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], Any],
-    policy_winner: torch.Tensor,
-    policy_loser: torch.Tensor,
-) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """``(value, dL/dpred_w, dL/dpred_l)``: the loss evaluated on detached copies of the two branches' predictions.
-
-    ``loss_fn(pred_w, pred_l)`` must build everything that depends on the policy (errors, logits) from its two
-    arguments; it returns the loss, or an object whose ``loss`` is it (returned as ``value``; a bare loss detached).
-    The cotangents are cheap (prediction-sized); backpropagating each through its branch gives the per-branch
-    parameter gradients, and their sum is the loss's gradient (chain rule: the loss depends on the weights only
-    through the two predictions).
-    """
-    winner = policy_winner.detach().requires_grad_(True)
-    loser = policy_loser.detach().requires_grad_(True)
-    with torch.enable_grad():
-        value = loss_fn(winner, loser)
-        loss = value.loss if hasattr(value, "loss") else value
-        cot_w, cot_l = torch.autograd.grad(loss, (winner, loser), allow_unused=True)
-    cot_w = torch.zeros_like(winner) if cot_w is None else cot_w
-    cot_l = torch.zeros_like(loser) if cot_l is None else cot_l
-    return value if value is not loss else loss.detach(), cot_w, cot_l
 
 
 class BranchGradientSplitter:

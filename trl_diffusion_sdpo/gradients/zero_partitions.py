@@ -8,8 +8,8 @@ DeepSpeed links each weight to the piece of it that falls into this process's pa
 ``lp_fragment_address``, and in the partition, ``hp_fragment_address``). ZeRO-3 partitions each weight itself and
 lays this process's partitions end to end, per sub-group, in the flat float32 tensors its optimizer steps (each at
 its ``grad_position``). :func:`zero_partition_inputs` cuts the averaged branch gradients into that layout;
-:class:`~..step.update_space.OptimizerUpdate` then runs on the partitions as on FSDP2's shards: every sum over this
-process's elements, added up over processes.
+:class:`~trl_diffusion_sdpo.safeguards.update_space.OptimizerUpdate` then runs on the partitions as on FSDP2's shards:
+every sum over this process's elements, added up over processes.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def zero_partition_inputs(
     winner: Sequence[torch.Tensor],
     loser: Sequence[torch.Tensor],
 ) -> tuple[torch.optim.Optimizer, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """``(optimizer, partitions, winner, loser)`` for :class:`~..step.update_space.OptimizerUpdate` on this process's
-    ZeRO partitions: the torch optimizer DeepSpeed steps, its flat float32 partitions (its parameters, holding its
-    state) and ``g_w`` and ``h_l`` cut into their layout (float32; zeros in padding and where no trainable weight
+    """``(optimizer, partitions, winner, loser)`` for
+    :class:`~trl_diffusion_sdpo.safeguards.update_space.OptimizerUpdate` on this process's ZeRO partitions: the torch
+    optimizer DeepSpeed steps, its flat float32 partitions (its parameters, holding its state) and ``g_w`` and ``h_l``
+    cut into their layout (float32; zeros in padding and where no trainable weight
     falls). ``winner`` and ``loser``: per weight of ``parameters``, averaged over processes; whole weights under
     ZeRO-1/2, this process's partition of each (flat) under ZeRO-3.
 

@@ -15,7 +15,6 @@ comes in the :class:`MicroBatch`, and what it computed goes back in the :class:`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -23,25 +22,24 @@ import torch
 from accelerate.utils import DistributedType
 
 from ..engines import Engine
-from ..objectives import DenoisingErrors, ObjectiveOutput, PreferencePredictions
-from ..step.predictions import Evaluation
+from ..objectives import DenoisingErrors, ObjectiveOutput, PreferenceObjective, PreferencePredictions
+from ..step.stages import Evaluation, MicroBatchStages, NoisedMicroBatch, evaluate_objective
 
 __all__ = ["MicroBatch", "Safeguard", "StepResult"]
 
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch, up to its noised pair, as a safeguard receives it.
+    """One micro-batch, up to its noised pair, as a safeguard receives it: data, and the two stages a safeguard runs
+    on it (:meth:`predict`, :meth:`evaluate`), which call :mod:`trl_diffusion_sdpo.step.stages` with these fields.
 
     Attributes:
         model: the denoiser the predictions run through: the engine's wrapped model where the safeguard's
             :attr:`~Safeguard.engine_backward` is true, else the unwrapped denoiser.
-        predict: ``predict(separate_branches)``, the policy's (and the reference's) predictions on the micro-batch's
-            noised pair: one forward pass over both branches, or one per branch. It may be called twice and then
-            predicts the same noised pair.
-        evaluate: ``evaluate(predictions, loser_scale=None)``, errors and objective on ``predictions``;
-            ``loser_scale`` scales the gradient of the policy loser's error (the output-space ``lambda``).
-        pairs: the micro-batch's number of pairs.
+        stages: the step's stages (the family, the reference), which predict on ``noised``.
+        noised: the micro-batch's noised pair, prompt embeddings and time ids.
+        objective: the preference objective.
+        pair_scores: the pairs' scores, for objectives that weight by them (SmPO), else ``None``.
         contributes: ``False`` for a zero-weighted replay: a process whose micro-batch lost every row joins its
             peers' collectives and adds nothing.
         accumulation_steps: micro-batches in this accumulation window (the backward averages over them).
@@ -50,13 +48,28 @@ class MicroBatch:
     """
 
     model: torch.nn.Module
-    predict: Callable[[bool], PreferencePredictions]
-    evaluate: Callable[..., Evaluation]
-    pairs: int
+    stages: MicroBatchStages
+    noised: NoisedMicroBatch
+    objective: PreferenceObjective
+    pair_scores: torch.Tensor | None = None
     contributes: bool = True
     accumulation_steps: int = 1
     sync_gradients: bool = True
     optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def pairs(self) -> int:
+        """The micro-batch's number of pairs."""
+        return self.noised.num_pairs
+
+    def predict(self, separate_branches: bool) -> PreferencePredictions:
+        """The policy's (and the reference's) predictions on the noised pair: one forward pass over both branches,
+        or one per branch. Called twice, it predicts the same noised pair."""
+        return self.stages.predict_noised(self.model, self.noised, separate_branches)
+
+    def evaluate(self, predictions: PreferencePredictions, errors: DenoisingErrors | None = None) -> Evaluation:
+        """Errors and objective on ``predictions`` (``errors``: formed by the caller, as the output space does)."""
+        return evaluate_objective(self.objective, predictions, self.pair_scores, errors)
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,20 @@
 """The exact rule: ``lambda`` from the parameter gradients of the two branches, or from the optimizer's update.
 
-``safeguard_space="parameter"`` (:class:`ParameterSpace`) chooses ``lambda`` so that
-``<g_w, g_w + lambda h_l> >= mu |g_w|^2`` on the trainable weights' gradients: per micro-batch, per process or for
-the global micro-batch, or per pair with ``safeguard_scope="pair"``. ``safeguard_space="update"``
-(:class:`UpdateSpace`) chooses it so that the optimizer's actual update keeps the winner's error from rising to first
-order (:class:`~trl_diffusion_sdpo.step.update_space.OptimizerUpdate`,
-:func:`~trl_diffusion_sdpo.step.update_space.update_space_lambda`). Each step also records the authors'
-output-space ``lambda`` on the same micro-batch, for comparison.
+``safeguard_space="parameter"`` (:class:`ParameterSpace`) chooses ``lambda`` by the package's rule
+(:mod:`trl_diffusion_sdpo.safeguards`) on the trainable weights' gradients ``g_w`` and ``h_l`` themselves
+(:func:`parameter_space_lambda`, :func:`safeguarded_gradients`): per micro-batch, per process or for the global
+micro-batch, or per pair with ``safeguard_scope="pair"``. ``safeguard_space="update"`` (:class:`UpdateSpace`)
+chooses it so that the optimizer's actual update keeps the winner's error from rising to first order
+(:class:`~trl_diffusion_sdpo.safeguards.update_space.OptimizerUpdate`,
+:func:`~trl_diffusion_sdpo.safeguards.update_space.update_space_lambda`). With ``safeguard_log_output_lambda`` a
+step also records the authors' output-space ``lambda`` on the same micro-batch, for comparison.
 
 Both run their backward themselves (:class:`ParameterSpaceBackward`) on the unwrapped denoiser. By default that is
 one forward and one backward pass over the whole pair batch, like Diffusion-DPO, with each trainable weight's gradient
 split by branch inside it (per-layer taps, :mod:`~trl_diffusion_sdpo.gradients.layer_taps`; the store is
 :class:`~trl_diffusion_sdpo.gradients.one_pass.OnePassBranchGradients`)::
 
-    predictions (one pass) -> objective on detached predictions (each branch's cotangent)
+    predictions (one pass) -> objective on detached predictions (each branch's cotangent, branch_cotangents)
     -> one backward, weight gradients split by rows: g_w, h_l -> lambda = f(<g_w, g_w>, <g_w, h_l>)
     -> .grad += g_w + lambda * h_l (or the engine's own gradient store) -> (several processes) the engine's
     collectives
@@ -29,20 +30,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from ..distributed import all_reduce_sum
 from ..engines import Engine
-from ..gradients import OnePassBranchGradients, PerBranchStore, branch_cotangents, collectives_for
+from ..gradients import OnePassBranchGradients, PerBranchStore, collectives_for
 from ..objectives import PreferencePredictions
 from ..step.optimizer import trainable_parameters
-from ..step.predictions import Evaluation
-from ..step.safeguard import parameter_space_lambda
-from ..step.update_space import OptimizerUpdate, update_space_lambda
+from ..step.stages import Evaluation
 from .base import MicroBatch, Safeguard, StepResult
 from .output import OutputSpaceRule
+from .update_space import OptimizerUpdate, update_space_lambda
 
 __all__ = [
     "PAIR_SCOPE_MAX_FULL_BYTES",
@@ -50,8 +51,12 @@ __all__ = [
     "ParameterSpace",
     "ParameterSpaceBackward",
     "UpdateSpace",
+    "branch_cotangents",
     "check_pair_scope_memory",
+    "gradient_dots",
     "pair_scope_memory_bytes",
+    "parameter_space_lambda",
+    "safeguarded_gradients",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +74,117 @@ PAIR_SCOPE_MAX_FULL_BYTES = 4 * 2**30
 def pair_scope_memory_bytes(trainable_elements: int, pairs: int) -> int:
     """What the per-pair scope keeps: one float32 gradient of the trainable weights per image (``2 * pairs``)."""
     return 2 * pairs * trainable_elements * 4
+
+
+def gradient_dots(
+    winner_grads: Sequence[torch.Tensor | None], loser_grads: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(<g_w, g_w>, <g_w, h_l>)`` over lists of per-parameter gradients, accumulated in float32.
+
+    ``None`` entries (a parameter without a gradient in that branch) count as zeros.
+    """
+    if len(winner_grads) != len(loser_grads):
+        raise ValueError(f"{len(winner_grads)} winner gradients but {len(loser_grads)} loser gradients")
+    sq = torch.zeros((), dtype=torch.float32)
+    cross = torch.zeros((), dtype=torch.float32)
+    for g_w, h_l in zip(winner_grads, loser_grads):
+        if g_w is None:
+            continue
+        flat_w = g_w.detach().reshape(-1).float()
+        sq = sq.to(flat_w.device) + torch.dot(flat_w, flat_w)
+        if h_l is not None:
+            cross = cross.to(flat_w.device) + torch.dot(flat_w, h_l.detach().reshape(-1).float())
+    return sq, cross.to(sq.device)
+
+
+def parameter_space_lambda(
+    winner_sq_norm: torch.Tensor, winner_loser_dot: torch.Tensor, mu: float, max_lambda: float = 1.0
+) -> torch.Tensor:
+    """The exact Diffusion-SDPO ``lambda`` from parameter-gradient inner products (a detached float32 0-dim tensor)::
+
+        lambda = clamp((1 - mu) * <g_w, g_w> / -<g_w, h_l>, 0, max_lambda)   if <g_w, h_l> < 0
+        lambda = max_lambda                                                   otherwise
+
+    Args:
+        winner_sq_norm: ``<g_w, g_w>``.
+        winner_loser_dot: ``<g_w, h_l>``, ``h_l`` the gradient of the loss's loser term as the loss sees it (the
+            package's one convention, :mod:`trl_diffusion_sdpo.safeguards`): negative when the loser's term pushes
+            the winner's error up, the case the safeguard restricts.
+        mu: safeguard margin in [0, 1].
+        max_lambda: upper bound of ``lambda``.
+    """
+    sq = winner_sq_norm.detach().float()
+    rising = -winner_loser_dot.detach().float()  # -<g_w, h_l>: how much the loser's term raises the winner's error
+    ratio = torch.where(
+        rising > 0, (1.0 - mu) * sq / torch.where(rising > 0, rising, torch.ones_like(rising)), max_lambda
+    )
+    return ratio.clamp(min=0.0, max=max_lambda)
+
+
+def safeguarded_gradients(
+    winner_grads: Sequence[torch.Tensor | None],
+    loser_grads: Sequence[torch.Tensor | None],
+    mu: float,
+    max_lambda: float = 1.0,
+) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """The parameter-space safeguard as a pure function: the gradient handed to the optimizer, and ``lambda``.
+
+    Args:
+        winner_grads: per-parameter gradients of the loss's winner term, ``g_w = d/dtheta <dL/dpred_w,
+            pred_w(theta)>``.
+        loser_grads: per-parameter gradients of the loss's loser term as the loss sees it,
+            ``h_l = d/dtheta <dL/dpred_l, pred_l(theta)>``; the full Diffusion-DPO gradient is ``g_w + h_l``.
+        mu: see :func:`parameter_space_lambda`.
+        max_lambda: see :func:`parameter_space_lambda`.
+
+    Returns:
+        ``g_w + lambda * h_l`` (the Diffusion-DPO gradient with its loser term scaled by ``lambda``; ``lambda = 1``
+        is plain Diffusion-DPO) and ``lambda``.
+
+    Guarantee: let ``W(theta) = <dL/dpred_w, pred_w(theta)>`` be the loss's winner term with its coefficients held
+    at their current values (for Diffusion-DPO ``W = sum_i a_i e_w,i`` with ``a_i = dL/de_w,i > 0``). A gradient step
+    ``theta - eta * g`` with the returned ``g`` changes ``W`` by ``-eta <g_w, g> + O(eta^2)`` and
+    ``<g_w, g> = |g_w|^2 + lambda <g_w, h_l> >= mu |g_w|^2 >= 0``: to first order the winner term does not increase.
+    With equal pair weights ``a_i``, the case at the start of training (policy = reference, ``u = 0``), ``W`` is a
+    positive multiple of the micro-batch's mean winner error. No assumption on the network's Jacobians is made.
+    """
+    sq, cross = gradient_dots(winner_grads, loser_grads)
+    lam = parameter_space_lambda(sq, cross, mu, max_lambda)
+    combined: list[torch.Tensor | None] = []
+    for g_w, h_l in zip(winner_grads, loser_grads):
+        if g_w is None and h_l is None:
+            combined.append(None)
+        elif h_l is None:
+            combined.append(g_w.detach().clone())
+        elif g_w is None:
+            combined.append(lam.to(h_l) * h_l.detach())
+        else:
+            combined.append(g_w.detach() + lam.to(h_l) * h_l.detach())
+    return combined, lam
+
+
+def branch_cotangents(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], Any],
+    policy_winner: torch.Tensor,
+    policy_loser: torch.Tensor,
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """``(value, dL/dpred_w, dL/dpred_l)``: the loss evaluated on detached copies of the two branches' predictions.
+
+    ``loss_fn(pred_w, pred_l)`` must build everything that depends on the policy (errors, logits) from its two
+    arguments; it returns the loss, or an object whose ``loss`` is it (returned as ``value``; a bare loss detached).
+    The cotangents are cheap (prediction-sized); backpropagating each through its branch gives ``g_w`` and ``h_l``,
+    and their sum is the loss's gradient (chain rule: the loss depends on the weights only through the two
+    predictions).
+    """
+    winner = policy_winner.detach().requires_grad_(True)
+    loser = policy_loser.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = loss_fn(winner, loser)
+        loss = value.loss if hasattr(value, "loss") else value
+        cot_w, cot_l = torch.autograd.grad(loss, (winner, loser), allow_unused=True)
+    cot_w = torch.zeros_like(winner) if cot_w is None else cot_w
+    cot_l = torch.zeros_like(loser) if cot_l is None else cot_l
+    return value if value is not loss else loss.detach(), cot_w, cot_l
 
 
 class ParameterSpaceBackward:
@@ -242,7 +358,7 @@ class ParameterSpaceBackward:
                 return None
         if self.pair_scope:
             winner_sq, cross = self.collectives.reduce_pair_sums(*store.pair_sums())
-            lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
+            lam = parameter_space_lambda(winner_sq, cross, self.mu, self.max_lambda)
             combined = store.pair_combination(lam)
         elif self.update_space:
             lam = self._update_space_lambda(*store.branch_gradients(), optimizer, scale)  # reduced in place
@@ -250,7 +366,7 @@ class ParameterSpaceBackward:
         else:
             winner_sq, cross = store.branch_sums(self.collectives.winner_reduction(self.global_scope))
             winner_sq, cross = self.collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
-            lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
+            lam = parameter_space_lambda(winner_sq, cross, self.mu, self.max_lambda)
             combined = store.combination(lam)
         self.collectives.add_combined(store, combined, sync_gradients, reduced=self.update_space)
         return evaluation, lam, predictions
@@ -293,7 +409,7 @@ class ParameterSpaceBackward:
             collectives.restore_accumulated(store.parameters, accumulated)
             return evaluation, lam, predictions
         winner_sq, cross = collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
-        lam = parameter_space_lambda(winner_sq, -cross, self.mu, self.max_lambda)
+        lam = parameter_space_lambda(winner_sq, cross, self.mu, self.max_lambda)
         store.combine(lam)
         collectives.restore_accumulated(store.parameters, accumulated)
         collectives.reduce_combined_gradients(store.parameters, sync_gradients)
@@ -340,7 +456,7 @@ class ParameterSpace(Safeguard):
     """
 
     name = "parameter"
-    metric_names = ("safeguard/lambda", "safeguard/output_lambda")
+    metric_names = ("safeguard/lambda",)
     engine_backward = False
     update_space = False
 
@@ -357,7 +473,11 @@ class ParameterSpace(Safeguard):
             pair_scope=args.safeguard_scope == "pair",
             passes=args.safeguard_passes,
         )
-        self.output_rule = OutputSpaceRule(args, engine.num_processes)
+        # The authors' lambda on the same micro-batch, logged for comparison only: opt-in, since it costs a pass over
+        # the residuals and, with the global scope, one more all-reduce every micro-batch.
+        self.output_rule = OutputSpaceRule(args, engine.num_processes) if args.safeguard_log_output_lambda else None
+        if self.output_rule is not None:
+            self.metric_names = (self.metric_names[0], "safeguard/output_lambda", *self.metric_names[1:])
 
     def step(self, batch: MicroBatch) -> StepResult:
         evaluation, lam, predictions = self.backward_stage(
@@ -370,13 +490,13 @@ class ParameterSpace(Safeguard):
             optimizer=batch.optimizer,
             pairs=batch.pairs,
         )
-        # Every process enters this reduction (the global scope), replays included.
-        output_lambda = self.output_rule(predictions, batch.contributes)
-        lambdas = self._lambdas(lam, output_lambda)
+        lambdas = self._lambdas(lam)
+        if self.output_rule is not None:  # every process enters its reduction (the global scope), replays included
+            lambdas["safeguard/output_lambda"] = self.output_rule(predictions, batch.contributes)
         return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output, lambdas)
 
-    def _lambdas(self, lam: torch.Tensor, output_lambda: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        return {"safeguard/lambda": lam, "safeguard/output_lambda": output_lambda}
+    def _lambdas(self, lam: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {"safeguard/lambda": lam}
 
 
 class UpdateSpace(ParameterSpace):
@@ -386,5 +506,5 @@ class UpdateSpace(ParameterSpace):
     metric_names = (*ParameterSpace.metric_names, "safeguard/update_infeasible")
     update_space = True
 
-    def _lambdas(self, lam: torch.Tensor, output_lambda: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        return {**super()._lambdas(lam, output_lambda), "safeguard/update_infeasible": self.backward_stage.infeasible}
+    def _lambdas(self, lam: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {**super()._lambdas(lam), "safeguard/update_infeasible": self.backward_stage.infeasible}

@@ -9,11 +9,10 @@ long as the global batch is the same.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 
 import torch
 
-__all__ = ["MicroBatchDraws", "keyed_generator", "rank_rows"]
+__all__ = ["MicroBatchDraws", "keyed_generator"]
 
 
 def keyed_generator(seed: int, step: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -21,24 +20,6 @@ def keyed_generator(seed: int, step: int, index: int, device: torch.device | str
     key = f"{seed}/{step}/{index}".encode()
     derived = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
     return torch.Generator(device=device).manual_seed(derived)
-
-
-def rank_rows(
-    draw: Callable[[int], tuple[torch.Tensor, ...]],
-    local_rows: int,
-    rows_per_process: int,
-    process_index: int,
-    num_processes: int,
-) -> tuple[torch.Tensor, ...]:
-    """This process's rows of draws made for all processes at once.
-
-    ``draw(n)`` returns tensors of ``n`` rows each; every process makes the same draw for
-    ``num_processes * rows_per_process`` rows (same generator state) and keeps rows
-    ``[process_index * rows_per_process, ... + local_rows)`` of each.
-    """
-    rows_per_process = max(rows_per_process, local_rows)
-    start = process_index * rows_per_process
-    return tuple(t[start : start + local_rows] for t in draw(num_processes * rows_per_process))
 
 
 class MicroBatchDraws:
@@ -73,35 +54,23 @@ class MicroBatchDraws:
         self._index += 1
         return keyed_generator(self.seed, step, self._index - 1, self.device)
 
-    def replay_step(self) -> None:
-        """Make the next micro-batch draw again what the current step's first micro-batch drew."""
-        self._step = -1
-
     def start_evaluation(self, eval_seed: int) -> None:
         self._eval_generator = torch.Generator().manual_seed(eval_seed)
 
     def end_evaluation(self) -> None:
         self._eval_generator = None
 
-    def rows(
-        self,
-        generator: torch.Generator,
-        mode: str,
-        local_rows: int,
-        draw: Callable[[int, torch.device], tuple[torch.Tensor, ...]],
-    ) -> tuple[torch.Tensor, ...]:
-        """``draw(n, device)`` for the global micro-batch, on the generator's device; this process's rows, moved to
-        the training device."""
-        return tuple(
-            t.to(self.device)
-            for t in rank_rows(
-                lambda n: draw(n, generator.device),
-                local_rows,
-                self.rows_per_process[mode],
-                self.process_index,
-                self.num_processes,
-            )
-        )
+    def span(self, mode: str, local_rows: int) -> tuple[int, slice]:
+        """``(n, rows)``: every process draws ``n`` rows, for the global micro-batch (same generator state), and
+        keeps ``rows``, its own (``process_index * rows_per_process`` onwards)."""
+        rows_per_process = max(self.rows_per_process[mode], local_rows)
+        start = self.process_index * rows_per_process
+        return self.num_processes * rows_per_process, slice(start, start + local_rows)
+
+    def local(self, tensors: tuple[torch.Tensor, ...], rows: slice) -> tuple[torch.Tensor, ...]:
+        """This process's ``rows`` of each of ``tensors`` (drawn for the global micro-batch), on the training
+        device."""
+        return tuple(t[rows].to(self.device) for t in tensors)
 
     def augmentation(
         self, generator: torch.Generator, mode: str, batch: int, independent: bool, cropping: bool
@@ -113,9 +82,8 @@ class MicroBatchDraws:
         The winner's flip and the dropout are the first two rows of the draw whatever the options (a generator fills
         rows in order), so the options add rows without changing the others."""
         rows = (3 if independent else 2) + (2 * (2 if independent else 1) if cropping else 0)
-        draws = self.rows(
-            generator, mode, batch, lambda n, device: tuple(torch.rand((rows, n), generator=generator, device=device))
-        )
+        n, local = self.span(mode, batch)
+        draws = self.local(tuple(torch.rand((rows, n), generator=generator, device=generator.device)), local)
         flip = torch.stack([draws[0], draws[2]], dim=1) < 0.5 if independent else draws[0] < 0.5
         crop = None
         if cropping:

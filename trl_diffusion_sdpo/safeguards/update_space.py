@@ -447,10 +447,6 @@ class OptimizerUpdate:
         norm = (self.ww + 2 * lam * self.wl + lam * lam * self.ll).clamp(min=0).sqrt()
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
-    def winner_decrease(self, lam: torch.Tensor) -> torch.Tensor:
-        """``D(lambda) = -<g_w, Delta(lambda)>`` (a 0-dim device tensor, float64 where the device has it)."""
-        return self.winner_decreases(lam.reshape(1))[0]
-
     def winner_decreases(self, lams: torch.Tensor) -> torch.Tensor:
         """``D`` at each of ``lams`` (a vector), in one pass over the weights (float64 where the device has it); on
         shards (``reduce_sum``), every process's share added up in one collective, the same ``D`` on every process."""

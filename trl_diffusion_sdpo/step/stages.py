@@ -1,0 +1,500 @@
+"""The step's stages up to the safeguard: batch -> latents -> noised pair -> predictions -> errors -> objective.
+
+* batch: a collated batch (live pixels and token ids, or a batch of the latent cache) becomes VAE posterior moments,
+  prompt embeddings and time ids (:func:`encode_batch`); flips select the mirrored view, per pair or per image;
+  random crops (:func:`crop_pairs`) and prompt dropout (:func:`drop_prompts`); a micro-batch that lost every row is
+  left out or replayed (:class:`UsableBatches`).
+* noised pair: forward noising by the family's noiser, or, with an inverting noiser (``noising="inversion"``,
+  SmPO's default), the ReNoise inversion of the clean latents by the policy or the reference
+  (:meth:`MicroBatchStages.inverting_network`), made without gradient before the predictions.
+* predictions: the policy's and the reference's, in one forward pass over both branches or one per branch
+  (:func:`predict_pairs`).
+* errors and objective: :func:`denoising_errors`, :func:`evaluate_objective` (the formulas are in
+  :mod:`trl_diffusion_sdpo.objectives`).
+
+:class:`MicroBatchStages` holds what the stages need (the family, its noiser, the reference, the keyed draws of
+:mod:`.draws` and the augmentation settings) and runs them in order; each stage is a public method or function taking
+what it needs as arguments, so tests can run or replace one alone. The safeguard's step
+(:mod:`trl_diffusion_sdpo.safeguards`) runs the predictions and the objective, then the backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..data.latent_cache import cached_moments, cached_prompt_embeds, cached_time_ids
+from ..families import ModelFamily, NoisedPair, PromptEmbeddings
+from ..objectives import (
+    DenoisingErrors,
+    ObjectiveOutput,
+    PreferenceObjective,
+    PreferencePredictions,
+    denoising_error,
+)
+from .draws import MicroBatchDraws
+
+__all__ = [
+    "Augmentation",
+    "EncodedBatch",
+    "Evaluation",
+    "MicroBatchStages",
+    "NoisedMicroBatch",
+    "UsableBatches",
+    "crop_pairs",
+    "denoising_errors",
+    "drop_prompts",
+    "encode_batch",
+    "evaluate_objective",
+    "fixed_time_ids",
+    "predict_pairs",
+    "prompt_inputs",
+    "select_prompts",
+    "where_rows",
+]
+
+
+# ------------------------------------------------------------------ batch
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of ``B`` pairs ready for noising: ``mean``/``std`` ``[2B, C, h, w]`` (winners, then losers; float32,
+    unscaled), one prompt embedding per pair, ``time_ids [2B, 6]``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    prompt_embeds: PromptEmbeddings
+    time_ids: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.mean.shape[0] // 2
+
+
+def where_rows(condition: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
+    """``if_true`` where ``condition`` is set, ``if_false`` elsewhere; ``condition`` indexes the leading dims
+    (``[B]``: whole pairs, ``[B, 2]``: single images of ``[B, 2, ...]`` tensors)."""
+    shape = (*condition.shape, *([1] * (if_false.dim() - condition.dim())))
+    condition = condition.to(if_false.device).view(shape)
+    return torch.where(condition, if_true.to(if_false), if_false)
+
+
+def _pairs_to_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, ...]`` (pairs) to ``[2B, ...]`` (winners, then losers)."""
+    return x.transpose(0, 1).reshape(2 * x.shape[0], *x.shape[2:])
+
+
+def encode_batch(
+    inputs: dict[str, torch.Tensor], family: ModelFamily, flip: torch.Tensor | None, dtype: torch.dtype
+) -> EncodedBatch:
+    """Encode a collated batch (live or cached); ``flip`` (``[B]`` or ``[B, 2]`` booleans) selects mirrored views
+    (``[B]`` for editing data: a pair is mirrored with its sources)."""
+    if flip is not None:
+        inputs = dict(inputs, time_ids=where_rows(flip, inputs["time_ids_flipped"], inputs["time_ids"]))
+    if "latent_mean" in inputs:  # a batch of the latent cache: nothing left to encode
+        if flip is not None:
+            for key in ("latent_mean", "latent_std", "source_latents")[: 3 if "source_latents" in inputs else 2]:
+                inputs[key] = where_rows(flip, inputs[f"{key}_flipped"], inputs[key])
+        mean, std = cached_moments(inputs)
+        return EncodedBatch(mean, std, cached_prompt_embeds(inputs, dtype), cached_time_ids(inputs))
+    pixel_values = inputs["pixel_values"]  # [B, 2, 3, H, W]
+    if flip is not None:
+        pixel_values = where_rows(flip, pixel_values.flip(-1), pixel_values)
+    mean, std = family.encode_moments(_pairs_to_rows(pixel_values))
+    embeds = family.encode_prompts(prompt_inputs(inputs))
+    if "source_pixel_values" in inputs:  # editing: the pair's source images, encoded once for both branches
+        sources = inputs["source_pixel_values"]  # [B, S, 3, H, W]; a pair is mirrored with its sources
+        if flip is not None:
+            sources = where_rows(flip, sources.flip(-1), sources)
+        embeds.source_latents = family.encode_sources(sources)
+    return EncodedBatch(mean, std, embeds, _pairs_to_rows(inputs["time_ids"]))
+
+
+def prompt_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a family's ``encode_prompts`` reads from a collated batch: its tokenizer's outputs, the keys starting
+    with ``input_ids`` (token ids) or ``prompt_`` (what else the tokenizer made, such as a vision-language encoder's
+    image patches)."""
+    return {k: v for k, v in inputs.items() if k.startswith(("input_ids", "prompt_"))}
+
+
+def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolution: int) -> dict[str, torch.Tensor]:
+    """Random-crop a batch of resized pairs (``pixel_values [B, 2, 3, H, W]`` zero-padded, or video pairs
+    ``[B, 2, 3, F, H, W]``; ``crop_sizes [B, 2, 2]`` their ``(h, w)``) to ``resolution``, on the device with no host
+    read.
+
+    ``fractions [B, 2]`` (``(top, left)`` uniforms in [0, 1) shared by the pair) or ``[B, 2, 2]`` (one per image)
+    give the offsets as torchvision's ``RandomCrop`` draws them, each valid offset equally likely:
+    ``offset = min(floor(f * (size - res + 1)), size - res)``. Returns the inputs with the cropped ``pixel_values``,
+    ``time_ids`` holding the offsets, and ``time_ids_flipped`` (when present) the offsets in the mirrored view
+    (``width - res - left``).
+    """
+    pixels, sizes = inputs["pixel_values"], inputs["crop_sizes"].to(inputs["pixel_values"].device)
+    leading = pixels.shape[2:-2]  # (3,) for images, (3, F) for video clips: every frame gets its video's crop
+    pixels = pixels.reshape(*pixels.shape[:2], -1, *pixels.shape[-2:])
+    batch, _, channels, height, width = pixels.shape
+    fractions = fractions.to(sizes).reshape(batch, -1, 2).expand(batch, 2, 2)
+    margin = sizes - resolution
+    offsets = torch.minimum(torch.floor(fractions * (margin + 1)), margin)  # [B, 2, (top, left)]
+    span = torch.arange(resolution, device=pixels.device)
+    rows = (offsets[..., 0].long().reshape(-1, 1) + span)[:, :, None]  # [2B, R, 1]
+    cols = (offsets[..., 1].long().reshape(-1, 1) + span)[:, None, :]  # [2B, 1, R]
+    images = torch.arange(2 * batch, device=pixels.device)[:, None, None]
+    flat = pixels.reshape(2 * batch, channels, height, width).permute(0, 2, 3, 1)  # [2B, H, W, C]
+    cropped = flat[images, rows, cols].permute(0, 3, 1, 2).reshape(batch, 2, *leading, resolution, resolution)
+    time_ids = inputs["time_ids"].clone()
+    time_ids[..., 2:4] = offsets.to(time_ids)
+    out = dict(inputs, pixel_values=cropped, time_ids=time_ids)
+    if "time_ids_flipped" in inputs:
+        flipped = time_ids.clone()
+        flipped[..., 3] = (sizes[..., 1] - resolution - offsets[..., 1]).to(flipped)
+        out["time_ids_flipped"] = flipped
+    return out
+
+
+def drop_prompts(embeds: PromptEmbeddings, drop: torch.Tensor, empty: PromptEmbeddings) -> PromptEmbeddings:
+    """Replace the prompt embeddings of the rows where ``drop`` is set by ``empty``'s (classifier-free dropout); an
+    editing pair keeps its source latents (the instruction is dropped, not the image)."""
+    hidden = embeds.encoder_hidden_states
+    hidden = where_rows(drop, empty.encoder_hidden_states.to(hidden).expand_as(hidden), hidden)
+    pooled = embeds.pooled
+    if pooled is not None:
+        pooled = where_rows(drop, empty.pooled.to(pooled).expand_as(pooled), pooled)
+    return PromptEmbeddings(hidden, pooled, embeds.source_latents)
+
+
+def fixed_time_ids(resolution: int, rows: int, device: torch.device | str) -> torch.Tensor:
+    """SDXL ``time_ids`` as the Diffusion-SDPO authors fix them: ``(res, res, 0, 0, res, res)`` for every image."""
+    # Filled on the device: a tensor built from a Python list would be a host-to-device copy, which waits.
+    ids = torch.full((rows, 6), float(resolution), dtype=torch.float32, device=device)
+    ids[:, 2:4] = 0.0
+    return ids
+
+
+class UsableBatches:
+    """What to train on when a micro-batch's rows were all dropped (the collator skips human ties and bad streamed
+    rows).
+
+    On one process such a micro-batch is left out (``None``). With several processes, whose collectives must all
+    run, it is replaced by this process's last good micro-batch, to be weighted zero (``replay``) and kept out of
+    the metrics; before the first good one, by ``blank(mode)`` (one placeholder pair, see
+    :meth:`~trl_diffusion_sdpo.data.collators.PreferenceCollator.blank_batch`), weighted zero the same way.
+    ``blank`` returns ``None`` where the data cannot make one (then the first micro-batch must hold a row).
+    """
+
+    def __init__(self, blank: Callable[[str], dict[str, torch.Tensor] | None] | None = None) -> None:
+        self._last: dict[str, dict[str, torch.Tensor]] = {}  # per mode
+        self._blank = blank
+
+    def __call__(
+        self, inputs: dict[str, torch.Tensor], mode: str, num_processes: int = 1, process_index: int = 0
+    ) -> tuple[dict[str, torch.Tensor] | None, bool]:
+        """``(inputs, replay)``: the micro-batch to use, and whether it is a zero-weighted replay."""
+        if inputs["time_ids"].shape[0] > 0:
+            if num_processes > 1:
+                self._last[mode] = inputs
+            return inputs, False
+        if num_processes == 1:
+            return None, False
+        if mode not in self._last:
+            blank = self._blank(mode) if self._blank is not None else None
+            if blank is None:
+                raise RuntimeError(
+                    f"Every row of the first {mode} micro-batch on process {process_index} was invalid, and with "
+                    "several processes a micro-batch cannot be left out. Clean the data or raise the per-device "
+                    "batch size."
+                )
+            self._last[mode] = blank
+        return self._last[mode], True
+
+
+# ------------------------------------------------------------------ noised pair
+
+
+def select_prompts(prompt_embeds: PromptEmbeddings, index: torch.Tensor) -> PromptEmbeddings:
+    """The rows ``index`` of every tensor field of ``prompt_embeds`` (a family's embeddings may carry more fields)."""
+    values = {
+        field.name: value[index] if isinstance(value := getattr(prompt_embeds, field.name), torch.Tensor) else value
+        for field in dataclasses.fields(prompt_embeds)
+    }
+    return type(prompt_embeds)(**values)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training-time augmentation settings (see the fields of the same names in ``DiffusionSDPOConfig``)."""
+
+    resolution: int
+    random_flip: bool = False
+    random_crop: bool = False
+    independent_augmentation: bool = False
+    proportion_empty_prompts: float = 0.0
+    fixed_time_ids: bool = False
+
+    @classmethod
+    def from_config(cls, args) -> Augmentation:
+        """The config's fields of the same names."""
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
+@dataclass
+class NoisedMicroBatch:
+    """A micro-batch up to the noised pair: what the predictions need."""
+
+    noised: NoisedPair
+    prompt_embeds: PromptEmbeddings
+    time_ids: torch.Tensor | None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.noised.noisy.shape[0] // 2
+
+
+class MicroBatchStages:
+    """The stages of a micro-batch up to the predictions, with its keyed draws.
+
+    Args:
+        family: the model family (encoding, conditioning, the denoiser's call).
+        noiser: the family's noiser (``draw`` and ``noise_pairs``; DDPM or flow matching).
+        draws: where each micro-batch's random draws come from.
+        reference: the reference's ``predict``, or ``None`` for reference-free objectives.
+        augmentation: flips, crops, prompt dropout and SDXL's time ids.
+        dtype: the compute dtype of the prompt embeddings.
+        tokenize: the family's prompt tokenizer (for the empty prompt of prompt dropout).
+        device: where the empty prompt's tokens go to be encoded.
+        empty_prompt: the empty prompt's embeddings if known (a latent cache stores them), else encoded at first use.
+    """
+
+    def __init__(
+        self,
+        family: ModelFamily,
+        noiser,
+        draws: MicroBatchDraws,
+        reference: Callable[..., torch.Tensor] | None,
+        augmentation: Augmentation,
+        dtype: torch.dtype,
+        tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+        device: torch.device | str,
+        empty_prompt: PromptEmbeddings | None = None,
+    ) -> None:
+        self.family, self.noiser, self.draws, self.reference = family, noiser, draws, reference
+        self.augmentation, self.dtype, self.tokenize = augmentation, dtype, tokenize
+        self.device, self.empty_prompt = device, empty_prompt
+        settings = getattr(noiser, "settings", None) if getattr(noiser, "inverts", False) else None
+        if settings is not None and settings.network == "reference" and reference is None:
+            raise ValueError(
+                "inversion_network='reference' needs a reference model, and this objective uses none; set "
+                "inversion_network='policy' (as SmPO does) or noising='forward'."
+            )
+
+    def predict(
+        self, policy: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, step: int, separate_branches: bool
+    ) -> PreferencePredictions:
+        """batch -> latents -> noised pair -> predictions of ``policy`` (and the reference) for optimizer step
+        ``step``; ``separate_branches``: one forward pass per branch (the parameter-space safeguard's two passes)."""
+        return self.predict_noised(policy, self.noised_pair(policy, inputs, mode, step), separate_branches)
+
+    def noised_pair(
+        self, policy: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, step: int
+    ) -> NoisedMicroBatch:
+        """batch -> latents -> noised pair (by forward noising, or by inverting with ``policy`` or the reference):
+        the micro-batch's draws, and any inversion, are taken here, once."""
+        generator = self.draws.generator(mode, step)
+        encoded, time_ids = self.encode(inputs, generator, mode)
+        inverting = self.inverting_network(policy, encoded.prompt_embeds, time_ids)
+        # Forward noising calls the stage as (generator, mode, encoded): a replaced stage of that form keeps working.
+        noised = (
+            self.noise(generator, mode, encoded)
+            if inverting is None
+            else self.noise(generator, mode, encoded, inverting)
+        )
+        return NoisedMicroBatch(noised, encoded.prompt_embeds, time_ids)
+
+    def predict_noised(
+        self, policy: torch.nn.Module, batch: NoisedMicroBatch, separate_branches: bool
+    ) -> PreferencePredictions:
+        """The predictions of ``policy`` (and the reference) on a noised pair (may run twice on the same one)."""
+        return predict_pairs(
+            policy, self.reference, self.family, batch.noised, batch.prompt_embeds, batch.time_ids, separate_branches
+        )
+
+    def encode(
+        self, inputs: dict[str, torch.Tensor], generator: torch.Generator, mode: str
+    ) -> tuple[EncodedBatch, torch.Tensor | None]:
+        """batch and latents: flips (per pair, or per image), random crops and prompt dropout (training only), then
+        the VAE moments and prompt embeddings (or the cached ones); the denoiser's time ids where it takes them."""
+        aug, train = self.augmentation, mode == "train"
+        flip, drop, crop = self.draws.augmentation(
+            generator,
+            mode,
+            inputs["time_ids"].shape[0],
+            independent=aug.independent_augmentation,
+            cropping=aug.random_crop and train,
+        )
+        if "crop_sizes" in inputs:  # resized, not yet cropped, by the collator (random_crop)
+            inputs = crop_pairs(inputs, crop, aug.resolution)
+        encoded = encode_batch(inputs, self.family, flip if train and aug.random_flip else None, self.dtype)
+        if train and aug.proportion_empty_prompts > 0:
+            encoded.prompt_embeds = drop_prompts(
+                encoded.prompt_embeds, drop < aug.proportion_empty_prompts, self.empty_prompt_embeds()
+            )
+        time_ids = None
+        if self.family.needs_time_ids:
+            time_ids = encoded.time_ids
+            if aug.fixed_time_ids:
+                time_ids = fixed_time_ids(aug.resolution, time_ids.shape[0], time_ids.device)
+        return encoded, time_ids
+
+    def noise(
+        self,
+        generator: torch.Generator,
+        mode: str,
+        encoded: EncodedBatch,
+        inverting: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        """The noised pair: one noise level and one noise per pair (shared by winner and loser) and one posterior
+        sample per image, drawn for the global micro-batch; this process keeps its rows. An inverting noiser
+        (ReNoise inversion) then inverts the clean latents with ``inverting`` (:meth:`inverting_network`), walking
+        the grid up to the largest level of the global micro-batch (every process calls the network equally often)."""
+        shape = tuple(encoded.mean.shape[1:])
+        noiser = self.noiser
+        n, rows = self.draws.span(mode, encoded.num_pairs)
+        all_levels, all_noise = noiser.draw(n, shape, generator, generator.device)
+        all_eps = torch.randn((n, 2, *shape), generator=generator, device=generator.device)
+        levels, noise, eps = self.draws.local((all_levels, all_noise, all_eps), rows)
+        noised = noiser.noise_pairs(encoded.mean, encoded.std, levels, noise, eps, self.family.latents_config())
+        if getattr(noiser, "inverts", False):
+            if inverting is None:
+                raise ValueError("an inverting noiser needs its network (see MicroBatchStages.inverting_network)")
+            noised = noiser.invert(noised, inverting, all_levels.max().item())
+        return noised
+
+    def inverting_network(
+        self, policy: torch.nn.Module, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The network that inverts (``None`` under forward noising): ``(sample, timestep, rows) -> output`` on rows
+        of the ``2B``-row batch (winners, then losers), each with its pair's prompt and its own time ids, without
+        autograd; the policy (SmPO's code) or the reference, as the noiser's settings say."""
+        if not getattr(self.noiser, "inverts", False):
+            return None
+        family, batch = self.family, prompt_embeds.encoder_hidden_states.shape[0]
+        use_reference = self.noiser.settings.network == "reference"
+
+        def predict(sample: torch.Tensor, timestep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            pairs = (rows % batch).to(prompt_embeds.encoder_hidden_states.device)
+            conditioning = family.denoiser_conditioning(
+                select_prompts(prompt_embeds, pairs), None if time_ids is None else time_ids[rows.to(time_ids.device)]
+            )
+            if use_reference:
+                return self.reference(sample, timestep, **conditioning)
+            with torch.no_grad():
+                return family.call_denoiser(policy, sample, timestep, conditioning)
+
+        return predict
+
+    def empty_prompt_embeds(self) -> PromptEmbeddings:
+        """The empty prompt's embeddings (prompt dropout), encoded once."""
+        if self.empty_prompt is None:
+            tokens = {k: v.to(self.device) for k, v in self.tokenize([""]).items()}
+            self.empty_prompt = self.family.encode_prompts(tokens)
+        return self.empty_prompt
+
+
+# ------------------------------------------------------------------ predictions, errors, objective
+
+
+def predict_pairs(
+    policy: torch.nn.Module,
+    reference: Callable[..., torch.Tensor] | None,
+    family: ModelFamily,
+    noised: NoisedPair,
+    prompt_embeds: PromptEmbeddings,
+    time_ids: torch.Tensor | None,
+    separate_branches: bool = False,
+) -> PreferencePredictions:
+    """Predictions of ``policy`` (and ``reference``, if given) on the ``2B`` rows of ``noised``.
+
+    ``prompt_embeds`` holds one embedding per pair (shared by its two images); ``time_ids`` ``[2B, 6]`` or ``None``.
+    """
+    batch = noised.noisy.shape[0] // 2
+    # The passes over the rows, each with its conditioning, built once and shared by policy and reference. The
+    # reference runs in the same shapes as the policy: the same float rounding, so a policy equal to its reference
+    # (LoRA at initialisation) has exactly u = 0 (beta = 5000 would amplify a 1e-7 difference).
+    if separate_branches:
+        passes = [
+            (rows, family.denoiser_conditioning(prompt_embeds, None if time_ids is None else time_ids[rows]))
+            for rows in (slice(0, batch), slice(batch, 2 * batch))
+        ]
+    else:
+        passes = [(slice(0, 2 * batch), family.denoiser_conditioning(prompt_embeds.repeat(2), time_ids))]
+    # Kept as separate outputs, never concatenated: each branch's backward must reach only its own graph.
+    outputs = [family.call_denoiser(policy, noised.noisy[r], noised.timesteps[r], c) for r, c in passes]
+    policy_winner, policy_loser = _winner_and_loser(outputs, batch)
+    reference_winner = reference_loser = None
+    if reference is not None:
+        ref_outputs = [reference(noised.noisy[r], noised.timesteps[r], **c) for r, c in passes]
+        reference_winner, reference_loser = _winner_and_loser(ref_outputs, batch)
+    target_winner, target_loser = noised.target[:batch], noised.target[batch:]
+    if noised.loss_weight is not None:
+        # A weighted squared error w * (pred - target)^2 is the plain error of sqrt(w) * pred and sqrt(w) * target.
+        root = noised.loss_weight.sqrt().view(-1, *([1] * (noised.target.dim() - 1)))
+        policy_winner = policy_winner * root[:batch].to(policy_winner)
+        policy_loser = policy_loser * root[batch:].to(policy_loser)
+        target_winner, target_loser = target_winner * root[:batch], target_loser * root[batch:]
+        if reference is not None:
+            reference_winner = reference_winner * root[:batch].to(reference_winner)
+            reference_loser = reference_loser * root[batch:].to(reference_loser)
+    return PreferencePredictions(
+        policy_winner=policy_winner,
+        policy_loser=policy_loser,
+        target_winner=target_winner,
+        target_loser=target_loser,
+        reference_winner=reference_winner,
+        reference_loser=reference_loser,
+    )
+
+
+def _winner_and_loser(outputs: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The winner and loser predictions from one pass per branch, or from one pass over both."""
+    if len(outputs) == 2:
+        return outputs[0], outputs[1]
+    return outputs[0][:batch], outputs[0][batch:]
+
+
+def denoising_errors(predictions: PreferencePredictions) -> DenoisingErrors:
+    """Per-sample float32 errors ``mean_CHW (prediction - target)^2`` of the policy and, if present, the reference."""
+    errors = DenoisingErrors(
+        policy_winner=denoising_error(predictions.policy_winner, predictions.target_winner),
+        policy_loser=denoising_error(predictions.policy_loser, predictions.target_loser),
+    )
+    if predictions.reference_winner is not None:
+        errors.reference_winner = denoising_error(predictions.reference_winner, predictions.target_winner)
+        errors.reference_loser = denoising_error(predictions.reference_loser, predictions.target_loser)
+    return errors
+
+
+@dataclass
+class Evaluation:
+    """A micro-batch's errors and its objective's output on them (``loss`` is the objective's)."""
+
+    errors: DenoisingErrors
+    output: ObjectiveOutput
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.output.loss
+
+
+def evaluate_objective(
+    objective: PreferenceObjective,
+    predictions: PreferencePredictions,
+    pair_scores: torch.Tensor | None = None,
+    errors: DenoisingErrors | None = None,
+) -> Evaluation:
+    """errors -> objective: the per-sample errors of ``predictions`` (or ``errors`` where the caller formed them:
+    the output-space safeguard scales the loser's) and ``objective`` on them."""
+    errors = denoising_errors(predictions) if errors is None else errors
+    return Evaluation(errors, objective(predictions, errors, pair_scores=pair_scores))
