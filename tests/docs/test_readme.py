@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from trl_diffusion_sdpo.demo.recommendation import (
@@ -54,7 +55,8 @@ def test_the_readme_opens_with_the_demo_and_the_test_command_and_ci_runs_the_lat
     latter's steps in order (``python -m pip`` for ``pip``, quietly)."""
     assert README.splitlines().index("```bash") <= 2, "the commands are not on top"
     demo, tests = _commands(_blocks(README, "bash")[0])
-    assert demo == "pip install torch==2.13.0 && pip install -e . && trl-diffusion-sdpo demo --output-dir demo-output"
+    install = 'pip install torch==2.13.0 && pip install -e ".[plots]"'
+    assert demo == f"{install} && trl-diffusion-sdpo demo --output-dir demo-output"
     assert tests == 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q'
     ci = [
         line
@@ -63,6 +65,20 @@ def test_the_readme_opens_with_the_demo_and_the_test_command_and_ci_runs_the_lat
     ]
     normalise = [re.sub(r"^python -m pip install --quiet ", "pip install ", line) for line in ci]
     assert normalise == [step.strip() for step in tests.split("&&")]
+
+
+def test_the_demo_command_installs_the_extra_its_figures_need_and_dev_installs_every_extra() -> None:
+    """matplotlib is the ``plots`` extra's, not a core dependency; the README's demo line installs that extra, and
+    ``dev`` (the test command's) holds every extra's requirements, so the suite exercises each optional part."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = lambda requirements: {re.split(r"[<>=\[ ]", r, maxsplit=1)[0] for r in requirements}  # noqa: E731
+    assert "matplotlib" not in names(project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert "matplotlib" in names(extras["plots"])
+    demo = _commands(_blocks(README, "bash")[0])[0]
+    assert '".[plots]"' in demo
+    for extra, requirements in extras.items():
+        assert names(requirements) <= names(extras["dev"]), extra
 
 
 def test_python_comes_within_the_first_40_lines_and_the_readme_stays_short() -> None:
