@@ -15,16 +15,14 @@ from checkpoint_kill_worker import build_trainer
 from trl_diffusion_sdpo.io.run_lock import LOCK_NAME, RunLock, RunLockedError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The holder loads run_lock.py (filelock and the standard library) by its path: importing it through
-# trl_diffusion_sdpo.io would import diffusers first, ~5 s of interpreter start-up per test for nothing the lock uses.
-# It keeps its RunLock referenced, as training does: filelock releases a lock whose object is collected.
+# The holder loads run_lock.py (standard library only) by its path: importing it through trl_diffusion_sdpo.io would
+# import diffusers first, ~5 s of interpreter start-up per test for nothing the lock uses.
 HOLDER = """
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("run_lock", sys.argv[2])
 run_lock = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_lock)
-lock = run_lock.RunLock(sys.argv[1])
-lock.acquire()
+run_lock.RunLock(sys.argv[1]).acquire()
 print("LOCKED", flush=True)
 sys.stdin.readline()
 """
