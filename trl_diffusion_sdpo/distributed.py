@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
+from accelerate.utils import reduce
 from diffusers import DiffusionPipeline
 
 from .loading import resolve_model_name
@@ -135,10 +136,9 @@ def shard_like(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes (in place, and returned); a no-op without ``torch.distributed``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
+    """``tensor`` summed over all processes, as a new tensor (``tensor`` is left as it is): accelerate's
+    ``reduce(tensor, reduction="sum")``, which the trainer's metrics use too; on one process, a copy."""
+    return reduce(tensor, reduction="sum")
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor], bucket_elements: int = 1 << 25) -> None:

@@ -186,7 +186,7 @@ def cast_inputs_to_own_dtype(module: torch.nn.Module) -> None:
     """Make each direct child of ``module`` (a VAE's encoder, decoder and quant convs) compute in its own dtype,
     whatever it is given and under whatever autocast: floating-point inputs are cast to it, as SDXL's pipeline casts
     the latents when it upcasts its VAE (``latents.to(post_quant_conv dtype)``), and an enclosing autocast is off, as
-    in :meth:`~.families.ModelFamily.encode_images` (a validation grid samples under one; the SDXL VAE overflows in
+    in :meth:`~.families.ModelFamily.encode_moments` (a validation grid samples under one; the SDXL VAE overflows in
     fp16). On the children, not on ``forward``: pipelines call ``vae.encode`` and ``vae.decode``. Once per child,
     however often the module is placed."""
     for child in module.children():

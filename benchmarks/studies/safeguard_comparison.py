@@ -21,7 +21,8 @@ Power: the minimum detectable reward difference at 80% power, alpha 0.05 (paired
 Verdicts: a method *pays* in a setting when the reward difference's interval lies above 0, *costs* when it lies
 below 0, and otherwise shows *no detectable difference* (at that setting's minimum detectable effect). Writes the
 summary JSON, ``safeguard_comparison.png`` (the paired differences with their intervals) and the recommendation
-file the demo ships and quotes, and prints the Markdown tables.
+file the demo ships and quotes, and prints the Markdown tables; ``recommendation.py`` then puts its text into the
+README and ``docs/safeguard.md``.
 
 To compare a new method (the per-pair scope, SmPO with inversion): add its ``Method`` line to
 ``stability_map.EXTRA_METHODS``, rerun ``stability_map.py`` with the same arguments and its key appended to
@@ -458,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     rec = recommendation(settings, Path(args.json).as_posix())
     rec["cost"] = {k: cost[k] for k in ("runs", "run_seconds", "machines")}
     if args.recommendation:
-        # The text the demo, README and docs quote is the package's one rendering of these rows.
-        from trl_diffusion_sdpo.demo.recommendation import render
+        # The text the demo, README and docs quote: recommendation.py's one rendering of these rows.
+        from benchmarks.studies.recommendation import render
 
         shipped = {**rec, "text": render(rec)}
         Path(args.recommendation).write_text(json.dumps(shipped, indent=1) + "\n")

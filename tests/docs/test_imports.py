@@ -95,7 +95,26 @@ def test_train_and_cache_help_load_no_pipeline_family_or_scorer_and_print_nothin
     assert loaded(modules, HEAVY_FOR_HELP + ("trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.data")) == []
     # TRL's get_peft_config (trl.trainer.utils) is imported when training starts: it loads pandas, datasets and rich
     assert "trl.trainer.utils" not in modules
-    assert top_level(modules, ("pandas", "datasets", "rich")) == []
+    assert top_level(modules, ("pandas", "datasets", "rich", "matplotlib")) == []
+
+
+def test_without_matplotlib_the_demo_fails_before_training_naming_the_plots_extra(tmp_path):
+    # matplotlib is the `plots` extra's, not a core dependency: None in sys.modules is how a missing one imports.
+    code = f"""
+        import sys
+        sys.modules["matplotlib"] = None
+        from trl_diffusion_sdpo.demo import run_demo
+        for attempt in (lambda: run_demo({str(tmp_path)!r}), lambda: __import__("trl_diffusion_sdpo.demo.plots")):
+            try:
+                attempt()
+            except ImportError as error:
+                assert 'pip install "trl-diffusion-sdpo[plots]"' in str(error), error
+                assert "The demo's figures: matplotlib is not installed" in str(error), error
+            else:
+                raise AssertionError("no ImportError")
+    """
+    run_fresh(code)
+    assert list(tmp_path.iterdir()) == []  # failed before the base model or any run
 
 
 def test_scorer_names_are_listed_without_loading_their_models():

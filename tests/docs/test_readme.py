@@ -13,18 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
-
-from trl_diffusion_sdpo.demo.recommendation import (
-    AUTHORS_MU,
-    PAGES,
-    SHIPPED,
-    START,
-    choose,
-    load_rows,
-    marked_block,
-    render,
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -54,7 +44,8 @@ def test_the_readme_opens_with_the_demo_and_the_test_command_and_ci_runs_the_lat
     latter's steps in order (``python -m pip`` for ``pip``, quietly)."""
     assert README.splitlines().index("```bash") <= 2, "the commands are not on top"
     demo, tests = _commands(_blocks(README, "bash")[0])
-    assert demo == "pip install torch==2.13.0 && pip install -e . && trl-diffusion-sdpo demo --output-dir demo-output"
+    install = 'pip install torch==2.13.0 && pip install -e ".[plots]"'
+    assert demo == f"{install} && trl-diffusion-sdpo demo --output-dir demo-output"
     assert tests == 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q'
     ci = [
         line
@@ -63,6 +54,20 @@ def test_the_readme_opens_with_the_demo_and_the_test_command_and_ci_runs_the_lat
     ]
     normalise = [re.sub(r"^python -m pip install --quiet ", "pip install ", line) for line in ci]
     assert normalise == [step.strip() for step in tests.split("&&")]
+
+
+def test_the_demo_command_installs_the_extra_its_figures_need_and_dev_installs_every_extra() -> None:
+    """matplotlib is the ``plots`` extra's, not a core dependency; the README's demo line installs that extra, and
+    ``dev`` (the test command's) holds every extra's requirements, so the suite exercises each optional part."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = lambda requirements: {re.split(r"[<>=\[ ]", r, maxsplit=1)[0] for r in requirements}  # noqa: E731
+    assert "matplotlib" not in names(project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert "matplotlib" in names(extras["plots"])
+    demo = _commands(_blocks(README, "bash")[0])[0]
+    assert '".[plots]"' in demo
+    for extra, requirements in extras.items():
+        assert names(requirements) <= names(extras["dev"]), extra
 
 
 def test_python_comes_within_the_first_40_lines_and_the_readme_stays_short() -> None:
@@ -222,24 +227,37 @@ def test_the_supported_models_table_lists_each_family_once_with_an_existing_conf
 # -- "which setting should I use": one generated text -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_each_marked_block_is_the_generated_text(page: str) -> None:
-    text = (ROOT / page).read_text()
-    assert START in text, f"{page} has no generated recommendation block"
-    assert marked_block(text) == render(load_rows(), page), (
-        f"{page}'s block differs: run python -m trl_diffusion_sdpo.demo.recommendation"
-    )
+# The shipped file's text, rendered from its rows by benchmarks/studies/recommendation.py (whose own tests are beside
+# it); these read the file and the pages as they are. docs/safeguard.md's block: tests/docs/test_docs.py.
+SHIPPED = ROOT / "trl_diffusion_sdpo" / "demo" / "safeguard_recommendation.json"
+START, END = "<!-- recommendation:start -->", "<!-- recommendation:end -->"
 
 
-def test_the_shipped_text_the_demo_quotes_is_the_generated_text() -> None:
-    from trl_diffusion_sdpo.demo.report import safeguard_recommendation
+def _shipped() -> dict:
+    return json.loads(SHIPPED.read_text())
 
-    assert load_rows()["text"] == render(load_rows())
-    assert safeguard_recommendation()["text"] == render(load_rows())
+
+def _recommended() -> tuple[str, float]:
+    """The default the shipped text names: its first line's ``safeguard_space`` and ``safeguard_mu``."""
+    first = _shipped()["text"].splitlines()[0]
+    return re.search(r'safeguard_space="(\w+)"', first)[1], float(re.search(r"safeguard_mu=([\d.]+)", first)[1])
+
+
+def _authors_mu() -> set[float]:
+    """The authors' values the shipped text lists (its line "- The authors' values: ...")."""
+    line = next(line for line in _shipped()["text"].splitlines() if line.startswith("- The authors' values"))
+    return {float(mu) for mu in re.findall(r"([\d.]+) for ", line)}
+
+
+def test_the_readme_block_is_the_shipped_text_with_its_evidence_as_a_link() -> None:
+    block = README.split(START, 1)[1].split(END, 1)[0].strip("\n").splitlines()
+    text = _shipped()["text"].splitlines()
+    assert block[:-1] == text[:-1], "README's block differs: run python benchmarks/studies/recommendation.py"
+    assert block[-1].startswith("- Evidence:") and "[the safeguard](docs/safeguard.md)" in block[-1]
 
 
 def _comparison() -> dict:
-    return json.loads((ROOT / load_rows()["source"]).read_text())
+    return json.loads((ROOT / _shipped()["source"]).read_text())
 
 
 def _independent_choice() -> tuple[str, dict, dict]:
@@ -263,9 +281,7 @@ def _cell(found: dict) -> str:
 
 def test_the_default_it_names_is_the_cheapest_insurance_in_the_comparison() -> None:
     key, sick, healthy = _independent_choice()
-    picked = choose(load_rows())
-    assert picked["default"]["method"] == key
-    first = render(load_rows()).splitlines()[0]
+    first = _shipped()["text"].splitlines()[0]
     assert _cell(sick) in first and _cell(healthy) in first
     label = _comparison()["settings"]["lr0.0002-beta5000-200steps"]["methods"][key]["label"]
     space, mu = re.match(r"(\w+) space, mu=([\d.]+)$", label).groups()
@@ -274,7 +290,7 @@ def test_the_default_it_names_is_the_cheapest_insurance_in_the_comparison() -> N
 
 def test_the_update_space_line_quotes_the_comparison() -> None:
     settings = {(s["learning_rate"], s["steps"]): s for s in _comparison()["settings"].values()}
-    line = render(load_rows()).splitlines()[2]
+    line = _shipped()["text"].splitlines()[2]
     for lr in (2e-4, 1e-4):
         found = settings[(lr, 200)]["methods"]["sdpo-update-mu0.5"]["reward_minus_dpo_by_step"]["200"]
         assert _cell(found) in line, (lr, line)
@@ -284,9 +300,8 @@ def test_the_config_default_is_the_recommended_default() -> None:
     """``DiffusionSDPOConfig()``'s safeguard is the one the comparison recommends as the default."""
     from trl_diffusion_sdpo import DiffusionSDPOConfig
 
-    picked = choose(load_rows())
     config = DiffusionSDPOConfig(output_dir="unused")
-    assert (config.safeguard, config.safeguard_space, config.safeguard_mu) == (True, picked["space"], picked["mu"])
+    assert (config.safeguard, config.safeguard_space, config.safeguard_mu) == (True, *_recommended())
 
 
 def test_the_demo_trains_the_authors_settings_explicitly() -> None:
@@ -294,7 +309,7 @@ def test_the_demo_trains_the_authors_settings_explicitly() -> None:
     of the config's default does not change the demo."""
     from trl_diffusion_sdpo.demo.methods import METHODS
 
-    authors = {mu for _, mu, _ in AUTHORS_MU}
+    authors = _authors_mu()
     for method in METHODS.values():
         if method.safeguard:
             assert method.config_kwargs().get("safeguard_mu") in authors, method.key
@@ -307,38 +322,18 @@ def test_the_demo_trains_the_authors_settings_explicitly() -> None:
 def test_a_config_sets_another_mu_only_as_the_authors_value_on_purpose(path: Path) -> None:
     """A shipped config that sets ``safeguard_mu`` other than the recommended default says, on that line, that it is
     the authors' value for its model."""
-    picked = choose(load_rows())
     values = yaml.safe_load(path.read_text()) or {}
-    if "safeguard_mu" not in values or values["safeguard_mu"] == picked["mu"]:
+    if "safeguard_mu" not in values or values["safeguard_mu"] == _recommended()[1]:
         return
     line = next(line for line in path.read_text().splitlines() if line.startswith("safeguard_mu:"))
     comment = line.partition("#")[2]
     assert "authors'" in comment and "on purpose" in comment, f"{path.name}: {line}"
-    assert values["safeguard_mu"] in {mu for _, mu, _ in AUTHORS_MU}
+    assert values["safeguard_mu"] in _authors_mu()
 
 
 def test_the_example_scripts_leave_mu_to_the_default_or_say_why() -> None:
-    picked = choose(load_rows())
     for path in sorted((ROOT / "examples").glob("*.py")):
         for line in path.read_text().splitlines():
             found = re.search(r"safeguard_mu(?:=|\s+)([\d.]+)", line)
-            if found and float(found[1]) != picked["mu"]:
+            if found and float(found[1]) != _recommended()[1]:
                 assert "authors'" in line and "on purpose" in line, f"{path.name}: {line.strip()}"
-
-
-def test_the_generator_rewrites_a_stale_block(tmp_path: Path) -> None:
-    """``python -m trl_diffusion_sdpo.demo.recommendation --root DIR`` puts the generated text back into each page's
-    block and ``--check`` then finds nothing to do."""
-    for page in PAGES:
-        target = tmp_path / page
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stale = (ROOT / page).read_text().replace(marked_block((ROOT / page).read_text()), "- Old advice: mu=0.9.")
-        target.write_text(stale)
-    run = [sys.executable, "-m", "trl_diffusion_sdpo.demo.recommendation", "--root", str(tmp_path)]
-    check = subprocess.run([*run, "--check"], env=_env(), capture_output=True, text=True, timeout=300)
-    assert check.returncode == 1 and all(page in check.stdout for page in PAGES), check.stdout
-    assert subprocess.run(run, env=_env(), capture_output=True, text=True, timeout=300).returncode == 0
-    for page in PAGES:
-        assert (tmp_path / page).read_text() == (ROOT / page).read_text()
-    assert subprocess.run([*run, "--check"], env=_env(), capture_output=True, timeout=300).returncode == 0
-    assert SHIPPED.is_file()

@@ -20,7 +20,7 @@ from flow_family_checks import transformer_outputs as flow_transformer_outputs
 from test_wan import FRAMES, video_rows
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo.families import HunyuanVideo15Family, family_for_pipeline
+from trl_diffusion_sdpo.families import HunyuanVideo15Family, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.families.flow import shift_sigmas
 from trl_diffusion_sdpo.tiny_models import build_tiny_hunyuan_video15_pipeline
 
@@ -132,10 +132,10 @@ def test_latents_are_scaled_as_the_pipeline_decodes_them(make_pipe) -> None:
     pipe = make_pipe()
     family = family_for_pipeline(pipe, max_sequence_length=SEQ)
     pixels = torch.rand((2, 3, FRAMES, SIZE, SIZE), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    latents = family.encode_images(pixels, generator=torch.Generator().manual_seed(3))
     # The VAE clip by clip (diffusers 0.42's fails on a batch of two: huggingface/diffusers#13133), then one draw.
     moments = torch.cat([pipe.vae.encode(clip).latent_dist.parameters for clip in pixels.split(1)])
     sample = DiagonalGaussianDistribution(moments).sample(generator=torch.Generator().manual_seed(3))
+    latents = scale_latents(sample, family.latents_config())  # what the noiser applies to mean + std * eps
     assert latents.shape == sample.shape == SHAPE
     assert pipe.vae.config.scaling_factor != 1.0
     # The pipeline decodes latents / scaling_factor: that must be the VAE's own sample.

@@ -412,12 +412,10 @@ def test_a_user_supplied_fp16_safe_vae_runs_in_the_compute_dtype(make_sdxl, make
 def test_fp32_vae_encodes_in_fp32_inside_an_autocast_region(make_sdxl) -> None:
     family = family_for_pipeline(make_sdxl())
     pixels = torch.rand(2, 3, RES, RES) * 2 - 1
-    generator = torch.Generator().manual_seed(0)
-    expected = family.encode_images(pixels, generator=torch.Generator().manual_seed(0))
+    expected = family.encode_moments(pixels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        latents = family.encode_images(pixels, generator=generator)
-    assert latents.dtype == torch.float32
-    torch.testing.assert_close(latents, expected)
+        moments = family.encode_moments(pixels)
+    torch.testing.assert_close(moments, expected)  # to float32's tolerance: no bfloat16 rounding inside
 
 
 def test_time_ids_reach_the_unet_exactly_even_with_bf16_embeddings() -> None:

@@ -28,7 +28,7 @@ from PIL import Image
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data import PreferenceCollator, prepare_preference_dataset
 from trl_diffusion_sdpo.data.video import VideoClip, VideoPairTransform, read_video
-from trl_diffusion_sdpo.families import WanFamily, family_for_pipeline
+from trl_diffusion_sdpo.families import WanFamily, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.tiny_models import build_tiny_wan_pipeline
 
 av = pytest.importorskip("av")
@@ -131,8 +131,8 @@ def test_latents_are_normalised_per_channel_as_the_pipeline_decodes(make_wan) ->
     pipe = make_wan()
     family = family_for_pipeline(pipe, max_sequence_length=SEQ)
     pixels = torch.rand((2, 3, FRAMES, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    latents = family.encode_images(pixels, generator=torch.Generator().manual_seed(3))
     sample = pipe.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(3))
+    latents = scale_latents(sample, family.latents_config())  # what the noiser applies to mean + std * eps
     assert latents.shape == sample.shape == (2, 16, 2, 2, 2)
     # The pipeline's decode input: latents / (1 / std) + mean, channel by channel, must give the VAE sample back.
     config = pipe.vae.config

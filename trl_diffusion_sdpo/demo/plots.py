@@ -5,13 +5,14 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")  # files only, no display needed
+from ..extras import require_extra
+
+require_extra("plots", "matplotlib", "The demo's figures").use("Agg")  # files only, no display needed
 
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 __all__ = ["plot_error_deltas", "plot_lambda", "sample_grid", "smooth"]
 

@@ -44,7 +44,6 @@ from .shapes import Caption, all_captions, draw_shape
 __all__ = [
     "SHIPPED_BASE_DIR",
     "PretrainRecipe",
-    "ShippedBaseMismatch",
     "default_cache_root",
     "load_base",
     "load_or_pretrain",
@@ -117,10 +116,6 @@ def shipped_base_record(folder: str | os.PathLike = SHIPPED_BASE_DIR) -> dict[st
     if not path.is_file() or not (Path(folder) / "model_index.json").is_file():
         return None
     return json.loads(path.read_text())
-
-
-class ShippedBaseMismatch(RuntimeError):
-    """The shipped base was not built by the current recipe and code (its recorded hash differs)."""
 
 
 def shipped_base_problem(recipe: PretrainRecipe | None = None) -> str | None:

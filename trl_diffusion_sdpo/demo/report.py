@@ -110,15 +110,12 @@ def summarise_methods(
 
 def safeguard_recommendation(path: Path = RECOMMENDATION_FILE) -> dict[str, Any] | None:
     """The shipped recommendation: ``text`` (what the README and ``docs/safeguard.md`` carry, rendered from the file's
-    rows by :func:`.recommendation.render`; the file's own ``text`` where it has no rows), ``source`` (the
-    comparison's result file), ``seeds`` (paired seeds per method and setting); ``None`` if the file is absent."""
-    from .recommendation import render
-
+    rows by ``benchmarks/studies/recommendation.py``, which writes it into the file), ``source`` (the comparison's
+    result file), ``seeds`` (paired seeds per method and setting); ``None`` if the file is absent."""
     if not path.is_file():
         return None
     found = json.loads(path.read_text())
-    text = render(found) if found.get("rows") else found["text"]
-    return {"text": text, "source": found["source"], "seeds": found["seeds"]}
+    return {"text": found["text"], "source": found["source"], "seeds": found["seeds"]}
 
 
 def recommendation_line(recommendation: dict[str, Any]) -> str:

@@ -31,11 +31,11 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import DiffusionSDPOConfig
+from ..extras import require_extra
 from ..trainer import DiffusionSDPOTrainer
 from .base_check import rebuild_and_check
 from .methods import METHODS, Method, method_unavailable, resolve_methods
 from .pairs import make_preference_pairs, sample_images
-from .plots import plot_error_deltas, plot_lambda, sample_grid
 from .pretrain import PretrainRecipe, load_base, recipe_hash
 from .recipe import DemoRecipe
 from .report import (
@@ -226,7 +226,12 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo and write ``summary.json``, ``history.json``, ``losses.png``, ``lambda.png`` and ``samples.png``
-    into ``output_dir``. Returns the summary; ``echo`` receives the console lines (stage headers and the table)."""
+    into ``output_dir``. Returns the summary; ``echo`` receives the console lines (stage headers and the table).
+
+    The figures need matplotlib (the ``plots`` extra): without it this fails here, before any training.
+    """
+    require_extra("plots", "matplotlib", "The demo's figures")  # now, not after minutes of training
+
     recipe = recipe or DemoRecipe()
     with _torch_threads(recipe.threads):
         return _run_demo(Path(output_dir), recipe, cache_dir, use_cache, echo)
@@ -333,6 +338,8 @@ def _run_demo(
     timings["eval_seconds"] = sum(r["eval_seconds"] for rs in runs.values() for r in rs)
 
     echo("[4/4] Figures and summary")
+    from .plots import plot_error_deltas, plot_lambda, sample_grid
+
     tick = time.perf_counter()
     labels = {m.key: m.label for m in methods}
     mean_histories = {k: mean_history(list(h.values())) for k, h in histories.items()}

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..extras import require_extra
+
 __all__ = [
     "MetricSummary",
     "WinRate",
@@ -135,9 +137,7 @@ def write_rows(rows: Sequence[object], path_stem: str) -> tuple[str, str]:
 
 def plot_intervals(rows: Sequence[MetricSummary], metric: str, path: str) -> str:
     """A dot-and-whisker plot of each model's mean and 95% interval for ``metric``, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require_extra("plots", "matplotlib", "evaluate's interval plots").use("Agg")
     import matplotlib.pyplot as plt
 
     selected = [r for r in rows if r.metric == metric]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import gc
+import importlib.util
 import inspect
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +32,8 @@ from .scorers.base import Scorer, available_scorers, build_scorer, scorer_factor
 from .scorers.preflight import check_models, check_prompts
 
 __all__ = ["EvaluationResult", "evaluate"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -205,8 +209,13 @@ def evaluate(
     wins = win_rate_table(scores)
     files["summary"] = write_rows(summary, os.path.join(output_dir, "summary"))[0]
     files["win_rates"] = write_rows(wins, os.path.join(output_dir, "win_rates"))[0]
-    for metric in scales:
-        files[f"plot/{metric}"] = plot_intervals(summary, metric, os.path.join(output_dir, "plots", f"{metric}.png"))
+    # The plots repeat the summary's numbers: without matplotlib (the `plots` extra) the run keeps its tables.
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.warning('No interval plots: matplotlib is not installed (pip install "trl-diffusion-sdpo[plots]").')
+    else:
+        for metric in scales:
+            path = os.path.join(output_dir, "plots", f"{metric}.png")
+            files[f"plot/{metric}"] = plot_intervals(summary, metric, path)
     shown = list(range(min(grid_prompts, len(pairs))))
     if shown:
         rows = [[Image.open(image_paths[s.name][i]) for i in shown] for s in specs]

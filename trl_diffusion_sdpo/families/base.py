@@ -235,18 +235,12 @@ class ModelFamily(abc.ABC):
         return bool(getattr(self.vae.config, "force_upcast", False))
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents of ``pixel_values`` in [-1, 1]: a posterior sample, scaled (see :func:`scale_latents`).
+    def encode_moments(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and standard deviation for ``pixel_values``, unscaled, in float32.
 
         The VAE computes in its own dtype: an enclosing autocast is switched off, so a VAE kept in float32 (see
         :meth:`vae_needs_fp32`) really encodes in float32 while the denoiser runs in the mixed-precision dtype.
         """
-        posterior = self._posterior(pixel_values)
-        return scale_latents(posterior.sample(generator=generator), self.latents_config())
-
-    @torch.no_grad()
-    def encode_moments(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE posterior's mean and standard deviation for ``pixel_values``, unscaled, in float32."""
         posterior = self._posterior(pixel_values)
         return posterior.mean.float(), posterior.std.float()
 

@@ -31,7 +31,7 @@ import shutil
 import struct
 import zipfile
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from .saving import has_saved_weights
 
@@ -78,11 +78,14 @@ def _step(path: str) -> int:
 
 
 def _checkpoint_folders(run_dir: str) -> list[str]:
-    """``checkpoint-N`` folders in ``run_dir``, newest step first."""
-    if not os.path.isdir(run_dir):
-        return []
-    names = [n for n in os.listdir(run_dir) if _CHECKPOINT_RE.match(n) and os.path.isdir(os.path.join(run_dir, n))]
-    return sorted((os.path.join(run_dir, n) for n in names), key=_step, reverse=True)
+    """``checkpoint-N`` folders in ``run_dir``, newest step first.
+
+    transformers' ``sort_checkpoints`` lists and orders them; not its ``get_last_checkpoint``, which names only the
+    newest, where resuming wants the newest complete one (the manifest's check), nor its ``rotate_checkpoints``, which
+    deletes in place where :func:`rotate_checkpoints` renames out of sight first. Its pattern also takes
+    ``checkpoint-5-old``; the strict one here keeps only the trainer's names."""
+    folders = sort_checkpoints(run_dir) if os.path.isdir(run_dir) else []
+    return [f for f in reversed(folders) if _CHECKPOINT_RE.match(os.path.basename(f))]
 
 
 def _fsync(path: str, directory: bool = False) -> None:

@@ -6,6 +6,11 @@ process dies (even by ``SIGKILL``), so a crash never leaves the folder locked: t
 record, and the next run takes the lock on it. A second run (on this machine, or on
 another one where the filesystem supports ``flock`` across machines: local disks, Lustre, GPFS, NFSv4) is refused
 with :class:`RunLockedError` naming the holder.
+
+Not ``filelock.FileLock``, though it takes the same ``flock``: it never deletes its lock file (deleting a locked
+file is the race the inode check in :meth:`RunLock.acquire` closes), so every finished run would leave the file in
+its output folder; and its 3.x releases open the file with ``O_TRUNC``, so a refused run would erase the record that
+names the live one.
 """
 
 from __future__ import annotations

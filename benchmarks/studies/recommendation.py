@@ -1,8 +1,9 @@
 """Which safeguard setting to use: the text the README, ``docs/safeguard.md`` and the demo's report quote, rendered
-from the rows of the paired comparison (``safeguard_recommendation.json``, written by
-``benchmarks/studies/safeguard_comparison.py`` from the result file its ``source`` names).
+from the rows of the paired comparison (``trl_diffusion_sdpo/demo/safeguard_recommendation.json``, written by
+``safeguard_comparison.py`` beside this file from the result file its ``source`` names). The demo quotes the file's
+``text`` as it is; only this script renders it.
 
-``python -m trl_diffusion_sdpo.demo.recommendation`` rewrites the blocks between :data:`START` and :data:`END` in
+``python benchmarks/studies/recommendation.py`` rewrites the blocks between :data:`START` and :data:`END` in
 :data:`PAGES` and the ``text`` field of the shipped file; ``--check`` only reports the blocks that differ.
 
 The rule, read off the rows (every number in the text is a row's):
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = Path(__file__).with_name("safeguard_recommendation.json")
+SHIPPED = ROOT / "trl_diffusion_sdpo" / "demo" / "safeguard_recommendation.json"
 START = "<!-- recommendation:start -->"
 END = "<!-- recommendation:end -->"
 PAGES = ("README.md", "docs/safeguard.md")
