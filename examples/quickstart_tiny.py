@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         per_device_train_batch_size=4,
         max_steps=args.steps,
         learning_rate=1e-4,
-        scale_lr=False,
         warmup_steps=0,
         logging_steps=5,
         save_strategy="no",
