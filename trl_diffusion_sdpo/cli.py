@@ -176,6 +176,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["online"]) and argv[1:] in (["--help"], ["-h"]):
+        # The stored text of the parser's help: building the parser imports transformers' TrainingArguments (seconds).
+        from .scripts.help_topics import stored_help
+
+        text = stored_help(argv[0])
+        if text is not None:
+            print(text, end="")
+            return 0
     if argv[:1] == ["train"]:
         from .scripts.train import main as train
 

@@ -16,14 +16,16 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ..config import DiffusionSDPOConfig, check_config
+from ..config.docs import GROUPS
+from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARGUMENT_TYPES",
+    "FAMILY_TITLES",
     "DiffusionScriptArguments",
     "build_pipeline",
     "check_supported",
@@ -44,6 +47,7 @@ __all__ = [
     "parse_args",
     "parse_or_exit",
     "train_save_and_push",
+    "train_topics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,18 +96,36 @@ ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionSc
 TrainArguments = tuple[ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments]
 
 
+# Each registered family (trl_diffusion_sdpo.families) as the description names it; a test checks every family is here.
+FAMILY_TITLES = {
+    "stable-diffusion": "SD 1.x/2.x",
+    "stable-diffusion-xl": "SDXL",
+    "stable-diffusion-3": "SD3/SD3.5",
+    "flux": "FLUX.1",
+    "flux-kontext": "FLUX.1 Kontext",
+    "flux2": "FLUX.2",
+    "flux2-klein": "FLUX.2 [klein]",
+    "qwen-image": "Qwen-Image",
+    "qwen-image-2.1": "Qwen-Image 2.1",
+    "qwen-image-edit": "Qwen-Image-Edit",
+    "qwen-image-edit-plus": "Qwen-Image-Edit Plus",
+    "z-image": "Z-Image",
+    "wan": "Wan",
+    "hunyuan-video-1.5": "HunyuanVideo 1.5",
+}
 DESCRIPTION = (
-    "Train Diffusion-DPO / Diffusion-SDPO (LoRA or full tuning of an SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline) "
-    "from a YAML file of these options (--config) and flags, which override the file. Saves to --output_dir: LoRA "
-    "weights (pytorch_lora_weights.safetensors) or a whole pipeline, training_config.json and a model card "
-    "(README.md)."
+    "Train Diffusion-DPO / Diffusion-SDPO (LoRA or full tuning of an "
+    + ", ".join(FAMILY_TITLES.values())
+    + " pipeline) from a YAML file of these options (--config) and flags, which override the file. Saves to "
+    "--output_dir: LoRA weights (pytorch_lora_weights.safetensors) or a whole pipeline, training_config.json and a "
+    "model card (README.md)."
 )
 EPILOG = (
-    "Examples: examples/configs/*.yaml (sd15_lora, sdxl_lora, sd3_lora, flux_lora, ... ). Resume with "
-    "--resume_from_checkpoint true (the newest complete checkpoint in --output_dir) or a checkpoint folder. "
-    "Not offered: TRL ModelConfig's options for language models (--load_in_4bit, --load_in_8bit, the bnb "
-    "quantization options, --attn_implementation, --lora_target_parameters) are refused, and --lora_task_type is "
-    "ignored (a denoiser's LoRA has no task head)."
+    "Examples: examples/configs/*.yaml (tiny_cpu, sd15_lora, sdxl_lora, sd3_lora, flux_lora, ...). A relative path in "
+    "a --config file is read from the file's folder. Resume with --resume_from_checkpoint true (the newest complete "
+    "checkpoint in --output_dir) or a checkpoint folder. Not offered: TRL ModelConfig's options for language models "
+    "(--load_in_4bit, --load_in_8bit, the bnb quantization options, --attn_implementation, --lora_target_parameters) "
+    "are refused, and --lora_task_type is ignored (a denoiser's LoRA has no task head)."
 )
 # TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
 # parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
@@ -130,16 +152,51 @@ _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0", "none", ""}
 
 
+def train_topics() -> list[tuple[str, str, Any]]:
+    """``train --help``'s topics, in order: the model, the data, the config's groups, the training loop."""
+    groups = {heading.replace("`", ""): names for heading, (_, names) in GROUPS.items()}
+    data = groups.pop("Parameters that control the data")
+    return [
+        MODEL_TOPIC,
+        (
+            "Data",
+            "Where the pairs come from and how they are read (docs/data.md).",
+            {**DATA_SOURCE_OPTIONS, **dict.fromkeys(data)},
+        ),
+        *((heading, "", names) for heading, names in groups.items()),
+        TRAINING_TOPIC,
+    ]
+
+
 def make_parser(
     prog: str = "trl-diffusion-sdpo train",
     argument_types: tuple[type, ...] = ARGUMENT_TYPES,
     description: str = DESCRIPTION,
     epilog: str = EPILOG,
+    topics: Callable[[], list[tuple[str, str, Any]]] = train_topics,
+    *,
+    show_all: bool = False,
 ) -> TrlParser:
-    """TRL's ``TrlParser`` over ``argument_types`` (:data:`ARGUMENT_TYPES`), with the command's description and
-    help corrections."""
-    parser = TrlParser(argument_types, prog=prog, description=description, epilog=epilog)
+    """TRL's ``TrlParser`` over ``argument_types`` (:data:`ARGUMENT_TYPES`), with the command's description, help
+    corrections and options grouped by ``topics`` (:func:`~.help_topics.group_by_topic`; transformers' general
+    options listed with ``show_all``, as ``--help-all`` does). Prefixes of option names are refused (``allow_abbrev``
+    off): ``--learning_rat`` is an unknown option, not ``--learning_rate``."""
+    parser = TrlParser(
+        argument_types,
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        usage=USAGE,
+        allow_abbrev=False,
+        formatter_class=help_formatter,
+    )
     add_config_argument(parser)
+    parser.add_argument(
+        "--help-all",
+        action=_FullHelp,
+        full_parser=lambda: make_parser(prog, argument_types, description, epilog, topics, show_all=True),
+        help="List every option, transformers' general ones included, and exit.",
+    )
     for action in parser._actions:
         name = action.dest
         if name in HIDDEN_OPTIONS:
@@ -153,7 +210,20 @@ def make_parser(
         # HfArgumentParser copies a True-by-default bool's help onto its --no_X switch, which does the opposite.
         if any(option.startswith("--no_") for option in action.option_strings):
             action.help = f"Set {name} to False (see --{name})."
+    group_by_topic(parser, topics(), show_all=show_all)
     return parser
+
+
+class _FullHelp(argparse.Action):
+    """``--help-all``: print the help of ``full_parser()`` (every option) and exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, full_parser: Callable[[], argparse.ArgumentParser], **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+        self.full_parser = full_parser
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        self.full_parser().print_help()
+        parser.exit()
 
 
 def add_config_argument(parser: TrlParser) -> None:
