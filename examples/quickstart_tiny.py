@@ -47,7 +47,7 @@ def make_pairs(num_pairs: int, seed: int = 0) -> Dataset:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--output-dir", default="quickstart-output")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
