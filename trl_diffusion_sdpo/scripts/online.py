@@ -10,6 +10,7 @@ Parsed by TRL's ``TrlParser`` as ``train`` is (:mod:`.train`), over :class:`Onli
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -71,6 +72,9 @@ def parse_args(argv: Sequence[str] | None = None):
     training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
     if prompt_args.prompts is None:
         parser.error("--prompts is required: a preset, a .txt file, a .jsonl file or a dataset with a prompt column.")
+    prompts = prompt_args.prompts
+    if prompts.lower().endswith((".txt", ".jsonl", ".json", ".csv")) and not os.path.exists(prompts):
+        parser.error(f"--prompts {prompts} does not exist (a relative path is read from the current folder)")
     return prompt_args, training_args, model_args
 
 

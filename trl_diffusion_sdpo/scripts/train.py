@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ARGUMENT_TYPES",
     "FAMILY_TITLES",
+    "INPUT_PATH_KEYS",
+    "ConfigFileParser",
     "DiffusionScriptArguments",
     "build_pipeline",
     "check_supported",
@@ -46,6 +50,7 @@ __all__ = [
     "make_parser",
     "parse_args",
     "parse_or_exit",
+    "resolve_config_paths",
     "train_save_and_push",
     "train_topics",
 ]
@@ -181,7 +186,7 @@ def make_parser(
     corrections and options grouped by ``topics`` (:func:`~.help_topics.group_by_topic`; transformers' general
     options listed with ``show_all``, as ``--help-all`` does). Prefixes of option names are refused (``allow_abbrev``
     off): ``--learning_rat`` is an unknown option, not ``--learning_rate``."""
-    parser = TrlParser(
+    parser = ConfigFileParser(
         argument_types,
         prog=prog,
         description=description,
@@ -224,6 +229,77 @@ class _FullHelp(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         self.full_parser().print_help()
         parser.exit()
+
+
+# Keys of a --config file that name files or folders to read, and whether the value may instead be a Hub id or a
+# preset name (then a value found nowhere is left as it is; a value with a file suffix must exist).
+INPUT_PATH_KEYS = {
+    "model_name_or_path": True,
+    "vae_name_or_path": True,
+    "dataset_name": True,
+    "prompts": True,
+    "validation_source_images": False,
+    "deepspeed": False,
+}
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".webp")
+
+
+def resolve_config_paths(config: dict[str, Any], config_path: str) -> dict[str, Any]:
+    """``config`` (a ``--config`` file's mapping) with each relative path of :data:`INPUT_PATH_KEYS` read from the
+    file's folder, so a config works from any current folder. A path found only in the current folder is kept, with
+    a warning (configs written before paths were read from their folder). A value that must be a file (no Hub id or
+    preset, or one with a file suffix) and exists in neither is refused, naming the key."""
+    folder = os.path.dirname(os.path.abspath(config_path))
+    resolved = dict(config)
+    for key, may_be_a_name in INPUT_PATH_KEYS.items():
+        value = config.get(key)
+        if isinstance(value, list):
+            resolved[key] = [_resolve_path(key, item, folder, config_path, may_be_a_name) for item in value]
+        elif isinstance(value, str):
+            resolved[key] = _resolve_path(key, value, folder, config_path, may_be_a_name)
+    return resolved
+
+
+def _resolve_path(key: str, value: Any, folder: str, config_path: str, may_be_a_name: bool) -> Any:
+    if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+        return value
+    beside = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
+    if os.path.exists(beside):
+        return beside
+    if os.path.exists(value):
+        logger.warning(
+            "%s: %s is read from the current folder; relative paths in a --config file are read from the file's "
+            "folder (%s), so the config works from anywhere: write it relative to that folder.",
+            key,
+            value,
+            folder,
+        )
+        return value
+    if may_be_a_name and not value.lower().endswith(FILE_SUFFIXES):
+        return value  # a Hub id or a preset name
+    raise ValueError(
+        f"{key}: {value} in the --config file {config_path} does not exist: relative paths in a config file are read "
+        f"from the file's folder ({folder}). Fix the path, relative to that folder or absolute."
+    )
+
+
+class ConfigFileParser(TrlParser):
+    """TRL's parser, reading a ``--config`` file's relative paths from the file's folder (:func:`resolve_config_paths`)
+    and refusing a missing config file as a usage error."""
+
+    config_path: str | None = None
+
+    def parse_args_and_config(self, args: Sequence[str] | None = None, *rest: Any, **options: Any) -> tuple:
+        args = list(sys.argv[1:] if args is None else args)
+        self.config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+        if self.config_path is not None and not os.path.isfile(self.config_path):
+            self.error(f"--config {self.config_path}: no such file")
+        return super().parse_args_and_config(args, *rest, **options)
+
+    def set_defaults_with_config(self, **config: Any) -> list[str]:
+        if self.config_path is not None:
+            config = resolve_config_paths(config, self.config_path)
+        return super().set_defaults_with_config(**config)
 
 
 def add_config_argument(parser: TrlParser) -> None:
