@@ -514,15 +514,18 @@ def main(argv: Sequence[str] | None = None):
     from ..trainer import DiffusionSDPOTrainer
 
     check_supported(script_args, model_args)
+    try:  # before the model loads: a data folder's problem is one line, not a traceback after minutes of loading
+        if diffusion_args.latent_cache:
+            train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
+        else:
+            train_dataset = load_train_split(script_args, diffusion_args)
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"trl-diffusion-sdpo train: error: {err}") from None
     pipeline = build_pipeline(model_args, diffusion_args)
     peft_config = peft_config_for(model_args, pipeline)
-    if diffusion_args.latent_cache:
-        train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
-    else:
-        train_dataset = load_train_split(script_args, diffusion_args)
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split)
     trainer = DiffusionSDPOTrainer(pipeline, None, training_args, train_dataset, eval_dataset, peft_config=peft_config)
     return train_save_and_push(trainer, script_args.dataset_name)
 
