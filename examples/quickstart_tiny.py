@@ -47,7 +47,7 @@ def make_pairs(num_pairs: int, seed: int = 0) -> Dataset:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--output-dir", default="quickstart-output")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         per_device_train_batch_size=4,
         max_steps=args.steps,
         learning_rate=1e-4,
-        scale_lr=False,
         warmup_steps=0,
         logging_steps=5,
         save_strategy="no",

@@ -13,9 +13,9 @@ parsed and unused. Train from the result with ``trl-diffusion-sdpo train ... --l
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-__all__ = ["CacheArguments", "run_cache"]
+__all__ = ["CacheArguments", "make_cache_parser", "run_cache"]
 
 
 @dataclass
@@ -28,22 +28,27 @@ class CacheArguments:
     cache_batch_size: int = field(default=8, metadata={"help": "Pairs per VAE batch."})
 
 
+def make_cache_parser():
+    """``train``'s parser (:func:`~.scripts.train.make_parser`) with :class:`CacheArguments` under a topic of their
+    own."""
+    from .scripts.train import ARGUMENT_TYPES, make_parser, train_topics
+
+    return make_parser(
+        "trl-diffusion-sdpo cache",
+        (*ARGUMENT_TYPES, CacheArguments),
+        "Encode a preference dataset into a sharded, resumable latent cache (--latent_cache FOLDER), one shard per "
+        "process under accelerate launch, from the training YAML (--config) and flags.",
+        "",
+        lambda: [("Cache", "", [f.name for f in fields(CacheArguments)]), *train_topics()],
+    )
+
+
 def run_cache(argv: list[str] | None = None) -> int:
     """``trl-diffusion-sdpo cache``: parse ``argv`` (the ``train`` command's options plus :class:`CacheArguments`)
     and encode this process's shard into ``--latent_cache``; returns the exit status."""
-    from trl import TrlParser
+    from .scripts.train import build_pipeline, check_supported, load_train_split, parse_or_exit
 
-    from .scripts.train import (
-        ARGUMENT_TYPES,
-        add_config_argument,
-        build_pipeline,
-        check_supported,
-        load_train_split,
-        parse_or_exit,
-    )
-
-    parser = TrlParser((*ARGUMENT_TYPES, CacheArguments), prog="trl-diffusion-sdpo cache")
-    add_config_argument(parser)
+    parser = make_cache_parser()
     script_args, args, model_args, diffusion_args, cache_args = parse_or_exit(parser, argv)  # exits on --help
     import torch
     from accelerate import PartialState

@@ -29,6 +29,7 @@ def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) ->
     --help`` lists (read from the evaluation package only when that command runs, see :func:`main`)."""
     parser = argparse.ArgumentParser(
         prog="trl-diffusion-sdpo",
+        allow_abbrev=False,
         description="Preference tuning of text-to-image diffusion models with Diffusion-DPO and Diffusion-SDPO.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -48,6 +49,7 @@ def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) ->
 
     demo = commands.add_parser(
         "demo",
+        allow_abbrev=False,
         help="CPU demo: Diffusion-DPO and Diffusion-SDPO's safeguards from a tiny shipped model over several seeds, "
         "with 95%% intervals (minutes, offline).",
         description=DESCRIPTION,
@@ -78,7 +80,7 @@ def add_forwarded_command(commands, name: str, help: str) -> None:
     """A subcommand listed in ``--help`` whose arguments another parser takes: :func:`main` hands everything after
     ``name`` to it before this parser runs, so this one adds no ``-h`` of its own (``name --help`` reaches the
     command's parser)."""
-    commands.add_parser(name, add_help=False, help=help)
+    commands.add_parser(name, add_help=False, help=help, allow_abbrev=False)
 
 
 def add_evaluate_parser(
@@ -90,6 +92,7 @@ def add_evaluate_parser(
     presets_listed = ", ".join(presets) if presets else "a registered name"
     evaluate = commands.add_parser(
         "evaluate",
+        allow_abbrev=False,
         help="Generate images for a prompt set from a base model and its variants, score them, compare.",
         description=(
             "Sample every model on the prompt set with the SDPO authors' protocol (Euler, 50 steps, guidance 8.5, "
@@ -176,6 +179,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["online"]) and argv[1:] in (["--help"], ["-h"]):
+        # The stored text of the parser's help: building the parser imports transformers' TrainingArguments (seconds).
+        from .scripts.help_topics import stored_help
+
+        text = stored_help(argv[0])
+        if text is not None:
+            print(text, end="")
+            return 0
     if argv[:1] == ["train"]:
         from .scripts.train import main as train
 

@@ -24,6 +24,7 @@ def add_pairs_parser(
     presets_listed = ", ".join(presets) if presets else "a registered name"
     pairs = commands.add_parser(
         "pairs",
+        allow_abbrev=False,
         help="Sample K images per prompt, score them with a reward model and write the pairs above a margin as a "
         "training dataset (AI-feedback / on-policy Diffusion-DPO rounds).",
         description=(

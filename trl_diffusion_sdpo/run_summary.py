@@ -1,14 +1,13 @@
 """What a run will do, said once when training starts: the effective learning rate and how ``scale_lr`` made it, the
 schedule, the pairs per optimizer step, the objective and safeguard, the engine and the precision; and a warning for
 each setting that quietly defeats a run (a warmup longer than half the run, a learning rate outside the range the
-docs recommend for the family, the per-pair default rate used unscaled).
+docs recommend for the family).
 
 :class:`StartSummary` is a ``TrainerCallback``: at ``on_train_begin`` the step count is known (``state.max_steps``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -22,10 +21,6 @@ logger = logging.getLogger(__name__)
 
 # Schedulers whose rate ignores warmup_steps.
 _NO_WARMUP = ("constant", "reduce_lr_on_plateau")
-
-
-def _field_default(args: Any, name: str) -> Any:
-    return {f.name: f.default for f in dataclasses.fields(args)}.get(name)
 
 
 def pairs_per_step(args: Any) -> int:
@@ -49,7 +44,21 @@ def _objective_text(args: Any) -> str:
     if not args.safeguard:
         return "Diffusion-DPO (no safeguard)" if args.loss_type == "dpo" else f"{args.loss_type} (no safeguard)"
     method = "Diffusion-SDPO" if args.loss_type == "dpo" else f"{args.loss_type} with the Diffusion-SDPO safeguard"
-    return f"{method}: safeguard mu={args.safeguard_mu:g}, {args.safeguard_space} space, {args.safeguard_scope} scope"
+    return (
+        f"{method}: safeguard mu={args.safeguard_mu:g}, {args.safeguard_space} space, {args.safeguard_scope} scope "
+        f"({_lambda_text(args)})"
+    )
+
+
+def _lambda_text(args: Any) -> str:
+    """Which samples one ``lambda`` covers under ``safeguard_scope`` on this run's processes."""
+    if args.safeguard_scope == "pair":
+        return "one lambda per pair"
+    if args.world_size == 1:
+        return "one lambda per micro-batch; one process, so local and global scope agree"
+    if args.safeguard_scope == "global":
+        return f"one lambda per global micro-batch, its sums reduced over {args.world_size} processes"
+    return f"one lambda per process's micro-batch, {args.world_size} processes each with its own"
 
 
 def _precision_text(args: Any) -> str:
@@ -92,14 +101,6 @@ def start_warnings(given: Any, effective: Any, family: Any, lora: bool, max_step
             f"warmup_steps={warmup} covers more than half of the {max_steps} optimizer steps: with {schedule} the "
             f"learning rate climbs linearly towards {rate:.3g} and the last step runs at {reached:.3g}. Set "
             f"warmup_steps to a small part of the run (e.g. {suggestion})."
-        )
-    default_rate = _field_default(given, "learning_rate")
-    if not given.scale_lr and given.learning_rate == default_rate:
-        warnings.append(
-            f"learning_rate is its default {default_rate:g}, the authors' rate per pair, meant to be multiplied by "
-            "the pairs per optimizer step (scale_lr=True: 2.048e-5 at their 2048 pairs); with scale_lr=False it is "
-            f"used as is and the weights barely move. Set learning_rate to the rate you want (e.g. 1e-5 for LoRA "
-            "on SD 1.x/2.x and SDXL) or leave scale_lr on."
         )
     recommended = recommended_learning_rate(family, lora)
     if recommended is not None and not recommended.contains(rate):

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ from .io.run_files import RunFiles, files_hook
 from .io.trackers import make_config_trackable
 from .objectives import objective_from_config
 from .reference import reference_for
+from .rewards import RewardFunction, RewardFunctions
 from .run_summary import StartSummary
 from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.draws import MicroBatchDraws
@@ -80,11 +83,13 @@ class DiffusionSDPOTrainer(Trainer):
         peft_config: a ``peft.LoraConfig`` to train LoRA adapters on the UNet instead of all its weights.
         callbacks: as for ``transformers.Trainer``.
         optimizers: as for ``transformers.Trainer``.
-        reward_fn: ``loss_type="smpo"`` only: ``reward_fn(images: list[PIL.Image.Image], prompts: list[str]) ->
-            Sequence[float] | torch.Tensor``, one score per image (e.g. PickScore). When a dataset lacks the score
-            columns (``score_0_column``, ``score_1_column``), both images of every row are scored with it before
-            training (``dataset.map``; lazily for a streamed dataset) and the higher-scored image is the winner. An
-            error with any other ``loss_type``.
+        reward_funcs: ``loss_type="smpo"`` only, as the online trainer and TRL's trainers take them: a registered
+            scorer name (``"pickscore"``, ...) or a callable ``(prompts, images, **columns) -> list[float]`` (one score
+            per PIL image), or a list of them (their scores summed). When a dataset lacks the score columns
+            (``score_0_column``, ``score_1_column``), both images of every row are scored before training
+            (``dataset.map``; lazily for a streamed dataset) and the higher-scored image is the winner. An error with
+            any other ``loss_type``.
+        reward_fn: deprecated, the older form of ``reward_funcs``: ``reward_fn(images, prompts)`` (images first).
     """
 
     _tag_names = ["trl", "diffusion-sdpo"]
@@ -105,6 +110,7 @@ class DiffusionSDPOTrainer(Trainer):
         peft_config: LoraConfig | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        reward_funcs: str | RewardFunction | Sequence[str | RewardFunction] | None = None,
         reward_fn: RewardFn | None = None,
     ) -> None:
         if args is None:
@@ -116,6 +122,7 @@ class DiffusionSDPOTrainer(Trainer):
         check_config(args)
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
+        reward_fn = _scoring_function(reward_funcs, reward_fn)
         check_one_device_per_process(args)
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
@@ -440,3 +447,29 @@ class DiffusionSDPOTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+def _scoring_function(
+    reward_funcs: str | RewardFunction | Sequence[str | RewardFunction] | None, reward_fn: RewardFn | None
+) -> RewardFn | None:
+    """The function that scores a dataset's images, ``(images, prompts) -> scores``: from ``reward_funcs`` (TRL's
+    name and argument order, summed over the functions), or the deprecated ``reward_fn`` as given."""
+    if reward_fn is not None:
+        if reward_funcs is not None:
+            raise ValueError("Pass reward_funcs or reward_fn (its deprecated name), not both.")
+        warnings.warn(
+            "DiffusionSDPOTrainer(reward_fn=...) is deprecated: pass reward_funcs= (a registered scorer name, or a "
+            "callable (prompts, images) -> list[float], prompts first as in TRL's trainers).",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return reward_fn
+    if reward_funcs is None:
+        return None
+    functions = [reward_funcs] if isinstance(reward_funcs, str) or callable(reward_funcs) else list(reward_funcs)
+    rewards = RewardFunctions(functions)
+
+    def score(images: list, prompts: list[str]) -> torch.Tensor:
+        return rewards(prompts, images)[0]
+
+    return score

@@ -415,3 +415,23 @@ def test_video_pair_folders_fill_the_video_columns_and_a_mixed_pair_is_named(tmp
     dataset = load(per_pair)
     assert dataset["prompt"] == ["p0", "p1"] and dataset["chosen"][0] is None
     assert dataset["__source__"][0].endswith("p0: no chosen.<ext>") and Path(dataset["chosen"][1]).name == "chosen.mp4"
+
+
+def test_an_empty_data_folder_is_one_error_naming_the_layouts_read(tmp_path, capsys):
+    """``train --dataset_name EMPTY`` ends with one line on stderr that lists what a data folder may hold, before any
+    model is loaded (the model named does not exist)."""
+    from trl_diffusion_sdpo.data.formats import load_preference_data
+    from trl_diffusion_sdpo.scripts.train import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError) as info:
+        load_preference_data(str(empty))
+    for layout in ("pair folders", "chosen/ and rejected/", "train.jsonl", "metadata.jsonl", "HPDv3", "save_to_disk"):
+        assert layout in str(info.value), layout
+    argv = ["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(empty)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output_dir", str(tmp_path / "out"), "--use_cpu"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"trl-diffusion-sdpo train: error: {empty} holds no preference data")
+    assert "\n" not in message and "docs/data.md" in message

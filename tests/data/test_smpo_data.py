@@ -3,6 +3,7 @@ of them, and ``reward_fn``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -151,7 +152,7 @@ def test_missing_score_column_raises_naming_it_the_columns_found_and_reward_fn(m
         del row["score_1"]
     with pytest.raises(ValueError, match=r"missing score column\(s\) \['score_1'\]") as error:
         prepare_preference_dataset(Dataset.from_list(rows), make_config(**SMPO))
-    assert "score_0" in str(error.value) and "jpg_0" in str(error.value) and "reward_fn" in str(error.value)
+    assert "score_0" in str(error.value) and "jpg_0" in str(error.value) and "reward_funcs" in str(error.value)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, None])
@@ -210,15 +211,34 @@ def test_reward_fn_scores_a_streamed_dataset_lazily(make_config):
     assert batch["num_skipped"].item() == 1 and batch["pair_scores"].shape == (3, 2)
 
 
-def test_reward_fn_fills_the_score_columns_and_smpo_trains_with_the_weights(make_pickapic, make_pipeline, make_config):
+def trls_colour_reward(prompts, images, **columns):
+    """colour_reward in TRL's argument order (prompts first), as reward_funcs take it."""
+    return colour_reward(images, prompts)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"reward_funcs": trls_colour_reward},
+        {"reward_funcs": [trls_colour_reward]},
+        pytest.param({"reward_fn": colour_reward}, id="reward_fn-deprecated"),
+    ],
+)
+def test_reward_funcs_fill_the_score_columns_and_smpo_trains_with_the_weights(
+    make_pickapic, make_pipeline, make_config, given
+):
     dataset = make_pickapic(4)
-    trainer = DiffusionSDPOTrainer(
-        make_pipeline(),
-        args=make_config(max_steps=2, **SMPO),
-        train_dataset=dataset,
-        peft_config=lora_config(),
-        reward_fn=colour_reward,
+    deprecated = (
+        pytest.warns(FutureWarning, match=r"reward_fn=\.\.\.\) is deprecated") if "reward_fn" in given else None
     )
+    with deprecated or contextlib.nullcontext():
+        trainer = DiffusionSDPOTrainer(
+            make_pipeline(),
+            args=make_config(max_steps=2, **SMPO),
+            train_dataset=dataset,
+            peft_config=lora_config(),
+            **given,
+        )
     prepared = trainer.train_dataset
     scores = list(zip(prepared["score_0"], prepared["score_1"]))
     for row, (s0, s1) in zip(dataset, scores):  # the columns hold reward_fn's scores of each row's images
@@ -238,7 +258,7 @@ def test_reward_fn_fills_the_score_columns_and_smpo_trains_with_the_weights(make
 
 
 def test_smpo_without_score_columns_or_reward_fn_raises_the_column_error(make_trainer):
-    with pytest.raises(ValueError, match="reward_fn"):
+    with pytest.raises(ValueError, match="reward_funcs"):
         make_trainer(**SMPO)
 
 

@@ -130,7 +130,7 @@ def _pair_folder(root: Path, pairs: int = 4) -> None:
         (folder / "prompt.txt").write_text(f"a {asked} square")
 
 
-def _run_as_written(line: str, cwd: Path) -> None:
+def _run_as_written(line: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run a README ``trl-diffusion-sdpo ...`` command line as written, in ``cwd``, and require it to succeed."""
     proc = subprocess.run(
         [sys.executable, "-m", "trl_diffusion_sdpo", *shlex.split(line)[1:]],
@@ -141,6 +141,7 @@ def _run_as_written(line: str, cwd: Path) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, f"{line}\n{proc.stderr[-4000:]}"
+    return proc
 
 
 def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) -> None:
@@ -148,13 +149,17 @@ def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) ->
     written, from the repository root's relative paths."""
     commands = [c for b in _blocks(README, "bash") for c in _commands(b)]
     train = next(c for c in commands if "tiny_cpu.yaml" in c)
+    resume = next(c for c in commands if "tiny_cpu.yaml" in c and "--resume_from_checkpoint" in c)
     export = next(c for c in commands if c.startswith("trl-diffusion-sdpo export"))
     _pair_folder(tmp_path / "my-pairs")
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     (tmp_path / "trl_diffusion_sdpo").symlink_to(ROOT / "trl_diffusion_sdpo")
-    for line in (train, export):
-        _run_as_written(line, tmp_path)
+    runs = [_run_as_written(line, tmp_path) for line in (train, resume, export)]
     assert (tmp_path / "tiny-sdpo" / "pytorch_lora_weights.safetensors").is_file()
+    # the resume line went on from the first run's newest checkpoint (step 20) to its own max_steps
+    assert "checkpoint-20" in runs[1].stdout + runs[1].stderr
+    state = json.loads((tmp_path / "tiny-sdpo" / "checkpoint-30" / "trainer_state.json").read_text())
+    assert state["global_step"] == 30
     assert (tmp_path / "tiny.safetensors").stat().st_size > 0
 
 

@@ -41,10 +41,77 @@ def test_a_name_like_no_known_option_gets_no_guess(capsys):
 
 def test_known_options_are_the_listed_flags_without_the_hidden_ones():
     known = known_options(make_parser())
-    assert {"safeguard_mu", "learning_rate", "no_scale_lr", "config", "dataset_name"} <= set(known)
+    assert {"safeguard_mu", "learning_rate", "no_random_flip", "config", "dataset_name"} <= set(known)
     assert "load_in_4bit" not in known
 
 
 def test_known_flags_still_parse(tmp_path):
     _, training_args, _, _ = parse_args(["--output_dir", str(tmp_path), "--safeguard_mu", "0.5"])
     assert training_args.safeguard_mu == 0.5
+
+
+@pytest.mark.parametrize("command", ["train", "online"])
+def test_a_prefix_of_a_flag_is_refused_not_taken_for_it(capsys, tmp_path, command):
+    """argparse's abbreviations are off: ``--learning_rat`` is refused with the flag it resembles, never trained as
+    ``--learning_rate``."""
+    from trl_diffusion_sdpo.scripts import online
+
+    parse = parse_args if command == "train" else online.parse_args
+    with pytest.raises(SystemExit) as info:
+        parse(["--output_dir", str(tmp_path), "--learning_rat", "1e-4", "--prompts", "p.txt"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown option --learning_rat (did you mean --learning_rate?)" in err
+
+
+def test_a_flag_error_prints_a_short_usage_and_the_error(capsys):
+    err = refusal(capsys, ["--safegaurd_mu", "0.5"])
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err  # the usage line and the error, not a dump of every option
+    assert lines[0].startswith("usage: trl-diffusion-sdpo train [--config FILE.yaml] [--OPTION VALUE ...]")
+    assert lines[1].startswith("trl-diffusion-sdpo train: error: unknown option --safegaurd_mu")
+
+
+def every_parser():
+    """Each parser a command builds: the top-level one and its subcommands, train, online, cache, export, the demo."""
+    import argparse
+
+    from trl_diffusion_sdpo import cli
+    from trl_diffusion_sdpo.cache_cli import make_cache_parser
+    from trl_diffusion_sdpo.demo.cli import build_parser as demo_parser
+    from trl_diffusion_sdpo.io.export import build_export_parser
+
+    top = cli.build_parser((["pickscore"], ["partiprompts"]))
+    subcommands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    yield "trl-diffusion-sdpo", top
+    yield from subcommands.choices.items()
+    yield "train", make_parser()
+    yield "online", parser_of_online()
+    yield "cache", make_cache_parser()
+    yield "export", build_export_parser()
+    yield "demo", demo_parser()
+
+
+def parser_of_online():
+    from trl_diffusion_sdpo.scripts import online
+
+    return make_parser(
+        "trl-diffusion-sdpo online", online.ARGUMENT_TYPES, online.DESCRIPTION, online.EPILOG, online.online_topics
+    )
+
+
+def test_no_parser_takes_a_prefix_for_an_option():
+    """For every parser, its longest option name less its last letter is left unparsed, never read as the option."""
+    checked = 0
+    for name, parser in every_parser():
+        options = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and a.nargs != 0]
+        if not options:
+            continue
+        option = max(options, key=len)
+        action = next(a for a in parser._actions if option in a.option_strings)
+        required = [w for a in parser._actions if a.required and a.option_strings for w in (a.option_strings[0], "x")]
+        namespace, rest = parser.parse_known_args([option[:-1], "7", *required])
+        assert getattr(namespace, action.dest, None) != "7", (name, option)
+        assert option[:-1] in rest, (name, option)
+        checked += 1
+    assert checked >= 8  # evaluate, pairs, train, online, cache, export, the demo twice

@@ -31,7 +31,10 @@ def _field(name: str) -> dataclasses.Field:
         ({"min_timestep": -1}, "min_timestep"),
         ({"min_timestep": 500, "max_timestep": 500}, "max_timestep"),
         ({"on_nonfinite_loss": "ignore"}, r"on_nonfinite_loss must be one of \['skip', 'raise'\]"),
-        ({"safeguard_space": "gradient"}, r"safeguard_space must be one of \['output', 'parameter', 'update'\]"),
+        (
+            {"safeguard_space": "gradient"},
+            r"safeguard_space must be one of \['none', 'output', 'parameter', 'update'\]",
+        ),
         ({"safeguard_scope": "world"}, r"safeguard_scope must be one of \['local', 'global', 'pair'\]"),
         ({"loss_type": "ipo"}, "loss_type"),
         ({"remove_unused_columns": True}, "remove_unused_columns"),
@@ -97,7 +100,9 @@ def test_defaults_follow_the_papers_but_the_safeguard_margin(tmp_path):
     config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
     assert config.beta == 5000.0
     assert config.safeguard and config.safeguard_space == "output" and config.safeguard_max_lambda == 1.0
-    assert config.learning_rate == 1e-8 and config.scale_lr
+    # TRL's habit: learning_rate is the rate (the shipped LoRA configs' 1e-5); the authors' scaling is opt-in
+    assert config.learning_rate == 1e-5 and not config.scale_lr
+    assert config.safeguard_scope == "global"  # the scope every engine runs (ZeRO-3 and FSDP2 refuse local)
     assert config.max_grad_norm == 1.0 and config.proportion_empty_prompts == 0.2 and config.random_flip
     assert not config.remove_unused_columns
     # mu: the package's 0.5 (the paired comparison's cheapest insurance), not the authors' per-model values; its help
@@ -149,6 +154,47 @@ def test_scale_lr_leaves_the_callers_config_object_alone(make_config, make_pipel
 def test_scale_lr_false_uses_the_learning_rate_as_given(make_trainer):
     trainer = make_trainer(scale_lr=False, learning_rate=3e-4, gradient_accumulation_steps=4)
     assert trainer.args.learning_rate == 3e-4
+
+
+@pytest.mark.parametrize(
+    ("given", "space", "on"),
+    [
+        ({}, "output", True),
+        ({"safeguard_space": "none"}, "none", False),
+        ({"safeguard": False}, "none", False),  # the older name, as configs written before "none" set it
+        ({"safeguard": False, "safeguard_space": "parameter"}, "none", False),  # an explicit False still wins
+        ({"safeguard": True, "safeguard_space": "update"}, "update", True),
+    ],
+)
+def test_safeguard_is_an_alias_of_the_space_none(tmp_path, given, space, on):
+    config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **given)
+    assert (config.safeguard_space, config.safeguard) == (space, on)
+    again = DiffusionSDPOConfig(**{**config.to_dict(), "output_dir": str(tmp_path)})  # training_config.json read back
+    assert (again.safeguard_space, again.safeguard) == (space, on)
+
+
+def test_safeguard_true_with_the_space_none_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="safeguard=True asks for a safeguard but safeguard_space='none'"):
+        DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=True, safeguard_space="none")
+
+
+def test_the_space_none_trains_diffusion_dpo(make_trainer):
+    """``safeguard_space="none"`` builds the Diffusion-DPO step, as ``safeguard=False`` did."""
+    from trl_diffusion_sdpo.safeguards import SAFEGUARDS
+
+    for given in ({"safeguard_space": "none"}, {"safeguard": False}):
+        trainer = make_trainer(**given)
+        assert type(trainer.safeguard) is SAFEGUARDS["none"]
+        assert trainer.method_name() == "Diffusion-DPO"
+
+
+def test_sigmoid_is_trls_name_for_the_diffusion_dpo_loss(tmp_path):
+    from trl_diffusion_sdpo.objectives import DiffusionDPOObjective, objective_from_config
+
+    config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="sigmoid", beta=2000.0)
+    assert config.loss_type == "dpo"
+    objective = objective_from_config(config, num_train_timesteps=1000)
+    assert type(objective) is DiffusionDPOObjective and objective.beta == 2000.0
 
 
 def test_a_choice_lists_its_options_in_the_order_given():
@@ -329,32 +375,46 @@ def test_a_config_made_before_its_owners_registered_is_refused_when_the_trainer_
         DiffusionSDPOTrainer(make_pipeline(), args=config, train_dataset=pickapic_dataset, peft_config=lora_config())
 
 
-def test_the_config_alone_imports_no_layer_above_it_and_still_checks_its_own_fields():
+ORDERS = {
+    "the config alone": "",
+    "the objectives first": "import trl_diffusion_sdpo.objectives\n",
+}
+
+
+@pytest.mark.parametrize("first", list(ORDERS))
+def test_validation_gives_the_same_answer_whatever_was_imported_before_the_config(first):
+    """In a fresh interpreter, a value only an objective refuses (dmpo_alpha=5.0) and one only the flow families
+    refuse are refused when the config is made, whether or not their layers were imported before it."""
     import subprocess
     import sys
 
     code = (
-        "import sys\n"
-        "from trl_diffusion_sdpo.config import DiffusionSDPOConfig, registered_config_checks\n"
-        "try:\n"
-        "    DiffusionSDPOConfig(output_dir='unused', use_cpu=True, safeguard_scope='pair')\n"
-        "except ValueError as err:\n"
-        "    print('refused:', err)\n"
-        "print(registered_config_checks())\n"
-        "print(sorted(m for m in sys.modules if m.startswith('trl_diffusion_sdpo.')))\n"
+        ORDERS[first] + "from trl_diffusion_sdpo.config import DiffusionSDPOConfig\n"
+        "for overrides in ({'dmpo_alpha': 5.0}, {'flow_shift': 'dynamic'}, {'preemption_signals': ['SIGKILL']}):\n"
+        "    try:\n"
+        "        DiffusionSDPOConfig(output_dir='unused', use_cpu=True, **overrides)\n"
+        "        print('accepted')\n"
+        "    except ValueError as err:\n"
+        "        print('refused:', err)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
-    refused, checks, modules = done.stdout.strip().splitlines()[-3:]
-    assert refused.startswith("refused: safeguard_scope='pair' chooses one lambda per pair")
-    assert checks == "{}"
-    assert eval(modules) == [  # noqa: S307  (our own output)
-        "trl_diffusion_sdpo._lazy",
-        "trl_diffusion_sdpo.checks",
-        "trl_diffusion_sdpo.config",
-        "trl_diffusion_sdpo.config.docs",
-        "trl_diffusion_sdpo.config.fields",
-        "trl_diffusion_sdpo.config.rules",
-    ]
+    answers = done.stdout.strip().splitlines()[-3:]
+    assert answers[0].startswith("refused: dmpo_alpha must lie in (0, 1), got 5.0"), answers
+    assert answers[1].startswith("refused: flow_shift must be one of"), answers
+    assert answers[2].startswith("refused: preemption_signals: SIGKILL cannot be caught"), answers
+
+
+def test_the_config_names_every_owner_of_a_registered_check():
+    """Each module that registers a config check is one the config imports before checking (CHECK_OWNERS)."""
+    import importlib
+
+    for owner in rules.CHECK_OWNERS:
+        importlib.import_module(owner)
+    registering = {
+        name.rpartition(".")[0] if name.endswith(".base") else name for name in rules.registered_config_checks()
+    }
+    registering.discard("trl_diffusion_sdpo.online.config")  # checks only its own config class, which imports it
+    assert registering <= set(rules.CHECK_OWNERS)
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--beta", "-1"], "beta must be positive, got -1.0")])

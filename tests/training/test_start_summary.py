@@ -71,12 +71,27 @@ def test_a_rate_outside_the_familys_range_warns_naming_the_range_and_source(make
     assert "docs/usage.md" in warnings[0]
 
 
-def test_no_scale_lr_without_a_rate_warns_that_the_per_pair_default_is_used_as_is(make_trainer, caplog):
-    default = DiffusionSDPOConfig.__dataclass_fields__["learning_rate"].default
-    trainer, _, warnings = train_and_capture(make_trainer, caplog, learning_rate=default, max_steps=1)
+def test_the_default_rate_is_the_rate_trained_at_and_in_the_lora_range(make_trainer, caplog):
+    """scale_lr is off by default and the default learning_rate a real rate: the optimizer runs at it, unwarned."""
+    defaults = {name: DiffusionSDPOConfig.__dataclass_fields__[name].default for name in ("learning_rate", "scale_lr")}
+    default = defaults["learning_rate"]
+    trainer, info, warnings = train_and_capture(
+        make_trainer, caplog, max_steps=1, gradient_accumulation_steps=2, **defaults
+    )
+    assert not trainer.args.scale_lr
     assert logged_rates(trainer) == [pytest.approx(default)]
-    assert any("learning_rate is its default 1e-08" in w and "scale_lr=False" in w for w in warnings), warnings
-    assert any("outside the range" in w for w in warnings)
+    assert f"{default:.3g} (as given; scale_lr=False)" in info[0]
+    assert warnings == []
+
+
+@pytest.mark.parametrize(
+    ("scope", "text"),
+    [("global", "one process, so local and global scope agree"), ("pair", "one lambda per pair")],
+)
+def test_the_summary_says_which_lambda_the_scope_computes(make_trainer, caplog, scope, text):
+    space = {"safeguard_space": "parameter"} if scope == "pair" else {}
+    _, info, _ = train_and_capture(make_trainer, caplog, safeguard_scope=scope, max_steps=1, **space)
+    assert f"{scope} scope (" in info[0] and text in info[0]
 
 
 def test_every_registered_family_has_a_recommended_lora_range_that_holds_its_own_rate():

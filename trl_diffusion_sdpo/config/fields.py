@@ -63,8 +63,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         "the winners (no reference, no safeguard). `mapo`: reference-free margin-aware preference optimisation "
         "(`mapo_beta`, `mapo_snr_value`; no reference model is built or run). `smpo`: Diffusion-DPO with "
         "SmPO's smoothed preferences, each pair's logit weighted by `smpo_gamma * (2p - 1)` from two score "
-        "columns. Or the name of an objective registered with `register_objective` (its fields are read from "
-        "the config fields of the same names).",
+        "columns. `sigmoid`: TRL's name for the Diffusion-DPO loss, read as `dpo`. Or the name of an objective "
+        "registered with `register_objective` (its fields are read from the config fields of the same names).",
     )
     dmpo_alpha: float = field(default=0.01, metadata={"help": "DMPO's target `q = 1 - alpha` (authors: 0.01)."})
     dspo_form: str = option(
@@ -96,11 +96,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         "SmPO: the maximum of the score normalisation (SmPO's constant for PickScore's raw cosine).",
     )
     # Safeguard
-    safeguard: bool = option(
-        True,
-        "Apply the Diffusion-SDPO winner-preserving safeguard: the loser error's gradient is scaled by a "
-        "detached `lambda` so that, to first order, the winner's error does not increase. `False` is plain "
-        "Diffusion-DPO.",
+    safeguard: bool | None = option(
+        None,
+        "Alias of `safeguard_space` kept for older configs: `False` is `safeguard_space=none` (plain "
+        "Diffusion-DPO); `True` keeps `safeguard_space` (refused with `none`). `None`: as `safeguard_space` says. "
+        "Once the config is made it reads `True` exactly when a safeguard runs.",
     )
     safeguard_mu: float = option(
         0.5,
@@ -114,7 +114,10 @@ class DiffusionSDPOConfig(TrainingArguments):
     safeguard_max_lambda: float = field(default=1.0, metadata={"help": "Upper bound of the safeguard's `lambda`."})
     safeguard_space: str = option(
         "output",
-        "Where `lambda` is computed. `output`: the authors' rule on the policy's residuals (two sums, no "
+        "The Diffusion-SDPO winner-preserving safeguard: the loser error's gradient is scaled by a detached "
+        "`lambda` so that, to first order, the winner's error does not increase; this says where `lambda` is "
+        "computed. `none`: no safeguard, plain Diffusion-DPO (`safeguard=False` is its alias). `output`: the "
+        "authors' rule on the policy's residuals (two sums, no "
         "extra pass), which treats the UNet's Jacobians on the two branches as equal. `parameter`: the exact "
         "rule, from the gradients of the loss's winner and loser terms over the trainable weights, in the "
         "passes `safeguard_passes` chooses: by default one forward and one backward pass with the branches' "
@@ -128,12 +131,13 @@ class DiffusionSDPOConfig(TrainingArguments):
         choices=list(SAFEGUARD_SPACES),
     )
     safeguard_scope: str = option(
-        "local",
-        "Which samples one `lambda` covers when several processes train. `local` (the authors' choice): "
-        "each process computes `lambda` from its own micro-batch. `global`: the two sums behind `lambda` are "
-        "summed over all processes, so every process uses the `lambda` of the global micro-batch (one extra "
-        "all-reduce of two numbers per micro-batch); the run then matches a single process with the same global "
-        "batch. On one process the two are the same. `pair` (`safeguard_space=parameter`, "
+        "global",
+        "Which samples one `lambda` covers when several processes train. `global` (the default: it runs on every "
+        "engine, ZeRO-3 and FSDP2 included): the two sums behind `lambda` are summed over all processes, so every "
+        "process uses the `lambda` of the global micro-batch (one extra all-reduce of two numbers per micro-batch); "
+        "the run then matches a single process with the same global batch. `local` (the authors' choice): each "
+        "process computes `lambda` from its own micro-batch; refused by the exact rule under ZeRO-3 and FSDP2. On "
+        "one process the two are the same computation. `pair` (`safeguard_space=parameter`, "
         "`safeguard_passes=one`): one `lambda_i` per preference pair, from that pair's own gradients, so that "
         "pair `i`'s safeguarded gradient does not raise pair `i`'s winner term to first order (with margin "
         "`mu`); not a guarantee for the batch sum, since other pairs' gradients still act on pair `i` "
@@ -367,14 +371,17 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     # Learning-rate scaling (authors' recipe)
     scale_lr: bool = option(
-        True,
-        "The authors' recipe: `learning_rate` is multiplied by `processes * per_device_batch * "
-        "accumulation` (2.048e-5 at their effective batch of 2048 pairs and 1e-8). `False`: `learning_rate` as "
-        "given.",
+        False,
+        "The Diffusion-DPO authors' recipe, off by default: with `True`, `learning_rate` is a rate per pair, "
+        "multiplied by `processes * per_device_batch * accumulation` (their 1e-8 per pair at 2048 pairs gives "
+        "2.048e-5). `False` (TRL's habit): `learning_rate` is the rate.",
     )
     # Changed TrainingArguments defaults
     learning_rate: float = option(
-        1e-8, "Learning rate per pair (scaled by the effective batch with `scale_lr`; the authors' 1e-8)."
+        1e-5,
+        "Peak learning rate (a rate per pair when `scale_lr=True`). 1e-5: the rate of the shipped SD1.5 and SDXL "
+        "LoRA configs (docs/usage.md: 1e-5 to 1e-4 for LoRA), half the authors' SD1.5 full-tuning rate (1e-8 per "
+        "pair x 2048 pairs = 2.048e-5). The flow families' LoRA configs use 1e-4.",
     )
     lr_scheduler_type: SchedulerType | str = option(
         "constant_with_warmup", "Scheduler type (the authors': constant after a linear warmup)."
@@ -396,6 +403,7 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._resolve_aliases()
         # Each field's rule, the rules over several fields, and the checks the objectives, the flow families and the
         # checkpointing registered (rules.check_config); the trainer runs them again when it is built.
         check_config(self)
@@ -407,6 +415,22 @@ class DiffusionSDPOConfig(TrainingArguments):
             if not self.deepspeed and not strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
                 self.use_cpu = True
         super().__post_init__()
+
+    def _resolve_aliases(self) -> None:
+        """TRL's and the older names onto the fields that hold them: ``loss_type="sigmoid"`` (TRL's name of the
+        Diffusion-DPO loss) is ``"dpo"``; ``safeguard=False`` is ``safeguard_space="none"``. ``safeguard`` then
+        says whether a safeguard runs, for the code and the configs that read it."""
+        if self.loss_type == "sigmoid":
+            self.loss_type = "dpo"
+        if self.safeguard is False:
+            self.safeguard_space = "none"
+        elif self.safeguard is True and self.safeguard_space == "none":
+            raise ValueError(
+                "safeguard=True asks for a safeguard but safeguard_space='none' turns it off: set safeguard_space "
+                "to 'output', 'parameter' or 'update' (and drop safeguard, the older name), or set "
+                "safeguard_space='none' alone for Diffusion-DPO."
+            )
+        self.safeguard = self.safeguard_space != "none"
 
     @property
     def inverts(self) -> bool:

@@ -5,15 +5,17 @@
 - ``CROSS_FIELD_RULES``: what a field's range cannot say (several fields together, or a multiple of 8);
 - the checks the layers above register (:func:`register_config_check`): the objectives own ``loss_type``, their
   fields and what an objective lacks (a loser, a reference); the flow families own their noise-level names; the
-  checkpointing owns the preemption signals. The config imports none of them (it is the bottom layer), so their
-  checks run when the config is made once they are imported (the trainer and ``trl-diffusion-sdpo train`` import
-  them before they make or read a config), and :func:`check_config` runs them all again when the trainer is built.
+  checkpointing owns the preemption signals. The config names these owners in ``CHECK_OWNERS`` and
+  :func:`check_config` imports them (by name: no import statement ties the config to a layer above it) before it
+  checks, so a config gets the same answer whatever was imported before it; the trainer runs them all again when
+  it is built.
 
 Each rule raises a ``ValueError`` naming the field, the value and what to change.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 from ..checks import Choice, Range
 
 __all__ = [
+    "CHECK_OWNERS",
     "CROSS_FIELD_RULES",
     "DSPO_FORM_CHOICES",
     "FIELD_RULES",
@@ -37,7 +40,8 @@ __all__ = [
 ]
 
 # The options of the config's choice fields: the fields' ``choices`` (what ``--help`` lists) and their checks.
-SAFEGUARD_SPACES = ("output", "parameter", "update")
+# ``"none"``: Diffusion-DPO (no safeguard); the ``safeguard`` bool is its alias.
+SAFEGUARD_SPACES = ("none", "output", "parameter", "update")
 SAFEGUARD_SCOPES = ("local", "global", "pair")
 SAFEGUARD_PASSES = ("one", "two")
 NONFINITE_ACTIONS = ("skip", "raise")
@@ -75,7 +79,7 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "validation_num_inference_steps": Range(1, integer=True),
     "validation_guidance_scale": Range(optional=True, hint="None uses the family's guidance (8.5 for SD and SDXL)."),
     # TrainingArguments fields that fail late (inside torch, or as NaN weights) when wrong
-    "learning_rate": Range(0, hint="The authors use 1e-8 per pair with scale_lr; LoRA typically 1e-5 to 1e-4."),
+    "learning_rate": Range(0, hint="LoRA typically 1e-5 to 1e-4; the authors' full tuning 2.048e-5 (SD1.5)."),
     "weight_decay": Range(0, hint="The SDPO authors use 0.01."),
     "adam_beta1": Range(0, 1, high_open=True),
     "adam_beta2": Range(0, 1, high_open=True),
@@ -110,7 +114,9 @@ class CrossFieldRule:
 def _safeguarded(config: Any, space: str | None = None, scope: str | None = None) -> bool:
     """The safeguard is on (in ``space`` and with ``scope`` where given): a safeguard field is read only then."""
     return (
-        bool(config.safeguard) and space in (None, config.safeguard_space) and scope in (None, config.safeguard_scope)
+        config.safeguard_space != "none"
+        and space in (None, config.safeguard_space)
+        and scope in (None, config.safeguard_scope)
     )
 
 
@@ -182,6 +188,15 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
 # owner (the module that registered it) -> its check of a whole config.
 _REGISTERED: dict[str, Callable[[Any], None]] = {}
 
+# The modules that own config fields' rules and register them on import (the built-in objectives, the flow
+# families' noise-level names, the preemption signals): check_config imports them first, so a config's validity
+# never depends on what happened to be imported before it.
+CHECK_OWNERS = (
+    "trl_diffusion_sdpo.objectives",
+    "trl_diffusion_sdpo.families.flow",
+    "trl_diffusion_sdpo.io.preemption",
+)
+
 
 def register_config_check(owner: str, check: Callable[[Any], None]) -> Callable[[Any], None]:
     """Register ``check(config)``, a layer's own rules of the config's fields (raising ``ValueError``), run by every
@@ -200,9 +215,11 @@ def check_config(config: Any) -> None:
     """Every rule of ``config``: each field's own (``FIELD_RULES``), then the rules over several fields
     (``CROSS_FIELD_RULES``), then the checks registered by the layers that own fields (objectives, families, ...).
 
-    The config runs this when it is made; the trainer runs it again when it is built, by which time every layer
-    that reads the config has been imported and has registered its check.
+    The owners of the registered checks (``CHECK_OWNERS``) are imported first. The config runs this when it is
+    made; the trainer runs it again when it is built.
     """
+    for owner in CHECK_OWNERS:
+        importlib.import_module(owner)
     for name, rule in FIELD_RULES.items():
         rule.check(name, getattr(config, name))
     for cross_rule in CROSS_FIELD_RULES:

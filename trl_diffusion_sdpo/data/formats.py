@@ -59,6 +59,7 @@ __all__ = [
     "RANKING_PAIRS",
     "detect_format",
     "load_preference_data",
+    "no_data_message",
     "read_hpd",
     "read_pair_folders",
     "read_table",
@@ -98,8 +99,14 @@ def load_preference_data(
         logger.info("Reading %s as %s", name_or_path, format)
     if format == "hub":
         from datasets import load_dataset
+        from datasets.data_files import EmptyDatasetError
 
-        dataset = load_dataset(name_or_path, config_name, split=split, streaming=streaming)
+        try:
+            dataset = load_dataset(name_or_path, config_name, split=split, streaming=streaming)
+        except EmptyDatasetError:
+            if not os.path.isdir(name_or_path):
+                raise
+            raise ValueError(no_data_message(name_or_path, split)) from None
     else:
         dataset = _load_local(name_or_path, format, split, ranking_pairs)
         if streaming:
@@ -139,6 +146,18 @@ def detect_format(name_or_path: str, split: str = "train") -> str:
     if pair_root(name_or_path, split) is not None:
         return "pair_folders"
     return "hub"
+
+
+def no_data_message(path: str, split: str = "train") -> str:
+    """Why a local folder gave no pairs: the layouts that are read (``docs/data.md``)."""
+    sides = ", ".join(f"{winner}/ and {loser}/" for winner, loser in SIDE_FOLDERS)
+    return (
+        f"{path} holds no preference data for split {split!r}. The layouts read (docs/data.md): pair folders (side "
+        f"folders {sides}, or one folder per pair holding chosen.<ext>, rejected.<ext> and prompt.txt; at the top or "
+        f"in {split}/); a {split}.jsonl, .json, .csv or .tsv of prompt, chosen and rejected paths; an image folder "
+        "with metadata.jsonl or metadata.csv; HPDv3 annotation files; a save_to_disk folder; or data files "
+        "(parquet, arrow, ...) that datasets.load_dataset reads."
+    )
 
 
 def _load_local(path: str, format: str, split: str, ranking_pairs: str) -> Dataset:

@@ -47,9 +47,9 @@ def add_reward_scores(
         return dataset
     if not uses_scores(args):
         raise ValueError(
-            f"reward_fn is only used by loss_type='smpo' (to score both images of a pair for SmPO's smoothed "
+            f"reward_funcs are only used by loss_type='smpo' (to score both images of a pair for SmPO's smoothed "
             f"preferences) and other objectives that read pair scores; loss_type={getattr(args, 'loss_type', None)!r} "
-            "does not use it. Remove reward_fn or set loss_type='smpo'."
+            "does not use them. Remove reward_funcs or set loss_type='smpo'."
         )
     if not callable(reward_fn):
         raise TypeError(f"reward_fn must be callable as reward_fn(images, prompts), got {type(reward_fn).__name__}")

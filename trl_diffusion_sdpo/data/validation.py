@@ -183,8 +183,8 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
         raise ValueError(
             f"loss_type={args.loss_type!r} needs a score per image, but the dataset is missing score column(s) "
             f"{missing} (expected {list(scores)}; names can be changed with score_0_column/score_1_column); found "
-            f"{sorted(names)}. Alternatively hand DiffusionSDPOTrainer a reward_fn(images, prompts) to score both "
-            "images of every row."
+            f"{sorted(names)}. Alternatively hand DiffusionSDPOTrainer reward_funcs (a registered scorer name or a "
+            "callable (prompts, images) -> list[float]) to score both images of every row."
         )
     return dataclasses.replace(layout, score_0=scores[0], score_1=scores[1])
 

@@ -78,7 +78,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def build_parser() -> argparse.ArgumentParser:
     return add_demo_arguments(
-        argparse.ArgumentParser(prog="python -m trl_diffusion_sdpo.demo", description=DESCRIPTION)
+        argparse.ArgumentParser(prog="python -m trl_diffusion_sdpo.demo", description=DESCRIPTION, allow_abbrev=False)
     )
 
 

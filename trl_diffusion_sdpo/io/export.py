@@ -182,6 +182,7 @@ def merge_lora(
 def build_export_parser() -> argparse.ArgumentParser:
     """The parser of ``trl-diffusion-sdpo export``."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="trl-diffusion-sdpo export",
         description=(
             "Write a LoRA trained by `trl-diffusion-sdpo train` (diffusers format) for the image tools: kohya "

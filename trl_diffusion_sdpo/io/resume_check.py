@@ -186,6 +186,8 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
     if saved is None:
         logger.warning("%s has no %s: the resumed config cannot be compared", checkpoint, TRAINING_CONFIG_NAME)
         saved = {}
+    if saved.get("safeguard") is False:  # written before "none" was a space: safeguard=False is the space "none"
+        saved["safeguard_space"] = "none"
     given = getattr(trainer, "args_as_given", trainer.args)
     current = json.loads(given.to_json_string())
     safe, other, refused_names = [], [], refused_fields()

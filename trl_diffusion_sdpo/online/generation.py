@@ -31,8 +31,8 @@ from ..data.transforms import image_pixels
 from ..evaluation.pairs import select_pairs
 from ..families import ModelFamily, PromptEmbeddings
 from ..families.latents import unscale_latents
+from ..rewards import RewardFunctions
 from ..step.stages import fixed_time_ids
-from .rewards import RewardFunctions
 
 __all__ = ["GeneratedPairs", "GenerationSettings", "GenerationStage", "image_seed", "sample_diversity", "select_pairs"]
 

@@ -27,10 +27,10 @@ from ..data.training_data import TrainingData
 from ..data.validation import DataReport
 from ..families import PromptEmbeddings
 from ..reference import refreshed_reference
+from ..rewards import RewardFunction, RewardFunctions
 from ..trainer import DiffusionSDPOTrainer
 from .config import OnlineDiffusionSDPOConfig
 from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage
-from .rewards import RewardFunction, RewardFunctions
 
 __all__ = ["OnlineDiffusionSDPOTrainer", "PromptCollator", "RepeatedBlockSampler"]
 

@@ -10,12 +10,14 @@ Parsed by TRL's ``TrlParser`` as ``train`` is (:mod:`.train`), over :class:`Onli
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from trl import ModelConfig
 
 from ..config.fields import option
+from ..online.config import _GROUPS as ONLINE_GROUPS
 from ..online.config import OnlineDiffusionSDPOConfig
 from .train import (
     DiffusionScriptArguments,
@@ -25,6 +27,7 @@ from .train import (
     parse_or_exit,
     resume_argument,
     train_save_and_push,
+    train_topics,
 )
 
 __all__ = ["OnlinePromptArguments", "load_prompt_dataset", "main", "parse_args"]
@@ -49,16 +52,29 @@ DESCRIPTION = (
     "score them, the best and worst of each prompt (or every pair above --reward_margin) are trained on with the "
     "safeguard, and the next prompts are sampled from the updated policy. Saves to --output_dir as `train` does."
 )
-EPILOG = "Example: examples/configs/online_tiny_cpu.yaml (the shipped tiny base and the demo's colour reward, CPU)."
+EPILOG = (
+    "Example: examples/configs/online_tiny_cpu.yaml (the shipped tiny base and the demo's colour reward, CPU). A "
+    "relative path in a --config file (--prompts) is read from the file's folder."
+)
+
+
+def online_topics() -> list:
+    """``online --help``'s topics: the prompts, the rewards, generation and reference, then ``train``'s."""
+    prompts = ("Prompts", "", [f.name for f in fields(OnlinePromptArguments)])
+    online = [(heading, text, names) for heading, (text, names) in ONLINE_GROUPS.items()]
+    return [prompts, *online, *train_topics()]
 
 
 def parse_args(argv: Sequence[str] | None = None):
     """``argv`` as the three argument dataclasses; exits with a usage error on a bad value or unknown flag."""
-    parser = make_parser("trl-diffusion-sdpo online", ARGUMENT_TYPES, DESCRIPTION, EPILOG)
+    parser = make_parser("trl-diffusion-sdpo online", ARGUMENT_TYPES, DESCRIPTION, EPILOG, online_topics)
     prompt_args, training_args, model_args = parse_or_exit(parser, argv)
     training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
     if prompt_args.prompts is None:
         parser.error("--prompts is required: a preset, a .txt file, a .jsonl file or a dataset with a prompt column.")
+    prompts = prompt_args.prompts
+    if prompts.lower().endswith((".txt", ".jsonl", ".json", ".csv")) and not os.path.exists(prompts):
+        parser.error(f"--prompts {prompts} does not exist (a relative path is read from the current folder)")
     return prompt_args, training_args, model_args
 
 

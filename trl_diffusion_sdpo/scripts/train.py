@@ -16,14 +16,18 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ..config import DiffusionSDPOConfig, check_config
+from ..config.docs import GROUPS
+from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +37,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARGUMENT_TYPES",
+    "FAMILY_TITLES",
+    "INPUT_PATH_KEYS",
+    "ConfigFileParser",
     "DiffusionScriptArguments",
     "build_pipeline",
     "check_supported",
@@ -43,7 +50,9 @@ __all__ = [
     "make_parser",
     "parse_args",
     "parse_or_exit",
+    "resolve_config_paths",
     "train_save_and_push",
+    "train_topics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,18 +101,36 @@ ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionSc
 TrainArguments = tuple[ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments]
 
 
+# Each registered family (trl_diffusion_sdpo.families) as the description names it; a test checks every family is here.
+FAMILY_TITLES = {
+    "stable-diffusion": "SD 1.x/2.x",
+    "stable-diffusion-xl": "SDXL",
+    "stable-diffusion-3": "SD3/SD3.5",
+    "flux": "FLUX.1",
+    "flux-kontext": "FLUX.1 Kontext",
+    "flux2": "FLUX.2",
+    "flux2-klein": "FLUX.2 [klein]",
+    "qwen-image": "Qwen-Image",
+    "qwen-image-2.1": "Qwen-Image 2.1",
+    "qwen-image-edit": "Qwen-Image-Edit",
+    "qwen-image-edit-plus": "Qwen-Image-Edit Plus",
+    "z-image": "Z-Image",
+    "wan": "Wan",
+    "hunyuan-video-1.5": "HunyuanVideo 1.5",
+}
 DESCRIPTION = (
-    "Train Diffusion-DPO / Diffusion-SDPO (LoRA or full tuning of an SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline) "
-    "from a YAML file of these options (--config) and flags, which override the file. Saves to --output_dir: LoRA "
-    "weights (pytorch_lora_weights.safetensors) or a whole pipeline, training_config.json and a model card "
-    "(README.md)."
+    "Train Diffusion-DPO / Diffusion-SDPO (LoRA or full tuning of an "
+    + ", ".join(FAMILY_TITLES.values())
+    + " pipeline) from a YAML file of these options (--config) and flags, which override the file. Saves to "
+    "--output_dir: LoRA weights (pytorch_lora_weights.safetensors) or a whole pipeline, training_config.json and a "
+    "model card (README.md)."
 )
 EPILOG = (
-    "Examples: examples/configs/*.yaml (sd15_lora, sdxl_lora, sd3_lora, flux_lora, ... ). Resume with "
-    "--resume_from_checkpoint true (the newest complete checkpoint in --output_dir) or a checkpoint folder. "
-    "Not offered: TRL ModelConfig's options for language models (--load_in_4bit, --load_in_8bit, the bnb "
-    "quantization options, --attn_implementation, --lora_target_parameters) are refused, and --lora_task_type is "
-    "ignored (a denoiser's LoRA has no task head)."
+    "Examples: examples/configs/*.yaml (tiny_cpu, sd15_lora, sdxl_lora, sd3_lora, flux_lora, ...). A relative path in "
+    "a --config file is read from the file's folder. Resume with --resume_from_checkpoint true (the newest complete "
+    "checkpoint in --output_dir) or a checkpoint folder. Not offered: TRL ModelConfig's options for language models "
+    "(--load_in_4bit, --load_in_8bit, the bnb quantization options, --attn_implementation, --lora_target_parameters) "
+    "are refused, and --lora_task_type is ignored (a denoiser's LoRA has no task head)."
 )
 # TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
 # parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
@@ -130,16 +157,51 @@ _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0", "none", ""}
 
 
+def train_topics() -> list[tuple[str, str, Any]]:
+    """``train --help``'s topics, in order: the model, the data, the config's groups, the training loop."""
+    groups = {heading.replace("`", ""): names for heading, (_, names) in GROUPS.items()}
+    data = groups.pop("Parameters that control the data")
+    return [
+        MODEL_TOPIC,
+        (
+            "Data",
+            "Where the pairs come from and how they are read (docs/data.md).",
+            {**DATA_SOURCE_OPTIONS, **dict.fromkeys(data)},
+        ),
+        *((heading, "", names) for heading, names in groups.items()),
+        TRAINING_TOPIC,
+    ]
+
+
 def make_parser(
     prog: str = "trl-diffusion-sdpo train",
     argument_types: tuple[type, ...] = ARGUMENT_TYPES,
     description: str = DESCRIPTION,
     epilog: str = EPILOG,
+    topics: Callable[[], list[tuple[str, str, Any]]] = train_topics,
+    *,
+    show_all: bool = False,
 ) -> TrlParser:
-    """TRL's ``TrlParser`` over ``argument_types`` (:data:`ARGUMENT_TYPES`), with the command's description and
-    help corrections."""
-    parser = TrlParser(argument_types, prog=prog, description=description, epilog=epilog)
+    """TRL's ``TrlParser`` over ``argument_types`` (:data:`ARGUMENT_TYPES`), with the command's description, help
+    corrections and options grouped by ``topics`` (:func:`~.help_topics.group_by_topic`; transformers' general
+    options listed with ``show_all``, as ``--help-all`` does). Prefixes of option names are refused (``allow_abbrev``
+    off): ``--learning_rat`` is an unknown option, not ``--learning_rate``."""
+    parser = ConfigFileParser(
+        argument_types,
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        usage=USAGE,
+        allow_abbrev=False,
+        formatter_class=help_formatter,
+    )
     add_config_argument(parser)
+    parser.add_argument(
+        "--help-all",
+        action=_FullHelp,
+        full_parser=lambda: make_parser(prog, argument_types, description, epilog, topics, show_all=True),
+        help="List every option, transformers' general ones included, and exit.",
+    )
     for action in parser._actions:
         name = action.dest
         if name in HIDDEN_OPTIONS:
@@ -153,7 +215,91 @@ def make_parser(
         # HfArgumentParser copies a True-by-default bool's help onto its --no_X switch, which does the opposite.
         if any(option.startswith("--no_") for option in action.option_strings):
             action.help = f"Set {name} to False (see --{name})."
+    group_by_topic(parser, topics(), show_all=show_all)
     return parser
+
+
+class _FullHelp(argparse.Action):
+    """``--help-all``: print the help of ``full_parser()`` (every option) and exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, full_parser: Callable[[], argparse.ArgumentParser], **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+        self.full_parser = full_parser
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        self.full_parser().print_help()
+        parser.exit()
+
+
+# Keys of a --config file that name files or folders to read, and whether the value may instead be a Hub id or a
+# preset name (then a value found nowhere is left as it is; a value with a file suffix must exist).
+INPUT_PATH_KEYS = {
+    "model_name_or_path": True,
+    "vae_name_or_path": True,
+    "dataset_name": True,
+    "prompts": True,
+    "validation_source_images": False,
+    "deepspeed": False,
+}
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".webp")
+
+
+def resolve_config_paths(config: dict[str, Any], config_path: str) -> dict[str, Any]:
+    """``config`` (a ``--config`` file's mapping) with each relative path of :data:`INPUT_PATH_KEYS` read from the
+    file's folder, so a config works from any current folder. A path found only in the current folder is kept, with
+    a warning (configs written before paths were read from their folder). A value that must be a file (no Hub id or
+    preset, or one with a file suffix) and exists in neither is refused, naming the key."""
+    folder = os.path.dirname(os.path.abspath(config_path))
+    resolved = dict(config)
+    for key, may_be_a_name in INPUT_PATH_KEYS.items():
+        value = config.get(key)
+        if isinstance(value, list):
+            resolved[key] = [_resolve_path(key, item, folder, config_path, may_be_a_name) for item in value]
+        elif isinstance(value, str):
+            resolved[key] = _resolve_path(key, value, folder, config_path, may_be_a_name)
+    return resolved
+
+
+def _resolve_path(key: str, value: Any, folder: str, config_path: str, may_be_a_name: bool) -> Any:
+    if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+        return value
+    beside = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
+    if os.path.exists(beside):
+        return beside
+    if os.path.exists(value):
+        logger.warning(
+            "%s: %s is read from the current folder; relative paths in a --config file are read from the file's "
+            "folder (%s), so the config works from anywhere: write it relative to that folder.",
+            key,
+            value,
+            folder,
+        )
+        return value
+    if may_be_a_name and not value.lower().endswith(FILE_SUFFIXES):
+        return value  # a Hub id or a preset name
+    raise ValueError(
+        f"{key}: {value} in the --config file {config_path} does not exist: relative paths in a config file are read "
+        f"from the file's folder ({folder}). Fix the path, relative to that folder or absolute."
+    )
+
+
+class ConfigFileParser(TrlParser):
+    """TRL's parser, reading a ``--config`` file's relative paths from the file's folder (:func:`resolve_config_paths`)
+    and refusing a missing config file as a usage error."""
+
+    config_path: str | None = None
+
+    def parse_args_and_config(self, args: Sequence[str] | None = None, *rest: Any, **options: Any) -> tuple:
+        args = list(sys.argv[1:] if args is None else args)
+        self.config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+        if self.config_path is not None and not os.path.isfile(self.config_path):
+            self.error(f"--config {self.config_path}: no such file")
+        return super().parse_args_and_config(args, *rest, **options)
+
+    def set_defaults_with_config(self, **config: Any) -> list[str]:
+        if self.config_path is not None:
+            config = resolve_config_paths(config, self.config_path)
+        return super().set_defaults_with_config(**config)
 
 
 def add_config_argument(parser: TrlParser) -> None:
@@ -368,15 +514,18 @@ def main(argv: Sequence[str] | None = None):
     from ..trainer import DiffusionSDPOTrainer
 
     check_supported(script_args, model_args)
+    try:  # before the model loads: a data folder's problem is one line, not a traceback after minutes of loading
+        if diffusion_args.latent_cache:
+            train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
+        else:
+            train_dataset = load_train_split(script_args, diffusion_args)
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"trl-diffusion-sdpo train: error: {err}") from None
     pipeline = build_pipeline(model_args, diffusion_args)
     peft_config = peft_config_for(model_args, pipeline)
-    if diffusion_args.latent_cache:
-        train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
-    else:
-        train_dataset = load_train_split(script_args, diffusion_args)
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split)
     trainer = DiffusionSDPOTrainer(pipeline, None, training_args, train_dataset, eval_dataset, peft_config=peft_config)
     return train_save_and_push(trainer, script_args.dataset_name)
 

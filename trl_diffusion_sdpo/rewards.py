@@ -1,4 +1,5 @@
-"""The reward of a generated image: a weighted sum of reward functions, each a registered scorer or a callable.
+"""The reward of an image: a weighted sum of reward functions, each a registered scorer or a callable (the online
+trainer's ``reward_funcs``, and the offline trainer's for SmPO's scores).
 
 ``reward(prompts, images) = sum_f w_f * f(prompts, images, **columns)``, the weights 1 by default, as TRL's GRPO
 combines its ``reward_funcs`` with ``reward_weights``. A callable takes the prompts, the PIL images and the prompt
@@ -55,7 +56,7 @@ class RewardFunctions:
     def __init__(self, functions: Sequence[str | RewardFunction], weights: Sequence[float] | None = None) -> None:
         if not functions:
             raise ValueError(
-                "Online training needs at least one reward function: reward_funcs=['pickscore'] (a registered scorer) "
+                "reward_funcs needs at least one reward function: reward_funcs=['pickscore'] (a registered scorer) "
                 "or a callable (prompts, images, **columns) -> list[float]."
             )
         if weights is not None and len(weights) != len(functions):
