@@ -8,8 +8,9 @@ way this package needs:
   (:meth:`~trl_diffusion_sdpo.engines.Engine.gather_state_dict`) and loaded into its shards
   (:meth:`~trl_diffusion_sdpo.engines.Engine.loading`);
 * checkpoints that appear whole or not at all, with a checksummed manifest (:mod:`.checkpoints`);
-* before training: the output folder's lock (:mod:`.run_lock`), recovery of interrupted saves, the checkpoint to
-  resume from, checked, its config compared with the new one (:mod:`.resume_check`), resuming on another number of
+* before training: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
+  checkpoints (unless resumed or ``overwrite_output_dir``), recovery of interrupted saves, the checkpoint to resume
+  from, checked, its config compared with the new one (:mod:`.resume_check`), resuming on another number of
   processes (:mod:`.resume_world`, through the engine), and preemption signals (:mod:`.preemption`) while it runs;
 * the model card and Hub pushes (:mod:`.hub`): transformers' versions copy files named as its own weights (none of
   ours) and upload a pickled ``training_args.bin``.
@@ -39,12 +40,15 @@ from . import checkpoints, saving
 from .checkpoints import (
     TRAINER_STATE_NAME,
     CheckpointSaveError,
+    EarlierRunError,
+    earlier_run_files,
     folder_bytes,
     free_bytes,
     is_checkpoint_folder,
     is_save_failure,
     publish_checkpoint,
     recover_interrupted_saves,
+    remove_earlier_checkpoints,
     resolve_resume_checkpoint,
     resume_view_folder,
     save_failure,
@@ -77,15 +81,19 @@ class RunFiles:
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """``transformers.Trainer.train`` under the output folder's lock, after finishing or removing what an
-        interrupted save left, from ``resume_from_checkpoint`` resolved and checked
+        """``transformers.Trainer.train`` under the output folder's lock (refused where the folder holds another
+        run's weights or checkpoints and neither ``resume_from_checkpoint`` nor ``overwrite_output_dir`` is given),
+        after finishing or removing what an interrupted save left, from ``resume_from_checkpoint`` resolved and checked
         (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), with the
         preemption signals handled while it runs."""
         trainer = self.trainer
-        lock = self._lock_output_dir()
+        resumed = resume_from_checkpoint not in (None, False)
+        lock = self._claim_output_dir(resumed)
         view = None
         try:
             if trainer.args.should_save:
+                if not resumed and getattr(trainer.args, "overwrite_output_dir", False):
+                    remove_earlier_checkpoints(trainer.args.output_dir)
                 recover_interrupted_saves(trainer.args.output_dir)
             trainer.accelerator.wait_for_everyone()
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
@@ -115,21 +123,32 @@ class RunFiles:
             if lock is not None:
                 lock.release()
 
-    def _lock_output_dir(self) -> RunLock | None:
-        """Process 0 locks ``output_dir``; every process learns whether it was refused (one scalar all-reduce), so
-        none waits at a barrier for a process that stopped."""
+    def _claim_output_dir(self, resumed: bool) -> RunLock | None:
+        """Process 0 locks ``output_dir`` and refuses it where a new run would replace another run's files (before
+        any of them is touched); every process learns whether it was refused (one scalar
+        all-reduce), so none waits at a barrier for a process that stopped."""
         args, accelerator = self.trainer.args, self.trainer.accelerator
         lock, error = None, None
         if args.process_index == 0:
             lock = RunLock(args.output_dir)
             try:
-                lock.acquire()
+                lock.acquire()  # first: a live run in the folder is named as such
             except RunLockedError as err:
                 lock, error = None, err
+            refuse = lock is not None and not (resumed or getattr(args, "overwrite_output_dir", False))
+            earlier = earlier_run_files(args.output_dir) if refuse else []
+            if earlier:
+                lock.release()
+                lock = None
+                error = EarlierRunError(
+                    f"{args.output_dir} holds another run's files ({', '.join(earlier)}), which a new run would "
+                    "replace. Continue that run with --resume_from_checkpoint true, write this one into a new "
+                    "--output_dir, or pass --overwrite_output_dir to replace it (its checkpoints are deleted first)."
+                )
         if accelerator.num_processes > 1:
             flag = torch.full((), float(error is not None), device=accelerator.device)
             if accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:
-                error = RunLockedError(f"{args.output_dir} is in use by another training run (see process 0)")
+                error = RunLockedError(f"{args.output_dir} cannot be trained into (see process 0's error)")
         if error is not None:
             raise error
         return lock
