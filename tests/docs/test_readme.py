@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from log_checks import assert_plain
 
 from trl_diffusion_sdpo.demo.recommendation import (
     AUTHORS_MU,
@@ -136,6 +137,7 @@ def _run_as_written(line: str, cwd: Path) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, f"{line}\n{proc.stderr[-4000:]}"
+    assert_plain(proc.stdout + proc.stderr, line)  # captured, not a terminal: no progress bars
 
 
 def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ implementation is wanted it is called explicitly as ``transformers.Trainer.<hook
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -59,9 +60,13 @@ from .preemption import PreemptionCallback, parse_signals, preemption_signal_han
 from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
 
-__all__ = ["RunFiles", "files_hook"]
+__all__ = ["LOSS_TOTAL_NAME", "RunFiles", "files_hook"]
 
 logger = logging.getLogger(__name__)
+
+# In every checkpoint: the sum of the per-step training losses up to it, so that a resumed run's final train_loss is
+# the whole run's mean, as an uninterrupted run's is (transformers' covers only the steps of the resumed train()).
+LOSS_TOTAL_NAME = "training_loss.json"
 
 
 class RunFiles:
@@ -77,6 +82,10 @@ class RunFiles:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.model_card_args: dict[str, Any] = {}  # create_model_card's arguments, remembered for later pushes
+        # The loss sum of the steps before this train() call: 0 for a new run, the resumed checkpoint's
+        # LOSS_TOTAL_NAME, None where that checkpoint has none (its sum unknown: nothing corrected, nothing recorded).
+        self.loss_before_resume: float | None = 0.0
+        self.resumed = False
 
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
@@ -97,8 +106,10 @@ class RunFiles:
                 recover_interrupted_saves(trainer.args.output_dir)
             trainer.accelerator.wait_for_everyone()
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
+            self.resumed, self.loss_before_resume = resume_from_checkpoint is not None, 0.0
             if resume_from_checkpoint is not None:
                 check_resume_config(resume_from_checkpoint, trainer)
+                self.loss_before_resume = _read_loss_total(resume_from_checkpoint)
                 saved = read_run_identity(resume_from_checkpoint) or {}
                 processes = trainer.accelerator.num_processes
                 if saved.get("num_processes", processes) != processes:
@@ -114,7 +125,9 @@ class RunFiles:
             signals = parse_signals(getattr(trainer.args, "preemption_signals", None))
             callback.enabled = bool(signals)
             with preemption_signal_handlers(callback, signals):
-                return Trainer.train(trainer, resume_from_checkpoint, *args, **kwargs)
+                output = Trainer.train(trainer, resume_from_checkpoint, *args, **kwargs)
+            # whole_run_loss corrected the logged metrics in place; the returned loss is a copy of the old value
+            return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
         finally:
             if view is not None:  # every process is done reading it
                 trainer.accelerator.wait_for_everyone()
@@ -122,6 +135,29 @@ class RunFiles:
                     shutil.rmtree(view, ignore_errors=True)  # links and the converted state, never the checkpoint
             if lock is not None:
                 lock.release()
+
+    def whole_run_loss(self, logs: dict[str, float]) -> None:
+        """In the final metrics (``train_loss`` in ``logs``) of a run resumed from a checkpoint that records its loss
+        sum, ``train_loss`` becomes the mean over every step of the run, the steps before the checkpoint included,
+        as an uninterrupted run reports it; transformers' is the mean over the resumed steps only."""
+        trainer = self.trainer
+        if "train_loss" not in logs or not self.resumed or self.loss_before_resume is None:
+            return
+        total = self.loss_before_resume + trainer._total_loss_scalar
+        logs["train_loss"] = total / max(trainer.state.global_step, 0.001)
+
+    def _loss_total(self) -> float | None:
+        """The sum of the per-step losses (each averaged over processes) up to now: what a resumed checkpoint had,
+        what transformers has added up at its logs, and the steps since the last log; ``None`` where the sum before
+        the resumed checkpoint is unknown. Every process calls it (a reduction)."""
+        trainer = self.trainer
+        since_log = getattr(trainer, "_tr_loss", None)
+        tail = 0.0
+        if since_log is not None:
+            tail = trainer.accelerator.reduce(since_log.detach().clone(), reduction="mean").item()
+        if self.loss_before_resume is None:
+            return None
+        return self.loss_before_resume + getattr(trainer, "_total_loss_scalar", 0.0) + tail
 
     def _claim_output_dir(self, resumed: bool) -> RunLock | None:
         """Process 0 locks ``output_dir`` and refuses it where a new run would replace another run's files (before
@@ -290,8 +326,12 @@ class RunFiles:
             trainer._save_optimizer_and_scheduler(staging)
             trainer._save_scaler(staging)
             trainer._save_rng_state(staging)
+        loss_total = self._loss_total()  # a reduction: every process
         if args.should_save:
             write_run_identity(trainer, staging)
+            if loss_total is not None:
+                with open(os.path.join(staging, LOSS_TOTAL_NAME), "w") as f:
+                    json.dump({"global_step": state.global_step, "loss_sum": loss_total}, f)
             for callback in [
                 c for c in trainer.callback_handler.callbacks + [trainer.control] if isinstance(c, ExportableState)
             ]:
@@ -449,6 +489,16 @@ class RunFiles:
             revision=revision or args.hub_revision,
             commit_message=commit_message or "End of training",
         )
+
+
+def _read_loss_total(checkpoint: str) -> float | None:
+    """The loss sum a checkpoint recorded; ``None`` for one written before it was recorded (its resumed run then
+    reports, as transformers does, the mean over the resumed steps)."""
+    path = os.path.join(checkpoint, LOSS_TOTAL_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f)["loss_sum"])
 
 
 def files_hook(name: str) -> Callable[..., Any]:
