@@ -511,8 +511,9 @@ def test_streamed_ties_and_broken_rows_keep_the_replicas_identical(runs, space):
 def test_an_offline_step_without_a_pair_on_any_process_is_not_applied_under_deepspeed(runs, name):
     """Step 2 of a stream is ties on both processes. DDP drops its gradients before the optimizer step; DeepSpeed
     steps inside the backward, so the guard's summed count is taken before it and the ZeRO optimizer leaves the step
-    unapplied: the weights end where DDP's do. Applied, AdamW's moments from step 1 would move every adapter weight by
-    about the learning rate (1e-3) at step 2, and step 3 would start elsewhere."""
+    unapplied: the weights end where DDP's do (1.2e-4 apart under ZeRO-2, 6e-5 under ZeRO-3: Adam's first steps
+    magnify the engines' float differences). Applied, AdamW's moments from step 1 move the weights at step 2 and step 3
+    starts elsewhere: 1.9e-3 apart under ZeRO-2."""
     report, ddp = runs[name], runs["ddp-empty-step-lora"]
     assert report["global_step"] == ddp["global_step"] == STEPS
     skipped = [h["data/skipped_rows"] for h in report["log_history"] if "loss" in h]
@@ -520,7 +521,7 @@ def test_an_offline_step_without_a_pair_on_any_process_is_not_applied_under_deep
     a, b = _weights(Path(ddp["model_dir"]), True), _weights(Path(report["model_dir"]), True)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=5e-4, msg=key)
 
 
 def _assert_ranks_agree(report: dict) -> None:
