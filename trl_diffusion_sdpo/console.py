@@ -2,8 +2,10 @@
 noise filtered by its exact message, and progress bars only on a terminal.
 
 Written to a file (``> train.log 2>&1``) a tqdm bar is a line of ``\\r`` redraws, and nested bars (diffusers' loading
-bar around transformers' weight-loading bar) add cursor-up escape codes (``ESC[A``). Off a terminal the commands turn
-the bars off: training then prints each log as its own line (transformers' ``PrinterCallback``).
+bar around transformers' weight-loading bar) add cursor-up escape codes (``ESC[A``). Off a terminal every command
+(:func:`quiet_off_terminal`) turns the bars off: diffusers', transformers', the Hub's and ``datasets``' (``Generating
+train split``); the package's own bars pass ``disable=None``, tqdm's "off a terminal". Training then prints each log
+as its own line (transformers' ``PrinterCallback``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import re
 import sys
 
-__all__ = ["NOISE", "filter_known_noise", "log_to_console", "on_terminal", "quiet_progress_bars"]
+__all__ = ["NOISE", "filter_known_noise", "log_to_console", "on_terminal", "quiet_off_terminal", "quiet_progress_bars"]
 
 # Messages that say nothing a user can act on, by the logger that emits them and their exact text.
 NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
@@ -25,6 +27,11 @@ NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
             r"for backward compatibility\. Install torchvision to use the default backend, or import "
             r"`\1ImageProcessorPil` directly to silence this warning\.$"
         ),
+    ),
+    # Every load of a LoRA trained here: its adapters are the denoiser's only, so diffusers finds none for the text
+    # encoders it also looks in.
+    "diffusers.loaders.lora_base": (
+        re.compile(r"No LoRA keys associated to \w+ found with the prefix='text_encoder(_\d)?'\."),
     ),
 }
 
@@ -54,7 +61,8 @@ def on_terminal() -> bool:
 
 def quiet_progress_bars() -> None:
     """Turn off the loading bars of diffusers (pipeline components), transformers (weights) and the Hub
-    (downloads)."""
+    (downloads), and ``datasets``' bars (``Generating train split``, ``map``)."""
+    import datasets
     import diffusers.utils.logging
     import huggingface_hub.utils
     import transformers.utils.logging
@@ -62,6 +70,17 @@ def quiet_progress_bars() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
+    datasets.disable_progress_bars()
+
+
+def quiet_off_terminal() -> bool:
+    """What every command does first: drop the :data:`NOISE` messages and, off a terminal, every library's progress
+    bars. Whether the output is a terminal (where the command's own bars may show)."""
+    filter_known_noise()
+    terminal = on_terminal()
+    if not terminal:
+        quiet_progress_bars()
+    return terminal
 
 
 def log_to_console() -> None:

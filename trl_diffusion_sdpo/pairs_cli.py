@@ -74,10 +74,12 @@ def add_pairs_parser(
 
 
 def run_pairs(args: argparse.Namespace) -> int:
+    from .console import quiet_off_terminal
     from .demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
     from .evaluation.pairs import make_pairs
     from .sampling_cli import sampling_keywords, scorer_arguments
 
+    quiet_off_terminal()
     result = make_pairs(
         args.base,
         args.model,

@@ -399,6 +399,7 @@ class DiffusionSDPOTrainer(Trainer):
             self.accelerator.gather if several else None,
         )
         if mode == "train":
+            self.files.whole_run_loss(logs)  # a resumed run's train_loss: the whole run's
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
             self.health.annotate(reduced, self.state.log_history, self.state.global_step)
         else:

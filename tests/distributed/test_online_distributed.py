@@ -13,8 +13,8 @@ the whole file on a 2-core CPU. The tiny SD pipeline is widened (128 channels) s
 of its weights.
 
 Whether a micro-batch has pairs is decided from the process's own samples; the tie data makes one process's
-micro-batches pairless while the other trains, then every process's. Under DeepSpeed an optimizer step without any
-pair is still applied (an expected failure, :data:`DEEPSPEED_APPLIES_EMPTY_STEPS`, says why).
+micro-batches pairless while the other trains, then every process's: that optimizer step is not applied on any
+engine.
 """
 
 from __future__ import annotations
@@ -347,30 +347,14 @@ def test_a_process_without_pairs_stays_in_step(runs, name):
         assert not torch.equal(after_2, after_1), process  # step 2 trained
 
 
-# DeepSpeed steps inside backward (accelerate's DeepSpeedEngineWrapper.backward calls engine.step()), before the
-# trainer's on_pre_optimizer_step, where the stream guard drops the gradients of a step without pairs: the engine has
-# already applied AdamW with the earlier steps' moments. The offline trainer's empty steps (streamed ties on every
-# process) take the same path.
-DEEPSPEED_APPLIES_EMPTY_STEPS = pytest.mark.xfail(
-    strict=True,
-    reason="under DeepSpeed the engine steps inside backward, before the stream guard drops an empty step's "
-    "gradients (trl_diffusion_sdpo/data/stream_guard.py): the step is applied with the earlier steps' moments",
-)
-
-
 @pytest.mark.parametrize(
-    "name",
-    [
-        "ddp-ties-output",
-        "ddp-ties-parameter",
-        "fsdp2-ties-parameter",
-        pytest.param("zero2-ties-output", marks=DEEPSPEED_APPLIES_EMPTY_STEPS),
-        pytest.param("zero3-ties-output", marks=DEEPSPEED_APPLIES_EMPTY_STEPS),
-    ],
+    "name", ["ddp-ties-output", "ddp-ties-parameter", "fsdp2-ties-parameter", "zero2-ties-output", "zero3-ties-output"]
 )
 def test_an_optimizer_step_without_a_pair_on_any_process_is_not_applied(runs, name):
     """Step 3 has no pair on any process (the summed count says so on both): its update is not applied, neither
-    AdamW's momentum from steps 1 and 2 nor weight decay; every process's part of the weights is unchanged."""
+    AdamW's momentum from steps 1 and 2 nor weight decay; every process's part of the weights is unchanged. DeepSpeed
+    steps inside the last micro-batch's backward: the summed count is taken before it and the engine's ZeRO
+    optimizer told to leave the step unapplied."""
     report = runs[name]
     assert [sum(len(g["pairs"]) for g in process[2:]) for process in report["generations"]] == [0, 0]
     for process, snapshots in enumerate(report["snapshots"]):

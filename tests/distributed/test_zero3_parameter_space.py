@@ -199,3 +199,30 @@ def test_zero3_collectives_accumulate_the_window_themselves_and_step_at_its_end(
     assert len(engine.steps) == 2
     for stepped, factor in zip(engine.steps, (1.5, 1.0)):
         torch.testing.assert_close(stepped, [factor * g for g in once])
+
+
+def test_zero3_one_pass_adds_the_windows_earlier_micro_batches_and_starts_each_window_afresh(monkeypatch):
+    """The one pass writes each micro-batch's combination into the engine's partitions
+    (``DeepSpeedZeRO3Collectives.add_combined``): within an accumulation window the earlier micro-batches' sum is
+    added to it, the engine steps once at the window's end with the whole sum, and the next window starts from its own
+    combination, whatever the partitions held before (the stand-in's leftover 7s)."""
+    import deepspeed.utils
+
+    from trl_diffusion_sdpo.gradients.zero3 import DeepSpeedZeRO3Collectives
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    engine = _OneProcessZeRO3(params)
+    monkeypatch.setattr(deepspeed.utils, "safe_get_local_grad", engine.get)
+    monkeypatch.setattr(deepspeed.utils, "safe_set_local_grad", engine.set)
+    accelerator = SimpleNamespace(num_processes=1, deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
+    collectives = DeepSpeedZeRO3Collectives(DeepSpeedEngine(accelerator, 3))
+    store = SimpleNamespace(parameters=params)
+    gen = torch.Generator().manual_seed(0)
+    micro = [[torch.randn(p.numel(), generator=gen) for p in params] for _ in range(5)]
+    # a window of three micro-batches, then a window of two
+    for combined, sync in zip(micro, (False, False, True, False, True)):
+        collectives.add_combined(store, combined, sync, reduced=True)
+    assert len(engine.steps) == 2
+    for stepped, window in zip(engine.steps, (micro[:3], micro[3:])):
+        expected = [sum(m[i] for m in window) for i in range(len(params))]
+        torch.testing.assert_close(stepped, expected)

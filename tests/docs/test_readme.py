@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
+from log_checks import assert_plain
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -141,6 +142,7 @@ def _run_as_written(line: str, cwd: Path) -> subprocess.CompletedProcess:
         timeout=900,
     )
     assert proc.returncode == 0, f"{line}\n{proc.stderr[-4000:]}"
+    assert_plain(proc.stdout + proc.stderr, line)  # captured, not a terminal: no progress bars
     return proc
 
 

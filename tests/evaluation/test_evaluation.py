@@ -145,6 +145,53 @@ def test_image_grid_places_each_image_in_its_cell():
     assert grid.getpixel((4, 12)) == (0, 0, 255)
 
 
+def _ink(image: Image.Image) -> int:
+    """Dark pixels: the text drawn on a white area."""
+    return int((np.asarray(image.convert("L")) < 128).sum())
+
+
+def test_image_grid_labels_are_drawn_whole_on_small_cells():
+    """32-pixel cells (the tiny base's images) under labels several times wider: every character of every label is
+    drawn (the ink equals each label's words rendered alone), within its own cell's width or the label column."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    cells = [Image.new("RGB", (32, 32), (255, 255, 255))] * 2
+    columns, rows = ["yellow square on white", "red circle on white"], ["base model", "diffusion-sdpo-lora"]
+    grid = image_grid([cells, cells], row_labels=rows, column_labels=columns)
+
+    def ink_of_words(text: str) -> int:
+        total = 0
+        for word in text.split():
+            canvas = Image.new("RGB", (400, 40), "white")
+            ImageDraw.Draw(canvas).text((2, 2), word, fill="black", font=font)
+            total += _ink(canvas)
+        return total
+
+    label_width = grid.width - 2 * 32
+    top = grid.height - 2 * 32
+    for c, label in enumerate(columns):
+        band = grid.crop((label_width + c * 32, 0, label_width + (c + 1) * 32, top))
+        assert _ink(band) == pytest.approx(ink_of_words(label), rel=0.05), label
+    for r, label in enumerate(rows):
+        band = grid.crop((0, top + r * 32, label_width, top + (r + 1) * 32))
+        assert _ink(band) == pytest.approx(ink_of_words(label), rel=0.05), label
+
+
+def test_interval_plot_keeps_its_title_and_labels_inside_the_image(tmp_path):
+    """Nothing drawn touches the saved image's border: a clipped title or axis label would."""
+    from trl_diffusion_sdpo.evaluation.compare import MetricSummary, plot_intervals
+
+    rows = [
+        MetricSummary(model=name, metric="colour", mean=m, ci_low=m - 0.01, ci_high=m + 0.01, n=4, scale="[0, 1]")
+        for name, m in (("base", 0.41), ("tuned", 0.45))
+    ]
+    path = plot_intervals(rows, "colour", str(tmp_path / "colour.png"))
+    pixels = np.asarray(Image.open(path).convert("L"))
+    border = np.concatenate([pixels[:3].ravel(), pixels[-3:].ravel(), pixels[:, :3].ravel(), pixels[:, -3:].ravel()])
+    assert (border > 200).all()
+
+
 # -- generation ------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""``disable_tqdm`` also hides ``datasets``' progress bars; a streamed dataset's report says what is known."""
+"""``disable_tqdm`` also hides ``datasets``' progress bars (and never shows those the program turned off); a streamed
+dataset's report says what is known."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ def test_datasets_progress_bars_follow_disable_tqdm(make_trainer, capfd, disable
     assert datasets.is_progress_bar_enabled(), "the global setting must be restored"
 
 
-def test_datasets_progress_bars_context_restores_the_setting():
-    datasets.disable_progress_bars()
+def test_datasets_progress_bars_context_restores_the_setting_and_never_shows_bars_turned_off():
+    with datasets_progress_bars(False):
+        assert not datasets.is_progress_bar_enabled()
+    assert datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # as every command does off a terminal
     try:
         with datasets_progress_bars(True):
-            assert datasets.is_progress_bar_enabled()
+            assert not datasets.is_progress_bar_enabled()
         assert not datasets.is_progress_bar_enabled()
     finally:
         datasets.enable_progress_bars()

@@ -1,8 +1,10 @@
 """Two runs, one folder: a live run's output_dir lock refuses a second run, naming the holder; a killed run leaves no
-lock behind. The holder is a real second process."""
+lock behind (the holder is a real second process). A new run into a finished run's folder is refused unless resumed or
+told to overwrite it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -12,6 +14,7 @@ import sys
 import pytest
 from checkpoint_kill_worker import build_trainer
 
+from trl_diffusion_sdpo.io.checkpoints import EarlierRunError
 from trl_diffusion_sdpo.io.run_lock import LOCK_NAME, RunLock, RunLockedError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,3 +77,45 @@ def test_a_killed_run_leaves_no_lock_and_a_finished_one_no_lock_file(holder):
     assert not os.path.exists(os.path.join(out, LOCK_NAME))
     with RunLock(out):  # free again
         pass
+
+
+def _hashes(folder: str) -> dict[str, str]:
+    """Every file under ``folder`` by relative path, with its SHA-256."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """``tmp_path/out`` after a finished 3-step run: checkpoints 2 and 3, the weights and ``training_config.json``."""
+    out = str(tmp_path / "out")
+    trainer = build_trainer(out, str(tmp_path / "tok-a"), max_steps=3)
+    trainer.train()
+    trainer.save_model(out)
+    return out
+
+
+def test_a_new_run_into_another_runs_folder_is_refused_and_touches_no_file(finished_run, tmp_path):
+    before = _hashes(finished_run)
+    assert {"pytorch_lora_weights.safetensors", "training_config.json"} <= set(before)
+    assert any(name.startswith("checkpoint-3/") for name in before)
+    second = build_trainer(finished_run, str(tmp_path / "tok-b"), max_steps=2, learning_rate=2e-3)
+    with pytest.raises(EarlierRunError) as info:
+        second.train()
+    message = str(info.value)
+    for named in ("--resume_from_checkpoint", "--overwrite_output_dir", "--output_dir", "checkpoint-3"):
+        assert named in message
+    assert second.state.global_step == 0
+    assert _hashes(finished_run) == before  # no file added, removed or changed, the lock's included
+
+
+def test_overwrite_output_dir_replaces_the_earlier_run_and_deletes_its_checkpoints(finished_run, tmp_path):
+    second = build_trainer(finished_run, str(tmp_path / "tok-b"), max_steps=1, overwrite_output_dir=True)
+    second.train()
+    # checkpoint-3 of the earlier run would otherwise be the newest: resume would pick it, rotation would keep it
+    assert sorted(n for n in os.listdir(finished_run) if n.startswith("checkpoint-")) == ["checkpoint-1"]

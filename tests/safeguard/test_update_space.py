@@ -459,6 +459,28 @@ def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clippin
         stage(policy, predict, objective_loss, torch.tensor(1.0))
 
 
+def test_the_search_and_the_backward_stage_reach_safeguard_max_lambda_above_1():
+    """``safeguard_max_lambda=4``: where the margin binds between 1 and 4, the search's lambda meets its specification
+    against the real optimizer's ``D`` over ``[0, 4]``, and the backward stage searches up to its own max_lambda (a
+    search capped at 1, or a stage that left the default, returns 1)."""
+    from trl_diffusion_sdpo.engines import PlainEngine
+    from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
+
+    params, optimizer, g_w, h_l = _problem("adamw", seed=1, warm_steps=2, conflict=0.2)
+    lam, infeasible = update_space_lambda(OptimizerUpdate(optimizer, params, g_w, h_l, 0.0), 0.5, 4.0)
+
+    def decreases(lambdas):
+        return torch.tensor(_real_decreases(params, optimizer, g_w, h_l, list(lambdas), 0.0), dtype=torch.float64)
+
+    assert _check_specification(decreases, lam.item(), bool(infeasible.item()), 0.5, max_lambda=4.0) == "binding"
+    assert 1.5 < lam.item() < 4.0
+
+    policy, optimizer, predict, objective_loss = _stage_problem()
+    stage = ParameterSpaceBackward(PlainEngine(SimpleNamespace(num_processes=1)), 0.5, 4.0, False, update_space=True)
+    _, lam, _ = stage(policy, predict, objective_loss, torch.tensor(1.0), optimizer=optimizer)
+    assert 2.0 < lam.item() < 4.0  # 2.34: the margin binds above 1
+
+
 def test_fsdp1_refuses_and_the_config_refuses_accumulation(make_config):
     with pytest.raises(ValueError, match="update.*not supported under FSDP1.*FSDP2.*DDP.*DeepSpeed ZeRO"):
         collectives_for(FSDP1Engine(None)).check_update_space()

@@ -208,6 +208,80 @@ def test_samples_do_not_depend_on_the_batch_split_or_generation_batch_size(tmp_p
     assert max_difference(other, whole) > 10
 
 
+def test_the_samples_come_from_the_policy_with_its_adapters_not_from_the_reference(tmp_path):
+    """With trained (non-zero) adapters the stage's samples are the pipeline's own samples of the policy, adapters on,
+    with the same seeds, and not the base's (the reference of a LoRA run, adapters off)."""
+    trainer = make_trainer(tmp_path)
+    policy = trainer._policy()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as after some training: lora_B is zero at initialisation
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    stage, prompts = trainer.generation, PROMPTS[:2]
+    images, _ = stage.sample(prompts, 3, 0)
+    k, settings = stage.settings.num_generations, stage.settings
+
+    def pipeline_samples() -> list[list[Image.Image]]:
+        seeds = [image_seed(settings.seed, 3, row, j) for row in range(len(prompts)) for j in range(k)]
+        out = trainer.pipeline(
+            prompt=[p for p in prompts for _ in range(k)],
+            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+            height=settings.resolution,
+            width=settings.resolution,
+            num_inference_steps=settings.sample_steps,
+            guidance_scale=settings.sample_guidance_scale,
+        ).images
+        return [out[r * k : (r + 1) * k] for r in range(len(prompts))]
+
+    policy.eval()
+    assert max_difference(images, pipeline_samples()) <= 1
+    policy.disable_adapters()
+    base = pipeline_samples()
+    policy.enable_adapters()
+    assert max_difference(images, base) > 10  # the adapters change the samples: the test can tell the two apart
+
+
+def test_each_micro_batch_of_an_accumulation_window_samples_its_own_generation(tmp_path):
+    """Two micro-batches a step, two steps: four generations, 0 to 3, each on its own prompts; a generation index that
+    ignored the micro-batch would sample one window's micro-batches with the same noise."""
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    stage, calls = trainer.generation, []
+
+    class CountingStage:
+        def __call__(self, inputs, generation, first_row):
+            calls.append((generation, tuple(inputs["prompt"])))
+            return stage(inputs, generation, first_row)
+
+        def __getattr__(self, name):
+            return getattr(stage, name)
+
+    trainer.generation = CountingStage()
+    trainer.train()
+    assert [g for g, _ in calls] == [0, 1, 2, 3]
+    assert len({p for _, p in calls}) == 4
+
+
+def test_reward_margin_leaves_prompts_whose_best_and_worst_are_closer_unpaired(tmp_path):
+    """The stage's pairs against the rule computed here: a prompt is paired (best, worst) only where its rewards' range
+    exceeds ``reward_margin``; the margin is put between the prompts' ranges so that it keeps some and drops some."""
+    trainer = make_trainer(tmp_path)
+    stage = trainer.generation
+    prompts = {"prompt": PROMPTS[:4]}
+    ranges = sorted(float(r.max() - r.min()) for r in stage(prompts, generation=0, first_row=0).rewards)
+    assert ranges[0] < ranges[-1]
+    margin = (ranges[0] + ranges[-1]) / 2
+    stage.settings = type(stage.settings)(**{**stage.settings.__dict__, "reward_margin": margin})
+    generated = stage(prompts, generation=0, first_row=0)
+    rewards = generated.rewards
+    expected = [
+        (r, int(rewards[r].argmax()), int(rewards[r].argmin()))
+        for r in range(4)
+        if rewards[r].max() - rewards[r].min() > margin
+    ]
+    assert generated.pairs == expected and 0 < len(expected) < 4
+
+
 def test_a_step_where_every_prompt_ties_is_counted_and_not_applied(tmp_path):
     trainer = make_trainer(tmp_path, reward=lambda p, images, **c: [0.5] * len(images), max_steps=1)
     before = lora_weights(trainer)

@@ -104,7 +104,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "flux_guidance_scale",
         ),
     ),
-    "Parameters that control robustness": ("", ("on_nonfinite_loss", "preemption_signals")),
+    "Parameters that control robustness": ("", ("overwrite_output_dir", "on_nonfinite_loss", "preemption_signals")),
     "Parameters that control evaluation": ("", ("eval_seed", *VALIDATION_FIELDS)),
     "Defaults changed from `TrainingArguments`": (
         'When several processes run on a machine without CUDA, `ddp_backend` becomes `"gloo"` and `use_cpu` '

@@ -312,6 +312,12 @@ class DiffusionSDPOConfig(TrainingArguments):
         "and data match.",
     )
     # Robustness
+    overwrite_output_dir: bool = option(
+        False,
+        "Train a new run into an `output_dir` that holds another run's weights or checkpoints, deleting its "
+        "checkpoints first. Without it (and without `resume_from_checkpoint`) such a folder is refused before any "
+        "file in it is touched.",
+    )
     on_nonfinite_loss: str = option(
         "skip",
         "What to do when a micro-batch's loss, or the gradient norm of an optimizer step, is NaN or "

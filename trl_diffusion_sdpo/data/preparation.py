@@ -148,7 +148,9 @@ def load_preference_dataset(
     """Load a preference dataset from the Hub, a local data folder, a folder written by ``save_to_disk``, or the
     file layouts of :mod:`.formats` (pair folders, a JSONL/CSV of image paths, an image folder with metadata, HPDv3
     annotations), detected unless ``dataset_format`` names one (``config_name``: the dataset configuration, as
-    ``load_dataset``'s ``name``; ``ranking_pairs``: how ranked HPD records become pairs)."""
+    ``load_dataset``'s ``name``; ``ranking_pairs``: how ranked HPD records become pairs). Pair folders' and HPD
+    annotations' rows carry a ``__source__`` string column (:data:`~.validation.SOURCE_COLUMN`) naming the folder
+    or record each came from, which a bad row's error quotes and training ignores."""
     from .formats import load_preference_data
 
     return load_preference_data(

@@ -1,4 +1,4 @@
-"""``datasets``' progress bars follow the trainer's ``disable_tqdm``."""
+"""``datasets``' progress bars follow the trainer's ``disable_tqdm``, within what the program allows."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ __all__ = ["datasets_progress_bars"]
 
 @contextmanager
 def datasets_progress_bars(enabled: bool) -> Iterator[None]:
-    """Show (``enabled``) or hide ``datasets``' progress bars (``map``, ``filter``, ...) inside the block, then restore
-    the global setting, so one trainer's ``disable_tqdm`` does not leak into the rest of the program."""
+    """Hide ``datasets``' progress bars (``map``, ``filter``, ...) inside the block unless ``enabled``, then restore
+    the global setting, so one trainer's ``disable_tqdm`` does not leak into the rest of the program. Bars the
+    program turned off (``datasets.disable_progress_bars()``, as every command does off a terminal) stay off."""
     was_enabled = datasets.is_progress_bar_enabled()
-    if enabled == was_enabled:
+    if enabled or not was_enabled:
         yield
         return
-    datasets.enable_progress_bars() if enabled else datasets.disable_progress_bars()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
-        datasets.enable_progress_bars() if was_enabled else datasets.disable_progress_bars()
+        datasets.enable_progress_bars()

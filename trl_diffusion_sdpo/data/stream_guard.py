@@ -18,6 +18,11 @@ which the host waits for), whatever the dataset and ``skip_invalid_rows``: the c
 streamed rows in any case, and a process that dropped its gradients on its own count would leave the others'
 update unapplied on its replica (the replicas drift apart). Every process then decides the same.
 
+Where the engine steps inside the backward of the accumulation window's last micro-batch (DeepSpeed), dropping the
+gradients at ``on_pre_optimizer_step`` comes after the step was applied (AdamW's moments move the weights even with
+zero gradients). There the counts are summed when that last micro-batch is observed, before its backward, and an empty
+step is handed to the engine to leave unapplied (:meth:`~trl_diffusion_sdpo.engines.Engine.skip_next_step`).
+
 The rows a map-style dataset (or a latent cache) dropped before training, ties and invalid rows, are added to the
 first micro-batch's ``data/skipped_rows`` of a run that starts at step 0, so the metric counts every dropped row.
 """
@@ -67,6 +72,7 @@ class StreamGuard(TrainerCallback):
         self.valid_total = 0
         self.reasons: collections.Counter[str] = collections.Counter()
         self.empty_steps = 0
+        self.decided: tuple[int, int] | None = None  # the step's summed counts, where taken before its backward
         # Rows dropped when the data was prepared (ties, invalid rows): added once to the first micro-batch's
         # data/skipped_rows, on the main process (the metric is summed over processes).
         self.dropped_before = 0
@@ -79,6 +85,11 @@ class StreamGuard(TrainerCallback):
         if self.dropped_before:
             inputs["num_skipped"] = inputs["num_skipped"] + self.dropped_before
             self.dropped_before = 0
+        engine = self.trainer.engine
+        if engine.steps_in_backward and self.trainer.accelerator.sync_gradients:  # the window's last micro-batch
+            self.decided = self._step_counts()
+            if self.decided[0] == 0:
+                engine.skip_next_step()  # the engine steps inside the coming backward
 
     def _synced(self) -> bool:
         """Whether the counts are summed over processes: always with several (ties are dropped whatever
@@ -87,19 +98,26 @@ class StreamGuard(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.valid = self.skipped = self.skipped_in_a_row = self.valid_total = self.empty_steps = 0
+        self.decided = None
         self.reasons.clear()
         report = getattr(self.trainer, "train_data_report", None)
         # Counted by the run that started from step 0, not again by a resumed one.
         first = state.global_step == 0 and self.trainer.accelerator.is_main_process and report is not None
         self.dropped_before = dropped_at_preparation(report) if first else 0
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def _step_counts(self) -> tuple[int, int]:
+        """This optimizer step's valid pairs and skipped rows, summed over processes where :meth:`_synced`."""
         valid, skipped = self.valid, self.skipped
-        self.valid = self.skipped = 0
         if self._synced():
             accelerator = self.trainer.accelerator
             counts = torch.tensor([float(valid), float(skipped)], device=accelerator.device)
             valid, skipped = (int(v) for v in accelerator.reduce(counts, reduction="sum").tolist())
+        return valid, skipped
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        valid, skipped = self.decided if self.decided is not None else self._step_counts()
+        self.valid = self.skipped = 0
+        self.decided = None
         if valid > 0:
             self.valid_total += valid
             self.skipped_in_a_row = 0

@@ -32,7 +32,7 @@ def sample_images(
     pipeline.set_progress_bar_config(disable=True)
     chunks = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None, dynamic_ncols=True):
+    for start in tqdm(starts, desc=desc, disable=True if desc is None else None, dynamic_ncols=True):
         stop = start + batch_size
         generators = [torch.Generator().manual_seed(s) for s in seeds[start:stop]]
         out = pipeline(

@@ -314,7 +314,7 @@ def _train_vae(vae: AutoencoderKL, pixels: torch.Tensor, recipe: PretrainRecipe,
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_learning_rate, weight_decay=0.0)
     schedule = _warmup_cosine(optimizer, recipe.vae_steps, warmup_fraction=0.1)
-    bar = tqdm(range(recipe.vae_steps), desc="Pretraining the VAE", dynamic_ncols=True)
+    bar = tqdm(range(recipe.vae_steps), desc="Pretraining the VAE", dynamic_ncols=True, disable=None)
     for _ in bar:
         index = torch.randint(0, len(pixels), (recipe.vae_batch_size,), generator=generator)
         batch = pixels[index]
@@ -361,7 +361,7 @@ def _train_denoiser(
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=recipe.unet_learning_rate, weight_decay=0.01)
     schedule = _warmup_cosine(optimizer, recipe.unet_steps, warmup_fraction=0.05)
-    bar = tqdm(range(recipe.unet_steps), desc="Pretraining the UNet", dynamic_ncols=True)
+    bar = tqdm(range(recipe.unet_steps), desc="Pretraining the UNet", dynamic_ncols=True, disable=None)
     ema = None
     for _ in bar:
         index = torch.randint(0, len(mean), (recipe.unet_batch_size,), generator=generator)

@@ -96,7 +96,7 @@ class _TrainingBar(TrainerCallback):
         self.bar: tqdm | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True, leave=False)
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True, leave=False, disable=None)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(state.global_step - self.bar.n)
@@ -298,7 +298,7 @@ def _run_demo(
     rewards_per_run: dict[str, list[np.ndarray]] = {m.key: [] for m in methods}
     histories: dict[str, dict[str, dict[str, list[float]]]] = {m.key: {} for m in methods}
     grid_images = {"base": base_images[:, : recipe.grid_seeds]}
-    bar = tqdm(total=runs_total, desc="Runs", dynamic_ncols=True)
+    bar = tqdm(total=runs_total, desc="Runs", dynamic_ncols=True, disable=None)  # None: no bar off a terminal
     with tempfile.TemporaryDirectory(prefix="demo-latents-") as latent_cache_dir:
         for seed in recipe.seeds:
             for method in methods:
@@ -332,6 +332,9 @@ def _run_demo(
                     run["output_lambda_mean"] = float(np.mean(history["safeguard/output_lambda_mean"]))
                 runs[method.key].append(run)
                 bar.update(1)
+                if bar.disable:  # a log file: one plain line per run instead of the bar
+                    done = sum(len(r) for r in runs.values())
+                    echo(f"      run {done}/{runs_total} done: {method.label}, seed {seed} ({train_seconds:.0f} s)")
     bar.close()
     timings["runs_seconds"] = sum(r["train_seconds"] + r["eval_seconds"] for rs in runs.values() for r in rs)
     timings["train_seconds"] = sum(r["train_seconds"] for rs in runs.values() for r in rs)

@@ -38,6 +38,9 @@ class Engine:
     name: str = "base"
     #: DeepSpeed steps (and skips an overflowing step) inside its backward: the non-finite guard only counts.
     skips_nonfinite_steps: bool = False
+    #: DeepSpeed steps inside the backward of an accumulation window's last micro-batch, before the trainer's
+    #: ``on_pre_optimizer_step``: a step to leave unapplied must be known (:meth:`skip_next_step`) before it.
+    steps_in_backward: bool = False
     #: FSDP wraps the model inside ``Trainer.train()``, replacing the parameters: none can be listed before it.
     replaces_parameters_in_train: bool = False
     #: Validation sampling needs the whole denoiser on the main process.
@@ -83,6 +86,12 @@ class Engine:
         """The full weights to save, gathered from shards on the main process (every process calls it); ``None``
         where the weights are whole and ``Trainer.save_model`` can save them as usual."""
         return None
+
+    def skip_next_step(self) -> None:
+        """Leave the next optimizer step unapplied (weights, moments and weight decay untouched, the gradients
+        cleared), where the engine steps inside its backward (:attr:`steps_in_backward`). Elsewhere the trainer
+        drops the gradients before the optimizer step instead."""
+        raise NotImplementedError(f"{type(self).__name__} steps after the backward: drop the gradients instead")
 
     def gathers_for_save(self) -> bool:
         """Whether :meth:`gather_state_dict` must run (on every process) before a save."""

@@ -20,6 +20,7 @@ __all__ = [
     "engine_loss_scale",
     "gather_zero3_state_dict",
     "reference_inference_engine",
+    "skipping_zero_step",
     "universal_checkpoint_view",
 ]
 
@@ -106,6 +107,44 @@ def universal_checkpoint_view(checkpoint: str, view: str) -> str:
     return view
 
 
+def skipping_zero_step(optimizer) -> None:
+    """Make the ZeRO ``optimizer``'s next ``step()`` one it does not apply: it takes DeepSpeed's own path for an
+    overflowing step (gradients and accumulated partitions cleared; weights, Adam moments and weight decay
+    untouched), without the overflow's side effects: the fp16 loss scale is kept, and the step counts as taken (the
+    gradient norm 0, the schedulers advance), as an empty step does on every other engine. One call, then the
+    optimizer is as it was.
+
+    ZeRO-1/2 decide an overflow in ``has_overflow`` (asked when ``check_grad_overflow``), ZeRO-3 in
+    ``_overflow_check_and_loss_scale_update``; both then call ``_update_scale``.
+    """
+    stage3 = hasattr(optimizer, "_overflow_check_and_loss_scale_update")
+    saved = {name: optimizer.__dict__[name] for name in ("check_grad_overflow",) if name in optimizer.__dict__}
+
+    def overflowing(*args: Any, **kwargs: Any) -> bool:
+        optimizer.overflow = True
+        return True
+
+    def step(*args: Any, **kwargs: Any) -> None:
+        try:
+            type(optimizer).step(optimizer, *args, **kwargs)
+        finally:
+            for name in ("step", "_update_scale", "has_overflow", "_overflow_check_and_loss_scale_update"):
+                optimizer.__dict__.pop(name, None)
+            optimizer.__dict__.update(saved)
+            if not stage3 and "check_grad_overflow" not in saved:
+                optimizer.__dict__.pop("check_grad_overflow", None)
+        optimizer.overflow = False  # applied as far as the engine and transformers' scheduler are concerned
+        optimizer._global_grad_norm = 0.0  # the gradients were zero: not a non-finite norm
+
+    optimizer._update_scale = lambda *args, **kwargs: None
+    if stage3:
+        optimizer._overflow_check_and_loss_scale_update = overflowing
+    else:
+        optimizer.check_grad_overflow = True
+        optimizer.has_overflow = overflowing
+    optimizer.step = step
+
+
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO at ``stage`` (1, 2 or 3).
 
@@ -117,6 +156,7 @@ class DeepSpeedEngine(Engine):
 
     name = "deepspeed"
     skips_nonfinite_steps = True
+    steps_in_backward = True
 
     def __init__(self, accelerator, stage: int) -> None:
         super().__init__(accelerator)
@@ -146,6 +186,11 @@ class DeepSpeedEngine(Engine):
         config = self.accelerator.state.deepspeed_plugin.deepspeed_config
         config.setdefault("checkpoint", {})["load_universal"] = True
         return work_dir
+
+    def skip_next_step(self) -> None:
+        """The engine's next ``step()`` (inside accelerate's backward of the window's last micro-batch) takes the ZeRO
+        optimizer's own path for a step it does not apply (:func:`skipping_zero_step`)."""
+        skipping_zero_step(self.accelerator.deepspeed_engine_wrapped.engine.optimizer)
 
     def gathers_for_save(self) -> bool:
         # Before train() has built the engine the weights are still whole.

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ..extras import require_extra
 
@@ -149,11 +149,12 @@ def plot_intervals(rows: Sequence[MetricSummary], metric: str, path: str) -> str
     ax.set_xticks(x, [r.model for r in selected], rotation=20, ha="right")
     scale = selected[0].scale if selected else ""
     ax.set_ylabel(f"{metric} ({scale})" if scale else metric)
-    ax.set_title(f"{metric}: mean and 95% bootstrap interval")
+    ax.set_title(f"{metric}:\nmean and 95% bootstrap interval")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
+    # "tight": the saved area grows to hold the title and labels, however long the metric's name and scale
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
@@ -165,20 +166,49 @@ def image_grid(
     cell: int | None = None,
 ) -> Image.Image:
     """A grid with one row per entry of ``rows`` (e.g. a model) and one column per image (e.g. a prompt), each cell
-    resized to ``cell`` pixels (default: the first image's width), with optional text labels."""
+    resized to ``cell`` pixels (default: the first image's width), with optional text labels: every label whole,
+    a column's wrapped onto as many lines as its cell's width needs, the row labels' column as wide as the widest."""
     if not rows or not rows[0]:
         raise ValueError("An image grid needs at least one image.")
     cell = cell or rows[0][0].width
-    label_width = 100 if row_labels else 0
-    label_height = 14 if column_labels else 0
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
+    wrapped = [wrap_label(str(label), cell - 4, font) for label in column_labels]
+    label_width = max((int(measure.textlength(str(label), font=font)) + 6 for label in row_labels), default=0)
+    label_height = max((len(lines) * line_height + 2 for lines in wrapped), default=0)
     n_cols = max(len(r) for r in rows)
     grid = Image.new("RGB", (label_width + n_cols * cell, label_height + len(rows) * cell), "white")
     draw = ImageDraw.Draw(grid)
-    for c, label in enumerate(column_labels):
-        draw.text((label_width + c * cell + 2, 1), str(label)[: max(1, cell // 6)], fill="black")
+    for c, lines in enumerate(wrapped):
+        for i, line in enumerate(lines):
+            draw.text((label_width + c * cell + 2, 1 + i * line_height), line, fill="black", font=font)
     for r, images in enumerate(rows):
         if r < len(row_labels):
-            draw.text((2, label_height + r * cell + 2), str(row_labels[r])[:16], fill="black")
+            draw.text((2, label_height + r * cell + 2), str(row_labels[r]), fill="black", font=font)
         for c, image in enumerate(images):
             grid.paste(image.convert("RGB").resize((cell, cell)), (label_width + c * cell, label_height + r * cell))
     return grid
+
+
+def wrap_label(text: str, width: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> list[str]:
+    """``text`` in lines of at most ``width`` pixels in ``font``: broken between words, and inside a word only where
+    the word alone is wider; no character dropped."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def fits(line: str) -> bool:
+        return measure.textlength(line, font=font) <= width
+
+    lines: list[str] = []
+    for word in text.split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] = f"{lines[-1]} {word}"
+            continue
+        piece = ""
+        for char in word:
+            if piece and not fits(piece + char):
+                lines.append(piece)
+                piece = ""
+            piece += char
+        lines.append(piece)
+    return lines or [""]

@@ -33,20 +33,23 @@ import zipfile
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-from .saving import has_saved_weights
+from .saving import LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, has_saved_weights
 
 __all__ = [
     "MANIFEST_NAME",
     "CheckpointError",
     "CheckpointSaveError",
+    "EarlierRunError",
     "checkpoint_problem",
     "complete_checkpoints",
+    "earlier_run_files",
     "folder_bytes",
     "free_bytes",
     "is_checkpoint_folder",
     "is_save_failure",
     "publish_checkpoint",
     "recover_interrupted_saves",
+    "remove_earlier_checkpoints",
     "resolve_resume_checkpoint",
     "resume_view_folder",
     "rotate_checkpoints",
@@ -71,6 +74,11 @@ class CheckpointError(ValueError):
 
 class CheckpointSaveError(OSError):
     """Writing a checkpoint failed (a full disk, a quota, a lost mount); the partial checkpoint was removed."""
+
+
+class EarlierRunError(FileExistsError):
+    """A new run (not resumed, not told to overwrite) was pointed at a folder holding another run's weights or
+    checkpoints, which it would replace."""
 
 
 def _step(path: str) -> int:
@@ -217,7 +225,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
             if not problem:
                 if skipped:
                     logger.warning("Skipped incomplete checkpoint(s): %s", "; ".join(skipped))
-                logger.warning("Resuming from %s, the newest complete checkpoint in %s", folder, output_dir)
+                logger.info("Resuming from %s, the newest complete checkpoint in %s", folder, output_dir)
                 return folder
             skipped.append(f"{folder}: {problem}")
         found = f" (incomplete: {'; '.join(skipped)})" if skipped else ""
@@ -312,6 +320,33 @@ def rotate_checkpoints(run_dir: str, save_total_limit: int | None, keep: list[st
             logger.info("Deleting older checkpoint %s (save_total_limit=%d)", folder, save_total_limit)
             _remove(folder)
             remaining -= 1
+
+
+def earlier_run_files(run_dir: str) -> list[str]:
+    """What an earlier run left in ``run_dir`` that a new run would replace: its checkpoints (complete, staged or
+    half-deleted), its weights and its ``training_config.json``; names relative to ``run_dir``, sorted."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(run_dir)):
+        stripped = next((name[len(p) :] for p in (_STAGING_PREFIX, _TRASH_PREFIX) if name.startswith(p)), name)
+        weights = name == LORA_WEIGHTS_NAME or (
+            name in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER) and os.path.isdir(os.path.join(run_dir, name))
+        )
+        if _CHECKPOINT_RE.match(stripped) or name == TRAINING_CONFIG_NAME or weights:
+            found.append(name)
+    return found
+
+
+def remove_earlier_checkpoints(run_dir: str) -> None:
+    """Delete every checkpoint an earlier run left in ``run_dir`` (``overwrite_output_dir``): left in place, rotation
+    would keep the earlier run's higher steps as the newest and ``resume_from_checkpoint=True`` would pick them."""
+    for name in earlier_run_files(run_dir):
+        path = os.path.join(run_dir, name)
+        if not (os.path.isdir(path) and is_checkpoint_folder(name.removeprefix(_TRASH_PREFIX))):
+            continue
+        logger.info("Removing %s, a checkpoint of the run that overwrite_output_dir replaces", path)
+        _remove(path) if _CHECKPOINT_RE.match(name) else shutil.rmtree(path, ignore_errors=True)
 
 
 def recover_interrupted_saves(run_dir: str) -> None:

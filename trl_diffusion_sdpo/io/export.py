@@ -164,13 +164,15 @@ def merge_lora(
     """
     from diffusers import DiffusionPipeline
 
+    from ..loading import dtype_keyword
+
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}.")
     if os.path.isfile(os.path.join(output_dir, "model_index.json")):
         raise FileExistsError(f"--output {output_dir} already holds a pipeline; choose a new folder.")
     lora = read_lora(lora_path)
     check_against_base(lora, base)
-    pipeline = DiffusionPipeline.from_pretrained(base, torch_dtype=_DTYPES[dtype]).to(device)
+    pipeline = DiffusionPipeline.from_pretrained(base, **dtype_keyword(_DTYPES[dtype])).to(device)
     folder, weight_name = os.path.split(lora.path)
     pipeline.load_lora_weights(folder, weight_name=weight_name, adapter_name="export")
     pipeline.fuse_lora(components=[lora.prefix], lora_scale=strength, adapter_names=["export"])
@@ -232,7 +234,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """``trl-diffusion-sdpo export``: one export or merge; errors on bad input leave with a message, status 2."""
+    from ..console import quiet_off_terminal
     from ..loading import resolve_model_name
+
+    quiet_off_terminal()
 
     args.base = resolve_model_name(args.base)
     try:

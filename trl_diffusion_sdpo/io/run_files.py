@@ -8,8 +8,9 @@ way this package needs:
   (:meth:`~trl_diffusion_sdpo.engines.Engine.gather_state_dict`) and loaded into its shards
   (:meth:`~trl_diffusion_sdpo.engines.Engine.loading`);
 * checkpoints that appear whole or not at all, with a checksummed manifest (:mod:`.checkpoints`);
-* before training: the output folder's lock (:mod:`.run_lock`), recovery of interrupted saves, the checkpoint to
-  resume from, checked, its config compared with the new one (:mod:`.resume_check`), resuming on another number of
+* before training: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
+  checkpoints (unless resumed or ``overwrite_output_dir``), recovery of interrupted saves, the checkpoint to resume
+  from, checked, its config compared with the new one (:mod:`.resume_check`), resuming on another number of
   processes (:mod:`.resume_world`, through the engine), and preemption signals (:mod:`.preemption`) while it runs;
 * the model card and Hub pushes (:mod:`.hub`): transformers' versions copy files named as its own weights (none of
   ours) and upload a pickled ``training_args.bin``.
@@ -23,6 +24,7 @@ implementation is wanted it is called explicitly as ``transformers.Trainer.<hook
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -39,12 +41,15 @@ from . import checkpoints, saving
 from .checkpoints import (
     TRAINER_STATE_NAME,
     CheckpointSaveError,
+    EarlierRunError,
+    earlier_run_files,
     folder_bytes,
     free_bytes,
     is_checkpoint_folder,
     is_save_failure,
     publish_checkpoint,
     recover_interrupted_saves,
+    remove_earlier_checkpoints,
     resolve_resume_checkpoint,
     resume_view_folder,
     save_failure,
@@ -55,9 +60,13 @@ from .preemption import PreemptionCallback, parse_signals, preemption_signal_han
 from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
 
-__all__ = ["RunFiles", "files_hook"]
+__all__ = ["LOSS_TOTAL_NAME", "RunFiles", "files_hook"]
 
 logger = logging.getLogger(__name__)
+
+# In every checkpoint: the sum of the per-step training losses up to it, so that a resumed run's final train_loss is
+# the whole run's mean, as an uninterrupted run's is (transformers' covers only the steps of the resumed train()).
+LOSS_TOTAL_NAME = "training_loss.json"
 
 
 class RunFiles:
@@ -73,24 +82,34 @@ class RunFiles:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.model_card_args: dict[str, Any] = {}  # create_model_card's arguments, remembered for later pushes
+        # The loss sum of the steps before this train() call: 0 for a new run, the resumed checkpoint's
+        # LOSS_TOTAL_NAME, None where that checkpoint has none (its sum unknown: nothing corrected, nothing recorded).
+        self.loss_before_resume: float | None = 0.0
+        self.resumed = False
 
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """``transformers.Trainer.train`` under the output folder's lock, after finishing or removing what an
-        interrupted save left, from ``resume_from_checkpoint`` resolved and checked
+        """``transformers.Trainer.train`` under the output folder's lock (refused where the folder holds another
+        run's weights or checkpoints and neither ``resume_from_checkpoint`` nor ``overwrite_output_dir`` is given),
+        after finishing or removing what an interrupted save left, from ``resume_from_checkpoint`` resolved and checked
         (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), with the
         preemption signals handled while it runs."""
         trainer = self.trainer
-        lock = self._lock_output_dir()
+        resumed = resume_from_checkpoint not in (None, False)
+        lock = self._claim_output_dir(resumed)
         view = None
         try:
             if trainer.args.should_save:
+                if not resumed and getattr(trainer.args, "overwrite_output_dir", False):
+                    remove_earlier_checkpoints(trainer.args.output_dir)
                 recover_interrupted_saves(trainer.args.output_dir)
             trainer.accelerator.wait_for_everyone()
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
+            self.resumed, self.loss_before_resume = resume_from_checkpoint is not None, 0.0
             if resume_from_checkpoint is not None:
                 check_resume_config(resume_from_checkpoint, trainer)
+                self.loss_before_resume = _read_loss_total(resume_from_checkpoint)
                 saved = read_run_identity(resume_from_checkpoint) or {}
                 processes = trainer.accelerator.num_processes
                 if saved.get("num_processes", processes) != processes:
@@ -106,7 +125,9 @@ class RunFiles:
             signals = parse_signals(getattr(trainer.args, "preemption_signals", None))
             callback.enabled = bool(signals)
             with preemption_signal_handlers(callback, signals):
-                return Trainer.train(trainer, resume_from_checkpoint, *args, **kwargs)
+                output = Trainer.train(trainer, resume_from_checkpoint, *args, **kwargs)
+            # whole_run_loss corrected the logged metrics in place; the returned loss is a copy of the old value
+            return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
         finally:
             if view is not None:  # every process is done reading it
                 trainer.accelerator.wait_for_everyone()
@@ -115,21 +136,55 @@ class RunFiles:
             if lock is not None:
                 lock.release()
 
-    def _lock_output_dir(self) -> RunLock | None:
-        """Process 0 locks ``output_dir``; every process learns whether it was refused (one scalar all-reduce), so
-        none waits at a barrier for a process that stopped."""
+    def whole_run_loss(self, logs: dict[str, float]) -> None:
+        """In the final metrics (``train_loss`` in ``logs``) of a run resumed from a checkpoint that records its loss
+        sum, ``train_loss`` becomes the mean over every step of the run, the steps before the checkpoint included,
+        as an uninterrupted run reports it; transformers' is the mean over the resumed steps only."""
+        trainer = self.trainer
+        if "train_loss" not in logs or not self.resumed or self.loss_before_resume is None:
+            return
+        total = self.loss_before_resume + trainer._total_loss_scalar
+        logs["train_loss"] = total / max(trainer.state.global_step, 0.001)
+
+    def _loss_total(self) -> float | None:
+        """The sum of the per-step losses (each averaged over processes) up to now: what a resumed checkpoint had,
+        what transformers has added up at its logs, and the steps since the last log; ``None`` where the sum before
+        the resumed checkpoint is unknown. Every process calls it (a reduction)."""
+        trainer = self.trainer
+        since_log = getattr(trainer, "_tr_loss", None)
+        tail = 0.0
+        if since_log is not None:
+            tail = trainer.accelerator.reduce(since_log.detach().clone(), reduction="mean").item()
+        if self.loss_before_resume is None:
+            return None
+        return self.loss_before_resume + getattr(trainer, "_total_loss_scalar", 0.0) + tail
+
+    def _claim_output_dir(self, resumed: bool) -> RunLock | None:
+        """Process 0 locks ``output_dir`` and refuses it where a new run would replace another run's files (before
+        any of them is touched); every process learns whether it was refused (one scalar
+        all-reduce), so none waits at a barrier for a process that stopped."""
         args, accelerator = self.trainer.args, self.trainer.accelerator
         lock, error = None, None
         if args.process_index == 0:
             lock = RunLock(args.output_dir)
             try:
-                lock.acquire()
+                lock.acquire()  # first: a live run in the folder is named as such
             except RunLockedError as err:
                 lock, error = None, err
+            refuse = lock is not None and not (resumed or getattr(args, "overwrite_output_dir", False))
+            earlier = earlier_run_files(args.output_dir) if refuse else []
+            if earlier:
+                lock.release()
+                lock = None
+                error = EarlierRunError(
+                    f"{args.output_dir} holds another run's files ({', '.join(earlier)}), which a new run would "
+                    "replace. Continue that run with --resume_from_checkpoint true, write this one into a new "
+                    "--output_dir, or pass --overwrite_output_dir to replace it (its checkpoints are deleted first)."
+                )
         if accelerator.num_processes > 1:
             flag = torch.full((), float(error is not None), device=accelerator.device)
             if accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:
-                error = RunLockedError(f"{args.output_dir} is in use by another training run (see process 0)")
+                error = RunLockedError(f"{args.output_dir} cannot be trained into (see process 0's error)")
         if error is not None:
             raise error
         return lock
@@ -271,8 +326,12 @@ class RunFiles:
             trainer._save_optimizer_and_scheduler(staging)
             trainer._save_scaler(staging)
             trainer._save_rng_state(staging)
+        loss_total = self._loss_total()  # a reduction: every process
         if args.should_save:
             write_run_identity(trainer, staging)
+            if loss_total is not None:
+                with open(os.path.join(staging, LOSS_TOTAL_NAME), "w") as f:
+                    json.dump({"global_step": state.global_step, "loss_sum": loss_total}, f)
             for callback in [
                 c for c in trainer.callback_handler.callbacks + [trainer.control] if isinstance(c, ExportableState)
             ]:
@@ -430,6 +489,16 @@ class RunFiles:
             revision=revision or args.hub_revision,
             commit_message=commit_message or "End of training",
         )
+
+
+def _read_loss_total(checkpoint: str) -> float | None:
+    """The loss sum a checkpoint recorded; ``None`` for one written before it was recorded (its resumed run then
+    reports, as transformers does, the mean over the resumed steps)."""
+    path = os.path.join(checkpoint, LOSS_TOTAL_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f)["loss_sum"])
 
 
 def files_hook(name: str) -> Callable[..., Any]:
