@@ -58,6 +58,18 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "safeguard_passes",
         ),
     ),
+    "Parameters that guard against collapse": (
+        "",
+        (
+            "auto_beta",
+            "auto_beta_target",
+            "max_margin",
+            "sft_weight",
+            "safeguard_mu_step",
+            "ema_decay",
+            "on_pathology",
+        ),
+    ),
     "Parameters that control the data": (
         "",
         (

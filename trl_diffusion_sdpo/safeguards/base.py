@@ -25,6 +25,7 @@ from accelerate.utils import DistributedType
 from ..engines import Engine
 from ..objectives import DenoisingErrors, ObjectiveOutput, PreferencePredictions
 from ..step.predictions import Evaluation
+from .margin import SafeguardMargin
 
 __all__ = ["MicroBatch", "Safeguard", "StepResult"]
 
@@ -92,6 +93,8 @@ class Safeguard:
     def __init__(self, args, engine: Engine) -> None:
         self.args = args
         self.engine = engine
+        #: ``mu``, fixed or ``"auto"`` (:mod:`.margin`): the rules read it at every micro-batch
+        self.margin = SafeguardMargin.from_config(args, engine.num_processes)
 
     def step(self, batch: MicroBatch) -> StepResult:
         """Predict, evaluate the objective, choose ``lambda`` and add this micro-batch's gradient to ``.grad``.
