@@ -321,7 +321,7 @@ class DiffusionSDPOTrainer(Trainer):
             return torch.zeros((), device=self.args.device)
         self.nonfinite.flag(result.loss)
         record_metrics(self._metrics["train"], result.errors, result.output, result.lambdas)
-        timesteps = noised.timesteps[: noised.num_pairs]  # a pair's two images share one timestep
+        timesteps = noised.noised.timesteps[: noised.num_pairs]  # a pair's two images share one timestep
         record_margin_quartiles(
             self._metrics["train"], result.output.logits, timesteps, self.noiser.num_train_timesteps
         )

@@ -113,7 +113,7 @@ def check_guard_config(config) -> None:
         "sft_weight": bool(getattr(config, "sft_weight", 0.0)),
     }
     for name, used in on.items():
-        if used:
+        if used and name not in chosen.hyperparameter_names():  # an objective may declare a field of that name
             raise ValueError(
                 f"{name} acts on the Diffusion-DPO logit u = -0.5 * beta * m: it needs loss_type='dpo' or 'smpo', "
                 f"got loss_type={config.loss_type!r}. Remove {name}, or change loss_type."
