@@ -32,7 +32,7 @@ from .config import DiffusionSDPOConfig, check_config
 from .data.scoring import RewardFn
 from .data.stream_guard import StreamGuard
 from .data.training_data import prepare_training_data
-from .distributed import all_reduce_sum, check_not_partitioned, check_one_device_per_process, load_pipeline
+from .distributed import check_not_partitioned, check_one_device_per_process, load_pipeline
 from .engines import Engine, engine_for
 from .families import ModelFamily, Noiser, family_for_pipeline
 from .guards import EMAWeights, PathologyAction
@@ -227,10 +227,7 @@ class DiffusionSDPOTrainer(Trainer):
         self.mixed_precision_forward = MixedPrecisionForward(self._policy)
         self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
         # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts.
-        several = self.accelerator.num_processes > 1
-        self.auto_beta = (
-            AutoBeta(args.beta, args.auto_beta_target, all_reduce_sum if several else None) if args.auto_beta else None
-        )
+        self.auto_beta = AutoBeta.from_config(args, self.accelerator.num_processes)
         self.on_pathology = PathologyAction(args.on_pathology, self.safeguard.margin if args.safeguard else None)
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)

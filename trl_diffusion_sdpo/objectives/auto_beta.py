@@ -64,6 +64,15 @@ class AutoBeta:
         self.beta: torch.Tensor | None = None
         self._sums: torch.Tensor | None = None  # [sum |m|, pairs] over the open window, this process
 
+    @classmethod
+    def from_config(cls, args, num_processes: int) -> AutoBeta | None:
+        """The auto-beta ``args`` asks for (``None`` without ``auto_beta``), reduced over ``num_processes``."""
+        if not args.auto_beta:
+            return None
+        from ..distributed import all_reduce_sum  # diffusers behind it: imported when a run needs it
+
+        return cls(args.beta, args.auto_beta_target, all_reduce_sum if num_processes > 1 else None)
+
     def observe(self, errors: DenoisingErrors, contributes: bool = True) -> None:
         """Add a micro-batch's ``|m|`` to the open window (zeros for a replay; non-finite margins left out)."""
         margin = (errors.policy_winner - errors.policy_loser) - (errors.reference_winner - errors.reference_loser)

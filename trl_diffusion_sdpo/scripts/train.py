@@ -86,6 +86,14 @@ class DiffusionScriptArguments:
             "instead of encoding dataset_name's images."
         },
     )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many evaluations without improving metric_for_best_model (transformers' "
+            "EarlyStoppingCallback); needs an eval split (--eval_strategy, --dataset_test_split), "
+            "--metric_for_best_model (e.g. implicit_acc) and --load_best_model_at_end."
+        },
+    )
 
 
 ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments)
@@ -365,6 +373,7 @@ def main(argv: Sequence[str] | None = None):
         quiet_progress_bars()
         training_args.disable_tqdm = True
     from ..data.sharded_cache import load_sharded_latent_cache
+    from ..guards import early_stopping
     from ..trainer import DiffusionSDPOTrainer
 
     check_supported(script_args, model_args)
@@ -377,7 +386,15 @@ def main(argv: Sequence[str] | None = None):
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split)
-    trainer = DiffusionSDPOTrainer(pipeline, None, training_args, train_dataset, eval_dataset, peft_config=peft_config)
+    trainer = DiffusionSDPOTrainer(
+        pipeline,
+        None,
+        training_args,
+        train_dataset,
+        eval_dataset,
+        peft_config=peft_config,
+        callbacks=early_stopping(diffusion_args.early_stopping_patience),
+    )
     return train_save_and_push(trainer, script_args.dataset_name)
 
 
