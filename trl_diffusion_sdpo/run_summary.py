@@ -49,7 +49,8 @@ def _objective_text(args: Any) -> str:
     if not args.safeguard:
         return "Diffusion-DPO (no safeguard)" if args.loss_type == "dpo" else f"{args.loss_type} (no safeguard)"
     method = "Diffusion-SDPO" if args.loss_type == "dpo" else f"{args.loss_type} with the Diffusion-SDPO safeguard"
-    return f"{method}: safeguard mu={args.safeguard_mu:g}, {args.safeguard_space} space, {args.safeguard_scope} scope"
+    mu = args.safeguard_mu if isinstance(args.safeguard_mu, str) else f"{args.safeguard_mu:g}"  # or "auto"
+    return f"{method}: safeguard mu={mu}, {args.safeguard_space} space, {args.safeguard_scope} scope"
 
 
 def _precision_text(args: Any) -> str:

@@ -11,7 +11,8 @@ near 0 for one it has won by far. With ``u = -0.5 * beta * m`` and the raw margi
 every process: the sums behind the mean are all-reduced before they act, so every process uses the same ``beta``.
 ``beta`` is clamped to ``[beta_0 / AUTO_BETA_RANGE, beta_0 * AUTO_BETA_RANGE]`` around the configured ``beta_0``: a
 policy equal to its reference (LoRA at initialisation) has ``m = 0`` and would otherwise get an infinite ``beta``.
-Until the first optimizer step closes, the configured ``beta`` is used.
+Until the first optimizer step closes, the configured ``beta`` is used; the EMA starts at the first step whose mean
+``|m|`` is not 0.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ class AutoBeta:
         mean = sums[0] / pairs.clamp(min=1.0)
         if self.ema is None:
             self.ema = mean
-        else:
-            self.ema = torch.where(pairs > 0, self.decay * self.ema + (1.0 - self.decay) * mean, self.ema)
+        else:  # an EMA still at 0 (a policy equal to its reference so far) starts at the first informative window
+            moved = torch.where(self.ema > 0, self.decay * self.ema + (1.0 - self.decay) * mean, mean)
+            self.ema = torch.where(pairs > 0, moved, self.ema)
         self.beta = auto_beta(self.ema, self.target, self.low, self.high)
 
     def objective(self, objective: PreferenceObjective) -> PreferenceObjective:
