@@ -2,8 +2,8 @@
 
 * :class:`EMAWeights` (``ema_decay``): diffusers' ``EMAModel`` over the trained weights, as a ``TrainerCallback``:
   ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` after every optimizer step (diffusers' warm-up of the decay
-  included), saved beside the trained weights (``ema/`` in each checkpoint and in the output folder, in the same
-  format), and the weights the validation grids sample from.
+  included) from the weights training starts from, saved beside the trained weights (``ema/`` in each checkpoint and
+  in the output folder, in the same format), and the weights the validation grids sample from.
 * :class:`PathologyAction` (``on_pathology``): ``warn`` leaves the warning to health; ``escalate`` raises the
   safeguard's ``mu`` halfway to 1; ``stop`` saves a checkpoint and stops, through transformers' ``control``.
 * :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
@@ -44,15 +44,21 @@ class EMAWeights(TrainerCallback):
     """
 
     def __init__(self, parameters: Sequence[torch.nn.Parameter], decay: float, save: Callable[[str], Any]) -> None:
+        self.parameters, self.decay, self.save = list(parameters), decay, save
+        self.ema = None  # started with training, from the weights it starts from (a resumed checkpoint's too)
+
+    def on_train_begin(self, args, state, control, **kwargs):
         from diffusers.training_utils import EMAModel  # diffusers' training utilities: imported when used
 
-        self.parameters = list(parameters)
-        self.ema = EMAModel(self.parameters, decay=decay)
-        self.save = save
+        self.ema = EMAModel(self.parameters, decay=self.decay)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
-        """The EMA weights in the model for the block, the trained ones restored after (diffusers' store/restore)."""
+        """The EMA weights in the model for the block, the trained ones restored after (diffusers' store/restore);
+        before training starts, the trained weights as they are."""
+        if self.ema is None:
+            yield
+            return
         self.ema.store(self.parameters)
         self.ema.copy_to(self.parameters)
         try:
