@@ -25,6 +25,8 @@ class Range:
     high_open: bool = False
     integer: bool = False
     optional: bool = False
+    #: the word ``"auto"`` is accepted too (a value the run chooses itself)
+    or_auto: bool = False
     hint: str = ""
 
     def describe(self) -> str:
@@ -42,11 +44,14 @@ class Range:
         or a ``ValueError`` naming ``name``, the value and, with ``hint``, what to use instead."""
         if value is None and self.optional:
             return None
+        if self.or_auto and value == "auto":
+            return value
         hint = f" {self.hint}" if self.hint else ""
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.integer else numbers.Real):
             kind = "an integer" if self.integer else "a real number"
             yaml = " (In YAML 5e3 is read as a string: write 5.0e+3.)" if isinstance(value, str) else ""
             optional = " or None" if self.optional else ""
+            optional += " or 'auto'" if self.or_auto else ""
             raise ValueError(f"{name} must be {kind}{optional}, got {value!r} ({type(value).__name__}).{yaml}{hint}")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value!r}.{hint}")

@@ -44,8 +44,9 @@ def _objective_text(args: Any) -> str:
     if not args.safeguard:
         return "Diffusion-DPO (no safeguard)" if args.loss_type == "dpo" else f"{args.loss_type} (no safeguard)"
     method = "Diffusion-SDPO" if args.loss_type == "dpo" else f"{args.loss_type} with the Diffusion-SDPO safeguard"
+    mu = args.safeguard_mu if isinstance(args.safeguard_mu, str) else f"{args.safeguard_mu:g}"  # or "auto"
     return (
-        f"{method}: safeguard mu={args.safeguard_mu:g}, {args.safeguard_space} space, {args.safeguard_scope} scope "
+        f"{method}: safeguard mu={mu}, {args.safeguard_space} space, {args.safeguard_scope} scope "
         f"({_lambda_text(args)})"
     )
 

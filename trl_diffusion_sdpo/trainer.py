@@ -13,6 +13,7 @@ One micro-batch (:meth:`DiffusionSDPOTrainer.training_step`) reads::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -35,9 +36,10 @@ from .data.training_data import prepare_training_data
 from .distributed import check_not_partitioned, check_one_device_per_process, load_pipeline
 from .engines import Engine, engine_for
 from .families import ModelFamily, Noiser, family_for_pipeline
+from .guards import EMAWeights, PathologyAction
 from .io.run_files import RunFiles, files_hook
 from .io.trackers import make_config_trackable
-from .objectives import objective_from_config
+from .objectives import AutoBeta, PreferenceObjective, objective_from_config
 from .reference import reference_for
 from .rewards import RewardFunction, RewardFunctions
 from .run_summary import StartSummary
@@ -45,6 +47,7 @@ from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.draws import MicroBatchDraws
 from .step.guard import NonFiniteLossGuard, NonFiniteTracker
 from .step.health import WinnerHealth
+from .step.margins import QUARTILE_METRICS, finish_margin_quartiles, record_margin_quartiles
 from .step.metrics import metric_names, record_metrics, reduce_metrics
 from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zeroing_only
 from .step.optimizer import grad_norm as trainable_grad_norm
@@ -184,6 +187,11 @@ class DiffusionSDPOTrainer(Trainer):
         self.stream_guard = StreamGuard(self)  # an optimizer step without a valid pair is never applied
         self.add_callback(self.stream_guard)
         self.add_callback(StartSummary(self))  # the effective rate, schedule and safeguard; warnings on traps
+        # EMA weights before validation: a validation at step k samples the average that includes step k.
+        self.ema: EMAWeights | None = None
+        if args.ema_decay is not None:
+            self.ema = EMAWeights(trainable_parameters(denoiser), args.ema_decay, self._save)
+            self.add_callback(self.ema)
         if args.validation_prompts:
             self._add_validation(args)
 
@@ -221,7 +229,10 @@ class DiffusionSDPOTrainer(Trainer):
         self._trainable: list[torch.nn.Parameter] = []
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy)
-        self.health = WinnerHealth()  # Diffusion-DPO's pathology, flagged in the training logs
+        self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
+        # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts.
+        self.auto_beta = AutoBeta.from_config(args, self.accelerator.num_processes)
+        self.on_pathology = PathologyAction(args.on_pathology, self.safeguard.margin if args.safeguard else None)
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
@@ -294,7 +305,7 @@ class DiffusionSDPOTrainer(Trainer):
                     model=denoiser,
                     stages=self.stages,
                     noised=noised,
-                    objective=self.objective,
+                    objective=self.objective_in_force(),
                     pair_scores=inputs.get("pair_scores"),
                     contributes=not replay,
                     accumulation_steps=self.current_gradient_accumulation_steps,
@@ -305,14 +316,39 @@ class DiffusionSDPOTrainer(Trainer):
         steps = self.args.torch_empty_cache_steps
         if steps is not None and self.state.global_step % steps == 0:  # as Trainer.training_step
             clear_device_cache()
+        self._adapt(result.errors, contributes=not replay)
         if replay:  # a zero-weighted replay: its loss and metrics are its peers'
             return torch.zeros((), device=self.args.device)
         self.nonfinite.flag(result.loss)
         record_metrics(self._metrics["train"], result.errors, result.output, result.lambdas)
+        timesteps = noised.noised.timesteps[: noised.num_pairs]  # a pair's two images share one timestep
+        record_margin_quartiles(
+            self._metrics["train"], result.output.logits, timesteps, self.noiser.num_train_timesteps
+        )
         # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
         loss = result.loss / self.current_gradient_accumulation_steps
         return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+
+    def objective_in_force(self) -> PreferenceObjective:
+        """The objective with the ``beta`` in force (the auto-beta's, or the configured one)."""
+        return self.objective if self.auto_beta is None else self.auto_beta.objective(self.objective)
+
+    def _adapt(self, errors, contributes: bool) -> None:
+        """The adaptive guards see every micro-batch (a replay adds zeros) and move once its optimizer step's window
+        closes, on every process together: auto-beta's EMA, and ``mu`` with ``safeguard_mu="auto"``."""
+        adaptive = [g for g in (self.auto_beta, self.safeguard.margin) if g is not None]
+        for guard in adaptive:
+            guard.observe(errors, contributes)
+        if self.accelerator.sync_gradients:
+            for guard in adaptive:
+                guard.update()
+
+    @contextlib.contextmanager
+    def sampling_weights(self):
+        """The weights validation samples from: the EMA's with ``ema_decay``, else the trained ones."""
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            yield
 
     def compute_loss(
         self,
@@ -330,7 +366,7 @@ class DiffusionSDPOTrainer(Trainer):
             return (loss, {}) if return_outputs else loss
         predictions = self.stages.predict(model, inputs, mode, self.state.global_step, separate_branches=False)
         lambdas = self.safeguard.evaluation_lambdas(predictions, contributes=not replay)
-        evaluation = evaluate_objective(self.objective, predictions, inputs.get("pair_scores"))
+        evaluation = evaluate_objective(self.objective_in_force(), predictions, inputs.get("pair_scores"))
         loss = evaluation.loss
         if replay:
             loss = loss * 0.0
@@ -398,10 +434,16 @@ class DiffusionSDPOTrainer(Trainer):
             (lambda t: self.accelerator.reduce(t, reduction="sum")) if several else None,
             self.accelerator.gather if several else None,
         )
+        finish_margin_quartiles(reduced)
         if mode == "train":
             self.files.whole_run_loss(logs)  # a resumed run's train_loss: the whole run's
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
             self.health.annotate(reduced, self.state.log_history, self.state.global_step)
+            self.on_pathology(reduced, self.control, self.state.global_step)
+            if self.args.safeguard:
+                reduced["safeguard/mu"] = self.safeguard.margin.current()
+            if self.auto_beta is not None:
+                reduced["beta"] = self.auto_beta.current()
         else:
             reduced = {f"{prefix}_{k}": v for k, v in reduced.items()}
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.
@@ -419,7 +461,7 @@ class DiffusionSDPOTrainer(Trainer):
     def metric_names(self) -> list[str]:
         """The metrics each micro-batch records (the data's, the objective's, the safeguard's): the same list on every
         process, since :meth:`log` reduces them together."""
-        return metric_names(self.objective, self.safeguard.metric_names)
+        return metric_names(self.objective, self.safeguard.metric_names) + list(QUARTILE_METRICS)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.

@@ -328,29 +328,29 @@ def test_a_registered_objective_reads_a_new_field_from_a_config_subclass(tmp_pat
     @register_objective
     @dataclass(frozen=True)
     class WeightedSFT(PreferenceObjective):
-        sft_weight: float = hyperparameter(objectives_base.Range(0, low_open=True), 1.0)
+        winner_weight: float = hyperparameter(objectives_base.Range(0, low_open=True), 1.0)
 
         name = "weighted_sft"
         requires_reference = False
         uses_loser = False
 
         def loss(self, predictions, errors) -> ObjectiveOutput:
-            return ObjectiveOutput(self.sft_weight * errors.policy_winner.mean(), errors.policy_winner.detach())
+            return ObjectiveOutput(self.winner_weight * errors.policy_winner.mean(), errors.policy_winner.detach())
 
     @dataclass
     class WeightedSFTConfig(DiffusionSDPOConfig):
-        sft_weight: float = 1.0
+        winner_weight: float = 1.0
 
     (args,) = HfArgumentParser(WeightedSFTConfig).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--use_cpu", "--safeguard", "false", "--loss_type", "weighted_sft"]
-        + ["--sft_weight", "3.0"]
+        + ["--winner_weight", "3.0"]
     )
     objective = objective_from_config(args, num_train_timesteps=1)
     a = arrays()
-    assert objective.sft_weight == 3.0
+    assert objective.winner_weight == 3.0
     assert objective(*batch(a)).loss.item() == pytest.approx(3.0 * np_errors(a)["w"].mean(), rel=1e-12)
-    with pytest.raises(ValueError, match="sft_weight must be positive, got -1"):
-        WeightedSFTConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=False, sft_weight=-1.0)
+    with pytest.raises(ValueError, match="winner_weight must be positive, got -1"):
+        WeightedSFTConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=False, winner_weight=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------------- safeguard

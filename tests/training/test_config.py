@@ -280,6 +280,8 @@ CROSS_FIELD_CASES = [
         {"safeguard_scope": "pair", "safeguard_space": "parameter", "safeguard_passes": "two"},
         "safeguard_scope='pair' needs safeguard_passes='one'",
     ),
+    ({"safeguard_mu": "auto", "safeguard": False}, "safeguard_mu='auto' .* needs safeguard=True"),
+    ({"on_pathology": "escalate", "safeguard": False}, "on_pathology='escalate' .* needs safeguard=True"),
     ({"validation_prompts": []}, "validation_prompts must hold at least one prompt"),
     (
         {"validation_prompts": ["a"], "validation_source_images": ["x.png", "y.png"]},
@@ -287,6 +289,9 @@ CROSS_FIELD_CASES = [
     ),
 ]
 OBJECTIVE_CASES = [
+    ({"loss_type": "dspo", "auto_beta": True}, "auto_beta acts on the Diffusion-DPO logit .* got loss_type='dspo'"),
+    ({"loss_type": "dmpo", "max_margin": 5.0}, "max_margin acts on the Diffusion-DPO logit .* got loss_type='dmpo'"),
+    ({"loss_type": "mapo", "sft_weight": 0.5}, "sft_weight acts on the Diffusion-DPO logit .* got loss_type='mapo'"),
     ({"loss_type": "sft"}, "loss_type='sft' trains on the winners only: .* Set safeguard=False."),
     (
         {"loss_type": "mapo", "noising": "inversion", "inversion_network": "reference"},

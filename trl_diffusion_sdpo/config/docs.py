@@ -59,6 +59,18 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "safeguard_log_output_lambda",
         ),
     ),
+    "Parameters that guard against collapse": (
+        "",
+        (
+            "auto_beta",
+            "auto_beta_target",
+            "max_margin",
+            "sft_weight",
+            "safeguard_mu_step",
+            "ema_decay",
+            "on_pathology",
+        ),
+    ),
     "Parameters that control the data": (
         "",
         (
@@ -158,9 +170,15 @@ def config_docstring(cls: type, summary: str, groups: dict[str, tuple[str, tuple
     return "\n".join(lines) + "\n"
 
 
+# Fields whose annotation is wider than the values they take: the None in safeguard_mu's only makes transformers'
+# argument parser read the flag as text ("auto" or a number).
+DOCUMENTED_TYPES = {"safeguard_mu": "float | str"}
+
+
 def _entry_heading(field: dataclasses.Field) -> str:
     """``name (`float`, *optional*, defaults to `5000.0`):``; ``str | None`` as ```str` or `None```."""
-    kinds = " or ".join(f"`{kind.strip()}`" for kind in _type_name(field.type).split("|"))
+    written = DOCUMENTED_TYPES.get(field.name) or _type_name(field.type)
+    kinds = " or ".join(f"`{kind.strip()}`" for kind in written.split("|"))
     default = field.default_factory() if field.default is dataclasses.MISSING else field.default
     return f"{field.name} ({kinds}, *optional*, defaults to `{_literal(default)}`):"
 

@@ -18,6 +18,7 @@ from .rules import (
     INVERSION_NETWORKS,
     NOISING_MODES,
     NONFINITE_ACTIONS,
+    PATHOLOGY_ACTIONS,
     SAFEGUARD_PASSES,
     SAFEGUARD_SCOPES,
     SAFEGUARD_SPACES,
@@ -102,9 +103,13 @@ class DiffusionSDPOConfig(TrainingArguments):
         "Diffusion-DPO); `True` keeps `safeguard_space` (refused with `none`). `None`: as `safeguard_space` says. "
         "Once the config is made it reads `True` exactly when a safeguard runs.",
     )
-    safeguard_mu: float = option(
+    # None in the annotation only so that transformers' argument parser reads the flag as text ("auto" or a number)
+    safeguard_mu: float | str | None = option(
         0.5,
-        "Safeguard margin mu in [0, 1]; larger is more conservative. 0.5 is this package's default, "
+        "Safeguard margin mu in [0, 1], or `auto`; larger is more conservative. `auto` holds the paper's "
+        "constraint, the winner's error at or below the reference's, by dual ascent on mu from the reduced "
+        "`delta/winner` once per optimizer step (`safeguard_mu_step`, docs/safeguard.md), logged as "
+        "`safeguard/mu`. 0.5 is this package's default, "
         "not the authors': in its paired comparison on the CPU demo (benchmarks/results/"
         "cpu-safeguard-comparison-demo.json, summarised in trl_diffusion_sdpo/demo/safeguard_recommendation.json) "
         "the output space with mu 0.5 paid about as much as with 0.9 where Diffusion-DPO's pathology bites and "
@@ -160,6 +165,49 @@ class DiffusionSDPOConfig(TrainingArguments):
         "same micro-batch and log it as `safeguard/output_lambda_*`, for comparison (it is never applied). It "
         'costs a pass over the residuals every micro-batch and, with `safeguard_scope="global"`, one more '
         "all-reduce.",
+    )
+    # Guards against collapse (docs/safeguard.md, "Guards")
+    auto_beta: bool = option(
+        False,
+        "`loss_type` dpo or smpo: choose `beta` every optimizer step so that a pair at the typical margin has the "
+        "gradient factor `auto_beta_target` (SimpleTuner's Flow-DPO rule): `beta = -2 * logit(target) / EMA(|m|)`, "
+        "`m` the raw margin `(e_w - e_l) - (e_ref_w - e_ref_l)`, its mean reduced over processes, clamped within a "
+        "factor 10 of `beta`. Logged as `beta`.",
+    )
+    auto_beta_target: float = option(
+        0.2,
+        "The auto-beta's target gradient factor `sigmoid(-|u|)` at the typical margin, in (0, 0.5) (SimpleTuner's "
+        "0.2).",
+    )
+    max_margin: float | None = option(
+        None,
+        "`loss_type` dpo or smpo: cap the logit `u` at this value before the log-sigmoid (`u.clamp(max=...)`), so "
+        "pairs already won by more stop pushing (zero gradient). Logged: `guard/capped_fraction`. `None`: no cap.",
+    )
+    sft_weight: float = option(
+        0.0,
+        "`loss_type` dpo or smpo: add `sft_weight * mean(e_w)`, the winner's plain denoising error, to the loss "
+        "(an SFT anchor on the preferred images). Logged: `guard/sft_loss`. 0: off.",
+    )
+    safeguard_mu_step: float = option(
+        1.0,
+        "`safeguard_mu=auto`: the dual-ascent step `eta` of `mu <- clamp(mu + eta * c, 0, 1)`, with `c` the "
+        "step's relative violation `sum(e_w - e_ref_w) / sum(e_ref_w)` over every process's pairs (a winner error 1% "
+        "above the reference's raises mu by 0.01 per step at 1.0). Not tuned: not measured.",
+    )
+    ema_decay: float | None = option(
+        None,
+        "Keep an exponential moving average of the trained weights with this decay (diffusers' `EMAModel`, "
+        "updated after every optimizer step), save it beside them under `ema/` in each checkpoint and the output "
+        "folder, and sample the validation grids from it. `None`: off. 0.999 to 0.9999 are usual.",
+    )
+    on_pathology: str = option(
+        "warn",
+        "What to do when `health/winner_pathology` fires (the winner's error above the reference's while the "
+        "implicit accuracy grows, over 3 logging windows). `warn`: a warning naming remedies not already on. "
+        "`escalate`: raise `safeguard_mu` halfway to 1 each time it fires (logged as `safeguard/mu` and "
+        "`health/escalations`; needs the safeguard). `stop`: save a checkpoint and stop, saying why.",
+        choices=list(PATHOLOGY_ACTIONS),
     )
     # Data
     resolution: int = option(
@@ -409,6 +457,8 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.safeguard_mu, str) and self.safeguard_mu != "auto":  # a number given on the command line
+            self.safeguard_mu = _number_or_text(self.safeguard_mu)
         self._resolve_aliases()
         # Each field's rule, the rules over several fields, and the checks the objectives, the flow families and the
         # checkpointing registered (rules.check_config); the trainer runs them again when it is built.
@@ -446,6 +496,14 @@ class DiffusionSDPOConfig(TrainingArguments):
 
 
 DiffusionSDPOConfig.__doc__ = config_docstring(DiffusionSDPOConfig, _SUMMARY)
+
+
+def _number_or_text(value: str) -> float | str:
+    """``value`` as a float where it reads as one, else unchanged (the field's rule then names it)."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _launched_on_cpu_only() -> bool:

@@ -30,6 +30,7 @@ __all__ = [
     "INVERSION_NETWORKS",
     "NOISING_MODES",
     "NONFINITE_ACTIONS",
+    "PATHOLOGY_ACTIONS",
     "SAFEGUARD_PASSES",
     "SAFEGUARD_SCOPES",
     "SAFEGUARD_SPACES",
@@ -45,6 +46,7 @@ SAFEGUARD_SPACES = ("none", "output", "parameter", "update")
 SAFEGUARD_SCOPES = ("local", "global", "pair")
 SAFEGUARD_PASSES = ("one", "two")
 NONFINITE_ACTIONS = ("skip", "raise")
+PATHOLOGY_ACTIONS = ("warn", "escalate", "stop")
 # Kept equal to families.inversion's NOISING_MODES / INVERSION_NETWORKS and objectives.dspo's DSPO_FORMS (tests
 # check): ``--help`` lists them, and the config imports no family or objective. The objective checks dspo_form.
 NOISING_MODES = ("forward", "inversion")
@@ -56,8 +58,13 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "safeguard_space": Choice(SAFEGUARD_SPACES),
     "safeguard_scope": Choice(SAFEGUARD_SCOPES),
     "safeguard_passes": Choice(SAFEGUARD_PASSES),
-    "safeguard_mu": Range(0, 1, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL."),
+    "safeguard_mu": Range(0, 1, or_auto=True, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL; or 'auto'."),
     "safeguard_max_lambda": Range(0, low_open=True, hint="The authors use 1.0."),
+    # the guards
+    "auto_beta_target": Range(0, 0.5, low_open=True, high_open=True, hint="SimpleTuner uses 0.2."),
+    "safeguard_mu_step": Range(0, low_open=True),
+    "ema_decay": Range(0, 1, high_open=True, optional=True, hint="0.999 to 0.9999 are usual; None turns it off."),
+    "on_pathology": Choice(PATHOLOGY_ACTIONS),
     # the data
     "resolution": Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
     "num_frames": Range(1, integer=True, optional=True, hint="Wan needs 4k + 1 frames (81, 33, 17, ...)."),
@@ -166,6 +173,18 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ("safeguard", "safeguard_scope", "safeguard_passes"),
         lambda c: _safeguarded(c, scope="pair") and c.safeguard_passes != "one",
         lambda c: "safeguard_scope='pair' needs safeguard_passes='one': its per-pair gradients come from it",
+    ),
+    CrossFieldRule(
+        ("safeguard_mu", "safeguard"),
+        lambda c: c.safeguard_mu == "auto" and not c.safeguard,
+        lambda c: "safeguard_mu='auto' adapts the safeguard's margin: it needs safeguard=True",
+    ),
+    CrossFieldRule(
+        ("on_pathology", "safeguard"),
+        lambda c: c.on_pathology == "escalate" and not c.safeguard,
+        lambda c: (
+            "on_pathology='escalate' raises the safeguard's mu: it needs safeguard=True (or use on_pathology='stop')"
+        ),
     ),
     CrossFieldRule(
         ("validation_prompts",),

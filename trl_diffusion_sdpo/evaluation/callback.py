@@ -12,6 +12,7 @@ of the pipeline with an Euler scheduler built from the same config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -245,7 +246,10 @@ class ValidationCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         start = time.perf_counter()
-        grid, images = self.generate()
+        # The trainer's sampling weights (the EMA's with ema_decay), else the trained ones
+        sampling = getattr(self.trainer, "sampling_weights", None)
+        with sampling() if sampling is not None else contextlib.nullcontext():
+            grid, images = self.generate()
         folder = os.path.join(args.output_dir, "validation")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{state.global_step:06d}.png")

@@ -7,6 +7,7 @@ one by name. ``OBJECTIVES`` lists the built-in ``loss_type`` names; a new object
 subclass decorated with :func:`register_objective`, and ``registered_objectives()`` lists every registered name.
 """
 
+from .auto_beta import AutoBeta, auto_beta
 from .base import (
     DenoisingErrors,
     DiffusionDPOLogitObjective,
@@ -37,6 +38,7 @@ OBJECTIVES: tuple[str, ...] = registered_objectives()
 __all__ = [
     "DSPO_FORMS",
     "OBJECTIVES",
+    "AutoBeta",
     "DMPOObjective",
     "DSPOObjective",
     "DenoisingErrors",
@@ -48,6 +50,7 @@ __all__ = [
     "PreferencePredictions",
     "SFTObjective",
     "SmoothedPreferenceObjective",
+    "auto_beta",
     "build_objective",
     "check_objective_config",
     "denoising_error",

@@ -94,7 +94,7 @@ class SmoothedPreferenceObjective(DiffusionDPOObjective):
 
     name = "smpo"
     needs_pair_scores = True
-    metric_names = ("smpo/mean_pair_weight",)
+    own_metric_names = ("smpo/mean_pair_weight",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,6 +117,6 @@ class SmoothedPreferenceObjective(DiffusionDPOObjective):
     ) -> ObjectiveOutput:
         """Diffusion-DPO with each pair's logit weighted by ``gamma * (2p - 1)`` from its (winner, loser) scores."""
         weights = self.pair_weights(pair_scores)
-        output = diffusion_dpo_loss(errors, self.beta, weights)
+        output = diffusion_dpo_loss(errors, self.beta, weights, max_margin=self.max_margin, sft_weight=self.sft_weight)
         output.metrics["smpo/mean_pair_weight"] = weights.detach().float().mean()
         return output

@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType
 from ..engines import Engine
 from ..objectives import DenoisingErrors, ObjectiveOutput, PreferenceObjective, PreferencePredictions
 from ..step.stages import Evaluation, MicroBatchStages, NoisedMicroBatch, evaluate_objective
+from .margin import SafeguardMargin
 
 __all__ = ["MicroBatch", "Safeguard", "StepResult"]
 
@@ -105,6 +106,8 @@ class Safeguard:
     def __init__(self, args, engine: Engine) -> None:
         self.args = args
         self.engine = engine
+        #: ``mu``, fixed or ``"auto"`` (:mod:`.margin`): the rules read it at every micro-batch
+        self.margin = SafeguardMargin.from_config(args, engine.num_processes)
 
     def step(self, batch: MicroBatch) -> StepResult:
         """Predict, evaluate the objective, choose ``lambda`` and add this micro-batch's gradient to ``.grad``.

@@ -31,6 +31,7 @@ from ..distributed import all_reduce_sum
 from ..objectives import PreferencePredictions
 from ..step.stages import denoising_errors
 from .base import MicroBatch, Safeguard, StepResult
+from .margin import SafeguardMargin
 
 __all__ = [
     "DiffusionDPO",
@@ -167,9 +168,14 @@ class OutputSpaceRule:
     processes its sums are added up over processes first (every process enters that reduction at every micro-batch;
     a replay adds zeros)."""
 
-    def __init__(self, args, num_processes: int) -> None:
-        self.mu, self.max_lambda = args.safeguard_mu, args.safeguard_max_lambda
+    def __init__(self, args, num_processes: int, margin: SafeguardMargin | None = None) -> None:
+        self.margin = margin if margin is not None else SafeguardMargin.from_config(args, num_processes)
+        self.max_lambda = args.safeguard_max_lambda
         self.reduce_sum = all_reduce_sum if args.safeguard_scope == "global" and num_processes > 1 else None
+
+    @property
+    def mu(self) -> float | torch.Tensor:
+        return self.margin.value
 
     def __call__(self, predictions: PreferencePredictions, contributes: bool) -> torch.Tensor:
         return output_space_lambda(predictions, self.mu, self.max_lambda, self.reduce_sum, contributes=contributes)
@@ -183,7 +189,7 @@ class OutputSpace(Safeguard):
 
     def __init__(self, args, engine) -> None:
         super().__init__(args, engine)
-        self.rule = OutputSpaceRule(args, engine.num_processes)
+        self.rule = OutputSpaceRule(args, engine.num_processes, self.margin)
 
     def step(self, batch: MicroBatch) -> StepResult:
         predictions = batch.predict(False)

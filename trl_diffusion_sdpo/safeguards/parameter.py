@@ -42,6 +42,7 @@ from ..objectives import PreferencePredictions
 from ..step.optimizer import trainable_parameters
 from ..step.stages import Evaluation
 from .base import MicroBatch, Safeguard, StepResult
+from .margin import SafeguardMargin
 from .output import OutputSpaceRule
 from .update_space import OptimizerUpdate, update_space_lambda
 
@@ -202,7 +203,7 @@ class ParameterSpaceBackward:
     def __init__(
         self,
         engine: Engine,
-        mu: float,
+        mu: float | SafeguardMargin,
         max_lambda: float,
         global_scope: bool,
         *,
@@ -221,7 +222,8 @@ class ParameterSpaceBackward:
         if pair_scope and collectives.one_pass_reason() is not None:
             raise ValueError(f"safeguard_scope='pair' needs the one-pass split: {collectives.one_pass_reason()}")
         self.engine, self.collectives = engine, collectives
-        self.mu, self.max_lambda = mu, max_lambda
+        self.margin = mu if isinstance(mu, SafeguardMargin) else SafeguardMargin(mu)
+        self.max_lambda = max_lambda
         self.global_scope = global_scope and engine.num_processes > 1
         self.pair_scope = pair_scope
         self.update_space, self.max_grad_norm = update_space, max_grad_norm
@@ -235,6 +237,11 @@ class ParameterSpaceBackward:
         # The update space: 1.0 where the last micro-batch's lambda could not meet the margin (a device tensor, for
         # the metrics); None before the first micro-batch and in the parameter space.
         self.infeasible: torch.Tensor | None = None
+
+    @property
+    def mu(self) -> float | torch.Tensor:
+        """``mu`` in force (``safeguard_mu="auto"`` moves it between optimizer steps)."""
+        return self.margin.value
 
     def __call__(
         self,
@@ -429,7 +436,7 @@ class ParameterSpaceBackward:
             unscale=1.0 / scale,  # the update is read in the optimizer's units; .grad stays in the backward's
             reduce_sum=self.collectives.update_sum_reduction(),
         )
-        lam, self.infeasible = update_space_lambda(update, self.mu, self.max_lambda)
+        lam, self.infeasible = update_space_lambda(update, float(self.mu), self.max_lambda)
         return lam
 
 
@@ -465,7 +472,7 @@ class ParameterSpace(Safeguard):
         check_pair_scope_memory(args, lora=lora, trainable_elements=trainable_elements)
         self.backward_stage = ParameterSpaceBackward(
             engine,
-            args.safeguard_mu,
+            self.margin,
             args.safeguard_max_lambda,
             args.safeguard_scope == "global",
             update_space=self.update_space,
@@ -475,7 +482,9 @@ class ParameterSpace(Safeguard):
         )
         # The authors' lambda on the same micro-batch, logged for comparison only: opt-in, since it costs a pass over
         # the residuals and, with the global scope, one more all-reduce every micro-batch.
-        self.output_rule = OutputSpaceRule(args, engine.num_processes) if args.safeguard_log_output_lambda else None
+        self.output_rule = (
+            OutputSpaceRule(args, engine.num_processes, self.margin) if args.safeguard_log_output_lambda else None
+        )
         if self.output_rule is not None:
             self.metric_names = (self.metric_names[0], "safeguard/output_lambda", *self.metric_names[1:])
 

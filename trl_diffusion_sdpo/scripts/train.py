@@ -95,6 +95,14 @@ class DiffusionScriptArguments:
             "instead of encoding dataset_name's images."
         },
     )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many evaluations without improving metric_for_best_model (transformers' "
+            "EarlyStoppingCallback); needs an eval split (--eval_strategy, --dataset_test_split), "
+            "--metric_for_best_model (e.g. implicit_acc) and --load_best_model_at_end."
+        },
+    )
 
 
 ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments)
@@ -511,6 +519,7 @@ def main(argv: Sequence[str] | None = None):
         quiet_progress_bars()
         training_args.disable_tqdm = True
     from ..data.sharded_cache import load_sharded_latent_cache
+    from ..guards import early_stopping
     from ..trainer import DiffusionSDPOTrainer
 
     check_supported(script_args, model_args)
@@ -526,7 +535,15 @@ def main(argv: Sequence[str] | None = None):
         raise SystemExit(f"trl-diffusion-sdpo train: error: {err}") from None
     pipeline = build_pipeline(model_args, diffusion_args)
     peft_config = peft_config_for(model_args, pipeline)
-    trainer = DiffusionSDPOTrainer(pipeline, None, training_args, train_dataset, eval_dataset, peft_config=peft_config)
+    trainer = DiffusionSDPOTrainer(
+        pipeline,
+        None,
+        training_args,
+        train_dataset,
+        eval_dataset,
+        peft_config=peft_config,
+        callbacks=early_stopping(diffusion_args.early_stopping_patience),
+    )
     return train_save_and_push(trainer, script_args.dataset_name)
 
 

@@ -4,15 +4,18 @@ Diffusion-DPO can widen the preference margin by making the loser worse faster t
 own denoising error climbs above the reference's (Fu et al., arXiv 2511.03317, the pathology the safeguard exists
 for). Both halves are in the logs already: ``delta/winner`` (policy's winner error minus the reference's, averaged
 over a logging window) and ``implicit_acc``. :func:`winner_pathology` reads them; :class:`WinnerHealth`
-logs the verdict as ``health/winner_pathology`` (1.0 or 0.0) at every training log and warns once.
+logs the verdict as ``health/winner_pathology`` (1.0 or 0.0) at every training log and warns once, naming only the
+remedies the run's configuration does not already use (:func:`remedies`). What else happens when it fires is the
+config's ``on_pathology`` (``trl_diffusion_sdpo.guards.PathologyCallback``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["WINDOWS", "WinnerHealth", "winner_pathology"]
+__all__ = ["WINDOWS", "WinnerHealth", "remedies", "winner_pathology"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +38,37 @@ def winner_pathology(history: Sequence[Mapping[str, float]], windows: int = WIND
     return above_reference and accuracy_grew
 
 
+def remedies(args: Any | None) -> list[str]:
+    """The remedies for the pathology that ``args`` (the run's config; ``None``: unknown) does not already use, most
+    direct first: the safeguard where it is off; where it is on, a stricter one (the update space, exact under the
+    optimizer's step; a larger or adaptive ``mu``); then the logit guards and the step size."""
+    if args is None:
+        return ["the safeguard (safeguard=True)", "a smaller beta", "a smaller learning_rate"]
+    found: list[str] = []
+    if not getattr(args, "safeguard", False):
+        found.append("the safeguard (safeguard=True)")
+    else:
+        if getattr(args, "safeguard_space", "output") != "update":
+            found.append("safeguard_space='update' (exact under the optimizer's step)")
+        mu = getattr(args, "safeguard_mu", 0.5)
+        if mu != "auto":
+            found.append(f"safeguard_mu='auto' or a larger safeguard_mu than {mu:g}")
+    if getattr(args, "max_margin", None) is None and getattr(args, "loss_type", "dpo") in ("dpo", "smpo"):
+        found.append("a margin cap (max_margin)")
+    if not getattr(args, "auto_beta", False):
+        found.append("a smaller beta")
+    found.append("a smaller learning_rate")
+    return found
+
+
 class WinnerHealth:
     """Adds ``health/winner_pathology`` to every training log that has ``delta/winner`` and warns once when it is
     1, naming the remedies. The trainer calls :meth:`annotate` on a log before transformers records it, so the
     reporting callbacks and ``state.log_history`` see the metric with the rest of the log."""
 
-    def __init__(self, windows: int = WINDOWS) -> None:
+    def __init__(self, windows: int = WINDOWS, args: Any | None = None) -> None:
         self.windows = windows
+        self.remedies = remedies(args)
         self.warned = False
 
     def annotate(self, logs: dict[str, float], history: Sequence[Mapping[str, float]], step: int) -> None:
@@ -55,8 +82,8 @@ class WinnerHealth:
             logger.warning(
                 "Step %d: for %d logging windows the policy's winner error has been above the reference's "
                 "(delta/winner > 0) while the implicit accuracy grew: Diffusion-DPO's pathology (the margin grows by "
-                "making the winner worse). Remedies: the safeguard (safeguard=True, safeguard_space='parameter' or "
-                "'update'), a smaller beta, or a smaller learning_rate.",
+                "making the winner worse). Remedies not in use in this run: %s.",
                 step,
                 self.windows,
+                "; ".join(self.remedies),
             )

@@ -21,7 +21,7 @@ Stored = MutableMapping[str, list[torch.Tensor]]
 def metric_names(objective: PreferenceObjective, safeguard_names: Sequence[str] = ()) -> list[str]:
     """The metrics every micro-batch records: the data's, the objective's and the safeguard's (its
     ``metric_names``), the same list on every process, since they are reduced together."""
-    names = ["data/skipped_rows", "implicit_acc", "mse/policy_winner", "mse/policy_loser"]
+    names = ["data/skipped_rows", "implicit_acc", "margin", "mse/policy_winner", "mse/policy_loser"]
     if objective.requires_reference:
         names += ["mse/ref_winner", "mse/ref_loser", "delta/winner", "delta/loser"]
     names += list(getattr(objective, "metric_names", ()))  # a user's objective may declare none
@@ -36,6 +36,7 @@ def record_metrics(
 ) -> None:
     """Append one micro-batch's metrics to ``stored`` (detached device tensors)."""
     stored["implicit_acc"].append(implicit_accuracy(output.logits.detach()))
+    stored["margin"].append(output.logits.detach().float().mean())  # the mean logit u (the objective's margin)
     for name, value in output.metrics.items():
         stored[name].append(value.detach().float().mean())
     stored["mse/policy_winner"].append(errors.policy_winner.detach().mean())

@@ -1,0 +1,309 @@
+"""The guards against collapse (docs/safeguard.md, "Guards"): each checked against an independent computation, and
+through a real tiny run that the config reaches the step and the logs."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainerCallback, TrainerControl
+
+from trl_diffusion_sdpo import DiffusionSDPOConfig
+from trl_diffusion_sdpo.guards import PathologyAction
+from trl_diffusion_sdpo.objectives import AutoBeta, DenoisingErrors, build_objective
+from trl_diffusion_sdpo.objectives.auto_beta import AUTO_BETA_DECAY, AUTO_BETA_RANGE
+from trl_diffusion_sdpo.safeguards.margin import AUTO_MU_START, SafeguardMargin
+from trl_diffusion_sdpo.step.health import WINDOWS, WinnerHealth, remedies
+
+
+def _errors(seed: int = 0, pairs: int = 6, winner_shift: float = 0.0) -> DenoisingErrors:
+    g = torch.Generator().manual_seed(seed)
+    ref_w, ref_l = torch.rand(pairs, generator=g) + 0.5, torch.rand(pairs, generator=g) + 0.5
+    pol_w = ref_w + 0.05 * torch.randn(pairs, generator=g) + winner_shift
+    pol_l = ref_l + 0.05 * torch.randn(pairs, generator=g)
+    return DenoisingErrors(
+        pol_w.double().requires_grad_(), pol_l.double().requires_grad_(), ref_w.double(), ref_l.double()
+    )
+
+
+def _raw_margins(e: DenoisingErrors) -> np.ndarray:
+    return ((e.policy_winner - e.policy_loser) - (e.reference_winner - e.reference_loser)).detach().numpy()
+
+
+# ------------------------------------------------------------------------------------------------- the logit guards
+
+
+def test_a_margin_cap_stops_the_pairs_past_it_and_leaves_the_others_as_diffusion_dpo():
+    errors, beta, cap = _errors(seed=1), 200.0, 1.0
+    u = -0.5 * beta * _raw_margins(errors)
+    assert (u > cap).any() and (u < cap).any()  # both kinds of pair in the batch
+    output = build_objective("dpo", beta=beta, max_margin=cap).loss(None, errors)
+    output.loss.backward()
+    # by hand: d/de_w of mean_i(-logsigmoid(u_i)) is sigmoid(-u_i) * 0.5 * beta / B below the cap, 0 past it
+    expected = np.where(u < cap, 1.0 / (1.0 + np.exp(u)) * 0.5 * beta / len(u), 0.0)
+    np.testing.assert_allclose(errors.policy_winner.grad.numpy(), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(errors.policy_loser.grad.numpy(), -expected, rtol=1e-12, atol=1e-15)
+    expected_loss = np.mean(np.log1p(np.exp(-np.minimum(u, cap))))
+    assert output.loss.item() == pytest.approx(expected_loss, rel=1e-12)
+    assert output.metrics["guard/capped_fraction"].item() == pytest.approx(np.mean(u >= cap))
+
+
+def test_the_sft_weight_adds_the_winners_plain_error_to_the_dpo_loss():
+    errors, beta, weight = _errors(seed=2), 100.0, 0.7
+    u = -0.5 * beta * _raw_margins(errors)
+    output = build_objective("smpo", beta=beta, sft_weight=weight).loss(
+        None, errors, torch.tensor([[0.28, 0.12]] * len(u), dtype=torch.float64)
+    )
+    span = 0.28201571106910706 - 0.11543526500463486  # SmPO's PickScore normalisation
+    w = 10.0 * (2.0 / (1.0 + math.exp(-(0.28 - 0.12) / span)) - 1.0)
+    dpo = np.mean(np.logaddexp(0.0, -w * u))
+    sft = errors.policy_winner.detach().numpy().mean()
+    assert output.loss.item() == pytest.approx(dpo + weight * sft, rel=1e-9)
+    assert output.metrics["guard/sft_loss"].item() == pytest.approx(sft, rel=1e-12)
+    plain = build_objective("dpo", beta=beta).loss(None, errors)
+    assert "guard/sft_loss" not in plain.metrics and "guard/capped_fraction" not in plain.metrics
+
+
+def test_auto_beta_gives_the_target_gradient_factor_at_the_ema_of_the_margin():
+    base, target = 500.0, 0.2
+    auto = AutoBeta(base, target)
+    objective = build_objective("dpo", beta=base)
+    assert auto.objective(objective) is objective  # the configured beta until a step closes
+    first, second = _errors(seed=3), _errors(seed=4, winner_shift=0.02)
+    auto.observe(first)
+    auto.update()
+    mean_1 = np.abs(_raw_margins(first)).mean()
+    expected = 2 * math.log((1 - target) / target) / mean_1
+    assert auto.current() == pytest.approx(expected, rel=1e-5)
+    # at the typical margin the gradient factor sigmoid(-|u|) is the target
+    assert 1 / (1 + math.exp(0.5 * auto.current() * mean_1)) == pytest.approx(target, rel=1e-4)
+    # a second window moves the EMA, and with it beta; the objective uses the new value
+    auto.observe(second)
+    auto.update()
+    ema = AUTO_BETA_DECAY * mean_1 + (1 - AUTO_BETA_DECAY) * np.abs(_raw_margins(second)).mean()
+    assert auto.current() == pytest.approx(2 * math.log(4) / ema, rel=1e-5)
+    assert auto.current() != pytest.approx(expected, rel=1e-6)
+    assert float(auto.objective(objective).beta) == pytest.approx(auto.current())
+    # a policy equal to its reference (LoRA at initialisation): a zero margin, beta at the clamp
+    still = AutoBeta(base, target)
+    e = _errors(seed=5)
+    still.observe(DenoisingErrors(e.reference_winner, e.reference_loser, e.reference_winner, e.reference_loser))
+    still.update()
+    assert still.current() == pytest.approx(base * AUTO_BETA_RANGE)
+
+
+# -------------------------------------------------------------------------------------------------- the adaptive mu
+
+
+def test_auto_mu_rises_by_the_step_times_the_relative_violation_and_falls_with_slack():
+    margin, step = SafeguardMargin("auto", step=2.0), 2.0
+    assert margin.current() == AUTO_MU_START
+    worse = _errors(seed=6, winner_shift=0.05)
+    margin.observe(worse)
+    margin.update()
+    w, r = worse.policy_winner.detach().numpy(), worse.reference_winner.numpy()
+    risen = AUTO_MU_START + step * (w - r).sum() / r.sum()
+    assert margin.current() == pytest.approx(risen, rel=1e-5) and margin.current() > AUTO_MU_START
+    better = _errors(seed=7, winner_shift=-0.05)
+    margin.observe(better)
+    margin.update()
+    w, r = better.policy_winner.detach().numpy(), better.reference_winner.numpy()
+    assert margin.current() == pytest.approx(risen + step * (w - r).sum() / r.sum(), rel=1e-5)
+    assert margin.current() < risen
+    # projected on [0, 1]
+    for _ in range(50):
+        margin.observe(_errors(seed=8, winner_shift=0.5))
+        margin.update()
+    assert margin.current() == 1.0
+    # a fixed mu never moves but by escalation
+    fixed = SafeguardMargin(0.3)
+    fixed.observe(worse)
+    fixed.update()
+    assert fixed.current() == 0.3 and fixed.escalate() == pytest.approx(0.65)
+
+
+def _two_process_worker(rank: int, port: int, queue) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        args = DiffusionSDPOConfig(
+            output_dir="unused", use_cpu=True, beta=100.0, auto_beta=True, safeguard_mu="auto", safeguard_mu_step=3.0
+        )
+        auto, margin = AutoBeta.from_config(args, 2), SafeguardMargin.from_config(args, 2)
+        # each process its own pairs: the winner above the reference on one, below it on the other
+        for micro_batch in range(2):
+            errors = _errors(seed=10 * rank + micro_batch, winner_shift=0.05 if rank == 0 else -0.01)
+            auto.observe(errors)
+            margin.observe(errors)
+        auto.update()
+        margin.update()
+        queue.put((rank, auto.current(), margin.current()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_use_the_beta_and_mu_of_every_processs_pairs():
+    """Two gloo processes with different pairs: auto-beta and auto-mu act on the sums over both, the same value on
+    each, equal to the value computed from all the pairs together."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_two_process_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((rank, (beta, mu)) for rank, beta, mu in (queue.get(timeout=300) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    everything = [
+        _errors(seed=10 * rank + m, winner_shift=0.05 if rank == 0 else -0.01) for rank in (0, 1) for m in (0, 1)
+    ]
+    mean_abs = np.mean(np.concatenate([np.abs(_raw_margins(e)) for e in everything]))
+    w = np.concatenate([e.policy_winner.detach().numpy() for e in everything])
+    r = np.concatenate([e.reference_winner.numpy() for e in everything])
+    expected = (2 * math.log(4) / mean_abs, AUTO_MU_START + 3.0 * (w - r).sum() / r.sum())
+    for rank in (0, 1):
+        assert results[rank] == pytest.approx(expected, rel=1e-5), rank
+
+
+# ----------------------------------------------------------------------------------------------------------- health
+
+
+def _pathological_history() -> list[dict[str, float]]:
+    return [{"delta/winner": 0.01 * k, "implicit_acc": 0.5 + 0.1 * k} for k in range(1, WINDOWS + 2)]
+
+
+def _alarm(args, caplog) -> str:
+    import logging
+
+    health = WinnerHealth(args=args)
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.step.health"):
+        recorded: list[dict[str, float]] = []
+        for entry in _pathological_history():
+            logs = dict(entry)
+            health.annotate(logs, recorded, len(recorded))
+            recorded.append(logs)
+    assert recorded[-1]["health/winner_pathology"] == 1.0
+    (message,) = [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    return message
+
+
+def test_the_alarm_never_recommends_what_the_run_already_uses(tmp_path, caplog):
+    default = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    message = _alarm(default, caplog)
+    assert default.safeguard and default.safeguard_space == "output"
+    assert "safeguard=True" not in message and "safeguard_space='output'" not in message
+    assert "safeguard_space='update'" in message and "safeguard_mu='auto'" in message
+    off = _alarm(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=False), caplog)
+    assert "safeguard=True" in off
+    strict = DiffusionSDPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, safeguard_space="update", safeguard_mu="auto", max_margin=5.0
+    )
+    assert remedies(strict) == [remedy for remedy in remedies(strict) if "safeguard" not in remedy]
+    assert not any("max_margin" in remedy for remedy in remedies(strict))
+
+
+def test_on_pathology_stop_saves_and_stops_and_escalate_raises_mu_once_per_windows():
+    control = TrainerControl()
+    PathologyAction("stop")({"health/winner_pathology": 0.0}, control, 1)
+    assert not control.should_save and not control.should_training_stop
+    PathologyAction("stop")({"health/winner_pathology": 1.0}, control, 2)
+    assert control.should_save and control.should_training_stop
+    margin = SafeguardMargin(0.5)
+    escalate, seen = PathologyAction("escalate", margin), []
+    for _ in range(2 * WINDOWS + 2):
+        logs = {"health/winner_pathology": 1.0}
+        escalate(logs, TrainerControl(), 0)
+        seen.append(logs["health/escalations"])
+    # at once, then only after the raised mu has had WINDOWS logs to show
+    assert seen == [1.0] + [1.0] * WINDOWS + [2.0] + [2.0] * WINDOWS
+    assert margin.current() == pytest.approx(0.875)
+    warn = {"health/winner_pathology": 1.0}
+    PathologyAction("warn", margin)(warn, control := TrainerControl(), 0)
+    assert warn == {"health/winner_pathology": 1.0} and not control.should_training_stop
+
+
+# --------------------------------------------------------------------------------------------------- through a run
+
+
+class _Weights(TrainerCallback):
+    """The trained weights after every optimizer step (before any EMA swap), by name."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.steps = module, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append({k: p.detach().clone() for k, p in self.module.named_parameters() if p.requires_grad})
+
+
+def _diffusers_ema(steps: list[dict[str, torch.Tensor]], initial: dict[str, torch.Tensor], decay: float):
+    """diffusers' EMAModel update, written out: at optimization step ``n`` (from 1) the decay is
+    ``min(decay, (1 + k) / (10 + k))`` with ``k = n - 1`` (0 at the first step), and
+    ``ema <- ema - (1 - d) * (ema - theta)``."""
+    ema = {k: v.clone() for k, v in initial.items()}
+    for n, weights in enumerate(steps, start=1):
+        k = n - 1
+        d = 0.0 if k <= 0 else min(decay, (1 + k) / (10 + k))
+        for name, theta in weights.items():
+            ema[name] = ema[name] - (1 - d) * (ema[name] - theta)
+    return ema
+
+
+def test_a_run_with_every_guard_logs_them_keeps_the_best_checkpoint_and_saves_the_ema(
+    make_trainer, make_pickapic, tmp_path
+):
+    from diffusers import UNet2DConditionModel
+
+    decay = 0.5
+    trainer = make_trainer(
+        lora=False,
+        eval_dataset=make_pickapic(4),
+        max_steps=4,
+        beta=500.0,
+        auto_beta=True,
+        max_margin=0.5,
+        sft_weight=0.1,
+        safeguard_mu="auto",
+        safeguard_mu_step=5.0,
+        ema_decay=decay,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        metric_for_best_model="implicit_acc",
+        load_best_model_at_end=True,
+    )
+    initial = {k: p.detach().clone() for k, p in trainer.model.named_parameters() if p.requires_grad}
+    weights = _Weights(trainer.model)
+    trainer.add_callback(weights)
+    trainer.train()
+    train_logs = [log for log in trainer.state.log_history if "delta/winner" in log]
+    eval_logs = [log for log in trainer.state.log_history if "eval_delta/winner" in log]
+    assert len(train_logs) == 4 and len(eval_logs) == 2
+    for log in train_logs:
+        assert {"beta", "safeguard/mu", "guard/capped_fraction", "guard/sft_loss", "margin"} <= set(log)
+        assert any(key.startswith("margin/t_q") for key in log)
+        assert 50.0 <= log["beta"] <= 5000.0
+    assert len({log["beta"] for log in train_logs[1:]}) > 1  # auto-beta moves from step to step
+    assert len({log["safeguard/mu"] for log in train_logs}) > 1  # and so does mu
+    for log in eval_logs:
+        assert {"eval_implicit_acc", "eval_delta/winner", "eval_delta/loser", "eval_margin"} <= set(log)
+    assert trainer.state.best_model_checkpoint is not None
+    assert trainer.state.best_metric == max(log["eval_implicit_acc"] for log in eval_logs)
+    # the EMA saved beside the weights, loaded by diffusers, is the average of the trained weights
+    ema = _diffusers_ema(weights.steps, initial, decay)
+    saved = UNet2DConditionModel.from_pretrained(str(tmp_path / "out" / "checkpoint-4" / "ema" / "unet"))
+    state = saved.state_dict()
+    assert not torch.equal(ema["conv_in.weight"], weights.steps[-1]["conv_in.weight"])
+    for name, value in ema.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,0 +1,134 @@
+"""Auto-beta: ``beta`` chosen from the run's own margins so that a typical pair's gradient factor stays at a target.
+
+The gradient of ``-logsigmoid(u)`` with respect to ``u`` is ``sigmoid(-u)``: near 1 for a pair the policy gets wrong,
+near 0 for one it has won by far. With ``u = -0.5 * beta * m`` and the raw margin
+``m = (e_theta^w - e_theta^l) - (e_ref^w - e_ref^l)`` (:func:`.base.diffusion_dpo_logits`), a pair at the typical
+``|m|`` has the gradient factor ``target`` when
+
+    beta = -2 * logit(target) / EMA(|m|)            (SimpleTuner's Flow-DPO rule; target 0.2 by default)
+
+``EMA(|m|)`` is an exponential moving average, over optimizer steps, of the mean ``|m|`` of each step's pairs on
+every process: the sums behind the mean are all-reduced before they act, so every process uses the same ``beta``.
+``beta`` is clamped to ``[beta_0 / AUTO_BETA_RANGE, beta_0 * AUTO_BETA_RANGE]`` around the configured ``beta_0``: a
+policy equal to its reference (LoRA at initialisation) has ``m = 0`` and would otherwise get an infinite ``beta``.
+Until the first optimizer step closes, the configured ``beta`` is used; the EMA starts at the first step whose mean
+``|m|`` is not 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..config.rules import register_config_check
+from .base import DenoisingErrors, PreferenceObjective, objective_class
+
+__all__ = ["AUTO_BETA_DECAY", "AUTO_BETA_RANGE", "AutoBeta", "auto_beta", "check_guard_config"]
+
+#: the EMA's decay per optimizer step (this package's choice: about a 100-step memory)
+AUTO_BETA_DECAY = 0.99
+#: the clamp: within this factor of the configured ``beta`` either way
+AUTO_BETA_RANGE = 10.0
+
+
+def auto_beta(mean_abs_margin: torch.Tensor, target: float, low: float, high: float) -> torch.Tensor:
+    """``clamp(-2 * logit(target) / mean_abs_margin, low, high)``; a zero margin gives ``high``."""
+    logit = math.log(target / (1.0 - target))
+    return (-2.0 * logit / mean_abs_margin.float()).clamp(min=low, max=high)
+
+
+class AutoBeta:
+    """The auto-beta's state: :meth:`observe` every micro-batch's errors, :meth:`update` when an optimizer step's
+    window closes (on every process: it all-reduces), and :meth:`objective` the objective with the ``beta`` in force.
+
+    Args:
+        beta: the configured ``beta``, the clamp's centre and the value until the first update.
+        target: the gradient factor ``sigmoid(-|u|)`` of a pair at the typical margin, in (0, 0.5).
+        reduce_sum: sums a tensor over processes (``None`` on one process).
+        decay: the EMA's decay per optimizer step.
+    """
+
+    def __init__(
+        self,
+        beta: float,
+        target: float,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decay: float = AUTO_BETA_DECAY,
+    ) -> None:
+        self.configured, self.target, self.decay = beta, target, decay
+        self.low, self.high = beta / AUTO_BETA_RANGE, beta * AUTO_BETA_RANGE
+        self.reduce_sum = reduce_sum
+        self.ema: torch.Tensor | None = None  # EMA(|m|), a device tensor once a step has closed
+        self.beta: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None  # [sum |m|, pairs] over the open window, this process
+
+    @classmethod
+    def from_config(cls, args, num_processes: int) -> AutoBeta | None:
+        """The auto-beta ``args`` asks for (``None`` without ``auto_beta``), reduced over ``num_processes``."""
+        if not args.auto_beta:
+            return None
+        from ..distributed import all_reduce_sum  # diffusers behind it: imported when a run needs it
+
+        return cls(args.beta, args.auto_beta_target, all_reduce_sum if num_processes > 1 else None)
+
+    def observe(self, errors: DenoisingErrors, contributes: bool = True) -> None:
+        """Add a micro-batch's ``|m|`` to the open window (zeros for a replay; non-finite margins left out)."""
+        margin = (errors.policy_winner - errors.policy_loser) - (errors.reference_winner - errors.reference_loser)
+        margin = margin.detach().float()
+        finite = torch.isfinite(margin) & contributes
+        sums = torch.stack([torch.where(finite, margin.abs(), 0.0).sum(), finite.float().sum()])
+        self._sums = sums if self._sums is None else self._sums + sums
+
+    def update(self) -> None:
+        """Close the window: reduce its sums over processes, move the EMA, set ``beta``. Call it on every process."""
+        if self._sums is None:
+            return
+        sums, self._sums = self._sums, None
+        if self.reduce_sum is not None:
+            sums = self.reduce_sum(sums)
+        pairs = sums[1]
+        mean = sums[0] / pairs.clamp(min=1.0)
+        if self.ema is None:
+            self.ema = mean
+        else:  # an EMA still at 0 (a policy equal to its reference so far) starts at the first informative window
+            moved = torch.where(self.ema > 0, self.decay * self.ema + (1.0 - self.decay) * mean, mean)
+            self.ema = torch.where(pairs > 0, moved, self.ema)
+        self.beta = auto_beta(self.ema, self.target, self.low, self.high)
+
+    def objective(self, objective: PreferenceObjective) -> PreferenceObjective:
+        """``objective`` with the ``beta`` in force (a shallow copy; the configured one before the first update).
+        The copy skips the fields' checks: ``beta`` is a device tensor here, checked by the clamp."""
+        if self.beta is None:
+            return objective
+        current = copy.copy(objective)
+        object.__setattr__(current, "beta", self.beta)
+        return current
+
+    def current(self) -> float:
+        """The ``beta`` in force, as logged (one host read)."""
+        return self.configured if self.beta is None else float(self.beta)
+
+
+def check_guard_config(config) -> None:
+    """The logit guards (``auto_beta``, ``max_margin``, ``sft_weight``) act on the Diffusion-DPO logit ``u``: refuse
+    them, naming the field, with an objective whose ``beta`` does not scale it linearly."""
+    chosen = objective_class(config.loss_type)
+    if getattr(chosen, "beta_scales_logit", False):
+        return
+    on = {
+        "auto_beta": getattr(config, "auto_beta", False),
+        "max_margin": getattr(config, "max_margin", None) is not None,
+        "sft_weight": bool(getattr(config, "sft_weight", 0.0)),
+    }
+    for name, used in on.items():
+        if used and name not in chosen.hyperparameter_names():  # an objective may declare a field of that name
+            raise ValueError(
+                f"{name} acts on the Diffusion-DPO logit u = -0.5 * beta * m: it needs loss_type='dpo' or 'smpo', "
+                f"got loss_type={config.loss_type!r}. Remove {name}, or change loss_type."
+            )
+
+
+register_config_check(__name__, check_guard_config)
