@@ -212,6 +212,7 @@ _REGISTERED: dict[str, Callable[[Any], None]] = {}
 # never depends on what happened to be imported before it.
 CHECK_OWNERS = (
     "trl_diffusion_sdpo.objectives",
+    "trl_diffusion_sdpo.objectives.auto_beta",
     "trl_diffusion_sdpo.families.flow",
     "trl_diffusion_sdpo.io.preemption",
 )
