@@ -200,6 +200,7 @@ def test_only_the_parameter_space_method_passes_safeguard_space_and_is_skipped_w
         "safeguard": True,
         "safeguard_mu": 0.9,
         "safeguard_space": "parameter",
+        "safeguard_log_output_lambda": True,
     }
     assert METHODS["dpo"].config_kwargs() == {"safeguard": False}
     assert [METHODS[k].safeguard_mu for k in ("sdpo-output", "sdpo-output-mu0.6", "sdpo-output-mu0.2")] == [

@@ -48,7 +48,12 @@ METHODS: dict[str, Method] = {
         Method("sdpo-output-mu0.6", "SDPO output mu=0.6", safeguard=True, safeguard_mu=0.6),
         Method("sdpo-output-mu0.2", "SDPO output mu=0.2", safeguard=True, safeguard_mu=0.2),
         Method(
-            "sdpo-parameter", "SDPO parameter mu=0.9", safeguard=True, safeguard_mu=0.9, safeguard_space="parameter"
+            "sdpo-parameter",
+            "SDPO parameter mu=0.9",
+            safeguard=True,
+            safeguard_mu=0.9,
+            safeguard_space="parameter",
+            config=(("safeguard_log_output_lambda", True),),  # output_lambda_mean in the results, for comparison
         ),
     )
 }

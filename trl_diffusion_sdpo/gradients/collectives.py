@@ -10,6 +10,7 @@ combined gradient is averaged once at the end of the accumulation window.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -79,7 +80,11 @@ class BranchCollectives:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.num_processes = engine.num_processes  # fixed for a run: read once, not at every reduction
+
+    @functools.cached_property
+    def num_processes(self) -> int:
+        """The engine's process count, fixed for a run: read once, not at every reduction."""
+        return self.engine.num_processes
 
     # ------------------------------------------------------------------ what can run
 

@@ -262,10 +262,11 @@ class ParameterSpaceBackward:
             policy: the unwrapped denoiser (the passes bypass DDP's hooks; the engine reduces once).
             predict: the micro-batch's predictions, ``predict(separate_branches)``: one forward pass over both
                 branches (``False``) or one per branch (``True``). It may be called twice (a fallback), and must
-                then predict the same noised pair.
-            evaluate: errors and objective of a micro-batch's predictions (an :class:`~.predictions.Evaluation`, or
-                the loss alone); it is evaluated on detached copies of the policy's predictions to get each branch's
-                cotangent, and returned.
+                then predict the same noised pair. A callable, not the predictions: the forward pass must run inside
+                the tapped pass this stage opens.
+            evaluate: errors and objective of a micro-batch's predictions (an
+                :class:`~trl_diffusion_sdpo.step.stages.Evaluation`, or the loss alone); it is evaluated on detached
+                copies of the policy's predictions to get each branch's cotangent, and returned.
             scale: what a plain backward would multiply the loss by (accumulation average, fp16 loss scale).
             contributes: ``False`` for a replayed micro-batch that joins the other processes' collectives with a
                 zero contribution.
