@@ -36,22 +36,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from .saving import has_saved_weights
 
 __all__ = [
-    "MANIFEST_NAME",
     "CheckpointError",
     "CheckpointSaveError",
     "checkpoint_problem",
-    "complete_checkpoints",
-    "folder_bytes",
-    "free_bytes",
-    "is_checkpoint_folder",
-    "is_save_failure",
     "publish_checkpoint",
-    "recover_interrupted_saves",
     "resolve_resume_checkpoint",
-    "resume_view_folder",
-    "rotate_checkpoints",
-    "save_failure",
-    "staging_folder",
 ]
 
 logger = logging.getLogger(__name__)
