@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-__all__ = ["NOISE", "filter_known_noise", "log_to_console", "on_terminal", "quiet_off_terminal", "quiet_progress_bars"]
+__all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
 
 # Messages that say nothing a user can act on, by the logger that emits them and their exact text.
 NOISE: dict[str, tuple[re.Pattern[str], ...]] = {

@@ -25,17 +25,7 @@ from diffusers import DiffusionPipeline
 
 from .loading import resolve_model_name
 
-__all__ = [
-    "all_reduce_mean_",
-    "all_reduce_sum",
-    "check_not_partitioned",
-    "check_one_device_per_process",
-    "is_partitioned",
-    "load_pipeline",
-    "shard_like",
-    "zero3_init_disabled",
-    "zero_stage",
-]
+__all__ = ["all_reduce_mean_", "load_pipeline", "shard_like", "zero3_init_disabled", "zero_stage"]
 
 
 def zero_stage(accelerator) -> int | None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SHIPPED_MODELS", "cast_module", "dtype_keyword", "resolve_model_name"]
+__all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
 
 SHIPPED_MODELS: dict[str, Path] = {
     "trl-diffusion-sdpo:tiny": Path(__file__).resolve().parent / "demo" / "base",

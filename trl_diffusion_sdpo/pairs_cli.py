@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_pairs_parser", "run_pairs"]
+__all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
 
 
 def add_pairs_parser(

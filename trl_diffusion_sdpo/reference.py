@@ -22,15 +22,7 @@ if TYPE_CHECKING:
 
 from .io.saving import has_lora_adapters
 
-__all__ = [
-    "DisabledAdaptersReference",
-    "FrozenCopyReference",
-    "Reference",
-    "build_reference",
-    "disabled_adapters",
-    "reference_for",
-    "refreshed_reference",
-]
+__all__ = ["DisabledAdaptersReference", "FrozenCopyReference", "Reference", "build_reference", "reference_for"]
 
 logger = logging.getLogger(__name__)
 

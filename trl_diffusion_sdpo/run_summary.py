@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from .families.learning_rates import recommended_learning_rate
 
-__all__ = ["StartSummary", "learning_rate_text", "pairs_per_step", "start_summary", "start_warnings"]
+__all__ = ["pairs_per_step"]
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["add_sampling_arguments", "sampling_keywords", "scorer_arguments"]
+__all__ = ["add_sampling_arguments", "scorer_arguments"]
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

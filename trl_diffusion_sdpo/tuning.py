@@ -23,18 +23,7 @@ from peft import LoraConfig
 from .families import ModelFamily
 from .loading import cast_module
 
-__all__ = [
-    "MixedPrecisionForward",
-    "cast_inputs_to_own_dtype",
-    "compute_dtype",
-    "freeze_frozen_modules",
-    "keeps_in_float32",
-    "place_frozen_modules",
-    "prepare_denoiser",
-    "reference_like_policy",
-    "training_arguments",
-    "wants_gradient_checkpointing",
-]
+__all__ = ["compute_dtype", "place_frozen_modules", "prepare_denoiser", "training_arguments"]
 
 
 def compute_dtype(args) -> torch.dtype:

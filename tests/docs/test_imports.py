@@ -98,6 +98,24 @@ def test_train_and_cache_help_load_no_pipeline_family_or_scorer_and_print_nothin
     assert top_level(modules, ("pandas", "datasets", "rich", "matplotlib")) == []
 
 
+# The reward-model ports and the figures: evaluation's, never the trainer's.
+PORTS = tuple(
+    f"trl_diffusion_sdpo.evaluation.scorers.{name}"
+    for name in ("hps", "hps_v3", "image_reward", "qwen_vl_reward", "edit_reward", "aesthetic", "_clip")
+)
+
+
+def test_the_trainer_and_the_train_command_load_no_reward_model_port_and_no_matplotlib():
+    code = """
+        import trl_diffusion_sdpo
+        trl_diffusion_sdpo.DiffusionSDPOTrainer, trl_diffusion_sdpo.OnlineDiffusionSDPOTrainer
+        from trl_diffusion_sdpo.scripts import train, online  # noqa: F401
+    """
+    modules, _ = run_fresh(code)
+    assert "trl_diffusion_sdpo.trainer" in modules and "trl_diffusion_sdpo.scripts.train" in modules
+    assert loaded(modules, PORTS) == [] and top_level(modules, ("matplotlib",)) == []
+
+
 def test_without_matplotlib_the_demo_fails_before_training_naming_the_plots_extra(tmp_path):
     # matplotlib is the `plots` extra's, not a core dependency: None in sys.modules is how a missing one imports.
     code = f"""

@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import re
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -336,7 +338,9 @@ def count_calls(monkeypatch):
     return state
 
 
-def test_evaluate_writes_tables_plots_grid_and_a_second_run_generates_nothing(tmp_path, model_dirs, count_calls):
+def test_evaluate_writes_tables_plots_grid_and_a_second_run_generates_nothing(
+    tmp_path, model_dirs, count_calls, monkeypatch, caplog
+):
     out = str(tmp_path / "eval")
     kwargs = dict(
         prompts=["a red cube", "a blue ball", "a tree"],
@@ -375,6 +379,16 @@ def test_evaluate_writes_tables_plots_grid_and_a_second_run_generates_nothing(tm
     again = evaluate(model_dirs["base"], models, **kwargs)
     assert count_calls["calls"] == 0 and again.generated == {"base": 0, "lora": 0, "full": 0}
     assert again.scores == result.scores
+
+    # Without matplotlib (the plots extra; None in sys.modules is how a missing one imports) the tables stay.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    shutil.rmtree(os.path.join(out, "plots"))
+    bare = evaluate(model_dirs["base"], models, **kwargs)
+    assert (
+        bare.scores == result.scores and os.path.isfile(bare.files["summary"]) and os.path.isfile(bare.files["grid"])
+    )
+    assert not os.path.exists(os.path.join(out, "plots")) and not [k for k in bare.files if k.startswith("plot/")]
+    assert 'pip install "trl-diffusion-sdpo[plots]"' in caplog.text
 
     count_calls["calls"] = 0  # other settings are other images
     other = evaluate(model_dirs["base"], {}, **{**kwargs, "settings": GenerationSettings(3, height=32, width=32)})

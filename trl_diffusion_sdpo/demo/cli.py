@@ -10,7 +10,7 @@ import sys
 
 from .methods import METHODS
 
-__all__ = ["add_demo_arguments", "build_parser", "main", "run_from_args"]
+__all__ = ["main"]
 
 DESCRIPTION = (
     "Train Diffusion-DPO and Diffusion-SDPO (output-space safeguard at several mu, and the exact parameter-space "

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METHODS", "Method", "method_unavailable", "resolve_methods"]
+__all__ = ["METHODS", "Method", "method_unavailable"]
 
 
 @dataclass(frozen=True)

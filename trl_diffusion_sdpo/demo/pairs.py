@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .shapes import Caption, colour_reward
 
-__all__ = ["PairStats", "make_preference_pairs", "sample_images", "to_pil"]
+__all__ = ["make_preference_pairs", "sample_images"]
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ require_extra("plots", "matplotlib", "The demo's figures").use("Agg")  # files o
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_error_deltas", "plot_lambda", "sample_grid", "smooth"]
+__all__ = ["smooth"]
 
 _WINNER, _LOSER = "#1f77b4", "#d62728"
 

@@ -41,17 +41,7 @@ from ..tiny_models import write_char_tokenizer
 from ..tiny_models.components import SD_NOISE_SCHEDULE
 from .shapes import Caption, all_captions, draw_shape
 
-__all__ = [
-    "SHIPPED_BASE_DIR",
-    "PretrainRecipe",
-    "default_cache_root",
-    "load_base",
-    "load_or_pretrain",
-    "pretrain_base",
-    "recipe_hash",
-    "save_base",
-    "shipped_base_record",
-]
+__all__ = ["SHIPPED_BASE_DIR", "PretrainRecipe", "load_base", "load_or_pretrain", "recipe_hash"]
 
 # Bump when the pretraining code changes in a way that changes the weights for an unchanged recipe.
 _CODE_VERSION = 1

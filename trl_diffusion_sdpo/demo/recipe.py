@@ -11,7 +11,7 @@ from ..checks import Choice, Range
 from .methods import METHODS, resolve_methods
 from .pretrain import PretrainRecipe
 
-__all__ = ["LAST_FRACTION", "DemoRecipe"]
+__all__ = ["DemoRecipe"]
 
 LAST_FRACTION = 0.1  # "final" figures average the last 10% of optimizer steps
 

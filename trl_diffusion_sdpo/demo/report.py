@@ -13,16 +13,7 @@ from .methods import Method
 from .recipe import LAST_FRACTION
 from .stats import bootstrap_paired_change, summarise
 
-__all__ = [
-    "RECOMMENDATION_FILE",
-    "final_mean",
-    "format_table",
-    "history_from_logs",
-    "mean_history",
-    "recommendation_line",
-    "safeguard_recommendation",
-    "summarise_methods",
-]
+__all__ = ["format_table", "safeguard_recommendation"]
 
 RECOMMENDATION_FILE = Path(__file__).with_name("safeguard_recommendation.json")
 """When to turn the safeguard on, from the paired comparison on this demo

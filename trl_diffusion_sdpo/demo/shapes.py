@@ -22,16 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = [
-    "BACKGROUNDS",
-    "COLOURS",
-    "SHAPES",
-    "Caption",
-    "all_captions",
-    "colour_reward",
-    "draw_shape",
-    "split_captions",
-]
+__all__ = ["SHAPES", "Caption", "all_captions", "colour_reward", "draw_shape", "split_captions"]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

@@ -12,15 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = [
-    "bootstrap_paired_change",
-    "minimum_detectable_effect",
-    "paired_difference",
-    "summarise",
-    "t_interval",
-    "t_quantile_80",
-    "t_quantile_975",
-]
+__all__ = ["minimum_detectable_effect", "paired_difference", "summarise"]
 
 # Two-sided 95% Student t quantiles for 1 to 30 degrees of freedom.
 _T975 = (

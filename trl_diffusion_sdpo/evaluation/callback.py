@@ -28,7 +28,7 @@ from .compare import image_grid
 from .generation import GenerationSettings, sample_images
 from .scorers.base import Scorer, build_scorer
 
-__all__ = ["ValidationCallback", "validation_sources"]
+__all__ = ["ValidationCallback"]
 
 logger = logging.getLogger(__name__)
 

@@ -19,17 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..extras import require_extra
 
-__all__ = [
-    "MetricSummary",
-    "WinRate",
-    "bootstrap_mean_ci",
-    "image_grid",
-    "plot_intervals",
-    "summarise",
-    "win_rate",
-    "win_rate_table",
-    "write_rows",
-]
+__all__ = ["MetricSummary", "WinRate", "bootstrap_mean_ci", "image_grid", "summarise", "win_rate", "win_rate_table"]
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,8 @@ __all__ = [
     "ImageCache",
     "ModelSpec",
     "generate_images",
-    "load_base_pipeline",
     "native_resolution",
     "sample_images",
-    "source_argument",
-    "variant_pipeline",
 ]
 
 SCHEDULERS = ("euler", "model")

@@ -42,7 +42,7 @@ from .run import _scorer_arguments, check_scorers
 from .scorers.base import Scorer, Sources, build_scorer
 from .scorers.preflight import check_models, check_prompts
 
-__all__ = ["PAIR_MODES", "PairsResult", "make_pairs", "margin_summary", "select_pairs"]
+__all__ = ["PairsResult", "make_pairs", "select_pairs"]
 
 PAIR_MODES = ("best-worst", "all")
 DATASET_FOLDER = "dataset"

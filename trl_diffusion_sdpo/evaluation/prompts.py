@@ -33,15 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = [
-    "PROMPT_PRESETS",
-    "SOURCE_COLUMNS",
-    "EditPrompt",
-    "PromptPreset",
-    "load_edits",
-    "load_prompt_set",
-    "load_prompts",
-]
+__all__ = ["PROMPT_PRESETS", "EditPrompt", "PromptPreset", "load_edits", "load_prompt_set", "load_prompts"]
 
 # The columns of an editing row that hold its source image(s): one image, or a list of them (multi-image editing).
 SOURCE_COLUMNS = ("source_image", "source_images")

@@ -36,25 +36,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from .saving import LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, has_saved_weights
 
 __all__ = [
-    "MANIFEST_NAME",
     "CheckpointError",
     "CheckpointSaveError",
     "EarlierRunError",
     "checkpoint_problem",
-    "complete_checkpoints",
-    "earlier_run_files",
-    "folder_bytes",
-    "free_bytes",
-    "is_checkpoint_folder",
-    "is_save_failure",
     "publish_checkpoint",
-    "recover_interrupted_saves",
-    "remove_earlier_checkpoints",
     "resolve_resume_checkpoint",
-    "resume_view_folder",
-    "rotate_checkpoints",
-    "save_failure",
-    "staging_folder",
 ]
 
 logger = logging.getLogger(__name__)

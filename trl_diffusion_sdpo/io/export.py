@@ -25,16 +25,7 @@ import torch
 
 from .lora_formats import LoraFile, LoraModule, read_lora, tool_state_dict
 
-__all__ = [
-    "EXPORT_FORMATS",
-    "LoraModule",
-    "add_export_arguments",
-    "build_export_parser",
-    "export_lora",
-    "merge_lora",
-    "read_lora",
-    "run_export",
-]
+__all__ = ["LoraModule", "export_lora", "merge_lora", "read_lora"]
 
 EXPORT_FORMATS = ("kohya", "comfyui", "diffusers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -21,15 +21,12 @@ from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 __all__ = [
-    "CITATIONS",
-    "PICKLE_PATTERNS",
     "PUSH_ATTEMPTS",
     "PUSH_BACKOFF_S",
     "HubPushError",
     "build_model_card",
     "create_hub_repo",
     "hub_base_model",
-    "is_transient_hub_error",
     "push_checkpoint",
     "upload_folder_to_hub",
     "with_retries",

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["ProcessCountChange", "ResumeConfigError", "batch_options", "plan_process_count_change", "samples_seen"]
+__all__ = ["ResumeConfigError", "samples_seen"]
 
 
 class ResumeConfigError(ValueError):

@@ -60,7 +60,7 @@ from .preemption import PreemptionCallback, parse_signals, preemption_signal_han
 from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
 
-__all__ = ["LOSS_TOTAL_NAME", "RunFiles", "files_hook"]
+__all__ = ["RunFiles"]
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
-__all__ = ["CLIPEmbedder", "load_weights_file"]
+__all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
 
 
 def load_weights_file(path: str) -> dict[str, torch.Tensor]:

@@ -23,12 +23,10 @@ from .registry import available_scorers, register_scorer, scorer_factory
 
 __all__ = [
     "EditScorer",
-    "arguments_with_defaults",
     "Scorer",
     "available_scorers",
     "build_scorer",
     "register_scorer",
-    "resolve_device",
     "scorer_factory",
     "scores_edits",
 ]

@@ -51,7 +51,7 @@ from .qwen_vl_reward import (
     token_embeddings,
 )
 
-__all__ = ["EDITREWARD_FOLLOWING", "EDITREWARD_QUALITY", "EditRewardScorer", "editreward_to_transformers"]
+__all__ = ["EditRewardScorer", "editreward_to_transformers"]
 
 EDITREWARD_BASE = "Qwen/Qwen2.5-VL-7B-Instruct"
 EDITREWARD_PIXELS = HPSV3_PIXELS

@@ -50,7 +50,7 @@ from .qwen_vl_reward import (
     to_transformers_keys,
 )
 
-__all__ = ["HPSV3_INSTRUCTION", "HPSV3_REWARD_SUFFIX", "HPSv3Scorer", "hps_v3_resize", "hpsv3_to_transformers"]
+__all__ = ["HPSV3_INSTRUCTION", "HPSv3Scorer", "hpsv3_to_transformers"]
 
 HPSV3_REPO = "MizzenAI/HPSv3"
 HPSV3_FILE = "HPSv3.safetensors"

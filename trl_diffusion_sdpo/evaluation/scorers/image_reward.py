@@ -31,7 +31,7 @@ from ._clip import load_weights_file
 from .aesthetic import AestheticMLP
 from .base import Scorer, arguments_with_defaults, resolve_device
 
-__all__ = ["IMAGE_REWARD_MEAN", "IMAGE_REWARD_STD", "ImageRewardModel", "ImageRewardScorer", "blip_to_transformers"]
+__all__ = ["ImageRewardModel", "ImageRewardScorer", "blip_to_transformers"]
 
 IMAGE_REWARD_MEAN = 0.16717362830052426
 IMAGE_REWARD_STD = 1.0333394966054072

@@ -22,14 +22,7 @@ from urllib.parse import urlparse
 from .base import Scorer
 from .registry import scorer_factory
 
-__all__ = [
-    "CONNECT_TIMEOUT_S",
-    "ScorerModelUnavailable",
-    "ScorerPromptError",
-    "check_models",
-    "check_prompts",
-    "hub_unreachable",
-]
+__all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
 
 # Seconds a connection to the Hub may take before the check calls it unreachable.
 CONNECT_TIMEOUT_S = 3.0

@@ -23,18 +23,7 @@ from torch import nn
 
 from .base import Scorer, arguments_with_defaults, resolve_device
 
-__all__ = [
-    "REWARD_TOKEN",
-    "QwenVLRewardModel",
-    "QwenVLRewardScorer",
-    "RewardModelSpec",
-    "checkpoint_files",
-    "load_state",
-    "qwen_vl_resize",
-    "reward_head",
-    "to_transformers_keys",
-    "token_embeddings",
-]
+__all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
 
 REWARD_TOKEN = "<|Reward|>"
 IMAGE_PAD = "<|image_pad|>"

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["OUTSIDE_SCORERS", "available_scorers", "register_outside_scorers", "register_scorer", "scorer_factory"]
+__all__ = ["available_scorers", "register_scorer", "scorer_factory"]
 
 # name -> factory, or "package.module:attribute" naming it, imported when the scorer is first built (the built-in
 # scorers' modules import transformers' CLIP and BLIP models, which listing the names should not pay for).
