@@ -80,6 +80,14 @@ class DiffusionScriptArguments:
             "choices": ["auto", "pair_folders", "table", "imagefolder", "hpd", "disk", "hub"],
         },
     )
+    dataset_columns: str = field(
+        default="trl",
+        metadata={
+            "help": "The dataset's columns: trl (prompt, chosen, rejected) or pickapic (caption, jpg_0, jpg_1, "
+            "label_0, as yuvalkirstain/pickapic_v2: mapped to TRL's, ties dropped).",
+            "choices": ["trl", "pickapic"],
+        },
+    )
     ranking_pairs: str = field(
         default="all",
         metadata={
@@ -482,6 +490,7 @@ def load_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArgu
         config_name=script_args.dataset_config,
         dataset_format=diffusion_args.dataset_format,
         ranking_pairs=diffusion_args.ranking_pairs,
+        dataset_columns=diffusion_args.dataset_columns,
     )
 
 
