@@ -338,11 +338,8 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
         *parsed, from_config, from_flags = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-        # The objectives', flow families' and preemption's checks of the config, registered when these are imported
-        # (the config imports none of them; --help, which exits above, must not load them): before any model loads.
-        from ..families import flow  # noqa: F401  (imports the objectives too)
-        from ..io import preemption  # noqa: F401
-
+        # Every rule, the objectives', flow families' and preemption's included (check_config imports their owners):
+        # before any model loads.
         for args in parsed:
             if isinstance(args, DiffusionSDPOConfig):
                 check_config(args)
