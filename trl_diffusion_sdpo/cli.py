@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         text = stored_help(argv[0])
         if text is not None:
             print(text, end="")
-            return 0
+            raise SystemExit(0)  # as argparse's --help ends
     if argv[:1] == ["train"]:
         from .scripts.train import main as train
 

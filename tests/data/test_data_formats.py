@@ -435,3 +435,75 @@ def test_an_empty_data_folder_is_one_error_naming_the_layouts_read(tmp_path, cap
     message = str(exit_info.value.code)
     assert message.startswith(f"trl-diffusion-sdpo train: error: {empty} holds no preference data")
     assert "\n" not in message and "docs/data.md" in message
+
+
+PICKAPIC_LABELS = [1.0, 0.0, 0.5, 1.0, 0.0, 1.0]
+
+
+def expected_trl_rows(rows: list[dict]) -> list[tuple]:
+    """Pick-a-Pic's rows as (prompt, chosen, rejected), computed from the labels: ties left out, order kept."""
+    pairs = []
+    for row in rows:
+        if row["label_0"] == 0.5:
+            continue
+        first_wins = row["label_0"] == 1
+        chosen, rejected = (row["jpg_0"], row["jpg_1"]) if first_wins else (row["jpg_1"], row["jpg_0"])
+        pairs.append((row["caption"], chosen, rejected))
+    return pairs
+
+
+def as_tuples(dataset) -> list[tuple]:
+    return [(row["prompt"], row["chosen"], row["rejected"]) for row in dataset]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_pickapic_columns_map_onto_trls_with_ties_dropped_and_order_kept(streamed):
+    from conftest import pickapic_rows
+    from datasets import Dataset, IterableDataset
+
+    from trl_diffusion_sdpo.data.formats import pickapic_to_trl
+
+    rows = pickapic_rows(6, PICKAPIC_LABELS)
+    dataset = IterableDataset.from_generator(lambda: iter(rows)) if streamed else Dataset.from_list(rows)
+    mapped = pickapic_to_trl(dataset)
+    assert as_tuples(mapped) == expected_trl_rows(rows)
+    first = next(iter(mapped))
+    assert {"prompt", "chosen", "rejected", "model_0"} <= set(first) and "label_0" not in first
+
+
+def test_a_bad_pickapic_label_names_its_row_and_column():
+    from conftest import pickapic_rows
+    from datasets import Dataset
+
+    from trl_diffusion_sdpo.data.formats import pickapic_to_trl
+
+    with pytest.raises(ValueError, match=r"row 2, column 'label_0': a Pick-a-Pic label is 1 .* got 0.3"):
+        pickapic_to_trl(Dataset.from_list(pickapic_rows(4, [1.0, 0.0, 0.3, 1.0])))
+
+
+def test_the_loader_option_reads_pickapic_as_the_trainer_reads_it(tmp_path, make_config):
+    """``dataset_columns="pickapic"`` gives the pairs the trainer's own Pick-a-Pic reading gives: the prepared winners
+    and losers of both are the same images, in the same order."""
+    from conftest import pickapic_rows
+    from datasets import Dataset
+
+    from trl_diffusion_sdpo.data.preparation import load_preference_dataset, prepare_preference_dataset
+    from trl_diffusion_sdpo.data.validation import order_pair
+
+    rows = pickapic_rows(6, PICKAPIC_LABELS)
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "pickapic"))
+    loaded = load_preference_dataset(str(tmp_path / "pickapic"), dataset_columns="pickapic")
+    prepared, columns, _ = prepare_preference_dataset(loaded, make_config())
+    direct, direct_columns, _ = prepare_preference_dataset(Dataset.from_list(rows), make_config())
+    assert (columns.prompt, columns.first, columns.second, columns.label) == ("prompt", "chosen", "rejected", None)
+
+    def raw(value):
+        return value["bytes"] if isinstance(value, dict) else value
+
+    ours = [(row["prompt"], raw(row["chosen"]), raw(row["rejected"])) for row in prepared]
+    theirs = []
+    for row in direct:
+        winner, loser = order_pair(row, direct_columns)[:2]
+        theirs.append((row["caption"], raw(winner), raw(loser)))
+    assert len(ours) == 5  # one tie of six rows dropped
+    assert ours == theirs

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from datasets import Dataset
 from diffusers import DiffusionPipeline
 from PIL import Image
@@ -114,7 +115,11 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
     if editing:  # editing models train on EditReward-Data's votes, with its source column
         assert script_args.dataset_name == "TIGER-Lab/EditReward-Data" and config.source_image_column == "source_img"
     elif config.num_frames is None:  # image models train on Pick-a-Pic; wan_lora names a placeholder video dataset
-        assert script_args.dataset_name == "yuvalkirstain/pickapic_v2"
+        assert script_args.dataset_name == "yuvalkirstain/pickapic_v2" and diffusion_args.dataset_columns == "pickapic"
+    # Each config sets its rate, so a change of the learning_rate or scale_lr default never changes the rate it trains
+    # at; only the authors' full-tuning recipes scale it by the batch.
+    assert "learning_rate" in yaml.safe_load(config_path.read_text())
+    assert config.scale_lr is (config_path.stem in ("sd15_full", "sdxl_full"))
     assert model_args.use_peft is config_path.stem.endswith("lora")
     peft_config = get_peft_config(model_args)
     if model_args.use_peft:
@@ -255,7 +260,7 @@ def test_train_help_describes_the_command_and_marks_what_it_does_not_offer(capsy
         cli_main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "Train Diffusion-DPO / Diffusion-SDPO" in out and "--config FILE.yaml" in out
-    assert "--no_scale_lr, --no-scale-lr Set scale_lr to False" in out  # not the field's own help, the opposite
+    assert "--no_random_flip Set random_flip to False" in out  # not the field's own help, the opposite
     for refused in ("--load_in_4bit [", "--lora_task_type LORA", "--attn_implementation ATTN"):
         assert refused not in out  # hidden from the options; the epilog says why
     assert "--load_in_4bit, --load_in_8bit" in out and "--lora_task_type is ignored" in out

@@ -30,9 +30,9 @@ VALIDATION_FIELDS = (
 GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Parameters that control the objective": (
         "Each objective reads the fields below that it declares, by name, and owns their rules (its class in "
-        "`trl_diffusion_sdpo/objectives/`); every objective field is checked whatever `loss_type`: when the config "
-        "is made once `trl_diffusion_sdpo.objectives` is imported (the trainer and `trl-diffusion-sdpo train` "
-        "import it), and again when the trainer is built.",
+        "`trl_diffusion_sdpo/objectives/`); every objective field is checked whatever `loss_type`, when the config "
+        "is made (it imports the objectives to check, whatever was imported before) and again when the trainer is "
+        "built.",
         (
             "beta",
             "loss_type",

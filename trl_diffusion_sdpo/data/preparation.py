@@ -144,13 +144,16 @@ def load_preference_dataset(
     config_name: str | None = None,
     dataset_format: str = "auto",
     ranking_pairs: str = "all",
+    dataset_columns: str = "trl",
 ) -> Dataset | IterableDataset:
     """Load a preference dataset from the Hub, a local data folder, a folder written by ``save_to_disk``, or the
     file layouts of :mod:`.formats` (pair folders, a JSONL/CSV of image paths, an image folder with metadata, HPDv3
     annotations), detected unless ``dataset_format`` names one (``config_name``: the dataset configuration, as
-    ``load_dataset``'s ``name``; ``ranking_pairs``: how ranked HPD records become pairs). Pair folders' and HPD
-    annotations' rows carry a ``__source__`` string column (:data:`~.validation.SOURCE_COLUMN`) naming the folder
-    or record each came from, which a bad row's error quotes and training ignores."""
+    ``load_dataset``'s ``name``; ``ranking_pairs``: how ranked HPD records become pairs; ``dataset_columns``:
+    ``"pickapic"`` maps Pick-a-Pic's ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` onto TRL's ``prompt``,
+    ``chosen``, ``rejected``). Pair folders' and HPD annotations' rows carry a ``__source__`` string column
+    (:data:`~.validation.SOURCE_COLUMN`) naming the folder or record each came from, which a bad row's error quotes
+    and training ignores."""
     from .formats import load_preference_data
 
     return load_preference_data(
@@ -161,4 +164,5 @@ def load_preference_dataset(
         max_rows=max_rows,
         config_name=config_name,
         ranking_pairs=ranking_pairs,
+        columns=dataset_columns,
     )

@@ -127,8 +127,10 @@ class _TopicFormatter(argparse.ArgumentDefaultsHelpFormatter):
     ``--dash-form`` aliases transformers adds stay accepted)."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
-        if not action.option_strings or action.nargs == 0:
+        if not action.option_strings or action.dest == "help":
             return super()._format_action_invocation(action)
+        if action.nargs == 0:
+            return action.option_strings[0]
         return (
             f"{action.option_strings[0]} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
         )

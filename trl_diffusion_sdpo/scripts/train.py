@@ -80,6 +80,14 @@ class DiffusionScriptArguments:
             "choices": ["auto", "pair_folders", "table", "imagefolder", "hpd", "disk", "hub"],
         },
     )
+    dataset_columns: str = field(
+        default="trl",
+        metadata={
+            "help": "The dataset's columns: trl (prompt, chosen, rejected) or pickapic (caption, jpg_0, jpg_1, "
+            "label_0, as yuvalkirstain/pickapic_v2: mapped to TRL's, ties dropped).",
+            "choices": ["trl", "pickapic"],
+        },
+    )
     ranking_pairs: str = field(
         default="all",
         metadata={
@@ -338,11 +346,8 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
         *parsed, from_config, from_flags = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-        # The objectives', flow families' and preemption's checks of the config, registered when these are imported
-        # (the config imports none of them; --help, which exits above, must not load them): before any model loads.
-        from ..families import flow  # noqa: F401  (imports the objectives too)
-        from ..io import preemption  # noqa: F401
-
+        # Every rule, the objectives', flow families' and preemption's included (check_config imports their owners):
+        # before any model loads.
         for args in parsed:
             if isinstance(args, DiffusionSDPOConfig):
                 check_config(args)
@@ -490,6 +495,7 @@ def load_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArgu
         config_name=script_args.dataset_config,
         dataset_format=diffusion_args.dataset_format,
         ranking_pairs=diffusion_args.ranking_pairs,
+        dataset_columns=diffusion_args.dataset_columns,
     )
 
 
