@@ -93,7 +93,7 @@ def test_the_python_example_runs_as_written_and_its_lora_reloads(tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from safetensors.torch import load_file
 
-    weights = load_file(tmp_path / "tiny-sdpo" / "pytorch_lora_weights.safetensors")
+    weights = load_file(tmp_path / "tiny-sdpo-python" / "pytorch_lora_weights.safetensors")
     assert weights and all("lora" in key for key in weights)
     from PIL import Image
 
@@ -163,6 +163,16 @@ def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) ->
     state = json.loads((tmp_path / "tiny-sdpo" / "checkpoint-30" / "trainer_state.json").read_text())
     assert state["global_step"] == 30
     assert (tmp_path / "tiny.safetensors").stat().st_size > 0
+
+
+def test_the_readmes_runs_write_separate_folders() -> None:
+    """Followed in order in one folder, the Python example and the train command each start a new run: one into the
+    other's output folder would be refused (it would replace that run's weights)."""
+    (example,) = _blocks(README, "python")
+    python_dir = re.search(r'output_dir="([^"]+)"', example)[1]
+    commands = [c for b in _blocks(README, "bash") for c in _commands(b)]
+    train = shlex.split(next(c for c in commands if "tiny_cpu.yaml" in c))
+    assert python_dir != train[train.index("--output_dir") + 1]
 
 
 @pytest.mark.parametrize(
