@@ -16,7 +16,7 @@ samples the trained weights, so its row would repeat Diffusion-DPO's (its effect
 
 The defaults are the regimes the study is for: learning rates up to 1e-3 at the demo's beta, small betas at the
 demo's learning rate, 1000 steps evaluated along the way, 10 paired seeds. Per logged step the history also keeps
-``beta`` and ``safeguard/mu``, so the auto-beta's and auto-mu's paths are in the file.
+``beta``, ``safeguard/mu`` and ``margin``, so the auto-beta's and auto-mu's paths are in the file.
 
     OMP_NUM_THREADS=1 nohup python benchmarks/studies/stability_guards.py \\
         --json benchmarks/results/cpu-stability-guards-demo.json &
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             argv += [flag, default]
     methods = guard_methods(values["--max-margin"], values["--sft-weight"])
     stability_map.EXTRA_METHODS = (*stability_map.EXTRA_METHODS, *methods)
-    stability_map.HISTORY_KEYS = (*stability_map.HISTORY_KEYS, "beta", "safeguard/mu")
+    stability_map.HISTORY_KEYS = (*stability_map.HISTORY_KEYS, "beta", "safeguard/mu", "margin")
     return stability_map.main(argv)
 
 
