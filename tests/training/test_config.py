@@ -292,6 +292,7 @@ OBJECTIVE_CASES = [
     ({"loss_type": "dspo", "auto_beta": True}, "auto_beta acts on the Diffusion-DPO logit .* got loss_type='dspo'"),
     ({"loss_type": "dmpo", "max_margin": 5.0}, "max_margin acts on the Diffusion-DPO logit .* got loss_type='dmpo'"),
     ({"loss_type": "mapo", "sft_weight": 0.5}, "sft_weight acts on the Diffusion-DPO logit .* got loss_type='mapo'"),
+    ({"loss_type": "mapo", "safeguard_mu": "auto"}, "safeguard_mu='auto' .* loss_type='mapo' runs no reference"),
     ({"loss_type": "sft"}, "loss_type='sft' trains on the winners only: .* Set safeguard=False."),
     (
         {"loss_type": "mapo", "noising": "inversion", "inversion_network": "reference"},

@@ -46,6 +46,9 @@ _HISTORY_KEYS = (
     "safeguard/lambda_max",
     "safeguard/engaged",
     "safeguard/output_lambda_mean",
+    "safeguard/mu",
+    "beta",
+    "margin",
 )
 
 

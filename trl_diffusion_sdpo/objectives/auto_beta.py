@@ -114,8 +114,15 @@ class AutoBeta:
 
 def check_guard_config(config) -> None:
     """The logit guards (``auto_beta``, ``max_margin``, ``sft_weight``) act on the Diffusion-DPO logit ``u``: refuse
-    them, naming the field, with an objective whose ``beta`` does not scale it linearly."""
+    them, naming the field, with an objective whose ``beta`` does not scale it linearly; ``safeguard_mu="auto"`` reads
+    the reference's errors: refuse it with a reference-free objective."""
     chosen = objective_class(config.loss_type)
+    if getattr(config, "safeguard_mu", None) == "auto" and not chosen.requires_reference:
+        raise ValueError(
+            "safeguard_mu='auto' holds the winner's error at or below the reference's: "
+            f"loss_type={config.loss_type!r} runs no reference. Give safeguard_mu a number, or use an objective "
+            "with a reference (e.g. 'dpo')."
+        )
     if getattr(chosen, "beta_scales_logit", False):
         return
     on = {
