@@ -37,6 +37,7 @@ from .families import ModelFamily, Noiser, family_for_pipeline
 from .io.run_files import RunFiles, files_hook
 from .io.trackers import make_config_trackable
 from .objectives import objective_from_config
+from .quantization import check_engine_supports_quantized_base
 from .reference import reference_for
 from .run_summary import StartSummary
 from .safeguards import MicroBatch, Safeguard, safeguard_for
@@ -168,6 +169,7 @@ class DiffusionSDPOTrainer(Trainer):
 
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
         self.engine: Engine = engine_for(self.accelerator)
+        check_engine_supports_quantized_base(self.engine, denoiser)
         place_frozen_modules(self.family, args.device, self._dtype, on_cpu=data.encoders_idle)
         if self.reference is not None and not self.reference.shares_policy_weights:
             # In the policy's precision and under its autocast: at step 0 the reference computes what the policy does.
