@@ -176,6 +176,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .console import filter_known_noise
+
+    filter_known_noise()  # before a command imports transformers (and, through its quantizers, torchao)
     if argv[:1] == ["train"]:
         from .scripts.train import main as train
 

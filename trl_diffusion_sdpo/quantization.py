@@ -20,12 +20,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from .engines import Engine
 
 __all__ = [
     "BASE_QUANTIZATIONS",
@@ -158,15 +155,14 @@ def pipeline_quantization_config(
     quantization: BaseQuantization, pretrained: str | os.PathLike, quantize_text_encoders: bool = True
 ):
     """diffusers' ``PipelineQuantizationConfig`` for ``from_pretrained(pretrained, quantization_config=...)``: the
-    denoiser(s) and, with ``quantize_text_encoders``, every text encoder the pipeline at ``pretrained`` names, each
-    with its library's config. ``None`` when ``quantization`` is off. The VAE stays as it is: convolutions, small."""
+    denoiser(s) and, with ``quantize_text_encoders``, every text encoder the pipeline at ``pretrained`` (a folder or
+    Hub id, a shipped model's name resolved already) names, each with its library's config. ``None`` when
+    ``quantization`` is off. The VAE stays as it is: convolutions, small."""
     if not quantization.enabled:
         return None
     from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 
-    from .loading import resolve_model_name
-
-    index = DiffusionPipeline.load_config(resolve_model_name(pretrained))
+    index = DiffusionPipeline.load_config(pretrained)
     mapping = {name: quantization.config("diffusers") for name in _DENOISERS if index.get(name, [None])[0]}
     if quantize_text_encoders:
         for name, entry in index.items():
@@ -207,9 +203,10 @@ def check_quantized_base_training(denoiser: torch.nn.Module, denoiser_name: str,
         )
 
 
-def check_engine_supports_quantized_base(engine: Engine, denoiser: torch.nn.Module) -> None:
-    """One process and DDP train LoRA on a quantized base; DeepSpeed and FSDP are refused with the reason."""
-    if engine.name == "ddp" or not is_quantized(denoiser):
+def check_engine_supports_quantized_base(engine: str, denoiser: torch.nn.Module) -> None:
+    """One process and DDP (``engine``: an :class:`~.engines.Engine`'s ``name``) train LoRA on a quantized base;
+    DeepSpeed and FSDP are refused with the reason."""
+    if engine == "ddp" or not is_quantized(denoiser):
         return
     reasons = {
         "deepspeed": "DeepSpeed casts and flattens every parameter of the model it wraps, which the quantized "
@@ -218,9 +215,9 @@ def check_engine_supports_quantized_base(engine: Engine, denoiser: torch.nn.Modu
         "integer tensors) do not support",
         "fsdp1": "FSDP flattens every parameter into one buffer, which the quantized weights do not survive",
     }
-    reason = reasons.get(engine.name, f"{engine.name} is not tested with a quantized base")
+    reason = reasons.get(engine, f"{engine} is not tested with a quantized base")
     raise ValueError(
-        f"A quantized base does not train under {engine.name}: {reason}. Launch with DDP instead (accelerate's "
+        f"A quantized base does not train under {engine}: {reason}. Launch with DDP instead (accelerate's "
         "multi_gpu config, examples/accelerate_configs/multi_gpu.yaml): the quantized base is small enough to sit "
         "whole on every process, and the LoRA's gradients and optimizer state are small (docs/quantization.md)."
     )

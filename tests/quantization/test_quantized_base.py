@@ -406,9 +406,9 @@ def test_text_encoders_are_quantized_unless_training_reads_a_latent_cache(tmp_pa
 def test_sharding_engines_refuse_a_quantized_base_naming_ddp(quanto_sd, engine) -> None:
     denoiser = quanto_sd.trainer.family.denoiser
     with pytest.raises(ValueError, match=rf"does not train under {engine}: .*Launch with DDP instead"):
-        check_engine_supports_quantized_base(SimpleNamespace(name=engine), denoiser)
-    check_engine_supports_quantized_base(SimpleNamespace(name="ddp"), denoiser)
-    check_engine_supports_quantized_base(SimpleNamespace(name=engine), torch.nn.Linear(2, 2))  # not quantized
+        check_engine_supports_quantized_base(engine, denoiser)
+    check_engine_supports_quantized_base("ddp", denoiser)
+    check_engine_supports_quantized_base(engine, torch.nn.Linear(2, 2))  # not quantized
 
 
 # ------------------------------------------------------------------------------------------- slow: the matrix

@@ -310,14 +310,14 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
     """Load the pipeline whole on every process (even under a ZeRO-3 config with ``zero3_init_flag``), its frozen base
     quantized as the arguments say (the text encoders too, unless training reads a latent cache)."""
     from ..distributed import load_pipeline, zero3_init_disabled
-    from ..loading import dtype_keyword
+    from ..loading import dtype_keyword, resolve_model_name
     from ..quantization import pipeline_quantization_config
 
     dtype = _torch_dtype(model_args.dtype)
     kwargs: dict = {"revision": model_args.model_revision, **dtype_keyword(dtype)}
     quantization = pipeline_quantization_config(
         base_quantization_for(model_args, diffusion_args),
-        model_args.model_name_or_path,
+        resolve_model_name(model_args.model_name_or_path),
         quantize_text_encoders=not diffusion_args.latent_cache,
     )
     if quantization is not None:
