@@ -303,6 +303,31 @@ def test_lora_trains_on_a_torchao_int8_base_from_the_command_line(tmp_path) -> N
     assert not any(p.requires_grad for p in trainer.pipeline.text_encoder.parameters())
 
 
+def test_an_untappable_adapter_on_a_quantized_base_falls_back_to_two_passes_saying_why_once(quanto_sd, caplog) -> None:
+    """DoRA's magnitude vectors sit in no layer a tap covers: the step runs one pass per branch, logged once."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    folder, root = quanto_sd.root / "pipeline", quanto_sd.root
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", quantization_config=diffusers_config("quanto-int8")
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(folder, unet=unet)
+    config = DiffusionSDPOConfig(
+        **{**fast_config_values(str(root / "dora")), "max_steps": 2}, safeguard_space="parameter"
+    )
+    dora = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=list(LORA_TARGETS))
+    trainer = DiffusionSDPOTrainer(
+        pipe, args=config, train_dataset=Dataset.load_from_disk(str(root / "pairs")), peft_config=dora
+    )
+    with caplog.at_level("WARNING", logger="trl_diffusion_sdpo"):
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records if "one forward and backward pass per branch" in r.getMessage()]
+    assert len(said) == 1 and "lora_magnitude_vector" in said[0]
+    assert trainer.safeguard.backward_stage.one_pass is None
+    first = trainer.state.log_history[0]
+    assert first["mse/policy_winner"] == first["mse/ref_winner"] and "safeguard/lambda_mean" in first
+
+
 def test_full_tuning_of_a_quantized_base_is_refused_naming_lora(quanto_sd, make_config, pickapic_dataset) -> None:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
