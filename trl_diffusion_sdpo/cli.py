@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         if text is not None:
             print(text, end="")
             raise SystemExit(0)  # as argparse's --help ends
+    from .console import filter_known_noise
+
+    filter_known_noise()  # before a command imports transformers (and, through its quantizers, torchao)
     if argv[:1] == ["train"]:
         from .scripts.train import main as train
 

@@ -33,6 +33,16 @@ NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
     "diffusers.loaders.lora_base": (
         re.compile(r"No LoRA keys associated to \w+ found with the prefix='text_encoder(_\d)?'\."),
     ),
+    # torchao (the [quantization] extra), imported by transformers' and diffusers' quantizers with TrainingArguments:
+    # its optional CUDA kernels that do not load on this machine, its enums registered the way torch now deprecates,
+    # and diffusers' note on torchao versions it cannot read checkpoints of (this package quantizes on load).
+    "torchao": (re.compile(r"Failed to load .*\.so: Could not load this library: .*$"),),
+    "torch.utils._pytree": (
+        re.compile(r"<enum '\w+'> is an Enum subclass and is now natively supported by torch\.compile .*$"),
+    ),
+    "diffusers.quantizers.torchao.torchao_quantizer": (
+        re.compile(r"Unable to import `torchao` Tensor objects\. This may affect loading checkpoints .*$"),
+    ),
 }
 
 

@@ -46,8 +46,15 @@ def cast_module(module: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     """``module.to(device, dtype)``. diffusers' ``ModelMixin.to`` warns, for any dtype, that the modules a model keeps
     in float32 may be cast (``There are modules in ... that should be kept in float32: []``), also for a model that
     keeps none; such a model is cast by ``torch.nn.Module.to`` instead, which does the same cast without the warning.
-    A model that keeps some (Wan) goes through its own ``to`` and the warning stands."""
+    A model that keeps some (Wan) goes through its own ``to`` and the warning stands. A quantized model keeps its
+    quantized weights as they are (:func:`~.quantization.cast_unquantized`)."""
     import torch
+
+    from .quantization import cast_unquantized, is_quantized
+
+    if is_quantized(module):
+        cast_unquantized(module, dtype, device)
+        return
 
     to = module.to if getattr(module, "_keep_in_fp32_modules", None) else MethodType(torch.nn.Module.to, module)
     if device is None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 from .io.saving import has_lora_adapters
+from .quantization import check_quantized_base_training
 
 __all__ = ["DisabledAdaptersReference", "FrozenCopyReference", "Reference", "build_reference", "reference_for"]
 
@@ -156,6 +157,8 @@ def reference_for(
     """The reference ``objective`` needs for ``family``'s denoiser, or ``None`` for reference-free objectives (MaPO,
     SFT: no copy in memory, no forward pass). Call before adding LoRA adapters (see :func:`build_reference`)."""
     denoiser = family.denoiser
+    # A quantized base trains LoRA only: refused here, before a full-tuning reference would deep-copy it.
+    check_quantized_base_training(denoiser, family.denoiser_name, peft_config)
     if peft_config is not None and ref_model is None and has_lora_adapters(denoiser):
         raise ValueError(
             f"The {family.denoiser_name} already carries LoRA adapters; pass an explicit ref_model or a clean model"

@@ -40,6 +40,7 @@ from .guards import EMAWeights, PathologyAction
 from .io.run_files import RunFiles, files_hook
 from .io.trackers import make_config_trackable
 from .objectives import AutoBeta, PreferenceObjective, objective_from_config
+from .quantization import check_engine_supports_quantized_base
 from .reference import reference_for
 from .rewards import RewardFunction, RewardFunctions
 from .run_summary import StartSummary
@@ -175,6 +176,7 @@ class DiffusionSDPOTrainer(Trainer):
 
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
         self.engine: Engine = engine_for(self.accelerator)
+        check_engine_supports_quantized_base(self.engine.name, denoiser)
         place_frozen_modules(self.family, args.device, self._dtype, on_cpu=data.encoders_idle)
         if self.reference is not None and not self.reference.shares_policy_weights:
             # In the policy's precision and under its autocast: at step 0 the reference computes what the policy does.

@@ -157,10 +157,8 @@ def test_train_help_comes_from_the_field_docs(capsys) -> None:
 @pytest.mark.parametrize(
     "flags,refused",
     [
-        (["--load_in_4bit"], "load_in_4bit"),
-        (["--bnb_4bit_quant_type", "fp4"], "bnb_4bit_quant_type"),  # alone it used to be ignored
-        (["--use_bnb_nested_quant"], "use_bnb_nested_quant"),
-        (["--bnb_4bit_quant_storage", "uint8"], "bnb_4bit_quant_storage"),
+        (["--attn_implementation", "sdpa"], "attn_implementation"),
+        (["--lora_target_parameters", "w"], "lora_target_parameters"),
     ],
 )
 def test_model_config_options_for_language_models_are_refused(
@@ -169,6 +167,24 @@ def test_model_config_options_for_language_models_are_refused(
     pipe_dir, data_dir = local_pipeline_and_data
     argv = ["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path), *flags]
     with pytest.raises(ValueError, match=rf"ModelConfig option\(s\) \['{refused}'\] apply to transformers language"):
+        train_main(argv)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--bnb_4bit_quant_type", "fp4"], "--bnb_4bit_quant_type applies to bitsandbytes' 4-bit base only"),
+        (["--use_bnb_nested_quant"], "--use_bnb_nested_quant and --bnb_4bit_quant_storage apply to"),
+        (["--bnb_4bit_quant_storage", "uint8"], "--use_bnb_nested_quant and --bnb_4bit_quant_storage apply to"),
+    ],
+)
+def test_bitsandbytes_4bit_options_without_a_4bit_base_are_refused(
+    local_pipeline_and_data, tmp_path: Path, flags, message
+) -> None:
+    """Alone they used to be ignored; they apply to a base loaded with --load_in_4bit (docs/quantization.md)."""
+    pipe_dir, data_dir = local_pipeline_and_data
+    argv = ["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path), *flags]
+    with pytest.raises(ValueError, match=message):
         train_main(argv)
 
 
@@ -261,9 +277,10 @@ def test_train_help_describes_the_command_and_marks_what_it_does_not_offer(capsy
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "Train Diffusion-DPO / Diffusion-SDPO" in out and "--config FILE.yaml" in out
     assert "--no_random_flip Set random_flip to False" in out  # not the field's own help, the opposite
-    for refused in ("--load_in_4bit [", "--lora_task_type LORA", "--attn_implementation ATTN"):
+    for refused in ("--lora_task_type LORA", "--attn_implementation ATTN"):
         assert refused not in out  # hidden from the options; the epilog says why
-    assert "--load_in_4bit, --load_in_8bit" in out and "--lora_task_type is ignored" in out
+    assert "--lora_task_type is ignored" in out
+    assert "--load_in_4bit [" in out and "--base_quantization" in out  # they quantize the frozen base
     assert "the shipped configs use 0.0" in out and "to_q, to_k, to_v, to_out.0" in out
 
 

@@ -27,6 +27,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ..config import DiffusionSDPOConfig, check_config
 from ..config.docs import GROUPS
+from ..quantization import BASE_QUANTIZATIONS
 from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
 
 if TYPE_CHECKING:
@@ -111,6 +112,16 @@ class DiffusionScriptArguments:
             "--metric_for_best_model (e.g. implicit_acc) and --load_best_model_at_end."
         },
     )
+    base_quantization: str = field(
+        default="none",
+        metadata={
+            "help": "Load the frozen base quantized and train LoRA on it (--use_peft): the denoiser and, unless "
+            "training reads a latent cache, the text encoders. bnb-nf4 and bnb-int8 (bitsandbytes, a CUDA GPU; also "
+            "--load_in_4bit / --load_in_8bit), torchao-int8, torchao-float8, quanto-int8, quanto-int4. See "
+            "docs/quantization.md.",
+            "choices": list(BASE_QUANTIZATIONS),
+        },
+    )
 
 
 ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments)
@@ -145,20 +156,13 @@ EPILOG = (
     "Examples: examples/configs/*.yaml (tiny_cpu, sd15_lora, sdxl_lora, sd3_lora, flux_lora, ...). A relative path in "
     "a --config file is read from the file's folder. Resume with --resume_from_checkpoint true (the newest complete "
     "checkpoint in --output_dir) or a checkpoint folder. Not offered: TRL ModelConfig's options for language models "
-    "(--load_in_4bit, --load_in_8bit, the bnb quantization options, --attn_implementation, --lora_target_parameters) "
-    "are refused, and --lora_task_type is ignored (a denoiser's LoRA has no task head)."
+    "(--attn_implementation, --lora_target_parameters) are refused, and --lora_task_type is ignored (a denoiser's "
+    "LoRA has no task head). --load_in_4bit, --load_in_8bit, --bnb_4bit_quant_type and --use_bnb_nested_quant "
+    "quantize the frozen base (docs/quantization.md)."
 )
 # TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
 # parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
-REFUSED_OPTIONS = (
-    "load_in_4bit",
-    "load_in_8bit",
-    "bnb_4bit_quant_type",
-    "use_bnb_nested_quant",
-    "bnb_4bit_quant_storage",
-    "attn_implementation",
-    "lora_target_parameters",
-)
+REFUSED_OPTIONS = ("attn_implementation", "lora_target_parameters")
 HIDDEN_OPTIONS = (*REFUSED_OPTIONS, "lora_task_type")
 # TRL's ModelConfig help with the defaults this package uses in their place.
 LORA_HELP = {
@@ -426,7 +430,7 @@ def check_supported_model(model_args: ModelConfig) -> None:
     """A pipeline named, and none of TRL's language-model options set."""
     if model_args.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: a diffusers pipeline folder or Hub id.")
-    # Any of them set away from TRL's default is refused: a quantization option alone would otherwise be ignored.
+    # Any of them set away from TRL's default is refused: such an option alone would otherwise be ignored.
     defaults = {f.name: f.default for f in fields(ModelConfig)}
     given = [name for name in REFUSED_OPTIONS if getattr(model_args, name) != defaults[name]]
     if given:
@@ -447,13 +451,37 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name)
 
 
+def base_quantization_for(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
+    """The frozen base's quantization from ``--base_quantization`` and TRL's bitsandbytes switches."""
+    from ..quantization import BaseQuantization
+
+    return BaseQuantization.from_arguments(
+        diffusion_args.base_quantization,
+        load_in_4bit=model_args.load_in_4bit,
+        load_in_8bit=model_args.load_in_8bit,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        use_bnb_nested_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
+        compute_dtype=_torch_dtype(model_args.dtype),
+    )
+
+
 def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
-    """Load the pipeline whole on every process (even under a ZeRO-3 config with ``zero3_init_flag``)."""
+    """Load the pipeline whole on every process (even under a ZeRO-3 config with ``zero3_init_flag``), its frozen base
+    quantized as the arguments say (the text encoders too, unless training reads a latent cache)."""
     from ..distributed import load_pipeline, zero3_init_disabled
-    from ..loading import dtype_keyword
+    from ..loading import dtype_keyword, resolve_model_name
+    from ..quantization import pipeline_quantization_config
 
     dtype = _torch_dtype(model_args.dtype)
     kwargs: dict = {"revision": model_args.model_revision, **dtype_keyword(dtype)}
+    quantization = pipeline_quantization_config(
+        base_quantization_for(model_args, diffusion_args),
+        resolve_model_name(model_args.model_name_or_path),
+        quantize_text_encoders=not diffusion_args.latent_cache,
+    )
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if diffusion_args.vae_name_or_path:
         from diffusers import AutoencoderKL
 

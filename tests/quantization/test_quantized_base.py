@@ -1,0 +1,482 @@
+"""LoRA on a quantized frozen base (optimum-quanto and torchao weight-only int8, both on CPU), from Python and from the
+``train`` command.
+
+Each training is checked against consumers and independent computations: the first step's policy errors equal the
+reference's bit for bit; after training, the reference predicts what a freshly loaded quantized base predicts (the
+adapters are off in it); the base's quantized weights are unchanged and the optimizer holds the adapters only; the
+one-pass safeguard ran; the saved file holds LoRA keys only and diffusers' ``load_lora_weights`` loads the same
+adapters into the unquantized pipeline (and into the quantized one, whose predictions then equal the trained
+policy's). The default suite trains the tiny SD once per route; the family matrix (SD, SDXL, FLUX.2 [klein],
+Qwen-Image, Wan x quanto / torchao x Python / command line) and two DDP processes are marked slow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from conftest import LORA_TARGETS, fast_config_values, pickapic_rows
+from datasets import Dataset
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo.loading import dtype_keyword
+from trl_diffusion_sdpo.quantization import (
+    BaseQuantization,
+    check_engine_supports_quantized_base,
+    is_quantized,
+    quantized_parameters,
+)
+from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+
+pytest.importorskip("optimum.quanto")
+pytest.importorskip("torchao")
+
+ROOT = Path(__file__).resolve().parents[2]
+# an adapter weight in diffusers' LoRA files: peft's names (transformers) or the UNet's converted ones
+LORA_KEY = re.compile(r"\.lora(_A|_B|\.down|\.up)\.weight$")
+
+
+def diffusers_config(backend: str):
+    """diffusers' own config for ``backend``, written as a user writes it."""
+    from diffusers import QuantoConfig, TorchAoConfig
+
+    if backend == "quanto-int8":
+        return QuantoConfig(weights_dtype="int8")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+@dataclass
+class Case:
+    """A family's tiny pipeline, its training config values, data and LoRA targets."""
+
+    build: Any
+    targets: tuple[str, ...] = tuple(LORA_TARGETS)
+    config_values: dict[str, Any] = field(default_factory=dict)
+    rows: Any = pickapic_rows
+    sample_shape: tuple[int, ...] | None = None  # [N, C, ...] of the probe's latents; None: [2, C, 4, 4]
+    time_ids: bool = False  # SDXL's micro-conditioning
+
+    def command_flags(self) -> list[str]:
+        return [f"--{k}={v}" for k, v in self.config_values.items()]
+
+
+def family_cases() -> dict[str, Case]:
+    """The family matrix's cases, from the families' own test modules (their sequence lengths and clips)."""
+    from test_flux2 import CASES as FLUX2
+    from test_qwen_image import CASE as QWEN
+    from test_wan import CASE as WAN
+    from test_wan import video_rows
+
+    def flow(case, **more) -> Case:
+        values = {"beta": 100.0, "max_sequence_length": case.sequence_length, **case.config_values}
+        return Case(case.build, tuple(case.lora_targets), values, sample_shape=case.sample_shape, **more)
+
+    return {
+        "sd": Case(build_tiny_sd_pipeline),
+        "sdxl": Case(build_tiny_sdxl_pipeline, time_ids=True),
+        "flux2-klein": flow(FLUX2["klein"]),
+        "qwen-image": flow(QWEN),
+        "wan": flow(WAN, rows=video_rows),
+    }
+
+
+def base_weights(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every frozen weight of ``denoiser`` (peft's ``base_layer`` names folded back), the quantized ones as their
+    dequantized values."""
+    weights = {}
+    quantized = set(quantized_parameters(denoiser))
+    with torch.no_grad():
+        for name, parameter in denoiser.named_parameters():
+            if "lora_" in name:
+                continue
+            value = parameter.detach()
+            weights[name.replace("base_layer.", "")] = (value.dequantize() if name in quantized else value).clone()
+    return weights
+
+
+def adapter_weights(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights in peft's names (whatever the adapter is called: the trainer's ``default``, the
+    loader's ``default_0``)."""
+    (name,) = denoiser.peft_config
+    return get_peft_model_state_dict(denoiser, adapter_name=name)
+
+
+def probe(case: Case, family, call) -> torch.Tensor:
+    """``call(sample, timestep, conditioning)`` on fixed latents and two prompts through ``family``'s conditioning."""
+    gen = torch.Generator().manual_seed(1)
+    sample = torch.randn(case.sample_shape or (2, family.latent_shape(32)[0], 4, 4), generator=gen)
+    embeds = family.encode_prompts(family.prompt_tokenizer()(["a red square", "two blue circles"]))
+    time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2) if case.time_ids else None
+    with torch.no_grad():
+        return call(sample, torch.tensor([300.0, 700.0]), family.denoiser_conditioning(embeds, time_ids))
+
+
+def lora_config(case: Case) -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, init_lora_weights=True, target_modules=list(case.targets))
+
+
+def save_base(case: Case, root: Path) -> Path:
+    """The family's tiny pipeline saved under ``root`` (the unquantized base every route loads)."""
+    folder = root / "pipeline"
+    if not folder.exists():
+        case.build(seed=0, tokenizer_dir=str(root / "tokenizers")).save_pretrained(folder)
+        Dataset.from_list(case.rows(4)).save_to_disk(str(root / "pairs"))
+    return folder
+
+
+def train_from_python(case: Case, backend: str, root: Path, **overrides) -> tuple[DiffusionSDPOTrainer, dict]:
+    """A pipeline loaded with diffusers' ``PipelineQuantizationConfig`` (the denoiser quantized), trained 2 steps
+    with the one-pass parameter-space safeguard; the base's weights as they were before training."""
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    folder = save_base(case, root)
+    denoiser_name = "unet" if (folder / "unet").exists() else "transformer"
+    quantization = PipelineQuantizationConfig(quant_mapping={denoiser_name: diffusers_config(backend)})
+    # torchao loads in bfloat16 unless told otherwise; the tests compare float32 runs
+    pipe = DiffusionPipeline.from_pretrained(folder, quantization_config=quantization, **dtype_keyword(torch.float32))
+    before = base_weights(getattr(pipe, denoiser_name))
+    values = {**fast_config_values(str(root / "out")), "max_steps": 2, **case.config_values}
+    config = DiffusionSDPOConfig(**{**values, "safeguard_space": "parameter", **overrides})
+    trainer = DiffusionSDPOTrainer(
+        pipe, args=config, train_dataset=Dataset.load_from_disk(str(root / "pairs")), peft_config=lora_config(case)
+    )
+    trainer.train()
+    trainer.save_model(str(root / "out"))
+    return trainer, before
+
+
+def train_from_command_line(case: Case, backend: str, root: Path) -> tuple[DiffusionSDPOTrainer, dict]:
+    """The ``train`` command (in this process) with ``--base_quantization``; the base's weights before training are
+    read from a second quantized load, which quantizes the same checkpoint the same way."""
+    from diffusers import DiffusionPipeline
+
+    from trl_diffusion_sdpo.scripts.train import main
+
+    folder = save_base(case, root)
+    out = root / "out"
+    trainer = main(
+        ["--model_name_or_path", str(folder), "--dataset_name", str(root / "pairs"), "--output_dir", str(out),
+         "--base_quantization", backend, "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
+         "--lora_target_modules", *case.targets, "--resolution", "32", "--per_device_train_batch_size", "2",
+         "--max_steps", "2", "--learning_rate", "1e-3", "--scale_lr", "false", "--warmup_steps", "0",
+         "--logging_steps", "1", "--safeguard", "true", "--safeguard_space", "parameter", "--use_cpu",
+         "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+         "--seed", "0", *case.command_flags()]
+    )  # fmt: skip
+    denoiser_name = trainer.family.denoiser_name
+    fresh = DiffusionPipeline.load_config(str(folder))  # the denoiser's class, as the command loaded it
+    return trainer, base_weights(fresh_denoiser(folder, denoiser_name, fresh[denoiser_name][1], backend))
+
+
+def fresh_denoiser(folder: Path, denoiser_name: str, class_name: str, backend: str) -> torch.nn.Module:
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    return cls.from_pretrained(
+        folder, subfolder=denoiser_name, quantization_config=diffusers_config(backend), **dtype_keyword(torch.float32)
+    )
+
+
+def check_training(case: Case, backend: str, root: Path, trainer: DiffusionSDPOTrainer, before: dict) -> None:
+    """Everything a LoRA run on a quantized base promises (see the module docstring)."""
+    from diffusers import DiffusionPipeline
+
+    family, denoiser = trainer.family, trainer.family.denoiser
+    assert is_quantized(denoiser) and quantized_parameters(denoiser)
+    first = trainer.state.log_history[0]
+    assert first["mse/policy_winner"] == first["mse/ref_winner"]
+    assert first["mse/policy_loser"] == first["mse/ref_loser"]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # the one pass ran: no fallback to per-branch passes
+    stage = trainer.safeguard.backward_stage
+    assert stage.one_pass is not None and stage.two_pass_reason is None
+    # the base never changed; the adapters did
+    after = base_weights(denoiser)
+    assert after.keys() == before.keys()
+    assert not [name for name, value in after.items() if not torch.equal(value, before[name])]
+    adapters = {n: p for n, p in denoiser.named_parameters() if "lora_B" in n}
+    assert adapters and any(p.abs().sum() > 0 for p in adapters.values())
+    # the optimizer holds the adapters, nothing else
+    names = {id(p): n for n, p in denoiser.named_parameters()}
+    optimized = [names.get(id(p), "?") for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert optimized and all("lora_" in n for n in optimized), [n for n in optimized if "lora_" not in n][:3]
+    # the reference is the quantized base with the adapters off: a fresh quantized load predicts the same
+    class_name = DiffusionPipeline.load_config(str(root / "pipeline"))[family.denoiser_name][1]
+    fresh = fresh_denoiser(root / "pipeline", family.denoiser_name, class_name, backend).train(denoiser.training)
+    reference = probe(case, family, lambda s, t, c: trainer.reference.predict(s, t, **c))
+    expected = probe(case, family, lambda s, t, c: family.call_denoiser(fresh, s, t, c))
+    assert torch.equal(reference, expected)
+    # the saved file holds the adapters only, and loads into the unquantized pipeline as they were trained
+    saved = load_file(root / "out" / "pytorch_lora_weights.safetensors")
+    assert saved and all(LORA_KEY.search(k) for k in saved), [k for k in saved if not LORA_KEY.search(k)][:3]
+    plain = DiffusionPipeline.from_pretrained(root / "pipeline")
+    plain.load_lora_weights(str(root / "out"))
+    loaded = adapter_weights(getattr(plain, family.denoiser_name))
+    trained = adapter_weights(denoiser)
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[k], trained[k].detach().cpu()) for k in trained)
+
+
+# ---------------------------------------------------------------------------------------------- the default suite
+
+
+@pytest.fixture(scope="module")
+def quanto_sd(tmp_path_factory):
+    """The tiny SD trained from Python on a quanto int8 UNet (diffusers' ``QuantoConfig`` on the denoiser)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("quanto-sd")
+    case = Case(build_tiny_sd_pipeline)
+    folder = save_base(case, root)
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", quantization_config=diffusers_config("quanto-int8")
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(folder, unet=unet)
+    before = base_weights(unet)
+    values = {**fast_config_values(str(root / "out")), "max_steps": 2}
+    config = DiffusionSDPOConfig(**values, safeguard_space="parameter", safeguard_scope="pair")
+    trainer = DiffusionSDPOTrainer(
+        pipe, args=config, train_dataset=Dataset.load_from_disk(str(root / "pairs")), peft_config=lora_config(case)
+    )
+    trainer.train()
+    trainer.save_model(str(root / "out"))
+    return SimpleNamespace(case=case, root=root, trainer=trainer, before=before)
+
+
+def test_lora_trains_on_a_quanto_int8_unet_from_python(quanto_sd) -> None:
+    check_training(quanto_sd.case, "quanto-int8", quanto_sd.root, quanto_sd.trainer, quanto_sd.before)
+
+
+def test_saved_lora_loads_into_the_quantized_pipeline_and_predicts_as_the_policy(quanto_sd) -> None:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    folder, trainer = quanto_sd.root / "pipeline", quanto_sd.trainer
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", quantization_config=diffusers_config("quanto-int8")
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(folder, unet=unet)
+    pipe.load_lora_weights(str(quanto_sd.root / "out"))
+    policy, family = trainer.family.denoiser, trainer.family
+    unet.train(policy.training)
+    ours = probe(quanto_sd.case, family, lambda s, t, c: family.call_denoiser(policy, s, t, c))
+    theirs = probe(quanto_sd.case, family, lambda s, t, c: family.call_denoiser(unet, s, t, c))
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_lora_trained_on_a_quantized_base_exports_and_merges_into_the_unquantized_base(quanto_sd, tmp_path) -> None:
+    from diffusers import DiffusionPipeline
+
+    from trl_diffusion_sdpo.io.export import export_lora, merge_lora
+
+    base, lora = str(quanto_sd.root / "pipeline"), str(quanto_sd.root / "out")
+    exported = export_lora(lora, base, "kohya", str(tmp_path / "kohya.safetensors"))
+    assert exported is not None and (tmp_path / "kohya.safetensors").exists()
+    merged = DiffusionPipeline.from_pretrained(merge_lora(lora, base, str(tmp_path / "merged")))
+    with_lora = DiffusionPipeline.from_pretrained(base)
+    with_lora.load_lora_weights(lora)
+    family = quanto_sd.trainer.family
+    ours = probe(quanto_sd.case, family, lambda s, t, c: family.call_denoiser(merged.unet, s, t, c))
+    theirs = probe(quanto_sd.case, family, lambda s, t, c: family.call_denoiser(with_lora.unet, s, t, c))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_lora_trains_on_a_torchao_int8_base_from_the_command_line(tmp_path) -> None:
+    case = Case(build_tiny_sd_pipeline)
+    trainer, before = train_from_command_line(case, "torchao-int8", tmp_path)
+    check_training(case, "torchao-int8", tmp_path, trainer, before)
+    # the text encoder was quantized too (training encodes prompts with it), and stayed frozen
+    assert is_quantized(trainer.pipeline.text_encoder)
+    assert not any(p.requires_grad for p in trainer.pipeline.text_encoder.parameters())
+
+
+def test_an_untappable_adapter_on_a_quantized_base_falls_back_to_two_passes_saying_why_once(quanto_sd, caplog) -> None:
+    """DoRA's magnitude vectors sit in no layer a tap covers: the step runs one pass per branch, logged once."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    folder, root = quanto_sd.root / "pipeline", quanto_sd.root
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", quantization_config=diffusers_config("quanto-int8")
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(folder, unet=unet)
+    config = DiffusionSDPOConfig(
+        **{**fast_config_values(str(root / "dora")), "max_steps": 2}, safeguard_space="parameter"
+    )
+    dora = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=list(LORA_TARGETS))
+    trainer = DiffusionSDPOTrainer(
+        pipe, args=config, train_dataset=Dataset.load_from_disk(str(root / "pairs")), peft_config=dora
+    )
+    with caplog.at_level("WARNING", logger="trl_diffusion_sdpo"):
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records if "one forward and backward pass per branch" in r.getMessage()]
+    assert len(said) == 1 and "lora_magnitude_vector" in said[0]
+    assert trainer.safeguard.backward_stage.one_pass is None
+    first = trainer.state.log_history[0]
+    assert first["mse/policy_winner"] == first["mse/ref_winner"] and "safeguard/lambda_mean" in first
+
+
+def test_full_tuning_of_a_quantized_base_is_refused_naming_lora(quanto_sd, make_config, pickapic_dataset) -> None:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    folder = quanto_sd.root / "pipeline"
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", quantization_config=diffusers_config("quanto-int8")
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(folder, unet=unet)
+    with pytest.raises(ValueError, match=r"unet is quantized \(quanto\).*LoRA.*peft_config"):
+        DiffusionSDPOTrainer(pipe, args=make_config(), train_dataset=pickapic_dataset)
+
+
+# ------------------------------------------------------------------------------- options, refusals, engines
+
+
+def test_trl_bitsandbytes_switches_translate_to_diffusers_configs() -> None:
+    nf4 = BaseQuantization.from_arguments(load_in_4bit=True, use_bnb_nested_quant=True, compute_dtype=torch.bfloat16)
+    assert nf4.name == "bnb-nf4"
+    assert nf4.config_kwargs("diffusers") == {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": torch.bfloat16,
+    }
+    fp4 = BaseQuantization.from_arguments(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_quant_storage="uint8")
+    assert fp4.config_kwargs("transformers")["bnb_4bit_quant_type"] == "fp4"
+    assert fp4.config_kwargs("transformers")["bnb_4bit_quant_storage"] == "uint8"
+    assert BaseQuantization.from_arguments(load_in_8bit=True).config_kwargs("diffusers") == {"load_in_8bit": True}
+    assert BaseQuantization.from_arguments("bnb-int8", load_in_8bit=True).name == "bnb-int8"
+    # quanto's config classes name the weights' dtype differently in diffusers and transformers
+    int4 = BaseQuantization.from_arguments("quanto-int4")
+    assert int4.config_kwargs("diffusers") == {"weights_dtype": "int4"}
+    assert int4.config_kwargs("transformers") == {"weights": "int4"}
+    assert type(BaseQuantization("torchao-float8").config_kwargs("diffusers")["quant_type"]).__name__ == (
+        "Float8WeightOnlyConfig"
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"load_in_4bit": True, "load_in_8bit": True}, "--load_in_4bit and --load_in_8bit exclude each other"),
+        ({"base_quantization": "quanto-int8", "load_in_4bit": True}, "--load_in_4bit and --base_quantization"),
+        ({"base_quantization": "torchao-int8", "bnb_4bit_quant_type": "fp4"}, "--bnb_4bit_quant_type applies"),
+        ({"base_quantization": "bnb-int8", "use_bnb_nested_quant": True}, "--use_bnb_nested_quant"),
+        ({"base_quantization": "int3"}, "--base_quantization must be one of none, bnb-nf4"),
+    ],
+)
+def test_conflicting_quantization_options_are_refused_naming_the_flags(arguments, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        BaseQuantization.from_arguments(**arguments)
+
+
+def test_command_line_parses_the_trl_switches_it_used_to_refuse(tmp_path) -> None:
+    from trl_diffusion_sdpo.scripts.train import (
+        base_quantization_for,
+        check_supported_model,
+        make_parser,
+        parse_args,
+    )
+
+    _, _, model_args, diffusion_args = parse_args(
+        ["--model_name_or_path", "x", "--output_dir", str(tmp_path), "--load_in_4bit", "--bnb_4bit_quant_type",
+         "fp4", "--use_bnb_nested_quant", "--dtype", "bfloat16"]
+    )  # fmt: skip
+    check_supported_model(model_args)  # no longer refused
+    quantization = base_quantization_for(model_args, diffusion_args)
+    assert (quantization.name, quantization.bnb_4bit_quant_type, quantization.bnb_nested_quant) == (
+        "bnb-nf4",
+        "fp4",
+        True,
+    )
+    assert quantization.compute_dtype == torch.bfloat16
+    assert "--base_quantization" in make_parser().format_help() and "--load_in_4bit" in make_parser().format_help()
+
+
+def test_bitsandbytes_without_its_package_is_refused_with_what_to_install() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(ValueError, match=r"bnb-nf4 needs the bitsandbytes package: pip install bitsandbytes.*quanto"):
+        BaseQuantization("bnb-nf4").config("diffusers")
+
+
+def test_text_encoders_are_quantized_unless_training_reads_a_latent_cache(tmp_path) -> None:
+    from trl_diffusion_sdpo.quantization import pipeline_quantization_config
+
+    folder = save_base(Case(build_tiny_sdxl_pipeline), tmp_path)
+    quantization = BaseQuantization("quanto-int8")
+    everything = pipeline_quantization_config(quantization, folder).quant_mapping
+    assert set(everything) == {"unet", "text_encoder", "text_encoder_2"}
+    assert type(everything["unet"]).__module__.startswith("diffusers")
+    assert type(everything["text_encoder"]).__module__.startswith("transformers")
+    cached = pipeline_quantization_config(quantization, folder, quantize_text_encoders=False).quant_mapping
+    assert set(cached) == {"unet"}
+    assert pipeline_quantization_config(BaseQuantization("none"), folder) is None
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2", "fsdp1"])
+def test_sharding_engines_refuse_a_quantized_base_naming_ddp(quanto_sd, engine) -> None:
+    denoiser = quanto_sd.trainer.family.denoiser
+    with pytest.raises(ValueError, match=rf"does not train under {engine}: .*Launch with DDP instead"):
+        check_engine_supports_quantized_base(engine, denoiser)
+    check_engine_supports_quantized_base("ddp", denoiser)
+    check_engine_supports_quantized_base(engine, torch.nn.Linear(2, 2))  # not quantized
+
+
+# ------------------------------------------------------------------------------------------- slow: the matrix
+
+FAMILIES = ["sd", "sdxl", "flux2-klein", "qwen-image", "wan"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["python", "command"])
+@pytest.mark.parametrize("backend", ["quanto-int8", "torchao-int8"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_lora_on_a_quantized_base(family, backend, route, tmp_path) -> None:
+    case = family_cases()[family]
+    train = train_from_python if route == "python" else train_from_command_line
+    trainer, before = train(case, backend, tmp_path)
+    check_training(case, backend, tmp_path, trainer, before)
+
+
+@pytest.mark.slow
+def test_ddp_trains_lora_on_a_quantized_base_in_two_processes(tmp_path) -> None:
+    """``accelerate launch`` with the shipped multi_gpu config on two CPU processes (gloo), quanto int8 base: both
+    processes end with the same adapters, which differ from their start, and the saved LoRA loads."""
+    from diffusers import DiffusionPipeline
+
+    folder = save_base(Case(build_tiny_sd_pipeline), tmp_path)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "examples" / "accelerate_configs" / "multi_gpu.yaml"), "--num_processes", "2", "--cpu",
+        "--mixed_precision", "no", "--main_process_port", "0", "-m", "trl_diffusion_sdpo", "train",
+        "--model_name_or_path", str(folder), "--dataset_name", str(tmp_path / "pairs"), "--output_dir", str(out),
+        "--base_quantization", "quanto-int8", "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
+        "--resolution", "32", "--per_device_train_batch_size", "1", "--max_steps", "2", "--learning_rate", "1e-3",
+        "--scale_lr", "false", "--warmup_steps", "0", "--safeguard", "true", "--safeguard_space", "parameter",
+        "--safeguard_scope", "global", "--report_to", "none", "--save_strategy", "no",
+        "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert saved and all(LORA_KEY.search(k) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora.up." in k)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(str(out))
+    assert adapter_weights(pipe.unet).keys()
