@@ -56,6 +56,13 @@ def test_the_stored_help_is_the_parsers(command):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+def test_no_option_help_is_mangled_by_argparse_formatting(command):
+    """argparse formats each help with ``%``: a bare ``1% above`` prints the option's whole record instead."""
+    text = parser_of(command, show_all=True).format_help()
+    assert "'option_strings'" not in text and "<argparse." not in text
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_prints_the_stored_text_without_importing_transformers(command):
     code = (
         "import sys\n"

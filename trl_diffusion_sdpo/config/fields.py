@@ -192,8 +192,8 @@ class DiffusionSDPOConfig(TrainingArguments):
     safeguard_mu_step: float = option(
         1.0,
         "`safeguard_mu=auto`: the dual-ascent step `eta` of `mu <- clamp(mu + eta * c, 0, 1)`, with `c` the "
-        "step's relative violation `sum(e_w - e_ref_w) / sum(e_ref_w)` over every process's pairs (a winner error 1% "
-        "above the reference's raises mu by 0.01 per step at 1.0). Not tuned: not measured.",
+        "step's relative violation `sum(e_w - e_ref_w) / sum(e_ref_w)` over every process's pairs (a winner error "
+        "one percent above the reference's raises mu by 0.01 per step at 1.0). Not tuned: not measured.",
     )
     ema_decay: float | None = option(
         None,

@@ -73,6 +73,11 @@ MODEL_TOPIC = (
         "lora_modules_to_save": "Modules trained in full beside the adapters (peft's modules_to_save).",
         "use_rslora": "Rank-stabilised LoRA: scale the adapters by alpha / sqrt(r) instead of alpha / r.",
         "use_dora": "Weight-decomposed LoRA (DoRA).",
+        "base_quantization": None,
+        "load_in_4bit": "Load the frozen base in bitsandbytes 4-bit (bnb-nf4 unless --bnb_4bit_quant_type) for LoRA.",
+        "load_in_8bit": "Load the frozen base in bitsandbytes int8 for LoRA.",
+        "bnb_4bit_quant_type": "With --load_in_4bit: nf4 or fp4.",
+        "use_bnb_nested_quant": "With --load_in_4bit: quantize the quantization constants too.",
     },
 )
 DATA_SOURCE_OPTIONS = {
@@ -111,6 +116,9 @@ TRAINING_TOPIC = (
         "eval_strategy": "When to evaluate on --dataset_test_split: no, steps or epoch.",
         "eval_steps": "Evaluate every this many optimizer steps.",
         "per_device_eval_batch_size": "Pairs per process per evaluation batch.",
+        "metric_for_best_model": "The eval metric that picks the best checkpoint (e.g. implicit_acc).",
+        "load_best_model_at_end": "Load the best checkpoint by --metric_for_best_model when training ends.",
+        "early_stopping_patience": None,
         "report_to": "Trackers to log to (none, tensorboard, wandb, trackio, ...).",
         "run_name": "The run's name in the trackers.",
         "dataloader_num_workers": "Data-loading worker processes (0: load in the training process).",
