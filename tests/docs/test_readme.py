@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 from log_checks import assert_plain
 
@@ -60,6 +59,7 @@ def test_the_readme_opens_with_the_demo_and_the_test_command_and_ci_runs_the_lat
 def test_the_demo_command_installs_the_extra_its_figures_need_and_dev_installs_every_extra() -> None:
     """matplotlib is the ``plots`` extra's, not a core dependency; the README's demo line installs that extra, and
     ``dev`` (the test command's) holds every extra's requirements, so the suite exercises each optional part."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = lambda requirements: {re.split(r"[<>=\[ ]", r, maxsplit=1)[0] for r in requirements}  # noqa: E731
     assert "matplotlib" not in names(project["dependencies"])

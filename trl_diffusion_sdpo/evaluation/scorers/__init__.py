@@ -13,17 +13,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..._lazy import lazy_attributes
-from .registry import available_scorers, register_scorer, scorer_factory
+from .registry import available_scorers, register_scorer
+from .registry import scorer_factory as scorer_factory  # importable here, not a user's
 
 if TYPE_CHECKING:
-    from .aesthetic import AestheticMLP, AestheticScorer
     from .base import EditScorer, Scorer, build_scorer, scores_edits
-    from .clip_score import CLIPScoreScorer
-    from .edit_reward import EditRewardScorer, editreward_to_transformers
-    from .hps import HPSv2Scorer, open_clip_to_transformers
-    from .hps_v3 import HPSv3Scorer, hpsv3_to_transformers
-    from .image_reward import ImageRewardModel, ImageRewardScorer, blip_to_transformers
-    from .pickscore import PickScoreScorer
 
 # Built-in scorer name -> "module:factory", imported on first use.
 _BUILTIN_SCORERS = {
@@ -60,27 +54,8 @@ _EXPORTS = {
     "open_clip_to_transformers": ".hps",
 }
 
-__all__ = [
-    "AestheticMLP",
-    "AestheticScorer",
-    "CLIPScoreScorer",
-    "EditRewardScorer",
-    "EditScorer",
-    "HPSv2Scorer",
-    "HPSv3Scorer",
-    "ImageRewardModel",
-    "ImageRewardScorer",
-    "PickScoreScorer",
-    "Scorer",
-    "available_scorers",
-    "blip_to_transformers",
-    "build_scorer",
-    "editreward_to_transformers",
-    "hpsv3_to_transformers",
-    "open_clip_to_transformers",
-    "register_scorer",
-    "scorer_factory",
-    "scores_edits",
-]
+# What users import: the interface and the registry. Each built-in scorer is reached by its registered name
+# (build_scorer("hpsv2")); its class and weight conversion stay importable from here, by name.
+__all__ = ["EditScorer", "Scorer", "available_scorers", "build_scorer", "register_scorer", "scores_edits"]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
