@@ -307,3 +307,21 @@ def test_a_run_with_every_guard_logs_them_keeps_the_best_checkpoint_and_saves_th
     assert not torch.equal(ema["conv_in.weight"], weights.steps[-1]["conv_in.weight"])
     for name, value in ema.items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _trained(make_trainer, **overrides) -> dict[str, torch.Tensor]:
+    trainer = make_trainer(max_steps=3, beta=500.0, **overrides)
+    trainer.train()
+    return {k: p.detach().clone() for k, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("adaptive", "fixed"),
+    [({"auto_beta": True}, {}), ({"safeguard_mu": "auto", "safeguard_mu_step": 50.0}, {"safeguard_mu": 0.5})],
+    ids=["auto_beta", "auto_mu"],
+)
+def test_what_the_adaptive_guards_choose_reaches_the_next_step(make_trainer, adaptive, fixed):
+    """The adapted beta and mu move after each step (LoRA starts equal to its reference: the first step's margins
+    and winner deltas are 0), so a run whose later steps ignored them would end with the fixed run's weights."""
+    moved, still = _trained(make_trainer, **adaptive), _trained(make_trainer, **fixed)
+    assert any(not torch.equal(moved[k], still[k]) for k in moved)
