@@ -325,3 +325,39 @@ def test_what_the_adaptive_guards_choose_reaches_the_next_step(make_trainer, ada
     and winner deltas are 0), so a run whose later steps ignored them would end with the fixed run's weights."""
     moved, still = _trained(make_trainer, **adaptive), _trained(make_trainer, **fixed)
     assert any(not torch.equal(moved[k], still[k]) for k in moved)
+
+
+def test_margins_by_timestep_quartile_are_the_pooled_means_of_each_quarter_of_the_schedule():
+    from collections import defaultdict
+
+    from trl_diffusion_sdpo.step.margins import QUARTILE_METRICS, finish_margin_quartiles, record_margin_quartiles
+    from trl_diffusion_sdpo.step.metrics import reduce_metrics
+
+    stored: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
+    batches = [
+        (torch.tensor([0.5, -1.0, 2.0]), torch.tensor([10, 260, 999])),
+        (torch.tensor([1.5, 3.0, -0.5, 4.0]), torch.tensor([249, 500, 749, 750])),
+    ]
+    for logits, timesteps in batches:
+        record_margin_quartiles(stored, logits, timesteps, 1000)
+    reduced = reduce_metrics(stored, list(QUARTILE_METRICS), 1.0, "cpu")
+    finish_margin_quartiles(reduced)
+    u = np.concatenate([b[0].numpy() for b in batches])
+    quarter = np.concatenate([b[1].numpy() for b in batches]) // 250
+    assert set(reduced) == {f"margin/t_q{q + 1}" for q in range(4)}
+    for q in range(4):
+        assert reduced[f"margin/t_q{q + 1}"] == pytest.approx(u[quarter == q].mean())
+
+
+def test_early_stopping_patience_on_the_command_line_is_transformers_callback():
+    from transformers import EarlyStoppingCallback
+
+    from trl_diffusion_sdpo.guards import early_stopping
+    from trl_diffusion_sdpo.scripts.train import parse_args
+
+    argv = ["--dataset_name", "d", "--model_name_or_path", "m", "--output_dir", "o", "--safeguard_mu", "auto"]
+    *_, training_args, _, diffusion_args = parse_args([*argv, "--early_stopping_patience", "2"])
+    assert training_args.safeguard_mu == "auto"
+    (callback,) = early_stopping(diffusion_args.early_stopping_patience)
+    assert isinstance(callback, EarlyStoppingCallback) and callback.early_stopping_patience == 2
+    assert early_stopping(parse_args(argv)[3].early_stopping_patience) == []
