@@ -317,8 +317,15 @@ def _trained(make_trainer, **overrides) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("adaptive", "fixed"),
-    [({"auto_beta": True}, {}), ({"safeguard_mu": "auto", "safeguard_mu_step": 50.0}, {"safeguard_mu": 0.5})],
-    ids=["auto_beta", "auto_mu"],
+    [
+        ({"auto_beta": True}, {}),
+        ({"safeguard_mu": "auto", "safeguard_mu_step": 50.0}, {"safeguard_mu": 0.5}),
+        (
+            {"safeguard_mu": "auto", "safeguard_mu_step": 50.0, "safeguard_space": "parameter"},
+            {"safeguard_mu": 0.5, "safeguard_space": "parameter"},
+        ),
+    ],
+    ids=["auto_beta", "auto_mu", "auto_mu_parameter_space"],
 )
 def test_what_the_adaptive_guards_choose_reaches_the_next_step(make_trainer, adaptive, fixed):
     """The adapted beta and mu move after each step (LoRA starts equal to its reference: the first step's margins
