@@ -307,3 +307,64 @@ def test_a_run_with_every_guard_logs_them_keeps_the_best_checkpoint_and_saves_th
     assert not torch.equal(ema["conv_in.weight"], weights.steps[-1]["conv_in.weight"])
     for name, value in ema.items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _trained(make_trainer, **overrides) -> dict[str, torch.Tensor]:
+    trainer = make_trainer(max_steps=3, beta=500.0, **overrides)
+    trainer.train()
+    return {k: p.detach().clone() for k, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("adaptive", "fixed"),
+    [
+        ({"auto_beta": True}, {}),
+        ({"safeguard_mu": "auto", "safeguard_mu_step": 50.0}, {"safeguard_mu": 0.5}),
+        (
+            {"safeguard_mu": "auto", "safeguard_mu_step": 50.0, "safeguard_space": "parameter"},
+            {"safeguard_mu": 0.5, "safeguard_space": "parameter"},
+        ),
+    ],
+    ids=["auto_beta", "auto_mu", "auto_mu_parameter_space"],
+)
+def test_what_the_adaptive_guards_choose_reaches_the_next_step(make_trainer, adaptive, fixed):
+    """The adapted beta and mu move after each step (LoRA starts equal to its reference: the first step's margins
+    and winner deltas are 0), so a run whose later steps ignored them would end with the fixed run's weights."""
+    moved, still = _trained(make_trainer, **adaptive), _trained(make_trainer, **fixed)
+    assert any(not torch.equal(moved[k], still[k]) for k in moved)
+
+
+def test_margins_by_timestep_quartile_are_the_pooled_means_of_each_quarter_of_the_schedule():
+    from collections import defaultdict
+
+    from trl_diffusion_sdpo.step.margins import QUARTILE_METRICS, finish_margin_quartiles, record_margin_quartiles
+    from trl_diffusion_sdpo.step.metrics import reduce_metrics
+
+    stored: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
+    batches = [
+        (torch.tensor([0.5, -1.0, 2.0]), torch.tensor([10, 260, 999])),
+        (torch.tensor([1.5, 3.0, -0.5, 4.0]), torch.tensor([249, 500, 749, 750])),
+    ]
+    for logits, timesteps in batches:
+        record_margin_quartiles(stored, logits, timesteps, 1000)
+    reduced = reduce_metrics(stored, list(QUARTILE_METRICS), 1.0, "cpu")
+    finish_margin_quartiles(reduced)
+    u = np.concatenate([b[0].numpy() for b in batches])
+    quarter = np.concatenate([b[1].numpy() for b in batches]) // 250
+    assert set(reduced) == {f"margin/t_q{q + 1}" for q in range(4)}
+    for q in range(4):
+        assert reduced[f"margin/t_q{q + 1}"] == pytest.approx(u[quarter == q].mean())
+
+
+def test_early_stopping_patience_on_the_command_line_is_transformers_callback():
+    from transformers import EarlyStoppingCallback
+
+    from trl_diffusion_sdpo.guards import early_stopping
+    from trl_diffusion_sdpo.scripts.train import parse_args
+
+    argv = ["--dataset_name", "d", "--model_name_or_path", "m", "--output_dir", "o", "--safeguard_mu", "auto"]
+    *_, training_args, _, diffusion_args = parse_args([*argv, "--early_stopping_patience", "2"])
+    assert training_args.safeguard_mu == "auto"
+    (callback,) = early_stopping(diffusion_args.early_stopping_patience)
+    assert isinstance(callback, EarlyStoppingCallback) and callback.early_stopping_patience == 2
+    assert early_stopping(parse_args(argv)[3].early_stopping_patience) == []
