@@ -27,7 +27,7 @@ class PreferenceCollator:
     With ``with_flipped``, ``time_ids_flipped`` holds the ``time_ids`` of the mirrored views, for the trainer's flip.
     Nothing random is drawn here. With a random crop (``train`` and the transform's ``random_crop``) the images are
     only resized: ``pixel_values [B, 2, 3, H, W]`` holds them zero-padded to the largest, ``crop_sizes [B, 2, 2]``
-    their ``(height, width)``, and the trainer crops with keyed draws (:func:`~trl_diffusion_sdpo.step.batch.
+    their ``(height, width)``, and the trainer crops with keyed draws (:func:`~trl_diffusion_sdpo.step.stages.
     crop_pairs`), so a resumed run crops exactly as the uninterrupted one. ``train=False`` gives the deterministic
     evaluation view: center crop.
 
@@ -138,7 +138,7 @@ class PreferenceCollator:
 
         For a process whose first micro-batch lost every row (ties, bad streamed rows) while its peers train: it must
         still run the step's forward and backward passes and their collectives, with weight zero, and has no earlier
-        micro-batch to replay (:class:`~trl_diffusion_sdpo.step.batch.UsableBatches`).
+        micro-batch to replay (:class:`~trl_diffusion_sdpo.step.stages.UsableBatches`).
         """
         shape = self.transform.pixel_shape
         height, width = shape[-2:]

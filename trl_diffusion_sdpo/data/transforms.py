@@ -114,7 +114,7 @@ class PairTransform:
     def resized_pair(self, winner: Image.Image, loser: Image.Image) -> tuple[list[torch.Tensor], torch.Tensor]:
         """For a random crop drawn later by the trainer (keyed, so resume is exact): the two images resized but not
         cropped (``[3, h, w]`` each, in [-1, 1]) and their ``time_ids [2, 6]`` with crop offsets 0, to be filled in
-        by :func:`~trl_diffusion_sdpo.step.batch.crop_pairs`."""
+        by :func:`~trl_diffusion_sdpo.step.stages.crop_pairs`."""
         pixels, time_ids = [], []
         for image in (winner, loser):
             orig_w, orig_h = image.size

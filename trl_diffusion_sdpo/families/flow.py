@@ -23,8 +23,9 @@ How ``s`` is drawn follows the way each family is trained, through diffusers' he
    unpatched, Qwen-Image 2.1) and ``s' = e^mu s / (1 + (e^mu - 1) s)``;
 3. a per-sample loss weight ``w(s)`` (``"sigma_sqrt"``: ``s^-2``; ``"cosmap"``: ``2 / (pi (1 - 2s + 2s^2))``;
    otherwise 1). A weighted scheme multiplies each branch's squared error by ``w``; it is applied by scaling the
-   predictions and the target by ``sqrt(w)`` (see :mod:`trl_diffusion_sdpo.step.predictions`), so the errors, the
-   objectives and the safeguard all see the weighted problem. With weight 1 (the default schemes) nothing is scaled.
+   predictions and the target by ``sqrt(w)`` (see :func:`trl_diffusion_sdpo.step.stages.predict_pairs`), so the
+   errors, the objectives and the safeguard all see the weighted problem. With weight 1 (the default schemes)
+   nothing is scaled.
 
 Diffusers' schedulers and training helpers are imported when a noiser is built or draws, not when this module is.
 """
