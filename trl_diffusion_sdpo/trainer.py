@@ -48,8 +48,14 @@ from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.draws import MicroBatchDraws
 from .step.guard import NonFiniteLossGuard, NonFiniteTracker
 from .step.health import WinnerHealth
-from .step.margins import QUARTILE_METRICS, finish_margin_quartiles, record_margin_quartiles
-from .step.metrics import metric_names, record_metrics, reduce_metrics
+from .step.metrics import (
+    QUARTILE_METRICS,
+    finish_margin_quartiles,
+    metric_names,
+    record_margin_quartiles,
+    record_metrics,
+    reduce_metrics,
+)
 from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zeroing_only
 from .step.optimizer import grad_norm as trainable_grad_norm
 from .step.stages import Augmentation, MicroBatchStages, UsableBatches, evaluate_objective
@@ -234,6 +240,8 @@ class DiffusionSDPOTrainer(Trainer):
         self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
         # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts.
         self.auto_beta = AutoBeta.from_config(args, self.accelerator.num_processes)
+        margin = self.safeguard.margin if self.safeguard.margin.auto else None  # a fixed mu never moves
+        self.adaptive_guards = [guard for guard in (self.auto_beta, margin) if guard is not None]
         self.on_pathology = PathologyAction(args.on_pathology, self.safeguard.margin if args.safeguard else None)
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
@@ -339,11 +347,10 @@ class DiffusionSDPOTrainer(Trainer):
     def _adapt(self, errors, contributes: bool) -> None:
         """The adaptive guards see every micro-batch (a replay adds zeros) and move once its optimizer step's window
         closes, on every process together: auto-beta's EMA, and ``mu`` with ``safeguard_mu="auto"``."""
-        adaptive = [g for g in (self.auto_beta, self.safeguard.margin) if g is not None]
-        for guard in adaptive:
+        for guard in self.adaptive_guards:
             guard.observe(errors, contributes)
         if self.accelerator.sync_gradients:
-            for guard in adaptive:
+            for guard in self.adaptive_guards:
                 guard.update()
 
     @contextlib.contextmanager
