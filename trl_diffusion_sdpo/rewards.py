@@ -26,8 +26,8 @@ RewardFunction = Callable[..., Sequence[float] | torch.Tensor]
 def _scorer_function(name: str) -> tuple[str, RewardFunction]:
     """A registered scorer as a reward function (the scorers outside the evaluation package, the demo's ``colour``,
     registered first)."""
-    from ..evaluation.scorers import available_scorers, build_scorer
-    from ..evaluation.scorers.registry import register_outside_scorers
+    from .evaluation.scorers import available_scorers, build_scorer
+    from .evaluation.scorers.registry import register_outside_scorers
 
     register_outside_scorers()
     if name not in available_scorers():

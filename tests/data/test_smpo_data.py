@@ -317,3 +317,26 @@ def test_a_registered_objective_that_reads_pair_scores_gets_them_from_the_data(m
     assert {tuple(round(v, 4) for v in pair) for pair in seen.tolist()} <= {
         (round(max(s), 4), round(min(s), 4)) for s in SCORES[:3]
     }
+
+
+def test_reward_funcs_take_a_registered_scorer_name(make_pipeline, make_config):
+    """A name resolves through the scorer registry (the demo's colour scorer), as the online trainer's do."""
+    from trl_diffusion_sdpo.evaluation.scorers import build_scorer
+    from trl_diffusion_sdpo.evaluation.scorers.registry import register_outside_scorers
+
+    register_outside_scorers()
+    rows = pickapic_rows(2)
+    for row, caption in zip(rows, ("red circle on white", "blue square on black")):  # captions the scorer reads
+        row["caption"] = caption
+    dataset = Dataset.from_list(rows)
+    trainer = DiffusionSDPOTrainer(
+        make_pipeline(),
+        args=make_config(max_steps=1, **SMPO),
+        train_dataset=dataset,
+        peft_config=lora_config(),
+        reward_funcs="colour",
+    )
+    scorer = build_scorer("colour")
+    for row, s0, s1 in zip(dataset, trainer.train_dataset["score_0"], trainer.train_dataset["score_1"]):
+        images = [load_image(row["jpg_0"]), load_image(row["jpg_1"])]
+        assert [s0, s1] == scorer(images, [row["caption"]] * 2, None).tolist()

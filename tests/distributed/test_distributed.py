@@ -765,8 +765,8 @@ def test_parameter_space_local_scope_under_zero2_keeps_the_processes_in_step(ass
 
 @pytest.mark.slow  # the refusal itself is unit-tested in test_engines.py; this runs the real launch
 def test_parameter_space_under_zero3_with_the_local_scope_is_refused_before_training(assets):
-    """ZeRO-3 averages each branch's gradient as it partitions it: the default local scope is refused, naming the
-    global scope (test_zero3_parameter_space.py trains with it) and the engines with a per-process lambda."""
+    """ZeRO-3 averages each branch's gradient as it partitions it: the local scope is refused, naming the global scope
+    (the default; test_zero3_parameter_space.py trains with it) and the engines with a per-process lambda."""
     out = assets["root"] / "zero3-parameter"
     command = [
         sys.executable,
@@ -799,6 +799,8 @@ def test_parameter_space_under_zero3_with_the_local_scope_is_refused_before_trai
         "no",
         "--use_peft",
         *PARAMETER,
+        "--safeguard_scope",
+        "local",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

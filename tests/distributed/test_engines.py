@@ -137,3 +137,16 @@ def test_plain_engine_leaves_accumulated_gradients_in_place_and_does_not_reduce_
     torch.testing.assert_close(weight.grad, torch.full((2,), 3.0))
     winner_sq, cross = engine.reduce_branch_sums(torch.tensor(4.0), torch.tensor(1.0), global_scope=True)
     assert (float(winner_sq), float(cross)) == (4.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"), [(DistributedType.DEEPSPEED, {"zero_stage": 3}), (DistributedType.FSDP, {"fsdp2": True})]
+)
+def test_the_default_scope_runs_the_exact_safeguard_under_zero3_and_fsdp2(kind, options):
+    """A run that only adds --config_file deepspeed_zero3.yaml (or fsdp2.yaml) keeps working in the parameter space:
+    the default safeguard_scope is one these engines take."""
+    from trl_diffusion_sdpo.config import DiffusionSDPOConfig
+
+    default = DiffusionSDPOConfig.__dataclass_fields__["safeguard_scope"].default
+    engine = engine_for(_accelerator(kind, processes=2, **options))
+    assert ParameterSpaceBackward(engine, 0.5, 1.0, global_scope=default == "global").global_scope

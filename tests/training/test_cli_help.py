@@ -88,7 +88,8 @@ def test_help_groups_the_options_by_topic_and_hides_the_language_model_ones(comm
             assert heading.replace("`", "") in found, heading
     assert {"Model and LoRA", "Data", "Training, saving and logging (transformers' TrainingArguments)"} <= set(found)
     assert "--safeguard_space" in found["Parameters that control the safeguard"]
-    assert "--lora_r" in found["Model and LoRA"] and "--resolution" in found["Data"]
+    assert "--lora_r" in found["Model and LoRA"] and "--resolution" in found["Images, timesteps and noising"]
+    assert "--cache_latents" in found["Data"] and "--skip_invalid_rows" in found["Data"]
     if command == "train":
         assert "--dataset_name" in found["Data"]
     else:

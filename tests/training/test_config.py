@@ -444,3 +444,21 @@ def test_the_train_command_refuses_an_objectives_field_before_loading_anything(t
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith(f"trl-diffusion-sdpo train: error: {message}")
+
+
+@pytest.mark.parametrize("space", ["output", "parameter"])
+def test_the_default_global_scope_computes_the_local_lambda_on_one_process(make_trainer, space):
+    """On one process the default scope (global, which every engine runs) is the local scope's computation: the same
+    lambdas and the same trained weights, bit for bit."""
+    import torch
+
+    runs = {}
+    for scope in ("local", "global"):
+        trainer = make_trainer(safeguard_space=space, safeguard_scope=scope, max_steps=2)
+        trainer.train()
+        lambdas = [h["safeguard/lambda_mean"] for h in trainer.state.log_history if "safeguard/lambda_mean" in h]
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        runs[scope] = (lambdas, weights)
+    assert runs["local"][0] == runs["global"][0] and runs["local"][0]
+    for name, value in runs["local"][1].items():
+        assert torch.equal(value, runs["global"][1][name]), name

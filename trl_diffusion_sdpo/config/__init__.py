@@ -1,5 +1,6 @@
 """Configuration of Diffusion-DPO / Diffusion-SDPO training: the package's bottom layer, importing nothing of the
-package but :mod:`~trl_diffusion_sdpo.checks` and :mod:`~trl_diffusion_sdpo._lazy`.
+package but :mod:`~trl_diffusion_sdpo.checks` and :mod:`~trl_diffusion_sdpo._lazy` (a config being checked imports the
+owners of its fields' rules by name, :data:`~.rules.CHECK_OWNERS`, so its answer never depends on import order).
 
 :mod:`.fields` holds :class:`DiffusionSDPOConfig`'s fields (each field's help is its documentation), :mod:`.rules`
 the rules of their values (and the checks the layers above register, :func:`register_config_check`), :mod:`.docs`

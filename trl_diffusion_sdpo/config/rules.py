@@ -122,6 +122,7 @@ def _safeguarded(config: Any, space: str | None = None, scope: str | None = None
     """The safeguard is on (in ``space`` and with ``scope`` where given): a safeguard field is read only then."""
     return (
         config.safeguard_space != "none"
+        and config.safeguard is not False  # a config whose safeguard was set off after it was made
         and space in (None, config.safeguard_space)
         and scope in (None, config.safeguard_scope)
     )

@@ -3,7 +3,8 @@ and trained on with the offline trainer's step (its objectives, safeguards, engi
 
 * :class:`OnlineDiffusionSDPOConfig` (:mod:`.config`): the offline config plus the generation's fields;
 * :class:`OnlineDiffusionSDPOTrainer` (:mod:`.trainer`): the trainer, a generation stage before the offline step;
-* :mod:`.generation`: sample, score and pair one micro-batch; :mod:`.rewards`: the weighted reward functions.
+* :mod:`.generation`: sample, score and pair one micro-batch; ``RewardFunctions``: the weighted reward functions
+  (:mod:`trl_diffusion_sdpo.rewards`, which the offline trainer uses too).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ __getattr__, __dir__ = lazy_attributes(
     {
         "OnlineDiffusionSDPOConfig": ".config",
         "OnlineDiffusionSDPOTrainer": ".trainer",
-        "RewardFunctions": ".rewards",
+        "RewardFunctions": "..rewards",
     },
     globals(),
 )

@@ -177,17 +177,24 @@ _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0", "none", ""}
 
 
+# The data group's options about reading the rows (beside the *_column names); the rest of the group is about
+# the images, the timesteps and the noising, listed under a topic of their own to keep each topic one screen.
+READING_OPTIONS = ("skip_invalid_rows", "dataset_num_proc", "cache_latents", "latent_cache_dir")
+
+
 def train_topics() -> list[tuple[str, str, Any]]:
     """``train --help``'s topics, in order: the model, the data, the config's groups, the training loop."""
     groups = {heading.replace("`", ""): names for heading, (_, names) in GROUPS.items()}
     data = groups.pop("Parameters that control the data")
+    reading = [name for name in data if name.endswith("_column") or name in READING_OPTIONS]
     return [
         MODEL_TOPIC,
         (
             "Data",
             "Where the pairs come from and how they are read (docs/data.md).",
-            {**DATA_SOURCE_OPTIONS, **dict.fromkeys(data)},
+            {**DATA_SOURCE_OPTIONS, **dict.fromkeys(reading)},
         ),
+        ("Images, timesteps and noising", "", [name for name in data if name not in reading]),
         *((heading, "", names) for heading, names in groups.items()),
         TRAINING_TOPIC,
     ]
