@@ -185,15 +185,52 @@ def build_model(spec: ModelSpec, opts: argparse.Namespace, workdir: str):
         from trl_diffusion_sdpo import tiny_models
 
         return getattr(tiny_models, spec.source)(seed=0, tokenizer_dir=workdir)
-    if spec.name == "flux2-klein":
-        return build_flux2_klein(opts.device, workdir)
-    return build_pipeline(spec.name, opts.device)
+    pipeline = (
+        build_flux2_klein(opts.device, workdir)
+        if spec.name == "flux2-klein"
+        else build_pipeline(spec.name, opts.device)
+    )
+    if opts.base != "none":
+        quantize_denoiser(pipeline, opts.base)
+    return pipeline
+
+
+# --base: the weight-only quantization diffusers' TorchAoConfig / QuantoConfig apply while loading, applied here to
+# the denoiser built from its config (random weights are never written to disk to be loaded back).
+QUANTIZED_BASES = ("none", "torchao-int8", "quanto-int8")
+
+
+def quantize_denoiser(pipeline, base: str) -> None:
+    """The pipeline's denoiser (its ``unet`` or ``transformer``) quantized in place with ``base``'s backend."""
+    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
+    if base == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(denoiser, Int8WeightOnlyConfig())
+    elif base == "quanto-int8":
+        from optimum.quanto import freeze, qint8, quantize
+
+        quantize(denoiser, weights=qint8)
+        freeze(denoiser)
+    else:
+        raise ValueError(f"unknown --base {base!r}")
 
 
 # --------------------------------------------------------------------------------------------------- one cell
 
 
-SETTING_KEYS = ("warmup", "steps", "optim", "lora_rank", "cache_latents", "budget_s", "grace_s", "threads")
+SETTING_KEYS = (
+    "warmup",
+    "steps",
+    "optim",
+    "lora_rank",
+    "lora_all",
+    "base",
+    "cache_latents",
+    "budget_s",
+    "grace_s",
+    "threads",
+)
 MEMORY_MEASURES = {"cuda": "torch.cuda.max_memory_allocated, reset before each step", "cpu": "process RSS (CPU)"}
 
 
@@ -296,7 +333,9 @@ def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: s
         dataloader_num_workers=0, seed=0, **SAFEGUARD_SETTINGS[setting],
     )  # fmt: skip
     peft_config = None
-    if spec.lora:  # the family's targets (FLUX.2's include the single-stream blocks)
+    if (
+        spec.lora or opts.lora_all or opts.base != "none"
+    ):  # the family's targets (FLUX.2's include the single-stream blocks)
         targets = list(family_for_pipeline(pipeline).lora_target_modules)
         rank = opts.lora_rank
         peft_config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
@@ -545,6 +584,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="measured steps per cell (at least 3)")
     parser.add_argument("--warmup", type=int, default=3, help="steps per cell discarded before measuring")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-all", action="store_true", help="LoRA on every model (a quantized --base implies it)")
+    parser.add_argument(
+        "--base",
+        default="none",
+        choices=list(QUANTIZED_BASES),
+        help="quantize the frozen denoiser with this backend (weight-only) and train LoRA on every model",
+    )
     parser.add_argument("--optim", default="adamw_torch_fused", help="transformers optimizer name")
     parser.add_argument("--cache-latents", action="store_true", help="cache latents and prompts (default: encode)")
     parser.add_argument(
@@ -580,7 +626,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = driver(opts, argv)
     print_table(report)
-    output = opts.output or result_path(opts.device, "gpu-matrix", "tiny" if opts.tiny else "real")
+    size = "tiny" if opts.tiny else "real"
+    output = opts.output or result_path(
+        opts.device, "gpu-matrix", size if opts.base == "none" else f"{size}-{opts.base}"
+    )
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {output} ({report['wall_time_s']:.0f} s)")
