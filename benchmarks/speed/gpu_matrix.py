@@ -627,9 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     report = driver(opts, argv)
     print_table(report)
     size = "tiny" if opts.tiny else "real"
-    output = opts.output or result_path(
-        opts.device, "gpu-matrix", size if opts.base == "none" else f"{size}-{opts.base}"
-    )
+    if opts.base != "none" or opts.lora_all:
+        size += f"-lora-{opts.base}-base" if opts.base != "none" else "-lora"
+    output = opts.output or result_path(opts.device, "gpu-matrix", size)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {output} ({report['wall_time_s']:.0f} s)")
