@@ -223,13 +223,30 @@ def check_engine_supports_quantized_base(engine: str, denoiser: torch.nn.Module)
     )
 
 
+def _inputs_in_autocast_dtype(module: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: floating-point tensor inputs in the enclosing autocast's dtype (none outside autocast)."""
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(tensor.device.type)
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
 def cast_unquantized(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
     """``module`` on ``device`` with its unquantized floating-point parameters and buffers in ``dtype``; the quantized
     weights keep their own storage (a dtype cast would dequantize them, or fail: diffusers and transformers refuse
-    ``.to(dtype)`` on a bitsandbytes model)."""
+    ``.to(dtype)`` on a bitsandbytes model).
+
+    A layer with a floating-point quantized weight (torchao's) computes in its input's dtype whatever the autocast:
+    under a bf16 autocast a float32 input would give a float32 output that the next bf16 norm refuses (``mixed
+    dtype (CPU)``). Such a layer takes its inputs in the autocast's dtype, as an unquantized layer computes."""
     if device is not None:
         module.to(device=device)
     for submodule in module.modules():
+        weight = submodule._parameters.get("weight")
+        follows = _inputs_in_autocast_dtype in submodule._forward_pre_hooks.values()
+        if weight is not None and _is_quantized_tensor(weight) and weight.is_floating_point() and not follows:
+            submodule.register_forward_pre_hook(_inputs_in_autocast_dtype)
         for store in (submodule._parameters, submodule._buffers):
             for tensor in store.values():
                 if tensor is None or _is_quantized_tensor(tensor) or not tensor.is_floating_point():

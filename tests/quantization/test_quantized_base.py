@@ -328,6 +328,30 @@ def test_an_untappable_adapter_on_a_quantized_base_falls_back_to_two_passes_sayi
     assert first["mse/policy_winner"] == first["mse/ref_winner"] and "safeguard/lambda_mean" in first
 
 
+@pytest.mark.parametrize("backend", ["torchao-int8", "quanto-int8"])
+def test_bf16_training_on_a_quantized_base_starts_equal_and_stays_finite(quanto_sd, backend, tmp_path) -> None:
+    """Under a bf16 autocast the unquantized norms are bf16; torchao's int8 layers, which compute in their input's
+    dtype, must get bf16 inputs (else: ``mixed dtype (CPU)``)."""
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    quantization = PipelineQuantizationConfig(quant_mapping={"unet": diffusers_config(backend)})
+    pipe = DiffusionPipeline.from_pretrained(
+        quanto_sd.root / "pipeline", quantization_config=quantization, **dtype_keyword(torch.bfloat16)
+    )
+    config = DiffusionSDPOConfig(**{**fast_config_values(str(tmp_path)), "max_steps": 2}, bf16=True)
+    trainer = DiffusionSDPOTrainer(
+        pipe,
+        args=config,
+        train_dataset=Dataset.load_from_disk(str(quanto_sd.root / "pairs")),
+        peft_config=lora_config(quanto_sd.case),
+    )
+    trainer.train()
+    first, losses = trainer.state.log_history[0], [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert first["mse/policy_winner"] == first["mse/ref_winner"] and all(math.isfinite(x) for x in losses)
+    dtypes = {p.dtype for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.float32}
+
+
 def test_full_tuning_of_a_quantized_base_is_refused_naming_lora(quanto_sd, make_config, pickapic_dataset) -> None:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
