@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "BASE_QUANTIZATIONS",
@@ -175,6 +176,8 @@ def _is_quantized_tensor(tensor: torch.Tensor) -> bool:
     """A quantized weight: a tensor subclass (quanto's, torchao's, bitsandbytes' ``Params4bit`` data) or integer
     data where a float weight was."""
     data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if isinstance(data, DTensor):  # FSDP2's shards of an unquantized weight
+        return _is_quantized_tensor(data.to_local())
     return type(data) not in (torch.Tensor, torch.nn.Parameter) or not data.is_floating_point()
 
 
