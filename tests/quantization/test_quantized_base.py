@@ -478,8 +478,9 @@ def test_every_family_trains_lora_on_a_quantized_base(family, backend, route, tm
 
 @pytest.mark.slow
 def test_ddp_trains_lora_on_a_quantized_base_in_two_processes(tmp_path) -> None:
-    """``accelerate launch`` with the shipped multi_gpu config on two CPU processes (gloo), quanto int8 base: both
-    processes end with the same adapters, which differ from their start, and the saved LoRA loads."""
+    """``accelerate launch`` with the shipped multi_gpu config on two CPU processes (gloo), quanto int8 base, the
+    one-pass safeguard with the global scope: the run ends, the saved adapters moved from their zero start and load
+    into the unquantized pipeline."""
     from diffusers import DiffusionPipeline
 
     folder = save_base(Case(build_tiny_sd_pipeline), tmp_path)
