@@ -505,3 +505,43 @@ def test_ddp_trains_lora_on_a_quantized_base_in_two_processes(tmp_path) -> None:
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.load_lora_weights(str(out))
     assert adapter_weights(pipe.unet).keys()
+
+
+# ------------------------------------------------------------------------------------------------ online training
+
+
+def online_trainer(tmp_path, **overrides):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from test_online import LORA, PROMPTS, online_config, red_minus_blue
+
+    from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
+    from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer
+
+    quantized = diffusers_config("quanto-int8")
+    unet = UNet2DConditionModel.from_pretrained(str(SHIPPED_BASE_DIR), subfolder="unet", quantization_config=quantized)
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR), unet=unet)
+    return OnlineDiffusionSDPOTrainer(
+        pipe,
+        None,
+        online_config(tmp_path, **overrides),
+        Dataset.from_dict({"prompt": PROMPTS}),
+        reward_funcs=[red_minus_blue],
+        peft_config=LoraConfig(**LORA),
+    )
+
+
+def test_online_training_on_a_quantized_base_refuses_refreshing_the_reference(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"ref_update_steps copies the policy .* keep the initial reference"):
+        online_trainer(tmp_path, ref_update_steps=1)
+
+
+@pytest.mark.slow
+def test_online_training_samples_and_trains_lora_on_a_quantized_base(tmp_path) -> None:
+    trainer = online_trainer(tmp_path, safeguard_space="parameter")
+    before = base_weights(trainer.family.denoiser)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["mse/policy_winner"] == first["mse/ref_winner"]
+    after = base_weights(trainer.family.denoiser)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    assert any(p.abs().sum() > 0 for n, p in trainer.family.denoiser.named_parameters() if "lora_B" in n)
