@@ -235,6 +235,14 @@ def _inputs_in_autocast_dtype(module: torch.nn.Module, args: tuple) -> tuple | N
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
+def _elsewhere(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether a parameter or buffer of ``module`` is not on ``device`` (``cuda`` matches any CUDA index)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != device.type or (device.index is not None and tensor.device.index != device.index):
+            return True
+    return False
+
+
 def cast_unquantized(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
     """``module`` on ``device`` with its unquantized floating-point parameters and buffers in ``dtype``; the quantized
     weights keep their own storage (a dtype cast would dequantize them, or fail: diffusers and transformers refuse
@@ -243,8 +251,8 @@ def cast_unquantized(module: torch.nn.Module, dtype: torch.dtype, device: torch.
     A layer with a floating-point quantized weight (torchao's) computes in its input's dtype whatever the autocast:
     under a bf16 autocast a float32 input would give a float32 output that the next bf16 norm refuses (``mixed
     dtype (CPU)``). Such a layer takes its inputs in the autocast's dtype, as an unquantized layer computes."""
-    if device is not None:
-        module.to(device=device)
+    if device is not None and _elsewhere(module, torch.device(device)):
+        module.to(device=device)  # diffusers and transformers refuse it for bitsandbytes' 8-bit models, placed on load
     for submodule in module.modules():
         weight = submodule._parameters.get("weight")
         follows = _inputs_in_autocast_dtype in submodule._forward_pre_hooks.values()

@@ -451,6 +451,21 @@ def test_text_encoders_are_quantized_unless_training_reads_a_latent_cache(tmp_pa
     assert pipeline_quantization_config(BaseQuantization("none"), folder) is None
 
 
+def test_a_quantized_model_already_on_the_device_is_cast_without_being_moved() -> None:
+    """diffusers and transformers refuse ``.to()`` on bitsandbytes' 8-bit models, which load onto their device."""
+    from trl_diffusion_sdpo.quantization import cast_unquantized
+
+    class RefusesTo(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            raise ValueError("`.to` is not supported for `8-bit` bitsandbytes models")
+
+    layer = RefusesTo(2, 2)
+    cast_unquantized(layer, torch.bfloat16, "cpu")
+    assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="8-bit"):
+        cast_unquantized(layer, torch.bfloat16, "meta")  # elsewhere: moved, which this model refuses
+
+
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp2", "fsdp1"])
 def test_sharding_engines_refuse_a_quantized_base_naming_ddp(quanto_sd, engine) -> None:
     denoiser = quanto_sd.trainer.family.denoiser
