@@ -4,7 +4,7 @@ The denoiser (and the text encoders, unless training reads a latent cache) is lo
 transformers' quantization configs, one name per backend (``--base_quantization``)::
 
     bnb-nf4, bnb-int8         bitsandbytes 4-bit NF4 / LLM.int8() (a CUDA GPU)
-    torchao-int8, -float8     torchao weight-only int8 / float8 (float8 needs a GPU with float8 matmuls)
+    torchao-int8, -float8     torchao weight-only int8 / float8 (CPU and GPU)
     quanto-int8, -int4        optimum-quanto weight-only int8 / int4 (CPU and GPU)
 
 Only LoRA trains on such a base: the quantized weights are tensor subclasses or integer tensors that no optimizer

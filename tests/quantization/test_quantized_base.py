@@ -54,9 +54,9 @@ def diffusers_config(backend: str):
 
     if backend == "quanto-int8":
         return QuantoConfig(weights_dtype="int8")
-    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
-    return TorchAoConfig(Int8WeightOnlyConfig())
+    return TorchAoConfig(Float8WeightOnlyConfig() if backend == "torchao-float8" else Int8WeightOnlyConfig())
 
 
 @dataclass
@@ -328,7 +328,7 @@ def test_an_untappable_adapter_on_a_quantized_base_falls_back_to_two_passes_sayi
     assert first["mse/policy_winner"] == first["mse/ref_winner"] and "safeguard/lambda_mean" in first
 
 
-@pytest.mark.parametrize("backend", ["torchao-int8", "quanto-int8"])
+@pytest.mark.parametrize("backend", ["torchao-int8", "quanto-int8", "torchao-float8"])
 def test_bf16_training_on_a_quantized_base_starts_equal_and_stays_finite(quanto_sd, backend, tmp_path) -> None:
     """Under a bf16 autocast the unquantized norms are bf16; torchao's int8 layers, which compute in their input's
     dtype, must get bf16 inputs (else: ``mixed dtype (CPU)``)."""
