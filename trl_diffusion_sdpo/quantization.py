@@ -4,7 +4,7 @@ The denoiser (and the text encoders, unless training reads a latent cache) is lo
 transformers' quantization configs, one name per backend (``--base_quantization``)::
 
     bnb-nf4, bnb-int8         bitsandbytes 4-bit NF4 / LLM.int8() (a CUDA GPU)
-    torchao-int8, -float8     torchao weight-only int8 / float8 (float8 needs a GPU with float8 matmuls)
+    torchao-int8, -float8     torchao weight-only int8 / float8 (CPU and GPU)
     quanto-int8, -int4        optimum-quanto weight-only int8 / int4 (CPU and GPU)
 
 Only LoRA trains on such a base: the quantized weights are tensor subclasses or integer tensors that no optimizer
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "BASE_QUANTIZATIONS",
@@ -175,6 +176,8 @@ def _is_quantized_tensor(tensor: torch.Tensor) -> bool:
     """A quantized weight: a tensor subclass (quanto's, torchao's, bitsandbytes' ``Params4bit`` data) or integer
     data where a float weight was."""
     data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if isinstance(data, DTensor):  # FSDP2's shards of an unquantized weight
+        return _is_quantized_tensor(data.to_local())
     return type(data) not in (torch.Tensor, torch.nn.Parameter) or not data.is_floating_point()
 
 
@@ -223,13 +226,38 @@ def check_engine_supports_quantized_base(engine: str, denoiser: torch.nn.Module)
     )
 
 
+def _inputs_in_autocast_dtype(module: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: floating-point tensor inputs in the enclosing autocast's dtype (none outside autocast)."""
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(tensor.device.type)
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _elsewhere(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether a parameter or buffer of ``module`` is not on ``device`` (``cuda`` matches any CUDA index)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != device.type or (device.index is not None and tensor.device.index != device.index):
+            return True
+    return False
+
+
 def cast_unquantized(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
     """``module`` on ``device`` with its unquantized floating-point parameters and buffers in ``dtype``; the quantized
     weights keep their own storage (a dtype cast would dequantize them, or fail: diffusers and transformers refuse
-    ``.to(dtype)`` on a bitsandbytes model)."""
-    if device is not None:
-        module.to(device=device)
+    ``.to(dtype)`` on a bitsandbytes model).
+
+    A layer with a floating-point quantized weight (torchao's) computes in its input's dtype whatever the autocast:
+    under a bf16 autocast a float32 input would give a float32 output that the next bf16 norm refuses (``mixed
+    dtype (CPU)``). Such a layer takes its inputs in the autocast's dtype, as an unquantized layer computes."""
+    if device is not None and _elsewhere(module, torch.device(device)):
+        module.to(device=device)  # diffusers and transformers refuse it for bitsandbytes' 8-bit models, placed on load
     for submodule in module.modules():
+        weight = submodule._parameters.get("weight")
+        follows = _inputs_in_autocast_dtype in submodule._forward_pre_hooks.values()
+        if weight is not None and _is_quantized_tensor(weight) and weight.is_floating_point() and not follows:
+            submodule.register_forward_pre_hook(_inputs_in_autocast_dtype)
         for store in (submodule._parameters, submodule._buffers):
             for tensor in store.values():
                 if tensor is None or _is_quantized_tensor(tensor) or not tensor.is_floating_point():

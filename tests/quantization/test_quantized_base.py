@@ -54,9 +54,9 @@ def diffusers_config(backend: str):
 
     if backend == "quanto-int8":
         return QuantoConfig(weights_dtype="int8")
-    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
-    return TorchAoConfig(Int8WeightOnlyConfig())
+    return TorchAoConfig(Float8WeightOnlyConfig() if backend == "torchao-float8" else Int8WeightOnlyConfig())
 
 
 @dataclass
@@ -328,6 +328,30 @@ def test_an_untappable_adapter_on_a_quantized_base_falls_back_to_two_passes_sayi
     assert first["mse/policy_winner"] == first["mse/ref_winner"] and "safeguard/lambda_mean" in first
 
 
+@pytest.mark.parametrize("backend", ["torchao-int8", "quanto-int8", "torchao-float8"])
+def test_bf16_training_on_a_quantized_base_starts_equal_and_stays_finite(quanto_sd, backend, tmp_path) -> None:
+    """Under a bf16 autocast the unquantized norms are bf16; torchao's int8 layers, which compute in their input's
+    dtype, must get bf16 inputs (else: ``mixed dtype (CPU)``)."""
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    quantization = PipelineQuantizationConfig(quant_mapping={"unet": diffusers_config(backend)})
+    pipe = DiffusionPipeline.from_pretrained(
+        quanto_sd.root / "pipeline", quantization_config=quantization, **dtype_keyword(torch.bfloat16)
+    )
+    config = DiffusionSDPOConfig(**{**fast_config_values(str(tmp_path)), "max_steps": 2}, bf16=True)
+    trainer = DiffusionSDPOTrainer(
+        pipe,
+        args=config,
+        train_dataset=Dataset.load_from_disk(str(quanto_sd.root / "pairs")),
+        peft_config=lora_config(quanto_sd.case),
+    )
+    trainer.train()
+    first, losses = trainer.state.log_history[0], [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert first["mse/policy_winner"] == first["mse/ref_winner"] and all(math.isfinite(x) for x in losses)
+    dtypes = {p.dtype for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.float32}
+
+
 def test_full_tuning_of_a_quantized_base_is_refused_naming_lora(quanto_sd, make_config, pickapic_dataset) -> None:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -427,6 +451,21 @@ def test_text_encoders_are_quantized_unless_training_reads_a_latent_cache(tmp_pa
     assert pipeline_quantization_config(BaseQuantization("none"), folder) is None
 
 
+def test_a_quantized_model_already_on_the_device_is_cast_without_being_moved() -> None:
+    """diffusers and transformers refuse ``.to()`` on bitsandbytes' 8-bit models, which load onto their device."""
+    from trl_diffusion_sdpo.quantization import cast_unquantized
+
+    class RefusesTo(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            raise ValueError("`.to` is not supported for `8-bit` bitsandbytes models")
+
+    layer = RefusesTo(2, 2)
+    cast_unquantized(layer, torch.bfloat16, "cpu")
+    assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="8-bit"):
+        cast_unquantized(layer, torch.bfloat16, "meta")  # elsewhere: moved, which this model refuses
+
+
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp2", "fsdp1"])
 def test_sharding_engines_refuse_a_quantized_base_naming_ddp(quanto_sd, engine) -> None:
     denoiser = quanto_sd.trainer.family.denoiser
@@ -454,8 +493,9 @@ def test_every_family_trains_lora_on_a_quantized_base(family, backend, route, tm
 
 @pytest.mark.slow
 def test_ddp_trains_lora_on_a_quantized_base_in_two_processes(tmp_path) -> None:
-    """``accelerate launch`` with the shipped multi_gpu config on two CPU processes (gloo), quanto int8 base: both
-    processes end with the same adapters, which differ from their start, and the saved LoRA loads."""
+    """``accelerate launch`` with the shipped multi_gpu config on two CPU processes (gloo), quanto int8 base, the
+    one-pass safeguard with the global scope: the run ends, the saved adapters moved from their zero start and load
+    into the unquantized pipeline."""
     from diffusers import DiffusionPipeline
 
     folder = save_base(Case(build_tiny_sd_pipeline), tmp_path)
@@ -480,3 +520,43 @@ def test_ddp_trains_lora_on_a_quantized_base_in_two_processes(tmp_path) -> None:
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.load_lora_weights(str(out))
     assert adapter_weights(pipe.unet).keys()
+
+
+# ------------------------------------------------------------------------------------------------ online training
+
+
+def online_trainer(tmp_path, **overrides):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from test_online import LORA, PROMPTS, online_config, red_minus_blue
+
+    from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
+    from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer
+
+    quantized = diffusers_config("quanto-int8")
+    unet = UNet2DConditionModel.from_pretrained(str(SHIPPED_BASE_DIR), subfolder="unet", quantization_config=quantized)
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR), unet=unet)
+    return OnlineDiffusionSDPOTrainer(
+        pipe,
+        None,
+        online_config(tmp_path, **overrides),
+        Dataset.from_dict({"prompt": PROMPTS}),
+        reward_funcs=[red_minus_blue],
+        peft_config=LoraConfig(**LORA),
+    )
+
+
+def test_online_training_on_a_quantized_base_refuses_refreshing_the_reference(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"ref_update_steps copies the policy .* keep the initial reference"):
+        online_trainer(tmp_path, ref_update_steps=1)
+
+
+@pytest.mark.slow
+def test_online_training_samples_and_trains_lora_on_a_quantized_base(tmp_path) -> None:
+    trainer = online_trainer(tmp_path, safeguard_space="parameter")
+    before = base_weights(trainer.family.denoiser)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["mse/policy_winner"] == first["mse/ref_winner"]
+    after = base_weights(trainer.family.denoiser)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    assert any(p.abs().sum() > 0 for n, p in trainer.family.denoiser.named_parameters() if "lora_B" in n)

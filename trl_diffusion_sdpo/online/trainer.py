@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from ..data.training_data import TrainingData
 from ..data.validation import DataReport
 from ..families import PromptEmbeddings
+from ..quantization import is_quantized
 from ..reference import refreshed_reference
 from ..rewards import RewardFunction, RewardFunctions
 from ..trainer import DiffusionSDPOTrainer
@@ -157,6 +158,12 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
                 )
             if self.reference is None:
                 raise ValueError(f"ref_update_steps: loss_type={args.loss_type!r} uses no reference model.")
+            if is_quantized(self.family.denoiser):
+                raise ValueError(
+                    "ref_update_steps copies the policy with its adapters merged into the base weights, which a "
+                    "quantized base cannot be copied or merged into: keep the initial reference "
+                    "(ref_update_steps=None)."
+                )
             self.add_callback(_ReferenceRefresh(self))
         self.generation = GenerationStage(
             self.family,
