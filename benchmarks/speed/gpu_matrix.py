@@ -210,7 +210,9 @@ def quantize_denoiser(pipeline, base: str) -> None:
     elif base == "quanto-int8":
         from optimum.quanto import freeze, qint8, quantize
 
-        quantize(denoiser, weights=qint8)
+        # nn.Linear only, as diffusers' QuantoConfig converts (a quantized Conv2d cannot follow autocast's cast)
+        linears = [name for name, module in denoiser.named_modules() if isinstance(module, torch.nn.Linear)]
+        quantize(denoiser, weights=qint8, include=linears)
         freeze(denoiser)
     else:
         raise ValueError(f"unknown --base {base!r}")
