@@ -165,7 +165,7 @@ def _kill_then_resume(stage: str, tmp_path, uninterrupted, expected_resume_step:
     assert proc.returncode == -9, f"the worker was not killed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     assert not os.path.isdir(os.path.join(out, "checkpoint-4"))
     trainer = build_trainer(out, tok)
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.io.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
         trainer.train(resume_from_checkpoint=True)
     assert f"Resuming from {os.path.join(out, f'checkpoint-{expected_resume_step}')}" in caplog.text
     assert trainer.state.global_step == 4
