@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from datasets import Dataset
@@ -80,6 +81,15 @@ def edit_rows(n: int = 4, sources: int | None = None) -> list[dict]:
             row["source_images"] = [encode_image(COLOURS[(i + k) % 6], SIZES[(i + k) % 6]) for k in range(sources)]
         rows.append(row)
     return rows
+
+
+@pytest.fixture(autouse=True)
+def datasets_progress_bars_restored() -> Iterator[None]:
+    """A command run in this process off a terminal turns ``datasets``' bars off for the rest of the process, as it
+    should in a real run: put the setting back after each test, so the next one starts from the library's default."""
+    enabled = datasets.is_progress_bar_enabled()
+    yield
+    datasets.enable_progress_bars() if enabled else datasets.disable_progress_bars()
 
 
 @pytest.fixture

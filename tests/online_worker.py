@@ -126,10 +126,15 @@ def _trainable_snapshot(trainer) -> dict[str, Any]:
     """This process's part of the trainable weights, flattened, and whether it is all of them (ZeRO-3 partitions
     even LoRA's small tensors until their first use, then keeps those below its persistence threshold whole)."""
     params = _trainable(trainer)
-    return {
+    snapshot = {
         "whole": not any(_is_shard(p) for p in params),
         "values": torch.cat([_local(p).detach().float().reshape(-1).cpu() for p in params]).tolist(),
     }
+    if any(hasattr(p, "ds_tensor") for p in params):
+        # ZeRO-3: this process's partition of every weight, the same layout whether a small weight is gathered (after
+        # an applied step) or not (after a skipped one, as DeepSpeed leaves it)
+        snapshot["partition"] = torch.cat([p.ds_tensor.detach().float().reshape(-1).cpu() for p in params]).tolist()
+    return snapshot
 
 
 def _snapshots_callback(trainer, snapshots: list[dict[str, Any]]):

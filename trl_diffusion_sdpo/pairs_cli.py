@@ -79,7 +79,9 @@ def run_pairs(args: argparse.Namespace) -> int:
     from .evaluation.pairs import make_pairs
     from .sampling_cli import sampling_keywords, scorer_arguments
 
-    quiet_off_terminal()
+    keywords = sampling_keywords(args)
+    if not quiet_off_terminal():  # a log file: no bars of \r redraws
+        keywords["progress"] = False
     result = make_pairs(
         args.base,
         args.model,
@@ -91,7 +93,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         seed=args.seed,
         scorer_kwargs=scorer_arguments(args.scorer_arg, [args.scorer]).get(args.scorer, {}),
-        **sampling_keywords(args),
+        **keywords,
     )
     s = result.summary
     print(f"{s['pairs']} pairs from {s['prompts_with_pair']} of {s['prompts']} prompts, {s['generated']} new images")

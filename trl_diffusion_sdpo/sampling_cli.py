@@ -52,7 +52,6 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
     """The keywords that :func:`add_sampling_arguments`' flags set, named as :func:`~.evaluation.evaluate` and
     :func:`~.evaluation.pairs.make_pairs` both take them: the generation settings, the prompt-loading options, the
     batch sizes, the image cache, the device and the progress bars."""
-    from .console import on_terminal
     from .evaluation import GenerationSettings
 
     settings = GenerationSettings(
@@ -72,7 +71,7 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
         "score_batch_size": args.score_batch_size,
         "cache_dir": args.cache_dir,
         "device": args.device,
-        "progress": not args.no_progress and on_terminal(),  # a log file gets no bars
+        "progress": not args.no_progress,
     }
 
 

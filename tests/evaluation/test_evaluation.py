@@ -160,7 +160,8 @@ def test_image_grid_labels_are_drawn_whole_on_small_cells():
     font = ImageFont.load_default()
     cells = [Image.new("RGB", (32, 32), (255, 255, 255))] * 2
     columns, rows = ["yellow square on white", "red circle on white"], ["base model", "diffusion-sdpo-lora"]
-    grid = image_grid([cells, cells], row_labels=rows, column_labels=columns)
+    grid = image_grid([cells, cells], row_labels=rows, column_labels=columns, cell=32)
+    assert image_grid([cells], column_labels=columns).width == 2 * 64  # labelled small images: 64-pixel cells
 
     def ink_of_words(text: str) -> int:
         total = 0

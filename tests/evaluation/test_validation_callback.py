@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from transformers import TrainerState
 
 from trl_diffusion_sdpo.evaluation import Scorer, ValidationCallback
@@ -56,7 +56,9 @@ def test_training_with_validation_is_identical_to_training_without(make_trainer,
     folder = tmp_path / "validated" / "validation"
     assert sorted(os.listdir(folder)) == ["step-000000.png", "step-000002.png"]
     grid = Image.open(folder / "step-000002.png")
-    assert grid.size == (100 + 2 * 32, 2 * 32)  # seed labels, then 2 prompts across and 2 seeds down
+    # the seed labels' column (as wide as "seed 1" drawn, and a margin), then 2 prompts across and 2 seeds down
+    label = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength("seed 1", font=ImageFont.load_default())
+    assert grid.size[1] == 2 * 32 and label < grid.size[0] - 2 * 32 <= label + 8
     rewards = [e for e in validated.state.log_history if "eval/reward/redness" in e]
     assert [e["step"] for e in rewards] == [0, 2]
 

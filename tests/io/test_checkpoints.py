@@ -21,6 +21,7 @@ import time
 import pytest
 import torch
 from checkpoint_kill_worker import STAGES, build_trainer
+from transformers import TrainerCallback
 
 from trl_diffusion_sdpo.io import saving as saving_module
 from trl_diffusion_sdpo.io.checkpoints import (
@@ -114,19 +115,29 @@ def test_resume_true_takes_the_newest_complete_checkpoint_and_logs_which(trained
     os.makedirs(os.path.join(run, "checkpoint-4"))
     with open(os.path.join(run, "checkpoint-4", WEIGHTS), "wb") as f:
         f.write(b"partial")
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.io.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
         chosen = resolve_resume_checkpoint(True, run)
     assert chosen == os.path.join(run, "checkpoint-3")
-    assert f"Resuming from {chosen}" in caplog.text
-    assert "checkpoint-4: trainer_state.json is missing" in caplog.text
+    resuming = next(r for r in caplog.records if r.getMessage().startswith(f"Resuming from {chosen}"))
+    assert resuming.levelno == logging.INFO  # what a resume is asked to do, not a warning
+    skipped = next(r for r in caplog.records if "checkpoint-4: trainer_state.json is missing" in r.getMessage())
+    assert skipped.levelno == logging.WARNING
 
 
 def test_rotation_keeps_the_newest_complete_checkpoint_despite_a_stale_partial_one(tmp_path):
     out = tmp_path / "out"
-    os.makedirs(out / "checkpoint-9")  # partial, from an older run or another machine's clock
-    future = time.time() + 3600
-    os.utime(out / "checkpoint-9", (future, future))  # transformers' rotation (newest mtime) would keep only it
+
+    class StalePartial(TrainerCallback):
+        """A partial checkpoint-9 appears once the run has claimed its folder (a new run into a folder holding one
+        is refused): from another machine's clock, its mtime in the future."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            os.makedirs(out / "checkpoint-9")
+            future = time.time() + 3600
+            os.utime(out / "checkpoint-9", (future, future))  # transformers' rotation (newest mtime) would keep it
+
     trainer = build_trainer(str(out), str(tmp_path / "tok"), max_steps=2)
+    trainer.add_callback(StalePartial())
     trainer.args.save_total_limit = 1
     trainer.train()
     assert sorted(os.listdir(out)) == ["checkpoint-2"]
@@ -154,7 +165,7 @@ def _kill_then_resume(stage: str, tmp_path, uninterrupted, expected_resume_step:
     assert proc.returncode == -9, f"the worker was not killed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     assert not os.path.isdir(os.path.join(out, "checkpoint-4"))
     trainer = build_trainer(out, tok)
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.io.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
         trainer.train(resume_from_checkpoint=True)
     assert f"Resuming from {os.path.join(out, f'checkpoint-{expected_resume_step}')}" in caplog.text
     assert trainer.state.global_step == 4

@@ -64,7 +64,7 @@ def test_sigterm_finishes_the_step_checkpoints_exits_75_and_resume_is_bit_exact(
     assert f"Training preempted by SIGTERM after optimizer step 3; checkpoint written to {checkpoint}" in stderr
 
     trainer = build_trainer(out, tok)
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.io.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
         trainer.train(resume_from_checkpoint=True)
     assert f"Resuming from {checkpoint}" in caplog.text
     assert trainer.state.global_step == 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -138,7 +139,7 @@ def plot_intervals(rows: Sequence[MetricSummary], metric: str, path: str) -> str
     ax.errorbar(x, means, yerr=errors, fmt="o", capsize=4)
     ax.set_xticks(x, [r.model for r in selected], rotation=20, ha="right")
     scale = selected[0].scale if selected else ""
-    ax.set_ylabel(f"{metric} ({scale})" if scale else metric)
+    ax.set_ylabel(textwrap.fill(f"{metric} ({scale})" if scale else metric, 40))  # a scorer's scale is a sentence
     ax.set_title(f"{metric}:\nmean and 95% bootstrap interval")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -156,11 +157,12 @@ def image_grid(
     cell: int | None = None,
 ) -> Image.Image:
     """A grid with one row per entry of ``rows`` (e.g. a model) and one column per image (e.g. a prompt), each cell
-    resized to ``cell`` pixels (default: the first image's width), with optional text labels: every label whole,
+    resized to ``cell`` pixels (default: the first image's width, at least 64 under column labels, so that a word of
+    a caption fits a cell's width), with optional text labels: every label whole,
     a column's wrapped onto as many lines as its cell's width needs, the row labels' column as wide as the widest."""
     if not rows or not rows[0]:
         raise ValueError("An image grid needs at least one image.")
-    cell = cell or rows[0][0].width
+    cell = cell or max(rows[0][0].width, 64 if column_labels else 0)
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
