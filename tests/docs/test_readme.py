@@ -80,6 +80,9 @@ def test_python_comes_within_the_first_40_lines_and_the_readme_stays_short() -> 
 # -- the quick commands, run as written -------------------------------------------------------------------------------
 
 
+# Slow (about 100 s on 2 loaded cores): the API trains in many default tests, and the README's train and export
+# commands run as written in the default suite below.
+@pytest.mark.slow
 def test_the_python_example_runs_as_written_and_its_lora_reloads(tmp_path: Path) -> None:
     """The README's Python block, unchanged, in an empty folder: it trains the shipped tiny base for the steps its
     own text sets, saves the LoRA, reloads it and samples an image."""

@@ -4,26 +4,38 @@ rule (LoRA and full tuning), for every safeguard setting on SD, and under DDP on
 
 The runs and how they are recorded: ``tests/step_reference.py``. A restructuring of the step that changes no value
 passes; one that changes a gradient, a ``lambda`` or a metric fails here, naming the run and the step.
+
+The runs are float32, and another CPU sums in another order (other vectorised kernels, other BLAS code paths), so the
+comparison is not of bits: each quantity may differ from the stored one by ``RTOL`` of its list's scale. ``RTOL``
+comes from the measured spread (``benchmarks/results/cpu-step-reference-spread-tiny.json``): the runs recorded under
+the machine's own capability (AVX-512), run again under ``ATEN_CPU_CAPABILITY=default`` and ``avx2``, differ by at
+most 3.3e-4 of their scale (the update space on two processes; 1.0e-4 for every other run). Before the runs were
+re-recorded with ``adam_epsilon=1e-4`` (``tests/step_reference.py``), runs stored on another machine differed from
+this one's by up to 9e-3 in full tuning and by as much as between two capabilities in the other runs
+(``benchmarks/results/history/cpu-step-reference-spread-tiny-eps1e-8.json``). ``RTOL`` is six times the largest
+measured spread; the planted bugs below move their runs by far more.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
-from step_reference import STORED, key, run, runs
+from step_reference import SPREAD_FILE, STORED, compared_metrics, key, run, runs
 
 with open(STORED, encoding="utf-8") as f:
     REFERENCE = json.load(f)
 
-# float32 on one thread with deterministic kernels: the same computation gives the same bits. The tolerance leaves
-# room for a float32 sum taken in another order (relative 1e-5 of the quantity's scale), nothing more.
-RTOL = 1e-5
+SPREAD = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / SPREAD_FILE
+RTOL = 2e-3
 
 
-def assert_close_lists(got: list[float], expected: list[float], what: str) -> None:
-    scale = max(abs(v) for v in expected) or 1.0
+def assert_close_lists(got: list[float], expected: list[float], what: str, scale: float | None = None) -> None:
+    """Each value within ``RTOL`` of ``scale`` (default: the largest stored magnitude of the list), as
+    ``step_reference.deviations`` measures the spread."""
+    scale = scale or max(abs(v) for v in expected) or 1.0
     assert len(got) == len(expected), f"{what}: {len(got)} values, {len(expected)} stored"
     for i, (a, b) in enumerate(zip(got, expected)):
         assert math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL * scale), f"{what}[{i}]: {a!r} != stored {b!r}"
@@ -36,9 +48,18 @@ def assert_equal_run(got: dict, expected: dict, name: str) -> None:
     assert len(got["logs"]) == len(expected["logs"]), f"{name}: logged steps differ"
     for step, (a, b) in enumerate(zip(got["logs"], expected["logs"])):
         assert a.keys() == b.keys(), f"{name} step {step}: logged {sorted(a.keys() ^ b.keys())} differ"
-        for metric in b:
-            assert_close_lists([a[metric]], [b[metric]], f"{name} step {step} {metric}")
+        for metric, scale in compared_metrics(b).items():  # a delta at its errors' scale (see compared_metrics)
+            assert_close_lists([a[metric]], [b[metric]], f"{name} step {step} {metric}", scale)
     assert_close_lists(got["weights"], expected["weights"], f"{name} trained weights")
+
+
+def mismatch(spec: tuple) -> str | None:
+    """Where run ``spec`` departs from its stored reference, or None."""
+    try:
+        assert_equal_run(run(*spec), REFERENCE[key(*spec)], key(*spec))
+    except AssertionError as error:
+        return str(error)
+    return None
 
 
 ONE_PROCESS = [spec for spec in runs() if spec[3] == 1]
@@ -71,17 +92,19 @@ def test_the_stored_reference_is_sensitive_to_the_safeguard():
     assert output["logs"][0]["safeguard/lambda_mean"] != parameter["logs"][0]["safeguard/lambda_mean"]
 
 
-def _fails_against_the_reference(spec) -> bool:
-    try:
-        assert_equal_run(run(*spec), REFERENCE[key(*spec)], key(*spec))
-    except AssertionError:
-        return True
-    return False
+def test_the_tolerance_is_above_five_times_the_measured_spread():
+    """``RTOL`` stays above the spread measured across CPU capabilities (re-measure after re-recording)."""
+    report = json.loads(SPREAD.read_text())
+    assert report["sources"]["stored"] == len(REFERENCE)
+    assert 0 < report["largest"] and RTOL >= 5 * report["largest"]
 
 
 def test_a_safeguard_that_never_scales_the_loser_is_caught(monkeypatch):
     from trl_diffusion_sdpo.safeguards import OutputSpace
     from trl_diffusion_sdpo.safeguards.base import StepResult
+
+    spec = ("sd", "output", True, 1)
+    assert mismatch(spec) is None  # the clean step passes the comparison that the planted one must fail
 
     def unscaled(self, batch):
         predictions = batch.predict(False)
@@ -91,12 +114,14 @@ def test_a_safeguard_that_never_scales_the_loser_is_caught(monkeypatch):
         return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output, {"safeguard/lambda": lam})
 
     monkeypatch.setattr(OutputSpace, "step", unscaled)
-    assert _fails_against_the_reference(("sd", "output", True, 1))
+    assert mismatch(spec) is not None
 
 
 def test_a_store_that_swaps_the_branches_is_caught(monkeypatch):
     from trl_diffusion_sdpo.gradients import OnePassBranchGradients
 
+    spec = ("sd", "parameter", True, 1)
+    assert mismatch(spec) is None  # the clean step passes the comparison that the planted one must fail
     combination = OnePassBranchGradients.combination
 
     def swapped(self, lam):
@@ -104,4 +129,4 @@ def test_a_store_that_swaps_the_branches_is_caught(monkeypatch):
         return combination(self, lam)
 
     monkeypatch.setattr(OnePassBranchGradients, "combination", swapped)
-    assert _fails_against_the_reference(("sd", "parameter", True, 1))
+    assert mismatch(spec) is not None
