@@ -185,7 +185,7 @@ def build_pipeline(preset: str, device: str):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trl_diffusion_sdpo.tiny_models import write_char_tokenizer
+    from trl_diffusion_sdpo.testing import write_char_tokenizer
 
     spec = PRESETS[preset]
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 

@@ -25,7 +25,7 @@ from transformers.trainer_callback import TrainerState  # noqa: E402
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.io import checkpoints  # noqa: E402
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline  # noqa: E402
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
 
 STAGES = [
     "weights",

@@ -18,7 +18,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
 # Distinct, saturated colours: a decoded, resized and cropped image keeps its colour exactly (PNG) or nearly (JPEG),
 # so tests can tell which image of a pair ended up where.

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-from trl_diffusion_sdpo.tiny_models import write_char_tokenizer
+from trl_diffusion_sdpo.testing import write_char_tokenizer
 
 try:
     from transformers import CLIPImageProcessorPil as ImageProcessor

@@ -19,7 +19,7 @@ from datasets import Dataset  # noqa: E402
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.families.inversion import DDIMInversionNoiser  # noqa: E402
-from trl_diffusion_sdpo.tiny_models.unet import build_tiny_sd_pipeline  # noqa: E402
+from trl_diffusion_sdpo.testing.unet import build_tiny_sd_pipeline  # noqa: E402
 
 
 def main(result: str, space: str) -> None:

@@ -49,7 +49,7 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 @dataclass(frozen=True)
 class Family:
-    builder: str  # a trl_diffusion_sdpo.tiny_models builder
+    builder: str  # a trl_diffusion_sdpo.testing builder
     tokens: int
     lora_targets: tuple[str, ...]
     editing: bool = False
@@ -133,11 +133,11 @@ def _dataset(family: Family) -> Dataset:
 
 def train_once(name: str, setting: str, lora: bool, work_dir: str) -> dict[str, Any]:
     """One run in this process (under DDP: one of its processes); the result as stored."""
-    from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer, tiny_models
+    from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer, testing
 
     torch.use_deterministic_algorithms(True)
     family = FAMILIES[name]
-    pipe = getattr(tiny_models, family.builder)(
+    pipe = getattr(testing, family.builder)(
         seed=0, tokenizer_dir=os.path.join(work_dir, "tokenizer"), max_length=family.tokens
     )
     values = {

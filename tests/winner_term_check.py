@@ -57,7 +57,7 @@ from trl_diffusion_sdpo.families import family_for_pipeline
 from trl_diffusion_sdpo.safeguards.output import winner_preserving_lambda
 from trl_diffusion_sdpo.safeguards.parameter import parameter_space_lambda
 from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, update_space_lambda
-from trl_diffusion_sdpo.tiny_models import (
+from trl_diffusion_sdpo.testing import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_kontext_pipeline,

@@ -58,7 +58,7 @@ VIT_H = {
 def build_assets(workdir: Path, pairs: int) -> dict[str, Path]:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from trl_diffusion_sdpo.tiny_models import write_char_tokenizer
+    from trl_diffusion_sdpo.testing import write_char_tokenizer
 
     paths = {"base": workdir / "sd15", "data": workdir / "data", "pickscore": workdir / "pickscore"}
     if not paths["base"].exists():

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import lora_config, pickapic_rows  # noqa: E402
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline  # noqa: E402
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -37,7 +37,7 @@ METHODS = {
 
 
 def _pipeline(family: str, workdir: str):
-    from trl_diffusion_sdpo.tiny_models import (
+    from trl_diffusion_sdpo.testing import (
         build_tiny_flux2_klein_pipeline,
         build_tiny_flux2_pipeline,
         build_tiny_flux_kontext_pipeline,

@@ -158,8 +158,8 @@ def build_flux2_klein(device: str, workdir: str):
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from trl_diffusion_sdpo.tiny_models import write_qwen_tokenizer
-    from trl_diffusion_sdpo.tiny_models.components import flux_scheduler
+    from trl_diffusion_sdpo.testing import write_qwen_tokenizer
+    from trl_diffusion_sdpo.testing.components import flux_scheduler
 
     torch.manual_seed(0)
     tokenizer = write_qwen_tokenizer(os.path.join(workdir, "tokenizer"), 512)
@@ -182,9 +182,9 @@ def build_flux2_klein(device: str, workdir: str):
 def build_model(spec: ModelSpec, opts: argparse.Namespace, workdir: str):
     """The model's pipeline: a tiny one (built on the CPU; the trainer places it), or the real size on the device."""
     if opts.tiny:
-        from trl_diffusion_sdpo import tiny_models
+        from trl_diffusion_sdpo import testing
 
-        return getattr(tiny_models, spec.source)(seed=0, tokenizer_dir=workdir)
+        return getattr(testing, spec.source)(seed=0, tokenizer_dir=workdir)
     pipeline = (
         build_flux2_klein(opts.device, workdir)
         if spec.name == "flux2-klein"

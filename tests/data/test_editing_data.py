@@ -21,7 +21,7 @@ from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.transforms import PairTransform
 from trl_diffusion_sdpo.data.validation import LABEL_WORDS, resolve_columns, row_problem
-from trl_diffusion_sdpo.tiny_models import build_tiny_flux_kontext_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_flux_kontext_pipeline
 
 
 def sources_of(dataset, column: str = "source_image") -> list:

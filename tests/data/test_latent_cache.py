@@ -24,7 +24,7 @@ from trl_diffusion_sdpo.data.latent_cache import (
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.transforms import PairTransform, mirrored_time_ids
 from trl_diffusion_sdpo.families import family_for_pipeline, scale_latents
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 RESOLUTION = 32
 # Shorter side already 32: no resize, so mirroring the decoded image is exactly the transform's flip.

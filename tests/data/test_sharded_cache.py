@@ -23,7 +23,7 @@ from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.sharded_cache import build_sharded_latent_cache, load_sharded_latent_cache
 from trl_diffusion_sdpo.families import family_for_pipeline
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "examples" / "accelerate_configs"
@@ -291,7 +291,7 @@ def test_a_cache_encoded_under_other_image_conversion_rules_is_refused_by_the_tr
 
 def test_an_sd3_cache_built_at_another_max_sequence_length_is_refused_naming_it(tmp_path):
     """The tokens per prompt shape the cached T5 embeddings: a cache built at 4 does not serve a run at 12."""
-    from trl_diffusion_sdpo.tiny_models import build_tiny_sd3_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_sd3_pipeline
 
     pipe = build_tiny_sd3_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=16)
     pairs = Dataset.from_list(_rows(3))
@@ -311,7 +311,7 @@ def test_a_wan_cache_built_for_other_frames_is_refused_naming_them(tmp_path, oth
     pytest.importorskip("av")
     from test_wan import video_rows
 
-    from trl_diffusion_sdpo.tiny_models import build_tiny_wan_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_wan_pipeline
 
     pipe = build_tiny_wan_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=16)
     settings = dict(resolution=16, num_frames=5, max_sequence_length=16)

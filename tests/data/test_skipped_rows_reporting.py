@@ -70,7 +70,7 @@ def test_a_latent_cache_names_the_rows_it_skips_and_training_from_it_counts_them
     from trl_diffusion_sdpo import DiffusionSDPOTrainer
     from trl_diffusion_sdpo.data.sharded_cache import build_sharded_latent_cache
     from trl_diffusion_sdpo.families import family_for_pipeline
-    from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
     rows = _rows(6)
     rows[1]["jpg_1"] = b"not an image"

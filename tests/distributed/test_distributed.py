@@ -24,7 +24,7 @@ from conftest import pickapic_rows
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 pytest.importorskip("deepspeed")
 

@@ -27,7 +27,7 @@ from datasets import Dataset
 from test_distributed import _REPORTS, STEPS, Run, _assert_resumed_like_straight, _launch, run
 from test_wan import FRAMES, video_rows
 
-from trl_diffusion_sdpo.tiny_models import (
+from trl_diffusion_sdpo.testing import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_kontext_pipeline,

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from test_distributed import Run, _launch_environment
 
 from trl_diffusion_sdpo.demo.shapes import all_captions
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
 pytest.importorskip("deepspeed")
 

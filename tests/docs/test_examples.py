@@ -23,7 +23,7 @@ from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.cli import main as cli_main
 from trl_diffusion_sdpo.scripts.train import main as train_main
 from trl_diffusion_sdpo.scripts.train import parse_args
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))

@@ -21,7 +21,7 @@ from trl_diffusion_sdpo.evaluation.scorers.edit_reward import (
     EditRewardScorer,
     editreward_to_transformers,
 )
-from trl_diffusion_sdpo.tiny_models.tokenizers import _bytes_to_unicode
+from trl_diffusion_sdpo.testing.tokenizers import _bytes_to_unicode
 
 torch.set_num_threads(1)
 PIXELS = 4 * 28 * 28  # 4 merged image tokens per image (the real scorer uses 256 * 28 * 28)

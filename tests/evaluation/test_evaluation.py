@@ -38,7 +38,7 @@ from trl_diffusion_sdpo.evaluation.generation import (
     native_resolution,
     variant_pipeline,
 )
-from trl_diffusion_sdpo.tiny_models import (
+from trl_diffusion_sdpo.testing import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_qwen_image_pipeline,
@@ -549,7 +549,7 @@ def test_sdxl_sampling_encodes_the_empty_negative_prompt_at_the_requested_size(t
     from diffusers import StableDiffusionXLPipeline
 
     from trl_diffusion_sdpo.evaluation.generation import _prepare
-    from trl_diffusion_sdpo.tiny_models import build_tiny_sdxl_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_sdxl_pipeline
 
     pipe = _prepare(build_tiny_sdxl_pipeline(tokenizer_dir=str(tmp_path)), FAST, torch.device("cpu"))
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler) and native_resolution(pipe) == 64
@@ -571,7 +571,7 @@ def test_sdxl_sampling_encodes_the_empty_negative_prompt_at_the_requested_size(t
 @pytest.mark.parametrize("layout", ["output_folder", "transformer_folder"])
 def test_a_flow_model_full_tuning_output_is_evaluated_with_its_transformer(tmp_path, family, layout):
     """SD3/FLUX full tuning saves ``transformer/`` (no ``unet/``): evaluate swaps it into the base pipeline."""
-    from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
     build = build_tiny_sd3_pipeline if family == "sd3" else build_tiny_flux_pipeline
     build(seed=0, tokenizer_dir=str(tmp_path / "tok")).save_pretrained(str(tmp_path / "base"))
@@ -590,7 +590,7 @@ def test_a_flow_model_full_tuning_output_is_evaluated_with_its_transformer(tmp_p
 
 
 def test_a_transformer_output_is_refused_for_a_unet_base(tmp_path, model_dirs):
-    from trl_diffusion_sdpo.tiny_models import build_tiny_sd3_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_sd3_pipeline
 
     build_tiny_sd3_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok")).transformer.save_pretrained(
         str(tmp_path / "out" / "transformer")

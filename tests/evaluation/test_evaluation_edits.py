@@ -34,7 +34,7 @@ from trl_diffusion_sdpo.evaluation import (
     sample_images,
 )
 from trl_diffusion_sdpo.evaluation.generation import _prepare, load_base_pipeline
-from trl_diffusion_sdpo.tiny_models import build_tiny_flux2_klein_pipeline, build_tiny_flux_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_flux2_klein_pipeline, build_tiny_flux_pipeline
 
 torch.set_num_threads(1)
 FAST = GenerationSettings(num_inference_steps=2, guidance_scale=1.0)

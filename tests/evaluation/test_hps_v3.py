@@ -22,7 +22,7 @@ from trl_diffusion_sdpo.evaluation.scorers.hps_v3 import (
     hps_v3_resize,
     hpsv3_to_transformers,
 )
-from trl_diffusion_sdpo.tiny_models.tokenizers import _bytes_to_unicode
+from trl_diffusion_sdpo.testing.tokenizers import _bytes_to_unicode
 
 PIXELS = 4 * 28 * 28  # 4 merged image tokens per image (the real scorer uses 256 * 28 * 28)
 

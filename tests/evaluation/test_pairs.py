@@ -21,7 +21,7 @@ from trl_diffusion_sdpo.data.preparation import load_preference_dataset
 from trl_diffusion_sdpo.evaluation import GenerationSettings
 from trl_diffusion_sdpo.evaluation.pairs import make_pairs, margin_summary, select_pairs
 from trl_diffusion_sdpo.evaluation.scorers import Scorer, register_scorer
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 from trl_diffusion_sdpo.trainer import DiffusionSDPOTrainer
 
 FAST = GenerationSettings(num_inference_steps=2, height=32, width=32)

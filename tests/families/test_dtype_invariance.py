@@ -2,7 +2,7 @@
 log 2, the implicit-reward deltas are exactly 0), the modules a model keeps in float32 stay float32 in the reference,
 and after ``train()`` the tuned pipeline samples in place.
 
-One optimizer step on two pairs with each family's tiny pipeline (``trl_diffusion_sdpo.tiny_models``).
+One optimizer step on two pairs with each family's tiny pipeline (``trl_diffusion_sdpo.testing``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo import tiny_models as tiny
+from trl_diffusion_sdpo import testing as tiny
 from trl_diffusion_sdpo.tuning import keeps_in_float32
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

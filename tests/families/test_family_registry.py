@@ -94,9 +94,9 @@ def test_a_subclass_of_a_supported_pipeline_is_matched_by_its_components(make_pi
     ],
 )
 def test_frozen_modules_are_every_text_encoder_and_the_vae_the_pipeline_holds(builder, kwargs, frozen, tmp_path):
-    from trl_diffusion_sdpo import tiny_models
+    from trl_diffusion_sdpo import testing
 
-    pipe = getattr(tiny_models, builder)(tokenizer_dir=str(tmp_path), **kwargs)
+    pipe = getattr(testing, builder)(tokenizer_dir=str(tmp_path), **kwargs)
     modules = family_for_pipeline(pipe).frozen_modules()
     assert set(modules) == frozen
     assert all(module is getattr(pipe, name) for name, module in modules.items())
@@ -294,7 +294,7 @@ def test_inpainting_fill_and_control_pipelines_are_refused_by_name(name, tmp_pat
     pipeline."""
     import diffusers
 
-    from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline
 
     flux = build_tiny_flux_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"))
     cls = getattr(diffusers, name)
@@ -307,7 +307,7 @@ def test_inpainting_fill_and_control_pipelines_are_refused_by_name(name, tmp_pat
 def test_a_nine_channel_inpainting_unet_is_refused(tmp_path):
     from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
-    from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
     sd = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"))
     unet = UNet2DConditionModel(**{**sd.unet.config, "in_channels": 9})

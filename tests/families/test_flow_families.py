@@ -26,7 +26,7 @@ from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, PromptEmbeddings, StableDiffusion3Family, family_for_pipeline
 from trl_diffusion_sdpo.families.flow import FlowNoiser, FlowTimestepSampling, resolution_shift, shift_sigmas
 from trl_diffusion_sdpo.step.stages import denoising_errors, predict_pairs
-from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, write_t5_tokenizer
+from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, write_t5_tokenizer
 
 SEQ = 16  # T5 tokens in the tests
 BUILDERS = {"sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline}
@@ -555,10 +555,10 @@ def test_a_flow_family_states_only_what_differs_from_the_flow_defaults() -> None
 def test_the_unet_scale_beta_warning_quotes_the_family_defaults_and_both_sources(
     builder, family_name, lr_source, make_config, caplog, tmp_path
 ) -> None:
-    from trl_diffusion_sdpo import tiny_models
+    from trl_diffusion_sdpo import testing
     from trl_diffusion_sdpo.families import family_for_pipeline
 
-    family = family_for_pipeline(getattr(tiny_models, builder)(tokenizer_dir=str(tmp_path)))
+    family = family_for_pipeline(getattr(testing, builder)(tokenizer_dir=str(tmp_path)))
     assert family.name == family_name
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.families.flow"):
         family.noiser(make_config(beta=5000.0))

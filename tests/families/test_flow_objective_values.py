@@ -18,7 +18,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
 SEQ = 16  # T5 tokens
 BUILDERS = {"sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline}

@@ -26,7 +26,7 @@ from flow_family_checks import (
 )
 
 from trl_diffusion_sdpo.families import Flux2Family, Flux2KleinFamily, family_for_pipeline, scale_latents
-from trl_diffusion_sdpo.tiny_models import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
 
 SEQ = 48  # tokens in the tests (the pipelines' default is 512); [dev]'s system message takes about 30 of them
 # The tiny transformer has one single-stream block: its output projection is the script's per-block target.

@@ -17,7 +17,7 @@ from peft import LoraConfig
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, FluxKontextFamily, family_for_pipeline
-from trl_diffusion_sdpo.tiny_models import build_tiny_flux_kontext_pipeline, build_tiny_flux_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_flux_kontext_pipeline, build_tiny_flux_pipeline
 
 SEQ = 16
 CASE = FlowCase(

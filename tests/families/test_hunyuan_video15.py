@@ -22,7 +22,7 @@ from test_wan import FRAMES, video_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import HunyuanVideo15Family, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.families.flow import shift_sigmas
-from trl_diffusion_sdpo.tiny_models import build_tiny_hunyuan_video15_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_hunyuan_video15_pipeline
 
 pytest.importorskip("av")
 

@@ -31,8 +31,8 @@ from trl_diffusion_sdpo.families.inversion import (
 )
 from trl_diffusion_sdpo.objectives import DenoisingErrors, build_objective
 from trl_diffusion_sdpo.step.stages import MicroBatchStages, denoising_errors, predict_pairs
-from trl_diffusion_sdpo.tiny_models.flow import build_tiny_sd3_pipeline
-from trl_diffusion_sdpo.tiny_models.unet import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from trl_diffusion_sdpo.testing.flow import build_tiny_sd3_pipeline
+from trl_diffusion_sdpo.testing.unet import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 BETA, GAMMA, SCORE_MIN, SCORE_MAX = 2000.0, 10.0, 0.1, 0.3
 # (winner, loser) scores of three pairs: SmPO's weights differ per pair.
@@ -419,7 +419,7 @@ def test_flow_families_train_with_euler_inversion(kind, tmp_path, make_config, m
     from datasets import Dataset
     from peft import LoraConfig
 
-    from trl_diffusion_sdpo.tiny_models.flow import build_tiny_flux_pipeline
+    from trl_diffusion_sdpo.testing.flow import build_tiny_flux_pipeline
 
     build = build_tiny_sd3_pipeline if kind == "sd3" else build_tiny_flux_pipeline
     pipe = build(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=16)

@@ -18,7 +18,7 @@ from flow_family_checks import FlowCase, FlowFamilyTrainingChecks
 
 from trl_diffusion_sdpo.families import QwenImageFamily, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.families.flow import resolution_shift
-from trl_diffusion_sdpo.tiny_models import build_tiny_qwen_image_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_qwen_image_pipeline
 
 SEQ = 24  # kept prompt tokens in the tests (the pipeline's default is 512)
 CASE = FlowCase(

@@ -25,7 +25,7 @@ from trl_diffusion_sdpo.evaluation.generation import GenerationSettings, sample_
 from trl_diffusion_sdpo.families import QwenImage21Family, QwenImageFamily, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.families.flow import resolution_shift, shift_sigmas
 from trl_diffusion_sdpo.families.qwen_image21 import final_norm_skipped
-from trl_diffusion_sdpo.tiny_models import (
+from trl_diffusion_sdpo.testing import (
     TextOnlyQwen3VLProcessor,
     build_tiny_qwen_image21_pipeline,
     build_tiny_qwen_image_pipeline,

@@ -35,7 +35,7 @@ from trl_diffusion_sdpo.families import (
     family_for_pipeline,
     scale_latents,
 )
-from trl_diffusion_sdpo.tiny_models import (
+from trl_diffusion_sdpo.testing import (
     build_tiny_qwen_image_edit_pipeline,
     build_tiny_qwen_image_edit_plus_pipeline,
     build_tiny_qwen_image_pipeline,

@@ -26,7 +26,7 @@ from peft import LoraConfig
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo import tiny_models as tiny
+from trl_diffusion_sdpo import testing as tiny
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 EDITING = {"random_flip": False, "proportion_empty_prompts": 0.0}  # what a prompt that reads its sources needs

@@ -22,7 +22,7 @@ from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.transforms import PairTransform
 from trl_diffusion_sdpo.families import PromptEmbeddings, StableDiffusionXLFamily, family_for_pipeline
 from trl_diffusion_sdpo.families.noising import SUPPORTED_PREDICTION_TYPES, prediction_target, training_scheduler
-from trl_diffusion_sdpo.tiny_models import build_tiny_sdxl_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sdxl_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RES = 32

@@ -18,7 +18,7 @@ from datasets import Dataset
 from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo import tiny_models as tiny
+from trl_diffusion_sdpo import testing as tiny
 from trl_diffusion_sdpo.families import family_for_pipeline
 
 SEQ = 16

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from trl_diffusion_sdpo.tiny_models import build_tiny_flux_pipeline, build_tiny_qwen_image21_pipeline
-from trl_diffusion_sdpo.tiny_models.components import BuildArguments
+from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_qwen_image21_pipeline
+from trl_diffusion_sdpo.testing.components import BuildArguments
 
 
 def test_start_seeds_torch_and_resolves_the_folder_once(tmp_path):

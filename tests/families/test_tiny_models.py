@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from trl_diffusion_sdpo.tiny_models import (
+from trl_diffusion_sdpo.testing import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_kontext_pipeline,
@@ -27,7 +27,7 @@ from trl_diffusion_sdpo.tiny_models import (
     build_tiny_wan_pipeline,
     build_tiny_z_image_pipeline,
 )
-from trl_diffusion_sdpo.tiny_models.components import rope_axes, two_rope_heads
+from trl_diffusion_sdpo.testing.components import rope_axes, two_rope_heads
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data import PreferenceCollator, prepare_preference_dataset
 from trl_diffusion_sdpo.data.video import VideoClip, VideoPairTransform, read_video
 from trl_diffusion_sdpo.families import WanFamily, family_for_pipeline, scale_latents
-from trl_diffusion_sdpo.tiny_models import build_tiny_wan_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_wan_pipeline
 
 av = pytest.importorskip("av")
 
@@ -379,7 +379,7 @@ def test_a_video_pair_batch_names_bad_rows_by_row_and_column(make_wan, make_conf
 def test_an_image_family_refuses_video_settings(make_config) -> None:
     from conftest import pickapic_rows
 
-    from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
     with pytest.raises(ValueError, match="leave num_frames unset"):
         DiffusionSDPOTrainer(

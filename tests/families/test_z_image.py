@@ -17,7 +17,7 @@ from flow_family_checks import FlowCase, FlowFamilyTrainingChecks
 
 from trl_diffusion_sdpo.families import ZImageFamily, family_for_pipeline
 from trl_diffusion_sdpo.families.flow import shift_sigmas
-from trl_diffusion_sdpo.tiny_models import build_tiny_z_image_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_z_image_pipeline
 
 SEQ = 32  # tokens in the tests (the pipeline's default is 512)
 CASE = FlowCase(

@@ -24,7 +24,7 @@ from trl_diffusion_sdpo.io.lora_formats import (
     read_lora,
 )
 from trl_diffusion_sdpo.io.saving import save_lora_adapters
-from trl_diffusion_sdpo.tiny_models import (
+from trl_diffusion_sdpo.testing import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_kontext_pipeline,

@@ -38,7 +38,7 @@ from trl_diffusion_sdpo.quantization import (
     is_quantized,
     quantized_parameters,
 )
-from trl_diffusion_sdpo.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 pytest.importorskip("optimum.quanto")
 pytest.importorskip("torchao")

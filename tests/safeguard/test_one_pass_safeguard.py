@@ -26,7 +26,7 @@ from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.objectives import build_objective
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 from trl_diffusion_sdpo.step.stages import NoisedMicroBatch, denoising_errors, predict_pairs
-from trl_diffusion_sdpo.tiny_models import (
+from trl_diffusion_sdpo.testing import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,
     build_tiny_flux_kontext_pipeline,

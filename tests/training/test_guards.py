@@ -337,8 +337,12 @@ def test_what_the_adaptive_guards_choose_reaches_the_next_step(make_trainer, ada
 def test_margins_by_timestep_quartile_are_the_pooled_means_of_each_quarter_of_the_schedule():
     from collections import defaultdict
 
-    from trl_diffusion_sdpo.step.metrics import QUARTILE_METRICS, finish_margin_quartiles, record_margin_quartiles
-    from trl_diffusion_sdpo.step.metrics import reduce_metrics
+    from trl_diffusion_sdpo.step.metrics import (
+        QUARTILE_METRICS,
+        finish_margin_quartiles,
+        record_margin_quartiles,
+        reduce_metrics,
+    )
 
     stored: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
     batches = [

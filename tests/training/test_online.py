@@ -130,7 +130,7 @@ def test_a_prompt_dataset_without_prompts_is_refused_naming_the_column_or_row(tm
 
 
 def test_families_that_do_not_sample_images_from_prompts_are_refused(tmp_path):
-    from trl_diffusion_sdpo.tiny_models import build_tiny_flux_kontext_pipeline
+    from trl_diffusion_sdpo.testing import build_tiny_flux_kontext_pipeline
 
     pipe = build_tiny_flux_kontext_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"))
     with pytest.raises(ValueError, match="FluxKontextFamily makes edits of source images"):
@@ -328,10 +328,10 @@ def test_every_text_to_image_family_trains_online_on_its_own_samples(tmp_path, f
     latents taken as sampled where the pipeline ends in the denoiser's layout, else encoded from the images."""
     from step_reference import FAMILIES
 
-    from trl_diffusion_sdpo import tiny_models
+    from trl_diffusion_sdpo import testing
 
     case = FAMILIES[family]
-    pipe = getattr(tiny_models, case.builder)(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=tokens)
+    pipe = getattr(testing, case.builder)(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=tokens)
     trainer = OnlineDiffusionSDPOTrainer(
         pipe,
         None,

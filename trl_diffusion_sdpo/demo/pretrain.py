@@ -37,8 +37,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..tiny_models import write_char_tokenizer
-from ..tiny_models.components import SD_NOISE_SCHEDULE
+from ..testing import write_char_tokenizer
+from ..testing.components import SD_NOISE_SCHEDULE
 from .shapes import Caption, all_captions, draw_shape
 
 __all__ = ["SHIPPED_BASE_DIR", "PretrainRecipe", "load_base", "load_or_pretrain", "recipe_hash"]

@@ -1,4 +1,4 @@
-"""Small diffusion pipelines built from configs, for tests, the CPU demo and CPU benchmarks.
+"""Testing utilities: small diffusion pipelines built from configs, for tests, the CPU demo and CPU benchmarks.
 
 They are real diffusers pipelines (UNet or transformer, VAE, CLIP, T5, UMT5, Qwen2.5-VL, Qwen3-VL, Qwen3 or Mistral-3
 text encoders, tokenizers, scheduler), only narrow; their tokenizers are written from small vocabularies
