@@ -92,6 +92,7 @@ def test_the_stream_guard_sums_its_counts_over_processes_whatever_skip_invalid_r
         accelerator=accelerator,
         args=SimpleNamespace(skip_invalid_rows=skip_invalid_rows),
         model=SimpleNamespace(zero_grad=lambda set_to_none: zeroed.append(set_to_none)),
+        engine=SimpleNamespace(steps_in_backward=False),  # DDP's: the optimizer steps after the backward
     )
     guard = StreamGuard(trainer)
     guard.observe({"time_ids": torch.zeros(0, 2, 6), "skip_reasons": ["a tie (equal labels or scores)"]})

@@ -539,6 +539,8 @@ def test_sdxl_example_trains_full_unet_with_adafactor_and_checkpointing_from_loc
             str(local),
             "--dataset_name",
             str(data),
+            "--dataset_columns",
+            "trl",  # the config reads Pick-a-Pic's columns; these pairs have TRL's
             "--dataset_streaming",
             "false",
             "--output_dir",
@@ -553,7 +555,6 @@ def test_sdxl_example_trains_full_unet_with_adafactor_and_checkpointing_from_loc
             "1",
             "--learning_rate",
             "1e-4",
-            "--no_scale_lr",
             "--warmup_steps",
             "0",
             "--use_cpu",
