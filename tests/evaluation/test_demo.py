@@ -219,6 +219,7 @@ def test_only_the_parameter_space_method_passes_safeguard_space_and_is_skipped_w
 # ---------------------------------------------------------------------------------------------------- --pretrain
 
 
+@pytest.mark.slow  # the shipped base is checked by default (test_shipped_base_loads_...); this rebuilds one
 def test_pretrain_rebuilds_a_tiny_recipe_checks_it_and_compares_it_with_the_shipped_base(tmp_path, capsys):
     out = tmp_path / "rebuilt"
     # Not the shipped recipe: the check is reported, not enforced, so the exit status is 0 although it fails.
