@@ -347,7 +347,7 @@ class _EditingChecks(FlowFamilyTrainingChecks):
     def pairs(self) -> Dataset:
         return Dataset.from_list(edit_rows(4, sources=self.sources))
 
-    # Slow (about 40 s each): the default suite's editing grid is FLUX.1 Kontext's (tests/families/test_flux_kontext.py),
+    # Slow (about 40 s each): the default suite's editing grid is FLUX.1 Kontext's (test_flux_kontext.py),
     # which hands the sources to the same validation callback.
     @pytest.mark.slow
     def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
