@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
@@ -54,6 +55,7 @@ def test_the_short_name_resolves_to_the_shipped_base_and_loads():
     assert torch.equal(pipe.unet.state_dict()[name], shipped[name])
 
 
+@pytest.mark.slow  # the README test trains this config from a pair folder; test_log_files checks a clean log
 def test_tiny_cpu_yaml_trains_a_lora_from_a_pair_folder_with_a_clean_log(tmp_path):
     pairs = make_pair_folder(tmp_path / "pairs")
     out = tmp_path / "out"

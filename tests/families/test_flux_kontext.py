@@ -232,6 +232,10 @@ class TestFluxKontextTraining(FlowFamilyTrainingChecks):
     config_name = "flux_kontext_lora"
     family_name = "flux-kontext"
 
+    @pytest.mark.slow  # test_validation_grids_edit_the_given_sources_... samples the same grid by default
+    def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
+        super().test_validation_grids_sample_with_the_pipeline(make_pipe, make_config, pairs, tmp_path)
+
     def test_the_shipped_config_trains_from_local_folders(self, make_pipe, pairs, tmp_path) -> None:
         # The YAML reads EditReward-Data's column names: the local pairs name their source as it does.
         pairs = pairs.rename_column("source_image", "source_img")

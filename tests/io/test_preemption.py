@@ -78,6 +78,7 @@ def test_sigterm_finishes_the_step_checkpoints_exits_75_and_resume_is_bit_exact(
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+@pytest.mark.slow  # the default suite keeps the signal tests with preemption on
 def test_with_preemption_off_a_signal_keeps_its_default_action(tmp_path):
     out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
     code, stdout, stderr = run_and_signal(out, tok, signal.SIGUSR1, signals=["none"])
