@@ -119,3 +119,25 @@ def test_overwrite_output_dir_replaces_the_earlier_run_and_deletes_its_checkpoin
     second.train()
     # checkpoint-3 of the earlier run would otherwise be the newest: resume would pick it, rotation would keep it
     assert sorted(n for n in os.listdir(finished_run) if n.startswith("checkpoint-")) == ["checkpoint-1"]
+
+
+def test_the_commands_end_a_refused_run_in_one_line_naming_its_remedies():
+    """``train`` and ``online`` (both through ``train_save_and_push``) turn the refusal into an error line, not a
+    traceback."""
+    from types import SimpleNamespace
+
+    from trl_diffusion_sdpo.scripts.train import train_save_and_push
+
+    refusal = EarlierRunError("out holds another run's checkpoint-3: pass --resume_from_checkpoint or ...")
+
+    def refuse(**kwargs):
+        raise refusal
+
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(push_to_hub=False, resume_from_checkpoint=None),
+        add_callback=lambda callback: None,
+        train=refuse,
+    )
+    with pytest.raises(SystemExit) as info:
+        train_save_and_push(trainer, None)
+    assert str(info.value) == f"trl-diffusion-sdpo: error: {refusal}"

@@ -594,8 +594,13 @@ def train_save_and_push(trainer, dataset_name: str | None):
     args = trainer.args
     if args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
         trainer.create_model_card(dataset_name=dataset_name)
+    from ..io.checkpoints import EarlierRunError
+
     trainer.add_callback(ModelCardOnSave(trainer, dataset_name))
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except EarlierRunError as err:  # a refusal that names its remedies: one line, not a traceback
+        raise SystemExit(f"trl-diffusion-sdpo: error: {err}") from None
     trainer.save_model(args.output_dir)
     # As TRL's scripts: the saved model comes with its card (README.md: base model, dataset, method, settings).
     trainer.create_model_card(dataset_name=dataset_name)
