@@ -11,13 +11,17 @@ each image's sources).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
-__all__ = ["RewardFunction", "RewardFunctions"]
+if TYPE_CHECKING:
+    from .data.scoring import RewardFn
+
+__all__ = ["RewardFunction", "RewardFunctions", "dataset_scoring_function"]
 
 #: ``f(prompts, images, **columns) -> one float per image``
 RewardFunction = Callable[..., Sequence[float] | torch.Tensor]
@@ -99,3 +103,29 @@ class RewardFunctions:
 
 def _name_of(function: RewardFunction) -> str:
     return getattr(function, "__name__", None) or type(function).__name__
+
+
+def dataset_scoring_function(
+    reward_funcs: str | RewardFunction | Sequence[str | RewardFunction] | None, reward_fn: RewardFn | None
+) -> RewardFn | None:
+    """The function that scores a dataset's images, ``(images, prompts) -> scores``: from ``reward_funcs`` (TRL's
+    name and argument order, summed over the functions), or the deprecated ``reward_fn`` as given."""
+    if reward_fn is not None:
+        if reward_funcs is not None:
+            raise ValueError("Pass reward_funcs or reward_fn (its deprecated name), not both.")
+        warnings.warn(
+            "DiffusionSDPOTrainer(reward_fn=...) is deprecated: pass reward_funcs= (a registered scorer name, or a "
+            "callable (prompts, images) -> list[float], prompts first as in TRL's trainers).",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return reward_fn
+    if reward_funcs is None:
+        return None
+    functions = [reward_funcs] if isinstance(reward_funcs, str) or callable(reward_funcs) else list(reward_funcs)
+    rewards = RewardFunctions(functions)
+
+    def score(images: list, prompts: list[str]) -> torch.Tensor:
+        return rewards(prompts, images)[0]
+
+    return score

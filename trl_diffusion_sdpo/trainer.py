@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +41,7 @@ from .io.trackers import make_config_trackable
 from .objectives import AutoBeta, PreferenceObjective, objective_from_config
 from .quantization import check_engine_supports_quantized_base
 from .reference import reference_for
-from .rewards import RewardFunction, RewardFunctions
+from .rewards import RewardFunction, dataset_scoring_function
 from .run_summary import StartSummary
 from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.draws import MicroBatchDraws
@@ -132,7 +131,7 @@ class DiffusionSDPOTrainer(Trainer):
         check_config(args)
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
-        reward_fn = _scoring_function(reward_funcs, reward_fn)
+        reward_fn = dataset_scoring_function(reward_funcs, reward_fn)
         check_one_device_per_process(args)
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
@@ -499,29 +498,3 @@ class DiffusionSDPOTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-
-
-def _scoring_function(
-    reward_funcs: str | RewardFunction | Sequence[str | RewardFunction] | None, reward_fn: RewardFn | None
-) -> RewardFn | None:
-    """The function that scores a dataset's images, ``(images, prompts) -> scores``: from ``reward_funcs`` (TRL's
-    name and argument order, summed over the functions), or the deprecated ``reward_fn`` as given."""
-    if reward_fn is not None:
-        if reward_funcs is not None:
-            raise ValueError("Pass reward_funcs or reward_fn (its deprecated name), not both.")
-        warnings.warn(
-            "DiffusionSDPOTrainer(reward_fn=...) is deprecated: pass reward_funcs= (a registered scorer name, or a "
-            "callable (prompts, images) -> list[float], prompts first as in TRL's trainers).",
-            FutureWarning,
-            stacklevel=3,
-        )
-        return reward_fn
-    if reward_funcs is None:
-        return None
-    functions = [reward_funcs] if isinstance(reward_funcs, str) or callable(reward_funcs) else list(reward_funcs)
-    rewards = RewardFunctions(functions)
-
-    def score(images: list, prompts: list[str]) -> torch.Tensor:
-        return rewards(prompts, images)[0]
-
-    return score
