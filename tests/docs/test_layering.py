@@ -125,3 +125,15 @@ def test_the_config_is_the_bottom_layer(tmp_path, monkeypatch):
         ("trl_diffusion_sdpo.config.rules", "trl_diffusion_sdpo.objectives"),
         ("trl_diffusion_sdpo.config.fields", "trl_diffusion_sdpo.io"),
     }
+
+
+def test_no_benchmark_script_is_over_600_lines():
+    """One script per question, each readable whole: a script that grows past 600 lines moves its parts into the
+    shared harness or a module beside it (benchmarks/README.md)."""
+    benchmarks = ROOT.parent / "benchmarks"
+    long = {
+        path.relative_to(benchmarks).as_posix(): n
+        for path in benchmarks.rglob("*.py")
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > 600
+    }
+    assert not long, f"benchmark scripts over 600 lines: {long}"
