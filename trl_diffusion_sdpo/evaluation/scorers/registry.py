@@ -8,6 +8,13 @@ from typing import Any
 
 __all__ = ["available_scorers", "register_scorer", "scorer_factory"]
 
+# The distribution holding the ports of published reward models (HPSv2, HPSv3, ImageReward, ...): the core wheel
+# stays the trainer, and the ports come with the `rewards` extra.
+REWARD_PORTS = "trl_diffusion_sdpo_rewards"
+INSTALL_REWARD_PORTS = (
+    'pip install "trl-diffusion-sdpo[rewards]" (from a clone: pip install -e ".[rewards]" -e ./rewards)'
+)
+
 # name -> factory, or "package.module:attribute" naming it, imported when the scorer is first built (the built-in
 # scorers' modules import transformers' CLIP and BLIP models, which listing the names should not pay for).
 # A factory returns a `Scorer` (.base); not named here, so that the registry imports nothing of the scorers.
@@ -45,7 +52,18 @@ def scorer_factory(name: str) -> Callable[..., Any]:
     factory = _REGISTRY[name]
     if isinstance(factory, str):
         module, _, attribute = factory.partition(":")
-        factory = _REGISTRY[name] = getattr(importlib.import_module(module), attribute)
+        try:
+            imported = importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != REWARD_PORTS:
+                raise
+            raise ModuleNotFoundError(
+                f"Scorer {name!r} is a reward-model port of the {REWARD_PORTS} package, which is not installed. "
+                f"Install it with {INSTALL_REWARD_PORTS}, or choose another scorer: "
+                f"{', '.join(available_scorers())}.",
+                name=REWARD_PORTS,
+            ) from error
+        factory = _REGISTRY[name] = getattr(imported, attribute)
     return factory
 
 
