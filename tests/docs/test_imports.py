@@ -98,10 +98,10 @@ def test_train_and_cache_help_load_no_pipeline_family_or_scorer_and_print_nothin
     assert top_level(modules, ("pandas", "datasets", "rich", "matplotlib")) == []
 
 
-# The reward-model ports and the figures: evaluation's, never the trainer's.
-PORTS = tuple(
-    f"trl_diffusion_sdpo.evaluation.scorers.{name}"
-    for name in ("hps", "hps_v3", "image_reward", "qwen_vl_reward", "edit_reward", "aesthetic", "_clip")
+# The reward-model ports (a distribution of their own), the core's CLIP scorers and the figures: evaluation's, never
+# the trainer's.
+PORTS = ("trl_diffusion_sdpo_rewards",) + tuple(
+    f"trl_diffusion_sdpo.evaluation.scorers.{name}" for name in ("_clip", "pickscore", "clip_score")
 )
 
 
@@ -139,12 +139,13 @@ def test_scorer_names_are_listed_without_loading_their_models():
     code = """
         from trl_diffusion_sdpo.evaluation.scorers import available_scorers
         names = available_scorers()
-        assert {"pickscore", "hpsv2", "hpsv2.1", "imagereward", "aesthetic", "clip", "clip-cosine"} <= set(names)
+        ports = {"hpsv2", "hpsv2.1", "hpsv3", "imagereward", "aesthetic", "editreward"}
+        assert {"pickscore", "clip", "clip-cosine"} | ports <= set(names)
         assert "colour" not in names  # the demo registers it, evaluation never imports the demo
     """
     modules, stderr = run_fresh(code)
     assert stderr == ""
-    assert top_level(modules, LIBRARIES) == []  # the registry is torch-free
+    assert top_level(modules, LIBRARIES + ("trl_diffusion_sdpo_rewards",)) == []  # torch-free, no port imported
     assert loaded(modules, ("trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation.scorers.")) == [
         "trl_diffusion_sdpo.evaluation.scorers.registry"
     ]
@@ -177,8 +178,8 @@ def test_built_in_scorers_resolve_to_their_classes_and_the_demo_registers_colour
     from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
     from trl_diffusion_sdpo.evaluation.scorers import build_scorer, scorer_factory
     from trl_diffusion_sdpo.evaluation.scorers.base import register_scorer
-    from trl_diffusion_sdpo.evaluation.scorers.hps import HPSv2Scorer, hps_v21_scorer
     from trl_diffusion_sdpo.evaluation.scorers.pickscore import PickScoreScorer
+    from trl_diffusion_sdpo_rewards.hps import HPSv2Scorer, hps_v21_scorer
 
     assert scorer_factory("pickscore") is PickScoreScorer
     assert scorer_factory("hpsv2") is HPSv2Scorer and scorer_factory("hpsv2.1") is hps_v21_scorer

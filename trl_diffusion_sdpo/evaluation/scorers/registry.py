@@ -15,6 +15,12 @@ INSTALL_REWARD_PORTS = (
     'pip install "trl-diffusion-sdpo[rewards]" (from a clone: pip install -e ".[rewards]" -e ./rewards)'
 )
 
+
+class ScorerNotInstalled(ModuleNotFoundError):
+    """A registered scorer's module belongs to a distribution that is not installed (the message says which command
+    installs it)."""
+
+
 # name -> factory, or "package.module:attribute" naming it, imported when the scorer is first built (the built-in
 # scorers' modules import transformers' CLIP and BLIP models, which listing the names should not pay for).
 # A factory returns a `Scorer` (.base); not named here, so that the registry imports nothing of the scorers.
@@ -45,6 +51,10 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _without_ports() -> list[str]:
+    return sorted(n for n, f in _REGISTRY.items() if not (isinstance(f, str) and f.startswith(f"{REWARD_PORTS}.")))
+
+
 def scorer_factory(name: str) -> Callable[..., Any]:
     """The factory registered under ``name`` (importing its module when it was registered by name)."""
     if name not in _REGISTRY:
@@ -57,10 +67,9 @@ def scorer_factory(name: str) -> Callable[..., Any]:
         except ModuleNotFoundError as error:
             if error.name != REWARD_PORTS:
                 raise
-            raise ModuleNotFoundError(
+            raise ScorerNotInstalled(
                 f"Scorer {name!r} is a reward-model port of the {REWARD_PORTS} package, which is not installed. "
-                f"Install it with {INSTALL_REWARD_PORTS}, or choose another scorer: "
-                f"{', '.join(available_scorers())}.",
+                f"Install it with {INSTALL_REWARD_PORTS}. Scorers that need no port: {', '.join(_without_ports())}.",
                 name=REWARD_PORTS,
             ) from error
         factory = _REGISTRY[name] = getattr(imported, attribute)
