@@ -18,7 +18,8 @@ from trl_diffusion_sdpo.cli import OUTSIDE_SCORERS, main
 from trl_diffusion_sdpo.evaluation import evaluate, run
 from trl_diffusion_sdpo.evaluation.scorers import preflight, registry, scores_edits
 from trl_diffusion_sdpo.evaluation.scorers.preflight import ScorerModelUnavailable, ScorerPromptError, check_models
-from trl_diffusion_sdpo.evaluation.scorers.registry import REWARD_PORTS, ScorerNotInstalled, register_scorer
+from trl_diffusion_sdpo.evaluation.scorers.registry import REWARD_PORTS, register_scorer
+from trl_diffusion_sdpo.extras import ExtraNotInstalled
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,9 +171,9 @@ def test_a_port_whose_distribution_is_missing_is_refused_naming_the_install_comm
 ):
     install = 'pip install -e ".[rewards]" -e ./rewards'
     for name in ("hpsv2", "hpsv3", "imagereward", "aesthetic", "editreward"):
-        with pytest.raises(ScorerNotInstalled, match=re.escape(install)) as info:
+        with pytest.raises(ExtraNotInstalled, match=re.escape(install)) as info:
             scores_edits(name)
-        assert f"Scorer {name!r}" in str(info.value) and "pickscore" in str(info.value)
+        assert str(info.value).startswith(f"Scorer {name!r} (a reward-model port): {REWARD_PORTS} is not installed")
     assert not scores_edits("pickscore")  # the core's scorers need no port
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\n")
@@ -181,5 +182,5 @@ def test_a_port_whose_distribution_is_missing_is_refused_naming_the_install_comm
     code = main(["evaluate", *arguments])
     assert code == 2 and not out.exists()
     err = capsys.readouterr().err
-    assert err.startswith("trl-diffusion-sdpo evaluate: error: Scorer 'hpsv3' is a reward-model port")
+    assert err.startswith("trl-diffusion-sdpo evaluate: error: Scorer 'hpsv3' (a reward-model port)")
     assert install in err and len(err.strip().splitlines()) == 1

@@ -6,20 +6,13 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from ...extras import require_extra
+
 __all__ = ["available_scorers", "register_scorer", "scorer_factory"]
 
-# The distribution holding the ports of published reward models (HPSv2, HPSv3, ImageReward, ...): the core wheel
-# stays the trainer, and the ports come with the `rewards` extra.
+# The distribution holding the ports of published reward models (HPSv2, HPSv3, ImageReward, ...), installed by the
+# `rewards` extra: the core wheel stays the trainer.
 REWARD_PORTS = "trl_diffusion_sdpo_rewards"
-INSTALL_REWARD_PORTS = (
-    'pip install "trl-diffusion-sdpo[rewards]" (from a clone: pip install -e ".[rewards]" -e ./rewards)'
-)
-
-
-class ScorerNotInstalled(ModuleNotFoundError):
-    """A registered scorer's module belongs to a distribution that is not installed (the message says which command
-    installs it)."""
-
 
 # name -> factory, or "package.module:attribute" naming it, imported when the scorer is first built (the built-in
 # scorers' modules import transformers' CLIP and BLIP models, which listing the names should not pay for).
@@ -51,10 +44,6 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _without_ports() -> list[str]:
-    return sorted(n for n, f in _REGISTRY.items() if not (isinstance(f, str) and f.startswith(f"{REWARD_PORTS}.")))
-
-
 def scorer_factory(name: str) -> Callable[..., Any]:
     """The factory registered under ``name`` (importing its module when it was registered by name)."""
     if name not in _REGISTRY:
@@ -62,16 +51,10 @@ def scorer_factory(name: str) -> Callable[..., Any]:
     factory = _REGISTRY[name]
     if isinstance(factory, str):
         module, _, attribute = factory.partition(":")
-        try:
+        if module.startswith(f"{REWARD_PORTS}."):  # a port: a missing distribution is named with its install command
+            imported = require_extra("rewards", module, f"Scorer {name!r} (a reward-model port)")
+        else:
             imported = importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name != REWARD_PORTS:
-                raise
-            raise ScorerNotInstalled(
-                f"Scorer {name!r} is a reward-model port of the {REWARD_PORTS} package, which is not installed. "
-                f"Install it with {INSTALL_REWARD_PORTS}. Scorers that need no port: {', '.join(_without_ports())}.",
-                name=REWARD_PORTS,
-            ) from error
         factory = _REGISTRY[name] = getattr(imported, attribute)
     return factory
 
