@@ -151,6 +151,12 @@ def test_scorer_names_are_listed_without_loading_their_models():
     ]
 
 
+def test_importing_the_ports_package_loads_no_model_code():
+    modules, stderr = run_fresh("import trl_diffusion_sdpo_rewards")
+    assert stderr == "" and top_level(modules, LIBRARIES) == []
+    assert loaded(modules, ("trl_diffusion_sdpo",)) == ["trl_diffusion_sdpo_rewards"]
+
+
 def test_every_public_name_resolves_to_its_defining_object():
     from trl_diffusion_sdpo.config import DiffusionSDPOConfig
     from trl_diffusion_sdpo.evaluation.scorers.base import register_scorer
@@ -166,7 +172,9 @@ def test_every_public_name_resolves_to_its_defining_object():
         trl_diffusion_sdpo.DiffusionSDPOTrainerr  # noqa: B018
 
 
-@pytest.mark.parametrize("package", ["trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation"])
+@pytest.mark.parametrize(
+    "package", ["trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation", "trl_diffusion_sdpo_rewards"]
+)
 def test_lazy_subpackages_export_every_listed_name(package):
     module = __import__(package, fromlist=["__all__"])
     for name in module.__all__:
