@@ -148,6 +148,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .console import on_terminal, quiet_progress_bars
     from .evaluation import evaluate
     from .evaluation.scorers.preflight import ScorerModelUnavailable, ScorerPromptError
+    from .extras import ExtraNotInstalled
 
     scorers = args.scorer or ["pickscore"]
     keywords = sampling_keywords(args)
@@ -166,7 +167,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             n_resamples=args.bootstrap_resamples,
             **keywords,
         )
-    except (ScorerModelUnavailable, ScorerPromptError) as err:  # found before any image was generated
+    except (ScorerModelUnavailable, ExtraNotInstalled, ScorerPromptError) as err:  # found before any generation
         print(f"trl-diffusion-sdpo evaluate: error: {err}", file=sys.stderr)
         return 2
     for row in result.summary:

@@ -200,7 +200,7 @@ def test_every_command_and_flag_the_docs_name_exists(capsys) -> None:
 # (whose recipes tell a contributor which files and functions to edit).
 NAMING_PAGES = [*PAGES, ROOT / "CONTRIBUTING.md"]
 # A repository path in inline code: benchmarks/..., examples/..., tests/..., docs/..., trl_diffusion_sdpo/...
-REPO_PATH = re.compile(r"(?<![\w/.-])((?:benchmarks|examples|tests|docs|trl_diffusion_sdpo)/[\w./{},*<>-]*)")
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:benchmarks|examples|tests|docs|rewards|trl_diffusion_sdpo)/[\w./{},*<>-]*)")
 
 
 def _code(text: str) -> list[tuple[int, str]]:

@@ -98,10 +98,10 @@ def test_train_and_cache_help_load_no_pipeline_family_or_scorer_and_print_nothin
     assert top_level(modules, ("pandas", "datasets", "rich", "matplotlib")) == []
 
 
-# The reward-model ports and the figures: evaluation's, never the trainer's.
-PORTS = tuple(
-    f"trl_diffusion_sdpo.evaluation.scorers.{name}"
-    for name in ("hps", "hps_v3", "image_reward", "qwen_vl_reward", "edit_reward", "aesthetic", "_clip")
+# The reward-model ports (a distribution of their own), the core's CLIP scorers and the figures: evaluation's, never
+# the trainer's.
+PORTS = ("trl_diffusion_sdpo_rewards",) + tuple(
+    f"trl_diffusion_sdpo.evaluation.scorers.{name}" for name in ("_clip", "pickscore", "clip_score")
 )
 
 
@@ -139,15 +139,22 @@ def test_scorer_names_are_listed_without_loading_their_models():
     code = """
         from trl_diffusion_sdpo.evaluation.scorers import available_scorers
         names = available_scorers()
-        assert {"pickscore", "hpsv2", "hpsv2.1", "imagereward", "aesthetic", "clip", "clip-cosine"} <= set(names)
+        ports = {"hpsv2", "hpsv2.1", "hpsv3", "imagereward", "aesthetic", "editreward"}
+        assert {"pickscore", "clip", "clip-cosine"} | ports <= set(names)
         assert "colour" not in names  # the demo registers it, evaluation never imports the demo
     """
     modules, stderr = run_fresh(code)
     assert stderr == ""
-    assert top_level(modules, LIBRARIES) == []  # the registry is torch-free
+    assert top_level(modules, LIBRARIES + ("trl_diffusion_sdpo_rewards",)) == []  # torch-free, no port imported
     assert loaded(modules, ("trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation.scorers.")) == [
         "trl_diffusion_sdpo.evaluation.scorers.registry"
     ]
+
+
+def test_importing_the_ports_package_loads_no_model_code():
+    modules, stderr = run_fresh("import trl_diffusion_sdpo_rewards")
+    assert stderr == "" and top_level(modules, LIBRARIES) == []
+    assert loaded(modules, ("trl_diffusion_sdpo",)) == ["trl_diffusion_sdpo_rewards"]
 
 
 def test_every_public_name_resolves_to_its_defining_object():
@@ -165,7 +172,9 @@ def test_every_public_name_resolves_to_its_defining_object():
         trl_diffusion_sdpo.DiffusionSDPOTrainerr  # noqa: B018
 
 
-@pytest.mark.parametrize("package", ["trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation"])
+@pytest.mark.parametrize(
+    "package", ["trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation", "trl_diffusion_sdpo_rewards"]
+)
 def test_lazy_subpackages_export_every_listed_name(package):
     module = __import__(package, fromlist=["__all__"])
     for name in module.__all__:
@@ -177,8 +186,8 @@ def test_built_in_scorers_resolve_to_their_classes_and_the_demo_registers_colour
     from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
     from trl_diffusion_sdpo.evaluation.scorers import build_scorer, scorer_factory
     from trl_diffusion_sdpo.evaluation.scorers.base import register_scorer
-    from trl_diffusion_sdpo.evaluation.scorers.hps import HPSv2Scorer, hps_v21_scorer
     from trl_diffusion_sdpo.evaluation.scorers.pickscore import PickScoreScorer
+    from trl_diffusion_sdpo_rewards.hps import HPSv2Scorer, hps_v21_scorer
 
     assert scorer_factory("pickscore") is PickScoreScorer
     assert scorer_factory("hpsv2") is HPSv2Scorer and scorer_factory("hpsv2.1") is hps_v21_scorer

@@ -46,7 +46,8 @@ def test_the_readme_opens_with_the_demo_and_the_test_command_and_ci_runs_the_lat
     demo, tests = _commands(_blocks(README, "bash")[0])
     install = 'pip install torch==2.13.0 && pip install -e ".[plots]"'
     assert demo == f"{install} && trl-diffusion-sdpo demo --output-dir demo-output"
-    assert tests == 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q'
+    # dev includes the rewards extra, whose distribution pip takes from rewards/ when it is named beside
+    assert tests == 'pip install torch==2.13.0 && pip install -e ".[dev]" -e ./rewards && python -m pytest -q'
     ci = [
         line
         for line in (ROOT / ".ci" / "run").read_text().splitlines()

@@ -5,6 +5,7 @@ how to point the scorer at a local copy."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ from huggingface_hub import constants
 import trl_diffusion_sdpo.demo.scorer  # noqa: F401  registers ``colour``
 from trl_diffusion_sdpo.cli import OUTSIDE_SCORERS, main
 from trl_diffusion_sdpo.evaluation import evaluate, run
-from trl_diffusion_sdpo.evaluation.scorers import preflight
+from trl_diffusion_sdpo.evaluation.scorers import preflight, registry, scores_edits
 from trl_diffusion_sdpo.evaluation.scorers.preflight import ScorerModelUnavailable, ScorerPromptError, check_models
-from trl_diffusion_sdpo.evaluation.scorers.registry import register_scorer
+from trl_diffusion_sdpo.evaluation.scorers.registry import REWARD_PORTS, register_scorer
+from trl_diffusion_sdpo.extras import ExtraNotInstalled
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -138,3 +140,47 @@ def test_the_cli_reports_a_refused_scorer_as_an_error_without_generating(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("trl-diffusion-sdpo evaluate: error: The colour scorer")
     assert "'an astronaut riding a horse'" in err and not out.exists()
+
+
+class _NotInstalled:
+    """A meta-path finder that answers for ``package`` as Python does for a package that is not installed."""
+
+    def __init__(self, package: str) -> None:
+        self.package = package
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.package:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+@pytest.fixture
+def ports_not_installed(monkeypatch):
+    """The reward-model ports' distribution as if not installed, and every built-in name registered by name again, as
+    in a process that has built none."""
+    from trl_diffusion_sdpo.evaluation import scorers
+
+    for module in [m for m in sys.modules if m == REWARD_PORTS or m.startswith(f"{REWARD_PORTS}.")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setattr(sys, "meta_path", [_NotInstalled(REWARD_PORTS), *sys.meta_path])
+    monkeypatch.setattr(registry, "_REGISTRY", {**registry._REGISTRY, **scorers._BUILTIN_SCORERS})
+
+
+def test_a_port_whose_distribution_is_missing_is_refused_naming_the_install_command(
+    ports_not_installed, tmp_path, capsys, no_generation
+):
+    install = 'pip install -e ".[rewards]" -e ./rewards'
+    for name in ("hpsv2", "hpsv3", "imagereward", "aesthetic", "editreward"):
+        with pytest.raises(ExtraNotInstalled, match=re.escape(install)) as info:
+            scores_edits(name)
+        assert str(info.value).startswith(f"Scorer {name!r} (a reward-model port): {REWARD_PORTS} is not installed")
+    assert not scores_edits("pickscore")  # the core's scorers need no port
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    out = tmp_path / "eval"
+    arguments = ["--base", "unused", "--prompts", str(prompts), "--scorer", "hpsv3", "--output-dir", str(out)]
+    code = main(["evaluate", *arguments])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.startswith("trl-diffusion-sdpo evaluate: error: Scorer 'hpsv3' (a reward-model port)")
+    assert install in err and len(err.strip().splitlines()) == 1

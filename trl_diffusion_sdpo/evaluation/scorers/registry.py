@@ -6,7 +6,13 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from ...extras import require_extra
+
 __all__ = ["available_scorers", "register_scorer", "scorer_factory"]
+
+# The distribution holding the ports of published reward models (HPSv2, HPSv3, ImageReward, ...), installed by the
+# `rewards` extra: the core wheel stays the trainer.
+REWARD_PORTS = "trl_diffusion_sdpo_rewards"
 
 # name -> factory, or "package.module:attribute" naming it, imported when the scorer is first built (the built-in
 # scorers' modules import transformers' CLIP and BLIP models, which listing the names should not pay for).
@@ -45,7 +51,11 @@ def scorer_factory(name: str) -> Callable[..., Any]:
     factory = _REGISTRY[name]
     if isinstance(factory, str):
         module, _, attribute = factory.partition(":")
-        factory = _REGISTRY[name] = getattr(importlib.import_module(module), attribute)
+        if module.startswith(f"{REWARD_PORTS}."):  # a port: a missing distribution is named with its install command
+            imported = require_extra("rewards", module, f"Scorer {name!r} (a reward-model port)")
+        else:
+            imported = importlib.import_module(module)
+        factory = _REGISTRY[name] = getattr(imported, attribute)
     return factory
 
 

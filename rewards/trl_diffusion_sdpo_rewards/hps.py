@@ -18,9 +18,11 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
-from ...checks import Choice
-from ._clip import CLIPEmbedder, load_weights_file
-from .base import Scorer, arguments_with_defaults, resolve_device
+from trl_diffusion_sdpo.checks import Choice
+from trl_diffusion_sdpo.evaluation.scorers._clip import CLIPEmbedder
+from trl_diffusion_sdpo.evaluation.scorers.base import Scorer, arguments_with_defaults, resolve_device
+
+from ._weights import load_weights_file
 
 __all__ = ["HPSv2Scorer", "hps_v21_scorer", "open_clip_to_transformers"]
 

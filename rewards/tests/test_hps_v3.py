@@ -15,14 +15,14 @@ from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGen
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from trl_diffusion_sdpo.evaluation.scorers import available_scorers, build_scorer
-from trl_diffusion_sdpo.evaluation.scorers.hps_v3 import (
+from trl_diffusion_sdpo.testing.tokenizers import _bytes_to_unicode
+from trl_diffusion_sdpo_rewards.hps_v3 import (
     HPSV3_INSTRUCTION,
     HPSV3_REWARD_SUFFIX,
     HPSv3Scorer,
     hps_v3_resize,
     hpsv3_to_transformers,
 )
-from trl_diffusion_sdpo.testing.tokenizers import _bytes_to_unicode
 
 PIXELS = 4 * 28 * 28  # 4 merged image tokens per image (the real scorer uses 256 * 28 * 28)
 

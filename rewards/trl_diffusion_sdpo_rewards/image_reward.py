@@ -27,9 +27,10 @@ from PIL import Image
 from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from ._clip import load_weights_file
+from trl_diffusion_sdpo.evaluation.scorers.base import Scorer, arguments_with_defaults, resolve_device
+
+from ._weights import load_weights_file
 from .aesthetic import AestheticMLP
-from .base import Scorer, arguments_with_defaults, resolve_device
 
 __all__ = ["ImageRewardModel", "ImageRewardScorer", "blip_to_transformers"]
 

@@ -15,13 +15,13 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from trl_diffusion_sdpo.evaluation.scorers import available_scorers, build_scorer, scores_edits
-from trl_diffusion_sdpo.evaluation.scorers.edit_reward import (
+from trl_diffusion_sdpo.testing.tokenizers import _bytes_to_unicode
+from trl_diffusion_sdpo_rewards.edit_reward import (
     EDITREWARD_FOLLOWING,
     EDITREWARD_QUALITY,
     EditRewardScorer,
     editreward_to_transformers,
 )
-from trl_diffusion_sdpo.testing.tokenizers import _bytes_to_unicode
 
 torch.set_num_threads(1)
 PIXELS = 4 * 28 * 28  # 4 merged image tokens per image (the real scorer uses 256 * 28 * 28)

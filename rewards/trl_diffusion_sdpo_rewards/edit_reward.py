@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import EditScorer
+from trl_diffusion_sdpo.evaluation.scorers.base import EditScorer
+
 from .hps_v3 import HPSV3_PIXELS, HPSV3_REWARD_SUFFIX
 from .qwen_vl_reward import (
     QwenVLRewardModel,
