@@ -102,6 +102,7 @@ class GeneratedPairs:
     diversity: torch.Tensor  # [N]: the RMS pixel distance between two samples of the prompt, averaged over pairs
     seconds: float
     images: list[list[Image.Image]] = field(default_factory=list)  # [N][K]
+    prompts: list[str] = field(default_factory=list)  # [N]
 
     @property
     def num_prompts(self) -> int:
@@ -311,6 +312,7 @@ class GenerationStage:
             diversity=sample_diversity((torch.stack([_pixels(row) for row in images]) + 1) / 2),
             seconds=pending.seconds + time.perf_counter() - started,
             images=images,
+            prompts=prompts,
         )
 
     def pair_batch(
