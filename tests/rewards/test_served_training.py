@@ -110,3 +110,34 @@ def test_a_server_back_within_the_retries_lets_training_go_on(tmp_path):
         assert server.process is not first_process and server.process.poll() is None
         assert trainer.state.global_step == 3 and len(generations) == 3
         assert_served_scores_are_the_scorers(generations)
+
+
+@pytest.mark.slow  # a two-process launch
+def test_a_reward_failing_on_one_process_stops_every_process_at_the_same_step_with_one_checkpoint(tmp_path):
+    """Process 1's second scoring returns a NaN; process 0's scores are fine. The failure is all-reduced: both stop
+    before step 2, both take part in the checkpoint of step 1 (no process waits in a collective)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(root / "examples" / "accelerate_configs" / "multi_gpu.yaml"), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(port),
+        str(root / "tests" / "rewards" / "reward_failure_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    raised = [json.loads((tmp_path / f"raised-{rank}.json").read_text()) for rank in (0, 1)]
+    assert "'red_minus_blue' returned nan as the score of image 0" in raised[1]["raised"]
+    assert "A reward function failed on another process" in raised[0]["raised"]
+    assert [r["global_step"] for r in raised] == [1, 1] and [r["calls"] for r in raised] == [2, 2]
+    checkpoint = tmp_path / "model" / "checkpoint-1"
+    assert all(f"Checkpoint {checkpoint} holds step 1" in r["raised"] for r in raised)
+    assert checkpoint_problem(str(checkpoint)) == ""
