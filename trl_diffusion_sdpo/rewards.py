@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -104,8 +105,9 @@ class RemoteReward:
 
     A refused connection, a timeout and the statuses :data:`RETRIED_STATUSES` are retried ``retries`` times with
     exponential backoff (urllib3's ``Retry``: waits of 0, 2, 4, 8, ... times ``backoff`` seconds, at most 120 s
-    each); after that, or at once for an answer that cannot be right (another status, non-JSON, another version, the
-    wrong number of scores, a non-finite score), :class:`RewardError` names the URL and what came back.
+    each; ``timeout`` bounds each attempt); after that, or at once for an answer that cannot be right (another
+    status, non-JSON, another version, the wrong number of scores, a non-finite score), :class:`RewardError` names
+    the URL and what came back.
 
     Args:
         url: the scoring endpoint, e.g. ``http://127.0.0.1:8000/v1/score``.
@@ -117,24 +119,21 @@ class RemoteReward:
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 5, backoff: float = 1.0) -> None:
         if not is_reward_url(url):
             raise ValueError(f"A reward server's URL starts with http:// or https://, got {url!r}.")
-        import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
+        import urllib3
 
         self.url, self.timeout, self.retries = url, float(timeout), int(retries)
         self.__name__ = url.split("://", 1)[1]  # the metric name: online/reward/<host:port/path>
-        retry = Retry(
+        retry = urllib3.Retry(
             total=self.retries,
             backoff_factor=backoff,
             status_forcelist=RETRIED_STATUSES,
             allowed_methods=None,  # scoring is idempotent: retry the POST too
             raise_on_status=False,  # the last answer's status and text go into the error
         )
-        self.session = requests.Session()
-        self.session.mount(url.split("://", 1)[0] + "://", HTTPAdapter(max_retries=retry))
+        self.pool = urllib3.PoolManager(retries=retry, timeout=urllib3.Timeout(total=self.timeout))
 
     def __call__(self, prompts: Sequence[str], images: Sequence[Image.Image], **columns: Any) -> list[float]:
-        import requests
+        import urllib3
 
         payload = {
             "version": PROTOCOL_VERSION,
@@ -142,24 +141,25 @@ class RemoteReward:
             "images": [encode_image(image) for image in images],
             "columns": {name: encode_value(list(values), name) for name, values in columns.items()},
         }
+        body = json.dumps(payload).encode()
         try:
-            response = self.session.post(self.url, json=payload, timeout=self.timeout)
-        except requests.RequestException as err:
+            response = self.pool.request("POST", self.url, body=body, headers={"Content-Type": "application/json"})
+        except urllib3.exceptions.HTTPError as err:
+            reason = getattr(err, "reason", None) or err
             raise RewardError(
-                f"Reward server {self.url} did not answer after {self.retries} retries ({type(err).__name__}: {err}). "
-                "Check that it runs (`trl-diffusion-sdpo reward-server`, GET /ready), or raise reward_retries / "
-                "reward_timeout."
+                f"Reward server {self.url} did not answer after {self.retries} retries ({type(reason).__name__}: "
+                f"{reason}). Check that it runs (`trl-diffusion-sdpo reward-server`, GET /ready), or raise "
+                "reward_retries / reward_timeout."
             ) from err
-        if response.status_code != 200:
-            retried = f" after {self.retries} retries" if response.status_code in RETRIED_STATUSES else ""
-            raise RewardError(
-                f"Reward server {self.url} answered HTTP {response.status_code}{retried}: {response.text[:500]}"
-            )
+        text = response.data.decode("utf-8", errors="replace")
+        if response.status != 200:
+            retried = f" after {self.retries} retries" if response.status in RETRIED_STATUSES else ""
+            raise RewardError(f"Reward server {self.url} answered HTTP {response.status}{retried}: {text[:500]}")
         try:
-            body = response.json()
+            answer = json.loads(text)
         except ValueError:
-            raise RewardError(f"Reward server {self.url} answered non-JSON: {response.text[:200]!r}") from None
-        return self._scores(body, len(images))
+            raise RewardError(f"Reward server {self.url} answered non-JSON: {text[:200]!r}") from None
+        return self._scores(answer, len(images))
 
     def _scores(self, body: Any, expected: int) -> list[float]:
         """The answer's scores, checked: the protocol's version, one finite number per image."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import requests
+import urllib3
 
 
 def free_port() -> int:
@@ -43,9 +43,10 @@ class ServerProcess:
         while time.monotonic() < deadline:
             assert self.process is not None and self.process.poll() is None, "the reward server exited"
             try:
-                if requests.get(f"http://127.0.0.1:{self.port}/ready", timeout=2).status_code == 200:
+                answer = urllib3.request("GET", f"http://127.0.0.1:{self.port}/ready", timeout=2.0, retries=False)
+                if answer.status == 200:
                     return
-            except requests.ConnectionError:
+            except urllib3.exceptions.HTTPError:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"the reward server on port {self.port} was not ready in {timeout} s")
