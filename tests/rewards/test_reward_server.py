@@ -122,3 +122,13 @@ def test_concurrent_requests_are_scored_together_in_batches_of_at_most_max_batch
     answers = asyncio.run(run())
     assert answers == [[0.0, 1.0], [10.0], [20.0, 21.0, 22.0]]  # each request gets its own scores, in order
     assert calls == [["0", "1", "10", "20"], ["21", "22"]]  # one batch of 4 (the bound), the rest after
+
+
+def test_the_command_binds_this_machine_only_by_default_and_names_the_registered_scorers_for_an_unknown_one(capsys):
+    from trl_diffusion_sdpo.cli import main
+    from trl_diffusion_sdpo.reward_server import build_parser
+
+    args = build_parser().parse_args(["--scorer", "colour"])
+    assert (args.host, args.port, args.max_batch_size) == ("127.0.0.1", 8000, 32)
+    with pytest.raises(SystemExit, match="--scorer colur is no registered scorer; registered: .*colour"):
+        main(["reward-server", "--scorer", "colur"])
