@@ -14,7 +14,7 @@ from PIL import Image
 
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.demo.shapes import all_captions
-from trl_diffusion_sdpo.evaluation.scorers.base import Scorer, register_scorer
+from trl_diffusion_sdpo.evaluation.scorers.base import EditScorer, Scorer, register_scorer
 from trl_diffusion_sdpo.reward_server import ScoringQueue, build_app
 from trl_diffusion_sdpo.rewards import PROTOCOL_VERSION, encode_image
 
@@ -132,3 +132,31 @@ def test_the_command_binds_this_machine_only_by_default_and_names_the_registered
     assert (args.host, args.port, args.max_batch_size) == ("127.0.0.1", 8000, 32)
     with pytest.raises(SystemExit, match="--scorer colur is no registered scorer; registered: .*colour"):
         main(["reward-server", "--scorer", "colur"])
+
+
+class SourceDistance(EditScorer):
+    """Mean absolute pixel difference between an edit and its first source, in [0, 1]."""
+
+    name = "source_distance_for_tests"
+
+    def score(self, images, prompts, sources):
+        return torch.tensor([(pixels(im) - pixels(src[0])).abs().mean().item() for im, src in zip(images, sources)])
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    return torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.float64) / 255
+
+
+def test_an_editing_scorer_receives_each_images_sources_from_the_columns():
+    register_scorer(SourceDistance.name, SourceDistance, overwrite=True)
+    sources = [Image.new("RGB", (32, 32), c) for c in ("black", "white", "red", "blue")]
+    client = ready_client(build_app(SourceDistance.name))
+    try:
+        columns = {"source_images": [[{"png": encode_image(s)}] for s in sources]}
+        answer = client.post("/v1/score", json=request(columns=columns))
+        expected = [(pixels(i) - pixels(s)).abs().mean().item() for i, s in zip(IMAGES, sources)]
+        assert answer.status_code == 200 and answer.json()["scores"] == pytest.approx(expected)
+        refused = client.post("/v1/score", json=request())
+        assert refused.status_code == 400 and "send each image's sources as columns.source_images" in refused.text
+    finally:
+        client.__exit__(None, None, None)
