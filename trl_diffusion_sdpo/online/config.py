@@ -57,8 +57,9 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
         False,
         "Score in a background thread while the next images are sampled: a sampling call's images "
         "(`generation_batch_size`) or a micro-batch's, against the next call of the same optimizer step. The "
-        "policy does not change within an optimizer step, so the pairs are those of `async_rewards=False`; only "
-        "the time differs (time saving not measured).",
+        "policy does not change within an optimizer step, so the pairs are those of `async_rewards=False` for "
+        "rewards that score each image on its own (each function is called per sampling call); only the time "
+        "differs (time saving not measured).",
     )
     # Generation
     num_generations: int = option(4, "Images sampled per prompt (K), from which the pairs are chosen.")
