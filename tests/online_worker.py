@@ -74,37 +74,44 @@ def _is_shard(parameter: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def _recording_generations(records: list[dict[str, Any]], collectives: list[str]):
-    """Inside the block, every call of the generation stage appends what it sampled, scored and paired, how many of
-    the denoiser's weights were shards on this process when it started, and how many collectives it entered."""
+    """Inside the block, every generation of the stage (started, then finished) appends what it sampled, scored and
+    paired, how many of the denoiser's weights were shards on this process when it started, and how many collectives
+    it entered."""
     from trl_diffusion_sdpo.online.generation import GenerationStage
 
-    call = GenerationStage.__call__
+    start, finish = GenerationStage.start, GenerationStage.finish
 
-    def recording(self, inputs, generation, first_row):
+    def recording_start(self, inputs, generation, first_row):
         sharded = sum(_is_shard(p) for p in self.family.denoiser.parameters())
         before = len(collectives)
-        out = call(self, inputs, generation, first_row)
+        pending = start(self, inputs, generation, first_row)
+        pending.record = {
+            "generation": generation,
+            "first_row": first_row,
+            "prompts": list(inputs["prompt"]),
+            "sharded_weights": sharded,
+            "collectives": len(collectives) - before,
+        }
+        return pending
+
+    def recording_finish(self, pending):
+        before = len(collectives)
+        out = finish(self, pending)
+        record = pending.record
         latents = out.batch.get("latent_mean")
-        records.append(
-            {
-                "generation": generation,
-                "first_row": first_row,
-                "prompts": list(inputs["prompt"]),
-                "rewards": out.rewards.tolist(),
-                "pairs": [[first_row + r, i, j] for r, i, j in out.pairs],
-                # the trained latents, per pair (chosen, rejected): what the offline step receives
-                "pair_latent_sums": [] if latents is None else latents.double().flatten(2).sum(-1).tolist(),
-                "sharded_weights": sharded,
-                "collectives": len(collectives) - before,
-            }
-        )
+        record["collectives"] += len(collectives) - before
+        record["rewards"] = out.rewards.tolist()
+        record["pairs"] = [[record["first_row"] + r, i, j] for r, i, j in out.pairs]
+        # the trained latents, per pair (chosen, rejected): what the offline step receives
+        record["pair_latent_sums"] = [] if latents is None else latents.double().flatten(2).sum(-1).tolist()
+        records.append(record)
         return out
 
-    GenerationStage.__call__ = recording
+    GenerationStage.start, GenerationStage.finish = recording_start, recording_finish
     try:
         yield
     finally:
-        GenerationStage.__call__ = call
+        GenerationStage.start, GenerationStage.finish = start, finish
 
 
 def _trainable(trainer) -> list[torch.Tensor]:

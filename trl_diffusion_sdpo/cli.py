@@ -1,8 +1,8 @@
 """Command line: ``trl-diffusion-sdpo train --config x.yaml``, ``trl-diffusion-sdpo online --config x.yaml``,
 ``trl-diffusion-sdpo cache --config x.yaml``,
 ``trl-diffusion-sdpo demo --output-dir DIR``, ``trl-diffusion-sdpo evaluate --base MODEL ...`` and
-``trl-diffusion-sdpo export --lora DIR --base MODEL ...``, ``trl-diffusion-sdpo pairs --base MODEL ...`` (also
-``python -m trl_diffusion_sdpo ...``)."""
+``trl-diffusion-sdpo export --lora DIR --base MODEL ...``, ``trl-diffusion-sdpo pairs --base MODEL ...``,
+``trl-diffusion-sdpo reward-server --scorer NAME`` (also ``python -m trl_diffusion_sdpo ...``)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,13 @@ def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) ->
         "cache",
         "Encode a preference dataset into a sharded, resumable latent cache, one shard per process under accelerate "
         "launch (--config x.yaml: the training YAML; --help for every option).",
+    )
+    # Its own parser (trl_diffusion_sdpo.reward_server) takes its arguments.
+    add_forwarded_command(
+        commands,
+        "reward-server",
+        "Serve a registered scorer over HTTP for online training's reward_funcs (--scorer NAME --port 8000; needs "
+        "the serve extra).",
     )
     return parser
 
@@ -205,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         from .cache_cli import run_cache
 
         return run_cache(argv[1:])
+    if argv[:1] == ["reward-server"]:
+        from .reward_server import main as serve
+
+        return serve(argv[1:])
     if argv[:1] == ["export"]:
         from .io.export import build_export_parser, run_export
 

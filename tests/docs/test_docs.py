@@ -158,7 +158,7 @@ def test_the_api_pages_render_the_docstrings_roles_and_parameter_lists(tmp_path)
 # the example scripts, which are the train command under another name.
 COMMAND = re.compile(
     r"(?:trl-diffusion-sdpo|-m trl_diffusion_sdpo|python -m trl_diffusion_sdpo)\s+"
-    r"(train|cache|evaluate|demo|export|pairs)\b"
+    r"(train|cache|evaluate|demo|export|pairs|reward-server)(?![\w-])"
     r"|(?:examples/train_(?:sd15|sdxl|flow)\.py)()"
 )
 
@@ -181,7 +181,8 @@ def _help(command: str, capsys) -> str:
 
 
 def test_every_command_and_flag_the_docs_name_exists(capsys) -> None:
-    helps = {command: _help(command, capsys) for command in ("train", "cache", "evaluate", "demo", "export", "pairs")}
+    commands = ("train", "cache", "evaluate", "demo", "export", "pairs", "reward-server")
+    helps = {command: _help(command, capsys) for command in commands}
     missing = []
     for page in PAGES:
         for line in _command_lines(page.read_text()):

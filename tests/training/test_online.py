@@ -249,9 +249,9 @@ def test_each_micro_batch_of_an_accumulation_window_samples_its_own_generation(t
     stage, calls = trainer.generation, []
 
     class CountingStage:
-        def __call__(self, inputs, generation, first_row):
+        def start(self, inputs, generation, first_row):
             calls.append((generation, tuple(inputs["prompt"])))
-            return stage(inputs, generation, first_row)
+            return stage.start(inputs, generation, first_row)
 
         def __getattr__(self, name):
             return getattr(stage, name)
@@ -364,11 +364,11 @@ def test_num_iterations_trains_one_generation_for_several_optimizer_steps(tmp_pa
     stage, calls = trainer.generation, []
 
     class CountingStage:
-        """The trainer's stage, recording which generation each call samples."""
+        """The trainer's stage, recording which generation each sampling starts."""
 
-        def __call__(self, inputs, generation, first_row):
+        def start(self, inputs, generation, first_row):
             calls.append((generation, tuple(inputs["prompt"])))
-            return stage(inputs, generation, first_row)
+            return stage.start(inputs, generation, first_row)
 
         def __getattr__(self, name):
             return getattr(stage, name)

@@ -34,14 +34,32 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
     reward_funcs: list[str] | None = option(
         None,
         "Registered scorer names that score the generated images (`pickscore`, `hpsv3`, `imagereward`, "
-        "`editreward`, `clip`, the demo's `colour`, ...; `trl-diffusion-sdpo evaluate --help` lists them). The "
-        "trainer's `reward_funcs=` argument also takes callables `(prompts, images, **columns) -> list[float]` "
-        "and replaces this list.",
+        "`editreward`, `clip`, the demo's `colour`, ...; `trl-diffusion-sdpo evaluate --help` lists them), or "
+        "reward server URLs (`http://host:8000/v1/score`, e.g. `trl-diffusion-sdpo reward-server`; protocol in "
+        "docs/reward-server.md). The trainer's `reward_funcs=` argument also takes callables "
+        "`(prompts, images, **columns) -> list[float]` and replaces this list.",
     )
     reward_weights: list[float] | None = option(
         None,
         "One weight per reward function; the reward is the weighted sum of their scores (None: weight 1 "
         "each, as in TRL's GRPO).",
+    )
+    reward_timeout: float = option(
+        60.0, "Seconds a reward server has to answer one request before the request is retried."
+    )
+    reward_retries: int = option(
+        5,
+        "Retries of a reward server request that failed (no connection, a timeout, HTTP 408, 429 or 5xx), with "
+        "exponential backoff (waits of 0, 2, 4, 8, 16, ... seconds). After the last the run saves a checkpoint and "
+        "stops with the error; no sample is trained on a missing score.",
+    )
+    async_rewards: bool = option(
+        False,
+        "Score in a background thread while the next images are sampled: a sampling call's images "
+        "(`generation_batch_size`) or a micro-batch's, against the next call of the same optimizer step. The "
+        "policy does not change within an optimizer step, so the pairs are those of `async_rewards=False` for "
+        "rewards that score each image on its own (each function is called per sampling call); only the time "
+        "differs (time saving not measured).",
     )
     # Generation
     num_generations: int = option(4, "Images sampled per prompt (K), from which the pairs are chosen.")
@@ -92,7 +110,10 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
 
 
 _GROUPS = {
-    "Parameters that control the rewards": ("", ("reward_funcs", "reward_weights")),
+    "Parameters that control the rewards": (
+        "",
+        ("reward_funcs", "reward_weights", "reward_timeout", "reward_retries", "async_rewards"),
+    ),
     "Parameters that control the generation": (
         "Each micro-batch's prompts are sampled `num_generations` times by the policy (eval mode, no gradient, "
         "adapters on), scored, and paired; the pairs' sampled latents are the micro-batch's images.",
@@ -114,6 +135,8 @@ OnlineDiffusionSDPOConfig.__doc__ = config_docstring(OnlineDiffusionSDPOConfig, 
 
 _RULES: dict[str, Range | Choice] = {
     "num_generations": Range(2, integer=True, hint="A pair needs two samples of the prompt."),
+    "reward_timeout": Range(0, low_open=True),
+    "reward_retries": Range(0, integer=True),
     "pair_mode": Choice(PAIR_MODES),
     "pair_latents": Choice(PAIR_LATENTS),
     "reward_margin": Range(0),

@@ -9,6 +9,11 @@ sampler with latents in the denoiser's layout (``ModelFamily.sampled_latents_are
 those are the pairs' latents (``latent_std`` zero), not a VAE round trip of the decoded images; any other family's
 paired images are encoded again from their decoded pixels.
 
+With ``async_rewards`` the rewards run in a background thread: each sampling call's images are scored while the next
+call samples (:meth:`GenerationStage.start` samples and submits, :meth:`GenerationStage.finish` waits for the scores
+in submission order and pairs), and the trainer starts the next micro-batch of the optimizer step before finishing
+this one. Scores are joined to images by submission order, never by arrival.
+
 Every image's noise comes from its own generator, seeded from the run's seed, the generation's index, the prompt's
 row in the global micro-batch and the sample's index: the samples do not depend on the number of processes, on
 ``generation_batch_size``, or on a resume.
@@ -17,9 +22,11 @@ row in the global micro-batch and the sample's index: the samples do not depend 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +41,15 @@ from ..families.latents import unscale_latents
 from ..rewards import RewardFunctions
 from ..step.stages import fixed_time_ids
 
-__all__ = ["GeneratedPairs", "GenerationSettings", "GenerationStage", "image_seed", "sample_diversity", "select_pairs"]
+__all__ = [
+    "GeneratedPairs",
+    "GenerationSettings",
+    "GenerationStage",
+    "PendingGeneration",
+    "image_seed",
+    "sample_diversity",
+    "select_pairs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +79,8 @@ class GenerationSettings:
     pair_mode: str
     reward_margin: float
     pair_latents: str = "sampled"
+    # when the rewards run: after the micro-batch's sampling, or in a background thread beside the next sampling call
+    async_rewards: bool = False
 
     @classmethod
     def from_config(cls, args, family: ModelFamily) -> GenerationSettings:
@@ -85,6 +102,7 @@ class GeneratedPairs:
     diversity: torch.Tensor  # [N]: the RMS pixel distance between two samples of the prompt, averaged over pairs
     seconds: float
     images: list[list[Image.Image]] = field(default_factory=list)  # [N][K]
+    prompts: list[str] = field(default_factory=list)  # [N]
 
     @property
     def num_prompts(self) -> int:
@@ -110,6 +128,21 @@ class GeneratedPairs:
             values["online/rejected_reward"] = rejected.mean()
             values["online/reward_margin"] = (chosen - rejected).mean()
         return {name: value.float() for name, value in values.items()}
+
+
+@dataclass
+class PendingGeneration:
+    """A micro-batch sampled, its scores submitted (one future per scoring call, in the images' order)."""
+
+    prompts: list[str]
+    images: list[list[Image.Image]]  # [N][K]
+    latents: torch.Tensor | None
+    scores: list[Future]  # each: (reward, per function) of the next images in order
+    seconds: float  # the sampling's
+
+    def cancel(self) -> None:
+        for future in self.scores:
+            future.cancel()
 
 
 def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -150,6 +183,8 @@ class GenerationStage:
         self.family, self.rewards, self.settings = family, rewards, settings
         self.encode_prompts, self.device = encode_prompts, device
         self.autocast = autocast
+        # One thread: the calls are scored in order, and a local reward model is never called from two threads.
+        self.scoring = ThreadPoolExecutor(1, thread_name_prefix="rewards") if settings.async_rewards else None
         self.direct_latents = settings.pair_latents == "sampled" and family.sampled_latents_are_denoiser_latents
         if settings.pair_latents == "sampled" and not self.direct_latents:
             logger.info(
@@ -161,10 +196,15 @@ class GenerationStage:
     # ------------------------------------------------------------------ sampling
 
     def sample(
-        self, prompts: list[str], generation: int, first_row: int
+        self,
+        prompts: list[str],
+        generation: int,
+        first_row: int,
+        on_images: Callable[[int, list[Image.Image]], None] | None = None,
     ) -> tuple[list[list[Image.Image]], torch.Tensor | None]:
         """``(images [N][K], latents [N, K, ...] or None)``: K samples of each prompt; ``first_row`` is the first
-        prompt's row in the global micro-batch."""
+        prompt's row in the global micro-batch. ``on_images(start, images)`` receives each sampling call's images
+        (``start``: the first one's index) as soon as they are decoded."""
         s, pipeline = self.settings, self.family.pipeline
         k = s.num_generations
         expanded = [p for p in prompts for _ in range(k)]
@@ -199,6 +239,8 @@ class GenerationStage:
                         callback_on_step_end_tensor_inputs=["latents"],
                         **kwargs,
                     )
+                if on_images is not None:
+                    on_images(len(images), list(out.images))
                 images.extend(out.images)
                 latents.append(final["latents"].detach().float())
         finally:
@@ -213,14 +255,48 @@ class GenerationStage:
 
     def __call__(self, inputs: dict[str, Any], generation: int, first_row: int) -> GeneratedPairs:
         """The pair batch of one micro-batch of prompt rows (``inputs``: the prompt collator's lists)."""
+        return self.finish(self.start(inputs, generation, first_row))
+
+    def start(self, inputs: dict[str, Any], generation: int, first_row: int) -> PendingGeneration:
+        """Sample a micro-batch and submit its scoring: at once, or (``async_rewards``) each sampling call's images
+        to the background thread while the next call samples."""
         started = time.perf_counter()
         prompts = list(inputs[PROMPT_COLUMN])
         columns = {name: list(values) for name, values in inputs.items() if name != PROMPT_COLUMN}
-        images, latents = self.sample(prompts, generation, first_row)
         k = self.settings.num_generations
-        flat_images = [image for samples in images for image in samples]
+        flat_prompts = [p for p in prompts for _ in range(k)]
         flat_columns = {name: [v for v in values for _ in range(k)] for name, values in columns.items()}
-        reward, per_function = self.rewards([p for p in prompts for _ in range(k)], flat_images, flat_columns)
+        scores: list[Future] = []
+
+        def submit(start: int, images: list[Image.Image]) -> None:
+            end = start + len(images)
+            part = {name: values[start:end] for name, values in flat_columns.items()}
+            scores.append(self._submit(functools.partial(self.rewards, flat_prompts[start:end], images, part)))
+
+        images, latents = self.sample(prompts, generation, first_row, submit if self.scoring is not None else None)
+        if self.scoring is None:
+            submit(0, [image for samples in images for image in samples])
+        return PendingGeneration(prompts, images, latents, scores, time.perf_counter() - started)
+
+    def _submit(self, score: Callable[[], Any]) -> Future:
+        """``score()`` run by the background thread, or now (its result or error held in a finished future)."""
+        if self.scoring is not None:
+            return self.scoring.submit(score)
+        future: Future = Future()
+        try:
+            future.set_result(score())
+        except Exception as err:  # raised by finish, where the trainer handles a reward's failure
+            future.set_exception(err)
+        return future
+
+    def finish(self, pending: PendingGeneration) -> GeneratedPairs:
+        """Wait for a sampled micro-batch's scores (joined to its images in submission order) and pair it."""
+        started = time.perf_counter()
+        prompts, images, latents = pending.prompts, pending.images, pending.latents
+        k = self.settings.num_generations
+        parts = [future.result() for future in pending.scores]
+        reward = torch.cat([part[0] for part in parts])
+        per_function = {name: torch.cat([part[1][name] for part in parts]) for name in parts[0][1]}
         rewards = reward.reshape(len(prompts), k)
         pairs = [
             (row, i, j)
@@ -234,8 +310,9 @@ class GenerationStage:
             per_function={name: scores.reshape(len(prompts), k) for name, scores in per_function.items()},
             pairs=pairs,
             diversity=sample_diversity((torch.stack([_pixels(row) for row in images]) + 1) / 2),
-            seconds=time.perf_counter() - started,
+            seconds=pending.seconds + time.perf_counter() - started,
             images=images,
+            prompts=prompts,
         )
 
     def pair_batch(

@@ -7,11 +7,16 @@ The offline trainer's step with a generation stage in front of it::
 
 Objectives, safeguards, engines and families are the offline trainer's, unchanged. The reference stays the initial
 model, or moves to the policy every ``ref_update_steps`` optimizer steps.
+
+A reward that gives no usable score (:class:`~trl_diffusion_sdpo.rewards.RewardError`, e.g. a reward server down
+after its retries) stops the run on every process before the micro-batch trains, with a checkpoint of the last
+optimizer step.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,16 +27,17 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.training_data import TrainingData
 from ..data.validation import DataReport
 from ..families import PromptEmbeddings
 from ..quantization import is_quantized
 from ..reference import refreshed_reference
-from ..rewards import RewardFunction, RewardFunctions
+from ..rewards import RewardError, RewardFunction, RewardFunctions
 from ..trainer import DiffusionSDPOTrainer
 from .config import OnlineDiffusionSDPOConfig
-from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage
+from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage, PendingGeneration
 
 __all__ = ["OnlineDiffusionSDPOTrainer", "PromptCollator", "RepeatedBlockSampler"]
 
@@ -139,7 +145,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         if not isinstance(args, OnlineDiffusionSDPOConfig):
             raise TypeError(f"args must be an OnlineDiffusionSDPOConfig, got {type(args).__name__}")
         functions = list(reward_funcs) if reward_funcs is not None else list(args.reward_funcs or [])
-        self.rewards = RewardFunctions(functions, args.reward_weights)
+        self.rewards = RewardFunctions(functions, args.reward_weights, args.reward_timeout, args.reward_retries)
         super().__init__(
             model,
             ref_model,
@@ -175,6 +181,8 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         )
         self._prompt_cache: dict[str, PromptEmbeddings] = {}
         self._generated: dict[int, GeneratedPairs] = {}  # the window's generations by micro-batch index
+        self._pending: dict[int, PendingGeneration] = {}  # sampled ahead, being scored (async_rewards)
+        self._step_batches: list[dict[str, list[Any]]] = []  # the optimizer step's micro-batches of prompts
         self._window: int | None = None
         self._micro = 0
 
@@ -242,22 +250,60 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         stored["online/generation_time_share"].append(torch.tensor(share, device=self.args.device))
         return loss
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_batches = batches  # async_rewards samples the next micro-batch while this one is scored
+        return batches, num_items
+
     def _generation(self, inputs: dict[str, list[Any]]) -> GeneratedPairs:
         """This micro-batch's generation: sampled now at the first optimizer step of a ``num_iterations`` window,
-        else the one sampled then for the same micro-batch index."""
+        else the one sampled then for the same micro-batch index. With ``async_rewards`` the step's next micro-batch
+        is sampled while this one is scored (the policy is the same until the optimizer steps)."""
         args = self.args
         window = self.state.global_step // args.num_iterations
         if window != self._window:
-            self._window, self._generated = window, {}
+            self._window, self._generated, self._pending = window, {}, {}
         micro = self._micro % args.gradient_accumulation_steps
         self._micro += 1
         if micro in self._generated:
             return self._generated[micro]
-        generation = window * args.gradient_accumulation_steps + micro
-        first_row = self.accelerator.process_index * args.per_device_train_batch_size
-        generated = self.generation(inputs, generation, first_row)
+        pending = self._pending.pop(micro, None) or self._start_generation(inputs, window, micro)
+        position = next((i for i, batch in enumerate(self._step_batches) if batch is inputs), None)
+        if args.async_rewards and position is not None and position + 1 < len(self._step_batches):
+            following = self._step_batches[position + 1]
+            self._pending[micro + 1] = self._start_generation(following, window, micro + 1)
+        try:
+            generated, failure = self.generation.finish(pending), None
+        except RewardError as err:
+            generated, failure = None, err
+        if self.accelerator.num_processes > 1:  # every process stops at the same micro-batch
+            flag = torch.tensor(float(failure is not None), device=self.args.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        else:
+            stop = failure is not None
+        if stop:
+            self._stop_without_reward(failure)
         self._generated[micro] = generated
         return generated
+
+    def _start_generation(self, inputs: dict[str, list[Any]], window: int, micro: int) -> PendingGeneration:
+        generation = window * self.args.gradient_accumulation_steps + micro
+        first_row = self.accelerator.process_index * self.args.per_device_train_batch_size
+        return self.generation.start(inputs, generation, first_row)
+
+    def _stop_without_reward(self, failure: RewardError | None) -> None:
+        """Save a checkpoint of the last optimizer step and raise: the micro-batch has no scores to train on."""
+        for pending in self._pending.values():
+            pending.cancel()
+        self._pending = {}
+        step = self.state.global_step
+        self.files.save_checkpoint()
+        checkpoint = os.path.join(self._get_output_dir(trial=None), f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        raise RewardError(
+            f"{failure or 'A reward function failed on another process'}\nTraining stopped before optimizer step "
+            f"{step + 1}: nothing was trained on the missing scores. Checkpoint {checkpoint} holds step {step};"
+            " resume with resume_from_checkpoint=True once the reward answers."
+        ) from failure
 
     def _blank_batch(self, mode: str) -> dict[str, Any] | None:
         return self._prepare_inputs(self.generation.blank_batch())
