@@ -16,7 +16,7 @@ comes in the :class:`MicroBatch`, and what it computed goes back in the :class:`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from accelerate.utils import DistributedType
@@ -25,6 +25,9 @@ from ..engines import Engine
 from ..objectives import DenoisingErrors, ObjectiveOutput, PreferenceObjective, PreferencePredictions
 from ..step.stages import Evaluation, MicroBatchStages, NoisedMicroBatch, evaluate_objective
 from .margin import SafeguardMargin
+
+if TYPE_CHECKING:
+    from ..config import DiffusionSDPOConfig
 
 __all__ = ["MicroBatch", "Safeguard", "StepResult"]
 
@@ -103,7 +106,7 @@ class Safeguard:
     #: partitions); ``False``: through the unwrapped denoiser, the safeguard reducing what the engine would have
     engine_backward: ClassVar[bool] = True
 
-    def __init__(self, args, engine: Engine) -> None:
+    def __init__(self, args: DiffusionSDPOConfig, engine: Engine) -> None:
         self.args = args
         self.engine = engine
         #: ``mu``, fixed or ``"auto"`` (:mod:`.margin`): the rules read it at every micro-batch
