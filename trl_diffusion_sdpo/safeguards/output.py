@@ -16,11 +16,13 @@ branch::
     lambda = clamp((1 - mu) * num / (den + eps), 0, max_lambda)   if den > 0
     lambda = max_lambda                                            otherwise
 
-with ``eps = 1e-9 * N^2 / 4``. With a loss mask the residuals are weighted first, ``r <- w * r`` with
-``w = m * N_i / sum(m)`` per sample (:func:`~trl_diffusion_sdpo.objectives.masked_residual`): the gradients of the
-masked errors, so the winner-preserving constraint holds on the region trained. The authors add 1e-9 to the dot products of the gradients of the per-branch MEAN
+with ``eps = 1e-9 * N^2 / 4``: the authors add 1e-9 to the dot products of the gradients of the per-branch MEAN
 errors (``2 r / N``), which is this in residual-sum units. Sums are taken in float32 whatever the input dtype,
 because fp16 sums of squared residuals over a whole micro-batch overflow.
+
+With a loss mask the residuals are weighted first, ``r <- w * r`` with ``w = m * N_i / sum(m)`` per sample
+(:func:`~trl_diffusion_sdpo.objectives.masked_residual`): then the sums are those of the masked errors' gradients,
+so the winner-preserving constraint holds on the region trained.
 """
 
 from __future__ import annotations
