@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import changed_keys, snapshot
 from masked_pairs import masked_dataset, masked_rows
 
-from trl_diffusion_sdpo.objectives import DenoisingErrors, PreferencePredictions, diffusion_dpo_loss
+from trl_diffusion_sdpo.objectives import PreferencePredictions, diffusion_dpo_loss
 from trl_diffusion_sdpo.safeguards.base import MicroBatch
 from trl_diffusion_sdpo.safeguards.output import output_space_lambda
 from trl_diffusion_sdpo.step.stages import denoising_errors, evaluate_objective
