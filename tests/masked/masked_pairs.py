@@ -29,10 +29,11 @@ def mask_image(fill: int | None = None, size: tuple[int, int] = (SIZE, SIZE)) ->
 
 
 def edited_pair(seed: int) -> tuple[Image.Image, Image.Image]:
-    """A random picture and its copy with the rectangle inverted."""
+    """A random picture and its copy with the rectangle's values shifted by half the range (every channel of every
+    pixel there differs by 128)."""
     picture = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     edited = picture.copy()
-    edited[EDIT] = 255 - edited[EDIT]
+    edited[EDIT] = edited[EDIT] + np.uint8(128)  # wraps around: |a - b| = 128
     return Image.fromarray(picture), Image.fromarray(edited)
 
 
@@ -41,7 +42,7 @@ def masked_rows(n: int = 4, fill: int | None = None, with_mask: bool = True) -> 
     rows = []
     for i in range(n):
         chosen, rejected = edited_pair(i)
-        row = {"prompt": f"invert the patch of picture {i}", "chosen": png(chosen), "rejected": png(rejected)}
+        row = {"prompt": f"shift the patch of picture {i}", "chosen": png(chosen), "rejected": png(rejected)}
         if with_mask:
             row["mask"] = png(mask_image(fill))
         rows.append(row)

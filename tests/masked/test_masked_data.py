@@ -1,0 +1,163 @@
+"""Loss masks in the data: read from a mask column (tables, pair folders), derived from where an editing pair differs
+(``auto_mask``), grown by ``mask_dilate``, resized with the images, validated per row, and carried by the cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from masked_pairs import edited_pair, mask_image, masked_dataset, masked_rows
+from PIL import Image
+
+from trl_diffusion_sdpo.data.formats import load_preference_data
+
+RESOLUTION = 32  # the tests' configs (conftest.fast_config_values)
+
+
+def first_batch(trainer) -> dict[str, torch.Tensor]:
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def resized_mask(mask: Image.Image) -> torch.Tensor:
+    """A square mask at the training resolution as PIL resizes it (square: no crop), weights in [0, 1]."""
+    resized = mask.resize((RESOLUTION, RESOLUTION), resample=Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
+
+
+def grown(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """The largest value within ``pixels`` (in each direction) of every position, by shifting a padded copy."""
+    padded = np.pad(mask.numpy(), pixels)
+    side = mask.shape[-1]
+    shifts = [padded[dy : dy + side, dx : dx + side] for dy in range(2 * pixels + 1) for dx in range(2 * pixels + 1)]
+    return torch.from_numpy(np.max(shifts, axis=0))
+
+
+def test_the_mask_column_reaches_the_batch_resized_with_its_images(make_trainer):
+    trainer = make_trainer(train_dataset=masked_dataset(), loss_mask=True)
+    batch = first_batch(trainer)
+    assert batch["loss_mask"].shape == (2, 2, 1, RESOLUTION, RESOLUTION)
+    expected = resized_mask(mask_image())
+    for pair in range(2):
+        for image in range(2):  # one mask per image, the pair's, for the trainer's per-image flips and crops
+            torch.testing.assert_close(batch["loss_mask"][pair, image, 0], expected, atol=1e-6, rtol=0)
+
+
+def test_auto_mask_marks_where_the_pair_differs_and_mask_dilate_grows_it(make_trainer):
+    """The pairs differ exactly inside the rectangle the mask column marks: the derived mask is that mask, and
+    mask_dilate=2 is its max filter over 5x5 pixels at the training resolution."""
+    plain = first_batch(make_trainer(train_dataset=masked_dataset(with_mask=False), auto_mask=True))
+    given = first_batch(make_trainer(train_dataset=masked_dataset(), loss_mask=True))
+    torch.testing.assert_close(plain["loss_mask"], given["loss_mask"], atol=0, rtol=0)
+    dilated = first_batch(make_trainer(train_dataset=masked_dataset(with_mask=False), auto_mask=True, mask_dilate=2))
+    expected = grown(resized_mask(mask_image()), 2)
+    torch.testing.assert_close(dilated["loss_mask"][0, 0, 0], expected, atol=1e-6, rtol=0)
+    assert dilated["loss_mask"].sum() > plain["loss_mask"].sum()
+
+
+def test_auto_mask_below_the_threshold_marks_nothing_and_the_row_is_skipped(make_trainer):
+    """A pair differing by 128 of 255 everywhere in the rectangle: a threshold above 0.5 marks nothing, so the
+    collator refuses the row, naming the threshold, rather than train on an empty mask."""
+    trainer = make_trainer(train_dataset=masked_dataset(with_mask=False), auto_mask=True, auto_mask_threshold=0.6)
+    batch = first_batch(trainer)
+    assert batch["num_skipped"] == 2
+    assert "auto_mask_threshold=0.6" in batch["skip_reasons"][0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("mask_size", r"row 1, column 'mask': the mask is 20x20 and the images 40x40"),
+        ("pair_size", r"row 1, column 'mask': the two images are 40x40 and 32x32"),
+        ("missing", r"row 1, column 'mask': image is missing"),
+    ],
+)
+def test_a_bad_mask_is_named_by_its_row(make_trainer, change, message):
+    from masked_pairs import png
+
+    rows = masked_rows(3)
+    if change == "mask_size":
+        rows[1]["mask"] = png(mask_image(size=(20, 20)))
+    elif change == "pair_size":
+        rows[1]["rejected"] = png(edited_pair(1)[1].resize((32, 32)))
+    else:
+        rows[1]["mask"] = None
+    with pytest.raises(ValueError, match=message):
+        make_trainer(train_dataset=Dataset.from_list(rows), loss_mask=True)
+
+
+def test_loss_mask_without_a_mask_column_names_the_column_and_the_alternatives(make_trainer):
+    with pytest.raises(ValueError, match=r"column 'mask', which the dataset lacks.*auto_mask=True"):
+        make_trainer(train_dataset=masked_dataset(with_mask=False), loss_mask=True)
+
+
+def test_pair_folders_and_tables_read_the_mask(tmp_path):
+    """A pair folder's mask.png, a mask/ folder beside side folders, and a JSONL mask column of relative paths all
+    become the mask column, each row's own file."""
+    per_pair, sides, table = tmp_path / "per_pair", tmp_path / "sides", tmp_path / "table"
+    records = []
+    for i in range(2):
+        chosen, rejected = edited_pair(i)
+        folder = per_pair / f"pair{i}"
+        folder.mkdir(parents=True)
+        chosen.save(folder / "chosen.png")
+        rejected.save(folder / "rejected.png")
+        mask_image(fill=100 + i).save(folder / "mask.png")
+        (folder / "prompt.txt").write_text(f"edit {i}")
+        for side, image in (("chosen", chosen), ("rejected", rejected), ("mask", mask_image(fill=100 + i))):
+            (sides / side).mkdir(parents=True, exist_ok=True)
+            image.save(sides / side / f"{i}.png")
+        (sides / "chosen" / f"{i}.txt").write_text(f"edit {i}")
+        table.mkdir(exist_ok=True)
+        for side, image in (("chosen", chosen), ("rejected", rejected), ("mask", mask_image(fill=100 + i))):
+            image.save(table / f"{side}{i}.png")
+        records.append(
+            {"prompt": f"edit {i}", "chosen": f"chosen{i}.png", "rejected": f"rejected{i}.png", "mask": f"mask{i}.png"}
+        )
+    (table / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    for path in (per_pair, sides, table / "pairs.jsonl"):
+        dataset = load_preference_data(str(path))
+        values = [Image.open(value).getextrema() for value in dataset["mask"]]
+        assert values == [(100, 100), (101, 101)], path
+
+
+def test_a_pair_folder_without_its_mask_is_named(tmp_path, make_trainer):
+    for i in range(2):
+        chosen, rejected = edited_pair(i)
+        folder = tmp_path / f"pair{i}"
+        folder.mkdir()
+        chosen.save(folder / "chosen.png")
+        rejected.save(folder / "rejected.png")
+        (folder / "prompt.txt").write_text(f"edit {i}")
+    mask_image().save(tmp_path / "pair0" / "mask.png")
+    dataset = load_preference_data(str(tmp_path))
+    with pytest.raises(ValueError, match=r"pair1: no mask.<ext>"):
+        make_trainer(train_dataset=dataset, loss_mask=True)
+
+
+def test_the_cache_carries_the_mask_and_trains_as_the_uncached_run(make_trainer, tmp_path):
+    """Cached and uncached runs from one seed, flips on: each batch's mask at latent size is the same (the cached one
+    mirrored in latent space, the uncached one in pixels), and so are the losses."""
+    losses, masks = {}, {}
+    for cached in (False, True):
+        trainer = make_trainer(
+            train_dataset=masked_dataset(),
+            loss_mask=True,
+            cache_latents=cached,
+            latent_cache_dir=str(tmp_path / "cache"),
+            random_flip=True,
+            max_steps=2,
+            safeguard_mu=0.9,
+        )
+        batch = trainer._prepare_inputs(first_batch(trainer))
+        # the draws of a step the run never takes (1000), keyed alike in both: the run's own draws stay untouched
+        masks[cached] = trainer.stages.noised_pair(trainer.model, batch, "train", 1000).loss_mask
+        trainer.train()
+        losses[cached] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert masks[True].shape == (4, 1, RESOLUTION // 8, RESOLUTION // 8)
+    torch.testing.assert_close(masks[True], masks[False], atol=1e-6, rtol=0)
+    # The VAE encodes in batches of other sizes with and without the cache: its float noise, amplified by beta = 5000
+    # on errors over the masked region only, moves the second step's loss by about 1e-4.
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
