@@ -161,3 +161,29 @@ def test_the_cache_carries_the_mask_and_trains_as_the_uncached_run(make_trainer,
     # The VAE encodes in batches of other sizes with and without the cache: its float noise, amplified by beta = 5000
     # on errors over the masked region only, moves the second step's loss by about 1e-4.
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
+
+
+def test_a_mask_is_flipped_and_cropped_with_its_image(make_pipeline):
+    """The mask follows its image through the step's augmentations: a mask made from an image's first channel stays
+    that channel's mask after a per-image flip and a per-image random crop."""
+    from trl_diffusion_sdpo.families import family_for_pipeline
+    from trl_diffusion_sdpo.step.stages import crop_pairs, encode_batch
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 2, 3, 40, 48, generator=generator) * 2 - 1
+    inputs = {
+        "pixel_values": pixels,
+        "loss_mask": (pixels[:, :, :1] + 1) / 2,
+        "crop_sizes": torch.tensor([[40.0, 48.0], [40.0, 44.0]]).expand(2, 2, 2).clone(),
+        "time_ids": torch.zeros(2, 2, 6),
+    }
+    cropped = crop_pairs(inputs, torch.rand(2, 2, 2, generator=generator), RESOLUTION)
+    torch.testing.assert_close(cropped["loss_mask"], (cropped["pixel_values"][:, :, :1] + 1) / 2)
+
+    family = family_for_pipeline(make_pipeline())
+    cropped = dict(cropped, input_ids=torch.zeros(2, 32, dtype=torch.long), time_ids_flipped=cropped["time_ids"])
+    flip = torch.tensor([[True, False], [False, True]])
+    encoded = encode_batch(cropped, family, flip, torch.float32)
+    rows = torch.cat([cropped["loss_mask"][:, 0], cropped["loss_mask"][:, 1]])  # winners, then losers
+    mirrored = torch.stack([rows[0].flip(-1), rows[1], rows[2], rows[3].flip(-1)])
+    torch.testing.assert_close(encoded.loss_mask, mirrored, atol=0, rtol=0)
