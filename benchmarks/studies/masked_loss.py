@@ -60,7 +60,7 @@ def editing_pairs(n: int, seed: int = 0):
     captions = all_captions()
     colours = list(COLOURS)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         caption = rng.choice(captions)
         picture = draw_shape(caption, SIZE, rng)
         top, left = rng.choice([(0, 0), (0, SIZE - MARK), (SIZE - MARK, 0), (SIZE - MARK, SIZE - MARK)])
@@ -108,6 +108,12 @@ def _trainer(base, dataset, masked: bool, steps: int, workdir: str) -> Diffusion
     return DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset, peft_config=lora)
 
 
+def _masked_error(prediction: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``sum(m * (prediction - target)^2) / sum(m)`` per sample, ``m`` the region's area weights broadcast."""
+    weights = region.expand_as(prediction)
+    return (weights * (prediction - target).pow(2)).flatten(1).sum(1) / weights.flatten(1).sum(1)
+
+
 @torch.no_grad()
 def evaluate(trainer: DiffusionSDPOTrainer, dataset, draws: int, beta: float) -> dict:
     """The measures of the module docstring on ``draws`` keyed noise draws of every pair (in batches of 4)."""
@@ -150,16 +156,12 @@ def evaluate(trainer: DiffusionSDPOTrainer, dataset, draws: int, beta: float) ->
             outside_signal += float((signal * (1 - inside)).sum())
             total_signal += float(signal.sum())
 
-            def masked_error(prediction, target):
-                weights = region.expand_as(prediction)
-                return (weights * (prediction - target).pow(2)).flatten(1).sum(1) / weights.flatten(1).sum(1)
-
-            policy_gap = masked_error(predictions.policy_winner, predictions.target_winner) - masked_error(
-                predictions.policy_loser, predictions.target_loser
+            policy_gap = _masked_error(predictions.policy_winner, predictions.target_winner, region) - _masked_error(
+                predictions.policy_loser, predictions.target_loser, region
             )
-            reference_gap = masked_error(predictions.reference_winner, predictions.target_winner) - masked_error(
-                predictions.reference_loser, predictions.target_loser
-            )
+            reference_gap = _masked_error(
+                predictions.reference_winner, predictions.target_winner, region
+            ) - _masked_error(predictions.reference_loser, predictions.target_loser, region)
             logits.append(-0.5 * beta * (policy_gap - reference_gap)[:pairs])
     logits = torch.cat(logits)
     inside_mean, outside_mean = inside_change / inside_count, outside_change / outside_count
