@@ -187,3 +187,28 @@ def test_a_mask_is_flipped_and_cropped_with_its_image(make_pipeline):
     rows = torch.cat([cropped["loss_mask"][:, 0], cropped["loss_mask"][:, 1]])  # winners, then losers
     mirrored = torch.stack([rows[0].flip(-1), rows[1], rows[2], rows[3].flip(-1)])
     torch.testing.assert_close(encoded.loss_mask, mirrored, atol=0, rtol=0)
+
+
+def test_the_sharded_cache_carries_the_masks_the_in_trainer_cache_holds(tmp_path, make_config, make_pipeline):
+    """The streamed, sharded cache (``trl-diffusion-sdpo cache``) stores each pair's latent mask as the in-trainer
+    cache does, and refuses a run whose mask setting differs from its own, naming it."""
+    from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
+    from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
+    from trl_diffusion_sdpo.data.sharded_cache import build_sharded_latent_cache
+    from trl_diffusion_sdpo.families import family_for_pipeline
+
+    family = family_for_pipeline(make_pipeline())
+    args = make_config(auto_mask=True, mask_dilate=1)
+    dataset = masked_dataset(3, with_mask=False)
+    sharded = build_sharded_latent_cache(dataset, args, family, str(tmp_path / "sharded"), chunk_size=2, batch_size=1)
+    prepared, columns, _ = prepare_preference_dataset(dataset, args)
+    reference = build_latent_cache(
+        prepared, columns, family, resolution=RESOLUTION, random_flip=True, cache_dir=str(tmp_path / "map")
+    )
+    expected = CachedPreferenceCollator(with_flipped=True)([reference.dataset[i] for i in range(3)])
+    got = sharded.collator()(list(sharded.dataset))
+    assert got["loss_mask"].shape == (3, 2, 1, RESOLUTION // 8, RESOLUTION // 8)
+    torch.testing.assert_close(got["loss_mask"], expected["loss_mask"], rtol=0, atol=0)
+    sharded.check_matches(family, args)
+    with pytest.raises(ValueError, match="loss masks: built with, wanted without"):
+        sharded.check_matches(family, make_config())
