@@ -12,6 +12,9 @@ Measured, on fixed evaluation draws (noise and timesteps keyed apart from traini
   ``sum |r_w^2 - r_l^2|`` (the per-position difference of the winner's and loser's squared errors, which makes
   ``e_w - e_l``) that lies outside the edited region's latent positions: the part of the whole-image loss's signal
   that comes from pixels both images share.
+* at the start, ``weight_gradient_from_outside`` / ``_inside``: the run's loss gradient with respect to the
+  predictions split into the region's latent positions and the rest, each part backpropagated to the LoRA weights
+  alone; the norm of each part over the norm of the whole gradient (what drives the first update).
 * after training, ``prediction_change_inside`` / ``_outside``: the mean ``|policy - reference|`` prediction per latent
   element inside and outside the region, and their ratio (per unit area: where training moved the model).
 * ``region_accuracy``: the fraction of (pair, draw) whose Diffusion-DPO logit on the region's masked errors is
@@ -108,6 +111,39 @@ def _trainer(base, dataset, masked: bool, steps: int, workdir: str) -> Diffusion
     return DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset, peft_config=lora)
 
 
+def weight_gradient_parts(trainer: DiffusionSDPOTrainer, collate, rows: list[dict]) -> dict:
+    """At the current weights, the LoRA gradient of the run's own loss driven by the predictions inside the region
+    and by those outside, summed over every pair (one keyed draw), as norms relative to the whole gradient."""
+    from trl_diffusion_sdpo.step.stages import evaluate_objective
+
+    model = trainer.model
+    weights = [p for p in model.parameters() if p.requires_grad]
+    parts = {"inside": 0.0, "outside": 0.0}
+    for start in range(0, len(rows), 4):
+        batch = trainer._prepare_inputs(collate(rows[start : start + 4]))
+        noised = trainer.stages.noised_pair(model, batch, "train", EVAL_STEP - 1)
+        if not trainer.args.loss_mask:  # the whole-image run: its loss over the whole image
+            noised.loss_mask = None
+        with torch.enable_grad():
+            predictions = trainer.stages.predict_noised(model, noised, False)
+            loss = evaluate_objective(trainer.objective_in_force(), predictions).loss
+            branches = (predictions.policy_winner, predictions.policy_loser)
+            cotangents = torch.autograd.grad(loss, branches, retain_graph=True)
+            region = F.avg_pool2d(batch["loss_mask"][:, 0], SIZE // predictions.target_winner.shape[-1])
+            inside = (region > 0).float().expand_as(predictions.target_winner)
+            for name, keep in (("inside", inside), ("outside", 1 - inside)):
+                grads = torch.autograd.grad(
+                    branches, weights, grad_outputs=tuple(c * keep for c in cotangents), retain_graph=True
+                )
+                flat = torch.cat([g.flatten() for g in grads])
+                parts[name] = parts[name] + flat
+    whole = (parts["inside"] + parts["outside"]).norm()
+    return {
+        "weight_gradient_from_inside": float(parts["inside"].norm() / whole),
+        "weight_gradient_from_outside": float(parts["outside"].norm() / whole),
+    }
+
+
 def _masked_error(prediction: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """``sum(m * (prediction - target)^2) / sum(m)`` per sample, ``m`` the region's area weights broadcast."""
     weights = region.expand_as(prediction)
@@ -115,8 +151,9 @@ def _masked_error(prediction: torch.Tensor, target: torch.Tensor, region: torch.
 
 
 @torch.no_grad()
-def evaluate(trainer: DiffusionSDPOTrainer, dataset, draws: int, beta: float) -> dict:
-    """The measures of the module docstring on ``draws`` keyed noise draws of every pair (in batches of 4)."""
+def evaluate(trainer: DiffusionSDPOTrainer, dataset, draws: int, beta: float, gradients: bool = False) -> dict:
+    """The measures of the module docstring on ``draws`` keyed noise draws of every pair (in batches of 4); with
+    ``gradients``, the split of the weight gradient too."""
     from trl_diffusion_sdpo.data.collators import PreferenceCollator
 
     collate = trainer.get_train_dataloader().collate_fn
@@ -164,6 +201,7 @@ def evaluate(trainer: DiffusionSDPOTrainer, dataset, draws: int, beta: float) ->
             ) - _masked_error(predictions.reference_loser, predictions.target_loser, region)
             logits.append(-0.5 * beta * (policy_gap - reference_gap)[:pairs])
     logits = torch.cat(logits)
+    split = weight_gradient_parts(trainer, collate, rows) if gradients else {}
     inside_mean, outside_mean = inside_change / inside_count, outside_change / outside_count
     return {
         "prediction_change_inside": inside_mean,
@@ -173,6 +211,7 @@ def evaluate(trainer: DiffusionSDPOTrainer, dataset, draws: int, beta: float) ->
         "region_accuracy": float(((logits > 0).float() + 0.5 * (logits == 0).float()).mean()),
         "region_margin": float(logits.mean()),
         "evaluated_pairs_times_draws": int(logits.numel()),
+        **split,
     }
 
 
@@ -191,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, masked in (("whole_image", False), ("loss_mask", True)):
         with tempfile.TemporaryDirectory() as workdir:
             trainer = _trainer(base, dataset, masked, opts.steps, workdir)
-            before = evaluate(trainer, dataset, opts.draws, trainer.args.beta)
+            before = evaluate(trainer, dataset, opts.draws, trainer.args.beta, gradients=True)
             start = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - start
