@@ -212,3 +212,11 @@ def test_the_sharded_cache_carries_the_masks_the_in_trainer_cache_holds(tmp_path
     sharded.check_matches(family, args)
     with pytest.raises(ValueError, match="loss masks: built with, wanted without"):
         sharded.check_matches(family, make_config())
+
+
+@pytest.mark.parametrize("field", ["loss_mask", "auto_mask"])
+def test_online_training_refuses_a_loss_mask_its_sampled_pairs_cannot_carry(field, tmp_path):
+    from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
+
+    with pytest.raises(ValueError, match=f"{field}=True: sampled pairs carry no loss mask yet"):
+        OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), random_flip=False, **{field: True})
