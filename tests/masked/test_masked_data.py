@@ -179,6 +179,10 @@ def test_a_mask_is_flipped_and_cropped_with_its_image(make_pipeline):
     }
     cropped = crop_pairs(inputs, torch.rand(2, 2, 2, generator=generator), RESOLUTION)
     torch.testing.assert_close(cropped["loss_mask"], (cropped["pixel_values"][:, :, :1] + 1) / 2)
+    clips = torch.rand(2, 2, 3, 3, 40, 48, generator=generator) * 2 - 1  # video: [B, 2, 3, F, H, W]
+    video = dict(inputs, pixel_values=clips, loss_mask=(clips[:, :, :1, 1] + 1) / 2)  # frame 1's first channel
+    video_cropped = crop_pairs(video, torch.rand(2, 2, 2, generator=generator), RESOLUTION)
+    torch.testing.assert_close(video_cropped["loss_mask"], (video_cropped["pixel_values"][:, :, :1, 1] + 1) / 2)
 
     family = family_for_pipeline(make_pipeline())
     cropped = dict(cropped, input_ids=torch.zeros(2, 32, dtype=torch.long), time_ids_flipped=cropped["time_ids"])

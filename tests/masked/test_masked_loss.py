@@ -70,7 +70,8 @@ def test_the_masked_loss_equals_an_independent_computation_from_the_models_outpu
     evaluation = evaluate_objective(trainer.objective_in_force(), predictions)
     for name, value in expected.items():
         torch.testing.assert_close(getattr(evaluation.errors, name).double(), value, rtol=1e-5, atol=0, msg=name)
-    torch.testing.assert_close(evaluation.loss.double(), expected_loss, rtol=1e-4, atol=1e-6)
+    # beta = 5000 multiplies the errors' float32 rounding (about 1e-7 of an error near 1) into the logit
+    torch.testing.assert_close(evaluation.loss.double(), expected_loss, rtol=2e-3, atol=1e-5)
     # The mask matters: over the whole image the errors are another number.
     whole = (predictions.policy_winner.double() - predictions.target_winner.double()).pow(2).mean(dim=(1, 2, 3))
     assert not torch.allclose(whole, expected["policy_winner"], rtol=1e-3)

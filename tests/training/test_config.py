@@ -271,7 +271,6 @@ CROSS_FIELD_CASES = [
     ({"min_timestep": 500, "max_timestep": 400}, r"max_timestep \(400\) must be larger than min_timestep \(500\)"),
     ({"cache_latents": True, "random_crop": True}, "cache_latents=True cannot be combined with random_crop=True"),
     ({"loss_mask": True, "auto_mask": True}, "loss_mask=True reads each row's mask .* set one of them"),
-    ({"auto_mask": True, "num_frames": 17}, "loss_mask / auto_mask .* video data \\(num_frames set\\)"),
     ({"remove_unused_columns": True}, "remove_unused_columns=True would drop the image columns"),
     (
         {"safeguard_space": "update", "gradient_accumulation_steps": 2},

@@ -339,7 +339,8 @@ class DiffusionSDPOConfig(TrainingArguments):
     loss_mask: bool = option(
         False,
         "Train on the region each row's mask marks (`mask_column`: an image of the chosen image's size, white "
-        "where the preference lives): the mask is area-interpolated to latent size and every denoising error "
+        "where the preference lives; for video, one for every frame): the mask is area-interpolated to latent size "
+        "and every denoising error "
         "(policy and reference, winner and loser) is its weighted mean, `sum(m * err) / sum(m)`; the safeguard's "
         "lambda is taken on the masked errors. An all-black mask is refused, naming the row. See "
         "docs/masked-loss.md.",

@@ -159,14 +159,6 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ),
     ),
     CrossFieldRule(
-        ("loss_mask", "auto_mask", "num_frames"),
-        lambda c: (c.loss_mask or c.auto_mask) and c.num_frames is not None,
-        lambda c: (
-            "loss_mask / auto_mask read or derive an image mask per pair, which video data (num_frames set) does not "
-            "carry yet: set loss_mask=False and auto_mask=False for video families"
-        ),
-    ),
-    CrossFieldRule(
         ("remove_unused_columns",),
         lambda c: c.remove_unused_columns,
         lambda c: "remove_unused_columns=True would drop the image columns; leave it False",

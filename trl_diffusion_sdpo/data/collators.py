@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -195,13 +196,18 @@ def pair_mask(
 ) -> torch.Tensor | None:
     """A pair's loss mask ``[1, R, R]`` in [0, 1] as :meth:`PairTransform.mask` makes it (``resized_only``: for the
     trainer's crop), undilated: the row's mask column (``loss_mask``) or where its two decoded images differ
-    (``auto_mask``, :func:`~.transforms.difference_mask`); ``None`` without a mask. A ``ValueError`` names the column
+    (``auto_mask``, :func:`~.transforms.difference_mask`; for video clips, where any frame differs; one mask serves
+    every frame); ``None`` without a mask. A ``ValueError`` names the column
     and the reason where the images' sizes differ or the mask is missing, of another size or empty."""
     if not columns.masked:
         return None
+    winners, losers = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (winner, loser))  # video: frames
     if columns.auto_mask:
-        problem = mask_problem(winner.size, loser.size, None)
-        mask = None if problem else difference_mask(winner, loser, columns.mask_threshold)
+        problem = mask_problem(winners[0].size, losers[0].size, None)
+        mask = None
+        if not problem:  # where any frame differs
+            frames = [np.asarray(difference_mask(w, lo, columns.mask_threshold)) for w, lo in zip(winners, losers)]
+            mask = Image.fromarray(np.maximum.reduce(frames), mode="L")
         if mask is not None and mask.getextrema()[1] == 0:
             problem = (
                 f"the two images differ nowhere by more than auto_mask_threshold={columns.mask_threshold}: the pair "
@@ -210,7 +216,7 @@ def pair_mask(
         column = columns.second
     else:
         mask = _load_from(row.get(columns.mask), columns.mask).convert("L")
-        problem = mask_problem(winner.size, loser.size, mask)
+        problem = mask_problem(winners[0].size, losers[0].size, mask)
         column = columns.mask
     if problem:
         raise ValueError(f"column {column!r}: {problem}")

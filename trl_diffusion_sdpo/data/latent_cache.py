@@ -441,7 +441,7 @@ def build_latent_cache(
                 out["scores"] = np.asarray(scores, dtype=np.float64)
             if columns.masked:  # [n, 1, R, R] pixels -> [n, 2, 1, h, w] at latent size
                 pixel_masks = dilate_masks(torch.stack(masks), columns.mask_dilate)
-                latent = family.latent_mask(pixel_masks, (n, *latent_shape))
+                latent = family.latent_mask(pixel_masks, (n, *latent_shape)).reshape(n, 1, *latent_shape[-2:])
                 out["loss_mask"] = latent[:, None].expand(n, 2, *latent.shape[1:]).numpy()
             return out
 

@@ -267,7 +267,10 @@ def _row_mask_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[
         if reason:
             return columns.mask, reason
     try:
-        sizes = [image_size(row.get(column)) for column in (columns.first, columns.second)]
+        sizes = [
+            image_size(row.get(column)) if columns.clip is None else read_video(row.get(column), columns.clip)[0].size
+            for column in (columns.first, columns.second)
+        ]
         if columns.mask is not None:
             mask = load_image(row.get(columns.mask)).convert("L")
     except Exception as err:  # checked to decode above

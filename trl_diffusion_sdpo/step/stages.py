@@ -142,8 +142,11 @@ def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolut
     """
     pixels, sizes = inputs["pixel_values"], inputs["crop_sizes"].to(inputs["pixel_values"].device)
     masked = "loss_mask" in inputs
-    if masked:  # one more channel, cropped alike
-        pixels = torch.cat([pixels, inputs["loss_mask"].to(pixels)], dim=2)
+    if masked:  # one more channel, cropped alike (for a video, every frame's)
+        mask = inputs["loss_mask"].to(pixels)
+        if pixels.dim() == 6:
+            mask = mask.unsqueeze(3).expand(-1, -1, -1, pixels.shape[3], -1, -1)
+        pixels = torch.cat([pixels, mask], dim=2)
     leading = pixels.shape[2:-2]  # (3,) for images, (3, F) for video clips: every frame gets its video's crop
     pixels = pixels.reshape(*pixels.shape[:2], -1, *pixels.shape[-2:])
     batch, _, channels, height, width = pixels.shape
@@ -160,7 +163,8 @@ def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolut
     time_ids[..., 2:4] = offsets.to(time_ids)
     out = dict(inputs, pixel_values=cropped, time_ids=time_ids)
     if masked:
-        out["pixel_values"], out["loss_mask"] = cropped[:, :, :-1], cropped[:, :, -1:]
+        out["pixel_values"], mask = cropped[:, :, :-1], cropped[:, :, -1:]
+        out["loss_mask"] = mask[:, :, :, 0] if mask.dim() == 6 else mask
     if "time_ids_flipped" in inputs:
         flipped = time_ids.clone()
         flipped[..., 3] = (sizes[..., 1] - resolution - offsets[..., 1]).to(flipped)
