@@ -295,7 +295,7 @@ OBJECTIVE_CASES = [
     ({"loss_type": "mapo", "sft_weight": 0.5}, "sft_weight acts on the Diffusion-DPO logit .* got loss_type='mapo'"),
     ({"loss_type": "mapo", "safeguard_mu": "auto"}, "safeguard_mu='auto' .* loss_type='mapo' runs no reference"),
     ({"loss_type": "sft"}, "loss_type='sft' trains on the winners only: .* Set safeguard=False."),
-    ({"loss_type": "dspo", "loss_mask": True}, "loss_mask / auto_mask mask the denoising errors, but loss_type='dspo'"),
+    ({"loss_type": "dspo", "loss_mask": True}, "loss_mask / auto_mask mask the denoising errors, but loss_type='dspo"),
     (
         {"loss_type": "mapo", "noising": "inversion", "inversion_network": "reference"},
         "inversion_network='reference' needs a reference model, and loss_type='mapo' uses none",
