@@ -224,3 +224,30 @@ def test_online_training_refuses_a_loss_mask_its_sampled_pairs_cannot_carry(fiel
 
     with pytest.raises(ValueError, match=f"{field}=True: sampled pairs carry no loss mask yet"):
         OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), random_flip=False, **{field: True})
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_pair_folders_with_their_masks(tmp_path):
+    """``trl-diffusion-sdpo train --loss_mask true`` on pair folders holding mask.png, as a user runs it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for i in range(4):
+        chosen, rejected = edited_pair(i)
+        folder = tmp_path / "pairs" / f"pair{i}"
+        folder.mkdir(parents=True)
+        chosen.save(folder / "chosen.png")
+        rejected.save(folder / "rejected.png")
+        mask_image().save(folder / "mask.png")
+        (folder / "prompt.txt").write_text(f"red circle on white {i}")
+    config = str(root / "examples" / "configs" / "tiny_cpu.yaml")
+    command = [sys.executable, "-m", "trl_diffusion_sdpo", "train", "--config", config, "--dataset_name"]
+    command += [str(tmp_path / "pairs"), "--output_dir", str(tmp_path / "tuned"), "--max_steps", "2"]
+    command += ["--logging_steps", "1", "--loss_mask", "true", "--mask_dilate", "1"]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert (result.stdout + result.stderr).count("'loss'") >= 2
