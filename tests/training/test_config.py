@@ -270,6 +270,7 @@ CROSS_FIELD_CASES = [
     ({"resolution": 36}, r"resolution must be a positive multiple of 8 \(the VAE downsamples by 8\), got 36"),
     ({"min_timestep": 500, "max_timestep": 400}, r"max_timestep \(400\) must be larger than min_timestep \(500\)"),
     ({"cache_latents": True, "random_crop": True}, "cache_latents=True cannot be combined with random_crop=True"),
+    ({"loss_mask": True, "auto_mask": True}, "loss_mask=True reads each row's mask .* set one of them"),
     ({"remove_unused_columns": True}, "remove_unused_columns=True would drop the image columns"),
     (
         {"safeguard_space": "update", "gradient_accumulation_steps": 2},
@@ -294,6 +295,7 @@ OBJECTIVE_CASES = [
     ({"loss_type": "mapo", "sft_weight": 0.5}, "sft_weight acts on the Diffusion-DPO logit .* got loss_type='mapo'"),
     ({"loss_type": "mapo", "safeguard_mu": "auto"}, "safeguard_mu='auto' .* loss_type='mapo' runs no reference"),
     ({"loss_type": "sft"}, "loss_type='sft' trains on the winners only: .* Set safeguard=False."),
+    ({"loss_type": "dspo", "loss_mask": True}, "loss_mask / auto_mask mask the denoising errors, but loss_type='dspo"),
     (
         {"loss_type": "mapo", "noising": "inversion", "inversion_network": "reference"},
         "inversion_network='reference' needs a reference model, and loss_type='mapo' uses none",

@@ -336,6 +336,33 @@ class DiffusionSDPOConfig(TrainingArguments):
     source_images_column: str = option(
         "source_images", "Editing data: the column holding each row's list of source images (multi-image editing)."
     )
+    loss_mask: bool = option(
+        False,
+        "Train on the region each row's mask marks (`mask_column`: an image of the chosen image's size, white "
+        "where the preference lives; for video, one for every frame): the mask is area-interpolated to latent size "
+        "and every denoising error "
+        "(policy and reference, winner and loser) is its weighted mean, `sum(m * err) / sum(m)`; the safeguard's "
+        "lambda is taken on the masked errors. An all-black mask is refused, naming the row. See "
+        "docs/masked-loss.md.",
+    )
+    mask_column: str = option("mask", "The column holding each row's loss mask (`loss_mask=True`).")
+    auto_mask: bool = option(
+        False,
+        "Derive each pair's loss mask from the two images (editing pairs, whose chosen and rejected images copy "
+        "the source outside an edited region): white where any channel differs by more than `auto_mask_threshold`, "
+        "grown by `mask_dilate` pixels; then trained as `loss_mask`. Both images of a pair must have one size.",
+    )
+    auto_mask_threshold: float = option(
+        0.05,
+        "`auto_mask`: the smallest difference between the chosen and the rejected image, in any channel, as a "
+        "fraction of the full intensity range (0.05 is about 13 of 255), that marks a pixel (JPEG noise stays "
+        "below it).",
+    )
+    mask_dilate: int = option(
+        0,
+        "Grow every loss mask (given or derived) by this many pixels at the training resolution (a square max "
+        "filter), so the edited region's border, where the VAE's receptive field mixes both sides, is trained too.",
+    )
     skip_invalid_rows: bool = option(
         False,
         "By default a bad row (undecodable image, label outside {0, 0.5, 1}, missing value) raises a "

@@ -77,6 +77,8 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "inversion_renoise": Range(1, integer=True, hint="SmPO evaluates twice per step (ReNoise)."),
     "inversion_network": Choice(INVERSION_NETWORKS),
     "dataset_num_proc": Range(1, integer=True, optional=True),
+    "auto_mask_threshold": Range(0, 1, high_open=True, hint="0.05 is about 13 of 255."),
+    "mask_dilate": Range(0, integer=True, hint="In pixels at the training resolution; 0 keeps the mask as it is."),
     # the flow-matching families
     "flow_logit_std": Range(0, low_open=True),
     "max_sequence_length": Range(1, integer=True, optional=True, hint="None uses the family's default."),
@@ -146,6 +148,14 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
             "cache_latents=True cannot be combined with random_crop=True: each step would need a new crop of the "
             "pixels, which cached latents no longer hold. Use the center crop (random_crop=False), crop the "
             "images before training, or set cache_latents=False."
+        ),
+    ),
+    CrossFieldRule(
+        ("loss_mask", "auto_mask"),
+        lambda c: c.loss_mask and c.auto_mask,
+        lambda c: (
+            "loss_mask=True reads each row's mask from the data and auto_mask=True derives it from the pair: set "
+            "one of them"
         ),
     ),
     CrossFieldRule(

@@ -1,5 +1,5 @@
 """Raw preference rows to training batches: the winner-first pixel pairs, ``time_ids``, token ids and, where the
-dataset has score columns, the pair scores."""
+dataset has score columns, the pair scores; with a loss mask, each pair's mask."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .transforms import PairTransform, load_image, mirrored_time_ids
-from .validation import ROW_INDEX_COLUMN, PreferenceColumns, order_pair, source_values
+from .transforms import PairTransform, difference_mask, dilate_masks, load_image, mirrored_time_ids
+from .validation import ROW_INDEX_COLUMN, PreferenceColumns, mask_problem, order_pair, source_values
 
-__all__ = ["PreferenceCollator", "pair_scores"]
+__all__ = ["PreferenceCollator", "pair_mask", "pair_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,11 @@ class PreferenceCollator:
     images, resized and center-cropped as the edited images are; every row of a batch must have the same ``S``. A
     tokenizer that reads the sources (``tokenize.reads_sources``, a vision-language prompt encoder) is called as
     ``tokenize(prompts, sources)`` with the decoded images.
+
+    With a loss mask (``columns.masked``) the batch holds ``loss_mask [B, 2, 1, R, R]``: each pair's mask
+    (:func:`pair_mask`) in [0, 1], once per image, laid out as ``pixel_values`` (resized and zero-padded alike for the
+    trainer's crop, which then crops and flips it with its image). A row whose mask is empty or of the wrong size is
+    skipped as a bad row, naming why.
     """
 
     columns: PreferenceColumns
@@ -53,7 +59,7 @@ class PreferenceCollator:
         return self.train and self.transform.random_crop
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixels, time_ids, prompts, scores, sources = [], [], [], [], []
+        pixels, time_ids, prompts, scores, sources, masks = [], [], [], [], [], []
         skipped = 0
         reasons: list[str] = []  # one per skipped row, for data.stream_guard's error
         for row in rows:
@@ -75,6 +81,7 @@ class PreferenceCollator:
                 load = self.transform.load  # images, or the clip of a video (VideoPairTransform)
                 winner, loser = _load_from(pair[0], winner_column, load), _load_from(pair[1], loser_column, load)
                 row_sources = self._sources(row, sources[0] if sources else None)
+                mask = pair_mask(row, winner, loser, self.columns, self.transform, self.crops_later)
             except Exception as err:
                 position = row.get(ROW_INDEX_COLUMN)
                 where = f"streamed row {position}" if position is not None else "a bad row"
@@ -92,6 +99,8 @@ class PreferenceCollator:
             scores.append(pair[2])
             if row_sources is not None:
                 sources.append(row_sources)
+            if mask is not None:
+                masks.append([mask, mask])
         batch: dict[str, torch.Tensor] = {
             "time_ids": torch.stack(time_ids) if time_ids else torch.empty(0, 2, 6),
             "num_skipped": torch.tensor(skipped, dtype=torch.float32),
@@ -105,6 +114,10 @@ class PreferenceCollator:
             batch["time_ids_flipped"] = mirrored_time_ids(batch["time_ids"])
         if self.columns.scored:
             batch["pair_scores"] = pair_scores(scores)
+        if self.columns.masked:
+            shape = (1, *self.transform.pixel_shape[1:])
+            stacked = _padded_pairs(masks, shape)[0] if self.crops_later else _stacked_pairs(masks, shape)
+            batch["loss_mask"] = dilate_masks(stacked, self.columns.mask_dilate)
         if self.columns.edits:
             batch["source_pixel_values"] = (
                 torch.stack([torch.stack([self.transform.source(image) for image in row]) for row in sources])
@@ -156,6 +169,8 @@ class PreferenceCollator:
             batch["time_ids_flipped"] = mirrored_time_ids(ids)
         if self.columns.scored:
             batch["pair_scores"] = pair_scores([(0.0, 0.0)])
+        if self.columns.masked:  # the whole image: a placeholder's loss is weighted zero anyway
+            batch["loss_mask"] = torch.ones(1, 2, 1, height, width)
         grey = [[Image.new("RGB", (width, height), (127, 127, 127))]] if self.columns.edits else []
         if self.columns.edits:
             batch["source_pixel_values"] = torch.stack([self.transform.source(grey[0][0])])[None]
@@ -169,6 +184,47 @@ def pair_scores(scores: Sequence[tuple[float, float]] | torch.Tensor) -> torch.T
     Every collator hands the scores on through this one function, so the cached and uncached batches agree exactly.
     """
     return torch.as_tensor(scores, dtype=torch.float32).reshape(-1, 2)
+
+
+def pair_mask(
+    row: dict[str, Any],
+    winner: Image.Image,
+    loser: Image.Image,
+    columns: PreferenceColumns,
+    transform: PairTransform,
+    resized_only: bool = False,
+) -> torch.Tensor | None:
+    """A pair's loss mask ``[1, R, R]`` in [0, 1] as :meth:`PairTransform.mask` makes it (``resized_only``: for the
+    trainer's crop), undilated: the row's mask column (``loss_mask``) or where its two decoded images differ
+    (``auto_mask``, :func:`~.transforms.difference_mask`; for video clips, where any frame differs; one mask serves
+    every frame); ``None`` without a mask. A ``ValueError`` names the column
+    and the reason where the images' sizes differ or the mask is missing, of another size or empty."""
+    if not columns.masked:
+        return None
+    winners, losers = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (winner, loser))  # video: frames
+    if columns.auto_mask:
+        problem = mask_problem(winners[0].size, losers[0].size, None)
+        mask = None
+        if not problem:  # where any frame differs
+            frames = [np.asarray(difference_mask(w, lo, columns.mask_threshold)) for w, lo in zip(winners, losers)]
+            mask = Image.fromarray(np.maximum.reduce(frames), mode="L")
+        if mask is not None and mask.getextrema()[1] == 0:
+            problem = (
+                f"the two images differ nowhere by more than auto_mask_threshold={columns.mask_threshold}: the pair "
+                "has no region to train (lower the threshold, or drop the row)"
+            )
+        column = columns.second
+    else:
+        mask = _load_from(row.get(columns.mask), columns.mask).convert("L")
+        problem = mask_problem(winners[0].size, losers[0].size, mask)
+        column = columns.mask
+    if problem:
+        raise ValueError(f"column {column!r}: {problem}")
+    return transform.mask(mask, resized_only)
+
+
+def _stacked_pairs(pairs: list[list[torch.Tensor]], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([torch.stack(pair) for pair in pairs]) if pairs else torch.empty(0, 2, *shape)
 
 
 def _load_from(value: Any, column: str, load: Callable[[Any], Any] = load_image) -> Any:

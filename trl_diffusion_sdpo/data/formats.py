@@ -33,6 +33,9 @@ Formats (:func:`detect_format`, or named with ``format=``; see ``docs/data.md`` 
   others; ``source.<ext>`` (or ``source_0.<ext>``, ``source_1.<ext>``, ... for several) in a pair's folder, or a
   ``source/`` folder beside the side folders holding ``source/<key>.<ext>``; ``source_image_file_name`` in an image
   folder's metadata.
+* Loss masks (``loss_mask=True``, docs/masked-loss.md): a ``mask`` column of image paths in a table, resolved as the
+  others; ``mask.<ext>`` in a pair's folder, or a ``mask/`` folder beside the side folders holding
+  ``mask/<key>.<ext>``; ``mask_file_name`` in an image folder's metadata.
 * ``disk`` (a ``save_to_disk`` folder) and ``hub`` (``datasets.load_dataset``: a Hub id or a local data folder), as
   before.
 """
@@ -323,6 +326,8 @@ def read_table(path: str) -> Dataset:
             out["source_image"] = [resolve_path(v, base) for v in batch["source_image"]]
         if "source_images" in batch:
             out["source_images"] = [_source_list(v, base) for v in batch["source_images"]]
+        if "mask" in batch:
+            out["mask"] = [resolve_path(v, base) for v in batch["mask"]]
         return out
 
     return dataset.map(resolve, batched=True, desc=f"Resolving image paths of {os.path.basename(path)}")

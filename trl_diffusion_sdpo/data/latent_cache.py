@@ -17,6 +17,10 @@ progress bar) and stores, per pair, through ``datasets``:
   (:meth:`~trl_diffusion_sdpo.families.ModelFamily.encode_sources`: the VAE posterior's mode, scaled, as the editing
   pipelines encode their input image), encoded once per pair and shared by both branches; the prompt embedding of a
   family whose prompt encoding reads the sources (Qwen-Image-Edit) is computed with them.
+* with a loss mask (``loss_mask`` / ``auto_mask``), ``loss_mask`` ``[2, 1, h, w]``: each image's mask (the pair's,
+  dilated) at latent size, area-interpolated as the uncached step does it (:meth:`~trl_diffusion_sdpo.families.
+  ModelFamily.latent_mask`); the flip mirrors it in latent space, which equals the mirrored pixels' area average
+  because each latent position covers a whole block of pixels.
 * with score columns (``loss_type="smpo"``), ``scores`` ``[2]`` float64 (read back as Python floats): the ordered
   pair's (winner, loser) scores, which :class:`CachedPreferenceCollator` hands on as the same ``pair_scores`` as
   the uncached path.
@@ -52,10 +56,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..families import ModelFamily, PromptEmbeddings
-from .collators import pair_scores
+from .collators import pair_mask, pair_scores
 from .images import image_conversion_digest
 from .progress import datasets_progress_bars
-from .transforms import PairTransform
+from .transforms import PairTransform, dilate_masks
 from .validation import PreferenceColumns, order_pair, source_values
 from .video import VideoClip, VideoPairTransform
 
@@ -209,7 +213,9 @@ def cache_fingerprint(
         # Score columns only when present, so that caches made before they existed keep their names.
         "columns": [columns.prompt, columns.first, columns.second, columns.label]
         + ([columns.score_0, columns.score_1] if columns.scored else [])
-        + ([columns.source] if columns.edits else []),
+        + ([columns.source] if columns.edits else [])
+        # Mask settings only when masked, so that caches made before masks existed keep their names.
+        + ([columns.mask, columns.auto_mask, columns.mask_threshold, columns.mask_dilate] if columns.masked else []),
         "dataset": dataset._fingerprint,
     }
     text = json.dumps(description, sort_keys=True, default=str)
@@ -286,6 +292,7 @@ def _features(
     flipped: bool,
     scored: bool = False,
     source_shape: tuple[int, ...] | None = None,
+    masked: bool = False,
 ) -> Features:
     array = Array4D if len(latent_shape) == 3 else Array5D  # images, or video clips
     pair_latents = array(shape=(2, *latent_shape), dtype="float32")
@@ -305,6 +312,8 @@ def _features(
         features["pooled_prompt_embeds"] = Sequence(Value("float32"), length=empty.pooled.shape[-1])
     if scored:
         features["scores"] = Sequence(Value("float64"), length=2)
+    if masked:  # [2, 1, h, w]: one mask per image (the pair's, twice), at latent size
+        features["loss_mask"] = Array4D(shape=(2, 1, *latent_shape[-2:]), dtype="float32")
     if source_shape is not None:  # editing: [S, C, h, w], S may differ between rows
         features["source_latents"] = Array4D(shape=(None, *source_shape), dtype="float32")
         if flipped:
@@ -376,20 +385,27 @@ def build_latent_cache(
         empty_prompt = _empty_prompt(directory, encoders, resolution if columns.edits else None)
         latent_shape = _latent_shape(family, resolution, columns.clip)
         features = _features(
-            latent_shape, empty_prompt, flipped, columns.scored, latent_shape if columns.edits else None
+            latent_shape,
+            empty_prompt,
+            flipped,
+            columns.scored,
+            latent_shape if columns.edits else None,
+            columns.masked,
         )
 
         def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
             rows = [{k: batch[k][i] for k in batch} for i in range(len(batch[columns.prompt]))]
             views = [False, True] if flipped else [False]
             pixels, time_ids = {flip: [] for flip in views}, {flip: [] for flip in views}
-            scores, sources = [], []
+            scores, sources, masks = [], [], []
             for row in rows:
                 pair = order_pair(row, columns)
                 if pair is None:
                     raise ValueError("a tie reached the latent cache; pass a prepared dataset (ties dropped)")
                 winner, loser = transform.load(pair[0]), transform.load(pair[1])
                 scores.append(pair[2])
+                if columns.masked:
+                    masks.append(pair_mask(row, winner, loser, columns, transform))
                 if columns.edits:
                     sources.append([transform.load(value) for value in source_values(row, columns)])
                 for flip in views:
@@ -423,6 +439,10 @@ def build_latent_cache(
                 out["pooled_prompt_embeds"] = embeds.pooled.numpy()
             if columns.scored:
                 out["scores"] = np.asarray(scores, dtype=np.float64)
+            if columns.masked:  # [n, 1, R, R] pixels -> [n, 2, 1, h, w] at latent size
+                pixel_masks = dilate_masks(torch.stack(masks), columns.mask_dilate)
+                latent = family.latent_mask(pixel_masks, (n, *latent_shape)).reshape(n, 1, *latent_shape[-2:])
+                out["loss_mask"] = latent[:, None].expand(n, 2, *latent.shape[1:]).numpy()
             return out
 
         with datasets_progress_bars(progress):
@@ -499,6 +519,8 @@ class CachedPreferenceCollator:
                 keys.append("source_latents_flipped")
         if self.with_flipped:
             keys += ["latent_mean_flipped", "latent_std_flipped", "time_ids_flipped"]
+        if "loss_mask" in rows[0]:
+            keys.append("loss_mask")
         batch = {key: torch.stack([row[key] for row in rows]) for key in keys}
         batch["num_skipped"] = torch.tensor(0.0)
         if "scores" in rows[0]:

@@ -3,7 +3,8 @@
 One folder per side, files paired by their path inside it (kohya-ss/sd-scripts' ``w/`` and ``l/``, SimpleTuner's
 ``win/`` and ``lose/``, ``chosen/`` and ``rejected/``), or one folder per pair holding ``chosen.<ext>``,
 ``rejected.<ext>`` and ``prompt.txt``. Editing pairs add their source: ``source.<ext>`` (``source_<i>.<ext>`` for
-several) in a pair's folder, or a ``source/`` folder beside the side folders. A reader never drops a row: what is
+several) in a pair's folder, or a ``source/`` folder beside the side folders; a loss mask likewise, ``mask.<ext>`` in a
+pair's folder or ``mask/<key>.<ext>`` beside the side folders. A reader never drops a row: what is
 missing is a ``None`` value that validation names, with the reason in :data:`~.validation.SOURCE_COLUMN`.
 """
 
@@ -26,6 +27,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
 # The side-folder layout's folder of source images, beside the chosen and rejected folders.
 SOURCE_FOLDERS = ("source", "sources", "input")
+# The side-folder layout's folder of loss masks (white where the preference lives), beside the side folders.
+MASK_FOLDERS = ("mask", "masks")
 
 
 def prompt_text(value: Any) -> Any:
@@ -121,6 +124,15 @@ def _folder_sources(folder: str) -> tuple[list[str], str]:
     return single or [numbered[i][0] for i in sorted(numbered)], ""
 
 
+def _folder_masks(folder: str) -> list[str]:
+    """A pair folder's ``mask.<ext>`` files (one expected)."""
+    return sorted(
+        os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if _is_image(name) and os.path.splitext(name)[0].lower() == "mask"
+    )
+
+
 def _source_column(sources: list[tuple[list[str], str]]) -> str | None:
     """``source_image`` when every pair folder with a source has one ``source.<ext>``, ``source_images`` when any
     has numbered ones, ``None`` when no folder has a source."""
@@ -150,6 +162,10 @@ def read_pair_folders(root: str) -> Dataset:
         sources = _images_by_key(source_dir) if source_dir is not None else None
         if sources is not None:
             rows["source_image"] = []
+        mask_dir = next((os.path.join(root, s) for s in MASK_FOLDERS if os.path.isdir(os.path.join(root, s))), None)
+        masks = _images_by_key(mask_dir) if mask_dir is not None else None
+        if masks is not None:
+            rows["mask"] = []
         for key in sorted(chosen.keys() | rejected.keys()):
             notes = []
             pair = []
@@ -173,6 +189,12 @@ def read_pair_folders(root: str) -> Dataset:
                     side = os.path.basename(source_dir)
                     notes.append(f"{len(found)} source images {side}/{key}.*" if found else f"no image {side}/{key}.*")
                 rows["source_image"].append(found[0] if len(found) == 1 else None)
+            if masks is not None:
+                found = masks.get(key, [])
+                if len(found) != 1:
+                    side = os.path.basename(mask_dir)
+                    notes.append(f"{len(found)} masks {side}/{key}.*" if found else f"no mask {side}/{key}.*")
+                rows["mask"].append(found[0] if len(found) == 1 else None)
             rows["prompt"].append(prompt)
             rows["chosen"].append(pair[0])
             rows["rejected"].append(pair[1])
@@ -183,6 +205,9 @@ def read_pair_folders(root: str) -> Dataset:
         source_column = _source_column(sources_per_folder)
         if source_column is not None:
             rows[source_column] = []
+        masked = any(_folder_masks(folder) for folder in folders)
+        if masked:
+            rows["mask"] = []
         for folder, (source_values, source_note) in zip(folders, sources_per_folder, strict=True):
             images = {}
             for name in sorted(os.listdir(folder)):
@@ -209,6 +234,11 @@ def read_pair_folders(root: str) -> Dataset:
                 if source_note or not source_values:
                     notes.append(source_note or "no source.<ext> or source_<i>.<ext>")
                 rows[source_column].append(source_values if source_values and not source_note else None)
+            if masked:
+                found = _folder_masks(folder)
+                if len(found) != 1:
+                    notes.append(f"{len(found)} mask images" if found else "no mask.<ext>")
+                rows["mask"].append(found[0] if len(found) == 1 else None)
             rows["prompt"].append(prompt)
             rows["chosen"].append(pair[0])
             rows["rejected"].append(pair[1])

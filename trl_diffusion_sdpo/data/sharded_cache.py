@@ -121,9 +121,15 @@ class ShardedLatentCache(LatentCache):
         """Raise, naming each setting, if this cache was not encoded as the run ``args`` (a ``DiffusionSDPOConfig``)
         with ``family`` would encode: the same :func:`~.latent_cache.encoding_settings` the in-trainer cache's
         fingerprint hashes (family, frozen weights and configs, tokenizers and ``max_sequence_length``, resolution,
-        flips, video frames, image conversion)."""
+        flips, video frames, image conversion), and a loss mask where the run trains on one."""
         wanted = encoding_settings(family, args.resolution, bool(args.random_flip), video_clip(args))
         problems = settings_mismatches(self.manifest["settings"], wanted)
+        masked = bool(getattr(args, "loss_mask", False) or getattr(args, "auto_mask", False))
+        if masked != self.columns.masked:
+            problems.append(
+                f"loss masks: built {'with' if self.columns.masked else 'without'}, wanted "
+                f"{'with' if masked else 'without'}"
+            )
         if problems:
             raise ValueError(
                 f"The latent cache in {self.directory} was not built for this run: {'; '.join(problems)}. Rebuild "

@@ -1,4 +1,5 @@
-"""Images to training pixels: decoding any image value to RGB, resizing, cropping the pair, SDXL's ``time_ids``."""
+"""Images to training pixels: decoding any image value to RGB, resizing, cropping the pair, SDXL's ``time_ids``,
+and the pair's loss mask (given, or derived from where the two images differ)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .images import stored_bits, to_rgb
 
-__all__ = ["PairTransform", "image_pixels", "load_image", "mirrored_time_ids", "resized_size"]
+__all__ = [
+    "PairTransform",
+    "difference_mask",
+    "dilate_masks",
+    "image_pixels",
+    "load_image",
+    "mirrored_time_ids",
+    "resized_size",
+]
 
 
 def load_image(value: Any) -> Image.Image:
@@ -58,6 +68,26 @@ def image_pixels(image: Image.Image) -> torch.Tensor:
     """An 8-bit RGB image as ``[3, H, W]`` float32 in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def difference_mask(first: Image.Image, second: Image.Image, threshold: float) -> Image.Image:
+    """The loss mask of an editing pair (``auto_mask``): an 8-bit grey image, white (255) where any channel of the two
+    RGB images differs by more than ``threshold`` of the full range (``|a - b| / 255 > threshold``), black elsewhere.
+    Both images must have one size."""
+    if first.size != second.size:
+        raise ValueError(f"auto_mask needs images of one size, got {first.size} and {second.size}")
+    difference = np.abs(np.asarray(first, dtype=np.int16) - np.asarray(second, dtype=np.int16)).max(axis=-1)
+    return Image.fromarray(np.where(difference > threshold * 255.0, 255, 0).astype(np.uint8), mode="L")
+
+
+def dilate_masks(masks: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Masks ``[..., H, W]`` grown by ``pixels`` in every direction: the largest value in each ``(2p+1)^2`` square
+    (a max filter; a binary mask's white region grows by ``p`` pixels, its border included)."""
+    if pixels <= 0:
+        return masks
+    flat = masks.reshape(-1, 1, *masks.shape[-2:])
+    grown = F.max_pool2d(flat, kernel_size=2 * pixels + 1, stride=1, padding=pixels)
+    return grown.reshape(masks.shape)
 
 
 class PairTransform:
@@ -110,6 +140,13 @@ class PairTransform:
         """An editing pair's source image as ``[3, R, R]`` in [-1, 1]: resized and center-cropped as the edited
         images are, so a source of their aspect ratio stays aligned with them."""
         return self._one(image, None)[0]
+
+    def mask(self, mask: Image.Image, resized_only: bool = False) -> torch.Tensor:
+        """A pair's loss mask (8-bit grey, of the images' size) as ``[1, R, R]`` weights in [0, 1], resized and
+        center-cropped as the images are (``resized_only``: resized, for the trainer's keyed crop); white is 1."""
+        rgb = mask.convert("RGB")
+        pixels = image_pixels(self._resize(rgb)) if resized_only else self._one(rgb, None)[0]
+        return (pixels[:1] + 1.0) / 2.0
 
     def resized_pair(self, winner: Image.Image, loser: Image.Image) -> tuple[list[torch.Tensor], torch.Tensor]:
         """For a random crop drawn later by the trainer (keyed, so resume is exact): the two images resized but not

@@ -32,6 +32,7 @@ from datasets import Video as VideoFeature
 from PIL import Image
 
 from .images import image_mode_problem
+from .transforms import load_image
 from .video import VideoClip, read_video
 
 __all__ = [
@@ -68,7 +69,9 @@ class PreferenceColumns:
     ``score_0``, ``score_1`` (SmPO only) hold a score per image (``first``, ``second``); when set, the scores, not the
     label, order the pair. ``clip`` is set for video data (``num_frames``): ``first`` and ``second`` then hold videos,
     of which this clip is read (:mod:`.video`). ``source`` names an editing dataset's source column: one image per
-    row, or a list of them when ``source_list``.
+    row, or a list of them when ``source_list``. ``mask`` names the loss-mask column (``loss_mask``); ``auto_mask``
+    derives each pair's mask from its two images instead, where they differ by more than ``mask_threshold``; either
+    mask is grown by ``mask_dilate`` pixels (the config fields ``auto_mask_threshold`` and ``mask_dilate``).
     """
 
     prompt: str
@@ -80,11 +83,20 @@ class PreferenceColumns:
     clip: VideoClip | None = None
     source: str | None = None
     source_list: bool = False
+    mask: str | None = None
+    auto_mask: bool = False
+    mask_threshold: float = 0.05
+    mask_dilate: int = 0
 
     @property
     def all(self) -> list[str]:
         columns = (self.prompt, self.first, self.second, self.label, self.score_0, self.score_1, self.source)
-        return [c for c in columns if c is not None]
+        return [c for c in (*columns, self.mask) if c is not None]
+
+    @property
+    def masked(self) -> bool:
+        """Whether each pair trains on a loss mask (read from ``mask``, or derived with ``auto_mask``)."""
+        return self.mask is not None or self.auto_mask
 
     @property
     def edits(self) -> bool:
@@ -174,6 +186,7 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     if video_clip(args) is not None:  # video data
         layout = dataclasses.replace(layout, clip=video_clip(args))
     layout = _with_source(layout, column_names, args)
+    layout = _with_mask(layout, column_names, args)
     if not uses_scores(args):
         return layout
     names = set(column_names)
@@ -205,6 +218,64 @@ def _with_source(layout: PreferenceColumns, column_names: Sequence[str], args: A
     if layout.clip is not None:
         raise ValueError(f"column {present[0]!r}: editing data (source images) is for image models, not video")
     return dataclasses.replace(layout, source=present[0], source_list=present[0] == multiple)
+
+
+def _with_mask(layout: PreferenceColumns, column_names: Sequence[str], args: Any) -> PreferenceColumns:
+    """``layout`` with the loss-mask column (``loss_mask``) or the derived mask (``auto_mask``), else unchanged."""
+    dilate = getattr(args, "mask_dilate", 0)
+    if getattr(args, "auto_mask", False):
+        threshold = getattr(args, "auto_mask_threshold", 0.05)
+        return dataclasses.replace(layout, auto_mask=True, mask_threshold=threshold, mask_dilate=dilate)
+    if not getattr(args, "loss_mask", False):
+        return layout
+    column = getattr(args, "mask_column", "mask")
+    if column not in column_names:
+        raise ValueError(
+            f"loss_mask=True reads each row's mask from column {column!r}, which the dataset lacks (found "
+            f"{sorted(column_names)}): add it (an image per row, white where the preference lives; mask.<ext> in a "
+            "pair folder, a mask/ folder beside the side folders, or a mask column of paths in a table), name "
+            "another with mask_column, or derive the masks of editing pairs with auto_mask=True (docs/masked-loss.md)"
+        )
+    return dataclasses.replace(layout, mask=column, mask_dilate=dilate)
+
+
+def mask_problem(first_size: tuple[int, int], second_size: tuple[int, int], mask: Image.Image | None) -> str:
+    """Empty string if a pair can take a loss mask, else the reason: both images of one size (the mask marks the
+    same region in each) and, for a given ``mask`` (8-bit grey), that size and at least one marked pixel."""
+    if first_size != second_size:
+        return (
+            f"the two images are {first_size[0]}x{first_size[1]} and {second_size[0]}x{second_size[1]}: a loss mask "
+            "marks one region in both, so they must have one size (resize them to match, or turn the mask off)"
+        )
+    if mask is None:
+        return ""
+    if mask.size != first_size:
+        return (
+            f"the mask is {mask.size[0]}x{mask.size[1]} and the images {first_size[0]}x{first_size[1]}: give a mask "
+            "of the images' size"
+        )
+    if mask.getextrema()[1] == 0:
+        return "the mask is all black: the pair would train nothing (mark its region in white, or drop the row)"
+    return ""
+
+
+def _row_mask_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
+    """``(column, reason)`` of a row whose loss mask is missing, undecodable, of the wrong size or empty."""
+    mask = None
+    if columns.mask is not None:
+        reason = _check_image(row.get(columns.mask))
+        if reason:
+            return columns.mask, reason
+    try:
+        sizes = [
+            image_size(row.get(column)) if columns.clip is None else read_video(row.get(column), columns.clip)[0].size
+            for column in (columns.first, columns.second)
+        ]
+        if columns.mask is not None:
+            mask = load_image(row.get(columns.mask)).convert("L")
+    except Exception as err:  # checked to decode above
+        return columns.mask or columns.first, f"cannot read the image: {err}"
+    return columns.mask or columns.second, mask_problem(sizes[0], sizes[1], mask)
 
 
 def source_values(row: dict[str, Any], columns: PreferenceColumns) -> list[Any]:
@@ -383,6 +454,10 @@ def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, s
         reason = _source_problem(row, columns)
         if reason:
             return columns.source, reason
+    if columns.masked:
+        column, reason = _row_mask_problem(row, columns)
+        if reason:
+            return column, reason
     if columns.scored and not (columns.label is not None and is_tie(row[columns.label])):
         for column in (columns.score_0, columns.score_1):
             try:
@@ -441,7 +516,7 @@ def with_undecoded_images(dataset: Dataset | IterableDataset, columns: Preferenc
     """Keep ``datasets.Image`` (and ``datasets.Video``) columns as raw bytes so a corrupt file is reported by us, not
     raised on access."""
     features = dataset.features or {}
-    for column in (columns.first, columns.second, columns.source):
+    for column in (columns.first, columns.second, columns.source, columns.mask):
         feature = features.get(column)
         if isinstance(feature, ImageFeature) and feature.decode:
             dataset = dataset.cast_column(column, ImageFeature(decode=False))

@@ -135,6 +135,10 @@ class VideoPairTransform:
         """The shape of one video's pixels: ``(3, num_frames, resolution, resolution)``."""
         return 3, self.clip.num_frames, self.resolution, self.resolution
 
+    def mask(self, mask: Image.Image, resized_only: bool = False) -> torch.Tensor:
+        """A pair's loss mask ``[1, R, R]`` (one for every frame), resized and cropped as each frame is."""
+        return self._frames.mask(mask, resized_only)
+
     def load(self, value: Any) -> list[Image.Image]:
         """The clip's frames of ``value`` (:func:`read_video`)."""
         return read_video(value, self.clip)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .latents import scale_latents
+from .latents import latent_mask, scale_latents
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -229,6 +229,12 @@ class ModelFamily(abc.ABC):
         config (``scaling_factor``/``shift_factor``, or per-channel ``latents_mean``/``latents_std``). A family whose
         VAE keeps its statistics elsewhere (FLUX.2's batch-norm buffers) returns an object with those fields."""
         return self.vae.config
+
+    def latent_mask(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """A loss mask ``[N, 1, H, W]`` at the size of the latents ``latent_shape`` the step's errors are taken on
+        (:func:`~.latents.latent_mask`: area interpolation, broadcast over channels and video frames). A family whose
+        step sees another latent layout overrides it."""
+        return latent_mask(mask, latent_shape)
 
     def vae_needs_fp32(self) -> bool:
         """Whether the VAE must encode in float32 (the SDXL VAE overflows in fp16; diffusers flags it)."""

@@ -3,7 +3,11 @@
 Notation (shared by every objective): for one pair the winner and loser latents are noised with ONE timestep ``t``
 and ONE noise ``eps``; a network ``N`` predicts on both, and its per-sample denoising error on branch ``Y`` is
 
-    e_N^Y = mean over C, H, W of (N(x_t^Y, t, c) - target^Y)^2.
+    e_N^Y = mean over C, H, W of (N(x_t^Y, t, c) - target^Y)^2,
+
+or, with a loss mask ``m^Y`` (``loss_mask`` / ``auto_mask``: weights in [0, 1] at latent size, white where the
+preference lives), the mask's weighted mean ``sum(m^Y * (N - target^Y)^2) / sum(m^Y)`` per sample
+(:func:`denoising_error`), for policy and reference alike, so every objective over the errors trains on the region.
 
 With ``d_theta = e_theta^w - e_theta^l`` (policy) and ``d_ref = e_ref^w - e_ref^l`` (frozen reference), the
 Diffusion-DPO logit (Wallace et al., arXiv 2311.12908) is
@@ -49,6 +53,7 @@ __all__ = [
     "implicit_accuracy",
     "objective_class",
     "objective_from_config",
+    "masked_residual",
     "per_pair",
     "register_objective",
     "registered_objectives",
@@ -57,7 +62,13 @@ __all__ = [
 
 @dataclass
 class PreferencePredictions:
-    """Network outputs and targets for a batch of pairs; every tensor has shape ``[B, C, H, W]``."""
+    """Network outputs and targets for a batch of pairs; every tensor has shape ``[B, C, H, W]`` (a video family's
+    ``[B, C, F, H, W]``).
+
+    ``winner_mask`` / ``loser_mask`` (``loss_mask``, ``auto_mask``): each image's loss mask at latent size, float32
+    weights in [0, 1] broadcastable to the predictions (``[B, 1, H, W]``, ``[B, 1, 1, H, W]``), or ``None``: the whole
+    image counts.
+    """
 
     policy_winner: torch.Tensor
     policy_loser: torch.Tensor
@@ -65,6 +76,8 @@ class PreferencePredictions:
     target_loser: torch.Tensor
     reference_winner: torch.Tensor | None = None
     reference_loser: torch.Tensor | None = None
+    winner_mask: torch.Tensor | None = None
+    loser_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,13 +90,38 @@ class DenoisingErrors:
     reference_loser: torch.Tensor | None = None
 
 
-def denoising_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def denoising_error(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One entry of :class:`DenoisingErrors`: ``mean over all non-batch dims of (prediction - target)^2``, in
-    float32, shape ``[B]``."""
+    float32, shape ``[B]``.
+
+    With ``mask`` (weights broadcastable to ``prediction``), the masked mean of each sample,
+    ``sum(m * (prediction - target)^2) / sum(m)`` over its elements (the mask broadcast over channels and frames): an
+    all-ones mask gives the plain mean exactly. A sample whose mask is all zero has error 0 and no gradient.
+    """
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
     diff = prediction.float() - target.float()
-    return diff.pow(2).flatten(1).mean(dim=1)
+    if mask is None:
+        return diff.pow(2).flatten(1).mean(dim=1)
+    weights = mask.float().to(diff.device).expand_as(diff).flatten(1)
+    # clamp: an all-zero mask gives 0 / 1, not 0 / 0 (such a sample is refused by the data, this keeps it finite)
+    return (weights * diff.pow(2).flatten(1)).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-12)
+
+
+def masked_residual(residual: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``w * residual`` with ``w = m * N / sum(m)`` per sample (``N`` its element count), or ``residual`` unchanged
+    without a mask.
+
+    The gradient of the micro-batch's mean masked error with respect to the predictions is ``2 w r / (B N)``, the
+    unmasked one's ``2 r / (B N)``: the output-space safeguard's sums over ``w * r`` are then those of the masked
+    errors' gradients, in the units of the unmasked ones (an all-ones mask gives ``w = 1`` exactly).
+    """
+    if mask is None:
+        return residual
+    weights = mask.float().to(residual.device).expand_as(residual)
+    per_sample = weights.flatten(1).sum(dim=1).clamp(min=1e-12)
+    scale = weights[0].numel() / per_sample
+    return residual.float() * weights * per_pair(scale, residual)
 
 
 @dataclass
@@ -157,6 +195,8 @@ class PreferenceObjective(abc.ABC):
     metric_names: ClassVar[tuple[str, ...]] = ()
     not_for_flow_matching: ClassVar[str] = ""
     unet_scale_beta_warning: ClassVar[bool] = False
+    #: True: the loss reads the predictions themselves beyond the errors (DSPO), which a loss mask does not reach
+    reads_predictions: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -275,6 +315,12 @@ def check_objective_config(config: Any) -> None:
         raise ValueError(
             f"loss_type={config.loss_type!r} trains on the winners only: there is no loser gradient for the "
             "safeguard to scale. Set safeguard=False."
+        )
+    if (getattr(config, "loss_mask", False) or getattr(config, "auto_mask", False)) and chosen.reads_predictions:
+        raise ValueError(
+            f"loss_mask / auto_mask mask the denoising errors, but loss_type={config.loss_type!r} also reads the "
+            "whole predictions, which the mask would not reach. Use loss_type='dpo' (or another objective over the "
+            "errors), or set loss_mask=False and auto_mask=False."
         )
     if config.inverts and config.inversion_network == "reference" and not chosen.requires_reference:
         raise ValueError(

@@ -87,6 +87,7 @@ class DSPOObjective(DiffusionDPOLogitObjective):
     dspo_form: str = hyperparameter(Choice(DSPO_FORMS), "sd15")
 
     name = "dspo"
+    reads_predictions = True
     metric_names = ("dspo/winner_reference_gap",)
 
     def loss(self, predictions: PreferencePredictions, errors: DenoisingErrors) -> ObjectiveOutput:

@@ -166,6 +166,11 @@ def check_online_config(config) -> None:
             raise ValueError(f"{name}=True: online training trains the sampled latents as they are; set {name}=False.")
     if config.cache_latents:
         raise ValueError("cache_latents=True: online training has no dataset of images to cache; set it to False.")
+    for name in ("loss_mask", "auto_mask"):
+        if getattr(config, name, False):
+            raise ValueError(
+                f"{name}=True: sampled pairs carry no loss mask yet (docs/masked-loss.md); set it to False."
+            )
 
 
 register_config_check(__name__, check_online_config)

@@ -19,6 +19,10 @@ branch::
 with ``eps = 1e-9 * N^2 / 4``: the authors add 1e-9 to the dot products of the gradients of the per-branch MEAN
 errors (``2 r / N``), which is this in residual-sum units. Sums are taken in float32 whatever the input dtype,
 because fp16 sums of squared residuals over a whole micro-batch overflow.
+
+With a loss mask the residuals are weighted first, ``r <- w * r`` with ``w = m * N_i / sum(m)`` per sample
+(:func:`~trl_diffusion_sdpo.objectives.masked_residual`): then the sums are those of the masked errors' gradients,
+so the winner-preserving constraint holds on the region trained.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from ..distributed import all_reduce_sum
-from ..objectives import PreferencePredictions
+from ..objectives import PreferencePredictions, masked_residual
 from ..step.stages import denoising_errors
 from .base import MicroBatch, Safeguard, StepResult
 from .margin import SafeguardMargin
@@ -145,8 +149,8 @@ def output_space_lambda(
     (a zero-weighted replay of a process whose micro-batch lost every row): this process joins the reduction with
     ``[0, 0, 0]``, so ``lambda`` is that of the other processes' pairs.
     """
-    winner_residual = predictions.policy_winner - predictions.target_winner
-    loser_residual = predictions.policy_loser - predictions.target_loser
+    winner_residual = masked_residual(predictions.policy_winner - predictions.target_winner, predictions.winner_mask)
+    loser_residual = masked_residual(predictions.policy_loser - predictions.target_loser, predictions.loser_mask)
     num, den = safeguard_sums(winner_residual, loser_residual)
     count: int | torch.Tensor = winner_residual.numel()
     if not contributes:

@@ -10,7 +10,8 @@
 * predictions: the policy's and the reference's, in one forward pass over both branches or one per branch
   (:func:`predict_pairs`).
 * errors and objective: :func:`denoising_errors`, :func:`evaluate_objective` (the formulas are in
-  :mod:`trl_diffusion_sdpo.objectives`).
+  :mod:`trl_diffusion_sdpo.objectives`); with a loss mask (``loss_mask [B, 2, 1, H, W]`` in the batch, flipped and
+  cropped with its images, brought to latent size by the family), each error is the mask's weighted mean.
 
 :class:`MicroBatchStages` holds what the stages need (the family, its noiser, the reference, the keyed draws of
 :mod:`.draws` and the augmentation settings) and runs them in order; each stage is a public method or function taking
@@ -63,12 +64,14 @@ __all__ = [
 @dataclass
 class EncodedBatch:
     """A batch of ``B`` pairs ready for noising: ``mean``/``std`` ``[2B, C, h, w]`` (winners, then losers; float32,
-    unscaled), one prompt embedding per pair, ``time_ids [2B, 6]``."""
+    unscaled), one prompt embedding per pair, ``time_ids [2B, 6]``, and each image's loss mask ``[2B, 1, H, W]`` (in
+    pixels, or at latent size from the cache) or ``None``."""
 
     mean: torch.Tensor
     std: torch.Tensor
     prompt_embeds: PromptEmbeddings
     time_ids: torch.Tensor
+    loss_mask: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -95,12 +98,16 @@ def encode_batch(
     (``[B]`` for editing data: a pair is mirrored with its sources)."""
     if flip is not None:
         inputs = dict(inputs, time_ids=where_rows(flip, inputs["time_ids_flipped"], inputs["time_ids"]))
+    mask = inputs.get("loss_mask")  # [B, 2, 1, H, W] in pixels, or at latent size from the cache
+    if mask is not None and flip is not None:  # mirrored with its image (areas of a mirror are mirrored areas)
+        mask = where_rows(flip, mask.flip(-1), mask)
     if "latent_mean" in inputs:  # a batch of the latent cache: nothing left to encode
         if flip is not None:
             for key in ("latent_mean", "latent_std", "source_latents")[: 3 if "source_latents" in inputs else 2]:
                 inputs[key] = where_rows(flip, inputs[f"{key}_flipped"], inputs[key])
         mean, std = cached_moments(inputs)
-        return EncodedBatch(mean, std, cached_prompt_embeds(inputs, dtype), cached_time_ids(inputs))
+        mask = None if mask is None else _pairs_to_rows(mask)
+        return EncodedBatch(mean, std, cached_prompt_embeds(inputs, dtype), cached_time_ids(inputs), mask)
     pixel_values = inputs["pixel_values"]  # [B, 2, 3, H, W]
     if flip is not None:
         pixel_values = where_rows(flip, pixel_values.flip(-1), pixel_values)
@@ -111,7 +118,8 @@ def encode_batch(
         if flip is not None:
             sources = where_rows(flip, sources.flip(-1), sources)
         embeds.source_latents = family.encode_sources(sources)
-    return EncodedBatch(mean, std, embeds, _pairs_to_rows(inputs["time_ids"]))
+    mask = None if mask is None else _pairs_to_rows(mask)
+    return EncodedBatch(mean, std, embeds, _pairs_to_rows(inputs["time_ids"]), mask)
 
 
 def prompt_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,9 +138,15 @@ def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolut
     give the offsets as torchvision's ``RandomCrop`` draws them, each valid offset equally likely:
     ``offset = min(floor(f * (size - res + 1)), size - res)``. Returns the inputs with the cropped ``pixel_values``,
     ``time_ids`` holding the offsets, and ``time_ids_flipped`` (when present) the offsets in the mirrored view
-    (``width - res - left``).
+    (``width - res - left``). A ``loss_mask [B, 2, 1, H, W]`` is cropped with its image.
     """
     pixels, sizes = inputs["pixel_values"], inputs["crop_sizes"].to(inputs["pixel_values"].device)
+    masked = "loss_mask" in inputs
+    if masked:  # one more channel, cropped alike (for a video, every frame's)
+        mask = inputs["loss_mask"].to(pixels)
+        if pixels.dim() == 6:
+            mask = mask.unsqueeze(3).expand(-1, -1, -1, pixels.shape[3], -1, -1)
+        pixels = torch.cat([pixels, mask], dim=2)
     leading = pixels.shape[2:-2]  # (3,) for images, (3, F) for video clips: every frame gets its video's crop
     pixels = pixels.reshape(*pixels.shape[:2], -1, *pixels.shape[-2:])
     batch, _, channels, height, width = pixels.shape
@@ -148,6 +162,9 @@ def crop_pairs(inputs: dict[str, torch.Tensor], fractions: torch.Tensor, resolut
     time_ids = inputs["time_ids"].clone()
     time_ids[..., 2:4] = offsets.to(time_ids)
     out = dict(inputs, pixel_values=cropped, time_ids=time_ids)
+    if masked:
+        out["pixel_values"], mask = cropped[:, :, :-1], cropped[:, :, -1:]
+        out["loss_mask"] = mask[:, :, :, 0] if mask.dim() == 6 else mask
     if "time_ids_flipped" in inputs:
         flipped = time_ids.clone()
         flipped[..., 3] = (sizes[..., 1] - resolution - offsets[..., 1]).to(flipped)
@@ -247,6 +264,7 @@ class NoisedMicroBatch:
     noised: NoisedPair
     prompt_embeds: PromptEmbeddings
     time_ids: torch.Tensor | None
+    loss_mask: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -311,14 +329,23 @@ class MicroBatchStages:
             if inverting is None
             else self.noise(generator, mode, encoded, inverting)
         )
-        return NoisedMicroBatch(noised, encoded.prompt_embeds, time_ids)
+        mask = encoded.loss_mask  # at the size of the latents the errors are taken on (the family's layout)
+        mask = None if mask is None else self.family.latent_mask(mask, tuple(noised.target.shape))
+        return NoisedMicroBatch(noised, encoded.prompt_embeds, time_ids, mask)
 
     def predict_noised(
         self, policy: torch.nn.Module, batch: NoisedMicroBatch, separate_branches: bool
     ) -> PreferencePredictions:
         """The predictions of ``policy`` (and the reference) on a noised pair (may run twice on the same one)."""
         return predict_pairs(
-            policy, self.reference, self.family, batch.noised, batch.prompt_embeds, batch.time_ids, separate_branches
+            policy,
+            self.reference,
+            self.family,
+            batch.noised,
+            batch.prompt_embeds,
+            batch.time_ids,
+            separate_branches,
+            batch.loss_mask,
         )
 
     def encode(
@@ -414,10 +441,12 @@ def predict_pairs(
     prompt_embeds: PromptEmbeddings,
     time_ids: torch.Tensor | None,
     separate_branches: bool = False,
+    loss_mask: torch.Tensor | None = None,
 ) -> PreferencePredictions:
     """Predictions of ``policy`` (and ``reference``, if given) on the ``2B`` rows of ``noised``.
 
-    ``prompt_embeds`` holds one embedding per pair (shared by its two images); ``time_ids`` ``[2B, 6]`` or ``None``.
+    ``prompt_embeds`` holds one embedding per pair (shared by its two images); ``time_ids`` ``[2B, 6]`` or ``None``;
+    ``loss_mask`` ``[2B, 1, ..., h, w]`` (each image's, at latent size) or ``None``.
     """
     batch = noised.noisy.shape[0] // 2
     # The passes over the rows, each with its conditioning, built once and shared by policy and reference. The
@@ -454,6 +483,8 @@ def predict_pairs(
         target_loser=target_loser,
         reference_winner=reference_winner,
         reference_loser=reference_loser,
+        winner_mask=None if loss_mask is None else loss_mask[:batch],
+        loser_mask=None if loss_mask is None else loss_mask[batch:],
     )
 
 
@@ -465,14 +496,16 @@ def _winner_and_loser(outputs: list[torch.Tensor], batch: int) -> tuple[torch.Te
 
 
 def denoising_errors(predictions: PreferencePredictions) -> DenoisingErrors:
-    """Per-sample float32 errors ``mean_CHW (prediction - target)^2`` of the policy and, if present, the reference."""
+    """Per-sample float32 errors ``mean_CHW (prediction - target)^2`` of the policy and, if present, the reference;
+    with loss masks, each branch's masked mean under its image's mask, policy and reference alike."""
+    winner_mask, loser_mask = predictions.winner_mask, predictions.loser_mask
     errors = DenoisingErrors(
-        policy_winner=denoising_error(predictions.policy_winner, predictions.target_winner),
-        policy_loser=denoising_error(predictions.policy_loser, predictions.target_loser),
+        policy_winner=denoising_error(predictions.policy_winner, predictions.target_winner, winner_mask),
+        policy_loser=denoising_error(predictions.policy_loser, predictions.target_loser, loser_mask),
     )
     if predictions.reference_winner is not None:
-        errors.reference_winner = denoising_error(predictions.reference_winner, predictions.target_winner)
-        errors.reference_loser = denoising_error(predictions.reference_loser, predictions.target_loser)
+        errors.reference_winner = denoising_error(predictions.reference_winner, predictions.target_winner, winner_mask)
+        errors.reference_loser = denoising_error(predictions.reference_loser, predictions.target_loser, loser_mask)
     return errors
 
 
