@@ -317,6 +317,19 @@ class ModelFamily(abc.ABC):
             f", or {self.same_source_size_hint.format(size=trained)}" if self.same_source_size_hint else "",
         )
 
+    # ------------------------------------------------------------------------------------------------- sampling
+
+    def sampling_keywords(self, resolution: int, sources: list[Any] | None = None) -> dict[str, Any]:
+        """The keywords of the family's pipeline call that sample what training trains on (online training): a
+        ``resolution``-pixel square and, for an editing family, the sources (:class:`SourceConditioning`); a
+        ``video`` family adds its clip length."""
+        return {"height": resolution, "width": resolution}
+
+    def sampled_media(self, output: Any) -> list[Any]:
+        """The samples of a pipeline call's ``output`` (``output_type="pil"``): one PIL image each, or, for a ``video``
+        family, one list of PIL frames each."""
+        return list(output.frames if self.video else output.images)
+
     def _posterior(self, pixel_values: torch.Tensor):
         vae = self.vae
         with torch.autocast(device_type=vae.device.type, enabled=False):
@@ -357,3 +370,11 @@ class SourceConditioning:
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
     ) -> dict[str, object]:
         return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)
+
+    def sampling_keywords(self, resolution: int, sources: list[Any] | None = None) -> dict[str, Any]:
+        """The extended family's keywords and the edit's sources as the editing pipelines take them (``image``: one PIL
+        image, or the list of several: Qwen-Image-Edit Plus's and FLUX.2's reference images)."""
+        keywords = super().sampling_keywords(resolution, sources)
+        if sources:
+            keywords["image"] = sources[0] if len(sources) == 1 else list(sources)
+        return keywords

@@ -43,6 +43,12 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
         "One weight per reward function; the reward is the weighted sum of their scores (None: weight 1 "
         "each, as in TRL's GRPO).",
     )
+    video_reward_frames: int | None = option(
+        4,
+        "Video families: a clip's reward is the mean of the reward functions' scores of this many of its frames, "
+        "spaced uniformly from the first to the last (None: every frame). The functions score each frame as an image, "
+        "with the clip's prompt and columns.",
+    )
     # Generation
     num_generations: int = option(4, "Images sampled per prompt (K), from which the pairs are chosen.")
     pair_mode: str = option(
@@ -92,7 +98,7 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
 
 
 _GROUPS = {
-    "Parameters that control the rewards": ("", ("reward_funcs", "reward_weights")),
+    "Parameters that control the rewards": ("", ("reward_funcs", "reward_weights", "video_reward_frames")),
     "Parameters that control the generation": (
         "Each micro-batch's prompts are sampled `num_generations` times by the policy (eval mode, no gradient, "
         "adapters on), scored, and paired; the pairs' sampled latents are the micro-batch's images.",
@@ -121,6 +127,7 @@ _RULES: dict[str, Range | Choice] = {
     "num_iterations": Range(1, integer=True),
     "sample_steps": Range(1, integer=True, optional=True),
     "ref_update_steps": Range(1, integer=True, optional=True),
+    "video_reward_frames": Range(1, integer=True, optional=True),
 }
 
 
