@@ -137,6 +137,8 @@ class ModelFamily(abc.ABC):
     # ``[N, C, h, w]`` in the denoiser's latent space, so that online training trains on them as they are; False
     # (packed tokens, or not checked): the sampled images are encoded again from their decoded pixels.
     sampled_latents_are_denoiser_latents: ClassVar[bool] = False
+    # The most samples one call of the family's pipeline draws (online training); None: as many as asked.
+    max_samples_per_call: ClassVar[int | None] = None
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline

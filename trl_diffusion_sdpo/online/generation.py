@@ -243,7 +243,7 @@ class GenerationStage:
         s, pipeline, family = self.settings, self.family.pipeline, self.family
         k = s.num_generations
         seeds = [image_seed(s.seed, generation, first_row + r, j) for r in range(len(prompts)) for j in range(k)]
-        chunk = s.generation_batch_size or len(prompts) * k
+        chunk = min(s.generation_batch_size or len(prompts) * k, family.max_samples_per_call or len(prompts) * k)
         kwargs: dict[str, Any] = {"output_type": "pil"}
         if s.sample_steps is not None:
             kwargs["num_inference_steps"] = s.sample_steps
