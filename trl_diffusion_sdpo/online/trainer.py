@@ -32,6 +32,7 @@ from ..rewards import RewardFunction, RewardFunctions
 from ..trainer import DiffusionSDPOTrainer
 from .config import OnlineDiffusionSDPOConfig
 from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage
+from .resume import WindowGenerations
 
 __all__ = ["OnlineDiffusionSDPOTrainer", "PromptCollator", "RepeatedBlockSampler"]
 
@@ -198,6 +199,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         self._generated: dict[int, GeneratedPairs] = {}  # the window's generations by micro-batch index
         self._window: int | None = None
         self._micro = 0
+        self.files.parts.append(WindowGenerations(self))  # a resume inside a window trains on the pairs it had
 
     # ------------------------------------------------------------------ data: prompts
 
