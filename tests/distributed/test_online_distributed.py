@@ -107,10 +107,15 @@ class OnlineRun:
     data: str = "prompts"
     reward: str = "redness"
     extra: tuple[tuple[str, Any], ...] = ()
+    group: str = ""  # runs of another group are launched apart (the slow tier's)
 
     @property
     def processes(self) -> int:
         return 1 if self.config is None else 2
+
+    @property
+    def launch(self) -> tuple[int, str]:
+        return self.processes, self.group
 
     def fields(self) -> dict[str, Any]:
         return {"per_device_train_batch_size": GLOBAL_BATCH // self.processes, **BASE_CONFIG, **dict(self.extra)}
@@ -142,9 +147,20 @@ RUNS: dict[str, OnlineRun] = {
     "zero3-output": OnlineRun("deepspeed_zero3.yaml"),
     "zero3-ties-output": OnlineRun("deepspeed_zero3.yaml", *TIE_DATA, _extra(TIES)),
 }
+# ref_update_steps=1 (the reference is the previous step's policy): one process against ZeRO-2, ZeRO-3 and FSDP2,
+# where the policy is gathered and merged into a reference sharded as the policy is (slow tier)
+REFRESH = {"ref_update_steps": 1}
+RUNS.update(
+    {
+        "single-refresh": OnlineRun(None, extra=_extra(REFRESH), group="refresh"),
+        "zero2-refresh": OnlineRun("deepspeed_zero2.yaml", extra=_extra(REFRESH), group="refresh"),
+        "fsdp2-refresh": OnlineRun(FSDP2, extra=_extra(REFRESH), group="refresh"),
+        "zero3-refresh": OnlineRun("deepspeed_zero3.yaml", extra=_extra(REFRESH), group="refresh"),
+    }
+)
 
 _REPORTS: dict[str, dict] = {}  # run name -> the worker's report (plus "model_dir")
-_FAILED: dict[int, str] = {}  # launch group (its number of processes) -> why it failed: its other tests fail at once
+_FAILED: dict[tuple[int, str], str] = {}  # launch group -> why it failed: its other tests fail at once
 
 
 def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
@@ -188,10 +204,10 @@ class Runs:
 
     def __getitem__(self, name: str) -> dict:
         if name not in _REPORTS:
-            group = RUNS[name].processes
+            group = RUNS[name].launch
             if group in _FAILED:
                 pytest.fail(_FAILED[group])
-            runs = {n: r for n, r in RUNS.items() if r.processes == group and n not in _REPORTS}
+            runs = {n: r for n, r in RUNS.items() if r.launch == group and n not in _REPORTS}
             try:
                 _launch(self.assets, runs)
             except AssertionError as error:
@@ -363,3 +379,21 @@ def test_an_optimizer_step_without_a_pair_on_any_process_is_not_applied(runs, na
         assert torch.equal(after_3, after_2), (
             f"process {process}: step 3 moved the weights by {(after_3 - after_2).abs().max():.2e}"
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
+def test_a_reference_refreshed_every_step_trains_as_on_one_process(runs, engine):
+    """ref_update_steps=1 under ZeRO-2 (whole weights), ZeRO-3 and FSDP2 (the reference sharded as the policy, each
+    refresh writing the gathered policy with its adapters merged into the shards): the same losses and LoRA weights
+    as one process, whose refresh merges a whole copy with peft. A reference left with stale shards predicts the
+    initial model's, and the losses from step 2 on move apart."""
+    report, single = runs[f"{engine}-refresh"], runs["single-refresh"]
+    assert report["num_processes"] == 2 and report["global_step"] == single["global_step"] == STEPS
+    _assert_same_samples_and_pairs(report, single)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    _assert_weights_match(report, single)
+    _assert_in_step(report)
+    # the refresh changes the run: with the initial reference the later losses differ
+    fixed = runs["single-output"]
+    assert abs(single["losses"][2] - fixed["losses"][2]) > 1e-3 * abs(fixed["losses"][2])

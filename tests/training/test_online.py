@@ -385,6 +385,33 @@ def test_a_refreshed_lora_reference_predicts_what_the_policy_predicts(tmp_path):
     torch.testing.assert_close(refreshed.predict(sample, t, encoder_hidden_states=hidden), tuned, rtol=1e-5, atol=1e-5)
 
 
+def test_the_gathered_merged_policy_state_is_what_peft_merges(tmp_path):
+    """merged_policy_state (the ZeRO-3 / FSDP2 refresh, here with whole weights) against peft's own merge of a copy,
+    for linear and 3x3 convolution adapters with non-zero weights and lora_alpha != r."""
+    from peft.tuners.lora import LoraLayer
+
+    from trl_diffusion_sdpo.reference import merged_copy, merged_policy_state
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
+    unet = pipe.unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_out.0", "conv1"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    kinds = {type(m.get_base_layer()).__name__ for m in unet.modules() if isinstance(m, LoraLayer)}
+    assert kinds == {"Linear", "Conv2d"}
+    state = merged_policy_state(unet, lambda p: p.detach())
+    expected = merged_copy(unet).state_dict()
+    bases = [name for name in state if name.endswith("base_layer.weight")]
+    assert bases
+    for name in state:
+        torch.testing.assert_close(state[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    moved = max(float((state[n] - unet.get_parameter(n)).abs().max()) for n in bases)
+    assert moved > 1e-3  # the adapters were merged in, not left out
+
+
 def test_ref_update_steps_moves_the_reference_during_training(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=3, ref_update_steps=2, lora=False)
     trainer.train()

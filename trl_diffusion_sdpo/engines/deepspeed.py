@@ -174,6 +174,28 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed casts the policy to its bf16/fp16 wholesale (and computes without autocast): so is the reference.
         return module.to(device=device, dtype=dtype)
 
+    def whole_parameter(self, parameter: torch.Tensor) -> torch.Tensor:
+        if self.stage != 3 or not hasattr(parameter, "ds_id"):
+            return parameter.detach()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([parameter]):
+            return parameter.detach().clone()
+
+    def load_whole_state(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if self.stage != 3:
+            return super().load_whole_state(module, state)
+        import deepspeed
+
+        module = getattr(module, "module", module)  # the reference's inference engine wraps it
+        with torch.no_grad():
+            for name, parameter in module.named_parameters():
+                if name in state:
+                    # gathered, written (every process holds the same values), partitioned again from process 0
+                    with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+                        parameter.copy_(state[name])
+        return None
+
     def resume_on_other_count(self, checkpoint: str, saved_processes: int, work_dir: str) -> str:
         """ZeRO-1/2: the checkpoint converted to DeepSpeed's universal format (:func:`universal_checkpoint_view`,
         main process) and the engine told to load it (``checkpoint.load_universal``). ZeRO-3: refused (its

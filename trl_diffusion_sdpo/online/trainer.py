@@ -27,7 +27,7 @@ from ..data.training_data import TrainingData
 from ..data.validation import DataReport
 from ..families import ModelFamily, PromptEmbeddings
 from ..quantization import is_quantized
-from ..reference import refreshed_reference
+from ..reference import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
 from ..rewards import RewardFunction, RewardFunctions
 from ..trainer import DiffusionSDPOTrainer
 from .config import OnlineDiffusionSDPOConfig
@@ -173,10 +173,10 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
             optimizers=optimizers,
         )
         if args.ref_update_steps is not None:
-            if self.engine.manages_gradients or self.engine.replaces_parameters_in_train:
+            if not self.engine.refreshes_reference:
                 raise ValueError(
-                    f"ref_update_steps runs on one process or DDP; under {self.engine!r} keep the initial reference "
-                    "(ref_update_steps=None)."
+                    f"ref_update_steps runs on one process, DDP, DeepSpeed ZeRO and FSDP2; under {self.engine!r} keep "
+                    "the initial reference (ref_update_steps=None)."
                 )
             if self.reference is None:
                 raise ValueError(f"ref_update_steps: loss_type={args.loss_type!r} uses no reference model.")
@@ -186,6 +186,17 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
                     "quantized base cannot be copied or merged into: keep the initial reference "
                     "(ref_update_steps=None)."
                 )
+            if not self.engine.samples_whole_denoiser and self.reference.shares_policy_weights:
+                # ZeRO-3, FSDP2: the refreshed reference is a copy of the policy sharded as the policy is, made now
+                # (the weights are whole until train() shards them); each refresh writes the gathered, merged policy
+                # into its shards
+                copied = merged_copy(self._policy())
+                self.reference = FrozenCopyReference(
+                    self.engine.place_reference(copied, self._policy(), args.device, self._dtype),
+                    self.family.call_denoiser,
+                )
+                self.reference.follow(self._policy, self.accelerator.autocast)
+                self.stages.reference = self.reference.predict
             self.add_callback(_ReferenceRefresh(self))
         self.generation = GenerationStage(
             self.family,
@@ -293,8 +304,13 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
     # ------------------------------------------------------------------ reference and model card
 
     def refresh_reference(self) -> None:
-        """The reference becomes the policy as it is now (adapters merged into a frozen copy with LoRA)."""
-        self.reference = refreshed_reference(self.reference, self._policy(), self.family.call_denoiser)
+        """The reference becomes the policy as it is now (adapters merged into a frozen copy with LoRA). Under ZeRO-3
+        and FSDP2 the policy is gathered parameter by parameter and written into the reference's shards."""
+        if not self.engine.samples_whole_denoiser:
+            state = merged_policy_state(self._policy(), self.engine.whole_parameter)
+            self.engine.load_whole_state(self.reference.denoiser, state)
+        else:
+            self.reference = refreshed_reference(self.reference, self._policy(), self.family.call_denoiser)
         self.reference.follow(self._policy, self.accelerator.autocast)
         self.stages.reference = self.reference.predict
         logger.info("Step %d: the reference is now the policy's current weights.", self.state.global_step)
