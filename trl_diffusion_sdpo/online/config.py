@@ -89,7 +89,8 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
         None,
         "Refresh the reference to the policy's current weights every this many optimizer steps (None: "
         "the reference stays the initial model). With LoRA the reference becomes a frozen copy of the denoiser "
-        "with the adapters merged at each refresh (one more copy of the denoiser in memory).",
+        "with the adapters merged at each refresh (one more copy of the denoiser in memory, sharded as the policy "
+        "under ZeRO-3 and FSDP2).",
     )
     # The generated pairs are not augmented: a flipped or cropped latent is not the latent of the flipped image.
     random_flip: bool = option(
@@ -100,8 +101,9 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
 _GROUPS = {
     "Parameters that control the rewards": ("", ("reward_funcs", "reward_weights", "video_reward_frames")),
     "Parameters that control the generation": (
-        "Each micro-batch's prompts are sampled `num_generations` times by the policy (eval mode, no gradient, "
-        "adapters on), scored, and paired; the pairs' sampled latents are the micro-batch's images.",
+        "Each micro-batch's prompts (an editing family's with their source images) are sampled `num_generations` "
+        "times by the policy through its pipeline (eval mode, no gradient, adapters on), scored, and paired; the "
+        "pairs' latents are the micro-batch's images.",
         (
             "num_generations",
             "pair_mode",
