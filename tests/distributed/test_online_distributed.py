@@ -108,6 +108,7 @@ class OnlineRun:
     reward: str = "redness"
     extra: tuple[tuple[str, Any], ...] = ()
     group: str = ""  # runs of another group are launched apart (the slow tier's)
+    pipeline: str = "pipeline"  # the saved pipeline's folder (PIPELINES builds the others when first needed)
 
     @property
     def processes(self) -> int:
@@ -159,6 +160,36 @@ RUNS.update(
     }
 )
 
+# One editing and one video family on two processes against one (slow tier): FLUX.1 Kontext edits each prompt's
+# source, Wan samples 5-frame clips.
+EDIT_PROMPTS = ["make it blue", "make it red", "add a circle", "make it green"] * 2
+FAMILY_CONFIGS = {
+    "kontext": {"max_sequence_length": 16},
+    "wan": {"max_sequence_length": 16, "num_frames": 5, "resolution": 16},
+}
+for _family, _data in (("kontext", "edits"), ("wan", "prompts")):
+    for _name, _config in (("single", None), ("ddp", "multi_gpu.yaml")):
+        RUNS[f"{_name}-{_family}"] = OnlineRun(
+            _config, _data, extra=_extra(FAMILY_CONFIGS[_family]), group="families", pipeline=_family
+        )
+
+
+def _family_assets(root: Path, name: str) -> None:
+    """The tiny FLUX.1 Kontext or Wan pipeline saved under ``root/name``, and the edit prompts with their sources."""
+    from PIL import Image
+
+    from trl_diffusion_sdpo import testing
+
+    if (root / name).exists():
+        return
+    builder = {"kontext": testing.build_tiny_flux_kontext_pipeline, "wan": testing.build_tiny_wan_pipeline}[name]
+    builder(seed=0, tokenizer_dir=str(root / f"{name}-tokenizer")).save_pretrained(root / name)
+    if name == "kontext":
+        colours = [(200, 30, 30), (30, 30, 200), (30, 200, 30), (200, 200, 30)] * 2
+        sources = [Image.new("RGB", (40 + 4 * i, 32), c) for i, c in enumerate(colours)]
+        Dataset.from_dict({"prompt": EDIT_PROMPTS, "source_image": sources}).save_to_disk(str(root / "edits"))
+
+
 _REPORTS: dict[str, dict] = {}  # run name -> the worker's report (plus "model_dir")
 _FAILED: dict[tuple[int, str], str] = {}  # launch group -> why it failed: its other tests fail at once
 
@@ -170,9 +201,11 @@ def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
     launch = Run("", first.config, True)  # test_distributed's launch arguments for this config
     jobs = []
     for name, spec in runs.items():
+        if spec.pipeline != "pipeline":
+            _family_assets(root, spec.pipeline)
         job = {
             "result": str(root / name / "result.json"),
-            "pipeline": str(assets["pipeline"]),
+            "pipeline": str(root / spec.pipeline),
             "data": str(root / spec.data),
             "output_dir": str(root / name / "model"),
             "reward": spec.reward,
@@ -397,3 +430,17 @@ def test_a_reference_refreshed_every_step_trains_as_on_one_process(runs, engine)
     # the refresh changes the run: with the initial reference the later losses differ
     fixed = runs["single-output"]
     assert abs(single["losses"][2] - fixed["losses"][2]) > 1e-3 * abs(fixed["losses"][2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["kontext", "wan"])
+def test_an_editing_and_a_video_family_sample_pair_and_train_on_two_processes_like_one(runs, family):
+    """FLUX.1 Kontext (each prompt's source edited) and Wan (5-frame clips) under DDP with half the per-device batch:
+    the same samples, pairs and trained latents as one process (seeded by global row), the same losses and LoRA
+    weights, the processes in step."""
+    report, single = runs[f"ddp-{family}"], runs[f"single-{family}"]
+    assert report["num_processes"] == 2 and report["global_step"] == single["global_step"] == STEPS
+    _assert_same_samples_and_pairs(report, single)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    _assert_weights_match(report, single)
+    _assert_in_step(report)

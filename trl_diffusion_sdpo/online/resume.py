@@ -15,15 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .generation import GeneratedPairs
-
-if TYPE_CHECKING:
-    from .trainer import OnlineDiffusionSDPOTrainer
 
 __all__ = ["GENERATION_FILE", "WindowGenerations", "load_generations", "save_generations"]
 
@@ -88,8 +85,8 @@ class WindowGenerations:
     """The online trainer's :class:`~trl_diffusion_sdpo.io.run_files.CheckpointPart`: the window's generations,
     saved by every process into a checkpoint written inside a ``num_iterations`` window and read back at resume."""
 
-    def __init__(self, trainer: OnlineDiffusionSDPOTrainer) -> None:
-        self.trainer = trainer
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer  # the OnlineDiffusionSDPOTrainer (its module imports this one)
 
     def _path(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, GENERATION_FILE.format(process=self.trainer.accelerator.process_index))
