@@ -72,6 +72,16 @@ def engine_loss_scale(engine) -> torch.Tensor:
     return scaled.detach().float()
 
 
+def _partitioned(parameter: torch.Tensor) -> bool:
+    """Whether a ZeRO-3 ``parameter`` is partitioned now: gathering one that is whole (a small weight ZeRO-3 keeps
+    whole, or one gathered for a forward) would partition it on release."""
+    if not hasattr(parameter, "ds_id"):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return parameter.ds_status == ZeroParamStatus.NOT_AVAILABLE
+
+
 def universal_checkpoint_view(checkpoint: str, view: str) -> str:
     """A folder ``view`` that reads like ``checkpoint`` to transformers (a link to each of its files and folders) and
     holds DeepSpeed's universal checkpoint of its ZeRO-1/2 state, written by DeepSpeed's own converter
@@ -175,7 +185,7 @@ class DeepSpeedEngine(Engine):
         return module.to(device=device, dtype=dtype)
 
     def whole_parameter(self, parameter: torch.Tensor) -> torch.Tensor:
-        if self.stage != 3 or not hasattr(parameter, "ds_id"):
+        if not _partitioned(parameter):
             return parameter.detach()
         import deepspeed
 
@@ -190,10 +200,14 @@ class DeepSpeedEngine(Engine):
         module = getattr(module, "module", module)  # the reference's inference engine wraps it
         with torch.no_grad():
             for name, parameter in module.named_parameters():
-                if name in state:
-                    # gathered, written (every process holds the same values), partitioned again from process 0
-                    with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
-                        parameter.copy_(state[name])
+                if name not in state:
+                    continue
+                if not _partitioned(parameter):  # kept whole (below ZeRO-3's persistence threshold)
+                    parameter.copy_(state[name])
+                    continue
+                # gathered, written (every process holds the same values), partitioned again from process 0
+                with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+                    parameter.copy_(state[name])
         return None
 
     def resume_on_other_count(self, checkpoint: str, saved_processes: int, work_dir: str) -> str:
