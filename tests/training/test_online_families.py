@@ -14,6 +14,7 @@ from PIL import Image
 
 from trl_diffusion_sdpo import testing
 from trl_diffusion_sdpo.data.transforms import PairTransform
+from trl_diffusion_sdpo.evaluation.scorers import EditScorer, register_scorer
 from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
 from trl_diffusion_sdpo.online.generation import frame_indices, image_seed
 
@@ -128,6 +129,38 @@ def test_an_edit_is_sampled_scored_and_trained_with_its_own_source(tmp_path):
     trainer.train()
     assert trainer.state.log_history[0]["online/pairs"] > 0
     assert any(not torch.equal(value, before[name]) for name, value in lora_weights(trainer).items())
+
+
+class SourceCloseness(EditScorer):
+    """A registered editing scorer made for the test: minus the mean absolute difference of an edit to its source
+    (resized to the edit's size), over 255."""
+
+    name = "closeness"
+    scale = "-mean|edit - source| / 255"
+
+    def score(self, images, prompts, sources) -> torch.Tensor:
+        return torch.tensor([closeness(image, group[0]) for image, group in zip(images, sources)])
+
+
+def closeness(edit: Image.Image, source: Image.Image) -> float:
+    resized = np.asarray(source.convert("RGB").resize(edit.size), np.float64)
+    return -float(np.abs(np.asarray(edit, np.float64) - resized).mean() / 255)
+
+
+register_scorer("test-online-closeness", SourceCloseness, overwrite=True)
+
+
+def test_a_registered_editing_scorer_rewards_each_edit_against_its_own_source(tmp_path):
+    pipe = testing.build_tiny_flux_kontext_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"))
+    data = Dataset.from_dict({"prompt": ["make it blue", "make it blue"], "source_image": SOURCES})
+    trainer = online_trainer(tmp_path, pipe, data, reward="test-online-closeness", max_sequence_length=16)
+    rows = {"prompt": list(data["prompt"]), "source_image": list(data["source_image"])}
+    generated = trainer.generation(rows, generation=0, first_row=0)
+    for row, edits in enumerate(generated.images):
+        for j, edit in enumerate(edits):
+            assert float(generated.rewards[row, j]) == pytest.approx(closeness(edit, SOURCES[row]), abs=1e-6)
+    # against the other row's source the scores differ: each edit was scored with its own
+    assert abs(float(generated.rewards[0, 0]) - closeness(generated.images[0][0], SOURCES[1])) > 1e-3
 
 
 def test_editing_prompts_without_sources_and_sources_for_a_text_to_image_family_are_refused(tmp_path):
