@@ -25,6 +25,8 @@ What a family defines (abstract members are marked *):
 * :meth:`denoiser_conditioning` and :meth:`call_denoiser`: how one prediction is made, in the latent layout
   ``[N, C, h, w]`` (``[N, C, F', h, w]`` for a ``video`` family such as Wan) whatever the network's own input layout
   (FLUX packs 2x2 patches inside the call).
+* :meth:`sampling_keywords`, :meth:`sampled_media` and ``max_samples_per_call``: how online training samples with the
+  family's own pipeline (the training's size, an edit's sources, a video's clip length) and reads its samples.
 
 Diffusers' pipeline modules are imported where they are used, never here: importing a family costs nothing.
 """
