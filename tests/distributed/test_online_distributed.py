@@ -444,11 +444,15 @@ def test_an_editing_and_a_video_family_sample_pair_and_train_on_two_processes_li
     assert report["num_processes"] == 2 and report["global_step"] == single["global_step"] == STEPS
     ours, theirs = _by_global_row(report), _by_global_row(single)
     assert ours.keys() == theirs.keys() == {(g, r) for g in range(STEPS) for r in range(GLOBAL_BATCH)}
-    worst, gap = 0.0, min(abs(row["rewards"][0] - row["rewards"][1]) for row in theirs.values())
+    worst = max(max(abs(a - b) for a, b in zip(ours[k]["rewards"], row["rewards"])) for k, row in theirs.items())
+    assert worst < 1e-2, worst  # measured: 0 to 1e-3 (rewards in [-1, 1])
     for key, row in theirs.items():
-        assert ours[key]["prompt"] == row["prompt"] and ours[key]["pair"] == row["pair"] is not None, key
-        worst = max(worst, max(abs(a - b) for a, b in zip(ours[key]["rewards"], row["rewards"])))
-    assert worst < gap / 2 and worst < 1e-2, (worst, gap)
+        assert ours[key]["prompt"] == row["prompt"] and row["pair"] is not None, key
+        # generation 0 samples the same weights (its rewards within one pixel level); later ones may swap a pair
+        # whose rewards lie closer than the two runs' difference
+        if key[0] == 0 or abs(row["rewards"][0] - row["rewards"][1]) > 2 * worst:
+            assert ours[key]["pair"] == row["pair"], key
+    gap = min(abs(row["rewards"][0] - row["rewards"][1]) for row in theirs.values())
     assert report["losses"] == pytest.approx(single["losses"], rel=1e-2)
     # the trainable weights after the last step (process 0's, whole under DDP) against one process's, relative to how
     # far one process's training moved them from their initial values
