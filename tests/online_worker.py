@@ -43,7 +43,7 @@ from distributed_worker import (  # noqa: E402  (the shared engine machinery; se
 FLAT = "flat"
 
 
-def redness(prompts: list[str], images: list[Image.Image]) -> list[float]:
+def redness(prompts: list[str], images: list[Image.Image], **columns: Any) -> list[float]:
     """Mean red minus mean blue, in [-1, 1]: deterministic and no download. It tells the tiny model's samples apart:
     a prompt's two samples differ by 8e-4 at least, 200 times one pixel level (4e-6 at 32 x 32)."""
     out = []
@@ -53,7 +53,7 @@ def redness(prompts: list[str], images: list[Image.Image]) -> list[float]:
     return out
 
 
-def redness_unless_flat(prompts: list[str], images: list[Image.Image]) -> list[float]:
+def redness_unless_flat(prompts: list[str], images: list[Image.Image], **columns: Any) -> list[float]:
     """:func:`redness`, except that a prompt starting with :data:`FLAT` scores a constant of the prompt (its length):
     all its samples tie, so with ``reward_margin > 0`` it gives no pair, whatever the policy samples."""
     scores = redness(prompts, images)

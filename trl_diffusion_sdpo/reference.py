@@ -23,7 +23,16 @@ if TYPE_CHECKING:
 from .io.saving import has_lora_adapters
 from .quantization import check_quantized_base_training
 
-__all__ = ["DisabledAdaptersReference", "FrozenCopyReference", "Reference", "build_reference", "reference_for"]
+__all__ = [
+    "DisabledAdaptersReference",
+    "FrozenCopyReference",
+    "Reference",
+    "build_reference",
+    "merged_copy",
+    "merged_policy_state",
+    "reference_for",
+    "refreshed_reference",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +192,53 @@ def refreshed_reference(reference: Reference, policy: torch.nn.Module, call: Den
             for target, source in zip(reference.denoiser.parameters(), policy.parameters()):
                 target.copy_(source)
         return reference
+    return FrozenCopyReference(merged_copy(policy), call)
+
+
+def merged_copy(policy: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``policy`` with its LoRA adapters merged into the base weights (peft's ``merge``), which computes what
+    the policy computes; without adapters, a plain copy."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     merged = copy.deepcopy(policy)
     for module in merged.modules():
         if isinstance(module, BaseTunerLayer) and not module.merged:
             module.merge()
-    return FrozenCopyReference(merged, call)
+    return merged
+
+
+def _lora_product(up: torch.Tensor, down: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``B A`` of a LoRA layer as a change of its base weight: the matrix product for a linear layer (transposed where
+    the base stores its weight as ``fan_in x fan_out``), ``B`` (a 1x1 convolution) composed with ``A`` for a
+    convolution."""
+    if down.dim() == 2:
+        product = up.float() @ down.float()
+        return product.T if fan_in_fan_out else product
+    conv = torch.nn.functional.conv2d if down.dim() == 4 else torch.nn.functional.conv3d
+    return conv(down.float().transpose(0, 1), up.float()).transpose(0, 1)
+
+
+def merged_policy_state(
+    policy: torch.nn.Module, whole: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Every parameter of ``policy`` whole, by name, with each LoRA layer's active adapters merged into its base
+    weight as peft's ``merge`` merges them: ``W' = W + s B A`` with ``s = lora_alpha / r`` (peft's ``scaling``;
+    ``B A`` per :func:`_lora_product`). ``whole`` gives a parameter's whole value (an engine's gather: under ZeRO-3 or
+    FSDP2 a collective, called for every parameter in the same order on every process).
+
+    The adapters' own entries are kept: a reference that is a merged copy (:func:`merged_copy`) has the same names and
+    computes with its merged base weights only."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {name: whole(parameter).clone() for name, parameter in policy.named_parameters()}
+    for name, module in policy.named_modules():
+        if not isinstance(module, LoraLayer) or module.merged:
+            continue
+        base = f"{name}.base_layer.weight"
+        for adapter in module.active_adapters:
+            if module.use_dora.get(adapter, False):
+                raise ValueError(f"{name}: a DoRA adapter cannot be merged into a refreshed reference here")
+            down, up = state[f"{name}.lora_A.{adapter}.weight"], state[f"{name}.lora_B.{adapter}.weight"]
+            delta = module.scaling[adapter] * _lora_product(up, down, getattr(module, "fan_in_fan_out", False))
+            state[base] = (state[base].float() + delta.reshape(state[base].shape)).to(state[base].dtype)
+    return state

@@ -129,16 +129,6 @@ def test_a_prompt_dataset_without_prompts_is_refused_naming_the_column_or_row(tm
         )
 
 
-def test_families_that_do_not_sample_images_from_prompts_are_refused(tmp_path):
-    from trl_diffusion_sdpo.testing import build_tiny_flux_kontext_pipeline
-
-    pipe = build_tiny_flux_kontext_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"))
-    with pytest.raises(ValueError, match="FluxKontextFamily makes edits of source images"):
-        OnlineDiffusionSDPOTrainer(
-            pipe, None, online_config(tmp_path), Dataset.from_dict({"prompt": ["a"]}), reward_funcs=[red_minus_blue]
-        )
-
-
 # ---------------------------------------------------------------------------------------------- the generation
 
 
@@ -395,6 +385,33 @@ def test_a_refreshed_lora_reference_predicts_what_the_policy_predicts(tmp_path):
     torch.testing.assert_close(refreshed.predict(sample, t, encoder_hidden_states=hidden), tuned, rtol=1e-5, atol=1e-5)
 
 
+def test_the_gathered_merged_policy_state_is_what_peft_merges(tmp_path):
+    """merged_policy_state (the ZeRO-3 / FSDP2 refresh, here with whole weights) against peft's own merge of a copy,
+    for linear and 3x3 convolution adapters with non-zero weights and lora_alpha != r."""
+    from peft.tuners.lora import LoraLayer
+
+    from trl_diffusion_sdpo.reference import merged_copy, merged_policy_state
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
+    unet = pipe.unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_out.0", "conv1"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    kinds = {type(m.get_base_layer()).__name__ for m in unet.modules() if isinstance(m, LoraLayer)}
+    assert kinds == {"Linear", "Conv2d"}
+    state = merged_policy_state(unet, lambda p: p.detach())
+    expected = merged_copy(unet).state_dict()
+    bases = [name for name in state if name.endswith("base_layer.weight")]
+    assert bases
+    for name in state:
+        torch.testing.assert_close(state[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    moved = max(float((state[n] - unet.get_parameter(n)).abs().max()) for n in bases)
+    assert moved > 1e-3  # the adapters were merged in, not left out
+
+
 def test_ref_update_steps_moves_the_reference_during_training(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=3, ref_update_steps=2, lora=False)
     trainer.train()
@@ -418,6 +435,39 @@ def test_resuming_from_a_checkpoint_samples_and_trains_as_the_uninterrupted_run(
     expected = lora_weights(whole)
     for name, value in lora_weights(resumed).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_inside_a_num_iterations_window_trains_on_the_generation_it_had(tmp_path):
+    """num_iterations=2: checkpoint-1 is saved inside window 0. Resumed from it, the run reads window 0's pairs from
+    the checkpoint (the stage samples window 1 only) and ends with the uninterrupted run's weights and metrics."""
+    whole = make_trainer(tmp_path / "a", max_steps=4, num_iterations=2)
+    whole.train()
+    first = make_trainer(tmp_path / "b", max_steps=4, num_iterations=2, save_strategy="steps", save_steps=1)
+    first.train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-1"
+    assert (checkpoint / "online_generation-0.safetensors").exists()
+    assert not (tmp_path / "b" / "out" / "checkpoint-2" / "online_generation-0.safetensors").exists()  # window end
+    resumed = make_trainer(tmp_path / "c", max_steps=4, num_iterations=2, output_dir=str(tmp_path / "b" / "out"))
+    stage, calls = resumed.generation, []
+
+    class CountingStage:
+        def __call__(self, inputs, generation, first_row):
+            calls.append(generation)
+            return stage(inputs, generation, first_row)
+
+        def __getattr__(self, name):
+            return getattr(stage, name)
+
+    resumed.generation = CountingStage()
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert calls == [1]  # window 0's generation came from the checkpoint
+    expected = lora_weights(whole)
+    for name, value in lora_weights(resumed).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+    step_2 = [log for log in resumed.state.log_history if log.get("step") == 2 and "loss" in log][0]
+    reference = [log for log in whole.state.log_history if log.get("step") == 2 and "loss" in log][0]
+    for name in ("loss", "online/reward_mean", "online/pairs", "online/chosen_reward", "online/diversity"):
+        assert step_2[name] == pytest.approx(reference[name], rel=1e-5, abs=1e-7), name
 
 
 def test_the_model_card_names_the_online_trainer_and_its_rewards(tmp_path):

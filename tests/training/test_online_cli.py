@@ -27,6 +27,48 @@ def test_the_shipped_config_trains_the_tiny_base_online_and_saves_a_card_naming_
     assert "| `reward_funcs` | `colour` |" in card and "OnlineDiffusionSDPOTrainer" in card
 
 
+@pytest.mark.parametrize("name", ["online_flux_kontext_edit", "online_wan"])
+def test_the_shipped_editing_and_video_online_configs_parse_for_the_online_command(name):
+    """The real-model online examples: FLUX.1 Kontext edits scored by EditReward (an editing scorer: it reads the
+    prompts' sources), Wan clips scored by PickScore on video_reward_frames frames each."""
+    from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig
+    from trl_diffusion_sdpo.scripts.online import parse_args
+
+    config_path = ROOT / "examples" / "configs" / f"{name}.yaml"
+    prompt_args, config, model_args = parse_args(["--config", str(config_path), "--use_cpu", "--bf16", "false"])
+    assert isinstance(config, OnlineDiffusionSDPOConfig) and config.safeguard and model_args.use_peft
+    assert config.num_generations == 4 and config.pair_mode == "best-worst"
+    if name == "online_wan":
+        assert model_args.model_name_or_path.startswith("Wan-AI/") and config.reward_funcs == ["pickscore"]
+        assert config.num_frames == 33 and config.video_reward_frames == 4
+    else:
+        assert "Kontext" in model_args.model_name_or_path and config.reward_funcs == ["editreward"]
+        assert config.num_frames is None and prompt_args.prompts
+
+
+def test_the_online_command_reads_edits_with_their_sources(tmp_path):
+    """An edit set (.jsonl with source_image paths) becomes a prompt dataset with a source_image column; a row with
+    several sources makes it source_images for every row."""
+    from PIL import Image
+
+    from trl_diffusion_sdpo.scripts.online import OnlinePromptArguments, load_prompt_dataset
+
+    for colour in ("red", "blue"):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{colour}.png")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "make it green", "source_image": "red.png"}) + "\n")
+    data = load_prompt_dataset(OnlinePromptArguments(prompts=str(one)))
+    assert data.column_names == ["prompt", "source_image"] and data[0]["source_image"].getpixel((0, 0)) == (255, 0, 0)
+    several = tmp_path / "several.jsonl"
+    rows = [
+        {"prompt": "swap", "source_images": ["red.png", "blue.png"]},
+        {"prompt": "make it green", "source_image": "blue.png"},
+    ]
+    several.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = load_prompt_dataset(OnlinePromptArguments(prompts=str(several)))
+    assert data.column_names == ["prompt", "source_images"] and [len(r) for r in data["source_images"]] == [2, 1]
+
+
 def test_help_lists_the_generation_options(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["online", "--help"])

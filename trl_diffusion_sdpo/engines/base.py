@@ -45,6 +45,9 @@ class Engine:
     replaces_parameters_in_train: bool = False
     #: Validation sampling needs the whole denoiser on the main process.
     samples_whole_denoiser: bool = True
+    #: Online training's reference refresh (``ref_update_steps``) can gather the policy (:meth:`whole_parameter`)
+    #: and write a reference placed by :meth:`place_reference` (:meth:`load_whole_state`).
+    refreshes_reference: bool = True
 
     def __init__(self, accelerator) -> None:
         self.accelerator = accelerator
@@ -86,6 +89,19 @@ class Engine:
         """The full weights to save, gathered from shards on the main process (every process calls it); ``None``
         where the weights are whole and ``Trainer.save_model`` can save them as usual."""
         return None
+
+    def whole_parameter(self, parameter: torch.Tensor) -> torch.Tensor:
+        """``parameter``'s whole value on this process (online training's reference refresh). Under a sharding engine
+        it is a collective: every process calls it, for the same parameters in the same order."""
+        return parameter.detach()
+
+    def load_whole_state(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Copy whole tensors (by parameter name; every process holds all of them) into a frozen ``module`` as
+        :meth:`place_reference` placed it: into its shards under a sharding engine (every process calls it)."""
+        with torch.no_grad():
+            for name, parameter in module.named_parameters():
+                if name in state:
+                    parameter.copy_(state[name])
 
     def skip_next_step(self) -> None:
         """Leave the next optimizer step unapplied (weights, moments and weight decay untouched, the gradients

@@ -72,6 +72,16 @@ def engine_loss_scale(engine) -> torch.Tensor:
     return scaled.detach().float()
 
 
+def _partitioned(parameter: torch.Tensor) -> bool:
+    """Whether a ZeRO-3 ``parameter`` is partitioned now: gathering one that is whole (a small weight ZeRO-3 keeps
+    whole, or one gathered for a forward) would partition it on release."""
+    if not hasattr(parameter, "ds_id"):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return parameter.ds_status == ZeroParamStatus.NOT_AVAILABLE
+
+
 def universal_checkpoint_view(checkpoint: str, view: str) -> str:
     """A folder ``view`` that reads like ``checkpoint`` to transformers (a link to each of its files and folders) and
     holds DeepSpeed's universal checkpoint of its ZeRO-1/2 state, written by DeepSpeed's own converter
@@ -173,6 +183,32 @@ class DeepSpeedEngine(Engine):
             return reference_inference_engine(module, self.accelerator)
         # DeepSpeed casts the policy to its bf16/fp16 wholesale (and computes without autocast): so is the reference.
         return module.to(device=device, dtype=dtype)
+
+    def whole_parameter(self, parameter: torch.Tensor) -> torch.Tensor:
+        if not _partitioned(parameter):
+            return parameter.detach()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([parameter]):
+            return parameter.detach().clone()
+
+    def load_whole_state(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if self.stage != 3:
+            return super().load_whole_state(module, state)
+        import deepspeed
+
+        module = getattr(module, "module", module)  # the reference's inference engine wraps it
+        with torch.no_grad():
+            for name, parameter in module.named_parameters():
+                if name not in state:
+                    continue
+                if not _partitioned(parameter):  # kept whole (below ZeRO-3's persistence threshold)
+                    parameter.copy_(state[name])
+                    continue
+                # gathered, written (every process holds the same values), partitioned again from process 0
+                with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+                    parameter.copy_(state[name])
+        return None
 
     def resume_on_other_count(self, checkpoint: str, saved_processes: int, work_dir: str) -> str:
         """ZeRO-1/2: the checkpoint converted to DeepSpeed's universal format (:func:`universal_checkpoint_view`,

@@ -109,6 +109,17 @@ class FSDP2Engine(Engine):
     def gathers_for_save(self) -> bool:
         return True
 
+    def whole_parameter(self, parameter: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        # full_tensor, not the module's unshard: the parameter's own dtype, not the mixed precision's
+        return parameter.full_tensor().detach() if isinstance(parameter, DTensor) else parameter.detach()
+
+    def load_whole_state(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        # each process copies its own shard out of the whole tensors (as a resume loads full weights)
+        with torch.no_grad(), loading_into_shards():
+            module.load_state_dict(state, strict=False)
+
     def gather_state_dict(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         return gather_fsdp2_state_dict(model, trainable_only=trainable_only)
 
@@ -152,3 +163,4 @@ class FSDP1Engine(Engine):
 
     name = "fsdp1"
     replaces_parameters_in_train = True
+    refreshes_reference = False  # its flattened shards are not gathered per parameter here

@@ -25,6 +25,8 @@ What a family defines (abstract members are marked *):
 * :meth:`denoiser_conditioning` and :meth:`call_denoiser`: how one prediction is made, in the latent layout
   ``[N, C, h, w]`` (``[N, C, F', h, w]`` for a ``video`` family such as Wan) whatever the network's own input layout
   (FLUX packs 2x2 patches inside the call).
+* :meth:`sampling_keywords`, :meth:`sampled_media` and ``max_samples_per_call``: how online training samples with the
+  family's own pipeline (the training's size, an edit's sources, a video's clip length) and reads its samples.
 
 Diffusers' pipeline modules are imported where they are used, never here: importing a family costs nothing.
 """
@@ -137,6 +139,8 @@ class ModelFamily(abc.ABC):
     # ``[N, C, h, w]`` in the denoiser's latent space, so that online training trains on them as they are; False
     # (packed tokens, or not checked): the sampled images are encoded again from their decoded pixels.
     sampled_latents_are_denoiser_latents: ClassVar[bool] = False
+    # The most samples one call of the family's pipeline draws (online training); None: as many as asked.
+    max_samples_per_call: ClassVar[int | None] = None
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline
@@ -323,6 +327,19 @@ class ModelFamily(abc.ABC):
             f", or {self.same_source_size_hint.format(size=trained)}" if self.same_source_size_hint else "",
         )
 
+    # ------------------------------------------------------------------------------------------------- sampling
+
+    def sampling_keywords(self, resolution: int, sources: list[Any] | None = None) -> dict[str, Any]:
+        """The keywords of the family's pipeline call that sample what training trains on (online training): a
+        ``resolution``-pixel square and, for an editing family, the sources (:class:`SourceConditioning`); a
+        ``video`` family adds its clip length."""
+        return {"height": resolution, "width": resolution}
+
+    def sampled_media(self, output: Any) -> list[Any]:
+        """The samples of a pipeline call's ``output`` (``output_type="pil"``): one PIL image each, or, for a ``video``
+        family, one list of PIL frames each."""
+        return list(output.frames if self.video else output.images)
+
     def _posterior(self, pixel_values: torch.Tensor):
         vae = self.vae
         with torch.autocast(device_type=vae.device.type, enabled=False):
@@ -363,3 +380,11 @@ class SourceConditioning:
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
     ) -> dict[str, object]:
         return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)
+
+    def sampling_keywords(self, resolution: int, sources: list[Any] | None = None) -> dict[str, Any]:
+        """The extended family's keywords and the edit's sources as the editing pipelines take them (``image``: one PIL
+        image, or the list of several: Qwen-Image-Edit Plus's and FLUX.2's reference images)."""
+        keywords = super().sampling_keywords(resolution, sources)
+        if sources:
+            keywords["image"] = sources[0] if len(sources) == 1 else list(sources)
+        return keywords

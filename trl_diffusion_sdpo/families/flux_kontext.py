@@ -67,6 +67,12 @@ class FluxKontextFamily(SourceConditioning, FluxFamily):
         multiple = self.source_multiple()
         return width // multiple * multiple, height // multiple * multiple
 
+    def sampling_keywords(self, resolution: int, sources: list[Any] | None = None) -> dict[str, Any]:
+        """The sources at the size given (the training's), not resized to a preferred Kontext resolution, and the
+        edit at ``resolution`` (``max_area`` would rescale it to 1024^2 pixels otherwise)."""
+        keywords = super().sampling_keywords(resolution, sources)
+        return {**keywords, "max_area": resolution * resolution, "_auto_resize": False}
+
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:

@@ -121,6 +121,8 @@ class HunyuanVideo15Family(VideoFlowMatchingFamily):
     suggested_num_frames = "121 as HunyuanVideo 1.5 samples, 33 or 61 to save memory"
     # The Qwen2.5-VL tokens the pipeline encodes after the template (its tokenizer_max_length).
     default_max_sequence_length: ClassVar[int] = _MLLM_LENGTH
+    # The pipeline decodes a call's clips as one batch, which the VAE fails on (huggingface/diffusers#13133).
+    max_samples_per_call: ClassVar[int | None] = 1
     default_learning_rate = 1e-4
     learning_rate_source = (
         "musubi-tuner's HunyuanVideo 1.5 LoRA example (docs/hunyuan_video_1_5.md: --learning_rate 1e-4)"

@@ -24,6 +24,8 @@ class VideoFlowMatchingFamily(FlowMatchingFamily):
     video = True
     # The clip lengths the num_frames refusal suggests: what the pipeline samples by default, and shorter ones.
     suggested_num_frames: ClassVar[str]
+    # Frames per clip, from the config (:meth:`noiser`): what online training samples.
+    num_frames: int | None = None
 
     @property
     @abc.abstractmethod
@@ -41,6 +43,10 @@ class VideoFlowMatchingFamily(FlowMatchingFamily):
         :attr:`spatial_compression`-fold in space."""
         side = resolution // self.spatial_compression
         return self.latent_channels, (num_frames - 1) // self.temporal_compression + 1, side, side
+
+    def sampling_keywords(self, resolution: int, sources: list[Any] | None = None) -> dict[str, Any]:
+        """Clips of the training's length (``num_frames``, set from the config by :meth:`noiser`)."""
+        return {**super().sampling_keywords(resolution, sources), "num_frames": self.num_frames}
 
     def noiser(self, args: Any) -> FlowNoiser:
         """The flow noiser (see :meth:`FlowMatchingFamily.noiser`), after checking the clip length (video data,
@@ -63,4 +69,5 @@ class VideoFlowMatchingFamily(FlowMatchingFamily):
                 f"validation_prompts sample image grids during training, which {self.name} (video) does not support "
                 "yet; leave them unset and evaluate with trl_diffusion_sdpo.evaluation.sample_videos / score_videos"
             )
+        self.num_frames = frames
         return super().noiser(args)

@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import Trainer
@@ -60,13 +60,24 @@ from .preemption import PreemptionCallback, parse_signals, preemption_signal_han
 from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
 
-__all__ = ["RunFiles"]
+__all__ = ["CheckpointPart", "RunFiles"]
 
 logger = logging.getLogger(__name__)
 
 # In every checkpoint: the sum of the per-step training losses up to it, so that a resumed run's final train_loss is
 # the whole run's mean, as an uninterrupted run's is (transformers' covers only the steps of the resumed train()).
 LOSS_TOTAL_NAME = "training_loss.json"
+
+
+class CheckpointPart(Protocol):
+    """State a trainer keeps beside transformers' in every checkpoint (the online trainer's generation within a
+    ``num_iterations`` window): each process writes and reads its own files, safetensors or JSON, never pickles."""
+
+    def save(self, checkpoint: str) -> None:
+        """Write this process's files into the checkpoint folder being written (every process calls it)."""
+
+    def load(self, checkpoint: str) -> None:
+        """Read them back before a resumed training starts (every process calls it)."""
 
 
 class RunFiles:
@@ -86,6 +97,7 @@ class RunFiles:
         # LOSS_TOTAL_NAME, None where that checkpoint has none (its sum unknown: nothing corrected, nothing recorded).
         self.loss_before_resume: float | None = 0.0
         self.resumed = False
+        self.parts: list[CheckpointPart] = []  # saved into every checkpoint, loaded at resume
 
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
@@ -109,6 +121,8 @@ class RunFiles:
             self.resumed, self.loss_before_resume = resume_from_checkpoint is not None, 0.0
             if resume_from_checkpoint is not None:
                 check_resume_config(resume_from_checkpoint, trainer)
+                for part in self.parts:
+                    part.load(resume_from_checkpoint)
                 self.loss_before_resume = _read_loss_total(resume_from_checkpoint)
                 saved = read_run_identity(resume_from_checkpoint) or {}
                 processes = trainer.accelerator.num_processes
@@ -326,6 +340,8 @@ class RunFiles:
             trainer._save_optimizer_and_scheduler(staging)
             trainer._save_scaler(staging)
             trainer._save_rng_state(staging)
+        for part in self.parts:
+            part.save(staging)
         loss_total = self._loss_total()  # a reduction: every process
         if args.should_save:
             write_run_identity(trainer, staging)

@@ -61,6 +61,12 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
         "rewards that score each image on its own (each function is called per sampling call); only the time "
         "differs (time saving not measured).",
     )
+    video_reward_frames: int | None = option(
+        4,
+        "Video families: a clip's reward is the mean of the reward functions' scores of this many of its frames, "
+        "spaced uniformly from the first to the last (None: every frame). The functions score each frame as an image, "
+        "with the clip's prompt and columns.",
+    )
     # Generation
     num_generations: int = option(4, "Images sampled per prompt (K), from which the pairs are chosen.")
     pair_mode: str = option(
@@ -101,7 +107,8 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
         None,
         "Refresh the reference to the policy's current weights every this many optimizer steps (None: "
         "the reference stays the initial model). With LoRA the reference becomes a frozen copy of the denoiser "
-        "with the adapters merged at each refresh (one more copy of the denoiser in memory).",
+        "with the adapters merged at each refresh (one more copy of the denoiser in memory, sharded as the policy "
+        "under ZeRO-3 and FSDP2).",
     )
     # The generated pairs are not augmented: a flipped or cropped latent is not the latent of the flipped image.
     random_flip: bool = option(
@@ -112,11 +119,12 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
 _GROUPS = {
     "Parameters that control the rewards": (
         "",
-        ("reward_funcs", "reward_weights", "reward_timeout", "reward_retries", "async_rewards"),
+        ("reward_funcs", "reward_weights", "reward_timeout", "reward_retries", "async_rewards", "video_reward_frames"),
     ),
     "Parameters that control the generation": (
-        "Each micro-batch's prompts are sampled `num_generations` times by the policy (eval mode, no gradient, "
-        "adapters on), scored, and paired; the pairs' sampled latents are the micro-batch's images.",
+        "Each micro-batch's prompts (an editing family's with their source images) are sampled `num_generations` "
+        "times by the policy through its pipeline (eval mode, no gradient, adapters on), scored, and paired; the "
+        "pairs' latents are the micro-batch's images.",
         (
             "num_generations",
             "pair_mode",
@@ -144,6 +152,7 @@ _RULES: dict[str, Range | Choice] = {
     "num_iterations": Range(1, integer=True),
     "sample_steps": Range(1, integer=True, optional=True),
     "ref_update_steps": Range(1, integer=True, optional=True),
+    "video_reward_frames": Range(1, integer=True, optional=True),
 }
 
 

@@ -31,13 +31,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.training_data import TrainingData
 from ..data.validation import DataReport
-from ..families import PromptEmbeddings
+from ..families import ModelFamily, PromptEmbeddings
 from ..quantization import is_quantized
-from ..reference import refreshed_reference
+from ..reference import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
 from ..rewards import RewardError, RewardFunction, RewardFunctions
 from ..trainer import DiffusionSDPOTrainer
 from .config import OnlineDiffusionSDPOConfig
 from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage, PendingGeneration
+from .resume import WindowGenerations
 
 __all__ = ["OnlineDiffusionSDPOTrainer", "PromptCollator", "RepeatedBlockSampler"]
 
@@ -82,14 +83,35 @@ class RepeatedBlockSampler(Sampler[int]):
         return len(self.sampler) * self.repeats  # type: ignore[arg-type]
 
 
-def check_prompt_dataset(dataset: Dataset | IterableDataset) -> None:
-    """A prompt dataset: a ``prompt`` column of non-empty strings (a ValueError names the first bad row)."""
+def check_prompt_dataset(dataset: Dataset | IterableDataset, family: ModelFamily | None = None, args=None) -> None:
+    """A prompt dataset: a ``prompt`` column of non-empty strings (a ValueError names the first bad row) and, for an
+    editing family that needs them, each prompt's source image(s) (``source_image`` or ``source_images``, the config's
+    ``source_image_column`` / ``source_images_column``)."""
     columns = dataset.column_names
     if columns is None or PROMPT_COLUMN not in columns:
         raise ValueError(
             f"The online trainer's train_dataset holds prompts: a {PROMPT_COLUMN!r} column (plus any column a reward "
             f"function reads); its columns are {columns}."
         )
+    if family is not None and args is not None:
+        source_columns = [c for c in (args.source_image_column, args.source_images_column) if c in columns]
+        if family.edits and not family.sources_optional and not source_columns:
+            raise ValueError(
+                f"{type(family).__name__} edits source images: each prompt row needs its source in a "
+                f"{args.source_image_column!r} column (one image) or {args.source_images_column!r} (a list); the "
+                f"train_dataset's columns are {columns} (docs/online.md)."
+            )
+        if source_columns and not family.edits:
+            raise ValueError(
+                f"The train_dataset has a {source_columns[0]!r} column, but {type(family).__name__} generates from "
+                "prompts alone: use an editing pipeline (FluxKontextPipeline, QwenImageEditPipeline, "
+                "QwenImageEditPlusPipeline, Flux2Pipeline, Flux2KleinPipeline) or drop the column."
+            )
+        if len(source_columns) == 2:
+            raise ValueError(
+                f"The train_dataset has both {source_columns[0]!r} and {source_columns[1]!r}: give each row's sources "
+                "in one of them."
+            )
     if isinstance(dataset, Dataset):
         for index, prompt in enumerate(dataset[PROMPT_COLUMN]):
             if not isinstance(prompt, str) or not prompt.strip():
@@ -157,10 +179,10 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
             optimizers=optimizers,
         )
         if args.ref_update_steps is not None:
-            if self.engine.manages_gradients or self.engine.replaces_parameters_in_train:
+            if not self.engine.refreshes_reference:
                 raise ValueError(
-                    f"ref_update_steps runs on one process or DDP; under {self.engine!r} keep the initial reference "
-                    "(ref_update_steps=None)."
+                    f"ref_update_steps runs on one process, DDP, DeepSpeed ZeRO and FSDP2; under {self.engine!r} keep "
+                    "the initial reference (ref_update_steps=None)."
                 )
             if self.reference is None:
                 raise ValueError(f"ref_update_steps: loss_type={args.loss_type!r} uses no reference model.")
@@ -170,6 +192,17 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
                     "quantized base cannot be copied or merged into: keep the initial reference "
                     "(ref_update_steps=None)."
                 )
+            if not self.engine.samples_whole_denoiser and self.reference.shares_policy_weights:
+                # ZeRO-3, FSDP2: the refreshed reference is a copy of the policy sharded as the policy is, made now
+                # (the weights are whole until train() shards them); each refresh writes the gathered, merged policy
+                # into its shards
+                copied = merged_copy(self._policy())
+                self.reference = FrozenCopyReference(
+                    self.engine.place_reference(copied, self._policy(), args.device, self._dtype),
+                    self.family.call_denoiser,
+                )
+                self.reference.follow(self._policy, self.accelerator.autocast)
+                self.stages.reference = self.reference.predict
             self.add_callback(_ReferenceRefresh(self))
         self.generation = GenerationStage(
             self.family,
@@ -185,19 +218,13 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         self._step_batches: list[dict[str, list[Any]]] = []  # the optimizer step's micro-batches of prompts
         self._window: int | None = None
         self._micro = 0
+        self.files.parts.append(WindowGenerations(self))  # a resume inside a window trains on the pairs it had
 
     # ------------------------------------------------------------------ data: prompts
 
     def prepare_data(self, train_dataset, eval_dataset, args, reward_fn) -> TrainingData:
         """Prompts, not pairs: the generation stage makes the pairs, so nothing is encoded ahead."""
-        family = self.family
-        if family.video or (family.edits and not family.sources_optional):
-            kind = "videos" if family.video else "edits of source images"
-            raise ValueError(
-                f"Online training samples images from prompts; {type(family).__name__} makes {kind}, which it does "
-                "not support. Make pairs with `trl-diffusion-sdpo pairs` and train on them with `train`."
-            )
-        check_prompt_dataset(train_dataset)
+        check_prompt_dataset(train_dataset, self.family, args)
         rows = len(train_dataset) if isinstance(train_dataset, Dataset) else None
         return TrainingData(
             train_dataset=train_dataset,
@@ -218,11 +245,19 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         block = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         return RepeatedBlockSampler(sampler, block, args.num_iterations)
 
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
-        """The prompts' embeddings in the compute dtype, each prompt encoded once per run."""
+    def encode_prompts(self, prompts: list[str], sources: list[list[Any]] | None = None) -> PromptEmbeddings:
+        """The prompts' embeddings in the compute dtype, each prompt encoded once per run; a family whose prompt
+        encoding reads the source images (Qwen-Image-Edit) encodes each prompt with its ``sources`` every time."""
+        tokenizer = self.family.prompt_tokenizer()
+        if getattr(tokenizer, "reads_sources", False):
+            tokens = {k: v.to(self.args.device) for k, v in tokenizer(prompts, sources).items()}
+            with torch.no_grad():
+                embeds = self.family.encode_prompts(tokens)
+            pooled = None if embeds.pooled is None else embeds.pooled.to(self._dtype)
+            return PromptEmbeddings(embeds.encoder_hidden_states.to(self._dtype), pooled)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            tokens = {k: v.to(self.args.device) for k, v in self.family.prompt_tokenizer()(missing).items()}
+            tokens = {k: v.to(self.args.device) for k, v in tokenizer(missing).items()}
             with torch.no_grad():
                 embeds = self.family.encode_prompts(tokens)
             for index, prompt in enumerate(missing):
@@ -315,8 +350,13 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
     # ------------------------------------------------------------------ reference and model card
 
     def refresh_reference(self) -> None:
-        """The reference becomes the policy as it is now (adapters merged into a frozen copy with LoRA)."""
-        self.reference = refreshed_reference(self.reference, self._policy(), self.family.call_denoiser)
+        """The reference becomes the policy as it is now (adapters merged into a frozen copy with LoRA). Under ZeRO-3
+        and FSDP2 the policy is gathered parameter by parameter and written into the reference's shards."""
+        if not self.engine.samples_whole_denoiser:
+            state = merged_policy_state(self._policy(), self.engine.whole_parameter)
+            self.engine.load_whole_state(self.reference.denoiser, state)
+        else:
+            self.reference = refreshed_reference(self.reference, self._policy(), self.family.call_denoiser)
         self.reference.follow(self._policy, self.accelerator.autocast)
         self.stages.reference = self.reference.predict
         logger.info("Step %d: the reference is now the policy's current weights.", self.state.global_step)

@@ -40,7 +40,8 @@ class OnlinePromptArguments:
     prompts: str | None = option(
         None,
         "The prompts to sample: a preset name (as `evaluate --prompts` takes), a .txt file (one prompt a line), a "
-        ".jsonl file or a dataset id/folder with a prompt column (`--prompt_column`).",
+        ".jsonl file or a dataset id/folder with a prompt column (`--prompt_column`); for an editing model each row "
+        "also holds its source image (`source_image`) or images (`source_images`).",
     )
     prompt_split: str | None = option(None, "The split of a Hub dataset of prompts.")
     max_prompts: int | None = option(None, "Use only the first N prompts.")
@@ -86,12 +87,14 @@ def load_prompt_dataset(args: OnlinePromptArguments, column: str | None = None):
     from ..evaluation.prompts import load_prompt_set
 
     prompts = load_prompt_set(args.prompts, column=column, split=args.prompt_split, limit=args.max_prompts)
-    if prompts and not isinstance(prompts[0], str):
-        raise ValueError(
-            f"{args.prompts} holds edits (rows with source images); online training samples text-to-image families "
-            "only."
+    if not prompts or isinstance(prompts[0], str):
+        return Dataset.from_dict({"prompt": list(prompts)})
+    # edits: each instruction with its source(s), in one column for every row (source_images where one has several)
+    if any(edit.column == "source_images" for edit in prompts):
+        return Dataset.from_dict(
+            {"prompt": [e.prompt for e in prompts], "source_images": [list(e.images()) for e in prompts]}
         )
-    return Dataset.from_dict({"prompt": list(prompts)})
+    return Dataset.from_dict({"prompt": [e.prompt for e in prompts], "source_image": [e.images()[0] for e in prompts]})
 
 
 def main(argv: Sequence[str] | None = None):
