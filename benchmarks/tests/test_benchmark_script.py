@@ -255,12 +255,6 @@ def test_a_step_counts_the_minor_page_faults_its_own_allocation_causes():
 BENCHMARK_MODULES = sorted(p for p in (ROOT / "benchmarks").rglob("*.py") if "tests" not in p.parent.parts[-1:])
 
 
-def test_no_benchmark_module_is_over_600_lines():
-    """One script per question, split by role past 600 lines (the layout in benchmarks/README.md)."""
-    long = {str(p.relative_to(ROOT)): n for p in BENCHMARK_MODULES if (n := len(p.read_text().splitlines())) > 600}
-    assert BENCHMARK_MODULES and not long, long
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [p for p in BENCHMARK_MODULES if "__main__" in p.read_text()], ids=lambda p: p.name)
 def test_every_benchmark_script_answers_help_from_the_repository_root(script):
