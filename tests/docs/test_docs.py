@@ -62,7 +62,7 @@ FIGURE = re.compile(
 # Where a figure comes from: a result file (benchmarks/results/ or the demo's docs/images/, named in full or by its
 # file name), a test, or a statement that it was computed (arithmetic) or observed without a file (not recorded).
 RESULT_FILE = re.compile(r"[\w{},*./-]*[\w}*]\.json")
-TEST_FILE = re.compile(r"(?:benchmarks/)?tests/(?:\w+/)?test_\w+\.py")
+TEST_FILE = re.compile(r"(?:(?:benchmarks|rewards)/)?tests/(?:\w+/)?test_\w+\.py")
 NO_FILE = re.compile(r"\b(?:not recorded|arithmetic|computed)\b", re.IGNORECASE)
 
 
