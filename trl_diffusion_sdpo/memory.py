@@ -62,6 +62,7 @@ __all__ = [
     "estimate_memory",
     "family_lora_targets",
     "model_sizes",
+    "model_sizes_of_pipeline",
     "unet_activation_bytes",
 ]
 
@@ -369,6 +370,31 @@ def model_sizes(model_name_or_path: str) -> ModelSizes:
         frames_per_token=known.frames_per_token,
         source=f"{model_name_or_path}'s published denoiser config, counted on the meta device; published counts "
         "of the frozen parts",
+    )
+
+
+def model_sizes_of_pipeline(pipeline: Any) -> ModelSizes:
+    """A loaded pipeline's :class:`ModelSizes`: its denoiser rebuilt from its config on the meta device, its frozen
+    parts' parameters counted."""
+    from accelerate import init_empty_weights
+
+    from .families import family_for_pipeline
+
+    family = family_for_pipeline(pipeline)
+    denoiser = family.denoiser
+    with init_empty_weights():
+        meta = type(denoiser).from_config(denoiser.config)
+    unet = type(denoiser).__name__.startswith("UNet")
+    vae = family.frozen_modules().get("vae")
+    return ModelSizes(
+        family=family.name,
+        denoiser=meta,
+        frozen={name: sum(p.numel() for p in m.parameters()) for name, m in family.frozen_modules().items()},
+        joint_attention=not unet and "text_dim" not in denoiser.config,
+        vae_fp32=bool(getattr(getattr(vae, "config", None), "force_upcast", False)),
+        patch=8 if unet else 16,
+        frames_per_token=4,
+        source=f"the {type(pipeline).__name__} given, its denoiser rebuilt from its config on the meta device",
     )
 
 

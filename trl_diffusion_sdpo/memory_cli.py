@@ -2,9 +2,10 @@
 same ``train`` arguments describe, before anything loads (:mod:`.memory`).
 
     trl-diffusion-sdpo estimate-memory --config examples/configs/sdxl_full.yaml --engine zero2 --num_processes 8
-    trl-diffusion-sdpo estimate-memory --config examples/configs/qwen_image_lora.yaml --base_quantization quanto-int4 --json
+    trl-diffusion-sdpo estimate-memory --config examples/configs/qwen_image_lora.yaml --base_quantization quanto-int4
 
-The engine and the process count come from ``accelerate launch``, not the training YAML: give them here.
+The engine and the process count come from ``accelerate launch``, not the training YAML: give them here. An
+``online`` command's YAML file (one with ``prompts`` or ``reward_funcs``) is read with that command's options.
 """
 
 from __future__ import annotations
@@ -39,19 +40,25 @@ class EstimateArguments:
     json: bool = field(default=False, metadata={"help": "Print one JSON object (total_gib: the per-process peak)."})
 
 
-def make_estimate_parser():
-    """``train``'s parser (:func:`~.scripts.train.make_parser`) with :class:`EstimateArguments` under a topic of their
-    own."""
-    from .scripts.train import ARGUMENT_TYPES, make_parser, train_topics
+def make_estimate_parser(online: bool = False):
+    """``train``'s parser (:func:`~.scripts.train.make_parser`), or ``online``'s, with :class:`EstimateArguments`
+    under a topic of their own."""
+    from .scripts import online as online_command
+    from .scripts import train as train_command
 
-    return make_parser(
+    argument_types, topics = (
+        (online_command.ARGUMENT_TYPES, online_command.online_topics)
+        if online
+        else (train_command.ARGUMENT_TYPES, train_command.train_topics)
+    )
+    return train_command.make_parser(
         "trl-diffusion-sdpo estimate-memory",
-        (*ARGUMENT_TYPES, EstimateArguments),
+        (*argument_types, EstimateArguments),
         "Estimate the per-process peak memory of a training run (weights, gradients, optimizer state, activations, "
         "the reference, the safeguard, the frozen parts) from the training YAML (--config) and flags, counting the "
         "model on the meta device: nothing is downloaded or loaded. See docs/memory.md.",
         "",
-        lambda: [("Estimate", "", [f.name for f in fields(EstimateArguments)]), *train_topics()],
+        lambda: [("Estimate", "", [f.name for f in fields(EstimateArguments)]), *topics()],
     )
 
 
@@ -115,16 +122,40 @@ def format_estimate(estimate: MemoryEstimate, shape: RunShape, model: str) -> st
     return "\n".join(lines)
 
 
+# Keys only an ``online`` command's YAML file has: such a file is read with that command's options.
+ONLINE_KEYS = ("prompts", "reward_funcs", "num_generations")
+
+
+def is_online_config(argv: list[str]) -> bool:
+    """Whether ``--config`` names an ``online`` command's YAML file (one with any of :data:`ONLINE_KEYS`)."""
+    if "--config" not in argv[:-1]:
+        return False
+    import yaml
+
+    try:
+        with open(argv[argv.index("--config") + 1]) as f:
+            config = yaml.safe_load(f)
+    except OSError:
+        return False  # the parser names the missing file
+    return isinstance(config, dict) and any(key in config for key in ONLINE_KEYS)
+
+
 def run_estimate_memory(argv: list[str] | None = None) -> int:
     """``trl-diffusion-sdpo estimate-memory``: parse ``argv`` and print the estimate; returns the exit status."""
     from .memory import estimate_memory, model_sizes
-    from .scripts.train import check_supported_model, parse_or_exit
+    from .scripts.train import DiffusionScriptArguments, check_supported_model, parse_or_exit
 
-    parser = make_estimate_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    online = is_online_config(argv)
+    parser = make_estimate_parser(online)
     # transformers refuses bf16 without a GPU unless use_cpu is set; the estimate reads the flag nowhere, and flags
     # given after this one still win
-    argv = ["--use_cpu", "true", *(sys.argv[1:] if argv is None else argv)]
-    _, args, model_args, diffusion_args, estimate_args = parse_or_exit(parser, argv)  # exits on --help
+    parsed = parse_or_exit(parser, ["--use_cpu", "true", *argv])  # exits on --help
+    if online:
+        _, args, model_args, estimate_args = parsed
+        diffusion_args = DiffusionScriptArguments()
+    else:
+        _, args, model_args, diffusion_args, estimate_args = parsed
     try:
         check_supported_model(model_args)
         if estimate_args.num_processes < 1:
