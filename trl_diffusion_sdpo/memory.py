@@ -291,7 +291,7 @@ def _meta_denoiser(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
     from accelerate import init_empty_weights
 
     cls = getattr(diffusers, class_name)
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):
         return cls.from_config(config)  # keys not given take the class's defaults
 
 
@@ -310,7 +310,7 @@ def _local_components(folder: str) -> tuple[str, torch.nn.Module, dict[str, int]
             continue
         library, class_name = spec
         sub = os.path.join(folder, name)
-        with init_empty_weights():
+        with init_empty_weights(include_buffers=True):
             if library == "diffusers" and hasattr(getattr(diffusers, class_name, None), "from_config"):
                 cls = getattr(diffusers, class_name)
                 if not issubclass(cls, torch.nn.Module):
@@ -382,7 +382,7 @@ def model_sizes_of_pipeline(pipeline: Any) -> ModelSizes:
 
     family = family_for_pipeline(pipeline)
     denoiser = family.denoiser
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):
         meta = type(denoiser).from_config(denoiser.config)
     unet = type(denoiser).__name__.startswith("UNet")
     vae = family.frozen_modules().get("vae")

@@ -7,9 +7,12 @@ Each case trains a few steps in a fresh process (float32, the ``output`` safegua
 text encoder resident). Measured: the process's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``)
 minus its resident set once torch, diffusers, transformers and the package are imported and before any model is
 built; on a CPU the device is the host, so this is what a GPU's allocator peak counts plus what the host process holds
-besides (the pipeline object, the dataset, allocator slack). Estimated: :func:`trl_diffusion_sdpo.memory.estimate_memory`
+besides (the pipeline object, the dataset, allocator slack). Estimated: ``trl_diffusion_sdpo.memory.estimate_memory``
 of the same pipeline (:func:`~trl_diffusion_sdpo.memory.model_sizes_of_pipeline`) and run shape. The models are built
 from their configs with random weights (``benchmarks/harness.py``; ``tiny`` is ``trl-diffusion-sdpo:tiny``).
+
+Beside them (``h100``), the estimate at the settings of the H100 runs of ``benchmarks/speed/gpu_matrix.py`` against
+their measured peaks (``torch.cuda.max_memory_allocated``), read from their result files.
 """
 
 from __future__ import annotations
@@ -113,17 +116,78 @@ def worker(case: str) -> dict[str, Any]:
     }
 
 
+# H100 runs (benchmarks/speed/gpu_matrix.py, torch.cuda.max_memory_allocated) the estimate is compared with, at their
+# own settings: (result file, run or None, model, setting) -> (model id, RunShape keywords)
+H100_RUNS: dict[tuple[str, str | None, str, str], tuple[str, dict[str, Any]]] = {
+    ("cuda-h100-gpu-matrix-real.json", None, "sd15", "dpo"): (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", {"pairs": 4, "resolution": 512, "safeguard": "none"}),
+    ("cuda-h100-gpu-matrix-real.json", None, "sd15", "sdpo_param"): (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", {"pairs": 4, "resolution": 512, "safeguard": "one_pass"}),
+    ("cuda-h100-gpu-matrix-real.json", None, "sd15", "sdpo_param_two"): (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", {"pairs": 4, "resolution": 512, "safeguard": "two_pass"}),
+    ("cuda-h100-gpu-matrix-real.json", None, "sdxl", "dpo"): (
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        {"pairs": 2, "resolution": 1024, "activation_checkpointing": True, "safeguard": "none"}),
+    ("cuda-h100-gpu-matrix-real.json", None, "sdxl", "sdpo_param"): (
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        {"pairs": 2, "resolution": 1024, "activation_checkpointing": True, "safeguard": "one_pass"}),
+    ("cuda-h100-gpu-matrix-real.json", None, "flux2-klein", "dpo"): (
+        "black-forest-labs/FLUX.2-klein-4B",
+        {"pairs": 1, "resolution": 1024, "prompt_tokens": 512, "lora_rank": 8, "safeguard": "none"}),
+    ("cuda-h100-gpu-matrix-real-lora-quantized-base.json", "lora-quanto-int8-base", "flux2-klein", "dpo"): (
+        "black-forest-labs/FLUX.2-klein-4B",
+        {"pairs": 1, "resolution": 1024, "prompt_tokens": 512, "lora_rank": 8, "safeguard": "none",
+         "base_quantization": "quanto-int8"}),
+    ("cuda-h100-gpu-matrix-real-lora-quantized-base.json", "lora-none-base-sd15", "sd15", "dpo"): (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        {"pairs": 4, "resolution": 512, "lora_rank": 8, "safeguard": "none"}),
+}  # fmt: skip
+
+
+def h100_rows() -> dict[str, Any]:
+    """The estimate at each :data:`H100_RUNS` run's settings (bf16, AdamW, one process, live encoding) against its
+    measured peak."""
+    from benchmarks.harness import RESULTS
+    from trl_diffusion_sdpo.memory import RunShape, estimate_memory, family_lora_targets, model_sizes
+
+    rows = {}
+    for (file, run, model, setting), (model_id, keywords) in H100_RUNS.items():
+        report = json.loads((RESULTS / file).read_text())
+        cell = (report["runs"][run] if run else report)["cells"][model][setting]
+        sizes = model_sizes(model_id)
+        shape = RunShape(dtype_bytes=2, lora_targets=family_lora_targets(sizes.family), **keywords)
+        estimate = estimate_memory(sizes, shape)
+        measured = cell["peak_memory_bytes"]
+        rows[f"{file}:{run or ''}:{model}:{setting}"] = {
+            "measured_gib": round(measured / 2**30, 3),
+            "estimate_gib": round(estimate.total_gib, 3),
+            "relative_error": round(estimate.total_bytes / measured - 1, 4),
+            "measured_trainable_params": cell.get("trainable_params"),
+            "estimate": estimate.as_dict(),
+        }
+        print(model, setting, run, rows[f"{file}:{run or ''}:{model}:{setting}"]["relative_error"], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="tiny-lora,tiny-full,small-lora,small-full,sd15-lora")
     parser.add_argument("--out", default=None, help="result JSON (default: print only)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--h100-only", action="store_true", help="only (re)compute the H100 comparison into --out's existing file"
+    )
     opts = parser.parse_args(argv)
     if opts.worker:
         print("RESULT " + json.dumps(worker(opts.worker)), flush=True)
         return 0
     from benchmarks.harness import machine_description
 
+    if opts.h100_only:
+        report = json.loads(Path(opts.out).read_text())
+        report["h100"] = h100_rows()
+        Path(opts.out).write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     rows: dict[str, Any] = {}
     for case in opts.cases.split(","):
         done = subprocess.run(
@@ -145,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                      "lora_rank": LORA_RANK, "steps": STEPS, "cache_latents": False},
         "machine": machine_description("cpu"),
         "rows": rows,
+        "h100": h100_rows(),
     }  # fmt: skip
     if opts.out:
         Path(opts.out).write_text(json.dumps(report, indent=1) + "\n")
