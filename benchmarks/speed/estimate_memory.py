@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.h100_only:
         report = json.loads(Path(opts.out).read_text())
         report["h100"] = h100_rows()
+        report["h100_command"] = "python benchmarks/speed/estimate_memory.py " + " ".join(argv or sys.argv[1:])
         Path(opts.out).write_text(json.dumps(report, indent=1) + "\n")
         return 0
     rows: dict[str, Any] = {}
