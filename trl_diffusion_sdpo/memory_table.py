@@ -92,13 +92,15 @@ def estimate_gib(config: str, *flags: str) -> float:
     return json.loads(out.getvalue().strip().splitlines()[-1])["total_gib"]
 
 
-def table_markdown() -> str:
-    """The table, one row per family of :data:`FAMILY_CONFIGS`, a cell per column of :data:`COLUMNS`."""
+def table_markdown(rows: list[str] | None = None) -> str:
+    """The table, one row per family of :data:`FAMILY_CONFIGS` (or of ``rows``, their titles), a cell per column of
+    :data:`COLUMNS`."""
     lines = [
         "| family (shipped config) | " + " | ".join(COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
     ]
-    for title, (lora, full) in FAMILY_CONFIGS.items():
+    for title in rows or FAMILY_CONFIGS:
+        lora, full = FAMILY_CONFIGS[title]
         cells = []
         for column, flags in COLUMNS.items():
             measured = MEASURED.get((title, column))
