@@ -20,7 +20,7 @@ the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for floa
 * safeguard: the parameter- and update-space safeguards' one pass keeps the winners' and losers' gradients apart,
   two float32 gradient-sized halves (8T); their two-pass mode one more float32 gradient (4T);
 * frozen parts: the VAE and text encoders in ``d`` (the VAE in float32 where the family keeps it so); nothing on the
-  device with a latent cache (they stay on the CPU);
+  device with a latent cache (they stay on the CPU) or ``offload_frozen_modules`` (one layer at a time, not counted);
 * activations: what the policy's forward keeps for its backward over the 2B rows of B pairs (below).
 
 Engines divide what they shard, as the ZeRO paper counts: ZeRO-1 the optimizer state and float32 master weights,
@@ -254,6 +254,7 @@ class RunShape:
     num_processes: int = 1
     activation_checkpointing: bool = False
     latent_cache: bool = False
+    offload_frozen: bool = False  # offload_frozen_modules: one layer of the frozen parts at a time on the device
     safeguard: str = "output"  # none, output, one_pass (parameter/update, one pass), two_pass
 
 
@@ -652,7 +653,7 @@ def estimate_memory(sizes: ModelSizes, shape: RunShape) -> MemoryEstimate:
         shape.safeguard, 0
     )
     frozen = 0
-    if not shape.latent_cache:
+    if not (shape.latent_cache or shape.offload_frozen):
         frozen = sum((4 if name == "vae" and sizes.vae_fp32 else d) * count for name, count in sizes.frozen.items())
     activations, how = activation_bytes(sizes, shape)
     return MemoryEstimate(

@@ -99,6 +99,7 @@ def run_shape(
         num_processes=estimate_args.num_processes,
         activation_checkpointing=wants_gradient_checkpointing(args),
         latent_cache=bool(args.cache_latents or diffusion_args.latent_cache),
+        offload_frozen=args.offload_frozen_modules,
         safeguard=_safeguard(args),
     )
 
