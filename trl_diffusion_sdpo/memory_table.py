@@ -64,7 +64,7 @@ MEASURED: dict[tuple[str, str], tuple[float, str, str]] = {
         50.22, "quanto int8, 1 pair at 1024 px, no checkpointing", "cuda-h100-gpu-matrix-real-lora-quantized-base.json"
     ),
     ("SD 1.5", "LoRA, bf16 base"): (
-        11.33, "4 pairs at 512 px, rank 8 on every linear layer", "cuda-h100-gpu-matrix-real-lora-quantized-base.json"
+        11.33, "4 pairs at 512 px, rank 8", "cuda-h100-gpu-matrix-real-lora-quantized-base.json"
     ),
     ("SD 1.5", "LoRA, 8-bit base"): (
         13.93, "torchao int8, 4 pairs at 512 px", "cuda-h100-gpu-matrix-real-lora-quantized-base.json"
