@@ -15,8 +15,7 @@ def group_offloaded(module: torch.nn.Module) -> bool:
 
     leaves = [m for m in module.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
     return bool(leaves) and all(
-        any("group_offloading" in name for name in HookRegistry.check_if_exists_or_initialize(m).hooks)
-        for m in leaves
+        any("group_offloading" in name for name in HookRegistry.check_if_exists_or_initialize(m).hooks) for m in leaves
     )
 
 
