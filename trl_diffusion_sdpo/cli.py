@@ -1,5 +1,5 @@
 """Command line: ``trl-diffusion-sdpo train --config x.yaml``, ``trl-diffusion-sdpo online --config x.yaml``,
-``trl-diffusion-sdpo cache --config x.yaml``,
+``trl-diffusion-sdpo cache --config x.yaml``, ``trl-diffusion-sdpo estimate-memory --config x.yaml``,
 ``trl-diffusion-sdpo demo --output-dir DIR``, ``trl-diffusion-sdpo evaluate --base MODEL ...`` and
 ``trl-diffusion-sdpo export --lora DIR --base MODEL ...``, ``trl-diffusion-sdpo pairs --base MODEL ...``,
 ``trl-diffusion-sdpo reward-server --scorer NAME`` (also ``python -m trl_diffusion_sdpo ...``)."""
@@ -79,6 +79,12 @@ def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) ->
         "reward-server",
         "Serve a registered scorer over HTTP for online training's reward_funcs (--scorer NAME --port 8000; needs "
         "the serve extra).",
+    )
+    add_forwarded_command(
+        commands,
+        "estimate-memory",
+        "Estimate a run's per-process peak memory from the training YAML and flags, the model counted on the meta "
+        "device (--engine, --num_processes, --json; --help for every option).",
     )
     return parser
 
@@ -216,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         from .reward_server import main as serve
 
         return serve(argv[1:])
+    if argv[:1] == ["estimate-memory"]:
+        from .memory_cli import run_estimate_memory
+
+        return run_estimate_memory(argv[1:])
     if argv[:1] == ["export"]:
         from .io.export import build_export_parser, run_export
 

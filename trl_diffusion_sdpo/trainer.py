@@ -182,7 +182,9 @@ class DiffusionSDPOTrainer(Trainer):
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
         self.engine: Engine = engine_for(self.accelerator)
         check_engine_supports_quantized_base(self.engine.name, denoiser)
-        place_frozen_modules(self.family, args.device, self._dtype, on_cpu=data.encoders_idle)
+        place_frozen_modules(
+            self.family, args.device, self._dtype, on_cpu=data.encoders_idle, offload=args.offload_frozen_modules
+        )
         if self.reference is not None and not self.reference.shares_policy_weights:
             # In the policy's precision and under its autocast: at step 0 the reference computes what the policy does.
             self.reference.denoiser = self.engine.place_reference(

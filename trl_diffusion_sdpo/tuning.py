@@ -120,9 +120,13 @@ def wants_gradient_checkpointing(args) -> bool:
     return bool(args.gradient_checkpointing or getattr(args, "activation_checkpointing", False))
 
 
-def place_frozen_modules(family: ModelFamily, device: torch.device | str, dtype: torch.dtype, on_cpu: bool) -> None:
+def place_frozen_modules(
+    family: ModelFamily, device: torch.device | str, dtype: torch.dtype, on_cpu: bool, offload: bool = False
+) -> None:
     """Move the VAE and text encoder(s) to ``device`` in ``dtype`` (the VAE in float32 where the family needs it),
-    or leave them on the CPU (``on_cpu``: nothing is encoded during training).
+    or leave them on the CPU (``on_cpu``: nothing is encoded during training). ``offload``: cast them on the CPU and
+    let diffusers' group offloading (``apply_group_offloading``, leaf level) move each layer, and its inputs, to
+    ``device`` only while it runs.
 
     A module placed in another dtype than ``dtype`` (the float32 VAE of a half-precision run) takes inputs in any
     dtype (:func:`cast_inputs_to_own_dtype`): the pipelines of SD, SDXL, SD3 and FLUX.1 (Kontext too) hand their VAE
@@ -133,7 +137,13 @@ def place_frozen_modules(family: ModelFamily, device: torch.device | str, dtype:
             module.to(device="cpu")
             continue
         module_dtype = torch.float32 if name == "vae" and family.vae_needs_fp32() else dtype
-        cast_module(module, module_dtype, device)
+        if offload:
+            from diffusers.hooks import apply_group_offloading
+
+            cast_module(module, module_dtype, "cpu")
+            apply_group_offloading(module, onload_device=torch.device(device), offload_type="leaf_level")
+        else:
+            cast_module(module, module_dtype, device)
         if module_dtype != dtype:
             cast_inputs_to_own_dtype(module)
 

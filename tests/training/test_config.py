@@ -276,6 +276,11 @@ CROSS_FIELD_CASES = [
         {"safeguard_space": "update", "gradient_accumulation_steps": 2},
         "safeguard_space='update' needs gradient_accumulation_steps=1",
     ),
+    ({"optim": "adamw_bnb_8bit"}, "optim='adamw_bnb_8bit' is a bitsandbytes 8-bit optimizer"),  # use_cpu: the base
+    (
+        {"optim": "adamw_torch_8bit", "safeguard_space": "update"},
+        "safeguard_space='update' predicts .* optim='adamw_torch_8bit' keeps them block-quantized",
+    ),
     ({"safeguard_scope": "pair"}, "safeguard_scope='pair' .* needs safeguard_space='parameter', got 'output'"),
     (
         {"safeguard_scope": "pair", "safeguard_space": "parameter", "safeguard_passes": "two"},

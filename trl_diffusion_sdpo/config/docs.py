@@ -107,6 +107,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "dataset_num_proc",
             "cache_latents",
             "latent_cache_dir",
+            "offload_frozen_modules",
         ),
     ),
     "Parameters of the flow-matching families (SD3 / SD3.5, FLUX.1 and the other transformers)": (

@@ -380,6 +380,13 @@ class DiffusionSDPOConfig(TrainingArguments):
         "dropout substitutes the cached empty-prompt embedding; `random_crop=True` cannot be cached. The VAE "
         "and text encoders then stay on the CPU during training. Needs a map-style dataset.",
     )
+    offload_frozen_modules: bool = option(
+        False,
+        "Keep the VAE and text encoder(s) in CPU memory and move each layer to the device only while it runs "
+        "(diffusers' group offloading, leaf level), for training that encodes images and prompts every step: their "
+        "weights then take no device memory, at the cost of copying them for every encoding. Nothing to offload "
+        "with `cache_latents` or a latent cache, where they stay on the CPU. See docs/memory.md.",
+    )
     latent_cache_dir: str | None = option(
         None,
         "Where the latent cache is stored and looked up; `None` uses a folder beside the dataset's cache "

@@ -130,6 +130,13 @@ def _safeguarded(config: Any, space: str | None = None, scope: str | None = None
     )
 
 
+def _bitsandbytes_8bit(optim: Any) -> bool:
+    """transformers' ``optim`` names of bitsandbytes' 8-bit optimizers (``adamw_bnb_8bit``, ``adamw_8bit``,
+    ``paged_adamw_8bit``, ``lion_8bit``, ...): every 8-bit one but torchao's ``adamw_torch_8bit`` and GaLore's."""
+    name = str(getattr(optim, "value", optim))
+    return "8bit" in name and not name.startswith(("adamw_torch", "galore"))
+
+
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
         ("resolution",),
@@ -170,6 +177,23 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
             "safeguard_space='update' needs gradient_accumulation_steps=1: lambda is chosen on the optimizer's "
             "update, which depends on the whole accumulated gradient, known only at the last micro-batch. "
             "Raise per_device_train_batch_size instead, or use safeguard_space='parameter'."
+        ),
+    ),
+    CrossFieldRule(
+        ("optim", "use_cpu"),
+        lambda c: c.use_cpu and _bitsandbytes_8bit(c.optim),
+        lambda c: (
+            f"optim={getattr(c.optim, 'value', c.optim)!r} is a bitsandbytes 8-bit optimizer, which runs on a CUDA "
+            "GPU; with use_cpu=True use optim='adamw_torch_8bit' (torchao's 8-bit AdamW) or 'adamw_torch'."
+        ),
+    ),
+    CrossFieldRule(
+        ("safeguard", "safeguard_space", "optim"),
+        lambda c: _safeguarded(c, space="update") and "8bit" in str(getattr(c.optim, "value", c.optim)),
+        lambda c: (
+            f"safeguard_space='update' predicts the optimizer's next update from its float32 moments; optim="
+            f"{getattr(c.optim, 'value', c.optim)!r} keeps them block-quantized to 8 bits, an update it cannot "
+            "reproduce. Use safeguard_space='parameter' (or 'output') with an 8-bit optimizer, or optim='adamw_torch'."
         ),
     ),
     CrossFieldRule(

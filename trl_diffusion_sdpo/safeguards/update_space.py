@@ -57,7 +57,8 @@ the same decisions in the search: the same ``lambda``, that of the global micro-
 
 Supported optimizers: ``torch.optim.AdamW``, ``torch.optim.Adam`` (its weight decay is an L2 term added to the
 gradient) and ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay); foreach and fused implementations
-compute the same update. ``amsgrad`` and ``maximize`` are refused.
+compute the same update. ``amsgrad`` and ``maximize`` are refused, and so are the 8-bit optimizers (their moments
+are block-quantized) when the config is made (:mod:`~trl_diffusion_sdpo.config.rules`).
 """
 
 from __future__ import annotations

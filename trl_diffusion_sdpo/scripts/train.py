@@ -179,7 +179,13 @@ _FALSE = {"false", "no", "0", "none", ""}
 
 # The data group's options about reading the rows (beside the *_column names); the rest of the group is about
 # the images, the timesteps and the noising, listed under a topic of their own to keep each topic one screen.
-READING_OPTIONS = ("skip_invalid_rows", "dataset_num_proc", "cache_latents", "latent_cache_dir")
+READING_OPTIONS = (
+    "skip_invalid_rows",
+    "dataset_num_proc",
+    "cache_latents",
+    "latent_cache_dir",
+    "offload_frozen_modules",
+)
 
 
 def train_topics() -> list[tuple[str, str, Any]]:

@@ -1,0 +1,159 @@
+"""``trl-diffusion-sdpo estimate-memory`` and :mod:`trl_diffusion_sdpo.memory`: an answer for every shipped config,
+terms that sum to ``total_gib``, engines that divide what they shard, and counts checked against what diffusers,
+peft and optimum-quanto build (the tiny shipped pipeline loaded with its weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig, get_peft_model
+
+from trl_diffusion_sdpo.loading import resolve_model_name
+from trl_diffusion_sdpo.memory import RunShape, estimate_memory, model_sizes, unet_activation_bytes
+from trl_diffusion_sdpo.memory_cli import run_estimate_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+TINY = "trl-diffusion-sdpo:tiny"
+GIB = 2**30
+
+
+def estimate_json(capsys, *argv: str) -> dict:
+    assert run_estimate_memory([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(resolve_model_name(TINY), subfolder="unet")
+
+
+def test_tiny_config_estimate_sums_its_terms(capsys) -> None:
+    result = estimate_json(capsys, "--config", str(ROOT / "examples/configs/tiny_cpu.yaml"))
+    parts = result["components_bytes"]
+    assert set(parts) >= {"weights", "gradients", "optimizer", "activations", "reference", "safeguard"}
+    assert result["total_gib"] == pytest.approx(sum(parts.values()) / GIB, abs=1e-3)
+    assert result["parameters"]["denoiser"] == sum(p.numel() for p in tiny_unet().parameters())
+    assert parts["reference"] == 0  # LoRA: the base with the adapters off
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_gets_an_estimate(capsys, config: Path) -> None:
+    result = estimate_json(capsys, "--config", str(config))
+    assert result["total_gib"] > 0
+    assert result["total_gib"] == pytest.approx(sum(result["components_bytes"].values()) / GIB, abs=1e-3)
+
+
+def test_shipped_configs_name_models_the_estimate_knows(capsys) -> None:
+    """Every shipped config's model is counted without a download (the slow test runs each config whole)."""
+    import yaml
+
+    for config in CONFIGS:
+        model = yaml.safe_load(config.read_text())["model_name_or_path"]
+        sizes = model_sizes(model)
+        assert sum(p.numel() for p in sizes.denoiser.parameters()) > 0, config.name
+        assert all(p.is_meta for p in sizes.denoiser.parameters()), config.name
+
+
+def _full_shape(**overrides) -> RunShape:
+    return RunShape(**{"pairs": 1, "resolution": 32, "dtype_bytes": 2, "lora_rank": None, **overrides})
+
+
+def test_full_tuning_terms_follow_the_zero_accounting() -> None:
+    """bf16 full tuning with AdamW, P counted on the loaded UNet: DDP keeps 4P weights, 4P gradients, 8P moments, a
+    2P reference and a 2P autocast copy; ZeRO-3 keeps (2 + 4)P/N, 2P/N, 8P/N and 2P/N; doubling N halves them."""
+    p = sum(t.numel() for t in tiny_unet().parameters())
+    sizes = model_sizes(TINY)
+    ddp = estimate_memory(sizes, _full_shape()).components
+    assert (ddp["weights"], ddp["gradients"], ddp["optimizer"], ddp["reference"], ddp["mixed_precision_cast"]) == (
+        4 * p,
+        4 * p,
+        8 * p,
+        2 * p,
+        2 * p,
+    )
+    for n in (2, 4):
+        zero3 = estimate_memory(sizes, _full_shape(engine="zero3", num_processes=n)).components
+        assert zero3["weights"] == pytest.approx(6 * p / n, abs=2)
+        assert zero3["gradients"] == pytest.approx(2 * p / n, abs=1)
+        assert zero3["optimizer"] == pytest.approx(8 * p / n, abs=1)
+        assert zero3["reference"] == pytest.approx(2 * p / n, abs=1)
+    two = estimate_memory(sizes, _full_shape(engine="zero3", num_processes=2)).components
+    four = estimate_memory(sizes, _full_shape(engine="zero3", num_processes=4)).components
+    for term in ("weights", "gradients", "optimizer", "reference"):
+        assert four[term] == pytest.approx(two[term] / 2, abs=2), term
+    assert four["activations"] == two["activations"]  # per process: never sharded
+    zero2 = estimate_memory(sizes, _full_shape(engine="zero2", num_processes=4)).components
+    assert zero2["reference"] == 2 * p and zero2["gradients"] == pytest.approx(2 * p / 4, abs=1)
+
+
+def test_safeguard_one_pass_adds_two_float32_gradient_halves() -> None:
+    p = sum(t.numel() for t in tiny_unet().parameters())
+    sizes = model_sizes(TINY)
+    assert estimate_memory(sizes, _full_shape(safeguard="one_pass")).components["safeguard"] == 8 * p
+    assert estimate_memory(sizes, _full_shape(safeguard="output")).components["safeguard"] == 0
+
+
+def test_lora_trained_parameters_equal_peft_count() -> None:
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    peft_model = get_peft_model(tiny_unet(), LoraConfig(r=4, lora_alpha=4, target_modules=list(targets)))
+    trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    estimate = estimate_memory(model_sizes(TINY), _full_shape(lora_rank=4, lora_targets=targets))
+    assert estimate.parameters["trained"] == trained
+    assert estimate.components["reference"] == 0
+
+
+def test_quantized_base_bytes_match_optimum_quanto() -> None:
+    """The int8 base's weight bytes against the storage of the UNet optimum-quanto quantizes (its linear layers, as
+    diffusers' QuantoConfig does), within 2 %."""
+    from optimum.quanto import freeze, qint8, quantize
+
+    unet = tiny_unet()
+    linears = [name for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear)]
+    quantize(unet, weights=qint8, include=linears)
+    freeze(unet)
+    stored = 0
+    for tensor in unet.state_dict().values():
+        stored += tensor.numel() * tensor.element_size()
+    shape = _full_shape(lora_rank=4, base_quantization="quanto-int8", dtype_bytes=4)
+    with_lora = estimate_memory(model_sizes(TINY), shape)
+    adapters = 4 * with_lora.parameters["trained"]
+    assert with_lora.components["weights"] - adapters == pytest.approx(stored, rel=0.02)
+
+
+def test_unet_activations_on_meta_equal_a_real_forwards_saved_tensors() -> None:
+    """The meta-device count against the tensors a real CPU forward of the loaded UNet saves (real attention kernel,
+    each storage counted once by its address)."""
+    unet = tiny_unet()
+    parameters = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    rows, latent, tokens = 4, 8, 77
+    sample = torch.randn(rows, unet.config.in_channels, latent, latent)
+    text = torch.randn(rows, tokens, unet.config.cross_attention_dim)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(sample, torch.full((rows,), 500), text)
+    measured = sum(seen.values())
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(unet.config)
+    counted = unet_activation_bytes(meta, rows, latent, tokens, torch.float32, checkpointing=False)
+    assert counted == pytest.approx(measured, rel=0.05)
+    checkpointed = unet_activation_bytes(meta, rows, latent, tokens, torch.float32, checkpointing=True)
+    assert checkpointed < counted
+
+
+def test_unknown_hub_model_is_refused_naming_the_flag(capsys) -> None:
+    with pytest.raises(SystemExit):
+        run_estimate_memory(["--model_name_or_path", "someone/unknown-model", "--json"])
+    err = capsys.readouterr().err
+    assert "--model_name_or_path someone/unknown-model" in err and "hf download" in err
