@@ -1,48 +1,85 @@
-"""Stability of each guard against collapse on the toy demo: does it keep the held-out reward where Diffusion-DPO's
-falls, and what does it cost where Diffusion-DPO is healthy?
+"""Stability of each guard against collapse on the toy demo: does it keep the held-out measures where
+Diffusion-DPO's fall, and what does it cost where Diffusion-DPO is healthy?
 
-Not part of the test suite. The runs, their held-out evaluation and the results file are :mod:`stability_map`'s
-(the demo's shipped base, its pairs, its held-out prompts; resumable, one run appended at a time), with the guards
-added as methods beside Diffusion-DPO and the default safeguard:
+Not part of the test suite. The runs are :mod:`stability_map`'s (the demo's shipped base, its 123 pairs, its held-out
+prompts, batches of 2 pairs; resumable, one run appended at a time), with the guards added as methods beside
+Diffusion-DPO and the package's default safeguard (output space, ``mu=0.5``):
 
-- ``guard-max-margin``: Diffusion-DPO with ``max_margin`` (``--max-margin``);
-- ``guard-sft``: Diffusion-DPO with ``sft_weight`` (``--sft-weight``);
+- ``guard-max-margin``: Diffusion-DPO with ``max_margin`` (``--max-margin``, default 5);
+- ``guard-sft``: Diffusion-DPO with ``sft_weight`` (``--sft-weight``, default 1);
 - ``guard-auto-beta``: Diffusion-DPO with ``auto_beta`` (target 0.2);
 - ``guard-auto-mu``: the output-space safeguard with ``safeguard_mu="auto"``;
 - ``guard-update-auto-mu``: the update-space safeguard with ``safeguard_mu="auto"``.
 
-``ema_decay`` is not among them: the EMA changes no training step, and :mod:`stability_map`'s held-out evaluation
-samples the trained weights, so its row would repeat Diffusion-DPO's (its effect is not measured here).
+``ema_decay`` is not among them: the EMA changes no training step and the runs are judged on the trained weights.
 
-The defaults are the regimes the study is for: learning rates up to 1e-3 at the demo's beta, small betas at the
-demo's learning rate, 1000 steps evaluated along the way, 10 paired seeds. Per logged step the history also keeps
-``beta``, ``safeguard/mu`` and ``margin``, so the auto-beta's and auto-mu's paths are in the file.
+Every evaluation step measures, on the held-out prompts' samples (the same noise for every model), the colour reward
+(``reward_change``, as :mod:`stability_map`) and measures the training never sees (``online_measures.py``): the shape
+IoU, the sample diversity, and the denoising error on clean drawings of the held-out captions; step ``0`` is the
+base. For seed 0 the first sample of every held-out prompt is kept (``samples``, a base64 PNG strip) for the figure.
 
-    OMP_NUM_THREADS=1 nohup python benchmarks/studies/stability_guards.py \\
-        --json benchmarks/results/cpu-stability-guards-demo.json &
+The study is a list of regimes (:data:`REGIMES`), each a :mod:`stability_map` grid in its own part file under
+``--parts`` (so the grids may differ in length); they run in the order listed, a regime may appear twice with more
+seeds or cells. ``run`` trains what is missing; ``assemble`` writes the one results file: every regime's runs, per
+cell, method and evaluation step the 95% paired t intervals (:func:`trl_diffusion_sdpo.demo.stats.paired_difference`)
+of each measure against the base and against Diffusion-DPO, and the issue's two-part goal per setting.
+
+    OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/stability_guards.py run &
+    python benchmarks/studies/stability_guards.py assemble --json benchmarks/results/cpu-stability-guards-demo.json
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
+import io
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import numpy as np  # noqa: E402
 import stability_map  # noqa: E402
+import torch  # noqa: E402
+from online_measures import diversity, drawings, held_out_denoising_error, shape_scores, shape_templates  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from trl_diffusion_sdpo.demo.methods import Method  # noqa: E402
+from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
-GUARD_DEFAULTS = {"--max-margin": 5.0, "--sft-weight": 1.0}
-STUDY_DEFAULTS = {
-    "--lrs": "2e-5,2e-4,1e-3",
-    "--betas": "50,500",
-    "--max-steps": "1000",
-    "--eval-steps": "100,300,1000",
-    "--seeds": ",".join(str(s) for s in range(10)),
-    "--methods": "dpo,sdpo-output-mu0.5,guard-max-margin,guard-sft,guard-auto-beta,guard-auto-mu,guard-update-auto-mu",
-}
+GUARD_DEFAULTS = {"max_margin": 5.0, "sft_weight": 1.0}
+DEFAULT_METHOD = "sdpo-output-mu0.5"  # the package's default safeguard when the study ran
+MAIN_METHODS = f"dpo,{DEFAULT_METHOD},guard-auto-mu,guard-max-margin,guard-sft"
+DRAWINGS_PER_PROMPT, DRAWING_SEED = 4, 777
+#: (regime, stability_map arguments), run in this order: the search (Diffusion-DPO alone, 2 seeds), the paired grid
+#: (10 seeds: the demo's learning rate, where Diffusion-DPO is healthy, and 2e-4, where it broke in the stability
+#: map), the long runs (2 seeds: what one CPU afternoon held), then the top of the search with every method (3 seeds)
+REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
+    (
+        "search",
+        {"--lrs": "5e-4,1e-3", "--betas": "50,5", "--max-steps": "100", "--eval-steps": "25,50,100"}
+        | {"--seeds": "0,1", "--methods": "dpo"},
+    ),
+    (
+        "offline",
+        {"--lrs": "2e-5,2e-4", "--betas": "", "--max-steps": "100", "--eval-steps": "50,100"}
+        | {"--seeds": ",".join(map(str, range(10))), "--methods": MAIN_METHODS},
+    ),
+    (
+        "long",
+        {"--lrs": "6.7e-5", "--betas": "", "--max-steps": "1000", "--eval-steps": "300,1000"}
+        | {"--seeds": "0,1", "--methods": f"dpo,{DEFAULT_METHOD},guard-auto-mu"},
+    ),
+    (
+        "offline",
+        {"--lrs": "1e-3", "--betas": "", "--max-steps": "100", "--eval-steps": "50,100"}
+        | {"--seeds": "0,1,2", "--methods": MAIN_METHODS},
+    ),
+)
+MEASURES = ("reward", "shape_iou", "diversity", "denoising_error")  # held-out; denoising error: lower is better
 
 
 def guard_methods(max_margin: float, sft_weight: float) -> tuple[Method, ...]:
@@ -56,26 +93,213 @@ def guard_methods(max_margin: float, sft_weight: float) -> tuple[Method, ...]:
     )
 
 
-def _take(argv: list[str], flag: str, default: float) -> tuple[float, list[str]]:
-    """``flag``'s value in ``argv`` (``default`` where absent) and ``argv`` without it."""
-    if flag not in argv:
-        return default, argv
-    i = argv.index(flag)
-    return float(argv[i + 1]), argv[:i] + argv[i + 2 :]
+def _png(images: np.ndarray) -> str:
+    """``[N, H, W, 3]`` floats in [0, 1] as one base64 PNG strip."""
+    strip = np.concatenate(list((np.clip(images, 0, 1) * 255).round().astype(np.uint8)), axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(strip).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class HeldOutMeasures(stability_map.EvaluateAt):
+    """:class:`stability_map.EvaluateAt` plus the held-out measures the training never sees, at step 0 (the base,
+    computed once per process) and at every evaluation step."""
+
+    base: dict[str, Any] | None = None
+    templates: dict[str, np.ndarray] | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.measures: dict[str, dict[str, float]] = {}
+        self.samples: dict[str, str] = {}
+        self.keep_samples = self.recipe.seeds == (0,)
+        self.pixels = drawings(self.held_out, DRAWINGS_PER_PROMPT, DRAWING_SEED)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if HeldOutMeasures.base is None:  # the tuned UNet starts as the base's copy
+            self.steps.add(0)
+            self.on_step_end(args, state, control)
+            self.steps.discard(0)
+            HeldOutMeasures.base = {"measures": self.measures.pop("0"), "samples": self.samples.pop("0", None)}
+            self.rewards.pop(0)
+        self.measures["0"] = HeldOutMeasures.base["measures"]
+        if self.keep_samples and HeldOutMeasures.base["samples"]:
+            self.samples["0"] = HeldOutMeasures.base["samples"]
+
+    def measure(self, step, pipeline, images) -> None:
+        if HeldOutMeasures.templates is None:
+            HeldOutMeasures.templates = shape_templates(images.shape[-2])
+        captions = [c for c in self.held_out for _ in range(images.shape[1])]
+        iou, _ = shape_scores(images.reshape(-1, *images.shape[2:]), captions, HeldOutMeasures.templates)
+        with torch.no_grad():
+            error = held_out_denoising_error(pipeline, self.pixels, self.held_out, DRAWINGS_PER_PROMPT)
+        self.measures[str(step)] = {
+            "reward": self.rewards[step],
+            "shape_iou": float(iou.mean()),
+            "diversity": float(diversity(images).mean()),
+            "denoising_error": error,
+        }
+        if self.keep_samples:
+            self.samples[str(step)] = _png(images[:, 0])
+
+    def extras(self) -> dict[str, Any]:
+        return {"measures": self.measures, **({"samples": self.samples} if self.samples else {})}
+
+
+def _install(max_margin: float, sft_weight: float) -> None:
+    stability_map.EXTRA_METHODS = (*stability_map.EXTRA_METHODS, *guard_methods(max_margin, sft_weight))
+    stability_map.HISTORY_KEYS = (*stability_map.HISTORY_KEYS, "beta", "safeguard/mu", "margin")
+    stability_map.EVALUATOR = HeldOutMeasures
+
+
+def run(parts: Path, max_margin: float, sft_weight: float, only: str | None) -> int:
+    _install(max_margin, sft_weight)
+    parts.mkdir(parents=True, exist_ok=True)
+    for name, grid in REGIMES:
+        if only is not None and name != only:
+            continue
+        argv = [a for flag, value in grid.items() for a in (flag, value)] + ["--json", str(parts / f"{name}.json")]
+        print(f"regime {name}: {' '.join(argv)}", flush=True)
+        stability_map.main(argv)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ analysis
+
+
+def _cell(run: dict[str, Any]) -> str:
+    return f"lr{run['learning_rate']:g}-beta{run['beta']:g}"
+
+
+def _change(run: dict[str, Any], measure: str, step: str) -> float:
+    return run["measures"][step][measure] - run["measures"]["0"][measure]
+
+
+def analyse(regimes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per regime, cell, method and evaluation step: each measure's change against the base (t interval over
+    seeds; the base's samples share prompts and noise) and its paired difference against Diffusion-DPO (same seeds:
+    same batches, timesteps and noise). Then the goal per cell and method at the last step (:func:`goal`)."""
+    out: dict[str, Any] = {}
+    for regime, report in regimes.items():
+        runs = list(report["runs"].values())
+        cells: dict[str, Any] = {}
+        for cell in dict.fromkeys(_cell(r) for r in runs):
+            in_cell = [r for r in runs if _cell(r) == cell]
+            by_method = {
+                m: {r["seed"]: r for r in in_cell if r["method"] == m} for m in {r["method"] for r in in_cell}
+            }
+            steps = sorted({s for r in in_cell for s in r["measures"] if s != "0"}, key=int)
+            entry: dict[str, Any] = {"learning_rate": in_cell[0]["learning_rate"], "beta": in_cell[0]["beta"]}
+            for method, seeded in sorted(by_method.items()):
+                rows: dict[str, Any] = {}
+                for step in steps:
+                    row: dict[str, Any] = {}
+                    for measure in MEASURES:
+                        changes = {s: _change(r, measure, step) for s, r in seeded.items()}
+                        item: dict[str, Any] = {"vs_base": summarise(list(changes.values()))}
+                        dpo = by_method.get("dpo", {})
+                        shared = sorted(set(changes) & set(dpo))
+                        if method != "dpo" and len(shared) >= 2:
+                            mine = [changes[s] for s in shared]
+                            theirs = [_change(dpo[s], measure, step) for s in shared]
+                            item["vs_dpo"] = _brief(paired_difference(mine, theirs))
+                        row[measure] = item
+                    rows[step] = row
+                entry[method] = {"seeds": sorted(seeded), "steps": rows}
+            cells[cell] = entry
+        out[regime] = cells
+    return out
+
+
+def _brief(paired: dict[str, Any]) -> dict[str, Any]:
+    return {k: paired[k] for k in ("mean", "sd", "n", "ci95", "excludes_zero", "mde80")}
+
+
+def goal(analysis: dict[str, Any], measure: str = "reward") -> dict[str, Any]:
+    """The issue's two halves for every setting, at each cell's last evaluation step on ``measure``:
+
+    - a cell *breaks* when Diffusion-DPO's change against the base has its 95% interval below 0 at the last step;
+      there a setting *holds* when its interval against the base includes or exceeds 0 and overlaps the best
+      guard's (the setting with the highest mean change);
+    - a cell is *healthy* otherwise; there a setting *costs nothing* when its paired interval against
+      Diffusion-DPO includes 0 (or lies above it).
+    """
+    out: dict[str, Any] = {}
+    for regime, cells in analysis.items():
+        for cell, entry in cells.items():
+            methods = {m: v for m, v in entry.items() if isinstance(v, dict) and "steps" in v}
+            if "dpo" not in methods or len(methods["dpo"]["seeds"]) < 2:
+                continue
+            last = max(methods["dpo"]["steps"], key=int)
+            at = {m: v["steps"][last][measure] for m, v in methods.items() if last in v["steps"]}
+            dpo_ci = at["dpo"]["vs_base"]["ci95"]
+            breaks = dpo_ci is not None and dpo_ci[1] < 0
+            best = max(at, key=lambda m: at[m]["vs_base"]["mean"])
+            best_ci = at[best]["vs_base"]["ci95"]
+            verdicts = {}
+            for method, item in at.items():
+                if method == "dpo":
+                    continue
+                ci = item["vs_base"]["ci95"]
+                if breaks:
+                    holds = ci is not None and ci[1] >= 0 and best_ci is not None and ci[1] >= best_ci[0]
+                    verdicts[method] = {"half": "holds where Diffusion-DPO breaks", "met": bool(holds)}
+                else:
+                    vs = item.get("vs_dpo", {}).get("ci95")
+                    verdicts[method] = {
+                        "half": "costs nothing where Diffusion-DPO is healthy",
+                        "met": vs is not None and vs[1] >= 0,
+                    }
+            out[f"{regime}/{cell}"] = {
+                "step": int(last),
+                "dpo_change": at["dpo"]["vs_base"],
+                "diffusion_dpo_breaks": breaks,
+                "best": best,
+                "settings": verdicts,
+            }
+    return out
+
+
+def assemble(parts: Path, path: Path) -> int:
+    regimes = {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}
+    analysis = analyse(regimes)
+    report = {
+        "description": __doc__.split("\n\n")[0].replace("\n", " "),
+        "measures": {
+            "reward": "the demo's colour reward on the held-out prompts (the training's reward, unseen prompts)",
+            "shape_iou": "the shape IoU of the held-out samples (online_measures.shape_scores); never trained on",
+            "diversity": "mean pairwise RMS pixel distance between a prompt's samples; never trained on",
+            "denoising_error": "the UNet's denoising MSE on clean drawings of the held-out captions; lower is better",
+        },
+        "regimes": regimes,
+        "analysis": analysis,
+        "goal": {measure: goal(analysis, measure) for measure in ("reward", "shape_iou")},
+        "not_run": NOT_RUN,
+    }
+    path.write_text(json.dumps(report))
+    print(f"wrote {path}")
+    return 0
+
+
+NOT_RUN = [
+    "the online regime (a reward the model can raise while what the user wants falls): not run on this machine's "
+    "budget; the online comparison (cpu-online-comparison-tiny.json) remains the only online evidence",
+    "ema_decay: the EMA changes no training step, and these runs are judged on the trained weights",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    values = {}
-    for flag, default in GUARD_DEFAULTS.items():
-        values[flag], argv = _take(argv, flag, default)
-    for flag, default in STUDY_DEFAULTS.items():  # the study's regimes unless given
-        if flag not in argv:
-            argv += [flag, default]
-    methods = guard_methods(values["--max-margin"], values["--sft-weight"])
-    stability_map.EXTRA_METHODS = (*stability_map.EXTRA_METHODS, *methods)
-    stability_map.HISTORY_KEYS = (*stability_map.HISTORY_KEYS, "beta", "safeguard/mu", "margin")
-    return stability_map.main(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("run", "assemble"))
+    parser.add_argument("--parts", default="/tmp/stability-guards-parts", type=Path)
+    parser.add_argument("--json", default="benchmarks/results/cpu-stability-guards-demo.json", type=Path)
+    parser.add_argument("--regime", default=None, help="Run only this regime.")
+    parser.add_argument("--max-margin", type=float, default=GUARD_DEFAULTS["max_margin"])
+    parser.add_argument("--sft-weight", type=float, default=GUARD_DEFAULTS["sft_weight"])
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args.parts, args.max_margin, args.sft_weight, args.regime)
+    return assemble(args.parts, args.json)
 
 
 if __name__ == "__main__":

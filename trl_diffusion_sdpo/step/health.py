@@ -50,9 +50,10 @@ def remedies(args: Any | None) -> list[str]:
     else:
         if getattr(args, "safeguard_space", "output") != "update":
             found.append("safeguard_space='update' (exact under the optimizer's step)")
-        mu = getattr(args, "safeguard_mu", 0.5)
+        mu = getattr(args, "safeguard_mu", None)
         if mu != "auto":
-            found.append(f"safeguard_mu='auto' or a larger safeguard_mu than {mu:g}")
+            now = "the family's default" if mu is None else f"{mu:g}"  # None: a config not yet given to a trainer
+            found.append(f"safeguard_mu='auto' or a larger safeguard_mu than {now}")
     if getattr(args, "max_margin", None) is None and getattr(args, "loss_type", "dpo") in ("dpo", "smpo"):
         found.append("a margin cap (max_margin)")
     if not getattr(args, "auto_beta", False):
