@@ -52,32 +52,21 @@ from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: 
 
 GUARD_DEFAULTS = {"max_margin": 5.0, "sft_weight": 1.0}
 DEFAULT_METHOD = "sdpo-output-mu0.5"  # the package's default safeguard when the study ran
-MAIN_METHODS = f"dpo,{DEFAULT_METHOD},guard-auto-mu,guard-max-margin,guard-sft"
+MAIN_METHODS = f"dpo,{DEFAULT_METHOD},guard-auto-mu"
 DRAWINGS_PER_PROMPT, DRAWING_SEED = 4, 777
-#: (regime, stability_map arguments), run in this order: the search (Diffusion-DPO alone, 2 seeds), the paired grid
-#: (10 seeds: the demo's learning rate, where Diffusion-DPO is healthy, and 2e-4, where it broke in the stability
-#: map), the long runs (2 seeds: what one CPU afternoon held), then the top of the search with every method (3 seeds)
+#: (regime, stability_map arguments), run in this order: the paired grid (10 seeds, 50 steps, Diffusion-DPO, the
+#: default safeguard and auto mu: lr 2e-4, where Diffusion-DPO broke in the stability map, then the demo's 2e-5, where
+#: it is healthy); then what is left of the search (Diffusion-DPO alone, 2 seeds, 100 steps: learning rates up to 1e-3,
+#: betas down to 5); then the margin cap on the same grid. Sized to a shared two-core machine
+#: (docs/research/stability.md says what was not run).
+SEARCH = {"--lrs": "5e-4,1e-3", "--betas": "50,5", "--max-steps": "100", "--eval-steps": "25,50,100"}
+GRID = {"--max-steps": "50", "--eval-steps": "25,50", "--betas": "", "--eval-seeds-per-prompt": "4"}
+TEN = ",".join(map(str, range(10)))
 REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
-    (
-        "search",
-        {"--lrs": "5e-4,1e-3", "--betas": "50,5", "--max-steps": "100", "--eval-steps": "25,50,100"}
-        | {"--seeds": "0,1", "--methods": "dpo"},
-    ),
-    (
-        "offline",
-        {"--lrs": "2e-5,2e-4", "--betas": "", "--max-steps": "100", "--eval-steps": "50,100"}
-        | {"--seeds": ",".join(map(str, range(10))), "--methods": MAIN_METHODS},
-    ),
-    (
-        "long",
-        {"--lrs": "6.7e-5", "--betas": "", "--max-steps": "1000", "--eval-steps": "300,1000"}
-        | {"--seeds": "0,1", "--methods": f"dpo,{DEFAULT_METHOD},guard-auto-mu"},
-    ),
-    (
-        "offline",
-        {"--lrs": "1e-3", "--betas": "", "--max-steps": "100", "--eval-steps": "50,100"}
-        | {"--seeds": "0,1,2", "--methods": MAIN_METHODS},
-    ),
+    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": MAIN_METHODS}),
+    ("offline", GRID | {"--lrs": "2e-5", "--seeds": TEN, "--methods": MAIN_METHODS}),
+    ("search", SEARCH | {"--seeds": "0,1", "--methods": "dpo"}),
+    ("offline", GRID | {"--lrs": "2e-4,2e-5", "--seeds": TEN, "--methods": "guard-max-margin"}),
 )
 MEASURES = ("reward", "shape_iou", "diversity", "denoising_error")  # held-out; denoising error: lower is better
 
@@ -105,7 +94,7 @@ class HeldOutMeasures(stability_map.EvaluateAt):
     """:class:`stability_map.EvaluateAt` plus the held-out measures the training never sees, at step 0 (the base,
     computed once per process) and at every evaluation step."""
 
-    base: dict[str, Any] | None = None
+    bases: dict[int, dict[str, Any]] = {}  # per samples per prompt: the base's measures and samples
     templates: dict[str, np.ndarray] | None = None
 
     def __init__(self, *args, **kwargs) -> None:
@@ -116,15 +105,17 @@ class HeldOutMeasures(stability_map.EvaluateAt):
         self.pixels = drawings(self.held_out, DRAWINGS_PER_PROMPT, DRAWING_SEED)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if HeldOutMeasures.base is None:  # the tuned UNet starts as the base's copy
+        key = self.recipe.eval_seeds_per_prompt
+        if key not in HeldOutMeasures.bases:  # the tuned UNet starts as the base's copy
             self.steps.add(0)
             self.on_step_end(args, state, control)
             self.steps.discard(0)
-            HeldOutMeasures.base = {"measures": self.measures.pop("0"), "samples": self.samples.pop("0", None)}
+            HeldOutMeasures.bases[key] = {"measures": self.measures.pop("0"), "samples": self.samples.pop("0", None)}
             self.rewards.pop(0)
-        self.measures["0"] = HeldOutMeasures.base["measures"]
-        if self.keep_samples and HeldOutMeasures.base["samples"]:
-            self.samples["0"] = HeldOutMeasures.base["samples"]
+        base = HeldOutMeasures.bases[key]
+        self.measures["0"] = base["measures"]
+        if self.keep_samples and base["samples"]:
+            self.samples["0"] = base["samples"]
 
     def measure(self, step, pipeline, images) -> None:
         if HeldOutMeasures.templates is None:
@@ -288,17 +279,64 @@ NOT_RUN = [
 ]
 
 
+LABELS = {
+    "dpo": "Diffusion-DPO",
+    DEFAULT_METHOD: "output space, mu=0.5",
+    "guard-auto-mu": "output space, mu=auto",
+    "guard-max-margin": "Diffusion-DPO, max_margin=5",
+}
+
+
+def figure(path: Path, out: Path, cell: str, seed: int = 0, scale: int = 3) -> int:
+    """Held-out samples along the run (one column per evaluation step, step 0 the base), Diffusion-DPO's row beside
+    each guard's, for ``seed`` in ``cell`` (``regime/lr..-beta..``): the first sample of every held-out prompt, the
+    same noise in every row. Pixels enlarged ``scale`` times without smoothing."""
+    from PIL import ImageDraw
+
+    report = json.loads(path.read_text())
+    regime, name = cell.split("/")
+    runs = [
+        r
+        for r in report["regimes"][regime]["runs"].values()
+        if _cell(r) == name and r["seed"] == seed and "samples" in r
+    ]
+    runs.sort(key=lambda r: list(LABELS).index(r["method"]) if r["method"] in LABELS else len(LABELS))
+    steps = sorted(runs[0]["samples"], key=int)
+    strips = [[Image.open(io.BytesIO(base64.b64decode(r["samples"][s]))) for s in steps] for r in runs]
+    width, height = strips[0][0].size
+    width, height, gap, left, top = width * scale, height * scale, 12, 230, 30
+    canvas = Image.new("RGB", (left + len(steps) * (width + gap), top + len(runs) * (height + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, step in enumerate(steps):
+        draw.text((left + j * (width + gap), 8), "base" if step == "0" else f"step {step}", fill="black")
+    for i, (run, row) in enumerate(zip(runs, strips)):
+        y = top + i * (height + gap)
+        change = run["reward_change"][steps[-1]]
+        draw.text((8, y + height // 2 - 12), LABELS.get(run["method"], run["method"]), fill="black")
+        draw.text((8, y + height // 2 + 2), f"reward change {change:+.3f}", fill="black")
+        for j, strip in enumerate(row):
+            canvas.paste(strip.resize((width, height), Image.Resampling.NEAREST), (left + j * (width + gap), y))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("run", "assemble"))
+    parser.add_argument("command", choices=("run", "assemble", "figure"))
     parser.add_argument("--parts", default="/tmp/stability-guards-parts", type=Path)
     parser.add_argument("--json", default="benchmarks/results/cpu-stability-guards-demo.json", type=Path)
     parser.add_argument("--regime", default=None, help="Run only this regime.")
+    parser.add_argument("--cell", default="offline/lr0.0002-beta5000", help="figure: the cell (regime/lr..-beta..).")
+    parser.add_argument("--figure", default="docs/images/stability_guards_samples.png", type=Path)
     parser.add_argument("--max-margin", type=float, default=GUARD_DEFAULTS["max_margin"])
     parser.add_argument("--sft-weight", type=float, default=GUARD_DEFAULTS["sft_weight"])
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.parts, args.max_margin, args.sft_weight, args.regime)
+    if args.command == "figure":
+        return figure(args.json, args.figure, args.cell)
     return assemble(args.parts, args.json)
 
 
