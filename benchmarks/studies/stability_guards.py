@@ -56,17 +56,23 @@ MAIN_METHODS = f"dpo,{DEFAULT_METHOD},guard-auto-mu"
 DRAWINGS_PER_PROMPT, DRAWING_SEED = 4, 777
 #: (regime, stability_map arguments), run in this order: the paired grid (10 seeds, 50 steps, Diffusion-DPO, the
 #: default safeguard and auto mu: lr 2e-4, where Diffusion-DPO broke in the stability map, then the demo's 2e-5, where
-#: it is healthy); then what is left of the search (Diffusion-DPO alone, 2 seeds, 100 steps: learning rates up to 1e-3,
-#: betas down to 5); then the margin cap on the same grid. Sized to a shared two-core machine
-#: (docs/research/stability.md says what was not run).
+#: it is healthy); the search (Diffusion-DPO alone, 2 seeds, 100 steps: learning rates up to 1e-3, betas down to 5);
+#: the margin cap on the grid; the top of the search (1e-3) with every setting; long runs (1000 steps, 2 seeds, at
+#: 6.7e-5, where Diffusion-DPO dipped then recovered by 200 steps in the stability map); the other guards at 2e-4.
+#: Sized to a shared two-core machine (docs/research/stability.md says what was not run).
 SEARCH = {"--lrs": "5e-4,1e-3", "--betas": "50,5", "--max-steps": "100", "--eval-steps": "25,50,100"}
 GRID = {"--max-steps": "50", "--eval-steps": "25,50", "--betas": "", "--eval-seeds-per-prompt": "4"}
+LONG = {"--max-steps": "1000", "--eval-steps": "250,500,1000", "--betas": "", "--eval-seeds-per-prompt": "4"}
 TEN = ",".join(map(str, range(10)))
+OTHER_GUARDS = "guard-sft,guard-auto-beta,guard-update-auto-mu"
 REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
     ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": MAIN_METHODS}),
     ("offline", GRID | {"--lrs": "2e-5", "--seeds": TEN, "--methods": MAIN_METHODS}),
     ("search", SEARCH | {"--seeds": "0,1", "--methods": "dpo"}),
     ("offline", GRID | {"--lrs": "2e-4,2e-5", "--seeds": TEN, "--methods": "guard-max-margin"}),
+    ("offline", GRID | {"--lrs": "1e-3", "--seeds": TEN, "--methods": f"{MAIN_METHODS},guard-max-margin"}),
+    ("long", LONG | {"--lrs": "6.7e-5", "--seeds": "0,1", "--methods": MAIN_METHODS}),
+    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": OTHER_GUARDS}),
 )
 MEASURES = ("reward", "shape_iou", "diversity", "denoising_error")  # held-out; denoising error: lower is better
 
@@ -219,8 +225,8 @@ def goal(analysis: dict[str, Any], measure: str = "reward") -> dict[str, Any]:
     for regime, cells in analysis.items():
         for cell, entry in cells.items():
             methods = {m: v for m, v in entry.items() if isinstance(v, dict) and "steps" in v}
-            if "dpo" not in methods or len(methods["dpo"]["seeds"]) < 2:
-                continue
+            if "dpo" not in methods or len(methods["dpo"]["seeds"]) < 2 or len(methods) < 2:
+                continue  # the search's cells: Diffusion-DPO alone
             last = max(methods["dpo"]["steps"], key=int)
             at = {m: v["steps"][last][measure] for m, v in methods.items() if last in v["steps"]}
             dpo_ci = at["dpo"]["vs_base"]["ci95"]
@@ -322,9 +328,51 @@ def figure(path: Path, out: Path, cell: str, seed: int = 0, scale: int = 3) -> i
     return 0
 
 
+def _ci(item: dict[str, Any] | None) -> str:
+    if item is None or item.get("ci95") is None:
+        return "n/a"
+    low, high = item["ci95"]
+    return f"{item['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def tables(path: Path) -> str:
+    """The Markdown tables docs/research/stability.md quotes: per cell and setting at the last evaluation step, each
+    held-out measure's change against the base and its paired difference from Diffusion-DPO (95% t intervals), and
+    the goal's verdicts."""
+    report = json.loads(path.read_text())
+    lines = []
+    for regime, cells in report["analysis"].items():
+        for entry in cells.values():
+            methods = {m: v for m, v in entry.items() if isinstance(v, dict) and "steps" in v}
+            last = max(next(iter(methods.values()))["steps"], key=int)
+            lines += [
+                f"{regime}, lr {entry['learning_rate']:g}, beta {entry['beta']:g}, step {last}:",
+                "",
+                "| setting | seeds | reward vs base | reward vs Diffusion-DPO | shape IoU vs base "
+                "| shape IoU vs Diffusion-DPO | denoising error vs base |",
+                "|---|---:|---|---|---|---|---|",
+            ]
+            for method, value in methods.items():
+                row = value["steps"][last]
+                lines.append(
+                    f"| {LABELS.get(method, method)} | {len(value['seeds'])} | {_ci(row['reward']['vs_base'])} | "
+                    f"{_ci(row['reward'].get('vs_dpo'))} | {_ci(row['shape_iou']['vs_base'])} | "
+                    f"{_ci(row['shape_iou'].get('vs_dpo'))} | {_ci(row['denoising_error']['vs_base'])} |"
+                )
+            lines.append("")
+    for measure, cells in report["goal"].items():
+        for cell, verdict in cells.items():
+            met = ", ".join(
+                f"{LABELS.get(m, m)}: {'meets' if v['met'] else 'misses'}" for m, v in verdict["settings"].items()
+            )
+            state = "breaks" if verdict["diffusion_dpo_breaks"] else "healthy"
+            lines.append(f"- {measure}, {cell}: Diffusion-DPO {state} ({_ci(verdict['dpo_change'])}); {met}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("run", "assemble", "figure"))
+    parser.add_argument("command", choices=("run", "assemble", "figure", "tables"))
     parser.add_argument("--parts", default="/tmp/stability-guards-parts", type=Path)
     parser.add_argument("--json", default="benchmarks/results/cpu-stability-guards-demo.json", type=Path)
     parser.add_argument("--regime", default=None, help="Run only this regime.")
@@ -335,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.parts, args.max_margin, args.sft_weight, args.regime)
+    if args.command == "tables":
+        print(tables(args.json))
+        return 0
     if args.command == "figure":
         return figure(args.json, args.figure, args.cell)
     return assemble(args.parts, args.json)
