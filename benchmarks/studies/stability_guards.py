@@ -54,25 +54,27 @@ GUARD_DEFAULTS = {"max_margin": 5.0, "sft_weight": 1.0}
 DEFAULT_METHOD = "sdpo-output-mu0.5"  # the package's default safeguard when the study ran
 MAIN_METHODS = f"dpo,{DEFAULT_METHOD},guard-auto-mu"
 DRAWINGS_PER_PROMPT, DRAWING_SEED = 4, 777
-#: (regime, stability_map arguments), run in this order: the paired grid (10 seeds, 50 steps, Diffusion-DPO, the
-#: default safeguard and auto mu: lr 2e-4, where Diffusion-DPO broke in the stability map, then the demo's 2e-5, where
-#: it is healthy); the search (Diffusion-DPO alone, 2 seeds, 100 steps: learning rates up to 1e-3, betas down to 5);
-#: the margin cap on the grid; the top of the search (1e-3) with every setting; long runs (1000 steps, 2 seeds, at
-#: 6.7e-5, where Diffusion-DPO dipped then recovered by 200 steps in the stability map); the other guards at 2e-4.
-#: Sized to a shared two-core machine (docs/research/stability.md says what was not run).
+#: (regime, stability_map arguments), in this order: the paired grid (10 seeds, 50 steps, Diffusion-DPO, the default
+#: safeguard and auto mu: lr 2e-4, where Diffusion-DPO broke in the stability map, then the demo's 2e-5, where it is
+#: healthy); the search (Diffusion-DPO alone, 2 seeds, 100 steps: learning rates up to 1e-3, betas down to 5); the
+#: margin cap on the grid; the top of the search (1e-3) with every setting, 5 seeds; long runs (1000 steps, 2 seeds,
+#: at 6.7e-5, where Diffusion-DPO dipped then recovered by 200 steps in the stability map); auto mu in the update
+#: space at 2e-4; then more seeds at 1e-3 and the other guards at 2e-4, as far as the machine's time went. Sized to a
+#: shared two-core machine (docs/research/stability.md says what was not run).
 SEARCH = {"--lrs": "5e-4,1e-3", "--betas": "50,5", "--max-steps": "100", "--eval-steps": "25,50,100"}
 GRID = {"--max-steps": "50", "--eval-steps": "25,50", "--betas": "", "--eval-seeds-per-prompt": "4"}
 LONG = {"--max-steps": "1000", "--eval-steps": "250,500,1000", "--betas": "", "--eval-seeds-per-prompt": "4"}
 TEN = ",".join(map(str, range(10)))
-OTHER_GUARDS = "guard-sft,guard-auto-beta,guard-update-auto-mu"
 REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
     ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": MAIN_METHODS}),
     ("offline", GRID | {"--lrs": "2e-5", "--seeds": TEN, "--methods": MAIN_METHODS}),
     ("search", SEARCH | {"--seeds": "0,1", "--methods": "dpo"}),
     ("offline", GRID | {"--lrs": "2e-4,2e-5", "--seeds": TEN, "--methods": "guard-max-margin"}),
-    ("offline", GRID | {"--lrs": "1e-3", "--seeds": TEN, "--methods": f"{MAIN_METHODS},guard-max-margin"}),
+    ("offline", GRID | {"--lrs": "1e-3", "--seeds": "0,1,2,3,4", "--methods": f"{MAIN_METHODS},guard-max-margin"}),
     ("long", LONG | {"--lrs": "6.7e-5", "--seeds": "0,1", "--methods": MAIN_METHODS}),
-    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": OTHER_GUARDS}),
+    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": "guard-update-auto-mu"}),
+    ("offline", GRID | {"--lrs": "1e-3", "--seeds": TEN, "--methods": f"{MAIN_METHODS},guard-max-margin"}),
+    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": "guard-sft,guard-auto-beta"}),
 )
 MEASURES = ("reward", "shape_iou", "diversity", "denoising_error")  # held-out; denoising error: lower is better
 
@@ -335,6 +337,9 @@ def _ci(item: dict[str, Any] | None) -> str:
     return f"{item['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
+TABLES_START, TABLES_END = "<!-- stability-tables:start -->", "<!-- stability-tables:end -->"
+
+
 def tables(path: Path) -> str:
     """The Markdown tables docs/research/stability.md quotes: per cell and setting at the last evaluation step, each
     held-out measure's change against the base and its paired difference from Diffusion-DPO (95% t intervals), and
@@ -377,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="benchmarks/results/cpu-stability-guards-demo.json", type=Path)
     parser.add_argument("--regime", default=None, help="Run only this regime.")
     parser.add_argument("--cell", default="offline/lr0.0002-beta5000", help="figure: the cell (regime/lr..-beta..).")
+    parser.add_argument("--page", default=None, type=Path, help="tables: rewrite this page's marked block.")
     parser.add_argument("--figure", default="docs/images/stability_guards_samples.png", type=Path)
     parser.add_argument("--max-margin", type=float, default=GUARD_DEFAULTS["max_margin"])
     parser.add_argument("--sft-weight", type=float, default=GUARD_DEFAULTS["sft_weight"])
@@ -384,7 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return run(args.parts, args.max_margin, args.sft_weight, args.regime)
     if args.command == "tables":
-        print(tables(args.json))
+        text = tables(args.json)
+        if args.page is None:
+            print(text)
+            return 0
+        page = args.page.read_text()
+        if TABLES_START not in page or TABLES_END not in page:
+            parser.error(f"{args.page} has no {TABLES_START} ... {TABLES_END} block")
+        head, rest = page.split(TABLES_START, 1)
+        args.page.write_text(f"{head}{TABLES_START}\n\n{text}\n\n{TABLES_END}{rest.split(TABLES_END, 1)[1]}")
+        print(f"wrote the tables into {args.page}")
         return 0
     if args.command == "figure":
         return figure(args.json, args.figure, args.cell)

@@ -199,18 +199,17 @@ def _alarm(args, caplog) -> str:
 
 
 def test_the_alarm_never_recommends_what_the_run_already_uses(tmp_path, caplog):
-    default = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    default = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.5)
     message = _alarm(default, caplog)
     assert default.safeguard and default.safeguard_space == "output"
     assert "safeguard=True" not in message and "safeguard_space='output'" not in message
-    assert "safeguard_space='update'" in message and "safeguard_mu='auto'" in message
+    assert "safeguard_space='update'" in message and "a larger safeguard_mu than 0.5" in message
     off = _alarm(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=False), caplog)
-    assert "safeguard=True" in off
-    strict = DiffusionSDPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, safeguard_space="update", safeguard_mu="auto", max_margin=5.0
-    )
-    assert remedies(strict) == [remedy for remedy in remedies(strict) if "safeguard" not in remedy]
-    assert not any("max_margin" in remedy for remedy in remedies(strict))
+    assert "safeguard=True" in off and "safeguard_space" not in off
+    auto = remedies(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu="auto"))
+    assert "a fixed safeguard_mu such as 0.9" in auto and not any("'auto'" in remedy for remedy in auto)
+    strict = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_space="update", safeguard_mu=0.9)
+    assert remedies(strict) == ["a smaller learning_rate"]
 
 
 def test_on_pathology_stop_saves_and_stops_and_escalate_raises_mu_once_per_windows():
@@ -405,8 +404,8 @@ def test_with_the_default_settings_on_the_tiny_base_the_alarm_recommends_only_wh
     message = _alarm(trainer.args, caplog)
     assert trainer.health.remedies == remedies(trainer.args)  # the trainer's alarm reads the run's own config
     assert "safeguard=True" not in message and "safeguard_space='output'" not in message
-    assert "safeguard_mu='auto' or a larger safeguard_mu than 0.9" in message  # the mu in force, not 0.5
-    assert "safeguard_space='update'" in message and "max_margin" in message
+    assert "safeguard_mu" not in message  # the mu in force is the authors' 0.9, not 0.5: no larger one to name
+    assert "safeguard_space='update'" in message and "learning_rate" in message
 
 
 def _guarded_run(make_trainer, output_dir, stop_at=None, resume=None):
