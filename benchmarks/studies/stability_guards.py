@@ -57,24 +57,22 @@ DRAWINGS_PER_PROMPT, DRAWING_SEED = 4, 777
 #: (regime, stability_map arguments), in this order: the paired grid (10 seeds, 50 steps, Diffusion-DPO, the default
 #: safeguard and auto mu: lr 2e-4, where Diffusion-DPO broke in the stability map, then the demo's 2e-5, where it is
 #: healthy); the search (Diffusion-DPO alone, 2 seeds, 100 steps: learning rates up to 1e-3, betas down to 5); the
-#: margin cap on the grid; the top of the search (1e-3) with every setting, 5 seeds; long runs (1000 steps, 2 seeds,
-#: at 6.7e-5, where Diffusion-DPO dipped then recovered by 200 steps in the stability map); auto mu in the update
-#: space at 2e-4; then more seeds at 1e-3 and the other guards at 2e-4, as far as the machine's time went. Sized to a
+#: margin cap on the grid; the top of the search (1e-3) with every setting; long runs (1000 steps, 2 seeds, at 6.7e-5,
+#: where Diffusion-DPO dipped then recovered by 200 steps in the stability map); the other guards at 2e-4. Sized to a
 #: shared two-core machine (docs/research/stability.md says what was not run).
 SEARCH = {"--lrs": "5e-4,1e-3", "--betas": "50,5", "--max-steps": "100", "--eval-steps": "25,50,100"}
 GRID = {"--max-steps": "50", "--eval-steps": "25,50", "--betas": "", "--eval-seeds-per-prompt": "4"}
 LONG = {"--max-steps": "1000", "--eval-steps": "250,500,1000", "--betas": "", "--eval-seeds-per-prompt": "4"}
 TEN = ",".join(map(str, range(10)))
+OTHER_GUARDS = "guard-sft,guard-auto-beta,guard-update-auto-mu"
 REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
     ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": MAIN_METHODS}),
     ("offline", GRID | {"--lrs": "2e-5", "--seeds": TEN, "--methods": MAIN_METHODS}),
     ("search", SEARCH | {"--seeds": "0,1", "--methods": "dpo"}),
     ("offline", GRID | {"--lrs": "2e-4,2e-5", "--seeds": TEN, "--methods": "guard-max-margin"}),
-    ("offline", GRID | {"--lrs": "1e-3", "--seeds": "0,1,2,3,4", "--methods": f"{MAIN_METHODS},guard-max-margin"}),
-    ("long", LONG | {"--lrs": "6.7e-5", "--seeds": "0,1", "--methods": MAIN_METHODS}),
-    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": "guard-update-auto-mu"}),
     ("offline", GRID | {"--lrs": "1e-3", "--seeds": TEN, "--methods": f"{MAIN_METHODS},guard-max-margin"}),
-    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": "guard-sft,guard-auto-beta"}),
+    ("long", LONG | {"--lrs": "6.7e-5", "--seeds": "0,1", "--methods": MAIN_METHODS}),
+    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": OTHER_GUARDS}),
 )
 MEASURES = ("reward", "shape_iou", "diversity", "denoising_error")  # held-out; denoising error: lower is better
 
@@ -295,6 +293,10 @@ LABELS = {
 }
 
 
+def _strip(png: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(png)))
+
+
 def figure(path: Path, out: Path, cell: str, seed: int = 0, scale: int = 3) -> int:
     """Held-out samples along the run (one column per evaluation step, step 0 the base), Diffusion-DPO's row beside
     each guard's, for ``seed`` in ``cell`` (``regime/lr..-beta..``): the first sample of every held-out prompt, the
@@ -303,14 +305,13 @@ def figure(path: Path, out: Path, cell: str, seed: int = 0, scale: int = 3) -> i
 
     report = json.loads(path.read_text())
     regime, name = cell.split("/")
-    runs = [
-        r
-        for r in report["regimes"][regime]["runs"].values()
-        if _cell(r) == name and r["seed"] == seed and "samples" in r
-    ]
+    every = report["regimes"][regime]["runs"].values()
+    runs = [r for r in every if _cell(r) == name and r["seed"] == seed and "samples" in r]
     runs.sort(key=lambda r: list(LABELS).index(r["method"]) if r["method"] in LABELS else len(LABELS))
-    steps = sorted(runs[0]["samples"], key=int)
-    strips = [[Image.open(io.BytesIO(base64.b64decode(r["samples"][s]))) for s in steps] for r in runs]
+    # the base's samples (step 0) are kept by the first seed-0 run of each process: shared by every run of the regime
+    base = next(r["samples"]["0"] for r in every if "0" in r.get("samples", {}))
+    steps = ["0", *sorted({s for r in runs for s in r["samples"] if s != "0"}, key=int)]
+    strips = [[_strip(r["samples"].get(s, base if s == "0" else None)) for s in steps] for r in runs]
     width, height = strips[0][0].size
     width, height, gap, left, top = width * scale, height * scale, 12, 230, 30
     canvas = Image.new("RGB", (left + len(steps) * (width + gap), top + len(runs) * (height + gap)), "white")
