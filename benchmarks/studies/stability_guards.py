@@ -282,6 +282,8 @@ NOT_RUN = [
     "the online regime (a reward the model can raise while what the user wants falls): not run on this machine's "
     "budget; the online comparison (cpu-online-comparison-tiny.json) remains the only online evidence",
     "ema_decay: the EMA changes no training step, and these runs are judged on the trained weights",
+    "a small beta at a large learning rate: the search moves one of the two at a time",
+    "long runs: 1000 steps at one learning rate (6.7e-5) with 2 seeds, no paired interval worth the name",
 ]
 
 
@@ -290,6 +292,9 @@ LABELS = {
     DEFAULT_METHOD: "output space, mu=0.5",
     "guard-auto-mu": "output space, mu=auto",
     "guard-max-margin": "Diffusion-DPO, max_margin=5",
+    "guard-sft": "Diffusion-DPO, sft_weight=1",
+    "guard-auto-beta": "Diffusion-DPO, auto_beta",
+    "guard-update-auto-mu": "update space, mu=auto",
 }
 
 
