@@ -7,6 +7,8 @@
 * :class:`PathologyAction` (``on_pathology``): ``warn`` leaves the warning to health; ``escalate`` raises the
   safeguard's ``mu`` halfway to 1; ``stop`` saves a checkpoint and stops, through transformers' ``control``.
 * :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
+* :class:`GuardState`: what the adaptive guards have learnt (the auto-beta's EMA, ``mu``, the escalations), saved in
+  every checkpoint's trainer state and restored on resume, so a resumed run continues as the uninterrupted one.
 
 The components take what they need (the trainer's save function, the margin object), never the trainer's internals.
 """
@@ -21,11 +23,12 @@ from typing import Any
 
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .step.health import WINDOWS
 
-__all__ = ["EMA_FOLDER", "EMAWeights", "PathologyAction", "early_stopping"]
+__all__ = ["EMA_FOLDER", "EMAWeights", "GuardState", "PathologyAction", "early_stopping"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,42 @@ class PathologyAction:
             )
             control.should_save = True
             control.should_training_stop = True
+
+
+class GuardState(TrainerCallback, ExportableState):
+    """The adaptive guards' state in the checkpoints: transformers writes :meth:`state` into ``trainer_state.json``
+    (``stateful_callbacks``) at every save, and reads the file back before ``on_train_begin`` on resume, where this
+    puts it back into the guards (every process reads the same file). The values are the reduced ones, equal on
+    every process.
+
+    Args:
+        auto_beta: the run's ``AutoBeta`` (``None`` without ``auto_beta``).
+        margin: the safeguard's ``SafeguardMargin`` (``None`` without a safeguard).
+        action: the run's :class:`PathologyAction`.
+    """
+
+    def __init__(self, auto_beta: Any | None, margin: Any | None, action: PathologyAction) -> None:
+        self.auto_beta, self.margin, self.action = auto_beta, margin, action
+
+    def state(self) -> dict[str, Any]:
+        guards: dict[str, Any] = {"escalations": self.action.escalations, "logs_since": self.action._logs_since}
+        if self.margin is not None:
+            guards["mu"] = self.margin.current()
+        if self.auto_beta is not None and self.auto_beta.ema is not None:
+            guards["auto_beta_ema"] = float(self.auto_beta.ema)
+        return {"args": {}, "attributes": guards}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if state.global_step == 0 or not saved:  # a new run, or a checkpoint from before the guards kept state
+            state.stateful_callbacks[type(self).__name__] = self.state()
+            return
+        guards = saved["attributes"]
+        self.action.escalations, self.action._logs_since = guards["escalations"], guards["logs_since"]
+        if self.margin is not None and "mu" in guards:
+            self.margin.restore(guards["mu"], args.device)
+        if self.auto_beta is not None and "auto_beta_ema" in guards:
+            self.auto_beta.restore(guards["auto_beta_ema"], args.device)
 
 
 def early_stopping(patience: int | None, threshold: float = 0.0) -> list[TrainerCallback]:

@@ -82,7 +82,7 @@ def start_summary(given: Any, effective: Any, family_name: str, lora: bool, engi
             f"Training {family_name} ({'LoRA' if lora else 'full tuning'}) for {max_steps} optimizer steps:",
             f"  peak learning rate {learning_rate_text(given, effective.learning_rate)}",
             f"  schedule {schedule}, {warmup_text}; {pairs_per_step(given)} pairs per optimizer step",
-            f"  objective {_objective_text(given)}, beta {given.beta:g}",
+            f"  objective {_objective_text(effective)}, beta {given.beta:g}",
             f"  engine {engine!r}, {_precision_text(given)}",
         ]
     )

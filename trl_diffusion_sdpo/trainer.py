@@ -35,7 +35,7 @@ from .data.training_data import prepare_training_data
 from .distributed import check_not_partitioned, check_one_device_per_process, load_pipeline
 from .engines import Engine, engine_for
 from .families import ModelFamily, Noiser, family_for_pipeline
-from .guards import EMAWeights, PathologyAction
+from .guards import EMAWeights, GuardState, PathologyAction
 from .io.run_files import RunFiles, files_hook
 from .io.trackers import make_config_trackable
 from .objectives import AutoBeta, PreferenceObjective, objective_from_config
@@ -162,7 +162,7 @@ class DiffusionSDPOTrainer(Trainer):
         prepare_denoiser(denoiser, peft_config, self._dtype, wants_gradient_checkpointing(args))
 
         # The data, then transformers.Trainer with the effective arguments.
-        args = training_arguments(args)
+        args = training_arguments(args, self.family)  # safeguard_mu=None: the family's default
         data = self.prepare_data(train_dataset, eval_dataset, args, reward_fn)
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
@@ -244,6 +244,7 @@ class DiffusionSDPOTrainer(Trainer):
         margin = self.safeguard.margin if self.safeguard.margin.auto else None  # a fixed mu never moves
         self.adaptive_guards = [guard for guard in (self.auto_beta, margin) if guard is not None]
         self.on_pathology = PathologyAction(args.on_pathology, self.safeguard.margin if args.safeguard else None)
+        self.add_callback(GuardState(self.auto_beta, self.on_pathology.margin, self.on_pathology))  # in checkpoints
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 

@@ -92,9 +92,11 @@ def prepare_denoiser(
         denoiser.enable_gradient_checkpointing()
 
 
-def training_arguments(args):
+def training_arguments(args, family: ModelFamily | None = None):
     """A copy of ``args`` (a ``DiffusionSDPOConfig``) as ``transformers.Trainer`` must see it; the caller's stays as
     given (it is what ``training_config.json`` stores).
+
+    * ``safeguard_mu=None``: the ``family``'s default for the objective (:func:`~.safeguards.margin.resolve_mu`).
 
     * ``scale_lr``: the learning rate times processes, per-device batch and accumulation steps.
     * Gradient checkpointing is the denoiser's own switch (:func:`prepare_denoiser`): transformers would call a
@@ -103,6 +105,10 @@ def training_arguments(args):
       cannot concatenate across processes: each process reads its own shard instead.
     """
     args = copy.copy(args)
+    if family is not None:
+        from .safeguards.margin import resolve_mu  # the safeguards import the engines, which import this module
+
+        resolve_mu(args, family)
     if args.scale_lr:
         args.learning_rate = (
             args.learning_rate * args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps

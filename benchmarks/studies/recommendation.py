@@ -13,7 +13,8 @@ The rule, read off the rows (every number in the text is a row's):
 * Diffusion-DPO (``safeguard=False``) where it is healthy: there every safeguard's reward is at or below its own;
 * the update space where the pathology bites or may: it pays at lr 2e-4 and, of the safeguards, is the one that
   still pays at the in-between lr 1e-4;
-* the authors' per-model values (:data:`AUTHORS_MU`), which the demo's own table keeps for comparison.
+* the authors' per-model values (:data:`AUTHORS_MU`), the defaults of their models' families (real-model evidence
+  outranks the toy's); the toy's default is the fallback elsewhere. The demo's own table keeps them for comparison.
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ END = "<!-- recommendation:end -->"
 PAGES = ("README.md", "docs/safeguard.md")
 """The pages that carry the block, relative to the repository root."""
 
-AUTHORS_MU: tuple[tuple[str, float, str], ...] = (
-    ("SD1.5 with Diffusion-DPO and DMPO", 0.9, "`examples/configs/sd15_lora.yaml`"),
-    ("SDXL", 0.6, "`examples/configs/sdxl_lora.yaml`"),
-    ("SD1.5 with DSPO", 0.2, "`--loss_type dspo --safeguard_mu 0.2`"),
+AUTHORS_MU: tuple[tuple[str, float], ...] = (
+    ("SD1.5 with Diffusion-DPO and DMPO", 0.9),
+    ("SDXL", 0.6),
+    ("SD1.5 with DSPO", 0.2),
 )
-"""The Diffusion-SDPO authors' ``mu`` per model and objective (arXiv 2511.03317), and how to train with it here."""
+"""The Diffusion-SDPO authors' ``mu`` per model and objective (arXiv 2511.03317): the defaults of those families
+(``ModelFamily.authors_safeguard_mu``; ``safeguard_mu`` unset)."""
 
 _PATHOLOGICAL, _BETWEEN, _HEALTHY = "pathological", "between", "demo's"
 _LABEL = re.compile(r"^(?P<space>\w+) space(?P<pair> per pair)?, mu=(?P<mu>[\d.]+)$")
@@ -144,7 +146,7 @@ def render(recommendation: dict[str, Any], page: str | None = None) -> str:
         quiet = sum(r["verdict"] != "pays" for r in others)
         who = f"none of the other {len(others)}" if quiet == len(others) else f"{len(others) - quiet} of the other"
         also = f", and {_ci(between['reward_minus_dpo'])} at {_lr(between)}, where {who} paid"
-    authors = ", ".join(f"{mu:g} for {model} ({how})" for model, mu, how in AUTHORS_MU)
+    authors = ", ".join(f"{mu:g} for {model}" for model, mu in AUTHORS_MU)
     evidence = (
         "[the safeguard](docs/safeguard.md)"
         if page == "README.md"
@@ -156,7 +158,8 @@ def render(recommendation: dict[str, Any], page: str | None = None) -> str:
         else f"the safeguards differed from it by {low:+.3f} to {high:+.3f} there at 200 steps"
     )
     lines = [
-        f'- Default: Diffusion-SDPO in the {picked["space"]} space at `mu={picked["mu"]:g}` (`safeguard_space="'
+        "- Default (`safeguard_mu` unset): the authors' value where they measured the model (below); elsewhere "
+        f'Diffusion-SDPO in the {picked["space"]} space at `mu={picked["mu"]:g}` (`safeguard_space="'
         f"{picked['space']}\"`, `safeguard_mu={picked['mu']:g}`), the cheapest insurance: where Diffusion-DPO's "
         f"pathology bites ({_lr(default)}) it changes the held-out reward by {_ci(default['reward_minus_dpo'])} "
         f"against Diffusion-DPO; where Diffusion-DPO is healthy ({_lr(healthy[0])}) it costs {' and '.join(costs)}.",
@@ -165,7 +168,8 @@ def render(recommendation: dict[str, Any], page: str | None = None) -> str:
         f'- The update space at `mu={_LABEL.match(update["label"])["mu"]}` (`safeguard_space="update"`) where '
         "Diffusion-DPO's pathology bites (its held-out reward falling, its winner's error rising): "
         f"{_ci(update['reward_minus_dpo'])} at {_lr(update)}{also}.",
-        f"- The authors' values: `safeguard_mu` {authors}.",
+        f"- The authors' values, the defaults for their models (real-model evidence outranks this toy's): "
+        f"`safeguard_mu` {authors} (arXiv 2511.03317).",
         "- Evidence: paired comparisons on the demo's toy base (held-out reward minus Diffusion-DPO's, 95% paired t "
         f"interval): {evidence}.",
     ]

@@ -1,48 +1,80 @@
-"""Stability of each guard against collapse on the toy demo: does it keep the held-out reward where Diffusion-DPO's
-falls, and what does it cost where Diffusion-DPO is healthy?
+"""Stability of each guard against collapse on the toy demo: does it keep the held-out measures where
+Diffusion-DPO's fall, and what does it cost where Diffusion-DPO is healthy?
 
-Not part of the test suite. The runs, their held-out evaluation and the results file are :mod:`stability_map`'s
-(the demo's shipped base, its pairs, its held-out prompts; resumable, one run appended at a time), with the guards
-added as methods beside Diffusion-DPO and the default safeguard:
+Not part of the test suite. The runs are :mod:`stability_map`'s (the demo's shipped base, its 123 pairs, its held-out
+prompts, batches of 2 pairs; resumable, one run appended at a time), with the guards added as methods beside
+Diffusion-DPO and the package's default safeguard (output space, ``mu=0.5``):
 
-- ``guard-max-margin``: Diffusion-DPO with ``max_margin`` (``--max-margin``);
-- ``guard-sft``: Diffusion-DPO with ``sft_weight`` (``--sft-weight``);
+- ``guard-max-margin``: Diffusion-DPO with ``max_margin`` (``--max-margin``, default 5);
+- ``guard-sft``: Diffusion-DPO with ``sft_weight`` (``--sft-weight``, default 1);
 - ``guard-auto-beta``: Diffusion-DPO with ``auto_beta`` (target 0.2);
 - ``guard-auto-mu``: the output-space safeguard with ``safeguard_mu="auto"``;
 - ``guard-update-auto-mu``: the update-space safeguard with ``safeguard_mu="auto"``.
 
-``ema_decay`` is not among them: the EMA changes no training step, and :mod:`stability_map`'s held-out evaluation
-samples the trained weights, so its row would repeat Diffusion-DPO's (its effect is not measured here).
+``ema_decay`` is not among them: the EMA changes no training step and the runs are judged on the trained weights.
 
-The defaults are the regimes the study is for: learning rates up to 1e-3 at the demo's beta, small betas at the
-demo's learning rate, 1000 steps evaluated along the way, 10 paired seeds. Per logged step the history also keeps
-``beta``, ``safeguard/mu`` and ``margin``, so the auto-beta's and auto-mu's paths are in the file.
+Every evaluation step measures, on the held-out prompts' samples (the same noise for every model), the colour reward
+(``reward_change``, as :mod:`stability_map`) and measures the training never sees (``online_measures.py``): the shape
+IoU, the sample diversity, and the denoising error on clean drawings of the held-out captions; step ``0`` is the
+base. For seed 0 the first sample of every held-out prompt is kept (``samples``, a base64 PNG strip) for the figure.
 
-    OMP_NUM_THREADS=1 nohup python benchmarks/studies/stability_guards.py \\
-        --json benchmarks/results/cpu-stability-guards-demo.json &
+The study is a list of regimes (:data:`REGIMES`), each a :mod:`stability_map` grid in its own part file under
+``--parts`` (so the grids may differ in length); they run in the order listed, a regime may appear twice with more
+seeds or cells. ``run`` trains what is missing; ``assemble`` writes the one results file: every regime's runs, per
+cell, method and evaluation step the 95% paired t intervals (:func:`trl_diffusion_sdpo.demo.stats.paired_difference`)
+of each measure against the base and against Diffusion-DPO, and the issue's two-part goal per setting.
+
+    OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/stability_guards.py run &
+    python benchmarks/studies/stability_guards.py assemble --json benchmarks/results/cpu-stability-guards-demo.json
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
+import io
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import numpy as np  # noqa: E402
 import stability_map  # noqa: E402
+import torch  # noqa: E402
+from online_measures import diversity, drawings, held_out_denoising_error, shape_scores, shape_templates  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from trl_diffusion_sdpo.demo.methods import Method  # noqa: E402
+from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
-GUARD_DEFAULTS = {"--max-margin": 5.0, "--sft-weight": 1.0}
-STUDY_DEFAULTS = {
-    "--lrs": "2e-5,2e-4,1e-3",
-    "--betas": "50,500",
-    "--max-steps": "1000",
-    "--eval-steps": "100,300,1000",
-    "--seeds": ",".join(str(s) for s in range(10)),
-    "--methods": "dpo,sdpo-output-mu0.5,guard-max-margin,guard-sft,guard-auto-beta,guard-auto-mu,guard-update-auto-mu",
-}
+GUARD_DEFAULTS = {"max_margin": 5.0, "sft_weight": 1.0}
+DEFAULT_METHOD = "sdpo-output-mu0.5"  # the package's default safeguard when the study ran
+MAIN_METHODS = f"dpo,{DEFAULT_METHOD},guard-auto-mu"
+DRAWINGS_PER_PROMPT, DRAWING_SEED = 4, 777
+#: (regime, stability_map arguments), in this order: the paired grid (10 seeds, 50 steps, Diffusion-DPO, the default
+#: safeguard and auto mu: lr 2e-4, where Diffusion-DPO broke in the stability map, then the demo's 2e-5, where it is
+#: healthy); the search (Diffusion-DPO alone, 2 seeds, 100 steps: learning rates up to 1e-3, betas down to 5); the
+#: margin cap on the grid; the top of the search (1e-3) with every setting; long runs (1000 steps, 2 seeds, at 6.7e-5,
+#: where Diffusion-DPO dipped then recovered by 200 steps in the stability map); the other guards at 2e-4. Sized to a
+#: shared two-core machine (docs/research/stability.md says what was not run).
+SEARCH = {"--lrs": "5e-4,1e-3", "--betas": "50,5", "--max-steps": "100", "--eval-steps": "25,50,100"}
+GRID = {"--max-steps": "50", "--eval-steps": "25,50", "--betas": "", "--eval-seeds-per-prompt": "4"}
+LONG = {"--max-steps": "1000", "--eval-steps": "250,500,1000", "--betas": "", "--eval-seeds-per-prompt": "4"}
+TEN = ",".join(map(str, range(10)))
+OTHER_GUARDS = "guard-sft,guard-auto-beta,guard-update-auto-mu"
+REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
+    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": MAIN_METHODS}),
+    ("offline", GRID | {"--lrs": "2e-5", "--seeds": TEN, "--methods": MAIN_METHODS}),
+    ("search", SEARCH | {"--seeds": "0,1", "--methods": "dpo"}),
+    ("offline", GRID | {"--lrs": "2e-4,2e-5", "--seeds": TEN, "--methods": "guard-max-margin"}),
+    ("offline", GRID | {"--lrs": "1e-3", "--seeds": TEN, "--methods": f"{MAIN_METHODS},guard-max-margin"}),
+    ("long", LONG | {"--lrs": "6.7e-5", "--seeds": "0,1", "--methods": MAIN_METHODS}),
+    ("offline", GRID | {"--lrs": "2e-4", "--seeds": TEN, "--methods": OTHER_GUARDS}),
+)
+MEASURES = ("reward", "shape_iou", "diversity", "denoising_error")  # held-out; denoising error: lower is better
 
 
 def guard_methods(max_margin: float, sft_weight: float) -> tuple[Method, ...]:
@@ -56,26 +88,328 @@ def guard_methods(max_margin: float, sft_weight: float) -> tuple[Method, ...]:
     )
 
 
-def _take(argv: list[str], flag: str, default: float) -> tuple[float, list[str]]:
-    """``flag``'s value in ``argv`` (``default`` where absent) and ``argv`` without it."""
-    if flag not in argv:
-        return default, argv
-    i = argv.index(flag)
-    return float(argv[i + 1]), argv[:i] + argv[i + 2 :]
+def _png(images: np.ndarray) -> str:
+    """``[N, H, W, 3]`` floats in [0, 1] as one base64 PNG strip."""
+    strip = np.concatenate(list((np.clip(images, 0, 1) * 255).round().astype(np.uint8)), axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(strip).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class HeldOutMeasures(stability_map.EvaluateAt):
+    """:class:`stability_map.EvaluateAt` plus the held-out measures the training never sees, at step 0 (the base,
+    computed once per process) and at every evaluation step."""
+
+    bases: dict[int, dict[str, Any]] = {}  # per samples per prompt: the base's measures and samples
+    templates: dict[str, np.ndarray] | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.measures: dict[str, dict[str, float]] = {}
+        self.samples: dict[str, str] = {}
+        self.keep_samples = self.recipe.seeds == (0,)
+        self.pixels = drawings(self.held_out, DRAWINGS_PER_PROMPT, DRAWING_SEED)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        key = self.recipe.eval_seeds_per_prompt
+        if key not in HeldOutMeasures.bases:  # the tuned UNet starts as the base's copy
+            self.steps.add(0)
+            self.on_step_end(args, state, control)
+            self.steps.discard(0)
+            HeldOutMeasures.bases[key] = {"measures": self.measures.pop("0"), "samples": self.samples.pop("0", None)}
+            self.rewards.pop(0)
+        base = HeldOutMeasures.bases[key]
+        self.measures["0"] = base["measures"]
+        if self.keep_samples and base["samples"]:
+            self.samples["0"] = base["samples"]
+
+    def measure(self, step, pipeline, images) -> None:
+        if HeldOutMeasures.templates is None:
+            HeldOutMeasures.templates = shape_templates(images.shape[-2])
+        captions = [c for c in self.held_out for _ in range(images.shape[1])]
+        iou, _ = shape_scores(images.reshape(-1, *images.shape[2:]), captions, HeldOutMeasures.templates)
+        with torch.no_grad():
+            error = held_out_denoising_error(pipeline, self.pixels, self.held_out, DRAWINGS_PER_PROMPT)
+        self.measures[str(step)] = {
+            "reward": self.rewards[step],
+            "shape_iou": float(iou.mean()),
+            "diversity": float(diversity(images).mean()),
+            "denoising_error": error,
+        }
+        if self.keep_samples:
+            self.samples[str(step)] = _png(images[:, 0])
+
+    def extras(self) -> dict[str, Any]:
+        return {"measures": self.measures, **({"samples": self.samples} if self.samples else {})}
+
+
+def _install(max_margin: float, sft_weight: float) -> None:
+    stability_map.EXTRA_METHODS = (*stability_map.EXTRA_METHODS, *guard_methods(max_margin, sft_weight))
+    stability_map.HISTORY_KEYS = (*stability_map.HISTORY_KEYS, "beta", "safeguard/mu", "margin")
+    stability_map.EVALUATOR = HeldOutMeasures
+
+
+def run(parts: Path, max_margin: float, sft_weight: float, only: str | None) -> int:
+    _install(max_margin, sft_weight)
+    parts.mkdir(parents=True, exist_ok=True)
+    for name, grid in REGIMES:
+        if only is not None and name != only:
+            continue
+        argv = [a for flag, value in grid.items() for a in (flag, value)] + ["--json", str(parts / f"{name}.json")]
+        print(f"regime {name}: {' '.join(argv)}", flush=True)
+        stability_map.main(argv)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ analysis
+
+
+def _cell(run: dict[str, Any]) -> str:
+    return f"lr{run['learning_rate']:g}-beta{run['beta']:g}"
+
+
+def _change(run: dict[str, Any], measure: str, step: str) -> float:
+    return run["measures"][step][measure] - run["measures"]["0"][measure]
+
+
+def analyse(regimes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per regime, cell, method and evaluation step: each measure's change against the base (t interval over
+    seeds; the base's samples share prompts and noise) and its paired difference against Diffusion-DPO (same seeds:
+    same batches, timesteps and noise). Then the goal per cell and method at the last step (:func:`goal`)."""
+    out: dict[str, Any] = {}
+    for regime, report in regimes.items():
+        runs = list(report["runs"].values())
+        cells: dict[str, Any] = {}
+        for cell in dict.fromkeys(_cell(r) for r in runs):
+            in_cell = [r for r in runs if _cell(r) == cell]
+            by_method = {
+                m: {r["seed"]: r for r in in_cell if r["method"] == m} for m in {r["method"] for r in in_cell}
+            }
+            steps = sorted({s for r in in_cell for s in r["measures"] if s != "0"}, key=int)
+            entry: dict[str, Any] = {"learning_rate": in_cell[0]["learning_rate"], "beta": in_cell[0]["beta"]}
+            for method, seeded in sorted(by_method.items()):
+                rows: dict[str, Any] = {}
+                for step in steps:
+                    row: dict[str, Any] = {}
+                    for measure in MEASURES:
+                        changes = {s: _change(r, measure, step) for s, r in seeded.items()}
+                        item: dict[str, Any] = {"vs_base": summarise(list(changes.values()))}
+                        dpo = by_method.get("dpo", {})
+                        shared = sorted(set(changes) & set(dpo))
+                        if method != "dpo" and len(shared) >= 2:
+                            mine = [changes[s] for s in shared]
+                            theirs = [_change(dpo[s], measure, step) for s in shared]
+                            item["vs_dpo"] = _brief(paired_difference(mine, theirs))
+                        row[measure] = item
+                    rows[step] = row
+                entry[method] = {"seeds": sorted(seeded), "steps": rows}
+            cells[cell] = entry
+        out[regime] = cells
+    return out
+
+
+def _brief(paired: dict[str, Any]) -> dict[str, Any]:
+    return {k: paired[k] for k in ("mean", "sd", "n", "ci95", "excludes_zero", "mde80")}
+
+
+def goal(analysis: dict[str, Any], measure: str = "reward") -> dict[str, Any]:
+    """The issue's two halves for every setting, at each cell's last evaluation step on ``measure``:
+
+    - a cell *breaks* when Diffusion-DPO's change against the base has its 95% interval below 0 at the last step;
+      there a setting *holds* when its interval against the base includes or exceeds 0 and overlaps the best
+      guard's (the setting with the highest mean change);
+    - a cell is *healthy* otherwise; there a setting *costs nothing* when its paired interval against
+      Diffusion-DPO includes 0 (or lies above it).
+    """
+    out: dict[str, Any] = {}
+    for regime, cells in analysis.items():
+        for cell, entry in cells.items():
+            methods = {m: v for m, v in entry.items() if isinstance(v, dict) and "steps" in v}
+            if "dpo" not in methods or len(methods["dpo"]["seeds"]) < 2 or len(methods) < 2:
+                continue  # the search's cells: Diffusion-DPO alone
+            last = max(methods["dpo"]["steps"], key=int)
+            at = {m: v["steps"][last][measure] for m, v in methods.items() if last in v["steps"]}
+            dpo_ci = at["dpo"]["vs_base"]["ci95"]
+            breaks = dpo_ci is not None and dpo_ci[1] < 0
+            best = max(at, key=lambda m: at[m]["vs_base"]["mean"])
+            best_ci = at[best]["vs_base"]["ci95"]
+            verdicts = {}
+            for method, item in at.items():
+                if method == "dpo":
+                    continue
+                ci = item["vs_base"]["ci95"]
+                if breaks:
+                    holds = ci is not None and ci[1] >= 0 and best_ci is not None and ci[1] >= best_ci[0]
+                    verdicts[method] = {"half": "holds where Diffusion-DPO breaks", "met": bool(holds)}
+                else:
+                    vs = item.get("vs_dpo", {}).get("ci95")
+                    verdicts[method] = {
+                        "half": "costs nothing where Diffusion-DPO is healthy",
+                        "met": vs is not None and vs[1] >= 0,
+                    }
+            out[f"{regime}/{cell}"] = {
+                "step": int(last),
+                "dpo_change": at["dpo"]["vs_base"],
+                "diffusion_dpo_breaks": breaks,
+                "best": best,
+                "settings": verdicts,
+            }
+    return out
+
+
+def assemble(parts: Path, path: Path) -> int:
+    regimes = {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}
+    analysis = analyse(regimes)
+    report = {
+        "description": __doc__.split("\n\n")[0].replace("\n", " "),
+        "measures": {
+            "reward": "the demo's colour reward on the held-out prompts (the training's reward, unseen prompts)",
+            "shape_iou": "the shape IoU of the held-out samples (online_measures.shape_scores); never trained on",
+            "diversity": "mean pairwise RMS pixel distance between a prompt's samples; never trained on",
+            "denoising_error": "the UNet's denoising MSE on clean drawings of the held-out captions; lower is better",
+        },
+        "regimes": regimes,
+        "analysis": analysis,
+        "goal": {measure: goal(analysis, measure) for measure in ("reward", "shape_iou")},
+        "not_run": NOT_RUN,
+    }
+    path.write_text(json.dumps(report))
+    print(f"wrote {path}")
+    return 0
+
+
+NOT_RUN = [
+    "the online regime (a reward the model can raise while what the user wants falls): not run on this machine's "
+    "budget; the online comparison (cpu-online-comparison-tiny.json) remains the only online evidence",
+    "ema_decay: the EMA changes no training step, and these runs are judged on the trained weights",
+    "a small beta at a large learning rate: the search moves one of the two at a time",
+    "long runs: 1000 steps at one learning rate (6.7e-5) with 2 seeds, no paired interval worth the name",
+]
+
+
+LABELS = {
+    "dpo": "Diffusion-DPO",
+    DEFAULT_METHOD: "output space, mu=0.5",
+    "guard-auto-mu": "output space, mu=auto",
+    "guard-max-margin": "Diffusion-DPO, max_margin=5",
+    "guard-sft": "Diffusion-DPO, sft_weight=1",
+    "guard-auto-beta": "Diffusion-DPO, auto_beta",
+    "guard-update-auto-mu": "update space, mu=auto",
+}
+
+
+def _strip(png: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(png)))
+
+
+def figure(path: Path, out: Path, cell: str, seed: int = 0, scale: int = 3) -> int:
+    """Held-out samples along the run (one column per evaluation step, step 0 the base), Diffusion-DPO's row beside
+    each guard's, for ``seed`` in ``cell`` (``regime/lr..-beta..``): the first sample of every held-out prompt, the
+    same noise in every row. Pixels enlarged ``scale`` times without smoothing."""
+    from PIL import ImageDraw
+
+    report = json.loads(path.read_text())
+    regime, name = cell.split("/")
+    every = report["regimes"][regime]["runs"].values()
+    runs = [r for r in every if _cell(r) == name and r["seed"] == seed and "samples" in r]
+    runs.sort(key=lambda r: list(LABELS).index(r["method"]) if r["method"] in LABELS else len(LABELS))
+    # the base's samples (step 0) are kept by the first seed-0 run of each process: shared by every run of the regime
+    base = next(r["samples"]["0"] for r in every if "0" in r.get("samples", {}))
+    steps = ["0", *sorted({s for r in runs for s in r["samples"] if s != "0"}, key=int)]
+    strips = [[_strip(r["samples"].get(s, base if s == "0" else None)) for s in steps] for r in runs]
+    width, height = strips[0][0].size
+    width, height, gap, left, top = width * scale, height * scale, 12, 230, 30
+    canvas = Image.new("RGB", (left + len(steps) * (width + gap), top + len(runs) * (height + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, step in enumerate(steps):
+        draw.text((left + j * (width + gap), 8), "base" if step == "0" else f"step {step}", fill="black")
+    for i, (run, row) in enumerate(zip(runs, strips)):
+        y = top + i * (height + gap)
+        change = run["reward_change"][steps[-1]]
+        draw.text((8, y + height // 2 - 12), LABELS.get(run["method"], run["method"]), fill="black")
+        draw.text((8, y + height // 2 + 2), f"reward change {change:+.3f}", fill="black")
+        for j, strip in enumerate(row):
+            canvas.paste(strip.resize((width, height), Image.Resampling.NEAREST), (left + j * (width + gap), y))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _ci(item: dict[str, Any] | None) -> str:
+    if item is None or item.get("ci95") is None:
+        return "n/a"
+    low, high = item["ci95"]
+    return f"{item['mean']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+TABLES_START, TABLES_END = "<!-- stability-tables:start -->", "<!-- stability-tables:end -->"
+
+
+def tables(path: Path) -> str:
+    """The Markdown tables docs/research/stability.md quotes: per cell and setting at the last evaluation step, each
+    held-out measure's change against the base and its paired difference from Diffusion-DPO (95% t intervals), and
+    the goal's verdicts."""
+    report = json.loads(path.read_text())
+    lines = []
+    for regime, cells in report["analysis"].items():
+        for entry in cells.values():
+            methods = {m: v for m, v in entry.items() if isinstance(v, dict) and "steps" in v}
+            last = max(next(iter(methods.values()))["steps"], key=int)
+            lines += [
+                f"{regime}, lr {entry['learning_rate']:g}, beta {entry['beta']:g}, step {last}:",
+                "",
+                "| setting | seeds | reward vs base | reward vs Diffusion-DPO | shape IoU vs base "
+                "| shape IoU vs Diffusion-DPO | denoising error vs base |",
+                "|---|---:|---|---|---|---|---|",
+            ]
+            for method, value in methods.items():
+                row = value["steps"][last]
+                lines.append(
+                    f"| {LABELS.get(method, method)} | {len(value['seeds'])} | {_ci(row['reward']['vs_base'])} | "
+                    f"{_ci(row['reward'].get('vs_dpo'))} | {_ci(row['shape_iou']['vs_base'])} | "
+                    f"{_ci(row['shape_iou'].get('vs_dpo'))} | {_ci(row['denoising_error']['vs_base'])} |"
+                )
+            lines.append("")
+    for measure, cells in report["goal"].items():
+        for cell, verdict in cells.items():
+            met = ", ".join(
+                f"{LABELS.get(m, m)}: {'meets' if v['met'] else 'misses'}" for m, v in verdict["settings"].items()
+            )
+            state = "breaks" if verdict["diffusion_dpo_breaks"] else "healthy"
+            lines.append(f"- {measure}, {cell}: Diffusion-DPO {state} ({_ci(verdict['dpo_change'])}); {met}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    values = {}
-    for flag, default in GUARD_DEFAULTS.items():
-        values[flag], argv = _take(argv, flag, default)
-    for flag, default in STUDY_DEFAULTS.items():  # the study's regimes unless given
-        if flag not in argv:
-            argv += [flag, default]
-    methods = guard_methods(values["--max-margin"], values["--sft-weight"])
-    stability_map.EXTRA_METHODS = (*stability_map.EXTRA_METHODS, *methods)
-    stability_map.HISTORY_KEYS = (*stability_map.HISTORY_KEYS, "beta", "safeguard/mu", "margin")
-    return stability_map.main(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("run", "assemble", "figure", "tables"))
+    parser.add_argument("--parts", default="/tmp/stability-guards-parts", type=Path)
+    parser.add_argument("--json", default="benchmarks/results/cpu-stability-guards-demo.json", type=Path)
+    parser.add_argument("--regime", default=None, help="Run only this regime.")
+    parser.add_argument("--cell", default="offline/lr0.0002-beta5000", help="figure: the cell (regime/lr..-beta..).")
+    parser.add_argument("--page", default=None, type=Path, help="tables: rewrite this page's marked block.")
+    parser.add_argument("--figure", default="docs/images/stability_guards_samples.png", type=Path)
+    parser.add_argument("--max-margin", type=float, default=GUARD_DEFAULTS["max_margin"])
+    parser.add_argument("--sft-weight", type=float, default=GUARD_DEFAULTS["sft_weight"])
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args.parts, args.max_margin, args.sft_weight, args.regime)
+    if args.command == "tables":
+        text = tables(args.json)
+        if args.page is None:
+            print(text)
+            return 0
+        page = args.page.read_text()
+        if TABLES_START not in page or TABLES_END not in page:
+            parser.error(f"{args.page} has no {TABLES_START} ... {TABLES_END} block")
+        head, rest = page.split(TABLES_START, 1)
+        args.page.write_text(f"{head}{TABLES_START}\n\n{text}\n\n{TABLES_END}{rest.split(TABLES_END, 1)[1]}")
+        print(f"wrote the tables into {args.page}")
+        return 0
+    if args.command == "figure":
+        return figure(args.json, args.figure, args.cell)
+    return assemble(args.parts, args.json)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ EXTRA_METHODS = (
     #   Method("sdpo-pair-mu0.5", "SDPO per-pair mu=0.5", True, 0.5, "parameter", (("safeguard_scope", "pair"),)),
     #   Method("smpo-inversion", "SmPO (inversion)", False, config=(("loss_type", "smpo"), ...)),
 )
+EVALUATOR: type[EvaluateAt] | None = None  # a study's subclass of EvaluateAt (set before main), else EvaluateAt
 HISTORY_KEYS = ("step", "loss", "delta/winner", "delta/loser", "implicit_acc", "safeguard/lambda_mean")
 
 
@@ -118,10 +119,19 @@ class EvaluateAt(TrainerCallback):
             requires_safety_checker=False,
         )
         unet.eval()
-        _, rewards = _evaluate(sampler, self.held_out, self.recipe)
-        unet.train()
+        images, rewards = _evaluate(sampler, self.held_out, self.recipe)
         self.rewards[state.global_step] = float(rewards.mean())
+        self.measure(state.global_step, sampler, images)
+        unet.train()
         self.seconds += time.perf_counter() - tick
+
+    def measure(self, step: int, pipeline: StableDiffusionPipeline, images: np.ndarray) -> None:
+        """Further held-out measures of the model at ``step`` (``images``: the held-out samples ``[P, S, H, W, 3]``);
+        none here, a study adds its own and returns them from :meth:`extras`."""
+
+    def extras(self) -> dict[str, Any]:
+        """What :meth:`measure` recorded, added to the run's entry in the results file."""
+        return {}
 
 
 def _run_key(seed: int, lr: float, beta: float, method: str) -> str:
@@ -259,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = DemoRecipe(
                 **{**report["recipe"], "learning_rate": lr, "beta": beta, "seeds": (seed,), "methods": (key,)}
             )
-            evaluator = EvaluateAt(eval_steps, held_out, recipe)
+            evaluator = (EVALUATOR or EvaluateAt)(eval_steps, held_out, recipe)
             tick = time.perf_counter()
             _, history = train_preference(base, dataset, recipe, METHODS[key], seed, latent_cache_dir, [evaluator])
             seconds = time.perf_counter() - tick
@@ -276,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 "reference_errors": reference_errors(history),
                 "seconds": round(seconds, 1),
                 "eval_seconds": round(evaluator.seconds, 1),
+                **evaluator.extras(),
                 "machine": invocation["machine"],
             }
             report["runs"][_run_key(seed, lr, beta, key)] = run

@@ -318,11 +318,19 @@ def test_the_update_space_line_quotes_the_comparison() -> None:
 
 
 def test_the_config_default_is_the_recommended_default() -> None:
-    """``DiffusionSDPOConfig()``'s safeguard is the one the comparison recommends as the default."""
+    """``DiffusionSDPOConfig()``'s safeguard is the one the comparison recommends as the default: its space, and an
+    unset mu that is the recommended one on a family the authors did not measure and theirs on the ones they did."""
     from trl_diffusion_sdpo import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.families.flux import FluxFamily
+    from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
+    from trl_diffusion_sdpo.families.sdxl import StableDiffusionXLFamily
+    from trl_diffusion_sdpo.safeguards.margin import default_mu
 
     config = DiffusionSDPOConfig(output_dir="unused")
-    assert (config.safeguard, config.safeguard_space, config.safeguard_mu) == (True, *_recommended())
+    space, mu = _recommended()
+    assert (config.safeguard, config.safeguard_space, config.safeguard_mu) == (True, space, None)
+    assert default_mu(FluxFamily, "dpo") == mu
+    assert {default_mu(StableDiffusionFamily, "dpo"), default_mu(StableDiffusionXLFamily, "dpo")} <= _authors_mu()
 
 
 def test_the_demo_trains_the_authors_settings_explicitly() -> None:

@@ -45,7 +45,7 @@ def test_the_checkpoint_records_what_its_weights_are(two_steps):
     "change,peft,expected",
     [
         ({"loss_type": "dmpo", "resolution": 64}, None, ["loss_type ('dpo' -> 'dmpo')", "resolution (32 -> 64)"]),
-        ({"safeguard_mu": 0.9}, None, ["safeguard_mu (0.5 -> 0.9)"]),
+        ({"safeguard_mu": 0.6}, None, ["safeguard_mu (0.9 -> 0.6)"]),
         ({"beta": 100.0}, None, ["beta (5000.0 -> 100.0)"]),  # an objective's field: refused through the registry
         ({}, lora_config(r=8), ["lora_rank (4 -> 8)"]),
     ],

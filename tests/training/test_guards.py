@@ -199,18 +199,17 @@ def _alarm(args, caplog) -> str:
 
 
 def test_the_alarm_never_recommends_what_the_run_already_uses(tmp_path, caplog):
-    default = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    default = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.5)
     message = _alarm(default, caplog)
     assert default.safeguard and default.safeguard_space == "output"
     assert "safeguard=True" not in message and "safeguard_space='output'" not in message
-    assert "safeguard_space='update'" in message and "safeguard_mu='auto'" in message
+    assert "safeguard_space='update'" in message and "a larger safeguard_mu than 0.5" in message
     off = _alarm(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=False), caplog)
-    assert "safeguard=True" in off
-    strict = DiffusionSDPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, safeguard_space="update", safeguard_mu="auto", max_margin=5.0
-    )
-    assert remedies(strict) == [remedy for remedy in remedies(strict) if "safeguard" not in remedy]
-    assert not any("max_margin" in remedy for remedy in remedies(strict))
+    assert "safeguard=True" in off and "safeguard_space" not in off
+    auto = remedies(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu="auto"))
+    assert "a fixed safeguard_mu such as 0.9" in auto and not any("'auto'" in remedy for remedy in auto)
+    strict = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_space="update", safeguard_mu=0.9)
+    assert remedies(strict) == ["a smaller learning_rate"]
 
 
 def test_on_pathology_stop_saves_and_stops_and_escalate_raises_mu_once_per_windows():
@@ -372,3 +371,81 @@ def test_early_stopping_patience_on_the_command_line_is_transformers_callback():
     (callback,) = early_stopping(diffusion_args.early_stopping_patience)
     assert isinstance(callback, EarlyStoppingCallback) and callback.early_stopping_patience == 2
     assert early_stopping(parse_args(argv)[3].early_stopping_patience) == []
+
+
+# ------------------------------------------------------------------------------------- defaults, alarm and resume
+
+
+def test_an_unset_mu_is_the_authors_value_where_they_measured_the_family_else_the_fallback(make_trainer):
+    from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
+    from trl_diffusion_sdpo.families.sd3 import StableDiffusion3Family
+    from trl_diffusion_sdpo.families.sdxl import StableDiffusionXLFamily
+    from trl_diffusion_sdpo.safeguards.margin import FALLBACK_MU, default_mu
+
+    # Fu et al., arXiv 2511.03317: SD1.5 0.9 with Diffusion-DPO and DMPO, 0.2 with DSPO; SDXL 0.6
+    assert [default_mu(StableDiffusionFamily, t) for t in ("dpo", "sigmoid", "dmpo", "dspo", "smpo")] == [
+        0.9,
+        0.9,
+        0.9,
+        0.2,
+        FALLBACK_MU,
+    ]
+    assert {default_mu(StableDiffusionXLFamily, t) for t in ("dpo", "dmpo", "dspo", "smpo")} == {0.6}
+    assert default_mu(StableDiffusion3Family, "dpo") == FALLBACK_MU == 0.5
+    # through a trainer on the tiny SD base: the run uses 0.9, the saved config keeps "unset", a given mu wins
+    trainer = make_trainer()
+    assert trainer.args_as_given.safeguard_mu is None
+    assert trainer.args.safeguard_mu == 0.9 and trainer.safeguard.margin.current() == 0.9
+    assert make_trainer(safeguard_mu=0.3).safeguard.margin.current() == 0.3
+
+
+def test_with_the_default_settings_on_the_tiny_base_the_alarm_recommends_only_what_is_off(make_trainer, caplog):
+    trainer = make_trainer()
+    message = _alarm(trainer.args, caplog)
+    assert trainer.health.remedies == remedies(trainer.args)  # the trainer's alarm reads the run's own config
+    assert "safeguard=True" not in message and "safeguard_space='output'" not in message
+    assert "safeguard_mu" not in message  # the mu in force is the authors' 0.9, not 0.5: no larger one to name
+    assert "safeguard_space='update'" in message and "learning_rate" in message
+
+
+def _guarded_run(make_trainer, output_dir, stop_at=None, resume=None):
+    trainer = make_trainer(
+        output_dir=str(output_dir),
+        max_steps=5,
+        beta=500.0,
+        auto_beta=True,
+        safeguard_mu="auto",
+        safeguard_mu_step=5.0,
+        on_pathology="escalate",
+        save_strategy="steps",
+        save_steps=2,
+    )
+    if stop_at is not None:
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == stop_at:
+                    control.should_training_stop = True
+
+        trainer.add_callback(Stop())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_a_resumed_run_continues_with_the_guards_state_of_the_uninterrupted_one(make_trainer, tmp_path):
+    """The auto-beta's EMA, the auto mu and the escalations travel in the checkpoint: a run resumed at step 2 logs
+    the beta and mu of the uninterrupted run at steps 3 to 5 and ends with its weights (a resume that started the
+    guards afresh would restart the EMA and mu from their first values)."""
+    straight = _guarded_run(make_trainer, tmp_path / "straight")
+    _guarded_run(make_trainer, tmp_path / "cut", stop_at=2)
+    resumed = _guarded_run(make_trainer, tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
+
+    def tail(trainer):
+        logs = [log for log in trainer.state.log_history if "delta/winner" in log and log["step"] > 2]
+        return [log[key] for log in logs for key in ("beta", "safeguard/mu", "health/escalations")]
+
+    assert len(tail(straight)) == 9 and tail(resumed) == pytest.approx(tail(straight), rel=1e-6)
+    assert tail(straight)[0] != 500.0 and tail(straight)[1] != AUTO_MU_START  # the guards had moved
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)

@@ -38,8 +38,8 @@ Configuration class for [`DiffusionSDPOTrainer`].
 
 Only the parameters specific to preference tuning of diffusion models are listed here; see
 [`~transformers.TrainingArguments`] for the rest. Defaults follow the Diffusion-DPO launchers (Wallace et al., arXiv
-2311.12908) and the Diffusion-SDPO paper (Fu et al., arXiv 2511.03317) for SD1.5, except `safeguard_mu` (0.5, see its
-entry). Each entry below is the field's `--help` text.
+2311.12908) and the Diffusion-SDPO paper (Fu et al., arXiv 2511.03317) for SD1.5; `safeguard_mu` follows the model
+family (see its entry). Each entry below is the field's `--help` text.
 """
 
 
@@ -105,16 +105,17 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     # None in the annotation only so that transformers' argument parser reads the flag as text ("auto" or a number)
     safeguard_mu: float | str | None = option(
-        0.5,
-        "Safeguard margin mu in [0, 1], or `auto`; larger is more conservative. `auto` holds the paper's "
-        "constraint, the winner's error at or below the reference's, by dual ascent on mu from the reduced "
+        None,
+        "Safeguard margin mu in [0, 1], or `auto`; larger is more conservative. Unset (`None`): the model "
+        "family's value where the Diffusion-SDPO authors measured it (arXiv 2511.03317; real-model evidence "
+        "outranks the toy's): 0.9 for SD1.5 (family stable-diffusion) with Diffusion-DPO and DMPO, 0.2 with DSPO, "
+        "0.6 for SDXL; elsewhere 0.5, the package's pick from its paired comparisons on the CPU demo "
+        "(benchmarks/results/cpu-safeguard-comparison-demo.json, summarised in "
+        "trl_diffusion_sdpo/demo/safeguard_recommendation.json): the output space with mu 0.5 paid about as much "
+        "as with 0.9 where Diffusion-DPO's pathology bites and cost less where it does not. `auto` holds the "
+        "paper's constraint, the winner's error at or below the reference's, by dual ascent on mu from the reduced "
         "`delta/winner` once per optimizer step (`safeguard_mu_step`, docs/safeguard.md), logged as "
-        "`safeguard/mu`. 0.5 is this package's default, "
-        "not the authors': in its paired comparison on the CPU demo (benchmarks/results/"
-        "cpu-safeguard-comparison-demo.json, summarised in trl_diffusion_sdpo/demo/safeguard_recommendation.json) "
-        "the output space with mu 0.5 paid about as much as with 0.9 where Diffusion-DPO's pathology bites and "
-        "cost less where it does not. The authors' values are per model: 0.9 for SD1.5 DPO and DMPO, 0.2 for "
-        "SD1.5 DSPO, 0.6 for every SDXL run; set `safeguard_mu` to train with theirs.",
+        "`safeguard/mu`.",
     )
     safeguard_max_lambda: float = field(default=1.0, metadata={"help": "Upper bound of the safeguard's `lambda`."})
     safeguard_space: str = option(

@@ -58,7 +58,9 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "safeguard_space": Choice(SAFEGUARD_SPACES),
     "safeguard_scope": Choice(SAFEGUARD_SCOPES),
     "safeguard_passes": Choice(SAFEGUARD_PASSES),
-    "safeguard_mu": Range(0, 1, or_auto=True, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL; or 'auto'."),
+    "safeguard_mu": Range(
+        0, 1, optional=True, or_auto=True, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL; or 'auto', or unset."
+    ),
     "safeguard_max_lambda": Range(0, low_open=True, hint="The authors use 1.0."),
     # the guards
     "auto_beta_target": Range(0, 0.5, low_open=True, high_open=True, hint="SimpleTuner uses 0.2."),

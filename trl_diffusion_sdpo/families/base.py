@@ -135,6 +135,9 @@ class ModelFamily(abc.ABC):
     # The guidance of validation grids when validation_guidance_scale is None; None: the pipeline's own default
     # (its __call__'s guidance_scale: 3.5 for FLUX.1-dev, whose training conditions on 3.5 too).
     validation_guidance_scale: ClassVar[float | None] = None
+    # The Diffusion-SDPO authors' safeguard mu where they measured this family, per loss_type ("*": every objective);
+    # safeguard_mu=None resolves to it (safeguards.margin.resolve_mu), else to the package's fallback.
+    authors_safeguard_mu: ClassVar[dict[str, float]] = {}
     # Whether the latents the pipeline's sampler ends with (``callback_on_step_end``'s ``latents``) are
     # ``[N, C, h, w]`` in the denoiser's latent space, so that online training trains on them as they are; False
     # (packed tokens, or not checked): the sampled images are encoded again from their decoded pixels.

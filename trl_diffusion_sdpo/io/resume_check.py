@@ -190,6 +190,13 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
         saved["safeguard_space"] = "none"
     given = getattr(trainer, "args_as_given", trainer.args)
     current = json.loads(given.to_json_string())
+    family = getattr(trainer, "family", None)
+    if family is not None:  # an unset mu is the family's for the objective: compare the values the runs use
+        from ..safeguards.margin import default_mu
+
+        for config in (saved, current):
+            if "safeguard_mu" in config and config["safeguard_mu"] is None:
+                config["safeguard_mu"] = default_mu(family, config.get("loss_type", "dpo"))
     safe, other, refused_names = [], [], refused_fields()
     for name in sorted(set(saved) & set(current)):
         old, new = saved[name], current[name]

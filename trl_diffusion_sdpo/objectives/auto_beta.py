@@ -98,6 +98,11 @@ class AutoBeta:
             self.ema = torch.where(pairs > 0, moved, self.ema)
         self.beta = auto_beta(self.ema, self.target, self.low, self.high)
 
+    def restore(self, ema: float, device: torch.device | str) -> None:
+        """The EMA as a checkpoint saved it (:class:`~trl_diffusion_sdpo.guards.GuardState`), and its ``beta``."""
+        self.ema = torch.tensor(ema, dtype=torch.float32, device=device)
+        self.beta = auto_beta(self.ema, self.target, self.low, self.high)
+
     def objective(self, objective: PreferenceObjective) -> PreferenceObjective:
         """``objective`` with the ``beta`` in force (a shallow copy; the configured one before the first update).
         The copy skips the fields' checks: ``beta`` is a device tensor here, checked by the clamp."""
