@@ -167,9 +167,14 @@ class GenerationStage:
         prompt's row in the global micro-batch."""
         s, pipeline = self.settings, self.family.pipeline
         k = s.num_generations
-        expanded = [p for p in prompts for _ in range(k)]
         seeds = [image_seed(s.seed, generation, first_row + r, j) for r in range(len(prompts)) for j in range(k)]
-        chunk = s.generation_batch_size or len(expanded)
+        chunk = s.generation_batch_size or len(prompts) * k
+        # A call of whole prompts passes each prompt once with num_images_per_prompt=K: the pipeline encodes it once
+        # and repeats its embeddings, the noise still drawn per image; a chunk that splits a prompt's samples passes
+        # every sample's prompt.
+        per_prompt = k if chunk % k == 0 else 1
+        listed = prompts if per_prompt > 1 else [p for p in prompts for _ in range(k)]
+        per_call = chunk // per_prompt  # entries of `listed` per call
         kwargs: dict[str, Any] = {"height": s.resolution, "width": s.resolution, "output_type": "pil"}
         if s.sample_steps is not None:
             kwargs["num_inference_steps"] = s.sample_steps
@@ -182,18 +187,20 @@ class GenerationStage:
         denoiser.eval()
         pipeline.set_progress_bar_config(disable=True)
         try:
-            for start in range(0, len(expanded), chunk):
+            for start in range(0, len(listed), per_call):
                 final: dict[str, torch.Tensor] = {}
 
                 def keep(pipe, step, timestep, tensors, final=final):
                     final["latents"] = tensors["latents"]
                     return tensors
 
-                generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + chunk]]
+                call_seeds = seeds[start * per_prompt : (start + per_call) * per_prompt]
+                generators = [torch.Generator().manual_seed(seed) for seed in call_seeds]
                 context = self.autocast() if self.autocast is not None else torch.autocast("cpu", enabled=False)
                 with torch.no_grad(), context:
                     out = pipeline(
-                        prompt=expanded[start : start + chunk],
+                        prompt=listed[start : start + per_call],
+                        num_images_per_prompt=per_prompt,
                         generator=generators,
                         callback_on_step_end=keep,
                         callback_on_step_end_tensor_inputs=["latents"],
