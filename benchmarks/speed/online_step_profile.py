@@ -287,7 +287,15 @@ def worker(opts: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         trainer = build_trainer(size, opts.device, workdir)
         instrument(trainer, timer)
-        generate = trainer.generation.__call__
+        timed_generation = trainer._generation
+
+        def recorded_generation(inputs):  # the first generation's rewards: the two codes sample the same seeds
+            generated = timed_generation(inputs)
+            if not first_rewards:
+                first_rewards.extend(generated.rewards.flatten().tolist())
+            return generated
+
+        trainer._generation = recorded_generation
 
         class Steps(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
@@ -304,8 +312,6 @@ def worker(opts: argparse.Namespace) -> dict[str, Any]:
                 steps.append(totals)
 
         trainer.add_callback(Steps())
-        generated = generate({"prompt": list(trainer.train_dataset["prompt"][: size["prompts"]])}, 0, 0)
-        first_rewards = generated.rewards.flatten().tolist()
         trainer.train()
         guidance = guidance_cost(trainer, timer, opts.guidance_repeats)
     measured = steps[opts.warmup :]
