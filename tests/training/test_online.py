@@ -208,7 +208,7 @@ def test_samples_do_not_depend_on_the_batch_split_or_generation_batch_size(tmp_p
     assert max_difference(other, whole) > 10
 
 
-@pytest.mark.parametrize("generation_batch_size", [None, 2])
+@pytest.mark.parametrize("generation_batch_size", [None, pytest.param(2, marks=pytest.mark.slow)])
 def test_samples_equal_an_unbatched_guided_sampler_run_image_by_image(tmp_path, generation_batch_size):
     """The stage's final latents against DDIM written out per image, guidance's two branches as two forwards of
     prompts encoded one by one; the stage encodes each prompt once and runs both branches of every image of a call in
