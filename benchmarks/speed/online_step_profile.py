@@ -341,11 +341,11 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     steps = [step for run in runs for step in run["steps"]]
     median_step = statistics.median(s["step"] for s in steps)
     seconds = {name: statistics.median(s.get(name, 0.0) for s in steps) for name in (*STAGES, "sampling", "step")}
-    guidance = {
-        name: statistics.median(run["guidance"][name] for run in runs) for name in runs[0]["guidance"]
-    }  # fmt: skip
-    guidance["guidance_s"] = guidance["guided_sampling_s"] - guidance["unguided_sampling_s"]
-    guidance["guidance_share_of_sampling"] = guidance["guidance_s"] / guidance["guided_sampling_s"]
+    measured = [run["guidance"] for run in runs if run["guidance"]]  # --guidance-repeats 0: not measured
+    guidance = {name: statistics.median(g[name] for g in measured) for name in (measured[0] if measured else ())}
+    if guidance:
+        guidance["guidance_s"] = guidance["guided_sampling_s"] - guidance["unguided_sampling_s"]
+        guidance["guidance_share_of_sampling"] = guidance["guidance_s"] / guidance["guided_sampling_s"]
     return {
         "steps_measured": len(steps),
         "median_s": seconds,
