@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Each size's model and generation settings.
 SIZES: dict[str, dict[str, Any]] = {
     "demo": {"model": "demo", "resolution": 32, "prompts": 4, "generations": 4, "sample_steps": 8, "guidance": 5.0},
+    # the script's end-to-end test: the demo's base at its smallest step
+    "demo-tiny": {"model": "demo", "resolution": 32, "prompts": 2, "generations": 2, "sample_steps": 2, "guidance": 5},
     "sd15": {"model": "sd15", "resolution": 256, "prompts": 2, "generations": 2, "sample_steps": 4, "guidance": 7.5},
     "sd15-512": {
         "model": "sd15",

@@ -52,12 +52,11 @@ def test_the_summary_takes_medians_over_every_step_of_every_process():
 @pytest.mark.slow
 def test_a_tiny_run_splits_the_step_into_stages_that_add_up(tmp_path):
     module = _module()
-    module.SIZES["tiny-test"] = {**module.SIZES["demo"], "prompts": 2, "generations": 2, "sample_steps": 2}
     report = module.main(
-        ["--sizes", "tiny-test", "--before", "HEAD", "--repeats", "1", "--steps", "1", "--warmup", "0",
+        ["--sizes", "demo-tiny", "--before", "HEAD", "--repeats", "1", "--steps", "1", "--warmup", "0",
          "--guidance-repeats", "1", "--output", str(tmp_path / "profile.json")]
     )  # fmt: skip
-    entry = report["sizes"]["tiny-test"]
+    entry = report["sizes"]["demo-tiny"]
     assert entry["first_generation_rewards_max_abs_difference"] == 0.0  # one commit: the same samples
     for label in ("before", "after"):
         seconds = entry[label]["median_s"]
