@@ -198,6 +198,51 @@ def test_samples_do_not_depend_on_the_batch_split_or_generation_batch_size(tmp_p
     assert max_difference(other, whole) > 10
 
 
+@pytest.mark.parametrize("generation_batch_size", [None, pytest.param(2, marks=pytest.mark.slow)])
+def test_samples_equal_an_unbatched_guided_sampler_run_image_by_image(tmp_path, generation_batch_size):
+    """The stage's final latents against DDIM written out per image, guidance's two branches as two forwards of
+    prompts encoded one by one; the stage encodes each prompt once and runs both branches of every image of a call in
+    one forward per sampler step (with 2 images a call, a prompt's 3 samples span two calls, passed one by one)."""
+    trainer = make_trainer(tmp_path, generation_batch_size=generation_batch_size)
+    stage, pipe, settings = trainer.generation, trainer.pipeline, trainer.generation.settings
+    prompts, k = PROMPTS[:2], settings.num_generations
+    encoded_rows, denoiser_rows = [], []
+    hooks = [
+        pipe.text_encoder.register_forward_hook(lambda m, args, out: encoded_rows.append(len(args[0]))),
+        pipe.unet.register_forward_hook(lambda m, args, out: denoiser_rows.append(len(args[0]))),
+    ]
+    _, latents = stage.sample(prompts, 4, 0)
+    for hook in hooks:
+        hook.remove()
+    calls = -(-len(prompts) * k // (generation_batch_size or len(prompts) * k))
+    assert len(denoiser_rows) == calls * settings.sample_steps
+    assert sum(denoiser_rows) == 2 * len(prompts) * k * settings.sample_steps
+    if generation_batch_size is None:  # each prompt and its unconditional prompt once, not once per sample
+        assert sum(encoded_rows) == 2 * len(prompts)
+
+    def embed(text: str) -> torch.Tensor:
+        ids = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length).input_ids
+        return pipe.text_encoder(torch.tensor(ids)).last_hidden_state
+
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(settings.sample_steps)
+    unet, g = trainer._policy(), settings.sample_guidance_scale
+    shape = (1, *latents.shape[2:])
+    unet.eval()
+    with torch.no_grad():
+        unconditional = embed("")
+        for row, prompt in enumerate(prompts):
+            conditional = embed(prompt)
+            for j in range(k):
+                generator = torch.Generator().manual_seed(image_seed(settings.seed, 4, row, j))
+                x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+                for t in scheduler.timesteps:
+                    plain = unet(x, t, encoder_hidden_states=unconditional).sample
+                    guided = unet(x, t, encoder_hidden_states=conditional).sample
+                    x = scheduler.step(plain + g * (guided - plain), t, x).prev_sample
+                torch.testing.assert_close(latents[row, j], x[0], rtol=1e-4, atol=1e-4)
+
+
 def test_the_samples_come_from_the_policy_with_its_adapters_not_from_the_reference(tmp_path):
     """With trained (non-zero) adapters the stage's samples are the pipeline's own samples of the policy, adapters on,
     with the same seeds, and not the base's (the reference of a LoRA run, adapters off)."""

@@ -285,11 +285,18 @@ class GenerationStage:
         # images as a batch or as references, not both.
         calls: list[tuple[str | list[str], range, dict[str, Any]]] = []
         if sources is None:
-            expanded = [p for p in prompts for _ in range(k)]
             keywords = family.sampling_keywords(s.resolution)
-            for start in range(0, len(expanded), chunk):
-                end = min(start + chunk, len(expanded))
-                calls.append((expanded[start:end], range(start, end), keywords))
+            # A call of whole prompts passes each prompt once with num_images_per_prompt=K: the pipeline encodes it
+            # once and repeats its embeddings, the noise still drawn per image. A chunk that splits a prompt's
+            # samples, and a video pipeline (num_videos_per_prompt), get every sample's prompt.
+            per_prompt = k if chunk % k == 0 and not family.video else 1
+            listed = prompts if per_prompt > 1 else [p for p in prompts for _ in range(k)]
+            per_call = chunk // per_prompt  # entries of `listed` per call
+            repeat = {"num_images_per_prompt": per_prompt} if per_prompt > 1 else {}
+            for start in range(0, len(listed), per_call):
+                entries = listed[start : start + per_call]
+                samples = range(start * per_prompt, (start + len(entries)) * per_prompt)
+                calls.append((entries, samples, {**keywords, **repeat}))
         else:
             for row, prompt in enumerate(prompts):
                 keywords = family.sampling_keywords(s.resolution, self.pipeline_sources(sources[row]))
