@@ -61,6 +61,8 @@ BASE_CONFIG: dict[str, Any] = {
     "dataloader_num_workers": 0,
     "disable_tqdm": True,
     "safeguard_scope": "global",
+    # the mu the tolerances below were measured at (the tiny SD base's family default is the authors' SD1.5 0.9)
+    "safeguard_mu": 0.5,
     "num_generations": 2,
     "sample_steps": 4,
 }

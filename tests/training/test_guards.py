@@ -185,15 +185,16 @@ def _pathological_history() -> list[dict[str, float]]:
 def _alarm(args, caplog) -> str:
     import logging
 
-    health = WinnerHealth(args=args)
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.step.health"):
+    health, health_logger = WinnerHealth(args=args), "trl_diffusion_sdpo.step.health"
+    with caplog.at_level(logging.WARNING, logger=health_logger):
         recorded: list[dict[str, float]] = []
         for entry in _pathological_history():
             logs = dict(entry)
             health.annotate(logs, recorded, len(recorded))
             recorded.append(logs)
     assert recorded[-1]["health/winner_pathology"] == 1.0
-    (message,) = [r.getMessage() for r in caplog.records]
+    # the alarm's records only: what else the test ran may have logged at INFO, had an earlier test lowered the level
+    (message,) = [r.getMessage() for r in caplog.records if r.name == health_logger and r.levelno >= logging.WARNING]
     caplog.clear()
     return message
 
