@@ -10,14 +10,15 @@ from winner_term_check import Setting, run
 
 def _check(report: dict, start: str, binding: bool = True) -> None:
     rules = report["starts"][start]
-    assert rules["parameter"]["batches"] >= 100
+    assert rules["parameter"]["batches"] >= 50
     assert rules["parameter"]["rose_beyond_tolerance"] == 0, rules["parameter"]["worst_dW_minus_tolerance"]
     if binding:  # the exact rule really restricted the loser (lambda < 1 somewhere), so the check is not vacuous
         assert rules["parameter"]["lambda_min"] < 1.0
 
 
 def test_winner_term_never_rises_beyond_second_order_from_a_dpo_drifted_policy():
-    report = run(Setting(batches=100, pairs=2, drift_steps=10), progress=False, starts=("drifted",))
+    # 50 batches by default (Diffusion-DPO's step raises the winner term on 2 of them); the slow test runs 100 per mu
+    report = run(Setting(batches=50, pairs=2, drift_steps=10), progress=False, starts=("drifted",))
     _check(report, "drifted")
     assert report["starts"]["drifted"]["dpo"]["rose_beyond_tolerance"] > 0  # DPO's step does raise it
 
