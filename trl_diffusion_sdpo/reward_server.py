@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from .rewards import PROTOCOL_VERSION, decode_image, decode_value
+from .sampling_cli import json_or_text
 
 __all__ = ["ScoringQueue", "build_app", "build_parser", "main"]
 
@@ -307,10 +308,7 @@ def scorer_kwargs_of(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--scorer-arg {item!r} should read KEY=VALUE.")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
+        kwargs[key] = json_or_text(value)
     return kwargs
 
 

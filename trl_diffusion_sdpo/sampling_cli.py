@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["add_sampling_arguments", "scorer_arguments"]
+__all__ = ["add_sampling_arguments", "json_or_text", "scorer_arguments"]
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,22 +75,26 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def json_or_text(value: str) -> Any:
+    """A ``--scorer-arg`` value: parsed as JSON where it is JSON (numbers, booleans, lists), else the text itself."""
+    import json
+
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def scorer_arguments(items: list[str], scorers: list[str]) -> dict[str, dict]:
     """``--scorer-arg NAME.KEY=VALUE`` flags as ``{NAME: {KEY: VALUE}}`` (VALUE parsed as JSON if it can be), for
     ``evaluate`` and ``pairs`` alike: a flag for a scorer the command does not run is refused, not ignored."""
-    import json
-
     kwargs: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
         name, dot, argument = key.rpartition(".")
         if not sep or not dot or not name or not argument:
             raise SystemExit(f"--scorer-arg {item!r} should read NAME.KEY=VALUE.")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        kwargs.setdefault(name, {})[argument] = parsed
+        kwargs.setdefault(name, {})[argument] = json_or_text(value)
     unknown = sorted(set(kwargs) - set(scorers))
     if unknown:
         raise SystemExit(f"--scorer-arg names {unknown}, but the scorers are {scorers}.")
