@@ -16,6 +16,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
+from transformers import TrainerCallback
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
@@ -199,6 +200,18 @@ def make_trainer(make_pipeline, make_config, pickapic_dataset) -> Callable[..., 
         )
 
     return make
+
+
+class StopAt(TrainerCallback):
+    """Ends training after optimizer step ``step``, as an interruption would: a resume from that step's checkpoint
+    then continues the run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from conftest import StopAt
 from peft import LoraConfig
 from PIL import Image
 
@@ -249,20 +250,13 @@ def check_bf16_lora_trains_float32_adapters(case: FlowCase, pipe, make_config, p
 
 
 def check_resuming_gives_the_weights_of_an_uninterrupted_run(case: FlowCase, make_pipe, make_config, pairs, tmp_path):
-    from transformers import TrainerCallback
-
     def run(output_dir, stop_at=None, resume=None):
         args = case.config(
             make_config, output_dir=str(output_dir), save_strategy="steps", save_steps=1, learning_rate=1e-3
         )
         trainer = DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=case.lora())
         if stop_at is not None:
-
-            class Stop(TrainerCallback):
-                def on_step_end(self, args, state, control, **kwargs):
-                    control.should_training_stop = state.global_step == stop_at
-
-            trainer.add_callback(Stop())
+            trainer.add_callback(StopAt(stop_at))
         trainer.train(resume_from_checkpoint=resume)
         return {n: p.detach().clone() for n, p in trainer.family.denoiser.named_parameters() if p.requires_grad}
 

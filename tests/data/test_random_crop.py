@@ -7,10 +7,9 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import changed_keys, lora_config, snapshot
+from conftest import StopAt, changed_keys, lora_config, snapshot
 from datasets import Dataset
 from PIL import Image
-from transformers import TrainerCallback
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
@@ -97,12 +96,7 @@ def test_resuming_with_random_crop_gives_the_weights_of_an_uninterrupted_run(mak
             peft_config=lora_config(),
         )
         if stop_at is not None:
-
-            class Stop(TrainerCallback):
-                def on_step_end(self, args, state, control, **kwargs):
-                    control.should_training_stop = state.global_step == stop_at
-
-            trainer.add_callback(Stop())
+            trainer.add_callback(StopAt(stop_at))
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import LORA_TARGETS, pickapic_rows
+from conftest import LORA_TARGETS, StopAt, pickapic_rows
 from datasets import Dataset
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
@@ -476,7 +476,6 @@ def test_validation_grids_sample_a_flux_model_with_its_flow_scheduler(make_flow,
 def test_resuming_a_flow_run_gives_the_weights_of_an_uninterrupted_one(
     make_flow, make_config, flow_pairs, tmp_path, kind, use_lora
 ) -> None:
-    from transformers import TrainerCallback
 
     def run(output_dir, stop_at=None, resume=None):
         args = flow_config(
@@ -487,12 +486,7 @@ def test_resuming_a_flow_run_gives_the_weights_of_an_uninterrupted_one(
             make_flow(kind), args=args, train_dataset=flow_pairs, peft_config=lora() if use_lora else None
         )
         if stop_at is not None:
-
-            class Stop(TrainerCallback):
-                def on_step_end(self, args, state, control, **kwargs):
-                    control.should_training_stop = state.global_step == stop_at
-
-            trainer.add_callback(Stop())
+            trainer.add_callback(StopAt(stop_at))
         trainer.train(resume_from_checkpoint=resume)
         return {n: p.detach().clone() for n, p in trainer.family.denoiser.named_parameters() if p.requires_grad}
 

@@ -9,6 +9,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from conftest import StopAt
 from transformers import TrainerCallback, TrainerControl
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
@@ -422,13 +423,7 @@ def _guarded_run(make_trainer, output_dir, stop_at=None, resume=None):
         save_steps=2,
     )
     if stop_at is not None:
-
-        class Stop(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == stop_at:
-                    control.should_training_stop = True
-
-        trainer.add_callback(Stop())
+        trainer.add_callback(StopAt(stop_at))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

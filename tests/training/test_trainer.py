@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import changed_keys, snapshot
+from conftest import StopAt, changed_keys, snapshot
 from transformers import TrainerCallback
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
@@ -487,13 +487,7 @@ def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(
             peft_config=lora_config() if lora else None,
         )
         if stop_at is not None:
-
-            class Stop(TrainerCallback):
-                def on_step_end(self, args, state, control, **kwargs):
-                    if state.global_step == stop_at:
-                        control.should_training_stop = True
-
-            trainer.add_callback(Stop())
+            trainer.add_callback(StopAt(stop_at))
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
