@@ -214,6 +214,16 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+def first_batch_gradients(trainer: DiffusionSDPOTrainer) -> torch.Tensor:
+    """The denoiser's gradients of the loss on the trainer's first training micro-batch, flattened in parameter order
+    (the parameters that receive one)."""
+    model = trainer.family.denoiser
+    model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.compute_loss(model, trainer._prepare_inputs(batch)).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of every parameter and buffer."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import LORA_TARGETS, StopAt, pickapic_rows
+from conftest import LORA_TARGETS, StopAt, first_batch_gradients, pickapic_rows
 from datasets import Dataset
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
@@ -342,12 +342,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_flow, make_config,
             args=flow_config(make_config, gradient_checkpointing=checkpointing, max_steps=1, learning_rate=1e-4),
             train_dataset=flow_pairs,
         )
-        model = trainer.family.denoiser
-        assert model.is_gradient_checkpointing == checkpointing
-        model.train()
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.compute_loss(model, trainer._prepare_inputs(batch)).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert trainer.family.denoiser.is_gradient_checkpointing == checkpointing
+        grads.append(first_batch_gradients(trainer))
     torch.testing.assert_close(grads[0], grads[1])
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import edit_rows, pickapic_rows
+from conftest import edit_rows, first_batch_gradients, pickapic_rows
 from datasets import Dataset
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
@@ -59,11 +59,7 @@ def test_activation_checkpointing_gives_the_same_gradients(family, make_config, 
             args=make_config(**values, activation_checkpointing=checkpointing, max_steps=1),
             train_dataset=dataset,
         )
-        model = trainer.family.denoiser
-        assert model.is_gradient_checkpointing == checkpointing
-        model.train()
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.compute_loss(model, trainer._prepare_inputs(batch)).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert trainer.family.denoiser.is_gradient_checkpointing == checkpointing
+        grads.append(first_batch_gradients(trainer))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1])
