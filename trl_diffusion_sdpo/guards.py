@@ -7,8 +7,9 @@
 * :class:`PathologyAction` (``on_pathology``): ``warn`` leaves the warning to health; ``escalate`` raises the
   safeguard's ``mu`` halfway to 1; ``stop`` saves a checkpoint and stops, through transformers' ``control``.
 * :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
-* :class:`GuardState`: what the adaptive guards have learnt (the auto-beta's EMA, ``mu``, the escalations), saved in
-  every checkpoint's trainer state and restored on resume, so a resumed run continues as the uninterrupted one.
+* :class:`GuardState`: the guards that adapt as the run goes (the auto-beta, ``safeguard_mu="auto"``, the
+  escalations), each reducing over processes before it acts; what they have learnt is saved in every checkpoint's
+  trainer state and restored on resume, so a resumed run continues as the uninterrupted one.
 
 The components take what they need (the trainer's save function, the margin object), never the trainer's internals.
 """
@@ -26,6 +27,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .objectives import AutoBeta
 from .step.health import WINDOWS
 
 __all__ = ["EMA_FOLDER", "EMAWeights", "GuardState", "PathologyAction", "early_stopping"]
@@ -123,10 +125,14 @@ class PathologyAction:
 
 
 class GuardState(TrainerCallback, ExportableState):
-    """The adaptive guards' state in the checkpoints: transformers writes :meth:`state` into ``trainer_state.json``
-    (``stateful_callbacks``) at every save, and reads the file back before ``on_train_begin`` on resume, where this
-    puts it back into the guards (every process reads the same file). The values are the reduced ones, equal on
-    every process.
+    """The guards that adapt as the run goes, and their state in the checkpoints.
+
+    The auto-beta and, with ``safeguard_mu="auto"``, the safeguard's ``mu`` (:attr:`adapting`) see every micro-batch
+    and move once its optimizer step's window closes, on every process together (the trainer's step calls them, so
+    the step reads no file of its own for them); the pathology action acts on each training log (:meth:`log`).
+    transformers writes :meth:`state` into ``trainer_state.json`` (``stateful_callbacks``) at every save, and reads
+    the file back before ``on_train_begin`` on resume, where this puts it back into the guards (every process reads
+    the same file). The values are the reduced ones, equal on every process.
 
     Args:
         auto_beta: the run's ``AutoBeta`` (``None`` without ``auto_beta``).
@@ -134,8 +140,24 @@ class GuardState(TrainerCallback, ExportableState):
         action: the run's :class:`PathologyAction`.
     """
 
-    def __init__(self, auto_beta: Any | None, margin: Any | None, action: PathologyAction) -> None:
+    def __init__(self, auto_beta: AutoBeta | None, margin: Any | None, action: PathologyAction) -> None:
         self.auto_beta, self.margin, self.action = auto_beta, margin, action
+        moving = margin if margin is not None and margin.auto else None  # a fixed mu never moves
+        self.adapting = [guard for guard in (auto_beta, moving) if guard is not None]
+
+    @classmethod
+    def from_config(cls, args, num_processes: int, margin: Any) -> GuardState:
+        """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when ``args.safeguard``)."""
+        margin = margin if args.safeguard else None
+        return cls(AutoBeta.from_config(args, num_processes), margin, PathologyAction(args.on_pathology, margin))
+
+    def log(self, logs: dict[str, float], control, step: int) -> None:
+        """A training log (annotated by health): the pathology action, then the ``mu`` and ``beta`` in force."""
+        self.action(logs, control, step)
+        if self.margin is not None:
+            logs["safeguard/mu"] = self.margin.current()
+        if self.auto_beta is not None:
+            logs["beta"] = self.auto_beta.current()
 
     def state(self) -> dict[str, Any]:
         guards: dict[str, Any] = {"escalations": self.action.escalations, "logs_since": self.action._logs_since}

@@ -35,10 +35,10 @@ from .data.training_data import prepare_training_data
 from .distributed import check_not_partitioned, check_one_device_per_process, load_pipeline
 from .engines import Engine, engine_for
 from .families import ModelFamily, Noiser, family_for_pipeline
-from .guards import EMAWeights, GuardState, PathologyAction
+from .guards import EMAWeights, GuardState
 from .io.run_files import RunFiles, files_hook
 from .io.trackers import make_config_trackable
-from .objectives import AutoBeta, PreferenceObjective, objective_from_config
+from .objectives import PreferenceObjective, objective_from_config
 from .quantization import check_engine_supports_quantized_base
 from .reference import reference_for
 from .rewards import RewardFunction, dataset_scoring_function
@@ -240,11 +240,8 @@ class DiffusionSDPOTrainer(Trainer):
         self.mixed_precision_forward = MixedPrecisionForward(self._policy)
         self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
         # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts.
-        self.auto_beta = AutoBeta.from_config(args, self.accelerator.num_processes)
-        margin = self.safeguard.margin if self.safeguard.margin.auto else None  # a fixed mu never moves
-        self.adaptive_guards = [guard for guard in (self.auto_beta, margin) if guard is not None]
-        self.on_pathology = PathologyAction(args.on_pathology, self.safeguard.margin if args.safeguard else None)
-        self.add_callback(GuardState(self.auto_beta, self.on_pathology.margin, self.on_pathology))  # in checkpoints
+        self.guards = GuardState.from_config(args, self.accelerator.num_processes, self.safeguard.margin)
+        self.add_callback(self.guards)  # their state in the checkpoints
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
@@ -344,15 +341,16 @@ class DiffusionSDPOTrainer(Trainer):
 
     def objective_in_force(self) -> PreferenceObjective:
         """The objective with the ``beta`` in force (the auto-beta's, or the configured one)."""
-        return self.objective if self.auto_beta is None else self.auto_beta.objective(self.objective)
+        auto_beta = self.guards.auto_beta
+        return self.objective if auto_beta is None else auto_beta.objective(self.objective)
 
     def _adapt(self, errors, contributes: bool) -> None:
         """The adaptive guards see every micro-batch (a replay adds zeros) and move once its optimizer step's window
         closes, on every process together: auto-beta's EMA, and ``mu`` with ``safeguard_mu="auto"``."""
-        for guard in self.adaptive_guards:
+        for guard in self.guards.adapting:
             guard.observe(errors, contributes)
         if self.accelerator.sync_gradients:
-            for guard in self.adaptive_guards:
+            for guard in self.guards.adapting:
                 guard.update()
 
     @contextlib.contextmanager
@@ -450,11 +448,7 @@ class DiffusionSDPOTrainer(Trainer):
             self.files.whole_run_loss(logs)  # a resumed run's train_loss: the whole run's
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
             self.health.annotate(reduced, self.state.log_history, self.state.global_step)
-            self.on_pathology(reduced, self.control, self.state.global_step)
-            if self.args.safeguard:
-                reduced["safeguard/mu"] = self.safeguard.margin.current()
-            if self.auto_beta is not None:
-                reduced["beta"] = self.auto_beta.current()
+            self.guards.log(reduced, self.control, self.state.global_step)
         else:
             reduced = {f"{prefix}_{k}": v for k, v in reduced.items()}
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.
