@@ -6,14 +6,16 @@ The runs and how they are recorded: ``tests/step_reference.py``. A restructuring
 passes; one that changes a gradient, a ``lambda`` or a metric fails here, naming the run and the step.
 
 The runs are float32, and another CPU sums in another order (other vectorised kernels, other BLAS code paths), so the
-comparison is not of bits: each quantity may differ from the stored one by ``RTOL`` of its list's scale. ``RTOL``
-comes from the measured spread (``benchmarks/results/cpu-step-reference-spread-tiny.json``): the runs recorded under
-the machine's own capability (AVX-512), run again under ``ATEN_CPU_CAPABILITY=default`` and ``avx2``, differ by at
-most 3.3e-4 of their scale (the update space on two processes; 1.0e-4 for every other run). Before the runs were
-re-recorded with ``adam_epsilon=1e-4`` (``tests/step_reference.py``), runs stored on another machine differed from
-this one's by up to 9e-3 in full tuning and by as much as between two capabilities in the other runs
-(``benchmarks/results/history/cpu-step-reference-spread-tiny-eps1e-8.json``). ``RTOL`` is six times the largest
-measured spread; the planted bugs below move their runs by far more.
+comparison is not of bits: each quantity may differ from the stored one by its run's tolerance (:func:`tolerance`) of
+its list's scale (a margin's scale: ``step_reference.compared_metrics``). The tolerances come from the spread measured
+on two machines (``SPREAD_FILES`` in ``benchmarks/results/``): on the machine that recorded the runs (AVX-512) under
+its own, ``default`` and ``avx2`` capabilities, and on an AVX2 machine under ``default`` and ``avx2``. Every run but
+one differs from the stored one, or between two capabilities, by at most 1.0e-4 of its scale; the update space on
+two processes, whose ``lambda`` is a search on the reduced update, by up to 9.0e-4 at its first ``.grad``. Each
+tolerance is at least five times its run's largest measured spread; the planted bugs below move their runs by far
+more. Before the runs were re-recorded with ``adam_epsilon=1e-4`` (``tests/step_reference.py``), runs stored on
+another machine differed by up to 9e-3 in full tuning
+(``benchmarks/results/history/cpu-step-reference-spread-tiny-eps1e-8.json``).
 """
 
 from __future__ import annotations
@@ -23,34 +25,44 @@ import math
 from pathlib import Path
 
 import pytest
-from step_reference import SPREAD_FILE, STORED, compared_metrics, key, run, runs
+from step_reference import SPREAD_FILES, STORED, compared_metrics, key, run, runs
 
 with open(STORED, encoding="utf-8") as f:
     REFERENCE = json.load(f)
 
-SPREAD = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / SPREAD_FILE
-RTOL = 2e-3
+SPREADS = [Path(__file__).resolve().parents[2] / "benchmarks" / "results" / name for name in SPREAD_FILES]
+RTOL = 1e-3
+# the update space on two processes: its lambda, a search on the reduced update, is the most rounding-sensitive run
+LOOSER = {"sd/update/lora/2p": 5e-3}
 
 
-def assert_close_lists(got: list[float], expected: list[float], what: str, scale: float | None = None) -> None:
-    """Each value within ``RTOL`` of ``scale`` (default: the largest stored magnitude of the list), as
+def tolerance(run_key: str) -> float:
+    """The relative tolerance of a stored run (its key, as ``step_reference.key`` names it)."""
+    return LOOSER.get(run_key, RTOL)
+
+
+def assert_close_lists(
+    got: list[float], expected: list[float], what: str, scale: float | None = None, rtol: float = RTOL
+) -> None:
+    """Each value within ``rtol`` of ``scale`` (default: the largest stored magnitude of the list), as
     ``step_reference.deviations`` measures the spread."""
     scale = scale or max(abs(v) for v in expected) or 1.0
     assert len(got) == len(expected), f"{what}: {len(got)} values, {len(expected)} stored"
     for i, (a, b) in enumerate(zip(got, expected)):
-        assert math.isclose(a, b, rel_tol=RTOL, abs_tol=RTOL * scale), f"{what}[{i}]: {a!r} != stored {b!r}"
+        assert math.isclose(a, b, rel_tol=rtol, abs_tol=rtol * scale), f"{what}[{i}]: {a!r} != stored {b!r}"
 
 
 def assert_equal_run(got: dict, expected: dict, name: str) -> None:
+    rtol = tolerance(name)
     assert len(got["grads"]) == len(expected["grads"]), f"{name}: optimizer steps differ"
     for step, (a, b) in enumerate(zip(got["grads"], expected["grads"])):
-        assert_close_lists(a, b, f"{name} .grad at optimizer step {step}")
+        assert_close_lists(a, b, f"{name} .grad at optimizer step {step}", rtol=rtol)
     assert len(got["logs"]) == len(expected["logs"]), f"{name}: logged steps differ"
     for step, (a, b) in enumerate(zip(got["logs"], expected["logs"])):
         assert a.keys() == b.keys(), f"{name} step {step}: logged {sorted(a.keys() ^ b.keys())} differ"
         for metric, scale in compared_metrics(b).items():  # a delta at its errors' scale (see compared_metrics)
-            assert_close_lists([a[metric]], [b[metric]], f"{name} step {step} {metric}", scale)
-    assert_close_lists(got["weights"], expected["weights"], f"{name} trained weights")
+            assert_close_lists([a[metric]], [b[metric]], f"{name} step {step} {metric}", scale, rtol)
+    assert_close_lists(got["weights"], expected["weights"], f"{name} trained weights", rtol=rtol)
 
 
 def mismatch(spec: tuple) -> str | None:
@@ -92,11 +104,15 @@ def test_the_stored_reference_is_sensitive_to_the_safeguard():
     assert output["logs"][0]["safeguard/lambda_mean"] != parameter["logs"][0]["safeguard/lambda_mean"]
 
 
-def test_the_tolerance_is_above_five_times_the_measured_spread():
-    """``RTOL`` stays above the spread measured across CPU capabilities (re-measure after re-recording)."""
-    report = json.loads(SPREAD.read_text())
-    assert report["sources"]["stored"] == len(REFERENCE)
-    assert 0 < report["largest"] and RTOL >= 5 * report["largest"]
+def test_every_tolerance_is_at_least_five_times_its_runs_measured_spread():
+    """Each run's tolerance stays above the spread measured for it across CPU capabilities and machines (re-measure
+    after re-recording)."""
+    for path in SPREADS:
+        report = json.loads(path.read_text())
+        assert report["sources"]["stored"] == len(REFERENCE), f"{path.name} measured other stored runs"
+        assert set(report["largest_by_run"]) == set(REFERENCE), f"{path.name} measured other runs"
+        for run_key, spread in report["largest_by_run"].items():
+            assert 0 < spread and tolerance(run_key) >= 5 * spread, f"{path.name}: {run_key} spread {spread}"
 
 
 def test_a_safeguard_that_never_scales_the_loser_is_caught(monkeypatch):
