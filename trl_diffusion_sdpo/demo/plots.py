@@ -182,11 +182,19 @@ def plot_breaking_regime(
     steps = [str(s) for s in settings["eval_steps"]]
     titles = ["base", *(f"step {s}" + (" (end)" if s == steps[-1] else "") for s in steps)]
     gap = max(1, image_size // 16)
-    fig, axes = plt.subplots(
-        len(rows),
-        len(titles),
-        figsize=(2.2 + 0.62 * len(prompts) * len(titles), 0.2 + 0.95 * len(rows) + 0.9),
-        squeeze=False,
+    # inches: a strip's height, the label column, the gaps; the figure is sized so that every strip fits whole
+    strip_height, label, gap_x, gap_y, top, bottom = 0.6, 1.9, 0.12, 0.3, 1.0, 0.25
+    strip_width = strip_height * (len(prompts) * (image_size + gap) - gap) / image_size
+    width = label + len(titles) * strip_width + (len(titles) - 1) * gap_x + 0.1
+    height = top + bottom + len(rows) * strip_height + (len(rows) - 1) * gap_y
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(
+        left=label / width,
+        right=1 - 0.1 / width,
+        top=1 - top / height,
+        bottom=bottom / height,
+        wspace=gap_x / strip_width,
+        hspace=gap_y / strip_height,
     )
     for i, (key, row) in enumerate(rows.items()):
         for j, title in enumerate(titles):
@@ -203,7 +211,7 @@ def plot_breaking_regime(
                 ax.set_xlabel(f"reward {change:+.3f}", fontsize=8, labelpad=1)
         end = row["reward_change"][steps[-1]]
         axes[i, 0].text(
-            -0.04,
+            -0.03,
             0.5,
             f"{row['label']}\nreward {end:+.3f}",
             transform=axes[i, 0].transAxes,
@@ -213,13 +221,15 @@ def plot_breaking_regime(
             fontweight="bold" if key == "dpo" else "normal",
         )
     fig.suptitle(
-        f"Where Diffusion-DPO breaks: lr {settings['learning_rate']:g}, {settings['max_steps']} steps of "
-        f"{settings['batch_size']} pairs, seed {settings['seed']}. Held-out prompts, left to right: "
-        f"{'; '.join(prompts)}. Same noise in every row; labels: held-out reward change from the base "
-        f"({regime['base_reward']:.3f}), mean of {settings['eval_seeds_per_prompt']} samples per prompt",
+        f"Breaking regime: lr {settings['learning_rate']:g}, {settings['max_steps']} steps of "
+        f"{settings['batch_size']} pairs, seed {settings['seed']}; the first held-out sample of each prompt, the "
+        "same noise in every row\n"
+        + textwrap.fill(
+            f"Prompts, left to right: {'; '.join(prompts)}. Labels: held-out reward change from the base "
+            f"({regime['base_reward']:.3f}), mean of {settings['eval_seeds_per_prompt']} sample(s) per prompt",
+            width=int(12 * width),
+        ),
         fontsize=9,
-        wrap=True,
     )
-    fig.tight_layout(rect=(0.13, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
