@@ -17,7 +17,8 @@ from PIL import Image
 from trl_diffusion_sdpo import cli
 from trl_diffusion_sdpo.demo import cli as demo_cli
 from trl_diffusion_sdpo.demo import pretrain as pretrain_module
-from trl_diffusion_sdpo.demo.methods import METHODS, method_unavailable
+from trl_diffusion_sdpo.demo import run as run_module
+from trl_diffusion_sdpo.demo.methods import GUARDS, METHODS, method_unavailable
 from trl_diffusion_sdpo.demo.pretrain import (
     SHIPPED_BASE_DIR,
     PretrainRecipe,
@@ -26,12 +27,13 @@ from trl_diffusion_sdpo.demo.pretrain import (
     shipped_base_problem,
     shipped_base_record,
 )
-from trl_diffusion_sdpo.demo.recipe import DemoRecipe
+from trl_diffusion_sdpo.demo.recipe import BreakingRegime, DemoRecipe
 from trl_diffusion_sdpo.demo.report import RECOMMENDATION_FILE, recommendation_line, safeguard_recommendation
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.demo.shapes import COLOURS, Caption, all_captions, colour_reward, draw_shape, split_captions
 from trl_diffusion_sdpo.demo.stats import bootstrap_paired_change, t_interval, t_quantile_975
 
+SOURCE = "benchmarks/results/cpu-stability-guards-demo.json"  # where the breaking regime's setting comes from
 STATS_KEYS = ("reward", "reward_change", "winner_delta", "loser_delta", "implicit_acc")
 
 
@@ -150,6 +152,60 @@ def test_quick_demo_runs_every_method_and_seed_and_reports_intervals(tmp_path, m
     assert summary["recommendation"]["text"] == shipped["text"]
     assert summary["recommendation"]["source"] == "benchmarks/results/cpu-safeguard-comparison-demo.json"
     assert shipped["text"] in printed and summary["recommendation"]["source"] in printed
+    _check_breaking_regime(out, summary, printed, recipe)
+
+
+def _check_breaking_regime(out, summary: dict, printed: str, recipe: DemoRecipe) -> None:
+    """The breaking regime of a quick run: every guard's row trained through the trainer with its own field (each
+    field's effect read from the trainer's logs), its numbers recomputed from the run's histories, and its figure."""
+    regime, histories = summary["breaking_regime"], json.loads((out / "breaking_history.json").read_text())
+    rows, settings = regime["methods"], recipe.breaking
+    assert list(rows) == [k for k in GUARDS if method_unavailable(GUARDS[k]) is None] == list(histories)
+    assert regime["settings"] == {**json.loads(json.dumps(dataclasses.asdict(settings))), "source": SOURCE}
+    steps, end = [str(s) for s in settings.eval_steps], str(settings.max_steps)
+    table = printed.split("\nBreaking regime: lr", 1)[1]
+    dpo = histories["dpo"]
+    for key, row in rows.items():
+        history = histories[key]
+        assert row["config"] == GUARDS[key].config_kwargs()
+        assert history["step"] == list(range(1, settings.max_steps + 1)), key
+        # one seed: every row trained on the same batches (the first step's reference errors agree)
+        assert history["mse/ref_winner"][0] == dpo["mse/ref_winner"][0], key
+        for step in steps:
+            assert row["reward_change"][step] == pytest.approx(row["reward"][step] - regime["base_reward"])
+        assert row["reward_change_bootstrap"]["mean"] == pytest.approx(row["reward_change"][end])
+        if key != "dpo":
+            assert row["reward_minus_dpo"]["mean"] == pytest.approx(row["reward"][end] - rows["dpo"]["reward"][end])
+        assert row["winner_delta"] == pytest.approx(history["delta/winner"][-1])  # the last 10% of 4 steps
+        assert row["implicit_acc"] == pytest.approx(history["implicit_acc"][-1])
+        # the label the console and the figure carry is this row's end change
+        line = next(line for line in table.splitlines() if line.startswith(row["label"] + "  "))
+        assert f"{row['reward_change_bootstrap']['mean']:+.4f} [" in line, line
+    # each row's config field reached its trainer, as the trainer's logs show
+    assert not {"safeguard/lambda_mean", "beta", "guard/capped_fraction", "guard/sft_loss"} & set(dpo)
+    assert set(histories["sdpo-output-mu0.5"]["safeguard/mu"]) == {0.5}
+    assert 0.0 < rows["sdpo-output-mu0.5"]["guard_log"]["lambda_mean"] < 1.0
+    auto_mu = histories["guard-auto-mu"]["safeguard/mu"]
+    assert auto_mu[0] == 0.5 and len(set(auto_mu)) > 1  # "auto" moves mu from 0.5
+    assert rows["guard-auto-mu"]["guard_log"]["mu_final"] == auto_mu[-1]
+    beta = histories["guard-auto-beta"]["beta"]
+    assert len(set(beta)) > 1 and rows["guard-auto-beta"]["guard_log"]["beta_final"] == beta[-1]
+    # max_margin: the losses are Diffusion-DPO's up to the first step with a pair at the cap, and differ there
+    capped, losses = histories["guard-max-margin"]["guard/capped_fraction"], histories["guard-max-margin"]["loss"]
+    first = next(i for i, fraction in enumerate(capped) if fraction > 0)
+    assert losses[:first] == dpo["loss"][:first] and losses[first] != pytest.approx(dpo["loss"][first], abs=1e-6)
+    assert rows["guard-max-margin"]["guard_log"]["capped_fraction_mean"] == pytest.approx(np.mean(capped))
+    # sft_weight=1: the anchor is the winner's own denoising error, added to the loss (same weights at step 1)
+    sft = histories["guard-sft"]
+    assert sft["guard/sft_loss"] == pytest.approx(sft["mse/policy_winner"], rel=1e-5)
+    assert sft["loss"][0] == pytest.approx(dpo["loss"][0] + sft["guard/sft_loss"][0], rel=1e-5)
+    # ema_decay changes no training step, only the weights sampled: Diffusion-DPO's logs, other samples
+    assert histories["guard-ema"] == dpo
+    assert rows["guard-ema"]["reward"][end] != rows["dpo"]["reward"][end]
+    with Image.open(out / "breaking_regime.png") as image:  # rows x (base + each evaluation step) strips of 6 prompts
+        assert image.height >= len(rows) * recipe.pretrain.image_size
+        assert image.width >= (1 + len(steps)) * recipe.num_held_out_prompts * recipe.pretrain.image_size
+    assert "breaking_regime.png" in printed
 
 
 def test_recommendation_line_names_its_source_and_seeds(tmp_path):
@@ -163,7 +219,7 @@ def test_recommendation_line_names_its_source_and_seeds(tmp_path):
     assert safeguard_recommendation(tmp_path / "missing.json") is None
 
 
-def test_demo_options_reach_the_recipe():
+def test_demo_options_reach_the_recipe(monkeypatch, tmp_path):
     args = demo_cli.build_parser().parse_args(
         ["--quick", "--seed", "2", "--seeds", "3", "4", "--methods", "dpo", "sdpo-output", "--threads", "2"]
     )
@@ -178,6 +234,15 @@ def test_demo_options_reach_the_recipe():
         ["demo", "--output-dir", "x", "--quick", "--seed", "2", "--no-cache", "--cache-dir", "c"]
     )
     assert (args.output_dir, args.quick, args.seed, args.no_cache, args.cache_dir) == ("x", True, 2, True, "c")
+    seen: list[DemoRecipe] = []
+    monkeypatch.setattr(run_module, "run_demo", lambda output_dir, recipe, **kwargs: seen.append(recipe))
+    assert demo_cli.main(["--quick", "--no-breaking-regime", "--output-dir", str(tmp_path)]) == 0
+    assert seen[0].breaking is None and seen[0].max_steps == DemoRecipe.quick().max_steps
+    assert DemoRecipe().breaking == BreakingRegime() and DemoRecipe.quick().breaking == BreakingRegime.quick()
+    with pytest.raises(ValueError, match="end at max_steps"):
+        BreakingRegime(max_steps=50, eval_steps=(25,))
+    with pytest.raises(ValueError, match="unknown demo method"):
+        BreakingRegime(methods=("dpo", "sdpo-output"))  # the main comparison's rows are not the guards
     with pytest.raises(ValueError, match="unknown demo method"):
         DemoRecipe(methods=("dpo", "ipo"))
     with pytest.raises(ValueError, match="distinct"):
@@ -307,3 +372,9 @@ def test_default_demo(tmp_path):
     summary = run_demo(tmp_path / "out", DemoRecipe())
     for result in summary["methods"].values():
         assert result["reward"]["n"] == 3 and result["reward"]["ci95"] is not None
+    # the breaking regime shows what it is there for: Diffusion-DPO's held-out reward falls (the benchmark's seed 0
+    # fell by 0.096), and the default safeguard keeps more of it
+    regime = summary["breaking_regime"]["methods"]
+    assert summary["breaking_regime"]["diffusion_dpo_breaks"] is True
+    assert regime["sdpo-output-mu0.5"]["reward_minus_dpo"]["ci95"][0] > 0
+    assert (tmp_path / "out" / "breaking_regime.png").is_file()

@@ -3,8 +3,9 @@
 Run it with ``trl-diffusion-sdpo demo --output-dir DIR`` or ``python -m trl_diffusion_sdpo.demo`` (all options).
 Modules: :mod:`.shapes` (procedural images and the colour reward), :mod:`.scorer` (that reward as a ``Scorer``),
 :mod:`.pretrain` (the shipped base model, its recipe and pretraining), :mod:`.base_check` (its check and
-rebuild), :mod:`.pairs` (sampling and ranking), :mod:`.methods` (the compared methods), :mod:`.recipe` (the demo's
-settings), :mod:`.run` (the runs), :mod:`.report` (summary and tables), :mod:`.stats` (intervals), :mod:`.plots`
+rebuild), :mod:`.pairs` (sampling and ranking), :mod:`.methods` (the compared methods and the breaking regime's
+guards), :mod:`.recipe` (the demo's settings), :mod:`.run` (the runs, the breaking regime's included), :mod:`.report`
+(summary and tables), :mod:`.stats` (intervals), :mod:`.plots`
 (figures) and :mod:`.cli` (options).
 """
 

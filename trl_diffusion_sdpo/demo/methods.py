@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METHODS", "Method", "method_unavailable"]
+__all__ = ["GUARDS", "METHODS", "Method", "method_unavailable"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Method:
     key: str
     label: str
     safeguard: bool
-    safeguard_mu: float | None = None
+    safeguard_mu: float | str | None = None
     safeguard_space: str | None = None
     config: tuple[tuple[str, Any], ...] = ()
 
@@ -61,6 +61,24 @@ METHODS: dict[str, Method] = {
 with ``mu = 0.6`` (their SDXL setting) and ``0.2`` (their SD1.5 DSPO setting) as a sweep. ``sdpo-parameter``: the
 exact rule from per-branch parameter gradients at ``mu = 0.9``."""
 
+GUARDS: dict[str, Method] = {
+    m.key: m
+    for m in (
+        METHODS["dpo"],
+        Method("sdpo-output-mu0.5", "SDPO output mu=0.5", safeguard=True, safeguard_mu=0.5),
+        Method("guard-auto-mu", "SDPO output mu=auto", safeguard=True, safeguard_mu="auto"),
+        Method("guard-max-margin", "DPO max_margin=5", safeguard=False, config=(("max_margin", 5.0),)),
+        Method("guard-sft", "DPO sft_weight=1", safeguard=False, config=(("sft_weight", 1.0),)),
+        Method("guard-auto-beta", "DPO auto_beta", safeguard=False, config=(("auto_beta", True),)),
+        Method("guard-ema", "DPO ema_decay=0.99", safeguard=False, config=(("ema_decay", 0.99),)),
+    )
+}
+"""The breaking regime's rows (:class:`~trl_diffusion_sdpo.demo.recipe.BreakingRegime`), as in
+``benchmarks/results/cpu-stability-guards-demo.json``: Diffusion-DPO, the output-space safeguard at ``mu = 0.5`` (the
+package's default where the authors measured no ``mu``), ``safeguard_mu="auto"``, and Diffusion-DPO with each loss
+guard (``max_margin``, ``sft_weight``, ``auto_beta``) at the benchmark's values; then Diffusion-DPO with ``ema_decay``
+(not in the benchmark: it changes no training step, and the demo samples from the EMA weights as validation does)."""
+
 
 def method_unavailable(method: Method, config_class: type | None = None) -> str | None:
     """Why the installed trainer (its config, ``config_class``, by default ``DiffusionSDPOConfig``) cannot run
@@ -80,11 +98,11 @@ def method_unavailable(method: Method, config_class: type | None = None) -> str 
     return None
 
 
-def resolve_methods(keys: tuple[str, ...] | list[str]) -> list[Method]:
-    """The methods named by ``keys``, in the given order; unknown keys fail with the list of known ones."""
-    unknown = [k for k in keys if k not in METHODS]
+def resolve_methods(keys: tuple[str, ...] | list[str], table: dict[str, Method] = METHODS) -> list[Method]:
+    """The methods of ``table`` named by ``keys``, in the given order; unknown keys fail with the known ones."""
+    unknown = [k for k in keys if k not in table]
     if unknown:
-        raise ValueError(f"unknown demo method(s) {unknown}; choose from {list(METHODS)}")
+        raise ValueError(f"unknown demo method(s) {unknown}; choose from {list(table)}")
     if len(set(keys)) != len(keys):
         raise ValueError(f"demo methods listed twice: {list(keys)}")
-    return [METHODS[k] for k in keys]
+    return [table[k] for k in keys]

@@ -1,9 +1,11 @@
-"""The demo's figures: error deltas over steps (the paper's diagnostic), lambda over steps, and a sample grid."""
+"""The demo's figures: error deltas over steps (the paper's diagnostic), lambda over steps, a sample grid, and the
+breaking regime's samples along the run, each guard's row beside Diffusion-DPO's."""
 
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -159,3 +161,75 @@ def sample_grid(
         draw.text((6, header + r * tile + tile // 2 - 8), text, fill=(0, 0, 0), font=font)
     canvas.save(path)
     return canvas
+
+
+def _strip(images: np.ndarray, gap: int) -> np.ndarray:
+    """``[P, H, W, 3]`` side by side with ``gap`` white pixels between them."""
+    height, _, channels = images.shape[1:]
+    spacer = np.ones((height, gap, channels))
+    parts = [part for image in images for part in (np.clip(image, 0.0, 1.0), spacer)]
+    return np.concatenate(parts[:-1], axis=1)
+
+
+def plot_breaking_regime(
+    regime: dict[str, Any], prompts: list[str], images: dict[str, np.ndarray], image_size: int, path: Path
+) -> None:
+    """One row per method of the breaking regime (``regime``: its summary entry), one column per moment: the base,
+    then each evaluation step; a cell shows the first sample of every held-out prompt, left to right, with the same
+    noise in every row, so a row is read against Diffusion-DPO's by eye. ``images[key]``: ``[1 + steps, P, H, W, 3]``.
+    Under each cell, the held-out reward's change from the base at that step (mean over every sample)."""
+    settings, rows = regime["settings"], regime["methods"]
+    steps = [str(s) for s in settings["eval_steps"]]
+    titles = ["base", *(f"step {s}" + (" (end)" if s == steps[-1] else "") for s in steps)]
+    gap = max(1, image_size // 16)
+    # inches: a strip's height, the label column, the gaps; the figure is sized so that every strip fits whole
+    strip_height, label, gap_x, gap_y, top, bottom = 0.6, 1.9, 0.12, 0.3, 1.0, 0.25
+    strip_width = strip_height * (len(prompts) * (image_size + gap) - gap) / image_size
+    width = label + len(titles) * strip_width + (len(titles) - 1) * gap_x + 0.1
+    height = top + bottom + len(rows) * strip_height + (len(rows) - 1) * gap_y
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(
+        left=label / width,
+        right=1 - 0.1 / width,
+        top=1 - top / height,
+        bottom=bottom / height,
+        wspace=gap_x / strip_width,
+        hspace=gap_y / strip_height,
+    )
+    for i, (key, row) in enumerate(rows.items()):
+        for j, title in enumerate(titles):
+            ax = axes[i, j]
+            ax.imshow(_strip(images[key][j], gap), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if i == 0:
+                ax.set_title(title, fontsize=10)
+            if j > 0:
+                change = row["reward_change"][steps[j - 1]]
+                ax.set_xlabel(f"reward {change:+.3f}", fontsize=8, labelpad=1)
+        end = row["reward_change"][steps[-1]]
+        axes[i, 0].text(
+            -0.03,
+            0.5,
+            f"{row['label']}\nreward {end:+.3f}",
+            transform=axes[i, 0].transAxes,
+            ha="right",
+            va="center",
+            fontsize=9,
+            fontweight="bold" if key == "dpo" else "normal",
+        )
+    fig.suptitle(
+        f"Breaking regime: lr {settings['learning_rate']:g}, {settings['max_steps']} steps of "
+        f"{settings['batch_size']} pairs, seed {settings['seed']}; the first held-out sample of each prompt, the "
+        "same noise in every row\n"
+        + textwrap.fill(
+            f"Prompts, left to right: {'; '.join(prompts)}. Labels: held-out reward change from the base "
+            f"({regime['base_reward']:.3f}), mean of {settings['eval_seeds_per_prompt']} sample(s) per prompt",
+            width=int(12 * width),
+        ),
+        fontsize=9,
+    )
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

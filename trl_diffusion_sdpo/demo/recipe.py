@@ -8,12 +8,65 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..checks import Choice, Range
-from .methods import METHODS, resolve_methods
+from .methods import GUARDS, METHODS, resolve_methods
 from .pretrain import PretrainRecipe
 
-__all__ = ["DemoRecipe"]
+__all__ = ["BreakingRegime", "DemoRecipe"]
 
 LAST_FRACTION = 0.1  # "final" figures average the last 10% of optimizer steps
+
+
+@dataclass(frozen=True)
+class BreakingRegime:
+    """The demo's second stage: the setting where Diffusion-DPO's held-out reward falls, with each guard beside it.
+
+    The benchmark's breaking cell (``benchmarks/results/cpu-stability-guards-demo.json``, regime ``offline``, cell
+    ``lr0.0002-beta5000``: -0.099 [-0.138, -0.059] over 10 seeds after 50 steps): the demo's base, pairs, beta and
+    warmup, with these fields replacing the demo's. One training seed; every row trains on its batches, timesteps and
+    noise, and is sampled at ``eval_steps`` with the same noise as the base.
+
+    learning_rate, batch_size, max_steps: the optimizer's learning rate, pairs per step and steps.
+    eval_steps: the optimizer steps after which the held-out prompts are sampled (the last is the end of training).
+    eval_seeds_per_prompt: samples per held-out prompt for the reward; the figure shows the first.
+    seed: the training seed. methods: keys of :data:`~trl_diffusion_sdpo.demo.methods.GUARDS`, in row order.
+    """
+
+    learning_rate: float = 2e-4
+    batch_size: int = 2
+    max_steps: int = 50
+    eval_steps: tuple[int, ...] = (25, 50)
+    eval_seeds_per_prompt: int = 4
+    seed: int = 0
+    methods: tuple[str, ...] = tuple(GUARDS)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_seeds_per_prompt"):
+            Range(1, integer=True).check(name, getattr(self, name))
+        object.__setattr__(self, "eval_steps", tuple(sorted({int(s) for s in self.eval_steps})))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.eval_steps or self.eval_steps[0] < 1 or self.eval_steps[-1] != self.max_steps:
+            raise ValueError(
+                f"eval_steps must lie in [1, max_steps] and end at max_steps, got {list(self.eval_steps)}"
+            )
+        resolve_methods(self.methods, GUARDS)
+
+    @classmethod
+    def quick(cls) -> BreakingRegime:
+        """Four steps, sampled after two and four with one sample per prompt: the same stage for tests, its images
+        mean nothing."""
+        return cls(max_steps=4, eval_steps=(2, 4), eval_seeds_per_prompt=1)
+
+    def recipe(self, demo: DemoRecipe) -> DemoRecipe:
+        """``demo`` with this regime's training and evaluation fields."""
+        return dataclasses.replace(
+            demo,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            max_steps=self.max_steps,
+            eval_seeds_per_prompt=self.eval_seeds_per_prompt,
+            grid_seeds=min(demo.grid_seeds, self.eval_seeds_per_prompt),
+            seeds=(self.seed,),
+        )
 
 
 @dataclass(frozen=True)
@@ -53,6 +106,10 @@ class DemoRecipe:
     > Machine
 
     threads: torch intra-op threads during the demo (``None``: leave torch's setting).
+
+    > The breaking regime
+
+    breaking: the stage where Diffusion-DPO breaks, each guard beside it (:class:`BreakingRegime`); ``None`` skips it.
     """
 
     pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
@@ -81,6 +138,7 @@ class DemoRecipe:
     cache_latents: bool = True
     # machine
     threads: int | None = 1
+    breaking: BreakingRegime | None = field(default_factory=BreakingRegime)
 
     def __post_init__(self) -> None:
         Choice(("full", "lora")).check("tuning", self.tuning)
@@ -110,6 +168,7 @@ class DemoRecipe:
             "max_steps": 4,
             "warmup_steps": 1,
             "batch_size": 4,
+            "breaking": BreakingRegime.quick(),
         }
         return cls(**{**values, **overrides})
 

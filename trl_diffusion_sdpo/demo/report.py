@@ -3,6 +3,7 @@ intervals, and the console tables."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from .methods import Method
-from .recipe import LAST_FRACTION
+from .recipe import LAST_FRACTION, BreakingRegime
 from .stats import bootstrap_paired_change, summarise
 
-__all__ = ["format_table", "safeguard_recommendation"]
+__all__ = ["format_breaking_table", "format_table", "safeguard_recommendation", "summarise_breaking"]
 
 RECOMMENDATION_FILE = Path(__file__).with_name("safeguard_recommendation.json")
 """When to turn the safeguard on, from the paired comparison on this demo
@@ -49,7 +50,12 @@ _HISTORY_KEYS = (
     "safeguard/mu",
     "beta",
     "margin",
+    "guard/capped_fraction",
+    "guard/sft_loss",
 )
+
+BREAKING_SOURCE = "benchmarks/results/cpu-stability-guards-demo.json"
+"""Where the breaking regime's setting comes from (regime ``offline``, cell ``lr0.0002-beta5000``)."""
 
 
 def history_from_logs(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -100,6 +106,71 @@ def summarise_methods(
             aggregate["reward_minus_dpo"] = summarise([r["reward"] - by_seed[r["seed"]] for r in rows])
         results[method.key] = aggregate
     return results
+
+
+def _guard_log(history: dict[str, list[float]]) -> dict[str, float]:
+    """What a row's guard logged over the run, the evidence that its config field reached the trainer: the
+    safeguard's mean ``lambda``, ``mu`` at the start and the end (``"auto"`` moves it), ``beta`` at the start and the
+    end (``auto_beta`` moves it), the fraction of pairs at ``max_margin``'s cap and the SFT anchor's mean loss."""
+    found: dict[str, float] = {}
+    if "safeguard/lambda_mean" in history:
+        found["lambda_mean"] = float(np.mean(history["safeguard/lambda_mean"]))
+    for key, name in (("safeguard/mu", "mu"), ("beta", "beta")):
+        if key in history:
+            found[f"{name}_first"], found[f"{name}_final"] = float(history[key][0]), float(history[key][-1])
+    for key, name in (("guard/capped_fraction", "capped_fraction_mean"), ("guard/sft_loss", "sft_loss_mean")):
+        if key in history:
+            found[name] = float(np.mean(history[key]))
+    return found
+
+
+def summarise_breaking(
+    regime: BreakingRegime,
+    methods: list[Method],
+    rewards: dict[str, dict[int, np.ndarray]],
+    base_rewards: np.ndarray,
+    histories: dict[str, dict[str, list[float]]],
+    seconds: dict[str, float],
+    skipped: dict[str, str],
+) -> dict[str, Any]:
+    """The breaking regime's entry in ``summary.json``: its settings, the base's held-out reward and per row its
+    label, config fields, held-out reward and change from the base at each evaluation step (``rewards[key][step]``:
+    ``[P, S]``, sample ``j`` sharing prompt and noise with the base's), the end's change with a bootstrap over the
+    held-out samples (one training seed: only the sample level varies) and its difference from Diffusion-DPO's
+    (paired by sample), the last 10% of steps' diagnostics and :func:`_guard_log`. ``diffusion_dpo_breaks``:
+    Diffusion-DPO's end change has its bootstrap interval below 0."""
+    end = regime.max_steps
+    base_mean = float(base_rewards.mean())
+    rows: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        history = histories[method.key]
+        at = rewards[method.key]
+        row: dict[str, Any] = {
+            "label": method.label,
+            "config": method.config_kwargs(),
+            "reward": {str(step): float(at[step].mean()) for step in regime.eval_steps},
+            "reward_change": {str(step): float(at[step].mean()) - base_mean for step in regime.eval_steps},
+            "reward_change_bootstrap": bootstrap_paired_change(
+                at[end].ravel(), base_rewards.ravel(), seed=regime.seed
+            ),
+        }
+        if method.key != "dpo" and "dpo" in rewards:
+            row["reward_minus_dpo"] = bootstrap_paired_change(
+                at[end].ravel(), rewards["dpo"][end].ravel(), seed=regime.seed
+            )
+        for metric, key in (("winner_delta", "delta/winner"), ("loser_delta", "delta/loser"), ("implicit_acc",) * 2):
+            row[metric] = final_mean(history, key, end)
+        row["guard_log"] = _guard_log(history)
+        row["seconds"] = round(seconds[method.key], 2)
+        rows[method.key] = row
+    dpo = rows.get("dpo")
+    return {
+        "settings": {**dataclasses.asdict(regime), "source": BREAKING_SOURCE},
+        "base_reward": base_mean,
+        "methods": rows,
+        "diffusion_dpo_breaks": None if dpo is None else dpo["reward_change_bootstrap"]["ci95"][1] < 0,
+        "skipped": skipped,
+    }
 
 
 def safeguard_recommendation(path: Path = RECOMMENDATION_FILE) -> dict[str, Any] | None:
@@ -204,4 +275,59 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"{key}: skipped ({reason})")
     if summary.get("recommendation"):
         lines += ["", recommendation_line(summary["recommendation"])]
+    return "\n".join(lines)
+
+
+def _guard_text(log: dict[str, float]) -> str:
+    parts = []
+    if "lambda_mean" in log:
+        parts.append(f"lambda {log['lambda_mean']:.2f}")
+    if "mu_first" in log:
+        parts.append(f"mu {log['mu_first']:.2f}->{log['mu_final']:.2f}")
+    if "beta_first" in log:
+        parts.append(f"beta {log['beta_first']:.0f}->{log['beta_final']:.0f}")
+    if "capped_fraction_mean" in log:
+        parts.append(f"capped {log['capped_fraction_mean']:.0%}")
+    if "sft_loss_mean" in log:
+        parts.append(f"sft loss {log['sft_loss_mean']:.3f}")
+    return ", ".join(parts) or "-"
+
+
+def format_breaking_table(regime: dict[str, Any]) -> str:
+    """The breaking regime's console table: per row the held-out reward change from the base at each evaluation
+    step (the end's with its bootstrap interval over held-out samples), minus Diffusion-DPO's, the winner's error
+    delta and what the guard logged; then whether Diffusion-DPO's reward fell."""
+    settings, results = regime["settings"], regime["methods"]
+    steps = [str(s) for s in settings["eval_steps"]]
+    width = max(len(r["label"]) for r in results.values()) + 2
+    lines = [
+        f"Breaking regime: lr {settings['learning_rate']:g}, {settings['max_steps']} steps of "
+        f"{settings['batch_size']} pairs, seed {settings['seed']} (the setting of {settings['source']}); held-out "
+        f"reward (base {regime['base_reward']:.3f}) change, [95% bootstrap over held-out samples]; samples in "
+        "breaking_regime.png"
+    ]
+    columns = [(f"change @{s}", 14) for s in steps[:-1]]
+    columns += [(f"change @{steps[-1]}", 28), ("minus DPO", 28), ("winner delta", 14), ("guard's log", 30)]
+    cells = [
+        (
+            r["label"],
+            [
+                *(f"{r['reward_change'][s]:+.4f}" for s in steps[:-1]),
+                _cell(r["reward_change_bootstrap"], 4, True),
+                _cell(r.get("reward_minus_dpo"), 4, True),
+                f"{r['winner_delta']:+.5f}",
+                _guard_text(r["guard_log"]),
+            ],
+        )
+        for r in results.values()
+    ]
+    lines += _table(width, columns, cells)
+    if regime["diffusion_dpo_breaks"] is not None:
+        dpo = results["dpo"]["reward_change_bootstrap"]
+        lines.append(
+            f"Diffusion-DPO's held-out reward {'fell' if regime['diffusion_dpo_breaks'] else 'did not fall'} here "
+            f"({_cell(dpo, 4, True)}: {_where(dpo)}; one training seed)"
+        )
+    for key, reason in regime["skipped"].items():
+        lines.append(f"{key}: skipped ({reason})")
     return "\n".join(lines)

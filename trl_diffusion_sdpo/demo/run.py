@@ -34,17 +34,19 @@ from ..config import DiffusionSDPOConfig
 from ..extras import require_extra
 from ..trainer import DiffusionSDPOTrainer
 from .base_check import rebuild_and_check
-from .methods import METHODS, Method, method_unavailable, resolve_methods
+from .methods import GUARDS, METHODS, Method, method_unavailable, resolve_methods
 from .pairs import make_preference_pairs, sample_images
 from .pretrain import PretrainRecipe, load_base, recipe_hash
 from .recipe import DemoRecipe
 from .report import (
     final_mean,
+    format_breaking_table,
     format_table,
     history_from_logs,
     mean_history,
     recommendation_line,
     safeguard_recommendation,
+    summarise_breaking,
     summarise_methods,
 )
 from .shapes import Caption, colour_reward, split_captions
@@ -168,8 +170,9 @@ def train_preference(
 ) -> tuple[StableDiffusionPipeline, dict[str, list[float]]]:
     """Tune a copy of ``base``'s UNet with ``method`` and training seed ``seed``; return the tuned pipeline and the
     per-step metrics. The VAE and text encoder are shared with ``base`` (they stay frozen). ``callbacks`` are added
-    to the trainer (e.g. an evaluation partway through training, as ``benchmarks/studies/stability_map.py`` does); each
-    receives the pipeline being tuned as its ``pipeline`` attribute."""
+    to the trainer (e.g. an evaluation partway through training, as :class:`EvaluateAt`); each receives the pipeline
+    being tuned as its ``pipeline`` attribute and the trainer's ``sampling_weights`` (the weights validation samples
+    from: the EMA's with ``ema_decay``) as its ``sampling_weights``."""
     components = {**base.components, "unet": copy.deepcopy(base.unet), "scheduler": copy.deepcopy(base.scheduler)}
     pipeline = StableDiffusionPipeline(**components, requires_safety_checker=False)
     peft_config = None
@@ -186,7 +189,7 @@ def train_preference(
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(_TrainingBar(f"{method.label}, seed {seed}"))
         for callback in callbacks:
-            callback.pipeline = pipeline
+            callback.pipeline, callback.sampling_weights = pipeline, trainer.sampling_weights
             trainer.add_callback(callback)
         trainer.train()
     pipeline.unet.eval()
@@ -207,12 +210,83 @@ def _evaluate(
     return images.reshape(len(captions), per_prompt, *images.shape[1:]), rewards.reshape(len(captions), per_prompt)
 
 
+class EvaluateAt(TrainerCallback):
+    """The held-out samples ``[P, S, H, W, 3]`` and rewards ``[P, S]`` (:func:`_evaluate`: the same prompts and noise
+    as the base's) after the optimizer steps in ``steps``, in ``images`` and ``rewards`` keyed by step.
+
+    Samples from the trainer's sampling weights (the EMA's with ``ema_decay``; set by :func:`train_preference`, after
+    the EMA's own step), with a copy of the scheduler and the UNet in eval mode, then restores train mode; the
+    sampling noise comes from per-sample generators, so the training's batches, timesteps and noise are untouched."""
+
+    def __init__(self, steps: Sequence[int], held_out: list[Caption], recipe: DemoRecipe) -> None:
+        self.steps, self.held_out, self.recipe = set(steps), held_out, recipe
+        self.pipeline: StableDiffusionPipeline | None = None
+        self.sampling_weights: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.images: dict[int, np.ndarray] = {}
+        self.rewards: dict[int, np.ndarray] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step not in self.steps:
+            return
+        sampler = StableDiffusionPipeline(
+            **{**self.pipeline.components, "scheduler": copy.deepcopy(self.pipeline.scheduler)},
+            requires_safety_checker=False,
+        )
+        self.pipeline.unet.eval()
+        with self.sampling_weights():
+            images, rewards = _evaluate(sampler, self.held_out, self.recipe)
+        self.pipeline.unet.train()
+        self.images[state.global_step], self.rewards[state.global_step] = images, rewards
+
+
 def _eval_seed(recipe: DemoRecipe, index: int) -> int:
     return 1_000_000 + 1_000 * recipe.seed + index
 
 
 def _load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def _run_breaking_regime(
+    base: StableDiffusionPipeline,
+    dataset: Dataset,
+    held_out: list[Caption],
+    demo: DemoRecipe,
+    latent_cache_dir: str | None,
+    echo: Callable[[str], None],
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, dict[str, list[float]]]]:
+    """Train every row of ``demo.breaking`` (Diffusion-DPO and each guard) with its training seed from ``base`` on
+    ``dataset``, sampling the held-out prompts at its evaluation steps. Returns the summary entry
+    (:func:`~.report.summarise_breaking`), the figure's images per row (``[steps + 1, P, H, W, 3]``: the base, then
+    each evaluation step; the first sample of every prompt) and the per-step metric histories."""
+    regime = demo.breaking
+    recipe = regime.recipe(demo)
+    methods, skipped = [], {}
+    for method in resolve_methods(regime.methods, GUARDS):
+        reason = method_unavailable(method)
+        if reason is None:
+            methods.append(method)
+        else:
+            skipped[method.key] = reason
+    base_images, base_rewards = _evaluate(base, held_out, recipe)
+    rewards: dict[str, dict[int, np.ndarray]] = {}
+    histories: dict[str, dict[str, list[float]]] = {}
+    images: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    for method in methods:
+        tick = time.perf_counter()
+        evaluate = EvaluateAt(regime.eval_steps, held_out, recipe)
+        tuned, histories[method.key] = train_preference(
+            base, dataset, recipe, method, regime.seed, latent_cache_dir, [evaluate]
+        )
+        del tuned
+        seconds[method.key] = time.perf_counter() - tick
+        rewards[method.key] = evaluate.rewards
+        images[method.key] = np.stack([base_images[:, 0], *(evaluate.images[s][:, 0] for s in regime.eval_steps)])
+        change = evaluate.rewards[regime.max_steps].mean() - base_rewards.mean()
+        echo(f"      {method.label}: held-out reward change {change:+.3f} ({seconds[method.key]:.0f} s)")
+    summary = summarise_breaking(regime, methods, rewards, base_rewards, histories, seconds, skipped)
+    return summary, images, histories
 
 
 # ---------------------------------------------------------------------------------------------------- the demo
@@ -226,7 +300,8 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo and write ``summary.json``, ``history.json``, ``losses.png``, ``lambda.png`` and ``samples.png``
-    into ``output_dir``. Returns the summary; ``echo`` receives the console lines (stage headers and the table).
+    into ``output_dir``, and with ``recipe.breaking`` ``breaking_regime.png`` and ``breaking_history.json``. Returns
+    the summary; ``echo`` receives the console lines (stage headers and the tables).
 
     The figures need matplotlib (the ``plots`` extra): without it this fails here, before any training.
     """
@@ -255,7 +330,8 @@ def _run_demo(
     if not methods:
         raise RuntimeError(f"no demo method can run here: {skipped}")
 
-    echo("[1/4] Base model: a tiny text-to-image latent diffusion pipeline (UNet, VAE, CLIP text encoder)")
+    stages = 4 if recipe.breaking is None else 5
+    echo(f"[1/{stages}] Base model: a tiny text-to-image latent diffusion pipeline (UNet, VAE, CLIP text encoder)")
     tick = time.perf_counter()
     base, source, folder = load_base(recipe.pretrain, cache_root=cache_dir, use_cache=use_cache, warn=echo)
     timings["base_model_seconds"] = time.perf_counter() - tick
@@ -266,7 +342,10 @@ def _run_demo(
     }[source]
     echo(f"      {described} ({folder or 'not cached'}, recipe {recipe_hash(recipe.pretrain)})")
 
-    echo("[2/4] Preference pairs: two samples per prompt from the base, ranked by colour agreement with the caption")
+    echo(
+        f"[2/{stages}] Preference pairs: two samples per prompt from the base, ranked by colour agreement with "
+        "the caption"
+    )
     tick = time.perf_counter()
     pair_captions, held_out = split_captions(recipe.num_held_out_prompts, recipe.seed)
     dataset, pair_stats = make_preference_pairs(
@@ -289,8 +368,8 @@ def _run_demo(
 
     runs_total = len(methods) * len(recipe.seeds)
     echo(
-        f"[3/4] {len(methods)} methods x {len(recipe.seeds)} seeds ({runs_total} runs of {recipe.max_steps} steps) "
-        "from the same base and pairs"
+        f"[3/{stages}] {len(methods)} methods x {len(recipe.seeds)} seeds ({runs_total} runs of {recipe.max_steps} "
+        "steps) from the same base and pairs"
     )
     for key, reason in skipped.items():
         echo(f"      skipped {key}: {reason}")
@@ -335,13 +414,23 @@ def _run_demo(
                 if bar.disable:  # a log file: one plain line per run instead of the bar
                     done = sum(len(r) for r in runs.values())
                     echo(f"      run {done}/{runs_total} done: {method.label}, seed {seed} ({train_seconds:.0f} s)")
-    bar.close()
+        bar.close()
+        breaking = None
+        if recipe.breaking is not None:
+            regime = recipe.breaking
+            echo(
+                f"[4/5] Breaking regime: Diffusion-DPO and each guard at lr {regime.learning_rate:g}, "
+                f"{regime.max_steps} steps of {regime.batch_size} pairs, seed {regime.seed}"
+            )
+            tick = time.perf_counter()
+            breaking = _run_breaking_regime(base, dataset, held_out, recipe, latent_cache_dir, echo)
+            timings["breaking_regime_seconds"] = time.perf_counter() - tick
     timings["runs_seconds"] = sum(r["train_seconds"] + r["eval_seconds"] for rs in runs.values() for r in rs)
     timings["train_seconds"] = sum(r["train_seconds"] for rs in runs.values() for r in rs)
     timings["eval_seconds"] = sum(r["eval_seconds"] for rs in runs.values() for r in rs)
 
-    echo("[4/4] Figures and summary")
-    from .plots import plot_error_deltas, plot_lambda, sample_grid
+    echo(f"[{stages}/{stages}] Figures and summary")
+    from .plots import plot_breaking_regime, plot_error_deltas, plot_lambda, sample_grid
 
     tick = time.perf_counter()
     labels = {m.key: m.label for m in methods}
@@ -360,6 +449,16 @@ def _run_demo(
         recipe.grid_seeds,
         out / "samples.png",
     )
+    if breaking is not None:
+        regime_summary, regime_images, regime_histories = breaking
+        plot_breaking_regime(
+            regime_summary,
+            [c.text for c in held_out],
+            regime_images,
+            recipe.pretrain.image_size,
+            out / "breaking_regime.png",
+        )
+        (out / "breaking_history.json").write_text(json.dumps(regime_histories))
     timings["figures_seconds"] = time.perf_counter() - tick
     timings["total_seconds"] = time.perf_counter() - start
 
@@ -369,6 +468,7 @@ def _run_demo(
         "methods": results,
         "skipped": skipped,
         "recommendation": recommendation,
+        "breaking_regime": None if breaking is None else breaking[0],
         "base": {
             "reward": float(base_rewards.mean()),
             "reward_stderr": float(base_rewards.std(ddof=1) / np.sqrt(base_rewards.size)),
@@ -400,7 +500,13 @@ def _run_demo(
     (out / "history.json").write_text(json.dumps(histories))
     for line in format_table(summary).splitlines():
         echo(line)
-    figures = "losses.png, lambda.png and samples.png" if safeguarded else "losses.png and samples.png"
+    if breaking is not None:
+        echo("")
+        for line in format_breaking_table(summary["breaking_regime"]).splitlines():
+            echo(line)
+    names = ["losses.png", *(["lambda.png"] if safeguarded else []), "samples.png"]
+    names += ["breaking_regime.png", "breaking_history.json"] if breaking is not None else []
+    figures = f"{', '.join(names[:-1])} and {names[-1]}"
     echo(
         f"Wrote summary.json, history.json, {figures} to {out} ({timings['total_seconds'] / 60:.1f} min, load "
         f"average {summary['environment']['load_average_end'][0]:.1f})"
