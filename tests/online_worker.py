@@ -164,6 +164,7 @@ def train(job: dict[str, Any]):
     from datasets import load_from_disk
     from peft import LoraConfig
 
+    import trl_diffusion_sdpo.testing  # noqa: F401  (the tiny Qwen-Image 2.1 names its processor class there)
     from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
 
     args = OnlineDiffusionSDPOConfig(output_dir=job["output_dir"], **job["config"])

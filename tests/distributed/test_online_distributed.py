@@ -113,7 +113,8 @@ class OnlineRun:
     reward: str = "redness"
     extra: tuple[tuple[str, Any], ...] = ()
     group: str = ""  # runs of another group are launched apart (the slow tier's)
-    pipeline: str = "pipeline"  # the saved pipeline's folder (PIPELINES builds the others when first needed)
+    pipeline: str = "pipeline"  # the saved pipeline's folder (a family's: built when first needed)
+    seconds: int = 60  # the most the training may take on a loaded 2-core CPU (a launch's timeout adds them up)
 
     @property
     def processes(self) -> int:
@@ -183,6 +184,7 @@ class FamilyCase:
     data: str = "prompts"
     tokens: int | None = None
     config: tuple[tuple[str, Any], ...] = ()
+    seconds: int = 150  # a training's time limit (OnlineRun.seconds)
 
     def fields(self) -> tuple[tuple[str, Any], ...]:
         return self.config if self.tokens is None else (("max_sequence_length", self.tokens), *self.config)
@@ -211,7 +213,7 @@ FAMILY_CASES = {
 for _family, _case in FAMILY_CASES.items():
     for _name, _config in (("single", None), ("ddp", "multi_gpu.yaml")):
         RUNS[f"{_name}-{_family}"] = OnlineRun(
-            _config, _case.data, extra=_case.fields(), group=_case.group, pipeline=_family
+            _config, _case.data, extra=_case.fields(), group=_case.group, pipeline=_family, seconds=_case.seconds
         )
 
 
@@ -279,8 +281,9 @@ def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
     if first.config is not None:
         command[1:1] = ["-m", "accelerate.commands.launch", *launch.launch_arguments(first.processes)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    # ~5 s a training on a quiet machine; a process left waiting in a collective fails the launch at the timeout
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120 + 240 * len(jobs))
+    # ~5 s an SD training on a quiet machine; a process left waiting in a collective fails the launch at the timeout
+    timeout = 120 + sum(spec.seconds for spec in runs.values())
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{', '.join(runs)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
     for name in runs:
         report = json.loads((root / name / "result.json").read_text())
