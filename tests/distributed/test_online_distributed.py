@@ -26,9 +26,11 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import pytest
@@ -115,6 +117,7 @@ class OnlineRun:
     group: str = ""  # runs of another group are launched apart (the slow tier's)
     pipeline: str = "pipeline"  # the saved pipeline's folder (a family's: built when first needed)
     seconds: int = 60  # the most the training may take on a loaded 2-core CPU (a launch's timeout adds them up)
+    edit_area_scale: float | None = None  # online_worker.py's: the Qwen-Image-Edit pipelines' source areas scaled
 
     @property
     def processes(self) -> int:
@@ -185,6 +188,7 @@ class FamilyCase:
     tokens: int | None = None
     config: tuple[tuple[str, Any], ...] = ()
     seconds: int = 150  # a training's time limit (OnlineRun.seconds)
+    edit_area_scale: float | None = None
 
     def fields(self) -> tuple[tuple[str, Any], ...]:
         return self.config if self.tokens is None else (("max_sequence_length", self.tokens), *self.config)
@@ -202,9 +206,10 @@ FAMILY_CASES = {
     # A call pads its prompts to the longest, which moves the image's RoPE frame index (docs/qwen_image21.md): one
     # process's micro-batch pads unlike each of two processes' unless the prompts are of one length (and none dropped).
     "qwen-image-2.1": FamilyCase("qwen", "even", 32, NO_DROPOUT),
-    # the prompt encoding reads the sources: no prompt dropout (as the offline tests)
-    "qwen-image-edit": FamilyCase("qwen-edit", "edits", 32, NO_DROPOUT),
-    "qwen-image-edit-plus": FamilyCase("qwen-edit", "references", 64, NO_DROPOUT),
+    # The prompt encoding reads the sources: no prompt dropout (as the offline tests). The pipelines resize each source
+    # to 1024^2 pixels, 2.5 minutes a call on this CPU: 1/256 of their areas (64^2; Plus's 384^2 condition: 32^2).
+    "qwen-image-edit": FamilyCase("qwen-edit", "edits", 32, NO_DROPOUT, edit_area_scale=1 / 256),
+    "qwen-image-edit-plus": FamilyCase("qwen-edit", "references", 64, NO_DROPOUT, edit_area_scale=1 / 256),
     # FLUX.2 takes references of 64 px and more; [dev]'s system message takes about 30 tokens of its prompt
     "flux2": FamilyCase("flux2-video", "references", 48, (("resolution", 64),)),
     "flux2-klein": FamilyCase("flux2-video", tokens=48),
@@ -213,7 +218,13 @@ FAMILY_CASES = {
 for _family, _case in FAMILY_CASES.items():
     for _name, _config in (("single", None), ("ddp", "multi_gpu.yaml")):
         RUNS[f"{_name}-{_family}"] = OnlineRun(
-            _config, _case.data, extra=_case.fields(), group=_case.group, pipeline=_family, seconds=_case.seconds
+            _config,
+            _case.data,
+            extra=_case.fields(),
+            group=_case.group,
+            pipeline=_family,
+            seconds=_case.seconds,
+            edit_area_scale=_case.edit_area_scale,
         )
 
 
@@ -272,6 +283,8 @@ def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
             "reward": spec.reward,
             "config": spec.fields(),
         }
+        if spec.edit_area_scale is not None:
+            job["edit_area_scale"] = spec.edit_area_scale
         if spec.config is not None and spec.config != first.config:
             job["env"] = _launch_environment(Run("", spec.config, True), spec.processes)
         jobs.append(job)
@@ -283,8 +296,14 @@ def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     # ~5 s an SD training on a quiet machine; a process left waiting in a collective fails the launch at the timeout
     timeout = 120 + sum(spec.seconds for spec in runs.values())
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{', '.join(runs)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's workers too, which would outlive it
+        stdout, stderr = proc.communicate()
+        stderr += f"\ntimed out after {timeout} s"
+    assert proc.returncode == 0, f"{', '.join(runs)} failed:\n{stdout[-3000:]}\n{stderr[-8000:]}"
     for name in runs:
         report = json.loads((root / name / "result.json").read_text())
         report["model_dir"] = str(root / name / "model")
