@@ -525,12 +525,15 @@ def test_every_family_samples_pairs_and_trains_on_two_processes_like_one(runs, f
     assert report["num_processes"] == 2 and report["global_step"] == single["global_step"] == STEPS
     ours, theirs = _by_global_row(report), _by_global_row(single)
     assert ours.keys() == theirs.keys() == {(g, r) for g in range(STEPS) for r in range(GLOBAL_BATCH)}
-    worst = max(max(abs(a - b) for a, b in zip(ours[k]["rewards"], row["rewards"])) for k, row in theirs.items())
-    assert worst < 1e-2, worst  # measured: 0 to 1e-3 (rewards in [-1, 1])
+    differences = {k: max(abs(a - b) for a, b in zip(ours[k]["rewards"], row["rewards"])) for k, row in theirs.items()}
+    worst = max(differences.values())
+    assert worst < 1e-2, worst  # measured: 0 to 1e-4 (rewards in [-1, 1])
+    # generation 0 samples the same weights: its rewards within a few pixel levels (4e-6 each at 32 x 32)
+    first = max(d for (generation, _), d in differences.items() if generation == 0)
+    assert first < 1e-4, first
     for key, row in theirs.items():
         assert ours[key]["prompt"] == row["prompt"] and row["pair"] is not None, key
-        # generation 0 samples the same weights (its rewards within one pixel level); later ones may swap a pair
-        # whose rewards lie closer than the two runs' difference
+        # later generations may swap a pair whose rewards lie closer than the two runs' difference
         if key[0] == 0 or abs(row["rewards"][0] - row["rewards"][1]) > 2 * worst:
             assert ours[key]["pair"] == row["pair"], key
     gap = min(abs(row["rewards"][0] - row["rewards"][1]) for row in theirs.values())
@@ -540,6 +543,9 @@ def test_every_family_samples_pairs_and_trains_on_two_processes_like_one(runs, f
     start, end = (torch.tensor(single["snapshots"][0][i]["values"]) for i in (0, -1))
     other = torch.tensor(report["snapshots"][0][-1]["values"])
     moved, difference = (end - start).norm(), (other - end).norm()
-    print(f"{family}: rewards within {worst:.2e} (smallest gap {gap:.2e}), weights {float(difference / moved):.2e}")
+    print(
+        f"{family}: rewards within {worst:.2e} (generation 0: {first:.2e}; smallest gap {gap:.2e}), "
+        f"weights {float(difference / moved):.2e}"
+    )
     assert moved > 10 * LEARNING_RATE and difference < 2e-2 * moved, (float(difference), float(moved))
     _assert_in_step(report)
