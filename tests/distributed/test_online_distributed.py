@@ -208,8 +208,8 @@ FAMILY_CASES = {
     "qwen-image-2.1": FamilyCase("qwen", "even", 32, NO_DROPOUT),
     # The prompt encoding reads the sources: no prompt dropout (as the offline tests). The pipelines resize each source
     # to 1024^2 pixels, 2.5 minutes a call on this CPU: 1/256 of their areas (64^2; Plus's 384^2 condition: 32^2).
-    "qwen-image-edit": FamilyCase("qwen-edit", "edits", 32, NO_DROPOUT, edit_area_scale=1 / 256),
-    "qwen-image-edit-plus": FamilyCase("qwen-edit", "references", 64, NO_DROPOUT, edit_area_scale=1 / 256),
+    "qwen-image-edit": FamilyCase("qwen", "edits", 32, NO_DROPOUT, edit_area_scale=1 / 256),
+    "qwen-image-edit-plus": FamilyCase("qwen", "references", 64, NO_DROPOUT, edit_area_scale=1 / 256),
     # FLUX.2 takes references of 64 px and more; [dev]'s system message takes about 30 tokens of its prompt
     "flux2": FamilyCase("flux2-video", "references", 48, (("resolution", 64),)),
     "flux2-klein": FamilyCase("flux2-video", tokens=48),
