@@ -7,7 +7,8 @@
 whose engine machinery this reuses): each names its ``result`` file, the saved ``pipeline`` and prompt ``data``
 folders, the ``output_dir``, the ``config`` (``OnlineDiffusionSDPOConfig`` keyword arguments), the ``reward`` (a
 function of this module, :data:`REWARDS`) and optionally ``env`` (another accelerate config's ``ACCELERATE_*`` and
-``FSDP_*`` variables). Every job trains LoRA adapters (r = 4) and saves them.
+``FSDP_*`` variables) and ``edit_area_scale`` (:func:`_scaled_edit_areas`). Every job trains LoRA adapters (r = 4)
+and saves them.
 
 The main process writes the report: every process's generations (prompts, global rows, rewards, pairs, and whether
 the denoiser was sharded while it sampled), each process's part of the trainable weights before training and after
@@ -114,6 +115,28 @@ def _recording_generations(records: list[dict[str, Any]], collectives: list[str]
         GenerationStage.start, GenerationStage.finish = start, finish
 
 
+@contextlib.contextmanager
+def _scaled_edit_areas(scale: float | None):
+    """Inside the block, the Qwen-Image-Edit pipelines (and their family, which sizes sources by the same function)
+    resize each source to ``scale`` times the pixel area they otherwise do (1024^2 for the VAE, Plus's 384^2 for the
+    vision encoder): on CPU the tiny VAE takes over a minute to encode a 1024^2 source, the transformer as long to
+    attend over its 16384 tokens. Nothing is scaled for ``None``."""
+    if scale is None:
+        yield
+        return
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+
+    modules = (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus)
+    originals = [module.calculate_dimensions for module in modules]
+    for module, original in zip(modules, originals):
+        module.calculate_dimensions = lambda area, ratio, original=original: original(area * scale, ratio)
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            module.calculate_dimensions = original
+
+
 def _trainable(trainer) -> list[torch.Tensor]:
     return [p for p in trainer.accelerator.unwrap_model(trainer.model).parameters() if p.requires_grad]
 
@@ -164,6 +187,7 @@ def train(job: dict[str, Any]):
     from datasets import load_from_disk
     from peft import LoraConfig
 
+    import trl_diffusion_sdpo.testing  # noqa: F401  (the tiny Qwen-Image 2.1 names its processor class there)
     from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
 
     args = OnlineDiffusionSDPOConfig(output_dir=job["output_dir"], **job["config"])
@@ -232,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     launch_environment = {n: v for n, v in os.environ.items() if n.startswith(("ACCELERATE_", "FSDP_"))}
     for job in jobs:
         _use_environment(job.get("env", launch_environment))
-        trainer, recorded = train(job)
+        with _scaled_edit_areas(job.get("edit_area_scale")):
+            trainer, recorded = train(job)
         report(trainer, recorded, job["result"])
         del trainer
         gc.collect()

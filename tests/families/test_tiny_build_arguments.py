@@ -37,3 +37,13 @@ def test_each_builder_keeps_its_own_max_length_default(build, max_length, tmp_pa
 def test_an_unknown_keyword_is_refused(tmp_path):
     with pytest.raises(TypeError, match="max_lenght"):
         build_tiny_flux_pipeline(tokenizer_dir=str(tmp_path), max_lenght=8)
+
+
+def test_every_registered_family_has_a_tiny_pipeline_builder():
+    """TINY_PIPELINES names one builder per registered family, by the family's name (each built pipeline is checked to
+    be its family's where it is built: tests/distributed/test_online_distributed.py)."""
+    from trl_diffusion_sdpo.families import registered_families
+    from trl_diffusion_sdpo.testing import TINY_PIPELINES
+
+    assert set(TINY_PIPELINES) == {family.name for family in registered_families()}
+    assert len(set(TINY_PIPELINES.values())) == len(TINY_PIPELINES)

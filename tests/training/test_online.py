@@ -354,19 +354,30 @@ def test_online_training_logs_the_generation_and_safeguard_and_moves_the_weights
     assert 0.0 < log["online/generation_time_share"] < 1.0
 
 
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
 @pytest.mark.parametrize(
-    "family, tokens, direct",
-    [("sdxl", 77, True), ("sd3", 16, True), ("flux", 16, False), ("qwen-image", 24, False), ("z-image", 32, False)],
+    "family, tokens, direct, targets",
+    [
+        ("stable-diffusion-xl", 77, True, ATTENTION),
+        ("stable-diffusion-3", 16, True, ATTENTION),
+        ("flux", 16, False, (*ATTENTION, "add_q_proj", "to_add_out")),
+        ("qwen-image", 24, False, (*ATTENTION, "add_k_proj", "to_add_out")),
+        ("z-image", 32, False, ATTENTION),
+        # the slow tier's (the default suite's time is spent): FLUX.2's text-to-image (references:
+        # test_online_families.py) and Qwen-Image 2.1
+        pytest.param("flux2", 48, False, (*ATTENTION, "to_qkv_mlp_proj"), marks=pytest.mark.slow),
+        pytest.param("flux2-klein", 48, False, (*ATTENTION, "to_qkv_mlp_proj"), marks=pytest.mark.slow),
+        pytest.param("qwen-image-2.1", 32, False, ATTENTION, marks=pytest.mark.slow),
+    ],
 )
-def test_every_text_to_image_family_trains_online_on_its_own_samples(tmp_path, family, tokens, direct):
+def test_every_text_to_image_family_trains_online_on_its_own_samples(tmp_path, family, tokens, direct, targets):
     """One step of each family's tiny pipeline with the exact safeguard: pairs are formed from its samples, their
     latents taken as sampled where the pipeline ends in the denoiser's layout, else encoded from the images."""
-    from step_reference import FAMILIES
+    from trl_diffusion_sdpo.testing import TINY_PIPELINES
 
-    from trl_diffusion_sdpo import testing
-
-    case = FAMILIES[family]
-    pipe = getattr(testing, case.builder)(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=tokens)
+    pipe = TINY_PIPELINES[family](seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=tokens)
     trainer = OnlineDiffusionSDPOTrainer(
         pipe,
         None,
@@ -382,11 +393,9 @@ def test_every_text_to_image_family_trains_online_on_its_own_samples(tmp_path, f
         ),
         Dataset.from_dict({"prompt": ["a red square", "a blue circle"]}),
         reward_funcs=[red_minus_blue],
-        peft_config=LoraConfig(
-            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(case.lora_targets)
-        ),
+        peft_config=LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(targets)),
     )
-    assert trainer.generation.direct_latents is direct
+    assert trainer.family.name == family and trainer.generation.direct_latents is direct
     before = lora_weights(trainer)
     trainer.train()
     log = trainer.state.log_history[0]
