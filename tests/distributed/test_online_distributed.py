@@ -70,6 +70,11 @@ BASE_CONFIG: dict[str, Any] = {
     "safeguard_mu": 0.5,
     "num_generations": 2,
     "sample_steps": 4,
+    # as in the stored reference runs (tests/step_reference.py): AdamW's first updates are +-lr whatever the gradient,
+    # so with epsilon 1e-8 an element whose gradient is rounding noise moves by +-lr in whichever direction the
+    # rounding fell (measured: one LoRA-A element 0.74 lr apart under FSDP2 on an AVX2 CPU); 1e-4 keeps such updates
+    # small while every real gradient here is far above it
+    "adam_epsilon": 1e-4,
 }
 PARAMETER = {"safeguard_space": "parameter"}
 
@@ -384,9 +389,11 @@ def _assert_weights_match(report: dict, single: dict) -> None:
     peft's ``lora_B`` (saved as ``lora.up``) starts at zero and gets the large gradients: within 2e-5 = 0.02 lr
     (measured: 3e-6 at most, every engine). ``lora_A`` (``lora.down``) has no gradient at step 1 and one scaled by
     ``B ~ lr`` after it, where float noise is a large part of some elements' gradients, and AdamW, whose first updates
-    are about +-lr whatever the gradient's size, turns it into updates of up to lr (measured: 1.5e-4 = 0.15 lr in one
-    element of 13568 under ZeRO-2, 5e-5 at most elsewhere): within 0.5 lr each. Over all weights the difference's
-    norm is within 1e-3 of the norm ``lora_B`` trained to (measured: 8e-5). Training on other samples or pairs, or a
+    are about +-lr whatever the gradient's size, would turn it into updates of up to lr each way (measured with
+    epsilon 1e-8: 0.15 lr in one element of 13568 under ZeRO-2 on an AVX-512 CPU, 0.74 lr in one under FSDP2 on an
+    AVX2 CPU); ``adam_epsilon=1e-4`` (:data:`BASE_CONFIG`) keeps them small (measured: 0.0032 lr at most, every
+    engine, AVX2 CPU): within 0.5 lr each. Over all weights the difference's norm is within 1e-3 of the norm
+    ``lora_B`` trained to (measured: 9e-5). Training on other samples or pairs, or a
     missed or extra update, moves ``lora_B`` by ~lr per element."""
     a, b = _weights(single), _weights(report)
     assert a.keys() == b.keys()
