@@ -531,3 +531,36 @@ def test_a_label_form_stream_gives_the_old_pairs_skips_and_reasons(labels, mappe
     assert [reason.split(" <")[0] for reason in reasons] == expected_reasons
     assert torch.equal(torch.cat([batch["pixel_values"] for batch in batches]), torch.stack(expected_pixels))
     assert "Skipping streamed row 3: column 'label_0': label " in caplog.text
+
+
+def test_the_train_commands_loader_maps_the_label_form_under_the_configs_column_names(tmp_path, make_config):
+    """``dataset_columns: pickapic`` with EditReward-Data's names in the config (the editing configs): the stream
+    holds each row's voted image as ``chosen``, ties and bad votes marked, the source column kept."""
+    from conftest import edit_rows
+    from datasets import Dataset
+
+    from trl_diffusion_sdpo.data.validation import SKIP_COLUMN
+
+    votes = ["rightvote", "tie", "leftvote", "sideways"]
+    rows = [
+        {"instruction": f"edit {i}", "left_output_image": r["chosen"], "right_output_image": r["rejected"],
+         "source_img": r["source_image"], "vote_type": vote}
+        for i, (r, vote) in enumerate(zip(edit_rows(4), votes))
+    ]  # fmt: skip
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "votes"))
+    config = make_config(
+        caption_column="instruction", image_0_column="left_output_image", image_1_column="right_output_image",
+        label_0_column="vote_type", source_image_column="source_img",
+    )  # fmt: skip
+    script_args = ScriptArguments(dataset_name=str(tmp_path / "votes"), dataset_streaming=True)
+    stream = load_train_split(script_args, DiffusionScriptArguments(dataset_columns="pickapic"), config)
+    read = list(stream)
+    sides = {"leftvote": ("left", "right"), "rightvote": ("right", "left")}
+    for row, vote, source in zip(read, votes, rows):
+        chosen, rejected = sides.get(vote, ("left", "right"))
+        assert (row["prompt"], row["chosen"], row["rejected"], row["source_img"]) == (
+            source["instruction"], source[f"{chosen}_output_image"], source[f"{rejected}_output_image"],
+            source["source_img"],
+        )  # fmt: skip
+    assert [row[SKIP_COLUMN]["reason"] for row in read][:3] == ["", "a tie (equal labels or scores)", ""]
+    assert read[3][SKIP_COLUMN]["column"] == "vote_type" and "'sideways'" in read[3][SKIP_COLUMN]["reason"]

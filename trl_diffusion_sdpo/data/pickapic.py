@@ -87,25 +87,27 @@ def pickapic_to_trl(
     """
     kept = {caption: prompt, image_0: chosen, image_1: rejected}
     swapped = {caption: prompt, image_0: rejected, image_1: chosen}
-    names = dataset.column_names or []
-    if score_0 in names and score_1 in names:
-        swapped.update({score_0: score_1, score_1: score_0})
-        if isinstance(dataset, Dataset):
-            dataset = _one_score_type(dataset, score_0, score_1)
-    if isinstance(dataset, Dataset) and dataset.features[image_0] != dataset.features[image_1]:
-        # The two sides' rows are stacked into one column each: one type, the undecoded image validation reads.
-        dataset = dataset.cast_column(image_0, Image(decode=False)).cast_column(image_1, Image(decode=False))
+    scores = {score_0: score_1, score_1: score_0}  # SmPO's scores follow their images
 
-    if isinstance(dataset, IterableDataset):
+    if isinstance(dataset, IterableDataset):  # column names may be unknown until a row is read
 
         def to_trl(row: dict[str, Any]) -> dict[str, Any]:
             mark, swap = _mark(row[label_0], label_0)
             out = {new: row[old] for old, new in (swapped if swap else kept).items()}
+            if swap and score_0 in row and score_1 in row:
+                out.update({new: row[old] for old, new in scores.items()})
             out[SKIP_COLUMN] = mark
             return out
 
         return dataset.map(to_trl, remove_columns=[caption, image_0, image_1, label_0])
     from datasets import concatenate_datasets
+
+    if score_0 in dataset.column_names and score_1 in dataset.column_names:
+        swapped.update(scores)
+        dataset = _one_score_type(dataset, score_0, score_1)
+    if dataset.features[image_0] != dataset.features[image_1]:
+        # The two sides' rows are stacked into one column each: one type, the undecoded image validation reads.
+        dataset = dataset.cast_column(image_0, Image(decode=False)).cast_column(image_1, Image(decode=False))
 
     marks, swaps = zip(*(_mark(value, label_0) for value in dataset[label_0])) if len(dataset) else ((), ())
     first = [i for i, swap in enumerate(swaps) if not swap]
