@@ -450,7 +450,9 @@ OLD_READING = {
 }  # fmt: skip
 STREAMED_LABELS = {
     "numbers": [1.0, 0.5, 0.0, 0.3, 1.0, 0.0, 0.5, None, 0.0, 1.0],
-    "vote words": ["leftvote", "tie", "rightvote", "maybe", " LeftVote ", "rightvote", "tie", None, "rightvote", "leftvote"],
+    "vote words": [
+        "leftvote", "tie", "rightvote", "maybe", " LeftVote ", "rightvote", "tie", None, "rightvote", "leftvote"
+    ],
 }  # fmt: skip
 
 
