@@ -1,11 +1,12 @@
 """Preference data as people keep it, read into the columns the trainer already reads.
 
 Every reader returns an ordinary ``datasets.Dataset`` in TRL's preference form (``prompt``, ``chosen``, ``rejected``,
-the images as absolute file paths) or, for a table in Pick-a-Pic form, ``caption``, ``jpg_0``, ``jpg_1``,
-``label_0``, so that validation (:mod:`.validation`: every bad row named by row and column, skipped and counted with
-``skip_invalid_rows``), the latent cache and training work unchanged. A reader never drops a row and never opens an
-image: a missing file, a URL, an unpaired image or an empty caption is kept as a row whose value validation rejects,
-and :data:`~.validation.SOURCE_COLUMN` says where it came from (the pair's file name, the annotation record).
+the images as absolute file paths) or, for a table in Pick-a-Pic form, ``caption``, ``jpg_0``, ``jpg_1``, ``label_0``
+(mapped onto TRL's by :mod:`.pickapic`), so that validation (:mod:`.validation`: every bad row named by row and column,
+skipped and counted with ``skip_invalid_rows``), the latent cache and training work unchanged. A reader never drops a
+row and never opens an image: a missing file, a URL, an unpaired image or an empty caption is kept as a row whose value
+validation rejects, and :data:`~.validation.SOURCE_COLUMN` says where it came from (the pair's file name, the
+annotation record).
 
 Formats (:func:`detect_format`, or named with ``format=``; see ``docs/data.md`` for a small example of each):
 

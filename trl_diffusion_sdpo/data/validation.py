@@ -71,9 +71,9 @@ class PreferenceColumns:
     rejected one. ``skip`` names :data:`SKIP_COLUMN` where the rows were mapped from Pick-a-Pic's label form.
 
     ``score_0``, ``score_1`` (SmPO only) hold a score per image (``first``, ``second``); when set, the scores, not the
-    label, order the pair. ``clip`` is set for video data (``num_frames``): ``first`` and ``second`` then hold videos,
-    of which this clip is read (:mod:`.video`). ``source`` names an editing dataset's source column: one image per
-    row, or a list of them when ``source_list``. ``mask`` names the loss-mask column (``loss_mask``); ``auto_mask``
+    columns, order the pair. ``clip`` is set for video data (``num_frames``): ``first`` and ``second`` then hold
+    videos, of which this clip is read (:mod:`.video`). ``source`` names an editing dataset's source column: one image
+    per row, or a list of them when ``source_list``. ``mask`` names the loss-mask column (``loss_mask``); ``auto_mask``
     derives each pair's mask from its two images instead, where they differ by more than ``mask_threshold``; either
     mask is grown by ``mask_dilate`` pixels (the config fields ``auto_mask_threshold`` and ``mask_dilate``).
     """
