@@ -147,6 +147,42 @@ def test_pickapic_label_decides_which_image_is_the_winner(make_pickapic, make_tr
         assert_colour(batch["pixel_values"][i, 1], loser)
 
 
+@pytest.mark.slow  # two runs; the mapping's pairs and counts are checked by default in test_data_formats.py
+def test_label_form_data_trains_exactly_as_the_trl_pairs_it_means(make_trainer, caplog):
+    """Pick-a-Pic rows handed to the trainer are mapped with one log line and train as the TRL rows the test writes
+    from their labels (ties and a bad label left out): the same losses and metrics, the same weights; the dropped
+    rows are counted in data/skipped_rows. Rows holding both layouts are refused, naming the loader option."""
+    import logging
+
+    from conftest import snapshot
+
+    labels = [1.0, 0.0, 0.5, 1.0, 0.0, 0.25, 0.0, 1.0]
+    rows = pickapic_rows(len(labels), labels)
+    trl_rows = [
+        {"prompt": r["caption"], "chosen": r["jpg_0" if r["label_0"] == 1 else "jpg_1"],
+         "rejected": r["jpg_1" if r["label_0"] == 1 else "jpg_0"]}
+        for r in rows if r["label_0"] in (0.0, 1.0)
+    ]  # fmt: skip
+    runs = {}
+    for name, data in (("label form", rows), ("TRL", trl_rows)):
+        with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.data.pickapic"):
+            caplog.clear()
+            trainer = make_trainer(train_dataset=Dataset.from_list(data), skip_invalid_rows=True, max_steps=2)
+            mapped = [r.getMessage() for r in caplog.records if "Pick-a-Pic's columns" in r.getMessage()]
+        assert len(mapped) == (1 if name == "label form" else 0)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        runs[name] = (logs, snapshot(trainer.model))
+    (label_logs, label_weights), (trl_logs, trl_weights) = runs["label form"], runs["TRL"]
+    assert [h.pop("data/skipped_rows") for h in label_logs] == [2, 0]  # the tie and the bad label, counted once
+    assert [h.pop("data/skipped_rows") for h in trl_logs] == [0, 0]
+    assert label_logs == trl_logs
+    assert all(torch.equal(label_weights[k], trl_weights[k]) for k in trl_weights)
+    both = Dataset.from_list([dict(r, **t) for r, t in zip(rows, trl_rows)])
+    with pytest.raises(ValueError, match="both Pick-a-Pic's columns.*dataset_columns='pickapic'"):
+        make_trainer(train_dataset=both)
+
+
 def test_train_collator_also_puts_the_winner_first(make_pickapic, make_trainer):
     trainer = make_trainer(train_dataset=make_pickapic(n=2, labels=[0.0, 0.0]), proportion_empty_prompts=0.0)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
