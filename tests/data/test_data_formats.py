@@ -566,3 +566,13 @@ def test_the_train_commands_loader_maps_the_label_form_under_the_configs_column_
         )  # fmt: skip
     assert [row[SKIP_COLUMN]["reason"] for row in read][:3] == ["", "a tie (equal labels or scores)", ""]
     assert read[3][SKIP_COLUMN]["column"] == "vote_type" and "'sideways'" in read[3][SKIP_COLUMN]["reason"]
+
+
+def test_the_pickapic_option_on_trl_data_names_the_missing_columns_and_the_other_option():
+    from datasets import Dataset
+
+    from trl_diffusion_sdpo.data.pickapic import pickapic_to_trl
+
+    trl = Dataset.from_list([{"prompt": "a", "chosen": b"x", "rejected": b"y"}])
+    with pytest.raises(ValueError, match=r"lacks \['caption', 'jpg_0', 'jpg_1', 'label_0'\].*dataset_columns='trl'"):
+        pickapic_to_trl(trl)

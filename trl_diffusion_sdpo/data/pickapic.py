@@ -85,6 +85,14 @@ def pickapic_to_trl(
     has an indices mapping, e.g. a shuffled one, is flattened once to add the mark column); a streamed one is mapped
     lazily.
     """
+    label_form = [caption, image_0, image_1, label_0]
+    missing = [c for c in label_form if dataset.column_names is not None and c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"Pick-a-Pic's columns {label_form} are mapped onto TRL's, but the dataset lacks {missing} (found "
+            f"{sorted(dataset.column_names)}): name them (caption_column, image_0_column, image_1_column, "
+            "label_0_column), or read data already in TRL's prompt, chosen, rejected with dataset_columns='trl'"
+        )
     kept = {caption: prompt, image_0: chosen, image_1: rejected}
     swapped = {caption: prompt, image_0: rejected, image_1: chosen}
     scores = {score_0: score_1, score_1: score_0}  # SmPO's scores follow their images
