@@ -16,7 +16,7 @@ import logging
 import math
 from typing import Any
 
-from datasets import Dataset, Image, IterableDataset, Value
+from datasets import Dataset, Image, IterableDataset, Value, concatenate_datasets
 
 from .validation import SKIP_COLUMN, TIE_REASON
 
@@ -108,8 +108,6 @@ def pickapic_to_trl(
             return out
 
         return dataset.map(to_trl, remove_columns=[caption, image_0, image_1, label_0])
-    from datasets import concatenate_datasets
-
     if score_0 in dataset.column_names and score_1 in dataset.column_names:
         swapped.update(scores)
         dataset = _one_score_type(dataset, score_0, score_1)
