@@ -34,15 +34,15 @@ def _png(color: tuple[int, int, int], rng: np.random.Generator) -> bytes:
 def make_pairs(num_pairs: int, seed: int = 0) -> Dataset:
     rng = np.random.default_rng(seed)
     names = list(COLORS)
-    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    rows = {"prompt": [], "chosen": [], "rejected": []}  # TRL's preference columns
     for _ in range(num_pairs):
         asked, other = rng.choice(len(names), size=2, replace=False)
         first_is_asked = bool(rng.integers(0, 2))
         first, second = (asked, other) if first_is_asked else (other, asked)
-        rows["caption"].append(f"a {names[asked]} square")
-        rows["jpg_0"].append(_png(COLORS[names[first]], rng))
-        rows["jpg_1"].append(_png(COLORS[names[second]], rng))
-        rows["label_0"].append(1.0 if first_is_asked else 0.0)
+        images = [_png(COLORS[names[first]], rng), _png(COLORS[names[second]], rng)]  # drawn in this order
+        rows["prompt"].append(f"a {names[asked]} square")
+        rows["chosen"].append(images[0] if first_is_asked else images[1])  # the square the prompt asks for
+        rows["rejected"].append(images[1] if first_is_asked else images[0])
     return Dataset.from_dict(rows)
 
 

@@ -219,8 +219,13 @@ def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_na
     from trl_diffusion_sdpo.scripts.train import main, parse_args
 
     config_path = Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{config_name}.yaml"
-    _, config, model_args, _ = parse_args(["--config", str(config_path), "--output_dir", "/tmp/unused", "--use_cpu"])
+    _, config, model_args, data_args = parse_args(
+        ["--config", str(config_path), "--output_dir", "/tmp/unused", "--use_cpu"]
+    )
     assert config.beta == 100 and config.loss_type == "dpo" and config.safeguard and model_args.use_peft
+    if data_args.dataset_columns == "pickapic":  # the editing configs read EditReward-Data's columns and votes
+        names = {"prompt": config.caption_column, "chosen": config.image_0_column, "rejected": config.image_1_column}
+        pairs = pairs.rename_columns(names).add_column(config.label_0_column, ["leftvote"] * len(pairs))
     pipe_dir, data_dir, out = tmp_path / "pipe", tmp_path / "pairs", tmp_path / "out"
     pipe.save_pretrained(pipe_dir)
     pairs.save_to_disk(str(data_dir))

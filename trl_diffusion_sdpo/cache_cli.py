@@ -69,7 +69,7 @@ def run_cache(argv: list[str] | None = None) -> int:
     )
     for module in family.frozen_modules().values():  # placed once, not per chunk
         module.to(device=device, dtype=torch.float32)
-    dataset = load_train_split(script_args, diffusion_args)
+    dataset = load_train_split(script_args, diffusion_args, args)
     cache = build_sharded_latent_cache(
         dataset,
         args,

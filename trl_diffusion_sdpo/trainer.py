@@ -84,7 +84,8 @@ class DiffusionSDPOTrainer(Trainer):
         ref_model: ``None`` (the adapter-disabled policy with LoRA, else a frozen copy of the initial UNet), or a
             separate UNet or pipeline.
         args: a :class:`DiffusionSDPOConfig`.
-        train_dataset: a preference dataset in Pick-a-Pic or TRL form (see :mod:`.data`), or a cache written by
+        train_dataset: a preference dataset in TRL form (see :mod:`.data`; Pick-a-Pic's label form is mapped to it,
+            with a log line), or a cache written by
             ``trl-diffusion-sdpo cache`` (:func:`~trl_diffusion_sdpo.data.sharded_cache.load_sharded_latent_cache`),
             read streamed.
         eval_dataset: an optional preference dataset in the same forms, or a dict of them by name (each evaluated

@@ -46,13 +46,13 @@ def test_an_image_path_that_does_not_exist_names_the_row_and_column(make_config)
     rows = pickapic_rows(4)
     rows[2]["jpg_1"] = {"bytes": None, "path": "/nonexistent/picture.png"}
     rows = [dict(r, jpg_1={"bytes": r["jpg_1"], "path": None}) if i != 2 else r for i, r in enumerate(rows)]
-    expect_row_error(rows, make_config, 2, "jpg_1", "No such file")
+    expect_row_error(rows, make_config, 2, "rejected", "No such file")  # label_0 1: image 1 is rejected
 
 
 def test_a_zero_byte_image_names_the_row_and_column(make_config):
     rows = pickapic_rows(4)
     rows[1]["jpg_0"] = b""
-    expect_row_error(rows, make_config, 1, "jpg_0", "cannot decode image")
+    expect_row_error(rows, make_config, 1, "rejected", "cannot decode image")  # label_0 0: image 0 is rejected
 
 
 def test_an_image_file_named_by_several_rows_is_decoded_once_until_it_changes(tmp_path, make_config, monkeypatch):
@@ -84,12 +84,12 @@ def test_an_image_file_named_by_several_rows_is_decoded_once_until_it_changes(tm
 def test_text_bytes_in_an_image_column_name_the_row_and_column(make_config):
     rows = pickapic_rows(4)
     rows[3]["jpg_0"] = b"a caption where an image should be"
-    expect_row_error(rows, make_config, 3, "jpg_0", "cannot decode image")
+    expect_row_error(rows, make_config, 3, "rejected", "cannot decode image")
 
 
 def test_prompts_that_are_numbers_name_the_row_and_column(make_config):
     rows = [dict(r, caption=i) for i, r in enumerate(pickapic_rows(4))]  # datasets keeps one type per column
-    with pytest.raises(ValueError, match=r"row 0, column 'caption': prompt must be a string, got int"):
+    with pytest.raises(ValueError, match=r"row 0, column 'prompt': prompt must be a string, got int"):
         prepare(rows, make_config)
 
 
@@ -131,7 +131,7 @@ def test_a_sixteen_bit_image_out_of_range_names_the_row_and_column(make_config):
     Image.new("I", (32, 32), 100_000).save(buffer, format="TIFF")
     rows = pickapic_rows(4)
     rows[0]["jpg_1"] = buffer.getvalue()
-    expect_row_error(rows, make_config, 0, "jpg_1", "mode I")
+    expect_row_error(rows, make_config, 0, "rejected", "mode I")
 
 
 # ----------------------------------------------------------------------------------------------- streamed data
@@ -142,7 +142,7 @@ def test_a_truncated_streamed_image_is_skipped_with_a_warning_naming_its_positio
     rows[3]["jpg_1"] = encode_image((10, 20, 30), (64, 64), "JPEG")[:300]
     batch = stream_collate(rows, make_config, caplog)
     assert batch["num_skipped"].item() == 1 and batch["pixel_values"].shape[0] == 5
-    assert "Skipping streamed row 3: column 'jpg_1':" in caplog.text
+    assert "Skipping streamed row 3: column 'chosen':" in caplog.text  # label_0 0: image 1 is chosen
 
 
 def test_a_bad_streamed_label_is_skipped_with_a_warning_naming_its_position_and_column(make_config, caplog):
@@ -158,7 +158,7 @@ def test_a_missing_streamed_prompt_is_skipped_with_a_warning_naming_its_position
     rows[5]["caption"] = None
     batch = stream_collate(rows, make_config, caplog)
     assert batch["num_skipped"].item() == 1
-    assert "Skipping streamed row 5: column 'caption': prompt must be a string, got NoneType" in caplog.text
+    assert "Skipping streamed row 5: column 'prompt': prompt must be a string, got NoneType" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------- the trainer

@@ -12,6 +12,7 @@ from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
+from trl_diffusion_sdpo.data.pickapic import pickapic_to_trl
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.transforms import PairTransform, load_image, mirrored_time_ids
 from trl_diffusion_sdpo.data.validation import resolve_columns
@@ -37,16 +38,18 @@ def not_an_image() -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------- validation
+# Pick-a-Pic rows are mapped to TRL's columns before validation: an error names the row as before, and an image or
+# prompt by its TRL column (image 1 is "chosen" where label_0 is 0, as in the odd rows here), a label by label_0.
 
 
 def _bad_bytes(rows):
-    rows[3]["jpg_1"] = not_an_image()
-    return "jpg_1", 3
+    rows[3]["jpg_1"] = not_an_image()  # label_0 0: image 1 is chosen
+    return "chosen", 3
 
 
 def _truncated_jpeg(rows):
-    rows[2]["jpg_0"] = encode_image((10, 20, 30), (64, 64), "JPEG")[:100]
-    return "jpg_0", 2
+    rows[2]["jpg_0"] = encode_image((10, 20, 30), (64, 64), "JPEG")[:100]  # label_0 1
+    return "chosen", 2
 
 
 def _label_out_of_range(rows):
@@ -61,12 +64,12 @@ def _label_two(rows):
 
 def _none_prompt(rows):
     rows[5]["caption"] = None
-    return "caption", 5
+    return "prompt", 5
 
 
 def _none_image(rows):
     rows[0]["jpg_0"] = None
-    return "jpg_0", 0
+    return "chosen", 0
 
 
 @pytest.mark.parametrize(
@@ -114,8 +117,8 @@ def test_skip_invalid_rows_skips_and_counts_bad_rows_and_ties(make_pickapic, mak
     trainer = make_trainer(train_dataset=make_pickapic(rows=rows), skip_invalid_rows=True, max_steps=1)
     report = trainer.train_data_report
     assert (report.num_rows, report.num_kept, report.invalid_skipped, report.ties_dropped) == (8, 4, 3, 1)
-    assert any("row 1" in e and "'jpg_0'" in e for e in report.examples)
-    assert sorted(trainer.train_dataset["caption"]) == sorted(rows[i]["caption"] for i in (0, 2, 5, 7))
+    assert any("row 1" in e and "'rejected'" in e for e in report.examples)  # label_0 0: image 0 is rejected
+    assert trainer.train_dataset["prompt"] == [rows[i]["caption"] for i in (0, 2, 5, 7)]
     trainer.train()  # the kept rows train
     assert trainer.state.global_step == 1
 
@@ -124,8 +127,7 @@ def test_ties_are_dropped_and_counted_without_skip_invalid_rows(make_pickapic, m
     trainer = make_trainer(train_dataset=make_pickapic(n=6, labels=[1.0, 0.5, 0.0, 0.5, 1.0, 0.0]))
     report = trainer.train_data_report
     assert (report.num_rows, report.num_kept, report.ties_dropped, report.invalid_skipped) == (6, 4, 2, 0)
-    assert len(trainer.train_dataset) == 4
-    assert set(trainer.train_dataset["label_0"]) == {0.0, 1.0}
+    assert trainer.train_dataset["prompt"] == [f"a picture number {i}" for i in (0, 2, 4, 5)]
     assert "2 ties dropped" in report.summary()
 
 
@@ -145,6 +147,42 @@ def test_pickapic_label_decides_which_image_is_the_winner(make_pickapic, make_tr
         assert_colour(batch["pixel_values"][i, 1], loser)
 
 
+@pytest.mark.slow  # two runs; the mapping's pairs and counts are checked by default in test_data_formats.py
+def test_label_form_data_trains_exactly_as_the_trl_pairs_it_means(make_trainer, caplog):
+    """Pick-a-Pic rows handed to the trainer are mapped with one log line and train as the TRL rows the test writes
+    from their labels (ties and a bad label left out): the same losses and metrics, the same weights; the dropped
+    rows are counted in data/skipped_rows. Rows holding both layouts are refused, naming the loader option."""
+    import logging
+
+    from conftest import snapshot
+
+    labels = [1.0, 0.0, 0.5, 1.0, 0.0, 0.25, 0.0, 1.0]
+    rows = pickapic_rows(len(labels), labels)
+    trl_rows = [
+        {"prompt": r["caption"], "chosen": r["jpg_0" if r["label_0"] == 1 else "jpg_1"],
+         "rejected": r["jpg_1" if r["label_0"] == 1 else "jpg_0"]}
+        for r in rows if r["label_0"] in (0.0, 1.0)
+    ]  # fmt: skip
+    runs = {}
+    for name, data in (("label form", rows), ("TRL", trl_rows)):
+        with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.data.pickapic"):
+            caplog.clear()
+            trainer = make_trainer(train_dataset=Dataset.from_list(data), skip_invalid_rows=True, max_steps=2)
+            mapped = [r.getMessage() for r in caplog.records if "Pick-a-Pic's columns" in r.getMessage()]
+        assert len(mapped) == (1 if name == "label form" else 0)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        runs[name] = (logs, snapshot(trainer.model))
+    (label_logs, label_weights), (trl_logs, trl_weights) = runs["label form"], runs["TRL"]
+    assert [h.pop("data/skipped_rows") for h in label_logs] == [2, 0]  # the tie and the bad label, counted once
+    assert [h.pop("data/skipped_rows") for h in trl_logs] == [0, 0]
+    assert label_logs == trl_logs
+    assert all(torch.equal(label_weights[k], trl_weights[k]) for k in trl_weights)
+    both = Dataset.from_list([dict(r, **t) for r, t in zip(rows, trl_rows)])
+    with pytest.raises(ValueError, match="both Pick-a-Pic's columns.*dataset_columns='pickapic'"):
+        make_trainer(train_dataset=both)
+
+
 def test_train_collator_also_puts_the_winner_first(make_pickapic, make_trainer):
     trainer = make_trainer(train_dataset=make_pickapic(n=2, labels=[0.0, 0.0]), proportion_empty_prompts=0.0)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
@@ -154,7 +192,7 @@ def test_train_collator_also_puts_the_winner_first(make_pickapic, make_trainer):
 
 def test_trl_form_dataset_with_pil_images_trains_with_chosen_as_winner(trl_dataset, make_trainer):
     trainer = make_trainer(train_dataset=trl_dataset, max_steps=2)
-    assert resolve_columns(trl_dataset.column_names, trainer.args).label is None
+    assert resolve_columns(trl_dataset.column_names, trainer.args).skip is None  # nothing mapped, nothing marked
     batch = eval_batch(trainer, range(4))
     for i in range(4):
         assert_colour(batch["pixel_values"][i, 0], COLOURS[i])
@@ -210,7 +248,7 @@ def test_image_feature_columns_are_accepted_and_corrupt_ones_reported(make_picka
     trainer.train()
 
     rows[2]["jpg_1"] = not_an_image()
-    with pytest.raises(ValueError, match=r"row 2, column 'jpg_1'"):
+    with pytest.raises(ValueError, match=r"row 2, column 'rejected'"):  # label_0 1: image 1 is rejected
         make_trainer(train_dataset=as_images(rows))
 
 
@@ -254,6 +292,7 @@ def test_collator_skips_and_counts_streamed_bad_rows_and_ties(pickapic_dataset, 
     rows[0]["label_0"] = 0.5
     rows[1]["jpg_0"] = not_an_image()
     rows[2]["label_0"] = 1.5
+    rows = list(pickapic_to_trl(Dataset.from_list(rows)))  # the tie and the bad label marked, not dropped
     collator = trainer._eval_collator
     batch = collator(rows)
     assert batch["num_skipped"].item() == 3
@@ -376,7 +415,7 @@ def test_load_image_from_a_path(tmp_path):
 def test_prepare_does_not_rewrite_the_image_bytes(pickapic_dataset, make_config):
     prepared, columns, report = prepare_preference_dataset(pickapic_dataset, make_config(), "train")
     assert report.num_kept == len(pickapic_dataset)
-    assert prepared[0]["jpg_0"] == pickapic_dataset[0]["jpg_0"]
+    assert prepared[0]["chosen"] == pickapic_dataset[0]["jpg_0"]  # label_0 1: image 0 is chosen
     assert set(prepared.column_names) == set(columns.all)
 
 
@@ -387,10 +426,11 @@ def test_collator_is_usable_without_a_trainer(pickapic_dataset, make_pipeline, m
         ids = pipe.tokenizer(prompts, padding="max_length", max_length=32, return_tensors="pt").input_ids
         return {"input_ids": ids}
 
-    columns = resolve_columns(pickapic_dataset.column_names, make_config())
+    dataset = pickapic_to_trl(pickapic_dataset)
+    columns = resolve_columns(dataset.column_names, make_config())
     collator = PreferenceCollator(columns, tokenize, PairTransform(32), train=True, with_flipped=True)
-    rows = [pickapic_dataset[i] for i in range(3)]
+    rows = [dataset[i] for i in range(3)]
     batch = collator(rows)
-    assert torch.equal(batch["input_ids"], tokenize([row["caption"] for row in rows])["input_ids"])
+    assert torch.equal(batch["input_ids"], tokenize([row["prompt"] for row in rows])["input_ids"])
     assert batch["time_ids"].shape == (3, 2, 6) and batch["num_skipped"].item() == 0
     torch.testing.assert_close(batch["time_ids_flipped"], mirrored_time_ids(batch["time_ids"]))

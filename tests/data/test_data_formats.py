@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import COLOURS
 from PIL import Image
 from trl import ScriptArguments
@@ -438,16 +439,30 @@ def test_an_empty_data_folder_is_one_error_naming_the_layouts_read(tmp_path, cap
 
 
 PICKAPIC_LABELS = [1.0, 0.0, 0.5, 1.0, 0.0, 1.0]
+# What the trainer did with each label before the label form was mapped to TRL's, written out: the pair's image order
+# (0: image 0 wins, 1: image 1 wins), or the reason the collator skipped the row, counted in data/skipped_rows.
+OLD_READING = {
+    1.0: 0, 0.0: 1, "leftvote": 0, "rightvote": 1, " LeftVote ": 0,
+    0.5: "a tie (equal labels or scores)", "tie": "a tie (equal labels or scores)",
+    0.3: "column 'label_0': label 0.3 is not one of 0, 0.5, 1",
+    "maybe": "column 'label_0': label 'maybe' is not a number or one of ['leftvote', 'rightvote', 'tie']",
+    None: "column 'label_0': label is missing (None)",
+}  # fmt: skip
+STREAMED_LABELS = {
+    "numbers": [1.0, 0.5, 0.0, 0.3, 1.0, 0.0, 0.5, None, 0.0, 1.0],
+    "vote words": [
+        "leftvote", "tie", "rightvote", "maybe", " LeftVote ", "rightvote", "tie", None, "rightvote", "leftvote"
+    ],
+}  # fmt: skip
 
 
 def expected_trl_rows(rows: list[dict]) -> list[tuple]:
-    """Pick-a-Pic's rows as (prompt, chosen, rejected), computed from the labels: ties left out, order kept."""
+    """Pick-a-Pic's rows as (prompt, chosen, rejected), computed from the labels: every row kept in its place, a tie
+    or a bad label with image 0 as chosen (marked, not dropped)."""
     pairs = []
     for row in rows:
-        if row["label_0"] == 0.5:
-            continue
-        first_wins = row["label_0"] == 1
-        chosen, rejected = (row["jpg_0"], row["jpg_1"]) if first_wins else (row["jpg_1"], row["jpg_0"])
+        second_wins = OLD_READING[row["label_0"]] == 1
+        chosen, rejected = (row["jpg_1"], row["jpg_0"]) if second_wins else (row["jpg_0"], row["jpg_1"])
         pairs.append((row["caption"], chosen, rejected))
     return pairs
 
@@ -457,53 +472,107 @@ def as_tuples(dataset) -> list[tuple]:
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_pickapic_columns_map_onto_trls_with_ties_dropped_and_order_kept(streamed):
+def test_pickapic_columns_map_onto_trls_with_every_row_kept_in_order_and_ties_marked(streamed):
     from conftest import pickapic_rows
     from datasets import Dataset, IterableDataset
 
     from trl_diffusion_sdpo.data.formats import pickapic_to_trl
+    from trl_diffusion_sdpo.data.validation import SKIP_COLUMN
 
     rows = pickapic_rows(6, PICKAPIC_LABELS)
     dataset = IterableDataset.from_generator(lambda: iter(rows)) if streamed else Dataset.from_list(rows)
-    mapped = pickapic_to_trl(dataset)
+    mapped = list(pickapic_to_trl(dataset))
     assert as_tuples(mapped) == expected_trl_rows(rows)
-    first = next(iter(mapped))
-    assert {"prompt", "chosen", "rejected", "model_0"} <= set(first) and "label_0" not in first
+    assert [row[SKIP_COLUMN]["reason"] for row in mapped] == ["", "", OLD_READING[0.5], "", "", ""]
+    assert {"prompt", "chosen", "rejected", "model_0"} <= set(mapped[0]) and "label_0" not in mapped[0]
 
 
-def test_a_bad_pickapic_label_names_its_row_and_column():
+@pytest.mark.parametrize("labels", list(STREAMED_LABELS), ids=list(STREAMED_LABELS))
+@pytest.mark.parametrize("mapped_at", ["load", "trainer"])
+def test_a_label_form_stream_gives_the_old_pairs_skips_and_reasons(labels, mapped_at, tmp_path, make_config, caplog):
+    """A streamed label-form dataset with ties and bad labels, mapped at load (``dataset_columns="pickapic"``) or by
+    the trainer's preparation, gives the pairs, skip count and reasons the label form gave when it was read
+    directly: each row's winner from :data:`OLD_READING`, written out here, pixels from an independent transform."""
+    import logging
+
     from conftest import pickapic_rows
     from datasets import Dataset
 
-    from trl_diffusion_sdpo.data.formats import pickapic_to_trl
+    from trl_diffusion_sdpo.data.preparation import load_preference_dataset
 
-    with pytest.raises(ValueError, match=r"row 2, column 'label_0': a Pick-a-Pic label is 1 .* got 0.3"):
-        pickapic_to_trl(Dataset.from_list(pickapic_rows(4, [1.0, 0.0, 0.3, 1.0])))
+    labels = STREAMED_LABELS[labels]
+    rows = pickapic_rows(len(labels))
+    for row, label in zip(rows, labels):
+        row["label_0"] = label
+    rows[5]["jpg_1"] = b"not an image"  # a bad image in a pair still names its TRL column
+    if mapped_at == "load":
+        Dataset.from_list(rows).save_to_disk(str(tmp_path / "pickapic"))
+        stream = load_preference_dataset(str(tmp_path / "pickapic"), streaming=True, dataset_columns="pickapic")
+    else:
+        stream = Dataset.from_list(rows).to_iterable_dataset()
+    prepared, columns, report = prepare_preference_dataset(stream, make_config())
+    assert report.streamed and (columns.prompt, columns.first, columns.second) == ("prompt", "chosen", "rejected")
+    transform = PairTransform(32)
+    collator = PreferenceCollator(columns, lambda prompts: {"n": torch.tensor([len(prompts)])}, transform, False)
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.data.collators"):
+        read = list(prepared)
+        batches = [collator(read[i : i + 4]) for i in range(0, len(read), 4)]
+
+    expected_pixels, expected_reasons = [], []
+    for index, row in enumerate(rows):
+        reading = OLD_READING[row["label_0"]]
+        if isinstance(reading, str):
+            expected_reasons.append(reading if reading.startswith("a tie") else f"streamed row {index}: {reading}")
+        elif index == 5:  # label 0: image 1 is the chosen one
+            expected_reasons.append("streamed row 5: column 'chosen': cannot identify image file")  # then its repr
+        else:
+            images = [load_image(row["jpg_0"]), load_image(row["jpg_1"])]
+            expected_pixels.append(transform(images[reading], images[1 - reading], train=False)[0])
+    reasons = [reason for batch in batches for reason in batch["skip_reasons"]]
+    assert sum(batch["num_skipped"].item() for batch in batches) == len(expected_reasons) == 5
+    assert [reason.split(" <")[0] for reason in reasons] == expected_reasons
+    assert torch.equal(torch.cat([batch["pixel_values"] for batch in batches]), torch.stack(expected_pixels))
+    assert "Skipping streamed row 3: column 'label_0': label " in caplog.text
 
 
-def test_the_loader_option_reads_pickapic_as_the_trainer_reads_it(tmp_path, make_config):
-    """``dataset_columns="pickapic"`` gives the pairs the trainer's own Pick-a-Pic reading gives: the prepared winners
-    and losers of both are the same images, in the same order."""
-    from conftest import pickapic_rows
+def test_the_train_commands_loader_maps_the_label_form_under_the_configs_column_names(tmp_path, make_config):
+    """``dataset_columns: pickapic`` with EditReward-Data's names in the config (the editing configs): the stream
+    holds each row's voted image as ``chosen``, ties and bad votes marked, the source column kept."""
+    from conftest import edit_rows
     from datasets import Dataset
 
-    from trl_diffusion_sdpo.data.preparation import load_preference_dataset, prepare_preference_dataset
-    from trl_diffusion_sdpo.data.validation import order_pair
+    from trl_diffusion_sdpo.data.validation import SKIP_COLUMN
 
-    rows = pickapic_rows(6, PICKAPIC_LABELS)
-    Dataset.from_list(rows).save_to_disk(str(tmp_path / "pickapic"))
-    loaded = load_preference_dataset(str(tmp_path / "pickapic"), dataset_columns="pickapic")
-    prepared, columns, _ = prepare_preference_dataset(loaded, make_config())
-    direct, direct_columns, _ = prepare_preference_dataset(Dataset.from_list(rows), make_config())
-    assert (columns.prompt, columns.first, columns.second, columns.label) == ("prompt", "chosen", "rejected", None)
+    votes = ["rightvote", "tie", "leftvote", "sideways"]
+    rows = [
+        {"instruction": f"edit {i}", "left_output_image": r["chosen"], "right_output_image": r["rejected"],
+         "source_img": r["source_image"], "vote_type": vote}
+        for i, (r, vote) in enumerate(zip(edit_rows(4), votes))
+    ]  # fmt: skip
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "votes"))
+    config = make_config(
+        caption_column="instruction", image_0_column="left_output_image", image_1_column="right_output_image",
+        label_0_column="vote_type", source_image_column="source_img",
+    )  # fmt: skip
+    script_args = ScriptArguments(dataset_name=str(tmp_path / "votes"), dataset_streaming=True)
+    stream = load_train_split(script_args, DiffusionScriptArguments(dataset_columns="pickapic"), config)
+    read = list(stream)
+    sides = {"leftvote": ("left", "right"), "rightvote": ("right", "left")}
+    for row, vote, source in zip(read, votes, rows):
+        chosen, rejected = sides.get(vote, ("left", "right"))
+        assert (row["prompt"], row["chosen"], row["rejected"], row["source_img"]) == (
+            source["instruction"], source[f"{chosen}_output_image"], source[f"{rejected}_output_image"],
+            source["source_img"],
+        )  # fmt: skip
+    assert [row[SKIP_COLUMN]["reason"] for row in read][:3] == ["", "a tie (equal labels or scores)", ""]
+    assert read[3][SKIP_COLUMN]["column"] == "vote_type" and "'sideways'" in read[3][SKIP_COLUMN]["reason"]
 
-    def raw(value):
-        return value["bytes"] if isinstance(value, dict) else value
 
-    ours = [(row["prompt"], raw(row["chosen"]), raw(row["rejected"])) for row in prepared]
-    theirs = []
-    for row in direct:
-        winner, loser = order_pair(row, direct_columns)[:2]
-        theirs.append((row["caption"], raw(winner), raw(loser)))
-    assert len(ours) == 5  # one tie of six rows dropped
-    assert ours == theirs
+def test_the_pickapic_option_on_trl_data_names_the_missing_columns_and_the_other_option():
+    from datasets import Dataset
+
+    from trl_diffusion_sdpo.data.pickapic import pickapic_to_trl
+
+    trl = Dataset.from_list([{"prompt": "a", "chosen": b"x", "rejected": b"y"}])
+    with pytest.raises(ValueError, match=r"lacks \['caption', 'jpg_0', 'jpg_1', 'label_0'\].*dataset_columns='trl'"):
+        pickapic_to_trl(trl)

@@ -18,9 +18,10 @@ from test_data_formats import colour, expect_bad_row, load, png
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
+from trl_diffusion_sdpo.data.pickapic import LABEL_WORDS
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.transforms import PairTransform
-from trl_diffusion_sdpo.data.validation import LABEL_WORDS, resolve_columns, row_problem
+from trl_diffusion_sdpo.data.validation import resolve_columns, row_problem
 from trl_diffusion_sdpo.testing import build_tiny_flux_kontext_pipeline
 
 

@@ -153,7 +153,7 @@ def test_an_invalid_row_is_named_or_skipped_and_counted(tmp_path, family):
     rows = _rows(4)
     rows[1]["jpg_1"] = b"not an image"
     data = Dataset.from_list(rows)
-    with pytest.raises(ValueError, match="row 1 of this process's shard, column 'jpg_1'"):
+    with pytest.raises(ValueError, match="row 1 of this process's shard, column 'rejected'"):  # label_0 1
         build_sharded_latent_cache(data, _args(tmp_path), family, str(tmp_path / "strict"))
     cache = build_sharded_latent_cache(data, _args(tmp_path, skip_invalid_rows=True), family, str(tmp_path / "skip"))
     assert (cache.manifest["num_pairs"], cache.manifest["invalid_skipped"]) == (3, 1)

@@ -82,7 +82,8 @@ def test_a_latent_cache_names_the_rows_it_skips_and_training_from_it_counts_them
             Dataset.from_list(rows), args, family_for_pipeline(pipe), str(tmp_path / "c")
         )
     named = [r.getMessage() for r in caplog.records if r.name == "trl_diffusion_sdpo.data.sharded_cache"]
-    assert len(named) == 1 and "row 1 of this process's shard" in named[0] and "'jpg_1'" in named[0]
+    # label_0 of row 1 is 1: its image 1 is the rejected one
+    assert len(named) == 1 and "row 1 of this process's shard" in named[0] and "'rejected'" in named[0]
     trainer = DiffusionSDPOTrainer(pipe, None, args, cache)
     trainer.train()
     assert summed_skipped_rows(trainer) == 2  # the invalid row and the tie, dropped when the cache was built

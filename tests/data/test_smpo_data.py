@@ -15,6 +15,7 @@ from datasets import Dataset, IterableDataset
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
+from trl_diffusion_sdpo.data.pickapic import pickapic_to_trl
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.scoring import add_reward_scores
 from trl_diffusion_sdpo.data.transforms import PairTransform, load_image
@@ -39,6 +40,17 @@ def scored_rows(scores: list[tuple[float, float]], labels: list[float] | None = 
     for row, (s0, s1) in zip(rows, scores):
         row["score_0"], row["score_1"] = s0, s1
     return rows
+
+
+def as_trl(rows: list[dict]) -> list[dict]:
+    """Pick-a-Pic rows in TRL's columns, as training reads them (scores follow their images)."""
+    return list(pickapic_to_trl(IterableDataset.from_generator(lambda: iter(rows))))
+
+
+def chosen_first(row: dict) -> list:
+    """A Pick-a-Pic row's two images decoded, the chosen one (by its label) first: the order of TRL's columns."""
+    images = [load_image(row["jpg_0"]), load_image(row["jpg_1"])]
+    return images if row["label_0"] == 1 else images[::-1]
 
 
 def tokenize(prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -75,22 +87,23 @@ LABELS = [1.0, 0.0, 1.0, 1.0]
 
 
 def test_winner_is_the_higher_scored_image_even_when_the_label_disagrees(make_config):
-    columns = resolve_columns(Dataset.from_list(scored_rows(SCORES, LABELS)).column_names, make_config(**SMPO))
+    mapped = as_trl(scored_rows(SCORES, LABELS))
+    columns = resolve_columns(list(mapped[0]), make_config(**SMPO))
     assert (columns.score_0, columns.score_1) == ("score_0", "score_1") and {"score_0", "score_1"} <= set(columns.all)
-    for row, (s0, s1) in zip(scored_rows(SCORES, LABELS), SCORES):
-        winner, loser, scores = order_pair(row, columns)
-        first_wins = s0 > s1  # equal scores: image 1 wins (SmPO's strict >)
+    for row, trl_row, (s0, s1) in zip(scored_rows(SCORES, LABELS), mapped, SCORES):
+        winner, loser, scores = order_pair(trl_row, columns)
+        first_wins = s0 > s1  # equal scores (row 3, label 1): image 1, the rejected one, wins (SmPO's strict >)
         assert (winner, loser) == ((row["jpg_0"], row["jpg_1"]) if first_wins else (row["jpg_1"], row["jpg_0"]))
         assert scores == ((s0, s1) if first_wins else (s1, s0))
-    tie = scored_rows([(0.3, 0.1)], [0.5])[0]
+    tie = as_trl(scored_rows([(0.3, 0.1)], [0.5]))[0]
     assert order_pair(tie, columns) is None  # a human tie is still dropped
 
 
 def test_collator_puts_the_higher_scored_image_first_and_smpo_weights_equal_a_float64_computation(make_config):
     rows = scored_rows(SCORES + [(0.29, 0.1)], LABELS + [0.5])  # the last row is a human tie
-    columns = resolve_columns(list(rows[0]), make_config(**SMPO))
+    columns = resolve_columns(list(as_trl(rows)[0]), make_config(**SMPO))
     transform = PairTransform(32)
-    batch = PreferenceCollator(columns, tokenize, transform, train=False)(rows)
+    batch = PreferenceCollator(columns, tokenize, transform, train=False)(as_trl(rows))
     assert batch["num_skipped"].item() == 1
     scores = batch["pair_scores"]  # (winner, loser): the higher score first
     assert scores.dtype == torch.float32 and scores.shape == (4, 2)
@@ -107,7 +120,7 @@ def test_collator_puts_the_higher_scored_image_first_and_smpo_weights_equal_a_fl
 
 
 def test_streamed_rows_with_bad_scores_are_skipped_and_counted(make_config):
-    rows = scored_rows([(0.2, 0.1), (math.nan, 0.1), (0.2, "high"), (0.15, 0.25)])
+    rows = as_trl(scored_rows([(0.2, 0.1), (math.nan, 0.1), (0.2, "high"), (0.15, 0.25)]))
     columns = resolve_columns(list(rows[0]), make_config(**SMPO))
     batch = PreferenceCollator(columns, tokenize, PairTransform(32), train=False)(rows)
     assert batch["num_skipped"].item() == 2
@@ -152,7 +165,7 @@ def test_missing_score_column_raises_naming_it_the_columns_found_and_reward_fn(m
         del row["score_1"]
     with pytest.raises(ValueError, match=r"missing score column\(s\) \['score_1'\]") as error:
         prepare_preference_dataset(Dataset.from_list(rows), make_config(**SMPO))
-    assert "score_0" in str(error.value) and "jpg_0" in str(error.value) and "reward_funcs" in str(error.value)
+    assert "score_0" in str(error.value) and "chosen" in str(error.value) and "reward_funcs" in str(error.value)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, None])
@@ -170,7 +183,9 @@ def test_scores_that_are_not_numbers_raise(make_config):
     rows = scored_rows(SCORES, LABELS)
     for row in rows:
         row["score_1"] = str(row["score_1"])
-    with pytest.raises(ValueError, match=r"row 0, column 'score_1': score '0.25' is not a real number"):
+    # Text in one score column makes the other text too where Pick-a-Pic's rows are mapped (their scores swap with
+    # their images, one type per column): every row is still invalid, the first named by its row.
+    with pytest.raises(ValueError, match=r"row 0, column 'score_[01]': score '0.(25|12)' is not a real number"):
         prepare_preference_dataset(Dataset.from_list(rows), make_config(**SMPO))
 
 
@@ -241,9 +256,8 @@ def test_reward_funcs_fill_the_score_columns_and_smpo_trains_with_the_weights(
         )
     prepared = trainer.train_dataset
     scores = list(zip(prepared["score_0"], prepared["score_1"]))
-    for row, (s0, s1) in zip(dataset, scores):  # the columns hold reward_fn's scores of each row's images
-        images = [load_image(row["jpg_0"]), load_image(row["jpg_1"])]
-        assert [s0, s1] == colour_reward(images, [row["caption"]] * 2).tolist()
+    for row, (s0, s1) in zip(dataset, scores):  # the columns hold reward_fn's scores of the chosen, rejected images
+        assert [s0, s1] == colour_reward(chosen_first(row), [row["caption"]] * 2).tolist()
     recording = RecordingObjective(trainer.objective)
     trainer.objective = recording
     trainer.train()
@@ -338,5 +352,4 @@ def test_reward_funcs_take_a_registered_scorer_name(make_pipeline, make_config):
     )
     scorer = build_scorer("colour")
     for row, s0, s1 in zip(dataset, trainer.train_dataset["score_0"], trainer.train_dataset["score_1"]):
-        images = [load_image(row["jpg_0"]), load_image(row["jpg_1"])]
-        assert [s0, s1] == scorer(images, [row["caption"]] * 2, None).tolist()
+        assert [s0, s1] == scorer(chosen_first(row), [row["caption"]] * 2, None).tolist()

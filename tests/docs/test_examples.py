@@ -114,8 +114,9 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
     assert config.safeguard and config.safeguard_mu == mu
     assert script_args.dataset_streaming is streamed
     editing = "kontext" in config_path.stem or "edit" in config_path.stem
-    if editing:  # editing models train on EditReward-Data's votes, with its source column
+    if editing:  # editing models train on EditReward-Data's votes, mapped to TRL's columns, with its source column
         assert script_args.dataset_name == "TIGER-Lab/EditReward-Data" and config.source_image_column == "source_img"
+        assert diffusion_args.dataset_columns == "pickapic" and config.label_0_column == "vote_type"
     elif config.num_frames is None:  # image models train on Pick-a-Pic; wan_lora names a placeholder video dataset
         assert script_args.dataset_name == "yuvalkirstain/pickapic_v2" and diffusion_args.dataset_columns == "pickapic"
     # Each config sets its rate, so a change of the learning_rate or scale_lr default never changes the rate it trains

@@ -316,17 +316,19 @@ class DiffusionSDPOConfig(TrainingArguments):
         "(FLUX.1 3.5, as diffusers' FLUX script; FLUX.2 [dev] 4.0, its pipeline's sampling default; Qwen-Image "
         "1.0).",
     )
-    caption_column: str = field(default="caption", metadata={"help": "Pick-a-Pic caption column."})
+    caption_column: str = field(
+        default="caption", metadata={"help": "Pick-a-Pic caption column, mapped to the prompt column."}
+    )
     image_0_column: str = field(default="jpg_0", metadata={"help": "Pick-a-Pic first image column."})
     image_1_column: str = field(default="jpg_1", metadata={"help": "Pick-a-Pic second image column."})
     label_0_column: str = option(
         "label_0",
-        "Pick-a-Pic label column: 1 when image 0 is preferred, 0 when image 1 is, 0.5 for a tie (ties "
-        "are dropped and counted).",
+        "Pick-a-Pic label column: 1 (or `leftvote`) when image 0 is preferred, 0 (`rightvote`) when image 1 "
+        "is, 0.5 (`tie`) for a tie. The four Pick-a-Pic columns are mapped to TRL's (the preferred image to "
+        "`chosen`), at load with `dataset_columns: pickapic` or by the trainer; ties and bad labels are "
+        "skipped and counted.",
     )
-    prompt_column: str = field(
-        default="prompt", metadata={"help": "TRL-format prompt column (used when the Pick-a-Pic columns are absent)."}
-    )
+    prompt_column: str = field(default="prompt", metadata={"help": "TRL-format prompt column."})
     chosen_column: str = field(default="chosen", metadata={"help": "TRL-format preferred image column."})
     rejected_column: str = field(default="rejected", metadata={"help": "TRL-format rejected image column."})
     source_image_column: str = option(

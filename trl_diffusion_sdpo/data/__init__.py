@@ -1,5 +1,6 @@
-"""Preference data, one question per module: how files on disk are read (:mod:`.formats`), is a dataset usable and
-which image wins (:mod:`.validation`), how it
+"""Preference data, one question per module: how files on disk are read (:mod:`.formats`), how Pick-a-Pic's label
+form becomes TRL's preference form, the one training reads (:mod:`.pickapic`), is a dataset usable and which image
+wins (:mod:`.validation`), how it
 is prepared for training (:mod:`.preparation`), how images become pixels (:mod:`.transforms`), how rows become
 batches (:mod:`.collators`), how images are scored for SmPO (:mod:`.scoring`), the latent cache that encodes every
 pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets one process cannot hold
@@ -8,6 +9,7 @@ pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets o
 from .collators import PreferenceCollator, pair_scores
 from .formats import detect_format, load_preference_data
 from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
+from .pickapic import pickapic_to_trl
 from .preparation import load_preference_dataset, prepare_preference_dataset
 from .scoring import RewardFn, add_reward_scores
 from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
@@ -33,6 +35,7 @@ __all__ = [
     "load_sharded_latent_cache",
     "order_pair",
     "pair_scores",
+    "pickapic_to_trl",
     "prepare_preference_dataset",
     "resolve_columns",
 ]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .transforms import PairTransform, difference_mask, dilate_masks, load_image, mirrored_time_ids
-from .validation import ROW_INDEX_COLUMN, PreferenceColumns, mask_problem, order_pair, source_values
+from .validation import ROW_INDEX_COLUMN, TIE_REASON, PreferenceColumns, mask_problem, order_pair, source_values
 
 __all__ = ["PreferenceCollator", "pair_mask", "pair_scores"]
 
@@ -70,10 +70,10 @@ class PreferenceCollator:
                     raise ValueError(
                         f"column {self.columns.prompt!r}: prompt must be a string, got {type(prompt).__name__}"
                     )
-                pair = order_pair(row, self.columns)  # a bad label or score raises, naming its column
+                pair = order_pair(row, self.columns)  # a bad (marked) label or score raises, naming its column
                 if pair is None:  # a tie
                     skipped += 1
-                    reasons.append("a tie (equal labels or scores)")
+                    reasons.append(TIE_REASON)
                     continue
                 winner_column, loser_column = (self.columns.first, self.columns.second)
                 if pair[0] is not row[self.columns.first]:

@@ -1,11 +1,12 @@
 """Preference data as people keep it, read into the columns the trainer already reads.
 
 Every reader returns an ordinary ``datasets.Dataset`` in TRL's preference form (``prompt``, ``chosen``, ``rejected``,
-the images as absolute file paths) or, for a table in Pick-a-Pic form, ``caption``, ``jpg_0``, ``jpg_1``,
-``label_0``, so that validation (:mod:`.validation`: every bad row named by row and column, skipped and counted with
-``skip_invalid_rows``), the latent cache and training work unchanged. A reader never drops a row and never opens an
-image: a missing file, a URL, an unpaired image or an empty caption is kept as a row whose value validation rejects,
-and :data:`~.validation.SOURCE_COLUMN` says where it came from (the pair's file name, the annotation record).
+the images as absolute file paths) or, for a table in Pick-a-Pic form, ``caption``, ``jpg_0``, ``jpg_1``, ``label_0``
+(mapped onto TRL's by :mod:`.pickapic`), so that validation (:mod:`.validation`: every bad row named by row and column,
+skipped and counted with ``skip_invalid_rows``), the latent cache and training work unchanged. A reader never drops a
+row and never opens an image: a missing file, a URL, an unpaired image or an empty caption is kept as a row whose value
+validation rejects, and :data:`~.validation.SOURCE_COLUMN` says where it came from (the pair's file name, the
+annotation record).
 
 Formats (:func:`detect_format`, or named with ``format=``; see ``docs/data.md`` for a small example of each):
 
@@ -55,6 +56,7 @@ from datasets import Dataset, DatasetDict, IterableDataset
 
 from ..checks import Choice
 from .pair_folders import SIDE_FOLDERS, pair_root, prompt_text, read_pair_folders
+from .pickapic import pickapic_to_trl
 from .validation import _URL, SOURCE_COLUMN
 
 __all__ = [
@@ -94,12 +96,14 @@ def load_preference_data(
     config_name: str | None = None,
     ranking_pairs: str = "all",
     columns: str = "trl",
+    pickapic_names: tuple[str, str, str, str] = ("caption", "jpg_0", "jpg_1", "label_0"),
 ) -> Dataset | IterableDataset:
     """Load ``split`` of a preference dataset in any of the :data:`FORMATS` (``"auto"``: :func:`detect_format`).
 
     Local formats are read whole into a ``Dataset`` (``streaming`` then iterates over it); ``max_rows`` keeps the
     first rows; ``config_name`` is ``load_dataset``'s configuration name (``hub`` only). ``columns="pickapic"`` maps
-    Pick-a-Pic's columns onto TRL's (:func:`pickapic_to_trl`; ``max_rows`` then counts the rows read, ties included).
+    Pick-a-Pic's columns (``pickapic_names``: caption, image 0, image 1, label 0) onto TRL's
+    (:func:`~.pickapic.pickapic_to_trl`: every row kept, ties and bad labels marked for validation to count).
     """
     Choice(FORMATS).check("dataset_format", format)
     Choice(RANKING_PAIRS).check("ranking_pairs", ranking_pairs)
@@ -127,59 +131,7 @@ def load_preference_data(
             if isinstance(dataset, IterableDataset)
             else dataset.select(range(min(max_rows, len(dataset))))
         )
-    return pickapic_to_trl(dataset) if columns == "pickapic" else dataset
-
-
-def pickapic_to_trl(
-    dataset: Dataset | IterableDataset,
-    caption: str = "caption",
-    image_0: str = "jpg_0",
-    image_1: str = "jpg_1",
-    label_0: str = "label_0",
-) -> Dataset | IterableDataset:
-    """Pick-a-Pic's rows (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``: 1 when image 0 is preferred, 0 when image 1
-    is, 0.5 for a tie) in TRL's preference columns: ``prompt``, ``chosen`` (the preferred image), ``rejected``. Ties
-    are dropped (and counted in the log); SmPO's ``score_0`` / ``score_1`` follow their images. Other columns are
-    kept. A label that is none of 0, 0.5, 1 raises a ``ValueError`` naming its row and column.
-
-    A map-style dataset is renamed and reindexed, never rewritten (the images are not copied), in its row order; a
-    streamed one is mapped lazily.
-    """
-    swapped = {image_0: "rejected", image_1: "chosen", caption: "prompt"}
-    kept = {image_0: "chosen", image_1: "rejected", caption: "prompt"}
-    names = dataset.column_names or []
-    if "score_0" in names and "score_1" in names:
-        swapped.update(score_0="score_1", score_1="score_0")
-
-    def label_of(value: Any, index: int) -> float:
-        if value not in (0, 0.5, 1) or isinstance(value, bool):
-            raise ValueError(
-                f"row {index}, column {label_0!r}: a Pick-a-Pic label is 1 (image 0 preferred), 0 (image 1) or 0.5 "
-                f"(a tie), got {value!r}"
-            )
-        return float(value)
-
-    if isinstance(dataset, IterableDataset):
-
-        def to_trl(row: dict[str, Any], index: int) -> dict[str, Any]:
-            mapping = kept if label_of(row[label_0], index) == 1 else swapped
-            return {new: row[old] for old, new in mapping.items()}
-
-        rows = dataset.filter(lambda row: row[label_0] != 0.5)
-        return rows.map(to_trl, with_indices=True, remove_columns=[caption, image_0, image_1, label_0])
-    from datasets import concatenate_datasets
-
-    labels = [label_of(value, index) for index, value in enumerate(dataset[label_0])]
-    first = [i for i, label in enumerate(labels) if label == 1]
-    second = [i for i, label in enumerate(labels) if label == 0]
-    logger.info(
-        "Pick-a-Pic columns mapped to prompt, chosen, rejected: %d ties dropped",
-        len(labels) - len(first) - len(second),
-    )
-    parts = [dataset.select(first).rename_columns(kept), dataset.select(second).rename_columns(swapped)]
-    merged = concatenate_datasets([part.remove_columns(label_0) for part in parts])
-    origin = first + second
-    return merged.select(sorted(range(len(origin)), key=origin.__getitem__))  # the rows' own order
+    return pickapic_to_trl(dataset, *pickapic_names) if columns == "pickapic" else dataset
 
 
 def detect_format(name_or_path: str, split: str = "train") -> str:

@@ -211,7 +211,8 @@ def cache_fingerprint(
         "cache_version": CACHE_VERSION,
         "settings": encoding_settings(family, resolution, flipped, columns.clip),
         # Score columns only when present, so that caches made before they existed keep their names.
-        "columns": [columns.prompt, columns.first, columns.second, columns.label]
+        # None where the label column was named before the label form was mapped to TRL's: TRL caches keep their names.
+        "columns": [columns.prompt, columns.first, columns.second, None]
         + ([columns.score_0, columns.score_1] if columns.scored else [])
         + ([columns.source] if columns.edits else [])
         # Mask settings only when masked, so that caches made before masks existed keep their names.

@@ -1,16 +1,17 @@
 """Preparing a preference dataset for training: loading it, validating every row, dropping ties and bad rows.
 
-Two input forms are accepted:
+Training reads one form, TRL's: ``prompt``, ``chosen``, ``rejected`` (images as encoded bytes, ``datasets.Image``
+values, PIL images or paths). Pick-a-Pic's label form (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``: 1 image 0
+preferred, 0 image 1 preferred, 0.5 a tie; or ``vote_type`` words) is mapped onto it, at load with
+``dataset_columns="pickapic"`` or here, with one log line, when a dataset arrives in it (:mod:`.pickapic`); its ties
+are dropped and counted, its bad labels checked as below, from the marks the mapping leaves in
+:data:`~.validation.SKIP_COLUMN`.
 
-* Pick-a-Pic: ``caption``, ``jpg_0``, ``jpg_1`` (encoded bytes, ``datasets.Image`` values or PIL images) and
-  ``label_0`` (1: image 0 preferred, 0: image 1 preferred, 0.5: tie). Ties are dropped and counted.
-* TRL preference form: ``prompt``, ``chosen``, ``rejected``.
-
-With ``loss_type="smpo"`` either form also needs one score per image (``score_0``, ``score_1``: finite real numbers,
-e.g. PickScore): the higher-scored image is the winner (equal scores: image 1, as SmPO's strict ``>``) and each batch
-carries the pairs' scores (:func:`~.validation.order_pair`, :class:`~.collators.PreferenceCollator`). Human ties
-(``label_0 = 0.5``) are still dropped. :func:`~.scoring.add_reward_scores` writes the score columns with a
-``reward_fn`` when a dataset has none.
+With ``loss_type="smpo"`` each row also needs one score per image (``score_0``, ``score_1``: finite real numbers,
+e.g. PickScore): the higher-scored image is the winner (equal scores: the rejected one, as SmPO's strict ``>``) and
+each batch carries the pairs' scores (:func:`~.validation.order_pair`, :class:`~.collators.PreferenceCollator`).
+Human ties are still dropped. :func:`~.scoring.add_reward_scores` writes the score columns with a ``reward_fn`` when a
+dataset has none.
 
 A map-style dataset is checked in full before training (missing columns, missing prompts, labels outside
 {0, 0.5, 1}, undecodable images): the first problem raises a ``ValueError`` naming the row and column, or, with
@@ -28,6 +29,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
+from .pickapic import as_trl_form
 from .progress import datasets_progress_bars
 from .validation import (
     ROW_INDEX_COLUMN,
@@ -52,7 +54,9 @@ def prepare_preference_dataset(
 
     Returns the dataset restricted to the usable rows and columns, the resolved columns and a report.
     Raises ``ValueError`` naming the split, row and column of the first problem unless ``args.skip_invalid_rows``.
+    A dataset in Pick-a-Pic's label form is mapped to TRL's first (:func:`~.pickapic.as_trl_form`).
     """
+    dataset = as_trl_form(dataset, args, split)
     if isinstance(dataset, IterableDataset):
         return _prepare_iterable(dataset, args, split)
     if not isinstance(dataset, Dataset):
@@ -68,9 +72,7 @@ def prepare_preference_dataset(
     def check(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [{k: batch[k][i] for k in batch} for i in range(len(indices))]
         problems = [row_problem(row, columns) for row in rows]
-        ties = [
-            columns.label is not None and not p[0] and is_tie(row[columns.label]) for row, p in zip(rows, problems)
-        ]
+        ties = [not p[0] and is_tie(row, columns) for row, p in zip(rows, problems)]
         return {"_column": [p[0] for p in problems], "_reason": [p[1] for p in problems], "_tie": ties}
 
     with datasets_progress_bars(not getattr(args, "disable_tqdm", False)):
@@ -145,13 +147,15 @@ def load_preference_dataset(
     dataset_format: str = "auto",
     ranking_pairs: str = "all",
     dataset_columns: str = "trl",
+    pickapic_names: tuple[str, str, str, str] = ("caption", "jpg_0", "jpg_1", "label_0"),
 ) -> Dataset | IterableDataset:
     """Load a preference dataset from the Hub, a local data folder, a folder written by ``save_to_disk``, or the
     file layouts of :mod:`.formats` (pair folders, a JSONL/CSV of image paths, an image folder with metadata, HPDv3
     annotations), detected unless ``dataset_format`` names one (``config_name``: the dataset configuration, as
     ``load_dataset``'s ``name``; ``ranking_pairs``: how ranked HPD records become pairs; ``dataset_columns``:
-    ``"pickapic"`` maps Pick-a-Pic's ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` onto TRL's ``prompt``,
-    ``chosen``, ``rejected``). Pair folders' and HPD annotations' rows carry a ``__source__`` string column
+    ``"pickapic"`` maps Pick-a-Pic's ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (or the names in
+    ``pickapic_names``, ``(caption, image_0, image_1, label_0)``) onto TRL's ``prompt``, ``chosen``, ``rejected``,
+    :func:`~.pickapic.pickapic_to_trl`). Pair folders' and HPD annotations' rows carry a ``__source__`` string column
     (:data:`~.validation.SOURCE_COLUMN`) naming the folder or record each came from, which a bad row's error quotes
     and training ignores."""
     from .formats import load_preference_data
@@ -165,4 +169,5 @@ def load_preference_dataset(
         config_name=config_name,
         ranking_pairs=ranking_pairs,
         columns=dataset_columns,
+        pickapic_names=pickapic_names,
     )

@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset, Features, IterableDataset, Value
 from PIL import Image
 
+from .pickapic import as_trl_form
 from .progress import datasets_progress_bars
 from .transforms import load_image
 from .validation import is_tie, resolve_layout, row_problem, score_columns_of, uses_scores, with_undecoded_images
@@ -53,6 +54,7 @@ def add_reward_scores(
         )
     if not callable(reward_fn):
         raise TypeError(f"reward_fn must be callable as reward_fn(images, prompts), got {type(reward_fn).__name__}")
+    dataset = as_trl_form(dataset, args, split)  # scores follow the chosen and rejected images
     names = dataset.column_names
     if names is None:  # a streamed dataset without features: read the column names off its first row
         first = next(iter(dataset), None)
@@ -79,7 +81,7 @@ def add_reward_scores(
         firsts, seconds, prompts = [], [], []
         for i in range(size):
             row = {k: batch[k][i] for k in batch}
-            if row_problem(row, layout)[0] or (layout.label is not None and is_tie(row[layout.label])):
+            if row_problem(row, layout)[0] or is_tie(row, layout):
                 continue
             scored.append(i)
             firsts.append(load_image(row[layout.first]))

@@ -56,6 +56,7 @@ from .latent_cache import (
     encoding_settings,
     settings_mismatches,
 )
+from .pickapic import as_trl_form
 from .validation import (
     DataReport,
     PreferenceColumns,
@@ -102,7 +103,9 @@ class ShardedLatentCache(LatentCache):
 
     @property
     def columns(self) -> PreferenceColumns:
-        return PreferenceColumns(**self.manifest["columns"])
+        columns = dict(self.manifest["columns"])
+        columns.pop("label", None)  # written by caches made before the label form was mapped to TRL's
+        return PreferenceColumns(**columns)
 
     def report(self) -> DataReport:
         m = self.manifest
@@ -222,7 +225,8 @@ def build_sharded_latent_cache(
     call early (the folder is then resumable).
 
     Args:
-        dataset: the raw preference dataset (map-style or streamed), Pick-a-Pic or TRL form.
+        dataset: the raw preference dataset (map-style or streamed), TRL form (Pick-a-Pic's is mapped to it:
+            :func:`~.pickapic.as_trl_form`).
         args: a :class:`~trl_diffusion_sdpo.DiffusionSDPOConfig` (columns, ``resolution``, ``random_flip``,
             ``random_crop`` (must be ``False``), ``skip_invalid_rows``, ``loss_type`` for score columns).
         family: the pipeline's model family (VAE, text encoders, tokenizers).
@@ -243,6 +247,7 @@ def build_sharded_latent_cache(
         raise ValueError(
             "The latent cache stores center crops: set random_crop=False (a random crop cannot be cached)"
         )
+    dataset = as_trl_form(dataset, args)
     if isinstance(dataset, Dataset):
         names = dataset.column_names
     else:
@@ -360,7 +365,7 @@ def _usable_rows(
                     column,
                     reason,
                 )
-        elif columns.label is not None and is_tie(row[columns.label]):
+        elif is_tie(row, columns):
             done.ties_dropped += 1
         else:
             kept.append(row)

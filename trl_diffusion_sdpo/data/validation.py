@@ -1,9 +1,9 @@
 """Is a preference dataset usable, and which image of a row wins: column layouts, row checks, pair ordering.
 
-Two layouts are accepted: Pick-a-Pic (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``: 1 image 0 preferred, 0 image
-1 preferred, 0.5 a tie, dropped) and TRL's preference form (``prompt``, ``chosen``, ``rejected``). With
-``loss_type="smpo"`` each row also needs one finite score per image (``score_0``, ``score_1``), and the scores, not
-the label, order the pair (:func:`order_pair`, the one rule for every collator and cache).
+One layout is read: TRL's preference form (``prompt``, ``chosen``, ``rejected``; Pick-a-Pic's label form is mapped
+onto it by :mod:`.pickapic`, which marks ties and bad labels in :data:`SKIP_COLUMN`). With ``loss_type="smpo"`` each
+row also needs one finite score per image (``score_0``, ``score_1``), and the scores, not the order of the columns,
+order the pair (:func:`order_pair`, the one rule for every collator and cache).
 
 Editing data adds the source: ``source_image`` (one image, the picture the instruction edits) or ``source_images``
 (a list, for multi-image editing and reference images); the prompt column then holds the instruction. A source
@@ -38,7 +38,9 @@ from .video import VideoClip, read_video
 __all__ = [
     "ROW_INDEX_COLUMN",
     "SOURCE_ASPECT_TOLERANCE",
+    "SKIP_COLUMN",
     "SOURCE_COLUMN",
+    "TIE_REASON",
     "DataReport",
     "PreferenceColumns",
     "order_pair",
@@ -46,10 +48,11 @@ __all__ = [
     "video_clip",
 ]
 
-_LABEL_VALUES = (0.0, 0.5, 1.0)
-# Votes written as words, as EditReward-Data's ``vote_type`` column holds them (image 0 is the left output): read as
-# the label of image 0.
-LABEL_WORDS = {"leftvote": 1.0, "rightvote": 0.0, "tie": 0.5}
+# Why a row mapped from Pick-a-Pic's label form (:func:`~.pickapic.pickapic_to_trl`) gives no pair, as
+# ``{"column", "reason"}``: both empty for a pair; an empty column and TIE_REASON for a tie (dropped and counted as a
+# tie); the label column and its problem for a bad label (an invalid row, named by that column).
+SKIP_COLUMN = "__skip__"
+TIE_REASON = "a tie (equal labels or scores)"
 # A streamed row's position in the stream, added by preparation so a bad row's warning can name it.
 ROW_INDEX_COLUMN = "__row_index__"
 # Where a row came from in the user's files (a pair folder, an annotation record), written by the file-format readers
@@ -64,12 +67,13 @@ SOURCE_ASPECT_TOLERANCE = 0.01
 
 @dataclass(frozen=True)
 class PreferenceColumns:
-    """Where a dataset keeps its prompt and images. ``label`` is ``None`` for TRL form (``first`` is chosen).
+    """Where a dataset keeps its prompt and images, in TRL's form: ``first`` is the chosen image, ``second`` the
+    rejected one. ``skip`` names :data:`SKIP_COLUMN` where the rows were mapped from Pick-a-Pic's label form.
 
     ``score_0``, ``score_1`` (SmPO only) hold a score per image (``first``, ``second``); when set, the scores, not the
-    label, order the pair. ``clip`` is set for video data (``num_frames``): ``first`` and ``second`` then hold videos,
-    of which this clip is read (:mod:`.video`). ``source`` names an editing dataset's source column: one image per
-    row, or a list of them when ``source_list``. ``mask`` names the loss-mask column (``loss_mask``); ``auto_mask``
+    columns, order the pair. ``clip`` is set for video data (``num_frames``): ``first`` and ``second`` then hold
+    videos, of which this clip is read (:mod:`.video`). ``source`` names an editing dataset's source column: one image
+    per row, or a list of them when ``source_list``. ``mask`` names the loss-mask column (``loss_mask``); ``auto_mask``
     derives each pair's mask from its two images instead, where they differ by more than ``mask_threshold``; either
     mask is grown by ``mask_dilate`` pixels (the config fields ``auto_mask_threshold`` and ``mask_dilate``).
     """
@@ -77,7 +81,6 @@ class PreferenceColumns:
     prompt: str
     first: str
     second: str
-    label: str | None = None
     score_0: str | None = None
     score_1: str | None = None
     clip: VideoClip | None = None
@@ -87,11 +90,12 @@ class PreferenceColumns:
     auto_mask: bool = False
     mask_threshold: float = 0.05
     mask_dilate: int = 0
+    skip: str | None = None
 
     @property
     def all(self) -> list[str]:
-        columns = (self.prompt, self.first, self.second, self.label, self.score_0, self.score_1, self.source)
-        return [c for c in (*columns, self.mask) if c is not None]
+        columns = (self.prompt, self.first, self.second, self.score_0, self.score_1, self.source, self.mask)
+        return [c for c in (*columns, self.skip) if c is not None]
 
     @property
     def masked(self) -> bool:
@@ -149,22 +153,23 @@ def score_columns_of(args: Any) -> tuple[str, str]:
 
 
 def resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
-    """The Pick-a-Pic or TRL layout (without score columns), or raise naming what is missing."""
+    """TRL's layout (without score columns), or raise naming what is missing; a dataset whose columns resemble
+    Pick-a-Pic's more is told what it lacks of those (they are mapped onto TRL's: :func:`~.pickapic.as_trl_form`)."""
     names = set(column_names)
-    pickapic = PreferenceColumns(args.caption_column, args.image_0_column, args.image_1_column, args.label_0_column)
     trl = PreferenceColumns(args.prompt_column, args.chosen_column, args.rejected_column)
-    for layout in (pickapic, trl):
-        if set(layout.all) <= names:
-            return layout
-    # Report against the layout the dataset resembles most.
-    best = max((pickapic, trl), key=lambda layout: len(set(layout.all) & names))
-    missing = [c for c in best.all if c not in names]
+    if set(trl.all) <= names:
+        return dataclasses.replace(trl, skip=SKIP_COLUMN if SKIP_COLUMN in names else None)
+    pickapic = [args.caption_column, args.image_0_column, args.image_1_column, args.label_0_column]
+    missing = [c for c in trl.all if c not in names]
+    if len(set(pickapic) & names) > len(set(trl.all) & names):
+        missing = [c for c in pickapic if c not in names]
     scores = ""
     if uses_scores(args):
         scores = f" and, for loss_type={args.loss_type!r}, score columns {list(score_columns_of(args))}"
     raise ValueError(
-        f"Dataset is missing column(s) {missing}. Expected Pick-a-Pic columns {pickapic.all} or TRL preference "
-        f"columns {trl.all}{scores} (names can be changed in the config); found {sorted(names)}."
+        f"Dataset is missing column(s) {missing}. Expected TRL preference columns {trl.all}{scores}, or Pick-a-Pic "
+        f"columns {pickapic}, which are mapped onto them (dataset_columns='pickapic'; names can be changed in the "
+        f"config); found {sorted(names)}."
     )
 
 
@@ -407,16 +412,18 @@ def _check_video(value: Any, clip: VideoClip) -> str:
         return f"cannot read video: {err}"
 
 
-def _label_problem(label: Any) -> str:
-    if label is None:
-        return "label is missing (None)"
-    try:
-        value = label_value(label)
-    except (TypeError, ValueError):
-        return f"label {label!r} is not a number or one of {sorted(LABEL_WORDS)}"
-    if math.isnan(value) or not any(abs(value - v) < 1e-6 for v in _LABEL_VALUES):
-        return f"label {label!r} is not one of 0, 0.5, 1"
-    return ""
+def skip_mark(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
+    """``(column, reason)`` of a row's :data:`SKIP_COLUMN`: ``("", "")`` for a pair (and for every row without the
+    column), ``("", TIE_REASON)`` for a tie, ``(label column, problem)`` for a bad label."""
+    mark = row.get(columns.skip) if columns.skip is not None else None
+    if not mark:
+        return "", ""
+    return mark.get("column") or "", mark.get("reason") or ""
+
+
+def is_tie(row: dict[str, Any], columns: PreferenceColumns) -> bool:
+    """Whether the row is a human tie (marked by the label form's mapping): dropped and counted apart from bad rows."""
+    return skip_mark(row, columns) == ("", TIE_REASON)
 
 
 def _score_value(value: Any) -> float:
@@ -442,10 +449,9 @@ def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, s
         return columns.prompt, "prompt is missing (None; the file readers read an empty caption or cell as missing)"
     if not isinstance(prompt, str):
         return columns.prompt, f"prompt must be a string, got {type(prompt).__name__}"
-    if columns.label is not None:
-        reason = _label_problem(row.get(columns.label))
-        if reason:
-            return columns.label, reason
+    column, reason = skip_mark(row, columns)
+    if column:  # a bad label, named by its column as the label form had it
+        return column, reason
     for column in (columns.first, columns.second):
         reason = _check_image(row.get(column)) if columns.clip is None else _check_video(row.get(column), columns.clip)
         if reason:
@@ -458,7 +464,7 @@ def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, s
         column, reason = _row_mask_problem(row, columns)
         if reason:
             return column, reason
-    if columns.scored and not (columns.label is not None and is_tie(row[columns.label])):
+    if columns.scored and not is_tie(row, columns):
         for column in (columns.score_0, columns.score_1):
             try:
                 _score_value(row.get(column))
@@ -467,31 +473,19 @@ def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, s
     return "", ""
 
 
-def label_value(label: Any) -> float:
-    """Image 0's label as a number: the number itself, or a vote word of :data:`LABEL_WORDS`."""
-    if isinstance(label, str) and label.strip().lower() in LABEL_WORDS:
-        return LABEL_WORDS[label.strip().lower()]
-    return float(label)
-
-
-def is_tie(label: Any) -> bool:
-    return label is not None and abs(label_value(label) - 0.5) < 1e-6
-
-
 def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, Any, tuple[float, float] | None] | None:
     """``(winner, loser, scores)`` of a row, the one rule for both collators and the latent cache.
 
-    ``None`` for a human tie (label 0.5), which is dropped whatever the scores. With score columns the higher-scored
-    image wins (equal scores: image 1, as SmPO's strict ``>``; the pair's weight is then 0) and ``scores`` is
-    ``(score_winner, score_loser)``; otherwise the label decides (TRL form: ``first`` is chosen) and ``scores`` is
-    ``None``. Raises ``ValueError`` naming the column of a bad label or score.
+    ``None`` for a human tie (marked in :data:`SKIP_COLUMN`), which is dropped whatever the scores. With score columns
+    the higher-scored image wins (equal scores: ``second``, as SmPO's strict ``>``; the pair's weight is then 0) and
+    ``scores`` is ``(score_winner, score_loser)``; otherwise ``first`` (chosen) wins and ``scores`` is ``None``.
+    Raises ``ValueError`` naming the column of a bad label (marked) or score.
     """
-    if columns.label is not None:
-        problem = _label_problem(row.get(columns.label))
-        if problem:  # a streamed row with a label outside {0, 0.5, 1} is bad, not a preference
-            raise ValueError(f"column {columns.label!r}: {problem}")
-        if is_tie(row[columns.label]):
-            return None
+    column, reason = skip_mark(row, columns)
+    if column:  # a streamed row with a label outside {0, 0.5, 1} is bad, not a preference
+        raise ValueError(f"column {column!r}: {reason}")
+    if reason:
+        return None
     first, second = row[columns.first], row[columns.second]
     if columns.scored:
         scores = []
@@ -502,9 +496,7 @@ def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, An
                 raise ValueError(f"column {column!r}: {err}") from None
         score_0, score_1 = scores
         return (first, second, (score_0, score_1)) if score_0 > score_1 else (second, first, (score_1, score_0))
-    if columns.label is None or label_value(row[columns.label]) > 0.5:
-        return first, second, None
-    return second, first, None
+    return first, second, None
 
 
 def _inner(feature: Any) -> Any:

@@ -84,8 +84,10 @@ class DiffusionScriptArguments:
     dataset_columns: str = field(
         default="trl",
         metadata={
-            "help": "The dataset's columns: trl (prompt, chosen, rejected) or pickapic (caption, jpg_0, jpg_1, "
-            "label_0, as yuvalkirstain/pickapic_v2: mapped to TRL's, ties dropped).",
+            "help": "The dataset's columns: trl (prompt, chosen, rejected) or pickapic (caption_column, "
+            "image_0_column, image_1_column, label_0_column: caption, jpg_0, jpg_1, label_0 as in "
+            "yuvalkirstain/pickapic_v2, or vote_type words as in EditReward-Data), mapped to TRL's; ties and bad "
+            "labels are skipped and counted.",
             "choices": ["trl", "pickapic"],
         },
     )
@@ -521,12 +523,27 @@ def peft_config_for(model_args: ModelConfig, pipeline):
     return peft_config
 
 
-def load_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArguments, split: str | None = None):
+def load_split(
+    script_args: ScriptArguments,
+    diffusion_args: DiffusionScriptArguments,
+    split: str | None = None,
+    training_args: DiffusionSDPOConfig | None = None,
+):
     """A split as the arguments name it, in any format of :mod:`~trl_diffusion_sdpo.data.formats`
     (``dataset_format``, ``ranking_pairs``). ``None``: the training split, streamed with ``dataset_streaming`` and
-    cut to ``max_train_rows``; another split (the evaluation split) is read whole."""
+    cut to ``max_train_rows``; another split (the evaluation split) is read whole. With ``dataset_columns:
+    pickapic`` the label form is mapped under the names ``training_args`` gives (``caption_column``,
+    ``image_0_column``, ``image_1_column``, ``label_0_column``; the defaults without it)."""
     from ..data.preparation import load_preference_dataset
 
+    names = ("caption", "jpg_0", "jpg_1", "label_0")
+    if training_args is not None:
+        names = (
+            training_args.caption_column,
+            training_args.image_0_column,
+            training_args.image_1_column,
+            training_args.label_0_column,
+        )
     train = split is None
     return load_preference_dataset(
         script_args.dataset_name,
@@ -537,12 +554,17 @@ def load_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArgu
         dataset_format=diffusion_args.dataset_format,
         ranking_pairs=diffusion_args.ranking_pairs,
         dataset_columns=diffusion_args.dataset_columns,
+        pickapic_names=names,
     )
 
 
-def load_train_split(script_args: ScriptArguments, diffusion_args: DiffusionScriptArguments):
+def load_train_split(
+    script_args: ScriptArguments,
+    diffusion_args: DiffusionScriptArguments,
+    training_args: DiffusionSDPOConfig | None = None,
+):
     """The training split: :func:`load_split` with no split named."""
-    return load_split(script_args, diffusion_args)
+    return load_split(script_args, diffusion_args, training_args=training_args)
 
 
 class ModelCardOnSave(TrainerCallback):
@@ -574,10 +596,10 @@ def main(argv: Sequence[str] | None = None):
         if diffusion_args.latent_cache:
             train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
         else:
-            train_dataset = load_train_split(script_args, diffusion_args)
+            train_dataset = load_train_split(script_args, diffusion_args, training_args)
         eval_dataset = None
         if training_args.eval_strategy != "no":
-            eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split)
+            eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split, training_args)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"trl-diffusion-sdpo train: error: {err}") from None
     pipeline = build_pipeline(model_args, diffusion_args)
