@@ -176,6 +176,7 @@ class Context:
             error = held_out_denoising_error(pipeline, self.pixels, self.held_out, self.grid["drawings_per_prompt"])
         finally:
             unet.train(was_training)
+        self.last_images = images  # [prompts * per, H, W, 3], prompt-major: for a caller's own measures or figure
         iou, correct = shape_scores(images, captions, self.templates)
         return {
             "shape_iou": float(iou.mean()),
