@@ -223,7 +223,9 @@ def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_na
         ["--config", str(config_path), "--output_dir", "/tmp/unused", "--use_cpu"]
     )
     assert config.beta == 100 and config.loss_type == "dpo" and config.safeguard and model_args.use_peft
-    if data_args.dataset_columns == "pickapic":  # the editing configs read EditReward-Data's columns and votes
+    if data_args.dataset_columns == "pickapic" and "prompt" in pairs.column_names:
+        # the config reads Pick-a-Pic's label form (the editing configs: EditReward-Data's columns and votes): the
+        # test's TRL-form pairs are written in it; pairs already in the label form are saved as they are
         names = {"prompt": config.caption_column, "chosen": config.image_0_column, "rejected": config.image_1_column}
         pairs = pairs.rename_columns(names).add_column(config.label_0_column, ["leftvote"] * len(pairs))
     pipe_dir, data_dir, out = tmp_path / "pipe", tmp_path / "pairs", tmp_path / "out"
