@@ -215,6 +215,11 @@ def _quiet() -> None:
 
 def _config_kwargs(grid: dict[str, Any], lr: float, seed: int, method: str, output_dir: str) -> dict[str, Any]:
     spec = {k: v for k, v in METHODS[method].items() if k not in ("online", "pair_latents")}
+    return {**recipe_config_kwargs(grid, lr, seed, output_dir), **spec}
+
+
+def recipe_config_kwargs(grid: dict[str, Any], lr: float, seed: int, output_dir: str) -> dict[str, Any]:
+    """The config fields every run of the recipe shares (offline and online), before its method's own."""
     return dict(
         output_dir=output_dir,
         resolution=32,
@@ -235,7 +240,6 @@ def _config_kwargs(grid: dict[str, Any], lr: float, seed: int, method: str, outp
         dataloader_num_workers=0,
         report_to="none",
         disable_tqdm=True,
-        **spec,
     )
 
 

@@ -57,9 +57,10 @@ from benchmarks.studies.online_comparison import (  # noqa: E402
     _quiet,
     _write,
     machine,
+    recipe_config_kwargs,
 )
 from benchmarks.studies.online_measures import drawings, shape_templates, validate_shape_scorer  # noqa: E402
-from benchmarks.studies.stability_guards import _png, _strip  # noqa: E402
+from benchmarks.studies.stability_guards import _png, _strip, sample_grid  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
@@ -189,25 +190,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
     lora = LoraConfig(r=grid["lora_rank"], lora_alpha=grid["lora_rank"], target_modules=LORA_TARGETS)
     with tempfile.TemporaryDirectory(prefix=f"online-hacking-{method}-") as workdir:
         args = OnlineDiffusionSDPOConfig(
-            output_dir=workdir,
-            resolution=32,
-            beta=grid["beta"],
-            learning_rate=lr,
-            scale_lr=False,
-            weight_decay=0.0,
-            warmup_steps=grid["warmup_steps"],
-            per_device_train_batch_size=grid["batch_size"],
-            max_steps=last,
-            proportion_empty_prompts=grid["proportion_empty_prompts"],
-            random_flip=False,
-            cache_latents=False,
-            logging_steps=1,
-            save_strategy="no",
-            seed=seed,
-            use_cpu=True,
-            dataloader_num_workers=0,
-            report_to="none",
-            disable_tqdm=True,
+            **recipe_config_kwargs(grid, lr, seed, workdir),
             num_generations=grid["num_generations"],
             sample_steps=grid["sample_steps"],
             sample_guidance_scale=grid["guidance_scale"],
@@ -371,31 +354,16 @@ def table(report: dict[str, Any]) -> str:
 def figure(path: Path, out: Path, seed: int = 0, scale: int = 3) -> int:
     """Held-out samples along the grid's runs of ``seed`` (one column per evaluation step, the base first), one row
     per setting, Diffusion-DPO first: each held-out prompt's first sample, the same noise in every row."""
-    from PIL import Image, ImageDraw
-
     report = __import__("json").loads(path.read_text())
     lr = report["grid_learning_rate"]
     runs = [r for m in METHODS for r in _runs(report, lr, m).values() if r["seed"] == seed and "samples" in r]
     steps = ["0", *[str(s) for s in report["eval_steps"]]]
     strips = [[_strip(report["base"]["samples"] if s == "0" else r["samples"][s]) for s in steps] for r in runs]
-    width, height = strips[0][0].size
-    width, height, gap, left, top = width * scale, height * scale, 12, 300, 30
-    canvas = Image.new("RGB", (left + len(steps) * (width + gap), top + len(runs) * (height + gap)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, step in enumerate(steps):
-        draw.text((left + j * (width + gap), 8), "base" if step == "0" else f"step {step}", fill="black")
-    for i, (run, row) in enumerate(zip(runs, strips)):
-        y = top + i * (height + gap)
+    labels = []
+    for run in runs:
         final = run["curve"][steps[-1]]
-        draw.text((8, y + height // 2 - 12), LABELS[run["method"]], fill="black")
-        draw.text((8, y + height // 2 + 2), f"IoU {final['shape_iou']:.3f}, brightness {final['brightness']:.3f}",
-                  fill="black")  # fmt: skip
-        for j, strip in enumerate(row):
-            canvas.paste(strip.resize((width, height), Image.Resampling.NEAREST), (left + j * (width + gap), y))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
-    print(f"wrote {out}")
-    return 0
+        labels.append((LABELS[run["method"]], f"IoU {final['shape_iou']:.3f}, brightness {final['brightness']:.3f}"))
+    return sample_grid(strips, steps, labels, out, scale, left=300)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -306,8 +306,6 @@ def figure(path: Path, out: Path, cell: str, seed: int = 0, scale: int = 3) -> i
     """Held-out samples along the run (one column per evaluation step, step 0 the base), Diffusion-DPO's row beside
     each guard's, for ``seed`` in ``cell`` (``regime/lr..-beta..``): the first sample of every held-out prompt, the
     same noise in every row. Pixels enlarged ``scale`` times without smoothing."""
-    from PIL import ImageDraw
-
     report = json.loads(path.read_text())
     regime, name = cell.split("/")
     every = report["regimes"][regime]["runs"].values()
@@ -317,17 +315,30 @@ def figure(path: Path, out: Path, cell: str, seed: int = 0, scale: int = 3) -> i
     base = next(r["samples"]["0"] for r in every if "0" in r.get("samples", {}))
     steps = ["0", *sorted({s for r in runs for s in r["samples"] if s != "0"}, key=int)]
     strips = [[_strip(r["samples"].get(s, base if s == "0" else None)) for s in steps] for r in runs]
+    labels = []
+    for run in runs:
+        change = run["reward_change"][steps[-1]]
+        labels.append((LABELS.get(run["method"], run["method"]), f"reward change {change:+.3f}"))
+    return sample_grid(strips, steps, labels, out, scale, left=230)
+
+
+def sample_grid(
+    strips: list[list[Image.Image]], steps: list[str], labels: list[tuple[str, str]], out: Path, scale: int, left: int
+) -> int:
+    """One row of sample strips per run (one column per evaluation step, ``"0"`` the base) with its two label lines
+    on the left, pixels enlarged ``scale`` times without smoothing, saved to ``out``."""
+    from PIL import ImageDraw
+
     width, height = strips[0][0].size
-    width, height, gap, left, top = width * scale, height * scale, 12, 230, 30
-    canvas = Image.new("RGB", (left + len(steps) * (width + gap), top + len(runs) * (height + gap)), "white")
+    width, height, gap, top = width * scale, height * scale, 12, 30
+    canvas = Image.new("RGB", (left + len(steps) * (width + gap), top + len(strips) * (height + gap)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, step in enumerate(steps):
         draw.text((left + j * (width + gap), 8), "base" if step == "0" else f"step {step}", fill="black")
-    for i, (run, row) in enumerate(zip(runs, strips)):
+    for i, (row, (name, measure)) in enumerate(zip(strips, labels)):
         y = top + i * (height + gap)
-        change = run["reward_change"][steps[-1]]
-        draw.text((8, y + height // 2 - 12), LABELS.get(run["method"], run["method"]), fill="black")
-        draw.text((8, y + height // 2 + 2), f"reward change {change:+.3f}", fill="black")
+        draw.text((8, y + height // 2 - 12), name, fill="black")
+        draw.text((8, y + height // 2 + 2), measure, fill="black")
         for j, strip in enumerate(row):
             canvas.paste(strip.resize((width, height), Image.Resampling.NEAREST), (left + j * (width + gap), y))
     out.parent.mkdir(parents=True, exist_ok=True)
