@@ -232,19 +232,22 @@ def run(
 
 
 class Runs:
-    """The default suite's trainings (:data:`RUNS`), by name; the first request of a group launches all of it."""
+    """The trainings of :data:`RUNS` (the default suite) and :data:`SLOW_RUNS`, by name; the first request of a group
+    launches all of that table's group."""
 
     def __init__(self, assets: dict[str, dict]) -> None:
         self.assets = assets
 
     def __getitem__(self, name: str) -> dict:
-        spec = RUNS[name]
+        table = RUNS if name in RUNS else SLOW_RUNS  # each tier launches its own trainings only
+        spec = table[name]
+        group = (table is RUNS, spec.group)
         key = spec.key(self.assets[spec.assets])
         if key not in _REPORTS:
-            if spec.group in _FAILED:
-                pytest.fail(_FAILED[spec.group])
+            if group in _FAILED:
+                pytest.fail(_FAILED[group])
             jobs, keys = [], set()
-            for other, run_ in RUNS.items():
+            for other, run_ in table.items():
                 other_key = run_.key(self.assets[run_.assets])
                 if run_.group == spec.group and other_key not in _REPORTS and other_key not in keys:
                     keys.add(other_key)
@@ -252,7 +255,7 @@ class Runs:
             try:
                 _launch(jobs)
             except AssertionError as error:
-                _FAILED[spec.group] = str(error)
+                _FAILED[group] = str(error)
                 raise
         return _REPORTS[key]
 
@@ -287,11 +290,12 @@ EMPTY_STEP = (
 )  # fmt: skip
 
 # Every training of the default suite, grouped by launch (see Run.group); within a group, in this order (ZeRO-3, whose
-# registration with transformers the worker undoes after each training, last).
+# registration with transformers the worker undoes after each training, last). One case per mechanism: DDP, ZeRO-2
+# and FSDP2 against one process, a sharded reduction with an accumulation window (ZeRO-2, parameter space), the
+# global parameter space under DDP, and the stream guards (ties, empty steps, a random stream, a NaN on one process).
 RUNS: dict[str, Run] = {
     # one plain process: the references
     "single-lora": Run("sd15", None, True),
-    "single-full": Run("sd15", None, False),
     "single-parameter-lora": Run("sd15", None, True, PARAMETER),
     "single-parameter-lora-accumulated": Run(
         "sd15", None, True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "2")
@@ -299,35 +303,44 @@ RUNS: dict[str, Run] = {
     "accumulate-single": Run(
         "sd15", None, False, ("--per_device_train_batch_size", "2", *ACCUMULATE, "--learning_rate", "1e-4")
     ),
-    "sdxl-single-full": Run("sdxl", None, False, BETA_500),
-    "single-update-lora": Run("sd15", None, True, UPDATE),
-    "bf16-single-beta500": Run("sd15", None, True, ("--bf16", "true", "--use_cpu", "true", *BETA_500)),
     # DDP
     "multi_gpu-lora": Run("sd15", "multi_gpu.yaml", True),
     "multi_gpu-full": Run("sd15", "multi_gpu.yaml", False),
     "poisoned-multi_gpu": Run("sd15", "multi_gpu.yaml", False, POISON, poison_step=2),
-    "ddp-cached": Run(
-        "sd15", "multi_gpu.yaml", True, ("--cache_latents", "true", "--latent_cache_dir", "{root}/latent-cache")
-    ),
     "accumulate-ddp": Run(
         "sd15", "multi_gpu.yaml", False, ("--per_device_train_batch_size", "1", *ACCUMULATE, "--learning_rate", "1e-4")
     ),
     "ddp-parameter-global-lora": Run("sd15", "multi_gpu.yaml", True, PARAMETER),
-    "ddp-update-lora": Run("sd15", "multi_gpu.yaml", True, UPDATE),
-    "bf16-ddp": Run("sd15", "multi_gpu.yaml", True, ("--bf16", "true", *BETA_500)),
     "ddp-streamed-ties-lora": Run("sd15", "multi_gpu.yaml", True, STREAMED_TIES),
-    "ddp-streamed-ties-parameter-lora": Run("sd15", "multi_gpu.yaml", True, (*STREAMED_TIES, *PARAMETER)),
     "ddp-empty-step-lora": Run("sd15", "multi_gpu.yaml", True, EMPTY_STEP),
-    "ddp-random-stream-0-dpo": Run("sd15", "multi_gpu.yaml", True, (*RANDOM_STREAM_0, *PLAIN_DPO)),
     # FSDP2
     "fsdp2-lora": Run("sd15", FSDP2, True),
+    "fsdp2-random-stream-0-parameter": Run("sd15", FSDP2, True, (*RANDOM_STREAM_0, *PARAMETER)),
+    # DeepSpeed ZeRO-2
+    "deepspeed_zero2-lora": Run("sd15", "deepspeed_zero2.yaml", True),
+    "deepspeed_zero2-empty-step-lora": Run("sd15", "deepspeed_zero2.yaml", True, EMPTY_STEP),
+    "deepspeed_zero2-parameter-lora-accumulated": Run(
+        "sd15", "deepspeed_zero2.yaml", True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "1")
+    ),
+}
+# The slow tests' trainings, launched the same way (a group of their own, in this order: ZeRO-2's full-tuning run
+# saves checkpoint-2, which the next run resumes from; ZeRO-3 last).
+SLOW_RUNS: dict[str, Run] = {
+    "single-full": Run("sd15", None, False),
+    "sdxl-single-full": Run("sdxl", None, False, BETA_500),
+    "single-update-lora": Run("sd15", None, True, UPDATE),
+    "bf16-single-beta500": Run("sd15", None, True, ("--bf16", "true", "--use_cpu", "true", *BETA_500)),
+    "ddp-cached": Run(
+        "sd15", "multi_gpu.yaml", True, ("--cache_latents", "true", "--latent_cache_dir", "{root}/latent-cache")
+    ),
+    "ddp-update-lora": Run("sd15", "multi_gpu.yaml", True, UPDATE),
+    "bf16-ddp": Run("sd15", "multi_gpu.yaml", True, ("--bf16", "true", *BETA_500)),
+    "ddp-streamed-ties-parameter-lora": Run("sd15", "multi_gpu.yaml", True, (*STREAMED_TIES, *PARAMETER)),
+    "ddp-random-stream-0-dpo": Run("sd15", "multi_gpu.yaml", True, (*RANDOM_STREAM_0, *PLAIN_DPO)),
     "fsdp2-full": Run("sd15", FSDP2, False),
     "fsdp2-parameter-lora": Run("sd15", FSDP2, True, PARAMETER),
-    "fsdp2-random-stream-0-parameter": Run("sd15", FSDP2, True, (*RANDOM_STREAM_0, *PARAMETER)),
-    # DeepSpeed ZeRO-1, -2 (its full-tuning run saves checkpoint-2, which the next run resumes from), -3
     "deepspeed_zero1-lora": Run("sd15", "deepspeed_zero1.yaml", True),
     "deepspeed_zero1-full": Run("sd15", "deepspeed_zero1.yaml", False),
-    "deepspeed_zero2-lora": Run("sd15", "deepspeed_zero2.yaml", True),
     "deepspeed_zero2-full": Run("sd15", "deepspeed_zero2.yaml", False, SAVE_AT_STEP_2),
     "resumed-deepspeed_zero2-full": Run(
         "sd15",
@@ -336,11 +349,7 @@ RUNS: dict[str, Run] = {
         ("--resume_from_checkpoint", "{root}/deepspeed_zero2-full/model/checkpoint-2"),
     ),
     "poisoned-deepspeed_zero2": Run("sd15", "deepspeed_zero2.yaml", False, POISON, poison_step=2),
-    "deepspeed_zero2-empty-step-lora": Run("sd15", "deepspeed_zero2.yaml", True, EMPTY_STEP),
     "deepspeed_zero2-random-stream-0-output": Run("sd15", "deepspeed_zero2.yaml", True, RANDOM_STREAM_0),
-    "deepspeed_zero2-parameter-lora-accumulated": Run(
-        "sd15", "deepspeed_zero2.yaml", True, (*PARAMETER, *ACCUMULATE, "--per_device_train_batch_size", "1")
-    ),
     "deepspeed_zero3-lora": Run("sd15", "deepspeed_zero3.yaml", True),
     "deepspeed_zero3-full": Run("sd15", "deepspeed_zero3.yaml", False),
     "deepspeed_zero3-empty-step-lora": Run("sd15", "deepspeed_zero3.yaml", True, EMPTY_STEP),
@@ -356,8 +365,8 @@ def runs(assets, sdxl_assets) -> Runs:
 def _named_run(runs: Runs, assets: dict, name: str, config: str | None, lora: bool, *extra: str) -> dict:
     """``runs[name]`` for a training of :data:`RUNS` (checking that its arguments are these), else a launch of its
     own (slow tests)."""
-    if name in RUNS:
-        spec = RUNS[name]
+    if name in RUNS or name in SLOW_RUNS:
+        spec = {**RUNS, **SLOW_RUNS}[name]
         assert (spec.config, spec.lora, spec.arguments(assets)) == (config, lora, extra), name
         return runs[name]
     return run(assets, name, config, lora, *extra)
@@ -371,8 +380,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-@pytest.mark.parametrize("config,stage", CASES, ids=[c for c, _ in CASES])
+# DDP and a sharding engine (ZeRO-2) with LoRA by default; the other stages and full tuning in the slow tier
+DEFAULT_CASES = {("multi_gpu.yaml", True), ("deepspeed_zero2.yaml", True)}
+
+
+@pytest.mark.parametrize(
+    "config,stage,lora",
+    [
+        pytest.param(c, s, lora, marks=() if (c, lora) in DEFAULT_CASES else pytest.mark.slow)
+        for lora in (True, False)
+        for c, s in CASES
+    ],
+    ids=[f"{c}-{'lora' if lora else 'full'}" for lora in (True, False) for c, _ in CASES],
+)
 def test_two_processes_train_like_one(runs, config, stage, lora):
     tuning = "lora" if lora else "full"
     report = runs[f"{config.removesuffix('.yaml')}-{tuning}"]
@@ -446,6 +466,7 @@ def _assert_resumed_like_straight(
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
+@pytest.mark.slow  # resume: test_trainer.py's and test_flow_distributed.py's default resume tests
 def test_checkpoint_saved_under_zero2_resumes_under_the_same_stage(runs):
     """The ZeRO-2 full-tuning run saves checkpoint-2 on its way to step 3; a second run resumes from it (weights,
     DeepSpeed's optimizer state, the step) and ends where the uninterrupted run did."""
@@ -468,7 +489,7 @@ def test_checkpoint_saved_under_zero3_resumes_under_the_same_stage(assets):
     )
 
 
-@pytest.mark.parametrize("config", ["multi_gpu", "deepspeed_zero2"])
+@pytest.mark.parametrize("config", ["multi_gpu", pytest.param("deepspeed_zero2", marks=pytest.mark.slow)])
 def test_a_nan_loss_on_one_process_skips_the_step_on_all(runs, assets, config):
     """Process 1's loss is NaN at step 2 (checkpoints after steps 1 and 2): no process applies that update (the
     weights saved at the end are checkpoint-1's, bit for bit, on every process), the skip is counted, the log stays
@@ -489,7 +510,7 @@ def test_a_nan_loss_on_one_process_skips_the_step_on_all(runs, assets, config):
     assert poisoned["process_weight_spread"] == 0.0
 
 
-@pytest.mark.parametrize("space", ["output", "parameter"])
+@pytest.mark.parametrize("space", ["output", pytest.param("parameter", marks=pytest.mark.slow)])
 def test_streamed_ties_and_broken_rows_keep_the_replicas_identical(runs, space):
     """The collator drops streamed ties and broken rows whatever skip_invalid_rows says (here False). A
     process whose first micro-batch is a tie joins its peer with a zero-weighted placeholder pair (it used to raise),
@@ -507,7 +528,10 @@ def test_streamed_ties_and_broken_rows_keep_the_replicas_identical(runs, space):
     assert report["saved_vs_trained_max_abs_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("name", ["deepspeed_zero2-empty-step-lora", "deepspeed_zero3-empty-step-lora"])
+ZERO3_EMPTY_STEP = pytest.param("deepspeed_zero3-empty-step-lora", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero2-empty-step-lora", ZERO3_EMPTY_STEP])
 def test_an_offline_step_without_a_pair_on_any_process_is_not_applied_under_deepspeed(runs, name):
     """Step 2 of a stream is ties on both processes. DDP drops its gradients before the optimizer step; DeepSpeed
     steps inside the backward, so the guard's summed count is taken before it and the ZeRO optimizer leaves the step
@@ -538,7 +562,11 @@ def _assert_ranks_agree(report: dict) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["ddp-random-stream-0-dpo", "deepspeed_zero2-random-stream-0-output", "fsdp2-random-stream-0-parameter"],
+    [
+        pytest.param("ddp-random-stream-0-dpo", marks=pytest.mark.slow),
+        pytest.param("deepspeed_zero2-random-stream-0-output", marks=pytest.mark.slow),
+        "fsdp2-random-stream-0-parameter",
+    ],
 )
 def test_a_random_stream_of_valid_rows_ties_and_broken_images_keeps_the_ranks_in_agreement(runs, name):
     """The default suite's slice of the randomized invariance test (the full matrix: the slow test below): one
@@ -579,6 +607,7 @@ def test_random_streams_keep_every_rank_in_agreement_under_every_engine_and_spac
         assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-3), space
 
 
+@pytest.mark.slow  # the cache itself: test_latent_cache.py and test_sharded_cache.py by default
 def test_latent_cache_is_built_once_and_trains_like_the_uncached_single_process(runs, assets):
     """Under two processes the main process encodes, the other loads the same cache; the draws match an uncached
     single process (the cache holds the posterior, not a sample)."""
@@ -588,6 +617,7 @@ def test_latent_cache_is_built_once_and_trains_like_the_uncached_single_process(
     assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1  # one fingerprinted cache, written once
 
 
+@pytest.mark.slow  # ZeRO-3 by default: test_one_pass_engines.py's zero3 case
 def test_sdxl_example_under_zero3_trains_like_one_process(runs):
     """examples/train_sdxl.py under ZeRO-3: both text encoders stay whole (the naive load would partition them),
     the reference copy is a DeepSpeed engine, and losses, saved weights and the reference behave as on one process."""
@@ -642,6 +672,7 @@ def test_zero3_init_disabled_lifts_and_restores_the_zero3_registration():
         assert not is_deepspeed_zero3_enabled()
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_under_ddp_behaves_as_one_process(runs):
     """bf16 autocast on two processes (DDP; DeepSpeed's bf16 needs a GPU): the same lambdas as one bf16 process, a
     bf16 reference equal to the original rounded to bf16, finite losses. beta 500, as in the SDXL tests: at 5000 the
@@ -680,6 +711,7 @@ def test_parameter_space_global_scope_on_two_processes_trains_like_one(runs):
     )
 
 
+@pytest.mark.slow  # the update space on two processes: test_one_pass_engines.py's default cases
 def test_update_space_on_two_processes_trains_like_one(runs):
     """The update space under DDP: the engine averages g_w and h_l over processes, so every process searches the
     same lambda on the same AdamW update as one process with the same global batch; one all-reduced step."""
@@ -814,7 +846,7 @@ def test_parameter_space_under_zero3_with_the_local_scope_is_refused_before_trai
 # through accelerate's own FSDP2 path (fully_shard over the gloo group) with the shipped fsdp2.yaml.
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"])
 def test_fsdp2_two_processes_train_like_one(runs, lora):
     tuning = "lora" if lora else "full"
     report, single = runs[f"fsdp2-{tuning}"], runs[f"single-{tuning}"]
@@ -836,7 +868,8 @@ def test_fsdp2_two_processes_train_like_one(runs, lora):
     assert report["saved_files"] == single["saved_files"]
 
 
-@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"])
+@pytest.mark.slow  # FSDP2's parameter space: the random stream's FSDP2 run and test_one_pass_engines.py
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_fsdp2_parameter_space_safeguard_on_two_processes_trains_like_one(runs, assets, lora):
     """FSDP2 reduce-scatters each branch's gradient: lambda from the shards' inner products, summed over processes,
     is that of one process with the same global batch."""

@@ -145,23 +145,33 @@ TIE_DATA = ("ties", "redness_unless_flat")
 # Every training, grouped by launch: one plain process (the references), then one two-process launch of
 # multi_gpu.yaml that trains DDP, ZeRO-2, FSDP2 and ZeRO-3 in turn (ZeRO-3, whose registration with transformers the
 # worker undoes after each training, last). ZeRO-3 trains the output space only here (its parameter space, global
-# scope only, is tested offline: test_zero3_parameter_space.py).
+# scope only, is tested offline: test_zero3_parameter_space.py). The default suite trains DDP in the output space,
+# FSDP2 (sampling through its shards) in the parameter space and DDP's ties; the other engines' runs are the slow
+# tier's (:data:`SLOW`), launched apart.
+SLOW = "slow"
 RUNS: dict[str, OnlineRun] = {
     "single-output": OnlineRun(None),
     "single-parameter": OnlineRun(None, extra=_extra(PARAMETER)),
     "ddp-output": OnlineRun("multi_gpu.yaml"),
-    "ddp-parameter": OnlineRun("multi_gpu.yaml", extra=_extra(PARAMETER)),
-    "ddp-ties-output": OnlineRun("multi_gpu.yaml", *TIE_DATA, _extra(TIES)),
+    "ddp-parameter": OnlineRun("multi_gpu.yaml", extra=_extra(PARAMETER), group=SLOW),
+    "ddp-ties-output": OnlineRun("multi_gpu.yaml", *TIE_DATA, _extra(TIES), group=SLOW),
     "ddp-ties-parameter": OnlineRun("multi_gpu.yaml", *TIE_DATA, _extra(TIES, PARAMETER)),
-    "zero2-output": OnlineRun("deepspeed_zero2.yaml"),
-    "zero2-parameter": OnlineRun("deepspeed_zero2.yaml", extra=_extra(PARAMETER)),
-    "zero2-ties-output": OnlineRun("deepspeed_zero2.yaml", *TIE_DATA, _extra(TIES)),
-    "fsdp2-output": OnlineRun(FSDP2),
+    "zero2-output": OnlineRun("deepspeed_zero2.yaml", group=SLOW),
+    "zero2-parameter": OnlineRun("deepspeed_zero2.yaml", extra=_extra(PARAMETER), group=SLOW),
+    "zero2-ties-output": OnlineRun("deepspeed_zero2.yaml", *TIE_DATA, _extra(TIES), group=SLOW),
+    "fsdp2-output": OnlineRun(FSDP2, group=SLOW),
     "fsdp2-parameter": OnlineRun(FSDP2, extra=_extra(PARAMETER)),
-    "fsdp2-ties-parameter": OnlineRun(FSDP2, *TIE_DATA, _extra(TIES, PARAMETER)),
-    "zero3-output": OnlineRun("deepspeed_zero3.yaml"),
-    "zero3-ties-output": OnlineRun("deepspeed_zero3.yaml", *TIE_DATA, _extra(TIES)),
+    "fsdp2-ties-parameter": OnlineRun(FSDP2, *TIE_DATA, _extra(TIES, PARAMETER), group=SLOW),
+    "zero3-output": OnlineRun("deepspeed_zero3.yaml", group=SLOW),
+    "zero3-ties-output": OnlineRun("deepspeed_zero3.yaml", *TIE_DATA, _extra(TIES), group=SLOW),
 }
+
+
+def _tiered(names: list[str]) -> list:
+    """``names`` as parameters, those of the slow tier's runs marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if RUNS[n].group == SLOW else n for n in names]
+
+
 # ref_update_steps=1 (the reference is the previous step's policy): one process against ZeRO-2, ZeRO-3 and FSDP2,
 # where the policy is gathered and merged into a reference sharded as the policy is (slow tier)
 REFRESH = {"ref_update_steps": 1}
@@ -428,7 +438,7 @@ CASES = [f"{engine}-{space}" for engine in ENGINES for space in ("output", "para
 CASES.append("zero3-output")  # the parameter space under ZeRO-3: test_zero3_parameter_space.py
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", _tiered(CASES))
 def test_two_processes_sample_pair_and_train_like_one(runs, name):
     """Two processes with half the per-device batch sample the same images (seeded by global row), score and pair
     them as one process does, and end with its LoRA weights; the losses and lambdas follow (global scope)."""
@@ -461,7 +471,7 @@ def test_two_processes_sample_pair_and_train_like_one(runs, name):
 TIE_CASES = ["ddp-ties-output", "ddp-ties-parameter", "zero2-ties-output", "fsdp2-ties-parameter", "zero3-ties-output"]
 
 
-@pytest.mark.parametrize("name", TIE_CASES)
+@pytest.mark.parametrize("name", _tiered(TIE_CASES))
 def test_a_process_without_pairs_stays_in_step(runs, name):
     """Whether a micro-batch has pairs is decided from the process's own samples: process 1's first micro-batch ties
     (a zero-weighted placeholder joins process 0's step), process 0's second ties (a zero-weighted replay of its
@@ -485,7 +495,8 @@ def test_a_process_without_pairs_stays_in_step(runs, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["ddp-ties-output", "ddp-ties-parameter", "fsdp2-ties-parameter", "zero2-ties-output", "zero3-ties-output"]
+    "name",
+    _tiered(["ddp-ties-output", "ddp-ties-parameter", "fsdp2-ties-parameter", "zero2-ties-output", *TIE_CASES[-1:]]),
 )
 def test_an_optimizer_step_without_a_pair_on_any_process_is_not_applied(runs, name):
     """Step 3 has no pair on any process (the summed count says so on both): its update is not applied, neither

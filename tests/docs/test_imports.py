@@ -116,6 +116,7 @@ def test_the_trainer_and_the_train_command_load_no_reward_model_port_and_no_matp
     assert loaded(modules, PORTS) == [] and top_level(modules, ("matplotlib",)) == []
 
 
+@pytest.mark.slow  # a fresh interpreter; the default suite checks the demo and plots stay out of the trainer's imports
 def test_without_matplotlib_the_demo_fails_before_training_naming_the_plots_extra(tmp_path):
     # matplotlib is the `plots` extra's, not a core dependency: None in sys.modules is how a missing one imports.
     code = f"""

@@ -150,6 +150,9 @@ def _run_as_written(line: str, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+# Three fresh interpreters: slow tier. By default the same commands' code runs in test_examples.py (train, resume),
+# test_export.py (export) and test_log_files.py (train and export as commands, their output plain).
+@pytest.mark.slow
 def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) -> None:
     """The tiny-base train command (on a pair folder laid out as the README shows) and the export command, as
     written, from the repository root's relative paths."""
@@ -179,13 +182,16 @@ def test_the_readmes_runs_write_separate_folders() -> None:
     assert python_dir != train[train.index("--output_dir") + 1]
 
 
+# the shipped config trains online by default in test_online_cli.py; here the command as written runs in a fresh
+# interpreter (slow tier)
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override",
     [
         # the command and its config's paths, as written, for 2 of the config's 30 steps (a flag overrides the config,
-        # as the README says); all 30 in the slow test
+        # as the README says), and all 30
         " --max_steps 2",
-        pytest.param("", marks=pytest.mark.slow),
+        "",
     ],
     ids=["2-steps", "as-written"],
 )

@@ -104,6 +104,7 @@ def test_training_preempted_is_a_system_exit_with_status_75():
     assert isinstance(error, SystemExit) and error.code == PREEMPTED_EXIT_CODE == 75
 
 
+@pytest.mark.slow  # one process's preemption by default: test_sigterm_finishes_the_step_checkpoints_exits_75_...
 def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
     out, tok, pause = str(tmp_path / "out"), str(tmp_path / "tok"), tmp_path / "pause"
     pause.mkdir()

@@ -511,6 +511,7 @@ def _ddp_worker(rank: int, port: int, tmp: str, queue) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # by default: the float64 cases above and the one pass under ZeRO-2/FSDP2 (test_one_pass_engines.py)
 def test_one_pass_equals_the_per_branch_passes_under_ddp_in_float64(tmp_path):
     """Two processes (gloo), each with its own pairs, both scopes, LoRA and full: after the engine's reduction the
     one-pass ``lambda`` and ``.grad`` equal the per-branch passes' on every process."""

@@ -78,7 +78,16 @@ ONE_PROCESS = [spec for spec in runs() if spec[3] == 1]
 TWO_PROCESSES = [spec for spec in runs() if spec[3] == 2]
 
 
-@pytest.mark.parametrize("spec", ONE_PROCESS, ids=[key(*spec) for spec in ONE_PROCESS])
+# Every setting with LoRA, and SD's full tuning in the two safeguard spaces, in the default suite; the other families'
+# full tuning (the same step on other denoisers, each family's LoRA run here by default) in the slow tier.
+DEFAULT_FULL = {("sd", "output"), ("sd", "parameter")}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [s if s[2] or s[:2] in DEFAULT_FULL else pytest.param(s, marks=pytest.mark.slow) for s in ONE_PROCESS],
+    ids=[key(*spec) for spec in ONE_PROCESS],
+)
 def test_one_process_runs_equal_the_stored_reference(spec):
     assert_equal_run(run(*spec), REFERENCE[key(*spec)], key(*spec))
 
@@ -89,8 +98,9 @@ def test_ddp_runs_equal_the_stored_reference(spec):
     assert_equal_run(run(*spec), REFERENCE[key(*spec)], key(*spec))
 
 
+@pytest.mark.slow  # the exact rule's reductions by default: test_distributed.py's parameter-space DDP run
 def test_two_process_parameter_space_run_equals_the_stored_reference():
-    """One DDP run in the default suite (the exact rule's reductions); the others are marked slow."""
+    """One DDP run of the parameter space (the exact rule's reductions); the other DDP runs above."""
     spec = ("sd", "parameter-global", True, 2)
     assert_equal_run(run(*spec), REFERENCE[key(*spec)], key(*spec))
 

@@ -148,6 +148,7 @@ def _two_process_worker(rank: int, port: int, queue) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # by default: the guards on one process above, their sums under DDP in test_distributed.py
 def test_two_processes_use_the_beta_and_mu_of_every_processs_pairs():
     """Two gloo processes with different pairs: auto-beta and auto-mu act on the sums over both, the same value on
     each, equal to the value computed from all the pairs together."""
