@@ -105,6 +105,7 @@ PORTS = ("trl_diffusion_sdpo_rewards",) + tuple(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter; the help commands' import check above stays in the default suite
 def test_the_trainer_and_the_train_command_load_no_reward_model_port_and_no_matplotlib():
     code = """
         import trl_diffusion_sdpo

@@ -82,7 +82,10 @@ def _brute_force(params, optimizer, g_w, h_l, mu, max_grad_norm, points: int = 4
 
 
 @pytest.mark.parametrize("kind", ["adamw", "adam", "sgd-momentum", "sgd-nesterov", "sgd"])
-@pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
+# every optimizer at mu 0.5, clipped and not, by default; mu 0 and 0.9 in the slow tier
+@pytest.mark.parametrize(
+    "mu", [pytest.param(0.0, marks=pytest.mark.slow), 0.5, pytest.param(0.9, marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1.0], ids=["unclipped", "clipped"])
 def test_lambda_is_the_largest_meeting_the_margin_under_the_real_optimizer_step(kind, mu, max_grad_norm):
     params, optimizer, g_w, h_l = _problem(kind, seed=1, warm_steps=3)
@@ -254,10 +257,26 @@ def _grouped_problem(kind: str, seed: int, conflict: float):
     return params, optimizer, g_w, h_l
 
 
-@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd-momentum", "sgd-nesterov"])
-@pytest.mark.parametrize("mu", [0.3, 0.9])
-@pytest.mark.parametrize("max_grad_norm", [0.0, 2.0], ids=["unclipped", "clipped"])
-@pytest.mark.parametrize("slice_size", [None, 16], ids=["one-slice", "many-slices"])
+# Every optimizer in two corners of the grid by default (one slice, unclipped, mu 0.3; many slices, clipped, mu 0.9):
+# each value of each axis once; the other corners in the slow tier.
+SEARCH_DEFAULT = {(None, 0.0, 0.3), (16, 2.0, 0.9)}
+SEARCH_GRID = [
+    pytest.param(
+        kind,
+        mu,
+        clip,
+        slices,
+        marks=() if (slices, clip, mu) in SEARCH_DEFAULT else pytest.mark.slow,
+        id=f"{'many-slices' if slices else 'one-slice'}-{'clipped' if clip else 'unclipped'}-{mu}-{kind}",
+    )
+    for slices in (None, 16)
+    for clip in (0.0, 2.0)
+    for mu in (0.3, 0.9)
+    for kind in ("adamw", "adam", "sgd-momentum", "sgd-nesterov")
+]
+
+
+@pytest.mark.parametrize("kind,mu,max_grad_norm,slice_size", SEARCH_GRID)
 def test_the_search_meets_its_specification_against_a_plain_float64_reference(
     kind, mu, max_grad_norm, slice_size, monkeypatch
 ):
