@@ -95,6 +95,10 @@ def test_recipe_hash_is_stable_and_changes_with_any_knob():
 # ---------------------------------------------------------------------------------------------------- quick demo
 
 
+# Every method and seed trained and sampled: slow tier. By default the demo's recipe and options
+# (test_demo_options_reach_the_recipe), the shipped base and the statistics against hand computations run here, and
+# every method's trainer settings in test_only_the_parameter_space_method_passes_safeguard_space_...
+@pytest.mark.slow
 def test_quick_demo_runs_every_method_and_seed_and_reports_intervals(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pretrain_module, "pretrain_base", _no_pretraining)
     recipe = DemoRecipe.quick()

@@ -210,9 +210,23 @@ def _accumulated(problem: Problem) -> list[torch.Tensor]:
     return [1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in problem.trainable()]
 
 
-@pytest.mark.parametrize("accumulate", [False, True], ids=["fresh", "accumulating"])
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-@pytest.mark.parametrize("name", FAMILY_PARAMS)
+# Every family from an accumulated gradient (the later micro-batches of a window) by default; from an empty one (the
+# first micro-batch) SD by default and the other families in the slow tier.
+@pytest.mark.parametrize(
+    "name,lora,accumulate",
+    [
+        pytest.param(
+            n,
+            lora,
+            acc,
+            marks=pytest.mark.slow if n in SLOW_FAMILIES or (not acc and n != "sd") else (),
+            id=f"{n}-{'lora' if lora else 'full'}-{'accumulating' if acc else 'fresh'}",
+        )
+        for n in FAMILIES
+        for lora in (True, False)
+        for acc in (False, True)
+    ],
+)
 def test_one_pass_equals_the_per_branch_passes_in_float64(name, lora, accumulate, tmp_path, caplog):
     problem = make_problem(name, lora, tmp_path)
     accumulated = _accumulated(problem) if accumulate else None

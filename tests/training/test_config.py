@@ -392,10 +392,10 @@ ORDERS = {
 }
 
 
-# a fresh interpreter each; the second order in the slow tier
-@pytest.mark.parametrize(
-    "first", [o if not i else pytest.param(o, marks=pytest.mark.slow) for i, o in enumerate(ORDERS)]
-)
+# a fresh interpreter each: slow tier; the default suite checks the same refusals in this process
+# (test_bad_config_values_raise_value_error_naming_the_field and the objectives' own tests)
+@pytest.mark.slow
+@pytest.mark.parametrize("first", list(ORDERS))
 def test_validation_gives_the_same_answer_whatever_was_imported_before_the_config(first):
     """In a fresh interpreter, a value only an objective refuses (dmpo_alpha=5.0) and one only the flow families
     refuse are refused when the config is made, whether or not their layers were imported before it."""
