@@ -531,7 +531,7 @@ def test_the_model_card_names_the_online_trainer_and_its_rewards(tmp_path):
     trainer.save_model()
     trainer.create_model_card()
     card = open(os.path.join(trainer.args.output_dir, "README.md")).read()
-    assert "OnlineDiffusionSDPOTrainer" in card and "Online Diffusion-SDPO" in card
+    assert "OnlineDiffusionSDPOTrainer" in card and "Online Diffusion-DPO" in card  # the online default: no safeguard
     assert "| `reward_funcs` | `red_minus_blue` |" in card
     assert set(load_file(os.path.join(trainer.args.output_dir, "pytorch_lora_weights.safetensors")))
     saved = json.load(open(os.path.join(trainer.args.output_dir, "training_config.json")))

@@ -11,8 +11,9 @@ from ..checks import Choice, Range
 from ..config import DiffusionSDPOConfig, register_config_check
 from ..config.docs import config_docstring
 from ..config.fields import option
+from ..config.rules import SAFEGUARD_SPACES
 
-__all__ = ["PAIR_LATENTS", "PAIR_MODES", "OnlineDiffusionSDPOConfig", "check_online_config"]
+__all__ = ["PAIR_LATENTS", "PAIR_MODES", "SAFEGUARD_GROUP", "OnlineDiffusionSDPOConfig", "check_online_config"]
 
 #: How a prompt's K scored samples become pairs (as ``trl-diffusion-sdpo pairs`` pairs them).
 PAIR_MODES = ("best-worst", "all")
@@ -114,8 +115,30 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
     random_flip: bool = option(
         False, "Not used by online training (the generated latents are trained as sampled); must be False."
     )
+    # The safeguard: the offline field with its own default (None in the annotation for transformers' parser)
+    safeguard_space: str | None = option(
+        None,
+        "Where the Diffusion-SDPO safeguard computes `lambda`: `output`, `parameter`, `update` or `none`, as "
+        "offline (`DiffusionSDPOConfig.safeguard_space`). Unset (`None`): `none`, online Diffusion-DPO, unless "
+        "`safeguard=True`, a `safeguard_mu` or `on_pathology='escalate'` asks for a safeguard, then `output`. "
+        "Online the winner is the policy's own sample, and the authors' per-model `mu` values were measured on "
+        "offline pairs: on the CPU demo every safeguard setting cost held-out quality where online Diffusion-DPO "
+        "was healthy, and none kept it where Diffusion-DPO hacked a brightness reward; the family's `mu` (SD1.5: "
+        "0.9) made the hacking worse (benchmarks/results/cpu-online-comparison-tiny.json, "
+        "cpu-online-hacking-demo.json; docs/online.md).",
+        choices=list(SAFEGUARD_SPACES),
+    )
+
+    def __post_init__(self) -> None:
+        if self.safeguard_space is None:
+            asked = self.safeguard is True or self.safeguard_mu is not None or self.on_pathology == "escalate"
+            self.safeguard_space = "output" if asked else "none"
+        super().__post_init__()
 
 
+#: the docstring's heading of the one offline field with another default online (``online --help`` keeps it in the
+#: offline safeguard topic)
+SAFEGUARD_GROUP = "The safeguard's default online"
 _GROUPS = {
     "Parameters that control the rewards": (
         "",
@@ -138,6 +161,7 @@ _GROUPS = {
         ),
     ),
     "Parameters that control the reference": ("", ("ref_update_steps",)),
+    SAFEGUARD_GROUP: ("", ("safeguard_space",)),
 }
 OnlineDiffusionSDPOConfig.__doc__ = config_docstring(OnlineDiffusionSDPOConfig, _SUMMARY, _GROUPS)
 

@@ -18,7 +18,7 @@ from trl import ModelConfig
 
 from ..config.fields import option
 from ..online.config import _GROUPS as ONLINE_GROUPS
-from ..online.config import OnlineDiffusionSDPOConfig
+from ..online.config import SAFEGUARD_GROUP, OnlineDiffusionSDPOConfig
 from .train import (
     DiffusionScriptArguments,
     build_pipeline,
@@ -62,7 +62,8 @@ EPILOG = (
 def online_topics() -> list:
     """``online --help``'s topics: the prompts, the rewards, generation and reference, then ``train``'s."""
     prompts = ("Prompts", "", [f.name for f in fields(OnlinePromptArguments)])
-    online = [(heading, text, names) for heading, (text, names) in ONLINE_GROUPS.items()]
+    # safeguard_space, offline's field with the online default, stays in the offline safeguard topic
+    online = [(heading, text, names) for heading, (text, names) in ONLINE_GROUPS.items() if heading != SAFEGUARD_GROUP]
     return [prompts, *online, *train_topics()]
 
 
