@@ -14,7 +14,10 @@ optimizer steps and pairs per step (``--batch-size``), trained on the demo's col
 
 Two controls, run with ``--methods``: ``offline-sdpo-parameter`` (the parameter-space safeguard on the fixed pairs) and
 ``online-sdpo-parameter-decoded`` (online, each pair VAE-encoded from its decoded 8-bit images as the fixed pairs are,
-instead of the sampler's final latents).
+instead of the sampler's final latents). Two more online settings, run with ``--methods``: ``online-sdpo-default``
+(``safeguard_mu`` unset: the demo base's family value, the authors' SD1.5 0.9, recorded per run) and
+``online-sdpo-output-auto`` (``safeguard_mu="auto"``): what the default costs online where Diffusion-DPO is healthy,
+beside the online hacking regime (``online_hacking.py``) where it breaks.
 
 Images seen are matched: each online step samples ``--num-generations 2`` images per prompt and trains the one pair
 (best against worst), as each offline pair is two base samples ranked; both sample with the demo's DDIM steps and
@@ -79,6 +82,15 @@ METHODS: dict[str, dict[str, Any]] = {
     # VAE-encoded from their decoded 8-bit images (as the fixed pairs are) instead of the sampler's latents
     "offline-sdpo-parameter": {"online": False, **_PARAMETER},
     "online-sdpo-parameter-decoded": {"online": True, **_PARAMETER, "pair_latents": "decoded"},
+    # the default safeguard online: safeguard_mu unset resolves to the demo base's family value (SD: the authors'
+    # 0.9), and the dual-ascent mu the online hacking regime compares it with
+    "online-sdpo-default": {"online": True, "safeguard": True, "safeguard_space": "output"},
+    "online-sdpo-output-auto": {
+        "online": True,
+        "safeguard": True,
+        "safeguard_space": "output",
+        "safeguard_mu": "auto",
+    },  # fmt: skip
 }
 DEFAULT_METHODS = ("online-dpo", "online-sdpo-output", "online-sdpo-parameter", "offline-dpo")
 MEASURES = ("shape_iou", "shape_accuracy", "diversity", "denoising_error_change", "colour_reward")
@@ -88,6 +100,7 @@ HISTORY_KEYS = (
     "delta/loser",
     "implicit_acc",
     "safeguard/lambda_mean",
+    "safeguard/mu",
     "online/reward_mean",
     "online/reward_margin",
     "online/diversity",
@@ -304,6 +317,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         "seed": seed,
         "learning_rate": lr,
         "method": method,
+        "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguard else None,  # as resolved
         "curve": curve,
         "history": history,
         "seconds": round(time.perf_counter() - started, 2),

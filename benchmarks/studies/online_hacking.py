@@ -2,7 +2,7 @@
 while what the user wants falls. Does Diffusion-DPO's held-out shape measure turn down, and does each guard keep it?
 
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/online_hacking.py run &
-    python benchmarks/studies/online_hacking.py analyse     # again, over the runs already in --json
+    python benchmarks/studies/online_hacking.py analyse --page docs/research/stability.md  # the tables, again
     python benchmarks/studies/online_hacking.py figure
 
 Not part of the test suite. ``OnlineDiffusionSDPOTrainer`` on the demo's shipped base, with the online comparison's
@@ -60,7 +60,7 @@ from benchmarks.studies.online_comparison import (  # noqa: E402
     recipe_config_kwargs,
 )
 from benchmarks.studies.online_measures import drawings, shape_templates, validate_shape_scorer  # noqa: E402
-from benchmarks.studies.stability_guards import _png, _strip, sample_grid  # noqa: E402
+from benchmarks.studies.stability_guards import _png, _strip, sample_grid, write_block  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
@@ -79,7 +79,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 LABELS = {
     "dpo": "Diffusion-DPO",
-    "sdpo-default": "default safeguard (output, family mu)",
+    "sdpo-default": "output space, family mu",
     "sdpo-output-auto": "output space, mu=auto",
     "max-margin-5": "Diffusion-DPO, max_margin=5",
     "sft-1": "Diffusion-DPO, sft_weight=1",
@@ -99,7 +99,7 @@ MEASURES = (
 )
 #: the grid's settings in the order run: Diffusion-DPO, the two safeguards, then the guards as the budget allows
 DEFAULT_METHODS = ("dpo", "sdpo-default", "sdpo-output-auto", "ema-0.999", "max-margin-5", "sft-1", "auto-beta")
-EXTRA_HISTORY = ("beta", "safeguard/mu", "guard/capped_fraction", "guard/sft_loss")
+EXTRA_HISTORY = ("beta", "guard/capped_fraction", "guard/sft_loss")
 
 
 def brightness(prompts: list[str], images: list, **columns: Any) -> list[float]:
@@ -294,14 +294,72 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
                     item["vs_dpo"] = paired_difference([mine[s] for s in paired], theirs)
                 row[measure] = item
             entry["by_step"][step] = row
-        if method == "ema-0.999" and all("trained_final" in r for r in runs.values()):
+        if method == "ema-0.999" and len(seeds) >= 2 and all("trained_final" in r for r in runs.values()):
             entry["trained_final_minus_ema"] = {
                 m: paired_difference([runs[s]["trained_final"][m] for s in seeds],
                                      [runs[s]["curve"][steps[-1]][m] for s in seeds])
                 for m, _ in MEASURES
             }  # fmt: skip
         out["settings"][method] = entry
+    out["goal"] = goal(out, steps[-1])
     return out
+
+
+def _oriented(ci: list[float] | None, sign: float) -> tuple[float, float] | None:
+    """A 95% interval turned so that higher is better for the user (``sign`` -1 flips a lower-is-better measure)."""
+    if ci is None:
+        return None
+    low, high = sign * ci[0], sign * ci[1]
+    return min(low, high), max(low, high)
+
+
+def goal(analysis: dict[str, Any], step: str) -> dict[str, Any]:
+    """The stability benchmark's two halves per held-out user measure at ``step`` (the brightness is the reward and
+    is not judged), with each measure turned so that higher is better:
+
+    - Diffusion-DPO *breaks* on a measure when its change from the base has its 95% interval below 0; there a
+      setting *holds* when its own interval against the base includes or exceeds 0 and overlaps the best setting's
+      (the one with the highest mean change);
+    - otherwise Diffusion-DPO is *healthy* on it; there a setting *costs nothing* when its paired interval against
+      Diffusion-DPO includes 0 or lies above it.
+    """
+    settings = analysis["settings"]
+    if REFERENCE not in settings:
+        return {}
+    out: dict[str, Any] = {}
+    for measure, sign in MEASURES:
+        if sign == 0.0:
+            continue
+        at = {m: e["by_step"][step][measure] for m, e in settings.items() if "vs_base" in e["by_step"][step][measure]}
+        dpo = _oriented(at[REFERENCE]["vs_base"]["ci95"], sign)
+        breaks = dpo is not None and dpo[1] < 0
+        best = max(at, key=lambda m: sign * at[m]["vs_base"]["mean"])
+        best_ci = _oriented(at[best]["vs_base"]["ci95"], sign)
+        verdicts: dict[str, Any] = {}
+        for method, item in at.items():
+            if method == REFERENCE:
+                continue
+            if breaks:
+                ci = _oriented(item["vs_base"]["ci95"], sign)
+                met = ci is not None and best_ci is not None and ci[1] >= 0 and ci[1] >= best_ci[0]
+                verdicts[method] = {"half": "holds where Diffusion-DPO breaks", "met": bool(met)}
+            else:
+                vs = _oriented(item.get("vs_dpo", {}).get("ci95"), sign)
+                verdicts[method] = {"half": "costs nothing where Diffusion-DPO is healthy",
+                                    "met": vs is not None and vs[1] >= 0}  # fmt: skip
+        out[measure] = {"higher_is_better": sign > 0, "dpo_change": at[REFERENCE]["vs_base"],
+                        "diffusion_dpo_breaks": breaks, "best": best, "settings": verdicts}  # fmt: skip
+    return out
+
+
+def goal_lines(analysis: dict[str, Any]) -> list[str]:
+    """One line per judged measure: whether Diffusion-DPO breaks on it, and each setting's half, met or missed."""
+    lines = []
+    for measure, entry in (analysis.get("goal") or {}).items():
+        state = "breaks" if entry["diffusion_dpo_breaks"] else "healthy"
+        verdicts = ", ".join(f"{LABELS[m]}: {'meets' if v['met'] else 'misses'}" for m, v in entry["settings"].items())
+        lines.append(f"- {measure}: Diffusion-DPO {state} ({_ci(entry['dpo_change'])}); {verdicts}")
+    return lines
 
 
 def _ci(item: dict[str, Any] | None, digits: int = 4) -> str:
@@ -345,6 +403,9 @@ def table(report: dict[str, Any]) -> str:
             n = row["shape_iou"].get("vs_dpo", {}).get("n", 0)
             cells = " | ".join(_ci(row[m].get("vs_dpo")) for m in names)
             lines.append(f"| {entry['label']} | {n} | {cells} |")
+    if analysis.get("goal"):
+        lines += ["", f"The goal's halves at step {last} (each measure turned so that higher is better):", ""]
+        lines += goal_lines(analysis)
     return "\n".join(lines)
 
 
@@ -369,8 +430,23 @@ def figure(path: Path, out: Path, seed: int = 0, scale: int = 3) -> int:
 # ---------------------------------------------------------------------------------------------- main
 
 
+TABLES_START, TABLES_END = "<!-- online-hacking-tables:start -->", "<!-- online-hacking-tables:end -->"
+#: what the study does not run, whatever its invocation; the settings not yet run are added per report
+NOT_RUN = (
+    "a saturation reward; the colour reward pushed longer or harder",
+    "more than 60 steps",
+)
+
+
 def _finish(path: Path, report: dict[str, Any]) -> None:
     report["analysis"] = analyse(report)
+    lr = report.get("grid_learning_rate")
+    done = {s["learning_rate"] for s in report.get("search", [])}
+    report["not_run"] = [
+        *(f"the search's learning rate {v:g}: the search stopped before it" for v in (3e-3, 1e-2) if v not in done),
+        *(f"the setting {LABELS[m]}" for m in METHODS if lr is not None and not _runs(report, lr, m)),
+        *NOT_RUN,
+    ]
     _write(path, report)
 
 
@@ -452,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", default="benchmarks/results/cpu-online-hacking-demo.json", type=Path)
     parser.add_argument("--figure", default="docs/images/online_hacking_samples.png", type=Path)
+    parser.add_argument("--page", default=None, type=Path, help="analyse: rewrite this page's marked tables block.")
     args = parser.parse_args(argv)
     if any(m not in METHODS for m in args.methods.split(",")) or args.methods.split(",")[0] != REFERENCE:
         parser.error(f"--methods starts with {REFERENCE} and names only {list(METHODS)}")
@@ -460,7 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "analyse":
         report = json.loads(args.json.read_text())
         _finish(args.json, report)
-        print(table(report))
+        if args.page is not None:
+            write_block(args.page, TABLES_START, TABLES_END, table(report))
+        else:
+            print(table(report))
         return 0
     grid = {
         "reward": "brightness",

@@ -55,6 +55,20 @@ AUTHORS_MU: tuple[tuple[str, float], ...] = (
 """The Diffusion-SDPO authors' ``mu`` per model and objective (arXiv 2511.03317): the defaults of those families
 (``ModelFamily.authors_safeguard_mu``; ``safeguard_mu`` unset)."""
 
+ONLINE_HEALTHY = "benchmarks/results/cpu-online-comparison-tiny.json"
+ONLINE_HACKING = "benchmarks/results/cpu-online-hacking-demo.json"
+"""The online evidence: where online Diffusion-DPO is healthy (the colour reward, lr 2e-4) and where it hacks a
+brightness reward (lr 1e-3); the online line (:func:`online_evidence`) is read from their ``analysis``."""
+_ONLINE_SAFEGUARDS = {
+    "online-sdpo-output": "output space, mu=0.5",
+    "online-sdpo-default": "the family's mu (0.9 on this SD-style base)",
+    "online-sdpo-output-auto": "mu=auto",
+    "online-sdpo-parameter": "parameter space, mu=0.5",
+    "sdpo-default": "the family's mu (0.9 on this SD-style base)",
+    "sdpo-output-auto": "mu=auto",
+    "sdpo-update-auto": "update space, mu=auto",
+    "sdpo-parameter-auto": "parameter space, mu=auto",
+}
 _PATHOLOGICAL, _BETWEEN, _HEALTHY = "pathological", "between", "demo's"
 _LABEL = re.compile(r"^(?P<space>\w+) space(?P<pair> per pair)?, mu=(?P<mu>[\d.]+)$")
 
@@ -124,6 +138,53 @@ def choose(recommendation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def online_evidence(root: Path = ROOT) -> dict[str, Any]:
+    """Each online safeguard's held-out shape IoU and colour reward minus online Diffusion-DPO's at the last step
+    (95% paired t, 10 paired seeds or fewer where fewer ran): ``healthy`` from the online comparison, ``hacking``
+    from the online hacking regime, with the hacking regime's goal verdicts (``holds``: the setting keeps what
+    Diffusion-DPO loses there). The online default (no safeguard) rests on these: every safeguard costs where
+    online Diffusion-DPO is healthy and none holds where it breaks; a file that says otherwise raises."""
+    healthy = next(iter(json.loads((root / ONLINE_HEALTHY).read_text())["analysis"].values()))
+    hacking = json.loads((root / ONLINE_HACKING).read_text())["analysis"]
+    last = str(hacking["steps"])
+    rows: dict[str, list[dict[str, Any]]] = {"healthy": [], "hacking": []}
+    for method, entry in healthy["methods"].items():
+        if method in _ONLINE_SAFEGUARDS and "minus_online_dpo" in entry:  # 2 paired seeds or more
+            paired = entry["minus_online_dpo"]
+            rows["healthy"].append({"label": _ONLINE_SAFEGUARDS[method], "n": paired["shape_iou"]["n"],
+                                    **{m: paired[m] for m in ("shape_iou", "colour_reward")}})  # fmt: skip
+    broken = [m for m, g in hacking["goal"].items() if g["diffusion_dpo_breaks"]]
+    for method, entry in hacking["settings"].items():
+        if method in _ONLINE_SAFEGUARDS:
+            row = entry["by_step"][last]
+            holds = all(hacking["goal"][m]["settings"][method]["met"] for m in broken)
+            paired = {m: row[m]["vs_dpo"] for m in ("shape_iou", "colour_reward")}
+            rows["hacking"].append({"label": _ONLINE_SAFEGUARDS[method], "n": paired["shape_iou"]["n"],
+                                    "holds": holds, **paired})  # fmt: skip
+    costing = [r for r in rows["healthy"] if r["shape_iou"]["ci95"][1] < 0 or r["colour_reward"]["ci95"][1] < 0]
+    if len(costing) < len(rows["healthy"]) or any(r["holds"] for r in rows["hacking"]) or not broken:
+        raise ValueError("the online evidence no longer says every safeguard costs online and none holds: revisit "
+                         "OnlineDiffusionSDPOConfig's safeguard_space default")  # fmt: skip
+    return {"rows": rows, "breaks_on": broken, "learning_rates": (healthy["learning_rate"], hacking["learning_rate"])}
+
+
+def _online_line(evidence: dict[str, Any]) -> str:
+    """The online bullet: no safeguard by default, and why, every number from :func:`online_evidence`."""
+    healthy, hacking = evidence["rows"]["healthy"], evidence["rows"]["hacking"]
+    fell = " and ".join(m.replace("_", " ") for m in evidence["breaks_on"])
+    healthy_lr, hacking_lr = (f"{lr:.0e}".replace("e-0", "e-") for lr in evidence["learning_rates"])
+    worst = min(hacking, key=lambda r: r["colour_reward"]["mean"])
+    ious = [r["shape_iou"]["mean"] for r in healthy]
+    return (
+        "- Online (`OnlineDiffusionSDPOTrainer`): no safeguard unless a flag asks for one (`safeguard_space` unset is "
+        f"`none` there; the authors' values were measured offline). Where online Diffusion-DPO was healthy (lr "
+        f"{healthy_lr}) each of the {len(healthy)} safeguard settings cost held-out shape IoU "
+        f"({max(ious):+.4f} to {min(ious):+.4f} against it); where it hacked a brightness reward (lr "
+        f"{hacking_lr}; its {fell} worsened) none of the {len(hacking)} kept what it lost, and "
+        f"{worst['label']} cost {_ci(worst['colour_reward'])} colour reward more."
+    )
+
+
 def _lr(row: dict[str, Any]) -> str:
     """The learning rate as the row's setting writes it (``lr 2e-4``)."""
     found = re.search(r"lr [\d.e+-]+", row["setting"])
@@ -131,7 +192,7 @@ def _lr(row: dict[str, Any]) -> str:
 
 
 def render(recommendation: dict[str, Any], page: str | None = None) -> str:
-    """The five lines of "which setting should I use", as Markdown. ``page``: where the text goes; from the README
+    """The six lines of "which setting should I use", as Markdown. ``page``: where the text goes; from the README
     the evidence is a link to ``docs/safeguard.md`` (which names the result file), elsewhere the result file;
     ``docs/safeguard.md`` also gets every row as a table (:func:`table`). ``None``: the demo's console."""
     picked = choose(recommendation)
@@ -170,6 +231,7 @@ def render(recommendation: dict[str, Any], page: str | None = None) -> str:
         f"{_ci(update['reward_minus_dpo'])} at {_lr(update)}{also}.",
         f"- The authors' values, the defaults for their models (real-model evidence outranks this toy's): "
         f"`safeguard_mu` {authors} (arXiv 2511.03317).",
+        _online_line(online_evidence()),
         "- Evidence: paired comparisons on the demo's toy base (held-out reward minus Diffusion-DPO's, 95% paired t "
         f"interval): {evidence}.",
     ]

@@ -77,3 +77,26 @@ def test_the_generator_rewrites_a_stale_block(tmp_path: Path) -> None:
         assert (tmp_path / page).read_text() == (ROOT / page).read_text()
     assert subprocess.run([*run, "--check"], env=env, capture_output=True, timeout=300).returncode == 0
     assert SHIPPED.is_file()
+
+
+ONLINE_FILES = (
+    "benchmarks/results/cpu-online-comparison-tiny.json",
+    "benchmarks/results/cpu-online-hacking-demo.json",
+)
+
+
+def test_the_online_line_is_refused_when_a_safeguard_holds_where_online_diffusion_dpo_breaks(tmp_path) -> None:
+    """The generator reads the online default's evidence, not a copy of it: a hacking-regime file where a safeguard
+    keeps every measure Diffusion-DPO loses makes it raise instead of rendering "no safeguard"."""
+    from benchmarks.studies.recommendation import online_evidence
+
+    for name in ONLINE_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    assert online_evidence(tmp_path)["breaks_on"]  # as shipped: renders
+    hacking = json.loads((tmp_path / ONLINE_FILES[1]).read_text())
+    for entry in hacking["analysis"]["goal"].values():
+        entry["settings"]["sdpo-output-auto"]["met"] = True
+    (tmp_path / ONLINE_FILES[1]).write_text(json.dumps(hacking))
+    with pytest.raises(ValueError, match="revisit OnlineDiffusionSDPOConfig"):
+        online_evidence(tmp_path)

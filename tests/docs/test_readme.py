@@ -339,6 +339,39 @@ def test_the_config_default_is_the_recommended_default() -> None:
     assert {default_mu(StableDiffusionFamily, "dpo"), default_mu(StableDiffusionXLFamily, "dpo")} <= _authors_mu()
 
 
+ONLINE_FILES = (
+    "benchmarks/results/cpu-online-comparison-tiny.json",
+    "benchmarks/results/cpu-online-hacking-demo.json",
+)
+
+
+def _online_line() -> str:
+    return next(line for line in _shipped()["text"].splitlines() if line.startswith("- Online"))
+
+
+def test_the_online_line_quotes_both_online_files_and_names_the_online_default() -> None:
+    """The "Online" line's numbers are the files' own: the output space's shape IoU cost where online Diffusion-DPO
+    is healthy, and the family mu's colour-reward difference where it hacks a brightness reward; the default it
+    names is ``OnlineDiffusionSDPOConfig``'s, and the offline default is untouched."""
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig
+
+    healthy, hacking = (json.loads((ROOT / name).read_text())["analysis"] for name in ONLINE_FILES)
+    costs = [
+        entry["minus_online_dpo"]["shape_iou"]
+        for method, entry in healthy["lr0.0002"]["methods"].items()
+        if method.startswith("online-sdpo") and "decoded" not in method and "minus_online_dpo" in entry
+    ]
+    assert len(costs) >= 3 and all(cost["ci95"][1] < 0 for cost in costs)  # every online safeguard costs
+    means = [cost["mean"] for cost in costs]
+    assert f"({max(means):+.4f} to {min(means):+.4f} against it)" in _online_line()
+    family = hacking["settings"]["sdpo-default"]["by_step"][str(hacking["steps"])]["colour_reward"]["vs_dpo"]
+    assert _cell(family) in _online_line()
+    assert "`safeguard_space` unset is `none`" in _online_line()
+    assert OnlineDiffusionSDPOConfig(output_dir="unused", use_cpu=True).safeguard_space == "none"
+    assert DiffusionSDPOConfig(output_dir="unused", use_cpu=True).safeguard_space == "output"
+
+
 def test_the_demo_trains_the_authors_settings_explicitly() -> None:
     """The demo's table keeps the authors' values for comparison: each safeguarded method sets its own mu, so a change
     of the config's default does not change the demo."""
