@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from trl_diffusion_sdpo.scripts.train import main, parse_args
+from trl_diffusion_sdpo.cli.train import main, parse_args
 
 __all__ = ["main", "parse_args"]
 

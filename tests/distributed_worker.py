@@ -36,7 +36,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.distributed.tensor import DTensor
 
-from trl_diffusion_sdpo.distributed import is_partitioned, load_pipeline, zero_stage
+from trl_diffusion_sdpo.engines.collectives import is_partitioned, load_pipeline, zero_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # conftest's RecordingDataset, FSDP on CPU processes

@@ -216,7 +216,7 @@ def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_na
 
     from safetensors.torch import load_file
 
-    from trl_diffusion_sdpo.scripts.train import main, parse_args
+    from trl_diffusion_sdpo.cli.train import main, parse_args
 
     config_path = Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{config_name}.yaml"
     _, config, model_args, data_args = parse_args(

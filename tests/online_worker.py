@@ -214,7 +214,7 @@ def report(trainer, recorded: dict[str, Any], result_path: str) -> None:
     """Every process hands over what it recorded; the main process writes the report."""
     from accelerate.utils import gather_object
 
-    from trl_diffusion_sdpo.distributed import zero_stage
+    from trl_diffusion_sdpo.engines.collectives import zero_stage
 
     accelerator = trainer.accelerator
     several = accelerator.num_processes > 1

@@ -1,6 +1,7 @@
 """Preference tuning of text-to-image diffusion models: Diffusion-DPO and Diffusion-SDPO.
 
-The names below are resolved on first access (see :mod:`._lazy`): ``import trl_diffusion_sdpo`` imports no torch,
+The names below are resolved on first access (see :mod:`.config._lazy`): ``import trl_diffusion_sdpo`` imports no
+torch,
 transformers or diffusers, so the command line's ``--help`` and tools that only read the package stay fast.
 """
 
@@ -8,15 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._lazy import lazy_attributes
+from .config._lazy import lazy_attributes
 
 __version__ = "0.1.0.dev0"
 
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .config import DiffusionSDPOConfig
-    from .distributed import load_pipeline, zero3_init_disabled
     from .engines import Engine, engine_for
-    from .evaluation.scorers import Scorer, register_scorer
+    from .engines.collectives import load_pipeline, zero3_init_disabled
     from .families import FlowMatchingFamily, ModelFamily, Noiser, family_for_pipeline, register_family
     from .objectives import (
         OBJECTIVES,
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
         register_objective,
     )
     from .online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
+    from .rewards.scorers import Scorer, register_scorer
     from .safeguards.output import winner_preserving_lambda
     from .safeguards.parameter import parameter_space_lambda, safeguarded_gradients
     from .trainer import DiffusionSDPOTrainer
@@ -43,19 +44,19 @@ _EXPORTS = {
     "Noiser": ".families",
     "OBJECTIVES": ".objectives",
     "PreferenceObjective": ".objectives",
-    "Scorer": ".evaluation.scorers",
+    "Scorer": ".rewards.scorers",
     "build_objective": ".objectives",
     "engine_for": ".engines",
     "family_for_pipeline": ".families",
-    "load_pipeline": ".distributed",
+    "load_pipeline": ".engines.collectives",
     "objective_from_config": ".objectives",
     "parameter_space_lambda": ".safeguards.parameter",
     "register_family": ".families",
     "register_objective": ".objectives",
-    "register_scorer": ".evaluation.scorers",
+    "register_scorer": ".rewards.scorers",
     "safeguarded_gradients": ".safeguards.parameter",
     "winner_preserving_lambda": ".safeguards.output",
-    "zero3_init_disabled": ".distributed",
+    "zero3_init_disabled": ".engines.collectives",
 }
 
 __all__ = [

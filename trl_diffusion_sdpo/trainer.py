@@ -28,25 +28,33 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
+from .callbacks.guards import EMAWeights, GuardState
+from .callbacks.health import WinnerHealth
+from .callbacks.nonfinite import NonFiniteLossGuard, NonFiniteTracker
+from .callbacks.stream_guard import StreamGuard
 from .config import DiffusionSDPOConfig, check_config
 from .data.scoring import RewardFn
-from .data.stream_guard import StreamGuard
 from .data.training_data import prepare_training_data
-from .distributed import check_not_partitioned, check_one_device_per_process, load_pipeline
 from .engines import Engine, engine_for
+from .engines.collectives import check_not_partitioned, check_one_device_per_process, load_pipeline
 from .families import ModelFamily, Noiser, family_for_pipeline
-from .guards import EMAWeights, GuardState
+from .families.preparation import (
+    MixedPrecisionForward,
+    compute_dtype,
+    freeze_frozen_modules,
+    place_frozen_modules,
+    prepare_denoiser,
+    training_arguments,
+    wants_gradient_checkpointing,
+)
+from .families.quantization import check_engine_supports_quantized_base
 from .io.run_files import RunFiles, files_hook
+from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
 from .objectives import PreferenceObjective, objective_from_config
-from .quantization import check_engine_supports_quantized_base
-from .reference import reference_for
-from .rewards import RewardFunction, dataset_scoring_function
-from .run_summary import StartSummary
+from .rewards.functions import RewardFunction, dataset_scoring_function
 from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.draws import MicroBatchDraws
-from .step.guard import NonFiniteLossGuard, NonFiniteTracker
-from .step.health import WinnerHealth
 from .step.metrics import (
     QUARTILE_METRICS,
     finish_margin_quartiles,
@@ -57,16 +65,8 @@ from .step.metrics import (
 )
 from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zeroing_only
 from .step.optimizer import grad_norm as trainable_grad_norm
+from .step.reference import reference_for
 from .step.stages import Augmentation, MicroBatchStages, UsableBatches, evaluate_objective
-from .tuning import (
-    MixedPrecisionForward,
-    compute_dtype,
-    freeze_frozen_modules,
-    place_frozen_modules,
-    prepare_denoiser,
-    training_arguments,
-    wants_gradient_checkpointing,
-)
 
 __all__ = ["DiffusionSDPOTrainer"]
 
@@ -250,7 +250,7 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _add_validation(self, args: DiffusionSDPOConfig) -> None:
         self.engine.check_validation_sampling()
-        from .evaluation import ValidationCallback  # evaluation's scorers are heavy: imported when used
+        from .callbacks.validation import ValidationCallback  # evaluation's scorers are heavy: imported when used
 
         self.add_callback(ValidationCallback.from_config(args, self.family, trainer=self))
 

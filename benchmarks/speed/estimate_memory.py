@@ -7,8 +7,10 @@ Each case trains a few steps in a fresh process (float32, the ``output`` safegua
 text encoder resident). Measured: the process's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``)
 minus its resident set once torch, diffusers, transformers and the package are imported and before any model is
 built; on a CPU the device is the host, so this is what a GPU's allocator peak counts plus what the host process holds
-besides (the pipeline object, the dataset, allocator slack). Estimated: ``trl_diffusion_sdpo.memory.estimate_memory``
-of the same pipeline (:func:`~trl_diffusion_sdpo.memory.model_sizes_of_pipeline`) and run shape. The models are built
+besides (the pipeline object, the dataset, allocator slack). Estimated:
+``trl_diffusion_sdpo.engines.memory.estimate_memory``
+of the same pipeline (:func:`~trl_diffusion_sdpo.engines.memory.model_sizes_of_pipeline`) and run shape. The models
+are built
 from their configs with random weights (``benchmarks/harness.py``; ``tiny`` is ``trl-diffusion-sdpo:tiny``).
 
 Beside them (``h100``), the estimate at the settings of the H100 runs of ``benchmarks/speed/gpu_matrix.py`` against
@@ -57,8 +59,8 @@ def worker(case: str) -> dict[str, Any]:
 
     from benchmarks.harness import LORA_TARGETS, build_pipeline, synthetic_pairs
     from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-    from trl_diffusion_sdpo.distributed import load_pipeline
-    from trl_diffusion_sdpo.memory import RunShape, estimate_memory, model_sizes_of_pipeline
+    from trl_diffusion_sdpo.engines.collectives import load_pipeline
+    from trl_diffusion_sdpo.engines.memory import RunShape, estimate_memory, model_sizes_of_pipeline
 
     model, pairs, resolution, lora = CASES[case]
     baseline = status_bytes("VmRSS")
@@ -148,7 +150,7 @@ def h100_rows() -> dict[str, Any]:
     """The estimate at each :data:`H100_RUNS` run's settings (bf16, AdamW, one process, live encoding) against its
     measured peak."""
     from benchmarks.harness import RESULTS
-    from trl_diffusion_sdpo.memory import RunShape, estimate_memory, family_lora_targets, model_sizes
+    from trl_diffusion_sdpo.engines.memory import RunShape, estimate_memory, family_lora_targets, model_sizes
 
     rows = {}
     for (file, run, model, setting), (model_id, keywords) in H100_RUNS.items():

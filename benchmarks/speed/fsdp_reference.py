@@ -4,7 +4,8 @@
         --out benchmarks/results/cpu-fsdp-reference-small.json
 
 Each process holds two frozen copies of the same UNet (``--preset``'s, random weights, float32 on CPU, bf16 on CUDA):
-one whole, one sharded with ``fully_shard`` the way :func:`trl_diffusion_sdpo.distributed.shard_reference_fsdp2`
+one whole, one sharded with ``fully_shard`` the way
+:func:`trl_diffusion_sdpo.engines.collectives.shard_reference_fsdp2`
 shards it (one unit per block class the UNet lists in ``_no_split_modules``, then the root; weights freed after
 every forward). Both predict the same noised batch under ``torch.no_grad``, alternating, ``--steps`` times:
 

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 import torch  # noqa: E402
 
 from benchmarks.speed.one_pass_model import build, cotangents  # noqa: E402
-from trl_diffusion_sdpo.gradients import layer_taps  # noqa: E402
-from trl_diffusion_sdpo.gradients.layer_taps import LayerTaps  # noqa: E402
-from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients  # noqa: E402
+from trl_diffusion_sdpo.safeguards.gradients import layer_taps  # noqa: E402
+from trl_diffusion_sdpo.safeguards.gradients.layer_taps import LayerTaps  # noqa: E402
+from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients  # noqa: E402
 
 
 class _Context:

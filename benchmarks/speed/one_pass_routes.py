@@ -6,7 +6,8 @@ times, side by side in one process, interleaved step by step (median over ``--st
 
 * ``dpo``: one forward and one backward pass (the cost to match);
 * ``two_pass``: one forward and one backward pass per branch (the reference implementation);
-* ``taps``: one forward and one backward pass with per-layer taps (:mod:`trl_diffusion_sdpo.gradients.layer_taps`), the
+* ``taps``: one forward and one backward pass with per-layer taps
+(:mod:`trl_diffusion_sdpo.safeguards.gradients.layer_taps`), the
   gradients split by branch and combined (the default since this benchmark);
 * ``vmap_vjp``: ``torch.func``: one forward pass under ``vjp`` over the trainable weights, then ``vmap`` of the
   vector-Jacobian product over the two branches' cotangents (``[c_w; 0]`` and ``[0; c_l]``).
@@ -59,8 +60,8 @@ import torch  # noqa: E402
 from benchmarks.harness import machine_description, process_step  # noqa: E402
 from benchmarks.speed.one_pass_layers import layer_rows  # noqa: E402
 from benchmarks.speed.one_pass_model import PRESETS, build, cotangents  # noqa: E402
-from trl_diffusion_sdpo.gradients.layer_taps import LayerTaps  # noqa: E402
-from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients  # noqa: E402
+from trl_diffusion_sdpo.safeguards.gradients.layer_taps import LayerTaps  # noqa: E402
+from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients  # noqa: E402
 
 
 def make_routes(

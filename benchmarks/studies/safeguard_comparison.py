@@ -42,8 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from trl_diffusion_sdpo.callbacks.health import winner_pathology  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
-from trl_diffusion_sdpo.step.health import winner_pathology  # noqa: E402
 
 REFERENCE = "dpo"
 LABELS = {
@@ -132,7 +132,7 @@ def compare(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def health_flag(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """How often ``health/winner_pathology`` (``trl_diffusion_sdpo.step.health.winner_pathology`` over the logged
+    """How often ``health/winner_pathology`` (``trl_diffusion_sdpo.callbacks.health.winner_pathology`` over the logged
     steps, one log per step here) would have fired in these runs: the fraction of steps flagged and the first
     flagged step, per seed, so one sees whether the flag tells the pathological setting from the mild one."""
     fractions, first = [], []

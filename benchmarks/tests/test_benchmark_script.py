@@ -192,7 +192,7 @@ def test_one_pass_routes_layer_replay_runs_every_tapped_layer_under_its_tap(tmp_
         from benchmarks.speed.one_pass_model import TINY_UNET
     finally:
         sys.path.remove(str(ROOT))
-    from trl_diffusion_sdpo.gradients.layer_taps import LayerTaps
+    from trl_diffusion_sdpo.safeguards.gradients.layer_taps import LayerTaps
 
     unet = UNet2DConditionModel(**TINY_UNET)
     expected = {layer.name: layer.kind for layer in LayerTaps(unet, list(unet.parameters())).layers}

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from trl_diffusion_sdpo.evaluation.scorers import available_scorers, build_scorer
+from trl_diffusion_sdpo.rewards.scorers import available_scorers, build_scorer
 from trl_diffusion_sdpo.testing.tokenizers import _bytes_to_unicode
 from trl_diffusion_sdpo_rewards.hps_v3 import (
     HPSV3_INSTRUCTION,

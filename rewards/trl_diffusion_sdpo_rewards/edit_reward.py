@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trl_diffusion_sdpo.evaluation.scorers.base import EditScorer
+from trl_diffusion_sdpo.rewards.scorers.base import EditScorer
 
 from .hps_v3 import HPSV3_PIXELS, HPSV3_REWARD_SUFFIX
 from .qwen_vl_reward import (

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
-from trl_diffusion_sdpo.checks import Choice
-from trl_diffusion_sdpo.evaluation.scorers._clip import CLIPEmbedder
-from trl_diffusion_sdpo.evaluation.scorers.base import Scorer, arguments_with_defaults, resolve_device
+from trl_diffusion_sdpo.config.checks import Choice
+from trl_diffusion_sdpo.rewards.scorers._clip import CLIPEmbedder
+from trl_diffusion_sdpo.rewards.scorers.base import Scorer, arguments_with_defaults, resolve_device
 
 from ._weights import load_weights_file
 

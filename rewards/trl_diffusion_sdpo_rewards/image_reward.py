@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from trl_diffusion_sdpo.evaluation.scorers.base import Scorer, arguments_with_defaults, resolve_device
+from trl_diffusion_sdpo.rewards.scorers.base import Scorer, arguments_with_defaults, resolve_device
 
 from ._weights import load_weights_file
 from .aesthetic import AestheticMLP

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trl_diffusion_sdpo.evaluation.scorers.base import Scorer, arguments_with_defaults, resolve_device
+from trl_diffusion_sdpo.rewards.scorers.base import Scorer, arguments_with_defaults, resolve_device
 
 __all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
 

@@ -15,12 +15,12 @@ from conftest import COLOURS
 from PIL import Image
 from trl import ScriptArguments
 
+from trl_diffusion_sdpo.cli.train import DiffusionScriptArguments, load_split, load_train_split
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.formats import detect_format, ranked_pairs
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.transforms import PairTransform, load_image
 from trl_diffusion_sdpo.data.validation import resolve_columns
-from trl_diffusion_sdpo.scripts.train import DiffusionScriptArguments, load_split, load_train_split
 
 
 def png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> Path:
@@ -421,8 +421,8 @@ def test_video_pair_folders_fill_the_video_columns_and_a_mixed_pair_is_named(tmp
 def test_an_empty_data_folder_is_one_error_naming_the_layouts_read(tmp_path, capsys):
     """``train --dataset_name EMPTY`` ends with one line on stderr that lists what a data folder may hold, before any
     model is loaded (the model named does not exist)."""
+    from trl_diffusion_sdpo.cli.train import main
     from trl_diffusion_sdpo.data.formats import load_preference_data
-    from trl_diffusion_sdpo.scripts.train import main
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -257,7 +257,7 @@ def test_the_cache_command_killed_midway_under_accelerate_launch_resumes_to_the_
 
 
 def test_the_cache_command_reads_the_training_yaml_with_its_training_only_keys(tmp_path, capsys):
-    from trl_diffusion_sdpo.cli import main
+    from trl_diffusion_sdpo.cli.main import main
 
     pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tokenizer"))
     pipe.save_pretrained(tmp_path / "pipeline")

@@ -335,8 +335,8 @@ def test_a_registered_objective_that_reads_pair_scores_gets_them_from_the_data(m
 
 def test_reward_funcs_take_a_registered_scorer_name(make_pipeline, make_config):
     """A name resolves through the scorer registry (the demo's colour scorer), as the online trainer's do."""
-    from trl_diffusion_sdpo.evaluation.scorers import build_scorer
-    from trl_diffusion_sdpo.evaluation.scorers.registry import register_outside_scorers
+    from trl_diffusion_sdpo.rewards.scorers import build_scorer
+    from trl_diffusion_sdpo.rewards.scorers.registry import register_outside_scorers
 
     register_outside_scorers()
     rows = pickapic_rows(2)

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trl_diffusion_sdpo.data.stream_guard import StreamGuard
+from trl_diffusion_sdpo.callbacks.nonfinite import NonFiniteTracker
+from trl_diffusion_sdpo.callbacks.stream_guard import StreamGuard
 from trl_diffusion_sdpo.objectives import PreferencePredictions
 from trl_diffusion_sdpo.safeguards.output import output_space_lambda
-from trl_diffusion_sdpo.step.guard import NonFiniteTracker
 from trl_diffusion_sdpo.step.stages import UsableBatches
 
 

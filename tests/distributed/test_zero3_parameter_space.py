@@ -3,7 +3,8 @@ same global batch.
 
 ZeRO-3 reduce-scatters each branch's gradient into each process's float32 partitions, averaged over processes; the
 inner products over the partitions, summed over processes, give the global micro-batch's lambda, and the combination
-is written back into the partitions before the engine steps (``trl_diffusion_sdpo/gradients/zero3.py``). Launched as
+is written back into the partitions before the engine steps (``trl_diffusion_sdpo/safeguards/gradients/zero3.py``).
+Launched as
 ``test_distributed.py`` launches its trainings: the one-process references in one launch, the ZeRO-3 trainings in
 one two-process launch. The UNet is widened (128 channels) so that some of its tensors really are partitioned.
 """
@@ -18,7 +19,7 @@ import torch
 from test_distributed import _REPORTS, STEPS, Run, _launch, _weights, tiny_assets
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine
-from trl_diffusion_sdpo.gradients.zero3 import ZeRO3BranchGradients
+from trl_diffusion_sdpo.safeguards.gradients.zero3 import ZeRO3BranchGradients
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 
 PARAMETER = ("--safeguard_space", "parameter")  # every launch trains with safeguard_scope="global"
@@ -208,7 +209,7 @@ def test_zero3_one_pass_adds_the_windows_earlier_micro_batches_and_starts_each_w
     combination, whatever the partitions held before (the stand-in's leftover 7s)."""
     import deepspeed.utils
 
-    from trl_diffusion_sdpo.gradients.zero3 import DeepSpeedZeRO3Collectives
+    from trl_diffusion_sdpo.safeguards.gradients.zero3 import DeepSpeedZeRO3Collectives
 
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
     engine = _OneProcessZeRO3(params)

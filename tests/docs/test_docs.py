@@ -173,7 +173,7 @@ def _command_lines(text: str) -> list[str]:
 
 
 def _help(command: str, capsys) -> str:
-    from trl_diffusion_sdpo.cli import main
+    from trl_diffusion_sdpo.cli.main import main
 
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -306,7 +306,7 @@ def test_the_sdxl_recipe_table_is_what_sdxl_full_yaml_holds_but_the_two_named_se
     the page says the file leaves at our defaults."""
     import ast
 
-    from trl_diffusion_sdpo.scripts.train import parse_args
+    from trl_diffusion_sdpo.cli.train import parse_args
 
     page = (ROOT / "docs" / "sdxl.md").read_text()
     table = page.split("## Full tuning with the authors' SDXL recipe", 1)[1].split("\n\n", 2)[1]
@@ -354,7 +354,7 @@ def test_where_the_exact_safeguard_runs_is_what_the_engines_allow() -> None:
     from trl_diffusion_sdpo.engines.deepspeed import DeepSpeedEngine
     from trl_diffusion_sdpo.engines.fsdp import FSDP1Engine, FSDP2Engine
     from trl_diffusion_sdpo.engines.plain import PlainEngine
-    from trl_diffusion_sdpo.gradients import collectives_for
+    from trl_diffusion_sdpo.safeguards.gradients import collectives_for
 
     def of(cls: type, **attributes):  # what the exact safeguard asks of an engine: its collectives
         return collectives_for(_engine(cls, **attributes))

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
-from trl_diffusion_sdpo.cli import main as cli_main
-from trl_diffusion_sdpo.scripts.train import main as train_main
-from trl_diffusion_sdpo.scripts.train import parse_args
+from trl_diffusion_sdpo.cli.main import main as cli_main
+from trl_diffusion_sdpo.cli.train import main as train_main
+from trl_diffusion_sdpo.cli.train import parse_args
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -25,10 +25,10 @@ HEAVY_FOR_HELP = (
     "transformers.models.clip.image_processing",
     "transformers.models.siglip",
     # evaluate --help lists the scorer names and prompt presets (torch-free modules), nothing more of evaluation
-    "trl_diffusion_sdpo.evaluation.scorers.base",
+    "trl_diffusion_sdpo.rewards.scorers.base",
     "trl_diffusion_sdpo.evaluation.generation",
     "trl_diffusion_sdpo.evaluation.run",
-    "trl_diffusion_sdpo.evaluation.callback",
+    "trl_diffusion_sdpo.callbacks.validation",
     "trl_diffusion_sdpo.families",
     "trl_diffusion_sdpo.trainer",
 )
@@ -60,13 +60,20 @@ def test_import_loads_no_library_and_prints_nothing():
     assert stderr == ""
     assert "trl_diffusion_sdpo" in modules
     assert top_level(modules, LIBRARIES) == []
-    assert [m for m in modules if m.startswith("trl_diffusion_sdpo.")] == ["trl_diffusion_sdpo._lazy"]
+    # the bottom layer's light modules only: the lazy attributes live in the config package, whose rules import
+    # nothing heavy (the check above)
+    assert sorted(m for m in modules if m.startswith("trl_diffusion_sdpo.")) == [
+        "trl_diffusion_sdpo.config",
+        "trl_diffusion_sdpo.config._lazy",
+        "trl_diffusion_sdpo.config.checks",
+        "trl_diffusion_sdpo.config.rules",
+    ]
 
 
 def test_top_level_help_and_light_subcommands_load_no_library_and_print_nothing():
     code = """
         import contextlib, io
-        from trl_diffusion_sdpo.cli import main
+        from trl_diffusion_sdpo.cli.main import main
         for argv in (["--help"], ["demo", "--help"], ["evaluate", "--help"]):
             with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
                 main(argv)
@@ -83,7 +90,7 @@ def test_train_and_cache_help_load_no_pipeline_family_or_scorer_and_print_nothin
     # pipelines and image processors are not.
     code = """
         import contextlib, io
-        from trl_diffusion_sdpo.cli import main
+        from trl_diffusion_sdpo.cli.main import main
         for argv in (["train", "--help"], ["cache", "--help"]):
             with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
                 main(argv)
@@ -101,7 +108,7 @@ def test_train_and_cache_help_load_no_pipeline_family_or_scorer_and_print_nothin
 # The reward-model ports (a distribution of their own), the core's CLIP scorers and the figures: evaluation's, never
 # the trainer's.
 PORTS = ("trl_diffusion_sdpo_rewards",) + tuple(
-    f"trl_diffusion_sdpo.evaluation.scorers.{name}" for name in ("_clip", "pickscore", "clip_score")
+    f"trl_diffusion_sdpo.rewards.scorers.{name}" for name in ("_clip", "pickscore", "clip_score")
 )
 
 
@@ -110,10 +117,10 @@ def test_the_trainer_and_the_train_command_load_no_reward_model_port_and_no_matp
     code = """
         import trl_diffusion_sdpo
         trl_diffusion_sdpo.DiffusionSDPOTrainer, trl_diffusion_sdpo.OnlineDiffusionSDPOTrainer
-        from trl_diffusion_sdpo.scripts import train, online  # noqa: F401
+        from trl_diffusion_sdpo.cli import train, online  # noqa: F401
     """
     modules, _ = run_fresh(code)
-    assert "trl_diffusion_sdpo.trainer" in modules and "trl_diffusion_sdpo.scripts.train" in modules
+    assert "trl_diffusion_sdpo.trainer" in modules and "trl_diffusion_sdpo.cli.train" in modules
     assert loaded(modules, PORTS) == [] and top_level(modules, ("matplotlib",)) == []
 
 
@@ -139,7 +146,7 @@ def test_without_matplotlib_the_demo_fails_before_training_naming_the_plots_extr
 
 def test_scorer_names_are_listed_without_loading_their_models():
     code = """
-        from trl_diffusion_sdpo.evaluation.scorers import available_scorers
+        from trl_diffusion_sdpo.rewards.scorers import available_scorers
         names = available_scorers()
         ports = {"hpsv2", "hpsv2.1", "hpsv3", "imagereward", "aesthetic", "editreward"}
         assert {"pickscore", "clip", "clip-cosine"} | ports <= set(names)
@@ -148,8 +155,8 @@ def test_scorer_names_are_listed_without_loading_their_models():
     modules, stderr = run_fresh(code)
     assert stderr == ""
     assert top_level(modules, LIBRARIES + ("trl_diffusion_sdpo_rewards",)) == []  # torch-free, no port imported
-    assert loaded(modules, ("trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation.scorers.")) == [
-        "trl_diffusion_sdpo.evaluation.scorers.registry"
+    assert loaded(modules, ("trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.rewards.scorers.")) == [
+        "trl_diffusion_sdpo.rewards.scorers.registry"
     ]
 
 
@@ -161,7 +168,7 @@ def test_importing_the_ports_package_loads_no_model_code():
 
 def test_every_public_name_resolves_to_its_defining_object():
     from trl_diffusion_sdpo.config import DiffusionSDPOConfig
-    from trl_diffusion_sdpo.evaluation.scorers.base import register_scorer
+    from trl_diffusion_sdpo.rewards.scorers.base import register_scorer
     from trl_diffusion_sdpo.safeguards.output import winner_preserving_lambda
 
     for name in trl_diffusion_sdpo.__all__:
@@ -186,9 +193,9 @@ def test_lazy_subpackages_export_every_listed_name(package):
 
 def test_built_in_scorers_resolve_to_their_classes_and_the_demo_registers_colour():
     from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
-    from trl_diffusion_sdpo.evaluation.scorers import build_scorer, scorer_factory
-    from trl_diffusion_sdpo.evaluation.scorers.base import register_scorer
-    from trl_diffusion_sdpo.evaluation.scorers.pickscore import PickScoreScorer
+    from trl_diffusion_sdpo.rewards.scorers import build_scorer, scorer_factory
+    from trl_diffusion_sdpo.rewards.scorers.base import register_scorer
+    from trl_diffusion_sdpo.rewards.scorers.pickscore import PickScoreScorer
     from trl_diffusion_sdpo_rewards.hps import HPSv2Scorer, hps_v21_scorer
 
     assert scorer_factory("pickscore") is PickScoreScorer

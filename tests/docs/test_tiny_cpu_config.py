@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from trl_diffusion_sdpo import load_pipeline
-from trl_diffusion_sdpo.loading import SHIPPED_MODELS, resolve_model_name
+from trl_diffusion_sdpo.families.loading import SHIPPED_MODELS, resolve_model_name
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 from setuptools.config.pyprojecttoml import apply_configuration
 from setuptools.dist import Distribution
 
-from trl_diffusion_sdpo.evaluation import scorers
+from trl_diffusion_sdpo.rewards import scorers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def wheel_modules(project: Path) -> set[str]:
 
 def test_the_core_wheel_holds_no_reward_model_port_and_the_rewards_wheel_holds_them_all():
     core, ports = wheel_modules(ROOT), wheel_modules(ROOT / "rewards")
-    assert "trl_diffusion_sdpo.trainer" in core and "trl_diffusion_sdpo.evaluation.scorers.registry" in core
+    assert "trl_diffusion_sdpo.trainer" in core and "trl_diffusion_sdpo.rewards.scorers.registry" in core
     assert {m.split(".")[0] for m in core} == {"trl_diffusion_sdpo"}
     assert {m.split(".")[0] for m in ports} == {"trl_diffusion_sdpo_rewards"}
     # No port, under any name of the core's: no core module shares a port module's file name.

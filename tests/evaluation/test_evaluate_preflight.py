@@ -14,12 +14,12 @@ import pytest
 from huggingface_hub import constants
 
 import trl_diffusion_sdpo.demo.scorer  # noqa: F401  registers ``colour``
-from trl_diffusion_sdpo.cli import OUTSIDE_SCORERS, main
+from trl_diffusion_sdpo.cli.main import OUTSIDE_SCORERS, main
+from trl_diffusion_sdpo.config.extras import ExtraNotInstalled
 from trl_diffusion_sdpo.evaluation import evaluate, run
-from trl_diffusion_sdpo.evaluation.scorers import preflight, registry, scores_edits
-from trl_diffusion_sdpo.evaluation.scorers.preflight import ScorerModelUnavailable, ScorerPromptError, check_models
-from trl_diffusion_sdpo.evaluation.scorers.registry import REWARD_PORTS, register_scorer
-from trl_diffusion_sdpo.extras import ExtraNotInstalled
+from trl_diffusion_sdpo.rewards.scorers import preflight, registry, scores_edits
+from trl_diffusion_sdpo.rewards.scorers.preflight import ScorerModelUnavailable, ScorerPromptError, check_models
+from trl_diffusion_sdpo.rewards.scorers.registry import REWARD_PORTS, register_scorer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,7 +158,7 @@ class _NotInstalled:
 def ports_not_installed(monkeypatch):
     """The reward-model ports' distribution as if not installed, and every built-in name registered by name again, as
     in a process that has built none."""
-    from trl_diffusion_sdpo.evaluation import scorers
+    from trl_diffusion_sdpo.rewards import scorers
 
     for module in [m for m in sys.modules if m == REWARD_PORTS or m.startswith(f"{REWARD_PORTS}.")]:
         monkeypatch.delitem(sys.modules, module)

@@ -18,7 +18,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
-from trl_diffusion_sdpo.cli import main
+from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.evaluation import (
     GenerationSettings,
     ModelSpec,
@@ -464,7 +464,7 @@ def test_cli_evaluate_end_to_end(tmp_path, model_dirs, capsys):
 def test_the_shared_sampling_flags_become_keywords_that_evaluate_and_make_pairs_both_take():
     import inspect
 
-    from trl_diffusion_sdpo.cli import build_parser, sampling_keywords
+    from trl_diffusion_sdpo.cli.main import build_parser, sampling_keywords
     from trl_diffusion_sdpo.evaluation.pairs import make_pairs
 
     flags = ["--prompt-column", "text", "--prompt-split", "test", "--limit", "3", "--cache-dir", "imgs", "--steps",
@@ -500,7 +500,7 @@ def test_the_shared_sampling_flags_become_keywords_that_evaluate_and_make_pairs_
 
 
 def test_scorer_arg_flags_are_parsed_and_a_flag_for_a_scorer_not_run_is_refused_by_both_commands():
-    from trl_diffusion_sdpo.cli import main, scorer_arguments
+    from trl_diffusion_sdpo.cli.main import main, scorer_arguments
 
     parsed = scorer_arguments(
         ["hpsv3.checkpoint=/m/HPSv3", "hpsv3.batch_size=4", "pickscore.x=[1, 2]"], ["hpsv3", "pickscore"]

@@ -19,7 +19,7 @@ from datasets import Image as ImageFeature
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
-from trl_diffusion_sdpo.cli import main
+from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.data import load_preference_data
 from trl_diffusion_sdpo.evaluation import (
     EditPrompt,

@@ -11,7 +11,7 @@ from evaluation_helpers import coloured_images, save_tiny_clip
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from trl_diffusion_sdpo.evaluation.scorers import (
+from trl_diffusion_sdpo.rewards.scorers import (
     CLIPScoreScorer,
     PickScoreScorer,
     Scorer,

@@ -16,11 +16,11 @@ from conftest import lora_config
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from trl_diffusion_sdpo.cli import main
+from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.data.preparation import load_preference_dataset
 from trl_diffusion_sdpo.evaluation import GenerationSettings
 from trl_diffusion_sdpo.evaluation.pairs import make_pairs, margin_summary, select_pairs
-from trl_diffusion_sdpo.evaluation.scorers import Scorer, register_scorer
+from trl_diffusion_sdpo.rewards.scorers import Scorer, register_scorer
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 from trl_diffusion_sdpo.trainer import DiffusionSDPOTrainer
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from transformers import TrainerState
 
-from trl_diffusion_sdpo.evaluation import Scorer, ValidationCallback
+from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
+from trl_diffusion_sdpo.evaluation import Scorer
 
 torch.set_num_threads(1)
 PROMPTS = ["a red square", "a blue circle"]

@@ -17,7 +17,7 @@ from peft import LoraConfig
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo import testing as tiny
-from trl_diffusion_sdpo.tuning import keeps_in_float32
+from trl_diffusion_sdpo.families.preparation import keeps_in_float32
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -120,7 +120,7 @@ def test_after_bf16_training_the_pipeline_samples_in_place_with_a_vae_that_does_
 
 def test_validation_grids_sample_with_each_familys_own_guidance_unless_set(make_config, tmp_path):
     """FLUX.1-dev conditions on guidance 3.5 in training: its grid samples at 3.5, not SD's 8.5; a set value wins."""
-    from trl_diffusion_sdpo.evaluation import ValidationCallback
+    from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
 
     def grid_guidance(family: str, **fields) -> float | None:
         build, family_fields = FAMILIES[family]

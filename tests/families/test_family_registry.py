@@ -257,7 +257,7 @@ def test_register_family_with_a_name_refuses_clashes_and_bad_arguments(scratch_r
 def test_the_train_script_takes_lora_targets_from_the_family(make_pipeline) -> None:
     from trl import ModelConfig
 
-    from trl_diffusion_sdpo.scripts.train import peft_config_for
+    from trl_diffusion_sdpo.cli.train import peft_config_for
 
     peft_config = peft_config_for(ModelConfig(use_peft=True, lora_r=4), make_pipeline())
     assert peft_config.target_modules == set(StableDiffusionFamily.lora_target_modules)

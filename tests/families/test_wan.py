@@ -425,7 +425,7 @@ def test_the_train_command_trains_wan_lora_yaml_from_local_folders(make_wan, vid
 
     from safetensors.torch import load_file
 
-    from trl_diffusion_sdpo.scripts.train import main as train_main
+    from trl_diffusion_sdpo.cli.train import main as train_main
 
     config = Path(__file__).resolve().parents[2] / "examples" / "configs" / "wan_lora.yaml"
     pipe_dir, data_dir, out = tmp_path / "wan", tmp_path / "pairs", tmp_path / "out"

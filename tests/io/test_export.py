@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from safetensors import safe_open
 
-from trl_diffusion_sdpo.cli import main
+from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.families import FluxKontextFamily, family_for_pipeline
 from trl_diffusion_sdpo.io.export import export_lora, merge_lora
 from trl_diffusion_sdpo.io.lora_formats import (

@@ -15,8 +15,8 @@ import pytest
 import torch
 from checkpoint_kill_worker import build_trainer
 
+from trl_diffusion_sdpo.callbacks.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted, parse_signals
 from trl_diffusion_sdpo.io.checkpoints import checkpoint_problem
-from trl_diffusion_sdpo.io.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted, parse_signals
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "preemption_worker.py")

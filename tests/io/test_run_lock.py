@@ -126,7 +126,7 @@ def test_the_commands_end_a_refused_run_in_one_line_naming_its_remedies():
     traceback."""
     from types import SimpleNamespace
 
-    from trl_diffusion_sdpo.scripts.train import train_save_and_push
+    from trl_diffusion_sdpo.cli.train import train_save_and_push
 
     refusal = EarlierRunError("out holds another run's checkpoint-3: pass --resume_from_checkpoint or ...")
 

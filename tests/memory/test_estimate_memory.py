@@ -1,4 +1,5 @@
-"""``trl-diffusion-sdpo estimate-memory`` and :mod:`trl_diffusion_sdpo.memory`: an answer for every shipped config,
+"""``trl-diffusion-sdpo estimate-memory`` and :mod:`trl_diffusion_sdpo.engines.memory`: an answer for every shipped
+config,
 terms that sum to ``total_gib``, engines that divide what they shard, and counts checked against what diffusers,
 peft and optimum-quanto build (the tiny shipped pipeline loaded with its weights)."""
 
@@ -12,9 +13,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig, get_peft_model
 
-from trl_diffusion_sdpo.loading import resolve_model_name
-from trl_diffusion_sdpo.memory import RunShape, estimate_memory, model_sizes, unet_activation_bytes
-from trl_diffusion_sdpo.memory_cli import run_estimate_memory
+from trl_diffusion_sdpo.cli.memory import run_estimate_memory
+from trl_diffusion_sdpo.engines.memory import RunShape, estimate_memory, model_sizes, unet_activation_bytes
+from trl_diffusion_sdpo.families.loading import resolve_model_name
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))

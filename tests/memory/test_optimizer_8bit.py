@@ -9,7 +9,7 @@ import torch
 from conftest import snapshot
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
-from trl_diffusion_sdpo.memory import RunShape, estimate_memory, model_sizes
+from trl_diffusion_sdpo.engines.memory import RunShape, estimate_memory, model_sizes
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"])

@@ -31,8 +31,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
-from trl_diffusion_sdpo.loading import dtype_keyword
-from trl_diffusion_sdpo.quantization import (
+from trl_diffusion_sdpo.families.loading import dtype_keyword
+from trl_diffusion_sdpo.families.quantization import (
     BaseQuantization,
     check_engine_supports_quantized_base,
     is_quantized,
@@ -164,7 +164,7 @@ def train_from_command_line(case: Case, backend: str, root: Path) -> tuple[Diffu
     read from a second quantized load, which quantizes the same checkpoint the same way."""
     from diffusers import DiffusionPipeline
 
-    from trl_diffusion_sdpo.scripts.train import main
+    from trl_diffusion_sdpo.cli.train import main
 
     folder = save_base(case, root)
     out = root / "out"
@@ -406,7 +406,7 @@ def test_conflicting_quantization_options_are_refused_naming_the_flags(arguments
 
 
 def test_command_line_parses_the_trl_switches_it_used_to_refuse(tmp_path) -> None:
-    from trl_diffusion_sdpo.scripts.train import (
+    from trl_diffusion_sdpo.cli.train import (
         base_quantization_for,
         check_supported_model,
         make_parser,
@@ -438,7 +438,7 @@ def test_bitsandbytes_without_its_package_is_refused_with_what_to_install() -> N
 
 
 def test_text_encoders_are_quantized_unless_training_reads_a_latent_cache(tmp_path) -> None:
-    from trl_diffusion_sdpo.quantization import pipeline_quantization_config
+    from trl_diffusion_sdpo.families.quantization import pipeline_quantization_config
 
     folder = save_base(Case(build_tiny_sdxl_pipeline), tmp_path)
     quantization = BaseQuantization("quanto-int8")
@@ -453,7 +453,7 @@ def test_text_encoders_are_quantized_unless_training_reads_a_latent_cache(tmp_pa
 
 def test_a_quantized_model_already_on_the_device_is_cast_without_being_moved() -> None:
     """diffusers and transformers refuse ``.to()`` on bitsandbytes' 8-bit models, which load onto their device."""
-    from trl_diffusion_sdpo.quantization import cast_unquantized
+    from trl_diffusion_sdpo.families.quantization import cast_unquantized
 
     class RefusesTo(torch.nn.Linear):
         def to(self, *args, **kwargs):

@@ -24,7 +24,7 @@ def main(out: str) -> None:
     from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
     from trl_diffusion_sdpo.demo.shapes import all_captions
     from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
-    from trl_diffusion_sdpo.rewards import RewardError
+    from trl_diffusion_sdpo.rewards.functions import RewardError
 
     rank = int(os.environ.get("RANK", "0"))
     calls = []

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from PIL import Image
 from served_rewards import free_port, serve_in_thread
 
-from trl_diffusion_sdpo.rewards import (
+from trl_diffusion_sdpo.rewards.functions import (
     PROTOCOL_VERSION,
     RemoteReward,
     RewardError,

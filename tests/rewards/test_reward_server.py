@@ -14,9 +14,9 @@ from PIL import Image
 
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.demo.shapes import all_captions
-from trl_diffusion_sdpo.evaluation.scorers.base import EditScorer, Scorer, register_scorer
-from trl_diffusion_sdpo.reward_server import ScoringQueue, build_app
-from trl_diffusion_sdpo.rewards import PROTOCOL_VERSION, encode_image
+from trl_diffusion_sdpo.rewards.functions import PROTOCOL_VERSION, encode_image
+from trl_diffusion_sdpo.rewards.scorers.base import EditScorer, Scorer, register_scorer
+from trl_diffusion_sdpo.rewards.server import ScoringQueue, build_app
 
 CAPTIONS = [c.text for c in all_captions()[:4]]
 IMAGES = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "white", (30, 160, 40))]
@@ -125,8 +125,8 @@ def test_concurrent_requests_are_scored_together_in_batches_of_at_most_max_batch
 
 
 def test_the_command_binds_this_machine_only_by_default_and_names_the_registered_scorers_for_an_unknown_one(capsys):
-    from trl_diffusion_sdpo.cli import main
-    from trl_diffusion_sdpo.reward_server import build_parser
+    from trl_diffusion_sdpo.cli.main import main
+    from trl_diffusion_sdpo.cli.reward_server import build_parser
 
     args = build_parser().parse_args(["--scorer", "colour"])
     assert (args.host, args.port, args.max_batch_size) == ("127.0.0.1", 8000, 32)

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.io.checkpoints import checkpoint_problem
-from trl_diffusion_sdpo.rewards import RemoteReward, RewardError
+from trl_diffusion_sdpo.rewards.functions import RemoteReward, RewardError
 
 
 class WeightsPerStep(TrainerCallback):

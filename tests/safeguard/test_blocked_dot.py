@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trl_diffusion_sdpo.gradients import one_pass
-from trl_diffusion_sdpo.gradients.one_pass import blocked_dot
+from trl_diffusion_sdpo.safeguards.gradients import one_pass
+from trl_diffusion_sdpo.safeguards.gradients.one_pass import blocked_dot
 
 
 @pytest.mark.parametrize("long_rows", [False, True])

@@ -20,10 +20,10 @@ from PIL import Image
 
 from trl_diffusion_sdpo.engines import PlainEngine
 from trl_diffusion_sdpo.families import NoisedPair, family_for_pipeline
-from trl_diffusion_sdpo.gradients import layer_taps
-from trl_diffusion_sdpo.gradients.layer_taps import LayerTaps
-from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.objectives import build_objective
+from trl_diffusion_sdpo.safeguards.gradients import layer_taps
+from trl_diffusion_sdpo.safeguards.gradients.layer_taps import LayerTaps
+from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 from trl_diffusion_sdpo.step.stages import NoisedMicroBatch, denoising_errors, predict_pairs
 from trl_diffusion_sdpo.testing import (
@@ -478,7 +478,7 @@ def test_a_layer_on_rows_it_cannot_group_falls_back(tmp_path):
 
 def test_pair_scope_is_refused_where_the_one_pass_cannot_run(make_config, monkeypatch):
     from trl_diffusion_sdpo.engines import PlainEngine
-    from trl_diffusion_sdpo.gradients import BranchCollectives
+    from trl_diffusion_sdpo.safeguards.gradients import BranchCollectives
 
     monkeypatch.setattr(BranchCollectives, "one_pass_refusal", "an engine that cannot split")
     with pytest.raises(ValueError, match="pair.*one-pass split.*an engine that cannot split"):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from trl_diffusion_sdpo.gradients.per_branch import BranchGradientSplitter, EngineBranchGradients
 from trl_diffusion_sdpo.objectives import DenoisingErrors, PreferencePredictions, denoising_error
+from trl_diffusion_sdpo.safeguards.gradients.per_branch import BranchGradientSplitter, EngineBranchGradients
 from trl_diffusion_sdpo.safeguards.parameter import (
     branch_cotangents,
     gradient_dots,
@@ -357,7 +357,7 @@ def test_every_pairwise_objective_trains_under_both_safeguard_spaces(make_traine
 
 
 def test_reference_free_objectives_build_and_run_no_reference(make_trainer, monkeypatch):
-    import trl_diffusion_sdpo.reference as reference_module
+    import trl_diffusion_sdpo.step.reference as reference_module
 
     calls = []
     monkeypatch.setattr(reference_module.FrozenCopyReference, "predict", lambda *a, **k: calls.append(1))

@@ -144,7 +144,7 @@ def test_a_safeguard_that_never_scales_the_loser_is_caught(monkeypatch):
 
 
 def test_a_store_that_swaps_the_branches_is_caught(monkeypatch):
-    from trl_diffusion_sdpo.gradients import OnePassBranchGradients
+    from trl_diffusion_sdpo.safeguards.gradients import OnePassBranchGradients
 
     spec = ("sd", "parameter", True, 1)
     assert mismatch(spec) is None  # the clean step passes the comparison that the planted one must fail

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine
-from trl_diffusion_sdpo.gradients import collectives_for
 from trl_diffusion_sdpo.safeguards.crossing import ESTIMATED_PASSES, SPARE_PASSES, bracketed_crossing
+from trl_diffusion_sdpo.safeguards.gradients import collectives_for
 from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, update_space_lambda
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from trl_diffusion_sdpo.cli import online, train
+from trl_diffusion_sdpo.cli.help_topics import LANGUAGE_MODEL_OPTIONS, stored_help, stored_help_path
 from trl_diffusion_sdpo.config.docs import GROUPS
 from trl_diffusion_sdpo.families.registry import registered_families
-from trl_diffusion_sdpo.scripts import online, train
-from trl_diffusion_sdpo.scripts.help_topics import LANGUAGE_MODEL_OPTIONS, stored_help, stored_help_path
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("train", "online")
@@ -66,7 +66,7 @@ def test_no_option_help_is_mangled_by_argparse_formatting(command):
 def test_help_prints_the_stored_text_without_importing_transformers(command):
     code = (
         "import sys\n"
-        "from trl_diffusion_sdpo.cli import main\n"
+        "from trl_diffusion_sdpo.cli.main import main\n"
         "try:\n"
         f"    main([{command!r}, '--help'])\n"
         "except SystemExit as done:\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from trl_diffusion_sdpo.scripts.train import known_options, make_parser, parse_args
+from trl_diffusion_sdpo.cli.train import known_options, make_parser, parse_args
 
 
 def refusal(capsys, argv) -> str:
@@ -54,7 +54,7 @@ def test_known_flags_still_parse(tmp_path):
 def test_a_prefix_of_a_flag_is_refused_not_taken_for_it(capsys, tmp_path, command):
     """argparse's abbreviations are off: ``--learning_rat`` is refused with the flag it resembles, never trained as
     ``--learning_rate``."""
-    from trl_diffusion_sdpo.scripts import online
+    from trl_diffusion_sdpo.cli import online
 
     parse = parse_args if command == "train" else online.parse_args
     with pytest.raises(SystemExit) as info:
@@ -76,9 +76,9 @@ def every_parser():
     """Each parser a command builds: the top-level one and its subcommands, train, online, cache, export, the demo."""
     import argparse
 
-    from trl_diffusion_sdpo import cli
-    from trl_diffusion_sdpo.cache_cli import make_cache_parser
-    from trl_diffusion_sdpo.demo.cli import build_parser as demo_parser
+    from trl_diffusion_sdpo.cli import main as cli
+    from trl_diffusion_sdpo.cli.cache import make_cache_parser
+    from trl_diffusion_sdpo.cli.demo import build_parser as demo_parser
     from trl_diffusion_sdpo.io.export import build_export_parser
 
     top = cli.build_parser((["pickscore"], ["partiprompts"]))
@@ -93,7 +93,7 @@ def every_parser():
 
 
 def parser_of_online():
-    from trl_diffusion_sdpo.scripts import online
+    from trl_diffusion_sdpo.cli import online
 
     return make_parser(
         "trl-diffusion-sdpo online", online.ARGUMENT_TYPES, online.DESCRIPTION, online.EPILOG, online.online_topics

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
-from trl_diffusion_sdpo.checks import Choice
 from trl_diffusion_sdpo.config import docs, rules
+from trl_diffusion_sdpo.config.checks import Choice
 
 
 def _field(name: str) -> dataclasses.Field:
@@ -352,15 +352,15 @@ REGISTERED_CASES = [
 
 
 def test_the_objectives_flow_families_and_preemption_register_their_checks():
+    import trl_diffusion_sdpo.callbacks.preemption  # noqa: F401
     import trl_diffusion_sdpo.families.flow  # noqa: F401
-    import trl_diffusion_sdpo.io.preemption  # noqa: F401
     import trl_diffusion_sdpo.objectives  # noqa: F401
 
     owners = set(rules.registered_config_checks())
     assert {
         "trl_diffusion_sdpo.objectives.base",
         "trl_diffusion_sdpo.families.flow",
-        "trl_diffusion_sdpo.io.preemption",
+        "trl_diffusion_sdpo.callbacks.preemption",
     } <= owners
     before = rules.registered_config_checks()
     rules.register_config_check("trl_diffusion_sdpo.families.flow", before["trl_diffusion_sdpo.families.flow"])

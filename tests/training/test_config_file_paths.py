@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_diffusion_sdpo.scripts import online, train
+from trl_diffusion_sdpo.cli import online, train
 
 ROOT = Path(__file__).resolve().parents[2]
 

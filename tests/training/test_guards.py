@@ -13,11 +13,11 @@ from conftest import StopAt
 from transformers import TrainerCallback, TrainerControl
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
-from trl_diffusion_sdpo.guards import PathologyAction
+from trl_diffusion_sdpo.callbacks.guards import PathologyAction
+from trl_diffusion_sdpo.callbacks.health import WINDOWS, WinnerHealth, remedies
 from trl_diffusion_sdpo.objectives import AutoBeta, DenoisingErrors, build_objective
 from trl_diffusion_sdpo.objectives.auto_beta import AUTO_BETA_DECAY, AUTO_BETA_RANGE
 from trl_diffusion_sdpo.safeguards.margin import AUTO_MU_START, SafeguardMargin
-from trl_diffusion_sdpo.step.health import WINDOWS, WinnerHealth, remedies
 
 
 def _errors(seed: int = 0, pairs: int = 6, winner_shift: float = 0.0) -> DenoisingErrors:
@@ -187,7 +187,7 @@ def _pathological_history() -> list[dict[str, float]]:
 def _alarm(args, caplog) -> str:
     import logging
 
-    health, health_logger = WinnerHealth(args=args), "trl_diffusion_sdpo.step.health"
+    health, health_logger = WinnerHealth(args=args), "trl_diffusion_sdpo.callbacks.health"
     with caplog.at_level(logging.WARNING, logger=health_logger):
         recorded: list[dict[str, float]] = []
         for entry in _pathological_history():
@@ -365,8 +365,8 @@ def test_margins_by_timestep_quartile_are_the_pooled_means_of_each_quarter_of_th
 def test_early_stopping_patience_on_the_command_line_is_transformers_callback():
     from transformers import EarlyStoppingCallback
 
-    from trl_diffusion_sdpo.guards import early_stopping
-    from trl_diffusion_sdpo.scripts.train import parse_args
+    from trl_diffusion_sdpo.callbacks.guards import early_stopping
+    from trl_diffusion_sdpo.cli.train import parse_args
 
     argv = ["--dataset_name", "d", "--model_name_or_path", "m", "--output_dir", "o", "--safeguard_mu", "auto"]
     *_, training_args, _, diffusion_args = parse_args([*argv, "--early_stopping_patience", "2"])

@@ -7,7 +7,7 @@ import logging
 
 from transformers import TrainerCallback
 
-from trl_diffusion_sdpo.step.health import WinnerHealth, winner_pathology
+from trl_diffusion_sdpo.callbacks.health import WinnerHealth, winner_pathology
 
 
 def _history(deltas: list[float], accuracies: list[float]) -> list[dict[str, float]]:
@@ -36,7 +36,7 @@ def _replay(history: list[dict[str, float]], caplog) -> tuple[list[float], list[
     """Annotate ``history`` one log at a time, as the trainer's ``log`` does before transformers records it."""
     health, recorded = WinnerHealth(), []
     flags = []
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.step.health"):
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.health"):
         for step, entry in enumerate(history):
             logs = {k: v for k, v in entry.items() if k != "step"}
             health.annotate(logs, recorded, step)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from trl_diffusion_sdpo.cli import main
+from trl_diffusion_sdpo.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "configs" / "online_tiny_cpu.yaml"
@@ -31,8 +31,8 @@ def test_the_shipped_config_trains_the_tiny_base_online_and_saves_a_card_naming_
 def test_the_shipped_editing_and_video_online_configs_parse_for_the_online_command(name):
     """The real-model online examples: FLUX.1 Kontext edits scored by EditReward (an editing scorer: it reads the
     prompts' sources), Wan clips scored by PickScore on video_reward_frames frames each."""
+    from trl_diffusion_sdpo.cli.online import parse_args
     from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig
-    from trl_diffusion_sdpo.scripts.online import parse_args
 
     config_path = ROOT / "examples" / "configs" / f"{name}.yaml"
     prompt_args, config, model_args = parse_args(["--config", str(config_path), "--use_cpu", "--bf16", "false"])
@@ -51,7 +51,7 @@ def test_the_online_command_reads_edits_with_their_sources(tmp_path):
     several sources makes it source_images for every row."""
     from PIL import Image
 
-    from trl_diffusion_sdpo.scripts.online import OnlinePromptArguments, load_prompt_dataset
+    from trl_diffusion_sdpo.cli.online import OnlinePromptArguments, load_prompt_dataset
 
     for colour in ("red", "blue"):
         Image.new("RGB", (8, 8), colour).save(tmp_path / f"{colour}.png")
@@ -107,7 +107,7 @@ def test_bad_flags_end_with_a_usage_error(argv, message, capsys):
 def test_the_online_safeguard_is_off_unless_a_flag_asks_for_it(flags, space, mu):
     """Online, an unset ``safeguard_space`` is ``none``; the offline config's default stays the output space."""
     from trl_diffusion_sdpo import DiffusionSDPOConfig
-    from trl_diffusion_sdpo.scripts.online import parse_args
+    from trl_diffusion_sdpo.cli.online import parse_args
 
     _, config, _ = parse_args(["--config", str(CONFIG), "--output_dir", "unused", *flags])
     assert (config.safeguard_space, config.safeguard, config.safeguard_mu) == (space, space != "none", mu)

@@ -14,9 +14,9 @@ from PIL import Image
 
 from trl_diffusion_sdpo import testing
 from trl_diffusion_sdpo.data.transforms import PairTransform
-from trl_diffusion_sdpo.evaluation.scorers import EditScorer, register_scorer
 from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
 from trl_diffusion_sdpo.online.generation import frame_indices, image_seed
+from trl_diffusion_sdpo.rewards.scorers import EditScorer, register_scorer
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 # Sources that are not squares of the training size: the stage must crop them as the offline data does.

@@ -11,7 +11,7 @@ from trl_diffusion_sdpo.config import DiffusionSDPOConfig
 from trl_diffusion_sdpo.families.learning_rates import LEARNING_RATE_RANGES, recommended_learning_rate
 from trl_diffusion_sdpo.families.registry import registered_families
 
-LOGGER = "trl_diffusion_sdpo.run_summary"
+LOGGER = "trl_diffusion_sdpo.io.run_summary"
 
 
 def train_and_capture(make_trainer, caplog, **overrides):

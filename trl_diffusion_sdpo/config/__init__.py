@@ -1,10 +1,12 @@
 """Configuration of Diffusion-DPO / Diffusion-SDPO training: the package's bottom layer, importing nothing of the
-package but :mod:`~trl_diffusion_sdpo.checks` and :mod:`~trl_diffusion_sdpo._lazy` (a config being checked imports the
+package but :mod:`~trl_diffusion_sdpo.config.checks` and :mod:`~trl_diffusion_sdpo.config._lazy` (a config being
+checked imports the
 owners of its fields' rules by name, :data:`~.rules.CHECK_OWNERS`, so its answer never depends on import order).
 
 :mod:`.fields` holds :class:`DiffusionSDPOConfig`'s fields (each field's help is its documentation), :mod:`.rules`
 the rules of their values (and the checks the layers above register, :func:`register_config_check`), :mod:`.docs`
-the class docstring written from the helps. The names resolve on first use (:mod:`~trl_diffusion_sdpo._lazy`), so
+the class docstring written from the helps. The names resolve on first use (:mod:`~trl_diffusion_sdpo.config._lazy`),
+so
 a layer that registers a check imports :mod:`.rules` without transformers.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes
+from ._lazy import lazy_attributes
 from .rules import *  # noqa: F403  (the rules import nothing heavy)
 from .rules import __all__ as _RULES
 

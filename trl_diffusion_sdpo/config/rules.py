@@ -1,7 +1,7 @@
 """The rules of :class:`~.fields.DiffusionSDPOConfig`'s values, in three tables checked in this order:
 
-- ``FIELD_RULES``: one field's range or options (:class:`~trl_diffusion_sdpo.checks.Range`,
-  :class:`~trl_diffusion_sdpo.checks.Choice`);
+- ``FIELD_RULES``: one field's range or options (:class:`~trl_diffusion_sdpo.config.checks.Range`,
+  :class:`~trl_diffusion_sdpo.config.checks.Choice`);
 - ``CROSS_FIELD_RULES``: what a field's range cannot say (several fields together, or a multiple of 8);
 - the checks the layers above register (:func:`register_config_check`): the objectives own ``loss_type``, their
   fields and what an objective lacks (a loser, a reference); the flow families own their noise-level names; the
@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..checks import Choice, Range
+from .checks import Choice, Range
 
 __all__ = [
+    "BASE_QUANTIZATIONS",
     "CHECK_OWNERS",
     "CROSS_FIELD_RULES",
     "DSPO_FORM_CHOICES",
@@ -39,6 +40,9 @@ __all__ = [
     "register_config_check",
     "registered_config_checks",
 ]
+
+# How the frozen base may be quantized (--base_quantization): the choice is the config's, the loading is families'.
+BASE_QUANTIZATIONS = ("none", "bnb-nf4", "bnb-int8", "torchao-int8", "torchao-float8", "quanto-int8", "quanto-int4")
 
 # The options of the config's choice fields: the fields' ``choices`` (what ``--help`` lists) and their checks.
 # ``"none"``: Diffusion-DPO (no safeguard); the ``safeguard`` bool is its alias.
@@ -251,7 +255,7 @@ CHECK_OWNERS = (
     "trl_diffusion_sdpo.objectives",
     "trl_diffusion_sdpo.objectives.auto_beta",
     "trl_diffusion_sdpo.families.flow",
-    "trl_diffusion_sdpo.io.preemption",
+    "trl_diffusion_sdpo.callbacks.preemption",
 )
 
 

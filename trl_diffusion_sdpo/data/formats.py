@@ -54,7 +54,7 @@ from urllib.request import url2pathname
 
 from datasets import Dataset, DatasetDict, IterableDataset
 
-from ..checks import Choice
+from ..config.checks import Choice
 from .pair_folders import SIDE_FOLDERS, pair_root, prompt_text, read_pair_folders
 from .pickapic import pickapic_to_trl
 from .validation import _URL, SOURCE_COLUMN

@@ -12,10 +12,10 @@ import torch
 from datasets import Dataset, Features, IterableDataset, Value
 from PIL import Image
 
-from .pickapic import as_trl_form
-from .progress import datasets_progress_bars
-from .transforms import load_image
-from .validation import is_tie, resolve_layout, row_problem, score_columns_of, uses_scores, with_undecoded_images
+from ..data.pickapic import as_trl_form
+from ..data.progress import datasets_progress_bars
+from ..data.transforms import load_image
+from ..data.validation import is_tie, resolve_layout, row_problem, score_columns_of, uses_scores, with_undecoded_images
 
 __all__ = ["RewardFn", "add_reward_scores"]
 

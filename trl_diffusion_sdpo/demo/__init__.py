@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes
+from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from .base_check import check_base, rebuild_and_check

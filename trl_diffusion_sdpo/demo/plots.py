@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..extras import require_extra
+from ..config.extras import require_extra
 
 require_extra("plots", "matplotlib", "The demo's figures").use("Agg")  # files only, no display needed
 

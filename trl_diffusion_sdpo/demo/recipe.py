@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checks import Choice, Range
+from ..config.checks import Choice, Range
 from .methods import GUARDS, METHODS, resolve_methods
 from .pretrain import PretrainRecipe
 

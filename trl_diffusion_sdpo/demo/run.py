@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import DiffusionSDPOConfig
-from ..extras import require_extra
+from ..config.extras import require_extra
 from ..trainer import DiffusionSDPOTrainer
 from .base_check import rebuild_and_check
 from .methods import GUARDS, METHODS, Method, method_unavailable, resolve_methods

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..evaluation.scorers.base import Scorer, register_scorer
-from ..evaluation.scorers.preflight import ScorerPromptError
+from ..rewards.scorers.base import Scorer, register_scorer
+from ..rewards.scorers.preflight import ScorerPromptError
 from .shapes import BACKGROUNDS, COLOURS, SHAPES, Caption, all_captions, colour_reward
 
 __all__ = ["ColourRewardScorer"]

@@ -13,7 +13,7 @@ The trainer picks an engine once (:func:`~trl_diffusion_sdpo.engines.engine_for`
   (:meth:`Engine.check_validation_sampling`).
 
 What the exact safeguard needs of an engine (its per-branch gradient store and reductions) is that engine's
-:class:`~trl_diffusion_sdpo.gradients.collectives.BranchCollectives`.
+:class:`~trl_diffusion_sdpo.safeguards.gradients.collectives.BranchCollectives`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,17 @@ from collections.abc import Iterator
 import torch
 from accelerate.utils import DistributedType
 
-from ..tuning import reference_like_policy
+from ..families.preparation import reference_like_policy
 
 __all__ = ["Engine"]
 
 # Where gradients are sharded or clipped by the engine itself, accelerate's own clipping must be used.
 _ENGINE_MANAGED = {DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM}
+
+
+class ResumeConfigError(ValueError):
+    """The new run's model or config contradicts the checkpoint it resumes from (raised by an engine that cannot
+    reshard, and by :mod:`trl_diffusion_sdpo.io.resume_check`, which re-exports it)."""
 
 
 class Engine:
@@ -82,7 +87,7 @@ class Engine:
         """A frozen reference copy, ready for inference: whole on every process, each weight in the dtype of the
         ``policy``'s (float32 for full tuning's trainable weights, ``dtype`` for LoRA's frozen base), so that under the
         policy's autocast it computes what the policy computes at step 0 (see
-        :func:`~trl_diffusion_sdpo.tuning.reference_like_policy`)."""
+        :func:`~trl_diffusion_sdpo.families.preparation.reference_like_policy`)."""
         return reference_like_policy(module, policy, device, dtype)
 
     def gather_state_dict(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
@@ -131,8 +136,6 @@ class Engine:
         """The folder to resume from when ``checkpoint`` was written by ``saved_processes`` processes and this run has
         another number (every process calls it; ``work_dir`` is free for what the engine must write, removed after
         training). By default refused: the engine's state is sharded for the old count."""
-        from ..io.resume_check import ResumeConfigError
-
         raise ResumeConfigError(
             f"Cannot resume under {self.name} on {self.num_processes} process(es) from {checkpoint}, written by "
             f"{saved_processes}: its sharded optimizer state is not resharded to another number of processes here. "

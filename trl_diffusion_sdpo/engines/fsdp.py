@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..tuning import reference_like_policy
+from ..families.preparation import reference_like_policy
 from .base import Engine
 
 __all__ = [

@@ -4,7 +4,7 @@ protocol (cached on disk), score them with reward models, and compare models wit
 `evaluate` runs the whole pipeline; the pieces are importable on their own: `load_prompts` (prompts; `load_edits`
 and `EditPrompt` for a prompt set of edits: instructions with source images),
 `generate_images` (generation and cache), `build_scorer` / `register_scorer` (reward models), `summarise` /
-`win_rate_table` (comparison), `ValidationCallback` (sample grids and rewards while training) and, for text-to-video
+`win_rate_table` (comparison), and, for text-to-video
 models, `sample_videos` / `score_videos` (clips scored frame by frame). `make_pairs` turns sampling and a scorer into
 a preference dataset (AI feedback, on-policy rounds).
 """
@@ -13,35 +13,33 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_attributes
+from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from .callback import ValidationCallback
+    from ..rewards.scorers import EditScorer, Scorer, available_scorers, build_scorer, register_scorer
     from .compare import MetricSummary, WinRate, bootstrap_mean_ci, image_grid, summarise, win_rate, win_rate_table
     from .generation import GenerationSettings, ImageCache, ModelSpec, generate_images, sample_images
     from .pairs import PairsResult, make_pairs, select_pairs
     from .prompts import PROMPT_PRESETS, EditPrompt, load_edits, load_prompt_set, load_prompts
     from .run import EvaluationResult, evaluate
-    from .scorers import EditScorer, Scorer, available_scorers, build_scorer, register_scorer
     from .video import sample_videos, score_videos
 
 # Resolved on first use: the scorers import transformers' CLIP and BLIP models, generation imports diffusers.
 _EXPORTS = {
     "PROMPT_PRESETS": ".prompts",
     "EditPrompt": ".prompts",
-    "EditScorer": ".scorers",
+    "EditScorer": "..rewards.scorers",
     "EvaluationResult": ".run",
     "GenerationSettings": ".generation",
     "ImageCache": ".generation",
     "MetricSummary": ".compare",
     "ModelSpec": ".generation",
     "PairsResult": ".pairs",
-    "Scorer": ".scorers",
-    "ValidationCallback": ".callback",
+    "Scorer": "..rewards.scorers",
     "WinRate": ".compare",
-    "available_scorers": ".scorers",
+    "available_scorers": "..rewards.scorers",
     "bootstrap_mean_ci": ".compare",
-    "build_scorer": ".scorers",
+    "build_scorer": "..rewards.scorers",
     "evaluate": ".run",
     "generate_images": ".generation",
     "image_grid": ".compare",
@@ -49,7 +47,7 @@ _EXPORTS = {
     "load_prompt_set": ".prompts",
     "load_prompts": ".prompts",
     "make_pairs": ".pairs",
-    "register_scorer": ".scorers",
+    "register_scorer": "..rewards.scorers",
     "sample_images": ".generation",
     "sample_videos": ".video",
     "score_videos": ".video",
@@ -70,7 +68,6 @@ __all__ = [
     "ModelSpec",
     "PairsResult",
     "Scorer",
-    "ValidationCallback",
     "WinRate",
     "available_scorers",
     "bootstrap_mean_ci",

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..extras import require_extra
+from ..config.extras import require_extra
 
 __all__ = ["MetricSummary", "WinRate", "bootstrap_mean_ci", "image_grid", "summarise", "win_rate", "win_rate_table"]
 

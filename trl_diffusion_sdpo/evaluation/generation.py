@@ -42,9 +42,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..checks import Choice
-from ..loading import cast_module, dtype_keyword, resolve_model_name
-from .scorers.base import resolve_device
+from ..config.checks import Choice
+from ..families.loading import cast_module, dtype_keyword, resolve_model_name
+from ..rewards.scorers.base import resolve_device
 
 if TYPE_CHECKING:
     from .prompts import EditPrompt

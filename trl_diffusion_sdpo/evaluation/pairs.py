@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import Choice
+from ..config.checks import Choice
+from ..rewards.scorers.base import Scorer, Sources, build_scorer
+from ..rewards.scorers.preflight import check_models, check_prompts
 from .generation import GenerationSettings, ModelSpec, generate_images, split_edits
 from .prompts import EditPrompt, load_prompt_set
 from .run import _scorer_arguments, check_scorers
-from .scorers.base import Scorer, Sources, build_scorer
-from .scorers.preflight import check_models, check_prompts
 
 __all__ = ["PairsResult", "make_pairs", "select_pairs"]
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..rewards.scorers.base import Scorer, available_scorers, build_scorer, scorer_factory, scores_edits
+from ..rewards.scorers.preflight import check_models, check_prompts
 from .compare import (
     MetricSummary,
     WinRate,
@@ -28,8 +30,6 @@ from .compare import (
 )
 from .generation import GenerationSettings, ModelSpec, generate_images, split_edits
 from .prompts import EditPrompt, load_prompt_set
-from .scorers.base import Scorer, available_scorers, build_scorer, scorer_factory, scores_edits
-from .scorers.preflight import check_models, check_prompts
 
 __all__ = ["EvaluationResult", "evaluate"]
 

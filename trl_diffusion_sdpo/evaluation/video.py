@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .scorers.base import Scorer
+from ..rewards.scorers.base import Scorer
 
 __all__ = ["sample_videos", "score_videos"]
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..checks import Choice, Range
+from ..config.checks import Choice, Range
 from ..config.rules import register_config_check
 from ..objectives import objective_class, registered_objectives
 from .base import ModelFamily, PromptEmbeddings

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checks import Choice, Range
+from ..config.checks import Choice, Range
 from .noising import DDPMNoiser, Device, NoisedPair, Noiser, prediction_target
 
 if TYPE_CHECKING:  # annotations only; .flow imports this module

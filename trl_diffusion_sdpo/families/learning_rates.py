@@ -1,6 +1,6 @@
 """The learning rates the docs recommend per model family: one table, with where each figure comes from.
 
-The start summary (:mod:`trl_diffusion_sdpo.run_summary`) warns when the effective (scaled) learning rate is outside
+The start summary (:mod:`trl_diffusion_sdpo.io.run_summary`) warns when the effective (scaled) learning rate is outside
 the family's range. The UNet families publish ranges in the docs; a flow family publishes one LoRA rate
 (``default_learning_rate`` with its ``learning_rate_source``, ``docs/families.md#defaults``), and so does the
 authors' full tuning of SD1.5 and SDXL: for a single published rate the range is that rate divided and multiplied by

@@ -1,30 +1,45 @@
 """What leaves the trainer: weights in diffusers' formats (:mod:`.saving`), model cards and Hub uploads
 (:mod:`.hub`), atomic checkpoints (:mod:`.checkpoints`), all of it done for the trainer by one object,
-``trainer.files`` (:mod:`.run_files`), and the model's config as trackers read it (:mod:`.trackers`)."""
+``trainer.files`` (:mod:`.run_files`), the model's config as trackers read it (:mod:`.trackers`), and what the
+command line prints (:mod:`.console`, :mod:`.run_summary`).
 
-from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
-from .saving import (
-    has_lora_adapters,
-    load_full_denoiser,
-    load_lora_adapters,
-    save_full_denoiser,
-    save_lora_adapters,
-    save_pipeline_components,
-    write_training_config,
-)
-from .trackers import make_config_trackable
+The names resolve on first use, so the command line's light modules (:mod:`.console`) import without diffusers.
+"""
 
-__all__ = [
-    "build_model_card",
-    "create_hub_repo",
-    "has_lora_adapters",
-    "load_full_denoiser",
-    "load_lora_adapters",
-    "make_config_trackable",
-    "push_checkpoint",
-    "save_full_denoiser",
-    "save_lora_adapters",
-    "save_pipeline_components",
-    "upload_folder_to_hub",
-    "write_training_config",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..config._lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
+    from .saving import (
+        has_lora_adapters,
+        load_full_denoiser,
+        load_lora_adapters,
+        save_full_denoiser,
+        save_lora_adapters,
+        save_pipeline_components,
+        write_training_config,
+    )
+    from .trackers import make_config_trackable
+
+_EXPORTS = {
+    "build_model_card": ".hub",
+    "create_hub_repo": ".hub",
+    "push_checkpoint": ".hub",
+    "upload_folder_to_hub": ".hub",
+    "has_lora_adapters": ".saving",
+    "load_full_denoiser": ".saving",
+    "load_lora_adapters": ".saving",
+    "save_full_denoiser": ".saving",
+    "save_lora_adapters": ".saving",
+    "save_pipeline_components": ".saving",
+    "write_training_config": ".saving",
+    "make_config_trackable": ".trackers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -155,7 +155,7 @@ def merge_lora(
     """
     from diffusers import DiffusionPipeline
 
-    from ..loading import dtype_keyword
+    from ..families.loading import dtype_keyword
 
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}.")
@@ -225,8 +225,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """``trl-diffusion-sdpo export``: one export or merge; errors on bad input leave with a message, status 2."""
-    from ..console import quiet_off_terminal
-    from ..loading import resolve_model_name
+    from ..families.loading import resolve_model_name
+    from .console import quiet_off_terminal
 
     quiet_off_terminal()
 

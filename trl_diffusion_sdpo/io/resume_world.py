@@ -29,12 +29,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..engines.base import ResumeConfigError
+
 __all__ = ["ResumeConfigError", "samples_seen"]
-
-
-class ResumeConfigError(ValueError):
-    """The new run's model or config contradicts the checkpoint it resumes from (raised here and by
-    :mod:`.resume_check`, which re-exports it)."""
 
 
 def samples_seen(global_step: int, global_batch: int) -> int:

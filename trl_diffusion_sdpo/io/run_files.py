@@ -37,6 +37,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
+from ..callbacks.preemption import PreemptionCallback, parse_signals, preemption_signal_handlers
 from . import checkpoints, saving
 from .checkpoints import (
     TRAINER_STATE_NAME,
@@ -56,7 +57,6 @@ from .checkpoints import (
     staging_folder,
 )
 from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
-from .preemption import PreemptionCallback, parse_signals, preemption_signal_handlers
 from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
 

@@ -29,7 +29,7 @@ from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..distributed import shard_like
+from ..engines.collectives import shard_like
 
 __all__ = [
     "LORA_WEIGHTS_NAME",

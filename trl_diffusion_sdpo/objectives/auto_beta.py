@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -70,9 +71,9 @@ class AutoBeta:
         """The auto-beta ``args`` asks for (``None`` without ``auto_beta``), reduced over ``num_processes``."""
         if not args.auto_beta:
             return None
-        from ..distributed import all_reduce_sum  # diffusers behind it: imported when a run needs it
+        from accelerate.utils import reduce  # the sum over processes the trainer's metrics use too
 
-        return cls(args.beta, args.auto_beta_target, all_reduce_sum if num_processes > 1 else None)
+        return cls(args.beta, args.auto_beta_target, partial(reduce, reduction="sum") if num_processes > 1 else None)
 
     def observe(self, errors: DenoisingErrors, contributes: bool = True) -> None:
         """Add a micro-batch's ``|m|`` to the open window (zeros for a replay; non-finite margins left out)."""
@@ -99,7 +100,8 @@ class AutoBeta:
         self.beta = auto_beta(self.ema, self.target, self.low, self.high)
 
     def restore(self, ema: float, device: torch.device | str) -> None:
-        """The EMA as a checkpoint saved it (:class:`~trl_diffusion_sdpo.guards.GuardState`), and its ``beta``."""
+        """The EMA as a checkpoint saved it (:class:`~trl_diffusion_sdpo.callbacks.guards.GuardState`), and its
+        ``beta``."""
         self.ema = torch.tensor(ema, dtype=torch.float32, device=device)
         self.beta = auto_beta(self.ema, self.target, self.low, self.high)
 

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..checks import Choice, Range
+from ..config.checks import Choice, Range
 from ..config.rules import register_config_check
 
 __all__ = [

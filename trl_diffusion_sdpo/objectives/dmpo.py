@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..checks import Range
+from ..config.checks import Range
 from .base import DiffusionDPOLogitObjective, ObjectiveOutput, diffusion_dpo_logits, hyperparameter, register_objective
 
 if TYPE_CHECKING:

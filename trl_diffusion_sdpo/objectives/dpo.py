@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..checks import Range
+from ..config.checks import Range
 from .base import (
     DiffusionDPOLogitObjective,
     ObjectiveOutput,

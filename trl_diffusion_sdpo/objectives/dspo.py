@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checks import Choice
+from ..config.checks import Choice
 from .base import (
     DiffusionDPOLogitObjective,
     ObjectiveOutput,

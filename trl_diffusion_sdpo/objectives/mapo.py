@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..checks import Range
+from ..config.checks import Range
 from .base import ObjectiveOutput, PreferenceObjective, hyperparameter, register_objective
 
 if TYPE_CHECKING:

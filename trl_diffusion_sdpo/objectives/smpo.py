@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checks import Range
+from ..config.checks import Range
 from .base import ObjectiveOutput, hyperparameter, register_objective
 from .dpo import DiffusionDPOObjective, diffusion_dpo_loss
 

@@ -4,12 +4,12 @@ and trained on with the offline trainer's step (its objectives, safeguards, engi
 * :class:`OnlineDiffusionSDPOConfig` (:mod:`.config`): the offline config plus the generation's fields;
 * :class:`OnlineDiffusionSDPOTrainer` (:mod:`.trainer`): the trainer, a generation stage before the offline step;
 * :mod:`.generation`: sample, score and pair one micro-batch; ``RewardFunctions``: the weighted reward functions
-  (:mod:`trl_diffusion_sdpo.rewards`, which the offline trainer uses too).
+  (:mod:`trl_diffusion_sdpo.rewards.functions`, which the offline trainer uses too).
 """
 
 from __future__ import annotations
 
-from .._lazy import lazy_attributes
+from ..config._lazy import lazy_attributes
 
 __all__ = ["OnlineDiffusionSDPOConfig", "OnlineDiffusionSDPOTrainer", "RewardFunctions"]
 

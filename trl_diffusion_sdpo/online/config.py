@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..checks import Choice, Range
 from ..config import DiffusionSDPOConfig, register_config_check
+from ..config.checks import Choice, Range
 from ..config.docs import config_docstring
 from ..config.fields import option
 from ..config.rules import SAFEGUARD_SPACES

@@ -48,7 +48,7 @@ from ..data.transforms import PairTransform, image_pixels, load_image, resized_s
 from ..evaluation.pairs import select_pairs
 from ..families import ModelFamily, PromptEmbeddings
 from ..families.latents import unscale_latents
-from ..rewards import RewardFunctions
+from ..rewards.functions import RewardFunctions
 from ..step.stages import fixed_time_ids
 
 __all__ = [

@@ -8,7 +8,8 @@ The offline trainer's step with a generation stage in front of it::
 Objectives, safeguards, engines and families are the offline trainer's, unchanged. The reference stays the initial
 model, or moves to the policy every ``ref_update_steps`` optimizer steps.
 
-A reward that gives no usable score (:class:`~trl_diffusion_sdpo.rewards.RewardError`, e.g. a reward server down
+A reward that gives no usable score (:class:`~trl_diffusion_sdpo.rewards.functions.RewardError`, e.g. a reward server
+down
 after its retries) stops the run on every process before the micro-batch trains, with a checkpoint of the last
 optimizer step.
 """
@@ -32,9 +33,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data.training_data import TrainingData
 from ..data.validation import DataReport
 from ..families import ModelFamily, PromptEmbeddings
-from ..quantization import is_quantized
-from ..reference import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
-from ..rewards import RewardError, RewardFunction, RewardFunctions
+from ..families.quantization import is_quantized
+from ..rewards.functions import RewardError, RewardFunction, RewardFunctions
+from ..step.reference import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
 from ..trainer import DiffusionSDPOTrainer
 from .config import OnlineDiffusionSDPOConfig
 from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage, PendingGeneration

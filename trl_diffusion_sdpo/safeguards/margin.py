@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..distributed import all_reduce_sum
+from ..engines.collectives import all_reduce_sum
 from ..objectives import DenoisingErrors
 
 __all__ = ["AUTO", "AUTO_MU_START", "FALLBACK_MU", "SafeguardMargin", "default_mu", "resolve_mu"]
@@ -101,7 +101,8 @@ class SafeguardMargin:
         return self.current()
 
     def restore(self, mu: float, device: torch.device | str) -> None:
-        """``mu`` as a checkpoint saved it (:class:`~trl_diffusion_sdpo.guards.GuardState`); on ``device`` with
+        """``mu`` as a checkpoint saved it (:class:`~trl_diffusion_sdpo.callbacks.guards.GuardState`); on ``device``
+        with
         ``"auto"``."""
         self.value = torch.tensor(mu, dtype=torch.float32, device=device) if self.auto else float(mu)
 

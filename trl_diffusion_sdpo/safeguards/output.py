@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..distributed import all_reduce_sum
+from ..engines.collectives import all_reduce_sum
 from ..objectives import PreferencePredictions, masked_residual
 from ..step.stages import denoising_errors
 from .base import MicroBatch, Safeguard, StepResult

@@ -11,8 +11,8 @@ step also records the authors' output-space ``lambda`` on the same micro-batch, 
 
 Both run their backward themselves (:class:`ParameterSpaceBackward`) on the unwrapped denoiser. By default that is
 one forward and one backward pass over the whole pair batch, like Diffusion-DPO, with each trainable weight's gradient
-split by branch inside it (per-layer taps, :mod:`~trl_diffusion_sdpo.gradients.layer_taps`; the store is
-:class:`~trl_diffusion_sdpo.gradients.one_pass.OnePassBranchGradients`)::
+split by branch inside it (per-layer taps, :mod:`~trl_diffusion_sdpo.safeguards.gradients.layer_taps`; the store is
+:class:`~trl_diffusion_sdpo.safeguards.gradients.one_pass.OnePassBranchGradients`)::
 
     predictions (one pass) -> objective on detached predictions (each branch's cotangent, branch_cotangents)
     -> one backward, weight gradients split by rows: g_w, h_l -> lambda = f(<g_w, g_w>, <g_w, h_l>)
@@ -21,9 +21,11 @@ split by branch inside it (per-layer taps, :mod:`~trl_diffusion_sdpo.gradients.l
 
 Where that cannot run (a trainable weight no tap covers, a layer that sees rows it cannot group,
 ``safeguard_passes="two"``) it runs the reference implementation: one forward and one
-backward pass per branch (:mod:`~trl_diffusion_sdpo.gradients.per_branch`), and says once why. The per-pair scope
+backward pass per branch (:mod:`~trl_diffusion_sdpo.safeguards.gradients.per_branch`), and says once why. The per-pair
+scope
 splits by image instead: one ``lambda_i`` per pair, ``.grad += sum_i (g_w,i + lambda_i * h_l,i)`` (one pass only).
-The reductions over processes are the engine's :class:`~trl_diffusion_sdpo.gradients.collectives.BranchCollectives`.
+The reductions over processes are the engine's
+:class:`~trl_diffusion_sdpo.safeguards.gradients.collectives.BranchCollectives`.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ from typing import Any
 
 import torch
 
-from ..distributed import all_reduce_sum
 from ..engines import Engine
-from ..gradients import OnePassBranchGradients, PerBranchStore, collectives_for
+from ..engines.collectives import all_reduce_sum
 from ..objectives import PreferencePredictions
 from ..step.optimizer import trainable_parameters
 from ..step.stages import Evaluation
 from .base import MicroBatch, Safeguard, StepResult
+from .gradients import OnePassBranchGradients, PerBranchStore, collectives_for
 from .margin import SafeguardMargin
 from .output import OutputSpaceRule
 from .update_space import OptimizerUpdate, update_space_lambda

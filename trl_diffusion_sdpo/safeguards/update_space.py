@@ -70,8 +70,8 @@ from dataclasses import dataclass
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
-from ..gradients.one_pass import blocked_dot
 from .crossing import bracketed_crossing, float32
+from .gradients.one_pass import blocked_dot
 
 __all__ = [
     "GRID_POINTS",

@@ -1,0 +1,12 @@
+"""What acts on a run from outside the step, as ``transformers.TrainerCallback`` objects the trainer registers:
+
+* :mod:`.guards`: the EMA weights (``ema_decay``), the pathology action (``on_pathology``), early stopping and the
+  state of the guards that adapt during a run (auto-beta, ``safeguard_mu="auto"``, escalations);
+* :mod:`.health`: Diffusion-DPO's pathology, detected in the training logs;
+* :mod:`.nonfinite`: a non-finite loss or gradient never reaches the weights;
+* :mod:`.stream_guard`: a data stream that yields too few valid pairs stops the run;
+* :mod:`.preemption`: SIGTERM saves a checkpoint and exits;
+* :mod:`.validation`: validation images and rewards during training.
+
+Each decision a callback takes from a process's own data is reduced over processes before it acts.
+"""

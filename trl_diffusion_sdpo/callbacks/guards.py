@@ -1,0 +1,188 @@
+"""The guards that act on the run rather than on the loss: EMA weights, and what happens when health's alarm fires.
+
+* :class:`EMAWeights` (``ema_decay``): diffusers' ``EMAModel`` over the trained weights, as a ``TrainerCallback``:
+  ``theta_ema <- decay * theta_ema + (1 - decay) * theta`` after every optimizer step (diffusers' warm-up of the decay
+  included) from the weights training starts from, saved beside the trained weights (``ema/`` in each checkpoint and
+  in the output folder, in the same format), and the weights the validation grids sample from.
+* :class:`PathologyAction` (``on_pathology``): ``warn`` leaves the warning to health; ``escalate`` raises the
+  safeguard's ``mu`` halfway to 1; ``stop`` saves a checkpoint and stops, through transformers' ``control``.
+* :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
+* :class:`GuardState`: the guards that adapt as the run goes (the auto-beta, ``safeguard_mu="auto"``, the
+  escalations), each reducing over processes before it acts; what they have learnt is saved in every checkpoint's
+  trainer state and restored on resume, so a resumed run continues as the uninterrupted one.
+
+The components take what they need (the trainer's save function, the margin object), never the trainer's internals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..objectives import AutoBeta
+from .health import WINDOWS
+
+__all__ = ["EMA_FOLDER", "EMAWeights", "GuardState", "PathologyAction", "early_stopping"]
+
+logger = logging.getLogger(__name__)
+
+#: the folder, inside a checkpoint and the output folder, holding the EMA weights
+EMA_FOLDER = "ema"
+
+
+class EMAWeights(TrainerCallback):
+    """An exponential moving average of ``parameters`` (diffusers' ``EMAModel``), stepped after every optimizer step.
+
+    Args:
+        parameters: the trained weights (LoRA adapters, or the whole denoiser).
+        decay: the EMA's decay.
+        save: ``save(folder)`` writes the trained weights to ``folder`` in the run's format (the trainer's
+            ``_save``); it is called with the EMA weights swapped in.
+    """
+
+    def __init__(self, parameters: Sequence[torch.nn.Parameter], decay: float, save: Callable[[str], Any]) -> None:
+        self.parameters, self.decay, self.save = list(parameters), decay, save
+        self.ema = None  # started with training, from the weights it starts from (a resumed checkpoint's too)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from diffusers.training_utils import EMAModel  # diffusers' training utilities: imported when used
+
+        self.ema = EMAModel(self.parameters, decay=self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The EMA weights in the model for the block, the trained ones restored after (diffusers' store/restore);
+        before training starts, the trained weights as they are."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.parameters)
+        self.ema.copy_to(self.parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.parameters)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.step(self.parameters)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._save_to(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", EMA_FOLDER), state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._save_to(os.path.join(args.output_dir, EMA_FOLDER), state)
+
+    def _save_to(self, folder: str, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        with self.swapped_in():
+            self.save(folder)
+
+
+class PathologyAction:
+    """What a training log flagged by ``health/winner_pathology`` does, beyond health's warning.
+
+    Args:
+        action: ``warn``, ``escalate`` or ``stop`` (the config's ``on_pathology``).
+        margin: the safeguard's ``mu`` (``escalate`` raises it); ``None`` without a safeguard.
+    """
+
+    def __init__(self, action: str, margin: Any | None = None) -> None:
+        self.action, self.margin = action, margin
+        self.escalations = 0
+        self._logs_since = WINDOWS  # escalate at once; then again only once the raised mu has had WINDOWS logs
+
+    def __call__(self, logs: dict[str, float], control, step: int) -> None:
+        """Act on ``logs`` (annotated by health, in place) through transformers' ``control``."""
+        if "health/winner_pathology" not in logs:
+            return
+        self._logs_since += 1
+        fired = logs["health/winner_pathology"] == 1.0
+        if self.action == "escalate":
+            if fired and self._logs_since > WINDOWS and self.margin is not None:
+                self._logs_since = 0
+                self.escalations += 1
+                mu = self.margin.escalate()
+                logger.warning("Step %d: on_pathology='escalate' raised safeguard_mu to %g.", step, mu)
+                logs["safeguard/mu"] = mu
+            logs["health/escalations"] = float(self.escalations)
+        elif self.action == "stop" and fired:
+            logger.warning(
+                "Step %d: on_pathology='stop': the winner's error has stayed above the reference's while the implicit "
+                "accuracy grew (health/winner_pathology); saving a checkpoint and stopping.",
+                step,
+            )
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class GuardState(TrainerCallback, ExportableState):
+    """The guards that adapt as the run goes, and their state in the checkpoints.
+
+    The auto-beta and, with ``safeguard_mu="auto"``, the safeguard's ``mu`` (:attr:`adapting`) see every micro-batch
+    and move once its optimizer step's window closes, on every process together (the trainer's step calls them, so
+    the step reads no file of its own for them); the pathology action acts on each training log (:meth:`log`).
+    transformers writes :meth:`state` into ``trainer_state.json`` (``stateful_callbacks``) at every save, and reads
+    the file back before ``on_train_begin`` on resume, where this puts it back into the guards (every process reads
+    the same file). The values are the reduced ones, equal on every process.
+
+    Args:
+        auto_beta: the run's ``AutoBeta`` (``None`` without ``auto_beta``).
+        margin: the safeguard's ``SafeguardMargin`` (``None`` without a safeguard).
+        action: the run's :class:`PathologyAction`.
+    """
+
+    def __init__(self, auto_beta: AutoBeta | None, margin: Any | None, action: PathologyAction) -> None:
+        self.auto_beta, self.margin, self.action = auto_beta, margin, action
+        moving = margin if margin is not None and margin.auto else None  # a fixed mu never moves
+        self.adapting = [guard for guard in (auto_beta, moving) if guard is not None]
+
+    @classmethod
+    def from_config(cls, args, num_processes: int, margin: Any) -> GuardState:
+        """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when ``args.safeguard``)."""
+        margin = margin if args.safeguard else None
+        return cls(AutoBeta.from_config(args, num_processes), margin, PathologyAction(args.on_pathology, margin))
+
+    def log(self, logs: dict[str, float], control, step: int) -> None:
+        """A training log (annotated by health): the pathology action, then the ``mu`` and ``beta`` in force."""
+        self.action(logs, control, step)
+        if self.margin is not None:
+            logs["safeguard/mu"] = self.margin.current()
+        if self.auto_beta is not None:
+            logs["beta"] = self.auto_beta.current()
+
+    def state(self) -> dict[str, Any]:
+        guards: dict[str, Any] = {"escalations": self.action.escalations, "logs_since": self.action._logs_since}
+        if self.margin is not None:
+            guards["mu"] = self.margin.current()
+        if self.auto_beta is not None and self.auto_beta.ema is not None:
+            guards["auto_beta_ema"] = float(self.auto_beta.ema)
+        return {"args": {}, "attributes": guards}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if state.global_step == 0 or not saved:  # a new run, or a checkpoint from before the guards kept state
+            state.stateful_callbacks[type(self).__name__] = self.state()
+            return
+        guards = saved["attributes"]
+        self.action.escalations, self.action._logs_since = guards["escalations"], guards["logs_since"]
+        if self.margin is not None and "mu" in guards:
+            self.margin.restore(guards["mu"], args.device)
+        if self.auto_beta is not None and "auto_beta_ema" in guards:
+            self.auto_beta.restore(guards["auto_beta_ema"], args.device)
+
+
+def early_stopping(patience: int | None, threshold: float = 0.0) -> list[TrainerCallback]:
+    """transformers' ``EarlyStoppingCallback`` with ``patience`` evaluations (none for ``None``); it needs
+    ``metric_for_best_model`` and ``load_best_model_at_end``, which transformers checks when training starts."""
+    if patience is None:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=threshold)]

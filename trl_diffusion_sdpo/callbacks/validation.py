@@ -1,0 +1,369 @@
+"""Validation while training: a `transformers.TrainerCallback` that samples a fixed grid of (prompt, seed) images
+from the policy at step 0 (the base model) and every ``every_n_steps`` optimizer steps, saves it as
+``output_dir/validation/step-XXXXXX.png``, logs it to the image-capable trackers in ``report_to`` (TensorBoard,
+Weights & Biases, trackio, MLflow; others are skipped with a debug message) and, with scorers, logs their means as
+``eval/reward/<name>``.
+
+Sampling uses its own CPU generators and runs inside ``torch.random.fork_rng``, so the training RNG streams
+(dropout, timesteps, noise) are the same with and without the callback; the UNet's train/eval mode is restored and
+the pipeline's own scheduler (used by training for noising) is left untouched: sampling goes through a shallow copy
+of the pipeline with an Euler scheduler built from the same config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+
+from ..evaluation.compare import image_grid
+from ..evaluation.generation import GenerationSettings, sample_images
+from ..rewards.scorers.base import Scorer, build_scorer
+
+__all__ = ["ValidationCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class ValidationCallback(TrainerCallback):
+    """Sample grids (rows: seeds, columns: prompts) and optional rewards during training. Off unless added.
+
+    Args:
+        prompts: the validation prompts.
+        seeds: one row of the grid per seed; each image's generator is seeded with its row's seed.
+        num_inference_steps: sampling steps (Euler sampler).
+        guidance_scale: classifier-free guidance scale.
+        negative_prompt: the negative prompt.
+        height: image height; None is the model's native resolution.
+        width: image width; None is the model's native resolution.
+        every_n_steps: validate when ``global_step % every_n_steps == 0``; 0 validates only at step 0.
+        scorers: registered scorer names or `Scorer` instances; names are built on first use with
+            ``scorer_kwargs[name]``.
+        pipeline: the pipeline whose denoiser (``unet`` or ``transformer``) is trained (the trainer's ``pipeline``);
+            or pass ``trainer``.
+        trainer: a trainer exposing ``pipeline``; also lets the callback reuse its TensorBoard writer.
+        at_start: validate the base model at step 0 (skipped when training resumes past step 0).
+        autocast_dtype: run sampling under ``torch.autocast`` in this dtype; ``"auto"`` (default) picks bf16/fp16
+            when the pipeline mixes that dtype with float32 weights (mixed-precision training: frozen modules in the
+            compute dtype, trainable weights in float32), else none; None never autocasts.
+        batch_size: images per pipeline call.
+    """
+
+    @classmethod
+    def from_config(cls, args, family, trainer=None) -> ValidationCallback:
+        """The callback a ``DiffusionSDPOConfig``'s ``validation_*`` fields ask for, sampling ``family``'s pipeline
+        (its own guidance scale unless ``validation_guidance_scale`` is set) at the training resolution."""
+        guidance = args.validation_guidance_scale
+        return cls(
+            prompts=args.validation_prompts,
+            seeds=args.validation_seeds,
+            num_inference_steps=args.validation_num_inference_steps,
+            guidance_scale=family.sampling_guidance_scale() if guidance is None else guidance,
+            every_n_steps=args.validation_steps,
+            scorers=args.validation_scorers or None,
+            height=args.resolution,
+            width=args.resolution,
+            trainer=trainer,
+            sources=validation_sources(args.validation_source_images, family),
+        )
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] = (0,),
+        num_inference_steps: int = 25,
+        guidance_scale: float = 8.5,
+        every_n_steps: int = 500,
+        scorers: Sequence[str | Scorer] | None = None,
+        pipeline: Any = None,
+        trainer: Any = None,
+        scorer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        negative_prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        at_start: bool = True,
+        autocast_dtype: torch.dtype | str | None = "auto",
+        batch_size: int = 4,
+        sources: Sequence[Image.Image] | None = None,
+    ) -> None:
+        if not prompts:
+            raise ValueError("ValidationCallback needs at least one prompt.")
+        if sources is not None and len(sources) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts and {len(sources)} source images; they are paired.")
+        if every_n_steps < 0:
+            raise ValueError("every_n_steps must be >= 0.")
+        self.prompts = list(prompts)
+        self.seeds = [int(s) for s in seeds] or [0]
+        self.settings = GenerationSettings(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            negative_prompt=negative_prompt,
+        )
+        self.every_n_steps = every_n_steps
+        self.scorer_specs = list(scorers or [])
+        self.scorer_kwargs = dict(scorer_kwargs or {})
+        self._scorers: list[Scorer] | None = None
+        self.pipeline = pipeline
+        self.trainer = trainer
+        self.at_start = at_start
+        self.autocast_dtype = autocast_dtype
+        self.batch_size = batch_size
+        self.sources = None if sources is None else list(sources)
+        self.history: list[dict[str, Any]] = []  # one entry per validation: step, path, seconds, rewards
+        self._own_tb_writer = None
+        self._sampler: tuple[tuple[int, ...], Any] | None = None
+
+    # -- TrainerCallback hooks -------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.at_start and state.global_step == 0:
+            self._validate(args, state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every_n_steps and state.global_step > 0 and state.global_step % self.every_n_steps == 0:
+            self._validate(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._own_tb_writer is not None:
+            self._own_tb_writer.close()
+            self._own_tb_writer = None
+
+    # -- the work --------------------------------------------------------------------------------------------------
+
+    def _get_pipeline(self):
+        pipeline = self.pipeline if self.pipeline is not None else getattr(self.trainer, "pipeline", None)
+        if pipeline is None:
+            raise ValueError("ValidationCallback needs pipeline= (the trainer's pipeline) or trainer= to sample from.")
+        return pipeline
+
+    def _sampling_pipeline(self, pipeline):
+        """A pipeline sharing every module with ``pipeline`` but with its own Euler scheduler; built once and rebuilt
+        only if the pipeline's modules are replaced (e.g. the UNet wrapped)."""
+        components = pipeline.components
+        identity = tuple(id(module) for module in components.values())
+        if self._sampler is None or self._sampler[0] != identity:
+            from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+            from diffusers.utils import logging as diffusers_logging
+
+            # Flow-matching models (SD3, FLUX) sample with their own flow Euler scheduler, a copy of it.
+            flow = isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
+            scheduler_cls = FlowMatchEulerDiscreteScheduler if flow else EulerDiscreteScheduler
+            scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # the "safety checker disabled" notice, once per build
+            try:
+                sampler = type(pipeline)(**{**components, "scheduler": scheduler})
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
+            sampler.set_progress_bar_config(disable=True)
+            self._sampler = (identity, sampler)
+        return self._sampler[1]
+
+    def generate(self) -> tuple[Image.Image, list[Image.Image]]:
+        """Sample the grid now (prompts vary along a row, seeds down the columns); returns the grid and the images.
+
+        Modules the trainer keeps elsewhere (the VAE and text encoders stay on the CPU with ``cache_latents``) are
+        moved to the denoiser's device for sampling and put back; the denoiser's mode and every RNG state are
+        restored.
+        """
+        pipeline = self._get_pipeline()
+        name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # SD3 / FLUX: a transformer
+        denoiser = getattr(pipeline, name)
+        was_training = denoiser.training
+        device = denoiser.device
+        modules = {n: m for n, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and n != name}
+        homes = {n: _module_device(m) for n, m in modules.items()}
+        prompts = [p for _ in self.seeds for p in self.prompts]
+        seeds = [s for s in self.seeds for _ in self.prompts]
+        autocast_dtype = self._autocast_dtype(pipeline)
+        fork_devices = [device] if device.type == "cuda" else []
+        try:
+            denoiser.eval()
+            for name, module in modules.items():
+                if homes[name] is not None and homes[name] != device:
+                    module.to(device)
+            with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
+                    images = sample_images(
+                        self._sampling_pipeline(pipeline), prompts, seeds, self.settings, batch_size=self.batch_size,
+                        sources=self._grid_sources(),
+                    )  # fmt: skip
+        finally:
+            denoiser.train(was_training)
+            for name, module in modules.items():
+                if homes[name] is not None and homes[name] != device:
+                    module.to(homes[name])
+        rows = [images[i * len(self.prompts) : (i + 1) * len(self.prompts)] for i in range(len(self.seeds))]
+        grid = image_grid(rows, row_labels=[f"seed {s}" for s in self.seeds] if len(self.seeds) > 1 else ())
+        return grid, images
+
+    def _grid_sources(self) -> list[list[Image.Image]] | None:
+        """Each grid cell's source images (prompts along a row, seeds down the columns), or ``None``."""
+        if self.sources is None:
+            return None
+        return [[source] for _ in self.seeds for source in self.sources]
+
+    def _autocast_dtype(self, pipeline) -> torch.dtype | None:
+        """``autocast_dtype`` as given; with ``"auto"``, the half-precision dtype the pipeline's modules mix with
+        float32 (mixed-precision training keeps frozen modules in bf16/fp16 and trainable weights in fp32), if any."""
+        if self.autocast_dtype != "auto":
+            return self.autocast_dtype
+        dtypes = {
+            p.dtype
+            for m in pipeline.components.values()
+            if isinstance(m, torch.nn.Module)
+            for p in m.parameters()
+            if p.is_floating_point()
+        }
+        half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+        return half[0] if half and len(dtypes) > 1 else None
+
+    def _score(self, images: list[Image.Image]) -> dict[str, float]:
+        if not self.scorer_specs:
+            return {}
+        if self._scorers is None:
+            self._scorers = [
+                build_scorer(s, **dict(self.scorer_kwargs.get(s, {}))) if isinstance(s, str) else s
+                for s in self.scorer_specs
+            ]
+        prompts = [p for _ in self.seeds for p in self.prompts]
+        sources = self._grid_sources()
+        return {f"eval/reward/{s.name}": s.aggregate(s(images, prompts, sources)) for s in self._scorers}
+
+    def _validate(self, args, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        start = time.perf_counter()
+        # The trainer's sampling weights (the EMA's with ema_decay), else the trained ones
+        sampling = getattr(self.trainer, "sampling_weights", None)
+        with sampling() if sampling is not None else contextlib.nullcontext():
+            grid, images = self.generate()
+        folder = os.path.join(args.output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step-{state.global_step:06d}.png")
+        grid.save(path)
+        rewards = self._score(images)
+        seconds = time.perf_counter() - start
+        self._log_image(args, state.global_step, grid)
+        if rewards:
+            self._log_scalars(args, state.global_step, rewards)
+            state.log_history.append({**rewards, "step": state.global_step})
+        self.history.append({"step": state.global_step, "path": path, "seconds": seconds, **rewards})
+        logger.info("Validation at step %d: %s (%.1fs)", state.global_step, path, seconds)
+
+    # -- trackers --------------------------------------------------------------------------------------------------
+
+    def _tb_writer(self, args):
+        handler = getattr(self.trainer, "callback_handler", None)
+        for callback in getattr(handler, "callbacks", []):
+            if getattr(callback, "tb_writer", None) is not None:
+                return callback.tb_writer
+        if self._own_tb_writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.debug("report_to has tensorboard but tensorboard is not installed; validation images skipped.")
+                return None
+            log_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or getattr(args, "logging_dir", None)
+            self._own_tb_writer = SummaryWriter(log_dir=log_dir or os.path.join(args.output_dir, "runs", "validation"))
+        return self._own_tb_writer
+
+    def _log_image(self, args, step: int, grid: Image.Image) -> None:
+        for tracker in _report_to(args):
+            try:
+                if tracker == "tensorboard":
+                    writer = self._tb_writer(args)
+                    if writer is not None:
+                        writer.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
+                        writer.flush()
+                elif tracker == "wandb":
+                    import wandb
+
+                    if wandb.run is not None:
+                        wandb.log({"validation/samples": wandb.Image(grid), "train/global_step": step})
+                elif tracker == "trackio":
+                    import trackio
+
+                    trackio.log({"validation/samples": trackio.Image(grid)}, step=step)
+                elif tracker == "mlflow":
+                    import mlflow
+
+                    if mlflow.active_run() is not None:
+                        mlflow.log_image(grid, key="validation/samples", step=step)
+                else:
+                    logger.debug("Tracker %s: validation images are not logged to it.", tracker)
+            except (ImportError, AttributeError) as error:  # tracker not installed or without image support
+                logger.debug("Tracker %s: validation image not logged (%s).", tracker, error)
+
+    def _log_scalars(self, args, step: int, values: dict[str, float]) -> None:
+        for tracker in _report_to(args):
+            try:
+                if tracker == "tensorboard":
+                    writer = self._tb_writer(args)
+                    if writer is not None:
+                        for key, value in values.items():
+                            writer.add_scalar(key, value, step)
+                elif tracker == "wandb":
+                    import wandb
+
+                    if wandb.run is not None:
+                        wandb.log({**values, "train/global_step": step})
+                elif tracker == "trackio":
+                    import trackio
+
+                    trackio.log(values, step=step)
+                elif tracker == "mlflow":
+                    import mlflow
+
+                    if mlflow.active_run() is not None:
+                        mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
+            except (ImportError, AttributeError) as error:
+                logger.debug("Tracker %s: validation rewards not logged (%s).", tracker, error)
+
+
+def _module_device(module: torch.nn.Module) -> torch.device | None:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else None
+
+
+def _report_to(args) -> list[str]:
+    report_to = getattr(args, "report_to", None) or []
+    report_to = [report_to] if isinstance(report_to, str) else list(report_to)
+    return (
+        [r for r in report_to if r not in ("none", "all")]
+        if "all" not in report_to
+        else ["tensorboard", "wandb", "trackio", "mlflow"]
+    )
+
+
+def validation_sources(paths: Sequence[str] | None, family) -> list[Image.Image] | None:
+    """``validation_source_images`` decoded now (a bad file fails here, naming it, not at the first grid), for an
+    editing family only."""
+    if paths is None:
+        return None
+    if not family.edits:
+        raise ValueError(
+            f"validation_source_images is for editing families; {family.name} generates from prompts alone: "
+            "leave it unset"
+        )
+    from ..data.transforms import load_image
+
+    images = []
+    for index, path in enumerate(paths):
+        try:
+            images.append(load_image(path))
+        except Exception as err:  # PIL raises many types for a corrupt or missing file
+            raise ValueError(f"validation_source_images[{index}] ({path!r}) cannot be read: {err}") from None
+    return images

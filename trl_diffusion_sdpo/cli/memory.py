@@ -1,0 +1,177 @@
+"""``trl-diffusion-sdpo estimate-memory --config x.yaml [flags] [--json]``: the per-process peak memory of the run the
+same ``train`` arguments describe, before anything loads (:mod:`.memory`).
+
+    trl-diffusion-sdpo estimate-memory --config examples/configs/sdxl_full.yaml --engine zero2 --num_processes 8
+    trl-diffusion-sdpo estimate-memory --config examples/configs/qwen_image_lora.yaml --base_quantization quanto-int4
+
+The engine and the process count come from ``accelerate launch``, not the training YAML: give them here. An
+``online`` command's YAML file (one with ``prompts`` or ``reward_funcs``) is read with that command's options.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..engines.memory import ENGINES, GIB, MemoryEstimate, RunShape
+
+__all__ = ["EstimateArguments", "make_estimate_parser", "run_estimate_memory", "run_shape"]
+
+# The prompt tokens a UNet attends to (CLIP's); SD3 adds T5's max_sequence_length (77 by default) to CLIP's 77, the
+# other flow families take max_sequence_length (512 by default).
+CLIP_TOKENS = 77
+
+
+@dataclass
+class EstimateArguments:
+    """Options of ``trl-diffusion-sdpo estimate-memory`` beside the ``train`` command's (whose YAML file it reads)."""
+
+    engine: str = field(
+        default="ddp",
+        metadata={
+            "help": "The engine accelerate launches (examples/accelerate_configs): ddp (also one process), zero1, "
+            "zero2, zero3 (DeepSpeed) or fsdp2.",
+            "choices": list(ENGINES),
+        },
+    )
+    num_processes: int = field(default=1, metadata={"help": "Processes (GPUs) the run is launched on."})
+    json: bool = field(default=False, metadata={"help": "Print one JSON object (total_gib: the per-process peak)."})
+
+
+def make_estimate_parser(online: bool = False):
+    """``train``'s parser (:func:`~.scripts.train.make_parser`), or ``online``'s, with :class:`EstimateArguments`
+    under a topic of their own."""
+    from . import online as online_command
+    from . import train as train_command
+
+    argument_types, topics = (
+        (online_command.ARGUMENT_TYPES, online_command.online_topics)
+        if online
+        else (train_command.ARGUMENT_TYPES, train_command.train_topics)
+    )
+    return train_command.make_parser(
+        "trl-diffusion-sdpo estimate-memory",
+        (*argument_types, EstimateArguments),
+        "Estimate the per-process peak memory of a training run (weights, gradients, optimizer state, activations, "
+        "the reference, the safeguard, the frozen parts) from the training YAML (--config) and flags, counting the "
+        "model on the meta device: nothing is downloaded or loaded. See docs/memory.md.",
+        "",
+        lambda: [("Estimate", "", [f.name for f in fields(EstimateArguments)]), *topics()],
+    )
+
+
+def _safeguard(args: Any) -> str:
+    space = "none" if args.safeguard is False else args.safeguard_space
+    if space in ("parameter", "update"):
+        return "two_pass" if args.safeguard_passes == "two" else "one_pass"
+    return space
+
+
+def run_shape(
+    args: Any, model_args: Any, diffusion_args: Any, estimate_args: EstimateArguments, family: str
+) -> RunShape:
+    """The :class:`~.memory.RunShape` of the parsed ``train`` arguments and the engine options."""
+    from ..engines.memory import family_lora_targets
+    from ..families.preparation import wants_gradient_checkpointing
+    from .train import base_quantization_for
+
+    half = args.bf16 or args.fp16 or model_args.dtype in ("bfloat16", "float16")
+    lora = model_args.use_peft
+    if family in ("stable-diffusion", "stable-diffusion-xl"):
+        prompt_tokens = CLIP_TOKENS
+    elif family == "stable-diffusion-3":
+        prompt_tokens = CLIP_TOKENS + (args.max_sequence_length or CLIP_TOKENS)
+    else:
+        prompt_tokens = args.max_sequence_length or 512
+    return RunShape(
+        pairs=args.per_device_train_batch_size,
+        resolution=args.resolution,
+        frames=args.num_frames or 1,
+        prompt_tokens=prompt_tokens,
+        dtype_bytes=2 if half else 4,
+        lora_rank=model_args.lora_r if lora else None,
+        lora_targets=tuple(model_args.lora_target_modules or family_lora_targets(family)),
+        base_quantization=base_quantization_for(model_args, diffusion_args).name,
+        optim=str(getattr(args.optim, "value", args.optim)),
+        engine=estimate_args.engine,
+        num_processes=estimate_args.num_processes,
+        activation_checkpointing=wants_gradient_checkpointing(args),
+        latent_cache=bool(args.cache_latents or diffusion_args.latent_cache),
+        offload_frozen=args.offload_frozen_modules,
+        safeguard=_safeguard(args),
+    )
+
+
+def format_estimate(estimate: MemoryEstimate, shape: RunShape, model: str) -> str:
+    """The estimate as a table, one term per line."""
+    tuning = f"LoRA rank {shape.lora_rank}" if shape.lora_rank is not None else "full tuning"
+    if shape.base_quantization != "none":
+        tuning += f" on a {shape.base_quantization} base"
+    lines = [
+        f"{model}: {tuning}, {shape.pairs} pairs x {shape.resolution} px per process, "
+        f"{'bf16/fp16' if shape.dtype_bytes == 2 else 'float32'}, {shape.engine} over {shape.num_processes} "
+        f"process(es){', activation checkpointing' if shape.activation_checkpointing else ''}"
+        f"{', latent cache' if shape.latent_cache else ''}",
+    ]
+    unit, scale = ("GiB", GIB) if estimate.total_bytes >= GIB else ("MiB", 2**20)
+    for name, value in estimate.components.items():
+        lines.append(f"  {name.replace('_', ' '):<22} {value / scale:9.2f} {unit}")
+    lines.append(f"  {'total per process':<22} {estimate.total_bytes / scale:9.2f} {unit}")
+    lines.append(f"  activations: {estimate.method['activations']}")
+    return "\n".join(lines)
+
+
+# Keys only an ``online`` command's YAML file has: such a file is read with that command's options.
+ONLINE_KEYS = ("prompts", "reward_funcs", "num_generations")
+
+
+def is_online_config(argv: list[str]) -> bool:
+    """Whether ``--config`` names an ``online`` command's YAML file (one with any of :data:`ONLINE_KEYS`)."""
+    if "--config" not in argv[:-1]:
+        return False
+    import yaml
+
+    try:
+        with open(argv[argv.index("--config") + 1]) as f:
+            config = yaml.safe_load(f)
+    except OSError:
+        return False  # the parser names the missing file
+    return isinstance(config, dict) and any(key in config for key in ONLINE_KEYS)
+
+
+def run_estimate_memory(argv: list[str] | None = None) -> int:
+    """``trl-diffusion-sdpo estimate-memory``: parse ``argv`` and print the estimate; returns the exit status."""
+    from ..engines.memory import estimate_memory, model_sizes
+    from .train import DiffusionScriptArguments, check_supported_model, parse_or_exit
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    online = is_online_config(argv)
+    parser = make_estimate_parser(online)
+    # transformers refuses bf16 without a GPU unless use_cpu is set; the estimate reads the flag nowhere, and flags
+    # given after this one still win
+    parsed = parse_or_exit(parser, ["--use_cpu", "true", *argv])  # exits on --help
+    if online:
+        _, args, model_args, estimate_args = parsed
+        diffusion_args = DiffusionScriptArguments()
+    else:
+        _, args, model_args, diffusion_args, estimate_args = parsed
+    try:
+        check_supported_model(model_args)
+        if estimate_args.num_processes < 1:
+            raise ValueError(f"--num_processes must be at least 1, got {estimate_args.num_processes}")
+        sizes = model_sizes(model_args.model_name_or_path)
+        shape = run_shape(args, model_args, diffusion_args, estimate_args, sizes.family)
+        estimate = estimate_memory(sizes, shape)
+    except ValueError as err:
+        parser.error(str(err))
+    if estimate_args.json:
+        print(json.dumps({"model": model_args.model_name_or_path, "family": sizes.family, **estimate.as_dict()}))
+    else:
+        print(format_estimate(estimate, shape, model_args.model_name_or_path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_estimate_memory())

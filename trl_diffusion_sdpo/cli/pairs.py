@@ -1,0 +1,108 @@
+"""``trl-diffusion-sdpo pairs``: preference pairs from a reward model (:mod:`.evaluation.pairs`).
+
+    trl-diffusion-sdpo pairs --base stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts pickapic_v2 \\
+        --num-images 4 --scorer pickscore --margin 0.005 --mode best-worst --output-dir pairs-round0
+
+The parser is argparse only (``trl-diffusion-sdpo --help`` imports nothing heavy); the work is imported when the
+command runs. Sampling flags are ``evaluate``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
+
+
+def add_pairs_parser(
+    commands, scorers: list[str] | None = None, presets: list[str] | None = None
+) -> argparse.ArgumentParser:
+    """The ``pairs`` subcommand; ``scorers`` and ``presets`` (the registries' names) are listed in its help."""
+    from .sample import add_sampling_arguments
+
+    listed = f"registered: {', '.join(scorers)}; " if scorers else ""
+    presets_listed = ", ".join(presets) if presets else "a registered name"
+    pairs = commands.add_parser(
+        "pairs",
+        allow_abbrev=False,
+        help="Sample K images per prompt, score them with a reward model and write the pairs above a margin as a "
+        "training dataset (AI-feedback / on-policy Diffusion-DPO rounds).",
+        description=(
+            "Sample --num-images images per prompt (seeds SEED..SEED+K-1, cached: a rerun resamples nothing), score "
+            "them, keep the best-worst pair (or every pair) whose score gap exceeds --margin, and write "
+            "OUTPUT_DIR/dataset (train with --dataset_name OUTPUT_DIR/dataset), summary.json and scores.jsonl."
+        ),
+    )
+    pairs.add_argument("--base", required=True, help="Base pipeline: Hub id or local folder.")
+    pairs.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="Sample from this instead of the base: a LoRA folder/file or a full-tuning output of this package "
+        "(a folder with unet/ or transformer/, a pipeline folder, a Hub id).",
+    )
+    pairs.add_argument(
+        "--prompts", default="pickapic_v2", help=f"Preset ({presets_listed}), a .txt file, or a dataset id/folder "
+        "(default: %(default)s); a .jsonl file or dataset whose rows carry source_image or source_images is a set of "
+        "edits: the K images are edits of each source, and the rows keep the source.",
+    )  # fmt: skip
+    pairs.add_argument("--num-images", type=int, default=4, help="Images per prompt, K (default: %(default)s).")
+    pairs.add_argument("--scorer", default="pickscore", help=f"Reward model ({listed}default: %(default)s).")
+    pairs.add_argument(
+        "--scorer-arg",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="Argument of the scorer, e.g. hpsv3.checkpoint=/path (VALUE parsed as JSON if it can be).",
+    )
+    pairs.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="Keep a pair only if chosen_score - rejected_score exceeds this (default: %(default)s).",
+    )
+    pairs.add_argument(
+        "--mode",
+        choices=("best-worst", "all"),
+        default="best-worst",
+        help="best-worst: one pair per prompt; all: every pair above the margin (default: %(default)s).",
+    )
+    pairs.add_argument("--output-dir", default="pairs", help="Output folder (default: %(default)s).")
+    pairs.add_argument("--seed", type=int, default=0, help="First seed; image k uses SEED + k (default: %(default)s).")
+    add_sampling_arguments(pairs)
+    return pairs
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    from ..demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
+    from ..evaluation.pairs import make_pairs
+    from ..io.console import quiet_off_terminal
+    from .sample import sampling_keywords, scorer_arguments
+
+    keywords = sampling_keywords(args)
+    if not quiet_off_terminal():  # a log file: no bars of \r redraws
+        keywords["progress"] = False
+    result = make_pairs(
+        args.base,
+        args.model,
+        prompts=args.prompts,
+        num_images=args.num_images,
+        scorer=args.scorer,
+        margin=args.margin,
+        mode=args.mode,
+        output_dir=args.output_dir,
+        seed=args.seed,
+        scorer_kwargs=scorer_arguments(args.scorer_arg, [args.scorer]).get(args.scorer, {}),
+        **keywords,
+    )
+    s = result.summary
+    print(f"{s['pairs']} pairs from {s['prompts_with_pair']} of {s['prompts']} prompts, {s['generated']} new images")
+    if s["pairs"]:
+        print(
+            f"margin: mean {s['margin_mean']:.4g}, min {s['margin_min']:.4g}, q10 {s['q10']:.4g}, q50 {s['q50']:.4g}, "
+            f"q90 {s['q90']:.4g}, max {s['margin_max']:.4g}"
+        )
+    if s["prompts_without_pair"]:
+        print(f"{len(s['prompts_without_pair'])} prompts gave no pair above the margin (listed in summary.json)")
+    print(f"Dataset in {result.dataset_dir} (train with --dataset_name {result.dataset_dir})")
+    return 0

@@ -1,0 +1,101 @@
+"""The prompt-source, sampling and scorer options that ``trl-diffusion-sdpo evaluate`` and ``... pairs`` share: flags
+and how they become keywords. Below both commands' modules (:mod:`.cli`, :mod:`.pairs_cli`), so that neither imports
+the other for them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["add_sampling_arguments", "json_or_text", "scorer_arguments"]
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The prompt-source and sampling flags that ``evaluate`` and ``pairs`` share (read by
+    :func:`sampling_keywords`)."""
+    parser.add_argument("--prompt-column", default=None, help="Prompt column of a dataset.")
+    parser.add_argument("--prompt-split", default=None, help="Split of a dataset.")
+    parser.add_argument("--prompt-path", default=None, help="Read a preset from this local copy.")
+    parser.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
+    parser.add_argument("--cache-dir", default=None, help="Image cache (default: OUTPUT_DIR/images).")
+    parser.add_argument("--steps", type=int, default=50, help="Inference steps (default: %(default)s).")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=8.5,
+        help="diffusers guidance; 8.5 equals the authors' eps_c + 7.5 (eps_c - eps_u) (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance of pipelines that take true_cfg_scale (Qwen-Image, FLUX.1; default: the "
+        "pipeline's, 4.0 for Qwen-Image).",
+    )
+    parser.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's native).")
+    parser.add_argument(
+        "--scheduler", choices=("euler", "model"), default="euler", help="Sampler (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="Generation dtype (default: %(default)s).",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="Prompts per pipeline call.")
+    parser.add_argument("--score-batch-size", type=int, default=16, help="Images per scorer call.")
+    parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+
+
+def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords that :func:`add_sampling_arguments`' flags set, named as :func:`~.evaluation.evaluate` and
+    :func:`~.evaluation.pairs.make_pairs` both take them: the generation settings, the prompt-loading options, the
+    batch sizes, the image cache, the device and the progress bars."""
+    from ..evaluation import GenerationSettings
+
+    settings = GenerationSettings(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.resolution,
+        width=args.resolution,
+        scheduler=args.scheduler,
+        dtype=args.dtype,
+        true_cfg_scale=args.true_cfg_scale,
+    )
+    options = {"column": args.prompt_column, "split": args.prompt_split, "path": args.prompt_path, "limit": args.limit}
+    return {
+        "settings": settings,
+        "prompt_kwargs": {k: v for k, v in options.items() if v is not None},
+        "batch_size": args.batch_size,
+        "score_batch_size": args.score_batch_size,
+        "cache_dir": args.cache_dir,
+        "device": args.device,
+        "progress": not args.no_progress,
+    }
+
+
+def json_or_text(value: str) -> Any:
+    """A ``--scorer-arg`` value: parsed as JSON where it is JSON (numbers, booleans, lists), else the text itself."""
+    import json
+
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def scorer_arguments(items: list[str], scorers: list[str]) -> dict[str, dict]:
+    """``--scorer-arg NAME.KEY=VALUE`` flags as ``{NAME: {KEY: VALUE}}`` (VALUE parsed as JSON if it can be), for
+    ``evaluate`` and ``pairs`` alike: a flag for a scorer the command does not run is refused, not ignored."""
+    kwargs: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, argument = key.rpartition(".")
+        if not sep or not dot or not name or not argument:
+            raise SystemExit(f"--scorer-arg {item!r} should read NAME.KEY=VALUE.")
+        kwargs.setdefault(name, {})[argument] = json_or_text(value)
+    unknown = sorted(set(kwargs) - set(scorers))
+    if unknown:
+        raise SystemExit(f"--scorer-arg names {unknown}, but the scorers are {scorers}.")
+    return kwargs

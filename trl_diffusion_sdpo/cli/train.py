@@ -1,0 +1,637 @@
+"""``trl-diffusion-sdpo train``: Diffusion-DPO / Diffusion-SDPO from a YAML config and flags, for every model family.
+
+    trl-diffusion-sdpo train --config examples/configs/sd15_lora.yaml
+    trl-diffusion-sdpo train --model_name_or_path path/to/sdxl --dataset_name path/to/pairs --output_dir out \\
+        --use_peft --lora_r 16 --lora_alpha 16 --safeguard_mu 0.6 --bf16
+    accelerate launch --config_file examples/accelerate_configs/deepspeed_zero2.yaml --num_processes 8 \\
+        -m trl_diffusion_sdpo train --config examples/configs/sd15_full.yaml
+
+Parsed by TRL's ``TrlParser`` from TRL's ``ScriptArguments`` (dataset) and ``ModelConfig`` (model, dtype, LoRA through
+``get_peft_config``), :class:`DiffusionScriptArguments` and :class:`~trl_diffusion_sdpo.DiffusionSDPOConfig` (every
+``transformers.TrainingArguments`` field too). Flags override the YAML file; ``--help`` lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from ..config import DiffusionSDPOConfig, check_config
+from ..config.docs import GROUPS
+from ..config.rules import BASE_QUANTIZATIONS
+from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
+
+if TYPE_CHECKING:
+    import torch
+
+# The parser needs only the argument dataclasses above: data, pipeline and family code is imported where it runs, so
+# that ``trl-diffusion-sdpo train --help`` does not load diffusers' pipelines.
+
+__all__ = [
+    "ARGUMENT_TYPES",
+    "FAMILY_TITLES",
+    "INPUT_PATH_KEYS",
+    "ConfigFileParser",
+    "DiffusionScriptArguments",
+    "build_pipeline",
+    "check_supported",
+    "check_supported_model",
+    "load_split",
+    "load_train_split",
+    "main",
+    "make_parser",
+    "parse_args",
+    "parse_or_exit",
+    "resolve_config_paths",
+    "train_save_and_push",
+    "train_topics",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DiffusionScriptArguments:
+    """Options of ``trl-diffusion-sdpo train`` that neither TRL's ``ScriptArguments`` nor ``ModelConfig`` has."""
+
+    max_train_rows: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    vae_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A replacement VAE folder or Hub id (e.g. an fp16-safe SDXL VAE); by default the pipeline's own "
+            "VAE, kept in float32 when its config sets force_upcast."
+        },
+    )
+    vae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of vae_name_or_path, if any."})
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How to read dataset_name: auto (detected), pair_folders, table (a JSONL/JSON/CSV/TSV of image "
+            "paths), imagefolder, hpd (HPDv3/HPDv2 annotations), disk (save_to_disk) or hub (datasets.load_dataset). "
+            "See docs/data.md.",
+            "choices": ["auto", "pair_folders", "table", "imagefolder", "hpd", "disk", "hub"],
+        },
+    )
+    dataset_columns: str = field(
+        default="trl",
+        metadata={
+            "help": "The dataset's columns: trl (prompt, chosen, rejected) or pickapic (caption_column, "
+            "image_0_column, image_1_column, label_0_column: caption, jpg_0, jpg_1, label_0 as in "
+            "yuvalkirstain/pickapic_v2, or vote_type words as in EditReward-Data), mapped to TRL's; ties and bad "
+            "labels are skipped and counted.",
+            "choices": ["trl", "pickapic"],
+        },
+    )
+    ranking_pairs: str = field(
+        default="all",
+        metadata={
+            "help": "How a ranked annotation record (several images per prompt, a rank each) becomes pairs: all "
+            "(every two images of different rank) or best_worst (one pair per prompt).",
+            "choices": ["all", "best_worst"],
+        },
+    )
+    latent_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from this folder written by `trl-diffusion-sdpo cache` (read streamed; set max_steps) "
+            "instead of encoding dataset_name's images."
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many evaluations without improving metric_for_best_model (transformers' "
+            "EarlyStoppingCallback); needs an eval split (--eval_strategy, --dataset_test_split), "
+            "--metric_for_best_model (e.g. implicit_acc) and --load_best_model_at_end."
+        },
+    )
+    base_quantization: str = field(
+        default="none",
+        metadata={
+            "help": "Load the frozen base quantized and train LoRA on it (--use_peft): the denoiser and, unless "
+            "training reads a latent cache, the text encoders. bnb-nf4 and bnb-int8 (bitsandbytes, a CUDA GPU; also "
+            "--load_in_4bit / --load_in_8bit), torchao-int8, torchao-float8, quanto-int8, quanto-int4. See "
+            "docs/quantization.md.",
+            "choices": list(BASE_QUANTIZATIONS),
+        },
+    )
+
+
+ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments)
+TrainArguments = tuple[ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments]
+
+
+# Each registered family (trl_diffusion_sdpo.families) as the description names it; a test checks every family is here.
+FAMILY_TITLES = {
+    "stable-diffusion": "SD 1.x/2.x",
+    "stable-diffusion-xl": "SDXL",
+    "stable-diffusion-3": "SD3/SD3.5",
+    "flux": "FLUX.1",
+    "flux-kontext": "FLUX.1 Kontext",
+    "flux2": "FLUX.2",
+    "flux2-klein": "FLUX.2 [klein]",
+    "qwen-image": "Qwen-Image",
+    "qwen-image-2.1": "Qwen-Image 2.1",
+    "qwen-image-edit": "Qwen-Image-Edit",
+    "qwen-image-edit-plus": "Qwen-Image-Edit Plus",
+    "z-image": "Z-Image",
+    "wan": "Wan",
+    "hunyuan-video-1.5": "HunyuanVideo 1.5",
+}
+DESCRIPTION = (
+    "Train Diffusion-DPO / Diffusion-SDPO (LoRA or full tuning of an "
+    + ", ".join(FAMILY_TITLES.values())
+    + " pipeline) from a YAML file of these options (--config) and flags, which override the file. Saves to "
+    "--output_dir: LoRA weights (pytorch_lora_weights.safetensors) or a whole pipeline, training_config.json and a "
+    "model card (README.md)."
+)
+EPILOG = (
+    "Examples: examples/configs/*.yaml (tiny_cpu, sd15_lora, sdxl_lora, sd3_lora, flux_lora, ...). A relative path in "
+    "a --config file is read from the file's folder. Resume with --resume_from_checkpoint true (the newest complete "
+    "checkpoint in --output_dir) or a checkpoint folder. Not offered: TRL ModelConfig's options for language models "
+    "(--attn_implementation, --lora_target_parameters) are refused, and --lora_task_type is ignored (a denoiser's "
+    "LoRA has no task head). --load_in_4bit, --load_in_8bit, --bnb_4bit_quant_type and --use_bnb_nested_quant "
+    "quantize the frozen base (docs/quantization.md)."
+)
+# TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
+# parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
+REFUSED_OPTIONS = ("attn_implementation", "lora_target_parameters")
+HIDDEN_OPTIONS = (*REFUSED_OPTIONS, "lora_task_type")
+# TRL's ModelConfig help with the defaults this package uses in their place.
+LORA_HELP = {
+    "lora_r": "LoRA rank (TRL's default 16; the shipped configs use 16, sd3_lora.yaml 32).",
+    "lora_alpha": "LoRA alpha (TRL's default 32; the shipped configs use alpha = rank, sd3_lora.yaml 64).",
+    "lora_dropout": "LoRA dropout (TRL's default 0.05; the shipped configs use 0.0).",
+    "lora_target_modules": "LoRA target modules. Default (None): the model family's, the attention projections "
+    "to_q, to_k, to_v, to_out.0; SD3, FLUX.1 and Qwen-Image add add_q_proj, add_k_proj, add_v_proj, to_add_out, and "
+    "FLUX.2 to_qkv_mlp_proj and its single blocks' output projection (docs/quickstart.md).",
+}
+_TRUE = {"true", "yes", "1"}
+_FALSE = {"false", "no", "0", "none", ""}
+
+
+# The data group's options about reading the rows (beside the *_column names); the rest of the group is about
+# the images, the timesteps and the noising, listed under a topic of their own to keep each topic one screen.
+READING_OPTIONS = (
+    "skip_invalid_rows",
+    "dataset_num_proc",
+    "cache_latents",
+    "latent_cache_dir",
+    "offload_frozen_modules",
+)
+
+
+def train_topics() -> list[tuple[str, str, Any]]:
+    """``train --help``'s topics, in order: the model, the data, the config's groups, the training loop."""
+    groups = {heading.replace("`", ""): names for heading, (_, names) in GROUPS.items()}
+    data = groups.pop("Parameters that control the data")
+    reading = [name for name in data if name.endswith("_column") or name in READING_OPTIONS]
+    return [
+        MODEL_TOPIC,
+        (
+            "Data",
+            "Where the pairs come from and how they are read (docs/data.md).",
+            {**DATA_SOURCE_OPTIONS, **dict.fromkeys(reading)},
+        ),
+        ("Images, timesteps and noising", "", [name for name in data if name not in reading]),
+        *((heading, "", names) for heading, names in groups.items()),
+        TRAINING_TOPIC,
+    ]
+
+
+def make_parser(
+    prog: str = "trl-diffusion-sdpo train",
+    argument_types: tuple[type, ...] = ARGUMENT_TYPES,
+    description: str = DESCRIPTION,
+    epilog: str = EPILOG,
+    topics: Callable[[], list[tuple[str, str, Any]]] = train_topics,
+    *,
+    show_all: bool = False,
+) -> TrlParser:
+    """TRL's ``TrlParser`` over ``argument_types`` (:data:`ARGUMENT_TYPES`), with the command's description, help
+    corrections and options grouped by ``topics`` (:func:`~.help_topics.group_by_topic`; transformers' general
+    options listed with ``show_all``, as ``--help-all`` does). Prefixes of option names are refused (``allow_abbrev``
+    off): ``--learning_rat`` is an unknown option, not ``--learning_rate``."""
+    parser = ConfigFileParser(
+        argument_types,
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        usage=USAGE,
+        allow_abbrev=False,
+        formatter_class=help_formatter,
+    )
+    add_config_argument(parser)
+    parser.add_argument(
+        "--help-all",
+        action=_FullHelp,
+        full_parser=lambda: make_parser(prog, argument_types, description, epilog, topics, show_all=True),
+        help="List every option, transformers' general ones included, and exit.",
+    )
+    for action in parser._actions:
+        name = action.dest
+        if name in HIDDEN_OPTIONS:
+            action.help = argparse.SUPPRESS
+        elif name in LORA_HELP:
+            action.help = LORA_HELP[name] + " (default: %(default)s)"
+        elif name == "resume_from_checkpoint":
+            action.help = (
+                "Resume training: true for the newest complete checkpoint in output_dir, or a checkpoint folder."
+            )
+        # HfArgumentParser copies a True-by-default bool's help onto its --no_X switch, which does the opposite.
+        if any(option.startswith("--no_") for option in action.option_strings):
+            action.help = f"Set {name} to False (see --{name})."
+    group_by_topic(parser, topics(), show_all=show_all)
+    return parser
+
+
+class _FullHelp(argparse.Action):
+    """``--help-all``: print the help of ``full_parser()`` (every option) and exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, full_parser: Callable[[], argparse.ArgumentParser], **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+        self.full_parser = full_parser
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        self.full_parser().print_help()
+        parser.exit()
+
+
+# Keys of a --config file that name files or folders to read, and whether the value may instead be a Hub id or a
+# preset name (then a value found nowhere is left as it is; a value with a file suffix must exist).
+INPUT_PATH_KEYS = {
+    "model_name_or_path": True,
+    "vae_name_or_path": True,
+    "dataset_name": True,
+    "prompts": True,
+    "validation_source_images": False,
+    "deepspeed": False,
+}
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".webp")
+
+
+def resolve_config_paths(config: dict[str, Any], config_path: str) -> dict[str, Any]:
+    """``config`` (a ``--config`` file's mapping) with each relative path of :data:`INPUT_PATH_KEYS` read from the
+    file's folder, so a config works from any current folder. A path found only in the current folder is kept, with
+    a warning (configs written before paths were read from their folder). A value that must be a file (no Hub id or
+    preset, or one with a file suffix) and exists in neither is refused, naming the key."""
+    folder = os.path.dirname(os.path.abspath(config_path))
+    resolved = dict(config)
+    for key, may_be_a_name in INPUT_PATH_KEYS.items():
+        value = config.get(key)
+        if isinstance(value, list):
+            resolved[key] = [_resolve_path(key, item, folder, config_path, may_be_a_name) for item in value]
+        elif isinstance(value, str):
+            resolved[key] = _resolve_path(key, value, folder, config_path, may_be_a_name)
+    return resolved
+
+
+def _resolve_path(key: str, value: Any, folder: str, config_path: str, may_be_a_name: bool) -> Any:
+    if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+        return value
+    beside = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
+    if os.path.exists(beside):
+        return beside
+    if os.path.exists(value):
+        logger.warning(
+            "%s: %s is read from the current folder; relative paths in a --config file are read from the file's "
+            "folder (%s), so the config works from anywhere: write it relative to that folder.",
+            key,
+            value,
+            folder,
+        )
+        return value
+    if may_be_a_name and not value.lower().endswith(FILE_SUFFIXES):
+        return value  # a Hub id or a preset name
+    raise ValueError(
+        f"{key}: {value} in the --config file {config_path} does not exist: relative paths in a config file are read "
+        f"from the file's folder ({folder}). Fix the path, relative to that folder or absolute."
+    )
+
+
+class ConfigFileParser(TrlParser):
+    """TRL's parser, reading a ``--config`` file's relative paths from the file's folder (:func:`resolve_config_paths`)
+    and refusing a missing config file as a usage error."""
+
+    config_path: str | None = None
+
+    def parse_args_and_config(self, args: Sequence[str] | None = None, *rest: Any, **options: Any) -> tuple:
+        args = list(sys.argv[1:] if args is None else args)
+        self.config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+        if self.config_path is not None and not os.path.isfile(self.config_path):
+            self.error(f"--config {self.config_path}: no such file")
+        return super().parse_args_and_config(args, *rest, **options)
+
+    def set_defaults_with_config(self, **config: Any) -> list[str]:
+        if self.config_path is not None:
+            config = resolve_config_paths(config, self.config_path)
+        return super().set_defaults_with_config(**config)
+
+
+def add_config_argument(parser: TrlParser) -> None:
+    """List ``--config`` in ``--help``: TrlParser reads it itself before argparse sees the flags."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=argparse.SUPPRESS,
+        help="YAML file of these options (keys are the flag names); flags given beside it override its values.",
+    )
+
+
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """``--resume_from_checkpoint`` as users write it: ``true`` / ``false`` (any case, from a flag or a YAML file)
+    become booleans; anything else is a checkpoint folder."""
+    if isinstance(value, str) and value.strip().lower() in _TRUE:
+        return True
+    if isinstance(value, str) and value.strip().lower() in _FALSE:
+        return None
+    return value
+
+
+def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
+    """``parser.parse_args_and_config(argv)``; a value the argument classes refuse (a config field's check), an
+    unknown flag or an unknown YAML key ends the command as argparse ends it on a bad flag: the message (with the
+    closest known option for a misspelt one) and the usage on stderr, exit status 2, no traceback."""
+    try:
+        *parsed, from_config, from_flags = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+        # Every rule, the objectives', flow families' and preemption's included (check_config imports their owners):
+        # before any model loads.
+        for args in parsed:
+            if isinstance(args, DiffusionSDPOConfig):
+                check_config(args)
+    except ValueError as err:
+        parser.error(str(err))
+    unknown = unknown_options_message(parser, from_config, from_flags)
+    if unknown:
+        parser.error(unknown)
+    return tuple(parsed)
+
+
+def known_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The option names the parser accepts and lists (``--help``), without the leading ``--``."""
+    names = []
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS and action.dest in HIDDEN_OPTIONS:
+            continue
+        names += [option[2:] for option in action.option_strings if option.startswith("--")]
+    return names
+
+
+def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:
+    """`` (did you mean --x?)`` with the known option closest to ``name`` (``difflib``), or ``""``."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def unknown_options_message(
+    parser: argparse.ArgumentParser, from_config: Sequence[str], from_flags: Sequence[str]
+) -> str | None:
+    """What the parser left unused, each with the closest known option: the YAML keys (TrlParser hands them back as
+    ``["--key", "value", ...]``) and the command-line words (an unknown flag, or a value with no flag)."""
+    known = known_options(parser)
+    problems = []
+    for key in from_config[::2]:
+        name = key[2:]
+        problems.append(f"unknown key {name!r} in the --config file{did_you_mean(name, known, '')}")
+    value_of_unknown = False  # the word after an unknown ``--flag`` is taken as its value
+    for word in from_flags:
+        if word.startswith("--"):
+            name = word[2:].split("=", 1)[0]
+            problems.append(f"unknown option --{name}{did_you_mean(name, known)}")
+            value_of_unknown = "=" not in word
+        elif word.startswith("-") and len(word) > 1 and not _is_number(word):
+            problems.append(f"unknown option {word}")
+            value_of_unknown = True
+        elif value_of_unknown:
+            value_of_unknown = False
+        else:
+            problems.append(f"unexpected argument {word!r}")
+    return "; ".join(problems) or None
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
+    """``argv`` (``--config file.yaml`` plus flags) as the four argument dataclasses (:func:`parse_or_exit`)."""
+    script_args, training_args, model_args, diffusion_args = parse_or_exit(make_parser(), argv)
+    training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
+    return script_args, training_args, model_args, diffusion_args
+
+
+def check_supported(script_args: ScriptArguments, model_args: ModelConfig) -> None:
+    if script_args.dataset_name is None:
+        raise ValueError("--dataset_name is required: a Hub id, a local data folder or a save_to_disk folder.")
+    check_supported_model(model_args)
+
+
+def check_supported_model(model_args: ModelConfig) -> None:
+    """A pipeline named, and none of TRL's language-model options set."""
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required: a diffusers pipeline folder or Hub id.")
+    # Any of them set away from TRL's default is refused: such an option alone would otherwise be ignored.
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    given = [name for name in REFUSED_OPTIONS if getattr(model_args, name) != defaults[name]]
+    if given:
+        raise ValueError(
+            f"ModelConfig option(s) {given} apply to transformers language models and are not supported for "
+            "diffusion pipelines; remove them."
+        )
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    """``ModelConfig.dtype`` as a torch dtype; ``None`` or ``"auto"`` loads the checkpoint as diffusers does."""
+    if name in (None, "auto"):
+        return None
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    import torch
+
+    return getattr(torch, name)
+
+
+def base_quantization_for(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
+    """The frozen base's quantization from ``--base_quantization`` and TRL's bitsandbytes switches."""
+    from ..families.quantization import BaseQuantization
+
+    return BaseQuantization.from_arguments(
+        diffusion_args.base_quantization,
+        load_in_4bit=model_args.load_in_4bit,
+        load_in_8bit=model_args.load_in_8bit,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        use_bnb_nested_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
+        compute_dtype=_torch_dtype(model_args.dtype),
+    )
+
+
+def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
+    """Load the pipeline whole on every process (even under a ZeRO-3 config with ``zero3_init_flag``), its frozen base
+    quantized as the arguments say (the text encoders too, unless training reads a latent cache)."""
+    from ..engines.collectives import load_pipeline, zero3_init_disabled
+    from ..families.loading import dtype_keyword, resolve_model_name
+    from ..families.quantization import pipeline_quantization_config
+
+    dtype = _torch_dtype(model_args.dtype)
+    kwargs: dict = {"revision": model_args.model_revision, **dtype_keyword(dtype)}
+    quantization = pipeline_quantization_config(
+        base_quantization_for(model_args, diffusion_args),
+        resolve_model_name(model_args.model_name_or_path),
+        quantize_text_encoders=not diffusion_args.latent_cache,
+    )
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if diffusion_args.vae_name_or_path:
+        from diffusers import AutoencoderKL
+
+        with zero3_init_disabled():
+            kwargs["vae"] = AutoencoderKL.from_pretrained(
+                diffusion_args.vae_name_or_path, subfolder=diffusion_args.vae_subfolder, **dtype_keyword(dtype)
+            )
+    return load_pipeline(model_args.model_name_or_path, **kwargs)
+
+
+def peft_config_for(model_args: ModelConfig, pipeline):
+    """TRL's ``get_peft_config``, with the family's ``lora_target_modules`` as default targets."""
+    from trl import get_peft_config  # trl.trainer.utils loads pandas, datasets and rich: not for --help
+
+    from ..families import family_for_pipeline
+
+    peft_config = get_peft_config(model_args)
+    if peft_config is None:
+        return None
+    family = family_for_pipeline(pipeline)  # fails early, naming what the pipeline lacks
+    if not model_args.lora_target_modules:
+        peft_config.target_modules = set(family.lora_target_modules)
+    peft_config.task_type = None  # TRL's default (CAUSAL_LM) names a language-model head
+    return peft_config
+
+
+def load_split(
+    script_args: ScriptArguments,
+    diffusion_args: DiffusionScriptArguments,
+    split: str | None = None,
+    training_args: DiffusionSDPOConfig | None = None,
+):
+    """A split as the arguments name it, in any format of :mod:`~trl_diffusion_sdpo.data.formats`
+    (``dataset_format``, ``ranking_pairs``). ``None``: the training split, streamed with ``dataset_streaming`` and
+    cut to ``max_train_rows``; another split (the evaluation split) is read whole. With ``dataset_columns:
+    pickapic`` the label form is mapped under the names ``training_args`` gives (``caption_column``,
+    ``image_0_column``, ``image_1_column``, ``label_0_column``; the defaults without it)."""
+    from ..data.preparation import load_preference_dataset
+
+    names = ("caption", "jpg_0", "jpg_1", "label_0")
+    if training_args is not None:
+        names = (
+            training_args.caption_column,
+            training_args.image_0_column,
+            training_args.image_1_column,
+            training_args.label_0_column,
+        )
+    train = split is None
+    return load_preference_dataset(
+        script_args.dataset_name,
+        script_args.dataset_train_split if train else split,
+        train and script_args.dataset_streaming,
+        diffusion_args.max_train_rows if train else None,
+        config_name=script_args.dataset_config,
+        dataset_format=diffusion_args.dataset_format,
+        ranking_pairs=diffusion_args.ranking_pairs,
+        dataset_columns=diffusion_args.dataset_columns,
+        pickapic_names=names,
+    )
+
+
+def load_train_split(
+    script_args: ScriptArguments,
+    diffusion_args: DiffusionScriptArguments,
+    training_args: DiffusionSDPOConfig | None = None,
+):
+    """The training split: :func:`load_split` with no split named."""
+    return load_split(script_args, diffusion_args, training_args=training_args)
+
+
+class ModelCardOnSave(TrainerCallback):
+    """Rewrite ``output_dir/README.md`` at every checkpoint save, as TRL's trainers do, naming the dataset."""
+
+    def __init__(self, trainer, dataset_name: str | None) -> None:
+        self.trainer, self.dataset_name = trainer, dataset_name
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.create_model_card(dataset_name=self.dataset_name)  # writes on the main process only
+
+
+def main(argv: Sequence[str] | None = None):
+    """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
+    script_args, training_args, model_args, diffusion_args = parse_args(argv)  # exits here on --help
+    from ..io.console import filter_known_noise, log_to_console, on_terminal, quiet_progress_bars
+
+    filter_known_noise()  # before diffusers' pipelines are imported
+    log_to_console()
+    if not on_terminal():  # a log file: no bars of \r redraws; each log is a line of its own
+        quiet_progress_bars()
+        training_args.disable_tqdm = True
+    from ..callbacks.guards import early_stopping
+    from ..data.sharded_cache import load_sharded_latent_cache
+    from ..trainer import DiffusionSDPOTrainer
+
+    check_supported(script_args, model_args)
+    try:  # before the model loads: a data folder's problem is one line, not a traceback after minutes of loading
+        if diffusion_args.latent_cache:
+            train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
+        else:
+            train_dataset = load_train_split(script_args, diffusion_args, training_args)
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split, training_args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"trl-diffusion-sdpo train: error: {err}") from None
+    pipeline = build_pipeline(model_args, diffusion_args)
+    peft_config = peft_config_for(model_args, pipeline)
+    trainer = DiffusionSDPOTrainer(
+        pipeline,
+        None,
+        training_args,
+        train_dataset,
+        eval_dataset,
+        peft_config=peft_config,
+        callbacks=early_stopping(diffusion_args.early_stopping_patience),
+    )
+    return train_save_and_push(trainer, script_args.dataset_name)
+
+
+def train_save_and_push(trainer, dataset_name: str | None):
+    """Train (resuming as ``resume_from_checkpoint`` says), save to ``output_dir`` with a model card naming
+    ``dataset_name`` and, with ``push_to_hub``, push; the trainer."""
+    args = trainer.args
+    if args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
+        trainer.create_model_card(dataset_name=dataset_name)
+    from ..io.checkpoints import EarlierRunError
+
+    trainer.add_callback(ModelCardOnSave(trainer, dataset_name))
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except EarlierRunError as err:  # a refusal that names its remedies: one line, not a traceback
+        raise SystemExit(f"trl-diffusion-sdpo: error: {err}") from None
+    trainer.save_model(args.output_dir)
+    # As TRL's scripts: the saved model comes with its card (README.md: base model, dataset, method, settings).
+    trainer.create_model_card(dataset_name=dataset_name)
+    if args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+    return trainer

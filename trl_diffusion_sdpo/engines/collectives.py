@@ -1,0 +1,166 @@
+"""What every engine shares when training runs on several processes: setting up, and the collectives.
+
+* The frozen VAE and text encoder(s) are never partitioned: :func:`load_pipeline` loads a pipeline with ZeRO-3's
+  model construction switched off (transformers would otherwise build the CLIP text encoders inside
+  ``deepspeed.zero.Init`` and shard them), and :func:`check_not_partitioned` refuses a pipeline that was loaded
+  sharded; :func:`check_one_device_per_process` refuses a process that sees several GPUs.
+* :func:`shard_like` cuts full tensors into a process's FSDP2 shards (loading diffusers-format weights on resume).
+* :func:`all_reduce_sum` serves the output-space safeguard's global scope; :func:`all_reduce_mean_` averages
+  gradients (or the winner's gradient buffer) in buckets, for the exact safeguard, which runs its passes outside
+  DDP's hooks and reduces the combined gradient once, as DDP would.
+
+What is particular to DeepSpeed or FSDP2 (a sharded reference, gathering the weights for a save) lives with its
+engine in :mod:`trl_diffusion_sdpo.engines`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from accelerate.utils import reduce
+from diffusers import DiffusionPipeline
+
+from ..families.loading import resolve_model_name
+
+__all__ = ["all_reduce_mean_", "load_pipeline", "shard_like", "zero3_init_disabled", "zero_stage"]
+
+
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage ``accelerator`` trains with, or ``None`` without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Within the block, transformers builds models whole even when a DeepSpeed ZeRO-3 config is active.
+
+    Creating ZeRO-3 ``TrainingArguments`` (or an accelerate ZeRO-3 state) registers the DeepSpeed config with
+    transformers, whose ``from_pretrained`` then builds every model inside ``deepspeed.zero.Init``: partitioned across
+    processes. (accelerate's ``zero3_init_context_manager(enable=False)`` does not undo that registration.) The
+    registration is lifted for the block and restored after it. Outside ZeRO-3 this does nothing.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = ref() if ref is not None else None
+    if config is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def load_pipeline(pretrained: str | os.PathLike, **kwargs) -> DiffusionPipeline:
+    """``DiffusionPipeline.from_pretrained(pretrained, **kwargs)``, never partitioned by ZeRO-3; a shipped model's
+    short name (``trl-diffusion-sdpo:tiny``, :mod:`.loading`) loads its folder.
+
+    Use it (or :func:`zero3_init_disabled`) to load the pipeline when launching with a ZeRO-3 config: the frozen
+    VAE and text encoders must be whole on every process, and the UNet that trains is partitioned by DeepSpeed itself
+    when training starts.
+    """
+    with zero3_init_disabled():
+        return DiffusionPipeline.from_pretrained(resolve_model_name(pretrained), **kwargs)
+
+
+def is_partitioned(parameter: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages ``parameter`` (its data then lives in shards across processes)."""
+    return hasattr(parameter, "ds_id")
+
+
+def check_not_partitioned(modules: dict[str, torch.nn.Module]) -> None:
+    """Raise if any of the frozen ``modules`` was built under ``deepspeed.zero.Init`` (sharded)."""
+    for name, module in modules.items():
+        if any(is_partitioned(p) for p in module.parameters()):
+            raise ValueError(
+                f"The pipeline's {name} was loaded sharded by DeepSpeed ZeRO-3 (zero3_init_flag). Frozen components "
+                "must be whole on every process: load the pipeline with trl_diffusion_sdpo.load_pipeline(path) or "
+                "inside trl_diffusion_sdpo.zero3_init_disabled()."
+            )
+
+
+def check_one_device_per_process(args) -> None:
+    """Refuse one process driving several GPUs (``python train.py`` on a multi-GPU machine).
+
+    transformers then sets ``args.n_gpu`` to the device count and wraps the denoiser in ``torch.nn.DataParallel``,
+    which splits every input tensor along its first axis: the conditioning tensors without a batch axis (FLUX's
+    ``img_ids`` and ``txt_ids``) are cut wrongly, the step's draws and its collectives assume one device per process.
+    """
+    n_gpu = args.n_gpu
+    if n_gpu > 1:
+        raise ValueError(
+            f"One process sees {n_gpu} GPUs (started with `python`, not a launcher): transformers would wrap the "
+            "denoiser in torch.nn.DataParallel, which this trainer does not support. Start one process per GPU: "
+            f"`accelerate launch --num_processes {n_gpu} your_script.py ...` (or `torchrun --nproc_per_node "
+            f"{n_gpu} ...`), or train on one GPU with CUDA_VISIBLE_DEVICES=0."
+        )
+
+
+def shard_like(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state``'s full tensors placed as ``module``'s FSDP2 parameters and buffers of the same names are (DTensors):
+    each process keeps its own slice of the full tensor, without communication; the rest as they are.
+
+    ``load_state_dict`` then copies shard into shard. A full tensor copied into a shard (even as an implicitly
+    replicated DTensor) fails where a process's shard is empty: a ``[1, d]`` weight sharded on dim 0 over two
+    processes (Z-Image's pad tokens).
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    targets = dict(module.named_parameters())
+    targets.update(module.named_buffers())
+    out = {}
+    for name, tensor in state.items():
+        target = targets.get(name)
+        if isinstance(target, DTensor) and not isinstance(tensor, DTensor):
+            tensor = distribute_tensor(
+                tensor.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+            )
+        out[name] = tensor
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all processes, as a new tensor (``tensor`` is left as it is): accelerate's
+    ``reduce(tensor, reduction="sum")``, which the trainer's metrics use too; on one process, a copy."""
+    return reduce(tensor, reduction="sum")
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor], bucket_elements: int = 1 << 25) -> None:
+    """Average ``tensors`` over all processes, in place, in flat buckets of at most ``bucket_elements`` elements
+    (one collective per bucket, not per tensor); a no-op without an initialised process group.
+
+    Every process must pass tensors of the same shapes in the same order.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush() -> None:
+        if not bucket:
+            return
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat.div_(world)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        bucket.clear()
+
+    for tensor in tensors:
+        if bucket and (size + tensor.numel() > bucket_elements or tensor.dtype != bucket[0].dtype):
+            flush()
+            size = 0
+        bucket.append(tensor)
+        size += tensor.numel()
+    flush()

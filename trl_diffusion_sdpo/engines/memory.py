@@ -1,0 +1,672 @@
+"""Per-process peak memory of a training run, estimated before anything loads (``trl-diffusion-sdpo estimate-memory``).
+
+The model is counted on the meta device: each component is built from its config with accelerate's
+``init_empty_weights`` (no weights read, seconds even for 20B parameters). A local pipeline folder (the shipped tiny
+model included) is read from its ``model_index.json`` and component configs; the Hub pipelines the shipped configs
+name are built from their published denoiser configs (:data:`KNOWN_MODELS`) with the frozen parts' published
+parameter counts, so the estimate needs no network.
+
+The estimate is the sum of these terms, in bytes per process (P: the denoiser's parameters, T: the trained ones, N:
+the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for float32):
+
+* weights: trained weights in float32 (4T), plus under LoRA the frozen base in ``d`` (its linear weights at the
+  quantized width: 1 byte int8/float8, 0.5 byte int4/NF4, plus a float scale per output row);
+* gradients: float32, 4T;
+* optimizer state: AdamW's two float32 moments 8T; the 8-bit AdamWs 2T; Adafactor its factored rows and columns;
+  SGD without momentum 0;
+* reference: a frozen copy of the denoiser in ``d`` under full tuning (dP); none under LoRA (the base with the
+  adapters off);
+* mixed-precision cast: autocast keeps a ``d`` copy of the trained weights for the step (dT, full tuning in bf16/fp16);
+* safeguard: the parameter- and update-space safeguards' one pass keeps the winners' and losers' gradients apart,
+  two float32 gradient-sized halves (8T); their two-pass mode one more float32 gradient (4T);
+* frozen parts: the VAE and text encoders in ``d`` (the VAE in float32 where the family keeps it so); nothing on the
+  device with a latent cache (they stay on the CPU) or ``offload_frozen_modules`` (one layer at a time, not counted);
+* activations: what the policy's forward keeps for its backward over the 2B rows of B pairs (below).
+
+Engines divide what they shard, as the ZeRO paper counts: ZeRO-1 the optimizer state and float32 master weights,
+ZeRO-2 also the gradients (and the safeguard's halves), ZeRO-3 and FSDP2 everything of the denoiser (weights, the
+reference, the frozen base under LoRA). DeepSpeed keeps the trained weights in ``d`` beside the float32 master copy.
+
+Activations. UNets are run once on the meta device at the run's shape (rows, latent size, prompt length), and every
+tensor autograd saves for the backward is summed (``torch.autograd.graph.saved_tensors_hooks``); attention is taken
+as a fused kernel (flash or memory-efficient attention on a GPU, the flash kernel on a CPU), which saves its output
+and a log-sum-exp rather than the attention matrix. With activation checkpointing, the saved tensors are those of the
+same meta forward with checkpointing on, plus the largest checkpointed block's own (recomputed in the backward).
+Transformers are counted with Korthikanti et al.'s per-layer figure (arXiv 2205.05198, section 4: 34 bytes per token
+per hidden unit per layer with 2-byte activations and fused attention, i.e. 17 values): 17 x tokens x hidden x layers
+x activation bytes, and with checkpointing 1 value per token per hidden unit per layer (the block inputs) plus one
+layer's 17. Tokens are the latent tokens plus, for joint-attention models, the prompt tokens.
+
+``benchmarks/speed/estimate_memory.py`` compares these estimates with measured peaks (docs/memory.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ENGINES",
+    "KNOWN_MODELS",
+    "KnownModel",
+    "MemoryEstimate",
+    "ModelSizes",
+    "RunShape",
+    "estimate_memory",
+    "family_lora_targets",
+    "model_sizes",
+    "model_sizes_of_pipeline",
+    "unet_activation_bytes",
+]
+
+GIB = 2**30
+ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
+# bytes per quantized linear weight (int4 and NF4 pack two per byte); the rest of the base stays in the run's dtype
+QUANTIZED_BYTES = {
+    "none": None,
+    "bnb-nf4": 0.5,
+    "bnb-int8": 1.0,
+    "torchao-int8": 1.0,
+    "torchao-float8": 1.0,
+    "quanto-int8": 1.0,
+    "quanto-int4": 0.5,
+}
+# Korthikanti et al. (arXiv 2205.05198): values a transformer layer saves per token and hidden unit, fused attention
+TRANSFORMER_SAVED_VALUES = 17
+# float32 optimizer-state bytes per trained parameter (Adafactor is counted from the shapes)
+OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "8bit": 2, "sgd": 0, "lion": 4, "rmsprop": 4}
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A Hub pipeline counted without its files: the family, the denoiser's class and its published config (the
+    keys that differ from the class's defaults), and the frozen components' published parameter counts."""
+
+    family: str
+    denoiser_class: str
+    denoiser_config: dict[str, Any]
+    frozen: dict[str, int]
+    joint_attention: bool = True  # prompt tokens share the denoiser's attention with the latent tokens
+    vae_fp32: bool = False  # the family keeps this VAE in float32 (force_upcast)
+    patch: int = 16  # pixels per latent token along each side
+    frames_per_token: int = 4  # video: frames per latent frame (the VAE's temporal compression)
+
+
+_SD15_UNET = {
+    "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+_SDXL_UNET = {
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "projection_class_embeddings_input_dim": 2816,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+_SD3_MEDIUM = {
+    "num_layers": 24,
+    "num_attention_heads": 24,
+    "caption_projection_dim": 1536,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": list(range(13)),
+    "qk_norm": "rms_norm",
+}
+_FLUX2_KLEIN_4B = {
+    "joint_attention_dim": 7680,
+    "num_attention_heads": 24,
+    "num_layers": 5,
+    "num_single_layers": 20,
+    "guidance_embeds": False,
+}
+# Published parameter counts of the frozen components (the models' safetensors headers).
+_CLIP_L = 123_060_480
+_CLIP_L_PROJ = 123_650_304
+_CLIP_G_PROJ = 694_659_840
+_T5_XXL_ENCODER = 4_762_310_656
+_UMT5_XXL_ENCODER = 5_680_910_336
+_QWEN25_VL_7B = 8_292_166_656
+_QWEN3_4B = 4_022_468_096
+_MISTRAL_SMALL_31 = 24_011_361_280
+_SD_VAE = 83_653_863
+_FLUX_VAE = 83_819_683
+_FLUX2_VAE = 84_046_115
+_WAN_VAE = 126_892_531
+_HUNYUAN15_VAE = 253_956_003
+_BYT5_SMALL_ENCODER = 218_640_000
+
+_FLUX1 = KnownModel(
+    "flux",
+    "FluxTransformer2DModel",
+    {"guidance_embeds": True},
+    {"vae": _FLUX_VAE, "text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL_ENCODER},
+)
+_QWEN_IMAGE = KnownModel(
+    "qwen-image", "QwenImageTransformer2DModel", {}, {"vae": _WAN_VAE, "text_encoder": _QWEN25_VL_7B}
+)
+_FLUX2_KLEIN = KnownModel(
+    "flux2-klein", "Flux2Transformer2DModel", _FLUX2_KLEIN_4B, {"vae": _FLUX2_VAE, "text_encoder": _QWEN3_4B}
+)
+_SD3 = KnownModel(
+    "stable-diffusion-3",
+    "SD3Transformer2DModel",
+    _SD3_MEDIUM,
+    {
+        "vae": _FLUX_VAE,
+        "text_encoder": _CLIP_L_PROJ,
+        "text_encoder_2": _CLIP_G_PROJ,
+        "text_encoder_3": _T5_XXL_ENCODER,
+    },
+)
+_SDXL = KnownModel(
+    "stable-diffusion-xl",
+    "UNet2DConditionModel",
+    _SDXL_UNET,
+    {"vae": _SD_VAE, "text_encoder": _CLIP_L, "text_encoder_2": _CLIP_G_PROJ},
+    joint_attention=False,
+    vae_fp32=True,
+)
+_SD15 = KnownModel(
+    "stable-diffusion",
+    "UNet2DConditionModel",
+    _SD15_UNET,
+    {"vae": _SD_VAE, "text_encoder": _CLIP_L},
+    joint_attention=False,
+)
+# The pipelines the shipped configs (examples/configs) name. Denoisers: the class defaults of diffusers 0.42 are
+# FLUX.1 [dev], FLUX.2 [dev], Qwen-Image, Z-Image, Wan 14B and HunyuanVideo 1.5's published configs; the others list
+# what differs. Qwen-Image 2.1 and the Qwen-Image-Edit models share Qwen-Image's transformer.
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": _SD15,
+    "stabilityai/stable-diffusion-xl-base-1.0": _SDXL,
+    "stabilityai/stable-diffusion-3.5-medium": _SD3,
+    "black-forest-labs/FLUX.1-dev": _FLUX1,
+    "black-forest-labs/FLUX.1-Kontext-dev": replace(_FLUX1, family="flux-kontext"),
+    "black-forest-labs/FLUX.2-dev": KnownModel(
+        "flux2", "Flux2Transformer2DModel", {}, {"vae": _FLUX2_VAE, "text_encoder": _MISTRAL_SMALL_31}
+    ),
+    "black-forest-labs/FLUX.2-klein-base-4B": _FLUX2_KLEIN,
+    "black-forest-labs/FLUX.2-klein-4B": _FLUX2_KLEIN,
+    "Qwen/Qwen-Image": _QWEN_IMAGE,
+    "Qwen/Qwen-Image-2.1": replace(_QWEN_IMAGE, family="qwen-image-2.1"),
+    "Qwen/Qwen-Image-Edit": replace(_QWEN_IMAGE, family="qwen-image-edit"),
+    "Qwen/Qwen-Image-Edit-2509": replace(_QWEN_IMAGE, family="qwen-image-edit-plus"),
+    "Tongyi-MAI/Z-Image-Turbo": KnownModel(
+        "z-image", "ZImageTransformer2DModel", {}, {"vae": _FLUX_VAE, "text_encoder": _QWEN3_4B}
+    ),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": KnownModel(
+        "wan", "WanTransformer3DModel", {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+        {"vae": _WAN_VAE, "text_encoder": _UMT5_XXL_ENCODER}, joint_attention=False,
+    ),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": KnownModel(
+        "wan", "WanTransformer3DModel", {}, {"vae": _WAN_VAE, "text_encoder": _UMT5_XXL_ENCODER},
+        joint_attention=False,
+    ),
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v": KnownModel(
+        "hunyuan-video-1.5", "HunyuanVideo15Transformer3DModel", {"task_type": "t2v"},
+        {"vae": _HUNYUAN15_VAE, "text_encoder": _QWEN25_VL_7B, "text_encoder_2": _BYT5_SMALL_ENCODER},
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class ModelSizes:
+    """A pipeline's parts as the estimate needs them: the denoiser (on the meta device), the frozen parts' parameter
+    counts, and how its activations are counted."""
+
+    family: str
+    denoiser: torch.nn.Module
+    frozen: dict[str, int]
+    joint_attention: bool
+    vae_fp32: bool
+    patch: int
+    frames_per_token: int
+    source: str  # where the counts come from
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a run trains and how: the shape of a micro-batch, the tuning, the precision and the engine."""
+
+    pairs: int = 1  # per process and micro-batch
+    resolution: int = 512
+    frames: int = 1
+    prompt_tokens: int = 77
+    dtype_bytes: int = 2
+    lora_rank: int | None = None  # None: full tuning
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    base_quantization: str = "none"
+    optim: str = "adamw_torch_fused"
+    engine: str = "ddp"
+    num_processes: int = 1
+    activation_checkpointing: bool = False
+    latent_cache: bool = False
+    offload_frozen: bool = False  # offload_frozen_modules: one layer of the frozen parts at a time on the device
+    safeguard: str = "output"  # none, output, one_pass (parameter/update, one pass), two_pass
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-process bytes by term; :attr:`total_gib` is their sum in GiB."""
+
+    components: dict[str, int]
+    parameters: dict[str, int] = field(default_factory=dict)
+    method: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total_gib": round(self.total_gib, 3),
+            "components_gib": {name: round(value / GIB, 3) for name, value in self.components.items()},
+            "components_bytes": dict(self.components),
+            "parameters": dict(self.parameters),
+            "method": dict(self.method),
+        }
+
+
+# --------------------------------------------------------------------------------------------------- the model
+
+
+def _meta_denoiser(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers, class_name)
+    with init_empty_weights(include_buffers=True):
+        return cls.from_config(config)  # keys not given take the class's defaults
+
+
+def _local_components(folder: str) -> tuple[str, torch.nn.Module, dict[str, int]]:
+    """The denoiser (on the meta device) and frozen parameter counts of a local pipeline folder, from its
+    ``model_index.json`` and component configs."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    denoiser_name, denoiser, frozen = "", None, {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or spec[1] is None:
+            continue
+        library, class_name = spec
+        sub = os.path.join(folder, name)
+        with init_empty_weights(include_buffers=True):
+            if library == "diffusers" and hasattr(getattr(diffusers, class_name, None), "from_config"):
+                cls = getattr(diffusers, class_name)
+                if not issubclass(cls, torch.nn.Module):
+                    continue
+                module = cls.from_config(cls.load_config(sub))
+            elif library == "transformers" and issubclass(getattr(transformers, class_name, object), torch.nn.Module):
+                config = transformers.AutoConfig.from_pretrained(sub)
+                module = getattr(transformers, class_name)._from_config(config)
+            else:
+                continue
+        if name in ("unet", "transformer") and denoiser is None:
+            denoiser_name, denoiser = name, module
+        else:
+            frozen[name] = sum(p.numel() for p in module.parameters())
+    if denoiser is None:
+        raise ValueError(f"{folder}: model_index.json names no unet or transformer")
+    return denoiser_name, denoiser, frozen
+
+
+def model_sizes(model_name_or_path: str) -> ModelSizes:
+    """The pipeline ``model_name_or_path`` counted on the meta device: a local folder (or a shipped model's short
+    name) from its configs, a Hub id of :data:`KNOWN_MODELS` from its published config. Other Hub ids are refused,
+    naming what to pass instead."""
+    from ..families.loading import resolve_model_name
+
+    folder = str(resolve_model_name(model_name_or_path))
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        _, denoiser, frozen = _local_components(folder)
+        config = dict(denoiser.config)
+        family = _family_of_local(folder)
+        unet = type(denoiser).__name__.startswith("UNet")
+        patch = 8 if unet else 16
+        return ModelSizes(
+            family=family,
+            denoiser=denoiser,
+            frozen=frozen,
+            joint_attention=not unet and "text_dim" not in config,
+            vae_fp32=_vae_forces_upcast(folder),
+            patch=patch,
+            frames_per_token=4,
+            source=f"configs in {folder}, counted on the meta device",
+        )
+    known = KNOWN_MODELS.get(model_name_or_path)
+    if known is None:
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path}: not a local pipeline folder and not one of the Hub pipelines "
+            f"estimate-memory knows ({', '.join(sorted(KNOWN_MODELS))}). Download the pipeline's configs "
+            "(`hf download ID --include '*.json' '*.txt'`, no weights needed) and pass that folder."
+        )
+    return ModelSizes(
+        family=known.family,
+        denoiser=_meta_denoiser(known.denoiser_class, known.denoiser_config),
+        frozen=dict(known.frozen),
+        joint_attention=known.joint_attention,
+        vae_fp32=known.vae_fp32,
+        patch=8 if known.denoiser_class.startswith("UNet") else known.patch,
+        frames_per_token=known.frames_per_token,
+        source=f"{model_name_or_path}'s published denoiser config, counted on the meta device; published counts "
+        "of the frozen parts",
+    )
+
+
+def model_sizes_of_pipeline(pipeline: Any) -> ModelSizes:
+    """A loaded pipeline's :class:`ModelSizes`: its denoiser rebuilt from its config on the meta device, its frozen
+    parts' parameters counted."""
+    from accelerate import init_empty_weights
+
+    from ..families import family_for_pipeline
+
+    family = family_for_pipeline(pipeline)
+    denoiser = family.denoiser
+    with init_empty_weights(include_buffers=True):
+        meta = type(denoiser).from_config(denoiser.config)
+    unet = type(denoiser).__name__.startswith("UNet")
+    vae = family.frozen_modules().get("vae")
+    return ModelSizes(
+        family=family.name,
+        denoiser=meta,
+        frozen={name: sum(p.numel() for p in m.parameters()) for name, m in family.frozen_modules().items()},
+        joint_attention=not unet and "text_dim" not in denoiser.config,
+        vae_fp32=bool(getattr(getattr(vae, "config", None), "force_upcast", False)),
+        patch=8 if unet else 16,
+        frames_per_token=4,
+        source=f"the {type(pipeline).__name__} given, its denoiser rebuilt from its config on the meta device",
+    )
+
+
+def _family_of_local(folder: str) -> str:
+    """The registered family handling the folder's pipeline class (the class's name when none does)."""
+    from ..families import registry
+
+    with open(os.path.join(folder, "model_index.json")) as f:
+        pipeline_class = json.load(f).get("_class_name", "")
+    return next(
+        (f.name for f in registry.registered_families() if pipeline_class in f.pipeline_classes), pipeline_class
+    )
+
+
+def family_lora_targets(family: str) -> tuple[str, ...]:
+    """The registered family's default LoRA targets (the base family's when ``family`` is not registered)."""
+    from ..families import registry
+    from ..families.base import ModelFamily
+
+    found = next((f for f in registry.registered_families() if f.name == family), ModelFamily)
+    return tuple(found.lora_target_modules)
+
+
+def _vae_forces_upcast(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "vae", "config.json")) as f:
+            return bool(json.load(f).get("force_upcast", False))
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------- activations
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Scaled dot-product attention as a fused kernel counts for the backward: the output and a float32 log-sum-exp
+    per query and head are saved (with q, k, v), never the attention matrix. Shapes only: for the meta device."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):  # noqa: ANN001, ANN205
+        out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):  # noqa: ANN001
+    return _FusedAttention.apply(query, key, value)
+
+
+@contextlib.contextmanager
+def _count_saved(parameters: set[int], totals: list[int]) -> Iterator[None]:
+    """Add the bytes of each tensor autograd saves (parameters and their views left out, each storage once) to
+    ``totals[0]``."""
+    seen: set[int] = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) not in parameters and id(base) not in seen:
+            seen.add(id(base))
+            totals[0] += base.numel() * base.element_size()
+        return tensor
+
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def _unet_inputs(unet: torch.nn.Module, rows: int, latent: int, tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+    config = unet.config
+    meta = {"device": "meta", "dtype": dtype}
+    inputs: dict[str, Any] = {
+        "sample": torch.empty(rows, config.in_channels, latent, latent, **meta),
+        "timestep": torch.zeros(rows, device="meta", dtype=torch.long),
+        "encoder_hidden_states": torch.empty(rows, tokens, config.cross_attention_dim, **meta),
+    }
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(rows, pooled, **meta),
+            "time_ids": torch.empty(rows, 6, **meta),
+        }
+    return inputs
+
+
+def unet_activation_bytes(
+    unet: torch.nn.Module, rows: int, latent: int, tokens: int, dtype: torch.dtype, checkpointing: bool
+) -> int:
+    """Bytes a UNet's forward saves for its backward over ``rows`` latents of ``latent`` x ``latent``, counted on the
+    meta device (``unet`` is on it); with ``checkpointing``, the saved block inputs plus the largest checkpointed
+    block's own saved tensors (recomputed in the backward)."""
+    torch.nn.Module.to(unet, dtype)  # diffusers' own ``to`` warns about float32 modules a meta copy has no use for
+    parameters = {id(p) for p in unet.parameters()}
+    inputs = _unet_inputs(unet, rows, latent, tokens, dtype)
+    for p in unet.parameters():
+        p.requires_grad_(True)
+    # the saved bytes of each checkpointed unit (the children of the blocks that check gradient_checkpointing)
+    units = [
+        child
+        for module in unet.modules()
+        if hasattr(module, "gradient_checkpointing") and module is not unet
+        for child in module.children()
+        if isinstance(child, torch.nn.ModuleList)
+        for child in child
+    ]
+    totals = [0]
+    per_unit: list[int] = []
+    starts: dict[int, int] = {}
+    handles = [u.register_forward_pre_hook(lambda m, a: starts.__setitem__(id(m), totals[0])) for u in units]
+    handles += [u.register_forward_hook(lambda m, a, o: per_unit.append(totals[0] - starts[id(m)])) for u in units]
+    try:
+        with _count_saved(parameters, totals):
+            unet(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not checkpointing:
+        return totals[0]
+    unet.enable_gradient_checkpointing()
+    checkpointed = [0]
+    try:
+        with _count_saved(parameters, checkpointed):
+            unet(**inputs)
+    finally:
+        unet.disable_gradient_checkpointing()
+    return checkpointed[0] + max(per_unit, default=0)
+
+
+def _transformer_dims(config: dict[str, Any]) -> tuple[int, int]:
+    """The hidden width and the layer count (every block a token passes) of a transformer denoiser's config."""
+    if "dim" in config:  # Z-Image
+        return int(config["dim"]), int(config["n_layers"]) + 2 * int(config.get("n_refiner_layers", 0))
+    hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    layers = int(config["num_layers"]) + int(config.get("num_single_layers", 0))
+    return hidden, layers + int(config.get("num_refiner_layers", 0))
+
+
+def activation_bytes(sizes: ModelSizes, shape: RunShape) -> tuple[int, str]:
+    """Bytes the policy's forward over the 2B rows of a micro-batch keeps for its backward, and how they were
+    counted."""
+    rows = 2 * shape.pairs
+    dtype = {2: torch.bfloat16, 4: torch.float32}[shape.dtype_bytes]
+    config = dict(sizes.denoiser.config)
+    if type(sizes.denoiser).__name__.startswith("UNet"):
+        latent = shape.resolution // sizes.patch
+        count = unet_activation_bytes(
+            sizes.denoiser, rows, latent, shape.prompt_tokens, dtype, shape.activation_checkpointing
+        )
+        return count, "UNet forward on the meta device, saved tensors summed"
+    hidden, layers = _transformer_dims(config)
+    latent_frames = 1 if shape.frames <= 1 else (shape.frames - 1) // sizes.frames_per_token + 1
+    tokens = latent_frames * (shape.resolution // sizes.patch) ** 2
+    if sizes.joint_attention:
+        tokens += shape.prompt_tokens
+    per_layer = rows * tokens * hidden * shape.dtype_bytes
+    if shape.activation_checkpointing:
+        count = per_layer * (layers + TRANSFORMER_SAVED_VALUES)
+    else:
+        count = per_layer * TRANSFORMER_SAVED_VALUES * layers
+    return count, (
+        f"transformer: {TRANSFORMER_SAVED_VALUES} values per token, hidden unit and layer (Korthikanti et al. 2022); "
+        f"{tokens} tokens, hidden {hidden}, {layers} layers"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- the estimate
+
+
+def _lora_parameters(denoiser: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> int:
+    """Parameters of rank-``rank`` LoRA on the linear layers whose names end with one of ``targets`` (peft's
+    matching), r x (in + out) each."""
+    count = 0
+    for name, module in denoiser.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            count += rank * (module.in_features + module.out_features)
+    return count
+
+
+def _linear_weights(denoiser: torch.nn.Module) -> tuple[int, int]:
+    """(linear weight values, their output rows): what a weight-only quantization converts."""
+    values = rows = 0
+    for module in denoiser.modules():
+        if isinstance(module, torch.nn.Linear):
+            values += module.weight.numel()
+            rows += module.out_features
+    return values, rows
+
+
+def _optimizer_bytes(optim: str, denoiser: torch.nn.Module, trained: int, lora: bool) -> int:
+    """Optimizer state bytes for ``trained`` parameters under transformers' ``optim`` name."""
+    name = optim.lower()
+    if "adafactor" in name:
+        if lora:  # the adapters' matrices are thin: factored state is about their rows plus columns
+            return 4 * trained // 8
+        return sum(
+            4 * (p.shape[0] + math.prod(p.shape[1:])) if p.dim() >= 2 else 4 * p.numel() for p in denoiser.parameters()
+        )
+    if "8bit" in name:
+        return OPTIMIZER_BYTES["8bit"] * trained
+    for key in ("adamw", "adam", "lion", "rmsprop"):
+        if key in name:
+            return OPTIMIZER_BYTES[key] * trained
+    if name.startswith("sgd"):
+        return 0
+    return OPTIMIZER_BYTES["adamw"] * trained
+
+
+def estimate_memory(sizes: ModelSizes, shape: RunShape) -> MemoryEstimate:
+    """The per-process peak of a training step of ``sizes``'s model run as ``shape`` says, term by term (the module
+    docstring's formulas)."""
+    if shape.engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {shape.engine!r}")
+    if shape.base_quantization != "none" and shape.lora_rank is None:
+        raise ValueError("a quantized base trains only LoRA: set --use_peft (or --base_quantization none)")
+    n = max(1, shape.num_processes)
+    d = shape.dtype_bytes
+    denoiser = sizes.denoiser
+    params = sum(p.numel() for p in denoiser.parameters())
+    lora = shape.lora_rank is not None
+    trained = _lora_parameters(denoiser, shape.lora_rank, shape.lora_targets) if lora else params
+    deepspeed = shape.engine.startswith("zero")
+    stage = int(shape.engine[-1]) if deepspeed else (3 if shape.engine == "fsdp2" else 0)
+    # how many processes share each term
+    shard_states = n if stage >= 1 else 1  # optimizer state (and DeepSpeed's float32 master copy)
+    shard_grads = n if stage >= 2 else 1
+    shard_weights = n if stage >= 3 else 1
+
+    if deepspeed:  # d-byte weights and gradients beside float32 master weights
+        weights = d * trained // shard_weights + 4 * trained // shard_states
+        gradients = d * trained // shard_grads
+    else:
+        weights = 4 * trained // shard_weights
+        gradients = 4 * trained // shard_grads
+    if lora:
+        bytes_per = QUANTIZED_BYTES.get(shape.base_quantization)
+        if bytes_per is None:
+            base = d * params
+        else:
+            values, rows = _linear_weights(denoiser)
+            base = int(bytes_per * values) + 4 * rows + d * (params - values)
+        weights += base // shard_weights
+    reference = 0 if lora else d * params // shard_weights
+    cast = d * trained // shard_weights if (not lora and d == 2 and not deepspeed) else 0
+    optimizer = _optimizer_bytes(shape.optim, denoiser, trained, lora) // shard_states
+    safeguard = {"one_pass": 8 * trained // shard_grads, "two_pass": 4 * trained // shard_grads}.get(
+        shape.safeguard, 0
+    )
+    frozen = 0
+    if not (shape.latent_cache or shape.offload_frozen):
+        frozen = sum((4 if name == "vae" and sizes.vae_fp32 else d) * count for name, count in sizes.frozen.items())
+    activations, how = activation_bytes(sizes, shape)
+    return MemoryEstimate(
+        components={
+            "weights": weights,
+            "gradients": gradients,
+            "optimizer": optimizer,
+            "reference": reference,
+            "mixed_precision_cast": cast,
+            "safeguard": safeguard,
+            "frozen_parts": frozen,
+            "activations": activations,
+        },
+        parameters={"denoiser": params, "trained": trained, **{f"frozen.{k}": v for k, v in sizes.frozen.items()}},
+        method={"model": sizes.source, "activations": how},
+    )

@@ -1,0 +1,63 @@
+"""How pipelines are named and loaded: the short names of the models shipped inside the package, and the dtype
+keyword diffusers takes.
+
+``--model_name_or_path trl-diffusion-sdpo:tiny`` (or ``evaluate --base trl-diffusion-sdpo:tiny``) loads the CPU
+demo's tiny Stable Diffusion base (``trl_diffusion_sdpo/demo/base``: 32x32 images, about 5 MB, docs/demo.md), for
+trying the package offline. Every place that loads a pipeline by name (``distributed.load_pipeline``, the
+evaluation's generation) resolves the name here first; any other name or path passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import MethodType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
+
+SHIPPED_MODELS: dict[str, Path] = {
+    "trl-diffusion-sdpo:tiny": Path(__file__).resolve().parents[1] / "demo" / "base",
+}
+
+
+def resolve_model_name(name: str | os.PathLike) -> str | os.PathLike:
+    """The folder of a shipped model's short name (:data:`SHIPPED_MODELS`), else ``name`` as given."""
+    if isinstance(name, str) and name in SHIPPED_MODELS:
+        return str(SHIPPED_MODELS[name])
+    return name
+
+
+def dtype_keyword(dtype: Any) -> dict[str, Any]:
+    """``{"dtype": dtype}`` for diffusers' ``from_pretrained`` where it takes ``dtype`` (it warns that ``torch_dtype``
+    is deprecated), ``{"torch_dtype": dtype}`` on the older releases that take only that; ``{}`` for ``None``."""
+    if dtype is None:
+        return {}
+    import diffusers.utils
+
+    # The releases that accept dtype resolve it against the deprecated torch_dtype with this function.
+    return {"dtype": dtype} if hasattr(diffusers.utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    """``module.to(device, dtype)``. diffusers' ``ModelMixin.to`` warns, for any dtype, that the modules a model keeps
+    in float32 may be cast (``There are modules in ... that should be kept in float32: []``), also for a model that
+    keeps none; such a model is cast by ``torch.nn.Module.to`` instead, which does the same cast without the warning.
+    A model that keeps some (Wan) goes through its own ``to`` and the warning stands. A quantized model keeps its
+    quantized weights as they are (:func:`~.quantization.cast_unquantized`)."""
+    import torch
+
+    from .quantization import cast_unquantized, is_quantized
+
+    if is_quantized(module):
+        cast_unquantized(module, dtype, device)
+        return
+
+    to = module.to if getattr(module, "_keep_in_fp32_modules", None) else MethodType(torch.nn.Module.to, module)
+    if device is None:
+        to(dtype=dtype)
+    else:
+        to(device=device, dtype=dtype)

@@ -1,0 +1,248 @@
+"""What is trained, in which dtype, with which effective arguments: the denoiser prepared for LoRA or full tuning.
+
+As in diffusers' training scripts: frozen weights in the compute dtype, trainable weights in float32 (the fp16 grad
+scaler cannot unscale half-precision gradients, and bf16 weights lose small updates). The VAE and text encoders are
+frozen, in eval mode, on the device in the compute dtype (the VAE in float32 where the family asks), or left on the
+CPU when training reads a latent cache. A VAE kept in float32 beside half-precision modules casts what it is given
+to float32 (:func:`cast_inputs_to_own_dtype`), so the pipeline still samples in place after training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Callable, Iterator
+from types import MethodType
+
+import torch
+from accelerate.utils.operations import ConvertOutputsToFp32
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+
+from . import ModelFamily
+from .loading import cast_module
+
+__all__ = ["compute_dtype", "place_frozen_modules", "prepare_denoiser", "training_arguments"]
+
+
+def compute_dtype(args) -> torch.dtype:
+    """The mixed-precision dtype of ``args`` (bf16, fp16, else float32)."""
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def freeze_frozen_modules(family: ModelFamily) -> None:
+    """The VAE and text encoder(s): never in the optimizer, never in train mode."""
+    for module in family.frozen_modules().values():
+        module.requires_grad_(False)
+        module.eval()
+
+
+def keeps_in_float32(model: torch.nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` of ``model`` belongs to a module the model keeps in float32 whatever the compute
+    dtype (``_keep_in_fp32_modules``: Wan's time embedder, norms and modulation table), as diffusers'
+    ``from_pretrained(torch_dtype=...)`` leaves them. By parameter name: some are tables, not modules."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return bool(keep & set(name.split(".")))
+
+
+def reference_like_policy(
+    reference: torch.nn.Module, policy: torch.nn.Module, device: torch.device | str, dtype: torch.dtype
+) -> torch.nn.Module:
+    """``reference`` on ``device`` in the policy's precision, parameter by parameter, so that at step 0 it computes
+    exactly what the policy computes (under the same autocast): each parameter takes the dtype of the policy's
+    parameter of the same name (PEFT's ``base_layer`` ignored), float32 for full tuning's trainable weights; a
+    parameter the policy lacks (a separate ``ref_model``) takes ``dtype``, or float32 where the model keeps it so.
+
+    A bf16 copy beside a float32 policy under autocast computes in another precision: norms, residual sums and the
+    float32 ops of autocast run on bf16-rounded weights and activations, and the first loss starts off log 2 (0.02 on
+    the tiny SDXL, tests/test_reference_precision.py). The cost is the parameter bytes of a float32 copy instead of a
+    bf16 one (docs/reliability.md)."""
+    policy_tensors = [*policy.named_parameters(), *policy.named_buffers()]
+    policy_dtypes = {name.replace("base_layer.", ""): t.dtype for name, t in policy_tensors}
+    reference.to(device=device)
+    for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
+        wanted = policy_dtypes.get(name)
+        if wanted is None:
+            wanted = torch.float32 if keeps_in_float32(reference, name) else dtype
+        if tensor.is_floating_point() and tensor.dtype != wanted:
+            tensor.data = tensor.data.to(wanted)
+    return reference
+
+
+def prepare_denoiser(
+    denoiser: torch.nn.Module, peft_config: LoraConfig | None, dtype: torch.dtype, gradient_checkpointing: bool
+) -> None:
+    """Add LoRA adapters (base weights frozen in ``dtype``) or unfreeze every weight; trainable weights in float32."""
+    if peft_config is not None:
+        denoiser.requires_grad_(False)
+        cast_module(denoiser, dtype)
+        for name, parameter in denoiser.named_parameters():
+            if keeps_in_float32(denoiser, name):
+                parameter.data = parameter.data.float()
+        denoiser.add_adapter(peft_config)
+    else:
+        denoiser.requires_grad_(True)
+    cast_training_params(denoiser, dtype=torch.float32)
+    if gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+
+
+def training_arguments(args, family: ModelFamily | None = None):
+    """A copy of ``args`` (a ``DiffusionSDPOConfig``) as ``transformers.Trainer`` must see it; the caller's stays as
+    given (it is what ``training_config.json`` stores).
+
+    * ``safeguard_mu=None``: the ``family``'s default for the objective (:func:`~.safeguards.margin.resolve_mu`).
+
+    * ``scale_lr``: the learning rate times processes, per-device batch and accumulation steps.
+    * Gradient checkpointing is the denoiser's own switch (:func:`prepare_denoiser`): transformers would call a
+      method UNets do not have, so its flag (and the newer alias ``activation_checkpointing``) is turned off.
+    * Streamed batches vary in size (the collator drops bad rows), which accelerate's default for iterable data
+      cannot concatenate across processes: each process reads its own shard instead.
+    """
+    args = copy.copy(args)
+    if family is not None:
+        from ..safeguards.margin import resolve_mu  # the safeguards import the engines, which import this module
+
+        resolve_mu(args, family)
+    if args.scale_lr:
+        args.learning_rate = (
+            args.learning_rate * args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        )
+    args.gradient_checkpointing = False
+    if hasattr(args, "activation_checkpointing"):
+        args.activation_checkpointing = False
+    if args.accelerator_config.dispatch_batches is None:
+        args.accelerator_config = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
+    return args
+
+
+def wants_gradient_checkpointing(args) -> bool:
+    """``gradient_checkpointing`` or its alias ``activation_checkpointing`` (recent transformers)."""
+    return bool(args.gradient_checkpointing or getattr(args, "activation_checkpointing", False))
+
+
+def place_frozen_modules(
+    family: ModelFamily, device: torch.device | str, dtype: torch.dtype, on_cpu: bool, offload: bool = False
+) -> None:
+    """Move the VAE and text encoder(s) to ``device`` in ``dtype`` (the VAE in float32 where the family needs it),
+    or leave them on the CPU (``on_cpu``: nothing is encoded during training). ``offload``: cast them on the CPU and
+    let diffusers' group offloading (``apply_group_offloading``, leaf level) move each layer, and its inputs, to
+    ``device`` only while it runs.
+
+    A module placed in another dtype than ``dtype`` (the float32 VAE of a half-precision run) takes inputs in any
+    dtype (:func:`cast_inputs_to_own_dtype`): the pipelines of SD, SDXL, SD3 and FLUX.1 (Kontext too) hand their VAE
+    latents and images in the text encoders' dtype, which a float32 VAE refuses (``Input type (c10::BFloat16) and
+    bias type (float) should be the same``)."""
+    for name, module in family.frozen_modules().items():
+        if on_cpu:
+            module.to(device="cpu")
+            continue
+        module_dtype = torch.float32 if name == "vae" and family.vae_needs_fp32() else dtype
+        if offload:
+            from diffusers.hooks import apply_group_offloading
+
+            cast_module(module, module_dtype, "cpu")
+            apply_group_offloading(module, onload_device=torch.device(device), offload_type="leaf_level")
+        else:
+            cast_module(module, module_dtype, device)
+        if module_dtype != dtype:
+            cast_inputs_to_own_dtype(module)
+
+
+# The autocast switched off by _enter_own_dtype, per module call in progress, until _leave_own_dtype restores it.
+_AUTOCAST_OFF: dict[int, list[torch.autocast]] = {}
+
+
+def _enter_own_dtype(
+    module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+) -> tuple[tuple[object, ...], dict[str, object]]:
+    """Forward pre-hook: an enclosing autocast off, and floating-point tensor arguments in the dtype of ``module``'s
+    first floating parameter."""
+    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if parameter is None:
+        return args, kwargs
+    context = torch.autocast(parameter.device.type, enabled=False)
+    context.__enter__()
+    _AUTOCAST_OFF.setdefault(id(module), []).append(context)
+
+    def cast(value: object) -> object:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != parameter.dtype:
+            return value.to(parameter.dtype)
+        return value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _leave_own_dtype(module: torch.nn.Module, args: object, kwargs: object, output: object) -> None:
+    """Forward hook, called even when the forward raises: restores the autocast :func:`_enter_own_dtype` turned off."""
+    contexts = _AUTOCAST_OFF.get(id(module))
+    if contexts:
+        contexts.pop().__exit__(None, None, None)
+        if not contexts:
+            del _AUTOCAST_OFF[id(module)]
+
+
+def cast_inputs_to_own_dtype(module: torch.nn.Module) -> None:
+    """Make each direct child of ``module`` (a VAE's encoder, decoder and quant convs) compute in its own dtype,
+    whatever it is given and under whatever autocast: floating-point inputs are cast to it, as SDXL's pipeline casts
+    the latents when it upcasts its VAE (``latents.to(post_quant_conv dtype)``), and an enclosing autocast is off, as
+    in :meth:`~.families.ModelFamily.encode_moments` (a validation grid samples under one; the SDXL VAE overflows in
+    fp16). On the children, not on ``forward``: pipelines call ``vae.encode`` and ``vae.decode``. Once per child,
+    however often the module is placed."""
+    for child in module.children():
+        if _enter_own_dtype not in child._forward_pre_hooks.values():
+            child.register_forward_pre_hook(_enter_own_dtype, with_kwargs=True)
+            child.register_forward_hook(_leave_own_dtype, with_kwargs=True, always_call=True)
+
+
+class MixedPrecisionForward:
+    """accelerate's mixed-precision wrapper on the denoiser's ``forward``, whole while the trainer runs the model and
+    without its float32 outputs outside.
+
+    ``accelerator.prepare`` wraps the model's ``forward`` in its autocast and converts the outputs to float32, and
+    leaves it so. Inside a pipeline a float32 prediction meets a bf16/fp16 VAE that does not upcast
+    (``force_upcast=False``, as the fp16-fix SDXL VAE): ``Input type (float) and bias type (BFloat16)``. Outside
+    ``train()`` and ``evaluate()`` the denoiser keeps the autocast (full tuning's float32 weights take the pipeline's
+    half-precision inputs) and returns what it computes, in the pipeline's dtype, so ``pipe(prompt)`` samples in place;
+    the trainer puts the float32 conversion back before it runs the model again.
+    """
+
+    def __init__(self, get_model: Callable[[], torch.nn.Module]) -> None:
+        self.get_model = get_model  # the denoiser, unwrapped: it may be wrapped (DDP) after construction
+        self._wrapped = None
+        self._depth = 0  # evaluate() runs inside train(): the wrapper comes off when the outermost call ends
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Within the block (``train()``, ``evaluate()``) the forward is accelerate's, float32 outputs included."""
+        if self._depth == 0:
+            self.restore()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.release()
+
+    def release(self) -> None:
+        """Take the float32 conversion off the forward (nothing where accelerate put none: fp32, DeepSpeed)."""
+        model = self.get_model()
+        forward = model.__dict__.get("forward")
+        inner = getattr(getattr(forward, "__func__", forward), "__wrapped__", None)
+        if not isinstance(inner, ConvertOutputsToFp32):
+            return
+        self._wrapped = forward
+        autocast_forward = inner.model_forward
+        model.forward = MethodType(autocast_forward, model) if isinstance(forward, MethodType) else autocast_forward
+
+    def restore(self) -> None:
+        """Put accelerate's wrapper back as it was."""
+        if self._wrapped is not None:
+            self.get_model().forward = self._wrapped
+            self._wrapped = None

@@ -1,0 +1,206 @@
+"""The exact safeguard's gradients from one forward and one backward pass over the whole pair batch.
+
+:class:`~trl_diffusion_sdpo.safeguards.gradients.layer_taps.LayerTaps` hands every trainable weight's gradient split
+by groups of
+rows; this store keeps the groups apart until ``lambda`` is known, then writes ``.grad``:
+
+* by branch (two groups: winner rows, loser rows): ``g_w`` and ``h_l`` in one flat buffer, ``<g_w, g_w>`` and
+  ``<g_w, h_l>`` read off it, and ``.grad = A + g_w + lambda * h_l`` (``A``: the accumulation window's earlier
+  sum, left in ``.grad`` untouched by the pass, which hands autograd no weight gradient);
+* by pair (``2B`` groups: one per image; the per-pair scope): one gradient per image and weight, the per-pair sums
+  ``<g_w,i, g_w,i>`` and ``<g_w,i, h_l,i>``, and ``.grad = A + sum_i (g_w,i + lambda_i * h_l,i)``.
+
+Memory: two gradient-sized float32 halves by branch. Without accumulation each ``.grad`` is a view of the winner
+half (handed over), so the peak is that of the per-branch passes (``.grad`` plus one buffer); with accumulation
+``A`` is a third.
+By pair: ``2B`` gradients of the trainable weights (LoRA, or full tuning up to a cap; see
+:func:`~trl_diffusion_sdpo.safeguards.parameter.check_pair_scope_memory`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from .layer_taps import LayerTaps
+
+__all__ = ["OnePassBranchGradients", "blocked_dot"]
+
+Reduction = Callable[[list[torch.Tensor]], None]
+
+# Rows longer than this take blocked_dot's per-row route (the largest 32-bit signed leading dimension).
+LONG_ROWS = 2**31 - 1
+
+
+def blocked_dot(
+    a: torch.Tensor, b: torch.Tensor, block: int = 1 << 16, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``<a, b>`` of a long flat vector ``a`` with ``b`` (the same length, or rows ``[m, len(a)]``: then one product
+    per row, reading ``a`` once), summed per block of ``block`` elements by one batched matmul and the blocks' sums
+    added in ``dtype`` (float64; MPS has none): one dot over millions of float32 elements accumulates a relative
+    error that ``lambda``'s ratio amplifies where ``<g_w, h_l>`` nearly cancels."""
+    n = a.numel()
+    if n > LONG_ROWS:
+        # cuBLAS takes the rows' stride as a 32-bit leading dimension, which the [k, block, m] view of rows longer
+        # than 2^31 elements (full tuning of a multi-billion-parameter model) exceeds: one contiguous product per row
+        rows = [b] if b.dim() == 1 else list(b)
+        total = torch.stack([_contiguous_blocked_dot(a, row, block, dtype) for row in rows])
+        return total if b.dim() > 1 else total[0]
+    rows = b.view(1, -1) if b.dim() == 1 else b
+    m = rows.shape[0]
+    k = n // block
+    total = torch.zeros(m, dtype=dtype, device=a.device)
+    if k:
+        left = a[: k * block].view(k, 1, block)
+        right = rows[:, : k * block].reshape(m, k, block).permute(1, 2, 0)  # [k, block, m]: a view, no copy
+        total = total + torch.bmm(left, right).to(dtype).sum((0, 1))
+    if n > k * block:
+        total = total + (rows[:, k * block :] @ a[k * block :]).to(dtype)
+    return total if b.dim() > 1 else total[0]
+
+
+def _contiguous_blocked_dot(a: torch.Tensor, row: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`blocked_dot` of two flat vectors through contiguous ``[k, block]`` views only (no stride over 2^31)."""
+    n = a.numel()
+    k = n // block
+    total = torch.zeros((), dtype=dtype, device=a.device)
+    if k:
+        products = torch.bmm(a[: k * block].view(k, 1, block), row[: k * block].view(k, block, 1))
+        total = total + products.to(dtype).sum()
+    if n > k * block:
+        total = total + torch.dot(row[k * block :], a[k * block :]).to(dtype)
+    return total
+
+
+class OnePassBranchGradients:
+    """Per-branch or per-image gradients of the trainable ``parameters`` of ``module`` from one tapped pass.
+
+    Use once per micro-batch: :meth:`split` around the forward and the backward, then, by branch,
+    :meth:`branch_sums` and :meth:`combine` (the update space: :meth:`branch_gradients`, reduced in place, then
+    :meth:`combine`), by pair :meth:`pair_sums`, :meth:`pair_combination` and :meth:`assign` (or the engine's
+    collectives). The groups live in one flat buffer (float32 or wider) ``[groups, total]`` (each weight a view of
+    its columns), so the inner products, the combination and a reduction over processes are one call each, whatever
+    the number of weights.
+    """
+
+    def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
+        self.parameters = list(parameters)
+        self.taps = LayerTaps(module, self.parameters)
+        self._sizes = [p.numel() for p in self.parameters]
+        self._flat: torch.Tensor | None = None  # [groups, total]
+        self._views: list[torch.Tensor] = []  # per weight: [groups, *shape] views of _flat
+        self._seen: list[bool] = []
+        # a weight whose .grad is a view of the buffer, and that view's address (see _prepare)
+        self._handed: tuple[torch.nn.Parameter, int] | None = None
+
+    @property
+    def uncovered(self) -> list[str]:
+        """The trainable parameters no layer tap covers (the one pass cannot split their gradients)."""
+        return self.taps.uncovered
+
+    @property
+    def failures(self) -> list[str]:
+        """Why layers of the last pass could not be tapped."""
+        return self.taps.failures
+
+    @contextlib.contextmanager
+    def split(self, groups: int) -> Iterator[None]:
+        """Run the micro-batch's forward and backward inside: ``groups`` 2 (by branch) or ``2B`` (by image)."""
+        self._prepare(groups)
+        with self.taps.tapping(groups, destination=self._views.__getitem__):
+            yield
+        written = set(self.taps.written())
+        self._seen = [i in written for i in range(len(self.parameters))]
+        for view, seen in zip(self._views, self._seen):
+            if not seen:  # no gradient reached this weight in this pass
+                view.zero_()
+
+    def _prepare(self, groups: int) -> None:
+        """The flat buffer for ``groups``: reused, unless its size changed or a view of it is still some weight's
+        ``.grad`` (handed over by :meth:`assign` and kept by gradient accumulation)."""
+        flat, handed = self._flat, self._handed
+        handed_over = handed is not None and handed[0].grad is not None and handed[0].grad.data_ptr() == handed[1]
+        if flat is None or flat.shape[0] != groups or handed_over:
+            first = self.parameters[0]  # float32, or the weights' dtype where wider (float64 checks)
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            flat = torch.empty((groups, sum(self._sizes)), dtype=dtype, device=first.device)
+            self._flat = flat
+            self._views = [
+                chunk.view(groups, *p.shape) for chunk, p in zip(flat.split(self._sizes, dim=1), self.parameters)
+            ]
+
+    def untapped_gradients(self, before: list[tuple[torch.Tensor | None, int]]) -> list[int]:
+        """Indices of the weights whose ``.grad`` autograd changed since ``before`` (:meth:`grad_states`): a gradient
+        that reached the weight outside its layer's tap (the weight used directly by another module)."""
+        return [
+            i
+            for i, (p, (grad, version)) in enumerate(zip(self.parameters, before))
+            if p.grad is not grad or (grad is not None and grad._version != version)
+        ]
+
+    def grad_states(self) -> list[tuple[torch.Tensor | None, int]]:
+        """Each weight's ``.grad`` and its version counter, for :meth:`untapped_gradients`."""
+        return [(p.grad, p.grad._version if p.grad is not None else 0) for p in self.parameters]
+
+    # ------------------------------------------------------------------ by branch
+
+    def branch_sums(self, reduce_winner: Reduction | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(<g_w, g_w>, <g_w, h_l>)`` in float32; ``reduce_winner`` (the global scope) first averages the buffered
+        ``g_w`` over processes, in place."""
+        winner = self._flat[0]
+        if reduce_winner is not None:
+            reduce_winner([winner])
+        both = blocked_dot(winner, self._flat)  # one read of each half: [<g_w, g_w>, <g_w, h_l>]
+        return both[0], both[1]
+
+    def branch_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(g_w, h_l)`` per weight: views of the buffer (the update space reduces them in place)."""
+        return [v[0] for v in self._views], [v[1] for v in self._views]
+
+    def combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
+        """``g_w + lambda * h_l`` per weight, with ``g_w`` as buffered (averaged over processes in the global scope:
+        the engine's final average then gives the same mean), formed in place in the buffer's winner half (views of
+        it). :meth:`assign` adds it to ``.grad``; an engine that owns the gradients takes it itself."""
+        winner, loser = self._flat[0], self._flat[1]
+        winner.addcmul_(loser, lam.detach().to(loser))  # one fused pass; lambda stays on the device
+        return [v[0] for v in self._views]
+
+    def combine(self, lam: torch.Tensor) -> None:
+        """``.grad = A + g_w + lambda * h_l`` (:meth:`combination`, then :meth:`assign`)."""
+        self.assign(self.combination(lam))
+
+    @property
+    def reached(self) -> list[bool]:
+        """Per weight, whether the last pass's gradient reached it."""
+        return list(self._seen)
+
+    def assign(self, combined: list[torch.Tensor]) -> None:
+        """``.grad += combined`` (``.grad = combined`` where it is empty), in the weights' dtype. A weight no
+        gradient reached keeps an empty ``.grad``, as after a plain backward (an optimizer then skips it)."""
+        accumulated = [(p.grad, c) for p, c in zip(self.parameters, combined) if p.grad is not None]
+        self._handed = None
+        for p, c, seen in zip(self.parameters, combined, self._seen):
+            if p.grad is None and seen:
+                p.grad = c if c.dtype == p.dtype else c.to(p.dtype)
+                if self._handed is None and p.grad.data_ptr() == c.data_ptr():
+                    self._handed = (p, c.data_ptr())
+        if accumulated:
+            torch._foreach_add_([g for g, _ in accumulated], [c.to(g.dtype) for g, c in accumulated])
+
+    # ------------------------------------------------------------------ by pair
+
+    def pair_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(<g_w,i, g_w,i>, <g_w,i, h_l,i>)`` per pair ``i`` (float32 vectors of length ``B``): per pair, one blocked
+        read of its winner's and loser's rows (``flat[i::B]``, a view), no temporary the size of the buffer."""
+        pairs = self._flat.shape[0] // 2
+        sums = torch.stack([blocked_dot(self._flat[i], self._flat[i::pairs]) for i in range(pairs)])
+        return sums[:, 0].float(), sums[:, 1].float()
+
+    def pair_combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
+        """``sum_i (g_w,i + lambda_i * h_l,i)`` per weight (``lam``: one ``lambda`` per pair), formed in place in the
+        buffer's first row (views of it), for :meth:`assign`."""
+        weights = torch.cat([torch.ones_like(lam), lam]).to(self._flat)
+        combined = self._flat[0].addmv_(self._flat[1:].t(), weights[1:])  # in place: no fresh gradient-sized tensor
+        return [c.view_as(v[0]) for c, v in zip(combined.split(self._sizes), self._views)]

@@ -1,0 +1,243 @@
+"""The frozen reference model of Diffusion-DPO: a frozen copy of the initial denoiser (UNet or transformer), or,
+with LoRA, the policy itself with its adapters disabled (no second copy of the weights).
+
+A reference predicts under ``torch.no_grad``, in the policy's precision, autocast and train/eval mode (so that at
+step 0 it computes exactly what the policy computes); it never receives gradients or optimizer updates. How
+the network is called (argument names, FLUX's latent packing) comes from the model family as ``call``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+from ..families.quantization import check_quantized_base_training
+
+__all__ = [
+    "DisabledAdaptersReference",
+    "FrozenCopyReference",
+    "Reference",
+    "build_reference",
+    "merged_copy",
+    "merged_policy_state",
+    "reference_for",
+    "refreshed_reference",
+]
+
+logger = logging.getLogger(__name__)
+
+DenoiserCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def _positional_denoiser_call(
+    model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict
+) -> torch.Tensor:
+    """``model(sample, timestep, **conditioning)``, as a UNet is called (the default when no family call is given)."""
+    return model(sample, timestep, **conditioning, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def disabled_adapters(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``denoiser`` without its LoRA adapters inside the block; they are re-enabled even if the block raises."""
+    denoiser.disable_adapters()
+    try:
+        yield denoiser
+    finally:
+        denoiser.enable_adapters()
+
+
+class Reference(abc.ABC):
+    """Interface: ``predict(sample, timestep, **conditioning) -> prediction`` without autograd."""
+
+    shares_policy_weights: bool = False
+    call: DenoiserCall = staticmethod(_positional_denoiser_call)
+
+    @abc.abstractmethod
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
+        """The reference's prediction for ``sample`` at ``timestep``, without autograd."""
+
+
+class FrozenCopyReference(Reference):
+    """A separate denoiser, frozen and in eval mode."""
+
+    def __init__(self, denoiser: torch.nn.Module, call: DenoiserCall | None = None) -> None:
+        self.denoiser = denoiser  # the denoiser, or a DeepSpeed engine wrapping it (ZeRO-3)
+        if call is not None:
+            self.call = call
+        self.denoiser.requires_grad_(False)
+        self.denoiser.eval()
+        self.dtype: torch.dtype | None = denoiser.dtype  # the dtype its inputs are cast to (None: as given)
+        # The mixed precision the policy's forward runs in (accelerate wraps the policy's forward in its autocast):
+        # the reference runs in the same, or its float32 ops would run in another precision than the policy's.
+        self.precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        # The policy whose train/eval mode the reference takes (None: always eval). A Dropout(p=0) is the identity in
+        # value, but in train mode it returns a fresh contiguous tensor where eval returns its input as is, and the
+        # next matmul then rounds differently (the tiny SDXL's first bf16 loss was 0.02 off log 2): in the policy's
+        # mode the reference computes exactly what the policy computes at step 0, as the LoRA reference (the policy
+        # itself) does.
+        self.mode_of: Callable[[], torch.nn.Module] | None = None
+
+    def follow(
+        self, policy: Callable[[], torch.nn.Module], precision: Callable[[], contextlib.AbstractContextManager]
+    ):
+        """Compute as ``policy()`` does: its inputs as they are, under its mixed precision ``precision()``, in its
+        train/eval mode, so that at step 0 the reference computes what the policy computes."""
+        self.dtype, self.precision, self.mode_of = None, precision, policy
+
+    @torch.no_grad()
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
+        if self.dtype is not None:
+            sample = sample.to(self.dtype)
+        training = self.mode_of().training if self.mode_of is not None else False
+        if self.denoiser.training != training:
+            self.denoiser.train(training)
+        with self.precision():
+            return self.call(self.denoiser, sample, timestep, conditioning)
+
+
+class DisabledAdaptersReference(Reference):
+    """The policy denoiser with its LoRA adapters switched off for the duration of the call."""
+
+    shares_policy_weights = True
+
+    def __init__(self, get_denoiser: Callable[[], torch.nn.Module], call: DenoiserCall | None = None) -> None:
+        # A getter, not the module: the trainer may wrap or move the policy after construction.
+        self.get_denoiser = get_denoiser
+        if call is not None:
+            self.call = call
+
+    @torch.no_grad()
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
+        with disabled_adapters(self.get_denoiser()) as denoiser:
+            return self.call(denoiser, sample, timestep, conditioning)
+
+
+def _as_denoiser(model: torch.nn.Module | DiffusionPipeline) -> torch.nn.Module:
+    """The denoiser of a pipeline (its UNet or transformer), or the module itself."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(model, DiffusionPipeline):
+        unet = getattr(model, "unet", None)
+        return unet if unet is not None else model.transformer
+    return model
+
+
+def build_reference(
+    policy_denoiser: torch.nn.Module,
+    ref_model: torch.nn.Module | DiffusionPipeline | None,
+    uses_lora: bool,
+    get_policy: Callable[[], torch.nn.Module] | None = None,
+    call: DenoiserCall | None = None,
+) -> Reference:
+    """Choose the reference: ``ref_model`` if given, else disabled adapters (LoRA) or a frozen copy (full tuning).
+
+    Call before adding LoRA adapters when a frozen copy is wanted, so the copy holds only the base weights.
+    """
+    if ref_model is None:
+        if uses_lora:
+            return DisabledAdaptersReference(get_policy or (lambda: policy_denoiser), call)
+        return FrozenCopyReference(copy.deepcopy(policy_denoiser), call)
+    ref_denoiser = _as_denoiser(ref_model)
+    if ref_denoiser is policy_denoiser:
+        raise ValueError(
+            "ref_model is the same object as the policy model. Pass ref_model=None to get a frozen copy (full "
+            "tuning) or the adapter-disabled policy (LoRA), or pass a separate model."
+        )
+    return FrozenCopyReference(ref_denoiser, call)
+
+
+def reference_for(
+    objective,
+    family,
+    ref_model: torch.nn.Module | DiffusionPipeline | None,
+    peft_config,
+    get_policy: Callable[[], torch.nn.Module] | None = None,
+) -> Reference | None:
+    """The reference ``objective`` needs for ``family``'s denoiser, or ``None`` for reference-free objectives (MaPO,
+    SFT: no copy in memory, no forward pass). Call before adding LoRA adapters (see :func:`build_reference`)."""
+    denoiser = family.denoiser
+    # A quantized base trains LoRA only: refused here, before a full-tuning reference would deep-copy it.
+    check_quantized_base_training(denoiser, family.denoiser_name, peft_config)
+    if peft_config is not None and ref_model is None and bool(getattr(denoiser, "peft_config", None)):
+        raise ValueError(
+            f"The {family.denoiser_name} already carries LoRA adapters; pass an explicit ref_model or a clean model"
+        )
+    if not objective.requires_reference:
+        if ref_model is not None:
+            logger.warning("loss_type=%r needs no reference model; the ref_model passed is not used", objective.name)
+        return None
+    return build_reference(
+        denoiser, ref_model, uses_lora=peft_config is not None, get_policy=get_policy, call=family.call_denoiser
+    )
+
+
+def refreshed_reference(reference: Reference, policy: torch.nn.Module, call: DenoiserCall | None = None) -> Reference:
+    """A reference that computes what ``policy`` computes now (online training's ``ref_update_steps``).
+
+    A frozen copy of a policy without adapters takes the policy's weights in place. Otherwise (LoRA: the reference
+    was the adapter-disabled policy, or an earlier refresh) the reference becomes a frozen copy of the policy with its
+    adapters merged into the base weights: one more copy of the denoiser in memory."""
+    if isinstance(reference, FrozenCopyReference) and not bool(getattr(policy, "peft_config", None)):
+        with torch.no_grad():
+            for target, source in zip(reference.denoiser.parameters(), policy.parameters()):
+                target.copy_(source)
+        return reference
+    return FrozenCopyReference(merged_copy(policy), call)
+
+
+def merged_copy(policy: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``policy`` with its LoRA adapters merged into the base weights (peft's ``merge``), which computes what
+    the policy computes; without adapters, a plain copy."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(policy)
+    for module in merged.modules():
+        if isinstance(module, BaseTunerLayer) and not module.merged:
+            module.merge()
+    return merged
+
+
+def _lora_product(up: torch.Tensor, down: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``B A`` of a LoRA layer as a change of its base weight: the matrix product for a linear layer (transposed where
+    the base stores its weight as ``fan_in x fan_out``), ``B`` (a 1x1 convolution) composed with ``A`` for a
+    convolution."""
+    if down.dim() == 2:
+        product = up.float() @ down.float()
+        return product.T if fan_in_fan_out else product
+    conv = torch.nn.functional.conv2d if down.dim() == 4 else torch.nn.functional.conv3d
+    return conv(down.float().transpose(0, 1), up.float()).transpose(0, 1)
+
+
+def merged_policy_state(
+    policy: torch.nn.Module, whole: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Every parameter of ``policy`` whole, by name, with each LoRA layer's active adapters merged into its base
+    weight as peft's ``merge`` merges them: ``W' = W + s B A`` with ``s = lora_alpha / r`` (peft's ``scaling``;
+    ``B A`` per :func:`_lora_product`). ``whole`` gives a parameter's whole value (an engine's gather: under ZeRO-3 or
+    FSDP2 a collective, called for every parameter in the same order on every process).
+
+    The adapters' own entries are kept: a reference that is a merged copy (:func:`merged_copy`) has the same names and
+    computes with its merged base weights only."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {name: whole(parameter).clone() for name, parameter in policy.named_parameters()}
+    for name, module in policy.named_modules():
+        if not isinstance(module, LoraLayer) or module.merged:
+            continue
+        base = f"{name}.base_layer.weight"
+        for adapter in module.active_adapters:
+            if module.use_dora.get(adapter, False):
+                raise ValueError(f"{name}: a DoRA adapter cannot be merged into a refreshed reference here")
+            down, up = state[f"{name}.lora_A.{adapter}.weight"], state[f"{name}.lora_B.{adapter}.weight"]
+            delta = module.scaling[adapter] * _lora_product(up, down, getattr(module, "fan_in_fan_out", False))
+            state[base] = (state[base].float() + delta.reshape(state[base].shape)).to(state[base].dtype)
+    return state
