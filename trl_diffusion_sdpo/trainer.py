@@ -54,7 +54,6 @@ from .io.trackers import make_config_trackable
 from .objectives import PreferenceObjective, objective_from_config
 from .rewards.functions import RewardFunction, dataset_scoring_function
 from .safeguards import MicroBatch, Safeguard, safeguard_for
-from .step.draws import MicroBatchDraws
 from .step.metrics import (
     QUARTILE_METRICS,
     finish_margin_quartiles,
@@ -65,8 +64,8 @@ from .step.metrics import (
 )
 from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zeroing_only
 from .step.optimizer import grad_norm as trainable_grad_norm
-from .step.reference import reference_for
-from .step.stages import Augmentation, MicroBatchStages, UsableBatches, evaluate_objective
+from .step.predictions import evaluate_objective, reference_for
+from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches
 
 __all__ = ["DiffusionSDPOTrainer"]
 

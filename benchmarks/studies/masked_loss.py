@@ -114,7 +114,7 @@ def _trainer(base, dataset, masked: bool, steps: int, workdir: str) -> Diffusion
 def weight_gradient_parts(trainer: DiffusionSDPOTrainer, collate, rows: list[dict]) -> dict:
     """At the current weights, the LoRA gradient of the run's own loss driven by the predictions inside the region
     and by those outside, summed over every pair (one keyed draw), as norms relative to the whole gradient."""
-    from trl_diffusion_sdpo.step.stages import evaluate_objective
+    from trl_diffusion_sdpo.step.predictions import evaluate_objective
 
     model = trainer.model
     weights = [p for p in model.parameters() if p.requires_grad]

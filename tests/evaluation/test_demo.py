@@ -14,8 +14,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from trl_diffusion_sdpo.cli import main as cli
 from trl_diffusion_sdpo.cli import demo as demo_cli
+from trl_diffusion_sdpo.cli import main as cli
 from trl_diffusion_sdpo.demo import pretrain as pretrain_module
 from trl_diffusion_sdpo.demo import run as run_module
 from trl_diffusion_sdpo.demo.methods import GUARDS, METHODS, method_unavailable

@@ -25,7 +25,7 @@ from peft import LoraConfig
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, PromptEmbeddings, StableDiffusion3Family, family_for_pipeline
 from trl_diffusion_sdpo.families.flow import FlowNoiser, FlowTimestepSampling, resolution_shift, shift_sigmas
-from trl_diffusion_sdpo.step.stages import denoising_errors, predict_pairs
+from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
 from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, write_t5_tokenizer
 
 SEQ = 16  # T5 tokens in the tests

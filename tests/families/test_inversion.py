@@ -30,7 +30,8 @@ from trl_diffusion_sdpo.families.inversion import (
     renoise_inversion,
 )
 from trl_diffusion_sdpo.objectives import DenoisingErrors, build_objective
-from trl_diffusion_sdpo.step.stages import MicroBatchStages, denoising_errors, predict_pairs
+from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
+from trl_diffusion_sdpo.step.stages import MicroBatchStages
 from trl_diffusion_sdpo.testing.flow import build_tiny_sd3_pipeline
 from trl_diffusion_sdpo.testing.unet import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 

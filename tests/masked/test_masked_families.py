@@ -14,8 +14,8 @@ from PIL import Image
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import family_for_pipeline
-from trl_diffusion_sdpo.families.latents import latent_mask
-from trl_diffusion_sdpo.step.stages import evaluate_objective
+from trl_diffusion_sdpo.families.noising import latent_mask
+from trl_diffusion_sdpo.step.predictions import evaluate_objective
 from trl_diffusion_sdpo.testing import (
     build_tiny_flux_kontext_pipeline,
     build_tiny_flux_pipeline,

@@ -14,7 +14,7 @@ from masked_pairs import masked_dataset, masked_rows
 from trl_diffusion_sdpo.objectives import PreferencePredictions, diffusion_dpo_loss
 from trl_diffusion_sdpo.safeguards.base import MicroBatch
 from trl_diffusion_sdpo.safeguards.output import output_space_lambda
-from trl_diffusion_sdpo.step.stages import denoising_errors, evaluate_objective
+from trl_diffusion_sdpo.step.predictions import denoising_errors, evaluate_objective
 
 MASKED = dict(loss_mask=True, random_flip=False, proportion_empty_prompts=0.0)
 

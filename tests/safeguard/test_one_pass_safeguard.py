@@ -25,7 +25,8 @@ from trl_diffusion_sdpo.safeguards.gradients import layer_taps
 from trl_diffusion_sdpo.safeguards.gradients.layer_taps import LayerTaps
 from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
-from trl_diffusion_sdpo.step.stages import NoisedMicroBatch, denoising_errors, predict_pairs
+from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
+from trl_diffusion_sdpo.step.stages import NoisedMicroBatch
 from trl_diffusion_sdpo.testing import (
     build_tiny_flux2_klein_pipeline,
     build_tiny_flux2_pipeline,

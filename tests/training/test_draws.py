@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from trl_diffusion_sdpo.step.draws import MicroBatchDraws
+from trl_diffusion_sdpo.step.stages import MicroBatchDraws
 
 
 def _processes(rows_per_process: int, count: int) -> list[MicroBatchDraws]:

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 
 from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
 from trl_diffusion_sdpo.demo.shapes import all_captions
-from trl_diffusion_sdpo.families.latents import scale_latents, unscale_latents
+from trl_diffusion_sdpo.families.noising import scale_latents, unscale_latents
 from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer, RewardFunctions
 from trl_diffusion_sdpo.online.generation import image_seed
 from trl_diffusion_sdpo.online.trainer import RepeatedBlockSampler
-from trl_diffusion_sdpo.step.reference import DisabledAdaptersReference, refreshed_reference
+from trl_diffusion_sdpo.step.predictions import DisabledAdaptersReference, refreshed_reference
 
 PROMPTS = [c.text for c in all_captions()[:8]]
 LORA = dict(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -444,7 +444,7 @@ def test_the_gathered_merged_policy_state_is_what_peft_merges(tmp_path):
     for linear and 3x3 convolution adapters with non-zero weights and lora_alpha != r."""
     from peft.tuners.lora import LoraLayer
 
-    from trl_diffusion_sdpo.step.reference import merged_copy, merged_policy_state
+    from trl_diffusion_sdpo.step.predictions import merged_copy, merged_policy_state
 
     pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
     unet = pipe.unet

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families.noising import prediction_target
 from trl_diffusion_sdpo.objectives import ObjectiveOutput
-from trl_diffusion_sdpo.step.reference import Reference, disabled_adapters
+from trl_diffusion_sdpo.step.predictions import Reference, disabled_adapters
 
 LOGGED_METRICS = [
     "loss",

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .latents import latent_mask, scale_latents
+from .noising import latent_mask, scale_latents
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

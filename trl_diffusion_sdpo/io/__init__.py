@@ -40,6 +40,19 @@ _EXPORTS = {
     "make_config_trackable": ".trackers",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "build_model_card",
+    "create_hub_repo",
+    "has_lora_adapters",
+    "load_full_denoiser",
+    "load_lora_adapters",
+    "make_config_trackable",
+    "push_checkpoint",
+    "save_full_denoiser",
+    "save_lora_adapters",
+    "save_pipeline_components",
+    "upload_folder_to_hub",
+    "write_training_config",
+]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

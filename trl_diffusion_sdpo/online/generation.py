@@ -47,7 +47,7 @@ from PIL import Image
 from ..data.transforms import PairTransform, image_pixels, load_image, resized_size
 from ..evaluation.pairs import select_pairs
 from ..families import ModelFamily, PromptEmbeddings
-from ..families.latents import unscale_latents
+from ..families.noising import unscale_latents
 from ..rewards.functions import RewardFunctions
 from ..step.stages import fixed_time_ids
 

@@ -35,7 +35,7 @@ from ..data.validation import DataReport
 from ..families import ModelFamily, PromptEmbeddings
 from ..families.quantization import is_quantized
 from ..rewards.functions import RewardError, RewardFunction, RewardFunctions
-from ..step.reference import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
+from ..step.predictions import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
 from ..trainer import DiffusionSDPOTrainer
 from .config import OnlineDiffusionSDPOConfig
 from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage, PendingGeneration

@@ -23,7 +23,8 @@ from accelerate.utils import DistributedType
 
 from ..engines import Engine
 from ..objectives import DenoisingErrors, ObjectiveOutput, PreferenceObjective, PreferencePredictions
-from ..step.stages import Evaluation, MicroBatchStages, NoisedMicroBatch, evaluate_objective
+from ..step.predictions import Evaluation, evaluate_objective
+from ..step.stages import MicroBatchStages, NoisedMicroBatch
 from .margin import SafeguardMargin
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ import torch
 
 from ..engines.collectives import all_reduce_sum
 from ..objectives import PreferencePredictions, masked_residual
-from ..step.stages import denoising_errors
+from ..step.predictions import denoising_errors
 from .base import MicroBatch, Safeguard, StepResult
 from .margin import SafeguardMargin
 

@@ -41,7 +41,7 @@ from ..engines import Engine
 from ..engines.collectives import all_reduce_sum
 from ..objectives import PreferencePredictions
 from ..step.optimizer import trainable_parameters
-from ..step.stages import Evaluation
+from ..step.predictions import Evaluation
 from .base import MicroBatch, Safeguard, StepResult
 from .gradients import OnePassBranchGradients, PerBranchStore, collectives_for
 from .margin import SafeguardMargin

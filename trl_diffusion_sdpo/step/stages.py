@@ -1,4 +1,4 @@
-"""The step's stages up to the safeguard: batch -> latents -> noised pair -> predictions -> errors -> objective.
+"""The step's stages up to the predictions: batch -> latents -> noised pair, with the keyed draws they use.
 
 * batch: a collated batch (live pixels and token ids, or a batch of the latent cache) becomes VAE posterior moments,
   prompt embeddings and time ids (:func:`encode_batch`); flips select the mirrored view, per pair or per image;
@@ -7,21 +7,22 @@
 * noised pair: forward noising by the family's noiser, or, with an inverting noiser (``noising="inversion"``,
   SmPO's default), the ReNoise inversion of the clean latents by the policy or the reference
   (:meth:`MicroBatchStages.inverting_network`), made without gradient before the predictions.
-* predictions: the policy's and the reference's, in one forward pass over both branches or one per branch
-  (:func:`predict_pairs`).
-* errors and objective: :func:`denoising_errors`, :func:`evaluate_objective` (the formulas are in
-  :mod:`trl_diffusion_sdpo.objectives`); with a loss mask (``loss_mask [B, 2, 1, H, W]`` in the batch, flipped and
-  cropped with its images, brought to latent size by the family), each error is the mask's weighted mean.
+* keyed draws: every random choice of a training micro-batch comes from a generator seeded by ``(seed, optimizer
+  step, micro-batch index)`` and is drawn for the global micro-batch (:class:`MicroBatchDraws`). A resumed run then
+  draws exactly what the uninterrupted one did (no global RNG state), and a pair gets the same flip, prompt dropout,
+  timestep, noise and posterior sample whatever the number of processes, as long as the global batch is the same.
 
-:class:`MicroBatchStages` holds what the stages need (the family, its noiser, the reference, the keyed draws of
-:mod:`.draws` and the augmentation settings) and runs them in order; each stage is a public method or function taking
-what it needs as arguments, so tests can run or replace one alone. The safeguard's step
-(:mod:`trl_diffusion_sdpo.safeguards`) runs the predictions and the objective, then the backward.
+The predictions, errors and objective come next (:mod:`.predictions`). :class:`MicroBatchStages` holds what the
+stages need (the family, its noiser, the reference, the keyed draws and the augmentation settings) and runs them in
+order; each stage is a public method or function taking what it needs as arguments, so tests can run or replace one
+alone. The safeguard's step (:mod:`trl_diffusion_sdpo.safeguards`) runs the predictions and the objective, then the
+backward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,30 +31,24 @@ import torch
 from ..data.latent_cache import cached_moments, cached_prompt_embeds, cached_time_ids
 from ..families import ModelFamily, NoisedPair, PromptEmbeddings
 from ..objectives import (
-    DenoisingErrors,
-    ObjectiveOutput,
-    PreferenceObjective,
     PreferencePredictions,
-    denoising_error,
 )
-from .draws import MicroBatchDraws
+from .predictions import predict_pairs
 
 __all__ = [
     "Augmentation",
-    "EncodedBatch",
-    "Evaluation",
-    "MicroBatchStages",
-    "NoisedMicroBatch",
-    "UsableBatches",
     "crop_pairs",
-    "denoising_errors",
     "drop_prompts",
     "encode_batch",
-    "evaluate_objective",
+    "EncodedBatch",
     "fixed_time_ids",
-    "predict_pairs",
+    "keyed_generator",
+    "MicroBatchDraws",
+    "MicroBatchStages",
+    "NoisedMicroBatch",
     "prompt_inputs",
     "select_prompts",
+    "UsableBatches",
     "where_rows",
 ]
 
@@ -430,104 +425,81 @@ class MicroBatchStages:
         return self.empty_prompt
 
 
-# ------------------------------------------------------------------ predictions, errors, objective
+# ------------------------------------------------------------------ keyed draws
 
 
-def predict_pairs(
-    policy: torch.nn.Module,
-    reference: Callable[..., torch.Tensor] | None,
-    family: ModelFamily,
-    noised: NoisedPair,
-    prompt_embeds: PromptEmbeddings,
-    time_ids: torch.Tensor | None,
-    separate_branches: bool = False,
-    loss_mask: torch.Tensor | None = None,
-) -> PreferencePredictions:
-    """Predictions of ``policy`` (and ``reference``, if given) on the ``2B`` rows of ``noised``.
+def keyed_generator(seed: int, step: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by a hash of ``(seed, step, index)`` (independent streams for neighbouring keys)."""
+    key = f"{seed}/{step}/{index}".encode()
+    derived = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+    return torch.Generator(device=device).manual_seed(derived)
 
-    ``prompt_embeds`` holds one embedding per pair (shared by its two images); ``time_ids`` ``[2B, 6]`` or ``None``;
-    ``loss_mask`` ``[2B, 1, ..., h, w]`` (each image's, at latent size) or ``None``.
+
+class MicroBatchDraws:
+    """Where a micro-batch's random draws come from, and which of them this process keeps.
+
+    Training: a generator keyed by ``(seed, optimizer step, micro-batch within the step)``; evaluation: one CPU
+    generator seeded with ``eval_seed`` for a whole ``evaluate()`` (:meth:`start_evaluation`). Every draw is made for
+    the global micro-batch (``num_processes`` times the per-device batch) and each process keeps its own rows.
     """
-    batch = noised.noisy.shape[0] // 2
-    # The passes over the rows, each with its conditioning, built once and shared by policy and reference. The
-    # reference runs in the same shapes as the policy: the same float rounding, so a policy equal to its reference
-    # (LoRA at initialisation) has exactly u = 0 (beta = 5000 would amplify a 1e-7 difference).
-    if separate_branches:
-        passes = [
-            (rows, family.denoiser_conditioning(prompt_embeds, None if time_ids is None else time_ids[rows]))
-            for rows in (slice(0, batch), slice(batch, 2 * batch))
-        ]
-    else:
-        passes = [(slice(0, 2 * batch), family.denoiser_conditioning(prompt_embeds.repeat(2), time_ids))]
-    # Kept as separate outputs, never concatenated: each branch's backward must reach only its own graph.
-    outputs = [family.call_denoiser(policy, noised.noisy[r], noised.timesteps[r], c) for r, c in passes]
-    policy_winner, policy_loser = _winner_and_loser(outputs, batch)
-    reference_winner = reference_loser = None
-    if reference is not None:
-        ref_outputs = [reference(noised.noisy[r], noised.timesteps[r], **c) for r, c in passes]
-        reference_winner, reference_loser = _winner_and_loser(ref_outputs, batch)
-    target_winner, target_loser = noised.target[:batch], noised.target[batch:]
-    if noised.loss_weight is not None:
-        # A weighted squared error w * (pred - target)^2 is the plain error of sqrt(w) * pred and sqrt(w) * target.
-        root = noised.loss_weight.sqrt().view(-1, *([1] * (noised.target.dim() - 1)))
-        policy_winner = policy_winner * root[:batch].to(policy_winner)
-        policy_loser = policy_loser * root[batch:].to(policy_loser)
-        target_winner, target_loser = target_winner * root[:batch], target_loser * root[batch:]
-        if reference is not None:
-            reference_winner = reference_winner * root[:batch].to(reference_winner)
-            reference_loser = reference_loser * root[batch:].to(reference_loser)
-    return PreferencePredictions(
-        policy_winner=policy_winner,
-        policy_loser=policy_loser,
-        target_winner=target_winner,
-        target_loser=target_loser,
-        reference_winner=reference_winner,
-        reference_loser=reference_loser,
-        winner_mask=None if loss_mask is None else loss_mask[:batch],
-        loser_mask=None if loss_mask is None else loss_mask[batch:],
-    )
 
+    def __init__(
+        self,
+        seed: int,
+        train_rows: int,
+        eval_rows: int,
+        process_index: int,
+        num_processes: int,
+        device: torch.device | str,
+    ) -> None:
+        self.seed, self.device = seed, device
+        self.rows_per_process = {"train": train_rows, "eval": eval_rows}
+        self.process_index, self.num_processes = process_index, num_processes
+        self._step, self._index = -1, 0  # which micro-batch of which step the training draws are for
+        self._eval_generator: torch.Generator | None = None
 
-def _winner_and_loser(outputs: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The winner and loser predictions from one pass per branch, or from one pass over both."""
-    if len(outputs) == 2:
-        return outputs[0], outputs[1]
-    return outputs[0][:batch], outputs[0][batch:]
+    def generator(self, mode: str, step: int) -> torch.Generator:
+        """The generator of the next micro-batch of optimizer step ``step`` (or of the running evaluation)."""
+        if mode == "eval" and self._eval_generator is not None:
+            return self._eval_generator
+        if step != self._step:
+            self._step, self._index = step, 0
+        self._index += 1
+        return keyed_generator(self.seed, step, self._index - 1, self.device)
 
+    def start_evaluation(self, eval_seed: int) -> None:
+        self._eval_generator = torch.Generator().manual_seed(eval_seed)
 
-def denoising_errors(predictions: PreferencePredictions) -> DenoisingErrors:
-    """Per-sample float32 errors ``mean_CHW (prediction - target)^2`` of the policy and, if present, the reference;
-    with loss masks, each branch's masked mean under its image's mask, policy and reference alike."""
-    winner_mask, loser_mask = predictions.winner_mask, predictions.loser_mask
-    errors = DenoisingErrors(
-        policy_winner=denoising_error(predictions.policy_winner, predictions.target_winner, winner_mask),
-        policy_loser=denoising_error(predictions.policy_loser, predictions.target_loser, loser_mask),
-    )
-    if predictions.reference_winner is not None:
-        errors.reference_winner = denoising_error(predictions.reference_winner, predictions.target_winner, winner_mask)
-        errors.reference_loser = denoising_error(predictions.reference_loser, predictions.target_loser, loser_mask)
-    return errors
+    def end_evaluation(self) -> None:
+        self._eval_generator = None
 
+    def span(self, mode: str, local_rows: int) -> tuple[int, slice]:
+        """``(n, rows)``: every process draws ``n`` rows, for the global micro-batch (same generator state), and
+        keeps ``rows``, its own (``process_index * rows_per_process`` onwards)."""
+        rows_per_process = max(self.rows_per_process[mode], local_rows)
+        start = self.process_index * rows_per_process
+        return self.num_processes * rows_per_process, slice(start, start + local_rows)
 
-@dataclass
-class Evaluation:
-    """A micro-batch's errors and its objective's output on them (``loss`` is the objective's)."""
+    def local(self, tensors: tuple[torch.Tensor, ...], rows: slice) -> tuple[torch.Tensor, ...]:
+        """This process's ``rows`` of each of ``tensors`` (drawn for the global micro-batch), on the training
+        device."""
+        return tuple(t[rows].to(self.device) for t in tensors)
 
-    errors: DenoisingErrors
-    output: ObjectiveOutput
+    def augmentation(
+        self, generator: torch.Generator, mode: str, batch: int, independent: bool, cropping: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``flip`` booleans (``[B]``, or ``[B, 2]`` when each image of a pair is augmented on its own), ``drop``
+        uniforms ``[B]`` (prompt dropout) and, when ``cropping``, crop fractions (``[B, 2]`` top and left per pair, or
+        ``[B, 4]`` per image).
 
-    @property
-    def loss(self) -> torch.Tensor:
-        return self.output.loss
-
-
-def evaluate_objective(
-    objective: PreferenceObjective,
-    predictions: PreferencePredictions,
-    pair_scores: torch.Tensor | None = None,
-    errors: DenoisingErrors | None = None,
-) -> Evaluation:
-    """errors -> objective: the per-sample errors of ``predictions`` (or ``errors`` where the caller formed them:
-    the output-space safeguard scales the loser's) and ``objective`` on them."""
-    errors = denoising_errors(predictions) if errors is None else errors
-    return Evaluation(errors, objective(predictions, errors, pair_scores=pair_scores))
+        The winner's flip and the dropout are the first two rows of the draw whatever the options (a generator fills
+        rows in order), so the options add rows without changing the others."""
+        rows = (3 if independent else 2) + (2 * (2 if independent else 1) if cropping else 0)
+        n, local = self.span(mode, batch)
+        draws = self.local(tuple(torch.rand((rows, n), generator=generator, device=generator.device)), local)
+        flip = torch.stack([draws[0], draws[2]], dim=1) < 0.5 if independent else draws[0] < 0.5
+        crop = None
+        if cropping:
+            first = 3 if independent else 2
+            crop = torch.stack(draws[first:], dim=1)  # [B, 2] or [B, 4]: (top, left) per pair or per image
+        return flip, draws[1], crop

@@ -1,9 +1,16 @@
-"""The frozen reference model of Diffusion-DPO: a frozen copy of the initial denoiser (UNet or transformer), or,
-with LoRA, the policy itself with its adapters disabled (no second copy of the weights).
+"""The policy's and the reference's predictions of a noised pair, their denoising errors and the objective on them.
 
-A reference predicts under ``torch.no_grad``, in the policy's precision, autocast and train/eval mode (so that at
-step 0 it computes exactly what the policy computes); it never receives gradients or optimizer updates. How
-the network is called (argument names, FLUX's latent packing) comes from the model family as ``call``.
+The frozen reference model of Diffusion-DPO is a frozen copy of the initial denoiser (UNet or transformer), or, with
+LoRA, the policy itself with its adapters disabled (no second copy of the weights). A reference predicts under
+``torch.no_grad``, in the policy's precision, autocast and train/eval mode (so that at step 0 it computes exactly
+what the policy computes); it never receives gradients or optimizer updates. How the network is called (argument
+names, FLUX's latent packing) comes from the model family as ``call``.
+
+* predictions: the policy's and the reference's, in one forward pass over both branches or one per branch
+  (:func:`predict_pairs`);
+* errors and objective: :func:`denoising_errors`, :func:`evaluate_objective` (the formulas are in
+  :mod:`trl_diffusion_sdpo.objectives`); with a loss mask (``loss_mask [B, 2, 1, H, W]`` in the batch, flipped and
+  cropped with its images, brought to latent size by the family), each error is the mask's weighted mean.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,9 +28,21 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
+from ..families import ModelFamily, NoisedPair, PromptEmbeddings
 from ..families.quantization import check_quantized_base_training
+from ..objectives import (
+    DenoisingErrors,
+    ObjectiveOutput,
+    PreferenceObjective,
+    PreferencePredictions,
+    denoising_error,
+)
 
 __all__ = [
+    "Evaluation",
+    "denoising_errors",
+    "evaluate_objective",
+    "predict_pairs",
     "DisabledAdaptersReference",
     "FrozenCopyReference",
     "Reference",
@@ -241,3 +261,106 @@ def merged_policy_state(
             delta = module.scaling[adapter] * _lora_product(up, down, getattr(module, "fan_in_fan_out", False))
             state[base] = (state[base].float() + delta.reshape(state[base].shape)).to(state[base].dtype)
     return state
+
+
+# ------------------------------------------------------------------ paired predictions, errors, objective
+
+
+def predict_pairs(
+    policy: torch.nn.Module,
+    reference: Callable[..., torch.Tensor] | None,
+    family: ModelFamily,
+    noised: NoisedPair,
+    prompt_embeds: PromptEmbeddings,
+    time_ids: torch.Tensor | None,
+    separate_branches: bool = False,
+    loss_mask: torch.Tensor | None = None,
+) -> PreferencePredictions:
+    """Predictions of ``policy`` (and ``reference``, if given) on the ``2B`` rows of ``noised``.
+
+    ``prompt_embeds`` holds one embedding per pair (shared by its two images); ``time_ids`` ``[2B, 6]`` or ``None``;
+    ``loss_mask`` ``[2B, 1, ..., h, w]`` (each image's, at latent size) or ``None``.
+    """
+    batch = noised.noisy.shape[0] // 2
+    # The passes over the rows, each with its conditioning, built once and shared by policy and reference. The
+    # reference runs in the same shapes as the policy: the same float rounding, so a policy equal to its reference
+    # (LoRA at initialisation) has exactly u = 0 (beta = 5000 would amplify a 1e-7 difference).
+    if separate_branches:
+        passes = [
+            (rows, family.denoiser_conditioning(prompt_embeds, None if time_ids is None else time_ids[rows]))
+            for rows in (slice(0, batch), slice(batch, 2 * batch))
+        ]
+    else:
+        passes = [(slice(0, 2 * batch), family.denoiser_conditioning(prompt_embeds.repeat(2), time_ids))]
+    # Kept as separate outputs, never concatenated: each branch's backward must reach only its own graph.
+    outputs = [family.call_denoiser(policy, noised.noisy[r], noised.timesteps[r], c) for r, c in passes]
+    policy_winner, policy_loser = _winner_and_loser(outputs, batch)
+    reference_winner = reference_loser = None
+    if reference is not None:
+        ref_outputs = [reference(noised.noisy[r], noised.timesteps[r], **c) for r, c in passes]
+        reference_winner, reference_loser = _winner_and_loser(ref_outputs, batch)
+    target_winner, target_loser = noised.target[:batch], noised.target[batch:]
+    if noised.loss_weight is not None:
+        # A weighted squared error w * (pred - target)^2 is the plain error of sqrt(w) * pred and sqrt(w) * target.
+        root = noised.loss_weight.sqrt().view(-1, *([1] * (noised.target.dim() - 1)))
+        policy_winner = policy_winner * root[:batch].to(policy_winner)
+        policy_loser = policy_loser * root[batch:].to(policy_loser)
+        target_winner, target_loser = target_winner * root[:batch], target_loser * root[batch:]
+        if reference is not None:
+            reference_winner = reference_winner * root[:batch].to(reference_winner)
+            reference_loser = reference_loser * root[batch:].to(reference_loser)
+    return PreferencePredictions(
+        policy_winner=policy_winner,
+        policy_loser=policy_loser,
+        target_winner=target_winner,
+        target_loser=target_loser,
+        reference_winner=reference_winner,
+        reference_loser=reference_loser,
+        winner_mask=None if loss_mask is None else loss_mask[:batch],
+        loser_mask=None if loss_mask is None else loss_mask[batch:],
+    )
+
+
+def _winner_and_loser(outputs: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The winner and loser predictions from one pass per branch, or from one pass over both."""
+    if len(outputs) == 2:
+        return outputs[0], outputs[1]
+    return outputs[0][:batch], outputs[0][batch:]
+
+
+def denoising_errors(predictions: PreferencePredictions) -> DenoisingErrors:
+    """Per-sample float32 errors ``mean_CHW (prediction - target)^2`` of the policy and, if present, the reference;
+    with loss masks, each branch's masked mean under its image's mask, policy and reference alike."""
+    winner_mask, loser_mask = predictions.winner_mask, predictions.loser_mask
+    errors = DenoisingErrors(
+        policy_winner=denoising_error(predictions.policy_winner, predictions.target_winner, winner_mask),
+        policy_loser=denoising_error(predictions.policy_loser, predictions.target_loser, loser_mask),
+    )
+    if predictions.reference_winner is not None:
+        errors.reference_winner = denoising_error(predictions.reference_winner, predictions.target_winner, winner_mask)
+        errors.reference_loser = denoising_error(predictions.reference_loser, predictions.target_loser, loser_mask)
+    return errors
+
+
+@dataclass
+class Evaluation:
+    """A micro-batch's errors and its objective's output on them (``loss`` is the objective's)."""
+
+    errors: DenoisingErrors
+    output: ObjectiveOutput
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.output.loss
+
+
+def evaluate_objective(
+    objective: PreferenceObjective,
+    predictions: PreferencePredictions,
+    pair_scores: torch.Tensor | None = None,
+    errors: DenoisingErrors | None = None,
+) -> Evaluation:
+    """errors -> objective: the per-sample errors of ``predictions`` (or ``errors`` where the caller formed them:
+    the output-space safeguard scales the loser's) and ``objective`` on them."""
+    errors = denoising_errors(predictions) if errors is None else errors
+    return Evaluation(errors, objective(predictions, errors, pair_scores=pair_scores))
