@@ -1,0 +1,135 @@
+"""The trained weights of the tiny SD run, fingerprinted, for comparing two checkouts bit for bit.
+
+    PYTHONPATH=<checkout> python benchmarks/tools/weights_identity.py --out a.json     # in each checkout
+    python benchmarks/tools/weights_identity.py --compare a.json b.json --write result.json
+
+Each case trains the tiny Stable Diffusion pipeline (``trl_diffusion_sdpo.testing``, built from its config with seed
+0) for 3 optimizer steps of 2 pairs on six coloured pairs, with every default the comparison could depend on set
+explicitly (beta, mu, learning rate, warmup), for Diffusion-DPO and each safeguard space, LoRA and full tuning; the
+fingerprint is the SHA-256 of every trainable tensor's bytes in name order, and the tensors' sum in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+CASES = {
+    "dpo": {"safeguard_space": "none"},
+    "output": {"safeguard_space": "output", "safeguard_mu": 0.5},
+    "parameter": {"safeguard_space": "parameter", "safeguard_mu": 0.5},
+    "update": {"safeguard_space": "update", "safeguard_mu": 0.5},
+}
+COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (230, 230, 20), (200, 20, 200), (20, 200, 200)]
+
+
+def _dataset():
+    from datasets import Dataset
+    from PIL import Image
+
+    def png(colour, size):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, colour).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = [
+        {
+            "caption": f"a picture number {i}",
+            "jpg_0": png(COLOURS[(2 * i) % 6], (32 + 8 * i, 32)),
+            "jpg_1": png(COLOURS[(2 * i + 1) % 6], (32, 40)),
+            "label_0": float((i + 1) % 2),
+            "label_1": float(i % 2),
+        }
+        for i in range(6)
+    ]
+    return Dataset.from_list(rows)
+
+
+def fingerprint(case: str, lora: bool) -> dict:
+    import torch
+    from peft import LoraConfig
+
+    from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+    from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(Path(tmp) / "tok"))
+        args = DiffusionSDPOConfig(
+            output_dir=str(Path(tmp) / "out"),
+            resolution=32,
+            per_device_train_batch_size=2,
+            max_steps=3,
+            learning_rate=1e-3,
+            scale_lr=False,
+            warmup_steps=0,
+            logging_steps=1,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            seed=0,
+            beta=5000.0,
+            **CASES[case],
+        )
+        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]) if lora else None
+        trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=_dataset(), peft_config=peft)
+        trainer.train()
+        digest, total = hashlib.sha256(), 0.0
+        for name, parameter in sorted(trainer.family.denoiser.named_parameters()):
+            if parameter.requires_grad:
+                tensor = parameter.detach().cpu().contiguous()
+                digest.update(name.encode())
+                digest.update(tensor.view(torch.uint8).numpy().tobytes())
+                total += float(tensor.double().sum())
+    return {"sha256": digest.hexdigest(), "sum": total}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write this checkout's fingerprints here")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--write", help="with --compare: the result file")
+    parser.add_argument("--label", nargs=2, default=["before", "after"], help="with --compare: the two checkouts")
+    args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(Path(p).read_text()) for p in args.compare)
+        cases = {
+            key: {
+                "identical": before[key]["sha256"] == after[key]["sha256"],
+                "sum_difference": after[key]["sum"] - before[key]["sum"],
+            }
+            for key in before
+        }
+        result = {
+            "what": __doc__.strip(),
+            "checkouts": args.label,
+            "cases": cases,
+            args.label[0]: before,
+            args.label[1]: after,
+        }
+        text = json.dumps(result, indent=2) + "\n"
+        if args.write:
+            Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.write).write_text(text)
+        print(json.dumps(cases, indent=2))
+        return 0 if all(c["identical"] for c in cases.values()) else 1
+    results = {}
+    for case in CASES:
+        for lora in (True, False):
+            key = f"{case}-{'lora' if lora else 'full'}"
+            results[key] = fingerprint(case, lora)
+            print(key, results[key], file=sys.stderr, flush=True)
+    text = json.dumps(results, indent=2) + "\n"
+    Path(args.out).write_text(text) if args.out else print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
