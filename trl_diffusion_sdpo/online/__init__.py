@@ -18,7 +18,7 @@ __getattr__, __dir__ = lazy_attributes(
     {
         "OnlineDiffusionSDPOConfig": ".config",
         "OnlineDiffusionSDPOTrainer": ".trainer",
-        "RewardFunctions": "..rewards",
+        "RewardFunctions": "..rewards.functions",
     },
     globals(),
 )
