@@ -20,6 +20,8 @@ from typing import Any
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from .run_lock import LOCK_NAME, RECORD_NAME
+
 __all__ = [
     "PUSH_ATTEMPTS",
     "PUSH_BACKOFF_S",
@@ -63,7 +65,7 @@ CITATIONS = f"```bibtex\n{DIFFUSION_CITATIONS}\n\n{TRL_CITATION}\n```"
 # Never uploaded from the output folder: checkpoints, private files, TensorBoard runs and any pickle (transformers
 # writes its arguments as a pickled training_args.bin; this package writes training_config.json instead).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
-OUTPUT_IGNORE_PATTERNS = ["checkpoint-*", "_*", "runs/*", ".trl-diffusion-sdpo.lock", *PICKLE_PATTERNS]
+OUTPUT_IGNORE_PATTERNS = ["checkpoint-*", "_*", "runs/*", LOCK_NAME, RECORD_NAME, *PICKLE_PATTERNS]
 # A pushed checkpoint keeps the optimizer and RNG states that resuming from it needs, never the pickled arguments.
 CHECKPOINT_IGNORE_PATTERNS = ["training_args.bin"]
 
