@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from trl_diffusion_sdpo.config import DiffusionSDPOConfig
 from trl_diffusion_sdpo.demo.methods import Method, method_unavailable
@@ -16,6 +17,7 @@ from trl_diffusion_sdpo.demo.stats import (
     t_quantile_80,
     t_quantile_975,
 )
+from trl_diffusion_sdpo.evaluation.compare import bootstrap_mean_ci
 
 # Ten seeds whose methods move together (a large seed effect) while the difference varies little: a paired interval
 # is narrow, an unpaired one (two-sample SD) is many times wider.
@@ -95,3 +97,13 @@ def test_method_extra_config_fields():
     assert method_unavailable(pair, DiffusionSDPOConfig) is None
     future = Method("y", "y", False, config=(("not_a_field_yet", 1),))
     assert "not_a_field_yet" in method_unavailable(future, DiffusionSDPOConfig)
+
+
+def test_bootstrap_interval_is_scipys_percentile_bootstrap():
+    values = np.random.default_rng(2).exponential(1.0, size=50)  # skewed: percentile and BCa intervals differ
+    expected = scipy.stats.bootstrap(
+        (values,), np.mean, n_resamples=3000, method="percentile", confidence_level=0.9, rng=np.random.default_rng(7)
+    ).confidence_interval
+    assert bootstrap_mean_ci(values, n_resamples=3000, confidence=0.9, seed=7) == pytest.approx(
+        (values.mean(), expected.low, expected.high), rel=1e-12
+    )
