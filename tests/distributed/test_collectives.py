@@ -24,7 +24,7 @@ def _worker(rank: int, port: int, queue) -> None:
     )
     from accelerate import PartialState
 
-    from trl_diffusion_sdpo.distributed import all_reduce_mean_
+    from trl_diffusion_sdpo.engines.collectives import all_reduce_mean_
 
     PartialState(cpu=True)  # the gloo process group, as accelerate sets it up for a run
     tensors = _tensors(rank)
@@ -65,7 +65,7 @@ def test_all_reduce_mean_averages_every_tensor_in_place_over_two_processes():
 
 
 def test_all_reduce_mean_on_one_process_leaves_the_tensors_alone():
-    from trl_diffusion_sdpo.distributed import all_reduce_mean_
+    from trl_diffusion_sdpo.engines.collectives import all_reduce_mean_
 
     tensors = _tensors(0)
     all_reduce_mean_(tensors)

@@ -77,7 +77,7 @@ class NonFiniteTracker:
         self.pending: torch.Tensor | None = None  # skips counted on the device, read when logging
 
     def fused_optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer whose fused step takes ``found_inf`` (:mod:`.optimizer`), or ``None``."""
+        """The optimizer whose fused step takes ``found_inf`` (:mod:`~trl_diffusion_sdpo.step.optimizer`), or None."""
         return fused_scaling_optimizer(self.optimizer, self.accelerator.scaler, self.engine.manages_gradients)
 
     def flag(self, value: torch.Tensor) -> None:

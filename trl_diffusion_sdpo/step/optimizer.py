@@ -7,7 +7,8 @@ run over those only, with torch's own ``get_total_norm`` and ``clip_grads_with_n
 
 A fused optimizer step (torch's fused Adam, AdamW and SGD) also takes a device-side ``found_inf`` flag, as
 ``torch.amp.GradScaler`` hands it, and skips the whole update in its kernel when it is set: the non-finite guard
-(:mod:`.guard`) skips a step that way without the host waiting for the device (:func:`fused_scaling_optimizer`).
+(:mod:`~trl_diffusion_sdpo.callbacks.nonfinite`) skips a step that way without the host waiting for the device
+(:func:`fused_scaling_optimizer`).
 """
 
 from __future__ import annotations
