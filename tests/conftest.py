@@ -257,3 +257,9 @@ def global_sample_order(per_process: list[list[list[int]]], micro_batches: int) 
     """The row indices of the first ``micro_batches`` global micro-batches, in the global order: micro-batch ``k`` is
     process 0's ``k``-th batch, then process 1's, ... (accelerate hands process ``i`` every ``P``-th batch)."""
     return [i for k in range(micro_batches) for batches in per_process for i in batches[k]]
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's static and FLUX's resolution time shift ``shift * s / (1 + (shift - 1) * s)``, written out as the papers
+    state it: the tests' independent reference for the noisers' shifted levels."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)

@@ -2,7 +2,7 @@
 stored in ``tests/data/step_reference.json`` and compared by ``tests/safeguard/test_step_reference.py``.
 
 Each run trains a family's tiny pipeline for three optimizer steps on a fixed dataset with one safeguard setting,
-and records at every optimizer step (before the optimizer reads ``.grad``) eight fixed random projections of the
+and records at every optimizer step (``.grad`` before it is clipped) eight fixed random projections of the
 flattened trainable gradient and its norm, every logged metric, and at the end the same projections of the trainable
 weights. Projections keep the file small while any change of a gradient's value moves them.
 
@@ -115,18 +115,34 @@ def _projections(tensors: list[torch.Tensor], seed: int = 1234) -> list[float]:
 
 
 class _Recorder(TrainerCallback):
-    """``.grad`` at each optimizer step, before the optimizer reads it (after any reduction over processes)."""
+    """``.grad`` at each optimizer step as the step computed it (after any reduction over processes), before the
+    trainer clips it, or before the optimizer reads it where nothing clips."""
 
     def __init__(self, trainer_ref: Callable[[], Any]) -> None:
         self.trainer_ref = trainer_ref
         self.grads: list[list[float]] = []
+        self.recorded = False  # this optimizer step's gradients, before clipping
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        params = [
-            p for p in self.trainer_ref().accelerator.unwrap_model(kwargs["model"]).parameters() if p.requires_grad
-        ]
+    def watch_clipping(self, trainer) -> None:
+        """Record the gradients as ``trainer._clip_grad_norm`` receives them."""
+        clip = trainer._clip_grad_norm
+
+        def recording_clip(model):
+            self.record(model)
+            self.recorded = True
+            return clip(model)
+
+        trainer._clip_grad_norm = recording_clip
+
+    def record(self, model) -> None:
+        params = [p for p in self.trainer_ref().accelerator.unwrap_model(model).parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         self.grads.append(_projections(grads))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.recorded:
+            self.record(kwargs["model"])
+        self.recorded = False
 
 
 def _dataset(family: Family) -> Dataset:
@@ -165,6 +181,7 @@ def train_once(name: str, setting: str, lora: bool, work_dir: str) -> dict[str, 
         callbacks=[recorder],
     )
     holder.append(trainer)
+    recorder.watch_clipping(trainer)
     trainer.train()
     logs = [
         {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k not in {"epoch", "total_flos"}}

@@ -62,8 +62,7 @@ from .step.metrics import (
     record_metrics,
     reduce_metrics,
 )
-from .step.optimizer import clip_divisor, fused_scaling_optimizer, trainable_parameters, zeroing_only
-from .step.optimizer import grad_norm as trainable_grad_norm
+from .step.optimizer import clip_gradients, gradient_norm, optimizer_parameters, trainable_parameters
 from .step.predictions import evaluate_objective, reference_for
 from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches
 
@@ -235,7 +234,6 @@ class DiffusionSDPOTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
-        self._trainable: list[torch.nn.Parameter] = []
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy)
         self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
@@ -262,11 +260,6 @@ class DiffusionSDPOTrainer(Trainer):
         """The trained denoiser, unwrapped from DDP or an engine."""
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.family.denoiser
 
-    def _fused_optimizer(self) -> torch.optim.Optimizer | None:
-        return fused_scaling_optimizer(
-            getattr(self, "optimizer", None), self.accelerator.scaler, self.engine.manages_gradients
-        )
-
     # ------------------------------------------------------------------ files: each hook handed to self.files
 
     save_model = files_hook("save_model")
@@ -285,11 +278,8 @@ class DiffusionSDPOTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         """``transformers.Trainer.train``, resumed only from a complete checkpoint (:meth:`.RunFiles.train`)."""
-        # Clipping and zeroing walk the trainable weights only, listed once (step.optimizer), unless FSDP swaps them.
-        lean = not self.engine.replaces_parameters_in_train
-        self._trainable = trainable_parameters(self._policy()) if lean else self._trainable
         self.nonfinite.reset()  # what an interrupted train() left in the fused optimizer
-        with self.mixed_precision_forward.running(), zeroing_only(self._policy(), self._trainable if lean else None):
+        with self.mixed_precision_forward.running():
             return self.files.train(*args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -409,21 +399,17 @@ class DiffusionSDPOTrainer(Trainer):
         return inputs
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
-        """Clip the trainable weights' gradients; with a fused optimizer, inside the optimizer's own pass."""
-        if self.engine.manages_gradients or not self._trainable:
+        """Clip the gradients of the optimizer's parameters (all its groups: the trained weights, not every module's
+        frozen ones); an engine that owns the gradients (DeepSpeed, FSDP2's DTensors) clips through transformers."""
+        if self.engine.manages_gradients:
             return super()._clip_grad_norm(model)
-        fused = self._fused_optimizer()
-        if fused is None:
-            return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
-        norm = trainable_grad_norm(self._trainable)
-        fused.grad_scale = clip_divisor(norm, self.args.max_grad_norm)
-        return norm
+        return clip_gradients(optimizer_parameters(self.optimizer), self.args.max_grad_norm)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: torch.Tensor | None = None):
         """The pre-clip gradient norm; a non-finite one (an inf gradient with a finite loss) is flagged on the device
         and the step skipped or raised on like a non-finite loss (see :class:`.step.guard.NonFiniteTracker`)."""
-        if grad_norm is None and self._trainable and not self.engine.manages_gradients:
-            grad_norm = trainable_grad_norm(self._trainable)  # max_grad_norm <= 0: no clipping, still guarded
+        if grad_norm is None and not self.engine.manages_gradients:
+            grad_norm = gradient_norm(optimizer_parameters(self.optimizer))  # max_grad_norm <= 0: still guarded
         grad_norm = super()._get_grad_norm(model, grad_norm)
         if isinstance(grad_norm, torch.Tensor) and not self.engine.skips_nonfinite_steps:
             self.nonfinite.flag_gradient_norm(grad_norm)

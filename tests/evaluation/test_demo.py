@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
@@ -315,9 +316,16 @@ def test_pretrain_rebuilds_a_tiny_recipe_checks_it_and_compares_it_with_the_ship
 
 
 def test_t_interval_and_bootstrap_against_hand_computations():
-    assert t_quantile_975(2) == 4.303 and t_quantile_975(60) == pytest.approx(2.0003, abs=2e-4)
+    assert t_quantile_975(2) == pytest.approx(4.303, abs=5e-4) and t_quantile_975(60) == pytest.approx(
+        2.0003, abs=2e-4
+    )
     low, high = t_interval([1.0, 2.0, 3.0])
-    assert (low + high) / 2 == pytest.approx(2.0) and (high - low) / 2 == pytest.approx(4.303 / math.sqrt(3))
+    assert (low + high) / 2 == pytest.approx(2.0) and (high - low) / 2 == pytest.approx(
+        4.3027 / math.sqrt(3), rel=1e-4
+    )
+    values = [0.3, 0.1, 0.45, 0.2, 0.33]  # against scipy's own t interval of the mean
+    expected = scipy.stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=scipy.stats.sem(values))
+    assert t_interval(values) == pytest.approx(list(expected), rel=1e-12)
     assert t_interval([1.0]) is None
     base = np.array([0.5, 0.6, 0.7, 0.8])
     constant = bootstrap_paired_change(np.stack([base + 0.1, base + 0.1]), base)

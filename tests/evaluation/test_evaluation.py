@@ -113,6 +113,7 @@ def test_bootstrap_interval_is_seeded_and_matches_the_normal_approximation():
     half_width = 1.96 * values.std(ddof=1) / np.sqrt(values.size)
     assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
     assert bootstrap_mean_ci([3.0] * 10) == (3.0, 3.0, 3.0)
+    assert bootstrap_mean_ci([3.0]) == (3.0, 3.0, 3.0)
 
 
 def test_win_rates_count_ties_half_and_a_dominating_model_wins_everything():

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import LORA_TARGETS, StopAt, first_batch_gradients, pickapic_rows
+from conftest import LORA_TARGETS, StopAt, first_batch_gradients, pickapic_rows, shift_sigmas
 from datasets import Dataset
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
@@ -24,7 +24,7 @@ from peft import LoraConfig
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, PromptEmbeddings, StableDiffusion3Family, family_for_pipeline
-from trl_diffusion_sdpo.families.flow import FlowNoiser, FlowTimestepSampling, resolution_shift, shift_sigmas
+from trl_diffusion_sdpo.families.flow import FlowNoiser, FlowTimestepSampling, resolution_shift
 from trl_diffusion_sdpo.step.predictions import denoising_errors, predict_pairs
 from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, write_t5_tokenizer
 

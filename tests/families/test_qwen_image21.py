@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import pickapic_rows
+from conftest import pickapic_rows, shift_sigmas
 from datasets import Dataset
 from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
 from flow_family_checks import FlowCase, FlowFamilyTrainingChecks
@@ -23,7 +23,7 @@ from PIL import Image
 
 from trl_diffusion_sdpo.evaluation.generation import GenerationSettings, sample_images
 from trl_diffusion_sdpo.families import QwenImage21Family, QwenImageFamily, family_for_pipeline, scale_latents
-from trl_diffusion_sdpo.families.flow import resolution_shift, shift_sigmas
+from trl_diffusion_sdpo.families.flow import resolution_shift
 from trl_diffusion_sdpo.families.qwen_image21 import final_norm_skipped
 from trl_diffusion_sdpo.testing import (
     TextOnlyQwen3VLProcessor,

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import pickapic_rows
+from conftest import pickapic_rows, shift_sigmas
 from datasets import Dataset
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from flow_family_checks import FlowCase, FlowFamilyTrainingChecks
 
 from trl_diffusion_sdpo.families import ZImageFamily, family_for_pipeline
-from trl_diffusion_sdpo.families.flow import shift_sigmas
 from trl_diffusion_sdpo.testing import build_tiny_z_image_pipeline
 
 SEQ = 32  # tokens in the tests (the pipeline's default is 512)

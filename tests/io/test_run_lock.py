@@ -15,21 +15,48 @@ import pytest
 from checkpoint_kill_worker import build_trainer
 
 from trl_diffusion_sdpo.io.checkpoints import EarlierRunError
-from trl_diffusion_sdpo.io.run_lock import LOCK_NAME, RunLock, RunLockedError
+from trl_diffusion_sdpo.io.run_lock import LOCK_NAME, RECORD_NAME, RunLock, RunLockedError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The holder loads run_lock.py (standard library only) by its path: importing it through trl_diffusion_sdpo.io would
-# import diffusers first, ~5 s of interpreter start-up per test for nothing the lock uses.
+# The holder loads run_lock.py (standard library and filelock only) by its path: importing it through
+# trl_diffusion_sdpo.io would import diffusers first, ~5 s of interpreter start-up per test for nothing the lock uses.
 HOLDER = """
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("run_lock", sys.argv[2])
 run_lock = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_lock)
-run_lock.RunLock(sys.argv[1]).acquire()
+lock = run_lock.RunLock(sys.argv[1])  # held while referenced
+lock.acquire()
 print("LOCKED", flush=True)
 sys.stdin.readline()
 """
 RUN_LOCK_FILE = os.path.join(ROOT, "trl_diffusion_sdpo", "io", "run_lock.py")
+# Takes and releases the lock of argv[1] for a while; while holding it, leaves a marker in argv[3] and counts the other
+# process's markers seen. Prints how often it held the lock and how many overlaps it saw.
+RACER = """
+import importlib.util, os, sys, time
+spec = importlib.util.spec_from_file_location("run_lock", sys.argv[2])
+run_lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_lock)
+out, shared, me = sys.argv[1], sys.argv[3], sys.argv[4]
+held = overlaps = 0
+end = time.monotonic() + 3.0
+while time.monotonic() < end or held == 0:
+    try:
+        lock = run_lock.RunLock(out)
+        lock.acquire()
+    except run_lock.RunLockedError:
+        time.sleep(0.001)
+        continue
+    marker = os.path.join(shared, me)
+    open(marker, "w").close()
+    time.sleep(0.005)
+    overlaps += len(os.listdir(shared)) - 1
+    os.remove(marker)
+    lock.release()
+    held += 1
+print(held, overlaps)
+"""
 
 
 @pytest.fixture
@@ -68,15 +95,46 @@ def test_a_killed_run_leaves_no_lock_and_a_finished_one_no_lock_file(holder):
         RunLock(out).acquire()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert os.path.exists(os.path.join(out, LOCK_NAME))  # the record is left, the lock is not
+    assert os.path.exists(os.path.join(out, RECORD_NAME))  # the record is left, the lock is not
     with RunLock(out) as lock:
-        with open(lock.path) as f:
+        with open(lock.record_path) as f:
             assert f'"pid": {os.getpid()}' in f.read()
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
-            RunLock(out).acquire()  # a second lock in this very process is refused too (flock is per open file)
-    assert not os.path.exists(os.path.join(out, LOCK_NAME))
+            RunLock(out).acquire()  # a second lock in this very process is refused too
+    assert not {LOCK_NAME, RECORD_NAME} & set(os.listdir(out))
     with RunLock(out):  # free again
         pass
+
+
+def test_two_processes_racing_for_the_lock_never_both_hold_it(tmp_path):
+    """Two processes take and release the lock in a loop; each writes a marker while it holds it and checks that no
+    other marker is there: a lock that does not lock lets them overlap."""
+    out, shared = str(tmp_path / "out"), str(tmp_path / "holding")
+    os.makedirs(shared)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, out, RUN_LOCK_FILE, shared, str(i)], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    held = [int(o[0]) for o in outputs]
+    overlaps = [int(o[1]) for o in outputs]
+    assert all(h > 0 for h in held), held  # each process held the lock at some point
+    assert overlaps == [0, 0]
+
+
+def test_importing_the_trainer_needs_no_fcntl():
+    """Windows has no fcntl: the trainer imports without it (filelock picks the platform's lock)."""
+    code = "import sys; sys.modules['fcntl'] = None; import trl_diffusion_sdpo.trainer; print('IMPORTED')"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "IMPORTED", result.stderr[-2000:]
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['fcntl'] = None; import fcntl"], capture_output=True, text=True
+    )
+    assert blocked.returncode != 0 and "fcntl" in blocked.stderr  # the block itself works
 
 
 def _hashes(folder: str) -> dict[str, str]:

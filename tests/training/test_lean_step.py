@@ -6,10 +6,16 @@ import traceback
 
 import pytest
 import torch
+from conftest import first_batch_gradients
 from transformers import TrainerCallback
 
 from trl_diffusion_sdpo.objectives import ObjectiveOutput
-from trl_diffusion_sdpo.step.optimizer import clip_divisor, fused_scaling_optimizer, grad_norm
+from trl_diffusion_sdpo.step.optimizer import (
+    clip_gradients,
+    fused_scaling_optimizer,
+    gradient_norm,
+    optimizer_parameters,
+)
 
 # Tensor methods that copy a value to the host, which on an accelerator makes the host wait for the device.
 _HOST_READS = ["item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"]
@@ -65,7 +71,7 @@ def test_the_recorder_sees_the_sync_of_a_non_fused_optimizer(make_trainer, monke
     recorder = _HostReadRecorder(monkeypatch)
     trainer.add_callback(recorder)
     trainer.train()
-    assert any("step/guard.py" in c for c in recorder.device_reads())  # the non-finite guard reads its flag
+    assert any("callbacks/nonfinite.py" in c for c in recorder.device_reads())  # the non-finite guard reads its flag
 
 
 class _GradientsSeenByTheOptimizer(TrainerCallback):
@@ -75,7 +81,7 @@ class _GradientsSeenByTheOptimizer(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # After the step, before zero_grad: the fused kernel wrote back the gradients it used.
-        self.norms.append(float(grad_norm([p for p in self.trainer.model.parameters() if p.requires_grad])))
+        self.norms.append(float(gradient_norm([p for p in self.trainer.model.parameters() if p.requires_grad])))
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
@@ -92,23 +98,58 @@ def test_clipping_gives_the_optimizer_gradients_of_norm_max_grad_norm(make_train
     assert uses_fused_path == (optim == "adamw_torch_fused")
 
 
-def test_clip_divisor_is_the_reciprocal_of_clip_grad_norms_factor():
-    grads = [torch.randn(3, 4) * 10, torch.randn(7) * 10]
-    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    norm = grad_norm(params)
-    expected_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=2.0)
-    torch.testing.assert_close(norm, expected_norm)
-    for p, g in zip(params, grads):
-        torch.testing.assert_close(g / clip_divisor(norm, 2.0), p.grad)
-    assert float(clip_divisor(torch.tensor(0.5), 2.0)) == 1.0  # below the threshold nothing is scaled
+def _norm_over_groups(optimizer) -> float:
+    """``||g||_2`` over every parameter group's gradients, in float64, independently of torch.nn.utils."""
+    total = sum(
+        float(p.grad.double().pow(2).sum()) for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+    )
+    return total**0.5
 
 
-def test_training_restores_module_zero_grad(make_trainer):
+def _two_group_optimizer() -> torch.optim.Optimizer:
+    params = [
+        torch.nn.Parameter(torch.zeros(3, 4)),
+        torch.nn.Parameter(torch.zeros(7)),
+        torch.nn.Parameter(torch.zeros(5)),
+    ]
+    for p in params:
+        p.grad = torch.randn_like(p) * 10
+    return torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}])
+
+
+def test_the_norm_and_the_clipping_cover_every_parameter_group():
+    torch.manual_seed(0)
+    optimizer = _two_group_optimizer()
+    before = [p.grad.clone() for p in optimizer_parameters(optimizer)]
+    expected = _norm_over_groups(optimizer)
+    assert float(gradient_norm(optimizer_parameters(optimizer))) == pytest.approx(expected, rel=1e-6)
+    norm = clip_gradients(optimizer_parameters(optimizer), 2.0)
+    assert float(norm) == pytest.approx(expected, rel=1e-6)
+    factor = 2.0 / (expected + 1e-6)  # clip_grad_norm_'s coefficient, below 1 here
+    for p, g in zip(optimizer_parameters(optimizer), before):
+        torch.testing.assert_close(p.grad, g * factor)
+    assert _norm_over_groups(optimizer) == pytest.approx(2.0, rel=1e-5)
+    assert float(clip_gradients(optimizer_parameters(optimizer), 10.0)) == pytest.approx(2.0, rel=1e-5)
+    assert _norm_over_groups(optimizer) == pytest.approx(2.0, rel=1e-5)  # below the threshold nothing is scaled
+
+
+def test_the_trainers_clipping_covers_both_of_transformers_parameter_groups(make_trainer):
+    trainer = make_trainer(lora=False, max_steps=1, max_grad_norm=0.5)
+    trainer.create_optimizer()
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 2 and all(g["params"] for g in groups)  # with and without weight decay
+    first_batch_gradients(trainer)
+    assert all(any(p.grad is not None and p.grad.abs().sum() > 0 for p in g["params"]) for g in groups)
+    expected = _norm_over_groups(trainer.optimizer)
+    assert expected > 0.5  # clipping is active
+    assert float(trainer._clip_grad_norm(trainer.model)) == pytest.approx(expected, rel=1e-5)
+    assert _norm_over_groups(trainer.optimizer) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_training_leaves_no_gradients(make_trainer):
     trainer = make_trainer(lora=True, max_steps=1)
     trainer.train()
-    assert "zero_grad" not in vars(trainer.model)
+    assert "zero_grad" not in vars(trainer.model)  # transformers' own Module.zero_grad
     assert all(p.grad is None for p in trainer.model.parameters())
 
 

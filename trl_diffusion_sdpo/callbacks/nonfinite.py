@@ -1,7 +1,7 @@
 """Stage after the objective: a non-finite loss or gradient never reaches the weights.
 
 The trainer flags a non-finite micro-batch loss, and a non-finite gradient norm (an inf in one gradient element
-with a finite loss makes the clip divisor infinite and the update NaN), on the device (:meth:`NonFiniteTracker.flag`);
+with a finite loss makes the clipped gradients and the update NaN), on the device (:meth:`NonFiniteTracker.flag`);
 the tracker turns the flag into a skipped optimizer step (or a checkpoint and an error) without making the host wait
 every step. It owns its counters; it is given the run's engine, accelerator and optimizer, and what saves a checkpoint.
 """
@@ -77,7 +77,7 @@ class NonFiniteTracker:
         self.pending: torch.Tensor | None = None  # skips counted on the device, read when logging
 
     def fused_optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer whose fused step takes ``grad_scale`` and ``found_inf`` (:mod:`.optimizer`), or ``None``."""
+        """The optimizer whose fused step takes ``found_inf`` (:mod:`~trl_diffusion_sdpo.step.optimizer`), or None."""
         return fused_scaling_optimizer(self.optimizer, self.accelerator.scaler, self.engine.manages_gradients)
 
     def flag(self, value: torch.Tensor) -> None:
@@ -94,7 +94,7 @@ class NonFiniteTracker:
         """Forget what an interrupted earlier ``train()`` left behind in the fused optimizer."""
         fused = self.fused_optimizer()
         if fused is not None:
-            fused.grad_scale = fused.found_inf = None
+            fused.found_inf = None
 
     def before_optimizer_step(self, global_step: int, output_dir: str) -> None:
         flag, self.flag_value = self.flag_value, None
@@ -120,10 +120,9 @@ class NonFiniteTracker:
             self._skip(global_step, output_dir)
 
     def after_optimizer_step(self) -> None:
-        # The clip divisor and the skip flag hold for one step only.
+        # The skip flag holds for one step only.
         fused = self.fused_optimizer()
         if fused is not None:
-            fused.grad_scale = None
             fused.found_inf = None
 
     def take_skipped(self) -> int:

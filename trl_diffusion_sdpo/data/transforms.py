@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from .images import stored_bits, to_rgb
@@ -24,10 +25,20 @@ __all__ = [
 ]
 
 
+# Resizing and pixel scaling as diffusers' pipelines do them (bilinear, as the training scripts resize). Not its
+# resize_mode="crop" for the center crop: it floors the resized size and the crop offset where the crop here rounds
+# them as torchvision's Resize and CenterCrop do (diffusers' SDXL training script), and it has no random crop.
+_PROCESSOR = VaeImageProcessor(vae_scale_factor=1, resample="bilinear", do_resize=False, do_normalize=True)
+
+
 def load_image(value: Any) -> Image.Image:
     """Decode an image given as bytes, a ``datasets.Image`` dict (``bytes``/``path``), a path or a PIL image, to
     8-bit RGB with every PIL mode scaled by what its values mean (:func:`.images.to_rgb`; ``ValueError`` naming the
-    mode when it cannot be)."""
+    mode when it cannot be).
+
+    Not ``diffusers.utils.load_image``: it reads neither bytes nor ``datasets`` dicts, fetches a string that is a URL,
+    turns the image by its EXIF orientation (which a latent cache built before would not match) and converts with
+    PIL's ``convert("RGB")``, which clips 16-bit and float modes instead of scaling them."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, (bytes, bytearray, memoryview)):
@@ -65,9 +76,8 @@ def mirrored_time_ids(time_ids: torch.Tensor) -> torch.Tensor:
 
 
 def image_pixels(image: Image.Image) -> torch.Tensor:
-    """An 8-bit RGB image as ``[3, H, W]`` float32 in [-1, 1]."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    """An 8-bit RGB image as ``[3, H, W]`` float32 in [-1, 1] (``VaeImageProcessor.preprocess``)."""
+    return _PROCESSOR.preprocess(image)[0]
 
 
 def difference_mask(first: Image.Image, second: Image.Image, threshold: float) -> Image.Image:
@@ -118,9 +128,7 @@ class PairTransform:
 
     def _resize(self, image: Image.Image) -> Image.Image:
         new_w, new_h = resized_size(*image.size, self.resolution)
-        if (new_w, new_h) != image.size:
-            image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
-        return image
+        return _PROCESSOR.resize(image, new_h, new_w)
 
     def _one(self, image: Image.Image, crop_fraction: tuple[float, float] | None):
         res = self.resolution

@@ -11,43 +11,25 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.stats
+
+from ..evaluation.compare import bootstrap_mean_ci
 
 __all__ = ["minimum_detectable_effect", "paired_difference", "summarise"]
 
-# Two-sided 95% Student t quantiles for 1 to 30 degrees of freedom.
-_T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
-
-# The 0.80 quantile, for the power of a test: 1 to 30 degrees of freedom.
-_T80 = (
-    1.3764, 1.0607, 0.9785, 0.9410, 0.9195, 0.9057, 0.8960, 0.8889, 0.8834, 0.8791,
-    0.8755, 0.8726, 0.8702, 0.8681, 0.8662, 0.8647, 0.8633, 0.8620, 0.8610, 0.8600,
-    0.8591, 0.8583, 0.8575, 0.8569, 0.8562, 0.8557, 0.8551, 0.8546, 0.8542, 0.8538,
-)  # fmt: skip
-
-
-def _cornish_fisher(z: float, df: int) -> float:
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
 
 def t_quantile_80(df: int) -> float:
-    """The 0.80 quantile of Student's t with ``df`` degrees of freedom (a table to 30, then Cornish-Fisher)."""
+    """The 0.80 quantile of Student's t with ``df`` degrees of freedom (``scipy.stats.t.ppf``)."""
     if df < 1:
         raise ValueError(f"df must be at least 1, got {df}")
-    return _T80[df - 1] if df <= len(_T80) else _cornish_fisher(0.841621, df)
+    return float(scipy.stats.t.ppf(0.80, df))
 
 
 def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (a table to 30, then the Cornish-Fisher
-    expansion ``z + (z^3 + z) / 4df + (5z^5 + 16z^3 + 3z) / 96df^2``, within 1e-4 there)."""
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (``scipy.stats.t.ppf``)."""
     if df < 1:
         raise ValueError(f"df must be at least 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    return _cornish_fisher(1.959964, df)
+    return float(scipy.stats.t.ppf(0.975, df))
 
 
 def t_interval(values: Sequence[float]) -> list[float] | None:
@@ -73,6 +55,9 @@ def bootstrap_paired_change(
     runs: np.ndarray, base: np.ndarray, resamples: int = 2000, seed: int = 0
 ) -> dict[str, object]:
     """Mean reward change ``run - base`` with a 95% percentile bootstrap interval over two levels of noise.
+
+    Not ``scipy.stats.bootstrap``: it resamples the observations of one level, and this resamples two, seeds and
+    then samples within them.
 
     ``runs`` is ``[seeds, samples]`` (one row per training seed), ``base`` is ``[samples]``; sample ``j`` of every
     row and of ``base`` shares its prompt and initial noise, so differences are taken per sample. Each resample
@@ -124,9 +109,7 @@ def paired_difference(
     differences = values - reference
     mean, sd = float(differences.mean()), float(differences.std(ddof=1))
     half = t_quantile_975(n - 1) * sd / math.sqrt(n)
-    rng = np.random.default_rng(seed)
-    means = differences[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
+    _, low, high = bootstrap_mean_ci(differences, n_resamples=resamples, seed=seed)
     return {
         "mean": mean,
         "sd": sd,

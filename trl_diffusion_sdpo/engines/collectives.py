@@ -6,7 +6,7 @@
   sharded; :func:`check_one_device_per_process` refuses a process that sees several GPUs.
 * :func:`shard_like` cuts full tensors into a process's FSDP2 shards (loading diffusers-format weights on resume).
 * :func:`all_reduce_sum` serves the output-space safeguard's global scope; :func:`all_reduce_mean_` averages
-  gradients (or the winner's gradient buffer) in buckets, for the exact safeguard, which runs its passes outside
+  gradients (or the winner's gradient buffer) in place, for the exact safeguard, which runs its passes outside
   DDP's hooks and reduces the combined gradient once, as DDP would.
 
 What is particular to DeepSpeed or FSDP2 (a sharded reference, gathering the weights for a save) lives with its
@@ -131,36 +131,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduce(tensor, reduction="sum")
 
 
-def all_reduce_mean_(tensors: Sequence[torch.Tensor], bucket_elements: int = 1 << 25) -> None:
-    """Average ``tensors`` over all processes, in place, in flat buckets of at most ``bucket_elements`` elements
-    (one collective per bucket, not per tensor); a no-op without an initialised process group.
+def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
+    """Average ``tensors`` over all processes, in place (accelerate's ``reduce(tensor, reduction="mean")``, one
+    tensor at a time, so that no more than one tensor's copy is alive at once); a no-op on one process.
 
     Every process must pass tensors of the same shapes in the same order.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    world = torch.distributed.get_world_size()
-    if world == 1:
+    if torch.distributed.get_world_size() == 1:
         return
-    bucket: list[torch.Tensor] = []
-    size = 0
-
-    def flush() -> None:
-        if not bucket:
-            return
-        flat = torch.cat([t.reshape(-1) for t in bucket])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat.div_(world)
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        bucket.clear()
-
     for tensor in tensors:
-        if bucket and (size + tensor.numel() > bucket_elements or tensor.dtype != bucket[0].dtype):
-            flush()
-            size = 0
-        bucket.append(tensor)
-        size += tensor.numel()
-    flush()
+        tensor.copy_(reduce(tensor, reduction="mean"))

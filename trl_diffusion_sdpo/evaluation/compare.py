@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import scipy.stats
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config.extras import require_extra
@@ -51,16 +52,25 @@ class WinRate:
 def bootstrap_mean_ci(
     values: Sequence[float] | np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the sample mean and the percentile bootstrap interval of the mean (``n_resamples``
-    resamples with replacement from a ``numpy`` generator seeded with ``seed``)."""
-    array = np.asarray(values, dtype=np.float64)
+    """``(mean, low, high)``: the sample mean and the percentile bootstrap interval of the mean
+    (``scipy.stats.bootstrap``, ``n_resamples`` resamples with replacement from a ``numpy`` generator seeded with
+    ``seed``); constant values give the point interval."""
+    array = np.asarray(values, dtype=np.float64).ravel()
     if array.size == 0:
         raise ValueError("Cannot summarise an empty set of scores.")
-    rng = np.random.default_rng(seed)
-    means = array[rng.integers(0, array.size, size=(n_resamples, array.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return float(array.mean()), float(low), float(high)
+    mean = float(array.mean())
+    if np.all(array == array[0]):  # scipy refuses a degenerate sample; every resample's mean is the value itself
+        return mean, mean, mean
+    result = scipy.stats.bootstrap(
+        (array,),
+        np.mean,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def win_rate(

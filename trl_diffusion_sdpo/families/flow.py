@@ -60,7 +60,6 @@ __all__ = [
     "check_flow_config",
     "flow_noised_pair",
     "resolution_shift",
-    "shift_sigmas",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,11 +98,6 @@ class FlowTimestepSampling:
         Choice(FLOW_WEIGHTING_SCHEMES).check("flow_weighting_scheme", self.weighting_scheme)
         Choice(FLOW_SHIFTS).check("flow_shift", self.shift)
         Range(0, low_open=True).check("flow_logit_std", self.logit_std)
-
-
-def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """``shift * s / (1 + (shift - 1) * s)``: the time shift of SD3 (static) and FLUX (``shift = e^mu``)."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def resolution_shift(latent_height: int, latent_width: int, scheduler_config, token_patch_size: int = 2) -> float:
@@ -157,8 +151,10 @@ class FlowNoiser(Noiser):
         self.scheduler_config = scheduler_config
         self.token_patch_size = token_patch_size
         self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
+        # FLUX's resolution shift s -> e^mu s / (1 + (e^mu - 1) s) is the scheduler's own time_shift(mu, 1, s)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         if sampling.shift == "scheduler":
-            table = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).sigmas
+            table = self.scheduler.sigmas
         else:  # the unshifted table (1 down to 1/T)
             table = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps).sigmas
         self.sigma_table = table[: self.num_train_timesteps].float().cpu()  # descending: index 0 is s = 1
@@ -172,7 +168,7 @@ class FlowNoiser(Noiser):
         index = torch.round(count * (1 - torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps)).long()
         grid = table[index.clamp(0, count - 1)]
         if self.sampling.shift == "resolution":
-            grid = shift_sigmas(grid, self._resolution_shift(latent_shape))
+            grid = self._shifted(grid, latent_shape)
         return grid
 
     def sample_sigmas(
@@ -189,11 +185,14 @@ class FlowNoiser(Noiser):
         index = (u * len(self.sigma_table)).long().clamp(0, len(self.sigma_table) - 1)
         sigmas = self.sigma_table.to(gen_device)[index]
         if s.shift == "resolution":
-            sigmas = shift_sigmas(sigmas, self._resolution_shift(latent_shape))
+            sigmas = self._shifted(sigmas, latent_shape)
         return sigmas.to(device)
 
-    def _resolution_shift(self, latent_shape: tuple[int, ...]) -> float:
-        return resolution_shift(latent_shape[-2], latent_shape[-1], self.scheduler_config, self.token_patch_size)
+    def _shifted(self, sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """``sigmas`` under FLUX's resolution shift for ``latent_shape``: the scheduler's ``time_shift`` with
+        ``mu = log`` :func:`resolution_shift` (``e^mu s / (1 + (e^mu - 1) s)`` for its exponential shift)."""
+        shift = resolution_shift(latent_shape[-2], latent_shape[-1], self.scheduler_config, self.token_patch_size)
+        return self.scheduler.time_shift(math.log(shift), 1.0, sigmas)
 
     def loss_weight(self, sigmas: torch.Tensor) -> torch.Tensor | None:
         """The per-sample weight ``w(s)``, or ``None`` where it is 1 for every sample."""

@@ -20,6 +20,8 @@ from typing import Any
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from .run_lock import LOCK_NAME, RECORD_NAME
+
 __all__ = [
     "PUSH_ATTEMPTS",
     "PUSH_BACKOFF_S",
@@ -63,7 +65,7 @@ CITATIONS = f"```bibtex\n{DIFFUSION_CITATIONS}\n\n{TRL_CITATION}\n```"
 # Never uploaded from the output folder: checkpoints, private files, TensorBoard runs and any pickle (transformers
 # writes its arguments as a pickled training_args.bin; this package writes training_config.json instead).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
-OUTPUT_IGNORE_PATTERNS = ["checkpoint-*", "_*", "runs/*", ".trl-diffusion-sdpo.lock", *PICKLE_PATTERNS]
+OUTPUT_IGNORE_PATTERNS = ["checkpoint-*", "_*", "runs/*", LOCK_NAME, RECORD_NAME, *PICKLE_PATTERNS]
 # A pushed checkpoint keeps the optimizer and RNG states that resuming from it needs, never the pickled arguments.
 CHECKPOINT_IGNORE_PATTERNS = ["training_args.bin"]
 
@@ -263,8 +265,9 @@ logger = logging.getLogger(__name__)
 # A Hub outage (network error, 5xx, rate limit) is retried this many times in all, waiting PUSH_BACKOFF_S, then
 # twice as long each time (2 + 4 + 8 + 16 s: half a minute), before a push is given up.
 # Not huggingface_hub's http_backoff: it retries one HTTP request, and a push is HfApi.upload_folder, several requests
-# (pre-upload, LFS parts, commit) behind one call. huggingface_hub already retries its LFS part uploads with
-# http_backoff; what is retried here is the whole call, e.g. a commit answered 503.
+# behind one call. HfApi retries most of them itself (pre-upload, LFS and Xet transfers, and with hf_xet the commit),
+# but sends create_repo's request, and without hf_xet create_commit's commit request, once (huggingface_hub 2.4):
+# what is retried here is the whole call, e.g. a commit answered 503.
 PUSH_ATTEMPTS = 5
 PUSH_BACKOFF_S = 2.0
 _sleep = time.sleep  # replaced by the tests
