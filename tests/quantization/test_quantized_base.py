@@ -49,14 +49,37 @@ LORA_KEY = re.compile(r"\.lora(_A|_B|\.down|\.up)\.weight$")
 
 
 def diffusers_config(backend: str):
-    """diffusers' own config for ``backend``, written as a user writes it."""
-    from diffusers import QuantoConfig, TorchAoConfig
-
-    if backend == "quanto-int8":
-        return QuantoConfig(weights_dtype="int8")
+    """diffusers' own loading config for a torchao ``backend``, written as a user writes it."""
+    from diffusers import TorchAoConfig
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     return TorchAoConfig(Float8WeightOnlyConfig() if backend == "torchao-float8" else Int8WeightOnlyConfig())
+
+
+def quanto_int8(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``'s linear layers quantized with optimum-quanto's own API (diffusers deprecates its QuantoConfig)."""
+    from optimum.quanto import freeze, qint8, quantize
+
+    quantize(module, weights=qint8, include=[n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)])
+    freeze(module)
+    return module
+
+
+def quantized_denoiser(cls, folder, subfolder: str, backend: str, **kwargs) -> torch.nn.Module:
+    """``cls.from_pretrained(folder, subfolder=...)`` with its weights quantized as ``backend`` says."""
+    if backend.startswith("quanto"):
+        return quanto_int8(cls.from_pretrained(folder, subfolder=subfolder, **kwargs))
+    return cls.from_pretrained(folder, subfolder=subfolder, quantization_config=diffusers_config(backend), **kwargs)
+
+
+def quantized_pipeline(folder, denoiser_name: str, backend: str, dtype: torch.dtype):
+    """The pipeline at ``folder`` with its denoiser quantized as ``backend`` says."""
+    from diffusers import DiffusionPipeline
+
+    class_name = DiffusionPipeline.load_config(str(folder))[denoiser_name][1]
+    denoiser = quantized_denoiser(getattr(__import__("diffusers"), class_name), folder, denoiser_name, backend,
+                                  **dtype_keyword(dtype))  # fmt: skip
+    return DiffusionPipeline.from_pretrained(folder, **{denoiser_name: denoiser}, **dtype_keyword(dtype))
 
 
 @dataclass
@@ -139,15 +162,12 @@ def save_base(case: Case, root: Path) -> Path:
 
 
 def train_from_python(case: Case, backend: str, root: Path, **overrides) -> tuple[DiffusionSDPOTrainer, dict]:
-    """A pipeline loaded with diffusers' ``PipelineQuantizationConfig`` (the denoiser quantized), trained 2 steps
+    """A pipeline whose denoiser is quantized (diffusers' TorchAoConfig, or optimum-quanto's API), trained 2 steps
     with the one-pass parameter-space safeguard; the base's weights as they were before training."""
-    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
-
     folder = save_base(case, root)
     denoiser_name = "unet" if (folder / "unet").exists() else "transformer"
-    quantization = PipelineQuantizationConfig(quant_mapping={denoiser_name: diffusers_config(backend)})
     # torchao loads in bfloat16 unless told otherwise; the tests compare float32 runs
-    pipe = DiffusionPipeline.from_pretrained(folder, quantization_config=quantization, **dtype_keyword(torch.float32))
+    pipe = quantized_pipeline(folder, denoiser_name, backend, torch.float32)
     before = base_weights(getattr(pipe, denoiser_name))
     values = {**fast_config_values(str(root / "out")), "max_steps": 2, **case.config_values}
     config = DiffusionSDPOConfig(**{**values, "safeguard_space": "parameter", **overrides})
@@ -186,9 +206,7 @@ def fresh_denoiser(folder: Path, denoiser_name: str, class_name: str, backend: s
     import diffusers
 
     cls = getattr(diffusers, class_name)
-    return cls.from_pretrained(
-        folder, subfolder=denoiser_name, quantization_config=diffusers_config(backend), **dtype_keyword(torch.float32)
-    )
+    return quantized_denoiser(cls, folder, denoiser_name, backend, **dtype_keyword(torch.float32))
 
 
 def check_training(case: Case, backend: str, root: Path, trainer: DiffusionSDPOTrainer, before: dict) -> None:
@@ -236,15 +254,13 @@ def check_training(case: Case, backend: str, root: Path, trainer: DiffusionSDPOT
 
 @pytest.fixture(scope="module")
 def quanto_sd(tmp_path_factory):
-    """The tiny SD trained from Python on a quanto int8 UNet (diffusers' ``QuantoConfig`` on the denoiser)."""
+    """The tiny SD trained from Python on a quanto int8 UNet (optimum-quanto's quantize and freeze)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     root = tmp_path_factory.mktemp("quanto-sd")
     case = Case(build_tiny_sd_pipeline)
     folder = save_base(case, root)
-    unet = UNet2DConditionModel.from_pretrained(
-        folder, subfolder="unet", quantization_config=diffusers_config("quanto-int8")
-    )
+    unet = quanto_int8(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     pipe = StableDiffusionPipeline.from_pretrained(folder, unet=unet)
     before = base_weights(unet)
     values = {**fast_config_values(str(root / "out")), "max_steps": 2}
@@ -265,9 +281,7 @@ def test_saved_lora_loads_into_the_quantized_pipeline_and_predicts_as_the_policy
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     folder, trainer = quanto_sd.root / "pipeline", quanto_sd.trainer
-    unet = UNet2DConditionModel.from_pretrained(
-        folder, subfolder="unet", quantization_config=diffusers_config("quanto-int8")
-    )
+    unet = quanto_int8(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     pipe = StableDiffusionPipeline.from_pretrained(folder, unet=unet)
     pipe.load_lora_weights(str(quanto_sd.root / "out"))
     policy, family = trainer.family.denoiser, trainer.family
@@ -308,9 +322,7 @@ def test_an_untappable_adapter_on_a_quantized_base_falls_back_to_two_passes_sayi
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     folder, root = quanto_sd.root / "pipeline", quanto_sd.root
-    unet = UNet2DConditionModel.from_pretrained(
-        folder, subfolder="unet", quantization_config=diffusers_config("quanto-int8")
-    )
+    unet = quanto_int8(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     pipe = StableDiffusionPipeline.from_pretrained(folder, unet=unet)
     config = DiffusionSDPOConfig(
         **{**fast_config_values(str(root / "dora")), "max_steps": 2}, safeguard_space="parameter"
@@ -332,12 +344,7 @@ def test_an_untappable_adapter_on_a_quantized_base_falls_back_to_two_passes_sayi
 def test_bf16_training_on_a_quantized_base_starts_equal_and_stays_finite(quanto_sd, backend, tmp_path) -> None:
     """Under a bf16 autocast the unquantized norms are bf16; torchao's int8 layers, which compute in their input's
     dtype, must get bf16 inputs (else: ``mixed dtype (CPU)``)."""
-    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
-
-    quantization = PipelineQuantizationConfig(quant_mapping={"unet": diffusers_config(backend)})
-    pipe = DiffusionPipeline.from_pretrained(
-        quanto_sd.root / "pipeline", quantization_config=quantization, **dtype_keyword(torch.bfloat16)
-    )
+    pipe = quantized_pipeline(quanto_sd.root / "pipeline", "unet", backend, torch.bfloat16)
     config = DiffusionSDPOConfig(**{**fast_config_values(str(tmp_path)), "max_steps": 2}, bf16=True)
     trainer = DiffusionSDPOTrainer(
         pipe,
@@ -356,9 +363,7 @@ def test_full_tuning_of_a_quantized_base_is_refused_naming_lora(quanto_sd, make_
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     folder = quanto_sd.root / "pipeline"
-    unet = UNet2DConditionModel.from_pretrained(
-        folder, subfolder="unet", quantization_config=diffusers_config("quanto-int8")
-    )
+    unet = quanto_int8(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     pipe = StableDiffusionPipeline.from_pretrained(folder, unet=unet)
     with pytest.raises(ValueError, match=r"unet is quantized \(quanto\).*LoRA.*peft_config"):
         DiffusionSDPOTrainer(pipe, args=make_config(), train_dataset=pickapic_dataset)
@@ -381,10 +386,9 @@ def test_trl_bitsandbytes_switches_translate_to_diffusers_configs() -> None:
     assert fp4.config_kwargs("transformers")["bnb_4bit_quant_storage"] == "uint8"
     assert BaseQuantization.from_arguments(load_in_8bit=True).config_kwargs("diffusers") == {"load_in_8bit": True}
     assert BaseQuantization.from_arguments("bnb-int8", load_in_8bit=True).name == "bnb-int8"
-    # quanto's config classes name the weights' dtype differently in diffusers and transformers
-    int4 = BaseQuantization.from_arguments("quanto-int4")
-    assert int4.config_kwargs("diffusers") == {"weights_dtype": "int4"}
-    assert int4.config_kwargs("transformers") == {"weights": "int4"}
+    # quanto quantizes once loaded, with its own API: no (deprecated) loading config
+    with pytest.raises(ValueError, match="quanto-int4 is applied once loaded"):
+        BaseQuantization.from_arguments("quanto-int4").config_kwargs("diffusers")
     assert type(BaseQuantization("torchao-float8").config_kwargs("diffusers")["quant_type"]).__name__ == (
         "Float8WeightOnlyConfig"
     )
@@ -441,7 +445,7 @@ def test_text_encoders_are_quantized_unless_training_reads_a_latent_cache(tmp_pa
     from trl_diffusion_sdpo.families.quantization import pipeline_quantization_config
 
     folder = save_base(Case(build_tiny_sdxl_pipeline), tmp_path)
-    quantization = BaseQuantization("quanto-int8")
+    quantization = BaseQuantization("torchao-int8")
     everything = pipeline_quantization_config(quantization, folder).quant_mapping
     assert set(everything) == {"unet", "text_encoder", "text_encoder_2"}
     assert type(everything["unet"]).__module__.startswith("diffusers")
@@ -449,6 +453,35 @@ def test_text_encoders_are_quantized_unless_training_reads_a_latent_cache(tmp_pa
     cached = pipeline_quantization_config(quantization, folder, quantize_text_encoders=False).quant_mapping
     assert set(cached) == {"unet"}
     assert pipeline_quantization_config(BaseQuantization("none"), folder) is None
+    assert pipeline_quantization_config(BaseQuantization("quanto-int8"), folder) is None  # quantized once loaded
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_quanto_base_is_quantized_once_loaded_without_deprecation_saying_what_it_does(tmp_path, caplog, cached):
+    """quanto's own API, not diffusers' deprecated QuantoConfig: no deprecation warning; one log line before the
+    quantization and one after it, with the time it took."""
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    from trl_diffusion_sdpo.families.quantization import load_quantized_pipeline
+
+    folder = save_base(Case(build_tiny_sdxl_pipeline), tmp_path)
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="trl_diffusion_sdpo"):
+        warnings.filterwarnings("error", message=".*QuantoConfig.*")
+        warnings.filterwarnings("error", category=FutureWarning, module="diffusers")
+        pipe = load_quantized_pipeline(
+            lambda **kw: DiffusionPipeline.from_pretrained(folder, **kw),
+            folder, BaseQuantization("quanto-int8"), quantize_text_encoders=not cached,
+        )  # fmt: skip
+    quantized = {name for name in ("unet", "text_encoder", "text_encoder_2") if is_quantized(getattr(pipe, name))}
+    assert quantized == ({"unet"} if cached else {"unet", "text_encoder", "text_encoder_2"})
+    assert not is_quantized(pipe.vae)
+    # only linear layers: a quantized convolution cannot follow autocast's cast
+    assert {type(m).__name__ for m in pipe.unet.modules() if type(m).__name__.startswith("Q")} == {"QLinear"}
+    said = [r.getMessage() for r in caplog.records if r.name == "trl_diffusion_sdpo.families.quantization"]
+    assert len(said) == 2 and said[0].startswith(f"Loading {folder} and quantizing its base to quanto-int8")
+    assert re.search(r"to quanto-int8 in \d+\.\d s \(the denoiser's weights: \d+\.\d\d GiB\)", said[1]), said
 
 
 def test_a_quantized_model_already_on_the_device_is_cast_without_being_moved() -> None:
@@ -532,8 +565,7 @@ def online_trainer(tmp_path, **overrides):
     from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
     from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer
 
-    quantized = diffusers_config("quanto-int8")
-    unet = UNet2DConditionModel.from_pretrained(str(SHIPPED_BASE_DIR), subfolder="unet", quantization_config=quantized)
+    unet = quanto_int8(UNet2DConditionModel.from_pretrained(str(SHIPPED_BASE_DIR), subfolder="unet"))
     pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR), unet=unet)
     return OnlineDiffusionSDPOTrainer(
         pipe,

@@ -486,17 +486,10 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
     quantized as the arguments say (the text encoders too, unless training reads a latent cache)."""
     from ..engines.collectives import load_pipeline, zero3_init_disabled
     from ..families.loading import dtype_keyword, resolve_model_name
-    from ..families.quantization import pipeline_quantization_config
+    from ..families.quantization import load_quantized_pipeline
 
     dtype = _torch_dtype(model_args.dtype)
     kwargs: dict = {"revision": model_args.model_revision, **dtype_keyword(dtype)}
-    quantization = pipeline_quantization_config(
-        base_quantization_for(model_args, diffusion_args),
-        resolve_model_name(model_args.model_name_or_path),
-        quantize_text_encoders=not diffusion_args.latent_cache,
-    )
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
     if diffusion_args.vae_name_or_path:
         from diffusers import AutoencoderKL
 
@@ -504,7 +497,13 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
             kwargs["vae"] = AutoencoderKL.from_pretrained(
                 diffusion_args.vae_name_or_path, subfolder=diffusion_args.vae_subfolder, **dtype_keyword(dtype)
             )
-    return load_pipeline(model_args.model_name_or_path, **kwargs)
+    return load_quantized_pipeline(
+        lambda **loading: load_pipeline(model_args.model_name_or_path, **loading),
+        resolve_model_name(model_args.model_name_or_path),
+        base_quantization_for(model_args, diffusion_args),
+        quantize_text_encoders=not diffusion_args.latent_cache,
+        **kwargs,
+    )
 
 
 def peft_config_for(model_args: ModelConfig, pipeline):

@@ -1,7 +1,9 @@
 """LoRA on a quantized frozen base: which backends, how a pipeline is loaded with one, and what training refuses.
 
-The denoiser (and the text encoders, unless training reads a latent cache) is loaded through diffusers' and
-transformers' quantization configs, one name per backend (``--base_quantization``)::
+The denoiser (and the text encoders, unless training reads a latent cache) is quantized, one name per backend
+(``--base_quantization``): bitsandbytes and torchao through diffusers' and transformers' quantization configs while
+loading, optimum-quanto with its own ``quantize``/``freeze`` once loaded (diffusers deprecates its ``QuantoConfig``);
+only the ``nn.Linear`` layers, whose weights are most of a denoiser's::
 
     bnb-nf4, bnb-int8         bitsandbytes 4-bit NF4 / LLM.int8() (a CUDA GPU)
     torchao-int8, -float8     torchao weight-only int8 / float8 (CPU and GPU)
@@ -18,7 +20,10 @@ other (:mod:`.gradients.layer_taps`).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +39,13 @@ __all__ = [
     "check_engine_supports_quantized_base",
     "check_quantized_base_training",
     "is_quantized",
+    "load_quantized_pipeline",
     "pipeline_quantization_config",
+    "quantize_linear_layers",
     "quantized_parameters",
 ]
+
+logger = logging.getLogger(__name__)
 
 # backend -> (the package diffusers imports for it, how to install it)
 _PACKAGES = {
@@ -141,15 +150,14 @@ class BaseQuantization:
             from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
             return {"quant_type": Int8WeightOnlyConfig() if self.name == "torchao-int8" else Float8WeightOnlyConfig()}
-        weights = self.name.split("-")[1]
-        return {"weights_dtype" if library == "diffusers" else "weights": weights}
+        raise ValueError(f"{self.name} is applied once loaded (quantize_linear_layers), not by a loading config")
 
     def config(self, library: str):
         """``library``'s quantization config object for this backend (diffusers' for a denoiser, transformers' for a
-        text encoder)."""
+        text encoder); quanto has none (:func:`quantize_linear_layers`)."""
         self.check_installed()
         module = __import__(library)
-        cls = {"bnb": "BitsAndBytesConfig", "torchao": "TorchAoConfig", "quanto": "QuantoConfig"}[self.backend]
+        cls = {"bnb": "BitsAndBytesConfig", "torchao": "TorchAoConfig"}[self.backend]
         return getattr(module, cls)(**self.config_kwargs(library))
 
 
@@ -159,8 +167,8 @@ def pipeline_quantization_config(
     """diffusers' ``PipelineQuantizationConfig`` for ``from_pretrained(pretrained, quantization_config=...)``: the
     denoiser(s) and, with ``quantize_text_encoders``, every text encoder the pipeline at ``pretrained`` (a folder or
     Hub id, a shipped model's name resolved already) names, each with its library's config. ``None`` when
-    ``quantization`` is off. The VAE stays as it is: convolutions, small."""
-    if not quantization.enabled:
+    ``quantization`` is off or applied once loaded (quanto). The VAE stays as it is: convolutions, small."""
+    if not quantization.enabled or quantization.backend == "quanto":
         return None
     from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 
@@ -171,6 +179,63 @@ def pipeline_quantization_config(
             if name.startswith("text_encoder") and isinstance(entry, list) and entry[0]:
                 mapping[name] = quantization.config("transformers")
     return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def quantize_linear_layers(module: torch.nn.Module, quantization: BaseQuantization) -> None:
+    """Quantize ``module``'s ``nn.Linear`` weights in place with a weight-only backend (quanto or torchao); the
+    full-precision weights are released layer by layer. Convolutions stay: autocast cannot cast a quantized one."""
+    quantization.check_installed()
+    if quantization.backend == "quanto":
+        from optimum.quanto import freeze, qint4, qint8, quantize
+
+        linears = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+        quantize(module, weights={"quanto-int8": qint8, "quanto-int4": qint4}[quantization.name], include=linears)
+        freeze(module)
+    elif quantization.backend == "torchao":
+        from torchao.quantization import quantize_
+
+        quantize_(module, quantization.config_kwargs("diffusers")["quant_type"])
+    else:
+        raise ValueError(f"{quantization.name} quantizes while loading only (pipeline_quantization_config)")
+
+
+def load_quantized_pipeline(
+    load: Callable[..., Any],
+    pretrained: str | os.PathLike,
+    quantization: BaseQuantization,
+    quantize_text_encoders: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """``load(**kwargs)`` (a pipeline's ``from_pretrained``) with its frozen base quantized: through the loading
+    config of :func:`pipeline_quantization_config`, or once loaded (quanto, :func:`quantize_linear_layers`). A large
+    base takes minutes: one log line says what starts, one what it took."""
+    if not quantization.enabled:
+        return load(**kwargs)
+    config = pipeline_quantization_config(quantization, pretrained, quantize_text_encoders)
+    logger.info("Loading %s and quantizing its base to %s...", pretrained, quantization.name)
+    start = time.perf_counter()
+    pipeline = load(**kwargs, **({"quantization_config": config} if config is not None else {}))
+    if config is None:
+        names = [n for n in _DENOISERS if getattr(pipeline, n, None) is not None]
+        if quantize_text_encoders:
+            names += [n for n in pipeline.components if n.startswith("text_encoder") and pipeline.components[n]]
+        for name in names:
+            quantize_linear_layers(getattr(pipeline, name), quantization)
+    denoiser = next(getattr(pipeline, n) for n in _DENOISERS if getattr(pipeline, n, None) is not None)
+    gib = sum(_tensor_bytes(t) for t in (*denoiser.parameters(), *denoiser.buffers())) / 2**30
+    logger.info(
+        "Quantized %s's base to %s in %.1f s (the denoiser's weights: %.2f GiB)",
+        pretrained, quantization.name, time.perf_counter() - start, gib,
+    )  # fmt: skip
+    return pipeline
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor`` stores; a quantized tensor subclass by its inner tensors."""
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+        return sum(_tensor_bytes(getattr(data, name)) for name in data.__tensor_flatten__()[0])
+    return data.numel() * data.element_size()
 
 
 def _is_quantized_tensor(tensor: torch.Tensor) -> bool:
@@ -199,6 +264,14 @@ def check_quantized_base_training(denoiser: torch.nn.Module, denoiser_name: str,
         method = getattr(
             getattr(getattr(denoiser, "hf_quantizer", None), "quantization_config", None), "quant_method", None
         )
+        if method is None:  # quantized once loaded: the package of a quantized weight's class names the backend
+            modules = {
+                c.__module__
+                for _, p in denoiser.named_parameters()
+                if _is_quantized_tensor(p)
+                for c in type(p.data).__mro__
+            }
+            method = next((b for b in ("quanto", "torchao", "bitsandbytes") if any(b in m for m in modules)), None)
         how = f" ({getattr(method, 'value', method)})" if method is not None else ""
         raise ValueError(
             f"The {denoiser_name} is quantized{how}: its weights cannot be trained. Train LoRA adapters on the "
@@ -244,6 +317,48 @@ def _elsewhere(module: torch.nn.Module, device: torch.device) -> bool:
     return False
 
 
+class _FrozenQuantizedLinear(torch.autograd.Function):
+    """``y = layer(x)`` through a frozen layer with a quantized weight ``W``, keeping nothing of ``W`` for backward.
+
+    Autograd would save the operands of the layer's matmul, and torchao's layers dequantize ``W`` before it: every
+    layer's full-precision ``W`` would stay saved until the backward, as many bytes as an unquantized base (and more
+    than the bytes the quantization saved). Here the forward runs without autograd and the backward dequantizes ``W``
+    again, one layer at a time: ``dx = dy W`` (``W`` never trains, so there is no ``dW``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: torch.nn.Module, forward: Any) -> torch.Tensor:  # noqa: ANN001
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        weight = ctx.layer.weight
+        weight = weight.dequantize() if hasattr(weight, "dequantize") else weight
+        return (grad @ weight.to(grad.dtype)).to(ctx.x_dtype), None, None
+
+
+def _frozen_quantized_forward(layer: torch.nn.Module) -> Any:
+    """``layer``'s forward through :class:`_FrozenQuantizedLinear` when its input needs a gradient."""
+    forward = layer.forward
+
+    def frozen_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not (torch.is_grad_enabled() and x.requires_grad) or layer.weight.requires_grad:
+            return forward(x, *args, **kwargs)
+        return _FrozenQuantizedLinear.apply(x, layer, forward)
+
+    frozen_forward.frozen_quantized = True
+    return frozen_forward
+
+
+def _is_quantized_linear(module: torch.nn.Module) -> bool:
+    """A linear layer whose weight is quantized and dequantizes in the backward (torchao's and quanto's; bitsandbytes'
+    layers keep their own autograd function, which saves the quantized state only)."""
+    weight = module._parameters.get("weight") if isinstance(module, torch.nn.Linear) else None
+    if weight is None or type(weight).__module__.startswith("bitsandbytes"):
+        return False
+    return _is_quantized_tensor(weight) and hasattr(weight, "dequantize")
+
+
 def cast_unquantized(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
     """``module`` on ``device`` with its unquantized floating-point parameters and buffers in ``dtype``; the quantized
     weights keep their own storage (a dtype cast would dequantize them, or fail: diffusers and transformers refuse
@@ -259,6 +374,8 @@ def cast_unquantized(module: torch.nn.Module, dtype: torch.dtype, device: torch.
         follows = _inputs_in_autocast_dtype in submodule._forward_pre_hooks.values()
         if weight is not None and _is_quantized_tensor(weight) and weight.is_floating_point() and not follows:
             submodule.register_forward_pre_hook(_inputs_in_autocast_dtype)
+        if _is_quantized_linear(submodule) and not getattr(submodule.forward, "frozen_quantized", False):
+            submodule.forward = _frozen_quantized_forward(submodule)
         for store in (submodule._parameters, submodule._buffers):
             for tensor in store.values():
                 if tensor is None or _is_quantized_tensor(tensor) or not tensor.is_floating_point():
