@@ -110,7 +110,7 @@ def test_lora_trained_parameters_equal_peft_count() -> None:
 
 def test_quantized_base_bytes_match_optimum_quanto() -> None:
     """The int8 base's weight bytes against the storage of the UNet optimum-quanto quantizes (its linear layers, as
-    diffusers' QuantoConfig does), within 2 %."""
+    ``--base_quantization quanto-int8`` does), within 2 %."""
     from optimum.quanto import freeze, qint8, quantize
 
     unet = tiny_unet()
@@ -158,3 +158,42 @@ def test_unknown_hub_model_is_refused_naming_the_flag(capsys) -> None:
         run_estimate_memory(["--model_name_or_path", "someone/unknown-model", "--json"])
     err = capsys.readouterr().err
     assert "--model_name_or_path someone/unknown-model" in err and "hf download" in err
+
+
+# the card verdict: an independent computation of the usable memory (90 % of the card's GB) and its margin
+def usable_gib(gb: float) -> float:
+    return 0.9 * gb * 1e9 / GIB
+
+
+QWEN_4BIT = ("--config", str(ROOT / "examples/configs/qwen_image_lora.yaml"), "--base_quantization", "quanto-int4")
+
+
+@pytest.mark.parametrize("gpu", [24, 8])
+def test_gpu_flag_says_whether_the_run_fits_with_the_margin(capsys, gpu: int) -> None:
+    result = estimate_json(capsys, *QWEN_4BIT, "--cache_latents", "true", "--gpu", str(gpu))
+    margin = usable_gib(gpu) - sum(result["components_bytes"].values()) / GIB
+    assert result["gpu_gb"] == gpu
+    assert result["margin_gib"] == pytest.approx(margin, abs=1e-3)
+    assert result["fits"] is (margin >= 0) and result["fits"] is (gpu == 24)  # 14.3 GiB: fits 24 GB, not 8
+
+
+def test_without_gpu_the_smallest_card_that_fits_is_named(capsys) -> None:
+    for extra in (("--cache_latents", "true"), ("--cache_latents", "false")):
+        result = estimate_json(capsys, *QWEN_4BIT, *extra)
+        total = sum(result["components_bytes"].values()) / GIB
+        smallest = next(gb for gb in (24, 48, 80, 141) if total <= usable_gib(gb))
+        assert (result["gpu_gb"], result["fits"]) == (smallest, True)
+        assert result["margin_gib"] == pytest.approx(usable_gib(smallest) - total, abs=1e-3)
+    too_big = estimate_json(capsys, "--config", str(ROOT / "examples/configs/flux2_lora.yaml"), "--use_peft", "false")
+    assert too_big["fits"] is False and too_big["margin_gib"] < 0 and too_big["gpu_gb"] == 141
+
+
+def test_human_output_states_the_verdict_in_one_line(capsys) -> None:
+    assert run_estimate_memory([*QWEN_4BIT, "--cache_latents", "true", "--gpu", "24"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    verdicts = [line for line in lines if "GB GPU" in line]
+    assert verdicts == [lines[-1]] and lines[-1].startswith("Fits a 24 GB GPU: ")
+    assert run_estimate_memory([*QWEN_4BIT, "--cache_latents", "false", "--gpu", "24"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("Does not fit a 24 GB GPU: ")
+    assert run_estimate_memory([*QWEN_4BIT, "--cache_latents", "false"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("Fits a 48 GB GPU (the smallest of ")

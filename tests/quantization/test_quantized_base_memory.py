@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trl_diffusion_sdpo.memory import ModelSizes, RunShape, estimate_memory
+from trl_diffusion_sdpo.engines.memory import ModelSizes, RunShape, estimate_memory
 from trl_diffusion_sdpo.testing.memory import lora_step_memory
 
 pytest.importorskip("optimum.quanto")
@@ -66,3 +66,46 @@ def test_an_int8_base_lowers_the_lora_steps_peak_by_at_least_half_the_weights_sa
 def test_the_estimate_is_within_a_tenth_of_the_measured_lora_step_peak(bf16, backend) -> None:
     measured = bf16 if backend == "none" else lora_step_memory(build_unet, backend, latent=LATENT)
     assert estimate(backend) == pytest.approx(measured["peak"], rel=0.10), measured
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+RESULT = ROOT / "benchmarks" / "results" / "cpu-quantized-base-memory.json"
+
+
+def benchmark_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "quantized_base_memory", ROOT / "benchmarks/speed/quantized_base_memory.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_recorded_cpu_run_saves_memory_and_its_estimate_is_within_a_tenth() -> None:
+    import json
+
+    report = json.loads(RESULT.read_text())
+    bf16 = report["runs"]["none"]["measured_bytes"]
+    for base in ("quanto-int8", "torchao-int8"):
+        run = report["runs"][base]
+        saved = bf16["resident"] - run["measured_bytes"]["resident"]
+        assert run["measured_bytes"]["peak"] <= bf16["peak"] - saved / 2, base
+    for run in report["runs"].values():
+        assert abs(run["estimate_error"]) <= 0.10
+        assert run["estimate_error"] == pytest.approx(
+            run["estimate_mib"] / (run["measured_bytes"]["peak"] / 2**20) - 1, abs=1e-3
+        )
+
+
+def test_docs_quantization_table_is_the_result_files() -> None:
+    import json
+
+    script = benchmark_script()
+    text = (ROOT / "docs" / "quantization.md").read_text()
+    block = text.split(script.BEGIN, 1)[1].split(script.END, 1)[0].strip()
+    assert block == script.table_markdown(json.loads(RESULT.read_text())), (
+        "docs/quantization.md is stale: python benchmarks/speed/quantized_base_memory.py --table "
+        "benchmarks/results/cpu-quantized-base-memory.json --write docs/quantization.md"
+    )

@@ -74,8 +74,9 @@ MODEL_TOPIC = (
         "use_rslora": "Rank-stabilised LoRA: scale the adapters by alpha / sqrt(r) instead of alpha / r.",
         "use_dora": "Weight-decomposed LoRA (DoRA).",
         "base_quantization": None,
-        "load_in_4bit": "Load the frozen base in bitsandbytes 4-bit (bnb-nf4 unless --bnb_4bit_quant_type) for LoRA.",
-        "load_in_8bit": "Load the frozen base in bitsandbytes int8 for LoRA.",
+        "load_in_4bit": "Load the frozen base in bitsandbytes 4-bit (bnb-nf4 unless --bnb_4bit_quant_type) for LoRA; "
+        "a CUDA GPU.",
+        "load_in_8bit": "Load the frozen base in bitsandbytes int8 for LoRA; a CUDA GPU.",
         "bnb_4bit_quant_type": "With --load_in_4bit: nf4 or fp4.",
         "use_bnb_nested_quant": "With --load_in_4bit: quantize the quantization constants too.",
     },

@@ -3,6 +3,7 @@ same ``train`` arguments describe, before anything loads (:mod:`.memory`).
 
     trl-diffusion-sdpo estimate-memory --config examples/configs/sdxl_full.yaml --engine zero2 --num_processes 8
     trl-diffusion-sdpo estimate-memory --config examples/configs/qwen_image_lora.yaml --base_quantization quanto-int4
+    trl-diffusion-sdpo estimate-memory --config examples/configs/flux2_klein_lora.yaml --gpu 24 --json
 
 The engine and the process count come from ``accelerate launch``, not the training YAML: give them here. An
 ``online`` command's YAML file (one with ``prompts`` or ``reward_funcs``) is read with that command's options.
@@ -15,7 +16,17 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..engines.memory import ENGINES, GIB, MemoryEstimate, RunShape
+from ..engines.memory import (
+    ENGINES,
+    GIB,
+    GPUS_GB,
+    USABLE_SHARE,
+    CardVerdict,
+    MemoryEstimate,
+    RunShape,
+    card_verdict,
+    smallest_card,
+)
 
 __all__ = ["EstimateArguments", "make_estimate_parser", "run_estimate_memory", "run_shape"]
 
@@ -37,7 +48,20 @@ class EstimateArguments:
         },
     )
     num_processes: int = field(default=1, metadata={"help": "Processes (GPUs) the run is launched on."})
-    json: bool = field(default=False, metadata={"help": "Print one JSON object (total_gib: the per-process peak)."})
+    gpu: float | None = field(
+        default=None,
+        metadata={
+            "help": f"A GPU's memory in GB (e.g. 24): whether the run fits it, keeping {1 - USABLE_SHARE:.0%} free. "
+            f"Unset: the smallest of {', '.join(map(str, GPUS_GB))} GB that fits."
+        },
+    )
+    json: bool = field(
+        default=False,
+        metadata={
+            "help": "Print one JSON object: total_gib (the per-process peak), gpu_gb, fits and margin_gib (the GPU's "
+            "usable GiB minus the peak)."
+        },
+    )
 
 
 def make_estimate_parser(online: bool = False):
@@ -104,6 +128,22 @@ def run_shape(
     )
 
 
+def verdict(estimate: MemoryEstimate, gpu_gb: float | None) -> CardVerdict:
+    """Whether the estimate fits a ``gpu_gb`` card; unset, the smallest of :data:`~.memory.GPUS_GB` that fits (the
+    largest, not fitting, when none does)."""
+    if gpu_gb is not None:
+        return card_verdict(estimate.total_bytes, gpu_gb)
+    return card_verdict(estimate.total_bytes, smallest_card(estimate.total_bytes) or GPUS_GB[-1])
+
+
+def verdict_line(found: CardVerdict, asked: bool) -> str:
+    """The verdict in one line; without ``--gpu`` it names the smallest card that fits."""
+    if asked or not found.fits:
+        suffix = "" if asked else f" (the largest of {', '.join(map(str, GPUS_GB))} GB)"
+        return found.sentence().replace(" GPU:", f" GPU{suffix}:", 1)
+    return found.sentence().replace(" GPU:", f" GPU (the smallest of {', '.join(map(str, GPUS_GB))} GB that fits):", 1)
+
+
 def format_estimate(estimate: MemoryEstimate, shape: RunShape, model: str) -> str:
     """The estimate as a table, one term per line."""
     tuning = f"LoRA rank {shape.lora_rank}" if shape.lora_rank is not None else "full tuning"
@@ -161,15 +201,22 @@ def run_estimate_memory(argv: list[str] | None = None) -> int:
         check_supported_model(model_args)
         if estimate_args.num_processes < 1:
             raise ValueError(f"--num_processes must be at least 1, got {estimate_args.num_processes}")
+        if estimate_args.gpu is not None and estimate_args.gpu <= 0:
+            raise ValueError(f"--gpu is a GPU's memory in GB, e.g. 24; got {estimate_args.gpu}")
         sizes = model_sizes(model_args.model_name_or_path)
         shape = run_shape(args, model_args, diffusion_args, estimate_args, sizes.family)
         estimate = estimate_memory(sizes, shape)
     except ValueError as err:
         parser.error(str(err))
+    found = verdict(estimate, estimate_args.gpu)
     if estimate_args.json:
-        print(json.dumps({"model": model_args.model_name_or_path, "family": sizes.family, **estimate.as_dict()}))
+        card = {"gpu_gb": found.gpu_gb, "fits": found.fits, "margin_gib": found.margin_gib}
+        print(
+            json.dumps({"model": model_args.model_name_or_path, "family": sizes.family, **estimate.as_dict(), **card})
+        )
     else:
         print(format_estimate(estimate, shape, model_args.model_name_or_path))
+        print(verdict_line(found, estimate_args.gpu is not None))
     return 0
 
 

@@ -488,6 +488,11 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
     from ..families.loading import dtype_keyword, resolve_model_name
     from ..families.quantization import load_quantized_pipeline
 
+    quantization = base_quantization_for(model_args, diffusion_args)
+    try:  # one line before anything loads (bitsandbytes without a CUDA GPU, a backend not installed)
+        quantization.check_usable()
+    except ValueError as err:
+        raise SystemExit(f"trl-diffusion-sdpo: error: {err}") from None
     dtype = _torch_dtype(model_args.dtype)
     kwargs: dict = {"revision": model_args.model_revision, **dtype_keyword(dtype)}
     if diffusion_args.vae_name_or_path:
@@ -500,7 +505,7 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
     return load_quantized_pipeline(
         lambda **loading: load_pipeline(model_args.model_name_or_path, **loading),
         resolve_model_name(model_args.model_name_or_path),
-        base_quantization_for(model_args, diffusion_args),
+        quantization,
         quantize_text_encoders=not diffusion_args.latent_cache,
         **kwargs,
     )
@@ -592,6 +597,7 @@ def main(argv: Sequence[str] | None = None):
 
     check_supported(script_args, model_args)
     try:  # before the model loads: a data folder's problem is one line, not a traceback after minutes of loading
+        base_quantization_for(model_args, diffusion_args).check_usable()
         if diffusion_args.latent_cache:
             train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
         else:

@@ -131,6 +131,17 @@ class BaseQuantization:
             hint = " On a CPU, use --base_quantization quanto-int8 or torchao-int8." if self.backend == "bnb" else ""
             raise ValueError(f"--base_quantization {self.name} needs the {package} package: {install}.{hint}")
 
+    def check_usable(self) -> None:
+        """The backend can quantize on this machine: bitsandbytes needs a CUDA GPU, every backend its package; else
+        a ValueError saying what to use instead. Checked before the model loads."""
+        if self.backend == "bnb" and not torch.cuda.is_available():
+            switch = " (--load_in_4bit)" if self.name == "bnb-nf4" else " (--load_in_8bit)"
+            raise ValueError(
+                f"--base_quantization {self.name}{switch} quantizes with bitsandbytes on a CUDA GPU and this machine "
+                "has none: on a CPU use --base_quantization quanto-int4, quanto-int8 or torchao-int8."
+            )
+        self.check_installed()
+
     def config_kwargs(self, library: str) -> dict[str, Any]:
         """The keyword arguments of ``library``'s (``"diffusers"`` or ``"transformers"``) config class for this
         backend; both libraries' classes take the same for bitsandbytes and torchao, quanto's differ in one name."""
