@@ -10,7 +10,8 @@ The estimate is the sum of these terms, in bytes per process (P: the denoiser's 
 the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for float32):
 
 * weights: trained weights in float32 (4T), plus under LoRA the frozen base in ``d`` (its linear weights at the
-  quantized width: 1 byte int8/float8, 0.5 byte int4/NF4, plus a float scale per output row);
+  quantized width: 1 byte int8/float8, 0.5 byte int4/NF4, plus a float scale per output row; the quantized layers
+  keep nothing dequantized for the backward, and the one layer's weight dequantized there at a time is not counted);
 * gradients: float32, 4T;
 * optimizer state: AdamW's two float32 moments 8T; the 8-bit AdamWs 2T; Adafactor its factored rows and columns;
   SGD without momentum 0;
