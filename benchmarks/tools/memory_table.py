@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the package of this checkout
 
-from trl_diffusion_sdpo.engines.memory import GPUS_GB  # noqa: E402
 from trl_diffusion_sdpo.cli.memory import run_estimate_memory  # noqa: E402
+from trl_diffusion_sdpo.engines.memory import GPUS_GB  # noqa: E402
 
 __all__ = ["BEGIN", "CACHES", "COLUMNS", "END", "FAMILY_CONFIGS", "cell", "estimate", "table_markdown"]
 

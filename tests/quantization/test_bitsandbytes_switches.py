@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("switch", ["--load_in_4bit", "--load_in_8bit"])
 def test_bitsandbytes_switch_on_a_cpu_is_refused_in_one_line_before_the_model_loads(tmp_path, switch) -> None:
     # the model folder does not exist: reaching the loader would fail with another message
-    code = "import sys; from trl_diffusion_sdpo.cli import main; sys.exit(main())"
+    code = "import sys; from trl_diffusion_sdpo.cli.main import main; sys.exit(main())"
     argv = ["train", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(tmp_path / "no-data"),
             "--output_dir", str(tmp_path / "out"), switch, "--use_peft", "--use_cpu"]  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -33,7 +33,7 @@ def test_bitsandbytes_switch_on_a_cpu_is_refused_in_one_line_before_the_model_lo
 
 def test_the_docs_refuse_only_what_the_command_refuses() -> None:
     """quickstart's refused options are train's REFUSED_OPTIONS; the bitsandbytes switches are accepted everywhere."""
-    from trl_diffusion_sdpo.scripts.train import REFUSED_OPTIONS, make_parser
+    from trl_diffusion_sdpo.cli.train import REFUSED_OPTIONS, make_parser
 
     text = " ".join((ROOT / "docs" / "quickstart.md").read_text().split())
     refused = re.search(r"apply to language models \(([^)]*)\) are refused with an error", text)
