@@ -8,10 +8,10 @@ The UNet is SD1.5's block layout (two cross-attention levels at 320 and 640 chan
 1024-wide prompt embeddings) with random weights, one pair at an 8 x 8 latent: its weights are most of the step's
 memory, as a large denoiser's are on a GPU. The base is cast to bf16 and quantized with
 ``trl_diffusion_sdpo.families.quantization.quantize_linear_layers`` (linear layers only), then prepared for LoRA
-rank 8 on the attention projections as training prepares it; one step runs under a bf16 autocast with AdamW. Measured
-(``trl_diffusion_sdpo.testing.memory``): the model's storages plus the step's highest allocation above them (torch's
-profiler memory events). ``autograd_default`` runs the quantized bases once more with the quantized layers' backward
-left to autograd (each layer then saves what its forward computed with), for comparison.
+rank 8 on the attention projections as training prepares it; one step runs under a bf16 autocast with AdamW.
+Measured (``trl_diffusion_sdpo.engines.memory_measure``): the model's storages plus the step's highest allocation
+above them (torch's profiler memory events). ``autograd_default`` runs the quantized bases once more with the
+quantized layers' backward left to autograd (each layer then saves what its forward computed with), for comparison.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from trl_diffusion_sdpo.engines.memory import ModelSizes, RunShape, estimate_memory  # noqa: E402
+from trl_diffusion_sdpo.engines.memory_measure import lora_step_memory  # noqa: E402
 from trl_diffusion_sdpo.families import quantization  # noqa: E402
-from trl_diffusion_sdpo.testing.memory import module_bytes, step_peak_bytes  # noqa: E402
 
 UNET = {
     "block_out_channels": (320, 640),
@@ -88,43 +87,6 @@ def write_table(report_path: Path, docs: Path) -> None:
     if count != 1:
         raise SystemExit(f"{docs}: no table markers ({BEGIN} ... {END})")
     docs.write_text(new)
-
-
-def lora_step_memory(
-    build: Callable[[], torch.nn.Module], base_quantization: str, pairs: int = 1, latent: int = 8, rank: int = 8
-) -> dict[str, int]:
-    """Bytes of one LoRA training step (bf16 autocast, AdamW, the attention projections as targets) of the UNet
-    ``build()`` returns, its frozen base in bf16 or quantized (a ``--base_quantization`` name) as training prepares
-    it: ``resident`` the model, ``step`` the step's own peak above it, ``peak`` their sum."""
-    from peft import LoraConfig
-
-    from trl_diffusion_sdpo.families.preparation import prepare_denoiser
-    from trl_diffusion_sdpo.families.quantization import BaseQuantization, quantize_linear_layers
-
-    unet = build().to(torch.bfloat16)
-    quantization = BaseQuantization(base_quantization)
-    if quantization.enabled:
-        quantize_linear_layers(unet, quantization)
-    prepare_denoiser(
-        unet, LoraConfig(r=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), torch.bfloat16, False
-    )
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad])
-    generator = torch.Generator().manual_seed(0)
-    rows = 2 * pairs
-    sample = torch.randn(rows, unet.config.in_channels, latent, latent, generator=generator)
-    prompt = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=generator)
-    timesteps = torch.randint(0, 1000, (rows,), generator=generator)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            prediction = unet(sample, timesteps, prompt).sample
-        prediction.float().square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    resident = module_bytes(unet)
-    peak = step_peak_bytes(step)
-    return {"resident": resident, "step": peak, "peak": resident + peak}
 
 
 def build_unet() -> torch.nn.Module:

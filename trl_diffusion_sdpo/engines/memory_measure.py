@@ -1,7 +1,8 @@
 """CPU memory of a LoRA training step, measured without a GPU: torch's profiler records every CPU allocation and free
 (``profile_memory=True``), and the model's own storages are counted tensor by tensor (a quantized weight by its inner
 tensors, into which torchao's and quanto's subclasses flatten). ``benchmarks/speed/quantized_base_memory.py`` and
-its test compare a quantized base's peak with a bf16 base's and with ``estimate-memory``'s."""
+``tests/quantization/test_quantized_base_memory.py`` compare a quantized base's peak with a bf16 base's and with
+``estimate-memory``'s (:mod:`.memory`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["module_bytes", "step_peak_bytes", "tensor_bytes"]
+__all__ = ["lora_step_memory", "module_bytes", "step_peak_bytes", "tensor_bytes"]
 
 
 def tensor_bytes(tensor: torch.Tensor, seen: set[int] | None = None) -> int:
@@ -53,3 +54,40 @@ def step_peak_bytes(step: Callable[[], Any]) -> int:
         return 0
     start = events[0][1]["Total Allocated"] - events[0][1]["Bytes"]
     return max(0, max(args["Total Allocated"] for _, args in events) - start)
+
+
+def lora_step_memory(
+    build: Callable[[], torch.nn.Module], base_quantization: str, pairs: int = 1, latent: int = 8, rank: int = 8
+) -> dict[str, int]:
+    """Bytes of one LoRA training step (bf16 autocast, AdamW, the attention projections as targets) of the UNet
+    ``build()`` returns, its frozen base in bf16 or quantized (a ``--base_quantization`` name) as training prepares
+    it: ``resident`` the model, ``step`` the step's own peak above it, ``peak`` their sum."""
+    from peft import LoraConfig
+
+    from ..families.preparation import prepare_denoiser
+    from ..families.quantization import BaseQuantization, quantize_linear_layers
+
+    unet = build().to(torch.bfloat16)
+    quantization = BaseQuantization(base_quantization)
+    if quantization.enabled:
+        quantize_linear_layers(unet, quantization)
+    prepare_denoiser(
+        unet, LoraConfig(r=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), torch.bfloat16, False
+    )
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad])
+    generator = torch.Generator().manual_seed(0)
+    rows = 2 * pairs
+    sample = torch.randn(rows, unet.config.in_channels, latent, latent, generator=generator)
+    prompt = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=generator)
+    timesteps = torch.randint(0, 1000, (rows,), generator=generator)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            prediction = unet(sample, timesteps, prompt).sample
+        prediction.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    resident = module_bytes(unet)
+    peak = step_peak_bytes(step)
+    return {"resident": resident, "step": peak, "peak": resident + peak}
