@@ -2,9 +2,9 @@
 
 Measured on the CPU by :func:`trl_diffusion_sdpo.engines.memory_measure.lora_step_memory` (torch's profiler memory
 events for the step, the model's storages counted tensor by tensor) on a UNet whose weights are most of the step's
-memory: SD1.5's block layout at a small width with wide cross-attention, one pair at a 8 x 8 latent. Without the frozen-layer
-backward (``families.quantization._FrozenQuantizedLinear``), torchao's layers keep each dequantized weight for the
-backward and the int8 base's peak is above the bf16 base's.
+memory: SD1.5's block layout at a small width with wide cross-attention, one pair at a 8 x 8 latent. Without the
+frozen-layer backward (``families.quantization._FrozenQuantizedLinear``), torchao's layers keep each dequantized
+weight for the backward and the int8 base's peak is above the bf16 base's.
 """
 
 from __future__ import annotations
