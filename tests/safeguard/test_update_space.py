@@ -267,7 +267,7 @@ SEARCH_GRID = [
         clip,
         slices,
         marks=() if (slices, clip, mu) in SEARCH_DEFAULT else pytest.mark.slow,
-        id=f"{'many-slices' if slices else 'one-slice'}-{'clipped' if clip else 'unclipped'}-{mu}-{kind}",
+        id=f"{'many-runs' if slices else 'one-run'}-{'clipped' if clip else 'unclipped'}-{mu}-{kind}",
     )
     for slices in (None, 16)
     for clip in (0.0, 2.0)
@@ -286,9 +286,8 @@ def test_the_search_meets_its_specification_against_a_plain_float64_reference(
     gradients in the backward's units (``unscale``), in at most four passes."""
     from trl_diffusion_sdpo.safeguards import update_space
 
-    if slice_size:  # large tensors split, small ones joined, runs that cross optimizer groups
-        monkeypatch.setattr(update_space, "CPU_SLICE", slice_size)
-        monkeypatch.setattr(update_space, "CPU_JOIN", slice_size // 2)
+    if slice_size:  # many runs: large tensors alone, small ones joined, in every optimizer group
+        monkeypatch.setattr(update_space, "CPU_CHUNK", slice_size)
     cases = []
     for seed, conflict in ((0, 1.5), (1, 0.8), (2, 3.0), (3, -0.5)):
         params, optimizer, g_w, h_l = _grouped_problem(kind, seed, conflict)

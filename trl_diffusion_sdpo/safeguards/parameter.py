@@ -46,7 +46,7 @@ from .base import MicroBatch, Safeguard, StepResult
 from .gradients import OnePassBranchGradients, PerBranchStore, collectives_for
 from .margin import SafeguardMargin
 from .output import OutputSpaceRule
-from .update_space import OptimizerUpdate, update_space_lambda
+from .update_space import OptimizerUpdate, UpdateWorkspace, update_space_lambda
 
 __all__ = [
     "PAIR_SCOPE_MAX_FULL_BYTES",
@@ -239,6 +239,7 @@ class ParameterSpaceBackward:
         # The update space: 1.0 where the last micro-batch's lambda could not meet the margin (a device tensor, for
         # the metrics); None before the first micro-batch and in the parameter space.
         self.infeasible: torch.Tensor | None = None
+        self.workspace = UpdateWorkspace()  # the update space's buffers and views, kept across steps
 
     @property
     def mu(self) -> float | torch.Tensor:
@@ -438,6 +439,7 @@ class ParameterSpaceBackward:
             self.max_grad_norm,
             unscale=1.0 / scale,  # the update is read in the optimizer's units; .grad stays in the backward's
             reduce_sum=self.collectives.update_sum_reduction(),
+            workspace=self.workspace,
         )
         lam, self.infeasible = update_space_lambda(update, float(self.mu), self.max_lambda)
         return lam

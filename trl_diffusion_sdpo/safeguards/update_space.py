@@ -43,10 +43,12 @@ before took the largest grid point meeting the target, which could also miss a f
 Every candidate is a float32 number, the ``lambda`` the trainer will use, so ``D(lambda) >= target`` holds for the
 returned value itself.
 
-A pass reads the gradients, the optimizer's moments and (for an L2 weight decay) the weights once, in slices (on a
-CPU 128K elements, views of the tensors, or small tensors joined) for all of its ``lambda`` together: a handful of
-batched elementwise operations per slice into one workspace allocated per pass, no Python loop over the weights,
-and no copy of the gradients (they are read in the backward's units, with ``unscale`` folded into the scalars).
+A pass reads the gradients, the optimizer's moments and (for an L2 weight decay) the weights once, in runs of
+consecutive weights (up to :data:`CPU_CHUNK` elements on a CPU, :data:`DEVICE_CHUNK` on an accelerator) for all of
+its ``lambda`` together: per run a handful of batched elementwise operations into a workspace kept across steps,
+the run's moments copied into it by one foreach call each (once per step where a segment is one run), the
+gradients read where they lie (the one pass's buffer rows; read in the backward's units, with ``unscale`` folded
+into the scalars). A step's operations grow with the number of runs, not with the number of weights.
 SGD's update is affine in the gradient: its ``D`` follows from four sums read once, and the search costs no pass.
 
 On sharded weights (FSDP2) each process holds a shard of every tensor, and every sum above is a sum over
@@ -116,43 +118,81 @@ def check_optimizer(optimizer) -> torch.optim.Optimizer:
     return inner
 
 
-#: Elements per slice of the evaluation. On a CPU a slice is a view of a tensor of at least ``CPU_JOIN`` elements
-#: (cut into ``CPU_SLICE`` pieces) or a run of smaller tensors joined (copied) up to ``CPU_SLICE``: large enough that
-#: the per-operation dispatch is small against the arithmetic, small enough that a pass's workspace (``lambdas x
-#: slice`` elements, three of them) stays in the last-level cache. On an accelerator slices bound the workspace while
-#: keeping kernels large, and tensors below a slice are joined.
-CPU_SLICE, CPU_JOIN, DEVICE_SLICE = 1 << 17, 1 << 15, 1 << 22
+#: Elements per run of the evaluation: a segment's weights are read in runs of consecutive tensors of at most this
+#: many elements (a larger tensor is a run of its own), so that a pass costs a fixed number of operations per run,
+#: whatever the number of weights, and its workspace (``3 x lambdas x run`` elements, plus the run's optimizer state
+#: copied once per pass) stays bounded.
+CPU_CHUNK, DEVICE_CHUNK = 1 << 20, 1 << 23
 
 _SGD_SUMS = ("ww", "wh", "wp", "wb")  # SGD's closed form: <g_w, g_w>, <g_w, h_l>, <g_w, theta>, <g_w, b>
 
 
 @dataclass
-class _Slice:
-    """One slice of a segment's elements: the winner's and the loser's gradient (backward units), the optimizer's
-    first and second state (``None``: the first step) and the weights (where an L2 weight decay needs them). Views of
-    the inputs where the slice lies in one tensor or in consecutive memory, else a copy of the small tensors in it."""
+class _Run:
+    """Consecutive weights of one segment: the winner's and the loser's flat gradients (backward units; views where
+    they lie back to back, as in the one pass's buffer), and per weight the optimizer's first and second state
+    (``None``: the first step) and the weights (where a weight decay needs them), copied into a flat workspace by one
+    foreach call each when a pass reads them."""
 
     winner: torch.Tensor
     loser: torch.Tensor
-    first: torch.Tensor | None
-    second: torch.Tensor | None
-    param: torch.Tensor | None
+    first: list[torch.Tensor] | None
+    second: list[torch.Tensor] | None
+    param: list[torch.Tensor] | None
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def numel(self) -> int:
+        return self.winner.numel()
 
 
 @dataclass
 class _Segment:
     """The weights whose update has the same lambda-dependent hyperparameters (one optimizer group's, and one step
-    count for Adam), cut into slices. SGD's update is affine in the gradient: its ``D`` follows from the sums
-    ``<g_w, g_w>``, ``<g_w, h_l>``, ``<g_w, theta>`` and ``<g_w, b>`` (``sums``), read once, and it keeps no slices."""
+    count for Adam), cut into runs. SGD's update is affine in the gradient: its ``D`` follows from the sums
+    ``<g_w, g_w>``, ``<g_w, h_l>``, ``<g_w, theta>`` and ``<g_w, b>`` (``sums``), read once."""
 
     hyper: dict
-    slices: list[_Slice]
+    runs: list[_Run]
     sums: dict[str, torch.Tensor]
 
-    @property
-    def largest(self) -> int:
-        """Elements of the segment's largest slice (0 without slices)."""
-        return max((part.winner.numel() for part in self.slices), default=0)
+
+class UpdateWorkspace:
+    """Flat buffers a pass copies a run's optimizer state (and weights) into, with each run's per-weight views of
+    them made once and kept: hold one across steps (the update space's stage does) and the per-weight work of a step
+    is one foreach copy per run and input."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, list[torch.Tensor]] = {}
+        self._holds: dict[str, tuple[int, int]] = {}  # buffer -> (generation, id of the run) it holds
+        self.generation = 0
+
+    def flat(self, name: str, shapes: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, list]:
+        """``(flat, views)``: buffer ``name``'s first ``sum(shapes)`` elements and their per-weight views."""
+        n = sum(math.prod(s) for s in shapes)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(max(n, 1), dtype=dtype, device=device)
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}
+            self._holds.pop(name, None)
+        key = (name, shapes)
+        views = self._views.get(key)
+        if views is None:
+            starts = [0]
+            for shape in shapes:
+                starts.append(starts[-1] + math.prod(shape))
+            views = self._views[key] = [buffer[a:b].view(s) for a, b, s in zip(starts, starts[1:], shapes)]
+        return buffer[:n], views
+
+    def read(self, name: str, run: _Run, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """``tensors`` (one per weight of ``run``) copied into buffer ``name`` by one foreach call, unless it holds
+        them already in this generation: its flat view."""
+        flat, views = self.flat(name, run.shapes, dtype, run.winner.device)
+        if self._holds.get(name) != (self.generation, id(run)):
+            torch._foreach_copy_(views, tensors)
+            self._holds[name] = (self.generation, id(run))
+        return flat
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:
@@ -161,41 +201,42 @@ def _sum_dtype(device: torch.device) -> torch.dtype:
 
 
 def _host_floats(values: Sequence) -> list[float]:
-    """Python floats of numbers and 0-dim tensors (Adam's step counts): one host read for those on a device."""
-    tensors = [i for i, v in enumerate(values) if torch.is_tensor(v)]
-    out = [float(v) if not torch.is_tensor(v) else 0.0 for v in values]
-    on_device = [i for i in tensors if values[i].device.type != "cpu"]
-    if on_device:
-        read = torch.stack([values[i].detach().float() for i in on_device]).tolist()
-        for i, value in zip(on_device, read):
-            out[i] = value
-    for i in tensors:
-        if values[i].device.type == "cpu":
-            out[i] = float(values[i])
-    return out
+    """Python floats of numbers and 0-dim tensors (Adam's step counts): the tensors stacked and read in one call."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    if not tensors:
+        return [float(v) for v in values]
+    try:
+        read = iter(torch.stack(tensors).tolist())
+    except (RuntimeError, TypeError):  # mixed dtypes or devices: one by one
+        read = iter([float(t) for t in tensors])
+    return [next(read) if torch.is_tensor(v) else float(v) for v in values]
 
 
-def _one_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """One flat view of ``parts`` (flat contiguous pieces) where they lie back to back in one storage, else None."""
-    if len(parts) == 1:
-        return parts[0] if parts[0].is_contiguous() else None
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2's weights, gradients and state), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _one_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One flat view of ``parts`` (contiguous tensors) where they lie back to back in one storage, else None; the
+    check reads addresses only (no tensor operation per part)."""
     first = parts[0]
     size = first.element_size()
-    consecutive = all(p.is_contiguous() for p in parts) and all(
-        p.dtype == first.dtype
-        and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        and p.data_ptr() == q.data_ptr() + q.numel() * size
-        for q, p in zip(parts, parts[1:])
-    )
-    if consecutive:
-        return first.as_strided((sum(p.numel() for p in parts),), (1,), first.storage_offset())
-    return None
+    if not all(p.is_contiguous() and p.dtype == first.dtype for p in parts):
+        return None
+    storage = first.untyped_storage().data_ptr()
+    for q, p in zip(parts, parts[1:]):
+        if p.untyped_storage().data_ptr() != storage or p.data_ptr() != q.data_ptr() + q.numel() * size:
+            return None
+    return first.as_strided((sum(p.numel() for p in parts),), (1,), first.storage_offset())
 
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """One flat tensor of ``parts`` (flat pieces): a view where they lie back to back in one storage, else a copy."""
+def _joined(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """One flat tensor of ``parts`` in ``dtype``: a view where they lie back to back in one storage, else a copy."""
     view = _one_view(parts)
-    return view if view is not None else torch.cat(parts)
+    if view is None:
+        view = torch.cat([p.reshape(-1) for p in parts])
+    return view if view.dtype == dtype else view.to(dtype)
 
 
 def _rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
@@ -213,22 +254,27 @@ def _rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
     return first.as_strided((2, first.numel()), (offset, 1), first.storage_offset())
 
 
-def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """A flat view of ``tensor``; of this process's shard for a DTensor (FSDP2's weights, gradients and state)."""
-    if tensor is None:
-        return None
-    if hasattr(tensor, "to_local"):
-        tensor = tensor.to_local()
-    return tensor.detach().reshape(-1)
+def _runs(indices: list[int], sizes: list[int], chunk: int) -> list[list[int]]:
+    """``indices`` cut into runs of consecutive weights of at most ``chunk`` elements (a larger one alone)."""
+    runs: list[list[int]] = []
+    total = 0
+    for i in indices:
+        if runs and total + sizes[i] <= chunk:
+            runs[-1].append(i)
+            total += sizes[i]
+        else:
+            runs.append([i])
+            total = sizes[i]
+    return runs
 
 
 class OptimizerUpdate:
     """``D(lambda) = -<g_w, Delta(lambda)>`` for the update ``optimizer`` would take next from the gradient
     ``c(lambda) * (g_w + lambda * h_l)`` (see the module docstring), for many ``lambda`` at once.
 
-    The trainable weights are grouped into segments of equal lambda-dependent hyperparameters and cut into slices
-    (views where the inputs allow, e.g. the one-pass buffer's rows); an evaluation is a few batched elementwise
-    operations per slice for all requested ``lambda`` together, summed in float64. SGD's ``D`` is affine in the
+    The trainable weights are grouped into segments of equal lambda-dependent hyperparameters and cut into runs of
+    consecutive weights (their gradients views where the inputs allow, e.g. the one-pass buffer's rows); an evaluation
+    is a few batched elementwise operations per run for all requested ``lambda`` together, summed in float64. SGD's ``D`` is affine in the
     gradient and follows from four sums read once (no pass per ``lambda``).
 
     Args:
@@ -242,6 +288,7 @@ class OptimizerUpdate:
         reduce_sum: where the weights are sharded over processes, what sums a tensor over them (returning the sum;
             e.g. an all-reduce): the inputs are then each process's shards, and every sum formed from them is added
             up (see the module docstring). ``None``: the weights are whole here, nothing is reduced.
+        workspace: the buffers a pass works in, kept across steps by the caller (a fresh one where not given).
     """
 
     def __init__(
@@ -253,16 +300,17 @@ class OptimizerUpdate:
         max_grad_norm: float,
         unscale: torch.Tensor | float = 1.0,
         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        workspace: UpdateWorkspace | None = None,
     ) -> None:
         self.optimizer = check_optimizer(optimizer)
         self.reduce_sum = reduce_sum
+        self.workspace = workspace if workspace is not None else UpdateWorkspace()
+        self.workspace.generation += 1  # a new step: what the workspace holds is stale
         self.adam = not isinstance(self.optimizer, torch.optim.SGD)
         self.decoupled = isinstance(self.optimizer, torch.optim.AdamW)
         self.max_grad_norm = max_grad_norm
         parameters = list(parameters)
-        winner, loser = [_flat(w) for w in winner], [_flat(h) for h in loser]  # flat views, made once
-        decays = any(group["weight_decay"] != 0 for group in self.optimizer.param_groups)
-        weights = [_flat(p) for p in parameters] if decays else [None] * len(parameters)
+        winner, loser = [_local(w) for w in winner], [_local(h) for h in loser]  # no operation per weight
         device = winner[0].device if winner else torch.device("cpu")
         self.dtype = torch.promote_types(winner[0].dtype, torch.float32) if winner else torch.float32
         self.sum_dtype = _sum_dtype(device)
@@ -281,52 +329,64 @@ class OptimizerUpdate:
                 keys.append(key)
             by_key[key].append(i)
         self.segments: list[_Segment] = []
-        slice_size, join = (CPU_SLICE, CPU_JOIN) if device.type == "cpu" else (DEVICE_SLICE, DEVICE_SLICE)
-        norms: list[torch.Tensor] = []  # per slice <w, w>, <w, h>, <h, h> (the clip coefficient's sums)
+        sizes = [w.numel() for w in winner]
+        chunk = CPU_CHUNK if device.type == "cpu" else DEVICE_CHUNK
+        norms: list[torch.Tensor] = []  # per run <w, w>, <w, h>, <h, h> (the clip coefficient's sums)
         clipping = max_grad_norm > 0
         sums = self._flat_norms(winner, loser) if clipping else None  # one blocked read where they are one buffer
-        for key in keys:
-            indices = by_key[key]
-            hyper = dict(key)
-            state_names = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer", None)
-            segment = _Segment(hyper, [], {})
-            parts = self._slices(
-                indices, winner, loser, weights, states, state_names, hyper["l2"] != 0, slice_size, join, self.dtype
-            )
-            sgd: dict[str, list[torch.Tensor]] = {name: [] for name in _SGD_SUMS}
-            for part in parts:
-                w, h = part.winner, part.loser
-                if clipping and sums is None:
-                    norms += [torch.dot(w, w), torch.dot(w, h), torch.dot(h, h)]
-                if self.adam:
-                    segment.slices.append(part)
-                    continue
-                for name, other in (("ww", w), ("wh", h), ("wp", part.param), ("wb", part.first)):
-                    if other is not None:  # SGD: the four sums of its closed form
-                        sgd[name].append(torch.dot(w, other))
-            segment.sums = {
-                name: torch.stack(values).to(self.sum_dtype).sum() for name, values in sgd.items() if values
-            }
-            self.segments.append(segment)
+        decays: list[torch.Tensor] = []  # AdamW: per run lr wd <g_w, theta>
+        first_name, second_name = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer", None)
+        with torch.no_grad():
+            for key in keys:
+                hyper = dict(key)
+                segment = _Segment(hyper, [], {})
+                sgd: dict[str, list[torch.Tensor]] = {name: [] for name in _SGD_SUMS}
+                for members in _runs(by_key[key], sizes, chunk):
+                    stated = hyper["has_state"]
+                    run = _Run(
+                        _joined([winner[i] for i in members], self.dtype),
+                        _joined([loser[i] for i in members], self.dtype),
+                        [_local(states[i][first_name]) for i in members] if stated else None,
+                        [_local(states[i][second_name]) for i in members] if stated and second_name else None,
+                        [_local(parameters[i]) for i in members] if hyper["l2"] or hyper["decay"] else None,
+                        tuple(tuple(winner[i].shape) for i in members),
+                    )
+                    w, h = run.winner, run.loser
+                    if clipping and sums is None:
+                        norms += [torch.dot(w, w), torch.dot(w, h), torch.dot(h, h)]
+                    if hyper["decay"]:
+                        decays.append(hyper["decay"] * torch.dot(w, self._read("param", run)).to(self.sum_dtype))
+                    if self.adam:
+                        segment.runs.append(run)
+                        continue
+                    sgd["ww"].append(torch.dot(w, w))  # SGD: the four sums of its closed form
+                    sgd["wh"].append(torch.dot(w, h))
+                    if run.param is not None:
+                        sgd["wp"].append(torch.dot(w, self._read("param", run)))
+                    if run.first is not None:
+                        sgd["wb"].append(torch.dot(w, self._read("first", run)))
+                segment.sums = {
+                    name: torch.stack(values).to(self.sum_dtype).sum() for name, values in sgd.items() if values
+                }
+                self.segments.append(segment)
         if sums is None:
             zeros = torch.zeros(3, dtype=self.sum_dtype)
             sums = torch.stack(norms).to(self.sum_dtype).view(-1, 3).sum(0) if norms else zeros
             sums = sums.to(device)
-        self._largest = max((segment.largest for segment in self.segments), default=0)
-        decay = torch.zeros((), dtype=self.sum_dtype, device=device)  # AdamW: sum_groups lr wd <g_w, theta>
-        if self.decoupled:
-            for group in self.optimizer.param_groups:
-                if group["weight_decay"] != 0:
-                    members = [i for i, p in enumerate(parameters) if group_of.get(id(p)) is group]
-                    dots = [torch.dot(winner[i], weights[i].to(winner[i].dtype)) for i in members]
-                    if dots:
-                        decay = decay + group["lr"] * group["weight_decay"] * torch.stack(dots).to(decay).sum()
+        self._largest = max((run.numel for segment in self.segments for run in segment.runs), default=0)
+        self._work: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (run, lambdas) -> its workspace views
+        decay = torch.stack(decays).sum() if decays else torch.zeros((), dtype=self.sum_dtype, device=device)
         if reduce_sum is not None:
             sums, decay = self._reduce_sums(reduce_sum, sums, decay)
         u = self.unscale
         # ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll (optimizer units): the clip coefficient of any lambda
         self.ww, self.wl, self.ll = sums[0] * u * u, sums[1] * u * u, sums[2] * u * u
         self._decay = decay * u  # the decoupled weight decay's share of D, the same for every lambda
+
+    def _read(self, name: str, run: _Run) -> torch.Tensor:
+        """``run``'s ``name`` input (``param``, ``first``, ``second``) flat in the workspace: one foreach copy, or none
+        where the workspace still holds it from this step (a segment of one run: every pass reads the same)."""
+        return self.workspace.read(name, run, getattr(run, name), self.dtype)
 
     def _reduce_sums(
         self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], sums: torch.Tensor, decay: torch.Tensor
@@ -346,7 +406,7 @@ class OptimizerUpdate:
 
     def _flat_norms(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> torch.Tensor | None:
         """``[<w, w>, <w, h>, <h, h>]`` (backward units) in two blocked reads where ``winner`` and ``loser`` (flat) are
-        each one flat buffer (the one pass hands the rows of ``[2, total]``), else None (then summed per slice)."""
+        each one flat buffer (the one pass hands the rows of ``[2, total]``), else None (then summed per run)."""
         flat_winner = _one_view(winner) if winner else None
         flat_loser = _one_view(loser) if loser else None
         if flat_winner is None or flat_loser is None or flat_winner.dtype != flat_loser.dtype:
@@ -364,6 +424,7 @@ class OptimizerUpdate:
         """The hyperparameters a weight's ``D(lambda)`` depends on beyond its own tensors (hashable)."""
         lr = float(group["lr"])
         l2 = 0.0 if self.decoupled else float(group["weight_decay"])
+        decay = lr * float(group["weight_decay"]) if self.decoupled else 0.0  # AdamW's decoupled decay: lr wd
         if self.adam:
             beta1, beta2 = (float(b) for b in group["betas"])
             first = "exp_avg" in state
@@ -374,58 +435,18 @@ class OptimizerUpdate:
                 ("eps", float(group["eps"])),
                 ("step", step),
                 ("l2", l2),
+                ("decay", decay),
                 ("has_state", first),
             )
         return (
             ("lr", lr),
             ("l2", l2),
+            ("decay", decay),
             ("momentum", float(group["momentum"])),
             ("dampening", float(group["dampening"])),
             ("nesterov", bool(group["nesterov"])),
             ("has_state", state.get("momentum_buffer") is not None),
         )
-
-    @staticmethod
-    def _slices(indices, winner, loser, weights, states, state_names, wants_param, size, join, dtype):
-        """The segment's elements in slices of at most ``size``: a tensor of at least ``join`` elements in views of
-        ``size``, smaller ones joined in runs of up to ``size`` (copies, unless they lie back to back)."""
-        first_name, second_name = state_names
-        columns = [  # per tensor of the segment, each input flattened (None where it does not exist)
-            [winner[i] for i in indices],
-            [loser[i] for i in indices],
-            [_flat(states[i].get(first_name)) for i in indices],
-            [_flat(states[i].get(second_name)) if second_name else None for i in indices],
-            [weights[i] if wants_param else None for i in indices],
-        ]
-
-        def make(run: list[tuple[int, int, int]]) -> _Slice:
-            joined = []
-            for column in columns:
-                if column[run[0][0]] is None:
-                    joined.append(None)
-                    continue
-                pieces = [column[k] if b - a == column[k].numel() else column[k][a:b] for k, a, b in run]
-                joined.append(_joined([piece if piece.dtype == dtype else piece.to(dtype) for piece in pieces]))
-            return _Slice(*joined)
-
-        run: list[tuple[int, int, int]] = []  # (position in the segment, start, stop)
-        total = 0
-        for k, flat in enumerate(columns[0]):
-            n = flat.numel()
-            if n >= join:
-                if run:
-                    yield make(run)
-                    run, total = [], 0
-                for a in range(0, n, size):
-                    yield make([(k, a, min(a + size, n))])
-                continue
-            if total + n > size and run:
-                yield make(run)
-                run, total = [], 0
-            run.append((k, 0, n))
-            total += n
-        if run:
-            yield make(run)
 
     def host_clip_coefficient(self) -> Callable[[float], float]:
         """:meth:`clip_coefficient` as a function of a Python float, from the three sums read once on the host."""
@@ -448,6 +469,7 @@ class OptimizerUpdate:
         norm = (self.ww + 2 * lam * self.wl + lam * lam * self.ll).clamp(min=0).sqrt()
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
+    @torch.no_grad()
     def winner_decreases(self, lams: torch.Tensor) -> torch.Tensor:
         """``D`` at each of ``lams`` (a vector), in one pass over the weights (float64 where the device has it); on
         shards (``reduce_sum``), every process's share added up in one collective, the same ``D`` on every process."""
@@ -458,17 +480,18 @@ class OptimizerUpdate:
         # decay term and SGD's closed form are built from sums already added up)
         sharded = self.reduce_sum is not None and self.adam
         total = torch.zeros_like(lams) if sharded else self._decay + torch.zeros_like(lams)
-        # the pass's temporaries, allocated once: [gradient, numerator, denominator] x lambdas x the largest slice
-        work = (
-            torch.empty(3, lams.numel() * self._largest, dtype=self.dtype, device=lams.device) if self.adam else None
-        )
+        # the pass's temporaries, in the workspace: [gradient, numerator, denominator] x lambdas x the largest run
+        work = None
+        if self.adam:
+            shape = ((3, lams.numel() * self._largest),)
+            work = self.workspace.flat("work", shape, self.dtype, lams.device)[1][0]
         for segment in self.segments:
             total = total + (self._adam(segment, s, t, work) if self.adam else self._sgd(segment, s, t))
         return self._decay + self.reduce_sum(total) if sharded else total
 
     def _adam(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
         """Adam's share of ``D``: torch's ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each
-        slice costs a few operations over ``[lambdas, slice]``: with ``G = s g_w + t h_l`` (+ ``wd theta``),
+        run costs a few operations over ``[lambdas, run]``: with ``G = s g_w + t h_l`` (+ ``wd theta``),
         ``m' = (1 - beta1)(G + c1 m)``, ``v' = (1 - beta2) c2 (v + G^2 / c2)`` (``c1 = beta1 / (1 - beta1)``,
         ``c2 = beta2 / (1 - beta2)``; no state: ``m = v = 0`` and ``c2 = 1``),
         ``kappa = sqrt((1 - beta2) c2 / bc2)``:
@@ -481,22 +504,30 @@ class OptimizerUpdate:
         eps = hyper["eps"] / kappa
         count = s.shape[0]
         s, t = s.to(self.dtype).unsqueeze(1), t.to(self.dtype).unsqueeze(1)
-        shares = torch.empty(len(segment.slices), count, dtype=self.dtype, device=s.device)
-        for part, share in zip(segment.slices, shares):
-            n = part.winner.numel()
-            grad, numerator, denominator = (buffer[: count * n].view(count, n) for buffer in work)
-            torch.mul(part.winner, s, out=grad)
-            grad.addcmul_(t, part.loser)
+        shares = torch.empty(len(segment.runs), count, dtype=self.dtype, device=s.device)
+        for run, share in zip(segment.runs, shares):
+            grad, numerator, denominator = self._work_views(run, count, work)
+            torch.mul(run.winner, s, out=grad)
+            grad.addcmul_(t, run.loser)
             if hyper["l2"] != 0:
-                grad.add_(part.param, alpha=hyper["l2"])
-            if part.first is not None:
-                torch.add(grad, part.first, alpha=c1, out=numerator)
-                torch.addcmul(part.second, grad, grad, value=1 / c2, out=denominator).sqrt_()
+                grad.add_(self._read("param", run), alpha=hyper["l2"])
+            if run.first is not None:
+                torch.add(grad, self._read("first", run), alpha=c1, out=numerator)
+                torch.addcmul(self._read("second", run), grad, grad, value=1 / c2, out=denominator).sqrt_()
             else:
                 numerator = grad
                 torch.abs(grad, out=denominator)
-            torch.mv(numerator.div_(denominator.add_(eps)), part.winner, out=share)
+            torch.mv(numerator.div_(denominator.add_(eps)), run.winner, out=share)
         return shares.to(self.sum_dtype).sum(0) * (self.unscale * hyper["lr"] * (1 - beta1) / (bc1 * kappa))
+
+    def _work_views(self, run: _Run, count: int, work: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``run``'s ``[count, n]`` views of the pass's three workspace rows, made once per step."""
+        key = (id(run), count)
+        views = self._work.get(key)
+        if views is None or views[0].untyped_storage().data_ptr() != work.untyped_storage().data_ptr():
+            n = run.numel
+            views = self._work[key] = tuple(work[k, : count * n].view(count, n) for k in range(3))
+        return views
 
     def _sgd(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """SGD's share of ``D``: ``lr <g_w, alpha G' + beta b>`` with ``G' = s g_w + t h_l + wd theta``, ``b`` the

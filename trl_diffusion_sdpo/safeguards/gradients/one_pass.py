@@ -10,11 +10,17 @@ rows; this store keeps the groups apart until ``lambda`` is known, then writes `
 * by pair (``2B`` groups: one per image; the per-pair scope): one gradient per image and weight, the per-pair sums
   ``<g_w,i, g_w,i>`` and ``<g_w,i, h_l,i>``, and ``.grad = A + sum_i (g_w,i + lambda_i * h_l,i)``.
 
-Memory: two gradient-sized float32 halves by branch. Without accumulation each ``.grad`` is a view of the winner
-half (handed over), so the peak is that of the per-branch passes (``.grad`` plus one buffer); with accumulation
-``A`` is a third.
+Memory: one gradient-sized buffer beyond ``.grad``. The buffer's winner row becomes ``.grad`` (each weight's
+``.grad`` a view of it, handed over where ``.grad`` is empty), so what the pass adds to a Diffusion-DPO step is the
+loser's row; it is reused every micro-batch. The rows are in the weights' dtype where the weights are bfloat16 (the
+inner products are still accumulated in float32 and float64), else float32 (or wider). With gradient accumulation
+``A`` holds the first micro-batch's buffer (its winner row) and later micro-batches fill a second one.
 By pair: ``2B`` gradients of the trainable weights (LoRA, or full tuning up to a cap; see
 :func:`~trl_diffusion_sdpo.safeguards.parameter.check_pair_scope_memory`).
+
+Every step's work after the backward is a fixed number of operations whatever the number of weights: the inner
+products, the combination and the reductions run on the buffer's rows, and the per-weight views of those rows are
+made once (when the buffer is allocated), not per micro-batch.
 """
 
 from __future__ import annotations
@@ -26,12 +32,22 @@ import torch
 
 from .layer_taps import LayerTaps
 
-__all__ = ["OnePassBranchGradients", "blocked_dot"]
+__all__ = ["OnePassBranchGradients", "blocked_dot", "buffer_dtype"]
 
 Reduction = Callable[[list[torch.Tensor]], None]
 
 # Rows longer than this take blocked_dot's per-row route (the largest 32-bit signed leading dimension).
 LONG_ROWS = 2**31 - 1
+# blocked_dot reads lower-precision rows (bfloat16) in pieces of this many elements, each converted to float32
+WIDENED_PIECE = 1 << 22
+
+
+def buffer_dtype(parameter: torch.Tensor) -> torch.dtype:
+    """The dtype of the one pass's rows for weights like ``parameter``: bfloat16 for bfloat16 weights (their ``.grad``
+    is bfloat16 anyway), else float32 or wider (float64 checks)."""
+    if parameter.dtype == torch.bfloat16:
+        return parameter.dtype
+    return torch.promote_types(parameter.dtype, torch.float32)
 
 
 def blocked_dot(
@@ -40,7 +56,15 @@ def blocked_dot(
     """``<a, b>`` of a long flat vector ``a`` with ``b`` (the same length, or rows ``[m, len(a)]``: then one product
     per row, reading ``a`` once), summed per block of ``block`` elements by one batched matmul and the blocks' sums
     added in ``dtype`` (float64; MPS has none): one dot over millions of float32 elements accumulates a relative
-    error that ``lambda``'s ratio amplifies where ``<g_w, h_l>`` nearly cancels."""
+    error that ``lambda``'s ratio amplifies where ``<g_w, h_l>`` nearly cancels. Rows in a lower precision
+    (bfloat16) are read in pieces of :data:`WIDENED_PIECE` elements converted to float32: the products are float32's,
+    not the storage dtype's."""
+    if a.dtype not in (torch.float32, torch.float64) and a.numel() > 0:
+        pieces = [
+            blocked_dot(a[i : i + WIDENED_PIECE].float(), b[..., i : i + WIDENED_PIECE].float(), block, dtype)
+            for i in range(0, a.numel(), WIDENED_PIECE)
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum(0)
     n = a.numel()
     if n > LONG_ROWS:
         # cuBLAS takes the rows' stride as a 32-bit leading dimension, which the [k, block, m] view of rows longer
@@ -91,6 +115,7 @@ class OnePassBranchGradients:
         self._sizes = [p.numel() for p in self.parameters]
         self._flat: torch.Tensor | None = None  # [groups, total]
         self._views: list[torch.Tensor] = []  # per weight: [groups, *shape] views of _flat
+        self._rows: dict[int, list[torch.Tensor]] = {}  # row -> per weight: [*shape] views of that row (made once)
         self._seen: list[bool] = []
         # a weight whose .grad is a view of the buffer, and that view's address (see _prepare)
         self._handed: tuple[torch.nn.Parameter, int] | None = None
@@ -123,13 +148,25 @@ class OnePassBranchGradients:
         flat, handed = self._flat, self._handed
         handed_over = handed is not None and handed[0].grad is not None and handed[0].grad.data_ptr() == handed[1]
         if flat is None or flat.shape[0] != groups or handed_over:
-            first = self.parameters[0]  # float32, or the weights' dtype where wider (float64 checks)
-            dtype = torch.promote_types(first.dtype, torch.float32)
-            flat = torch.empty((groups, sum(self._sizes)), dtype=dtype, device=first.device)
-            self._flat = flat
-            self._views = [
-                chunk.view(groups, *p.shape) for chunk, p in zip(flat.split(self._sizes, dim=1), self.parameters)
-            ]
+            first = self.parameters[0]
+            self._allocate(groups, [p.shape for p in self.parameters], first.device)
+
+    def _allocate(
+        self, groups: int, shapes: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype | None = None
+    ) -> None:
+        """A fresh buffer ``[groups, total]`` (``dtype``, :func:`buffer_dtype` by default) and each weight's
+        ``[groups, *shape]`` view of it (``shapes``)."""
+        dtype = dtype or buffer_dtype(self.parameters[0])
+        self._flat = torch.empty((groups, sum(self._sizes)), dtype=dtype, device=device)
+        self._views = [chunk.view(groups, *shape) for chunk, shape in zip(self._flat.split(self._sizes, dim=1), shapes)]
+        self._rows = {}
+
+    def row_views(self, row: int) -> list[torch.Tensor]:
+        """Per weight, its ``[*shape]`` view of the buffer's ``row``: made once per buffer, then the same tensors."""
+        views = self._rows.get(row)
+        if views is None:
+            views = self._rows[row] = [v[row] for v in self._views]
+        return views
 
     def untapped_gradients(self, before: list[tuple[torch.Tensor | None, int]]) -> list[int]:
         """Indices of the weights whose ``.grad`` autograd changed since ``before`` (:meth:`grad_states`): a gradient
@@ -157,7 +194,7 @@ class OnePassBranchGradients:
 
     def branch_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``(g_w, h_l)`` per weight: views of the buffer (the update space reduces them in place)."""
-        return [v[0] for v in self._views], [v[1] for v in self._views]
+        return self.row_views(0), self.row_views(1)
 
     def combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
         """``g_w + lambda * h_l`` per weight, with ``g_w`` as buffered (averaged over processes in the global scope:
@@ -165,7 +202,7 @@ class OnePassBranchGradients:
         it). :meth:`assign` adds it to ``.grad``; an engine that owns the gradients takes it itself."""
         winner, loser = self._flat[0], self._flat[1]
         winner.addcmul_(loser, lam.detach().to(loser))  # one fused pass; lambda stays on the device
-        return [v[0] for v in self._views]
+        return self.row_views(0)
 
     def combine(self, lam: torch.Tensor) -> None:
         """``.grad = A + g_w + lambda * h_l`` (:meth:`combination`, then :meth:`assign`)."""
@@ -186,8 +223,9 @@ class OnePassBranchGradients:
                 p.grad = c if c.dtype == p.dtype else c.to(p.dtype)
                 if self._handed is None and p.grad.data_ptr() == c.data_ptr():
                     self._handed = (p, c.data_ptr())
-        if accumulated:
-            torch._foreach_add_([g for g, _ in accumulated], [c.to(g.dtype) for g, c in accumulated])
+        if accumulated:  # one foreach call, whatever the number of weights
+            grads = [g for g, _ in accumulated]
+            torch._foreach_add_(grads, [c if c.dtype == g.dtype else c.to(g.dtype) for g, c in accumulated])
 
     # ------------------------------------------------------------------ by pair
 
@@ -202,5 +240,5 @@ class OnePassBranchGradients:
         """``sum_i (g_w,i + lambda_i * h_l,i)`` per weight (``lam``: one ``lambda`` per pair), formed in place in the
         buffer's first row (views of it), for :meth:`assign`."""
         weights = torch.cat([torch.ones_like(lam), lam]).to(self._flat)
-        combined = self._flat[0].addmv_(self._flat[1:].t(), weights[1:])  # in place: no fresh gradient-sized tensor
-        return [c.view_as(v[0]) for c, v in zip(combined.split(self._sizes), self._views)]
+        self._flat[0].addmv_(self._flat[1:].t(), weights[1:])  # in place: no fresh gradient-sized tensor
+        return self.row_views(0)

@@ -71,13 +71,9 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
     def _prepare(self, groups: int) -> None:
         rows = groups * self.world if self._by_image else groups
         if self._flat is None or self._flat.shape[0] != rows:
-            first = self.parameters[0]
+            first = self.parameters[0]  # float32 (or wider) whatever the weights: the reduce-scatter sums in it
             dtype = torch.promote_types(first.dtype, torch.float32)
-            self._flat = torch.empty((rows, sum(self._sizes)), dtype=dtype, device=_local(first).device)
-            self._views = [
-                chunk.view(rows, *shape)
-                for chunk, shape in zip(self._flat.split(self._sizes, dim=1), self._local_shapes)
-            ]
+            self._allocate(rows, self._local_shapes, _local(first).device, dtype)
 
     @contextlib.contextmanager
     def split(self, groups: int) -> Iterator[None]:
