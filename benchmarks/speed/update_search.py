@@ -64,7 +64,7 @@ CASES = {  # conflict, mu, AdamW steps before, their gradients' scale
 def _grid_bisection_search(update, mu: float, max_lambda: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The search before the change, for reference: 9 grid points (``D(0)``, ``D(max)`` first, the shortcut), then 8
     bisections from the largest satisfying grid point (17 evaluations in 10 passes when the margin binds)."""
-    device = update.ww.device
+    device = update.device
     grid = torch.linspace(0.0, max_lambda, 9, device=device, dtype=update.sum_dtype)
     first, last_point = update.winner_decreases(grid[[0, -1]]).unbind()
     target = mu * first.clamp(min=0)
@@ -115,13 +115,13 @@ def problem(conflict: float, warm_steps: int, history_scale: float = 1.0, seed: 
 def counted(update) -> list[int]:
     """Lambdas per evaluation pass of ``update`` from now on."""
     passes: list[int] = []
-    evaluate = update.winner_decreases
+    evaluate = update.decreases
 
-    def wrapper(lams: torch.Tensor) -> torch.Tensor:
-        passes.append(lams.numel())
-        return evaluate(lams)
+    def wrapper(points: list[float]) -> list[float]:
+        passes.append(len(points))
+        return evaluate(points)
 
-    update.winner_decreases = wrapper
+    update.decreases = wrapper
     return passes
 
 

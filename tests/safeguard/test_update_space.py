@@ -220,13 +220,13 @@ def _check_specification(decreases, lam: float, infeasible: bool, mu: float, max
 def _counted(update: OptimizerUpdate) -> list[int]:
     """The number of lambdas of each evaluation pass of ``update`` from now on."""
     passes: list[int] = []
-    evaluate = update.winner_decreases
+    evaluate = update.decreases
 
-    def counted(lams: torch.Tensor) -> torch.Tensor:
-        passes.append(lams.numel())
-        return evaluate(lams)
+    def counted(points: list[float]) -> list[float]:
+        passes.append(len(points))
+        return evaluate(points)
 
-    update.winner_decreases = counted
+    update.decreases = counted
     return passes
 
 

@@ -69,6 +69,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
@@ -140,6 +141,7 @@ class _Run:
     second: list[torch.Tensor] | None
     param: list[torch.Tensor] | None
     shapes: tuple[tuple[int, ...], ...]
+    rows: torch.Tensor  # [g_w; h_l] as [2, n] (winner and loser are its rows)
 
     @property
     def numel(self) -> int:
@@ -179,11 +181,12 @@ class UpdateWorkspace:
         key = (name, shapes)
         views = self._views.get(key)
         if views is None:
+            self._views[(name, n)] = buffer[:n]
             starts = [0]
             for shape in shapes:
                 starts.append(starts[-1] + math.prod(shape))
             views = self._views[key] = [buffer[a:b].view(s) for a, b, s in zip(starts, starts[1:], shapes)]
-        return buffer[:n], views
+        return self._views[(name, n)], views
 
     def read(self, name: str, run: _Run, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """``tensors`` (one per weight of ``run``) copied into buffer ``name`` by one foreach call, unless it holds
@@ -212,6 +215,13 @@ def _host_floats(values: Sequence) -> list[float]:
     return [next(read) if torch.is_tensor(v) else float(v) for v in values]
 
 
+def _host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of host numbers on ``device``: built in numpy and wrapped, one conversion (no tensor of Python
+    objects)."""
+    array = torch.from_numpy(numpy.asarray(values, dtype=numpy.float64))
+    return array.to(device=device, dtype=dtype)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor (FSDP2's weights, gradients and state), else the tensor."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -231,12 +241,19 @@ def _one_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((sum(p.numel() for p in parts),), (1,), first.storage_offset())
 
 
-def _joined(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """One flat tensor of ``parts`` in ``dtype``: a view where they lie back to back in one storage, else a copy."""
+def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One flat tensor of ``parts``: a view where they lie back to back in one storage, else a copy."""
     view = _one_view(parts)
-    if view is None:
-        view = torch.cat([p.reshape(-1) for p in parts])
-    return view if view.dtype == dtype else view.to(dtype)
+    return view if view is not None else torch.cat([p.reshape(-1) for p in parts])
+
+
+def _branch_rows(winner: Sequence[torch.Tensor], loser: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``[g_w; h_l]`` of a run as ``[2, n]`` in ``dtype``: a view of the one pass's buffer rows where they are, else
+    a copy."""
+    w, h = _joined(winner), _joined(loser)
+    rows = _rows(w, h)
+    rows = rows if rows is not None else torch.stack([w, h])
+    return rows if rows.dtype == dtype else rows.to(dtype)
 
 
 def _rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
@@ -334,7 +351,7 @@ class OptimizerUpdate:
         norms: list[torch.Tensor] = []  # per run <w, w>, <w, h>, <h, h> (the clip coefficient's sums)
         clipping = max_grad_norm > 0
         sums = self._flat_norms(winner, loser) if clipping else None  # one blocked read where they are one buffer
-        decays: list[torch.Tensor] = []  # AdamW: per run lr wd <g_w, theta>
+        decays: list[torch.Tensor] = []  # AdamW: sum_groups lr wd <g_w, theta>, per run of a group's weights
         first_name, second_name = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer", None)
         with torch.no_grad():
             for key in keys:
@@ -343,19 +360,19 @@ class OptimizerUpdate:
                 sgd: dict[str, list[torch.Tensor]] = {name: [] for name in _SGD_SUMS}
                 for members in _runs(by_key[key], sizes, chunk):
                     stated = hyper["has_state"]
+                    rows = _branch_rows([winner[i] for i in members], [loser[i] for i in members], self.dtype)
                     run = _Run(
-                        _joined([winner[i] for i in members], self.dtype),
-                        _joined([loser[i] for i in members], self.dtype),
+                        rows[0],
+                        rows[1],
                         [_local(states[i][first_name]) for i in members] if stated else None,
                         [_local(states[i][second_name]) for i in members] if stated and second_name else None,
-                        [_local(parameters[i]) for i in members] if hyper["l2"] or hyper["decay"] else None,
+                        [_local(parameters[i]) for i in members] if hyper["l2"] else None,
                         tuple(tuple(winner[i].shape) for i in members),
+                        rows,
                     )
                     w, h = run.winner, run.loser
                     if clipping and sums is None:
                         norms += [torch.dot(w, w), torch.dot(w, h), torch.dot(h, h)]
-                    if hyper["decay"]:
-                        decays.append(hyper["decay"] * torch.dot(w, self._read("param", run)).to(self.sum_dtype))
                     if self.adam:
                         segment.runs.append(run)
                         continue
@@ -369,6 +386,15 @@ class OptimizerUpdate:
                     name: torch.stack(values).to(self.sum_dtype).sum() for name, values in sgd.items() if values
                 }
                 self.segments.append(segment)
+            for group in self.optimizer.param_groups if self.decoupled else ():
+                if group["weight_decay"] != 0:
+                    members = [i for i, p in enumerate(parameters) if group_of.get(id(p)) is group]
+                    for run in _runs(members, sizes, chunk):  # <g_w, theta>: theta copied, times g_w, summed
+                        shapes = tuple(tuple(winner[i].shape) for i in run)
+                        flat, views = self.workspace.flat("decay", shapes, self.dtype, device)
+                        torch._foreach_copy_(views, [_local(parameters[i]) for i in run])
+                        torch._foreach_mul_(views, [winner[i] for i in run])
+                        decays.append(flat.sum(dtype=self.sum_dtype) * (group["lr"] * group["weight_decay"]))
         if sums is None:
             zeros = torch.zeros(3, dtype=self.sum_dtype)
             sums = torch.stack(norms).to(self.sum_dtype).view(-1, 3).sum(0) if norms else zeros
@@ -378,10 +404,27 @@ class OptimizerUpdate:
         decay = torch.stack(decays).sum() if decays else torch.zeros((), dtype=self.sum_dtype, device=device)
         if reduce_sum is not None:
             sums, decay = self._reduce_sums(reduce_sum, sums, decay)
-        u = self.unscale
-        # ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll (optimizer units): the clip coefficient of any lambda
-        self.ww, self.wl, self.ll = sums[0] * u * u, sums[1] * u * u, sums[2] * u * u
-        self._decay = decay * u  # the decoupled weight decay's share of D, the same for every lambda
+        self.device = device
+        # what every pass reads on the host, in one read: ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll
+        # (optimizer units: times 1 / scale^2), the clip coefficient of any lambda; the decoupled weight decay's share
+        # of D, the same for every lambda; 1 / scale
+        ww, wl, ll, decay, u = torch.cat([sums.to(self.sum_dtype), torch.stack([decay, self.unscale])]).tolist()
+        self._host = [ww * u * u, wl * u * u, ll * u * u, decay * u, u]
+
+    @property
+    def ww(self) -> torch.Tensor:
+        """``<g_w, g_w>`` in the optimizer's units."""
+        return torch.tensor(self._host[0], dtype=self.sum_dtype, device=self.device)
+
+    @property
+    def wl(self) -> torch.Tensor:
+        """``<g_w, h_l>`` in the optimizer's units."""
+        return torch.tensor(self._host[1], dtype=self.sum_dtype, device=self.device)
+
+    @property
+    def ll(self) -> torch.Tensor:
+        """``<h_l, h_l>`` in the optimizer's units."""
+        return torch.tensor(self._host[2], dtype=self.sum_dtype, device=self.device)
 
     def _read(self, name: str, run: _Run) -> torch.Tensor:
         """``run``'s ``name`` input (``param``, ``first``, ``second``) flat in the workspace: one foreach copy, or none
@@ -424,7 +467,6 @@ class OptimizerUpdate:
         """The hyperparameters a weight's ``D(lambda)`` depends on beyond its own tensors (hashable)."""
         lr = float(group["lr"])
         l2 = 0.0 if self.decoupled else float(group["weight_decay"])
-        decay = lr * float(group["weight_decay"]) if self.decoupled else 0.0  # AdamW's decoupled decay: lr wd
         if self.adam:
             beta1, beta2 = (float(b) for b in group["betas"])
             first = "exp_avg" in state
@@ -435,13 +477,11 @@ class OptimizerUpdate:
                 ("eps", float(group["eps"])),
                 ("step", step),
                 ("l2", l2),
-                ("decay", decay),
                 ("has_state", first),
             )
         return (
             ("lr", lr),
             ("l2", l2),
-            ("decay", decay),
             ("momentum", float(group["momentum"])),
             ("dampening", float(group["dampening"])),
             ("nesterov", bool(group["nesterov"])),
@@ -452,7 +492,7 @@ class OptimizerUpdate:
         """:meth:`clip_coefficient` as a function of a Python float, from the three sums read once on the host."""
         if self.max_grad_norm <= 0:
             return lambda lam: 1.0
-        ww, wl, ll = torch.stack([self.ww, self.wl, self.ll]).tolist()
+        ww, wl, ll = self._host[:3]
         threshold = self.max_grad_norm
 
         def coefficient(lam: float) -> float:
@@ -469,29 +509,39 @@ class OptimizerUpdate:
         norm = (self.ww + 2 * lam * self.wl + lam * lam * self.ll).clamp(min=0).sqrt()
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
-    @torch.no_grad()
     def winner_decreases(self, lams: torch.Tensor) -> torch.Tensor:
-        """``D`` at each of ``lams`` (a vector), in one pass over the weights (float64 where the device has it); on
-        shards (``reduce_sum``), every process's share added up in one collective, the same ``D`` on every process."""
-        lams = lams.to(self.ww.device, self.sum_dtype)
-        coefficient = self.clip_coefficient(lams) * self.unscale  # G = s g_w + t h_l in the optimizer's units
-        s, t = coefficient, coefficient * lams
-        # sharded Adam: this process's share of the elementwise sums, added up over processes in one collective (the
-        # decay term and SGD's closed form are built from sums already added up)
-        sharded = self.reduce_sum is not None and self.adam
-        total = torch.zeros_like(lams) if sharded else self._decay + torch.zeros_like(lams)
-        # the pass's temporaries, in the workspace: [gradient, numerator, denominator] x lambdas x the largest run
-        work = None
-        if self.adam:
-            shape = ((3, lams.numel() * self._largest),)
-            work = self.workspace.flat("work", shape, self.dtype, lams.device)[1][0]
-        for segment in self.segments:
-            total = total + (self._adam(segment, s, t, work) if self.adam else self._sgd(segment, s, t))
-        return self._decay + self.reduce_sum(total) if sharded else total
+        """:meth:`decreases` at each of ``lams`` (a vector), as a float64 tensor (float32 on MPS)."""
+        values = self.decreases([float(x) for x in lams.tolist()])
+        return torch.tensor(values, dtype=self.sum_dtype, device=lams.device)
 
-    def _adam(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
-        """Adam's share of ``D``: torch's ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each
-        run costs a few operations over ``[lambdas, run]``: with ``G = s g_w + t h_l`` (+ ``wd theta``),
+    @torch.no_grad()
+    def decreases(self, points: Sequence[float]) -> list[float]:
+        """``D`` at each ``lambda`` of ``points``, in one pass over the weights (summed in float64 where the device
+        has it); on shards (``reduce_sum``), every process's share added up in one collective, the same ``D`` on
+        every process. The gradient's coefficients ``s = c(lambda) / scale`` and ``t = s lambda`` are formed on the
+        host from the clip coefficient's sums (read once), and ``D`` is read back in one host read."""
+        clip, unscale, decay = self.host_clip_coefficient(), self._host[4], self._host[3]
+        coefficients = [[clip(x) * unscale, clip(x) * unscale * x] for x in points]  # G = s g_w + t h_l
+        device = self.device
+        if not self.adam:
+            s, t = torch.tensor(coefficients, dtype=self.sum_dtype, device=device).unbind(1)
+            total = torch.stack([self._sgd(segment, s, t) for segment in self.segments]).sum(0)
+            return [v + decay for v in total.tolist()]
+        st = _host_tensor(coefficients, self.dtype, device)  # [lambdas, 2]
+        work = self.workspace.flat("work", ((3, len(points) * self._largest),), self.dtype, device)[1][0]
+        shares = [share for segment in self.segments for share in self._adam(segment, st, work)]
+        if len(shares) == 1 and self.reduce_sum is None:  # one run: read as it is, scaled on the host
+            share, factor = shares[0]
+            return [v * factor + decay for v in share.tolist()]
+        total = torch.stack([share.to(self.sum_dtype) * factor for share, factor in shares]).sum(0)
+        if self.reduce_sum is not None:  # this process's share of the elementwise sums, added up over processes
+            total = self.reduce_sum(total)
+        return [v + decay for v in total.tolist()]
+
+    def _adam(self, segment: _Segment, st: torch.Tensor, work: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+        """Adam's share of ``D``, per run ``(share, factor)`` with ``D``'s part ``factor * share``: torch's ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each
+        run costs a few operations over ``[lambdas, run]``: with ``G = s g_w + t h_l`` (+ ``wd theta``; ``[s, t]``
+        the rows of ``st``, times ``[g_w; h_l]`` in one product),
         ``m' = (1 - beta1)(G + c1 m)``, ``v' = (1 - beta2) c2 (v + G^2 / c2)`` (``c1 = beta1 / (1 - beta1)``,
         ``c2 = beta2 / (1 - beta2)``; no state: ``m = v = 0`` and ``c2 = 1``),
         ``kappa = sqrt((1 - beta2) c2 / bc2)``:
@@ -502,13 +552,11 @@ class OptimizerUpdate:
         c1, c2 = beta1 / (1 - beta1), (beta2 / (1 - beta2) if hyper["has_state"] else 1.0)
         kappa = ((1 - beta2) * c2 / bc2) ** 0.5
         eps = hyper["eps"] / kappa
-        count = s.shape[0]
-        s, t = s.to(self.dtype).unsqueeze(1), t.to(self.dtype).unsqueeze(1)
-        shares = torch.empty(len(segment.runs), count, dtype=self.dtype, device=s.device)
-        for run, share in zip(segment.runs, shares):
+        count = st.shape[0]
+        shares = []
+        for run in segment.runs:
             grad, numerator, denominator = self._work_views(run, count, work)
-            torch.mul(run.winner, s, out=grad)
-            grad.addcmul_(t, run.loser)
+            torch.mm(st, run.rows, out=grad)
             if hyper["l2"] != 0:
                 grad.add_(self._read("param", run), alpha=hyper["l2"])
             if run.first is not None:
@@ -517,8 +565,9 @@ class OptimizerUpdate:
             else:
                 numerator = grad
                 torch.abs(grad, out=denominator)
-            torch.mv(numerator.div_(denominator.add_(eps)), run.winner, out=share)
-        return shares.to(self.sum_dtype).sum(0) * (self.unscale * hyper["lr"] * (1 - beta1) / (bc1 * kappa))
+            shares.append(torch.mv(numerator.div_(denominator.add_(eps)), run.winner))
+        factor = self._host[4] * hyper["lr"] * (1 - beta1) / (bc1 * kappa)
+        return [(share, factor) for share in shares]
 
     def _work_views(self, run: _Run, count: int, work: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``run``'s ``[count, n]`` views of the pass's three workspace rows, made once per step."""
@@ -562,11 +611,9 @@ def update_space_lambda(
     points of :data:`GRID_POINTS` take one pass; the crossing is searched between the largest grid point that meets
     the target and the next, and where none does, ``lambda`` is the grid point with the largest ``D`` and
     ``infeasible = 1``. Every candidate is a float32 number, as the trainer will use it."""
-    device = update.ww.device
+    device = update.device
     top = float32(max_lambda)
-
-    def decreases(points: list[float]) -> list[float]:
-        return update.winner_decreases(torch.tensor(points, dtype=update.sum_dtype, device=device)).tolist()
+    decreases = update.decreases
 
     first, last = decreases([0.0, top])
     target = mu * max(first, 0.0)
@@ -601,4 +648,4 @@ def update_space_lambda(
         else:
             lam, infeasible = grid[max(range(GRID_POINTS), key=lambda k: values[k])], True
     as_float = {"dtype": torch.float32, "device": device}
-    return torch.tensor(lam, **as_float), torch.tensor(float(infeasible), **as_float)
+    return torch.full((), lam, **as_float), torch.full((), float(infeasible), **as_float)
