@@ -26,3 +26,20 @@ def test_blocked_dot_equals_the_float64_dot_on_both_routes(n, long_rows, monkeyp
     assert got.dtype == torch.float64 and got.shape == (3,)
     assert ((got - expected).abs() <= scale).all(), (got, expected)
     assert (blocked_dot(a, rows[1], block=64) - expected[1]).abs() <= scale[1]
+
+
+def test_bfloat16_rows_are_multiplied_and_summed_in_float32(monkeypatch):
+    """bfloat16 rows (the one pass's rows for bfloat16 weights) are widened in pieces: the inner products equal the
+    float64 ones of the same bfloat16 values within float32's precision, where a bfloat16 product would round each
+    block's sum to 8 bits."""
+    from trl_diffusion_sdpo.gradients import one_pass
+
+    monkeypatch.setattr(one_pass, "WIDENED_PIECE", 1000)  # several pieces, the last one short
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4321, generator=gen).bfloat16()
+    rows = torch.randn(2, 4321, generator=gen).bfloat16()
+    exact = rows.double() @ a.double()
+    got = one_pass.blocked_dot(a, rows)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6 * float(exact.abs().max()))
+    assert (torch.bmm(rows.view(2, 1, -1), a.view(1, -1, 1).expand(2, -1, 1)).double().view(2) - exact).abs().max() > 0

@@ -278,7 +278,8 @@ class _NormTap(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
         ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
         module = layer.module
-        x = x.contiguous()  # aten's native norm kernels read a contiguous layout (channels-last UNets are not)
+        if not x.is_contiguous():  # aten's native norm kernels read a contiguous layout (channels-last UNets are not)
+            x = x.contiguous()
         if isinstance(module, nn.GroupNorm):
             n, c = x.shape[:2]
             hw = x.numel() // max(n * c, 1)
@@ -293,7 +294,7 @@ class _NormTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad = grad.contiguous()
+        grad = grad if grad.is_contiguous() else grad.contiguous()
         layer, tap = ctx.layer, ctx.tap
         groups = tap.groups
         want_w, want_b = layer.weight is not None, ctx.has_bias and layer.bias is not None

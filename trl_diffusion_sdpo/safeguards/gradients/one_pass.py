@@ -39,7 +39,7 @@ Reduction = Callable[[list[torch.Tensor]], None]
 # Rows longer than this take blocked_dot's per-row route (the largest 32-bit signed leading dimension).
 LONG_ROWS = 2**31 - 1
 # blocked_dot reads lower-precision rows (bfloat16) in pieces of this many elements, each converted to float32
-WIDENED_PIECE = 1 << 22
+WIDENED_PIECE = 1 << 20
 
 
 def buffer_dtype(parameter: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,83 @@
+"""Counting the aten operations and the allocated bytes of a training step with ``torch.profiler``, for tests and
+CPU benchmarks.
+
+An operation counts once where Python or autograd calls it: the operations a kernel runs inside it (a CPU ``bmm``
+over small batches, a foreach call's per-tensor fallback on a CPU) are not counted again, as on an accelerator they
+are one launch. :class:`StepOperations` records, per profiled optimizer step, every top-level operation and those
+run outside the backward pass (not under an ``autograd::engine::evaluate_function`` record): the latter is the work
+a safeguard adds around the backward (its inner products, combination, search), where Diffusion-DPO has none.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import TrainerCallback
+
+__all__ = ["StepOperations", "count_operations", "peak_allocated_bytes"]
+
+_BACKWARD = "autograd::engine::evaluate_function"
+
+
+def count_operations(profile: torch.profiler.profile) -> dict[str, collections.Counter]:
+    """``{"all": ..., "outside_backward": ...}``: per aten operation name, how often it was called at the top level
+    (no aten operation above it) in ``profile``, in all and outside the backward pass."""
+    counts = {"all": collections.Counter(), "outside_backward": collections.Counter()}
+    for event in profile.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent, backward = event.cpu_parent, False
+        if parent is not None and parent.name.startswith("aten::"):
+            continue  # inside another operation
+        while parent is not None and not backward:
+            backward = parent.name.startswith(_BACKWARD)
+            parent = parent.cpu_parent
+        counts["all"][event.name] += 1
+        if not backward:
+            counts["outside_backward"][event.name] += 1
+    return counts
+
+
+class StepOperations(TrainerCallback):
+    """Profiles the optimizer steps ``profiled(step)`` selects (``step``: the global step before it runs) and keeps
+    ``records[step] = {"all": Counter, "outside_backward": Counter, "seconds": float}``; ``before_step(step)`` runs
+    first (e.g. to switch the trainer's safeguard)."""
+
+    def __init__(self, profiled: Callable[[int], bool], before_step: Callable[[int], None] | None = None) -> None:
+        self.profiled, self.before_step = profiled, before_step
+        self.records: dict[int, dict] = {}
+        self._profile: torch.profiler.profile | None = None
+        self._clock = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.before_step is not None:
+            self.before_step(state.global_step)
+        if self.profiled(state.global_step):
+            self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profile.__enter__()
+            self._clock = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._profile is None:
+            return
+        seconds = time.perf_counter() - self._clock
+        self._profile.__exit__(None, None, None)
+        self.records[state.global_step - 1] = {**count_operations(self._profile), "seconds": seconds}
+        self._profile = None
+
+
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """The most bytes ``fn`` held allocated beyond what was allocated when it started, at any moment of its run: each
+    operation's own allocations and frees (``torch.profiler``'s memory events), summed in time order. What is freed
+    inside one operation nets out there."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        fn()
+    events = sorted((e for e in profile.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    held = peak = 0
+    for event in events:
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
