@@ -3,9 +3,9 @@ replaced by a fixed number of operations, side by side in one process.
 
 Not part of the test suite. CPU, one thread. One trainer run per tuning (full: 208 trained tensors; LoRA r4: 128)
 alternates, step by step, Diffusion-DPO and each safeguard as it is now and as it was at ``--before`` (its
-``gradients/one_pass.py``, ``safeguards/update_space.py`` and ``safeguards/parameter.py`` read with ``git show``
-and imported beside the package's, the store of the one pass swapped in): per safeguard, the top-level aten operations
-of one profiled non-logging step, in all and outside the backward pass
+``safeguards/gradients/one_pass.py``, ``safeguards/update_space.py`` and ``safeguards/parameter.py`` read with
+``git show`` and imported beside the package's, the store of the one pass swapped in): per safeguard, the top-level
+aten operations of one profiled non-logging step, in all and outside the backward pass
 (:mod:`trl_diffusion_sdpo.testing.operations`), and the median wall time of ``--rounds`` unprofiled steps (warmup
 round excluded).
 
@@ -35,7 +35,10 @@ from benchmarks import harness  # noqa: E402
 
 # module -> the sibling name its "before" copy is imported under, and the imports rewritten to the other copies
 BEFORE = {
-    "trl_diffusion_sdpo/gradients/one_pass.py": ("trl_diffusion_sdpo.gradients.one_pass_before", {}),
+    "trl_diffusion_sdpo/safeguards/gradients/one_pass.py": (
+        "trl_diffusion_sdpo.safeguards.gradients.one_pass_before",
+        {},
+    ),
     "trl_diffusion_sdpo/safeguards/update_space.py": ("trl_diffusion_sdpo.safeguards.update_space_before", {}),
     "trl_diffusion_sdpo/safeguards/parameter.py": (
         "trl_diffusion_sdpo.safeguards.parameter_before",
@@ -80,10 +83,12 @@ def run(lora: bool, before: dict, rounds: int, workdir: str) -> dict:
     pipeline = build_tiny_sd_pipeline(seed=0, tokenizer_dir=f"{workdir}/tok-{lora}")
     args = DiffusionSDPOConfig(**{**fast_config_values(f"{workdir}/out"), "max_steps": steps, "logging_steps": 10**6})
     dataset = Dataset.from_list(pickapic_rows(6))
-    trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset, peft_config=lora_config() if lora else None)
+    trainer = DiffusionSDPOTrainer(
+        pipeline, args=args, train_dataset=dataset, peft_config=lora_config() if lora else None
+    )
     trainable = sum(p.numel() for p in trainer.family.denoiser.parameters() if p.requires_grad)
     old_parameter = before["trl_diffusion_sdpo/safeguards/parameter.py"]
-    old_store = before["trl_diffusion_sdpo/gradients/one_pass.py"].OnePassBranchGradients
+    old_store = before["trl_diffusion_sdpo/safeguards/gradients/one_pass.py"].OnePassBranchGradients
     safeguards = {"dpo": trainer.safeguard}
     for name in names[1:]:
         space = name.split("_")[0]

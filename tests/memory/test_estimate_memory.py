@@ -92,10 +92,16 @@ def test_full_tuning_terms_follow_the_zero_accounting() -> None:
     assert zero2["reference"] == 2 * p and zero2["gradients"] == pytest.approx(2 * p / 4, abs=1)
 
 
-def test_safeguard_one_pass_adds_two_float32_gradient_halves() -> None:
+def test_safeguard_one_pass_adds_the_losers_row_where_the_winners_becomes_the_gradient() -> None:
+    """DDP: the loser's float32 row (the winner's is the gradient, counted there); ZeRO-2 in bf16: both rows in
+    bf16, sharded as its gradients; FSDP2: both float32 rows of the shards."""
     p = sum(t.numel() for t in tiny_unet().parameters())
     sizes = model_sizes(TINY)
-    assert estimate_memory(sizes, _full_shape(safeguard="one_pass")).components["safeguard"] == 8 * p
+    assert estimate_memory(sizes, _full_shape(safeguard="one_pass")).components["safeguard"] == 4 * p
+    zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2))
+    assert zero2.components["safeguard"] == 2 * 2 * p // 2
+    fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2))
+    assert fsdp2.components["safeguard"] == 8 * p // 2
     assert estimate_memory(sizes, _full_shape(safeguard="output")).components["safeguard"] == 0
 
 

@@ -32,7 +32,7 @@ def test_bfloat16_rows_are_multiplied_and_summed_in_float32(monkeypatch):
     """bfloat16 rows (the one pass's rows for bfloat16 weights) are widened in pieces: the inner products equal the
     float64 ones of the same bfloat16 values within float32's precision, where a bfloat16 product would round each
     block's sum to 8 bits."""
-    from trl_diffusion_sdpo.gradients import one_pass
+    from trl_diffusion_sdpo.safeguards.gradients import one_pass
 
     monkeypatch.setattr(one_pass, "WIDENED_PIECE", 1000)  # several pieces, the last one short
     gen = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from trl_diffusion_sdpo.engines import PlainEngine
-from trl_diffusion_sdpo.gradients import one_pass
+from trl_diffusion_sdpo.safeguards.gradients import one_pass
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 from trl_diffusion_sdpo.testing.operations import peak_allocated_bytes
 
@@ -111,7 +111,9 @@ def test_a_second_gradient_sized_buffer_is_caught(plant, monkeypatch):
     else:
         assign = one_pass.OnePassBranchGradients.assign
         monkeypatch.setattr(
-            one_pass.OnePassBranchGradients, "assign", lambda self, combined: assign(self, [c.clone() for c in combined])
+            one_pass.OnePassBranchGradients,
+            "assign",
+            lambda self, combined: assign(self, [c.clone() for c in combined]),
         )
     extra, float32_gradient = _extra_bytes(dtype)
     assert extra > (buffers + SLACK) * float32_gradient, (extra, float32_gradient)

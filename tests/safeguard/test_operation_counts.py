@@ -15,8 +15,8 @@ import copy
 import pytest
 import torch
 
-from trl_diffusion_sdpo.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.safeguards import safeguard_for
+from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.testing.operations import StepOperations
 
 # The most a safeguard's step may exceed Diffusion-DPO's, outside the backward: (full tuning, LoRA). The update

@@ -18,8 +18,11 @@ the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for floa
 * reference: a frozen copy of the denoiser in ``d`` under full tuning (dP); none under LoRA (the base with the
   adapters off);
 * mixed-precision cast: autocast keeps a ``d`` copy of the trained weights for the step (dT, full tuning in bf16/fp16);
-* safeguard: the parameter- and update-space safeguards' one pass keeps the winners' and losers' gradients apart,
-  two float32 gradient-sized halves (8T); their two-pass mode one more float32 gradient (4T);
+* safeguard: the parameter- and update-space safeguards' one pass keeps the winners' and losers' gradients apart in
+  two gradient-sized rows; on whole weights (one process, DDP) the winner's row becomes the gradient, so it adds the
+  loser's row, float32 (4T); under DeepSpeed ZeRO-1/2 the engine takes the combination, so both rows, in ``d`` for
+  bf16 (2dT); on FSDP2's and ZeRO-3's shards both rows in float32 (8T); the two-pass mode one more float32
+  gradient (4T);
 * frozen parts: the VAE and text encoders in ``d`` (the VAE in float32 where the family keeps it so); nothing on the
   device with a latent cache (they stay on the CPU) or ``offload_frozen_modules`` (one layer at a time, not counted);
 * activations: what the policy's forward keeps for its backward over the 2B rows of B pairs (below).
@@ -550,9 +553,16 @@ def estimate_memory(sizes: ModelSizes, shape: RunShape) -> MemoryEstimate:
     reference = 0 if lora else d * params // shard_weights
     cast = d * trained // shard_weights if (not lora and d == 2 and not deepspeed) else 0
     optimizer = _optimizer_bytes(shape.optim, denoiser, trained, lora) // shard_states
-    safeguard = {"one_pass": 8 * trained // shard_grads, "two_pass": 4 * trained // shard_grads}.get(
-        shape.safeguard, 0
-    )
+    # the one pass's rows (safeguards/gradients/one_pass.py, buffer_dtype): the loser's alone where the winner's
+    # becomes .grad (whole weights, no engine owning the gradients), both where the engine takes the combination or
+    # shards
+    if not deepspeed and stage == 0:
+        one_pass = 4 * trained
+    elif deepspeed and stage < 3:
+        one_pass = 2 * d * trained // shard_grads
+    else:
+        one_pass = 8 * trained // shard_grads
+    safeguard = {"one_pass": one_pass, "two_pass": 4 * trained // shard_grads}.get(shape.safeguard, 0)
     frozen = 0
     if not (shape.latent_cache or shape.offload_frozen):
         frozen = sum((4 if name == "vae" and sizes.vae_fp32 else d) * count for name, count in sizes.frozen.items())

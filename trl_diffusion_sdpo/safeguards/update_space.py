@@ -69,12 +69,22 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
 from .crossing import bracketed_crossing, float32
 from .gradients.one_pass import blocked_dot
+from .update_runs import (
+    Run,
+    UpdateWorkspace,
+    branch_rows,
+    host_floats,
+    host_tensor,
+    local,
+    one_view,
+    runs,
+    stacked_rows,
+)
 
 __all__ = [
     "GRID_POINTS",
@@ -129,160 +139,19 @@ _SGD_SUMS = ("ww", "wh", "wp", "wb")  # SGD's closed form: <g_w, g_w>, <g_w, h_l
 
 
 @dataclass
-class _Run:
-    """Consecutive weights of one segment: the winner's and the loser's flat gradients (backward units; views where
-    they lie back to back, as in the one pass's buffer), and per weight the optimizer's first and second state
-    (``None``: the first step) and the weights (where a weight decay needs them), copied into a flat workspace by one
-    foreach call each when a pass reads them."""
-
-    winner: torch.Tensor
-    loser: torch.Tensor
-    first: list[torch.Tensor] | None
-    second: list[torch.Tensor] | None
-    param: list[torch.Tensor] | None
-    shapes: tuple[tuple[int, ...], ...]
-    rows: torch.Tensor  # [g_w; h_l] as [2, n] (winner and loser are its rows)
-
-    @property
-    def numel(self) -> int:
-        return self.winner.numel()
-
-
-@dataclass
 class _Segment:
     """The weights whose update has the same lambda-dependent hyperparameters (one optimizer group's, and one step
     count for Adam), cut into runs. SGD's update is affine in the gradient: its ``D`` follows from the sums
     ``<g_w, g_w>``, ``<g_w, h_l>``, ``<g_w, theta>`` and ``<g_w, b>`` (``sums``), read once."""
 
     hyper: dict
-    runs: list[_Run]
+    runs: list[Run]
     sums: dict[str, torch.Tensor]
-
-
-class UpdateWorkspace:
-    """Flat buffers a pass copies a run's optimizer state (and weights) into, with each run's per-weight views of
-    them made once and kept: hold one across steps (the update space's stage does) and the per-weight work of a step
-    is one foreach copy per run and input."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._views: dict[tuple, list[torch.Tensor]] = {}
-        self._holds: dict[str, tuple[int, int]] = {}  # buffer -> (generation, id of the run) it holds
-        self.generation = 0
-
-    def flat(self, name: str, shapes: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, list]:
-        """``(flat, views)``: buffer ``name``'s first ``sum(shapes)`` elements and their per-weight views."""
-        n = sum(math.prod(s) for s in shapes)
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
-            buffer = self._buffers[name] = torch.empty(max(n, 1), dtype=dtype, device=device)
-            self._views = {k: v for k, v in self._views.items() if k[0] != name}
-            self._holds.pop(name, None)
-        key = (name, shapes)
-        views = self._views.get(key)
-        if views is None:
-            self._views[(name, n)] = buffer[:n]
-            starts = [0]
-            for shape in shapes:
-                starts.append(starts[-1] + math.prod(shape))
-            views = self._views[key] = [buffer[a:b].view(s) for a, b, s in zip(starts, starts[1:], shapes)]
-        return self._views[(name, n)], views
-
-    def read(self, name: str, run: _Run, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """``tensors`` (one per weight of ``run``) copied into buffer ``name`` by one foreach call, unless it holds
-        them already in this generation: its flat view."""
-        flat, views = self.flat(name, run.shapes, dtype, run.winner.device)
-        if self._holds.get(name) != (self.generation, id(run)):
-            torch._foreach_copy_(views, tensors)
-            self._holds[name] = (self.generation, id(run))
-        return flat
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:
     """What ``D`` and the sums are accumulated in: float64, where the device has it (MPS has not: float32)."""
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _host_floats(values: Sequence) -> list[float]:
-    """Python floats of numbers and 0-dim tensors (Adam's step counts): the tensors stacked and read in one call."""
-    tensors = [v for v in values if torch.is_tensor(v)]
-    if not tensors:
-        return [float(v) for v in values]
-    try:
-        read = iter(torch.stack(tensors).tolist())
-    except (RuntimeError, TypeError):  # mixed dtypes or devices: one by one
-        read = iter([float(t) for t in tensors])
-    return [next(read) if torch.is_tensor(v) else float(v) for v in values]
-
-
-def _host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A tensor of host numbers on ``device``: built in numpy and wrapped, one conversion (no tensor of Python
-    objects)."""
-    array = torch.from_numpy(numpy.asarray(values, dtype=numpy.float64))
-    return array.to(device=device, dtype=dtype)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor (FSDP2's weights, gradients and state), else the tensor."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _one_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """One flat view of ``parts`` (contiguous tensors) where they lie back to back in one storage, else None; the
-    check reads addresses only (no tensor operation per part)."""
-    first = parts[0]
-    size = first.element_size()
-    if not all(p.is_contiguous() and p.dtype == first.dtype for p in parts):
-        return None
-    storage = first.untyped_storage().data_ptr()
-    for q, p in zip(parts, parts[1:]):
-        if p.untyped_storage().data_ptr() != storage or p.data_ptr() != q.data_ptr() + q.numel() * size:
-            return None
-    return first.as_strided((sum(p.numel() for p in parts),), (1,), first.storage_offset())
-
-
-def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One flat tensor of ``parts``: a view where they lie back to back in one storage, else a copy."""
-    view = _one_view(parts)
-    return view if view is not None else torch.cat([p.reshape(-1) for p in parts])
-
-
-def _branch_rows(winner: Sequence[torch.Tensor], loser: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``[g_w; h_l]`` of a run as ``[2, n]`` in ``dtype``: a view of the one pass's buffer rows where they are, else
-    a copy."""
-    w, h = _joined(winner), _joined(loser)
-    rows = _rows(w, h)
-    rows = rows if rows is not None else torch.stack([w, h])
-    return rows if rows.dtype == dtype else rows.to(dtype)
-
-
-def _rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
-    """``[first; second]`` as one ``[2, n]`` view where ``second`` lies a fixed stride after ``first`` in the same
-    storage (the one pass's buffer ``[2, total]``), else None."""
-    size = first.element_size()
-    offset, rest = divmod(second.data_ptr() - first.data_ptr(), size)
-    if (
-        first.dtype != second.dtype
-        or first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
-        or rest
-        or offset < first.numel()
-    ):
-        return None
-    return first.as_strided((2, first.numel()), (offset, 1), first.storage_offset())
-
-
-def _runs(indices: list[int], sizes: list[int], chunk: int) -> list[list[int]]:
-    """``indices`` cut into runs of consecutive weights of at most ``chunk`` elements (a larger one alone)."""
-    runs: list[list[int]] = []
-    total = 0
-    for i in indices:
-        if runs and total + sizes[i] <= chunk:
-            runs[-1].append(i)
-            total += sizes[i]
-        else:
-            runs.append([i])
-            total = sizes[i]
-    return runs
 
 
 class OptimizerUpdate:
@@ -291,8 +160,8 @@ class OptimizerUpdate:
 
     The trainable weights are grouped into segments of equal lambda-dependent hyperparameters and cut into runs of
     consecutive weights (their gradients views where the inputs allow, e.g. the one-pass buffer's rows); an evaluation
-    is a few batched elementwise operations per run for all requested ``lambda`` together, summed in float64. SGD's ``D`` is affine in the
-    gradient and follows from four sums read once (no pass per ``lambda``).
+    is a few batched elementwise operations per run for all requested ``lambda`` together, summed in float64. SGD's
+    ``D`` is affine in the gradient and follows from four sums read once (no pass per ``lambda``).
 
     Args:
         optimizer: the training optimizer (accelerate's wrapper is unwrapped); its state is read, not changed.
@@ -327,14 +196,14 @@ class OptimizerUpdate:
         self.decoupled = isinstance(self.optimizer, torch.optim.AdamW)
         self.max_grad_norm = max_grad_norm
         parameters = list(parameters)
-        winner, loser = [_local(w) for w in winner], [_local(h) for h in loser]  # no operation per weight
+        winner, loser = [local(w) for w in winner], [local(h) for h in loser]  # no operation per weight
         device = winner[0].device if winner else torch.device("cpu")
         self.dtype = torch.promote_types(winner[0].dtype, torch.float32) if winner else torch.float32
         self.sum_dtype = _sum_dtype(device)
         self.unscale = torch.as_tensor(unscale, dtype=self.sum_dtype, device=device)
         group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         states = [self.optimizer.state.get(p, {}) for p in parameters]
-        steps = _host_floats([state.get("step", 0.0) for state in states])
+        steps = host_floats([state.get("step", 0.0) for state in states])
         keys, by_key = [], {}
         for i, p in enumerate(parameters):
             group = group_of.get(id(p))
@@ -358,15 +227,15 @@ class OptimizerUpdate:
                 hyper = dict(key)
                 segment = _Segment(hyper, [], {})
                 sgd: dict[str, list[torch.Tensor]] = {name: [] for name in _SGD_SUMS}
-                for members in _runs(by_key[key], sizes, chunk):
+                for members in runs(by_key[key], sizes, chunk):
                     stated = hyper["has_state"]
-                    rows = _branch_rows([winner[i] for i in members], [loser[i] for i in members], self.dtype)
-                    run = _Run(
+                    rows = branch_rows([winner[i] for i in members], [loser[i] for i in members], self.dtype)
+                    run = Run(
                         rows[0],
                         rows[1],
-                        [_local(states[i][first_name]) for i in members] if stated else None,
-                        [_local(states[i][second_name]) for i in members] if stated and second_name else None,
-                        [_local(parameters[i]) for i in members] if hyper["l2"] else None,
+                        [local(states[i][first_name]) for i in members] if stated else None,
+                        [local(states[i][second_name]) for i in members] if stated and second_name else None,
+                        [local(parameters[i]) for i in members] if hyper["l2"] else None,
                         tuple(tuple(winner[i].shape) for i in members),
                         rows,
                     )
@@ -389,10 +258,10 @@ class OptimizerUpdate:
             for group in self.optimizer.param_groups if self.decoupled else ():
                 if group["weight_decay"] != 0:
                     members = [i for i, p in enumerate(parameters) if group_of.get(id(p)) is group]
-                    for run in _runs(members, sizes, chunk):  # <g_w, theta>: theta copied, times g_w, summed
+                    for run in runs(members, sizes, chunk):  # <g_w, theta>: theta copied, times g_w, summed
                         shapes = tuple(tuple(winner[i].shape) for i in run)
                         flat, views = self.workspace.flat("decay", shapes, self.dtype, device)
-                        torch._foreach_copy_(views, [_local(parameters[i]) for i in run])
+                        torch._foreach_copy_(views, [local(parameters[i]) for i in run])
                         torch._foreach_mul_(views, [winner[i] for i in run])
                         decays.append(flat.sum(dtype=self.sum_dtype) * (group["lr"] * group["weight_decay"]))
         if sums is None:
@@ -411,25 +280,17 @@ class OptimizerUpdate:
         ww, wl, ll, decay, u = torch.cat([sums.to(self.sum_dtype), torch.stack([decay, self.unscale])]).tolist()
         self._host = [ww * u * u, wl * u * u, ll * u * u, decay * u, u]
 
-    @property
-    def ww(self) -> torch.Tensor:
-        """``<g_w, g_w>`` in the optimizer's units."""
-        return torch.tensor(self._host[0], dtype=self.sum_dtype, device=self.device)
+    ww = property(lambda self: self._host_sum(0), doc="``<g_w, g_w>`` in the optimizer's units")
+    wl = property(lambda self: self._host_sum(1), doc="``<g_w, h_l>`` in the optimizer's units")
+    ll = property(lambda self: self._host_sum(2), doc="``<h_l, h_l>`` in the optimizer's units")
 
-    @property
-    def wl(self) -> torch.Tensor:
-        """``<g_w, h_l>`` in the optimizer's units."""
-        return torch.tensor(self._host[1], dtype=self.sum_dtype, device=self.device)
-
-    @property
-    def ll(self) -> torch.Tensor:
-        """``<h_l, h_l>`` in the optimizer's units."""
-        return torch.tensor(self._host[2], dtype=self.sum_dtype, device=self.device)
-
-    def _read(self, name: str, run: _Run) -> torch.Tensor:
+    def _read(self, name: str, run: Run) -> torch.Tensor:
         """``run``'s ``name`` input (``param``, ``first``, ``second``) flat in the workspace: one foreach copy, or none
         where the workspace still holds it from this step (a segment of one run: every pass reads the same)."""
         return self.workspace.read(name, run, getattr(run, name), self.dtype)
+
+    def _host_sum(self, k: int) -> torch.Tensor:
+        return torch.tensor(self._host[k], dtype=self.sum_dtype, device=self.device)
 
     def _reduce_sums(
         self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], sums: torch.Tensor, decay: torch.Tensor
@@ -450,11 +311,11 @@ class OptimizerUpdate:
     def _flat_norms(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> torch.Tensor | None:
         """``[<w, w>, <w, h>, <h, h>]`` (backward units) in two blocked reads where ``winner`` and ``loser`` (flat) are
         each one flat buffer (the one pass hands the rows of ``[2, total]``), else None (then summed per run)."""
-        flat_winner = _one_view(winner) if winner else None
-        flat_loser = _one_view(loser) if loser else None
+        flat_winner = one_view(winner) if winner else None
+        flat_loser = one_view(loser) if loser else None
         if flat_winner is None or flat_loser is None or flat_winner.dtype != flat_loser.dtype:
             return None
-        rows = _rows(flat_winner, flat_loser)
+        rows = stacked_rows(flat_winner, flat_loser)
         if rows is not None:  # <w, w> and <w, h> reading w once
             winner_sums = blocked_dot(flat_winner, rows, dtype=self.sum_dtype)
         else:
@@ -527,7 +388,7 @@ class OptimizerUpdate:
             s, t = torch.tensor(coefficients, dtype=self.sum_dtype, device=device).unbind(1)
             total = torch.stack([self._sgd(segment, s, t) for segment in self.segments]).sum(0)
             return [v + decay for v in total.tolist()]
-        st = _host_tensor(coefficients, self.dtype, device)  # [lambdas, 2]
+        st = host_tensor(coefficients, self.dtype, device)  # [lambdas, 2]
         work = self.workspace.flat("work", ((3, len(points) * self._largest),), self.dtype, device)[1][0]
         shares = [share for segment in self.segments for share in self._adam(segment, st, work)]
         if len(shares) == 1 and self.reduce_sum is None:  # one run: read as it is, scaled on the host
@@ -539,9 +400,10 @@ class OptimizerUpdate:
         return [v + decay for v in total.tolist()]
 
     def _adam(self, segment: _Segment, st: torch.Tensor, work: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-        """Adam's share of ``D``, per run ``(share, factor)`` with ``D``'s part ``factor * share``: torch's ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each
-        run costs a few operations over ``[lambdas, run]``: with ``G = s g_w + t h_l`` (+ ``wd theta``; ``[s, t]``
-        the rows of ``st``, times ``[g_w; h_l]`` in one product),
+        """Adam's share of ``D``, per run ``(share, factor)``, ``D``'s part ``factor * share``: torch's
+        ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each run costs a few operations over
+        ``[lambdas, run]``: with ``G = s g_w + t h_l`` (+ ``wd theta``; ``[s, t]`` the rows of ``st``, times
+        ``[g_w; h_l]`` in one product),
         ``m' = (1 - beta1)(G + c1 m)``, ``v' = (1 - beta2) c2 (v + G^2 / c2)`` (``c1 = beta1 / (1 - beta1)``,
         ``c2 = beta2 / (1 - beta2)``; no state: ``m = v = 0`` and ``c2 = 1``),
         ``kappa = sqrt((1 - beta2) c2 / bc2)``:
@@ -569,7 +431,7 @@ class OptimizerUpdate:
         factor = self._host[4] * hyper["lr"] * (1 - beta1) / (bc1 * kappa)
         return [(share, factor) for share in shares]
 
-    def _work_views(self, run: _Run, count: int, work: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _work_views(self, run: Run, count: int, work: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``run``'s ``[count, n]`` views of the pass's three workspace rows, made once per step."""
         key = (id(run), count)
         views = self._work.get(key)

@@ -158,7 +158,9 @@ class OnePassBranchGradients:
         ``[groups, *shape]`` view of it (``shapes``)."""
         dtype = dtype or buffer_dtype(self.parameters[0])
         self._flat = torch.empty((groups, sum(self._sizes)), dtype=dtype, device=device)
-        self._views = [chunk.view(groups, *shape) for chunk, shape in zip(self._flat.split(self._sizes, dim=1), shapes)]
+        self._views = [
+            chunk.view(groups, *shape) for chunk, shape in zip(self._flat.split(self._sizes, dim=1), shapes)
+        ]
         self._rows = {}
 
     def row_views(self, row: int) -> list[torch.Tensor]:

@@ -1,0 +1,171 @@
+"""The update space's reading of the weights: runs of consecutive weights, their gradients where they lie, and a
+workspace kept across steps into which a pass copies a run's optimizer state with one foreach call.
+
+:class:`~trl_diffusion_sdpo.safeguards.update_space.OptimizerUpdate` reads the trainable weights in runs
+(:func:`runs`) so that a step costs a fixed number of operations per run, not per weight: a run's gradients are one
+``[2, n]`` view of the one pass's buffer rows where they lie there (:func:`branch_rows`, a copy otherwise), and its
+optimizer state and weights, per-weight tensors of the optimizer, are copied into the flat buffers of an
+:class:`UpdateWorkspace` by one ``torch._foreach_copy_`` each, through per-weight views made once and kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy
+import torch
+
+__all__ = [
+    "Run",
+    "UpdateWorkspace",
+    "branch_rows",
+    "host_floats",
+    "host_tensor",
+    "local",
+    "one_view",
+    "runs",
+    "stacked_rows",
+]
+
+
+@dataclass
+class Run:
+    """Consecutive weights of one segment: the winner's and the loser's flat gradients (backward units; views where
+    they lie back to back, as in the one pass's buffer), and per weight the optimizer's first and second state
+    (``None``: the first step) and the weights (where a weight decay needs them), copied into a flat workspace by one
+    foreach call each when a pass reads them."""
+
+    winner: torch.Tensor
+    loser: torch.Tensor
+    first: list[torch.Tensor] | None
+    second: list[torch.Tensor] | None
+    param: list[torch.Tensor] | None
+    shapes: tuple[tuple[int, ...], ...]
+    rows: torch.Tensor  # [g_w; h_l] as [2, n] (winner and loser are its rows)
+
+    @property
+    def numel(self) -> int:
+        return self.winner.numel()
+
+
+class UpdateWorkspace:
+    """Flat buffers a pass copies a run's optimizer state (and weights) into, with each run's per-weight views of
+    them made once and kept: hold one across steps (the update space's stage does) and the per-weight work of a step
+    is one foreach copy per run and input."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, list[torch.Tensor]] = {}
+        self._holds: dict[str, tuple[int, int]] = {}  # buffer -> (generation, id of the run) it holds
+        self.generation = 0
+
+    def flat(self, name: str, shapes: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, list]:
+        """``(flat, views)``: buffer ``name``'s first ``sum(shapes)`` elements and their per-weight views."""
+        n = sum(math.prod(s) for s in shapes)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(max(n, 1), dtype=dtype, device=device)
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}
+            self._holds.pop(name, None)
+        key = (name, shapes)
+        views = self._views.get(key)
+        if views is None:
+            self._views[(name, n)] = buffer[:n]
+            starts = [0]
+            for shape in shapes:
+                starts.append(starts[-1] + math.prod(shape))
+            views = self._views[key] = [buffer[a:b].view(s) for a, b, s in zip(starts, starts[1:], shapes)]
+        return self._views[(name, n)], views
+
+    def read(self, name: str, run: Run, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """``tensors`` (one per weight of ``run``) copied into buffer ``name`` by one foreach call, unless it holds
+        them already in this generation: its flat view."""
+        flat, views = self.flat(name, run.shapes, dtype, run.winner.device)
+        if self._holds.get(name) != (self.generation, id(run)):
+            torch._foreach_copy_(views, tensors)
+            self._holds[name] = (self.generation, id(run))
+        return flat
+
+
+def host_floats(values: Sequence) -> list[float]:
+    """Python floats of numbers and 0-dim tensors (Adam's step counts): the tensors stacked and read in one call."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    if not tensors:
+        return [float(v) for v in values]
+    try:
+        read = iter(torch.stack(tensors).tolist())
+    except (RuntimeError, TypeError):  # mixed dtypes or devices: one by one
+        read = iter([float(t) for t in tensors])
+    return [next(read) if torch.is_tensor(v) else float(v) for v in values]
+
+
+def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of host numbers on ``device``: built in numpy and wrapped, one conversion (no tensor of Python
+    objects)."""
+    array = torch.from_numpy(numpy.asarray(values, dtype=numpy.float64))
+    return array.to(device=device, dtype=dtype)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2's weights, gradients and state), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def one_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One flat view of ``parts`` (contiguous tensors) where they lie back to back in one storage, else None; the
+    check reads addresses only (no tensor operation per part)."""
+    first = parts[0]
+    size = first.element_size()
+    if not all(p.is_contiguous() and p.dtype == first.dtype for p in parts):
+        return None
+    storage = first.untyped_storage().data_ptr()
+    for q, p in zip(parts, parts[1:]):
+        if p.untyped_storage().data_ptr() != storage or p.data_ptr() != q.data_ptr() + q.numel() * size:
+            return None
+    return first.as_strided((sum(p.numel() for p in parts),), (1,), first.storage_offset())
+
+
+def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One flat tensor of ``parts``: a view where they lie back to back in one storage, else a copy."""
+    view = one_view(parts)
+    return view if view is not None else torch.cat([p.reshape(-1) for p in parts])
+
+
+def branch_rows(winner: Sequence[torch.Tensor], loser: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``[g_w; h_l]`` of a run as ``[2, n]`` in ``dtype``: a view of the one pass's buffer rows where they are, else
+    a copy."""
+    w, h = _joined(winner), _joined(loser)
+    rows = stacked_rows(w, h)
+    rows = rows if rows is not None else torch.stack([w, h])
+    return rows if rows.dtype == dtype else rows.to(dtype)
+
+
+def stacked_rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
+    """``[first; second]`` as one ``[2, n]`` view where ``second`` lies a fixed stride after ``first`` in the same
+    storage (the one pass's buffer ``[2, total]``), else None."""
+    size = first.element_size()
+    offset, rest = divmod(second.data_ptr() - first.data_ptr(), size)
+    if (
+        first.dtype != second.dtype
+        or first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+        or rest
+        or offset < first.numel()
+    ):
+        return None
+    return first.as_strided((2, first.numel()), (offset, 1), first.storage_offset())
+
+
+def runs(indices: list[int], sizes: list[int], chunk: int) -> list[list[int]]:
+    """``indices`` cut into runs of consecutive weights of at most ``chunk`` elements (a larger one alone)."""
+    runs: list[list[int]] = []
+    total = 0
+    for i in indices:
+        if runs and total + sizes[i] <= chunk:
+            runs[-1].append(i)
+            total += sizes[i]
+        else:
+            runs.append([i])
+            total = sizes[i]
+    return runs
