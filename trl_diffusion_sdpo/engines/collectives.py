@@ -131,15 +131,40 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduce(tensor, reduction="sum")
 
 
+def _back_to_back(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One flat view of ``tensors`` where they are contiguous and lie back to back in one storage, else None; read
+    from their addresses (no operation per tensor)."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    size, storage = first.element_size(), first.untyped_storage().data_ptr()
+    for a, b in zip(tensors, tensors[1:]):
+        if not b.is_contiguous() or b.dtype != first.dtype or b.untyped_storage().data_ptr() != storage:
+            return None
+        if b.data_ptr() != a.data_ptr() + a.numel() * size:
+            return None
+    if not first.is_contiguous():
+        return None
+    return first.as_strided((sum(t.numel() for t in tensors),), (1,), first.storage_offset())
+
+
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
-    """Average ``tensors`` over all processes, in place (accelerate's ``reduce(tensor, reduction="mean")``, one
-    tensor at a time, so that no more than one tensor's copy is alive at once); a no-op on one process.
+    """Average ``tensors`` over all processes, in place; a no-op on one process. Views of one buffer lying back to
+    back (the one pass's rows, its weights' ``.grad``) are reduced where they lie, in one collective and no copy;
+    other tensors one at a time through accelerate's ``reduce(tensor, reduction="mean")``, so that no more than one
+    tensor's copy is alive at once.
 
     Every process must pass tensors of the same shapes in the same order.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    if torch.distributed.get_world_size() == 1:
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    flat = _back_to_back(tensors)
+    if flat is not None:
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat.div_(world)
         return
     for tensor in tensors:
         tensor.copy_(reduce(tensor, reduction="mean"))
