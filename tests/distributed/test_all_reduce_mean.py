@@ -32,8 +32,12 @@ def _tensors(back_to_back: bool) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, port: int, back_to_back: bool, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
+    from accelerate import PartialState
+
+    PartialState(cpu=True, backend="gloo")  # accelerate's reduce (the one-by-one path) reads its state
     try:
         sizes = [torch.Size(s).numel() for s in SHAPES]
         values = torch.arange(sum(sizes), dtype=torch.float64) * (rank + 1)
