@@ -151,8 +151,7 @@ def _back_to_back(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
     """Average ``tensors`` over all processes, in place; a no-op on one process. Views of one buffer lying back to
     back (the one pass's rows, its weights' ``.grad``) are reduced where they lie, in one collective and no copy;
-    other tensors one at a time through accelerate's ``reduce(tensor, reduction="mean")``, so that no more than one
-    tensor's copy is alive at once.
+    other tensors one at a time, each in place (no copy is made).
 
     Every process must pass tensors of the same shapes in the same order.
     """
@@ -166,5 +165,6 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
         flat.div_(world)
         return
-    for tensor in tensors:
-        tensor.copy_(reduce(tensor, reduction="mean"))
+    for tensor in tensors:  # torch's own collective, in place: it needs the process group only, not accelerate's state
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        tensor.div_(world)
