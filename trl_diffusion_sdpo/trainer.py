@@ -36,6 +36,7 @@ from .config import DiffusionSDPOConfig, check_config
 from .data.scoring import RewardFn
 from .data.training_data import prepare_training_data
 from .engines import Engine, engine_for
+from .engines.base import clip_gradients, gradient_norm, optimizer_parameters, trainable_parameters
 from .engines.collectives import check_not_partitioned, check_one_device_per_process, load_pipeline
 from .families import ModelFamily, Noiser, family_for_pipeline
 from .families.preparation import (
@@ -62,7 +63,6 @@ from .step.metrics import (
     record_metrics,
     reduce_metrics,
 )
-from .step.optimizer import clip_gradients, gradient_norm, optimizer_parameters, trainable_parameters
 from .step.predictions import evaluate_objective, reference_for
 from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches
 

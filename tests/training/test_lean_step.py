@@ -9,13 +9,13 @@ import torch
 from conftest import first_batch_gradients
 from transformers import TrainerCallback
 
-from trl_diffusion_sdpo.objectives import ObjectiveOutput
-from trl_diffusion_sdpo.step.optimizer import (
+from trl_diffusion_sdpo.engines.base import (
     clip_gradients,
     fused_scaling_optimizer,
     gradient_norm,
     optimizer_parameters,
 )
+from trl_diffusion_sdpo.objectives import ObjectiveOutput
 
 # Tensor methods that copy a value to the host, which on an accelerator makes the host wait for the device.
 _HOST_READS = ["item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"]

@@ -126,7 +126,7 @@ def test_the_window_is_a_whole_optimizer_step(make_trainer):
     """The trace covers the collation, the step, clipping and the callbacks: a window that only saw training_step
     would miss the collator and the optimizer's wrapper."""
     trace = trace_step(make_trainer, **STEPS["Diffusion-DPO"])
-    assert {"trainer.py", "step/stages.py", "families/base.py", "data/collators.py", "step/optimizer.py"} <= set(
+    assert {"trainer.py", "step/stages.py", "families/base.py", "data/collators.py", "engines/base.py"} <= set(
         trace.files
     ), trace.files
 

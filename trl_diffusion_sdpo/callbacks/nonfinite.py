@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..step.optimizer import fused_scaling_optimizer
+from ..engines.base import fused_scaling_optimizer
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -77,7 +77,7 @@ class NonFiniteTracker:
         self.pending: torch.Tensor | None = None  # skips counted on the device, read when logging
 
     def fused_optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer whose fused step takes ``found_inf`` (:mod:`~trl_diffusion_sdpo.step.optimizer`), or None."""
+        """The optimizer whose fused step takes ``found_inf`` (:mod:`~trl_diffusion_sdpo.engines.base`), or None."""
         return fused_scaling_optimizer(self.optimizer, self.accelerator.scaler, self.engine.manages_gradients)
 
     def flag(self, value: torch.Tensor) -> None:

@@ -12,6 +12,15 @@ The trainer picks an engine once (:func:`~trl_diffusion_sdpo.engines.engine_for`
   :attr:`Engine.skips_nonfinite_steps`), and whether the main process can sample alone
   (:meth:`Engine.check_validation_sampling`).
 
+Where the engine leaves clipping to the trainer (one process or DDP), the norm and the clipping run over the
+optimizer's own parameters, every group of it, with torch's ``get_total_norm`` and ``clip_grads_with_norm_``
+(:func:`gradient_norm`, :func:`clip_gradients`): ``transformers.Trainer`` (through accelerate) clips over
+``model.parameters()``, which on a UNet carrying LoRA adapters walks thousands of frozen weights to reach a few hundred
+small gradients. A fused optimizer step (torch's fused Adam, AdamW and SGD) also takes a device-side ``found_inf``
+flag, as ``torch.amp.GradScaler`` hands it, and skips the whole update in its kernel when it is set: the non-finite
+guard (:mod:`~trl_diffusion_sdpo.callbacks.nonfinite`) skips a step that way without the host waiting for the device
+(:func:`fused_scaling_optimizer`).
+
 What the exact safeguard needs of an engine (its per-branch gradient store and reductions) is that engine's
 :class:`~trl_diffusion_sdpo.safeguards.gradients.collectives.BranchCollectives`.
 """
@@ -22,11 +31,19 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
 from ..families.preparation import reference_like_policy
 
-__all__ = ["Engine"]
+__all__ = [
+    "clip_gradients",
+    "Engine",
+    "fused_scaling_optimizer",
+    "gradient_norm",
+    "optimizer_parameters",
+    "trainable_parameters",
+]
 
 # Where gradients are sharded or clipped by the engine itself, accelerate's own clipping must be used.
 _ENGINE_MANAGED = {DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM}
@@ -142,3 +159,44 @@ class Engine:
             f"Resume on {saved_processes} process(es); another count works under DDP (multi_gpu.yaml) and DeepSpeed "
             "ZeRO-1/2 (docs/reliability.md)."
         )
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that can hold gradients (``requires_grad``), in ``module.parameters()`` order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter the optimizer updates, over all its parameter groups."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def gradient_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    """``||g||_2`` over the gradients of ``parameters`` taken as one vector (``torch.nn.utils.get_total_norm``):
+    a device tensor, the host does not wait for it; 0 when none has a gradient."""
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients by ``min(1, max_norm / (||g||_2 + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_`` does
+    (``clip_grads_with_norm_``); returns the pre-clip norm ``||g||_2``."""
+    norm = gradient_norm(parameters)
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
+
+
+def fused_scaling_optimizer(
+    optimizer, scaler: object | None = None, manages_gradients: bool = False
+) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside ``optimizer`` if its fused step applies ``found_inf``, and nothing else already
+    uses it (a gradient ``scaler``, an engine that ``manages_gradients``); else ``None``.
+
+    ``_step_supports_amp_scaling`` is read, never written: it is what ``torch.amp.GradScaler`` itself checks before
+    handing an optimizer ``grad_scale`` and ``found_inf``."""
+    if optimizer is None or scaler is not None or manages_gradients:
+        return None
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    if isinstance(optimizer, torch.optim.Optimizer) and getattr(optimizer, "_step_supports_amp_scaling", False):
+        return optimizer
+    return None

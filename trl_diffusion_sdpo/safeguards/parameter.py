@@ -38,9 +38,9 @@ from typing import Any
 import torch
 
 from ..engines import Engine
+from ..engines.base import trainable_parameters
 from ..engines.collectives import all_reduce_sum
 from ..objectives import PreferencePredictions
-from ..step.optimizer import trainable_parameters
 from ..step.predictions import Evaluation
 from .base import MicroBatch, Safeguard, StepResult
 from .gradients import OnePassBranchGradients, PerBranchStore, collectives_for
