@@ -4,9 +4,9 @@ The check itself, its tolerance and its models: ``tests/winner_term_check.py`` (
 This writes its reports and the lambda histograms:
 
     python benchmarks/studies/safeguard_exactness.py --batches 100 --mu 0.5 \\
-        --json benchmarks/results/cpu-safeguard-exactness-tiny-unet-mu0.5.json
+        --json benchmarks/results/safeguard-exactness/cpu-safeguard-exactness-tiny-unet-mu0.5.json
     python benchmarks/studies/safeguard_exactness.py --model flux --mu 0.5 \\
-        --json benchmarks/results/cpu-safeguard-exactness-tiny-flux-mu0.5.json
+        --json benchmarks/results/safeguard-exactness/cpu-safeguard-exactness-tiny-flux-mu0.5.json
 """
 
 from __future__ import annotations

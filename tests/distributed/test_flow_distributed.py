@@ -7,9 +7,9 @@ transformers are widened (head dim 96; Z-Image's width 224) so that their feed-f
 persistence threshold (1e5 elements) and really are partitioned. A family's trainings share processes (the worker's
 ``--jobs``): one plain process trains its one-process references, one two-process launch its engines in turn
 (ZeRO-3 last). A family's two launches still take 35 to 60 s on two shared cores, so every case here is a slow test
-(``-m slow``; benchmarks/results/cpu-flow-distributed-tiny.json). Beyond the engines: the parameter-space safeguard on
+(``-m slow``; benchmarks/results/flow-families/cpu-flow-distributed-tiny.json). Beyond the engines: the parameter-space safeguard on
 Qwen-Image, Wan and FLUX.2 [klein] (and FLUX.1) and resume under ZeRO-2 and FSDP2 (:data:`EXTRA_RUNS`;
-benchmarks/results/cpu-flow-distributed-tiny-safeguard-resume.json). FLUX.2 with reference images trains on editing
+benchmarks/results/flow-families/cpu-flow-distributed-tiny-safeguard-resume.json). FLUX.2 with reference images trains on editing
 rows with two references each (``*-references``: the same tiny pipelines, the data switching editing on) under DDP and
 FSDP2.
 """

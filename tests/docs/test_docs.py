@@ -89,13 +89,18 @@ def _expand(name: str) -> list[str]:
 
 
 def _result_file_exists(name: str) -> bool:
-    """A path from the repository root or the docs folder, or a bare name of a file in ``benchmarks/results/`` or its
-    ``history/`` (superseded runs the docs still quote)."""
+    """A path from the repository root or the docs folder, or a bare name of a file in ``benchmarks/results/`` or one
+    of its folders (a study's, or ``history/``: superseded runs the docs still quote)."""
     name = name.lstrip("./")
     results = ROOT / "benchmarks" / "results"
     base = os.path.basename(name)
-    candidates = [ROOT / name, ROOT / "docs" / name, results / base, results / "history" / base]
+    candidates = [ROOT / name, ROOT / "docs" / name, results / base, *(folder / base for folder in result_folders())]
     return any(path.is_file() for candidate in candidates for path in candidate.parent.glob(candidate.name))
+
+
+def result_folders() -> list[Path]:
+    """The folders of ``benchmarks/results/``: one per study, and ``history/``."""
+    return sorted(p for p in (ROOT / "benchmarks" / "results").iterdir() if p.is_dir())
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
