@@ -439,7 +439,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="time metric the targets are checked on: wall clock, or process CPU time (for a loaded CPU)",
     )
     parser.add_argument(
-        "--output", default=None, help="JSON path (default benchmarks/results/step-time/<device>-step-time-<unet>.json)"
+        "--output",
+        default=None,
+        help="JSON path (default benchmarks/results/step-time/<device>-step-time-<unet>.json)",
     )
     parser.add_argument("--render", default=None, help="print the table of a results JSON instead of measuring")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

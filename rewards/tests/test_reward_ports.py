@@ -9,9 +9,10 @@ import re
 
 import pytest
 import torch
-from evaluation_helpers import ImageProcessor, clip_config, coloured_images, save_tiny_clip
 from safetensors.torch import load_file, save_file
 from transformers import BertTokenizer, BlipTextModel, BlipVisionModel, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+from tests.helpers.evaluation import ImageProcessor, clip_config, coloured_images, save_tiny_clip
 
 pytest.importorskip("trl_diffusion_sdpo_rewards")  # the reward-model ports ship apart (rewards/)
 

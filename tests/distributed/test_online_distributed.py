@@ -37,8 +37,8 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from test_distributed import Run, _launch_environment
 
+from tests.helpers.distributed import Run, _launch_environment
 from trl_diffusion_sdpo.demo.shapes import all_captions
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.docs_pages import RESULT_FILE, ROOT, _expand, result_folders
 
 
 def test_docs_site_builds_strictly(tmp_path):
@@ -58,9 +58,6 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FIGURE = re.compile(
     r"(?<![\w.-])(?:\$\d[\d,.]*|\d+\.\d+x|\d[\d,]*(?:\.\d+)? ?(?:ms|s|min|minutes|h|hours|MB|GB|TB|MiB|GiB)(?!\w))"
 )
-# Where a figure comes from: a result file (benchmarks/results/ or the demo's docs/images/, named in full or by its
-# file name), a test, or a statement that it was computed (arithmetic) or observed without a file (not recorded).
-RESULT_FILE = re.compile(r"[\w{},*./-]*[\w}*]\.json")
 TEST_FILE = re.compile(r"(?:(?:benchmarks|rewards)/)?tests/(?:\w+/)?test_\w+\.py")
 NO_FILE = re.compile(r"\b(?:not recorded|arithmetic|computed)\b", re.IGNORECASE)
 
@@ -79,14 +76,6 @@ def _sections(text: str) -> list[tuple[str, str]]:
     return [("(top)", parts[0])] + list(zip(parts[1::2], parts[2::2]))
 
 
-def _expand(name: str) -> list[str]:
-    """``cpu-small-{8,2}pairs.json`` -> both names."""
-    match = re.search(r"\{([^}]*)\}", name)
-    if not match:
-        return [name]
-    return [n for option in match.group(1).split(",") for n in _expand(name.replace(match.group(0), option, 1))]
-
-
 def _result_file_exists(name: str) -> bool:
     """A path from the repository root or the docs folder, or a bare name of a file in ``benchmarks/results/`` or one
     of its folders (a study's, or ``history/``: superseded runs the docs still quote)."""
@@ -95,11 +84,6 @@ def _result_file_exists(name: str) -> bool:
     base = os.path.basename(name)
     candidates = [ROOT / name, ROOT / "docs" / name, results / base, *(folder / base for folder in result_folders())]
     return any(path.is_file() for candidate in candidates for path in candidate.parent.glob(candidate.name))
-
-
-def result_folders() -> list[Path]:
-    """The folders of ``benchmarks/results/``: one per study, and ``history/``."""
-    return sorted(p for p in (ROOT / "benchmarks" / "results").iterdir() if p.is_dir())
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])

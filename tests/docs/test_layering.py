@@ -10,8 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = "trl_diffusion_sdpo"
-ROOT = Path(__file__).resolve().parents[2] / PACKAGE
+from tests.helpers.layering import PACKAGE, ROOT, module_name
 
 # Bottom to top: a layer may import the layers before it in this tuple, never one after it.
 ORDER: tuple[str, ...] = (
@@ -39,11 +38,6 @@ ENTRY_POINTS = {"__main__"}
 ALLOWED: set[tuple[str, str]] = {
     ("trl_diffusion_sdpo.families.preparation", "trl_diffusion_sdpo.safeguards"),  # mu resolved while preparing
 }
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _absolute(module: str, level: int, package: str) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from log_checks import assert_plain
+
+from tests.helpers.log_checks import assert_plain
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 import pytest
-from test_docs import RESULT_FILE, _expand, result_folders
+
+from tests.helpers.docs_pages import RESULT_FILE, _expand, result_folders
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from served_rewards import free_port, serve_in_thread
 
+from tests.helpers.served_rewards import free_port, serve_in_thread
 from trl_diffusion_sdpo.rewards.functions import (
     PROTOCOL_VERSION,
     RemoteReward,

@@ -6,9 +6,9 @@ import traceback
 
 import pytest
 import torch
-from conftest import first_batch_gradients
 from transformers import TrainerCallback
 
+from tests.helpers.common import first_batch_gradients
 from trl_diffusion_sdpo.objectives import ObjectiveOutput
 from trl_diffusion_sdpo.step.optimizer import (
     clip_gradients,

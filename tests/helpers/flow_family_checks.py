@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import StopAt
 from peft import LoraConfig
 from PIL import Image
 
+from tests.helpers.common import StopAt
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import family_for_pipeline
 
@@ -277,11 +277,11 @@ def check_resuming_gives_the_weights_of_an_uninterrupted_run(case: FlowCase, mak
 
 
 def check_exact_safeguard_keeps_the_winner_term_from_rising(model: str, dpo_rises: bool = True) -> None:
-    """The first-order check of ``tests/winner_term_check.py`` on the family's tiny transformer: after a small
+    """The first-order check of ``tests/helpers/winner_term_check.py`` on the family's tiny transformer: after a small
     SGD step along the parameter-space rule's gradient the winner term never rises beyond the second-order tolerance,
     while plain Diffusion-DPO's step does on some of the same batches (``dpo_rises``; on tiny Z-Image it does on about
     a third of 100 batches from the reference, but on none of these 20 from the drifted start)."""
-    from winner_term_check import Setting, run
+    from tests.helpers.winner_term_check import Setting, run
 
     report = run(
         Setting(batches=20, pairs=2, beta=100.0, drift_steps=5), progress=False, starts=("drifted",), model=model
