@@ -51,7 +51,7 @@ def _absolute(module: str, level: int, package: str) -> str:
 def imported_modules(path: Path) -> set[str]:
     """Absolute names of every module ``path`` imports (``from . import x`` counts as ``package.x``), names a string
     for ``importlib.import_module`` (relative with a package argument too), or lists in a lazy-attribute table."""
-    name = module_name(path)
+    name = module_name(path, ROOT)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -88,7 +88,7 @@ def violations() -> set[tuple[str, str]]:
     for path in sorted(ROOT.rglob("*.py")):
         if path.stem in ENTRY_POINTS:
             continue
-        importer = module_name(path)
+        importer = module_name(path, ROOT)
         layer = layer_of(importer)
         if layer not in ORDER:
             continue

@@ -332,9 +332,12 @@ def weight_deviation(trained: torch.nn.Module, initial: torch.nn.Module, loop: L
 
 @pytest.fixture
 def run(tmp_path, pickapic_dataset):
+    runs = iter(range(100))
+
     def make(kind: str, space: str, lora: bool = False):
         k = KINDS[kind]
-        pipe, initial, draws, trainer = recorded_run(k, space, tmp_path, pickapic_dataset, lora)
+        folder = tmp_path / f"run-{next(runs)}"
+        pipe, initial, draws, trainer = recorded_run(k, space, folder, pickapic_dataset, lora)
         assert len(draws) == STEPS
         return k, pipe, initial, draws, trainer
 
@@ -396,3 +399,44 @@ def test_the_loops_alphas_match_the_schedule_formula():
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     assert torch.allclose(alphas_cumprod(scheduler.config).float(), scheduler.alphas_cumprod, rtol=1e-5)
     assert math.isclose(float(alphas_cumprod(scheduler.config)[0]), 1 - 0.00085, rel_tol=1e-9)
+
+
+def test_a_safeguard_that_never_scales_the_loser_is_caught(run, monkeypatch):
+    """A bug planted in the package: the output space computes and logs ``lambda`` but never applies it."""
+    from trl_diffusion_sdpo.safeguards import OutputSpace
+    from trl_diffusion_sdpo.safeguards.base import StepResult
+
+    k, pipe, initial, draws, trainer = run("unet-epsilon", "output")
+    clean = reference_loop(k, "output", pipe, initial, draws, [])
+    assert weight_deviation(trainer.family.denoiser, initial, clean) < WEIGHT_RTOL  # the clean step passes
+
+    def unscaled(self, batch):
+        predictions = batch.predict(False)
+        lam = self.rule(predictions, batch.contributes)
+        evaluation = batch.evaluate(predictions)  # planted: lambda computed and logged, never applied
+        self.backward(evaluation.loss, batch)
+        return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output, {"safeguard/lambda": lam})
+
+    monkeypatch.setattr(OutputSpace, "step", unscaled)
+    k, pipe, initial, draws, trainer = run("unet-epsilon", "output")
+    planted = reference_loop(k, "output", pipe, initial, draws, [])
+    assert weight_deviation(trainer.family.denoiser, initial, planted) > 10 * WEIGHT_RTOL
+
+
+def test_a_store_that_swaps_the_branches_is_caught(run, monkeypatch):
+    """A bug planted in the package: the exact rule's one-pass store takes the loser's gradient for the winner's."""
+    from trl_diffusion_sdpo.safeguards.gradients import OnePassBranchGradients
+
+    k, pipe, initial, draws, trainer = run("unet-epsilon", "parameter")
+    clean = reference_loop(k, "parameter", pipe, initial, draws, [])
+    assert weight_deviation(trainer.family.denoiser, initial, clean) < WEIGHT_RTOL  # the clean step passes
+    combination = OnePassBranchGradients.combination
+
+    def swapped(self, lam):
+        self._flat[[0, 1]] = self._flat[[1, 0]]  # planted: the loser's rows taken for the winner's
+        return combination(self, lam)
+
+    monkeypatch.setattr(OnePassBranchGradients, "combination", swapped)
+    k, pipe, initial, draws, trainer = run("unet-epsilon", "parameter")
+    planted = reference_loop(k, "parameter", pipe, initial, draws, [])
+    assert weight_deviation(trainer.family.denoiser, initial, planted) > 10 * WEIGHT_RTOL
