@@ -218,7 +218,7 @@ def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_na
 
     from trl_diffusion_sdpo.cli.train import main, parse_args
 
-    config_path = Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{config_name}.yaml"
+    config_path = Path(__file__).resolve().parents[2] / "examples" / "configs" / f"{config_name}.yaml"
     _, config, model_args, data_args = parse_args(
         ["--config", str(config_path), "--output_dir", "/tmp/unused", "--use_cpu"]
     )
