@@ -152,11 +152,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def result_path(device: str, what: str, size: str) -> str:
-    """``benchmarks/results/<device>-<what>-<size>.json``, the results' naming scheme (``device``: ``cpu`` or
-    ``cuda``; ``what``: the question, as the script's name; ``size``: the model preset, with ``<N>pairs`` where the
-    batch is not the default)."""
-    return str(RESULTS / f"{device}-{what}-{size}.json")
+def result_path(device: str, what: str, size: str, study: str | None = None) -> str:
+    """``benchmarks/results/[<study>/]<device>-<what>-<size>.json``, the results' naming scheme (``device``: ``cpu``
+    or ``cuda``; ``what``: the question, as the script's name; ``size``: the model preset, with ``<N>pairs`` where the
+    batch is not the default; ``study``: the folder of a study with several result files)."""
+    return str((RESULTS / study if study else RESULTS) / f"{device}-{what}-{size}.json")
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

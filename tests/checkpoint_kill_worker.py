@@ -17,12 +17,12 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: tests.helpers
 
-from conftest import lora_config, pickapic_rows  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers.trainer_callback import TrainerState  # noqa: E402
 
+from tests.helpers.common import lora_config, pickapic_rows  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.io import checkpoints  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402

@@ -39,10 +39,10 @@ from torch.distributed.tensor import DTensor
 from trl_diffusion_sdpo.engines.collectives import is_partitioned, load_pipeline, zero_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # conftest's RecordingDataset, FSDP on CPU processes
+sys.path.insert(0, ROOT)  # tests.helpers: the RecordingDataset, FSDP on CPU processes
 torch.set_num_threads(1)
 
-from fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402
+from tests.helpers.fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402
 
 
 def _example(name: str):
@@ -155,8 +155,7 @@ def _poisoned(step: int, rank: int):
 @contextlib.contextmanager
 def _recording_samples(batches: list[list[int]]):
     """Inside the block, the trainer's training dataloader reads its dataset through :class:`RecordingDataset`."""
-    from conftest import RecordingDataset
-
+    from tests.helpers.common import RecordingDataset
     from trl_diffusion_sdpo.trainer import DiffusionSDPOTrainer
 
     get_train_dataloader = DiffusionSDPOTrainer.get_train_dataloader

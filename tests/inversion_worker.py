@@ -12,11 +12,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
 
-from conftest import pickapic_rows  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
+from tests.helpers.common import pickapic_rows  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.families.inversion import DDIMInversionNoiser  # noqa: E402
 from trl_diffusion_sdpo.testing.unet import build_tiny_sd_pipeline  # noqa: E402

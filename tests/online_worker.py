@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distributed_worker import (  # noqa: E402  (the shared engine machinery; sets one thread per process)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: tests.helpers
+from tests.distributed_worker import (  # noqa: E402  (the shared engine machinery; sets one thread per process)
     _counting_collectives,
     _first_mismatch,
     _skip_deepspeed_shm_op,

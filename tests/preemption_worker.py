@@ -16,10 +16,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: tests.helpers
 
-from checkpoint_kill_worker import build_trainer  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+
+from tests.checkpoint_kill_worker import build_trainer  # noqa: E402
 
 
 class PauseAtStep(TrainerCallback):

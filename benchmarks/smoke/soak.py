@@ -31,11 +31,9 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)  # the repository root: the package and tests.helpers
 
-from conftest import lora_config, pickapic_rows  # noqa: E402
-
+from tests.helpers.common import lora_config, pickapic_rows  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
 

@@ -9,7 +9,7 @@ median over its steps of the peak resident memory during the step, sampled on ev
 figure is kept). ``MALLOC_MMAP_THRESHOLD_`` is fixed at 128 KiB in the workers so that freed tensors leave the
 resident set at once and a step's peak is its own, not an earlier step's high-water mark. A safeguard the engine
 refuses is recorded with the trainer's error. accelerate engages FSDP on accelerators only: on CPU processes the
-FSDP2 worker lifts that gate (``tests/fsdp_on_cpu.py``, as the tests' worker does), so
+FSDP2 worker lifts that gate (``tests/helpers/fsdp_on_cpu.py``, as the tests' worker does), so
 ``fully_shard`` really shards the model over gloo.
 
     python benchmarks/speed/engine_matrix.py                        # SD1.5 at 256 px, 2 pairs, LoRA, all engines
@@ -32,9 +32,6 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the package, benchmarks.harness
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # FSDP on CPU processes, as the tests run it
-
-from fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402
 
 from benchmarks.harness import (  # noqa: E402
     SAFEGUARDS,
@@ -44,6 +41,7 @@ from benchmarks.harness import (  # noqa: E402
     make_trainer,
     resolve_setup,
 )
+from tests.helpers.fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402  # FSDP on CPU processes, as the tests run it
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "examples" / "accelerate_configs"

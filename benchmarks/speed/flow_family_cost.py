@@ -6,11 +6,12 @@ The tiny models say how the three methods compare on one machine, not what a rea
 transformers have a few thousand parameters and the step is dominated by fixed overheads (the VAE, the text
 encoder, Python). Run alone on a quiet machine; the shared CPUs this was measured on move numbers by tens of percent.
 
-    python benchmarks/speed/flow_family_cost.py --steps 8 --json benchmarks/results/cpu-flow-family-cost-tiny.json
+    python benchmarks/speed/flow_family_cost.py --steps 8 \
+        --json benchmarks/results/flow-families/cpu-flow-family-cost-tiny.json
     python benchmarks/speed/flow_family_cost.py --families flux2 flux2-klein flux \
-        --json benchmarks/results/cpu-flow-family-cost-tiny-flux2.json
+        --json benchmarks/results/flow-families/cpu-flow-family-cost-tiny-flux2.json
     python benchmarks/speed/flow_family_cost.py --families flux-kontext flux \
-        --json benchmarks/results/cpu-flow-family-cost-tiny-kontext.json
+        --json benchmarks/results/flow-families/cpu-flow-family-cost-tiny-kontext.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Three measurements, side by side in one run:
    downloaded), each encoder's parameter count and its forward cost per prompt, ``2 * parameters * tokens``
    multiply-adds counted as FLOPs (the embedding tables excluded: a lookup costs no multiply-adds).
 
-    python benchmarks/speed/flow_text_cache.py --output benchmarks/results/cpu-flow-text-cache-tiny.json
+    python benchmarks/speed/flow_text_cache.py --output benchmarks/results/flow-families/cpu-flow-text-cache-tiny.json
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ natively and under its tap, totalled per kind of layer and convolution shape. Ru
 time splits into a part fixed per layer and one growing with the rows. Run through ``one_pass_routes.py``:
 
     python benchmarks/speed/one_pass_routes.py --layers --pairs 2 --steps 30 --threads 1 \\
-        --json benchmarks/results/cpu-one-pass-layers-small-2pairs.json
+        --json benchmarks/results/one-pass/cpu-one-pass-layers-small-2pairs.json
 """
 
 from __future__ import annotations

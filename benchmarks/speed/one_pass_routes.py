@@ -15,32 +15,32 @@ times, side by side in one process, interleaved step by step (median over ``--st
 Full tuning and LoRA (rank 8 on the attention projections). Process CPU time per step is what is compared (on a
 shared CPU it counts our work, not our waiting), as medians and, step by step, as paired ratios.
 
-    python benchmarks/speed/one_pass_routes.py --json benchmarks/results/cpu-one-pass-routes-small-2pairs.json
+    python benchmarks/speed/one_pass_routes.py --json benchmarks/results/one-pass/cpu-one-pass-routes-small-2pairs.json
 
 ``--unet sd15`` builds Stable Diffusion 1.5's UNet from its real config (860M weights, random) with 77 prompt
 tokens; ``--sample-size`` sets the latent side (32: 256 px), ``--routes`` and ``--tuning`` pick rows:
 
     python benchmarks/speed/one_pass_routes.py --unet sd15 --sample-size 32 --pairs 2 --steps 5 --threads 2 \
-        --routes dpo,taps,two_pass --json benchmarks/results/cpu-one-pass-routes-sd15-2pairs.json
+        --routes dpo,taps,two_pass --json benchmarks/results/one-pass/cpu-one-pass-routes-sd15-2pairs.json
 
 ``--ablate`` adds ``pass[kinds]`` rows: the tapped forward and backward alone, with only the layers of those kinds
 tapped (``pass[none]``: none, ``pass[conv+linear+norm]``: all), each paired step by step with ``dpo``; the
 difference between ``pass[...]`` of all kinds and ``taps`` is the inner products and the combination:
 
     python benchmarks/speed/one_pass_routes.py --ablate --routes dpo,taps --tuning full --steps 30 --threads 1 \
-        --json benchmarks/results/cpu-one-pass-ablation-small-2pairs.json
+        --json benchmarks/results/one-pass/cpu-one-pass-ablation-small-2pairs.json
 
 ``--layers`` instead times each tapped layer alone (:mod:`one_pass_layers`):
 
     python benchmarks/speed/one_pass_routes.py --layers --pairs 2 --steps 30 --threads 1 \\
-        --json benchmarks/results/cpu-one-pass-layers-small-2pairs.json
+        --json benchmarks/results/one-pass/cpu-one-pass-layers-small-2pairs.json
 
 ``--profile`` instead profiles ``dpo`` and ``taps`` with full tuning (``torch.profiler``, ``--steps`` steps each after
 warm-up) and writes each operator's and each tap function's self CPU time per step, to find where the taps' extra
 time goes:
 
     python benchmarks/speed/one_pass_routes.py --profile --threads 1 \\
-        --json benchmarks/results/cpu-one-pass-profile-small-2pairs.json
+        --json benchmarks/results/one-pass/cpu-one-pass-profile-small-2pairs.json
 """
 
 from __future__ import annotations

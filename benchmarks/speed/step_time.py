@@ -400,7 +400,7 @@ def driver(opts: argparse.Namespace, argv: list[str]) -> None:
         "targets": check_targets(rows, derived, opts.metric),
     }
     print_table(rows, report, opts)
-    output = opts.output or result_path(opts.device, "step-time", opts.unet)
+    output = opts.output or result_path(opts.device, "step-time", opts.unet, study="step-time")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(report, f, indent=2)
@@ -439,7 +439,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="time metric the targets are checked on: wall clock, or process CPU time (for a loaded CPU)",
     )
     parser.add_argument(
-        "--output", default=None, help="JSON path (default benchmarks/results/<device>-step-time-<unet>.json)"
+        "--output",
+        default=None,
+        help="JSON path (default benchmarks/results/step-time/<device>-step-time-<unet>.json)",
     )
     parser.add_argument("--render", default=None, help="print the table of a results JSON instead of measuring")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

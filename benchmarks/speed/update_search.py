@@ -25,7 +25,7 @@ Per case: ``OptimizerUpdate.__init__``, the search, their sum, the passes and th
 resolution above, agreement with the old within the resolution). Also one evaluation pass of ``k`` lambdas before
 and after.
 
-    python benchmarks/speed/update_search.py --json benchmarks/results/cpu-update-search-12m.json
+    python benchmarks/speed/update_search.py --json benchmarks/results/update-space/cpu-update-search-12m.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ applied) and the authors' output-space ``lambda`` on the same predictions (``saf
 LoRA adapters on random-colour preference pairs for ``--steps`` steps per model and ``mu`` and reports both series'
 mean, range, mean absolute difference and correlation.
 
-    python benchmarks/studies/flow_lambda_stats.py --output benchmarks/results/cpu-flow-lambda-stats-tiny.json
+    python benchmarks/studies/flow_lambda_stats.py \
+        --output benchmarks/results/flow-families/cpu-flow-lambda-stats-tiny.json
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The paired comparison of the safeguards against Diffusion-DPO on the toy demo, from ``stability_map.py``'s runs.
 
     python benchmarks/studies/safeguard_comparison.py \\
-        benchmarks/results/cpu-safeguard-comparison-demo-lr1e-4-2e-4.json \\
-        benchmarks/results/cpu-safeguard-comparison-demo-lr2e-5-1000steps.json \\
-        --json benchmarks/results/cpu-safeguard-comparison-demo.json --images docs/images \\
+        benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo-lr1e-4-2e-4.json \\
+        benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo-lr2e-5-1000steps.json \\
+        --json benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json --images docs/images \\
         --recommendation trl_diffusion_sdpo/demo/safeguard_recommendation.json
 
 Works on partial files (runs cut short): a method is compared with Diffusion-DPO over the seeds both have finished.
@@ -397,7 +397,7 @@ def plot(settings: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         "Paired difference from Diffusion-DPO: per seed (ticks), mean and 95% paired t interval (seeds in brackets)\n"
         "blue: interval above 0, orange: below 0, grey: includes 0 "
-        "(benchmarks/results/cpu-safeguard-comparison-demo.json)"
+        "(benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json)"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
 """Does the winner's term rise after one small step? Diffusion-DPO vs the output-space and parameter-space safeguards.
 
-The check itself, its tolerance and its models: ``tests/winner_term_check.py`` (the suite runs it at a small size).
+The check itself, its tolerance and its models: ``tests/helpers/winner_term_check.py`` (the suite runs it at a small
+size).
 This writes its reports and the lambda histograms:
 
     python benchmarks/studies/safeguard_exactness.py --batches 100 --mu 0.5 \\
-        --json benchmarks/results/cpu-safeguard-exactness-tiny-unet-mu0.5.json
+        --json benchmarks/results/safeguard-exactness/cpu-safeguard-exactness-tiny-unet-mu0.5.json
     python benchmarks/studies/safeguard_exactness.py --model flux --mu 0.5 \\
-        --json benchmarks/results/cpu-safeguard-exactness-tiny-flux-mu0.5.json
+        --json benchmarks/results/safeguard-exactness/cpu-safeguard-exactness-tiny-flux-mu0.5.json
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the check, shared with the suite
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the check, shared with the suite
 
-from winner_term_check import MODELS, Setting, run  # noqa: E402
+from tests.helpers.winner_term_check import MODELS, Setting, run  # noqa: E402
 
 
 def format_table(report: dict) -> str:

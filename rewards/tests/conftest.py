@@ -1,7 +1,7 @@
 """The ports' tests: tiny reward models built from configs in the test, on CPU; nothing is downloaded.
 
 Run from the repository's root (``python -m pytest -q`` collects them with the core's tests): its pytest settings put
-``tests/`` on the path, whose ``evaluation_helpers`` builds the tiny CLIP models both suites use.
+the root on the path, whose ``tests.helpers.evaluation`` builds the tiny CLIP models both suites use.
 """
 
 from __future__ import annotations

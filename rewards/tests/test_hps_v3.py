@@ -16,7 +16,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from trl_diffusion_sdpo.rewards.scorers import available_scorers, build_scorer
 from trl_diffusion_sdpo.testing.tokenizers import _bytes_to_unicode
-from trl_diffusion_sdpo_rewards.hps_v3 import (
+
+pytest.importorskip("trl_diffusion_sdpo_rewards")  # the reward-model ports ship apart (rewards/)
+
+from trl_diffusion_sdpo_rewards.hps_v3 import (  # noqa: E402
     HPSV3_INSTRUCTION,
     HPSV3_REWARD_SUFFIX,
     HPSv3Scorer,

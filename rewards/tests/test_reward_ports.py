@@ -9,13 +9,16 @@ import re
 
 import pytest
 import torch
-from evaluation_helpers import ImageProcessor, clip_config, coloured_images, save_tiny_clip
 from safetensors.torch import load_file, save_file
 from transformers import BertTokenizer, BlipTextModel, BlipVisionModel, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from trl_diffusion_sdpo_rewards import AestheticScorer, HPSv2Scorer, ImageRewardModel, ImageRewardScorer, image_reward
-from trl_diffusion_sdpo_rewards._weights import load_weights_file
-from trl_diffusion_sdpo_rewards.image_reward import image_reward_configs, text_config_from_med
+from tests.helpers.evaluation import ImageProcessor, clip_config, coloured_images, save_tiny_clip
+
+pytest.importorskip("trl_diffusion_sdpo_rewards")  # the reward-model ports ship apart (rewards/)
+
+from trl_diffusion_sdpo_rewards import AestheticScorer, HPSv2Scorer, ImageRewardModel, ImageRewardScorer, image_reward  # noqa: E402
+from trl_diffusion_sdpo_rewards._weights import load_weights_file  # noqa: E402
+from trl_diffusion_sdpo_rewards.image_reward import image_reward_configs, text_config_from_med  # noqa: E402
 
 # The published normalisation, not the package's copy (THUDM/ImageReward, ImageReward/ImageReward.py, class
 # ImageReward.__init__ at commit c0b90804: self.mean = 0.16717362830052426, self.std = 1.0333394966054072, and

@@ -8,9 +8,9 @@ import logging
 import os
 
 import pytest
-from conftest import encode_image, pickapic_rows
 from datasets import Dataset
 
+from tests.helpers.common import encode_image, pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset

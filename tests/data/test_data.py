@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, encode_image, pickapic_rows
 from datasets import Dataset, Features, IterableDataset, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from tests.helpers.common import COLOURS, encode_image, pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.pickapic import pickapic_to_trl
@@ -154,7 +154,7 @@ def test_label_form_data_trains_exactly_as_the_trl_pairs_it_means(make_trainer, 
     rows are counted in data/skipped_rows. Rows holding both layouts are refused, naming the loader option."""
     import logging
 
-    from conftest import snapshot
+    from tests.helpers.common import snapshot
 
     labels = [1.0, 0.0, 0.5, 1.0, 0.0, 0.25, 0.0, 1.0]
     rows = pickapic_rows(len(labels), labels)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COLOURS
-from PIL import Image
 from trl import ScriptArguments
 
+from tests.helpers.common import COLOURS
+from tests.helpers.data_formats import colour, expect_bad_row, load, png
 from trl_diffusion_sdpo.cli.train import DiffusionScriptArguments, load_split, load_train_split
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.formats import detect_format, ranked_pairs
@@ -23,39 +23,8 @@ from trl_diffusion_sdpo.data.transforms import PairTransform, load_image
 from trl_diffusion_sdpo.data.validation import resolve_columns
 
 
-def png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-    return path
-
-
-def colour(value) -> tuple[int, int, int]:
-    """Which of ``COLOURS`` a one-colour image is, given as the dataset holds it (a path, or a datasets.Image value);
-    JPEG's error is a few levels."""
-    pixel = load_image(value).getpixel((0, 4))
-    nearest = min(COLOURS, key=lambda c: max(abs(a - b) for a, b in zip(c, pixel)))
-    assert max(abs(a - b) for a, b in zip(nearest, pixel)) <= 6, pixel
-    return nearest
-
-
-def load(path, split: str = "train", **options):
-    """Load ``path`` exactly as ``trl-diffusion-sdpo train --dataset_name path`` does."""
-    return load_train_split(
-        ScriptArguments(dataset_name=str(path), dataset_train_split=split), DiffusionScriptArguments(**options)
-    )
-
-
 def pairs_of(dataset) -> list[tuple[str, tuple, tuple]]:
     return [(row["prompt"], colour(row["chosen"]), colour(row["rejected"])) for row in dataset]
-
-
-def expect_bad_row(dataset, make_config, row: int, column: str, *fragments: str) -> None:
-    with pytest.raises(ValueError) as info:
-        prepare_preference_dataset(dataset, make_config(), "train")
-    message = str(info.value)
-    assert f"row {row}, column {column!r}" in message, message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 # -- pair folders -------------------------------------------------------------------------------------------------
@@ -473,9 +442,9 @@ def as_tuples(dataset) -> list[tuple]:
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_pickapic_columns_map_onto_trls_with_every_row_kept_in_order_and_ties_marked(streamed):
-    from conftest import pickapic_rows
     from datasets import Dataset, IterableDataset
 
+    from tests.helpers.common import pickapic_rows
     from trl_diffusion_sdpo.data.formats import pickapic_to_trl
     from trl_diffusion_sdpo.data.validation import SKIP_COLUMN
 
@@ -495,9 +464,9 @@ def test_a_label_form_stream_gives_the_old_pairs_skips_and_reasons(labels, mappe
     directly: each row's winner from :data:`OLD_READING`, written out here, pixels from an independent transform."""
     import logging
 
-    from conftest import pickapic_rows
     from datasets import Dataset
 
+    from tests.helpers.common import pickapic_rows
     from trl_diffusion_sdpo.data.preparation import load_preference_dataset
 
     labels = STREAMED_LABELS[labels]
@@ -538,9 +507,9 @@ def test_a_label_form_stream_gives_the_old_pairs_skips_and_reasons(labels, mappe
 def test_the_train_commands_loader_maps_the_label_form_under_the_configs_column_names(tmp_path, make_config):
     """``dataset_columns: pickapic`` with EditReward-Data's names in the config (the editing configs): the stream
     holds each row's voted image as ``chosen``, ties and bad votes marked, the source column kept."""
-    from conftest import edit_rows
     from datasets import Dataset
 
+    from tests.helpers.common import edit_rows
     from trl_diffusion_sdpo.data.validation import SKIP_COLUMN
 
     votes = ["rightvote", "tie", "leftvote", "sideways"]

@@ -11,11 +11,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, edit_rows, encode_image
 from datasets import Dataset
 from PIL import Image
-from test_data_formats import colour, expect_bad_row, load, png
 
+from tests.helpers.common import COLOURS, edit_rows, encode_image
+from tests.helpers.data_formats import colour, expect_bad_row, load, png
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.pickapic import LABEL_WORDS

@@ -7,10 +7,10 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import StopAt, changed_keys, lora_config, snapshot
 from datasets import Dataset
 from PIL import Image
 
+from tests.helpers.common import StopAt, changed_keys, lora_config, snapshot
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.transforms import PairTransform

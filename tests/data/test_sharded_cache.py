@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 import torch
 from datasets import Dataset
-from test_latent_cache import _rows
 
 import trl_diffusion_sdpo.data.sharded_cache as sharded_cache
+from tests.helpers.latent_cache import _rows
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
@@ -309,8 +309,7 @@ def test_an_sd3_cache_built_at_another_max_sequence_length_is_refused_naming_it(
 @pytest.mark.parametrize("other", [{"num_frames": 9}, {"frame_stride": 2}])
 def test_a_wan_cache_built_for_other_frames_is_refused_naming_them(tmp_path, other):
     pytest.importorskip("av")
-    from test_wan import video_rows
-
+    from tests.helpers.video import video_rows
     from trl_diffusion_sdpo.testing import build_tiny_wan_pipeline
 
     pipe = build_tiny_wan_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=16)

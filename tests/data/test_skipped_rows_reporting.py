@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import logging
 
-from conftest import encode_image, pickapic_rows
 from datasets import Dataset
 
+from tests.helpers.common import encode_image, pickapic_rows
 from trl_diffusion_sdpo.data.preparation import load_preference_dataset
 
 
@@ -65,8 +65,7 @@ def test_a_clean_dataset_logs_no_skip_warning_and_counts_zero(make_trainer, capl
 
 
 def test_a_latent_cache_names_the_rows_it_skips_and_training_from_it_counts_them(tmp_path, make_config, caplog):
-    from test_latent_cache import _rows
-
+    from tests.helpers.latent_cache import _rows
     from trl_diffusion_sdpo import DiffusionSDPOTrainer
     from trl_diffusion_sdpo.data.sharded_cache import build_sharded_latent_cache
     from trl_diffusion_sdpo.families import family_for_pipeline

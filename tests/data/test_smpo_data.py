@@ -9,9 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import lora_config, pickapic_rows
 from datasets import Dataset, IterableDataset
 
+from tests.helpers.common import lora_config, pickapic_rows
+from tests.helpers.rewards import GAMMA, SCORE_MAX, SCORE_MIN, colour_reward
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
 from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
@@ -23,7 +24,6 @@ from trl_diffusion_sdpo.data.validation import order_pair, resolve_columns
 from trl_diffusion_sdpo.families import family_for_pipeline
 from trl_diffusion_sdpo.objectives import build_objective
 
-GAMMA, SCORE_MIN, SCORE_MAX = 10.0, 0.1, 0.3
 SMPO = dict(loss_type="smpo", smpo_gamma=GAMMA, smpo_score_min=SCORE_MIN, smpo_score_max=SCORE_MAX)
 
 
@@ -55,12 +55,6 @@ def chosen_first(row: dict) -> list:
 
 def tokenize(prompts: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.tensor([[len(p)] for p in prompts])}
-
-
-def colour_reward(images, prompts) -> torch.Tensor:
-    """Deterministic reward from the mean colour: distinct for every pair of the fixture's colours."""
-    means = torch.tensor(np.stack([np.asarray(image, dtype=np.float64).mean(axis=(0, 1)) for image in images]))
-    return SCORE_MIN + 0.15 * (means @ torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)) / 255.0
 
 
 class RecordingObjective:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import changed_keys, pickapic_rows, snapshot
 from datasets import Dataset
 
+from tests.helpers.common import changed_keys, pickapic_rows, snapshot
 from trl_diffusion_sdpo.callbacks.stream_guard import NoValidPairsError, stop_threshold
 
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_parameter_safeguard import _drift, _explicit_branch_gradients, _trainer_inputs, float64_lambda, replay_draws
+
+from tests.helpers.parameter_safeguard import (
+    _drift,
+    _explicit_branch_gradients,
+    _trainer_inputs,
+    float64_lambda,
+    replay_draws,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

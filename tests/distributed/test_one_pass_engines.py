@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pickapic_rows
 from datasets import Dataset
-from test_distributed import _REPORTS, STEPS, Run, _launch, _weights, tiny_assets
-from test_flow_distributed import FAMILIES, FLOW_ARGS, family_assets
+
+from tests.helpers.common import pickapic_rows
+from tests.helpers.distributed import _REPORTS, STEPS, Run, _launch, _weights, tiny_assets
+from tests.helpers.flow_distributed import FAMILIES, FLOW_ARGS, family_assets
 
 pytest.importorskip("deepspeed")
 

@@ -37,8 +37,8 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from test_distributed import Run, _launch_environment
 
+from tests.helpers.distributed import Run, _launch_environment
 from trl_diffusion_sdpo.demo.shapes import all_captions
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
@@ -70,7 +70,7 @@ BASE_CONFIG: dict[str, Any] = {
     "safeguard_mu": 0.5,
     "num_generations": 2,
     "sample_steps": 4,
-    # as in the stored reference runs (tests/step_reference.py): AdamW's first updates are +-lr whatever the gradient,
+    # as in tests/safeguard/test_step_reference.py: AdamW's first updates are +-lr whatever the gradient,
     # so with epsilon 1e-8 an element whose gradient is rounding noise moves by +-lr in whichever direction the
     # rounding fell (measured: one LoRA-A element 0.74 lr apart under FSDP2 on an AVX2 CPU); 1e-4 keeps such updates
     # small while every real gradient here is far above it

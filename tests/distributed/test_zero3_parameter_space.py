@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_distributed import _REPORTS, STEPS, Run, _launch, _weights, tiny_assets
 
+from tests.helpers.distributed import _REPORTS, STEPS, Run, _launch, _weights, tiny_assets
 from trl_diffusion_sdpo.engines import DeepSpeedEngine
 from trl_diffusion_sdpo.safeguards.gradients.zero3 import ZeRO3BranchGradients
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
@@ -178,7 +178,8 @@ def test_zero3_collectives_accumulate_the_window_themselves_and_step_at_its_end(
     and 0.25) step the engine once with 1.5 times the per-branch stage's gradient at scale 0.5, and the next window
     starts afresh, whatever the partitions held; lambda is the per-branch stage's."""
     import deepspeed.utils
-    from test_one_pass_safeguard import make_problem, run_stage
+
+    from tests.helpers.one_pass_problems import make_problem, run_stage
 
     problem = make_problem("sd", True, tmp_path)
     _, expected_lambda, once = run_stage(problem, passes="two")  # DDP's store, from empty gradients, scale 0.5

@@ -1,6 +1,6 @@
 """The documentation site builds with ``mkdocs build --strict``: every page in the nav, every link and anchor
-resolved, the API reference generated from docstrings without a warning (the build itself is marked slow; the links,
-anchors, nav and docstring rendering are checked in the default suite without it)."""
+resolved (a link out of ``docs/`` fails it), every mkdocstrings ``:::`` reference importable, the API reference
+generated from docstrings without a warning. The build runs in the default suite, so every fresh clone checks it."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.docs_pages import RESULT_FILE, ROOT, _expand, result_folders
 
 
-@pytest.mark.slow  # a full mkdocs build; the links, anchors, nav and docstring rendering are checked fast below
 def test_docs_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings_handlers.python")
@@ -59,9 +58,6 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FIGURE = re.compile(
     r"(?<![\w.-])(?:\$\d[\d,.]*|\d+\.\d+x|\d[\d,]*(?:\.\d+)? ?(?:ms|s|min|minutes|h|hours|MB|GB|TB|MiB|GiB)(?!\w))"
 )
-# Where a figure comes from: a result file (benchmarks/results/ or the demo's docs/images/, named in full or by its
-# file name), a test, or a statement that it was computed (arithmetic) or observed without a file (not recorded).
-RESULT_FILE = re.compile(r"[\w{},*./-]*[\w}*]\.json")
 TEST_FILE = re.compile(r"(?:(?:benchmarks|rewards)/)?tests/(?:\w+/)?test_\w+\.py")
 NO_FILE = re.compile(r"\b(?:not recorded|arithmetic|computed)\b", re.IGNORECASE)
 
@@ -80,21 +76,13 @@ def _sections(text: str) -> list[tuple[str, str]]:
     return [("(top)", parts[0])] + list(zip(parts[1::2], parts[2::2]))
 
 
-def _expand(name: str) -> list[str]:
-    """``cpu-small-{8,2}pairs.json`` -> both names."""
-    match = re.search(r"\{([^}]*)\}", name)
-    if not match:
-        return [name]
-    return [n for option in match.group(1).split(",") for n in _expand(name.replace(match.group(0), option, 1))]
-
-
 def _result_file_exists(name: str) -> bool:
-    """A path from the repository root or the docs folder, or a bare name of a file in ``benchmarks/results/`` or its
-    ``history/`` (superseded runs the docs still quote)."""
+    """A path from the repository root or the docs folder, or a bare name of a file in ``benchmarks/results/`` or one
+    of its folders (a study's, or ``history/``: superseded runs the docs still quote)."""
     name = name.lstrip("./")
     results = ROOT / "benchmarks" / "results"
     base = os.path.basename(name)
-    candidates = [ROOT / name, ROOT / "docs" / name, results / base, results / "history" / base]
+    candidates = [ROOT / name, ROOT / "docs" / name, results / base, *(folder / base for folder in result_folders())]
     return any(path.is_file() for candidate in candidates for path in candidate.parent.glob(candidate.name))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 
-from test_layering import ROOT, module_name
+from tests.helpers.layering import ROOT, module_name
 
 
 def imports_of(path, modules: set[str]) -> set[str]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = "trl_diffusion_sdpo"
-ROOT = Path(__file__).resolve().parents[2] / PACKAGE
+from tests.helpers.layering import PACKAGE, ROOT, module_name
 
 # Bottom to top: a layer may import the layers before it in this tuple, never one after it.
 ORDER: tuple[str, ...] = (
@@ -41,11 +40,6 @@ ALLOWED: set[tuple[str, str]] = {
 }
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def _absolute(module: str, level: int, package: str) -> str:
     if not level:
         return module
@@ -57,7 +51,7 @@ def _absolute(module: str, level: int, package: str) -> str:
 def imported_modules(path: Path) -> set[str]:
     """Absolute names of every module ``path`` imports (``from . import x`` counts as ``package.x``), names a string
     for ``importlib.import_module`` (relative with a package argument too), or lists in a lazy-attribute table."""
-    name = module_name(path)
+    name = module_name(path, ROOT)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -94,7 +88,7 @@ def violations() -> set[tuple[str, str]]:
     for path in sorted(ROOT.rglob("*.py")):
         if path.stem in ENTRY_POINTS:
             continue
-        importer = module_name(path)
+        importer = module_name(path, ROOT)
         layer = layer_of(importer)
         if layer not in ORDER:
             continue

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from log_checks import assert_plain
+
+from tests.helpers.log_checks import assert_plain
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -47,7 +48,8 @@ def test_the_readme_opens_with_the_demo_and_the_test_command_and_ci_runs_the_lat
     install = 'pip install torch==2.13.0 && pip install -e ".[plots]"'
     assert demo == f"{install} && trl-diffusion-sdpo demo --output-dir demo-output"
     # dev includes the rewards extra, whose distribution pip takes from rewards/ when it is named beside
-    assert tests == 'pip install torch==2.13.0 && pip install -e ".[dev]" -e ./rewards && python -m pytest -q'
+    install = 'pip install torch==2.13.0 && pip install -e ".[dev]" -e ./rewards'
+    assert tests == f"{install} && python -m pytest -q -n 2 --dist worksteal"
     ci = [
         line
         for line in (ROOT / ".ci" / "run").read_text().splitlines()
@@ -55,6 +57,19 @@ def test_the_readme_opens_with_the_demo_and_the_test_command_and_ci_runs_the_lat
     ]
     normalise = [re.sub(r"^python -m pip install --quiet ", "pip install ", line) for line in ci]
     assert normalise == [step.strip() for step in tests.split("&&")]
+
+
+def test_plain_pytest_needs_no_xdist_and_the_test_command_names_its_workers() -> None:
+    """``pyproject.toml``'s addopts hold no pytest-xdist option (``pytest`` runs where xdist is not installed); the
+    README's test command, CI's, asks for the two workers itself."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    addopts = shlex.split(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    )
+    xdist_options = {"-n", "--numprocesses", "--dist", "-d", "--tx", "--maxprocesses"}
+    assert not [a for a in addopts if a.split("=")[0] in xdist_options or re.fullmatch(r"-n\d+", a)], addopts
+    tests = _commands(_blocks(README, "bash")[0])[1]
+    assert tests.endswith("python -m pytest -q -n 2 --dist worksteal")
 
 
 def test_the_demo_command_installs_the_extra_its_figures_need_and_dev_installs_every_extra() -> None:

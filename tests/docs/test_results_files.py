@@ -1,6 +1,7 @@
-"""``benchmarks/results/`` holds at its top level only the result files the README or the docs quote, and every result
-path the README, the docs and the benchmarks' README quote exists; superseded runs live in
-``benchmarks/results/history/``. The suite itself imports nothing from ``benchmarks/``."""
+"""``benchmarks/results/`` holds, at its top level and in one folder per study, only the result files the README or the
+docs quote, at most :data:`TOP_LEVEL_FILES` of them at the top level; every result path the README, the docs and the
+benchmarks' README quote exists; superseded runs live in ``benchmarks/results/history/``. The suite itself imports
+nothing from ``benchmarks/``."""
 
 from __future__ import annotations
 
@@ -10,25 +11,34 @@ import re
 from pathlib import Path
 
 import pytest
-from test_docs import RESULT_FILE, _expand
+
+from tests.helpers.docs_pages import RESULT_FILE, _expand, result_folders
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
+# Past this many files the top level is a list nobody reads: a study with several files gets its own folder.
+TOP_LEVEL_FILES = 50
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # CHANGELOG.md is left out: it also records result files that were removed.
 QUOTING = [*DOCS, ROOT / "benchmarks" / "README.md"]
 
 
 def quoted_results(text: str) -> list[str]:
-    """Result files a text names at the top level of ``benchmarks/results/``: by path or bare name (``cpu-...``,
-    ``cuda-...``), ``{a,b}`` expanded, ``*`` kept as a pattern."""
+    """Result files a text names in ``benchmarks/results/`` or a study's folder (not ``history/``): by path or bare
+    name (``cpu-...``, ``cuda-...``), ``{a,b}`` expanded, ``*`` kept as a pattern."""
     names = []
     for found in RESULT_FILE.findall(text):
         for name in _expand(found):
             folder, base = name.rpartition("/")[::2]
-            if folder.lstrip("./") in ("", "benchmarks/results", "results") and base.startswith(("cpu-", "cuda-")):
+            if "history" not in folder.split("/") and base.startswith(("cpu-", "cuda-")):
                 names.append(base)
     return names
+
+
+def current_results() -> list[Path]:
+    """The result files at the top level of ``benchmarks/results/`` and in its studies' folders."""
+    studies = [folder for folder in result_folders() if folder.name != "history"]
+    return sorted([*RESULTS.glob("*.json"), *(f for folder in studies for f in folder.glob("*.json"))])
 
 
 def unquoted(files: list[str], texts: list[str]) -> list[str]:
@@ -43,12 +53,20 @@ def missing_paths(text: str) -> list[str]:
     return [n for f in found for n in _expand(f) if not list(ROOT.glob(n))]
 
 
-def test_every_top_level_result_file_is_quoted_in_the_readme_or_the_docs() -> None:
-    files = sorted(p.name for p in RESULTS.glob("*.json"))
+def test_every_result_file_is_quoted_in_the_readme_or_the_docs() -> None:
+    files = sorted(p.name for p in current_results())
     assert files, "no result files found"
     left = unquoted(files, [page.read_text() for page in DOCS])
     assert not left, (
         f"quoted nowhere in README.md or docs/: {left}; quote them or move them to benchmarks/results/history/"
+    )
+
+
+def test_the_top_level_holds_at_most_fifty_files() -> None:
+    files = [p.name for p in RESULTS.iterdir() if p.is_file()]
+    assert len(files) <= TOP_LEVEL_FILES, (
+        f"benchmarks/results/ holds {len(files)} files at its top level (at most {TOP_LEVEL_FILES}): move a study's "
+        "files into a folder of their own (benchmarks/results/<study>/) and update every path that quotes them"
     )
 
 
@@ -58,7 +76,7 @@ def test_every_quoted_result_path_exists(page: Path) -> None:
 
 
 def test_the_results_checks_find_an_unquoted_file_and_a_stale_path() -> None:
-    texts = ["Timings: `benchmarks/results/cpu-step-time-small.json` and `cpu-one-pass-small-{2,4}pairs.json`.",
+    texts = ["Timings: `benchmarks/results/step-time/cpu-step-time-small.json`, `cpu-one-pass-small-{2,4}pairs.json`.",
              "Every GPU run: `benchmarks/results/cuda-h100-*.json`; the bare `cpu-*.json` names no file."]  # fmt: skip
     files = ["cpu-step-time-small.json", "cpu-one-pass-small-2pairs.json", "cpu-one-pass-small-4pairs.json",
              "cuda-h100-step-time-sd15-4pairs.json"]  # fmt: skip

@@ -155,7 +155,10 @@ def test_quick_demo_runs_every_method_and_seed_and_reports_intervals(tmp_path, m
     # the recommendation: quoted from the shipped comparison file, in the summary and on the console
     shipped = json.loads(RECOMMENDATION_FILE.read_text())
     assert summary["recommendation"]["text"] == shipped["text"]
-    assert summary["recommendation"]["source"] == "benchmarks/results/cpu-safeguard-comparison-demo.json"
+    assert (
+        summary["recommendation"]["source"]
+        == "benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json"
+    )
     assert shipped["text"] in printed and summary["recommendation"]["source"] in printed
     _check_breaking_regime(out, summary, printed, recipe)
 

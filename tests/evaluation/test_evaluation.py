@@ -184,6 +184,7 @@ def test_image_grid_labels_are_drawn_whole_on_small_cells():
 
 def test_interval_plot_keeps_its_title_and_labels_inside_the_image(tmp_path):
     """Nothing drawn touches the saved image's border: a clipped title or axis label would."""
+    pytest.importorskip("matplotlib")  # the `plots` extra
     from trl_diffusion_sdpo.evaluation.compare import MetricSummary, plot_intervals
 
     rows = [
@@ -343,6 +344,7 @@ def count_calls(monkeypatch):
 def test_evaluate_writes_tables_plots_grid_and_a_second_run_generates_nothing(
     tmp_path, model_dirs, count_calls, monkeypatch, caplog
 ):
+    pytest.importorskip("matplotlib")  # the `plots` extra draws the interval plots this run writes
     out = str(tmp_path / "eval")
     kwargs = dict(
         prompts=["a red cube", "a blue ball", "a tree"],

@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-from evaluation_helpers import coloured_images, save_tiny_clip
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
+from tests.helpers.evaluation import coloured_images, save_tiny_clip
 from trl_diffusion_sdpo.rewards.scorers import (
     CLIPScoreScorer,
     PickScoreScorer,

@@ -12,10 +12,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import lora_config
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from tests.helpers.common import lora_config
 from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.data.preparation import load_preference_dataset
 from trl_diffusion_sdpo.evaluation import GenerationSettings

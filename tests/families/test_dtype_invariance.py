@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from conftest import pickapic_rows
 from datasets import Dataset
 from peft import LoraConfig
 
+from tests.helpers.common import pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo import testing as tiny
 from trl_diffusion_sdpo.families.preparation import keeps_in_float32
@@ -41,7 +41,7 @@ FAMILIES = {
 def pairs_for(family: str) -> Dataset:
     if family == "wan":
         pytest.importorskip("av")
-        from test_wan import video_rows
+        from tests.helpers.video import video_rows
 
         return Dataset.from_list(video_rows(2))
     return Dataset.from_list(pickapic_rows(2))

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from conftest import LORA_TARGETS, StopAt, first_batch_gradients, pickapic_rows, shift_sigmas
 from datasets import Dataset
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
@@ -22,6 +21,7 @@ from diffusers import (
 )
 from peft import LoraConfig
 
+from tests.helpers.common import LORA_TARGETS, StopAt, first_batch_gradients, pickapic_rows, shift_sigmas
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, PromptEmbeddings, StableDiffusion3Family, family_for_pipeline
 from trl_diffusion_sdpo.families.flow import FlowNoiser, FlowTimestepSampling, resolution_shift
@@ -407,10 +407,10 @@ def test_settings_without_flow_meaning_are_refused_naming_the_field(make_flow, m
 
 
 def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_flux_transformer() -> None:
-    """The first-order check of ``tests/winner_term_check.py`` on a FLUX.1-dev-style transformer: after a
+    """The first-order check of ``tests/helpers/winner_term_check.py`` on a FLUX.1-dev-style transformer: after a
     small SGD step along the parameter-space rule's gradient the winner term never rises beyond the second-order
     tolerance, while plain Diffusion-DPO's step does on some of the same batches."""
-    from winner_term_check import Setting, run
+    from tests.helpers.winner_term_check import Setting, run
 
     report = run(
         Setting(batches=30, pairs=2, beta=100.0, drift_steps=5), progress=False, starts=("drifted",), model="flux"

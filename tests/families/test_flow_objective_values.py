@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
-from conftest import LORA_TARGETS, pickapic_rows
 from datasets import Dataset
 from peft import LoraConfig
 
+from tests.helpers.common import LORA_TARGETS, pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 

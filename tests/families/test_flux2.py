@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import pickapic_rows
 from datasets import Dataset
-from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
-from flow_family_checks import (
-    FlowCase,
+from diffusers import Flux2Pipeline
+
+from tests.helpers.common import pickapic_rows
+from tests.helpers.flow_family_checks import (
     check_cached_run_gives_the_uncached_losses,
     check_exact_safeguard_keeps_the_winner_term_from_rising,
     check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline,
@@ -24,17 +24,9 @@ from flow_family_checks import (
     check_safeguard_space,
     check_the_shipped_config_trains_from_local_folders,
 )
-
+from tests.helpers.flux2 import CASES, SEQ, TARGETS
 from trl_diffusion_sdpo.families import Flux2Family, Flux2KleinFamily, family_for_pipeline, scale_latents
-from trl_diffusion_sdpo.testing import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
 
-SEQ = 48  # tokens in the tests (the pipelines' default is 512); [dev]'s system message takes about 30 of them
-# The tiny transformer has one single-stream block: its output projection is the script's per-block target.
-TARGETS = (*Flux2Family.lora_target_modules, "single_transformer_blocks.0.attn.to_out")
-CASES = {
-    "dev": FlowCase(build_tiny_flux2_pipeline, Flux2Pipeline, Flux2Transformer2DModel, SEQ, TARGETS),
-    "klein": FlowCase(build_tiny_flux2_klein_pipeline, Flux2KleinPipeline, Flux2Transformer2DModel, SEQ, TARGETS),
-}
 FAMILIES = {"dev": Flux2Family, "klein": Flux2KleinFamily}
 YAMLS = {"dev": "flux2_lora", "klein": "flux2_klein_lora"}
 

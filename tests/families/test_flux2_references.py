@@ -13,9 +13,11 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import edit_rows
 from datasets import Dataset
-from flow_family_checks import (
+from PIL import Image
+
+from tests.helpers.common import edit_rows
+from tests.helpers.flow_family_checks import (
     check_cached_run_gives_the_uncached_losses,
     check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline,
     check_lora_reloads_with_load_lora_weights,
@@ -23,9 +25,7 @@ from flow_family_checks import (
     check_safeguard_space,
     check_the_shipped_config_trains_from_local_folders,
 )
-from PIL import Image
-from test_flux2 import CASES, SEQ
-
+from tests.helpers.flux2 import CASES, SEQ
 from trl_diffusion_sdpo.data.training_data import check_sources
 from trl_diffusion_sdpo.data.transforms import PairTransform
 from trl_diffusion_sdpo.data.validation import PreferenceColumns

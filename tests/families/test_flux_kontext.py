@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import edit_rows, pickapic_rows
 from datasets import Dataset
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
-from flow_family_checks import FlowCase, FlowFamilyTrainingChecks, check_the_shipped_config_trains_from_local_folders
 from peft import LoraConfig
 
+from tests.helpers.common import edit_rows, pickapic_rows
+from tests.helpers.flow_family_checks import (
+    FlowCase,
+    FlowFamilyTrainingChecks,
+    check_the_shipped_config_trains_from_local_folders,
+)
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, FluxKontextFamily, family_for_pipeline
 from trl_diffusion_sdpo.testing import build_tiny_flux_kontext_pipeline, build_tiny_flux_pipeline
@@ -226,7 +230,7 @@ class _GradientCapture:
 
 class TestFluxKontextTraining(FlowFamilyTrainingChecks):
     """LoRA, full tuning, both safeguard spaces, the latent cache, the shipped config, bf16, resuming, exactness and
-    validation grids (see tests/flow_family_checks.py), on editing pairs."""
+    validation grids (see tests/helpers/flow_family_checks.py), on editing pairs."""
 
     case = CASE
     config_name = "flux_kontext_lora"

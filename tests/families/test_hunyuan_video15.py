@@ -12,14 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shift_sigmas
 from datasets import Dataset
 from diffusers import HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from flow_family_checks import FlowCase, FlowFamilyTrainingChecks
-from flow_family_checks import transformer_outputs as flow_transformer_outputs
-from test_wan import FRAMES, video_rows
 
+from tests.helpers.common import shift_sigmas
+from tests.helpers.flow_family_checks import FlowCase, FlowFamilyTrainingChecks
+from tests.helpers.flow_family_checks import transformer_outputs as flow_transformer_outputs
+from tests.helpers.video import FRAMES, video_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import HunyuanVideo15Family, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.testing import build_tiny_hunyuan_video15_pipeline

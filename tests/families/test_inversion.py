@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lora_config
 from diffusers import DDIMInverseScheduler, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
+from tests.helpers.common import lora_config
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.config import INVERSION_NETWORKS, NOISING_MODES
 from trl_diffusion_sdpo.families import DDPMNoiser, FlowNoiser, PromptEmbeddings, family_for_pipeline, inversion
@@ -385,7 +385,7 @@ def test_config_checks_the_inversion_fields(tmp_path):
 def test_trainer_trains_with_inversion(make_pickapic, make_pipeline, make_config, overrides, monkeypatch):
     """The trainer's noised pair comes from the inversion (the invert stage runs, with the configured network) and
     the step trains with the safeguard in either space."""
-    from test_smpo_data import colour_reward
+    from tests.helpers.rewards import colour_reward
 
     calls: list[str] = []
     original = DDIMInversionNoiser.invert
@@ -416,10 +416,10 @@ def test_trainer_trains_with_inversion(make_pickapic, make_pipeline, make_config
 def test_flow_families_train_with_euler_inversion(kind, tmp_path, make_config, monkeypatch):
     """SD3 (static shift) and FLUX.1 (resolution shift) train with the flow inversion: the invert stage runs, with the
     grid the noiser's levels give, and the step moves the adapters."""
-    from conftest import pickapic_rows
     from datasets import Dataset
     from peft import LoraConfig
 
+    from tests.helpers.common import pickapic_rows
     from trl_diffusion_sdpo.testing.flow import build_tiny_flux_pipeline
 
     build = build_tiny_sd3_pipeline if kind == "sd3" else build_tiny_flux_pipeline

@@ -11,23 +11,15 @@ import logging
 
 import pytest
 import torch
-from conftest import pickapic_rows
 from datasets import Dataset
-from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-from flow_family_checks import FlowCase, FlowFamilyTrainingChecks
+from diffusers import QwenImagePipeline
 
+from tests.helpers.common import pickapic_rows
+from tests.helpers.flow_family_checks import FlowFamilyTrainingChecks
+from tests.helpers.qwen_image import CASE, SEQ
 from trl_diffusion_sdpo.families import QwenImageFamily, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.families.flow import resolution_shift
 from trl_diffusion_sdpo.testing import build_tiny_qwen_image_pipeline
-
-SEQ = 24  # kept prompt tokens in the tests (the pipeline's default is 512)
-CASE = FlowCase(
-    build=build_tiny_qwen_image_pipeline,
-    pipeline_class=QwenImagePipeline,
-    transformer_class=QwenImageTransformer2DModel,
-    sequence_length=SEQ,
-    lora_targets=QwenImageFamily.lora_target_modules,
-)
 
 
 @pytest.fixture
@@ -150,7 +142,7 @@ def test_a_unet_scale_beta_warns_with_the_familys_default_and_source(make_pipe, 
 
 class TestQwenImageTraining(FlowFamilyTrainingChecks):
     """LoRA, full tuning, both safeguard spaces, the latent cache, the shipped config, bf16, resuming, exactness and
-    validation grids (see tests/flow_family_checks.py)."""
+    validation grids (see tests/helpers/flow_family_checks.py)."""
 
     case = CASE
     config_name = "qwen_image_lora"

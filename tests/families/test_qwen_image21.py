@@ -15,12 +15,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import pickapic_rows, shift_sigmas
 from datasets import Dataset
 from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
-from flow_family_checks import FlowCase, FlowFamilyTrainingChecks
 from PIL import Image
 
+from tests.helpers.common import pickapic_rows, shift_sigmas
+from tests.helpers.flow_family_checks import FlowCase, FlowFamilyTrainingChecks
 from trl_diffusion_sdpo.evaluation.generation import GenerationSettings, sample_images
 from trl_diffusion_sdpo.families import QwenImage21Family, QwenImageFamily, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.families.flow import resolution_shift
@@ -249,7 +249,7 @@ def test_the_exact_safeguard_splits_padded_prompts_by_branch_and_by_pair(tmp_pat
     """tests/safeguard/test_one_pass_safeguard.py's checks (its prompts are equally long) on prompts of different
     lengths, so that the call pads: the one-pass stage's lambda and gradients equal the per-branch passes', and the
     per-pair scope's lambdas equal explicit per-pair autograd."""
-    from test_one_pass_safeguard import (
+    from tests.helpers.one_pass_problems import (
         _double,
         assert_equal_gradients,
         explicit_per_pair,
@@ -279,7 +279,7 @@ def test_the_exact_safeguard_splits_padded_prompts_by_branch_and_by_pair(tmp_pat
 
 class TestQwenImage21Training(FlowFamilyTrainingChecks):
     """LoRA, full tuning, both safeguard spaces, the latent cache, the shipped config, bf16, resuming, exactness and
-    validation grids (see tests/flow_family_checks.py)."""
+    validation grids (see tests/helpers/flow_family_checks.py)."""
 
     case = CASE
     config_name = "qwen_image21_lora"

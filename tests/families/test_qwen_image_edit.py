@@ -16,17 +16,17 @@ import logging
 
 import pytest
 import torch
-from conftest import edit_rows, encode_image
 from datasets import Dataset
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-from flow_family_checks import (
+from PIL import Image
+
+from tests.helpers.common import edit_rows, encode_image
+from tests.helpers.flow_family_checks import (
     FlowCase,
     FlowFamilyTrainingChecks,
     check_the_shipped_config_trains_from_local_folders,
     check_validation_grids_sample_with_the_pipeline,
 )
-from PIL import Image
-
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import (
     QwenImageEditFamily,
@@ -294,7 +294,7 @@ def test_settings_that_break_the_prompts_view_of_its_sources_are_refused(make_ed
 
 
 def test_text_to_image_rows_are_refused_for_an_edit_pipeline(make_edit_pipe, make_config) -> None:
-    from conftest import pickapic_rows
+    from tests.helpers.common import pickapic_rows
 
     with pytest.raises(ValueError, match="qwen-image-edit edits a source image, but the train dataset has no source"):
         DiffusionSDPOTrainer(

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import edit_rows, pickapic_rows
 from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
 
+from tests.helpers.common import edit_rows, pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo import testing as tiny
 
@@ -126,7 +126,7 @@ CASES: dict[str, Case] = {
 def pairs(case: Case) -> Dataset:
     if case.data == "videos":
         pytest.importorskip("av")
-        from test_wan import video_rows
+        from tests.helpers.video import video_rows
 
         return Dataset.from_list(video_rows(2))
     return Dataset.from_list(edit_rows(2) if case.data == "edits" else pickapic_rows(2))

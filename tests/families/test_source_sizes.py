@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import edit_rows, pickapic_rows
 from datasets import Dataset
 from PIL import Image
 
+from tests.helpers.common import edit_rows, pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo import testing as tiny
 from trl_diffusion_sdpo.families import family_for_pipeline

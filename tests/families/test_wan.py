@@ -7,69 +7,27 @@ A tiny WanPipeline (UMT5, 3D VAE, 3D transformer) built from configs; the test v
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import LORA_TARGETS
 from datasets import Dataset
-from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-from flow_family_checks import (
-    FlowCase,
-    check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline,
-    check_lora_reloads_with_load_lora_weights,
-)
-from flow_family_checks import transformer_outputs as flow_transformer_outputs
+from diffusers import UniPCMultistepScheduler, WanPipeline
 from peft import LoraConfig
 from PIL import Image
 
+from tests.helpers.flow_family_checks import (
+    check_full_tuning_keeps_a_frozen_reference_and_saves_a_pipeline,
+    check_lora_reloads_with_load_lora_weights,
+)
+from tests.helpers.flow_family_checks import transformer_outputs as flow_transformer_outputs
+from tests.helpers.video import CASE, FRAMES, SEQ, SIZE, video_frames, video_rows, write_video
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data import PreferenceCollator, prepare_preference_dataset
 from trl_diffusion_sdpo.data.video import VideoClip, VideoPairTransform, read_video
 from trl_diffusion_sdpo.families import WanFamily, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.testing import build_tiny_wan_pipeline
-
-av = pytest.importorskip("av")
-
-SEQ = 16  # UMT5 tokens in the tests
-FRAMES = 5  # 4k + 1: two latent frames
-SIZE = (24, 20)  # width, height of the test videos (not square: the crop matters)
-
-
-def write_video(colour: tuple[int, int, int], frames: int = 6, size: tuple[int, int] = SIZE) -> bytes:
-    """An mp4 (MPEG-4 part 2) of :func:`video_frames`."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for array in video_frames(colour, frames, size):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def video_frames(colour: tuple[int, int, int], frames: int = 6, size: tuple[int, int] = SIZE) -> np.ndarray:
-    """``[frames, H, W, 3]`` uint8: ``colour`` with a white bar of ``2 + i`` columns in frame ``i``."""
-    array = np.zeros((frames, size[1], size[0], 3), np.uint8)
-    array[:] = colour
-    for i in range(frames):
-        array[i, :, : 2 + i] = 255
-    return array
-
-
-def video_rows(n: int = 4) -> list[dict]:
-    return [
-        {
-            "prompt": f"a clip number {i}",
-            "chosen": write_video((30 * i, 0, 90)),
-            "rejected": write_video((0, 30 * i, 0)),
-        }
-        for i in range(n)
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +43,6 @@ def make_wan(tmp_path):
         return build_tiny_wan_pipeline(seed=seed, tokenizer_dir=str(tmp_path / f"tok-{next(counter)}"), max_length=SEQ)
 
     return make
-
-
-CASE = FlowCase(
-    build=build_tiny_wan_pipeline,
-    pipeline_class=WanPipeline,
-    transformer_class=WanTransformer3DModel,
-    sequence_length=SEQ,
-    lora_targets=tuple(LORA_TARGETS),
-    config_values={"resolution": 16, "num_frames": FRAMES},
-    sample_shape=(2, 16, 2, 2, 2),  # video latents [N, C, F', h, w]
-)
 
 
 def wan_config(make_config, **overrides):
@@ -377,8 +324,7 @@ def test_a_video_pair_batch_names_bad_rows_by_row_and_column(make_wan, make_conf
 
 
 def test_an_image_family_refuses_video_settings(make_config) -> None:
-    from conftest import pickapic_rows
-
+    from tests.helpers.common import pickapic_rows
     from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
     with pytest.raises(ValueError, match="leave num_frames unset"):
@@ -444,10 +390,10 @@ def test_the_train_command_trains_wan_lora_yaml_from_local_folders(make_wan, vid
 
 
 def test_exact_safeguard_keeps_the_winner_term_from_rising_on_a_wan_transformer() -> None:
-    """The first-order check of ``tests/winner_term_check.py`` on video latents ``[16, 2, 4, 4]`` through
+    """The first-order check of ``tests/helpers/winner_term_check.py`` on video latents ``[16, 2, 4, 4]`` through
     the Wan family's call: after a small step along the parameter-space rule's gradient the winner term never rises
     beyond the second-order tolerance."""
-    from winner_term_check import Setting, run
+    from tests.helpers.winner_term_check import Setting, run
 
     report = run(
         Setting(batches=20, pairs=2, beta=100.0, drift_steps=5), progress=False, starts=("drifted",), model="wan"

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import pickapic_rows, shift_sigmas
 from datasets import Dataset
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
-from flow_family_checks import FlowCase, FlowFamilyTrainingChecks
 
+from tests.helpers.common import pickapic_rows, shift_sigmas
+from tests.helpers.flow_family_checks import FlowCase, FlowFamilyTrainingChecks
 from trl_diffusion_sdpo.families import ZImageFamily, family_for_pipeline
 from trl_diffusion_sdpo.testing import build_tiny_z_image_pipeline
 
@@ -107,7 +107,7 @@ def test_noise_levels_take_the_schedulers_static_shift_or_the_resolution_shift(m
 
 class TestZImageTraining(FlowFamilyTrainingChecks):
     """LoRA, full tuning, both safeguard spaces, the latent cache, the shipped config, bf16, resuming, exactness and
-    validation grids (see tests/flow_family_checks.py)."""
+    validation grids (see tests/helpers/flow_family_checks.py)."""
 
     case = CASE
     config_name = "z_image_lora"

@@ -20,9 +20,9 @@ import time
 
 import pytest
 import torch
-from checkpoint_kill_worker import STAGES, build_trainer
 from transformers import TrainerCallback
 
+from tests.checkpoint_kill_worker import STAGES, build_trainer
 from trl_diffusion_sdpo.io import saving as saving_module
 from trl_diffusion_sdpo.io.checkpoints import (
     MANIFEST_NAME,

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from log_checks import assert_plain
 from PIL import Image
+
+from tests.helpers.log_checks import assert_plain
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-from checkpoint_kill_worker import build_trainer
 
+from tests.checkpoint_kill_worker import build_trainer
 from trl_diffusion_sdpo.callbacks.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted, parse_signals
 from trl_diffusion_sdpo.io.checkpoints import checkpoint_problem
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline

@@ -9,9 +9,9 @@ import os
 import shutil
 
 import pytest
-from checkpoint_kill_worker import build_trainer
-from conftest import RecordingDataset, global_sample_order, lora_config
 
+from tests.checkpoint_kill_worker import build_trainer
+from tests.helpers.common import RecordingDataset, global_sample_order, lora_config
 from trl_diffusion_sdpo.io.checkpoints import MANIFEST_NAME, file_sha256
 from trl_diffusion_sdpo.io.resume_check import RUN_IDENTITY_NAME, ResumeConfigError
 from trl_diffusion_sdpo.io.resume_world import batch_options, plan_process_count_change

@@ -12,8 +12,8 @@ import subprocess
 import sys
 
 import pytest
-from checkpoint_kill_worker import build_trainer
 
+from tests.checkpoint_kill_worker import build_trainer
 from trl_diffusion_sdpo.io.checkpoints import EarlierRunError
 from trl_diffusion_sdpo.io.run_lock import LOCK_NAME, RECORD_NAME, RunLock, RunLockedError
 

@@ -9,11 +9,11 @@ from concurrent.futures import Future
 import pytest
 import torch
 import yaml
-from conftest import changed_keys, snapshot
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub.utils import filter_repo_objects
 
 import trl_diffusion_sdpo.io.hub as hub
+from tests.helpers.common import changed_keys, snapshot
 from trl_diffusion_sdpo.io.saving import LORA_WEIGHTS_NAME
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from masked_pairs import edited_pair, mask_image, masked_dataset, masked_rows
 from PIL import Image
 
+from tests.helpers.masked_pairs import edited_pair, mask_image, masked_dataset, masked_rows
 from trl_diffusion_sdpo.data.formats import load_preference_data
 
 RESOLUTION = 32  # the tests' configs (conftest.fast_config_values)
@@ -75,7 +75,7 @@ def test_auto_mask_below_the_threshold_marks_nothing_and_the_row_is_skipped(make
     ],
 )
 def test_a_bad_mask_is_named_by_its_row(make_trainer, change, message):
-    from masked_pairs import png
+    from tests.helpers.masked_pairs import png
 
     rows = masked_rows(3)
     if change == "mask_size":

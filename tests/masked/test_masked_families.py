@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from masked_pairs import masked_rows, png
 from peft import LoraConfig
 from PIL import Image
 
+from tests.helpers.masked_pairs import masked_rows, png
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import family_for_pipeline
 from trl_diffusion_sdpo.families.noising import latent_mask
@@ -91,8 +91,7 @@ def test_wans_masked_errors_are_the_masked_mean_over_every_latent_frame(make_con
     """Video pairs with an image mask (the left half of a 24 x 20 clip): one mask, resized and cropped as every frame
     is, weighs every latent frame of Wan's ``[N, C, F, h, w]`` errors."""
     pytest.importorskip("av")
-    from test_wan import FRAMES, SIZE, write_video
-
+    from tests.helpers.video import FRAMES, SIZE, write_video
     from trl_diffusion_sdpo.testing import build_tiny_wan_pipeline
 
     mask = Image.new("L", SIZE, 0)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import changed_keys, snapshot
-from masked_pairs import masked_dataset, masked_rows
 
+from tests.helpers.common import changed_keys, snapshot
+from tests.helpers.masked_pairs import masked_dataset, masked_rows
 from trl_diffusion_sdpo.objectives import PreferencePredictions, diffusion_dpo_loss
 from trl_diffusion_sdpo.safeguards.base import MicroBatch
 from trl_diffusion_sdpo.safeguards.output import output_space_lambda

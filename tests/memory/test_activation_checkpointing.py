@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import edit_rows, first_batch_gradients, pickapic_rows
 from datasets import Dataset
 
+from tests.helpers.common import edit_rows, first_batch_gradients, pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.testing import build_tiny_sd3_pipeline, build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
@@ -27,7 +27,7 @@ def flow_case(module: str, name: str = "CASE", rows=pickapic_rows) -> tuple[Any,
 
 
 def cases() -> dict[str, Any]:
-    from test_wan import video_rows
+    from tests.helpers.video import video_rows
 
     return {
         "sd": lambda: (build_tiny_sd_pipeline, {}, pickapic_rows),

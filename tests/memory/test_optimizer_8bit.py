@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import snapshot
 
+from tests.helpers.common import snapshot
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.engines.memory import RunShape, estimate_memory, model_sizes
 

@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import LORA_TARGETS, fast_config_values, pickapic_rows
 from datasets import Dataset
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from tests.helpers.common import LORA_TARGETS, fast_config_values, pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families.loading import dtype_keyword
 from trl_diffusion_sdpo.families.quantization import (
@@ -99,10 +99,10 @@ class Case:
 
 def family_cases() -> dict[str, Case]:
     """The family matrix's cases, from the families' own test modules (their sequence lengths and clips)."""
-    from test_flux2 import CASES as FLUX2
-    from test_qwen_image import CASE as QWEN
-    from test_wan import CASE as WAN
-    from test_wan import video_rows
+    from tests.helpers.flux2 import CASES as FLUX2
+    from tests.helpers.qwen_image import CASE as QWEN
+    from tests.helpers.video import CASE as WAN
+    from tests.helpers.video import video_rows
 
     def flow(case, **more) -> Case:
         values = {"beta": 100.0, "max_sequence_length": case.sequence_length, **case.config_values}
@@ -560,8 +560,8 @@ def test_ddp_trains_lora_on_a_quantized_base_in_two_processes(tmp_path) -> None:
 
 def online_trainer(tmp_path, **overrides):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from test_online import LORA, PROMPTS, online_config, red_minus_blue
 
+    from tests.helpers.online import LORA, PROMPTS, online_config, red_minus_blue
     from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
     from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer
 

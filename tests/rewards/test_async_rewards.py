@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 import torch
-from test_online import lora_weights, make_trainer
+
+from tests.helpers.online import lora_weights, make_trainer
 
 OVERLAP_WAIT = 60.0  # seconds a scoring call waits to see the next images sampled (only a broken pipeline waits long)
 

@@ -5,11 +5,9 @@ never becoming a reward."""
 from __future__ import annotations
 
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
 from PIL import Image
-from served_rewards import free_port, serve_in_thread
 
+from tests.helpers.served_rewards import free_port, serve_in_thread
 from trl_diffusion_sdpo.rewards.functions import (
     PROTOCOL_VERSION,
     RemoteReward,
@@ -17,6 +15,12 @@ from trl_diffusion_sdpo.rewards.functions import (
     RewardFunctions,
     decode_value,
 )
+
+pytest.importorskip("fastapi")  # the `serve` extra (FastAPI and uvicorn)
+pytest.importorskip("uvicorn")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse  # noqa: E402
 
 IMAGES = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255), (10, 200, 10))]
 PROMPTS = ["a", "b", "c"]

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
@@ -17,6 +16,10 @@ from trl_diffusion_sdpo.demo.shapes import all_captions
 from trl_diffusion_sdpo.rewards.functions import PROTOCOL_VERSION, encode_image
 from trl_diffusion_sdpo.rewards.scorers.base import EditScorer, Scorer, register_scorer
 from trl_diffusion_sdpo.rewards.server import ScoringQueue, build_app
+
+pytest.importorskip("fastapi")  # the `serve` extra
+
+from fastapi.testclient import TestClient  # noqa: E402
 
 CAPTIONS = [c.text for c in all_captions()[:4]]
 IMAGES = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "white", (30, 160, 40))]

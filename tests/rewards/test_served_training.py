@@ -12,10 +12,10 @@ import time
 
 import pytest
 import torch
-from served_rewards import reward_server
-from test_online import lora_weights, make_trainer
 from transformers import TrainerCallback
 
+from tests.helpers.online import lora_weights, make_trainer
+from tests.helpers.served_rewards import reward_server
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.io.checkpoints import checkpoint_problem
 from trl_diffusion_sdpo.rewards.functions import RemoteReward, RewardError

@@ -1,11 +1,12 @@
 """The parameter-space safeguard's guarantee, measured: after one small plain-SGD step along its gradient, the loss's
-winner term never rises beyond the second-order tolerance derived in ``tests/winner_term_check.py``;
+winner term never rises beyond the second-order tolerance derived in ``tests/helpers/winner_term_check.py``;
 plain Diffusion-DPO's step does let it rise on some of the same batches (so the check can fail)."""
 
 from __future__ import annotations
 
 import pytest
-from winner_term_check import Setting, run
+
+from tests.helpers.winner_term_check import Setting, run
 
 
 def _check(report: dict, start: str, binding: bool = True) -> None:
@@ -17,7 +18,7 @@ def _check(report: dict, start: str, binding: bool = True) -> None:
 
 
 # The same guarantee runs by default on flow transformers (test_flow_families.py's and test_wan.py's
-# test_exact_safeguard_keeps_the_winner_term_from_rising_...), from the same tests/winner_term_check.py.
+# test_exact_safeguard_keeps_the_winner_term_from_rising_...), from the same tests/helpers/winner_term_check.py.
 @pytest.mark.slow
 def test_winner_term_never_rises_beyond_second_order_from_a_dpo_drifted_policy():
     # 50 batches by default (Diffusion-DPO's step raises the winner term on 2 of them); the slow test runs 100 per mu

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.helpers.update_space_problems import _counted, _grouped_problem
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine
 from trl_diffusion_sdpo.safeguards.crossing import ESTIMATED_PASSES, SPARE_PASSES, bracketed_crossing
 from trl_diffusion_sdpo.safeguards.gradients import collectives_for
@@ -215,46 +216,6 @@ def _check_specification(decreases, lam: float, infeasible: bool, mu: float, max
             a, b = (middle, b) if float(decreases([middle])[0]) >= target else (a, middle)
         assert a - resolution - 1e-9 <= lam <= a + 1e-9
     return "binding" if first >= target else "grid"
-
-
-def _counted(update: OptimizerUpdate) -> list[int]:
-    """The number of lambdas of each evaluation pass of ``update`` from now on."""
-    passes: list[int] = []
-    evaluate = update.decreases
-
-    def counted(points: list[float]) -> list[float]:
-        passes.append(len(points))
-        return evaluate(points)
-
-    update.decreases = counted
-    return passes
-
-
-def _grouped_problem(kind: str, seed: int, conflict: float):
-    """Weights of many sizes in two optimizer groups (another learning rate and weight decay), one weight a step
-    behind the others (another bias correction), warmed state; ``g_w``, ``h_l`` in float64 as views of one flat
-    buffer ``[2, total]``, as the one pass hands them over."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(40, 30), (7,), (3, 2, 2), (300,), (5,), (1,), (64, 9)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
-    groups = [{"params": params[::2]}, {"params": params[1::2], "lr": 3e-3, "weight_decay": 0.0}]
-    if kind.startswith("sgd"):
-        optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=kind == "sgd-nesterov", weight_decay=0.01)
-    else:
-        cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-        optimizer = cls(groups, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
-    for step in range(3):
-        for i, p in enumerate(params):
-            p.grad = None if (i == 3 and step == 0) else 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        optimizer.step()
-    sizes = [p.numel() for p in params]
-    flat = torch.empty(2, sum(sizes), dtype=torch.float64)
-    g_w = [v.view(s) for v, s in zip(flat[0].split(sizes), shapes)]
-    h_l = [v.view(s) for v, s in zip(flat[1].split(sizes), shapes)]
-    for w, h in zip(g_w, h_l):
-        w.copy_(0.5 * torch.randn(w.shape, generator=gen, dtype=w.dtype))
-        h.copy_(-conflict * w + 0.5 * torch.randn(w.shape, generator=gen, dtype=w.dtype))
-    return params, optimizer, g_w, h_l
 
 
 # Every optimizer in two corners of the grid by default (one slice, unclipped, mu 0.3; many slices, clipped, mu 0.9):
@@ -514,7 +475,7 @@ def test_fsdp1_refuses_and_the_config_refuses_accumulation(make_config):
 
 
 def test_trainer_lambda_matches_the_brute_force_over_its_own_optimizer(make_trainer):
-    from test_parameter_safeguard import _drift, _explicit_branch_gradients, _trainer_inputs, replay_draws
+    from tests.helpers.parameter_safeguard import _drift, _explicit_branch_gradients, _trainer_inputs, replay_draws
 
     trainer = make_trainer(
         lora=True,
@@ -564,8 +525,7 @@ def test_dspo_sd15_loser_branch_is_negligible_so_both_spaces_leave_the_update_un
     scaled by beta: its branch gradient is a tiny fraction of the winner's, the parameter-space (and update-space)
     rule finds nothing to restrict (lambda = 1), and whatever lambda a rule picks, the step changes by less than
     that fraction. docs/objectives.md: "DSPO and the safeguard"."""
-    from test_parameter_safeguard import _drift, _explicit_branch_gradients, _trainer_inputs
-
+    from tests.helpers.parameter_safeguard import _drift, _explicit_branch_gradients, _trainer_inputs
     from trl_diffusion_sdpo.safeguards.parameter import gradient_dots, parameter_space_lambda
 
     trainer = make_trainer(

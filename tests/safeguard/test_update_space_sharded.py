@@ -11,8 +11,8 @@ import threading
 
 import pytest
 import torch
-from test_update_space import _counted, _grouped_problem
 
+from tests.helpers.update_space_problems import _counted, _grouped_problem
 from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, update_space_lambda
 
 LAMBDAS = torch.linspace(0, 1, 9, dtype=torch.float64)

@@ -133,8 +133,7 @@ def test_scale_lr_multiplies_by_world_batch_and_accumulation_without_mutating_th
 
 
 def test_scale_lr_leaves_the_callers_config_object_alone(make_config, make_pipeline, pickapic_dataset):
-    from conftest import lora_config
-
+    from tests.helpers.common import lora_config
     from trl_diffusion_sdpo import DiffusionSDPOTrainer
 
     config = make_config(
@@ -373,8 +372,7 @@ def test_a_config_made_before_its_owners_registered_is_refused_when_the_trainer_
 ):
     """Made when no layer had registered a check (as after importing the config alone), the config is accepted; the
     trainer runs every check again and refuses it with the message the config gives once they are registered."""
-    from conftest import lora_config
-
+    from tests.helpers.common import lora_config
     from trl_diffusion_sdpo import DiffusionSDPOTrainer
 
     with pytest.raises(ValueError, match=message):

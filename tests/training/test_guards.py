@@ -9,9 +9,9 @@ import socket
 import numpy as np
 import pytest
 import torch
-from conftest import StopAt
 from transformers import TrainerCallback, TrainerControl
 
+from tests.helpers.common import StopAt
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.callbacks.guards import PathologyAction
 from trl_diffusion_sdpo.callbacks.health import WINDOWS, WinnerHealth, remedies

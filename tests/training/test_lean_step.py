@@ -6,9 +6,9 @@ import traceback
 
 import pytest
 import torch
-from conftest import first_batch_gradients
 from transformers import TrainerCallback
 
+from tests.helpers.common import first_batch_gradients
 from trl_diffusion_sdpo.engines.base import (
     clip_gradients,
     fused_scaling_optimizer,

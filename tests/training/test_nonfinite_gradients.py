@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import changed_keys
-from test_trainer import StepSnapshots, step_logs
+
+from tests.helpers.common import changed_keys
+from tests.helpers.trainer_steps import StepSnapshots, step_logs
 
 
 def poison_gradient(trainer, on_backward: int) -> None:

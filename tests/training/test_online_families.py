@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fast_config_values
 from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
 
+from tests.helpers.common import fast_config_values
 from trl_diffusion_sdpo import testing
 from trl_diffusion_sdpo.data.transforms import PairTransform
 from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import StopAt, changed_keys, snapshot
-from transformers import TrainerCallback
 
+from tests.helpers.common import StopAt, changed_keys, snapshot
+from tests.helpers.trainer_steps import StepSnapshots, step_logs
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families.noising import prediction_target
 from trl_diffusion_sdpo.objectives import ObjectiveOutput
@@ -32,10 +32,6 @@ LOGGED_METRICS = [
 ]
 
 
-def step_logs(trainer: DiffusionSDPOTrainer) -> list[dict]:
-    return [h for h in trainer.state.log_history if "loss" in h]
-
-
 def unet_inputs(seed: int = 123, batch: int = 2):
     """Fixed UNet inputs for comparing two UNets' outputs."""
     gen = torch.Generator().manual_seed(seed)
@@ -49,20 +45,6 @@ def unet_inputs(seed: int = 123, batch: int = 2):
 def unet_output(unet, inputs) -> torch.Tensor:
     sample, timesteps, hidden = inputs
     return unet(sample, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
-
-
-class StepSnapshots(TrainerCallback):
-    """Trainable parameters after each optimizer step (index 0: before training)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.snapshots = [self._take()]
-
-    def _take(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.snapshots.append(self._take())
 
 
 # ----------------------------------------------------------------------------------------------- initial state
@@ -469,7 +451,7 @@ def test_nonfinite_loss_with_raise_stops_with_runtime_error_after_a_checkpoint(m
 def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(
     make_pipeline, make_config, pickapic_dataset, tmp_path, lora
 ):
-    from conftest import lora_config
+    from tests.helpers.common import lora_config
 
     def run(output_dir, stop_at=None, resume=None):
         trainer = DiffusionSDPOTrainer(

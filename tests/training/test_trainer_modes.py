@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import changed_keys, lora_config
-from test_trainer import StepSnapshots, step_logs
 from transformers import Trainer, TrainingArguments
 
+from tests.helpers.common import changed_keys, lora_config
+from tests.helpers.trainer_steps import StepSnapshots, step_logs
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 
 # ------------------------------------------------------------------------------------- one process, several GPUs

@@ -110,7 +110,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         "family's value where the Diffusion-SDPO authors measured it (arXiv 2511.03317; real-model evidence "
         "outranks the toy's): 0.9 for SD1.5 (family stable-diffusion) with Diffusion-DPO and DMPO, 0.2 with DSPO, "
         "0.6 for SDXL; elsewhere 0.5, the package's pick from its paired comparisons on the CPU demo "
-        "(benchmarks/results/cpu-safeguard-comparison-demo.json, summarised in "
+        "(benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json, summarised in "
         "trl_diffusion_sdpo/demo/safeguard_recommendation.json): the output space with mu 0.5 paid about as much "
         "as with 0.9 where Diffusion-DPO's pathology bites and cost less where it does not. `auto` holds the "
         "paper's constraint, the winner's error at or below the reference's, by dual ascent on mu from the reduced "

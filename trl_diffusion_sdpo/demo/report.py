@@ -19,8 +19,8 @@ __all__ = ["format_breaking_table", "format_table", "safeguard_recommendation", 
 RECOMMENDATION_FILE = Path(__file__).with_name("safeguard_recommendation.json")
 """When to turn the safeguard on, from the paired comparison on this demo
 (``benchmarks/studies/safeguard_comparison.py``, written there from
-``benchmarks/results/cpu-safeguard-comparison-demo.json``); shipped so the demo can quote it without rerunning the
-comparison."""
+``benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json``); shipped so the demo can quote it
+without rerunning the comparison."""
 
 # metric -> its range (t intervals are clipped to it), or None
 _METRICS: dict[str, tuple[float, float] | None] = {

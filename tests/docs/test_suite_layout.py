@@ -1,0 +1,60 @@
+"""The suite's own layout: ``tests/`` is a package whose shared code lives in ``tests/helpers/``; no test module
+imports another test module or ``conftest``, so a test module's tests run only where it is collected and a helper has
+one home."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITES = [ROOT / "tests", ROOT / "rewards" / "tests", ROOT / "benchmarks" / "tests"]
+
+
+def imported_test_modules(source: str) -> list[str]:
+    """The test modules (``test_*``) and ``conftest`` modules a module's source imports, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        found += [n for n in names if n.rsplit(".", 1)[-1].startswith("test_") or n.rsplit(".", 1)[-1] == "conftest"]
+    return found
+
+
+def test_no_module_of_the_suites_imports_a_test_module_or_a_conftest() -> None:
+    offenders = {
+        str(path.relative_to(ROOT)): found
+        for suite in SUITES
+        for path in sorted(suite.rglob("*.py"))
+        if (found := imported_test_modules(path.read_text()))
+    }
+    assert not offenders, f"move what these share into tests/helpers/: {offenders}"
+
+
+def test_tests_is_a_package_down_to_every_area() -> None:
+    folders = [ROOT / "tests", *(p.parent for p in (ROOT / "tests").rglob("test_*.py")), ROOT / "tests" / "helpers"]
+    missing = sorted({str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file()})
+    assert not missing, f"no __init__.py in {missing}"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from test_docs import RESULT_FILE",
+        "from tests.docs.test_docs import RESULT_FILE",
+        "def f():\n    from test_wan import video_rows",
+        "import test_layering",
+        "from conftest import pickapic_rows",
+    ],
+)
+def test_the_check_finds_a_planted_import(source: str) -> None:
+    assert imported_test_modules(source)
+
+
+def test_the_check_leaves_a_helper_import() -> None:
+    assert imported_test_modules("from tests.helpers.common import pickapic_rows\nimport pytest\n") == []

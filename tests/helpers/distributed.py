@@ -1,0 +1,234 @@
+"""Multi-process launches of the distributed worker and their reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from tests.helpers.common import pickapic_rows
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WORKER = ROOT / "tests" / "distributed_worker.py"
+
+CONFIGS = ROOT / "examples" / "accelerate_configs"
+
+GLOBAL_BATCH = 4
+
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_assets(root: Path, kind: str = "sd15", data: Path | None = None) -> dict[str, Path]:
+    """A saved tiny pipeline and a saved 8-row preference dataset (``data``: an existing one instead) under ``root``,
+    as a user's local folders, built once. ``kind``: SD with its UNet widened to 128 channels (some of its tensors
+    large enough for ZeRO-3 to partition), or SDXL (every tensor below ZeRO-3's persistence threshold)."""
+    if not (root / "pipeline").exists():
+        if kind == "sd15":
+            pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=str(root / "tokenizer"))
+        else:
+            pipe = build_tiny_sdxl_pipeline(seed=0, tokenizer_dir=str(root / "tokenizers"))
+        pipe.save_pretrained(root / "pipeline")
+    if data is None:
+        data = root / "data"
+        if not data.exists():
+            Dataset.from_list(pickapic_rows(8)).save_to_disk(str(data))
+    assets = {"root": root, "pipeline": root / "pipeline", "data": data}
+    return assets if kind == "sd15" else {**assets, "example": "sdxl"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny SD pipeline, its preference dataset and the streams' datasets."""
+    assets = tiny_assets(tmp_path_factory.mktemp("distributed"))
+    root = assets["root"]
+    Dataset.from_list(mixed_rows(12, ties=(1, 4, 6), broken=(9,))).save_to_disk(str(root / "data-ties"))
+    Dataset.from_list(random_stream_rows(0)).save_to_disk(str(root / "data-random-0"))
+    Dataset.from_list(mixed_rows(12, ties=(4, 5, 6, 7))).save_to_disk(str(root / "data-empty-step"))
+    return assets
+
+
+def random_stream_rows(seed: int, n: int = 16) -> list[dict]:
+    """A stream mixing valid rows, ties and broken images at random (seeded); the first row, which is checked
+    before training, is valid."""
+    rng = random.Random(seed)
+    kinds = ["valid"] + rng.choices(["valid", "tie", "broken"], weights=[6, 3, 2], k=n - 1)
+    ties = tuple(i for i, k in enumerate(kinds) if k == "tie")
+    return mixed_rows(n, ties=ties, broken=tuple(i for i, k in enumerate(kinds) if k == "broken"))
+
+
+def mixed_rows(n: int, ties: tuple[int, ...] = (), broken: tuple[int, ...] = ()) -> list[dict]:
+    """``n`` Pick-a-Pic rows, human ties (``label_0 = 0.5``) at ``ties`` and an undecodable image at ``broken``: the
+    collator drops both kinds from a stream, whatever ``skip_invalid_rows`` says."""
+    rows = pickapic_rows(n)
+    for i in ties:
+        rows[i]["label_0"] = rows[i]["label_1"] = 0.5
+    for i in broken:
+        rows[i]["jpg_1"] = b"not an image"
+    return rows
+
+
+_REPORTS: dict[tuple, dict] = {}  # launch key -> the worker's report (plus "model_dir"), for the whole module
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training: which assets (``"sd15"`` or ``"sdxl"``), which accelerate config (``None``: one plain process),
+    LoRA or full tuning, further script arguments (``{root}`` stands for the assets' folder), extra ``accelerate
+    launch`` arguments, and the step whose loss turns NaN on process 1."""
+
+    assets: str
+    config: str | None
+    lora: bool
+    extra: tuple[str, ...] = ()
+    launch: tuple[str, ...] = ()
+    poison_step: int | None = None
+
+    def arguments(self, assets: dict) -> tuple[str, ...]:
+        return tuple(a.format(root=assets["root"]) for a in self.extra)
+
+    def key(self, assets: dict) -> tuple:
+        return (str(assets["root"]), self.config, self.lora, self.arguments(assets), self.launch, self.poison_step)
+
+    @property
+    def group(self) -> tuple:
+        """Trainings that share processes: every one-process training, and every two-process one."""
+        return ("one process",) if self.config is None else ("two processes",)
+
+    @property
+    def mixed_precision(self) -> str:
+        return "bf16" if "--bf16" in self.extra else "no"
+
+    def launch_arguments(self, processes: int) -> list[str]:
+        """``accelerate launch`` arguments (before the script) for this training's configuration."""
+        return [
+            "--config_file", str(CONFIGS / self.config), "--num_processes", str(processes),
+            "--mixed_precision", self.mixed_precision, "--main_process_port", str(_free_port()), *self.launch,
+        ]  # fmt: skip
+
+
+def _launch_environment(run: Run, processes: int) -> dict[str, str]:
+    """The ``ACCELERATE_*`` and ``FSDP_*`` variables ``accelerate launch`` would give ``run``'s workers, as
+    accelerate's ``launch_command`` computes them (its DeepSpeed and multi-process launchers' environments)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    parsed = launch_command_parser().parse_args([*run.launch_arguments(processes), str(WORKER)])
+    args, defaults, mp_from_config_flag = _validate_launch_command(parsed)
+    if args.use_deepspeed:  # as launch_command does before deepspeed_launcher
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields + ["mixed_precision"] * mp_from_config_flag)
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        assert args.multi_gpu or args.use_fsdp, run.config
+        env = prepare_multi_gpu_env(args)
+    return {name: value for name, value in env.items() if name.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def _script_arguments(assets: dict, name: str, run: Run, processes: int) -> list[str]:
+    out = assets["root"] / name
+    return [
+        "--model_name_or_path", str(assets["pipeline"]), "--dataset_name", str(assets["data"]),
+        "--output_dir", str(out / "model"), "--resolution", "32", "--max_steps", str(STEPS),
+        "--per_device_train_batch_size", str(GLOBAL_BATCH // processes), "--learning_rate", "1e-3",
+        "--scale_lr", "false", "--warmup_steps", "0", "--logging_steps", "1", "--report_to", "none",
+        "--save_strategy", "no", "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        "--safeguard_scope", "global",
+        *(["--use_peft", "--lora_r", "4", "--lora_alpha", "4", "--lora_dropout", "0"] if run.lora else []),
+        *run.arguments(assets),
+    ]  # fmt: skip
+
+
+def _launch(jobs: list[tuple[dict, str, Run]], processes: int = 2) -> None:
+    """Run ``jobs`` (assets, name, run; all on one process or all on ``processes``) in one launch of the first job's
+    configuration and store their reports."""
+    first = jobs[0][2]
+    processes = 1 if first.config is None else processes
+    jobs_file = jobs[0][0]["root"] / f"jobs-{jobs[0][1]}.json"
+    worker_jobs = []
+    for assets, name, run in jobs:
+        worker_jobs.append(
+            {
+                "result": str(assets["root"] / name / "result.json"),
+                "example": assets.get("example", "sd15"),
+                "argv": _script_arguments(assets, name, run, processes),
+                "poison_step": run.poison_step,
+            }
+        )
+        if run.config is not None and (run.config, run.launch, run.mixed_precision) != (
+            first.config, first.launch, first.mixed_precision
+        ):  # fmt: skip
+            worker_jobs[-1]["env"] = _launch_environment(run, processes)
+    jobs_file.write_text(json.dumps(worker_jobs, indent=1))
+    command = [sys.executable, str(WORKER), "--jobs", str(jobs_file)]
+    if first.config is not None:
+        command[1:1] = ["-m", "accelerate.commands.launch", *first.launch_arguments(processes)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300 + 300 * len(jobs))
+    names = ", ".join(name for _, name, _ in jobs)
+    assert proc.returncode == 0, f"{names} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    for assets, name, run in jobs:
+        report = json.loads((assets["root"] / name / "result.json").read_text())
+        report["model_dir"] = str(assets["root"] / name / "model")
+        _REPORTS[run.key(assets)] = report
+
+
+def run(
+    assets, name: str, config: str | None, lora: bool, *extra: str, processes: int = 2, launch: tuple[str, ...] = ()
+) -> dict:
+    """Train with ``config`` (``None``: one plain process) in a launch of its own, once per set of arguments, and
+    return the worker's report."""
+    spec = Run("", config, lora, tuple(extra), tuple(launch))
+    key = spec.key(assets)
+    if key not in _REPORTS:
+        _launch([(assets, name, spec)], processes)
+    return _REPORTS[key]
+
+
+def _weights(model_dir: Path, lora: bool, denoiser: str = "unet") -> dict[str, torch.Tensor]:
+    """The saved LoRA, or the saved denoiser's weights (``denoiser``: its subfolder, "transformer" for flow models)."""
+    if lora:
+        return load_file(model_dir / "pytorch_lora_weights.safetensors")
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted((model_dir / denoiser).glob("*.safetensors")):
+        weights.update(load_file(f))
+    return weights
+
+
+def _assert_resumed_like_straight(
+    straight: dict,
+    resumed: dict,
+    checkpoint: Path,
+    lora: bool,
+    denoiser: str = "unet",
+    engine_state: str = "global_step",
+) -> None:
+    """The checkpoint holds the weights and the engine's own state (``engine_state``: the name it starts with,
+    DeepSpeed's ``global_step*`` folder or accelerate's FSDP ``optimizer*``); the resumed run ends where the
+    uninterrupted one did."""
+    assert (checkpoint / ("pytorch_lora_weights.safetensors" if lora else denoiser)).exists()
+    assert any(p.name.startswith(engine_state) for p in checkpoint.iterdir())
+    assert resumed["global_step"] == STEPS
+    assert resumed["losses"][-1] == pytest.approx(straight["losses"][-1], rel=1e-5)
+    a = _weights(Path(straight["model_dir"]), lora, denoiser)
+    b = _weights(Path(resumed["model_dir"]), lora, denoiser)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
