@@ -11,7 +11,8 @@ resuming from it on ``P'`` processes must keep ``G``:
   samples of that permutation and ``global_step * A' * P' * b' = global_step * G = S``. Optimizer step ``k`` sees
   the samples ``[k * G, (k + 1) * G)`` of the permutation whatever ``P'``, ``b'`` and ``A'``. When the global
   micro-batch ``P' * b'`` is also kept (so ``A' = A``), every micro-batch holds the same pairs with the same keyed
-  draws (:class:`~trl_diffusion_sdpo.step.stages.MicroBatchDraws`) as in the uninterrupted run; otherwise the micro-batches are split differently and
+  draws (:class:`~trl_diffusion_sdpo.step.stages.MicroBatchDraws`) as in the uninterrupted run; otherwise the
+  micro-batches are split differently and
   the per-micro-batch draws and safeguard ``lambda`` are those of the new split (logged).
 * ``G`` would change: refused (:class:`ResumeConfigError`), naming the per-device batch and
   accumulation that keep it on ``P'`` processes. A new global batch would move the dataloader to a position that
