@@ -596,17 +596,16 @@ def main(argv: Sequence[str] | None = None):
     from ..trainer import DiffusionSDPOTrainer
 
     check_supported(script_args, model_args)
-    try:  # before the model loads: a data folder's problem is one line, not a traceback after minutes of loading
-        base_quantization_for(model_args, diffusion_args).check_usable()
-        if diffusion_args.latent_cache:
-            train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
-        else:
-            train_dataset = load_train_split(script_args, diffusion_args, training_args)
-        eval_dataset = None
-        if training_args.eval_strategy != "no":
-            eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split, training_args)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"trl-diffusion-sdpo train: error: {err}") from None
+    # Before the model loads: a data folder's problem is one line (the command line's), not a traceback after minutes
+    # of loading.
+    base_quantization_for(model_args, diffusion_args).check_usable()
+    if diffusion_args.latent_cache:
+        train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
+    else:
+        train_dataset = load_train_split(script_args, diffusion_args, training_args)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split, training_args)
     pipeline = build_pipeline(model_args, diffusion_args)
     peft_config = peft_config_for(model_args, pipeline)
     trainer = DiffusionSDPOTrainer(
@@ -627,13 +626,8 @@ def train_save_and_push(trainer, dataset_name: str | None):
     args = trainer.args
     if args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
         trainer.create_model_card(dataset_name=dataset_name)
-    from ..io.checkpoints import EarlierRunError
-
     trainer.add_callback(ModelCardOnSave(trainer, dataset_name))
-    try:
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except EarlierRunError as err:  # a refusal that names its remedies: one line, not a traceback
-        raise SystemExit(f"trl-diffusion-sdpo: error: {err}") from None
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # a refusal: one line (the command line's)
     trainer.save_model(args.output_dir)
     # As TRL's scripts: the saved model comes with its card (README.md: base model, dataset, method, settings).
     trainer.create_model_card(dataset_name=dataset_name)

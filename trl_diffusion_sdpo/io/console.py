@@ -14,8 +14,17 @@ import logging
 import os
 import re
 import sys
+import traceback
+from collections.abc import Callable, Sequence
 
 __all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
+
+# The command line's switch and variable that show the traceback of an error a user can fix (one line otherwise).
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "TRL_DIFFUSION_SDPO_DEBUG"
+_TRUE = {"1", "true", "yes", "on"}
+# Whether the command line runs (set by run_command): advice then names flags, from Python the keyword arguments.
+_on_command_line = False
 
 # Messages that say nothing a user can act on, by the logger that emits them and their exact text.
 NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
@@ -103,3 +112,68 @@ def log_to_console() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     package.addHandler(handler)
+
+
+def advice(flag: str, python: str) -> str:
+    """``flag`` (the command line's words) when the command line runs, ``python`` (the keyword arguments) from
+    Python: an error a user fixes names what they typed."""
+    return flag if _on_command_line else python
+
+
+def debug_requested(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """``argv`` without :data:`DEBUG_FLAG`, and whether tracebacks were asked for (the flag or :data:`DEBUG_ENV`)."""
+    rest = [word for word in argv if word != DEBUG_FLAG]
+    return rest, len(rest) != len(argv) or os.environ.get(DEBUG_ENV, "").strip().lower() in _TRUE
+
+
+def user_error_status(error: BaseException) -> int | None:
+    """The exit status of an error a user can fix: 1 for the data (:class:`~.data.validation.DataError`), 2 for the
+    rest (an option, a config value, a folder, a missing extra: the package's own error classes, or a ValueError,
+    FileNotFoundError or ImportError the package raised with its message); ``None`` for anything else, a bug whose
+    traceback is the report."""
+    from ..config.extras import ExtraNotInstalled
+    from ..data.validation import DataError
+    from .checkpoints import CheckpointError, CheckpointSaveError, EarlierRunError
+    from .hub import HubPushError
+    from .run_lock import RunLockedError
+
+    if isinstance(error, DataError):
+        return 1
+    if isinstance(
+        error,
+        ExtraNotInstalled | CheckpointError | CheckpointSaveError | EarlierRunError | HubPushError | RunLockedError,
+    ):
+        return 2
+    if isinstance(error, ValueError | FileNotFoundError | NotADirectoryError) and _raised_by_the_package(error):
+        return 2
+    return None
+
+
+def _raised_by_the_package(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is the package's code: a message it wrote for users."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, above io/
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package + os.sep)
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def run_command(prog: str, command: Callable[[], int | None], debug: bool = False) -> int:
+    """Run ``command`` as the command line does: an error a user can fix (:func:`user_error_status`) ends it with
+    ``prog: error: <one line>`` on stderr and its exit status, no traceback; ``debug`` re-raises it (the traceback).
+    Advice in messages names flags while it runs (:func:`advice`)."""
+    global _on_command_line
+    before, _on_command_line = _on_command_line, True
+    try:
+        return command() or 0
+    except Exception as error:
+        status = None if debug else user_error_status(error)
+        if status is None:
+            raise
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return status
+    finally:
+        _on_command_line = before
