@@ -45,6 +45,7 @@ __all__ = [
     "build_pipeline",
     "check_supported",
     "check_supported_model",
+    "early_stopping_split",
     "load_split",
     "load_train_split",
     "main",
@@ -109,9 +110,10 @@ class DiffusionScriptArguments:
     early_stopping_patience: int | None = field(
         default=None,
         metadata={
-            "help": "Stop after this many evaluations without improving metric_for_best_model (transformers' "
-            "EarlyStoppingCallback); needs an eval split (--eval_strategy, --dataset_test_split), "
-            "--metric_for_best_model (e.g. implicit_acc) and --load_best_model_at_end."
+            "help": "Stop after this many evaluations without improving --metric_for_best_model (default "
+            "implicit_acc, the held-out pairs' accuracy; transformers' EarlyStoppingCallback). Evaluates at the "
+            "saves' strategy and interval and loads the best checkpoint at the end (--load_best_model_at_end); needs "
+            "an eval split (--dataset_test_split), refused without one."
         },
     )
     base_quantization: str = field(
@@ -591,7 +593,7 @@ def main(argv: Sequence[str] | None = None):
     if not on_terminal():  # a log file: no bars of \r redraws; each log is a line of its own
         quiet_progress_bars()
         training_args.disable_tqdm = True
-    from ..callbacks.guards import early_stopping
+    from ..callbacks.guards import configure_early_stopping, early_stopping
     from ..data.sharded_cache import load_sharded_latent_cache
     from ..trainer import DiffusionSDPOTrainer
 
@@ -604,7 +606,10 @@ def main(argv: Sequence[str] | None = None):
     else:
         train_dataset = load_train_split(script_args, diffusion_args, training_args)
     eval_dataset = None
-    if training_args.eval_strategy != "no":
+    if diffusion_args.early_stopping_patience is not None:
+        eval_dataset = early_stopping_split(script_args, training_args, diffusion_args)
+        configure_early_stopping(training_args)
+    elif training_args.eval_strategy != "no":
         eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split, training_args)
     pipeline = build_pipeline(model_args, diffusion_args)
     peft_config = peft_config_for(model_args, pipeline)
@@ -618,6 +623,29 @@ def main(argv: Sequence[str] | None = None):
         callbacks=early_stopping(diffusion_args.early_stopping_patience),
     )
     return train_save_and_push(trainer, script_args.dataset_name)
+
+
+def early_stopping_split(
+    script_args: ScriptArguments, training_args: DiffusionSDPOConfig, diffusion_args: DiffusionScriptArguments
+):
+    """The evaluation split that ``--early_stopping_patience`` watches, or a ``ValueError`` in one line naming
+    ``--dataset_test_split`` (and ``eval_dataset``, the trainer's argument from Python) when there is none."""
+    split = script_args.dataset_test_split
+    remedy = (
+        "name the evaluation split with --dataset_test_split (from Python: pass eval_dataset to the trainer), or "
+        "drop --early_stopping_patience"
+    )
+    if diffusion_args.latent_cache:
+        raise ValueError(f"--early_stopping_patience needs an evaluation split; --latent_cache has none: {remedy}")
+    if not split:
+        raise ValueError(f"--early_stopping_patience needs an evaluation split: {remedy}")
+    try:
+        return load_split(script_args, diffusion_args, split, training_args)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(
+            f"--early_stopping_patience needs an evaluation split, and {script_args.dataset_name} has no split "
+            f"{split!r} ({' '.join(str(err).split())[:200]}): {remedy}"
+        ) from err
 
 
 def train_save_and_push(trainer, dataset_name: str | None):
