@@ -74,19 +74,25 @@ def filter_known_noise() -> None:
 
 
 def on_terminal() -> bool:
-    """Whether stderr, where progress bars and logs go, is a terminal."""
-    return sys.stderr.isatty()
+    """Whether stderr, where progress bars and logs go, is a terminal, or a notebook's output (which draws bars as
+    widgets)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def quiet_progress_bars() -> None:
     """Turn off the loading bars of diffusers (pipeline components), transformers (weights) and the Hub
-    (downloads), and ``datasets``' bars (``Generating train split``, ``map``)."""
+    (downloads), ``datasets``' bars (``Generating train split``, ``map``) and the denoising bar of every pipeline that
+    sets no progress-bar config of its own."""
     import datasets
+    import diffusers
     import diffusers.utils.logging
     import huggingface_hub.utils
     import transformers.utils.logging
 
     diffusers.utils.logging.disable_progress_bar()
+    # A pipeline's denoising bar follows its own config (set_progress_bar_config), which a pipeline without one reads
+    # from the class: off for every pipeline that sets none, the user's own included.
+    diffusers.DiffusionPipeline._progress_bar_config = {"disable": True}
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     datasets.disable_progress_bars()
