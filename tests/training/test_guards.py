@@ -446,3 +446,28 @@ def test_a_resumed_run_continues_with_the_guards_state_of_the_uninterrupted_one(
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_on_pathology_escalate_raises_the_mu_the_trainers_safeguard_uses(make_trainer):
+    """Through a trainer (not a hand-built PathologyAction): a flagged log raises the safeguard's own mu halfway to 1,
+    the next steps' logs carry it, and a run that is not flagged keeps its mu."""
+    flagged = make_trainer(max_steps=3, logging_steps=1, safeguard=True, safeguard_mu=0.5, on_pathology="escalate")
+    assert flagged.safeguard.margin.current() == 0.5
+
+    def always_flagged(logs, history, step):
+        logs["health/winner_pathology"] = 1.0
+
+    flagged.health.annotate = always_flagged
+    flagged.train()
+    logs = [log for log in flagged.state.log_history if "health/escalations" in log and "loss" in log]
+    # escalated at the first log, then not again before WINDOWS more logs have passed under the raised mu
+    assert len(logs) == 3 <= WINDOWS
+    assert [log["safeguard/mu"] for log in logs] == pytest.approx([0.75, 0.75, 0.75])
+    assert [log["health/escalations"] for log in logs] == [1.0, 1.0, 1.0]
+    assert flagged.safeguard.margin.current() == pytest.approx(0.75)
+
+    calm = make_trainer(max_steps=2, logging_steps=1, safeguard=True, safeguard_mu=0.5, on_pathology="escalate")
+    calm.health.annotate = lambda logs, history, step: logs.update({"health/winner_pathology": 0.0})
+    calm.train()
+    assert calm.safeguard.margin.current() == 0.5
+    assert all(log["safeguard/mu"] == 0.5 for log in calm.state.log_history if "health/escalations" in log)
