@@ -490,6 +490,7 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
     from ..families.loading import dtype_keyword, resolve_model_name
     from ..families.quantization import load_quantized_pipeline
 
+    check_model_exists(model_args.model_name_or_path)
     quantization = base_quantization_for(model_args, diffusion_args)
     try:  # one line before anything loads (bitsandbytes without a CUDA GPU, a backend not installed)
         quantization.check_usable()
@@ -511,6 +512,24 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
         quantize_text_encoders=not diffusion_args.latent_cache,
         **kwargs,
     )
+
+
+def check_model_exists(name: str) -> None:
+    """A ``FileNotFoundError`` in one line where ``--model_name_or_path`` is neither a local folder nor a pipeline
+    the Hub has (or can be asked about), before any loading (:func:`~..data.formats.hub_dataset_problem`)."""
+    from ..data.formats import hub_dataset_problem
+    from ..loading import resolve_model_name
+
+    resolved = resolve_model_name(name)
+    if os.path.exists(resolved):
+        return
+    problem = hub_dataset_problem(str(resolved), kind="model")
+    if problem is not None:
+        raise FileNotFoundError(
+            f"--model_name_or_path {name}: no such folder ({os.path.abspath(os.path.expanduser(name))}), {problem}. "
+            "Give a diffusers pipeline folder (model_index.json inside), a Hub id NAMESPACE/NAME or "
+            "trl-diffusion-sdpo:tiny (the shipped base)."
+        )
 
 
 def peft_config_for(model_args: ModelConfig, pipeline):

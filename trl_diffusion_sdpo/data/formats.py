@@ -207,25 +207,26 @@ def hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or any(v.strip().upper() in {"1", "ON", "YES", "TRUE"} for v in values)
 
 
-def hub_dataset_problem(name: str) -> str | None:
-    """Why ``name`` (no local file or folder) cannot be a Hub dataset, or ``None`` where ``load_dataset`` should
-    try it. One request at most (:data:`HUB_PROBE_TIMEOUT_S`, no retries): the Hub says the dataset does not exist,
-    or cannot be reached; any other answer (a gated or private dataset) is left to ``load_dataset``."""
+def hub_dataset_problem(name: str, kind: str = "dataset") -> str | None:
+    """Why ``name`` (no local file or folder) cannot be a Hub ``kind`` (``"dataset"`` or ``"model"``), or ``None``
+    where the loader should try it. One request at most (:data:`HUB_PROBE_TIMEOUT_S`, no retries): the Hub says it
+    does not exist, or cannot be reached; any other answer (a gated or private repository) is left to the loader."""
     if looks_local(name):
         return "and, written as a local path, it is not looked for on the Hub"
     if not HUB_ID.match(name) or "--" in name or ".." in name:
-        return "and it is not a Hub dataset id either (NAME or NAMESPACE/NAME: letters, digits, '-', '_', '.')"
+        return f"and it is not a Hub {kind} id either (NAME or NAMESPACE/NAME: letters, digits, '-', '_', '.')"
     if hub_offline():
         return "and the Hub is not asked (HF_HUB_OFFLINE=1)"
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
+    api = HfApi()
     try:
-        HfApi().dataset_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+        (api.dataset_info if kind == "dataset" else api.model_info)(name, timeout=HUB_PROBE_TIMEOUT_S)
     except GatedRepoError:
         return None
     except RepositoryNotFoundError:
-        return "and the Hub has no dataset of that name (or it is private: log in with `hf auth login`)"
+        return f"and the Hub has no {kind} of that name (or it is private: log in with `hf auth login`)"
     except HfHubHTTPError:
         return None
     except Exception as err:  # no answer: a connection refused, a name not resolved, a timeout, offline

@@ -135,7 +135,7 @@ def debug_requested(argv: Sequence[str]) -> tuple[list[str], bool]:
 def user_error_status(error: BaseException) -> int | None:
     """The exit status of an error a user can fix: 1 for the data (:class:`~.data.validation.DataError`), 2 for the
     rest (an option, a config value, a folder, a missing extra: the package's own error classes, or a ValueError,
-    FileNotFoundError or ImportError the package raised with its message); ``None`` for anything else, a bug whose
+    KeyError or FileNotFoundError the package raised with its message); ``None`` for anything else, a bug whose
     traceback is the report."""
     from ..config.extras import ExtraNotInstalled
     from ..data.validation import DataError
@@ -150,7 +150,9 @@ def user_error_status(error: BaseException) -> int | None:
         ExtraNotInstalled | CheckpointError | CheckpointSaveError | EarlierRunError | HubPushError | RunLockedError,
     ):
         return 2
-    if isinstance(error, ValueError | FileNotFoundError | NotADirectoryError) and _raised_by_the_package(error):
+    if isinstance(error, ValueError | KeyError | FileNotFoundError | NotADirectoryError) and _raised_by_the_package(
+        error
+    ):
         return 2
     return None
 
@@ -163,8 +165,9 @@ def _raised_by_the_package(error: BaseException) -> bool:
 
 
 def one_line(error: BaseException) -> str:
-    """``error``'s message on one line."""
-    return " ".join(str(error).split()) or type(error).__name__
+    """``error``'s message on one line (a KeyError's without the quotes its ``str`` adds)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split()) or type(error).__name__
 
 
 def run_command(prog: str, command: Callable[[], int | None], debug: bool = False) -> int:
