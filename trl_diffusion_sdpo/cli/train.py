@@ -518,7 +518,7 @@ def check_model_exists(name: str) -> None:
     """A ``FileNotFoundError`` in one line where ``--model_name_or_path`` is neither a local folder nor a pipeline
     the Hub has (or can be asked about), before any loading (:func:`~..data.formats.hub_dataset_problem`)."""
     from ..data.formats import hub_dataset_problem
-    from ..loading import resolve_model_name
+    from ..families.loading import resolve_model_name
 
     resolved = resolve_model_name(name)
     if os.path.exists(resolved):
