@@ -126,9 +126,10 @@ def main() -> None:
             results.append(result)
             verdict = "one line" if result["one_line"] else "NOT ONE LINE"
             print(f"[{result['exit_code']}] {verdict}: {mistake}: {result['stderr_last_lines'][-1:]}")
-    for result in results:  # the temporary folder's path is the machine's, not the walk's
+    for result in results:  # the temporary folder's and the checkout's paths are the machine's, not the walk's
         for key in ("command", "stderr_last_lines"):
-            result[key] = json.loads(json.dumps(result[key]).replace(str(work), "$WORK"))
+            text = json.dumps(result[key]).replace(str(work), "$WORK").replace(str(ROOT), "$REPO")
+            result[key] = json.loads(text)
     report = {
         "what": "Each README / docs/quickstart.md command with one deliberate mistake: its exit status and last "
         "stderr lines; one_line: a non-zero exit whose last line is the error and no traceback.",
