@@ -33,7 +33,6 @@ from .callbacks.health import WinnerHealth
 from .callbacks.nonfinite import NonFiniteLossGuard, NonFiniteTracker
 from .callbacks.stream_guard import StreamGuard
 from .config import DiffusionSDPOConfig, check_config
-from .console import quiet_off_terminal
 from .data.scoring import RewardFn
 from .data.training_data import prepare_training_data
 from .engines import Engine, engine_for
@@ -50,6 +49,7 @@ from .families.preparation import (
     wants_gradient_checkpointing,
 )
 from .families.quantization import check_engine_supports_quantized_base
+from .io.console import quiet_off_terminal
 from .io.run_files import RunFiles, files_hook
 from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable

@@ -421,7 +421,7 @@ def test_video_pair_folders_fill_the_video_columns_and_a_mixed_pair_is_named(tmp
 def test_an_empty_data_folder_is_one_error_naming_the_layouts_read(tmp_path, capsys):
     """``train --dataset_name EMPTY`` ends with one line on stderr that lists what a data folder may hold, before any
     model is loaded (the model named does not exist)."""
-    from trl_diffusion_sdpo.cli import main
+    from trl_diffusion_sdpo.cli.main import main
     from trl_diffusion_sdpo.data.formats import load_preference_data
 
     empty = tmp_path / "empty"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from trl_diffusion_sdpo import console
 from trl_diffusion_sdpo.data.progress import datasets_progress_bars
+from trl_diffusion_sdpo.io import console
 
 
 @pytest.mark.parametrize("disable_tqdm", [True, False])

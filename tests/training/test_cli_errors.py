@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trl_diffusion_sdpo.cli import main
-from trl_diffusion_sdpo.console import DEBUG_ENV, run_command
+from trl_diffusion_sdpo.cli.main import main
+from trl_diffusion_sdpo.config.extras import require_extra
 from trl_diffusion_sdpo.data.formats import DatasetNotFoundError, hub_dataset_problem
-from trl_diffusion_sdpo.extras import require_extra
+from trl_diffusion_sdpo.io.console import DEBUG_ENV, run_command
 
 TINY = "trl-diffusion-sdpo:tiny"
 FAST = ["--use_cpu", "--max_steps", "1", "--per_device_train_batch_size", "2", "--resolution", "32", "--report_to"]
@@ -146,7 +146,7 @@ def test_an_empty_prompt_file_is_named_as_empty_in_one_line_with_exit_1(tmp_path
     line = error_line(lines)
     assert status == 1
     assert "row 2, column 'prompt'" in line and f"pair folder {data / 'p2'}: prompt.txt is empty" in line
-    assert "--skip_invalid_rows true" in line  # the command line's words, not Python's
+    assert "--skip_invalid_rows true" in line  # the flag that skips such rows
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 

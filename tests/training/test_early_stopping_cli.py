@@ -13,10 +13,10 @@ from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
-from trl_diffusion_sdpo.cli import main
-from trl_diffusion_sdpo.guards import EARLY_STOPPING_METRIC, configure_early_stopping
-from trl_diffusion_sdpo.scripts.train import DiffusionScriptArguments
-from trl_diffusion_sdpo.scripts.train import main as train_main
+from trl_diffusion_sdpo.callbacks.guards import EARLY_STOPPING_METRIC, configure_early_stopping
+from trl_diffusion_sdpo.cli.main import main
+from trl_diffusion_sdpo.cli.train import DiffusionScriptArguments
+from trl_diffusion_sdpo.cli.train import main as train_main
 
 MAX_STEPS = 8
 

@@ -29,7 +29,6 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from ..io.console import advice
 from .pickapic import as_trl_form
 from .progress import datasets_progress_bars
 from .validation import (
@@ -95,9 +94,9 @@ def prepare_preference_dataset(
             if sources is not None and sources[index]:
                 message += f" (from {sources[index]})"
             if not args.skip_invalid_rows:
-                skip = advice("--skip_invalid_rows true", "skip_invalid_rows=True")
                 raise DataError(
-                    f"Invalid {split} dataset {message}. Fix the data or set {skip} to skip and count such rows."
+                    f"Invalid {split} dataset {message}. Fix the data or set skip_invalid_rows=True "
+                    "(--skip_invalid_rows true) to skip and count such rows."
                 )
             report.invalid_skipped += 1
             if len(report.examples) < 5:

@@ -38,7 +38,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveS
 from transformers.utils import PushInProgress
 
 from ..callbacks.preemption import PreemptionCallback, parse_signals, preemption_signal_handlers
-from .console import advice
 from . import checkpoints, saving
 from .checkpoints import (
     TRAINER_STATE_NAME,
@@ -57,6 +56,7 @@ from .checkpoints import (
     save_failure,
     staging_folder,
 )
+from .console import advice
 from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
 from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
