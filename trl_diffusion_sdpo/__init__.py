@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .config._lazy import lazy_attributes
+from .io.console import filter_known_noise
 
 __version__ = "0.1.0.dev0"
 
@@ -87,3 +88,7 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
+
+# Before a script imports diffusers or transformers after this package: their known noise (a torchvision fallback,
+# torchao's kernels that do not load here) is dropped by its exact message (console.NOISE); logging filters only.
+filter_known_noise()

@@ -49,6 +49,7 @@ from .families.preparation import (
     wants_gradient_checkpointing,
 )
 from .families.quantization import check_engine_supports_quantized_base
+from .io.console import quiet_off_terminal
 from .io.run_files import RunFiles, files_hook
 from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
@@ -69,6 +70,10 @@ from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, Usable
 __all__ = ["DiffusionSDPOTrainer"]
 
 logger = logging.getLogger(__name__)
+
+# Imported before a user's script loads its pipeline: third-party noise filtered and, off a terminal, the libraries'
+# loading bars off, as the command line does (console.quiet_off_terminal).
+quiet_off_terminal()
 
 
 class DiffusionSDPOTrainer(Trainer):
@@ -125,6 +130,8 @@ class DiffusionSDPOTrainer(Trainer):
             args = DiffusionSDPOConfig(output_dir="diffusion-sdpo")
         if not isinstance(args, DiffusionSDPOConfig):
             raise TypeError(f"args must be a DiffusionSDPOConfig, got {type(args).__name__}")
+        if not quiet_off_terminal():  # a log file: each log a line of its own (PrinterCallback), no \r redraws
+            args.disable_tqdm = True
         # Every rule again, now that the objectives, families and io (imported above) have registered theirs: a
         # config made before they were imported met only the config layer's own rules.
         check_config(args)

@@ -146,6 +146,8 @@ RUNS: dict[str, Run] = {
     # FSDP2
     "fsdp2-lora": Run("sd15", FSDP2, True),
     "fsdp2-random-stream-0-parameter": Run("sd15", FSDP2, True, (*RANDOM_STREAM_0, *PARAMETER)),
+    # its lambdas against one process's: shard inner products summed over processes (not the ranks' mere agreement)
+    "fsdp2-parameter-lora": Run("sd15", FSDP2, True, PARAMETER),
     # DeepSpeed ZeRO-2
     "deepspeed_zero2-lora": Run("sd15", "deepspeed_zero2.yaml", True),
     "deepspeed_zero2-empty-step-lora": Run("sd15", "deepspeed_zero2.yaml", True, EMPTY_STEP),
@@ -170,7 +172,6 @@ SLOW_RUNS: dict[str, Run] = {
     "ddp-streamed-ties-parameter-lora": Run("sd15", "multi_gpu.yaml", True, (*STREAMED_TIES, *PARAMETER)),
     "ddp-random-stream-0-dpo": Run("sd15", "multi_gpu.yaml", True, (*RANDOM_STREAM_0, *PLAIN_DPO)),
     "fsdp2-full": Run("sd15", FSDP2, False),
-    "fsdp2-parameter-lora": Run("sd15", FSDP2, True, PARAMETER),
     "deepspeed_zero1-lora": Run("sd15", "deepspeed_zero1.yaml", True),
     "deepspeed_zero1-full": Run("sd15", "deepspeed_zero1.yaml", False),
     "deepspeed_zero2-full": Run("sd15", "deepspeed_zero2.yaml", False, SAVE_AT_STEP_2),
@@ -669,8 +670,7 @@ def test_fsdp2_two_processes_train_like_one(runs, lora):
     assert report["saved_files"] == single["saved_files"]
 
 
-@pytest.mark.slow  # FSDP2's parameter space: the random stream's FSDP2 run and test_one_pass_engines.py
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"])
 def test_fsdp2_parameter_space_safeguard_on_two_processes_trains_like_one(runs, assets, lora):
     """FSDP2 reduce-scatters each branch's gradient: lambda from the shards' inner products, summed over processes,
     is that of one process with the same global batch."""

@@ -183,14 +183,15 @@ def test_model_config_options_for_language_models_are_refused(
     ],
 )
 def test_bitsandbytes_4bit_options_without_a_4bit_base_are_refused(
-    local_pipeline_and_data, tmp_path: Path, flags, message
+    local_pipeline_and_data, tmp_path: Path, flags, message, capsys
 ) -> None:
     """Alone they used to be ignored; they apply to a base loaded with --load_in_4bit (docs/quantization.md). Refused
     in one line before anything loads."""
     pipe_dir, data_dir = local_pipeline_and_data
     argv = ["--model_name_or_path", pipe_dir, "--dataset_name", data_dir, "--output_dir", str(tmp_path), *flags]
-    with pytest.raises(SystemExit, match=f"^trl-diffusion-sdpo train: error: {re.escape(message)}"):
-        train_main(argv)
+    assert cli_main(["train", *argv]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(f"^trl-diffusion-sdpo train: error: {re.escape(message)}", last), last
 
 
 @pytest.mark.parametrize("command", ["train", "cache"])

@@ -187,3 +187,33 @@ def test_the_model_card_shows_the_last_validation_grid(make_trainer, tmp_path):
     card = (tmp_path / "run" / "README.md").read_text()
     assert "![validation samples](validation/step-000002.png)" in card
     assert (tmp_path / "run" / "validation" / "step-000002.png").exists()
+
+
+def test_with_ema_decay_validation_samples_the_ema_weights_not_the_trained_ones(make_trainer, tmp_path):
+    """The grid of a run with ``ema_decay`` is sampled from the EMA of the trained weights (swapped in for it, the
+    trained ones back afterwards)."""
+    trainer = make_trainer(
+        max_steps=2,
+        learning_rate=1e-2,
+        ema_decay=0.5,
+        output_dir=str(tmp_path / "run"),
+        validation_prompts=PROMPTS[:1],
+        validation_seeds=[0],
+        validation_steps=2,
+        validation_num_inference_steps=1,
+    )
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
+    sampled = {}
+
+    def record_weights():
+        sampled[trainer.state.global_step] = [p.detach().clone() for p in trainer.ema.parameters]
+        return Image.new("RGB", (2, 2)), []
+
+    callback.generate = record_weights
+    trainer.train()
+    assert sorted(sampled) == [0, 2]
+    trained = [p.detach() for p in trainer.ema.parameters]
+    ema = trainer.ema.ema.shadow_params
+    assert any(not torch.equal(a, b) for a, b in zip(trained, ema, strict=True))  # the EMA lags the trained weights
+    for at_sampling, average in zip(sampled[2], ema, strict=True):
+        torch.testing.assert_close(at_sampling, average.to(at_sampling.dtype), rtol=0, atol=0)

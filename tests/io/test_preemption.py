@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from tests.checkpoint_kill_worker import build_trainer
-from trl_diffusion_sdpo.callbacks.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted, parse_signals
+from trl_diffusion_sdpo.callbacks.preemption import (
+    INTERRUPTED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    TrainingPreempted,
+    parse_signals,
+)
 from trl_diffusion_sdpo.io.checkpoints import checkpoint_problem
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
@@ -27,8 +32,10 @@ def lora_state(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-def run_and_signal(out: str, tok: str, sig: signal.Signals, signals: list[str] | None = None):
-    """Start the worker, send ``sig`` while it is inside optimizer step 3, and wait for it to end."""
+def run_and_signal(out: str, tok: str, sig: signal.Signals, signals: list[str] | None = None, twice: bool = False):
+    """Start the worker, send ``sig`` while it is inside optimizer step 3, and wait for it to end. ``twice``: send it
+    again once the worker has said it received the first (two signals sent at once may arrive as one), and never let
+    the step go on."""
     command = [sys.executable, WORKER, out, "--tokenizer-dir", tok, "--pause-step", "3"]
     if signals is not None:
         command += ["--signals", *signals]
@@ -43,9 +50,18 @@ def run_and_signal(out: str, tok: str, sig: signal.Signals, signals: list[str] |
         else:
             raise AssertionError(f"the worker never paused:\n{proc.stderr.read()}")
         proc.send_signal(sig)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        stdout, stderr = proc.communicate(timeout=300)
+        first = ""
+        if twice:
+            for line in proc.stderr:
+                first += line
+                if f"{sig.name} received" in line:
+                    break
+            proc.send_signal(sig)
+        else:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        stdout, stderr = proc.communicate(timeout=60 if twice else 300)  # twice: the step never goes on
+        stderr = first + stderr
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -76,6 +92,27 @@ def test_sigterm_finishes_the_step_checkpoints_exits_75_and_resume_is_bit_exact(
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
     # The handlers were put back: this process's SIGTERM handler is the default again.
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_says_how_to_resume_and_a_second_one_stops_at_once(tmp_path):
+    out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
+    code, stdout, stderr = run_and_signal(out, tok, signal.SIGINT)
+    assert code == INTERRUPTED_EXIT_CODE == 130, f"exit status {code}:\n{stdout}\n{stderr}"
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    checkpoint = os.path.join(out, "checkpoint-3")
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-3"]
+    assert checkpoint_problem(checkpoint) == ""
+    preempted = [line for line in stderr.splitlines() if "Training preempted by SIGINT" in line]
+    assert len(preempted) == 1, stderr
+    assert f"after optimizer step 3; checkpoint written to {checkpoint} (exit status 130)" in preempted[0]
+    assert "--resume_from_checkpoint true" in preempted[0] and "resume_from_checkpoint=True" in preempted[0]
+
+    again = str(tmp_path / "again")
+    code, stdout, stderr = run_and_signal(again, tok, signal.SIGINT, twice=True)
+    assert code == INTERRUPTED_EXIT_CODE, f"exit status {code}:\n{stdout}\n{stderr}"
+    assert "Traceback" not in stderr and "finished" not in stdout
+    assert "second SIGINT during optimizer step 3: stopped at once" in stderr
+    assert not any(n.startswith("checkpoint") for n in os.listdir(again))  # the step never finished
 
 
 @pytest.mark.slow  # the default suite keeps the signal tests with preemption on

@@ -7,11 +7,14 @@ import datasets
 import pytest
 
 from trl_diffusion_sdpo.data.progress import datasets_progress_bars
+from trl_diffusion_sdpo.io import console
 
 
 @pytest.mark.parametrize("disable_tqdm", [True, False])
-def test_datasets_progress_bars_follow_disable_tqdm(make_trainer, capfd, disable_tqdm):
-    assert datasets.is_progress_bar_enabled()
+def test_datasets_progress_bars_follow_disable_tqdm(make_trainer, capfd, disable_tqdm, monkeypatch):
+    """On a terminal (off one, every bar is off: test_quiet_off_terminal.py)."""
+    monkeypatch.setattr(console, "on_terminal", lambda: True)
+    datasets.enable_progress_bars()  # as on a terminal: importing the trainer here, off one, turned them off
     make_trainer(max_steps=1, disable_tqdm=disable_tqdm, cache_latents=True)
     err = capfd.readouterr().err
     shown = "Validating train preference pairs" in err or "Caching train latents" in err
@@ -20,6 +23,7 @@ def test_datasets_progress_bars_follow_disable_tqdm(make_trainer, capfd, disable
 
 
 def test_datasets_progress_bars_context_restores_the_setting_and_never_shows_bars_turned_off():
+    datasets.enable_progress_bars()
     with datasets_progress_bars(False):
         assert not datasets.is_progress_bar_enabled()
     assert datasets.is_progress_bar_enabled()

@@ -165,9 +165,10 @@ def test_a_new_run_into_another_runs_folder_is_refused_and_touches_no_file(finis
     second = build_trainer(finished_run, str(tmp_path / "tok-b"), max_steps=2, learning_rate=2e-3)
     with pytest.raises(EarlierRunError) as info:
         second.train()
-    message = str(info.value)
-    for named in ("--resume_from_checkpoint", "--overwrite_output_dir", "--output_dir", "checkpoint-3"):
+    message = str(info.value)  # from Python: the keyword arguments, not the flags
+    for named in ("resume_from_checkpoint=True", "overwrite_output_dir=True", "output_dir", "checkpoint-3"):
         assert named in message
+    assert "--" not in message
     assert second.state.global_step == 0
     assert _hashes(finished_run) == before  # no file added, removed or changed, the lock's included
 
@@ -179,23 +180,30 @@ def test_overwrite_output_dir_replaces_the_earlier_run_and_deletes_its_checkpoin
     assert sorted(n for n in os.listdir(finished_run) if n.startswith("checkpoint-")) == ["checkpoint-1"]
 
 
-def test_the_commands_end_a_refused_run_in_one_line_naming_its_remedies():
-    """``train`` and ``online`` (both through ``train_save_and_push``) turn the refusal into an error line, not a
-    traceback."""
-    from types import SimpleNamespace
+def test_the_commands_end_a_refused_run_in_one_line_naming_the_flags(finished_run, tmp_path, capsys):
+    """``train`` (and ``online``, the same path) turn the refusal into one error line naming the flags, exit 2."""
+    from trl_diffusion_sdpo.io.console import run_command
 
-    from trl_diffusion_sdpo.cli.train import train_save_and_push
+    second = build_trainer(finished_run, str(tmp_path / "tok-b"), max_steps=2)
+    before = _hashes(finished_run)
+    assert run_command("trl-diffusion-sdpo train", second.train) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"trl-diffusion-sdpo train: error: {finished_run} holds another")
+    for named in ("--resume_from_checkpoint true", "--overwrite_output_dir", "--output_dir"):
+        assert named in lines[0]
+    assert _hashes(finished_run) == before
 
-    refusal = EarlierRunError("out holds another run's checkpoint-3: pass --resume_from_checkpoint or ...")
 
-    def refuse(**kwargs):
-        raise refusal
+def test_a_base_pipeline_folder_given_as_output_dir_is_refused(tmp_path):
+    """A folder holding a pipeline's weights (unet/) but no training_config.json is another run's (or a base
+    model's) files all the same: refused, untouched."""
+    from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
-    trainer = SimpleNamespace(
-        args=SimpleNamespace(push_to_hub=False, resume_from_checkpoint=None),
-        add_callback=lambda callback: None,
-        train=refuse,
-    )
-    with pytest.raises(SystemExit) as info:
-        train_save_and_push(trainer, None)
-    assert str(info.value) == f"trl-diffusion-sdpo: error: {refusal}"
+    base = tmp_path / "base"
+    build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok-a")).save_pretrained(base)
+    assert not (base / "training_config.json").exists() and (base / "unet").is_dir()
+    before = _hashes(str(base))
+    trainer = build_trainer(str(base), str(tmp_path / "tok-a"), max_steps=1)
+    with pytest.raises(EarlierRunError, match=r"holds another run's files \(.*unet"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and _hashes(str(base)) == before

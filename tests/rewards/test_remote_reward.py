@@ -4,6 +4,8 @@ never becoming a reward."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from PIL import Image
 
@@ -128,3 +130,27 @@ def test_a_local_reward_function_returning_nan_raises_instead_of_scoring():
 
     with pytest.raises(RewardError, match="'broken' returned nan as the score of image 1"):
         RewardFunctions([broken])(PROMPTS, IMAGES)
+
+
+def test_a_server_slower_than_the_timeout_raises_after_the_timeout_not_after_its_answer():
+    """``reward_timeout`` (RewardFunctions' ``timeout``, the online config's) bounds each attempt: a server that takes
+    longer is given up on (without the timeout its answer would come, and be a score), the error naming the URL; the
+    same server within the timeout gives its scores."""
+    app, received = FastAPI(), []
+
+    @app.post("/v1/score")
+    async def slow(request: Request):
+        received.append(await request.json())
+        await asyncio.sleep(SLOW_S)
+        return {"version": PROTOCOL_VERSION, "scores": [0.0] * len(received[-1]["images"])}
+
+    with serve_in_thread(app) as base:
+        rewards = RewardFunctions([f"{base}/v1/score"], timeout=SLOW_S / 10, retries=0)
+        with pytest.raises(RewardError, match=f"Reward server {base}/v1/score did not answer.*Timeout"):
+            rewards(PROMPTS, IMAGES)
+        patient = RewardFunctions([f"{base}/v1/score"], timeout=SLOW_S * 10, retries=0)
+        total, _ = patient(PROMPTS, IMAGES)
+    assert total.tolist() == [0.0, 0.0, 0.0] and len(received) == 2
+
+
+SLOW_S = 3.0

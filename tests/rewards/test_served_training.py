@@ -62,6 +62,7 @@ def test_online_training_scores_with_the_served_reward_and_stops_with_a_checkpoi
         generations = record_generations(trainer)
         remote = trainer.rewards.functions[0]
         assert isinstance(remote, RemoteReward)
+        assert (remote.timeout, remote.retries) == (30.0, 2)  # the config's reward_timeout and reward_retries
         calls = []
 
         def then_kill(prompts, images, **columns):

@@ -659,3 +659,20 @@ def test_diffusion_dpo_loss_is_still_exported():
     _, errors = batch(a)
     u = np_logits(a, 2.0)
     assert diffusion_dpo_loss(errors, 2.0).loss.item() == pytest.approx(np.mean(np.log1p(np.exp(-u))), rel=1e-12)
+
+
+def test_smpo_caps_its_weighted_logit_at_max_margin(tmp_path):
+    """``max_margin`` caps SmPO's weighted logit ``w * u`` before the log-sigmoid, as it caps Diffusion-DPO's (numpy
+    reference), from the config as from the objective's own field; the capped pairs are counted."""
+    a = arrays()
+    weighted = PAIR_WEIGHTS * np_logits(a, 2.0)
+    cap = float(weighted.max()) / 2  # the pair of the largest weighted logit is capped, the others are not
+    assert cap > 0 and np.sum(weighted >= cap) == 1
+    expected = np.mean(np.log1p(np.exp(-np.minimum(weighted, cap))))
+    assert expected != pytest.approx(np.mean(np.log1p(np.exp(-weighted))), rel=1e-6)  # the cap matters here
+    objective = objective_from_config(
+        config(tmp_path, loss_type="smpo", beta=2.0, max_margin=cap, safeguard=False), num_train_timesteps=1
+    )
+    out = objective(*batch(a), pair_scores=torch.tensor(PAIR_SCORES))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-9)
+    assert out.metrics["guard/capped_fraction"].item() == pytest.approx(np.mean(weighted >= cap))

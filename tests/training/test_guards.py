@@ -126,6 +126,37 @@ def test_auto_mu_rises_by_the_step_times_the_relative_violation_and_falls_with_s
     assert fixed.current() == 0.3 and fixed.escalate() == pytest.approx(0.65)
 
 
+def test_auto_mu_acts_on_the_sums_over_every_process(monkeypatch):
+    """As under DDP (a second process's pairs arrive through the all-reduce, faked here by adding its sums): mu moves
+    by the violation of every process's pairs together, not by this process's alone."""
+    from trl_diffusion_sdpo.safeguards import margin as margin_module
+
+    ours = [_errors(seed=20 + m, winner_shift=0.05) for m in range(2)]
+    theirs = [_errors(seed=30 + m, winner_shift=-0.04) for m in range(2)]
+    w_theirs = np.concatenate([e.policy_winner.detach().numpy() for e in theirs])
+    r_theirs = np.concatenate([e.reference_winner.numpy() for e in theirs])
+    reduced = []
+
+    def all_reduce_sum(sums: torch.Tensor) -> torch.Tensor:  # the other process's [sum(e_w - e_ref_w), sum(e_ref_w)]
+        reduced.append(sums.clone())
+        return sums + torch.tensor([(w_theirs - r_theirs).sum(), r_theirs.sum()], dtype=sums.dtype)
+
+    monkeypatch.setattr(margin_module, "all_reduce_sum", all_reduce_sum)
+    args = DiffusionSDPOConfig(output_dir="unused", use_cpu=True, safeguard_mu="auto", safeguard_mu_step=3.0)
+    margin = SafeguardMargin.from_config(args, num_processes=2)
+    for errors in ours:
+        margin.observe(errors)
+    margin.update()
+    assert len(reduced) == 1  # one all-reduce per optimizer step
+    w = np.concatenate([*(e.policy_winner.detach().numpy() for e in ours), w_theirs])
+    r = np.concatenate([*(e.reference_winner.numpy() for e in ours), r_theirs])
+    alone = AUTO_MU_START + 3.0 * sum(
+        (e.policy_winner.detach().numpy() - e.reference_winner.numpy()).sum() for e in ours
+    ) / sum(e.reference_winner.numpy().sum() for e in ours)
+    assert margin.current() == pytest.approx(AUTO_MU_START + 3.0 * (w - r).sum() / r.sum(), rel=1e-5)
+    assert margin.current() != pytest.approx(alone, rel=1e-3)  # the other process's pairs changed the step
+
+
 def _two_process_worker(rank: int, port: int, queue) -> None:
     import os
 
@@ -446,3 +477,28 @@ def test_a_resumed_run_continues_with_the_guards_state_of_the_uninterrupted_one(
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_on_pathology_escalate_raises_the_mu_the_trainers_safeguard_uses(make_trainer):
+    """Through a trainer (not a hand-built PathologyAction): a flagged log raises the safeguard's own mu halfway to 1,
+    the next steps' logs carry it, and a run that is not flagged keeps its mu."""
+    flagged = make_trainer(max_steps=3, logging_steps=1, safeguard=True, safeguard_mu=0.5, on_pathology="escalate")
+    assert flagged.safeguard.margin.current() == 0.5
+
+    def always_flagged(logs, history, step):
+        logs["health/winner_pathology"] = 1.0
+
+    flagged.health.annotate = always_flagged
+    flagged.train()
+    logs = [log for log in flagged.state.log_history if "health/escalations" in log and "loss" in log]
+    # escalated at the first log, then not again before WINDOWS more logs have passed under the raised mu
+    assert len(logs) == 3 <= WINDOWS
+    assert [log["safeguard/mu"] for log in logs] == pytest.approx([0.75, 0.75, 0.75])
+    assert [log["health/escalations"] for log in logs] == [1.0, 1.0, 1.0]
+    assert flagged.safeguard.margin.current() == pytest.approx(0.75)
+
+    calm = make_trainer(max_steps=2, logging_steps=1, safeguard=True, safeguard_mu=0.5, on_pathology="escalate")
+    calm.health.annotate = lambda logs, history, step: logs.update({"health/winner_pathology": 0.0})
+    calm.train()
+    assert calm.safeguard.margin.current() == 0.5
+    assert all(log["safeguard/mu"] == 0.5 for log in calm.state.log_history if "health/escalations" in log)

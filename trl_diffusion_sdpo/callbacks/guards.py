@@ -30,7 +30,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..objectives import AutoBeta
 from .health import WINDOWS
 
-__all__ = ["EMA_FOLDER", "EMAWeights", "GuardState", "PathologyAction", "early_stopping"]
+__all__ = [
+    "EARLY_STOPPING_METRIC",
+    "EMA_FOLDER",
+    "EMAWeights",
+    "GuardState",
+    "PathologyAction",
+    "configure_early_stopping",
+    "early_stopping",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +186,45 @@ class GuardState(TrainerCallback, ExportableState):
             self.margin.restore(guards["mu"], args.device)
         if self.auto_beta is not None and "auto_beta_ema" in guards:
             self.auto_beta.restore(guards["auto_beta_ema"], args.device)
+
+
+#: what early stopping watches unless ``metric_for_best_model`` is set: the held-out pairs' implicit accuracy (the
+#: share of pairs whose chosen image the policy prefers more than the reference does), higher is better
+EARLY_STOPPING_METRIC = "implicit_acc"
+
+
+def configure_early_stopping(args: Any) -> None:
+    """Set on ``args`` (a config already built) what transformers' ``EarlyStoppingCallback`` needs, keeping what the
+    user set: ``metric_for_best_model`` (default :data:`EARLY_STOPPING_METRIC`), ``greater_is_better`` (transformers'
+    rule: lower is better for a metric ending in ``loss``), ``load_best_model_at_end`` and evaluations at the saves'
+    strategy and interval (the save strategy's when evaluation was off; ``steps`` when both were off).
+
+    Raises ``ValueError`` naming the flags where the user set save and evaluation strategies that cannot match."""
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+    evaluation, saving = IntervalStrategy(args.eval_strategy), SaveStrategy(args.save_strategy)
+    if evaluation == IntervalStrategy.NO:
+        evaluation = IntervalStrategy(saving.value) if saving.value in ("steps", "epoch") else IntervalStrategy.STEPS
+    if saving in (SaveStrategy.NO, SaveStrategy.BEST) or saving.value != evaluation.value:
+        if saving not in (SaveStrategy.NO, SaveStrategy.BEST) and args.eval_strategy != IntervalStrategy.NO:
+            raise ValueError(
+                f"early_stopping_patience keeps the best checkpoint, which needs save_strategy ({saving.value}) equal "
+                f"to eval_strategy ({evaluation.value}): set both to steps or both to epoch"
+            )
+        saving = SaveStrategy(evaluation.value)
+    args.eval_strategy, args.save_strategy = evaluation, saving
+    if evaluation == IntervalStrategy.STEPS:
+        args.eval_steps = args.eval_steps or args.save_steps
+        if args.save_steps % args.eval_steps:
+            raise ValueError(
+                f"early_stopping_patience keeps the best checkpoint, which needs save_steps ({args.save_steps}) to be "
+                f"a multiple of eval_steps ({args.eval_steps})"
+            )
+    if args.metric_for_best_model is None:
+        args.metric_for_best_model = EARLY_STOPPING_METRIC
+    if args.greater_is_better is None:
+        args.greater_is_better = not args.metric_for_best_model.endswith("loss")
+    args.load_best_model_at_end = True
 
 
 def early_stopping(patience: int | None, threshold: float = 0.0) -> list[TrainerCallback]:

@@ -8,6 +8,10 @@ set, the trainer writes a checkpoint (the atomic save of :mod:`.checkpoints`), l
 ``sysexits.h``: "try again"), so a job script can requeue on that status and resume with
 ``resume_from_checkpoint=True``.
 
+``SIGINT`` (Ctrl-C) is in the default signals too: the first one stops training the same way (the process exits with
+status :data:`INTERRUPTED_EXIT_CODE`, 130, as a shell reports Ctrl-C, so a requeue script that waits for 75 does not
+requeue a run its user stopped); a second one exits at once, without a checkpoint.
+
 With several processes the signal may reach them at different steps (or only some of them). The flag is all-reduced
 at every step end (one scalar ``all_reduce`` per optimizer step, and the host waits for it; none on one process or
 with ``preemption_signals=[]``), so every process stops after the same step and takes part in the same save.
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
 __all__ = [
+    "INTERRUPTED_EXIT_CODE",
     "PREEMPTED_EXIT_CODE",
     "PreemptionCallback",
     "TrainingPreempted",
@@ -44,6 +49,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure, the job may be retried (and resumed)
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for Ctrl-C; a user's stop, not a scheduler's
+
+
+def exit_code_for(signal_name: str) -> int:
+    """The exit status after a preemption by ``signal_name``: 130 for Ctrl-C, 75 for a scheduler's signal."""
+    return INTERRUPTED_EXIT_CODE if signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
+
+
+def resume_advice() -> str:
+    """How to resume, in both forms: the command line's and Python's."""
+    return "Resume with --resume_from_checkpoint true (command line) or trainer.train(resume_from_checkpoint=True)."
 
 
 class TrainingPreempted(SystemExit):
@@ -51,13 +67,29 @@ class TrainingPreempted(SystemExit):
     :data:`PREEMPTED_EXIT_CODE` and no traceback."""
 
     def __init__(self, checkpoint: str, signal_name: str, step: int) -> None:
-        super().__init__(PREEMPTED_EXIT_CODE)
+        super().__init__(exit_code_for(signal_name))
         self.checkpoint, self.signal_name, self.step = checkpoint, signal_name, step
 
     def __str__(self) -> str:
         return (
             f"Training preempted by {self.signal_name} after optimizer step {self.step}; checkpoint written to "
-            f"{self.checkpoint} (exit status {PREEMPTED_EXIT_CODE}). Resume with resume_from_checkpoint=True."
+            f"{self.checkpoint} (exit status {self.code}). {resume_advice()}"
+        )
+
+
+class TrainingInterrupted(SystemExit):
+    """A second Ctrl-C: training stops at once, without a checkpoint. Uncaught, the process exits with
+    :data:`INTERRUPTED_EXIT_CODE` and no traceback (the ``finally`` blocks run: the output folder's lock is
+    released)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(INTERRUPTED_EXIT_CODE)
+        self.step = step
+
+    def __str__(self) -> str:
+        return (
+            f"Training interrupted by a second SIGINT during optimizer step {self.step + 1}: stopped at once, no "
+            f"checkpoint of this step (exit status {INTERRUPTED_EXIT_CODE})."
         )
 
 
@@ -102,15 +134,29 @@ class PreemptionCallback(TrainerCallback):
         self.trainer = trainer
         self.received: str | None = None  # name of the first signal received, set by the handler
         self.enabled = True  # False with preemption_signals=[]: no per-step all-reduce then
+        self.interrupts = 0  # SIGINTs received: the second one stops at once
         self._stopping = False
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        """The signal handler: remember the signal, nothing else (it runs between two Python bytecodes)."""
+        """The signal handler: remember the signal, nothing else (it runs between two Python bytecodes). A second
+        ``SIGINT`` (Ctrl-C pressed again) raises :class:`TrainingInterrupted` where the program is."""
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.interrupts:
+            error = TrainingInterrupted(self.trainer.state.global_step)
+            logger.warning("%s", error)
+            raise error
+        if name == "SIGINT":
+            self.interrupts += 1
+            logger.warning(
+                "SIGINT received: finishing optimizer step %d, then writing a checkpoint; press Ctrl-C again to stop "
+                "at once without one",
+                self.trainer.state.global_step + 1,
+            )
         if self.received is None:
-            self.received = signal.Signals(signum).name
+            self.received = name
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.received, self._stopping = None, False
+        self.received, self._stopping, self.interrupts = None, False, 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.enabled:

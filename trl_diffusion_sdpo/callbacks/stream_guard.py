@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
+from ..data.validation import DataError
+
 if TYPE_CHECKING:
     from transformers import Trainer
 
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 _MIN_ROWS_BEFORE_STOP = 32
 
 
-class NoValidPairsError(RuntimeError):
+class NoValidPairsError(DataError, RuntimeError):
     """The training stream yields no valid preference pair."""
 
 

@@ -192,7 +192,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run the command ``argv`` names. ``--debug`` anywhere (or ``TRL_DIFFUSION_SDPO_DEBUG=1``) shows the traceback
+    of an error a user can fix, which is otherwise one line (:func:`~.console.run_command`)."""
+    from ..io.console import debug_requested, run_command
+
+    argv, debug = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    prog = "trl-diffusion-sdpo" + (f" {argv[0]}" if argv and not argv[0].startswith("-") else "")
+    return run_command(prog, lambda: run(argv), debug)
+
+
+def run(argv: list[str]) -> int:
+    """:func:`main` without its error handling."""
     if argv[:1] in (["train"], ["online"]) and argv[1:] in (["--help"], ["-h"]):
         # The stored text of the parser's help: building the parser imports transformers' TrainingArguments (seconds).
         from .help_topics import stored_help

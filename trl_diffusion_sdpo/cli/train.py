@@ -45,6 +45,7 @@ __all__ = [
     "build_pipeline",
     "check_supported",
     "check_supported_model",
+    "early_stopping_split",
     "load_split",
     "load_train_split",
     "main",
@@ -109,9 +110,10 @@ class DiffusionScriptArguments:
     early_stopping_patience: int | None = field(
         default=None,
         metadata={
-            "help": "Stop after this many evaluations without improving metric_for_best_model (transformers' "
-            "EarlyStoppingCallback); needs an eval split (--eval_strategy, --dataset_test_split), "
-            "--metric_for_best_model (e.g. implicit_acc) and --load_best_model_at_end."
+            "help": "Stop after this many evaluations without improving --metric_for_best_model (default "
+            "implicit_acc, the held-out pairs' accuracy; transformers' EarlyStoppingCallback). Evaluates at the "
+            "saves' strategy and interval and loads the best checkpoint at the end (--load_best_model_at_end); needs "
+            "an eval split (--dataset_test_split), refused without one."
         },
     )
     base_quantization: str = field(
@@ -488,6 +490,7 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
     from ..families.loading import dtype_keyword, resolve_model_name
     from ..families.quantization import load_quantized_pipeline
 
+    check_model_exists(model_args.model_name_or_path)
     quantization = base_quantization_for(model_args, diffusion_args)
     try:  # one line before anything loads (bitsandbytes without a CUDA GPU, a backend not installed)
         quantization.check_usable()
@@ -509,6 +512,24 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
         quantize_text_encoders=not diffusion_args.latent_cache,
         **kwargs,
     )
+
+
+def check_model_exists(name: str) -> None:
+    """A ``FileNotFoundError`` in one line where ``--model_name_or_path`` is neither a local folder nor a pipeline
+    the Hub has (or can be asked about), before any loading (:func:`~..data.formats.hub_dataset_problem`)."""
+    from ..data.formats import hub_dataset_problem
+    from ..families.loading import resolve_model_name
+
+    resolved = resolve_model_name(name)
+    if os.path.exists(resolved):
+        return
+    problem = hub_dataset_problem(str(resolved), kind="model")
+    if problem is not None:
+        raise FileNotFoundError(
+            f"--model_name_or_path {name}: no such folder ({os.path.abspath(os.path.expanduser(name))}), {problem}. "
+            "Give a diffusers pipeline folder (model_index.json inside), a Hub id NAMESPACE/NAME or "
+            "trl-diffusion-sdpo:tiny (the shipped base)."
+        )
 
 
 def peft_config_for(model_args: ModelConfig, pipeline):
@@ -591,22 +612,24 @@ def main(argv: Sequence[str] | None = None):
     if not on_terminal():  # a log file: no bars of \r redraws; each log is a line of its own
         quiet_progress_bars()
         training_args.disable_tqdm = True
-    from ..callbacks.guards import early_stopping
+    from ..callbacks.guards import configure_early_stopping, early_stopping
     from ..data.sharded_cache import load_sharded_latent_cache
     from ..trainer import DiffusionSDPOTrainer
 
     check_supported(script_args, model_args)
-    try:  # before the model loads: a data folder's problem is one line, not a traceback after minutes of loading
-        base_quantization_for(model_args, diffusion_args).check_usable()
-        if diffusion_args.latent_cache:
-            train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
-        else:
-            train_dataset = load_train_split(script_args, diffusion_args, training_args)
-        eval_dataset = None
-        if training_args.eval_strategy != "no":
-            eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split, training_args)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"trl-diffusion-sdpo train: error: {err}") from None
+    # Before the model loads: a data folder's problem is one line (the command line's), not a traceback after minutes
+    # of loading.
+    base_quantization_for(model_args, diffusion_args).check_usable()
+    if diffusion_args.latent_cache:
+        train_dataset = load_sharded_latent_cache(diffusion_args.latent_cache)
+    else:
+        train_dataset = load_train_split(script_args, diffusion_args, training_args)
+    eval_dataset = None
+    if diffusion_args.early_stopping_patience is not None:
+        eval_dataset = early_stopping_split(script_args, training_args, diffusion_args)
+        configure_early_stopping(training_args)
+    elif training_args.eval_strategy != "no":
+        eval_dataset = load_split(script_args, diffusion_args, script_args.dataset_test_split, training_args)
     pipeline = build_pipeline(model_args, diffusion_args)
     peft_config = peft_config_for(model_args, pipeline)
     trainer = DiffusionSDPOTrainer(
@@ -621,19 +644,37 @@ def main(argv: Sequence[str] | None = None):
     return train_save_and_push(trainer, script_args.dataset_name)
 
 
+def early_stopping_split(
+    script_args: ScriptArguments, training_args: DiffusionSDPOConfig, diffusion_args: DiffusionScriptArguments
+):
+    """The evaluation split that ``--early_stopping_patience`` watches, or a ``ValueError`` in one line naming
+    ``--dataset_test_split`` (and ``eval_dataset``, the trainer's argument from Python) when there is none."""
+    split = script_args.dataset_test_split
+    remedy = (
+        "name the evaluation split with --dataset_test_split (from Python: pass eval_dataset to the trainer), or "
+        "drop --early_stopping_patience"
+    )
+    if diffusion_args.latent_cache:
+        raise ValueError(f"--early_stopping_patience needs an evaluation split; --latent_cache has none: {remedy}")
+    if not split:
+        raise ValueError(f"--early_stopping_patience needs an evaluation split: {remedy}")
+    try:
+        return load_split(script_args, diffusion_args, split, training_args)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(
+            f"--early_stopping_patience needs an evaluation split, and {script_args.dataset_name} has no split "
+            f"{split!r} ({' '.join(str(err).split())[:200]}): {remedy}"
+        ) from err
+
+
 def train_save_and_push(trainer, dataset_name: str | None):
     """Train (resuming as ``resume_from_checkpoint`` says), save to ``output_dir`` with a model card naming
     ``dataset_name`` and, with ``push_to_hub``, push; the trainer."""
     args = trainer.args
     if args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
         trainer.create_model_card(dataset_name=dataset_name)
-    from ..io.checkpoints import EarlierRunError
-
     trainer.add_callback(ModelCardOnSave(trainer, dataset_name))
-    try:
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except EarlierRunError as err:  # a refusal that names its remedies: one line, not a traceback
-        raise SystemExit(f"trl-diffusion-sdpo: error: {err}") from None
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # a refusal: one line (the command line's)
     trainer.save_model(args.output_dir)
     # As TRL's scripts: the saved model comes with its card (README.md: base model, dataset, method, settings).
     trainer.create_model_card(dataset_name=dataset_name)

@@ -412,12 +412,13 @@ class DiffusionSDPOConfig(TrainingArguments):
         choices=list(NONFINITE_ACTIONS),
     )
     preemption_signals: list[str] = field(
-        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"],
         metadata={
-            "help": "Signals (what SLURM and Kubernetes send before killing a job) on which training finishes the "
-            "current optimizer step, writes a checkpoint, logs its path and exits with status 75; resuming with "
-            "`resume_from_checkpoint=True` continues bit-exactly. Every process stops after the same step. `[]` (or "
-            '`["none"]`) turns it off. See `docs/reliability.md`.'
+            "help": "Signals (what SLURM and Kubernetes send before killing a job, and Ctrl-C's SIGINT) on which "
+            "training finishes the current optimizer step, writes a checkpoint, logs its path and exits with status "
+            "75 (130 after Ctrl-C; a second Ctrl-C stops at once); resuming with `resume_from_checkpoint=True` "
+            'continues bit-exactly. Every process stops after the same step. `[]` (or `["none"]`) turns it off. '
+            "See `docs/reliability.md`."
         },
     )
     # Evaluation

@@ -47,6 +47,7 @@ import glob
 import json
 import logging
 import os
+import re
 from itertools import combinations
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -57,10 +58,11 @@ from datasets import Dataset, DatasetDict, IterableDataset
 from ..config.checks import Choice
 from .pair_folders import SIDE_FOLDERS, pair_root, prompt_text, read_pair_folders
 from .pickapic import pickapic_to_trl
-from .validation import _URL, SOURCE_COLUMN
+from .validation import _URL, SOURCE_COLUMN, DataError
 
 __all__ = [
     "COLUMN_LAYOUTS",
+    "DatasetNotFoundError",
     "FORMATS",
     "RANKING_PAIRS",
     "detect_format",
@@ -85,6 +87,13 @@ ALIASES = {"prompt": ("caption",), "chosen": ("winner", "preferred"), "rejected"
 SCORE_ALIASES = {"score_0": "chosen_score", "score_1": "rejected_score"}
 # Editing tables: the source column(s) and their aliases (EditReward-style data names the source "input_image").
 SOURCE_ALIASES = {"source_image": ("input_image", "source"), "source_images": ("input_images",)}
+# A Hub dataset id as huggingface_hub accepts one: NAME or NAMESPACE/NAME, letters, digits, '-', '_' and '.'.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+HUB_PROBE_TIMEOUT_S = 10.0  # one request asking the Hub whether the dataset exists, before load_dataset's retries
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """``dataset_name`` is neither a local file or folder nor a dataset the Hub has (or can be asked about)."""
 
 
 def load_preference_data(
@@ -115,12 +124,17 @@ def load_preference_data(
         from datasets import load_dataset
         from datasets.data_files import EmptyDatasetError
 
+        if not os.path.exists(name_or_path):
+            problem = hub_dataset_problem(name_or_path)
+            if problem is not None:
+                raise DatasetNotFoundError(not_found_message(name_or_path, problem))
+
         try:
             dataset = load_dataset(name_or_path, config_name, split=split, streaming=streaming)
         except EmptyDatasetError:
             if not os.path.isdir(name_or_path):
                 raise
-            raise ValueError(no_data_message(name_or_path, split)) from None
+            raise DataError(no_data_message(name_or_path, split)) from None
     else:
         dataset = _load_local(name_or_path, format, split, ranking_pairs)
         if streaming:
@@ -145,7 +159,7 @@ def detect_format(name_or_path: str, split: str = "train") -> str:
     if os.path.isfile(name_or_path):
         if name_or_path.lower().endswith(TABLE_EXTENSIONS):
             return "hpd" if _is_hpd_file(name_or_path) else "table"
-        raise ValueError(
+        raise DataError(
             f"{name_or_path} is a file but not a table: give a .jsonl, .json, .csv or .tsv file, or a folder"
         )
     if not os.path.isdir(name_or_path):
@@ -174,9 +188,66 @@ def no_data_message(path: str, split: str = "train") -> str:
     )
 
 
+def looks_local(name: str) -> bool:
+    """Whether ``name`` can only mean a local path: ``./x``, ``../x``, ``/x``, ``~/x``, ``x/``, a file suffix, or a
+    ``a/b`` whose folder ``a`` exists here."""
+    if name.startswith((".", "/", "~", os.sep)) or name.endswith(("/", os.sep)) or os.path.isabs(name):
+        return True
+    if name.lower().endswith((*TABLE_EXTENSIONS, ".parquet", ".arrow")):
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(parent)
+
+
+def hub_offline() -> bool:
+    """Whether the Hub may not be asked (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``, read when called)."""
+    from huggingface_hub import constants
+
+    values = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(v.strip().upper() in {"1", "ON", "YES", "TRUE"} for v in values)
+
+
+def hub_dataset_problem(name: str, kind: str = "dataset") -> str | None:
+    """Why ``name`` (no local file or folder) cannot be a Hub ``kind`` (``"dataset"`` or ``"model"``), or ``None``
+    where the loader should try it. One request at most (:data:`HUB_PROBE_TIMEOUT_S`, no retries): the Hub says it
+    does not exist, or cannot be reached; any other answer (a gated or private repository) is left to the loader."""
+    if looks_local(name):
+        return "and, written as a local path, it is not looked for on the Hub"
+    if not HUB_ID.match(name) or "--" in name or ".." in name:
+        return f"and it is not a Hub {kind} id either (NAME or NAMESPACE/NAME: letters, digits, '-', '_', '.')"
+    if hub_offline():
+        return "and the Hub is not asked (HF_HUB_OFFLINE=1)"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    api = HfApi()
+    try:
+        (api.dataset_info if kind == "dataset" else api.model_info)(name, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        return None
+    except RepositoryNotFoundError:
+        return f"and the Hub has no {kind} of that name (or it is private: log in with `hf auth login`)"
+    except HfHubHTTPError:
+        return None
+    except Exception as err:  # no answer: a connection refused, a name not resolved, a timeout, offline
+        return f"and the Hub cannot be reached ({type(err).__name__})"
+    return None
+
+
+def not_found_message(name: str, problem: str) -> str:
+    """One line: ``name`` was not found locally (the path looked at), ``problem`` with the Hub, and the layouts and
+    Hub forms that are read."""
+    return (
+        f"dataset_name {name}: no such file or folder ({os.path.abspath(os.path.expanduser(name))}), {problem}. "
+        "Read locally (docs/data.md): pair folders, a .jsonl/.json/.csv/.tsv table of prompt, chosen and rejected "
+        "paths, an image folder with metadata.jsonl or metadata.csv, HPD annotation files, a save_to_disk folder or "
+        "data files (parquet, arrow); from the Hub: a dataset id NAMESPACE/NAME (e.g. yuvalkirstain/pickapic_v2)."
+    )
+
+
 def _load_local(path: str, format: str, split: str, ranking_pairs: str) -> Dataset:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist (dataset_format={format!r} reads a local path)")
+        raise DatasetNotFoundError(f"{path} does not exist (dataset_format={format!r} reads a local path)")
     if format == "disk":
         from datasets import load_from_disk
 
@@ -189,7 +260,7 @@ def _load_local(path: str, format: str, split: str, ranking_pairs: str) -> Datas
     if format == "pair_folders":
         root = pair_root(path, split)
         if root is None:
-            raise ValueError(
+            raise DataError(
                 f"{path} has no pair folders for split {split!r}: expected side folders "
                 f"{[f'{w}/ and {lose}/' for w, lose in SIDE_FOLDERS]} or folders each holding chosen.<ext> and "
                 f"rejected.<ext>, at the top (the train split) or in {split}/"
@@ -197,9 +268,9 @@ def _load_local(path: str, format: str, split: str, ranking_pairs: str) -> Datas
         return read_pair_folders(root)
     file = path if os.path.isfile(path) else _split_file(path, split)
     if file is None:
-        raise ValueError(f"{path} has no {split}.jsonl, .json, .csv or .tsv file for split {split!r}")
+        raise DataError(f"{path} has no {split}.jsonl, .json, .csv or .tsv file for split {split!r}")
     if os.path.isfile(path) and split != "train" and format in ("table", "hpd"):
-        raise ValueError(
+        raise DataError(
             f"{path} is a single file, read as the train split; split {split!r} needs a folder holding {split}.jsonl "
             "(or .json, .csv, .tsv)"
         )
@@ -264,7 +335,7 @@ def read_table(path: str) -> Dataset:
         prompt, images = "prompt", ("chosen", "rejected")
     missing = [c for c in (prompt, *images) if c not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path} has no column(s) {missing}: expected prompt, chosen, rejected (image paths; aliases caption, "
             f"winner/preferred, loser) or Pick-a-Pic's caption, jpg_0, jpg_1, label_0; found {sorted(names)}"
         )
@@ -412,7 +483,7 @@ def read_hpd(path: str, ranking_pairs: str = "all") -> Dataset:
     path = os.path.abspath(path)
     first = _first_record(path)
     if not _is_hpd_record(first):
-        raise ValueError(
+        raise DataError(
             f"{path} does not look like HPD annotations: its first record needs path1 and path2 (HPDv3) or "
             f"image_path and rank (HPDv2); found {sorted(first) if isinstance(first, dict) else first!r}"
         )

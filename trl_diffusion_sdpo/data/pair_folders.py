@@ -15,7 +15,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from .validation import SOURCE_COLUMN
+from .validation import SOURCE_COLUMN, DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "SIDE_FOLDERS", "VIDEO_EXTENSIONS", "pair_root", "prompt_text", "read_pair_folders"]
 
@@ -80,14 +80,29 @@ def pair_root(path: str, split: str) -> str | None:
     return None
 
 
-def _caption(stem_paths: list[str]) -> str | None:
-    """The text of the first caption file ``<stem>.txt`` / ``<stem>.caption`` that exists, stripped."""
+def _caption_file(stem_paths: list[str]) -> str | None:
+    """The first caption file ``<stem>.txt`` / ``<stem>.caption`` that exists."""
     for stem in stem_paths:
         for extension in CAPTION_EXTENSIONS:
             if os.path.isfile(stem + extension):
-                with open(stem + extension, encoding="utf-8") as f:
-                    return prompt_text(f.read())
+                return stem + extension
     return None
+
+
+def _caption(stem_paths: list[str]) -> str | None:
+    """The text of the first caption file that exists (:func:`_caption_file`), stripped; ``None`` without one or
+    for an empty one."""
+    path = _caption_file(stem_paths)
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return prompt_text(f.read())
+
+
+def _no_caption_note(stem_paths: list[str], missing: str) -> str:
+    """Why a pair has no prompt: its caption file is empty (named), or ``missing``."""
+    path = _caption_file(stem_paths)
+    return f"{os.path.basename(path)} is empty" if path is not None else missing
 
 
 def _images_by_key(folder: str) -> dict[str, list[str]]:
@@ -178,11 +193,10 @@ def read_pair_folders(root: str) -> Dataset:
             if mismatch := _kind_mismatch(pair, sides):
                 notes.append(mismatch)
                 pair = [None, None]
-            prompt = _caption(
-                [os.path.join(chosen_dir, key), os.path.join(rejected_dir, key), os.path.join(root, key)]
-            )
+            stems = [os.path.join(chosen_dir, key), os.path.join(rejected_dir, key), os.path.join(root, key)]
+            prompt = _caption(stems)
             if prompt is None:
-                notes.append(f"no caption {key}.txt or {key}.caption")
+                notes.append(_no_caption_note(stems, f"no caption {key}.txt or {key}.caption"))
             if sources is not None:
                 found = sources.get(key, [])
                 if len(found) != 1:
@@ -223,9 +237,10 @@ def read_pair_folders(root: str) -> Dataset:
             if mismatch := _kind_mismatch(pair, ("chosen", "rejected")):
                 notes.append(mismatch)
                 pair = [None, None]
-            prompt = _caption([os.path.join(folder, "prompt"), os.path.join(folder, "caption")])
+            stems = [os.path.join(folder, "prompt"), os.path.join(folder, "caption")]
+            prompt = _caption(stems)
             if prompt is None:
-                notes.append("no prompt.txt or caption.txt")
+                notes.append(_no_caption_note(stems, "no prompt.txt or caption.txt"))
             if source_column == "source_image":
                 if source_note:
                     notes.append(source_note)
@@ -244,5 +259,5 @@ def read_pair_folders(root: str) -> Dataset:
             rows["rejected"].append(pair[1])
             rows[SOURCE_COLUMN].append(f"pair folder {folder}" + (": " + "; ".join(notes) if notes else ""))
     if not rows["prompt"]:
-        raise ValueError(f"{root} holds no image or video pairs")
+        raise DataError(f"{root} holds no image or video pairs")
     return Dataset.from_dict(rows)

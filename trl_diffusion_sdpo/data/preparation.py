@@ -34,6 +34,7 @@ from .progress import datasets_progress_bars
 from .validation import (
     ROW_INDEX_COLUMN,
     SOURCE_COLUMN,
+    DataError,
     DataReport,
     PreferenceColumns,
     is_tie,
@@ -63,7 +64,7 @@ def prepare_preference_dataset(
         raise TypeError(f"{split} dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}")
     columns = resolve_columns(dataset.column_names, args)
     if len(dataset) == 0:
-        raise ValueError(f"The {split} dataset is empty (0 rows)")
+        raise DataError(f"The {split} dataset is empty (0 rows)")
     # Where each row came from (a pair folder, an annotation record), when a file-format reader wrote it.
     sources = dataset[SOURCE_COLUMN] if SOURCE_COLUMN in dataset.column_names else None
     dataset = with_undecoded_images(dataset.select_columns(columns.all), columns)
@@ -93,9 +94,9 @@ def prepare_preference_dataset(
             if sources is not None and sources[index]:
                 message += f" (from {sources[index]})"
             if not args.skip_invalid_rows:
-                raise ValueError(
-                    f"Invalid {split} dataset {message}. Fix the data or set skip_invalid_rows=True to skip and "
-                    "count such rows."
+                raise DataError(
+                    f"Invalid {split} dataset {message}. Fix the data or set skip_invalid_rows=True "
+                    "(--skip_invalid_rows true) to skip and count such rows."
                 )
             report.invalid_skipped += 1
             if len(report.examples) < 5:
@@ -106,7 +107,7 @@ def prepare_preference_dataset(
             keep.append(index)
     report.num_kept = len(keep)
     if not keep:
-        raise ValueError(f"The {split} dataset is empty after filtering: {report.summary()}")
+        raise DataError(f"The {split} dataset is empty after filtering: {report.summary()}")
     if len(keep) < len(dataset):
         dataset = dataset.select(keep)
     if report.invalid_skipped:

@@ -36,6 +36,7 @@ from .transforms import load_image
 from .video import VideoClip, read_video
 
 __all__ = [
+    "DataError",
     "ROW_INDEX_COLUMN",
     "SOURCE_ASPECT_TOLERANCE",
     "SKIP_COLUMN",
@@ -47,6 +48,12 @@ __all__ = [
     "resolve_columns",
     "video_clip",
 ]
+
+
+class DataError(ValueError):
+    """The data cannot be trained on (a bad row or image, no pairs, a dataset that does not exist): the user fixes
+    the data or the name. The command line ends on it with one line and exit status 1."""
+
 
 # Why a row mapped from Pick-a-Pic's label form (:func:`~.pickapic.pickapic_to_trl`) gives no pair, as
 # ``{"column", "reason"}``: both empty for a pair; an empty column and TIE_REASON for a tie (dropped and counted as a
@@ -166,7 +173,7 @@ def resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
     scores = ""
     if uses_scores(args):
         scores = f" and, for loss_type={args.loss_type!r}, score columns {list(score_columns_of(args))}"
-    raise ValueError(
+    raise DataError(
         f"Dataset is missing column(s) {missing}. Expected TRL preference columns {trl.all}{scores}, or Pick-a-Pic "
         f"columns {pickapic}, which are mapped onto them (dataset_columns='pickapic'; names can be changed in the "
         f"config); found {sorted(names)}."
@@ -198,7 +205,7 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     scores = score_columns_of(args)
     missing = [c for c in scores if c not in names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"loss_type={args.loss_type!r} needs a score per image, but the dataset is missing score column(s) "
             f"{missing} (expected {list(scores)}; names can be changed with score_0_column/score_1_column); found "
             f"{sorted(names)}. Alternatively hand DiffusionSDPOTrainer reward_funcs (a registered scorer name or a "
@@ -214,14 +221,14 @@ def _with_source(layout: PreferenceColumns, column_names: Sequence[str], args: A
     multiple = getattr(args, "source_images_column", "source_images")
     present = [column for column in (single, multiple) if column in column_names]
     if len(present) == 2:
-        raise ValueError(
+        raise DataError(
             f"Dataset has both {single!r} (one source image per row) and {multiple!r} (a list per row): keep one. "
             "A single source belongs in a one-element list when the pipeline takes several."
         )
     if not present:
         return layout
     if layout.clip is not None:
-        raise ValueError(f"column {present[0]!r}: editing data (source images) is for image models, not video")
+        raise DataError(f"column {present[0]!r}: editing data (source images) is for image models, not video")
     return dataclasses.replace(layout, source=present[0], source_list=present[0] == multiple)
 
 
@@ -235,7 +242,7 @@ def _with_mask(layout: PreferenceColumns, column_names: Sequence[str], args: Any
         return layout
     column = getattr(args, "mask_column", "mask")
     if column not in column_names:
-        raise ValueError(
+        raise DataError(
             f"loss_mask=True reads each row's mask from column {column!r}, which the dataset lacks (found "
             f"{sorted(column_names)}): add it (an image per row, white where the preference lives; mask.<ext> in a "
             "pair folder, a mask/ folder beside the side folders, or a mask column of paths in a table), name "

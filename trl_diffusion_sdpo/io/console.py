@@ -14,8 +14,17 @@ import logging
 import os
 import re
 import sys
+import traceback
+from collections.abc import Callable, Sequence
 
 __all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
+
+# The command line's switch and variable that show the traceback of an error a user can fix (one line otherwise).
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "TRL_DIFFUSION_SDPO_DEBUG"
+_TRUE = {"1", "true", "yes", "on"}
+# Whether the command line runs (set by run_command): advice then names flags, from Python the keyword arguments.
+_on_command_line = False
 
 # Messages that say nothing a user can act on, by the logger that emits them and their exact text.
 NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
@@ -65,19 +74,25 @@ def filter_known_noise() -> None:
 
 
 def on_terminal() -> bool:
-    """Whether stderr, where progress bars and logs go, is a terminal."""
-    return sys.stderr.isatty()
+    """Whether stderr, where progress bars and logs go, is a terminal, or a notebook's output (which draws bars as
+    widgets)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def quiet_progress_bars() -> None:
     """Turn off the loading bars of diffusers (pipeline components), transformers (weights) and the Hub
-    (downloads), and ``datasets``' bars (``Generating train split``, ``map``)."""
+    (downloads), ``datasets``' bars (``Generating train split``, ``map``) and the denoising bar of every pipeline that
+    sets no progress-bar config of its own."""
     import datasets
+    import diffusers
     import diffusers.utils.logging
     import huggingface_hub.utils
     import transformers.utils.logging
 
     diffusers.utils.logging.disable_progress_bar()
+    # A pipeline's denoising bar follows its own config (set_progress_bar_config), which a pipeline without one reads
+    # from the class: off for every pipeline that sets none, the user's own included.
+    diffusers.DiffusionPipeline._progress_bar_config = {"disable": True}
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     datasets.disable_progress_bars()
@@ -103,3 +118,71 @@ def log_to_console() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     package.addHandler(handler)
+
+
+def advice(flag: str, python: str) -> str:
+    """``flag`` (the command line's words) when the command line runs, ``python`` (the keyword arguments) from
+    Python: an error a user fixes names what they typed."""
+    return flag if _on_command_line else python
+
+
+def debug_requested(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """``argv`` without :data:`DEBUG_FLAG`, and whether tracebacks were asked for (the flag or :data:`DEBUG_ENV`)."""
+    rest = [word for word in argv if word != DEBUG_FLAG]
+    return rest, len(rest) != len(argv) or os.environ.get(DEBUG_ENV, "").strip().lower() in _TRUE
+
+
+def user_error_status(error: BaseException) -> int | None:
+    """The exit status of an error a user can fix: 1 for the data (:class:`~.data.validation.DataError`), 2 for the
+    rest (an option, a config value, a folder, a missing extra: the package's own error classes, or a ValueError,
+    KeyError or FileNotFoundError the package raised with its message); ``None`` for anything else, a bug whose
+    traceback is the report."""
+    from ..config.extras import ExtraNotInstalled
+    from ..data.validation import DataError
+    from .checkpoints import CheckpointError, CheckpointSaveError, EarlierRunError
+    from .hub import HubPushError
+    from .run_lock import RunLockedError
+
+    if isinstance(error, DataError):
+        return 1
+    if isinstance(
+        error,
+        ExtraNotInstalled | CheckpointError | CheckpointSaveError | EarlierRunError | HubPushError | RunLockedError,
+    ):
+        return 2
+    if isinstance(error, ValueError | KeyError | FileNotFoundError | NotADirectoryError) and _raised_by_the_package(
+        error
+    ):
+        return 2
+    return None
+
+
+def _raised_by_the_package(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is the package's code: a message it wrote for users."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, above io/
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package + os.sep)
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line (a KeyError's without the quotes its ``str`` adds)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split()) or type(error).__name__
+
+
+def run_command(prog: str, command: Callable[[], int | None], debug: bool = False) -> int:
+    """Run ``command`` as the command line does: an error a user can fix (:func:`user_error_status`) ends it with
+    ``prog: error: <one line>`` on stderr and its exit status, no traceback; ``debug`` re-raises it (the traceback).
+    Advice in messages names flags while it runs (:func:`advice`)."""
+    global _on_command_line
+    before, _on_command_line = _on_command_line, True
+    try:
+        return command() or 0
+    except Exception as error:
+        status = None if debug else user_error_status(error)
+        if status is None:
+            raise
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return status
+    finally:
+        _on_command_line = before

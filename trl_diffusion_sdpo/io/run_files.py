@@ -56,6 +56,7 @@ from .checkpoints import (
     save_failure,
     staging_folder,
 )
+from .console import advice
 from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
 from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
@@ -190,10 +191,13 @@ class RunFiles:
             if earlier:
                 lock.release()
                 lock = None
+                resume = advice("--resume_from_checkpoint true", "train(resume_from_checkpoint=True)")
+                new_dir = advice("--output_dir", "output_dir")
+                overwrite = advice("--overwrite_output_dir", "overwrite_output_dir=True")
                 error = EarlierRunError(
                     f"{args.output_dir} holds another run's files ({', '.join(earlier)}), which a new run would "
-                    "replace. Continue that run with --resume_from_checkpoint true, write this one into a new "
-                    "--output_dir, or pass --overwrite_output_dir to replace it (its checkpoints are deleted first)."
+                    f"replace. Continue that run with {resume}, write this one into a new {new_dir}, or pass "
+                    f"{overwrite} to replace it (its checkpoints are deleted first)."
                 )
         if accelerator.num_processes > 1:
             flag = torch.full((), float(error is not None), device=accelerator.device)
