@@ -14,7 +14,7 @@ from transformers import TrainerCallback, TrainerControl
 from tests.helpers.common import StopAt
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.callbacks.guards import PathologyAction
-from trl_diffusion_sdpo.callbacks.health import WINDOWS, WinnerHealth, remedies
+from trl_diffusion_sdpo.callbacks.health import RULE, WINDOWS, WinnerHealth, remedies
 from trl_diffusion_sdpo.objectives import AutoBeta, DenoisingErrors, build_objective
 from trl_diffusion_sdpo.objectives.auto_beta import AUTO_BETA_DECAY, AUTO_BETA_RANGE
 from trl_diffusion_sdpo.safeguards.margin import AUTO_MU_START, SafeguardMargin
@@ -212,7 +212,10 @@ def test_two_processes_use_the_beta_and_mu_of_every_processs_pairs():
 
 
 def _pathological_history() -> list[dict[str, float]]:
-    return [{"delta/winner": 0.01 * k, "implicit_acc": 0.5 + 0.1 * k} for k in range(1, WINDOWS + 2)]
+    # the calibrated rule's pattern: the winner's error above the reference's by more than its margin while the
+    # implicit accuracy stays below its bound, in every window of the rule
+    delta, acc = RULE.min_delta_winner + 0.03, (RULE.max_implicit_acc or 1.0) - 0.1
+    return [{"delta/winner": delta, "implicit_acc": acc, "step": (RULE.window_steps or 1) * k} for k in range(1, 4)]
 
 
 def _alarm(args, caplog) -> str:
@@ -223,7 +226,7 @@ def _alarm(args, caplog) -> str:
         recorded: list[dict[str, float]] = []
         for entry in _pathological_history():
             logs = dict(entry)
-            health.annotate(logs, recorded, len(recorded))
+            health.annotate(logs, recorded, int(entry["step"]))
             recorded.append(logs)
     assert recorded[-1]["health/winner_pathology"] == 1.0
     # the alarm's records only: what else the test ran may have logged at INFO, had an earlier test lowered the level

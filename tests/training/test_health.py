@@ -1,35 +1,76 @@
-"""The training-log health check: Diffusion-DPO's pathology (winner error above the reference's while the implicit
-accuracy grows) flagged as a metric, with one warning."""
+"""The training-log health check: Diffusion-DPO's pathology (the winner's error held above the reference's while the
+implicit accuracy stays low, the calibrated rule) flagged as a metric, with one warning."""
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 from transformers import TrainerCallback
 
-from trl_diffusion_sdpo.callbacks.health import WinnerHealth, winner_pathology
+from trl_diffusion_sdpo.callbacks.health import EVIDENCE, RULE, PathologyRule, WinnerHealth, winner_pathology
 
 
-def _history(deltas: list[float], accuracies: list[float]) -> list[dict[str, float]]:
+def _history(deltas: list[float], accuracies: list[float], logging_steps: int = 1) -> list[dict[str, float]]:
+    """Training logs every ``logging_steps`` steps (each the mean of its steps' values), evaluation logs between."""
     history: list[dict[str, float]] = []
-    for step, (delta, acc) in enumerate(zip(deltas, accuracies), start=1):
-        history.append({"loss": 0.6, "delta/winner": delta, "implicit_acc": acc, "step": step})
-        history.append({"eval_loss": 0.7, "eval_delta/winner": -1.0, "step": step})  # evaluation logs are skipped
+    for end in range(logging_steps, len(deltas) + 1, logging_steps):
+        delta = float(np.mean(deltas[end - logging_steps : end]))
+        acc = float(np.mean(accuracies[end - logging_steps : end]))
+        history.append({"loss": 0.6, "delta/winner": delta, "implicit_acc": acc, "step": end})
+        history.append({"eval_loss": 0.7, "eval_delta/winner": -1.0, "step": end})  # evaluation logs are skipped
     return history
 
 
-def test_the_pathology_needs_every_window_above_the_reference_and_a_growing_accuracy():
-    assert winner_pathology(_history([-0.1, 0.01, 0.02, 0.05], [0.4, 0.5, 0.6, 0.7]))
-    # the last three windows only: an early healthy window does not matter, a late one does
-    assert not winner_pathology(_history([0.01, 0.02, 0.05, -0.01], [0.4, 0.5, 0.6, 0.7]))
-    # winner error above the reference but the accuracy not growing: not the pathology
-    assert not winner_pathology(_history([0.01, 0.02, 0.05], [0.7, 0.6, 0.7]))
-    # accuracy growing with the winner improving too: the healthy case
-    assert not winner_pathology(_history([-0.01, -0.02, -0.05], [0.4, 0.5, 0.7]))
-    # fewer windows than asked for, and reference-free logs (no delta/winner)
-    assert not winner_pathology(_history([0.01, 0.02], [0.4, 0.5]))
-    assert not winner_pathology([{"loss": 0.1, "implicit_acc": a} for a in (0.1, 0.5, 0.9)])
-    assert winner_pathology(_history([0.01, 0.02], [0.4, 0.5]), windows=2)
+def _expected(deltas: list[float], accuracies: list[float], upto: int, rule: PathologyRule = RULE) -> bool:
+    """The rule computed directly on the per-step values: the last ``windows`` complete blocks of ``window_steps``
+    steps before ``upto``, each block's mean delta above the margin and the blocks' mean accuracy below the bound."""
+    size, closed = rule.window_steps, upto // rule.window_steps
+    if closed < rule.windows:
+        return False
+    blocks = range(closed - rule.windows, closed)
+    block_deltas = [np.mean(deltas[b * size : (b + 1) * size]) for b in blocks]
+    block_accs = [np.mean(accuracies[b * size : (b + 1) * size]) for b in blocks]
+    return bool(min(block_deltas) > rule.min_delta_winner and np.mean(block_accs) < rule.max_implicit_acc)
+
+
+def _steps(seed: int, steps: int, delta: float, acc: float) -> tuple[list[float], list[float]]:
+    rng = np.random.default_rng(seed)
+    return list(delta + 0.01 * rng.standard_normal(steps)), list(np.clip(acc + 0.2 * rng.standard_normal(steps), 0, 1))
+
+
+def test_the_rule_is_the_calibrated_blocks_of_steps_at_any_logging_interval():
+    assert RULE.window_steps == 10 and RULE.max_implicit_acc is not None  # the checks below assume both
+    cases = [_steps(0, 60, 0.05, 0.5), _steps(1, 60, 0.05, 0.9), _steps(2, 60, 0.0, 0.4), _steps(3, 60, 0.025, 0.55)]
+    # a run that turns: healthy for 30 steps, then the winner's error rises while the accuracy stays low
+    healthy, turning = _steps(4, 30, 0.0, 0.8), _steps(5, 30, 0.06, 0.45)
+    cases.append((healthy[0] + turning[0], healthy[1] + turning[1]))
+    verdicts = set()
+    for deltas, accs in cases:
+        for logging_steps in (1, 2, 5, 10):
+            history = _history(deltas, accs, logging_steps)
+            for n in range(1, len(history) + 1):
+                upto = int(history[n - 1]["step"])
+                # logging every step or every 10, the verdict is the rule on the blocks closed so far
+                assert winner_pathology(history[:n]) == _expected(deltas, accs, upto), (logging_steps, upto)
+                verdicts.add(_expected(deltas, accs, upto))
+    assert verdicts == {True, False}
+
+
+def test_the_rule_reads_the_winner_margin_and_the_accuracy_bound():
+    assert winner_pathology(_history([0.05] * 20, [0.5] * 20, 10))
+    assert not winner_pathology(_history([0.05] * 20, [0.9] * 20, 10))  # the preference is being learnt: healthy
+    assert not winner_pathology(_history([0.05] * 10 + [0.01] * 10, [0.5] * 20, 10))  # one window within the margin
+    assert not winner_pathology(_history([0.05] * 10, [0.5] * 10, 10))  # one window only
+    assert not winner_pathology(_history([0.05] * 19, [0.5] * 19, 1))  # the second window is not closed yet
+    assert not winner_pathology([{"loss": 0.1, "implicit_acc": 0.1, "step": s} for s in (10, 20, 30)])
+    # logs without a step: each log is a window of its own
+    assert winner_pathology([{"delta/winner": 0.05, "implicit_acc": 0.5}] * RULE.windows)
+    # the rule before calibration, still expressible: every log above the reference and a growing accuracy
+    before = PathologyRule(windows=3, window_steps=None, min_delta_winner=0.0, max_implicit_acc=None,
+                           accuracy_must_grow=True)  # fmt: skip
+    assert winner_pathology(_history([-0.1, 0.01, 0.02, 0.05], [0.4, 0.5, 0.6, 0.7]), before)
+    assert not winner_pathology(_history([0.01, 0.02, 0.05], [0.7, 0.6, 0.7]), before)
 
 
 def _replay(history: list[dict[str, float]], caplog) -> tuple[list[float], list[str]]:
@@ -37,10 +78,10 @@ def _replay(history: list[dict[str, float]], caplog) -> tuple[list[float], list[
     health, recorded = WinnerHealth(), []
     flags = []
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.health"):
-        for step, entry in enumerate(history):
+        for entry in history:
             logs = {k: v for k, v in entry.items() if k != "step"}
-            health.annotate(logs, recorded, step)
-            recorded.append(logs)
+            health.annotate(logs, recorded, int(entry["step"]))
+            recorded.append({**logs, "step": entry["step"]})  # transformers adds the step to log_history
             if "delta/winner" in logs:
                 flags.append(logs["health/winner_pathology"])
             else:
@@ -48,15 +89,16 @@ def _replay(history: list[dict[str, float]], caplog) -> tuple[list[float], list[
     return flags, [r.getMessage() for r in caplog.records]
 
 
-def test_the_check_logs_the_metric_every_window_and_warns_once_naming_the_remedies(caplog):
-    flags, warnings = _replay(_history([0.01, 0.02, 0.03, 0.04, 0.05], [0.5, 0.6, 0.7, 0.8, 0.9]), caplog)
-    assert flags == [0.0, 0.0, 1.0, 1.0, 1.0]
+def test_the_check_logs_the_metric_every_window_and_warns_once_naming_the_remedies_and_the_evidence(caplog):
+    flags, warnings = _replay(_history([0.05] * 50, [0.5] * 50, 10), caplog)
+    assert flags == [0.0, 1.0, 1.0, 1.0, 1.0]
     assert len(warnings) == 1
-    assert all(word in warnings[0] for word in ("safeguard", "learning_rate")) and "beta" not in warnings[0]
+    assert all(word in warnings[0] for word in ("safeguard", "learning_rate", EVIDENCE)) and "beta" not in warnings[0]
 
 
 def test_a_healthy_run_never_warns(caplog):
-    flags, warnings = _replay(_history([-0.01, -0.02, -0.03, -0.04], [0.5, 0.6, 0.7, 0.8]), caplog)
+    # the 1000-step pattern at lr 2e-5: the winner's error above the reference's while the accuracy is high
+    flags, warnings = _replay(_history([0.05] * 40, [0.9] * 40, 10), caplog)
     assert flags == [0.0] * 4 and warnings == []
 
 

@@ -2,49 +2,124 @@
 
 Diffusion-DPO can widen the preference margin by making the loser worse faster than the winner, while the winner's
 own denoising error climbs above the reference's (Fu et al., arXiv 2511.03317, the pathology the safeguard exists
-for). Both halves are in the logs already: ``delta/winner`` (policy's winner error minus the reference's, averaged
-over a logging window) and ``implicit_acc``. :func:`winner_pathology` reads them; :class:`WinnerHealth`
-logs the verdict as ``health/winner_pathology`` (1.0 or 0.0) at every training log and warns once, naming only the
-remedies the run's configuration does not already use (:func:`remedies`). What else happens when it fires is the
-config's ``on_pathology`` (``trl_diffusion_sdpo.callbacks.guards.PathologyCallback``).
+for). The logs carry ``delta/winner`` (policy's winner error minus the reference's, averaged over a logging window)
+and ``implicit_acc``. :func:`winner_pathology` reads them with the rule :data:`RULE`, calibrated against the held-out
+reward of every run of the stability benchmark (:data:`EVIDENCE`): the winner's error held above the reference's by
+more than a margin while the implicit accuracy stays low, the pattern of the runs whose held-out reward fell.
+:class:`WinnerHealth` logs the verdict as ``health/winner_pathology`` (1.0 or 0.0) at every training log and warns
+once, naming only the remedies the evidence supports for the run's regime that the run does not already use
+(:func:`remedies`). What else happens when it fires is the config's ``on_pathology``
+(``trl_diffusion_sdpo.callbacks.guards.PathologyAction``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["WINDOWS", "WinnerHealth", "remedies", "winner_pathology"]
+__all__ = ["EVIDENCE", "RULE", "WINDOWS", "PathologyRule", "WinnerHealth", "describe", "remedies", "winner_pathology"]
 
 logger = logging.getLogger(__name__)
 
-WINDOWS = 3  # consecutive logging windows the pattern must hold over: one noisy window is not a trend
+
+@dataclass(frozen=True)
+class PathologyRule:
+    """When the alarm fires, on the training logs (reference-free logs, without ``delta/winner``, never fire).
+
+    The logs are first grouped into windows of ``window_steps`` optimizer steps by their ``step`` (each window's
+    ``delta/winner`` and ``implicit_acc`` the mean of its logs: the mean over its steps when every log covers as
+    many); a log without ``step``, or ``window_steps=None``, is a window of its own. The rule fires on the last
+    ``windows`` closed windows (a window closes when its last step is logged or a later window starts) when
+
+    * ``delta/winner > min_delta_winner`` in each of them (the winner's error above the reference's),
+    * the mean ``implicit_acc`` over them is below ``max_implicit_acc`` (``None``: no bound), and
+    * with ``accuracy_must_grow``, the last window's ``implicit_acc`` is above the first's.
+    """
+
+    windows: int
+    window_steps: int | None
+    min_delta_winner: float
+    max_implicit_acc: float | None
+    accuracy_must_grow: bool = False
 
 
-def winner_pathology(history: Sequence[Mapping[str, float]], windows: int = WINDOWS) -> bool:
-    """Whether the last ``windows`` training logs in ``history`` show the pathology: in every one of them the
-    policy's winner error is above the reference's (``delta/winner > 0``), and the implicit accuracy grew from the
-    first of them to the last.
+RULE = PathologyRule(windows=2, window_steps=10, min_delta_winner=0.02, max_implicit_acc=0.6)
+"""The alarm's rule: chosen on the even training seeds of the stability benchmark's runs and checked on the odd ones
+(``benchmarks/studies/alarm_calibration.py``, ``benchmarks/results/cpu-alarm-calibration.json``)."""
+EVIDENCE = "docs/research/alarm.md"
+"""Where the rule's calibration is written up, for users (help texts and warnings name this page)."""
+WINDOWS = RULE.windows  # the logs an escalation waits before it raises mu again (callbacks.guards.PathologyAction)
+
+
+def describe(rule: PathologyRule = RULE) -> str:
+    """The rule in words, for help texts and the warning."""
+    span = f"{rule.windows} windows of {rule.window_steps} steps" if rule.window_steps else f"{rule.windows} logs"
+    text = f"the policy's winner error above the reference's by more than {rule.min_delta_winner:g} (delta/winner)"
+    if rule.max_implicit_acc is not None:
+        text += f" while the implicit accuracy stays below {rule.max_implicit_acc:g}"
+    if rule.accuracy_must_grow:
+        text += " while the implicit accuracy grows"
+    return f"{text}, over {span}"
+
+
+def _windows(history: Sequence[Mapping[str, float]], rule: PathologyRule) -> list[tuple[float, float]]:
+    """The closed windows of ``history``'s training logs: ``(delta/winner, implicit_acc)`` means, oldest first."""
+    entries = [entry for entry in history if "delta/winner" in entry and "implicit_acc" in entry]
+    groups: list[tuple[Any, list[Mapping[str, float]]]] = []
+    for index, entry in enumerate(entries):
+        step = entry.get("step")
+        key = ("log", index) if step is None or rule.window_steps is None else (int(step) - 1) // rule.window_steps
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(entry)
+        else:
+            groups.append((key, [entry]))
+    if groups and isinstance(groups[-1][0], int):
+        last = groups[-1][1][-1]["step"]
+        if int(last) % rule.window_steps:  # the window's last step is not logged yet: it may still change
+            groups.pop()
+    return [
+        (sum(e["delta/winner"] for e in g) / len(g), sum(e["implicit_acc"] for e in g) / len(g)) for _, g in groups
+    ]
+
+
+def winner_pathology(history: Sequence[Mapping[str, float]], rule: PathologyRule = RULE) -> bool:
+    """Whether the last training logs in ``history`` show the pathology by ``rule`` (:class:`PathologyRule`).
 
     Logs without ``delta/winner`` (evaluation logs, reference-free objectives) are skipped; with fewer than
-    ``windows`` training logs the answer is ``False``.
+    ``rule.windows`` closed windows the answer is ``False``.
     """
-    entries = [entry for entry in history if "delta/winner" in entry and "implicit_acc" in entry][-windows:]
-    if len(entries) < windows:
+    windows = _windows(history, rule)[-rule.windows :]
+    if len(windows) < rule.windows:
         return False
-    above_reference = all(entry["delta/winner"] > 0 for entry in entries)
-    accuracy_grew = entries[-1]["implicit_acc"] > entries[0]["implicit_acc"]
-    return above_reference and accuracy_grew
+    if not all(delta > rule.min_delta_winner for delta, _ in windows):
+        return False
+    if rule.max_implicit_acc is not None and sum(acc for _, acc in windows) / len(windows) >= rule.max_implicit_acc:
+        return False
+    return not rule.accuracy_must_grow or windows[-1][1] > windows[0][1]
 
 
 def remedies(args: Any | None) -> list[str]:
-    """The remedies for the pathology that ``args`` (the run's config; ``None``: unknown) does not already use, in the
-    order the toy benchmarks found them to work where Diffusion-DPO's held-out reward fell (docs/research/stability.md,
-    docs/research/safeguard.md): the safeguard where it is off; where it is on, the update space (it paid at lr 2e-4
-    and 1e-4, the output space only at 2e-4) and a larger fixed ``mu`` (0.9 paid as much as 0.5 at 2e-4; ``"auto"``
-    in the output space paid less than a fixed 0.5); then a smaller learning rate (Diffusion-DPO broke at 2e-4, not at
-    2e-5). A smaller ``beta`` is not among them: no beta from 5 to 50000 changed the picture at the demo's rate."""
+    """The remedies for the pathology that the evidence supports in ``args``'s regime (the run's config; ``None``:
+    unknown, offline) and that the run does not already use, each naming the setting to change as ``field=value``.
+
+    Offline, in the order the toy benchmarks found them to work where Diffusion-DPO's held-out reward fell
+    (docs/research/stability.md, docs/research/safeguard.md): the safeguard where it is off; where it is on, the
+    update space (it paid at lr 2e-4 and 1e-4, the output space only at 2e-4) and a larger fixed ``mu`` (0.9 paid as
+    much as 0.5 at 2e-4; ``"auto"`` in the output space paid less than a fixed 0.5); then a smaller learning rate
+    (Diffusion-DPO broke at 2e-4, not at 2e-5). A smaller ``beta`` is not among them: no beta from 5 to 50000
+    changed the picture at the demo's rate.
+
+    Online (a config with ``online`` set) never a safeguard: where online Diffusion-DPO was healthy every safeguard
+    setting cost held-out quality, and where it hacked its reward none kept what it lost (docs/online.md); so the
+    safeguard's removal where it is on, then a smaller learning rate (online Diffusion-DPO was healthy at 2e-4 and
+    hacked at 1e-3)."""
+    if args is not None and getattr(args, "online", False):
+        online: list[str] = []
+        if getattr(args, "safeguard_space", "none") not in (None, "none"):
+            online.append("safeguard_space='none' (online, every safeguard setting cost held-out quality)")
+        return [*online, "a smaller learning_rate"]
     if args is None:
         return ["the safeguard (safeguard=True)", "a smaller learning_rate"]
     found: list[str] = []
@@ -59,7 +134,12 @@ def remedies(args: Any | None) -> list[str]:
         else:
             now = "the family's default" if mu is None else f"{mu:g}"  # None: a config not yet given to a trainer
             if mu is None or mu < 0.9:
-                found.append(f"a larger safeguard_mu than {now} (on_pathology='escalate' raises it)")
+                raise_it = (
+                    ""
+                    if getattr(args, "on_pathology", "warn") == "escalate"
+                    else " (on_pathology='escalate' raises it)"
+                )
+                found.append(f"a larger safeguard_mu than {now}{raise_it}")
     found.append("a smaller learning_rate")
     return found
 
@@ -69,24 +149,25 @@ class WinnerHealth:
     1, naming the remedies. The trainer calls :meth:`annotate` on a log before transformers records it, so the
     reporting callbacks and ``state.log_history`` see the metric with the rest of the log."""
 
-    def __init__(self, windows: int = WINDOWS, args: Any | None = None) -> None:
-        self.windows = windows
+    def __init__(self, rule: PathologyRule = RULE, args: Any | None = None) -> None:
+        self.rule = rule
         self.remedies = remedies(args)
         self.warned = False
 
     def annotate(self, logs: dict[str, float], history: Sequence[Mapping[str, float]], step: int) -> None:
-        """Add the verdict on ``history`` (the logs recorded so far) followed by ``logs`` to ``logs``, in place."""
+        """Add the verdict on ``history`` (the logs recorded so far) followed by ``logs`` (the log of optimizer
+        step ``step``) to ``logs``, in place."""
         if "delta/winner" not in logs:
             return
-        flagged = winner_pathology([*history, logs], self.windows)
+        flagged = winner_pathology([*history, {**logs, "step": step}], self.rule)
         logs["health/winner_pathology"] = float(flagged)
         if flagged and not self.warned:
             self.warned = True
             logger.warning(
-                "Step %d: for %d logging windows the policy's winner error has been above the reference's "
-                "(delta/winner > 0) while the implicit accuracy grew: Diffusion-DPO's pathology (the margin grows by "
-                "making the winner worse). Remedies not in use in this run: %s.",
+                "Step %d: %s: Diffusion-DPO's pathology, the pattern of the runs whose held-out reward fell "
+                "(calibration: %s). Remedies not in use in this run: %s.",
                 step,
-                self.windows,
+                describe(self.rule),
+                EVIDENCE,
                 "; ".join(self.remedies),
             )

@@ -204,8 +204,9 @@ class DiffusionSDPOConfig(TrainingArguments):
     )
     on_pathology: str = option(
         "warn",
-        "What to do when `health/winner_pathology` fires (the winner's error above the reference's while the "
-        "implicit accuracy grows, over 3 logging windows). `warn`: a warning naming remedies not already on. "
+        "What to do when `health/winner_pathology` fires (the winner's error held above the reference's while the "
+        "implicit accuracy stays low, the pattern of the runs whose held-out reward fell; the rule and its "
+        "calibration: docs/research/alarm.md). `warn`: a warning naming remedies not already on. "
         "`escalate`: raise `safeguard_mu` halfway to 1 each time it fires (logged as `safeguard/mu` and "
         "`health/escalations`; needs the safeguard). `stop`: save a checkpoint and stop, saying why.",
         choices=list(PATHOLOGY_ACTIONS),

@@ -30,6 +30,8 @@ family and data settings apply unchanged to the generated pairs) and the generat
 @dataclass
 class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
     # The docstring is written at import from the fields' helps (config_docstring, below the class).
+    #: online training: what reads a config (health's remedies) tells the regimes apart by it; not a field
+    online = True  # unannotated, so not a dataclass field
 
     # Rewards
     reward_funcs: list[str] | None = option(

@@ -1,0 +1,140 @@
+"""``benchmarks/studies/alarm_calibration.py``: the alarm's confusion matrices recomputed from the stability
+benchmark's result files, against the written ``cpu-alarm-calibration.json`` and the package's rule; and the alarm's
+remedies against the evidence (``recommendation.py``'s reading of the same files).
+
+Run with ``python -m pytest benchmarks/tests``; the package's suite does not read the result files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.studies import alarm_calibration as study  # noqa: E402
+from benchmarks.studies.recommendation import choose, load_rows, online_evidence  # noqa: E402
+from trl_diffusion_sdpo import DiffusionSDPOConfig  # noqa: E402
+from trl_diffusion_sdpo.callbacks.health import RULE, PathologyRule, remedies  # noqa: E402
+from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def written() -> dict:
+    return json.loads(study.OUTPUT.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict]:
+    return study.load_runs()
+
+
+def _matrix(runs: list[dict], rule: PathologyRule, logging_steps: int) -> tuple[int, int, int, int]:
+    """Fired and fell counted by hand: the alarm replayed per run with the package's rule, the label from the run's
+    last reward change (not the script's ``confusion``)."""
+    counts = [0, 0, 0, 0]
+    for run in runs:
+        fired = study.fires(run, rule, logging_steps) is not None
+        fell = run["reward_change"][max(run["reward_change"])] < -study.TOLERANCE
+        counts[(0 if fell else 1) if fired else (2 if fell else 3)] += 1
+    return tuple(counts)
+
+
+def test_the_package_rule_is_the_calibrated_one(written):
+    assert written["rules"]["calibrated"] == asdict(RULE) and written["package_rule_is_calibrated"]
+
+
+@pytest.mark.parametrize("rule_name", ["today", "calibrated"])
+@pytest.mark.parametrize("which", ["report_runs", "choose_runs", "all_runs"])
+def test_each_confusion_matrix_recomputes_from_the_result_files(written, runs, rule_name, which):
+    rule = PathologyRule(**written["rules"][rule_name])
+    subset = [r for r in runs if which == "all_runs" or study.split(r) == which.split("_")[0]]
+    stored = written["confusion"][rule_name][which]
+    keys = ("fired_fell", "fired_held", "quiet_fell", "quiet_held")
+    assert _matrix(subset, rule, written["logging_steps"]) == tuple(stored[k] for k in keys)
+    assert stored["runs"] == len(subset)
+    assert stored["precision"] == pytest.approx(stored["fired_fell"] / (stored["fired_fell"] + stored["fired_held"]))
+
+
+def test_the_labels_and_splits_are_the_files_own(written, runs):
+    by_id = {r["id"]: r for r in runs}
+    assert sorted(by_id) == sorted(r["id"] for r in written["runs"])
+    for row in written["runs"]:
+        run = by_id[row["id"]]
+        assert row["fell"] == (row["reward_change"] < -written["tolerance"])
+        assert row["reward_change"] == pytest.approx(run["reward_change"][max(run["reward_change"])], abs=1e-6)
+        assert row["split"] == ("choose" if run["seed"] % 2 == 0 else "report")
+
+
+def test_the_files_are_found_wherever_they_are_moved_under_results(tmp_path):
+    moved = tmp_path / "stability"
+    moved.mkdir()
+    (moved / "cpu-stability-map-demo.json").write_text("{}")
+    (tmp_path / "history").mkdir()
+    (tmp_path / "history" / "cpu-stability-map-demo.json").write_text("{}")  # an older copy: not read
+    assert study.find("cpu-stability-map-demo.json", tmp_path) == [moved / "cpu-stability-map-demo.json"]
+
+
+# ------------------------------------------------------------------------------------------------------ remedies
+
+_SAFEGUARD_ON = re.compile(r"safeguard=True|safeguard_space='(output|parameter|update)'|safeguard_mu|escalate")
+_SETTING = re.compile(r"(\w+)=('?)([\w.]+)\2")
+
+
+def _configs(tmp_path) -> list:
+    offline = [
+        DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **fields)
+        for fields in (
+            {"safeguard": False},
+            {"safeguard_mu": 0.5},
+            {"safeguard_mu": 0.5, "on_pathology": "escalate"},
+            {"safeguard_mu": "auto"},
+            {"safeguard_space": "update", "safeguard_mu": 0.5},
+            {"safeguard_space": "update", "safeguard_mu": 0.9},
+            {"safeguard_space": "parameter", "safeguard_mu": 0.95},
+        )
+    ]
+    online = [
+        OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **fields)
+        for fields in ({}, {"safeguard": True}, {"safeguard_space": "update"}, {"safeguard_mu": 0.5})
+    ]
+    return offline + online
+
+
+def test_the_alarm_never_recommends_what_the_run_already_uses(tmp_path):
+    named = 0
+    for args in _configs(tmp_path):
+        for remedy in remedies(args):
+            for field, _, value in _SETTING.findall(remedy):
+                named += 1
+                now = getattr(args, field)
+                assert str(now) != value, f"{remedy!r} names {field}={value}, which the run already uses"
+    assert named >= 8  # the check read the settings the remedies name
+
+
+def test_an_online_run_never_names_a_safeguard_while_the_online_evidence_says_none_holds(tmp_path):
+    evidence = online_evidence()  # raises where a file says a safeguard holds online
+    assert evidence["rows"]["hacking"] and not any(row["holds"] for row in evidence["rows"]["hacking"])
+    for args in _configs(tmp_path):
+        if not getattr(args, "online", False):
+            continue
+        found = remedies(args)
+        assert not any(_SAFEGUARD_ON.search(remedy) for remedy in found), found
+        assert any("learning_rate" in remedy for remedy in found)
+        if args.safeguard_space != "none":  # online, a safeguard on costs: turning it off is the first remedy
+            assert found[0].startswith("safeguard_space='none'")
+
+
+def test_the_offline_remedies_are_the_safeguards_that_paid_where_diffusion_dpo_fell(tmp_path):
+    picked = choose(load_rows())
+    assert picked["update"]["verdict"] == "pays" and picked["default"]["verdict"] == "pays"
+    off = remedies(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=False))
+    assert off[0] == "the safeguard (safeguard=True)"
+    output = remedies(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.5))
+    assert any(remedy.startswith(f"safeguard_space='{picked['update']['label'].split()[0]}'") for remedy in output)
