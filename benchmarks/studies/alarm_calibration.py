@@ -19,7 +19,8 @@ replayed through ``trl_diffusion_sdpo.callbacks.health.winner_pathology``, label
   every setting land on the same side, so reruns of one setting in two files never straddle the split.
 
 ``python benchmarks/studies/alarm_calibration.py`` writes :data:`OUTPUT`; ``--check`` recomputes it and compares
-(exit status 1 on a difference); ``--table`` prints the Markdown tables ``docs/research/alarm.md`` carries.
+(exit status 1 on a difference); ``--table`` prints the Markdown tables ``docs/research/alarm.md`` carries and
+``--page`` writes them there.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ SOURCES: tuple[str, ...] = (
 )
 """The result files the runs come from (file name patterns), the one place they are named."""
 OUTPUT = RESULTS / "cpu-alarm-calibration.json"
+PAGE = ROOT / "docs" / "research" / "alarm.md"
+START, END = "<!-- alarm-tables:start -->", "<!-- alarm-tables:end -->"
+"""The page's block the tables are written into (``--page``)."""
 TOLERANCE = 0.02
 """How far below the base's the held-out colour reward must end for a run to count as fallen (2.3% of the base's
 0.87; healthy Diffusion-DPO at lr 2e-5 ends between -0.002 and +0.035)."""
@@ -276,13 +280,14 @@ def tables(result: dict[str, Any]) -> str:
     names = {"report_runs": "held-out (odd seeds)", "choose_runs": "chosen on (even seeds)", "all_runs": "all",
              "all_runs_demo_logging": "all, logging_steps=1", "report_runs_safeguard_off": "held-out, safeguard off",
              "report_runs_safeguard_on": "held-out, safeguard on"}  # fmt: skip
+    rules = {"today": "before calibration", "calibrated": "calibrated"}
     for rule, matrices in result["confusion"].items():
         for which, m in matrices.items():
             lines.append(
-                f"| {rule} | {names[which]} ({m['runs']}) | {m['fired_fell']} | {m['fired_held']} | {m['quiet_fell']} "
-                f"| {m['quiet_held']} | {_cell(m['precision'])} | {_cell(m['recall'])} |"
+                f"| {rules[rule]} | {names[which]} ({m['runs']}) | {m['fired_fell']} | {m['fired_held']} "
+                f"| {m['quiet_fell']} | {m['quiet_held']} | {_cell(m['precision'])} | {_cell(m['recall'])} |"
             )
-    lines += ["", "| runs | count | held-out reward fell | today's rule fired | calibrated rule fired |",
+    lines += ["", "| runs | count | held-out reward fell | fired before calibration | fired, calibrated |",
               "|---|---:|---:|---:|---:|"]  # fmt: skip
     for group, g in sorted(
         result["groups"].items(), key=lambda kv: (kv[0].split(",")[0], float(kv[0].split()[2].rstrip(",")), kv[0])
@@ -295,9 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help=f"Recompute and compare with {OUTPUT.name}.")
     parser.add_argument("--table", action="store_true", help="Print the Markdown tables of the written file.")
+    parser.add_argument("--page", action="store_true", help=f"Write the tables into {PAGE.name}'s marked block.")
     args = parser.parse_args(argv)
-    if args.table:
-        print(tables(json.loads(OUTPUT.read_text())))
+    if args.table or args.page:
+        block = tables(json.loads(OUTPUT.read_text()))
+        if args.page:
+            head, rest = PAGE.read_text().split(START, 1)
+            PAGE.write_text(f"{head}{START}\n\n{block}\n\n{END}{rest.split(END, 1)[1]}")
+        else:
+            print(block)
         return 0
     result = analyse()
     if args.check:

@@ -138,3 +138,33 @@ def test_the_offline_remedies_are_the_safeguards_that_paid_where_diffusion_dpo_f
     assert off[0] == "the safeguard (safeguard=True)"
     output = remedies(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.5))
     assert any(remedy.startswith(f"safeguard_space='{picked['update']['label'].split()[0]}'") for remedy in output)
+
+
+# ---------------------------------------------------------------------------------------------------------- pages
+
+
+def test_the_research_page_carries_the_tables_of_the_result_file(written):
+    text = study.PAGE.read_text()
+    block = text.split(study.START, 1)[1].split(study.END, 1)[0].strip("\n")
+    assert block == study.tables(written), "stale: run alarm_calibration.py --page"
+
+
+def test_the_safeguard_page_states_the_rule_and_the_files_figures(written):
+    from trl_diffusion_sdpo.callbacks.health import describe
+
+    text = (ROOT / "docs" / "safeguard.md").read_text()
+    calibrated, before = written["confusion"]["calibrated"], written["confusion"]["today"]
+    at_2e5 = [r for r in written["runs"] if ", lr 2e-05," in r["group"]]
+    figures = [
+        describe(RULE),
+        f"precision {calibrated['report_runs']['precision']:.2f} and found {calibrated['report_runs']['recall']:.2f}",
+        f"precision {calibrated['report_runs_safeguard_off']['precision']:.2f} and recall "
+        f"{calibrated['report_runs_safeguard_off']['recall']:.2f}",
+        f"precision of\n{before['report_runs']['precision']:.2f}",
+        f"{sum(r['today_fires_at'] is not None for r in at_2e5)} of the {len(at_2e5)} runs",
+        f"this one on {sum(r['calibrated_fires_at'] is not None for r in at_2e5)}.",
+        f"(recall {calibrated['report_runs_safeguard_on']['recall']:.2f}:",
+        f"{len(written['runs'])} runs",
+    ]
+    missing = [figure for figure in figures if figure not in text]
+    assert not missing, missing
