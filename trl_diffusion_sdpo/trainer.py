@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .callbacks.guards import EMAWeights, GuardState
-from .callbacks.health import WinnerHealth
+from .callbacks.health import WinnerHealth, switched_config
 from .callbacks.nonfinite import NonFiniteLossGuard, NonFiniteTracker
 from .callbacks.stream_guard import StreamGuard
 from .config import DiffusionSDPOConfig, check_config
@@ -244,11 +244,23 @@ class DiffusionSDPOTrainer(Trainer):
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy)
         self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
+        # on_pathology="safeguard": the safeguard the run switches to when the alarm fires, checked against the engine
+        # now and dormant until then.
+        self._dormant_safeguard: Safeguard | None = None
+        if args.on_pathology == "safeguard":
+            self._dormant_safeguard = safeguard_for(switched_config(args), self.engine)
+        switch = self._switch_safeguard if self._dormant_safeguard is not None else None
         # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts.
-        self.guards = GuardState.from_config(args, self.accelerator.num_processes, self.safeguard.margin)
+        self.guards = GuardState.from_config(args, self.accelerator.num_processes, self.safeguard.margin, switch)
         self.add_callback(self.guards)  # their state in the checkpoints
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
+
+    def _switch_safeguard(self) -> None:
+        """``on_pathology="safeguard"``: the dormant safeguard in force from the next micro-batch on. Called from the
+        training log, whose signals are reduced over every process, so every process switches at the same step."""
+        if self._dormant_safeguard is not None:
+            self.safeguard, self._dormant_safeguard = self._dormant_safeguard, None
 
     # ------------------------------------------------------------------ setup
 

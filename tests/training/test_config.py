@@ -284,6 +284,7 @@ CROSS_FIELD_CASES = [
         "safeguard_scope='pair' needs safeguard_passes='one'",
     ),
     ({"safeguard_mu": "auto", "safeguard": False}, "safeguard_mu='auto' .* needs safeguard=True"),
+    ({"on_pathology": "safeguard"}, "on_pathology='safeguard' .* needs safeguard=False"),
     ({"on_pathology": "escalate", "safeguard": False}, "on_pathology='escalate' .* needs safeguard=True"),
     ({"validation_prompts": []}, "validation_prompts must hold at least one prompt"),
     (

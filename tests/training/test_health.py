@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 from transformers import TrainerCallback
 
 from trl_diffusion_sdpo.callbacks.health import EVIDENCE, RULE, PathologyRule, WinnerHealth, winner_pathology
@@ -122,3 +123,102 @@ def test_a_real_run_logs_the_verdict_of_its_own_history_at_every_window(make_tra
     assert len(logs) == 5 and all("health/winner_pathology" in entry for entry in logs)
     expected = [float(winner_pathology(logs[: i + 1])) for i in range(len(logs))]
     assert [entry["health/winner_pathology"] for entry in logs] == expected
+
+
+# ------------------------------------------------------------------------------ on_pathology="safeguard" (dormant)
+
+
+def test_a_dormant_safeguard_switches_on_at_the_step_the_alarm_fires(make_trainer, monkeypatch, caplog):
+    from trl_diffusion_sdpo.callbacks import health
+    from trl_diffusion_sdpo.safeguards import DiffusionDPO, OutputSpace
+
+    # the tiny run does not show the pathology in 5 steps: the alarm is made to fire on the third training log
+    monkeypatch.setattr(
+        health, "winner_pathology", lambda history, rule: sum("delta/winner" in h for h in history) >= 3
+    )
+    trainer = make_trainer(max_steps=5, logging_steps=1, safeguard=False, on_pathology="safeguard")
+    assert isinstance(trainer.safeguard, DiffusionDPO)
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.guards"):
+        trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "delta/winner" in entry]
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4, 5]
+    fired = [entry["step"] for entry in logs if entry["health/winner_pathology"] == 1.0]
+    assert fired[0] == 3
+    # Diffusion-DPO up to the log that fired, the safeguard of SWITCH_TO from the next step on, logged as it happens
+    assert [entry["health/safeguard_on"] for entry in logs] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert ["safeguard/lambda_mean" in entry for entry in logs] == [False, False, False, True, True]
+    assert isinstance(trainer.safeguard, OutputSpace) and health.SWITCH_TO["safeguard_space"] == "output"
+    assert trainer.safeguard.margin.current() == pytest.approx(health.SWITCH_TO["safeguard_mu"])
+    assert [r.getMessage() for r in caplog.records if "on_pathology='safeguard'" in r.getMessage()][0].startswith(
+        "Step 3"
+    )
+    assert trainer.guards.state()["attributes"]["safeguard_switched_at"] == 3  # saved with each checkpoint
+
+
+def test_the_dormant_safeguard_is_offline_only_and_needs_the_safeguard_off(tmp_path):
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
+
+    with pytest.raises(ValueError, match="on_pathology='safeguard' .* needs safeguard=False"):
+        DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
+    DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard", safeguard=False)
+    with pytest.raises(ValueError, match="online no safeguard setting held"):
+        OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
+
+
+def test_every_process_switches_at_the_same_step_from_the_reduced_signals():
+    """Two processes with different pairs, each reducing its window's metrics with the other's (a fake all-reduce
+    over a barrier) before its own alarm and action read them, as the trainer's ``log`` does."""
+    import threading
+
+    import torch
+    from transformers import TrainerControl
+
+    from trl_diffusion_sdpo.callbacks.guards import PathologyAction
+    from trl_diffusion_sdpo.step.metrics import reduce_metrics
+
+    names = ["delta/winner", "implicit_acc"]
+    # per process and window: (delta/winner, implicit_acc) of its micro-batches. Alone, process 0 would switch at
+    # its second window (step 20) and process 1 never (its accuracy 0.5 but its winner error within the margin);
+    # pooled, the winner's mean error is 0.025, 0.005, 0.035, 0.035 with accuracy 0.45: the rule fires at step 40
+    local = {
+        0: [(0.05, 0.4), (0.05, 0.4), (0.05, 0.4), (0.05, 0.4)],
+        1: [(0.00, 0.5), (-0.04, 0.5), (0.02, 0.5), (0.02, 0.5)],
+    }
+    pooled = [((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) for a, b in zip(local[0], local[1])]
+    expected = next(
+        10 * (k + 1)
+        for k in range(1, len(pooled))
+        if all(d > RULE.min_delta_winner for d, _ in pooled[k - 1 : k + 1])
+        and sum(acc for _, acc in pooled[k - 1 : k + 1]) / 2 < RULE.max_implicit_acc
+    )
+    barrier, deposits, switched = threading.Barrier(2), {}, {}
+
+    def all_reduce_sum(rank: int):
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            deposits[rank] = tensor.clone()
+            barrier.wait()
+            total = deposits[0] + deposits[1]
+            barrier.wait()
+            return total
+
+        return reduce
+
+    def process(rank: int) -> None:
+        health, recorded = WinnerHealth(), []
+        action = PathologyAction("safeguard", switch=lambda: None)
+        for window, (delta, acc) in enumerate(local[rank]):
+            step = 10 * (window + 1)
+            stored = {"delta/winner": [torch.tensor(delta)] * 10, "implicit_acc": [torch.tensor(acc)] * 10}
+            logs = reduce_metrics(stored, names, 1.0, "cpu", all_reduce_sum(rank))
+            health.annotate(logs, recorded, step)
+            action(logs, TrainerControl(), step)
+            recorded.append({**logs, "step": step})
+        switched[rank] = action.switched_at
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert switched == {0: expected, 1: expected} and expected == 40

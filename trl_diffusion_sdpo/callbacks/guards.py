@@ -5,7 +5,8 @@
   included) from the weights training starts from, saved beside the trained weights (``ema/`` in each checkpoint and
   in the output folder, in the same format), and the weights the validation grids sample from.
 * :class:`PathologyAction` (``on_pathology``): ``warn`` leaves the warning to health; ``escalate`` raises the
-  safeguard's ``mu`` halfway to 1; ``stop`` saves a checkpoint and stops, through transformers' ``control``.
+  safeguard's ``mu`` halfway to 1; ``stop`` saves a checkpoint and stops, through transformers' ``control``;
+  ``safeguard`` switches a Diffusion-DPO run to the safeguard of ``health.SWITCH_TO``, once.
 * :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
 * :class:`GuardState`: the guards that adapt as the run goes (the auto-beta, ``safeguard_mu="auto"``, the
   escalations), each reducing over processes before it acts; what they have learnt is saved in every checkpoint's
@@ -28,7 +29,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..objectives import AutoBeta
-from .health import WINDOWS
+from .health import SWITCH_TO, WINDOWS
 
 __all__ = [
     "EARLY_STOPPING_METRIC",
@@ -98,13 +99,19 @@ class EMAWeights(TrainerCallback):
 class PathologyAction:
     """What a training log flagged by ``health/winner_pathology`` does, beyond health's warning.
 
+    The log it reads is reduced over every process before health annotates it (the trainer's ``log``), so every
+    process sees the same verdict and acts at the same step: ``safeguard`` switches every process together.
+
     Args:
-        action: ``warn``, ``escalate`` or ``stop`` (the config's ``on_pathology``).
+        action: ``warn``, ``escalate``, ``stop`` or ``safeguard`` (the config's ``on_pathology``).
         margin: the safeguard's ``mu`` (``escalate`` raises it); ``None`` without a safeguard.
+        switch: ``switch()`` turns the safeguard of :data:`~.health.SWITCH_TO` on for the steps after this log
+            (``safeguard``; the trainer's).
     """
 
-    def __init__(self, action: str, margin: Any | None = None) -> None:
-        self.action, self.margin = action, margin
+    def __init__(self, action: str, margin: Any | None = None, switch: Callable[[], Any] | None = None) -> None:
+        self.action, self.margin, self.switch = action, margin, switch
+        self.switched_at: int | None = None  # the step of the log that switched the safeguard on
         self.escalations = 0
         self._logs_since = WINDOWS  # escalate at once; then again only once the raised mu has had WINDOWS logs
 
@@ -122,6 +129,17 @@ class PathologyAction:
                 logger.warning("Step %d: on_pathology='escalate' raised safeguard_mu to %g.", step, mu)
                 logs["safeguard/mu"] = mu
             logs["health/escalations"] = float(self.escalations)
+        elif self.action == "safeguard":
+            if fired and self.switched_at is None and self.switch is not None:
+                self.switch()
+                self.switched_at = step
+                logger.warning(
+                    "Step %d: on_pathology='safeguard': the pathology alarm fired (health/winner_pathology); training "
+                    "goes on with the safeguard on (%s) from the next step.",
+                    step,
+                    ", ".join(f"{k}={v!r}" for k, v in SWITCH_TO.items()),
+                )
+            logs["health/safeguard_on"] = float(self.switched_at is not None)
         elif self.action == "stop" and fired:
             logger.warning(
                 "Step %d: on_pathology='stop': the winner's error has stayed above the reference's while the implicit "
@@ -154,10 +172,12 @@ class GuardState(TrainerCallback, ExportableState):
         self.adapting = [guard for guard in (auto_beta, moving) if guard is not None]
 
     @classmethod
-    def from_config(cls, args, num_processes: int, margin: Any) -> GuardState:
-        """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when ``args.safeguard``)."""
+    def from_config(cls, args, num_processes: int, margin: Any, switch: Callable[[], Any] | None = None) -> GuardState:
+        """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when ``args.safeguard``);
+        ``switch`` turns the dormant safeguard on (``on_pathology="safeguard"``)."""
         margin = margin if args.safeguard else None
-        return cls(AutoBeta.from_config(args, num_processes), margin, PathologyAction(args.on_pathology, margin))
+        action = PathologyAction(args.on_pathology, margin, switch)
+        return cls(AutoBeta.from_config(args, num_processes), margin, action)
 
     def log(self, logs: dict[str, float], control, step: int) -> None:
         """A training log (annotated by health): the pathology action, then the ``mu`` and ``beta`` in force."""
@@ -169,6 +189,8 @@ class GuardState(TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         guards: dict[str, Any] = {"escalations": self.action.escalations, "logs_since": self.action._logs_since}
+        if self.action.switched_at is not None:
+            guards["safeguard_switched_at"] = self.action.switched_at
         if self.margin is not None:
             guards["mu"] = self.margin.current()
         if self.auto_beta is not None and self.auto_beta.ema is not None:
@@ -182,6 +204,9 @@ class GuardState(TrainerCallback, ExportableState):
             return
         guards = saved["attributes"]
         self.action.escalations, self.action._logs_since = guards["escalations"], guards["logs_since"]
+        if guards.get("safeguard_switched_at") is not None and self.action.switch is not None:
+            self.action.switch()  # the resumed run trains on with the safeguard the uninterrupted one switched to
+            self.action.switched_at = guards["safeguard_switched_at"]
         if self.margin is not None and "mu" in guards:
             self.margin.restore(guards["mu"], args.device)
         if self.auto_beta is not None and "auto_beta_ema" in guards:

@@ -14,12 +14,24 @@ once, naming only the remedies the evidence supports for the run's regime that t
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EVIDENCE", "RULE", "WINDOWS", "PathologyRule", "WinnerHealth", "describe", "remedies", "winner_pathology"]
+__all__ = [
+    "EVIDENCE",
+    "RULE",
+    "SWITCH_TO",
+    "WINDOWS",
+    "PathologyRule",
+    "WinnerHealth",
+    "describe",
+    "remedies",
+    "switched_config",
+    "winner_pathology",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +62,21 @@ RULE = PathologyRule(windows=2, window_steps=10, min_delta_winner=0.02, max_impl
 (``benchmarks/studies/alarm_calibration.py``, ``benchmarks/results/cpu-alarm-calibration.json``)."""
 EVIDENCE = "docs/research/alarm.md"
 """Where the rule's calibration is written up, for users (help texts and warnings name this page)."""
+SWITCH_TO: dict[str, Any] = {"safeguard_space": "output", "safeguard_mu": 0.5}
+"""What ``on_pathology="safeguard"`` switches a Diffusion-DPO run to when the alarm fires: the one setting that kept
+the held-out reward where Diffusion-DPO's fell (lr 2e-4: its change from the base includes 0, where every other guard's
+is below it; docs/research/stability.md). Offline only: online no setting held (docs/online.md)."""
 WINDOWS = RULE.windows  # the logs an escalation waits before it raises mu again (callbacks.guards.PathologyAction)
+
+
+def switched_config(args: Any) -> Any:
+    """A copy of ``args`` with the safeguard of :data:`SWITCH_TO` on (``on_pathology="safeguard"``'s, built when the
+    trainer is, so that the engine checks it before the first step)."""
+    switched = copy.copy(args)
+    switched.safeguard = True
+    for name, value in SWITCH_TO.items():
+        setattr(switched, name, value)
+    return switched
 
 
 def describe(rule: PathologyRule = RULE) -> str:

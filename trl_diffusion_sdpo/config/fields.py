@@ -208,7 +208,10 @@ class DiffusionSDPOConfig(TrainingArguments):
         "implicit accuracy stays low, the pattern of the runs whose held-out reward fell; the rule and its "
         "calibration: docs/research/alarm.md). `warn`: a warning naming remedies not already on. "
         "`escalate`: raise `safeguard_mu` halfway to 1 each time it fires (logged as `safeguard/mu` and "
-        "`health/escalations`; needs the safeguard). `stop`: save a checkpoint and stop, saying why.",
+        "`health/escalations`; needs the safeguard). `stop`: save a checkpoint and stop, saying why. `safeguard` "
+        "(offline, with `safeguard=False`): train as Diffusion-DPO until it fires, then switch to the safeguard "
+        "setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
+        "`health/safeguard_on`.",
         choices=list(PATHOLOGY_ACTIONS),
     )
     # Data

@@ -50,7 +50,7 @@ SAFEGUARD_SPACES = ("none", "output", "parameter", "update")
 SAFEGUARD_SCOPES = ("local", "global", "pair")
 SAFEGUARD_PASSES = ("one", "two")
 NONFINITE_ACTIONS = ("skip", "raise")
-PATHOLOGY_ACTIONS = ("warn", "escalate", "stop")
+PATHOLOGY_ACTIONS = ("warn", "escalate", "stop", "safeguard")
 # Kept equal to families.inversion's NOISING_MODES / INVERSION_NETWORKS and objectives.dspo's DSPO_FORMS (tests
 # check): ``--help`` lists them, and the config imports no family or objective. The objective checks dspo_form.
 NOISING_MODES = ("forward", "inversion")
@@ -219,6 +219,14 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ("safeguard_mu", "safeguard"),
         lambda c: c.safeguard_mu == "auto" and not c.safeguard,
         lambda c: "safeguard_mu='auto' adapts the safeguard's margin: it needs safeguard=True",
+    ),
+    CrossFieldRule(
+        ("on_pathology", "safeguard"),
+        lambda c: c.on_pathology == "safeguard" and c.safeguard,
+        lambda c: (
+            "on_pathology='safeguard' trains as Diffusion-DPO until the alarm fires, then turns the safeguard on: "
+            "it needs safeguard=False (or use on_pathology='escalate' to raise the mu of a safeguard already on)"
+        ),
     ),
     CrossFieldRule(
         ("on_pathology", "safeguard"),

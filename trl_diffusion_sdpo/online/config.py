@@ -199,6 +199,11 @@ def check_online_config(config) -> None:
     for name in ("random_flip", "random_crop", "independent_augmentation"):
         if getattr(config, name, False):
             raise ValueError(f"{name}=True: online training trains the sampled latents as they are; set {name}=False.")
+    if config.on_pathology == "safeguard":
+        raise ValueError(
+            "on_pathology='safeguard': online no safeguard setting held what online Diffusion-DPO lost "
+            "(docs/online.md), so there is none to switch to; use on_pathology='warn' or 'stop'."
+        )
     if config.cache_latents:
         raise ValueError("cache_latents=True: online training has no dataset of images to cache; set it to False.")
     for name in ("loss_mask", "auto_mask"):
