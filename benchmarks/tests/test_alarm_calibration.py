@@ -168,3 +168,12 @@ def test_the_safeguard_page_states_the_rule_and_the_files_figures(written):
     ]
     missing = [figure for figure in figures if figure not in text]
     assert not missing, missing
+
+
+def test_the_dormant_safeguard_switches_to_the_setting_that_held_where_diffusion_dpo_broke():
+    from trl_diffusion_sdpo.callbacks.health import SWITCH_TO
+
+    goal = json.loads(study.find("cpu-stability-guards-demo.json")[0].read_text())["goal"]["reward"]
+    breaking = [cell for name, cell in goal.items() if name.startswith("offline/") and cell["diffusion_dpo_breaks"]]
+    held = {m for cell in breaking for m, verdict in cell["settings"].items() if verdict["met"]}
+    assert breaking and held == {f"sdpo-{SWITCH_TO['safeguard_space']}-mu{SWITCH_TO['safeguard_mu']:g}"}

@@ -222,3 +222,22 @@ def test_every_process_switches_at_the_same_step_from_the_reduced_signals():
     for thread in threads:
         thread.join(timeout=60)
     assert switched == {0: expected, 1: expected} and expected == 40
+
+
+def test_a_resumed_run_switches_again_from_the_checkpoints_state():
+    from types import SimpleNamespace
+
+    from trl_diffusion_sdpo.callbacks.guards import GuardState, PathologyAction
+
+    switches: list[str] = []
+    saved = GuardState(None, None, PathologyAction("safeguard", switch=lambda: switches.append("before")))
+    saved.action.switched_at = 30
+    state = SimpleNamespace(global_step=40, stateful_callbacks={"GuardState": saved.state()})
+    resumed = GuardState(None, None, PathologyAction("safeguard", switch=lambda: switches.append("resumed")))
+    resumed.on_train_begin(SimpleNamespace(device="cpu"), state, None)
+    assert switches == ["resumed"] and resumed.action.switched_at == 30
+    # a checkpoint saved before the switch leaves the resumed run on Diffusion-DPO
+    fresh = GuardState(None, None, PathologyAction("safeguard", switch=lambda: switches.append("never")))
+    fresh.on_train_begin(SimpleNamespace(device="cpu"), SimpleNamespace(global_step=10, stateful_callbacks={
+        "GuardState": GuardState(None, None, PathologyAction("safeguard")).state()}), None)  # fmt: skip
+    assert switches == ["resumed"] and fresh.action.switched_at is None

@@ -65,7 +65,7 @@ EVIDENCE = "docs/research/alarm.md"
 SWITCH_TO: dict[str, Any] = {"safeguard_space": "output", "safeguard_mu": 0.5}
 """What ``on_pathology="safeguard"`` switches a Diffusion-DPO run to when the alarm fires: the one setting that kept
 the held-out reward where Diffusion-DPO's fell (lr 2e-4: its change from the base includes 0, where every other guard's
-is below it; docs/research/stability.md). Offline only: online no setting held (docs/online.md)."""
+is below it; at 1e-3 none held; docs/research/stability.md). Offline only: online no setting held (docs/online.md)."""
 WINDOWS = RULE.windows  # the logs an escalation waits before it raises mu again (callbacks.guards.PathologyAction)
 
 
