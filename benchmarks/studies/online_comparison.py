@@ -6,10 +6,10 @@
 Four methods on the demo's shipped base, with the same LoRA (the demo's rank 8 adapters), learning rate, beta,
 optimizer steps and pairs per step (``--batch-size``), trained on the demo's colour reward:
 
-* ``online-dpo``: ``OnlineDiffusionSDPOTrainer``, ``safeguard=False`` (the reference of the paired comparison);
+* ``online-dpo``: ``OnlineDiffusionSDPOTrainer``, ``safeguard_space="none"`` (the reference of the paired comparison);
 * ``online-sdpo-output``: the same, ``safeguard_space="output"`` (mu 0.5, the default);
 * ``online-sdpo-parameter``: the same, ``safeguard_space="parameter"`` (mu 0.5);
-* ``offline-dpo``: ``DiffusionSDPOTrainer`` with ``safeguard=False`` on the demo's fixed pairs, sampled once from the
+* ``offline-dpo``: ``DiffusionSDPOTrainer`` with ``safeguard_space="none"`` on the demo's fixed pairs, sampled once from the
   base and ranked by the colour reward (``demo.pairs.make_preference_pairs``, the demo's pairs per prompt).
 
 Two controls, run with ``--methods``: ``offline-sdpo-parameter`` (the parameter-space safeguard on the fixed pairs) and
@@ -317,7 +317,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         "seed": seed,
         "learning_rate": lr,
         "method": method,
-        "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguard else None,  # as resolved
+        "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguarded else None,  # as resolved
         "curve": curve,
         "history": history,
         "seconds": round(time.perf_counter() - started, 2),

@@ -214,7 +214,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         "method": method,
         "config_fields": {k: v for k, v in METHODS[method].items()},
         "safeguard_space": trainer.args.safeguard_space,
-        "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguard else None,  # as resolved
+        "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguarded else None,  # as resolved
         "curve": curve,
         **extra,
         "history": history,

@@ -63,7 +63,7 @@ def test_a_healthy_run_never_warns(caplog):
 def test_a_real_run_logs_the_verdict_of_its_own_history_at_every_window(make_trainer):
     # A tiny random UNet on 2-pair batches does not reliably show the pathology in a few steps (tried: lr 2e-3 and
     # 3e-2, beta 5000 and 50000): this run checks the wiring; the verdicts themselves are tested above.
-    trainer = make_trainer(lora=False, max_steps=5, safeguard=False, learning_rate=2e-3, beta=5000.0)
+    trainer = make_trainer(lora=False, max_steps=5, safeguard_space="none", learning_rate=2e-3, beta=5000.0)
     seen: list[dict[str, float]] = []
 
     class Seen(TrainerCallback):

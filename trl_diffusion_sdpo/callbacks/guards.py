@@ -155,8 +155,8 @@ class GuardState(TrainerCallback, ExportableState):
 
     @classmethod
     def from_config(cls, args, num_processes: int, margin: Any) -> GuardState:
-        """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when ``args.safeguard``)."""
-        margin = margin if args.safeguard else None
+        """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when a safeguard runs)."""
+        margin = margin if args.safeguard_space != "none" else None
         return cls(AutoBeta.from_config(args, num_processes), margin, PathologyAction(args.on_pathology, margin))
 
     def log(self, logs: dict[str, float], control, step: int) -> None:

@@ -46,10 +46,10 @@ def remedies(args: Any | None) -> list[str]:
     in the output space paid less than a fixed 0.5); then a smaller learning rate (Diffusion-DPO broke at 2e-4, not at
     2e-5). A smaller ``beta`` is not among them: no beta from 5 to 50000 changed the picture at the demo's rate."""
     if args is None:
-        return ["the safeguard (safeguard=True)", "a smaller learning_rate"]
+        return ["the safeguard (safeguard_space='output')", "a smaller learning_rate"]
     found: list[str] = []
-    if not getattr(args, "safeguard", False):
-        found.append("the safeguard (safeguard=True)")
+    if getattr(args, "safeguard_space", "none") == "none":
+        found.append("the safeguard (safeguard_space='output')")
     else:
         if getattr(args, "safeguard_space", "output") != "update":
             found.append("safeguard_space='update' (exact under the optimizer's step)")
