@@ -120,7 +120,7 @@ def test_a_flow_trainer_with_the_default_config_trains_at_its_familys_beta(tmp_p
     assert trainer.beta == FluxFamily.default_beta == 100.0
     assert trainer.objective.beta == trainer.beta == trainer.args.beta
     assert config.beta is None  # training_config.json keeps what was given
-    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.run_summary"):
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.run_summary"):
         trainer.train()
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training flux"))
     assert "beta 100" in summary
