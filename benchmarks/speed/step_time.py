@@ -9,8 +9,8 @@ Runs (each in its own fresh process, so memory peaks and allocator state never l
   These rows give the floor's own step time and peak memory.
 * ``{uncached,cached}-{full,lora}``: ``DiffusionSDPOTrainer.train()`` on a synthetic Pick-a-Pic-style dataset (JPEG
   bytes at the training resolution) with the config's defaults (gradient clipping 1.0 included), with or without
-  ``cache_latents``. Diffusion-DPO (``safeguard_space="none"``) and Diffusion-SDPO steps alternate on the same trainer, and
-  after every trainer step one floor step runs on the same objects: the safeguard's overhead and the
+  ``cache_latents``. Diffusion-DPO (``safeguard_space="none"``) and Diffusion-SDPO steps alternate on the same
+  trainer, and after every trainer step one floor step runs on the same objects: the safeguard's overhead and the
   trainer-to-floor ratio are measured paired, in the same process and the same seconds, so a shared machine's
   drifts cancel out. Each run yields the rows ``dpo-<run>`` and ``sdpo-<run>``.
 

@@ -9,8 +9,8 @@ optimizer steps and pairs per step (``--batch-size``), trained on the demo's col
 * ``online-dpo``: ``OnlineDiffusionSDPOTrainer``, ``safeguard_space="none"`` (the reference of the paired comparison);
 * ``online-sdpo-output``: the same, ``safeguard_space="output"`` (mu 0.5, the default);
 * ``online-sdpo-parameter``: the same, ``safeguard_space="parameter"`` (mu 0.5);
-* ``offline-dpo``: ``DiffusionSDPOTrainer`` with ``safeguard_space="none"`` on the demo's fixed pairs, sampled once from the
-  base and ranked by the colour reward (``demo.pairs.make_preference_pairs``, the demo's pairs per prompt).
+* ``offline-dpo``: ``DiffusionSDPOTrainer`` with ``safeguard_space="none"`` on the demo's fixed pairs, sampled once
+  from the base and ranked by the colour reward (``demo.pairs.make_preference_pairs``, the demo's pairs per prompt).
 
 Two controls, run with ``--methods``: ``offline-sdpo-parameter`` (the parameter-space safeguard on the fixed pairs) and
 ``online-sdpo-parameter-decoded`` (online, each pair VAE-encoded from its decoded 8-bit images as the fixed pairs are,
