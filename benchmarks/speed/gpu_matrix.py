@@ -12,8 +12,8 @@ Models (real configs, random weights, bf16 mixed precision; nothing is downloade
 Settings per model (each a fresh pipeline and ``DiffusionSDPOTrainer`` with the config's defaults, images encoded
 every step unless ``--cache-latents``): ``dpo`` (``safeguard_space="none"``), ``sdpo`` (the output space),
 ``sdpo_param`` and ``sdpo_param_two`` (the parameter space in one pass and in two), ``sdpo_update`` (the update space)
-and ``sdpo_pair`` (the per-pair scope; the package refuses it for full tuning above 4 GiB of per-image gradients, and the
-refusal is the cell's record).
+and ``sdpo_pair`` (the per-pair scope; the package refuses it for full tuning above 4 GiB of per-image gradients, and
+the refusal is the cell's record).
 
 Per cell: the median trainer step over ``--steps`` steps after ``--warmup`` (wall clock between step ends, the
 device synchronised there), the median of the compute floor run after each trainer step on the same objects (the
