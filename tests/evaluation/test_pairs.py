@@ -179,7 +179,7 @@ def test_the_pairs_dataset_trains_smpo_with_its_scores(tmp_path, model_dirs, mak
     trainer.objective = Recording()
     trainer.train()
     assert trainer.state.global_step == 1
-    written = sorted(zip(dataset["chosen_score"], dataset["rejected_score"]))
+    written = sorted(zip(dataset["score_0"], dataset["score_1"]))
     got = sorted(map(tuple, torch.cat(seen).tolist()))  # (winner, loser) as written, float32 on the way
     assert len(got) == len(written)
     for pair, expected in zip(got, written):

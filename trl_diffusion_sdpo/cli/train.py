@@ -29,8 +29,6 @@ from ..config import DiffusionSDPOConfig, check_config
 from ..config.docs import GROUPS
 from ..config.fields import option
 from ..config.rules import BASE_QUANTIZATIONS
-from ..data.columns import CAPTION, IMAGE_0, IMAGE_1, LABEL_0
-from ..objectives import check_objective_config
 from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
 
 if TYPE_CHECKING:
@@ -450,7 +448,9 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
         *parsed, from_config, from_flags = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-        # The config's rules and the chosen objective's, before any model loads.
+        # The config's rules and the chosen objective's, before any model loads (after --help has exited).
+        from ..objectives import check_objective_config
+
         for args in parsed:
             if isinstance(args, DiffusionSDPOConfig):
                 check_config(args)
@@ -641,6 +641,7 @@ def load_split(
     (``dataset_format``, ``ranking_pairs``). ``None``: the training split, streamed with ``dataset_streaming`` and
     cut to ``max_train_rows``; another split (the evaluation split) is read whole. With ``dataset_columns:
     pickapic`` the label form is mapped (:mod:`~trl_diffusion_sdpo.data.columns`)."""
+    from ..data.columns import CAPTION, IMAGE_0, IMAGE_1, LABEL_0
     from ..data.preparation import load_preference_dataset
 
     renames = column_renames(diffusion_args.rename_columns)
