@@ -340,8 +340,7 @@ def test_the_objective_refuses_what_it_cannot_run_when_the_trainer_is_built(
 ):
     """The objective's own rules: not when the config is made (it imports no objective), but before the trainer
     loads anything."""
-    from conftest import lora_config
-
+    from tests.helpers.common import lora_config
     from trl_diffusion_sdpo import DiffusionSDPOTrainer
 
     config = make_config(**overrides)

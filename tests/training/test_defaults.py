@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import fast_config_values, pickapic_rows
 from datasets import Dataset
 
+from tests.helpers.common import fast_config_values, pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.config.defaults import (
     PACKAGE_DEFAULTS,
@@ -65,7 +65,7 @@ def test_the_tiny_base_has_its_own_margin_resting_on_the_toys_results(base):
     resolved = resolve_default("safeguard_mu", StableDiffusionFamily, "dpo", base=base)
     assert (resolved.value, resolved.scope) == (0.5, f"base {TINY_BASE}")
     assert resolve_default("safeguard_mu", StableDiffusionFamily, "dpo", base="other/sd15").value == 0.9
-    cited = re.search(r"benchmarks/results/[\w.-]+\.json", resolved.source)[0]
+    cited = re.search(r"benchmarks/results/[\w./-]+\.json", resolved.source)[0]
     settings = json.loads((ROOT / cited).read_text())["settings"]
 
     def gain(setting: str, method: str) -> float:

@@ -119,9 +119,10 @@ PACKAGE_DEFAULTS: tuple[DefaultEntry, ...] = (
     DefaultEntry(
         "safeguard_mu",
         0.5,
-        "the toy's own paired comparisons (benchmarks/results/cpu-safeguard-comparison-demo.json, 10 seeds): output "
-        "space at mu 0.5 +0.098 held-out reward against Diffusion-DPO where its pathology bites (mu 0.9: +0.104) "
-        "and -0.008 where it is healthy (mu 0.9: -0.030); the toy's evidence, not SD1.5's, holds on the toy",
+        "the toy's own paired comparisons (benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json,"
+        " 10 seeds): output space at mu 0.5 +0.098 held-out reward against Diffusion-DPO where its pathology bites "
+        "(mu 0.9: +0.104) and -0.008 where it is healthy (mu 0.9: -0.030); the toy's evidence, not SD1.5's, holds on "
+        "the toy",
         scope=f"base {TINY_BASE}",
     ),
 )
