@@ -71,7 +71,7 @@ RUNS = ["floor-full", "floor-lora", "uncached-full", "cached-full", "uncached-lo
 LOSSES = ("dpo", "sdpo", "sdpo_param", "sdpo_param_two", "sdpo_update", "sdpo_update_two", "sdpo_pair")
 # Each loss's safeguard settings (the trainer is built with Diffusion-DPO's; the safeguards are swapped in per step).
 SAFEGUARD_SETTINGS = {
-    "dpo": {"safeguard": False},
+    "dpo": {"safeguard_space": "none"},
     "sdpo": {"safeguard_space": "output"},
     "sdpo_param": {"safeguard_space": "parameter"},
     "sdpo_param_two": {"safeguard_space": "parameter", "safeguard_passes": "two"},
@@ -123,7 +123,7 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
 
     def settings(loss: str):
         args = copy.copy(trainer.args)
-        for name, value in {"safeguard": True, **SAFEGUARD_SETTINGS[loss]}.items():
+        for name, value in {"safeguard_space": "output", **SAFEGUARD_SETTINGS[loss]}.items():
             setattr(args, name, value)
         return args
 

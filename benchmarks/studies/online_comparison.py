@@ -72,22 +72,21 @@ from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
 REFERENCE = "online-dpo"
-_PARAMETER = {"safeguard": True, "safeguard_space": "parameter", "safeguard_mu": 0.5}
+_PARAMETER = {"safeguard_space": "parameter", "safeguard_mu": 0.5}
 METHODS: dict[str, dict[str, Any]] = {
-    "online-dpo": {"online": True, "safeguard": False},
-    "online-sdpo-output": {"online": True, "safeguard": True, "safeguard_space": "output", "safeguard_mu": 0.5},
+    "online-dpo": {"online": True, "safeguard_space": "none"},
+    "online-sdpo-output": {"online": True, "safeguard_space": "output", "safeguard_mu": 0.5},
     "online-sdpo-parameter": {"online": True, **_PARAMETER},
-    "offline-dpo": {"online": False, "safeguard": False},
+    "offline-dpo": {"online": False, "safeguard_space": "none"},
     # controls, run with --methods: the parameter-space safeguard on the fixed pairs, and online with its pairs
     # VAE-encoded from their decoded 8-bit images (as the fixed pairs are) instead of the sampler's latents
     "offline-sdpo-parameter": {"online": False, **_PARAMETER},
     "online-sdpo-parameter-decoded": {"online": True, **_PARAMETER, "pair_latents": "decoded"},
     # the default safeguard online: safeguard_mu unset resolves to the demo base's family value (SD: the authors'
     # 0.9), and the dual-ascent mu the online hacking regime compares it with
-    "online-sdpo-default": {"online": True, "safeguard": True, "safeguard_space": "output"},
+    "online-sdpo-default": {"online": True, "safeguard_space": "output"},
     "online-sdpo-output-auto": {
         "online": True,
-        "safeguard": True,
         "safeguard_space": "output",
         "safeguard_mu": "auto",
     },  # fmt: skip

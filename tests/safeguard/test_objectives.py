@@ -680,7 +680,7 @@ def test_smpo_caps_its_weighted_logit_at_max_margin(tmp_path):
     expected = np.mean(np.log1p(np.exp(-np.minimum(weighted, cap))))
     assert expected != pytest.approx(np.mean(np.log1p(np.exp(-weighted))), rel=1e-6)  # the cap matters here
     objective = objective_from_config(
-        config(tmp_path, loss_type="smpo", beta=2.0, max_margin=cap, safeguard=False), num_train_timesteps=1
+        config(tmp_path, loss_type="smpo", beta=2.0, max_margin=cap, safeguard_space="none"), num_train_timesteps=1
     )
     out = objective(*batch(a), pair_scores=torch.tensor(PAIR_SCORES))
     assert out.loss.item() == pytest.approx(expected, rel=1e-9)

@@ -479,7 +479,7 @@ def test_a_resumed_run_continues_with_the_guards_state_of_the_uninterrupted_one(
 def test_on_pathology_escalate_raises_the_mu_the_trainers_safeguard_uses(make_trainer):
     """Through a trainer (not a hand-built PathologyAction): a flagged log raises the safeguard's own mu halfway to 1,
     the next steps' logs carry it, and a run that is not flagged keeps its mu."""
-    flagged = make_trainer(max_steps=3, logging_steps=1, safeguard=True, safeguard_mu=0.5, on_pathology="escalate")
+    flagged = make_trainer(max_steps=3, logging_steps=1, safeguard_mu=0.5, on_pathology="escalate")
     assert flagged.safeguard.margin.current() == 0.5
 
     def always_flagged(logs, history, step):
@@ -494,7 +494,7 @@ def test_on_pathology_escalate_raises_the_mu_the_trainers_safeguard_uses(make_tr
     assert [log["health/escalations"] for log in logs] == [1.0, 1.0, 1.0]
     assert flagged.safeguard.margin.current() == pytest.approx(0.75)
 
-    calm = make_trainer(max_steps=2, logging_steps=1, safeguard=True, safeguard_mu=0.5, on_pathology="escalate")
+    calm = make_trainer(max_steps=2, logging_steps=1, safeguard_mu=0.5, on_pathology="escalate")
     calm.health.annotate = lambda logs, history, step: logs.update({"health/winner_pathology": 0.0})
     calm.train()
     assert calm.safeguard.margin.current() == 0.5
