@@ -162,7 +162,7 @@ def result_path(device: str, what: str, size: str, study: str | None = None) -> 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # Trainer settings of each safeguard, by the name the engine matrix and the profile give it.
 SAFEGUARDS: dict[str, dict[str, Any]] = {
-    "dpo": {"safeguard": False},
+    "dpo": {"safeguard_space": "none"},
     "output": {"safeguard_space": "output"},
     "parameter": {"safeguard_space": "parameter"},  # one pass where the engine allows it
     "parameter_two": {"safeguard_space": "parameter", "safeguard_passes": "two"},

@@ -91,7 +91,8 @@ def make_config(tmp_path) -> Callable[..., DiffusionSDPOConfig]:
 
 @pytest.fixture
 def make_trainer(make_pipeline, make_config, pickapic_dataset) -> Callable[..., DiffusionSDPOTrainer]:
-    """``make_trainer(lora=True, pipeline=None, train_dataset=None, eval_dataset=None, **config_overrides)``."""
+    """``make_trainer(lora=True, pipeline=None, train_dataset=None, eval_dataset=None, callbacks=None,
+    **config_overrides)``."""
 
     def make(
         lora: bool = True,
@@ -99,6 +100,7 @@ def make_trainer(make_pipeline, make_config, pickapic_dataset) -> Callable[..., 
         train_dataset=None,
         eval_dataset=None,
         ref_model=None,
+        callbacks=None,
         **overrides,
     ) -> DiffusionSDPOTrainer:
         return DiffusionSDPOTrainer(
@@ -108,6 +110,7 @@ def make_trainer(make_pipeline, make_config, pickapic_dataset) -> Callable[..., 
             train_dataset=train_dataset if train_dataset is not None else pickapic_dataset,
             eval_dataset=eval_dataset,
             peft_config=lora_config() if lora else None,
+            callbacks=callbacks,
         )
 
     return make

@@ -58,7 +58,9 @@ def main() -> None:
     trainer = build_trainer(options.output_dir, options.tokenizer_dir)
     trainer.args.save_steps = 1000  # the run's own saves off: the only checkpoint is the preemption's
     if options.signals is not None:
-        trainer.args.preemption_signals = options.signals
+        from trl_diffusion_sdpo.callbacks.preemption import PreemptionCallback
+
+        trainer.add_callback(PreemptionCallback(trainer, signals=options.signals))
     trainer.add_callback(PauseAtStep(options.pause_step, options.pause_rank, options.pause_dir))
     trainer.train()
     print("finished without being preempted", flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,7 @@ from .callbacks.health import WinnerHealth, switched_config
 from .callbacks.nonfinite import NonFiniteLossGuard, NonFiniteTracker
 from .callbacks.stream_guard import StreamGuard
 from .config import DiffusionSDPOConfig, check_config
+from .config.defaults import resolved_config
 from .data.scoring import RewardFn
 from .data.training_data import prepare_training_data
 from .engines import Engine, engine_for
@@ -53,7 +55,7 @@ from .io.console import quiet_off_terminal
 from .io.run_files import RunFiles, files_hook
 from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
-from .objectives import PreferenceObjective, objective_from_config
+from .objectives import PreferenceObjective, check_objective_config, objective_from_config
 from .rewards.functions import RewardFunction, dataset_scoring_function
 from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.metrics import (
@@ -74,6 +76,13 @@ logger = logging.getLogger(__name__)
 # Imported before a user's script loads its pipeline: third-party noise filtered and, off a terminal, the libraries'
 # loading bars off, as the command line does (console.quiet_off_terminal).
 quiet_off_terminal()
+
+
+def _is_validation_callback(callback: Any) -> bool:
+    """A :class:`~.callbacks.validation.ValidationCallback`, without importing it (its scorers are heavy): a caller who
+    made one has imported its module."""
+    module = sys.modules.get("trl_diffusion_sdpo.callbacks.validation")
+    return module is not None and isinstance(callback, module.ValidationCallback)
 
 
 class DiffusionSDPOTrainer(Trainer):
@@ -99,10 +108,9 @@ class DiffusionSDPOTrainer(Trainer):
         reward_funcs: ``loss_type="smpo"`` only, as the online trainer and TRL's trainers take them: a registered
             scorer name (``"pickscore"``, ...) or a callable ``(prompts, images, **columns) -> list[float]`` (one score
             per PIL image), or a list of them (their scores summed). When a dataset lacks the score columns
-            (``score_0_column``, ``score_1_column``), both images of every row are scored before training
+            (``score_0``, ``score_1``), both images of every row are scored before training
             (``dataset.map``; lazily for a streamed dataset) and the higher-scored image is the winner. An error with
             any other ``loss_type``.
-        reward_fn: deprecated, the older form of ``reward_funcs``: ``reward_fn(images, prompts)`` (images first).
     """
 
     _tag_names = ["trl", "diffusion-sdpo"]
@@ -124,7 +132,6 @@ class DiffusionSDPOTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
         reward_funcs: str | RewardFunction | Sequence[str | RewardFunction] | None = None,
-        reward_fn: RewardFn | None = None,
     ) -> None:
         if args is None:
             args = DiffusionSDPOConfig(output_dir="diffusion-sdpo")
@@ -132,12 +139,12 @@ class DiffusionSDPOTrainer(Trainer):
             raise TypeError(f"args must be a DiffusionSDPOConfig, got {type(args).__name__}")
         if not quiet_off_terminal():  # a log file: each log a line of its own (PrinterCallback), no \r redraws
             args.disable_tqdm = True
-        # Every rule again, now that the objectives, families and io (imported above) have registered theirs: a
-        # config made before they were imported met only the config layer's own rules.
+        # The config's rules again (a field may have been changed since it was made), then the objective's own.
         check_config(args)
+        check_objective_config(args)
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
-        reward_fn = dataset_scoring_function(reward_funcs, reward_fn)
+        reward_fn = dataset_scoring_function(reward_funcs)
         check_one_device_per_process(args)
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
@@ -156,6 +163,11 @@ class DiffusionSDPOTrainer(Trainer):
             pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
         )
         check_not_partitioned({**self.family.frozen_modules(), self.family.denoiser_name: self.family.denoiser})
+        # The defaults left unset (beta, safeguard_mu) resolved for this family, objective and base model, once
+        # (config.defaults); the start summary prints each with its source.
+        args, self.resolved_defaults = resolved_config(args, self.family, self.base_model_name)
+        #: the KL-regularisation strength the objective uses (TRL's ``DPOTrainer.beta``)
+        self.beta: float = args.beta
         # DDPM for the UNet families, flow matching for the transformers; its config fields checked.
         self.noiser: Noiser = self.family.noiser(args)
         denoiser = self.family.denoiser
@@ -168,7 +180,7 @@ class DiffusionSDPOTrainer(Trainer):
         prepare_denoiser(denoiser, peft_config, self._dtype, wants_gradient_checkpointing(args))
 
         # The data, then transformers.Trainer with the effective arguments.
-        args = training_arguments(args, self.family)  # safeguard_mu=None: the family's default
+        args = training_arguments(args)
         data = self.prepare_data(train_dataset, eval_dataset, args, reward_fn)
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
@@ -207,8 +219,9 @@ class DiffusionSDPOTrainer(Trainer):
         if args.ema_decay is not None:
             self.ema = EMAWeights(trainable_parameters(denoiser), args.ema_decay, self._save)
             self.add_callback(self.ema)
-        if args.validation_prompts:
-            self._add_validation(args)
+        for callback in list(self.callback_handler.callbacks):  # a copy: binding moves each to the end
+            if _is_validation_callback(callback):
+                self._bind_validation(callback, args)
 
         # The step's stages and state.
         self.stages = MicroBatchStages(
@@ -264,11 +277,14 @@ class DiffusionSDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ setup
 
-    def _add_validation(self, args: DiffusionSDPOConfig) -> None:
+    def _bind_validation(self, callback: Any, args: DiffusionSDPOConfig) -> None:
+        """A validation callback passed in ``callbacks=`` samples this trainer's pipeline, as the family says, after
+        the EMA's update (moved behind it: a validation at step k samples the average that includes step k)."""
         self.engine.check_validation_sampling()
-        from .callbacks.validation import ValidationCallback  # evaluation's scorers are heavy: imported when used
-
-        self.add_callback(ValidationCallback.from_config(args, self.family, trainer=self))
+        self.family.check_validation_sampling()
+        callback.bind(self, self.family, args.resolution)
+        self.callback_handler.remove_callback(callback)
+        self.callback_handler.add_callback(callback)
 
     def prepare_data(self, train_dataset, eval_dataset, args: DiffusionSDPOConfig, reward_fn: RewardFn | None):
         """The datasets and collators of the run (:func:`~.data.training_data.prepare_training_data`): preference
@@ -462,7 +478,7 @@ class DiffusionSDPOTrainer(Trainer):
 
     def method_name(self) -> str:
         """The method the model card names."""
-        return "Diffusion-SDPO" if self.args.safeguard else "Diffusion-DPO"
+        return "Diffusion-SDPO" if self.args.safeguarded else "Diffusion-DPO"
 
     def model_card_details(self) -> dict[str, Any]:
         """Hyperparameters the model card lists beside the shared ones (none here)."""
@@ -475,7 +491,7 @@ class DiffusionSDPOTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.
-        self.stages.draws.start_evaluation(self.args.eval_seed)
+        self.stages.draws.start_evaluation(self.args.seed)
         self._eval_metric_prefix = metric_key_prefix
         try:
             with self.mixed_precision_forward.running():

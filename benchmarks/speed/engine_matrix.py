@@ -66,7 +66,7 @@ def worker(opts: argparse.Namespace) -> None:
         safeguards = {}
         for name in names:
             args = copy.copy(trainer.args)
-            for field, value in {"safeguard": True, "safeguard_scope": "global", **SAFEGUARDS[name]}.items():
+            for field, value in {"safeguard_space": "output", "safeguard_scope": "global", **SAFEGUARDS[name]}.items():
                 setattr(args, field, value)
             try:
                 safeguards[name] = safeguard_for(args, trainer.engine, lora=True)

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 FAMILIES = ("qwen-image", "z-image", "flux", "flux-kontext", "flux2", "flux2-klein")
 DEFAULT_FAMILIES = ("qwen-image", "z-image", "flux")
 METHODS = {
-    "dpo": {"safeguard": False},
-    "output safeguard": {"safeguard": True, "safeguard_space": "output"},
-    "parameter safeguard": {"safeguard": True, "safeguard_space": "parameter"},
+    "dpo": {"safeguard_space": "none"},
+    "output safeguard": {"safeguard_space": "output"},
+    "parameter safeguard": {"safeguard_space": "parameter"},
 }
 
 

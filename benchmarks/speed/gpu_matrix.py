@@ -10,10 +10,10 @@ Models (real configs, random weights, bf16 mixed precision; nothing is downloade
   at 1024 px, its Qwen3-4B text encoder and the FLUX.2 VAE (the configs written below).
 
 Settings per model (each a fresh pipeline and ``DiffusionSDPOTrainer`` with the config's defaults, images encoded
-every step unless ``--cache-latents``): ``dpo`` (``safeguard=False``), ``sdpo`` (the output space), ``sdpo_param``
-and ``sdpo_param_two`` (the parameter space in one pass and in two), ``sdpo_update`` (the update space) and
-``sdpo_pair`` (the per-pair scope; the package refuses it for full tuning above 4 GiB of per-image gradients, and the
-refusal is the cell's record).
+every step unless ``--cache-latents``): ``dpo`` (``safeguard_space="none"``), ``sdpo`` (the output space),
+``sdpo_param`` and ``sdpo_param_two`` (the parameter space in one pass and in two), ``sdpo_update`` (the update space)
+and ``sdpo_pair`` (the per-pair scope; the package refuses it for full tuning above 4 GiB of per-image gradients, and
+the refusal is the cell's record).
 
 Per cell: the median trainer step over ``--steps`` steps after ``--warmup`` (wall clock between step ends, the
 device synchronised there), the median of the compute floor run after each trainer step on the same objects (the

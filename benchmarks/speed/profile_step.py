@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         safeguards = {}
         for name in names:
             args = copy.copy(trainer.args)
-            for field, value in {"safeguard": True, "safeguard_scope": "global", **harness.SAFEGUARDS[name]}.items():
+            for field, value in {
+                "safeguard_space": "output",
+                "safeguard_scope": "global",
+                **harness.SAFEGUARDS[name],
+            }.items():
                 setattr(args, field, value)
             safeguards[name] = safeguard_for(args, trainer.engine, lora=opts.run.endswith("lora"))
         times: dict[str, list[float]] = {name: [] for name in names}

@@ -93,7 +93,7 @@ def run(lora: bool, before: dict, rounds: int, workdir: str) -> dict:
     for name in names[1:]:
         space = name.split("_")[0]
         config = copy.copy(trainer.args)
-        for field, value in {"safeguard": True, **SAFEGUARDS[space]}.items():
+        for field, value in {"safeguard_space": "output", **SAFEGUARDS[space]}.items():
             setattr(config, field, value)
         if name.endswith("before"):
             cls = old_parameter.UpdateSpace if space == "update" else old_parameter.ParameterSpace

@@ -9,8 +9,8 @@ Runs (each in its own fresh process, so memory peaks and allocator state never l
   These rows give the floor's own step time and peak memory.
 * ``{uncached,cached}-{full,lora}``: ``DiffusionSDPOTrainer.train()`` on a synthetic Pick-a-Pic-style dataset (JPEG
   bytes at the training resolution) with the config's defaults (gradient clipping 1.0 included), with or without
-  ``cache_latents``. Diffusion-DPO (``safeguard=False``) and Diffusion-SDPO steps alternate on the same trainer, and
-  after every trainer step one floor step runs on the same objects: the safeguard's overhead and the
+  ``cache_latents``. Diffusion-DPO (``safeguard_space="none"``) and Diffusion-SDPO steps alternate on the same
+  trainer, and after every trainer step one floor step runs on the same objects: the safeguard's overhead and the
   trainer-to-floor ratio are measured paired, in the same process and the same seconds, so a shared machine's
   drifts cancel out. Each run yields the rows ``dpo-<run>`` and ``sdpo-<run>``.
 
@@ -71,7 +71,7 @@ RUNS = ["floor-full", "floor-lora", "uncached-full", "cached-full", "uncached-lo
 LOSSES = ("dpo", "sdpo", "sdpo_param", "sdpo_param_two", "sdpo_update", "sdpo_update_two", "sdpo_pair")
 # Each loss's safeguard settings (the trainer is built with Diffusion-DPO's; the safeguards are swapped in per step).
 SAFEGUARD_SETTINGS = {
-    "dpo": {"safeguard": False},
+    "dpo": {"safeguard_space": "none"},
     "sdpo": {"safeguard_space": "output"},
     "sdpo_param": {"safeguard_space": "parameter"},
     "sdpo_param_two": {"safeguard_space": "parameter", "safeguard_passes": "two"},
@@ -123,7 +123,7 @@ def run_trainer(opts: argparse.Namespace, run: str, workdir: str) -> dict[str, A
 
     def settings(loss: str):
         args = copy.copy(trainer.args)
-        for name, value in {"safeguard": True, **SAFEGUARD_SETTINGS[loss]}.items():
+        for name, value in {"safeguard_space": "output", **SAFEGUARD_SETTINGS[loss]}.items():
             setattr(args, name, value)
         return args
 

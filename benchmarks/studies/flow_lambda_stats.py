@@ -54,7 +54,7 @@ def run(kind: str, mu: float, steps: int, pairs: int) -> dict:
         args = DiffusionSDPOConfig(
             output_dir=tmp, resolution=32, per_device_train_batch_size=pairs, max_steps=steps, learning_rate=1e-3,
             scale_lr=False, warmup_steps=0, logging_steps=1, use_cpu=True, report_to="none", save_strategy="no",
-            disable_tqdm=True, beta=100.0, safeguard=True, safeguard_mu=mu, safeguard_space="parameter",
+            disable_tqdm=True, beta=100.0, safeguard_mu=mu, safeguard_space="parameter",
             max_sequence_length=16,
         )  # fmt: skip
         lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"])

@@ -6,11 +6,11 @@
 Four methods on the demo's shipped base, with the same LoRA (the demo's rank 8 adapters), learning rate, beta,
 optimizer steps and pairs per step (``--batch-size``), trained on the demo's colour reward:
 
-* ``online-dpo``: ``OnlineDiffusionSDPOTrainer``, ``safeguard=False`` (the reference of the paired comparison);
+* ``online-dpo``: ``OnlineDiffusionSDPOTrainer``, ``safeguard_space="none"`` (the reference of the paired comparison);
 * ``online-sdpo-output``: the same, ``safeguard_space="output"`` (mu 0.5, the default);
 * ``online-sdpo-parameter``: the same, ``safeguard_space="parameter"`` (mu 0.5);
-* ``offline-dpo``: ``DiffusionSDPOTrainer`` with ``safeguard=False`` on the demo's fixed pairs, sampled once from the
-  base and ranked by the colour reward (``demo.pairs.make_preference_pairs``, the demo's pairs per prompt).
+* ``offline-dpo``: ``DiffusionSDPOTrainer`` with ``safeguard_space="none"`` on the demo's fixed pairs, sampled once
+  from the base and ranked by the colour reward (``demo.pairs.make_preference_pairs``, the demo's pairs per prompt).
 
 Two controls, run with ``--methods``: ``offline-sdpo-parameter`` (the parameter-space safeguard on the fixed pairs) and
 ``online-sdpo-parameter-decoded`` (online, each pair VAE-encoded from its decoded 8-bit images as the fixed pairs are,
@@ -72,22 +72,21 @@ from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
 REFERENCE = "online-dpo"
-_PARAMETER = {"safeguard": True, "safeguard_space": "parameter", "safeguard_mu": 0.5}
+_PARAMETER = {"safeguard_space": "parameter", "safeguard_mu": 0.5}
 METHODS: dict[str, dict[str, Any]] = {
-    "online-dpo": {"online": True, "safeguard": False},
-    "online-sdpo-output": {"online": True, "safeguard": True, "safeguard_space": "output", "safeguard_mu": 0.5},
+    "online-dpo": {"online": True, "safeguard_space": "none"},
+    "online-sdpo-output": {"online": True, "safeguard_space": "output", "safeguard_mu": 0.5},
     "online-sdpo-parameter": {"online": True, **_PARAMETER},
-    "offline-dpo": {"online": False, "safeguard": False},
+    "offline-dpo": {"online": False, "safeguard_space": "none"},
     # controls, run with --methods: the parameter-space safeguard on the fixed pairs, and online with its pairs
     # VAE-encoded from their decoded 8-bit images (as the fixed pairs are) instead of the sampler's latents
     "offline-sdpo-parameter": {"online": False, **_PARAMETER},
     "online-sdpo-parameter-decoded": {"online": True, **_PARAMETER, "pair_latents": "decoded"},
     # the default safeguard online: safeguard_mu unset resolves to the demo base's family value (SD: the authors'
     # 0.9), and the dual-ascent mu the online hacking regime compares it with
-    "online-sdpo-default": {"online": True, "safeguard": True, "safeguard_space": "output"},
+    "online-sdpo-default": {"online": True, "safeguard_space": "output"},
     "online-sdpo-output-auto": {
         "online": True,
-        "safeguard": True,
         "safeguard_space": "output",
         "safeguard_mu": "auto",
     },  # fmt: skip
@@ -317,7 +316,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         "seed": seed,
         "learning_rate": lr,
         "method": method,
-        "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguard else None,  # as resolved
+        "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguarded else None,  # as resolved
         "curve": curve,
         "history": history,
         "seconds": round(time.perf_counter() - started, 2),

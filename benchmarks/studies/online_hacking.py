@@ -67,13 +67,13 @@ from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: 
 REFERENCE = "dpo"
 #: setting -> config fields on top of the shared ones, in the order the grid runs them
 METHODS: dict[str, dict[str, Any]] = {
-    "dpo": {"safeguard": False},
+    "dpo": {"safeguard_space": "none"},
     "sdpo-default": {"safeguard_space": "output"},  # safeguard_mu unset: the family's value
     "sdpo-output-auto": {"safeguard_space": "output", "safeguard_mu": "auto"},
-    "max-margin-5": {"safeguard": False, "max_margin": 5.0},
-    "sft-1": {"safeguard": False, "sft_weight": 1.0},
-    "ema-0.999": {"safeguard": False, "ema_decay": 0.999},
-    "auto-beta": {"safeguard": False, "auto_beta": True},
+    "max-margin-5": {"safeguard_space": "none", "max_margin": 5.0},
+    "sft-1": {"safeguard_space": "none", "sft_weight": 1.0},
+    "ema-0.999": {"safeguard_space": "none", "ema_decay": 0.999},
+    "auto-beta": {"safeguard_space": "none", "auto_beta": True},
     "sdpo-parameter-auto": {"safeguard_space": "parameter", "safeguard_mu": "auto"},
     "sdpo-update-auto": {"safeguard_space": "update", "safeguard_mu": "auto"},
 }
@@ -214,7 +214,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         "method": method,
         "config_fields": {k: v for k, v in METHODS[method].items()},
         "safeguard_space": trainer.args.safeguard_space,
-        "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguard else None,  # as resolved
+        "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguarded else None,  # as resolved
         "curve": curve,
         **extra,
         "history": history,

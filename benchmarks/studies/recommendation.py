@@ -10,7 +10,7 @@ The rule, read off the rows (every number in the text is a row's):
 
 * default: of the safeguards that pay where Diffusion-DPO's pathology bites (lr 2e-4), the one that costs least
   where Diffusion-DPO is healthy (the demo's lr 2e-5, 200 steps): the cheapest insurance;
-* Diffusion-DPO (``safeguard=False``) where it is healthy: there every safeguard's reward is at or below its own;
+* Diffusion-DPO (``safeguard_space="none"``) where it is healthy: every safeguard's reward is at or below its own;
 * the update space where the pathology bites or may: it pays at lr 2e-4 and, of the safeguards, is the one that
   still pays at the in-between lr 1e-4;
 * the authors' per-model values (:data:`AUTHORS_MU`), the defaults of their models' families (real-model evidence
@@ -224,7 +224,7 @@ def render(recommendation: dict[str, Any], page: str | None = None) -> str:
         f"{picked['space']}\"`, `safeguard_mu={picked['mu']:g}`), the cheapest insurance: where Diffusion-DPO's "
         f"pathology bites ({_lr(default)}) it changes the held-out reward by {_ci(default['reward_minus_dpo'])} "
         f"against Diffusion-DPO; where Diffusion-DPO is healthy ({_lr(healthy[0])}) it costs {' and '.join(costs)}.",
-        "- Diffusion-DPO (`safeguard=False`) where it is healthy (its held-out reward rising) costs "
+        '- Diffusion-DPO (`safeguard_space="none"`) where it is healthy (its held-out reward rising) costs '
         f"nothing: {dpo_cost}.",
         f'- The update space at `mu={_LABEL.match(update["label"])["mu"]}` (`safeguard_space="update"`) where '
         "Diffusion-DPO's pathology bites (its held-out reward falling, its winner's error rising): "

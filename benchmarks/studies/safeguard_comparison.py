@@ -271,7 +271,8 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
             else "not measured there"
         )
         text = (
-            f"Train with Diffusion-DPO (safeguard=False) where it is healthy; turn the safeguard on ({row['label']}) "
+            f"Train with Diffusion-DPO (safeguard_space='none') where it is healthy; turn the safeguard on "
+            f"({row['label']}) "
             f"only where Diffusion-DPO's pathology bites (its held-out reward falls while the winner's error rises, "
             f"here at 10x the demo's learning rate): at lr 2e-4 it changes the held-out reward by "
             f"{_ci(row['reward_minus_dpo'])} against Diffusion-DPO, but at the demo's lr 2e-5 it costs {where}."
@@ -285,7 +286,7 @@ def recommendation(settings: dict[str, Any], source: str) -> dict[str, Any]:
             )
     else:
         text = (
-            "No safeguard pays on the toy demo: train with Diffusion-DPO (safeguard=False). No safeguard's "
+            "No safeguard pays on the toy demo: train with Diffusion-DPO (safeguard_space='none'). No safeguard's "
             "held-out reward is detectably above Diffusion-DPO's at lr 2e-4, where Diffusion-DPO's pathology appears."
         )
     if preliminary:

@@ -83,7 +83,7 @@ def test_the_files_are_found_wherever_they_are_moved_under_results(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ remedies
 
-_SAFEGUARD_ON = re.compile(r"safeguard=True|safeguard_space='(output|parameter|update)'|safeguard_mu|escalate")
+_SAFEGUARD_ON = re.compile(r"safeguard_space='(output|parameter|update)'|safeguard_mu|escalate")
 _SETTING = re.compile(r"(\w+)=('?)([\w.]+)\2")
 
 
@@ -91,7 +91,7 @@ def _configs(tmp_path) -> list:
     offline = [
         DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **fields)
         for fields in (
-            {"safeguard": False},
+            {"safeguard_space": "none"},
             {"safeguard_mu": 0.5},
             {"safeguard_mu": 0.5, "on_pathology": "escalate"},
             {"safeguard_mu": "auto"},
@@ -134,8 +134,8 @@ def test_an_online_run_never_names_a_safeguard_while_the_online_evidence_says_no
 def test_the_offline_remedies_are_the_safeguards_that_paid_where_diffusion_dpo_fell(tmp_path):
     picked = choose(load_rows())
     assert picked["update"]["verdict"] == "pays" and picked["default"]["verdict"] == "pays"
-    off = remedies(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=False))
-    assert off[0] == "the safeguard (safeguard=True)"
+    off = remedies(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_space="none"))
+    assert off[0] == "the safeguard (safeguard_space='output')"
     output = remedies(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.5))
     assert any(remedy.startswith(f"safeguard_space='{picked['update']['label'].split()[0]}'") for remedy in output)
 

@@ -202,22 +202,26 @@ def test_trl_form_dataset_with_pil_images_trains_with_chosen_as_winner(trl_datas
     assert np.isfinite([h["loss"] for h in trainer.state.log_history if "loss" in h]).all()
 
 
-def test_column_names_can_be_overridden_in_the_config(pickapic_dataset, trl_dataset, make_trainer):
+def test_other_column_names_are_refused_naming_the_schema_and_train_once_renamed(
+    pickapic_dataset, trl_dataset, make_trainer
+):
+    """Training reads one schema; data under other names is renamed first (``train --rename_columns``)."""
+    from trl_diffusion_sdpo.cli.train import column_renames
+
     renamed = pickapic_dataset.rename_columns({"caption": "text", "jpg_0": "a", "jpg_1": "b", "label_0": "pref"})
-    trainer = make_trainer(
-        train_dataset=renamed, caption_column="text", image_0_column="a", image_1_column="b", label_0_column="pref"
-    )
+    with pytest.raises(ValueError, match=r"missing column.*rename other columns to these"):
+        make_trainer(train_dataset=renamed)
+    back = renamed.rename_columns(column_renames("text:caption, a:jpg_0,b:jpg_1,pref:label_0"))
+    trainer = make_trainer(train_dataset=back)
     batch = eval_batch(trainer, [1])  # label_0 of row 1 is 0: image 1 wins
     assert_colour(batch["pixel_values"][0, 0], COLOURS[3])
     trainer.train()
 
     renamed_trl = trl_dataset.rename_columns({"prompt": "q", "chosen": "good", "rejected": "bad"})
-    trainer = make_trainer(
-        train_dataset=renamed_trl, prompt_column="q", chosen_column="good", rejected_column="bad", max_steps=1
-    )
-    assert_colour(eval_batch(trainer, [2])["pixel_values"][0, 0], COLOURS[2])
     with pytest.raises(ValueError, match="missing column"):
-        make_trainer(train_dataset=renamed_trl)  # default names do not match
+        make_trainer(train_dataset=renamed_trl)
+    with pytest.raises(ValueError, match="rename_columns: 'q' is not old:new"):
+        column_renames("q,chosen:good")
 
 
 def test_image_feature_columns_are_accepted_and_corrupt_ones_reported(make_pickapic, make_trainer):

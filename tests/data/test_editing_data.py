@@ -154,18 +154,20 @@ def test_both_source_columns_at_once_are_refused(make_config):
         resolve_columns(Dataset.from_list(rows).column_names, make_config())
 
 
-def test_editreward_votes_are_labels_and_its_source_column_is_configurable(make_config):
+def test_editreward_votes_are_labels_and_its_source_column_is_renamed(make_config):
+    from trl_diffusion_sdpo.cli.train import column_renames
+
     rows = [
         {"instruction": f"edit {i}", "left_output_image": r["chosen"], "right_output_image": r["rejected"],
          "source_img": r["source_image"], "vote_type": vote}
         for i, (r, vote) in enumerate(zip(edit_rows(3), ["leftvote", "rightvote", "tie"]))
     ]  # fmt: skip
-    args = make_config(
-        caption_column="instruction", image_0_column="left_output_image", image_1_column="right_output_image",
-        label_0_column="vote_type", source_image_column="source_img",
-    )  # fmt: skip
-    kept, columns, report = prepare_preference_dataset(Dataset.from_list(rows), args, "train")
-    assert columns.source == "source_img" and len(kept) == 2 and report.ties_dropped == 1
+    args = make_config()
+    renames = column_renames(
+        "instruction:caption,left_output_image:jpg_0,right_output_image:jpg_1,vote_type:label_0,source_img:source_image"
+    )  # as examples/configs/flux_kontext_lora.yaml renames EditReward-Data's columns
+    kept, columns, report = prepare_preference_dataset(Dataset.from_list(rows).rename_columns(renames), args, "train")
+    assert columns.source == "source_image" and len(kept) == 2 and report.ties_dropped == 1
     transform = PairTransform(32)
     collator = PreferenceCollator(columns, lambda prompts: {"input_ids": torch.zeros(len(prompts), 1)}, transform)
     batch = collator(list(kept))
@@ -178,7 +180,7 @@ def test_editreward_votes_are_labels_and_its_source_column_is_configurable(make_
     assert set(LABEL_WORDS) == {"leftvote", "rightvote", "tie"}
     rows[0]["vote_type"] = "maybe"
     with pytest.raises(ValueError, match="label 'maybe' is not a number or one of"):
-        prepare_preference_dataset(Dataset.from_list(rows), args, "train")
+        prepare_preference_dataset(Dataset.from_list(rows).rename_columns(renames), args, "train")
 
 
 # -- collator and cache ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ of them, and ``reward_fn``."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -230,24 +229,19 @@ def trls_colour_reward(prompts, images, **columns):
     [
         {"reward_funcs": trls_colour_reward},
         {"reward_funcs": [trls_colour_reward]},
-        pytest.param({"reward_fn": colour_reward}, id="reward_fn-deprecated"),
     ],
 )
 def test_reward_funcs_fill_the_score_columns_and_smpo_trains_with_the_weights(
     make_pickapic, make_pipeline, make_config, given
 ):
     dataset = make_pickapic(4)
-    deprecated = (
-        pytest.warns(FutureWarning, match=r"reward_fn=\.\.\.\) is deprecated") if "reward_fn" in given else None
+    trainer = DiffusionSDPOTrainer(
+        make_pipeline(),
+        args=make_config(max_steps=2, **SMPO),
+        train_dataset=dataset,
+        peft_config=lora_config(),
+        **given,
     )
-    with deprecated or contextlib.nullcontext():
-        trainer = DiffusionSDPOTrainer(
-            make_pipeline(),
-            args=make_config(max_steps=2, **SMPO),
-            train_dataset=dataset,
-            peft_config=lora_config(),
-            **given,
-        )
     prepared = trainer.train_dataset
     scores = list(zip(prepared["score_0"], prepared["score_1"]))
     for row, (s0, s1) in zip(dataset, scores):  # the columns hold reward_fn's scores of the chosen, rejected images
@@ -311,10 +305,10 @@ def test_a_registered_objective_that_reads_pair_scores_gets_them_from_the_data(m
             return ObjectiveOutput((gap * errors.policy_winner).mean(), gap.detach())
 
     with pytest.raises(ValueError, match=r"loss_type='score_gap_sft' needs a score per image"):
-        make_trainer(loss_type="score_gap_sft", safeguard=False)
+        make_trainer(loss_type="score_gap_sft", safeguard_space="none")
     rows = scored_rows(SCORES[:3], LABELS[:3])  # no tie: every pair is kept
     trainer = make_trainer(
-        train_dataset=Dataset.from_list(rows), loss_type="score_gap_sft", safeguard=False, max_steps=1
+        train_dataset=Dataset.from_list(rows), loss_type="score_gap_sft", safeguard_space="none", max_steps=1
     )
     assert {"score_0", "score_1"} <= set(trainer.train_dataset.column_names)
     recording = RecordingObjective(trainer.objective)

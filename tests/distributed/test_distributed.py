@@ -110,7 +110,7 @@ def random_stream_arguments(folder: str) -> tuple[str, ...]:
 
 
 RANDOM_STREAM_0 = random_stream_arguments("{root}/data-random-0")
-PLAIN_DPO = ("--safeguard", "false")
+PLAIN_DPO = ("--safeguard_space", "none")
 STREAMED_TIES = (
     "--dataset_name", "{root}/data-ties", "--dataset_streaming", "true", "--per_device_train_batch_size", "1",
     *ACCUMULATE,

@@ -95,7 +95,7 @@ def test_validation_sampling_is_refused_where_no_process_holds_the_whole_denoise
         _accelerator(DistributedType.DEEPSPEED, zero_stage=3),
         _accelerator(DistributedType.FSDP, fsdp2=True),
     ):
-        with pytest.raises(ValueError, match="validation_prompts cannot sample"):
+        with pytest.raises(ValueError, match="ValidationCallback cannot sample"):
             engine_for(accelerator).check_validation_sampling()
 
 

@@ -22,7 +22,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_parameter_space_gradient_under_mixed_precision_matches_explicit_branches(make_trainer, precision):
     trainer = make_trainer(
         lora=True,
-        safeguard=True,
         safeguard_space="parameter",
         safeguard_mu=0.5,
         proportion_empty_prompts=0.0,

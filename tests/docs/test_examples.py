@@ -112,12 +112,13 @@ def test_every_shipped_config_parses_for_the_train_command(config_path: Path) ->
             if config_path.stem.startswith(k)
         )
     ]
-    assert config.safeguard and config.safeguard_mu == mu
+    assert config.safeguarded and config.safeguard_mu == mu
     assert script_args.dataset_streaming is streamed
     editing = "kontext" in config_path.stem or "edit" in config_path.stem
     if editing:  # editing models train on EditReward-Data's votes, mapped to TRL's columns, with its source column
-        assert script_args.dataset_name == "TIGER-Lab/EditReward-Data" and config.source_image_column == "source_img"
-        assert diffusion_args.dataset_columns == "pickapic" and config.label_0_column == "vote_type"
+        renames = diffusion_args.rename_columns.split(",")
+        assert script_args.dataset_name == "TIGER-Lab/EditReward-Data" and "source_img:source_image" in renames
+        assert diffusion_args.dataset_columns == "pickapic" and "vote_type:label_0" in renames
     elif config.num_frames is None:  # image models train on Pick-a-Pic; wan_lora names a placeholder video dataset
         assert script_args.dataset_name == "yuvalkirstain/pickapic_v2" and diffusion_args.dataset_columns == "pickapic"
     # Each config sets its rate, so a change of the learning_rate or scale_lr default never changes the rate it trains

@@ -348,15 +348,19 @@ def test_the_config_default_is_the_recommended_default() -> None:
     """``DiffusionSDPOConfig()``'s safeguard is the one the comparison recommends as the default: its space, and an
     unset mu that is the recommended one on a family the authors did not measure and theirs on the ones they did."""
     from trl_diffusion_sdpo import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.config.defaults import TINY_BASE, resolve_default
     from trl_diffusion_sdpo.families.flux import FluxFamily
     from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
     from trl_diffusion_sdpo.families.sdxl import StableDiffusionXLFamily
-    from trl_diffusion_sdpo.safeguards.margin import default_mu
+
+    def default_mu(family, loss_type, base=None):
+        return resolve_default("safeguard_mu", family, loss_type, base=base).value
 
     config = DiffusionSDPOConfig(output_dir="unused")
     space, mu = _recommended()
-    assert (config.safeguard, config.safeguard_space, config.safeguard_mu) == (True, space, None)
+    assert (config.safeguarded, config.safeguard_space, config.safeguard_mu) == (True, space, None)
     assert default_mu(FluxFamily, "dpo") == mu
+    assert default_mu(StableDiffusionFamily, "dpo", TINY_BASE) == mu  # the toy the recommendation was measured on
     assert {default_mu(StableDiffusionFamily, "dpo"), default_mu(StableDiffusionXLFamily, "dpo")} <= _authors_mu()
 
 

@@ -266,27 +266,23 @@ def test_demo_options_reach_the_recipe(monkeypatch, tmp_path):
     assert DemoRecipe(seed=3).pretrain == PretrainRecipe()
 
 
-def test_only_the_parameter_space_method_passes_safeguard_space_and_is_skipped_without_the_field():
-    passing = {k for k, m in METHODS.items() if "safeguard_space" in m.config_kwargs()}
-    assert passing == {"sdpo-parameter"}
-    assert METHODS["sdpo-parameter"].config_kwargs() == {
-        "safeguard": True,
-        "safeguard_mu": 0.9,
-        "safeguard_space": "parameter",
-        "safeguard_log_output_lambda": True,
+def test_each_method_names_its_safeguard_space_and_the_parameter_space_logs_the_output_lambda():
+    assert {k: m.config_kwargs()["safeguard_space"] for k, m in METHODS.items()} == {
+        "dpo": "none",
+        "sdpo-output": "output",
+        "sdpo-output-mu0.6": "output",
+        "sdpo-output-mu0.2": "output",
+        "sdpo-parameter": "parameter",
     }
-    assert METHODS["dpo"].config_kwargs() == {"safeguard": False}
+    assert METHODS["sdpo-parameter"].config_kwargs() == {"safeguard_space": "parameter", "safeguard_mu": 0.9}
+    assert [k for k, m in METHODS.items() if m.log_output_lambda] == ["sdpo-parameter"]
+    assert METHODS["dpo"].config_kwargs() == {"safeguard_space": "none"}
     assert [METHODS[k].safeguard_mu for k in ("sdpo-output", "sdpo-output-mu0.6", "sdpo-output-mu0.2")] == [
         0.9,
         0.6,
         0.2,
     ]
-
-    # a config without the field, as it was before the exact safeguard
-    old_config = dataclasses.make_dataclass("OldConfig", [("safeguard", bool)])
-    assert "safeguard_space" in method_unavailable(METHODS["sdpo-parameter"], old_config)
-    assert method_unavailable(METHODS["sdpo-output"], old_config) is None
-    assert method_unavailable(METHODS["sdpo-parameter"]) is None  # the installed config has the field
+    assert all(method_unavailable(m) is None for m in METHODS.values())  # the installed config has every field
 
 
 # ---------------------------------------------------------------------------------------------------- --pretrain

@@ -88,12 +88,7 @@ def test_method_extra_config_fields():
     """A variant is one Method line: its extra fields reach the config, and a field the installed config lacks makes
     it unavailable (the demo and the comparison skip it and say why)."""
     pair = Method("x", "x", True, 0.5, "parameter", (("safeguard_scope", "global"),))
-    assert pair.config_kwargs() == {
-        "safeguard": True,
-        "safeguard_mu": 0.5,
-        "safeguard_space": "parameter",
-        "safeguard_scope": "global",
-    }
+    assert pair.config_kwargs() == {"safeguard_mu": 0.5, "safeguard_space": "parameter", "safeguard_scope": "global"}
     assert method_unavailable(pair, DiffusionSDPOConfig) is None
     future = Method("y", "y", False, config=(("not_a_field_yet", 1),))
     assert "not_a_field_yet" in method_unavailable(future, DiffusionSDPOConfig)

@@ -156,9 +156,9 @@ def test_the_pairs_dataset_trains_smpo_with_its_scores(tmp_path, model_dirs, mak
                         output_dir=str(tmp_path / "p"), settings=FAST, batch_size=2, device="cpu",
                         progress=False)  # fmt: skip
     dataset = load_preference_dataset(result.dataset_dir)
+    dataset = dataset.rename_columns({"chosen_score": "score_0", "rejected_score": "score_1"})  # the schema's names
     assert len(dataset) == 2
-    args = make_config(max_steps=1, loss_type="smpo", smpo_score_min=-1.0, smpo_score_max=1.0,
-                       score_0_column="chosen_score", score_1_column="rejected_score")  # fmt: skip
+    args = make_config(max_steps=1, loss_type="smpo", smpo_score_min=-1.0, smpo_score_max=1.0)
     trainer = DiffusionSDPOTrainer(
         build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok")),
         args=args,
@@ -179,7 +179,7 @@ def test_the_pairs_dataset_trains_smpo_with_its_scores(tmp_path, model_dirs, mak
     trainer.objective = Recording()
     trainer.train()
     assert trainer.state.global_step == 1
-    written = sorted(zip(dataset["chosen_score"], dataset["rejected_score"]))
+    written = sorted(zip(dataset["score_0"], dataset["score_1"]))
     got = sorted(map(tuple, torch.cat(seen).tolist()))  # (winner, loser) as written, float32 on the way
     assert len(got) == len(written)
     for pair, expected in zip(got, written):

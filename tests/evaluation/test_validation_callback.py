@@ -152,36 +152,44 @@ def test_auto_autocast_samples_a_pipeline_that_mixes_bf16_and_float32(make_pipel
     assert ValidationCallback(PROMPTS, pipeline=make_pipeline())._autocast_dtype(make_pipeline()) is None
 
 
-def test_config_fields_wire_the_callback_and_save_a_grid_at_step_zero_and_every_n(make_trainer, tmp_path):
-    trainer = make_trainer(
-        max_steps=2,
-        output_dir=str(tmp_path / "run"),
-        validation_prompts=PROMPTS,
-        validation_seeds=[0],
-        validation_steps=2,
-        validation_num_inference_steps=2,
-    )
+def test_a_passed_callback_is_bound_and_saves_a_grid_at_step_zero_and_every_n(make_trainer, tmp_path):
+    """Passed in ``callbacks=``, the callback samples the trainer's pipeline at the training resolution with the
+    family's guidance (8.5 for SD)."""
+    validation = ValidationCallback(PROMPTS, seeds=[0], every_n_steps=2, num_inference_steps=2)
+    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"), callbacks=[validation])
     callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
-    assert len(callbacks) == 1 and callbacks[0].prompts == PROMPTS
+    assert callbacks == [validation] and validation.trainer is trainer
+    assert (validation.settings.guidance_scale, validation.settings.height) == (8.5, trainer.args.resolution)
     trainer.train()
     assert sorted(os.listdir(tmp_path / "run" / "validation")) == ["step-000000.png", "step-000002.png"]
 
 
-def test_validation_is_off_by_default_and_empty_prompt_lists_are_refused(make_trainer, make_config):
+def test_validation_is_off_by_default_and_empty_prompt_lists_are_refused(make_trainer):
     trainer = make_trainer(max_steps=1)
     assert not any(isinstance(c, ValidationCallback) for c in trainer.callback_handler.callbacks)
-    with pytest.raises(ValueError, match="validation_prompts"):
-        make_config(validation_prompts=[])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        ValidationCallback([])
+
+
+def test_the_train_command_builds_the_callback_from_its_options():
+    from trl_diffusion_sdpo.cli.train import parse_args
+
+    *_, diffusion_args = parse_args(
+        ["--output_dir", "unused", "--use_cpu", "--validation_prompts", "a cat", "a dog", "--validation_steps", "7"]
+    )
+    (callback,) = diffusion_args.validation_callbacks()
+    assert isinstance(callback, ValidationCallback)
+    assert (callback.prompts, callback.every_n_steps, callback.settings.guidance_scale) == (
+        ["a cat", "a dog"],
+        7,
+        None,
+    )
+    assert parse_args(["--output_dir", "unused", "--use_cpu"])[3].validation_callbacks() == []
 
 
 def test_the_model_card_shows_the_last_validation_grid(make_trainer, tmp_path):
-    trainer = make_trainer(
-        max_steps=2,
-        output_dir=str(tmp_path / "run"),
-        validation_prompts=PROMPTS,
-        validation_steps=2,
-        validation_num_inference_steps=2,
-    )
+    validation = ValidationCallback(PROMPTS, every_n_steps=2, num_inference_steps=2)
+    trainer = make_trainer(max_steps=2, output_dir=str(tmp_path / "run"), callbacks=[validation])
     trainer.train()
     trainer.create_model_card()
     card = (tmp_path / "run" / "README.md").read_text()
@@ -192,15 +200,9 @@ def test_the_model_card_shows_the_last_validation_grid(make_trainer, tmp_path):
 def test_with_ema_decay_validation_samples_the_ema_weights_not_the_trained_ones(make_trainer, tmp_path):
     """The grid of a run with ``ema_decay`` is sampled from the EMA of the trained weights (swapped in for it, the
     trained ones back afterwards)."""
+    validation = ValidationCallback(PROMPTS[:1], seeds=[0], every_n_steps=2, num_inference_steps=1)
     trainer = make_trainer(
-        max_steps=2,
-        learning_rate=1e-2,
-        ema_decay=0.5,
-        output_dir=str(tmp_path / "run"),
-        validation_prompts=PROMPTS[:1],
-        validation_seeds=[0],
-        validation_steps=2,
-        validation_num_inference_steps=1,
+        max_steps=2, learning_rate=1e-2, ema_decay=0.5, output_dir=str(tmp_path / "run"), callbacks=[validation]
     )
     (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
     sampled = {}

@@ -124,9 +124,12 @@ def test_validation_grids_sample_with_each_familys_own_guidance_unless_set(make_
 
     def grid_guidance(family: str, **fields) -> float | None:
         build, family_fields = FAMILIES[family]
-        args = make_config(validation_prompts=["a fox"], validation_steps=1, **family_fields, **fields)
+        args = make_config(**family_fields)
         trainer = DiffusionSDPOTrainer(
-            build(str(tmp_path / f"tok-{family}-{len(fields)}")), args=args, train_dataset=pairs_for(family)
+            build(str(tmp_path / f"tok-{family}-{len(fields)}")),
+            args=args,
+            train_dataset=pairs_for(family),
+            callbacks=[ValidationCallback(["a fox"], every_n_steps=1, **fields)],
         )
         (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, ValidationCallback)]
         return callback.settings.guidance_scale if hasattr(callback, "settings") else callback.guidance_scale
@@ -134,4 +137,4 @@ def test_validation_grids_sample_with_each_familys_own_guidance_unless_set(make_
     assert grid_guidance("flux") == 3.5
     assert grid_guidance("sd") == 8.5  # the SDPO authors' guidance for the UNet families
     assert grid_guidance("sd3") == 7.0  # StableDiffusion3Pipeline's own default
-    assert grid_guidance("flux", validation_guidance_scale=2.0) == 2.0
+    assert grid_guidance("flux", guidance_scale=2.0) == 2.0

@@ -318,14 +318,14 @@ def test_both_safeguard_spaces_train_and_log_lambda(make_flow, make_config, flow
         make_flow(kind),
         args=flow_config(
             make_config,
-            safeguard=True,
             safeguard_mu=0.5,
             safeguard_space=space,
-            safeguard_log_output_lambda=space == "parameter",
         ),
         train_dataset=flow_pairs,
         peft_config=lora(),
     )
+    if space == "parameter":
+        trainer.safeguard.log_output_lambda(trainer.args)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "safeguard/lambda_mean" in h]
     assert len(logs) == 2
@@ -385,7 +385,9 @@ def test_cached_latents_and_t5_embeddings_give_the_uncached_losses(
 def test_other_objectives_train_on_a_flow_model(make_flow, make_config, flow_pairs, loss_type) -> None:
     trainer = DiffusionSDPOTrainer(
         make_flow("sd3"),
-        args=flow_config(make_config, loss_type=loss_type, max_steps=1, safeguard=loss_type != "sft"),
+        args=flow_config(
+            make_config, loss_type=loss_type, max_steps=1, safeguard_space="none" if loss_type == "sft" else "output"
+        ),
         train_dataset=flow_pairs,
         peft_config=lora(),
     )
@@ -458,11 +460,15 @@ def test_validation_grids_sample_a_flux_model_with_its_flow_scheduler(make_flow,
     import os
 
     pipe = make_flow("flux")
-    args = flow_config(
-        make_config, max_steps=1, output_dir=str(tmp_path / "run"), validation_prompts=["a red square"],
-        validation_seeds=[0], validation_steps=1, validation_num_inference_steps=2, validation_guidance_scale=1.0,
-    )  # fmt: skip
-    trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=flow_pairs, peft_config=lora())
+    from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
+
+    args = flow_config(make_config, max_steps=1, output_dir=str(tmp_path / "run"))
+    validation = ValidationCallback(
+        ["a red square"], seeds=[0], every_n_steps=1, num_inference_steps=2, guidance_scale=1.0
+    )
+    trainer = DiffusionSDPOTrainer(
+        pipe, args=args, train_dataset=flow_pairs, peft_config=lora(), callbacks=[validation]
+    )
     trainer.train()
     assert sorted(os.listdir(tmp_path / "run" / "validation")) == ["step-000000.png", "step-000001.png"]
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)  # training's scheduler untouched

@@ -76,7 +76,14 @@ def test_flow_dpo_in_bf16_starts_at_log_2_and_trains_the_float32_adapters(tmp_pa
 
 @pytest.mark.parametrize("loss_type", ["dspo", "dmpo", "sft"])
 def test_other_objectives_on_a_flow_model_start_at_their_value_at_the_reference(tmp_path, make_config, loss_type):
-    trainer = _trainer("sd3", tmp_path, make_config, lora=True, loss_type=loss_type, safeguard=loss_type != "sft")
+    trainer = _trainer(
+        "sd3",
+        tmp_path,
+        make_config,
+        lora=True,
+        loss_type=loss_type,
+        safeguard_space="none" if loss_type == "sft" else "output",
+    )
     log = _train_one_step(trainer)
     if loss_type == "dmpo":
         p, q = 0.5, 1.0 - 0.01  # sigmoid(0); the default dmpo_alpha = 0.01 gives q = 1 - alpha

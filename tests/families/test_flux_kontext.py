@@ -198,7 +198,8 @@ def test_full_tuning_runs_the_one_pass_safeguard_equal_to_two_passes(make_pipe, 
     for passes in ("one", "two"):
         pipe = make_pipe()
         trainer = DiffusionSDPOTrainer(
-            pipe, args=CASE.config(make_config, max_steps=1, safeguard=True, safeguard_passes=passes, beta=5.0),
+            pipe,
+            args=CASE.config(make_config, max_steps=1, safeguard_space="output", safeguard_passes=passes, beta=5.0),
             train_dataset=pairs,
         )  # fmt: skip
         captured = {}
@@ -274,11 +275,12 @@ def test_lora_loads_into_the_pipeline_and_edits(make_pipe, make_config, pairs, t
 
 
 def test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them(make_pipe, make_config, pairs, tmp_path):
-    """validation_source_images: the grid edits those images (another source, another grid) and an editing scorer
-    among validation_scorers receives each cell's source."""
+    """A ValidationCallback's sources: the grid edits those images (another source, another grid) and an editing
+    scorer among its scorers receives each cell's source."""
     import numpy as np
     from PIL import Image
 
+    from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
     from trl_diffusion_sdpo.evaluation import EditScorer, register_scorer
 
     received = []
@@ -296,12 +298,14 @@ def test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them(ma
     for index, colour in enumerate([(220, 20, 20), (20, 20, 220)]):
         source = tmp_path / f"source-{index}.png"
         Image.new("RGB", (32, 32), colour).save(source)
-        args = CASE.config(
-            make_config, max_steps=1, output_dir=str(tmp_path / f"run-{index}"), validation_prompts=["make it green"],
-            validation_source_images=[str(source)], validation_seeds=[0, 1], validation_steps=1,
-            validation_num_inference_steps=2, validation_scorers=["test-kontext-recorder"],
+        args = CASE.config(make_config, max_steps=1, output_dir=str(tmp_path / f"run-{index}"))
+        validation = ValidationCallback(
+            ["make it green"], seeds=[0, 1], every_n_steps=1, num_inference_steps=2,
+            scorers=["test-kontext-recorder"], sources=[str(source)],
         )  # fmt: skip
-        trainer = DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora())
+        trainer = DiffusionSDPOTrainer(
+            make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora(), callbacks=[validation]
+        )
         trainer.train()
         grids.append(np.asarray(Image.open(tmp_path / f"run-{index}" / "validation" / "step-000000.png")))
     assert not np.array_equal(grids[0], grids[1])  # the source reached the pipeline
@@ -312,15 +316,18 @@ def test_validation_grids_edit_the_given_sources_and_editing_scorers_get_them(ma
 
 
 def test_validation_sources_are_checked_when_the_trainer_is_built(make_pipe, make_config, pairs, tmp_path):
-    with pytest.raises(ValueError, match="1 images for 2 validation_prompts"):
-        CASE.config(make_config, validation_prompts=["a", "b"], validation_source_images=["x.png"])
-    args = CASE.config(make_config, validation_prompts=["a"], validation_source_images=[str(tmp_path / "missing.png")])
-    with pytest.raises(ValueError, match=r"validation_source_images\[0\] .*missing.png.* cannot be read"):
-        DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora())
+    from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
+
+    with pytest.raises(ValueError, match="Got 2 prompts and 1 source images"):
+        ValidationCallback(["a", "b"], sources=["x.png"])
+    args = CASE.config(make_config)
+    missing = ValidationCallback(["a"], sources=[str(tmp_path / "missing.png")])
+    with pytest.raises(ValueError, match=r"validation source image 0 .*missing.png.* cannot be read"):
+        DiffusionSDPOTrainer(make_pipe(), args=args, train_dataset=pairs, peft_config=CASE.lora(), callbacks=[missing])
     flux = build_tiny_flux_pipeline(seed=0, tokenizer_dir=str(tmp_path / "flux"), max_length=SEQ)
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    args = CASE.config(make_config, validation_prompts=["a"], validation_source_images=[str(tmp_path / "ok.png")])
-    with pytest.raises(ValueError, match="validation_source_images is for editing families; flux generates"):
-        DiffusionSDPOTrainer(flux, args=args, train_dataset=Dataset.from_list(pickapic_rows(2)))
+    sources = ValidationCallback(["a"], sources=[str(tmp_path / "ok.png")])
+    with pytest.raises(ValueError, match="validation source images are for editing families; flux generates"):
+        DiffusionSDPOTrainer(flux, args=args, train_dataset=Dataset.from_list(pickapic_rows(2)), callbacks=[sources])

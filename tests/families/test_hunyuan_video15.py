@@ -224,8 +224,13 @@ class TestHunyuanVideo15Training(FlowFamilyTrainingChecks):
     def test_validation_grids_sample_with_the_pipeline(self, make_pipe, make_config, pairs, tmp_path) -> None:
         """Image grids are refused for a video family, pointing to sample_videos (tested below)."""
         with pytest.raises(ValueError, match="sample_videos"):
+            from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
+
             DiffusionSDPOTrainer(
-                make_pipe(), args=hv_config(make_config, validation_prompts=["a cat"]), train_dataset=pairs
+                make_pipe(),
+                args=hv_config(make_config),
+                train_dataset=pairs,
+                callbacks=[ValidationCallback(["a cat"])],
             )
 
 

@@ -370,8 +370,11 @@ def test_config_checks_the_inversion_fields(tmp_path):
         config(inversion_renoise=0)
     with pytest.raises(ValueError, match="inversion_network must be one of"):
         config(inversion_network="ema")
+    from trl_diffusion_sdpo.objectives import check_objective_config
+
+    mapo = config(loss_type="mapo", noising="inversion", inversion_network="reference", safeguard_space="none")
     with pytest.raises(ValueError, match="inversion_network='reference' needs a reference model"):
-        config(loss_type="mapo", noising="inversion", inversion_network="reference", safeguard=False)
+        check_objective_config(mapo)
 
 
 @pytest.mark.parametrize(
@@ -379,7 +382,7 @@ def test_config_checks_the_inversion_fields(tmp_path):
     [
         dict(loss_type="smpo", safeguard_space="output"),
         dict(loss_type="smpo", safeguard_space="parameter", inversion_network="reference"),
-        dict(loss_type="dpo", noising="inversion", safeguard=False),
+        dict(loss_type="dpo", noising="inversion", safeguard_space="none"),
     ],
 )
 def test_trainer_trains_with_inversion(make_pickapic, make_pipeline, make_config, overrides, monkeypatch):
@@ -400,7 +403,9 @@ def test_trainer_trains_with_inversion(make_pickapic, make_pipeline, make_config
         args=make_config(max_steps=2, smpo_score_min=0.1, smpo_score_max=0.3, **overrides),
         train_dataset=make_pickapic(4),
         peft_config=lora_config(),
-        reward_fn=colour_reward if overrides["loss_type"] == "smpo" else None,
+        reward_funcs=(lambda prompts, images: colour_reward(images, prompts))
+        if overrides["loss_type"] == "smpo"
+        else None,
     )
     before = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
     trainer.train()
@@ -435,7 +440,12 @@ def test_flow_families_train_with_euler_inversion(kind, tmp_path, make_config, m
     trainer = DiffusionSDPOTrainer(
         pipe,
         args=make_config(
-            beta=100.0, max_sequence_length=16, max_steps=2, noising="inversion", inversion_steps=3, safeguard=False
+            beta=100.0,
+            max_sequence_length=16,
+            max_steps=2,
+            noising="inversion",
+            inversion_steps=3,
+            safeguard_space="none",
         ),
         train_dataset=Dataset.from_list(pickapic_rows(4)),
         peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k"]),

@@ -509,7 +509,7 @@ def test_sdxl_yaml_configs_parse_into_the_authors_sdxl_settings() -> None:
     )
     assert isinstance(config, DiffusionSDPOConfig)
     assert not model_args.use_peft
-    assert (config.beta, config.safeguard, config.safeguard_mu) == (5000, True, 0.6)
+    assert (config.beta, config.safeguarded, config.safeguard_mu) == (5000, True, 0.6)
     assert config.optim == "adafactor" and config.gradient_checkpointing
     assert config.learning_rate == 1e-9 and config.scale_lr  # the authors' SDXL rate
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (8, 32)  # lambda over 8 pairs

@@ -112,8 +112,13 @@ def test_wrong_clip_lengths_and_two_expert_pipelines_are_refused(make_wan, make_
     with pytest.raises(ValueError, match="4k \\+ 1"):
         DiffusionSDPOTrainer(make_wan(), args=wan_config(make_config, num_frames=4), train_dataset=video_pairs)
     with pytest.raises(ValueError, match="sample_videos"):
+        from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
+
         DiffusionSDPOTrainer(
-            make_wan(), args=wan_config(make_config, validation_prompts=["a cat"]), train_dataset=video_pairs
+            make_wan(),
+            args=wan_config(make_config),
+            train_dataset=video_pairs,
+            callbacks=[ValidationCallback(["a cat"])],
         )
     pipe = make_wan()
     pipe.register_modules(transformer_2=make_wan(seed=1).transformer)
@@ -150,14 +155,14 @@ def test_both_safeguard_spaces_train_and_log_lambda(make_wan, make_config, video
         make_wan(),
         args=wan_config(
             make_config,
-            safeguard=True,
             safeguard_mu=0.5,
             safeguard_space=space,
-            safeguard_log_output_lambda=space == "parameter",
         ),
         train_dataset=video_pairs,
         peft_config=lora(),
     )
+    if space == "parameter":
+        trainer.safeguard.log_output_lambda(trainer.args)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "safeguard/lambda_mean" in h]
     assert len(logs) == 2

@@ -171,14 +171,14 @@ def check_safeguard_space(case: FlowCase, pipe, make_config, pairs, space: str) 
         pipe,
         args=case.config(
             make_config,
-            safeguard=True,
             safeguard_mu=0.5,
             safeguard_space=space,
-            safeguard_log_output_lambda=space == "parameter",
         ),
         train_dataset=pairs,
         peft_config=case.lora(),
     )
+    if space == "parameter":
+        trainer.safeguard.log_output_lambda(trainer.args)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "safeguard/lambda_mean" in h]
     assert len(logs) == 2
@@ -216,18 +216,23 @@ def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_na
 
     from safetensors.torch import load_file
 
-    from trl_diffusion_sdpo.cli.train import main, parse_args
+    from trl_diffusion_sdpo.cli.train import column_renames, main, parse_args
 
     config_path = Path(__file__).resolve().parents[2] / "examples" / "configs" / f"{config_name}.yaml"
     _, config, model_args, data_args = parse_args(
         ["--config", str(config_path), "--output_dir", "/tmp/unused", "--use_cpu"]
     )
-    assert config.beta == 100 and config.loss_type == "dpo" and config.safeguard and model_args.use_peft
+    assert config.beta == 100 and config.loss_type == "dpo" and config.safeguarded and model_args.use_peft
     if data_args.dataset_columns == "pickapic" and "prompt" in pairs.column_names:
         # the config reads Pick-a-Pic's label form (the editing configs: EditReward-Data's columns and votes): the
         # test's TRL-form pairs are written in it; pairs already in the label form are saved as they are
-        names = {"prompt": config.caption_column, "chosen": config.image_0_column, "rejected": config.image_1_column}
-        pairs = pairs.rename_columns(names).add_column(config.label_0_column, ["leftvote"] * len(pairs))
+        # written under the dataset's own names, which the config's rename_columns maps back
+        original = {new: old for old, new in column_renames(data_args.rename_columns).items()}
+        names = {"prompt": "caption", "chosen": "jpg_0", "rejected": "jpg_1", "source_image": "source_image"}
+        names = {c: original.get(n, n) for c, n in names.items() if c in pairs.column_names}
+        names = {c: n for c, n in names.items() if n != c}
+        label = original.get("label_0", "label_0")
+        pairs = pairs.rename_columns(names).add_column(label, ["leftvote"] * len(pairs))
     pipe_dir, data_dir, out = tmp_path / "pipe", tmp_path / "pairs", tmp_path / "out"
     pipe.save_pretrained(pipe_dir)
     pairs.save_to_disk(str(data_dir))
@@ -299,17 +304,20 @@ def check_validation_grids_sample_with_the_pipeline(
     """A grid at step 0 and after step 1; with ``source`` (an editing family) the grid edits a source image."""
     import os
 
-    sources = {}
+    from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
+
+    sources = None
     if source:
         Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "source.png")
-        sources = {"validation_source_images": [str(tmp_path / "source.png")]}
-    args = case.config(
-        make_config, max_steps=1, output_dir=str(tmp_path / "run"), validation_prompts=["a red square"],
-        validation_seeds=[0], validation_steps=1, validation_num_inference_steps=2, validation_guidance_scale=1.0,
-        **sources,
-    )  # fmt: skip
+        sources = [str(tmp_path / "source.png")]
+    args = case.config(make_config, max_steps=1, output_dir=str(tmp_path / "run"))
+    validation = ValidationCallback(
+        ["a red square"], seeds=[0], every_n_steps=1, num_inference_steps=2, guidance_scale=1.0, sources=sources
+    )
     scheduler = pipe.scheduler
-    trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=pairs, peft_config=case.lora())
+    trainer = DiffusionSDPOTrainer(
+        pipe, args=args, train_dataset=pairs, peft_config=case.lora(), callbacks=[validation]
+    )
     trainer.train()
     assert sorted(os.listdir(tmp_path / "run" / "validation")) == ["step-000000.png", "step-000001.png"]
     assert pipe.scheduler is scheduler  # training's scheduler untouched

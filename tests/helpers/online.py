@@ -33,7 +33,7 @@ def online_config(tmp_path, **overrides) -> OnlineDiffusionSDPOConfig:
     return OnlineDiffusionSDPOConfig(**{**values, **overrides})
 
 
-def make_trainer(tmp_path, reward=red_minus_blue, lora=True, prompts=PROMPTS, **overrides):
+def make_trainer(tmp_path, reward=red_minus_blue, lora=True, prompts=PROMPTS, callbacks=None, **overrides):
     pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
     return OnlineDiffusionSDPOTrainer(
         pipe,
@@ -42,6 +42,7 @@ def make_trainer(tmp_path, reward=red_minus_blue, lora=True, prompts=PROMPTS, **
         Dataset.from_dict({"prompt": prompts}),
         reward_funcs=[reward],
         peft_config=LoraConfig(**LORA) if lora else None,
+        callbacks=callbacks,
     )
 
 

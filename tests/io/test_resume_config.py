@@ -231,28 +231,3 @@ def test_a_resumed_runs_train_loss_is_the_whole_runs_as_uninterrupted(tmp_path):
     assert resumed_trainer.state.global_step == 4
     assert resumed.training_loss == pytest.approx(whole.training_loss, rel=1e-6)
     assert resumed_trainer.state.log_history[-1]["train_loss"] == pytest.approx(whole.training_loss, rel=1e-6)
-
-
-def test_a_checkpoint_written_with_safeguard_false_resumes_as_the_space_none(run, tmp_path):
-    """Before "none" was a space, safeguard=False was stored beside the default space ("output"): such a checkpoint
-    resumes under safeguard_space="none", the same setting, and is refused under a safeguard."""
-    for name in ("checkpoint-1", "checkpoint-2"):
-        path = os.path.join(run, name, "training_config.json")
-        with open(path) as f:
-            saved = json.load(f)
-        saved.update(safeguard=False, safeguard_space="output")
-        with open(path, "w") as f:
-            json.dump(saved, f)
-        manifest_path = os.path.join(run, name, MANIFEST_NAME)  # as that run's save would have listed it
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        manifest["files"]["training_config.json"] = os.path.getsize(path)
-        manifest["sha256"]["training_config.json"] = file_sha256(path)
-        with open(manifest_path, "w") as f:
-            json.dump(manifest, f)
-    refused = build_trainer(run, str(tmp_path / "tok2"), max_steps=3)  # the default: a safeguard, output space
-    with pytest.raises(ResumeConfigError, match=r"safeguard \(False -> True\)"):
-        refused.train(resume_from_checkpoint=True)
-    trainer = build_trainer(run, str(tmp_path / "tok"), max_steps=3, safeguard_space="none")
-    trainer.train(resume_from_checkpoint=True)
-    assert trainer.state.global_step == 3

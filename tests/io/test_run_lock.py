@@ -1,6 +1,5 @@
 """Two runs, one folder: a live run's output_dir lock refuses a second run, naming the holder; a killed run leaves no
-lock behind (the holder is a real second process). A new run into a finished run's folder is refused unless resumed or
-told to overwrite it."""
+lock behind (the holder is a real second process). A new run into a finished run's folder is refused unless resumed."""
 
 from __future__ import annotations
 
@@ -166,18 +165,11 @@ def test_a_new_run_into_another_runs_folder_is_refused_and_touches_no_file(finis
     with pytest.raises(EarlierRunError) as info:
         second.train()
     message = str(info.value)  # from Python: the keyword arguments, not the flags
-    for named in ("resume_from_checkpoint=True", "overwrite_output_dir=True", "output_dir", "checkpoint-3"):
+    for named in ("resume_from_checkpoint=True", "output_dir", "delete the folder", "checkpoint-3"):
         assert named in message
     assert "--" not in message
     assert second.state.global_step == 0
     assert _hashes(finished_run) == before  # no file added, removed or changed, the lock's included
-
-
-def test_overwrite_output_dir_replaces_the_earlier_run_and_deletes_its_checkpoints(finished_run, tmp_path):
-    second = build_trainer(finished_run, str(tmp_path / "tok-b"), max_steps=1, overwrite_output_dir=True)
-    second.train()
-    # checkpoint-3 of the earlier run would otherwise be the newest: resume would pick it, rotation would keep it
-    assert sorted(n for n in os.listdir(finished_run) if n.startswith("checkpoint-")) == ["checkpoint-1"]
 
 
 def test_the_commands_end_a_refused_run_in_one_line_naming_the_flags(finished_run, tmp_path, capsys):
@@ -189,7 +181,7 @@ def test_the_commands_end_a_refused_run_in_one_line_naming_the_flags(finished_ru
     assert run_command("trl-diffusion-sdpo train", second.train) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"trl-diffusion-sdpo train: error: {finished_run} holds another")
-    for named in ("--resume_from_checkpoint true", "--overwrite_output_dir", "--output_dir"):
+    for named in ("--resume_from_checkpoint true", "--output_dir", "delete the folder"):
         assert named in lines[0]
     assert _hashes(finished_run) == before
 

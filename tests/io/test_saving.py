@@ -80,7 +80,8 @@ def test_output_dir_holds_safetensors_and_json_but_no_pickles(make_trainer, tmp_
     assert any(f.endswith(".safetensors") for f in files)
     with open(tmp_path / "out" / "training_config.json") as f:
         config = json.load(f)
-    assert config["beta"] == trainer.args.beta and config["resolution"] == 32
+    # the file keeps what was given (beta unset), the run used the family's value (config.defaults)
+    assert config["beta"] is None and trainer.beta == trainer.args.beta == 5000.0 and config["resolution"] == 32
 
 
 def test_checkpoint_weights_are_the_same_files_a_user_loads(make_pipeline, make_trainer, tmp_path):
@@ -164,7 +165,7 @@ def test_push_to_hub_uploads_weights_and_a_model_card(make_trainer, tmp_path, mo
 def test_model_card_of_full_dpo_names_the_method_and_has_no_lora_tag(make_trainer, tmp_path, monkeypatch):
     FakeHfApi.instances.clear()
     monkeypatch.setattr(hub, "HfApi", FakeHfApi)
-    trainer = make_trainer(lora=False, safeguard=False, max_steps=1, output_dir=str(tmp_path / "dpo"))
+    trainer = make_trainer(lora=False, safeguard_space="none", max_steps=1, output_dir=str(tmp_path / "dpo"))
     trainer.train()
     trainer.push_to_hub()
     (api,) = FakeHfApi.instances

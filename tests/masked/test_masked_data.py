@@ -1,5 +1,6 @@
-"""Loss masks in the data: read from a mask column (tables, pair folders), derived from where an editing pair differs
-(``auto_mask``), grown by ``mask_dilate``, resized with the images, validated per row, and carried by the cache."""
+"""Loss masks in the data: read from a mask column (tables, pair folders), derived before training from where an
+editing pair differs and grown (``add_loss_masks``, ``train --auto_mask --mask_dilate``), resized with the images,
+validated per row, and carried by the cache."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from tests.helpers.masked_pairs import edited_pair, mask_image, masked_dataset, masked_rows
 from trl_diffusion_sdpo.data.formats import load_preference_data
+from trl_diffusion_sdpo.data.masks import add_loss_masks
 
 RESOLUTION = 32  # the tests' configs (conftest.fast_config_values)
 
@@ -45,25 +47,27 @@ def test_the_mask_column_reaches_the_batch_resized_with_its_images(make_trainer)
             torch.testing.assert_close(batch["loss_mask"][pair, image, 0], expected, atol=1e-6, rtol=0)
 
 
-def test_auto_mask_marks_where_the_pair_differs_and_mask_dilate_grows_it(make_trainer):
+def test_derived_masks_mark_where_the_pair_differs_and_dilate_grows_them(make_trainer):
     """The pairs differ exactly inside the rectangle the mask column marks: the derived mask is that mask, and
-    mask_dilate=2 is its max filter over 5x5 pixels at the training resolution."""
-    plain = first_batch(make_trainer(train_dataset=masked_dataset(with_mask=False), auto_mask=True))
+    dilate=2 is its max filter over 5x5 pixels at the images' size, then resized with them."""
+    derived = add_loss_masks(masked_dataset(with_mask=False), derive=True)
+    plain = first_batch(make_trainer(train_dataset=derived, loss_mask=True))
     given = first_batch(make_trainer(train_dataset=masked_dataset(), loss_mask=True))
     torch.testing.assert_close(plain["loss_mask"], given["loss_mask"], atol=0, rtol=0)
-    dilated = first_batch(make_trainer(train_dataset=masked_dataset(with_mask=False), auto_mask=True, mask_dilate=2))
-    expected = grown(resized_mask(mask_image()), 2)
+    dilated_rows = add_loss_masks(masked_dataset(with_mask=False), derive=True, dilate=2)
+    dilated = first_batch(make_trainer(train_dataset=dilated_rows, loss_mask=True))
+    source = torch.from_numpy(np.asarray(mask_image(), dtype=np.float32))
+    expected = resized_mask(Image.fromarray(grown(source, 2).numpy().astype(np.uint8), mode="L"))
     torch.testing.assert_close(dilated["loss_mask"][0, 0, 0], expected, atol=1e-6, rtol=0)
     assert dilated["loss_mask"].sum() > plain["loss_mask"].sum()
 
 
-def test_auto_mask_below_the_threshold_marks_nothing_and_the_row_is_skipped(make_trainer):
-    """A pair differing by 128 of 255 everywhere in the rectangle: a threshold above 0.5 marks nothing, so the
-    collator refuses the row, naming the threshold, rather than train on an empty mask."""
-    trainer = make_trainer(train_dataset=masked_dataset(with_mask=False), auto_mask=True, auto_mask_threshold=0.6)
-    batch = first_batch(trainer)
-    assert batch["num_skipped"] == 2
-    assert "auto_mask_threshold=0.6" in batch["skip_reasons"][0]
+def test_a_derived_mask_below_the_threshold_marks_nothing_and_the_row_is_refused(make_trainer):
+    """A pair differing by 128 of 255 everywhere in the rectangle: a threshold above 0.5 marks nothing, so training
+    refuses the all-black mask, naming the row, rather than train on it."""
+    derived = add_loss_masks(masked_dataset(with_mask=False), derive=True, threshold=0.6)
+    with pytest.raises(ValueError, match=r"row 0, column 'mask': the mask is all black"):
+        make_trainer(train_dataset=derived, loss_mask=True)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +93,7 @@ def test_a_bad_mask_is_named_by_its_row(make_trainer, change, message):
 
 
 def test_loss_mask_without_a_mask_column_names_the_column_and_the_alternatives(make_trainer):
-    with pytest.raises(ValueError, match=r"column 'mask', which the dataset lacks.*auto_mask=True"):
+    with pytest.raises(ValueError, match=r"column 'mask', which the dataset lacks.*--auto_mask"):
         make_trainer(train_dataset=masked_dataset(with_mask=False), loss_mask=True)
 
 
@@ -202,8 +206,8 @@ def test_the_sharded_cache_carries_the_masks_the_in_trainer_cache_holds(tmp_path
     from trl_diffusion_sdpo.families import family_for_pipeline
 
     family = family_for_pipeline(make_pipeline())
-    args = make_config(auto_mask=True, mask_dilate=1)
-    dataset = masked_dataset(3, with_mask=False)
+    args = make_config(loss_mask=True)
+    dataset = add_loss_masks(masked_dataset(3, with_mask=False), derive=True, dilate=1)
     sharded = build_sharded_latent_cache(dataset, args, family, str(tmp_path / "sharded"), chunk_size=2, batch_size=1)
     prepared, columns, _ = prepare_preference_dataset(dataset, args)
     reference = build_latent_cache(
@@ -218,12 +222,11 @@ def test_the_sharded_cache_carries_the_masks_the_in_trainer_cache_holds(tmp_path
         sharded.check_matches(family, make_config())
 
 
-@pytest.mark.parametrize("field", ["loss_mask", "auto_mask"])
-def test_online_training_refuses_a_loss_mask_its_sampled_pairs_cannot_carry(field, tmp_path):
+def test_online_training_refuses_a_loss_mask_its_sampled_pairs_cannot_carry(tmp_path):
     from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
 
-    with pytest.raises(ValueError, match=f"{field}=True: sampled pairs carry no loss mask yet"):
-        OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), random_flip=False, **{field: True})
+    with pytest.raises(ValueError, match="loss_mask=True: sampled pairs carry no loss mask yet"):
+        OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), random_flip=False, loss_mask=True)
 
 
 @pytest.mark.slow

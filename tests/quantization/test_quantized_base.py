@@ -193,7 +193,7 @@ def train_from_command_line(case: Case, backend: str, root: Path) -> tuple[Diffu
          "--base_quantization", backend, "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
          "--lora_target_modules", *case.targets, "--resolution", "32", "--per_device_train_batch_size", "2",
          "--max_steps", "2", "--learning_rate", "1e-3", "--scale_lr", "false", "--warmup_steps", "0",
-         "--logging_steps", "1", "--safeguard", "true", "--safeguard_space", "parameter", "--use_cpu",
+         "--logging_steps", "1", "--safeguard_space", "output", "--safeguard_space", "parameter", "--use_cpu",
          "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
          "--seed", "0", *case.command_flags()]
     )  # fmt: skip
@@ -540,7 +540,7 @@ def test_ddp_trains_lora_on_a_quantized_base_in_two_processes(tmp_path) -> None:
         "--model_name_or_path", str(folder), "--dataset_name", str(tmp_path / "pairs"), "--output_dir", str(out),
         "--base_quantization", "quanto-int8", "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
         "--resolution", "32", "--per_device_train_batch_size", "1", "--max_steps", "2", "--learning_rate", "1e-3",
-        "--scale_lr", "false", "--warmup_steps", "0", "--safeguard", "true", "--safeguard_space", "parameter",
+        "--scale_lr", "false", "--warmup_steps", "0", "--safeguard_space", "output", "--safeguard_space", "parameter",
         "--safeguard_scope", "global", "--report_to", "none", "--save_strategy", "no",
         "--dataloader_num_workers", "0", "--disable_tqdm", "true",
     ]  # fmt: skip

@@ -238,9 +238,12 @@ def test_each_objective_declares_its_fields_with_the_papers_defaults():
 
 
 def config(tmp_path, **fields) -> DiffusionSDPOConfig:
-    return DiffusionSDPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, safeguard=fields.pop("safeguard", True), **fields
-    )
+    """The config, checked by the objective it names, as the trainer and the train command check it."""
+    from trl_diffusion_sdpo.objectives import check_objective_config
+
+    made = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **fields)
+    check_objective_config(made)
+    return made
 
 
 def test_config_fields_reach_dmpo(tmp_path):
@@ -283,9 +286,10 @@ def test_config_fields_reach_smpo(tmp_path):
     assert out.loss.item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_a_bad_objective_field_fails_when_the_config_is_made_whatever_the_loss_type(tmp_path):
+def test_a_bad_objective_field_fails_when_its_objective_is_chosen(tmp_path):
+    config(tmp_path, loss_type="dpo", dmpo_alpha=1.5)  # DPO never reads it
     with pytest.raises(ValueError, match=r"dmpo_alpha must lie in \(0, 1\), got 1.5"):
-        config(tmp_path, loss_type="dpo", dmpo_alpha=1.5)
+        config(tmp_path, loss_type="dmpo", dmpo_alpha=1.5)
     with pytest.raises(ValueError, match="winners only"):  # SFT declares no loser term: nothing to safeguard
         config(tmp_path, loss_type="sft")
 
@@ -305,9 +309,9 @@ def test_a_registered_objective_is_built_from_the_config_field_of_its_name(tmp_p
             return ObjectiveOutput(self.mapo_beta * errors.policy_winner.mean(), errors.policy_winner.detach())
 
     # The config takes the registered name as it takes a built-in one, from Python and from the command line.
-    args = config(tmp_path, safeguard=False, mapo_beta=4.0, loss_type="scaled_sft")
+    args = config(tmp_path, safeguard_space="none", mapo_beta=4.0, loss_type="scaled_sft")
     (parsed,) = HfArgumentParser(DiffusionSDPOConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--use_cpu", "--safeguard", "false", "--loss_type", "scaled_sft"]
+        ["--output_dir", str(tmp_path), "--use_cpu", "--safeguard_space", "none", "--loss_type", "scaled_sft"]
     )
     assert parsed.loss_type == "scaled_sft"
     objective = objective_from_config(args, num_train_timesteps=1)
@@ -322,8 +326,8 @@ def test_a_registered_objective_is_built_from_the_config_field_of_its_name(tmp_p
 
 def test_a_registered_objective_reads_a_new_field_from_a_config_subclass(tmp_path, objective_registry):
     """docs/objectives.md: an objective of one's own script with a hyperparameter no built-in config field has reads it
-    from a ``DiffusionSDPOConfig`` subclass, from Python and from the command line, and checks it when the config is
-    made."""
+    from a ``DiffusionSDPOConfig`` subclass, from Python and from the command line, and checks it when the objective
+    checks the config (the trainer, the train command)."""
 
     @register_objective
     @dataclass(frozen=True)
@@ -342,15 +346,20 @@ def test_a_registered_objective_reads_a_new_field_from_a_config_subclass(tmp_pat
         winner_weight: float = 1.0
 
     (args,) = HfArgumentParser(WeightedSFTConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--use_cpu", "--safeguard", "false", "--loss_type", "weighted_sft"]
+        ["--output_dir", str(tmp_path), "--use_cpu", "--safeguard_space", "none", "--loss_type", "weighted_sft"]
         + ["--winner_weight", "3.0"]
     )
     objective = objective_from_config(args, num_train_timesteps=1)
     a = arrays()
     assert objective.winner_weight == 3.0
     assert objective(*batch(a)).loss.item() == pytest.approx(3.0 * np_errors(a)["w"].mean(), rel=1e-12)
+    from trl_diffusion_sdpo.objectives import check_objective_config
+
+    bad = WeightedSFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, safeguard_space="none", loss_type="weighted_sft", winner_weight=-1.0
+    )
     with pytest.raises(ValueError, match="winner_weight must be positive, got -1"):
-        WeightedSFTConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=False, winner_weight=-1.0)
+        check_objective_config(bad)
 
 
 # ---------------------------------------------------------------------------------------------------- safeguard
@@ -671,7 +680,7 @@ def test_smpo_caps_its_weighted_logit_at_max_margin(tmp_path):
     expected = np.mean(np.log1p(np.exp(-np.minimum(weighted, cap))))
     assert expected != pytest.approx(np.mean(np.log1p(np.exp(-weighted))), rel=1e-6)  # the cap matters here
     objective = objective_from_config(
-        config(tmp_path, loss_type="smpo", beta=2.0, max_margin=cap, safeguard=False), num_train_timesteps=1
+        config(tmp_path, loss_type="smpo", beta=2.0, max_margin=cap, safeguard_space="none"), num_train_timesteps=1
     )
     out = objective(*batch(a), pair_scores=torch.tensor(PAIR_SCORES))
     assert out.loss.item() == pytest.approx(expected, rel=1e-9)

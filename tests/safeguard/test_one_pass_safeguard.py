@@ -378,7 +378,7 @@ def test_one_pass_equals_the_per_branch_passes_under_ddp_in_float64(tmp_path):
 
 def test_the_trainer_trains_the_pair_scope_and_logs_every_pairs_lambda(make_trainer):
     trainer = make_trainer(
-        lora=True, safeguard=True, safeguard_space="parameter", safeguard_scope="pair", safeguard_mu=0.9, max_steps=2
+        lora=True, safeguard_space="parameter", safeguard_scope="pair", safeguard_mu=0.9, max_steps=2
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
@@ -394,7 +394,7 @@ def test_the_trainer_trains_the_pair_scope_and_logs_every_pairs_lambda(make_trai
 def test_the_trainer_refuses_the_pair_scope_for_large_full_tuning_stating_its_memory(make_trainer, monkeypatch):
     from trl_diffusion_sdpo.safeguards import parameter
 
-    options = dict(lora=False, safeguard=True, safeguard_space="parameter", safeguard_scope="pair", max_steps=1)
+    options = dict(lora=False, safeguard_space="parameter", safeguard_scope="pair", max_steps=1)
     make_trainer(**options).train()  # the tiny UNet's per-image gradients are small: accepted
     monkeypatch.setattr(parameter, "PAIR_SCOPE_MAX_FULL_BYTES", 1024)
     with pytest.raises(ValueError, match=r"per image: 2 x 2 x [\d,]+ weights = [\d.]+ GiB for full tuning"):

@@ -43,7 +43,7 @@ def operation_counts(make_trainer, lora: bool, names: list[str], planted: set[st
     safeguards = {"dpo": trainer.safeguard}
     for name in names:
         args = copy.copy(trainer.args)
-        for field, value in {"safeguard": True, **SAFEGUARDS[name.split("-")[0]]}.items():
+        for field, value in SAFEGUARDS[name.split("-")[0]].items():
             setattr(args, field, value)
         safeguards[name] = safeguard_for(args, trainer.engine, lora=lora, trainable_elements=trainable)
 

@@ -185,7 +185,6 @@ def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autogr
 ):
     trainer = make_trainer(
         lora=lora,
-        safeguard=True,
         safeguard_space="parameter",
         safeguard_mu=0.5,
         proportion_empty_prompts=0.0,
@@ -218,12 +217,12 @@ def test_trainer_gradient_is_winner_plus_lambda_times_loser_from_explicit_autogr
         expected = a + w + lam * h
         bound = 1e-4 * (a.abs() + w.abs() + lam * h.abs()) + 1e-5 * scale
         assert ((p.grad - expected).abs() <= bound).all(), float(((p.grad - expected).abs() - bound).max())
-    # the authors' rule on the same micro-batch is logged only when asked for (safeguard_log_output_lambda)
+    # the authors' rule on the same micro-batch is logged only when asked for (ParameterSpace.log_output_lambda)
     assert "safeguard/output_lambda" not in trainer._metrics["train"]
 
 
 def test_gradient_accumulation_divides_each_micro_batch_like_transformers(make_trainer):
-    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter", proportion_empty_prompts=0.0)
+    trainer = make_trainer(lora=True, safeguard_space="parameter", proportion_empty_prompts=0.0)
     model = trainer.model
     _drift(model)
     model.train()
@@ -241,9 +240,8 @@ def test_gradient_accumulation_divides_each_micro_batch_like_transformers(make_t
 
 
 def test_parameter_space_training_changes_only_trainable_weights_and_logs_both_lambdas(make_trainer):
-    trainer = make_trainer(
-        lora=True, safeguard=True, safeguard_space="parameter", max_steps=3, safeguard_log_output_lambda=True
-    )
+    trainer = make_trainer(lora=True, safeguard_space="parameter", max_steps=3)
+    trainer.safeguard.log_output_lambda(trainer.args)
     frozen_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora" not in k}
     lora_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
     trainer.train()
@@ -256,7 +254,7 @@ def test_parameter_space_training_changes_only_trainable_weights_and_logs_both_l
 
 
 def test_bf16_autocast_runs_and_keeps_float32_gradients(make_trainer):
-    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter", bf16=True, max_steps=2)
+    trainer = make_trainer(lora=True, safeguard_space="parameter", bf16=True, max_steps=2)
     trainer.train()
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
@@ -277,9 +275,7 @@ def test_bf16_autocast_runs_and_keeps_float32_gradients(make_trainer):
 )
 @pytest.mark.parametrize("space", ["output", "parameter"])
 def test_every_pairwise_objective_trains_under_both_safeguard_spaces(make_trainer, loss_type, overrides, space):
-    trainer = make_trainer(
-        lora=True, loss_type=loss_type, safeguard=True, safeguard_space=space, max_steps=2, **overrides
-    )
+    trainer = make_trainer(lora=True, loss_type=loss_type, safeguard_space=space, max_steps=2, **overrides)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_A" in k}
     trainer.train()
     logged = trainer.state.log_history[-2]
@@ -296,8 +292,8 @@ def test_reference_free_objectives_build_and_run_no_reference(make_trainer, monk
 
     calls = []
     monkeypatch.setattr(reference_module.FrozenCopyReference, "predict", lambda *a, **k: calls.append(1))
-    for loss_type, safeguard in (("mapo", True), ("sft", False)):
-        trainer = make_trainer(lora=False, loss_type=loss_type, safeguard=safeguard, max_steps=1)
+    for loss_type, space in (("mapo", "output"), ("sft", "none")):
+        trainer = make_trainer(lora=False, loss_type=loss_type, safeguard_space=space, max_steps=1)
         assert trainer.reference is None  # no frozen copy of the UNet in memory
         trainer.train()
         assert "mse/ref_winner" not in trainer.state.log_history[-2]
@@ -305,12 +301,14 @@ def test_reference_free_objectives_build_and_run_no_reference(make_trainer, monk
 
 
 def test_sft_with_the_safeguard_is_refused_at_configuration(make_config):
-    with pytest.raises(ValueError, match="sft.*no loser gradient.*safeguard=False"):
-        make_config(loss_type="sft", safeguard=True)
+    from trl_diffusion_sdpo.objectives import check_objective_config
+
+    with pytest.raises(ValueError, match="sft.*no loser gradient.*safeguard_space='none'"):
+        check_objective_config(make_config(loss_type="sft", safeguard_space="output"))
 
 
 def test_lora_at_initialisation_gives_loss_log_2_exactly_with_per_branch_passes(make_trainer):
-    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="parameter", proportion_empty_prompts=0.0)
+    trainer = make_trainer(lora=True, safeguard_space="parameter", proportion_empty_prompts=0.0)
     model = trainer.model
     model.train()
     trainer.current_gradient_accumulation_steps = 1

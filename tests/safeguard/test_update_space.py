@@ -479,7 +479,6 @@ def test_trainer_lambda_matches_the_brute_force_over_its_own_optimizer(make_trai
 
     trainer = make_trainer(
         lora=True,
-        safeguard=True,
         safeguard_space="update",
         safeguard_mu=0.5,
         proportion_empty_prompts=0.0,
@@ -504,7 +503,7 @@ def test_trainer_lambda_matches_the_brute_force_over_its_own_optimizer(make_trai
 
 
 def test_update_space_training_moves_the_weights_and_logs_lambda(make_trainer):
-    trainer = make_trainer(lora=True, safeguard=True, safeguard_space="update", safeguard_mu=0.9, max_steps=3)
+    trainer = make_trainer(lora=True, safeguard_space="update", safeguard_mu=0.9, max_steps=3)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
     trainer.train()
     after = trainer.model.state_dict()
@@ -514,7 +513,7 @@ def test_update_space_training_moves_the_weights_and_logs_lambda(make_trainer):
     for entry in logs:
         assert 0.0 <= entry["safeguard/lambda_min"] <= entry["safeguard/lambda_max"] <= 1.0
         assert entry["safeguard/update_infeasible"] in (0.0, 1.0)
-        assert "safeguard/output_lambda_mean" not in entry  # logged only with safeguard_log_output_lambda
+        assert "safeguard/output_lambda_mean" not in entry  # logged only with log_output_lambda
 
 
 # ---------------------------------------------------------------------------------------------- DSPO in each space
@@ -533,7 +532,6 @@ def test_dspo_sd15_loser_branch_is_negligible_so_both_spaces_leave_the_update_un
         loss_type="dspo",
         dspo_form="sd15",
         beta=0.001,
-        safeguard=True,
         safeguard_space="parameter",
         safeguard_mu=0.2,
         proportion_empty_prompts=0.0,

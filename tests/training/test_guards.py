@@ -238,11 +238,11 @@ def _alarm(args, caplog) -> str:
 def test_the_alarm_never_recommends_what_the_run_already_uses(tmp_path, caplog):
     default = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.5)
     message = _alarm(default, caplog)
-    assert default.safeguard and default.safeguard_space == "output"
-    assert "safeguard=True" not in message and "safeguard_space='output'" not in message
+    assert default.safeguarded and default.safeguard_space == "output"
+    assert "safeguard_space='output'" not in message
     assert "safeguard_space='update'" in message and "a larger safeguard_mu than 0.5" in message
-    off = _alarm(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard=False), caplog)
-    assert "safeguard=True" in off and "safeguard_space" not in off
+    off = _alarm(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_space="none"), caplog)
+    assert "the safeguard (safeguard_space='output')" in off and "safeguard_space='update'" not in off
     auto = remedies(DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu="auto"))
     assert "a fixed safeguard_mu such as 0.9" in auto and not any("'auto'" in remedy for remedy in auto)
     strict = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_space="update", safeguard_mu=0.9)
@@ -414,21 +414,18 @@ def test_early_stopping_patience_on_the_command_line_is_transformers_callback():
 
 
 def test_an_unset_mu_is_the_authors_value_where_they_measured_the_family_else_the_fallback(make_trainer):
+    from trl_diffusion_sdpo.config.defaults import resolve_default
     from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
     from trl_diffusion_sdpo.families.sd3 import StableDiffusion3Family
     from trl_diffusion_sdpo.families.sdxl import StableDiffusionXLFamily
-    from trl_diffusion_sdpo.safeguards.margin import FALLBACK_MU, default_mu
+
+    def mu(family, loss_type):
+        return resolve_default("safeguard_mu", family, loss_type).value
 
     # Fu et al., arXiv 2511.03317: SD1.5 0.9 with Diffusion-DPO and DMPO, 0.2 with DSPO; SDXL 0.6
-    assert [default_mu(StableDiffusionFamily, t) for t in ("dpo", "sigmoid", "dmpo", "dspo", "smpo")] == [
-        0.9,
-        0.9,
-        0.9,
-        0.2,
-        FALLBACK_MU,
-    ]
-    assert {default_mu(StableDiffusionXLFamily, t) for t in ("dpo", "dmpo", "dspo", "smpo")} == {0.6}
-    assert default_mu(StableDiffusion3Family, "dpo") == FALLBACK_MU == 0.5
+    assert [mu(StableDiffusionFamily, t) for t in ("dpo", "dmpo", "dspo", "smpo")] == [0.9, 0.9, 0.2, 0.5]
+    assert {mu(StableDiffusionXLFamily, t) for t in ("dpo", "dmpo", "dspo", "smpo")} == {0.6}
+    assert mu(StableDiffusion3Family, "dpo") == resolve_default("safeguard_mu").value == 0.5
     # through a trainer on the tiny SD base: the run uses 0.9, the saved config keeps "unset", a given mu wins
     trainer = make_trainer()
     assert trainer.args_as_given.safeguard_mu is None
@@ -440,7 +437,7 @@ def test_with_the_default_settings_on_the_tiny_base_the_alarm_recommends_only_wh
     trainer = make_trainer()
     message = _alarm(trainer.args, caplog)
     assert trainer.health.remedies == remedies(trainer.args)  # the trainer's alarm reads the run's own config
-    assert "safeguard=True" not in message and "safeguard_space='output'" not in message
+    assert "safeguard_space='output'" not in message
     assert "safeguard_mu" not in message  # the mu in force is the authors' 0.9, not 0.5: no larger one to name
     assert "safeguard_space='update'" in message and "learning_rate" in message
 
@@ -487,7 +484,7 @@ def test_on_pathology_escalate_raises_the_mu_the_trainers_safeguard_uses(make_tr
     the next steps' logs carry it, and a run that is not flagged keeps its mu."""
     # the first log escalates; the next WINDOWS logs (the closing summary log among them) wait under the raised mu
     steps = WINDOWS
-    flagged = make_trainer(max_steps=steps, logging_steps=1, safeguard=True, safeguard_mu=0.5, on_pathology="escalate")
+    flagged = make_trainer(max_steps=steps, logging_steps=1, safeguard_mu=0.5, on_pathology="escalate")
     assert flagged.safeguard.margin.current() == 0.5
 
     def always_flagged(logs, history, step):
@@ -502,7 +499,7 @@ def test_on_pathology_escalate_raises_the_mu_the_trainers_safeguard_uses(make_tr
     assert [log["health/escalations"] for log in logs] == [1.0] * steps
     assert flagged.safeguard.margin.current() == pytest.approx(0.75)
 
-    calm = make_trainer(max_steps=2, logging_steps=1, safeguard=True, safeguard_mu=0.5, on_pathology="escalate")
+    calm = make_trainer(max_steps=2, logging_steps=1, safeguard_mu=0.5, on_pathology="escalate")
     calm.health.annotate = lambda logs, history, step: logs.update({"health/winner_pathology": 0.0})
     calm.train()
     assert calm.safeguard.margin.current() == 0.5

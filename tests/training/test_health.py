@@ -106,7 +106,7 @@ def test_a_healthy_run_never_warns(caplog):
 def test_a_real_run_logs_the_verdict_of_its_own_history_at_every_window(make_trainer):
     # A tiny random UNet on 2-pair batches does not reliably show the pathology in a few steps (tried: lr 2e-3 and
     # 3e-2, beta 5000 and 50000): this run checks the wiring; the verdicts themselves are tested above.
-    trainer = make_trainer(lora=False, max_steps=5, safeguard=False, learning_rate=2e-3, beta=5000.0)
+    trainer = make_trainer(lora=False, max_steps=5, safeguard_space="none", learning_rate=2e-3, beta=5000.0)
     seen: list[dict[str, float]] = []
 
     class Seen(TrainerCallback):
@@ -136,7 +136,7 @@ def test_a_dormant_safeguard_switches_on_at_the_step_the_alarm_fires(make_traine
     monkeypatch.setattr(
         health, "winner_pathology", lambda history, rule: sum("delta/winner" in h for h in history) >= 3
     )
-    trainer = make_trainer(max_steps=5, logging_steps=1, safeguard=False, on_pathology="safeguard")
+    trainer = make_trainer(max_steps=5, logging_steps=1, safeguard_space="none", on_pathology="safeguard")
     assert isinstance(trainer.safeguard, DiffusionDPO)
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.guards"):
         trainer.train()
@@ -159,9 +159,9 @@ def test_the_dormant_safeguard_is_offline_only_and_needs_the_safeguard_off(tmp_p
     from trl_diffusion_sdpo import DiffusionSDPOConfig
     from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
 
-    with pytest.raises(ValueError, match="on_pathology='safeguard' .* needs safeguard=False"):
+    with pytest.raises(ValueError, match="on_pathology='safeguard' .* needs safeguard_space='none'"):
         DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
-    DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard", safeguard=False)
+    DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard", safeguard_space="none")
     with pytest.raises(ValueError, match="online no safeguard setting held"):
         OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
 

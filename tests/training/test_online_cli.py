@@ -36,7 +36,7 @@ def test_the_shipped_editing_and_video_online_configs_parse_for_the_online_comma
 
     config_path = ROOT / "examples" / "configs" / f"{name}.yaml"
     prompt_args, config, model_args = parse_args(["--config", str(config_path), "--use_cpu", "--bf16", "false"])
-    assert isinstance(config, OnlineDiffusionSDPOConfig) and not config.safeguard and model_args.use_peft
+    assert isinstance(config, OnlineDiffusionSDPOConfig) and not config.safeguarded and model_args.use_peft
     assert config.num_generations == 4 and config.pair_mode == "best-worst"
     if name == "online_wan":
         assert model_args.model_name_or_path.startswith("Wan-AI/") and config.reward_funcs == ["pickscore"]
@@ -98,10 +98,10 @@ def test_bad_flags_end_with_a_usage_error(argv, message, capsys):
     [
         ([], "none", None),  # the online default: online Diffusion-DPO
         (["--safeguard_mu", "0.5"], "output", 0.5),  # a margin asks for the safeguard
-        (["--safeguard", "true"], "output", None),
+        (["--safeguard_space", "output"], "output", None),
         (["--on_pathology", "escalate"], "output", None),  # escalate raises the safeguard's mu: it needs one
         (["--safeguard_space", "update"], "update", None),
-        (["--safeguard_mu", "0.5", "--safeguard", "false"], "none", 0.5),
+        (["--safeguard_mu", "0.5", "--safeguard_space", "none"], "none", 0.5),
     ],
 )
 def test_the_online_safeguard_is_off_unless_a_flag_asks_for_it(flags, space, mu):
@@ -110,5 +110,5 @@ def test_the_online_safeguard_is_off_unless_a_flag_asks_for_it(flags, space, mu)
     from trl_diffusion_sdpo.cli.online import parse_args
 
     _, config, _ = parse_args(["--config", str(CONFIG), "--output_dir", "unused", *flags])
-    assert (config.safeguard_space, config.safeguard, config.safeguard_mu) == (space, space != "none", mu)
+    assert (config.safeguard_space, config.safeguarded, config.safeguard_mu) == (space, space != "none", mu)
     assert DiffusionSDPOConfig(output_dir="unused", use_cpu=True).safeguard_space == "output"

@@ -45,7 +45,7 @@ def test_the_summary_spells_out_the_scaled_rate_the_optimizer_uses(make_trainer,
 
 
 def test_the_summary_names_diffusion_dpo_and_an_unscaled_rate(make_trainer, caplog):
-    _, info, _ = train_and_capture(make_trainer, caplog, safeguard=False, learning_rate=5e-5, max_steps=1)
+    _, info, _ = train_and_capture(make_trainer, caplog, safeguard_space="none", learning_rate=5e-5, max_steps=1)
     assert "objective Diffusion-DPO (no safeguard)" in info[0]
     assert "5e-05 (as given; scale_lr=False)" in info[0]
 

@@ -99,7 +99,7 @@ def test_evaluate_returns_and_logs_every_metric_with_the_eval_prefix(make_traine
 
 
 def test_safeguard_off_logs_no_lambda(make_trainer):
-    trainer = make_trainer(max_steps=1, safeguard=False)
+    trainer = make_trainer(max_steps=1, safeguard_space="none")
     trainer.train()
     log = step_logs(trainer)[0]
     assert not any(k.startswith("safeguard/") for k in log)
@@ -257,7 +257,12 @@ def test_training_step_loss_and_gradients_match_a_hand_computation(
     beta, mu = 200.0, 0.5
     pipe = make_pipeline(prediction_type=prediction_type)
     trainer = make_trainer(
-        pipeline=pipe, lora=lora, beta=beta, safeguard_mu=mu, safeguard=safeguard, proportion_empty_prompts=0.0
+        pipeline=pipe,
+        lora=lora,
+        beta=beta,
+        safeguard_mu=mu,
+        safeguard_space="output" if safeguard else "none",
+        proportion_empty_prompts=0.0,
     )
     model = trainer.model
     # Move the policy away from the reference so that u != 0 and the two branches get different weights.
@@ -346,7 +351,7 @@ def test_two_evaluations_with_the_fixed_seed_agree(make_trainer, pickapic_datase
     second = {k: v for k, v in trainer.evaluate().items() if k not in volatile}
     assert first == second
     assert first["eval_loss"] != pytest.approx(math.log(2), abs=1e-4)  # trained: not the initial value
-    trainer.args.eval_seed = 1
+    trainer.args.seed = 1  # evaluation draws from the run's seed
     other = trainer.evaluate()
     assert other["eval_mse/policy_winner"] != first["eval_mse/policy_winner"]
 
@@ -589,7 +594,7 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
     assert len(seen) == 1
     # The trainer's safeguard hands the reduction to the stage with the global scope only.
     for scope in ("local", "global"):
-        trainer = make_trainer(lora=True, safeguard=True, safeguard_space="output", safeguard_scope=scope)
+        trainer = make_trainer(lora=True, safeguard_space="output", safeguard_scope=scope)
         inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
         seen.clear()
         trainer.model.train()

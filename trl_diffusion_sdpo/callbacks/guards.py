@@ -173,9 +173,9 @@ class GuardState(TrainerCallback, ExportableState):
 
     @classmethod
     def from_config(cls, args, num_processes: int, margin: Any, switch: Callable[[], Any] | None = None) -> GuardState:
-        """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when ``args.safeguard``);
-        ``switch`` turns the dormant safeguard on (``on_pathology="safeguard"``)."""
-        margin = margin if args.safeguard else None
+        """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when a safeguard runs); ``switch``
+        turns the dormant safeguard on (``on_pathology="safeguard"``)."""
+        margin = margin if args.safeguard_space != "none" else None
         action = PathologyAction(args.on_pathology, margin, switch)
         return cls(AutoBeta.from_config(args, num_processes), margin, action)
 

@@ -73,7 +73,6 @@ def switched_config(args: Any) -> Any:
     """A copy of ``args`` with the safeguard of :data:`SWITCH_TO` on (``on_pathology="safeguard"``'s, built when the
     trainer is, so that the engine checks it before the first step)."""
     switched = copy.copy(args)
-    switched.safeguard = True
     for name, value in SWITCH_TO.items():
         setattr(switched, name, value)
     return switched
@@ -147,10 +146,10 @@ def remedies(args: Any | None) -> list[str]:
             online.append("safeguard_space='none' (online, every safeguard setting cost held-out quality)")
         return [*online, "a smaller learning_rate"]
     if args is None:
-        return ["the safeguard (safeguard=True)", "a smaller learning_rate"]
+        return ["the safeguard (safeguard_space='output')", "a smaller learning_rate"]
     found: list[str] = []
-    if not getattr(args, "safeguard", False):
-        found.append("the safeguard (safeguard=True)")
+    if getattr(args, "safeguard_space", "none") == "none":
+        found.append("the safeguard (safeguard_space='output')")
     else:
         if getattr(args, "safeguard_space", "output") != "update":
             found.append("safeguard_space='update' (exact under the optimizer's step)")

@@ -2,7 +2,8 @@
 
 Cluster schedulers warn a job before killing it: SLURM and Kubernetes send ``SIGTERM`` (then ``SIGKILL`` after a
 grace period), and SLURM can send ``SIGUSR1`` earlier with ``--signal=USR1@SECONDS``. While ``train()`` runs, the
-signals named in ``preemption_signals`` only set a flag. At the end of the optimizer step during which the flag was
+signals the :class:`PreemptionCallback` handles (:data:`PREEMPTION_SIGNALS` unless it is given others) only set a
+flag. At the end of the optimizer step during which the flag was
 set, the trainer writes a checkpoint (the atomic save of :mod:`.checkpoints`), logs its path and raises
 :class:`TrainingPreempted`, a ``SystemExit`` with status :data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL`` of
 ``sysexits.h``: "try again"), so a job script can requeue on that status and resume with
@@ -14,7 +15,7 @@ requeue a run its user stopped); a second one exits at once, without a checkpoin
 
 With several processes the signal may reach them at different steps (or only some of them). The flag is all-reduced
 at every step end (one scalar ``all_reduce`` per optimizer step, and the host waits for it; none on one process or
-with ``preemption_signals=[]``), so every process stops after the same step and takes part in the same save.
+with ``PreemptionCallback(signals=[])``), so every process stops after the same step and takes part in the same save.
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..config.rules import register_config_check
-
 if TYPE_CHECKING:
     from transformers import Trainer
 
 __all__ = [
     "INTERRUPTED_EXIT_CODE",
     "PREEMPTED_EXIT_CODE",
+    "PREEMPTION_SIGNALS",
     "PreemptionCallback",
     "TrainingPreempted",
     "parse_signals",
@@ -93,6 +93,10 @@ class TrainingInterrupted(SystemExit):
         )
 
 
+#: the signals handled by default: what SLURM and Kubernetes send before killing a job, and Ctrl-C's SIGINT
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
 def parse_signals(names: Sequence[str] | None) -> list[signal.Signals]:
     """``["SIGTERM", "USR1", "10"]`` -> signals; ``None``, ``[]`` or ``["none"]`` -> ``[]`` (preemption handling off).
 
@@ -108,18 +112,13 @@ def parse_signals(names: Sequence[str] | None) -> list[signal.Signals]:
             sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text]
         except (KeyError, ValueError):
             raise ValueError(
-                f"preemption_signals: {name!r} is not a signal name of this platform (e.g. 'SIGTERM', 'SIGUSR1'); "
-                "use [] to turn preemption handling off"
+                f"PreemptionCallback(signals=): {name!r} is not a signal name of this platform (e.g. 'SIGTERM', "
+                "'SIGUSR1'); use [] to turn preemption handling off"
             ) from None
         if sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ValueError(f"preemption_signals: {sig.name} cannot be caught; use SIGTERM or SIGUSR1")
+            raise ValueError(f"PreemptionCallback(signals=): {sig.name} cannot be caught; use SIGTERM or SIGUSR1")
         found.append(sig)
     return found
-
-
-# The config imports nothing of io: its preemption_signals are checked here, when the config is made once this
-# module is imported and when the trainer is built.
-register_config_check(__name__, lambda config: parse_signals(config.preemption_signals))
 
 
 class PreemptionCallback(TrainerCallback):
@@ -130,10 +129,11 @@ class PreemptionCallback(TrainerCallback):
     (weights, optimizer, scheduler, RNG states, trainer state), and resuming from it continues bit-exactly.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
+    def __init__(self, trainer: Trainer | None = None, signals: Sequence[str] = PREEMPTION_SIGNALS) -> None:
+        self.trainer = trainer  # set by the trainer when the callback is passed in ``callbacks=``
+        self.signals = parse_signals(signals)  # a bad name fails here, before training
         self.received: str | None = None  # name of the first signal received, set by the handler
-        self.enabled = True  # False with preemption_signals=[]: no per-step all-reduce then
+        self.enabled = bool(self.signals)  # False with signals=[]: no per-step all-reduce then
         self.interrupts = 0  # SIGINTs received: the second one stops at once
         self._stopping = False
 

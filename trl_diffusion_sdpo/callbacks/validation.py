@@ -13,6 +13,7 @@ of the pipeline with an Euler scheduler built from the same config.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -40,10 +41,13 @@ class ValidationCallback(TrainerCallback):
         prompts: the validation prompts.
         seeds: one row of the grid per seed; each image's generator is seeded with its row's seed.
         num_inference_steps: sampling steps (Euler sampler).
-        guidance_scale: classifier-free guidance scale.
+        guidance_scale: classifier-free guidance scale (diffusers' convention); None: the model family's own once
+            the trainer binds the callback (8.5 for SD 1.x/2.x and SDXL, the SDPO authors'; else the pipeline's
+            default, 3.5 for FLUX.1-dev, as training conditions on).
         negative_prompt: the negative prompt.
-        height: image height; None is the model's native resolution.
-        width: image width; None is the model's native resolution.
+        height: image height; None: the training resolution once a trainer binds the callback, else the model's
+            native resolution.
+        width: image width; as ``height``.
         every_n_steps: validate when ``global_step % every_n_steps == 0``; 0 validates only at step 0.
         scorers: registered scorer names or `Scorer` instances; names are built on first use with
             ``scorer_kwargs[name]``.
@@ -55,32 +59,19 @@ class ValidationCallback(TrainerCallback):
             when the pipeline mixes that dtype with float32 weights (mixed-precision training: frozen modules in the
             compute dtype, trainable weights in float32), else none; None never autocasts.
         batch_size: images per pipeline call.
-    """
+        sources: editing families: one source image (a PIL image or a file path) per prompt, so the grid shows edits
+            of these images; an editing scorer among ``scorers`` is given them.
 
-    @classmethod
-    def from_config(cls, args, family, trainer=None) -> ValidationCallback:
-        """The callback a ``DiffusionSDPOConfig``'s ``validation_*`` fields ask for, sampling ``family``'s pipeline
-        (its own guidance scale unless ``validation_guidance_scale`` is set) at the training resolution."""
-        guidance = args.validation_guidance_scale
-        return cls(
-            prompts=args.validation_prompts,
-            seeds=args.validation_seeds,
-            num_inference_steps=args.validation_num_inference_steps,
-            guidance_scale=family.sampling_guidance_scale() if guidance is None else guidance,
-            every_n_steps=args.validation_steps,
-            scorers=args.validation_scorers or None,
-            height=args.resolution,
-            width=args.resolution,
-            trainer=trainer,
-            sources=validation_sources(args.validation_source_images, family),
-        )
+    Pass it to the trainer in ``callbacks=``: the trainer binds it (:meth:`bind`) when it is built. The ``train``
+    command builds it from its ``--validation_*`` options.
+    """
 
     def __init__(
         self,
         prompts: Sequence[str],
         seeds: Sequence[int] = (0,),
         num_inference_steps: int = 25,
-        guidance_scale: float = 8.5,
+        guidance_scale: float | None = None,
         every_n_steps: int = 500,
         scorers: Sequence[str | Scorer] | None = None,
         pipeline: Any = None,
@@ -92,7 +83,7 @@ class ValidationCallback(TrainerCallback):
         at_start: bool = True,
         autocast_dtype: torch.dtype | str | None = "auto",
         batch_size: int = 4,
-        sources: Sequence[Image.Image] | None = None,
+        sources: Sequence[Image.Image | str] | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("ValidationCallback needs at least one prompt.")
@@ -122,6 +113,16 @@ class ValidationCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []  # one entry per validation: step, path, seconds, rewards
         self._own_tb_writer = None
         self._sampler: tuple[tuple[int, ...], Any] | None = None
+
+    def bind(self, trainer: Any, family: Any, resolution: int) -> None:
+        """Sample ``trainer``'s pipeline: the unset guidance is ``family``'s, the unset size ``resolution``, and
+        source files are read now (a bad file fails here, naming it, not at the first grid)."""
+        self.trainer = trainer
+        if self.settings.guidance_scale is None:
+            self.settings = dataclasses.replace(self.settings, guidance_scale=family.sampling_guidance_scale())
+        if self.settings.height is None and self.settings.width is None:
+            self.settings = dataclasses.replace(self.settings, height=resolution, width=resolution)
+        self.sources = validation_sources(self.sources, family)
 
     # -- TrainerCallback hooks -------------------------------------------------------------------------------------
 
@@ -177,6 +178,11 @@ class ValidationCallback(TrainerCallback):
         restored.
         """
         pipeline = self._get_pipeline()
+        if self.settings.guidance_scale is None:  # not bound to a trainer: the pipeline's family says
+            from ..families import family_for_pipeline
+
+            guidance = family_for_pipeline(pipeline).sampling_guidance_scale()
+            self.settings = dataclasses.replace(self.settings, guidance_scale=guidance)
         name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # SD3 / FLUX: a transformer
         denoiser = getattr(pipeline, name)
         was_training = denoiser.training
@@ -348,22 +354,25 @@ def _report_to(args) -> list[str]:
     )
 
 
-def validation_sources(paths: Sequence[str] | None, family) -> list[Image.Image] | None:
-    """``validation_source_images`` decoded now (a bad file fails here, naming it, not at the first grid), for an
-    editing family only."""
+def validation_sources(paths: Sequence[Image.Image | str] | None, family) -> list[Image.Image] | None:
+    """The validation source images (files decoded now: a bad file fails here, naming it, not at the first grid),
+    for an editing family only."""
     if paths is None:
         return None
     if not family.edits:
         raise ValueError(
-            f"validation_source_images is for editing families; {family.name} generates from prompts alone: "
-            "leave it unset"
+            f"validation source images are for editing families; {family.name} generates from prompts alone: "
+            "leave them unset"
         )
     from ..data.transforms import load_image
 
     images = []
     for index, path in enumerate(paths):
+        if isinstance(path, Image.Image):
+            images.append(path)
+            continue
         try:
             images.append(load_image(path))
         except Exception as err:  # PIL raises many types for a corrupt or missing file
-            raise ValueError(f"validation_source_images[{index}] ({path!r}) cannot be read: {err}") from None
+            raise ValueError(f"validation source image {index} ({path!r}) cannot be read: {err}") from None
     return images

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 # The options evaluate and pairs share live in their own module, which pairs_cli imports without importing this one.
+from ..config.defaults import safeguard_default_sentence
 from ..rewards.scorers.registry import OUTSIDE_SCORERS, register_outside_scorers
 from .sample import add_sampling_arguments, sampling_keywords, scorer_arguments
 
@@ -37,13 +38,15 @@ def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) ->
     add_forwarded_command(
         commands,
         "train",
-        "Train Diffusion-DPO / Diffusion-SDPO from a YAML config and flags (`train --help` lists them).",
+        "Train Diffusion-DPO / Diffusion-SDPO from a YAML config and flags (`train --help` lists them). "
+        + safeguard_default_sentence(online=False).replace("%", "%%"),
     )
     add_forwarded_command(
         commands,
         "online",
         "Train online: the policy samples each prompt several times, reward functions score the samples, and the "
-        "best and worst are trained on with the safeguard (`online --help` lists the options).",
+        "best and worst are trained on (`online --help` lists the options). "
+        + safeguard_default_sentence(online=True).replace("%", "%%"),
     )
     from .demo import DESCRIPTION, add_demo_arguments
 

@@ -87,7 +87,7 @@ def make_estimate_parser(online: bool = False):
 
 
 def _safeguard(args: Any) -> str:
-    space = "none" if args.safeguard is False else args.safeguard_space
+    space = args.safeguard_space
     if space in ("parameter", "update"):
         return "two_pass" if args.safeguard_passes == "two" else "one_pass"
     return space

@@ -16,11 +16,13 @@ from dataclasses import dataclass, fields
 
 from trl import ModelConfig
 
+from ..config.defaults import safeguard_default_sentence
 from ..config.fields import option
 from ..online.config import _GROUPS as ONLINE_GROUPS
-from ..online.config import SAFEGUARD_GROUP, OnlineDiffusionSDPOConfig
+from ..online.config import OnlineDiffusionSDPOConfig
 from .train import (
     DiffusionScriptArguments,
+    ValidationArguments,
     build_pipeline,
     check_supported_model,
     make_parser,
@@ -34,8 +36,8 @@ __all__ = ["OnlinePromptArguments", "load_prompt_dataset", "main", "parse_args"]
 
 
 @dataclass
-class OnlinePromptArguments:
-    """Where the prompts come from."""
+class OnlinePromptArguments(ValidationArguments):
+    """Where the prompts come from, and the validation grids."""
 
     prompts: str | None = option(
         None,
@@ -43,6 +45,7 @@ class OnlinePromptArguments:
         ".jsonl file or a dataset id/folder with a prompt column (`--prompt_column`); for an editing model each row "
         "also holds its source image (`source_image`) or images (`source_images`).",
     )
+    prompt_column: str = option("prompt", "The prompt column of a dataset of prompts.")
     prompt_split: str | None = option(None, "The split of a Hub dataset of prompts.")
     max_prompts: int | None = option(None, "Use only the first N prompts.")
 
@@ -50,8 +53,9 @@ class OnlinePromptArguments:
 ARGUMENT_TYPES = (OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig)
 DESCRIPTION = (
     "Online Diffusion-DPO / Diffusion-SDPO: the policy samples --num_generations images per prompt, --reward_funcs "
-    "score them, the best and worst of each prompt (or every pair above --reward_margin) are trained on with the "
-    "safeguard, and the next prompts are sampled from the updated policy. Saves to --output_dir as `train` does."
+    "score them, the best and worst of each prompt (or every pair above --reward_margin) are trained on, and the "
+    "next prompts are sampled from the updated policy. " + safeguard_default_sentence(online=True) + " Saves to "
+    "--output_dir as `train` does."
 )
 EPILOG = (
     "Example: examples/configs/online_tiny_cpu.yaml (the shipped tiny base and the demo's colour reward, CPU). A "
@@ -61,9 +65,9 @@ EPILOG = (
 
 def online_topics() -> list:
     """``online --help``'s topics: the prompts, the rewards, generation and reference, then ``train``'s."""
-    prompts = ("Prompts", "", [f.name for f in fields(OnlinePromptArguments)])
-    # safeguard_space, offline's field with the online default, stays in the offline safeguard topic
-    online = [(heading, text, names) for heading, (text, names) in ONLINE_GROUPS.items() if heading != SAFEGUARD_GROUP]
+    validation = {f.name for f in fields(ValidationArguments)}
+    prompts = ("Prompts", "", [f.name for f in fields(OnlinePromptArguments) if f.name not in validation])
+    online = [(heading, text, names) for heading, (text, names) in ONLINE_GROUPS.items()]
     return [prompts, *online, *train_topics()]
 
 
@@ -82,7 +86,7 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def load_prompt_dataset(args: OnlinePromptArguments, column: str | None = None):
     """The prompts as a ``datasets.Dataset`` with a ``prompt`` column (through the evaluation's prompt loader;
-    ``column``: a dataset's prompt column, the config's ``prompt_column``)."""
+    ``column``: a dataset's prompt column, ``--prompt_column``)."""
     from datasets import Dataset
 
     from ..evaluation.prompts import load_prompt_set
@@ -118,7 +122,8 @@ def main(argv: Sequence[str] | None = None):
         pipeline,
         None,
         training_args,
-        load_prompt_dataset(prompt_args, training_args.prompt_column),
+        load_prompt_dataset(prompt_args, prompt_args.prompt_column),
         peft_config=peft_config,
+        callbacks=prompt_args.validation_callbacks(),
     )
     return train_save_and_push(trainer, prompt_args.prompts)

@@ -27,6 +27,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ..config import DiffusionSDPOConfig, check_config
 from ..config.docs import GROUPS
+from ..config.fields import option
 from ..config.rules import BASE_QUANTIZATIONS
 from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
 
@@ -61,8 +62,64 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DiffusionScriptArguments:
-    """Options of ``trl-diffusion-sdpo train`` that neither TRL's ``ScriptArguments`` nor ``ModelConfig`` has."""
+class ValidationArguments:
+    """The validation grids while training: the command builds a
+    :class:`~trl_diffusion_sdpo.callbacks.validation.ValidationCallback` from these (a Python user constructs one and
+    passes it in ``callbacks=``)."""
+
+    validation_prompts: list[str] | None = option(
+        None,
+        "Prompts sampled while training (off when unset): at step 0 (the base model) and every --validation_steps "
+        "steps a grid of the policy's samples is saved as PNG under output_dir/validation/ and logged to every "
+        "tracker in --report_to that takes images (docs/evaluation.md).",
+    )
+    validation_seeds: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "One validation sample per prompt and seed; the same seeds every time."},
+    )
+    validation_steps: int = option(500, "Validate every this many optimizer steps.")
+    validation_num_inference_steps: int = option(25, "Sampling steps of the validation grid.")
+    validation_guidance_scale: float | None = option(
+        None, "Guidance of the validation grid (diffusers' convention); unset: the model family's own."
+    )
+    validation_source_images: list[str] | None = option(
+        None, "Editing families: one source image file per validation prompt, so the grid shows edits of it."
+    )
+    validation_scorers: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Registered scorers (pickscore, clip, ...) whose means are logged as eval/reward/<name>."},
+    )
+
+    def validation_callbacks(self) -> list:
+        """The validation callback these options ask for (none without prompts)."""
+        if self.validation_prompts is None:
+            return []
+        from ..callbacks.validation import ValidationCallback  # the scorers are heavy: imported when asked for
+
+        return [
+            ValidationCallback(
+                prompts=self.validation_prompts,
+                seeds=self.validation_seeds,
+                num_inference_steps=self.validation_num_inference_steps,
+                guidance_scale=self.validation_guidance_scale,
+                every_n_steps=self.validation_steps,
+                scorers=self.validation_scorers or None,
+                sources=self.validation_source_images,
+            )
+        ]
+
+
+VALIDATION_TOPIC = (
+    "Validation images while training",
+    "Sample grids from the policy as it trains (a ValidationCallback; docs/evaluation.md).",
+    [f.name for f in fields(ValidationArguments)],
+)
+
+
+@dataclass
+class DiffusionScriptArguments(ValidationArguments):
+    """Options of ``trl-diffusion-sdpo train`` that neither TRL's ``ScriptArguments`` nor ``ModelConfig`` has: how the
+    data is read and prepared, and the validation grids."""
 
     max_train_rows: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     vae_name_or_path: str | None = field(
@@ -85,12 +142,32 @@ class DiffusionScriptArguments:
     dataset_columns: str = field(
         default="trl",
         metadata={
-            "help": "The dataset's columns: trl (prompt, chosen, rejected) or pickapic (caption_column, "
-            "image_0_column, image_1_column, label_0_column: caption, jpg_0, jpg_1, label_0 as in "
-            "yuvalkirstain/pickapic_v2, or vote_type words as in EditReward-Data), mapped to TRL's; ties and bad "
-            "labels are skipped and counted.",
+            "help": "The dataset's columns: trl (prompt, chosen, rejected) or pickapic (caption, jpg_0, jpg_1, "
+            "label_0 as in yuvalkirstain/pickapic_v2; label_0 may hold vote_type words as in EditReward-Data), "
+            "mapped to TRL's; ties and bad labels are skipped and counted. Other names: --rename_columns.",
             "choices": ["trl", "pickapic"],
         },
+    )
+    rename_columns: str | None = option(
+        None,
+        "Rename the dataset's columns to the ones training reads before anything else, as old:new pairs separated "
+        "by commas (e.g. instruction:caption,source_img:source_image); docs/data.md lists the names.",
+    )
+    auto_mask: bool = option(
+        False,
+        "Derive each pair's loss mask from its two images (editing pairs, whose chosen and rejected images copy the "
+        "source outside an edited region): white where any channel differs by more than --auto_mask_threshold, "
+        "written to the mask column; then trained as --loss_mask. Both images of a pair must have one size.",
+    )
+    auto_mask_threshold: float = option(
+        0.05,
+        "--auto_mask: the smallest difference between the chosen and the rejected image, in any channel, as a "
+        "fraction of the full intensity range (0.05 is about 13 of 255), that marks a pixel.",
+    )
+    mask_dilate: int = option(
+        0,
+        "Grow every loss mask (given or derived) by this many pixels at the images' size (a square max filter), "
+        "so the edited region's border is trained too.",
     )
     ranking_pairs: str = field(
         default="all",
@@ -181,11 +258,14 @@ _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0", "none", ""}
 
 
-# The data group's options about reading the rows (beside the *_column names); the rest of the group is about
-# the images, the timesteps and the noising, listed under a topic of their own to keep each topic one screen.
+# The data group's options about reading the rows; the rest of the group is about the images, the timesteps and the
+# noising, listed under a topic of their own to keep each topic one screen.
 READING_OPTIONS = (
+    "rename_columns",
+    "auto_mask",
+    "auto_mask_threshold",
+    "mask_dilate",
     "skip_invalid_rows",
-    "dataset_num_proc",
     "cache_latents",
     "latent_cache_dir",
     "offload_frozen_modules",
@@ -196,16 +276,17 @@ def train_topics() -> list[tuple[str, str, Any]]:
     """``train --help``'s topics, in order: the model, the data, the config's groups, the training loop."""
     groups = {heading.replace("`", ""): names for heading, (_, names) in GROUPS.items()}
     data = groups.pop("Parameters that control the data")
-    reading = [name for name in data if name.endswith("_column") or name in READING_OPTIONS]
+    reading = [name for name in data if name in READING_OPTIONS]
     return [
         MODEL_TOPIC,
         (
             "Data",
             "Where the pairs come from and how they are read (docs/data.md).",
-            {**DATA_SOURCE_OPTIONS, **dict.fromkeys(reading)},
+            {**DATA_SOURCE_OPTIONS, **dict.fromkeys(READING_OPTIONS)},
         ),
         ("Images, timesteps and noising", "", [name for name in data if name not in reading]),
         *((heading, "", names) for heading, names in groups.items()),
+        VALIDATION_TOPIC,
         TRAINING_TOPIC,
     ]
 
@@ -367,11 +448,13 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
         *parsed, from_config, from_flags = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-        # Every rule, the objectives', flow families' and preemption's included (check_config imports their owners):
-        # before any model loads.
+        # The config's rules and the chosen objective's, before any model loads (after --help has exited).
+        from ..objectives import check_objective_config
+
         for args in parsed:
             if isinstance(args, DiffusionSDPOConfig):
                 check_config(args)
+                check_objective_config(args)
     except ValueError as err:
         parser.error(str(err))
     unknown = unknown_options_message(parser, from_config, from_flags)
@@ -557,20 +640,17 @@ def load_split(
     """A split as the arguments name it, in any format of :mod:`~trl_diffusion_sdpo.data.formats`
     (``dataset_format``, ``ranking_pairs``). ``None``: the training split, streamed with ``dataset_streaming`` and
     cut to ``max_train_rows``; another split (the evaluation split) is read whole. With ``dataset_columns:
-    pickapic`` the label form is mapped under the names ``training_args`` gives (``caption_column``,
-    ``image_0_column``, ``image_1_column``, ``label_0_column``; the defaults without it)."""
+    pickapic`` the label form is mapped (:mod:`~trl_diffusion_sdpo.data.columns`)."""
+    from ..data.columns import CAPTION, IMAGE_0, IMAGE_1, LABEL_0
     from ..data.preparation import load_preference_dataset
 
-    names = ("caption", "jpg_0", "jpg_1", "label_0")
-    if training_args is not None:
-        names = (
-            training_args.caption_column,
-            training_args.image_0_column,
-            training_args.image_1_column,
-            training_args.label_0_column,
-        )
+    renames = column_renames(diffusion_args.rename_columns)
+    # Pick-a-Pic's columns are mapped at load under the names they have in the files; the others are renamed after.
+    names = tuple(
+        next((old for old, new in renames.items() if new == n), n) for n in (CAPTION, IMAGE_0, IMAGE_1, LABEL_0)
+    )
     train = split is None
-    return load_preference_dataset(
+    dataset = load_preference_dataset(
         script_args.dataset_name,
         script_args.dataset_train_split if train else split,
         train and script_args.dataset_streaming,
@@ -581,6 +661,27 @@ def load_split(
         dataset_columns=diffusion_args.dataset_columns,
         pickapic_names=names,
     )
+    others = {old: new for old, new in renames.items() if old not in names and old in (dataset.column_names or [])}
+    if others:
+        dataset = dataset.rename_columns(others)
+    from ..data.masks import add_loss_masks
+
+    return add_loss_masks(
+        dataset, diffusion_args.auto_mask, diffusion_args.auto_mask_threshold, diffusion_args.mask_dilate
+    )
+
+
+def column_renames(text: str | None) -> dict[str, str]:
+    """``"a:b,c:d"`` (``--rename_columns``) as ``{"a": "b", "c": "d"}``; a ValueError names a malformed pair."""
+    renames = {}
+    for pair in (text or "").split(","):
+        if not pair.strip():
+            continue
+        old, sep, new = (part.strip() for part in pair.partition(":"))
+        if not (sep and old and new):
+            raise ValueError(f"rename_columns: {pair.strip()!r} is not old:new (e.g. instruction:caption)")
+        renames[old] = new
+    return renames
 
 
 def load_train_split(
@@ -639,7 +740,10 @@ def main(argv: Sequence[str] | None = None):
         train_dataset,
         eval_dataset,
         peft_config=peft_config,
-        callbacks=early_stopping(diffusion_args.early_stopping_patience),
+        callbacks=[
+            *early_stopping(diffusion_args.early_stopping_patience),
+            *diffusion_args.validation_callbacks(),
+        ],
     )
     return train_save_and_push(trainer, script_args.dataset_name)
 

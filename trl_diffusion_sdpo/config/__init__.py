@@ -1,13 +1,12 @@
 """Configuration of Diffusion-DPO / Diffusion-SDPO training: the package's bottom layer, importing nothing of the
-package but :mod:`~trl_diffusion_sdpo.config.checks` and :mod:`~trl_diffusion_sdpo.config._lazy` (a config being
-checked imports the
-owners of its fields' rules by name, :data:`~.rules.CHECK_OWNERS`, so its answer never depends on import order).
+package outside ``config/`` (the objectives check their own fields where they are resolved, so a config's answer
+never depends on import order).
 
 :mod:`.fields` holds :class:`DiffusionSDPOConfig`'s fields (each field's help is its documentation), :mod:`.rules`
-the rules of their values (and the checks the layers above register, :func:`register_config_check`), :mod:`.docs`
-the class docstring written from the helps. The names resolve on first use (:mod:`~trl_diffusion_sdpo.config._lazy`),
-so
-a layer that registers a check imports :mod:`.rules` without transformers.
+the rules of their values, :mod:`.defaults` the one table of the per-run defaults (beta, safeguard_mu,
+safeguard_space per model family, objective and mode), :mod:`.docs` the class docstring written from the helps. The
+names resolve on first use (:mod:`~trl_diffusion_sdpo.config._lazy`), so a layer that reads the rules imports
+:mod:`.rules` without transformers.
 """
 
 from __future__ import annotations

@@ -9,30 +9,17 @@ import json
 import textwrap
 from typing import Any
 
-__all__ = ["GROUPS", "VALIDATION_FIELDS", "config_docstring"]
+__all__ = ["GROUPS", "config_docstring"]
 
 WIDTH = 119  # the package's line length
-
-# The settings of the validation grids: documented under evaluation, and safe to change on resume
-# (io.resume_check.SAFE_FIELDS).
-VALIDATION_FIELDS = (
-    "validation_prompts",
-    "validation_seeds",
-    "validation_steps",
-    "validation_num_inference_steps",
-    "validation_guidance_scale",
-    "validation_scorers",
-    "validation_source_images",
-)
 
 # heading -> (what the heading adds, the fields under it in order). Every field the config class declares (its own
 # and the TrainingArguments defaults it changes) is under exactly one heading: config_docstring checks.
 GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Parameters that control the objective": (
         "Each objective reads the fields below that it declares, by name, and owns their rules (its class in "
-        "`trl_diffusion_sdpo/objectives/`); every objective field is checked whatever `loss_type`, when the config "
-        "is made (it imports the objectives to check, whatever was imported before) and again when the trainer is "
-        "built.",
+        "`trl_diffusion_sdpo/objectives/`): the chosen objective checks its own fields when the trainer (or the "
+        "train command) is built.",
         (
             "beta",
             "loss_type",
@@ -41,8 +28,6 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "mapo_beta",
             "mapo_snr_value",
             "smpo_gamma",
-            "score_0_column",
-            "score_1_column",
             "smpo_score_min",
             "smpo_score_max",
         ),
@@ -50,13 +35,11 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Parameters that control the safeguard": (
         "",
         (
-            "safeguard",
             "safeguard_mu",
             "safeguard_max_lambda",
             "safeguard_space",
             "safeguard_scope",
             "safeguard_passes",
-            "safeguard_log_output_lambda",
         ),
     ),
     "Parameters that guard against collapse": (
@@ -89,22 +72,8 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "inversion_steps",
             "inversion_renoise",
             "inversion_network",
-            "caption_column",
-            "image_0_column",
-            "image_1_column",
-            "label_0_column",
-            "prompt_column",
-            "chosen_column",
-            "rejected_column",
-            "source_image_column",
-            "source_images_column",
             "loss_mask",
-            "mask_column",
-            "auto_mask",
-            "auto_mask_threshold",
-            "mask_dilate",
             "skip_invalid_rows",
-            "dataset_num_proc",
             "cache_latents",
             "latent_cache_dir",
             "offload_frozen_modules",
@@ -122,8 +91,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "flux_guidance_scale",
         ),
     ),
-    "Parameters that control robustness": ("", ("overwrite_output_dir", "on_nonfinite_loss", "preemption_signals")),
-    "Parameters that control evaluation": ("", ("eval_seed", *VALIDATION_FIELDS)),
+    "Parameters that control robustness": ("", ("on_nonfinite_loss",)),
     "Defaults changed from `TrainingArguments`": (
         'When several processes run on a machine without CUDA, `ddp_backend` becomes `"gloo"` and `use_cpu` '
         "`True` (outside DeepSpeed); otherwise accelerate would run each process as a lone one, or disagree with "
@@ -137,7 +105,6 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "weight_decay",
             "logging_steps",
             "remove_unused_columns",
-            "logging_nan_inf_filter",
         ),
     ),
 }

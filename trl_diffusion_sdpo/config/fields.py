@@ -12,6 +12,7 @@ from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from .defaults import ResolvedDefault, resolve_defaults
 from .docs import config_docstring
 from .rules import (
     DSPO_FORM_CHOICES,
@@ -48,12 +49,14 @@ class DiffusionSDPOConfig(TrainingArguments):
     # The docstring is written at import from the fields' helps (config_docstring, below the class).
 
     # Objective
-    beta: float = option(
-        5000.0,
-        "KL-regularisation strength of Diffusion-DPO. The timestep count and weighting are folded into "
-        "it; the paper reports 2000 to 5000 working. Larger values make the logit `u` more sensitive to error "
-        "differences. For the flow-matching families (SD3, FLUX) the anchors use much smaller values "
-        "(flow_grpo's SD3.5 Flow-DPO: 100 on per-sample mean velocity errors); see docs/sd3.md.",
+    beta: float | None = option(
+        None,
+        "KL-regularisation strength of Diffusion-DPO. The timestep count and weighting are folded into it. Larger "
+        "values make the logit `u` more sensitive to error differences. Unset (`None`): the model family's value "
+        "(`trl_diffusion_sdpo.config.defaults`; the start summary prints it with its source): 5000 for the UNet "
+        "families (Diffusion-DPO's SD1.5 and SDXL launchers; the paper reports 2000 to 5000 working), 100 for the "
+        "flow-matching families (flow_grpo's SD3.5 Flow-DPO value on per-sample mean velocity errors); see "
+        "docs/families.md. Read as `trainer.beta`.",
     )
     loss_type: str = option(
         "dpo",
@@ -64,8 +67,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         "the winners (no reference, no safeguard). `mapo`: reference-free margin-aware preference optimisation "
         "(`mapo_beta`, `mapo_snr_value`; no reference model is built or run). `smpo`: Diffusion-DPO with "
         "SmPO's smoothed preferences, each pair's logit weighted by `smpo_gamma * (2p - 1)` from two score "
-        "columns. `sigmoid`: TRL's name for the Diffusion-DPO loss, read as `dpo`. Or the name of an objective "
-        "registered with `register_objective` (its fields are read from the config fields of the same names).",
+        "columns. Or the name of an objective registered with `register_objective` (its fields are read from "
+        "the config fields of the same names).",
     )
     dmpo_alpha: float = field(default=0.01, metadata={"help": "DMPO's target `q = 1 - alpha` (authors: 0.01)."})
     dspo_form: str = option(
@@ -81,12 +84,6 @@ class DiffusionSDPOConfig(TrainingArguments):
     smpo_gamma: float = option(
         10.0, "SmPO's scale (> 0) of the per-pair logit weight `gamma * (2p - 1)`, `p = sigmoid(n_w - n_l)`."
     )
-    score_0_column: str = option(
-        "score_0",
-        "SmPO: score column of the first image (the higher-scored image is the winner); or hand the "
-        "trainer a `reward_fn` to score the images itself.",
-    )
-    score_1_column: str = field(default="score_1", metadata={"help": "SmPO: score column of the second image."})
     smpo_score_min: float = option(
         0.11543526500463486,
         "SmPO: the minimum of the score normalisation `n = (s - min) / (max - min)` (SmPO's constant "
@@ -97,33 +94,28 @@ class DiffusionSDPOConfig(TrainingArguments):
         "SmPO: the maximum of the score normalisation (SmPO's constant for PickScore's raw cosine).",
     )
     # Safeguard
-    safeguard: bool | None = option(
-        None,
-        "Alias of `safeguard_space` kept for older configs: `False` is `safeguard_space=none` (plain "
-        "Diffusion-DPO); `True` keeps `safeguard_space` (refused with `none`). `None`: as `safeguard_space` says. "
-        "Once the config is made it reads `True` exactly when a safeguard runs.",
-    )
     # None in the annotation only so that transformers' argument parser reads the flag as text ("auto" or a number)
     safeguard_mu: float | str | None = option(
         None,
-        "Safeguard margin mu in [0, 1], or `auto`; larger is more conservative. Unset (`None`): the model "
-        "family's value where the Diffusion-SDPO authors measured it (arXiv 2511.03317; real-model evidence "
-        "outranks the toy's): 0.9 for SD1.5 (family stable-diffusion) with Diffusion-DPO and DMPO, 0.2 with DSPO, "
-        "0.6 for SDXL; elsewhere 0.5, the package's pick from its paired comparisons on the CPU demo "
-        "(benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json, summarised in "
-        "trl_diffusion_sdpo/demo/safeguard_recommendation.json): the output space with mu 0.5 paid about as much "
-        "as with 0.9 where Diffusion-DPO's pathology bites and cost less where it does not. `auto` holds the "
-        "paper's constraint, the winner's error at or below the reference's, by dual ascent on mu from the reduced "
-        "`delta/winner` once per optimizer step (`safeguard_mu_step`, docs/safeguard.md), logged as "
-        "`safeguard/mu`.",
+        "Safeguard margin mu in [0, 1], or `auto`; larger is more conservative. Unset (`None`): the value of the "
+        "model family and objective where the Diffusion-SDPO authors measured it (arXiv 2511.03317; real-model "
+        "evidence outranks the toy's): 0.9 for SD1.5 (family stable-diffusion) with Diffusion-DPO and DMPO, 0.2 "
+        "with DSPO, 0.6 for SDXL; elsewhere, and on the shipped tiny base, 0.5, the package's pick from its paired "
+        'comparisons on the CPU demo (docs/safeguard.md, "Which setting"): the output space with mu 0.5 paid '
+        "about as much as with 0.9 where Diffusion-DPO's pathology bites and cost less where it does not. The "
+        "table of these defaults is `trl_diffusion_sdpo.config.defaults`. `auto` holds the paper's constraint, "
+        "the winner's error at or below the reference's, by dual ascent on mu from the reduced `delta/winner` once "
+        "per optimizer step (`safeguard_mu_step`, docs/safeguard.md), logged as `safeguard/mu`.",
     )
     safeguard_max_lambda: float = field(default=1.0, metadata={"help": "Upper bound of the safeguard's `lambda`."})
-    safeguard_space: str = option(
-        "output",
+    # None in the annotation only for transformers' parser: the config resolves it when made (config.defaults)
+    safeguard_space: str | None = option(
+        None,
         "The Diffusion-SDPO winner-preserving safeguard: the loser error's gradient is scaled by a detached "
         "`lambda` so that, to first order, the winner's error does not increase; this says where `lambda` is "
-        "computed. `none`: no safeguard, plain Diffusion-DPO (`safeguard=False` is its alias). `output`: the "
-        "authors' rule on the policy's residuals (two sums, no "
+        "computed. Unset (`None`): `output` offline; online `none` unless a `safeguard_mu` or "
+        "`on_pathology='escalate'` asks for a safeguard, then `output` (docs/online.md). `none`: no safeguard, "
+        "plain Diffusion-DPO. `output`: the authors' rule on the policy's residuals (two sums, no "
         "extra pass), which treats the UNet's Jacobians on the two branches as equal. `parameter`: the exact "
         "rule, from the gradients of the loss's winner and loser terms over the trainable weights, in the "
         "passes `safeguard_passes` chooses: by default one forward and one backward pass with the branches' "
@@ -159,13 +151,6 @@ class DiffusionSDPOConfig(TrainingArguments):
         "Linear/ConvNd/norm/embedding layers) the step falls back to `two` and says once why. `two`: one "
         "forward and one backward pass per branch, the reference implementation.",
         choices=list(SAFEGUARD_PASSES),
-    )
-    safeguard_log_output_lambda: bool = option(
-        False,
-        "With `safeguard_space` `parameter` or `update`: also compute the authors' output-space `lambda` on the "
-        "same micro-batch and log it as `safeguard/output_lambda_*`, for comparison (it is never applied). It "
-        'costs a pass over the residuals every micro-batch and, with `safeguard_scope="global"`, one more '
-        "all-reduce.",
     )
     # Guards against collapse (docs/safeguard.md, "Guards")
     auto_beta: bool = option(
@@ -209,8 +194,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         "calibration: docs/research/alarm.md). `warn`: a warning naming remedies not already on. "
         "`escalate`: raise `safeguard_mu` halfway to 1 each time it fires (logged as `safeguard/mu` and "
         "`health/escalations`; needs the safeguard). `stop`: save a checkpoint and stop, saying why. `safeguard` "
-        "(offline, with `safeguard=False`): train as Diffusion-DPO until it fires, then switch to the safeguard "
-        "setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
+        "(offline, with `safeguard_space='none'`): train as Diffusion-DPO until it fires, then switch to the "
+        "safeguard setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
         "`health/safeguard_on`.",
         choices=list(PATHOLOGY_ACTIONS),
     )
@@ -320,64 +305,20 @@ class DiffusionSDPOConfig(TrainingArguments):
         "(FLUX.1 3.5, as diffusers' FLUX script; FLUX.2 [dev] 4.0, its pipeline's sampling default; Qwen-Image "
         "1.0).",
     )
-    caption_column: str = field(
-        default="caption", metadata={"help": "Pick-a-Pic caption column, mapped to the prompt column."}
-    )
-    image_0_column: str = field(default="jpg_0", metadata={"help": "Pick-a-Pic first image column."})
-    image_1_column: str = field(default="jpg_1", metadata={"help": "Pick-a-Pic second image column."})
-    label_0_column: str = option(
-        "label_0",
-        "Pick-a-Pic label column: 1 (or `leftvote`) when image 0 is preferred, 0 (`rightvote`) when image 1 "
-        "is, 0.5 (`tie`) for a tie. The four Pick-a-Pic columns are mapped to TRL's (the preferred image to "
-        "`chosen`), at load with `dataset_columns: pickapic` or by the trainer; ties and bad labels are "
-        "skipped and counted.",
-    )
-    prompt_column: str = field(default="prompt", metadata={"help": "TRL-format prompt column."})
-    chosen_column: str = field(default="chosen", metadata={"help": "TRL-format preferred image column."})
-    rejected_column: str = field(default="rejected", metadata={"help": "TRL-format rejected image column."})
-    source_image_column: str = option(
-        "source_image",
-        "Editing data (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 with reference images): the column "
-        "holding each row's source image; the prompt column then holds the instruction. See docs/editing.md.",
-    )
-    source_images_column: str = option(
-        "source_images", "Editing data: the column holding each row's list of source images (multi-image editing)."
-    )
     loss_mask: bool = option(
         False,
-        "Train on the region each row's mask marks (`mask_column`: an image of the chosen image's size, white "
+        "Train on the region each row's mask marks (the `mask` column: an image of the chosen image's size, white "
         "where the preference lives; for video, one for every frame): the mask is area-interpolated to latent size "
         "and every denoising error "
         "(policy and reference, winner and loser) is its weighted mean, `sum(m * err) / sum(m)`; the safeguard's "
         "lambda is taken on the masked errors. An all-black mask is refused, naming the row. See "
         "docs/masked-loss.md.",
     )
-    mask_column: str = option("mask", "The column holding each row's loss mask (`loss_mask=True`).")
-    auto_mask: bool = option(
-        False,
-        "Derive each pair's loss mask from the two images (editing pairs, whose chosen and rejected images copy "
-        "the source outside an edited region): white where any channel differs by more than `auto_mask_threshold`, "
-        "grown by `mask_dilate` pixels; then trained as `loss_mask`. Both images of a pair must have one size.",
-    )
-    auto_mask_threshold: float = option(
-        0.05,
-        "`auto_mask`: the smallest difference between the chosen and the rejected image, in any channel, as a "
-        "fraction of the full intensity range (0.05 is about 13 of 255), that marks a pixel (JPEG noise stays "
-        "below it).",
-    )
-    mask_dilate: int = option(
-        0,
-        "Grow every loss mask (given or derived) by this many pixels at the training resolution (a square max "
-        "filter), so the edited region's border, where the VAE's receptive field mixes both sides, is trained too.",
-    )
     skip_invalid_rows: bool = option(
         False,
         "By default a bad row (undecodable image, label outside {0, 0.5, 1}, missing value) raises a "
         "`ValueError` naming the row and column before training starts. With `True` such rows are skipped and "
         "counted.",
-    )
-    dataset_num_proc: int | None = field(
-        default=None, metadata={"help": "Processes used to validate the dataset's images before training."}
     )
     cache_latents: bool = option(
         False,
@@ -401,12 +342,6 @@ class DiffusionSDPOConfig(TrainingArguments):
         "and data match.",
     )
     # Robustness
-    overwrite_output_dir: bool = option(
-        False,
-        "Train a new run into an `output_dir` that holds another run's weights or checkpoints, deleting its "
-        "checkpoints first. Without it (and without `resume_from_checkpoint`) such a folder is refused before any "
-        "file in it is touched.",
-    )
     on_nonfinite_loss: str = option(
         "skip",
         "What to do when a micro-batch's loss, or the gradient norm of an optimizer step, is NaN or "
@@ -414,56 +349,6 @@ class DiffusionSDPOConfig(TrainingArguments):
         "skipped and counted in `nonfinite_skipped`). `raise`: save a checkpoint of the last good state and "
         "stop with an error.",
         choices=list(NONFINITE_ACTIONS),
-    )
-    preemption_signals: list[str] = field(
-        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"],
-        metadata={
-            "help": "Signals (what SLURM and Kubernetes send before killing a job, and Ctrl-C's SIGINT) on which "
-            "training finishes the current optimizer step, writes a checkpoint, logs its path and exits with status "
-            "75 (130 after Ctrl-C; a second Ctrl-C stops at once); resuming with `resume_from_checkpoint=True` "
-            'continues bit-exactly. Every process stops after the same step. `[]` (or `["none"]`) turns it off. '
-            "See `docs/reliability.md`."
-        },
-    )
-    # Evaluation
-    eval_seed: int = option(
-        0, "Seed of the noise and timesteps used in evaluation, so that two `evaluate()` calls agree."
-    )
-    validation_prompts: list[str] | None = option(
-        None,
-        "Prompts sampled while training (off when `None`): at step 0 (the base model) and every "
-        "`validation_steps` steps a grid of the policy's samples is saved as PNG under `output_dir/validation/` "
-        "and logged to every tracker in `report_to` that takes images (see `docs/evaluation.md`).",
-    )
-    validation_seeds: list[int] = field(
-        default_factory=lambda: [0],
-        metadata={
-            "help": "One validation sample per prompt and seed; the same seeds every time, so grids compare across "
-            "steps."
-        },
-    )
-    validation_steps: int = field(default=500, metadata={"help": "Validate every this many optimizer steps."})
-    validation_num_inference_steps: int = field(
-        default=25, metadata={"help": "Sampling steps of the validation grid."}
-    )
-    validation_guidance_scale: float | None = option(
-        None,
-        "Guidance of the validation grid (diffusers' convention). `None`: the family's own guidance, 8.5 "
-        "for SD 1.x/2.x and SDXL (the SDPO authors'), else the pipeline's default (3.5 for FLUX.1-dev, as "
-        "training conditions on).",
-    )
-    validation_source_images: list[str] | None = option(
-        None,
-        "Editing families: one source image file per validation prompt (the prompt is then its "
-        "instruction), so the grid shows edits of these images; an editing scorer among `validation_scorers` "
-        "is given them. `None`: the editing pipeline samples from the prompt alone.",
-    )
-    validation_scorers: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Registered scorers (e.g. `pickscore`, `clip`) whose means are logged as `eval/reward/<name>` at "
-            "each validation."
-        },
     )
     # Learning-rate scaling (authors' recipe)
     scale_lr: bool = option(
@@ -491,19 +376,21 @@ class DiffusionSDPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay `False`: the collator reads the image columns."}
     )
-    logging_nan_inf_filter: bool = option(
-        False,
-        "transformers' per-step NaN check of the logged loss, which makes the host wait for the device "
-        "every step; the trainer already keeps non-finite micro-batch losses out of the logged loss on the "
-        "device.",
-    )
+    #: True for the online config: the defaults of its mode (``config.defaults``) apply
+    is_online = False
 
     def __post_init__(self) -> None:
         if isinstance(self.safeguard_mu, str) and self.safeguard_mu != "auto":  # a number given on the command line
             self.safeguard_mu = _number_or_text(self.safeguard_mu)
-        self._resolve_aliases()
-        # Each field's rule, the rules over several fields, and the checks the objectives, the flow families and the
-        # checkpointing registered (rules.check_config); the trainer runs them again when it is built.
+        # The safeguard space depends on the mode only: resolved now (the rules read it), its source kept for the
+        # start summary. beta and safeguard_mu depend on the model family: the trainer resolves them.
+        self.defaulted: dict[str, ResolvedDefault] = {}
+        if self.safeguard_space is None:
+            resolved = resolve_defaults(self)["safeguard_space"]
+            self.safeguard_space = resolved.value
+            self.defaulted["safeguard_space"] = resolved
+        # Each field's rule and the rules over several fields (rules.check_config); the objective checks its own
+        # fields when the trainer (or the train command) resolves it.
         check_config(self)
         if _launched_on_cpu_only():
             # Several processes, no GPU: without these, accelerate finds no device backend and runs each process as a
@@ -514,21 +401,10 @@ class DiffusionSDPOConfig(TrainingArguments):
                 self.use_cpu = True
         super().__post_init__()
 
-    def _resolve_aliases(self) -> None:
-        """TRL's and the older names onto the fields that hold them: ``loss_type="sigmoid"`` (TRL's name of the
-        Diffusion-DPO loss) is ``"dpo"``; ``safeguard=False`` is ``safeguard_space="none"``. ``safeguard`` then
-        says whether a safeguard runs, for the code and the configs that read it."""
-        if self.loss_type == "sigmoid":
-            self.loss_type = "dpo"
-        if self.safeguard is False:
-            self.safeguard_space = "none"
-        elif self.safeguard is True and self.safeguard_space == "none":
-            raise ValueError(
-                "safeguard=True asks for a safeguard but safeguard_space='none' turns it off: set safeguard_space "
-                "to 'output', 'parameter' or 'update' (and drop safeguard, the older name), or set "
-                "safeguard_space='none' alone for Diffusion-DPO."
-            )
-        self.safeguard = self.safeguard_space != "none"
+    @property
+    def safeguarded(self) -> bool:
+        """Whether a safeguard runs (``safeguard_space`` other than ``"none"``)."""
+        return self.safeguard_space != "none"
 
     @property
     def inverts(self) -> bool:

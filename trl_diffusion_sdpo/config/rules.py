@@ -1,21 +1,19 @@
-"""The rules of :class:`~.fields.DiffusionSDPOConfig`'s values, in three tables checked in this order:
+"""The rules of :class:`~.fields.DiffusionSDPOConfig`'s values, in two tables checked in this order:
 
 - ``FIELD_RULES``: one field's range or options (:class:`~trl_diffusion_sdpo.config.checks.Range`,
   :class:`~trl_diffusion_sdpo.config.checks.Choice`);
-- ``CROSS_FIELD_RULES``: what a field's range cannot say (several fields together, or a multiple of 8);
-- the checks the layers above register (:func:`register_config_check`): the objectives own ``loss_type``, their
-  fields and what an objective lacks (a loser, a reference); the flow families own their noise-level names; the
-  checkpointing owns the preemption signals. The config names these owners in ``CHECK_OWNERS`` and
-  :func:`check_config` imports them (by name: no import statement ties the config to a layer above it) before it
-  checks, so a config gets the same answer whatever was imported before it; the trainer runs them all again when
-  it is built.
+- ``CROSS_FIELD_RULES``: what a field's range cannot say (several fields together, or a multiple of 8).
+
+The objective's own fields (``loss_type`` and the hyperparameters it declares) are not here: each objective checks
+them (``PreferenceObjective.check_config``, :func:`trl_diffusion_sdpo.objectives.check_objective_config`) when the
+trainer or the train command resolves it. The config imports nothing above it, so its answer never depends on what
+was imported before it.
 
 Each rule raises a ``ValueError`` naming the field, the value and what to change.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +22,6 @@ from .checks import Choice, Range
 
 __all__ = [
     "BASE_QUANTIZATIONS",
-    "CHECK_OWNERS",
     "CROSS_FIELD_RULES",
     "DSPO_FORM_CHOICES",
     "FIELD_RULES",
@@ -36,16 +33,16 @@ __all__ = [
     "SAFEGUARD_SCOPES",
     "SAFEGUARD_SPACES",
     "CrossFieldRule",
+    "FLOW_SHIFTS",
+    "FLOW_WEIGHTING_SCHEMES",
     "check_config",
-    "register_config_check",
-    "registered_config_checks",
 ]
 
 # How the frozen base may be quantized (--base_quantization): the choice is the config's, the loading is families'.
 BASE_QUANTIZATIONS = ("none", "bnb-nf4", "bnb-int8", "torchao-int8", "torchao-float8", "quanto-int8", "quanto-int4")
 
 # The options of the config's choice fields: the fields' ``choices`` (what ``--help`` lists) and their checks.
-# ``"none"``: Diffusion-DPO (no safeguard); the ``safeguard`` bool is its alias.
+# ``"none"``: Diffusion-DPO (no safeguard).
 SAFEGUARD_SPACES = ("none", "output", "parameter", "update")
 SAFEGUARD_SCOPES = ("local", "global", "pair")
 SAFEGUARD_PASSES = ("one", "two")
@@ -56,15 +53,16 @@ PATHOLOGY_ACTIONS = ("warn", "escalate", "stop", "safeguard")
 NOISING_MODES = ("forward", "inversion")
 INVERSION_NETWORKS = ("policy", "reference")
 DSPO_FORM_CHOICES = ("sd15", "sdxl")
+# How the flow families draw and weight the noise level, and shift it (families.flow reads these).
+FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
+FLOW_SHIFTS = ("scheduler", "resolution", "none")
 
 FIELD_RULES: dict[str, Range | Choice] = {
     # the safeguard
     "safeguard_space": Choice(SAFEGUARD_SPACES),
     "safeguard_scope": Choice(SAFEGUARD_SCOPES),
     "safeguard_passes": Choice(SAFEGUARD_PASSES),
-    "safeguard_mu": Range(
-        0, 1, optional=True, or_auto=True, hint="Authors: 0.9 for SD1.5 DPO, 0.6 for SDXL; or 'auto', or unset."
-    ),
+    "safeguard_mu": Range(0, 1, optional=True, or_auto=True, hint="Or 'auto', or unset: the family's value."),
     "safeguard_max_lambda": Range(0, low_open=True, hint="The authors use 1.0."),
     # the guards
     "auto_beta_target": Range(0, 0.5, low_open=True, high_open=True, hint="SimpleTuner uses 0.2."),
@@ -82,17 +80,11 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "inversion_steps": Range(1, integer=True, optional=True, hint="SmPO: 5 for SD1.5, 10 for SDXL."),
     "inversion_renoise": Range(1, integer=True, hint="SmPO evaluates twice per step (ReNoise)."),
     "inversion_network": Choice(INVERSION_NETWORKS),
-    "dataset_num_proc": Range(1, integer=True, optional=True),
-    "auto_mask_threshold": Range(0, 1, high_open=True, hint="0.05 is about 13 of 255."),
-    "mask_dilate": Range(0, integer=True, hint="In pixels at the training resolution; 0 keeps the mask as it is."),
     # the flow-matching families
     "flow_logit_std": Range(0, low_open=True),
     "max_sequence_length": Range(1, integer=True, optional=True, hint="None uses the family's default."),
-    # evaluation and validation
-    "eval_seed": Range(0, integer=True),
-    "validation_steps": Range(0, integer=True),
-    "validation_num_inference_steps": Range(1, integer=True),
-    "validation_guidance_scale": Range(optional=True, hint="None uses the family's guidance (8.5 for SD and SDXL)."),
+    "flow_weighting_scheme": Choice(FLOW_WEIGHTING_SCHEMES, optional=True),
+    "flow_shift": Choice(FLOW_SHIFTS, optional=True),
     # TrainingArguments fields that fail late (inside torch, or as NaN weights) when wrong
     "learning_rate": Range(0, hint="LoRA typically 1e-5 to 1e-4; the authors' full tuning 2.048e-5 (SD1.5)."),
     "weight_decay": Range(0, hint="The SDPO authors use 0.01."),
@@ -130,7 +122,6 @@ def _safeguarded(config: Any, space: str | None = None, scope: str | None = None
     """The safeguard is on (in ``space`` and with ``scope`` where given): a safeguard field is read only then."""
     return (
         config.safeguard_space != "none"
-        and config.safeguard is not False  # a config whose safeguard was set off after it was made
         and space in (None, config.safeguard_space)
         and scope in (None, config.safeguard_scope)
     )
@@ -164,20 +155,12 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ),
     ),
     CrossFieldRule(
-        ("loss_mask", "auto_mask"),
-        lambda c: c.loss_mask and c.auto_mask,
-        lambda c: (
-            "loss_mask=True reads each row's mask from the data and auto_mask=True derives it from the pair: set "
-            "one of them"
-        ),
-    ),
-    CrossFieldRule(
         ("remove_unused_columns",),
         lambda c: c.remove_unused_columns,
         lambda c: "remove_unused_columns=True would drop the image columns; leave it False",
     ),
     CrossFieldRule(
-        ("safeguard", "safeguard_space", "gradient_accumulation_steps"),
+        ("safeguard_space", "gradient_accumulation_steps"),
         lambda c: _safeguarded(c, space="update") and c.gradient_accumulation_steps != 1,
         lambda c: (
             "safeguard_space='update' needs gradient_accumulation_steps=1: lambda is chosen on the optimizer's "
@@ -194,7 +177,7 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ),
     ),
     CrossFieldRule(
-        ("safeguard", "safeguard_space", "optim"),
+        ("safeguard_space", "optim"),
         lambda c: _safeguarded(c, space="update") and "8bit" in str(getattr(c.optim, "value", c.optim)),
         lambda c: (
             f"safeguard_space='update' predicts the optimizer's next update from its float32 moments; optim="
@@ -203,7 +186,7 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ),
     ),
     CrossFieldRule(
-        ("safeguard", "safeguard_scope", "safeguard_space"),
+        ("safeguard_scope", "safeguard_space"),
         lambda c: _safeguarded(c, scope="pair") and c.safeguard_space != "parameter",
         lambda c: (
             f"safeguard_scope='pair' chooses one lambda per pair from that pair's parameter gradients: it needs "
@@ -211,87 +194,40 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ),
     ),
     CrossFieldRule(
-        ("safeguard", "safeguard_scope", "safeguard_passes"),
+        ("safeguard_scope", "safeguard_passes"),
         lambda c: _safeguarded(c, scope="pair") and c.safeguard_passes != "one",
         lambda c: "safeguard_scope='pair' needs safeguard_passes='one': its per-pair gradients come from it",
     ),
     CrossFieldRule(
-        ("safeguard_mu", "safeguard"),
-        lambda c: c.safeguard_mu == "auto" and not c.safeguard,
-        lambda c: "safeguard_mu='auto' adapts the safeguard's margin: it needs safeguard=True",
+        ("safeguard_mu", "safeguard_space"),
+        lambda c: c.safeguard_mu == "auto" and not _safeguarded(c),
+        lambda c: "safeguard_mu='auto' adapts the safeguard's margin: it needs a safeguard_space other than 'none'",
     ),
     CrossFieldRule(
-        ("on_pathology", "safeguard"),
-        lambda c: c.on_pathology == "safeguard" and c.safeguard,
+        ("on_pathology", "safeguard_space"),
+        lambda c: c.on_pathology == "safeguard" and _safeguarded(c),
         lambda c: (
             "on_pathology='safeguard' trains as Diffusion-DPO until the alarm fires, then turns the safeguard on: "
-            "it needs safeguard=False (or use on_pathology='escalate' to raise the mu of a safeguard already on)"
+            "it needs safeguard_space='none' (or use on_pathology='escalate' to raise the mu of a safeguard already "
+            "on)"
         ),
     ),
     CrossFieldRule(
-        ("on_pathology", "safeguard"),
-        lambda c: c.on_pathology == "escalate" and not c.safeguard,
+        ("on_pathology", "safeguard_space"),
+        lambda c: c.on_pathology == "escalate" and not _safeguarded(c),
         lambda c: (
-            "on_pathology='escalate' raises the safeguard's mu: it needs safeguard=True (or use on_pathology='stop')"
-        ),
-    ),
-    CrossFieldRule(
-        ("validation_prompts",),
-        lambda c: c.validation_prompts is not None and not c.validation_prompts,
-        lambda c: "validation_prompts must hold at least one prompt, or be None to turn validation off",
-    ),
-    CrossFieldRule(
-        ("validation_source_images", "validation_prompts"),
-        lambda c: (
-            c.validation_source_images is not None
-            and len(c.validation_source_images) != len(c.validation_prompts or [])
-        ),
-        lambda c: (
-            f"validation_source_images holds {len(c.validation_source_images)} images for "
-            f"{len(c.validation_prompts or [])} validation_prompts: give one source image per prompt"
+            "on_pathology='escalate' raises the safeguard's mu: it needs a safeguard_space other than 'none' (or use "
+            "on_pathology='stop')"
         ),
     ),
 )
-
-# owner (the module that registered it) -> its check of a whole config.
-_REGISTERED: dict[str, Callable[[Any], None]] = {}
-
-# The modules that own config fields' rules and register them on import (the built-in objectives, the flow
-# families' noise-level names, the preemption signals): check_config imports them first, so a config's validity
-# never depends on what happened to be imported before it.
-CHECK_OWNERS = (
-    "trl_diffusion_sdpo.objectives",
-    "trl_diffusion_sdpo.objectives.auto_beta",
-    "trl_diffusion_sdpo.families.flow",
-    "trl_diffusion_sdpo.callbacks.preemption",
-)
-
-
-def register_config_check(owner: str, check: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Register ``check(config)``, a layer's own rules of the config's fields (raising ``ValueError``), run by every
-    config made from now on and by :func:`check_config`. ``owner`` (the registering module's ``__name__``) keys it,
-    so a module imported twice (a reload) replaces its check instead of adding a second one. Returns ``check``."""
-    _REGISTERED[owner] = check
-    return check
-
-
-def registered_config_checks() -> dict[str, Callable[[Any], None]]:
-    """The registered checks by owner, in registration order (a copy)."""
-    return dict(_REGISTERED)
 
 
 def check_config(config: Any) -> None:
     """Every rule of ``config``: each field's own (``FIELD_RULES``), then the rules over several fields
-    (``CROSS_FIELD_RULES``), then the checks registered by the layers that own fields (objectives, families, ...).
-
-    The owners of the registered checks (``CHECK_OWNERS``) are imported first. The config runs this when it is
-    made; the trainer runs it again when it is built.
-    """
-    for owner in CHECK_OWNERS:
-        importlib.import_module(owner)
+    (``CROSS_FIELD_RULES``). The config runs this when it is made; the trainer runs it again when it is built (a
+    field may have been changed since)."""
     for name, rule in FIELD_RULES.items():
         rule.check(name, getattr(config, name))
     for cross_rule in CROSS_FIELD_RULES:
         cross_rule.check(config)
-    for check in tuple(_REGISTERED.values()):
-        check(config)

@@ -8,11 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .transforms import PairTransform, difference_mask, dilate_masks, load_image, mirrored_time_ids
+from .transforms import PairTransform, load_image, mirrored_time_ids
 from .validation import ROW_INDEX_COLUMN, TIE_REASON, PreferenceColumns, mask_problem, order_pair, source_values
 
 __all__ = ["PreferenceCollator", "pair_mask", "pair_scores"]
@@ -117,7 +116,7 @@ class PreferenceCollator:
         if self.columns.masked:
             shape = (1, *self.transform.pixel_shape[1:])
             stacked = _padded_pairs(masks, shape)[0] if self.crops_later else _stacked_pairs(masks, shape)
-            batch["loss_mask"] = dilate_masks(stacked, self.columns.mask_dilate)
+            batch["loss_mask"] = stacked
         if self.columns.edits:
             batch["source_pixel_values"] = (
                 torch.stack([torch.stack([self.transform.source(image) for image in row]) for row in sources])
@@ -195,29 +194,15 @@ def pair_mask(
     resized_only: bool = False,
 ) -> torch.Tensor | None:
     """A pair's loss mask ``[1, R, R]`` in [0, 1] as :meth:`PairTransform.mask` makes it (``resized_only``: for the
-    trainer's crop), undilated: the row's mask column (``loss_mask``) or where its two decoded images differ
-    (``auto_mask``, :func:`~.transforms.difference_mask`; for video clips, where any frame differs; one mask serves
-    every frame); ``None`` without a mask. A ``ValueError`` names the column
-    and the reason where the images' sizes differ or the mask is missing, of another size or empty."""
+    trainer's crop) from the row's mask column (``loss_mask``; one mask serves every frame of a video clip); ``None``
+    without a mask. A ``ValueError`` names the column and the reason where the images' sizes differ or the mask is
+    missing, of another size or empty."""
     if not columns.masked:
         return None
     winners, losers = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (winner, loser))  # video: frames
-    if columns.auto_mask:
-        problem = mask_problem(winners[0].size, losers[0].size, None)
-        mask = None
-        if not problem:  # where any frame differs
-            frames = [np.asarray(difference_mask(w, lo, columns.mask_threshold)) for w, lo in zip(winners, losers)]
-            mask = Image.fromarray(np.maximum.reduce(frames), mode="L")
-        if mask is not None and mask.getextrema()[1] == 0:
-            problem = (
-                f"the two images differ nowhere by more than auto_mask_threshold={columns.mask_threshold}: the pair "
-                "has no region to train (lower the threshold, or drop the row)"
-            )
-        column = columns.second
-    else:
-        mask = _load_from(row.get(columns.mask), columns.mask).convert("L")
-        problem = mask_problem(winners[0].size, losers[0].size, mask)
-        column = columns.mask
+    mask = _load_from(row.get(columns.mask), columns.mask).convert("L")
+    problem = mask_problem(winners[0].size, losers[0].size, mask)
+    column = columns.mask
     if problem:
         raise ValueError(f"column {column!r}: {problem}")
     return transform.mask(mask, resized_only)

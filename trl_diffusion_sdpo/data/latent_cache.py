@@ -17,7 +17,7 @@ progress bar) and stores, per pair, through ``datasets``:
   (:meth:`~trl_diffusion_sdpo.families.ModelFamily.encode_sources`: the VAE posterior's mode, scaled, as the editing
   pipelines encode their input image), encoded once per pair and shared by both branches; the prompt embedding of a
   family whose prompt encoding reads the sources (Qwen-Image-Edit) is computed with them.
-* with a loss mask (``loss_mask`` / ``auto_mask``), ``loss_mask`` ``[2, 1, h, w]``: each image's mask (the pair's,
+* with a loss mask (``loss_mask``), ``loss_mask`` ``[2, 1, h, w]``: each image's mask (the pair's,
   dilated) at latent size, area-interpolated as the uncached step does it (:meth:`~trl_diffusion_sdpo.families.
   ModelFamily.latent_mask`); the flip mirrors it in latent space, which equals the mirrored pixels' area average
   because each latent position covers a whole block of pixels.
@@ -59,7 +59,7 @@ from ..families import ModelFamily, PromptEmbeddings
 from .collators import pair_mask, pair_scores
 from .images import image_conversion_digest
 from .progress import datasets_progress_bars
-from .transforms import PairTransform, dilate_masks
+from .transforms import PairTransform
 from .validation import PreferenceColumns, order_pair, source_values
 from .video import VideoClip, VideoPairTransform
 
@@ -216,7 +216,7 @@ def cache_fingerprint(
         + ([columns.score_0, columns.score_1] if columns.scored else [])
         + ([columns.source] if columns.edits else [])
         # Mask settings only when masked, so that caches made before masks existed keep their names.
-        + ([columns.mask, columns.auto_mask, columns.mask_threshold, columns.mask_dilate] if columns.masked else []),
+        + ([columns.mask] if columns.masked else []),
         "dataset": dataset._fingerprint,
     }
     text = json.dumps(description, sort_keys=True, default=str)
@@ -441,7 +441,7 @@ def build_latent_cache(
             if columns.scored:
                 out["scores"] = np.asarray(scores, dtype=np.float64)
             if columns.masked:  # [n, 1, R, R] pixels -> [n, 2, 1, h, w] at latent size
-                pixel_masks = dilate_masks(torch.stack(masks), columns.mask_dilate)
+                pixel_masks = torch.stack(masks)
                 latent = family.latent_mask(pixel_masks, (n, *latent_shape)).reshape(n, 1, *latent_shape[-2:])
                 out["loss_mask"] = latent[:, None].expand(n, 2, *latent.shape[1:]).numpy()
             return out

@@ -18,6 +18,7 @@ from typing import Any
 
 from datasets import Dataset, Image, IterableDataset, Value, concatenate_datasets
 
+from .columns import CAPTION, CHOSEN, IMAGE_0, IMAGE_1, LABEL_0, PROMPT, REJECTED, SCORE_0, SCORE_1
 from .validation import SKIP_COLUMN, TIE_REASON
 
 __all__ = ["LABEL_WORDS", "as_trl_form", "label_problem", "pickapic_to_trl"]
@@ -90,8 +91,8 @@ def pickapic_to_trl(
     if missing:
         raise ValueError(
             f"Pick-a-Pic's columns {label_form} are mapped onto TRL's, but the dataset lacks {missing} (found "
-            f"{sorted(dataset.column_names)}): name them (caption_column, image_0_column, image_1_column, "
-            "label_0_column), or read data already in TRL's prompt, chosen, rejected with dataset_columns='trl'"
+            f"{sorted(dataset.column_names)}): rename them (--rename_columns), or read data already in TRL's "
+            "prompt, chosen, rejected with dataset_columns='trl'"
         )
     kept = {caption: prompt, image_0: chosen, image_1: rejected}
     swapped = {caption: prompt, image_0: rejected, image_1: chosen}
@@ -138,16 +139,15 @@ def _one_score_type(dataset: Dataset, score_0: str, score_1: str) -> Dataset:
 
 def as_trl_form(dataset: Any, args: Any, split: str = "train") -> Any:
     """``dataset`` in TRL's columns: mapped by :func:`pickapic_to_trl` (with one log line) when it has Pick-a-Pic's
-    columns as ``args`` names them (``caption_column``, ``image_0_column``, ``image_1_column``, ``label_0_column``),
-    else unchanged. A dataset holding both layouts raises, naming them."""
+    columns (:mod:`.columns`), else unchanged. A dataset holding both layouts raises, naming them."""
     if not isinstance(dataset, (Dataset, IterableDataset)):
         return dataset
     names = dataset.column_names
     if names is None:
         first = next(iter(dataset), None)
         names = list(first) if first is not None else []
-    label_form = (args.caption_column, args.image_0_column, args.image_1_column, args.label_0_column)
-    trl_form = (args.prompt_column, args.chosen_column, args.rejected_column)
+    label_form = (CAPTION, IMAGE_0, IMAGE_1, LABEL_0)
+    trl_form = (PROMPT, CHOSEN, REJECTED)
     if not set(label_form) <= set(names):
         return dataset
     clash = [c for c in trl_form if c in names]
@@ -164,4 +164,4 @@ def as_trl_form(dataset: Any, args: Any, split: str = "train") -> Any:
         list(label_form),
         list(trl_form),
     )
-    return pickapic_to_trl(dataset, *label_form, *trl_form, args.score_0_column, args.score_1_column)
+    return pickapic_to_trl(dataset, *label_form, *trl_form, SCORE_0, SCORE_1)

@@ -83,7 +83,7 @@ def prepare_preference_dataset(
             batch_size=64,
             with_indices=True,
             remove_columns=dataset.column_names,
-            num_proc=args.dataset_num_proc,
+            num_proc=args.dataloader_num_workers or None,  # the data workers validate the rows too
             desc=f"Validating {split} preference pairs",
         )
     bad_columns, reasons, ties = checks["_column"], checks["_reason"], checks["_tie"]

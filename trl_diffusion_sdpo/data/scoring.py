@@ -35,7 +35,7 @@ def add_reward_scores(
 
     ``reward_fn(images, prompts)`` gets the decoded RGB images and their prompts (each row's first images, then its
     second images, ``2 * rows`` of each per call) and returns one finite score per image (a sequence or tensor).
-    The scores go to ``args.score_0_column`` and ``args.score_1_column`` (float64) through ``dataset.map(...,
+    The scores go to the ``score_0`` and ``score_1`` columns (float64) through ``dataset.map(...,
     batched=True)``: cached by the dataset's fingerprint for a map-style dataset, lazily for an
     ``IterableDataset``. Rows that cannot be scored (bad prompt, label or image) and human ties (dropped anyway) get
     NaN and no call; validation then reports or skips the bad ones.

@@ -127,7 +127,7 @@ class ShardedLatentCache(LatentCache):
         flips, video frames, image conversion), and a loss mask where the run trains on one."""
         wanted = encoding_settings(family, args.resolution, bool(args.random_flip), video_clip(args))
         problems = settings_mismatches(self.manifest["settings"], wanted)
-        masked = bool(getattr(args, "loss_mask", False) or getattr(args, "auto_mask", False))
+        masked = bool(getattr(args, "loss_mask", False))
         if masked != self.columns.masked:
             problems.append(
                 f"loss masks: built {'with' if self.columns.masked else 'without'}, wanted "

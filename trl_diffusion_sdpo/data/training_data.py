@@ -11,6 +11,7 @@ from typing import Any
 
 from ..families import ModelFamily, PromptEmbeddings
 from .collators import PreferenceCollator
+from .columns import SOURCE_IMAGE, SOURCE_IMAGES
 from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .preparation import prepare_preference_dataset
 from .scoring import RewardFn, add_reward_scores
@@ -135,8 +136,8 @@ def check_sources(columns: PreferenceColumns, args, family: ModelFamily, split: 
     if family.edits and not columns.edits:
         raise ValueError(
             f"{family.name} edits a source image, but the {split} dataset has no source column: add "
-            f"{args.source_image_column!r} (one image per row) or {args.source_images_column!r} (a list), or change "
-            "source_image_column / source_images_column (docs/editing.md)"
+            f"{SOURCE_IMAGE!r} (one image per row) or {SOURCE_IMAGES!r} (a list), or rename the dataset's source "
+            "column to one of them (docs/editing.md)"
         )
     if columns.edits and not family.edits:
         raise ValueError(
@@ -148,7 +149,7 @@ def check_sources(columns: PreferenceColumns, args, family: ModelFamily, split: 
     if columns.source_list and family.max_sources == 1:
         raise ValueError(
             f"column {columns.source!r} holds lists of source images, but {family.name} edits one image: use a "
-            f"{args.source_image_column!r} column"
+            f"{SOURCE_IMAGE!r} column"
         )
     if args.random_crop:
         raise ValueError(

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
@@ -17,7 +16,6 @@ from .images import stored_bits, to_rgb
 __all__ = [
     "PairTransform",
     "difference_mask",
-    "dilate_masks",
     "image_pixels",
     "load_image",
     "mirrored_time_ids",
@@ -81,23 +79,13 @@ def image_pixels(image: Image.Image) -> torch.Tensor:
 
 
 def difference_mask(first: Image.Image, second: Image.Image, threshold: float) -> Image.Image:
-    """The loss mask of an editing pair (``auto_mask``): an 8-bit grey image, white (255) where any channel of the two
-    RGB images differs by more than ``threshold`` of the full range (``|a - b| / 255 > threshold``), black elsewhere.
-    Both images must have one size."""
+    """The loss mask of an editing pair (:func:`~.masks.add_loss_masks`): an 8-bit grey image, white (255) where any
+    channel of the two RGB images differs by more than ``threshold`` of the full range (``|a - b| / 255 >
+    threshold``), black elsewhere. Both images must have one size."""
     if first.size != second.size:
-        raise ValueError(f"auto_mask needs images of one size, got {first.size} and {second.size}")
+        raise ValueError(f"auto_mask needs a pair's images of one size, got {first.size} and {second.size}")
     difference = np.abs(np.asarray(first, dtype=np.int16) - np.asarray(second, dtype=np.int16)).max(axis=-1)
     return Image.fromarray(np.where(difference > threshold * 255.0, 255, 0).astype(np.uint8), mode="L")
-
-
-def dilate_masks(masks: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Masks ``[..., H, W]`` grown by ``pixels`` in every direction: the largest value in each ``(2p+1)^2`` square
-    (a max filter; a binary mask's white region grows by ``p`` pixels, its border included)."""
-    if pixels <= 0:
-        return masks
-    flat = masks.reshape(-1, 1, *masks.shape[-2:])
-    grown = F.max_pool2d(flat, kernel_size=2 * pixels + 1, stride=1, padding=pixels)
-    return grown.reshape(masks.shape)
 
 
 class PairTransform:

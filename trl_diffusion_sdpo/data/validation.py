@@ -31,6 +31,20 @@ from datasets import List as ListFeature
 from datasets import Video as VideoFeature
 from PIL import Image
 
+from .columns import (
+    CAPTION,
+    CHOSEN,
+    IMAGE_0,
+    IMAGE_1,
+    LABEL_0,
+    MASK,
+    PROMPT,
+    REJECTED,
+    SCORE_0,
+    SCORE_1,
+    SOURCE_IMAGE,
+    SOURCE_IMAGES,
+)
 from .images import image_mode_problem
 from .transforms import load_image
 from .video import VideoClip, read_video
@@ -80,9 +94,8 @@ class PreferenceColumns:
     ``score_0``, ``score_1`` (SmPO only) hold a score per image (``first``, ``second``); when set, the scores, not the
     columns, order the pair. ``clip`` is set for video data (``num_frames``): ``first`` and ``second`` then hold
     videos, of which this clip is read (:mod:`.video`). ``source`` names an editing dataset's source column: one image
-    per row, or a list of them when ``source_list``. ``mask`` names the loss-mask column (``loss_mask``); ``auto_mask``
-    derives each pair's mask from its two images instead, where they differ by more than ``mask_threshold``; either
-    mask is grown by ``mask_dilate`` pixels (the config fields ``auto_mask_threshold`` and ``mask_dilate``).
+    per row, or a list of them when ``source_list``. ``mask`` names the loss-mask column (``loss_mask``; derived and
+    grown before training by :func:`~.masks.add_loss_masks`).
     """
 
     prompt: str
@@ -94,9 +107,6 @@ class PreferenceColumns:
     source: str | None = None
     source_list: bool = False
     mask: str | None = None
-    auto_mask: bool = False
-    mask_threshold: float = 0.05
-    mask_dilate: int = 0
     skip: str | None = None
 
     @property
@@ -106,8 +116,8 @@ class PreferenceColumns:
 
     @property
     def masked(self) -> bool:
-        """Whether each pair trains on a loss mask (read from ``mask``, or derived with ``auto_mask``)."""
-        return self.mask is not None or self.auto_mask
+        """Whether each pair trains on a loss mask (read from ``mask``)."""
+        return self.mask is not None
 
     @property
     def edits(self) -> bool:
@@ -156,17 +166,17 @@ def uses_scores(args: Any) -> bool:
 
 
 def score_columns_of(args: Any) -> tuple[str, str]:
-    return args.score_0_column, args.score_1_column
+    return SCORE_0, SCORE_1
 
 
 def resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
     """TRL's layout (without score columns), or raise naming what is missing; a dataset whose columns resemble
     Pick-a-Pic's more is told what it lacks of those (they are mapped onto TRL's: :func:`~.pickapic.as_trl_form`)."""
     names = set(column_names)
-    trl = PreferenceColumns(args.prompt_column, args.chosen_column, args.rejected_column)
+    trl = PreferenceColumns(PROMPT, CHOSEN, REJECTED)
     if set(trl.all) <= names:
         return dataclasses.replace(trl, skip=SKIP_COLUMN if SKIP_COLUMN in names else None)
-    pickapic = [args.caption_column, args.image_0_column, args.image_1_column, args.label_0_column]
+    pickapic = [CAPTION, IMAGE_0, IMAGE_1, LABEL_0]
     missing = [c for c in trl.all if c not in names]
     if len(set(pickapic) & names) > len(set(trl.all) & names):
         missing = [c for c in pickapic if c not in names]
@@ -175,8 +185,8 @@ def resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
         scores = f" and, for loss_type={args.loss_type!r}, score columns {list(score_columns_of(args))}"
     raise DataError(
         f"Dataset is missing column(s) {missing}. Expected TRL preference columns {trl.all}{scores}, or Pick-a-Pic "
-        f"columns {pickapic}, which are mapped onto them (dataset_columns='pickapic'; names can be changed in the "
-        f"config); found {sorted(names)}."
+        f"columns {pickapic}, which are mapped onto them (dataset_columns='pickapic'; rename other columns to these "
+        f"before training); found {sorted(names)}."
     )
 
 
@@ -191,7 +201,7 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     """Pick the Pick-a-Pic or the TRL layout from the column names, or raise naming what is missing.
 
     With an objective that reads pair scores (``loss_type="smpo"``; :func:`uses_scores`) the two score columns
-    (``score_0_column``, ``score_1_column``) are required as well and included in the result; for every other loss
+    (``score_0``, ``score_1``) are required as well and included in the result; for every other loss
     type they are ignored even when present.
     """
     layout = resolve_layout(column_names, args)
@@ -207,7 +217,7 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     if missing:
         raise DataError(
             f"loss_type={args.loss_type!r} needs a score per image, but the dataset is missing score column(s) "
-            f"{missing} (expected {list(scores)}; names can be changed with score_0_column/score_1_column); found "
+            f"{missing} (expected {list(scores)}; rename the dataset's score columns to these); found "
             f"{sorted(names)}. Alternatively hand DiffusionSDPOTrainer reward_funcs (a registered scorer name or a "
             "callable (prompts, images) -> list[float]) to score both images of every row."
         )
@@ -215,10 +225,9 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
 
 
 def _with_source(layout: PreferenceColumns, column_names: Sequence[str], args: Any) -> PreferenceColumns:
-    """``layout`` with the editing source column the dataset has (``source_image_column`` or
-    ``source_images_column``), or unchanged for text-to-image data; both at once is refused."""
-    single = getattr(args, "source_image_column", "source_image")
-    multiple = getattr(args, "source_images_column", "source_images")
+    """``layout`` with the editing source column the dataset has (``source_image`` or ``source_images``), or
+    unchanged for text-to-image data; both at once is refused."""
+    single, multiple = SOURCE_IMAGE, SOURCE_IMAGES
     present = [column for column in (single, multiple) if column in column_names]
     if len(present) == 2:
         raise DataError(
@@ -233,22 +242,18 @@ def _with_source(layout: PreferenceColumns, column_names: Sequence[str], args: A
 
 
 def _with_mask(layout: PreferenceColumns, column_names: Sequence[str], args: Any) -> PreferenceColumns:
-    """``layout`` with the loss-mask column (``loss_mask``) or the derived mask (``auto_mask``), else unchanged."""
-    dilate = getattr(args, "mask_dilate", 0)
-    if getattr(args, "auto_mask", False):
-        threshold = getattr(args, "auto_mask_threshold", 0.05)
-        return dataclasses.replace(layout, auto_mask=True, mask_threshold=threshold, mask_dilate=dilate)
+    """``layout`` with the loss-mask column (``loss_mask``), else unchanged."""
     if not getattr(args, "loss_mask", False):
         return layout
-    column = getattr(args, "mask_column", "mask")
+    column = MASK
     if column not in column_names:
         raise DataError(
             f"loss_mask=True reads each row's mask from column {column!r}, which the dataset lacks (found "
             f"{sorted(column_names)}): add it (an image per row, white where the preference lives; mask.<ext> in a "
-            "pair folder, a mask/ folder beside the side folders, or a mask column of paths in a table), name "
-            "another with mask_column, or derive the masks of editing pairs with auto_mask=True (docs/masked-loss.md)"
+            "pair folder, a mask/ folder beside the side folders, or a mask column of paths in a table), or derive "
+            "the masks of editing pairs with add_loss_masks / train --auto_mask (docs/masked-loss.md)"
         )
-    return dataclasses.replace(layout, mask=column, mask_dilate=dilate)
+    return dataclasses.replace(layout, mask=column)
 
 
 def mask_problem(first_size: tuple[int, int], second_size: tuple[int, int], mask: Image.Image | None) -> str:

@@ -17,10 +17,10 @@ __all__ = ["GUARDS", "METHODS", "Method", "method_unavailable"]
 class Method:
     """One row of the comparison.
 
-    ``safeguard_space`` is passed to the config only when set: the field is recent, and leaving it out keeps the
-    output-space rows working on trainers that predate it (where the output space is the only one). ``config``: any
+    ``safeguard``: whether a safeguard runs, in ``safeguard_space`` (the output space when unset). ``config``: any
     other config fields as ``(name, value)`` pairs, e.g. ``(("safeguard_scope", "pair"),)`` or
-    ``(("loss_type", "smpo"),)``, so a new variant is one ``Method(...)`` line.
+    ``(("loss_type", "smpo"),)``, so a new variant is one ``Method(...)`` line. ``log_output_lambda``: the parameter
+    space also logs the authors' output-space ``lambda`` for comparison.
     """
 
     key: str
@@ -29,13 +29,12 @@ class Method:
     safeguard_mu: float | str | None = None
     safeguard_space: str | None = None
     config: tuple[tuple[str, Any], ...] = ()
+    log_output_lambda: bool = False
 
     def config_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"safeguard": self.safeguard}
+        kwargs: dict[str, Any] = {"safeguard_space": (self.safeguard_space or "output") if self.safeguard else "none"}
         if self.safeguard_mu is not None:
             kwargs["safeguard_mu"] = self.safeguard_mu
-        if self.safeguard_space is not None:
-            kwargs["safeguard_space"] = self.safeguard_space
         kwargs.update(self.config)
         return kwargs
 
@@ -53,7 +52,7 @@ METHODS: dict[str, Method] = {
             safeguard=True,
             safeguard_mu=0.9,
             safeguard_space="parameter",
-            config=(("safeguard_log_output_lambda", True),),  # output_lambda_mean in the results, for comparison
+            log_output_lambda=True,  # output_lambda_mean in the results, for comparison
         ),
     )
 }
@@ -87,11 +86,6 @@ def method_unavailable(method: Method, config_class: type | None = None) -> str 
         from ..config import DiffusionSDPOConfig as config_class  # here: --help reads METHODS without transformers
 
     fields = {f.name for f in dataclasses.fields(config_class)}
-    if method.safeguard_space is not None and "safeguard_space" not in fields:
-        return (
-            "the installed DiffusionSDPOConfig has no safeguard_space field (this trainer predates the exact "
-            "parameter-space safeguard)"
-        )
     missing = [name for name, _ in method.config if name not in fields]
     if missing:
         return f"the installed DiffusionSDPOConfig has no {', '.join(missing)} field (this trainer predates it)"

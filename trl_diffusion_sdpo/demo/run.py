@@ -185,6 +185,8 @@ def train_preference(
     with tempfile.TemporaryDirectory(prefix=f"demo-{method.key}-") as workdir:
         args = _training_args(recipe, method, seed, workdir, latent_cache_dir)
         trainer = DiffusionSDPOTrainer(pipeline, None, args, dataset, peft_config=peft_config)
+        if method.log_output_lambda:
+            trainer.safeguard.log_output_lambda(trainer.args)
         trainer.remove_callback(ProgressCallback)  # our bar shows the step metrics instead of printing them
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(_TrainingBar(f"{method.label}, seed {seed}"))

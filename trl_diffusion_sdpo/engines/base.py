@@ -93,7 +93,7 @@ class Engine:
         """Raise when the main process cannot sample validation images alone (its denoiser is a shard)."""
         if not self.samples_whole_denoiser:
             raise ValueError(
-                "validation_prompts cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
+                "ValidationCallback cannot sample under DeepSpeed ZeRO-3 or FSDP2 (every process holds only a "
                 "shard of the denoiser, and the main process samples alone); validate from a saved checkpoint with "
                 "`trl-diffusion-sdpo evaluate`, or use ZeRO-2 or DDP."
             )

@@ -13,7 +13,7 @@ Pairing, for the K scores ``s_1..s_K`` of one prompt (``margin`` m >= 0):
 
 The dataset (``datasets.save_to_disk``, TRL preference columns) has ``prompt``, ``chosen``, ``rejected`` (images, PNG
 bytes embedded), ``chosen_score``, ``rejected_score``, ``margin`` (their difference) and ``chosen_seed``,
-``rejected_seed``. SmPO reads the scores with ``score_0_column="chosen_score"``, ``score_1_column="rejected_score"``.
+``rejected_seed``. SmPO reads the scores renamed ``score_0`` and ``score_1`` (``train --rename_columns``).
 
 Edits (a prompt set whose rows carry ``source_image`` or ``source_images``): the K images of an edit are K samples of
 the editing pipeline from its source(s), scored with them by an `EditScorer` (any other scorer scores them against

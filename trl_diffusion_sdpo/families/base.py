@@ -135,9 +135,15 @@ class ModelFamily(abc.ABC):
     # The guidance of validation grids when validation_guidance_scale is None; None: the pipeline's own default
     # (its __call__'s guidance_scale: 3.5 for FLUX.1-dev, whose training conditions on 3.5 too).
     validation_guidance_scale: ClassVar[float | None] = None
-    # The Diffusion-SDPO authors' safeguard mu where they measured this family, per loss_type ("*": every objective);
-    # safeguard_mu=None resolves to it (safeguards.margin.resolve_mu), else to the package's fallback.
+    # The Diffusion-SDPO authors' safeguard mu where they measured this family, per loss_type ("*": every objective),
+    # and where it comes from; and the family's Diffusion-DPO beta with its source. Data that the table of defaults
+    # reads (config.defaults, which decides what an unset beta or safeguard_mu resolves to).
     authors_safeguard_mu: ClassVar[dict[str, float]] = {}
+    safeguard_mu_source: ClassVar[str] = "the Diffusion-SDPO authors' runs (Fu et al., arXiv 2511.03317)"
+    default_beta: ClassVar[float] = 5000.0
+    beta_source: ClassVar[str] = (
+        "Diffusion-DPO's SD1.5 and SDXL launchers (Wallace et al., arXiv 2311.12908; the paper reports 2000 to 5000)"
+    )
     # Whether the latents the pipeline's sampler ends with (``callback_on_step_end``'s ``latents``) are
     # ``[N, C, h, w]`` in the denoiser's latent space, so that online training trains on them as they are; False
     # (packed tokens, or not checked): the sampled images are encoded again from their decoded pixels.
@@ -147,6 +153,9 @@ class ModelFamily(abc.ABC):
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline
+
+    def check_validation_sampling(self) -> None:  # noqa: B027 (most families sample grids)
+        """Raise where the validation callback cannot sample this family's grids (video families)."""
 
     def sampling_guidance_scale(self) -> float | None:
         """The guidance a validation grid samples with by default: :attr:`validation_guidance_scale`; else the

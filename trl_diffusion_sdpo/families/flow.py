@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..config.checks import Choice, Range
-from ..config.rules import register_config_check
+from ..config.rules import FLOW_SHIFTS, FLOW_WEIGHTING_SCHEMES
 from ..objectives import objective_class, registered_objectives
 from .base import ModelFamily, PromptEmbeddings
 from .inversion import FlowInversionNoiser, inversion_settings
@@ -64,22 +64,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
-FLOW_SHIFTS = ("scheduler", "resolution", "none")
-
 
 def check_flow_config(config: Any) -> None:
-    """The config's flow fields name options of these tables (``None``: the family's default); registered with the
-    config, which imports no family, so a bad name fails when the config is made and when the trainer is built."""
+    """The config's flow fields name options of these tables (``None``: the family's default): the config's own
+    rules (:data:`~trl_diffusion_sdpo.config.rules.FIELD_RULES`) hold them."""
     Choice(FLOW_WEIGHTING_SCHEMES, optional=True).check("flow_weighting_scheme", config.flow_weighting_scheme)
     Choice(FLOW_SHIFTS, optional=True).check("flow_shift", config.flow_shift)
 
 
-register_config_check(__name__, check_flow_config)
-
 # A beta from this value up is on the scale of the UNet recipes (Diffusion-DPO: 2000-5000 for SD1.5/SDXL; DMPO:
-# 2000-6000), an order of magnitude above the flow anchors (100 on per-sample mean velocity errors). The objectives
-# say whether the warning applies to them (``unet_scale_beta_warning``).
+# 2000-6000), at least 10 times the flow anchors (100 on per-sample mean velocity errors). The objectives say whether
+# the warning applies to them (``unet_scale_beta_warning``).
 UNET_SCALE_BETA = 1000.0
 
 
@@ -340,9 +335,10 @@ class FlowMatchingFamily(ModelFamily):
         if objective.unet_scale_beta_warning and args.beta >= UNET_SCALE_BETA:
             logger.warning(
                 f"beta={args.beta:g} is Diffusion-DPO's value for SD UNets in scale (2000-5000); {self.name} is a "
-                f"flow model trained on mean velocity errors, where beta is an order of magnitude smaller: its "
-                f"default is beta={self.default_beta:g} with learning_rate={self.default_learning_rate:g} "
-                f"({self.defaults_source}). See docs/families.md before keeping it."
+                f"flow model trained on mean velocity errors, where beta is {args.beta / self.default_beta:.3g} times "
+                f"smaller: its default is beta={self.default_beta:g} with learning_rate="
+                f"{self.default_learning_rate:g} ({self.defaults_source}). Leave beta unset for the family's value, "
+                "or see docs/families.md before keeping it."
             )
         return noiser
 

@@ -92,23 +92,21 @@ def prepare_denoiser(
         denoiser.enable_gradient_checkpointing()
 
 
-def training_arguments(args, family: ModelFamily | None = None):
-    """A copy of ``args`` (a ``DiffusionSDPOConfig``) as ``transformers.Trainer`` must see it; the caller's stays as
-    given (it is what ``training_config.json`` stores).
-
-    * ``safeguard_mu=None``: the ``family``'s default for the objective (:func:`~.safeguards.margin.resolve_mu`).
+def training_arguments(args):
+    """A copy of ``args`` (a ``DiffusionSDPOConfig``, its per-family defaults resolved) as ``transformers.Trainer``
+    must see it; the caller's stays as given.
 
     * ``scale_lr``: the learning rate times processes, per-device batch and accumulation steps.
     * Gradient checkpointing is the denoiser's own switch (:func:`prepare_denoiser`): transformers would call a
       method UNets do not have, so its flag (and the newer alias ``activation_checkpointing``) is turned off.
     * Streamed batches vary in size (the collator drops bad rows), which accelerate's default for iterable data
       cannot concatenate across processes: each process reads its own shard instead.
+    * transformers' per-step NaN check of the logged loss (``logging_nan_inf_filter``) is off: it makes the host wait
+      for the device every step, and the trainer already keeps non-finite micro-batch losses out of the logged loss
+      on the device.
     """
     args = copy.copy(args)
-    if family is not None:
-        from ..safeguards.margin import resolve_mu  # the safeguards import the engines, which import this module
-
-        resolve_mu(args, family)
+    args.logging_nan_inf_filter = False
     if args.scale_lr:
         args.learning_rate = (
             args.learning_rate * args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps

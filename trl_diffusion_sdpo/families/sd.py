@@ -24,8 +24,10 @@ class StableDiffusionFamily(ModelFamily):
     validation_guidance_scale = 8.5  # the SDPO authors' guidance (diffusers' convention) for SD 1.5 and SDXL
     # SmPO's inversion grid for SD1.5 (their train.py: a 5-step DDIM inverse schedule).
     default_inversion_steps = 5
-    # Diffusion-SDPO's SD1.5 runs (arXiv 2511.03317): 0.9 with Diffusion-DPO and DMPO, 0.2 with DSPO
-    authors_safeguard_mu = {"dpo": 0.9, "sigmoid": 0.9, "dmpo": 0.9, "dspo": 0.2}
+    authors_safeguard_mu = {"dpo": 0.9, "dmpo": 0.9, "dspo": 0.2}
+    safeguard_mu_source = (
+        "Diffusion-SDPO's SD1.5 runs (Fu et al., arXiv 2511.03317): 0.9 with Diffusion-DPO and DMPO, 0.2 with DSPO"
+    )
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:

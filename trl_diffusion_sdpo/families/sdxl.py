@@ -29,7 +29,8 @@ class StableDiffusionXLFamily(ModelFamily):
     needs_time_ids = True
     # SmPO's inversion grid for SDXL (their train.py: a 10-step DDIM inverse schedule).
     default_inversion_steps = 10
-    authors_safeguard_mu = {"*": 0.6}  # Diffusion-SDPO's SDXL runs (arXiv 2511.03317), every objective
+    authors_safeguard_mu = {"*": 0.6}
+    safeguard_mu_source = "Diffusion-SDPO's SDXL runs (Fu et al., arXiv 2511.03317), every objective"
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:

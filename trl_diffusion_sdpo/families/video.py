@@ -63,11 +63,12 @@ class VideoFlowMatchingFamily(FlowMatchingFamily):
                 f"num_frames must be {temporal}k + 1 for {self.name} (its VAE keeps the first frame and compresses "
                 f"the others {temporal}x in time), got {frames}"
             )
-        if getattr(args, "validation_prompts", None):
-            # The validation callback samples and logs image grids; clips are sampled with evaluation.sample_videos.
-            raise ValueError(
-                f"validation_prompts sample image grids during training, which {self.name} (video) does not support "
-                "yet; leave them unset and evaluate with trl_diffusion_sdpo.evaluation.sample_videos / score_videos"
-            )
         self.num_frames = frames
         return super().noiser(args)
+
+    def check_validation_sampling(self) -> None:
+        """The validation callback samples and logs image grids; clips are sampled with evaluation.sample_videos."""
+        raise ValueError(
+            f"ValidationCallback samples image grids during training, which {self.name} (video) does not support "
+            "yet; leave it out and evaluate with trl_diffusion_sdpo.evaluation.sample_videos / score_videos"
+        )

@@ -325,17 +325,6 @@ def earlier_run_files(run_dir: str) -> list[str]:
     return found
 
 
-def remove_earlier_checkpoints(run_dir: str) -> None:
-    """Delete every checkpoint an earlier run left in ``run_dir`` (``overwrite_output_dir``): left in place, rotation
-    would keep the earlier run's higher steps as the newest and ``resume_from_checkpoint=True`` would pick them."""
-    for name in earlier_run_files(run_dir):
-        path = os.path.join(run_dir, name)
-        if not (os.path.isdir(path) and is_checkpoint_folder(name.removeprefix(_TRASH_PREFIX))):
-            continue
-        logger.info("Removing %s, a checkpoint of the run that overwrite_output_dir replaces", path)
-        _remove(path) if _CHECKPOINT_RE.match(name) else shutil.rmtree(path, ignore_errors=True)
-
-
 def recover_interrupted_saves(run_dir: str) -> None:
     """Finish or remove what a kill left in ``run_dir``.
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config.docs import VALIDATION_FIELDS
 from .resume_world import ResumeConfigError, plan_process_count_change, samples_seen
 from .saving import TRAINING_CONFIG_NAME
 
@@ -53,7 +52,6 @@ IDENTITY_FIELDS = ("base_model", "denoiser_class", "training", "lora_rank", "lor
 REFUSED_FIELDS = frozenset(
     {
         "loss_type",
-        "safeguard",
         "safeguard_mu",
         "safeguard_max_lambda",
         "safeguard_space",
@@ -82,7 +80,6 @@ SAFE_FIELDS = frozenset(
         "eval_strategy",
         "eval_delay",
         "per_device_eval_batch_size",
-        *VALIDATION_FIELDS,
         "push_to_hub",
         "hub_model_id",
         "hub_strategy",
@@ -93,8 +90,6 @@ SAFE_FIELDS = frozenset(
         "dataloader_pin_memory",
         "dataloader_persistent_workers",
         "resume_from_checkpoint",
-        "overwrite_output_dir",
-        "preemption_signals",
     }
 )
 
@@ -186,17 +181,19 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
     if saved is None:
         logger.warning("%s has no %s: the resumed config cannot be compared", checkpoint, TRAINING_CONFIG_NAME)
         saved = {}
-    if saved.get("safeguard") is False:  # written before "none" was a space: safeguard=False is the space "none"
-        saved["safeguard_space"] = "none"
     given = getattr(trainer, "args_as_given", trainer.args)
     current = json.loads(given.to_json_string())
     family = getattr(trainer, "family", None)
-    if family is not None:  # an unset mu is the family's for the objective: compare the values the runs use
-        from ..safeguards.margin import default_mu
+    if family is not None:  # an unset beta or mu is the family's for the objective: compare the values the runs use
+        from ..config.defaults import resolve_default
 
+        online = bool(getattr(given, "is_online", False))
         for config in (saved, current):
-            if "safeguard_mu" in config and config["safeguard_mu"] is None:
-                config["safeguard_mu"] = default_mu(family, config.get("loss_type", "dpo"))
+            for name in ("beta", "safeguard_mu"):
+                if name in config and config[name] is None:
+                    loss_type = config.get("loss_type", "dpo")
+                    base = getattr(trainer, "base_model_name", None)
+                    config[name] = resolve_default(name, family, loss_type, online, base).value
     safe, other, refused_names = [], [], refused_fields()
     for name in sorted(set(saved) & set(current)):
         old, new = saved[name], current[name]

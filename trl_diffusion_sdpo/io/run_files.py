@@ -9,7 +9,7 @@ way this package needs:
   (:meth:`~trl_diffusion_sdpo.engines.Engine.loading`);
 * checkpoints that appear whole or not at all, with a checksummed manifest (:mod:`.checkpoints`);
 * before training: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
-  checkpoints (unless resumed or ``overwrite_output_dir``), recovery of interrupted saves, the checkpoint to resume
+  checkpoints (unless resumed), recovery of interrupted saves, the checkpoint to resume
   from, checked, its config compared with the new one (:mod:`.resume_check`), resuming on another number of
   processes (:mod:`.resume_world`, through the engine), and preemption signals (:mod:`.preemption`) while it runs;
 * the model card and Hub pushes (:mod:`.hub`): transformers' versions copy files named as its own weights (none of
@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,7 +38,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
-from ..callbacks.preemption import PreemptionCallback, parse_signals, preemption_signal_handlers
+from ..callbacks.preemption import PreemptionCallback, preemption_signal_handlers
 from . import checkpoints, saving
 from .checkpoints import (
     TRAINER_STATE_NAME,
@@ -50,7 +51,6 @@ from .checkpoints import (
     is_save_failure,
     publish_checkpoint,
     recover_interrupted_saves,
-    remove_earlier_checkpoints,
     resolve_resume_checkpoint,
     resume_view_folder,
     save_failure,
@@ -104,7 +104,7 @@ class RunFiles:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``transformers.Trainer.train`` under the output folder's lock (refused where the folder holds another
-        run's weights or checkpoints and neither ``resume_from_checkpoint`` nor ``overwrite_output_dir`` is given),
+        run's weights or checkpoints and ``resume_from_checkpoint`` is not given),
         after finishing or removing what an interrupted save left, from ``resume_from_checkpoint`` resolved and checked
         (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), with the
         preemption signals handled while it runs."""
@@ -114,8 +114,6 @@ class RunFiles:
         view = None
         try:
             if trainer.args.should_save:
-                if not resumed and getattr(trainer.args, "overwrite_output_dir", False):
-                    remove_earlier_checkpoints(trainer.args.output_dir)
                 recover_interrupted_saves(trainer.args.output_dir)
             trainer.accelerator.wait_for_everyone()
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
@@ -137,9 +135,8 @@ class RunFiles:
             if callback is None:
                 callback = PreemptionCallback(trainer)
                 trainer.add_callback(callback)
-            signals = parse_signals(getattr(trainer.args, "preemption_signals", None))
-            callback.enabled = bool(signals)
-            with preemption_signal_handlers(callback, signals):
+            callback.trainer = trainer
+            with preemption_signal_handlers(callback, callback.signals):
                 output = Trainer.train(trainer, resume_from_checkpoint, *args, **kwargs)
             # whole_run_loss corrected the logged metrics in place; the returned loss is a copy of the old value
             return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
@@ -186,18 +183,17 @@ class RunFiles:
                 lock.acquire()  # first: a live run in the folder is named as such
             except RunLockedError as err:
                 lock, error = None, err
-            refuse = lock is not None and not (resumed or getattr(args, "overwrite_output_dir", False))
+            refuse = lock is not None and not resumed
             earlier = earlier_run_files(args.output_dir) if refuse else []
             if earlier:
                 lock.release()
                 lock = None
                 resume = advice("--resume_from_checkpoint true", "train(resume_from_checkpoint=True)")
                 new_dir = advice("--output_dir", "output_dir")
-                overwrite = advice("--overwrite_output_dir", "overwrite_output_dir=True")
                 error = EarlierRunError(
                     f"{args.output_dir} holds another run's files ({', '.join(earlier)}), which a new run would "
-                    f"replace. Continue that run with {resume}, write this one into a new {new_dir}, or pass "
-                    f"{overwrite} to replace it (its checkpoints are deleted first)."
+                    f"replace. Continue that run with {resume}, write this one into a new {new_dir}, or delete the "
+                    "folder first."
                 )
         if accelerator.num_processes > 1:
             flag = torch.full((), float(error is not None), device=accelerator.device)
@@ -387,9 +383,8 @@ class RunFiles:
         hyperparameters: dict[str, Any] = {
             "loss_type": args.loss_type,
             "beta": args.beta,
-            "safeguard": args.safeguard,
-            "safeguard_mu": args.safeguard_mu if args.safeguard else None,
-            "safeguard_space": args.safeguard_space if args.safeguard else None,
+            "safeguard_mu": args.safeguard_mu if args.safeguarded else None,
+            "safeguard_space": args.safeguard_space,
             "learning_rate": trainer.args_as_given.learning_rate,
             "scale_lr": args.scale_lr,
             "effective_learning_rate": args.learning_rate,
@@ -420,13 +415,23 @@ class RunFiles:
             dataset_name=card_args.get("dataset_name"),
             license=card_args.get("license"),
             sample_grid=self._last_validation_grid(),
-            sample_prompt=(args.validation_prompts or [None])[0],
+            sample_prompt=self._validation_prompt(),
             denoiser=(family.denoiser_name, type(family.denoiser).__name__),
             pipeline_loads_lora=hasattr(type(trainer.pipeline), "load_lora_weights"),
             trainer_name=type(trainer).__name__,
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))
+
+    def _validation_prompt(self) -> str | None:
+        """The first prompt of the run's validation grids (the Hub widget's text), or ``None`` without them."""
+        module = sys.modules.get("trl_diffusion_sdpo.callbacks.validation")  # imported by whoever made one
+        if module is None:
+            return None
+        found = [
+            c.prompts for c in self.trainer.callback_handler.callbacks if isinstance(c, module.ValidationCallback)
+        ]
+        return found[0][0] if found else None
 
     def _last_validation_grid(self) -> str | None:
         """The newest ``validation/step-*.png`` in ``output_dir``, relative to it (for the model card)."""

@@ -41,7 +41,7 @@ def learning_rate_text(given: Any, effective_rate: float) -> str:
 
 
 def _objective_text(args: Any) -> str:
-    if not args.safeguard:
+    if args.safeguard_space == "none":
         return "Diffusion-DPO (no safeguard)" if args.loss_type == "dpo" else f"{args.loss_type} (no safeguard)"
     method = "Diffusion-SDPO" if args.loss_type == "dpo" else f"{args.loss_type} with the Diffusion-SDPO safeguard"
     mu = args.safeguard_mu if isinstance(args.safeguard_mu, str) else f"{args.safeguard_mu:g}"  # or "auto"
@@ -70,9 +70,19 @@ def _precision_text(args: Any) -> str:
     return "float32"
 
 
-def start_summary(given: Any, effective: Any, family_name: str, lora: bool, engine: Any, max_steps: int) -> str:
+def start_summary(
+    given: Any,
+    effective: Any,
+    family_name: str,
+    lora: bool,
+    engine: Any,
+    max_steps: int,
+    defaults: dict[str, Any] | None = None,
+) -> str:
     """The start summary, one block: ``given`` is the config as given, ``effective`` as ``transformers.Trainer`` sees
-    it (:func:`~trl_diffusion_sdpo.families.preparation.training_arguments`: the scaled rate)."""
+    it (:func:`~trl_diffusion_sdpo.families.preparation.training_arguments`: the scaled rate, the resolved defaults);
+    ``defaults`` the resolutions of :func:`~trl_diffusion_sdpo.config.defaults.resolve_defaults`, each printed with its
+    source."""
     warmup = effective.get_warmup_steps(max_steps)
     schedule = effective.lr_scheduler_type
     schedule = getattr(schedule, "value", schedule)
@@ -82,8 +92,9 @@ def start_summary(given: Any, effective: Any, family_name: str, lora: bool, engi
             f"Training {family_name} ({'LoRA' if lora else 'full tuning'}) for {max_steps} optimizer steps:",
             f"  peak learning rate {learning_rate_text(given, effective.learning_rate)}",
             f"  schedule {schedule}, {warmup_text}; {pairs_per_step(given)} pairs per optimizer step",
-            f"  objective {_objective_text(effective)}, beta {given.beta:g}",
+            f"  objective {_objective_text(effective)}, beta {effective.beta:g}",
             f"  engine {engine!r}, {_precision_text(given)}",
+            *(f"  {resolution.text()}" for resolution in (defaults or {}).values()),
         ]
     )
 
@@ -125,6 +136,7 @@ class StartSummary(TrainerCallback):
             return
         trainer = self.trainer
         given, max_steps, lora = trainer.args_as_given, state.max_steps, trainer.is_lora
-        logger.info(start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps))
+        defaults = getattr(trainer, "resolved_defaults", None)
+        logger.info(start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps, defaults))
         for message in start_warnings(given, args, trainer.family, lora, max_steps):
             logger.warning(message)

@@ -24,10 +24,9 @@ from functools import partial
 
 import torch
 
-from ..config.rules import register_config_check
-from .base import DenoisingErrors, PreferenceObjective, objective_class
+from .base import DenoisingErrors, PreferenceObjective
 
-__all__ = ["AUTO_BETA_DECAY", "AUTO_BETA_RANGE", "AutoBeta", "auto_beta", "check_guard_config"]
+__all__ = ["AUTO_BETA_DECAY", "AUTO_BETA_RANGE", "AutoBeta", "auto_beta"]
 
 #: the EMA's decay per optimizer step (this package's choice: about a 100-step memory)
 AUTO_BETA_DECAY = 0.99
@@ -117,32 +116,3 @@ class AutoBeta:
     def current(self) -> float:
         """The ``beta`` in force, as logged (one host read)."""
         return self.configured if self.beta is None else float(self.beta)
-
-
-def check_guard_config(config) -> None:
-    """The logit guards (``auto_beta``, ``max_margin``, ``sft_weight``) act on the Diffusion-DPO logit ``u``: refuse
-    them, naming the field, with an objective whose ``beta`` does not scale it linearly; ``safeguard_mu="auto"`` reads
-    the reference's errors: refuse it with a reference-free objective."""
-    chosen = objective_class(config.loss_type)
-    if getattr(config, "safeguard_mu", None) == "auto" and not chosen.requires_reference:
-        raise ValueError(
-            "safeguard_mu='auto' holds the winner's error at or below the reference's: "
-            f"loss_type={config.loss_type!r} runs no reference. Give safeguard_mu a number, or use an objective "
-            "with a reference (e.g. 'dpo')."
-        )
-    if getattr(chosen, "beta_scales_logit", False):
-        return
-    on = {
-        "auto_beta": getattr(config, "auto_beta", False),
-        "max_margin": getattr(config, "max_margin", None) is not None,
-        "sft_weight": bool(getattr(config, "sft_weight", 0.0)),
-    }
-    for name, used in on.items():
-        if used and name not in chosen.hyperparameter_names():  # an objective may declare a field of that name
-            raise ValueError(
-                f"{name} acts on the Diffusion-DPO logit u = -0.5 * beta * m: it needs loss_type='dpo' or 'smpo', "
-                f"got loss_type={config.loss_type!r}. Remove {name}, or change loss_type."
-            )
-
-
-register_config_check(__name__, check_guard_config)

@@ -5,7 +5,7 @@ and ONE noise ``eps``; a network ``N`` predicts on both, and its per-sample deno
 
     e_N^Y = mean over C, H, W of (N(x_t^Y, t, c) - target^Y)^2,
 
-or, with a loss mask ``m^Y`` (``loss_mask`` / ``auto_mask``: weights in [0, 1] at latent size, white where the
+or, with a loss mask ``m^Y`` (``loss_mask``: weights in [0, 1] at latent size, white where the
 preference lives), the mask's weighted mean ``sum(m^Y * (N - target^Y)^2) / sum(m^Y)`` per sample
 (:func:`denoising_error`), for policy and reference alike, so every objective over the errors trains on the region.
 
@@ -37,7 +37,6 @@ from typing import Any, ClassVar
 import torch
 
 from ..config.checks import Choice, Range
-from ..config.rules import register_config_check
 
 __all__ = [
     "DenoisingErrors",
@@ -65,7 +64,7 @@ class PreferencePredictions:
     """Network outputs and targets for a batch of pairs; every tensor has shape ``[B, C, H, W]`` (a video family's
     ``[B, C, F, H, W]``).
 
-    ``winner_mask`` / ``loser_mask`` (``loss_mask``, ``auto_mask``): each image's loss mask at latent size, float32
+    ``winner_mask`` / ``loser_mask`` (``loss_mask``): each image's loss mask at latent size, float32
     weights in [0, 1] broadcastable to the predictions (``[B, 1, H, W]``, ``[B, 1, 1, H, W]``), or ``None``: the whole
     image counts.
     """
@@ -209,6 +208,53 @@ class PreferenceObjective(abc.ABC):
         """The names of the fields this objective declares, in declaration order."""
         return tuple(spec.name for spec in fields(cls))
 
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Refuse, naming the field, a training config this objective cannot run: a bad value of a field it declares
+        (read from the config field of the same name; ``None``, a default resolved per model family such as
+        ``beta``, is left to its resolution), and what the run asks of it that it lacks (a loser for the safeguard, a
+        reference, predictions a loss mask reaches, a logit the guards act on). An objective extends it for rules
+        over several of its fields."""
+        for spec in fields(cls):
+            rule, value = spec.metadata.get("check"), getattr(config, spec.name, None)
+            if rule is not None and value is not None:
+                rule.check(spec.name, value)
+        if config.safeguard_space != "none" and not cls.uses_loser:
+            raise ValueError(
+                f"loss_type={config.loss_type!r} trains on the winners only: there is no loser gradient for the "
+                "safeguard to scale. Set safeguard_space='none'."
+            )
+        if getattr(config, "loss_mask", False) and cls.reads_predictions:
+            raise ValueError(
+                f"loss_mask masks the denoising errors, but loss_type={config.loss_type!r} also reads the whole "
+                "predictions, which the mask would not reach. Use loss_type='dpo' (or another objective over the "
+                "errors), or set loss_mask=False."
+            )
+        if config.inverts and config.inversion_network == "reference" and not cls.requires_reference:
+            raise ValueError(
+                f"inversion_network='reference' needs a reference model, and loss_type={config.loss_type!r} uses "
+                "none; set inversion_network='policy' (as SmPO does) or noising='forward'."
+            )
+        if getattr(config, "safeguard_mu", None) == "auto" and not cls.requires_reference:
+            raise ValueError(
+                "safeguard_mu='auto' holds the winner's error at or below the reference's: "
+                f"loss_type={config.loss_type!r} runs no reference. Give safeguard_mu a number, or use an objective "
+                "with a reference (e.g. 'dpo')."
+            )
+        if getattr(cls, "beta_scales_logit", False):
+            return
+        on = {
+            "auto_beta": getattr(config, "auto_beta", False),
+            "max_margin": getattr(config, "max_margin", None) is not None,
+            "sft_weight": bool(getattr(config, "sft_weight", 0.0)),
+        }
+        for name, used in on.items():
+            if used and name not in cls.hyperparameter_names():  # an objective may declare a field of that name
+                raise ValueError(
+                    f"{name} acts on the Diffusion-DPO logit u = -0.5 * beta * m: it needs loss_type='dpo' or "
+                    f"'smpo', got loss_type={config.loss_type!r}. Remove {name}, or change loss_type."
+                )
+
     def __call__(
         self,
         predictions: PreferencePredictions,
@@ -238,13 +284,11 @@ class DiffusionDPOLogitObjective(PreferenceObjective):
     """Base of the objectives over the Diffusion-DPO logit ``u`` (:func:`diffusion_dpo_logits`), scaled by ``beta``.
 
     Attributes:
-        beta: scale of ``u``; finite, > 0 (no default: each objective and model family has its own, see the
-            subclasses and ``docs/objectives.md``).
+        beta: scale of ``u``; finite, > 0 (no default here: ``beta=None`` in the config resolves per model family,
+            :mod:`trl_diffusion_sdpo.config.defaults`).
     """
 
-    beta: float = hyperparameter(
-        Range(0, low_open=True, hint="The paper uses 2000 to 5000 for Diffusion-DPO (default 5000).")
-    )
+    beta: float = hyperparameter(Range(0, low_open=True, hint="Leave it unset for the model family's value."))
 
 
 # loss_type -> objective class.
@@ -302,35 +346,10 @@ def objective_from_config(config: Any, *, num_train_timesteps: int) -> Preferenc
 
 
 def check_objective_config(config: Any) -> None:
-    """Check the objective fields of ``config`` by the objectives that own them, the chosen ``loss_type`` first.
-
-    Every registered objective's fields are checked, not just the chosen one's, so a bad value fails when the config
-    is made whatever ``loss_type`` is, rather than later when someone switches to the objective that reads it. Then
-    what the chosen objective lacks: a loser for the safeguard to scale, a reference to invert with.
-    """
-    chosen = objective_class(config.loss_type)
-    for cls in (chosen, *(c for c in _REGISTRY.values() if c is not chosen)):
-        cls(**_values_from(cls, config))
-    if config.safeguard and not chosen.uses_loser:
-        raise ValueError(
-            f"loss_type={config.loss_type!r} trains on the winners only: there is no loser gradient for the "
-            "safeguard to scale. Set safeguard=False."
-        )
-    if (getattr(config, "loss_mask", False) or getattr(config, "auto_mask", False)) and chosen.reads_predictions:
-        raise ValueError(
-            f"loss_mask / auto_mask mask the denoising errors, but loss_type={config.loss_type!r} also reads the "
-            "whole predictions, which the mask would not reach. Use loss_type='dpo' (or another objective over the "
-            "errors), or set loss_mask=False and auto_mask=False."
-        )
-    if config.inverts and config.inversion_network == "reference" and not chosen.requires_reference:
-        raise ValueError(
-            f"inversion_network='reference' needs a reference model, and loss_type={config.loss_type!r} uses "
-            "none; set inversion_network='policy' (as SmPO does) or noising='forward'."
-        )
-
-
-# Run by every DiffusionSDPOConfig made from now on, and by the trainer (the config layer imports no objective).
-register_config_check(__name__, check_objective_config)
+    """Check ``config`` by the objective ``config.loss_type`` names (:meth:`PreferenceObjective.check_config`): its
+    own fields, and what the run asks of it. Another objective's fields are not read (a ``dmpo_alpha`` with
+    ``loss_type="dpo"`` is never used, so never refused). The trainer and the train command call it."""
+    objective_class(config.loss_type).check_config(config)
 
 
 def _values_from(cls: type[PreferenceObjective], config: Any, **given: Any) -> dict[str, Any]:

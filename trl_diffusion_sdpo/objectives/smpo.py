@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -98,10 +98,12 @@ class SmoothedPreferenceObjective(DiffusionDPOObjective):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.smpo_score_max > self.smpo_score_min:
-            raise ValueError(
-                f"smpo_score_max ({self.smpo_score_max}) must be larger than smpo_score_min ({self.smpo_score_min})"
-            )
+        _check_score_range(self.smpo_score_min, self.smpo_score_max)
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        super().check_config(config)
+        _check_score_range(config.smpo_score_min, config.smpo_score_max)
 
     def pair_weights(self, pair_scores: torch.Tensor) -> torch.Tensor:
         """``w = gamma * (2p - 1)`` per pair, ``[B]`` float64, from ``pair_scores [B, 2]`` = (winner, loser)."""
@@ -120,3 +122,9 @@ class SmoothedPreferenceObjective(DiffusionDPOObjective):
         output = diffusion_dpo_loss(errors, self.beta, weights, max_margin=self.max_margin, sft_weight=self.sft_weight)
         output.metrics["smpo/mean_pair_weight"] = weights.detach().float().mean()
         return output
+
+
+def _check_score_range(low: float, high: float) -> None:
+    """The score normalisation divides by ``max - min``: it must be positive."""
+    if not high > low:
+        raise ValueError(f"smpo_score_max ({high}) must be larger than smpo_score_min ({low})")

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DiffusionSDPOConfig, register_config_check
+from ..config import DiffusionSDPOConfig
 from ..config.checks import Choice, Range
 from ..config.docs import config_docstring
 from ..config.fields import option
-from ..config.rules import SAFEGUARD_SPACES
 
-__all__ = ["PAIR_LATENTS", "PAIR_MODES", "SAFEGUARD_GROUP", "OnlineDiffusionSDPOConfig", "check_online_config"]
+__all__ = ["PAIR_LATENTS", "PAIR_MODES", "OnlineDiffusionSDPOConfig", "check_online_config"]
 
 #: How a prompt's K scored samples become pairs (as ``trl-diffusion-sdpo pairs`` pairs them).
 PAIR_MODES = ("best-worst", "all")
@@ -117,30 +116,14 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
     random_flip: bool = option(
         False, "Not used by online training (the generated latents are trained as sampled); must be False."
     )
-    # The safeguard: the offline field with its own default (None in the annotation for transformers' parser)
-    safeguard_space: str | None = option(
-        None,
-        "Where the Diffusion-SDPO safeguard computes `lambda`: `output`, `parameter`, `update` or `none`, as "
-        "offline (`DiffusionSDPOConfig.safeguard_space`). Unset (`None`): `none`, online Diffusion-DPO, unless "
-        "`safeguard=True`, a `safeguard_mu` or `on_pathology='escalate'` asks for a safeguard, then `output`. "
-        "Online the winner is the policy's own sample, and the authors' per-model `mu` values were measured on "
-        "offline pairs: on the CPU demo every safeguard setting cost held-out quality where online Diffusion-DPO "
-        "was healthy, and none kept it where Diffusion-DPO hacked a brightness reward; the family's `mu` (SD1.5: "
-        "0.9) made the hacking worse (benchmarks/results/cpu-online-comparison-tiny.json, "
-        "cpu-online-hacking-demo.json; docs/online.md).",
-        choices=list(SAFEGUARD_SPACES),
-    )
+    # The mode's own defaults (config.defaults): safeguard_space unset is "none" online
+    is_online = True
 
     def __post_init__(self) -> None:
-        if self.safeguard_space is None:
-            asked = self.safeguard is True or self.safeguard_mu is not None or self.on_pathology == "escalate"
-            self.safeguard_space = "output" if asked else "none"
         super().__post_init__()
+        check_online_config(self)
 
 
-#: the docstring's heading of the one offline field with another default online (``online --help`` keeps it in the
-#: offline safeguard topic)
-SAFEGUARD_GROUP = "The safeguard's default online"
 _GROUPS = {
     "Parameters that control the rewards": (
         "",
@@ -163,7 +146,6 @@ _GROUPS = {
         ),
     ),
     "Parameters that control the reference": ("", ("ref_update_steps",)),
-    SAFEGUARD_GROUP: ("", ("safeguard_space",)),
 }
 OnlineDiffusionSDPOConfig.__doc__ = config_docstring(OnlineDiffusionSDPOConfig, _SUMMARY, _GROUPS)
 
@@ -184,8 +166,8 @@ _RULES: dict[str, Range | Choice] = {
 
 def check_online_config(config) -> None:
     """The generation stage's rules: each field's range, weights matching the reward functions, no augmentation of
-    generated latents. Registered with the config's checks, so it runs when a config is made and again when the
-    trainer is built; an offline config has none of these fields to check."""
+    generated latents. Run when the config is made and again when the trainer is built; an offline config has none
+    of these fields to check."""
     if not isinstance(config, OnlineDiffusionSDPOConfig):
         return
     for name, rule in _RULES.items():
@@ -206,11 +188,7 @@ def check_online_config(config) -> None:
         )
     if config.cache_latents:
         raise ValueError("cache_latents=True: online training has no dataset of images to cache; set it to False.")
-    for name in ("loss_mask", "auto_mask"):
-        if getattr(config, name, False):
-            raise ValueError(
-                f"{name}=True: sampled pairs carry no loss mask yet (docs/masked-loss.md); set it to False."
-            )
-
-
-register_config_check(__name__, check_online_config)
+    if config.loss_mask:
+        raise ValueError(
+            "loss_mask=True: sampled pairs carry no loss mask yet (docs/masked-loss.md); set it to False."
+        )

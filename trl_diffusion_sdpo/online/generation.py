@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.columns import SOURCE_IMAGE, SOURCE_IMAGES
 from ..data.transforms import PairTransform, image_pixels, load_image, resized_size
 from ..evaluation.pairs import select_pairs
 from ..families import ModelFamily, PromptEmbeddings
@@ -93,9 +94,7 @@ class GenerationSettings:
     pair_latents: str = "sampled"
     # when the rewards run: after the micro-batch's sampling, or in a background thread beside the next sampling call
     async_rewards: bool = False
-    # editing data: the prompt rows' source column (one image) or list column (several); video: frames scored per clip
-    source_image_column: str = "source_image"
-    source_images_column: str = "source_images"
+    # video: frames scored per clip
     video_reward_frames: int | None = None
 
     @classmethod
@@ -197,7 +196,7 @@ def frame_indices(num_frames: int, count: int | None) -> list[int]:
 def source_images(columns: dict[str, list[Any]], settings: GenerationSettings) -> list[list[Image.Image]] | None:
     """Each prompt row's source images, decoded to RGB (``None`` for prompts without a source column); a ValueError
     names the column and row of a value that is no image."""
-    single, several = settings.source_image_column, settings.source_images_column
+    single, several = SOURCE_IMAGE, SOURCE_IMAGES
     if single not in columns and several not in columns:
         return None
     column = single if single in columns else several
@@ -376,8 +375,8 @@ class GenerationStage:
         sources = source_images(columns, self.settings)
         if sources is not None:  # the reward functions read the decoded sources, as the offline scorers do
             columns["source_images"] = sources
-            if self.settings.source_image_column in columns:
-                columns[self.settings.source_image_column] = [row[0] for row in sources]
+            if SOURCE_IMAGE in columns:
+                columns[SOURCE_IMAGE] = [row[0] for row in sources]
         k = self.settings.num_generations
         flat_prompts = [p for p in prompts for _ in range(k)]
         flat_columns = {name: [v for v in values for _ in range(k)] for name, values in columns.items()}

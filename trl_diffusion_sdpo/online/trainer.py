@@ -30,6 +30,7 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..data.columns import SOURCE_IMAGE, SOURCE_IMAGES
 from ..data.training_data import TrainingData
 from ..data.validation import DataReport
 from ..families import ModelFamily, PromptEmbeddings
@@ -87,7 +88,7 @@ class RepeatedBlockSampler(Sampler[int]):
 def check_prompt_dataset(dataset: Dataset | IterableDataset, family: ModelFamily | None = None, args=None) -> None:
     """A prompt dataset: a ``prompt`` column of non-empty strings (a ValueError names the first bad row) and, for an
     editing family that needs them, each prompt's source image(s) (``source_image`` or ``source_images``, the config's
-    ``source_image_column`` / ``source_images_column``)."""
+    ``source_image`` / ``source_images``)."""
     columns = dataset.column_names
     if columns is None or PROMPT_COLUMN not in columns:
         raise ValueError(
@@ -95,11 +96,11 @@ def check_prompt_dataset(dataset: Dataset | IterableDataset, family: ModelFamily
             f"function reads); its columns are {columns}."
         )
     if family is not None and args is not None:
-        source_columns = [c for c in (args.source_image_column, args.source_images_column) if c in columns]
+        source_columns = [c for c in (SOURCE_IMAGE, SOURCE_IMAGES) if c in columns]
         if family.edits and not family.sources_optional and not source_columns:
             raise ValueError(
                 f"{type(family).__name__} edits source images: each prompt row needs its source in a "
-                f"{args.source_image_column!r} column (one image) or {args.source_images_column!r} (a list); the "
+                f"{SOURCE_IMAGE!r} column (one image) or {SOURCE_IMAGES!r} (a list); the "
                 f"train_dataset's columns are {columns} (docs/online.md)."
             )
         if source_columns and not family.edits:

@@ -18,7 +18,6 @@ import base64
 import io
 import json
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -282,20 +281,10 @@ def _name_of(function: RewardFunction) -> str:
 
 
 def dataset_scoring_function(
-    reward_funcs: str | RewardFunction | Sequence[str | RewardFunction] | None, reward_fn: RewardFn | None
+    reward_funcs: str | RewardFunction | Sequence[str | RewardFunction] | None,
 ) -> RewardFn | None:
-    """The function that scores a dataset's images, ``(images, prompts) -> scores``: from ``reward_funcs`` (TRL's
-    name and argument order, summed over the functions), or the deprecated ``reward_fn`` as given."""
-    if reward_fn is not None:
-        if reward_funcs is not None:
-            raise ValueError("Pass reward_funcs or reward_fn (its deprecated name), not both.")
-        warnings.warn(
-            "DiffusionSDPOTrainer(reward_fn=...) is deprecated: pass reward_funcs= (a registered scorer name, or a "
-            "callable (prompts, images) -> list[float], prompts first as in TRL's trainers).",
-            FutureWarning,
-            stacklevel=3,
-        )
-        return reward_fn
+    """The function that scores a dataset's images, ``(images, prompts) -> scores``, from ``reward_funcs`` (TRL's
+    name and argument order, summed over the functions)."""
     if reward_funcs is None:
         return None
     functions = [reward_funcs] if isinstance(reward_funcs, str) or callable(reward_funcs) else list(reward_funcs)

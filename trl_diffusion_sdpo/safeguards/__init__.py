@@ -11,7 +11,7 @@ chosen so that, to first order, the winner's error does not increase::
     lambda = clamp((1 - mu) * |g_w|^2 / -<g_w, h_l>, 0, max_lambda)   if <g_w, h_l> < 0
     lambda = max_lambda                                                otherwise
 
-* :class:`DiffusionDPO`: no safeguard (``safeguard=False``), Diffusion-DPO's gradient (:mod:`.output`);
+* :class:`DiffusionDPO`: no safeguard (``safeguard_space="none"``), Diffusion-DPO's gradient (:mod:`.output`);
 * :class:`OutputSpace`: the authors' rule, ``g_w`` and ``h_l`` taken on the predictions' residuals (:mod:`.output`);
 * :class:`ParameterSpace`: the exact rule on the parameter gradients, one pass or two, per process, global or per
   pair (:mod:`.parameter`);
@@ -42,7 +42,7 @@ __all__ = [
     "safeguard_for",
 ]
 
-#: ``safeguard_space`` -> its safeguard (``"none"``: ``safeguard=False``)
+#: ``safeguard_space`` -> its safeguard (``"none"``: ``safeguard_space="none"``)
 SAFEGUARDS: dict[str, type[Safeguard]] = {
     "none": DiffusionDPO,
     "output": OutputSpace,
@@ -54,7 +54,7 @@ SAFEGUARDS: dict[str, type[Safeguard]] = {
 def safeguard_for(args, engine: Engine, *, lora: bool = True, trainable_elements: int = 0) -> Safeguard:
     """The safeguard ``args`` asks for, checked against ``engine`` (a ValueError names what to use instead where it
     cannot run). ``lora`` and ``trainable_elements`` describe the trained weights (the per-pair scope's memory)."""
-    cls = SAFEGUARDS[args.safeguard_space if args.safeguard else "none"]
+    cls = SAFEGUARDS[args.safeguard_space]
     if issubclass(cls, ParameterSpace):
         return cls(args, engine, lora=lora, trainable_elements=trainable_elements)
     return cls(args, engine)

@@ -17,35 +17,18 @@ every micro-batch. Health's ``on_pathology="escalate"`` raises ``mu`` halfway to
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
+from ..config.defaults import resolve_default
 from ..engines.collectives import all_reduce_sum
 from ..objectives import DenoisingErrors
 
-__all__ = ["AUTO", "AUTO_MU_START", "FALLBACK_MU", "SafeguardMargin", "default_mu", "resolve_mu"]
+__all__ = ["AUTO", "AUTO_MU_START", "SafeguardMargin"]
 
 AUTO = "auto"
-#: ``safeguard_mu`` where the authors measured neither the run's family nor its objective (``safeguard_mu=None``):
-#: the toy benchmarks' pick (docs/safeguard.md)
-FALLBACK_MU = 0.5
-#: where ``safeguard_mu="auto"`` starts: the fallback
-AUTO_MU_START = FALLBACK_MU
-
-
-def default_mu(family: Any, loss_type: str) -> float | str:
-    """``safeguard_mu=None`` for a run of ``family`` (a ``ModelFamily``) with ``loss_type``: the authors' value
-    where they measured that family and objective (``family.authors_safeguard_mu``: SD1.5 0.9 with Diffusion-DPO
-    and DMPO, 0.2 with DSPO; SDXL 0.6), else :data:`FALLBACK_MU`. Real-model evidence outranks the toy's."""
-    measured = getattr(family, "authors_safeguard_mu", {})
-    return measured.get(loss_type, measured.get("*", FALLBACK_MU))
-
-
-def resolve_mu(args: Any, family: Any) -> None:
-    """Set ``args.safeguard_mu`` from :func:`default_mu` where it is ``None`` (in place: give it a copy)."""
-    if args.safeguard_mu is None:
-        args.safeguard_mu = default_mu(family, args.loss_type)
+#: where ``safeguard_mu="auto"`` starts: the package's default mu (:mod:`trl_diffusion_sdpo.config.defaults`)
+AUTO_MU_START: float = resolve_default("safeguard_mu").value
 
 
 class SafeguardMargin:

@@ -162,7 +162,7 @@ def output_space_lambda(
 
 
 class DiffusionDPO(Safeguard):
-    """No safeguard (``safeguard=False``): the objective's gradient as it is (the base class's step)."""
+    """No safeguard (``safeguard_space="none"``): the objective's gradient as it is (the base class's step)."""
 
     name = "none"
 

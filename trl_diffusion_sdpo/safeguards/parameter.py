@@ -6,8 +6,9 @@
 micro-batch, or per pair with ``safeguard_scope="pair"``. ``safeguard_space="update"`` (:class:`UpdateSpace`)
 chooses it so that the optimizer's actual update keeps the winner's error from rising to first order
 (:class:`~trl_diffusion_sdpo.safeguards.update_space.OptimizerUpdate`,
-:func:`~trl_diffusion_sdpo.safeguards.update_space.update_space_lambda`). With ``safeguard_log_output_lambda`` a
-step also records the authors' output-space ``lambda`` on the same micro-batch, for comparison.
+:func:`~trl_diffusion_sdpo.safeguards.update_space.update_space_lambda`). With
+:meth:`ParameterSpace.log_output_lambda` a step also records the authors' output-space ``lambda`` on the same
+micro-batch, for comparison.
 
 Both run their backward themselves (:class:`ParameterSpaceBackward`) on the unwrapped denoiser. By default that is
 one forward and one backward pass over the whole pair batch, like Diffusion-DPO, with each trainable weight's gradient
@@ -485,12 +486,15 @@ class ParameterSpace(Safeguard):
             pair_scope=args.safeguard_scope == "pair",
             passes=args.safeguard_passes,
         )
-        # The authors' lambda on the same micro-batch, logged for comparison only: opt-in, since it costs a pass over
-        # the residuals and, with the global scope, one more all-reduce every micro-batch.
-        self.output_rule = (
-            OutputSpaceRule(args, engine.num_processes, self.margin) if args.safeguard_log_output_lambda else None
-        )
-        if self.output_rule is not None:
+        self.output_rule: OutputSpaceRule | None = None
+
+    def log_output_lambda(self, args) -> None:
+        """Also compute the authors' output-space ``lambda`` on the same micro-batch and log it as
+        ``safeguard/output_lambda_*``, for comparison (it is never applied): ``trainer.safeguard.log_output_lambda(
+        trainer.args)`` before training. Opt-in, since it costs a pass over the residuals every micro-batch and, with
+        the global scope, one more all-reduce."""
+        if self.output_rule is None:
+            self.output_rule = OutputSpaceRule(args, self.engine.num_processes, self.margin)
             self.metric_names = (self.metric_names[0], "safeguard/output_lambda", *self.metric_names[1:])
 
     def step(self, batch: MicroBatch) -> StepResult:

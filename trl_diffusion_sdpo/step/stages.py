@@ -439,8 +439,8 @@ class MicroBatchDraws:
     """Where a micro-batch's random draws come from, and which of them this process keeps.
 
     Training: a generator keyed by ``(seed, optimizer step, micro-batch within the step)``; evaluation: one CPU
-    generator seeded with ``eval_seed`` for a whole ``evaluate()`` (:meth:`start_evaluation`). Every draw is made for
-    the global micro-batch (``num_processes`` times the per-device batch) and each process keeps its own rows.
+    generator seeded with the run's ``seed`` for a whole ``evaluate()`` (:meth:`start_evaluation`). Every draw is made
+    for the global micro-batch (``num_processes`` times the per-device batch) and each process keeps its own rows.
     """
 
     def __init__(

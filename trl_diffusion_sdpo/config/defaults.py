@@ -1,0 +1,225 @@
+"""The defaults that depend on the run: one table (model family x objective x offline/online) and one function,
+:func:`resolve_default`, that decides which of its entries wins.
+
+A config field left unset (``None``) takes its value here: ``beta`` and ``safeguard_mu`` per model family and
+objective, ``safeguard_space`` offline and online. The model families declare their own values as data
+(``default_beta`` with ``beta_source``, ``authors_safeguard_mu`` with ``safeguard_mu_source``); :func:`default_table`
+reads them into entries beside the package's, and :func:`resolve_default` picks the most specific entry that
+matches the run: a base model's own entry over its family's, a family's over the package's, an entry naming the
+objective or the mode (offline/online) over one that does not. Every text that states one of these defaults (the
+start summary, ``--help``, the docs, the shipped YAML comments) reads it from here or is tested against it.
+
+This module imports nothing of the package, so the config (the bottom layer) can resolve with it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ANY",
+    "PACKAGE_DEFAULTS",
+    "RESOLVED_FIELDS",
+    "TINY_BASE",
+    "DefaultEntry",
+    "ResolvedDefault",
+    "default_table",
+    "resolve_default",
+    "resolve_defaults",
+    "resolved_config",
+    "safeguard_default_sentence",
+]
+
+#: an entry's key that matches every family, objective or mode
+ANY = "*"
+#: the shipped CPU demo base (``trl-diffusion-sdpo:tiny``); classified as Stable Diffusion, with an entry of its own
+TINY_BASE = "trl-diffusion-sdpo:tiny"
+#: the shipped tiny base's folder (the name above loads it, :mod:`trl_diffusion_sdpo.families.loading`)
+TINY_BASE_DIR = Path(__file__).resolve().parent.parent / "demo" / "base"
+#: the fields resolved here, in the order the start summary lists them
+RESOLVED_FIELDS = ("beta", "safeguard_space", "safeguard_mu")
+
+
+@dataclass(frozen=True)
+class DefaultEntry:
+    """One entry of the table: ``field`` takes ``value`` for runs of ``scope`` (``"*"``, ``"family <name>"`` or
+    ``"base <id>"``) with ``objective`` (a ``loss_type`` or ``"*"``) in ``mode`` (``"offline"``, ``"online"`` or
+    ``"*"``); ``source`` says where the value comes from (a paper, a recipe, a measurement and its file)."""
+
+    field: str
+    value: Any
+    source: str
+    scope: str = ANY
+    objective: str = ANY
+    mode: str = ANY
+
+    def matches(self, field: str, family: str | None, base: str | None, objective: str, mode: str) -> bool:
+        return (
+            self.field == field
+            and self.scope in (ANY, f"family {family}", f"base {base}")
+            and self.objective in (ANY, objective)
+            and self.mode in (ANY, mode)
+        )
+
+    def specificity(self) -> tuple[int, int, int]:
+        """A base's entry outranks a family's, which outranks the package's; then one naming the objective, then the
+        mode."""
+        scope = 2 if self.scope.startswith("base ") else 1 if self.scope.startswith("family ") else 0
+        return scope, int(self.objective != ANY), int(self.mode != ANY)
+
+
+@dataclass(frozen=True)
+class ResolvedDefault:
+    """A field's value for a run and where it comes from: ``given`` (set in the config) or the winning entry."""
+
+    field: str
+    value: Any
+    source: str
+    scope: str = ANY
+    given: bool = False
+
+    def text(self) -> str:
+        """E.g. ``beta=100 (family flux: flow_grpo's SD3.5 Flow-DPO value ...)`` or ``beta=2000 (as given)``."""
+        value = f"{self.value:g}" if isinstance(self.value, float) else str(self.value)
+        if self.given:
+            return f"{self.field}={value} (as given)"
+        owner = "package default" if self.scope == ANY else self.scope
+        return f"{self.field}={value} ({owner}: {self.source})"
+
+
+_SAFEGUARD_EVIDENCE = 'docs/safeguard.md, "Which setting"'
+PACKAGE_DEFAULTS: tuple[DefaultEntry, ...] = (
+    DefaultEntry(
+        "beta",
+        5000.0,
+        "Diffusion-DPO's SD1.5 and SDXL launchers (Wallace et al., arXiv 2311.12908; the paper reports 2000 to 5000)",
+    ),
+    DefaultEntry(
+        "safeguard_space",
+        "output",
+        "Diffusion-SDPO's safeguard, the authors' rule on the policy's residuals (Fu et al., arXiv 2511.03317)",
+        mode="offline",
+    ),
+    DefaultEntry(
+        "safeguard_space",
+        "none",
+        "online Diffusion-DPO: the authors' mu values were measured on offline pairs, and on the CPU demo every "
+        "safeguard setting cost held-out quality online (docs/online.md)",
+        mode="online",
+    ),
+    DefaultEntry(
+        "safeguard_mu",
+        0.5,
+        "the package's pick from its paired comparisons on the CPU demo: the output space at mu 0.5 paid about as "
+        f"much as 0.9 where Diffusion-DPO's pathology bites and cost less where it does not ({_SAFEGUARD_EVIDENCE})",
+    ),
+    DefaultEntry(
+        "safeguard_mu",
+        0.5,
+        "the toy's own paired comparisons (benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json,"
+        " 10 seeds): output space at mu 0.5 +0.098 held-out reward against Diffusion-DPO where its pathology bites "
+        "(mu 0.9: +0.104) and -0.008 where it is healthy (mu 0.9: -0.030); the toy's evidence, not SD1.5's, holds on "
+        "the toy",
+        scope=f"base {TINY_BASE}",
+    ),
+)
+
+
+def default_table(family: Any = None) -> tuple[DefaultEntry, ...]:
+    """The package's entries and those ``family`` (a ``ModelFamily`` class or instance) declares as data:
+    ``default_beta`` (with ``beta_source``) and ``authors_safeguard_mu`` (per ``loss_type``, ``"*"``: every one,
+    with ``safeguard_mu_source``)."""
+    if family is None:
+        return PACKAGE_DEFAULTS
+    scope = f"family {family.name}"
+    entries = []
+    beta = getattr(family, "default_beta", None)
+    if beta is not None:
+        entries.append(DefaultEntry("beta", float(beta), family.beta_source, scope))
+    for objective, mu in getattr(family, "authors_safeguard_mu", {}).items():
+        source = getattr(family, "safeguard_mu_source", "the Diffusion-SDPO authors (arXiv 2511.03317)")
+        entries.append(DefaultEntry("safeguard_mu", mu, source, scope, objective))
+    return PACKAGE_DEFAULTS + tuple(entries)
+
+
+def base_id(name_or_path: Any) -> str | None:
+    """The id of a base with entries of its own (:data:`TINY_BASE`) that ``name_or_path`` names or loads from."""
+    if name_or_path is None:
+        return None
+    text = str(name_or_path)
+    if text == TINY_BASE:
+        return TINY_BASE
+    try:
+        return TINY_BASE if Path(text).resolve() == TINY_BASE_DIR else None
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_default(
+    field: str, family: Any = None, objective: str = "dpo", online: bool = False, base: Any = None
+) -> ResolvedDefault:
+    """The value ``field`` takes when unset, for a run of ``family`` (class or instance; ``None``: the package's)
+    with ``objective`` offline or ``online``, on the base model ``base`` (a name or folder; the shipped tiny base has
+    entries of its own): the most specific matching entry of :func:`default_table`. The one place that decides."""
+    mode = "online" if online else "offline"
+    name = None if family is None else family.name
+    matching = [e for e in default_table(family) if e.matches(field, name, base_id(base), objective, mode)]
+    if not matching:
+        raise KeyError(f"no default for {field!r} ({name}, {objective}, {mode})")
+    best = max(matching, key=DefaultEntry.specificity)
+    return ResolvedDefault(field, best.value, best.source, best.scope)
+
+
+def _online(config: Any) -> bool:
+    return bool(getattr(config, "is_online", False))
+
+
+def resolve_defaults(config: Any, family: Any = None, base: Any = None) -> dict[str, ResolvedDefault]:
+    """Each of :data:`RESOLVED_FIELDS` for ``config``: its value where set, else :func:`resolve_default`'s.
+
+    Online, a ``safeguard_mu`` or ``on_pathology="escalate"`` asks for a safeguard: ``safeguard_space`` unset is then
+    the offline default. A field the config resolved when it was made (``config.defaulted``) keeps that
+    resolution."""
+    online = _online(config)
+    resolved = {}
+    made = getattr(config, "defaulted", {})  # resolved when the config was made (the mode's defaults)
+    for field in RESOLVED_FIELDS:
+        if field in made:
+            resolved[field] = made[field]
+            continue
+        given = getattr(config, field, None)
+        if given is not None:
+            resolved[field] = ResolvedDefault(field, given, "as given", given=True)
+            continue
+        asks = field == "safeguard_space" and online and config.on_pathology == "escalate"
+        asks = asks or (field == "safeguard_space" and online and config.safeguard_mu is not None)
+        resolved[field] = resolve_default(field, family, config.loss_type, online and not asks, base)
+    return resolved
+
+
+def resolved_config(config: Any, family: Any = None, base: Any = None) -> tuple[Any, dict[str, ResolvedDefault]]:
+    """A copy of ``config`` with every unset field of :data:`RESOLVED_FIELDS` set (the caller's stays as given), and
+    the resolutions."""
+    resolved = resolve_defaults(config, family, base)
+    config = copy.copy(config)
+    for field, value in resolved.items():
+        setattr(config, field, value.value)
+    return config, resolved
+
+
+def safeguard_default_sentence(online: bool) -> str:
+    """What the safeguard does by default offline or ``online``, from the table (``--help`` prints it)."""
+    space = resolve_default("safeguard_space", online=online)
+    mu = resolve_default("safeguard_mu")
+    if space.value == "none":
+        return (
+            "Online the pairs train without the safeguard by default (safeguard_space unset is none there); "
+            "--safeguard_space or --safeguard_mu turns it on."
+        )
+    return (
+        f"The pairs train with the Diffusion-SDPO safeguard by default (safeguard_space {space.value}, mu the "
+        f"model family's value, else {mu.value:g})."
+    )
