@@ -102,7 +102,7 @@ def _configs(tmp_path) -> list:
     ]
     online = [
         OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **fields)
-        for fields in ({}, {"safeguard": True}, {"safeguard_space": "update"}, {"safeguard_mu": 0.5})
+        for fields in ({}, {"safeguard_space": "output"}, {"safeguard_space": "update"}, {"safeguard_mu": 0.5})
     ]
     return offline + online
 
