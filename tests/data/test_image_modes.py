@@ -9,9 +9,8 @@ import pytest
 from datasets import Dataset
 from PIL import Image
 
-from trl_diffusion_sdpo.data.images import to_rgb
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
-from trl_diffusion_sdpo.data.transforms import load_image
+from trl_diffusion_sdpo.data.transforms import load_image, to_rgb
 
 
 def palette_image(mode: str) -> Image.Image:

@@ -340,7 +340,7 @@ def test_a_change_of_the_image_conversion_rules_makes_a_new_cache(tmp_path, monk
     assert images.image_conversion_digest() == expected
     pipeline = build_tiny_sd_pipeline()
     first = DiffusionSDPOTrainer(pipeline, args=_config(tmp_path), train_dataset=Dataset.from_list(_rows()))
-    monkeypatch.setattr(latent_cache, "image_conversion_digest", lambda: "rules after an edit of data/images.py")
+    monkeypatch.setattr(latent_cache, "image_conversion_digest", lambda: "rules after an edit of data/transforms.py")
     calls = []
     encode = pipeline.vae.encode
     pipeline.vae.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)

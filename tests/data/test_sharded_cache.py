@@ -283,7 +283,7 @@ def test_a_cache_encoded_under_other_image_conversion_rules_is_refused_by_the_tr
     folder = tmp_path / "c"
     build_sharded_latent_cache(dataset, _args(tmp_path), family_for_pipeline(pipe), str(folder))
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["settings"]["image_conversion"] = "digest of the rules before an edit of data/images.py"  # edited on disk
+    manifest["settings"]["image_conversion"] = "digest before an edit of data/transforms.py"  # edited on disk
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="image-conversion rules"):
         DiffusionSDPOTrainer(pipe, None, _args(tmp_path), load_sharded_latent_cache(str(folder)))

@@ -57,9 +57,8 @@ from safetensors.torch import load_file, save_file
 
 from ..families import ModelFamily, PromptEmbeddings
 from .collators import pair_mask, pair_scores
-from .images import image_conversion_digest
 from .progress import datasets_progress_bars
-from .transforms import PairTransform
+from .transforms import PairTransform, image_conversion_digest
 from .validation import PreferenceColumns, order_pair, source_values
 from .video import VideoClip, VideoPairTransform
 
@@ -180,7 +179,7 @@ _SETTING_NAMES = {
     "resolution": "resolution",
     "crop": "crop",
     "clip": "video frames (num_frames, frame_stride)",
-    "image_conversion": "image-conversion rules (data/images.py or Pillow's version changed since)",
+    "image_conversion": "image-conversion rules (data/transforms.py or Pillow's version changed since)",
     "vision": "how the prompt encoding reads the source images (image processor, condition size, template)",
 }
 

@@ -3,23 +3,27 @@ and the pair's loss mask (given, or derived from where the two images differ).""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from .images import stored_bits, to_rgb
-
 __all__ = [
-    "PairTransform",
     "difference_mask",
+    "image_conversion_digest",
+    "image_mode_problem",
     "image_pixels",
     "load_image",
     "mirrored_time_ids",
+    "PairTransform",
     "resized_size",
+    "stored_bits",
+    "to_rgb",
 ]
 
 
@@ -174,3 +178,93 @@ class PairTransform:
         if flip:
             return pixels.flip(-1), mirrored_time_ids(time_ids)
         return pixels, time_ids
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def _from_intensities(values: np.ndarray, scale: float) -> Image.Image:
+    """Grey values ``values * scale`` rounded to 8 bits, as an RGB image."""
+    grey = np.clip(np.rint(values.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def image_conversion_digest() -> str:
+    """SHA-256 of this module's source (its decoding, resizing and cropping rules) and Pillow's version: the latent
+    cache's fingerprint includes it, so a cache encoded under other conversion rules (or another decoder) is never
+    reused."""
+    with open(__file__, "rb") as f:
+        source = f.read()
+    return hashlib.sha256(source + PIL.__version__.encode()).hexdigest()
+
+
+def stored_bits(image: Image.Image) -> int | None:
+    """16 when ``image`` (opened, not yet loaded) is decoded from 16 bits per sample, else ``None`` (unknown or
+    other). Pillow forgets this at ``load()``, so it must be read before."""
+    for tile in getattr(image, "tile", None) or []:
+        args = tile.args if hasattr(tile, "args") else tile[3]
+        rawmode = args if isinstance(args, str) else (args[0] if args else "")
+        if isinstance(rawmode, str) and rawmode.startswith("I;16"):
+            return 16
+    return None
+
+
+def _scale(image: Image.Image, bits: int | None = None) -> tuple[float | None, str]:
+    """``(scale, "")`` for the modes whose values need scaling (``None`` for the others), or ``(None, reason)``.
+    ``bits``: the file's bits per sample when known (:func:`stored_bits`)."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or (mode == "I" and bits == 16):
+        return 1 / 257, ""
+    if mode == "I":
+        low, high = image.getextrema()
+        if low < 0 or high > 65535:
+            return None, (
+                f"image mode I (32-bit integers) holds values in [{low}, {high}], outside both the 8-bit [0, 255] and "
+                "the 16-bit [0, 65535] range; save it as 8-bit or 16-bit"
+            )
+        return (1.0 if high <= 255 else 1 / 257), ""
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():
+            return None, "image mode F (32-bit floats) holds NaN or infinite values"
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 255:
+            return None, (
+                f"image mode F (32-bit floats) holds values in [{low:g}, {high:g}]; only [0, 1] (intensities) or "
+                "[0, 255] (8-bit scale) can be read; rescale it"
+            )
+        return (255.0 if high <= 1 else 1.0), ""
+    return None, ""
+
+
+def image_mode_problem(image: Image.Image) -> str:
+    """Why ``image`` cannot be converted to RGB (naming its mode), or ``""``. Reads pixel values only for ``I``
+    and ``F``, whose scale depends on them."""
+    if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
+        return _scale(image)[1]
+    if image.mode not in Image.MODES:
+        return f"image mode {image.mode} is not supported"
+    return ""
+
+
+def to_rgb(image: Image.Image, bits: int | None = None) -> Image.Image:
+    """``image`` as an 8-bit RGB image (see the module docstring for each mode), or ``ValueError`` naming the mode.
+    ``bits``: :func:`stored_bits` of the image as opened (before ``load()``), when it came from a file."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        scale, problem = _scale(image, bits)
+        if problem:
+            raise ValueError(problem)
+        return _from_intensities(np.asarray(image), scale)
+    try:
+        if mode in _ALPHA or "transparency" in image.info:
+            rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
+            background = Image.new("RGB", image.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
+        return image.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ValueError(f"image mode {mode} cannot be converted to RGB: {err}") from None

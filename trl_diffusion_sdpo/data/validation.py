@@ -45,8 +45,7 @@ from .columns import (
     SOURCE_IMAGE,
     SOURCE_IMAGES,
 )
-from .images import image_mode_problem
-from .transforms import load_image
+from .transforms import image_mode_problem, load_image
 from .video import VideoClip, read_video
 
 __all__ = [
