@@ -444,8 +444,8 @@ def test_pickapic_columns_map_onto_trls_with_every_row_kept_in_order_and_ties_ma
     from datasets import Dataset, IterableDataset
 
     from tests.helpers.common import pickapic_rows
+    from trl_diffusion_sdpo.data.columns import SKIP_COLUMN
     from trl_diffusion_sdpo.data.formats import pickapic_to_trl
-    from trl_diffusion_sdpo.data.validation import SKIP_COLUMN
 
     rows = pickapic_rows(6, PICKAPIC_LABELS)
     dataset = IterableDataset.from_generator(lambda: iter(rows)) if streamed else Dataset.from_list(rows)
@@ -504,12 +504,12 @@ def test_a_label_form_stream_gives_the_old_pairs_skips_and_reasons(labels, mappe
 
 
 def test_the_train_commands_loader_maps_the_label_form_under_the_configs_column_names(tmp_path, make_config):
-    """``dataset_columns: pickapic`` with EditReward-Data's names in the config (the editing configs): the stream
-    holds each row's voted image as ``chosen``, ties and bad votes marked, the source column kept."""
+    """``dataset_columns: pickapic`` with EditReward-Data's names renamed (``--rename_columns``, as the editing configs
+    do): the stream holds each row's voted image as ``chosen``, ties and bad votes marked, the source column kept."""
     from datasets import Dataset
 
     from tests.helpers.common import edit_rows
-    from trl_diffusion_sdpo.data.validation import SKIP_COLUMN
+    from trl_diffusion_sdpo.data.columns import SKIP_COLUMN
 
     votes = ["rightvote", "tie", "leftvote", "sideways"]
     rows = [
@@ -518,17 +518,18 @@ def test_the_train_commands_loader_maps_the_label_form_under_the_configs_column_
         for i, (r, vote) in enumerate(zip(edit_rows(4), votes))
     ]  # fmt: skip
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "votes"))
-    config = make_config(
-        caption_column="instruction", image_0_column="left_output_image", image_1_column="right_output_image",
-        label_0_column="vote_type", source_image_column="source_img",
-    )  # fmt: skip
+    renames = (
+        "instruction:caption,left_output_image:jpg_0,right_output_image:jpg_1,vote_type:label_0,"
+        "source_img:source_image"
+    )
     script_args = ScriptArguments(dataset_name=str(tmp_path / "votes"), dataset_streaming=True)
-    stream = load_train_split(script_args, DiffusionScriptArguments(dataset_columns="pickapic"), config)
+    diffusion_args = DiffusionScriptArguments(dataset_columns="pickapic", rename_columns=renames)
+    stream = load_train_split(script_args, diffusion_args, make_config())
     read = list(stream)
     sides = {"leftvote": ("left", "right"), "rightvote": ("right", "left")}
     for row, vote, source in zip(read, votes, rows):
         chosen, rejected = sides.get(vote, ("left", "right"))
-        assert (row["prompt"], row["chosen"], row["rejected"], row["source_img"]) == (
+        assert (row["prompt"], row["chosen"], row["rejected"], row["source_image"]) == (
             source["instruction"], source[f"{chosen}_output_image"], source[f"{rejected}_output_image"],
             source["source_img"],
         )  # fmt: skip

@@ -333,7 +333,8 @@ def test_a_streamed_dataset_cannot_be_cached(tmp_path):
 
 
 def test_a_change_of_the_image_conversion_rules_makes_a_new_cache(tmp_path, monkeypatch):
-    from trl_diffusion_sdpo.data import images, latent_cache
+    from trl_diffusion_sdpo.data import latent_cache
+    from trl_diffusion_sdpo.data import transforms as images
 
     with open(images.__file__, "rb") as f:  # the rules' source and the decoder's version, hashed independently
         expected = hashlib.sha256(f.read() + PIL.__version__.encode()).hexdigest()

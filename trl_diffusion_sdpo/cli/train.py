@@ -661,7 +661,8 @@ def load_split(
         dataset_columns=diffusion_args.dataset_columns,
         pickapic_names=names,
     )
-    others = {old: new for old, new in renames.items() if old not in names and old in (dataset.column_names or [])}
+    known = dataset.column_names  # None for a stream whose columns are only known when read: renamed all the same
+    others = {old: new for old, new in renames.items() if old not in names and (known is None or old in known)}
     if others:
         dataset = dataset.rename_columns(others)
     from ..data.masks import add_loss_masks

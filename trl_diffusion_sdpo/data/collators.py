@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .columns import ROW_INDEX_COLUMN, TIE_REASON, PreferenceColumns, order_pair
 from .transforms import PairTransform, load_image, mirrored_time_ids
-from .validation import ROW_INDEX_COLUMN, TIE_REASON, PreferenceColumns, mask_problem, order_pair, source_values
+from .validation import mask_problem, source_values
 
 __all__ = ["PreferenceCollator", "pair_mask", "pair_scores"]
 

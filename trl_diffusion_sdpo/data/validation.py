@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from datasets import Dataset, IterableDataset
 from datasets import Image as ImageFeature
 from datasets import List as ListFeature
@@ -40,10 +39,19 @@ from .columns import (
     MASK,
     PROMPT,
     REJECTED,
+    ROW_INDEX_COLUMN,
     SCORE_0,
     SCORE_1,
+    SKIP_COLUMN,
+    SOURCE_COLUMN,
     SOURCE_IMAGE,
     SOURCE_IMAGES,
+    TIE_REASON,
+    PreferenceColumns,
+    is_tie,
+    order_pair,
+    score_value,
+    skip_mark,
 )
 from .transforms import image_mode_problem, load_image
 from .video import VideoClip, read_video
@@ -68,64 +76,11 @@ class DataError(ValueError):
     the data or the name. The command line ends on it with one line and exit status 1."""
 
 
-# Why a row mapped from Pick-a-Pic's label form (:func:`~.pickapic.pickapic_to_trl`) gives no pair, as
-# ``{"column", "reason"}``: both empty for a pair; an empty column and TIE_REASON for a tie (dropped and counted as a
-# tie); the label column and its problem for a bad label (an invalid row, named by that column).
-SKIP_COLUMN = "__skip__"
-TIE_REASON = "a tie (equal labels or scores)"
-# A streamed row's position in the stream, added by preparation so a bad row's warning can name it.
-ROW_INDEX_COLUMN = "__row_index__"
-# Where a row came from in the user's files (a pair folder, an annotation record), written by the file-format readers
-# (:mod:`.formats`) so a bad row's error names the file as well as the row.
-SOURCE_COLUMN = "__source__"
 # A value with a URL scheme (``http://``, ``s3://``...): never fetched (the readers turn ``file://`` into a path).
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # How far a single source's aspect ratio may be from the chosen image's, as |log(ratio_source / ratio_chosen)|:
 # 1 % keeps the two center crops within about 1 % of the crop's side of each other (5 px at 512).
 SOURCE_ASPECT_TOLERANCE = 0.01
-
-
-@dataclass(frozen=True)
-class PreferenceColumns:
-    """Where a dataset keeps its prompt and images, in TRL's form: ``first`` is the chosen image, ``second`` the
-    rejected one. ``skip`` names :data:`SKIP_COLUMN` where the rows were mapped from Pick-a-Pic's label form.
-
-    ``score_0``, ``score_1`` (SmPO only) hold a score per image (``first``, ``second``); when set, the scores, not the
-    columns, order the pair. ``clip`` is set for video data (``num_frames``): ``first`` and ``second`` then hold
-    videos, of which this clip is read (:mod:`.video`). ``source`` names an editing dataset's source column: one image
-    per row, or a list of them when ``source_list``. ``mask`` names the loss-mask column (``loss_mask``; derived and
-    grown before training by :func:`~.masks.add_loss_masks`).
-    """
-
-    prompt: str
-    first: str
-    second: str
-    score_0: str | None = None
-    score_1: str | None = None
-    clip: VideoClip | None = None
-    source: str | None = None
-    source_list: bool = False
-    mask: str | None = None
-    skip: str | None = None
-
-    @property
-    def all(self) -> list[str]:
-        columns = (self.prompt, self.first, self.second, self.score_0, self.score_1, self.source, self.mask)
-        return [c for c in (*columns, self.skip) if c is not None]
-
-    @property
-    def masked(self) -> bool:
-        """Whether each pair trains on a loss mask (read from ``mask``)."""
-        return self.mask is not None
-
-    @property
-    def edits(self) -> bool:
-        """Whether the rows are edits (a source column beside the prompt and the two images)."""
-        return self.source is not None
-
-    @property
-    def scored(self) -> bool:
-        return self.score_0 is not None and self.score_1 is not None
 
 
 @dataclass
@@ -423,35 +378,6 @@ def _check_video(value: Any, clip: VideoClip) -> str:
         return f"cannot read video: {err}"
 
 
-def skip_mark(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
-    """``(column, reason)`` of a row's :data:`SKIP_COLUMN`: ``("", "")`` for a pair (and for every row without the
-    column), ``("", TIE_REASON)`` for a tie, ``(label column, problem)`` for a bad label."""
-    mark = row.get(columns.skip) if columns.skip is not None else None
-    if not mark:
-        return "", ""
-    return mark.get("column") or "", mark.get("reason") or ""
-
-
-def is_tie(row: dict[str, Any], columns: PreferenceColumns) -> bool:
-    """Whether the row is a human tie (marked by the label form's mapping): dropped and counted apart from bad rows."""
-    return skip_mark(row, columns) == ("", TIE_REASON)
-
-
-def _score_value(value: Any) -> float:
-    """A score as a float, or ``ValueError`` saying why it is not a finite real number. A one-element list (as
-    SmPO's scored Pick-a-Pic stores PickScore) counts as its element."""
-    if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 1:
-        value = value[0]
-    if value is None:
-        raise ValueError("score is missing (None)")
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"score {value!r} is not a real number")
-    score = float(value)
-    if not math.isfinite(score):
-        raise ValueError(f"score {value!r} is not finite")
-    return score
-
-
 def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
     """``(column, reason)`` of the first problem in a row, or ``("", "")``. Ties are not problems (their scores
     are not looked at: the row is dropped anyway)."""
@@ -478,36 +404,10 @@ def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, s
     if columns.scored and not is_tie(row, columns):
         for column in (columns.score_0, columns.score_1):
             try:
-                _score_value(row.get(column))
+                score_value(row.get(column))
             except ValueError as err:
                 return column, str(err)
     return "", ""
-
-
-def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, Any, tuple[float, float] | None] | None:
-    """``(winner, loser, scores)`` of a row, the one rule for both collators and the latent cache.
-
-    ``None`` for a human tie (marked in :data:`SKIP_COLUMN`), which is dropped whatever the scores. With score columns
-    the higher-scored image wins (equal scores: ``second``, as SmPO's strict ``>``; the pair's weight is then 0) and
-    ``scores`` is ``(score_winner, score_loser)``; otherwise ``first`` (chosen) wins and ``scores`` is ``None``.
-    Raises ``ValueError`` naming the column of a bad label (marked) or score.
-    """
-    column, reason = skip_mark(row, columns)
-    if column:  # a streamed row with a label outside {0, 0.5, 1} is bad, not a preference
-        raise ValueError(f"column {column!r}: {reason}")
-    if reason:
-        return None
-    first, second = row[columns.first], row[columns.second]
-    if columns.scored:
-        scores = []
-        for column in (columns.score_0, columns.score_1):
-            try:
-                scores.append(_score_value(row.get(column)))
-            except ValueError as err:
-                raise ValueError(f"column {column!r}: {err}") from None
-        score_0, score_1 = scores
-        return (first, second, (score_0, score_1)) if score_0 > score_1 else (second, first, (score_1, score_0))
-    return first, second, None
 
 
 def _inner(feature: Any) -> Any:
