@@ -58,7 +58,7 @@ def main() -> None:
     trainer = build_trainer(options.output_dir, options.tokenizer_dir)
     trainer.args.save_steps = 1000  # the run's own saves off: the only checkpoint is the preemption's
     if options.signals is not None:
-        from trl_diffusion_sdpo.callbacks.preemption import PreemptionCallback
+        from trl_diffusion_sdpo.callbacks.interruptions import PreemptionCallback
 
         trainer.add_callback(PreemptionCallback(trainer, signals=options.signals))
     trainer.add_callback(PauseAtStep(options.pause_step, options.pause_rank, options.pause_dir))

@@ -8,7 +8,7 @@ One micro-batch (:meth:`DiffusionSDPOTrainer.training_step`) reads::
     batch -> noised pair                                    (step.stages)
     -> safeguard.step: predictions -> errors -> objective   (safeguards: chosen once; step.stages)
        -> lambda -> backward
-    -> non-finite guard -> metrics                          (step.guard, step.metrics)
+    -> non-finite guard -> metrics                          (callbacks.interruptions, step.predictions)
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .callbacks.guards import EMAWeights, GuardState
 from .callbacks.health import WinnerHealth, switched_config
-from .callbacks.nonfinite import NonFiniteLossGuard, NonFiniteTracker
-from .callbacks.stream_guard import StreamGuard
+from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import resolved_config
 from .data.scoring import RewardFn
@@ -58,15 +57,16 @@ from .io.trackers import make_config_trackable
 from .objectives import PreferenceObjective, check_objective_config, objective_from_config
 from .rewards.functions import RewardFunction, dataset_scoring_function
 from .safeguards import MicroBatch, Safeguard, safeguard_for
-from .step.metrics import (
+from .step.predictions import (
     QUARTILE_METRICS,
+    evaluate_objective,
     finish_margin_quartiles,
     metric_names,
     record_margin_quartiles,
     record_metrics,
     reduce_metrics,
+    reference_for,
 )
-from .step.predictions import evaluate_objective, reference_for
 from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches
 
 __all__ = ["DiffusionSDPOTrainer"]

@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset
 
 from tests.helpers.common import changed_keys, pickapic_rows, snapshot
-from trl_diffusion_sdpo.callbacks.stream_guard import NoValidPairsError, stop_threshold
+from trl_diffusion_sdpo.callbacks.interruptions import NoValidPairsError, stop_threshold
 
 
 def stream(rows: list[dict]):
@@ -57,7 +57,7 @@ def test_an_empty_step_among_good_ones_is_skipped_not_applied(make_trainer, capl
         return before, trainer
 
     before, one = run(1)
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.stream_guard"):
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.interruptions"):
         _, two = run(2)
     assert "Optimizer step 2 has no valid pair (2 rows skipped): not applied" in caplog.text
     # Step 2 changed nothing: the weights and AdamW's state are those after step 1, bit for bit.

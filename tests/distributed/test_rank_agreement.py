@@ -10,8 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trl_diffusion_sdpo.callbacks.nonfinite import NonFiniteTracker
-from trl_diffusion_sdpo.callbacks.stream_guard import StreamGuard
+from trl_diffusion_sdpo.callbacks.interruptions import NonFiniteTracker, StreamGuard
 from trl_diffusion_sdpo.objectives import PreferencePredictions
 from trl_diffusion_sdpo.safeguards.output import output_space_lambda
 from trl_diffusion_sdpo.step.stages import UsableBatches

@@ -159,7 +159,7 @@ def test_the_config_is_the_bottom_layer(tmp_path, monkeypatch):
     (package / "config" / "rules.py").write_text(
         "from .checks import Range\n\ndef f():\n    from ..objectives import objective_class\n"
     )
-    (package / "config" / "fields.py").write_text("import trl_diffusion_sdpo.callbacks.preemption\n")
+    (package / "config" / "fields.py").write_text("import trl_diffusion_sdpo.callbacks.interruptions\n")
     monkeypatch.setattr(f"{__name__}.ROOT", package)
     assert violations() == {
         ("trl_diffusion_sdpo.config.rules", "trl_diffusion_sdpo.objectives"),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.checkpoint_kill_worker import build_trainer
-from trl_diffusion_sdpo.callbacks.preemption import (
+from trl_diffusion_sdpo.callbacks.interruptions import (
     INTERRUPTED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
     TrainingPreempted,

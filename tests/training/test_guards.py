@@ -373,7 +373,7 @@ def test_what_the_adaptive_guards_choose_reaches_the_next_step(make_trainer, ada
 def test_margins_by_timestep_quartile_are_the_pooled_means_of_each_quarter_of_the_schedule():
     from collections import defaultdict
 
-    from trl_diffusion_sdpo.step.metrics import (
+    from trl_diffusion_sdpo.step.predictions import (
         QUARTILE_METRICS,
         finish_margin_quartiles,
         record_margin_quartiles,

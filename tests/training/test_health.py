@@ -175,7 +175,7 @@ def test_every_process_switches_at_the_same_step_from_the_reduced_signals():
     from transformers import TrainerControl
 
     from trl_diffusion_sdpo.callbacks.guards import PathologyAction
-    from trl_diffusion_sdpo.step.metrics import reduce_metrics
+    from trl_diffusion_sdpo.step.predictions import reduce_metrics
 
     names = ["delta/winner", "implicit_acc"]
     # per process and window: (delta/winner, implicit_acc) of its micro-batches. Alone, process 0 would switch at

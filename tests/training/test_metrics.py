@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from trl_diffusion_sdpo.step.metrics import reduce_metrics
+from trl_diffusion_sdpo.step.predictions import reduce_metrics
 
 NAMES = ["data/skipped_rows", "implicit_acc", "safeguard/lambda", "safeguard/output_lambda"]
 

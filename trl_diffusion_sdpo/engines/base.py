@@ -18,7 +18,8 @@ optimizer's own parameters, every group of it, with torch's ``get_total_norm`` a
 ``model.parameters()``, which on a UNet carrying LoRA adapters walks thousands of frozen weights to reach a few hundred
 small gradients. A fused optimizer step (torch's fused Adam, AdamW and SGD) also takes a device-side ``found_inf``
 flag, as ``torch.amp.GradScaler`` hands it, and skips the whole update in its kernel when it is set: the non-finite
-guard (:mod:`~trl_diffusion_sdpo.callbacks.nonfinite`) skips a step that way without the host waiting for the device
+guard (:mod:`~trl_diffusion_sdpo.callbacks.interruptions`) skips a step that way without the host waiting for the
+device
 (:func:`fused_scaling_optimizer`).
 
 What the exact safeguard needs of an engine (its per-branch gradient store and reductions) is that engine's

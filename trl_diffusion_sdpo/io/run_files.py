@@ -38,7 +38,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
-from ..callbacks.preemption import PreemptionCallback, preemption_signal_handlers
+from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
 from . import checkpoints, saving
 from .checkpoints import (
     TRAINER_STATE_NAME,

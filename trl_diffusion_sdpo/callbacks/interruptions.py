@@ -1,0 +1,478 @@
+"""What interrupts a step or a run, each decided from flags reduced over every process before it acts:
+
+* a non-finite loss or gradient never reaches the weights: the trainer flags a non-finite micro-batch loss, and a
+  non-finite gradient norm (an inf in one gradient element with a finite loss makes the clipped gradients and the
+  update NaN), on the device (:meth:`NonFiniteTracker.flag`); the tracker turns the flag into a skipped optimizer step
+  (or a checkpoint and an error) without making the host wait every step (:class:`NonFiniteLossGuard`);
+* a data stream that yields too few valid pairs stops the run, its counts summed over processes
+  (:class:`StreamGuard`);
+* a signal (SIGTERM, or Ctrl-C) finishes the optimizer step, saves a checkpoint on every process and stops, saying
+  how to resume (:class:`PreemptionCallback`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..data.validation import DataError
+from ..engines.base import fused_scaling_optimizer
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from ..data.validation import DataReport
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..engines import Engine
+
+__all__ = [
+    "INTERRUPTED_EXIT_CODE",
+    "PREEMPTED_EXIT_CODE",
+    "PREEMPTION_SIGNALS",
+    "dropped_at_preparation",
+    "flag_nonfinite",
+    "NonFiniteLossGuard",
+    "NonFiniteTracker",
+    "NoValidPairsError",
+    "parse_signals",
+    "preemption_signal_handlers",
+    "PreemptionCallback",
+    "stop_threshold",
+    "StreamGuard",
+    "TrainingPreempted",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def flag_nonfinite(flag: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``flag + (value is NaN or infinite)``, a float32 device tensor (``flag`` ``None`` counts as 0); no host sync.
+
+    An FSDP2 gradient norm is a DTensor: its full value is used (a plain tensor, which the guard can all-reduce)."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    new = (~torch.isfinite(value.detach())).any().float()
+    return new if flag is None else flag + new.to(flag.device)
+
+
+class NonFiniteTracker:
+    """Keeps gradients of a non-finite loss, or non-finite gradients, away from the optimizer, and counts the skips.
+
+    With a fused optimizer (torch's fused AdamW, the default) and ``on_nonfinite="skip"`` the flag goes to the
+    optimizer as ``found_inf`` and its fused kernel skips the whole update on the device, so the host never waits;
+    the skips are counted on the device and read when logging (:meth:`take_skipped`). Otherwise the flag is read just
+    before the optimizer step, and if set every gradient is dropped. Either way the step is a no-op for all
+    parameters: no moment update, no weight decay. Where the engine skips overflowing steps itself (DeepSpeed), the
+    tracker only counts.
+
+    Under fp16 with a gradient scaler (``accelerator.scaler``) a non-finite gradient norm with a finite loss is an
+    ordinary overflow of the scaled gradients: the scaler skips that step and lowers its scale, as it is made to, so
+    the tracker leaves it alone (it neither drops the gradients, which would hide the overflow from the scaler, nor
+    counts it, nor raises). A non-finite loss is still the tracker's.
+
+    With several processes the flag is summed over processes before every optimizer step, also on a process that
+    flagged nothing (it adds 0): every process enters the reduction, and all skip or stop together.
+
+    Args:
+        on_nonfinite: ``"skip"`` (warn and go on) or ``"raise"`` (save a checkpoint of the last good state, then
+            raise).
+        engine: the run's engine: whether it skips non-finite updates itself (DeepSpeed), or manages the gradients
+            (then no fused skip).
+        accelerator: the run's accelerator: its processes (the flag's reduction), gradient scaler and device.
+        checkpoints: what saves a checkpoint of the current (last good) state: ``checkpoints.save_checkpoint()``
+            (the trainer's :class:`~trl_diffusion_sdpo.io.run_files.RunFiles`).
+
+    The optimizer is handed over when the trainer creates it (:attr:`optimizer`): a flagged step's gradients are
+    dropped through it (its parameters are the trained ones), and its fused step skips the update on the device.
+    """
+
+    def __init__(self, on_nonfinite: str, engine: Engine, accelerator: Accelerator, checkpoints: Any) -> None:
+        self.on_nonfinite = on_nonfinite
+        self.engine, self.accelerator, self.checkpoints = engine, accelerator, checkpoints
+        self.optimizer: torch.optim.Optimizer | None = None  # set by the trainer's create_optimizer
+        self.flag_value: torch.Tensor | None = None  # non-finite values seen since the last optimizer step
+        self.skipped = 0  # optimizer steps skipped so far, as read by the host
+        self.pending: torch.Tensor | None = None  # skips counted on the device, read when logging
+
+    def fused_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose fused step takes ``found_inf`` (:mod:`~trl_diffusion_sdpo.engines.base`), or None."""
+        return fused_scaling_optimizer(self.optimizer, self.accelerator.scaler, self.engine.manages_gradients)
+
+    def flag(self, value: torch.Tensor) -> None:
+        """Flag ``value`` (a micro-batch loss) if it is not finite; no host sync."""
+        self.flag_value = flag_nonfinite(self.flag_value, value)
+
+    def flag_gradient_norm(self, norm: torch.Tensor) -> None:
+        """Flag the step's pre-clip gradient ``norm`` if it is not finite (no host sync); under a gradient scaler
+        an overflow is the scaler's to skip, not a non-finite step."""
+        if self.accelerator.scaler is None:
+            self.flag(norm)
+
+    def reset(self) -> None:
+        """Forget what an interrupted earlier ``train()`` left behind in the fused optimizer."""
+        fused = self.fused_optimizer()
+        if fused is not None:
+            fused.found_inf = None
+
+    def before_optimizer_step(self, global_step: int, output_dir: str) -> None:
+        flag, self.flag_value = self.flag_value, None
+        if self.accelerator.num_processes > 1:  # every process, whatever it flagged: the reduction must be matched
+            flag = flag if flag is not None else torch.zeros((), device=self.accelerator.device)
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        elif flag is None:
+            return
+        if self.engine.skips_nonfinite_steps:
+            # DeepSpeed has already stepped, inside backward, and skipped the update: a non-finite loss makes the
+            # gradient norm non-finite, which its ZeRO optimizers treat as an overflow. Count it, or stop.
+            if bool(flag.item() > 0):
+                self._skip(global_step, output_dir)
+            return
+        fused = self.fused_optimizer()
+        if fused is not None and self.on_nonfinite == "skip":
+            skipped = (flag > 0).float()
+            fused.found_inf = skipped
+            self.pending = skipped if self.pending is None else self.pending + skipped
+            return
+        if bool(flag.item() > 0):
+            self.optimizer.zero_grad(set_to_none=True)  # the trained weights' gradients: nothing is applied
+            self._skip(global_step, output_dir)
+
+    def after_optimizer_step(self) -> None:
+        # The skip flag holds for one step only.
+        fused = self.fused_optimizer()
+        if fused is not None:
+            fused.found_inf = None
+
+    def take_skipped(self) -> int:
+        """Read the skips counted on the device since the last call (one host sync, when logging); the total."""
+        pending, self.pending = self.pending, None
+        skipped = 0 if pending is None else round(float(pending.item()))
+        if skipped:
+            self.skipped += skipped
+            logger.warning(
+                "Non-finite loss or gradient norm: %d optimizer step(s) skipped since the last log (%d so far)",
+                skipped,
+                self.skipped,
+            )
+        return self.skipped
+
+    def _skip(self, global_step: int, output_dir: str) -> None:
+        self.skipped += 1
+        if self.on_nonfinite == "raise":
+            self.checkpoints.save_checkpoint()
+            raise RuntimeError(
+                f"Non-finite loss or gradient norm at optimizer step {global_step + 1}; the update was not applied "
+                f"and a checkpoint of the last good state was saved in "
+                f"{output_dir}/{PREFIX_CHECKPOINT_DIR}-{global_step}. Lower the learning rate or beta, check the "
+                "data, or set on_nonfinite_loss='skip'."
+            )
+        logger.warning(
+            "Non-finite loss or gradient norm: optimizer step %d skipped (%d so far)", global_step + 1, self.skipped
+        )
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Calls a :class:`NonFiniteTracker` around every optimizer step."""
+
+    def __init__(self, tracker: NonFiniteTracker) -> None:
+        self.tracker = tracker
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.tracker.before_optimizer_step(state.global_step, args.output_dir)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.tracker.after_optimizer_step()
+
+
+logger = logging.getLogger(__name__)
+
+_MIN_ROWS_BEFORE_STOP = 32
+
+
+class NoValidPairsError(DataError, RuntimeError):
+    """The training stream yields no valid preference pair."""
+
+
+def stop_threshold(rows_per_step: int) -> int:
+    """How many invalid rows in a row stop training: at least one whole optimizer step's worth, and at least 32, so
+    that with a small batch an isolated bad row only skips its step."""
+    return max(_MIN_ROWS_BEFORE_STOP, rows_per_step)
+
+
+class StreamGuard(TrainerCallback):
+    """Counts valid pairs and skipped rows per optimizer step; drops an empty step, stops a stream with none.
+
+    The trainer calls :meth:`observe` with every training micro-batch, as the collator made it (before any
+    replacement of an empty micro-batch)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.valid = 0  # valid pairs in this optimizer step
+        self.skipped = 0  # rows skipped in this optimizer step
+        self.skipped_in_a_row = 0  # rows skipped since the last valid pair
+        self.valid_total = 0
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.empty_steps = 0
+        self.decided: tuple[int, int] | None = None  # the step's summed counts, where taken before its backward
+        # Rows dropped when the data was prepared (ties, invalid rows): added once to the first micro-batch's
+        # data/skipped_rows, on the main process (the metric is summed over processes).
+        self.dropped_before = 0
+
+    def observe(self, inputs: dict[str, Any]) -> None:
+        reasons = inputs.get("skip_reasons") or []
+        self.valid += int(inputs["time_ids"].shape[0])
+        self.skipped += len(reasons)
+        self.reasons.update(_kind(r) for r in reasons)
+        if self.dropped_before:
+            inputs["num_skipped"] = inputs["num_skipped"] + self.dropped_before
+            self.dropped_before = 0
+        engine = self.trainer.engine
+        if engine.steps_in_backward and self.trainer.accelerator.sync_gradients:  # the window's last micro-batch
+            self.decided = self._step_counts()
+            if self.decided[0] == 0:
+                engine.skip_next_step()  # the engine steps inside the coming backward
+
+    def _synced(self) -> bool:
+        """Whether the counts are summed over processes: always with several (ties are dropped whatever
+        ``skip_invalid_rows`` says, and a decision taken on one process's count alone desynchronises the replicas)."""
+        return self.trainer.accelerator.num_processes > 1
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.valid = self.skipped = self.skipped_in_a_row = self.valid_total = self.empty_steps = 0
+        self.decided = None
+        self.reasons.clear()
+        report = getattr(self.trainer, "train_data_report", None)
+        # Counted by the run that started from step 0, not again by a resumed one.
+        first = state.global_step == 0 and self.trainer.accelerator.is_main_process and report is not None
+        self.dropped_before = dropped_at_preparation(report) if first else 0
+
+    def _step_counts(self) -> tuple[int, int]:
+        """This optimizer step's valid pairs and skipped rows, summed over processes where :meth:`_synced`."""
+        valid, skipped = self.valid, self.skipped
+        if self._synced():
+            accelerator = self.trainer.accelerator
+            counts = torch.tensor([float(valid), float(skipped)], device=accelerator.device)
+            valid, skipped = (int(v) for v in accelerator.reduce(counts, reduction="sum").tolist())
+        return valid, skipped
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        valid, skipped = self.decided if self.decided is not None else self._step_counts()
+        self.valid = self.skipped = 0
+        self.decided = None
+        if valid > 0:
+            self.valid_total += valid
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += skipped
+        self.empty_steps += 1
+        self.trainer.model.zero_grad(set_to_none=True)  # nothing reaches the weights: no decay, no moments
+        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        if self.skipped_in_a_row >= stop_threshold(rows_per_step):
+            raise NoValidPairsError(self._message(f"the last {self.skipped_in_a_row} rows of the training stream"))
+        logger.warning(
+            "Optimizer step %d has no valid pair (%d rows skipped): not applied (%d such step(s) so far)",
+            state.global_step + 1,
+            skipped,
+            self.empty_steps,
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.valid_total == 0 and self.skipped_in_a_row > 0:
+            raise NoValidPairsError(self._message(f"all {self.skipped_in_a_row} rows of the training stream"))
+
+    def _message(self, which: str) -> str:
+        why = "; ".join(f"{n} x {reason}" for reason, n in self.reasons.most_common(3)) or "no reason recorded"
+        return (
+            f"No valid preference pair: {which} were invalid or ties and skipped; no optimizer step "
+            f"was applied without data. Most frequent reasons: {why}. Check the dataset's columns and images "
+            "(the warnings 'Skipping streamed row ...' name each row)."
+        )
+
+
+def dropped_at_preparation(report: DataReport) -> int:
+    """Rows a prepared dataset (or a latent cache) dropped before training: ties and invalid rows."""
+    return report.ties_dropped + report.invalid_skipped
+
+
+def _kind(reason: str) -> str:
+    """The reason without the row's position, so that equal problems are counted together."""
+    return reason.split(": ", 1)[1] if reason.startswith("streamed row ") and ": " in reason else reason
+
+
+logger = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure, the job may be retried (and resumed)
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for Ctrl-C; a user's stop, not a scheduler's
+
+
+def exit_code_for(signal_name: str) -> int:
+    """The exit status after a preemption by ``signal_name``: 130 for Ctrl-C, 75 for a scheduler's signal."""
+    return INTERRUPTED_EXIT_CODE if signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
+
+
+def resume_advice() -> str:
+    """How to resume, in both forms: the command line's and Python's."""
+    return "Resume with --resume_from_checkpoint true (command line) or trainer.train(resume_from_checkpoint=True)."
+
+
+class TrainingPreempted(SystemExit):
+    """Training stopped on a preemption signal after writing ``checkpoint``. Uncaught, the process exits with
+    :data:`PREEMPTED_EXIT_CODE` and no traceback."""
+
+    def __init__(self, checkpoint: str, signal_name: str, step: int) -> None:
+        super().__init__(exit_code_for(signal_name))
+        self.checkpoint, self.signal_name, self.step = checkpoint, signal_name, step
+
+    def __str__(self) -> str:
+        return (
+            f"Training preempted by {self.signal_name} after optimizer step {self.step}; checkpoint written to "
+            f"{self.checkpoint} (exit status {self.code}). {resume_advice()}"
+        )
+
+
+class TrainingInterrupted(SystemExit):
+    """A second Ctrl-C: training stops at once, without a checkpoint. Uncaught, the process exits with
+    :data:`INTERRUPTED_EXIT_CODE` and no traceback (the ``finally`` blocks run: the output folder's lock is
+    released)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(INTERRUPTED_EXIT_CODE)
+        self.step = step
+
+    def __str__(self) -> str:
+        return (
+            f"Training interrupted by a second SIGINT during optimizer step {self.step + 1}: stopped at once, no "
+            f"checkpoint of this step (exit status {INTERRUPTED_EXIT_CODE})."
+        )
+
+
+#: the signals handled by default: what SLURM and Kubernetes send before killing a job, and Ctrl-C's SIGINT
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def parse_signals(names: Sequence[str] | None) -> list[signal.Signals]:
+    """``["SIGTERM", "USR1", "10"]`` -> signals; ``None``, ``[]`` or ``["none"]`` -> ``[]`` (preemption handling off).
+
+    A ValueError names an unknown signal and those that cannot be caught (``SIGKILL``, ``SIGSTOP``)."""
+    if not names or [str(n).lower() for n in names] == ["none"]:
+        return []
+    found = []
+    for name in names:
+        text = str(name).strip().upper()
+        if not text.isdigit() and not text.startswith("SIG"):
+            text = f"SIG{text}"
+        try:
+            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text]
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"PreemptionCallback(signals=): {name!r} is not a signal name of this platform (e.g. 'SIGTERM', "
+                "'SIGUSR1'); use [] to turn preemption handling off"
+            ) from None
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError(f"PreemptionCallback(signals=): {sig.name} cannot be caught; use SIGTERM or SIGUSR1")
+        found.append(sig)
+    return found
+
+
+class PreemptionCallback(TrainerCallback):
+    """Turns a received preemption signal into a checkpoint and :class:`TrainingPreempted` at the next step end.
+
+    ``on_step_end`` agrees on the flag over processes and asks the trainer for a save (``control.should_save``);
+    ``on_save``, called right after that save, raises. The save is therefore the trainer's ordinary checkpoint
+    (weights, optimizer, scheduler, RNG states, trainer state), and resuming from it continues bit-exactly.
+    """
+
+    def __init__(self, trainer: Trainer | None = None, signals: Sequence[str] = PREEMPTION_SIGNALS) -> None:
+        self.trainer = trainer  # set by the trainer when the callback is passed in ``callbacks=``
+        self.signals = parse_signals(signals)  # a bad name fails here, before training
+        self.received: str | None = None  # name of the first signal received, set by the handler
+        self.enabled = bool(self.signals)  # False with signals=[]: no per-step all-reduce then
+        self.interrupts = 0  # SIGINTs received: the second one stops at once
+        self._stopping = False
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler: remember the signal, nothing else (it runs between two Python bytecodes). A second
+        ``SIGINT`` (Ctrl-C pressed again) raises :class:`TrainingInterrupted` where the program is."""
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.interrupts:
+            error = TrainingInterrupted(self.trainer.state.global_step)
+            logger.warning("%s", error)
+            raise error
+        if name == "SIGINT":
+            self.interrupts += 1
+            logger.warning(
+                "SIGINT received: finishing optimizer step %d, then writing a checkpoint; press Ctrl-C again to stop "
+                "at once without one",
+                self.trainer.state.global_step + 1,
+            )
+        if self.received is None:
+            self.received = name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received, self._stopping, self.interrupts = None, False, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.enabled:
+            return control
+        accelerator = self.trainer.accelerator
+        local = self.received is not None
+        if accelerator.num_processes > 1:  # every process stops after the same step
+            flag = torch.full((), float(local), device=accelerator.device)
+            local = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            if local and self.received is None:
+                self.received = "a preemption signal on another process"
+        if local:
+            self._stopping = True
+            control.should_save = True
+            logger.warning(
+                "%s received: stopping after optimizer step %d and writing a checkpoint",
+                self.received,
+                state.global_step,
+            )
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self._stopping:
+            return control
+        run_dir = self.trainer._get_output_dir(trial=None)
+        checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        error = TrainingPreempted(checkpoint, self.received or "a signal", state.global_step)
+        logger.warning("%s", error)
+        raise error
+
+
+@contextlib.contextmanager
+def preemption_signal_handlers(callback: PreemptionCallback, signals: Sequence[signal.Signals]) -> Iterator[None]:
+    """Install ``callback.handle`` for ``signals`` while the block runs; the previous handlers come back after it,
+    however it ends (a crashed ``train()`` must not leave ``SIGTERM`` ignored). Outside the main thread, where Python
+    cannot install handlers, a warning says preemption is not handled."""
+    if not signals:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        logger.warning("train() runs outside the main thread: preemption signals %s are not handled", list(signals))
+        yield
+        return
+    previous = {sig: signal.signal(sig, callback.handle) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
