@@ -177,3 +177,14 @@ def test_no_benchmark_script_is_over_600_lines():
         if (n := len(path.read_text(encoding="utf-8").splitlines())) > 600
     }
     assert not long, f"benchmark scripts over 600 lines: {long}"
+
+
+def test_only_the_command_line_declares_options():
+    """Every command's options live in ``cli/``: a parser built anywhere else is a second home for an option."""
+    declaring = sorted(
+        path.relative_to(ROOT).as_posix()
+        for path in ROOT.rglob("*.py")
+        if "cli" not in path.relative_to(ROOT).parts[:1]
+        and any(word in path.read_text() for word in ("add_argument(", "ArgumentParser(", "HfArgumentParser("))
+    )
+    assert declaring == [], f"modules outside cli/ that declare command-line options: {declaring}"

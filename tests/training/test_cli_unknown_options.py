@@ -79,7 +79,7 @@ def every_parser():
     from trl_diffusion_sdpo.cli import main as cli
     from trl_diffusion_sdpo.cli.cache import make_cache_parser
     from trl_diffusion_sdpo.cli.demo import build_parser as demo_parser
-    from trl_diffusion_sdpo.io.export import build_export_parser
+    from trl_diffusion_sdpo.cli.export import build_export_parser
 
     top = cli.build_parser((["pickscore"], ["partiprompts"]))
     subcommands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))

@@ -240,7 +240,7 @@ def run(argv: list[str]) -> int:
 
         return run_estimate_memory(argv[1:])
     if argv[:1] == ["export"]:
-        from ..io.export import build_export_parser, run_export
+        from .export import build_export_parser, run_export
 
         return run_export(build_export_parser().parse_args(argv[1:]))
     evaluate_choices = None

@@ -15,9 +15,7 @@ the adapters and writes the whole pipeline with ``save_pretrained`` (safetensors
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +26,7 @@ from .lora_formats import LoraFile, LoraModule, read_lora, tool_state_dict
 __all__ = ["LoraModule", "export_lora", "merge_lora", "read_lora"]
 
 EXPORT_FORMATS = ("kohya", "comfyui", "diffusers")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _base_family(base: str) -> tuple[str, dict[str, Any]]:
@@ -128,13 +126,13 @@ def export_lora(lora_path: str, base: str, export_format: str, output: str, dtyp
         raise ValueError(f"--format {export_format!r}: choose one of {', '.join(EXPORT_FORMATS)}.")
     if not output.endswith(".safetensors"):
         raise ValueError(f"--output {output}: the exported LoRA is one .safetensors file; name it *.safetensors.")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}.")
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}.")
     lora = read_lora(lora_path)
     family, denoiser = check_against_base(lora, base)
     state, metadata = tool_state_dict(lora, family, export_format, denoiser, output)
     if dtype is not None:
-        state = {k: (v.to(_DTYPES[dtype]) if not k.endswith(".alpha") else v) for k, v in state.items()}
+        state = {k: (v.to(EXPORT_DTYPES[dtype]) if not k.endswith(".alpha") else v) for k, v in state.items()}
     state = {k: v.contiguous() for k, v in state.items()}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     partial = f"{output}.partial"
@@ -157,101 +155,16 @@ def merge_lora(
 
     from ..families.loading import dtype_keyword
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}.")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}.")
     if os.path.isfile(os.path.join(output_dir, "model_index.json")):
         raise FileExistsError(f"--output {output_dir} already holds a pipeline; choose a new folder.")
     lora = read_lora(lora_path)
     check_against_base(lora, base)
-    pipeline = DiffusionPipeline.from_pretrained(base, **dtype_keyword(_DTYPES[dtype])).to(device)
+    pipeline = DiffusionPipeline.from_pretrained(base, **dtype_keyword(EXPORT_DTYPES[dtype])).to(device)
     folder, weight_name = os.path.split(lora.path)
     pipeline.load_lora_weights(folder, weight_name=weight_name, adapter_name="export")
     pipeline.fuse_lora(components=[lora.prefix], lora_scale=strength, adapter_names=["export"])
     pipeline.unload_lora_weights()
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
-
-
-def build_export_parser() -> argparse.ArgumentParser:
-    """The parser of ``trl-diffusion-sdpo export``."""
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="trl-diffusion-sdpo export",
-        description=(
-            "Write a LoRA trained by `trl-diffusion-sdpo train` (diffusers format) for the image tools: kohya "
-            "(sd-scripts' layout: SD1.x/2.x and SDXL for AUTOMATIC1111/Forge, ComfyUI, InvokeAI, diffusers; "
-            "FLUX.1, SD3 and FLUX.2 for ComfyUI, FLUX.1 and FLUX.2 also for diffusers) or comfyui (every family), "
-            "checked against the base model; or, with --merge, the base pipeline with the LoRA fused in at --strength."
-        ),
-    )
-    add_export_arguments(parser)
-    return parser
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``export`` subcommand's options."""
-    parser.add_argument(
-        "--lora", required=True, help="The trained LoRA: an output/checkpoint folder of `train`, or its .safetensors."
-    )
-    parser.add_argument(
-        "--base",
-        required=True,
-        help="The base pipeline it was trained on: Hub id, local folder or trl-diffusion-sdpo:tiny (the shipped one).",
-    )
-    parser.add_argument(
-        "--format",
-        choices=EXPORT_FORMATS,
-        default=None,
-        help="kohya (kohya-ss layout: SD1.x/2.x, SDXL, FLUX.1, SD3, FLUX.2 [dev]/[klein]), comfyui (every "
-        "family), or diffusers.",
-    )
-    parser.add_argument(
-        "--output", required=True, help="A .safetensors file (export), or a new folder for the pipeline (--merge)."
-    )
-    parser.add_argument(
-        "--merge", action="store_true", help="Write the base pipeline with the LoRA fused in (a full pipeline folder)."
-    )
-    parser.add_argument(
-        "--strength", type=float, default=1.0, help="LoRA strength fused by --merge (default: %(default)s)."
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=tuple(_DTYPES),
-        default=None,
-        help="Weights' dtype: of the exported LoRA (default: as trained) or of the merged pipeline (default float32).",
-    )
-    parser.add_argument("--device", default="cpu", help="Device for --merge (default: %(default)s).")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """``trl-diffusion-sdpo export``: one export or merge; errors on bad input leave with a message, status 2."""
-    from ..families.loading import resolve_model_name
-    from .console import quiet_off_terminal
-
-    quiet_off_terminal()
-
-    args.base = resolve_model_name(args.base)
-    try:
-        if args.merge:
-            if args.format is not None:
-                raise ValueError("--merge writes a pipeline; --format applies to a LoRA export only (drop one).")
-            folder = merge_lora(
-                args.lora,
-                args.base,
-                args.output,
-                strength=args.strength,
-                dtype=args.dtype or "float32",
-                device=args.device,
-            )
-            print(f"Merged {args.lora} into {args.base} at strength {args.strength:g}: {folder}")
-            return 0
-        if args.format is None:
-            raise ValueError(f"--format is required without --merge: one of {', '.join(EXPORT_FORMATS)}.")
-        if args.strength != 1.0:
-            raise ValueError("--strength applies to --merge only; set the strength in the tool that loads the LoRA.")
-        result = export_lora(args.lora, args.base, args.format, args.output, dtype=args.dtype)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"trl-diffusion-sdpo export: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Wrote {result.modules} LoRA modules of a {result.family} model in {result.format} format: {result.path}")
-    return 0
