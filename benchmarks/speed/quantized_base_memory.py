@@ -9,7 +9,7 @@ The UNet is SD1.5's block layout (two cross-attention levels at 320 and 640 chan
 memory, as a large denoiser's are on a GPU. The base is cast to bf16 and quantized with
 ``trl_diffusion_sdpo.families.quantization.quantize_linear_layers`` (linear layers only), then prepared for LoRA
 rank 8 on the attention projections as training prepares it; one step runs under a bf16 autocast with AdamW.
-Measured (``trl_diffusion_sdpo.engines.memory_measure``): the model's storages plus the step's highest allocation
+Measured (``trl_diffusion_sdpo.engines.memory.measure``): the model's storages plus the step's highest allocation
 above them (torch's profiler memory events). ``autograd_default`` runs the quantized bases once more with the
 quantized layers' backward left to autograd (each layer then saves what its forward computed with), for comparison.
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from trl_diffusion_sdpo.engines.memory import ModelSizes, RunShape, estimate_memory  # noqa: E402
-from trl_diffusion_sdpo.engines.memory_measure import lora_step_memory  # noqa: E402
+from trl_diffusion_sdpo.engines.memory.measure import lora_step_memory  # noqa: E402
 from trl_diffusion_sdpo.families import quantization  # noqa: E402
 
 UNET = {

@@ -1,6 +1,6 @@
 """A quantized base lowers a LoRA step's peak by the weights it saves, and ``estimate-memory`` predicts that peak.
 
-Measured on the CPU by :func:`trl_diffusion_sdpo.engines.memory_measure.lora_step_memory` (torch's profiler memory
+Measured on the CPU by :func:`trl_diffusion_sdpo.engines.memory.measure.lora_step_memory` (torch's profiler memory
 events for the step, the model's storages counted tensor by tensor) on a UNet whose weights are most of the step's
 memory: SD1.5's block layout at a small width with wide cross-attention, one pair at a 8 x 8 latent. Without the
 frozen-layer backward (``families.quantization._FrozenQuantizedLinear``), torchao's layers keep each dequantized
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from trl_diffusion_sdpo.engines.memory import ModelSizes, RunShape, estimate_memory
-from trl_diffusion_sdpo.engines.memory_measure import lora_step_memory
+from trl_diffusion_sdpo.engines.memory.measure import lora_step_memory
 
 pytest.importorskip("optimum.quanto")
 pytest.importorskip("torchao")

@@ -56,9 +56,10 @@ from typing import Any
 
 import torch
 
-from .memory_models import KNOWN_MODELS, KnownModel
+from .models import KNOWN_MODELS, KnownModel
 
 __all__ = [
+    "GIB",
     "ENGINES",
     "GPUS_GB",
     "USABLE_SHARE",
@@ -239,7 +240,7 @@ def model_sizes(model_name_or_path: str) -> ModelSizes:
     """The pipeline ``model_name_or_path`` counted on the meta device: a local folder (or a shipped model's short
     name) from its configs, a Hub id of :data:`KNOWN_MODELS` from its published config. Other Hub ids are refused,
     naming what to pass instead."""
-    from ..families.loading import resolve_model_name
+    from ...families.loading import resolve_model_name
 
     folder = str(resolve_model_name(model_name_or_path))
     if os.path.isfile(os.path.join(folder, "model_index.json")):
@@ -283,7 +284,7 @@ def model_sizes_of_pipeline(pipeline: Any) -> ModelSizes:
     parts' parameters counted."""
     from accelerate import init_empty_weights
 
-    from ..families import family_for_pipeline
+    from ...families import family_for_pipeline
 
     family = family_for_pipeline(pipeline)
     denoiser = family.denoiser
@@ -305,7 +306,7 @@ def model_sizes_of_pipeline(pipeline: Any) -> ModelSizes:
 
 def _family_of_local(folder: str) -> str:
     """The registered family handling the folder's pipeline class (the class's name when none does)."""
-    from ..families import registry
+    from ...families import registry
 
     with open(os.path.join(folder, "model_index.json")) as f:
         pipeline_class = json.load(f).get("_class_name", "")
@@ -316,8 +317,8 @@ def _family_of_local(folder: str) -> str:
 
 def family_lora_targets(family: str) -> tuple[str, ...]:
     """The registered family's default LoRA targets (the base family's when ``family`` is not registered)."""
-    from ..families import registry
-    from ..families.base import ModelFamily
+    from ...families import registry
+    from ...families.base import ModelFamily
 
     found = next((f for f in registry.registered_families() if f.name == family), ModelFamily)
     return tuple(found.lora_target_modules)

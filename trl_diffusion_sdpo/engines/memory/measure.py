@@ -64,8 +64,8 @@ def lora_step_memory(
     it: ``resident`` the model, ``step`` the step's own peak above it, ``peak`` their sum."""
     from peft import LoraConfig
 
-    from ..families.preparation import prepare_denoiser
-    from ..families.quantization import BaseQuantization, quantize_linear_layers
+    from ...families.preparation import prepare_denoiser
+    from ...families.quantization import BaseQuantization, quantize_linear_layers
 
     unet = build().to(torch.bfloat16)
     quantization = BaseQuantization(base_quantization)
