@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,15 +28,14 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from .callbacks.guards import EMAWeights, GuardState
-from .callbacks.health import WinnerHealth, switched_config
+from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import resolved_config
-from .data.scoring import RewardFn
-from .data.training_data import prepare_training_data
+from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
 from .engines.base import clip_gradients, gradient_norm, optimizer_parameters, trainable_parameters
-from .engines.collectives import check_not_partitioned, check_one_device_per_process, load_pipeline
+from .engines.collectives import check_not_partitioned, check_one_device_per_process, training_pipeline
 from .families import ModelFamily, Noiser, family_for_pipeline
 from .families.preparation import (
     MixedPrecisionForward,
@@ -51,6 +48,7 @@ from .families.preparation import (
 )
 from .families.quantization import check_engine_supports_quantized_base
 from .io.console import quiet_off_terminal
+from .io.hub import CardMethod
 from .io.run_files import RunFiles, files_hook
 from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
@@ -58,16 +56,15 @@ from .objectives import PreferenceObjective, check_objective_config, objective_f
 from .rewards.functions import RewardFunction, dataset_scoring_function
 from .safeguards import MicroBatch, Safeguard, safeguard_for
 from .step.predictions import (
-    QUARTILE_METRICS,
     evaluate_objective,
-    finish_margin_quartiles,
-    metric_names,
-    record_margin_quartiles,
+    metric_stores,
     record_metrics,
-    reduce_metrics,
+    record_step_metrics,
+    reduce_logged_metrics,
     reference_for,
+    step_metric_names,
 )
-from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches
+from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches, adapt_guards
 
 __all__ = ["DiffusionSDPOTrainer"]
 
@@ -76,13 +73,6 @@ logger = logging.getLogger(__name__)
 # Imported before a user's script loads its pipeline: third-party noise filtered and, off a terminal, the libraries'
 # loading bars off, as the command line does (console.quiet_off_terminal).
 quiet_off_terminal()
-
-
-def _is_validation_callback(callback: Any) -> bool:
-    """A :class:`~.callbacks.validation.ValidationCallback`, without importing it (its scorers are heavy): a caller who
-    made one has imported its module."""
-    module = sys.modules.get("trl_diffusion_sdpo.callbacks.validation")
-    return module is not None and isinstance(callback, module.ValidationCallback)
 
 
 class DiffusionSDPOTrainer(Trainer):
@@ -114,6 +104,10 @@ class DiffusionSDPOTrainer(Trainer):
     """
 
     _tag_names = ["trl", "diffusion-sdpo"]
+    card_method = CardMethod()  # the model card's method name, and no hyperparameters beside the shared ones
+    #: the run's datasets and collators: preference pairs, validated and, with ``cache_latents``, encoded (the online
+    #: trainer's are prompts)
+    prepare_data = staticmethod(prepare_training_data)
     _name = "Diffusion-SDPO"
     _paper = {
         "title": "Diffusion-SDPO: Safeguarded Direct Preference Optimization for Diffusion Models",
@@ -153,14 +147,9 @@ class DiffusionSDPOTrainer(Trainer):
 
         # The model: its family (which noiser, encoders and denoiser call), the objective and the reference.
         # Loaded whole even under ZeRO-3's zero3_init_flag: the frozen components must not be sharded.
-        pipeline = load_pipeline(model) if isinstance(model, (str, os.PathLike)) else model
-        if not isinstance(pipeline, DiffusionPipeline):
-            raise TypeError(f"model must be a diffusers pipeline or a path/Hub id, got {type(model).__name__}")
-        self.pipeline = pipeline
-        name = getattr(pipeline.config, "_name_or_path", None) or (model if isinstance(model, str) else None)
-        self.base_model_name = None if name is None else os.fspath(name)  # a pathlib.Path given to from_pretrained
+        self.pipeline, self.base_model_name = training_pipeline(model)
         self.family: ModelFamily = family_for_pipeline(
-            pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
+            self.pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
         )
         check_not_partitioned({**self.family.frozen_modules(), self.family.denoiser_name: self.family.denoiser})
         # The defaults left unset (beta, safeguard_mu) resolved for this family, objective and base model, once
@@ -181,7 +170,7 @@ class DiffusionSDPOTrainer(Trainer):
 
         # The data, then transformers.Trainer with the effective arguments.
         args = training_arguments(args)
-        data = self.prepare_data(train_dataset, eval_dataset, args, reward_fn)
+        data = self.prepare_data(train_dataset, eval_dataset, args, self.family, reward_fn)
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
         self._eval_collator_in_use = data.eval_collator  # the one of the running evaluation (a placeholder's shape)
@@ -205,9 +194,7 @@ class DiffusionSDPOTrainer(Trainer):
         )
         if self.reference is not None and not self.reference.shares_policy_weights:
             # In the policy's precision and under its autocast: at step 0 the reference computes what the policy does.
-            self.reference.denoiser = self.engine.place_reference(
-                self.reference.denoiser, denoiser, args.device, self._dtype
-            )
+            self.reference.place(self.engine, denoiser, args.device, self._dtype)
             self.reference.follow(self._policy, self.accelerator.autocast)
         self.nonfinite = NonFiniteTracker(args.on_nonfinite_loss, self.engine, self.accelerator, self.files)
         self.add_callback(NonFiniteLossGuard(self.nonfinite))
@@ -219,22 +206,16 @@ class DiffusionSDPOTrainer(Trainer):
         if args.ema_decay is not None:
             self.ema = EMAWeights(trainable_parameters(denoiser), args.ema_decay, self._save)
             self.add_callback(self.ema)
-        for callback in list(self.callback_handler.callbacks):  # a copy: binding moves each to the end
-            if _is_validation_callback(callback):
-                self._bind_validation(callback, args)
+        # Validation callbacks sample this pipeline, after the EMA. Their module, imported only by a caller who made
+        # one (its scorers are heavy), binds them.
+        if (validation := sys.modules.get("trl_diffusion_sdpo.callbacks.validation")) is not None:
+            validation.bind_validation_callbacks(self, args.resolution)
 
         # The step's stages and state.
         self.stages = MicroBatchStages(
             self.family,
             self.noiser,
-            MicroBatchDraws(
-                args.seed,
-                args.per_device_train_batch_size,
-                args.per_device_eval_batch_size,
-                self.accelerator.process_index,
-                self.accelerator.num_processes,
-                args.device,
-            ),
+            MicroBatchDraws.for_process(args, self.accelerator),
             self.reference.predict if self.reference is not None else None,
             Augmentation.from_config(args),
             self._dtype,
@@ -250,18 +231,11 @@ class DiffusionSDPOTrainer(Trainer):
             lora=self.is_lora,
             trainable_elements=sum(p.numel() for p in trainable_parameters(denoiser)),
         )
-        self._metrics: dict[str, defaultdict[str, list[torch.Tensor]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
+        self._metrics = metric_stores()
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy)
         self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
-        # on_pathology="safeguard": the safeguard the run switches to when the alarm fires, checked against the engine
-        # now and dormant until then.
-        self._dormant_safeguard: Safeguard | None = None
-        if args.on_pathology == "safeguard":
-            self._dormant_safeguard = safeguard_for(switched_config(args), self.engine)
+        self._dormant_safeguard = dormant_safeguard(args, self.engine)  # on_pathology="safeguard"'s, checked now
         switch = self._switch_safeguard if self._dormant_safeguard is not None else None
         # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts.
         self.guards = GuardState.from_config(args, self.accelerator.num_processes, self.safeguard.margin, switch)
@@ -276,20 +250,6 @@ class DiffusionSDPOTrainer(Trainer):
             self.safeguard, self._dormant_safeguard = self._dormant_safeguard, None
 
     # ------------------------------------------------------------------ setup
-
-    def _bind_validation(self, callback: Any, args: DiffusionSDPOConfig) -> None:
-        """A validation callback passed in ``callbacks=`` samples this trainer's pipeline, as the family says, after
-        the EMA's update (moved behind it: a validation at step k samples the average that includes step k)."""
-        self.engine.check_validation_sampling()
-        self.family.check_validation_sampling()
-        callback.bind(self, self.family, args.resolution)
-        self.callback_handler.remove_callback(callback)
-        self.callback_handler.add_callback(callback)
-
-    def prepare_data(self, train_dataset, eval_dataset, args: DiffusionSDPOConfig, reward_fn: RewardFn | None):
-        """The datasets and collators of the run (:func:`~.data.training_data.prepare_training_data`): preference
-        pairs, validated and, with ``cache_latents``, encoded. The online trainer trains on prompts instead."""
-        return prepare_training_data(train_dataset, eval_dataset, args, self.family, reward_fn)
 
     def _policy(self) -> torch.nn.Module:
         """The trained denoiser, unwrapped from DDP or an engine."""
@@ -350,15 +310,11 @@ class DiffusionSDPOTrainer(Trainer):
         steps = self.args.torch_empty_cache_steps
         if steps is not None and self.state.global_step % steps == 0:  # as Trainer.training_step
             clear_device_cache()
-        self._adapt(result.errors, contributes=not replay)
+        adapt_guards(self.guards.adapting, result.errors, not replay, self.accelerator.sync_gradients)
         if replay:  # a zero-weighted replay: its loss and metrics are its peers'
             return torch.zeros((), device=self.args.device)
         self.nonfinite.flag(result.loss)
-        record_metrics(self._metrics["train"], result.errors, result.output, result.lambdas)
-        timesteps = noised.noised.timesteps[: noised.num_pairs]  # a pair's two images share one timestep
-        record_margin_quartiles(
-            self._metrics["train"], result.output.logits, timesteps, self.noiser.num_train_timesteps
-        )
+        record_step_metrics(self._metrics["train"], result, noised, self.noiser.num_train_timesteps)
         # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
         loss = result.loss / self.current_gradient_accumulation_steps
@@ -368,15 +324,6 @@ class DiffusionSDPOTrainer(Trainer):
         """The objective with the ``beta`` in force (the auto-beta's, or the configured one)."""
         auto_beta = self.guards.auto_beta
         return self.objective if auto_beta is None else auto_beta.objective(self.objective)
-
-    def _adapt(self, errors, contributes: bool) -> None:
-        """The adaptive guards see every micro-batch (a replay adds zeros) and move once its optimizer step's window
-        closes, on every process together: auto-beta's EMA, and ``mu`` with ``safeguard_mu="auto"``."""
-        for guard in self.guards.adapting:
-            guard.observe(errors, contributes)
-        if self.accelerator.sync_gradients:
-            for guard in self.guards.adapting:
-                guard.update()
 
     @contextlib.contextmanager
     def sampling_weights(self):
@@ -455,16 +402,7 @@ class DiffusionSDPOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         prefix = self._eval_metric_prefix  # set while evaluate() runs
         mode = "train" if prefix is None else "eval"
-        several = self.accelerator.num_processes > 1
-        reduced = reduce_metrics(
-            self._metrics[mode],
-            self.metric_names(),
-            self.args.safeguard_max_lambda,
-            self.args.device,
-            (lambda t: self.accelerator.reduce(t, reduction="sum")) if several else None,
-            self.accelerator.gather if several else None,
-        )
-        finish_margin_quartiles(reduced)
+        reduced = reduce_logged_metrics(self._metrics[mode], self.metric_names(), self.args, self.accelerator)
         if mode == "train":
             self.files.whole_run_loss(logs)  # a resumed run's train_loss: the whole run's
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
@@ -476,18 +414,10 @@ class DiffusionSDPOTrainer(Trainer):
         logs.update(reduced)
         super().log(logs, start_time)
 
-    def method_name(self) -> str:
-        """The method the model card names."""
-        return "Diffusion-SDPO" if self.args.safeguarded else "Diffusion-DPO"
-
-    def model_card_details(self) -> dict[str, Any]:
-        """Hyperparameters the model card lists beside the shared ones (none here)."""
-        return {}
-
     def metric_names(self) -> list[str]:
         """The metrics each micro-batch records (the data's, the objective's, the safeguard's): the same list on every
         process, since :meth:`log` reduces them together."""
-        return metric_names(self.objective, self.safeguard.metric_names) + list(QUARTILE_METRICS)
+        return step_metric_names(self.objective, self.safeguard.metric_names)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.
@@ -501,10 +431,7 @@ class DiffusionSDPOTrainer(Trainer):
             self._eval_metric_prefix = None
 
     def get_eval_dataloader(self, eval_dataset=None):
-        collator = self._eval_collator
-        if isinstance(collator, dict):  # named eval datasets: transformers asks for each by name
-            collator = collator[eval_dataset] if isinstance(eval_dataset, str) else next(iter(collator.values()))
-        self._eval_collator_in_use = collator
+        collator = self._eval_collator_in_use = eval_collator_for(self._eval_collator, eval_dataset)
         train_collator, self.data_collator = self.data_collator, collator
         try:
             return super().get_eval_dataloader(eval_dataset)

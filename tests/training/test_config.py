@@ -212,7 +212,7 @@ def test_the_space_none_trains_diffusion_dpo(make_trainer):
 
     trainer = make_trainer(safeguard_space="none")
     assert type(trainer.safeguard) is SAFEGUARDS["none"]
-    assert trainer.method_name() == "Diffusion-DPO"
+    assert trainer.card_method.name(trainer.args) == "Diffusion-DPO"
 
 
 def test_a_choice_lists_its_options_in_the_order_given():

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..safeguards import Safeguard, safeguard_for
+
 __all__ = [
     "EVIDENCE",
     "RULE",
@@ -28,6 +30,7 @@ __all__ = [
     "PathologyRule",
     "WinnerHealth",
     "describe",
+    "dormant_safeguard",
     "remedies",
     "switched_config",
     "winner_pathology",
@@ -76,6 +79,12 @@ def switched_config(args: Any) -> Any:
     for name, value in SWITCH_TO.items():
         setattr(switched, name, value)
     return switched
+
+
+def dormant_safeguard(args: Any, engine: Any) -> Safeguard | None:
+    """``on_pathology="safeguard"``: the safeguard the run switches to when the alarm fires, checked against
+    ``engine`` when the trainer is built and dormant until then; ``None`` with any other ``on_pathology``."""
+    return safeguard_for(switched_config(args), engine) if args.on_pathology == "safeguard" else None
 
 
 def describe(rule: PathologyRule = RULE) -> str:

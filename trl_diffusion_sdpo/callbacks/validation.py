@@ -376,3 +376,16 @@ def validation_sources(paths: Sequence[Image.Image | str] | None, family) -> lis
         except Exception as err:  # PIL raises many types for a corrupt or missing file
             raise ValueError(f"validation source image {index} ({path!r}) cannot be read: {err}") from None
     return images
+
+
+def bind_validation_callbacks(trainer: Any, resolution: int) -> None:
+    """Each :class:`ValidationCallback` passed in ``callbacks=`` samples ``trainer``'s pipeline, as its family says,
+    after the EMA's update (moved behind it: a validation at step k samples the average that includes step k)."""
+    handler = trainer.callback_handler
+    for callback in list(handler.callbacks):  # a copy: binding moves each to the end
+        if isinstance(callback, ValidationCallback):
+            trainer.engine.check_validation_sampling()
+            trainer.family.check_validation_sampling()
+            callback.bind(trainer, trainer.family, resolution)
+            handler.remove_callback(callback)
+            handler.add_callback(callback)

@@ -20,7 +20,7 @@ from .transforms import PairTransform
 from .validation import DataReport, PreferenceColumns
 from .video import VideoPairTransform
 
-__all__ = ["TrainingData", "prepare_training_data"]
+__all__ = ["TrainingData", "eval_collator_for", "prepare_training_data"]
 
 
 @dataclass
@@ -35,6 +35,14 @@ class TrainingData:
     eval_report: DataReport | dict[str, DataReport] | None
     empty_prompt: PromptEmbeddings | None  # a cache's stored empty-prompt embeddings (prompt dropout)
     encoders_idle: bool  # no image or prompt is encoded during training: the VAE and text encoders stay on the CPU
+
+
+def eval_collator_for(eval_collator: Any, eval_dataset: Any) -> Any:
+    """The collator of one evaluation: of the named eval datasets (``eval_collator`` a dict of collators by name)
+    transformers asks for each by name; an evaluation of a dataset given directly takes the first."""
+    if isinstance(eval_collator, dict):
+        return eval_collator[eval_dataset] if isinstance(eval_dataset, str) else next(iter(eval_collator.values()))
+    return eval_collator
 
 
 def prepare_training_data(

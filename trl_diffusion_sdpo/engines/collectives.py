@@ -25,7 +25,7 @@ from diffusers import DiffusionPipeline
 
 from ..families.loading import resolve_model_name
 
-__all__ = ["all_reduce_mean_", "load_pipeline", "shard_like", "zero3_init_disabled", "zero_stage"]
+__all__ = ["all_reduce_mean_", "load_pipeline", "shard_like", "training_pipeline", "zero3_init_disabled", "zero_stage"]
 
 
 def zero_stage(accelerator) -> int | None:
@@ -67,6 +67,16 @@ def load_pipeline(pretrained: str | os.PathLike, **kwargs) -> DiffusionPipeline:
     """
     with zero3_init_disabled():
         return DiffusionPipeline.from_pretrained(resolve_model_name(pretrained), **kwargs)
+
+
+def training_pipeline(model: DiffusionPipeline | str | os.PathLike) -> tuple[DiffusionPipeline, str | None]:
+    """The pipeline a trainer tunes, from a pipeline or a local path / Hub id (:func:`load_pipeline`), and the name
+    of its base model (``None`` when unknown)."""
+    pipeline = load_pipeline(model) if isinstance(model, (str, os.PathLike)) else model
+    if not isinstance(pipeline, DiffusionPipeline):
+        raise TypeError(f"model must be a diffusers pipeline or a path/Hub id, got {type(model).__name__}")
+    name = getattr(pipeline.config, "_name_or_path", None) or (model if isinstance(model, str) else None)
+    return pipeline, None if name is None else os.fspath(name)  # a pathlib.Path given to from_pretrained
 
 
 def is_partitioned(parameter: torch.Tensor) -> bool:

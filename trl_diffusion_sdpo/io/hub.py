@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -25,6 +26,7 @@ from .run_lock import LOCK_NAME, RECORD_NAME
 __all__ = [
     "PUSH_ATTEMPTS",
     "PUSH_BACKOFF_S",
+    "CardMethod",
     "HubPushError",
     "build_model_card",
     "create_hub_repo",
@@ -150,6 +152,23 @@ def framework_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return versions
+
+
+def _no_details(trainer: Any) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class CardMethod:
+    """What a trainer's model card says of its method: the name (``Diffusion-SDPO`` with a safeguard, else
+    ``Diffusion-DPO``, after ``prefix``) and the hyperparameters ``details(trainer)`` adds to the shared ones."""
+
+    prefix: str = ""
+    details: Callable[[Any], dict[str, Any]] = _no_details
+
+    def name(self, args: Any) -> str:
+        """The method the card names for a run with ``args``."""
+        return self.prefix + ("Diffusion-SDPO" if args.safeguarded else "Diffusion-DPO")
 
 
 def method_description(method: str) -> str:

@@ -399,13 +399,13 @@ class RunFiles:
             lora = trainer.accelerator.unwrap_model(trainer.model).peft_config["default"]
             hyperparameters["lora_rank"] = lora.r
             hyperparameters["lora_alpha"] = lora.lora_alpha
-        hyperparameters.update(trainer.model_card_details())  # the online trainer's rewards and generation
+        hyperparameters.update(trainer.card_method.details(trainer))  # the online trainer's rewards and generation
         tags = card_args.get("tags") or []
         hub_model_id = trainer.hub_model_id or args.hub_model_id
         card = build_model_card(
             base_model=trainer.base_model_name,
             is_lora=trainer.is_lora,
-            method=trainer.method_name(),
+            method=trainer.card_method.name(args),
             hyperparameters=hyperparameters,
             tags=list(trainer._tag_names) + ([tags] if isinstance(tags, str) else list(tags)),
             model_family=family.name,

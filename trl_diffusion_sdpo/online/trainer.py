@@ -35,6 +35,7 @@ from ..data.training_data import TrainingData
 from ..data.validation import DataReport
 from ..families import ModelFamily, PromptEmbeddings
 from ..families.quantization import is_quantized
+from ..io.hub import CardMethod
 from ..rewards.functions import RewardError, RewardFunction, RewardFunctions
 from ..step.predictions import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
 from ..trainer import DiffusionSDPOTrainer
@@ -133,6 +134,35 @@ class _ReferenceRefresh(TrainerCallback):
             self.trainer.refresh_reference()
 
 
+def online_card_details(trainer: OnlineDiffusionSDPOTrainer) -> dict[str, Any]:
+    """The online hyperparameters the model card lists beside the shared ones: the rewards and the generation."""
+    args = trainer.args
+    return {
+        "reward_funcs": ", ".join(trainer.rewards.describe()),
+        "num_generations": args.num_generations,
+        "pair_mode": args.pair_mode,
+        "reward_margin": args.reward_margin,
+        "num_iterations": args.num_iterations,
+        "ref_update_steps": args.ref_update_steps,
+    }
+
+
+def prepare_prompt_data(train_dataset, eval_dataset, args, family: ModelFamily, reward_fn=None) -> TrainingData:
+    """Prompts, not pairs: the generation stage makes the pairs, so nothing is encoded ahead."""
+    check_prompt_dataset(train_dataset, family, args)
+    rows = len(train_dataset) if isinstance(train_dataset, Dataset) else None
+    return TrainingData(
+        train_dataset=train_dataset,
+        eval_dataset=None,
+        collator=PromptCollator(),
+        eval_collator=None,
+        report=DataReport(num_rows=rows, num_kept=rows, streamed=rows is None),
+        eval_report=None,
+        empty_prompt=None,
+        encoders_idle=False,
+    )
+
+
 class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
     """Online Diffusion-DPO / Diffusion-SDPO: every micro-batch's prompts are sampled ``num_generations`` times by the
     policy, scored by ``reward_funcs``, and the best against the worst (or every pair above ``reward_margin``) trained
@@ -151,6 +181,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
     """
 
     _tag_names = ["trl", "diffusion-sdpo", "online-dpo"]
+    card_method = CardMethod("Online ", online_card_details)  # the card's rewards and generation settings
 
     def __init__(
         self,
@@ -224,20 +255,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
 
     # ------------------------------------------------------------------ data: prompts
 
-    def prepare_data(self, train_dataset, eval_dataset, args, reward_fn) -> TrainingData:
-        """Prompts, not pairs: the generation stage makes the pairs, so nothing is encoded ahead."""
-        check_prompt_dataset(train_dataset, self.family, args)
-        rows = len(train_dataset) if isinstance(train_dataset, Dataset) else None
-        return TrainingData(
-            train_dataset=train_dataset,
-            eval_dataset=None,
-            collator=PromptCollator(),
-            eval_collator=None,
-            report=DataReport(num_rows=rows, num_kept=rows, streamed=rows is None),
-            eval_report=None,
-            empty_prompt=None,
-            encoders_idle=False,
-        )
+    prepare_data = staticmethod(prepare_prompt_data)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -362,17 +380,3 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         self.reference.follow(self._policy, self.accelerator.autocast)
         self.stages.reference = self.reference.predict
         logger.info("Step %d: the reference is now the policy's current weights.", self.state.global_step)
-
-    def method_name(self) -> str:
-        return f"Online {super().method_name()}"
-
-    def model_card_details(self) -> dict[str, Any]:
-        args = self.args
-        return {
-            "reward_funcs": ", ".join(self.rewards.describe()),
-            "num_generations": args.num_generations,
-            "pair_mode": args.pair_mode,
-            "reward_margin": args.reward_margin,
-            "num_iterations": args.num_iterations,
-            "ref_update_steps": args.ref_update_steps,
-        }

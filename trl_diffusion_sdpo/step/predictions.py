@@ -21,9 +21,10 @@ import abc
 import contextlib
 import copy
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,13 +56,17 @@ __all__ = [
     "merged_copy",
     "merged_policy_state",
     "metric_names",
+    "metric_stores",
     "predict_pairs",
     "record_margin_quartiles",
     "record_metrics",
+    "record_step_metrics",
+    "reduce_logged_metrics",
     "reduce_metrics",
     "Reference",
     "reference_for",
     "refreshed_reference",
+    "step_metric_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +128,11 @@ class FrozenCopyReference(Reference):
         """Compute as ``policy()`` does: its inputs as they are, under its mixed precision ``precision()``, in its
         train/eval mode, so that at step 0 the reference computes what the policy computes."""
         self.dtype, self.precision, self.mode_of = None, precision, policy
+
+    def place(self, engine: Any, policy: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Where ``engine`` keeps a frozen copy beside ``policy``, in the compute ``dtype``
+        (:meth:`~trl_diffusion_sdpo.engines.Engine.place_reference`)."""
+        self.denoiser = engine.place_reference(self.denoiser, policy, device, dtype)
 
     @torch.no_grad()
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning) -> torch.Tensor:
@@ -494,3 +504,37 @@ def finish_margin_quartiles(reduced: dict[str, float]) -> None:
         total, count = reduced.pop(f"margin/t_q{q}_sum", None), reduced.pop(f"margin/t_q{q}_count", None)
         if total is not None and count:
             reduced[f"margin/t_q{q}"] = total / count
+
+
+def step_metric_names(objective: PreferenceObjective, safeguard_names: Sequence[str] = ()) -> list[str]:
+    """What the trainer's step records: :func:`metric_names` and the margin's quartile sums and counts."""
+    return metric_names(objective, safeguard_names) + list(QUARTILE_METRICS)
+
+
+def record_step_metrics(stored: Stored, result: Any, noised: Any, num_train_timesteps: int) -> None:
+    """A training micro-batch's metrics (:func:`record_metrics`) and its margin by timestep quartile
+    (:func:`record_margin_quartiles`): ``result`` is the safeguard's step result, ``noised`` its noised pair."""
+    record_metrics(stored, result.errors, result.output, result.lambdas)
+    timesteps = noised.noised.timesteps[: noised.num_pairs]  # a pair's two images share one timestep
+    record_margin_quartiles(stored, result.output.logits, timesteps, num_train_timesteps)
+
+
+def metric_stores() -> dict[str, defaultdict[str, list[torch.Tensor]]]:
+    """Empty stores of recorded metrics, one per mode (``train``, ``eval``)."""
+    return {"train": defaultdict(list), "eval": defaultdict(list)}
+
+
+def reduce_logged_metrics(stored: Stored, names: list[str], args: Any, accelerator: Any) -> dict[str, float]:
+    """:func:`reduce_metrics` over ``accelerator``'s processes (no collective on one), with ``args``'s
+    ``safeguard_max_lambda`` and device, and the margin's quartiles finished (:func:`finish_margin_quartiles`)."""
+    several = accelerator.num_processes > 1
+    reduced = reduce_metrics(
+        stored,
+        names,
+        args.safeguard_max_lambda,
+        args.device,
+        (lambda t: accelerator.reduce(t, reduction="sum")) if several else None,
+        accelerator.gather if several else None,
+    )
+    finish_margin_quartiles(reduced)
+    return reduced

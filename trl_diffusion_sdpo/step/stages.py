@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ from ..objectives import (
 from .predictions import predict_pairs
 
 __all__ = [
+    "adapt_guards",
     "Augmentation",
     "crop_pairs",
     "drop_prompts",
@@ -435,6 +437,17 @@ def keyed_generator(seed: int, step: int, index: int, device: torch.device | str
     return torch.Generator(device=device).manual_seed(derived)
 
 
+def adapt_guards(guards: Sequence[Any], errors: Any, contributes: bool, sync_gradients: bool) -> None:
+    """The adaptive guards (auto-beta's EMA, ``mu`` with ``safeguard_mu="auto"``) see every micro-batch's
+    ``errors`` (a replay adds zeros) and move once its optimizer step's window closes (``sync_gradients``), on every
+    process together."""
+    for guard in guards:
+        guard.observe(errors, contributes)
+    if sync_gradients:
+        for guard in guards:
+            guard.update()
+
+
 class MicroBatchDraws:
     """Where a micro-batch's random draws come from, and which of them this process keeps.
 
@@ -457,6 +470,18 @@ class MicroBatchDraws:
         self.process_index, self.num_processes = process_index, num_processes
         self._step, self._index = -1, 0  # which micro-batch of which step the training draws are for
         self._eval_generator: torch.Generator | None = None
+
+    @classmethod
+    def for_process(cls, args: Any, accelerator: Any) -> MicroBatchDraws:
+        """The draws of ``accelerator``'s process for a run with ``args`` (its seed, batch sizes and device)."""
+        return cls(
+            args.seed,
+            args.per_device_train_batch_size,
+            args.per_device_eval_batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            args.device,
+        )
 
     def generator(self, mode: str, step: int) -> torch.Generator:
         """The generator of the next micro-batch of optimizer step ``step`` (or of the running evaluation)."""
