@@ -438,3 +438,12 @@ def test_collator_is_usable_without_a_trainer(pickapic_dataset, make_pipeline, m
     assert torch.equal(batch["input_ids"], tokenize([row["prompt"] for row in rows])["input_ids"])
     assert batch["time_ids"].shape == (3, 2, 6) and batch["num_skipped"].item() == 0
     torch.testing.assert_close(batch["time_ids_flipped"], mirrored_time_ids(batch["time_ids"]))
+
+
+def test_each_named_eval_dataset_is_collated_by_its_own_collator():
+    from trl_diffusion_sdpo.data.training_data import eval_collator_for
+
+    named, single = {"a": object(), "b": object()}, object()
+    assert eval_collator_for(named, "b") is named["b"]  # transformers asks for each named set by name
+    assert eval_collator_for(named, None) is named["a"]  # a dataset passed to evaluate() directly: the first
+    assert eval_collator_for(single, "b") is single
