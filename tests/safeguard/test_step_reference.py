@@ -286,7 +286,7 @@ def recorded_run(
         proportion_empty_prompts=0.0,
     )
     if space == "none":
-        values["safeguard"] = False
+        values["safeguard_space"] = "none"
     else:
         values.update(safeguard_space=space, safeguard_mu=MU)
     peft = LoraConfig(r=4, lora_alpha=8, init_lora_weights=True, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
