@@ -155,7 +155,7 @@ def test_both_source_columns_at_once_are_refused(make_config):
 
 
 def test_editreward_votes_are_labels_and_its_source_column_is_renamed(make_config):
-    from trl_diffusion_sdpo.cli.train import column_renames
+    from trl_diffusion_sdpo.cli.data_options import column_renames
 
     rows = [
         {"instruction": f"edit {i}", "left_output_image": r["chosen"], "right_output_image": r["rejected"],
