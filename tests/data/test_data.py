@@ -206,7 +206,7 @@ def test_other_column_names_are_refused_naming_the_schema_and_train_once_renamed
     pickapic_dataset, trl_dataset, make_trainer
 ):
     """Training reads one schema; data under other names is renamed first (``train --rename_columns``)."""
-    from trl_diffusion_sdpo.cli.train import column_renames
+    from trl_diffusion_sdpo.cli.data_options import column_renames
 
     renamed = pickapic_dataset.rename_columns({"caption": "text", "jpg_0": "a", "jpg_1": "b", "label_0": "pref"})
     with pytest.raises(ValueError, match=r"missing column.*rename other columns to these"):

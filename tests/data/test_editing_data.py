@@ -18,6 +18,7 @@ from tests.helpers.common import COLOURS, edit_rows, encode_image
 from tests.helpers.data_formats import colour, expect_bad_row, load, png
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
+from trl_diffusion_sdpo.data.columns import SOURCE_COLUMN
 from trl_diffusion_sdpo.data.pickapic import LABEL_WORDS
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.transforms import PairTransform
@@ -84,6 +85,31 @@ def test_pair_folders_read_source_files_and_a_source_folder_beside_the_sides(tmp
         (sides / "w" / f"{key}.txt").write_text(f"edit {key}")
     png(sides / "source" / "a.png", COLOURS[4])
     assert [r["source_image"] is None for r in load(sides)] == [False, True]  # b has no source: kept, then named
+
+
+def test_side_folders_name_a_missing_or_doubled_source_or_mask_and_keep_the_single_ones(tmp_path):
+    root = tmp_path / "sides"
+    for key in ("a", "b", "c"):
+        png(root / "w" / f"{key}.png", COLOURS[2])
+        png(root / "l" / f"{key}.png", COLOURS[3])
+        (root / "w" / f"{key}.txt").write_text(f"edit {key}")
+    png(root / "source" / "a.png", COLOURS[4])
+    png(root / "source" / "c.png", COLOURS[4])
+    png(root / "source" / "c.jpg", COLOURS[4])
+    png(root / "mask" / "a.png", COLOURS[0])
+    png(root / "mask" / "b.png", COLOURS[0])
+    png(root / "mask" / "b.jpg", COLOURS[0])
+    rows = {row["prompt"]: row for row in load(root)}
+    assert rows["edit a"]["source_image"] is not None and rows["edit a"]["mask"] is not None
+    assert rows["edit a"][SOURCE_COLUMN].endswith("sides")  # "pair 'a' in .../sides": no note after the folder
+    assert [rows[f"edit {k}"][column] is None for k in "bc" for column in ("source_image", "mask")] == [
+        True, True, True, True
+    ]  # fmt: skip
+    assert (
+        "no image source/b.*" in rows["edit b"][SOURCE_COLUMN] and "2 masks mask/b.*" in rows["edit b"][SOURCE_COLUMN]
+    )
+    assert "2 source images source/c.*" in rows["edit c"][SOURCE_COLUMN]
+    assert "no mask mask/c.*" in rows["edit c"][SOURCE_COLUMN]
 
 
 def test_a_pair_folder_without_its_source_or_with_a_gap_is_named(tmp_path, make_config):
@@ -155,7 +181,7 @@ def test_both_source_columns_at_once_are_refused(make_config):
 
 
 def test_editreward_votes_are_labels_and_its_source_column_is_renamed(make_config):
-    from trl_diffusion_sdpo.cli.train import column_renames
+    from trl_diffusion_sdpo.cli.data_options import column_renames
 
     rows = [
         {"instruction": f"edit {i}", "left_output_image": r["chosen"], "right_output_image": r["rejected"],

@@ -464,6 +464,34 @@ def test_cli_evaluate_end_to_end(tmp_path, model_dirs, capsys):
     assert "lora vs base [redness]" in capsys.readouterr().out
 
 
+def test_evaluate_and_pairs_pass_prompts_and_output_folder_and_turn_their_bars_off_off_a_terminal(monkeypatch):
+    import trl_diffusion_sdpo.evaluation as evaluation_package
+    import trl_diffusion_sdpo.evaluation.pairs as pairs_module
+    from trl_diffusion_sdpo.io import console
+
+    class Called(Exception):
+        """Ends the command where it hands its keywords to the library."""
+
+    received = {}
+
+    def recorder(command: str):
+        def call(*args, **kwargs):
+            received[command] = kwargs
+            raise Called
+
+        return call
+
+    monkeypatch.setattr(evaluation_package, "evaluate", recorder("evaluate"))
+    monkeypatch.setattr(pairs_module, "make_pairs", recorder("pairs"))
+    for terminal in (False, True):
+        monkeypatch.setattr(console, "on_terminal", lambda terminal=terminal: terminal)
+        for command in ("evaluate", "pairs"):
+            with pytest.raises(Called):
+                main([command, "--base", "b", "--prompts", "p.txt", "--output-dir", "out"])
+            kwargs = received.pop(command)
+            assert (kwargs["prompts"], kwargs["output_dir"], kwargs["progress"]) == ("p.txt", "out", terminal), command
+
+
 def test_the_shared_sampling_flags_become_keywords_that_evaluate_and_make_pairs_both_take():
     import inspect
 

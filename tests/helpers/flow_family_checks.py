@@ -216,7 +216,8 @@ def check_the_shipped_config_trains_from_local_folders(case: FlowCase, config_na
 
     from safetensors.torch import load_file
 
-    from trl_diffusion_sdpo.cli.train import column_renames, main, parse_args
+    from trl_diffusion_sdpo.cli.data_options import column_renames
+    from trl_diffusion_sdpo.cli.train import main, parse_args
 
     config_path = Path(__file__).resolve().parents[2] / "examples" / "configs" / f"{config_name}.yaml"
     _, config, model_args, data_args = parse_args(

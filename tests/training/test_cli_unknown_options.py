@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from trl_diffusion_sdpo.cli.train import known_options, make_parser, parse_args
+from trl_diffusion_sdpo.cli.parsing import known_options
+from trl_diffusion_sdpo.cli.train import make_parser, parse_args
 
 
 def refusal(capsys, argv) -> str:

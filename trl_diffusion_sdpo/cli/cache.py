@@ -46,7 +46,9 @@ def make_cache_parser():
 def run_cache(argv: list[str] | None = None) -> int:
     """``trl-diffusion-sdpo cache``: parse ``argv`` (the ``train`` command's options plus :class:`CacheArguments`)
     and encode this process's shard into ``--latent_cache``; returns the exit status."""
-    from .train import build_pipeline, check_supported, load_train_split, parse_or_exit
+    from .data_options import load_train_split
+    from .parsing import parse_or_exit
+    from .train import build_pipeline, check_supported
 
     parser = make_cache_parser()
     script_args, args, model_args, diffusion_args, cache_args = parse_or_exit(parser, argv)  # exits on --help

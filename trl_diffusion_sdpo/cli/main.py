@@ -12,7 +12,15 @@ import sys
 # The options evaluate and pairs share live in their own module, which pairs_cli imports without importing this one.
 from ..config.defaults import safeguard_default_sentence
 from ..rewards.scorers.registry import OUTSIDE_SCORERS, register_outside_scorers
-from .sample import add_sampling_arguments, sampling_keywords, scorer_arguments
+from .sample import (
+    add_base_argument,
+    add_sampling_arguments,
+    add_scorer_arg_argument,
+    command_sampling_keywords,
+    registered_lists,
+    sampling_keywords,
+    scorer_arguments,
+)
 
 __all__ = [
     "OUTSIDE_SCORERS",
@@ -104,8 +112,7 @@ def add_evaluate_parser(
 ) -> argparse.ArgumentParser:
     """The ``evaluate`` subcommand: generate, score and compare a base model and its variants. ``scorers`` and
     ``presets`` (the registry's names) are listed in its help."""
-    listed = f"registered: {', '.join(scorers)}; " if scorers else ""
-    presets_listed = ", ".join(presets) if presets else "a registered name"
+    listed, presets_listed = registered_lists(scorers, presets)
     evaluate = commands.add_parser(
         "evaluate",
         allow_abbrev=False,
@@ -120,7 +127,7 @@ def add_evaluate_parser(
             "editing scorer such as editreward also reads the source)."
         ),
     )
-    evaluate.add_argument("--base", required=True, help="Base pipeline: Hub id or local folder.")
+    add_base_argument(evaluate)
     evaluate.add_argument(
         "--model",
         action="append",
@@ -144,12 +151,10 @@ def add_evaluate_parser(
         metavar="NAME",
         help=f"Scorer ({listed}repeatable; default: pickscore).",
     )
-    evaluate.add_argument(
-        "--scorer-arg",
-        action="append",
-        default=[],
-        metavar="NAME.KEY=VALUE",
-        help="Argument of a scorer, e.g. pickscore.model=/path (VALUE parsed as JSON if it can be).",
+    add_scorer_arg_argument(
+        evaluate,
+        "NAME.KEY=VALUE",
+        "Argument of a scorer, e.g. pickscore.model=/path (VALUE parsed as JSON if it can be).",
     )
     evaluate.add_argument("--output-dir", default="evaluation", help="Output folder (default: %(default)s).")
     evaluate.add_argument(
@@ -163,25 +168,18 @@ def add_evaluate_parser(
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..config.extras import ExtraNotInstalled
     from ..evaluation import evaluate
-    from ..io.console import on_terminal, quiet_progress_bars
     from ..rewards.scorers.preflight import ScorerModelUnavailable, ScorerPromptError
 
     scorers = args.scorer or ["pickscore"]
-    keywords = sampling_keywords(args)
-    if not on_terminal():  # a log file: no bars of \r redraws
-        quiet_progress_bars()
-        keywords["progress"] = False
     try:
         result = evaluate(
             args.base,
             args.model,
-            prompts=args.prompts,
             scorers=scorers,
-            output_dir=args.output_dir,
             seeds=args.seed or [0],
             scorer_kwargs=scorer_arguments(args.scorer_arg, scorers),
             n_resamples=args.bootstrap_resamples,
-            **keywords,
+            **command_sampling_keywords(args),
         )
     except (ScorerModelUnavailable, ExtraNotInstalled, ScorerPromptError) as err:  # found before any generation
         print(f"trl-diffusion-sdpo evaluate: error: {err}", file=sys.stderr)

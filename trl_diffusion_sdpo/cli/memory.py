@@ -184,7 +184,8 @@ def is_online_config(argv: list[str]) -> bool:
 def run_estimate_memory(argv: list[str] | None = None) -> int:
     """``trl-diffusion-sdpo estimate-memory``: parse ``argv`` and print the estimate; returns the exit status."""
     from ..engines.memory import estimate_memory, model_sizes
-    from .train import DiffusionScriptArguments, check_supported_model, parse_or_exit
+    from .parsing import parse_or_exit
+    from .train import DiffusionScriptArguments, check_supported_model
 
     argv = list(sys.argv[1:] if argv is None else argv)
     online = is_online_config(argv)

@@ -20,14 +20,13 @@ from ..config.defaults import safeguard_default_sentence
 from ..config.fields import option
 from ..online.config import _GROUPS as ONLINE_GROUPS
 from ..online.config import OnlineDiffusionSDPOConfig
+from .parsing import parse_or_exit, resume_argument
 from .train import (
     DiffusionScriptArguments,
     ValidationArguments,
     build_pipeline,
     check_supported_model,
     make_parser,
-    parse_or_exit,
-    resume_argument,
     train_save_and_push,
     train_topics,
 )

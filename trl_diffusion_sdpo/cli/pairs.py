@@ -18,10 +18,9 @@ def add_pairs_parser(
     commands, scorers: list[str] | None = None, presets: list[str] | None = None
 ) -> argparse.ArgumentParser:
     """The ``pairs`` subcommand; ``scorers`` and ``presets`` (the registries' names) are listed in its help."""
-    from .sample import add_sampling_arguments
+    from .sample import add_base_argument, add_sampling_arguments, add_scorer_arg_argument, registered_lists
 
-    listed = f"registered: {', '.join(scorers)}; " if scorers else ""
-    presets_listed = ", ".join(presets) if presets else "a registered name"
+    listed, presets_listed = registered_lists(scorers, presets)
     pairs = commands.add_parser(
         "pairs",
         allow_abbrev=False,
@@ -33,7 +32,7 @@ def add_pairs_parser(
             "OUTPUT_DIR/dataset (train with --dataset_name OUTPUT_DIR/dataset), summary.json and scores.jsonl."
         ),
     )
-    pairs.add_argument("--base", required=True, help="Base pipeline: Hub id or local folder.")
+    add_base_argument(pairs)
     pairs.add_argument(
         "--model",
         default=None,
@@ -48,12 +47,10 @@ def add_pairs_parser(
     )  # fmt: skip
     pairs.add_argument("--num-images", type=int, default=4, help="Images per prompt, K (default: %(default)s).")
     pairs.add_argument("--scorer", default="pickscore", help=f"Reward model ({listed}default: %(default)s).")
-    pairs.add_argument(
-        "--scorer-arg",
-        action="append",
-        default=[],
-        metavar="NAME.KEY=VALUE",
-        help="Argument of the scorer, e.g. hpsv3.checkpoint=/path (VALUE parsed as JSON if it can be).",
+    add_scorer_arg_argument(
+        pairs,
+        "NAME.KEY=VALUE",
+        "Argument of the scorer, e.g. hpsv3.checkpoint=/path (VALUE parsed as JSON if it can be).",
     )
     pairs.add_argument(
         "--margin",
@@ -76,24 +73,18 @@ def add_pairs_parser(
 def run_pairs(args: argparse.Namespace) -> int:
     from ..demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
     from ..evaluation.pairs import make_pairs
-    from ..io.console import quiet_off_terminal
-    from .sample import sampling_keywords, scorer_arguments
+    from .sample import command_sampling_keywords, scorer_arguments
 
-    keywords = sampling_keywords(args)
-    if not quiet_off_terminal():  # a log file: no bars of \r redraws
-        keywords["progress"] = False
     result = make_pairs(
         args.base,
         args.model,
-        prompts=args.prompts,
         num_images=args.num_images,
         scorer=args.scorer,
+        scorer_kwargs=scorer_arguments(args.scorer_arg, [args.scorer]).get(args.scorer, {}),
         margin=args.margin,
         mode=args.mode,
-        output_dir=args.output_dir,
         seed=args.seed,
-        scorer_kwargs=scorer_arguments(args.scorer_arg, [args.scorer]).get(args.scorer, {}),
-        **keywords,
+        **command_sampling_keywords(args),
     )
     s = result.summary
     print(f"{s['pairs']} pairs from {s['prompts_with_pair']} of {s['prompts']} prompts, {s['generated']} new images")

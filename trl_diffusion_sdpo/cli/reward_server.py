@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from .sample import json_or_text
+from .sample import add_scorer_arg_argument, json_or_text
 
 __all__ = ["build_parser", "main"]
 
@@ -21,12 +21,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "'trl-diffusion-sdpo[serve]'."
     )
     parser.add_argument("--scorer", required=True, help="A registered scorer (`evaluate --help` lists them).")
-    parser.add_argument(
-        "--scorer-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="An argument of the scorer, e.g. model=/path (VALUE parsed as JSON if it can be; repeatable).",
+    add_scorer_arg_argument(
+        parser,
+        "KEY=VALUE",
+        "An argument of the scorer, e.g. model=/path (VALUE parsed as JSON if it can be; repeatable).",
     )
     parser.add_argument(
         "--host",

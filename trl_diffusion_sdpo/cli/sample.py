@@ -7,7 +7,33 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["add_sampling_arguments", "json_or_text", "scorer_arguments"]
+__all__ = [
+    "add_base_argument",
+    "add_sampling_arguments",
+    "add_scorer_arg_argument",
+    "command_sampling_keywords",
+    "json_or_text",
+    "registered_lists",
+    "scorer_arguments",
+]
+
+
+def registered_lists(scorers: list[str] | None, presets: list[str] | None) -> tuple[str, str]:
+    """The registered scorers (``"registered: a, b; "``, or nothing) and prompt presets (``"a, b"``) as the help of
+    ``evaluate`` and ``pairs`` lists them in ``--scorer`` and ``--prompts``."""
+    listed = f"registered: {', '.join(scorers)}; " if scorers else ""
+    return listed, ", ".join(presets) if presets else "a registered name"
+
+
+def add_base_argument(parser: argparse.ArgumentParser) -> None:
+    """``--base``: the pipeline that ``evaluate`` and ``pairs`` sample (a LoRA or a tuned denoiser goes on it)."""
+    parser.add_argument("--base", required=True, help="Base pipeline: Hub id or local folder.")
+
+
+def add_scorer_arg_argument(parser: argparse.ArgumentParser, metavar: str, help: str) -> None:
+    """``--scorer-arg``, repeatable, its values kept in order as written (``evaluate`` and ``pairs`` read them with
+    :func:`scorer_arguments`, ``reward-server`` as KEY=VALUE): ``metavar`` and ``help`` say which form."""
+    parser.add_argument("--scorer-arg", action="append", default=[], metavar=metavar, help=help)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +99,18 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "progress": not args.no_progress,
     }
+
+
+def command_sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`sampling_keywords` with ``--prompts`` and ``--output-dir``, which both commands declare, as a command
+    passes them: off a terminal (a log file) every library's progress bars and the command's own are off, so that a log
+    file gets no bars redrawn with carriage returns."""
+    from ..io.console import quiet_off_terminal
+
+    keywords = {"prompts": args.prompts, "output_dir": args.output_dir, **sampling_keywords(args)}
+    if not quiet_off_terminal():
+        keywords["progress"] = False
+    return keywords
 
 
 def json_or_text(value: str) -> Any:

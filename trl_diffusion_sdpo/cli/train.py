@@ -8,16 +8,14 @@
 
 Parsed by TRL's ``TrlParser`` from TRL's ``ScriptArguments`` (dataset) and ``ModelConfig`` (model, dtype, LoRA through
 ``get_peft_config``), :class:`DiffusionScriptArguments` and :class:`~trl_diffusion_sdpo.DiffusionSDPOConfig` (every
-``transformers.TrainingArguments`` field too). Flags override the YAML file; ``--help`` lists them all.
+``transformers.TrainingArguments`` field too). Flags override the YAML file; ``--help`` lists them all. How the
+file and flags are read and refused: :mod:`.parsing`; how the data options read the data: :mod:`.data_options`.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -25,11 +23,22 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from ..config import DiffusionSDPOConfig, check_config
+from ..config import DiffusionSDPOConfig
 from ..config.docs import GROUPS
 from ..config.fields import option
 from ..config.rules import BASE_QUANTIZATIONS
+from .data_options import early_stopping_split, load_split, load_train_split
 from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
+from .parsing import (
+    HIDDEN_OPTIONS,
+    INPUT_PATH_KEYS,
+    REFUSED_OPTIONS,
+    ConfigFileParser,
+    add_config_argument,
+    parse_or_exit,
+    resolve_config_paths,
+    resume_argument,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +66,6 @@ __all__ = [
     "train_save_and_push",
     "train_topics",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -241,10 +248,6 @@ EPILOG = (
     "LoRA has no task head). --load_in_4bit, --load_in_8bit, --bnb_4bit_quant_type and --use_bnb_nested_quant "
     "quantize the frozen base (docs/quantization.md)."
 )
-# TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
-# parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
-REFUSED_OPTIONS = ("attn_implementation", "lora_target_parameters")
-HIDDEN_OPTIONS = (*REFUSED_OPTIONS, "lora_task_type")
 # TRL's ModelConfig help with the defaults this package uses in their place.
 LORA_HELP = {
     "lora_r": "LoRA rank (TRL's default 16; the shipped configs use 16, sd3_lora.yaml 32).",
@@ -254,8 +257,6 @@ LORA_HELP = {
     "to_q, to_k, to_v, to_out.0; SD3, FLUX.1 and Qwen-Image add add_q_proj, add_k_proj, add_v_proj, to_add_out, and "
     "FLUX.2 to_qkv_mlp_proj and its single blocks' output projection (docs/quickstart.md).",
 }
-_TRUE = {"true", "yes", "1"}
-_FALSE = {"false", "no", "0", "none", ""}
 
 
 # The data group's options about reading the rows; the rest of the group is about the images, the timesteps and the
@@ -347,170 +348,6 @@ class _FullHelp(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         self.full_parser().print_help()
         parser.exit()
-
-
-# Keys of a --config file that name files or folders to read, and whether the value may instead be a Hub id or a
-# preset name (then a value found nowhere is left as it is; a value with a file suffix must exist).
-INPUT_PATH_KEYS = {
-    "model_name_or_path": True,
-    "vae_name_or_path": True,
-    "dataset_name": True,
-    "prompts": True,
-    "validation_source_images": False,
-    "deepspeed": False,
-}
-FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".webp")
-
-
-def resolve_config_paths(config: dict[str, Any], config_path: str) -> dict[str, Any]:
-    """``config`` (a ``--config`` file's mapping) with each relative path of :data:`INPUT_PATH_KEYS` read from the
-    file's folder, so a config works from any current folder. A path found only in the current folder is kept, with
-    a warning (configs written before paths were read from their folder). A value that must be a file (no Hub id or
-    preset, or one with a file suffix) and exists in neither is refused, naming the key."""
-    folder = os.path.dirname(os.path.abspath(config_path))
-    resolved = dict(config)
-    for key, may_be_a_name in INPUT_PATH_KEYS.items():
-        value = config.get(key)
-        if isinstance(value, list):
-            resolved[key] = [_resolve_path(key, item, folder, config_path, may_be_a_name) for item in value]
-        elif isinstance(value, str):
-            resolved[key] = _resolve_path(key, value, folder, config_path, may_be_a_name)
-    return resolved
-
-
-def _resolve_path(key: str, value: Any, folder: str, config_path: str, may_be_a_name: bool) -> Any:
-    if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
-        return value
-    beside = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
-    if os.path.exists(beside):
-        return beside
-    if os.path.exists(value):
-        logger.warning(
-            "%s: %s is read from the current folder; relative paths in a --config file are read from the file's "
-            "folder (%s), so the config works from anywhere: write it relative to that folder.",
-            key,
-            value,
-            folder,
-        )
-        return value
-    if may_be_a_name and not value.lower().endswith(FILE_SUFFIXES):
-        return value  # a Hub id or a preset name
-    raise ValueError(
-        f"{key}: {value} in the --config file {config_path} does not exist: relative paths in a config file are read "
-        f"from the file's folder ({folder}). Fix the path, relative to that folder or absolute."
-    )
-
-
-class ConfigFileParser(TrlParser):
-    """TRL's parser, reading a ``--config`` file's relative paths from the file's folder (:func:`resolve_config_paths`)
-    and refusing a missing config file as a usage error."""
-
-    config_path: str | None = None
-
-    def parse_args_and_config(self, args: Sequence[str] | None = None, *rest: Any, **options: Any) -> tuple:
-        args = list(sys.argv[1:] if args is None else args)
-        self.config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
-        if self.config_path is not None and not os.path.isfile(self.config_path):
-            self.error(f"--config {self.config_path}: no such file")
-        return super().parse_args_and_config(args, *rest, **options)
-
-    def set_defaults_with_config(self, **config: Any) -> list[str]:
-        if self.config_path is not None:
-            config = resolve_config_paths(config, self.config_path)
-        return super().set_defaults_with_config(**config)
-
-
-def add_config_argument(parser: TrlParser) -> None:
-    """List ``--config`` in ``--help``: TrlParser reads it itself before argparse sees the flags."""
-    parser.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        default=argparse.SUPPRESS,
-        help="YAML file of these options (keys are the flag names); flags given beside it override its values.",
-    )
-
-
-def resume_argument(value: str | bool | None) -> str | bool | None:
-    """``--resume_from_checkpoint`` as users write it: ``true`` / ``false`` (any case, from a flag or a YAML file)
-    become booleans; anything else is a checkpoint folder."""
-    if isinstance(value, str) and value.strip().lower() in _TRUE:
-        return True
-    if isinstance(value, str) and value.strip().lower() in _FALSE:
-        return None
-    return value
-
-
-def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
-    """``parser.parse_args_and_config(argv)``; a value the argument classes refuse (a config field's check), an
-    unknown flag or an unknown YAML key ends the command as argparse ends it on a bad flag: the message (with the
-    closest known option for a misspelt one) and the usage on stderr, exit status 2, no traceback."""
-    try:
-        *parsed, from_config, from_flags = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-        # The config's rules and the chosen objective's, before any model loads (after --help has exited).
-        from ..objectives import check_objective_config
-
-        for args in parsed:
-            if isinstance(args, DiffusionSDPOConfig):
-                check_config(args)
-                check_objective_config(args)
-    except ValueError as err:
-        parser.error(str(err))
-    unknown = unknown_options_message(parser, from_config, from_flags)
-    if unknown:
-        parser.error(unknown)
-    return tuple(parsed)
-
-
-def known_options(parser: argparse.ArgumentParser) -> list[str]:
-    """The option names the parser accepts and lists (``--help``), without the leading ``--``."""
-    names = []
-    for action in parser._actions:
-        if action.help == argparse.SUPPRESS and action.dest in HIDDEN_OPTIONS:
-            continue
-        names += [option[2:] for option in action.option_strings if option.startswith("--")]
-    return names
-
-
-def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:
-    """`` (did you mean --x?)`` with the known option closest to ``name`` (``difflib``), or ``""``."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
-
-
-def unknown_options_message(
-    parser: argparse.ArgumentParser, from_config: Sequence[str], from_flags: Sequence[str]
-) -> str | None:
-    """What the parser left unused, each with the closest known option: the YAML keys (TrlParser hands them back as
-    ``["--key", "value", ...]``) and the command-line words (an unknown flag, or a value with no flag)."""
-    known = known_options(parser)
-    problems = []
-    for key in from_config[::2]:
-        name = key[2:]
-        problems.append(f"unknown key {name!r} in the --config file{did_you_mean(name, known, '')}")
-    value_of_unknown = False  # the word after an unknown ``--flag`` is taken as its value
-    for word in from_flags:
-        if word.startswith("--"):
-            name = word[2:].split("=", 1)[0]
-            problems.append(f"unknown option --{name}{did_you_mean(name, known)}")
-            value_of_unknown = "=" not in word
-        elif word.startswith("-") and len(word) > 1 and not _is_number(word):
-            problems.append(f"unknown option {word}")
-            value_of_unknown = True
-        elif value_of_unknown:
-            value_of_unknown = False
-        else:
-            problems.append(f"unexpected argument {word!r}")
-    return "; ".join(problems) or None
-
-
-def _is_number(word: str) -> bool:
-    try:
-        float(word)
-    except ValueError:
-        return False
-    return True
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
@@ -631,69 +468,6 @@ def peft_config_for(model_args: ModelConfig, pipeline):
     return peft_config
 
 
-def load_split(
-    script_args: ScriptArguments,
-    diffusion_args: DiffusionScriptArguments,
-    split: str | None = None,
-    training_args: DiffusionSDPOConfig | None = None,
-):
-    """A split as the arguments name it, in any format of :mod:`~trl_diffusion_sdpo.data.formats`
-    (``dataset_format``, ``ranking_pairs``). ``None``: the training split, streamed with ``dataset_streaming`` and
-    cut to ``max_train_rows``; another split (the evaluation split) is read whole. With ``dataset_columns:
-    pickapic`` the label form is mapped (:mod:`~trl_diffusion_sdpo.data.columns`)."""
-    from ..data.columns import CAPTION, IMAGE_0, IMAGE_1, LABEL_0
-    from ..data.preparation import load_preference_dataset
-
-    renames = column_renames(diffusion_args.rename_columns)
-    # Pick-a-Pic's columns are mapped at load under the names they have in the files; the others are renamed after.
-    names = tuple(
-        next((old for old, new in renames.items() if new == n), n) for n in (CAPTION, IMAGE_0, IMAGE_1, LABEL_0)
-    )
-    train = split is None
-    dataset = load_preference_dataset(
-        script_args.dataset_name,
-        script_args.dataset_train_split if train else split,
-        train and script_args.dataset_streaming,
-        diffusion_args.max_train_rows if train else None,
-        config_name=script_args.dataset_config,
-        dataset_format=diffusion_args.dataset_format,
-        ranking_pairs=diffusion_args.ranking_pairs,
-        dataset_columns=diffusion_args.dataset_columns,
-        pickapic_names=names,
-    )
-    known = dataset.column_names  # None for a stream whose columns are only known when read: renamed all the same
-    others = {old: new for old, new in renames.items() if old not in names and (known is None or old in known)}
-    if others:
-        dataset = dataset.rename_columns(others)
-    from ..data.masks import add_loss_masks
-
-    return add_loss_masks(
-        dataset, diffusion_args.auto_mask, diffusion_args.auto_mask_threshold, diffusion_args.mask_dilate
-    )
-
-
-def column_renames(text: str | None) -> dict[str, str]:
-    """``"a:b,c:d"`` (``--rename_columns``) as ``{"a": "b", "c": "d"}``; a ValueError names a malformed pair."""
-    renames = {}
-    for pair in (text or "").split(","):
-        if not pair.strip():
-            continue
-        old, sep, new = (part.strip() for part in pair.partition(":"))
-        if not (sep and old and new):
-            raise ValueError(f"rename_columns: {pair.strip()!r} is not old:new (e.g. instruction:caption)")
-        renames[old] = new
-    return renames
-
-
-def load_train_split(
-    script_args: ScriptArguments,
-    diffusion_args: DiffusionScriptArguments,
-    training_args: DiffusionSDPOConfig | None = None,
-):
-    """The training split: :func:`load_split` with no split named."""
-    return load_split(script_args, diffusion_args, training_args=training_args)
-
-
 class ModelCardOnSave(TrainerCallback):
     """Rewrite ``output_dir/README.md`` at every checkpoint save, as TRL's trainers do, naming the dataset."""
 
@@ -747,29 +521,6 @@ def main(argv: Sequence[str] | None = None):
         ],
     )
     return train_save_and_push(trainer, script_args.dataset_name)
-
-
-def early_stopping_split(
-    script_args: ScriptArguments, training_args: DiffusionSDPOConfig, diffusion_args: DiffusionScriptArguments
-):
-    """The evaluation split that ``--early_stopping_patience`` watches, or a ``ValueError`` in one line naming
-    ``--dataset_test_split`` (and ``eval_dataset``, the trainer's argument from Python) when there is none."""
-    split = script_args.dataset_test_split
-    remedy = (
-        "name the evaluation split with --dataset_test_split (from Python: pass eval_dataset to the trainer), or "
-        "drop --early_stopping_patience"
-    )
-    if diffusion_args.latent_cache:
-        raise ValueError(f"--early_stopping_patience needs an evaluation split; --latent_cache has none: {remedy}")
-    if not split:
-        raise ValueError(f"--early_stopping_patience needs an evaluation split: {remedy}")
-    try:
-        return load_split(script_args, diffusion_args, split, training_args)
-    except (ValueError, FileNotFoundError) as err:
-        raise ValueError(
-            f"--early_stopping_patience needs an evaluation split, and {script_args.dataset_name} has no split "
-            f"{split!r} ({' '.join(str(err).split())[:200]}): {remedy}"
-        ) from err
 
 
 def train_save_and_push(trainer, dataset_name: str | None):

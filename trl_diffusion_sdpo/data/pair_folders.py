@@ -59,6 +59,18 @@ def _kind_mismatch(pair: list[str | None], sides: tuple[str, str]) -> str:
     return ""
 
 
+def _one_file(
+    files_by_key: dict[str, list[str]], key: str, folder: str, plural: str, singular: str, notes: list[str]
+) -> str | None:
+    """The one file of ``folder`` (a source-image or mask folder) for pair ``key``, or ``None`` with a note in
+    ``notes`` naming how many were found (``plural``) or that none was (``singular``)."""
+    found = files_by_key.get(key, [])
+    if len(found) != 1:
+        side = os.path.basename(folder)
+        notes.append(f"{len(found)} {plural} {side}/{key}.*" if found else f"no {singular} {side}/{key}.*")
+    return found[0] if len(found) == 1 else None
+
+
 def _pair_subfolders(root: str) -> list[str]:
     """Sub-folders of ``root`` holding a ``chosen.<ext>`` or ``rejected.<ext>`` image (the one-folder-per-pair
     layout)."""
@@ -198,17 +210,9 @@ def read_pair_folders(root: str) -> Dataset:
             if prompt is None:
                 notes.append(_no_caption_note(stems, f"no caption {key}.txt or {key}.caption"))
             if sources is not None:
-                found = sources.get(key, [])
-                if len(found) != 1:
-                    side = os.path.basename(source_dir)
-                    notes.append(f"{len(found)} source images {side}/{key}.*" if found else f"no image {side}/{key}.*")
-                rows["source_image"].append(found[0] if len(found) == 1 else None)
+                rows["source_image"].append(_one_file(sources, key, source_dir, "source images", "image", notes))
             if masks is not None:
-                found = masks.get(key, [])
-                if len(found) != 1:
-                    side = os.path.basename(mask_dir)
-                    notes.append(f"{len(found)} masks {side}/{key}.*" if found else f"no mask {side}/{key}.*")
-                rows["mask"].append(found[0] if len(found) == 1 else None)
+                rows["mask"].append(_one_file(masks, key, mask_dir, "masks", "mask", notes))
             rows["prompt"].append(prompt)
             rows["chosen"].append(pair[0])
             rows["rejected"].append(pair[1])

@@ -32,6 +32,16 @@ from .components import (
 from .tokenizers import write_char_tokenizer, write_qwen_tokenizer, write_t5_tokenizer
 
 
+def text_components(*encoders: tuple[Any, Any]) -> dict[str, Any]:
+    """Text encoders and their tokenizers, in order, under the names a diffusers pipeline takes them:
+    ``text_encoder``/``tokenizer``, then ``text_encoder_2``/``tokenizer_2`` and so on."""
+    components = {}
+    for number, (encoder, tokenizer) in enumerate(encoders, start=1):
+        suffix = "" if number == 1 else f"_{number}"
+        components[f"text_encoder{suffix}"], components[f"tokenizer{suffix}"] = encoder, tokenizer
+    return components
+
+
 def build_tiny_sd3_pipeline(
     with_t5: bool = True, attention_head_dim: int = 8, **arguments: Any
 ) -> StableDiffusion3Pipeline:
@@ -69,12 +79,7 @@ def build_tiny_sd3_pipeline(
         transformer=transformer,
         scheduler=flow_scheduler(shift=3.0),
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
+        **text_components((text_encoder, tokenizer), (text_encoder_2, tokenizer_2), (text_encoder_3, tokenizer_3)),
     )
 
 
@@ -111,10 +116,7 @@ def build_tiny_flux_pipeline(
     return FluxPipeline(
         scheduler=flux_scheduler(),
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
+        **text_components((text_encoder, tokenizer), (text_encoder_2, tokenizer_2)),
         transformer=transformer,
     )
 

@@ -1,0 +1,204 @@
+"""How ``train``, ``online``, ``cache`` and ``estimate-memory`` read a ``--config`` YAML file and flags: the file's
+relative paths read from its folder, ``--resume_from_checkpoint``'s words, and every refusal (a config field's check,
+an unknown flag or YAML key, with the closest known option) ended as argparse ends a bad flag."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from trl import TrlParser
+
+from ..config import DiffusionSDPOConfig, check_config
+
+__all__ = [
+    "HIDDEN_OPTIONS",
+    "INPUT_PATH_KEYS",
+    "REFUSED_OPTIONS",
+    "ConfigFileParser",
+    "add_config_argument",
+    "did_you_mean",
+    "known_options",
+    "parse_or_exit",
+    "resolve_config_paths",
+    "resume_argument",
+    "unknown_options_message",
+]
+
+logger = logging.getLogger(__name__)
+
+# TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
+# parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
+REFUSED_OPTIONS = ("attn_implementation", "lora_target_parameters")
+HIDDEN_OPTIONS = (*REFUSED_OPTIONS, "lora_task_type")
+_TRUE = {"true", "yes", "1"}
+_FALSE = {"false", "no", "0", "none", ""}
+
+
+# Keys of a --config file that name files or folders to read, and whether the value may instead be a Hub id or a
+# preset name (then a value found nowhere is left as it is; a value with a file suffix must exist).
+INPUT_PATH_KEYS = {
+    "model_name_or_path": True,
+    "vae_name_or_path": True,
+    "dataset_name": True,
+    "prompts": True,
+    "validation_source_images": False,
+    "deepspeed": False,
+}
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".webp")
+
+
+def resolve_config_paths(config: dict[str, Any], config_path: str) -> dict[str, Any]:
+    """``config`` (a ``--config`` file's mapping) with each relative path of :data:`INPUT_PATH_KEYS` read from the
+    file's folder, so a config works from any current folder. A path found only in the current folder is kept, with
+    a warning (configs written before paths were read from their folder). A value that must be a file (no Hub id or
+    preset, or one with a file suffix) and exists in neither is refused, naming the key."""
+    folder = os.path.dirname(os.path.abspath(config_path))
+    resolved = dict(config)
+    for key, may_be_a_name in INPUT_PATH_KEYS.items():
+        value = config.get(key)
+        if isinstance(value, list):
+            resolved[key] = [_resolve_path(key, item, folder, config_path, may_be_a_name) for item in value]
+        elif isinstance(value, str):
+            resolved[key] = _resolve_path(key, value, folder, config_path, may_be_a_name)
+    return resolved
+
+
+def _resolve_path(key: str, value: Any, folder: str, config_path: str, may_be_a_name: bool) -> Any:
+    if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+        return value
+    beside = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
+    if os.path.exists(beside):
+        return beside
+    if os.path.exists(value):
+        logger.warning(
+            "%s: %s is read from the current folder; relative paths in a --config file are read from the file's "
+            "folder (%s), so the config works from anywhere: write it relative to that folder.",
+            key,
+            value,
+            folder,
+        )
+        return value
+    if may_be_a_name and not value.lower().endswith(FILE_SUFFIXES):
+        return value  # a Hub id or a preset name
+    raise ValueError(
+        f"{key}: {value} in the --config file {config_path} does not exist: relative paths in a config file are read "
+        f"from the file's folder ({folder}). Fix the path, relative to that folder or absolute."
+    )
+
+
+class ConfigFileParser(TrlParser):
+    """TRL's parser, reading a ``--config`` file's relative paths from the file's folder (:func:`resolve_config_paths`)
+    and refusing a missing config file as a usage error."""
+
+    config_path: str | None = None
+
+    def parse_args_and_config(self, args: Sequence[str] | None = None, *rest: Any, **options: Any) -> tuple:
+        args = list(sys.argv[1:] if args is None else args)
+        self.config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+        if self.config_path is not None and not os.path.isfile(self.config_path):
+            self.error(f"--config {self.config_path}: no such file")
+        return super().parse_args_and_config(args, *rest, **options)
+
+    def set_defaults_with_config(self, **config: Any) -> list[str]:
+        if self.config_path is not None:
+            config = resolve_config_paths(config, self.config_path)
+        return super().set_defaults_with_config(**config)
+
+
+def add_config_argument(parser: TrlParser) -> None:
+    """List ``--config`` in ``--help``: TrlParser reads it itself before argparse sees the flags."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=argparse.SUPPRESS,
+        help="YAML file of these options (keys are the flag names); flags given beside it override its values.",
+    )
+
+
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """``--resume_from_checkpoint`` as users write it: ``true`` / ``false`` (any case, from a flag or a YAML file)
+    become booleans; anything else is a checkpoint folder."""
+    if isinstance(value, str) and value.strip().lower() in _TRUE:
+        return True
+    if isinstance(value, str) and value.strip().lower() in _FALSE:
+        return None
+    return value
+
+
+def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
+    """``parser.parse_args_and_config(argv)``; a value the argument classes refuse (a config field's check), an
+    unknown flag or an unknown YAML key ends the command as argparse ends it on a bad flag: the message (with the
+    closest known option for a misspelt one) and the usage on stderr, exit status 2, no traceback."""
+    try:
+        *parsed, from_config, from_flags = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+        # The config's rules and the chosen objective's, before any model loads (after --help has exited).
+        from ..objectives import check_objective_config
+
+        for args in parsed:
+            if isinstance(args, DiffusionSDPOConfig):
+                check_config(args)
+                check_objective_config(args)
+    except ValueError as err:
+        parser.error(str(err))
+    unknown = unknown_options_message(parser, from_config, from_flags)
+    if unknown:
+        parser.error(unknown)
+    return tuple(parsed)
+
+
+def known_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The option names the parser accepts and lists (``--help``), without the leading ``--``."""
+    names = []
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS and action.dest in HIDDEN_OPTIONS:
+            continue
+        names += [option[2:] for option in action.option_strings if option.startswith("--")]
+    return names
+
+
+def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:
+    """`` (did you mean --x?)`` with the known option closest to ``name`` (``difflib``), or ``""``."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def unknown_options_message(
+    parser: argparse.ArgumentParser, from_config: Sequence[str], from_flags: Sequence[str]
+) -> str | None:
+    """What the parser left unused, each with the closest known option: the YAML keys (TrlParser hands them back as
+    ``["--key", "value", ...]``) and the command-line words (an unknown flag, or a value with no flag)."""
+    known = known_options(parser)
+    problems = []
+    for key in from_config[::2]:
+        name = key[2:]
+        problems.append(f"unknown key {name!r} in the --config file{did_you_mean(name, known, '')}")
+    value_of_unknown = False  # the word after an unknown ``--flag`` is taken as its value
+    for word in from_flags:
+        if word.startswith("--"):
+            name = word[2:].split("=", 1)[0]
+            problems.append(f"unknown option --{name}{did_you_mean(name, known)}")
+            value_of_unknown = "=" not in word
+        elif word.startswith("-") and len(word) > 1 and not _is_number(word):
+            problems.append(f"unknown option {word}")
+            value_of_unknown = True
+        elif value_of_unknown:
+            value_of_unknown = False
+        else:
+            problems.append(f"unexpected argument {word!r}")
+    return "; ".join(problems) or None
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
