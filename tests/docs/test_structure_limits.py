@@ -15,7 +15,7 @@ TRAINER = "trainer.py"
 
 # Modules over MODULE_LIMIT being split, each held at its present length: it may shrink, never grow, and its entry
 # fails once the module fits, so that the list empties.
-OVER_LIMIT: dict[str, int] = {"cli/train.py": 788}
+OVER_LIMIT: dict[str, int] = {}
 
 
 def line_count(path: Path) -> int:
