@@ -203,3 +203,16 @@ def test_human_output_states_the_verdict_in_one_line(capsys) -> None:
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("Does not fit a 24 GB GPU: ")
     assert run_estimate_memory([*QWEN_4BIT, "--cache_latents", "false"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("Fits a 48 GB GPU (the smallest of ")
+
+
+def test_the_help_prints():
+    """``estimate-memory --help`` formats every option's help (a bare ``%`` in a help string breaks argparse)."""
+    import contextlib
+    import io
+
+    from trl_diffusion_sdpo.cli.main import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main(["estimate-memory", "--help"])
+    assert "--gpu" in out.getvalue() and "% free" in out.getvalue()

@@ -51,7 +51,8 @@ class EstimateArguments:
     gpu: float | None = field(
         default=None,
         metadata={
-            "help": f"A GPU's memory in GB (e.g. 24): whether the run fits it, keeping {1 - USABLE_SHARE:.0%} free. "
+            "help": f"A GPU's memory in GB (e.g. 24): whether the run fits it, keeping "
+            f"{(1 - USABLE_SHARE) * 100:.0f}%% free. "
             f"Unset: the smallest of {', '.join(map(str, GPUS_GB))} GB that fits."
         },
     )
