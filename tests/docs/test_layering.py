@@ -106,9 +106,10 @@ def test_every_entry_of_the_package_is_a_layer():
     }
     assert entries == set(ORDER)
     assert len(entries) <= 16
-    design = (ROOT.parent / "docs" / "design.md").read_text()
-    missing = [layer for layer in ORDER if f"`{layer}/`" not in design and f"`{layer}.py`" not in design]
-    assert not missing, f"docs/design.md's layer table does not name: {missing}"
+    for page in ("docs/design.md", "CONTRIBUTING.md"):
+        text = (ROOT.parent / page).read_text()
+        missing = [layer for layer in ORDER if f"`{layer}/`" not in text and f"`{layer}.py`" not in text]
+        assert not missing, f"{page} does not name the layers: {missing}"
 
 
 def test_the_import_walk_sees_relative_absolute_nested_and_importlib_loads(tmp_path, monkeypatch):
