@@ -5,20 +5,20 @@ in one line where there is none. Data code is imported when it runs."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trl import ScriptArguments
 
     from ..config import DiffusionSDPOConfig
-    from .train import DiffusionScriptArguments
 
+# ``diffusion_args``: the train command's ``DiffusionScriptArguments`` (cli/train.py, which imports this module).
 __all__ = ["column_renames", "early_stopping_split", "load_split", "load_train_split"]
 
 
 def load_split(
     script_args: ScriptArguments,
-    diffusion_args: DiffusionScriptArguments,
+    diffusion_args: Any,
     split: str | None = None,
     training_args: DiffusionSDPOConfig | None = None,
 ):
@@ -72,16 +72,14 @@ def column_renames(text: str | None) -> dict[str, str]:
 
 def load_train_split(
     script_args: ScriptArguments,
-    diffusion_args: DiffusionScriptArguments,
+    diffusion_args: Any,
     training_args: DiffusionSDPOConfig | None = None,
 ):
     """The training split: :func:`load_split` with no split named."""
     return load_split(script_args, diffusion_args, training_args=training_args)
 
 
-def early_stopping_split(
-    script_args: ScriptArguments, training_args: DiffusionSDPOConfig, diffusion_args: DiffusionScriptArguments
-):
+def early_stopping_split(script_args: ScriptArguments, training_args: DiffusionSDPOConfig, diffusion_args: Any):
     """The evaluation split that ``--early_stopping_patience`` watches, or a ``ValueError`` in one line naming
     ``--dataset_test_split`` (and ``eval_dataset``, the trainer's argument from Python) when there is none."""
     split = script_args.dataset_test_split
