@@ -86,24 +86,41 @@ def build_flux2_klein(device: str, workdir: str):
     )
 
 
-# --base: the weight-only quantization diffusers' TorchAoConfig / QuantoConfig apply while loading, applied here to
-# the denoiser built from its config (random weights are never written to disk to be loaded back).
-QUANTIZED_BASES = ("none", "torchao-int8", "quanto-int8")
+# --base: the frozen denoiser quantized as the package quantizes a base (families/quantization.py): torchao and quanto
+# once built (``quantize_linear_layers``, linear layers only), bitsandbytes while loading (its layers quantize as they
+# land on the GPU), from the random weights saved once as safetensors and loaded back through diffusers' config.
+QUANTIZED_BASES = ("none", "torchao-int8", "quanto-int8", "bnb-nf4", "bnb-int8")
 
 
-def quantize_denoiser(pipeline, base: str) -> None:
-    """The pipeline's denoiser (its ``unet`` or ``transformer``) quantized in place with ``base``'s backend."""
-    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
-    if base == "torchao-int8":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+def quantize_denoiser(pipeline, base: str, workdir: str | None = None) -> None:
+    """The pipeline's denoiser (its ``unet`` or ``transformer``) quantized with ``base``'s backend: in place, or (for
+    bitsandbytes, on a CUDA GPU) saved to ``workdir`` in bf16 and loaded back quantized into the pipeline."""
+    from trl_diffusion_sdpo.families.quantization import BaseQuantization, quantize_linear_layers
 
-        quantize_(denoiser, Int8WeightOnlyConfig())
-    elif base == "quanto-int8":
-        from optimum.quanto import freeze, qint8, quantize
-
-        # nn.Linear only, as diffusers' QuantoConfig converts (a quantized Conv2d cannot follow autocast's cast)
-        linears = [name for name, module in denoiser.named_modules() if isinstance(module, torch.nn.Linear)]
-        quantize(denoiser, weights=qint8, include=linears)
-        freeze(denoiser)
-    else:
+    if base not in QUANTIZED_BASES or base == "none":
         raise ValueError(f"unknown --base {base!r}")
+    name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
+    denoiser = getattr(pipeline, name)
+    quantization = BaseQuantization(base, compute_dtype=torch.bfloat16)
+    if quantization.backend != "bnb":
+        quantize_linear_layers(denoiser, quantization)
+        return
+    quantization.check_usable()  # a CUDA GPU and the bitsandbytes package, else a ValueError saying so
+    folder = os.path.join(workdir or ".", f"{name}-bf16")
+    denoiser.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    del denoiser  # the pipeline's reference goes when the loaded one replaces it
+    loaded = _denoiser_class(folder).from_pretrained(
+        folder, quantization_config=quantization.config("diffusers"), torch_dtype=torch.bfloat16, device_map="cuda"
+    )
+    pipeline.register_modules(**{name: loaded})
+    torch.cuda.empty_cache()
+
+
+def _denoiser_class(folder: str):
+    """The diffusers class a saved denoiser's config names."""
+    import json
+
+    import diffusers
+
+    with open(os.path.join(folder, "config.json")) as config:
+        return getattr(diffusers, json.load(config)["_class_name"])

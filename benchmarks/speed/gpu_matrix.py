@@ -106,20 +106,63 @@ def model_specs(opts: argparse.Namespace) -> list[ModelSpec]:
 # --------------------------------------------------------------------------------------------------- the models
 
 
-def build_model(spec: ModelSpec, opts: argparse.Namespace, workdir: str):
-    """The model's pipeline: a tiny one (built on the CPU; the trainer places it), or the real size on the device."""
+def build_model(spec: ModelSpec, opts: argparse.Namespace, workdir: str, base: str = "none"):
+    """The model's pipeline (a tiny one built on the CPU, the trainer places it; or the real size on the device), its
+    denoiser quantized with ``base``'s backend."""
     if opts.tiny:
         from trl_diffusion_sdpo import testing
 
-        return getattr(testing, spec.source)(seed=0, tokenizer_dir=workdir)
-    pipeline = (
-        build_flux2_klein(opts.device, workdir)
-        if spec.name == "flux2-klein"
-        else build_pipeline(spec.name, opts.device)
-    )
-    if opts.base != "none":
-        quantize_denoiser(pipeline, opts.base)
+        pipeline = getattr(testing, spec.source)(seed=0, tokenizer_dir=workdir)
+    elif spec.name == "flux2-klein":
+        pipeline = build_flux2_klein(opts.device, workdir)
+    else:
+        pipeline = build_pipeline(spec.name, opts.device)
+    if base != "none":
+        quantize_denoiser(pipeline, base, workdir)
     return pipeline
+
+
+def cell_plan(opts: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """Each cell's key, safeguard setting and base, in order: the setting's name alone with one ``--base``; with
+    several, ``setting@base`` for every base and setting (bases outer)."""
+    settings, bases = opts.settings.split(","), opts.base.split(",")
+    if len(bases) == 1:
+        return [(setting, setting, bases[0]) for setting in settings]
+    return [(f"{setting}@{base}", setting, base) for base in bases for setting in settings]
+
+
+# estimate-memory's safeguard term per setting (the per-pair scope has none: its refusal or its own buffer)
+ESTIMATE_SAFEGUARD = {
+    "dpo": "none",
+    "sdpo": "output",
+    "sdpo_param": "one_pass",
+    "sdpo_param_two": "two_pass",
+    "sdpo_update": "one_pass",
+}
+
+
+def memory_estimate(pipeline, spec: ModelSpec, setting: str, base: str, lora_rank: int | None, opts) -> dict:
+    """``estimate-memory``'s total for this cell's pipeline and run shape (computed on the meta device, before the
+    cell trains), or why there is none."""
+    from trl_diffusion_sdpo.engines.memory import (
+        RunShape,
+        estimate_memory,
+        family_lora_targets,
+        model_sizes_of_pipeline,
+    )
+
+    if setting not in ESTIMATE_SAFEGUARD:
+        return {"estimate_bytes": None, "estimate_note": f"estimate-memory has no term for {setting}"}
+    sizes = model_sizes_of_pipeline(pipeline)
+    shape = RunShape(
+        pairs=spec.pairs, resolution=spec.resolution,
+        prompt_tokens=spec.max_sequence_length or (77 if spec.denoiser.startswith("UNet") else 512),
+        dtype_bytes=2 if opts.device == "cuda" else 4, lora_rank=lora_rank,
+        lora_targets=family_lora_targets(sizes.family), base_quantization=base, optim=opts.optim,
+        activation_checkpointing=spec.gradient_checkpointing, latent_cache=opts.cache_latents,
+        safeguard=ESTIMATE_SAFEGUARD[setting],
+    )  # fmt: skip
+    return {"estimate_bytes": estimate_memory(sizes, shape).total_bytes, "estimate_shape": asdict(shape)}
 
 
 # --------------------------------------------------------------------------------------------------- one cell
@@ -219,16 +262,16 @@ class CellRecorder:
         }
 
 
-def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: str) -> dict[str, Any]:
-    """A fresh pipeline and trainer with ``setting``'s safeguard and the config's defaults otherwise, ``warmup +
-    steps`` steps, each followed by a floor step."""
+def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: str, base: str = "none") -> dict:
+    """A fresh pipeline (its denoiser quantized with ``base``) and trainer with ``setting``'s safeguard and the
+    config's defaults otherwise, ``warmup + steps`` steps, each followed by a floor step; the estimate beside."""
     from peft import LoraConfig
 
     from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
     from trl_diffusion_sdpo.families import family_for_pipeline
 
     num_steps, bf16 = opts.warmup + opts.steps, opts.device == "cuda"
-    pipeline = build_model(spec, opts, workdir)
+    pipeline = build_model(spec, opts, workdir, base)
     args = DiffusionSDPOConfig(
         output_dir=os.path.join(workdir, "out"), resolution=spec.resolution,
         per_device_train_batch_size=spec.pairs, max_steps=num_steps, warmup_steps=0,
@@ -238,13 +281,14 @@ def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: s
         latent_cache_dir=os.path.join(workdir, "cache"), max_sequence_length=spec.max_sequence_length,
         dataloader_num_workers=0, seed=0, **SAFEGUARD_SETTINGS[setting],
     )  # fmt: skip
-    peft_config = None
-    if (
-        spec.lora or opts.lora_all or opts.base != "none"
-    ):  # the family's targets (FLUX.2's include the single-stream blocks)
+    peft_config, lora_rank = None, None
+    if spec.lora or opts.lora_all or base != "none":  # the family's targets (FLUX.2's include the single blocks)
         targets = list(family_for_pipeline(pipeline).lora_target_modules)
-        rank = opts.lora_rank
-        peft_config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+        lora_rank = opts.lora_rank
+        peft_config = LoraConfig(
+            r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=targets
+        )
+    estimate = memory_estimate(pipeline, spec, setting, base, lora_rank, opts)
     dataset = synthetic_pairs(spec.pairs * num_steps, spec.resolution)  # one epoch: no epoch boundary in the steps
     start = time.perf_counter()
     trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset, peft_config=peft_config)
@@ -257,14 +301,19 @@ def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: s
         cpu_peak = recorder.memory.stop()  # the CPU sampler's thread ends even when the step fails
     backward = getattr(trainer.safeguard, "backward_stage", None)
     model = trainer.family.denoiser
-    return {
+    cell = {
         "status": "measured",
         **recorder.result(opts.warmup, cpu_peak),
         "trainer_init_s": init_s,
         "two_pass_reason": getattr(backward, "two_pass_reason", None),
         "denoiser_params": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "base": base,
+        **estimate,
     }
+    if estimate["estimate_bytes"] is not None and opts.device == "cuda":  # the CPU's peak is the process's RSS
+        cell["estimate_relative_error"] = estimate["estimate_bytes"] / cell["peak_memory_bytes"] - 1
+    return cell
 
 
 def error_cell(error: BaseException) -> dict[str, Any]:
@@ -319,19 +368,19 @@ def worker(opts: argparse.Namespace) -> None:
     machine = machine_description(opts.device)
     emit("DEVICE", {"device": device_name(opts.device), "machine": machine, "versions": versions(opts.device)})
     longest, stopped = None, None
-    for setting in opts.settings.split(","):
+    for key, setting, base in cell_plan(opts):
         expected = opts.first_cell_s if longest is None else longest
         left = opts.deadline - time.time()
         if stopped is None and left < expected:  # from here on no cell starts
             stopped = f"time guard: {max(left, 0):.0f} s left for this model, a cell expected to take {expected:.0f} s"
         if stopped is not None:
-            emit("CELL", {"setting": setting, "status": "not measured", "reason": stopped})
+            emit("CELL", {"setting": key, "status": "not measured", "reason": stopped})
             continue
-        emit("START", {"setting": setting})
+        emit("START", {"setting": key})
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="gpu-matrix-") as workdir:
             try:
-                cell = run_cell(spec, setting, opts, workdir)
+                cell = run_cell(spec, setting, opts, workdir, base)
             except Exception as error:  # out of memory, refused by the package, ...: the cell's record
                 cell = error_cell(error)
         gc.collect()
@@ -339,7 +388,7 @@ def worker(opts: argparse.Namespace) -> None:
             torch.cuda.empty_cache()
         cell["cell_wall_s"] = time.perf_counter() - start
         longest = max(longest or 0.0, cell["cell_wall_s"])
-        emit("CELL", {"setting": setting, **cell})
+        emit("CELL", {"setting": key, **cell})
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -360,7 +409,7 @@ def run_worker(spec: ModelSpec, opts: argparse.Namespace, argv: list[str], deadl
                 code = None
         lines = Path(out_path).read_text().splitlines()
         stderr_tail = Path(err_path).read_text()[-3000:]
-    return read_worker(lines, opts.settings.split(","), code, stderr_tail)
+    return read_worker(lines, [key for key, _, _ in cell_plan(opts)], code, stderr_tail)
 
 
 def read_worker(lines: list[str], settings: list[str], code: int | None, stderr_tail: str) -> dict[str, Any]:
@@ -395,11 +444,12 @@ def read_worker(lines: list[str], settings: list[str], code: int | None, stderr_
 
 
 def add_ratios(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Each measured cell's step over the same model's Diffusion-DPO step (``None`` where either is missing)."""
+    """Each measured cell's step over the same model's Diffusion-DPO step on the same base (``None`` where either is
+    missing)."""
     for row in cells.values():
-        dpo = row.get("dpo", {})
-        base = dpo.get("step_s") if dpo.get("status") == "measured" else None
-        for cell in row.values():
+        for key, cell in row.items():
+            dpo = row.get("dpo" + key[len(key.split("@")[0]) :], {})
+            base = dpo.get("step_s") if dpo.get("status") == "measured" else None
             measured = cell.get("status") == "measured"
             cell["ratio_to_dpo"] = cell["step_s"] / base if measured and base else None
 
@@ -454,7 +504,7 @@ def driver(opts: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if left <= 0:
             reason = f"time guard: the {opts.budget_s:.0f} s budget was spent before this model"
             report["cells"][spec.name] = {
-                s: {"status": "not measured", "reason": reason} for s in opts.settings.split(",")
+                key: {"status": "not measured", "reason": reason} for key, _, _ in cell_plan(opts)
             }
             continue
         began = time.time()
@@ -494,8 +544,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--base",
         default="none",
-        choices=list(QUANTIZED_BASES),
-        help="quantize the frozen denoiser with this backend (weight-only) and train LoRA on every model",
+        help=f"comma-separated bases among {','.join(QUANTIZED_BASES)}: the frozen denoiser quantized with each "
+        "backend in turn, LoRA trained on every model (several: cells keyed setting@base)",
     )
     parser.add_argument("--optim", default="adamw_torch_fused", help="transformers optimizer name")
     parser.add_argument("--cache-latents", action="store_true", help="cache latents and prompts (default: encode)")
@@ -516,6 +566,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if opts.steps < 3:
         parser.error("--steps must be at least 3 (a median of at least 3 steps)")
     unknown = [s for s in opts.settings.split(",") if s not in SETTINGS]
+    unknown += [b for b in opts.base.split(",") if b not in QUANTIZED_BASES]
     unknown += [m for m in opts.models.split(",") if m not in names.split(",")]
     if unknown:
         parser.error(f"unknown models or settings: {unknown}")
@@ -534,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     size = "tiny" if opts.tiny else "real"
     if opts.base != "none" or opts.lora_all:
-        size += f"-lora-{opts.base}-base" if opts.base != "none" else "-lora"
+        size += f"-lora-{opts.base.replace(',', '-')}-base" if opts.base != "none" else "-lora"
     output = opts.output or result_path(opts.device, "gpu-matrix", size)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(report, indent=1) + "\n")

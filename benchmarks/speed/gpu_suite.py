@@ -1,0 +1,224 @@
+"""Every GPU figure the package quotes, in one command that ends within ``--budget-s`` on one GPU, one result file.
+
+Each section is a :mod:`gpu_matrix` run (its own model processes, its own time guard), in this order:
+
+* ``encode``: the matrix (SD1.5 full, SDXL full with checkpointing, FLUX.2 [klein] LoRA; every safeguard setting),
+  images and prompts encoded every step;
+* ``cache``: the same matrix with the latents and prompt embeddings cached (``--cache-latents``): the trainer's step
+  against the compute floor without the encoders;
+* ``quantized``: LoRA (rank 8) on a bf16 base and on weight-only int8 (torchao, quanto) and bitsandbytes NF4 and int8
+  bases, SD1.5 and FLUX.2 [klein], Diffusion-DPO: the peak beside ``estimate-memory``'s total;
+* ``before``: the one pass and the update space of the code at ``--before`` (a checkout of an earlier commit, with
+  its own ``benchmarks/speed/gpu_matrix.py``), SD1.5 and SDXL, beside Diffusion-DPO: step ratios and peaks before and
+  after, on the same machine in the same run;
+* ``rerun``: SD1.5's Diffusion-DPO and one-pass cells once more: the noise to quote beside a ratio.
+
+Every measured cell carries ``estimate-memory``'s total for its run shape beside its peak (``gpu_matrix``). Sections
+share the budget in proportion to their weights (:data:`SECTIONS`); time a section leaves passes to the next, and a
+section the budget does not reach is recorded as not measured. ``--tiny`` runs everything on the package's tiny
+pipelines (the test suite's slow tier runs it on the CPU)::
+
+    python benchmarks/speed/gpu_suite.py --before .before          # benchmarks/results/cuda-gpu-suite-real.json
+    python benchmarks/speed/gpu_suite.py --device cpu --tiny --before . --budget-s 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import result_path  # noqa: E402
+
+MATRIX = "benchmarks/speed/gpu_matrix.py"
+ALL_SETTINGS = "dpo,sdpo,sdpo_param,sdpo_param_two,sdpo_update,sdpo_pair"
+
+
+@dataclass(frozen=True)
+class Section:
+    """One :mod:`gpu_matrix` run of the suite: its models, settings and extra arguments, its share of the budget."""
+
+    name: str
+    models: str
+    settings: str
+    weight: float
+    arguments: tuple[str, ...] = ()
+    before: bool = False  # run the checkout at --before instead of this one
+
+
+SECTIONS = (
+    Section("encode", "sd15,sdxl,flux2-klein", ALL_SETTINGS, 0.30),
+    Section("cache", "sd15,sdxl,flux2-klein", "dpo,sdpo,sdpo_param,sdpo_param_two,sdpo_update", 0.28,
+            ("--cache-latents",)),
+    Section("quantized", "sd15,flux2-klein", "dpo", 0.20,
+            ("--lora-all", "--base", "none,torchao-int8,quanto-int8,bnb-nf4,bnb-int8")),
+    Section("before", "sd15,sdxl", "dpo,sdpo_param,sdpo_update", 0.14, before=True),
+    Section("rerun", "sd15", "dpo,sdpo_param", 0.08),
+)  # fmt: skip
+
+
+def section_argv(section: Section, opts: argparse.Namespace, budget_s: float, output: str) -> list[str]:
+    argv = ["--device", opts.device, "--models", section.models, "--settings", section.settings]
+    argv += ["--steps", str(opts.steps), "--warmup", str(opts.warmup), "--budget-s", f"{budget_s:.0f}"]
+    argv += ["--grace-s", str(opts.grace_s), "--output", output, *section.arguments]
+    if opts.tiny:
+        argv += ["--tiny", "--threads", "1"]
+    return argv
+
+
+def run_section(section: Section, opts: argparse.Namespace, budget_s: float) -> dict[str, Any]:
+    """The section's :mod:`gpu_matrix` report, or a record of why it has none (not reached, no ``--before`` tree,
+    the run failed)."""
+    if budget_s <= 0:
+        return {"status": "not measured", "reason": "time guard: the suite's budget was spent before this section"}
+    tree = Path(opts.before).resolve() if section.before else ROOT
+    if section.before and (opts.before is None or not (tree / MATRIX).is_file()):
+        return {"status": "not measured", "reason": f"no earlier checkout with {MATRIX} at --before {opts.before}"}
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-") as folder:
+        output = os.path.join(folder, "report.json")
+        argv = section_argv(section, opts, budget_s, output)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
+        # the matrix stops its own model processes; this bound only catches a driver that hangs
+        done = subprocess.run(
+            [sys.executable, str(tree / MATRIX), *argv], cwd=tree, env=env, text=True, capture_output=True,
+            timeout=budget_s + 4 * opts.grace_s + 120,
+        )  # fmt: skip
+        print(done.stdout[-4000:], end="", flush=True)
+        if done.returncode != 0 or not os.path.isfile(output):
+            return {"status": "error", "exit_code": done.returncode, "error": done.stderr[-3000:]}
+        report = json.loads(Path(output).read_text())
+    report["status"] = "measured"
+    report["command"] = shlex.join(["python", MATRIX, *argv[:-2]])  # without the temporary --output
+    report["tree"] = "this checkout" if not section.before else f"--before {opts.before}"
+    return report
+
+
+def _cells(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    cells = report.get("cells", {}) if report.get("status") == "measured" else {}
+    return {(model, key): cell for model, row in cells.items() for key, cell in row.items()}
+
+
+def _measured(cell: dict[str, Any] | None) -> bool:
+    return bool(cell) and cell.get("status") == "measured"
+
+
+def compare(reports: dict[str, dict[str, Any]], name: str, against: str = "encode") -> dict[str, Any]:
+    """Each cell of section ``name`` beside the same cell of section ``against``: step times, their ratio, the ratio to
+    Diffusion-DPO in each, and the peaks (``None`` where either cell is not measured)."""
+    theirs = _cells(reports.get(against, {}))
+    rows = {}
+    for (model, key), cell in _cells(reports.get(name, {})).items():
+        other = theirs.get((model, key))
+        both = _measured(cell) and _measured(other)
+        rows[f"{model}/{key}"] = {
+            f"{name}_step_s": cell.get("step_s"),
+            f"{against}_step_s": other.get("step_s") if other else None,
+            "step_ratio": cell["step_s"] / other["step_s"] if both else None,
+            f"{name}_ratio_to_dpo": cell.get("ratio_to_dpo"),
+            f"{against}_ratio_to_dpo": other.get("ratio_to_dpo") if other else None,
+            f"{name}_peak_bytes": cell.get("peak_memory_bytes"),
+            f"{against}_peak_bytes": other.get("peak_memory_bytes") if other else None,
+        }
+    return rows
+
+
+def estimates(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every measured cell's peak beside ``estimate-memory``'s total for its shape; the relative error on a GPU only
+    (on a CPU the peak is the process's resident set, libraries included)."""
+    rows = []
+    for section, report in reports.items():
+        for (model, key), cell in _cells(report).items():
+            if _measured(cell) and cell.get("estimate_bytes") is not None:
+                error = cell["estimate_bytes"] / cell["peak_memory_bytes"] - 1
+                rows.append({
+                    "section": section, "model": model, "cell": key, "peak_bytes": cell["peak_memory_bytes"],
+                    "estimate_bytes": cell["estimate_bytes"],
+                    "relative_error": error if report.get("device_type") == "cuda" else None,
+                })  # fmt: skip
+    return rows
+
+
+def suite(opts: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    start = time.time()
+    deadline = start + opts.budget_s
+    reports: dict[str, dict[str, Any]] = {}
+    for index, section in enumerate(SECTIONS):
+        weights = sum(s.weight for s in SECTIONS[index:])
+        budget = (deadline - time.time()) * section.weight / weights
+        began = time.time()
+        reports[section.name] = run_section(section, opts, budget)
+        reports[section.name]["section_budget_s"] = budget
+        reports[section.name]["section_wall_s"] = time.time() - began
+        print(f"section {section.name}: {reports[section.name]['status']} in {time.time() - began:.0f} s", flush=True)
+    device = next((r["device"] for r in reports.values() if r.get("device")), None)
+    return {
+        "what": "the GPU matrix with encoding and with cached latents, LoRA on quantized bases, the one pass and the "
+        "update space before and after, and a rerun for the noise; estimate-memory beside every peak",
+        "command": shlex.join(["python", "benchmarks/speed/gpu_suite.py", *argv]),
+        "device": device,
+        "tiny": opts.tiny,
+        "sections": {
+            s.name: {"models": s.models, "settings": s.settings, "arguments": list(s.arguments)} for s in SECTIONS
+        },  # fmt: skip
+        "reports": reports,
+        "cache_against_encode": compare(reports, "cache"),
+        "before_against_after": compare(reports, "before"),
+        "rerun_against_first": compare(reports, "rerun"),
+        "estimates": estimates(reports),
+        "wall_time_s": time.time() - start,
+    }
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    for name, title in (("cache_against_encode", "cached / encoded"), ("before_against_after", "before / after"),
+                        ("rerun_against_first", "rerun / first")):  # fmt: skip
+        print(f"\n{title}: step ratio, ratio to Diffusion-DPO (each side)")
+        for cell, row in result[name].items():
+            ratios = [v for k, v in row.items() if k.endswith("ratio_to_dpo")]
+            shown = ", ".join("-" if v is None else f"{v:.3f}" for v in ratios)
+            step = "-" if row["step_ratio"] is None else f"{row['step_ratio']:.3f}"
+            print(f"  {cell}: {step} ({shown})")
+    print("\nestimate-memory against the peak:")
+    for row in result["estimates"]:
+        error = "peak is the process's RSS" if row["relative_error"] is None else f"{row['relative_error']:+.1%}"
+        print(f"  {row['section']} {row['model']}/{row['cell']}: {error}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="the package's tiny pipelines (on a CPU: minutes)")
+    parser.add_argument("--before", default=None, help="a checkout of earlier code for the 'before' section")
+    parser.add_argument("--budget-s", type=float, default=450, help="no cell starts after this many seconds")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per cell (at least 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="steps per cell discarded before measuring")
+    parser.add_argument("--grace-s", type=float, default=20, help="a model's process is stopped this long after")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<device>-gpu-suite-*)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    result = suite(opts, argv)
+    print_summary(result)
+    output = opts.output or result_path(opts.device, "gpu-suite", "tiny" if opts.tiny else "real")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {output} ({result['wall_time_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
