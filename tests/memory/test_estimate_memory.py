@@ -92,12 +92,13 @@ def test_full_tuning_terms_follow_the_zero_accounting() -> None:
     assert zero2["reference"] == 2 * p and zero2["gradients"] == pytest.approx(2 * p / 4, abs=1)
 
 
-def test_safeguard_one_pass_adds_the_losers_row_where_the_winners_becomes_the_gradient() -> None:
-    """DDP: the loser's float32 row (the winner's is the gradient, counted there); ZeRO-2 in bf16: both rows in
-    bf16, sharded as its gradients; FSDP2: both float32 rows of the shards."""
+def test_safeguard_one_pass_adds_both_rows_to_diffusion_dpos_activation_peak() -> None:
+    """DDP: both float32 rows (held through the forward, where Diffusion-DPO's peak holds no gradient:
+    tests/safeguard/test_one_pass_memory.py measures it); ZeRO-2 in bf16: both rows in bf16, sharded as its
+    gradients; FSDP2: both float32 rows of the shards."""
     p = sum(t.numel() for t in tiny_unet().parameters())
     sizes = model_sizes(TINY)
-    assert estimate_memory(sizes, _full_shape(safeguard="one_pass")).components["safeguard"] == 4 * p
+    assert estimate_memory(sizes, _full_shape(safeguard="one_pass")).components["safeguard"] == 8 * p
     zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2))
     assert zero2.components["safeguard"] == 2 * 2 * p // 2
     fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2))
