@@ -158,8 +158,8 @@ def evaluate(trainer: DiffusionSDPOTrainer, dataset, draws: int, beta: float, gr
 
     collate = trainer.get_train_dataloader().collate_fn
     if not isinstance(collate, PreferenceCollator) or not collate.columns.masked:  # the masks, for the measures
+        from trl_diffusion_sdpo.data.columns import PreferenceColumns
         from trl_diffusion_sdpo.data.transforms import PairTransform
-        from trl_diffusion_sdpo.data.validation import PreferenceColumns
 
         columns = PreferenceColumns("prompt", "chosen", "rejected", mask="mask")
         collate = PreferenceCollator(columns, collate.tokenize, PairTransform(SIZE), train=True)

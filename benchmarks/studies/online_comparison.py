@@ -15,7 +15,7 @@ optimizer steps and pairs per step (``--batch-size``), trained on the demo's col
 Two controls, run with ``--methods``: ``offline-sdpo-parameter`` (the parameter-space safeguard on the fixed pairs) and
 ``online-sdpo-parameter-decoded`` (online, each pair VAE-encoded from its decoded 8-bit images as the fixed pairs are,
 instead of the sampler's final latents). Two more online settings, run with ``--methods``: ``online-sdpo-default``
-(``safeguard_mu`` unset: the demo base's family value, the authors' SD1.5 0.9, recorded per run) and
+(``safeguard_mu`` 0.9, the authors' SD1.5 value, which the demo base's family resolved to when the runs were made) and
 ``online-sdpo-output-auto`` (``safeguard_mu="auto"``): what the default costs online where Diffusion-DPO is healthy,
 beside the online hacking regime (``online_hacking.py``) where it breaks.
 
@@ -82,9 +82,9 @@ METHODS: dict[str, dict[str, Any]] = {
     # VAE-encoded from their decoded 8-bit images (as the fixed pairs are) instead of the sampler's latents
     "offline-sdpo-parameter": {"online": False, **_PARAMETER},
     "online-sdpo-parameter-decoded": {"online": True, **_PARAMETER, "pair_latents": "decoded"},
-    # the default safeguard online: safeguard_mu unset resolves to the demo base's family value (SD: the authors'
-    # 0.9), and the dual-ascent mu the online hacking regime compares it with
-    "online-sdpo-default": {"online": True, "safeguard_space": "output"},
+    # the authors' SD1.5 mu online (what the demo base's family resolved when these runs were made; the tiny base's
+    # own default is 0.5 now, online-sdpo-output), and the dual-ascent mu the online hacking regime compares it with
+    "online-sdpo-default": {"online": True, "safeguard_space": "output", "safeguard_mu": 0.9},
     "online-sdpo-output-auto": {
         "online": True,
         "safeguard_space": "output",

@@ -68,7 +68,7 @@ REFERENCE = "dpo"
 #: setting -> config fields on top of the shared ones, in the order the grid runs them
 METHODS: dict[str, dict[str, Any]] = {
     "dpo": {"safeguard_space": "none"},
-    "sdpo-default": {"safeguard_space": "output"},  # safeguard_mu unset: the family's value
+    "sdpo-default": {"safeguard_space": "output", "safeguard_mu": 0.9},  # the authors' SD1.5 mu, as run
     "sdpo-output-auto": {"safeguard_space": "output", "safeguard_mu": "auto"},
     "max-margin-5": {"safeguard_space": "none", "max_margin": 5.0},
     "sft-1": {"safeguard_space": "none", "sft_weight": 1.0},
@@ -79,7 +79,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 LABELS = {
     "dpo": "Diffusion-DPO",
-    "sdpo-default": "output space, family mu",
+    "sdpo-default": "output space, mu=0.9",
     "sdpo-output-auto": "output space, mu=auto",
     "max-margin-5": "Diffusion-DPO, max_margin=5",
     "sft-1": "Diffusion-DPO, sft_weight=1",

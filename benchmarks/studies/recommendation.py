@@ -61,10 +61,10 @@ ONLINE_HACKING = "benchmarks/results/cpu-online-hacking-demo.json"
 brightness reward (lr 1e-3); the online line (:func:`online_evidence`) is read from their ``analysis``."""
 _ONLINE_SAFEGUARDS = {
     "online-sdpo-output": "output space, mu=0.5",
-    "online-sdpo-default": "the family's mu (0.9 on this SD-style base)",
+    "online-sdpo-default": "mu=0.9 (the authors' SD1.5 value)",
     "online-sdpo-output-auto": "mu=auto",
     "online-sdpo-parameter": "parameter space, mu=0.5",
-    "sdpo-default": "the family's mu (0.9 on this SD-style base)",
+    "sdpo-default": "mu=0.9 (the authors' SD1.5 value)",
     "sdpo-output-auto": "mu=auto",
     "sdpo-update-auto": "update space, mu=auto",
     "sdpo-parameter-auto": "parameter space, mu=auto",

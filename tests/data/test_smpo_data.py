@@ -14,12 +14,13 @@ from tests.helpers.common import lora_config, pickapic_rows
 from tests.helpers.rewards import GAMMA, SCORE_MAX, SCORE_MIN, colour_reward
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.collators import PreferenceCollator
+from trl_diffusion_sdpo.data.columns import order_pair
 from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
 from trl_diffusion_sdpo.data.pickapic import pickapic_to_trl
 from trl_diffusion_sdpo.data.preparation import prepare_preference_dataset
 from trl_diffusion_sdpo.data.scoring import add_reward_scores
 from trl_diffusion_sdpo.data.transforms import PairTransform, load_image
-from trl_diffusion_sdpo.data.validation import order_pair, resolve_columns
+from trl_diffusion_sdpo.data.validation import resolve_columns
 from trl_diffusion_sdpo.families import family_for_pipeline
 from trl_diffusion_sdpo.objectives import build_objective
 

@@ -26,9 +26,9 @@ from tests.helpers.flow_family_checks import (
     check_the_shipped_config_trains_from_local_folders,
 )
 from tests.helpers.flux2 import CASES, SEQ
+from trl_diffusion_sdpo.data.columns import PreferenceColumns
 from trl_diffusion_sdpo.data.training_data import check_sources
 from trl_diffusion_sdpo.data.transforms import PairTransform
-from trl_diffusion_sdpo.data.validation import PreferenceColumns
 from trl_diffusion_sdpo.families import Flux2Family, Flux2KleinFamily, FluxKontextFamily, family_for_pipeline
 from trl_diffusion_sdpo.families.flux2 import reference_tokens
 

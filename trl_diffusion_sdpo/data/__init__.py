@@ -7,6 +7,7 @@ pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets o
 (:mod:`.sharded_cache`)."""
 
 from .collators import PreferenceCollator, pair_scores
+from .columns import PreferenceColumns, order_pair
 from .formats import detect_format, load_preference_data
 from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .pickapic import pickapic_to_trl
@@ -14,7 +15,7 @@ from .preparation import load_preference_dataset, prepare_preference_dataset
 from .scoring import RewardFn, add_reward_scores
 from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
 from .transforms import PairTransform, load_image
-from .validation import DataReport, PreferenceColumns, order_pair, resolve_columns
+from .validation import DataReport, resolve_columns
 
 __all__ = [
     "CachedPreferenceCollator",

@@ -5,7 +5,7 @@ the images as absolute file paths) or, for a table in Pick-a-Pic form, ``caption
 (mapped onto TRL's by :mod:`.pickapic`), so that validation (:mod:`.validation`: every bad row named by row and column,
 skipped and counted with ``skip_invalid_rows``), the latent cache and training work unchanged. A reader never drops a
 row and never opens an image: a missing file, a URL, an unpaired image or an empty caption is kept as a row whose value
-validation rejects, and :data:`~.validation.SOURCE_COLUMN` says where it came from (the pair's file name, the
+validation rejects, and :data:`~.columns.SOURCE_COLUMN` says where it came from (the pair's file name, the
 annotation record).
 
 Formats (:func:`detect_format`, or named with ``format=``; see ``docs/data.md`` for a small example of each):
@@ -56,9 +56,10 @@ from urllib.request import url2pathname
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from ..config.checks import Choice
+from .columns import SOURCE_COLUMN
 from .pair_folders import SIDE_FOLDERS, pair_root, prompt_text, read_pair_folders
 from .pickapic import pickapic_to_trl
-from .validation import _URL, SOURCE_COLUMN, DataError
+from .validation import _URL, DataError
 
 __all__ = [
     "COLUMN_LAYOUTS",

@@ -57,9 +57,10 @@ from safetensors.torch import load_file, save_file
 
 from ..families import ModelFamily, PromptEmbeddings
 from .collators import pair_mask, pair_scores
+from .columns import PreferenceColumns, order_pair
 from .progress import datasets_progress_bars
 from .transforms import PairTransform, image_conversion_digest
-from .validation import PreferenceColumns, order_pair, source_values
+from .validation import source_values
 from .video import VideoClip, VideoPairTransform
 
 __all__ = [

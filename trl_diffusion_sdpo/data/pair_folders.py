@@ -5,7 +5,7 @@ One folder per side, files paired by their path inside it (kohya-ss/sd-scripts' 
 ``rejected.<ext>`` and ``prompt.txt``. Editing pairs add their source: ``source.<ext>`` (``source_<i>.<ext>`` for
 several) in a pair's folder, or a ``source/`` folder beside the side folders; a loss mask likewise, ``mask.<ext>`` in a
 pair's folder or ``mask/<key>.<ext>`` beside the side folders. A reader never drops a row: what is
-missing is a ``None`` value that validation names, with the reason in :data:`~.validation.SOURCE_COLUMN`.
+missing is a ``None`` value that validation names, with the reason in :data:`~.columns.SOURCE_COLUMN`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 from datasets import Dataset
 
-from .validation import SOURCE_COLUMN, DataError
+from .columns import SOURCE_COLUMN
+from .validation import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "SIDE_FOLDERS", "VIDEO_EXTENSIONS", "pair_root", "prompt_text", "read_pair_folders"]
 

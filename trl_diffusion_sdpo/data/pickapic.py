@@ -4,7 +4,7 @@ Pick-a-Pic keeps a row as ``caption``, ``jpg_0``, ``jpg_1`` and ``label_0``: 1 w
 1 is, 0.5 for a tie; EditReward-Data writes the label as a vote word (``vote_type``: ``leftvote``, ``rightvote``,
 ``tie``; :data:`LABEL_WORDS`). :func:`pickapic_to_trl` turns every row into ``prompt``, ``chosen`` (the preferred
 image), ``rejected``, with SmPO's ``score_0`` / ``score_1`` following their images, and keeps every row in its place:
-a tie or a bad label is not dropped here but marked in :data:`~.validation.SKIP_COLUMN`, so that validation counts it
+a tie or a bad label is not dropped here but marked in :data:`~.columns.SKIP_COLUMN`, so that validation counts it
 as it counts every other skipped row (a map-style dataset before training, the collator and the ``data/skipped_rows``
 metric for a stream) and names it by its row. The loaders map with ``dataset_columns="pickapic"``;
 :func:`as_trl_form` maps a dataset handed to the trainer in the label form, with one log line.
@@ -18,8 +18,19 @@ from typing import Any
 
 from datasets import Dataset, Image, IterableDataset, Value, concatenate_datasets
 
-from .columns import CAPTION, CHOSEN, IMAGE_0, IMAGE_1, LABEL_0, PROMPT, REJECTED, SCORE_0, SCORE_1
-from .validation import SKIP_COLUMN, TIE_REASON
+from .columns import (
+    CAPTION,
+    CHOSEN,
+    IMAGE_0,
+    IMAGE_1,
+    LABEL_0,
+    PROMPT,
+    REJECTED,
+    SCORE_0,
+    SCORE_1,
+    SKIP_COLUMN,
+    TIE_REASON,
+)
 
 __all__ = ["LABEL_WORDS", "as_trl_form", "label_problem", "pickapic_to_trl"]
 
@@ -52,7 +63,7 @@ def label_problem(label: Any) -> str:
 
 
 def _mark(label: Any, column: str) -> tuple[dict[str, str], bool]:
-    """A row's :data:`~.validation.SKIP_COLUMN` value and whether image 1 is the chosen one (label 0)."""
+    """A row's :data:`~.columns.SKIP_COLUMN` value and whether image 1 is the chosen one (label 0)."""
     problem = label_problem(label)
     if problem:
         return {"column": column, "reason": problem}, False
@@ -78,8 +89,8 @@ def pickapic_to_trl(
 
     ``prompt`` is the caption; ``chosen`` is image 0 when ``label_0`` is 1 (or ``leftvote``), image 1 when it is 0
     (``rightvote``); ``score_0`` / ``score_1`` follow their images. A tie (0.5, ``tie``) or a label that is none of
-    these keeps image 0 as ``chosen`` and is marked in :data:`~.validation.SKIP_COLUMN` (``{"column", "reason"}``: an
-    empty column and :data:`~.validation.TIE_REASON` for a tie, the label column and the problem for a bad label),
+    these keeps image 0 as ``chosen`` and is marked in :data:`~.columns.SKIP_COLUMN` (``{"column", "reason"}``: an
+    empty column and :data:`~.columns.TIE_REASON` for a tie, the label column and the problem for a bad label),
     which validation counts and names as it did the label. The label column goes; other columns are kept.
 
     A map-style dataset is renamed and reindexed, not rewritten (the images are not copied; a dataset that already

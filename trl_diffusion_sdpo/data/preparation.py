@@ -5,11 +5,11 @@ values, PIL images or paths). Pick-a-Pic's label form (``caption``, ``jpg_0``, `
 preferred, 0 image 1 preferred, 0.5 a tie; or ``vote_type`` words) is mapped onto it, at load with
 ``dataset_columns="pickapic"`` or here, with one log line, when a dataset arrives in it (:mod:`.pickapic`); its ties
 are dropped and counted, its bad labels checked as below, from the marks the mapping leaves in
-:data:`~.validation.SKIP_COLUMN`.
+:data:`~.columns.SKIP_COLUMN`.
 
 With ``loss_type="smpo"`` each row also needs one score per image (``score_0``, ``score_1``: finite real numbers,
 e.g. PickScore): the higher-scored image is the winner (equal scores: the rejected one, as SmPO's strict ``>``) and
-each batch carries the pairs' scores (:func:`~.validation.order_pair`, :class:`~.collators.PreferenceCollator`).
+each batch carries the pairs' scores (:func:`~.columns.order_pair`, :class:`~.collators.PreferenceCollator`).
 Human ties are still dropped. :func:`~.scoring.add_reward_scores` writes the score columns with a ``reward_fn`` when a
 dataset has none.
 
@@ -29,15 +29,12 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
+from .columns import ROW_INDEX_COLUMN, SOURCE_COLUMN, PreferenceColumns, is_tie
 from .pickapic import as_trl_form
 from .progress import datasets_progress_bars
 from .validation import (
-    ROW_INDEX_COLUMN,
-    SOURCE_COLUMN,
     DataError,
     DataReport,
-    PreferenceColumns,
-    is_tie,
     resolve_columns,
     row_problem,
     with_undecoded_images,
@@ -157,7 +154,7 @@ def load_preference_dataset(
     ``"pickapic"`` maps Pick-a-Pic's ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (or the names in
     ``pickapic_names``, ``(caption, image_0, image_1, label_0)``) onto TRL's ``prompt``, ``chosen``, ``rejected``,
     :func:`~.pickapic.pickapic_to_trl`). Pair folders' and HPD annotations' rows carry a ``__source__`` string column
-    (:data:`~.validation.SOURCE_COLUMN`) naming the folder or record each came from, which a bad row's error quotes
+    (:data:`~.columns.SOURCE_COLUMN`) naming the folder or record each came from, which a bad row's error quotes
     and training ignores."""
     from .formats import load_preference_data
 

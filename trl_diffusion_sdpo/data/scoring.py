@@ -12,10 +12,11 @@ import torch
 from datasets import Dataset, Features, IterableDataset, Value
 from PIL import Image
 
+from ..data.columns import is_tie
 from ..data.pickapic import as_trl_form
 from ..data.progress import datasets_progress_bars
 from ..data.transforms import load_image
-from ..data.validation import is_tie, resolve_layout, row_problem, score_columns_of, uses_scores, with_undecoded_images
+from ..data.validation import resolve_layout, row_problem, score_columns_of, uses_scores, with_undecoded_images
 
 __all__ = ["RewardFn", "add_reward_scores"]
 

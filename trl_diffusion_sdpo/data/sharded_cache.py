@@ -48,6 +48,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..families import ModelFamily
+from .columns import PreferenceColumns, is_tie
 from .latent_cache import (
     CACHE_VERSION,
     CachedPreferenceCollator,
@@ -59,8 +60,6 @@ from .latent_cache import (
 from .pickapic import as_trl_form
 from .validation import (
     DataReport,
-    PreferenceColumns,
-    is_tie,
     resolve_columns,
     row_problem,
     video_clip,

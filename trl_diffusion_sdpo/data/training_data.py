@@ -11,13 +11,13 @@ from typing import Any
 
 from ..families import ModelFamily, PromptEmbeddings
 from .collators import PreferenceCollator
-from .columns import SOURCE_IMAGE, SOURCE_IMAGES
+from .columns import SOURCE_IMAGE, SOURCE_IMAGES, PreferenceColumns
 from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .preparation import prepare_preference_dataset
 from .scoring import RewardFn, add_reward_scores
 from .sharded_cache import ShardedLatentCache
 from .transforms import PairTransform
-from .validation import DataReport, PreferenceColumns
+from .validation import DataReport
 from .video import VideoPairTransform
 
 __all__ = ["TrainingData", "eval_collator_for", "prepare_training_data"]

@@ -39,36 +39,20 @@ from .columns import (
     MASK,
     PROMPT,
     REJECTED,
-    ROW_INDEX_COLUMN,
     SCORE_0,
     SCORE_1,
     SKIP_COLUMN,
-    SOURCE_COLUMN,
     SOURCE_IMAGE,
     SOURCE_IMAGES,
-    TIE_REASON,
     PreferenceColumns,
     is_tie,
-    order_pair,
     score_value,
     skip_mark,
 )
 from .transforms import image_mode_problem, load_image
 from .video import VideoClip, read_video
 
-__all__ = [
-    "DataError",
-    "ROW_INDEX_COLUMN",
-    "SOURCE_ASPECT_TOLERANCE",
-    "SKIP_COLUMN",
-    "SOURCE_COLUMN",
-    "TIE_REASON",
-    "DataReport",
-    "PreferenceColumns",
-    "order_pair",
-    "resolve_columns",
-    "video_clip",
-]
+__all__ = ["DataError", "DataReport", "SOURCE_ASPECT_TOLERANCE", "resolve_columns", "video_clip"]
 
 
 class DataError(ValueError):
