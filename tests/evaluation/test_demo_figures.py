@@ -1,5 +1,6 @@
 """The demo's figures, read from the matplotlib objects that build them: panels of one measure share their y scale,
-no two texts overlap or leave the figure, legends stay off the data, and the console's recommendation is plain text.
+no two texts overlap or leave the figure, legends stay off the data; and the console report, which leads with the
+breaking regime and prints the recommendation as plain text.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,9 @@ from trl_diffusion_sdpo.demo.plots import (  # noqa: E402
 )
 from trl_diffusion_sdpo.demo.report import (  # noqa: E402
     RECOMMENDATION_FILE,
+    format_breaking_table,
+    format_report,
+    format_table,
     plain_text,
     recommendation_line,
     safeguard_recommendation,
@@ -210,3 +215,14 @@ def test_the_console_recommendation_is_plain_text_with_every_word_of_the_shipped
     assert plain_text(shipped) in line
     assert plain_text("See [the page](docs/x.md): **set** `mu=0.5`.") == "See the page (docs/x.md): set mu=0.5."
     assert plain_text("- plain line\n- another") == "- plain line\n- another"
+
+
+def test_the_console_report_leads_with_the_breaking_regime():
+    """A default run's summary (the one behind the docs' figures): the breaking regime's table, then the tables of
+    every method; without the regime, the tables alone."""
+    summary = json.loads((Path(__file__).resolve().parents[2] / "docs/images/demo_breaking_summary.json").read_text())
+    report = format_report(summary)
+    breaking, tables = format_breaking_table(summary["breaking_regime"]), format_table(summary)
+    assert report == f"{breaking}\n\n{tables}"
+    assert report.index("Breaking regime: lr") < report.index("Held-out reward (base")
+    assert format_report({**summary, "breaking_regime": None}) == tables

@@ -17,6 +17,7 @@ from .stats import bootstrap_paired_change, summarise
 
 __all__ = [
     "format_breaking_table",
+    "format_report",
     "format_table",
     "plain_text",
     "safeguard_recommendation",
@@ -352,3 +353,10 @@ def format_breaking_table(regime: dict[str, Any]) -> str:
     for key, reason in regime["skipped"].items():
         lines.append(f"{key}: skipped ({reason})")
     return "\n".join(lines)
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The console report: the breaking regime's table first (the demo's headline, when it ran), then the per-method
+    tables and the recommendation (:func:`format_table`)."""
+    parts = [] if summary.get("breaking_regime") is None else [format_breaking_table(summary["breaking_regime"]), ""]
+    return "\n".join([*parts, format_table(summary)])

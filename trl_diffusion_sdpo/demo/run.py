@@ -40,8 +40,7 @@ from .pretrain import PretrainRecipe, load_base, recipe_hash
 from .recipe import DemoRecipe
 from .report import (
     final_mean,
-    format_breaking_table,
-    format_table,
+    format_report,
     history_from_logs,
     mean_history,
     safeguard_recommendation,
@@ -487,11 +486,7 @@ def _run_demo(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "history.json").write_text(json.dumps(histories))
-    if breaking is not None:  # the headline: where Diffusion-DPO breaks, each guard beside it
-        for line in format_breaking_table(summary["breaking_regime"]).splitlines():
-            echo(line)
-        echo("")
-    for line in format_table(summary).splitlines():
+    for line in format_report(summary).splitlines():
         echo(line)
     names = ["breaking_regime.png", "breaking_history.json"] if breaking is not None else []
     names += ["summary.json", "history.json", "losses.png", *(["lambda.png"] if safeguarded else [])]
