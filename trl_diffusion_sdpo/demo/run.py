@@ -363,7 +363,7 @@ def _run_demo(
         f"{pair_stats.mean_reward_chosen:.3f} vs rejected {pair_stats.mean_reward_rejected:.3f})"
     )
     tick = time.perf_counter()
-    base_images, base_rewards = _evaluate(base, held_out, recipe)
+    _, base_rewards = _evaluate(base, held_out, recipe)  # the rewards; breaking_regime.png shows samples
     timings["base_eval_seconds"] = time.perf_counter() - tick
 
     runs_total = len(methods) * len(recipe.seeds)
