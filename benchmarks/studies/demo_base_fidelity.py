@@ -119,6 +119,14 @@ def chance(images: np.ndarray, templates: dict[str, np.ndarray]) -> dict[str, fl
     return totals
 
 
+def _shown(folder: Path | None) -> str | None:
+    """``folder`` relative to the repository root where it lies inside it (a result file names no machine's paths)."""
+    if folder is None:
+        return None
+    folder = Path(folder).resolve()
+    return str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
+
+
 def _means(values: dict[str, np.ndarray]) -> dict[str, float]:
     return {name: round(float(v.mean()), 4) for name, v in values.items()}
 
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 "background_match": "the background colour (2) nearest the outer 2-pixel ring is the caption's",
                 "colour_reward": "the demo's colour reward (shapes.colour_reward)",
             },
-            "base": {"source": source, "folder": str(folder) if folder else None, "recipe_hash": recipe_hash(recipe)},
+            "base": {"source": source, "folder": _shown(folder), "recipe_hash": recipe_hash(recipe)},
             "sampling": {
                 "per_caption": args.per_caption,
                 "num_inference_steps": demo.num_inference_steps,

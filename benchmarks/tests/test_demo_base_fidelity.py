@@ -74,6 +74,7 @@ def test_the_written_result_file_holds_together():
         "of": 36,
     }
     assert report["drawings"]["drawn_as_captioned"] == 1.0
+    assert report["base"]["folder"] == "trl_diffusion_sdpo/demo/base"  # the shipped base, named from the root
 
 
 @pytest.mark.slow
