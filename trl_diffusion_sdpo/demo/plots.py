@@ -1,5 +1,6 @@
-"""The demo's figures: error deltas over steps (the paper's diagnostic), lambda over steps, a sample grid, and the
-breaking regime's samples along the run, each guard's row beside Diffusion-DPO's."""
+"""The demo's figures: the breaking regime's samples along the run, each guard's row beside Diffusion-DPO's (the
+headline), error deltas over steps (the paper's diagnostic) and lambda over steps. Each ``*_figure`` function
+builds the figure and returns it (the tests read its axes); each ``plot_*`` saves it."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from ..config.extras import require_extra
 
 require_extra("plots", "matplotlib", "The demo's figures").use("Agg")  # files only, no display needed
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-__all__ = ["smooth"]
+__all__ = ["breaking_regime_figure", "error_delta_figure", "lambda_figure", "smooth"]
 
 _WINNER, _LOSER = "#1f77b4", "#d62728"
 
@@ -46,63 +47,67 @@ def _limits(curves: list[np.ndarray]) -> tuple[float, float]:
     return low - pad, high + pad
 
 
-def plot_error_deltas(
-    histories: dict[str, dict[str, list[float]]], titles: dict[str, str], path: Path, note: str | None = None
-) -> None:
-    """Top row: winner and loser ``policy - reference`` error per step, one panel per method (each with its own y
-    scale, so a small rise is visible next to a large fall). Bottom row: the implicit accuracy (fraction of pairs
-    with ``u > 0``), i.e. whether the preference margin grows. Thin lines: per step; thick: moving average.
-    ``note``: a line of text under the panels (the demo's: when to turn the safeguard on, and its source)."""
+def error_delta_figure(histories: dict[str, dict[str, list[float]]], titles: dict[str, str]) -> Figure:
+    """Top row: winner and loser ``policy - reference`` error per step, one panel per method, every panel on the same
+    y scale (so a method's rise or fall reads against the others'); each title ends with the mean of the last 10% of
+    steps. Bottom row: the implicit accuracy (fraction of pairs with ``u > 0``), i.e. whether the preference margin
+    grows, on one scale from 0 to 1. Thin lines: per step; thick: moving average."""
     methods = list(histories)
     fig, axes = plt.subplots(
         2,
         len(methods),
-        figsize=(4.4 * len(methods), 5.6),
+        figsize=(3.3 * len(methods) + 0.8, 5.4),
         sharex=True,
+        sharey="row",
         gridspec_kw={"height_ratios": [2.2, 1]},
         squeeze=False,
+        layout="constrained",
     )
+    smoothed = []
     for column, method in enumerate(methods):
         history = histories[method]
         steps = np.asarray(history["step"])
         window = _window(len(steps))
         top, bottom = axes[0, column], axes[1, column]
-        smoothed = []
+        finals = []
         for key, colour, label in (("delta/winner", _WINNER, "winner"), ("delta/loser", _LOSER, "loser")):
             curve = smooth(history[key], window)
             smoothed.append(curve)
             top.plot(steps, history[key], color=colour, alpha=0.15, linewidth=0.7)
-            final = float(np.mean(np.asarray(history[key])[steps > 0.9 * steps[-1]]))
-            top.plot(steps, curve, color=colour, linewidth=2.0, label=f"{label} (last 10%: {final:+.4f})")
-        top.set_ylim(*_limits(smoothed))
+            top.plot(steps, curve, color=colour, linewidth=2.0, label=label)
+            finals.append(f"{label} {float(np.mean(np.asarray(history[key])[steps > 0.9 * steps[-1]])):+.4f}")
         top.axhline(0.0, color="black", linewidth=0.8)
-        top.set_title(titles[method])
+        top.set_title(f"{titles[method]}\n{', '.join(finals)}", fontsize=9)
         top.grid(alpha=0.3)
-        top.legend(loc="best", fontsize=9)
         bottom.plot(steps, history["implicit_acc"], color="#555555", alpha=0.15, linewidth=0.7)
         bottom.plot(steps, smooth(history["implicit_acc"], window), color="#333333", linewidth=2.0)
         bottom.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
-        bottom.set_ylim(-0.02, 1.02)
         bottom.set_xlabel("optimizer step")
         bottom.grid(alpha=0.3)
+    axes[0, 0].set_ylim(*_limits(smoothed))  # shared by the row: the limits fit every method's curves
+    axes[1, 0].set_ylim(-0.02, 1.02)
     axes[0, 0].set_ylabel("denoising error\npolicy − reference")
-    axes[1, 0].set_ylabel("implicit accuracy")
-    fig.suptitle("Denoising error relative to the frozen base (above 0: worse than the base); mean over seeds")
-    if note:
-        wrapped = textwrap.fill(note, width=int(38 * len(methods)))
-        fig.text(0.01, 0.005, wrapped, fontsize=8, va="bottom", ha="left")
-        fig.tight_layout(rect=(0, 0.04 * (wrapped.count("\n") + 1), 1, 1))
-    else:
-        fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[1, 0].set_ylabel("implicit\naccuracy")
+    fig.align_ylabels(axes[:, 0])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=9)
+    title = (
+        "Denoising error relative to the frozen base (above 0: worse than the base), mean over seeds; "
+        "titles: the mean of the last 10% of steps"
+    )
+    fig.suptitle(textwrap.fill(title, width=int(11 * fig.get_figwidth())), fontsize=10)
+    return fig
 
 
-def plot_lambda(
-    histories: dict[str, dict[str, list[float]]], titles: dict[str, str], max_lambda: float, path: Path
-) -> None:
-    """The safeguard's ``lambda`` per optimizer step (thin) and its moving average (thick), one colour per method."""
-    fig, ax = plt.subplots(figsize=(7.2, 4.0))
+def plot_error_deltas(histories: dict[str, dict[str, list[float]]], titles: dict[str, str], path: Path) -> None:
+    """:func:`error_delta_figure`, saved to ``path``."""
+    _save(error_delta_figure(histories, titles), path)
+
+
+def lambda_figure(histories: dict[str, dict[str, list[float]]], titles: dict[str, str], max_lambda: float) -> Figure:
+    """The safeguard's ``lambda`` per optimizer step (thin) and its moving average (thick), one colour per method;
+    the legend sits beside the axes, off the curves."""
+    fig, ax = plt.subplots(figsize=(9.0, 4.0), layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (method, history) in enumerate(histories.items()):
         steps = np.asarray(history["step"])
@@ -122,45 +127,20 @@ def plot_lambda(
     ax.set_ylabel("loser-gradient scale λ")
     ax.set_title("Diffusion-SDPO safeguard: λ over training (mean over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    return fig
+
+
+def plot_lambda(
+    histories: dict[str, dict[str, list[float]]], titles: dict[str, str], max_lambda: float, path: Path
+) -> None:
+    """:func:`lambda_figure`, saved to ``path``."""
+    _save(lambda_figure(histories, titles, max_lambda), path)
+
+
+def _save(fig: Figure, path: Path, dpi: int = 110) -> None:
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
-
-
-def sample_grid(
-    rows: list[str],
-    columns: list[str],
-    images: dict[str, np.ndarray],
-    seeds_per_column: int,
-    path: Path,
-    scale: int = 3,
-) -> Image.Image:
-    """A labelled grid: one row per prompt; for each column group (model), ``seeds_per_column`` samples.
-
-    ``images[column]`` has shape ``[len(rows), seeds_per_column, H, W, 3]`` with floats in [0, 1]. The same row and
-    seed index means the same prompt and the same initial noise in every group.
-    """
-    first = images[columns[0]]
-    tile = first.shape[2] * scale
-    gap, label_width, header = 8, 150, 22
-    width = label_width + len(columns) * (seeds_per_column * tile + gap)
-    height = header + len(rows) * tile
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=13)
-    for g, column in enumerate(columns):
-        x0 = label_width + g * (seeds_per_column * tile + gap)
-        draw.text((x0 + 4, 4), column, fill=(0, 0, 0), font=font)
-        for r in range(len(rows)):
-            for s in range(seeds_per_column):
-                array = np.round(np.clip(images[column][r, s], 0.0, 1.0) * 255).astype(np.uint8)
-                picture = Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST)
-                canvas.paste(picture, (x0 + s * tile, header + r * tile))
-    for r, text in enumerate(rows):
-        draw.text((6, header + r * tile + tile // 2 - 8), text, fill=(0, 0, 0), font=font)
-    canvas.save(path)
-    return canvas
 
 
 def _strip(images: np.ndarray, gap: int) -> np.ndarray:
@@ -171,9 +151,9 @@ def _strip(images: np.ndarray, gap: int) -> np.ndarray:
     return np.concatenate(parts[:-1], axis=1)
 
 
-def plot_breaking_regime(
-    regime: dict[str, Any], prompts: list[str], images: dict[str, np.ndarray], image_size: int, path: Path
-) -> None:
+def breaking_regime_figure(
+    regime: dict[str, Any], prompts: list[str], images: dict[str, np.ndarray], image_size: int
+) -> Figure:
     """One row per method of the breaking regime (``regime``: its summary entry), one column per moment: the base,
     then each evaluation step; a cell shows the first sample of every held-out prompt, left to right, with the same
     noise in every row, so a row is read against Diffusion-DPO's by eye. ``images[key]``: ``[1 + steps, P, H, W, 3]``.
@@ -183,9 +163,19 @@ def plot_breaking_regime(
     titles = ["base", *(f"step {s}" + (" (end)" if s == steps[-1] else "") for s in steps)]
     gap = max(1, image_size // 16)
     # inches: a strip's height, the label column, the gaps; the figure is sized so that every strip fits whole
-    strip_height, label, gap_x, gap_y, top, bottom = 0.6, 1.9, 0.12, 0.3, 1.0, 0.25
+    strip_height, label, gap_x, gap_y, bottom = 0.6, 1.9, 0.12, 0.3, 0.25
     strip_width = strip_height * (len(prompts) * (image_size + gap) - gap) / image_size
     width = label + len(titles) * strip_width + (len(titles) - 1) * gap_x + 0.1
+    heading = [
+        f"Breaking regime: lr {settings['learning_rate']:g}, {settings['max_steps']} steps of "
+        f"{settings['batch_size']} pairs, seed {settings['seed']}; the first held-out sample of each prompt, the "
+        "same noise in every row",
+        f"Prompts, left to right: {'; '.join(prompts)}. Labels: held-out reward change from the base "
+        f"({regime['base_reward']:.3f}), mean of {settings['eval_seeds_per_prompt']} sample(s) per prompt",
+    ]
+    # about 12 characters of 9-point text to the inch; the top margin grows with the heading's lines
+    lines = [line for part in heading for line in textwrap.wrap(part, width=int(12 * width))]
+    top = 0.45 + 0.17 * len(lines)
     height = top + bottom + len(rows) * strip_height + (len(rows) - 1) * gap_y
     fig, axes = plt.subplots(len(rows), len(titles), figsize=(width, height), squeeze=False)
     fig.subplots_adjust(
@@ -220,16 +210,12 @@ def plot_breaking_regime(
             fontsize=9,
             fontweight="bold" if key == "dpo" else "normal",
         )
-    fig.suptitle(
-        f"Breaking regime: lr {settings['learning_rate']:g}, {settings['max_steps']} steps of "
-        f"{settings['batch_size']} pairs, seed {settings['seed']}; the first held-out sample of each prompt, the "
-        "same noise in every row\n"
-        + textwrap.fill(
-            f"Prompts, left to right: {'; '.join(prompts)}. Labels: held-out reward change from the base "
-            f"({regime['base_reward']:.3f}), mean of {settings['eval_seeds_per_prompt']} sample(s) per prompt",
-            width=int(12 * width),
-        ),
-        fontsize=9,
-    )
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle("\n".join(lines), fontsize=9)
+    return fig
+
+
+def plot_breaking_regime(
+    regime: dict[str, Any], prompts: list[str], images: dict[str, np.ndarray], image_size: int, path: Path
+) -> None:
+    """:func:`breaking_regime_figure`, saved to ``path``."""
+    _save(breaking_regime_figure(regime, prompts, images, image_size), path, dpi=120)

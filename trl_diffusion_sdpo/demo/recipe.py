@@ -64,7 +64,6 @@ class BreakingRegime:
             batch_size=self.batch_size,
             max_steps=self.max_steps,
             eval_seeds_per_prompt=self.eval_seeds_per_prompt,
-            grid_seeds=min(demo.grid_seeds, self.eval_seeds_per_prompt),
             seeds=(self.seed,),
         )
 
@@ -89,9 +88,8 @@ class DemoRecipe:
     num_held_out_prompts: captions kept out of the preference pairs; rewards are measured on these.
     pairs_per_prompt: pairs sampled for each remaining caption (two samples each, ranked by the colour reward).
     min_reward_margin: pairs whose rewards differ by less are dropped as ties.
-    num_inference_steps, guidance_scale: DDIM sampling for pairs, evaluation and the grid.
+    num_inference_steps, guidance_scale: DDIM sampling for pairs and evaluation.
     eval_seeds_per_prompt: samples per held-out prompt for the reward (same seeds for every model).
-    grid_seeds: samples per prompt and model shown in ``samples.png``.
 
     > Preference tuning (identical for every method)
 
@@ -123,7 +121,6 @@ class DemoRecipe:
     num_inference_steps: int = 8
     guidance_scale: float = 5.0
     eval_seeds_per_prompt: int = 16
-    grid_seeds: int = 2
     # preference tuning
     tuning: str = "full"
     lora_rank: int = 8
@@ -142,12 +139,8 @@ class DemoRecipe:
 
     def __post_init__(self) -> None:
         Choice(("full", "lora")).check("tuning", self.tuning)
-        for name in ("max_steps", "batch_size"):
+        for name in ("max_steps", "batch_size", "eval_seeds_per_prompt"):
             Range(1, integer=True).check(name, getattr(self, name))
-        if self.grid_seeds > self.eval_seeds_per_prompt:
-            raise ValueError(
-                f"grid_seeds ({self.grid_seeds}) cannot exceed eval_seeds_per_prompt ({self.eval_seeds_per_prompt})"
-            )
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         object.__setattr__(self, "methods", tuple(self.methods))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ from .methods import Method
 from .recipe import LAST_FRACTION, BreakingRegime
 from .stats import bootstrap_paired_change, summarise
 
-__all__ = ["format_breaking_table", "format_table", "safeguard_recommendation", "summarise_breaking"]
+__all__ = [
+    "format_breaking_table",
+    "format_report",
+    "format_table",
+    "plain_text",
+    "safeguard_recommendation",
+    "summarise_breaking",
+]
 
 RECOMMENDATION_FILE = Path(__file__).with_name("safeguard_recommendation.json")
 """When to turn the safeguard on, from the paired comparison on this demo
@@ -183,12 +191,26 @@ def safeguard_recommendation(path: Path = RECOMMENDATION_FILE) -> dict[str, Any]
     return {"text": found["text"], "source": found["source"], "seeds": found["seeds"]}
 
 
+_MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+_MARKDOWN_CODE = re.compile(r"`([^`]*)`")
+_MARKDOWN_STRONG = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def plain_text(markdown: str) -> str:
+    """``markdown``'s inline markup as plain text, for the console: ``[text](target)`` becomes ``text (target)``,
+    code spans and strong emphasis lose their marks; list bullets (``- ``) and line breaks stay as they read."""
+    text = _MARKDOWN_LINK.sub(r"\1 (\2)", markdown)
+    text = _MARKDOWN_CODE.sub(r"\1", text)
+    return _MARKDOWN_STRONG.sub(r"\1", text)
+
+
 def recommendation_line(recommendation: dict[str, Any]) -> str:
-    """The recommendation and where it comes from: one line, or a heading line and the rendered list (the demo's
-    table above keeps the authors' settings, mu=0.9 and the sweep, for comparison)."""
+    """The recommendation and where it comes from, in plain text (:func:`plain_text`; the shipped text is markdown
+    for the README and docs): one line, or a heading line and the list (the demo's table above keeps the authors'
+    settings, mu=0.9 and the sweep, for comparison)."""
     low, high = min(recommendation["seeds"], default=0), max(recommendation["seeds"], default=0)
     seeds = str(low) if low == high else f"{low}-{high}"
-    text = recommendation["text"]
+    text = plain_text(recommendation["text"])
     gap = "\n" if "\n" in text else " "
     return (
         f"Which setting to use (a paired comparison on this demo's base and pairs, {seeds} seeds per method "
@@ -331,3 +353,10 @@ def format_breaking_table(regime: dict[str, Any]) -> str:
     for key, reason in regime["skipped"].items():
         lines.append(f"{key}: skipped ({reason})")
     return "\n".join(lines)
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The console report: the breaking regime's table first (the demo's headline, when it ran), then the per-method
+    tables and the recommendation (:func:`format_table`)."""
+    parts = [] if summary.get("breaking_regime") is None else [format_breaking_table(summary["breaking_regime"]), ""]
+    return "\n".join([*parts, format_table(summary)])

@@ -40,11 +40,9 @@ from .pretrain import PretrainRecipe, load_base, recipe_hash
 from .recipe import DemoRecipe
 from .report import (
     final_mean,
-    format_breaking_table,
-    format_table,
+    format_report,
     history_from_logs,
     mean_history,
-    recommendation_line,
     safeguard_recommendation,
     summarise_breaking,
     summarise_methods,
@@ -301,9 +299,9 @@ def run_demo(
     use_cache: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the demo and write ``summary.json``, ``history.json``, ``losses.png``, ``lambda.png`` and ``samples.png``
-    into ``output_dir``, and with ``recipe.breaking`` ``breaking_regime.png`` and ``breaking_history.json``. Returns
-    the summary; ``echo`` receives the console lines (stage headers and the tables).
+    """Run the demo and write ``summary.json``, ``history.json``, ``losses.png`` and ``lambda.png`` into
+    ``output_dir``, and with ``recipe.breaking`` ``breaking_regime.png`` and ``breaking_history.json``. Returns the
+    summary; ``echo`` receives the console lines (stage headers, then the tables: the breaking regime's first).
 
     The figures need matplotlib (the ``plots`` extra): without it this fails here, before any training.
     """
@@ -365,7 +363,7 @@ def _run_demo(
         f"{pair_stats.mean_reward_chosen:.3f} vs rejected {pair_stats.mean_reward_rejected:.3f})"
     )
     tick = time.perf_counter()
-    base_images, base_rewards = _evaluate(base, held_out, recipe)
+    _, base_rewards = _evaluate(base, held_out, recipe)  # the rewards; breaking_regime.png shows samples
     timings["base_eval_seconds"] = time.perf_counter() - tick
 
     runs_total = len(methods) * len(recipe.seeds)
@@ -378,7 +376,6 @@ def _run_demo(
     runs: dict[str, list[dict[str, Any]]] = {m.key: [] for m in methods}
     rewards_per_run: dict[str, list[np.ndarray]] = {m.key: [] for m in methods}
     histories: dict[str, dict[str, dict[str, list[float]]]] = {m.key: {} for m in methods}
-    grid_images = {"base": base_images[:, : recipe.grid_seeds]}
     bar = tqdm(total=runs_total, desc="Runs", dynamic_ncols=True, disable=None)  # None: no bar off a terminal
     with tempfile.TemporaryDirectory(prefix="demo-latents-") as latent_cache_dir:
         for seed in recipe.seeds:
@@ -390,8 +387,6 @@ def _run_demo(
                 images, rewards = _evaluate(tuned, held_out, recipe)
                 eval_seconds = time.perf_counter() - tick
                 del tuned
-                if method.key not in grid_images:
-                    grid_images[method.key] = images[:, : recipe.grid_seeds]
                 histories[method.key][str(seed)] = history
                 rewards_per_run[method.key].append(rewards.ravel())
                 run = {
@@ -432,25 +427,16 @@ def _run_demo(
     timings["eval_seconds"] = sum(r["eval_seconds"] for rs in runs.values() for r in rs)
 
     echo(f"[{stages}/{stages}] Figures and summary")
-    from .plots import plot_breaking_regime, plot_error_deltas, plot_lambda, sample_grid
+    from .plots import plot_breaking_regime, plot_error_deltas, plot_lambda
 
     tick = time.perf_counter()
     labels = {m.key: m.label for m in methods}
     mean_histories = {k: mean_history(list(h.values())) for k, h in histories.items()}
     recommendation = safeguard_recommendation()
-    note = recommendation_line(recommendation) if recommendation else None
-    plot_error_deltas(mean_histories, labels, out / "losses.png", note)
+    plot_error_deltas(mean_histories, labels, out / "losses.png")
     safeguarded = {k: h for k, h in mean_histories.items() if "safeguard/lambda_mean" in h}
     if safeguarded:
         plot_lambda(safeguarded, labels, 1.0, out / "lambda.png")
-    columns = ["base", *labels]
-    sample_grid(
-        [c.text for c in held_out],
-        [labels.get(c, c) for c in columns],
-        {labels.get(c, c): grid_images[c] for c in columns},
-        recipe.grid_seeds,
-        out / "samples.png",
-    )
     if breaking is not None:
         regime_summary, regime_images, regime_histories = breaking
         plot_breaking_regime(
@@ -500,17 +486,12 @@ def _run_demo(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "history.json").write_text(json.dumps(histories))
-    for line in format_table(summary).splitlines():
+    for line in format_report(summary).splitlines():
         echo(line)
-    if breaking is not None:
-        echo("")
-        for line in format_breaking_table(summary["breaking_regime"]).splitlines():
-            echo(line)
-    names = ["losses.png", *(["lambda.png"] if safeguarded else []), "samples.png"]
-    names += ["breaking_regime.png", "breaking_history.json"] if breaking is not None else []
-    figures = f"{', '.join(names[:-1])} and {names[-1]}"
+    names = ["breaking_regime.png", "breaking_history.json"] if breaking is not None else []
+    names += ["summary.json", "history.json", "losses.png", *(["lambda.png"] if safeguarded else [])]
     echo(
-        f"Wrote summary.json, history.json, {figures} to {out} ({timings['total_seconds'] / 60:.1f} min, load "
+        f"Wrote {', '.join(names[:-1])} and {names[-1]} to {out} ({timings['total_seconds'] / 60:.1f} min, load "
         f"average {summary['environment']['load_average_end'][0]:.1f})"
     )
     return summary
