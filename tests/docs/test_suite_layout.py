@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SUITES = [ROOT / "tests", ROOT / "rewards" / "tests", ROOT / "benchmarks" / "tests"]
 
 
-def imported_test_modules(source: str) -> list[str]:
-    """The test modules (``test_*``) and ``conftest`` modules a module's source imports, at any depth."""
+def imported_test_modules(source: str, test_modules: frozenset[str] = frozenset()) -> list[str]:
+    """The test modules (``test_*``) and ``conftest`` modules a module's source imports, at any depth; and the string
+    constants that name one of ``test_modules`` (module names, bare or dotted), which ``importlib`` would import."""
     found = []
     for node in ast.walk(ast.parse(source)):
         names = []
@@ -22,16 +23,25 @@ def imported_test_modules(source: str) -> list[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
+        elif isinstance(node, ast.Constant) and node.value in test_modules:
+            found.append(node.value)
         found += [n for n in names if n.rsplit(".", 1)[-1].startswith("test_") or n.rsplit(".", 1)[-1] == "conftest"]
     return found
 
 
+def suite_module_names() -> frozenset[str]:
+    """Every test module's name, bare (``test_wan``) and dotted from the root (``tests.families.test_wan``)."""
+    paths = [p.relative_to(ROOT).with_suffix("") for suite in SUITES for p in suite.rglob("test_*.py")]
+    return frozenset(name for p in paths for name in (p.name, ".".join(p.parts)))
+
+
 def test_no_module_of_the_suites_imports_a_test_module_or_a_conftest() -> None:
+    names = suite_module_names()
     offenders = {
         str(path.relative_to(ROOT)): found
         for suite in SUITES
         for path in sorted(suite.rglob("*.py"))
-        if (found := imported_test_modules(path.read_text()))
+        if (found := imported_test_modules(path.read_text(), names))
     }
     assert not offenders, f"move what these share into tests/helpers/: {offenders}"
 
@@ -54,6 +64,18 @@ def test_tests_is_a_package_down_to_every_area() -> None:
 )
 def test_the_check_finds_a_planted_import(source: str) -> None:
     assert imported_test_modules(source)
+
+
+def test_the_check_finds_a_test_module_named_for_importlib() -> None:
+    """A name handed to ``importlib.import_module`` through a variable: this very module, bare and dotted."""
+    names = suite_module_names()
+    bare, dotted = Path(__file__).stem, f"tests.docs.{Path(__file__).stem}"
+    assert {bare, dotted} <= names
+    source = "import importlib\n\nCASES = {{'x': lambda: importlib.import_module(NAMES['x']).CASE}}\n"
+    source += "NAMES = {{'x': {!r}}}\n"
+    assert imported_test_modules(source.format(bare), names) == [bare]
+    assert imported_test_modules(source.format(dotted), names) == [dotted]
+    assert imported_test_modules(source.format("tests.helpers.video"), names) == []
 
 
 def test_the_check_leaves_a_helper_import() -> None:
