@@ -5,9 +5,13 @@ one home."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.common import CHECKOUT, worker_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITES = [ROOT / "tests", ROOT / "rewards" / "tests", ROOT / "benchmarks" / "tests"]
@@ -80,3 +84,14 @@ def test_the_check_finds_a_test_module_named_for_importlib() -> None:
 
 def test_the_check_leaves_a_helper_import() -> None:
     assert imported_test_modules("from tests.helpers.common import pickapic_rows\nimport pytest\n") == []
+
+
+def test_a_worker_imports_the_package_of_the_checkout_under_test(tmp_path) -> None:
+    """Without site-packages (``-S``: no installed or editable copy to fall back on), from another folder, a process
+    started with :func:`worker_environment` finds the package in this checkout."""
+    code = "import importlib.util; print(importlib.util.find_spec('trl_diffusion_sdpo').origin)"
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code], env=worker_environment(), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == CHECKOUT / "trl_diffusion_sdpo" / "__init__.py"
