@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset
 
 import trl_diffusion_sdpo.data.sharded_cache as sharded_cache
+from tests.helpers.common import worker_environment
 from tests.helpers.latent_cache import _rows
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
@@ -209,7 +210,7 @@ def test_the_cache_command_killed_midway_under_accelerate_launch_resumes_to_the_
     pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tokenizer"))
     pipe.save_pretrained(tmp_path / "pipeline")
     Dataset.from_list(_rows(16)).save_to_disk(str(tmp_path / "data"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_environment()
 
     straight = tmp_path / "straight"
     done = subprocess.run(_cache_command(tmp_path, straight), cwd=ROOT, env=env, capture_output=True, text=True)

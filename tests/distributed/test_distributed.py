@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from tests.helpers.common import worker_environment
 from tests.helpers.distributed import (
     _REPORTS,
     CONFIGS,
@@ -636,7 +636,7 @@ def test_parameter_space_under_zero3_with_the_local_scope_is_refused_before_trai
         "--safeguard_scope",
         "local",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_environment()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "safeguard_space='parameter' under DeepSpeed ZeRO-3 needs safeguard_scope='global'" in proc.stderr

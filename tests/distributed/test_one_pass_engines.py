@@ -115,23 +115,31 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-_LAUNCHED: set[tuple[str, bool]] = set()
+_LAUNCHED: dict[tuple[str, bool], str] = {}  # group -> "" once launched, or why its launch failed
 
 
 def _report(root: Path, engine: str | None, name: str, slow: bool) -> dict:
     """The report of ``name`` under ``engine`` (``None``: one process). The first request of a group (the default
-    suite's trainings, or the slow ones) launches all of it not yet reported: on one process, then on two."""
+    suite's trainings, or the slow ones) launches all of it not yet reported: on one process, then on two. A failed
+    launch fails the group's other tests with its reason."""
     kind, settings, lora = SETTINGS[name]
     spec = Run(kind, engine, lora, settings)
     assets = _assets(root, kind)
-    if spec.key(assets) not in _REPORTS and (str(root), slow) not in _LAUNCHED:
-        _LAUNCHED.add((str(root), slow))
+    group = (str(root), slow)
+    if spec.key(assets) not in _REPORTS and group not in _LAUNCHED:
+        _LAUNCHED[group] = ""
         cases = _cases(slow)
         singles = [_job(root, None, n) for n in sorted({n for _, n in cases})]
         for jobs in (singles, [_job(root, e, n) for e, n in cases]):
             jobs = [job for job in jobs if job[2].key(job[0]) not in _REPORTS]
             if jobs:
-                _launch(jobs)
+                try:
+                    _launch(jobs)
+                except AssertionError as error:
+                    _LAUNCHED[group] = str(error)
+                    raise
+    if spec.key(assets) not in _REPORTS and _LAUNCHED[group]:
+        pytest.fail(_LAUNCHED[group])
     return _REPORTS[spec.key(assets)]
 
 

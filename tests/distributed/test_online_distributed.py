@@ -38,6 +38,7 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
+from tests.helpers.common import worker_environment
 from tests.helpers.distributed import Run, _launch_environment
 from trl_diffusion_sdpo.demo.shapes import all_captions
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
@@ -308,7 +309,7 @@ def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
     command = [sys.executable, str(WORKER), "--jobs", str(jobs_file)]
     if first.config is not None:
         command[1:1] = ["-m", "accelerate.commands.launch", *launch.launch_arguments(first.processes)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_environment()
     # ~5 s an SD training on a quiet machine; a process left waiting in a collective fails the launch at the timeout
     timeout = 120 + sum(spec.seconds for spec in runs.values())
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True)

@@ -5,16 +5,21 @@ one home."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.common import CHECKOUT, worker_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITES = [ROOT / "tests", ROOT / "rewards" / "tests", ROOT / "benchmarks" / "tests"]
 
 
-def imported_test_modules(source: str) -> list[str]:
-    """The test modules (``test_*``) and ``conftest`` modules a module's source imports, at any depth."""
+def imported_test_modules(source: str, test_modules: frozenset[str] = frozenset()) -> list[str]:
+    """The test modules (``test_*``) and ``conftest`` modules a module's source imports, at any depth; and the string
+    constants that name one of ``test_modules`` (module names, bare or dotted), which ``importlib`` would import."""
     found = []
     for node in ast.walk(ast.parse(source)):
         names = []
@@ -22,16 +27,25 @@ def imported_test_modules(source: str) -> list[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
+        elif isinstance(node, ast.Constant) and node.value in test_modules:
+            found.append(node.value)
         found += [n for n in names if n.rsplit(".", 1)[-1].startswith("test_") or n.rsplit(".", 1)[-1] == "conftest"]
     return found
 
 
+def suite_module_names() -> frozenset[str]:
+    """Every test module's name, bare (``test_wan``) and dotted from the root (``tests.families.test_wan``)."""
+    paths = [p.relative_to(ROOT).with_suffix("") for suite in SUITES for p in suite.rglob("test_*.py")]
+    return frozenset(name for p in paths for name in (p.name, ".".join(p.parts)))
+
+
 def test_no_module_of_the_suites_imports_a_test_module_or_a_conftest() -> None:
+    names = suite_module_names()
     offenders = {
         str(path.relative_to(ROOT)): found
         for suite in SUITES
         for path in sorted(suite.rglob("*.py"))
-        if (found := imported_test_modules(path.read_text()))
+        if (found := imported_test_modules(path.read_text(), names))
     }
     assert not offenders, f"move what these share into tests/helpers/: {offenders}"
 
@@ -56,5 +70,28 @@ def test_the_check_finds_a_planted_import(source: str) -> None:
     assert imported_test_modules(source)
 
 
+def test_the_check_finds_a_test_module_named_for_importlib() -> None:
+    """A name handed to ``importlib.import_module`` through a variable: this very module, bare and dotted."""
+    names = suite_module_names()
+    bare, dotted = Path(__file__).stem, f"tests.docs.{Path(__file__).stem}"
+    assert {bare, dotted} <= names
+    source = "import importlib\n\nCASES = {{'x': lambda: importlib.import_module(NAMES['x']).CASE}}\n"
+    source += "NAMES = {{'x': {!r}}}\n"
+    assert imported_test_modules(source.format(bare), names) == [bare]
+    assert imported_test_modules(source.format(dotted), names) == [dotted]
+    assert imported_test_modules(source.format("tests.helpers.video"), names) == []
+
+
 def test_the_check_leaves_a_helper_import() -> None:
     assert imported_test_modules("from tests.helpers.common import pickapic_rows\nimport pytest\n") == []
+
+
+def test_a_worker_imports_the_package_of_the_checkout_under_test(tmp_path) -> None:
+    """Without site-packages (``-S``: no installed or editable copy to fall back on), from another folder, a process
+    started with :func:`worker_environment` finds the package in this checkout."""
+    code = "import importlib.util; print(importlib.util.find_spec('trl_diffusion_sdpo').origin)"
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code], env=worker_environment(), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == CHECKOUT / "trl_diffusion_sdpo" / "__init__.py"

@@ -10,27 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+from diffusers import FluxKontextPipeline
 from peft import LoraConfig
 
 from tests.helpers.common import edit_rows, pickapic_rows
 from tests.helpers.flow_family_checks import (
-    FlowCase,
     FlowFamilyTrainingChecks,
     check_the_shipped_config_trains_from_local_folders,
 )
+from tests.helpers.flux_kontext import CASE, SEQ
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import FluxFamily, FluxKontextFamily, family_for_pipeline
 from trl_diffusion_sdpo.testing import build_tiny_flux_kontext_pipeline, build_tiny_flux_pipeline
-
-SEQ = 16
-CASE = FlowCase(
-    build=build_tiny_flux_kontext_pipeline,
-    pipeline_class=FluxKontextPipeline,
-    transformer_class=FluxTransformer2DModel,
-    sequence_length=SEQ,
-    lora_targets=FluxKontextFamily.lora_target_modules,
-)
 
 
 @pytest.fixture

@@ -17,8 +17,9 @@ from diffusers import HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from tests.helpers.common import shift_sigmas
-from tests.helpers.flow_family_checks import FlowCase, FlowFamilyTrainingChecks
+from tests.helpers.flow_family_checks import FlowFamilyTrainingChecks
 from tests.helpers.flow_family_checks import transformer_outputs as flow_transformer_outputs
+from tests.helpers.hunyuan_video15 import CASE, SEQ, SHAPE, SIZE
 from tests.helpers.video import FRAMES, video_rows
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import HunyuanVideo15Family, family_for_pipeline, scale_latents
@@ -26,22 +27,7 @@ from trl_diffusion_sdpo.testing import build_tiny_hunyuan_video15_pipeline
 
 pytest.importorskip("av")
 
-SEQ = 24  # Qwen2.5-VL tokens kept after the template in the tests (the pipeline's 1000 where it is compared whole)
-SIZE = 32  # pixels: 2x2 latents at the VAE's 16x
-SHAPE = (2, 4, 2, 2, 2)  # the latents of 5-frame 32x32 clips, [N, C, F', h, w]
 PROMPTS = ['a sign that reads "OPEN" in red', "a cat on “the” grass", ""]  # quoted, curly-quoted, empty
-
-CASE = FlowCase(
-    build=build_tiny_hunyuan_video15_pipeline,
-    pipeline_class=HunyuanVideo15Pipeline,
-    transformer_class=HunyuanVideo15Transformer3DModel,
-    sequence_length=SEQ,
-    lora_targets=HunyuanVideo15Family.lora_target_modules,
-    config_values={"resolution": SIZE, "num_frames": FRAMES},
-    sample_shape=SHAPE,
-    pipeline_loads_lora=False,  # diffusers 0.42 has no LoRA loader for HunyuanVideo15Pipeline
-    command_args=("--num_frames", str(FRAMES), "--frame_stride", "1"),
-)
 
 
 @pytest.fixture

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
+from diffusers import QwenImage21Pipeline
 from PIL import Image
 
 from tests.helpers.common import pickapic_rows, shift_sigmas
-from tests.helpers.flow_family_checks import FlowCase, FlowFamilyTrainingChecks
+from tests.helpers.flow_family_checks import FlowFamilyTrainingChecks
+from tests.helpers.qwen_image21 import CASE, SEQ
 from trl_diffusion_sdpo.evaluation.generation import GenerationSettings, sample_images
 from trl_diffusion_sdpo.families import QwenImage21Family, QwenImageFamily, family_for_pipeline, scale_latents
 from trl_diffusion_sdpo.families.flow import resolution_shift
@@ -31,14 +32,6 @@ from trl_diffusion_sdpo.testing import (
     build_tiny_qwen_image_pipeline,
 )
 
-SEQ = 48  # kept prompt tokens in the tests: the user turn's 5 opening and closing template tokens and the prompt
-CASE = FlowCase(
-    build=build_tiny_qwen_image21_pipeline,
-    pipeline_class=QwenImage21Pipeline,
-    transformer_class=QwenImage21Transformer2DModel,
-    sequence_length=SEQ,
-    lora_targets=QwenImage21Family.lora_target_modules,
-)
 PROMPTS = ["a red square", "two blue circles on green grass"]
 
 

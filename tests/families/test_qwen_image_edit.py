@@ -17,16 +17,16 @@ import logging
 import pytest
 import torch
 from datasets import Dataset
-from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+from diffusers import QwenImageEditPipeline
 from PIL import Image
 
 from tests.helpers.common import edit_rows, encode_image
 from tests.helpers.flow_family_checks import (
-    FlowCase,
     FlowFamilyTrainingChecks,
     check_the_shipped_config_trains_from_local_folders,
     check_validation_grids_sample_with_the_pipeline,
 )
+from tests.helpers.qwen_image_edit import EDIT_CASE, EDITING, PLUS_CASE, PLUS_SEQ, SEQ
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.families import (
     QwenImageEditFamily,
@@ -41,27 +41,6 @@ from trl_diffusion_sdpo.testing import (
     build_tiny_qwen_image_pipeline,
 )
 
-SEQ = 32  # text tokens after the images in the tests (the pipelines' default is 512)
-# Plus: each image's "Picture k: " label takes 11 of them with the tiny byte-level tokenizer (4 with Qwen's)
-PLUS_SEQ = 64
-EDITING = {"random_flip": False, "proportion_empty_prompts": 0.0}  # what a prompt that reads its sources needs
-EDIT_CASE = FlowCase(
-    build=build_tiny_qwen_image_edit_pipeline,
-    pipeline_class=QwenImageEditPipeline,
-    transformer_class=QwenImageTransformer2DModel,
-    sequence_length=SEQ,
-    lora_targets=QwenImageFamily.lora_target_modules,
-    config_values=EDITING,
-)
-PLUS_CASE = FlowCase(
-    build=build_tiny_qwen_image_edit_plus_pipeline,
-    pipeline_class=QwenImageEditPlusPipeline,
-    transformer_class=QwenImageTransformer2DModel,
-    sequence_length=PLUS_SEQ,
-    lora_targets=QwenImageFamily.lora_target_modules,
-    config_values=EDITING,
-    sources=2,
-)
 BUILDERS = {"edit": build_tiny_qwen_image_edit_pipeline, "plus": build_tiny_qwen_image_edit_plus_pipeline}
 
 

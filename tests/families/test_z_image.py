@@ -11,21 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from diffusers import ZImagePipeline, ZImageTransformer2DModel
+from diffusers import ZImagePipeline
 
 from tests.helpers.common import pickapic_rows, shift_sigmas
-from tests.helpers.flow_family_checks import FlowCase, FlowFamilyTrainingChecks
+from tests.helpers.flow_family_checks import FlowFamilyTrainingChecks
+from tests.helpers.z_image import CASE, SEQ
 from trl_diffusion_sdpo.families import ZImageFamily, family_for_pipeline
 from trl_diffusion_sdpo.testing import build_tiny_z_image_pipeline
-
-SEQ = 32  # tokens in the tests (the pipeline's default is 512)
-CASE = FlowCase(
-    build=build_tiny_z_image_pipeline,
-    pipeline_class=ZImagePipeline,
-    transformer_class=ZImageTransformer2DModel,
-    sequence_length=SEQ,
-    lora_targets=ZImageFamily.lora_target_modules,
-)
 
 
 @pytest.fixture

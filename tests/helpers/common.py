@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from peft import LoraConfig
@@ -11,6 +13,17 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def worker_environment() -> dict[str, str]:
+    """This process's environment for a subprocess that runs the package: the checkout under test first on
+    ``PYTHONPATH`` (a worker imports the code the test imports, whatever is installed or not), one intra-op thread
+    per process (the cores are shared) and no tokenizer threads."""
+    path = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
 
 # Distinct, saturated colours: a decoded, resized and cropped image keeps its colour exactly (PNG) or nearly (JPEG),
 # so tests can tell which image of a pair ended up where.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import socket
 import subprocess
@@ -16,7 +15,7 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from tests.helpers.common import pickapic_rows
+from tests.helpers.common import pickapic_rows, worker_environment
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +179,7 @@ def _launch(jobs: list[tuple[dict, str, Run]], processes: int = 2) -> None:
     command = [sys.executable, str(WORKER), "--jobs", str(jobs_file)]
     if first.config is not None:
         command[1:1] = ["-m", "accelerate.commands.launch", *first.launch_arguments(processes)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_environment()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300 + 300 * len(jobs))
     names = ", ".join(name for _, name, _ in jobs)
     assert proc.returncode == 0, f"{names} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from tests.checkpoint_kill_worker import STAGES, build_trainer
+from tests.helpers.common import worker_environment
 from trl_diffusion_sdpo.io import saving as saving_module
 from trl_diffusion_sdpo.io.checkpoints import (
     MANIFEST_NAME,
@@ -159,7 +160,7 @@ def test_leftovers_of_a_kill_are_published_when_complete_and_removed_otherwise(t
 
 def _kill_then_resume(stage: str, tmp_path, uninterrupted, expected_resume_step: int, caplog) -> None:
     out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_environment()
     command = [sys.executable, WORKER, out, "--tokenizer-dir", tok, "--kill-step", "3", "--kill-stage", stage]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, f"the worker was not killed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.checkpoint_kill_worker import build_trainer
+from tests.helpers.common import worker_environment
 from trl_diffusion_sdpo.callbacks.interruptions import (
     INTERRUPTED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
@@ -39,7 +40,7 @@ def run_and_signal(out: str, tok: str, sig: signal.Signals, signals: list[str] |
     command = [sys.executable, WORKER, out, "--tokenizer-dir", tok, "--pause-step", "3"]
     if signals is not None:
         command += ["--signals", *signals]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_environment()
     proc = subprocess.Popen(
         command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -154,7 +155,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_pat
         "--mixed_precision", "no", "--main_process_port", str(port),
         WORKER, out, "--tokenizer-dir", tok, "--pause-step", "3", "--pause-rank", "1", "--pause-dir", str(pause),
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_environment()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 400

@@ -11,36 +11,40 @@ import pytest
 import torch
 from datasets import Dataset
 
+from tests.helpers import (
+    flux2,
+    flux_kontext,
+    hunyuan_video15,
+    qwen_image,
+    qwen_image21,
+    qwen_image_edit,
+    video,
+    z_image,
+)
 from tests.helpers.common import edit_rows, first_batch_gradients, pickapic_rows
+from tests.helpers.flow_family_checks import FlowCase
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.testing import build_tiny_sd3_pipeline, build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 
-def flow_case(module: str, name: str = "CASE", rows=pickapic_rows) -> tuple[Any, dict[str, Any], Any]:
-    import importlib
-
-    case = getattr(importlib.import_module(module), name)
-    if isinstance(case, dict):
-        case = case["klein"]
+def flow_case(case: FlowCase, rows=pickapic_rows) -> tuple[Any, dict[str, Any], Any]:
     values = {"beta": 100.0, "max_sequence_length": case.sequence_length, **case.config_values}
     return case.build, values, rows
 
 
 def cases() -> dict[str, Any]:
-    from tests.helpers.video import video_rows
-
     return {
         "sd": lambda: (build_tiny_sd_pipeline, {}, pickapic_rows),
         "sdxl": lambda: (build_tiny_sdxl_pipeline, {}, pickapic_rows),
         "sd3": lambda: (build_tiny_sd3_pipeline, {"beta": 100.0}, pickapic_rows),
-        "flux-kontext": lambda: flow_case("test_flux_kontext", rows=edit_rows),
-        "flux2-klein": lambda: flow_case("test_flux2", "CASES"),
-        "qwen-image": lambda: flow_case("test_qwen_image"),
-        "qwen-image-2.1": lambda: flow_case("test_qwen_image21"),
-        "qwen-image-edit": lambda: flow_case("test_qwen_image_edit", "EDIT_CASE", rows=edit_rows),
-        "z-image": lambda: flow_case("test_z_image"),
-        "wan": lambda: flow_case("test_wan", rows=video_rows),
-        "hunyuan-video-1.5": lambda: flow_case("test_hunyuan_video15", rows=video_rows),
+        "flux-kontext": lambda: flow_case(flux_kontext.CASE, rows=edit_rows),
+        "flux2-klein": lambda: flow_case(flux2.CASES["klein"]),
+        "qwen-image": lambda: flow_case(qwen_image.CASE),
+        "qwen-image-2.1": lambda: flow_case(qwen_image21.CASE),
+        "qwen-image-edit": lambda: flow_case(qwen_image_edit.EDIT_CASE, rows=edit_rows),
+        "z-image": lambda: flow_case(z_image.CASE),
+        "wan": lambda: flow_case(video.CASE, rows=video.video_rows),
+        "hunyuan-video-1.5": lambda: flow_case(hunyuan_video15.CASE, rows=video.video_rows),
     }
 
 

@@ -79,7 +79,12 @@ def quantized_pipeline(folder, denoiser_name: str, backend: str, dtype: torch.dt
     class_name = DiffusionPipeline.load_config(str(folder))[denoiser_name][1]
     denoiser = quantized_denoiser(getattr(__import__("diffusers"), class_name), folder, denoiser_name, backend,
                                   **dtype_keyword(dtype))  # fmt: skip
-    return DiffusionPipeline.from_pretrained(folder, **{denoiser_name: denoiser}, **dtype_keyword(dtype))
+    pipe = DiffusionPipeline.from_pretrained(folder, **{denoiser_name: denoiser}, **dtype_keyword(dtype))
+    # diffusers loads an optional component from the folder even when one is passed (WanPipeline's transformer)
+    if getattr(pipe, denoiser_name) is not denoiser:
+        pipe.register_modules(**{denoiser_name: denoiser})
+    assert getattr(pipe, denoiser_name) is denoiser
+    return pipe
 
 
 @dataclass

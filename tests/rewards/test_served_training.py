@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from tests.helpers.common import worker_environment
 from tests.helpers.online import lora_weights, make_trainer
 from tests.helpers.served_rewards import reward_server
 from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
@@ -132,7 +133,7 @@ def test_a_reward_failing_on_one_process_stops_every_process_at_the_same_step_wi
         "--mixed_precision", "no", "--main_process_port", str(port),
         str(root / "tests" / "rewards" / "reward_failure_worker.py"), str(tmp_path),
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_environment()
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     raised = [json.loads((tmp_path / f"raised-{rank}.json").read_text()) for rank in (0, 1)]
