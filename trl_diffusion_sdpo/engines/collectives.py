@@ -23,7 +23,7 @@ import torch
 from accelerate.utils import reduce
 from diffusers import DiffusionPipeline
 
-from ..families.loading import resolve_model_name
+from ..families.loading import import_own_components, resolve_model_name
 
 __all__ = ["all_reduce_mean_", "load_pipeline", "shard_like", "training_pipeline", "zero3_init_disabled", "zero_stage"]
 
@@ -65,8 +65,10 @@ def load_pipeline(pretrained: str | os.PathLike, **kwargs) -> DiffusionPipeline:
     VAE and text encoders must be whole on every process, and the UNet that trains is partitioned by DeepSpeed itself
     when training starts.
     """
+    pretrained = resolve_model_name(pretrained)
+    import_own_components(pretrained)
     with zero3_init_disabled():
-        return DiffusionPipeline.from_pretrained(resolve_model_name(pretrained), **kwargs)
+        return DiffusionPipeline.from_pretrained(pretrained, **kwargs)
 
 
 def training_pipeline(model: DiffusionPipeline | str | os.PathLike) -> tuple[DiffusionPipeline, str | None]:

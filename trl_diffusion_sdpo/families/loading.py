@@ -31,6 +31,23 @@ def resolve_model_name(name: str | os.PathLike) -> str | os.PathLike:
     return name
 
 
+def import_own_components(pretrained: str | os.PathLike) -> None:
+    """Import the package's own modules that a local pipeline folder's ``model_index.json`` names as the library of a
+    component (a tiny test pipeline's processor, ``trl_diffusion_sdpo.testing.qwen_image21``): diffusers loads a
+    component only from a module already imported. Only ``trl_diffusion_sdpo.*`` names are imported, never another
+    library a folder names (that would run code the folder chose)."""
+    import importlib
+    import json
+
+    index = Path(pretrained) / "model_index.json"
+    if not index.is_file():
+        return
+    own = __package__.split(".")[0] + "."
+    for entry in json.loads(index.read_text()).values():
+        if isinstance(entry, list) and entry and isinstance(entry[0], str) and entry[0].startswith(own):
+            importlib.import_module(entry[0])
+
+
 def dtype_keyword(dtype: Any) -> dict[str, Any]:
     """``{"dtype": dtype}`` for diffusers' ``from_pretrained`` where it takes ``dtype`` (it warns that ``torch_dtype``
     is deprecated), ``{"torch_dtype": dtype}`` on the older releases that take only that; ``{}`` for ``None``."""
