@@ -651,6 +651,60 @@ def tables(path: Path) -> str:
     return "\n".join(lines)
 
 
+DORMANT_START, DORMANT_END = "<!-- dormant-tables:start -->", "<!-- dormant-tables:end -->"
+
+
+def dormant_tables(path: Path) -> str:
+    """The Markdown the pages quote from the dormant safeguard's result file (:func:`assemble_dormant`): per cell at
+    the last evaluation step, each held-out measure's change against the base for Diffusion-DPO and the dormant
+    safeguard, and the dormant one's paired differences from Diffusion-DPO and the best fixed setting (95% t
+    intervals); when the alarm switched; the two halves and the rule's verdict."""
+    report = json.loads(path.read_text())
+    lines = []
+    for regime, cells in report["analysis"].items():
+        for cell, entry in cells.items():
+            mine = entry[DORMANT]
+            last = max(mine["steps"], key=int)
+            best = mine.get("best_fixed")
+            alarm = report["alarms"][regime][cell]
+            at = sorted({v for v in alarm["switched_at"].values() if v is not None})
+            lines += [
+                f"{regime}, lr {entry['learning_rate']:g}, beta {entry['beta']:g}, step {last}, "
+                f"{len(mine['seeds'])} seeds; switched in {alarm['switched']} of {alarm['runs']} runs"
+                + (f" (at step {', '.join(map(str, at))})" if at else "")
+                + f"; best fixed setting: {LABELS.get(best, best)}:",
+                "",
+                "| measure | Diffusion-DPO vs base | dormant vs base | dormant vs Diffusion-DPO "
+                "| dormant vs best fixed |",
+                "|---|---|---|---|---|",
+            ]
+            for measure in MEASURES:
+                row, dpo = mine["steps"][last][measure], entry["dpo"]["steps"][last][measure]
+                lines.append(
+                    f"| {measure} | {_ci(dpo['vs_base'])} | {_ci(row['vs_base'])} | {_ci(row.get('vs_dpo'))} | "
+                    f"{_ci(row.get('vs_best_fixed'))} |"
+                )
+            lines.append("")
+    for cell, verdict in report["goal_all_measures"].items():
+        item = verdict["settings"][DORMANT]
+        judged = ", ".join(
+            f"{m} " + ("met" if v["met"] else f"missed by {v['miss']:.3f}") for m, v in item["measures"].items()
+        )
+        others = [LABELS.get(m, m) for m, v in verdict["settings"].items() if m != DORMANT and v["met"]]
+        lines.append(
+            f"- {cell}: {item['half']}: {'meets' if item['met'] else 'misses'} ({judged}); fixed settings "
+            f"meeting it: {', '.join(others) or 'none'}"
+        )
+    rule = report["verdict"]
+    lines += [
+        "",
+        f"Both halves: {'met' if rule['meets_both'] else 'not met'}; fixed settings meeting both: "
+        f"{', '.join(rule['fixed_settings_meeting_both']) or 'none'}; becomes the default: "
+        f"{'yes' if rule['becomes_default'] else 'no'}.",
+    ]
+    return "\n".join(lines)
+
+
 def write_block(page: Path, start: str, end: str, text: str) -> None:
     """Rewrite what ``page`` holds between the ``start`` and ``end`` marker lines with ``text``."""
     body = page.read_text()
@@ -663,7 +717,7 @@ def write_block(page: Path, start: str, end: str, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("run", "assemble", "dormant", "figure", "tables"))
+    parser.add_argument("command", choices=("run", "assemble", "dormant", "figure", "tables", "dormant-tables"))
     parser.add_argument("--parts", default="/tmp/stability-guards-parts", type=Path)
     parser.add_argument(
         "--json", default=None, type=Path, help=f"Default: the --stored file; dormant: {DORMANT_OUTPUT}."
@@ -682,15 +736,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "dormant":
         return assemble_dormant(args.parts, args.stored, args.json or DORMANT_OUTPUT, args.rerun)
+    if args.command == "dormant-tables":
+        args.json = args.json or DORMANT_OUTPUT
     args.json = args.json or args.stored
     if args.command == "run":
         return run(args.parts, args.max_margin, args.sft_weight, args.regime, args.reuse)
-    if args.command == "tables":
-        text = tables(args.json)
+    if args.command in ("tables", "dormant-tables"):
+        dormant = args.command == "dormant-tables"
+        text = dormant_tables(args.json) if dormant else tables(args.json)
         if args.page is None:
             print(text)
             return 0
-        write_block(args.page, TABLES_START, TABLES_END, text)
+        write_block(args.page, *((DORMANT_START, DORMANT_END) if dormant else (TABLES_START, TABLES_END)), text)
         return 0
     if args.command == "figure":
         return figure(args.json, args.figure, args.cell)
