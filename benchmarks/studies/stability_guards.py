@@ -670,7 +670,8 @@ def dormant_tables(path: Path) -> str:
             at = sorted({v for v in alarm["switched_at"].values() if v is not None})
             lines += [
                 f"{regime}, lr {entry['learning_rate']:g}, beta {entry['beta']:g}, step {last}, "
-                f"{len(mine['seeds'])} seeds; switched in {alarm['switched']} of {alarm['runs']} runs"
+                f"{len(mine['seeds'])} seeds (Diffusion-DPO vs base: its {len(entry['dpo']['seeds'])}); "
+                f"switched in {alarm['switched']} of {alarm['runs']} runs"
                 + (f" (at step {', '.join(map(str, at))})" if at else "")
                 + f"; best fixed setting: {LABELS.get(best, best)}:",
                 "",
