@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if _run_key(seed, lr, beta, method) not in report["runs"]
     ]
     print(f"{len(todo)} runs to do, {len(report['runs'])} already in {path}", flush=True)
+    if not todo:  # nothing to train: the file stays as it is, and the base is not loaded for nothing
+        return 0
     with quiet_libraries(), tempfile.TemporaryDirectory(prefix="stability-latents-") as latent_cache_dir:
         base_recipe = DemoRecipe(
             batch_size=args.batch_size, max_steps=args.max_steps, eval_seeds_per_prompt=args.eval_seeds_per_prompt
