@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
-__all__ = ["StepOperations", "count_operations", "peak_allocated_bytes"]
+__all__ = ["HOST_READ_OPERATIONS", "StepOperations", "count_operations", "host_reads", "peak_allocated_bytes"]
 
 _BACKWARD = "autograd::engine::evaluate_function"
 
@@ -81,3 +81,26 @@ def peak_allocated_bytes(fn: Callable[[], object]) -> int:
         held += event.self_cpu_memory_usage
         peak = max(peak, held)
     return peak
+
+
+# Operations that copy a value to the host, or whose output's size depends on the values (which the host must read
+# before it can allocate the output): on an accelerator each makes the host wait for the device.
+HOST_READ_OPERATIONS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2")
+
+
+def host_reads(profile: torch.profiler.profile) -> int:
+    """How often ``profile`` read a tensor's values back to the host (:data:`HOST_READ_OPERATIONS`:
+    ``aten::_local_scalar_dense`` is under ``.item()``, ``float()``, ``bool()``, ``.tolist()``; ``nonzero`` under
+    boolean-mask indexing) outside ``Optimizer.step``. On an accelerator each is a host sync; the optimizer's are left
+    out because on a CPU the fused AdamW reads its step counter once per tensor, where its accelerator kernel reads
+    nothing back. A read nested in another (``masked_select`` calls ``nonzero``) counts once."""
+    count = 0
+    for event in profile.events():
+        if event.name not in HOST_READ_OPERATIONS:
+            continue
+        parent, nested = event.cpu_parent, False
+        while parent is not None and not parent.name.startswith("Optimizer.step"):
+            nested = nested or parent.name in HOST_READ_OPERATIONS
+            parent = parent.cpu_parent
+        count += parent is None and not nested
+    return count
