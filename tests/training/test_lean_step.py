@@ -21,7 +21,7 @@ from trl_diffusion_sdpo.objectives import ObjectiveOutput
 _HOST_READS = ["item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"]
 # The data pipeline reads CPU tensors (the sampler's shuffle, the collators' flip, crop and prompt dropout draws):
 # no device involved.
-_HOST_DATA_FILES = ("trl_diffusion_sdpo/data.py", "trl_diffusion_sdpo/latent_cache.py", "torch/utils/data/")
+_HOST_DATA_FILES = ("trl_diffusion_sdpo/data/", "torch/utils/data/")  # host-side data preparation
 
 
 class _HostReadRecorder(TrainerCallback):
