@@ -322,88 +322,9 @@ def goal(analysis: dict[str, Any], measure: str = "reward") -> dict[str, Any]:
     return out
 
 
-#: The goal's direction per held-out measure: +1 higher is better, -1 lower is better. The diversity has none (it
-#: rises as samples turn to noise and falls as they collapse to one image): reported, never judged.
-BETTER = {"reward": 1, "shape_iou": 1, "denoising_error": -1}
-
-
-def _worse(ci: list[float] | None, sign: int) -> float:
-    """How far a 95% interval ``ci`` lies on the worse side of 0 (``sign``: :data:`BETTER`'s): its nearer end's
-    distance from 0, or 0 when it includes 0 or lies on the better side (``nan`` without an interval)."""
-    if ci is None:
-        return float("nan")
-    return max(0.0, -sign * (ci[1] if sign > 0 else ci[0]))
-
-
-def goal_all_measures(analysis: dict[str, Any]) -> dict[str, Any]:
-    """The two halves on every judged held-out measure (:data:`BETTER`) at each cell's last evaluation step:
-
-    - a cell *breaks* when Diffusion-DPO's held-out reward change against the base has its 95% interval below 0;
-      there Diffusion-DPO's measure *falls* where its interval lies on the worse side of 0, and a setting *holds*
-      when, on every measure where Diffusion-DPO's falls, its own interval against the base includes 0 or lies on
-      the better side (``miss``: how far its interval's nearer end lies on the worse side);
-    - a cell is *healthy* otherwise; there a setting *costs nothing* when on every judged measure its paired
-      interval against Diffusion-DPO includes 0 or lies on the better side (``miss``: as above, of that interval).
-    """
-    out: dict[str, Any] = {}
-    for regime, cells in analysis.items():
-        for cell, entry in cells.items():
-            methods = {m: v for m, v in entry.items() if isinstance(v, dict) and "steps" in v}
-            if "dpo" not in methods or len(methods["dpo"]["seeds"]) < 2 or len(methods) < 2:
-                continue
-            last = max(methods["dpo"]["steps"], key=int)
-            at = {m: v["steps"][last] for m, v in methods.items() if last in v["steps"]}
-            dpo_ci = at["dpo"]["reward"]["vs_base"]["ci95"]
-            breaks = dpo_ci is not None and dpo_ci[1] < 0
-            falls = [m for m, sign in BETTER.items() if _worse(at["dpo"][m]["vs_base"]["ci95"], sign) > 0]
-            settings = {}
-            for method, row in at.items():
-                if method == "dpo":
-                    continue
-                judged = falls if breaks else list(BETTER)
-                against = "vs_base" if breaks else "vs_dpo"
-                measures = {}
-                for measure in judged:
-                    item = row[measure].get(against) or {}
-                    miss = _worse(item.get("ci95"), BETTER[measure])
-                    measures[measure] = {
-                        "against": against,
-                        "mean": item.get("mean"),
-                        "ci95": item.get("ci95"),
-                        "met": miss == 0.0,
-                        "miss": miss,
-                    }
-                settings[method] = {
-                    "half": "holds where Diffusion-DPO breaks"
-                    if breaks
-                    else "costs nothing where Diffusion-DPO is healthy",
-                    "met": all(v["met"] for v in measures.values()),
-                    "measures": measures,
-                }
-            out[f"{regime}/{cell}"] = {
-                "step": int(last),
-                "diffusion_dpo_breaks": breaks,
-                "dpo_falls_on": falls,
-                "settings": settings,
-            }
-    return out
-
-
-def both_halves(verdicts: dict[str, Any]) -> dict[str, Any]:
-    """Per setting, over the cells it ran in (:func:`goal_all_measures`): the cells of each half, those it meets, and
-    whether it meets both halves (it ran in at least one cell of each and met every one)."""
-    out: dict[str, Any] = {}
-    for cell, verdict in verdicts.items():
-        for method, item in verdict["settings"].items():
-            half = "breaks" if verdict["diffusion_dpo_breaks"] else "healthy"
-            mine = out.setdefault(method, {"breaks": {}, "healthy": {}})
-            mine[half][cell] = item["met"]
-    for mine in out.values():
-        mine["meets_both"] = all(mine[h] and all(mine[h].values()) for h in ("breaks", "healthy"))
-    return out
-
-
 def assemble(parts: Path, path: Path) -> int:
+    from stability_dormant import both_halves, goal_all_measures
+
     regimes = {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}
     analysis = analyse(regimes)
     report = {
@@ -420,109 +341,6 @@ def assemble(parts: Path, path: Path) -> int:
         "goal_all_measures": (verdicts := goal_all_measures(analysis)),
         "both_halves": both_halves(verdicts),
         "not_run": not_run(regimes),
-    }
-    path.write_text(json.dumps(report))
-    print(f"wrote {path}")
-    return 0
-
-
-DORMANT_OUTPUT = Path("benchmarks/results/cpu-stability-dormant-demo.json")
-DORMANT_NOT_RUN = [
-    "online: the online config refuses on_pathology='safeguard' (no safeguard setting held online), so it has no "
-    "online regime to run in",
-    "the search's cells (Diffusion-DPO alone, 100 steps): no setting to pair with there",
-]
-
-
-def rerun_differences(stored: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
-    """Per rerun run (a :mod:`stability_map` part) held in ``stored``'s regimes: the largest absolute difference of
-    each held-out measure over the evaluation steps, and of the reward change, from the stored run's."""
-    out: dict[str, Any] = {}
-    for key, run in rerun["runs"].items():
-        old = next((r["runs"][key] for r in stored["regimes"].values() if key in r["runs"]), None)
-        if old is None:
-            continue
-        diffs = {m: max(abs(run["measures"][s][m] - old["measures"][s][m]) for s in old["measures"]) for m in MEASURES}
-        diffs["reward_change"] = max(
-            abs(run["reward_change"][s] - old["reward_change"][s]) for s in old["reward_change"]
-        )
-        out[key] = {"max_abs_difference": diffs, "seconds": run["seconds"]}
-    return out
-
-
-def alarms(runs: dict[str, Any]) -> dict[str, Any]:
-    """Per cell: the dormant runs' steps of the first alarm and of the switch (``None``: never), and how many
-    switched."""
-    out: dict[str, Any] = {}
-    for run in sorted(runs.values(), key=lambda r: (_cell(r), r["seed"])):
-        cell = out.setdefault(_cell(run), {"runs": 0, "switched": 0, "switched_at": {}})
-        cell["runs"] += 1
-        step = run["alarm"]["switched_at"]
-        cell["switched"] += step is not None
-        cell["switched_at"][str(run["seed"])] = step
-    return out
-
-
-def verdict(halves: dict[str, Any], verdicts: dict[str, Any], method: str = DORMANT) -> dict[str, Any]:
-    """The rule for ``method``: it becomes the default where it meets both halves (:func:`both_halves`) and no fixed
-    setting does; otherwise, per cell of a half it misses, the measures it misses and by how much."""
-    fixed_both = sorted(m for m, v in halves.items() if m != method and v["meets_both"])
-    mine = halves.get(method, {"breaks": {}, "healthy": {}, "meets_both": False})
-    missed = {
-        cell: {
-            m: round(v["miss"], 4) for m, v in verdicts[cell]["settings"][method]["measures"].items() if not v["met"]
-        }
-        for half in ("breaks", "healthy")
-        for cell, met in mine[half].items()
-        if not met
-    }
-    return {
-        "meets_both": mine["meets_both"],
-        "fixed_settings_meeting_both": fixed_both,
-        "becomes_default": mine["meets_both"] and not fixed_both,
-        "meets": {h: all(mine[h].values()) if mine[h] else None for h in ("breaks", "healthy")},
-        "missed_by": missed,
-    }
-
-
-def assemble_dormant(parts: Path, stored_path: Path, path: Path, rerun: Path | None) -> int:
-    """The dormant safeguard's result file: its runs (from ``parts``), paired at the same seeds with the stored runs
-    of every other setting in ``stored_path`` (the runs are deterministic on one machine: ``rerun``, a part file of
-    stored runs trained again, records how close), with per cell the paired intervals against the base, Diffusion-DPO
-    and the best fixed setting, the two halves on every judged measure, and the rule's verdict."""
-    stored = json.loads(stored_path.read_text())
-    mine: dict[str, dict[str, Any]] = {}
-    for part in sorted(parts.glob("*.json")):
-        report = json.loads(part.read_text())
-        runs = {k: r for k, r in report["runs"].items() if r["method"] == DORMANT}
-        if runs:
-            new = report["invocations"][len(stored["regimes"][part.stem]["invocations"]) :]  # after --reuse
-            mine[part.stem] = {**{k: report[k] for k in ("grid", "base", "recipe")}, "invocations": new, "runs": runs}
-    merged = {
-        name: {**stored["regimes"][name], "runs": {**stored["regimes"][name]["runs"], **report["runs"]}}
-        for name, report in mine.items()
-    }
-    cells = {(name, _cell(r)) for name, report in mine.items() for r in report["runs"].values()}
-    analysis = {
-        name: {cell: entry for cell, entry in by_cell.items() if (name, cell) in cells}
-        for name, by_cell in analyse(merged).items()
-    }
-    verdicts = goal_all_measures(analysis)
-    halves = both_halves(verdicts)
-    report = {
-        "description": "The dormant safeguard (Diffusion-DPO with on_pathology='safeguard': the output-space "
-        "safeguard at mu=0.5 from the step after the pathology alarm fires) in the stability benchmark's regimes, "
-        "paired at the same seeds with the stored runs of Diffusion-DPO and every fixed setting.",
-        "paired_with": str(stored_path),
-        "measures": stored["measures"],
-        "reproducibility": rerun_differences(stored, json.loads(rerun.read_text())) if rerun else "not measured",
-        "regimes": mine,
-        "alarms": {name: alarms(report["runs"]) for name, report in mine.items()},
-        "analysis": analysis,
-        "goal_all_measures": verdicts,
-        "both_halves": halves,
-        "verdict": verdict(halves, verdicts),
-        "not_run": DORMANT_NOT_RUN,
     }
     path.write_text(json.dumps(report))
     print(f"wrote {path}")
@@ -651,61 +469,6 @@ def tables(path: Path) -> str:
     return "\n".join(lines)
 
 
-DORMANT_START, DORMANT_END = "<!-- dormant-tables:start -->", "<!-- dormant-tables:end -->"
-
-
-def dormant_tables(path: Path) -> str:
-    """The Markdown the pages quote from the dormant safeguard's result file (:func:`assemble_dormant`): per cell at
-    the last evaluation step, each held-out measure's change against the base for Diffusion-DPO and the dormant
-    safeguard, and the dormant one's paired differences from Diffusion-DPO and the best fixed setting (95% t
-    intervals); when the alarm switched; the two halves and the rule's verdict."""
-    report = json.loads(path.read_text())
-    lines = []
-    for regime, cells in report["analysis"].items():
-        for cell, entry in cells.items():
-            mine = entry[DORMANT]
-            last = max(mine["steps"], key=int)
-            best = mine.get("best_fixed")
-            alarm = report["alarms"][regime][cell]
-            at = sorted({v for v in alarm["switched_at"].values() if v is not None})
-            lines += [
-                f"{regime}, lr {entry['learning_rate']:g}, beta {entry['beta']:g}, step {last}, "
-                f"{len(mine['seeds'])} seeds (Diffusion-DPO vs base: its {len(entry['dpo']['seeds'])}); "
-                f"switched in {alarm['switched']} of {alarm['runs']} runs"
-                + (f" (at step {', '.join(map(str, at))})" if at else "")
-                + f"; best fixed setting: {LABELS.get(best, best)}:",
-                "",
-                "| measure | Diffusion-DPO vs base | dormant vs base | dormant vs Diffusion-DPO "
-                "| dormant vs best fixed |",
-                "|---|---|---|---|---|",
-            ]
-            for measure in MEASURES:
-                row, dpo = mine["steps"][last][measure], entry["dpo"]["steps"][last][measure]
-                lines.append(
-                    f"| {measure} | {_ci(dpo['vs_base'])} | {_ci(row['vs_base'])} | {_ci(row.get('vs_dpo'))} | "
-                    f"{_ci(row.get('vs_best_fixed'))} |"
-                )
-            lines.append("")
-    for cell, verdict in report["goal_all_measures"].items():
-        item = verdict["settings"][DORMANT]
-        judged = ", ".join(
-            f"{m} " + ("met" if v["met"] else f"missed by {v['miss']:.3f}") for m, v in item["measures"].items()
-        )
-        others = [LABELS.get(m, m) for m, v in verdict["settings"].items() if m != DORMANT and v["met"]]
-        lines.append(
-            f"- {cell}: {item['half']}: {'meets' if item['met'] else 'misses'} ({judged}); fixed settings "
-            f"meeting it: {', '.join(others) or 'none'}"
-        )
-    rule = report["verdict"]
-    lines += [
-        "",
-        f"Both halves: {'met' if rule['meets_both'] else 'not met'}; fixed settings meeting both: "
-        f"{', '.join(rule['fixed_settings_meeting_both']) or 'none'}; becomes the default: "
-        f"{'yes' if rule['becomes_default'] else 'no'}.",
-    ]
-    return "\n".join(lines)
-
-
 def write_block(page: Path, start: str, end: str, text: str) -> None:
     """Rewrite what ``page`` holds between the ``start`` and ``end`` marker lines with ``text``."""
     body = page.read_text()
@@ -721,7 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("run", "assemble", "dormant", "figure", "tables", "dormant-tables"))
     parser.add_argument("--parts", default="/tmp/stability-guards-parts", type=Path)
     parser.add_argument(
-        "--json", default=None, type=Path, help=f"Default: the --stored file; dormant: {DORMANT_OUTPUT}."
+        "--json",
+        default=None,
+        type=Path,
+        help="Default: the --stored file; dormant: its result file (stability_dormant.DORMANT_OUTPUT).",
     )
     parser.add_argument("--regime", default=None, help="Run only this regime.")
     parser.add_argument(
@@ -735,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-margin", type=float, default=GUARD_DEFAULTS["max_margin"])
     parser.add_argument("--sft-weight", type=float, default=GUARD_DEFAULTS["sft_weight"])
     args = parser.parse_args(argv)
+    from stability_dormant import DORMANT_END, DORMANT_OUTPUT, DORMANT_START, assemble_dormant, dormant_tables
+
     if args.command == "dormant":
         return assemble_dormant(args.parts, args.stored, args.json or DORMANT_OUTPUT, args.rerun)
     if args.command == "dormant-tables":

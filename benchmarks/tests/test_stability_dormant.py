@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "studies"))
 
+import stability_dormant as dormant  # noqa: E402
 import stability_guards as study  # noqa: E402
 
 REPRODUCED = 50  # the steps over which a rerun stays within float noise of the stored run (the offline grid's)
@@ -66,7 +67,7 @@ def breaking() -> dict:
 
 def test_holding_half_judged_on_each_measure_diffusion_dpo_loses() -> None:
     regimes = breaking()
-    verdicts = study.goal_all_measures(study.analyse(regimes))
+    verdicts = dormant.goal_all_measures(study.analyse(regimes))
     cell = verdicts["offline/lr0.0002-beta5000"]
     assert cell["diffusion_dpo_breaks"]
     assert set(cell["dpo_falls_on"]) == {"reward", "shape_iou", "denoising_error"}
@@ -91,7 +92,7 @@ def test_free_half_judged_against_diffusion_dpo_on_every_measure() -> None:
         },
         lr=2e-5,
     )
-    cell = study.goal_all_measures(study.analyse(regimes))["offline/lr2e-05-beta5000"]
+    cell = dormant.goal_all_measures(study.analyse(regimes))["offline/lr2e-05-beta5000"]
     assert not cell["diffusion_dpo_breaks"]
     assert cell["settings"][study.DORMANT]["met"]  # Diffusion-DPO's own runs cost nothing
     auto = cell["settings"]["guard-auto-mu"]["measures"]
@@ -123,12 +124,13 @@ def test_verdict_needs_both_halves_and_no_fixed_setting_meeting_them() -> None:
         "b": {"settings": {study.DORMANT: {"measures": {"reward": {"met": True, "miss": 0.0}}}}},
         "h": {"settings": {study.DORMANT: {"measures": {"shape_iou": {"met": False, "miss": 0.0123}}}}},
     }
-    assert study.verdict(halves(True, False), cells)["becomes_default"]
-    assert not study.verdict(halves(True, True), cells)["becomes_default"]
-    missed = study.verdict(halves(False, False), cells)
+    assert dormant.verdict(halves(True, False), cells)["becomes_default"]
+    assert not dormant.verdict(halves(True, True), cells)["becomes_default"]
+    missed = dormant.verdict(halves(False, False), cells)
     assert not missed["becomes_default"] and missed["meets"] == {"breaks": True, "healthy": False}
     assert missed["missed_by"] == {"h": {"shape_iou": 0.0123}}
-    assert study.both_halves(study.goal_all_measures(study.analyse(breaking())))[study.DORMANT]["meets_both"] is False
+    halves = dormant.both_halves(dormant.goal_all_measures(study.analyse(breaking())))
+    assert halves[study.DORMANT]["meets_both"] is False
 
 
 def test_reuse_fills_only_the_missing_parts(tmp_path: Path) -> None:
@@ -153,7 +155,7 @@ def test_alarm_steps_are_the_first_logs_with_each_flag() -> None:
 
 @pytest.fixture(scope="module")
 def written() -> dict:
-    return json.loads((ROOT / study.DORMANT_OUTPUT).read_text())
+    return json.loads((ROOT / dormant.DORMANT_OUTPUT).read_text())
 
 
 def test_dormant_runs_train_as_diffusion_dpo_until_the_switch(written: dict) -> None:
@@ -185,5 +187,5 @@ def test_dormant_runs_train_as_diffusion_dpo_until_the_switch(written: dict) -> 
 def test_the_research_page_quotes_the_result_file() -> None:
     """docs/research/stability.md's dormant block is :func:`dormant_tables` of the written result file."""
     page = (ROOT / "docs" / "research" / "stability.md").read_text()
-    block = page.split(study.DORMANT_START, 1)[1].split(study.DORMANT_END, 1)[0]
-    assert block.strip() == study.dormant_tables(ROOT / study.DORMANT_OUTPUT).strip()
+    block = page.split(dormant.DORMANT_START, 1)[1].split(dormant.DORMANT_END, 1)[0]
+    assert block.strip() == dormant.dormant_tables(ROOT / dormant.DORMANT_OUTPUT).strip()
