@@ -497,3 +497,32 @@ def test_conv_tap_routes_split_like_autograd(conv, groups, route, monkeypatch):
         expected = torch.autograd.grad(layer(base[rows]), params, grad[rows])
         for buffer, e in zip(buffers, expected):
             torch.testing.assert_close(buffer[k], e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize(
+    "make", [lambda: torch.nn.GroupNorm(8, 64), lambda: torch.nn.LayerNorm(64)], ids=["groupnorm", "layernorm"]
+)
+def test_norm_taps_compute_the_layers_own_output_bit_for_bit(make, layout):
+    """A tapped norm's forward in float32 gives exactly the untapped layer's output in every memory layout (a
+    channels-last GroupNorm sums in another order than an NCHW one): the reference, run untapped, then computes what
+    the one pass's policy computes, and a policy equal to it has u = 0 exactly."""
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    base = torch.randn(8, 64, 6, 6) * 3 + 1
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    if isinstance(layer, torch.nn.LayerNorm):
+        base = base.permute(0, 2, 3, 1)  # features last: channels-last storage reads as contiguous, NCHW as a view
+    if layout == "transposed":
+        base = base.transpose(2, 3) if isinstance(layer, torch.nn.GroupNorm) else base.transpose(1, 2)
+    with torch.no_grad():
+        expected = layer(base)
+    taps = LayerTaps(layer, list(layer.parameters()))
+    with taps.tapping(2, lambda i, g: None):
+        got = layer(base.detach().requires_grad_(True))
+    assert not taps.failures
+    assert torch.equal(got, expected)

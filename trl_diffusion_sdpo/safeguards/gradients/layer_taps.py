@@ -270,6 +270,15 @@ def _unfolded_weight_gradients(
     return into
 
 
+def _group_norm_layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout aten's group norm reads ``x`` in (its ``suggest_memory_format``): channels-last where ``x`` is dense
+    channels-last and not also NCHW-contiguous, else NCHW."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
 class _NormTap(torch.autograd.Function):
     """LayerNorm and GroupNorm through aten's native kernels: the input gradient as autograd computes it, the
     affine weights' per-group gradients ``sum g * x_hat`` and ``sum g`` from the saved mean and inverse std."""
@@ -278,8 +287,13 @@ class _NormTap(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
         ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
         module = layer.module
-        if not x.is_contiguous():  # aten's native norm kernels read a contiguous layout (channels-last UNets are not)
-            x = x.contiguous()
+        # aten's native norm kernels read a dense layout. GroupNorm's, as F.group_norm hands it over: a channels-last
+        # input (a UNet's first convolution's output on the CPU) stays channels-last, whose kernel sums in another
+        # order; made NCHW, the layer's output would move by rounding and a policy equal to its reference (full
+        # tuning at step 0) would not give u = 0 exactly.
+        memory_format = _group_norm_layout(x) if isinstance(module, nn.GroupNorm) else torch.contiguous_format
+        if not x.is_contiguous(memory_format=memory_format):
+            x = x.contiguous(memory_format=memory_format)
         if isinstance(module, nn.GroupNorm):
             n, c = x.shape[:2]
             hw = x.numel() // max(n * c, 1)
@@ -288,7 +302,8 @@ class _NormTap(torch.autograd.Function):
         else:
             ctx.shape = None
             out, mean, rstd = torch.native_layer_norm(x, module.normalized_shape, weight, bias, module.eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        # the backward kernels read NCHW (aten's group norm backward crashes on a channels-last input here)
+        ctx.save_for_backward(x.contiguous(), weight, bias, mean, rstd)
         return out
 
     @staticmethod
