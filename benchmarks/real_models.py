@@ -1,6 +1,6 @@
 """Real-size models the package ships no weights for, built from their published configs with random weights, for the
-GPU matrix (``speed/gpu_matrix.py``): FLUX.2 [klein] 4B (transformer, Qwen3-4B text encoder, VAE), and the weight-only
-int8 quantization of a denoiser that diffusers' ``TorchAoConfig`` / ``QuantoConfig`` apply while loading. The SD1.5
+GPU matrix (``speed/gpu_matrix.py``): FLUX.2 [klein] 4B (transformer, Qwen3-4B text encoder, VAE), and a denoiser's
+quantization through the package's own route (:func:`quantize_denoiser`: torchao, quanto, bitsandbytes). The SD1.5
 and SDXL configs are the harness's (``benchmarks/harness.py``, ``build_pipeline``)."""
 
 from __future__ import annotations
