@@ -240,20 +240,21 @@ class OptimizerUpdate:
                         rows,
                     )
                     w, h = run.winner, run.loser
-                    if clipping and sums is None:
-                        norms += [torch.dot(w, w), torch.dot(w, h), torch.dot(h, h)]
+                    # every sum over a run in float64 blocks (blocked_dot): a float32 dot over a partition of
+                    # millions of elements errs by 1e-4 where <g_w, h_l> nearly cancels, which moves the crossing
+                    if clipping and sums is None:  # [<w, w>, <w, h>] reading w once, then <h, h>
+                        norms += [blocked_dot(w, rows, dtype=self.sum_dtype), blocked_dot(h, h, dtype=self.sum_dtype)]
                     if self.adam:
                         segment.runs.append(run)
                         continue
-                    sgd["ww"].append(torch.dot(w, w))  # SGD: the four sums of its closed form
-                    sgd["wh"].append(torch.dot(w, h))
+                    products = blocked_dot(w, rows, dtype=self.sum_dtype)
+                    sgd["ww"].append(products[0])  # SGD: the four sums of its closed form
+                    sgd["wh"].append(products[1])
                     if run.param is not None:
-                        sgd["wp"].append(torch.dot(w, self._read("param", run)))
+                        sgd["wp"].append(blocked_dot(w, self._read("param", run), dtype=self.sum_dtype))
                     if run.first is not None:
-                        sgd["wb"].append(torch.dot(w, self._read("first", run)))
-                segment.sums = {
-                    name: torch.stack(values).to(self.sum_dtype).sum() for name, values in sgd.items() if values
-                }
+                        sgd["wb"].append(blocked_dot(w, self._read("first", run), dtype=self.sum_dtype))
+                segment.sums = {name: torch.stack(values).sum() for name, values in sgd.items() if values}
                 self.segments.append(segment)
             for group in self.optimizer.param_groups if self.decoupled else ():
                 if group["weight_decay"] != 0:
@@ -266,7 +267,7 @@ class OptimizerUpdate:
                         decays.append(flat.sum(dtype=self.sum_dtype) * (group["lr"] * group["weight_decay"]))
         if sums is None:
             zeros = torch.zeros(3, dtype=self.sum_dtype)
-            sums = torch.stack(norms).to(self.sum_dtype).view(-1, 3).sum(0) if norms else zeros
+            sums = torch.cat([n.reshape(-1) for n in norms]).view(-1, 3).sum(0) if norms else zeros
             sums = sums.to(device)
         self._largest = max((run.numel for segment in self.segments for run in segment.runs), default=0)
         self._work: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (run, lambdas) -> its workspace views
