@@ -438,7 +438,7 @@ class ParameterSpaceBackward:
         update = OptimizerUpdate(
             *self.collectives.update_inputs(optimizer, parameters, winner, loser),
             self.max_grad_norm,
-            unscale=1.0 / scale,  # the update is read in the optimizer's units; .grad stays in the backward's
+            unscale=scale.reciprocal() if torch.is_tensor(scale) else 1.0 / scale,  # the optimizer's units
             reduce_sum=self.collectives.update_sum_reduction(),
             workspace=self.workspace,
         )

@@ -59,6 +59,7 @@ class UpdateWorkspace:
         self._buffers: dict[str, torch.Tensor] = {}
         self._views: dict[tuple, list[torch.Tensor]] = {}
         self._holds: dict[str, tuple[int, int]] = {}  # buffer -> (generation, id of the run) it holds
+        self._work: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (run's elements, lambdas) -> its views
         self.generation = 0
 
     def flat(self, name: str, shapes: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, list]:
@@ -78,6 +79,14 @@ class UpdateWorkspace:
                 starts.append(starts[-1] + math.prod(shape))
             views = self._views[key] = [buffer[a:b].view(s) for a, b, s in zip(starts, starts[1:], shapes)]
         return self._views[(name, n)], views
+
+    def work_views(self, n: int, count: int, work: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The ``[count, n]`` views of the three rows of ``work`` (a pass's temporaries: gradient, numerator,
+        denominator) for a run of ``n`` elements, made once and kept while ``work`` is the same buffer."""
+        views = self._work.get((n, count))
+        if views is None or views[0].untyped_storage().data_ptr() != work.untyped_storage().data_ptr():
+            views = self._work[(n, count)] = tuple(work[k, : count * n].view(count, n) for k in range(3))
+        return views
 
     def read(self, name: str, run: Run, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """``tensors`` (one per weight of ``run``) copied into buffer ``name`` by one foreach call, unless it holds
@@ -101,11 +110,16 @@ def host_floats(values: Sequence) -> list[float]:
     return [next(read) if torch.is_tensor(v) else float(v) for v in values]
 
 
+_NUMPY = {torch.float32: numpy.float32, torch.float64: numpy.float64}
+
+
 def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor of host numbers on ``device``: built in numpy and wrapped, one conversion (no tensor of Python
     objects)."""
-    array = torch.from_numpy(numpy.asarray(values, dtype=numpy.float64))
-    return array.to(device=device, dtype=dtype)
+    numbers = numpy.asarray(values, dtype=numpy.float64)
+    if dtype in _NUMPY:  # rounded in numpy as torch would (to nearest): no conversion on the device
+        numbers = numbers.astype(_NUMPY[dtype])
+    return torch.from_numpy(numbers).to(device=device, dtype=dtype)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

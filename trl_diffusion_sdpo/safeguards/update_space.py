@@ -200,7 +200,6 @@ class OptimizerUpdate:
         device = winner[0].device if winner else torch.device("cpu")
         self.dtype = torch.promote_types(winner[0].dtype, torch.float32) if winner else torch.float32
         self.sum_dtype = _sum_dtype(device)
-        self.unscale = torch.as_tensor(unscale, dtype=self.sum_dtype, device=device)
         group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         states = [self.optimizer.state.get(p, {}) for p in parameters]
         steps = host_floats([state.get("step", 0.0) for state in states])
@@ -219,7 +218,9 @@ class OptimizerUpdate:
         chunk = CPU_CHUNK if device.type == "cpu" else DEVICE_CHUNK
         norms: list[torch.Tensor] = []  # per run <w, w>, <w, h>, <h, h> (the clip coefficient's sums)
         clipping = max_grad_norm > 0
-        sums = self._flat_norms(winner, loser) if clipping else None  # one blocked read where they are one buffer
+        # one blocked read where they are one buffer; the rows of the one pass's buffer, where they are, serve a run
+        # of all the weights as they are
+        sums, flat_rows = self._flat_norms(winner, loser) if clipping else (None, None)
         decays: list[torch.Tensor] = []  # AdamW: sum_groups lr wd <g_w, theta>, per run of a group's weights
         first_name, second_name = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer", None)
         with torch.no_grad():
@@ -229,7 +230,10 @@ class OptimizerUpdate:
                 sgd: dict[str, list[torch.Tensor]] = {name: [] for name in _SGD_SUMS}
                 for members in runs(by_key[key], sizes, chunk):
                     stated = hyper["has_state"]
-                    rows = branch_rows([winner[i] for i in members], [loser[i] for i in members], self.dtype)
+                    if flat_rows is not None and flat_rows.dtype == self.dtype and len(members) == len(winner):
+                        rows = flat_rows
+                    else:
+                        rows = branch_rows([winner[i] for i in members], [loser[i] for i in members], self.dtype)
                     run = Run(
                         rows[0],
                         rows[1],
@@ -270,15 +274,20 @@ class OptimizerUpdate:
             sums = torch.cat([n.reshape(-1) for n in norms]).view(-1, 3).sum(0) if norms else zeros
             sums = sums.to(device)
         self._largest = max((run.numel for segment in self.segments for run in segment.runs), default=0)
-        self._work: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (run, lambdas) -> its workspace views
-        decay = torch.stack(decays).sum() if decays else torch.zeros((), dtype=self.sum_dtype, device=device)
+        if len(decays) == 1:
+            decay = decays[0]
+        else:
+            decay = torch.stack(decays).sum() if decays else torch.zeros((), dtype=self.sum_dtype, device=device)
         if reduce_sum is not None:
             sums, decay = self._reduce_sums(reduce_sum, sums, decay)
         self.device = device
         # what every pass reads on the host, in one read: ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll
         # (optimizer units: times 1 / scale^2), the clip coefficient of any lambda; the decoupled weight decay's share
-        # of D, the same for every lambda; 1 / scale
-        ww, wl, ll, decay, u = torch.cat([sums.to(self.sum_dtype), torch.stack([decay, self.unscale])]).tolist()
+        # of D, the same for every lambda; 1 / scale (a tensor read with them, a number as it is)
+        read = [decay, unscale] if torch.is_tensor(unscale) else [decay]
+        values = torch.cat([sums, torch.stack(read).to(self.sum_dtype)]).tolist()
+        ww, wl, ll, decay = values[:4]
+        u = values[4] if torch.is_tensor(unscale) else float(unscale)
         self._host = [ww * u * u, wl * u * u, ll * u * u, decay * u, u]
 
     ww = property(lambda self: self._host_sum(0), doc="``<g_w, g_w>`` in the optimizer's units")
@@ -309,13 +318,16 @@ class OptimizerUpdate:
             segment.sums = dict(zip(_SGD_SUMS, packed[4 + 4 * k : 8 + 4 * k]))
         return packed[:3], packed[3]
 
-    def _flat_norms(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> torch.Tensor | None:
-        """``[<w, w>, <w, h>, <h, h>]`` (backward units) in two blocked reads where ``winner`` and ``loser`` (flat) are
-        each one flat buffer (the one pass hands the rows of ``[2, total]``), else None (then summed per run)."""
+    def _flat_norms(
+        self, winner: list[torch.Tensor], loser: list[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``([<w, w>, <w, h>, <h, h>], rows)`` (backward units) in two blocked reads where ``winner`` and ``loser``
+        (flat) are each one flat buffer, with ``rows`` their ``[2, total]`` view where they are the rows of one (the
+        one pass's buffer); ``(None, None)`` otherwise (then summed per run)."""
         flat_winner = one_view(winner) if winner else None
         flat_loser = one_view(loser) if loser else None
         if flat_winner is None or flat_loser is None or flat_winner.dtype != flat_loser.dtype:
-            return None
+            return None, None
         rows = stacked_rows(flat_winner, flat_loser)
         if rows is not None:  # <w, w> and <w, h> reading w once
             winner_sums = blocked_dot(flat_winner, rows, dtype=self.sum_dtype)
@@ -323,7 +335,8 @@ class OptimizerUpdate:
             winner_sums = torch.stack(
                 [blocked_dot(flat_winner, b, dtype=self.sum_dtype) for b in (flat_winner, flat_loser)]
             )
-        return torch.cat([winner_sums, blocked_dot(flat_loser, flat_loser, dtype=self.sum_dtype).reshape(1)])
+        loser_sum = blocked_dot(flat_loser, flat_loser.unsqueeze(0), dtype=self.sum_dtype)  # [<h, h>]
+        return torch.cat([winner_sums, loser_sum]), rows
 
     def _key(self, group: dict, state: dict, step: float) -> tuple:
         """The hyperparameters a weight's ``D(lambda)`` depends on beyond its own tensors (hashable)."""
@@ -418,7 +431,7 @@ class OptimizerUpdate:
         count = st.shape[0]
         shares = []
         for run in segment.runs:
-            grad, numerator, denominator = self._work_views(run, count, work)
+            grad, numerator, denominator = self.workspace.work_views(run.numel, count, work)
             torch.mm(st, run.rows, out=grad)
             if hyper["l2"] != 0:
                 grad.add_(self._read("param", run), alpha=hyper["l2"])
@@ -431,15 +444,6 @@ class OptimizerUpdate:
             shares.append(torch.mv(numerator.div_(denominator.add_(eps)), run.winner))
         factor = self._host[4] * hyper["lr"] * (1 - beta1) / (bc1 * kappa)
         return [(share, factor) for share in shares]
-
-    def _work_views(self, run: Run, count: int, work: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``run``'s ``[count, n]`` views of the pass's three workspace rows, made once per step."""
-        key = (id(run), count)
-        views = self._work.get(key)
-        if views is None or views[0].untyped_storage().data_ptr() != work.untyped_storage().data_ptr():
-            n = run.numel
-            views = self._work[key] = tuple(work[k, : count * n].view(count, n) for k in range(3))
-        return views
 
     def _sgd(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """SGD's share of ``D``: ``lr <g_w, alpha G' + beta b>`` with ``G' = s g_w + t h_l + wd theta``, ``b`` the
@@ -456,7 +460,7 @@ class OptimizerUpdate:
             alpha, beta = 1 - dampening, momentum
         zero = torch.zeros((), dtype=self.sum_dtype, device=s.device)
         gradient = s * sums.get("ww", zero) + t * sums.get("wh", zero) + hyper["l2"] * sums.get("wp", zero)
-        return self.unscale * hyper["lr"] * (alpha * gradient + beta * sums.get("wb", zero))
+        return self._host[4] * hyper["lr"] * (alpha * gradient + beta * sums.get("wb", zero))
 
 
 def update_space_lambda(

@@ -75,6 +75,9 @@ def blocked_dot(
     rows = b.view(1, -1) if b.dim() == 1 else b
     m = rows.shape[0]
     k = n // block
+    if not k:  # shorter than a block: one product, widened (what the general path adds to zeros)
+        total = (rows @ a).to(dtype)
+        return total if b.dim() > 1 else total[0]
     total = torch.zeros(m, dtype=dtype, device=a.device)
     if k:
         left = a[: k * block].view(k, 1, block)
