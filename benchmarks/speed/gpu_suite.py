@@ -137,22 +137,6 @@ def compare(reports: dict[str, dict[str, Any]], name: str, against: str = "encod
     return rows
 
 
-def estimates(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every measured cell's peak beside ``estimate-memory``'s total for its shape; the relative error on a GPU only
-    (on a CPU the peak is the process's resident set, libraries included)."""
-    rows = []
-    for section, report in reports.items():
-        for (model, key), cell in _cells(report).items():
-            if _measured(cell) and cell.get("estimate_bytes") is not None:
-                error = cell["estimate_bytes"] / cell["peak_memory_bytes"] - 1
-                rows.append({
-                    "section": section, "model": model, "cell": key, "peak_bytes": cell["peak_memory_bytes"],
-                    "estimate_bytes": cell["estimate_bytes"],
-                    "relative_error": error if report.get("device_type") == "cuda" else None,
-                })  # fmt: skip
-    return rows
-
-
 def suite(opts: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     start = time.time()
     deadline = start + opts.budget_s
@@ -179,7 +163,6 @@ def suite(opts: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "cache_against_encode": compare(reports, "cache"),
         "before_against_after": compare(reports, "before"),
         "rerun_against_first": compare(reports, "rerun"),
-        "estimates": estimates(reports),
         "cells_measured": cell_rows(reports),
         "wall_time_s": time.time() - start,
     }
@@ -259,9 +242,10 @@ def print_summary(result: dict[str, Any]) -> None:
             step = "-" if row["step_ratio"] is None else f"{row['step_ratio']:.3f}"
             print(f"  {cell}: {step} ({shown})")
     print("\nestimate-memory against the peak:")
-    for row in result["estimates"]:
-        error = "peak is the process's RSS" if row["relative_error"] is None else f"{row['relative_error']:+.1%}"
-        print(f"  {row['section']} {row['model']}/{row['cell']}: {error}")
+    for row in result["cells_measured"]:
+        error = row["estimate_relative_error"]
+        shown = "peak is the process's RSS" if error is None else f"{error:+.1%}"
+        print(f"  {row['run']} {row['model']}/{row['cell']}: {shown}")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
