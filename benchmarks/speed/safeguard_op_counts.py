@@ -42,9 +42,17 @@ BEFORE = {
     "trl_diffusion_sdpo/safeguards/update_space.py": ("trl_diffusion_sdpo.safeguards.update_space_before", {}),
     "trl_diffusion_sdpo/safeguards/parameter.py": (
         "trl_diffusion_sdpo.safeguards.parameter_before",
-        {"from .update_space import": "from .update_space_before import"},
+        {
+            "from .update_space import": "from .update_space_before import",
+            # where the package keeps it now
+            "from ..step.optimizer import trainable_parameters": "from ..engines.base import trainable_parameters",
+        },
     ),
 }
+
+
+# config fields an earlier checkout's safeguard modules read, at the values that keep them off
+OLD_FIELDS = {"safeguard_log_output_lambda": False}
 
 
 def load_before(commit: str) -> dict[str, object]:
@@ -97,6 +105,9 @@ def run(lora: bool, before: dict, rounds: int, workdir: str) -> dict:
             setattr(config, field, value)
         if name.endswith("before"):
             cls = old_parameter.UpdateSpace if space == "update" else old_parameter.ParameterSpace
+            for field, value in OLD_FIELDS.items():  # fields the earlier modules read that the config has dropped
+                if not hasattr(config, field):
+                    setattr(config, field, value)
             safeguard = cls(config, trainer.engine, lora=lora, trainable_elements=trainable)
             safeguard.backward_stage.collectives.one_pass_store_class = old_store
         else:
