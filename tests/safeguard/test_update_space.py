@@ -550,3 +550,33 @@ def test_dspo_sd15_loser_branch_is_negligible_so_both_spaces_leave_the_update_un
         diff = sum(float((((1 - lam) * h.double()) ** 2).sum()) for h in h_l) ** 0.5
         total = sum(float(((w.double() + h.double()) ** 2).sum()) for w, h in zip(g_w, h_l)) ** 0.5
         assert diff / total < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd-momentum"])
+def test_separate_partitions_give_the_sums_of_one_buffer(kind):
+    """Gradients handed as separate tensors (ZeRO's flat partitions, one per parameter group) give the clipping sums
+    (and SGD's) bit for bit as the same gradients in one ``[2, total]`` buffer (the one pass's): both are summed the
+    same way (float32 blocks added in float64). A float32 dot over a partition would round otherwise, and two
+    processes' partitions would then pick another clip coefficient, hence another ``lambda``, than one process's
+    buffer. The sums are those of the gradients (float64, within float32 blocks' rounding)."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = (400_000, 100_000)
+    total = sum(sizes)
+    buffer = torch.randn(2, total, generator=gen)
+    buffer[1] = -buffer[0] * (0.2 + torch.randn(total, generator=gen))  # <g_w, h_l> a fifth of its terms' size
+    views = [buffer[:, a : a + n] for a, n in zip((0, sizes[0]), sizes)]
+    sums = {}
+    for layout in ("buffer", "partitions"):
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+        if layout == "buffer":
+            g_w, h_l = [v[0] for v in views], [v[1] for v in views]
+        else:
+            g_w, h_l = [v[0].clone() for v in views], [v[1].clone() for v in views]
+        update = OptimizerUpdate(_optimizer(kind, params), params, g_w, h_l, max_grad_norm=1.0)
+        sums[layout] = [float(update.ww), float(update.wl), float(update.ll)]
+        if kind.startswith("sgd"):
+            sums[layout] += [float(v) for segment in update.segments for v in segment.sums.values()]
+    assert sums["partitions"] == sums["buffer"]
+    exact = buffer.double()
+    expected = [float(exact[0] @ exact[0]), float(exact[0] @ exact[1]), float(exact[1] @ exact[1])]
+    assert sums["buffer"][:3] == pytest.approx(expected, rel=1e-5)
