@@ -78,11 +78,9 @@ def blocked_dot(
     if not k:  # shorter than a block: one product, widened (what the general path adds to zeros)
         total = (rows @ a).to(dtype)
         return total if b.dim() > 1 else total[0]
-    total = torch.zeros(m, dtype=dtype, device=a.device)
-    if k:
-        left = a[: k * block].view(k, 1, block)
-        right = rows[:, : k * block].reshape(m, k, block).permute(1, 2, 0)  # [k, block, m]: a view, no copy
-        total = total + torch.bmm(left, right).to(dtype).sum((0, 1))
+    left = a[: k * block].view(k, 1, block)
+    right = rows[:, : k * block].reshape(m, k, block).permute(1, 2, 0)  # [k, block, m]: a view, no copy
+    total = torch.bmm(left, right).to(dtype).sum((0, 1))
     if n > k * block:
         total = total + (rows[:, k * block :] @ a[k * block :]).to(dtype)
     return total if b.dim() > 1 else total[0]
