@@ -198,6 +198,27 @@ def _by(runs: list[dict[str, Any]], rule: PathologyRule, logging_steps: int = LO
     return confusion([fires(r, rule, logging_steps) is not None for r in runs], [label(r) for r in runs])
 
 
+def last_logs_mean(run: dict[str, Any], signal: str, last: int = 2) -> float | None:
+    """``signal``'s mean over the run's last ``last`` logs (the calibrated rule's two windows); None without logs."""
+    entries = logs(run)[-last:]
+    return sum(e[signal] for e in entries) / len(entries) if entries else None
+
+
+def separation(runs: list[dict[str, Any]], signal: str) -> float | None:
+    """How well ``signal`` (:func:`last_logs_mean`) ranks the runs whose held-out reward fell above those where it
+    held: the probability that a fallen run's value exceeds a held one's, ties counting half (the area under the ROC
+    curve; 0.5 is no separation, below 0.5 a signal that falls with the reward). None without both kinds of run."""
+    fell, held = [], []
+    for run in runs:
+        value = last_logs_mean(run, signal)
+        if value is not None:
+            (fell if label(run) else held).append(value)
+    if not fell or not held:
+        return None
+    wins = sum((a > b) + 0.5 * (a == b) for a in fell for b in held)
+    return wins / (len(fell) * len(held))
+
+
 def _group(run: dict[str, Any]) -> str:
     lr = f"{run['learning_rate']:g}"
     beta = "" if run["beta"] in (None, 5000.0) else f", beta {run['beta']:g}"
@@ -223,6 +244,11 @@ def analyse(results: Path = RESULTS) -> dict[str, Any]:
         for guarded, word in ((False, "safeguard_off"), (True, "safeguard_on")):
             held_out = [r for r in halves["report"] if safeguarded(r) == guarded]
             matrices[name][f"report_runs_{word}"] = _by(held_out, rule)
+    # what each logged signal could tell, with and without a safeguard: where none separates, no rule on them can
+    separations = {
+        word: {signal: separation([r for r in runs if safeguarded(r) == guarded], signal) for signal in SIGNALS}
+        for guarded, word in ((False, "safeguard_off"), (True, "safeguard_on"))
+    }
     groups: dict[str, dict[str, Any]] = {}
     for run in runs:
         entry = groups.setdefault(_group(run), {"runs": 0, "fell": 0, "today_fired": 0, "calibrated_fired": 0})
@@ -245,6 +271,12 @@ def analyse(results: Path = RESULTS) -> dict[str, Any]:
         "package_rule_is_calibrated": asdict(RULE) == asdict(chosen),
         "chosen_on": on_choose,
         "confusion": matrices,
+        "separation": {
+            "what": "per logged signal, its mean over a run's last two logs ranking the runs whose held-out reward "
+            "fell above those where it held: the area under the ROC curve over all runs (0.5: none; below 0.5: the "
+            "signal falls with the reward)",
+            **separations,
+        },
         "groups": groups,
         "runs": [
             {
@@ -287,6 +319,12 @@ def tables(result: dict[str, Any]) -> str:
                 f"| {rules[rule]} | {names[which]} ({m['runs']}) | {m['fired_fell']} | {m['fired_held']} "
                 f"| {m['quiet_fell']} | {m['quiet_held']} | {_cell(m['precision'])} | {_cell(m['recall'])} |"
             )
+    separation = result["separation"]
+    lines += ["", "| signal (mean of the last two logs) | separates fell from held: safeguard off | safeguard on |",
+              "|---|---:|---:|"]  # fmt: skip
+    for signal in SIGNALS:
+        off, on = separation["safeguard_off"][signal], separation["safeguard_on"][signal]
+        lines.append(f"| `{signal}` | {_cell(off)} | {_cell(on)} |")
     lines += ["", "| runs | count | held-out reward fell | fired before calibration | fired, calibrated |",
               "|---|---:|---:|---:|---:|"]  # fmt: skip
     for group, g in sorted(

@@ -177,3 +177,20 @@ def test_the_dormant_safeguard_switches_to_the_setting_that_held_where_diffusion
     breaking = [cell for name, cell in goal.items() if name.startswith("offline/") and cell["diffusion_dpo_breaks"]]
     held = {m for cell in breaking for m, verdict in cell["settings"].items() if verdict["met"]}
     assert breaking and held == {f"sdpo-{SWITCH_TO['safeguard_space']}-mu{SWITCH_TO['safeguard_mu']:g}"}
+
+
+@pytest.mark.parametrize("word,guarded", [("safeguard_off", False), ("safeguard_on", True)])
+def test_each_signals_separation_is_its_mann_whitney_statistic(written, runs, word, guarded):
+    """The written separation of each signal against scipy's Mann-Whitney U over the same values (U / (n1 n2) is the
+    area under the ROC curve), the values taken here from the runs' histories, not by the script's helper."""
+    from scipy.stats import mannwhitneyu
+
+    for signal in study.SIGNALS:
+        fell, held = [], []
+        for run in (r for r in runs if study.safeguarded(r) == guarded):
+            last = study.logs(run)[-2:]
+            if last:
+                value = sum(e[signal] for e in last) / len(last)
+                (fell if run["reward_change"][max(run["reward_change"])] < -study.TOLERANCE else held).append(value)
+        expected = mannwhitneyu(fell, held).statistic / (len(fell) * len(held))
+        assert written["separation"][word][signal] == pytest.approx(expected, abs=1e-12), signal
