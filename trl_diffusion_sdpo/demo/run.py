@@ -384,7 +384,7 @@ def _run_demo(
                 tuned, history = train_preference(base, dataset, recipe, method, seed, latent_cache_dir)
                 train_seconds = time.perf_counter() - tick
                 tick = time.perf_counter()
-                images, rewards = _evaluate(tuned, held_out, recipe)
+                _, rewards = _evaluate(tuned, held_out, recipe)
                 eval_seconds = time.perf_counter() - tick
                 del tuned
                 histories[method.key][str(seed)] = history

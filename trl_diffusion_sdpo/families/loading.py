@@ -9,6 +9,8 @@ evaluation's generation) resolves the name here first; any other name or path pa
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 from pathlib import Path
 from types import MethodType
@@ -36,9 +38,6 @@ def import_own_components(pretrained: str | os.PathLike) -> None:
     component (a tiny test pipeline's processor, ``trl_diffusion_sdpo.testing.qwen_image21``): diffusers loads a
     component only from a module already imported. Only ``trl_diffusion_sdpo.*`` names are imported, never another
     library a folder names (that would run code the folder chose)."""
-    import importlib
-    import json
-
     index = Path(pretrained) / "model_index.json"
     if not index.is_file():
         return

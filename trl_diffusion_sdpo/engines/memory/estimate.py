@@ -18,13 +18,13 @@ the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for floa
 * reference: a frozen copy of the denoiser in ``d`` under full tuning (dP); none under LoRA (the base with the
   adapters off);
 * mixed-precision cast: autocast keeps a ``d`` copy of the trained weights for the step (dT, full tuning in bf16/fp16);
-* safeguard: the parameter- and update-space safeguards' one pass keeps the winners' and losers' gradients apart in
-  two gradient-sized float32 rows (the winner's becomes ``.grad`` on whole weights), allocated before the forward. A
+* safeguard: the parameter- and update-space safeguards' one pass keeps the winners' and losers' gradients apart in two
+  gradient-sized float32 rows (the winner's becomes ``.grad`` on whole weights), allocated before the forward. A
   Diffusion-DPO step holds no gradient while its activations peak (its ``.grad`` are freed at each step and return as
-  the backward frees activations), so where activations set the peak both rows add to Diffusion-DPO's (8T; measured
-  on an H200: SD1.5 +6.4 GiB, SDXL +19.0 GiB); under DeepSpeed ZeRO-1/2 the engine takes the combination, so both
-  rows, in ``d`` for bf16 (2dT); on FSDP2's and ZeRO-3's shards both rows in float32 (8T); the two-pass mode one more
-  float32 gradient (4T);
+  the backward frees activations), so where activations set the peak both rows add to Diffusion-DPO's (8T; measured on
+  an H200: SD1.5 +6.4 GiB, SDXL +19.0 GiB, ``benchmarks/results/cuda-h200-gpu-suite-real.json``); under DeepSpeed
+  ZeRO-1/2 the engine takes the combination, so both rows, in ``d`` for bf16 (2dT); on FSDP2's and ZeRO-3's shards both
+  rows in float32 (8T); the two-pass mode one more float32 gradient (4T);
 * frozen parts: the VAE and text encoders in ``d`` (the VAE in float32 where the family keeps it so); nothing on the
   device with a latent cache (they stay on the CPU) or ``offload_frozen_modules`` (one layer at a time, not counted);
 * activations: what the policy's forward keeps for its backward over the 2B rows of B pairs (below).
