@@ -93,9 +93,9 @@ def test_full_tuning_terms_follow_the_zero_accounting() -> None:
 
 
 def test_safeguard_one_pass_adds_both_rows_to_diffusion_dpos_activation_peak() -> None:
-    """DDP: both float32 rows (held through the forward, where Diffusion-DPO's peak holds no gradient:
-    tests/safeguard/test_one_pass_memory.py measures it); ZeRO-2 in bf16: both rows in bf16, sharded as its
-    gradients; FSDP2: both float32 rows of the shards."""
+    """A model of one piece: DDP, both float32 rows (taken whole when the backward starts, where Diffusion-DPO's peak
+    holds no gradient: tests/safeguard/test_one_pass_memory.py measures it); ZeRO-2 in bf16: both rows in bf16,
+    sharded as its gradients; FSDP2: both float32 rows of the shards."""
     p = sum(t.numel() for t in tiny_unet().parameters())
     sizes = model_sizes(TINY)
     assert estimate_memory(sizes, _full_shape(safeguard="one_pass")).components["safeguard"] == 8 * p
@@ -104,6 +104,25 @@ def test_safeguard_one_pass_adds_both_rows_to_diffusion_dpos_activation_peak() -
     fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2))
     assert fsdp2.components["safeguard"] == 8 * p // 2
     assert estimate_memory(sizes, _full_shape(safeguard="output")).components["safeguard"] == 0
+
+
+def test_safeguard_one_pass_in_pieces_adds_two_pieces_or_the_losers_row(monkeypatch) -> None:
+    """A model of four pieces (a large model's layout): two pieces' float32 rows at the activations' peak, or the
+    loser's row after the backward less the activations, whichever is larger; ZeRO-2 keeps both bf16 rows to the
+    optimizer step. FSDP2's shards are one piece, kept."""
+    from trl_diffusion_sdpo.safeguards.gradients import one_pass
+
+    p = sum(t.numel() for t in tiny_unet().parameters())
+    sizes = model_sizes(TINY)
+    monkeypatch.setattr(one_pass, "PIECE_ELEMENTS", -(-p // 4))
+    shape = _full_shape(safeguard="one_pass")
+    plain = estimate_memory(sizes, shape).components
+    assert plain["safeguard"] == max(2 * -(-4 * p // 4), 4 * p - plain["activations"])
+    assert plain["safeguard"] < 8 * p
+    zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2)).components
+    assert zero2["safeguard"] == max(2 * -(-p // 4), 2 * p - zero2["activations"])
+    fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2))
+    assert fsdp2.components["safeguard"] == 8 * p // 2
 
 
 def test_lora_trained_parameters_equal_peft_count() -> None:

@@ -47,9 +47,15 @@ def _loss(branches: Branches) -> torch.Tensor:
     return -torch.nn.functional.logsigmoid(loser.square().mean() - winner.square().mean())
 
 
-def _one_pass(model: torch.nn.Module, x: torch.Tensor, passes: str = "one") -> tuple[torch.Tensor, list]:
-    """``(lambda, [.grad])`` of one micro-batch through a fresh stage, from empty gradients."""
-    stage = ParameterSpaceBackward(PlainEngine(SimpleNamespace(num_processes=1)), 0.5, 1.0, False, passes=passes)
+def _stage(passes: str = "one") -> ParameterSpaceBackward:
+    return ParameterSpaceBackward(PlainEngine(SimpleNamespace(num_processes=1)), 0.5, 1.0, False, passes=passes)
+
+
+def _one_pass(
+    model: torch.nn.Module, x: torch.Tensor, passes: str = "one", stage: ParameterSpaceBackward | None = None
+) -> tuple[torch.Tensor, list]:
+    """``(lambda, [.grad])`` of one micro-batch through ``stage`` (a fresh one by default), from empty gradients."""
+    stage = stage if stage is not None else _stage(passes)
     for p in model.parameters():
         p.grad = None
 
@@ -70,15 +76,18 @@ def _dpo(model: torch.nn.Module, x: torch.Tensor) -> None:
     _loss(Branches(out[:PAIRS], out[PAIRS:])).backward()
 
 
-def _extra_bytes(dtype: torch.dtype, rows: int | None = None) -> tuple[int, int]:
+def _extra_bytes(dtype: torch.dtype, rows: int | None = None, steps: int = 1) -> tuple[int, int]:
     """``(one pass's peak - Diffusion-DPO's peak, a float32 gradient's bytes)`` on the same model and batch (of
-    ``rows`` rows: many rows make the activations, not the weights, set the peak)."""
+    ``rows`` rows: many rows make the activations, not the weights, set the peak); the one pass's peak is over
+    ``steps`` micro-batches through one stage (``.grad`` emptied before each, as ``zero_grad`` does), so what it keeps
+    from one to the next counts."""
     model = _model(dtype)
     x = _inputs(dtype) if rows is None else torch.randn(rows, WIDTH, generator=torch.Generator().manual_seed(2))
     dpo = peak_allocated_bytes(lambda: _dpo(model, x))
     for p in model.parameters():
         p.grad = None
-    one = peak_allocated_bytes(lambda: _one_pass(model, x))
+    stage = _stage()
+    one = peak_allocated_bytes(lambda: [_one_pass(model, x, stage=stage) for _ in range(steps)])
     return one - dpo, 4 * sum(p.numel() for p in model.parameters())
 
 
@@ -122,14 +131,43 @@ def test_a_second_gradient_sized_buffer_is_caught(plant, monkeypatch):
     assert extra > (buffers + SLACK) * float32_gradient, (extra, float32_gradient)
 
 
-def test_where_activations_set_the_peak_both_rows_add_to_diffusion_dpos(monkeypatch):
-    """Diffusion-DPO's step holds no gradient while its activations peak; the one pass's two rows exist from before
-    the forward, so with activations twice the gradient's size the pass adds both rows (what ``estimate-memory``
-    counts, and what SD1.5 and SDXL full tuning show on a GPU)."""
-    rows = 512  # activations (4 layers x rows x WIDTH float32) about twice a float32 gradient
-    monkeypatch.setattr(sys.modules[__name__], "PAIRS", rows // 2)
-    extra, float32_gradient = _extra_bytes(torch.float32, rows=rows)
-    assert extra >= (2 - SLACK) * float32_gradient, (extra, float32_gradient)
+ACTIVATION_ROWS = 512  # activations (4 layers x rows x WIDTH float32) about twice a float32 gradient
+LAYER = WIDTH * WIDTH + WIDTH  # one layer's weights: with pieces of this size, a piece per layer
+
+
+def _activation_extra(monkeypatch, piece: int) -> tuple[int, int]:
+    monkeypatch.setattr(sys.modules[__name__], "PAIRS", ACTIVATION_ROWS // 2)
+    monkeypatch.setattr(one_pass, "PIECE_ELEMENTS", piece)
+    return _extra_bytes(torch.float32, rows=ACTIVATION_ROWS, steps=2)
+
+
+def test_where_activations_set_the_peak_the_pass_adds_two_pieces_not_two_gradients(monkeypatch):
+    """Diffusion-DPO's step holds no gradient while its activations peak. The one pass gives its pieces' memory back
+    before the forward and takes each again when the backward reaches it, so at that peak it adds at most two pieces'
+    rows (here four pieces, one per layer: half a float32 gradient), at the second micro-batch of a stage as at the
+    first."""
+    extra, float32_gradient = _activation_extra(monkeypatch, LAYER)
+    assert extra <= (2 * 0.25 + SLACK) * float32_gradient, (extra, float32_gradient)
+
+
+def test_a_buffer_held_through_the_forward_is_caught(monkeypatch):
+    """One piece (a model under :data:`~.one_pass.PIECE_ELEMENTS`) is taken whole when the backward starts: both rows
+    add to the activations' peak, as the whole buffer did when it was held from before the forward. Planted with
+    pieces: the pieces taken before the forward, or their memory never given back between micro-batches."""
+    extra, float32_gradient = _activation_extra(monkeypatch, 1 << 26)
+    assert extra >= (1.5 - SLACK) * float32_gradient, (extra, float32_gradient)
+    prepare = one_pass.OnePassBranchGradients._prepare
+
+    def eager(self, groups):
+        prepare(self, groups)
+        for piece in range(len(self.pieces)):
+            self._take(piece)
+
+    for plant in (eager, lambda self, groups: None if self._spec else prepare(self, groups)):
+        monkeypatch.setattr(one_pass.OnePassBranchGradients, "_prepare", plant)
+        extra, float32_gradient = _activation_extra(monkeypatch, LAYER)
+        assert extra >= (1.5 - SLACK) * float32_gradient, (extra, float32_gradient)
+        monkeypatch.setattr(one_pass.OnePassBranchGradients, "_prepare", prepare)
 
 
 def test_lambda_and_the_gradient_stay_within_float32_noise_of_the_per_branch_passes():

@@ -263,13 +263,26 @@ def test_a_weight_used_outside_its_layer_falls_back_on_the_first_micro_batch(tmp
 
 
 def test_tapping_refuses_a_weight_with_neither_a_view_nor_a_sink():
-    """A weight whose gradient would have nowhere to go is refused when the block starts, before any forward is
-    replaced."""
+    """A weight whose gradient would have nowhere to go is refused: with neither a destination nor a sink when the
+    block starts, before any forward is replaced; where the destination offers no view, when the backward reaches
+    the weight (views are asked for then). Either way the forwards are restored."""
     layer = torch.nn.Linear(3, 3)
     taps = LayerTaps(layer, list(layer.parameters()))
     with pytest.raises(ValueError, match="Linear: a weight has no view"):
-        with taps.tapping(2, destination=lambda i: torch.zeros(2, 3, 3) if i == 0 else None):
+        with taps.tapping(2):
             pass
+    assert "forward" not in layer.__dict__
+    asked = []
+
+    def destination(i: int) -> torch.Tensor | None:
+        asked.append(i)
+        return torch.zeros(2, 3, 3) if i == 0 else None
+
+    with pytest.raises(ValueError, match="Linear: a weight has no view"):
+        with taps.tapping(2, destination=destination):
+            out = layer(torch.randn(4, 3))
+            assert asked == []  # nothing asked before the backward
+            out.sum().backward()
     assert "forward" not in layer.__dict__
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from trl_diffusion_sdpo.safeguards import safeguard_for
+from trl_diffusion_sdpo.safeguards.gradients import one_pass
 from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.testing.operations import StepOperations
 
@@ -68,6 +69,24 @@ def test_the_safeguards_add_a_fixed_number_of_operations_per_step(make_trainer, 
     for name in ("parameter", "update"):
         limit = LIMITS[name][lora]
         assert counts[name] <= (1 + limit) * counts["dpo"], (name, counts)
+
+
+# What a piece of the one pass's buffer adds outside the backward: its inner products and combination (about 18
+# operations); the update space's runs stop at the pieces (a run's reads and search passes, about 100).
+PER_PIECE = {"parameter": 25, "update": 120}
+
+
+def test_a_buffer_in_pieces_adds_a_fixed_number_of_operations_per_piece(make_trainer, monkeypatch):
+    """Full tuning with the one pass's buffer in one and in four pieces (a large model's layout, where the pieces bound
+    what the pass adds to the activations' peak): each piece adds a fixed number of operations, not one per weight."""
+    counts = {}
+    for pieces in (1, 4):
+        monkeypatch.setattr(one_pass, "PIECE_ELEMENTS", 1)  # as many pieces as MAX_PIECES allows
+        monkeypatch.setattr(one_pass, "MAX_PIECES", pieces)
+        counts[pieces] = operation_counts(make_trainer, False, ["parameter", "update"])
+    for name in ("parameter", "update"):
+        assert counts[4][name] - counts[1][name] <= 3 * PER_PIECE[name], (name, counts)
+        assert counts[4][name] > counts[1][name], (name, counts)  # the pieces are there: they cost something
 
 
 def test_a_per_tensor_loop_in_the_one_pass_is_caught(make_trainer):

@@ -433,7 +433,8 @@ def test_a_store_that_swaps_the_branches_is_caught(run, monkeypatch):
     combination = OnePassBranchGradients.combination
 
     def swapped(self, lam):
-        self._flat[[0, 1]] = self._flat[[1, 0]]  # planted: the loser's rows taken for the winner's
+        for piece in self.pieces:  # planted: the loser's rows taken for the winner's
+            piece[[0, 1]] = piece[[1, 0]]
         return combination(self, lam)
 
     monkeypatch.setattr(OnePassBranchGradients, "combination", swapped)

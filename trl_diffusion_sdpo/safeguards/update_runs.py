@@ -21,6 +21,7 @@ __all__ = [
     "Run",
     "UpdateWorkspace",
     "branch_rows",
+    "buffer_breaks",
     "host_floats",
     "host_tensor",
     "local",
@@ -171,12 +172,29 @@ def stacked_rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | No
     return first.as_strided((2, first.numel()), (offset, 1), first.storage_offset())
 
 
-def runs(indices: list[int], sizes: list[int], chunk: int) -> list[list[int]]:
-    """``indices`` cut into runs of consecutive weights of at most ``chunk`` elements (a larger one alone)."""
+def buffer_breaks(tensors: Sequence[torch.Tensor]) -> frozenset[int]:
+    """The indices where ``tensors`` pass from one shared buffer to another (the one pass's pieces): ``i`` where
+    ``tensors[i - 1]`` and ``tensors[i]`` are views of different storages, each holding more than that view. A run
+    that does not cross them is a view of its buffer, not a copy. Tensors of their own (a storage each) give none.
+    Reads addresses only (no tensor operation)."""
+    breaks, previous, shared = set(), None, False
+    for i, t in enumerate(tensors):
+        storage = t.untyped_storage()
+        address = storage.data_ptr()
+        own = storage.nbytes() > t.numel() * t.element_size()
+        if i and own and shared and address != previous:
+            breaks.add(i)
+        previous, shared = address, own
+    return frozenset(breaks)
+
+
+def runs(indices: list[int], sizes: list[int], chunk: int, breaks: frozenset[int] = frozenset()) -> list[list[int]]:
+    """``indices`` cut into runs of consecutive weights of at most ``chunk`` elements (a larger one alone), a new
+    run starting at each of ``breaks`` (:func:`buffer_breaks`)."""
     runs: list[list[int]] = []
     total = 0
     for i in indices:
-        if runs and total + sizes[i] <= chunk:
+        if runs and total + sizes[i] <= chunk and i not in breaks:
             runs[-1].append(i)
             total += sizes[i]
         else:

@@ -78,6 +78,7 @@ from .update_runs import (
     Run,
     UpdateWorkspace,
     branch_rows,
+    buffer_breaks,
     host_floats,
     host_tensor,
     local,
@@ -221,6 +222,7 @@ class OptimizerUpdate:
         # one blocked read where they are one buffer; the rows of the one pass's buffer, where they are, serve a run
         # of all the weights as they are
         sums, flat_rows = self._flat_norms(winner, loser) if clipping else (None, None)
+        breaks = buffer_breaks(winner) if flat_rows is None else frozenset()  # runs stay inside the pieces
         decays: list[torch.Tensor] = []  # AdamW: sum_groups lr wd <g_w, theta>, per run of a group's weights
         first_name, second_name = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer", None)
         with torch.no_grad():
@@ -228,7 +230,7 @@ class OptimizerUpdate:
                 hyper = dict(key)
                 segment = _Segment(hyper, [], {})
                 sgd: dict[str, list[torch.Tensor]] = {name: [] for name in _SGD_SUMS}
-                for members in runs(by_key[key], sizes, chunk):
+                for members in runs(by_key[key], sizes, chunk, breaks):
                     stated = hyper["has_state"]
                     if flat_rows is not None and flat_rows.dtype == self.dtype and len(members) == len(winner):
                         rows = flat_rows

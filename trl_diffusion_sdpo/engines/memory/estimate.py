@@ -19,12 +19,16 @@ the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for floa
   adapters off);
 * mixed-precision cast: autocast keeps a ``d`` copy of the trained weights for the step (dT, full tuning in bf16/fp16);
 * safeguard: the parameter- and update-space safeguards' one pass keeps the winners' and losers' gradients apart in two
-  gradient-sized float32 rows (the winner's becomes ``.grad`` on whole weights), allocated before the forward. A
-  Diffusion-DPO step holds no gradient while its activations peak (its ``.grad`` are freed at each step and return as
-  the backward frees activations), so where activations set the peak both rows add to Diffusion-DPO's (8T; measured on
-  an H200: SD1.5 +6.4 GiB, SDXL +19.0 GiB, ``benchmarks/results/cuda-h200-gpu-suite-real.json``); under DeepSpeed
-  ZeRO-1/2 the engine takes the combination, so both rows, in ``d`` for bf16 (2dT); on FSDP2's and ZeRO-3's shards both
-  rows in float32 (8T); the two-pass mode one more float32 gradient (4T);
+  gradient-sized rows (float32; the winner's becomes ``.grad`` on whole weights), held in ``k`` pieces
+  (``safeguards/gradients/one_pass.py``: ``PIECE_ELEMENTS`` weights each, at most ``MAX_PIECES``) whose memory the
+  backward takes as it reaches them. A Diffusion-DPO step holds no gradient while its activations peak (its
+  ``.grad`` return as the backward frees activations), so the pass adds two pieces' rows there (``8T / k``), or after
+  the backward, where the activations are gone, the loser's row (4T) less the activations, whichever is larger. Rows
+  held whole through the forward add 8T (measured on an H200: SD1.5 +6.4 GiB, SDXL +19.0 GiB,
+  ``benchmarks/results/cuda-h200-gpu-suite-real.json``).
+  Under DeepSpeed ZeRO-1/2 the engine takes the combination, so both rows stay to the optimizer step, in ``d`` for
+  bf16 (2dT); on FSDP2's and ZeRO-3's shards both rows in float32 (8T), held across steps; the two-pass mode one more
+  float32 gradient (4T);
 * frozen parts: the VAE and text encoders in ``d`` (the VAE in float32 where the family keeps it so); nothing on the
   device with a latent cache (they stay on the CPU) or ``offload_frozen_modules`` (one layer at a time, not counted);
 * activations: what the policy's forward keeps for its backward over the 2B rows of B pairs (below).
@@ -519,6 +523,17 @@ def _optimizer_bytes(optim: str, denoiser: torch.nn.Module, trained: int, lora: 
     return OPTIMIZER_BYTES["adamw"] * trained
 
 
+def _one_pass_bytes(trained: int, row: int, activations: int, rows_after: int) -> int:
+    """What the one pass's buffer (two rows of ``row`` bytes over ``trained`` weights, in pieces:
+    safeguards/gradients/one_pass.py) adds to the sum of the other terms: two pieces' rows at the activations' peak
+    (the backward takes a piece's memory when it reaches it), or ``rows_after`` rows after the backward, where the
+    activations are gone, whichever is larger."""
+    from ...safeguards.gradients.one_pass import MAX_PIECES, PIECE_ELEMENTS
+
+    pieces = max(1, min(MAX_PIECES, -(-trained // PIECE_ELEMENTS)))
+    return max(2 * -(-row // pieces), rows_after * row - activations)
+
+
 def estimate_memory(sizes: ModelSizes, shape: RunShape) -> MemoryEstimate:
     """The per-process peak of a training step of ``sizes``'s model run as ``shape`` says, term by term (the module
     docstring's formulas)."""
@@ -556,19 +571,17 @@ def estimate_memory(sizes: ModelSizes, shape: RunShape) -> MemoryEstimate:
     reference = 0 if lora else d * params // shard_weights
     cast = d * trained // shard_weights if (not lora and d == 2 and not deepspeed) else 0
     optimizer = _optimizer_bytes(shape.optim, denoiser, trained, lora) // shard_states
-    # the one pass's two rows (safeguards/gradients/one_pass.py, buffer_dtype), both held through the forward, where
-    # Diffusion-DPO's peak holds no gradient
-    if not deepspeed and stage == 0:
-        one_pass = 8 * trained
-    elif deepspeed and stage < 3:
-        one_pass = 2 * d * trained // shard_grads
-    else:
+    activations, how = activation_bytes(sizes, shape)
+    if not deepspeed and stage == 0:  # float32 rows; the winner's is .grad (counted above) at the optimizer step
+        one_pass = _one_pass_bytes(trained, 4 * trained, activations, rows_after=1)
+    elif deepspeed and stage < 3:  # rows in d; the engine takes the combination: both rows kept to the step
+        one_pass = _one_pass_bytes(trained, d * trained // shard_grads, activations, rows_after=2)
+    else:  # the shards' float32 rows, one piece kept across steps
         one_pass = 8 * trained // shard_grads
     safeguard = {"one_pass": one_pass, "two_pass": 4 * trained // shard_grads}.get(shape.safeguard, 0)
     frozen = 0
     if not (shape.latent_cache or shape.offload_frozen):
         frozen = sum((4 if name == "vae" and sizes.vae_fp32 else d) * count for name, count in sizes.frozen.items())
-    activations, how = activation_bytes(sizes, shape)
     return MemoryEstimate(
         components={
             "weights": weights,

@@ -12,27 +12,33 @@ rows; this store keeps the groups apart until ``lambda`` is known, then writes `
 
 Memory: one gradient-sized buffer beyond ``.grad``. The buffer's winner row becomes ``.grad`` (each weight's
 ``.grad`` a view of it, handed over where ``.grad`` is empty), so what the pass adds to a Diffusion-DPO step is the
-loser's row; it is reused every micro-batch. The rows are in the weights' dtype where the weights are bfloat16 (the
-inner products are still accumulated in float32 and float64), else float32 (or wider). With gradient accumulation
-``A`` holds the first micro-batch's buffer (its winner row) and later micro-batches fill a second one.
+loser's row. The rows are in the weights' dtype where the weights are bfloat16 (the inner products are still
+accumulated in float32 and float64), else float32 (or wider). The buffer is held in up to :data:`MAX_PIECES` pieces
+of consecutive weights (about :data:`PIECE_ELEMENTS` each); a piece's memory is given back before each forward and
+taken again when the backward first reaches one of its weights, as Diffusion-DPO's ``.grad`` come back as its
+backward frees activations. So where activations set the peak (at the start of the backward) the pass adds about two
+pieces' rows to it, not two gradients. The pieces, and each weight's views of them, are kept across steps: giving a
+piece's memory back and taking it again resizes its storage and makes no new tensor. With gradient accumulation ``A``
+holds the first micro-batch's pieces (their winner rows) and later micro-batches fill new ones.
 By pair: ``2B`` gradients of the trainable weights (LoRA, or full tuning up to a cap; see
 :func:`~trl_diffusion_sdpo.safeguards.parameter.check_pair_scope_memory`).
 
-Every step's work after the backward is a fixed number of operations whatever the number of weights: the inner
-products, the combination and the reductions run on the buffer's rows, and the per-weight views of those rows are
-made once (when the buffer is allocated), not per micro-batch.
+Every step's work after the backward is a fixed number of operations whatever the number of weights (a few per
+piece): the inner products, the combination and the reductions run on the pieces' rows, and the per-weight views of
+those rows are made once (when a piece is first allocated), not per micro-batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from .layer_taps import LayerTaps
 
-__all__ = ["OnePassBranchGradients", "blocked_dot", "buffer_dtype"]
+__all__ = ["MAX_PIECES", "PIECE_ELEMENTS", "OnePassBranchGradients", "blocked_dot", "buffer_dtype", "piece_bounds"]
 
 Reduction = Callable[[list[torch.Tensor]], None]
 
@@ -40,6 +46,28 @@ Reduction = Callable[[list[torch.Tensor]], None]
 LONG_ROWS = 2**31 - 1
 # blocked_dot reads lower-precision rows (bfloat16) in pieces of this many elements, each converted to float32
 WIDENED_PIECE = 1 << 20
+# The buffer's pieces: about this many weights each (256 MiB of a float32 row), at most MAX_PIECES of them (each
+# costs a few operations a step). SD1.5's UNet (860M weights) takes 13 pieces: where activations set the peak the
+# pass adds two pieces' rows (about 0.5 GiB) to it; SDXL's (2.6B) 16 pieces, about 1.3 GiB.
+PIECE_ELEMENTS = 1 << 26
+MAX_PIECES = 16
+
+
+def piece_bounds(sizes: Sequence[int], piece: int | None = None, most: int | None = None) -> list[int]:
+    """Where the buffer's pieces start and end, as indices into ``sizes`` (the weights' element counts, in order):
+    ``[0, ..., len(sizes)]``, cutting consecutive weights into about ``ceil(total / piece)`` pieces of similar size
+    (at most ``most``; a weight is never cut). Defaults: :data:`PIECE_ELEMENTS` and :data:`MAX_PIECES`."""
+    piece = PIECE_ELEMENTS if piece is None else piece
+    most = MAX_PIECES if most is None else most
+    total = sum(sizes)
+    count = max(1, min(most, -(-total // max(piece, 1)), len(sizes)))
+    bounds, filled = [0], 0
+    for i, size in enumerate(sizes[:-1]):
+        filled += size
+        if len(bounds) < count and filled >= total * len(bounds) / count:
+            bounds.append(i + 1)
+    bounds.append(len(sizes))
+    return bounds
 
 
 def buffer_dtype(parameter: torch.Tensor) -> torch.dtype:
@@ -105,21 +133,41 @@ class OnePassBranchGradients:
     Use once per micro-batch: :meth:`split` around the forward and the backward, then, by branch,
     :meth:`branch_sums` and :meth:`combine` (the update space: :meth:`branch_gradients`, reduced in place, then
     :meth:`combine`), by pair :meth:`pair_sums`, :meth:`pair_combination` and :meth:`assign` (or the engine's
-    collectives). The groups live in one flat buffer (float32 or wider) ``[groups, total]`` (each weight a view of
-    its columns), so the inner products, the combination and a reduction over processes are one call each, whatever
-    the number of weights.
+    collectives). The groups live in a flat buffer (float32 or wider) ``[groups, total]`` held in pieces of
+    consecutive weights (each weight a view of its piece's columns; see the module docstring), so the inner products,
+    the combination and a reduction over processes are a few calls per piece, whatever the number of weights.
     """
 
     def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
         self.parameters = list(parameters)
         self.taps = LayerTaps(module, self.parameters)
-        self._sizes = [p.numel() for p in self.parameters]
-        self._flat: torch.Tensor | None = None  # [groups, total]
-        self._views: list[torch.Tensor] = []  # per weight: [groups, *shape] views of _flat
-        self._rows: dict[int, list[torch.Tensor]] = {}  # row -> per weight: [*shape] views of that row (made once)
+        self._set_layout([tuple(p.shape) for p in self.parameters])
         self._seen: list[bool] = []
         # a weight whose .grad is a view of the buffer, and that view's address (see _prepare)
         self._handed: tuple[torch.nn.Parameter, int] | None = None
+
+    def _set_layout(self, shapes: Sequence[tuple[int, ...]], bounds: list[int] | None = None) -> None:
+        """The buffer's columns: each weight's ``shapes`` (in order), cut into pieces at ``bounds``
+        (:func:`piece_bounds` by default); no piece allocated yet."""
+        self._shapes = [tuple(shape) for shape in shapes]
+        self._sizes = [math.prod(shape) for shape in self._shapes]
+        self._bounds = piece_bounds(self._sizes) if bounds is None else bounds
+        self._piece_of = [k for k in range(len(self._bounds) - 1) for _ in range(self._bounds[k], self._bounds[k + 1])]
+        self._spec: tuple | None = None  # (groups, dtype, device) of the pieces
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop the pieces (a ``.grad`` that is a view of one keeps it alive) and every view of them."""
+        count = len(self._bounds) - 1
+        self._pieces: list[torch.Tensor | None] = [None] * count  # per piece: [groups, its weights' total]
+        self._live = [False] * count  # per piece: whether its storage holds memory
+        self._views: list[torch.Tensor | None] = [None] * len(self._sizes)  # per weight: [groups, *shape]
+        self._rows: dict[int, list[torch.Tensor]] = {}  # row -> per weight: [*shape] views of that row (made once)
+
+    @property
+    def pieces(self) -> list[torch.Tensor]:
+        """The buffer's pieces, ``[groups, elements]`` each (after :meth:`split`)."""
+        return self._pieces
 
     @property
     def uncovered(self) -> list[str]:
@@ -135,37 +183,60 @@ class OnePassBranchGradients:
     def split(self, groups: int) -> Iterator[None]:
         """Run the micro-batch's forward and backward inside: ``groups`` 2 (by branch) or ``2B`` (by image)."""
         self._prepare(groups)
-        with self.taps.tapping(groups, destination=self._views.__getitem__):
+        with self.taps.tapping(groups, destination=self._destination):
             yield
         written = set(self.taps.written())
         self._seen = [i in written for i in range(len(self.parameters))]
+        for piece in range(len(self._pieces)):
+            self._take(piece)  # a piece no gradient reached (its weights are zeroed below)
         for view, seen in zip(self._views, self._seen):
             if not seen:  # no gradient reached this weight in this pass
                 view.zero_()
 
     def _prepare(self, groups: int) -> None:
-        """The flat buffer for ``groups``: reused, unless its size changed or a view of it is still some weight's
-        ``.grad`` (handed over by :meth:`assign` and kept by gradient accumulation)."""
-        flat, handed = self._flat, self._handed
+        """Before the forward: the pieces' memory given back (their tensors and views kept), unless their layout
+        changed or a view of them is still some weight's ``.grad`` (handed over by :meth:`assign` and kept by
+        gradient accumulation): then fresh pieces, made as the backward reaches them."""
+        first = self.parameters[0]
+        spec = (groups, buffer_dtype(first), first.device)
+        handed = self._handed
         handed_over = handed is not None and handed[0].grad is not None and handed[0].grad.data_ptr() == handed[1]
-        if flat is None or flat.shape[0] != groups or handed_over:
-            first = self.parameters[0]
-            self._allocate(groups, [p.shape for p in self.parameters], first.device)
+        if spec != self._spec or handed_over:
+            self._spec = spec
+            self._forget()
+            return
+        for piece, tensor in enumerate(self._pieces):
+            if self._live[piece]:
+                tensor.untyped_storage().resize_(0)
+                self._live[piece] = False
 
-    def _allocate(
-        self, groups: int, shapes: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype | None = None
-    ) -> None:
-        """A fresh buffer ``[groups, total]`` (``dtype``, :func:`buffer_dtype` by default) and each weight's
-        ``[groups, *shape]`` view of it (``shapes``)."""
-        dtype = dtype or buffer_dtype(self.parameters[0])
-        self._flat = torch.empty((groups, sum(self._sizes)), dtype=dtype, device=device)
-        self._views = [
-            chunk.view(groups, *shape) for chunk, shape in zip(self._flat.split(self._sizes, dim=1), shapes)
-        ]
-        self._rows = {}
+    def _destination(self, index: int) -> torch.Tensor:
+        """Weight ``index``'s ``[groups, *shape]`` view, its piece's memory taken first (the backward reached it)."""
+        self._take(self._piece_of[index])
+        return self._views[index]
+
+    def _take(self, piece: int) -> None:
+        """Give ``piece`` its memory: a new tensor and its weights' views the first time, else its storage resized
+        back (the same tensor, the same views)."""
+        if self._live[piece]:
+            return
+        tensor = self._pieces[piece]
+        if tensor is None:
+            groups, dtype, device = self._spec
+            start, end = self._bounds[piece], self._bounds[piece + 1]
+            tensor = self._pieces[piece] = torch.empty(
+                (groups, sum(self._sizes[start:end])), dtype=dtype, device=device
+            )
+            chunks = tensor.split(self._sizes[start:end], dim=1)
+            for i, chunk in zip(range(start, end), chunks):
+                self._views[i] = chunk.view(groups, *self._shapes[i])
+            self._rows = {}
+        else:
+            tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
+        self._live[piece] = True
 
     def row_views(self, row: int) -> list[torch.Tensor]:
-        """Per weight, its ``[*shape]`` view of the buffer's ``row``: made once per buffer, then the same tensors."""
+        """Per weight, its ``[*shape]`` view of the buffer's ``row``: made once per piece, then the same tensors."""
         views = self._rows.get(row)
         if views is None:
             views = self._rows[row] = [v[row] for v in self._views]
@@ -189,10 +260,9 @@ class OnePassBranchGradients:
     def branch_sums(self, reduce_winner: Reduction | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(<g_w, g_w>, <g_w, h_l>)`` in float32; ``reduce_winner`` (the global scope) first averages the buffered
         ``g_w`` over processes, in place."""
-        winner = self._flat[0]
         if reduce_winner is not None:
-            reduce_winner([winner])
-        both = blocked_dot(winner, self._flat)  # one read of each half: [<g_w, g_w>, <g_w, h_l>]
+            reduce_winner([piece[0] for piece in self._pieces])
+        both = _total([blocked_dot(piece[0], piece) for piece in self._pieces])  # reading each row once
         return both[0], both[1]
 
     def branch_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -203,8 +273,9 @@ class OnePassBranchGradients:
         """``g_w + lambda * h_l`` per weight, with ``g_w`` as buffered (averaged over processes in the global scope:
         the engine's final average then gives the same mean), formed in place in the buffer's winner half (views of
         it). :meth:`assign` adds it to ``.grad``; an engine that owns the gradients takes it itself."""
-        winner, loser = self._flat[0], self._flat[1]
-        winner.addcmul_(loser, lam.detach().to(loser))  # one fused pass; lambda stays on the device
+        lam = lam.detach().to(self._pieces[0])  # lambda stays on the device
+        for piece in self._pieces:
+            piece[0].addcmul_(piece[1], lam)  # one fused pass
         return self.row_views(0)
 
     def combine(self, lam: torch.Tensor) -> None:
@@ -235,13 +306,22 @@ class OnePassBranchGradients:
     def pair_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(<g_w,i, g_w,i>, <g_w,i, h_l,i>)`` per pair ``i`` (float32 vectors of length ``B``): per pair, one blocked
         read of its winner's and loser's rows (``flat[i::B]``, a view), no temporary the size of the buffer."""
-        pairs = self._flat.shape[0] // 2
-        sums = torch.stack([blocked_dot(self._flat[i], self._flat[i::pairs]) for i in range(pairs)])
+        pairs = self._pieces[0].shape[0] // 2
+        sums = torch.stack(
+            [_total([blocked_dot(piece[i], piece[i::pairs]) for piece in self._pieces]) for i in range(pairs)]
+        )
         return sums[:, 0].float(), sums[:, 1].float()
 
     def pair_combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
         """``sum_i (g_w,i + lambda_i * h_l,i)`` per weight (``lam``: one ``lambda`` per pair), formed in place in the
         buffer's first row (views of it), for :meth:`assign`."""
-        weights = torch.cat([torch.ones_like(lam), lam]).to(self._flat)
-        self._flat[0].addmv_(self._flat[1:].t(), weights[1:])  # in place: no fresh gradient-sized tensor
+        weights = lam.to(self._pieces[0])  # the other images' weights: the first pair's loser's and the rest
+        weights = torch.cat([weights.new_ones(lam.shape[0] - 1), weights])
+        for piece in self._pieces:
+            piece[0].addmv_(piece[1:].t(), weights)  # in place: no fresh gradient-sized tensor
         return self.row_views(0)
+
+
+def _total(sums: list[torch.Tensor]) -> torch.Tensor:
+    """The pieces' sums added up (one piece: its own, no operation)."""
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)

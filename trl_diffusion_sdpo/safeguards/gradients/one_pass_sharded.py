@@ -24,7 +24,6 @@ them. The combination becomes each weight's ``.grad`` as a DTensor over this pro
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -44,13 +43,14 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
     over the default process group): the buffer holds this process's rows of every weight, per group.
 
     Another layout of the shards (:class:`ZeRO3OnePassBranchGradients`) overrides :meth:`_shard_shape`,
-    :meth:`_pieces` and :meth:`_mine`."""
+    :meth:`_process_pieces` and :meth:`_mine`."""
 
     def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
         super().__init__(module, parameters)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self._local_shapes = [self._shard_shape(p) for p in self.parameters]
-        self._sizes = [math.prod(shape) for shape in self._local_shapes]
+        # one piece of this process's rows, kept: the reduce-scatters write into it as the backward goes
+        self._set_layout(self._local_shapes, bounds=[0, len(self._local_shapes)])
         self._by_image = False
         self._written: list[bool] = []
 
@@ -58,7 +58,7 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
         """The shape of this process's shard of ``parameter``."""
         return tuple(_local(parameter).shape)
 
-    def _pieces(self, per_group: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    def _process_pieces(self, per_group: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...]]:
         """``per_group`` (``[groups, *weight.shape]``) cut into each process's piece (``[groups, ...]``, the last
         ones possibly shorter or missing), and the shape of a whole piece (after ``groups``)."""
         chunk = -(-per_group.shape[1] // self.world)  # rows per process, as torch.chunk and FSDP2 cut them
@@ -70,10 +70,12 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
 
     def _prepare(self, groups: int) -> None:
         rows = groups * self.world if self._by_image else groups
-        if self._flat is None or self._flat.shape[0] != rows:
-            first = self.parameters[0]  # float32 (or wider) whatever the weights: the reduce-scatter sums in it
-            dtype = torch.promote_types(first.dtype, torch.float32)
-            self._allocate(rows, self._local_shapes, _local(first).device, dtype)
+        first = self.parameters[0]  # float32 (or wider) whatever the weights: the reduce-scatter sums in it
+        spec = (rows, torch.promote_types(first.dtype, torch.float32), _local(first).device)
+        if spec != self._spec:
+            self._spec = spec
+            self._forget()
+        self._take(0)
 
     @contextlib.contextmanager
     def split(self, groups: int) -> Iterator[None]:
@@ -93,7 +95,7 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
         groups = per_group.shape[0]
         view = self._views[index]
         rows = view.shape[0]
-        pieces, piece_shape = self._pieces(per_group.to(view.dtype))
+        pieces, piece_shape = self._process_pieces(per_group.to(view.dtype))
         send = per_group.new_zeros((self.world, rows, *piece_shape), dtype=view.dtype)
         if self._by_image:  # image k of this process -> its row among all processes' (winners, then losers)
             pairs = groups // 2
@@ -118,7 +120,8 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
     def pair_combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
         """``sum_i (g_w,i + lambda_i * h_l,i) / processes`` over every process's pairs, on this process's rows."""
         combined = super().pair_combination(lam)
-        self._flat[0].div_(self.world)
+        for piece in self._pieces:
+            piece[0].div_(self.world)
         return combined
 
     def assign(self, combined: list[torch.Tensor]) -> None:
@@ -145,7 +148,7 @@ class ZeRO3OnePassBranchGradients(ShardedOnePassBranchGradients):
     def _shard_shape(self, parameter: torch.nn.Parameter) -> tuple[int, ...]:
         return (parameter.ds_tensor.ds_numel,)
 
-    def _pieces(self, per_group: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    def _process_pieces(self, per_group: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...]]:
         flat = per_group.reshape(per_group.shape[0], -1)
         size = -(-flat.shape[1] // self.world)
         return list(flat.split(size, dim=1)), (size,)
