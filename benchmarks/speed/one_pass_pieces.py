@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import harness  # noqa: E402
 from trl_diffusion_sdpo.engines import PlainEngine  # noqa: E402
-from trl_diffusion_sdpo.safeguards.gradients import one_pass  # noqa: E402
+from trl_diffusion_sdpo.engines.memory import pieces as memory_model  # noqa: E402
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward  # noqa: E402
 from trl_diffusion_sdpo.testing.operations import count_operations, peak_allocated_bytes  # noqa: E402
 
@@ -98,7 +98,7 @@ def _outside_backward(fn) -> int:
 
 
 def measure(name: str, build, pieces: int) -> dict:
-    one_pass.PIECE_ELEMENTS, one_pass.MAX_PIECES = 1, pieces
+    memory_model.PIECE_ELEMENTS, memory_model.MAX_PIECES = 1, pieces
     model, forward, pairs = build()
     gradient = 4 * sum(p.numel() for p in model.parameters())
     dpo = peak_allocated_bytes(lambda: [_dpo(model, forward, pairs) for _ in range(2)])

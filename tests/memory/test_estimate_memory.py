@@ -110,11 +110,11 @@ def test_safeguard_one_pass_in_pieces_adds_two_pieces_or_the_losers_row(monkeypa
     """A model of four pieces (a large model's layout): two pieces' float32 rows at the activations' peak, or the
     loser's row after the backward less the activations, whichever is larger; ZeRO-2 keeps both bf16 rows to the
     optimizer step. FSDP2's shards are one piece, kept."""
-    from trl_diffusion_sdpo.safeguards.gradients import one_pass
+    from trl_diffusion_sdpo.engines.memory import pieces as memory_model
 
     p = sum(t.numel() for t in tiny_unet().parameters())
     sizes = model_sizes(TINY)
-    monkeypatch.setattr(one_pass, "PIECE_ELEMENTS", -(-p // 4))
+    monkeypatch.setattr(memory_model, "PIECE_ELEMENTS", -(-p // 4))
     shape = _full_shape(safeguard="one_pass")
     plain = estimate_memory(sizes, shape).components
     assert plain["safeguard"] == max(2 * -(-4 * p // 4), 4 * p - plain["activations"])
@@ -236,3 +236,23 @@ def test_the_help_prints():
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         main(["estimate-memory", "--help"])
     assert "--gpu" in out.getvalue() and "% free" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "sizes,elements,most,expected",
+    [
+        ([5, 5, 5, 5], 5, 16, [0, 1, 2, 3, 4]),  # a piece per weight
+        ([5, 5, 5, 5], 10, 16, [0, 2, 4]),
+        ([5, 5, 5, 5], 1, 2, [0, 2, 4]),  # at most `most`
+        ([10, 1, 1, 1], 1, 2, [0, 1, 4]),  # a weight is never cut
+        ([3], 1, 16, [0, 1]),
+        ([2**20] * 8, 2**26, 16, [0, 8]),  # under PIECE_ELEMENTS: one piece
+    ],
+)
+def test_the_one_pass_pieces_cut_consecutive_weights_into_similar_sizes(monkeypatch, sizes, elements, most, expected):
+    from trl_diffusion_sdpo.engines.memory import pieces
+
+    monkeypatch.setattr(pieces, "PIECE_ELEMENTS", elements)
+    monkeypatch.setattr(pieces, "MAX_PIECES", most)
+    assert pieces.piece_bounds(sizes) == expected
+    assert len(expected) - 1 <= pieces.piece_count(sum(sizes))

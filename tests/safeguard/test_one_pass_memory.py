@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from trl_diffusion_sdpo.engines import PlainEngine
+from trl_diffusion_sdpo.engines.memory import pieces as memory_model
 from trl_diffusion_sdpo.safeguards.gradients import one_pass
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 from trl_diffusion_sdpo.testing.operations import peak_allocated_bytes
@@ -137,7 +138,7 @@ LAYER = WIDTH * WIDTH + WIDTH  # one layer's weights: with pieces of this size, 
 
 def _activation_extra(monkeypatch, piece: int) -> tuple[int, int]:
     monkeypatch.setattr(sys.modules[__name__], "PAIRS", ACTIVATION_ROWS // 2)
-    monkeypatch.setattr(one_pass, "PIECE_ELEMENTS", piece)
+    monkeypatch.setattr(memory_model, "PIECE_ELEMENTS", piece)
     return _extra_bytes(torch.float32, rows=ACTIVATION_ROWS, steps=2)
 
 
@@ -151,7 +152,7 @@ def test_where_activations_set_the_peak_the_pass_adds_two_pieces_not_two_gradien
 
 
 def test_a_buffer_held_through_the_forward_is_caught(monkeypatch):
-    """One piece (a model under :data:`~.one_pass.PIECE_ELEMENTS`) is taken whole when the backward starts: both rows
+    """One piece (a model under ``PIECE_ELEMENTS`` weights) is taken whole when the backward starts: both rows
     add to the activations' peak, as the whole buffer did when it was held from before the forward. Planted with
     pieces: the pieces taken before the forward, or their memory never given back between micro-batches."""
     extra, float32_gradient = _activation_extra(monkeypatch, 1 << 26)

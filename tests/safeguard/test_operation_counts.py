@@ -15,8 +15,8 @@ import copy
 import pytest
 import torch
 
+from trl_diffusion_sdpo.engines.memory import pieces as memory_model
 from trl_diffusion_sdpo.safeguards import safeguard_for
-from trl_diffusion_sdpo.safeguards.gradients import one_pass
 from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.testing.operations import StepOperations
 
@@ -81,8 +81,8 @@ def test_a_buffer_in_pieces_adds_a_fixed_number_of_operations_per_piece(make_tra
     what the pass adds to the activations' peak): each piece adds a fixed number of operations, not one per weight."""
     counts = {}
     for pieces in (1, 4):
-        monkeypatch.setattr(one_pass, "PIECE_ELEMENTS", 1)  # as many pieces as MAX_PIECES allows
-        monkeypatch.setattr(one_pass, "MAX_PIECES", pieces)
+        monkeypatch.setattr(memory_model, "PIECE_ELEMENTS", 1)  # as many pieces as MAX_PIECES allows
+        monkeypatch.setattr(memory_model, "MAX_PIECES", pieces)
         counts[pieces] = operation_counts(make_trainer, False, ["parameter", "update"])
     for name in ("parameter", "update"):
         assert counts[4][name] - counts[1][name] <= 3 * PER_PIECE[name], (name, counts)

@@ -20,7 +20,7 @@ the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for floa
 * mixed-precision cast: autocast keeps a ``d`` copy of the trained weights for the step (dT, full tuning in bf16/fp16);
 * safeguard: the parameter- and update-space safeguards' one pass keeps the winners' and losers' gradients apart in two
   gradient-sized rows (float32; the winner's becomes ``.grad`` on whole weights), held in ``k`` pieces
-  (``safeguards/gradients/one_pass.py``: ``PIECE_ELEMENTS`` weights each, at most ``MAX_PIECES``) whose memory the
+  (``engines/memory/pieces.py``: ``PIECE_ELEMENTS`` weights each, at most ``MAX_PIECES``) whose memory the
   backward takes as it reaches them. A Diffusion-DPO step holds no gradient while its activations peak (its
   ``.grad`` return as the backward frees activations), so the pass adds two pieces' rows there (``8T / k``), or after
   the backward, where the activations are gone, the loser's row (4T) less the activations, whichever is larger. Rows
@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from . import pieces as one_pass_pieces
 from .models import KNOWN_MODELS, KnownModel
 
 __all__ = [
@@ -528,9 +529,7 @@ def _one_pass_bytes(trained: int, row: int, activations: int, rows_after: int) -
     safeguards/gradients/one_pass.py) adds to the sum of the other terms: two pieces' rows at the activations' peak
     (the backward takes a piece's memory when it reaches it), or ``rows_after`` rows after the backward, where the
     activations are gone, whichever is larger."""
-    from ...safeguards.gradients.one_pass import MAX_PIECES, PIECE_ELEMENTS
-
-    pieces = max(1, min(MAX_PIECES, -(-trained // PIECE_ELEMENTS)))
+    pieces = one_pass_pieces.piece_count(trained)
     return max(2 * -(-row // pieces), rows_after * row - activations)
 
 

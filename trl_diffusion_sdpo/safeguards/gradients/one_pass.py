@@ -13,13 +13,14 @@ rows; this store keeps the groups apart until ``lambda`` is known, then writes `
 Memory: one gradient-sized buffer beyond ``.grad``. The buffer's winner row becomes ``.grad`` (each weight's
 ``.grad`` a view of it, handed over where ``.grad`` is empty), so what the pass adds to a Diffusion-DPO step is the
 loser's row. The rows are in the weights' dtype where the weights are bfloat16 (the inner products are still
-accumulated in float32 and float64), else float32 (or wider). The buffer is held in up to :data:`MAX_PIECES` pieces
-of consecutive weights (about :data:`PIECE_ELEMENTS` each); a piece's memory is given back before each forward and
-taken again when the backward first reaches one of its weights, as Diffusion-DPO's ``.grad`` come back as its
-backward frees activations. So where activations set the peak (at the start of the backward) the pass adds about two
-pieces' rows to it, not two gradients. The pieces, and each weight's views of them, are kept across steps: giving a
-piece's memory back and taking it again resizes its storage and makes no new tensor. With gradient accumulation ``A``
-holds the first micro-batch's pieces (their winner rows) and later micro-batches fill new ones.
+accumulated in float32 and float64), else float32 (or wider). The buffer is held in pieces of consecutive weights
+(``engines/memory/pieces.py`` decides their size and number); a piece's memory is given back
+before each forward and taken again when the backward first reaches one of its weights, as Diffusion-DPO's
+``.grad`` come back as its backward frees activations. So where activations set the peak (at the start of the
+backward) the pass adds about two pieces' rows to it, not two gradients. The pieces, and each weight's views of
+them, are kept across steps: giving a piece's memory back and taking it again resizes its storage and makes no new
+tensor. With gradient accumulation ``A`` holds the first micro-batch's pieces (their winner rows) and later
+micro-batches fill new ones.
 By pair: ``2B`` gradients of the trainable weights (LoRA, or full tuning up to a cap; see
 :func:`~trl_diffusion_sdpo.safeguards.parameter.check_pair_scope_memory`).
 
@@ -36,9 +37,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from ...engines.memory.pieces import piece_bounds
 from .layer_taps import LayerTaps
 
-__all__ = ["MAX_PIECES", "PIECE_ELEMENTS", "OnePassBranchGradients", "blocked_dot", "buffer_dtype", "piece_bounds"]
+__all__ = ["OnePassBranchGradients", "blocked_dot", "buffer_dtype"]
 
 Reduction = Callable[[list[torch.Tensor]], None]
 
@@ -46,28 +48,6 @@ Reduction = Callable[[list[torch.Tensor]], None]
 LONG_ROWS = 2**31 - 1
 # blocked_dot reads lower-precision rows (bfloat16) in pieces of this many elements, each converted to float32
 WIDENED_PIECE = 1 << 20
-# The buffer's pieces: about this many weights each (256 MiB of a float32 row), at most MAX_PIECES of them (each
-# costs a few operations a step). SD1.5's UNet (860M weights) takes 13 pieces: where activations set the peak the
-# pass adds two pieces' rows (about 0.5 GiB) to it; SDXL's (2.6B) 16 pieces, about 1.3 GiB.
-PIECE_ELEMENTS = 1 << 26
-MAX_PIECES = 16
-
-
-def piece_bounds(sizes: Sequence[int], piece: int | None = None, most: int | None = None) -> list[int]:
-    """Where the buffer's pieces start and end, as indices into ``sizes`` (the weights' element counts, in order):
-    ``[0, ..., len(sizes)]``, cutting consecutive weights into about ``ceil(total / piece)`` pieces of similar size
-    (at most ``most``; a weight is never cut). Defaults: :data:`PIECE_ELEMENTS` and :data:`MAX_PIECES`."""
-    piece = PIECE_ELEMENTS if piece is None else piece
-    most = MAX_PIECES if most is None else most
-    total = sum(sizes)
-    count = max(1, min(most, -(-total // max(piece, 1)), len(sizes)))
-    bounds, filled = [0], 0
-    for i, size in enumerate(sizes[:-1]):
-        filled += size
-        if len(bounds) < count and filled >= total * len(bounds) / count:
-            bounds.append(i + 1)
-    bounds.append(len(sizes))
-    return bounds
 
 
 def buffer_dtype(parameter: torch.Tensor) -> torch.dtype:
