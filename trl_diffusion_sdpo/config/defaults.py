@@ -23,9 +23,11 @@ __all__ = [
     "ANY",
     "PACKAGE_DEFAULTS",
     "RESOLVED_FIELDS",
+    "DATA_WORKERS",
     "TINY_BASE",
     "DefaultEntry",
     "ResolvedDefault",
+    "data_loading_defaults",
     "default_table",
     "resolve_default",
     "resolve_defaults",
@@ -222,4 +224,31 @@ def safeguard_default_sentence(online: bool) -> str:
     return (
         f"The pairs train with the Diffusion-SDPO safeguard by default (safeguard_space {space.value}, mu the "
         f"model family's value, else {mu.value:g})."
+    )
+
+
+#: data-loading worker processes where a GPU runs an offline step (at most the CPU cores each process has)
+DATA_WORKERS = 4
+
+
+def data_loading_defaults(*, online: bool, cuda: bool, cpus: int, processes: int = 1) -> dict[str, Any]:
+    """What a run leaves unset of transformers' data loading takes: where a GPU runs an offline step,
+    :data:`DATA_WORKERS` worker processes (at most ``cpus // processes``) read, decode and collate the next batches
+    while the GPU trains on this one, and pinned batches are copied to it without waiting (accelerate's
+    ``non_blocking``). On the CPU, and online (its batches are prompts), none: workers would take cores from the
+    step, or have nothing to overlap."""
+    overlap = cuda and not online
+    return {
+        "dataloader_num_workers": max(1, min(DATA_WORKERS, cpus // max(1, processes))) if overlap else 0,
+        "non_blocking": overlap,
+    }
+
+
+def data_loading_sentence() -> str:
+    """The data-loading defaults in one sentence (the config's docs and ``--help`` read it)."""
+    return (
+        f"Where a GPU runs an offline step, `dataloader_num_workers` unset is {DATA_WORKERS} (at most the CPU cores "
+        "per process), so the next batches are read, decoded and collated while the GPU trains, and "
+        "`accelerator_config` unset copies the pinned batches to the GPU without waiting (`non_blocking`); on the "
+        "CPU and online, 0 workers."
     )

@@ -105,6 +105,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "weight_decay",
             "logging_steps",
             "remove_unused_columns",
+            "dataloader_num_workers",
         ),
     ),
 }

@@ -12,7 +12,7 @@ from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from .defaults import ResolvedDefault, resolve_defaults
+from .defaults import ResolvedDefault, data_loading_defaults, data_loading_sentence, resolve_defaults
 from .docs import config_docstring
 from .rules import (
     DSPO_FORM_CHOICES,
@@ -377,6 +377,9 @@ class DiffusionSDPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay `False`: the collator reads the image columns."}
     )
+    dataloader_num_workers: int | None = option(
+        None, "Data-loading worker processes (0: load in the training process). " + data_loading_sentence()
+    )
     #: True for the online config: the defaults of its mode (``config.defaults``) apply
     is_online = False
 
@@ -390,6 +393,7 @@ class DiffusionSDPOConfig(TrainingArguments):
             resolved = resolve_defaults(self)["safeguard_space"]
             self.safeguard_space = resolved.value
             self.defaulted["safeguard_space"] = resolved
+        self._resolve_data_loading()
         # Each field's rule and the rules over several fields (rules.check_config); the objective checks its own
         # fields when the trainer (or the train command) resolves it.
         check_config(self)
@@ -401,6 +405,18 @@ class DiffusionSDPOConfig(TrainingArguments):
             if not self.deepspeed and not strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
                 self.use_cpu = True
         super().__post_init__()
+
+    def _resolve_data_loading(self) -> None:
+        """``dataloader_num_workers`` and ``accelerator_config`` where unset, from
+        :func:`~.defaults.data_loading_defaults` (before transformers reads them)."""
+        cuda = torch.cuda.is_available() and not self.use_cpu
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        chosen = data_loading_defaults(online=self.is_online, cuda=cuda, cpus=cpus, processes=processes)
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = chosen["dataloader_num_workers"]
+        if self.accelerator_config is None and chosen["non_blocking"] and self.dataloader_pin_memory:
+            self.accelerator_config = {"non_blocking": True}
 
     @property
     def safeguarded(self) -> bool:
