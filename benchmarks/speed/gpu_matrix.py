@@ -279,7 +279,7 @@ def run_cell(spec: ModelSpec, setting: str, opts: argparse.Namespace, workdir: s
         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=opts.device == "cpu", bf16=bf16,
         optim=opts.optim, gradient_checkpointing=spec.gradient_checkpointing, cache_latents=opts.cache_latents,
         latent_cache_dir=os.path.join(workdir, "cache"), max_sequence_length=spec.max_sequence_length,
-        dataloader_num_workers=0, seed=0, **SAFEGUARD_SETTINGS[setting],
+        dataloader_num_workers=opts.dataloader_workers, seed=0, **SAFEGUARD_SETTINGS[setting],
     )  # fmt: skip
     peft_config, lora_rank = None, None
     if spec.lora or opts.lora_all or base != "none":  # the family's targets (FLUX.2's include the single blocks)
@@ -549,6 +549,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--optim", default="adamw_torch_fused", help="transformers optimizer name")
     parser.add_argument("--cache-latents", action="store_true", help="cache latents and prompts (default: encode)")
+    parser.add_argument(
+        "--dataloader-workers", type=int, default=0, help="data-loading worker processes (0: in the training process)"
+    )
     parser.add_argument(
         "--budget-s", type=float, default=1080, help="no cell starts after this many seconds (shared out by model)"
     )

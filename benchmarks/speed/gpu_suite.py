@@ -11,7 +11,9 @@ Each section is a :mod:`gpu_matrix` run (its own model processes, its own time g
 * ``before``: the one pass and the update space of the code at ``--before`` (a checkout of an earlier commit, with
   its own ``benchmarks/speed/gpu_matrix.py``) on SD1.5, beside Diffusion-DPO: step ratios and peaks before and after,
   on the same machine in the same run;
-* ``rerun``: SD1.5's Diffusion-DPO and one-pass cells once more: the noise to quote beside a ratio.
+* ``rerun``: SD1.5's Diffusion-DPO and one-pass cells once more: the noise to quote beside a ratio;
+* ``workers``: SD1.5's Diffusion-DPO cell, images encoded, with four data-loading worker processes (every other
+  section loads in the training process): what overlapping the reading and decoding with the step gains.
 
 Every measured cell carries ``estimate-memory``'s total for its run shape beside its peak (``gpu_matrix``). Sections
 share the budget (470 s by default: within 8 minutes with the processes' start) in proportion to the seconds each took
@@ -59,7 +61,8 @@ class Section:
 
 
 # weights: the seconds each section took on one H200 (benchmarks/results/cuda-h200-gpu-suite-real.json: a model
-# process starts in about 16 s; an SD1.5 cell takes 4-6 s, an SDXL one 10-20 s, a FLUX.2 [klein] one 7-15 s)
+# process starts in about 16 s; an SD1.5 cell takes 4-6 s, an SDXL one 10-20 s, a FLUX.2 [klein] one 7-15 s), and
+# for ``workers`` (not run there yet) the rerun's less one cell
 SECTIONS = (
     Section("encode", "sd15,sdxl,flux2-klein", "dpo,sdpo,sdpo_param,sdpo_param_two,sdpo_update", 165),
     Section("cache", "sd15,sdxl,flux2-klein", "dpo,sdpo_param,sdpo_update", 128, ("--cache-latents",)),
@@ -68,6 +71,7 @@ SECTIONS = (
     Section("quantized-flux2", "flux2-klein", "dpo", 50, ("--lora-all", "--base", "none,torchao-int8,quanto-int8")),
     Section("before", "sd15", "dpo,sdpo_param,sdpo_update", 43, before=True),
     Section("rerun", "sd15", "dpo,sdpo_param", 35),
+    Section("workers", "sd15", "dpo", 25, ("--dataloader-workers", "4")),
 )  # fmt: skip
 
 
@@ -152,7 +156,8 @@ def suite(opts: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     device = next((r["device"] for r in reports.values() if r.get("device")), None)
     return {
         "what": "the GPU matrix with encoding and with cached latents, LoRA on quantized bases, the one pass and the "
-        "update space before and after, and a rerun for the noise; estimate-memory beside every peak",
+        "update space before and after, a rerun for the noise, and the encoded step with data-loading workers; "
+        "estimate-memory beside every peak",
         "command": shlex.join(["python", "benchmarks/speed/gpu_suite.py", *argv]),
         "device": device,
         "tiny": opts.tiny,
@@ -163,6 +168,7 @@ def suite(opts: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "cache_against_encode": compare(reports, "cache"),
         "before_against_after": compare(reports, "before"),
         "rerun_against_first": compare(reports, "rerun"),
+        "workers_against_encode": compare(reports, "workers"),
         "cells_measured": cell_rows(reports),
         "wall_time_s": time.time() - start,
     }
@@ -234,7 +240,8 @@ def assemble(paths: list[str]) -> dict[str, Any]:
 
 def print_summary(result: dict[str, Any]) -> None:
     for name, title in (("cache_against_encode", "cached / encoded"), ("before_against_after", "before / after"),
-                        ("rerun_against_first", "rerun / first")):  # fmt: skip
+                        ("rerun_against_first", "rerun / first"),
+                        ("workers_against_encode", "4 workers / none")):  # fmt: skip
         print(f"\n{title}: step ratio, ratio to Diffusion-DPO (each side)")
         for cell, row in result[name].items():
             ratios = [v for k, v in row.items() if k.endswith("ratio_to_dpo")]

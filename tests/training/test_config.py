@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import pathlib
 import re
 
 import pytest
+import torch
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.config import docs, rules
 from trl_diffusion_sdpo.config.checks import Choice
+from trl_diffusion_sdpo.config.defaults import DATA_WORKERS, data_loading_defaults
 
 
 def _field(name: str) -> dataclasses.Field:
@@ -422,3 +425,37 @@ def test_the_default_global_scope_computes_the_local_lambda_on_one_process(make_
     assert runs["local"][0] == runs["global"][0] and runs["local"][0]
     for name, value in runs["local"][1].items():
         assert torch.equal(value, runs["global"][1][name]), name
+
+
+@pytest.mark.parametrize(
+    "online,cuda,cpus,processes,workers",
+    [(False, True, 32, 1, DATA_WORKERS), (False, True, 6, 4, 1), (False, True, 2, 1, 2), (False, False, 32, 1, 0),
+     (True, True, 32, 1, 0)],
+)  # fmt: skip
+def test_data_loading_overlaps_the_gpus_step_offline_only(online, cuda, cpus, processes, workers):
+    """Workers (at most the cores per process, at least one) and non-blocking copies where a GPU runs an offline
+    step; none on the CPU or online."""
+    chosen = data_loading_defaults(online=online, cuda=cuda, cpus=cpus, processes=processes)
+    assert chosen == {"dataloader_num_workers": workers, "non_blocking": cuda and not online}
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_config_takes_the_data_loading_defaults_and_keeps_what_is_given(tmp_path, monkeypatch, cuda):
+    """Unset fields take the decided values (a GPU simulated after the config is made: the same resolution runs);
+    a given worker count or accelerator config is kept; the help states the decided count."""
+    config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    assert config.dataloader_num_workers == 0 and not config.accelerator_config.non_blocking  # the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config.use_cpu, config.dataloader_num_workers, config.accelerator_config = False, None, None
+    config.dataloader_pin_memory = True  # transformers' default where a GPU is found
+    config._resolve_data_loading()
+    assert config.dataloader_num_workers == (DATA_WORKERS if cuda else 0)
+    assert config.accelerator_config == ({"non_blocking": True} if cuda else None)
+    config.dataloader_num_workers, config.accelerator_config = 3, {"non_blocking": False}
+    config._resolve_data_loading()
+    assert config.dataloader_num_workers == 3 and config.accelerator_config == {"non_blocking": False}
+    help_text = DiffusionSDPOConfig.__dataclass_fields__["dataloader_num_workers"].metadata["help"]
+    assert f"unset is {DATA_WORKERS} " in help_text
