@@ -535,6 +535,43 @@ def test_bf16_lora_training_keeps_adapters_in_float32(make_pipeline, make_traine
     assert all(np.isfinite(h["loss"]) for h in step_logs(trainer))
 
 
+def test_bf16_lora_adapters_take_the_autocast_input_without_a_float32_copy(make_pipeline, make_trainer):
+    """Under the trainer's autocast, peft's LoRA layers do not cast their input to the adapters' float32 (the
+    autocast casts it back for the matmul): the same output, and less kept for the backward (no copy of each targeted
+    layer's input). Outside the trainer's block they cast again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = make_pipeline()
+    trainer = make_trainer(pipeline=pipe, bf16=True, max_steps=1)
+    trainer.train()  # accelerate wraps the forward in its autocast
+    unet = pipe.unet
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=generator)
+    text = torch.randn(2, 6, unet.config.cross_attention_dim, generator=generator)
+
+    def forward(cast: bool) -> tuple[torch.Tensor, int]:
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with trainer.mixed_precision_forward.running():
+            assert not any(layer.cast_input_dtype_enabled for layer in layers)
+            for layer in layers:
+                layer.cast_input_dtype_enabled = cast
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = unet(sample, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+        return out.detach(), sum(kept.values())
+
+    plain, plain_bytes = forward(cast=False)
+    casting, casting_bytes = forward(cast=True)
+    assert all(layer.cast_input_dtype_enabled for layer in layers)  # restored outside the block
+    torch.testing.assert_close(plain, casting, rtol=0, atol=0)
+    assert plain_bytes < casting_bytes, (plain_bytes, casting_bytes)
+
+
 # ----------------------------------------------------------------------------------------------- several processes
 
 

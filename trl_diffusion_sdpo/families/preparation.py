@@ -198,6 +198,22 @@ def cast_inputs_to_own_dtype(module: torch.nn.Module) -> None:
             child.register_forward_hook(_leave_own_dtype, with_kwargs=True, always_call=True)
 
 
+def _accelerate_wrapper(model: torch.nn.Module) -> ConvertOutputsToFp32 | None:
+    """accelerate's mixed-precision wrapper on ``model.forward`` (its autocast and float32 outputs), or None."""
+    forward = model.__dict__.get("forward")
+    inner = getattr(getattr(forward, "__func__", forward), "__wrapped__", None)
+    return inner if isinstance(inner, ConvertOutputsToFp32) else None
+
+
+def _adapters_take_autocast_inputs(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Where accelerate's autocast wraps ``model``'s forward: its LoRA layers' input casting off for the block."""
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:  # peft before 0.15: it casts, as it always did
+        return contextlib.nullcontext()
+    return disable_input_dtype_casting(model, active=_accelerate_wrapper(model) is not None)
+
+
 class MixedPrecisionForward:
     """accelerate's mixed-precision wrapper on the denoiser's ``forward``, whole while the trainer runs the model and
     without its float32 outputs outside.
@@ -208,6 +224,11 @@ class MixedPrecisionForward:
     ``train()`` and ``evaluate()`` the denoiser keeps the autocast (full tuning's float32 weights take the pipeline's
     half-precision inputs) and returns what it computes, in the pipeline's dtype, so ``pipe(prompt)`` samples in place;
     the trainer puts the float32 conversion back before it runs the model again.
+
+    While it runs under that autocast, peft's LoRA layers take their input as it comes instead of casting it to the
+    adapters' float32 (``peft.helpers.disable_input_dtype_casting``): the autocast casts it back to bf16/fp16 for the
+    matmul anyway, so the values are the same, and the copy each adapter's matmul would keep for the backward (one
+    activation per targeted layer) is not made.
     """
 
     def __init__(self, get_model: Callable[[], torch.nn.Module]) -> None:
@@ -222,7 +243,8 @@ class MixedPrecisionForward:
             self.restore()
         self._depth += 1
         try:
-            yield
+            with _adapters_take_autocast_inputs(self.get_model()):
+                yield
         finally:
             self._depth -= 1
             if self._depth == 0:
@@ -232,8 +254,8 @@ class MixedPrecisionForward:
         """Take the float32 conversion off the forward (nothing where accelerate put none: fp32, DeepSpeed)."""
         model = self.get_model()
         forward = model.__dict__.get("forward")
-        inner = getattr(getattr(forward, "__func__", forward), "__wrapped__", None)
-        if not isinstance(inner, ConvertOutputsToFp32):
+        inner = _accelerate_wrapper(model)
+        if inner is None:
             return
         self._wrapped = forward
         autocast_forward = inner.model_forward
