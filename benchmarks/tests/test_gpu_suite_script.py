@@ -93,6 +93,7 @@ def test_the_tiny_suite_measures_every_section(tmp_path):
     assert ("encode", "sd15", "sdpo_param") in measured and ("cache", "flux2-klein", "dpo") in measured
     assert ("quantized", "sd15", "dpo@quanto-int8") in measured and ("before", "sd15", "sdpo_update") in measured
     assert result["rerun_against_first"]["sd15/dpo"]["step_ratio"] > 0
+    assert result["workers_against_encode"]["sd15/dpo"]["step_ratio"] > 0  # 4 data-loading workers beside none
     # bitsandbytes needs a CUDA GPU: on the CPU its cells are the package's refusal
     bnb = result["reports"]["quantized"]["cells"]["sd15"]["dpo@bnb-nf4"]
     assert bnb["status"] == "error" and bnb["error_kind"] == "refused"
