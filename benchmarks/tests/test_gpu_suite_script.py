@@ -97,4 +97,7 @@ def test_the_tiny_suite_measures_every_section(tmp_path):
     # bitsandbytes needs a CUDA GPU: on the CPU its cells are the package's refusal
     bnb = result["reports"]["quantized"]["cells"]["sd15"]["dpo@bnb-nf4"]
     assert bnb["status"] == "error" and bnb["error_kind"] == "refused"
-    assert all(r["estimate_gib"] > 0 for r in result["cells_measured"])
+    # estimate-memory beside every peak (a tiny FLUX.2 [klein]'s estimate rounds to 0.00 GiB in the rows)
+    assert all(r["estimate_gib"] is not None for r in result["cells_measured"])
+    cells = [c for r in result["reports"].values() for m in r.get("cells", {}).values() for c in m.values()]
+    assert all(c["estimate_bytes"] > 0 for c in cells if c.get("status") == "measured")
