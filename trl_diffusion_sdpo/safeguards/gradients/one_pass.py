@@ -185,6 +185,10 @@ class OnePassBranchGradients:
             self._spec = spec
             self._forget()
             return
+        self._release()
+
+    def _release(self) -> None:
+        """Give every piece's memory back (its tensor and views kept, their storage resized to nothing)."""
         for piece, tensor in enumerate(self._pieces):
             if self._live[piece]:
                 tensor.untyped_storage().resize_(0)

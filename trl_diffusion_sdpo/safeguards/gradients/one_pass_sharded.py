@@ -42,15 +42,19 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
     """:class:`~.one_pass.OnePassBranchGradients` over FSDP2-sharded ``parameters`` (DTensors sharded on dimension 0
     over the default process group): the buffer holds this process's rows of every weight, per group.
 
-    Another layout of the shards (:class:`ZeRO3OnePassBranchGradients`) overrides :meth:`_shard_shape`,
-    :meth:`_process_pieces` and :meth:`_mine`."""
+    The rows are held in pieces as on whole weights: a reduce-scatter takes its piece's memory when the backward
+    first reaches one of its weights, and the pieces give it back before the next forward (``.grad`` is a copy of the
+    combination). Another layout of the shards (:class:`ZeRO3OnePassBranchGradients`) overrides
+    :meth:`_shard_shape`, :meth:`_process_pieces` and :meth:`_mine`."""
+
+    #: whether the pieces give their memory back before each forward (False: one piece, kept across steps)
+    releases = True
 
     def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
         super().__init__(module, parameters)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self._local_shapes = [self._shard_shape(p) for p in self.parameters]
-        # one piece of this process's rows, kept: the reduce-scatters write into it as the backward goes
-        self._set_layout(self._local_shapes, bounds=[0, len(self._local_shapes)])
+        self._set_layout(self._local_shapes, bounds=None if self.releases else [0, len(self._local_shapes)])
         self._by_image = False
         self._written: list[bool] = []
 
@@ -75,7 +79,10 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
         if spec != self._spec:
             self._spec = spec
             self._forget()
-        self._take(0)
+        elif self.releases:
+            self._release()
+        if not self.releases:
+            self._take(0)
 
     @contextlib.contextmanager
     def split(self, groups: int) -> Iterator[None]:
@@ -86,6 +93,8 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
         with self.taps.tapping(groups, sink=self._scatter):
             yield
         self._seen = list(self._written)  # the same on every process: they ran the same layers
+        for piece in range(len(self._pieces)):
+            self._take(piece)  # a piece no gradient reached (its weights are zeroed below)
         for view, seen in zip(self._views, self._seen):
             if not seen:
                 view.zero_()
@@ -93,7 +102,7 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
     def _scatter(self, index: int, per_group: torch.Tensor) -> None:
         """Reduce-scatter weight ``index``'s whole per-group gradient into this process's shard of its view."""
         groups = per_group.shape[0]
-        view = self._views[index]
+        view = self._destination(index)
         rows = view.shape[0]
         pieces, piece_shape = self._process_pieces(per_group.to(view.dtype))
         send = per_group.new_zeros((self.world, rows, *piece_shape), dtype=view.dtype)
@@ -143,7 +152,9 @@ class ZeRO3OnePassBranchGradients(ShardedOnePassBranchGradients):
     """The same over DeepSpeed ZeRO-3's partitions: each weight flattened, padded to a multiple of the processes and
     cut into equal pieces, piece ``r`` on process ``r`` (``param.ds_tensor``, of ``ds_tensor.ds_numel`` elements).
     The combination goes to the engine's gradient partitions (:class:`~.zero3.DeepSpeedZeRO3Collectives`), not to
-    ``.grad``."""
+    ``.grad``; the engine may keep views of it there, so the rows are one piece, kept across steps."""
+
+    releases = False
 
     def _shard_shape(self, parameter: torch.nn.Parameter) -> tuple[int, ...]:
         return (parameter.ds_tensor.ds_numel,)
