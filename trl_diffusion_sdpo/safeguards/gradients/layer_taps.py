@@ -107,7 +107,8 @@ class _Layer:
     """One tapped module: its weights' indices in the caller's parameter list (``slots``: ``(attribute, index)``,
     the weight first), and per pass the views its gradients go to and whether each was written yet."""
 
-    __slots__ = ("name", "module", "kind", "slots", "weight", "bias", "conv_args", "views", "written", "destination")
+    __slots__ = ("name", "module", "kind", "slots", "weight", "bias", "conv_args", "views", "written", "destination",
+                 "has_sink")  # fmt: skip
 
     def __init__(self, name: str, module: nn.Module, kind: str, indices: dict[str, int]) -> None:
         self.name, self.module, self.kind = name, module, kind
@@ -122,32 +123,35 @@ class _Layer:
         self.views: dict[int, torch.Tensor | None] = {}
         self.written: dict[int, bool] = {}
         self.destination: Destination | None = None
+        self.has_sink = False
 
     def start(self, destination: Destination | None, sink: Sink | None) -> None:
         """Start a pass (no weight written yet). The views are asked of ``destination`` when the backward first
         reaches the weight, not here: a store may allocate them then (the one pass's pieces), after the forward."""
-        if sink is None and destination is None:
-            where = self.name or type(self.module).__name__
-            raise ValueError(f"{where}: a weight has no view to write its gradient into and no sink was given")
-        self.destination = destination
+        self.destination, self.has_sink = destination, sink is not None
+        if not self.has_sink and destination is None:
+            self._refuse()
         self.views = {}
         self.written = {i: False for _, i in self.slots}
 
-    def view(self, index: int, tap: _Pass) -> torch.Tensor | None:
+    def _refuse(self) -> None:
+        where = self.name or type(self.module).__name__
+        raise ValueError(f"{where}: a weight has no view to write its gradient into and no sink was given")
+
+    def view(self, index: int) -> torch.Tensor | None:
         """Weight ``index``'s view for this pass (asked of ``destination`` once), or None: its gradient goes to the
         sink."""
         if index not in self.views:
             view = self.destination(index) if self.destination is not None else None
-            if view is None and tap.sink is None:
-                where = self.name or type(self.module).__name__
-                raise ValueError(f"{where}: a weight has no view to write its gradient into and no sink was given")
+            if view is None and not self.has_sink:
+                self._refuse()
             self.views[index] = view
         return self.views[index]
 
-    def target(self, index: int, dtype: torch.dtype, tap: _Pass) -> torch.Tensor | None:
+    def target(self, index: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The view to overwrite with weight ``index``'s per-group gradient, where this is its first of the pass
         and ``dtype`` is the view's (then marked written); else ``None``: hand the gradient to :meth:`deliver`."""
-        view = self.view(index, tap)
+        view = self.view(index)
         if view is None or self.written[index] or view.dtype != dtype:
             return None
         self.written[index] = True
@@ -156,7 +160,7 @@ class _Layer:
     def deliver(self, index: int, per_group: torch.Tensor, tap: _Pass) -> None:
         """Weight ``index``'s per-group gradient computed apart: copied into its view (added, after the first), or
         handed to the sink where there is no view."""
-        view = self.view(index, tap)
+        view = self.view(index)
         if view is None:
             tap.sink(index, per_group)
         elif self.written[index]:
@@ -176,7 +180,7 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 def _group_sum(layer: _Layer, tap: _Pass, index: int, values: torch.Tensor, dims: int | tuple[int, ...]) -> None:
     """Weight ``index``'s per-group gradient ``values.sum(dims)`` (``values``' leading dimension: the groups),
     summed straight into its view where it can be."""
-    into = layer.target(index, values.dtype, tap)
+    into = layer.target(index, values.dtype)
     if into is None:
         layer.deliver(index, values.sum(dims), tap)
     else:
@@ -200,7 +204,7 @@ class _LinearTap(torch.autograd.Function):
         if index is not None:
             per_group_g_t = per_group_g.transpose(1, 2)
             per_group_x = x.reshape(tap.groups, -1, x.shape[-1])
-            into = layer.target(index, grad.dtype, tap)  # the batched matmul writes straight into the split buffer
+            into = layer.target(index, grad.dtype)  # the batched matmul writes straight into the split buffer
             if into is None:
                 layer.deliver(index, torch.bmm(per_group_g_t, per_group_x), tap)
             else:
@@ -240,7 +244,7 @@ class _ConvTap(torch.autograd.Function):
         index = layer.weight
         if index is None:
             return grad_x, None, None, None, None
-        into = layer.target(index, grad.dtype, tap)
+        into = layer.target(index, grad.dtype)
         if _unfolds(layer.module, x, grad, groups):
             per_group = _unfolded_weight_gradients(layer.module, x, grad, groups, into)
             if into is None:
@@ -345,7 +349,7 @@ class _NormTap(torch.autograd.Function):
                 )
             for index, wanted, total, first in ((layer.weight, want_w, dw, dw0), (layer.bias, want_b, db, db0)):
                 if wanted:
-                    into = layer.target(index, total.dtype, tap)
+                    into = layer.target(index, total.dtype)
                     if into is None:
                         layer.deliver(index, torch.stack([first, total - first]), tap)
                     else:

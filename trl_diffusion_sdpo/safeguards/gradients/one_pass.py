@@ -159,6 +159,9 @@ class OnePassBranchGradients:
         """Why layers of the last pass could not be tapped."""
         return self.taps.failures
 
+    #: whether the pieces give their memory back before each forward (False: kept across steps, taken at once)
+    releases = True
+
     @contextlib.contextmanager
     def split(self, groups: int) -> Iterator[None]:
         """Run the micro-batch's forward and backward inside: ``groups`` 2 (by branch) or ``2B`` (by image)."""
@@ -166,26 +169,39 @@ class OnePassBranchGradients:
         with self.taps.tapping(groups, destination=self._destination):
             yield
         written = set(self.taps.written())
-        self._seen = [i in written for i in range(len(self.parameters))]
+        self._complete([i in written for i in range(len(self.parameters))])
+
+    def _complete(self, seen: list[bool]) -> None:
+        """After the backward: ``seen`` (per weight, whether a gradient reached it) kept, and every piece given its
+        memory, the weights no gradient reached zeroed."""
+        self._seen = seen
         for piece in range(len(self._pieces)):
-            self._take(piece)  # a piece no gradient reached (its weights are zeroed below)
-        for view, seen in zip(self._views, self._seen):
-            if not seen:  # no gradient reached this weight in this pass
+            self._take(piece)
+        for view, reached in zip(self._views, seen):
+            if not reached:
                 view.zero_()
+
+    def _buffer_spec(self, groups: int) -> tuple:
+        """``(rows, dtype, device)`` of the pieces for a pass of ``groups``."""
+        first = self.parameters[0]
+        return groups, buffer_dtype(first), first.device
 
     def _prepare(self, groups: int) -> None:
         """Before the forward: the pieces' memory given back (their tensors and views kept), unless their layout
         changed or a view of them is still some weight's ``.grad`` (handed over by :meth:`assign` and kept by
-        gradient accumulation): then fresh pieces, made as the backward reaches them."""
-        first = self.parameters[0]
-        spec = (groups, buffer_dtype(first), first.device)
+        gradient accumulation): then fresh pieces, made as the backward reaches them. A store that keeps its
+        pieces (:attr:`releases` False) takes them all here."""
+        spec = self._buffer_spec(groups)
         handed = self._handed
         handed_over = handed is not None and handed[0].grad is not None and handed[0].grad.data_ptr() == handed[1]
         if spec != self._spec or handed_over:
             self._spec = spec
             self._forget()
-            return
-        self._release()
+        elif self.releases:
+            self._release()
+        if not self.releases:
+            for piece in range(len(self._pieces)):
+                self._take(piece)
 
     def _release(self) -> None:
         """Give every piece's memory back (its tensor and views kept, their storage resized to nothing)."""

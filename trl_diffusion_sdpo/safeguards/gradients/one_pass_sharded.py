@@ -47,9 +47,6 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
     combination). Another layout of the shards (:class:`ZeRO3OnePassBranchGradients`) overrides
     :meth:`_shard_shape`, :meth:`_process_pieces` and :meth:`_mine`."""
 
-    #: whether the pieces give their memory back before each forward (False: one piece, kept across steps)
-    releases = True
-
     def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
         super().__init__(module, parameters)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
@@ -72,17 +69,10 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
         """This process's shard of weight ``index`` out of a whole piece received."""
         return received[:, : self._local_shapes[index][0]]
 
-    def _prepare(self, groups: int) -> None:
+    def _buffer_spec(self, groups: int) -> tuple:
         rows = groups * self.world if self._by_image else groups
         first = self.parameters[0]  # float32 (or wider) whatever the weights: the reduce-scatter sums in it
-        spec = (rows, torch.promote_types(first.dtype, torch.float32), _local(first).device)
-        if spec != self._spec:
-            self._spec = spec
-            self._forget()
-        elif self.releases:
-            self._release()
-        if not self.releases:
-            self._take(0)
+        return rows, torch.promote_types(first.dtype, torch.float32), _local(first).device
 
     @contextlib.contextmanager
     def split(self, groups: int) -> Iterator[None]:
@@ -92,12 +82,7 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
         self._written = [False] * len(self.parameters)
         with self.taps.tapping(groups, sink=self._scatter):
             yield
-        self._seen = list(self._written)  # the same on every process: they ran the same layers
-        for piece in range(len(self._pieces)):
-            self._take(piece)  # a piece no gradient reached (its weights are zeroed below)
-        for view, seen in zip(self._views, self._seen):
-            if not seen:
-                view.zero_()
+        self._complete(list(self._written))  # the same on every process: they ran the same layers
 
     def _scatter(self, index: int, per_group: torch.Tensor) -> None:
         """Reduce-scatter weight ``index``'s whole per-group gradient into this process's shard of its view."""
