@@ -170,7 +170,8 @@ def assemble_dormant(parts: Path, stored_path: Path, path: Path, rerun: Path | N
         report = json.loads(part.read_text())
         runs = {k: r for k, r in report["runs"].items() if r["method"] == study.DORMANT}
         if runs:
-            new = report["invocations"][len(stored["regimes"][part.stem]["invocations"]) :]  # after --reuse
+            held = stored["regimes"][part.stem]["invocations"]
+            new = [i for i in report["invocations"] if i not in held]  # those --reuse copied are the stored runs
             mine[part.stem] = {**{k: report[k] for k in ("grid", "base", "recipe")}, "invocations": new, "runs": runs}
     merged = {
         name: {**stored["regimes"][name], "runs": {**stored["regimes"][name]["runs"], **report["runs"]}}

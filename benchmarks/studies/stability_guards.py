@@ -68,11 +68,13 @@ DRAWINGS_PER_PROMPT, DRAWING_SEED = 4, 777
 #: margin cap on the grid; the top of the search (1e-3) with every setting; long runs (1000 steps, 2 seeds, at 6.7e-5,
 #: where Diffusion-DPO dipped then recovered by 200 steps in the stability map); the other guards at 2e-4, then at
 #: 2e-5 (what they cost where Diffusion-DPO is healthy); the long runs to 10 seeds; the dormant safeguard in the
-#: three offline cells, then in the long runs. Sized to a shared two-core machine
-#: (docs/research/stability.md says what was not run).
+#: three offline cells, then in the long runs; the search's smallest beta (5, at 2e-5, 100 steps) with 10 seeds:
+#: Diffusion-DPO and the dormant safeguard, then the default safeguard and the margin cap. Sized to a shared
+#: two-core machine (docs/research/stability.md says what was not run).
 SEARCH = {"--lrs": "5e-4,1e-3", "--betas": "50,5", "--max-steps": "100", "--eval-steps": "25,50,100"}
 GRID = {"--max-steps": "50", "--eval-steps": "25,50", "--betas": "", "--eval-seeds-per-prompt": "4"}
 LONG = {"--max-steps": "1000", "--eval-steps": "250,500,1000", "--betas": "", "--eval-seeds-per-prompt": "4"}
+SMALL_BETA = SEARCH | {"--lrs": "", "--betas": "5", "--eval-seeds-per-prompt": "4"}
 TEN = ",".join(map(str, range(10)))
 OTHER_GUARDS = "guard-sft,guard-auto-beta,guard-update-auto-mu"
 REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
@@ -87,6 +89,8 @@ REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
     ("long", LONG | {"--lrs": "6.7e-5", "--seeds": TEN, "--methods": MAIN_METHODS}),
     ("offline", GRID | {"--lrs": "2e-4,2e-5,1e-3", "--seeds": TEN, "--methods": DORMANT}),
     ("long", LONG | {"--lrs": "6.7e-5", "--seeds": TEN, "--methods": DORMANT}),
+    ("small-beta", SMALL_BETA | {"--seeds": TEN, "--methods": f"dpo,{DORMANT}"}),
+    ("small-beta", SMALL_BETA | {"--seeds": TEN, "--methods": f"{DEFAULT_METHOD},guard-max-margin"}),
 )
 MEASURES = ("reward", "shape_iou", "diversity", "denoising_error")  # held-out; denoising error: lower is better
 
@@ -326,6 +330,8 @@ def assemble(parts: Path, path: Path) -> int:
     from stability_dormant import both_halves, goal_all_measures
 
     regimes = {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}
+    for report in regimes.values():  # the dormant safeguard's runs have their own file (stability_dormant)
+        report["runs"] = {k: r for k, r in report["runs"].items() if r["method"] != DORMANT}
     analysis = analyse(regimes)
     report = {
         "description": __doc__.split("\n\n")[0].replace("\n", " "),
