@@ -67,6 +67,7 @@ from benchmarks.studies.online_measures import (  # noqa: E402
     shape_templates,
     validate_shape_scorer,
 )
+from benchmarks.studies.stability_dormant import ONLINE_DORMANT, alarm_steps, tried_online  # noqa: E402
 from benchmarks.studies.stability_map import machine as stability_machine  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
@@ -90,6 +91,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "safeguard_space": "output",
         "safeguard_mu": "auto",
     },  # fmt: skip
+    "online-dormant-safeguard": {"online": True, **ONLINE_DORMANT},  # the offline switch target tried online
 }
 DEFAULT_METHODS = ("online-dpo", "online-sdpo-output", "online-sdpo-parameter", "offline-dpo")
 MEASURES = ("shape_iou", "shape_accuracy", "diversity", "denoising_error_change", "colour_reward")
@@ -267,6 +269,8 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
     from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
 
     seed, lr, method = task
+    if METHODS[method].get("on_pathology") == "safeguard":
+        tried_online()
     context = _CONTEXT
     assert context is not None, "the worker's context is built by _init_worker"
     grid = context.grid
@@ -319,6 +323,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         "safeguard_mu": trainer.args.safeguard_mu if trainer.args.safeguarded else None,  # as resolved
         "curve": curve,
         "history": history,
+        "alarm": alarm_steps(trainer.state.log_history),
         "seconds": round(time.perf_counter() - started, 2),
         "eval_seconds": round(eval_seconds[0], 2),
         "process_cpu_seconds": round(time.process_time() - cpu_started, 2),

@@ -60,6 +60,7 @@ from benchmarks.studies.online_comparison import (  # noqa: E402
     recipe_config_kwargs,
 )
 from benchmarks.studies.online_measures import drawings, shape_templates, validate_shape_scorer  # noqa: E402
+from benchmarks.studies.stability_dormant import ONLINE_DORMANT, alarm_steps, tried_online  # noqa: E402
 from benchmarks.studies.stability_guards import _png, _strip, sample_grid, write_block  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
@@ -76,6 +77,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "auto-beta": {"safeguard_space": "none", "auto_beta": True},
     "sdpo-parameter-auto": {"safeguard_space": "parameter", "safeguard_mu": "auto"},
     "sdpo-update-auto": {"safeguard_space": "update", "safeguard_mu": "auto"},
+    "dormant-safeguard": ONLINE_DORMANT,  # the offline switch target, tried online (stability_dormant)
 }
 LABELS = {
     "dpo": "Diffusion-DPO",
@@ -87,6 +89,7 @@ LABELS = {
     "auto-beta": "Diffusion-DPO, auto_beta",
     "sdpo-parameter-auto": "parameter space, mu=auto",
     "sdpo-update-auto": "update space, mu=auto",
+    "dormant-safeguard": "Diffusion-DPO, on_pathology=safeguard",
 }
 #: held-out measures: (name, +1 where higher is better for the user, -1 where lower is); brightness is the reward
 MEASURES = (
@@ -161,6 +164,8 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
     from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
 
     seed, lr, method = task
+    if METHODS[method] is ONLINE_DORMANT:
+        tried_online()
     context = _CONTEXT
     assert context is not None, "the worker's context is built by _init_worker"
     grid = context.grid
@@ -218,6 +223,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         "curve": curve,
         **extra,
         "history": history,
+        "alarm": alarm_steps(trainer.state.log_history),
         **({"samples": samples} if samples else {}),
         "seconds": round(time.perf_counter() - started, 2),
         "machine": machine(),

@@ -98,6 +98,28 @@ def both_halves(verdicts: dict[str, Any]) -> dict[str, Any]:
 
 
 DORMANT_OUTPUT = Path("benchmarks/results/cpu-stability-dormant-demo.json")
+#: the online studies' dormant setting: Diffusion-DPO with on_pathology="safeguard", switched to :func:`tried_online`
+ONLINE_DORMANT = {"safeguard_space": "none", "on_pathology": "safeguard"}
+
+
+def tried_online() -> None:
+    """Let this process's online runs switch to the offline target (``health.SWITCH_TO``) when the alarm fires. The
+    package refuses ``on_pathology="safeguard"`` online (``health.ONLINE_SWITCH_TO`` is ``None``); the online
+    studies' dormant runs measure what that refusal gives up."""
+    from trl_diffusion_sdpo.callbacks import health
+
+    health.ONLINE_SWITCH_TO = dict(health.SWITCH_TO)
+
+
+def alarm_steps(log_history: list[dict[str, Any]]) -> dict[str, int | None]:
+    """The step of the first training log with the pathology alarm on, and of the first with the dormant safeguard
+    on (``None``: never), from a trainer's ``state.log_history``."""
+    out: dict[str, int | None] = {"fired_at": None, "switched_at": None}
+    for entry in log_history:
+        for key, name in (("health/winner_pathology", "fired_at"), ("health/safeguard_on", "switched_at")):
+            if entry.get(key) == 1.0 and out[name] is None:
+                out[name] = int(entry["step"])
+    return out
 
 
 DORMANT_NOT_RUN = [

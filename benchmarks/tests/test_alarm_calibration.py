@@ -122,7 +122,7 @@ def test_an_online_run_never_names_a_safeguard_while_the_online_evidence_says_no
     evidence = online_evidence()  # raises where a file says a safeguard holds online
     assert evidence["rows"]["hacking"] and not any(row["holds"] for row in evidence["rows"]["hacking"])
     for args in _configs(tmp_path):
-        if not getattr(args, "online", False):
+        if not getattr(args, "is_online", False):
             continue
         found = remedies(args)
         assert not any(_SAFEGUARD_ON.search(remedy) for remedy in found), found

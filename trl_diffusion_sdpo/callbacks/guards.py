@@ -6,7 +6,7 @@
   in the output folder, in the same format), and the weights the validation grids sample from.
 * :class:`PathologyAction` (``on_pathology``): ``warn`` leaves the warning to health; ``escalate`` raises the
   safeguard's ``mu`` halfway to 1; ``stop`` saves a checkpoint and stops, through transformers' ``control``;
-  ``safeguard`` switches a Diffusion-DPO run to the safeguard of ``health.SWITCH_TO``, once.
+  ``safeguard`` switches a Diffusion-DPO run to the safeguard of ``health.switch_target``, once.
 * :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
 * :class:`GuardState`: the guards that adapt as the run goes (the auto-beta, ``safeguard_mu="auto"``, the
   escalations), each reducing over processes before it acts; what they have learnt is saved in every checkpoint's
@@ -29,7 +29,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..objectives import AutoBeta
-from .health import SWITCH_TO, WINDOWS
+from .health import WINDOWS, switch_target
 
 __all__ = [
     "EARLY_STOPPING_METRIC",
@@ -105,12 +105,19 @@ class PathologyAction:
     Args:
         action: ``warn``, ``escalate``, ``stop`` or ``safeguard`` (the config's ``on_pathology``).
         margin: the safeguard's ``mu`` (``escalate`` raises it); ``None`` without a safeguard.
-        switch: ``switch()`` turns the safeguard of :data:`~.health.SWITCH_TO` on for the steps after this log
-            (``safeguard``; the trainer's).
+        switch: ``switch()`` turns the safeguard ``switch_to`` on for the steps after this log (``safeguard``; the
+            trainer's).
+        switch_to: the fields of that safeguard (:func:`~.health.switch_target`), for the log line.
     """
 
-    def __init__(self, action: str, margin: Any | None = None, switch: Callable[[], Any] | None = None) -> None:
-        self.action, self.margin, self.switch = action, margin, switch
+    def __init__(
+        self,
+        action: str,
+        margin: Any | None = None,
+        switch: Callable[[], Any] | None = None,
+        switch_to: dict[str, Any] | None = None,
+    ) -> None:
+        self.action, self.margin, self.switch, self.switch_to = action, margin, switch, switch_to or {}
         self.switched_at: int | None = None  # the step of the log that switched the safeguard on
         self.escalations = 0
         self._logs_since = WINDOWS  # escalate at once; then again only once the raised mu has had WINDOWS logs
@@ -137,7 +144,7 @@ class PathologyAction:
                     "Step %d: on_pathology='safeguard': the pathology alarm fired (health/winner_pathology); training "
                     "goes on with the safeguard on (%s) from the next step.",
                     step,
-                    ", ".join(f"{k}={v!r}" for k, v in SWITCH_TO.items()),
+                    ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()),
                 )
             logs["health/safeguard_on"] = float(self.switched_at is not None)
         elif self.action == "stop" and fired:
@@ -176,7 +183,7 @@ class GuardState(TrainerCallback, ExportableState):
         """The guards ``args`` asks for; ``margin`` is the safeguard's (used only when a safeguard runs); ``switch``
         turns the dormant safeguard on (``on_pathology="safeguard"``)."""
         margin = margin if args.safeguard_space != "none" else None
-        action = PathologyAction(args.on_pathology, margin, switch)
+        action = PathologyAction(args.on_pathology, margin, switch, switch_target(args) if switch else None)
         return cls(AutoBeta.from_config(args, num_processes), margin, action)
 
     def log(self, logs: dict[str, float], control, step: int) -> None:

@@ -24,6 +24,8 @@ from ..safeguards import Safeguard, safeguard_for
 
 __all__ = [
     "EVIDENCE",
+    "NO_ONLINE_SWITCH",
+    "ONLINE_SWITCH_TO",
     "RULE",
     "SWITCH_TO",
     "WINDOWS",
@@ -32,6 +34,7 @@ __all__ = [
     "describe",
     "dormant_safeguard",
     "remedies",
+    "switch_target",
     "switched_config",
     "winner_pathology",
 ]
@@ -66,17 +69,33 @@ RULE = PathologyRule(windows=2, window_steps=10, min_delta_winner=0.02, max_impl
 EVIDENCE = "docs/research/alarm.md"
 """Where the rule's calibration is written up, for users (help texts and warnings name this page)."""
 SWITCH_TO: dict[str, Any] = {"safeguard_space": "output", "safeguard_mu": 0.5}
-"""What ``on_pathology="safeguard"`` switches a Diffusion-DPO run to when the alarm fires: the one setting that kept
-the held-out reward where Diffusion-DPO's fell (lr 2e-4: its change from the base includes 0, where every other guard's
-is below it; at 1e-3 none held; docs/research/stability.md). Offline only: online no setting held (docs/online.md)."""
+"""What ``on_pathology="safeguard"`` switches an offline Diffusion-DPO run to when the alarm fires: the one setting
+that kept the held-out reward where Diffusion-DPO's fell (lr 2e-4: its change from the base includes 0, where every
+other guard's is below it; at 1e-3 none held; docs/research/stability.md)."""
+ONLINE_SWITCH_TO: dict[str, Any] | None = None
+"""What it switches an online run to: nothing, so the online config refuses ``on_pathology="safeguard"``
+(:data:`NO_ONLINE_SWITCH` says why)."""
+NO_ONLINE_SWITCH = (
+    "online no safeguard setting held what online Diffusion-DPO lost, and the alarm fired in none of the online runs "
+    "(docs/online.md, docs/research/alarm.md), so there is nothing to switch to"
+)
 WINDOWS = RULE.windows  # the logs an escalation waits before it raises mu again (callbacks.guards.PathologyAction)
 
 
+def switch_target(args: Any) -> dict[str, Any] | None:
+    """The safeguard ``on_pathology="safeguard"`` switches ``args``'s run to in its regime: :data:`SWITCH_TO`
+    offline, :data:`ONLINE_SWITCH_TO` online (``None``: none)."""
+    return ONLINE_SWITCH_TO if getattr(args, "is_online", False) else SWITCH_TO
+
+
 def switched_config(args: Any) -> Any:
-    """A copy of ``args`` with the safeguard of :data:`SWITCH_TO` on (``on_pathology="safeguard"``'s, built when the
-    trainer is, so that the engine checks it before the first step)."""
+    """A copy of ``args`` with the safeguard of :func:`switch_target` on (``on_pathology="safeguard"``'s, built when
+    the trainer is, so that the engine checks it before the first step)."""
+    target = switch_target(args)
+    if target is None:
+        raise ValueError(f"on_pathology='safeguard': {NO_ONLINE_SWITCH}")
     switched = copy.copy(args)
-    for name, value in SWITCH_TO.items():
+    for name, value in target.items():
         setattr(switched, name, value)
     return switched
 
@@ -145,11 +164,11 @@ def remedies(args: Any | None) -> list[str]:
     (Diffusion-DPO broke at 2e-4, not at 2e-5). A smaller ``beta`` is not among them: no beta from 5 to 50000
     changed the picture at the demo's rate.
 
-    Online (a config with ``online`` set) never a safeguard: where online Diffusion-DPO was healthy every safeguard
+    Online (a config with ``is_online`` set) never a safeguard: where online Diffusion-DPO was healthy every safeguard
     setting cost held-out quality, and where it hacked its reward none kept what it lost (docs/online.md); so the
     safeguard's removal where it is on, then a smaller learning rate (online Diffusion-DPO was healthy at 2e-4 and
     hacked at 1e-3)."""
-    if args is not None and getattr(args, "online", False):
+    if args is not None and getattr(args, "is_online", False):
         online: list[str] = []
         if getattr(args, "safeguard_space", "none") not in (None, "none"):
             online.append("safeguard_space='none' (online, every safeguard setting cost held-out quality)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..callbacks.health import NO_ONLINE_SWITCH, switch_target
 from ..config import DiffusionSDPOConfig
 from ..config.checks import Choice, Range
 from ..config.docs import config_docstring
@@ -29,8 +30,6 @@ family and data settings apply unchanged to the generated pairs) and the generat
 @dataclass
 class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
     # The docstring is written at import from the fields' helps (config_docstring, below the class).
-    #: online training: what reads a config (health's remedies) tells the regimes apart by it; not a field
-    online = True  # unannotated, so not a dataclass field
 
     # Rewards
     reward_funcs: list[str] | None = option(
@@ -116,7 +115,8 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
     random_flip: bool = option(
         False, "Not used by online training (the generated latents are trained as sampled); must be False."
     )
-    # The mode's own defaults (config.defaults): safeguard_space unset is "none" online
+    # What reads a config tells the regimes apart by this (config.defaults: safeguard_space unset is "none" online;
+    # health's remedies and the dormant safeguard's target); unannotated, so not a dataclass field
     is_online = True
 
     def __post_init__(self) -> None:
@@ -181,11 +181,8 @@ def check_online_config(config) -> None:
     for name in ("random_flip", "random_crop", "independent_augmentation"):
         if getattr(config, name, False):
             raise ValueError(f"{name}=True: online training trains the sampled latents as they are; set {name}=False.")
-    if config.on_pathology == "safeguard":
-        raise ValueError(
-            "on_pathology='safeguard': online no safeguard setting held what online Diffusion-DPO lost "
-            "(docs/online.md), so there is none to switch to; use on_pathology='warn' or 'stop'."
-        )
+    if config.on_pathology == "safeguard" and switch_target(config) is None:
+        raise ValueError(f"on_pathology='safeguard': {NO_ONLINE_SWITCH}; use on_pathology='warn' or 'stop'.")
     if config.cache_latents:
         raise ValueError("cache_latents=True: online training has no dataset of images to cache; set it to False.")
     if config.loss_mask:
