@@ -70,7 +70,7 @@ GRID: dict[str, tuple[Any, ...]] = {
     "accuracy_must_grow": (False, True),
 }
 """The rules searched, each with ``window_steps=LOGGING_STEPS``."""
-SIGNALS = ("delta/winner", "delta/loser", "implicit_acc")
+SIGNALS = ("delta/winner", "delta/loser", "implicit_acc", "loss")
 
 
 def find(pattern: str, results: Path = RESULTS) -> list[Path]:

@@ -123,10 +123,76 @@ def alarm_steps(log_history: list[dict[str, Any]]) -> dict[str, int | None]:
 
 
 DORMANT_NOT_RUN = [
-    "online: the online config refuses on_pathology='safeguard' (no safeguard setting held online), so it has no "
-    "online regime to run in",
-    "the search's cells (Diffusion-DPO alone, 100 steps): no setting to pair with there",
+    "the search's other cells (Diffusion-DPO alone, 100 steps: beta 50, lr 5e-4 and 1e-3): no setting to pair with "
+    "there; its smallest beta (5) is the small-beta regime",
 ]
+#: the online studies' settings under this study's names, where it has them (the others keep theirs: LABELS)
+ONLINE_NAMES = {
+    "online-dpo": "dpo",
+    "online-dormant-safeguard": study.DORMANT,
+    "online-sdpo-output": study.DEFAULT_METHOD,
+    "sdpo-default": "sdpo-output-mu0.9",
+    "sdpo-output-auto": "guard-auto-mu",
+    "max-margin-5": "guard-max-margin",
+    "sft-1": "guard-sft",
+    "auto-beta": "guard-auto-beta",
+}
+LABELS = {**study.LABELS, "sdpo-output-mu0.9": "output space, mu=0.9", "ema-0.999": "Diffusion-DPO, ema_decay=0.999"}
+#: the online regimes: the online studies' files (``None``: only in this study's result file)
+ONLINE_REGIMES: dict[str, Path | None] = {
+    "online-hacking": Path("benchmarks/results/cpu-online-hacking-demo.json"),
+    "online-healthy": None,
+}
+#: this study's measures in the online studies' curves: the goal's reward is the held-out colour reward (the online
+#: hacking regime trains on brightness, which the caption never asks for)
+ONLINE_MEASURES = {"reward": "colour_reward", "shape_iou": "shape_iou", "diversity": "diversity"}
+ONLINE_MEASURES["denoising_error"] = "denoising_error"
+
+
+def from_online(report: dict[str, Any]) -> dict[str, Any]:
+    """An online study's runs at its grid's learning rate as this study's (:func:`study.analyse` reads them): the
+    settings renamed by :data:`ONLINE_NAMES`, the measures by :data:`ONLINE_MEASURES`, the base's as step ``"0"``."""
+    base = report["base"]["measures"]
+    lr = report.get("grid_learning_rate") or max(run["learning_rate"] for run in report["runs"].values())
+    runs = {}
+    for key, run in report["runs"].items():
+        if run["learning_rate"] != lr:
+            continue
+        steps = {"0": base, **run["curve"]}
+        runs[key] = {
+            "seed": run["seed"],
+            "learning_rate": lr,
+            "beta": report["config"]["beta"],
+            "method": ONLINE_NAMES.get(run["method"], run["method"]),
+            "measures": {s: {m: point[src] for m, src in ONLINE_MEASURES.items()} for s, point in steps.items()},
+            **({"alarm": run["alarm"]} if "alarm" in run else {}),
+        }
+    return {"runs": runs}
+
+
+def online_regimes(given: dict[str, Path], kept: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per online regime (:data:`ONLINE_REGIMES`): the online study's report as run (``given``: a file per regime,
+    else the regime ``kept`` in this study's result file), with the runs this study keeps: the dormant ones where
+    the regime has a stored file (the others are there), every run where it has none."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, stored in ONLINE_REGIMES.items():
+        if name in given:
+            report = json.loads(Path(given[name]).read_text())
+            dormant = [
+                k for k, r in report["runs"].items() if ONLINE_NAMES.get(r["method"], r["method"]) == study.DORMANT
+            ]
+            mine = {k: r for k, r in report["runs"].items() if stored is None or k in dormant}
+            out[name] = {**{k: v for k, v in report.items() if k not in ("analysis", "search")}, "runs": mine}
+        elif name in kept:
+            out[name] = kept[name]
+    return out
+
+
+def online_runs(name: str, report: dict[str, Any]) -> dict[str, Any]:
+    """The runs :func:`study.analyse` reads for online regime ``name``: its stored file's and this study's."""
+    stored = ONLINE_REGIMES[name]
+    runs = json.loads(stored.read_text())["runs"] if stored is not None else {}
+    return from_online({**report, "runs": {**runs, **report["runs"]}})
 
 
 def rerun_differences(stored: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
@@ -181,19 +247,26 @@ def verdict(halves: dict[str, Any], verdicts: dict[str, Any], method: str = stud
     }
 
 
-def assemble_dormant(parts: Path, stored_path: Path, path: Path, rerun: Path | None) -> int:
+def assemble_dormant(
+    parts: Path, stored_path: Path, path: Path, rerun: Path | None, online: dict[str, Path] | None = None
+) -> int:
     """The dormant safeguard's result file: its runs (from ``parts``), paired at the same seeds with the stored runs
     of every other setting in ``stored_path`` (the runs are deterministic on one machine: ``rerun``, a part file of
     stored runs trained again, records how close), with per cell the paired intervals against the base, Diffusion-DPO
-    and the best fixed setting, the two halves on every judged measure, and the rule's verdict."""
+    and the best fixed setting, the two halves on every judged measure, and the rule's verdict. The online regimes
+    (:func:`online_regimes`; ``online`` names a file per regime, else the stored one, else this result file's)
+    are judged the same way on the online studies' held-out measures (:data:`ONLINE_MEASURES`)."""
     stored = json.loads(stored_path.read_text())
+    kept = json.loads(path.read_text()).get("online_regimes", {}) if path.exists() else {}
+    online_found = online_regimes(online or {}, kept)
     mine: dict[str, dict[str, Any]] = {}
     for part in sorted(parts.glob("*.json")):
         report = json.loads(part.read_text())
         runs = {k: r for k, r in report["runs"].items() if r["method"] == study.DORMANT}
         if runs:
             held = stored["regimes"][part.stem]["invocations"]
-            new = [i for i in report["invocations"] if i not in held]  # those --reuse copied are the stored runs
+            # those --reuse copied are the stored runs'; none left: the dormant runs trained beside the stored ones
+            new = [i for i in report["invocations"] if i not in held] or report["invocations"]
             mine[part.stem] = {**{k: report[k] for k in ("grid", "base", "recipe")}, "invocations": new, "runs": runs}
     merged = {
         name: {**stored["regimes"][name], "runs": {**stored["regimes"][name]["runs"], **report["runs"]}}
@@ -204,17 +277,24 @@ def assemble_dormant(parts: Path, stored_path: Path, path: Path, rerun: Path | N
         name: {cell: entry for cell, entry in by_cell.items() if (name, cell) in cells}
         for name, by_cell in study.analyse(merged).items()
     }
+    read = {name: online_runs(name, report) for name, report in online_found.items()}
+    analysis.update(study.analyse(read))
     verdicts = goal_all_measures(analysis)
     halves = both_halves(verdicts)
+    dormant_runs = {name: report["runs"] for name, report in mine.items()}
+    dormant_runs |= {n: {k: r for k, r in v["runs"].items() if r["method"] == study.DORMANT} for n, v in read.items()}
     report = {
         "description": "The dormant safeguard (Diffusion-DPO with on_pathology='safeguard': the output-space "
         "safeguard at mu=0.5 from the step after the pathology alarm fires) in the stability benchmark's regimes, "
-        "paired at the same seeds with the stored runs of Diffusion-DPO and every fixed setting.",
+        "paired at the same seeds with the stored runs of Diffusion-DPO and every fixed setting. Online, where the "
+        "package refuses on_pathology='safeguard', the runs try the offline target (stability_dormant.tried_online).",
         "paired_with": str(stored_path),
         "measures": stored["measures"],
+        "online_measures": {k: f"the online study's held-out {v}" for k, v in ONLINE_MEASURES.items()},
         "reproducibility": rerun_differences(stored, json.loads(rerun.read_text())) if rerun else "not measured",
         "regimes": mine,
-        "alarms": {name: alarms(report["runs"]) for name, report in mine.items()},
+        "online_regimes": online_found,
+        "alarms": {name: alarms(runs) for name, runs in dormant_runs.items()},
         "analysis": analysis,
         "goal_all_measures": verdicts,
         "both_halves": halves,
@@ -248,7 +328,7 @@ def dormant_tables(path: Path) -> str:
                 f"{len(mine['seeds'])} seeds (Diffusion-DPO vs base: its {len(entry['dpo']['seeds'])}); "
                 f"switched in {alarm['switched']} of {alarm['runs']} runs"
                 + (f" (at step {', '.join(map(str, at))})" if at else "")
-                + f"; best fixed setting: {study.LABELS.get(best, best)}:",
+                + f"; best fixed setting: {LABELS.get(best, best)}:",
                 "",
                 "| measure | Diffusion-DPO vs base | dormant vs base | dormant vs Diffusion-DPO "
                 "| dormant vs best fixed |",
@@ -267,7 +347,7 @@ def dormant_tables(path: Path) -> str:
         judged = ", ".join(
             f"{m} " + ("met" if v["met"] else f"missed by {v['miss']:.3f}") for m, v in item["measures"].items()
         )
-        others = [study.LABELS.get(m, m) for m, v in verdict["settings"].items() if m != study.DORMANT and v["met"]]
+        others = [LABELS.get(m, m) for m, v in verdict["settings"].items() if m != study.DORMANT and v["met"]]
         lines.append(
             f"- {cell}: {item['half']}: {'meets' if item['met'] else 'misses'} ({judged}); fixed settings "
             f"meeting it: {', '.join(others) or 'none'}"

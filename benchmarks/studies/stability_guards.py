@@ -501,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--stored", default=Path("benchmarks/results/cpu-stability-guards-demo.json"), type=Path)
     parser.add_argument("--rerun", default=None, type=Path, help="dormant: a part of stored runs trained again.")
+    parser.add_argument(
+        "--online",
+        action="append",
+        default=[],
+        metavar="REGIME=FILE",
+        help="dormant: an online study's file holding the regime's dormant runs (online-hacking, online-healthy).",
+    )
     parser.add_argument("--cell", default="offline/lr0.0002-beta5000", help="figure: the cell (regime/lr..-beta..).")
     parser.add_argument("--page", default=None, type=Path, help="tables: rewrite this page's marked block.")
     parser.add_argument("--figure", default="docs/images/stability_guards_samples.png", type=Path)
@@ -510,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     from stability_dormant import DORMANT_END, DORMANT_OUTPUT, DORMANT_START, assemble_dormant, dormant_tables
 
     if args.command == "dormant":
-        return assemble_dormant(args.parts, args.stored, args.json or DORMANT_OUTPUT, args.rerun)
+        online = dict(item.split("=", 1) for item in args.online)
+        output = args.json or DORMANT_OUTPUT
+        return assemble_dormant(args.parts, args.stored, output, args.rerun, {k: Path(v) for k, v in online.items()})
     if args.command == "dormant-tables":
         args.json = args.json or DORMANT_OUTPUT
     args.json = args.json or args.stored

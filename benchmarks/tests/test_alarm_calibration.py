@@ -179,6 +179,27 @@ def test_the_dormant_safeguard_switches_to_the_setting_that_held_where_diffusion
     assert breaking and held == {f"sdpo-{SWITCH_TO['safeguard_space']}-mu{SWITCH_TO['safeguard_mu']:g}"}
 
 
+def test_the_online_refusal_states_what_the_evidence_holds(written, runs):
+    """``health.NO_ONLINE_SWITCH`` (why the online config refuses ``on_pathology="safeguard"``) against the files: no
+    online setting held where online Diffusion-DPO hacked its reward, the calibrated alarm, replayed here, fires on
+    none of the online runs, and it switched none of the online dormant runs that ran it live."""
+    from benchmarks.studies.stability_dormant import DORMANT_OUTPUT
+    from trl_diffusion_sdpo.callbacks.health import NO_ONLINE_SWITCH, ONLINE_SWITCH_TO
+
+    assert ONLINE_SWITCH_TO is None
+    assert (
+        "no safeguard setting held" in NO_ONLINE_SWITCH
+        and "the alarm fired in none of the online runs" in NO_ONLINE_SWITCH
+    )
+    assert not any(row["holds"] for row in online_evidence()["rows"]["hacking"])
+    online = [r for r in runs if r["regime"] == "online"]
+    assert len(online) >= 100
+    assert all(study.fires(r, RULE, written["logging_steps"]) is None for r in online)
+    live = json.loads((ROOT / DORMANT_OUTPUT).read_text())["alarms"]
+    regimes = [name for name in live if name.startswith("online")]
+    assert regimes and all(cell["switched"] == 0 for name in regimes for cell in live[name].values())
+
+
 @pytest.mark.parametrize("word,guarded", [("safeguard_off", False), ("safeguard_on", True)])
 def test_each_signals_separation_is_its_mann_whitney_statistic(written, runs, word, guarded):
     """The written separation of each signal against scipy's Mann-Whitney U over the same values (U / (n1 n2) is the

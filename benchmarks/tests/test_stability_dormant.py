@@ -177,11 +177,33 @@ def test_dormant_runs_train_as_diffusion_dpo_until_the_switch(written: dict) -> 
             if switched is None and int(last) <= REPRODUCED:
                 for measure in study.MEASURES:
                     assert run["measures"][last][measure] == pytest.approx(dpo["measures"][last][measure], abs=1e-4)
-            elif switched is not None:  # the safeguard acts on the gradient of step switched + 1
+            elif switched is not None and switched + 1 < len(mine):  # it acts on the gradient of step switched + 1
                 after = np.abs(mine[switched + 1 :] - theirs[switched + 1 :]) / (np.abs(theirs[switched + 1 :]) + 1e-3)
                 assert np.median(after) > 0.05
             checked += 1
     assert checked >= 30
+
+
+def test_online_dormant_runs_the_alarm_left_alone_are_diffusion_dpos(written: dict) -> None:
+    """Online, each dormant run's alarm never switched it (the online config's reason to refuse the setting), and its
+    winner error along the run is its seed's Diffusion-DPO run's: the stored one on the online hacking regime, the
+    one trained beside it on the healthy regime (the first :data:`REPRODUCED` steps, within a rerun's float noise);
+    the healthy regime's, trained in one process pool with it, end with the same held-out measures."""
+    checked = 0
+    for name, regime in written["online_regimes"].items():
+        stored = dormant.ONLINE_REGIMES[name]
+        pairs = json.loads((ROOT / stored).read_text())["runs"] if stored is not None else regime["runs"]
+        for key, run in regime["runs"].items():
+            if dormant.ONLINE_NAMES.get(run["method"], run["method"]) != study.DORMANT:
+                continue
+            assert run["alarm"] == {"fired_at": None, "switched_at": None}, key
+            dpo = pairs[key.replace(run["method"], "online-dpo" if stored is None else "dpo")]
+            mine, theirs = np.array(run["history"]["delta/winner"]), np.array(dpo["history"]["delta/winner"])
+            np.testing.assert_allclose(mine[:REPRODUCED], theirs[:REPRODUCED], rtol=0, atol=1e-3)
+            if stored is None:
+                assert run["curve"] == dpo["curve"], key
+            checked += 1
+    assert checked >= 20
 
 
 def test_the_research_page_quotes_the_result_file() -> None:

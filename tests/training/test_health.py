@@ -166,6 +166,32 @@ def test_the_dormant_safeguard_is_offline_only_and_needs_the_safeguard_off(tmp_p
         OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
 
 
+def test_the_dormant_safeguards_target_is_decided_per_regime_in_one_place(tmp_path, monkeypatch):
+    """Offline the switch goes to ``SWITCH_TO``; online to ``ONLINE_SWITCH_TO``, which is none, so the online config
+    refuses with the one stated reason. Given a target there, the online config takes it and the switch uses it."""
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.callbacks import health
+    from trl_diffusion_sdpo.callbacks.guards import GuardState
+    from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
+
+    offline = DiffusionSDPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard", safeguard_space="none"
+    )
+    assert health.switch_target(offline) == health.SWITCH_TO
+    assert health.ONLINE_SWITCH_TO is None
+    with pytest.raises(ValueError) as refused:
+        OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
+    assert health.NO_ONLINE_SWITCH in str(refused.value)
+    target = {"safeguard_space": "output", "safeguard_mu": 0.7}
+    monkeypatch.setattr(health, "ONLINE_SWITCH_TO", target)
+    online = OnlineDiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, on_pathology="safeguard")
+    switched = health.switched_config(online)
+    assert (switched.safeguard_space, switched.safeguard_mu) == ("output", 0.7)
+    assert (online.safeguard_space, health.switched_config(offline).safeguard_mu) == ("none", 0.5)
+    action = GuardState.from_config(online, 1, None, switch=lambda: None).action
+    assert action.switch_to == target  # the warning names what the run switches to
+
+
 def test_every_process_switches_at_the_same_step_from_the_reduced_signals():
     """Two processes with different pairs, each reducing its window's metrics with the other's (a fake all-reduce
     over a barrier) before its own alarm and action read them, as the trainer's ``log`` does."""
