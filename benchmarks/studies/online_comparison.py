@@ -17,7 +17,8 @@ Two controls, run with ``--methods``: ``offline-sdpo-parameter`` (the parameter-
 instead of the sampler's final latents). Two more online settings, run with ``--methods``: ``online-sdpo-default``
 (``safeguard_mu`` 0.9, the authors' SD1.5 value, which the demo base's family resolved to when the runs were made) and
 ``online-sdpo-output-auto`` (``safeguard_mu="auto"``): what the default costs online where Diffusion-DPO is healthy,
-beside the online hacking regime (``online_hacking.py``) where it breaks.
+beside the online hacking regime (``online_hacking.py``) where it breaks. ``online-dormant-safeguard``: Diffusion-DPO
+with ``on_pathology="safeguard"`` tried online (``stability_dormant.py``, whose result file holds its runs).
 
 Images seen are matched: each online step samples ``--num-generations 2`` images per prompt and trains the one pair
 (best against worst), as each offline pair is two base samples ranked; both sample with the demo's DDIM steps and

@@ -77,8 +77,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "auto-beta": {"safeguard_space": "none", "auto_beta": True},
     "sdpo-parameter-auto": {"safeguard_space": "parameter", "safeguard_mu": "auto"},
     "sdpo-update-auto": {"safeguard_space": "update", "safeguard_mu": "auto"},
-    "dormant-safeguard": ONLINE_DORMANT,  # the offline switch target, tried online (stability_dormant)
+    "dormant-safeguard": ONLINE_DORMANT,  # the offline switch target, tried online: its runs are stability_dormant's
 }
+DORMANT = "dormant-safeguard"
 LABELS = {
     "dpo": "Diffusion-DPO",
     "sdpo-default": "output space, mu=0.9",
@@ -450,7 +451,7 @@ def _finish(path: Path, report: dict[str, Any]) -> None:
     done = {s["learning_rate"] for s in report.get("search", [])}
     report["not_run"] = [
         *(f"the search's learning rate {v:g}: the search stopped before it" for v in (3e-3, 1e-2) if v not in done),
-        *(f"the setting {LABELS[m]}" for m in METHODS if lr is not None and not _runs(report, lr, m)),
+        *(f"the setting {LABELS[m]}" for m in METHODS if lr is not None and not _runs(report, lr, m) and m != DORMANT),
         *NOT_RUN,
     ]
     _write(path, report)

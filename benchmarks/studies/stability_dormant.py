@@ -182,7 +182,13 @@ def online_regimes(given: dict[str, Path], kept: dict[str, Any]) -> dict[str, di
                 k for k, r in report["runs"].items() if ONLINE_NAMES.get(r["method"], r["method"]) == study.DORMANT
             ]
             mine = {k: r for k, r in report["runs"].items() if stored is None or k in dormant}
-            out[name] = {**{k: v for k, v in report.items() if k not in ("analysis", "search")}, "runs": mine}
+            held = json.loads(stored.read_text())["invocations"] if stored is not None else []
+            new = [i for i in report["invocations"] if i not in held]  # the stored file's record its own runs
+            out[name] = {
+                **{k: v for k, v in report.items() if k not in ("analysis", "search")},
+                "invocations": new,
+                "runs": mine,
+            }
         elif name in kept:
             out[name] = kept[name]
     return out

@@ -144,6 +144,32 @@ def test_reuse_fills_only_the_missing_parts(tmp_path: Path) -> None:
     assert json.loads((parts / "long.json").read_text()) == {"runs": {"mine": 3}}
 
 
+def test_an_online_study_is_judged_on_its_held_out_colour_reward_under_this_studys_names() -> None:
+    """An online study's runs (curves per evaluation step, the base's measures apart, settings under its own names,
+    the trained brightness beside the colour reward): the dormant setting's paired difference from Diffusion-DPO on
+    the goal's reward is the colour reward's, seed by seed, by hand; runs at another learning rate are left out."""
+    base = {"colour_reward": 0.87, "brightness": 0.5, "shape_iou": 0.78, "diversity": 0.15, "denoising_error": 0.04}
+
+    def run(method: str, seed: int, colour: float, lr: float = 1e-3) -> dict:
+        point = {**base, "colour_reward": base["colour_reward"] + colour, "brightness": 0.9}
+        return {"seed": seed, "learning_rate": lr, "method": method, "curve": {"60": point}}
+
+    runs = {f"seed{s}-dpo": run("online-dpo", s, -0.01 * (s + 1)) for s in SEEDS}
+    runs |= {f"seed{s}-dormant": run("online-dormant-safeguard", s, -0.005 * s) for s in SEEDS}
+    runs |= {f"seed{s}-dpo-search": run("online-dpo", s, 0.5, lr=1e-2) for s in SEEDS}
+    report = {"base": {"measures": base}, "config": {"beta": 5000.0}, "grid_learning_rate": 1e-3, "runs": runs}
+    converted = dormant.from_online(report)
+    assert {r["method"] for r in converted["runs"].values()} == {"dpo", study.DORMANT}
+    entry = study.analyse({"online-hacking": converted})["online-hacking"]["lr0.001-beta5000"]
+    differences = [-0.005 * s + 0.01 * (s + 1) for s in SEEDS]
+    paired = entry[study.DORMANT]["steps"]["60"]["reward"]["vs_dpo"]
+    assert paired["mean"] == pytest.approx(np.mean(differences))
+    assert paired["ci95"] == pytest.approx(list(_t(differences)))
+    assert entry["dpo"]["steps"]["60"]["reward"]["vs_base"]["mean"] == pytest.approx(
+        -0.01 * np.mean([s + 1 for s in SEEDS])
+    )
+
+
 def test_alarm_steps_are_the_first_logs_with_each_flag() -> None:
     evaluator = study.HeldOutMeasures.__new__(study.HeldOutMeasures)  # no model: on_log reads the logs alone
     evaluator.alarm = {"fired_at": None, "switched_at": None}
