@@ -180,7 +180,7 @@ def layer_rows(preset: str, pairs: int, repeats: int) -> dict[str, Any]:
     for k, layer in enumerate(layers):
         if k in grads:
             single.layers = [layer]
-            rows.append(_layer_row(single, store._views.__getitem__, seen[k], grads[k], repeats))
+            rows.append(_layer_row(single, store._destination, seen[k], grads[k], repeats))
 
     def totals(selected: list[dict[str, Any]]) -> dict[str, float | None]:
         native = sum(r["native_us"] for r in selected) / 1000

@@ -126,7 +126,7 @@ def make_routes(
 
             def route() -> None:
                 zero()
-                with restricted.tapping(2, destination=store._views.__getitem__):
+                with restricted.tapping(2, destination=store._destination):
                     out = unet(*inputs, return_dict=False)[0]
                     out.backward(cotangents(out, target))
 
