@@ -1,7 +1,10 @@
 """The dormant safeguard's analysis in :mod:`stability_guards`' study: the goal judged on every held-out measure,
 the dormant runs paired with the stored runs of the same seeds, the alarm's steps, the verdict and the docs' tables.
+The online regimes come from the online studies (``online_hacking.py``, ``online_comparison.py``), whose dormant
+setting tries the offline switch target online (:func:`tried_online`), judged on their held-out colour reward.
 
-    python benchmarks/studies/stability_guards.py dormant --parts /tmp/dormant-parts
+    python benchmarks/studies/stability_guards.py dormant --parts /tmp/dormant-parts \
+        --online online-hacking=/tmp/online-hacking.json --online online-healthy=/tmp/online-healthy.json
     python benchmarks/studies/stability_guards.py dormant-tables --page docs/research/stability.md
 """
 
