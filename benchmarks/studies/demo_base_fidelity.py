@@ -124,7 +124,7 @@ def _shown(folder: Path | None) -> str | None:
     if folder is None:
         return None
     folder = Path(folder).resolve()
-    return str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
+    return str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else folder.name
 
 
 def _means(values: dict[str, np.ndarray]) -> dict[str, float]:
@@ -211,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
                 "background_match": "the background colour (2) nearest the outer 2-pixel ring is the caption's",
                 "colour_reward": "the demo's colour reward (shapes.colour_reward)",
             },
-            "base": {"source": source, "folder": _shown(folder), "recipe_hash": recipe_hash(recipe)},
+            "base": {
+                "source": source,
+                "folder": _shown(folder),
+                "recipe_hash": recipe_hash(recipe),
+                **({} if args.base is None else {"recipe": recipe.to_dict()}),  # another base: how it was trained
+                **(
+                    {"pretrain_seconds": record["pretrain_seconds"]} if record and "pretrain_seconds" in record else {}
+                ),
+            },
             "sampling": {
                 "per_caption": args.per_caption,
                 "num_inference_steps": demo.num_inference_steps,

@@ -87,3 +87,21 @@ def test_a_tiny_run_writes_every_measure(tmp_path, capsys):
         assert set(report[column]) == set(study.MEASURES)
     assert report["base"]["source"] == "shipped"
     assert "captions drawn as captioned" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_another_base_is_recorded_with_its_recipe_and_no_machine_path(tmp_path):
+    from trl_diffusion_sdpo.demo.pretrain import PretrainRecipe, pretrain_base, recipe_hash, save_base
+
+    recipe = PretrainRecipe.tiny()
+    folder = save_base(pretrain_base(recipe), recipe, tmp_path / "candidate", extra={"pretrain_seconds": 1.5})
+    out = tmp_path / "fidelity.json"
+    assert study.main(["--base", str(folder), "--per-caption", "1", "--json", str(out)]) == 0
+    base = json.loads(out.read_text())["base"]
+    assert base == {
+        "source": "folder",
+        "folder": "candidate",
+        "recipe_hash": recipe_hash(recipe),
+        "recipe": json.loads(json.dumps(recipe.to_dict())),
+        "pretrain_seconds": 1.5,
+    }
