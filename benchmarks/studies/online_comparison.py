@@ -68,7 +68,8 @@ from benchmarks.studies.online_measures import (  # noqa: E402
     shape_templates,
     validate_shape_scorer,
 )
-from benchmarks.studies.stability_dormant import ONLINE_DORMANT, alarm_steps, tried_online  # noqa: E402
+from benchmarks.studies.stability_dormant import ONLINE_DORMANT, tried_online  # noqa: E402
+from benchmarks.studies.stability_guards import alarm_steps  # noqa: E402
 from benchmarks.studies.stability_map import machine as stability_machine  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402

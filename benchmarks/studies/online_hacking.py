@@ -60,8 +60,8 @@ from benchmarks.studies.online_comparison import (  # noqa: E402
     recipe_config_kwargs,
 )
 from benchmarks.studies.online_measures import drawings, shape_templates, validate_shape_scorer  # noqa: E402
-from benchmarks.studies.stability_dormant import ONLINE_DORMANT, alarm_steps, tried_online  # noqa: E402
-from benchmarks.studies.stability_guards import _png, _strip, sample_grid, write_block  # noqa: E402
+from benchmarks.studies.stability_dormant import ONLINE_DORMANT, tried_online  # noqa: E402
+from benchmarks.studies.stability_guards import DORMANT, _png, _strip, alarm_steps, sample_grid, write_block  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
@@ -77,9 +77,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "auto-beta": {"safeguard_space": "none", "auto_beta": True},
     "sdpo-parameter-auto": {"safeguard_space": "parameter", "safeguard_mu": "auto"},
     "sdpo-update-auto": {"safeguard_space": "update", "safeguard_mu": "auto"},
-    "dormant-safeguard": ONLINE_DORMANT,  # the offline switch target, tried online: its runs are stability_dormant's
+    DORMANT: ONLINE_DORMANT,  # the offline switch target, tried online: its runs are stability_dormant's
 }
-DORMANT = "dormant-safeguard"
 LABELS = {
     "dpo": "Diffusion-DPO",
     "sdpo-default": "output space, mu=0.9",
@@ -90,7 +89,7 @@ LABELS = {
     "auto-beta": "Diffusion-DPO, auto_beta",
     "sdpo-parameter-auto": "parameter space, mu=auto",
     "sdpo-update-auto": "update space, mu=auto",
-    "dormant-safeguard": "Diffusion-DPO, on_pathology=safeguard",
+    DORMANT: "Diffusion-DPO, on_pathology=safeguard",
 }
 #: held-out measures: (name, +1 where higher is better for the user, -1 where lower is); brightness is the reward
 MEASURES = (
@@ -165,7 +164,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
     from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
 
     seed, lr, method = task
-    if METHODS[method] is ONLINE_DORMANT:
+    if METHODS[method].get("on_pathology") == "safeguard":
         tried_online()
     context = _CONTEXT
     assert context is not None, "the worker's context is built by _init_worker"

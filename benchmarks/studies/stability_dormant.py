@@ -114,17 +114,6 @@ def tried_online() -> None:
     health.ONLINE_SWITCH_TO = dict(health.SWITCH_TO)
 
 
-def alarm_steps(log_history: list[dict[str, Any]]) -> dict[str, int | None]:
-    """The step of the first training log with the pathology alarm on, and of the first with the dormant safeguard
-    on (``None``: never), from a trainer's ``state.log_history``."""
-    out: dict[str, int | None] = {"fired_at": None, "switched_at": None}
-    for entry in log_history:
-        for key, name in (("health/winner_pathology", "fired_at"), ("health/safeguard_on", "switched_at")):
-            if entry.get(key) == 1.0 and out[name] is None:
-                out[name] = int(entry["step"])
-    return out
-
-
 DORMANT_NOT_RUN = [
     "the search's other cells (Diffusion-DPO alone, 100 steps: beta 50, lr 5e-4 and 1e-3): no setting to pair with "
     "there; its smallest beta (5) is the small-beta regime",
@@ -148,8 +137,12 @@ ONLINE_REGIMES: dict[str, Path | None] = {
 }
 #: this study's measures in the online studies' curves: the goal's reward is the held-out colour reward (the online
 #: hacking regime trains on brightness, which the caption never asks for)
-ONLINE_MEASURES = {"reward": "colour_reward", "shape_iou": "shape_iou", "diversity": "diversity"}
-ONLINE_MEASURES["denoising_error"] = "denoising_error"
+ONLINE_MEASURES = {
+    "reward": "colour_reward",
+    "shape_iou": "shape_iou",
+    "diversity": "diversity",
+    "denoising_error": "denoising_error",
+}
 
 
 def from_online(report: dict[str, Any]) -> dict[str, Any]:

@@ -107,6 +107,17 @@ def guard_methods(max_margin: float, sft_weight: float) -> tuple[Method, ...]:
     )
 
 
+def alarm_steps(logs: list[dict[str, Any]]) -> dict[str, int | None]:
+    """The step of the first training log with the pathology alarm on, and (``on_pathology="safeguard"``) of the
+    first with the dormant safeguard on (``None``: never), from logs such as a trainer's ``state.log_history``."""
+    out: dict[str, int | None] = {"fired_at": None, "switched_at": None}
+    for entry in logs:
+        for key, name in (("health/winner_pathology", "fired_at"), ("health/safeguard_on", "switched_at")):
+            if entry.get(key) == 1.0 and out[name] is None:
+                out[name] = int(entry["step"])
+    return out
+
+
 def _png(images: np.ndarray) -> str:
     """``[N, H, W, 3]`` floats in [0, 1] as one base64 PNG strip."""
     strip = np.concatenate(list((np.clip(images, 0, 1) * 255).round().astype(np.uint8)), axis=1)
@@ -131,12 +142,9 @@ class HeldOutMeasures(stability_map.EvaluateAt):
         self.alarm: dict[str, int | None] = {"fired_at": None, "switched_at": None}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        """The first step whose log has the pathology alarm on, and (``on_pathology="safeguard"``) the first whose
-        log has the safeguard on: the trainer annotates each log before the callbacks see it."""
-        logs = logs or {}
-        for key, name in (("health/winner_pathology", "fired_at"), ("health/safeguard_on", "switched_at")):
-            if logs.get(key) == 1.0 and self.alarm[name] is None:
-                self.alarm[name] = int(state.global_step)
+        """:func:`alarm_steps` as the logs come: the trainer annotates each log before the callbacks see it."""
+        seen = alarm_steps([{**(logs or {}), "step": state.global_step}])
+        self.alarm = {name: self.alarm[name] if self.alarm[name] is not None else step for name, step in seen.items()}
 
     def on_train_begin(self, args, state, control, **kwargs):
         key = self.recipe.eval_seeds_per_prompt

@@ -173,10 +173,16 @@ def test_an_online_study_is_judged_on_its_held_out_colour_reward_under_this_stud
 def test_alarm_steps_are_the_first_logs_with_each_flag() -> None:
     evaluator = study.HeldOutMeasures.__new__(study.HeldOutMeasures)  # no model: on_log reads the logs alone
     evaluator.alarm = {"fired_at": None, "switched_at": None}
+    history = []
     for step, (fired, on) in enumerate([(0, 0), (1, 1), (0, 1), (1, 1)], start=1):
         state = type("State", (), {"global_step": step})()
-        evaluator.on_log(None, state, None, logs={"health/winner_pathology": float(fired), "health/safeguard_on": on})
+        logs = {"health/winner_pathology": float(fired), "health/safeguard_on": on}
+        evaluator.on_log(None, state, None, logs=logs)
+        history.append({**logs, "step": step})
     assert evaluator.alarm == {"fired_at": 2, "switched_at": 2}
+    assert study.alarm_steps(history) == evaluator.alarm  # a finished run's log history reads the same
+    late = [{"health/winner_pathology": 1.0, "step": 10}, {"health/safeguard_on": 1.0, "step": 20}]
+    assert study.alarm_steps(late) == {"fired_at": 10, "switched_at": 20}
 
 
 @pytest.fixture(scope="module")
