@@ -48,6 +48,9 @@ SOURCES: tuple[str, ...] = (
     "cpu-online-comparison-tiny.json",
 )
 """The result files the runs come from (file name patterns), the one place they are named."""
+OTHER_BASE = "cpu-safeguard-comparison-shipped-base-runs.json"
+"""Runs on another base (the shipped one; the studies train the benchmark's): the rules are reported on them too,
+never chosen on them."""
 OUTPUT = RESULTS / "cpu-alarm-calibration.json"
 PAGE = ROOT / "docs" / "research" / "alarm.md"
 START, END = "<!-- alarm-tables:start -->", "<!-- alarm-tables:end -->"
@@ -96,11 +99,11 @@ def _run(source: str, key: str, run: dict[str, Any], reward: dict[int, float], d
     }
 
 
-def load_runs(results: Path = RESULTS) -> list[dict[str, Any]]:
-    """Every run with a history in the files of :data:`SOURCES`: its signals per step and its held-out changes from
+def load_runs(results: Path = RESULTS, sources: tuple[str, ...] = SOURCES) -> list[dict[str, Any]]:
+    """Every run with a history in the files of ``sources``: its signals per step and its held-out changes from
     the base at each evaluation step."""
     runs: list[dict[str, Any]] = []
-    for pattern in SOURCES:
+    for pattern in sources:
         paths = find(pattern, results)
         if not paths:
             raise FileNotFoundError(f"no {pattern} under {results}")
@@ -240,6 +243,9 @@ def analyse(results: Path = RESULTS) -> dict[str, Any]:
         for name, rule in rules.items()
     }
     matrices["today"]["all_runs_demo_logging"] = _by(runs, TODAY, DEMO_LOGGING_STEPS)
+    other = load_runs(results, (OTHER_BASE,))
+    for name, rule in rules.items():
+        matrices[name]["other_base_runs"] = _by(other, rule)
     for name, rule in rules.items():
         for guarded, word in ((False, "safeguard_off"), (True, "safeguard_on")):
             held_out = [r for r in halves["report"] if safeguarded(r) == guarded]
@@ -260,6 +266,7 @@ def analyse(results: Path = RESULTS) -> dict[str, Any]:
         "what": "The pathology alarm (trl_diffusion_sdpo.callbacks.health) replayed on every run of the stability "
         "benchmark, against each run's held-out colour reward (benchmarks/studies/alarm_calibration.py).",
         "sources": sorted({r["source"] for r in runs}),
+        "other_base": f"{OTHER_BASE}: the shipped base's runs, labelled and replayed alike, chosen on by no rule",
         "label": f"fell: the held-out colour reward at the last eval step more than {TOLERANCE} below the base's",
         "tolerance": TOLERANCE,
         "logging_steps": LOGGING_STEPS,
@@ -311,7 +318,7 @@ def tables(result: dict[str, Any]) -> str:
     ]
     names = {"report_runs": "held-out (odd seeds)", "choose_runs": "chosen on (even seeds)", "all_runs": "all",
              "all_runs_demo_logging": "all, logging_steps=1", "report_runs_safeguard_off": "held-out, safeguard off",
-             "report_runs_safeguard_on": "held-out, safeguard on"}  # fmt: skip
+             "report_runs_safeguard_on": "held-out, safeguard on", "other_base_runs": "the shipped base"}  # fmt: skip
     rules = {"today": "before calibration", "calibrated": "calibrated"}
     for rule, matrices in result["confusion"].items():
         for which, m in matrices.items():

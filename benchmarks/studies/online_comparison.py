@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/studies/online_comparison.py \\
         --json benchmarks/results/cpu-online-comparison-tiny.json
 
-Four methods on the demo's shipped base, with the same LoRA (the demo's rank 8 adapters), learning rate, beta,
-optimizer steps and pairs per step (``--batch-size``), trained on the demo's colour reward:
+Four methods on the benchmark's base (``stability_map.STUDY_BASE``), with the same LoRA (the demo's rank 8 adapters),
+learning rate, beta, optimizer steps and pairs per step (``--batch-size``), trained on the demo's colour reward:
 
 * ``online-dpo``: ``OnlineDiffusionSDPOTrainer``, ``safeguard_space="none"`` (the reference of the paired comparison);
 * ``online-sdpo-output``: the same, ``safeguard_space="output"`` (mu 0.5, the default);
@@ -71,6 +71,7 @@ from benchmarks.studies.online_measures import (  # noqa: E402
 from benchmarks.studies.stability_dormant import ONLINE_DORMANT, tried_online  # noqa: E402
 from benchmarks.studies.stability_guards import alarm_steps  # noqa: E402
 from benchmarks.studies.stability_map import machine as stability_machine  # noqa: E402
+from benchmarks.studies.stability_map import study_pipeline  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
@@ -133,16 +134,12 @@ class Context:
     """What every run of an invocation shares: the base, the held-out captions and drawings, the evaluation seeds
     and the offline pairs (built once per process, identically: every step of it is seeded)."""
 
-    def __init__(self, grid: dict[str, Any], pairs_dir: str | None = None) -> None:
-        from diffusers import StableDiffusionPipeline
-
+    def __init__(self, grid: dict[str, Any], pairs_dir: str | None = None, base: str = "benchmark") -> None:
         from trl_diffusion_sdpo.demo.pairs import make_preference_pairs
-        from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
         from trl_diffusion_sdpo.demo.shapes import split_captions
 
         self.grid = grid
-        self.base = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
-        self.base.set_progress_bar_config(disable=True)
+        self.base = study_pipeline(base)  # the benchmark's base; --quick: the shipped one (loads at once)
         self.train_captions, self.held_out = split_captions(grid["held_out_prompts"], DemoRecipe.seed)
         self.templates = shape_templates()
         self.pixels = drawings(self.held_out, grid["drawings_per_prompt"], DRAWING_SEED)
@@ -206,13 +203,13 @@ class Context:
 _CONTEXT: Context | None = None
 
 
-def _init_worker(grid: dict[str, Any], pairs_dir: str | None) -> None:
+def _init_worker(grid: dict[str, Any], pairs_dir: str | None, base: str) -> None:
     global _CONTEXT
     torch.set_num_threads(1)
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     _quiet()
-    _CONTEXT = Context(grid, pairs_dir)
+    _CONTEXT = Context(grid, pairs_dir, base)
 
 
 def _quiet() -> None:
@@ -555,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     _quiet()
     with tempfile.TemporaryDirectory(prefix="online-comparison-pairs-") as pairs_dir:
-        context = Context(grid, pairs_dir)  # builds the offline pairs once; the workers load them
+        base = "shipped" if args.quick else "benchmark"
+        context = Context(grid, pairs_dir, base)  # builds the offline pairs once; the workers load them
         report["offline_pairs"] = context.pair_stats
         report["held_out_prompts"] = [c.text for c in context.held_out]
         report["base"] = {"measures": context.evaluate(context.base)}
@@ -579,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             spawn = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(
-                args.workers, mp_context=spawn, initializer=_init_worker, initargs=(grid, pairs_dir)
+                args.workers, mp_context=spawn, initializer=_init_worker, initargs=(grid, pairs_dir, base)
             ) as pool:
                 for future in concurrent.futures.as_completed([pool.submit(run_one, t) for t in tasks]):
                     done(future.result())

@@ -5,20 +5,20 @@ while what the user wants falls. Does Diffusion-DPO's held-out shape measure tur
     python benchmarks/studies/online_hacking.py analyse --page docs/research/stability.md  # the tables, again
     python benchmarks/studies/online_hacking.py figure
 
-Not part of the test suite. ``OnlineDiffusionSDPOTrainer`` on the demo's shipped base, with the online comparison's
-set-up (``online_comparison.py``: the demo's LoRA, beta, warm-up, prompt dropout, 4 prompts per step, 2 samples per
-prompt with the demo's DDIM steps and guidance, best against worst), trained on :func:`brightness`, the mean pixel
-value of the sample: a reward a sample raises by washing its shape into its background, which the caption never asks
-for. Judged every ``--eval-every`` steps on the demo's held-out prompts with fixed noise, on what the training never
-sees (``online_measures.py``): shape IoU and accuracy, sample diversity, the denoising error on clean held-out
-drawings; and on the brightness and the demo's colour reward of the held-out samples.
+Not part of the test suite. ``OnlineDiffusionSDPOTrainer`` on the benchmark's base (``stability_map.STUDY_BASE``), with
+the online comparison's set-up (``online_comparison.py``: the demo's LoRA, beta, warm-up, prompt dropout, 4 prompts per
+step, 2 samples per prompt with the demo's DDIM steps and guidance, best against worst), trained on :func:`brightness`,
+the mean pixel value of the sample: a reward a sample raises by washing its shape into its background, which the
+caption never asks for. Judged every ``--eval-every`` steps on the demo's held-out prompts with fixed noise, on what
+the training never sees (``online_measures.py``): shape IoU and accuracy, sample diversity, the denoising error on
+clean held-out drawings; and on the brightness and the demo's colour reward of the held-out samples.
 
 1. ``search``: Diffusion-DPO alone, 2 seeds, learning rates in ``--search-lrs`` in rising order, until its mean
    held-out shape IoU at the last evaluation lies ``--turn`` or more below its best point along the run (step 0, the
    base, included): Diffusion-DPO's held-out measure *turns down*. If no learning rate does, the grid runs at the last.
 2. ``grid``: at that learning rate, ``--seeds`` seeds of each setting in ``--methods`` (:data:`METHODS`), in groups of
    all seeds so that a run cut short leaves whole settings: Diffusion-DPO, the default safeguard (``safeguard_mu``
-   unset: the demo base's family's value, recorded per run), the output space with ``mu="auto"``, then the guards.
+   unset: its family's value, recorded per run), the output space with ``mu="auto"``, then the guards.
    ``ema-0.999`` is judged on its EMA weights (the trainer's ``sampling_weights``, what validation samples from), and
    at the last step on its trained weights too (``trained_final``).
 
@@ -62,6 +62,7 @@ from benchmarks.studies.online_comparison import (  # noqa: E402
 from benchmarks.studies.online_measures import drawings, shape_templates, validate_shape_scorer  # noqa: E402
 from benchmarks.studies.stability_dormant import ONLINE_DORMANT, tried_online  # noqa: E402
 from benchmarks.studies.stability_guards import DORMANT, _png, _strip, alarm_steps, sample_grid, write_block  # noqa: E402
+from benchmarks.studies.stability_map import study_pipeline  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: E402
 
@@ -116,14 +117,10 @@ class HackingContext(Context):
     drawings (``Context.evaluate`` gives the held-out measures; its ``last_images`` the samples)."""
 
     def __init__(self, grid: dict[str, Any]) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
         from trl_diffusion_sdpo.demo.shapes import split_captions
 
         self.grid = grid
-        self.base = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
-        self.base.set_progress_bar_config(disable=True)
+        self.base = study_pipeline()
         self.train_captions, self.held_out = split_captions(grid["held_out_prompts"], DemoRecipe.seed)
         self.templates = shape_templates()
         self.pixels = drawings(self.held_out, grid["drawings_per_prompt"], grid["drawing_seed"])

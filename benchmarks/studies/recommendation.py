@@ -168,6 +168,18 @@ def online_evidence(root: Path = ROOT) -> dict[str, Any]:
     return {"rows": rows, "breaks_on": broken, "learning_rates": (healthy["learning_rate"], hacking["learning_rate"])}
 
 
+def _tiny_line() -> str:
+    """The shipped tiny base's own entry, as the resolution table states it (its value and its evidence)."""
+    from trl_diffusion_sdpo.config.defaults import TINY_BASE, resolve_default
+    from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
+
+    tiny = resolve_default("safeguard_mu", StableDiffusionFamily, "dpo", base=TINY_BASE)
+    return (
+        f"- The shipped tiny base (`{TINY_BASE}`, the demo's and the tiny configs'): `safeguard_mu` unset is "
+        f"{tiny.value:g} there, from {tiny.source}."
+    )
+
+
 def _online_line(evidence: dict[str, Any]) -> str:
     """The online bullet: no safeguard by default, and why, every number from :func:`online_evidence`."""
     healthy, hacking = evidence["rows"]["healthy"], evidence["rows"]["hacking"]
@@ -192,7 +204,7 @@ def _lr(row: dict[str, Any]) -> str:
 
 
 def render(recommendation: dict[str, Any], page: str | None = None) -> str:
-    """The six lines of "which setting should I use", as Markdown. ``page``: where the text goes; from the README
+    """The seven lines of "which setting should I use", as Markdown. ``page``: where the text goes; from the README
     the evidence is a link to ``docs/safeguard.md`` (which names the result file), elsewhere the result file;
     ``docs/safeguard.md`` also gets every row as a table (:func:`table`). ``None``: the demo's console."""
     picked = choose(recommendation)
@@ -232,8 +244,9 @@ def render(recommendation: dict[str, Any], page: str | None = None) -> str:
         f"- The authors' values, the defaults for their models (real-model evidence outranks this toy's): "
         f"`safeguard_mu` {authors} (arXiv 2511.03317).",
         _online_line(online_evidence()),
-        "- Evidence: paired comparisons on the demo's toy base (held-out reward minus Diffusion-DPO's, 95% paired t "
-        f"interval): {evidence}.",
+        _tiny_line(),
+        "- Evidence: paired comparisons on the benchmark's toy base (held-out reward minus Diffusion-DPO's, 95% "
+        f"paired t interval): {evidence}.",
     ]
     if page == "docs/safeguard.md":
         lines += ["", *table(recommendation)]

@@ -1,14 +1,13 @@
 """SmPO on the toy demo with and without its ReNoise inversion: held-out reward and the winner's error.
 
-Not part of the test suite. On the demo's shipped base, its preference pairs (with the colour rewards as SmPO's
-score columns, normalised over the reward's range [0, 1]) and its held-out evaluation (``trl_diffusion_sdpo.demo``),
-it trains SmPO (``loss_type="smpo"``, no safeguard, the demo's learning rate, beta and steps) with
-``noising="inversion"`` (the paper's method, this package's default for SmPO: 5 inversion steps, 2 renoise
-evaluations, the policy inverting) and with ``noising="forward"`` (SmPO's smoothed preference alone), for every seed
-in ``--seeds``; per run it records the held-out reward change against the base at the end, the step time, and the
-logged winner's and loser's error against the reference (``delta/winner``, ``delta/loser``, mean over the last 10% of
-steps; each run's errors are on its own noised inputs, so these compare the runs' own objectives, not a common
-measurement).
+Not part of the test suite. On the benchmark's base (``stability_map.STUDY_BASE``), its preference pairs (with the
+colour rewards as SmPO's score columns, normalised over the reward's range [0, 1]) and its held-out evaluation
+(``trl_diffusion_sdpo.demo``), it trains SmPO (``loss_type="smpo"``, no safeguard, the demo's learning rate, beta and
+steps) with ``noising="inversion"`` (the paper's method, this package's default for SmPO: 5 inversion steps, 2 renoise
+evaluations, the policy inverting) and with ``noising="forward"`` (SmPO's smoothed preference alone), for every seed in
+``--seeds``; per run it records the held-out reward change against the base at the end, the step time, and the logged
+winner's and loser's error against the reference (``delta/winner``, ``delta/loser``, mean over the last 10% of steps;
+each run's errors are on its own noised inputs, so these compare the runs' own objectives, not a common measurement).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/studies/smpo_inversion.py \
         --json benchmarks/results/cpu-smpo-inversion-demo.json
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.studies.stability_map import STUDY_BASE  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import Method  # noqa: E402
 from trl_diffusion_sdpo.demo.pairs import make_preference_pairs  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import load_base, recipe_hash  # noqa: E402
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     began = time.perf_counter()
     with quiet_libraries(), tempfile.TemporaryDirectory(prefix="smpo-latents-") as latent_cache_dir:
-        recipe = DemoRecipe(**({} if args.max_steps is None else {"max_steps": args.max_steps}))
+        recipe = DemoRecipe(pretrain=STUDY_BASE, **({} if args.max_steps is None else {"max_steps": args.max_steps}))
         base, _, _ = load_base(recipe.pretrain)
         pair_captions, held_out = split_captions(recipe.num_held_out_prompts, recipe.seed)
         dataset, stats = make_preference_pairs(

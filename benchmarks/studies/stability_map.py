@@ -1,6 +1,7 @@
 """Stability map on the toy demo: where does Diffusion-DPO's pathology bite, does a safeguard keep the reward?
 
-Not part of the test suite. On the demo's shipped base, its preference pairs and its held-out evaluation
+Not part of the test suite. On the benchmark's base (:data:`STUDY_BASE`; ``--base shipped``: the demo's shipped
+base), its preference pairs and its held-out evaluation
 (``trl_diffusion_sdpo.demo``: built once, shared by every run), it sweeps a star around the demo's setting (learning
 rate 2e-5, beta 5000): the learning rate over ``--lrs`` at the demo's beta, and beta over ``--betas`` at the demo's
 learning rate. In each cell it trains every method in ``--methods`` with every seed in ``--seeds`` for
@@ -50,12 +51,18 @@ from transformers import TrainerCallback  # noqa: E402
 
 from trl_diffusion_sdpo.demo.methods import METHODS, Method, method_unavailable  # noqa: E402
 from trl_diffusion_sdpo.demo.pairs import make_preference_pairs  # noqa: E402
-from trl_diffusion_sdpo.demo.pretrain import load_base, recipe_hash  # noqa: E402
+from trl_diffusion_sdpo.demo.pretrain import PretrainRecipe, load_base, recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.run import _evaluate, _training_args, quiet_libraries, train_preference  # noqa: E402
 from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
 
 DEMO_LR, DEMO_BETA = DemoRecipe.learning_rate, DemoRecipe.beta
+#: The base every study under benchmarks/studies trains on: the demo's architecture and data with a third of the
+#: shipped base's pretraining (VAE 500 steps, UNet 1,000). It draws its captions roughly (0.231 of its samples as
+#: captioned, ``cpu-demo-base-fidelity-benchmark-base.json``), and pretrains on first use (470 s of one thread) into
+#: the demo's cache. The shipped base's own evidence (the tiny base's defaults) runs with ``--base shipped``.
+STUDY_BASE = PretrainRecipe(vae_steps=500, unet_steps=1000)
+BASES = {"benchmark": STUDY_BASE, "shipped": PretrainRecipe()}
 EXTRA_METHODS = (
     Method("sdpo-output-mu0.5", "SDPO output mu=0.5", safeguard=True, safeguard_mu=0.5),
     Method("sdpo-parameter-mu0.5", "SDPO parameter mu=0.5", True, 0.5, "parameter"),
@@ -149,6 +156,13 @@ def machine() -> dict[str, Any]:
     return {"device": "cpu", "cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
+def study_pipeline(base: str = "benchmark") -> StableDiffusionPipeline:
+    """The pipeline of the base ``base`` names in :data:`BASES` (shipped, or cached and pretrained on first use)."""
+    pipeline, _, _ = load_base(BASES[base])
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def refused(recipe: DemoRecipe, method: Method) -> str | None:
     """Why the installed trainer refuses ``method``'s config (a field or value that has not landed), or ``None``."""
     reason = method_unavailable(method)
@@ -196,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="dpo,sdpo-output-mu0.5,sdpo-output")
     parser.add_argument("--batch-size", type=int, default=2, help="Preference pairs per optimizer step.")
     parser.add_argument("--eval-seeds-per-prompt", type=int, default=8, help="Held-out samples per prompt.")
+    parser.add_argument("--base", choices=tuple(BASES), default="benchmark", help="Which base to tune.")
     parser.add_argument("--json", required=True, help="Results file; finished runs in it are skipped on a rerun.")
     args = parser.parse_args(argv)
     for method in EXTRA_METHODS:  # the demo's own list stays as it is
@@ -210,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     grid = {k: v for k, v in vars(args).items() if k != "json" and k not in grown}
     path = Path(args.json)
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    if report and {k: v for k, v in report["grid"].items() if k not in grown} != grid:
+    stored = {"base": "benchmark", **report.get("grid", {})}  # files without the key ran on the benchmark's base
+    if report and {k: v for k, v in stored.items() if k not in grown} != grid:
         raise ValueError(f"{path} holds another grid ({report['grid']}); pass another --json")
     report.setdefault("grid", grid)
     for name, new in (("seeds", args.seeds), ("methods", args.methods), ("lrs", args.lrs), ("betas", args.betas)):
@@ -246,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with quiet_libraries(), tempfile.TemporaryDirectory(prefix="stability-latents-") as latent_cache_dir:
         base_recipe = DemoRecipe(
-            batch_size=args.batch_size, max_steps=args.max_steps, eval_seeds_per_prompt=args.eval_seeds_per_prompt
+            pretrain=BASES[args.base],
+            batch_size=args.batch_size,
+            max_steps=args.max_steps,
+            eval_seeds_per_prompt=args.eval_seeds_per_prompt,
         )
         base, _, _ = load_base(base_recipe.pretrain)
         pair_captions, held_out = split_captions(base_recipe.num_held_out_prompts, base_recipe.seed)

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ from trl_diffusion_sdpo.demo.scorer import ColourRewardScorer
 from trl_diffusion_sdpo.demo.shapes import COLOURS, Caption, all_captions, colour_reward, draw_shape, split_captions
 from trl_diffusion_sdpo.demo.stats import bootstrap_paired_change, t_interval, t_quantile_975
 
-SOURCE = "benchmarks/results/cpu-stability-guards-demo.json"  # where the breaking regime's setting comes from
+SOURCE = "benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-shipped-base-runs.json"  # the regime's
 STATS_KEYS = ("reward", "reward_change", "winner_delta", "loser_delta", "implicit_acc")
 
 
@@ -52,6 +53,22 @@ def _no_pretraining(_recipe):
 
 
 # ---------------------------------------------------------------------------------------------------- shipped base
+
+
+def test_the_breaking_regime_is_where_the_shipped_bases_diffusion_dpo_breaks():
+    """The regime's source holds Diffusion-DPO's runs on the base that ships, at the regime's learning rate and pairs
+    per step: their held-out reward after the regime's steps lies below the base's (95% t interval over seeds)."""
+    regime = BreakingRegime()
+    stored = json.loads((Path(__file__).resolve().parents[2] / SOURCE).read_text())
+    assert stored["base"]["recipe_hash"] == recipe_hash(PretrainRecipe())
+    assert stored["grid"]["batch_size"] == regime.batch_size and stored["recipe"]["beta"] == DemoRecipe().beta
+    changes = [
+        run["reward_change"][str(regime.max_steps)]
+        for run in stored["runs"].values()
+        if run["method"] == "dpo" and run["learning_rate"] == regime.learning_rate
+    ]
+    interval = t_interval(changes)
+    assert len(changes) >= 10 and interval[1] < 0, interval
 
 
 def test_shipped_base_loads_with_from_pretrained_and_records_the_default_recipe_hash(monkeypatch):

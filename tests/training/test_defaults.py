@@ -22,6 +22,7 @@ from trl_diffusion_sdpo.config.defaults import (
     resolve_default,
     resolve_defaults,
 )
+from trl_diffusion_sdpo.demo.pretrain import PretrainRecipe, recipe_hash
 from trl_diffusion_sdpo.families import FluxFamily, StableDiffusion3Family
 from trl_diffusion_sdpo.families.registry import registered_families
 from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
@@ -30,6 +31,7 @@ from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
 from trl_diffusion_sdpo.testing import build_tiny_flux_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
+METHODS_05_09 = ("sdpo-output-mu0.5", "sdpo-output")  # the output space at mu 0.5 and at 0.9
 SEQ = 16
 
 
@@ -71,15 +73,21 @@ def test_the_tiny_base_has_its_own_margin_resting_on_the_toys_results(base):
     def gain(setting: str, method: str) -> float:
         return settings[setting]["methods"][method]["minus_dpo"]["reward_change"]["mean"]
 
-    pathological, healthy = "lr0.0002-beta5000-200steps", "lr2e-05-beta5000-200steps"
+    pathological, demo_lr = "lr0.0002-beta5000-200steps", "lr2e-05-beta5000-200steps"
     figures = [
         gain(pathological, "sdpo-output-mu0.5"),
         gain(pathological, "sdpo-output"),  # mu 0.9
-        gain(healthy, "sdpo-output-mu0.5"),
-        gain(healthy, "sdpo-output"),
+        gain(demo_lr, "sdpo-output-mu0.5"),
+        gain(demo_lr, "sdpo-output"),
+        settings[demo_lr]["methods"]["dpo"]["reward_change"]["mean"],
     ]
     assert [f"{value:+.3f}" for value in figures] == re.findall(r"[+-]0\.\d{3}", resolved.source)
-    assert figures[2] > figures[3]  # mu 0.5 costs less where Diffusion-DPO is healthy: the evidence for 0.5
+    assert figures[2] > figures[3]  # mu 0.5 pays at least as much as 0.9 at the demo's lr: the evidence for 0.5
+    accuracy = [settings[demo_lr]["methods"][m]["minus_dpo"]["implicit_acc"]["ci95"] for m in METHODS_05_09]
+    assert accuracy[0][0] < 0 < accuracy[0][1] and accuracy[1][1] < 0  # 0.5 keeps it, 0.9 gives it up
+    # measured on the base that ships, the one this entry names
+    bases = {source["base"]["recipe_hash"] for source in json.loads((ROOT / cited).read_text())["sources"].values()}
+    assert bases == {recipe_hash(PretrainRecipe())}
 
 
 def test_the_most_specific_entry_wins_and_online_runs_without_a_safeguard():

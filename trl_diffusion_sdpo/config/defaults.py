@@ -121,10 +121,11 @@ PACKAGE_DEFAULTS: tuple[DefaultEntry, ...] = (
     DefaultEntry(
         "safeguard_mu",
         0.5,
-        "the toy's own paired comparisons (benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json,"
-        " 10 seeds): output space at mu 0.5 +0.098 held-out reward against Diffusion-DPO where its pathology bites "
-        "(mu 0.9: +0.104) and -0.008 where it is healthy (mu 0.9: -0.030); the toy's evidence, not SD1.5's, holds on "
-        "the toy",
+        "the shipped base's own paired comparisons (benchmarks/results/safeguard-comparison/"
+        "cpu-safeguard-comparison-shipped-base.json, 10 seeds, 200 steps): output space at mu 0.5 +0.123 held-out "
+        "reward against Diffusion-DPO at lr 2e-4 (mu 0.9: +0.127) and +0.010 at the demo's lr 2e-5 (mu 0.9: +0.008), "
+        "where Diffusion-DPO's own reward falls by -0.010; mu 0.5 keeps Diffusion-DPO's implicit accuracy, mu 0.9 "
+        "gives up 0.30 of it; the toy's evidence, not SD1.5's, holds on the toy",
         scope=f"base {TINY_BASE}",
     ),
 )

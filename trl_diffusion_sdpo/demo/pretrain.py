@@ -60,7 +60,7 @@ class PretrainRecipe:
     # VAE: 3 blocks = 4x downsampling, 32x32 RGB -> 8x8x4 latents
     vae_channels: tuple[int, ...] = (32, 32, 32)
     latent_channels: int = 4
-    vae_steps: int = 500
+    vae_steps: int = 1500
     vae_batch_size: int = 16
     vae_learning_rate: float = 2e-3
     vae_kl_weight: float = 1e-6
@@ -69,7 +69,7 @@ class PretrainRecipe:
     text_hidden_size: int = 64
     text_layers: int = 2
     max_caption_length: int = 32
-    unet_steps: int = 1000
+    unet_steps: int = 3000
     unet_batch_size: int = 64
     unet_learning_rate: float = 1e-3
     caption_dropout: float = 0.1

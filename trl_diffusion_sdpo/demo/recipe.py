@@ -20,9 +20,10 @@ LAST_FRACTION = 0.1  # "final" figures average the last 10% of optimizer steps
 class BreakingRegime:
     """The demo's second stage: the setting where Diffusion-DPO's held-out reward falls, with each guard beside it.
 
-    The benchmark's breaking cell (``benchmarks/results/cpu-stability-guards-demo.json``, regime ``offline``, cell
-    ``lr0.0002-beta5000``: -0.099 [-0.138, -0.059] over 10 seeds after 50 steps): the demo's base, pairs, beta and
-    warmup, with these fields replacing the demo's. One training seed; every row trains on its batches, timesteps and
+    Where the shipped base's own comparison found Diffusion-DPO's held-out reward falling
+    (``benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-shipped-base-runs.json``, lr 2e-4, 2 pairs a
+    step: -0.093 [-0.130, -0.055] over 10 seeds after 50 steps): the demo's base, pairs, beta and warmup, with these
+    fields replacing the demo's. One training seed; every row trains on its batches, timesteps and
     noise, and is sampled at ``eval_steps`` with the same noise as the base.
 
     learning_rate, batch_size, max_steps: the optimizer's learning rate, pairs per step and steps.

@@ -62,8 +62,8 @@ _HISTORY_KEYS = (
     "guard/sft_loss",
 )
 
-BREAKING_SOURCE = "benchmarks/results/cpu-stability-guards-demo.json"
-"""Where the breaking regime's setting comes from (regime ``offline``, cell ``lr0.0002-beta5000``)."""
+BREAKING_SOURCE = "benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-shipped-base-runs.json"
+"""Where the breaking regime's setting comes from: the shipped base's Diffusion-DPO runs at its learning rate."""
 
 
 def history_from_logs(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -213,7 +213,7 @@ def recommendation_line(recommendation: dict[str, Any]) -> str:
     text = plain_text(recommendation["text"])
     gap = "\n" if "\n" in text else " "
     return (
-        f"Which setting to use (a paired comparison on this demo's base and pairs, {seeds} seeds per method "
+        f"Which setting to use (a paired comparison on the benchmark's base and pairs, {seeds} seeds per method "
         f"and setting, {recommendation['source']}; a demo run's few seeds cannot tell):{gap}{text}"
     )
 
