@@ -197,7 +197,14 @@ def reuse(results: Path, parts: Path) -> list[Path]:
     return written
 
 
-def run(parts: Path, max_margin: float, sft_weight: float, only: str | None, results: Path | None = None) -> int:
+def run(
+    parts: Path,
+    max_margin: float,
+    sft_weight: float,
+    only: str | None,
+    results: Path | None = None,
+    base: str = "benchmark",
+) -> int:
     _install(max_margin, sft_weight)
     parts.mkdir(parents=True, exist_ok=True)
     if results is not None:
@@ -207,6 +214,7 @@ def run(parts: Path, max_margin: float, sft_weight: float, only: str | None, res
         if only is not None and name != only:
             continue
         argv = [a for flag, value in grid.items() for a in (flag, value)] + ["--json", str(parts / f"{name}.json")]
+        argv += [] if base == "benchmark" else ["--base", base]  # the parts of one base go to their own --parts
         print(f"regime {name}: {' '.join(argv)}", flush=True)
         stability_map.main(argv)
     return 0
@@ -504,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         help="Default: the --stored file; dormant: its result file (stability_dormant.DORMANT_OUTPUT).",
     )
     parser.add_argument("--regime", default=None, help="Run only this regime.")
+    parser.add_argument("--base", choices=tuple(stability_map.BASES), default="benchmark", help="run: which base.")
     parser.add_argument(
         "--reuse", default=None, type=Path, help="run: first fill missing parts from this results file."
     )
@@ -532,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json = args.json or DORMANT_OUTPUT
     args.json = args.json or args.stored
     if args.command == "run":
-        return run(args.parts, args.max_margin, args.sft_weight, args.regime, args.reuse)
+        return run(args.parts, args.max_margin, args.sft_weight, args.regime, args.reuse, args.base)
     if args.command in ("tables", "dormant-tables"):
         dormant = args.command == "dormant-tables"
         text = dormant_tables(args.json) if dormant else tables(args.json)

@@ -66,11 +66,11 @@ def test_each_confusion_matrix_recomputes_from_the_result_files(written, runs, r
 def test_the_other_base_is_reported_on_and_chooses_nothing(written, runs, rule_name):
     """The shipped base's runs: counted by hand against the stored matrix, and none of them among the runs the rule
     was chosen or reported on."""
-    other = study.load_runs(sources=(study.OTHER_BASE,))
+    other = study.load_runs(sources=study.OTHER_BASE)
     stored = written["confusion"][rule_name]["other_base_runs"]
     keys = ("fired_fell", "fired_held", "quiet_fell", "quiet_held")
     rule = PathologyRule(**written["rules"][rule_name])
-    assert len(other) == stored["runs"] == 60
+    assert len(other) == stored["runs"] >= 60
     assert _matrix(other, rule, written["logging_steps"]) == tuple(stored[k] for k in keys)
     assert not {r["id"] for r in other} & {r["id"] for r in runs}
 

@@ -19,7 +19,8 @@ from trl_diffusion_sdpo.demo.pretrain import PretrainRecipe, recipe_hash, shippe
 
 HASH = re.compile(r'"recipe_hash": "([0-9a-f]{16})"')
 #: result files measured on the shipped base; every other file that records a base ran on the benchmark's
-SHIPPED_RESULTS = ("cpu-demo-base-fidelity.json", "cpu-safeguard-comparison-shipped-base")
+SHIPPED_RESULTS = ("cpu-demo-base-fidelity.json", "shipped-base")
+SHIPPED_DORMANT = "cpu-stability-dormant-shipped-base.json"
 
 
 def _recorded(path: Path) -> set[str]:
@@ -54,3 +55,19 @@ def test_the_docs_name_each_base_by_its_hash():
     assert recipe_hash(PretrainRecipe()) in what_it_does.split("\n2. ", 1)[0]
     assert recipe_hash(STUDY_BASE) in benchmark.split("\n## ", 1)[0]
     assert "(../demo.md#the-benchmarks-base)" in (ROOT / "docs/research/stability.md").read_text()
+
+
+def test_the_demo_page_carries_the_shipped_bases_guard_and_dormant_tables():
+    """docs/demo.md's blocks are the tables of the shipped base's result files, as the stability page's are of the
+    benchmark's."""
+    from benchmarks.studies import stability_dormant as dormant
+    from benchmarks.studies import stability_guards as guards
+
+    page = (ROOT / "docs/demo.md").read_text()
+    folder = ROOT / "benchmarks/results/safeguard-comparison"
+    for (start, end), text in (
+        ((guards.TABLES_START, guards.TABLES_END), guards.tables(folder / "cpu-stability-guards-shipped-base.json")),
+        ((dormant.DORMANT_START, dormant.DORMANT_END), dormant.dormant_tables(folder / SHIPPED_DORMANT)),
+    ):
+        block = page.split(start, 1)[1].split(end, 1)[0]
+        assert block.strip() == text.strip(), f"stale: rewrite docs/demo.md's {start} block"
