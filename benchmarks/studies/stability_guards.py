@@ -213,8 +213,8 @@ def run(
     for name, grid in REGIMES:
         if only is not None and name != only:
             continue
-        argv = [a for flag, value in grid.items() for a in (flag, value)] + ["--json", str(parts / f"{name}.json")]
-        argv += [] if base == "benchmark" else ["--base", base]  # the parts of one base go to their own --parts
+        argv = [a for flag, value in grid.items() for a in (flag, value)]
+        argv += ["--json", str(parts / f"{name}.json"), "--base", base]  # one base's parts go to their own --parts
         print(f"regime {name}: {' '.join(argv)}", flush=True)
         stability_map.main(argv)
     return 0
