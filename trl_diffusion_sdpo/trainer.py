@@ -1,14 +1,19 @@
 """``DiffusionSDPOTrainer``: Diffusion-DPO / Diffusion-SDPO on diffusion denoisers with ``transformers.Trainer``.
 
-The trainer orchestrates: it builds the parts, then calls the stages in order. The math lives in :mod:`.objectives`
-and :mod:`.safeguards`, the data in :mod:`.data`, model specifics in :mod:`.families`, what differs between DDP,
-DeepSpeed and FSDP in :mod:`.engines`, the reference model in :mod:`.reference` and the file formats in :mod:`.io`.
-One micro-batch (:meth:`DiffusionSDPOTrainer.training_step`) reads::
+The trainer builds the parts, then runs Diffusion-DPO's step itself, calling the stages in order. The math lives in
+:mod:`.objectives` and :mod:`.safeguards`, the data in :mod:`.data`, model specifics in :mod:`.families`, what
+differs between DDP, DeepSpeed and FSDP in :mod:`.engines`, the step's stages in :mod:`.step` and the file formats in
+:mod:`.io`. One micro-batch (:meth:`DiffusionSDPOTrainer.training_step`) reads::
 
-    batch -> noised pair                                    (step.stages)
-    -> safeguard.step: predictions -> errors -> objective   (safeguards: chosen once; step.stages)
-       -> lambda -> backward
-    -> non-finite guard -> metrics                          (callbacks.interruptions, step.predictions)
+    batch -> noised pair                                      (step.stages)
+    -> predictions of the policy and the reference            (step.stages, step.predictions)
+    -> [safeguard.loser_weight: the output space's lambda]    (safeguards.output)
+    -> denoising errors -> objective                          (step.predictions, objectives)
+    -> backward: the engine's, or the branches kept apart     (step.backward; safeguards.parameter)
+    -> [safeguard.combine: lambda, g_w + lambda * h_l]        (safeguards.parameter)
+    -> non-finite guard -> metrics                            (callbacks.interruptions, step.predictions)
+
+Plain Diffusion-DPO (``safeguard_space="none"``) has no safeguard: its step runs no module of :mod:`.safeguards`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils.memory import clear_device_cache
@@ -52,10 +57,12 @@ from .io.hub import CardMethod
 from .io.run_files import RunFiles, files_hook
 from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
-from .objectives import PreferenceObjective, check_objective_config, objective_from_config
+from .objectives import PreferenceObjective, PreferencePredictions, check_objective_config, objective_from_config
 from .rewards.functions import RewardFunction, dataset_scoring_function
-from .safeguards import MicroBatch, Safeguard, safeguard_for
+from .safeguards import safeguard_for
+from .step.backward import Backward, BackwardWindow, EngineBackward
 from .step.predictions import (
+    Evaluation,
     evaluate_objective,
     metric_stores,
     record_metrics,
@@ -65,6 +72,9 @@ from .step.predictions import (
     step_metric_names,
 )
 from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches, adapt_guards
+
+if TYPE_CHECKING:
+    from .safeguards import Safeguard
 
 __all__ = ["DiffusionSDPOTrainer"]
 
@@ -224,13 +234,15 @@ class DiffusionSDPOTrainer(Trainer):
             empty_prompt=data.empty_prompt,
         )
         self.batches = UsableBatches(self._blank_batch)
-        # The safeguard, chosen once: Diffusion-DPO, the output, parameter or update space (see .safeguards).
-        self.safeguard: Safeguard = safeguard_for(
+        # The safeguard, chosen once: none (Diffusion-DPO), the output, parameter or update space (see .safeguards);
+        # the parameter spaces bring the backward that keeps the branches apart, the others use the engine's.
+        self.safeguard: Safeguard | None = safeguard_for(
             args,
             self.engine,
             lora=self.is_lora,
             trainable_elements=sum(p.numel() for p in trainable_parameters(denoiser)),
         )
+        self.engine_backward = EngineBackward(self.accelerator)
         self._metrics = metric_stores()
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy)
@@ -238,7 +250,8 @@ class DiffusionSDPOTrainer(Trainer):
         self._dormant_safeguard = dormant_safeguard(args, self.engine)  # on_pathology="safeguard"'s, checked now
         switch = self._switch_safeguard if self._dormant_safeguard is not None else None
         # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts.
-        self.guards = GuardState.from_config(args, self.accelerator.num_processes, self.safeguard.margin, switch)
+        margin = None if self.safeguard is None else self.safeguard.margin
+        self.guards = GuardState.from_config(args, self.accelerator.num_processes, margin, switch)
         self.add_callback(self.guards)  # their state in the checkpoints
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
@@ -282,43 +295,57 @@ class DiffusionSDPOTrainer(Trainer):
         return self.nonfinite.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """One micro-batch: batch -> noised pair -> the safeguard's step (predictions -> errors -> objective -> lambda
-        -> backward) -> non-finite guard -> metrics. Returns the loss averaged over the accumulation window."""
+        """One micro-batch of Diffusion-DPO: batch -> noised pair -> predictions of the policy and the reference ->
+        denoising errors -> objective -> backward -> metrics, with the safeguard's hook where one runs (the output
+        space's on the predictions, the parameter spaces' after their backward). Returns the loss averaged over the
+        accumulation window."""
         model.train()
         if callable(getattr(self.optimizer, "train", None)):  # as Trainer.training_step: schedule-free optimizers
             self.optimizer.train()
         inputs, replay = self._batch(self._prepare_inputs(inputs), "train")
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
-        # The exact rule runs its passes outside the engine's wrapper (DDP's hooks) and reduces what it would have.
-        denoiser = model if self.safeguard.engine_backward else self.accelerator.unwrap_model(model)
+        # The engine's backward, or the safeguard's that keeps the branches' gradients apart; the latter runs its
+        # passes outside the engine's wrapper (DDP's hooks) and reduces what the engine would have.
+        backward: Backward = getattr(self.safeguard, "backward_stage", None) or self.engine_backward
+        policy = model if backward.through_engine else self.accelerator.unwrap_model(model)
         with self.compute_loss_context_manager():  # an inversion (SmPO) runs the denoiser as the predictions do
-            noised = self.stages.noised_pair(denoiser, inputs, "train", self.state.global_step)
-            result = self.safeguard.step(
-                MicroBatch(
-                    model=denoiser,
-                    stages=self.stages,
-                    noised=noised,
-                    objective=self.objective_in_force(),
-                    pair_scores=inputs.get("pair_scores"),
-                    contributes=not replay,
-                    accumulation_steps=self.current_gradient_accumulation_steps,
-                    sync_gradients=self.accelerator.sync_gradients,
-                    optimizer=self.optimizer,
-                )
+            noised = self.stages.noised_pair(policy, inputs, "train", self.state.global_step)
+            window = BackwardWindow(
+                self.current_gradient_accumulation_steps, self.accelerator.sync_gradients, not replay, noised.num_pairs
             )
+            # One pass; the exact rule's first micro-batch takes a second, per branch, where its layers could not
+            # split the branches in one.
+            for gradient_pass in backward.passes(policy, window):
+                with gradient_pass:
+                    predictions = self.stages.predict_noised(policy, noised, gradient_pass.separate_branches)
+                    evaluation, lambdas = self._objective(predictions, inputs.get("pair_scores"), not replay)
+                    gradient_pass.backward(evaluation.loss, predictions)
+            if gradient_pass.branches is not None:  # the safeguard's hook: lambda, and g_w + lambda * h_l written
+                lambdas.update(self.safeguard.combine(gradient_pass.branches, self.optimizer))
         steps = self.args.torch_empty_cache_steps
         if steps is not None and self.state.global_step % steps == 0:  # as Trainer.training_step
             clear_device_cache()
-        adapt_guards(self.guards.adapting, result.errors, not replay, self.accelerator.sync_gradients)
+        adapt_guards(self.guards.adapting, evaluation.errors, not replay, self.accelerator.sync_gradients)
         if replay:  # a zero-weighted replay: its loss and metrics are its peers'
             return torch.zeros((), device=self.args.device)
-        self.nonfinite.flag(result.loss)
-        record_step_metrics(self._metrics["train"], result, noised, self.noiser.num_train_timesteps)
+        loss = evaluation.loss.detach()
+        self.nonfinite.flag(loss)
+        record_step_metrics(self._metrics["train"], evaluation, lambdas, noised, self.noiser.num_train_timesteps)
         # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
-        loss = result.loss / self.current_gradient_accumulation_steps
+        loss = loss / self.current_gradient_accumulation_steps
         return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+
+    def _objective(
+        self, predictions: PreferencePredictions, pair_scores: torch.Tensor | None, contributes: bool
+    ) -> tuple[Evaluation, dict[str, torch.Tensor | None]]:
+        """denoising errors -> objective (with the ``beta`` in force), the loser error's gradient weighted by the
+        safeguard's ``lambda`` where its hook acts on the predictions (the output space); the ``lambda`` by metric
+        name."""
+        weight = None if self.safeguard is None else self.safeguard.loser_weight(predictions, contributes)
+        evaluation = evaluate_objective(self.objective_in_force(), predictions, pair_scores, loser_weight=weight)
+        return evaluation, ({} if weight is None else {"safeguard/lambda": weight})
 
     def objective_in_force(self) -> PreferenceObjective:
         """The objective with the ``beta`` in force (the auto-beta's, or the configured one)."""
@@ -339,14 +366,15 @@ class DiffusionSDPOTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         """An evaluation micro-batch (training runs :meth:`training_step`): batch -> noised pair -> predictions ->
-        errors -> objective, and the ``lambda`` the safeguard records there."""
+        errors -> objective, and the ``lambda`` a safeguard records there (no backward: nothing is weighted)."""
         mode = "train" if model.training else "eval"
         inputs, replay = self._batch(inputs, mode)
         if inputs is None:  # every row was invalid, one process: contribute nothing, keep the graph connected
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, {}) if return_outputs else loss
         predictions = self.stages.predict(model, inputs, mode, self.state.global_step, separate_branches=False)
-        lambdas = self.safeguard.evaluation_lambdas(predictions, contributes=not replay)
+        safeguard = self.safeguard
+        lambdas = {} if safeguard is None else safeguard.evaluation_lambdas(predictions, contributes=not replay)
         evaluation = evaluate_objective(self.objective_in_force(), predictions, inputs.get("pair_scores"))
         loss = evaluation.loss
         if replay:
@@ -417,7 +445,7 @@ class DiffusionSDPOTrainer(Trainer):
     def metric_names(self) -> list[str]:
         """The metrics each micro-batch records (the data's, the objective's, the safeguard's): the same list on every
         process, since :meth:`log` reduces them together."""
-        return step_metric_names(self.objective, self.safeguard.metric_names)
+        return step_metric_names(self.objective, () if self.safeguard is None else self.safeguard.metric_names)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.

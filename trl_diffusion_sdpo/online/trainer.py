@@ -3,7 +3,7 @@
 The offline trainer's step with a generation stage in front of it::
 
     prompts -> generation (sample K per prompt, score, pair; online.generation) -> the offline step:
-    batch -> noised pair -> safeguard.step (predictions -> errors -> objective -> lambda -> backward) -> metrics
+    batch -> noised pair -> predictions -> errors -> objective -> backward (a safeguard's hook) -> metrics
 
 Objectives, safeguards, engines and families are the offline trainer's, unchanged. The reference stays the initial
 model, or moves to the policy every ``ref_update_steps`` optimizer steps.
