@@ -36,7 +36,7 @@ from .callbacks.guards import EMAWeights, GuardState
 from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
-from .config.defaults import resolved_config
+from .config.defaults import machine_choices, resolved_config
 from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
 from .engines.base import clip_gradients, gradient_norm, optimizer_parameters, trainable_parameters
@@ -52,12 +52,12 @@ from .families.preparation import (
     wants_gradient_checkpointing,
 )
 from .families.quantization import check_engine_supports_quantized_base
-from .io.console import quiet_off_terminal
+from .io.console import on_terminal
 from .io.hub import CardMethod
 from .io.run_files import RunFiles, files_hook
 from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
-from .objectives import PreferenceObjective, PreferencePredictions, check_objective_config, objective_from_config
+from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .rewards.functions import RewardFunction, dataset_scoring_function
 from .safeguards import safeguard_for
 from .step.backward import Backward, BackwardWindow, EngineBackward
@@ -79,10 +79,6 @@ if TYPE_CHECKING:
 __all__ = ["DiffusionSDPOTrainer"]
 
 logger = logging.getLogger(__name__)
-
-# Imported before a user's script loads its pipeline: third-party noise filtered and, off a terminal, the libraries'
-# loading bars off, as the command line does (console.quiet_off_terminal).
-quiet_off_terminal()
 
 
 class DiffusionSDPOTrainer(Trainer):
@@ -141,11 +137,8 @@ class DiffusionSDPOTrainer(Trainer):
             args = DiffusionSDPOConfig(output_dir="diffusion-sdpo")
         if not isinstance(args, DiffusionSDPOConfig):
             raise TypeError(f"args must be a DiffusionSDPOConfig, got {type(args).__name__}")
-        if not quiet_off_terminal():  # a log file: each log a line of its own (PrinterCallback), no \r redraws
-            args.disable_tqdm = True
-        # The config's rules again (a field may have been changed since it was made), then the objective's own.
+        # The config's rules again, the objective's own included: a field may have been changed since it was made.
         check_config(args)
-        check_objective_config(args)
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
         reward_fn = dataset_scoring_function(reward_funcs)
@@ -162,9 +155,14 @@ class DiffusionSDPOTrainer(Trainer):
             self.pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
         )
         check_not_partitioned({**self.family.frozen_modules(), self.family.denoiser_name: self.family.denoiser})
-        # The defaults left unset (beta, safeguard_mu) resolved for this family, objective and base model, once
-        # (config.defaults); the start summary prints each with its source.
-        args, self.resolved_defaults = resolved_config(args, self.family, self.base_model_name)
+        # The defaults left unset (learning_rate, beta, safeguard_mu) resolved for this family, objective, tuning and
+        # base model, once, and what depends on the machine and the output (data workers, non-blocking copies, a
+        # progress bar or a line per log) chosen for the device: on this run's copy, the caller's config stays as
+        # given (config.defaults). The start summary prints each with its source.
+        args, self.resolved_defaults = resolved_config(
+            args, self.family, self.base_model_name, lora=peft_config is not None
+        )
+        args, self.machine_choices = machine_choices(args, device_type=args.device.type, terminal=on_terminal())
         #: the KL-regularisation strength the objective uses (TRL's ``DPOTrainer.beta``)
         self.beta: float = args.beta
         # DDPM for the UNet families, flow matching for the transformers; its config fields checked.

@@ -212,9 +212,12 @@ def run(argv: list[str]) -> int:
         if text is not None:
             print(text, end="")
             raise SystemExit(0)  # as argparse's --help ends
-    from ..io.console import filter_known_noise
+    from ..io.console import quiet_command_line
 
-    filter_known_noise()  # before a command imports transformers (and, through its quantizers, torchao)
+    # The command line's own process, before a command imports transformers (and, through its quantizers, torchao):
+    # the libraries' known noise dropped and, off a terminal, their progress bars off. The only place the package
+    # changes another library's settings.
+    quiet_command_line()
     if argv[:1] == ["train"]:
         from .train import main as train
 
@@ -244,10 +247,8 @@ def run(argv: list[str]) -> int:
     evaluate_choices = None
     if argv[:1] in (["evaluate"], ["pairs"]):  # the evaluation package is imported only for the commands using it
         from ..evaluation.prompts import PROMPT_PRESETS
-        from ..io.console import filter_known_noise
         from ..rewards.scorers import available_scorers
 
-        filter_known_noise()
         register_outside_scorers()
         evaluate_choices = (available_scorers(), list(PROMPT_PRESETS))
     args = build_parser(evaluate_choices).parse_args(argv)
