@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +38,7 @@ from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import machine_choices, resolved_config
 from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
-from .engines.base import clip_gradients, gradient_norm, optimizer_parameters, trainable_parameters
+from .engines.base import place_batch, trainable_parameters
 from .engines.collectives import check_not_partitioned, check_one_device_per_process, training_pipeline
 from .families import ModelFamily, Noiser, family_for_pipeline
 from .families.preparation import (
@@ -192,6 +191,7 @@ class DiffusionSDPOTrainer(Trainer):
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
+        self.add_callback(self.files)  # a learning rate changed at resume, applied when training begins
         make_config_trackable(denoiser)  # report_to trackers read model.config as a transformers config
 
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
@@ -212,12 +212,17 @@ class DiffusionSDPOTrainer(Trainer):
         # EMA weights before validation: a validation at step k samples the average that includes step k.
         self.ema: EMAWeights | None = None
         if args.ema_decay is not None:
-            self.ema = EMAWeights(trainable_parameters(denoiser), args.ema_decay, self._save)
+            self.ema = EMAWeights(trainable_parameters(denoiser), args.ema_decay, self.files.save_weights)
             self.add_callback(self.ema)
-        # Validation callbacks sample this pipeline, after the EMA. Their module, imported only by a caller who made
-        # one (its scorers are heavy), binds them.
-        if (validation := sys.modules.get("trl_diffusion_sdpo.callbacks.validation")) is not None:
-            validation.bind_validation_callbacks(self, args.resolution)
+        # Callbacks that sample this pipeline (validation grids) bind to it, and move behind the EMA: a validation at
+        # step k samples the average that includes step k.
+        self.sampling_callbacks: list[TrainerCallback] = []
+        for callback in list(self.callback_handler.callbacks):
+            if callable(getattr(callback, "bind_to_trainer", None)):
+                callback.bind_to_trainer(self)
+                self.callback_handler.remove_callback(callback)
+                self.callback_handler.add_callback(callback)
+                self.sampling_callbacks.append(callback)
 
         # The step's stages and state.
         self.stages = MicroBatchStages(
@@ -243,7 +248,7 @@ class DiffusionSDPOTrainer(Trainer):
         self.engine_backward = EngineBackward(self.accelerator)
         self._metrics = metric_stores()
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
-        self.mixed_precision_forward = MixedPrecisionForward(self._policy)
+        self.mixed_precision_forward = MixedPrecisionForward(self._policy, self._dtype)
         self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
         self._dormant_safeguard = dormant_safeguard(args, self.engine)  # on_pathology="safeguard"'s, checked now
         switch = self._switch_safeguard if self._dormant_safeguard is not None else None
@@ -269,16 +274,19 @@ class DiffusionSDPOTrainer(Trainer):
     # ------------------------------------------------------------------ files: each hook handed to self.files
 
     save_model = files_hook("save_model")
-    _save = files_hook("save_weights")
-    _load_from_checkpoint = files_hook("load_weights")
-    _load_best_model = files_hook("load_best_model")
-    _save_optimizer_and_scheduler = files_hook("save_optimizer_and_scheduler")
-    _load_optimizer_and_scheduler = files_hook("load_optimizer_and_scheduler")
-    _save_checkpoint = files_hook("save_checkpoint")
     create_model_card = files_hook("create_model_card")
     init_hf_repo = files_hook("init_hf_repo")
-    _push_from_checkpoint = files_hook("push_from_checkpoint")
     push_to_hub = files_hook("push_to_hub")
+    # The three private transformers.Trainer methods overridden, each for want of a public hook:
+    # - transformers writes a checkpoint in place and rotates by deleting in place; an atomic checkpoint (a killed
+    #   save leaves the previous one usable) is written aside and renamed, with its manifest, which needs the save
+    #   itself (RunFiles.save_checkpoint);
+    # - transformers' loaders read its own and peft's file names, or FSDP's model copy; the checkpoints hold the
+    #   weights in diffusers' format only (safetensors that load_lora_weights reads), loaded into the engine's
+    #   shards: on resume (_load_from_checkpoint) and for load_best_model_at_end (_load_best_model).
+    _save_checkpoint = files_hook("save_checkpoint")
+    _load_from_checkpoint = files_hook("load_weights")
+    _load_best_model = files_hook("load_best_model")
 
     # ------------------------------------------------------------------ the step
 
@@ -292,6 +300,13 @@ class DiffusionSDPOTrainer(Trainer):
         self.nonfinite.optimizer = super().create_optimizer(model)  # the guard drops and skips through it
         return self.nonfinite.optimizer
 
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.files.remember_learning_rates(scheduler)  # before a resumed checkpoint's state replaces them
+        return scheduler
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One micro-batch of Diffusion-DPO: batch -> noised pair -> predictions of the policy and the reference ->
         denoising errors -> objective -> backward -> metrics, with the safeguard's hook where one runs (the output
@@ -300,7 +315,7 @@ class DiffusionSDPOTrainer(Trainer):
         model.train()
         if callable(getattr(self.optimizer, "train", None)):  # as Trainer.training_step: schedule-free optimizers
             self.optimizer.train()
-        inputs, replay = self._batch(self._prepare_inputs(inputs), "train")
+        inputs, replay = self._batch(self.place_inputs(inputs), "train")
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
         # The engine's backward, or the safeguard's that keeps the branches' gradients apart; the latter runs its
@@ -333,7 +348,9 @@ class DiffusionSDPOTrainer(Trainer):
         # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
         loss = loss / self.current_gradient_accumulation_steps
-        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+        loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+        self.files.count_loss(loss)  # the whole run's loss, recorded in checkpoints
+        return loss
 
     def _objective(
         self, predictions: PreferencePredictions, pair_scores: torch.Tensor | None, contributes: bool
@@ -395,33 +412,13 @@ class DiffusionSDPOTrainer(Trainer):
         were all checked when it was built)."""
         collator = self.data_collator if mode == "train" else self._eval_collator_in_use
         blank = getattr(collator, "blank_batch", None)
-        return None if blank is None else self._prepare_inputs(blank())
+        return None if blank is None else self.place_inputs(blank())
 
-    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        # Pair scores are data for SmPO's weights, not model inputs: kept in float32 where transformers would cast
-        # every floating input to DeepSpeed's bf16/fp16 (bf16 steps of 1e-3 near 0.2 move a 0.01 score gap by 10%).
-        scores = inputs.pop("pair_scores", None)
-        inputs = super()._prepare_inputs(inputs)
-        if scores is not None:
-            inputs["pair_scores"] = scores.to(device=self.args.device, dtype=torch.float32)
-        return inputs
-
-    def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
-        """Clip the gradients of the optimizer's parameters (all its groups: the trained weights, not every module's
-        frozen ones); an engine that owns the gradients (DeepSpeed, FSDP2's DTensors) clips through transformers."""
-        if self.engine.manages_gradients:
-            return super()._clip_grad_norm(model)
-        return clip_gradients(optimizer_parameters(self.optimizer), self.args.max_grad_norm)
-
-    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: torch.Tensor | None = None):
-        """The pre-clip gradient norm; a non-finite one (an inf gradient with a finite loss) is flagged on the device
-        and the step skipped or raised on like a non-finite loss (see :class:`.step.guard.NonFiniteTracker`)."""
-        if grad_norm is None and not self.engine.manages_gradients:
-            grad_norm = gradient_norm(optimizer_parameters(self.optimizer))  # max_grad_norm <= 0: still guarded
-        grad_norm = super()._get_grad_norm(model, grad_norm)
-        if isinstance(grad_norm, torch.Tensor) and not self.engine.skips_nonfinite_steps:
-            self.nonfinite.flag_gradient_norm(grad_norm)
-        return grad_norm
+    def place_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the device, the floating ones in the engine's input dtype where it has one
+        (DeepSpeed's bf16/fp16, as transformers casts them), except the pair scores: data for SmPO's weights, not model
+        inputs, kept in float32 (bf16 steps of 1e-3 near 0.2 move a 0.01 score gap by 10%)."""
+        return place_batch(inputs, self.args.device, self.engine.input_dtype(), keep_float32=("pair_scores",))
 
     # ------------------------------------------------------------------ logging and evaluation
 
@@ -430,7 +427,7 @@ class DiffusionSDPOTrainer(Trainer):
         mode = "train" if prefix is None else "eval"
         reduced = reduce_logged_metrics(self._metrics[mode], self.metric_names(), self.args, self.accelerator)
         if mode == "train":
-            self.files.whole_run_loss(logs)  # a resumed run's train_loss: the whole run's
+            self.files.log_training(logs)  # the run's loss sum; a resumed run's train_loss: the whole run's
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
             self.health.annotate(reduced, self.state.log_history, self.state.global_step)
             self.guards.log(reduced, self.control, self.state.global_step)
@@ -465,7 +462,7 @@ class DiffusionSDPOTrainer(Trainer):
             self.data_collator = train_collator
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.place_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
