@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# The options evaluate and pairs share live in their own module, which pairs_cli imports without importing this one.
+# The options evaluate and pairs share live in their own module, which cli/pairs.py imports without importing this one.
 from ..config.defaults import safeguard_default_sentence
 from ..rewards.scorers.registry import OUTSIDE_SCORERS, register_outside_scorers
 from .sample import (
@@ -194,7 +194,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv`` names. ``--debug`` anywhere (or ``TRL_DIFFUSION_SDPO_DEBUG=1``) shows the traceback
-    of an error a user can fix, which is otherwise one line (:func:`~.console.run_command`)."""
+    of an error a user can fix, which is otherwise one line (:func:`~trl_diffusion_sdpo.io.console.run_command`)."""
     from ..io.console import debug_requested, run_command
 
     argv, debug = debug_requested(list(sys.argv[1:] if argv is None else argv))

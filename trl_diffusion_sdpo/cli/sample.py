@@ -1,5 +1,5 @@
 """The prompt-source, sampling and scorer options that ``trl-diffusion-sdpo evaluate`` and ``... pairs`` share: flags
-and how they become keywords. Below both commands' modules (:mod:`.cli`, :mod:`.pairs_cli`), so that neither imports
+and how they become keywords. Below both commands' modules (:mod:`.main`, :mod:`.pairs`), so that neither imports
 the other for them."""
 
 from __future__ import annotations
