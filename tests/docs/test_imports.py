@@ -61,14 +61,12 @@ def test_import_loads_no_library_and_prints_nothing():
     assert "trl_diffusion_sdpo" in modules
     assert top_level(modules, LIBRARIES) == []
     # the bottom layer's light modules only: the lazy attributes live in the config package, whose rules import
-    # nothing heavy (the check above); and the console's noise filter (logging filters, the standard library only)
+    # nothing heavy (the check above)
     assert sorted(m for m in modules if m.startswith("trl_diffusion_sdpo.")) == [
         "trl_diffusion_sdpo.config",
         "trl_diffusion_sdpo.config._lazy",
         "trl_diffusion_sdpo.config.checks",
         "trl_diffusion_sdpo.config.rules",
-        "trl_diffusion_sdpo.io",
-        "trl_diffusion_sdpo.io.console",
     ]
 
 

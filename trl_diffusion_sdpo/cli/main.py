@@ -33,6 +33,10 @@ __all__ = [
 ]
 
 
+#: the words that ask a command for its help, which runs nothing that draws a progress bar
+HELP_WORDS = frozenset({"-h", "--help", "--help-all"})
+
+
 def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) -> argparse.ArgumentParser:
     """The command-line parser. ``evaluate_choices``: the registered scorers and prompt presets that ``evaluate
     --help`` lists (read from the evaluation package only when that command runs, see :func:`main`)."""
@@ -215,9 +219,9 @@ def run(argv: list[str]) -> int:
     from ..io.console import quiet_command_line
 
     # The command line's own process, before a command imports transformers (and, through its quantizers, torchao):
-    # the libraries' known noise dropped and, off a terminal, their progress bars off. The only place the package
-    # changes another library's settings.
-    quiet_command_line()
+    # the libraries' known noise dropped and, off a terminal, their progress bars off (a help draws none: the
+    # libraries stay unimported for it). The only place the package changes another library's settings.
+    quiet_command_line(progress_bars=not HELP_WORDS.intersection(argv))
     if argv[:1] == ["train"]:
         from .train import main as train
 

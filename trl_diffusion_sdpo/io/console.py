@@ -99,12 +99,14 @@ def quiet_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-def quiet_command_line() -> bool:
+def quiet_command_line(progress_bars: bool = True) -> bool:
     """What the command line does first, for its own process: drop the :data:`NOISE` messages and, off a terminal,
-    the libraries' progress bars. Whether the output is a terminal (where the command's own bars may show)."""
+    the libraries' progress bars (``progress_bars=False``: leave them, and the libraries unimported, for a command
+    that draws none, such as a ``--help``). Whether the output is a terminal (where the command's own bars may
+    show)."""
     filter_known_noise()
     terminal = on_terminal()
-    if not terminal:
+    if progress_bars and not terminal:
         quiet_progress_bars()
     return terminal
 
