@@ -402,7 +402,8 @@ def _usable_rows(
             if not skip_invalid_rows:
                 raise ValueError(
                     f"Invalid row {done.rows_read + offset} of this process's shard, column {column!r}: {reason}. "
-                    "Fix the data or set skip_invalid_rows=True to skip and count such rows."
+                    f"Fix the data or set {advice('--skip_invalid_rows true', 'skip_invalid_rows=True')} to skip and "
+                    "count such rows."
                 )
             done.invalid_skipped += 1
             if done.invalid_skipped <= _NAMED_SKIPS:  # the first few named, the rest counted in the manifest
