@@ -1,6 +1,9 @@
-"""A walk through the README's and docs/quickstart.md's commands, each with one deliberate mistake a new user makes:
-the command as typed, the last lines of its output, its exit status, and whether it ended in one error line with no
-traceback. Offline (``HF_HUB_OFFLINE=1``), on the shipped tiny base; each command stops before training.
+"""A walk through the README's and docs' commands, each with one deliberate mistake a new user makes: the command as
+typed, the last lines of its output, its exit status, how long it took, and whether it ended in one error line with
+no traceback. On a clean install (an empty Hugging Face cache) with the Hub switched off (``HF_HUB_OFFLINE=1``) and
+again with the network unreachable (an endpoint nothing listens on), on the shipped tiny base; each command stops
+before training. One short training run first gives the mistakes that need one (an export, a merge, a cache) a real
+run folder and LoRA; a few commands that succeed are recorded for what they say (the merge, ``--help``).
 
     python benchmarks/smoke/first_mistakes_walk.py --output benchmarks/results/cpu-first-mistakes-walk.json
 """
@@ -39,16 +42,46 @@ def pair_folders(root: Path, n: int = 4, empty_prompt: int | None = None, broken
     return root
 
 
-def walk(work: Path) -> list[dict]:
+def table_pairs(root: Path, n: int = 4) -> Path:
+    """A JSONL of TRL-form rows (prompt, chosen, rejected) beside its images."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", (32, 32), "red").save(root / f"c{i}.png")
+        Image.new("RGB", (32, 32), "blue").save(root / f"r{i}.png")
+        rows.append({"prompt": "red square on white", "chosen": f"c{i}.png", "rejected": f"r{i}.png"})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def walk(work: Path) -> list[tuple[str, str, list[str]]]:
     """(where the command is documented, the mistake, the command's arguments after ``trl-diffusion-sdpo``)."""
-    good = pair_folders(work / "my-pairs")
+    good = work / "my-pairs"
     empty = pair_folders(work / "empty-prompt", empty_prompt=2)
     broken = pair_folders(work / "broken-image", broken_image=1)
+    table = table_pairs(work / "table")
     base_copy = work / "a-base-pipeline"
-    shutil.copytree(ROOT / "trl_diffusion_sdpo" / "demo" / "base", base_copy)
+    if not base_copy.exists():
+        shutil.copytree(ROOT / "trl_diffusion_sdpo" / "demo" / "base", base_copy)
+    run_dir, lora = work / "trained", work / "trained"  # written by setup()
+    earlier_eval = work / "earlier-evaluation"
+    earlier_eval.mkdir(exist_ok=True)
+    (earlier_eval / "scores.csv").write_text("model,prompt,seed,image,colour\n")
+    (earlier_eval / "summary.json").write_text("[]\n")
+    exported = work / "tiny.safetensors"
+    exported.write_bytes(b"an earlier export")
     train = ["train", "--config", TINY_CPU]
     out = ["--output_dir", str(work / "tiny-sdpo")]
+    prompts = str(work / "prompts.txt")
+    tiny_eval = ["--prompts", prompts, "--steps", "2", "--resolution", "32", "--device", "cpu", "--no_progress"]
     return [
+        # --- train and online: data, options, folders
         ("README: train --config tiny_cpu.yaml --dataset_name my-pairs", "a dataset folder that does not exist",
          [*train, "--dataset_name", "my-pairz", *out]),
         ("README: train --config tiny_cpu.yaml --dataset_name my-pairs", "the same, written as a path",
@@ -61,6 +94,8 @@ def walk(work: Path) -> list[dict]:
          [*train, "--dataset_name", str(empty), *out]),
         ("README: train --config tiny_cpu.yaml --dataset_name my-pairs", "a broken image",
          [*train, "--dataset_name", str(broken), *out]),
+        ("docs/data.md: --dataset_columns pickapic", "Pick-a-Pic's columns asked of a table in TRL's columns",
+         [*train, "--dataset_name", str(table), *out, "--dataset_columns", "pickapic"]),
         ("README: train ... --resume_from_checkpoint true", "resuming a run that never saved a checkpoint",
          [*train, "--dataset_name", str(good), "--output_dir", str(work / "never-ran"), "--resume_from_checkpoint",
           "true"]),
@@ -75,19 +110,91 @@ def walk(work: Path) -> list[dict]:
          ["train", "--config", "examples/configs/sd15_lora.yml"]),
         ("README: online --config online_tiny_cpu.yaml", "a prompts file that does not exist",
          ["online", "--config", ONLINE_TINY, "--prompts", "prompts.txt", *out]),
+        ("README: online --config online_tiny_cpu.yaml", "a reward function misspelt (color)",
+         ["online", "--config", ONLINE_TINY, "--reward_funcs", "color", *out]),
+        # --- a Hub id where the Hub cannot be reached
+        ("docs/quickstart.md: train --model_name_or_path <Hub id> ...", "a Hub model, the Hub unreachable",
+         ["train", "--model_name_or_path", HUB_MODEL, "--dataset_name", str(good), *out, "--use_peft"]),
+        ("README: online --config online_tiny_cpu.yaml", "a Hub model, the Hub unreachable",
+         ["online", "--config", ONLINE_TINY, "--model_name_or_path", HUB_MODEL, *out]),
+        ("docs/data.md: cache --config x.yaml --latent_cache FOLDER", "a Hub model, the Hub unreachable",
+         ["cache", "--config", TINY_CPU, "--model_name_or_path", HUB_MODEL, "--dataset_name", str(good),
+          "--latent_cache", str(work / "latents")]),
+        ("README: export --lora tiny-sdpo --base trl-diffusion-sdpo:tiny --format kohya --output tiny.safetensors",
+         "a Hub base, the Hub unreachable",
+         ["export", "--lora", str(lora), "--base", HUB_MODEL, "--format", "kohya", "--output",
+          str(work / "new.safetensors")]),
+        ("docs/evaluation.md: evaluate --base <Hub id> --model NAME=PATH ...", "a Hub base, the Hub unreachable",
+         ["evaluate", "--base", HUB_MODEL, "--model", f"tiny={lora}", "--scorer", "colour", *tiny_eval,
+          "--output_dir", str(work / "evaluation-hub")]),
+        ("docs/evaluation.md: evaluate --base ... (default scorer pickscore)", "a scorer's model, the Hub unreachable",
+         ["evaluate", "--base", "trl-diffusion-sdpo:tiny", *tiny_eval, "--output_dir", str(work / "evaluation-ps")]),
+        ("docs/evaluation.md: evaluate --base ... (default prompts partiprompts)",
+         "a Hub prompt set, the Hub unreachable",
+         ["evaluate", "--base", "trl-diffusion-sdpo:tiny", "--scorer", "colour", "--output_dir",
+          str(work / "evaluation-parti")]),
+        ("docs/evaluation.md: pairs --base <Hub id> --prompts ... --scorer ...", "a Hub base, the Hub unreachable",
+         ["pairs", "--base", HUB_MODEL, "--prompts", prompts, "--scorer", "colour", "--output_dir",
+          str(work / "pairs-hub")]),
+        ("docs/reward-server.md: reward-server --scorer pickscore", "a scorer's model, the Hub unreachable",
+         ["reward-server", "--scorer", "pickscore", "--port", "8719"]),
+        ("README: estimate-memory --config x.yaml", "a Hub model, the Hub unreachable",
+         ["estimate-memory", "--config", TINY_CPU, "--model_name_or_path", HUB_MODEL]),
+        # --- commands that write, pointed at what they did not write
+        ("README: export --lora tiny-sdpo ... --output tiny.safetensors", "exporting onto an existing file",
+         ["export", "--lora", str(lora), "--base", "trl-diffusion-sdpo:tiny", "--format", "kohya", "--output",
+          str(exported)]),
+        ("docs/export.md: export --merge --output FOLDER", "merging into the training run's own folder",
+         ["export", "--lora", str(lora), "--base", "trl-diffusion-sdpo:tiny", "--merge", "--output", str(run_dir)]),
+        ("docs/evaluation.md: evaluate ... --output_dir eval", "evaluating into an earlier evaluation's folder",
+         ["evaluate", "--base", "trl-diffusion-sdpo:tiny", "--model", f"tiny={lora}", "--scorer", "colour",
+          *tiny_eval, "--output_dir", str(earlier_eval)]),
+        ("docs/data.md: cache --config x.yaml --latent_cache FOLDER", "a latent cache into a training run's folder",
+         ["cache", "--config", TINY_CPU, "--dataset_name", str(good), "--latent_cache", str(run_dir)]),
+        # --- names
         ("README: export --lora tiny-sdpo --base trl-diffusion-sdpo:tiny --format kohya --output tiny.safetensors",
          "a LoRA folder that does not exist",
          ["export", "--lora", str(work / "tiny-sdpo"), "--base", "trl-diffusion-sdpo:tiny", "--format", "kohya",
-          "--output", str(work / "tiny.safetensors")]),
+          "--output", str(work / "tiny2.safetensors")]),
         ("docs/quickstart.md: evaluate --base trl-diffusion-sdpo:tiny --model tiny=tiny-cpu-sdpo ...",
          "a scorer name misspelt",
-         ["evaluate", "--base", "trl-diffusion-sdpo:tiny", "--model", f"tiny={work / 'tiny-sdpo'}", "--prompts",
-          str(work / "prompts.txt"), "--scorer", "colur", "--steps", "2", "--resolution", "32", "--device", "cpu",
-          "--output-dir", str(work / "evaluation")]),
+         ["evaluate", "--base", "trl-diffusion-sdpo:tiny", "--model", f"tiny={lora}", "--scorer", "colur",
+          *tiny_eval, "--output_dir", str(work / "evaluation")]),
+        ("docs/reward-server.md: reward-server --scorer NAME --max_batch_size N", "a batch size of 0 (underscores)",
+         ["reward-server", "--scorer", "colour", "--max_batch_size", "0"]),
     ]  # fmt: skip
 
 
-def run(where: str, mistake: str, arguments: list[str], env: dict[str, str]) -> dict:
+# Commands that succeed, recorded for what they say (the merge names the copy it wrote; --help the shipped configs'
+# LoRA rank): (what is looked at, the command's arguments, the text expected in its output).
+def sayings(work: Path) -> list[tuple[str, list[str], str]]:
+    lora = work / "trained"
+    return [
+        ("the merge says where the merged copy went and that the base is unchanged",
+         ["export", "--lora", str(lora), "--base", "trl-diffusion-sdpo:tiny", "--merge", "--output",
+          str(work / "merged")], "(the base itself is unchanged)"),
+        ("train --help states the shipped configs' LoRA rank",
+         ["train", "--help"],
+         "the shipped configs use 16, sd3_lora.yaml 32, tiny_cpu.yaml and online_tiny_cpu.yaml 8"),
+    ]  # fmt: skip
+
+
+def setup(work: Path, env: dict[str, str]) -> dict:
+    """The README's tiny training run (2 steps), whose folder and LoRA the mistakes about writing use."""
+    pair_folders(work / "my-pairs")
+    (work / "prompts.txt").write_text("red square on white\n")
+    arguments = ["train", "--config", TINY_CPU, "--dataset_name", str(work / "my-pairs"), "--output_dir",
+                 str(work / "trained"), "--max_steps", "2", "--save_steps", "2"]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "trl_diffusion_sdpo", *arguments], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the setup run failed:\n{done.stderr[-3000:]}")
+    return {"command": "trl-diffusion-sdpo " + shlex.join(arguments), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run(arguments: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "trl_diffusion_sdpo", *arguments],
@@ -97,51 +204,113 @@ def run(where: str, mistake: str, arguments: list[str], env: dict[str, str]) -> 
         text=True,
         timeout=600,
     )
+    return done, round(time.perf_counter() - start, 1)
+
+
+def mistake(where: str, what: str, arguments: list[str], env: dict[str, str]) -> dict:
+    done, seconds = run(arguments, env)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     return {
         "documented": where,
-        "mistake": mistake,
+        "mistake": what,
         "command": "trl-diffusion-sdpo " + shlex.join(arguments),
         "exit_code": done.returncode,
         "stderr_last_lines": lines[-3:],
         "one_line": done.returncode != 0 and "Traceback" not in done.stderr and ": error: " in last,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": seconds,
     }
+
+
+def saying(what: str, arguments: list[str], expected: str, env: dict[str, str]) -> dict:
+    done, seconds = run(arguments, env)
+    output = " ".join((done.stdout + done.stderr).split())
+    found = [line for line in (done.stdout + done.stderr).splitlines() if expected.split()[0] in line]
+    return {
+        "what": what,
+        "command": "trl-diffusion-sdpo " + shlex.join(arguments),
+        "exit_code": done.returncode,
+        "expected": expected,
+        "said": expected in output,
+        "lines": found[:2],
+        "seconds": seconds,
+    }
+
+
+# How the Hub is out of reach: switched off, or the network unreachable (an endpoint nothing listens on, which refuses
+# the connection at once, as a machine without a route does after its timeout).
+MODES = {
+    "offline": {"HF_HUB_OFFLINE": "1"},
+    "unreachable": {"HF_ENDPOINT": "http://127.0.0.1:9"},
+}
+
+
+def clean_environment(hf_home: Path, mode: str) -> dict[str, str]:
+    """This process's environment with an empty Hugging Face cache (a clean install) and the Hub out of reach."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(hf_home), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **MODES[mode])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env.pop("TRL_DIFFUSION_SDPO_DEBUG", None)
+    return env
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="benchmarks/results/cpu-first-mistakes-walk.json")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     options = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.pop("TRL_DIFFUSION_SDPO_DEBUG", None)
+    results, said = [], []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        (work / "prompts.txt").write_text("red square on white\n")
-        results = []
-        for where, mistake, arguments in walk(work):
-            result = run(where, mistake, arguments, env)
-            results.append(result)
-            verdict = "one line" if result["one_line"] else "NOT ONE LINE"
-            print(f"[{result['exit_code']}] {verdict}: {mistake}: {result['stderr_last_lines'][-1:]}")
-    for result in results:  # the temporary folder's and the checkout's paths are the machine's, not the walk's
-        for key in ("command", "stderr_last_lines"):
-            text = json.dumps(result[key]).replace(str(work), "$WORK").replace(str(ROOT), "$REPO")
-            result[key] = json.loads(text)
+        hf_home = work / "hf-home"
+        hf_home.mkdir()
+        setup_run = setup(work, clean_environment(hf_home, "offline"))
+        print(f"setup: {setup_run['command']} ({setup_run['seconds']} s)")
+        mistakes = walk(work)
+        for mode in options.modes:
+            env = clean_environment(hf_home, mode)
+            for where, what, arguments in mistakes:
+                result = {"hub": mode, **mistake(where, what, arguments, env)}
+                results.append(result)
+                verdict = "one line" if result["one_line"] else "NOT ONE LINE"
+                last = result["stderr_last_lines"][-1:]
+                print(f"[{mode} {result['exit_code']} {result['seconds']} s] {verdict}: {what}: {last}")
+        env = clean_environment(hf_home, options.modes[0])
+        for what, arguments, expected in sayings(work):
+            said.append(saying(what, arguments, expected, env))
+            print(f"[{'said' if said[-1]['said'] else 'NOT SAID'}] {what}: {said[-1]['lines'][:1]}")
+        leftover = sorted(p.name for p in hf_home.iterdir())
+    for result in [*results, *said, setup_run]:  # the temporary folder's and the checkout's paths are the machine's
+        for key in ("command", "stderr_last_lines", "lines"):
+            if key in result:
+                text = json.dumps(result[key]).replace(str(work), "$WORK").replace(str(ROOT), "$REPO")
+                result[key] = json.loads(text)
+    seconds = [r["seconds"] for r in results]
     report = {
-        "what": "Each README / docs/quickstart.md command with one deliberate mistake: its exit status and last "
-        "stderr lines; one_line: a non-zero exit whose last line is the error and no traceback.",
+        "what": "Each README / docs command with one deliberate mistake: its exit status, last stderr lines and wall "
+        "time from the command's start (Python's start and the package's imports included); one_line: a non-zero "
+        "exit whose last line is the error and no traceback. Run on a clean install (an empty HF_HOME) with the Hub "
+        "out of reach in each mode: offline (HF_HUB_OFFLINE=1) and unreachable (HF_ENDPOINT=http://127.0.0.1:9, "
+        "a refused connection). said: commands that succeed, and whether their output says what is expected.",
         "command": "python benchmarks/smoke/first_mistakes_walk.py --output " + options.output,
-        "machine": {"python": platform.python_version(), "platform": platform.platform()},
-        "offline": "HF_HUB_OFFLINE=1",
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "setup": setup_run,
+        "modes": {mode: MODES[mode] for mode in options.modes},
         "mistakes": results,
+        "said": said,
+        "hf_home_after": leftover,
+        "summary": {
+            "mistakes": len(results),
+            "one_line": sum(r["one_line"] for r in results),
+            "seconds_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
+            "seconds_max": max(seconds, default=None),
+            "said": f"{sum(s['said'] for s in said)}/{len(said)}",
+        },
         "all_one_line": all(r["one_line"] for r in results),
     }
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
     Path(options.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{sum(r['one_line'] for r in results)}/{len(results)} end in one line; wrote {options.output}")
+    print(f"{report['summary']}; wrote {options.output}")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_offline_a_scorer_model_not_in_the_cache_is_refused_naming_scorer_model_
         evaluate("unused", prompts=["a cat"], scorers=["pickscore"], output_dir=tmp_path)
     message = str(info.value)
     assert "Scorer 'pickscore'" in message and "'yuvalkirstain/PickScore_v1'" in message
-    assert "HF_HUB_OFFLINE is set" in message and "--scorer-arg pickscore.model=" in message
+    assert "HF_HUB_OFFLINE is set" in message and "--scorer_arg pickscore.model=" in message
 
 
 def test_an_unreachable_hub_is_found_by_one_short_connection(online_but_unreachable, empty_cache):
@@ -126,7 +126,7 @@ def test_a_local_model_path_that_does_not_exist_is_named(empty_cache, tmp_path):
 def test_a_file_downloaded_from_a_repository_points_at_the_argument_for_the_local_file(offline):
     with pytest.raises(ScorerModelUnavailable) as info:
         check_models(["hpsv2.1"], {"hpsv2.1": {"architecture": str(offline)}})  # the architecture is local
-    assert "'xswu/HPSv2' (hub_repo)" in str(info.value) and "--scorer-arg hpsv2.1.checkpoint=" in str(info.value)
+    assert "'xswu/HPSv2' (hub_repo)" in str(info.value) and "--scorer_arg hpsv2.1.checkpoint=" in str(info.value)
 
 
 def test_the_cli_reports_a_refused_scorer_as_an_error_without_generating(tmp_path, capsys, no_generation):

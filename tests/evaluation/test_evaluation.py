@@ -153,33 +153,73 @@ def _ink(image: Image.Image) -> int:
     return int((np.asarray(image.convert("L")) < 128).sum())
 
 
-def test_image_grid_labels_are_drawn_whole_on_small_cells():
-    """32-pixel cells (the tiny base's images) under labels several times wider: every character of every label is
-    drawn (the ink equals each label's words rendered alone), within its own cell's width or the label column."""
+def _cells(grid: Image.Image) -> tuple[int, int, int]:
+    """The left and top edges and the size of the grid's red cells (its images), found from the pixels."""
+    red = np.argwhere((np.asarray(grid.convert("RGB")) == (255, 0, 0)).all(axis=-1))
+    (top, left), (bottom, _) = red.min(axis=0), red.max(axis=0)
+    return int(left), int(top), int(bottom - top + 1) // 2  # two rows of cells
+
+
+def _ink_of_words(text: str) -> list[int]:
     from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    cells = [Image.new("RGB", (32, 32), (255, 255, 255))] * 2
+    inks = []
+    for word in text.split():
+        canvas = Image.new("RGB", (600, 40), "white")
+        ImageDraw.Draw(canvas).text((2, 2), word, fill="black", font=font)
+        inks.append(_ink(canvas))
+    return inks
+
+
+def test_image_grid_labels_are_drawn_whole_on_small_cells():
+    """32-pixel images (the tiny base's) under labels several times wider: every character of every label is drawn
+    (the ink equals each label's words rendered alone), within its own cell's width or the label column."""
+    cells = [Image.new("RGB", (32, 32), (255, 0, 0))] * 2
     columns, rows = ["yellow square on white", "red circle on white"], ["base model", "diffusion-sdpo-lora"]
     grid = image_grid([cells, cells], row_labels=rows, column_labels=columns, cell=32)
     assert image_grid([cells], column_labels=columns).width == 2 * 64  # labelled small images: 64-pixel cells
-
-    def ink_of_words(text: str) -> int:
-        total = 0
-        for word in text.split():
-            canvas = Image.new("RGB", (400, 40), "white")
-            ImageDraw.Draw(canvas).text((2, 2), word, fill="black", font=font)
-            total += _ink(canvas)
-        return total
-
-    label_width = grid.width - 2 * 32
-    top = grid.height - 2 * 32
+    left, top, cell = _cells(grid)
+    assert grid.size == (left + 2 * cell, top + 2 * cell)
     for c, label in enumerate(columns):
-        band = grid.crop((label_width + c * 32, 0, label_width + (c + 1) * 32, top))
-        assert _ink(band) == pytest.approx(ink_of_words(label), rel=0.05), label
+        band = grid.crop((left + c * cell, 0, left + (c + 1) * cell, top))
+        assert _ink(band) == pytest.approx(sum(_ink_of_words(label)), rel=0.05), label
     for r, label in enumerate(rows):
-        band = grid.crop((0, top + r * 32, label_width, top + (r + 1) * 32))
-        assert _ink(band) == pytest.approx(ink_of_words(label), rel=0.05), label
+        band = grid.crop((0, top + r * cell, left, top + (r + 1) * cell))
+        assert _ink(band) == pytest.approx(sum(_ink_of_words(label)), rel=0.05), label
+
+
+def test_image_grid_wraps_a_long_caption_between_words():
+    """A long caption over 32-pixel images: each line of the label holds whole words, in order (its ink is the sum
+    of some next words' inks, never a part of one), and the cell widened only as far as the longest word needs."""
+    from PIL import ImageDraw, ImageFont
+
+    from trl_diffusion_sdpo.evaluation.compare import MAX_WORD_CELL
+
+    font = ImageFont.load_default()
+    caption = "a photograph of an astronaut riding a horse across the surface of the moon at dawn, cinematic lighting"
+    cells = [Image.new("RGB", (32, 32), (255, 0, 0))]
+    grid = image_grid([cells, cells], column_labels=[caption], cell=32)
+    left, top, cell = _cells(grid)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max(measure.textlength(word, font=font) for word in caption.split())
+    assert widest + 4 <= cell <= widest + 6  # the longest word fits; the images are not blown up further
+    line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
+    words, lines = _ink_of_words(caption), []
+    for i in range((top - 2) // line_height):
+        band = grid.crop((left, 1 + i * line_height, left + cell, 1 + (i + 1) * line_height))
+        lines.append(_ink(band))
+    lines = [ink for ink in lines if ink]
+    assert len(lines) > 3  # the caption does wrap
+    position = 0
+    for ink in lines:  # each line is the next whole words
+        total = 0
+        while position < len(words) and total < ink * 0.97:
+            total, position = total + words[position], position + 1
+        assert total == pytest.approx(ink, rel=0.03), (lines, words)
+    assert position == len(words)
+    long_word = "x" * 200  # wider than MAX_WORD_CELL: the cell stops there and the word is broken
+    assert _cells(image_grid([cells, cells], column_labels=[long_word], cell=32))[2] == MAX_WORD_CELL
 
 
 def test_interval_plot_keeps_its_title_and_labels_inside_the_image(tmp_path):
@@ -380,6 +420,10 @@ def test_evaluate_writes_tables_plots_grid_and_a_second_run_generates_nothing(
     assert result.scores["base"]["redness"] != result.scores["full"]["redness"]  # different UNets, other images
 
     count_calls["calls"] = 0
+    with pytest.raises(FileExistsError, match=r"holds an earlier run's files \(run.json, scores.csv, summary.csv"):
+        evaluate(model_dirs["base"], models, **kwargs)  # the first run's tables, before anything is sampled
+    assert count_calls["calls"] == 0
+    kwargs["overwrite"] = True
     again = evaluate(model_dirs["base"], models, **kwargs)
     assert count_calls["calls"] == 0 and again.generated == {"base": 0, "lora": 0, "full": 0}
     assert again.scores == result.scores
@@ -415,12 +459,12 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, model_dirs
     pngs = [f for _, _, files in os.walk(tmp_path / "eval" / "images") for f in files if f.endswith(".png")]
     assert len(pngs) == 3 and not any(f.endswith(".tmp") for _, _, fs in os.walk(tmp_path) for f in fs)
     count_calls.update(calls=0, fail_after=None)
-    result = evaluate(model_dirs["base"], {"lora": model_dirs["lora"]}, **kwargs)
+    result = evaluate(model_dirs["base"], {"lora": model_dirs["lora"]}, **kwargs, overwrite=True)  # its run.json
     assert result.generated == {"base": 1, "lora": 4} and count_calls["calls"] == 5
 
 
 def test_evaluate_rejects_an_unknown_scorer_before_generating(tmp_path, model_dirs, count_calls):
-    with pytest.raises(KeyError, match="Registered scorers: .*pickscore"):
+    with pytest.raises(KeyError, match=r"scorer 'pickscor' is no registered scorer \(did you mean pickscore\?\)"):
         evaluate(model_dirs["base"], {}, prompts=["a"], scorers=["pickscor"], output_dir=str(tmp_path))
     assert count_calls["calls"] == 0
 
@@ -500,8 +544,8 @@ def test_the_shared_sampling_flags_become_keywords_that_evaluate_and_make_pairs_
 
     flags = ["--prompt-column", "text", "--prompt-split", "test", "--limit", "3", "--cache-dir", "imgs", "--steps",
              "7", "--guidance-scale", "2.5", "--resolution", "64", "--scheduler", "model", "--dtype", "bfloat16",
-             "--true-cfg-scale", "3.0",
-             "--batch-size", "2", "--score-batch-size", "5", "--device", "cpu", "--no-progress"]  # fmt: skip
+             "--true-cfg-scale", "3.0", "--batch-size", "2", "--score-batch-size", "5", "--device", "cpu",
+             "--no-progress", "--overwrite"]  # fmt: skip
     expected = {
         "settings": GenerationSettings(
             num_inference_steps=7,
@@ -518,6 +562,7 @@ def test_the_shared_sampling_flags_become_keywords_that_evaluate_and_make_pairs_
         "cache_dir": "imgs",
         "device": "cpu",
         "progress": False,
+        "overwrite": True,
     }
     for command in ("evaluate", "pairs"):
         assert sampling_keywords(build_parser().parse_args([command, "--base", "b", *flags])) == expected, command
@@ -545,7 +590,7 @@ def test_scorer_arg_flags_are_parsed_and_a_flag_for_a_scorer_not_run_is_refused_
         ["evaluate", "--base", "missing", "--scorer-arg", "hps.version=v2.1"],  # the default scorer, pickscore
         ["pairs", "--base", "missing", "--scorer", "pickscore", "--scorer-arg", "hps.version=v2.1"],
     ):
-        with pytest.raises(SystemExit, match=r"--scorer-arg names \['hps'\], but the scorers are \['pickscore'\]"):
+        with pytest.raises(SystemExit, match=r"--scorer_arg names \['hps'\], but the scorers are \['pickscore'\]"):
             main(argv)
 
 

@@ -318,7 +318,7 @@ def test_evaluate_on_edits_hands_each_image_its_source_and_caches_per_source(tmp
         assert json.load(f)["edits"] is True
 
     count_calls["calls"] = 0  # a rerun samples nothing
-    again = evaluate(kontext_dir, {}, **kwargs)
+    again = evaluate(kontext_dir, {}, **kwargs, overwrite=True)
     assert count_calls["calls"] == 0 and again.generated == {"base": 0} and again.scores == result.scores
 
 

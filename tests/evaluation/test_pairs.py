@@ -133,14 +133,16 @@ def test_pairs_are_the_right_ones_and_a_rerun_samples_and_scores_nothing(tmp_pat
     count_calls["calls"] = CountingRedness.calls = 0
     gaps = sorted((max(row) - min(row), p) for p, row in zip(PROMPTS, scores))
     margin = (gaps[0][0] + gaps[1][0]) / 2
-    again = make_pairs(model_dirs["base"], **{**kwargs, "mode": "best-worst", "margin": margin})
+    with pytest.raises(FileExistsError, match="holds an earlier run's files \\(dataset\\)"):  # the first run's pairs
+        make_pairs(model_dirs["base"], **{**kwargs, "mode": "best-worst", "margin": margin})
+    again = make_pairs(model_dirs["base"], **{**kwargs, "mode": "best-worst", "margin": margin, "overwrite": True})
     assert count_calls["calls"] == 0 and again.generated == 0 and CountingRedness.calls == 0
     assert again.summary["prompts_without_pair"] == [gaps[0][1]] and again.summary["pairs"] == 2
     kept = load_preference_dataset(again.dataset_dir)
     assert sorted(kept["margin"]) == pytest.approx([g for g, _ in gaps[1:]])
     assert min(kept["margin"]) > margin
     with pytest.raises(ValueError, match="No pair .* margin=1.0"):  # nothing above: no (stale) dataset is left
-        make_pairs(model_dirs["base"], **{**kwargs, "margin": 1.0})
+        make_pairs(model_dirs["base"], **{**kwargs, "margin": 1.0, "overwrite": True})
     assert not os.path.exists(again.dataset_dir) and count_calls["calls"] == 0
 
 

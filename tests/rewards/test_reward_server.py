@@ -77,7 +77,7 @@ def test_a_body_above_the_bound_is_refused_with_413():
     try:
         assert client.post("/v1/score", json=request(images=IMAGES[:1], prompts=CAPTIONS[:1])).status_code == 200
         answer = client.post("/v1/score", json=request(prompts=["x" * 3000]))
-        assert answer.status_code == 413 and "--max-request-mb" in answer.json()["detail"]
+        assert answer.status_code == 413 and "--max_request_mb" in answer.json()["detail"]
     finally:
         client.__exit__(None, None, None)
 
@@ -133,7 +133,9 @@ def test_the_command_binds_this_machine_only_by_default_and_names_the_registered
 
     args = build_parser().parse_args(["--scorer", "colour"])
     assert (args.host, args.port, args.max_batch_size) == ("127.0.0.1", 8000, 32)
-    with pytest.raises(SystemExit, match="--scorer colur is no registered scorer; registered: .*colour"):
+    with pytest.raises(
+        SystemExit, match=r"--scorer 'colur' is no registered scorer \(did you mean colour\?\); .*colour"
+    ):
         main(["reward-server", "--scorer", "colur"])
 
 

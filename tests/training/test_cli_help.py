@@ -1,5 +1,5 @@
 """``train --help`` and ``online --help``: by topic, one screen each, without the language-model options, printed from
-the stored text without importing transformers; ``--help-all`` lists transformers' general options too.
+the stored text without importing transformers; ``--help_all`` lists transformers' general options too.
 
 Run this file as a script to rewrite the stored texts after a help changes:
 ``python tests/training/test_cli_help.py``.
@@ -99,9 +99,9 @@ def test_help_groups_the_options_by_topic_and_hides_the_language_model_ones(comm
     full = parser_of(command, show_all=True).format_help()
     for option in LANGUAGE_MODEL_OPTIONS:
         assert f"--{option} " not in text and f"--{option} " not in full, option
-    # transformers' general options: named in --help-all only, with a pointer to their docs in both
+    # transformers' general options: named in --help_all only, with a pointer to their docs in both
     assert "--ddp_timeout" not in text and "--ddp_timeout" in full
-    assert "more options, listed by --help-all" in text and "--help-all" in text
+    assert "more options, listed by --help_all" in text and "--help_all" in text
     assert "huggingface.co/docs/transformers" in found["transformers' general options"]
     assert len(text.splitlines()) < len(full.splitlines())
 

@@ -26,6 +26,13 @@ class CacheArguments:
         default=1000, metadata={"help": "Source rows per chunk: one shard file, and the unit a resumed run redoes."}
     )
     cache_batch_size: int = field(default=8, metadata={"help": "Pairs per VAE batch."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a cache in --latent_cache built with other settings, or write the cache into a folder "
+            "holding other files (both refused otherwise; resuming a cache of the same settings never needs it)."
+        },
+    )
 
 
 def make_cache_parser():
@@ -55,12 +62,13 @@ def run_cache(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
 
-    from ..data.sharded_cache import build_sharded_latent_cache
+    from ..data.sharded_cache import build_sharded_latent_cache, refuse_other_files
     from ..families import family_for_pipeline
 
     check_supported(script_args, model_args)
     if not diffusion_args.latent_cache:
         parser.error("--latent_cache FOLDER is required: where the cache is written (or resumed)")
+    refuse_other_files(diffusion_args.latent_cache, cache_args.overwrite)  # before the model loads
     # The training config sets up the process group as training would (gloo for several CPU processes); a bare
     # PartialState() would run each CPU process as a lone one.
     device = args.device
@@ -90,6 +98,7 @@ def run_cache(argv: list[str] | None = None) -> int:
             "max_rows": diffusion_args.max_train_rows,
         },
         progress=not args.disable_tqdm,
+        overwrite=cache_args.overwrite,
     )
     if state.is_main_process and cache is not None:
         m = cache.manifest

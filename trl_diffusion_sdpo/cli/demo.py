@@ -24,7 +24,10 @@ DESCRIPTION = (
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
-        "--output-dir", default="demo-output", help="Where the figures and summary go (default: %(default)s)."
+        "--output_dir",
+        "--output-dir",
+        default="demo-output",
+        help="Where the figures and summary go (default: %(default)s).",
     )
     parser.add_argument(
         "--quick",
@@ -55,6 +58,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help=f"Methods to compare, in table order (default: all of {', '.join(METHODS)}).",
     )
     parser.add_argument(
+        "--no_breaking_regime",
         "--no-breaking-regime",
         action="store_true",
         help="Skip the breaking regime: Diffusion-DPO and each guard at the learning rate where Diffusion-DPO's "
@@ -75,12 +79,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "weights and save it to OUTPUT_DIR/base. With --quick, a few-step recipe (a smoke test).",
     )
     parser.add_argument(
+        "--cache_dir",
         "--cache-dir",
         default=None,
         help="Cache of pretrained bases for recipes other than the "
         "shipped one (default: ${XDG_CACHE_HOME:-~/.cache}/trl-diffusion-sdpo/demo).",
     )
-    parser.add_argument("--no-cache", action="store_true", help="Do not read or write that cache.")
+    parser.add_argument("--no_cache", "--no-cache", action="store_true", help="Do not read or write that cache.")
     return parser
 
 

@@ -20,7 +20,9 @@ def build_export_parser() -> argparse.ArgumentParser:
             "Write a LoRA trained by `trl-diffusion-sdpo train` (diffusers format) for the image tools: kohya "
             "(sd-scripts' layout: SD1.x/2.x and SDXL for AUTOMATIC1111/Forge, ComfyUI, InvokeAI, diffusers; "
             "FLUX.1, SD3 and FLUX.2 for ComfyUI, FLUX.1 and FLUX.2 also for diffusers) or comfyui (every family), "
-            "checked against the base model; or, with --merge, the base pipeline with the LoRA fused in at --strength."
+            "checked against the base model; or, with --merge, a copy of the base pipeline with the LoRA fused in at "
+            "--strength, written to --output (the base itself is only read). Neither replaces what exists at --output "
+            "unless --overwrite."
         ),
     )
     add_export_arguments(parser)
@@ -48,7 +50,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", required=True, help="A .safetensors file (export), or a new folder for the pipeline (--merge)."
     )
     parser.add_argument(
-        "--merge", action="store_true", help="Write the base pipeline with the LoRA fused in (a full pipeline folder)."
+        "--merge",
+        action="store_true",
+        help="Write a copy of the base pipeline with the LoRA fused in to --output (a full pipeline folder; the base "
+        "is not modified).",
     )
     parser.add_argument(
         "--strength", type=float, default=1.0, help="LoRA strength fused by --merge (default: %(default)s)."
@@ -60,6 +65,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="Weights' dtype: of the exported LoRA (default: as trained) or of the merged pipeline (default float32).",
     )
     parser.add_argument("--device", default="cpu", help="Device for --merge (default: %(default)s).")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing --output file, or write the merged pipeline into a folder that holds files "
+        "(refused otherwise).",
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -78,14 +89,20 @@ def run_export(args: argparse.Namespace) -> int:
                 strength=args.strength,
                 dtype=args.dtype or "float32",
                 device=args.device,
+                overwrite=args.overwrite,
             )
-            print(f"Merged {args.lora} into {args.base} at strength {args.strength:g}: {folder}")
+            print(
+                f"Wrote the merged copy to {folder}: {args.base} with {args.lora} fused in at strength "
+                f"{args.strength:g} (the base itself is unchanged)."
+            )
             return 0
         if args.format is None:
             raise ValueError(f"--format is required without --merge: one of {', '.join(EXPORT_FORMATS)}.")
         if args.strength != 1.0:
             raise ValueError("--strength applies to --merge only; set the strength in the tool that loads the LoRA.")
-        result = export_lora(args.lora, args.base, args.format, args.output, dtype=args.dtype)
+        result = export_lora(
+            args.lora, args.base, args.format, args.output, dtype=args.dtype, overwrite=args.overwrite
+        )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"trl-diffusion-sdpo export: error: {error}", file=sys.stderr)
         return 2

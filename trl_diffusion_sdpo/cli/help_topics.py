@@ -1,7 +1,7 @@
 """``train --help`` and ``online --help`` by topic, one screen each: the options of this package under the config's
 docstring headings (:data:`~trl_diffusion_sdpo.config.docs.GROUPS`), the model, LoRA and data options of TRL's
 ``ModelConfig`` and ``ScriptArguments``, and the few ``transformers.TrainingArguments`` options a diffusion run sets.
-transformers' other general options stay accepted; ``--help-all`` lists them. Language-model options
+transformers' other general options stay accepted; ``--help_all`` lists them. Language-model options
 (:data:`LANGUAGE_MODEL_OPTIONS`) are accepted but listed nowhere.
 
 The text a plain ``--help`` prints is stored in ``help/<command>.txt`` and printed without importing transformers
@@ -29,11 +29,11 @@ __all__ = [
 ]
 
 HELP_WIDTH = 100  # fixed, so the stored text is the parser's whatever the terminal
-USAGE = "%(prog)s [--config FILE.yaml] [--OPTION VALUE ...]  (--help: by topic; --help-all: every option)"
+USAGE = "%(prog)s [--config FILE.yaml] [--OPTION VALUE ...]  (--help: by topic; --help_all: every option)"
 TRANSFORMERS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
 
 # Options of transformers' TrainingArguments and TRL's ScriptArguments that only language models read: accepted (a YAML
-# file shared with a TRL script still parses) but listed nowhere, not even under --help-all.
+# file shared with a TRL script still parses) but listed nowhere, not even under --help_all.
 LANGUAGE_MODEL_OPTIONS = (
     "average_tokens_across_devices",
     "include_num_input_tokens_seen",
@@ -96,7 +96,7 @@ DATA_SOURCE_OPTIONS = {
 }
 TRAINING_TOPIC = (
     "Training, saving and logging (transformers' TrainingArguments)",
-    f"The general options a diffusion run sets most; --help-all lists the others, documented at {TRANSFORMERS_DOCS}.",
+    f"The general options a diffusion run sets most; --help_all lists the others, documented at {TRANSFORMERS_DOCS}.",
     {
         "output_dir": "Where the weights, training_config.json, the model card and checkpoints go.",
         "max_steps": "Optimizer steps to train for (-1: --num_train_epochs epochs).",
@@ -163,7 +163,7 @@ def group_by_topic(
     for action in parser._actions:
         if action.option_strings:
             actions.setdefault(action.dest, []).append(action)
-    general = parser._optionals  # -h, --config, --help-all
+    general = parser._optionals  # -h, --config, --help_all
     for group in parser._action_groups:
         group._group_actions[:] = []
     placed = {"help", "config", "help_all"}
@@ -185,7 +185,7 @@ def group_by_topic(
     group = parser.add_argument_group(
         "transformers' general options",
         f"Accepted by every command that trains; documented at {TRANSFORMERS_DOCS}."
-        + ("" if show_all else f" {listed} more options, listed by --help-all."),
+        + ("" if show_all else f" {listed} more options, listed by --help_all."),
     )
     for name in rest:
         for action in actions[name]:

@@ -160,11 +160,15 @@ def add_evaluate_parser(
         "NAME.KEY=VALUE",
         "Argument of a scorer, e.g. pickscore.model=/path (VALUE parsed as JSON if it can be).",
     )
-    evaluate.add_argument("--output-dir", default="evaluation", help="Output folder (default: %(default)s).")
+    evaluate.add_argument(
+        "--output_dir", "--output-dir", default="evaluation", help="Output folder (default: %(default)s)."
+    )
     evaluate.add_argument(
         "--seed", type=int, action="append", default=None, help="Noise seed (repeatable; default 0)."
     )
-    evaluate.add_argument("--bootstrap-resamples", type=int, default=1000, help="Bootstrap resamples.")
+    evaluate.add_argument(
+        "--bootstrap_resamples", "--bootstrap-resamples", type=int, default=1000, help="Bootstrap resamples."
+    )
     add_sampling_arguments(evaluate)
     return evaluate
 

@@ -75,6 +75,12 @@ def parse_args(argv: Sequence[str] | None = None):
     parser = make_parser("trl-diffusion-sdpo online", ARGUMENT_TYPES, DESCRIPTION, EPILOG, online_topics)
     prompt_args, training_args, model_args = parse_or_exit(parser, argv)
     training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
+    from ..rewards.functions import check_reward_names
+
+    try:  # a misspelt scorer, before any model loads
+        check_reward_names(training_args.reward_funcs or [])
+    except ValueError as err:
+        parser.error(str(err))
     if prompt_args.prompts is None:
         parser.error("--prompts is required: a preset, a .txt file, a .jsonl file or a dataset with a prompt column.")
     prompts = prompt_args.prompts

@@ -1,7 +1,7 @@
 """``trl-diffusion-sdpo pairs``: preference pairs from a reward model (:mod:`.evaluation.pairs`).
 
     trl-diffusion-sdpo pairs --base stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts pickapic_v2 \\
-        --num-images 4 --scorer pickscore --margin 0.005 --mode best-worst --output-dir pairs-round0
+        --num_images 4 --scorer pickscore --margin 0.005 --mode best-worst --output_dir pairs-round0
 
 The parser is argparse only (``trl-diffusion-sdpo --help`` imports nothing heavy); the work is imported when the
 command runs. Sampling flags are ``evaluate``'s.
@@ -27,7 +27,7 @@ def add_pairs_parser(
         help="Sample K images per prompt, score them with a reward model and write the pairs above a margin as a "
         "training dataset (AI-feedback / on-policy Diffusion-DPO rounds).",
         description=(
-            "Sample --num-images images per prompt (seeds SEED..SEED+K-1, cached: a rerun resamples nothing), score "
+            "Sample --num_images images per prompt (seeds SEED..SEED+K-1, cached: a rerun resamples nothing), score "
             "them, keep the best-worst pair (or every pair) whose score gap exceeds --margin, and write "
             "OUTPUT_DIR/dataset (train with --dataset_name OUTPUT_DIR/dataset), summary.json and scores.jsonl."
         ),
@@ -45,7 +45,9 @@ def add_pairs_parser(
         "(default: %(default)s); a .jsonl file or dataset whose rows carry source_image or source_images is a set of "
         "edits: the K images are edits of each source, and the rows keep the source.",
     )  # fmt: skip
-    pairs.add_argument("--num-images", type=int, default=4, help="Images per prompt, K (default: %(default)s).")
+    pairs.add_argument(
+        "--num_images", "--num-images", type=int, default=4, help="Images per prompt, K (default: %(default)s)."
+    )
     pairs.add_argument("--scorer", default="pickscore", help=f"Reward model ({listed}default: %(default)s).")
     add_scorer_arg_argument(
         pairs,
@@ -64,7 +66,7 @@ def add_pairs_parser(
         default="best-worst",
         help="best-worst: one pair per prompt; all: every pair above the margin (default: %(default)s).",
     )
-    pairs.add_argument("--output-dir", default="pairs", help="Output folder (default: %(default)s).")
+    pairs.add_argument("--output_dir", "--output-dir", default="pairs", help="Output folder (default: %(default)s).")
     pairs.add_argument("--seed", type=int, default=0, help="First seed; image k uses SEED + k (default: %(default)s).")
     add_sampling_arguments(pairs)
     return pairs

@@ -5,7 +5,6 @@ an unknown flag or YAML key, with the closest known option) ended as argparse en
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import os
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 from trl import TrlParser
 
 from ..config import DiffusionSDPOConfig, check_config
+from ..config.messages import did_you_mean
 
 __all__ = [
     "HIDDEN_OPTIONS",
@@ -159,12 +159,6 @@ def known_options(parser: argparse.ArgumentParser) -> list[str]:
             continue
         names += [option[2:] for option in action.option_strings if option.startswith("--")]
     return names
-
-
-def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:
-    """`` (did you mean --x?)`` with the known option closest to ``name`` (``difflib``), or ``""``."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def unknown_options_message(

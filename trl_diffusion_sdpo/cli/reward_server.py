@@ -34,31 +34,39 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument("--port", type=int, default=8000, help="Port (default: %(default)s).")
     parser.add_argument(
-        "--max-batch-size", type=int, default=32, help="Images per call of the scorer (default: %(default)s)."
+        "--max_batch_size",
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="Images per call of the scorer (default: %(default)s).",
     )
     parser.add_argument(
+        "--batch_wait_ms",
         "--batch-wait-ms",
         type=float,
         default=5.0,
         help="How long a request waits for others to be scored with it (default: %(default)s).",
     )
     parser.add_argument(
-        "--max-request-mb",
+        "--max_request_mb",
+        "--max_request_mb",
         type=float,
         default=64.0,
         help="The largest request body in MiB; a larger one is answered 413 (default: %(default)s).",
     )
-    parser.add_argument("--log-level", default="info", help="uvicorn's log level (default: %(default)s).")
+    parser.add_argument(
+        "--log_level", "--log-level", default="info", help="uvicorn's log level (default: %(default)s)."
+    )
     return parser
 
 
 def scorer_kwargs_of(items: list[str]) -> dict[str, Any]:
-    """``--scorer-arg KEY=VALUE`` flags as keyword arguments (VALUE parsed as JSON where it is JSON)."""
+    """``--scorer_arg KEY=VALUE`` flags as keyword arguments (VALUE parsed as JSON where it is JSON)."""
     kwargs: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--scorer-arg {item!r} should read KEY=VALUE.")
+            raise SystemExit(f"--scorer_arg {item!r} should read KEY=VALUE.")
         kwargs[key] = json_or_text(value)
     return kwargs
 
@@ -67,27 +75,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the options, check the scorer is registered, and serve until interrupted."""
     args = build_parser().parse_args(argv)
     from ..rewards.scorers import available_scorers
-    from ..rewards.scorers.registry import register_outside_scorers
+    from ..rewards.scorers.preflight import ScorerModelUnavailable, check_models
+    from ..rewards.scorers.registry import register_outside_scorers, unknown_scorer_message
     from ..rewards.server import build_app
 
     register_outside_scorers()
     if args.scorer not in available_scorers():
-        raise SystemExit(
-            f"trl-diffusion-sdpo reward-server: error: --scorer {args.scorer} is no registered scorer; registered: "
-            f"{', '.join(available_scorers())}."
-        )
+        raise SystemExit(f"trl-diffusion-sdpo reward-server: error: {unknown_scorer_message(args.scorer, '--scorer')}")
     for name in ("max_batch_size", "port"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"trl-diffusion-sdpo reward-server: error: --{name.replace('_', '-')} must be >= 1.")
+            raise SystemExit(f"trl-diffusion-sdpo reward-server: error: --{name} must be >= 1.")
     try:
         import uvicorn
     except ImportError:
         raise SystemExit(
             "trl-diffusion-sdpo reward-server needs FastAPI and uvicorn: pip install 'trl-diffusion-sdpo[serve]'."
         ) from None
+    scorer_kwargs = scorer_kwargs_of(args.scorer_arg)
+    # The scorer's models: local, cached or on a Hub that answers, or one line now (the server loads them after it
+    # starts, where a failure would only show as /ready answering 503).
+    try:
+        check_models([args.scorer], {args.scorer: scorer_kwargs})
+    except ScorerModelUnavailable as err:
+        raise SystemExit(f"trl-diffusion-sdpo reward-server: error: {err}") from None
     app = build_app(
         args.scorer,
-        scorer_kwargs_of(args.scorer_arg),
+        scorer_kwargs,
         max_batch_size=args.max_batch_size,
         batch_wait=args.batch_wait_ms / 1000,
         max_request_bytes=int(args.max_request_mb * 2**20),

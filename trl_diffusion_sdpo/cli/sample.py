@@ -31,27 +31,29 @@ def add_base_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_scorer_arg_argument(parser: argparse.ArgumentParser, metavar: str, help: str) -> None:
-    """``--scorer-arg``, repeatable, its values kept in order as written (``evaluate`` and ``pairs`` read them with
+    """``--scorer_arg``, repeatable, its values kept in order as written (``evaluate`` and ``pairs`` read them with
     :func:`scorer_arguments`, ``reward-server`` as KEY=VALUE): ``metavar`` and ``help`` say which form."""
-    parser.add_argument("--scorer-arg", action="append", default=[], metavar=metavar, help=help)
+    parser.add_argument("--scorer_arg", "--scorer-arg", action="append", default=[], metavar=metavar, help=help)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The prompt-source and sampling flags that ``evaluate`` and ``pairs`` share (read by
     :func:`sampling_keywords`)."""
-    parser.add_argument("--prompt-column", default=None, help="Prompt column of a dataset.")
-    parser.add_argument("--prompt-split", default=None, help="Split of a dataset.")
-    parser.add_argument("--prompt-path", default=None, help="Read a preset from this local copy.")
+    parser.add_argument("--prompt_column", "--prompt-column", default=None, help="Prompt column of a dataset.")
+    parser.add_argument("--prompt_split", "--prompt-split", default=None, help="Split of a dataset.")
+    parser.add_argument("--prompt_path", "--prompt-path", default=None, help="Read a preset from this local copy.")
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
-    parser.add_argument("--cache-dir", default=None, help="Image cache (default: OUTPUT_DIR/images).")
+    parser.add_argument("--cache_dir", "--cache-dir", default=None, help="Image cache (default: OUTPUT_DIR/images).")
     parser.add_argument("--steps", type=int, default=50, help="Inference steps (default: %(default)s).")
     parser.add_argument(
+        "--guidance_scale",
         "--guidance-scale",
         type=float,
         default=8.5,
         help="diffusers guidance; 8.5 equals the authors' eps_c + 7.5 (eps_c - eps_u) (default: %(default)s).",
     )
     parser.add_argument(
+        "--true_cfg_scale",
         "--true-cfg-scale",
         type=float,
         default=None,
@@ -68,10 +70,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="Generation dtype (default: %(default)s).",
     )
-    parser.add_argument("--batch-size", type=int, default=1, help="Prompts per pipeline call.")
-    parser.add_argument("--score-batch-size", type=int, default=16, help="Images per scorer call.")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=1, help="Prompts per pipeline call.")
+    parser.add_argument(
+        "--score_batch_size", "--score-batch-size", type=int, default=16, help="Images per scorer call."
+    )
     parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
-    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    parser.add_argument("--no_progress", "--no-progress", action="store_true", help="Hide progress bars.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace what an earlier run wrote in --output_dir (refused otherwise); its cached images are reused.",
+    )
 
 
 def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,11 +107,12 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
         "cache_dir": args.cache_dir,
         "device": args.device,
         "progress": not args.no_progress,
+        "overwrite": args.overwrite,
     }
 
 
 def command_sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
-    """:func:`sampling_keywords` with ``--prompts`` and ``--output-dir``, which both commands declare, as a command
+    """:func:`sampling_keywords` with ``--prompts`` and ``--output_dir``, which both commands declare, as a command
     passes them: off a terminal (a log file) the command's own bars are off, as the libraries' are (the command line's
     entry, :func:`~trl_diffusion_sdpo.io.console.quiet_command_line`), so that a log file gets no bars redrawn with
     carriage returns."""
@@ -115,7 +125,7 @@ def command_sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def json_or_text(value: str) -> Any:
-    """A ``--scorer-arg`` value: parsed as JSON where it is JSON (numbers, booleans, lists), else the text itself."""
+    """A ``--scorer_arg`` value: parsed as JSON where it is JSON (numbers, booleans, lists), else the text itself."""
     import json
 
     try:
@@ -125,16 +135,16 @@ def json_or_text(value: str) -> Any:
 
 
 def scorer_arguments(items: list[str], scorers: list[str]) -> dict[str, dict]:
-    """``--scorer-arg NAME.KEY=VALUE`` flags as ``{NAME: {KEY: VALUE}}`` (VALUE parsed as JSON if it can be), for
+    """``--scorer_arg NAME.KEY=VALUE`` flags as ``{NAME: {KEY: VALUE}}`` (VALUE parsed as JSON if it can be), for
     ``evaluate`` and ``pairs`` alike: a flag for a scorer the command does not run is refused, not ignored."""
     kwargs: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
         name, dot, argument = key.rpartition(".")
         if not sep or not dot or not name or not argument:
-            raise SystemExit(f"--scorer-arg {item!r} should read NAME.KEY=VALUE.")
+            raise SystemExit(f"--scorer_arg {item!r} should read NAME.KEY=VALUE.")
         kwargs.setdefault(name, {})[argument] = json_or_text(value)
     unknown = sorted(set(kwargs) - set(scorers))
     if unknown:
-        raise SystemExit(f"--scorer-arg names {unknown}, but the scorers are {scorers}.")
+        raise SystemExit(f"--scorer_arg names {unknown}, but the scorers are {scorers}.")
     return kwargs

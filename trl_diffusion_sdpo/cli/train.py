@@ -15,7 +15,6 @@ file and flags are read and refused: :mod:`.parsing`; how the data options read 
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -248,11 +247,33 @@ EPILOG = (
     "LoRA has no task head). --load_in_4bit, --load_in_8bit, --bnb_4bit_quant_type and --use_bnb_nested_quant "
     "quantize the frozen base (docs/quantization.md)."
 )
+# The LoRA settings of the shipped configs (examples/configs/*.yaml with use_peft), as --help states them: the value
+# most files use (alpha: "rank", equal to the file's lora_r) and the files that differ. A test reads every shipped file
+# against this table.
+SHIPPED_LORA: dict[str, tuple[Any, dict[str, Any]]] = {
+    "lora_r": (16, {"sd3_lora.yaml": 32, "tiny_cpu.yaml": 8, "online_tiny_cpu.yaml": 8}),
+    "lora_alpha": ("rank", {"sd3_lora.yaml": 64}),
+    "lora_dropout": (0.0, {}),
+}
+
+
+def shipped_lora_help(name: str, label: str) -> str:
+    """``--<name>``'s help: TRL's default (``ModelConfig``'s), the shipped configs' values (:data:`SHIPPED_LORA`)."""
+    common, differing = SHIPPED_LORA[name]
+    files: dict[Any, list[str]] = {}
+    for file, value in differing.items():
+        files.setdefault(value, []).append(file)
+    values = [f"use {name.removeprefix('lora_')} = {common}" if common == "rank" else f"use {common}"]
+    values += [f"{' and '.join(names)} {value}" for value, names in files.items()]
+    trl_default = next(f.default for f in fields(ModelConfig) if f.name == name)
+    return f"{label} (TRL's default {trl_default}; the shipped configs {', '.join(values)})."
+
+
 # TRL's ModelConfig help with the defaults this package uses in their place.
 LORA_HELP = {
-    "lora_r": "LoRA rank (TRL's default 16; the shipped configs use 16, sd3_lora.yaml 32).",
-    "lora_alpha": "LoRA alpha (TRL's default 32; the shipped configs use alpha = rank, sd3_lora.yaml 64).",
-    "lora_dropout": "LoRA dropout (TRL's default 0.05; the shipped configs use 0.0).",
+    "lora_r": shipped_lora_help("lora_r", "LoRA rank"),
+    "lora_alpha": shipped_lora_help("lora_alpha", "LoRA alpha"),
+    "lora_dropout": shipped_lora_help("lora_dropout", "LoRA dropout"),
     "lora_target_modules": "LoRA target modules. Default (None): the model family's, the attention projections "
     "to_q, to_k, to_v, to_out.0; SD3, FLUX.1 and Qwen-Image add add_q_proj, add_k_proj, add_v_proj, to_add_out, and "
     "FLUX.2 to_qkv_mlp_proj and its single blocks' output projection (docs/quickstart.md).",
@@ -303,7 +324,7 @@ def make_parser(
 ) -> TrlParser:
     """TRL's ``TrlParser`` over ``argument_types`` (:data:`ARGUMENT_TYPES`), with the command's description, help
     corrections and options grouped by ``topics`` (:func:`~.help_topics.group_by_topic`; transformers' general
-    options listed with ``show_all``, as ``--help-all`` does). Prefixes of option names are refused (``allow_abbrev``
+    options listed with ``show_all``, as ``--help_all`` does). Prefixes of option names are refused (``allow_abbrev``
     off): ``--learning_rat`` is an unknown option, not ``--learning_rate``."""
     parser = ConfigFileParser(
         argument_types,
@@ -316,6 +337,7 @@ def make_parser(
     )
     add_config_argument(parser)
     parser.add_argument(
+        "--help_all",
         "--help-all",
         action=_FullHelp,
         full_parser=lambda: make_parser(prog, argument_types, description, epilog, topics, show_all=True),
@@ -339,7 +361,7 @@ def make_parser(
 
 
 class _FullHelp(argparse.Action):
-    """``--help-all``: print the help of ``full_parser()`` (every option) and exit."""
+    """``--help_all``: print the help of ``full_parser()`` (every option) and exit."""
 
     def __init__(self, option_strings: list[str], dest: str, full_parser: Callable[[], argparse.ArgumentParser], **kw):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
@@ -435,21 +457,12 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
 
 
 def check_model_exists(name: str) -> None:
-    """A ``FileNotFoundError`` in one line where ``--model_name_or_path`` is neither a local folder nor a pipeline
-    the Hub has (or can be asked about), before any loading (:func:`~..data.formats.hub_dataset_problem`)."""
-    from ..data.formats import hub_dataset_problem
-    from ..families.loading import resolve_model_name
+    """A ``FileNotFoundError`` in one line where ``--model_name_or_path`` leads to no pipeline: neither a local folder,
+    nor in the Hugging Face cache, nor on a Hub that answers (:func:`~..data.model_names.check_model_exists`, which
+    every command taking a model asks), before any loading."""
+    from ..data.model_names import check_model_exists as check
 
-    resolved = resolve_model_name(name)
-    if os.path.exists(resolved):
-        return
-    problem = hub_dataset_problem(str(resolved), kind="model")
-    if problem is not None:
-        raise FileNotFoundError(
-            f"--model_name_or_path {name}: no such folder ({os.path.abspath(os.path.expanduser(name))}), {problem}. "
-            "Give a diffusers pipeline folder (model_index.json inside), a Hub id NAMESPACE/NAME or "
-            "trl-diffusion-sdpo:tiny (the shipped base)."
-        )
+    check(name, "--model_name_or_path")
 
 
 def peft_config_for(model_args: ModelConfig, pipeline):

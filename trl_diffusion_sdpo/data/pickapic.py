@@ -18,6 +18,7 @@ from typing import Any
 
 from datasets import Dataset, Image, IterableDataset, Value, concatenate_datasets
 
+from ..config.messages import advice
 from .columns import (
     CAPTION,
     CHOSEN,
@@ -33,6 +34,9 @@ from .columns import (
 )
 
 __all__ = ["LABEL_WORDS", "as_trl_form", "label_problem", "pickapic_to_trl"]
+
+# The setting that reads each column form, as a Python user writes it (the command line's flag: advice).
+TRL_COLUMNS, PICKAPIC_COLUMNS = "dataset_columns='trl'", "dataset_columns='pickapic'"
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +106,8 @@ def pickapic_to_trl(
     if missing:
         raise ValueError(
             f"Pick-a-Pic's columns {label_form} are mapped onto TRL's, but the dataset lacks {missing} (found "
-            f"{sorted(dataset.column_names)}): rename them (--rename_columns), or read data already in TRL's "
-            "prompt, chosen, rejected with dataset_columns='trl'"
+            f"{sorted(dataset.column_names)}): rename them ({advice('--rename_columns', 'rename_columns')}), or read "
+            f"data already in TRL's prompt, chosen, rejected with {advice('--dataset_columns trl', TRL_COLUMNS)}"
         )
     kept = {caption: prompt, image_0: chosen, image_1: rejected}
     swapped = {caption: prompt, image_0: rejected, image_1: chosen}
@@ -165,14 +169,15 @@ def as_trl_form(dataset: Any, args: Any, split: str = "train") -> Any:
     if clash:
         raise ValueError(
             f"The {split} dataset has both Pick-a-Pic's columns {list(label_form)} and TRL's {clash}: training reads "
-            f"TRL's {list(trl_form)}. Drop one set, or map Pick-a-Pic's at load with dataset_columns='pickapic' "
-            "after dropping TRL's."
+            f"TRL's {list(trl_form)}. Drop one set, or map Pick-a-Pic's at load with "
+            f"{advice('--dataset_columns pickapic', PICKAPIC_COLUMNS)} after dropping TRL's."
         )
     logger.info(
-        "The %s dataset has Pick-a-Pic's columns %s: mapped to %s (dataset_columns='pickapic' maps them at load; "
-        "ties and bad labels are skipped and counted as before)",
+        "The %s dataset has Pick-a-Pic's columns %s: mapped to %s (%s maps them at load; ties and bad labels are "
+        "skipped and counted as before)",
         split,
         list(label_form),
         list(trl_form),
+        advice("--dataset_columns pickapic", PICKAPIC_COLUMNS),
     )
     return pickapic_to_trl(dataset, *label_form, *trl_form, SCORE_0, SCORE_1)

@@ -29,6 +29,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
+from ..config.messages import advice
 from .columns import ROW_INDEX_COLUMN, SOURCE_COLUMN, PreferenceColumns, is_tie
 from .pickapic import as_trl_form
 from .progress import datasets_progress_bars
@@ -92,8 +93,8 @@ def prepare_preference_dataset(
                 message += f" (from {sources[index]})"
             if not args.skip_invalid_rows:
                 raise DataError(
-                    f"Invalid {split} dataset {message}. Fix the data or set skip_invalid_rows=True "
-                    "(--skip_invalid_rows true) to skip and count such rows."
+                    f"Invalid {split} dataset {message}. Fix the data or set "
+                    f"{advice('--skip_invalid_rows true', 'skip_invalid_rows=True')} to skip and count such rows."
                 )
             report.invalid_skipped += 1
             if len(report.examples) < 5:

@@ -47,6 +47,7 @@ from datasets.formatting.formatting import NumpyArrowExtractor
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..config.messages import OutputExistsError, advice, replacing_refusal
 from ..families import ModelFamily
 from .columns import PreferenceColumns, is_tie
 from .latent_cache import (
@@ -71,6 +72,7 @@ __all__ = [
     "ShardedLatentCache",
     "build_sharded_latent_cache",
     "load_sharded_latent_cache",
+    "refuse_other_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,9 @@ logger = logging.getLogger(__name__)
 SPEC_NAME = "spec.json"
 MANIFEST_NAME = "manifest.json"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
+# What a cache folder holds, each with the temporary files of its atomic writes (named after it): anything else there
+# was not written by a cache.
+CACHE_ENTRIES = (SPEC_NAME, MANIFEST_NAME, EMPTY_PROMPT_NAME, "shards", "progress")
 
 
 @dataclass
@@ -218,6 +223,7 @@ def build_sharded_latent_cache(
     dataset_id: dict[str, Any] | None = None,
     progress: bool = True,
     max_chunks: int | None = None,
+    overwrite: bool = False,
 ) -> ShardedLatentCache | None:
     """Encode this process's shard of ``dataset`` into ``output_dir`` (resuming where an earlier run stopped); every
     process must call it. Returns the finished cache on every process, or ``None`` when ``max_chunks`` stopped this
@@ -239,6 +245,9 @@ def build_sharded_latent_cache(
         dataset_id: what identifies the dataset (name, split, streaming, row limit): a resumed run must match it.
         progress: show a progress bar per process.
         max_chunks: stop after encoding this many chunks in this call (to test resumption; ``None``: all).
+        overwrite: replace a cache ``output_dir`` holds that was built with other settings, and write the cache into
+            a folder holding other files; both are refused otherwise, before anything is written (resuming a cache of
+            the same settings never needs it).
     """
     if chunk_size < 1 or batch_size < 1:
         raise ValueError(f"chunk_size and batch_size must be >= 1, got {chunk_size} and {batch_size}")
@@ -271,12 +280,18 @@ def build_sharded_latent_cache(
         "map_style": isinstance(dataset, Dataset),
         "dataset": dataset_id or {},
     }
+    refuse_other_files(output_dir, overwrite)  # read by every process before any writes
+    spec_path = os.path.join(output_dir, SPEC_NAME)
+    if rank == 0:
+        if overwrite and os.path.exists(spec_path) and _read_json(spec_path) != spec:
+            logger.warning("Replacing the latent cache in %s, built with other settings (overwrite)", output_dir)
+            _remove_cache(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        if not os.path.exists(spec_path):
+            _write_json(spec_path, spec, "0")
+    barrier()
     for folder in ("shards", "progress"):
         os.makedirs(os.path.join(output_dir, folder), exist_ok=True)
-    spec_path = os.path.join(output_dir, SPEC_NAME)
-    if rank == 0 and not os.path.exists(spec_path):
-        _write_json(spec_path, spec, "0")
-    barrier()
     _check_spec(_read_json(spec_path), spec, output_dir)
 
     progress_path = os.path.join(output_dir, "progress", f"rank-{rank:05d}.json")
@@ -329,14 +344,47 @@ def build_sharded_latent_cache(
     return load_sharded_latent_cache(output_dir)
 
 
+def _written_by_a_cache(name: str) -> bool:
+    """Whether an entry of a cache folder is one a cache writes (:data:`CACHE_ENTRIES` or a temporary file of one)."""
+    return any(name == entry or name.startswith(f"{entry}.") for entry in CACHE_ENTRIES)
+
+
+def _other_entries(output_dir: str) -> list[str]:
+    """What ``output_dir`` holds that a cache did not write, sorted."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if not _written_by_a_cache(name))
+
+
+def refuse_other_files(output_dir: str, overwrite: bool = False) -> None:
+    """Refuse, unless ``overwrite``, a cache folder holding anything a cache did not write (a training run, other
+    files): ``trl-diffusion-sdpo cache`` asks before it loads the model, :func:`build_sharded_latent_cache` again."""
+    others = _other_entries(output_dir)
+    if others and not overwrite:
+        ways = [f"pass {advice('--overwrite', 'overwrite=True')} to write it among them"]
+        ways.append(f"write it into a new {advice('--latent_cache', 'output_dir')}")
+        raise OutputExistsError(replacing_refusal(output_dir, "a latent cache", ways, found=others))
+
+
+def _remove_cache(output_dir: str) -> None:
+    """Delete a cache's own files from ``output_dir``, leaving anything else there."""
+    for name in os.listdir(output_dir):
+        if _written_by_a_cache(name):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
 def _check_spec(found: dict[str, Any], expected: dict[str, Any], output_dir: str) -> None:
     differing = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
     if differing:
         details = "; ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in differing)
-        raise ValueError(
-            f"{output_dir} holds a latent cache built with other settings ({details}). Resume with the same "
-            "settings and number of processes, or use a new folder."
-        )
+        ways = ["resume it with the same settings and number of processes"]
+        ways += [f"pass {advice('--overwrite', 'overwrite=True')} to replace it", "use a new folder"]
+        held = f"a latent cache built with other settings ({details})"
+        raise ValueError(replacing_refusal(output_dir, "this cache", ways, held))
 
 
 # Skipped rows named in a warning per process; the manifest counts them all.
@@ -354,7 +402,8 @@ def _usable_rows(
             if not skip_invalid_rows:
                 raise ValueError(
                     f"Invalid row {done.rows_read + offset} of this process's shard, column {column!r}: {reason}. "
-                    "Fix the data or set skip_invalid_rows=True to skip and count such rows."
+                    f"Fix the data or set {advice('--skip_invalid_rows true', 'skip_invalid_rows=True')} to skip and "
+                    "count such rows."
                 )
             done.invalid_skipped += 1
             if done.invalid_skipped <= _NAMED_SKIPS:  # the first few named, the rest counted in the manifest

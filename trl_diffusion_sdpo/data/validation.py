@@ -30,6 +30,7 @@ from datasets import List as ListFeature
 from datasets import Video as VideoFeature
 from PIL import Image
 
+from ..config.messages import advice
 from .columns import (
     CAPTION,
     CHOSEN,
@@ -121,10 +122,11 @@ def resolve_layout(column_names: Sequence[str], args: Any) -> PreferenceColumns:
     scores = ""
     if uses_scores(args):
         scores = f" and, for loss_type={args.loss_type!r}, score columns {list(score_columns_of(args))}"
+    columns = "dataset_columns='pickapic'"
     raise DataError(
         f"Dataset is missing column(s) {missing}. Expected TRL preference columns {trl.all}{scores}, or Pick-a-Pic "
-        f"columns {pickapic}, which are mapped onto them (dataset_columns='pickapic'; rename other columns to these "
-        f"before training); found {sorted(names)}."
+        f"columns {pickapic}, which are mapped onto them ({advice('--dataset_columns pickapic', columns)}; rename "
+        f"other columns to these with {advice('--rename_columns', 'rename_columns')}); found {sorted(names)}."
     )
 
 

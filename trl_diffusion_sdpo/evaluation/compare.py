@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -160,6 +161,11 @@ def plot_intervals(rows: Sequence[MetricSummary], metric: str, path: str) -> str
     return path
 
 
+# The widest a grid's cell grows so that the longest word of a column label fits it whole; a longer word (a URL, a
+# file name) is broken inside.
+MAX_WORD_CELL = 256
+
+
 def image_grid(
     rows: Sequence[Sequence[Image.Image]],
     row_labels: Sequence[str] = (),
@@ -167,14 +173,17 @@ def image_grid(
     cell: int | None = None,
 ) -> Image.Image:
     """A grid with one row per entry of ``rows`` (e.g. a model) and one column per image (e.g. a prompt), each cell
-    resized to ``cell`` pixels (default: the first image's width, at least 64 under column labels, so that a word of
-    a caption fits a cell's width), with optional text labels: every label whole,
-    a column's wrapped onto as many lines as its cell's width needs, the row labels' column as wide as the widest."""
+    resized to ``cell`` pixels (default: the first image's width, at least 64 under column labels), widened where a
+    column label's longest word is wider (up to :data:`MAX_WORD_CELL`), so that captions wrap between words. Optional
+    text labels: every label whole, a column's wrapped onto as many lines as its cell's width needs, the row labels'
+    column as wide as the widest."""
     if not rows or not rows[0]:
         raise ValueError("An image grid needs at least one image.")
-    cell = cell or max(rows[0][0].width, 64 if column_labels else 0)
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    words = [word for label in column_labels for word in str(label).split()]
+    widest_word = max((math.ceil(measure.textlength(word, font=font)) for word in words), default=0)
+    cell = max(cell or max(rows[0][0].width, 64 if column_labels else 0), min(widest_word + 4, MAX_WORD_CELL))
     line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
     wrapped = [wrap_label(str(label), cell - 4, font) for label in column_labels]
     label_width = max((int(measure.textlength(str(label), font=font)) + 6 for label in row_labels), default=0)

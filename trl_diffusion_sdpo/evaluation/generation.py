@@ -157,6 +157,27 @@ def _hub_file_exists(repo: str, filename: str) -> bool:
         return False
 
 
+def _hub_candidates() -> list[tuple[str, str]]:
+    """(kind, file) pairs whose file on the Hub says what a Hub repository holds, in the order looked for."""
+    candidates = [("pipeline", "model_index.json"), ("lora", _LORA_FILES[0])]
+    return candidates + [(denoiser, f"{denoiser}/config.json") for denoiser in DENOISER_FOLDERS]
+
+
+def check_model_names(base: str, models: Sequence[ModelSpec]) -> None:
+    """Refuse in one line, before anything loads, a base or variant name that leads nowhere: no local path, not in
+    the Hugging Face cache, and the Hub not asked (offline), unreachable or without it
+    (:func:`~trl_diffusion_sdpo.data.model_names.check_model_exists`)."""
+    from ..config.messages import advice
+    from ..data.model_names import check_model_exists
+
+    check_model_exists(base, advice("--base", "base"))
+    for spec in models:
+        if spec.path is not None and spec.kind in ("auto", "lora", "pipeline", *DENOISER_FOLDERS):
+            option = advice("--model", f"model {spec.name!r}:")
+            expected = "a LoRA, full-tuning output or pipeline folder or file, or a Hub id NAMESPACE/NAME"
+            check_model_exists(spec.path, option, expected, files=[name for _, name in _hub_candidates()])
+
+
 def detect_kind(path: str) -> str:
     """The kind of a local folder/file or a Hub id (see `ModelSpec`)."""
     if os.path.isfile(path):
@@ -181,9 +202,7 @@ def detect_kind(path: str) -> str:
             f"{path} holds no model_index.json, {' or '.join(_LORA_FILES)}, unet/ or transformer/ config.json, or a "
             "UNet / transformer config.json."
         )
-    candidates = [("pipeline", "model_index.json"), ("lora", _LORA_FILES[0])]
-    candidates += [(denoiser, f"{denoiser}/config.json") for denoiser in DENOISER_FOLDERS]
-    for kind, filename in candidates:
+    for kind, filename in _hub_candidates():
         if _hub_file_exists(path, filename):
             return kind
     raise ValueError(
@@ -503,6 +522,9 @@ def generate_images(
     }
     generated = dict.fromkeys(names, 0)
     most_sources = max((len(e.sources) for e in edits), default=1) if edits else 0
+    needed = [spec for spec in models if not all(os.path.isfile(path) for path in paths[spec.name])]
+    if needed:  # every name that will load, before the first (minutes for a large base) loads
+        check_model_names(base, [spec for spec in needed if spec.kind != "base"])
     base_pipe = None
     for spec in tqdm(models, desc="models", unit="model", disable=not progress):
         missing = [k for k, path in enumerate(paths[spec.name]) if not os.path.isfile(path)]

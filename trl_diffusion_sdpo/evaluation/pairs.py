@@ -40,7 +40,7 @@ from ..rewards.scorers.base import Scorer, Sources, build_scorer
 from ..rewards.scorers.preflight import check_models, check_prompts
 from .generation import GenerationSettings, ModelSpec, generate_images, split_edits
 from .prompts import EditPrompt, load_prompt_set
-from .run import _scorer_arguments, check_scorers
+from .run import _scorer_arguments, check_scorers, refuse_earlier_outputs
 
 __all__ = ["PairsResult", "make_pairs", "select_pairs"]
 
@@ -237,6 +237,7 @@ def make_pairs(
     scorer_kwargs: Mapping[str, Any] | None = None,
     prompt_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PairsResult:
     """Sample ``num_images`` images per prompt, score them and write the pairs above ``margin`` as a dataset.
 
@@ -253,6 +254,8 @@ def make_pairs(
         output_dir: gets ``dataset/`` (``--dataset_name OUTPUT_DIR/dataset``), ``summary.json``, ``scores.jsonl``
             (every image's score), ``run.json`` and, unless ``cache_dir``, the image cache ``images/``.
         batch_size, score_batch_size: prompts per pipeline call, images per scorer call.
+        overwrite: replace the dataset an earlier run left in ``output_dir`` (refused otherwise, before anything is
+            sampled: training may be reading it); its cached images and scores are reused either way.
     """
     if num_images < 2:
         raise ValueError(f"num_images must be at least 2 to form a pair, got {num_images}.")
@@ -260,6 +263,7 @@ def make_pairs(
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}.")
     check_scorers([scorer], edits=True)  # an unknown name, before reading the prompts
+    refuse_earlier_outputs(output_dir, [DATASET_FOLDER], "this run's pairs", overwrite)
     settings = settings or GenerationSettings()
     prompt_set = load_prompt_set(prompts, **dict(prompt_kwargs or {}))
     prompt_list, edits = split_edits(prompt_set)

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..config.messages import OutputExistsError, advice, replacing_refusal
 from ..rewards.scorers.base import Scorer, available_scorers, build_scorer, scorer_factory, scores_edits
 from ..rewards.scorers.preflight import check_models, check_prompts
+from ..rewards.scorers.registry import unknown_scorer_message
 from .compare import (
     MetricSummary,
     WinRate,
@@ -34,6 +36,33 @@ from .prompts import EditPrompt, load_prompt_set
 __all__ = ["EvaluationResult", "evaluate"]
 
 logger = logging.getLogger(__name__)
+
+
+# What evaluate writes into its output folder; the image cache (images/) is not among them: a cached image is reused,
+# never replaced.
+OUTPUT_NAMES = (
+    "run.json",
+    "scores.csv",
+    "summary.csv",
+    "summary.json",
+    "win_rates.csv",
+    "win_rates.json",
+    "plots",
+    "grid.png",
+)
+
+
+def refuse_earlier_outputs(output_dir: str, names: Sequence[str], writer: str, overwrite: bool) -> None:
+    """Refuse, unless ``overwrite``, an ``output_dir`` holding any of ``names`` (what ``writer`` writes there), which
+    an earlier run wrote and this one would replace; the cached images are reused either way."""
+    found = [name for name in names if os.path.exists(os.path.join(output_dir, name))]
+    if found and not overwrite:
+        flag = advice("--overwrite", "overwrite=True")
+        ways = [
+            f"pass {flag} to replace them (the cached images are reused either way)",
+            f"write to a new {advice('--output_dir', 'output_dir')}",
+        ]
+        raise OutputExistsError(replacing_refusal(output_dir, writer, ways, "an earlier run's files", found))
 
 
 @dataclass
@@ -79,7 +108,7 @@ def check_scorers(scorers: Sequence[str | Scorer], edits: bool) -> None:
     """Refuse, before any generation, an unknown scorer name and an editing scorer for a text-to-image prompt set."""
     for scorer in scorers:
         if not isinstance(scorer, Scorer) and scorer not in available_scorers():
-            raise KeyError(f"Unknown scorer {scorer!r}. Registered scorers: {', '.join(available_scorers())}.")
+            raise KeyError(unknown_scorer_message(scorer, advice("--scorer", "scorer")))
         if not edits and scores_edits(scorer):
             name = scorer if isinstance(scorer, str) else scorer.name
             raise ValueError(
@@ -126,6 +155,7 @@ def evaluate(
     bootstrap_seed: int = 0,
     grid_prompts: int = 4,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> EvaluationResult:
     """Generate, score and compare ``base`` and its variants.
 
@@ -145,6 +175,8 @@ def evaluate(
         settings: `GenerationSettings` (default: the SDPO authors' protocol).
         batch_size: prompts per pipeline call.
         score_batch_size: images per scorer call.
+        overwrite: replace the tables, plots and grid an earlier evaluation left in ``output_dir`` (refused
+            otherwise, before anything is generated; its cached images are reused either way).
 
     Writes ``scores.csv`` (one row per model and sample; for edits with a ``source`` column), ``summary.{csv,json}``
     (mean and bootstrap 95% interval per model and metric), ``win_rates.{csv,json}``, ``plots/<metric>.png``,
@@ -154,7 +186,8 @@ def evaluate(
     scorer_kwargs = dict(scorer_kwargs or {})
     for scorer in scorers:  # fail before reading the prompts on an unknown name
         if not isinstance(scorer, Scorer) and scorer not in available_scorers():
-            raise KeyError(f"Unknown scorer {scorer!r}. Registered scorers: {', '.join(available_scorers())}.")
+            raise KeyError(unknown_scorer_message(scorer, advice("--scorer", "scorer")))
+    refuse_earlier_outputs(output_dir, OUTPUT_NAMES, "this evaluation", overwrite)
     prompt_set = load_prompt_set(prompts, **dict(prompt_kwargs or {}))
     prompt_list, edits = split_edits(prompt_set)
     check_scorers(scorers, edits is not None)  # before any generation

@@ -38,6 +38,7 @@ from transformers.trainer import SCALER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from transformers.training_args import ParallelMode
 
+from ..config.messages import OutputExistsError, advice
 from .saving import LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, has_saved_weights
 
 __all__ = [
@@ -71,7 +72,7 @@ class CheckpointSaveError(OSError):
     """Writing a checkpoint failed (a full disk, a quota, a lost mount); the partial checkpoint was removed."""
 
 
-class EarlierRunError(FileExistsError):
+class EarlierRunError(OutputExistsError):
     """A new run (not resumed, not told to overwrite) was pointed at a folder holding another run's weights or
     checkpoints, which it would replace."""
 
@@ -412,6 +413,6 @@ def save_failure(err: BaseException, folder: str, run_dir: str, written: int, fr
     return CheckpointSaveError(
         number,
         f"Saving {folder} failed ({cause}; {type(err).__name__}: {err}). A save needs {need}; {where}. The partial "
-        f"save was removed. {kept}Free space (or lower save_total_limit) and resume with "
-        "resume_from_checkpoint=True.",
+        f"save was removed. {kept}Free space (or lower {advice('--save_total_limit', 'save_total_limit')}) and "
+        f"resume with {advice('--resume_from_checkpoint true', 'resume_from_checkpoint=True')}.",
     )

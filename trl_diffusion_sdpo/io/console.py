@@ -28,8 +28,6 @@ __all__: list[str] = []  # nothing here is imported by users; the package import
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TRL_DIFFUSION_SDPO_DEBUG"
 _TRUE = {"1", "true", "yes", "on"}
-# Whether the command line runs (set by run_command): advice then names flags, from Python the keyword arguments.
-_on_command_line = False
 
 # Messages that say nothing a user can act on, by the logger that emits them and their exact text.
 NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
@@ -123,12 +121,6 @@ def log_to_console() -> None:
     package.addHandler(handler)
 
 
-def advice(flag: str, python: str) -> str:
-    """``flag`` (the command line's words) when the command line runs, ``python`` (the keyword arguments) from
-    Python: an error a user fixes names what they typed."""
-    return flag if _on_command_line else python
-
-
 def debug_requested(argv: Sequence[str]) -> tuple[list[str], bool]:
     """``argv`` without :data:`DEBUG_FLAG`, and whether tracebacks were asked for (the flag or :data:`DEBUG_ENV`)."""
     rest = [word for word in argv if word != DEBUG_FLAG]
@@ -141,8 +133,9 @@ def user_error_status(error: BaseException) -> int | None:
     KeyError or FileNotFoundError the package raised with its message); ``None`` for anything else, a bug whose
     traceback is the report."""
     from ..config.extras import ExtraNotInstalled
+    from ..config.messages import OutputExistsError
     from ..data.validation import DataError
-    from .checkpoints import CheckpointError, CheckpointSaveError, EarlierRunError
+    from .checkpoints import CheckpointError, CheckpointSaveError
     from .hub import HubPushError
     from .run_lock import RunLockedError
 
@@ -150,7 +143,7 @@ def user_error_status(error: BaseException) -> int | None:
         return 1
     if isinstance(
         error,
-        ExtraNotInstalled | CheckpointError | CheckpointSaveError | EarlierRunError | HubPushError | RunLockedError,
+        ExtraNotInstalled | CheckpointError | CheckpointSaveError | OutputExistsError | HubPushError | RunLockedError,
     ):
         return 2
     if isinstance(error, ValueError | KeyError | FileNotFoundError | NotADirectoryError) and _raised_by_the_package(
@@ -176,16 +169,15 @@ def one_line(error: BaseException) -> str:
 def run_command(prog: str, command: Callable[[], int | None], debug: bool = False) -> int:
     """Run ``command`` as the command line does: an error a user can fix (:func:`user_error_status`) ends it with
     ``prog: error: <one line>`` on stderr and its exit status, no traceback; ``debug`` re-raises it (the traceback).
-    Advice in messages names flags while it runs (:func:`advice`)."""
-    global _on_command_line
-    before, _on_command_line = _on_command_line, True
+    Advice in messages names flags while it runs (:func:`~trl_diffusion_sdpo.config.messages.advice`)."""
+    from ..config.messages import command_line  # the switch every layer's advice reads
+
     try:
-        return command() or 0
+        with command_line():
+            return command() or 0
     except Exception as error:
         status = None if debug else user_error_status(error)
         if status is None:
             raise
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return status
-    finally:
-        _on_command_line = before

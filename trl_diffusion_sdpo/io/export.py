@@ -7,7 +7,9 @@ The layouts, one per format and family, and the reader of diffusers-format LoRAs
 :mod:`trl_diffusion_sdpo.io.lora_formats`.
 
 Every export is checked against the base first: each adapted module must exist in the base's denoiser with the
-LoRA's input and output sizes (read from the configs on the meta device, so nothing is loaded).
+LoRA's input and output sizes (read from the configs on the meta device, so nothing is loaded). Before that, an export
+refuses to replace a file (or a merge to write into a folder holding anything) it did not write, unless told to
+overwrite, and a base that leads nowhere (no folder, not cached, the Hub unreachable) is named in one line.
 
 ``merge_lora`` loads the base pipeline, loads the LoRA, fuses it at a strength (diffusers' ``fuse_lora``), drops
 the adapters and writes the whole pipeline with ``save_pretrained`` (safetensors).
@@ -21,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..config.messages import OutputExistsError, advice, replacing_refusal
+from .checkpoints import earlier_run_files
 from .lora_formats import LoraFile, LoraModule, read_lora, tool_state_dict
 
 __all__ = ["LoraModule", "export_lora", "merge_lora", "read_lora"]
@@ -108,6 +112,33 @@ def check_against_base(lora: LoraFile, base: str) -> tuple[str, torch.nn.Module]
     return family, denoiser
 
 
+def check_base_exists(base: str) -> None:
+    """A ``--base`` that leads to no pipeline (no folder, not cached, the Hub unreachable or without it) in one line,
+    before the LoRA is read: in seconds, where diffusers retries an unreachable Hub for half a minute."""
+    from ..data.model_names import check_model_exists
+
+    check_model_exists(base, "--base")
+
+
+def refuse_replacing(output: str, writer: str, overwrite: bool) -> None:
+    """Refuse, unless ``overwrite``, an ``output`` file that exists or an ``output`` folder holding anything (another
+    run's files named as such), which ``writer`` would replace: what this export did not write."""
+    if overwrite or not os.path.exists(output):
+        return
+    held, found = "", []
+    if os.path.isdir(output):
+        found = earlier_run_files(output)
+        held = "another run's files" if found else ""
+        found = found or sorted(os.listdir(output))
+        if not found:
+            return  # an empty folder: nothing to replace
+    ways = [
+        f"pass {advice('--overwrite', 'overwrite=True')} to replace it",
+        f"write to a new {advice('--output', 'output')}",
+    ]
+    raise OutputExistsError(replacing_refusal(output, writer, ways, held, found))
+
+
 @dataclass
 class ExportResult:
     path: str
@@ -116,10 +147,13 @@ class ExportResult:
     modules: int
 
 
-def export_lora(lora_path: str, base: str, export_format: str, output: str, dtype: str | None = None) -> ExportResult:
+def export_lora(
+    lora_path: str, base: str, export_format: str, output: str, dtype: str | None = None, overwrite: bool = False
+) -> ExportResult:
     """Write the LoRA at ``lora_path`` (diffusers format, as ``train`` saves it) for the tools, in
     ``export_format`` (one of :data:`EXPORT_FORMATS`), to the ``.safetensors`` file ``output``, after checking it
-    against ``base``. ``dtype`` (``float32``/``float16``/``bfloat16``) casts the weights; ``None`` keeps them."""
+    against ``base``. ``dtype`` (``float32``/``float16``/``bfloat16``) casts the weights; ``None`` keeps them. An
+    existing ``output`` is refused unless ``overwrite``."""
     from safetensors.torch import save_file
 
     if export_format not in EXPORT_FORMATS:
@@ -128,6 +162,8 @@ def export_lora(lora_path: str, base: str, export_format: str, output: str, dtyp
         raise ValueError(f"--output {output}: the exported LoRA is one .safetensors file; name it *.safetensors.")
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}.")
+    refuse_replacing(output, "this export", overwrite)
+    check_base_exists(base)
     lora = read_lora(lora_path)
     family, denoiser = check_against_base(lora, base)
     state, metadata = tool_state_dict(lora, family, export_format, denoiser, output)
@@ -142,9 +178,16 @@ def export_lora(lora_path: str, base: str, export_format: str, output: str, dtyp
 
 
 def merge_lora(
-    lora_path: str, base: str, output_dir: str, strength: float = 1.0, dtype: str = "float32", device: str = "cpu"
+    lora_path: str,
+    base: str,
+    output_dir: str,
+    strength: float = 1.0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    overwrite: bool = False,
 ) -> str:
-    """Fuse the LoRA into ``base`` at ``strength`` and write the whole pipeline to ``output_dir``.
+    """Fuse the LoRA into a copy of ``base`` at ``strength`` and write the whole pipeline to ``output_dir`` (the base
+    on disk is only read); an ``output_dir`` holding anything is refused unless ``overwrite``.
 
     diffusers' ``load_lora_weights`` then ``fuse_lora(lora_scale=strength)`` adds ``strength * scale * B A`` to
     each adapted weight; ``unload_lora_weights`` drops the adapter layers, and ``save_pretrained`` writes every
@@ -157,8 +200,8 @@ def merge_lora(
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}.")
-    if os.path.isfile(os.path.join(output_dir, "model_index.json")):
-        raise FileExistsError(f"--output {output_dir} already holds a pipeline; choose a new folder.")
+    refuse_replacing(output_dir, "the merged pipeline", overwrite)
+    check_base_exists(base)
     lora = read_lora(lora_path)
     check_against_base(lora, base)
     pipeline = DiffusionPipeline.from_pretrained(base, **dtype_keyword(EXPORT_DTYPES[dtype])).to(device)

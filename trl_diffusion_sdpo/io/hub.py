@@ -87,8 +87,9 @@ MODEL_CARD_TEMPLATE = """---
 
 # {{ model_name }}
 
-{{ kind }}, fine-tuned from {% if base_model %}[{{ base_model }}](https://huggingface.co/{{ base_model }}){% else %}a \
-local Stable Diffusion pipeline{% endif %}{% if dataset_name %} on {% if dataset_is_hub %}\
+{{ kind }}, fine-tuned from {% if base_model %}[{{ base_model }}](https://huggingface.co/{{ base_model }}){% elif \
+base_path %}the local pipeline {{ base_path }}{% else %}a local pipeline{% endif %}{% if dataset_name %} on \
+{% if dataset_is_hub %}\
 [{{ dataset_name }}](https://huggingface.co/datasets/{{ dataset_name }}){% else %}`{{ dataset_name }}`{% endif %}\
 {% endif %} with **{{ method }}** by `trl-diffusion-sdpo`'s `{{ trainer_name }}` (a \
 [TRL](https://github.com/huggingface/trl)-style trainer), on {{ pairs }}.
@@ -138,6 +139,18 @@ def hub_base_model(name_or_path: str | None) -> str | None:
     if not name_or_path or os.path.isdir(name_or_path) or os.path.isabs(name_or_path):
         return None
     return name_or_path
+
+
+def local_base_label(name_or_path: str | None) -> str | None:
+    """How the card's text names a local base (``None`` for a Hub id or none): its folder, and the shipped base's
+    short name beside it (``trl-diffusion-sdpo:tiny``)."""
+    if not name_or_path or hub_base_model(name_or_path) is not None:
+        return None
+    from ..families.loading import SHIPPED_MODELS
+
+    path = os.path.realpath(name_or_path)
+    shipped = [name for name, folder in SHIPPED_MODELS.items() if os.path.realpath(folder) == path]
+    return f"`{name_or_path}`" + (f" (the shipped base `{shipped[0]}`)" if shipped else "")
 
 
 def _is_hub_id(name: str | None) -> bool:
@@ -234,6 +247,8 @@ def build_model_card(
     pipeline name and class (``("transformer", "FluxTransformer2DModel")`` for FLUX); ``pipeline_loads_lora``: whether
     the pipeline has diffusers' ``load_lora_weights`` (else the usage loads the adapters into the denoiser);
     ``trainer_name``: the trainer class that trained it."""
+    base_path = local_base_label(base_model)
+    local_base = base_model if base_path else None  # what from_pretrained loads on this machine
     base_model = hub_base_model(base_model)
     label = "UNet" if denoiser[0] == "unet" else "transformer"
     data = ModelCardData(
@@ -252,6 +267,7 @@ def build_model_card(
         model_name=model_name,
         kind=f"LoRA adapters for the {label} of a text-to-image pipeline" if is_lora else "A text-to-image pipeline",
         base_model=base_model,
+        base_path=base_path,
         dataset_name=dataset_name,
         dataset_is_hub=_is_hub_id(dataset_name),
         method=method,
@@ -261,7 +277,10 @@ def build_model_card(
         if method.startswith("Online ")
         else "preference pairs: a preferred and a rejected image per prompt",
         usage=usage_snippet(
-            hub_model_id or "<this repo>", base_model, is_lora, None if pipeline_loads_lora else denoiser[0]
+            hub_model_id or "<this repo>",
+            base_model or local_base,
+            is_lora,
+            None if pipeline_loads_lora else denoiser[0],
         ),
         sample_grid=sample_grid,
         sample_step=_grid_step(sample_grid) if sample_grid else None,

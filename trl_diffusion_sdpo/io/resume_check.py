@@ -89,9 +89,10 @@ SAFE_FIELDS = frozenset(
         "dataloader_prefetch_factor",
         "dataloader_pin_memory",
         "dataloader_persistent_workers",
-        "resume_from_checkpoint",
     }
 )
+# How a run was started, not a setting of the run: never listed as changed.
+NOT_SETTINGS = frozenset({"resume_from_checkpoint"})
 
 
 def refused_fields() -> frozenset[str]:
@@ -197,7 +198,7 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
     safe, other, refused_names = [], [], refused_fields()
     for name in sorted(set(saved) & set(current)):
         old, new = saved[name], current[name]
-        if old == new or name.startswith("_"):
+        if old == new or name.startswith("_") or name in NOT_SETTINGS:
             continue
         change = (name, old, new)
         if name in refused_names:

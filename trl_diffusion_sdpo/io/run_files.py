@@ -43,6 +43,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveS
 from transformers.utils import PushInProgress
 
 from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
+from ..config.messages import advice, replacing_refusal
 from . import checkpoints, saving
 from .checkpoints import (
     TRAINER_STATE_NAME,
@@ -60,7 +61,6 @@ from .checkpoints import (
     save_failure,
     staging_folder,
 )
-from .console import advice
 from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
 from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
@@ -223,11 +223,10 @@ class RunFiles(TrainerCallback):
                 lock = None
                 resume = advice("--resume_from_checkpoint true", "train(resume_from_checkpoint=True)")
                 new_dir = advice("--output_dir", "output_dir")
-                error = EarlierRunError(
-                    f"{args.output_dir} holds another run's files ({', '.join(earlier)}), which a new run would "
-                    f"replace. Continue that run with {resume}, write this one into a new {new_dir}, or delete the "
-                    "folder first."
-                )
+                ways = [f"continue that run with {resume}", f"write this one into a new {new_dir}"]
+                ways.append("delete the folder first")
+                held = "another run's files"
+                error = EarlierRunError(replacing_refusal(args.output_dir, "a new run", ways, held, earlier))
         if accelerator.num_processes > 1:
             flag = torch.full((), float(error is not None), device=accelerator.device)
             if accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:

@@ -30,6 +30,7 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..config.messages import advice
 from ..data.columns import SOURCE_IMAGE, SOURCE_IMAGES
 from ..data.training_data import TrainingData
 from ..data.validation import DataReport
@@ -357,7 +358,8 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         raise RewardError(
             f"{failure or 'A reward function failed on another process'}\nTraining stopped before optimizer step "
             f"{step + 1}: nothing was trained on the missing scores. Checkpoint {checkpoint} holds step {step};"
-            " resume with resume_from_checkpoint=True once the reward answers."
+            f" resume with {advice('--resume_from_checkpoint true', 'resume_from_checkpoint=True')} once the reward "
+            "answers."
         ) from failure
 
     def _blank_batch(self, mode: str) -> dict[str, Any] | None:

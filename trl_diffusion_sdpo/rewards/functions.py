@@ -33,6 +33,7 @@ __all__ = [
     "RewardError",
     "RewardFunction",
     "RewardFunctions",
+    "check_reward_names",
     "dataset_scoring_function",
     "decode_value",
     "encode_value",
@@ -185,19 +186,30 @@ class RemoteReward:
         return f"RemoteReward({self.url!r})"
 
 
+def check_reward_names(functions: Sequence[object]) -> None:
+    """Refuse, before anything loads, a reward function named as a string that is neither a reward server's URL nor a
+    registered scorer (the scorers outside the evaluation package, the demo's ``colour``, registered first), naming
+    the closest registered one."""
+    from ..config.messages import advice
+    from .scorers import available_scorers
+    from .scorers.registry import register_outside_scorers, unknown_scorer_message
+
+    register_outside_scorers()
+    for name in functions:
+        if isinstance(name, str) and not is_reward_url(name) and name not in available_scorers():
+            raise ValueError(
+                f"{unknown_scorer_message(name, advice('--reward_funcs', 'reward_funcs'))} Or give a reward server's "
+                "URL (http://host:port/v1/score)"
+                + advice(".", ", or a callable (prompts, images, **columns) -> list[float] for your own reward.")
+            )
+
+
 def _scorer_function(name: str) -> tuple[str, RewardFunction]:
     """A registered scorer as a reward function (the scorers outside the evaluation package, the demo's ``colour``,
     registered first)."""
-    from .scorers import available_scorers, build_scorer
-    from .scorers.registry import register_outside_scorers
+    from .scorers import build_scorer
 
-    register_outside_scorers()
-    if name not in available_scorers():
-        raise ValueError(
-            f"reward_funcs names {name!r}, which is no registered scorer; registered: "
-            f"{', '.join(available_scorers())}. Pass a callable (prompts, images, **columns) -> list[float] for your "
-            "own reward, or a reward server's URL (http://host:port/v1/score)."
-        )
+    check_reward_names([name])
     scorer = build_scorer(name)
 
     def score(prompts: Sequence[str], images: Sequence[Image.Image], **columns: Any) -> torch.Tensor:

@@ -228,7 +228,7 @@ def build_app(
         too_large = JSONResponse(
             {
                 "detail": f"the request is larger than this server's bound of {max_request_bytes} bytes: send fewer "
-                "images per request or start the server with a larger --max-request-mb"
+                "images per request or start the server with a larger --max_request_mb"
             },
             status_code=413,
         )

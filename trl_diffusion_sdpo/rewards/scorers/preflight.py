@@ -7,7 +7,7 @@ Generation takes minutes to hours and the scorers run after it, so a scorer that
 * :func:`check_models`: each model a scorer loads (``Scorer.model_sources``) is a local path, or a Hub id already in
   the Hugging Face cache, or the Hub is reachable. Offline (``HF_HUB_OFFLINE``) or when a connection to the Hub
   fails within :data:`CONNECT_TIMEOUT_S`, a missing model is refused at once, naming the scorer, the model id and the
-  ``--scorer-arg`` that points the scorer at a local copy, instead of the Hub client's retries after generation.
+  ``--scorer_arg`` that points the scorer at a local copy, instead of the Hub client's retries after generation.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def check_models(
             if not _HUB_ID.match(ref) or ref.startswith((".", "~")):
                 raise ScorerModelUnavailable(
                     f"Scorer {entry!r}: its model {argument}={ref!r} is not an existing file or folder. Pass a local "
-                    f"copy with --scorer-arg {entry}.{argument}=/path/to/it (Python: scorer_kwargs={{{entry!r}: "
+                    f"copy with --scorer_arg {entry}.{argument}=/path/to/it (Python: scorer_kwargs={{{entry!r}: "
                     f"{{{argument!r}: path}}}})."
                 )
             if _in_hub_cache(ref):
@@ -114,7 +114,7 @@ def check_models(
                     f"Scorer {entry!r} needs the model {ref!r} ({argument}), which is neither a local path nor in the "
                     f"Hugging Face cache, and the Hub cannot be reached ({unreachable}). Download it where there is a "
                     f"network (`hf download {ref} --local-dir {ref.split('/')[-1]}`), then point the scorer at the "
-                    f"copy: --scorer-arg {entry}.{local}=/path/to/{'file' if local != argument else 'folder'} "
+                    f"copy: --scorer_arg {entry}.{local}=/path/to/{'file' if local != argument else 'folder'} "
                     f"(Python: scorer_kwargs={{{entry!r}: {{{local!r}: path}}}}), or put it in the Hugging Face cache "
                     "(HF_HOME)."
                 )

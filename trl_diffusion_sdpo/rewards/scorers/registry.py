@@ -7,8 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ...config.extras import require_extra
+from ...config.messages import advice, did_you_mean
 
-__all__ = ["available_scorers", "register_scorer", "scorer_factory"]
+__all__ = ["available_scorers", "register_scorer", "scorer_factory", "unknown_scorer_message"]
 
 # The distribution holding the ports of published reward models (HPSv2, HPSv3, ImageReward, ...), installed by the
 # `rewards` extra: the core wheel stays the trainer.
@@ -44,10 +45,18 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def unknown_scorer_message(name: str, given_as: str = "scorer") -> str:
+    """What every command says of a scorer name that is not registered, given as ``given_as`` (the flag or keyword
+    it came in): the closest registered one (as a misspelt flag's) and the registered names."""
+    known = available_scorers()
+    suggestion = did_you_mean(name, known, "")
+    return f"{given_as} {name!r} is no registered scorer{suggestion}; registered: {', '.join(known)}."
+
+
 def scorer_factory(name: str) -> Callable[..., Any]:
     """The factory registered under ``name`` (importing its module when it was registered by name)."""
     if name not in _REGISTRY:
-        raise KeyError(f"Unknown scorer {name!r}. Registered scorers: {', '.join(available_scorers())}.")
+        raise KeyError(unknown_scorer_message(name, advice("--scorer", "scorer")))
     factory = _REGISTRY[name]
     if isinstance(factory, str):
         module, _, attribute = factory.partition(":")

@@ -1,0 +1,70 @@
+"""How the package words what a user must change, in one place for every layer: advice in the words the user typed
+(flags on the command line, keyword arguments from Python), the closest known name to a misspelt one, and the refusal
+to replace files a command did not write in this run.
+
+The command line sets the switch (:func:`command_line`, which ``io.console.run_command`` enters) so that a message
+raised anywhere below, a data reader's as much as the trainer's, names ``--dataset_columns trl`` where a Python user
+reads ``dataset_columns='trl'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator, Sequence
+
+__all__ = ["OutputExistsError", "advice", "command_line", "did_you_mean", "listed", "replacing_refusal"]
+
+# Whether the command line runs (set by command_line): advice then names flags, from Python the keyword arguments.
+_on_command_line = False
+# Names a refusal lists before it counts the rest: one line stays readable whatever a folder holds.
+LISTED_NAMES = 6
+
+
+class OutputExistsError(FileExistsError):
+    """A command was pointed at a file or folder holding what it did not write in this run, which it would replace
+    (another run's checkpoints, an earlier export, evaluation or cache, or anything else)."""
+
+
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """While inside, :func:`advice` names flags: the command line's entry point runs its command in here."""
+    global _on_command_line
+    before, _on_command_line = _on_command_line, True
+    try:
+        yield
+    finally:
+        _on_command_line = before
+
+
+def advice(flag: str, python: str) -> str:
+    """``flag`` (the command line's words) when the command line runs, ``python`` (the keyword arguments) from
+    Python: an error a user fixes names what they typed."""
+    return flag if _on_command_line else python
+
+
+def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:
+    """`` (did you mean --x?)`` with the known name closest to ``name`` (``difflib``), or ``""``: the flags' and the
+    registries' (scorers, reward functions) suggestion alike."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def listed(names: Sequence[str]) -> str:
+    """``a, b, c`` with at most :data:`LISTED_NAMES` names and the count of the rest."""
+    shown = ", ".join(names[:LISTED_NAMES])
+    return shown + (f" and {len(names) - LISTED_NAMES} more" if len(names) > LISTED_NAMES else "")
+
+
+def replacing_refusal(path: str, writer: str, ways: Sequence[str], held: str = "", found: Sequence[str] = ()) -> str:
+    """The one wording of every refusal to replace what a command did not write in this run: ``path`` (a file that
+    exists, or a folder holding ``held`` or the entries ``found``), what ``writer`` would replace, and the ``ways``
+    out (the flag that allows it first, named through :func:`advice` by the caller), e.g.
+    ``out holds another run's files (unet), which a new run would replace. Continue that run with ..., write this one
+    into a new --output_dir, or delete the folder first.``"""
+    if held:
+        what = f"holds {held}" + (f" ({listed(found)})" if found else "")
+    else:
+        what = f"holds {listed(found)}" if found else "already exists"
+    choices = ", ".join(ways[:-1]) + (", or " if len(ways) > 1 else "") + ways[-1]
+    return f"{path} {what}, which {writer} would replace. {choices[:1].upper()}{choices[1:]}."
