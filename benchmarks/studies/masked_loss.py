@@ -39,9 +39,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.studies.stability_map import STUDY_BASE  # noqa: E402
+from benchmarks.studies.stability_map import load_study_base  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
-from trl_diffusion_sdpo.demo.pretrain import load_base  # noqa: E402
 from trl_diffusion_sdpo.demo.shapes import COLOURS, all_captions, draw_shape  # noqa: E402
 
 SIZE = 32
@@ -225,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="benchmarks/results/cpu-masked-loss-demo-edits.json")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
-    base, source, _ = load_base(STUDY_BASE)
+    base, source = load_study_base()
     dataset = editing_pairs(opts.pairs)
     result = {"settings": {**vars(opts), "base": source, "size": SIZE, "mark": MARK}, "machine": "cpu", "runs": {}}
     for name, masked in (("whole_image", False), ("loss_mask", True)):

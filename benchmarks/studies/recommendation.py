@@ -4,7 +4,8 @@ from the rows of the paired comparison (``trl_diffusion_sdpo/demo/safeguard_reco
 ``text`` as it is; only this script renders it.
 
 ``python benchmarks/studies/recommendation.py`` rewrites the blocks between :data:`START` and :data:`END` in
-:data:`PAGES` and the ``text`` field of the shipped file; ``--check`` only reports the blocks that differ.
+:data:`PAGES` and the fields of the shipped file the demo quotes (:func:`shipped_fields`: the ``text``, the result
+files it rests on and their runs' pairs per step); ``--check`` only reports what differs.
 
 The rule, read off the rows (every number in the text is a row's):
 
@@ -32,11 +33,13 @@ __all__ = [
     "PAGES",
     "START",
     "choose",
+    "evidence_files",
     "load_rows",
     "main",
     "marked_block",
     "render",
     "replace_block",
+    "shipped_fields",
     "table",
 ]
 
@@ -253,6 +256,36 @@ def render(recommendation: dict[str, Any], page: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def evidence_files(recommendation: dict[str, Any]) -> list[str]:
+    """Every result file the text's figures come from, for the demo to name beside its quote: the comparison's
+    (``source``), the one the tiny base's entry cites and the online evidence's."""
+    from trl_diffusion_sdpo.config.defaults import TINY_BASE, resolve_default
+    from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
+
+    tiny = resolve_default("safeguard_mu", StableDiffusionFamily, "dpo", base=TINY_BASE).source
+    cited = re.findall(r"benchmarks/results/\S+?\.json", tiny)
+    return list(dict.fromkeys([recommendation["source"], *cited, ONLINE_HEALTHY, ONLINE_HACKING]))
+
+
+def pairs_per_step(recommendation: dict[str, Any], root: Path = ROOT) -> int:
+    """The preference pairs per optimizer step of every run behind the rows (the comparison's inputs' grids)."""
+    comparison = json.loads((root / recommendation["source"]).read_text())
+    sizes = {source["grid"]["batch_size"] for source in comparison["sources"].values()}
+    if len(sizes) != 1:
+        raise ValueError(f"the comparison's runs took {sorted(sizes)} pairs per step: the demo names one")
+    return sizes.pop()
+
+
+def shipped_fields(recommendation: dict[str, Any], root: Path = ROOT) -> dict[str, Any]:
+    """What the shipped file carries beside the rows for the demo to quote: ``text`` (:func:`render` for the
+    console), ``sources`` (:func:`evidence_files`) and ``pairs_per_step`` (:func:`pairs_per_step`)."""
+    return {
+        "text": render(recommendation),
+        "sources": evidence_files(recommendation),
+        "pairs_per_step": pairs_per_step(recommendation, root),
+    }
+
+
 def table(recommendation: dict[str, Any]) -> list[str]:
     """Every row as a Markdown table: the evidence ``docs/safeguard.md`` carries under the five lines."""
     lines = [
@@ -302,11 +335,11 @@ def main(argv: list[str] | None = None) -> int:
             stale.append(name)
             if not args.check:
                 path.write_text(replace_block(text, block))
-    console = render(recommendation)
-    if recommendation.get("text") != console:
+    fields = shipped_fields(recommendation)
+    if any(recommendation.get(name) != value for name, value in fields.items()):
         stale.append(str(SHIPPED.relative_to(ROOT)))
         if not args.check:
-            SHIPPED.write_text(json.dumps({**recommendation, "text": console}, indent=1) + "\n")
+            SHIPPED.write_text(json.dumps({**recommendation, **fields}, indent=1) + "\n")
     for name in stale:
         print(f"{name}: {'differs from the generated text' if args.check else 'rewritten'}")
     return 1 if args.check and stale else 0

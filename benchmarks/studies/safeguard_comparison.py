@@ -461,9 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     rec["cost"] = {k: cost[k] for k in ("runs", "run_seconds", "machines")}
     if args.recommendation:
         # The text the demo, README and docs quote: recommendation.py's one rendering of these rows.
-        from benchmarks.studies.recommendation import render
+        from benchmarks.studies.recommendation import shipped_fields
 
-        shipped = {**rec, "text": render(rec)}
+        shipped = {**rec, **shipped_fields(rec)}
         Path(args.recommendation).write_text(json.dumps(shipped, indent=1) + "\n")
     print()
     for line in recommendation_table(rec):

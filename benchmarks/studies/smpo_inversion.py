@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.studies.stability_map import STUDY_BASE  # noqa: E402
+from benchmarks.studies.stability_map import STUDY_BASE, load_study_base  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import Method  # noqa: E402
 from trl_diffusion_sdpo.demo.pairs import make_preference_pairs  # noqa: E402
-from trl_diffusion_sdpo.demo.pretrain import load_base, recipe_hash  # noqa: E402
+from trl_diffusion_sdpo.demo.pretrain import recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.run import _evaluate, quiet_libraries, train_preference  # noqa: E402
 from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     with quiet_libraries(), tempfile.TemporaryDirectory(prefix="smpo-latents-") as latent_cache_dir:
         recipe = DemoRecipe(pretrain=STUDY_BASE, **({} if args.max_steps is None else {"max_steps": args.max_steps}))
-        base, _, _ = load_base(recipe.pretrain)
+        base, _ = load_study_base()
         pair_captions, held_out = split_captions(recipe.num_held_out_prompts, recipe.seed)
         dataset, stats = make_preference_pairs(
             base,

@@ -59,10 +59,18 @@ from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
 DEMO_LR, DEMO_BETA = DemoRecipe.learning_rate, DemoRecipe.beta
 #: The base every study under benchmarks/studies trains on: the demo's architecture and data with a third of the
 #: shipped base's pretraining (VAE 500 steps, UNet 1,000). It draws its captions roughly (0.231 of its samples as
-#: captioned, ``cpu-demo-base-fidelity-benchmark-base.json``), and pretrains on first use (470 s of one thread) into
-#: the demo's cache. The shipped base's own evidence (the tiny base's defaults) runs with ``--base shipped``.
+#: captioned, ``cpu-demo-base-fidelity-benchmark-base.json``). Its weights are kept in :data:`STUDY_BASE_DIR` and
+#: loaded from there (:func:`load_study_base`). The shipped base's own evidence (the tiny base's defaults) runs with
+#: ``--base shipped``.
 STUDY_BASE = PretrainRecipe(vae_steps=500, unet_steps=1000)
 BASES = {"benchmark": STUDY_BASE, "shipped": PretrainRecipe()}
+#: The weights every stored study result on :data:`STUDY_BASE` was measured on (the package's shipped base until it
+#: was replaced by a longer-pretrained one), kept in the repository beside ``benchmarks/`` and outside the wheel:
+#: pretraining the recipe again on another machine gives other weights (another CPU or thread count sums in another
+#: order), other preference pairs and other figures. ``demo_recipe.json`` is the record the pretraining wrote;
+#: ``SHA256SUMS`` (``sha256sum -c`` reads it) the digest of every file.
+STUDY_BASE_DIR = Path(__file__).resolve().parents[1] / "study_base"
+CHECKSUMS = "SHA256SUMS"
 EXTRA_METHODS = (
     Method("sdpo-output-mu0.5", "SDPO output mu=0.5", safeguard=True, safeguard_mu=0.5),
     Method("sdpo-parameter-mu0.5", "SDPO parameter mu=0.5", True, 0.5, "parameter"),
@@ -156,9 +164,51 @@ def machine() -> dict[str, Any]:
     return {"device": "cpu", "cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
+def study_base_problem(folder: Path = STUDY_BASE_DIR) -> str | None:
+    """Why ``folder`` does not hold the stored weights of :data:`STUDY_BASE`, or ``None``: its ``demo_recipe.json``
+    must record the recipe's hash, and every file ``SHA256SUMS`` lists must have its digest (a Git LFS pointer or an
+    edited file does not)."""
+    record, sums = folder / "demo_recipe.json", folder / CHECKSUMS
+    if not record.is_file() or not sums.is_file():
+        return f"{folder} holds no stored base (no demo_recipe.json or {CHECKSUMS})"
+    recorded = json.loads(record.read_text()).get("recipe_hash")
+    if recorded != recipe_hash(STUDY_BASE):
+        return f"{record} records recipe {recorded}, not STUDY_BASE's {recipe_hash(STUDY_BASE)}"
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        path = folder / name.lstrip("*")
+        if not path.is_file():
+            return f"{path} is missing"
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            return f"{path} is not the stored file (its SHA-256 differs from {CHECKSUMS}'s)"
+    return None
+
+
+def load_study_base(pretrain: bool = False) -> tuple[StableDiffusionPipeline, str]:
+    """:data:`STUDY_BASE`'s pipeline and where it came from: the stored weights of :data:`STUDY_BASE_DIR`, checked
+    against their record and digests (a mismatch raises, naming the file), or with ``pretrain`` the recipe pretrained
+    again, the way the stored weights were made (cached by the demo under the recipe's hash; on another machine not
+    the same weights)."""
+    if pretrain:
+        pipeline, source, folder = load_base(STUDY_BASE)
+        return pipeline, f"{source} ({folder or 'not cached'})"
+    problem = study_base_problem()
+    if problem is not None:
+        raise RuntimeError(f"the benchmark's base cannot be loaded: {problem}")
+    return StableDiffusionPipeline.from_pretrained(STUDY_BASE_DIR), "stored"
+
+
+def base_pipeline(base: str = "benchmark") -> StableDiffusionPipeline:
+    """The pipeline of the base ``base`` names in :data:`BASES`: the benchmark's stored weights
+    (:func:`load_study_base`) or the shipped base."""
+    if base == "benchmark":
+        return load_study_base()[0]
+    return load_base(BASES[base])[0]
+
+
 def study_pipeline(base: str = "benchmark") -> StableDiffusionPipeline:
-    """The pipeline of the base ``base`` names in :data:`BASES` (shipped, or cached and pretrained on first use)."""
-    pipeline, _, _ = load_base(BASES[base])
+    """:func:`base_pipeline` with its progress bar off."""
+    pipeline = base_pipeline(base)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -267,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             max_steps=args.max_steps,
             eval_seeds_per_prompt=args.eval_seeds_per_prompt,
         )
-        base, _, _ = load_base(base_recipe.pretrain)
+        base = base_pipeline(args.base)
         pair_captions, held_out = split_captions(base_recipe.num_held_out_prompts, base_recipe.seed)
         dataset, pair_stats = make_preference_pairs(
             base,

@@ -71,3 +71,72 @@ def test_the_demo_page_carries_the_shipped_bases_guard_and_dormant_tables():
     ):
         block = page.split(start, 1)[1].split(end, 1)[0]
         assert block.strip() == text.strip(), f"stale: rewrite docs/demo.md's {start} block"
+
+
+# -- the benchmark's base as stored: loaded from the repository, checked, outside the wheel -------------------------
+
+
+def test_the_benchmarks_base_loads_from_its_stored_weights_and_never_pretrains(monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks.studies import stability_map
+    from trl_diffusion_sdpo.demo import pretrain
+
+    def refuse(recipe):
+        raise AssertionError("the benchmark's base was pretrained instead of loaded from benchmarks/study_base")
+
+    monkeypatch.setattr(pretrain, "pretrain_base", refuse)
+    assert stability_map.study_base_problem() is None
+    record = shipped_base_record(stability_map.STUDY_BASE_DIR)
+    assert PretrainRecipe.from_dict(record["recipe"]) == STUDY_BASE and record["recipe_hash"] == recipe_hash(
+        STUDY_BASE
+    )
+    pipeline = stability_map.study_pipeline()
+    stored = load_file(stability_map.STUDY_BASE_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    loaded = pipeline.unet.state_dict()
+    assert set(stored) == set(loaded) and all(torch.equal(stored[k], loaded[k]) for k in stored)
+
+
+def test_a_stored_file_that_changed_or_another_recipe_is_refused_by_name(tmp_path):
+    import json
+    import shutil
+
+    from benchmarks.studies.stability_map import STUDY_BASE_DIR, study_base_problem
+
+    folder = tmp_path / "study_base"
+    shutil.copytree(STUDY_BASE_DIR, folder)
+    assert study_base_problem(folder) is None
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert "vae/diffusion_pytorch_model.safetensors" in study_base_problem(folder)
+    shutil.copy(STUDY_BASE_DIR / "vae" / "diffusion_pytorch_model.safetensors", weights)
+    record = json.loads((folder / "demo_recipe.json").read_text())
+    (folder / "demo_recipe.json").write_text(json.dumps({**record, "recipe_hash": recipe_hash(PretrainRecipe())}))
+    assert recipe_hash(PretrainRecipe()) in study_base_problem(folder)
+    (folder / "demo_recipe.json").unlink()
+    assert "no stored base" in study_base_problem(folder)
+
+
+def test_the_stored_base_stays_out_of_the_wheel():
+    """The wheel holds the package's own folders only: the stored base lies beside ``benchmarks/``, in no package
+    and in no package-data pattern."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert all(package.split(".")[0] == "trl_diffusion_sdpo" for package in dist.packages)
+    shipped = {
+        path.resolve()
+        for package, patterns in dist.package_data.items()
+        for pattern in patterns
+        for path in (ROOT / package.replace(".", "/")).glob(pattern)
+    }
+    stored = {path.resolve() for path in (ROOT / "benchmarks" / "study_base").rglob("*") if path.is_file()}
+    assert stored and not shipped & stored

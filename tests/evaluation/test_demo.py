@@ -181,6 +181,9 @@ def test_quick_demo_runs_every_method_and_seed_and_reports_intervals(tmp_path, m
         == "benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo.json"
     )
     assert plain_text(shipped["text"]) in printed and summary["recommendation"]["source"] in printed
+    # beside it, plainly, that it quotes other runs; before it, this run's own reading
+    assert "quoted from other runs than this one" in printed
+    assert printed.index("\nThis run (the shipped base, ") < printed.index("\nWhich setting to use, quoted")
     assert "`" not in printed  # the console renders no markdown
     # the report leads with the breaking regime: its table, then the main tables; its figure named first
     assert printed.index("\nBreaking regime: lr") < printed.index("\nHeld-out reward (base")
@@ -241,14 +244,18 @@ def _check_breaking_regime(out, summary: dict, printed: str, recipe: DemoRecipe)
     assert "breaking_regime.png" in printed
 
 
-def test_recommendation_line_names_its_source_and_seeds(tmp_path):
+def test_recommendation_line_names_its_sources_seeds_and_setting(tmp_path):
+    rows = [{"run_steps": 200}, {"run_steps": 1000}, {"run_steps": 200}]
     (tmp_path / "r.json").write_text(
-        json.dumps({"text": "Keep X.", "source": "a.json", "seeds": [10, 12], "rows": []})
+        json.dumps(
+            {"text": "Keep X.", "source": "a.json", "sources": ["a.json", "b.json"], "seeds": [10, 12], "rows": rows}
+        )
     )
     found = safeguard_recommendation(tmp_path / "r.json")
-    assert found == {"text": "Keep X.", "source": "a.json", "seeds": [10, 12]}
-    line = recommendation_line(found)
-    assert line.endswith(": Keep X.") and "10-12 seeds" in line and "a.json" in line
+    assert found["sources"] == ["a.json", "b.json"] and found["run_steps"] == [200, 1000]
+    line = recommendation_line(found, {"config": {"max_steps": 50, "batch_size": 8}})
+    assert line.endswith(": Keep X.") and "10-12 seeds" in line and "in a.json and b.json." in line
+    assert "over 200 and 1000 steps (this run: 50 steps of 8)" in line
     assert safeguard_recommendation(tmp_path / "missing.json") is None
 
 

@@ -28,6 +28,7 @@ from trl_diffusion_sdpo.demo.plots import (  # noqa: E402
 from trl_diffusion_sdpo.demo.report import (  # noqa: E402
     RECOMMENDATION_FILE,
     format_breaking_table,
+    format_closing,
     format_report,
     format_table,
     plain_text,
@@ -222,7 +223,13 @@ def test_the_console_report_leads_with_the_breaking_regime():
     every method; without the regime, the tables alone."""
     summary = json.loads((Path(__file__).resolve().parents[2] / "docs/images/demo_summary.json").read_text())
     report = format_report(summary)
-    breaking, tables = format_breaking_table(summary["breaking_regime"]), format_table(summary)
-    assert report == f"{breaking}\n\n{tables}"
+    breaking, tables, closing = (
+        format_breaking_table(summary["breaking_regime"]),
+        format_table(summary),
+        format_closing(summary),
+    )
+    assert report == f"{breaking}\n\n{tables}\n\n{closing}"
     assert report.index("Breaking regime: lr") < report.index("Held-out reward (base")
-    assert format_report({**summary, "breaking_regime": None}) == tables
+    without = {**summary, "breaking_regime": None}
+    assert format_report(without) == f"{tables}\n\n{format_closing(without)}"
+    assert "In the breaking regime" in closing and "In the breaking regime" not in format_closing(without)

@@ -17,9 +17,12 @@ from .stats import bootstrap_paired_change, summarise
 
 __all__ = [
     "format_breaking_table",
+    "format_closing",
     "format_report",
     "format_table",
     "plain_text",
+    "recommendation_line",
+    "run_reading",
     "safeguard_recommendation",
     "summarise_breaking",
 ]
@@ -184,11 +187,20 @@ def summarise_breaking(
 def safeguard_recommendation(path: Path = RECOMMENDATION_FILE) -> dict[str, Any] | None:
     """The shipped recommendation: ``text`` (what the README and ``docs/safeguard.md`` carry, rendered from the file's
     rows by ``benchmarks/studies/recommendation.py``, which writes it into the file), ``source`` (the comparison's
-    result file), ``seeds`` (paired seeds per method and setting); ``None`` if the file is absent."""
+    result file), ``sources`` (every result file the text's figures come from), ``seeds`` (paired seeds per method
+    and setting), ``run_steps`` (the rows' run lengths) and ``pairs_per_step`` (their runs'); ``None`` if the file
+    is absent."""
     if not path.is_file():
         return None
     found = json.loads(path.read_text())
-    return {"text": found["text"], "source": found["source"], "seeds": found["seeds"]}
+    return {
+        "text": found["text"],
+        "source": found["source"],
+        "sources": found.get("sources", [found["source"]]),
+        "seeds": found["seeds"],
+        "run_steps": sorted({row["run_steps"] for row in found.get("rows", [])}),
+        "pairs_per_step": found.get("pairs_per_step"),
+    }
 
 
 _MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
@@ -204,17 +216,83 @@ def plain_text(markdown: str) -> str:
     return _MARKDOWN_STRONG.sub(r"\1", text)
 
 
-def recommendation_line(recommendation: dict[str, Any]) -> str:
-    """The recommendation and where it comes from, in plain text (:func:`plain_text`; the shipped text is markdown
-    for the README and docs): one line, or a heading line and the list (the demo's table above keeps the authors'
-    settings, mu=0.9 and the sweep, for comparison)."""
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
+
+
+def _run_setting(config: dict[str, Any], seeds: int) -> str:
+    return (
+        f"lr {config['learning_rate']:g}, {config['max_steps']} steps of {config['batch_size']} pairs, "
+        f"{seeds} seed{'s' if seeds != 1 else ''}"
+    )
+
+
+def run_reading(summary: dict[str, Any]) -> str:
+    """What this run's own tables say, every figure as its table prints it: Diffusion-DPO's held-out reward change
+    against the base, each other method's difference from Diffusion-DPO of the same seed and where each interval
+    lies, and which methods (if any) rose above Diffusion-DPO; then, where the breaking regime ran, Diffusion-DPO's
+    change there and the guards whose difference from it lies above 0."""
+    results, config = summary["methods"], summary["config"]
+    base = "the shipped base" if summary["base"]["source"] == "shipped" else f"base {summary['base']['recipe_hash']}"
+    seeds = max(r["reward"]["n"] for r in results.values())
+    parts = [f"This run ({base}, {_run_setting(config, seeds)}; the tables above):"]
+    dpo = results.get("dpo")
+    others = [r for key, r in results.items() if key != "dpo" and r.get("reward_minus_dpo") is not None]
+    if dpo is not None:
+        parts.append(
+            f"Diffusion-DPO's held-out reward changed by {_cell(dpo['reward_change'], 4, True)} against the base "
+            f"({_where(dpo['reward_change'])})" + (";" if others else ".")
+        )
+    if others:
+        against = [
+            f"{r['label']} {_cell(r['reward_minus_dpo'], 4, True)} ({_where(r['reward_minus_dpo'])})" for r in others
+        ]
+        above = [r["label"] for r in others if _where(r["reward_minus_dpo"]) == "above 0"]
+        if all(_where(r["reward_minus_dpo"]) == "no interval" for r in others):
+            verdict = "With one seed there is no interval to choose by."
+        elif above:
+            verdict = f"Here {_listed(above)} rose above Diffusion-DPO's reward."
+        else:
+            verdict = "Here no safeguard's reward rose above Diffusion-DPO's."
+        parts.append(f"against Diffusion-DPO of the same seed, {_listed(against)}. {verdict}")
+    regime = summary.get("breaking_regime")
+    if regime is not None and "dpo" in regime["methods"]:
+        settings, rows = regime["settings"], regime["methods"]
+        kept = [
+            f"{r['label']} {_cell(r['reward_minus_dpo'], 4, True)}"
+            for key, r in rows.items()
+            if key != "dpo" and _where(r["reward_minus_dpo"]) == "above 0"
+        ]
+        dpo_change = rows["dpo"]["reward_change_bootstrap"]
+        parts.append(
+            f"In the breaking regime ({_run_setting(settings, 1)}) Diffusion-DPO's changed by "
+            f"{_cell(dpo_change, 4, True)} ({_where(dpo_change)}); "
+            + (f"above it (interval above 0): {_listed(kept)}." if kept else "no guard's interval lies above it.")
+        )
+    return " ".join(parts)
+
+
+def recommendation_line(recommendation: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
+    """The package's recommendation in plain text (:func:`plain_text`; the shipped text is markdown for the README
+    and docs), after a heading that says plainly which results it quotes and why they are not this run's: the
+    comparisons' seeds, run lengths and pairs per step beside this run's (``summary``), and every result file its
+    figures come from. One line, or a heading line and the list."""
     low, high = min(recommendation["seeds"], default=0), max(recommendation["seeds"], default=0)
     seeds = str(low) if low == high else f"{low}-{high}"
+    steps = _listed([str(s) for s in recommendation.get("run_steps", [])] or ["the recorded"])
+    pairs = recommendation.get("pairs_per_step")
+    setting = f"{steps} steps" + (f" of {pairs} pairs" if pairs else "")
+    if summary is not None:
+        config = summary["config"]
+        setting += f" (this run: {config['max_steps']} steps of {config['batch_size']})"
+    files = _listed(recommendation.get("sources", [recommendation["source"]]))
     text = plain_text(recommendation["text"])
     gap = "\n" if "\n" in text else " "
     return (
-        f"Which setting to use (a paired comparison on the benchmark's base and pairs, {seeds} seeds per method "
-        f"and setting, {recommendation['source']}; a demo run's few seeds cannot tell):{gap}{text}"
+        f"Which setting to use, quoted from other runs than this one (not rerun here): paired comparisons of {seeds} "
+        f"seeds per method and setting over {setting}, in {files}. They rest on more seeds and on other learning "
+        "rates, run lengths and bases than this run, so their figures are not those of the tables above; one demo "
+        f"run cannot stand in for them:{gap}{text}"
     )
 
 
@@ -248,7 +326,7 @@ def _table(width: int, columns: list[tuple[str, int]], cells: list[tuple[str, li
 
 def format_table(summary: dict[str, Any]) -> str:
     """Two console tables (held-out reward; training diagnostics), each cell a mean with its 95% interval, then
-    where each interval lies relative to zero."""
+    where each interval lies relative to zero, and the methods skipped."""
     results = summary["methods"]
     width = max(len(r["label"]) for r in results.values()) + 2
     n = max(r["reward"]["n"] for r in results.values())
@@ -295,8 +373,6 @@ def format_table(summary: dict[str, Any]) -> str:
         )
     for key, reason in summary["skipped"].items():
         lines.append(f"{key}: skipped ({reason})")
-    if summary.get("recommendation"):
-        lines += ["", recommendation_line(summary["recommendation"])]
     return "\n".join(lines)
 
 
@@ -355,8 +431,17 @@ def format_breaking_table(regime: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_closing(summary: dict[str, Any]) -> str:
+    """What closes the report: the run's own reading (:func:`run_reading`), then the package's recommendation with
+    what it quotes (:func:`recommendation_line`) where the summary carries one."""
+    lines = [run_reading(summary)]
+    if summary.get("recommendation"):
+        lines += ["", recommendation_line(summary["recommendation"], summary)]
+    return "\n".join(lines)
+
+
 def format_report(summary: dict[str, Any]) -> str:
     """The console report: the breaking regime's table first (the demo's headline, when it ran), then the per-method
-    tables and the recommendation (:func:`format_table`)."""
+    tables (:func:`format_table`), then the run's reading and the recommendation (:func:`format_closing`)."""
     parts = [] if summary.get("breaking_regime") is None else [format_breaking_table(summary["breaking_regime"]), ""]
-    return "\n".join([*parts, format_table(summary)])
+    return "\n".join([*parts, format_table(summary), "", format_closing(summary)])

@@ -95,9 +95,23 @@ def start_summary(
             f"  schedule {schedule}, {warmup_text}; {pairs_per_step(given)} pairs per optimizer step",
             f"  objective {_objective_text(effective)}, beta {effective.beta:g}",
             f"  engine {engine!r}, {_precision_text(given)}",
-            *(f"  {resolution.text()}" for resolution in (defaults or {}).values()),
+            *(f"  {line}" for line in _default_lines(effective, defaults or {})),
         ]
     )
+
+
+def _default_lines(effective: Any, defaults: dict[str, Any]) -> list[str]:
+    """Each resolved default with its source, except a ``safeguard_mu`` that does not run: with
+    ``safeguard_space="none"`` no step reads it (``on_pathology="safeguard"`` switches to a ``mu`` of its own), so
+    its source would justify a value the run never uses; one given there is named as unused."""
+    lines = []
+    for field, resolution in defaults.items():
+        if field == "safeguard_mu" and effective.safeguard_space == "none":
+            if resolution.given:
+                lines.append(f"{resolution.text()}: unused, safeguard_space=none runs no safeguard")
+            continue
+        lines.append(resolution.text())
+    return lines
 
 
 def start_warnings(given: Any, effective: Any, family: Any, lora: bool, max_steps: int) -> list[str]:
