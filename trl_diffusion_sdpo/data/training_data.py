@@ -7,20 +7,38 @@ into a latent cache (``cache_latents``), or a cache written by ``trl-diffusion-s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from ..families import ModelFamily, PromptEmbeddings
+from ..families import ModelFamily, PromptEmbeddings, registered_families
 from .collators import PreferenceCollator
 from .columns import SOURCE_IMAGE, SOURCE_IMAGES, PreferenceColumns
 from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .preparation import prepare_preference_dataset
 from .scoring import RewardFn, add_reward_scores
-from .sharded_cache import ShardedLatentCache
 from .transforms import PairTransform
 from .validation import DataReport
 from .video import VideoPairTransform
 
-__all__ = ["TrainingData", "eval_collator_for", "prepare_training_data"]
+__all__ = ["PrebuiltTrainingData", "TrainingData", "eval_collator_for", "prepare_training_data"]
+
+
+@runtime_checkable
+class PrebuiltTrainingData(Protocol):
+    """A training set encoded before the run that brings its own columns, report, collator and empty prompt: the
+    cache ``trl-diffusion-sdpo cache`` writes (:class:`~.sharded_cache.ShardedLatentCache`). The trainer reads it as
+    it is, once it has checked that it was encoded as this run would encode it."""
+
+    dataset: Any
+    empty_prompt: PromptEmbeddings | None
+
+    @property
+    def columns(self) -> PreferenceColumns: ...
+
+    def check_matches(self, family: ModelFamily, args: Any) -> None: ...
+
+    def report(self) -> DataReport: ...
+
+    def collator(self) -> Any: ...
 
 
 @dataclass
@@ -56,7 +74,7 @@ def prepare_training_data(
     a latent cache with ``cache_latents``. SmPO: images are scored with ``reward_fn`` where score columns are absent.
     """
     _check_media(args, family)
-    prebuilt = train_dataset if isinstance(train_dataset, ShardedLatentCache) else None
+    prebuilt = train_dataset if isinstance(train_dataset, PrebuiltTrainingData) else None
     if prebuilt is not None:
         prebuilt.check_matches(family, args)
         train_dataset, columns, report = prebuilt.dataset, prebuilt.columns, prebuilt.report()
@@ -184,8 +202,6 @@ def check_sources(columns: PreferenceColumns, args, family: ModelFamily, split: 
 
 
 def _editing_pipelines() -> str:
-    from ..families import registered_families
-
     return ", ".join(name for family in registered_families() if family.edits for name in family.pipeline_classes)
 
 

@@ -30,6 +30,7 @@ from datasets import List as ListFeature
 from datasets import Video as VideoFeature
 from PIL import Image
 
+from ..objectives import objective_class
 from .columns import (
     CAPTION,
     CHOSEN,
@@ -98,8 +99,6 @@ def uses_scores(args: Any) -> bool:
     loss_type = getattr(args, "loss_type", None)
     if loss_type is None:
         return False
-    from ..objectives import objective_class
-
     return objective_class(loss_type).needs_pair_scores
 
 
