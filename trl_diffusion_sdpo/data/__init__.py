@@ -18,7 +18,14 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .collators import PreferenceCollator, pair_scores
     from .columns import PreferenceColumns, order_pair
     from .formats import detect_format, load_preference_data
-    from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
+    from .latent_cache import (
+        CachedPreferenceCollator,
+        LatentCache,
+        build_latent_cache,
+        cached_moments,
+        cached_prompt_embeds,
+        cached_time_ids,
+    )
     from .pickapic import pickapic_to_trl
     from .preparation import load_preference_dataset, prepare_preference_dataset
     from .scoring import RewardFn, add_reward_scores
@@ -38,6 +45,9 @@ _EXPORTS = {
     "CachedPreferenceCollator": ".latent_cache",
     "LatentCache": ".latent_cache",
     "build_latent_cache": ".latent_cache",
+    "cached_moments": ".latent_cache",
+    "cached_prompt_embeds": ".latent_cache",
+    "cached_time_ids": ".latent_cache",
     "pickapic_to_trl": ".pickapic",
     "load_preference_dataset": ".preparation",
     "prepare_preference_dataset": ".preparation",
@@ -64,6 +74,9 @@ __all__ = [
     "add_reward_scores",
     "build_latent_cache",
     "build_sharded_latent_cache",
+    "cached_moments",
+    "cached_prompt_embeds",
+    "cached_time_ids",
     "detect_format",
     "load_image",
     "load_preference_data",

@@ -7,17 +7,20 @@ into a latent cache (``cache_latents``), or a cache written by ``trl-diffusion-s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from .. import data as preference_data  # its names resolve on first use: the latent cache's with cache_latents only
 from ..families import ModelFamily, PromptEmbeddings, registered_families
 from .collators import PreferenceCollator
 from .columns import SOURCE_IMAGE, SOURCE_IMAGES, PreferenceColumns
-from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .preparation import prepare_preference_dataset
 from .scoring import RewardFn, add_reward_scores
 from .transforms import PairTransform
 from .validation import DataReport
 from .video import VideoPairTransform
+
+if TYPE_CHECKING:
+    from .latent_cache import LatentCache
 
 __all__ = ["PrebuiltTrainingData", "TrainingData", "eval_collator_for", "prepare_training_data"]
 
@@ -93,7 +96,7 @@ def prepare_training_data(
         # Encode once (main process first, the others load), then train from the cache.
         train_cache = _latent_cache(train_dataset, columns, args, family, "train")
         train_dataset, empty_prompt = train_cache.dataset, train_cache.empty_prompt
-        collator = CachedPreferenceCollator(with_flipped=args.random_flip)
+        collator = preference_data.CachedPreferenceCollator(with_flipped=args.random_flip)
     # One evaluation set, or several by name (a dict, as transformers takes it: each evaluated under eval_<name>).
     evals = {
         name: _eval_split(dataset, split, args, family, reward_fn, tokenize, transform)
@@ -140,7 +143,7 @@ def _eval_split(dataset, split: str, args, family: ModelFamily, reward_fn, token
     collator = PreferenceCollator(columns, tokenize, transform, train=False)
     if args.cache_latents:
         dataset = _latent_cache(dataset, columns, args, family, split).dataset
-        collator = CachedPreferenceCollator()
+        collator = preference_data.CachedPreferenceCollator()
     return dataset, collator, report
 
 
@@ -215,7 +218,7 @@ def _pair_transform(args, family: ModelFamily, columns: PreferenceColumns) -> Pa
 def _latent_cache(dataset, columns, args, family: ModelFamily, split: str) -> LatentCache:
     # Without a shared filesystem (save_on_each_node) every node encodes its own copy.
     with args.main_process_first(local=args.save_on_each_node, desc=f"{split} latent cache"):
-        return build_latent_cache(
+        return preference_data.build_latent_cache(
             dataset,
             columns,
             family,
