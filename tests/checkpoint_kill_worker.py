@@ -3,8 +3,9 @@
     python tests/checkpoint_kill_worker.py OUTPUT_DIR --kill-step 3 --kill-stage trainer_state [--resume]
 
 Stages, in the order a save reaches them: ``weights`` (after the weights file), ``weights_partial`` (the weights
-file cut to half its length, as a kill during its write leaves it), ``optimizer`` (after optimizer and scheduler),
-``optimizer_partial``, ``rng`` (after the RNG state), ``trainer_state`` (after ``trainer_state.json``),
+file cut to half its length, as a kill during its write leaves it), ``optimizer`` (after the optimizer's state),
+``optimizer_partial`` (``optimizer.pt`` cut, after the scheduler, scaler and RNG states), ``rng`` (after the RNG
+state), ``trainer_state`` (after ``trainer_state.json``),
 ``before_rename`` (the manifest written, the folder not yet renamed), ``after_rename`` (published, before rotation)
 and ``rotation`` (while an old checkpoint is being deleted). :func:`build_trainer` is shared with the test, so the
 resumed run in the test is the same run.
@@ -92,27 +93,30 @@ def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
     def at_step() -> bool:
         return trainer.state.global_step == step
 
-    def after(method_name: str, then):
-        original = getattr(trainer, method_name)
+    def after(owner, method_name: str, then, folder_at: int = 0):
+        """``owner.method_name`` runs ``then(folder)`` after writing into a staging folder (its argument
+        ``folder_at``)."""
+        original = getattr(owner, method_name)
 
-        def wrapped(output_dir=None, *args, **kwargs):
-            result = original(output_dir, *args, **kwargs)
+        def wrapped(*args, **kwargs):
+            result = original(*args, **kwargs)
+            output_dir = args[folder_at] if len(args) > folder_at else None
             if at_step() and output_dir is not None and ".tmp-" in str(output_dir):
                 then(str(output_dir))
             return result
 
-        setattr(trainer, method_name, wrapped)
+        setattr(owner, method_name, wrapped)
 
     if stage == "weights":
-        after("save_model", lambda d: _die())
+        after(trainer, "save_model", lambda d: _die())
     elif stage == "weights_partial":
-        after("save_model", lambda d: _truncate_and_die(os.path.join(d, "pytorch_lora_weights.safetensors")))
+        after(trainer, "save_model", lambda d: _truncate_and_die(os.path.join(d, "pytorch_lora_weights.safetensors")))
     elif stage == "optimizer":
-        after("_save_optimizer_and_scheduler", lambda d: _die())
+        after(trainer.engine, "save_optimizer_state", lambda d: _die(), folder_at=2)
     elif stage == "optimizer_partial":
-        after("_save_optimizer_and_scheduler", lambda d: _truncate_and_die(os.path.join(d, "optimizer.pt")))
+        after(trainer.files, "save_training_state", lambda d: _truncate_and_die(os.path.join(d, "optimizer.pt")))
     elif stage == "rng":
-        after("_save_rng_state", lambda d: _die())
+        after(checkpoints, "save_random_states", lambda d: _die())
     elif stage == "trainer_state":
         original = TrainerState.save_to_json
 

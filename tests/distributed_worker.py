@@ -352,6 +352,18 @@ def report(
         "two_pass_reason": getattr(backward, "two_pass_reason", None),
     }
 
+    if stage is not None:  # no method of DeepSpeed's optimizers replaced on the instance (a skipped step included)
+        from trl_diffusion_sdpo.engines.deepspeed import zero_inner_optimizer
+
+        engine = accelerator.deepspeed_engine_wrapped.engine
+        result["zero_optimizer_shadowed"] = [
+            f"{type(o).__name__}.{name}"
+            for o in (engine.optimizer, zero_inner_optimizer(engine))
+            for name in sorted(vars(o))
+            if callable(getattr(type(o), name, None))
+        ]
+        result["zero_inner_found_inf"] = getattr(zero_inner_optimizer(engine), "found_inf", None) is not None
+
     # The reference: unchanged base weights (LoRA, adapters disabled) or an unchanged frozen copy.
     if trainer.reference.shares_policy_weights:
         named = [(n, p) for n, p in policy.named_parameters() if "lora_" not in n]

@@ -1,16 +1,17 @@
 """Preference tuning of text-to-image diffusion models: Diffusion-DPO and Diffusion-SDPO.
 
 The names below are resolved on first access (see :mod:`.config._lazy`): ``import trl_diffusion_sdpo`` imports no
-torch,
-transformers or diffusers, so the command line's ``--help`` and tools that only read the package stay fast.
+torch, transformers or diffusers, so the command line's ``--help`` and tools that only read the package stay fast.
+Importing the package, or any of its modules, changes no setting of another library (progress bars, verbosity,
+logger filters); the command line quiets its own process (:mod:`.cli.main`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config._lazy import lazy_attributes
-from .io.console import filter_known_noise
+from .config.rules import connect_objective_check
 
 __version__ = "0.1.0.dev0"
 
@@ -89,6 +90,14 @@ __all__ = [
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
 
-# Before a script imports diffusers or transformers after this package: their known noise (a torchvision fallback,
-# torchao's kernels that do not load here) is dropped by its exact message (console.NOISE); logging filters only.
-filter_known_noise()
+
+def _check_objective(config: Any) -> None:
+    """The chosen objective's rules for a config being made: imported when the first config is checked."""
+    from .objectives import check_objective_config
+
+    check_objective_config(config)
+
+
+# The config (the bottom layer) asks the chosen objective to check its fields; this module runs before any module of
+# the package, so every config asks it, whatever was imported first (config.rules).
+connect_objective_check(_check_objective)

@@ -1,23 +1,27 @@
 """``DiffusionSDPOTrainer``: Diffusion-DPO / Diffusion-SDPO on diffusion denoisers with ``transformers.Trainer``.
 
-The trainer orchestrates: it builds the parts, then calls the stages in order. The math lives in :mod:`.objectives`
-and :mod:`.safeguards`, the data in :mod:`.data`, model specifics in :mod:`.families`, what differs between DDP,
-DeepSpeed and FSDP in :mod:`.engines`, the reference model in :mod:`.reference` and the file formats in :mod:`.io`.
-One micro-batch (:meth:`DiffusionSDPOTrainer.training_step`) reads::
+The trainer builds the parts, then runs Diffusion-DPO's step itself, calling the stages in order. The math lives in
+:mod:`.objectives` and :mod:`.safeguards`, the data in :mod:`.data`, model specifics in :mod:`.families`, what
+differs between DDP, DeepSpeed and FSDP in :mod:`.engines`, the step's stages in :mod:`.step` and the file formats in
+:mod:`.io`. One micro-batch (:meth:`DiffusionSDPOTrainer.training_step`) reads::
 
-    batch -> noised pair                                    (step.stages)
-    -> safeguard.step: predictions -> errors -> objective   (safeguards: chosen once; step.stages)
-       -> lambda -> backward
-    -> non-finite guard -> metrics                          (callbacks.interruptions, step.predictions)
+    batch -> noised pair                                      (step.stages)
+    -> predictions of the policy and the reference            (step.stages, step.predictions)
+    -> [safeguard.loser_weight: the output space's lambda]    (safeguards.output)
+    -> denoising errors -> objective                          (step.predictions, objectives)
+    -> backward: the engine's, or the branches kept apart     (step.backward; safeguards.parameter)
+    -> [safeguard.combine: lambda, g_w + lambda * h_l]        (safeguards.parameter)
+    -> non-finite guard -> metrics                            (callbacks.interruptions, step.predictions)
+
+Plain Diffusion-DPO (``safeguard_space="none"``) has no safeguard: its step runs no module of :mod:`.safeguards`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils.memory import clear_device_cache
@@ -31,10 +35,10 @@ from .callbacks.guards import EMAWeights, GuardState
 from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
-from .config.defaults import resolved_config
+from .config.defaults import machine_choices, resolved_config
 from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
-from .engines.base import clip_gradients, gradient_norm, optimizer_parameters, trainable_parameters
+from .engines.base import place_batch, trainable_parameters
 from .engines.collectives import check_not_partitioned, check_one_device_per_process, training_pipeline
 from .families import ModelFamily, Noiser, family_for_pipeline
 from .families.preparation import (
@@ -47,15 +51,17 @@ from .families.preparation import (
     wants_gradient_checkpointing,
 )
 from .families.quantization import check_engine_supports_quantized_base
-from .io.console import quiet_off_terminal
+from .io.console import on_terminal
 from .io.hub import CardMethod
 from .io.run_files import RunFiles, files_hook
 from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
-from .objectives import PreferenceObjective, check_objective_config, objective_from_config
+from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .rewards.functions import RewardFunction, dataset_scoring_function
-from .safeguards import MicroBatch, Safeguard, safeguard_for
+from .safeguards import safeguard_for
+from .step.backward import Backward, BackwardWindow, EngineBackward
 from .step.predictions import (
+    Evaluation,
     evaluate_objective,
     metric_stores,
     record_metrics,
@@ -66,13 +72,12 @@ from .step.predictions import (
 )
 from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches, adapt_guards
 
+if TYPE_CHECKING:
+    from .safeguards import Safeguard
+
 __all__ = ["DiffusionSDPOTrainer"]
 
 logger = logging.getLogger(__name__)
-
-# Imported before a user's script loads its pipeline: third-party noise filtered and, off a terminal, the libraries'
-# loading bars off, as the command line does (console.quiet_off_terminal).
-quiet_off_terminal()
 
 
 class DiffusionSDPOTrainer(Trainer):
@@ -131,11 +136,8 @@ class DiffusionSDPOTrainer(Trainer):
             args = DiffusionSDPOConfig(output_dir="diffusion-sdpo")
         if not isinstance(args, DiffusionSDPOConfig):
             raise TypeError(f"args must be a DiffusionSDPOConfig, got {type(args).__name__}")
-        if not quiet_off_terminal():  # a log file: each log a line of its own (PrinterCallback), no \r redraws
-            args.disable_tqdm = True
-        # The config's rules again (a field may have been changed since it was made), then the objective's own.
+        # The config's rules again, the objective's own included: a field may have been changed since it was made.
         check_config(args)
-        check_objective_config(args)
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
         reward_fn = dataset_scoring_function(reward_funcs)
@@ -152,9 +154,14 @@ class DiffusionSDPOTrainer(Trainer):
             self.pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
         )
         check_not_partitioned({**self.family.frozen_modules(), self.family.denoiser_name: self.family.denoiser})
-        # The defaults left unset (beta, safeguard_mu) resolved for this family, objective and base model, once
-        # (config.defaults); the start summary prints each with its source.
-        args, self.resolved_defaults = resolved_config(args, self.family, self.base_model_name)
+        # The defaults left unset (learning_rate, beta, safeguard_mu) resolved for this family, objective, tuning and
+        # base model, once, and what depends on the machine and the output (data workers, non-blocking copies, a
+        # progress bar or a line per log) chosen for the device: on this run's copy, the caller's config stays as
+        # given (config.defaults). The start summary prints each with its source.
+        args, self.resolved_defaults = resolved_config(
+            args, self.family, self.base_model_name, lora=peft_config is not None
+        )
+        args, self.machine_choices = machine_choices(args, device_type=args.device.type, terminal=on_terminal())
         #: the KL-regularisation strength the objective uses (TRL's ``DPOTrainer.beta``)
         self.beta: float = args.beta
         # DDPM for the UNet families, flow matching for the transformers; its config fields checked.
@@ -184,6 +191,7 @@ class DiffusionSDPOTrainer(Trainer):
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
+        self.add_callback(self.files)  # a learning rate changed at resume, applied when training begins
         make_config_trackable(denoiser)  # report_to trackers read model.config as a transformers config
 
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
@@ -204,12 +212,17 @@ class DiffusionSDPOTrainer(Trainer):
         # EMA weights before validation: a validation at step k samples the average that includes step k.
         self.ema: EMAWeights | None = None
         if args.ema_decay is not None:
-            self.ema = EMAWeights(trainable_parameters(denoiser), args.ema_decay, self._save)
+            self.ema = EMAWeights(trainable_parameters(denoiser), args.ema_decay, self.files.save_weights)
             self.add_callback(self.ema)
-        # Validation callbacks sample this pipeline, after the EMA. Their module, imported only by a caller who made
-        # one (its scorers are heavy), binds them.
-        if (validation := sys.modules.get("trl_diffusion_sdpo.callbacks.validation")) is not None:
-            validation.bind_validation_callbacks(self, args.resolution)
+        # Callbacks that sample this pipeline (validation grids) bind to it, and move behind the EMA: a validation at
+        # step k samples the average that includes step k.
+        self.sampling_callbacks: list[TrainerCallback] = []
+        for callback in list(self.callback_handler.callbacks):
+            if callable(getattr(callback, "bind_to_trainer", None)):
+                callback.bind_to_trainer(self)
+                self.callback_handler.remove_callback(callback)
+                self.callback_handler.add_callback(callback)
+                self.sampling_callbacks.append(callback)
 
         # The step's stages and state.
         self.stages = MicroBatchStages(
@@ -224,21 +237,24 @@ class DiffusionSDPOTrainer(Trainer):
             empty_prompt=data.empty_prompt,
         )
         self.batches = UsableBatches(self._blank_batch)
-        # The safeguard, chosen once: Diffusion-DPO, the output, parameter or update space (see .safeguards).
-        self.safeguard: Safeguard = safeguard_for(
+        # The safeguard, chosen once: none (Diffusion-DPO), the output, parameter or update space (see .safeguards);
+        # the parameter spaces bring the backward that keeps the branches apart, the others use the engine's.
+        self.safeguard: Safeguard | None = safeguard_for(
             args,
             self.engine,
             lora=self.is_lora,
             trainable_elements=sum(p.numel() for p in trainable_parameters(denoiser)),
         )
+        self.engine_backward = EngineBackward(self.accelerator)
         self._metrics = metric_stores()
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
-        self.mixed_precision_forward = MixedPrecisionForward(self._policy)
+        self.mixed_precision_forward = MixedPrecisionForward(self._policy, self._dtype)
         self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
         self._dormant_safeguard = dormant_safeguard(args, self.engine)  # on_pathology="safeguard"'s, checked now
         switch = self._switch_safeguard if self._dormant_safeguard is not None else None
         # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts.
-        self.guards = GuardState.from_config(args, self.accelerator.num_processes, self.safeguard.margin, switch)
+        margin = None if self.safeguard is None else self.safeguard.margin
+        self.guards = GuardState.from_config(args, self.accelerator.num_processes, margin, switch)
         self.add_callback(self.guards)  # their state in the checkpoints
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
@@ -258,16 +274,19 @@ class DiffusionSDPOTrainer(Trainer):
     # ------------------------------------------------------------------ files: each hook handed to self.files
 
     save_model = files_hook("save_model")
-    _save = files_hook("save_weights")
-    _load_from_checkpoint = files_hook("load_weights")
-    _load_best_model = files_hook("load_best_model")
-    _save_optimizer_and_scheduler = files_hook("save_optimizer_and_scheduler")
-    _load_optimizer_and_scheduler = files_hook("load_optimizer_and_scheduler")
-    _save_checkpoint = files_hook("save_checkpoint")
     create_model_card = files_hook("create_model_card")
     init_hf_repo = files_hook("init_hf_repo")
-    _push_from_checkpoint = files_hook("push_from_checkpoint")
     push_to_hub = files_hook("push_to_hub")
+    # The three private transformers.Trainer methods overridden, each for want of a public hook:
+    # - transformers writes a checkpoint in place and rotates by deleting in place; an atomic checkpoint (a killed
+    #   save leaves the previous one usable) is written aside and renamed, with its manifest, which needs the save
+    #   itself (RunFiles.save_checkpoint);
+    # - transformers' loaders read its own and peft's file names, or FSDP's model copy; the checkpoints hold the
+    #   weights in diffusers' format only (safetensors that load_lora_weights reads), loaded into the engine's
+    #   shards: on resume (_load_from_checkpoint) and for load_best_model_at_end (_load_best_model).
+    _save_checkpoint = files_hook("save_checkpoint")
+    _load_from_checkpoint = files_hook("load_weights")
+    _load_best_model = files_hook("load_best_model")
 
     # ------------------------------------------------------------------ the step
 
@@ -281,44 +300,67 @@ class DiffusionSDPOTrainer(Trainer):
         self.nonfinite.optimizer = super().create_optimizer(model)  # the guard drops and skips through it
         return self.nonfinite.optimizer
 
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.files.remember_learning_rates(scheduler)  # before a resumed checkpoint's state replaces them
+        return scheduler
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """One micro-batch: batch -> noised pair -> the safeguard's step (predictions -> errors -> objective -> lambda
-        -> backward) -> non-finite guard -> metrics. Returns the loss averaged over the accumulation window."""
+        """One micro-batch of Diffusion-DPO: batch -> noised pair -> predictions of the policy and the reference ->
+        denoising errors -> objective -> backward -> metrics, with the safeguard's hook where one runs (the output
+        space's on the predictions, the parameter spaces' after their backward). Returns the loss averaged over the
+        accumulation window."""
         model.train()
         if callable(getattr(self.optimizer, "train", None)):  # as Trainer.training_step: schedule-free optimizers
             self.optimizer.train()
-        inputs, replay = self._batch(self._prepare_inputs(inputs), "train")
+        inputs, replay = self._batch(self.place_inputs(inputs), "train")
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
-        # The exact rule runs its passes outside the engine's wrapper (DDP's hooks) and reduces what it would have.
-        denoiser = model if self.safeguard.engine_backward else self.accelerator.unwrap_model(model)
+        # The engine's backward, or the safeguard's that keeps the branches' gradients apart; the latter runs its
+        # passes outside the engine's wrapper (DDP's hooks) and reduces what the engine would have.
+        backward: Backward = getattr(self.safeguard, "backward_stage", None) or self.engine_backward
+        policy = model if backward.through_engine else self.accelerator.unwrap_model(model)
         with self.compute_loss_context_manager():  # an inversion (SmPO) runs the denoiser as the predictions do
-            noised = self.stages.noised_pair(denoiser, inputs, "train", self.state.global_step)
-            result = self.safeguard.step(
-                MicroBatch(
-                    model=denoiser,
-                    stages=self.stages,
-                    noised=noised,
-                    objective=self.objective_in_force(),
-                    pair_scores=inputs.get("pair_scores"),
-                    contributes=not replay,
-                    accumulation_steps=self.current_gradient_accumulation_steps,
-                    sync_gradients=self.accelerator.sync_gradients,
-                    optimizer=self.optimizer,
-                )
+            noised = self.stages.noised_pair(policy, inputs, "train", self.state.global_step)
+            window = BackwardWindow(
+                self.current_gradient_accumulation_steps, self.accelerator.sync_gradients, not replay, noised.num_pairs
             )
+            # One pass; the exact rule's first micro-batch takes a second, per branch, where its layers could not
+            # split the branches in one.
+            for gradient_pass in backward.passes(policy, window):
+                with gradient_pass:
+                    predictions = self.stages.predict_noised(policy, noised, gradient_pass.separate_branches)
+                    evaluation, lambdas = self._objective(predictions, inputs.get("pair_scores"), not replay)
+                    gradient_pass.backward(evaluation.loss, predictions)
+            if gradient_pass.branches is not None:  # the safeguard's hook: lambda, and g_w + lambda * h_l written
+                lambdas.update(self.safeguard.combine(gradient_pass.branches, self.optimizer))
         steps = self.args.torch_empty_cache_steps
         if steps is not None and self.state.global_step % steps == 0:  # as Trainer.training_step
             clear_device_cache()
-        adapt_guards(self.guards.adapting, result.errors, not replay, self.accelerator.sync_gradients)
+        adapt_guards(self.guards.adapting, evaluation.errors, not replay, self.accelerator.sync_gradients)
         if replay:  # a zero-weighted replay: its loss and metrics are its peers'
             return torch.zeros((), device=self.args.device)
-        self.nonfinite.flag(result.loss)
-        record_step_metrics(self._metrics["train"], result, noised, self.noiser.num_train_timesteps)
+        loss = evaluation.loss.detach()
+        self.nonfinite.flag(loss)
+        record_step_metrics(self._metrics["train"], evaluation, lambdas, noised, self.noiser.num_train_timesteps)
         # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
-        loss = result.loss / self.current_gradient_accumulation_steps
-        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+        loss = loss / self.current_gradient_accumulation_steps
+        loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+        self.files.count_loss(loss)  # the whole run's loss, recorded in checkpoints
+        return loss
+
+    def _objective(
+        self, predictions: PreferencePredictions, pair_scores: torch.Tensor | None, contributes: bool
+    ) -> tuple[Evaluation, dict[str, torch.Tensor | None]]:
+        """denoising errors -> objective (with the ``beta`` in force), the loser error's gradient weighted by the
+        safeguard's ``lambda`` where its hook acts on the predictions (the output space); the ``lambda`` by metric
+        name."""
+        weight = None if self.safeguard is None else self.safeguard.loser_weight(predictions, contributes)
+        evaluation = evaluate_objective(self.objective_in_force(), predictions, pair_scores, loser_weight=weight)
+        return evaluation, ({} if weight is None else {"safeguard/lambda": weight})
 
     def objective_in_force(self) -> PreferenceObjective:
         """The objective with the ``beta`` in force (the auto-beta's, or the configured one)."""
@@ -339,14 +381,15 @@ class DiffusionSDPOTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         """An evaluation micro-batch (training runs :meth:`training_step`): batch -> noised pair -> predictions ->
-        errors -> objective, and the ``lambda`` the safeguard records there."""
+        errors -> objective, and the ``lambda`` a safeguard records there (no backward: nothing is weighted)."""
         mode = "train" if model.training else "eval"
         inputs, replay = self._batch(inputs, mode)
         if inputs is None:  # every row was invalid, one process: contribute nothing, keep the graph connected
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, {}) if return_outputs else loss
         predictions = self.stages.predict(model, inputs, mode, self.state.global_step, separate_branches=False)
-        lambdas = self.safeguard.evaluation_lambdas(predictions, contributes=not replay)
+        safeguard = self.safeguard
+        lambdas = {} if safeguard is None else safeguard.evaluation_lambdas(predictions, contributes=not replay)
         evaluation = evaluate_objective(self.objective_in_force(), predictions, inputs.get("pair_scores"))
         loss = evaluation.loss
         if replay:
@@ -369,33 +412,13 @@ class DiffusionSDPOTrainer(Trainer):
         were all checked when it was built)."""
         collator = self.data_collator if mode == "train" else self._eval_collator_in_use
         blank = getattr(collator, "blank_batch", None)
-        return None if blank is None else self._prepare_inputs(blank())
+        return None if blank is None else self.place_inputs(blank())
 
-    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        # Pair scores are data for SmPO's weights, not model inputs: kept in float32 where transformers would cast
-        # every floating input to DeepSpeed's bf16/fp16 (bf16 steps of 1e-3 near 0.2 move a 0.01 score gap by 10%).
-        scores = inputs.pop("pair_scores", None)
-        inputs = super()._prepare_inputs(inputs)
-        if scores is not None:
-            inputs["pair_scores"] = scores.to(device=self.args.device, dtype=torch.float32)
-        return inputs
-
-    def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
-        """Clip the gradients of the optimizer's parameters (all its groups: the trained weights, not every module's
-        frozen ones); an engine that owns the gradients (DeepSpeed, FSDP2's DTensors) clips through transformers."""
-        if self.engine.manages_gradients:
-            return super()._clip_grad_norm(model)
-        return clip_gradients(optimizer_parameters(self.optimizer), self.args.max_grad_norm)
-
-    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: torch.Tensor | None = None):
-        """The pre-clip gradient norm; a non-finite one (an inf gradient with a finite loss) is flagged on the device
-        and the step skipped or raised on like a non-finite loss (see :class:`.step.guard.NonFiniteTracker`)."""
-        if grad_norm is None and not self.engine.manages_gradients:
-            grad_norm = gradient_norm(optimizer_parameters(self.optimizer))  # max_grad_norm <= 0: still guarded
-        grad_norm = super()._get_grad_norm(model, grad_norm)
-        if isinstance(grad_norm, torch.Tensor) and not self.engine.skips_nonfinite_steps:
-            self.nonfinite.flag_gradient_norm(grad_norm)
-        return grad_norm
+    def place_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the device, the floating ones in the engine's input dtype where it has one
+        (DeepSpeed's bf16/fp16, as transformers casts them), except the pair scores: data for SmPO's weights, not model
+        inputs, kept in float32 (bf16 steps of 1e-3 near 0.2 move a 0.01 score gap by 10%)."""
+        return place_batch(inputs, self.args.device, self.engine.input_dtype(), keep_float32=("pair_scores",))
 
     # ------------------------------------------------------------------ logging and evaluation
 
@@ -404,7 +427,7 @@ class DiffusionSDPOTrainer(Trainer):
         mode = "train" if prefix is None else "eval"
         reduced = reduce_logged_metrics(self._metrics[mode], self.metric_names(), self.args, self.accelerator)
         if mode == "train":
-            self.files.whole_run_loss(logs)  # a resumed run's train_loss: the whole run's
+            self.files.log_training(logs)  # the run's loss sum; a resumed run's train_loss: the whole run's
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
             self.health.annotate(reduced, self.state.log_history, self.state.global_step)
             self.guards.log(reduced, self.control, self.state.global_step)
@@ -417,7 +440,7 @@ class DiffusionSDPOTrainer(Trainer):
     def metric_names(self) -> list[str]:
         """The metrics each micro-batch records (the data's, the objective's, the safeguard's): the same list on every
         process, since :meth:`log` reduces them together."""
-        return step_metric_names(self.objective, self.safeguard.metric_names)
+        return step_metric_names(self.objective, () if self.safeguard is None else self.safeguard.metric_names)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # A fresh seeded generator per evaluation: the same noise, timesteps and VAE samples every time.
@@ -439,7 +462,7 @@ class DiffusionSDPOTrainer(Trainer):
             self.data_collator = train_collator
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.place_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

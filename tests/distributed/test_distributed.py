@@ -337,13 +337,16 @@ ZERO3_EMPTY_STEP = pytest.param("deepspeed_zero3-empty-step-lora", marks=pytest.
 def test_an_offline_step_without_a_pair_on_any_process_is_not_applied_under_deepspeed(runs, name):
     """Step 2 of a stream is ties on both processes. DDP drops its gradients before the optimizer step; DeepSpeed
     steps inside the backward, so the guard's summed count is taken before it and the ZeRO optimizer leaves the step
-    unapplied: the weights end where DDP's do (1.2e-4 apart under ZeRO-2, 6e-5 under ZeRO-3: Adam's first steps
+    unapplied (its torch optimizer's fused step told to skip, as a gradient scaler tells it): the weights end where
+    DDP's do (1.2e-4 apart under ZeRO-2, 6e-5 under ZeRO-3: Adam's first steps
     magnify the engines' float differences). Applied, AdamW's moments from step 1 move the weights at step 2 and step 3
     starts elsewhere: 1.9e-3 apart under ZeRO-2."""
     report, ddp = runs[name], runs["ddp-empty-step-lora"]
     assert report["global_step"] == ddp["global_step"] == STEPS
     skipped = [h["data/skipped_rows"] for h in report["log_history"] if "loss" in h]
     assert skipped == [0.0, 4.0, 0.0]  # the whole of step 2 was ties
+    # skipped through the optimizer's own found_inf, no method of DeepSpeed's optimizers replaced, the flag cleared
+    assert report["zero_optimizer_shadowed"] == [] and report["zero_inner_found_inf"] is False
     a, b = _weights(Path(ddp["model_dir"]), True), _weights(Path(report["model_dir"]), True)
     assert a.keys() == b.keys()
     for key in a:

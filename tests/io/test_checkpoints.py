@@ -249,8 +249,9 @@ def small_disk(folder: str, size: str):
             subprocess.run(["umount", "-l", folder], check=False)
 
 
-def _raise_enospc_after_writing(trainer, method_name: str) -> None:
-    """Where no small filesystem can be mounted: the save writes part of a file, then fails as a full disk does."""
+def _raise_enospc_after_writing(trainer) -> None:
+    """Where no small filesystem can be mounted: the save writes part of the optimizer's file, then fails as a full
+    disk does."""
 
     def fail(output_dir, *args, **kwargs):
         if trainer.state.global_step == 3:
@@ -259,8 +260,8 @@ def _raise_enospc_after_writing(trainer, method_name: str) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(output_dir, *args, **kwargs)
 
-    original = getattr(trainer, method_name)
-    setattr(trainer, method_name, fail)
+    original = trainer.files.save_training_state
+    trainer.files.save_training_state = fail
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoints_and_names_folder_and_bytes(tmp_path):
@@ -269,7 +270,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoints_and_names_fold
         out = os.path.join(disk, "out")
         trainer = build_trainer(out, str(tmp_path / "tok"))
         if not mounted:
-            _raise_enospc_after_writing(trainer, "_save_optimizer_and_scheduler")
+            _raise_enospc_after_writing(trainer)
         with pytest.raises(CheckpointSaveError, match="the disk is full") as info:
             trainer.train()
         message = str(info.value)

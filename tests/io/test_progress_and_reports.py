@@ -12,7 +12,7 @@ from trl_diffusion_sdpo.io import console
 
 @pytest.mark.parametrize("disable_tqdm", [True, False])
 def test_datasets_progress_bars_follow_disable_tqdm(make_trainer, capfd, disable_tqdm, monkeypatch):
-    """On a terminal (off one, every bar is off: test_quiet_off_terminal.py)."""
+    """Given explicitly, whatever the output (unset, off a terminal, the trainer hides them: test_host_settings.py)."""
     monkeypatch.setattr(console, "on_terminal", lambda: True)
     datasets.enable_progress_bars()  # as on a terminal: importing the trainer here, off one, turned them off
     make_trainer(max_steps=1, disable_tqdm=disable_tqdm, cache_latents=True)

@@ -316,15 +316,11 @@ def test_model_card_shows_the_validation_grid_and_a_hub_widget():
 # transformers.Trainer's file hooks -> the method of the trainer's RunFiles (trainer.files) that does its work.
 FILE_HOOKS = {
     "save_model": "save_model",
-    "_save": "save_weights",
     "_save_checkpoint": "save_checkpoint",
     "_load_from_checkpoint": "load_weights",
     "_load_best_model": "load_best_model",
-    "_save_optimizer_and_scheduler": "save_optimizer_and_scheduler",
-    "_load_optimizer_and_scheduler": "load_optimizer_and_scheduler",
     "create_model_card": "create_model_card",
     "init_hf_repo": "init_hf_repo",
-    "_push_from_checkpoint": "push_from_checkpoint",
     "push_to_hub": "push_to_hub",
 }
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from tests.helpers.common import changed_keys, snapshot
 from tests.helpers.masked_pairs import masked_dataset, masked_rows
 from trl_diffusion_sdpo.objectives import PreferencePredictions, diffusion_dpo_loss
-from trl_diffusion_sdpo.safeguards.base import MicroBatch
 from trl_diffusion_sdpo.safeguards.output import output_space_lambda
 from trl_diffusion_sdpo.step.predictions import denoising_errors, evaluate_objective
 
@@ -168,23 +167,16 @@ def test_the_exact_safeguards_lambda_is_the_rule_on_the_masked_errors_parameter_
     square = sum((a.double() ** 2).sum() for a in g_w)
     expected = ((1 - 0.5) * square / rising).clamp(0, 1) if rising > 0 else torch.tensor(1.0, dtype=torch.float64)
 
-    result = trainer.safeguard.step(
-        MicroBatch(
-            model=trainer.model,
-            stages=trainer.stages,
-            noised=noised,
-            objective=trainer.objective_in_force(),
-            pair_scores=None,
-            contributes=True,
-            accumulation_steps=1,
-            sync_gradients=True,
-            optimizer=trainer.create_optimizer(),
-        )
+    evaluation, lam, _ = trainer.safeguard.backward_stage(
+        trainer.model,
+        lambda separate_branches: trainer.stages.predict_noised(trainer.model, noised, separate_branches),
+        lambda branches: evaluate_objective(trainer.objective_in_force(), branches),
+        torch.ones(()),
     )
     assert 0 < expected < 1  # the constraint is active on these pairs: lambda is the formula's, not a bound
-    torch.testing.assert_close(result.lambdas["safeguard/lambda"].double(), expected, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(lam.double(), expected, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(
-        result.errors.policy_winner.double(),
+        evaluation.errors.policy_winner.double(),
         masked_mean_error(winner, predictions.target_winner, masks[:, 0]),
         rtol=1e-5,
         atol=0,

@@ -18,7 +18,7 @@ from trl_diffusion_sdpo.objectives import (
     diffusion_dpo_loss,
     implicit_accuracy,
 )
-from trl_diffusion_sdpo.safeguards.output import scale_gradient
+from trl_diffusion_sdpo.step.predictions import scale_gradient
 
 # Policy and reference errors of 4 pairs, chosen so the logits have both signs and one is exactly zero.
 E_W = [0.30, 0.50, 0.20, 0.40]

@@ -31,7 +31,7 @@ from trl_diffusion_sdpo.objectives import (
     smoothed_preference_weights,
 )
 from trl_diffusion_sdpo.objectives import base as objectives_base
-from trl_diffusion_sdpo.safeguards.output import scale_gradient
+from trl_diffusion_sdpo.step.predictions import scale_gradient
 
 B, SHAPE = 4, (4, 2, 3, 3)
 EXPECTED_FLAGS = {  # name: (requires_reference, uses_loser, needs_pair_scores)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trl_diffusion_sdpo import winner_preserving_lambda
-from trl_diffusion_sdpo.safeguards.output import lambda_from_sums, safeguard_sums, scale_gradient
+from trl_diffusion_sdpo.safeguards.output import lambda_from_sums, safeguard_sums
+from trl_diffusion_sdpo.step.predictions import scale_gradient
 
 
 def reference_lambda(r_w: torch.Tensor, r_l: torch.Tensor, mu: float, max_lambda: float = 1.0) -> float:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from peft import LoraConfig
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo.step.predictions import denoising_errors, scale_gradient
 from trl_diffusion_sdpo.testing import build_tiny_sd3_pipeline, build_tiny_sd_pipeline
 
 STEPS = 3
@@ -401,26 +402,42 @@ def test_the_loops_alphas_match_the_schedule_formula():
     assert math.isclose(float(alphas_cumprod(scheduler.config)[0]), 1 - 0.00085, rel_tol=1e-9)
 
 
-def test_a_safeguard_that_never_scales_the_loser_is_caught(run, monkeypatch):
-    """A bug planted in the package: the output space computes and logs ``lambda`` but never applies it."""
-    from trl_diffusion_sdpo.safeguards import OutputSpace
-    from trl_diffusion_sdpo.safeguards.base import StepResult
+def _never_applied(evaluate):
+    """Planted: the output space's lambda chosen and logged, never applied to the loser's error."""
+
+    def evaluate_objective(objective, predictions, pair_scores=None, errors=None, loser_weight=None):
+        return evaluate(objective, predictions, pair_scores, errors)
+
+    return evaluate_objective
+
+
+def _applied_to_the_winner(evaluate):
+    """Planted: the loser's lambda applied to the winner's error instead."""
+
+    def evaluate_objective(objective, predictions, pair_scores=None, errors=None, loser_weight=None):
+        errors = denoising_errors(predictions) if errors is None else errors
+        if loser_weight is not None:
+            errors.policy_winner = scale_gradient(errors.policy_winner, loser_weight)
+        return evaluate(objective, predictions, pair_scores, errors)
+
+    return evaluate_objective
+
+
+@pytest.mark.parametrize("planted", [_never_applied, _applied_to_the_winner], ids=["never-applied", "on-the-winner"])
+def test_an_output_space_lambda_applied_wrongly_is_caught(run, monkeypatch, planted):
+    """A bug planted in the package: the trainer's step weights the wrong error (or none) by the output space's
+    lambda."""
+    import trl_diffusion_sdpo.trainer as trainer_module
 
     k, pipe, initial, draws, trainer = run("unet-epsilon", "output")
     clean = reference_loop(k, "output", pipe, initial, draws, [])
     assert weight_deviation(trainer.family.denoiser, initial, clean) < WEIGHT_RTOL  # the clean step passes
+    assert min(clean.lambdas) < 1.0  # the safeguard restricts here, so where lambda goes changes the step
 
-    def unscaled(self, batch):
-        predictions = batch.predict(False)
-        lam = self.rule(predictions, batch.contributes)
-        evaluation = batch.evaluate(predictions)  # planted: lambda computed and logged, never applied
-        self.backward(evaluation.loss, batch)
-        return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output, {"safeguard/lambda": lam})
-
-    monkeypatch.setattr(OutputSpace, "step", unscaled)
+    monkeypatch.setattr(trainer_module, "evaluate_objective", planted(trainer_module.evaluate_objective))
     k, pipe, initial, draws, trainer = run("unet-epsilon", "output")
-    planted = reference_loop(k, "output", pipe, initial, draws, [])
-    assert weight_deviation(trainer.family.denoiser, initial, planted) > 10 * WEIGHT_RTOL
+    planted_loop = reference_loop(k, "output", pipe, initial, draws, [])
+    assert weight_deviation(trainer.family.denoiser, initial, planted_loop) > 10 * WEIGHT_RTOL
 
 
 def test_a_store_that_swaps_the_branches_is_caught(run, monkeypatch):

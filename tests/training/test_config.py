@@ -1,4 +1,5 @@
-"""Config validation fails early with a message that says what to change; learning-rate scaling."""
+"""Config validation fails when the config is made, the chosen objective's fields included, with a message that says
+what to change; no field's value depends on the machine; learning-rate scaling."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ import pathlib
 import re
 
 import pytest
-import torch
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.config import docs, rules
 from trl_diffusion_sdpo.config.checks import Choice
-from trl_diffusion_sdpo.config.defaults import DATA_WORKERS, data_loading_defaults
+from trl_diffusion_sdpo.config.defaults import (
+    DATA_WORKERS,
+    MACHINE,
+    data_loading_defaults,
+    machine_choices,
+    resolve_default,
+)
 
 
 def _field(name: str) -> dataclasses.Field:
@@ -77,12 +83,14 @@ def test_bad_config_values_raise_value_error_naming_the_field(tmp_path, override
 # (overrides, message): the objective's own fields, checked by the objective loss_type names (objectives/*.py)
 OBJECTIVE_FIELD_CASES = [
     ({"beta": 0.0}, "beta must be positive"),
+    ({"beta": -1}, "beta must be positive, got -1. Leave it unset for the model family's value."),
     ({"beta": -10.0}, "beta must be positive"),
     ({"beta": float("nan")}, "beta must be finite"),
     ({"beta": float("inf")}, "beta must be finite"),
     ({"beta": "5e3"}, r"beta must be a real number, got '5e3' \(str\)\. \(In YAML"),
     ({"loss_type": "ipo"}, "loss_type"),
     ({"loss_type": "dmpo", "dmpo_alpha": 1.0}, r"dmpo_alpha must lie in \(0, 1\)"),
+    ({"loss_type": "dmpo", "dmpo_alpha": -1}, r"dmpo_alpha must lie in \(0, 1\), got -1. DMPO's target is q = 1"),
     ({"loss_type": "mapo", "mapo_snr_value": 0.0}, "mapo_snr_value must be positive"),
     ({"loss_type": "mapo", "mapo_beta": float("inf")}, "mapo_beta must be finite"),
     ({"loss_type": "smpo", "smpo_gamma": -1.0}, "smpo_gamma must be positive"),
@@ -96,14 +104,13 @@ OBJECTIVE_FIELD_CASES = [
 
 
 @pytest.mark.parametrize(("overrides", "message"), OBJECTIVE_FIELD_CASES)
-def test_the_chosen_objective_refuses_a_bad_value_of_its_own_fields(tmp_path, overrides, message):
-    """The config is made (it checks no objective field); the objective loss_type names refuses the value, naming
-    the field and quoting the value: when the trainer or the train command checks the config."""
-    from trl_diffusion_sdpo.objectives import check_objective_config
-
-    config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
+def test_the_chosen_objective_refuses_a_bad_value_of_its_own_fields_when_the_config_is_made(
+    tmp_path, overrides, message
+):
+    """The config asks the objective loss_type names, which refuses the value naming the field, quoting the value
+    and saying what to change."""
     with pytest.raises(ValueError, match=message) as info:
-        check_objective_config(config)
+        DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
     for value in overrides.values():
         if value not in ("dmpo", "mapo", "smpo", "dspo"):
             assert str(value) in str(info.value)  # the offending value is quoted back
@@ -115,8 +122,9 @@ def test_dmpo_alpha_is_checked_only_when_dmpo_trains(tmp_path, loss_type):
     from trl_diffusion_sdpo.objectives import check_objective_config
 
     space = "none" if loss_type == "sft" else "output"
-    config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type=loss_type, dmpo_alpha=5.0)
-    config.safeguard_space = space
+    config = DiffusionSDPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, loss_type=loss_type, dmpo_alpha=5.0, safeguard_space=space
+    )
     check_objective_config(config)
     config.loss_type = "dmpo"
     with pytest.raises(ValueError, match=r"dmpo_alpha must lie in \(0, 1\), got 5.0"):
@@ -138,8 +146,10 @@ def test_timesteps_beyond_the_scheduler_are_refused_when_the_trainer_is_built(ma
 def test_defaults_follow_the_papers_but_beta_and_the_safeguard_margin(tmp_path):
     config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
     assert config.safeguarded and config.safeguard_space == "output" and config.safeguard_max_lambda == 1.0
-    # TRL's habit: learning_rate is the rate (the shipped LoRA configs' 1e-5); the authors' scaling is opt-in
-    assert config.learning_rate == 1e-5 and not config.scale_lr
+    # TRL's habit: learning_rate is the rate, unset the family's (the shipped LoRA configs' 1e-5 for SD); the
+    # authors' scaling is opt-in
+    assert config.learning_rate is None and not config.scale_lr
+    assert resolve_default("learning_rate").value == 1e-5
     assert config.safeguard_scope == "global"  # the scope every engine runs (ZeRO-3 and FSDP2 refuse local)
     assert config.max_grad_norm == 1.0 and config.proportion_empty_prompts == 0.2 and config.random_flip
     assert not config.remove_unused_columns
@@ -214,7 +224,7 @@ def test_the_space_none_trains_diffusion_dpo(make_trainer):
     from trl_diffusion_sdpo.safeguards import SAFEGUARDS
 
     trainer = make_trainer(safeguard_space="none")
-    assert type(trainer.safeguard) is SAFEGUARDS["none"]
+    assert SAFEGUARDS["none"] is None and trainer.safeguard is None  # no safeguard object: the trainer's step alone
     assert trainer.card_method.name(trainer.args) == "Diffusion-DPO"
 
 
@@ -290,6 +300,11 @@ def test_the_objectives_and_options_the_help_names_are_the_registered_ones():
 
 # (overrides breaking one rule, its message): every rule of rules.CROSS_FIELD_RULES, then the objectives' two
 CROSS_FIELD_CASES = [
+    ({"scale_lr": True}, "scale_lr=True reads learning_rate as a rate per pair .* which has no default"),
+    (  # without the rule, transformers writes None where the DeepSpeed config says "auto"
+        {"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}},
+        "learning_rate unset with deepspeed=<config file>: transformers writes learning_rate into the DeepSpeed",
+    ),
     ({"resolution": 36}, r"resolution must be a positive multiple of 8 \(the VAE downsamples by 8\), got 36"),
     ({"min_timestep": 500, "max_timestep": 400}, r"max_timestep \(400\) must be larger than min_timestep \(500\)"),
     ({"cache_latents": True, "random_crop": True}, "cache_latents=True cannot be combined with random_crop=True"),
@@ -339,16 +354,20 @@ def test_a_config_breaking_a_rule_over_several_fields_is_refused_when_made(tmp_p
 
 
 @pytest.mark.parametrize(("overrides", "message"), OBJECTIVE_CASES)
-def test_the_objective_refuses_what_it_cannot_run_when_the_trainer_is_built(
-    make_config, make_pipeline, pickapic_dataset, overrides, message
+def test_the_objective_refuses_what_it_cannot_run_when_the_config_is_made(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)
+
+
+def test_the_trainer_checks_the_objective_again_for_a_field_changed_since(
+    make_config, make_pipeline, pickapic_dataset
 ):
-    """The objective's own rules: not when the config is made (it imports no objective), but before the trainer
-    loads anything."""
     from tests.helpers.common import lora_config
     from trl_diffusion_sdpo import DiffusionSDPOTrainer
 
-    config = make_config(**overrides)
-    with pytest.raises(ValueError, match=message):
+    config = make_config(loss_type="dmpo")
+    config.dmpo_alpha = -1.0
+    with pytest.raises(ValueError, match=r"dmpo_alpha must lie in \(0, 1\), got -1.0"):
         DiffusionSDPOTrainer(make_pipeline(), args=config, train_dataset=pickapic_dataset, peft_config=lora_config())
 
 
@@ -380,10 +399,33 @@ def test_the_table_is_the_only_place_that_checks_these_rules(tmp_path, monkeypat
 
 
 def test_the_rules_load_no_module_by_name():
-    """rules.py checks what the config owns; the objectives check theirs (no importlib, no registry of checks)."""
+    """rules.py checks what the config owns and asks the objective through the one check the package's root connects
+    (no importlib, no registry of checks filled by whatever was imported)."""
     source = pathlib.Path(rules.__file__).read_text()
     assert "importlib" not in source and "import_module" not in source
     assert not hasattr(rules, "register_config_check") and not hasattr(rules, "CHECK_OWNERS")
+    assert rules.objective_check.__module__ == "trl_diffusion_sdpo"
+
+
+def test_a_config_made_first_thing_in_a_fresh_interpreter_asks_the_objective(tmp_path):
+    """Whatever was imported before (here: the config's module alone), the chosen objective checks its fields."""
+    import subprocess
+    import sys
+
+    from tests.helpers.common import worker_environment
+
+    script = (
+        "from trl_diffusion_sdpo.config.fields import DiffusionSDPOConfig\n"
+        "try:\n"
+        f"    DiffusionSDPOConfig(output_dir={str(tmp_path)!r}, use_cpu=True, loss_type='dmpo', dmpo_alpha=-1)\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=worker_environment()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("dmpo_alpha must lie in (0, 1), got -1."), done.stdout
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--beta", "-1"], "beta must be positive, got -1.0")])
@@ -439,23 +481,70 @@ def test_data_loading_overlaps_the_gpus_step_offline_only(online, cuda, cpus, pr
     assert chosen == {"dataloader_num_workers": workers, "non_blocking": cuda and not online}
 
 
-@pytest.mark.parametrize("cuda", [False, True])
-def test_the_config_takes_the_data_loading_defaults_and_keeps_what_is_given(tmp_path, monkeypatch, cuda):
-    """Unset fields take the decided values (a GPU simulated after the config is made: the same resolution runs);
-    a given worker count or accelerator config is kept; the help states the decided count."""
+def test_the_config_asks_the_machine_nothing(tmp_path, monkeypatch):
+    """Made with the machine's cores and GPU out of reach, the config holds the same values: transformers' own for
+    the data loading, whatever the machine."""
+
+    def asked(*args):
+        raise AssertionError("the config asked the machine")
+
+    monkeypatch.setattr(os, "sched_getaffinity", asked, raising=False)
+    monkeypatch.setattr(os, "cpu_count", asked)
     config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
-    assert config.dataloader_num_workers == 0 and not config.accelerator_config.non_blocking  # the CPU
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    config.use_cpu, config.dataloader_num_workers, config.accelerator_config = False, None, None
+    assert config.dataloader_num_workers == 0 and not config.accelerator_config.non_blocking
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_trainers_copy_takes_the_data_loading_choice_for_its_device(tmp_path, cuda):
+    """The trainer's copy takes the data-loading choice for its device where the caller left it unset, each choice
+    with its reason; the caller's config and a given value are kept."""
+    config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True)
     config.dataloader_pin_memory = True  # transformers' default where a GPU is found
-    config._resolve_data_loading()
-    assert config.dataloader_num_workers == (DATA_WORKERS if cuda else 0)
-    assert config.accelerator_config == ({"non_blocking": True} if cuda else None)
-    config.dataloader_num_workers, config.accelerator_config = 3, {"non_blocking": False}
-    config._resolve_data_loading()
-    assert config.dataloader_num_workers == 3 and config.accelerator_config == {"non_blocking": False}
-    help_text = DiffusionSDPOConfig.__dataclass_fields__["dataloader_num_workers"].metadata["help"]
-    assert f"unset is {DATA_WORKERS} " in help_text
+    device = "cuda" if cuda else "cpu"
+    chosen, choices = machine_choices(config, device_type=device, terminal=True, cpus=16, processes=1)
+    assert chosen.dataloader_num_workers == (DATA_WORKERS if cuda else 0)
+    assert chosen.accelerator_config.non_blocking is cuda
+    assert config.dataloader_num_workers == 0 and not config.accelerator_config.non_blocking  # the caller's
+    workers = choices["dataloader_num_workers"]
+    assert (workers.scope, workers.value) == (MACHINE, DATA_WORKERS if cuda else 0)
+    assert workers.text().startswith(f"dataloader_num_workers={workers.value} (this machine: {device}, offline")
+    given = DiffusionSDPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, dataloader_num_workers=3, accelerator_config={}
+    )
+    kept, choices = machine_choices(given, device_type=device, terminal=True, cpus=16, processes=1)
+    assert kept.dataloader_num_workers == 3 and not kept.accelerator_config.non_blocking
+    assert choices["dataloader_num_workers"].text() == "dataloader_num_workers=3 (as given)"
+    config.dataloader_num_workers = 2  # changed after the config was made: the caller's, kept
+    assert machine_choices(config, device_type=device, terminal=True, cpus=16)[0].dataloader_num_workers == 2
+    help_text = " ".join(DiffusionSDPOConfig.__dataclass_fields__["dataloader_num_workers"].metadata["help"].split())
+    assert f"where a GPU runs an offline step {DATA_WORKERS} workers" in help_text
+
+
+@pytest.mark.parametrize(
+    ("terminal", "given", "shown"), [(True, None, True), (False, None, False), (False, False, True)]
+)
+def test_off_a_terminal_the_trainers_copy_prints_a_line_per_log_unless_the_caller_chose(
+    tmp_path, terminal, given, shown
+):
+    config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, disable_tqdm=given)
+    chosen, choices = machine_choices(config, device_type="cpu", terminal=terminal, cpus=2)
+    assert chosen.disable_tqdm is not shown
+    assert config.disable_tqdm is False  # the caller's, as transformers made it
+    assert ("disable_tqdm" in choices) is not shown
+
+
+def test_the_trainer_writes_no_field_of_the_callers_config(make_config, make_pipeline, pickapic_dataset, monkeypatch):
+    """Unset learning rate, data workers and progress display: the trainer's copy takes the family's rate and, off a
+    terminal, a line per log; the caller's config keeps every field as it was made."""
+    from tests.helpers.common import lora_config
+    from trl_diffusion_sdpo import DiffusionSDPOTrainer
+
+    monkeypatch.setattr("trl_diffusion_sdpo.trainer.on_terminal", lambda: False)
+
+    config = make_config(learning_rate=None, dataloader_num_workers=None, disable_tqdm=None)
+    before = config.to_dict()
+    trainer = DiffusionSDPOTrainer(
+        make_pipeline(), args=config, train_dataset=pickapic_dataset, peft_config=lora_config()
+    )
+    assert config.to_dict() == before
+    assert trainer.args.learning_rate == 1e-5 and trainer.args.disable_tqdm

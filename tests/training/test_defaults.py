@@ -1,6 +1,7 @@
-"""The defaults that depend on the run come from one table (trl_diffusion_sdpo/config/defaults.py): an unset beta
-and safeguard_mu resolve per model family and objective, the safeguard space per mode, the shipped tiny base has an
-entry of its own; the trainer trains at the resolved values and the start summary states each with its source."""
+"""The defaults that depend on the run come from one table (trl_diffusion_sdpo/config/defaults.py): an unset
+learning_rate resolves per model family and tuning, beta and safeguard_mu per model family and objective, the
+safeguard space per mode, the shipped tiny base has an entry of its own; the trainer trains at the resolved values and
+the start summary states each with its source."""
 
 from __future__ import annotations
 
@@ -42,6 +43,18 @@ def test_every_family_resolves_the_beta_it_declares_with_its_source():
         assert resolved.scope == f"family {family.name}" and resolved.source == family.beta_source
     assert resolve_default("beta", FluxFamily).value == 100.0
     assert resolve_default("beta", StableDiffusionFamily).value == resolve_default("beta").value == 5000.0
+
+
+def test_every_family_resolves_the_lora_learning_rate_it_declares_with_its_source():
+    for family in registered_families():
+        resolved = resolve_default("learning_rate", family, lora=True)
+        declared = getattr(family, "default_learning_rate", None)
+        if declared is None:  # the UNet families: the package's LoRA rate
+            assert (resolved.value, resolved.scope) == (1e-5, "*"), family.name
+        else:
+            assert (resolved.value, resolved.source) == (declared, family.learning_rate_source), family.name
+    # a family's LoRA rate is not its full-tuning rate
+    assert resolve_default("learning_rate", FluxFamily, lora=False).scope == "*"
 
 
 @pytest.mark.parametrize(
@@ -118,21 +131,34 @@ def test_a_given_value_wins_and_says_so(tmp_path):
     assert resolved["safeguard_mu"].text().startswith("safeguard_mu=0.5 (package default: ")
 
 
-def test_a_flow_trainer_with_the_default_config_trains_at_its_familys_beta(tmp_path, caplog):
-    """A FLUX trainer built from Python with beta unset: trainer.beta is the family's 100, the objective and the
-    start summary use it, and the caller's config stays as given."""
+def test_a_flow_trainer_with_the_default_config_trains_at_its_familys_beta_and_rate(tmp_path, caplog):
+    """A FLUX LoRA trainer built from Python with beta and learning_rate unset: trainer.beta is the family's 100 and
+    the optimizer runs at the family's LoRA rate; the objective and the start summary use them, and the caller's
+    config stays as given."""
+    from peft import LoraConfig
+
     pipe = build_tiny_flux_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tok"), max_length=SEQ)
-    config = DiffusionSDPOConfig(**{**fast_config_values(str(tmp_path / "out")), "max_sequence_length": SEQ})
+    values = {**fast_config_values(str(tmp_path / "out")), "max_sequence_length": SEQ, "learning_rate": None}
+    config = DiffusionSDPOConfig(**values)
     config.max_steps = 1
-    trainer = DiffusionSDPOTrainer(pipe, args=config, train_dataset=Dataset.from_list(pickapic_rows(4)))
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=list(FluxFamily.lora_target_modules))
+    trainer = DiffusionSDPOTrainer(
+        pipe, args=config, train_dataset=Dataset.from_list(pickapic_rows(4)), peft_config=lora
+    )
     assert trainer.beta == FluxFamily.default_beta == 100.0
     assert trainer.objective.beta == trainer.beta == trainer.args.beta
-    assert config.beta is None  # training_config.json keeps what was given
+    assert trainer.args.learning_rate == FluxFamily.default_learning_rate
+    assert config.beta is None and config.learning_rate is None  # training_config.json keeps what was given
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.run_summary"):
         trainer.train()
+    assert [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h] == [
+        pytest.approx(FluxFamily.default_learning_rate)
+    ]
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training flux"))
     assert "beta 100" in summary
     assert f"beta=100 (family flux: {FluxFamily.beta_source})" in summary
+    rate = FluxFamily.default_learning_rate
+    assert f"learning_rate={rate:g} (family flux: {FluxFamily.learning_rate_source})" in summary
 
 
 def test_a_unet_scale_beta_on_a_flow_family_warns_with_the_actual_factor(tmp_path, caplog):

@@ -130,14 +130,14 @@ def test_a_real_run_logs_the_verdict_of_its_own_history_at_every_window(make_tra
 
 def test_a_dormant_safeguard_switches_on_at_the_step_the_alarm_fires(make_trainer, monkeypatch, caplog):
     from trl_diffusion_sdpo.callbacks import health
-    from trl_diffusion_sdpo.safeguards import DiffusionDPO, OutputSpace
+    from trl_diffusion_sdpo.safeguards import OutputSpace
 
     # the tiny run does not show the pathology in 5 steps: the alarm is made to fire on the third training log
     monkeypatch.setattr(
         health, "winner_pathology", lambda history, rule: sum("delta/winner" in h for h in history) >= 3
     )
     trainer = make_trainer(max_steps=5, logging_steps=1, safeguard_space="none", on_pathology="safeguard")
-    assert isinstance(trainer.safeguard, DiffusionDPO)
+    assert trainer.safeguard is None  # Diffusion-DPO: no safeguard until the alarm fires
     with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.guards"):
         trainer.train()
     logs = [entry for entry in trainer.state.log_history if "delta/winner" in entry]

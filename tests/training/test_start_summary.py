@@ -7,9 +7,11 @@ import logging
 
 import pytest
 
-from trl_diffusion_sdpo.config import DiffusionSDPOConfig
-from trl_diffusion_sdpo.families.learning_rates import LEARNING_RATE_RANGES, recommended_learning_rate
+from trl_diffusion_sdpo.config.defaults import LEARNING_RATE_RANGES, recommended_learning_rate, resolve_default
+from trl_diffusion_sdpo.families import FluxFamily
 from trl_diffusion_sdpo.families.registry import registered_families
+from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
+from trl_diffusion_sdpo.families.sdxl import StableDiffusionXLFamily
 
 LOGGER = "trl_diffusion_sdpo.io.run_summary"
 
@@ -72,16 +74,25 @@ def test_a_rate_outside_the_familys_range_warns_naming_the_range_and_source(make
 
 
 def test_the_default_rate_is_the_rate_trained_at_and_in_the_lora_range(make_trainer, caplog):
-    """scale_lr is off by default and the default learning_rate a real rate: the optimizer runs at it, unwarned."""
-    defaults = {name: DiffusionSDPOConfig.__dataclass_fields__[name].default for name in ("learning_rate", "scale_lr")}
-    default = defaults["learning_rate"]
+    """scale_lr is off by default and learning_rate unset is the family's rate: the optimizer runs at it, the summary
+    states it with its source, unwarned."""
+    default = resolve_default("learning_rate", StableDiffusionFamily, lora=True)
     trainer, info, warnings = train_and_capture(
-        make_trainer, caplog, max_steps=1, gradient_accumulation_steps=2, **defaults
+        make_trainer, caplog, max_steps=1, gradient_accumulation_steps=2, learning_rate=None, scale_lr=False
     )
-    assert not trainer.args.scale_lr
-    assert logged_rates(trainer) == [pytest.approx(default)]
-    assert f"{default:.3g} (as given; scale_lr=False)" in info[0]
+    assert trainer.args_as_given.learning_rate is None
+    assert logged_rates(trainer) == [pytest.approx(default.value)]
+    assert f"{default.value:.3g} (unset: the default below; scale_lr=False)" in info[0]
+    assert f"learning_rate={default.value:g} (package default: {default.source})" in info[0]
     assert warnings == []
+
+
+def test_the_summary_states_the_data_loading_chosen_for_the_machine(make_trainer, caplog):
+    _, info, _ = train_and_capture(make_trainer, caplog, max_steps=1, dataloader_num_workers=None)
+    assert "dataloader_num_workers=0 (this machine: cpu, offline," in info[0]
+    assert "non_blocking=False (this machine: cpu, offline," in info[0]
+    _, info, _ = train_and_capture(make_trainer, caplog, max_steps=1, dataloader_num_workers=0)
+    assert "dataloader_num_workers=0 (as given)" in info[-1]
 
 
 @pytest.mark.parametrize(
@@ -100,7 +111,28 @@ def test_every_registered_family_has_a_recommended_lora_range_that_holds_its_own
         recommended = recommended_learning_rate(family, lora=True)
         assert recommended is not None, name
         assert recommended.low < recommended.high and recommended.source
-        rate = getattr(family, "default_learning_rate", None)
-        if rate is not None:
-            assert recommended.contains(rate), name
+        assert recommended.contains(resolve_default("learning_rate", family, lora=True).value), name
     assert all(entry.contains(1e-5) or key[1] == "full" for key, entry in LEARNING_RATE_RANGES.items())
+
+
+@pytest.mark.parametrize(
+    ("family", "lora", "rate"),
+    [
+        (StableDiffusionFamily, True, 1e-5),
+        (StableDiffusionFamily, False, 2.048e-5),  # the authors' 1e-8 per pair x 2048 pairs
+        (StableDiffusionXLFamily, False, 2.048e-6),  # 1e-9 x 2048
+        (FluxFamily, True, FluxFamily.default_learning_rate),
+        (FluxFamily, False, 1e-5),  # no published full-tuning rate: the package's, and no recommended range
+    ],
+)
+def test_the_learning_rate_resolves_per_family_and_tuning_within_its_range(family, lora, rate):
+    resolved = resolve_default("learning_rate", family, lora=lora)
+    assert resolved.value == rate and resolved.source
+    recommended = recommended_learning_rate(family, lora)
+    published = LEARNING_RATE_RANGES.get((family.name, "lora" if lora else "full"))
+    if published is not None:
+        assert recommended == published and published.contains(rate)
+    elif resolved.scope == "*":  # the package's fallback recommends nothing
+        assert recommended is None
+    else:  # the band around the family's own rate
+        assert recommended.contains(rate) and resolved.source in recommended.source

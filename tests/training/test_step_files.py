@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,46 @@ def test_the_window_is_a_whole_optimizer_step(make_trainer):
     assert {"trainer.py", "step/stages.py", "families/base.py", "data/collators.py", "engines/base.py"} <= set(
         trace.files
     ), trace.files
+
+
+def test_a_diffusion_dpo_step_enters_no_safeguard_module(make_trainer):
+    """Plain Diffusion-DPO has no safeguard: a whole optimizer step runs the trainer's step and its stages, and no
+    function of a file under ``safeguards/``."""
+    trace = trace_step(make_trainer, **STEPS["Diffusion-DPO"])
+    assert "step/predictions.py" in trace.files  # the objective ran in the traced step
+    assert [f for f in trace.files if f.startswith("safeguards/")] == []
+
+
+# A plain Diffusion-DPO run in a fresh process: the safeguard registry may load, no safeguard space's module.
+_LOADED_SAFEGUARDS = """
+import sys
+from datasets import Dataset
+from tests.helpers.common import fast_config_values, lora_config, pickapic_rows
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
+
+folder = sys.argv[1]
+pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=folder + "/tokenizer")
+args = DiffusionSDPOConfig(**{**fast_config_values(folder + "/run"), "safeguard_space": "none", "max_steps": 1})
+dataset = Dataset.from_list(pickapic_rows(6))
+DiffusionSDPOTrainer(pipe, args=args, train_dataset=dataset, peft_config=lora_config()).train()
+print(sorted(name for name in sys.modules if name.startswith("trl_diffusion_sdpo.safeguards.")))
+"""
+
+
+def test_a_diffusion_dpo_run_loads_no_safeguard_module(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADED_SAFEGUARDS, str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_the_step_crosses_no_more_files_than_the_design_document_allows(make_trainer):

@@ -640,16 +640,18 @@ def test_global_safeguard_scope_sums_over_processes(make_trainer, monkeypatch):
 
 
 def test_pair_scores_stay_float32_where_deepspeed_casts_the_inputs(make_trainer, monkeypatch):
-    """transformers casts every floating batch tensor to DeepSpeed's dtype; SmPO's raw scores must not lose their
-    gaps to bf16 (steps of 1e-3 near 0.2)."""
+    """DeepSpeed's engine casts every floating batch tensor to its dtype, as transformers does; SmPO's raw scores must
+    not lose their gaps to bf16 (steps of 1e-3 near 0.2)."""
     from types import SimpleNamespace
+
+    from trl_diffusion_sdpo.engines import DeepSpeedEngine
 
     trainer = make_trainer(lora=True)
     plugin = SimpleNamespace(hf_ds_config=SimpleNamespace(dtype=lambda: torch.bfloat16))
-    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
-    monkeypatch.setattr(trainer, "accelerator", SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+    engine = DeepSpeedEngine(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), stage=2)
+    monkeypatch.setattr(trainer, "engine", engine)
     scores = torch.tensor([[0.2131, 0.2047], [0.1990, 0.2003]], dtype=torch.float32)
-    inputs = trainer._prepare_inputs({"pair_scores": scores.clone(), "pixel_values": torch.ones(2, 3)})
+    inputs = trainer.place_inputs({"pair_scores": scores.clone(), "pixel_values": torch.ones(2, 3)})
     assert inputs["pixel_values"].dtype == torch.bfloat16  # the engine's cast still applies to model inputs
     assert inputs["pair_scores"].dtype == torch.float32
     torch.testing.assert_close(inputs["pair_scores"], scores, rtol=0, atol=0)

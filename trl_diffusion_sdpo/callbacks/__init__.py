@@ -3,9 +3,8 @@
 * :mod:`.guards`: the EMA weights (``ema_decay``), the pathology action (``on_pathology``), early stopping and the
   state of the guards that adapt during a run (auto-beta, ``safeguard_mu="auto"``, escalations);
 * :mod:`.health`: Diffusion-DPO's pathology, detected in the training logs;
-* :mod:`.interruptions`: a non-finite loss or gradient never reaches the weights;
-* :mod:`.stream_guard`: a data stream that yields too few valid pairs stops the run;
-* :mod:`.preemption`: SIGTERM saves a checkpoint and exits;
+* :mod:`.interruptions`: a non-finite loss or gradient never reaches the weights, a data stream that yields too few
+  valid pairs stops the run, and SIGTERM saves a checkpoint and exits;
 * :mod:`.validation`: validation images and rewards during training.
 
 Each decision a callback takes from a process's own data is reduced over processes before it acts.

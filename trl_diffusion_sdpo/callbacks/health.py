@@ -18,9 +18,12 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..safeguards import Safeguard, safeguard_for
+from ..safeguards import safeguard_for
+
+if TYPE_CHECKING:
+    from ..safeguards import Safeguard
 
 __all__ = [
     "EVIDENCE",

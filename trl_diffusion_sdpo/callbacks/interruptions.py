@@ -1,9 +1,10 @@
 """What interrupts a step or a run, each decided from flags reduced over every process before it acts:
 
-* a non-finite loss or gradient never reaches the weights: the trainer flags a non-finite micro-batch loss, and a
-  non-finite gradient norm (an inf in one gradient element with a finite loss makes the clipped gradients and the
-  update NaN), on the device (:meth:`NonFiniteTracker.flag`); the tracker turns the flag into a skipped optimizer step
-  (or a checkpoint and an error) without making the host wait every step (:class:`NonFiniteLossGuard`);
+* a non-finite loss or gradient never reaches the weights: the trainer flags a non-finite micro-batch loss on the
+  device (:meth:`NonFiniteTracker.flag`), the tracker flags non-finite gradients just before the optimizer step (an
+  inf in one gradient element with a finite loss makes the clipped gradients and the update NaN), and turns the flags
+  into a skipped optimizer step (or a checkpoint and an error) without making the host wait every step
+  (:class:`NonFiniteLossGuard`);
 * a data stream that yields too few valid pairs stops the run, its counts summed over processes
   (:class:`StreamGuard`);
 * a signal (SIGTERM, or Ctrl-C) finishes the optimizer step, saves a checkpoint on every process and stops, saying
@@ -27,19 +28,13 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.validation import DataError
-from ..engines.base import fused_scaling_optimizer
-
-if TYPE_CHECKING:
-    from transformers import Trainer
-
-if TYPE_CHECKING:
-    from transformers import Trainer
-
-    from ..data.validation import DataReport
+from ..engines.base import fused_scaling_optimizer, local_gradient_norm, optimizer_parameters
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from transformers import Trainer
 
+    from ..data.validation import DataReport
     from ..engines import Engine
 
 __all__ = [
@@ -119,11 +114,13 @@ class NonFiniteTracker:
         """Flag ``value`` (a micro-batch loss) if it is not finite; no host sync."""
         self.flag_value = flag_nonfinite(self.flag_value, value)
 
-    def flag_gradient_norm(self, norm: torch.Tensor) -> None:
-        """Flag the step's pre-clip gradient ``norm`` if it is not finite (no host sync); under a gradient scaler
-        an overflow is the scaler's to skip, not a non-finite step."""
-        if self.accelerator.scaler is None:
-            self.flag(norm)
+    def flag_gradients(self) -> None:
+        """Flag the step's gradients (of the optimizer's parameters, this process's part of each) if any element is
+        not finite (no host sync). Read after transformers' clipping, which turns a non-finite norm into non-finite
+        gradients (an inf element times a zero factor, or a NaN factor). Under a gradient scaler an overflow is the
+        scaler's to skip, not a non-finite step; DeepSpeed has stepped already, and skips an overflow itself."""
+        if self.accelerator.scaler is None and not self.engine.skips_nonfinite_steps and self.optimizer is not None:
+            self.flag(local_gradient_norm(optimizer_parameters(self.optimizer)))
 
     def reset(self) -> None:
         """Forget what an interrupted earlier ``train()`` left behind in the fused optimizer."""
@@ -132,6 +129,7 @@ class NonFiniteTracker:
             fused.found_inf = None
 
     def before_optimizer_step(self, global_step: int, output_dir: str) -> None:
+        self.flag_gradients()
         flag, self.flag_value = self.flag_value, None
         if self.accelerator.num_processes > 1:  # every process, whatever it flagged: the reduction must be matched
             flag = flag if flag is not None else torch.zeros((), device=self.accelerator.device)
@@ -274,6 +272,8 @@ class StreamGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         valid, skipped = self.decided if self.decided is not None else self._step_counts()
+        if self.decided is not None:  # the engine has stepped inside the backward, the step left unapplied or not
+            self.trainer.engine.end_skipped_step()
         self.valid = self.skipped = 0
         self.decided = None
         if valid > 0:
@@ -451,8 +451,7 @@ class PreemptionCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not self._stopping:
             return control
-        run_dir = self.trainer._get_output_dir(trial=None)
-        checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         error = TrainingPreempted(checkpoint, self.received or "a signal", state.global_step)
         logger.warning("%s", error)
         raise error

@@ -62,8 +62,8 @@ class ValidationCallback(TrainerCallback):
         sources: editing families: one source image (a PIL image or a file path) per prompt, so the grid shows edits
             of these images; an editing scorer among ``scorers`` is given them.
 
-    Pass it to the trainer in ``callbacks=``: the trainer binds it (:meth:`bind`) when it is built. The ``train``
-    command builds it from its ``--validation_*`` options.
+    Pass it to the trainer in ``callbacks=``: the trainer binds it (:meth:`bind_to_trainer`) when it is built. The
+    ``train`` command builds it from its ``--validation_*`` options.
     """
 
     def __init__(
@@ -113,6 +113,13 @@ class ValidationCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []  # one entry per validation: step, path, seconds, rewards
         self._own_tb_writer = None
         self._sampler: tuple[tuple[int, ...], Any] | None = None
+
+    def bind_to_trainer(self, trainer: Any) -> None:
+        """Called by the trainer this callback was passed to, when it is built: sample its pipeline, as its family
+        says, at its training resolution; refused where its main process cannot sample alone."""
+        trainer.engine.check_validation_sampling()
+        trainer.family.check_validation_sampling()
+        self.bind(trainer, trainer.family, trainer.args.resolution)
 
     def bind(self, trainer: Any, family: Any, resolution: int) -> None:
         """Sample ``trainer``'s pipeline: the unset guidance is ``family``'s, the unset size ``resolution``, and
@@ -376,16 +383,3 @@ def validation_sources(paths: Sequence[Image.Image | str] | None, family) -> lis
         except Exception as err:  # PIL raises many types for a corrupt or missing file
             raise ValueError(f"validation source image {index} ({path!r}) cannot be read: {err}") from None
     return images
-
-
-def bind_validation_callbacks(trainer: Any, resolution: int) -> None:
-    """Each :class:`ValidationCallback` passed in ``callbacks=`` samples ``trainer``'s pipeline, as its family says,
-    after the EMA's update (moved behind it: a validation at step k samples the average that includes step k)."""
-    handler = trainer.callback_handler
-    for callback in list(handler.callbacks):  # a copy: binding moves each to the end
-        if isinstance(callback, ValidationCallback):
-            trainer.engine.check_validation_sampling()
-            trainer.family.check_validation_sampling()
-            callback.bind(trainer, trainer.family, resolution)
-            handler.remove_callback(callback)
-            handler.add_callback(callback)

@@ -4,7 +4,7 @@
         -m trl_diffusion_sdpo cache --config examples/configs/sd15_lora.yaml --latent_cache /data/sd15-latents
 
 Every process encodes its own shard (see :mod:`.data.sharded_cache`); run the same command again to resume an
-interrupted run. The arguments are the ``train`` command's (:mod:`.scripts.train`), so the training YAML file serves
+interrupted run. The arguments are the ``train`` command's (:mod:`.train`), so the training YAML file serves
 both: the model, dataset and transform settings are read from it, and what only training uses (LoRA, optimizer) is
 parsed and unused. Train from the result with ``trl-diffusion-sdpo train ... --latent_cache FOLDER``, or
 ``train_dataset=load_sharded_latent_cache(folder)``.
@@ -29,7 +29,7 @@ class CacheArguments:
 
 
 def make_cache_parser():
-    """``train``'s parser (:func:`~.scripts.train.make_parser`) with :class:`CacheArguments` under a topic of their
+    """``train``'s parser (:func:`~.train.make_parser`) with :class:`CacheArguments` under a topic of their
     own."""
     from .train import ARGUMENT_TYPES, make_parser, train_topics
 

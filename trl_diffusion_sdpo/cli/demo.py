@@ -95,9 +95,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     import diffusers
     import transformers
 
-    from ..io.console import quiet_off_terminal
-
-    quiet_off_terminal()
     # Quiet the libraries before the demo's imports (diffusers' pipelines warn about optional packages on import).
     transformers.logging.set_verbosity_error()
     diffusers.logging.set_verbosity_error()

@@ -65,9 +65,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def run_export(args: argparse.Namespace) -> int:
     """``trl-diffusion-sdpo export``: one export or merge; errors on bad input leave with a message, status 2."""
     from ..families.loading import resolve_model_name
-    from ..io.console import quiet_off_terminal
-
-    quiet_off_terminal()
 
     args.base = resolve_model_name(args.base)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# The options evaluate and pairs share live in their own module, which pairs_cli imports without importing this one.
+# The options evaluate and pairs share live in their own module, which cli/pairs.py imports without importing this one.
 from ..config.defaults import safeguard_default_sentence
 from ..rewards.scorers.registry import OUTSIDE_SCORERS, register_outside_scorers
 from .sample import (
@@ -194,7 +194,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv`` names. ``--debug`` anywhere (or ``TRL_DIFFUSION_SDPO_DEBUG=1``) shows the traceback
-    of an error a user can fix, which is otherwise one line (:func:`~.console.run_command`)."""
+    of an error a user can fix, which is otherwise one line (:func:`~trl_diffusion_sdpo.io.console.run_command`)."""
     from ..io.console import debug_requested, run_command
 
     argv, debug = debug_requested(list(sys.argv[1:] if argv is None else argv))
@@ -212,9 +212,12 @@ def run(argv: list[str]) -> int:
         if text is not None:
             print(text, end="")
             raise SystemExit(0)  # as argparse's --help ends
-    from ..io.console import filter_known_noise
+    from ..io.console import quiet_command_line
 
-    filter_known_noise()  # before a command imports transformers (and, through its quantizers, torchao)
+    # The command line's own process, before a command imports transformers (and, through its quantizers, torchao):
+    # the libraries' known noise dropped and, off a terminal, their progress bars off. The only place the package
+    # changes another library's settings.
+    quiet_command_line()
     if argv[:1] == ["train"]:
         from .train import main as train
 
@@ -244,10 +247,8 @@ def run(argv: list[str]) -> int:
     evaluate_choices = None
     if argv[:1] in (["evaluate"], ["pairs"]):  # the evaluation package is imported only for the commands using it
         from ..evaluation.prompts import PROMPT_PRESETS
-        from ..io.console import filter_known_noise
         from ..rewards.scorers import available_scorers
 
-        filter_known_noise()
         register_outside_scorers()
         evaluate_choices = (available_scorers(), list(PROMPT_PRESETS))
     args = build_parser(evaluate_choices).parse_args(argv)

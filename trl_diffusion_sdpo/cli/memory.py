@@ -66,7 +66,7 @@ class EstimateArguments:
 
 
 def make_estimate_parser(online: bool = False):
-    """``train``'s parser (:func:`~.scripts.train.make_parser`), or ``online``'s, with :class:`EstimateArguments`
+    """``train``'s parser (:func:`~.train.make_parser`), or ``online``'s, with :class:`EstimateArguments`
     under a topic of their own."""
     from . import online as online_command
     from . import train as train_command
@@ -97,7 +97,8 @@ def _safeguard(args: Any) -> str:
 def run_shape(
     args: Any, model_args: Any, diffusion_args: Any, estimate_args: EstimateArguments, family: str
 ) -> RunShape:
-    """The :class:`~.memory.RunShape` of the parsed ``train`` arguments and the engine options."""
+    """The :class:`~trl_diffusion_sdpo.engines.memory.RunShape` of the parsed ``train`` arguments and the engine
+    options."""
     from ..engines.memory import family_lora_targets
     from ..families.preparation import wants_gradient_checkpointing
     from .train import base_quantization_for
@@ -130,8 +131,8 @@ def run_shape(
 
 
 def verdict(estimate: MemoryEstimate, gpu_gb: float | None) -> CardVerdict:
-    """Whether the estimate fits a ``gpu_gb`` card; unset, the smallest of :data:`~.memory.GPUS_GB` that fits (the
-    largest, not fitting, when none does)."""
+    """Whether the estimate fits a ``gpu_gb`` card; unset, the smallest of
+    :data:`~trl_diffusion_sdpo.engines.memory.GPUS_GB` that fits (the largest, not fitting, when none does)."""
     if gpu_gb is not None:
         return card_verdict(estimate.total_bytes, gpu_gb)
     return card_verdict(estimate.total_bytes, smallest_card(estimate.total_bytes) or GPUS_GB[-1])

@@ -104,13 +104,9 @@ def load_prompt_dataset(args: OnlinePromptArguments, column: str | None = None):
 def main(argv: Sequence[str] | None = None):
     """Train online, save to ``output_dir`` with a model card naming the rewards, and (``push_to_hub``) push."""
     prompt_args, training_args, model_args = parse_args(argv)  # exits here on --help
-    from ..io.console import filter_known_noise, log_to_console, on_terminal, quiet_progress_bars
+    from ..io.console import log_to_console
 
-    filter_known_noise()
     log_to_console()
-    if not on_terminal():
-        quiet_progress_bars()
-        training_args.disable_tqdm = True
     from ..online.trainer import OnlineDiffusionSDPOTrainer
     from .train import peft_config_for
 

@@ -139,13 +139,10 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
         *parsed, from_config, from_flags = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-        # The config's rules and the chosen objective's, before any model loads (after --help has exited).
-        from ..objectives import check_objective_config
-
+        # The config's rules, the chosen objective's included, before any model loads (after --help has exited).
         for args in parsed:
             if isinstance(args, DiffusionSDPOConfig):
                 check_config(args)
-                check_objective_config(args)
     except ValueError as err:
         parser.error(str(err))
     unknown = unknown_options_message(parser, from_config, from_flags)

@@ -1,5 +1,5 @@
 """The prompt-source, sampling and scorer options that ``trl-diffusion-sdpo evaluate`` and ``... pairs`` share: flags
-and how they become keywords. Below both commands' modules (:mod:`.cli`, :mod:`.pairs_cli`), so that neither imports
+and how they become keywords. Below both commands' modules (:mod:`.main`, :mod:`.pairs`), so that neither imports
 the other for them."""
 
 from __future__ import annotations
@@ -103,12 +103,13 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
 
 def command_sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
     """:func:`sampling_keywords` with ``--prompts`` and ``--output-dir``, which both commands declare, as a command
-    passes them: off a terminal (a log file) every library's progress bars and the command's own are off, so that a log
-    file gets no bars redrawn with carriage returns."""
-    from ..io.console import quiet_off_terminal
+    passes them: off a terminal (a log file) the command's own bars are off, as the libraries' are (the command line's
+    entry, :func:`~trl_diffusion_sdpo.io.console.quiet_command_line`), so that a log file gets no bars redrawn with
+    carriage returns."""
+    from ..io.console import on_terminal
 
     keywords = {"prompts": args.prompts, "output_dir": args.output_dir, **sampling_keywords(args)}
-    if not quiet_off_terminal():
+    if not on_terminal():
         keywords["progress"] = False
     return keywords
 

@@ -481,13 +481,9 @@ class ModelCardOnSave(TrainerCallback):
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
     script_args, training_args, model_args, diffusion_args = parse_args(argv)  # exits here on --help
-    from ..io.console import filter_known_noise, log_to_console, on_terminal, quiet_progress_bars
+    from ..io.console import log_to_console
 
-    filter_known_noise()  # before diffusers' pipelines are imported
     log_to_console()
-    if not on_terminal():  # a log file: no bars of \r redraws; each log is a line of its own
-        quiet_progress_bars()
-        training_args.disable_tqdm = True
     from ..callbacks.guards import configure_early_stopping, early_stopping
     from ..data.sharded_cache import load_sharded_latent_cache
     from ..trainer import DiffusionSDPOTrainer

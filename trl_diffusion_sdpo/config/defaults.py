@@ -1,13 +1,20 @@
-"""The defaults that depend on the run: one table (model family x objective x offline/online) and one function,
-:func:`resolve_default`, that decides which of its entries wins.
+"""The defaults that depend on the run: one table (model family x objective x LoRA/full tuning x offline/online)
+and one function, :func:`resolve_default`, that decides which of its entries wins; the learning-rate ranges the
+start summary warns outside of; and the choices that depend on the machine, which the trainer makes once it knows
+the device (:func:`machine_choices`).
 
-A config field left unset (``None``) takes its value here: ``beta`` and ``safeguard_mu`` per model family and
-objective, ``safeguard_space`` offline and online. The model families declare their own values as data
-(``default_beta`` with ``beta_source``, ``authors_safeguard_mu`` with ``safeguard_mu_source``); :func:`default_table`
-reads them into entries beside the package's, and :func:`resolve_default` picks the most specific entry that
-matches the run: a base model's own entry over its family's, a family's over the package's, an entry naming the
-objective or the mode (offline/online) over one that does not. Every text that states one of these defaults (the
-start summary, ``--help``, the docs, the shipped YAML comments) reads it from here or is tested against it.
+A config field left unset (``None``) takes its value here: ``learning_rate``, ``beta`` and ``safeguard_mu`` per model
+family, objective and tuning, ``safeguard_space`` offline and online. The model families declare their own values as
+data (``default_beta`` with ``beta_source``, ``authors_safeguard_mu`` with ``safeguard_mu_source``,
+``default_learning_rate`` with ``learning_rate_source`` for LoRA); :func:`default_table` reads them into entries
+beside the package's, and :func:`resolve_default` picks the most specific entry that matches the run: a base model's
+own entry over its family's, a family's over the package's, an entry naming the objective, the tuning or the mode
+over one that does not. Every text that states one of these defaults (the start summary, ``--help``, the docs, the
+shipped YAML comments) reads it from here or is tested against it.
+
+No field's value depends on the machine: the config holds the same values on a laptop and on a GPU node. What does
+depend on it (data-loading workers, non-blocking copies, a progress bar or a line per log) is decided for the
+trainer's own copy of the config, where the caller left it unset (:func:`machine_choices`).
 
 This module imports nothing of the package, so the config (the bottom layer) can resolve with it.
 """
@@ -15,20 +22,28 @@ This module imports nothing of the package, so the config (the bottom layer) can
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "ANY",
-    "PACKAGE_DEFAULTS",
-    "RESOLVED_FIELDS",
     "DATA_WORKERS",
+    "LEARNING_RATE_RANGES",
+    "MACHINE_FIELDS",
+    "PACKAGE_DEFAULTS",
+    "POINT_BAND",
+    "RESOLVED_FIELDS",
     "TINY_BASE",
     "DefaultEntry",
+    "LearningRateRange",
     "ResolvedDefault",
     "data_loading_defaults",
     "default_table",
+    "machine_choices",
+    "recommended_learning_rate",
     "resolve_default",
     "resolve_defaults",
     "resolved_config",
@@ -42,14 +57,15 @@ TINY_BASE = "trl-diffusion-sdpo:tiny"
 #: the shipped tiny base's folder (the name above loads it, :mod:`trl_diffusion_sdpo.families.loading`)
 TINY_BASE_DIR = Path(__file__).resolve().parent.parent / "demo" / "base"
 #: the fields resolved here, in the order the start summary lists them
-RESOLVED_FIELDS = ("beta", "safeguard_space", "safeguard_mu")
+RESOLVED_FIELDS = ("learning_rate", "beta", "safeguard_space", "safeguard_mu")
 
 
 @dataclass(frozen=True)
 class DefaultEntry:
     """One entry of the table: ``field`` takes ``value`` for runs of ``scope`` (``"*"``, ``"family <name>"`` or
-    ``"base <id>"``) with ``objective`` (a ``loss_type`` or ``"*"``) in ``mode`` (``"offline"``, ``"online"`` or
-    ``"*"``); ``source`` says where the value comes from (a paper, a recipe, a measurement and its file)."""
+    ``"base <id>"``) with ``objective`` (a ``loss_type`` or ``"*"``), ``tuning`` (``"lora"``, ``"full"`` or ``"*"``) in
+    ``mode`` (``"offline"``, ``"online"`` or ``"*"``); ``source`` says where the value comes from (a paper, a recipe,
+    a measurement and its file)."""
 
     field: str
     value: Any
@@ -57,20 +73,24 @@ class DefaultEntry:
     scope: str = ANY
     objective: str = ANY
     mode: str = ANY
+    tuning: str = ANY
 
-    def matches(self, field: str, family: str | None, base: str | None, objective: str, mode: str) -> bool:
+    def matches(
+        self, field: str, family: str | None, base: str | None, objective: str, mode: str, tuning: str = "lora"
+    ) -> bool:
         return (
             self.field == field
             and self.scope in (ANY, f"family {family}", f"base {base}")
             and self.objective in (ANY, objective)
             and self.mode in (ANY, mode)
+            and self.tuning in (ANY, tuning)
         )
 
-    def specificity(self) -> tuple[int, int, int]:
-        """A base's entry outranks a family's, which outranks the package's; then one naming the objective, then the
-        mode."""
+    def specificity(self) -> tuple[int, int, int, int]:
+        """A base's entry outranks a family's, which outranks the package's; then one naming the objective, the
+        tuning, then the mode."""
         scope = 2 if self.scope.startswith("base ") else 1 if self.scope.startswith("family ") else 0
-        return scope, int(self.objective != ANY), int(self.mode != ANY)
+        return scope, int(self.objective != ANY), int(self.tuning != ANY), int(self.mode != ANY)
 
 
 @dataclass(frozen=True)
@@ -92,8 +112,31 @@ class ResolvedDefault:
         return f"{self.field}={value} ({owner}: {self.source})"
 
 
+# The authors' full tuning of SD1.5 and SDXL: their per-pair rate times the 2048 pairs of their optimizer step.
+_AUTHORS_FULL = "Diffusion-DPO's {model} recipe, {per_pair} per pair x 2048 pairs (docs/{page}.md, docs/recipe.md)"
+
+
 _SAFEGUARD_EVIDENCE = 'docs/safeguard.md, "Which setting"'
 PACKAGE_DEFAULTS: tuple[DefaultEntry, ...] = (
+    DefaultEntry(
+        "learning_rate",
+        1e-5,
+        "the rate of the shipped SD1.5 and SDXL LoRA configs (docs/usage.md: 1e-5 to 1e-4 is typical for LoRA)",
+    ),
+    DefaultEntry(
+        "learning_rate",
+        2.048e-5,
+        _AUTHORS_FULL.format(model="SD1.5", per_pair="1e-8", page="sd"),
+        scope="family stable-diffusion",
+        tuning="full",
+    ),
+    DefaultEntry(
+        "learning_rate",
+        2.048e-6,
+        _AUTHORS_FULL.format(model="SDXL", per_pair="1e-9", page="sdxl"),
+        scope="family stable-diffusion-xl",
+        tuning="full",
+    ),
     DefaultEntry(
         "beta",
         5000.0,
@@ -133,8 +176,8 @@ PACKAGE_DEFAULTS: tuple[DefaultEntry, ...] = (
 
 def default_table(family: Any = None) -> tuple[DefaultEntry, ...]:
     """The package's entries and those ``family`` (a ``ModelFamily`` class or instance) declares as data:
-    ``default_beta`` (with ``beta_source``) and ``authors_safeguard_mu`` (per ``loss_type``, ``"*"``: every one,
-    with ``safeguard_mu_source``)."""
+    ``default_beta`` (with ``beta_source``), ``default_learning_rate`` (LoRA, with ``learning_rate_source``) and
+    ``authors_safeguard_mu`` (per ``loss_type``, ``"*"``: every one, with ``safeguard_mu_source``)."""
     if family is None:
         return PACKAGE_DEFAULTS
     scope = f"family {family.name}"
@@ -142,6 +185,10 @@ def default_table(family: Any = None) -> tuple[DefaultEntry, ...]:
     beta = getattr(family, "default_beta", None)
     if beta is not None:
         entries.append(DefaultEntry("beta", float(beta), family.beta_source, scope))
+    rate = getattr(family, "default_learning_rate", None)
+    if rate is not None:
+        source = getattr(family, "learning_rate_source", f"{family.name}'s LoRA rate")
+        entries.append(DefaultEntry("learning_rate", float(rate), source, scope, tuning="lora"))
     for objective, mu in getattr(family, "authors_safeguard_mu", {}).items():
         source = getattr(family, "safeguard_mu_source", "the Diffusion-SDPO authors (arXiv 2511.03317)")
         entries.append(DefaultEntry("safeguard_mu", mu, source, scope, objective))
@@ -162,16 +209,18 @@ def base_id(name_or_path: Any) -> str | None:
 
 
 def resolve_default(
-    field: str, family: Any = None, objective: str = "dpo", online: bool = False, base: Any = None
+    field: str, family: Any = None, objective: str = "dpo", online: bool = False, base: Any = None, lora: bool = True
 ) -> ResolvedDefault:
     """The value ``field`` takes when unset, for a run of ``family`` (class or instance; ``None``: the package's)
-    with ``objective`` offline or ``online``, on the base model ``base`` (a name or folder; the shipped tiny base has
-    entries of its own): the most specific matching entry of :func:`default_table`. The one place that decides."""
+    with ``objective`` offline or ``online``, with LoRA (``lora``) or full tuning, on the base model ``base`` (a name
+    or folder; the shipped tiny base has entries of its own): the most specific matching entry of
+    :func:`default_table`. The one place that decides."""
     mode = "online" if online else "offline"
+    tuning = "lora" if lora else "full"
     name = None if family is None else family.name
-    matching = [e for e in default_table(family) if e.matches(field, name, base_id(base), objective, mode)]
+    matching = [e for e in default_table(family) if e.matches(field, name, base_id(base), objective, mode, tuning)]
     if not matching:
-        raise KeyError(f"no default for {field!r} ({name}, {objective}, {mode})")
+        raise KeyError(f"no default for {field!r} ({name}, {objective}, {tuning}, {mode})")
     best = max(matching, key=DefaultEntry.specificity)
     return ResolvedDefault(field, best.value, best.source, best.scope)
 
@@ -180,8 +229,11 @@ def _online(config: Any) -> bool:
     return bool(getattr(config, "is_online", False))
 
 
-def resolve_defaults(config: Any, family: Any = None, base: Any = None) -> dict[str, ResolvedDefault]:
-    """Each of :data:`RESOLVED_FIELDS` for ``config``: its value where set, else :func:`resolve_default`'s.
+def resolve_defaults(
+    config: Any, family: Any = None, base: Any = None, lora: bool = True
+) -> dict[str, ResolvedDefault]:
+    """Each of :data:`RESOLVED_FIELDS` for ``config`` trained with LoRA (``lora``) or in full: its value where set,
+    else :func:`resolve_default`'s.
 
     Online, a ``safeguard_mu`` or ``on_pathology="escalate"`` asks for a safeguard: ``safeguard_space`` unset is then
     the offline default. A field the config resolved when it was made (``config.defaulted``) keeps that
@@ -199,14 +251,16 @@ def resolve_defaults(config: Any, family: Any = None, base: Any = None) -> dict[
             continue
         asks = field == "safeguard_space" and online and config.on_pathology == "escalate"
         asks = asks or (field == "safeguard_space" and online and config.safeguard_mu is not None)
-        resolved[field] = resolve_default(field, family, config.loss_type, online and not asks, base)
+        resolved[field] = resolve_default(field, family, config.loss_type, online and not asks, base, lora)
     return resolved
 
 
-def resolved_config(config: Any, family: Any = None, base: Any = None) -> tuple[Any, dict[str, ResolvedDefault]]:
+def resolved_config(
+    config: Any, family: Any = None, base: Any = None, lora: bool = True
+) -> tuple[Any, dict[str, ResolvedDefault]]:
     """A copy of ``config`` with every unset field of :data:`RESOLVED_FIELDS` set (the caller's stays as given), and
     the resolutions."""
-    resolved = resolve_defaults(config, family, base)
+    resolved = resolve_defaults(config, family, base, lora)
     config = copy.copy(config)
     for field, value in resolved.items():
         setattr(config, field, value.value)
@@ -228,8 +282,61 @@ def safeguard_default_sentence(online: bool) -> str:
     )
 
 
+# A single published rate r recommends [r / POINT_BAND, r * POINT_BAND]: wide enough for the usual adjustments to batch
+# size and data, narrow enough that a rate left at another recipe's value (the per-pair 1e-8 without scale_lr) stands
+# out.
+POINT_BAND = 10.0
+
+
+@dataclass(frozen=True)
+class LearningRateRange:
+    """A recommended range of the effective learning rate (after ``scale_lr``), inclusive, and its source."""
+
+    low: float
+    high: float
+    source: str
+
+    @classmethod
+    def around(cls, rate: float, source: str) -> LearningRateRange:
+        """The band ``[rate / POINT_BAND, rate * POINT_BAND]`` around one published rate."""
+        return cls(rate / POINT_BAND, rate * POINT_BAND, f"{source} ({rate:g}, within a factor {POINT_BAND:g})")
+
+    def contains(self, rate: float) -> bool:
+        return self.low <= rate <= self.high
+
+
+_LORA_UNET = LearningRateRange(
+    1e-5,
+    1e-4,
+    "docs/usage.md and docs/faq.md: 1e-5 to 1e-4 is typical for LoRA (sd15_lora.yaml and sdxl_lora.yaml use 1e-5)",
+)
+#: (family name, "lora" | "full") -> the range the docs publish for it; every other family's range is the band around
+#: its own default rate (:func:`recommended_learning_rate`)
+LEARNING_RATE_RANGES: dict[tuple[str, str], LearningRateRange] = {
+    ("stable-diffusion", "lora"): _LORA_UNET,
+    ("stable-diffusion-xl", "lora"): _LORA_UNET,
+}
+
+
+def recommended_learning_rate(family: Any, lora: bool) -> LearningRateRange | None:
+    """The range the docs recommend for ``family`` (a ``ModelFamily`` class or instance) trained with LoRA
+    (``lora``) or in full: a published range, else the band around the family's own default rate; ``None`` where the
+    family has no rate of its own (a flow family's full tuning, a family registered outside the package without a
+    rate), so the package's fallback is no recommendation."""
+    published = LEARNING_RATE_RANGES.get((family.name, "lora" if lora else "full"))
+    if published is not None:
+        return published
+    rate = resolve_default("learning_rate", family, lora=lora)
+    return None if rate.scope == ANY else LearningRateRange.around(rate.value, rate.source)
+
+
 #: data-loading worker processes where a GPU runs an offline step (at most the CPU cores each process has)
 DATA_WORKERS = 4
+#: the ``TrainingArguments`` fields whose choice depends on the machine or the output, taken by the trainer's copy of
+#: the config where the caller left them unset (:func:`machine_choices`); the config itself holds transformers' values
+MACHINE_FIELDS = ("dataloader_num_workers", "accelerator_config", "disable_tqdm")
+#: the scope of a choice made for the machine and the output (:func:`machine_choices`)
+MACHINE = "this machine"
 
 
 def data_loading_defaults(*, online: bool, cuda: bool, cpus: int, processes: int = 1) -> dict[str, Any]:
@@ -248,8 +355,76 @@ def data_loading_defaults(*, online: bool, cuda: bool, cpus: int, processes: int
 def data_loading_sentence() -> str:
     """The data-loading defaults in one sentence (the config's docs and ``--help`` read it)."""
     return (
-        f"Where a GPU runs an offline step, `dataloader_num_workers` unset is {DATA_WORKERS} (at most the CPU cores "
-        "per process), so the next batches are read, decoded and collated while the GPU trains, and "
-        "`accelerator_config` unset copies the pinned batches to the GPU without waiting (`non_blocking`); on the "
-        "CPU and online, 0 workers."
+        "Unset (`None`): the trainer chooses once it knows the device, and the start summary prints the choice: "
+        f"where a GPU runs an offline step {DATA_WORKERS} workers (at most the CPU cores per process), so the next "
+        "batches are read, decoded and collated while the GPU trains, and with `accelerator_config` unset the pinned "
+        "batches are copied to the GPU without waiting (`non_blocking`); on the CPU and online, 0 workers. The "
+        "config itself holds 0 whatever the machine."
     )
+
+
+def _still_unset(config: Any, field: str) -> bool:
+    """Whether ``field`` still holds the value the config was made with when the caller left it unset."""
+    unset = getattr(config, "left_unset", {})
+    return field in unset and getattr(config, field) == unset[field]
+
+
+def machine_choices(
+    config: Any, *, device_type: str, terminal: bool, cpus: int | None = None, processes: int | None = None
+) -> tuple[Any, dict[str, ResolvedDefault]]:
+    """A copy of ``config`` with the choices that depend on the machine and the output made where the caller left
+    them unset (:data:`MACHINE_FIELDS`; the caller's config stays as given), and each choice with its reason for the
+    start summary.
+
+    ``device_type`` is the type of the device the run trains on (``"cuda"``, ``"cpu"``, ...), ``terminal`` whether
+    stderr is a terminal or a notebook. The data loading follows :func:`data_loading_defaults` (``cpus`` the cores
+    this process may use, ``processes`` those launched on this machine; read from the system when ``None``). Off a
+    terminal the trainer's own progress bar, a line of ``\\r`` redraws in a log file, becomes a line per log
+    (transformers' ``PrinterCallback``)."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if processes is None:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    online = bool(getattr(config, "is_online", False))
+    cuda = device_type == "cuda"
+    chosen = data_loading_defaults(online=online, cuda=cuda, cpus=cpus, processes=processes)
+    where = f"{device_type}, {'online' if online else 'offline'}, {cpus} CPU core(s) for {processes} process(es)"
+    config = copy.copy(config)
+    choices: dict[str, ResolvedDefault] = {}
+
+    workers = chosen["dataloader_num_workers"]
+    if _still_unset(config, "dataloader_num_workers"):
+        config.dataloader_num_workers = workers
+        why = (
+            "the next batches are prepared while the GPU trains"
+            if workers
+            else "loaded in the training process: workers would take cores from the step or have nothing to overlap"
+        )
+        choices["dataloader_num_workers"] = ResolvedDefault(
+            "dataloader_num_workers", workers, f"{where}: {why}", MACHINE
+        )
+    else:
+        choices["dataloader_num_workers"] = ResolvedDefault(
+            "dataloader_num_workers", config.dataloader_num_workers, "as given", given=True
+        )
+
+    non_blocking = chosen["non_blocking"] and config.dataloader_pin_memory
+    if _still_unset(config, "accelerator_config"):
+        if non_blocking:
+            config.accelerator_config = dataclasses.replace(config.accelerator_config, non_blocking=True)
+        why = "pinned batches copied to the GPU without waiting" if non_blocking else "no copy to overlap"
+        choices["non_blocking"] = ResolvedDefault("non_blocking", non_blocking, f"{where}: {why}", MACHINE)
+    else:
+        given = bool(getattr(config.accelerator_config, "non_blocking", False))
+        choices["non_blocking"] = ResolvedDefault("non_blocking", given, "as given", given=True)
+
+    if _still_unset(config, "disable_tqdm") and not config.disable_tqdm and not terminal:
+        config.disable_tqdm = True
+        choices["disable_tqdm"] = ResolvedDefault(
+            "disable_tqdm",
+            True,
+            "stderr is not a terminal: each log a line of its own (transformers' PrinterCallback), no progress bar "
+            "redrawn with carriage returns",
+            MACHINE,
+        )
+    return config, choices

@@ -3,6 +3,7 @@ class docstring, written from them by :mod:`.docs`); their rules are in :mod:`.r
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from accelerate.utils import str_to_bool as strtobool
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from .defaults import ResolvedDefault, data_loading_defaults, data_loading_sentence, resolve_defaults
+from .defaults import MACHINE_FIELDS, ResolvedDefault, data_loading_sentence, resolve_defaults
 from .docs import config_docstring
 from .rules import (
     DSPO_FORM_CHOICES,
@@ -359,11 +360,14 @@ class DiffusionSDPOConfig(TrainingArguments):
         "2.048e-5). `False` (TRL's habit): `learning_rate` is the rate.",
     )
     # Changed TrainingArguments defaults
-    learning_rate: float = option(
-        1e-5,
-        "Peak learning rate (a rate per pair when `scale_lr=True`). 1e-5: the rate of the shipped SD1.5 and SDXL "
-        "LoRA configs (docs/usage.md: 1e-5 to 1e-4 for LoRA), half the authors' SD1.5 full-tuning rate (1e-8 per "
-        "pair x 2048 pairs = 2.048e-5). The flow families' LoRA configs use 1e-4.",
+    learning_rate: float | None = option(
+        None,
+        "Peak learning rate (a rate per pair when `scale_lr=True`, which then needs it given). Unset (`None`): the "
+        "model family's rate for LoRA or full tuning (`trl_diffusion_sdpo.config.defaults`; the start summary prints "
+        "it with its source): 1e-5 for LoRA on the UNet families (the shipped SD1.5 and SDXL LoRA configs; "
+        "docs/usage.md: 1e-5 to 1e-4 for LoRA), the authors' effective rate for their full tuning (SD1.5 2.048e-5, "
+        "SDXL 2.048e-6: 1e-8 and 1e-9 per pair x 2048 pairs), each flow family's published LoRA rate "
+        "(docs/families.md), and 1e-5 elsewhere.",
     )
     lr_scheduler_type: SchedulerType | str = option(
         "constant_with_warmup", "Scheduler type (the authors': constant after a linear warmup)."
@@ -387,15 +391,19 @@ class DiffusionSDPOConfig(TrainingArguments):
         if isinstance(self.safeguard_mu, str) and self.safeguard_mu != "auto":  # a number given on the command line
             self.safeguard_mu = _number_or_text(self.safeguard_mu)
         # The safeguard space depends on the mode only: resolved now (the rules read it), its source kept for the
-        # start summary. beta and safeguard_mu depend on the model family: the trainer resolves them.
+        # start summary. learning_rate, beta and safeguard_mu depend on the model family: the trainer resolves them.
         self.defaulted: dict[str, ResolvedDefault] = {}
         if self.safeguard_space is None:
             resolved = resolve_defaults(self)["safeguard_space"]
             self.safeguard_space = resolved.value
             self.defaulted["safeguard_space"] = resolved
-        self._resolve_data_loading()
-        # Each field's rule and the rules over several fields (rules.check_config); the objective checks its own
-        # fields when the trainer (or the train command) resolves it.
+        # What depends on the machine or the output is left to the trainer (config.defaults.machine_choices): the
+        # config holds transformers' values whatever the machine, and remembers which ones the caller left unset.
+        unset = [name for name in MACHINE_FIELDS if getattr(self, name) is None]
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = 0
+        # Every rule the config alone can decide: each field's, those over several fields and the chosen
+        # objective's own (rules.check_config).
         check_config(self)
         if _launched_on_cpu_only():
             # Several processes, no GPU: without these, accelerate finds no device backend and runs each process as a
@@ -405,18 +413,9 @@ class DiffusionSDPOConfig(TrainingArguments):
             if not self.deepspeed and not strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
                 self.use_cpu = True
         super().__post_init__()
-
-    def _resolve_data_loading(self) -> None:
-        """``dataloader_num_workers`` and ``accelerator_config`` where unset, from
-        :func:`~.defaults.data_loading_defaults` (before transformers reads them)."""
-        cuda = torch.cuda.is_available() and not self.use_cpu
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        chosen = data_loading_defaults(online=self.is_online, cuda=cuda, cpus=cpus, processes=processes)
-        if self.dataloader_num_workers is None:
-            self.dataloader_num_workers = chosen["dataloader_num_workers"]
-        if self.accelerator_config is None and chosen["non_blocking"] and self.dataloader_pin_memory:
-            self.accelerator_config = {"non_blocking": True}
+        #: the fields of ``MACHINE_FIELDS`` the caller left unset, with the value transformers gave them: the trainer
+        #: chooses for its own copy while a field still holds it
+        self.left_unset: dict[str, Any] = {name: copy.copy(getattr(self, name)) for name in unset}
 
     @property
     def safeguarded(self) -> bool:

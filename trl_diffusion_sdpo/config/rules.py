@@ -1,13 +1,15 @@
-"""The rules of :class:`~.fields.DiffusionSDPOConfig`'s values, in two tables checked in this order:
+"""The rules of :class:`~.fields.DiffusionSDPOConfig`'s values, checked in this order when a config is made:
 
 - ``FIELD_RULES``: one field's range or options (:class:`~trl_diffusion_sdpo.config.checks.Range`,
   :class:`~trl_diffusion_sdpo.config.checks.Choice`);
-- ``CROSS_FIELD_RULES``: what a field's range cannot say (several fields together, or a multiple of 8).
+- ``CROSS_FIELD_RULES``: what a field's range cannot say (several fields together, or a multiple of 8);
+- the chosen objective's own rules: ``loss_type`` and the hyperparameters it declares are the objective's
+  (``PreferenceObjective.check_config``), asked through :data:`objective_check`.
 
-The objective's own fields (``loss_type`` and the hyperparameters it declares) are not here: each objective checks
-them (``PreferenceObjective.check_config``, :func:`trl_diffusion_sdpo.objectives.check_objective_config`) when the
-trainer or the train command resolves it. The config imports nothing above it, so its answer never depends on what
-was imported before it.
+The config imports nothing above it. The objectives sit above it (they read its value checks), so the package's root
+module, which Python runs before any of its modules, connects :data:`objective_check` to them
+(:func:`connect_objective_check`): every config made in any process asks the objective, whatever was imported
+before it, and only the chosen objective's module need load.
 
 Each rule raises a ``ValueError`` naming the field, the value and what to change.
 """
@@ -36,6 +38,7 @@ __all__ = [
     "FLOW_SHIFTS",
     "FLOW_WEIGHTING_SCHEMES",
     "check_config",
+    "connect_objective_check",
 ]
 
 # How the frozen base may be quantized (--base_quantization): the choice is the config's, the loading is families'.
@@ -86,7 +89,11 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "flow_weighting_scheme": Choice(FLOW_WEIGHTING_SCHEMES, optional=True),
     "flow_shift": Choice(FLOW_SHIFTS, optional=True),
     # TrainingArguments fields that fail late (inside torch, or as NaN weights) when wrong
-    "learning_rate": Range(0, hint="LoRA typically 1e-5 to 1e-4; the authors' full tuning 2.048e-5 (SD1.5)."),
+    "learning_rate": Range(
+        0,
+        optional=True,
+        hint="LoRA typically 1e-5 to 1e-4; the authors' full tuning 2.048e-5 (SD1.5); unset: the family's",
+    ),
     "weight_decay": Range(0, hint="The SDPO authors use 0.01."),
     "adam_beta1": Range(0, 1, high_open=True),
     "adam_beta2": Range(0, 1, high_open=True),
@@ -135,6 +142,24 @@ def _bitsandbytes_8bit(optim: Any) -> bool:
 
 
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        ("scale_lr", "learning_rate"),
+        lambda c: c.scale_lr and c.learning_rate is None,
+        lambda c: (
+            "scale_lr=True reads learning_rate as a rate per pair (the authors' 1e-8 for SD1.5), which has no "
+            "default: give learning_rate, or leave scale_lr=False for the model family's rate."
+        ),
+    ),
+    CrossFieldRule(
+        ("deepspeed", "learning_rate"),
+        lambda c: bool(c.deepspeed) and c.learning_rate is None,
+        lambda c: (
+            "learning_rate unset with deepspeed=<config file>: transformers writes learning_rate into the DeepSpeed "
+            "config when the config is made, before the model family that decides the default is known. Give "
+            "learning_rate (the family's default: docs/families.md), or launch DeepSpeed with accelerate launch "
+            "--config_file."
+        ),
+    ),
     CrossFieldRule(
         ("resolution",),
         lambda c: c.resolution % 8 != 0,
@@ -223,11 +248,30 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
 )
 
 
+def _no_objective_check(config: Any) -> None:
+    raise RuntimeError(
+        "the objectives' check is not connected: trl_diffusion_sdpo/__init__.py connects it when the package loads"
+    )
+
+
+#: asks the objective ``config.loss_type`` names to check ``config`` (its own fields, and what the run asks of it);
+#: set by :func:`connect_objective_check`
+objective_check: Callable[[Any], None] = _no_objective_check
+
+
+def connect_objective_check(check: Callable[[Any], None]) -> None:
+    """Let :func:`check_config` ask the chosen objective through ``check`` (the package's root module connects the
+    objectives' ``check_objective_config``)."""
+    global objective_check
+    objective_check = check
+
+
 def check_config(config: Any) -> None:
     """Every rule of ``config``: each field's own (``FIELD_RULES``), then the rules over several fields
-    (``CROSS_FIELD_RULES``). The config runs this when it is made; the trainer runs it again when it is built (a
-    field may have been changed since)."""
+    (``CROSS_FIELD_RULES``), then the chosen objective's (:data:`objective_check`). The config runs this when it is
+    made; the trainer runs it again when it is built (a field may have been changed since)."""
     for name, rule in FIELD_RULES.items():
         rule.check(name, getattr(config, name))
     for cross_rule in CROSS_FIELD_RULES:
         cross_rule.check(config)
+    objective_check(config)

@@ -28,9 +28,9 @@ class PreferenceCollator:
     With ``with_flipped``, ``time_ids_flipped`` holds the ``time_ids`` of the mirrored views, for the trainer's flip.
     Nothing random is drawn here. With a random crop (``train`` and the transform's ``random_crop``) the images are
     only resized: ``pixel_values [B, 2, 3, H, W]`` holds them zero-padded to the largest, ``crop_sizes [B, 2, 2]``
-    their ``(height, width)``, and the trainer crops with keyed draws (:func:`~trl_diffusion_sdpo.step.stages.
-    crop_pairs`), so a resumed run crops exactly as the uninterrupted one. ``train=False`` gives the deterministic
-    evaluation view: center crop.
+    their ``(height, width)``, and the trainer crops with keyed draws
+    (:func:`~trl_diffusion_sdpo.step.stages.crop_pairs`), so a resumed run crops exactly as the uninterrupted one.
+    ``train=False`` gives the deterministic evaluation view: center crop.
 
     When ``columns`` have score columns (``loss_type="smpo"``) the batch also holds ``pair_scores [B, 2]`` float32,
     the ordered pair's (winner, loser) scores as the data gives them (:func:`pair_scores`); the objective makes its

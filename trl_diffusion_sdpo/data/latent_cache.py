@@ -18,9 +18,9 @@ progress bar) and stores, per pair, through ``datasets``:
   pipelines encode their input image), encoded once per pair and shared by both branches; the prompt embedding of a
   family whose prompt encoding reads the sources (Qwen-Image-Edit) is computed with them.
 * with a loss mask (``loss_mask``), ``loss_mask`` ``[2, 1, h, w]``: each image's mask (the pair's,
-  dilated) at latent size, area-interpolated as the uncached step does it (:meth:`~trl_diffusion_sdpo.families.
-  ModelFamily.latent_mask`); the flip mirrors it in latent space, which equals the mirrored pixels' area average
-  because each latent position covers a whole block of pixels.
+  dilated) at latent size, area-interpolated as the uncached step does it
+  (:meth:`~trl_diffusion_sdpo.families.ModelFamily.latent_mask`); the flip mirrors it in latent space, which equals
+  the mirrored pixels' area average because each latent position covers a whole block of pixels.
 * with score columns (``loss_type="smpo"``), ``scores`` ``[2]`` float64 (read back as Python floats): the ordered
   pair's (winner, loser) scores, which :class:`CachedPreferenceCollator` hands on as the same ``pair_scores`` as
   the uncached path.
@@ -33,7 +33,7 @@ Random crops cannot be cached (every step would need a new crop of the pixels); 
 Where and when the cache is reused: the table lives in ``<cache dir>/<fingerprint>/latents.arrow`` where the
 fingerprint hashes :func:`encoding_settings` (the model family, the VAE and text-encoder configs, a digest of their
 weights (see :func:`frozen_weights_digest`), the tokenizers' vocabularies and lengths, the resolution, flips and
-video frames, the image-conversion rules (:func:`.images.image_conversion_digest`): the settings the sharded cache
+video frames, the image-conversion rules (:func:`.transforms.image_conversion_digest`): the settings the sharded cache
 checks too), the dataset's own
 ``datasets`` fingerprint, the resolved columns and :data:`CACHE_VERSION`. A later run with the same inputs loads
 the table instead of encoding. Under several processes only the main process encodes; the others wait and load.

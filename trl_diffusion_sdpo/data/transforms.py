@@ -35,7 +35,7 @@ _PROCESSOR = VaeImageProcessor(vae_scale_factor=1, resample="bilinear", do_resiz
 
 def load_image(value: Any) -> Image.Image:
     """Decode an image given as bytes, a ``datasets.Image`` dict (``bytes``/``path``), a path or a PIL image, to
-    8-bit RGB with every PIL mode scaled by what its values mean (:func:`.images.to_rgb`; ``ValueError`` naming the
+    8-bit RGB with every PIL mode scaled by what its values mean (:func:`to_rgb`; ``ValueError`` naming the
     mode when it cannot be).
 
     Not ``diffusers.utils.load_image``: it reads neither bytes nor ``datasets`` dicts, fetches a string that is a URL,

@@ -4,23 +4,19 @@ The trainer picks an engine once (:func:`~trl_diffusion_sdpo.engines.engine_for`
 ``Accelerator``, and from then on asks it instead of checking which engine runs. An engine answers:
 
 * where a frozen reference copy lives, and in which precision (:meth:`Engine.place_reference`);
-* how the weights are gathered for a save (:meth:`Engine.gather_state_dict`), loaded back
-  (:meth:`Engine.loading`, :meth:`Engine.loading_optimizer`), what accelerate writes that a checkpoint does not need
-  (:meth:`Engine.clean_checkpoint`) and how a checkpoint of another process count resumes
+* how the weights are gathered for a save (:meth:`Engine.gather_state_dict`) and loaded back (:meth:`Engine.loading`),
+  how the optimizer's state is written into a checkpoint (:meth:`Engine.save_optimizer_state`, where transformers
+  reads it back when it resumes) and how a checkpoint of another process count resumes
   (:meth:`Engine.resume_on_other_count`);
-* who owns gradient clipping and overflow skipping (:attr:`Engine.manages_gradients`,
+* who owns the gradients and overflow skipping (:attr:`Engine.manages_gradients`,
   :attr:`Engine.skips_nonfinite_steps`), and whether the main process can sample alone
   (:meth:`Engine.check_validation_sampling`).
 
-Where the engine leaves clipping to the trainer (one process or DDP), the norm and the clipping run over the
-optimizer's own parameters, every group of it, with torch's ``get_total_norm`` and ``clip_grads_with_norm_``
-(:func:`gradient_norm`, :func:`clip_gradients`): ``transformers.Trainer`` (through accelerate) clips over
-``model.parameters()``, which on a UNet carrying LoRA adapters walks thousands of frozen weights to reach a few hundred
-small gradients. A fused optimizer step (torch's fused Adam, AdamW and SGD) also takes a device-side ``found_inf``
-flag, as ``torch.amp.GradScaler`` hands it, and skips the whole update in its kernel when it is set: the non-finite
-guard (:mod:`~trl_diffusion_sdpo.callbacks.interruptions`) skips a step that way without the host waiting for the
-device
-(:func:`fused_scaling_optimizer`).
+Gradients are clipped by ``transformers.Trainer`` (through accelerate) on every engine. A fused optimizer step
+(torch's fused Adam, AdamW and SGD) takes a device-side ``found_inf`` flag, as ``torch.amp.GradScaler`` hands it, and
+skips the whole update in its kernel when it is set: the non-finite guard
+(:mod:`~trl_diffusion_sdpo.callbacks.interruptions`) skips a step that way without the host waiting for the device,
+and DeepSpeed's engine leaves a step without data unapplied the same way (:func:`fused_scaling_optimizer`).
 
 What the exact safeguard needs of an engine (its per-branch gradient store and reductions) is that engine's
 :class:`~trl_diffusion_sdpo.safeguards.gradients.collectives.BranchCollectives`.
@@ -29,11 +25,14 @@ What the exact safeguard needs of an engine (its per-branch gradient store and r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
+from transformers.trainer import OPTIMIZER_NAME
 
 from ..families.preparation import reference_like_policy
 
@@ -42,7 +41,9 @@ __all__ = [
     "Engine",
     "fused_scaling_optimizer",
     "gradient_norm",
+    "local_gradient_norm",
     "optimizer_parameters",
+    "place_batch",
     "trainable_parameters",
 ]
 
@@ -90,6 +91,10 @@ class Engine:
 
     # ------------------------------------------------------------------ placement, saving, loading
 
+    def input_dtype(self) -> torch.dtype | None:
+        """The dtype a batch's floating tensors are cast to before the model takes them, or ``None`` (kept)."""
+        return None
+
     def check_validation_sampling(self) -> None:
         """Raise when the main process cannot sample validation images alone (its denoiser is a shard)."""
         if not self.samples_whole_denoiser:
@@ -128,9 +133,12 @@ class Engine:
 
     def skip_next_step(self) -> None:
         """Leave the next optimizer step unapplied (weights, moments and weight decay untouched, the gradients
-        cleared), where the engine steps inside its backward (:attr:`steps_in_backward`). Elsewhere the trainer
-        drops the gradients before the optimizer step instead."""
+        cleared), where the engine steps inside its backward (:attr:`steps_in_backward`); :meth:`end_skipped_step`
+        once it has stepped. Elsewhere the trainer drops the gradients before the optimizer step instead."""
         raise NotImplementedError(f"{type(self).__name__} steps after the backward: drop the gradients instead")
+
+    def end_skipped_step(self) -> None:
+        """After the step :meth:`skip_next_step` left unapplied: the next one applies again."""
 
     def gathers_for_save(self) -> bool:
         """Whether :meth:`gather_state_dict` must run (on every process) before a save."""
@@ -141,14 +149,19 @@ class Engine:
         """Within the block, full diffusers-format weights load into the trained model."""
         yield
 
-    @contextlib.contextmanager
-    def loading_optimizer(self) -> Iterator[None]:
-        """Within the block, the trainer restores a checkpoint's optimizer state."""
-        yield
+    def save_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str, should_save: bool
+    ) -> None:
+        """Write ``optimizer``'s state into the checkpoint ``folder`` as transformers' ``train()`` reads it back when
+        it resumes (every process calls it; ``model`` is the trainer's wrapped model): ``optimizer.pt`` from the main
+        process, where every process holds the whole state."""
+        if should_save:
+            torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_NAME))
 
-    def clean_checkpoint(self, output_dir: str, should_save: bool) -> None:
-        """Remove what accelerate wrote into a checkpoint that resuming does not read."""
-        return None
+    def saves_scheduler(self, scheduler: object) -> bool:
+        """Whether the checkpoint needs the scheduler's own file (an engine that owns the scheduler saves it with
+        its state)."""
+        return True
 
     def resume_on_other_count(self, checkpoint: str, saved_processes: int, work_dir: str) -> str:
         """The folder to resume from when ``checkpoint`` was written by ``saved_processes`` processes and this run has
@@ -160,6 +173,28 @@ class Engine:
             f"Resume on {saved_processes} process(es); another count works under DDP (multi_gpu.yaml) and DeepSpeed "
             "ZeRO-1/2 (docs/reliability.md)."
         )
+
+
+def place_batch(
+    inputs: Any, device: torch.device | str, float_dtype: torch.dtype | None, keep_float32: tuple[str, ...] = ()
+) -> Any:
+    """``inputs`` (a dict, list or tuple of them, nested) with every tensor on ``device``, floating ones cast to
+    ``float_dtype`` where given; a top-level key in ``keep_float32`` is cast to float32 instead."""
+    if isinstance(inputs, Mapping):
+        return type(inputs)(
+            {
+                k: v.to(device=device, dtype=torch.float32)
+                if k in keep_float32 and isinstance(v, torch.Tensor)
+                else place_batch(v, device, float_dtype)
+                for k, v in inputs.items()
+            }
+        )
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(place_batch(v, device, float_dtype) for v in inputs)
+    if isinstance(inputs, torch.Tensor):
+        cast = float_dtype is not None and (inputs.is_floating_point() or inputs.is_complex())
+        return inputs.to(device=device, dtype=float_dtype) if cast else inputs.to(device=device)
+    return inputs
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -176,6 +211,13 @@ def gradient_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
     """``||g||_2`` over the gradients of ``parameters`` taken as one vector (``torch.nn.utils.get_total_norm``):
     a device tensor, the host does not wait for it; 0 when none has a gradient."""
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+def local_gradient_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`gradient_norm` over this process's part of each gradient (a DTensor's local shard): no collective, and
+    non-finite exactly where this process holds a non-finite gradient element (or the norm overflows)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm([g.to_local() if hasattr(g, "to_local") else g for g in grads])
 
 
 def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -13,15 +13,15 @@ from typing import Any
 
 import torch
 
-from .base import Engine
+from .base import Engine, fused_scaling_optimizer
 
 __all__ = [
     "DeepSpeedEngine",
     "engine_loss_scale",
     "gather_zero3_state_dict",
     "reference_inference_engine",
-    "skipping_zero_step",
     "universal_checkpoint_view",
+    "zero_inner_optimizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,42 +117,11 @@ def universal_checkpoint_view(checkpoint: str, view: str) -> str:
     return view
 
 
-def skipping_zero_step(optimizer) -> None:
-    """Make the ZeRO ``optimizer``'s next ``step()`` one it does not apply: it takes DeepSpeed's own path for an
-    overflowing step (gradients and accumulated partitions cleared; weights, Adam moments and weight decay
-    untouched), without the overflow's side effects: the fp16 loss scale is kept, and the step counts as taken (the
-    gradient norm 0, the schedulers advance), as an empty step does on every other engine. One call, then the
-    optimizer is as it was.
-
-    ZeRO-1/2 decide an overflow in ``has_overflow`` (asked when ``check_grad_overflow``), ZeRO-3 in
-    ``_overflow_check_and_loss_scale_update``; both then call ``_update_scale``.
-    """
-    stage3 = hasattr(optimizer, "_overflow_check_and_loss_scale_update")
-    saved = {name: optimizer.__dict__[name] for name in ("check_grad_overflow",) if name in optimizer.__dict__}
-
-    def overflowing(*args: Any, **kwargs: Any) -> bool:
-        optimizer.overflow = True
-        return True
-
-    def step(*args: Any, **kwargs: Any) -> None:
-        try:
-            type(optimizer).step(optimizer, *args, **kwargs)
-        finally:
-            for name in ("step", "_update_scale", "has_overflow", "_overflow_check_and_loss_scale_update"):
-                optimizer.__dict__.pop(name, None)
-            optimizer.__dict__.update(saved)
-            if not stage3 and "check_grad_overflow" not in saved:
-                optimizer.__dict__.pop("check_grad_overflow", None)
-        optimizer.overflow = False  # applied as far as the engine and transformers' scheduler are concerned
-        optimizer._global_grad_norm = 0.0  # the gradients were zero: not a non-finite norm
-
-    optimizer._update_scale = lambda *args, **kwargs: None
-    if stage3:
-        optimizer._overflow_check_and_loss_scale_update = overflowing
-    else:
-        optimizer.check_grad_overflow = True
-        optimizer.has_overflow = overflowing
-    optimizer.step = step
+def zero_inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer a DeepSpeed ``engine`` steps its float32 partitions with (the ZeRO optimizer's
+    ``optimizer``: the one transformers made and handed to DeepSpeed, or DeepSpeed's own)."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 class DeepSpeedEngine(Engine):
@@ -172,9 +141,15 @@ class DeepSpeedEngine(Engine):
         super().__init__(accelerator)
         self.stage = stage
         self.samples_whole_denoiser = stage != 3
+        self._skipping: torch.optim.Optimizer | None = None  # the optimizer told to skip its next step
 
     def __repr__(self) -> str:
         return f"DeepSpeedEngine(zero_stage={self.stage}, processes={self.num_processes})"
+
+    def input_dtype(self) -> torch.dtype | None:
+        # DeepSpeed casts the model to its bf16/fp16 wholesale and runs it without autocast: floating inputs are cast
+        # to match, as transformers does under DeepSpeed
+        return self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype()
 
     def place_reference(
         self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype
@@ -224,9 +199,40 @@ class DeepSpeedEngine(Engine):
         return work_dir
 
     def skip_next_step(self) -> None:
-        """The engine's next ``step()`` (inside accelerate's backward of the window's last micro-batch) takes the ZeRO
-        optimizer's own path for a step it does not apply (:func:`skipping_zero_step`)."""
-        skipping_zero_step(self.accelerator.deepspeed_engine_wrapped.engine.optimizer)
+        """The engine's next ``step()`` (inside accelerate's backward of the window's last micro-batch) leaves the
+        update unapplied: its torch optimizer is handed ``found_inf`` as ``torch.amp.GradScaler`` hands it, and its
+        fused kernel skips the whole update (weights, moments, weight decay, step count). The ZeRO optimizer goes on
+        as for any step: the gradients are cleared, the fp16 loss scale is kept and the schedulers advance, as an
+        empty step does on every other engine. DeepSpeed's own optimizers (a config with an ``optimizer`` section,
+        ZeRO-Offload's CPU Adam) take no such flag: refused."""
+        inner = zero_inner_optimizer(self.accelerator.deepspeed_engine_wrapped.engine)
+        fused = fused_scaling_optimizer(inner)
+        if fused is None:
+            raise RuntimeError(
+                f"An optimizer step without a valid preference pair cannot be left unapplied under DeepSpeed with "
+                f"{type(inner).__name__}: use optim='adamw_torch_fused' without a DeepSpeed 'optimizer' section or "
+                "optimizer offload, or drop the invalid rows from the dataset before training."
+            )
+        device = fused.param_groups[0]["params"][0].device
+        fused.found_inf = torch.ones((), dtype=torch.float32, device=device)
+        self._skipping = fused
+
+    def end_skipped_step(self) -> None:
+        skipping, self._skipping = self._skipping, None
+        if skipping is not None:
+            skipping.found_inf = None
+
+    def save_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str, should_save: bool
+    ) -> None:
+        """DeepSpeed's own checkpoint of the engine (``model``): each process's partitions of the optimizer state,
+        which transformers loads back through DeepSpeed when it resumes."""
+        model.save_checkpoint(folder)
+
+    def saves_scheduler(self, scheduler: object) -> bool:
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
+        return not isinstance(scheduler, DeepSpeedSchedulerWrapper)  # DeepSpeed's checkpoint holds its scheduler
 
     def gathers_for_save(self) -> bool:
         # Before train() has built the engine the weights are still whole.

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
-import shutil
 from collections.abc import Iterator
 
 import torch
@@ -16,7 +13,6 @@ from .base import Engine
 __all__ = [
     "FSDP1Engine",
     "FSDP2Engine",
-    "drop_fsdp_model_copy",
     "gather_fsdp2_state_dict",
     "loading_into_shards",
     "shard_reference_fsdp2",
@@ -57,22 +53,6 @@ def gather_fsdp2_state_dict(module: torch.nn.Module, trainable_only: bool) -> di
         if is_main:
             state[name] = full.detach().to("cpu", copy=True)
     return state if is_main else None
-
-
-def drop_fsdp_model_copy(checkpoint_dir: str) -> list[str]:
-    """Remove the model copy accelerate's ``save_fsdp_model`` writes into a checkpoint (``pytorch_model_fsdp*``: a
-    torch pickle, or a folder of distributed-checkpoint shards); returns the names removed.
-
-    The trainer's checkpoints already hold the weights in diffusers' format, which is what resuming reads; the
-    optimizer state accelerate writes beside them is kept.
-    """
-    removed = []
-    for name in sorted(os.listdir(checkpoint_dir)):
-        if name.startswith("pytorch_model_fsdp"):
-            path = os.path.join(checkpoint_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            removed.append(name)
-    return removed
 
 
 @contextlib.contextmanager
@@ -129,32 +109,20 @@ class FSDP2Engine(Engine):
         with loading_into_shards():
             yield
 
-    @contextlib.contextmanager
-    def loading_optimizer(self) -> Iterator[None]:
-        """accelerate restores FSDP2 optimizer state with torch's ``set_optimizer_state_dict``, which by default
-        refuses a trainable parameter without saved state. A parameter that never received a gradient has none
-        (AdamW creates it at the first gradient): Qwen-Image's last block discards its text stream, so its
-        ``to_add_out`` adapters never train. Within the block the load is not strict, as ``Optimizer.load_state_dict``
-        (DDP) and DeepSpeed are: such a parameter resumes without state, as it trained without."""
-        from torch.distributed.checkpoint import state_dict as torch_state_dict
-
-        set_optimizer_state_dict = torch_state_dict.set_optimizer_state_dict
-
-        def not_strict(model, optimizers, optim_state_dict, *, options=None):
-            options = dataclasses.replace(options or torch_state_dict.StateDictOptions(), strict=False)
-            return set_optimizer_state_dict(model, optimizers, optim_state_dict, options=options)
-
-        torch_state_dict.set_optimizer_state_dict = not_strict  # accelerate imports it at each call
-        try:
-            yield
-        finally:
-            torch_state_dict.set_optimizer_state_dict = set_optimizer_state_dict
-
-    def clean_checkpoint(self, output_dir: str, should_save: bool) -> None:
-        # accelerate's pickled copy of the weights duplicates the diffusers files
-        self.accelerator.wait_for_everyone()
-        if should_save:
-            drop_fsdp_model_copy(output_dir)
+    def save_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str, should_save: bool
+    ) -> None:
+        """accelerate's FSDP optimizer checkpoint (transformers loads it back with accelerate's loader, which is
+        strict: torch's ``set_optimizer_state_dict`` refuses a trainable parameter without saved state). A parameter
+        that never received a gradient has none (AdamW creates it at the first gradient): Qwen-Image's last block
+        discards its text stream, so its ``to_add_out`` adapters never train. Such a parameter is saved with the
+        empty state it has (torch's optimizers start one lazily from an empty state), so it resumes without state,
+        as it trained without."""
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.requires_grad:
+                    optimizer.state.setdefault(parameter, {})
+        save_fsdp_optimizer_state(self.accelerator, model, optimizer, folder)
 
 
 class FSDP1Engine(Engine):
@@ -164,3 +132,22 @@ class FSDP1Engine(Engine):
     name = "fsdp1"
     replaces_parameters_in_train = True
     refreshes_reference = False  # its flattened shards are not gathered per parameter here
+
+    def gathers_for_save(self) -> bool:
+        return True
+
+    def gather_state_dict(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+        # accelerate's full state dict (the plugin's FULL_STATE_DICT), on every process
+        return self.accelerator.get_state_dict(model)
+
+    def save_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str, should_save: bool
+    ) -> None:
+        save_fsdp_optimizer_state(self.accelerator, model, optimizer, folder)
+
+
+def save_fsdp_optimizer_state(accelerator, model: torch.nn.Module, optimizer, folder: str) -> None:
+    """accelerate's FSDP optimizer checkpoint in ``folder``, as transformers writes and resumes it (every process)."""
+    from accelerate.utils import save_fsdp_optimizer
+
+    save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, folder)

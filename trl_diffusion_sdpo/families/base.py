@@ -11,22 +11,25 @@ What a family defines (abstract members are marked *):
 
 * ``name`` and ``pipeline_classes``: the family's name and the diffusers pipeline classes it handles (for errors
   and docs), given at registration (``@register_family("name", pipelines=("SomePipeline",))`` sets both on the
-  class); :meth:`matches`\\*: whether a pipeline is one of them, decided from its components so that subclasses
-  work; :meth:`check_pipeline`: a specific refusal for a pipeline it claims but cannot train.
+  class); :meth:`~.base.ModelFamily.matches`\\*: whether a pipeline is one of them, decided from its components so
+  that subclasses work; :meth:`~.base.ModelFamily.check_pipeline`: a specific refusal for a pipeline it claims but
+  cannot train.
 * ``denoiser_name``: the pipeline attribute of the trained network (``"unet"`` or ``"transformer"``); it also names
   the LoRA key prefix and the full-weights subfolder the pipeline's loaders expect.
 * ``lora_target_modules``: the LoRA targets when the user names none (the only place they are written).
-* ``flow_matching`` and :meth:`noiser`\\*: how training inputs are noised. DDPM-style UNets noise with the
-  scheduler's ``add_noise`` and regress its ``prediction_type`` (:class:`~.noising.DDPMNoiser`); rectified-flow
-  transformers noise ``x_s = (1 - s) x0 + s eps`` and regress ``eps - x0`` (:class:`~.flow.FlowNoiser`, through
-  :class:`~.flow.FlowMatchingFamily`).
-* ``frozen_components`` (the pipeline attributes that never train, read by :meth:`frozen_modules`),
-  :meth:`prompt_tokenizer`\\*, :meth:`encode_prompts`\\*: the text side.
-* :meth:`denoiser_conditioning` and :meth:`call_denoiser`: how one prediction is made, in the latent layout
-  ``[N, C, h, w]`` (``[N, C, F', h, w]`` for a ``video`` family such as Wan) whatever the network's own input layout
-  (FLUX packs 2x2 patches inside the call).
-* :meth:`sampling_keywords`, :meth:`sampled_media` and ``max_samples_per_call``: how online training samples with the
-  family's own pipeline (the training's size, an edit's sources, a video's clip length) and reads its samples.
+* ``flow_matching`` and :meth:`~.base.ModelFamily.noiser`\\*: how training inputs are noised. DDPM-style UNets noise
+  with the scheduler's ``add_noise`` and regress its ``prediction_type`` (:class:`~.noising.DDPMNoiser`);
+  rectified-flow transformers noise ``x_s = (1 - s) x0 + s eps`` and regress ``eps - x0`` (:class:`~.flow.FlowNoiser`,
+  through :class:`~.flow.FlowMatchingFamily`).
+* ``frozen_components`` (the pipeline attributes that never train, read by
+  :meth:`~.base.ModelFamily.frozen_modules`), :meth:`~.base.ModelFamily.prompt_tokenizer`\\*,
+  :meth:`~.base.ModelFamily.encode_prompts`\\*: the text side.
+* :meth:`~.base.ModelFamily.denoiser_conditioning` and :meth:`~.base.ModelFamily.call_denoiser`: how one prediction
+  is made, in the latent layout ``[N, C, h, w]`` (``[N, C, F', h, w]`` for a ``video`` family such as Wan) whatever
+  the network's own input layout (FLUX packs 2x2 patches inside the call).
+* :meth:`~.base.ModelFamily.sampling_keywords`, :meth:`~.base.ModelFamily.sampled_media` and
+  ``max_samples_per_call``: how online training samples with the family's own pipeline (the training's size, an
+  edit's sources, a video's clip length) and reads its samples.
 
 Diffusers' pipeline modules are imported where they are used, never here: importing a family costs nothing.
 """
@@ -60,7 +63,7 @@ class PromptEmbeddings:
     encoder_hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None  # SDXL ``text_embeds``, the flow transformers' pooled projection
     # An editing family's source latents ``[B, S, C, h, w]`` (``S`` source images per pair), in the denoiser's latent
-    # space (:meth:`ModelFamily.encode_sources`); ``None`` for text-to-image.
+    # space (:meth:`~.base.ModelFamily.encode_sources`); ``None`` for text-to-image.
     source_latents: torch.Tensor | None = None
 
     def repeat(self, times: int) -> PromptEmbeddings:
@@ -248,7 +251,7 @@ class ModelFamily(abc.ABC):
 
     def latent_mask(self, mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """A loss mask ``[N, 1, H, W]`` at the size of the latents ``latent_shape`` the step's errors are taken on
-        (:func:`~.latents.latent_mask`: area interpolation, broadcast over channels and video frames). A family whose
+        (:func:`~.noising.latent_mask`: area interpolation, broadcast over channels and video frames). A family whose
         step sees another latent layout overrides it."""
         return latent_mask(mask, latent_shape)
 

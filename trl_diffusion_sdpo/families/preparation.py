@@ -13,9 +13,10 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Iterator
-from types import MethodType
+from typing import Any
 
 import torch
+from accelerate.utils import recursively_apply
 from accelerate.utils.operations import ConvertOutputsToFp32
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
@@ -215,15 +216,16 @@ def _adapters_take_autocast_inputs(model: torch.nn.Module) -> contextlib.Abstrac
 
 
 class MixedPrecisionForward:
-    """accelerate's mixed-precision wrapper on the denoiser's ``forward``, whole while the trainer runs the model and
-    without its float32 outputs outside.
+    """accelerate's mixed-precision wrapper on the denoiser's ``forward``, with its float32 outputs inside ``train()``
+    and ``evaluate()`` only.
 
     ``accelerator.prepare`` wraps the model's ``forward`` in its autocast and converts the outputs to float32, and
     leaves it so. Inside a pipeline a float32 prediction meets a bf16/fp16 VAE that does not upcast
     (``force_upcast=False``, as the fp16-fix SDXL VAE): ``Input type (float) and bias type (BFloat16)``. Outside
-    ``train()`` and ``evaluate()`` the denoiser keeps the autocast (full tuning's float32 weights take the pipeline's
-    half-precision inputs) and returns what it computes, in the pipeline's dtype, so ``pipe(prompt)`` samples in place;
-    the trainer puts the float32 conversion back before it runs the model again.
+    ``train()`` and ``evaluate()`` a forward hook (``register_forward_hook``, removed before the trainer runs the model
+    again) casts the outputs back to the compute ``dtype``, in which the autocast computed them: the denoiser keeps the
+    autocast (full tuning's float32 weights take the pipeline's half-precision inputs) and ``pipe(prompt)`` samples in
+    place.
 
     While it runs under that autocast, peft's LoRA layers take their input as it comes instead of casting it to the
     adapters' float32 (``peft.helpers.disable_input_dtype_casting``): the autocast casts it back to bf16/fp16 for the
@@ -231,10 +233,11 @@ class MixedPrecisionForward:
     activation per targeted layer) is not made.
     """
 
-    def __init__(self, get_model: Callable[[], torch.nn.Module]) -> None:
+    def __init__(self, get_model: Callable[[], torch.nn.Module], dtype: torch.dtype) -> None:
         self.get_model = get_model  # the denoiser, unwrapped: it may be wrapped (DDP) after construction
-        self._wrapped = None
-        self._depth = 0  # evaluate() runs inside train(): the wrapper comes off when the outermost call ends
+        self.dtype = dtype
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._depth = 0  # evaluate() runs inside train(): the hook comes back when the outermost call ends
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -251,18 +254,20 @@ class MixedPrecisionForward:
                 self.release()
 
     def release(self) -> None:
-        """Take the float32 conversion off the forward (nothing where accelerate put none: fp32, DeepSpeed)."""
+        """Outputs in the compute dtype from here on (nothing where accelerate converts none: fp32, DeepSpeed)."""
         model = self.get_model()
-        forward = model.__dict__.get("forward")
-        inner = _accelerate_wrapper(model)
-        if inner is None:
-            return
-        self._wrapped = forward
-        autocast_forward = inner.model_forward
-        model.forward = MethodType(autocast_forward, model) if isinstance(forward, MethodType) else autocast_forward
+        if self._hook is None and _accelerate_wrapper(model) is not None:
+            self._hook = model.register_forward_hook(self._in_compute_dtype)
 
     def restore(self) -> None:
-        """Put accelerate's wrapper back as it was."""
-        if self._wrapped is not None:
-            self.get_model().forward = self._wrapped
-            self._wrapped = None
+        """accelerate's float32 outputs again."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _in_compute_dtype(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        return recursively_apply(
+            lambda tensor: tensor.to(self.dtype),
+            output,
+            test_type=lambda value: isinstance(value, torch.Tensor) and value.dtype == torch.float32,
+        )

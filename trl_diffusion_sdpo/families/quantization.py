@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -333,13 +334,14 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
 
     Autograd would save the operands of the layer's matmul, and torchao's layers dequantize ``W`` before it: every
     layer's full-precision ``W`` would stay saved until the backward, as many bytes as an unquantized base (and more
-    than the bytes the quantization saved). Here the forward runs without autograd and the backward dequantizes ``W``
-    again, one layer at a time: ``dx = dy W`` (``W`` never trains, so there is no ``dW``)."""
+    than the bytes the quantization saved). Here the layer's own forward runs on a detached ``x`` (autograd records
+    nothing of it) and this function joins its ``output`` to ``x``; the backward dequantizes ``W`` again, one layer at
+    a time: ``dx = dy W`` (``W`` never trains, so there is no ``dW``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: torch.nn.Module, forward: Any) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, output: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:  # noqa: ANN001
         ctx.layer, ctx.x_dtype = layer, x.dtype
-        return forward(x)
+        return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
@@ -348,17 +350,38 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
         return (grad @ weight.to(grad.dtype)).to(ctx.x_dtype), None, None
 
 
-def _frozen_quantized_forward(layer: torch.nn.Module) -> Any:
-    """``layer``'s forward through :class:`_FrozenQuantizedLinear` when its input needs a gradient."""
-    forward = layer.forward
+# The layers that run through _FrozenQuantizedLinear (their hooks registered once), and the input each is taking
+# now: the forward pre-hook detaches it, the forward hook joins the output to it.
+_FROZEN_LAYERS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_TAKING: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
 
-    def frozen_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or not (torch.is_grad_enabled() and x.requires_grad) or layer.weight.requires_grad:
-            return forward(x, *args, **kwargs)
-        return _FrozenQuantizedLinear.apply(x, layer, forward)
 
-    frozen_forward.frozen_quantized = True
-    return frozen_forward
+def _detach_frozen_input(layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """Forward pre-hook: a quantized layer's input that needs a gradient goes in detached, and is remembered."""
+    _TAKING.pop(layer, None)  # what a forward that raised left
+    if len(args) != 1 or kwargs or layer.weight.requires_grad:
+        return None
+    (x,) = args
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    _TAKING[layer] = x
+    return (x.detach(),), kwargs
+
+
+def _join_frozen_output(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: the output of a detached input, joined to the remembered one through the frozen backward."""
+    x = _TAKING.pop(layer, None)
+    return None if x is None else _FrozenQuantizedLinear.apply(x, output, layer)
+
+
+def _run_frozen_quantized(layer: torch.nn.Module) -> None:
+    """``layer`` computes through :class:`_FrozenQuantizedLinear` when its input needs a gradient (its hooks
+    registered once)."""
+    if layer in _FROZEN_LAYERS:
+        return
+    layer.register_forward_pre_hook(_detach_frozen_input, with_kwargs=True)
+    layer.register_forward_hook(_join_frozen_output)
+    _FROZEN_LAYERS.add(layer)
 
 
 def _is_quantized_linear(module: torch.nn.Module) -> bool:
@@ -385,8 +408,8 @@ def cast_unquantized(module: torch.nn.Module, dtype: torch.dtype, device: torch.
         follows = _inputs_in_autocast_dtype in submodule._forward_pre_hooks.values()
         if weight is not None and _is_quantized_tensor(weight) and weight.is_floating_point() and not follows:
             submodule.register_forward_pre_hook(_inputs_in_autocast_dtype)
-        if _is_quantized_linear(submodule) and not getattr(submodule.forward, "frozen_quantized", False):
-            submodule.forward = _frozen_quantized_forward(submodule)
+        if _is_quantized_linear(submodule):
+            _run_frozen_quantized(submodule)
         for store in (submodule._parameters, submodule._buffers):
             for tensor in store.values():
                 if tensor is None or _is_quantized_tensor(tensor) or not tensor.is_floating_point():

@@ -3,8 +3,8 @@
 Both train on clips of ``num_frames = Tk + 1`` frames (a causal 3D VAE keeps the first frame and compresses the others
 ``T``-fold in time, ``T = 4`` for both), whose latents are ``[N, C, F', h, w]`` with ``F' = (num_frames - 1) / T + 1``
 and ``h, w`` the frame size over the VAE's spatial factor, as the pipelines' ``prepare_latents`` size them. A subclass
-states where its VAE keeps the two factors and its latent channel count (:attr:`VideoFlowMatchingFamily.
-temporal_compression`, :attr:`~VideoFlowMatchingFamily.spatial_compression`,
+states where its VAE keeps the two factors and its latent channel count
+(:attr:`~VideoFlowMatchingFamily.temporal_compression`, :attr:`~VideoFlowMatchingFamily.spatial_compression`,
 :attr:`~VideoFlowMatchingFamily.latent_channels`); the clip-length checks and the latent shape are here, once.
 """
 

@@ -26,22 +26,30 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import struct
 import zipfile
 
+import numpy as np
+import torch
+from transformers.trainer import SCALER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+from transformers.training_args import ParallelMode
 
 from .saving import LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, has_saved_weights
 
 __all__ = [
+    "SCALER_NAME",
+    "SCHEDULER_NAME",
     "CheckpointError",
     "CheckpointSaveError",
     "EarlierRunError",
     "checkpoint_problem",
     "publish_checkpoint",
     "resolve_resume_checkpoint",
+    "save_random_states",
 ]
 
 logger = logging.getLogger(__name__)
@@ -265,6 +273,19 @@ def _remove(folder: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
     os.rename(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_random_states(folder: str, args) -> None:
+    """This process's random states (Python, NumPy, torch's CPU and CUDA generators) in the file transformers'
+    ``train()`` restores them from when it resumes: ``rng_state.pth`` on one process, ``rng_state_<rank>.pth`` on
+    several (the CUDA states of every device where the run is distributed, the current device's otherwise)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        distributed = args.parallel_mode == ParallelMode.DISTRIBUTED
+        states["cuda"] = torch.cuda.random.get_rng_state_all() if distributed else torch.cuda.random.get_rng_state()
+    os.makedirs(folder, exist_ok=True)  # a process may get here before the main one made the folder
+    name = "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
+    torch.save(states, os.path.join(folder, name))
 
 
 def publish_checkpoint(staging: str, final: str) -> None:

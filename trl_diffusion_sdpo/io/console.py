@@ -1,11 +1,16 @@
 """What the command line prints: the package's INFO messages (the start summary, the data report), third-party
 noise filtered by its exact message, and progress bars only on a terminal.
 
-Written to a file (``> train.log 2>&1``) a tqdm bar is a line of ``\\r`` redraws, and nested bars (diffusers' loading
-bar around transformers' weight-loading bar) add cursor-up escape codes (``ESC[A``). Off a terminal every command
-(:func:`quiet_off_terminal`) turns the bars off: diffusers', transformers', the Hub's and ``datasets``' (``Generating
-train split``); the package's own bars pass ``disable=None``, tqdm's "off a terminal". Training then prints each log
-as its own line (transformers' ``PrinterCallback``).
+The command line owns its process, so it may set other libraries' switches there (:func:`quiet_command_line`, called
+once on its entry path, :func:`trl_diffusion_sdpo.cli.main.run`). Written to a file (``> train.log 2>&1``) a tqdm bar
+is a line of ``\\r`` redraws, and nested bars (diffusers' loading bar around transformers' weight-loading bar) add
+cursor-up escape codes (``ESC[A``): off a terminal the command line turns the libraries' bars off (diffusers',
+transformers', the Hub's and ``datasets``' ``Generating train split``); the pipelines the package samples set their
+own bar off.
+
+Imported from Python, nothing here runs by itself: the package changes no setting of another library. The trainer
+decides for its own progress bar only: off a terminal, with ``disable_tqdm`` left unset, each log is a line of its
+own (transformers' ``PrinterCallback``; ``config.defaults.machine_choices``).
 """
 
 from __future__ import annotations
@@ -80,27 +85,23 @@ def on_terminal() -> bool:
 
 
 def quiet_progress_bars() -> None:
-    """Turn off the loading bars of diffusers (pipeline components), transformers (weights) and the Hub
-    (downloads), ``datasets``' bars (``Generating train split``, ``map``) and the denoising bar of every pipeline that
-    sets no progress-bar config of its own."""
+    """Turn off, for the whole process, the loading bars of diffusers (pipeline components), transformers (weights)
+    and the Hub (downloads), and ``datasets``' bars (``Generating train split``, ``map``): the command line's own
+    process only."""
     import datasets
-    import diffusers
     import diffusers.utils.logging
     import huggingface_hub.utils
     import transformers.utils.logging
 
     diffusers.utils.logging.disable_progress_bar()
-    # A pipeline's denoising bar follows its own config (set_progress_bar_config), which a pipeline without one reads
-    # from the class: off for every pipeline that sets none, the user's own included.
-    diffusers.DiffusionPipeline._progress_bar_config = {"disable": True}
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     datasets.disable_progress_bars()
 
 
-def quiet_off_terminal() -> bool:
-    """What every command does first: drop the :data:`NOISE` messages and, off a terminal, every library's progress
-    bars. Whether the output is a terminal (where the command's own bars may show)."""
+def quiet_command_line() -> bool:
+    """What the command line does first, for its own process: drop the :data:`NOISE` messages and, off a terminal,
+    the libraries' progress bars. Whether the output is a terminal (where the command's own bars may show)."""
     filter_known_noise()
     terminal = on_terminal()
     if not terminal:

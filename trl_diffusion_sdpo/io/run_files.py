@@ -7,18 +7,23 @@ way this package needs:
   denoiser's subfolder, never pickles, gathered first where the engine shards them
   (:meth:`~trl_diffusion_sdpo.engines.Engine.gather_state_dict`) and loaded into its shards
   (:meth:`~trl_diffusion_sdpo.engines.Engine.loading`);
-* checkpoints that appear whole or not at all, with a checksummed manifest (:mod:`.checkpoints`);
+* checkpoints that appear whole or not at all, with a checksummed manifest (:mod:`.checkpoints`): the optimizer's
+  state as the engine writes it (:meth:`~trl_diffusion_sdpo.engines.Engine.save_optimizer_state`), the scheduler,
+  gradient scaler and random states in the files transformers resumes from;
 * before training: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
   checkpoints (unless resumed), recovery of interrupted saves, the checkpoint to resume
   from, checked, its config compared with the new one (:mod:`.resume_check`), resuming on another number of
-  processes (:mod:`.resume_world`, through the engine), and preemption signals (:mod:`.preemption`) while it runs;
+  processes (:mod:`.resume_world`, through the engine), and preemption signals
+  (:class:`~trl_diffusion_sdpo.callbacks.interruptions.PreemptionCallback`) while it runs;
 * the model card and Hub pushes (:mod:`.hub`): transformers' versions copy files named as its own weights (none of
   ours) and upload a pickled ``training_args.bin``.
 
-The trainer overrides each of those hooks once, as a call to the method here of the same purpose. Every step here
-that is itself a hook (``save_model`` inside a checkpoint save, ``_save`` inside ``save_model``, ...) is called on
-the trainer, so a subclass's override of it, or a test's wrapper, is the one that runs; where transformers' own
-implementation is wanted it is called explicitly as ``transformers.Trainer.<hook>(trainer, ...)``.
+The trainer reaches it through transformers' public hooks (``save_model``, ``create_model_card``, ``init_hf_repo``,
+``push_to_hub``, ``train``, ``log``), three private ones that have no public equivalent (``_save_checkpoint``,
+``_load_from_checkpoint``, ``_load_best_model``: see the trainer), and callbacks (:class:`RunFiles` is one: a
+learning rate changed at resume is applied when training begins). Every step here that is itself a hook
+(``save_model`` inside a checkpoint save, ...) is called on the trainer, so a subclass's override of it, or a test's
+wrapper, is the one that runs.
 """
 
 from __future__ import annotations
@@ -28,12 +33,11 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
@@ -81,14 +85,14 @@ class CheckpointPart(Protocol):
         """Read them back before a resumed training starts (every process calls it)."""
 
 
-class RunFiles:
+class RunFiles(TrainerCallback):
     """The trainer's files: saving, loading, checkpoints, resume checks and the Hub, for ``trainer``.
 
     Reads the trainer's ``args``, ``args_as_given`` (the config as given, which ``training_config.json`` stores),
-    ``state``, ``accelerator``, ``model``, ``engine``, ``family``, ``pipeline``, ``is_lora`` and ``base_model_name``;
-    keeps transformers' own ``hub_model_id`` and ``push_in_progress`` on the trainer, where transformers reads them.
-    Built before ``transformers.Trainer.__init__``, which may call :meth:`init_hf_repo`: it reads nothing at
-    construction.
+    ``state``, ``accelerator``, ``model``, ``model_wrapped``, ``optimizer``, ``lr_scheduler``, ``engine``,
+    ``family``, ``pipeline``, ``is_lora`` and ``base_model_name``; keeps transformers' own ``hub_model_id`` and
+    ``push_in_progress`` on the trainer, where transformers reads them. Built before ``transformers.Trainer.__init__``,
+    which may call :meth:`init_hf_repo`: it reads nothing at construction. The trainer adds it as a callback.
     """
 
     def __init__(self, trainer: Trainer) -> None:
@@ -99,6 +103,13 @@ class RunFiles:
         self.loss_before_resume: float | None = 0.0
         self.resumed = False
         self.parts: list[CheckpointPart] = []  # saved into every checkpoint, loaded at resume
+        # The per-step training losses of this train() call: summed on the device since the last training log (as
+        # transformers sums its own, which it keeps private), folded into a float at each log.
+        self._loss_since_log: torch.Tensor | None = None
+        self._loss_logged = 0.0
+        # The learning rates of the scheduler made for this train() call, before a resumed checkpoint's state
+        # replaces them (see on_train_begin).
+        self._fresh_learning_rates: list[float] = []
 
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
@@ -118,6 +129,7 @@ class RunFiles:
             trainer.accelerator.wait_for_everyone()
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
             self.resumed, self.loss_before_resume = resume_from_checkpoint is not None, 0.0
+            self._loss_since_log, self._loss_logged = None, 0.0
             if resume_from_checkpoint is not None:
                 check_resume_config(resume_from_checkpoint, trainer)
                 for part in self.parts:
@@ -138,7 +150,7 @@ class RunFiles:
             callback.trainer = trainer
             with preemption_signal_handlers(callback, callback.signals):
                 output = Trainer.train(trainer, resume_from_checkpoint, *args, **kwargs)
-            # whole_run_loss corrected the logged metrics in place; the returned loss is a copy of the old value
+            # log_training corrected the logged metrics in place; the returned loss is a copy of the old value
             return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
         finally:
             if view is not None:  # every process is done reading it
@@ -148,28 +160,49 @@ class RunFiles:
             if lock is not None:
                 lock.release()
 
-    def whole_run_loss(self, logs: dict[str, float]) -> None:
-        """In the final metrics (``train_loss`` in ``logs``) of a run resumed from a checkpoint that records its loss
-        sum, ``train_loss`` becomes the mean over every step of the run, the steps before the checkpoint included,
-        as an uninterrupted run reports it; transformers' is the mean over the resumed steps only."""
+    def remember_learning_rates(self, scheduler: Any) -> None:
+        """Called with the scheduler made for a ``train()`` call, before a resumed checkpoint's state is loaded into
+        it: its base learning rates are the run's own, which :meth:`on_train_begin` applies after that load."""
+        self._fresh_learning_rates = list(getattr(scheduler, "base_lrs", []))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """After transformers restored a resumed checkpoint's optimizer and scheduler: a learning rate changed at
+        resume wins over the restored scheduler's base rates."""
         trainer = self.trainer
+        fresh = self._fresh_learning_rates
+        if self.resumed and fresh and apply_new_learning_rates(trainer.lr_scheduler, trainer.optimizer, fresh):
+            logger.info("Learning rate(s) %s applied from the resumed step on", fresh)
+
+    def count_loss(self, loss: torch.Tensor) -> None:
+        """Add a training micro-batch's loss (as ``training_step`` returns it) to the run's loss sum, on the device."""
+        loss = loss.detach()
+        self._loss_since_log = loss.clone() if self._loss_since_log is None else self._loss_since_log + loss
+
+    def _fold_loss(self) -> float:
+        """The sum of this ``train()`` call's per-step losses, averaged over processes (one reduction: every process
+        calls it)."""
+        if self._loss_since_log is not None:
+            accelerator = self.trainer.accelerator
+            self._loss_logged += accelerator.reduce(self._loss_since_log.clone(), reduction="mean").item()
+            self._loss_since_log = None
+        return self._loss_logged
+
+    def log_training(self, logs: dict[str, float]) -> None:
+        """At every training log (every process): the loss sum folded into a float. In the final metrics
+        (``train_loss`` in ``logs``) of a run resumed from a checkpoint that records its loss sum, ``train_loss``
+        becomes the mean over every step of the run, the steps before the checkpoint included, as an uninterrupted
+        run reports it; transformers' is the mean over the resumed steps only."""
+        total = self._fold_loss()
         if "train_loss" not in logs or not self.resumed or self.loss_before_resume is None:
             return
-        total = self.loss_before_resume + trainer._total_loss_scalar
-        logs["train_loss"] = total / max(trainer.state.global_step, 0.001)
+        logs["train_loss"] = (self.loss_before_resume + total) / max(self.trainer.state.global_step, 0.001)
 
     def _loss_total(self) -> float | None:
-        """The sum of the per-step losses (each averaged over processes) up to now: what a resumed checkpoint had,
-        what transformers has added up at its logs, and the steps since the last log; ``None`` where the sum before
-        the resumed checkpoint is unknown. Every process calls it (a reduction)."""
-        trainer = self.trainer
-        since_log = getattr(trainer, "_tr_loss", None)
-        tail = 0.0
-        if since_log is not None:
-            tail = trainer.accelerator.reduce(since_log.detach().clone(), reduction="mean").item()
-        if self.loss_before_resume is None:
-            return None
-        return self.loss_before_resume + getattr(trainer, "_total_loss_scalar", 0.0) + tail
+        """The sum of the per-step losses (each averaged over processes) up to now: what a resumed checkpoint had and
+        this call's; ``None`` where the sum before the resumed checkpoint is unknown. Every process calls it (a
+        reduction)."""
+        total = self._fold_loss()
+        return None if self.loss_before_resume is None else self.loss_before_resume + total
 
     def _claim_output_dir(self, resumed: bool) -> RunLock | None:
         """Process 0 locks ``output_dir`` and refuses it where a new run would replace another run's files (before
@@ -208,20 +241,18 @@ class RunFiles:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the LoRA adapters or the denoiser, in diffusers' format, to ``output_dir``.
 
-        Where the engine shards the weights (DeepSpeed ZeRO-3, FSDP2) they are first gathered (every process must
+        Where the engine shards the weights (DeepSpeed ZeRO-3, FSDP) they are first gathered (every process must
         call this), so the files are the same as on one process whatever the engine's own save settings say. A
         direct call failing on the filesystem (a full disk) raises :class:`.checkpoints.CheckpointSaveError`.
         """
         trainer = self.trainer
-        if trainer.engine.gathers_for_save():
-            state_dict = trainer.engine.gather_state_dict(trainer.model, trainable_only=trainer.is_lora)
-            trainer._save(output_dir, state_dict=state_dict)
-            trainer.accelerator.wait_for_everyone()
-            if trainer.args.push_to_hub and not _internal_call:
-                trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
-            return None
         try:
-            return Trainer.save_model(trainer, output_dir, _internal_call)
+            if not trainer.engine.gathers_for_save():
+                self.save_weights(output_dir)
+            else:
+                state_dict = trainer.engine.gather_state_dict(trainer.model_wrapped, trainable_only=trainer.is_lora)
+                self.save_weights(output_dir, state_dict=state_dict)
+                trainer.accelerator.wait_for_everyone()
         except CheckpointSaveError:
             raise
         except Exception as err:
@@ -230,10 +261,13 @@ class RunFiles:
             if _internal_call or not is_save_failure(err, free):  # inside save_checkpoint, which reports it
                 raise
             raise save_failure(err, folder, trainer.args.output_dir, 0, free) from err
+        if trainer.args.push_to_hub and not _internal_call:
+            trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
 
     def save_weights(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """``_save``: the weights (``state_dict`` if given, gathered by the engine) and ``training_config.json``; the
-        whole pipeline beside them in an output folder, the denoiser alone in a checkpoint. Main process only."""
+        """The weights (``state_dict`` if given, gathered by the engine) and ``training_config.json``; the whole
+        pipeline beside them in an output folder, the denoiser alone in a checkpoint. Writes on the main process only
+        (the EMA callback calls it there with its weights swapped in)."""
         trainer = self.trainer
         output_dir = output_dir if output_dir is not None else trainer.args.output_dir
         if not trainer.args.should_save:
@@ -256,7 +290,8 @@ class RunFiles:
 
     def load_weights(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """``_load_from_checkpoint``: the LoRA adapters or the denoiser from a checkpoint, into the engine's
-        shards where it shards them."""
+        shards where it shards them (DeepSpeed loads its own engine state beside: transformers does not call this
+        under it)."""
         trainer = self.trainer
         if not saving.has_saved_weights(resume_from_checkpoint):
             raise ValueError(f"No trl-diffusion-sdpo weights found in checkpoint {resume_from_checkpoint}")
@@ -269,26 +304,9 @@ class RunFiles:
 
     def load_best_model(self) -> None:
         """``_load_best_model``: the weights of the best checkpoint (``load_best_model_at_end``)."""
-        self.trainer._load_from_checkpoint(self.trainer.state.best_model_checkpoint)
-
-    def save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """transformers' save of the optimizer and scheduler, then what the engine removes from the checkpoint."""
-        Trainer._save_optimizer_and_scheduler(self.trainer, output_dir)
-        self.trainer.engine.clean_checkpoint(output_dir, self.trainer.args.should_save)
-
-    def load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """transformers' load of the optimizer and scheduler (within the engine's loading context); a learning rate
-        changed at resume wins over the restored scheduler's base rates."""
-        trainer = self.trainer
-        fresh = list(getattr(trainer.lr_scheduler, "base_lrs", []))
-        with trainer.engine.loading_optimizer():
-            Trainer._load_optimizer_and_scheduler(trainer, checkpoint)
-        if (
-            checkpoint is not None
-            and fresh
-            and apply_new_learning_rates(trainer.lr_scheduler, trainer.optimizer, fresh)
-        ):
-            logger.info("Learning rate(s) %s applied from the resumed step on", fresh)
+        best = self.trainer.state.best_model_checkpoint
+        logger.info("Loading the best model from %s (score: %s)", best, self.trainer.state.best_metric)
+        self.trainer._load_from_checkpoint(best)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -296,12 +314,14 @@ class RunFiles:
         """``_save_checkpoint``: what transformers' does (weights, optimizer, scheduler, scaler, RNG state, trainer
         state, Hub push, rotation), into a staging folder published whole by
         :func:`.checkpoints.publish_checkpoint`, with ``run_identity.json`` beside the weights. A save failing on the
-        filesystem leaves no partial folder and raises :class:`.checkpoints.CheckpointSaveError`."""
+        filesystem leaves no partial folder and raises :class:`.checkpoints.CheckpointSaveError`.
+
+        ``trial`` is always ``None``: a hyperparameter search needs ``model_init``, which this trainer does not take,
+        so the checkpoints go to ``output_dir`` itself."""
         trainer = self.trainer
         args, state = trainer.args, trainer.state
-        if trainer.hp_search_backend is None and trial is None:
-            trainer.store_flos()
-        run_dir = trainer._get_output_dir(trial=trial)
+        trainer.store_flos()
+        run_dir = args.output_dir
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         staging = staging_folder(final)
         if args.should_save and os.path.exists(staging):
@@ -320,9 +340,9 @@ class RunFiles:
             raise save_failure(err, final, run_dir, written, free) from err
         trainer.accelerator.wait_for_everyone()
         if args.push_to_hub:
-            trainer._push_from_checkpoint(final)
+            self.push_checkpoint(final)
         if args.should_save:
-            # Looked up on the module at call time, as transformers' hooks are on the trainer.
+            # Looked up on the module at call time, so that a test can stop a run inside it.
             checkpoints.rotate_checkpoints(run_dir, args.save_total_limit, keep=[final, state.best_model_checkpoint])
 
     def _write_checkpoint(self, staging: str, final: str, run_dir: str) -> None:
@@ -337,9 +357,7 @@ class RunFiles:
             if state.best_global_step == state.global_step or os.path.exists(best):
                 state.best_model_checkpoint = best  # its final name, which the trainer state records
         if not args.save_only_model:
-            trainer._save_optimizer_and_scheduler(staging)
-            trainer._save_scaler(staging)
-            trainer._save_rng_state(staging)
+            self.save_training_state(staging)
         for part in self.parts:
             part.save(staging)
         loss_total = self._loss_total()  # a reduction: every process
@@ -361,6 +379,20 @@ class RunFiles:
         trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, engine shards) are written
         if args.should_save:
             publish_checkpoint(staging, final)
+
+    def save_training_state(self, folder: str) -> None:
+        """What resuming continues from besides the weights, in the files transformers' ``train()`` reads back: the
+        optimizer's state as the engine writes it (every process), the scheduler, the gradient scaler and each
+        process's random states (:func:`.checkpoints.save_random_states`)."""
+        trainer = self.trainer
+        args = trainer.args
+        trainer.engine.save_optimizer_state(trainer.model_wrapped, trainer.optimizer, folder, args.should_save)
+        if args.should_save and trainer.engine.saves_scheduler(trainer.lr_scheduler):
+            torch.save(trainer.lr_scheduler.state_dict(), os.path.join(folder, checkpoints.SCHEDULER_NAME))
+        scaler = trainer.accelerator.scaler
+        if args.should_save and scaler is not None:
+            torch.save(scaler.state_dict(), os.path.join(folder, checkpoints.SCALER_NAME))
+        checkpoints.save_random_states(folder, args)
 
     # ------------------------------------------------------------------ the model card and the Hub
 
@@ -425,13 +457,9 @@ class RunFiles:
 
     def _validation_prompt(self) -> str | None:
         """The first prompt of the run's validation grids (the Hub widget's text), or ``None`` without them."""
-        module = sys.modules.get("trl_diffusion_sdpo.callbacks.validation")  # imported by whoever made one
-        if module is None:
-            return None
-        found = [
-            c.prompts for c in self.trainer.callback_handler.callbacks if isinstance(c, module.ValidationCallback)
-        ]
-        return found[0][0] if found else None
+        bound = getattr(self.trainer, "sampling_callbacks", [])  # the callbacks bound to the trainer's pipeline
+        prompts = [c.prompts for c in bound if getattr(c, "prompts", None)]
+        return prompts[0][0] if prompts else None
 
     def _last_validation_grid(self) -> str | None:
         """The newest ``validation/step-*.png`` in ``output_dir``, relative to it (for the model card)."""
@@ -451,9 +479,10 @@ class RunFiles:
         )
         trainer.push_in_progress = None
 
-    def push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """``_push_from_checkpoint``: a save with ``push_to_hub`` copies the checkpoint's weights to ``output_dir``
-        (with the rest of the pipeline for full tuning, and a model card) and uploads it in the background."""
+    def push_checkpoint(self, checkpoint_folder: str) -> None:
+        """A checkpoint save with ``push_to_hub`` copies the checkpoint's weights to ``output_dir`` (with the rest of
+        the pipeline for full tuning, and a model card) and uploads it in the background; ``push_in_progress`` holds
+        the uploads, which transformers waits for when training ends."""
         trainer = self.trainer
         args = trainer.args
         if not trainer.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
@@ -504,7 +533,10 @@ class RunFiles:
         if not trainer.is_world_process_zero():
             return None
         trainer.create_model_card(**kwargs)
-        trainer._finish_current_push()
+        pending = getattr(trainer, "push_in_progress", None)  # init_hf_repo's: None before any checkpoint push
+        if pending is not None and not pending.is_done():
+            logger.info("Waiting for the checkpoint pushes still running")
+            pending.wait_until_done()
         repo_id = trainer.hub_model_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
         return upload_folder_to_hub(
             args.output_dir,
@@ -528,7 +560,7 @@ def _read_loss_total(checkpoint: str) -> float | None:
 
 def files_hook(name: str) -> Callable[..., Any]:
     """A trainer method that hands the call to ``trainer.files.<name>`` (:class:`RunFiles`), with that method's
-    signature and docstring: each of transformers' file hooks is overridden once, as one such line."""
+    signature and docstring: each of transformers' file hooks the trainer overrides is one such line."""
     target = getattr(RunFiles, name)
 
     @functools.wraps(target)

@@ -1,7 +1,7 @@
 """What a run will do, said once when training starts: the effective learning rate and how ``scale_lr`` made it, the
-schedule, the pairs per optimizer step, the objective and safeguard, the engine and the precision; and a warning for
-each setting that quietly defeats a run (a warmup longer than half the run, a learning rate outside the range the
-docs recommend for the family).
+schedule, the pairs per optimizer step, the objective and safeguard, the engine and the precision, each default with
+its source and each choice made for the machine with its reason; and a warning for each setting that quietly defeats
+a run (a warmup longer than half the run, a learning rate outside the range the docs recommend for the family).
 
 :class:`StartSummary` is a ``TrainerCallback``: at ``on_train_begin`` the step count is known (``state.max_steps``).
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..families.learning_rates import recommended_learning_rate
+from ..config.defaults import recommended_learning_rate
 
 __all__ = ["pairs_per_step"]
 
@@ -32,7 +32,8 @@ def learning_rate_text(given: Any, effective_rate: float) -> str:
     """The peak learning rate and how it was made, e.g. ``1e-04 = 1e-06 x 100 pairs per optimizer step (1 process x
     25 per device x 4 accumulation; scale_lr)``; ``given`` is the config as the user gave it (before ``scale_lr``)."""
     if not given.scale_lr:
-        return f"{effective_rate:.3g} (as given; scale_lr=False)"
+        origin = "as given" if given.learning_rate is not None else "unset: the default below"
+        return f"{effective_rate:.3g} ({origin}; scale_lr=False)"
     return (
         f"{effective_rate:.3g} = {given.learning_rate:.3g} x {pairs_per_step(given)} pairs per optimizer step "
         f"({given.world_size} process(es) x {given.per_device_train_batch_size} per device x "
@@ -81,8 +82,8 @@ def start_summary(
 ) -> str:
     """The start summary, one block: ``given`` is the config as given, ``effective`` as ``transformers.Trainer`` sees
     it (:func:`~trl_diffusion_sdpo.families.preparation.training_arguments`: the scaled rate, the resolved defaults);
-    ``defaults`` the resolutions of :func:`~trl_diffusion_sdpo.config.defaults.resolve_defaults`, each printed with its
-    source."""
+    ``defaults`` the resolutions of :func:`~trl_diffusion_sdpo.config.defaults.resolve_defaults` and the choices of
+    :func:`~trl_diffusion_sdpo.config.defaults.machine_choices`, each printed with its source."""
     warmup = effective.get_warmup_steps(max_steps)
     schedule = effective.lr_scheduler_type
     schedule = getattr(schedule, "value", schedule)
@@ -136,7 +137,7 @@ class StartSummary(TrainerCallback):
             return
         trainer = self.trainer
         given, max_steps, lora = trainer.args_as_given, state.max_steps, trainer.is_lora
-        defaults = getattr(trainer, "resolved_defaults", None)
+        defaults = {**getattr(trainer, "resolved_defaults", {}), **getattr(trainer, "machine_choices", {})}
         logger.info(start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps, defaults))
         for message in start_warnings(given, args, trainer.family, lora, max_steps):
             logger.warning(message)

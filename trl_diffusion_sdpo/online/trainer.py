@@ -3,7 +3,7 @@
 The offline trainer's step with a generation stage in front of it::
 
     prompts -> generation (sample K per prompt, score, pair; online.generation) -> the offline step:
-    batch -> noised pair -> safeguard.step (predictions -> errors -> objective -> lambda -> backward) -> metrics
+    batch -> noised pair -> predictions -> errors -> objective -> backward (a safeguard's hook) -> metrics
 
 Objectives, safeguards, engines and families are the offline trainer's, unchanged. The reference stays the initial
 model, or moves to the policy every ``ref_update_steps`` optimizer steps.
@@ -353,7 +353,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         self._pending = {}
         step = self.state.global_step
         self.files.save_checkpoint()
-        checkpoint = os.path.join(self._get_output_dir(trial=None), f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        checkpoint = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
         raise RewardError(
             f"{failure or 'A reward function failed on another process'}\nTraining stopped before optimizer step "
             f"{step + 1}: nothing was trained on the missing scores. Checkpoint {checkpoint} holds step {step};"
@@ -361,7 +361,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         ) from failure
 
     def _blank_batch(self, mode: str) -> dict[str, Any] | None:
-        return self._prepare_inputs(self.generation.blank_batch())
+        return self.place_inputs(self.generation.blank_batch())
 
     def metric_names(self) -> list[str]:
         per_function = [f"online/reward/{name}" for name in self.rewards.names]

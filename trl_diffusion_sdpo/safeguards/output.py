@@ -1,8 +1,9 @@
-"""Diffusion-DPO without a safeguard, and the authors' output-space rule with its formula.
+"""The authors' output-space rule with its formula.
 
-Both take the predictions in one forward pass and leave the backward to the engine. The output space chooses
-``lambda`` on the policy's residuals before the objective (:func:`output_space_lambda`) and scales the gradient of
-the loser's error by it (:func:`scale_gradient`).
+It acts on the predictions of the trainer's one forward pass and leaves the backward to the engine: its hook
+(:meth:`OutputSpace.loser_weight`) chooses ``lambda`` on the policy's residuals before the objective
+(:func:`output_space_lambda`), and the trainer weights the gradient of the loser's error by it
+(:func:`~trl_diffusion_sdpo.step.predictions.scale_gradient`).
 
 The rule (Fu et al., arXiv 2511.03317) is the package's rule (:mod:`trl_diffusion_sdpo.safeguards`) with the
 gradients taken with respect to the predictions, which treats the network Jacobians of the two branches as equal.
@@ -33,19 +34,16 @@ import torch
 
 from ..engines.collectives import all_reduce_sum
 from ..objectives import PreferencePredictions, masked_residual
-from ..step.predictions import denoising_errors
-from .base import MicroBatch, Safeguard, StepResult
+from .base import Safeguard
 from .margin import SafeguardMargin
 
 __all__ = [
-    "DiffusionDPO",
     "OutputSpace",
     "OutputSpaceRule",
     "lambda_from_sums",
     "output_space_eps",
     "output_space_lambda",
     "safeguard_sums",
-    "scale_gradient",
     "winner_preserving_lambda",
 ]
 
@@ -123,16 +121,6 @@ def winner_preserving_lambda(
     return lambda_from_sums(num, den, mu, max_lambda, winner_residual.numel())
 
 
-def scale_gradient(value: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Straight-through gradient scaling: returns ``value`` unchanged, with its gradient multiplied by ``scale``.
-
-    ``value.detach() + scale * (value - value.detach())``: the forward value is exactly ``value`` and
-    ``d out / d value = scale``.
-    """
-    detached = value.detach()
-    return detached + scale * (value - detached)
-
-
 def output_space_lambda(
     predictions: PreferencePredictions,
     mu: float,
@@ -161,12 +149,6 @@ def output_space_lambda(
     return lambda_from_sums(num, den, mu, max_lambda, count)
 
 
-class DiffusionDPO(Safeguard):
-    """No safeguard (``safeguard_space="none"``): the objective's gradient as it is (the base class's step)."""
-
-    name = "none"
-
-
 class OutputSpaceRule:
     """The authors' ``lambda`` with the config's margin, cap and scope: with ``safeguard_scope="global"`` on several
     processes its sums are added up over processes first (every process enters that reduction at every micro-batch;
@@ -186,23 +168,18 @@ class OutputSpaceRule:
 
 
 class OutputSpace(Safeguard):
-    """``safeguard_space="output"``: ``lambda`` from the residuals, the loser error's gradient scaled by it."""
+    """``safeguard_space="output"``: ``lambda`` from the residuals, the loser error's gradient weighted by it
+    (:meth:`loser_weight`, before the objective; the engine's backward follows)."""
 
     name = "output"
     metric_names = ("safeguard/lambda",)
 
-    def __init__(self, args, engine) -> None:
+    def __init__(self, args, engine, *, lora: bool = True, trainable_elements: int = 0) -> None:
         super().__init__(args, engine)
         self.rule = OutputSpaceRule(args, engine.num_processes, self.margin)
 
-    def step(self, batch: MicroBatch) -> StepResult:
-        predictions = batch.predict(False)
-        lam = self.rule(predictions, batch.contributes)
-        errors = denoising_errors(predictions)
-        errors.policy_loser = scale_gradient(errors.policy_loser, lam)  # its value unchanged, its gradient scaled
-        evaluation = batch.evaluate(predictions, errors)
-        self.backward(evaluation.loss, batch)
-        return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output, {"safeguard/lambda": lam})
+    def loser_weight(self, predictions: PreferencePredictions, contributes: bool) -> torch.Tensor:
+        return self.rule(predictions, contributes)
 
     def evaluation_lambdas(self, predictions: PreferencePredictions, contributes: bool) -> dict[str, torch.Tensor]:
         return {"safeguard/lambda": self.rule(predictions, contributes)}

@@ -10,30 +10,32 @@ chooses it so that the optimizer's actual update keeps the winner's error from r
 :meth:`ParameterSpace.log_output_lambda` a step also records the authors' output-space ``lambda`` on the same
 micro-batch, for comparison.
 
-Both run their backward themselves (:class:`ParameterSpaceBackward`) on the unwrapped denoiser. By default that is
-one forward and one backward pass over the whole pair batch, like Diffusion-DPO, with each trainable weight's gradient
-split by branch inside it (per-layer taps, :mod:`~trl_diffusion_sdpo.safeguards.gradients.layer_taps`; the store is
+Both ask the trainer for a backward that keeps the branches apart (:class:`ParameterSpaceBackward`, on the
+unwrapped denoiser) and choose ``lambda`` in their hook after it (:meth:`ParameterSpace.combine`). By default the
+backward is one forward and one backward pass over the whole pair batch, like Diffusion-DPO's, with each trainable
+weight's gradient split by branch inside it (per-layer taps,
+:mod:`~trl_diffusion_sdpo.safeguards.gradients.layer_taps`; the store is
 :class:`~trl_diffusion_sdpo.safeguards.gradients.one_pass.OnePassBranchGradients`)::
 
-    predictions (one pass) -> objective on detached predictions (each branch's cotangent, branch_cotangents)
-    -> one backward, weight gradients split by rows: g_w, h_l -> lambda = f(<g_w, g_w>, <g_w, h_l>)
+    predictions (one pass, tapped) -> errors -> objective -> each branch's cotangent dL/dpred (loss_cotangents)
+    -> one backward, weight gradients split by rows: g_w, h_l                        (OnePass)
+    -> hook: lambda = f(<g_w, g_w>, <g_w, h_l>)                                      (ParameterSpace.combine)
     -> .grad += g_w + lambda * h_l (or the engine's own gradient store) -> (several processes) the engine's
-    collectives
+    collectives                                                                      (SeparatedBranches.combine)
 
 Where that cannot run (a trainable weight no tap covers, a layer that sees rows it cannot group,
-``safeguard_passes="two"``) it runs the reference implementation: one forward and one
-backward pass per branch (:mod:`~trl_diffusion_sdpo.safeguards.gradients.per_branch`), and says once why. The per-pair
-scope
-splits by image instead: one ``lambda_i`` per pair, ``.grad += sum_i (g_w,i + lambda_i * h_l,i)`` (one pass only).
-The reductions over processes are the engine's
+``safeguard_passes="two"``) it runs the reference implementation: one forward and one backward pass per branch
+(:class:`PerBranchPasses`, :mod:`~trl_diffusion_sdpo.safeguards.gradients.per_branch`), and says once why. The
+per-pair scope splits by image instead: one ``lambda_i`` per pair, ``.grad += sum_i (g_w,i + lambda_i * h_l,i)`` (one
+pass only). The reductions over processes are the engine's
 :class:`~trl_diffusion_sdpo.safeguards.gradients.collectives.BranchCollectives`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -42,8 +44,9 @@ from ..engines import Engine
 from ..engines.base import trainable_parameters
 from ..engines.collectives import all_reduce_sum
 from ..objectives import PreferencePredictions
+from ..step.backward import BackwardWindow
 from ..step.predictions import Evaluation
-from .base import MicroBatch, Safeguard, StepResult
+from .base import Safeguard
 from .gradients import OnePassBranchGradients, PerBranchStore, collectives_for
 from .margin import SafeguardMargin
 from .output import OutputSpaceRule
@@ -53,11 +56,15 @@ __all__ = [
     "PAIR_SCOPE_MAX_FULL_BYTES",
     "SAFEGUARD_PASSES",
     "ParameterSpace",
+    "OnePass",
     "ParameterSpaceBackward",
+    "PerBranchPasses",
+    "SeparatedBranches",
     "UpdateSpace",
     "branch_cotangents",
     "check_pair_scope_memory",
     "gradient_dots",
+    "loss_cotangents",
     "pair_scope_memory_bytes",
     "parameter_space_lambda",
     "safeguarded_gradients",
@@ -192,7 +199,9 @@ def branch_cotangents(
 
 
 class ParameterSpaceBackward:
-    """Runs a micro-batch's backward with margin ``mu`` and cap ``max_lambda`` on ``engine``.
+    """The backward that keeps a micro-batch's winner and loser gradients apart, with margin ``mu`` and cap
+    ``max_lambda`` on ``engine``: the trainer runs its :meth:`passes`, then the safeguard's hook chooses ``lambda``
+    on the branches (:meth:`lambda_of`) and has them write ``g_w + lambda * h_l`` (:meth:`SeparatedBranches.combine`).
 
     ``global_scope``: one ``lambda`` for the global micro-batch (the inner products are reduced over processes),
     else one per process. ``pair_scope``: one ``lambda`` per pair (the one pass only). ``passes``: ``"one"`` (the
@@ -202,6 +211,9 @@ class ParameterSpaceBackward:
     ``update_space``: choose ``lambda`` on the optimizer's update instead (one ``lambda`` for the global micro-batch
     whatever ``global_scope``), with ``max_grad_norm`` the trainer's clipping threshold (``<= 0``: no clipping).
     """
+
+    #: the passes run on the unwrapped denoiser, outside DDP's hooks: the collectives reduce what they would have
+    through_engine = False
 
     def __init__(
         self,
@@ -230,7 +242,7 @@ class ParameterSpaceBackward:
         self.global_scope = global_scope and engine.num_processes > 1
         self.pair_scope = pair_scope
         self.update_space, self.max_grad_norm = update_space, max_grad_norm
-        self.passes = passes
+        self.passes_option = passes
         self.store: PerBranchStore | None = None  # the per-branch passes' store, built when they run
         self.one_pass: OnePassBranchGradients | None = None
         #: why the per-branch passes run instead of one pass (``None``: one pass, or not decided yet)
@@ -247,6 +259,39 @@ class ParameterSpaceBackward:
         """``mu`` in force (``safeguard_mu="auto"`` moves it between optimizer steps)."""
         return self.margin.value
 
+    def passes(self, policy: torch.nn.Module, window: BackwardWindow) -> Iterator[OnePass | PerBranchPasses]:
+        """The micro-batch's passes over ``policy`` (the unwrapped denoiser), each scaled as the engine's backward
+        would scale the loss (the accumulation average, the fp16 loss scale): the tapped one pass where it can run,
+        else, or where the first micro-batch's could not split its branches, one pass per branch."""
+        yield from self._passes(policy, window, self._backward_scale(window))
+
+    def _passes(
+        self, policy: torch.nn.Module, window: BackwardWindow, scale: torch.Tensor
+    ) -> Iterator[OnePass | PerBranchPasses]:
+        if not self._decided:
+            self._decide(policy)
+        if self.one_pass is not None:
+            one = OnePass(self, window, scale)
+            yield one
+            if one.branches is not None:
+                return
+        yield PerBranchPasses(self, policy, window, scale)
+
+    def _backward_scale(self, window: BackwardWindow) -> torch.Tensor:
+        """What the engine's backward multiplies a loss by: the accumulation average and the fp16 grad scaler's
+        current scale (a device tensor: no host sync)."""
+        accelerator = self.engine.accelerator
+        scale = torch.full((), 1.0 / window.accumulation_steps, device=accelerator.device)
+        return scale if accelerator.scaler is None else accelerator.scaler.scale(scale)
+
+    def lambda_of(self, branches: SeparatedBranches, optimizer: torch.optim.Optimizer | None) -> torch.Tensor:
+        """``lambda`` of the rule on ``branches``: from ``<g_w, g_w>`` and ``<g_w, h_l>`` (one per pair with the
+        pair scope), or, in the update space, on ``optimizer``'s update of ``g_w + lambda * h_l``."""
+        if self.update_space:
+            return self._update_space_lambda(branches, optimizer)
+        winner_sq, cross = branches.sums()
+        return parameter_space_lambda(winner_sq, cross, self.mu, self.max_lambda)
+
     def __call__(
         self,
         policy: torch.nn.Module,
@@ -259,40 +304,40 @@ class ParameterSpaceBackward:
         optimizer: torch.optim.Optimizer | None = None,
         pairs: int | None = None,
     ) -> tuple[Evaluation | torch.Tensor, torch.Tensor, PreferencePredictions]:
-        """``(evaluation, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients (the
+        """This stage alone, as the trainer's step runs it (for tests and benchmarks without a trainer):
+        ``(evaluation, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients (the
         pair scope: ``lambda`` holds one value per pair).
 
         Args:
             policy: the unwrapped denoiser (the passes bypass DDP's hooks; the engine reduces once).
             predict: the micro-batch's predictions, ``predict(separate_branches)``: one forward pass over both
-                branches (``False``) or one per branch (``True``). It may be called twice (a fallback), and must
-                then predict the same noised pair. A callable, not the predictions: the forward pass must run inside
-                the tapped pass this stage opens.
+                branches (``False``) or one per branch (``True``); called again, on the same noised pair, where the
+                first micro-batch falls back to the per-branch passes.
             evaluate: errors and objective of a micro-batch's predictions (an
-                :class:`~trl_diffusion_sdpo.step.stages.Evaluation`, or the loss alone); it is evaluated on detached
-                copies of the policy's predictions to get each branch's cotangent, and returned.
+                :class:`~trl_diffusion_sdpo.step.predictions.Evaluation`, or the loss alone).
             scale: what a plain backward would multiply the loss by (accumulation average, fp16 loss scale).
             contributes: ``False`` for a replayed micro-batch that joins the other processes' collectives with a
                 zero contribution.
             sync_gradients: whether this micro-batch closes the accumulation window.
             optimizer: the training optimizer, read (never changed) by the update space.
-            pairs: the micro-batch's number of pairs (the pair scope groups rows by it; else read off the
-                predictions).
+            pairs: the micro-batch's number of pairs (the pair scope groups rows by it).
         """
-        if not self._decided:
-            self._decide(policy)
-        if self.one_pass is not None:
-            done = self._one_pass(predict, evaluate, scale, contributes, sync_gradients, optimizer, pairs)
-            if done is not None:
-                return done
-        return self._two_passes(policy, predict, evaluate, scale, contributes, sync_gradients, optimizer)
+        window = BackwardWindow(sync_gradients=sync_gradients, contributes=contributes, pairs=pairs)
+        for gradient_pass in self._passes(policy, window, scale):
+            with gradient_pass:
+                predictions = predict(gradient_pass.separate_branches)
+                evaluation = evaluate(predictions)
+                gradient_pass.backward(getattr(evaluation, "loss", evaluation), predictions)
+        lam = self.lambda_of(gradient_pass.branches, optimizer)
+        gradient_pass.branches.combine(lam)
+        return evaluation, lam, predictions
 
     # ------------------------------------------------------------------ which passes
 
     def _decide(self, policy: torch.nn.Module) -> None:
         """One pass where the engine, the trainable weights and ``passes`` allow it; else why not, said once."""
         self._decided = True
-        reason = "safeguard_passes='two'" if self.passes == "two" else self.collectives.one_pass_reason()
+        reason = "safeguard_passes='two'" if self.passes_option == "two" else self.collectives.one_pass_reason()
         if reason is None:
             store = self.collectives.one_pass_store(policy, trainable_parameters(policy))
             if store.uncovered:
@@ -316,7 +361,7 @@ class ParameterSpaceBackward:
                 f"keep the winner's gradient inside the engine), which cannot run here: {reason}. Use "
                 "safeguard_space='parameter', or DDP or FSDP2 with safeguard_space='update'."
             )
-        if self.passes == "one":
+        if self.passes_option == "one":
             logger.warning("The exact safeguard runs one forward and backward pass per branch: %s.", reason)
 
     def _agreed(self, failed: bool) -> bool:
@@ -327,116 +372,18 @@ class ParameterSpaceBackward:
         device = self.one_pass.parameters[0].device if self.one_pass is not None else None
         return bool(all_reduce_sum(torch.tensor(float(failed), device=device)).item() > 0)
 
-    # ------------------------------------------------------------------ one pass
-
-    def _one_pass(self, predict, evaluate, scale, contributes, sync_gradients, optimizer, pairs):
-        store = self.one_pass
-        groups = 2 * pairs if self.pair_scope else 2
-        if self.pair_scope and pairs is None:
-            raise ValueError("the pair scope needs the micro-batch's number of pairs (pairs=)")
-        probe = not self._probed
-        before = store.grad_states() if probe else None
-        with store.split(groups), self.collectives.tapped_pass(store.parameters):
-            predictions = predict(False)
-            failed = bool(store.failures)
-            if probe:
-                failed = self._agreed(failed)
-            elif failed:
-                raise RuntimeError(
-                    "a layer could not be tapped in this micro-batch although it was in the first: "
-                    + "; ".join(store.failures[:3])
-                )
-            if not failed:
-                evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
-                outputs = (predictions.policy_winner, predictions.policy_loser)
-                self.collectives.tapped_backward(outputs, (cot_winner, cot_loser))
-        if failed:
-            self._fall_back("layers saw rows they could not split by branch: " + "; ".join(store.failures[:3]))
-            return None
-        if probe:
-            self._probed = True
-            untapped = store.untapped_gradients(before)
-            if self._agreed(bool(untapped)):
-                names = ", ".join(store.taps.names[i] for i in untapped[:5]) if untapped else "on another process"
-                for i in untapped:
-                    if before[i][0] is not None or self.collectives.owns_gradients:
-                        raise RuntimeError(
-                            f"trainable weights received gradients outside their layers' taps ({names}) while "
-                            "holding accumulated gradients (or under an engine that took them); set "
-                            "safeguard_passes='two'"
-                        )
-                    store.parameters[i].grad = None
-                self._fall_back(f"gradients reached weights outside their layers' taps ({names})")
-                return None
-        if self.pair_scope:
-            winner_sq, cross = self.collectives.reduce_pair_sums(*store.pair_sums())
-            lam = parameter_space_lambda(winner_sq, cross, self.mu, self.max_lambda)
-            combined = store.pair_combination(lam)
-        elif self.update_space:
-            lam = self._update_space_lambda(*store.branch_gradients(), optimizer, scale)  # reduced in place
-            combined = store.combination(lam)
-        else:
-            winner_sq, cross = store.branch_sums(self.collectives.winner_reduction(self.global_scope))
-            winner_sq, cross = self.collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
-            lam = parameter_space_lambda(winner_sq, cross, self.mu, self.max_lambda)
-            combined = store.combination(lam)
-        self.collectives.add_combined(store, combined, sync_gradients, reduced=self.update_space)
-        return evaluation, lam, predictions
-
-    @staticmethod
-    def _cotangents(predictions, evaluate, scale, contributes):
-        """``(evaluation, scale * dL/dpred_w, scale * dL/dpred_l)``; zeros for a micro-batch that does not
-        contribute."""
-
-        def loss_of(policy_winner: torch.Tensor, policy_loser: torch.Tensor) -> Evaluation | torch.Tensor:
-            branches = dataclasses.replace(predictions, policy_winner=policy_winner, policy_loser=policy_loser)
-            return evaluate(branches)
-
-        evaluation, cot_winner, cot_loser = branch_cotangents(
-            loss_of, predictions.policy_winner, predictions.policy_loser
-        )
-        if not contributes:
-            return evaluation, torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
-        scale = scale.to(cot_winner)
-        return evaluation, cot_winner * scale, cot_loser * scale
-
-    # ------------------------------------------------------------------ two passes (the reference implementation)
-
-    def _two_passes(self, policy, predict, evaluate, scale, contributes, sync_gradients, optimizer):
-        collectives = self.collectives
-        if self.store is None:
-            self.store = collectives.per_branch_store(trainable_parameters(policy))
-        store = self.store
-        accumulated = collectives.set_aside_accumulated(policy, store.parameters)
-        predictions = predict(True)
-        evaluation, cot_winner, cot_loser = self._cotangents(predictions, evaluate, scale, contributes)
-        winner_sq = store.backward_winner(
-            predictions.policy_winner, cot_winner, collectives.winner_reduction(self.global_scope)
-        )
-        cross = store.backward_loser(predictions.policy_loser, cot_loser)
-        if self.update_space:
-            winner, loser = store.branch_gradients()
-            lam = self._update_space_lambda(winner, loser, optimizer, scale)
-            store.set_combined(lam, winner, loser)
-            collectives.restore_accumulated(store.parameters, accumulated)
-            return evaluation, lam, predictions
-        winner_sq, cross = collectives.reduce_branch_sums(winner_sq, cross, self.global_scope)
-        lam = parameter_space_lambda(winner_sq, cross, self.mu, self.max_lambda)
-        store.combine(lam)
-        collectives.restore_accumulated(store.parameters, accumulated)
-        collectives.reduce_combined_gradients(store.parameters, sync_gradients)
-        return evaluation, lam, predictions
-
-    def _update_space_lambda(self, winner, loser, optimizer, scale: torch.Tensor) -> torch.Tensor:
+    def _update_space_lambda(
+        self, branches: SeparatedBranches, optimizer: torch.optim.Optimizer | None
+    ) -> torch.Tensor:
         """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes in place (what the
         optimizer will see; on shards, FSDP2's reduce-scatter did it), ``lambda`` from them and the optimizer's
         state, its sums added up over processes where each holds a shard."""
         if optimizer is None:
             raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
-        self.collectives.reduce_branch_gradients(winner, loser)
-        parameters = self.one_pass.parameters if self.one_pass is not None else self.store.parameters
+        winner, loser = branches.gradients()
+        scale = branches.scale
         update = OptimizerUpdate(
-            *self.collectives.update_inputs(optimizer, parameters, winner, loser),
+            *self.collectives.update_inputs(optimizer, branches.parameters, winner, loser),
             self.max_grad_norm,
             unscale=scale.reciprocal() if torch.is_tensor(scale) else 1.0 / scale,  # the optimizer's units
             reduce_sum=self.collectives.update_sum_reduction(),
@@ -444,6 +391,212 @@ class ParameterSpaceBackward:
         )
         lam, self.infeasible = update_space_lambda(update, float(self.mu), self.max_lambda)
         return lam
+
+
+def loss_cotangents(
+    loss: torch.Tensor, predictions: PreferencePredictions, scale: torch.Tensor, contributes: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale * dL/dpred_w, scale * dL/dpred_l)``: the loss's gradient with respect to each branch's policy
+    predictions, through the objective only (the network's part of the graph is left for the branches' backward);
+    zeros for a micro-batch that does not contribute. Backpropagating each through its branch gives ``g_w`` and
+    ``h_l``, and their sum is the loss's gradient (the loss depends on the weights only through the predictions)."""
+    winner, loser = predictions.policy_winner, predictions.policy_loser
+    cot_winner, cot_loser = torch.autograd.grad(loss, (winner, loser), allow_unused=True)
+    cot_winner = torch.zeros_like(winner) if cot_winner is None else cot_winner
+    cot_loser = torch.zeros_like(loser) if cot_loser is None else cot_loser
+    if not contributes:
+        return torch.zeros_like(cot_winner), torch.zeros_like(cot_loser)
+    scale = scale.to(cot_winner)
+    return cot_winner * scale, cot_loser * scale
+
+
+class SeparatedBranches:
+    """A micro-batch's winner and loser gradients after the backward, kept apart until ``lambda`` is known: what a
+    safeguard's hook reads (:meth:`sums`, :meth:`gradients`) and what writes its combination (:meth:`combine`).
+
+    Attributes:
+        parameters: the trainable weights.
+        predictions: the predictions the branches were backpropagated from.
+        window: the micro-batch's place in its accumulation window.
+        scale: what the backward multiplied the loss by (the optimizer's units are ``1 / scale`` of the branches').
+    """
+
+    def __init__(self, stage: ParameterSpaceBackward, predictions, window: BackwardWindow, scale) -> None:
+        self.stage, self.collectives = stage, stage.collectives
+        self.predictions, self.window, self.scale = predictions, window, scale
+        self.reduced = False  # whether gradients() averaged both branches over processes already
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(<g_w, g_w>, <g_w, h_l>)`` over the stage's scope (per pair: vectors of one value per pair)."""
+        raise NotImplementedError
+
+    def gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(g_w, h_l)`` per weight, averaged over processes in place (what the optimizer will see)."""
+        raise NotImplementedError
+
+    def combine(self, lam: torch.Tensor) -> None:
+        """``.grad = A + g_w + lambda * h_l`` (or the engine's gradient store), reduced over processes as the
+        engine's backward would have been."""
+        raise NotImplementedError
+
+
+class _OnePassBranches(SeparatedBranches):
+    """The one pass's buffer: each weight's gradient split by branch (or by image, the pair scope) by the taps."""
+
+    def __init__(self, stage, predictions, window, scale) -> None:
+        super().__init__(stage, predictions, window, scale)
+        self.store = stage.one_pass
+        self.parameters = self.store.parameters
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stage.pair_scope:
+            return self.collectives.reduce_pair_sums(*self.store.pair_sums())
+        global_scope = self.stage.global_scope
+        winner_sq, cross = self.store.branch_sums(self.collectives.winner_reduction(global_scope))
+        return self.collectives.reduce_branch_sums(winner_sq, cross, global_scope)
+
+    def gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        winner, loser = self.store.branch_gradients()
+        self.collectives.reduce_branch_gradients(winner, loser)
+        self.reduced = True
+        return winner, loser
+
+    def combine(self, lam: torch.Tensor) -> None:
+        store = self.store
+        combined = store.pair_combination(lam) if self.stage.pair_scope else store.combination(lam)
+        self.collectives.add_combined(store, combined, self.window.sync_gradients, reduced=self.reduced)
+
+
+class _PerBranchBranches(SeparatedBranches):
+    """The per-branch passes' store, the gradients accumulated before the micro-batch set aside until combined."""
+
+    def __init__(self, stage, predictions, window, scale, sums, accumulated) -> None:
+        super().__init__(stage, predictions, window, scale)
+        self.store = stage.store
+        self.parameters = self.store.parameters
+        self._sums, self._accumulated = sums, accumulated
+        self._gradients: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.collectives.reduce_branch_sums(*self._sums, self.stage.global_scope)
+
+    def gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        winner, loser = self.store.branch_gradients()
+        self.collectives.reduce_branch_gradients(winner, loser)
+        self.reduced, self._gradients = True, (winner, loser)
+        return winner, loser
+
+    def combine(self, lam: torch.Tensor) -> None:
+        store, collectives = self.store, self.collectives
+        if self._gradients is not None:  # the update space: both branches already averaged over processes
+            store.set_combined(lam, *self._gradients)
+            collectives.restore_accumulated(store.parameters, self._accumulated)
+            return
+        store.combine(lam)
+        collectives.restore_accumulated(store.parameters, self._accumulated)
+        collectives.reduce_combined_gradients(store.parameters, self.window.sync_gradients)
+
+
+class OnePass:
+    """One forward and one backward pass over both branches, the taps splitting each weight's gradient by branch
+    (or by image) inside it. Where a layer could not split its rows (the first micro-batch, every process agreeing)
+    it forms no gradient and :attr:`branches` stays ``None``: the per-branch passes follow."""
+
+    separate_branches = False
+
+    def __init__(self, stage: ParameterSpaceBackward, window: BackwardWindow, scale: torch.Tensor) -> None:
+        if stage.pair_scope and window.pairs is None:
+            raise ValueError("the pair scope needs the micro-batch's number of pairs (pairs=)")
+        self.stage, self.window, self.scale = stage, window, scale
+        self.branches: SeparatedBranches | None = None
+        self._contexts = contextlib.ExitStack()
+        self._failed = False
+        self._predictions: PreferencePredictions | None = None
+
+    def __enter__(self) -> OnePass:
+        stage, store = self.stage, self.stage.one_pass
+        self._probe = not stage._probed
+        self._before = store.grad_states() if self._probe else None
+        groups = 2 * self.window.pairs if stage.pair_scope else 2
+        self._contexts.enter_context(store.split(groups))
+        self._contexts.enter_context(stage.collectives.tapped_pass(store.parameters))
+        return self
+
+    def backward(self, loss: torch.Tensor, predictions: PreferencePredictions) -> None:
+        stage, store = self.stage, self.stage.one_pass
+        failed = bool(store.failures)
+        if self._probe:
+            failed = stage._agreed(failed)
+        elif failed:
+            raise RuntimeError(
+                "a layer could not be tapped in this micro-batch although it was in the first: "
+                + "; ".join(store.failures[:3])
+            )
+        if failed:
+            self._failed = True
+            return
+        cot_winner, cot_loser = loss_cotangents(loss, predictions, self.scale, self.window.contributes)
+        outputs = (predictions.policy_winner, predictions.policy_loser)
+        stage.collectives.tapped_backward(outputs, (cot_winner, cot_loser))
+        self._predictions = predictions
+
+    def __exit__(self, *exc: object) -> None:
+        self._contexts.close()
+        if exc[0] is not None:
+            return
+        stage, store = self.stage, self.stage.one_pass
+        if self._failed:
+            stage._fall_back("layers saw rows they could not split by branch: " + "; ".join(store.failures[:3]))
+            return
+        if self._probe:
+            stage._probed = True
+            untapped = store.untapped_gradients(self._before)
+            if stage._agreed(bool(untapped)):
+                names = ", ".join(store.taps.names[i] for i in untapped[:5]) if untapped else "on another process"
+                for i in untapped:
+                    if self._before[i][0] is not None or stage.collectives.owns_gradients:
+                        raise RuntimeError(
+                            f"trainable weights received gradients outside their layers' taps ({names}) while "
+                            "holding accumulated gradients (or under an engine that took them); set "
+                            "safeguard_passes='two'"
+                        )
+                    store.parameters[i].grad = None
+                stage._fall_back(f"gradients reached weights outside their layers' taps ({names})")
+                return
+        self.branches = _OnePassBranches(stage, self._predictions, self.window, self.scale)
+
+
+class PerBranchPasses:
+    """One forward and one backward pass per branch (the reference implementation of the split, and the one pass's
+    fallback), the winner's gradient kept in the store while the loser's streams past it."""
+
+    separate_branches = True
+
+    def __init__(
+        self, stage: ParameterSpaceBackward, policy: torch.nn.Module, window: BackwardWindow, scale: torch.Tensor
+    ) -> None:
+        self.stage, self.policy, self.window, self.scale = stage, policy, window, scale
+        self.branches: SeparatedBranches | None = None
+
+    def __enter__(self) -> PerBranchPasses:
+        stage = self.stage
+        if stage.store is None:
+            stage.store = stage.collectives.per_branch_store(trainable_parameters(self.policy))
+        self._accumulated = stage.collectives.set_aside_accumulated(self.policy, stage.store.parameters)
+        return self
+
+    def backward(self, loss: torch.Tensor, predictions: PreferencePredictions) -> None:
+        stage, store = self.stage, self.stage.store
+        cot_winner, cot_loser = loss_cotangents(loss, predictions, self.scale, self.window.contributes)
+        reduce_winner = stage.collectives.winner_reduction(stage.global_scope)
+        winner_sq = store.backward_winner(predictions.policy_winner, cot_winner, reduce_winner)
+        cross = store.backward_loser(predictions.policy_loser, cot_loser)
+        self.branches = _PerBranchBranches(
+            stage, predictions, self.window, self.scale, (winner_sq, cross), self._accumulated
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def check_pair_scope_memory(args, *, lora: bool, trainable_elements: int) -> None:
@@ -461,7 +614,8 @@ def check_pair_scope_memory(args, *, lora: bool, trainable_elements: int) -> Non
 
 
 class ParameterSpace(Safeguard):
-    """``safeguard_space="parameter"``: ``lambda`` from ``<g_w, g_w>`` and ``<g_w, h_l>``.
+    """``safeguard_space="parameter"``: ``lambda`` from ``<g_w, g_w>`` and ``<g_w, h_l>``, chosen by its hook
+    (:meth:`combine`) after the backward its :attr:`backward_stage` runs with the branches kept apart.
 
     Args:
         lora: whether LoRA adapters are trained (the per-pair scope's memory check).
@@ -470,7 +624,6 @@ class ParameterSpace(Safeguard):
 
     name = "parameter"
     metric_names = ("safeguard/lambda",)
-    engine_backward = False
     update_space = False
 
     def __init__(self, args, engine, *, lora: bool = True, trainable_elements: int = 0) -> None:
@@ -497,21 +650,15 @@ class ParameterSpace(Safeguard):
             self.output_rule = OutputSpaceRule(args, self.engine.num_processes, self.margin)
             self.metric_names = (self.metric_names[0], "safeguard/output_lambda", *self.metric_names[1:])
 
-    def step(self, batch: MicroBatch) -> StepResult:
-        evaluation, lam, predictions = self.backward_stage(
-            batch.model,
-            batch.predict,
-            batch.evaluate,
-            self.backward_scale(batch, self.engine.accelerator.device),
-            contributes=batch.contributes,
-            sync_gradients=batch.sync_gradients,
-            optimizer=batch.optimizer,
-            pairs=batch.pairs,
-        )
+    def combine(
+        self, branches: SeparatedBranches, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, torch.Tensor | None]:
+        lam = self.backward_stage.lambda_of(branches, optimizer)
+        branches.combine(lam)
         lambdas = self._lambdas(lam)
         if self.output_rule is not None:  # every process enters its reduction (the global scope), replays included
-            lambdas["safeguard/output_lambda"] = self.output_rule(predictions, batch.contributes)
-        return StepResult(evaluation.loss.detach(), evaluation.errors, evaluation.output, lambdas)
+            lambdas["safeguard/output_lambda"] = self.output_rule(branches.predictions, branches.window.contributes)
+        return lambdas
 
     def _lambdas(self, lam: torch.Tensor) -> dict[str, torch.Tensor | None]:
         return {"safeguard/lambda": lam}

@@ -1,7 +1,7 @@
 """The training step's stages, each a function or a small object taking what it needs as arguments.
 
-batch -> noised pair -> predictions -> errors and objective (:mod:`.stages`, with the keyed random draws of
-:mod:`.draws`) -> the safeguard's step (:mod:`trl_diffusion_sdpo.safeguards`: ``lambda`` and the backward) -> guard
-(:mod:`.guard`: non-finite handling) -> metrics (:mod:`.metrics`) -> optimizer (:mod:`.optimizer`: lean zeroing
-and clipping).
+batch -> noised pair (:mod:`.stages`, with its keyed random draws) -> predictions of the policy and the reference ->
+denoising errors -> objective -> metrics (:mod:`.predictions`) -> backward (:mod:`.backward`: the engine's, or a
+safeguard's that keeps the branches apart). The trainer calls them in this order
+(``DiffusionSDPOTrainer.training_step``); a safeguard's hooks (:mod:`trl_diffusion_sdpo.safeguards`) act between them.
 """

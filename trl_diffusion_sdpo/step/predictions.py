@@ -9,7 +9,8 @@ names, FLUX's latent packing) comes from the model family as ``call``.
 * predictions: the policy's and the reference's, in one forward pass over both branches or one per branch
   (:func:`predict_pairs`);
 * errors and objective: :func:`denoising_errors`, :func:`evaluate_objective` (the formulas are in
-  :mod:`trl_diffusion_sdpo.objectives`); with a loss mask (``loss_mask [B, 2, 1, H, W]`` in the batch, flipped and
+  :mod:`trl_diffusion_sdpo.objectives`), with the loser error's gradient weighted where a safeguard asks
+  (:func:`scale_gradient`); with a loss mask (``loss_mask [B, 2, 1, H, W]`` in the batch, flipped and
   cropped with its images, brought to latent size by the family), each error is the mask's weighted mean;
 * metrics: what a micro-batch's errors and objective record, kept on the device and reduced over every process once
   per log (:func:`record_metrics`).
@@ -66,6 +67,7 @@ __all__ = [
     "Reference",
     "reference_for",
     "refreshed_reference",
+    "scale_gradient",
     "step_metric_names",
 ]
 
@@ -375,15 +377,29 @@ class Evaluation:
         return self.output.loss
 
 
+def scale_gradient(value: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Straight-through gradient scaling: returns ``value`` unchanged, with its gradient multiplied by ``scale``.
+
+    ``value.detach() + scale * (value - value.detach())``: the forward value is exactly ``value`` and
+    ``d out / d value = scale``.
+    """
+    detached = value.detach()
+    return detached + scale * (value - detached)
+
+
 def evaluate_objective(
     objective: PreferenceObjective,
     predictions: PreferencePredictions,
     pair_scores: torch.Tensor | None = None,
     errors: DenoisingErrors | None = None,
+    loser_weight: torch.Tensor | None = None,
 ) -> Evaluation:
-    """errors -> objective: the per-sample errors of ``predictions`` (or ``errors`` where the caller formed them:
-    the output-space safeguard scales the loser's) and ``objective`` on them."""
+    """errors -> objective: the per-sample errors of ``predictions`` (or ``errors`` where the caller formed them) and
+    ``objective`` on them. ``loser_weight`` (the output-space safeguard's ``lambda``) scales the gradient of the
+    policy's loser errors and leaves their values, so the loss and its metrics are Diffusion-DPO's."""
     errors = denoising_errors(predictions) if errors is None else errors
+    if loser_weight is not None:
+        errors.policy_loser = scale_gradient(errors.policy_loser, loser_weight)
     return Evaluation(errors, objective(predictions, errors, pair_scores=pair_scores))
 
 
@@ -511,12 +527,19 @@ def step_metric_names(objective: PreferenceObjective, safeguard_names: Sequence[
     return metric_names(objective, safeguard_names) + list(QUARTILE_METRICS)
 
 
-def record_step_metrics(stored: Stored, result: Any, noised: Any, num_train_timesteps: int) -> None:
+def record_step_metrics(
+    stored: Stored,
+    evaluation: Evaluation,
+    lambdas: dict[str, torch.Tensor | None],
+    noised: Any,
+    num_train_timesteps: int,
+) -> None:
     """A training micro-batch's metrics (:func:`record_metrics`) and its margin by timestep quartile
-    (:func:`record_margin_quartiles`): ``result`` is the safeguard's step result, ``noised`` its noised pair."""
-    record_metrics(stored, result.errors, result.output, result.lambdas)
+    (:func:`record_margin_quartiles`): ``evaluation`` its errors and objective, ``lambdas`` each ``lambda`` a
+    safeguard chose by metric name, ``noised`` its noised pair."""
+    record_metrics(stored, evaluation.errors, evaluation.output, lambdas)
     timesteps = noised.noised.timesteps[: noised.num_pairs]  # a pair's two images share one timestep
-    record_margin_quartiles(stored, result.output.logits, timesteps, num_train_timesteps)
+    record_margin_quartiles(stored, evaluation.output.logits, timesteps, num_train_timesteps)
 
 
 def metric_stores() -> dict[str, defaultdict[str, list[torch.Tensor]]]:

@@ -15,8 +15,7 @@
 The predictions, errors and objective come next (:mod:`.predictions`). :class:`MicroBatchStages` holds what the
 stages need (the family, its noiser, the reference, the keyed draws and the augmentation settings) and runs them in
 order; each stage is a public method or function taking what it needs as arguments, so tests can run or replace one
-alone. The safeguard's step (:mod:`trl_diffusion_sdpo.safeguards`) runs the predictions and the objective, then the
-backward.
+alone. The trainer's step then runs the objective (:mod:`.predictions`) and the backward (:mod:`.backward`).
 """
 
 from __future__ import annotations

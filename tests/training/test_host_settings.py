@@ -1,0 +1,117 @@
+"""The package is a guest in its host process: importing any of its modules, building a trainer and training change
+no setting of another library (progress bars, verbosity, loggers, diffusers' pipeline class) and no field of the
+caller's config. The trainer decides for its own progress bar only: on a terminal transformers' bar with its rate and
+time left, written to a file a line per log and no carriage-return redraws."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from tests.helpers.common import worker_environment
+
+ROOT = Path(__file__).resolve().parents[2]
+# tqdm's training bar once the run is over: "3/3 [00:04<00:00,  1.52s/it]" (elapsed<left, rate)
+FINISHED_BAR = r"{steps}/{steps} \[\d\d:\d\d<00:00, +\d+(\.\d+)?(it/s|s/it)\]"
+
+
+def run_in_terminal(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str]:
+    """``args`` with stdin, stdout and stderr on a pseudo-terminal of 120 columns; its exit status and output."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(
+        args, stdin=follower, stdout=follower, stderr=follower, cwd=cwd, env=worker_environment(), close_fds=True
+    )
+    os.close(follower)
+    output, deadline = bytearray(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if not ready:
+            if process.poll() is not None:
+                break
+            continue
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    return process.wait(timeout=60), output.decode(errors="replace")
+
+
+def run_to_file(args: list[str], cwd: Path, log: Path) -> tuple[int, str]:
+    with open(log, "w") as out:
+        status = subprocess.run(
+            args, cwd=cwd, env=worker_environment(), stdout=out, stderr=subprocess.STDOUT, timeout=600
+        ).returncode
+    return status, log.read_text()
+
+
+def test_importing_every_module_and_training_change_no_setting_of_another_library(tmp_path):
+    """In a fresh interpreter: the libraries' switches, verbosities and loggers (levels, filters, handlers) before,
+    then every module of the package imported, a tiny trainer built and trained a step, and the same after."""
+    out = tmp_path / "settings.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.host_settings", "settings", str(out)],
+        cwd=ROOT,
+        env=worker_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["changed"] == [], report["changed"]
+    # only modules of optional extras that are not installed are left out of the walk
+    assert all("(trl_diffusion_sdpo" not in skipped for skipped in report["skipped"]), report["skipped"]
+    before, after = report["caller"]
+    assert before == after == {"disable_tqdm": False, "dataloader_num_workers": 0, "learning_rate": 1e-3}
+
+
+def test_the_trainers_bar_shows_its_rate_and_time_left_on_a_terminal(tmp_path):
+    status, text = run_in_terminal([sys.executable, "-m", "tests.helpers.host_settings", "train", "3"], ROOT)
+    assert status == 0, text[-4000:]
+    assert re.search(FINISHED_BAR.format(steps=3), text), text[-4000:]
+    assert "\r" in text  # drawn in place
+
+
+def test_written_to_a_file_each_log_is_a_line_and_nothing_is_redrawn(tmp_path):
+    status, text = run_to_file(
+        [sys.executable, "-m", "tests.helpers.host_settings", "train", "3"], ROOT, tmp_path / "train.log"
+    )
+    assert status == 0, text[-4000:]
+    assert "\r" not in text and "\x1b[A" not in text, text[-4000:]
+    assert len([line for line in text.splitlines() if line.startswith("{'loss':")]) == 3, text[-4000:]
+    assert len([line for line in text.splitlines() if line.startswith("{'train_runtime':")]) == 1, text[-4000:]
+
+
+def test_the_train_command_shows_the_bar_on_a_terminal(tmp_path):
+    """The command line quiets the libraries only off a terminal; on one, train draws transformers' bar (its output
+    to a file: tests/io/test_log_files.py)."""
+    data = tmp_path / "pairs.jsonl"
+    rows = []
+    for i, (asked, other) in enumerate([("red", "blue"), ("blue", "red")] * 2):
+        Image.new("RGB", (32, 32), asked).save(tmp_path / f"{i}-chosen.png")
+        Image.new("RGB", (32, 32), other).save(tmp_path / f"{i}-rejected.png")
+        rows.append({"prompt": f"{asked} square", "chosen": f"{i}-chosen.png", "rejected": f"{i}-rejected.png"})
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
+    command = [sys.executable, "-m", "trl_diffusion_sdpo", "train", "--config", config, "--dataset_name", str(data)]
+    command += ["--output_dir", str(tmp_path / "tuned"), "--max_steps", "2", "--logging_steps", "1"]
+    status, text = run_in_terminal(command, tmp_path)
+    assert status == 0, text[-4000:]
+    assert re.search(FINISHED_BAR.format(steps=2), text), text[-4000:]
