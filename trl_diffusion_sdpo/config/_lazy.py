@@ -8,6 +8,10 @@ Not transformers' ``_LazyModule``: importing it imports transformers' top level 
 ``python -X importtime``, against a few milliseconds for this package), which ``import trl_diffusion_sdpo`` and the
 command line's ``--help`` do without (``tests/docs/test_imports.py``); diffusers' imports torch. TRL, too, keeps its
 own (``trl/_lazy_module.py``).
+
+The registries of what a run chooses by name (model families, objectives, engines) name their built-in members as
+``"package.module:attribute"`` and import one with :func:`import_target` when it is chosen, so a run loads the members
+it uses and no other.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["lazy_attributes"]
+__all__ = ["import_target", "lazy_attributes"]
 
 
 def lazy_attributes(
@@ -40,3 +44,11 @@ def lazy_attributes(
         return sorted(set(namespace) | set(exports))
 
     return __getattr__, __dir__
+
+
+def import_target(target: str) -> Any:
+    """The object ``target`` names as ``"package.module:attribute"``, its module imported (Python imports it once)."""
+    module, colon, attribute = target.partition(":")
+    if not colon or not module or not attribute:
+        raise ValueError(f"a lazy target reads 'package.module:attribute', got {target!r}")
+    return getattr(importlib.import_module(module), attribute)

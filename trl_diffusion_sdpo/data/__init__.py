@@ -4,18 +4,63 @@ wins (:mod:`.validation`), how it
 is prepared for training (:mod:`.preparation`), how images become pixels (:mod:`.transforms`), how rows become
 batches (:mod:`.collators`), how images are scored for SmPO (:mod:`.scoring`), the latent cache that encodes every
 pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets one process cannot hold
-(:mod:`.sharded_cache`)."""
+(:mod:`.sharded_cache`).
 
-from .collators import PreferenceCollator, pair_scores
-from .columns import PreferenceColumns, order_pair
-from .formats import detect_format, load_preference_data
-from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
-from .pickapic import pickapic_to_trl
-from .preparation import load_preference_dataset, prepare_preference_dataset
-from .scoring import RewardFn, add_reward_scores
-from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
-from .transforms import PairTransform, load_image
-from .validation import DataReport, resolve_columns
+Each module is imported when it is used, the names below resolving on first access."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..config._lazy import lazy_attributes
+
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+    from .collators import PreferenceCollator, pair_scores
+    from .columns import PreferenceColumns, order_pair
+    from .formats import detect_format, load_preference_data
+    from .latent_cache import (
+        CachedPreferenceCollator,
+        LatentCache,
+        build_latent_cache,
+        cached_moments,
+        cached_prompt_embeds,
+        cached_time_ids,
+    )
+    from .pickapic import pickapic_to_trl
+    from .preparation import load_preference_dataset, prepare_preference_dataset
+    from .scoring import RewardFn, add_reward_scores
+    from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
+    from .transforms import PairTransform, load_image
+    from .validation import DataReport, resolve_columns
+
+# Public name -> the module that defines it, imported when the name is first used: a run loads the data formats,
+# caches and scoring it uses.
+_EXPORTS = {
+    "PreferenceCollator": ".collators",
+    "pair_scores": ".collators",
+    "PreferenceColumns": ".columns",
+    "order_pair": ".columns",
+    "detect_format": ".formats",
+    "load_preference_data": ".formats",
+    "CachedPreferenceCollator": ".latent_cache",
+    "LatentCache": ".latent_cache",
+    "build_latent_cache": ".latent_cache",
+    "cached_moments": ".latent_cache",
+    "cached_prompt_embeds": ".latent_cache",
+    "cached_time_ids": ".latent_cache",
+    "pickapic_to_trl": ".pickapic",
+    "load_preference_dataset": ".preparation",
+    "prepare_preference_dataset": ".preparation",
+    "RewardFn": ".scoring",
+    "add_reward_scores": ".scoring",
+    "ShardedLatentCache": ".sharded_cache",
+    "build_sharded_latent_cache": ".sharded_cache",
+    "load_sharded_latent_cache": ".sharded_cache",
+    "PairTransform": ".transforms",
+    "load_image": ".transforms",
+    "DataReport": ".validation",
+    "resolve_columns": ".validation",
+}
 
 __all__ = [
     "CachedPreferenceCollator",
@@ -29,6 +74,9 @@ __all__ = [
     "add_reward_scores",
     "build_latent_cache",
     "build_sharded_latent_cache",
+    "cached_moments",
+    "cached_prompt_embeds",
+    "cached_time_ids",
     "detect_format",
     "load_image",
     "load_preference_data",
@@ -40,3 +88,5 @@ __all__ = [
     "prepare_preference_dataset",
     "resolve_columns",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..config.messages import OutputExistsError, advice, replacing_refusal
-from ..families import ModelFamily
+from ..families import ModelFamily, PromptEmbeddings
 from .columns import PreferenceColumns, is_tie
 from .latent_cache import (
     CACHE_VERSION,
@@ -507,8 +507,6 @@ def load_sharded_latent_cache(directory: str) -> ShardedLatentCache:
     files = [os.path.join(directory, "shards", name) for name in manifest["shards"]]
     stream = load_dataset("arrow", data_files=files, split="train", streaming=True).with_format("arrow")
     empty = load_file(os.path.join(directory, EMPTY_PROMPT_NAME))
-    from ..families import PromptEmbeddings
-
     return ShardedLatentCache(
         dataset=stream,
         empty_prompt=PromptEmbeddings(empty["prompt_embeds"], empty.get("pooled_prompt_embeds")),

@@ -7,20 +7,41 @@ into a latent cache (``cache_latents``), or a cache written by ``trl-diffusion-s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..families import ModelFamily, PromptEmbeddings
+from .. import data as preference_data  # its names resolve on first use: the latent cache's with cache_latents only
+from ..families import ModelFamily, PromptEmbeddings, registered_families
 from .collators import PreferenceCollator
 from .columns import SOURCE_IMAGE, SOURCE_IMAGES, PreferenceColumns
-from .latent_cache import CachedPreferenceCollator, LatentCache, build_latent_cache
 from .preparation import prepare_preference_dataset
 from .scoring import RewardFn, add_reward_scores
-from .sharded_cache import ShardedLatentCache
 from .transforms import PairTransform
 from .validation import DataReport
 from .video import VideoPairTransform
 
-__all__ = ["TrainingData", "eval_collator_for", "prepare_training_data"]
+if TYPE_CHECKING:
+    from .latent_cache import LatentCache
+
+__all__ = ["PrebuiltTrainingData", "TrainingData", "eval_collator_for", "prepare_training_data"]
+
+
+@runtime_checkable
+class PrebuiltTrainingData(Protocol):
+    """A training set encoded before the run that brings its own columns, report, collator and empty prompt: the
+    cache ``trl-diffusion-sdpo cache`` writes (:class:`~.sharded_cache.ShardedLatentCache`). The trainer reads it as
+    it is, once it has checked that it was encoded as this run would encode it."""
+
+    dataset: Any
+    empty_prompt: PromptEmbeddings | None
+
+    @property
+    def columns(self) -> PreferenceColumns: ...
+
+    def check_matches(self, family: ModelFamily, args: Any) -> None: ...
+
+    def report(self) -> DataReport: ...
+
+    def collator(self) -> Any: ...
 
 
 @dataclass
@@ -56,7 +77,7 @@ def prepare_training_data(
     a latent cache with ``cache_latents``. SmPO: images are scored with ``reward_fn`` where score columns are absent.
     """
     _check_media(args, family)
-    prebuilt = train_dataset if isinstance(train_dataset, ShardedLatentCache) else None
+    prebuilt = train_dataset if isinstance(train_dataset, PrebuiltTrainingData) else None
     if prebuilt is not None:
         prebuilt.check_matches(family, args)
         train_dataset, columns, report = prebuilt.dataset, prebuilt.columns, prebuilt.report()
@@ -75,7 +96,7 @@ def prepare_training_data(
         # Encode once (main process first, the others load), then train from the cache.
         train_cache = _latent_cache(train_dataset, columns, args, family, "train")
         train_dataset, empty_prompt = train_cache.dataset, train_cache.empty_prompt
-        collator = CachedPreferenceCollator(with_flipped=args.random_flip)
+        collator = preference_data.CachedPreferenceCollator(with_flipped=args.random_flip)
     # One evaluation set, or several by name (a dict, as transformers takes it: each evaluated under eval_<name>).
     evals = {
         name: _eval_split(dataset, split, args, family, reward_fn, tokenize, transform)
@@ -122,7 +143,7 @@ def _eval_split(dataset, split: str, args, family: ModelFamily, reward_fn, token
     collator = PreferenceCollator(columns, tokenize, transform, train=False)
     if args.cache_latents:
         dataset = _latent_cache(dataset, columns, args, family, split).dataset
-        collator = CachedPreferenceCollator()
+        collator = preference_data.CachedPreferenceCollator()
     return dataset, collator, report
 
 
@@ -184,8 +205,6 @@ def check_sources(columns: PreferenceColumns, args, family: ModelFamily, split: 
 
 
 def _editing_pipelines() -> str:
-    from ..families import registered_families
-
     return ", ".join(name for family in registered_families() if family.edits for name in family.pipeline_classes)
 
 
@@ -199,7 +218,7 @@ def _pair_transform(args, family: ModelFamily, columns: PreferenceColumns) -> Pa
 def _latent_cache(dataset, columns, args, family: ModelFamily, split: str) -> LatentCache:
     # Without a shared filesystem (save_on_each_node) every node encodes its own copy.
     with args.main_process_first(local=args.save_on_each_node, desc=f"{split} latent cache"):
-        return build_latent_cache(
+        return preference_data.build_latent_cache(
             dataset,
             columns,
             family,

@@ -31,6 +31,7 @@ from datasets import Video as VideoFeature
 from PIL import Image
 
 from ..config.messages import advice
+from ..objectives import objective_class
 from .columns import (
     CAPTION,
     CHOSEN,
@@ -99,8 +100,6 @@ def uses_scores(args: Any) -> bool:
     loss_type = getattr(args, "loss_type", None)
     if loss_type is None:
         return False
-    from ..objectives import objective_class
-
     return objective_class(loss_type).needs_pair_scores
 
 

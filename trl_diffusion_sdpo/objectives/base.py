@@ -36,9 +36,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..config._lazy import import_target
 from ..config.checks import Choice, Range
 
 __all__ = [
+    "BUILT_IN_OBJECTIVES",
     "DenoisingErrors",
     "DiffusionDPOLogitObjective",
     "ObjectiveOutput",
@@ -291,8 +293,20 @@ class DiffusionDPOLogitObjective(PreferenceObjective):
     beta: float = hyperparameter(Range(0, low_open=True, hint="Leave it unset for the model family's value."))
 
 
-# loss_type -> objective class.
+# loss_type -> objective class, for the objectives whose module has been imported.
 _REGISTRY: dict[str, type[PreferenceObjective]] = {}
+
+_HERE = __name__.rpartition(".")[0]
+#: The built-in objectives, ``loss_type`` -> ``"module:class"``: each module is imported when its objective is chosen
+#: (and registers its class with :func:`register_objective`), so a run loads the objective it trains with.
+BUILT_IN_OBJECTIVES: dict[str, str] = {
+    "dmpo": f"{_HERE}.dmpo:DMPOObjective",
+    "dpo": f"{_HERE}.dpo:DiffusionDPOObjective",
+    "dspo": f"{_HERE}.dspo:DSPOObjective",
+    "mapo": f"{_HERE}.mapo:MaPOObjective",
+    "sft": f"{_HERE}.sft:SFTObjective",
+    "smpo": f"{_HERE}.smpo:SmoothedPreferenceObjective",
+}
 
 
 def register_objective(cls: type[PreferenceObjective]) -> type[PreferenceObjective]:
@@ -301,20 +315,25 @@ def register_objective(cls: type[PreferenceObjective]) -> type[PreferenceObjecti
     # fields would then miss the ones this class declares).
     if not (isinstance(cls, type) and issubclass(cls, PreferenceObjective) and "__dataclass_params__" in vars(cls)):
         raise TypeError(f"{cls!r} must be a PreferenceObjective subclass decorated with @dataclass(frozen=True)")
-    if cls.name in _REGISTRY:
+    built_in = BUILT_IN_OBJECTIVES.get(cls.name)
+    if cls.name in _REGISTRY or (built_in is not None and built_in != f"{cls.__module__}:{cls.__qualname__}"):
         raise ValueError(f"an objective named {cls.name!r} is already registered")
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def registered_objectives() -> tuple[str, ...]:
-    """The valid ``loss_type`` names, in registration order."""
-    return tuple(_REGISTRY)
+    """The valid ``loss_type`` names: the built-in ones, then the others in registration order (none imported)."""
+    return (*BUILT_IN_OBJECTIVES, *(name for name in _REGISTRY if name not in BUILT_IN_OBJECTIVES))
 
 
 def objective_class(loss_type: str) -> type[PreferenceObjective]:
-    """The objective class registered as ``loss_type``, or a ValueError listing the registered names."""
-    return _REGISTRY[Choice(tuple(_REGISTRY)).check("loss_type", loss_type)]
+    """The objective class registered as ``loss_type`` (a built-in one's module imported), or a ValueError listing
+    the registered names."""
+    loss_type = Choice(registered_objectives()).check("loss_type", loss_type)
+    if loss_type not in _REGISTRY:
+        import_target(BUILT_IN_OBJECTIVES[loss_type])
+    return _REGISTRY[loss_type]
 
 
 def build_objective(loss_type: str, **hyperparameters: Any) -> PreferenceObjective:
