@@ -1,15 +1,17 @@
-"""The safeguards' aten operations and step times on the tiny SD UNet, before and after their per-weight loops were
-replaced by a fixed number of operations, side by side in one process.
+"""The safeguards' aten operations and step times on the tiny SD UNet, now and at ``--before``, side by side in one
+process.
 
-Not part of the test suite. CPU, one thread. One trainer run per tuning (full: 208 trained tensors; LoRA r4: 128)
-alternates, step by step, Diffusion-DPO and each safeguard as it is now and as it was at ``--before`` (its
-``safeguards/gradients/one_pass.py``, ``safeguards/update_space.py`` and ``safeguards/parameter.py`` read with
-``git show`` and imported beside the package's, the store of the one pass swapped in): per safeguard, the top-level
-aten operations of one profiled non-logging step, in all and outside the backward pass
-(:mod:`trl_diffusion_sdpo.testing.operations`), and the median wall time of ``--rounds`` unprofiled steps (warmup
-round excluded).
+Not part of the test suite. CPU, one thread. One trainer run per tuning (full: 208 trained tensors; LoRA r4: 128;
+4 pairs, the same four rows every step) alternates, step by step, Diffusion-DPO and each safeguard as it is now and
+as it was at ``--before`` (its ``safeguards/gradients/layer_taps.py``, ``safeguards/gradients/one_pass.py``,
+``safeguards/update_space.py`` and ``safeguards/parameter.py`` read with ``git show`` and imported beside the
+package's, the store of the one pass swapped in): per safeguard, the top-level aten operations of one profiled
+non-logging whole optimizer step (from the previous step's ``on_step_end`` to its own), in all and outside the
+backward pass (:mod:`trl_diffusion_sdpo.testing.operations`), and the median wall time of ``--rounds`` unprofiled
+steps (warmup round excluded).
 
-    python benchmarks/speed/safeguard_op_counts.py --json benchmarks/results/cpu-safeguard-op-counts-tiny.json
+    python benchmarks/speed/safeguard_op_counts.py --before 0291633 \\
+        --json benchmarks/results/cpu-safeguard-op-counts-tiny.json
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ from benchmarks import harness  # noqa: E402
 
 # module -> the sibling name its "before" copy is imported under, and the imports rewritten to the other copies
 BEFORE = {
+    "trl_diffusion_sdpo/safeguards/gradients/layer_taps.py": (
+        "trl_diffusion_sdpo.safeguards.gradients.layer_taps_before",
+        {},
+    ),
     "trl_diffusion_sdpo/safeguards/gradients/one_pass.py": (
         "trl_diffusion_sdpo.safeguards.gradients.one_pass_before",
-        {},
+        {"from .layer_taps import": "from .layer_taps_before import"},
     ),
     "trl_diffusion_sdpo/safeguards/update_space.py": ("trl_diffusion_sdpo.safeguards.update_space_before", {}),
     "trl_diffusion_sdpo/safeguards/parameter.py": (
@@ -75,6 +81,7 @@ def load_before(commit: str) -> dict[str, object]:
 
 
 SAFEGUARDS = {"parameter": {"safeguard_space": "parameter"}, "update": {"safeguard_space": "update"}}
+PAIRS = 4
 
 
 def run(lora: bool, before: dict, rounds: int, workdir: str) -> dict:
@@ -89,8 +96,15 @@ def run(lora: bool, before: dict, rounds: int, workdir: str) -> dict:
     names = ["dpo", "parameter", "parameter_before", "update", "update_before"]
     steps = (rounds + 2) * len(names)  # a warmup round, the timed rounds, the profiled round
     pipeline = build_tiny_sd_pipeline(seed=0, tokenizer_dir=f"{workdir}/tok-{lora}")
-    args = DiffusionSDPOConfig(**{**fast_config_values(f"{workdir}/out"), "max_steps": steps, "logging_steps": 10**6})
-    dataset = Dataset.from_list(pickapic_rows(6))
+    args = DiffusionSDPOConfig(
+        **{
+            **fast_config_values(f"{workdir}/out"),
+            "max_steps": steps,
+            "logging_steps": 10**6,
+            "per_device_train_batch_size": PAIRS,
+        }
+    )
+    dataset = Dataset.from_list(pickapic_rows(PAIRS))  # one batch per epoch: every step reads the same rows
     trainer = DiffusionSDPOTrainer(
         pipeline, args=args, train_dataset=dataset, peft_config=lora_config() if lora else None
     )
@@ -121,7 +135,7 @@ def run(lora: bool, before: dict, rounds: int, workdir: str) -> dict:
         clock["start"] = time.perf_counter()
 
     profiled = len(names) * (rounds + 1)
-    counter = StepOperations(lambda step: step >= profiled, before_step)
+    counter = StepOperations(lambda step: step >= profiled, before_step, whole_step=True)
 
     class Timer(counter.__class__.__bases__[0]):
         def on_step_end(self, args_, state, control, **kwargs):
@@ -163,7 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="op-counts-") as workdir:
         result = {
             "machine": harness.machine_description("cpu", 1),
-            "settings": {"before": commit.stdout.strip(), "rounds": opts.rounds, "pairs": 2, "resolution": 32},
+            "settings": {
+                "before": commit.stdout.strip(),
+                "rounds": opts.rounds,
+                "pairs": PAIRS,
+                "resolution": 32,
+                "window": "a whole optimizer step: from the previous step's on_step_end to its own",
+            },
             "full": run(False, before, opts.rounds, workdir),
             "lora_r4": run(True, before, opts.rounds, workdir),
         }

@@ -177,7 +177,7 @@ def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
         cut = g.shape[0] // 2 + 1
         parts = torch.stack([g[:cut].T @ xs[:cut], g[cut:].T @ xs[cut:]])
         ctx.layer.deliver(ctx.layer.weight, parts, ctx.tap)
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
     monkeypatch.setattr(layer_taps._LinearTap, "backward", staticmethod(shifted))
     _, lam_one, grads_one = run_stage(problem, passes="one")
@@ -470,7 +470,6 @@ def test_each_tap_splits_like_autograd_per_group_in_every_memory_layout(make, la
             torch.testing.assert_close(got[i][k], e, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("route", ["unfolded", "per-group calls"])
 @pytest.mark.parametrize("groups", [2, 4])
 @pytest.mark.parametrize(
     "conv",
@@ -483,12 +482,10 @@ def test_each_tap_splits_like_autograd_per_group_in_every_memory_layout(make, la
     ],
     ids=["3x3", "1x1", "strided", "dilated-no-bias", "grouped"],
 )
-def test_conv_tap_routes_split_like_autograd(conv, groups, route, monkeypatch):
-    """A convolution's per-group weight and bias gradients, by either route (the unfolded input and one batched
-    matmul, taken on tiny CPU feature maps; or one weight-gradient call per group), written into a destination
-    buffer as the one pass does, equal autograd's on each group's rows alone; the input gradient equals autograd's
-    over all rows. (A grouped convolution always takes the per-group calls.)"""
-    monkeypatch.setattr(layer_taps, "UNFOLD_MAX_ROWS_TIMES_PIXELS", 10**9 if route == "unfolded" else 0)
+def test_conv_tap_splits_like_autograd(conv, groups):
+    """A convolution's per-group weight and bias gradients (one ``convolution_backward`` call per group), written
+    into a destination buffer as the one pass does, equal autograd's on each group's rows alone; the input gradient
+    equals autograd's over all rows."""
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(4, 6, **conv).double()
     params = list(layer.parameters())

@@ -44,29 +44,48 @@ def count_operations(profile: torch.profiler.profile) -> dict[str, collections.C
 class StepOperations(TrainerCallback):
     """Profiles the optimizer steps ``profiled(step)`` selects (``step``: the global step before it runs) and keeps
     ``records[step] = {"all": Counter, "outside_backward": Counter, "seconds": float}``; ``before_step(step)`` runs
-    first (e.g. to switch the trainer's safeguard)."""
+    first (e.g. to switch the trainer's safeguard).
 
-    def __init__(self, profiled: Callable[[int], bool], before_step: Callable[[int], None] | None = None) -> None:
-        self.profiled, self.before_step = profiled, before_step
+    A step's window runs from ``on_step_begin`` to ``on_step_end``, or with ``whole_step`` from the previous step's
+    ``on_step_end`` (the start of training for the first) to its own: the batch's fetch and collation, and whatever
+    runs between two steps, counted too."""
+
+    def __init__(
+        self,
+        profiled: Callable[[int], bool],
+        before_step: Callable[[int], None] | None = None,
+        *,
+        whole_step: bool = False,
+    ) -> None:
+        self.profiled, self.before_step, self.whole_step = profiled, before_step, whole_step
         self.records: dict[int, dict] = {}
         self._profile: torch.profiler.profile | None = None
         self._clock = 0.0
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def _begin(self, step: int) -> None:
         if self.before_step is not None:
-            self.before_step(state.global_step)
-        if self.profiled(state.global_step):
+            self.before_step(step)
+        if self.profiled(step):
             self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self._profile.__enter__()
             self._clock = time.perf_counter()
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.whole_step:
+            self._begin(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.whole_step:
+            self._begin(state.global_step)
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self._profile is None:
-            return
-        seconds = time.perf_counter() - self._clock
-        self._profile.__exit__(None, None, None)
-        self.records[state.global_step - 1] = {**count_operations(self._profile), "seconds": seconds}
-        self._profile = None
+        if self._profile is not None:
+            seconds = time.perf_counter() - self._clock
+            self._profile.__exit__(None, None, None)
+            self.records[state.global_step - 1] = {**count_operations(self._profile), "seconds": seconds}
+            self._profile = None
+        if self.whole_step and state.global_step < state.max_steps:
+            self._begin(state.global_step)
 
 
 def peak_allocated_bytes(fn: Callable[[], object]) -> int:

@@ -7,22 +7,26 @@ rows mixes the two branches. A tap computes that sum per group of rows instead, 
 output gradient, as per-sample-gradient libraries do (Opacus' grad samplers), with two groups (the branches) or
 ``2B`` (one per image: the per-pair scope)::
 
-    Linear:  dW_k = sum_{r in group k} g_r x_r^T,  db_k = sum_{r in group k} g_r      (one batched matmul)
+    Linear:  dW_k = sum_{r in group k} g_r x_r^T,  db_k = sum_{r in group k} g_r      (one batched matmul, one sum)
     ConvNd:  dx_k, dW_k, db_k = convolution_backward over group k's rows              (one call per group)
-    LayerNorm, GroupNorm: dgamma_k = sum_{group k} g * x_hat, dbeta_k = sum g      (aten's native backward for dx)
+    LayerNorm, GroupNorm: dx_k, dgamma_k, dbeta_k = aten's native backward over group k's rows, its statistics
+             recomputed there                                                          (two calls per group)
     other norms, embeddings (leaf modules of the types in :data:`RECOMPUTED`): the layer's forward recomputed per
              group under autograd (elementwise work, small against the matmuls)
 
 The group sums together are what autograd's one sum would be: FLOPs equal to one weight gradient's, no second pass
-through the network. The layer's input gradient is computed once over all rows, as usual. A tapped layer writes its
-weights' per-group gradients (``[groups, *weight.shape]``) into the view the caller's ``destination`` offers for
-each weight (the first gradient of the pass overwrites it, any later one adds to it), or hands them to a sink
-(``sink(index, per_group)``) where it offers none, and returns none to autograd, so ``.grad`` is not touched by the
-pass.
+through the network. Each tapped layer writes its weights' per-group gradients (``[groups, *weight.shape]``) in one
+batched operation into the view the caller's ``destination`` offers for each weight (the first gradient of the pass
+overwrites it, any later one adds to it), or hands them to a sink (``sink(index, per_group)``) where it offers none,
+and returns none to autograd, so ``.grad`` is not touched by the pass.
 
-A tap runs on every tapped layer in every step, so its Python is kept to a few calls: what a layer needs (its
-weights' indices and views, a convolution's arguments, resolved aten overloads) is looked up when it is built or
-when the pass starts, not in the forward or the backward.
+The taps are module hooks, installed for one pass by :meth:`LayerTaps.tapping` and removed after it: a forward
+pre-hook runs the layer's own forward without autograd (as an autograd function's forward runs), and a forward hook
+(run before any other library's) hands its output to autograd through the tap's function, which keeps the input for
+the backward. A tap's work in the backward is a fixed number of operations per layer (a linear layer's: five with a
+bias), whatever its shape, with no per-parameter views, copies or casts: what a layer needs (its weights' indices, a
+convolution's arguments, resolved aten overloads) is looked up when it is built, and the views it writes into are
+asked of ``destination`` once per pass.
 
 Rows are grouped as the layer sees them: the first ``1/groups`` of the leading dimension is group 0, and so on, which
 holds when the leading dimension is the batch or the batch times a per-sample axis (tokens, pixels, frames), as in
@@ -37,11 +41,9 @@ layer called on rows it cannot group (no leading dimension divisible by ``groups
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RECOMPUTED", "Destination", "LayerTaps", "Sink"]
@@ -52,7 +54,9 @@ Destination = Callable[[int], "torch.Tensor | None"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
+_GROUP_NORM = torch.ops.aten.native_group_norm.default
 _GROUP_NORM_BACKWARD = torch.ops.aten.native_group_norm_backward.default
+_LAYER_NORM = torch.ops.aten.native_layer_norm.default
 _LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
 
 
@@ -76,7 +80,8 @@ RECOMPUTED: tuple[type[nn.Module], ...] = _recomputed_types()
 
 
 def _kind(module: nn.Module) -> str | None:
-    """How a module's own weights are tapped: ``"linear"``, ``"conv"``, ``"recompute"``, or ``None`` (not covered)."""
+    """How a module's own weights are tapped: ``"linear"``, ``"conv"``, ``"norm"``, ``"recompute"``, or ``None`` (not
+    covered)."""
     if next(module.children(), None) is not None:
         return None
     forward = type(module).forward
@@ -104,11 +109,11 @@ class _Pass:
 
 
 class _Layer:
-    """One tapped module: its weights' indices in the caller's parameter list (``slots``: ``(attribute, index)``,
-    the weight first), and per pass the views its gradients go to and whether each was written yet."""
+    """One tapped module: its weights' indices in the caller's parameter list (``slots``: ``(attribute, index)``),
+    and per pass the views its gradients go to and whether each was written yet."""
 
     __slots__ = ("name", "module", "kind", "slots", "weight", "bias", "conv_args", "views", "written", "destination",
-                 "has_sink")  # fmt: skip
+                 "has_sink", "pending")  # fmt: skip
 
     def __init__(self, name: str, module: nn.Module, kind: str, indices: dict[str, int]) -> None:
         self.name, self.module, self.kind = name, module, kind
@@ -124,6 +129,7 @@ class _Layer:
         self.written: dict[int, bool] = {}
         self.destination: Destination | None = None
         self.has_sink = False
+        self.pending = False  # between the pre-hook and the hook of a tapped call
 
     def start(self, destination: Destination | None, sink: Sink | None) -> None:
         """Start a pass (no weight written yet). The views are asked of ``destination`` when the backward first
@@ -133,6 +139,7 @@ class _Layer:
             self._refuse()
         self.views = {}
         self.written = {i: False for _, i in self.slots}
+        self.pending = False
 
     def _refuse(self) -> None:
         where = self.name or type(self.module).__name__
@@ -169,6 +176,15 @@ class _Layer:
             view.copy_(per_group)
             self.written[index] = True
 
+    def stack(self, index: int, per_group: list[torch.Tensor], tap: _Pass) -> None:
+        """Weight ``index``'s per-group gradients (one tensor per group) stacked straight into its view where it
+        can be (one operation), else handed to :meth:`deliver`."""
+        into = self.target(index, per_group[0].dtype)
+        if into is None:
+            self.deliver(index, torch.stack(per_group), tap)
+        else:
+            torch.stack(per_group, out=into)
+
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     device_type = x.device.type
@@ -177,32 +193,25 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def _group_sum(layer: _Layer, tap: _Pass, index: int, values: torch.Tensor, dims: int | tuple[int, ...]) -> None:
-    """Weight ``index``'s per-group gradient ``values.sum(dims)`` (``values``' leading dimension: the groups),
-    summed straight into its view where it can be."""
-    into = layer.target(index, values.dtype)
-    if into is None:
-        layer.deliver(index, values.sum(dims), tap)
-    else:
-        torch.sum(values, dims, out=into)
-
-
 class _LinearTap(torch.autograd.Function):
+    """The layer's output as its own forward computed it (``computed``: ``(output,)``, made without autograd); the
+    backward: the input gradient over all rows, the weight's per-group gradients in one batched matmul and the
+    bias's in one sum, each written into its view."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
+    def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass, computed: tuple[torch.Tensor]):
         ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
         ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+        return computed[0]
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         layer, tap = ctx.layer, ctx.tap
         grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-        per_group_g = grad.reshape(tap.groups, -1, grad.shape[-1])
+        per_group_g_t = _grouped_transposed(grad, tap.groups)  # [groups, out, rows]
         index = layer.weight
         if index is not None:
-            per_group_g_t = per_group_g.transpose(1, 2)
             per_group_x = x.reshape(tap.groups, -1, x.shape[-1])
             into = layer.target(index, grad.dtype)  # the batched matmul writes straight into the split buffer
             if into is None:
@@ -210,81 +219,99 @@ class _LinearTap(torch.autograd.Function):
             else:
                 torch.bmm(per_group_g_t, per_group_x, out=into)
         if ctx.has_bias and layer.bias is not None:
-            _group_sum(layer, tap, layer.bias, per_group_g, 1)
-        return grad_x, None, None, None, None
+            into = layer.target(layer.bias, grad.dtype)
+            if into is None:
+                layer.deliver(layer.bias, per_group_g_t.sum(2), tap)
+            else:
+                torch.sum(per_group_g_t, 2, out=into)
+        return grad_x, None, None, None, None, None
 
 
-#: A CPU convolution whose rows per group times output pixels are at most this gets its per-group weight gradients
-#: from the unfolded input and one batched matmul: on tiny feature maps oneDNN's weight-gradient call costs about as
-#: much for half the rows as for all of them, so two calls would cost twice one (see _ConvTap).
-UNFOLD_MAX_ROWS_TIMES_PIXELS = 32
+def _grouped_transposed(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    """``grad`` (``[..., out]``, rows leading) as ``[groups, out, rows of the group]``: a view, made by one
+    operation where ``grad`` is contiguous (its strides are then known), else by a reshape and a transpose."""
+    out = grad.shape[-1]
+    if grad.is_contiguous():
+        rows = grad.numel() // (groups * out)
+        return torch.as_strided(grad, (groups, out, rows), (rows * out, 1, out))
+    return grad.reshape(groups, -1, out).mT
 
 
 class _ConvTap(torch.autograd.Function):
+    """As :class:`_LinearTap` for a convolution: per group of rows, one ``convolution_backward`` call gives that
+    group's input, weight and bias gradients (the calls together: the FLOPs of one over all rows); the input
+    gradients are joined, the weight's and the bias's stacked into their views."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
+    def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass, computed: tuple[torch.Tensor]):
         ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
         ctx.save_for_backward(x, weight)
-        return layer.module._conv_forward(x, weight, bias)
+        return computed[0]
 
     @staticmethod
     def backward(ctx, grad):
-        # The input gradient over all rows in one call, as autograd computes it; the weight and bias gradients per
-        # group of rows: one weight-gradient call per group (the same FLOPs as one over all rows), or on tiny CPU
-        # feature maps one batched matmul over the unfolded input (_unfolded_weight_gradients).
         x, weight = ctx.saved_tensors
         layer, tap = ctx.layer, ctx.tap
-        args, groups = layer.conv_args, tap.groups
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _CONV_BACKWARD(grad, x, weight, None, *args, (True, False, False))[0]
-        if ctx.has_bias and layer.bias is not None:
-            pixels = math.prod(grad.shape[2:])
-            _group_sum(layer, tap, layer.bias, grad.reshape(groups, -1, grad.shape[1], pixels), (1, 3))
-        index = layer.weight
-        if index is None:
-            return grad_x, None, None, None, None
-        into = layer.target(index, grad.dtype)
-        if _unfolds(layer.module, x, grad, groups):
-            per_group = _unfolded_weight_gradients(layer.module, x, grad, groups, into)
-            if into is None:
-                layer.deliver(index, per_group, tap)
-            return grad_x, None, None, None, None
+        want_w, want_b = layer.weight is not None, ctx.has_bias and layer.bias is not None
+        needs_x = ctx.needs_input_grad[0]
+        mask = (needs_x, want_w, want_b)
+        bias_sizes = [weight.shape[0]] if want_b else None
+        parts = [
+            _CONV_BACKWARD(g, xs, weight, bias_sizes, *layer.conv_args, mask)
+            for g, xs in zip(grad.chunk(tap.groups), x.chunk(tap.groups))
+        ]
+        if want_w:
+            layer.stack(layer.weight, [part[1] for part in parts], tap)
+        if want_b:
+            layer.stack(layer.bias, [part[2] for part in parts], tap)
+        grad_x = torch.cat([part[0] for part in parts]) if needs_x else None
+        return grad_x, None, None, None, None, None
+
+
+class _NormTap(torch.autograd.Function):
+    """LayerNorm and GroupNorm: per group of rows, the statistics recomputed by aten's native forward (they are per
+    row: the same as the layer's own) and its native backward for that group's input and affine gradients; the input
+    gradients joined, the affine ones stacked into their views."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass, computed: tuple[torch.Tensor]):
+        ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
+        ctx.save_for_backward(x, weight, bias)
+        return computed[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        layer, tap = ctx.layer, ctx.tap
+        module = layer.module
+        want_w, want_b = layer.weight is not None, ctx.has_bias and layer.bias is not None
+        needs_x = ctx.needs_input_grad[0]
+        mask = (needs_x, want_w, want_b)
+        grad = grad if grad.is_contiguous() else grad.contiguous()
+        if isinstance(module, nn.GroupNorm):
+            # the statistics from the input in the layout F.group_norm hands aten's kernel (a channels-last input
+            # stays channels-last, whose kernel sums in another order): the layer's own; its backward reads NCHW
+            layout = _group_norm_layout(x)
+            x = x if x.is_contiguous(memory_format=layout) else x.contiguous(memory_format=layout)
+        rows = x.chunk(tap.groups)
+        dense = rows if x.is_contiguous() else x.contiguous().chunk(tap.groups)
         parts = []
-        for k, (g, xs) in enumerate(zip(grad.chunk(groups), x.chunk(groups))):
-            dw = _CONV_BACKWARD(g, xs, weight, None, *args, (False, True, False))[1]
-            if into is None:
-                parts.append(dw)
+        for g, xs, ds in zip(grad.chunk(tap.groups), rows, dense):
+            if isinstance(module, nn.GroupNorm):
+                n, c = xs.shape[:2]
+                hw = xs.numel() // max(n * c, 1)
+                _, mean, rstd = _GROUP_NORM(xs, None, None, n, c, hw, module.num_groups, module.eps)
+                parts.append(_GROUP_NORM_BACKWARD(g, ds, mean, rstd, weight, n, c, hw, module.num_groups, mask))
             else:
-                into[k].copy_(dw)
-        if into is None:
-            layer.deliver(index, torch.stack(parts), tap)
-        return grad_x, None, None, None, None
-
-
-def _unfolds(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor, groups: int) -> bool:
-    """Whether :func:`_unfolded_weight_gradients` computes this convolution's weight gradients (CPU, 2-D, not
-    grouped, tiny feature maps)."""
-    if x.device.type != "cpu" or x.dim() != 4 or conv.groups != 1:
-        return False
-    return (x.shape[0] // groups) * math.prod(grad.shape[2:]) <= UNFOLD_MAX_ROWS_TIMES_PIXELS
-
-
-def _unfolded_weight_gradients(
-    conv: nn.Module, x: torch.Tensor, grad: torch.Tensor, groups: int, into: torch.Tensor | None
-) -> torch.Tensor:
-    """``dW_k = sum_{rows r of group k, output pixels p} g[r, :, p] unfold(x)[r, :, p]^T``: one batched matmul over
-    the groups, written into ``into`` where given."""
-    rows, out_channels = grad.shape[:2]
-    n = rows // groups
-    unfolded = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [rows, C*k*k, pixels]
-    patch, pixels = unfolded.shape[1:]
-    per_group_g = grad.reshape(groups, n, out_channels, pixels).transpose(1, 2).reshape(groups, out_channels, -1)
-    per_group_x = unfolded.view(groups, n, patch, pixels).transpose(2, 3).reshape(groups, n * pixels, patch)
-    if into is None:
-        return torch.bmm(per_group_g, per_group_x).view(groups, *conv.weight.shape)
-    torch.bmm(per_group_g, per_group_x, out=into.view(groups, out_channels, patch))
-    return into
+                shape = module.normalized_shape
+                _, mean, rstd = _LAYER_NORM(xs, shape, None, None, module.eps)
+                parts.append(_LAYER_NORM_BACKWARD(g, ds, shape, mean, rstd, weight, bias, mask))
+        if want_w:
+            layer.stack(layer.weight, [part[1] for part in parts], tap)
+        if want_b:
+            layer.stack(layer.bias, [part[2] for part in parts], tap)
+        grad_x = torch.cat([part[0] for part in parts]) if needs_x else None
+        return grad_x, None, None, None, None, None
 
 
 def _group_norm_layout(x: torch.Tensor) -> torch.memory_format:
@@ -296,96 +323,15 @@ def _group_norm_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class _NormTap(torch.autograd.Function):
-    """LayerNorm and GroupNorm through aten's native kernels: the input gradient as autograd computes it, the
-    affine weights' per-group gradients ``sum g * x_hat`` and ``sum g`` from the saved mean and inverse std."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass):
-        ctx.layer, ctx.tap, ctx.has_bias = layer, tap, bias is not None
-        module = layer.module
-        # aten's native norm kernels read a dense layout. GroupNorm's, as F.group_norm hands it over: a channels-last
-        # input (a UNet's first convolution's output on the CPU) stays channels-last, whose kernel sums in another
-        # order; made NCHW, the layer's output would move by rounding and a policy equal to its reference (full
-        # tuning at step 0) would not give u = 0 exactly.
-        memory_format = _group_norm_layout(x) if isinstance(module, nn.GroupNorm) else torch.contiguous_format
-        if not x.is_contiguous(memory_format=memory_format):
-            x = x.contiguous(memory_format=memory_format)
-        if isinstance(module, nn.GroupNorm):
-            n, c = x.shape[:2]
-            hw = x.numel() // max(n * c, 1)
-            ctx.shape = (n, c, hw, module.num_groups)
-            out, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, module.num_groups, module.eps)
-        else:
-            ctx.shape = None
-            out, mean, rstd = torch.native_layer_norm(x, module.normalized_shape, weight, bias, module.eps)
-        # the backward kernels read NCHW (aten's group norm backward crashes on a channels-last input here)
-        ctx.save_for_backward(x.contiguous(), weight, bias, mean, rstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad = grad if grad.is_contiguous() else grad.contiguous()
-        layer, tap = ctx.layer, ctx.tap
-        groups = tap.groups
-        want_w, want_b = layer.weight is not None, ctx.has_bias and layer.bias is not None
-        if groups == 2:
-            # aten's fused kernel twice: over all rows (the input gradient and the affine gradients' sum) and over
-            # the first group's rows (its affine gradients); the second group's are the difference
-            mask = (ctx.needs_input_grad[0], want_w, want_b)
-            half = x.shape[0] // 2
-            if ctx.shape is not None:  # GroupNorm: x [N, C, ...], mean and rstd [N, G]
-                n, c, hw, g = ctx.shape
-                grad_x, dw, db = _GROUP_NORM_BACKWARD(grad, x, mean, rstd, weight, n, c, hw, g, mask)
-                _, dw0, db0 = _GROUP_NORM_BACKWARD(
-                    grad[:half], x[:half], mean[:half], rstd[:half], weight, half, c, hw, g, (False, want_w, want_b)
-                )
-            else:  # LayerNorm over the trailing normalized_shape; mean and rstd [..., 1, ...]
-                shape = layer.module.normalized_shape
-                grad_x, dw, db = _LAYER_NORM_BACKWARD(grad, x, shape, mean, rstd, weight, bias, mask)
-                _, dw0, db0 = _LAYER_NORM_BACKWARD(
-                    grad[:half], x[:half], shape, mean[:half], rstd[:half], weight, bias, (False, want_w, want_b)
-                )
-            for index, wanted, total, first in ((layer.weight, want_w, dw, dw0), (layer.bias, want_b, db, db0)):
-                if wanted:
-                    into = layer.target(index, total.dtype)
-                    if into is None:
-                        layer.deliver(index, torch.stack([first, total - first]), tap)
-                    else:
-                        into[0].copy_(first)
-                        torch.sub(total, first, out=into[1])
-            return grad_x, None, None, None, None
-        mask = (ctx.needs_input_grad[0], False, False)
-        if ctx.shape is not None:  # GroupNorm: x [N, C, ...], mean and rstd [N, G]
-            n, c, hw, g = ctx.shape
-            grad_x = _GROUP_NORM_BACKWARD(grad, x, mean, rstd, weight, n, c, hw, g, mask)[0]
-            per_channel = (c // g, hw)
-            stats = (mean.view(n, g, 1, 1), rstd.view(n, g, 1, 1))
-            x_hat = (x.reshape(n, g, *per_channel) - stats[0]) * stats[1]
-            dw = (grad.reshape(n, g, *per_channel) * x_hat).sum(-1).reshape(groups, -1, c).sum(1)
-            db = grad.reshape(n, c, hw).sum(-1).reshape(groups, -1, c).sum(1)
-        else:  # LayerNorm over the trailing normalized_shape; mean and rstd [..., 1, ...]
-            shape = layer.module.normalized_shape
-            grad_x = _LAYER_NORM_BACKWARD(grad, x, shape, mean, rstd, weight, None, mask)[0]
-            x_hat = (x - mean) * rstd
-            dw = (grad * x_hat).reshape(groups, -1, *shape).sum(1)
-            db = grad.reshape(groups, -1, *shape).sum(1)
-        if want_w:
-            layer.deliver(layer.weight, dw, tap)
-        if want_b:
-            layer.deliver(layer.bias, db, tap)
-        return grad_x, None, None, None, None
-
-
 class _RecomputeTap(torch.autograd.Function):
-    """The layer's forward without autograd; its backward recomputes it per group of rows under autograd."""
+    """The layer's output as its own forward computed it; the backward recomputes that forward per group of rows
+    under autograd."""
 
     @staticmethod
-    def forward(ctx, x, layer: _Layer, tap: _Pass, forward: Callable, autocast: torch.dtype | None, *weights):
-        ctx.layer, ctx.tap, ctx.run, ctx.autocast = layer, tap, forward, autocast
+    def forward(ctx, x, layer: _Layer, tap: _Pass, computed: tuple[torch.Tensor], autocast, *weights):
+        ctx.layer, ctx.tap, ctx.autocast = layer, tap, autocast
         ctx.save_for_backward(x)
-        return forward(x)
+        return computed[0]
 
     @staticmethod
     def backward(ctx, grad):
@@ -400,7 +346,7 @@ class _RecomputeTap(torch.autograd.Function):
         with torch.enable_grad(), autocast:
             for g, xs in zip(grad.chunk(tap.groups), x.chunk(tap.groups)):
                 xs = xs.detach().requires_grad_(needs_x)
-                out = ctx.run(xs)
+                out = layer.module.forward(xs)  # the layer's own forward, not its call: no hook taps it again
                 inputs = ([xs] if needs_x else []) + weights
                 found = torch.autograd.grad(out, inputs, g, allow_unused=True)
                 if needs_x:
@@ -418,8 +364,7 @@ _FUNCTIONS = {"linear": _LinearTap, "conv": _ConvTap, "norm": _NormTap}
 
 
 class _Current:
-    """The pass the taps of one :class:`LayerTaps` write to (``None`` outside :meth:`LayerTaps.tapping`: a recompute
-    after the block runs untapped)."""
+    """The pass the taps of one :class:`LayerTaps` write to (``None`` outside :meth:`LayerTaps.tapping`)."""
 
     __slots__ = ("tap",)
 
@@ -445,43 +390,54 @@ def _refusal(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str | None
     )
 
 
-def _tapped_forward(layer: _Layer, original: Callable, current: _Current) -> Callable:
+def _hooks(layer: _Layer, current: _Current) -> tuple[Callable, Callable]:
+    """The forward pre-hook and forward hook that tap ``layer`` while ``current`` has a pass."""
     module = layer.module
-    parameters = module._parameters  # read directly: nn.Module.__getattr__ costs a lookup chain per call
     recompute = layer.kind == "recompute"
     function = None if recompute else _FUNCTIONS[layer.kind]
-    # autocast's policy made explicit (linear and convolution in its dtype, norms in float32): the tap then runs
-    # without autocast
     norm = layer.kind == "norm"
+    names = [name for name, _ in layer.slots]
 
-    def forward(*args, **kwargs):
+    def before(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         tap = current.tap
         if tap is None or not torch.is_grad_enabled():
-            return original(*args, **kwargs)
+            return
         refusal = _refusal(layer, tap, args, kwargs)
         if refusal is not None:
             tap.failures.append(refusal)
-            return original(*args, **kwargs)
-        x = args[0]
+            return
+        # the layer's own forward without autograd, as an autograd function's forward runs: the tap's function
+        # records the output instead (after), and autograd keeps nothing of the layer's own
+        layer.pending = True
+        torch.set_grad_enabled(False)
+
+    def after(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not layer.pending:
+            return None
+        layer.pending = False
+        torch.set_grad_enabled(True)
+        tap, x = current.tap, args[0]
         if recompute:
-            weights = [parameters[name] for name, _ in layer.slots]
-            return _RecomputeTap.apply(x, layer, tap, original, _autocast_dtype(x), *weights)
+            weights = [getattr(module, name) for name in names]
+            return _RecomputeTap.apply(x, layer, tap, (output,), _autocast_dtype(x), *weights)
+        weight, bias = module.weight, module.bias
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+            # autocast's policy (linear and convolution in its dtype, norms in float32): the tap's backward reads
+            # the input and the weights in the dtype the layer computed in
             dtype = torch.float32 if norm else torch.get_autocast_dtype(device_type)
-            weight, bias = parameters["weight"].to(dtype), parameters.get("bias")
-            bias = bias.to(dtype) if bias is not None else None
+            weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
             with torch.autocast(device_type, enabled=False):
-                return function.apply(x.to(dtype), weight, bias, layer, tap)
-        return function.apply(x, parameters["weight"], parameters.get("bias"), layer, tap)
+                return function.apply(x.to(dtype), weight, bias, layer, tap, (output,))
+        return function.apply(x, weight, bias, layer, tap, (output,))
 
-    return forward
+    return before, after
 
 
 class LayerTaps:
     """The taps over ``module`` for the trainable ``parameters`` (indices into that list go to the sink).
 
-    Build once; :meth:`tapping` installs the taps for one forward and backward pass.
+    Build once; :meth:`tapping` installs the taps (module hooks) for one forward and backward pass.
     """
 
     def __init__(self, module: nn.Module, parameters: Sequence[nn.Parameter]) -> None:
@@ -501,6 +457,7 @@ class LayerTaps:
         #: names of the trainable parameters no tap covers (empty: every gradient can be split)
         self.uncovered = [name for i, name in enumerate(self.names) if i not in covered]
         self._current = _Current()
+        self._hooks = [_hooks(layer, self._current) for layer in self.layers]
         self._failures: list[str] = []
 
     @property
@@ -525,20 +482,21 @@ class LayerTaps:
         tap = _Pass(groups, sink)
         for layer in self.layers:
             layer.start(destination, sink)
-        saved = []
-        for layer in self.layers:
-            had = layer.module.__dict__.get("forward")
-            original = had if had is not None else layer.module.forward
-            layer.module.forward = _tapped_forward(layer, original, self._current)
-            saved.append(had)
-        self._current.tap = tap
+        handles = []
         try:
+            for layer, (before, after) in zip(self.layers, self._hooks):
+                # the pre-hook after every other library's (DeepSpeed ZeRO-3's and FSDP2's gather the weights), the
+                # hook before theirs (they hook the backward on the output autograd records)
+                handles.append(layer.module.register_forward_pre_hook(before, with_kwargs=True))
+                handles.append(layer.module.register_forward_hook(after, prepend=True))
+            self._current.tap = tap
             yield
         finally:
             self._current.tap = None
-            for layer, had in zip(self.layers, saved):
-                if had is None:
-                    del layer.module.forward
-                else:
-                    layer.module.forward = had
+            for handle in handles:
+                handle.remove()
+            for layer in self.layers:
+                if layer.pending:  # a layer's forward raised between its hooks: autograd back on
+                    layer.pending = False
+                    torch.set_grad_enabled(True)
             self._failures = tap.failures
