@@ -15,7 +15,7 @@ from tests.helpers.update_space_problems import _counted, _grouped_problem
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine
 from trl_diffusion_sdpo.safeguards.crossing import ESTIMATED_PASSES, SPARE_PASSES, bracketed_crossing
 from trl_diffusion_sdpo.safeguards.gradients import collectives_for
-from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, update_space_lambda
+from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, UpdateSpaceRule, update_space_lambda
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]
 
@@ -401,9 +401,10 @@ def _stage_problem(seed: int = 5):
 
 @pytest.mark.parametrize("clip", [0.0, 0.3], ids=["unclipped", "clipped"])
 def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clipping_threshold(clip):
-    """ParameterSpaceBackward(update_space=True) on one process: lambda is update_space_lambda of the optimizer's
-    update built from the branch gradients computed here by autograd, under the stage's max_grad_norm (a fraction
-    of the gradient's norm, so clipping binds: a stage that dropped the threshold picks another lambda), and
+    """The update space's rule on ParameterSpaceBackward(update_space=True)'s branches on one process: lambda is
+    update_space_lambda of the optimizer's update built from the branch gradients computed here by autograd, under the
+    rule's max_grad_norm (a fraction of the gradient's norm, so clipping binds: a rule that dropped the threshold picks
+    another lambda), and
     ``.grad`` is ``scale * (g_w + lambda * h_l)``."""
     from trl_diffusion_sdpo.engines import PlainEngine
     from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
@@ -425,23 +426,22 @@ def test_the_backward_stage_takes_the_lambda_of_the_update_under_its_own_clippin
     if clip:
         assert abs(expected[max_grad_norm] - expected[0.0]) > 0.1  # and the threshold moves lambda (0.23 -> 0.44)
 
-    stage = ParameterSpaceBackward(
-        PlainEngine(SimpleNamespace(num_processes=1)), 0.95, 1.0, False, update_space=True, max_grad_norm=max_grad_norm
-    )
+    stage = ParameterSpaceBackward(PlainEngine(SimpleNamespace(num_processes=1)), 0.95, 1.0, False, update_space=True)
+    rule = UpdateSpaceRule(stage.collectives, stage.margin, 1.0, max_grad_norm)
     # scale 0.25 (an accumulation average): lambda is read in the optimizer's units, .grad stays in the backward's
-    _, lam, _ = stage(policy, predict, objective_loss, torch.tensor(0.25), optimizer=optimizer)
+    _, lam, _ = stage(policy, predict, objective_loss, torch.tensor(0.25), optimizer=optimizer, rule=rule)
     assert lam.item() == pytest.approx(expected[max_grad_norm], abs=1e-6)
-    assert stage.infeasible.item() == 0.0
+    assert rule.infeasible.item() == 0.0
     for p, w, h in zip(params, g_w, h_l):
         torch.testing.assert_close(p.grad, 0.25 * (w + lam * h))
     with pytest.raises(ValueError, match="needs the optimizer"):
-        stage(policy, predict, objective_loss, torch.tensor(1.0))
+        stage(policy, predict, objective_loss, torch.tensor(1.0), rule=rule)
 
 
 def test_the_search_and_the_backward_stage_reach_safeguard_max_lambda_above_1():
     """``safeguard_max_lambda=4``: where the margin binds between 1 and 4, the search's lambda meets its specification
-    against the real optimizer's ``D`` over ``[0, 4]``, and the backward stage searches up to its own max_lambda (a
-    search capped at 1, or a stage that left the default, returns 1)."""
+    against the real optimizer's ``D`` over ``[0, 4]``, and the rule on the backward stage's branches searches up to
+    its own max_lambda (a search capped at 1, or a rule that left the default, returns 1)."""
     from trl_diffusion_sdpo.engines import PlainEngine
     from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward
 
@@ -456,7 +456,8 @@ def test_the_search_and_the_backward_stage_reach_safeguard_max_lambda_above_1():
 
     policy, optimizer, predict, objective_loss = _stage_problem()
     stage = ParameterSpaceBackward(PlainEngine(SimpleNamespace(num_processes=1)), 0.5, 4.0, False, update_space=True)
-    _, lam, _ = stage(policy, predict, objective_loss, torch.tensor(1.0), optimizer=optimizer)
+    rule = UpdateSpaceRule(stage.collectives, stage.margin, 4.0, 0.0)
+    _, lam, _ = stage(policy, predict, objective_loss, torch.tensor(1.0), optimizer=optimizer, rule=rule)
     assert 2.0 < lam.item() < 4.0  # 2.34: the margin binds above 1
 
 

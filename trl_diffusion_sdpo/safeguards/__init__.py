@@ -16,8 +16,8 @@ chosen so that, to first order, the winner's error does not increase::
   predictions before the objective (:mod:`.output`);
 * :class:`ParameterSpace`: the exact rule on the parameter gradients, its hook after a backward that keeps the
   branches apart (one pass or two), per process, global or per pair (:mod:`.parameter`);
-* :class:`UpdateSpace`: the exact rule on the optimizer's update (:mod:`.parameter`, its search in
-  :mod:`.update_space` and :mod:`.crossing`).
+* :class:`UpdateSpace`: the exact rule on the optimizer's update, on the parameter space's separated branches
+  (:mod:`.update_space`, its search there and in :mod:`.update_runs` and :mod:`.crossing`).
 
 A space's module is imported when the space is chosen (:data:`SAFEGUARDS` names it; the public names below resolve
 on first use, as the package's do). To add one, subclass :class:`Safeguard` in a module of this folder and register
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from ..engines import Engine
     from .base import Safeguard
     from .output import OutputSpace, OutputSpaceRule
-    from .parameter import ParameterSpace, UpdateSpace
+    from .parameter import ParameterSpace
+    from .update_space import UpdateSpace
 
 __all__ = [
     "SAFEGUARDS",
@@ -53,7 +54,7 @@ SAFEGUARDS: dict[str, str | type[Safeguard] | None] = {
     "none": None,
     "output": "trl_diffusion_sdpo.safeguards.output:OutputSpace",
     "parameter": "trl_diffusion_sdpo.safeguards.parameter:ParameterSpace",
-    "update": "trl_diffusion_sdpo.safeguards.parameter:UpdateSpace",
+    "update": "trl_diffusion_sdpo.safeguards.update_space:UpdateSpace",
 }
 
 __getattr__, __dir__ = lazy_attributes(
@@ -63,7 +64,7 @@ __getattr__, __dir__ = lazy_attributes(
         "OutputSpaceRule": ".output",
         "ParameterSpace": ".parameter",
         "Safeguard": ".base",
-        "UpdateSpace": ".parameter",
+        "UpdateSpace": ".update_space",
     },
     globals(),
 )

@@ -3,10 +3,9 @@
 ``safeguard_space="parameter"`` (:class:`ParameterSpace`) chooses ``lambda`` by the package's rule
 (:mod:`trl_diffusion_sdpo.safeguards`) on the trainable weights' gradients ``g_w`` and ``h_l`` themselves
 (:func:`parameter_space_lambda`, :func:`safeguarded_gradients`): per micro-batch, per process or for the global
-micro-batch, or per pair with ``safeguard_scope="pair"``. ``safeguard_space="update"`` (:class:`UpdateSpace`)
-chooses it so that the optimizer's actual update keeps the winner's error from rising to first order
-(:class:`~trl_diffusion_sdpo.safeguards.update_space.OptimizerUpdate`,
-:func:`~trl_diffusion_sdpo.safeguards.update_space.update_space_lambda`). With
+micro-batch, or per pair with ``safeguard_scope="pair"``. ``safeguard_space="update"``
+(:class:`~trl_diffusion_sdpo.safeguards.update_space.UpdateSpace`, a subclass in its own module) chooses it so that the
+optimizer's actual update keeps the winner's error from rising to first order, on the same separated branches. With
 :meth:`ParameterSpace.log_output_lambda` a step also records the authors' output-space ``lambda`` on the same
 micro-batch, for comparison.
 
@@ -50,7 +49,6 @@ from .base import Safeguard
 from .gradients import OnePassBranchGradients, PerBranchStore, collectives_for
 from .margin import SafeguardMargin
 from .output import OutputSpaceRule
-from .update_space import OptimizerUpdate, UpdateWorkspace, update_space_lambda
 
 __all__ = [
     "PAIR_SCOPE_MAX_FULL_BYTES",
@@ -60,7 +58,6 @@ __all__ = [
     "ParameterSpaceBackward",
     "PerBranchPasses",
     "SeparatedBranches",
-    "UpdateSpace",
     "branch_cotangents",
     "check_pair_scope_memory",
     "gradient_dots",
@@ -208,8 +205,8 @@ class ParameterSpaceBackward:
     default: one forward and one backward pass, falling back to two where the gradients cannot be split in one) or
     ``"two"`` (the per-branch passes, the reference implementation). The gradient stores are built at the first
     micro-batch (the engine exists by then).
-    ``update_space``: choose ``lambda`` on the optimizer's update instead (one ``lambda`` for the global micro-batch
-    whatever ``global_scope``), with ``max_grad_norm`` the trainer's clipping threshold (``<= 0``: no clipping).
+    ``update_space``: the branches are for the update space's rule (its checks against the engine; both branches
+    averaged over processes instead of the global scope's reductions: one ``lambda`` for the global micro-batch).
     """
 
     #: the passes run on the unwrapped denoiser, outside DDP's hooks: the collectives reduce what they would have
@@ -223,7 +220,6 @@ class ParameterSpaceBackward:
         global_scope: bool,
         *,
         update_space: bool = False,
-        max_grad_norm: float = 0.0,
         pair_scope: bool = False,
         passes: str = "one",
     ) -> None:
@@ -231,7 +227,7 @@ class ParameterSpaceBackward:
         collectives = collectives_for(engine)
         if update_space:
             collectives.check_update_space()
-            global_scope = False  # both branches' gradients are averaged instead (see _update_space_lambda)
+            global_scope = False  # both branches' gradients are averaged instead (SeparatedBranches.gradients)
         else:
             collectives.check_parameter_space("pair" if pair_scope else "global" if global_scope else "local")
         if pair_scope and collectives.one_pass_reason() is not None:
@@ -241,7 +237,7 @@ class ParameterSpaceBackward:
         self.max_lambda = max_lambda
         self.global_scope = global_scope and engine.num_processes > 1
         self.pair_scope = pair_scope
-        self.update_space, self.max_grad_norm = update_space, max_grad_norm
+        self.update_space = update_space
         self.passes_option = passes
         self.store: PerBranchStore | None = None  # the per-branch passes' store, built when they run
         self.one_pass: OnePassBranchGradients | None = None
@@ -249,10 +245,6 @@ class ParameterSpaceBackward:
         self.two_pass_reason: str | None = None
         self._decided = False
         self._probed = False
-        # The update space: 1.0 where the last micro-batch's lambda could not meet the margin (a device tensor, for
-        # the metrics); None before the first micro-batch and in the parameter space.
-        self.infeasible: torch.Tensor | None = None
-        self.workspace = UpdateWorkspace()  # the update space's buffers and views, kept across steps
 
     @property
     def mu(self) -> float | torch.Tensor:
@@ -284,11 +276,9 @@ class ParameterSpaceBackward:
         scale = torch.full((), 1.0 / window.accumulation_steps, device=accelerator.device)
         return scale if accelerator.scaler is None else accelerator.scaler.scale(scale)
 
-    def lambda_of(self, branches: SeparatedBranches, optimizer: torch.optim.Optimizer | None) -> torch.Tensor:
-        """``lambda`` of the rule on ``branches``: from ``<g_w, g_w>`` and ``<g_w, h_l>`` (one per pair with the
-        pair scope), or, in the update space, on ``optimizer``'s update of ``g_w + lambda * h_l``."""
-        if self.update_space:
-            return self._update_space_lambda(branches, optimizer)
+    def lambda_of(self, branches: SeparatedBranches, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        """The parameter space's ``lambda`` on ``branches``: from ``<g_w, g_w>`` and ``<g_w, h_l>`` (one per pair
+        with the pair scope)."""
         winner_sq, cross = branches.sums()
         return parameter_space_lambda(winner_sq, cross, self.mu, self.max_lambda)
 
@@ -303,6 +293,7 @@ class ParameterSpaceBackward:
         sync_gradients: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
         pairs: int | None = None,
+        rule: Callable[[SeparatedBranches, torch.optim.Optimizer | None], torch.Tensor] | None = None,
     ) -> tuple[Evaluation | torch.Tensor, torch.Tensor, PreferencePredictions]:
         """This stage alone, as the trainer's step runs it (for tests and benchmarks without a trainer):
         ``(evaluation, lambda, predictions)`` after adding ``scale * (g_w + lambda * h_l)`` to the gradients (the
@@ -321,6 +312,9 @@ class ParameterSpaceBackward:
             sync_gradients: whether this micro-batch closes the accumulation window.
             optimizer: the training optimizer, read (never changed) by the update space.
             pairs: the micro-batch's number of pairs (the pair scope groups rows by it).
+            rule: ``lambda`` from the branches and the optimizer (the update space's
+                :class:`~trl_diffusion_sdpo.safeguards.update_space.UpdateSpaceRule`); by default
+                :meth:`lambda_of`.
         """
         window = BackwardWindow(sync_gradients=sync_gradients, contributes=contributes, pairs=pairs)
         for gradient_pass in self._passes(policy, window, scale):
@@ -328,7 +322,7 @@ class ParameterSpaceBackward:
                 predictions = predict(gradient_pass.separate_branches)
                 evaluation = evaluate(predictions)
                 gradient_pass.backward(getattr(evaluation, "loss", evaluation), predictions)
-        lam = self.lambda_of(gradient_pass.branches, optimizer)
+        lam = (rule or self.lambda_of)(gradient_pass.branches, optimizer)
         gradient_pass.branches.combine(lam)
         return evaluation, lam, predictions
 
@@ -371,26 +365,6 @@ class ParameterSpaceBackward:
             return failed
         device = self.one_pass.parameters[0].device if self.one_pass is not None else None
         return bool(all_reduce_sum(torch.tensor(float(failed), device=device)).item() > 0)
-
-    def _update_space_lambda(
-        self, branches: SeparatedBranches, optimizer: torch.optim.Optimizer | None
-    ) -> torch.Tensor:
-        """``lambda`` on the optimizer's update: ``g_w`` and ``h_l`` averaged over processes in place (what the
-        optimizer will see; on shards, FSDP2's reduce-scatter did it), ``lambda`` from them and the optimizer's
-        state, its sums added up over processes where each holds a shard."""
-        if optimizer is None:
-            raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
-        winner, loser = branches.gradients()
-        scale = branches.scale
-        update = OptimizerUpdate(
-            *self.collectives.update_inputs(optimizer, branches.parameters, winner, loser),
-            self.max_grad_norm,
-            unscale=scale.reciprocal() if torch.is_tensor(scale) else 1.0 / scale,  # the optimizer's units
-            reduce_sum=self.collectives.update_sum_reduction(),
-            workspace=self.workspace,
-        )
-        lam, self.infeasible = update_space_lambda(update, float(self.mu), self.max_lambda)
-        return lam
 
 
 def loss_cotangents(
@@ -635,7 +609,6 @@ class ParameterSpace(Safeguard):
             args.safeguard_max_lambda,
             args.safeguard_scope == "global",
             update_space=self.update_space,
-            max_grad_norm=args.max_grad_norm,
             pair_scope=args.safeguard_scope == "pair",
             passes=args.safeguard_passes,
         )
@@ -653,23 +626,16 @@ class ParameterSpace(Safeguard):
     def combine(
         self, branches: SeparatedBranches, optimizer: torch.optim.Optimizer | None
     ) -> dict[str, torch.Tensor | None]:
-        lam = self.backward_stage.lambda_of(branches, optimizer)
+        lam = self.lambda_of(branches, optimizer)
         branches.combine(lam)
         lambdas = self._lambdas(lam)
         if self.output_rule is not None:  # every process enters its reduction (the global scope), replays included
             lambdas["safeguard/output_lambda"] = self.output_rule(branches.predictions, branches.window.contributes)
         return lambdas
 
+    def lambda_of(self, branches: SeparatedBranches, optimizer: torch.optim.Optimizer | None) -> torch.Tensor:
+        """``lambda`` from the branches' inner products (:meth:`ParameterSpaceBackward.lambda_of`)."""
+        return self.backward_stage.lambda_of(branches)
+
     def _lambdas(self, lam: torch.Tensor) -> dict[str, torch.Tensor | None]:
         return {"safeguard/lambda": lam}
-
-
-class UpdateSpace(ParameterSpace):
-    """``safeguard_space="update"``: ``lambda`` chosen on the optimizer's update of ``g_w + lambda h_l``."""
-
-    name = "update"
-    metric_names = (*ParameterSpace.metric_names, "safeguard/update_infeasible")
-    update_space = True
-
-    def _lambdas(self, lam: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        return {**super()._lambdas(lam), "safeguard/update_infeasible": self.backward_stage.infeasible}

@@ -74,6 +74,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 
 from .crossing import bracketed_crossing, float32
 from .gradients.one_pass import blocked_dot
+from .parameter import ParameterSpace
 from .update_runs import (
     Run,
     UpdateWorkspace,
@@ -92,6 +93,8 @@ __all__ = [
     "RESOLUTION",
     "SUPPORTED_OPTIMIZERS",
     "OptimizerUpdate",
+    "UpdateSpace",
+    "UpdateSpaceRule",
     "unwrap_optimizer",
     "update_space_lambda",
 ]
@@ -519,3 +522,54 @@ def update_space_lambda(
             lam, infeasible = grid[max(range(GRID_POINTS), key=lambda k: values[k])], True
     as_float = {"dtype": torch.float32, "device": device}
     return torch.full((), lam, **as_float), torch.full((), float(infeasible), **as_float)
+
+
+class UpdateSpaceRule:
+    """The update space's ``lambda`` on a micro-batch's separated branches: ``g_w`` and ``h_l`` averaged over
+    processes in place (what the optimizer will see; on shards, the engine's reduce-scatter did it), then
+    :func:`update_space_lambda` on the optimizer's update from its state, its sums added up over processes where each
+    holds a shard (``collectives``). ``max_grad_norm`` is the trainer's clipping threshold (``<= 0``: no clipping)."""
+
+    def __init__(self, collectives, margin, max_lambda: float, max_grad_norm: float) -> None:
+        self.collectives, self.margin = collectives, margin
+        self.max_lambda, self.max_grad_norm = max_lambda, max_grad_norm
+        #: 1.0 where the last micro-batch's lambda could not meet the margin (a device tensor, for the metrics);
+        #: ``None`` before the first micro-batch
+        self.infeasible: torch.Tensor | None = None
+        self.workspace = UpdateWorkspace()  # the search's buffers and views, kept across steps
+
+    def __call__(self, branches, optimizer) -> torch.Tensor:
+        if optimizer is None:
+            raise ValueError("safeguard_space='update' needs the optimizer: pass optimizer= to the backward stage")
+        winner, loser = branches.gradients()
+        scale = branches.scale
+        update = OptimizerUpdate(
+            *self.collectives.update_inputs(optimizer, branches.parameters, winner, loser),
+            self.max_grad_norm,
+            unscale=scale.reciprocal() if torch.is_tensor(scale) else 1.0 / scale,  # the optimizer's units
+            reduce_sum=self.collectives.update_sum_reduction(),
+            workspace=self.workspace,
+        )
+        lam, self.infeasible = update_space_lambda(update, float(self.margin.value), self.max_lambda)
+        return lam
+
+
+class UpdateSpace(ParameterSpace):
+    """``safeguard_space="update"``: the parameter space's separated branches, ``lambda`` chosen by its hook on the
+    optimizer's update of ``g_w + lambda h_l`` (:class:`UpdateSpaceRule`)."""
+
+    name = "update"
+    metric_names = (*ParameterSpace.metric_names, "safeguard/update_infeasible")
+    update_space = True
+
+    def __init__(self, args, engine, *, lora: bool = True, trainable_elements: int = 0) -> None:
+        super().__init__(args, engine, lora=lora, trainable_elements=trainable_elements)
+        self.rule = UpdateSpaceRule(
+            self.backward_stage.collectives, self.margin, args.safeguard_max_lambda, args.max_grad_norm
+        )
+
+    def lambda_of(self, branches, optimizer) -> torch.Tensor:
+        return self.rule(branches, optimizer)
+
+    def _lambdas(self, lam: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {**super()._lambdas(lam), "safeguard/update_infeasible": self.rule.infeasible}
