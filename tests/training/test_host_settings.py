@@ -18,6 +18,7 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.helpers.common import worker_environment
@@ -112,6 +113,17 @@ def test_the_train_command_shows_the_bar_on_a_terminal(tmp_path):
     config = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
     command = [sys.executable, "-m", "trl_diffusion_sdpo", "train", "--config", config, "--dataset_name", str(data)]
     command += ["--output_dir", str(tmp_path / "tuned"), "--max_steps", "2", "--logging_steps", "1"]
+    status, text = run_in_terminal(command, tmp_path)
+    assert status == 0, text[-4000:]
+    assert re.search(FINISHED_BAR.format(steps=2), text), text[-4000:]
+
+
+@pytest.mark.slow  # sampling and scoring before each step
+def test_the_online_command_shows_the_bar_on_a_terminal(tmp_path):
+    config = str(ROOT / "examples" / "configs" / "online_tiny_cpu.yaml")
+    command = [sys.executable, "-m", "trl_diffusion_sdpo", "online", "--config", config]
+    command += ["--output_dir", str(tmp_path / "tuned"), "--max_steps", "2", "--logging_steps", "1"]
+    command += ["--per_device_train_batch_size", "2", "--num_generations", "2", "--sample_steps", "2"]
     status, text = run_in_terminal(command, tmp_path)
     assert status == 0, text[-4000:]
     assert re.search(FINISHED_BAR.format(steps=2), text), text[-4000:]
