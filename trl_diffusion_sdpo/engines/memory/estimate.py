@@ -173,28 +173,45 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class CardVerdict:
-    """Whether a per-process peak fits a card of ``gpu_gb`` GB: ``margin_gib`` is the card's usable memory
-    (:data:`USABLE_SHARE` of it) minus the peak, negative when it does not fit."""
+    """Whether a per-process peak fits a card of ``gpu_gb`` GB, the peak planned as the estimate times the error
+    measured on a GPU (:mod:`.measured`): ``margin_gib`` is the card's usable memory (:data:`USABLE_SHARE` of it)
+    minus the planned peak, negative when it does not fit; ``plan`` says where the error comes from."""
 
     gpu_gb: float
     fits: bool
     margin_gib: float
+    estimate_gib: float
+    planned_gib: float
+    plan: str = ""
 
     def sentence(self) -> str:
+        planned = f"planning with {self.planned_gib:.2f} GiB: the estimate {self.estimate_gib:.2f} GiB"
+        planned += f" {self.plan}." if self.plan else "."
+        card = f"a {self.gpu_gb:g} GB GPU"
         if self.fits:
-            return f"Fits a {self.gpu_gb:g} GB GPU: {self.margin_gib:.2f} GiB to spare beyond the 10 % reserve."
-        return f"Does not fit a {self.gpu_gb:g} GB GPU: {-self.margin_gib:.2f} GiB over its usable memory."
+            return f"Fits {card}: {self.margin_gib:.2f} GiB to spare beyond the 10 % reserve, {planned}"
+        return f"Does not fit {card}: {-self.margin_gib:.2f} GiB over its usable memory, {planned}"
 
 
-def card_verdict(total_bytes: int, gpu_gb: float) -> CardVerdict:
-    """Whether ``total_bytes`` fits a card of ``gpu_gb`` GB, keeping ``1 - USABLE_SHARE`` of it free."""
-    margin = (USABLE_SHARE * gpu_gb * 1e9 - total_bytes) / GIB
-    return CardVerdict(gpu_gb=gpu_gb, fits=margin >= 0, margin_gib=round(margin, 3))
+def card_verdict(total_bytes: int, gpu_gb: float, ratio: float = 1.0, plan: str = "") -> CardVerdict:
+    """Whether ``total_bytes`` times ``ratio`` (the measured error, :func:`~.measured.planning_error`, described by
+    ``plan``) fits a card of ``gpu_gb`` GB, keeping ``1 - USABLE_SHARE`` of it free."""
+    planned = total_bytes * ratio
+    margin = (USABLE_SHARE * gpu_gb * 1e9 - planned) / GIB
+    return CardVerdict(
+        gpu_gb=gpu_gb,
+        fits=margin >= 0,
+        margin_gib=round(margin, 3),
+        estimate_gib=round(total_bytes / GIB, 3),
+        planned_gib=round(planned / GIB, 3),
+        plan=plan,
+    )
 
 
-def smallest_card(total_bytes: int) -> int | None:
-    """The smallest of :data:`GPUS_GB` that ``total_bytes`` fits (:func:`card_verdict`); ``None`` when none does."""
-    return next((gb for gb in GPUS_GB if card_verdict(total_bytes, gb).fits), None)
+def smallest_card(total_bytes: int, ratio: float = 1.0) -> int | None:
+    """The smallest of :data:`GPUS_GB` that ``total_bytes`` times ``ratio`` fits (:func:`card_verdict`); ``None``
+    when none does."""
+    return next((gb for gb in GPUS_GB if card_verdict(total_bytes, gb, ratio).fits), None)
 
 
 # --------------------------------------------------------------------------------------------------- the model
