@@ -10,8 +10,9 @@ the multiplier of that constraint, moved by projected dual ascent once per optim
 
 over the pairs of step ``k`` on every process: the sums are all-reduced before they act, so every process uses the
 same ``mu``. ``mu`` starts at :data:`AUTO_MU_START`. A violated constraint raises ``mu`` (a smaller ``lambda``, a
-more conservative step); slack lowers it again, so a healthy run pays less. The safeguards read :attr:`value` at
-every micro-batch. Health's ``on_pathology="escalate"`` raises ``mu`` halfway to 1 (:meth:`escalate`).
+more conservative step); slack lowers it again, so a healthy run pays less. The safeguards read
+:attr:`SafeguardMargin.value` at every micro-batch. Health's ``on_pathology="escalate"`` raises ``mu`` halfway to 1
+(:meth:`SafeguardMargin.escalate`).
 """
 
 from __future__ import annotations

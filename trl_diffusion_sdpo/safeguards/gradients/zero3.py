@@ -11,7 +11,7 @@ read off the partitions with DeepSpeed's own accessors, ``deepspeed.utils.safe_g
 under FSDP2 (:class:`~.collectives.FSDP2Collectives`), the two inner products over this process's partitions, summed
 over processes, are the exact values for the global micro-batch: the global scope is implied.
 
-Per micro-batch (:meth:`~trl_diffusion_sdpo.safeguards.parameter.ParameterSpaceBackward._two_passes`):
+Per micro-batch (:class:`~trl_diffusion_sdpo.safeguards.parameter.PerBranchPasses`):
 
 1. the accumulation window's earlier sum ``A`` is copied aside (nothing at the window's first micro-batch);
 2. winner pass: partitions cleared, engine backward, the partitions (``g_w``) copied into a buffer;
