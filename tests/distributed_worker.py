@@ -350,6 +350,13 @@ def report(
         # the exact safeguard's per-branch store, if its per-branch passes ran, and why they ran instead of one pass
         "branch_store": type(getattr(backward, "store", None)).__name__,
         "two_pass_reason": getattr(backward, "two_pass_reason", None),
+        # the one pass's pieces, and the bytes they hold after the last step (what the store keeps between steps)
+        "one_pass_pieces": len(getattr(getattr(backward, "one_pass", None), "pieces", [])),
+        "one_pass_held_bytes": sum(
+            piece.untyped_storage().nbytes()
+            for piece in getattr(getattr(backward, "one_pass", None), "pieces", [])
+            if piece is not None
+        ),
     }
 
     if stage is not None:  # no method of DeepSpeed's optimizers replaced on the instance (a skipped step included)

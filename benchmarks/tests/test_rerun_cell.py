@@ -15,7 +15,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.tools import rerun_cell  # noqa: E402
-from benchmarks.tools.rerun_cell import differences, first_departure, recorded_recipe  # noqa: E402
+from benchmarks.tools.rerun_cell import (  # noqa: E402
+    differences,
+    first_departure,
+    largest_difference,
+    recorded_recipe,
+)
 
 
 def test_the_first_departure_is_the_first_step_past_the_files_rounding():
@@ -48,15 +53,24 @@ def test_the_cell_is_recorded_and_a_departure_is_reported():
             "pairs": {"recorded": 123, "rerun": 123},
         },
         "runs": {
-            "dpo": {"reward_change": {"recorded": -0.17, "rerun": -0.1701}, "first_step_departing": {"loss": None}}
+            "dpo": {
+                "reward_change": {"recorded": -0.17, "rerun": -0.1701},
+                "first_step_departing": {"reference_winner": None, "reference_loser": None, "loss": 3},
+                "largest_difference": {"loss": largest_difference([0.693147, 91.6957], [0.693147, 91.7106])},
+            }
         },
     }
-    assert differences(agreeing, 5e-4) == []
-    agreeing["runs"]["dpo"]["reward_change"]["rerun"] = -0.04
-    agreeing["runs"]["dpo"]["first_step_departing"]["loss"] = 3
+    assert differences(agreeing, 5e-4) == []  # the loss from step 3 on within rounding: 1.6e-4 of its magnitude
+    run = agreeing["runs"]["dpo"]
+    run["reward_change"]["rerun"] = -0.1706  # 6e-4 from the record: past the 5e-4 tolerance
+    assert differences(agreeing, 5e-4) == ["dpo: reward change -0.1706, recorded -0.1700"]
+    run["reward_change"]["rerun"] = -0.04
+    run["first_step_departing"]["reference_winner"] = 1
+    run["largest_difference"]["loss"] = largest_difference([0.693147, 91.6957], [0.693147, 12.5])
     assert differences(agreeing, 5e-4) == [
         "dpo: reward change -0.0400, recorded -0.1700",
-        "dpo: loss departs from the record at step 3",
+        "dpo: reference_winner departs from the record at step 1",
+        "dpo: loss 12.5 at step 2, recorded 91.6957",
     ]
 
 

@@ -140,3 +140,33 @@ def test_the_stored_base_stays_out_of_the_wheel():
     }
     stored = {path.resolve() for path in (ROOT / "benchmarks" / "study_base").rglob("*") if path.is_file()}
     assert stored and not shipped & stored
+
+
+RERUN = "benchmarks/results/safeguard-comparison/cpu-rerun-cell-seed4-lr2e-4-step50.json"
+
+
+def test_the_docs_state_the_recorded_cell_and_its_rerun_as_their_files_say():
+    """docs/demo.md's benchmark's-base section quotes the recorded cell from its result file and the rerun from
+    ``rerun_cell.py``'s, and names how to rerun it; the README says where the base lives."""
+    import json
+
+    from benchmarks.tools import rerun_cell
+
+    section = (ROOT / "docs/demo.md").read_text().split("### The benchmark's base", 1)[1].split("\n## ", 1)[0]
+    section = " ".join(section.split())
+    record = json.loads((ROOT / rerun_cell.RECORD).read_text())
+    rerun = json.loads((ROOT / RERUN).read_text())
+    assert rerun["record"] == rerun_cell.RECORD and rerun["reproduced"] and rerun["differences"] == []
+    assert (
+        rerun["base"]["pairs"]["rerun"] == record["base"]["pairs"]
+        and f"its {record['base']['pairs']} pairs" in section
+    )
+    for key, run in rerun["runs"].items():
+        recorded = record["runs"][run["run"]]["reward_change"][str(rerun["cell"]["step"])]
+        assert run["reward_change"]["recorded"] == recorded, key
+        assert f"{recorded:+.3f}" in section, key
+        assert f"{run['reward_change']['rerun']:+.6f} against the recorded {recorded:+.6f}" in section or (
+            f"{run['reward_change']['rerun']:+.6f} against {recorded:+.6f}" in section
+        ), key
+    assert RERUN in section and rerun_cell.RECORD in section and "python benchmarks/tools/rerun_cell.py" in section
+    assert "`benchmarks/study_base/`" in section and "`benchmarks/study_base/`" in (ROOT / "README.md").read_text()

@@ -19,7 +19,8 @@ and reports how far its weights lie from the stored ones: the way to see what th
 
     OMP_NUM_THREADS=1 python benchmarks/tools/rerun_cell.py [--json rerun.json]
 
-Exit status 0 when every compared value agrees with the record within ``--tolerance``, 1 otherwise.
+Exit status 0 when everything compared agrees with the record (:func:`differences`: the data exactly, the reward
+changes within ``--tolerance``, the traces within rounding), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
 RECORD = "benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo-lr1e-4-2e-4.json"
 """The result file the default cell is read from (a ``stability_map.py`` run)."""
 SEED, LEARNING_RATE, BETA, STEP = 4, 2e-4, 5000.0, 50
+TRACE_TOLERANCE = 1e-2
+"""The largest difference of a loss or winner-delta trace from the record, relative to the trace's magnitude, that
+still counts as rounding (:func:`differences`)."""
 METHOD_KEYS = ("dpo", "sdpo-output-mu0.5")
 
 
@@ -88,9 +92,13 @@ def first_departure(recorded: list[float], rerun: list[float]) -> int | None:
 
 
 def largest_difference(recorded: list[float], rerun: list[float]) -> dict[str, float]:
-    """The largest absolute difference between the two traces over ``rerun``'s steps, and its step and values."""
-    step, (a, b) = max(enumerate(zip(recorded, rerun), start=1), key=lambda item: abs(item[1][0] - item[1][1]))
-    return {"step": step, "recorded": a, "rerun": b, "difference": b - a}
+    """The largest absolute difference between the two traces over ``rerun``'s steps, its step and values, and
+    ``relative``: that difference over the recorded trace's largest magnitude there (a trace's values pass through 0,
+    so a step's own value is no scale)."""
+    pairs = list(zip(recorded, rerun))
+    step, (a, b) = max(enumerate(pairs, start=1), key=lambda item: abs(item[1][0] - item[1][1]))
+    scale = max(abs(value) for value, _ in pairs) or 1.0
+    return {"step": step, "recorded": a, "rerun": b, "difference": b - a, "relative": abs(b - a) / scale}
 
 
 def _rounded(values: list[float]) -> list[float]:
@@ -195,8 +203,12 @@ def rerun(
     return result
 
 
-def differences(result: dict[str, Any], tolerance: float) -> list[str]:
-    """What departs from the record: each compared value outside ``tolerance`` and each trace that departs."""
+def differences(result: dict[str, Any], tolerance: float, trace_tolerance: float = TRACE_TOLERANCE) -> list[str]:
+    """What departs from the record: the base's recipe and pairs (exactly), its held-out reward and each run's reward
+    change (within ``tolerance``), each run's reference errors (within the file's rounding: the same batches,
+    timesteps and noise) and its loss and winner-delta traces (their largest difference within ``trace_tolerance`` of
+    the trace's magnitude: float32 sums taken in another order differ from the last digits on, a run on other data
+    or weights by its whole size)."""
     found = []
     base = result["base"]
     if base["recipe_hash"]["recorded"] != base["recipe_hash"]["rerun"]:
@@ -209,9 +221,13 @@ def differences(result: dict[str, Any], tolerance: float) -> list[str]:
         change = run["reward_change"]
         if abs(change["recorded"] - change["rerun"]) > tolerance:
             found.append(f"{key}: reward change {change['rerun']:+.4f}, recorded {change['recorded']:+.4f}")
-        for trace, at in run["first_step_departing"].items():
-            if at is not None:
-                found.append(f"{key}: {trace} departs from the record at step {at}")
+        for trace in ("reference_winner", "reference_loser"):
+            if run["first_step_departing"].get(trace) is not None:
+                found.append(f"{key}: {trace} departs from the record at step {run['first_step_departing'][trace]}")
+        for trace, largest in run.get("largest_difference", {}).items():
+            if largest["relative"] > trace_tolerance:
+                at, rerun_value, recorded = largest["step"], largest["rerun"], largest["recorded"]
+                found.append(f"{key}: {trace} {rerun_value:.6g} at step {at}, recorded {recorded:.6g}")
     return found
 
 
@@ -226,10 +242,17 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     ]
     for key, run in result["runs"].items():
         change, departing = run["reward_change"], run["first_step_departing"]
-        where = ", ".join(f"{name} at step {at}" for name, at in departing.items() if at is not None)
+        where = ", ".join(f"{name} from step {at}" for name, at in departing.items() if at is not None)
+        largest = ", ".join(
+            f"{name} by {d['relative']:.1e} of its magnitude" for name, d in run.get("largest_difference", {}).items()
+        )
         lines.append(
-            f"  {key}: reward change {change['rerun']:+.4f} (recorded {change['recorded']:+.4f}); "
-            + (f"departs from the record: {where}" if where else f"every logged step up to {cell['step']} as recorded")
+            f"  {key}: reward change {change['rerun']:+.6f} (recorded {change['recorded']:+.6f}); "
+            + (
+                f"past the file's rounding: {where}; at most {largest}"
+                if where
+                else f"every logged step up to {cell['step']} as recorded"
+            )
         )
     if "pretrained_against_stored" in result:
         weights = ", ".join(

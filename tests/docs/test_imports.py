@@ -320,3 +320,23 @@ def test_finding_a_flux_pipelines_family_imports_no_other_familys_module(tmp_pat
     modules, _ = run_fresh(code)
     family_of_module = {target.partition(":")[0]: name for name, (target, _) in BUILT_IN_FAMILIES.items()}
     assert {family_of_module[m] for m in modules if m in family_of_module} == {"flux"}
+
+
+def test_a_built_in_familys_name_is_taken_before_its_module_is_imported():
+    code = """
+        import sys
+        from trl_diffusion_sdpo.families import register_family
+        from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
+
+        class MyWan(StableDiffusionFamily):
+            pass
+
+        try:
+            register_family("wan", pipelines=("WanPipeline",))(MyWan)
+        except ValueError as error:
+            assert "'wan' is already registered" in str(error), error
+        else:
+            raise AssertionError("a user family took a built-in family's name")
+        assert "trl_diffusion_sdpo.families.wan" not in sys.modules
+    """
+    run_fresh(code)

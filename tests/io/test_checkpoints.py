@@ -298,3 +298,35 @@ def test_a_final_save_failing_with_oserror_names_the_folder_and_the_bytes_needed
         trainer.save_model(final)
     assert f"Saving {final} failed" in str(info.value)
     assert f"(the size of {os.path.join(run, 'checkpoint-3')})" in str(info.value)
+
+
+def test_a_checkpoint_holds_the_random_states_and_optimizer_files_transformers_resumes_from(tmp_path):
+    """Every checkpoint carries, in the files transformers' train() reads back when it resumes, the global random
+    states as they were when it was written (read back here as transformers reads them), and the optimizer's and
+    scheduler's states equal to the trainer's."""
+    import random
+
+    import numpy as np
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+    seen: dict[int, tuple] = {}
+
+    class RecordStates(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # right after the checkpoint was written
+            seen[state.global_step] = (torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.random())
+
+    trainer = build_trainer(str(tmp_path / "out"), str(tmp_path / "tok"), max_steps=2)
+    trainer.add_callback(RecordStates())
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    saved = torch.load(checkpoint / "rng_state.pth", weights_only=False)
+    cpu, numpy_keys, python_draw = seen[2]
+    assert torch.equal(saved["cpu"], cpu)
+    assert np.array_equal(saved["numpy"][1], numpy_keys)
+    random.setstate(saved["python"])
+    assert random.random() == python_draw
+    optimizer = torch.load(checkpoint / OPTIMIZER_NAME, weights_only=True)
+    assert optimizer["param_groups"][0]["lr"] == trainer.optimizer.param_groups[0]["lr"]
+    for index, values in trainer.optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(optimizer["state"][index]["exp_avg"], values["exp_avg"], rtol=0, atol=0)
+    assert torch.load(checkpoint / SCHEDULER_NAME, weights_only=True) == trainer.lr_scheduler.state_dict()

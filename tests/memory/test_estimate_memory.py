@@ -14,7 +14,13 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig, get_peft_model
 
 from trl_diffusion_sdpo.cli.memory import run_estimate_memory
-from trl_diffusion_sdpo.engines.memory import RunShape, estimate_memory, model_sizes, unet_activation_bytes
+from trl_diffusion_sdpo.engines.memory import (
+    MEASURED_ERRORS,
+    RunShape,
+    estimate_memory,
+    model_sizes,
+    unet_activation_bytes,
+)
 from trl_diffusion_sdpo.families.loading import resolve_model_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,8 +115,8 @@ def test_safeguard_one_pass_adds_both_rows_to_diffusion_dpos_activation_peak() -
 def test_safeguard_one_pass_in_pieces_adds_two_pieces_or_the_losers_row(monkeypatch) -> None:
     """A model of four pieces (a large model's layout): two pieces' float32 rows at the activations' peak, or the
     loser's row after the backward less the activations, whichever is larger; ZeRO-2 keeps both bf16 rows to the
-    optimizer step, FSDP2 both float32 rows of its shards (its ``.grad`` is a copy); ZeRO-3's shards are one piece,
-    kept."""
+    optimizer step, FSDP2 and ZeRO-3 both float32 rows of their shards in pieces (FSDP2's ``.grad`` is a copy,
+    ZeRO-3's partitions take one)."""
     from trl_diffusion_sdpo.engines.memory import pieces as memory_model
 
     p = sum(t.numel() for t in tiny_unet().parameters())
@@ -124,8 +130,8 @@ def test_safeguard_one_pass_in_pieces_adds_two_pieces_or_the_losers_row(monkeypa
     assert zero2["safeguard"] == max(2 * -(-p // 4), 2 * p - zero2["activations"])
     fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2)).components
     assert fsdp2["safeguard"] == max(2 * -(-(4 * p // 2) // 4), 2 * (4 * p // 2) - fsdp2["activations"])
-    zero3 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero3", num_processes=2))
-    assert zero3.components["safeguard"] == 8 * p // 2
+    zero3 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero3", num_processes=2)).components
+    assert zero3["safeguard"] == max(2 * -(-(4 * p // 2) // 4), 2 * (4 * p // 2) - zero3["activations"])
 
 
 def test_lora_trained_parameters_equal_peft_count() -> None:
@@ -197,22 +203,28 @@ def usable_gib(gb: float) -> float:
 QWEN_4BIT = ("--config", str(ROOT / "examples/configs/qwen_image_lora.yaml"), "--base_quantization", "quanto-int4")
 
 
+# Qwen-Image has no GPU measurement: its verdict plans with the largest error measured on another family (a bf16 or
+# 8-bit base; tests/memory/test_measured_error.py recomputes it from the result file)
+QWEN_RATIO = max(row.ratio for row in MEASURED_ERRORS if not row.bitsandbytes)
+
+
 @pytest.mark.parametrize("gpu", [24, 8])
 def test_gpu_flag_says_whether_the_run_fits_with_the_margin(capsys, gpu: int) -> None:
     result = estimate_json(capsys, *QWEN_4BIT, "--cache_latents", "true", "--gpu", str(gpu))
-    margin = usable_gib(gpu) - sum(result["components_bytes"].values()) / GIB
+    planned = QWEN_RATIO * sum(result["components_bytes"].values()) / GIB
     assert result["gpu_gb"] == gpu
-    assert result["margin_gib"] == pytest.approx(margin, abs=1e-3)
-    assert result["fits"] is (margin >= 0) and result["fits"] is (gpu == 24)  # 14.3 GiB: fits 24 GB, not 8
+    assert result["margin_gib"] == pytest.approx(usable_gib(gpu) - planned, abs=1e-3)
+    # 14.3 GiB planned at 18.4: fits 24 GB, not 8
+    assert result["fits"] is (usable_gib(gpu) >= planned) and result["fits"] is (gpu == 24)
 
 
 def test_without_gpu_the_smallest_card_that_fits_is_named(capsys) -> None:
     for extra in (("--cache_latents", "true"), ("--cache_latents", "false")):
         result = estimate_json(capsys, *QWEN_4BIT, *extra)
-        total = sum(result["components_bytes"].values()) / GIB
-        smallest = next(gb for gb in (24, 48, 80, 141) if total <= usable_gib(gb))
+        planned = QWEN_RATIO * sum(result["components_bytes"].values()) / GIB
+        smallest = next(gb for gb in (24, 48, 80, 141) if planned <= usable_gib(gb))
         assert (result["gpu_gb"], result["fits"]) == (smallest, True)
-        assert result["margin_gib"] == pytest.approx(usable_gib(smallest) - total, abs=1e-3)
+        assert result["margin_gib"] == pytest.approx(usable_gib(smallest) - planned, abs=1e-3)
     too_big = estimate_json(capsys, "--config", str(ROOT / "examples/configs/flux2_lora.yaml"), "--use_peft", "false")
     assert too_big["fits"] is False and too_big["margin_gib"] < 0 and too_big["gpu_gb"] == 141
 

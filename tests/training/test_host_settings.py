@@ -18,13 +18,15 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.helpers.common import worker_environment
 
 ROOT = Path(__file__).resolve().parents[2]
-# tqdm's training bar once the run is over: "3/3 [00:04<00:00,  1.52s/it]" (elapsed<left, rate)
-FINISHED_BAR = r"{steps}/{steps} \[\d\d:\d\d<00:00, +\d+(\.\d+)?(it/s|s/it)\]"
+# The trainer's bar (transformers' ProgressCallback: no description, unlike the loading bars) once the run is over,
+# redrawn in place: "\r100%|██████████| 3/3 [00:04<00:00,  1.52s/it]" (elapsed<left, rate)
+FINISHED_BAR = r"\r100%\|[^|\r\n]*\| {steps}/{steps} \[\d\d:\d\d<00:00, +\d+(\.\d+)?(it/s|s/it)\]"
 
 
 def run_in_terminal(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str]:
@@ -86,7 +88,6 @@ def test_the_trainers_bar_shows_its_rate_and_time_left_on_a_terminal(tmp_path):
     status, text = run_in_terminal([sys.executable, "-m", "tests.helpers.host_settings", "train", "3"], ROOT)
     assert status == 0, text[-4000:]
     assert re.search(FINISHED_BAR.format(steps=3), text), text[-4000:]
-    assert "\r" in text  # drawn in place
 
 
 def test_written_to_a_file_each_log_is_a_line_and_nothing_is_redrawn(tmp_path):
@@ -112,6 +113,17 @@ def test_the_train_command_shows_the_bar_on_a_terminal(tmp_path):
     config = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
     command = [sys.executable, "-m", "trl_diffusion_sdpo", "train", "--config", config, "--dataset_name", str(data)]
     command += ["--output_dir", str(tmp_path / "tuned"), "--max_steps", "2", "--logging_steps", "1"]
+    status, text = run_in_terminal(command, tmp_path)
+    assert status == 0, text[-4000:]
+    assert re.search(FINISHED_BAR.format(steps=2), text), text[-4000:]
+
+
+@pytest.mark.slow  # sampling and scoring before each step
+def test_the_online_command_shows_the_bar_on_a_terminal(tmp_path):
+    config = str(ROOT / "examples" / "configs" / "online_tiny_cpu.yaml")
+    command = [sys.executable, "-m", "trl_diffusion_sdpo", "online", "--config", config]
+    command += ["--output_dir", str(tmp_path / "tuned"), "--max_steps", "2", "--logging_steps", "1"]
+    command += ["--per_device_train_batch_size", "2", "--num_generations", "2", "--sample_steps", "2"]
     status, text = run_in_terminal(command, tmp_path)
     assert status == 0, text[-4000:]
     assert re.search(FINISHED_BAR.format(steps=2), text), text[-4000:]

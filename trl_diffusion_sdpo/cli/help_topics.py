@@ -124,6 +124,7 @@ TRAINING_TOPIC = (
         "run_name": "The run's name in the trackers.",
         "dataloader_num_workers": "Data-loading worker processes (0: load in the training process).",
         "use_cpu": "Train on the CPU even where a GPU is present.",
+        "threads": None,
         "push_to_hub": "Push the weights and the model card to the Hub when training ends (and at each save).",
         "hub_model_id": "The Hub repository to push to.",
         "deepspeed": "A DeepSpeed config file (or use accelerate launch --config_file).",

@@ -25,6 +25,7 @@ from ..engines.memory import (
     MemoryEstimate,
     RunShape,
     card_verdict,
+    planning_error,
     smallest_card,
 )
 
@@ -51,16 +52,17 @@ class EstimateArguments:
     gpu: float | None = field(
         default=None,
         metadata={
-            "help": f"A GPU's memory in GB (e.g. 24): whether the run fits it, keeping "
-            f"{(1 - USABLE_SHARE) * 100:.0f}%% free. "
+            "help": f"A GPU's memory in GB (e.g. 24): whether the run fits it, its peak planned as the estimate "
+            f"plus the error measured for the family on a GPU, keeping {(1 - USABLE_SHARE) * 100:.0f}%% free. "
             f"Unset: the smallest of {', '.join(map(str, GPUS_GB))} GB that fits."
         },
     )
     json: bool = field(
         default=False,
         metadata={
-            "help": "Print one JSON object: total_gib (the per-process peak), gpu_gb, fits and margin_gib (the GPU's "
-            "usable GiB minus the peak)."
+            "help": "Print one JSON object: total_gib (the per-process peak), gpu_gb, fits, planned_gib (the peak "
+            "planned with the measured error), plan (where that error comes from) and margin_gib (the GPU's usable "
+            "GiB minus the planned peak)."
         },
     )
 
@@ -130,12 +132,16 @@ def run_shape(
     )
 
 
-def verdict(estimate: MemoryEstimate, gpu_gb: float | None) -> CardVerdict:
-    """Whether the estimate fits a ``gpu_gb`` card; unset, the smallest of
+def verdict(estimate: MemoryEstimate, gpu_gb: float | None, family: str, shape: RunShape) -> CardVerdict:
+    """Whether the estimate, planned with the error measured for ``family``'s runs of this tuning on a GPU
+    (:func:`~trl_diffusion_sdpo.engines.memory.planning_error`), fits a ``gpu_gb`` card; unset, the smallest of
     :data:`~trl_diffusion_sdpo.engines.memory.GPUS_GB` that fits (the largest, not fitting, when none does)."""
-    if gpu_gb is not None:
-        return card_verdict(estimate.total_bytes, gpu_gb)
-    return card_verdict(estimate.total_bytes, smallest_card(estimate.total_bytes) or GPUS_GB[-1])
+    lora = shape.lora_rank is not None
+    error = planning_error(family, lora, bitsandbytes=shape.base_quantization.startswith("bnb"))
+    plan = f"plus {error.percent}, {error.describe(family, lora)}"
+    if gpu_gb is None:
+        gpu_gb = smallest_card(estimate.total_bytes, error.ratio) or GPUS_GB[-1]
+    return card_verdict(estimate.total_bytes, gpu_gb, error.ratio, plan)
 
 
 def verdict_line(found: CardVerdict, asked: bool) -> str:
@@ -211,9 +217,15 @@ def run_estimate_memory(argv: list[str] | None = None) -> int:
         estimate = estimate_memory(sizes, shape)
     except ValueError as err:
         parser.error(str(err))
-    found = verdict(estimate, estimate_args.gpu)
+    found = verdict(estimate, estimate_args.gpu, sizes.family, shape)
     if estimate_args.json:
-        card = {"gpu_gb": found.gpu_gb, "fits": found.fits, "margin_gib": found.margin_gib}
+        card = {
+            "gpu_gb": found.gpu_gb,
+            "fits": found.fits,
+            "margin_gib": found.margin_gib,
+            "planned_gib": found.planned_gib,
+            "plan": found.plan,
+        }
         print(
             json.dumps({"model": model_args.model_name_or_path, "family": sizes.family, **estimate.as_dict(), **card})
         )

@@ -23,6 +23,7 @@ from ..online.config import OnlineDiffusionSDPOConfig
 from .parsing import parse_or_exit, resume_argument
 from .train import (
     DiffusionScriptArguments,
+    ProcessArguments,
     ValidationArguments,
     build_pipeline,
     check_supported_model,
@@ -35,7 +36,7 @@ __all__ = ["OnlinePromptArguments", "load_prompt_dataset", "main", "parse_args"]
 
 
 @dataclass
-class OnlinePromptArguments(ValidationArguments):
+class OnlinePromptArguments(ValidationArguments, ProcessArguments):
     """Where the prompts come from, and the validation grids."""
 
     prompts: str | None = option(
@@ -113,6 +114,7 @@ def main(argv: Sequence[str] | None = None):
     from ..io.console import log_to_console
 
     log_to_console()
+    prompt_args.apply_to_process(training_args)
     from ..online.trainer import OnlineDiffusionSDPOTrainer
     from .train import peft_config_for
 

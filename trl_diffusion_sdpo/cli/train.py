@@ -26,6 +26,7 @@ from ..config import DiffusionSDPOConfig
 from ..config.docs import GROUPS
 from ..config.fields import option
 from ..config.rules import BASE_QUANTIZATIONS
+from ..io.cpu_threads import THREADS_HELP, apply_threads
 from .data_options import early_stopping_split, load_split, load_train_split
 from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
 from .parsing import (
@@ -51,6 +52,7 @@ __all__ = [
     "INPUT_PATH_KEYS",
     "ConfigFileParser",
     "DiffusionScriptArguments",
+    "ProcessArguments",
     "build_pipeline",
     "check_supported",
     "check_supported_model",
@@ -115,6 +117,20 @@ class ValidationArguments:
         ]
 
 
+@dataclass
+class ProcessArguments:
+    """The command's own process (from Python a user sets these with torch directly)."""
+
+    threads: int | None = option(None, THREADS_HELP)
+
+    def apply_to_process(self, training_args: Any) -> None:
+        """Set the command's torch threads for a run on the CPU
+        (:func:`~trl_diffusion_sdpo.io.cpu_threads.apply_threads`)."""
+        import torch
+
+        apply_threads(self.threads, on_cpu=bool(training_args.use_cpu) or not torch.cuda.is_available())
+
+
 VALIDATION_TOPIC = (
     "Validation images while training",
     "Sample grids from the policy as it trains (a ValidationCallback; docs/evaluation.md).",
@@ -123,7 +139,7 @@ VALIDATION_TOPIC = (
 
 
 @dataclass
-class DiffusionScriptArguments(ValidationArguments):
+class DiffusionScriptArguments(ValidationArguments, ProcessArguments):
     """Options of ``trl-diffusion-sdpo train`` that neither TRL's ``ScriptArguments`` nor ``ModelConfig`` has: how the
     data is read and prepared, and the validation grids."""
 
@@ -497,6 +513,7 @@ def main(argv: Sequence[str] | None = None):
     from ..io.console import log_to_console
 
     log_to_console()
+    diffusion_args.apply_to_process(training_args)
     from ..callbacks.guards import configure_early_stopping, early_stopping
     from ..data.sharded_cache import load_sharded_latent_cache
     from ..trainer import DiffusionSDPOTrainer

@@ -1,11 +1,12 @@
 """Configuration of Diffusion-DPO / Diffusion-SDPO training: the package's bottom layer, importing nothing of the
-package outside ``config/`` (the objectives check their own fields where they are resolved, so a config's answer
-never depends on import order).
+package outside ``config/``. A config made anywhere asks the objective it names to check its fields, through the one
+check the package's root module connects (:mod:`.rules`), so its answer never depends on import order.
 
 :mod:`.fields` holds :class:`DiffusionSDPOConfig`'s fields (each field's help is its documentation), :mod:`.rules`
-the rules of their values, :mod:`.defaults` the one table of the per-run defaults (beta, safeguard_mu,
-safeguard_space per model family, objective and mode), :mod:`.docs` the class docstring written from the helps. The
-names resolve on first use (:mod:`~trl_diffusion_sdpo.config._lazy`), so a layer that reads the rules imports
+the rules of their values, :mod:`.defaults` the one table of the per-run defaults (learning_rate, beta,
+safeguard_mu, safeguard_space per model family, objective, tuning and mode), the recommended learning-rate ranges and
+the choices the trainer makes for the machine, :mod:`.docs` the class docstring written from the helps. The names
+resolve on first use (:mod:`~trl_diffusion_sdpo.config._lazy`), so a layer that reads the rules imports
 :mod:`.rules` without transformers.
 """
 

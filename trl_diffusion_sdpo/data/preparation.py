@@ -29,7 +29,6 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from .. import data as preference_data  # its names resolve on first use: the file formats' when a file is read
 from ..config.messages import advice
 from .columns import ROW_INDEX_COLUMN, SOURCE_COLUMN, PreferenceColumns, is_tie
 from .pickapic import as_trl_form
@@ -158,7 +157,9 @@ def load_preference_dataset(
     :func:`~.pickapic.pickapic_to_trl`). Pair folders' and HPD annotations' rows carry a ``__source__`` string column
     (:data:`~.columns.SOURCE_COLUMN`) naming the folder or record each came from, which a bad row's error quotes
     and training ignores."""
-    return preference_data.load_preference_data(
+    from .formats import load_preference_data
+
+    return load_preference_data(
         name_or_path,
         format=dataset_format,
         split=split,

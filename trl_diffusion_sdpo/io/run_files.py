@@ -175,16 +175,17 @@ class RunFiles(TrainerCallback):
 
     def count_loss(self, loss: torch.Tensor) -> None:
         """Add a training micro-batch's loss (as ``training_step`` returns it) to the run's loss sum, on the device."""
-        loss = loss.detach()
+        loss = loss.detach().float()
         self._loss_since_log = loss.clone() if self._loss_since_log is None else self._loss_since_log + loss
 
     def _fold_loss(self) -> float:
-        """The sum of this ``train()`` call's per-step losses, averaged over processes (one reduction: every process
-        calls it)."""
-        if self._loss_since_log is not None:
-            accelerator = self.trainer.accelerator
-            self._loss_logged += accelerator.reduce(self._loss_since_log.clone(), reduction="mean").item()
-            self._loss_since_log = None
+        """The sum of this ``train()`` call's per-step losses, averaged over processes (one reduction, which every
+        process enters, also one whose micro-batches since the last log were all replays: it adds 0)."""
+        accelerator = self.trainer.accelerator
+        since = self._loss_since_log
+        since = since.clone() if since is not None else torch.zeros((), dtype=torch.float32, device=accelerator.device)
+        self._loss_logged += accelerator.reduce(since, reduction="mean").item()
+        self._loss_since_log = None
         return self._loss_logged
 
     def log_training(self, logs: dict[str, float]) -> None:

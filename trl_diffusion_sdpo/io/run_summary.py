@@ -14,6 +14,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..config.defaults import recommended_learning_rate
+from .cpu_threads import threads_text
 
 __all__ = ["pairs_per_step"]
 
@@ -71,6 +72,11 @@ def _precision_text(args: Any) -> str:
     return "float32"
 
 
+def _on_cpu(effective: Any) -> bool:
+    device = getattr(effective, "device", None)
+    return getattr(device, "type", None) == "cpu"
+
+
 def start_summary(
     given: Any,
     effective: Any,
@@ -95,6 +101,7 @@ def start_summary(
             f"  schedule {schedule}, {warmup_text}; {pairs_per_step(given)} pairs per optimizer step",
             f"  objective {_objective_text(effective)}, beta {effective.beta:g}",
             f"  engine {engine!r}, {_precision_text(given)}",
+            *([f"  {threads_text()}"] if _on_cpu(effective) else []),
             *(f"  {line}" for line in _default_lines(effective, defaults or {})),
         ]
     )

@@ -367,7 +367,8 @@ def objective_from_config(config: Any, *, num_train_timesteps: int) -> Preferenc
 def check_objective_config(config: Any) -> None:
     """Check ``config`` by the objective ``config.loss_type`` names (:meth:`PreferenceObjective.check_config`): its
     own fields, and what the run asks of it. Another objective's fields are not read (a ``dmpo_alpha`` with
-    ``loss_type="dpo"`` is never used, so never refused). The trainer and the train command call it."""
+    ``loss_type="dpo"`` is never used, so never refused). The config calls it when it is made
+    (:func:`trl_diffusion_sdpo.config.rules.check_config`)."""
     objective_class(config.loss_type).check_config(config)
 
 

@@ -27,8 +27,9 @@ the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for floa
   held whole through the forward add 8T (measured on an H200: SD1.5 +6.4 GiB, SDXL +19.0 GiB,
   ``benchmarks/results/cuda-h200-gpu-suite-real.json``).
   Under DeepSpeed ZeRO-1/2 the engine takes the combination, so both rows stay to the optimizer step, in ``d`` for
-  bf16 (2dT); on FSDP2's shards both rows in float32 in pieces, kept to the optimizer step (``.grad`` is a copy);
-  on ZeRO-3's both rows in float32 (8T), held across steps; the two-pass mode one more float32 gradient (4T);
+  bf16 (2dT); on FSDP2's and ZeRO-3's shards both rows in float32 in pieces, kept until the engine has the
+  combination (FSDP2's ``.grad`` is a copy; ZeRO-3's partitions take one, and the pieces give their memory back
+  before the optimizer step); the two-pass mode one more float32 gradient (4T);
 * frozen parts: the VAE and text encoders in ``d`` (the VAE in float32 where the family keeps it so); nothing on the
   device with a latent cache (they stay on the CPU) or ``offload_frozen_modules`` (one layer at a time, not counted);
 * activations: what the policy's forward keeps for its backward over the 2B rows of B pairs (below).
@@ -172,28 +173,45 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class CardVerdict:
-    """Whether a per-process peak fits a card of ``gpu_gb`` GB: ``margin_gib`` is the card's usable memory
-    (:data:`USABLE_SHARE` of it) minus the peak, negative when it does not fit."""
+    """Whether a per-process peak fits a card of ``gpu_gb`` GB, the peak planned as the estimate times the error
+    measured on a GPU (:mod:`.measured`): ``margin_gib`` is the card's usable memory (:data:`USABLE_SHARE` of it)
+    minus the planned peak, negative when it does not fit; ``plan`` says where the error comes from."""
 
     gpu_gb: float
     fits: bool
     margin_gib: float
+    estimate_gib: float
+    planned_gib: float
+    plan: str = ""
 
     def sentence(self) -> str:
+        planned = f"planning with {self.planned_gib:.2f} GiB: the estimate {self.estimate_gib:.2f} GiB"
+        planned += f" {self.plan}." if self.plan else "."
+        card = f"a {self.gpu_gb:g} GB GPU"
         if self.fits:
-            return f"Fits a {self.gpu_gb:g} GB GPU: {self.margin_gib:.2f} GiB to spare beyond the 10 % reserve."
-        return f"Does not fit a {self.gpu_gb:g} GB GPU: {-self.margin_gib:.2f} GiB over its usable memory."
+            return f"Fits {card}: {self.margin_gib:.2f} GiB to spare beyond the 10 % reserve, {planned}"
+        return f"Does not fit {card}: {-self.margin_gib:.2f} GiB over its usable memory, {planned}"
 
 
-def card_verdict(total_bytes: int, gpu_gb: float) -> CardVerdict:
-    """Whether ``total_bytes`` fits a card of ``gpu_gb`` GB, keeping ``1 - USABLE_SHARE`` of it free."""
-    margin = (USABLE_SHARE * gpu_gb * 1e9 - total_bytes) / GIB
-    return CardVerdict(gpu_gb=gpu_gb, fits=margin >= 0, margin_gib=round(margin, 3))
+def card_verdict(total_bytes: int, gpu_gb: float, ratio: float = 1.0, plan: str = "") -> CardVerdict:
+    """Whether ``total_bytes`` times ``ratio`` (the measured error, :func:`~.measured.planning_error`, described by
+    ``plan``) fits a card of ``gpu_gb`` GB, keeping ``1 - USABLE_SHARE`` of it free."""
+    planned = total_bytes * ratio
+    margin = (USABLE_SHARE * gpu_gb * 1e9 - planned) / GIB
+    return CardVerdict(
+        gpu_gb=gpu_gb,
+        fits=margin >= 0,
+        margin_gib=round(margin, 3),
+        estimate_gib=round(total_bytes / GIB, 3),
+        planned_gib=round(planned / GIB, 3),
+        plan=plan,
+    )
 
 
-def smallest_card(total_bytes: int) -> int | None:
-    """The smallest of :data:`GPUS_GB` that ``total_bytes`` fits (:func:`card_verdict`); ``None`` when none does."""
-    return next((gb for gb in GPUS_GB if card_verdict(total_bytes, gb).fits), None)
+def smallest_card(total_bytes: int, ratio: float = 1.0) -> int | None:
+    """The smallest of :data:`GPUS_GB` that ``total_bytes`` times ``ratio`` fits (:func:`card_verdict`); ``None``
+    when none does."""
+    return next((gb for gb in GPUS_GB if card_verdict(total_bytes, gb, ratio).fits), None)
 
 
 # --------------------------------------------------------------------------------------------------- the model
@@ -575,10 +593,8 @@ def estimate_memory(sizes: ModelSizes, shape: RunShape) -> MemoryEstimate:
         one_pass = _one_pass_bytes(trained, 4 * trained, activations, rows_after=1)
     elif deepspeed and stage < 3:  # rows in d; the engine takes the combination: both rows kept to the step
         one_pass = _one_pass_bytes(trained, d * trained // shard_grads, activations, rows_after=2)
-    elif shape.engine == "fsdp2":  # the shards' float32 rows in pieces; .grad a copy: both rows kept to the step
+    else:  # FSDP2, ZeRO-3: the shards' float32 rows in pieces, both kept until the engine has the combination
         one_pass = _one_pass_bytes(trained, 4 * trained // shard_grads, activations, rows_after=2)
-    else:  # ZeRO-3: the shards' float32 rows, one piece kept across steps
-        one_pass = 8 * trained // shard_grads
     safeguard = {"one_pass": one_pass, "two_pass": 4 * trained // shard_grads}.get(shape.safeguard, 0)
     frozen = 0
     if not (shape.latent_cache or shape.offload_frozen):

@@ -159,9 +159,6 @@ class OnePassBranchGradients:
         """Why layers of the last pass could not be tapped."""
         return self.taps.failures
 
-    #: whether the pieces give their memory back before each forward (False: kept across steps, taken at once)
-    releases = True
-
     @contextlib.contextmanager
     def split(self, groups: int) -> Iterator[None]:
         """Run the micro-batch's forward and backward inside: ``groups`` 2 (by branch) or ``2B`` (by image)."""
@@ -189,22 +186,20 @@ class OnePassBranchGradients:
     def _prepare(self, groups: int) -> None:
         """Before the forward: the pieces' memory given back (their tensors and views kept), unless their layout
         changed or a view of them is still some weight's ``.grad`` (handed over by :meth:`assign` and kept by
-        gradient accumulation): then fresh pieces, made as the backward reaches them. A store that keeps its
-        pieces (:attr:`releases` False) takes them all here."""
+        gradient accumulation): then fresh pieces, made as the backward reaches them."""
         spec = self._buffer_spec(groups)
         handed = self._handed
         handed_over = handed is not None and handed[0].grad is not None and handed[0].grad.data_ptr() == handed[1]
         if spec != self._spec or handed_over:
             self._spec = spec
             self._forget()
-        elif self.releases:
-            self._release()
-        if not self.releases:
-            for piece in range(len(self._pieces)):
-                self._take(piece)
+        else:
+            self.release()
 
-    def _release(self) -> None:
-        """Give every piece's memory back (its tensor and views kept, their storage resized to nothing)."""
+    def release(self) -> None:
+        """Give every piece's memory back (its tensor and views kept, their storage resized to nothing): before each
+        forward, or as soon as nothing reads the rows (an engine that copied the combination into its own
+        gradients). Nothing may read the rows' values until the next pass has written them."""
         for piece, tensor in enumerate(self._pieces):
             if self._live[piece]:
                 tensor.untyped_storage().resize_(0)

@@ -44,14 +44,15 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
 
     The rows are held in pieces as on whole weights: a reduce-scatter takes its piece's memory when the backward
     first reaches one of its weights, and the pieces give it back before the next forward (``.grad`` is a copy of the
-    combination). Another layout of the shards (:class:`ZeRO3OnePassBranchGradients`) overrides
-    :meth:`_shard_shape`, :meth:`_process_pieces` and :meth:`_mine`."""
+    combination; ZeRO-3's store gives it back once the engine has the combination). Another layout of the shards
+    (:class:`ZeRO3OnePassBranchGradients`) overrides :meth:`_shard_shape`, :meth:`_process_pieces` and
+    :meth:`_mine`."""
 
     def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
         super().__init__(module, parameters)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self._local_shapes = [self._shard_shape(p) for p in self.parameters]
-        self._set_layout(self._local_shapes, bounds=None if self.releases else [0, len(self._local_shapes)])
+        self._set_layout(self._local_shapes)
         self._by_image = False
         self._written: list[bool] = []
 
@@ -136,10 +137,9 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
 class ZeRO3OnePassBranchGradients(ShardedOnePassBranchGradients):
     """The same over DeepSpeed ZeRO-3's partitions: each weight flattened, padded to a multiple of the processes and
     cut into equal pieces, piece ``r`` on process ``r`` (``param.ds_tensor``, of ``ds_tensor.ds_numel`` elements).
-    The combination goes to the engine's gradient partitions (:class:`~.zero3.DeepSpeedZeRO3Collectives`), not to
-    ``.grad``; the engine may keep views of it there, so the rows are one piece, kept across steps."""
-
-    releases = False
+    The combination is copied into the engine's gradient partitions (:class:`~.zero3.DeepSpeedZeRO3Collectives`,
+    through DeepSpeed's ``safe_set_local_grad``), not handed to ``.grad``: the pieces give their memory back as soon
+    as the engine holds it, so between steps the store holds none."""
 
     def _shard_shape(self, parameter: torch.nn.Parameter) -> tuple[int, ...]:
         return (parameter.ds_tensor.ds_numel,)

@@ -1,0 +1,80 @@
+"""How far the estimate fell short of the peaks measured on a GPU: the margin a fits verdict plans with.
+
+Each row is one family and tuning (and whether the frozen base was quantized by bitsandbytes, whose peaks ran far
+above the others'): the largest measured peak over the estimate among its cells, measured on one H200 in bf16 mixed
+precision (``benchmarks/results/cuda-h200-gpu-suite-real.json``, its ``cells``' ``peak_gib`` against
+``estimate_now_gib``; ``tests/memory/test_measured_error.py`` recomputes every row from that file). A family, tuning
+or base with no GPU measurement plans with the largest ratio measured on a base of the same kind, and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MEASURED_ERRORS", "MEASUREMENTS_FILE", "MeasuredError", "PlanningError", "planning_error"]
+
+#: the result file the rows come from
+MEASUREMENTS_FILE = "benchmarks/results/cuda-h200-gpu-suite-real.json"
+
+
+@dataclass(frozen=True)
+class MeasuredError:
+    """The largest peak measured on a GPU over the estimate (``ratio``) for a family's runs of one tuning."""
+
+    family: str
+    lora: bool
+    bitsandbytes: bool  # the frozen base quantized by bitsandbytes (NF4, int8)
+    ratio: float
+    runs: str  # what ran, for the verdict's sentence and the docs
+
+    @property
+    def tuning(self) -> str:
+        return "LoRA" if self.lora else "full tuning"
+
+
+MEASURED_ERRORS: tuple[MeasuredError, ...] = (
+    MeasuredError(
+        "stable-diffusion", False, False, 1.090,
+        "SD1.5's UNet, full tuning, 4 pairs at 512 px: Diffusion-DPO, the one pass, two passes, the update space",
+    ),
+    MeasuredError(
+        "stable-diffusion", True, False, 1.221, "SD1.5's UNet, LoRA r8, 4 pairs at 512 px, bf16 and 8-bit bases"
+    ),
+    MeasuredError(
+        "stable-diffusion", True, True, 1.837, "SD1.5's UNet, LoRA r8, 4 pairs at 512 px, bitsandbytes bases"
+    ),
+    MeasuredError(
+        "flux2-klein", True, False, 1.284,
+        "FLUX.2 [klein] 4B, LoRA r8, 1 pair at 1024 px, encoding live and from a latent cache",
+    ),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PlanningError:
+    """What a verdict plans with: the peak is taken as the estimate times ``ratio``; ``measured`` holds the row of
+    this family and tuning, or ``None`` where none was measured (``ratio`` is then the largest of its kind)."""
+
+    ratio: float
+    measured: MeasuredError | None
+
+    @property
+    def percent(self) -> str:
+        return f"{(self.ratio - 1) * 100:.0f} %"
+
+    def describe(self, family: str, lora: bool) -> str:
+        """Where the ratio comes from, in a clause."""
+        tuning = "LoRA" if lora else "full tuning"
+        if self.measured is not None:
+            return f"the most a {family} {tuning} run's peak exceeded its estimate on a GPU ({self.measured.runs})"
+        return f"the largest error measured on a GPU: {family} {tuning} has no GPU measurement"
+
+
+def planning_error(family: str, lora: bool, bitsandbytes: bool = False) -> PlanningError:
+    """The measured error of ``family``'s runs of this tuning and base, else the largest measured on a base of the
+    same kind (bitsandbytes or not)."""
+    for row in MEASURED_ERRORS:
+        if (row.family, row.lora, row.bitsandbytes) == (family, lora, bitsandbytes):
+            return PlanningError(row.ratio, row)
+    kind = [row.ratio for row in MEASURED_ERRORS if row.bitsandbytes == bitsandbytes]
+    return PlanningError(max(kind), None)
