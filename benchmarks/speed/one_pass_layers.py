@@ -30,7 +30,7 @@ class _Context:
     backward can then run as a function, without autograd's engine around it."""
 
     def __init__(self, needs_x: bool) -> None:
-        self.needs_input_grad = (needs_x, False, False, False, False)
+        self.needs_input_grad = (needs_x, False, False, False, False, False)
         self.saved_tensors: tuple[torch.Tensor, ...] = ()
 
     def save_for_backward(self, *tensors: torch.Tensor) -> None:
@@ -76,7 +76,8 @@ def _tap_backward(layer: Any, x: torch.Tensor, g: torch.Tensor, needs_x: bool) -
     module = layer.module
     ctx = _Context(needs_x)
     with torch.no_grad():
-        function.forward(ctx, x, module.weight, getattr(module, "bias", None), layer, layer_taps._Pass(2, None))
+        # the layer's own output is what the forward hands on; only what it saves matters here
+        function.forward(ctx, x, module.weight, getattr(module, "bias", None), layer, layer_taps._Pass(2, None), (x,))
 
     def backward() -> Any:
         with torch.no_grad():  # as autograd's engine runs a backward

@@ -113,7 +113,7 @@ class _Layer:
     and per pass the views its gradients go to and whether each was written yet."""
 
     __slots__ = ("name", "module", "kind", "slots", "weight", "bias", "conv_args", "views", "written", "destination",
-                 "has_sink", "pending")  # fmt: skip
+                 "has_sink", "pending", "hooks")  # fmt: skip
 
     def __init__(self, name: str, module: nn.Module, kind: str, indices: dict[str, int]) -> None:
         self.name, self.module, self.kind = name, module, kind
@@ -130,6 +130,7 @@ class _Layer:
         self.destination: Destination | None = None
         self.has_sink = False
         self.pending = False  # between the pre-hook and the hook of a tapped call
+        self.hooks: tuple[Callable, Callable] | None = None  # (forward pre-hook, forward hook), set by LayerTaps
 
     def start(self, destination: Destination | None, sink: Sink | None) -> None:
         """Start a pass (no weight written yet). The views are asked of ``destination`` when the backward first
@@ -457,7 +458,8 @@ class LayerTaps:
         #: names of the trainable parameters no tap covers (empty: every gradient can be split)
         self.uncovered = [name for i, name in enumerate(self.names) if i not in covered]
         self._current = _Current()
-        self._hooks = [_hooks(layer, self._current) for layer in self.layers]
+        for layer in self.layers:
+            layer.hooks = _hooks(layer, self._current)
         self._failures: list[str] = []
 
     @property
@@ -484,7 +486,8 @@ class LayerTaps:
             layer.start(destination, sink)
         handles = []
         try:
-            for layer, (before, after) in zip(self.layers, self._hooks):
+            for layer in self.layers:
+                before, after = layer.hooks
                 # the pre-hook after every other library's (DeepSpeed ZeRO-3's and FSDP2's gather the weights), the
                 # hook before theirs (they hook the backward on the output autograd records)
                 handles.append(layer.module.register_forward_pre_hook(before, with_kwargs=True))
