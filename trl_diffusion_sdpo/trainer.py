@@ -144,6 +144,7 @@ class DiffusionSDPOTrainer(Trainer):
         check_one_device_per_process(args)
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
+        self.loss_since_log: torch.Tensor | None = None  # the training losses summed since the last log
         # Seeded before LoRA adapters are initialised, so their random init is the same on every run.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
@@ -349,7 +350,9 @@ class DiffusionSDPOTrainer(Trainer):
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
         loss = loss / self.current_gradient_accumulation_steps
         loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
-        self.files.count_loss(loss)  # the whole run's loss, recorded in checkpoints
+        # The run's loss sum on the device, which checkpoints record (trainer.files takes it at each log).
+        loss_sum = self.loss_since_log
+        self.loss_since_log = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         return loss
 
     def _objective(

@@ -103,10 +103,7 @@ class RunFiles(TrainerCallback):
         self.loss_before_resume: float | None = 0.0
         self.resumed = False
         self.parts: list[CheckpointPart] = []  # saved into every checkpoint, loaded at resume
-        # The per-step training losses of this train() call: summed on the device since the last training log (as
-        # transformers sums its own, which it keeps private), folded into a float at each log.
-        self._loss_since_log: torch.Tensor | None = None
-        self._loss_logged = 0.0
+        self._loss_logged = 0.0  # the per-step training losses of this train() call, up to the last log
         # The learning rates of the scheduler made for this train() call, before a resumed checkpoint's state
         # replaces them (see on_train_begin).
         self._fresh_learning_rates: list[float] = []
@@ -129,7 +126,7 @@ class RunFiles(TrainerCallback):
             trainer.accelerator.wait_for_everyone()
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
             self.resumed, self.loss_before_resume = resume_from_checkpoint is not None, 0.0
-            self._loss_since_log, self._loss_logged = None, 0.0
+            trainer.loss_since_log, self._loss_logged = None, 0.0
             if resume_from_checkpoint is not None:
                 check_resume_config(resume_from_checkpoint, trainer)
                 for part in self.parts:
@@ -173,19 +170,16 @@ class RunFiles(TrainerCallback):
         if self.resumed and fresh and apply_new_learning_rates(trainer.lr_scheduler, trainer.optimizer, fresh):
             logger.info("Learning rate(s) %s applied from the resumed step on", fresh)
 
-    def count_loss(self, loss: torch.Tensor) -> None:
-        """Add a training micro-batch's loss (as ``training_step`` returns it) to the run's loss sum, on the device."""
-        loss = loss.detach().float()
-        self._loss_since_log = loss.clone() if self._loss_since_log is None else self._loss_since_log + loss
-
     def _fold_loss(self) -> float:
-        """The sum of this ``train()`` call's per-step losses, averaged over processes (one reduction, which every
-        process enters, also one whose micro-batches since the last log were all replays: it adds 0)."""
-        accelerator = self.trainer.accelerator
-        since = self._loss_since_log
+        """The sum of this ``train()`` call's per-step losses, averaged over processes: the trainer's
+        ``loss_since_log`` (summed on the device by ``training_step``, as transformers sums its own, which it keeps
+        private) folded in. One reduction, which every process enters, also one whose micro-batches since the last log
+        were all replays (it adds 0)."""
+        trainer = self.trainer
+        accelerator = trainer.accelerator
+        since, trainer.loss_since_log = trainer.loss_since_log, None
         since = since.clone() if since is not None else torch.zeros((), dtype=torch.float32, device=accelerator.device)
         self._loss_logged += accelerator.reduce(since, reduction="mean").item()
-        self._loss_since_log = None
         return self._loss_logged
 
     def log_training(self, logs: dict[str, float]) -> None:
