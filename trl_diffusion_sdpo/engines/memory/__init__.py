@@ -1,6 +1,56 @@
 """How much memory a run takes: the estimate ``estimate-memory`` prints (:mod:`.estimate`, with the known models'
 sizes in :mod:`.models`), and the measurement of a step's peak on the CPU that tests and benchmarks hold it against
-(:mod:`.measure`)."""
+(:mod:`.measure`).
 
-from .estimate import *  # noqa: F403
-from .estimate import __all__ as __all__
+The estimate's names resolve on first use: the exact safeguard's one pass reads the memory model of its pieces
+(:mod:`.pieces`) and loads no estimate."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...config._lazy import lazy_attributes
+
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+    from .estimate import (
+        ENGINES,
+        GIB,
+        GPUS_GB,
+        KNOWN_MODELS,
+        USABLE_SHARE,
+        CardVerdict,
+        KnownModel,
+        MemoryEstimate,
+        ModelSizes,
+        RunShape,
+        card_verdict,
+        estimate_memory,
+        family_lora_targets,
+        model_sizes,
+        model_sizes_of_pipeline,
+        smallest_card,
+        unet_activation_bytes,
+    )
+
+# The estimate's public names (estimate.__all__, which a test compares), each imported when first used.
+__all__ = [
+    "GIB",
+    "ENGINES",
+    "GPUS_GB",
+    "USABLE_SHARE",
+    "CardVerdict",
+    "card_verdict",
+    "smallest_card",
+    "KNOWN_MODELS",
+    "KnownModel",
+    "MemoryEstimate",
+    "ModelSizes",
+    "RunShape",
+    "estimate_memory",
+    "family_lora_targets",
+    "model_sizes",
+    "model_sizes_of_pipeline",
+    "unet_activation_bytes",
+]
+
+__getattr__, __dir__ = lazy_attributes(__name__, dict.fromkeys(__all__, ".estimate"), globals())
