@@ -316,7 +316,7 @@ def test_a_plain_sd_lora_run_loads_at_most_the_core_of_the_package(run_modules, 
     assert sum(modules.values()) <= RUN_LINE_LIMITS[safeguard_space], sorted(by_folder.items(), key=lambda i: -i[1])
 
 
-def test_an_sd_run_loads_no_other_familys_module_nor_another_objective(plain_run_modules):
+def test_an_sd_run_loads_no_other_familys_objectives_or_engines_module(plain_run_modules):
     from trl_diffusion_sdpo.families.registry import BUILT_IN_FAMILIES
     from trl_diffusion_sdpo.objectives import BUILT_IN_OBJECTIVES
 
@@ -327,6 +327,17 @@ def test_an_sd_run_loads_no_other_familys_module_nor_another_objective(plain_run
     assert "trl_diffusion_sdpo.families.flow" not in plain_run_modules  # the transformer families' base
     objectives = {target.partition(":")[0]: name for name, target in BUILT_IN_OBJECTIVES.items()}
     assert [name for module, name in objectives.items() if module in plain_run_modules] == ["dpo"]
+    assert loaded(list(plain_run_modules), ("trl_diffusion_sdpo.engines.",)) == [
+        "trl_diffusion_sdpo.engines.base",
+        "trl_diffusion_sdpo.engines.collectives",
+        "trl_diffusion_sdpo.engines.plain",
+    ]
+
+
+def test_the_exact_rules_run_loads_the_memory_model_of_its_pieces_and_not_the_estimate(run_modules):
+    modules = run_modules("parameter")
+    assert "trl_diffusion_sdpo.engines.memory.pieces" in modules
+    assert "trl_diffusion_sdpo.engines.memory.estimate" not in modules
 
 
 def test_finding_a_flux_pipelines_family_imports_no_other_familys_module(tmp_path):
