@@ -5,6 +5,7 @@ Each check runs a fresh interpreter (this one has long imported torch) and reads
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -182,14 +183,32 @@ def test_every_public_name_resolves_to_its_defining_object():
         trl_diffusion_sdpo.DiffusionSDPOTrainerr  # noqa: B018
 
 
-@pytest.mark.parametrize(
-    "package", ["trl_diffusion_sdpo.demo", "trl_diffusion_sdpo.evaluation", "trl_diffusion_sdpo_rewards"]
-)
+LAZY_PACKAGES = [
+    "trl_diffusion_sdpo.demo",
+    "trl_diffusion_sdpo.evaluation",
+    "trl_diffusion_sdpo_rewards",
+    "trl_diffusion_sdpo.data",
+    "trl_diffusion_sdpo.engines",
+    "trl_diffusion_sdpo.engines.memory",
+    "trl_diffusion_sdpo.families",
+    "trl_diffusion_sdpo.objectives",
+    "trl_diffusion_sdpo.rewards",
+]
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
 def test_lazy_subpackages_export_every_listed_name(package):
     module = __import__(package, fromlist=["__all__"])
     for name in module.__all__:
-        value = getattr(module, name)
-        assert getattr(value, "__name__", name) == name or not callable(value), (package, name)
+        value = getattr(module, name)  # a type alias (data.RewardFn) or a constant resolves as it is named
+        assert not (isinstance(value, type) or inspect.isfunction(value)) or value.__name__ == name, (package, name)
+
+
+def test_the_memory_package_lists_the_estimates_names():
+    from trl_diffusion_sdpo.engines import memory
+    from trl_diffusion_sdpo.engines.memory import estimate
+
+    assert sorted(memory.__all__) == sorted(estimate.__all__)
 
 
 def test_built_in_scorers_resolve_to_their_classes_and_the_demo_registers_colour():
@@ -295,7 +314,7 @@ def test_a_plain_sd_lora_run_loads_at_most_the_core_of_the_package(run_modules, 
     assert sum(modules.values()) <= RUN_LINE_LIMITS[safeguard_space], sorted(by_folder.items(), key=lambda i: -i[1])
 
 
-def test_an_sd_run_loads_no_other_familys_module_nor_another_objective(plain_run_modules):
+def test_an_sd_run_loads_no_other_familys_objectives_or_engines_module(plain_run_modules):
     from trl_diffusion_sdpo.families.registry import BUILT_IN_FAMILIES
     from trl_diffusion_sdpo.objectives import BUILT_IN_OBJECTIVES
 
@@ -306,6 +325,17 @@ def test_an_sd_run_loads_no_other_familys_module_nor_another_objective(plain_run
     assert "trl_diffusion_sdpo.families.flow" not in plain_run_modules  # the transformer families' base
     objectives = {target.partition(":")[0]: name for name, target in BUILT_IN_OBJECTIVES.items()}
     assert [name for module, name in objectives.items() if module in plain_run_modules] == ["dpo"]
+    assert loaded(list(plain_run_modules), ("trl_diffusion_sdpo.engines.",)) == [
+        "trl_diffusion_sdpo.engines.base",
+        "trl_diffusion_sdpo.engines.collectives",
+        "trl_diffusion_sdpo.engines.plain",
+    ]
+
+
+def test_the_exact_rules_run_loads_the_memory_model_of_its_pieces_and_not_the_estimate(run_modules):
+    modules = run_modules("parameter")
+    assert "trl_diffusion_sdpo.engines.memory.pieces" in modules
+    assert "trl_diffusion_sdpo.engines.memory.estimate" not in modules
 
 
 def test_finding_a_flux_pipelines_family_imports_no_other_familys_module(tmp_path):

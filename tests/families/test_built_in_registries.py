@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from trl_diffusion_sdpo.config._lazy import import_target
-from trl_diffusion_sdpo.engines import ENGINES, Engine
+from trl_diffusion_sdpo.engines import BUILT_IN_ENGINES, Engine
 from trl_diffusion_sdpo.families import ModelFamily, registered_families
 from trl_diffusion_sdpo.families.registry import BUILT_IN_FAMILIES
 from trl_diffusion_sdpo.objectives import (
@@ -53,7 +53,7 @@ def test_a_built_in_objectives_name_cannot_be_registered_by_another_class(object
 
 
 def test_each_engine_entry_is_an_engine() -> None:
-    for name, target in ENGINES.items():
+    for name, target in BUILT_IN_ENGINES.items():
         assert issubclass(import_target(target), Engine), name
 
 

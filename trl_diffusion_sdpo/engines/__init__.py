@@ -4,9 +4,9 @@
 * :class:`DeepSpeedEngine`: DeepSpeed ZeRO-1/2/3 (:mod:`.deepspeed`);
 * :class:`FSDP2Engine` and :class:`FSDP1Engine`: FSDP through accelerate (:mod:`.fsdp`).
 
-Each engine's module is imported when a run trains with it (:data:`ENGINES`), or when its class here is first used.
-To support another engine, subclass :class:`Engine` (see :mod:`.base` for what it answers), name it in
-:data:`ENGINES` and add its condition to :func:`engine_for`: the trainer never checks which engine runs.
+Each engine's module is imported when a run trains with it (:data:`BUILT_IN_ENGINES`), or when its class here is
+first used. To support another engine, subclass :class:`Engine` (see :mod:`.base` for what it answers), name it in
+:data:`BUILT_IN_ENGINES` and add its condition to :func:`engine_for`: the trainer never checks which engine runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .plain import PlainEngine
 
 __all__ = [
-    "ENGINES",
+    "BUILT_IN_ENGINES",
     "DeepSpeedEngine",
     "Engine",
     "FSDP1Engine",
@@ -34,26 +34,26 @@ __all__ = [
 ]
 
 #: Engine name -> ``"module:class"``, imported when :func:`engine_for` picks it.
-ENGINES: dict[str, str] = {
+BUILT_IN_ENGINES: dict[str, str] = {
     "deepspeed": f"{__name__}.deepspeed:DeepSpeedEngine",
     "fsdp2": f"{__name__}.fsdp:FSDP2Engine",
     "fsdp1": f"{__name__}.fsdp:FSDP1Engine",
     "plain": f"{__name__}.plain:PlainEngine",
 }
 
-_EXPORTS = {target.partition(":")[2]: target.partition(":")[0] for target in ENGINES.values()}
+_EXPORTS = {target.partition(":")[2]: target.partition(":")[0] for target in BUILT_IN_ENGINES.values()}
 
 
 def engine_for(accelerator) -> Engine:
     """The engine ``accelerator`` trains with."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
-        return import_target(ENGINES["deepspeed"])(accelerator, int(plugin.zero_stage))
+        return import_target(BUILT_IN_ENGINES["deepspeed"])(accelerator, int(plugin.zero_stage))
     if getattr(accelerator, "is_fsdp2", False):
-        return import_target(ENGINES["fsdp2"])(accelerator)
+        return import_target(BUILT_IN_ENGINES["fsdp2"])(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP:
-        return import_target(ENGINES["fsdp1"])(accelerator)
-    return import_target(ENGINES["plain"])(accelerator)
+        return import_target(BUILT_IN_ENGINES["fsdp1"])(accelerator)
+    return import_target(BUILT_IN_ENGINES["plain"])(accelerator)
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
