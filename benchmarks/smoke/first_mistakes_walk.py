@@ -138,8 +138,8 @@ def walk(work: Path) -> list[tuple[str, str, list[str]]]:
           str(work / "pairs-hub")]),
         ("docs/reward-server.md: reward-server --scorer pickscore", "a scorer's model, the Hub unreachable",
          ["reward-server", "--scorer", "pickscore", "--port", "8719"]),
-        ("README: estimate-memory --config x.yaml", "a Hub model, the Hub unreachable",
-         ["estimate-memory", "--config", TINY_CPU, "--model_name_or_path", HUB_MODEL]),
+        ("README: estimate-memory --config x.yaml", "a Hub model it has no configs of, the Hub unreachable",
+         ["estimate-memory", "--config", TINY_CPU, "--model_name_or_path", "someone/my-sdxl-finetune"]),
         # --- commands that write, pointed at what they did not write
         ("README: export --lora tiny-sdpo ... --output tiny.safetensors", "exporting onto an existing file",
          ["export", "--lora", str(lora), "--base", "trl-diffusion-sdpo:tiny", "--format", "kohya", "--output",
