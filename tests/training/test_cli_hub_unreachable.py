@@ -6,6 +6,7 @@ loaders, which read the cache offline."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from huggingface_hub import constants
@@ -114,3 +115,13 @@ def test_a_hub_prompt_set_names_the_hub(no_hub, tmp_path, capsys, monkeypatch):
     line = _error_line(capsys)
     assert code == 2 and "--prompts partiprompts (the Hub dataset nateraw/parti-prompts): no such file" in line
     assert no_hub in line and "--prompt_path PATH" in line
+
+
+def test_a_hub_vae_names_the_hub_before_the_pipeline_loads(no_hub):
+    from trl import ModelConfig
+
+    from trl_diffusion_sdpo.cli.train import DiffusionScriptArguments, build_pipeline
+
+    model = ModelConfig(model_name_or_path="trl-diffusion-sdpo:tiny")
+    with pytest.raises(FileNotFoundError, match=f"--vae_name_or_path {HUB_ID}: no such folder .*{re.escape(no_hub)}"):
+        build_pipeline(model, DiffusionScriptArguments(vae_name_or_path=HUB_ID))
