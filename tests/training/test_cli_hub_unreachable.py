@@ -6,6 +6,7 @@ loaders, which read the cache offline."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from huggingface_hub import constants
@@ -102,3 +103,25 @@ def test_a_local_path_or_the_shipped_base_is_never_asked_of_the_hub(no_hub, tmp_
     assert model_problem(str(tmp_path)) is None
     problem = model_problem("./missing/pipeline")
     assert problem is not None and "not looked for on the Hub" in problem
+
+
+def test_a_hub_prompt_set_names_the_hub(no_hub, tmp_path, capsys, monkeypatch):
+    """The default prompt set (partiprompts, a Hub dataset) neither local nor cached: one line naming the preset,
+    its Hub id and the cause, before the datasets loader's retries."""
+    from datasets import config
+
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    code = main(["evaluate", "--base", "trl-diffusion-sdpo:tiny", "--scorer", "colour", "--output_dir", str(tmp_path)])
+    line = _error_line(capsys)
+    assert code == 2 and "--prompts partiprompts (the Hub dataset nateraw/parti-prompts): no such file" in line
+    assert no_hub in line and "--prompt_path PATH" in line
+
+
+def test_a_hub_vae_names_the_hub_before_the_pipeline_loads(no_hub):
+    from trl import ModelConfig
+
+    from trl_diffusion_sdpo.cli.train import DiffusionScriptArguments, build_pipeline
+
+    model = ModelConfig(model_name_or_path="trl-diffusion-sdpo:tiny")
+    with pytest.raises(FileNotFoundError, match=f"--vae_name_or_path {HUB_ID}: no such folder .*{re.escape(no_hub)}"):
+        build_pipeline(model, DiffusionScriptArguments(vae_name_or_path=HUB_ID))

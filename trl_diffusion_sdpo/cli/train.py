@@ -459,6 +459,11 @@ def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArgum
     if diffusion_args.vae_name_or_path:
         from diffusers import AutoencoderKL
 
+        from ..data.model_names import check_model_exists as check
+
+        subfolder = diffusion_args.vae_subfolder
+        config = f"{subfolder}/config.json" if subfolder else "config.json"
+        check(diffusion_args.vae_name_or_path, "--vae_name_or_path", "a VAE folder or Hub id", files=[config])
         with zero3_init_disabled():
             kwargs["vae"] = AutoencoderKL.from_pretrained(
                 diffusion_args.vae_name_or_path, subfolder=diffusion_args.vae_subfolder, **dtype_keyword(dtype)

@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..config.messages import advice
+
 __all__ = ["PROMPT_PRESETS", "EditPrompt", "PromptPreset", "load_edits", "load_prompt_set", "load_prompts"]
 
 # The columns of an editing row that hold its source image(s): one image, or a list of them (multi-image editing).
@@ -95,8 +97,42 @@ def _json_prompts(values: object, column: str | None, path: str) -> list[str]:
     return prompts
 
 
-def _from_json_lists(preset: PromptPreset) -> list[str]:
+def _hub_dataset_unreachable(path: str) -> str | None:
+    """Why the Hub dataset ``path`` cannot be read here (not local, in neither cache, and the Hub not asked,
+    unreachable or without it: :func:`~trl_diffusion_sdpo.data.formats.hub_dataset_problem`), or ``None``."""
+    if os.path.exists(path):
+        return None
+    from datasets import config
+    from huggingface_hub import constants
+
+    from ..data.formats import hub_dataset_problem
+
+    cached = [
+        os.path.join(constants.HF_HUB_CACHE, "datasets--" + path.replace("/", "--")),
+        os.path.join(config.HF_DATASETS_CACHE, path.replace("/", "___")),
+    ]
+    if any(os.path.isdir(folder) for folder in cached):
+        return None  # the loaders read their caches, offline too
+    return hub_dataset_problem(path)
+
+
+def check_prompt_dataset(path: str, preset: str | None = None) -> None:
+    """Refuse in one line, before the ``datasets`` loader retries an unreachable Hub for half a minute, prompts from a
+    Hub dataset (``preset``'s, if one names it) that cannot be read here."""
+    problem = _hub_dataset_unreachable(path)
+    if problem is not None:
+        named = f"{preset} (the Hub dataset {path})" if preset else path
+        raise FileNotFoundError(
+            f"{advice('--prompts', 'prompts')} {named}: no such file or folder, not in the Hugging Face cache, "
+            f"{problem}. Give a .txt file of prompts (one a line), a local dataset folder, or a preset's local copy "
+            f"({advice('--prompt_path PATH', 'path=...')})."
+        )
+
+
+def _from_json_lists(preset: PromptPreset, name_of: str | None = None) -> list[str]:
     prompts: list[str] = []
+    if not os.path.isdir(preset.path):
+        check_prompt_dataset(preset.path, name_of)
     for name in preset.files:
         local = os.path.join(preset.path, name)
         if os.path.isdir(preset.path):
@@ -125,8 +161,9 @@ def _from_dataset(dataset, column: str | None, source: str) -> list[str]:
     return [str(row[column]) for row in dataset.select_columns([column])]
 
 
-def _load_dataset(path: str, split: str | None, streaming: bool):
-    """``load_dataset(path)`` (or ``load_from_disk`` for a ``save_to_disk`` folder), reduced to one split."""
+def _load_dataset(path: str, split: str | None, streaming: bool, preset: str | None = None):
+    """``load_dataset(path)`` (or ``load_from_disk`` for a ``save_to_disk`` folder), reduced to one split; a Hub
+    dataset that cannot be read here is refused first (:func:`check_prompt_dataset`)."""
     from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
@@ -134,6 +171,7 @@ def _load_dataset(path: str, split: str | None, streaming: bool):
         if isinstance(loaded, DatasetDict) and split is not None:
             loaded = loaded[split]
     else:
+        check_prompt_dataset(path, preset)
         loaded = load_dataset(path, split=split, streaming=streaming)
     if isinstance(loaded, (DatasetDict, IterableDatasetDict)):
         if len(loaded) != 1:
@@ -142,8 +180,10 @@ def _load_dataset(path: str, split: str | None, streaming: bool):
     return loaded
 
 
-def _load_dataset_prompts(path: str, column: str | None, split: str | None, streaming: bool) -> list[str]:
-    return _from_dataset(_load_dataset(path, split, streaming), column, path)
+def _load_dataset_prompts(
+    path: str, column: str | None, split: str | None, streaming: bool, preset: str | None = None
+) -> list[str]:
+    return _from_dataset(_load_dataset(path, split, streaming, preset), column, path)
 
 
 def load_prompts(
@@ -171,10 +211,10 @@ def load_prompts(
     if preset is not None:
         preset = preset.at(path) if path is not None else preset
         if preset.files:
-            prompts = _from_json_lists(preset)
+            prompts = _from_json_lists(preset, source)
         else:
             prompts = _load_dataset_prompts(
-                preset.path, column or preset.column, split or preset.split, preset.streaming
+                preset.path, column or preset.column, split or preset.split, preset.streaming, source
             )
         dedupe = preset.deduplicate if deduplicate is None else deduplicate
     elif isinstance(source, str) and source.endswith(".txt"):
