@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
         smallest_card,
         unet_activation_bytes,
     )
-    from .measured import MEASURED_ERRORS, PlanningError, planning_error
+    from .measured import MEASURED_ERRORS, MEASUREMENTS_FILE, MeasuredError, PlanningError, planning_error
 
 # The estimate's public names (estimate.__all__, which a test compares) and the measured errors', each imported when
 # first used.
@@ -55,6 +55,8 @@ __all__ = [
     "model_sizes_of_pipeline",
     "unet_activation_bytes",
     "MEASURED_ERRORS",
+    "MEASUREMENTS_FILE",
+    "MeasuredError",
     "PlanningError",
     "planning_error",
 ]
