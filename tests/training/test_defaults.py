@@ -159,6 +159,9 @@ def test_a_flow_trainer_with_the_default_config_trains_at_its_familys_beta_and_r
     assert f"beta=100 (family flux: {FluxFamily.beta_source})" in summary
     rate = FluxFamily.default_learning_rate
     assert f"learning_rate={rate:g} (family flux: {FluxFamily.learning_rate_source})" in summary
+    trainer.create_model_card()  # the card states the rate the run trained at
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| `learning_rate` | `{rate}` |" in card and f"| `beta` | `{FluxFamily.default_beta}` |" in card
 
 
 def test_a_unet_scale_beta_on_a_flow_family_warns_with_the_actual_factor(tmp_path, caplog):

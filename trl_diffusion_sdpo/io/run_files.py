@@ -406,12 +406,14 @@ class RunFiles(TrainerCallback):
         if not trainer.is_world_process_zero():
             return
         args, card_args, family = trainer.args, self.model_card_args, trainer.family
+        given_rate = trainer.args_as_given.learning_rate
         hyperparameters: dict[str, Any] = {
             "loss_type": args.loss_type,
             "beta": args.beta,
             "safeguard_mu": args.safeguard_mu if args.safeguarded else None,
             "safeguard_space": args.safeguard_space,
-            "learning_rate": trainer.args_as_given.learning_rate,
+            # as given (before scale_lr); unset, the family's rate the run resolved (scale_lr then needs it given)
+            "learning_rate": args.learning_rate if given_rate is None else given_rate,
             "scale_lr": args.scale_lr,
             "effective_learning_rate": args.learning_rate,
             "effective_batch_size": args.world_size
