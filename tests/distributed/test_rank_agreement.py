@@ -106,7 +106,8 @@ def test_the_non_finite_flag_is_reduced_on_a_process_that_flagged_nothing():
     accelerator = _TwoProcesses([1.0])
     zeroed = []
     tracker = NonFiniteTracker("skip", _ENGINE, accelerator, checkpoints=None)
-    tracker.optimizer = SimpleNamespace(zero_grad=lambda set_to_none: zeroed.append(set_to_none))  # not fused
+    # not fused; no gradients of its own (its non-finite value is the flag the other process sent)
+    tracker.optimizer = SimpleNamespace(param_groups=[], zero_grad=lambda set_to_none: zeroed.append(set_to_none))
     tracker.before_optimizer_step(0, "out")
     assert accelerator.calls == 1 and zeroed == [True] and tracker.skipped == 1
 
@@ -114,7 +115,10 @@ def test_the_non_finite_flag_is_reduced_on_a_process_that_flagged_nothing():
 def test_one_process_with_nothing_flagged_reduces_nothing():
     one_process = SimpleNamespace(num_processes=1, device="cpu", scaler=None)
     tracker = NonFiniteTracker("skip", _ENGINE, one_process, checkpoints=None)
-    tracker.optimizer = SimpleNamespace(zero_grad=lambda set_to_none: pytest.fail("nothing was flagged"))
+    tracker.optimizer = SimpleNamespace(
+        param_groups=[{"params": [torch.nn.Parameter(torch.ones(2))]}],  # finite gradients (none yet)
+        zero_grad=lambda set_to_none: pytest.fail("nothing was flagged"),
+    )
     tracker.before_optimizer_step(0, "out")
     assert tracker.skipped == 0
 
