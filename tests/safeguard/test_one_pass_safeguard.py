@@ -286,6 +286,20 @@ def test_tapping_refuses_a_weight_with_neither_a_view_nor_a_sink():
     assert "forward" not in layer.__dict__
 
 
+def test_the_taps_are_module_hooks_installed_for_the_pass_only():
+    """No layer's ``forward`` is replaced: during the pass the module keeps its class's ``forward`` and carries one
+    forward pre-hook and one forward hook, and afterwards none; the gradients went to the sink, not to ``.grad``."""
+    layer = torch.nn.Linear(3, 3)
+    taps = LayerTaps(layer, list(layer.parameters()))
+    got = {}
+    with taps.tapping(2, lambda i, g: got.__setitem__(i, g)):
+        assert "forward" not in vars(layer)
+        assert len(layer._forward_pre_hooks) == 1 and len(layer._forward_hooks) == 1
+        layer(torch.randn(4, 3)).sum().backward()
+    assert "forward" not in vars(layer) and not layer._forward_pre_hooks and not layer._forward_hooks
+    assert sorted(got) == [0, 1] and all(p.grad is None for p in layer.parameters())
+
+
 def test_a_layer_on_rows_it_cannot_group_falls_back(tmp_path):
     """A tapped layer called on a leading dimension that does not split by branch (an odd one here) is reported and
     the micro-batch runs on the per-branch passes."""

@@ -134,8 +134,9 @@ def run_shape(
 
 def verdict(estimate: MemoryEstimate, gpu_gb: float | None, family: str, shape: RunShape) -> CardVerdict:
     """Whether the estimate, planned with the error measured for ``family``'s runs of this tuning on a GPU
-    (:func:`~trl_diffusion_sdpo.engines.memory.planning_error`), fits a ``gpu_gb`` card; unset, the smallest of
-    :data:`~trl_diffusion_sdpo.engines.memory.GPUS_GB` that fits (the largest, not fitting, when none does)."""
+    (:func:`~trl_diffusion_sdpo.engines.memory.measured.planning_error`), fits a ``gpu_gb`` card; unset, the smallest
+    of :data:`~trl_diffusion_sdpo.engines.memory.estimate.GPUS_GB` that fits (the largest, not fitting, when none
+    does)."""
     lora = shape.lora_rank is not None
     error = planning_error(family, lora, bitsandbytes=shape.base_quantization.startswith("bnb"))
     plan = f"plus {error.percent}, {error.describe(family, lora)}"
