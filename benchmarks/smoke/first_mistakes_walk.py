@@ -225,7 +225,8 @@ def mistake(where: str, what: str, arguments: list[str], env: dict[str, str]) ->
 def saying(what: str, arguments: list[str], expected: str, env: dict[str, str]) -> dict:
     done, seconds = run(arguments, env)
     output = " ".join((done.stdout + done.stderr).split())
-    found = [line for line in (done.stdout + done.stderr).splitlines() if expected.split()[0] in line]
+    key = " ".join(expected.split()[:3])
+    found = [line.strip() for line in (done.stdout + done.stderr).splitlines() if key in line]
     return {
         "what": what,
         "command": "trl-diffusion-sdpo " + shlex.join(arguments),

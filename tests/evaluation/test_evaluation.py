@@ -459,7 +459,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, model_dirs
     pngs = [f for _, _, files in os.walk(tmp_path / "eval" / "images") for f in files if f.endswith(".png")]
     assert len(pngs) == 3 and not any(f.endswith(".tmp") for _, _, fs in os.walk(tmp_path) for f in fs)
     count_calls.update(calls=0, fail_after=None)
-    result = evaluate(model_dirs["base"], {"lora": model_dirs["lora"]}, **kwargs, overwrite=True)  # its run.json
+    result = evaluate(model_dirs["base"], {"lora": model_dirs["lora"]}, **kwargs)  # it left no table: no overwrite
     assert result.generated == {"base": 1, "lora": 4} and count_calls["calls"] == 5
 
 

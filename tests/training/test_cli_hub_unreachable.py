@@ -58,6 +58,8 @@ def test_sampling_commands_name_the_hub_for_a_hub_base(command, no_hub, tmp_path
     code = main([*arguments, "--output_dir", str(tmp_path / "out"), "--no_progress"])
     line = _error_line(capsys)
     assert code == 2 and f"--base {HUB_ID}: no such folder" in line and no_hub in line
+    if command == "evaluate":  # nothing left that a rerun into the folder would have to overwrite
+        assert not (tmp_path / "out" / "run.json").exists()
 
 
 def test_evaluate_names_the_hub_for_a_hub_variant(no_hub, tmp_path, capsys):

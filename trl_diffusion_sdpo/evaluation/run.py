@@ -194,8 +194,13 @@ def evaluate(
     check_prompts(scorers, prompt_list)
     check_models(scorers, scorer_kwargs)
     specs = _model_specs(base, models)
-    os.makedirs(output_dir, exist_ok=True)
     cache_dir = cache_dir or os.path.join(output_dir, "images")
+    image_paths, generated = generate_images(
+        base, specs, prompt_set, seeds, settings, cache_dir, batch_size, device, progress
+    )
+    # Written with the tables, after sampling: a run that failed or was stopped before leaves nothing a rerun into the
+    # folder would have to overwrite (its cached images are reused).
+    os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "run.json"), "w") as f:
         json.dump(
             {
@@ -210,10 +215,6 @@ def evaluate(
             f,
             indent=2,
         )
-
-    image_paths, generated = generate_images(
-        base, specs, prompt_set, seeds, settings, cache_dir, batch_size, device, progress
-    )
     pairs = [(p, int(s)) for p in prompt_list for s in seeds]
     sample_prompts = [p for p, _ in pairs]
     # Per sample, its edit's sources, decoded when an editing scorer reads that batch.
