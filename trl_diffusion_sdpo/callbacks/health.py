@@ -104,9 +104,11 @@ def switched_config(args: Any) -> Any:
 
 
 def dormant_safeguard(args: Any, engine: Any) -> Safeguard | None:
-    """``on_pathology="safeguard"``: the safeguard the run switches to when the alarm fires, checked against
-    ``engine`` when the trainer is built and dormant until then; ``None`` with any other ``on_pathology``."""
-    return safeguard_for(switched_config(args), engine) if args.on_pathology == "safeguard" else None
+    """``on_pathology="safeguard"`` (or ``"rewind"`` with ``rewind_response="safeguard"``): the safeguard the run
+    switches to when the alarm fires, checked against ``engine`` when the trainer is built and dormant until then;
+    ``None`` otherwise."""
+    rewinds_to_it = args.on_pathology == "rewind" and getattr(args, "rewind_response", None) == "safeguard"
+    return safeguard_for(switched_config(args), engine) if args.on_pathology == "safeguard" or rewinds_to_it else None
 
 
 def describe(rule: PathologyRule = RULE) -> str:

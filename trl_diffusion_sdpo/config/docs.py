@@ -52,6 +52,11 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "safeguard_mu_step",
             "ema_decay",
             "on_pathology",
+            "probe_steps",
+            "probe_pairs",
+            "rewind_patience",
+            "rewind_threshold",
+            "rewind_response",
         ),
     ),
     "Parameters that control the data": (

@@ -21,6 +21,7 @@ from .rules import (
     NOISING_MODES,
     NONFINITE_ACTIONS,
     PATHOLOGY_ACTIONS,
+    REWIND_RESPONSES,
     SAFEGUARD_PASSES,
     SAFEGUARD_SCOPES,
     SAFEGUARD_SPACES,
@@ -198,8 +199,39 @@ class DiffusionSDPOConfig(TrainingArguments):
         "`health/escalations`; needs the safeguard). `stop`: save a checkpoint and stop, saying why. `safeguard` "
         "(offline, with `safeguard_space='none'`): train as Diffusion-DPO until it fires, then switch to the "
         "safeguard setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
-        "`health/safeguard_on`.",
+        "`health/safeguard_on`. `rewind` (with `probe_steps`): when the held-out probe's alarm fires, put the "
+        "trainable weights and the optimizer state back to the last step the probe called healthy, logged as "
+        "`health/rewind_to`, then `rewind_response` (docs/safeguard.md).",
         choices=list(PATHOLOGY_ACTIONS),
+    )
+    probe_steps: int | None = option(
+        None,
+        "Every this many optimizer steps, evaluate the policy and the reference on a fixed set of held-out pairs at "
+        "fixed noise and timesteps (their own draws: the training is unchanged), logged as `probe/delta_winner`, "
+        "`probe/delta_loser`, `probe/implicit_acc` and the errors (docs/safeguard.md). `None`: off, since without an "
+        "eval_dataset it takes `probe_pairs` pairs out of the training data.",
+    )
+    probe_pairs: int = option(
+        4,
+        "The probe's pairs: the first this many of the eval_dataset, or, without one, this many pairs held back from "
+        "the training data (the last rows; the first of a stream), as the start summary says. Shared out over the "
+        "processes.",
+    )
+    rewind_patience: int = option(
+        2,
+        "`on_pathology='rewind'`: the alarm fires after this many unhealthy probes in a row (not yet calibrated).",
+    )
+    rewind_threshold: float = option(
+        0.0,
+        "`on_pathology='rewind'`: a probe is unhealthy when `probe/delta_winner` (the held-out winner error minus "
+        "the reference's) is above this; 0: any rise, the pathology as the Diffusion-SDPO paper defines it (not "
+        "yet calibrated).",
+    )
+    rewind_response: str = option(
+        "safeguard",
+        "`on_pathology='rewind'`: after the rewind, `safeguard` trains on with the safeguard `on_pathology="
+        "'safeguard'` switches to (a second alarm rewinds again and stops), `stop` stops with the healthy weights.",
+        choices=list(REWIND_RESPONSES),
     )
     # Data
     resolution: int = option(
