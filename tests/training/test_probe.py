@@ -134,7 +134,8 @@ def test_the_probe_measures_at_the_same_draws_every_time(make_trainer, make_pick
     assert readings[0] == readings[1] == readings[2]
     # The figures are the reduced means of the errors: delta = policy - reference.
     first = readings[0]
-    assert first["probe/delta_winner"] == pytest.approx(first["probe/mse_policy_winner"] - first["probe/mse_ref_winner"])
+    difference = first["probe/mse_policy_winner"] - first["probe/mse_ref_winner"]
+    assert first["probe/delta_winner"] == pytest.approx(difference)
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora-in-memory", "full-on-disk"])
