@@ -22,6 +22,7 @@ from datasets import Dataset  # noqa: E402
 
 from tests.helpers.common import fast_config_values, lora_config, pickapic_rows  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
+from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule  # noqa: E402
 from trl_diffusion_sdpo.engines.base import trainable_parameters  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
 
@@ -42,12 +43,12 @@ def main(out: str) -> None:
         probe_steps=1,
         probe_pairs=2,  # one held-out pair per process: each process's own figures differ until reduced
         on_pathology="rewind",
-        rewind_patience=1,
-        rewind_threshold=-1.0,  # every probe unhealthy: the alarm fires at steps 1 and 2, both back to step 0
     )
     trainer = DiffusionSDPOTrainer(
         pipe, args=args, train_dataset=Dataset.from_list(pickapic_rows(8)), peft_config=lora_config()
     )
+    # Every probe unhealthy, one probe enough: the alarm fires at steps 1 and 2, both back to step 0.
+    trainer.probe.rewind.rule = ProbeAlarmRule(patience=1, threshold=-1.0)
     parameters = list(trainable_parameters(trainer.family.denoiser))
     initial = fingerprint(parameters)
     trainer.train()

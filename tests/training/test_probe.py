@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from trl_diffusion_sdpo.callbacks.probe import hold_back_pairs
-from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule
+from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, ProbeAlarmRule
 from trl_diffusion_sdpo.engines.base import trainable_parameters
 
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
@@ -88,9 +88,9 @@ def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_t
         probe_steps=1,
         probe_pairs=HELD,
         on_pathology="rewind",
-        rewind_threshold=1e9,
         **DPO,
     )
+    quiet.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
     quiet.train()
     assert _equal(_trained_weights(quiet), expected)
     assert not any("health/rewind_to" in entry for entry in quiet.state.log_history)
@@ -149,7 +149,6 @@ def test_a_rewind_restores_the_last_healthy_steps_weights_and_optimizer_state(ma
         probe_steps=1,
         probe_pairs=HELD,
         on_pathology="rewind",
-        rewind_patience=2,
         **DPO,
     )
     recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
@@ -169,7 +168,7 @@ def test_a_rewind_restores_the_last_healthy_steps_weights_and_optimizer_state(ma
     assert trainer.safeguard is not None and trainer.probe.rewind.safeguard_on
 
 
-def test_a_rewind_with_the_stop_response_ends_with_the_healthy_weights(make_trainer, make_pickapic):
+def test_a_safeguarded_run_stops_after_its_rewind_with_the_healthy_weights(make_trainer, make_pickapic):
     recorder = Recorder()
     trainer = make_trainer(
         train_dataset=make_pickapic(ROWS),
@@ -178,20 +177,25 @@ def test_a_rewind_with_the_stop_response_ends_with_the_healthy_weights(make_trai
         probe_steps=1,
         probe_pairs=HELD,
         on_pathology="rewind",
-        rewind_response="stop",
-        **DPO,
+        safeguard_space="output",
+        safeguard_mu=0.5,
     )
     recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
     trainer.probe.rewind.rule = ScriptedAlarm(patience=1, unhealthy_steps={3})
     trainer.train()
     assert trainer.state.global_step == 3
     assert _equal(_trained_weights(trainer), recorder.at_end[2][0])
-    assert trainer.safeguard is None
+    assert trainer.probe.rewind.rewinds == [(3, 2)]
 
 
-def test_rewind_needs_the_probe_and_a_safeguard_free_run_to_switch(make_config):
+def test_rewind_needs_the_probe(make_config):
     with pytest.raises(ValueError, match="probe_steps"):
         make_config(on_pathology="rewind")
-    with pytest.raises(ValueError, match="rewind_response='stop'"):
-        make_config(on_pathology="rewind", probe_steps=5, safeguard_space="output", safeguard_mu=0.5)
-    assert make_config(on_pathology="rewind", probe_steps=5, safeguard_space="output", rewind_response="stop")
+    assert make_config(on_pathology="rewind", probe_steps=5).on_pathology == "rewind"
+
+
+def test_the_alarms_first_rule_fires_after_two_probes_with_the_winner_error_above_the_references():
+    assert PROBE_ALARM.patience == 2
+    assert PROBE_ALARM.unhealthy({"probe/delta_winner": 1e-6}, 1)
+    assert not PROBE_ALARM.unhealthy({"probe/delta_winner": 0.0}, 1)
+    assert not PROBE_ALARM.unhealthy({"probe/delta_winner": -1e-3}, 1)

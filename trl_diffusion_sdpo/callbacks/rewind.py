@@ -1,21 +1,23 @@
 """``on_pathology="rewind"``: back to the last step the held-out probe called healthy, then the response.
 
-The alarm (:class:`ProbeAlarmRule`) reads the probe's reduced figures (:mod:`.probe`), so every process reaches the
-same verdict at the same step. Its first rule follows the pathology's definition (Fu et al., arXiv 2511.03317: the
-winner's denoising error rising above the reference's): a probe is unhealthy when ``probe/delta_winner`` exceeds
-``rewind_threshold`` (0: any rise), and the alarm fires after ``rewind_patience`` unhealthy probes in a row. The rule
-is not yet calibrated on the stability benchmark's runs: its precision and recall are not measured.
+The alarm (:data:`PROBE_ALARM`, a :class:`ProbeAlarmRule`) reads the probe's reduced figures (:mod:`.probe`), so
+every process reaches the same verdict at the same step. Its first rule follows the pathology's definition (Fu et
+al., arXiv 2511.03317: the winner's denoising error rising above the reference's): a probe is unhealthy when
+``probe/delta_winner`` is above 0, and the alarm fires after 2 unhealthy probes in a row (one probe's rise may be the
+noise of a few pairs). The rule is not yet calibrated on the stability benchmark's runs: its precision and recall are
+not measured.
 
 At every healthy probe (and when training begins) :class:`Rewind` keeps one snapshot of the trainable weights and the
 optimizer's state: in memory for LoRA, in ``<output_dir>/rewind-healthy/`` for full tuning (one snapshot at a time:
 about three times the trainable weights with Adam). When the alarm fires, every process puts the weights and the
 optimizer's state back to that snapshot (the learning-rate schedule, the step count, the data order and the other
-guards go on), logs ``health/rewind_to`` (the step restored) and responds with ``rewind_response``:
+guards go on), logs ``health/rewind_to`` (the step restored) and responds as the evidence supports for its regime:
 
-* ``safeguard`` (the default): training goes on from the healthy weights with the safeguard ``on_pathology=
-  "safeguard"`` switches to (:func:`~.health.switch_target`: the one fixed setting that held where Diffusion-DPO's
-  held-out reward fell); should the alarm fire again, the run rewinds once more and stops;
-* ``stop``: training stops with the healthy weights as the result.
+* an offline Diffusion-DPO run (``safeguard_space="none"``) goes on from the healthy weights with the safeguard
+  ``on_pathology="safeguard"`` switches to (:func:`~.health.switch_target`: the one fixed setting that held where
+  Diffusion-DPO's held-out reward fell); should the alarm fire again, the run rewinds once more and stops;
+* a run with a safeguard already on stops with the healthy weights as the result (a larger fixed ``mu`` or the
+  update space are choices for the next run, not a switch the engine was checked for).
 
 A checkpoint keeps the alarm's state (the last healthy step, the unhealthy probes in a row, the rewinds, whether the
 safeguard is on) in ``trainer_state.json`` and the snapshot in ``rewind-healthy/`` inside the checkpoint, so a
@@ -36,14 +38,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..config.rules import REWIND_RESPONSES
 from ..engines.base import trainable_parameters
 from .health import switch_target
 
 if TYPE_CHECKING:
     from ..trainer import DiffusionSDPOTrainer
 
-__all__ = ["REWIND_FOLDER", "REWIND_RESPONSES", "DiskSnapshot", "MemorySnapshot", "ProbeAlarmRule", "Rewind"]
+__all__ = ["PROBE_ALARM", "REWIND_FOLDER", "DiskSnapshot", "MemorySnapshot", "ProbeAlarmRule", "Rewind"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ class ProbeAlarmRule:
             f"probe/delta_winner (held-out winner error minus the reference's) above {self.threshold:g} for "
             f"{self.patience} probes in a row"
         )
+
+
+PROBE_ALARM = ProbeAlarmRule(patience=2, threshold=0.0)
+"""The alarm's first rule: the pathology as the paper defines it, two probes in a row; not yet calibrated."""
 
 
 class MemorySnapshot:
@@ -161,19 +166,18 @@ class Rewind:
     Args:
         rule: the alarm's rule.
         snapshot: where the last healthy step's weights and optimizer state are kept.
-        response: ``rewind_response``.
-        switch: turns the dormant safeguard on (``response="safeguard"``; the trainer's).
+        switch: turns the dormant safeguard on (the trainer's); ``None``: the run stops after its rewind.
+        switch_to: the fields of that safeguard, for the log line.
     """
 
     def __init__(
         self,
         rule: ProbeAlarmRule,
         snapshot: MemorySnapshot,
-        response: str,
         switch: Callable[[], Any] | None = None,
         switch_to: Mapping[str, Any] | None = None,
     ) -> None:
-        self.rule, self.snapshot, self.response, self.switch = rule, snapshot, response, switch
+        self.rule, self.snapshot, self.switch = rule, snapshot, switch
         self.switch_to = dict(switch_to or {})
         self.healthy_step = 0
         self.unhealthy_in_a_row = 0
@@ -191,9 +195,8 @@ class Rewind:
             accelerator = trainer.accelerator
             folder = os.path.join(args.output_dir, REWIND_FOLDER)
             snapshot = DiskSnapshot(parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone)
-        switch = trainer._switch_safeguard if args.rewind_response == "safeguard" else None
-        rule = ProbeAlarmRule(args.rewind_patience, args.rewind_threshold)
-        return cls(rule, snapshot, args.rewind_response, switch, switch_target(args) if switch else None)
+        switch = trainer._switch_safeguard if trainer._dormant_safeguard is not None else None
+        return cls(PROBE_ALARM, snapshot, switch, switch_target(args) if switch else None)
 
     # ------------------------------------------------------------------ the run
 
@@ -226,7 +229,7 @@ class Rewind:
         self.snapshot.restore(optimizer)
         self.unhealthy_in_a_row = 0
         self.rewinds.append((step, self.healthy_step))
-        stop = self.response == "stop" or self.safeguard_on or self.switch is None
+        stop = self.safeguard_on or self.switch is None
         if stop:
             control.should_training_stop = True
             then = "training stops with these weights"

@@ -54,9 +54,6 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "on_pathology",
             "probe_steps",
             "probe_pairs",
-            "rewind_patience",
-            "rewind_threshold",
-            "rewind_response",
         ),
     ),
     "Parameters that control the data": (

@@ -21,7 +21,6 @@ from .rules import (
     NOISING_MODES,
     NONFINITE_ACTIONS,
     PATHOLOGY_ACTIONS,
-    REWIND_RESPONSES,
     SAFEGUARD_PASSES,
     SAFEGUARD_SCOPES,
     SAFEGUARD_SPACES,
@@ -201,7 +200,9 @@ class DiffusionSDPOConfig(TrainingArguments):
         "safeguard setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
         "`health/safeguard_on`. `rewind` (with `probe_steps`): when the held-out probe's alarm fires, put the "
         "trainable weights and the optimizer state back to the last step the probe called healthy, logged as "
-        "`health/rewind_to`, then `rewind_response` (docs/safeguard.md).",
+        "`health/rewind_to`; then an offline Diffusion-DPO run (`safeguard_space='none'`) trains on with the "
+        "safeguard `safeguard` switches to, and a run with a safeguard already on, or a second alarm, stops with the "
+        "healthy weights (docs/safeguard.md).",
         choices=list(PATHOLOGY_ACTIONS),
     )
     probe_steps: int | None = option(
@@ -216,22 +217,6 @@ class DiffusionSDPOConfig(TrainingArguments):
         "The probe's pairs: the first this many of the eval_dataset, or, without one, this many pairs held back from "
         "the training data (the last rows; the first of a stream), as the start summary says. Shared out over the "
         "processes.",
-    )
-    rewind_patience: int = option(
-        2,
-        "`on_pathology='rewind'`: the alarm fires after this many unhealthy probes in a row (not yet calibrated).",
-    )
-    rewind_threshold: float = option(
-        0.0,
-        "`on_pathology='rewind'`: a probe is unhealthy when `probe/delta_winner` (the held-out winner error minus "
-        "the reference's) is above this; 0: any rise, the pathology as the Diffusion-SDPO paper defines it (not "
-        "yet calibrated).",
-    )
-    rewind_response: str = option(
-        "safeguard",
-        "`on_pathology='rewind'`: after the rewind, `safeguard` trains on with the safeguard `on_pathology="
-        "'safeguard'` switches to (a second alarm rewinds again and stops), `stop` stops with the healthy weights.",
-        choices=list(REWIND_RESPONSES),
     )
     # Data
     resolution: int = option(

@@ -31,7 +31,6 @@ __all__ = [
     "NOISING_MODES",
     "NONFINITE_ACTIONS",
     "PATHOLOGY_ACTIONS",
-    "REWIND_RESPONSES",
     "SAFEGUARD_PASSES",
     "SAFEGUARD_SCOPES",
     "SAFEGUARD_SPACES",
@@ -52,7 +51,6 @@ SAFEGUARD_SCOPES = ("local", "global", "pair")
 SAFEGUARD_PASSES = ("one", "two")
 NONFINITE_ACTIONS = ("skip", "raise")
 PATHOLOGY_ACTIONS = ("warn", "escalate", "stop", "safeguard", "rewind")
-REWIND_RESPONSES = ("safeguard", "stop")  # what a run does once it has rewound (callbacks.rewind)
 # Kept equal to families.inversion's NOISING_MODES / INVERSION_NETWORKS and objectives.dspo's DSPO_FORMS (tests
 # check): ``--help`` lists them, and the config imports no family or objective. The objective checks dspo_form.
 NOISING_MODES = ("forward", "inversion")
@@ -76,9 +74,6 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "on_pathology": Choice(PATHOLOGY_ACTIONS),
     "probe_steps": Range(1, integer=True, optional=True, hint="None turns the held-out probe off."),
     "probe_pairs": Range(1, integer=True, hint="At least the number of processes."),
-    "rewind_patience": Range(1, integer=True),
-    "rewind_threshold": Range(hint="0 fires on any rise of the held-out winner error above the reference's."),
-    "rewind_response": Choice(REWIND_RESPONSES),
     # the data
     "resolution": Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
     "num_frames": Range(1, integer=True, optional=True, hint="Wan needs 4k + 1 frames (81, 33, 17, ...)."),
@@ -256,14 +251,6 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ("on_pathology", "probe_steps"),
         lambda c: c.on_pathology == "rewind" and not c.probe_steps,
         lambda c: "on_pathology='rewind' reads the held-out probe: set probe_steps (e.g. 10)",
-    ),
-    CrossFieldRule(
-        ("on_pathology", "rewind_response", "safeguard_space"),
-        lambda c: c.on_pathology == "rewind" and c.rewind_response == "safeguard" and _safeguarded(c),
-        lambda c: (
-            "rewind_response='safeguard' turns the safeguard on after the rewind: it needs safeguard_space='none' "
-            "(or set rewind_response='stop')"
-        ),
     ),
 )
 
