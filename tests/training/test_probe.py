@@ -199,3 +199,18 @@ def test_the_alarms_first_rule_fires_after_two_probes_with_the_winner_error_abov
     assert PROBE_ALARM.unhealthy({"probe/delta_winner": 1e-6}, 1)
     assert not PROBE_ALARM.unhealthy({"probe/delta_winner": 0.0}, 1)
     assert not PROBE_ALARM.unhealthy({"probe/delta_winner": -1e-3}, 1)
+
+
+def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_kept(
+    make_trainer, make_pickapic, caplog
+):
+    trainer = make_trainer(
+        lora=False, train_dataset=make_pickapic(ROWS), max_steps=1, probe_steps=1, probe_pairs=HELD,
+        on_pathology="rewind", **DPO,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="trl_diffusion_sdpo.io.run_summary"):
+        trainer.train()
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training "))
+    assert f"held-out probe every 1 optimizer steps on {HELD} pairs held back from the training data" in summary
+    assert f"kept on disk in {trainer.args.output_dir}/rewind-healthy" in summary
+    assert "safeguard_space='output', safeguard_mu=0.5" in summary

@@ -163,6 +163,7 @@ class ProbeCallback(TrainerCallback, ExportableState):
         policy: returns the trained denoiser, unwrapped.
         device: where the reduced sums live.
         rewind: the rewind of ``on_pathology="rewind"``, or ``None``.
+        source: where the pairs come from, for the start summary.
     """
 
     def __init__(
@@ -172,8 +173,10 @@ class ProbeCallback(TrainerCallback, ExportableState):
         policy: Callable[[], torch.nn.Module],
         device: torch.device | str,
         rewind: Rewind | None = None,
+        source: str = "",
     ) -> None:
         self.probe, self.every, self.policy, self.device, self.rewind = probe, every, policy, device, rewind
+        self.source = source
         self.pending: dict[str, float] = {}
         self.readings: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every probe of this process
 
@@ -190,6 +193,11 @@ class ProbeCallback(TrainerCallback, ExportableState):
         self.pending = dict(metrics)
         if self.rewind is not None:
             self.pending.update(self.rewind.read(metrics, step, kwargs["optimizer"], control))
+
+    def summary(self) -> str:
+        """The start summary's line: what is probed, from where, and what the rewind keeps."""
+        text = f"held-out probe every {self.every} optimizer steps on {self.source}"
+        return text if self.rewind is None else f"{text}; on_pathology='rewind': {self.rewind.summary()}"
 
     def annotate(self, logs: dict[str, float]) -> None:
         """Add the latest probe's figures, not yet logged, to a training log, in place."""
@@ -273,4 +281,9 @@ def probe_for_trainer(trainer: DiffusionSDPOTrainer, held: Dataset | None) -> Pr
         trainer.compute_loss_context_manager,
     )
     rewind = Rewind.for_trainer(trainer) if args.on_pathology == "rewind" else None
-    return ProbeCallback(probe, args.probe_steps, trainer._policy, args.device, rewind)
+    source = (
+        f"{args.probe_pairs} pairs held back from the training data (its last rows)"
+        if held is not None
+        else f"the eval split's first {args.probe_pairs} pairs"
+    )
+    return ProbeCallback(probe, args.probe_steps, trainer._policy, args.device, rewind, source)

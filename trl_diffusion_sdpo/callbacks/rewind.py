@@ -84,6 +84,9 @@ class MemorySnapshot:
         self.weights: list[torch.Tensor] | None = None
         self.optimizer_state: dict[str, Any] | None = None
 
+    def where(self) -> str:
+        return "in memory"
+
     def take(self, optimizer: torch.optim.Optimizer) -> None:
         self.weights = [p.detach().clone() for p in self.parameters]
         self.optimizer_state = copy.deepcopy(optimizer.state_dict())  # the live state would move on with training
@@ -126,6 +129,9 @@ class DiskSnapshot(MemorySnapshot):
         super().__init__(parameters)
         self.folder, self.main, self.wait = folder, main, wait
         self.taken = False
+
+    def where(self) -> str:
+        return f"on disk in {self.folder}"
 
     def take(self, optimizer: torch.optim.Optimizer) -> None:
         if self.main:
@@ -197,6 +203,20 @@ class Rewind:
             snapshot = DiskSnapshot(parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone)
         switch = trainer._switch_safeguard if trainer._dormant_safeguard is not None else None
         return cls(PROBE_ALARM, snapshot, switch, switch_target(args) if switch else None)
+
+    def summary(self) -> str:
+        """What the alarm reads, what is kept and what follows a rewind, for the start summary."""
+        elements = sum(p.numel() for p in self.snapshot.parameters)
+        then = (
+            "then trains on with the safeguard on (" + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()) + ")"
+            if self.switch is not None
+            else "then stops with the healthy weights"
+        )
+        return (
+            f"the alarm ({self.rule.describe()}; not yet calibrated) restores the last healthy step's weights and "
+            f"optimizer state, one snapshot ({elements:,} weights and their optimizer state) kept "
+            f"{self.snapshot.where()}; {then}"
+        )
 
     # ------------------------------------------------------------------ the run
 
