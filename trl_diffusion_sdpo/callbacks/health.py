@@ -104,9 +104,13 @@ def switched_config(args: Any) -> Any:
 
 
 def dormant_safeguard(args: Any, engine: Any) -> Safeguard | None:
-    """``on_pathology="safeguard"``: the safeguard the run switches to when the alarm fires, checked against
-    ``engine`` when the trainer is built and dormant until then; ``None`` with any other ``on_pathology``."""
-    return safeguard_for(switched_config(args), engine) if args.on_pathology == "safeguard" else None
+    """``on_pathology="safeguard"`` (or ``"rewind"`` in an offline Diffusion-DPO run, which switches to it after its
+    rewind): the safeguard the run switches to when the alarm fires, checked against ``engine`` when the trainer is
+    built and dormant until then; ``None`` otherwise."""
+    rewinds_to_it = (
+        args.on_pathology == "rewind" and args.safeguard_space == "none" and switch_target(args) is not None
+    )
+    return safeguard_for(switched_config(args), engine) if args.on_pathology == "safeguard" or rewinds_to_it else None
 
 
 def describe(rule: PathologyRule = RULE) -> str:

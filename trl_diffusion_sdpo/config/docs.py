@@ -52,6 +52,8 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "safeguard_mu_step",
             "ema_decay",
             "on_pathology",
+            "probe_steps",
+            "probe_pairs",
         ),
     ),
     "Parameters that control the data": (

@@ -198,8 +198,25 @@ class DiffusionSDPOConfig(TrainingArguments):
         "`health/escalations`; needs the safeguard). `stop`: save a checkpoint and stop, saying why. `safeguard` "
         "(offline, with `safeguard_space='none'`): train as Diffusion-DPO until it fires, then switch to the "
         "safeguard setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
-        "`health/safeguard_on`.",
+        "`health/safeguard_on`. `rewind` (with `probe_steps`): when the held-out probe's alarm fires, put the "
+        "trainable weights and the optimizer state back to the last step the probe called healthy, logged as "
+        "`health/rewind_to`; then an offline Diffusion-DPO run (`safeguard_space='none'`) trains on with the "
+        "safeguard `safeguard` switches to, and a run with a safeguard already on, or a second alarm, stops with the "
+        "healthy weights (docs/safeguard.md).",
         choices=list(PATHOLOGY_ACTIONS),
+    )
+    probe_steps: int | None = option(
+        None,
+        "Every this many optimizer steps, evaluate the policy and the reference on a fixed set of held-out pairs at "
+        "fixed noise and timesteps (their own draws: the training is unchanged), logged as `probe/delta_winner`, "
+        "`probe/delta_loser`, `probe/implicit_acc` and the errors (docs/safeguard.md). `None`: off, since without an "
+        "eval_dataset it takes `probe_pairs` pairs out of the training data.",
+    )
+    probe_pairs: int = option(
+        4,
+        "The probe's pairs: the first this many of the eval_dataset, or, without one, this many pairs held back from "
+        "the training data (the last rows; the first of a stream), as the start summary says. Shared out over the "
+        "processes.",
     )
     # Data
     resolution: int = option(

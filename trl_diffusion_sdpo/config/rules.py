@@ -50,7 +50,7 @@ SAFEGUARD_SPACES = ("none", "output", "parameter", "update")
 SAFEGUARD_SCOPES = ("local", "global", "pair")
 SAFEGUARD_PASSES = ("one", "two")
 NONFINITE_ACTIONS = ("skip", "raise")
-PATHOLOGY_ACTIONS = ("warn", "escalate", "stop", "safeguard")
+PATHOLOGY_ACTIONS = ("warn", "escalate", "stop", "safeguard", "rewind")
 # Kept equal to families.inversion's NOISING_MODES / INVERSION_NETWORKS and objectives.dspo's DSPO_FORMS (tests
 # check): ``--help`` lists them, and the config imports no family or objective. The objective checks dspo_form.
 NOISING_MODES = ("forward", "inversion")
@@ -72,6 +72,8 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "safeguard_mu_step": Range(0, low_open=True),
     "ema_decay": Range(0, 1, high_open=True, optional=True, hint="0.999 to 0.9999 are usual; None turns it off."),
     "on_pathology": Choice(PATHOLOGY_ACTIONS),
+    "probe_steps": Range(1, integer=True, optional=True, hint="None turns the held-out probe off."),
+    "probe_pairs": Range(1, integer=True, hint="At least the number of processes."),
     # the data
     "resolution": Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),
     "num_frames": Range(1, integer=True, optional=True, hint="Wan needs 4k + 1 frames (81, 33, 17, ...)."),
@@ -244,6 +246,11 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
             "on_pathology='escalate' raises the safeguard's mu: it needs a safeguard_space other than 'none' (or use "
             "on_pathology='stop')"
         ),
+    ),
+    CrossFieldRule(
+        ("on_pathology", "probe_steps"),
+        lambda c: c.on_pathology == "rewind" and not c.probe_steps,
+        lambda c: "on_pathology='rewind' reads the held-out probe: set probe_steps (20 costs about 3% of the tiny run; docs/safeguard.md)",
     ),
 )
 

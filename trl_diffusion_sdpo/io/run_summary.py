@@ -159,6 +159,8 @@ class StartSummary(TrainerCallback):
         trainer = self.trainer
         given, max_steps, lora = trainer.args_as_given, state.max_steps, trainer.is_lora
         defaults = {**getattr(trainer, "resolved_defaults", {}), **getattr(trainer, "machine_choices", {})}
-        logger.info(start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps, defaults))
+        summary = start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps, defaults)
+        probe = getattr(trainer, "probe", None)  # probe_steps: the held-out pairs and the rewind
+        logger.info(summary if probe is None else f"{summary}\n  {probe.summary()}")
         for message in start_warnings(given, args, trainer.family, lora, max_steps):
             logger.warning(message)

@@ -1,0 +1,35 @@
+"""``on_pathology="rewind"`` on two processes (gloo on CPU): every process rewinds at the same step, to the same
+healthy weights."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from tests.helpers.common import CHECKOUT, worker_environment
+
+WORKER = CHECKOUT / "tests" / "rewind_worker.py"
+CONFIG = CHECKOUT / "examples" / "accelerate_configs" / "multi_gpu.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_process_rewinds_at_the_same_step_to_the_same_weights(tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(WORKER), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=CHECKOUT, env=worker_environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    # The alarm fires at step 1 (back to step 0, the safeguard on) and at step 2 (back to step 0, and stop).
+    assert reports[0]["rewinds"] == reports[1]["rewinds"] == [[1, 0], [2, 0]]
+    assert reports[0]["steps"] == reports[1]["steps"] == 2
+    # Both processes end with the weights training started from, bit for bit.
+    assert reports[0]["trained"] == reports[1]["trained"] == reports[0]["initial"] == reports[1]["initial"]

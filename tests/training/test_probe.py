@@ -1,0 +1,216 @@
+"""The held-out probe (``probe_steps``) and ``on_pathology="rewind"`` (docs/safeguard.md, "The held-out probe and the
+rewind"), through real tiny SD runs: the probe leaves the training bit for bit, reads only held-out pairs at fixed
+draws, and a rewind puts the weights and the optimizer state back to the last healthy probe's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from trl_diffusion_sdpo.callbacks.probe import hold_back_pairs
+from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, ProbeAlarmRule
+from trl_diffusion_sdpo.engines.base import trainable_parameters
+
+ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
+DPO = {"safeguard_space": "none"}  # Diffusion-DPO (the package defaults to the safeguard)
+
+
+def _trained_weights(trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainable_parameters(trainer.family.denoiser)]
+
+
+class Recorder(TrainerCallback):
+    """The trainable weights and the optimizer's state at the end of every step (before the probe acts: the trainer
+    adds the probe after the callbacks it is given) and at the start of every step (after a rewind)."""
+
+    def __init__(self) -> None:
+        self.parameters: list[torch.nn.Parameter] = []
+        self.at_end: dict[int, tuple[list[torch.Tensor], dict]] = {}
+        self.at_begin: dict[int, tuple[list[torch.Tensor], dict]] = {}
+
+    def _take(self, optimizer) -> tuple[list[torch.Tensor], dict]:
+        return [p.detach().clone() for p in self.parameters], copy.deepcopy(optimizer.state_dict())
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.at_begin[state.global_step] = self._take(kwargs["optimizer"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.at_end[state.global_step] = self._take(kwargs["optimizer"])
+
+
+class ScriptedAlarm(ProbeAlarmRule):
+    """The alarm's rule with the verdicts scripted by step: the rewind's mechanics tested apart from the rule."""
+
+    def __init__(self, patience: int, unhealthy_steps: set[int]) -> None:
+        super().__init__(patience=patience, threshold=0.0)
+        object.__setattr__(self, "unhealthy_steps", unhealthy_steps)
+
+    def unhealthy(self, metrics, step):
+        return step in self.unhealthy_steps
+
+
+def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    if a["state"].keys() != b["state"].keys():
+        return False
+    for key in a["state"]:
+        for name, value in a["state"][key].items():
+            other = b["state"][key][name]
+            if not (torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_the_same_split(
+    make_trainer, make_pickapic, lora
+):
+    data = make_pickapic(ROWS)
+    plain = make_trainer(lora=lora, train_dataset=data.select(range(ROWS - HELD)), max_steps=4, **DPO)
+    plain.train()
+    expected = _trained_weights(plain)
+    probed = make_trainer(lora=lora, train_dataset=data, max_steps=4, probe_steps=1, probe_pairs=HELD, **DPO)
+    probed.train()
+    assert _equal(_trained_weights(probed), expected)
+    logged = [entry for entry in probed.state.log_history if "probe/delta_winner" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    # A rewind whose alarm stays quiet: snapshots at every probe, and the weights Diffusion-DPO's.
+    quiet = make_trainer(
+        lora=lora,
+        train_dataset=data,
+        max_steps=4,
+        probe_steps=1,
+        probe_pairs=HELD,
+        on_pathology="rewind",
+        **DPO,
+    )
+    quiet.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
+    quiet.train()
+    assert _equal(_trained_weights(quiet), expected)
+    assert not any("health/rewind_to" in entry for entry in quiet.state.log_history)
+
+
+def test_the_probe_reads_the_held_back_pairs_and_training_never_sees_them(make_trainer, make_pickapic, make_config):
+    data = make_pickapic(ROWS)
+    trainer = make_trainer(train_dataset=data, probe_steps=1, probe_pairs=HELD)
+    held_captions = data["caption"][ROWS - HELD :]
+    assert sorted(trainer.train_dataset["prompt"]) == sorted(data["caption"][: ROWS - HELD])
+    tokens = trainer.family.prompt_tokenizer()(held_captions)
+    assert torch.equal(trainer.probe.probe.batch["input_ids"].cpu(), tokens["input_ids"])
+    # With an eval split the probe reads its first pairs, and the training data stay whole.
+    evaluation = make_pickapic(4)
+    with_eval = make_trainer(train_dataset=data, eval_dataset=evaluation, probe_steps=1, probe_pairs=HELD)
+    assert len(with_eval.train_dataset) == ROWS
+    tokens = with_eval.family.prompt_tokenizer()(evaluation["caption"][:HELD])
+    assert torch.equal(with_eval.probe.probe.batch["input_ids"].cpu(), tokens["input_ids"])
+    # The split itself: the rows held back are taken out of the rows trained on.
+    kept, held = hold_back_pairs(data, None, make_config(probe_steps=1, probe_pairs=3))
+    assert set(kept["caption"]).isdisjoint(held["caption"]) and len(kept) + len(held) == ROWS
+
+
+def test_the_probe_measures_at_the_same_draws_every_time(make_trainer, make_pickapic, make_pipeline):
+    # A policy that does not move (learning rate 0) against a reference that differs from it: every probe must read
+    # the same figures, which it can only do at fixed noise and timesteps.
+    reference = make_pipeline(seed=1).unet
+    trainer = make_trainer(
+        lora=False,
+        train_dataset=make_pickapic(ROWS),
+        ref_model=reference,
+        learning_rate=0.0,
+        max_steps=3,
+        probe_steps=1,
+        probe_pairs=HELD,
+    )
+    trainer.train()
+    readings = [metrics for _, metrics in trainer.probe.readings]
+    assert len(readings) == 3
+    assert readings[0]["probe/delta_winner"] != 0.0
+    assert readings[0] == readings[1] == readings[2]
+    # The figures are the reduced means of the errors: delta = policy - reference.
+    first = readings[0]
+    difference = first["probe/mse_policy_winner"] - first["probe/mse_ref_winner"]
+    assert first["probe/delta_winner"] == pytest.approx(difference)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-in-memory", "full-on-disk"])
+def test_a_rewind_restores_the_last_healthy_steps_weights_and_optimizer_state(make_trainer, make_pickapic, lora):
+    recorder = Recorder()
+    trainer = make_trainer(
+        lora=lora,
+        train_dataset=make_pickapic(ROWS),
+        callbacks=[recorder],
+        max_steps=5,
+        probe_steps=1,
+        probe_pairs=HELD,
+        on_pathology="rewind",
+        **DPO,
+    )
+    recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
+    trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
+    trainer.train()
+    # Healthy at 1, unhealthy at 2 and 3: the alarm fires at 3 and the run goes back to step 1.
+    healthy_weights, healthy_optimizer = recorder.at_end[1]
+    broken_weights, broken_optimizer = recorder.at_end[3]
+    restored_weights, restored_optimizer = recorder.at_begin[3]  # the start of the step after the rewind
+    assert not _equal(broken_weights, healthy_weights)
+    assert _equal(restored_weights, healthy_weights)
+    assert _states_equal(restored_optimizer, healthy_optimizer)
+    assert not _states_equal(restored_optimizer, broken_optimizer)
+    rewinds = [entry for entry in trainer.state.log_history if "health/rewind_to" in entry]
+    assert [(entry["step"], entry["health/rewind_to"]) for entry in rewinds] == [(3, 1.0)]
+    # The response: the safeguard on_pathology="safeguard" switches to, in force after the rewind.
+    assert trainer.safeguard is not None and trainer.probe.rewind.safeguard_on
+
+
+def test_a_safeguarded_run_stops_after_its_rewind_with_the_healthy_weights(make_trainer, make_pickapic):
+    recorder = Recorder()
+    trainer = make_trainer(
+        train_dataset=make_pickapic(ROWS),
+        callbacks=[recorder],
+        max_steps=6,
+        probe_steps=1,
+        probe_pairs=HELD,
+        on_pathology="rewind",
+        safeguard_space="output",
+        safeguard_mu=0.5,
+    )
+    recorder.parameters = list(trainable_parameters(trainer.family.denoiser))
+    trainer.probe.rewind.rule = ScriptedAlarm(patience=1, unhealthy_steps={3})
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert _equal(_trained_weights(trainer), recorder.at_end[2][0])
+    assert trainer.probe.rewind.rewinds == [(3, 2)]
+
+
+def test_rewind_needs_the_probe(make_config):
+    with pytest.raises(ValueError, match="probe_steps"):
+        make_config(on_pathology="rewind")
+    assert make_config(on_pathology="rewind", probe_steps=5).on_pathology == "rewind"
+
+
+def test_the_alarms_first_rule_fires_after_two_probes_with_the_winner_error_above_the_references():
+    assert PROBE_ALARM.patience == 2
+    assert PROBE_ALARM.unhealthy({"probe/delta_winner": 1e-6}, 1)
+    assert not PROBE_ALARM.unhealthy({"probe/delta_winner": 0.0}, 1)
+    assert not PROBE_ALARM.unhealthy({"probe/delta_winner": -1e-3}, 1)
+
+
+def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_kept(
+    make_trainer, make_pickapic, caplog
+):
+    trainer = make_trainer(
+        lora=False, train_dataset=make_pickapic(ROWS), max_steps=1, probe_steps=1, probe_pairs=HELD,
+        on_pathology="rewind", **DPO,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="trl_diffusion_sdpo.io.run_summary"):
+        trainer.train()
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training "))
+    assert f"held-out probe every 1 optimizer steps on {HELD} pairs held back from the training data" in summary
+    assert f"kept on disk in {trainer.args.output_dir}/rewind-healthy" in summary
+    assert "safeguard_space='output', safeguard_mu=0.5" in summary

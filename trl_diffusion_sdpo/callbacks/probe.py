@@ -1,0 +1,289 @@
+"""A probe of Diffusion-DPO's pathology on held-out pairs (``probe_steps``).
+
+The training logs' ``delta/winner`` is measured on the training batch, at the step's random timesteps and noise, on
+pairs the policy is being pushed on. The pathology (Fu et al., arXiv 2511.03317: the winner's own denoising error
+climbing above the reference's while the preference margin grows) is a statement about pairs the policy has not
+trained on. Every ``probe_steps`` optimizer steps, :class:`HeldOutProbe` evaluates the policy and the reference on a
+small fixed set of held-out pairs (the first ``probe_pairs`` of the eval split when one is given, otherwise
+``probe_pairs`` pairs held back from training by :func:`hold_back_pairs`) at fixed noise and timesteps, and reports
+
+* ``probe/mse_policy_winner``, ``probe/mse_ref_winner``, ``probe/mse_policy_loser``, ``probe/mse_ref_loser``: the mean
+  denoising errors;
+* ``probe/delta_winner`` and ``probe/delta_loser``: the policy's error minus the reference's (the pathology: the
+  first above 0);
+* ``probe/implicit_acc``: the share of pairs whose winner the policy prefers more than the reference does
+  (``(e_w - e_w_ref) - (e_l - e_l_ref) < 0``, ties counting half).
+
+Its draws come from a generator of its own, seeded from the run's ``seed`` and started afresh at every probe (as an
+evaluation's), and it runs without autograd: the training draws, the data order and the weights are those of a run
+without it. Each process evaluates its share of the pairs; the sums are reduced over processes before the metrics
+are formed, so every process reads the same figures. :class:`ProbeCallback` runs it, puts its figures into the next
+training log, and hands them to the rewind (``on_pathology="rewind"``, :mod:`.rewind`) where the run asks for one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ..step.predictions import denoising_errors
+from ..step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, NoisedMicroBatch
+from .rewind import Rewind
+
+if TYPE_CHECKING:
+    from ..trainer import DiffusionSDPOTrainer
+
+__all__ = ["PROBE_METRICS", "HeldOutProbe", "ProbeCallback", "hold_back_pairs", "probe_for_trainer", "probe_seed"]
+
+logger = logging.getLogger(__name__)
+
+#: the metrics a probe logs, in the order of the sums it reduces
+PROBE_METRICS = (
+    "probe/mse_policy_winner",
+    "probe/mse_ref_winner",
+    "probe/mse_policy_loser",
+    "probe/mse_ref_loser",
+    "probe/delta_winner",
+    "probe/delta_loser",
+    "probe/implicit_acc",
+)
+
+
+def probe_seed(seed: int) -> int:
+    """The seed of the probe's generator: derived from the run's ``seed`` under a key of its own, so its draws are
+    neither the training's keyed draws nor an evaluation's."""
+    digest = hashlib.blake2b(f"{seed}/probe".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def hold_back_pairs(train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[Any, Dataset | None]:
+    """``(train_dataset, held)``: with the probe on and no ``eval_dataset``, the last ``probe_pairs`` rows of
+    ``train_dataset`` (the first ones of a streamed dataset) taken out of it as the probe's pairs; otherwise
+    ``train_dataset`` as given and ``None``."""
+    if not getattr(args, "probe_steps", None) or eval_dataset is not None:
+        return train_dataset, None
+    count = args.probe_pairs
+    if isinstance(train_dataset, IterableDataset):
+        held = list(train_dataset.take(count))
+        if len(held) < count:
+            raise ValueError(f"probe_pairs={count}: the streamed train_dataset holds only {len(held)} rows")
+        return train_dataset.skip(count), Dataset.from_list(held)
+    if not isinstance(train_dataset, Dataset):
+        raise ValueError(
+            "probe_steps without an eval_dataset holds pairs back from a datasets.Dataset or IterableDataset; with "
+            f"this train_dataset ({type(train_dataset).__name__}, e.g. a latent cache) give an eval_dataset for the "
+            "probe"
+        )
+    if len(train_dataset) <= count:
+        raise ValueError(
+            f"probe_pairs={count} would hold back every one of the {len(train_dataset)} training rows: lower "
+            "probe_pairs or give an eval_dataset"
+        )
+    keep = len(train_dataset) - count
+    return train_dataset.select(range(keep)), train_dataset.select(range(keep, len(train_dataset)))
+
+
+class HeldOutProbe:
+    """The policy and the reference on this process's share of the held-out pairs, at the probe's fixed draws.
+
+    Args:
+        stages: the stages of a micro-batch with the probe's own :class:`MicroBatchDraws` (never the training's).
+        batch: this process's pairs, collated and on the device.
+        seed: the probe generator's seed (:func:`probe_seed`); started afresh at every probe.
+        reduce: sums a tensor over the processes (the identity on one).
+        forward_context: the context the trainer runs a forward in (autocast).
+    """
+
+    def __init__(
+        self,
+        stages: MicroBatchStages,
+        batch: dict[str, torch.Tensor] | None,
+        seed: int,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+        forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        self.stages, self.batch, self.seed = stages, batch, seed
+        self.reduce, self.forward_context = reduce, forward_context
+        # Forward noising does not depend on the policy: the noised pair is made once, at the first probe.
+        self._reusable = not getattr(stages.noiser, "inverts", False)
+        self._noised: NoisedMicroBatch | None = None
+
+    def measure(self, policy: torch.nn.Module, device: torch.device | str) -> dict[str, float]:
+        """The probe's metrics (:data:`PROBE_METRICS`) for ``policy`` as it is now, equal on every process."""
+        sums = torch.zeros(6, dtype=torch.float64, device=device)
+        if self.batch is not None:
+            was_training = policy.training
+            policy.eval()
+            draws = self.stages.draws
+            try:
+                with torch.no_grad(), self.forward_context():
+                    noised = self._noised
+                    if noised is None:
+                        draws.start_evaluation(self.seed)
+                        try:
+                            noised = self.stages.noised_pair(policy, self.batch, "eval", 0)
+                        finally:
+                            draws.end_evaluation()
+                        if self._reusable:
+                            self._noised = noised
+                    predictions = self.stages.predict_noised(policy, noised, separate_branches=False)
+            finally:
+                policy.train(was_training)
+            errors = denoising_errors(predictions)
+            pw, rw = errors.policy_winner.double(), errors.reference_winner.double()
+            pl, rl = errors.policy_loser.double(), errors.reference_loser.double()
+            margin = (pw - rw) - (pl - rl)
+            preferred = (margin < 0).double() + 0.5 * (margin == 0).double()
+            count = torch.full((), float(pw.numel()), dtype=torch.float64, device=pw.device)
+            sums = torch.stack([pw.sum(), rw.sum(), pl.sum(), rl.sum(), preferred.sum(), count]).to(device)
+        pw, rw, pl, rl, preferred, count = self.reduce(sums).tolist()  # one host read per probe
+        if count == 0:
+            raise RuntimeError("the probe's held-out pairs were all dropped by the collator: give other pairs")
+        pw, rw, pl, rl, preferred = (value / count for value in (pw, rw, pl, rl, preferred))
+        values = (pw, rw, pl, rl, pw - rw, pl - rl, preferred)
+        return dict(zip(PROBE_METRICS, values, strict=True))
+
+
+class ProbeCallback(TrainerCallback, ExportableState):
+    """Runs the probe every ``every`` optimizer steps (at the end of the step, after the optimizer's update), puts its
+    figures into the next training log (:meth:`annotate`) and hands them to ``rewind`` when the run has one.
+
+    Args:
+        probe: the :class:`HeldOutProbe`.
+        every: ``probe_steps``.
+        policy: returns the trained denoiser, unwrapped.
+        device: where the reduced sums live.
+        rewind: the rewind of ``on_pathology="rewind"``, or ``None``.
+        source: where the pairs come from, for the start summary.
+    """
+
+    def __init__(
+        self,
+        probe: HeldOutProbe,
+        every: int,
+        policy: Callable[[], torch.nn.Module],
+        device: torch.device | str,
+        rewind: Rewind | None = None,
+        source: str = "",
+    ) -> None:
+        self.probe, self.every, self.policy, self.device, self.rewind = probe, every, policy, device, rewind
+        self.source = source
+        self.pending: dict[str, float] = {}
+        self.readings: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every probe of this process
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.rewind is not None:
+            self.rewind.begin(args, state, kwargs["optimizer"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.every:
+            return
+        metrics = self.probe.measure(self.policy(), self.device)
+        self.readings.append((step, metrics))
+        self.pending = dict(metrics)
+        if self.rewind is not None:
+            self.pending.update(self.rewind.read(metrics, step, kwargs["optimizer"], control))
+
+    def summary(self) -> str:
+        """The start summary's line: what is probed, from where, and what the rewind keeps."""
+        text = f"held-out probe every {self.every} optimizer steps on {self.source}"
+        return text if self.rewind is None else f"{text}; on_pathology='rewind': {self.rewind.summary()}"
+
+    def annotate(self, logs: dict[str, float]) -> None:
+        """Add the latest probe's figures, not yet logged, to a training log, in place."""
+        logs.update(self.pending)
+        self.pending = {}
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.rewind is not None:
+            self.rewind.save(args, state)
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": {} if self.rewind is None else self.rewind.state()}
+
+
+def _probe_batch(trainer: DiffusionSDPOTrainer, held: Dataset | None) -> dict[str, torch.Tensor] | None:
+    """This process's share of the held-out pairs, collated as an evaluation's and placed on the device."""
+    args, accelerator = trainer.args, trainer.accelerator
+    if held is not None:
+        args_live = copy.copy(args)
+        args_live.cache_latents = False  # a few pairs: encoded at the first probe, never cached
+        data = trainer.prepare_data(held, None, args_live, trainer.family, None)
+        dataset, collator = data.train_dataset, data.eval_collator
+    else:
+        dataset = trainer.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()))
+        collator = trainer._eval_collator
+        if isinstance(collator, dict):
+            collator = next(iter(collator.values()))
+    rows = _first_rows(dataset, args.probe_pairs)
+    share = len(rows) // accelerator.num_processes
+    if share == 0:
+        raise ValueError(
+            f"the probe has {len(rows)} held-out pairs for {accelerator.num_processes} processes: set probe_pairs to "
+            "at least the number of processes"
+        )
+    mine = rows[accelerator.process_index * share : (accelerator.process_index + 1) * share]
+    return trainer.place_inputs(collator(mine))
+
+
+def _first_rows(dataset: Any, count: int) -> list[dict[str, Any]]:
+    if isinstance(dataset, IterableDataset):
+        return list(dataset.take(count))
+    return [dataset[i] for i in range(min(count, len(dataset)))]
+
+
+def probe_for_trainer(trainer: DiffusionSDPOTrainer, held: Dataset | None) -> ProbeCallback | None:
+    """The probe ``trainer``'s config asks for (``probe_steps``; ``None``: off), with the rewind of
+    ``on_pathology="rewind"``; ``held``: the pairs :func:`hold_back_pairs` took out of the training data."""
+    args = trainer.args
+    if not args.probe_steps:
+        return None
+    if not trainer.objective.requires_reference:
+        raise ValueError(f"probe_steps compares the policy with the reference; loss_type={args.loss_type!r} has none")
+    if getattr(args, "is_online", False):
+        raise ValueError("probe_steps evaluates held-out preference pairs; an online run has none: unset it")
+    if trainer.engine.name not in ("base", "ddp"):
+        raise ValueError(
+            f"probe_steps runs the unwrapped policy on each process's pairs, which the {trainer.engine.name} engine "
+            "shards: train on one process or with DDP, or unset probe_steps"
+        )
+    accelerator = trainer.accelerator
+    share = max(1, args.probe_pairs // accelerator.num_processes)
+    draws = MicroBatchDraws(probe_seed(args.seed), share, share, accelerator.process_index,
+                            accelerator.num_processes, args.device)  # fmt: skip
+    stages = MicroBatchStages(
+        trainer.family,
+        trainer.noiser,
+        draws,
+        trainer.reference.predict,
+        Augmentation.from_config(args),
+        trainer._dtype,
+        trainer.family.prompt_tokenizer(),
+        args.device,
+    )
+    probe = HeldOutProbe(
+        stages,
+        _probe_batch(trainer, held),
+        probe_seed(args.seed),
+        lambda sums: accelerator.reduce(sums, reduction="sum"),
+        trainer.compute_loss_context_manager,
+    )
+    rewind = Rewind.for_trainer(trainer) if args.on_pathology == "rewind" else None
+    source = (
+        f"{args.probe_pairs} pairs held back from the training data (its last rows)"
+        if held is not None
+        else f"the eval split's first {args.probe_pairs} pairs"
+    )
+    return ProbeCallback(probe, args.probe_steps, trainer._policy, args.device, rewind, source)

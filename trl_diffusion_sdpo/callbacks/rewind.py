@@ -1,0 +1,290 @@
+"""``on_pathology="rewind"``: back to the last step the held-out probe called healthy, then the response.
+
+The alarm (:data:`PROBE_ALARM`, a :class:`ProbeAlarmRule`) reads the probe's reduced figures (:mod:`.probe`), so
+every process reaches the same verdict at the same step. Its first rule follows the pathology's definition (Fu et
+al., arXiv 2511.03317: the winner's denoising error rising above the reference's): a probe is unhealthy when
+``probe/delta_winner`` is above 0, and the alarm fires after 2 unhealthy probes in a row (one probe's rise may be the
+noise of a few pairs). The rule is not yet calibrated on the stability benchmark's runs: its precision and recall are
+not measured.
+
+At every healthy probe (and when training begins) :class:`Rewind` keeps one snapshot of the trainable weights and the
+optimizer's state: in memory for LoRA, in ``<output_dir>/rewind-healthy/`` for full tuning (one snapshot at a time:
+about three times the trainable weights with Adam). When the alarm fires, every process puts the weights and the
+optimizer's state back to that snapshot (the learning-rate schedule, the step count, the data order and the other
+guards go on), logs ``health/rewind_to`` (the step restored) and responds as the evidence supports for its regime:
+
+* an offline Diffusion-DPO run (``safeguard_space="none"``) goes on from the healthy weights with the safeguard
+  ``on_pathology="safeguard"`` switches to (:func:`~.health.switch_target`: the one fixed setting that held where
+  Diffusion-DPO's held-out reward fell); should the alarm fire again, the run rewinds once more and stops;
+* a run with a safeguard already on stops with the healthy weights as the result (a larger fixed ``mu`` or the
+  update space are choices for the next run, not a switch the engine was checked for).
+
+A checkpoint keeps the alarm's state (the last healthy step, the unhealthy probes in a row, the rewinds, whether the
+safeguard is on) in ``trainer_state.json`` and the snapshot in ``rewind-healthy/`` inside the checkpoint, so a
+resumed run rewinds as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..engines.base import trainable_parameters
+from .health import switch_target
+
+if TYPE_CHECKING:
+    from ..trainer import DiffusionSDPOTrainer
+
+__all__ = ["PROBE_ALARM", "REWIND_FOLDER", "DiskSnapshot", "MemorySnapshot", "ProbeAlarmRule", "Rewind"]
+
+logger = logging.getLogger(__name__)
+
+#: the snapshot's folder, in the output folder (full tuning) and inside each checkpoint
+REWIND_FOLDER = "rewind-healthy"
+_WEIGHTS, _OPTIMIZER = "weights.safetensors", "optimizer.pt"
+
+
+@dataclass(frozen=True)
+class ProbeAlarmRule:
+    """A probe is unhealthy when ``probe/delta_winner > threshold``; the alarm fires after ``patience`` unhealthy
+    probes in a row. Not yet calibrated on the stability benchmark's runs (precision and recall not measured)."""
+
+    patience: int
+    threshold: float
+
+    def unhealthy(self, metrics: Mapping[str, float], step: int) -> bool:
+        """Whether the probe of optimizer step ``step`` (``metrics``: its reduced figures) shows the pathology."""
+        return metrics["probe/delta_winner"] > self.threshold
+
+    def describe(self) -> str:
+        return (
+            f"probe/delta_winner (held-out winner error minus the reference's) above {self.threshold:g} for "
+            f"{self.patience} probes in a row"
+        )
+
+
+PROBE_ALARM = ProbeAlarmRule(patience=2, threshold=0.0)
+"""The alarm's first rule: the pathology as the paper defines it, two probes in a row; not yet calibrated."""
+
+
+class MemorySnapshot:
+    """The trainable weights and the optimizer's state of one step, kept in memory (clones, never views)."""
+
+    def __init__(self, parameters: Sequence[torch.nn.Parameter]) -> None:
+        self.parameters = list(parameters)
+        self.weights: list[torch.Tensor] | None = None
+        self.optimizer_state: dict[str, Any] | None = None
+
+    def where(self) -> str:
+        return "in memory"
+
+    def take(self, optimizer: torch.optim.Optimizer) -> None:
+        self.weights = [p.detach().clone() for p in self.parameters]
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())  # the live state would move on with training
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        weights, state = self._load()
+        with torch.no_grad():
+            for parameter, saved in zip(self.parameters, weights, strict=True):
+                parameter.copy_(saved)
+        # A copy: the optimizer keeps the tensors it is given and updates them in place.
+        optimizer.load_state_dict(copy.deepcopy(state))
+
+    def _load(self) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        if self.weights is None or self.optimizer_state is None:
+            raise RuntimeError("the rewind has no healthy snapshot to restore")
+        return self.weights, self.optimizer_state
+
+    def write(self, folder: str) -> None:
+        """The snapshot into ``folder`` (a checkpoint's), as safetensors and the optimizer's ``torch.save``."""
+        weights, state = self._load()
+        os.makedirs(folder, exist_ok=True)
+        save_file(
+            {str(i): w.detach().cpu().contiguous() for i, w in enumerate(weights)}, os.path.join(folder, _WEIGHTS)
+        )
+        torch.save(state, os.path.join(folder, _OPTIMIZER))
+
+    def read(self, folder: str) -> None:
+        """The snapshot :meth:`write` put in ``folder``."""
+        self.weights, self.optimizer_state = _read(folder, self.parameters)
+
+
+class DiskSnapshot(MemorySnapshot):
+    """The same snapshot written to ``folder`` (full tuning: the whole denoiser and its optimizer state would double
+    the memory a run needs), read back when restored. Every process writes its own folder's copy only on the main
+    process; the others read it after the main one has written it (``wait``)."""
+
+    def __init__(
+        self, parameters: Sequence[torch.nn.Parameter], folder: str, main: bool, wait: Callable[[], None]
+    ) -> None:
+        super().__init__(parameters)
+        self.folder, self.main, self.wait = folder, main, wait
+        self.taken = False
+
+    def where(self) -> str:
+        return f"on disk in {self.folder}"
+
+    def take(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.main:
+            tmp = f"{self.folder}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.parameters)},
+                      os.path.join(tmp, _WEIGHTS))  # fmt: skip
+            torch.save(optimizer.state_dict(), os.path.join(tmp, _OPTIMIZER))
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os.replace(tmp, self.folder)
+        self.wait()
+        self.taken = True
+
+    def _load(self) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        if not self.taken:
+            raise RuntimeError("the rewind has no healthy snapshot to restore")
+        return _read(self.folder, self.parameters)
+
+    def read(self, folder: str) -> None:
+        if self.main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            shutil.copytree(folder, self.folder)
+        self.wait()
+        self.taken = True
+
+
+def _read(folder: str, parameters: Sequence[torch.nn.Parameter]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    tensors = load_file(os.path.join(folder, _WEIGHTS))
+    weights = [tensors[str(i)].to(p.device, p.dtype) for i, p in enumerate(parameters)]
+    state = torch.load(os.path.join(folder, _OPTIMIZER), map_location="cpu", weights_only=True)
+    return weights, state
+
+
+class Rewind:
+    """The alarm on the probe's figures and the rewind it triggers (module docstring).
+
+    Args:
+        rule: the alarm's rule.
+        snapshot: where the last healthy step's weights and optimizer state are kept.
+        switch: turns the dormant safeguard on (the trainer's); ``None``: the run stops after its rewind.
+        switch_to: the fields of that safeguard, for the log line.
+    """
+
+    def __init__(
+        self,
+        rule: ProbeAlarmRule,
+        snapshot: MemorySnapshot,
+        switch: Callable[[], Any] | None = None,
+        switch_to: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.rule, self.snapshot, self.switch = rule, snapshot, switch
+        self.switch_to = dict(switch_to or {})
+        self.healthy_step = 0
+        self.unhealthy_in_a_row = 0
+        self.rewinds: list[tuple[int, int]] = []  # (step fired, step restored)
+        self.safeguard_on = False
+
+    @classmethod
+    def for_trainer(cls, trainer: DiffusionSDPOTrainer) -> Rewind:
+        """The rewind ``trainer``'s config asks for: LoRA's snapshot in memory, full tuning's on disk."""
+        args = trainer.args
+        parameters = list(trainable_parameters(trainer._policy()))  # in the optimizer's order
+        if trainer.is_lora:
+            snapshot: MemorySnapshot = MemorySnapshot(parameters)
+        else:
+            accelerator = trainer.accelerator
+            folder = os.path.join(args.output_dir, REWIND_FOLDER)
+            snapshot = DiskSnapshot(parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone)
+        switch = trainer._switch_safeguard if trainer._dormant_safeguard is not None else None
+        return cls(PROBE_ALARM, snapshot, switch, switch_target(args) if switch else None)
+
+    def summary(self) -> str:
+        """What the alarm reads, what is kept and what follows a rewind, for the start summary."""
+        elements = sum(p.numel() for p in self.snapshot.parameters)
+        then = (
+            "then trains on with the safeguard on (" + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()) + ")"
+            if self.switch is not None
+            else "then stops with the healthy weights"
+        )
+        return (
+            f"the alarm ({self.rule.describe()}; not yet calibrated) restores the last healthy step's weights and "
+            f"optimizer state, one snapshot ({elements:,} weights and their optimizer state) kept "
+            f"{self.snapshot.where()}; {then}"
+        )
+
+    # ------------------------------------------------------------------ the run
+
+    def begin(self, args: Any, state: Any, optimizer: torch.optim.Optimizer) -> None:
+        """When training begins: the weights it starts from are the first healthy snapshot; a resumed run takes the
+        checkpoint's alarm state and snapshot instead."""
+        saved = state.stateful_callbacks.get("ProbeCallback", {}).get("attributes") if state.global_step else None
+        if not saved:
+            self.snapshot.take(optimizer)
+            return
+        self.healthy_step, self.unhealthy_in_a_row = saved["healthy_step"], saved["unhealthy_in_a_row"]
+        self.rewinds = [tuple(pair) for pair in saved["rewinds"]]
+        if saved["safeguard_on"] and self.switch is not None:
+            self.switch()
+            self.safeguard_on = True
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", REWIND_FOLDER)
+        self.snapshot.read(folder)
+
+    def read(self, metrics: Mapping[str, float], step: int, optimizer: torch.optim.Optimizer, control) -> dict:
+        """The alarm on the probe of step ``step``: a healthy probe's weights become the snapshot; ``patience``
+        unhealthy ones in a row rewind. Returns what the training log adds (``health/rewind_to`` at a rewind)."""
+        if not self.rule.unhealthy(metrics, step):
+            self.unhealthy_in_a_row = 0
+            self.healthy_step = step
+            self.snapshot.take(optimizer)
+            return {}
+        self.unhealthy_in_a_row += 1
+        if self.unhealthy_in_a_row < self.rule.patience:
+            return {}
+        self.snapshot.restore(optimizer)
+        self.unhealthy_in_a_row = 0
+        self.rewinds.append((step, self.healthy_step))
+        stop = self.safeguard_on or self.switch is None
+        if stop:
+            control.should_training_stop = True
+            then = "training stops with these weights"
+        else:
+            self.switch()
+            self.safeguard_on = True
+            then = (
+                "training goes on with the safeguard on ("
+                + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items())
+                + ")"
+            )
+        logger.warning(
+            "Step %d: on_pathology='rewind': %s; the trainable weights and the optimizer state are back at step %d "
+            "(the last probe the alarm called healthy) and %s.",
+            step,
+            self.rule.describe(),
+            self.healthy_step,
+            then,
+        )
+        return {"health/rewind_to": float(self.healthy_step), "health/rewinds": float(len(self.rewinds))}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "healthy_step": self.healthy_step,
+            "unhealthy_in_a_row": self.unhealthy_in_a_row,
+            "rewinds": [list(pair) for pair in self.rewinds],
+            "safeguard_on": self.safeguard_on,
+            "snapshot": REWIND_FOLDER,  # inside the checkpoint
+        }
+
+    def save(self, args: Any, state: Any) -> None:
+        """The snapshot into the checkpoint just written (the main process's; every process holds the same)."""
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", REWIND_FOLDER)
+            if os.path.isdir(os.path.dirname(folder)):
+                self.snapshot.write(folder)
