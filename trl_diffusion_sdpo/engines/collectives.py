@@ -59,7 +59,7 @@ def zero3_init_disabled() -> Iterator[None]:
 
 def load_pipeline(pretrained: str | os.PathLike, **kwargs) -> DiffusionPipeline:
     """``DiffusionPipeline.from_pretrained(pretrained, **kwargs)``, never partitioned by ZeRO-3; a shipped model's
-    short name (``trl-diffusion-sdpo:tiny``, :mod:`.loading`) loads its folder.
+    short name (``trl-diffusion-sdpo:tiny``, :mod:`~trl_diffusion_sdpo.families.loading`) loads its folder.
 
     Use it (or :func:`zero3_init_disabled`) to load the pipeline when launching with a ZeRO-3 config: the frozen
     VAE and text encoders must be whole on every process, and the UNet that trains is partitioned by DeepSpeed itself

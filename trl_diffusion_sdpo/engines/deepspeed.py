@@ -128,9 +128,10 @@ class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO at ``stage`` (1, 2 or 3).
 
     ZeRO-1/2 keep the weights whole: the parameter-space safeguard uses the engine as its second gradient store
-    (:class:`~..gradients.per_branch.EngineBranchGradients`). ZeRO-3 partitions the weights: the safeguard works on
-    each process's gradient partitions (:mod:`~..gradients.zero3`, global scope); the reference is sharded like the
-    policy and saves gather the shards.
+    (:class:`~trl_diffusion_sdpo.safeguards.gradients.per_branch.EngineBranchGradients`). ZeRO-3 partitions the
+    weights: the safeguard works on each process's gradient partitions
+    (:mod:`~trl_diffusion_sdpo.safeguards.gradients.zero3`, global scope); the reference is sharded like the policy
+    and saves gather the shards.
     """
 
     name = "deepspeed"

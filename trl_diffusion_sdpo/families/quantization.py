@@ -11,10 +11,10 @@ only the ``nn.Linear`` layers, whose weights are most of a denoiser's::
 
 Only LoRA trains on such a base: the quantized weights are tensor subclasses or integer tensors that no optimizer
 can update and no deep copy (a full-tuning reference) can take. The reference is the same quantized base with the
-adapters off (:class:`~.reference.DisabledAdaptersReference`), so both branches share one copy of the weights and at
-step 0 the policy computes exactly what the reference computes. The adapters themselves are ordinary float32
-``lora_A``/``lora_B`` linear layers inside peft's quantized LoRA layers, which the one-pass safeguard taps as any
-other (:mod:`.gradients.layer_taps`).
+adapters off (:class:`~trl_diffusion_sdpo.step.predictions.DisabledAdaptersReference`), so both branches share one
+copy of the weights and at step 0 the policy computes exactly what the reference computes. The adapters themselves
+are ordinary float32 ``lora_A``/``lora_B`` linear layers inside peft's quantized LoRA layers, which the one-pass
+safeguard taps as any other (:mod:`~trl_diffusion_sdpo.safeguards.gradients.layer_taps`).
 """
 
 from __future__ import annotations

@@ -132,8 +132,8 @@ class ZeRO3BranchGradients:
 @register_collectives(DeepSpeedEngine, when=lambda engine: engine.stage == 3)
 class DeepSpeedZeRO3Collectives(ShardSums, DeepSpeedCollectives):
     """DeepSpeed ZeRO-3: the exact rule on each process's gradient partitions, the global or the per-pair scope. In
-    one pass the taps' split gradients are reduce-scattered into them (:class:`~.one_pass_sharded.
-    ZeRO3OnePassBranchGradients`); in per-branch passes the engine's backward fills them
+    one pass the taps' split gradients are reduce-scattered into them (:class:`
+    ~.one_pass_sharded.ZeRO3OnePassBranchGradients`); in per-branch passes the engine's backward fills them
     (:class:`ZeRO3BranchGradients`). The update space reads the optimizer's state on the engine's partitions (the one
     pass only). The window's earlier sum is kept here, and the engine steps at the window's end."""
 
