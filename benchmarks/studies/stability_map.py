@@ -190,8 +190,8 @@ def load_study_base(pretrain: bool = False) -> tuple[StableDiffusionPipeline, st
     again, the way the stored weights were made (cached by the demo under the recipe's hash; on another machine not
     the same weights)."""
     if pretrain:
-        pipeline, source, folder = load_base(STUDY_BASE)
-        return pipeline, f"{source} ({folder or 'not cached'})"
+        pipeline, source, _ = load_base(STUDY_BASE)  # "pretrained", or "cache" where an earlier pretraining left it
+        return pipeline, source
     problem = study_base_problem()
     if problem is not None:
         raise RuntimeError(f"the benchmark's base cannot be loaded: {problem}")
