@@ -66,9 +66,9 @@ STUDY_BASE = PretrainRecipe(vae_steps=500, unet_steps=1000)
 BASES = {"benchmark": STUDY_BASE, "shipped": PretrainRecipe()}
 #: The weights every stored study result on :data:`STUDY_BASE` was measured on (the package's shipped base until it
 #: was replaced by a longer-pretrained one), kept in the repository beside ``benchmarks/`` and outside the wheel:
-#: pretraining the recipe again on another machine gives other weights (another CPU or thread count sums in another
-#: order), other preference pairs and other figures. ``demo_recipe.json`` is the record the pretraining wrote;
-#: ``SHA256SUMS`` (``sha256sum -c`` reads it) the digest of every file.
+#: pretraining the recipe again gives other weights, other preference pairs and other figures (on the same CPU with
+#: later code too: ``cpu-rerun-cell-seed4-lr2e-4-step50-pretrained-base.json``). ``demo_recipe.json`` is the record
+#: the pretraining wrote; ``SHA256SUMS`` (``sha256sum -c`` reads it) the digest of every file.
 STUDY_BASE_DIR = Path(__file__).resolve().parents[1] / "study_base"
 CHECKSUMS = "SHA256SUMS"
 EXTRA_METHODS = (
