@@ -187,8 +187,8 @@ def study_base_problem(folder: Path = STUDY_BASE_DIR) -> str | None:
 def load_study_base(pretrain: bool = False) -> tuple[StableDiffusionPipeline, str]:
     """:data:`STUDY_BASE`'s pipeline and where it came from: the stored weights of :data:`STUDY_BASE_DIR`, checked
     against their record and digests (a mismatch raises, naming the file), or with ``pretrain`` the recipe pretrained
-    again, the way the stored weights were made (cached by the demo under the recipe's hash; on another machine not
-    the same weights)."""
+    again, the way the stored weights were made (cached by the demo under the recipe's hash; not the stored
+    weights)."""
     if pretrain:
         pipeline, source, _ = load_base(STUDY_BASE)  # "pretrained", or "cache" where an earlier pretraining left it
         return pipeline, source
