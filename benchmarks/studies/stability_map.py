@@ -66,9 +66,9 @@ STUDY_BASE = PretrainRecipe(vae_steps=500, unet_steps=1000)
 BASES = {"benchmark": STUDY_BASE, "shipped": PretrainRecipe()}
 #: The weights every stored study result on :data:`STUDY_BASE` was measured on (the package's shipped base until it
 #: was replaced by a longer-pretrained one), kept in the repository beside ``benchmarks/`` and outside the wheel:
-#: pretraining the recipe again on another machine gives other weights (another CPU or thread count sums in another
-#: order), other preference pairs and other figures. ``demo_recipe.json`` is the record the pretraining wrote;
-#: ``SHA256SUMS`` (``sha256sum -c`` reads it) the digest of every file.
+#: pretraining the recipe again gives other weights, other preference pairs and other figures (on the same CPU with
+#: later code too: ``cpu-rerun-cell-seed4-lr2e-4-step50-pretrained-base.json``). ``demo_recipe.json`` is the record
+#: the pretraining wrote; ``SHA256SUMS`` (``sha256sum -c`` reads it) the digest of every file.
 STUDY_BASE_DIR = Path(__file__).resolve().parents[1] / "study_base"
 CHECKSUMS = "SHA256SUMS"
 EXTRA_METHODS = (
@@ -187,11 +187,11 @@ def study_base_problem(folder: Path = STUDY_BASE_DIR) -> str | None:
 def load_study_base(pretrain: bool = False) -> tuple[StableDiffusionPipeline, str]:
     """:data:`STUDY_BASE`'s pipeline and where it came from: the stored weights of :data:`STUDY_BASE_DIR`, checked
     against their record and digests (a mismatch raises, naming the file), or with ``pretrain`` the recipe pretrained
-    again, the way the stored weights were made (cached by the demo under the recipe's hash; on another machine not
-    the same weights)."""
+    again, the way the stored weights were made (cached by the demo under the recipe's hash; not the stored
+    weights)."""
     if pretrain:
-        pipeline, source, folder = load_base(STUDY_BASE)
-        return pipeline, f"{source} ({folder or 'not cached'})"
+        pipeline, source, _ = load_base(STUDY_BASE)  # "pretrained", or "cache" where an earlier pretraining left it
+        return pipeline, source
     problem = study_base_problem()
     if problem is not None:
         raise RuntimeError(f"the benchmark's base cannot be loaded: {problem}")

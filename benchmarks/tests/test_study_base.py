@@ -170,3 +170,26 @@ def test_the_docs_state_the_recorded_cell_and_its_rerun_as_their_files_say():
         ), key
     assert RERUN in section and rerun_cell.RECORD in section and "python benchmarks/tools/rerun_cell.py" in section
     assert "`benchmarks/study_base/`" in section and "`benchmarks/study_base/`" in (ROOT / "README.md").read_text()
+
+
+PRETRAINED = "benchmarks/results/safeguard-comparison/cpu-rerun-cell-seed4-lr2e-4-step50-pretrained-base.json"
+
+
+def test_the_docs_state_what_pretraining_the_base_again_gave_as_its_file_says():
+    import json
+
+    section = (ROOT / "docs/demo.md").read_text().split("### The benchmark's base", 1)[1].split("\n## ", 1)[0]
+    section = " ".join(section.split())
+    found = json.loads((ROOT / PRETRAINED).read_text())
+    assert found["base_source"] in ("pretrained", "cache") and not found["reproduced"] and PRETRAINED in section
+    distances = found["pretrained_against_stored"]
+    for name, label in (("unet", "UNet"), ("vae", "VAE"), ("text_encoder", "text encoder")):
+        assert f"{distances[name]['relative_l2']:.1e} ({label})" in section, name
+    base = found["base"]
+    assert f"{base['reward']['rerun']:.4f} against {base['reward']['recorded']:.4f}" in section
+    assert f"{base['pairs']['rerun']} pairs against {base['pairs']['recorded']}" in section
+    dpo, mu = found["runs"]["dpo"]["reward_change"], found["runs"]["sdpo-output-mu0.5"]["reward_change"]
+    assert (
+        f"{dpo['rerun']:+.3f} and {mu['rerun']:+.3f} against the recorded {dpo['recorded']:+.3f} and "
+        f"{mu['recorded']:+.3f}" in section
+    )
