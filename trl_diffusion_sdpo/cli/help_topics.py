@@ -134,10 +134,11 @@ TRAINING_TOPIC = (
 
 class _TopicFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """transformers' formatter (each help ends with its default), each option under its first name only (the
-    ``--dash-form`` aliases transformers adds stay accepted)."""
+    ``--dash-form`` aliases transformers adds stay accepted); ``--help_all`` beside its dashed name, which the docs
+    use too."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
-        if not action.option_strings or action.dest == "help":
+        if not action.option_strings or action.dest in ("help", "help_all"):
             return super()._format_action_invocation(action)
         if action.nargs == 0:
             return action.option_strings[0]
