@@ -250,7 +250,10 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
         ("on_pathology", "probe_steps"),
         lambda c: c.on_pathology == "rewind" and not c.probe_steps,
-        lambda c: "on_pathology='rewind' reads the held-out probe: set probe_steps (20 costs about 3% of the tiny run; docs/safeguard.md)",
+        lambda c: (
+            "on_pathology='rewind' reads the held-out probe: set probe_steps (every 20 steps cost about 3% of the "
+            "tiny run's time; docs/safeguard.md)"
+        ),
     ),
 )
 
