@@ -214,3 +214,16 @@ def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_
     assert f"held-out probe every 1 optimizer steps on {HELD} pairs held back from the training data" in summary
     assert f"kept on disk in {trainer.args.output_dir}/rewind-healthy" in summary
     assert "safeguard_space='output', safeguard_mu=0.5" in summary
+
+
+def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    page = " ".join((root / "docs" / "safeguard.md").read_text().split())
+    assert f"alarm fires after {PROBE_ALARM.patience} unhealthy probes in a row" in page
+    assert f"`probe/delta_winner` is above {PROBE_ALARM.threshold:g}" in page
+    runs = json.loads((root / "benchmarks" / "results" / "cpu-probe-cost-tiny.json").read_text())["runs"]
+    shares = {run["probe_steps"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in runs}
+    assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page
