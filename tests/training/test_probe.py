@@ -214,3 +214,39 @@ def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_
     assert f"held-out probe every 1 optimizer steps on {HELD} pairs held back from the training data" in summary
     assert f"kept on disk in {trainer.args.output_dir}/rewind-healthy" in summary
     assert "safeguard_space='output', safeguard_mu=0.5" in summary
+
+
+def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    page = " ".join((root / "docs" / "safeguard.md").read_text().split())
+    assert f"alarm fires after {PROBE_ALARM.patience} unhealthy probes in a row" in page
+    assert f"`probe/delta_winner` is above {PROBE_ALARM.threshold:g}" in page
+    runs = json.loads((root / "benchmarks" / "results" / "cpu-probe-cost-tiny.json").read_text())["runs"]
+    shares = {run["probe_steps"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in runs}
+    assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page
+
+
+def test_a_run_resumed_from_a_checkpoint_rewinds_as_the_uninterrupted_one(make_trainer, make_pickapic, tmp_path):
+    from tests.helpers.common import StopAt
+
+    def run(output_dir, callbacks=(), resume=None):
+        trainer = make_trainer(
+            train_dataset=make_pickapic(ROWS), callbacks=list(callbacks), max_steps=5, probe_steps=1,
+            probe_pairs=HELD, on_pathology="rewind", save_strategy="steps", save_steps=3, output_dir=str(output_dir),
+            **DPO,
+        )  # fmt: skip
+        # Healthy at 1 and 2, unhealthy at 3 (the checkpoint's step: one unhealthy probe so far, the snapshot step
+        # 2's) and 4: the alarm fires at 4, back to step 2.
+        trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={3, 4})
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed", callbacks=[StopAt(3)])
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert straight.probe.rewind.rewinds == resumed.probe.rewind.rewinds == [(4, 2)]
+    assert resumed.safeguard is not None
+    assert _equal(_trained_weights(resumed), _trained_weights(straight))

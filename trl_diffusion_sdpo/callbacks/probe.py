@@ -28,7 +28,7 @@ import copy
 import hashlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
@@ -38,9 +38,6 @@ from transformers.trainer_callback import ExportableState
 from ..step.predictions import denoising_errors
 from ..step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, NoisedMicroBatch
 from .rewind import Rewind
-
-if TYPE_CHECKING:
-    from ..trainer import DiffusionSDPOTrainer
 
 __all__ = ["PROBE_METRICS", "HeldOutProbe", "ProbeCallback", "hold_back_pairs", "probe_for_trainer", "probe_seed"]
 
@@ -212,7 +209,7 @@ class ProbeCallback(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {} if self.rewind is None else self.rewind.state()}
 
 
-def _probe_batch(trainer: DiffusionSDPOTrainer, held: Dataset | None) -> dict[str, torch.Tensor] | None:
+def _probe_batch(trainer: Any, held: Dataset | None) -> dict[str, torch.Tensor] | None:
     """This process's share of the held-out pairs, collated as an evaluation's and placed on the device."""
     args, accelerator = trainer.args, trainer.accelerator
     if held is not None:
@@ -244,7 +241,7 @@ def _first_rows(dataset: Any, count: int) -> list[dict[str, Any]]:
     return [dataset[i] for i in range(min(count, len(dataset)))]
 
 
-def probe_for_trainer(trainer: DiffusionSDPOTrainer, held: Dataset | None) -> ProbeCallback | None:
+def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | None:
     """The probe ``trainer``'s config asks for (``probe_steps``; ``None``: off), with the rewind of
     ``on_pathology="rewind"``; ``held``: the pairs :func:`hold_back_pairs` took out of the training data."""
     args = trainer.args

@@ -32,7 +32,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,9 +40,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..engines.base import trainable_parameters
 from .health import switch_target
-
-if TYPE_CHECKING:
-    from ..trainer import DiffusionSDPOTrainer
 
 __all__ = ["PROBE_ALARM", "REWIND_FOLDER", "DiskSnapshot", "MemorySnapshot", "ProbeAlarmRule", "Rewind"]
 
@@ -191,7 +188,7 @@ class Rewind:
         self.safeguard_on = False
 
     @classmethod
-    def for_trainer(cls, trainer: DiffusionSDPOTrainer) -> Rewind:
+    def for_trainer(cls, trainer: Any) -> Rewind:
         """The rewind ``trainer``'s config asks for: LoRA's snapshot in memory, full tuning's on disk."""
         args = trainer.args
         parameters = list(trainable_parameters(trainer._policy()))  # in the optimizer's order
