@@ -55,6 +55,9 @@ PROBE_METRICS = (
 )
 
 
+ONLINE_REFUSAL = "probe_steps evaluates held-out preference pairs; an online run has none: unset it"
+
+
 def probe_seed(seed: int) -> int:
     """The seed of the probe's generator: derived from the run's ``seed`` under a key of its own, so its draws are
     neither the training's keyed draws nor an evaluation's."""
@@ -66,7 +69,11 @@ def hold_back_pairs(train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[A
     """``(train_dataset, held)``: with the probe on and no ``eval_dataset``, the last ``probe_pairs`` rows of
     ``train_dataset`` (the first ones of a streamed dataset) taken out of it as the probe's pairs; otherwise
     ``train_dataset`` as given and ``None``."""
-    if not getattr(args, "probe_steps", None) or eval_dataset is not None:
+    if not getattr(args, "probe_steps", None):
+        return train_dataset, None
+    if getattr(args, "is_online", False):  # before a prompt is taken out of an online run's data
+        raise ValueError(ONLINE_REFUSAL)
+    if eval_dataset is not None:
         return train_dataset, None
     count = args.probe_pairs
     if isinstance(train_dataset, IterableDataset):
@@ -250,7 +257,7 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
     if not trainer.objective.requires_reference:
         raise ValueError(f"probe_steps compares the policy with the reference; loss_type={args.loss_type!r} has none")
     if getattr(args, "is_online", False):
-        raise ValueError("probe_steps evaluates held-out preference pairs; an online run has none: unset it")
+        raise ValueError(ONLINE_REFUSAL)
     if trainer.engine.name not in ("base", "ddp"):
         raise ValueError(
             f"probe_steps runs the unwrapped policy on each process's pairs, which the {trainer.engine.name} engine "
