@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.io.test_export import write_base_and_lora
+from tests.helpers.lora_files import write_base_and_lora
 from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.config.messages import OutputExistsError, command_line, replacing_refusal
 from trl_diffusion_sdpo.io.export import export_lora
