@@ -1,10 +1,9 @@
 """Preference data, one question per module: how files on disk are read (:mod:`.formats`), how Pick-a-Pic's label
 form becomes TRL's preference form, the one training reads (:mod:`.pickapic`), is a dataset usable and which image
-wins (:mod:`.validation`), how it
-is prepared for training (:mod:`.preparation`), how images become pixels (:mod:`.transforms`), how rows become
-batches (:mod:`.collators`), how images are scored for SmPO (:mod:`.scoring`), the latent cache that encodes every
-pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets one process cannot hold
-(:mod:`.sharded_cache`).
+wins (:mod:`.validation`), how it is prepared for training (:mod:`.preparation`), how images become pixels
+(:mod:`.transforms`), how video clips are read (:mod:`.video`), how rows become batches (:mod:`.collators`), how
+images are scored for SmPO (:mod:`.scoring`), the latent cache that encodes every pair once (:mod:`.latent_cache`),
+and its sharded, resumable form for datasets one process cannot hold (:mod:`.sharded_cache`).
 
 Each module is imported when it is used, the names below resolving on first access."""
 
@@ -32,6 +31,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
     from .transforms import PairTransform, load_image
     from .validation import DataReport, resolve_columns
+    from .video import VideoClip, VideoPairTransform, read_video
 
 # Public name -> the module that defines it, imported when the name is first used: a run loads the data formats,
 # caches and scoring it uses.
@@ -60,6 +60,9 @@ _EXPORTS = {
     "load_image": ".transforms",
     "DataReport": ".validation",
     "resolve_columns": ".validation",
+    "VideoClip": ".video",
+    "VideoPairTransform": ".video",
+    "read_video": ".video",
 }
 
 __all__ = [
@@ -71,6 +74,8 @@ __all__ = [
     "PreferenceColumns",
     "RewardFn",
     "ShardedLatentCache",
+    "VideoClip",
+    "VideoPairTransform",
     "add_reward_scores",
     "build_latent_cache",
     "build_sharded_latent_cache",
@@ -86,6 +91,7 @@ __all__ = [
     "pair_scores",
     "pickapic_to_trl",
     "prepare_preference_dataset",
+    "read_video",
     "resolve_columns",
 ]
 
