@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from . import families, rewards
+from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
 from .callbacks.guards import EMAWeights, GuardState
 from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
@@ -52,7 +53,6 @@ from .families.preparation import (
     wants_gradient_checkpointing,
 )
 from .io.console import on_terminal
-from .io.hub import CardMethod
 from .io.run_files import RunFiles, files_hook
 from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
@@ -72,6 +72,7 @@ from .step.predictions import (
 from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches, adapt_guards
 
 if TYPE_CHECKING:
+    from .io.hub import CardMethod
     from .rewards import RewardFunction
     from .safeguards import Safeguard
 
@@ -109,7 +110,6 @@ class DiffusionSDPOTrainer(Trainer):
     """
 
     _tag_names = ["trl", "diffusion-sdpo"]
-    card_method = CardMethod()  # the model card's method name, and no hyperparameters beside the shared ones
     #: the run's datasets and collators: preference pairs, validated and, with ``cache_latents``, encoded (the online
     #: trainer's are prompts)
     prepare_data = staticmethod(prepare_training_data)
@@ -118,6 +118,12 @@ class DiffusionSDPOTrainer(Trainer):
         "title": "Diffusion-SDPO: Safeguarded Direct Preference Optimization for Diffusion Models",
         "id": "2511.03317",
     }
+
+    @property
+    def card_method(self) -> CardMethod:
+        """The model card's method name, and no hyperparameters beside the shared ones (the online trainer's class
+        names its own)."""
+        return run_io.CardMethod()
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from ..config._lazy import lazy_attributes
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .collators import PreferenceCollator, pair_scores
     from .columns import PreferenceColumns, order_pair
-    from .formats import detect_format, load_preference_data
+    from .formats import detect_format, hub_dataset_problem, load_preference_data, resolve_path
     from .latent_cache import (
         CachedPreferenceCollator,
         LatentCache,
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
         cached_prompt_embeds,
         cached_time_ids,
     )
-    from .pickapic import pickapic_to_trl
+    from .pickapic import as_trl_form, pickapic_to_trl
     from .preparation import load_preference_dataset, prepare_preference_dataset
     from .scoring import RewardFn, add_reward_scores
     from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
@@ -42,6 +42,8 @@ _EXPORTS = {
     "order_pair": ".columns",
     "detect_format": ".formats",
     "load_preference_data": ".formats",
+    "hub_dataset_problem": ".formats",
+    "resolve_path": ".formats",
     "CachedPreferenceCollator": ".latent_cache",
     "LatentCache": ".latent_cache",
     "build_latent_cache": ".latent_cache",
@@ -49,6 +51,7 @@ _EXPORTS = {
     "cached_prompt_embeds": ".latent_cache",
     "cached_time_ids": ".latent_cache",
     "pickapic_to_trl": ".pickapic",
+    "as_trl_form": ".pickapic",
     "load_preference_dataset": ".preparation",
     "prepare_preference_dataset": ".preparation",
     "RewardFn": ".scoring",
@@ -77,12 +80,14 @@ __all__ = [
     "VideoClip",
     "VideoPairTransform",
     "add_reward_scores",
+    "as_trl_form",
     "build_latent_cache",
     "build_sharded_latent_cache",
     "cached_moments",
     "cached_prompt_embeds",
     "cached_time_ids",
     "detect_format",
+    "hub_dataset_problem",
     "load_image",
     "load_preference_data",
     "load_preference_dataset",
@@ -93,6 +98,7 @@ __all__ = [
     "prepare_preference_dataset",
     "read_video",
     "resolve_columns",
+    "resolve_path",
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
