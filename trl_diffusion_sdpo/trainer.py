@@ -31,6 +31,8 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
+from . import families, rewards
+from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
 from .callbacks.guards import EMAWeights, GuardState
 from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
@@ -41,7 +43,7 @@ from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
 from .engines.base import place_batch, trainable_parameters
 from .engines.collectives import check_not_partitioned, check_one_device_per_process, training_pipeline
-from .families import ModelFamily, Noiser, family_for_pipeline
+from .families import ModelFamily, Noiser, family_for_pipeline, is_quantized
 from .families.preparation import (
     MixedPrecisionForward,
     compute_dtype,
@@ -51,14 +53,11 @@ from .families.preparation import (
     training_arguments,
     wants_gradient_checkpointing,
 )
-from .families.quantization import check_engine_supports_quantized_base
 from .io.console import on_terminal
-from .io.hub import CardMethod
 from .io.run_files import RunFiles, files_hook
 from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
-from .rewards.functions import RewardFunction, dataset_scoring_function
 from .safeguards import safeguard_for
 from .step.backward import Backward, BackwardWindow, EngineBackward
 from .step.predictions import (
@@ -74,6 +73,8 @@ from .step.predictions import (
 from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches, adapt_guards
 
 if TYPE_CHECKING:
+    from .io.hub import CardMethod
+    from .rewards import RewardFunction
     from .safeguards import Safeguard
 
 __all__ = ["DiffusionSDPOTrainer"]
@@ -110,7 +111,6 @@ class DiffusionSDPOTrainer(Trainer):
     """
 
     _tag_names = ["trl", "diffusion-sdpo"]
-    card_method = CardMethod()  # the model card's method name, and no hyperparameters beside the shared ones
     #: the run's datasets and collators: preference pairs, validated and, with ``cache_latents``, encoded (the online
     #: trainer's are prompts)
     prepare_data = staticmethod(prepare_training_data)
@@ -119,6 +119,12 @@ class DiffusionSDPOTrainer(Trainer):
         "title": "Diffusion-SDPO: Safeguarded Direct Preference Optimization for Diffusion Models",
         "id": "2511.03317",
     }
+
+    @property
+    def card_method(self) -> CardMethod:
+        """The model card's method name, and no hyperparameters beside the shared ones (the online trainer's class
+        names its own)."""
+        return run_io.CardMethod()
 
     def __init__(
         self,
@@ -141,7 +147,8 @@ class DiffusionSDPOTrainer(Trainer):
         check_config(args)
         if train_dataset is None:
             raise ValueError("DiffusionSDPOTrainer needs a train_dataset of preference pairs")
-        reward_fn = dataset_scoring_function(reward_funcs)
+        # The reward functions' module is loaded only when there are rewards to score with.
+        reward_fn = None if reward_funcs is None else rewards.dataset_scoring_function(reward_funcs)
         check_one_device_per_process(args)
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
@@ -199,7 +206,8 @@ class DiffusionSDPOTrainer(Trainer):
 
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
         self.engine: Engine = engine_for(self.accelerator)
-        check_engine_supports_quantized_base(self.engine.name, denoiser)
+        if is_quantized(denoiser):  # the quantization module is loaded for a quantized base only
+            families.check_engine_supports_quantized_base(self.engine.name, denoiser)
         place_frozen_modules(
             self.family, args.device, self._dtype, on_cpu=data.encoders_idle, offload=args.offload_frozen_modules
         )

@@ -21,15 +21,18 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..objectives import AutoBeta
+from .. import objectives
 from .health import WINDOWS, switch_target
+
+if TYPE_CHECKING:
+    from ..objectives import AutoBeta
 
 __all__ = [
     "EARLY_STOPPING_METRIC",
@@ -184,7 +187,9 @@ class GuardState(TrainerCallback, ExportableState):
         turns the dormant safeguard on (``on_pathology="safeguard"``)."""
         margin = margin if args.safeguard_space != "none" else None
         action = PathologyAction(args.on_pathology, margin, switch, switch_target(args) if switch else None)
-        return cls(AutoBeta.from_config(args, num_processes), margin, action)
+        # The auto-beta's module is loaded by a run that sets auto_beta only.
+        auto_beta = objectives.AutoBeta.from_config(args, num_processes) if args.auto_beta else None
+        return cls(auto_beta, margin, action)
 
     def log(self, logs: dict[str, float], control, step: int) -> None:
         """A training log (annotated by health): the pathology action, then the ``mu`` and ``beta`` in force."""

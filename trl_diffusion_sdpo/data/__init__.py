@@ -1,10 +1,9 @@
 """Preference data, one question per module: how files on disk are read (:mod:`.formats`), how Pick-a-Pic's label
 form becomes TRL's preference form, the one training reads (:mod:`.pickapic`), is a dataset usable and which image
-wins (:mod:`.validation`), how it
-is prepared for training (:mod:`.preparation`), how images become pixels (:mod:`.transforms`), how rows become
-batches (:mod:`.collators`), how images are scored for SmPO (:mod:`.scoring`), the latent cache that encodes every
-pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets one process cannot hold
-(:mod:`.sharded_cache`).
+wins (:mod:`.validation`), how it is prepared for training (:mod:`.preparation`), how images become pixels
+(:mod:`.transforms`), how video clips are read (:mod:`.video`), how rows become batches (:mod:`.collators`), how
+images are scored for SmPO (:mod:`.scoring`), the latent cache that encodes every pair once (:mod:`.latent_cache`),
+and its sharded, resumable form for datasets one process cannot hold (:mod:`.sharded_cache`).
 
 Each module is imported when it is used, the names below resolving on first access."""
 
@@ -17,7 +16,7 @@ from ..config._lazy import lazy_attributes
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .collators import PreferenceCollator, pair_scores
     from .columns import PreferenceColumns, order_pair
-    from .formats import detect_format, load_preference_data
+    from .formats import detect_format, hub_dataset_problem, load_preference_data, resolve_path
     from .latent_cache import (
         CachedPreferenceCollator,
         LatentCache,
@@ -26,12 +25,13 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
         cached_prompt_embeds,
         cached_time_ids,
     )
-    from .pickapic import pickapic_to_trl
+    from .pickapic import as_trl_form, pickapic_to_trl
     from .preparation import load_preference_dataset, prepare_preference_dataset
     from .scoring import RewardFn, add_reward_scores
     from .sharded_cache import ShardedLatentCache, build_sharded_latent_cache, load_sharded_latent_cache
     from .transforms import PairTransform, load_image
     from .validation import DataReport, resolve_columns
+    from .video import VideoClip, VideoPairTransform, read_video
 
 # Public name -> the module that defines it, imported when the name is first used: a run loads the data formats,
 # caches and scoring it uses.
@@ -42,6 +42,8 @@ _EXPORTS = {
     "order_pair": ".columns",
     "detect_format": ".formats",
     "load_preference_data": ".formats",
+    "hub_dataset_problem": ".formats",
+    "resolve_path": ".formats",
     "CachedPreferenceCollator": ".latent_cache",
     "LatentCache": ".latent_cache",
     "build_latent_cache": ".latent_cache",
@@ -49,6 +51,7 @@ _EXPORTS = {
     "cached_prompt_embeds": ".latent_cache",
     "cached_time_ids": ".latent_cache",
     "pickapic_to_trl": ".pickapic",
+    "as_trl_form": ".pickapic",
     "load_preference_dataset": ".preparation",
     "prepare_preference_dataset": ".preparation",
     "RewardFn": ".scoring",
@@ -60,6 +63,9 @@ _EXPORTS = {
     "load_image": ".transforms",
     "DataReport": ".validation",
     "resolve_columns": ".validation",
+    "VideoClip": ".video",
+    "VideoPairTransform": ".video",
+    "read_video": ".video",
 }
 
 __all__ = [
@@ -71,13 +77,17 @@ __all__ = [
     "PreferenceColumns",
     "RewardFn",
     "ShardedLatentCache",
+    "VideoClip",
+    "VideoPairTransform",
     "add_reward_scores",
+    "as_trl_form",
     "build_latent_cache",
     "build_sharded_latent_cache",
     "cached_moments",
     "cached_prompt_embeds",
     "cached_time_ids",
     "detect_format",
+    "hub_dataset_problem",
     "load_image",
     "load_preference_data",
     "load_preference_dataset",
@@ -86,7 +96,9 @@ __all__ = [
     "pair_scores",
     "pickapic_to_trl",
     "prepare_preference_dataset",
+    "read_video",
     "resolve_columns",
+    "resolve_path",
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

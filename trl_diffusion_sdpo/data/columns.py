@@ -10,6 +10,7 @@ and ``datasets.Dataset.rename_columns`` any other (docs/data.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ __all__ = [
     "SOURCE_COLUMN",
     "TIE_REASON",
     "PreferenceColumns",
+    "column_names",
+    "in_label_form",
     "is_tie",
     "order_pair",
     "score_value",
@@ -168,3 +171,18 @@ def order_pair(row: dict[str, Any], columns: PreferenceColumns) -> tuple[Any, An
         score_0, score_1 = scores
         return (first, second, (score_0, score_1)) if score_0 > score_1 else (second, first, (score_1, score_0))
     return first, second, None
+
+
+def column_names(dataset: Any) -> list[str]:
+    """The columns of a ``datasets`` dataset; a streamed one without features, its first row's."""
+    names = dataset.column_names
+    if names is None:
+        first = next(iter(dataset), None)
+        names = list(first) if first is not None else []
+    return list(names)
+
+
+def in_label_form(names: Sequence[str]) -> bool:
+    """Whether columns ``names`` hold Pick-a-Pic's label form (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``), which
+    :mod:`.pickapic` maps onto TRL's: asked of every dataset, so a run in TRL's form never loads that module."""
+    return {CAPTION, IMAGE_0, IMAGE_1, LABEL_0} <= set(names)

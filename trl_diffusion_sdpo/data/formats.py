@@ -67,12 +67,14 @@ __all__ = [
     "FORMATS",
     "RANKING_PAIRS",
     "detect_format",
+    "hub_dataset_problem",
     "load_preference_data",
     "no_data_message",
     "pickapic_to_trl",
     "read_hpd",
     "read_pair_folders",
     "read_table",
+    "resolve_path",
 ]
 
 logger = logging.getLogger(__name__)

@@ -31,6 +31,8 @@ from .columns import (
     SCORE_1,
     SKIP_COLUMN,
     TIE_REASON,
+    column_names,
+    in_label_form,
 )
 
 __all__ = ["LABEL_WORDS", "as_trl_form", "label_problem", "pickapic_to_trl"]
@@ -157,13 +159,10 @@ def as_trl_form(dataset: Any, args: Any, split: str = "train") -> Any:
     columns (:mod:`.columns`), else unchanged. A dataset holding both layouts raises, naming them."""
     if not isinstance(dataset, (Dataset, IterableDataset)):
         return dataset
-    names = dataset.column_names
-    if names is None:
-        first = next(iter(dataset), None)
-        names = list(first) if first is not None else []
+    names = column_names(dataset)
     label_form = (CAPTION, IMAGE_0, IMAGE_1, LABEL_0)
     trl_form = (PROMPT, CHOSEN, REJECTED)
-    if not set(label_form) <= set(names):
+    if not in_label_form(names):
         return dataset
     clash = [c for c in trl_form if c in names]
     if clash:

@@ -29,9 +29,9 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
+from ..config._lazy import import_target
 from ..config.messages import advice
-from .columns import ROW_INDEX_COLUMN, SOURCE_COLUMN, PreferenceColumns, is_tie
-from .pickapic import as_trl_form
+from .columns import ROW_INDEX_COLUMN, SOURCE_COLUMN, PreferenceColumns, column_names, in_label_form, is_tie
 from .progress import datasets_progress_bars
 from .validation import (
     DataError,
@@ -55,7 +55,9 @@ def prepare_preference_dataset(
     Raises ``ValueError`` naming the split, row and column of the first problem unless ``args.skip_invalid_rows``.
     A dataset in Pick-a-Pic's label form is mapped to TRL's first (:func:`~.pickapic.as_trl_form`).
     """
-    dataset = as_trl_form(dataset, args, split)
+    if isinstance(dataset, (Dataset, IterableDataset)) and in_label_form(column_names(dataset)):
+        # Pick-a-Pic's mapping, its module imported for a dataset in that form only
+        dataset = import_target("trl_diffusion_sdpo.data.pickapic:as_trl_form")(dataset, args, split)
     if isinstance(dataset, IterableDataset):
         return _prepare_iterable(dataset, args, split)
     if not isinstance(dataset, Dataset):
@@ -157,9 +159,8 @@ def load_preference_dataset(
     :func:`~.pickapic.pickapic_to_trl`). Pair folders' and HPD annotations' rows carry a ``__source__`` string column
     (:data:`~.columns.SOURCE_COLUMN`) naming the folder or record each came from, which a bad row's error quotes
     and training ignores."""
-    from .formats import load_preference_data
-
-    return load_preference_data(
+    # the file formats' module, imported when a dataset is loaded by name
+    return import_target("trl_diffusion_sdpo.data.formats:load_preference_data")(
         name_or_path,
         format=dataset_format,
         split=split,

@@ -9,18 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .. import data as preference_data  # its names resolve on first use: the latent cache's with cache_latents only
+# its names resolve on first use: the latent cache's with cache_latents only, the scoring with reward functions, the
+# video transform for video data
+from .. import data as preference_data
 from ..families import ModelFamily, PromptEmbeddings, registered_families
 from .collators import PreferenceCollator
 from .columns import SOURCE_IMAGE, SOURCE_IMAGES, PreferenceColumns
 from .preparation import prepare_preference_dataset
-from .scoring import RewardFn, add_reward_scores
 from .transforms import PairTransform
 from .validation import DataReport
-from .video import VideoPairTransform
 
 if TYPE_CHECKING:
     from .latent_cache import LatentCache
+    from .scoring import RewardFn
+    from .video import VideoPairTransform
 
 __all__ = ["PrebuiltTrainingData", "TrainingData", "eval_collator_for", "prepare_training_data"]
 
@@ -82,7 +84,7 @@ def prepare_training_data(
         prebuilt.check_matches(family, args)
         train_dataset, columns, report = prebuilt.dataset, prebuilt.columns, prebuilt.report()
     else:
-        train_dataset = add_reward_scores(train_dataset, args, reward_fn, "train")
+        train_dataset = _scored(train_dataset, args, reward_fn, "train")
         train_dataset, columns, report = prepare_preference_dataset(train_dataset, args, "train")
     check_sources(columns, args, family)
     transform = _pair_transform(args, family, columns)
@@ -137,7 +139,7 @@ def _named_eval_sets(eval_dataset) -> list[tuple[str | None, Any, str]]:
 def _eval_split(dataset, split: str, args, family: ModelFamily, reward_fn, tokenize, transform) -> tuple[Any, ...]:
     """An evaluation set validated (and encoded into a latent cache with ``cache_latents``): ``(dataset, collator,
     report)``. Its own columns: two sets may name theirs differently."""
-    dataset = add_reward_scores(dataset, args, reward_fn, split)
+    dataset = _scored(dataset, args, reward_fn, split)
     dataset, columns, report = prepare_preference_dataset(dataset, args, split)
     check_sources(columns, args, family, split)
     collator = PreferenceCollator(columns, tokenize, transform, train=False)
@@ -212,7 +214,7 @@ def _pair_transform(args, family: ModelFamily, columns: PreferenceColumns) -> Pa
     """The image transform, or the video clip transform when the family trains on videos (``num_frames`` set)."""
     if columns.clip is None:
         return PairTransform(args.resolution, args.random_crop, independent=args.independent_augmentation)
-    return VideoPairTransform(args.resolution, columns.clip, random_crop=args.random_crop)
+    return preference_data.VideoPairTransform(args.resolution, columns.clip, random_crop=args.random_crop)
 
 
 def _latent_cache(dataset, columns, args, family: ModelFamily, split: str) -> LatentCache:
@@ -231,3 +233,9 @@ def _latent_cache(dataset, columns, args, family: ModelFamily, split: str) -> La
             split=split,
             progress=not args.disable_tqdm,
         )
+
+
+def _scored(dataset, args, reward_fn: RewardFn | None, split: str) -> Any:
+    """``dataset`` with SmPO's score columns written by ``reward_fn`` (:func:`~.scoring.add_reward_scores`); as it
+    is without reward functions, which leave it unchanged."""
+    return dataset if reward_fn is None else preference_data.add_reward_scores(dataset, args, reward_fn, split)

@@ -22,7 +22,7 @@ import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, IterableDataset
 from datasets import Image as ImageFeature
@@ -30,6 +30,7 @@ from datasets import List as ListFeature
 from datasets import Video as VideoFeature
 from PIL import Image
 
+from ..config._lazy import import_target
 from ..config.messages import advice
 from ..objectives import objective_class
 from .columns import (
@@ -52,7 +53,9 @@ from .columns import (
     skip_mark,
 )
 from .transforms import image_mode_problem, load_image
-from .video import VideoClip, read_video
+
+if TYPE_CHECKING:
+    from .video import VideoClip
 
 __all__ = ["DataError", "DataReport", "SOURCE_ASPECT_TOLERANCE", "resolve_columns", "video_clip"]
 
@@ -133,7 +136,7 @@ def video_clip(args: Any) -> VideoClip | None:
     """The frames a video run reads (``num_frames``, ``frame_stride``), or ``None`` for image data."""
     if getattr(args, "num_frames", None) is None:
         return None
-    return VideoClip(args.num_frames, getattr(args, "frame_stride", 1))
+    return _video("VideoClip")(args.num_frames, getattr(args, "frame_stride", 1))
 
 
 def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns:
@@ -224,7 +227,9 @@ def _row_mask_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[
             return columns.mask, reason
     try:
         sizes = [
-            image_size(row.get(column)) if columns.clip is None else read_video(row.get(column), columns.clip)[0].size
+            image_size(row.get(column))
+            if columns.clip is None
+            else _video("read_video")(row.get(column), columns.clip)[0].size
             for column in (columns.first, columns.second)
         ]
         if columns.mask is not None:
@@ -357,7 +362,7 @@ def _check_image(value: Any) -> str:
 def _check_video(value: Any, clip: VideoClip) -> str:
     """Empty string if the clip of ``value`` reads (every frame it needs decoded), else the reason."""
     try:
-        read_video(value, clip)
+        _video("read_video")(value, clip)
         return ""
     except Exception as err:  # PyAV and PIL raise many types for corrupt data
         return f"cannot read video: {err}"
@@ -413,3 +418,8 @@ def with_undecoded_images(dataset: Dataset | IterableDataset, columns: Preferenc
         elif isinstance(feature, VideoFeature) and feature.decode:  # decoded by us (PyAV), as raw bytes/path
             dataset = dataset.cast_column(column, VideoFeature(decode=False))
     return dataset
+
+
+def _video(name: str) -> Any:
+    """``name`` of :mod:`.video`, that module imported by video data only."""
+    return import_target(f"trl_diffusion_sdpo.data.video:{name}")

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import data as preference_data  # light: its modules are imported when a name is first used
 from ..config.messages import advice
 
 __all__ = ["PROMPT_PRESETS", "EditPrompt", "PromptPreset", "load_edits", "load_prompt_set", "load_prompts"]
@@ -105,15 +106,13 @@ def _hub_dataset_unreachable(path: str) -> str | None:
     from datasets import config
     from huggingface_hub import constants
 
-    from ..data.formats import hub_dataset_problem
-
     cached = [
         os.path.join(constants.HF_HUB_CACHE, "datasets--" + path.replace("/", "--")),
         os.path.join(config.HF_DATASETS_CACHE, path.replace("/", "___")),
     ]
     if any(os.path.isdir(folder) for folder in cached):
         return None  # the loaders read their caches, offline too
-    return hub_dataset_problem(path)
+    return preference_data.hub_dataset_problem(path)
 
 
 def check_prompt_dataset(path: str, preset: str | None = None) -> None:
@@ -283,9 +282,7 @@ class EditPrompt:
 
     def images(self) -> list:
         """The sources decoded to 8-bit RGB PIL images (`trl_diffusion_sdpo.data.transforms.load_image`)."""
-        from ..data.transforms import load_image
-
-        return [load_image(value) for value in self.sources]
+        return [preference_data.load_image(value) for value in self.sources]
 
     def paths(self) -> list[str | None]:
         """Each source's file path where it was given as one (a string, or a ``datasets`` image dict with a path and
@@ -308,9 +305,6 @@ def _is_blank(value: Any) -> bool:
 def _edit_row(row: Mapping[str, Any], index: int, column: str | None, base: str | None, problems: list[str]):
     """The `EditPrompt` of one row, or None after appending its problems (named by row and column) to ``problems``.
     Every source is decoded here, so an unreadable one is found before any generation."""
-    from ..data.formats import resolve_path
-    from ..data.transforms import load_image
-
     prompt_column = column or next((c for c in PROMPT_COLUMNS if c in row), PROMPT_COLUMNS[0])
     prompt = row.get(prompt_column)
     bad = len(problems)
@@ -346,11 +340,11 @@ def _edit_row(row: Mapping[str, Any], index: int, column: str | None, base: str 
     for value, label in zip(values, labels):
         if base is not None:
             if isinstance(value, str):
-                value = resolve_path(value, base)
+                value = preference_data.resolve_path(value, base)
             elif isinstance(value, Mapping) and value.get("bytes") is None and isinstance(value.get("path"), str):
-                value = {**value, "path": resolve_path(value["path"], base)}
+                value = {**value, "path": preference_data.resolve_path(value["path"], base)}
         try:
-            decoded.append(load_image(value))
+            decoded.append(preference_data.load_image(value))
         except Exception as err:  # missing file, not an image, undecodable mode: named, not raised one by one
             problems.append(f"{label}: cannot read {_shown(value)} ({type(err).__name__}: {err})")
             continue

@@ -15,8 +15,8 @@ text-to-video (:mod:`.hunyuan_video15`), a video flow family as Wan (:mod:`.vide
 (:mod:`.qwen_image21`) is a flow family too, a subclass of the Qwen-Image family.
 
 Importing this package imports the interface, the DDPM noising and the registry; each family's module (and the flow
-base) is imported when it is used, a family's class here resolving on first access, and each family imports the
-diffusers modules it uses when it runs.
+base, and :mod:`.quantization` for a quantized base) is imported when it is used, a family's class here resolving on
+first access, and each family imports the diffusers modules it uses when it runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..config._lazy import lazy_attributes
-from .base import ModelFamily, PromptEmbeddings, PromptTokenizer, scale_latents
+from .base import ModelFamily, PromptEmbeddings, PromptTokenizer, is_quantized, scale_latents
 from .noising import DDPMNoiser, NoisedPair, Noiser
 from .registry import BUILT_IN_FAMILIES, family_for_pipeline, register_family, registered_families
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .flux2 import Flux2Family, Flux2KleinFamily
     from .flux_kontext import FluxKontextFamily
     from .hunyuan_video15 import HunyuanVideo15Family
+    from .quantization import cast_unquantized, check_engine_supports_quantized_base, check_quantized_base_training
     from .qwen_image import QwenImageFamily
     from .qwen_image21 import QwenImage21Family
     from .qwen_image_edit import QwenImageEditFamily, QwenImageEditPlusFamily
@@ -43,12 +44,15 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .wan import WanFamily
     from .z_image import ZImageFamily
 
-# Public name -> the module that defines it, imported when the name is first used: the flow base, and each built-in
-# family's class by its module in the registry's table.
+# Public name -> the module that defines it, imported when the name is first used: the flow base, what only a
+# quantized base needs, and each built-in family's class by its module in the registry's table.
 _EXPORTS = {
     "FlowMatchingFamily": ".flow",
     "FlowNoiser": ".flow",
     "FlowTimestepSampling": ".flow",
+    "cast_unquantized": ".quantization",
+    "check_engine_supports_quantized_base": ".quantization",
+    "check_quantized_base_training": ".quantization",
     **{target.partition(":")[2]: target.partition(":")[0] for target, _ in BUILT_IN_FAMILIES.values()},
 }
 
@@ -76,7 +80,11 @@ __all__ = [
     "StableDiffusionXLFamily",
     "WanFamily",
     "ZImageFamily",
+    "cast_unquantized",
+    "check_engine_supports_quantized_base",
+    "check_quantized_base_training",
     "family_for_pipeline",
+    "is_quantized",
     "register_family",
     "registered_families",
     "scale_latents",

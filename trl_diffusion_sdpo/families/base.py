@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .noising import latent_mask, scale_latents
 
@@ -50,7 +51,16 @@ if TYPE_CHECKING:
 
     from .noising import Noiser
 
-__all__ = ["ModelFamily", "PromptEmbeddings", "PromptTokenizer", "SourceConditioning", "scale_latents"]
+__all__ = [
+    "ModelFamily",
+    "PromptEmbeddings",
+    "PromptTokenizer",
+    "SourceConditioning",
+    "is_quantized",
+    "is_quantized_tensor",
+    "quantized_parameters",
+    "scale_latents",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -403,3 +413,28 @@ class SourceConditioning:
         if sources:
             keywords["image"] = sources[0] if len(sources) == 1 else list(sources)
         return keywords
+
+
+# ------------------------------------------------------------------ a quantized denoiser
+# Here rather than in :mod:`.quantization`: every run asks whether its base is quantized, and only a quantized one
+# needs that module's backends, loaders and refusals.
+
+
+def is_quantized_tensor(tensor: torch.Tensor) -> bool:
+    """A quantized weight: a tensor subclass (quanto's, torchao's, bitsandbytes' ``Params4bit`` data) or integer
+    data where a float weight was."""
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if isinstance(data, DTensor):  # FSDP2's shards of an unquantized weight
+        return is_quantized_tensor(data.to_local())
+    return type(data) not in (torch.Tensor, torch.nn.Parameter) or not data.is_floating_point()
+
+
+def quantized_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of ``module``'s quantized parameters (empty: not quantized)."""
+    return [name for name, p in module.named_parameters() if is_quantized_tensor(p)]
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was loaded with a quantization config (diffusers' and transformers' ``is_quantized``) or
+    holds quantized weights (quantized by hand)."""
+    return bool(getattr(module, "is_quantized", False)) or bool(quantized_parameters(module))

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ..config.checks import Choice, Range
-from .noising import DDPMNoiser, Device, NoisedPair, Noiser, prediction_target
+from .noising import DDPMNoiser, Device, NoisedPair, Noiser, noising_mode, prediction_target, unet_noiser
 
 if TYPE_CHECKING:  # annotations only; .flow imports this module
     FlowNoiser = Noiser  # the flow families' noiser (.flow.FlowNoiser), named without importing .flow
@@ -105,10 +105,7 @@ def inversion_settings(args: Any, default_steps: int) -> InversionSettings | Non
     """The inversion the config ``args`` asks for, or ``None`` for forward noising: ``noising="inversion"``, or
     ``noising=None`` with ``loss_type="smpo"`` (the paper's method); ``inversion_steps=None`` takes the family's
     ``default_steps``."""
-    mode = getattr(args, "noising", None)
-    if mode is None:
-        mode = "inversion" if getattr(args, "loss_type", None) == "smpo" else "forward"
-    if mode == "forward":
+    if noising_mode(args) == "forward":
         return None
     steps = getattr(args, "inversion_steps", None)
     return InversionSettings(
@@ -284,18 +281,6 @@ class DDIMInversionNoiser(InversionNoiser):
         noise = (noisy - abar**0.5 * x0) / (1 - abar) ** 0.5
         target = prediction_target(self.scheduler, x0, noise, t)
         return NoisedPair(x0, noise, noisy, t, target, noised.loss_weight)
-
-
-def unet_noiser(family: Any, args: Any) -> DDPMNoiser | DDIMInversionNoiser:
-    """The UNet families' noiser (``family`` an SD or SDXL family, ``args`` a ``DiffusionSDPOConfig``): DDPM forward
-    noising from the pipeline's scheduler, or DDIM ReNoise inversion on top of it under ``noising`` with the family's
-    ``default_inversion_steps``."""
-    family.configure_sources(args)  # refuses source_resolution: no sources
-    noiser = DDPMNoiser.from_config(family.pipeline.scheduler, args)
-    settings = inversion_settings(args, family.default_inversion_steps)
-    if settings is None:
-        return noiser
-    return DDIMInversionNoiser(noiser, settings, family.pipeline.scheduler.config)
 
 
 # --------------------------------------------------------------------------------------------------- rectified flow

@@ -66,10 +66,10 @@ def cast_module(module: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     quantized weights as they are (:func:`~.quantization.cast_unquantized`)."""
     import torch
 
-    from .quantization import cast_unquantized, is_quantized
+    from .. import families  # the quantization module is imported for a quantized model only
 
-    if is_quantized(module):
-        cast_unquantized(module, dtype, device)
+    if families.is_quantized(module):
+        families.cast_unquantized(module, dtype, device)
         return
 
     to = module.to if getattr(module, "_keep_in_fp32_modules", None) else MethodType(torch.nn.Module.to, module)

@@ -16,6 +16,7 @@ with ``abar_t`` the cumulative product of ``1 - beta`` of the pipeline's schedul
 from __future__ import annotations
 
 import abc
+import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +35,13 @@ __all__ = [
     "DDPMNoiser",
     "latent_mask",
     "NoisedPair",
+    "noising_mode",
     "Noiser",
     "prediction_target",
     "sample_pair_noise",
     "scale_latents",
     "training_scheduler",
+    "unet_noiser",
     "unscale_latents",
 ]
 
@@ -267,3 +270,26 @@ def latent_mask(mask: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tens
     height, width = latent_shape[-2:]
     resized = F.interpolate(mask.float(), size=(height, width), mode="area")
     return resized.view(mask.shape[0], 1, *([1] * (len(latent_shape) - 4)), height, width)
+
+
+def noising_mode(args: Any) -> str:
+    """How the config ``args`` noises: ``"forward"``, or ``"inversion"`` (:mod:`.inversion`); ``noising=None`` takes
+    inversion with ``loss_type="smpo"`` (the paper's method) and forward noising otherwise."""
+    mode = getattr(args, "noising", None)
+    if mode is None:
+        mode = "inversion" if getattr(args, "loss_type", None) == "smpo" else "forward"
+    return mode
+
+
+def unet_noiser(family: Any, args: Any) -> Noiser:
+    """The UNet families' noiser (``family`` an SD or SDXL family, ``args`` a ``DiffusionSDPOConfig``): DDPM forward
+    noising from the pipeline's scheduler, or DDIM ReNoise inversion on top of it under ``noising`` with the family's
+    ``default_inversion_steps``."""
+    family.configure_sources(args)  # refuses source_resolution: no sources
+    noiser = DDPMNoiser.from_config(family.pipeline.scheduler, args)
+    if noising_mode(args) == "forward":
+        return noiser
+    # The inversion's module (it imports this one) is loaded by a run that inverts, when it is chosen.
+    inversion = importlib.import_module(".inversion", __package__)
+    settings = inversion.inversion_settings(args, family.default_inversion_steps)
+    return inversion.DDIMInversionNoiser(noiser, settings, family.pipeline.scheduler.config)

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from ..config.rules import BASE_QUANTIZATIONS
+from .base import is_quantized, quantized_parameters
+from .base import is_quantized_tensor as _is_quantized_tensor
 
 __all__ = [
     "BASE_QUANTIZATIONS",
@@ -248,26 +249,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
         return sum(_tensor_bytes(getattr(data, name)) for name in data.__tensor_flatten__()[0])
     return data.numel() * data.element_size()
-
-
-def _is_quantized_tensor(tensor: torch.Tensor) -> bool:
-    """A quantized weight: a tensor subclass (quanto's, torchao's, bitsandbytes' ``Params4bit`` data) or integer
-    data where a float weight was."""
-    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
-    if isinstance(data, DTensor):  # FSDP2's shards of an unquantized weight
-        return _is_quantized_tensor(data.to_local())
-    return type(data) not in (torch.Tensor, torch.nn.Parameter) or not data.is_floating_point()
-
-
-def quantized_parameters(module: torch.nn.Module) -> list[str]:
-    """Names of ``module``'s quantized parameters (empty: not quantized)."""
-    return [name for name, p in module.named_parameters() if _is_quantized_tensor(p)]
-
-
-def is_quantized(module: torch.nn.Module) -> bool:
-    """Whether ``module`` was loaded with a quantization config (diffusers' and transformers' ``is_quantized``) or
-    holds quantized weights (quantized by hand)."""
-    return bool(getattr(module, "is_quantized", False)) or bool(quantized_parameters(module))
 
 
 def check_quantized_base_training(denoiser: torch.nn.Module, denoiser_name: str, peft_config) -> None:

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
-from .inversion import DDIMInversionNoiser, unet_noiser
-from .noising import DDPMNoiser
+from .noising import Noiser, unet_noiser
 from .registry import register_family
 
 __all__ = ["StableDiffusionFamily"]
@@ -39,7 +38,7 @@ class StableDiffusionFamily(ModelFamily):
         if getattr(pipeline, "text_encoder", None) is None or getattr(pipeline, "tokenizer", None) is None:
             raise ValueError(f"{type(pipeline).__name__} needs a `text_encoder` and a `tokenizer`")
 
-    def noiser(self, args: Any) -> DDPMNoiser | DDIMInversionNoiser:
+    def noiser(self, args: Any) -> Noiser:
         """DDPM forward noising, or DDIM ReNoise inversion on top of it (``noising``, see :mod:`.inversion`)."""
         return unet_noiser(self, args)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
+    from .hub import CardMethod, build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
     from .saving import (
         has_lora_adapters,
         load_full_denoiser,
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .trackers import make_config_trackable
 
 _EXPORTS = {
+    "CardMethod": ".hub",
     "build_model_card": ".hub",
     "create_hub_repo": ".hub",
     "push_checkpoint": ".hub",
@@ -41,6 +42,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "CardMethod",
     "build_model_card",
     "create_hub_repo",
     "has_lora_adapters",

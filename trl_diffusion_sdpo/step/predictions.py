@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
 from collections.abc import MutableMapping, Sequence
 
-from ..families import ModelFamily, NoisedPair, PromptEmbeddings
-from ..families.quantization import check_quantized_base_training
+from .. import families
+from ..families import ModelFamily, NoisedPair, PromptEmbeddings, is_quantized
 from ..objectives import (
     DenoisingErrors,
     ObjectiveOutput,
@@ -209,7 +209,8 @@ def reference_for(
     SFT: no copy in memory, no forward pass). Call before adding LoRA adapters (see :func:`build_reference`)."""
     denoiser = family.denoiser
     # A quantized base trains LoRA only: refused here, before a full-tuning reference would deep-copy it.
-    check_quantized_base_training(denoiser, family.denoiser_name, peft_config)
+    if is_quantized(denoiser):  # the quantization module is loaded for a quantized base only
+        families.check_quantized_base_training(denoiser, family.denoiser_name, peft_config)
     if peft_config is not None and ref_model is None and bool(getattr(denoiser, "peft_config", None)):
         raise ValueError(
             f"The {family.denoiser_name} already carries LoRA adapters; pass an explicit ref_model or a clean model"

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..data.latent_cache import cached_moments, cached_prompt_embeds, cached_time_ids
+from .. import data as preference_data
 from ..families import ModelFamily, NoisedPair, PromptEmbeddings
 from ..objectives import (
     PreferencePredictions,
@@ -101,9 +101,15 @@ def encode_batch(
         if flip is not None:
             for key in ("latent_mean", "latent_std", "source_latents")[: 3 if "source_latents" in inputs else 2]:
                 inputs[key] = where_rows(flip, inputs[f"{key}_flipped"], inputs[key])
-        mean, std = cached_moments(inputs)
+        mean, std = preference_data.cached_moments(inputs)
         mask = None if mask is None else _pairs_to_rows(mask)
-        return EncodedBatch(mean, std, cached_prompt_embeds(inputs, dtype), cached_time_ids(inputs), mask)
+        return EncodedBatch(
+            mean,
+            std,
+            preference_data.cached_prompt_embeds(inputs, dtype),
+            preference_data.cached_time_ids(inputs),
+            mask,
+        )
     pixel_values = inputs["pixel_values"]  # [B, 2, 3, H, W]
     if flip is not None:
         pixel_values = where_rows(flip, pixel_values.flip(-1), pixel_values)
