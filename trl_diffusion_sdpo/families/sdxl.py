@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from .base import ModelFamily, PromptEmbeddings, PromptTokenizer
-from .inversion import DDIMInversionNoiser, unet_noiser
-from .noising import DDPMNoiser
+from .noising import Noiser, unet_noiser
 from .registry import register_family
 
 __all__ = ["StableDiffusionXLFamily"]
@@ -50,7 +49,7 @@ class StableDiffusionXLFamily(ModelFamily):
                 "refiner's aesthetic-score conditioning is not supported"
             )
 
-    def noiser(self, args: Any) -> DDPMNoiser | DDIMInversionNoiser:
+    def noiser(self, args: Any) -> Noiser:
         """DDPM forward noising, or DDIM ReNoise inversion on top of it (``noising``, see :mod:`.inversion`)."""
         return unet_noiser(self, args)
 

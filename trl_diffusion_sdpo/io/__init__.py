@@ -14,6 +14,7 @@ from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from .hub import CardMethod, build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
+    from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
     from .saving import (
         has_lora_adapters,
         load_full_denoiser,
@@ -39,9 +40,17 @@ _EXPORTS = {
     "save_pipeline_components": ".saving",
     "write_training_config": ".saving",
     "make_config_trackable": ".trackers",
+    "apply_new_learning_rates": ".resume_check",
+    "check_resume_config": ".resume_check",
+    "read_run_identity": ".resume_check",
+    "write_run_identity": ".resume_check",
 }
 
 __all__ = [
+    "apply_new_learning_rates",
+    "check_resume_config",
+    "read_run_identity",
+    "write_run_identity",
     "CardMethod",
     "build_model_card",
     "create_hub_repo",

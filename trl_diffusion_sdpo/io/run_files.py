@@ -42,6 +42,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress
 
+from .. import io as run_io  # the Hub's and the resume checks' modules are imported when first used
 from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
 from ..config.messages import advice, replacing_refusal
 from . import checkpoints, saving
@@ -61,8 +62,6 @@ from .checkpoints import (
     save_failure,
     staging_folder,
 )
-from .hub import build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
-from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
 from .run_lock import RunLock, RunLockedError
 
 __all__ = ["CheckpointPart", "RunFiles"]
@@ -128,11 +127,11 @@ class RunFiles(TrainerCallback):
             self.resumed, self.loss_before_resume = resume_from_checkpoint is not None, 0.0
             trainer.loss_since_log, self._loss_logged = None, 0.0
             if resume_from_checkpoint is not None:
-                check_resume_config(resume_from_checkpoint, trainer)
+                run_io.check_resume_config(resume_from_checkpoint, trainer)
                 for part in self.parts:
                     part.load(resume_from_checkpoint)
                 self.loss_before_resume = _read_loss_total(resume_from_checkpoint)
-                saved = read_run_identity(resume_from_checkpoint) or {}
+                saved = run_io.read_run_identity(resume_from_checkpoint) or {}
                 processes = trainer.accelerator.num_processes
                 if saved.get("num_processes", processes) != processes:
                     # another number of processes (resume_world): the engine says what to load from
@@ -167,7 +166,7 @@ class RunFiles(TrainerCallback):
         resume wins over the restored scheduler's base rates."""
         trainer = self.trainer
         fresh = self._fresh_learning_rates
-        if self.resumed and fresh and apply_new_learning_rates(trainer.lr_scheduler, trainer.optimizer, fresh):
+        if self.resumed and fresh and run_io.apply_new_learning_rates(trainer.lr_scheduler, trainer.optimizer, fresh):
             logger.info("Learning rate(s) %s applied from the resumed step on", fresh)
 
     def _fold_loss(self) -> float:
@@ -356,7 +355,7 @@ class RunFiles(TrainerCallback):
             part.save(staging)
         loss_total = self._loss_total()  # a reduction: every process
         if args.should_save:
-            write_run_identity(trainer, staging)
+            run_io.write_run_identity(trainer, staging)
             if loss_total is not None:
                 with open(os.path.join(staging, LOSS_TOTAL_NAME), "w") as f:
                     json.dump({"global_step": state.global_step, "loss_sum": loss_total}, f)
@@ -430,7 +429,7 @@ class RunFiles(TrainerCallback):
         hyperparameters.update(trainer.card_method.details(trainer))  # the online trainer's rewards and generation
         tags = card_args.get("tags") or []
         hub_model_id = trainer.hub_model_id or args.hub_model_id
-        card = build_model_card(
+        card = run_io.build_model_card(
             base_model=trainer.base_model_name,
             is_lora=trainer.is_lora,
             method=trainer.card_method.name(args),
@@ -468,7 +467,7 @@ class RunFiles(TrainerCallback):
         trainer = self.trainer
         if not trainer.is_world_process_zero():
             return
-        trainer.hub_model_id = create_hub_repo(
+        trainer.hub_model_id = run_io.create_hub_repo(
             trainer.args.hub_model_id or os.path.basename(os.path.abspath(trainer.args.output_dir)),
             token=token or trainer.args.hub_token,
             private=private if private is not None else trainer.args.hub_private_repo,
@@ -498,7 +497,7 @@ class RunFiles(TrainerCallback):
             HubStrategy.CHECKPOINT: "last-checkpoint",
             HubStrategy.ALL_CHECKPOINTS: os.path.basename(checkpoint_folder),
         }.get(args.hub_strategy)
-        jobs = push_checkpoint(
+        jobs = run_io.push_checkpoint(
             args.output_dir,
             checkpoint_folder,
             trainer.hub_model_id,
@@ -534,7 +533,7 @@ class RunFiles(TrainerCallback):
             logger.info("Waiting for the checkpoint pushes still running")
             pending.wait_until_done()
         repo_id = trainer.hub_model_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        return upload_folder_to_hub(
+        return run_io.upload_folder_to_hub(
             args.output_dir,
             repo_id,
             token=token or args.hub_token,

@@ -34,8 +34,7 @@ from ..config.messages import advice
 from ..data.columns import SOURCE_IMAGE, SOURCE_IMAGES
 from ..data.training_data import TrainingData
 from ..data.validation import DataReport
-from ..families import ModelFamily, PromptEmbeddings
-from ..families.quantization import is_quantized
+from ..families import ModelFamily, PromptEmbeddings, is_quantized
 from ..io.hub import CardMethod
 from ..rewards.functions import RewardError, RewardFunction, RewardFunctions
 from ..step.predictions import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
