@@ -31,12 +31,12 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
+from . import callbacks as run_callbacks  # the probe's names resolved on first use: only with probe_steps
 from . import families, rewards
 from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
 from .callbacks.guards import EMAWeights, GuardState
 from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
-from .callbacks.probe import hold_back_pairs, probe_for_trainer
 from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import machine_choices, resolved_config
 from .data.training_data import eval_collator_for, prepare_training_data
@@ -186,7 +186,9 @@ class DiffusionSDPOTrainer(Trainer):
 
         # The data, then transformers.Trainer with the effective arguments.
         args = training_arguments(args)
-        train_dataset, probe_pairs = hold_back_pairs(train_dataset, eval_dataset, args)  # the probe's, if any
+        probe_pairs = None  # the probe's held-back pairs, if it runs (its module loads only then)
+        if args.probe_steps:
+            train_dataset, probe_pairs = run_callbacks.hold_back_pairs(train_dataset, eval_dataset, args)
         data = self.prepare_data(train_dataset, eval_dataset, args, self.family, reward_fn)
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
@@ -267,7 +269,8 @@ class DiffusionSDPOTrainer(Trainer):
         margin = None if self.safeguard is None else self.safeguard.margin
         self.guards = GuardState.from_config(args, self.accelerator.num_processes, margin, switch)
         self.add_callback(self.guards)  # their state in the checkpoints
-        self.probe = probe_for_trainer(self, probe_pairs)  # probe_steps: held-out pairs; on_pathology="rewind"
+        # probe_steps: held-out pairs; on_pathology="rewind"
+        self.probe = run_callbacks.probe_for_trainer(self, probe_pairs) if args.probe_steps else None
         if self.probe is not None:
             self.add_callback(self.probe)
         self._eval_metric_prefix: str | None = None

@@ -10,4 +10,21 @@
 * :mod:`.validation`: validation images and rewards during training.
 
 Each decision a callback takes from a process's own data is reduced over processes before it acts.
+
+The probe's names below resolve on first use, so a run without ``probe_steps`` loads neither the probe nor the rewind.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..config._lazy import lazy_attributes
+
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+    from .probe import ProbeCallback, hold_back_pairs, probe_for_trainer
+
+_EXPORTS = {"ProbeCallback": ".probe", "hold_back_pairs": ".probe", "probe_for_trainer": ".probe"}
+
+__all__ = ["ProbeCallback", "hold_back_pairs", "probe_for_trainer"]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
