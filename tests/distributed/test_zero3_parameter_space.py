@@ -218,7 +218,7 @@ def test_zero3_one_pass_adds_the_windows_earlier_micro_batches_and_starts_each_w
     monkeypatch.setattr(deepspeed.utils, "safe_set_local_grad", engine.set)
     accelerator = SimpleNamespace(num_processes=1, deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
     collectives = DeepSpeedZeRO3Collectives(DeepSpeedEngine(accelerator, 3))
-    store = SimpleNamespace(parameters=params)
+    store = SimpleNamespace(parameters=params, release=lambda: None)  # the rows a real store gives back
     gen = torch.Generator().manual_seed(0)
     micro = [[torch.randn(p.numel(), generator=gen) for p in params] for _ in range(5)]
     # a window of three micro-batches, then a window of two

@@ -10,6 +10,7 @@ import pathlib
 import re
 
 import pytest
+import transformers
 
 from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.config import docs, rules
@@ -527,7 +528,13 @@ def test_the_trainers_copy_takes_the_data_loading_choice_for_its_device(tmp_path
 def test_off_a_terminal_the_trainers_copy_prints_a_line_per_log_unless_the_caller_chose(
     tmp_path, terminal, given, shown
 ):
-    config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, disable_tqdm=given)
+    # transformers leaves disable_tqdm unset only at its default verbosity (another test may have quieted it)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        config = DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, disable_tqdm=given)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
     chosen, choices = machine_choices(config, device_type="cpu", terminal=terminal, cpus=2)
     assert chosen.disable_tqdm is not shown
     assert config.disable_tqdm is False  # the caller's, as transformers made it
