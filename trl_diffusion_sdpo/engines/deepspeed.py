@@ -214,7 +214,9 @@ class DeepSpeedEngine(Engine):
                 f"{type(inner).__name__}: use optim='adamw_torch_fused' without a DeepSpeed 'optimizer' section or "
                 "optimizer offload, or drop the invalid rows from the dataset before training."
             )
-        device = fused.param_groups[0]["params"][0].device
+        # A process's first group may hold no partition (ZeRO-3 spreads sub-groups unevenly over processes).
+        held = (param.device for group in fused.param_groups for param in group["params"])
+        device = next(held, self.accelerator.device)
         fused.found_inf = torch.ones((), dtype=torch.float32, device=device)
         self._skipping = fused
 
