@@ -198,6 +198,23 @@ def load_study_base(pretrain: bool = False) -> tuple[StableDiffusionPipeline, st
     return StableDiffusionPipeline.from_pretrained(STUDY_BASE_DIR), "stored"
 
 
+def study_pairs(base: StableDiffusionPipeline, base_recipe: DemoRecipe) -> tuple[Any, Any, list, Any]:
+    """The study's data on ``base``: its preference pairs (and their statistics) drawn from the training captions,
+    the held-out captions, and the base's rewards on them (what each run's reward change is measured against)."""
+    pair_captions, held_out = split_captions(base_recipe.num_held_out_prompts, base_recipe.seed)
+    dataset, pair_stats = make_preference_pairs(
+        base,
+        pair_captions,
+        base_recipe.pairs_per_prompt,
+        base_recipe.min_reward_margin,
+        base_recipe.num_inference_steps,
+        base_recipe.guidance_scale,
+        seed=100_000 * base_recipe.seed,
+    )
+    _, base_rewards = _evaluate(base, held_out, base_recipe)
+    return dataset, pair_stats, held_out, base_rewards
+
+
 def base_pipeline(base: str = "benchmark") -> StableDiffusionPipeline:
     """The pipeline of the base ``base`` names in :data:`BASES`: the benchmark's stored weights
     (:func:`load_study_base`) or the shipped base."""
@@ -318,17 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_seeds_per_prompt=args.eval_seeds_per_prompt,
         )
         base = base_pipeline(args.base)
-        pair_captions, held_out = split_captions(base_recipe.num_held_out_prompts, base_recipe.seed)
-        dataset, pair_stats = make_preference_pairs(
-            base,
-            pair_captions,
-            base_recipe.pairs_per_prompt,
-            base_recipe.min_reward_margin,
-            base_recipe.num_inference_steps,
-            base_recipe.guidance_scale,
-            seed=100_000 * base_recipe.seed,
-        )
-        _, base_rewards = _evaluate(base, held_out, base_recipe)
+        dataset, pair_stats, held_out, base_rewards = study_pairs(base, base_recipe)
         report["base"] = {
             "reward": float(base_rewards.mean()),
             "recipe_hash": recipe_hash(base_recipe.pretrain),

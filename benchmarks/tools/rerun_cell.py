@@ -48,14 +48,13 @@ from benchmarks.studies.stability_map import (  # noqa: E402
     _run_key,
     load_study_base,
     machine,
+    study_pairs,
 )
 from trl_diffusion_sdpo.demo.base_check import compare_pipelines  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS  # noqa: E402
-from trl_diffusion_sdpo.demo.pairs import make_preference_pairs  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
-from trl_diffusion_sdpo.demo.run import _evaluate, quiet_libraries, train_preference  # noqa: E402
-from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
+from trl_diffusion_sdpo.demo.run import quiet_libraries, train_preference  # noqa: E402
 
 RECORD = "benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo-lr1e-4-2e-4.json"
 """The result file the default cell is read from (a ``stability_map.py`` run)."""
@@ -144,17 +143,7 @@ def rerun(
         if pretrained_base:
             stored, _ = load_study_base()
             result["pretrained_against_stored"] = compare_pipelines(base, stored)
-        pair_captions, held_out = split_captions(base_recipe.num_held_out_prompts, base_recipe.seed)
-        dataset, pair_stats = make_preference_pairs(
-            base,
-            pair_captions,
-            base_recipe.pairs_per_prompt,
-            base_recipe.min_reward_margin,
-            base_recipe.num_inference_steps,
-            base_recipe.guidance_scale,
-            seed=100_000 * base_recipe.seed,
-        )
-        _, base_rewards = _evaluate(base, held_out, base_recipe)
+        dataset, pair_stats, held_out, base_rewards = study_pairs(base, base_recipe)
         result["base"] = {
             "recipe_hash": {"recorded": report["base"]["recipe_hash"], "rerun": recipe_hash(STUDY_BASE)},
             "reward": {"recorded": report["base"]["reward"], "rerun": float(base_rewards.mean())},
