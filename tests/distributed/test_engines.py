@@ -10,7 +10,7 @@ from accelerate.utils import DistributedType
 
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine, PlainEngine, engine_for
 from trl_diffusion_sdpo.safeguards.gradients import collectives_for
-from trl_diffusion_sdpo.safeguards.gradients.collectives import DeepSpeedCollectives
+from trl_diffusion_sdpo.safeguards.gradients.deepspeed import DeepSpeedCollectives
 from trl_diffusion_sdpo.safeguards.gradients.per_branch import BranchGradientSplitter
 from trl_diffusion_sdpo.safeguards.gradients.zero3 import DeepSpeedZeRO3Collectives
 from trl_diffusion_sdpo.safeguards.parameter import ParameterSpaceBackward

@@ -359,6 +359,25 @@ def test_a_plain_sd_run_loads_no_module_of_an_option_it_did_not_choose(run_modul
     assert [name for name in UNCHOSEN if name in modules] == []
 
 
+def test_a_one_process_exact_rule_run_loads_no_other_engines_collectives_or_gradient_store(run_modules):
+    """The collectives and stores are chosen by the engine's variant: one process in one pass loads its own, not
+    DeepSpeed's or FSDP's (nor their engines), nor the per-branch passes' store it did not fall back to."""
+    from trl_diffusion_sdpo.engines import BUILT_IN_ENGINES
+    from trl_diffusion_sdpo.safeguards.gradients.collectives import COLLECTIVES, PER_BRANCH_STORE
+
+    modules = run_modules("parameter")
+    own = COLLECTIVES["ddp"].partition(":")[0]
+    assert own in modules and "trl_diffusion_sdpo.safeguards.gradients.one_pass" in modules
+    others = {target.partition(":")[0] for target in COLLECTIVES.values() if isinstance(target, str)} - {own}
+    others |= {target.partition(":")[0] for name, target in BUILT_IN_ENGINES.items() if name != "plain"}
+    others |= {
+        PER_BRANCH_STORE.partition(":")[0],
+        "trl_diffusion_sdpo.safeguards.gradients.one_pass_sharded",
+        "trl_diffusion_sdpo.safeguards.gradients.zero_partitions",
+    }
+    assert sorted(others & set(modules)) == []
+
+
 def test_the_exact_rules_run_loads_the_memory_model_of_its_pieces_and_not_the_estimate(run_modules):
     modules = run_modules("parameter")
     assert "trl_diffusion_sdpo.engines.memory.pieces" in modules

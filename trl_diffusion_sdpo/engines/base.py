@@ -81,6 +81,13 @@ class Engine:
         return self.accelerator.num_processes
 
     @property
+    def variant(self) -> str:
+        """The engine's :attr:`name`, refined where one of its configurations keeps the gradients elsewhere (ZeRO-3's
+        partitions: ``"deepspeed-zero3"``): the key under which the exact safeguard's collectives are registered
+        (:data:`~trl_diffusion_sdpo.safeguards.gradients.collectives.COLLECTIVES`)."""
+        return self.name
+
+    @property
     def manages_gradients(self) -> bool:
         """Whether the engine owns the gradients (sharded or clipped by it): clipping is then accelerate's and no
         fused optimizer step can be told to skip."""

@@ -144,6 +144,10 @@ class DeepSpeedEngine(Engine):
         self.samples_whole_denoiser = stage != 3
         self._skipping: torch.optim.Optimizer | None = None  # the optimizer told to skip its next step
 
+    @property
+    def variant(self) -> str:
+        return "deepspeed-zero3" if self.stage == 3 else self.name
+
     def __repr__(self) -> str:
         return f"DeepSpeedEngine(zero_stage={self.stage}, processes={self.num_processes})"
 

@@ -1,10 +1,13 @@
 """What the exact safeguard's per-branch gradients need from each engine: which store holds them, what is set aside
 of an accumulation window, and the reductions over processes.
 
-One object per engine, picked by :func:`collectives_for` from the engine's class (register another with
-:func:`register_collectives`); the engine itself keeps placement, saving, loading and resume. The defaults are one
-process's and DDP's: whole weights and gradients on every process, the branches run outside DDP's hooks and the
-combined gradient is averaged once at the end of the accumulation window.
+One object per engine, picked by :func:`collectives_for` from the engine's :attr:`~trl_diffusion_sdpo.engines.Engine.
+variant` (its name, or ``"deepspeed-zero3"``) in :data:`COLLECTIVES`, whose built-in entries name their class as
+``"module:class"``: a run imports the collectives of the engine it trains with and no other (register another with
+:func:`register_collectives`). The engine itself keeps placement, saving, loading and resume. The defaults here are
+one process's and DDP's: whole weights and gradients on every process, the branches run outside DDP's hooks and the
+combined gradient is averaged once at the end of the accumulation window. DeepSpeed ZeRO-1/2's are in
+:mod:`.deepspeed`, ZeRO-3's in :mod:`.zero3`, FSDP's in :mod:`.fsdp`.
 """
 
 from __future__ import annotations
@@ -12,23 +15,19 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
-from ...engines import DeepSpeedEngine, Engine, FSDP1Engine, FSDP2Engine, PlainEngine
+from ...config._lazy import import_target
+from ...engines import Engine
 from ...engines.collectives import all_reduce_mean_, all_reduce_sum
-from ...engines.deepspeed import engine_loss_scale
 from .base import PerBranchStore
 from .one_pass import OnePassBranchGradients
-from .one_pass_sharded import ShardedOnePassBranchGradients
-from .per_branch import BranchGradientSplitter, EngineBranchGradients
-from .zero_partitions import zero_partition_inputs
 
 __all__ = [
+    "COLLECTIVES",
     "BranchCollectives",
-    "DeepSpeedCollectives",
-    "FSDP1Collectives",
-    "FSDP2Collectives",
     "ShardSums",
     "collectives_for",
     "register_collectives",
@@ -39,42 +38,53 @@ Tensors = list[torch.Tensor]
 SumReduction = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes and returns it
 # what OptimizerUpdate reads: (optimizer, parameters, winner, loser)
 UpdateInputs = tuple[object, Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor]]
+CollectivesType = TypeVar("CollectivesType", bound="type[BranchCollectives]")
 
-_REGISTRY: dict[type[Engine], type[BranchCollectives]] = {}
-# engine class -> [(when, collectives)]: collectives for those of its engines that ``when`` accepts (a ZeRO stage)
-_VARIANTS: dict[type[Engine], list[tuple[Callable[[Engine], bool], type[BranchCollectives]]]] = {}
+_HERE = __name__.rpartition(".")[0]
+#: Engine variant -> its collectives: ``"module:class"`` for a built-in one, its module imported when an engine of that
+#: variant runs the exact safeguard (it registers the class under the same variant, checked when it does), or the
+#: class, for one registered by user code.
+COLLECTIVES: dict[str, str | type[BranchCollectives]] = {
+    "ddp": f"{__name__}:BranchCollectives",
+    "deepspeed": f"{_HERE}.deepspeed:DeepSpeedCollectives",
+    "deepspeed-zero3": f"{_HERE}.zero3:DeepSpeedZeRO3Collectives",
+    "fsdp2": f"{_HERE}.fsdp:FSDP2Collectives",
+    "fsdp1": f"{_HERE}.fsdp:FSDP1Collectives",
+}
+
+#: The per-branch passes' store (whole weights), imported when they run: the one pass, the default, has no use for it.
+PER_BRANCH_STORE = f"{_HERE}.per_branch:BranchGradientSplitter"
 
 
-def register_collectives(engine_class: type[Engine], when: Callable[[Engine], bool] | None = None):
-    """Class decorator: the collectives of ``engine_class`` (and of its subclasses without their own); with
-    ``when``, only of the engines for which ``when(engine)`` holds (they take precedence over the class's own)."""
+def register_collectives(variant: str) -> Callable[[CollectivesType], CollectivesType]:
+    """Class decorator: the collectives of the engines whose :attr:`~trl_diffusion_sdpo.engines.Engine.variant` is
+    ``variant`` (an engine's ``name`` unless it refines it). A built-in variant takes only its own class."""
 
-    def register(cls: type[BranchCollectives]) -> type[BranchCollectives]:
-        if when is None:
-            _REGISTRY[engine_class] = cls
+    def register(cls: CollectivesType) -> CollectivesType:
+        built_in = COLLECTIVES.get(variant)
+        if isinstance(built_in, str):
+            if built_in != f"{cls.__module__}:{cls.__qualname__}":
+                raise ValueError(f"the {variant!r} engine's collectives are built in ({built_in}): name yours anew")
         else:
-            _VARIANTS.setdefault(engine_class, []).append((when, cls))
+            COLLECTIVES[variant] = cls
         return cls
 
     return register
 
 
 def collectives_for(engine: Engine) -> BranchCollectives:
-    """The collectives of ``engine``'s class, or of its nearest registered base class (a variant whose ``when``
-    accepts ``engine`` first)."""
-    for cls in type(engine).__mro__:
-        for when, variant in _VARIANTS.get(cls, ()):
-            if when(engine):
-                return variant(engine)
-        if cls in _REGISTRY:
-            return _REGISTRY[cls](engine)
-    raise ValueError(
-        f"the exact safeguard has no collectives for {type(engine).__name__}: register them with "
-        "trl_diffusion_sdpo.safeguards.gradients.register_collectives, or use safeguard_space='output'"
-    )
+    """The collectives registered for ``engine``'s variant, their module imported now."""
+    entry: Any = COLLECTIVES.get(engine.variant)
+    if entry is None:
+        raise ValueError(
+            f"the exact safeguard has no collectives for the {engine.variant!r} engine ({type(engine).__name__}): "
+            "register them with trl_diffusion_sdpo.safeguards.gradients.register_collectives, or use "
+            "safeguard_space='output'"
+        )
+    return (import_target(entry) if isinstance(entry, str) else entry)(engine)
 
 
-@register_collectives(PlainEngine)
+@register_collectives("ddp")
 class BranchCollectives:
     """One process, or DDP: the parameter space in every scope, the update space, the one-pass split."""
 
@@ -134,7 +144,7 @@ class BranchCollectives:
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> PerBranchStore:
         """The store of the per-branch passes over the trainable ``parameters``."""
-        return BranchGradientSplitter(parameters)
+        return import_target(PER_BRANCH_STORE)(parameters)
 
     def set_aside_accumulated(
         self, policy: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
@@ -207,80 +217,6 @@ class BranchCollectives:
             self.reduce_combined_gradients(store.parameters, sync_gradients)
 
 
-@register_collectives(DeepSpeedEngine)
-class DeepSpeedCollectives(BranchCollectives):
-    """DeepSpeed ZeRO-1/2 keep the weights whole and own the accumulated, reduced gradients (their partitions).
-
-    The one pass splits the branches on this process's whole weights as under DDP; the combined gradient is then
-    handed to the engine as the gradient of a surrogate linear in the weights (:meth:`add_combined`), so the engine
-    reduces, accumulates, clips and steps it as it would a plain backward's: one gradient-sized reduction, as for
-    Diffusion-DPO (two in the global scope, whose winner gradient is averaged first; three in the update space,
-    whose two branches are). The per-branch passes use the engine as their second gradient store
-    (:class:`~.per_branch.EngineBranchGradients`). The update space reads the optimizer's state on this process's
-    partitions (:func:`~.zero_partitions.zero_partition_inputs`), its sums added up over processes.
-    """
-
-    #: the per-branch passes keep the winner's gradient in the engine: the update space needs the one pass
-    two_pass_update_space = False
-    owns_gradients = True
-
-    @property
-    def _engine(self):
-        return self.engine.accelerator.deepspeed_engine_wrapped.engine
-
-    def _engine_backward(self, scalar: torch.Tensor, boundary: bool | None) -> None:
-        """The engine's backward of ``scalar`` (its loss scale applied, no accumulation average): ``boundary=False``
-        inside a micro-batch (no step), ``None`` the micro-batch's last pass (accelerate sets the boundary and steps
-        the engine at the end of the window)."""
-        if boundary is None:
-            self.engine.accelerator.backward(scalar, scale_wrt_gas=False)
-        else:
-            self._engine.set_gradient_accumulation_boundary(boundary)
-            self._engine.backward(scalar, scale_wrt_gas=False)
-
-    @contextlib.contextmanager
-    def tapped_pass(self, parameters: Sequence[torch.nn.Parameter]) -> Iterator[None]:
-        # ZeRO-1/2's hooks run after each weight's gradient accumulation, also where the taps handed it none; their
-        # flag for transient gradients (``ds_grad_is_ready``, which DeepSpeed's own tiled computations set) makes
-        # them leave the weight alone. The combination reaches the engine afterwards (add_combined).
-        for p in parameters:
-            p.ds_grad_is_ready = False
-        try:
-            yield
-        finally:
-            for p in parameters:
-                p.ds_grad_is_ready = True
-
-    def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> EngineBranchGradients:
-        return EngineBranchGradients(parameters, self._engine_backward, lambda: engine_loss_scale(self._engine))
-
-    def update_inputs(
-        self, optimizer, parameters: Sequence[torch.nn.Parameter], winner: Tensors, loser: Tensors
-    ) -> UpdateInputs:
-        """This process's partitions: the optimizer state exists only there."""
-        return zero_partition_inputs(self._engine.optimizer, parameters, winner, loser)
-
-    def update_sum_reduction(self) -> SumReduction:
-        return all_reduce_sum  # the sums over this process's partition: added up, the global sums on every process
-
-    def add_combined(
-        self, store: OnePassBranchGradients, combined: list[torch.Tensor], sync_gradients: bool, *, reduced: bool
-    ) -> None:
-        """The engine's backward of ``sum_i <w_i, c_i>`` over the weights the pass reached (``c``: ``combined``,
-        detached): its gradient is ``c``, which the engine's hooks reduce into its partitions as a plain backward's.
-        ``c`` already carries the accumulation average; the engine applies its own loss scale, as to a loss."""
-        terms = [
-            torch.dot(p.reshape(-1), c.detach().reshape(-1).to(p.dtype))
-            for p, c, reached in zip(store.parameters, combined, store.reached)
-            if reached
-        ]
-        surrogate = torch.stack(terms).sum() if terms else store.parameters[0].reshape(-1)[:1].sum() * 0.0
-        self._engine_backward(surrogate, None)
-
-    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
-        """Nothing: the engine reduced every pass it saw into its own partitions."""
-
-
 class ShardSums:
     """For collectives whose engine averages each branch's gradient over processes as it shards it (FSDP2 and
     ZeRO-3 reduce-scatter): every process holds its shard of the global micro-batch's ``g_w`` and ``h_l`` (or, by
@@ -301,62 +237,3 @@ class ShardSums:
 
     def reduce_branch_gradients(self, winner: list[torch.Tensor], loser: list[torch.Tensor]) -> None:
         """Nothing: each branch's shards are already averaged (the engine's reduce-scatter)."""
-
-
-@register_collectives(FSDP2Engine)
-class FSDP2Collectives(ShardSums, BranchCollectives):
-    """FSDP2: each branch's backward reduce-scatters its gradient inside autograd, so the parameter space works on
-    each process's gradient shards (hook-free) and its inner products are summed over processes: the global scope
-    is implied. The update space works on the same shards and the optimizer state's: every sum it forms, ``D(lambda)``
-    at each evaluation of its search included, is summed over processes, so every process finds the ``lambda`` of
-    the global micro-batch. The accumulation window's earlier sum is set aside while the branches run."""
-
-    one_pass_store_class = ShardedOnePassBranchGradients
-
-    def check_parameter_space(self, scope: str) -> None:
-        if scope == "local":
-            raise ValueError(
-                "safeguard_space='parameter' under FSDP2 needs safeguard_scope='global' (or 'pair'): FSDP2 averages "
-                "each branch's gradient over processes, so lambda is that of the global micro-batch. Set "
-                "safeguard_scope='global', or use DDP for one lambda per process."
-            )
-
-    def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> BranchGradientSplitter:
-        return BranchGradientSplitter(parameters, local=True)
-
-    def set_aside_accumulated(
-        self, policy: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]
-    ) -> list[torch.Tensor | None]:
-        # Each branch must reach its gradient shards now, not at the end of the accumulation window; the window's
-        # earlier sum is set aside (a 1/N-sized shard) so the branches start from empty gradients.
-        policy.set_requires_gradient_sync(True)
-        accumulated = [p.grad for p in parameters]
-        for p in parameters:
-            p.grad = None
-        return accumulated
-
-    def update_sum_reduction(self) -> SumReduction:
-        return all_reduce_sum  # the sums over this process's shards: added up, the global sums on every process
-
-    def reduce_combined_gradients(self, parameters: Sequence[torch.nn.Parameter], sync_gradients: bool) -> None:
-        """Nothing: every branch was reduce-scattered inside its backward."""
-
-
-@register_collectives(FSDP1Engine)
-class FSDP1Collectives(BranchCollectives):
-    """FSDP1's flattened, sharded gradients cannot be separated per branch, and its flat optimizer state cannot be
-    read per weight: the parameter and update spaces are refused, each naming FSDP2."""
-
-    def check_parameter_space(self, scope: str) -> None:
-        raise ValueError(
-            "safeguard_space='parameter' is not supported under FSDP1; use FSDP2 "
-            "(examples/accelerate_configs/fsdp2.yaml), DDP or DeepSpeed ZeRO-1/2, or keep FSDP1 with "
-            "safeguard_space='output'."
-        )
-
-    def check_update_space(self) -> None:
-        raise ValueError(
-            "safeguard_space='update' is not supported under FSDP1: its flattened, sharded optimizer state cannot "
-            "be read per weight. Use FSDP2 (examples/accelerate_configs/fsdp2.yaml), DDP or DeepSpeed ZeRO "
-            "(deepspeed_zero2.yaml) with safeguard_space='update', or keep FSDP1 with safeguard_space='output'."
-        )

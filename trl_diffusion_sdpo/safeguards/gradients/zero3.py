@@ -8,7 +8,7 @@ ZeRO-3 partitions every weight; the engine's backward hooks reduce-scatter each 
 float32 gradient partition, averaged over processes. Each branch runs as one engine backward, and its gradient is
 read off the partitions with DeepSpeed's own accessors, ``deepspeed.utils.safe_get_local_grad`` /
 ``safe_set_local_grad`` (every ZeRO-3 weight has a partition, those below the persistence threshold included). As
-under FSDP2 (:class:`~.collectives.FSDP2Collectives`), the two inner products over this process's partitions, summed
+under FSDP2 (:class:`~.fsdp.FSDP2Collectives`), the two inner products over this process's partitions, summed
 over processes, are the exact values for the global micro-batch: the global scope is implied.
 
 Per micro-batch (:class:`~trl_diffusion_sdpo.safeguards.parameter.PerBranchPasses`):
@@ -36,8 +36,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ...engines import DeepSpeedEngine
-from .collectives import DeepSpeedCollectives, ShardSums, register_collectives
+from .collectives import ShardSums, register_collectives
+from .deepspeed import DeepSpeedCollectives
 from .one_pass_sharded import ZeRO3OnePassBranchGradients
 from .per_branch import _squared_norm
 from .zero_partitions import zero_partition_inputs
@@ -129,7 +129,7 @@ class ZeRO3BranchGradients:
         self._loser = []
 
 
-@register_collectives(DeepSpeedEngine, when=lambda engine: engine.stage == 3)
+@register_collectives("deepspeed-zero3")
 class DeepSpeedZeRO3Collectives(ShardSums, DeepSpeedCollectives):
     """DeepSpeed ZeRO-3: the exact rule on each process's gradient partitions, the global or the per-pair scope. In
     one pass the taps' split gradients are reduce-scattered into them (:class:`
