@@ -174,7 +174,7 @@ def test_a_new_run_into_another_runs_folder_is_refused_and_touches_no_file(finis
 
 def test_the_commands_end_a_refused_run_in_one_line_naming_the_flags(finished_run, tmp_path, capsys):
     """``train`` (and ``online``, the same path) turn the refusal into one error line naming the flags, exit 2."""
-    from trl_diffusion_sdpo.io.console import run_command
+    from trl_diffusion_sdpo.cli.console import run_command
 
     second = build_trainer(finished_run, str(tmp_path / "tok-b"), max_steps=2)
     before = _hashes(finished_run)

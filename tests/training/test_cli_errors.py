@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from trl_diffusion_sdpo.cli.console import DEBUG_ENV, run_command
 from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.config.extras import require_extra
 from trl_diffusion_sdpo.data.formats import DatasetNotFoundError, hub_dataset_problem
-from trl_diffusion_sdpo.io.console import DEBUG_ENV, run_command
 
 TINY = "trl-diffusion-sdpo:tiny"
 FAST = ["--use_cpu", "--max_steps", "1", "--per_device_train_batch_size", "2", "--resolution", "32", "--report_to"]

@@ -202,8 +202,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv`` names. ``--debug`` anywhere (or ``TRL_DIFFUSION_SDPO_DEBUG=1``) shows the traceback
-    of an error a user can fix, which is otherwise one line (:func:`~trl_diffusion_sdpo.io.console.run_command`)."""
-    from ..io.console import debug_requested, run_command
+    of an error a user can fix, which is otherwise one line (:func:`~trl_diffusion_sdpo.cli.console.run_command`)."""
+    from .console import debug_requested, run_command
 
     argv, debug = debug_requested(list(sys.argv[1:] if argv is None else argv))
     prog = "trl-diffusion-sdpo" + (f" {argv[0]}" if argv and not argv[0].startswith("-") else "")
@@ -220,7 +220,7 @@ def run(argv: list[str]) -> int:
         if text is not None:
             print(text, end="")
             raise SystemExit(0)  # as argparse's --help ends
-    from ..io.console import quiet_command_line
+    from .console import quiet_command_line
 
     # The command line's own process, before a command imports transformers (and, through its quantizers, torchao):
     # the libraries' known noise dropped and, off a terminal, their progress bars off (a help draws none: the

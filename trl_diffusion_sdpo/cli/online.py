@@ -111,7 +111,7 @@ def load_prompt_dataset(args: OnlinePromptArguments, column: str | None = None):
 def main(argv: Sequence[str] | None = None):
     """Train online, save to ``output_dir`` with a model card naming the rewards, and (``push_to_hub``) push."""
     prompt_args, training_args, model_args = parse_args(argv)  # exits here on --help
-    from ..io.console import log_to_console
+    from .console import log_to_console
 
     log_to_console()
     prompt_args.apply_to_process(training_args)

@@ -114,7 +114,7 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
 def command_sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
     """:func:`sampling_keywords` with ``--prompts`` and ``--output_dir``, which both commands declare, as a command
     passes them: off a terminal (a log file) the command's own bars are off, as the libraries' are (the command line's
-    entry, :func:`~trl_diffusion_sdpo.io.console.quiet_command_line`), so that a log file gets no bars redrawn with
+    entry, :func:`~trl_diffusion_sdpo.cli.console.quiet_command_line`), so that a log file gets no bars redrawn with
     carriage returns."""
     from ..io.console import on_terminal
 

@@ -515,7 +515,7 @@ class ModelCardOnSave(TrainerCallback):
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
     script_args, training_args, model_args, diffusion_args = parse_args(argv)  # exits here on --help
-    from ..io.console import log_to_console
+    from .console import log_to_console
 
     log_to_console()
     diffusion_args.apply_to_process(training_args)

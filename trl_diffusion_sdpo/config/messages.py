@@ -2,7 +2,7 @@
 (flags on the command line, keyword arguments from Python), the closest known name to a misspelt one, and the refusal
 to replace files a command did not write in this run.
 
-The command line sets the switch (:func:`command_line`, which ``io.console.run_command`` enters) so that a message
+The command line sets the switch (:func:`command_line`, which ``cli.console.run_command`` enters) so that a message
 raised anywhere below, a data reader's as much as the trainer's, names ``--dataset_columns trl`` where a Python user
 reads ``dataset_columns='trl'``.
 """

@@ -1,7 +1,7 @@
 """What leaves the trainer: weights in diffusers' formats (:mod:`.saving`), model cards and Hub uploads
 (:mod:`.hub`), atomic checkpoints (:mod:`.checkpoints`), all of it done for the trainer by one object,
-``trainer.files`` (:mod:`.run_files`), the model's config as trackers read it (:mod:`.trackers`), and what the
-command line prints (:mod:`.console`, :mod:`.run_summary`).
+``trainer.files`` (:mod:`.run_files`), the model's config as trackers read it (:mod:`.trackers`), the start
+summary (:mod:`.run_summary`) and whether the output is a terminal (:mod:`.console`).
 
 The names resolve on first use, so the command line's light modules (:mod:`.console`) import without diffusers.
 """

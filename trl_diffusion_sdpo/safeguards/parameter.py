@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,7 +48,9 @@ from ..step.predictions import Evaluation
 from .base import Safeguard
 from .gradients import OnePassBranchGradients, PerBranchStore, collectives_for
 from .margin import SafeguardMargin
-from .output import OutputSpaceRule
+
+if TYPE_CHECKING:
+    from .output import OutputSpaceRule
 
 __all__ = [
     "PAIR_SCOPE_MAX_FULL_BYTES",
@@ -620,6 +622,8 @@ class ParameterSpace(Safeguard):
         trainer.args)`` before training. Opt-in, since it costs a pass over the residuals every micro-batch and, with
         the global scope, one more all-reduce."""
         if self.output_rule is None:
+            from .output import OutputSpaceRule  # the output space's rule: imported when the comparison is asked for
+
             self.output_rule = OutputSpaceRule(args, self.engine.num_processes, self.margin)
             self.metric_names = (self.metric_names[0], "safeguard/output_lambda", *self.metric_names[1:])
 
