@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from .hub import CardMethod, build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
+    from .hub import CardMethod, RunHub, build_model_card, create_hub_repo, push_checkpoint, upload_folder_to_hub
     from .resume_check import apply_new_learning_rates, check_resume_config, read_run_identity, write_run_identity
     from .saving import (
         has_lora_adapters,
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "CardMethod": ".hub",
+    "RunHub": ".hub",
     "build_model_card": ".hub",
     "create_hub_repo": ".hub",
     "push_checkpoint": ".hub",
@@ -52,6 +53,7 @@ __all__ = [
     "read_run_identity",
     "write_run_identity",
     "CardMethod",
+    "RunHub",
     "build_model_card",
     "create_hub_repo",
     "has_lora_adapters",

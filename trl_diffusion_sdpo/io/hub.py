@@ -20,7 +20,10 @@ from typing import Any
 
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from transformers.trainer_utils import HubStrategy
+from transformers.utils import PushInProgress
 
+from . import saving
 from .run_lock import LOCK_NAME, RECORD_NAME
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "PUSH_BACKOFF_S",
     "CardMethod",
     "HubPushError",
+    "RunHub",
     "build_model_card",
     "create_hub_repo",
     "hub_base_model",
@@ -444,3 +448,168 @@ def push_checkpoint(
         checkpoint_files = dict(path_in_repo=push_checkpoint_folder, ignore_patterns=CHECKPOINT_IGNORE_PATTERNS)
         jobs.append(push(checkpoint_folder, commit_message + ", checkpoint", **checkpoint_files))
     return jobs
+
+
+class RunHub:
+    """A run's model card and Hub pushes, for ``trainer`` (its :class:`~.run_files.RunFiles` builds it when the run
+    first writes a card or reaches the Hub): what ``transformers.Trainer``'s ``create_model_card``,
+    ``init_hf_repo`` and ``push_to_hub`` do, and a checkpoint save's push, done with this module's card and uploads.
+    Keeps transformers' own ``hub_model_id`` and ``push_in_progress`` on the trainer, where transformers reads them.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.card_arguments: dict[str, Any] = {}  # create_model_card's arguments, remembered for later pushes
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+    ) -> None:
+        """Write ``README.md`` in ``output_dir`` (TRL's signature, plus transformers' ``license``): base model (when
+        a Hub id), dataset, method, usage, the last validation grid, key hyperparameters, framework versions and
+        citations. Arguments given once are remembered for the cards of later pushes."""
+        trainer = self.trainer
+        given = {"model_name": model_name, "dataset_name": dataset_name, "tags": tags, "license": license}
+        self.card_arguments.update({k: v for k, v in given.items() if v is not None})
+        if not trainer.is_world_process_zero():
+            return
+        args, card_args, family = trainer.args, self.card_arguments, trainer.family
+        given_rate = trainer.args_as_given.learning_rate
+        hyperparameters: dict[str, Any] = {
+            "loss_type": args.loss_type,
+            "beta": args.beta,
+            "safeguard_mu": args.safeguard_mu if args.safeguarded else None,
+            "safeguard_space": args.safeguard_space,
+            # as given (before scale_lr); unset, the family's rate the run resolved (scale_lr then needs it given)
+            "learning_rate": args.learning_rate if given_rate is None else given_rate,
+            "scale_lr": args.scale_lr,
+            "effective_learning_rate": args.learning_rate,
+            "effective_batch_size": args.world_size
+            * args.per_device_train_batch_size
+            * args.gradient_accumulation_steps,
+            "max_steps": trainer.state.max_steps or args.max_steps,
+            "resolution": args.resolution,
+            "tuning": "LoRA" if trainer.is_lora else f"full {family.denoiser_name.replace('unet', 'UNet')}",
+        }
+        if trainer.is_lora:
+            lora = trainer.accelerator.unwrap_model(trainer.model).peft_config["default"]
+            hyperparameters["lora_rank"] = lora.r
+            hyperparameters["lora_alpha"] = lora.lora_alpha
+        hyperparameters.update(trainer.card_method.details(trainer))  # the online trainer's rewards and generation
+        tags = card_args.get("tags") or []
+        hub_model_id = trainer.hub_model_id or args.hub_model_id
+        card = build_model_card(
+            base_model=trainer.base_model_name,
+            is_lora=trainer.is_lora,
+            method=trainer.card_method.name(args),
+            hyperparameters=hyperparameters,
+            tags=list(trainer._tag_names) + ([tags] if isinstance(tags, str) else list(tags)),
+            model_family=family.name,
+            model_name=card_args.get("model_name")
+            or (hub_model_id or os.path.basename(os.path.abspath(args.output_dir))).split("/")[-1],
+            hub_model_id=hub_model_id,
+            dataset_name=card_args.get("dataset_name"),
+            license=card_args.get("license"),
+            sample_grid=self._last_validation_grid(),
+            sample_prompt=self._validation_prompt(),
+            denoiser=(family.denoiser_name, type(family.denoiser).__name__),
+            pipeline_loads_lora=hasattr(type(trainer.pipeline), "load_lora_weights"),
+            trainer_name=type(trainer).__name__,
+        )
+        os.makedirs(args.output_dir, exist_ok=True)
+        card.save(os.path.join(args.output_dir, "README.md"))
+
+    def _validation_prompt(self) -> str | None:
+        """The first prompt of the run's validation grids (the Hub widget's text), or ``None`` without them."""
+        bound = getattr(self.trainer, "sampling_callbacks", [])  # the callbacks bound to the trainer's pipeline
+        prompts = [c.prompts for c in bound if getattr(c, "prompts", None)]
+        return prompts[0][0] if prompts else None
+
+    def _last_validation_grid(self) -> str | None:
+        """The newest ``validation/step-*.png`` in ``output_dir``, relative to it (for the model card)."""
+        folder = os.path.join(self.trainer.args.output_dir, "validation")
+        grids = sorted(f for f in os.listdir(folder) if f.startswith("step-")) if os.path.isdir(folder) else []
+        return f"validation/{grids[-1]}" if grids else None
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo (``hub_model_id``, else the output folder's name) through :mod:`.hub`."""
+        trainer = self.trainer
+        if not trainer.is_world_process_zero():
+            return
+        trainer.hub_model_id = create_hub_repo(
+            trainer.args.hub_model_id or os.path.basename(os.path.abspath(trainer.args.output_dir)),
+            token=token or trainer.args.hub_token,
+            private=private if private is not None else trainer.args.hub_private_repo,
+        )
+        trainer.push_in_progress = None
+
+    def push_checkpoint(self, checkpoint_folder: str) -> None:
+        """A checkpoint save with ``push_to_hub`` copies the checkpoint's weights to ``output_dir`` (with the rest of
+        the pipeline for full tuning, and a model card) and uploads it in the background; ``push_in_progress`` holds
+        the uploads, which transformers waits for when training ends."""
+        trainer = self.trainer
+        args = trainer.args
+        if not trainer.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
+            return
+        if (
+            not args.hub_always_push
+            and trainer.push_in_progress is not None
+            and not trainer.push_in_progress.is_done()
+        ):
+            return
+        trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
+        saving.copy_saved_model(checkpoint_folder, args.output_dir)
+        if not trainer.is_lora and not saving.has_pipeline_components(args.output_dir):
+            saving.save_pipeline_components(trainer.pipeline, args.output_dir, trainer.family.denoiser_name)
+        trainer.create_model_card()
+        checkpoint_path = {
+            HubStrategy.CHECKPOINT: "last-checkpoint",
+            HubStrategy.ALL_CHECKPOINTS: os.path.basename(checkpoint_folder),
+        }.get(args.hub_strategy)
+        jobs = push_checkpoint(
+            args.output_dir,
+            checkpoint_folder,
+            trainer.hub_model_id,
+            commit_message=f"Training in progress, step {trainer.state.global_step}",
+            push_checkpoint_folder=checkpoint_path,
+            token=args.hub_token,
+            revision=args.hub_revision,
+        )
+        if trainer.push_in_progress is None or trainer.push_in_progress.is_done():
+            trainer.push_in_progress = PushInProgress(jobs)
+        else:
+            trainer.push_in_progress.jobs.extend(jobs)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Save the weights and a model card (``kwargs``: :meth:`create_model_card`'s) to ``output_dir`` and upload
+        that folder to ``hub_model_id``, once the checkpoint pushes still running are done."""
+        trainer = self.trainer
+        args = trainer.args
+        trainer.save_model(_internal_call=True)
+        if not trainer.is_world_process_zero():
+            return None
+        trainer.create_model_card(**kwargs)
+        pending = getattr(trainer, "push_in_progress", None)  # init_hf_repo's: None before any checkpoint push
+        if pending is not None and not pending.is_done():
+            logger.info("Waiting for the checkpoint pushes still running")
+            pending.wait_until_done()
+        repo_id = trainer.hub_model_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        return upload_folder_to_hub(
+            args.output_dir,
+            repo_id,
+            token=token or args.hub_token,
+            private=private if private is not None else args.hub_private_repo,
+            revision=revision or args.hub_revision,
+            commit_message=commit_message or "End of training",
+        )
