@@ -55,7 +55,6 @@ from trl_diffusion_sdpo.demo.pretrain import (  # noqa: E402
     shipped_base_record,
 )
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
-from trl_diffusion_sdpo.demo.run import quiet_libraries  # noqa: E402
 from trl_diffusion_sdpo.demo.shapes import (  # noqa: E402
     BACKGROUNDS,
     COLOURS,
@@ -64,6 +63,7 @@ from trl_diffusion_sdpo.demo.shapes import (  # noqa: E402
     colour_reward,
     draw_shape,
 )
+from trl_diffusion_sdpo.io.console import quiet_command_line  # noqa: E402
 
 OUTPUT = ROOT / "benchmarks" / "results" / "cpu-demo-base-fidelity.json"
 MEASURES = ("drawn_as_captioned", "shape_correct", "shape_iou", "colour_match", "background_match", "colour_reward")
@@ -177,70 +177,67 @@ def main(argv: list[str] | None = None) -> int:
     load_start = [round(v, 2) for v in os.getloadavg()]
     began = time.perf_counter()
     demo = DemoRecipe()
-    with quiet_libraries():
-        if args.base is None:
-            base, source, folder = load_base(demo.pretrain)
-            record = shipped_base_record(folder)
-        else:
-            from diffusers import StableDiffusionPipeline
+    if args.base is None:
+        base, source, folder = load_base(demo.pretrain)
+        record = shipped_base_record(folder)
+    else:
+        from diffusers import StableDiffusionPipeline
 
-            base, source, folder = StableDiffusionPipeline.from_pretrained(args.base), "folder", Path(args.base)
-            record = shipped_base_record(folder)
-        recipe = PretrainRecipe.from_dict(record["recipe"]) if record else demo.pretrain
-        captions = all_captions()
-        repeated = [c for c in captions for _ in range(args.per_caption)]
-        seeds = [_SEED + j for _ in captions for j in range(args.per_caption)]
-        tick = time.perf_counter()
-        samples = sample_images(
-            base, [c.text for c in repeated], seeds, demo.num_inference_steps, demo.guidance_scale, batch_size=144
-        )
-        sampling_seconds = time.perf_counter() - tick
-        templates = shape_templates(recipe.image_size)
-        drawn = drawings(repeated, recipe.image_size, _SEED)
-        values = measure(samples, repeated, templates)
-        report: dict[str, Any] = {
-            "description": "The demo's base on its own 36 captions: is each sample drawn as captioned (the caption's "
-            "shape fits best, its colour and background are the nearest palette colours), against chance and the "
-            "drawings it was trained on",
-            "measures": {
-                "drawn_as_captioned": "shape_correct and colour_match and background_match, per sample",
-                "shape_correct": "the caption's shape fits the foreground best of the three "
-                "(online_measures.shape_scores)",
-                "shape_iou": "IoU of the foreground with the best template of the caption's shape",
-                "colour_match": "the palette colour (6) nearest the central 4x4 patch is the caption's",
-                "background_match": "the background colour (2) nearest the outer 2-pixel ring is the caption's",
-                "colour_reward": "the demo's colour reward (shapes.colour_reward)",
-            },
-            "base": {
-                "source": source,
-                "folder": _shown(folder),
-                "recipe_hash": recipe_hash(recipe),
-                **({} if args.base is None else {"recipe": recipe.to_dict()}),  # another base: how it was trained
-                **(
-                    {"pretrain_seconds": record["pretrain_seconds"]} if record and "pretrain_seconds" in record else {}
-                ),
-            },
-            "sampling": {
-                "per_caption": args.per_caption,
-                "num_inference_steps": demo.num_inference_steps,
-                "guidance_scale": demo.guidance_scale,
-                "seeds": f"{_SEED} + sample index",
-            },
-            "samples": _means(values),
-            "chance": {k: round(v, 4) for k, v in chance(samples, templates).items()},
-            "drawings": _means(measure(drawn, repeated, templates)),
-            "vae_reconstructions": _means(measure(reconstruct(base.vae, drawn), repeated, templates)),
-            "captions_drawn_as_captioned": None,
-            "per_caption": per_caption(values, captions, args.per_caption),
-        }
-        majority = [row for row in report["per_caption"] if row["drawn_as_captioned"] > 0.5]
-        report["captions_drawn_as_captioned"] = {
-            "rule": "more than half of the caption's samples drawn as captioned",
-            "count": len(majority),
-            "of": len(captions),
-        }
-        if args.vae_steps:
-            report["vae_probe"] = [probe_vae(recipe, s, drawn, repeated, templates) for s in args.vae_steps]
+        base, source, folder = StableDiffusionPipeline.from_pretrained(args.base), "folder", Path(args.base)
+        record = shipped_base_record(folder)
+    recipe = PretrainRecipe.from_dict(record["recipe"]) if record else demo.pretrain
+    captions = all_captions()
+    repeated = [c for c in captions for _ in range(args.per_caption)]
+    seeds = [_SEED + j for _ in captions for j in range(args.per_caption)]
+    tick = time.perf_counter()
+    samples = sample_images(
+        base, [c.text for c in repeated], seeds, demo.num_inference_steps, demo.guidance_scale, batch_size=144
+    )
+    sampling_seconds = time.perf_counter() - tick
+    templates = shape_templates(recipe.image_size)
+    drawn = drawings(repeated, recipe.image_size, _SEED)
+    values = measure(samples, repeated, templates)
+    report: dict[str, Any] = {
+        "description": "The demo's base on its own 36 captions: is each sample drawn as captioned (the caption's "
+        "shape fits best, its colour and background are the nearest palette colours), against chance and the "
+        "drawings it was trained on",
+        "measures": {
+            "drawn_as_captioned": "shape_correct and colour_match and background_match, per sample",
+            "shape_correct": "the caption's shape fits the foreground best of the three "
+            "(online_measures.shape_scores)",
+            "shape_iou": "IoU of the foreground with the best template of the caption's shape",
+            "colour_match": "the palette colour (6) nearest the central 4x4 patch is the caption's",
+            "background_match": "the background colour (2) nearest the outer 2-pixel ring is the caption's",
+            "colour_reward": "the demo's colour reward (shapes.colour_reward)",
+        },
+        "base": {
+            "source": source,
+            "folder": _shown(folder),
+            "recipe_hash": recipe_hash(recipe),
+            **({} if args.base is None else {"recipe": recipe.to_dict()}),  # another base: how it was trained
+            **({"pretrain_seconds": record["pretrain_seconds"]} if record and "pretrain_seconds" in record else {}),
+        },
+        "sampling": {
+            "per_caption": args.per_caption,
+            "num_inference_steps": demo.num_inference_steps,
+            "guidance_scale": demo.guidance_scale,
+            "seeds": f"{_SEED} + sample index",
+        },
+        "samples": _means(values),
+        "chance": {k: round(v, 4) for k, v in chance(samples, templates).items()},
+        "drawings": _means(measure(drawn, repeated, templates)),
+        "vae_reconstructions": _means(measure(reconstruct(base.vae, drawn), repeated, templates)),
+        "captions_drawn_as_captioned": None,
+        "per_caption": per_caption(values, captions, args.per_caption),
+    }
+    majority = [row for row in report["per_caption"] if row["drawn_as_captioned"] > 0.5]
+    report["captions_drawn_as_captioned"] = {
+        "rule": "more than half of the caption's samples drawn as captioned",
+        "count": len(majority),
+        "of": len(captions),
+    }
+    if args.vae_steps:
+        report["vae_probe"] = [probe_vae(recipe, s, drawn, repeated, templates) for s in args.vae_steps]
     report["timing"] = {
         "sampling_seconds": round(sampling_seconds, 1),
         "wall_seconds": round(time.perf_counter() - began, 1),
@@ -270,4 +267,5 @@ def summary_lines(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    quiet_command_line(own_report=True)  # the script's own process: its report only
     sys.exit(main())

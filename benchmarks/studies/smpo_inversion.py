@@ -34,8 +34,9 @@ from trl_diffusion_sdpo.demo.methods import Method  # noqa: E402
 from trl_diffusion_sdpo.demo.pairs import make_preference_pairs  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
-from trl_diffusion_sdpo.demo.run import _evaluate, quiet_libraries, train_preference  # noqa: E402
+from trl_diffusion_sdpo.demo.run import _evaluate, train_preference  # noqa: E402
 from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
+from trl_diffusion_sdpo.io.console import quiet_command_line  # noqa: E402
 
 # The colour reward lies in [0, 1]: SmPO's min-max normalisation over that range.
 SMPO = (("loss_type", "smpo"), ("smpo_score_min", 0.0), ("smpo_score_max", 1.0))
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     report["invocations"].append(invocation)
     torch.set_num_threads(1)
     began = time.perf_counter()
-    with quiet_libraries(), tempfile.TemporaryDirectory(prefix="smpo-latents-") as latent_cache_dir:
+    with tempfile.TemporaryDirectory(prefix="smpo-latents-") as latent_cache_dir:
         recipe = DemoRecipe(pretrain=STUDY_BASE, **({} if args.max_steps is None else {"max_steps": args.max_steps}))
         base, _ = load_study_base()
         pair_captions, held_out = split_captions(recipe.num_held_out_prompts, recipe.seed)
@@ -135,4 +136,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    quiet_command_line(own_report=True)  # the script's own process: its report only
     sys.exit(main())

@@ -53,8 +53,9 @@ from trl_diffusion_sdpo.demo.methods import METHODS, Method, method_unavailable 
 from trl_diffusion_sdpo.demo.pairs import make_preference_pairs  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import PretrainRecipe, load_base, recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
-from trl_diffusion_sdpo.demo.run import _evaluate, _training_args, quiet_libraries, train_preference  # noqa: E402
+from trl_diffusion_sdpo.demo.run import _evaluate, _training_args, train_preference  # noqa: E402
 from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
+from trl_diffusion_sdpo.io.console import quiet_command_line  # noqa: E402
 
 DEMO_LR, DEMO_BETA = DemoRecipe.learning_rate, DemoRecipe.beta
 #: The base every study under benchmarks/studies trains on: the demo's architecture and data with a third of the
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(todo)} runs to do, {len(report['runs'])} already in {path}", flush=True)
     if not todo:  # nothing to train: the file stays as it is, and the base is not loaded for nothing
         return 0
-    with quiet_libraries(), tempfile.TemporaryDirectory(prefix="stability-latents-") as latent_cache_dir:
+    with tempfile.TemporaryDirectory(prefix="stability-latents-") as latent_cache_dir:
         base_recipe = DemoRecipe(
             pretrain=BASES[args.base],
             batch_size=args.batch_size,
@@ -382,4 +383,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    quiet_command_line(own_report=True)  # the script's own process: its report only
     sys.exit(main())

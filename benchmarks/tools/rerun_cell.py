@@ -54,7 +54,8 @@ from trl_diffusion_sdpo.demo.base_check import compare_pipelines  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
-from trl_diffusion_sdpo.demo.run import quiet_libraries, train_preference  # noqa: E402
+from trl_diffusion_sdpo.demo.run import train_preference  # noqa: E402
+from trl_diffusion_sdpo.io.console import quiet_command_line  # noqa: E402
 
 RECORD = "benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo-lr1e-4-2e-4.json"
 """The result file the default cell is read from (a ``stability_map.py`` run)."""
@@ -137,7 +138,7 @@ def rerun(
     }
     torch.set_num_threads(1)
     began = time.perf_counter()
-    with quiet_libraries(), tempfile.TemporaryDirectory(prefix="rerun-latents-") as latent_cache_dir:
+    with tempfile.TemporaryDirectory(prefix="rerun-latents-") as latent_cache_dir:
         base, source = load_study_base(pretrain=pretrained_base)
         result["base_source"] = source
         if pretrained_base:
@@ -283,4 +284,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    quiet_command_line(own_report=True)  # the script's own process: its report only
     sys.exit(main())

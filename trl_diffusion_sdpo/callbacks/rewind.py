@@ -7,11 +7,13 @@ al., arXiv 2511.03317: the winner's denoising error rising above the reference's
 noise of a few pairs). The rule is not yet calibrated on the stability benchmark's runs: its precision and recall are
 not measured.
 
-At every healthy probe (and when training begins) :class:`Rewind` keeps one snapshot of the trainable weights and the
-optimizer's state: in memory for LoRA, in ``<output_dir>/rewind-healthy/`` for full tuning (one snapshot at a time:
-about three times the trainable weights with Adam). When the alarm fires, every process puts the weights and the
-optimizer's state back to that snapshot (the learning-rate schedule, the step count, the data order and the other
-guards go on), logs ``health/rewind_to`` (the step restored) and responds as the evidence supports for its regime:
+At every healthy probe (and when training begins) :class:`Rewind` keeps one snapshot of the trainable weights, the
+optimizer's state and every other state that moves with them (:func:`companions`: the EMA weights of ``ema_decay``,
+the auto-beta's and ``safeguard_mu="auto"``'s state, the fp16 gradient scaler's): in memory for LoRA, in
+``<output_dir>/rewind-healthy/`` for full tuning (one snapshot at a time: about three times the trainable weights with
+Adam, four with the EMA). When the alarm fires, every process puts all of them back to that snapshot (the
+learning-rate schedule, the step count and the data order go on counting), logs ``health/rewind_to`` (the step
+restored) and responds as the evidence supports for its regime:
 
 * an offline Diffusion-DPO run (``safeguard_space="none"``) goes on from the healthy weights with the safeguard
   ``on_pathology="safeguard"`` switches to (:func:`~.health.switch_target`: the one fixed setting that held where
@@ -41,13 +43,22 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..engines.base import trainable_parameters
 from .health import switch_target
 
-__all__ = ["PROBE_ALARM", "REWIND_FOLDER", "DiskSnapshot", "MemorySnapshot", "ProbeAlarmRule", "Rewind"]
+__all__ = [
+    "PROBE_ALARM",
+    "REWIND_FOLDER",
+    "Companion",
+    "DiskSnapshot",
+    "MemorySnapshot",
+    "ProbeAlarmRule",
+    "Rewind",
+    "companions",
+]
 
 logger = logging.getLogger(__name__)
 
 #: the snapshot's folder, in the output folder (full tuning) and inside each checkpoint
 REWIND_FOLDER = "rewind-healthy"
-_WEIGHTS, _OPTIMIZER = "weights.safetensors", "optimizer.pt"
+_WEIGHTS, _OPTIMIZER, _COMPANIONS = "weights.safetensors", "optimizer.pt", "companions.pt"
 
 
 @dataclass(frozen=True)
@@ -73,46 +84,102 @@ PROBE_ALARM = ProbeAlarmRule(patience=2, threshold=0.0)
 """The alarm's first rule: the pathology as the paper defines it, two probes in a row; not yet calibrated."""
 
 
-class MemorySnapshot:
-    """The trainable weights and the optimizer's state of one step, kept in memory (clones, never views)."""
+@dataclass(frozen=True)
+class Companion:
+    """A state that moves with training beside the weights and the optimizer, so a rewind puts it back with them:
+    ``get()`` returns it (live tensors may be returned: the snapshot copies them), ``put(state)`` restores a copy."""
 
-    def __init__(self, parameters: Sequence[torch.nn.Parameter]) -> None:
+    name: str
+    get: Callable[[], Any]
+    put: Callable[[Any], None]
+
+
+def companions(trainer: Any) -> list[Companion]:
+    """What moves with ``trainer``'s training besides the trainable weights and the optimizer's state: the EMA
+    weights (``ema_decay``), the auto-beta's EMA and ``beta`` (``auto_beta``), ``mu`` with ``safeguard_mu="auto"``
+    and the gradient scaler (fp16). A fixed ``mu`` moves only with ``on_pathology="escalate"``, which a rewinding
+    run does not have."""
+    device = trainer.args.device
+    found: list[Companion] = []
+    if trainer.ema is not None:
+        ema = trainer.ema  # its EMAModel is made when training begins: read at each snapshot
+        found.append(Companion("ema", lambda: ema.ema.state_dict(), lambda state: _put_ema(ema.ema, state, device)))
+    auto_beta = trainer.guards.auto_beta
+    if auto_beta is not None:
+
+        def put_auto_beta(state: dict[str, torch.Tensor | None]) -> None:
+            auto_beta.ema, auto_beta.beta = (
+                None if t is None else t.to(device) for t in (state["ema"], state["beta"])
+            )
+
+        found.append(Companion("auto_beta", lambda: {"ema": auto_beta.ema, "beta": auto_beta.beta}, put_auto_beta))
+    margin = trainer.guards.margin
+    if margin is not None and margin.auto:
+
+        def put_mu(value: torch.Tensor | float) -> None:
+            margin.value = value.to(device) if isinstance(value, torch.Tensor) else value
+
+        found.append(Companion("safeguard_mu", lambda: margin.value, put_mu))
+    scaler = trainer.accelerator.scaler
+    if scaler is not None:
+        found.append(Companion("grad_scaler", scaler.state_dict, scaler.load_state_dict))
+    return found
+
+
+def _put_ema(ema: Any, state: dict[str, Any], device: torch.device | str) -> None:
+    ema.load_state_dict(state)  # diffusers' EMAModel, which copies what it is given
+    ema.to(device=device)  # a snapshot read from disk holds its shadow weights on the CPU
+
+
+class MemorySnapshot:
+    """The trainable weights, the optimizer's state and the :class:`Companion` states of one step, kept in memory
+    (clones, never views)."""
+
+    def __init__(self, parameters: Sequence[torch.nn.Parameter], companions: Sequence[Companion] = ()) -> None:
         self.parameters = list(parameters)
+        self.companions = list(companions)
         self.weights: list[torch.Tensor] | None = None
         self.optimizer_state: dict[str, Any] | None = None
+        self.companion_states: dict[str, Any] = {}
 
     def where(self) -> str:
         return "in memory"
 
     def take(self, optimizer: torch.optim.Optimizer) -> None:
         self.weights = [p.detach().clone() for p in self.parameters]
-        self.optimizer_state = copy.deepcopy(optimizer.state_dict())  # the live state would move on with training
+        # Copies: the live states would move on with training.
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+        self.companion_states = {c.name: copy.deepcopy(c.get()) for c in self.companions}
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
-        weights, state = self._load()
+        weights, state, companion_states = self._load()
         with torch.no_grad():
             for parameter, saved in zip(self.parameters, weights, strict=True):
                 parameter.copy_(saved)
-        # A copy: the optimizer keeps the tensors it is given and updates them in place.
+        # Copies: the optimizer and the companions keep the tensors they are given and update them in place.
         optimizer.load_state_dict(copy.deepcopy(state))
+        for companion in self.companions:
+            companion.put(copy.deepcopy(companion_states[companion.name]))
 
-    def _load(self) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    def _load(self) -> tuple[list[torch.Tensor], dict[str, Any], dict[str, Any]]:
         if self.weights is None or self.optimizer_state is None:
             raise RuntimeError("the rewind has no healthy snapshot to restore")
-        return self.weights, self.optimizer_state
+        return self.weights, self.optimizer_state, self.companion_states
 
     def write(self, folder: str) -> None:
-        """The snapshot into ``folder`` (a checkpoint's), as safetensors and the optimizer's ``torch.save``."""
-        weights, state = self._load()
+        """The snapshot into ``folder`` (a checkpoint's), as safetensors and ``torch.save`` of the optimizer's and
+        the companions' states."""
+        weights, state, companion_states = self._load()
         os.makedirs(folder, exist_ok=True)
         save_file(
             {str(i): w.detach().cpu().contiguous() for i, w in enumerate(weights)}, os.path.join(folder, _WEIGHTS)
         )
         torch.save(state, os.path.join(folder, _OPTIMIZER))
+        torch.save(companion_states, os.path.join(folder, _COMPANIONS))
 
     def read(self, folder: str) -> None:
         """The snapshot :meth:`write` put in ``folder``."""
-        self.weights, self.optimizer_state = _read(folder, self.parameters)
+        self.weights, self.optimizer_state, self.companion_states = _read(folder, self.parameters)
 
 
 class DiskSnapshot(MemorySnapshot):
@@ -121,9 +188,14 @@ class DiskSnapshot(MemorySnapshot):
     process; the others read it after the main one has written it (``wait``)."""
 
     def __init__(
-        self, parameters: Sequence[torch.nn.Parameter], folder: str, main: bool, wait: Callable[[], None]
+        self,
+        parameters: Sequence[torch.nn.Parameter],
+        folder: str,
+        main: bool,
+        wait: Callable[[], None],
+        companions: Sequence[Companion] = (),
     ) -> None:
-        super().__init__(parameters)
+        super().__init__(parameters, companions)
         self.folder, self.main, self.wait = folder, main, wait
         self.taken = False
 
@@ -138,12 +210,13 @@ class DiskSnapshot(MemorySnapshot):
             save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.parameters)},
                       os.path.join(tmp, _WEIGHTS))  # fmt: skip
             torch.save(optimizer.state_dict(), os.path.join(tmp, _OPTIMIZER))
+            torch.save({c.name: c.get() for c in self.companions}, os.path.join(tmp, _COMPANIONS))
             shutil.rmtree(self.folder, ignore_errors=True)
             os.replace(tmp, self.folder)
         self.wait()
         self.taken = True
 
-    def _load(self) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    def _load(self) -> tuple[list[torch.Tensor], dict[str, Any], dict[str, Any]]:
         if not self.taken:
             raise RuntimeError("the rewind has no healthy snapshot to restore")
         return _read(self.folder, self.parameters)
@@ -156,11 +229,14 @@ class DiskSnapshot(MemorySnapshot):
         self.taken = True
 
 
-def _read(folder: str, parameters: Sequence[torch.nn.Parameter]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+def _read(
+    folder: str, parameters: Sequence[torch.nn.Parameter]
+) -> tuple[list[torch.Tensor], dict[str, Any], dict[str, Any]]:
     tensors = load_file(os.path.join(folder, _WEIGHTS))
     weights = [tensors[str(i)].to(p.device, p.dtype) for i, p in enumerate(parameters)]
     state = torch.load(os.path.join(folder, _OPTIMIZER), map_location="cpu", weights_only=True)
-    return weights, state
+    companion_states = torch.load(os.path.join(folder, _COMPANIONS), map_location="cpu", weights_only=True)
+    return weights, state, companion_states
 
 
 class Rewind:
@@ -192,12 +268,15 @@ class Rewind:
         """The rewind ``trainer``'s config asks for: LoRA's snapshot in memory, full tuning's on disk."""
         args = trainer.args
         parameters = list(trainable_parameters(trainer._policy()))  # in the optimizer's order
+        moving = companions(trainer)
         if trainer.is_lora:
-            snapshot: MemorySnapshot = MemorySnapshot(parameters)
+            snapshot: MemorySnapshot = MemorySnapshot(parameters, moving)
         else:
             accelerator = trainer.accelerator
             folder = os.path.join(args.output_dir, REWIND_FOLDER)
-            snapshot = DiskSnapshot(parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone)
+            snapshot = DiskSnapshot(
+                parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone, moving
+            )
         switch = trainer._switch_safeguard if trainer._dormant_safeguard is not None else None
         return cls(PROBE_ALARM, snapshot, switch, switch_target(args) if switch else None)
 
@@ -209,10 +288,11 @@ class Rewind:
             if self.switch is not None
             else "then stops with the healthy weights"
         )
+        beside = "".join(f", {c.name}" for c in self.snapshot.companions)
         return (
-            f"the alarm ({self.rule.describe()}; not yet calibrated) restores the last healthy step's weights and "
-            f"optimizer state, one snapshot ({elements:,} weights and their optimizer state) kept "
-            f"{self.snapshot.where()}; {then}"
+            f"the alarm ({self.rule.describe()}; not yet calibrated) restores the last healthy step's weights, "
+            f"optimizer state{beside}, one snapshot ({elements:,} weights and their optimizer state{beside}) kept "
+            f"{self.snapshot.where()}; the learning-rate schedule goes on counting steps; {then}"
         )
 
     # ------------------------------------------------------------------ the run
@@ -259,10 +339,11 @@ class Rewind:
                 + ")"
             )
         logger.warning(
-            "Step %d: on_pathology='rewind': %s; the trainable weights and the optimizer state are back at step %d "
-            "(the last probe the alarm called healthy) and %s.",
+            "Step %d: on_pathology='rewind': %s; the trainable weights, the optimizer state%s are back at step %d "
+            "(the last probe the alarm called healthy; the learning-rate schedule goes on counting steps) and %s.",
             step,
             self.rule.describe(),
+            "".join(f", {c.name}" for c in self.snapshot.companions),
             self.healthy_step,
             then,
         )

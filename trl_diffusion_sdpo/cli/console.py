@@ -95,14 +95,27 @@ def quiet_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-def quiet_command_line(progress_bars: bool = True) -> bool:
+def quiet_library_warnings() -> None:
+    """Show only the errors of diffusers and transformers, for the whole process: the command line's own process
+    only, for a command whose output is its own report (the demo)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def quiet_command_line(progress_bars: bool = True, own_report: bool = False) -> bool:
     """What the command line does first, for its own process: drop the :data:`NOISE` messages and, off a terminal,
     the libraries' progress bars (``progress_bars=False``: leave them, and the libraries unimported, for a command
-    that draws none, such as a ``--help``). Whether the output is a terminal (where the command's own bars may
-    show)."""
+    that draws none, such as a ``--help``). A command whose output is its own report and bars (``own_report``: the
+    demo) also has the libraries' bars off on a terminal and their warnings below errors dropped. Whether the output
+    is a terminal (where the command's own bars may show)."""
     filter_known_noise()
     terminal = on_terminal()
-    if progress_bars and not terminal:
+    if own_report:
+        quiet_library_warnings()
+    if own_report or (progress_bars and not terminal):
         quiet_progress_bars()
     return terminal
 

@@ -10,7 +10,7 @@ import sys
 
 from ..demo.methods import METHODS
 
-__all__ = ["main"]
+__all__ = ["command", "main"]
 
 DESCRIPTION = (
     "Train Diffusion-DPO and Diffusion-SDPO (output-space safeguard at several mu, and the exact parameter-space "
@@ -28,6 +28,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--output-dir",
         default="demo-output",
         help="Where the figures and summary go (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the files an earlier demo (or --pretrain) wrote into OUTPUT_DIR (without it, such a folder is "
+        "refused before anything trains).",
     )
     parser.add_argument(
         "--quick",
@@ -96,41 +102,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run the demo (or ``--pretrain``) as the parsed options say; the exit status."""
-    import diffusers
-    import transformers
-
-    # Quiet the libraries before the demo's imports (diffusers' pipelines warn about optional packages on import).
-    transformers.logging.set_verbosity_error()
-    diffusers.logging.set_verbosity_error()
+    """Run the demo (or ``--pretrain``) as the parsed options say; the exit status. Changes no setting of another
+    library: the command line quiets its own process before it calls this (:func:`main`'s ``python -m`` entry and
+    ``trl-diffusion-sdpo demo``, through :func:`~trl_diffusion_sdpo.cli.console.quiet_command_line`)."""
     from ..demo.pretrain import PretrainRecipe
     from ..demo.recipe import DemoRecipe
-    from ..demo.run import quiet_libraries, run_demo, run_pretrain
+    from ..demo.run import run_demo, run_pretrain
 
     threads = getattr(args, "threads", 1) or None
-    with quiet_libraries():
-        if getattr(args, "pretrain", False):
-            recipe = PretrainRecipe.tiny() if args.quick else PretrainRecipe()
-            report = run_pretrain(args.output_dir, recipe, threads=threads)
-            # Rebuilding the shipped recipe claims to reproduce the shipped base: a failed check is an error.
-            return 1 if report["strict"] and not report["check"]["passed"] else 0
-        overrides = {"threads": threads}
-        if getattr(args, "seeds", None):
-            overrides["seeds"] = tuple(args.seeds)
-        if getattr(args, "methods", None):
-            overrides["methods"] = tuple(args.methods)
-        if getattr(args, "no_breaking_regime", False):
-            overrides["breaking"] = None
-        recipe = (
-            DemoRecipe.quick(seed=args.seed, **overrides) if args.quick else DemoRecipe(seed=args.seed, **overrides)
-        )
-        run_demo(args.output_dir, recipe, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    if getattr(args, "pretrain", False):
+        recipe = PretrainRecipe.tiny() if args.quick else PretrainRecipe()
+        report = run_pretrain(args.output_dir, recipe, threads=threads, overwrite=getattr(args, "overwrite", False))
+        # Rebuilding the shipped recipe claims to reproduce the shipped base: a failed check is an error.
+        return 1 if report["strict"] and not report["check"]["passed"] else 0
+    overrides = {"threads": threads}
+    if getattr(args, "seeds", None):
+        overrides["seeds"] = tuple(args.seeds)
+    if getattr(args, "methods", None):
+        overrides["methods"] = tuple(args.methods)
+    if getattr(args, "no_breaking_regime", False):
+        overrides["breaking"] = None
+    recipe = DemoRecipe.quick(seed=args.seed, **overrides) if args.quick else DemoRecipe(seed=args.seed, **overrides)
+    run_demo(
+        args.output_dir,
+        recipe,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        overwrite=getattr(args, "overwrite", False),
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The demo as ``argv`` asks, from Python: the caller's libraries are left as they are."""
     return run_from_args(build_parser().parse_args(argv))
 
 
+def command(argv: list[str] | None = None) -> int:
+    """``python -m trl_diffusion_sdpo.demo``: :func:`main` in the command line's own process, quieted first as
+    ``trl-diffusion-sdpo demo`` is (the demo's report and bars only; nothing for a ``--help``)."""
+    from .console import quiet_command_line
+
+    words = sys.argv[1:] if argv is None else argv
+    helped = bool({"-h", "--help"}.intersection(words))
+    quiet_command_line(progress_bars=not helped, own_report=not helped)
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -224,8 +224,10 @@ def run(argv: list[str]) -> int:
 
     # The command line's own process, before a command imports transformers (and, through its quantizers, torchao):
     # the libraries' known noise dropped and, off a terminal, their progress bars off (a help draws none: the
-    # libraries stay unimported for it). The only place the package changes another library's settings.
-    quiet_command_line(progress_bars=not HELP_WORDS.intersection(argv))
+    # libraries stay unimported for it). The demo prints its own report and bars: the libraries' are off there too.
+    # The only place the package changes another library's settings (with the demo module's ``python -m``).
+    helped = bool(HELP_WORDS.intersection(argv))
+    quiet_command_line(progress_bars=not helped, own_report=argv[:1] == ["demo"] and not helped)
     if argv[:1] == ["train"]:
         from .train import main as train
 

@@ -199,10 +199,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         "(offline, with `safeguard_space='none'`): train as Diffusion-DPO until it fires, then switch to the "
         "safeguard setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
         "`health/safeguard_on`. `rewind` (with `probe_steps`): when the held-out probe's alarm fires, put the "
-        "trainable weights and the optimizer state back to the last step the probe called healthy, logged as "
-        "`health/rewind_to`; then an offline Diffusion-DPO run (`safeguard_space='none'`) trains on with the "
-        "safeguard `safeguard` switches to, and a run with a safeguard already on, or a second alarm, stops with the "
-        "healthy weights (docs/safeguard.md).",
+        "trainable weights, the optimizer state, the EMA weights, the auto-beta, an automatic `safeguard_mu` and the "
+        "fp16 gradient scaler back to the last step the probe called healthy, logged as `health/rewind_to` (the "
+        "learning-rate schedule goes on counting steps); then an offline Diffusion-DPO run "
+        "(`safeguard_space='none'`) trains on with the safeguard `safeguard` switches to, and a run with a safeguard "
+        "already on, or a second alarm, stops with the healthy weights (docs/safeguard.md).",
         choices=list(PATHOLOGY_ACTIONS),
     )
     probe_steps: int | None = option(

@@ -2,6 +2,6 @@
 
 import sys
 
-from ..cli.demo import main
+from ..cli.demo import command
 
-sys.exit(main())
+sys.exit(command())

@@ -32,6 +32,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import DiffusionSDPOConfig
 from ..config.extras import require_extra
+from ..config.messages import OutputExistsError, advice, replacing_refusal
 from ..trainer import DiffusionSDPOTrainer
 from .base_check import rebuild_and_check
 from .methods import GUARDS, METHODS, Method, method_unavailable, resolve_methods
@@ -49,32 +50,31 @@ from .report import (
 )
 from .shapes import Caption, colour_reward, split_captions
 
-__all__ = ["quiet_libraries", "run_demo", "run_pretrain", "train_preference"]
+__all__ = ["refuse_earlier_outputs", "run_demo", "run_pretrain", "train_preference"]
 
 
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Silence library warnings and loading bars (not the demo's own progress bars) inside the block."""
-    import datasets
-    import diffusers
-    import transformers
+# What the demo writes into its output folder, and what ``--pretrain`` writes into its own.
+DEMO_OUTPUTS = (
+    "summary.json",
+    "history.json",
+    "losses.png",
+    "lambda.png",
+    "breaking_regime.png",
+    "breaking_history.json",
+)
+PRETRAIN_OUTPUTS = ("base", "pretrain_report.json")
 
-    levels = (diffusers.logging.get_verbosity(), transformers.logging.get_verbosity())
-    datasets_bars = datasets.is_progress_bar_enabled()
-    diffusers.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    diffusers.logging.disable_progress_bar()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        diffusers.logging.set_verbosity(levels[0])
-        transformers.logging.set_verbosity(levels[1])
-        diffusers.logging.enable_progress_bar()
-        transformers.logging.enable_progress_bar()
-        if datasets_bars:
-            datasets.enable_progress_bars()
+
+def refuse_earlier_outputs(output_dir: str | Path, names: Sequence[str], writer: str, overwrite: bool) -> None:
+    """Refuse, unless ``overwrite``, an ``output_dir`` holding any of ``names`` (what ``writer`` writes there): an
+    earlier run's, which this one would replace. Before anything loads or trains."""
+    found = [name for name in names if os.path.exists(os.path.join(output_dir, name))]
+    if found and not overwrite:
+        ways = [
+            f"pass {advice('--overwrite', 'overwrite=True')} to replace them",
+            f"write to a new {advice('--output_dir', 'output_dir')}",
+        ]
+        raise OutputExistsError(replacing_refusal(str(output_dir), writer, ways, "an earlier run's files", found))
 
 
 @contextlib.contextmanager
@@ -298,13 +298,17 @@ def run_demo(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     echo: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the demo and write ``summary.json``, ``history.json``, ``losses.png`` and ``lambda.png`` into
     ``output_dir``, and with ``recipe.breaking`` ``breaking_regime.png`` and ``breaking_history.json``. Returns the
     summary; ``echo`` receives the console lines (stage headers, then the tables: the breaking regime's first).
 
-    The figures need matplotlib (the ``plots`` extra): without it this fails here, before any training.
+    An ``output_dir`` holding an earlier demo's files is refused unless ``overwrite``
+    (:class:`~trl_diffusion_sdpo.config.messages.OutputExistsError`). The figures need matplotlib (the ``plots``
+    extra): without it this fails here too. Both before any training.
     """
+    refuse_earlier_outputs(output_dir, DEMO_OUTPUTS, "the demo", overwrite)
     require_extra("plots", "matplotlib", "The demo's figures")  # now, not after minutes of training
 
     recipe = recipe or DemoRecipe()
@@ -502,9 +506,12 @@ def run_pretrain(
     recipe: PretrainRecipe | None = None,
     threads: int | None = 1,
     echo: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """``demo --pretrain``: rebuild the base from ``recipe`` (default: the shipped one's), check it, compare it with
-    the shipped base and save it to ``<output_dir>/base``. Returns the report (also in ``pretrain_report.json``)."""
+    the shipped base and save it to ``<output_dir>/base``. Returns the report (also in ``pretrain_report.json``).
+    An ``output_dir`` holding an earlier rebuild is refused unless ``overwrite``, before the pretraining."""
+    refuse_earlier_outputs(output_dir, PRETRAIN_OUTPUTS, "the base's rebuild", overwrite)
     recipe = recipe or PretrainRecipe()
     echo(f"Rebuilding the demo's base from recipe {recipe_hash(recipe)} (load average {_load_average()[0]:.2f})")
     with _torch_threads(threads):

@@ -37,7 +37,6 @@ from transformers.trainer import OPTIMIZER_NAME
 from ..families.preparation import reference_like_policy
 
 __all__ = [
-    "clip_gradients",
     "Engine",
     "fused_scaling_optimizer",
     "gradient_norm",
@@ -225,14 +224,6 @@ def local_gradient_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
     non-finite exactly where this process holds a non-finite gradient element (or the norm overflows)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     return torch.nn.utils.get_total_norm([g.to_local() if hasattr(g, "to_local") else g for g in grads])
-
-
-def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale the gradients by ``min(1, max_norm / (||g||_2 + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_`` does
-    (``clip_grads_with_norm_``); returns the pre-clip norm ``||g||_2``."""
-    norm = gradient_norm(parameters)
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-    return norm
 
 
 def fused_scaling_optimizer(
