@@ -12,14 +12,28 @@ steps (warmup round excluded).
 
     python benchmarks/speed/safeguard_op_counts.py --before 0291633 \\
         --json benchmarks/results/cpu-safeguard-op-counts-tiny.json
+
+The profiled step also records, at every nesting level (an autocast cast runs inside the operation it feeds), the
+operations that read a value back to the host (:data:`HOST_SYNCS`: on an accelerator each makes the host wait for
+the device) and the dtype casts (``aten::_to_copy``, with the elements they copy), each split into the backward
+pass, the optimizer's step and the rest of the step (the forward among it), and the most bytes the step held
+allocated beyond its start
+(``torch.profiler``'s memory events). Each timed step records its wall time and the main thread's CPU time (with one
+thread, the host's Python and the kernels together; at the tiny size the Python dominates). ``--bf16`` runs the
+trainer in bf16 mixed precision (CPU autocast), as a GPU run does:
+
+    python benchmarks/speed/safeguard_op_counts.py --before 0291633 --bf16 --rounds 30 --tunings full \\
+        --json benchmarks/results/one-pass/cpu-taps-autocast-host-tiny.json
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -35,7 +49,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from benchmarks import harness  # noqa: E402
 
-# module -> the sibling name its "before" copy is imported under, and the imports rewritten to the other copies
+# module -> the sibling name its "before" copy is imported under, and the imports rewritten to the other copies: the
+# per-layer taps and the one pass's store of ``--before``, run by today's safeguards (their store class swapped)
 BEFORE = {
     "trl_diffusion_sdpo/safeguards/gradients/layer_taps.py": (
         "trl_diffusion_sdpo.safeguards.gradients.layer_taps_before",
@@ -45,20 +60,7 @@ BEFORE = {
         "trl_diffusion_sdpo.safeguards.gradients.one_pass_before",
         {"from .layer_taps import": "from .layer_taps_before import"},
     ),
-    "trl_diffusion_sdpo/safeguards/update_space.py": ("trl_diffusion_sdpo.safeguards.update_space_before", {}),
-    "trl_diffusion_sdpo/safeguards/parameter.py": (
-        "trl_diffusion_sdpo.safeguards.parameter_before",
-        {
-            "from .update_space import": "from .update_space_before import",
-            # where the package keeps it now
-            "from ..step.optimizer import trainable_parameters": "from ..engines.base import trainable_parameters",
-        },
-    ),
 }
-
-
-# config fields an earlier checkout's safeguard modules read, at the values that keep them off
-OLD_FIELDS = {"safeguard_log_output_lambda": False}
 
 
 def load_before(commit: str) -> dict[str, object]:
@@ -82,18 +84,77 @@ def load_before(commit: str) -> dict[str, object]:
 
 SAFEGUARDS = {"parameter": {"safeguard_space": "parameter"}, "update": {"safeguard_space": "update"}}
 PAIRS = 4
+# Operations that read a tensor's value back to the host (``.item()``, ``bool()``, ``float()`` and ``.tolist()`` of
+# a device tensor end in ``_local_scalar_dense``; ``equal`` and ``is_nonzero`` return host values): on an
+# accelerator each waits for the device.
+HOST_SYNCS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal")
+CASTS = "aten::_to_copy"
+_BACKWARD = "autograd::engine::evaluate_function"
 
 
-def run(lora: bool, before: dict, rounds: int, workdir: str) -> dict:
+def _part(event) -> str:
+    """Where ``event`` ran: ``"backward"`` (under the backward pass), ``"optimizer"`` (under ``Optimizer.step``: a
+    CPU's fused AdamW reads its step counter per tensor, where an accelerator's kernel reads nothing back) or
+    ``"rest"`` (the batch, the forward, the safeguard's work around the backward, the logging)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(_BACKWARD):
+            return "backward"
+        if parent.name.startswith("Optimizer.step"):
+            return "optimizer"
+        parent = parent.cpu_parent
+    return "rest"
+
+
+def step_record(profile: torch.profiler.profile) -> dict:
+    """One profiled step: the top-level operations (:func:`count_operations`), the host syncs and casts at every
+    nesting level by where they ran (:func:`_part`), the elements the casts copied, and the most bytes held allocated
+    beyond the step's start."""
+    from trl_diffusion_sdpo.testing.operations import count_operations
+
+    counts = count_operations(profile)
+    parts = ("rest", "backward", "optimizer")
+    syncs = {part: collections.Counter() for part in parts}
+    casts = dict.fromkeys(parts, 0)
+    cast_elements = dict.fromkeys(parts, 0)
+    memory = []
+    for event in profile.events():
+        if event.self_cpu_memory_usage:
+            memory.append((event.time_range.start, event.self_cpu_memory_usage))
+        if event.name not in HOST_SYNCS and event.name != CASTS:
+            continue
+        part = _part(event)
+        if event.name == CASTS:
+            casts[part] += 1
+            shape = event.input_shapes[0] if event.input_shapes else []
+            cast_elements[part] += math.prod(shape) if shape else 0
+        else:
+            syncs[part][event.name] += 1
+    held = peak = 0
+    for _, change in sorted(memory):
+        held += change
+        peak = max(peak, held)
+    return {
+        "operations": sum(counts["all"].values()),
+        "operations_outside_backward": sum(counts["outside_backward"].values()),
+        "host_syncs": {part: dict(counter) for part, counter in syncs.items()},
+        "casts": casts,
+        "cast_elements": cast_elements,
+        "peak_bytes_above_start": peak,
+    }
+
+
+def run(lora: bool, before: dict, rounds: int, workdir: str, bf16: bool = False) -> dict:
     from conftest import fast_config_values, lora_config, pickapic_rows
     from datasets import Dataset
+    from transformers import TrainerCallback
 
     from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
     from trl_diffusion_sdpo.safeguards import safeguard_for
     from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
-    from trl_diffusion_sdpo.testing.operations import StepOperations
 
     names = ["dpo", "parameter", "parameter_before", "update", "update_before"]
+    names = names if before else [name for name in names if not name.endswith("before")]
     steps = (rounds + 2) * len(names)  # a warmup round, the timed rounds, the profiled round
     pipeline = build_tiny_sd_pipeline(seed=0, tokenizer_dir=f"{workdir}/tok-{lora}")
     args = DiffusionSDPOConfig(
@@ -102,6 +163,7 @@ def run(lora: bool, before: dict, rounds: int, workdir: str) -> dict:
             "max_steps": steps,
             "logging_steps": 10**6,
             "per_device_train_batch_size": PAIRS,
+            "bf16": bf16,
         }
     )
     dataset = Dataset.from_list(pickapic_rows(PAIRS))  # one batch per epoch: every step reads the same rows
@@ -109,59 +171,77 @@ def run(lora: bool, before: dict, rounds: int, workdir: str) -> dict:
         pipeline, args=args, train_dataset=dataset, peft_config=lora_config() if lora else None
     )
     trainable = sum(p.numel() for p in trainer.family.denoiser.parameters() if p.requires_grad)
-    old_parameter = before["trl_diffusion_sdpo/safeguards/parameter.py"]
-    old_store = before["trl_diffusion_sdpo/safeguards/gradients/one_pass.py"].OnePassBranchGradients
+    old_one_pass = before.get("trl_diffusion_sdpo/safeguards/gradients/one_pass.py")
     safeguards = {"dpo": trainer.safeguard}
     for name in names[1:]:
-        space = name.split("_")[0]
         config = copy.copy(trainer.args)
-        for field, value in {"safeguard_space": "output", **SAFEGUARDS[space]}.items():
+        for field, value in {"safeguard_space": "output", **SAFEGUARDS[name.split("_")[0]]}.items():
             setattr(config, field, value)
+        safeguard = safeguard_for(config, trainer.engine, lora=lora, trainable_elements=trainable)
         if name.endswith("before"):
-            cls = old_parameter.UpdateSpace if space == "update" else old_parameter.ParameterSpace
-            for field, value in OLD_FIELDS.items():  # fields the earlier modules read that the config has dropped
-                if not hasattr(config, field):
-                    setattr(config, field, value)
-            safeguard = cls(config, trainer.engine, lora=lora, trainable_elements=trainable)
-            safeguard.backward_stage.collectives.one_pass_store_class = old_store
-        else:
-            safeguard = safeguard_for(config, trainer.engine, lora=lora, trainable_elements=trainable)
+            safeguard.backward_stage.collectives.one_pass_store_class = old_one_pass.OnePassBranchGradients
         safeguards[name] = safeguard
     times: dict[str, list[float]] = {name: [] for name in names}
-    clock = {"start": 0.0}
-
-    def before_step(step: int) -> None:
-        trainer.safeguard = safeguards[names[step % len(names)]]
-        clock["start"] = time.perf_counter()
-
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
+    records: dict[str, dict] = {}
     profiled = len(names) * (rounds + 1)
-    counter = StepOperations(lambda step: step >= profiled, before_step, whole_step=True)
 
-    class Timer(counter.__class__.__bases__[0]):
+    class Steps(TrainerCallback):
+        """Each whole step (from the previous step's ``on_step_end`` to its own) runs the next safeguard in turn;
+        the timed rounds are clocked, the last round profiled."""
+
+        def __init__(self) -> None:
+            self.profile: torch.profiler.profile | None = None
+            self.clock = (0.0, 0.0)
+
+        def begin(self, step: int) -> None:
+            trainer.safeguard = safeguards[names[step % len(names)]]
+            if step >= profiled:
+                self.profile = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True
+                )
+                self.profile.__enter__()
+            self.clock = (time.perf_counter(), time.thread_time())
+
+        def on_train_begin(self, args_, state, control, **kwargs):
+            self.begin(state.global_step)
+
         def on_step_end(self, args_, state, control, **kwargs):
+            wall, cpu = time.perf_counter() - self.clock[0], time.thread_time() - self.clock[1]
             step = state.global_step - 1
-            if len(names) <= step < profiled:
-                times[names[step % len(names)]].append(time.perf_counter() - clock["start"])
+            name = names[step % len(names)]
+            if self.profile is not None:
+                self.profile.__exit__(None, None, None)
+                records[name] = step_record(self.profile)
+                self.profile = None
+            elif step >= len(names):
+                times[name].append(wall)
+                cpu_times[name].append(cpu)
+            if state.global_step < state.max_steps:
+                self.begin(state.global_step)
 
-    trainer.add_callback(Timer())
-    trainer.add_callback(counter)
+    trainer.add_callback(Steps())
     trainer.train()
-    counts = {names[step % len(names)]: record for step, record in counter.records.items()}
     rows = {}
     for name in names:
-        every, outside = sum(counts[name]["all"].values()), sum(counts[name]["outside_backward"].values())
         rows[name] = {
-            "operations": every,
-            "operations_outside_backward": outside,
+            **records[name],
             "median_step_s": statistics.median(times[name]),
+            "median_step_thread_cpu_s": statistics.median(cpu_times[name]),
             "step_times_s": times[name],
+            "step_thread_cpu_s": cpu_times[name],
             "two_pass_reason": getattr(getattr(safeguards[name], "backward_stage", None), "two_pass_reason", None),
         }
     dpo = rows["dpo"]
-    for row in rows.values():
+    for name, row in rows.items():
         row["operations_ratio_to_dpo"] = row["operations"] / dpo["operations"]
         row["outside_backward_ratio_to_dpo"] = row["operations_outside_backward"] / dpo["operations_outside_backward"]
         row["step_ratio_to_dpo"] = row["median_step_s"] / dpo["median_step_s"]
+        row["thread_cpu_ratio_to_dpo"] = row["median_step_thread_cpu_s"] / dpo["median_step_thread_cpu_s"]
+        # paired by round: each safeguard's step against the Diffusion-DPO step of its own round
+        row["median_paired_thread_cpu_ratio_to_dpo"] = statistics.median(
+            mine / base for mine, base in zip(cpu_times[name], cpu_times["dpo"])
+        )
     return {"trained_tensors": sum(1 for p in trainer.family.denoiser.parameters() if p.requires_grad), "rows": rows}
 
 
@@ -169,30 +249,47 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", default="main", help="the commit whose safeguard modules are 'before'")
     parser.add_argument("--rounds", type=int, default=6, help="timed steps per safeguard")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CPU autocast)")
+    parser.add_argument("--tunings", default="full,lora_r4", help="of full, lora_r4")
+    parser.add_argument(
+        "--checkout",
+        default=None,
+        help="run the package (and tests' helpers) of this checkout instead, with no 'before' rows: a whole checkout "
+        "against this one, one process each",
+    )
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if opts.checkout:
+        sys.path[:0] = [opts.checkout, str(Path(opts.checkout) / "tests")]
     commit = subprocess.run(["git", "rev-parse", opts.before], cwd=ROOT, check=True, capture_output=True, text=True)
-    before = load_before(opts.before)
+    here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True, capture_output=True, text=True)
+    before = {} if opts.checkout else load_before(opts.before)
+    tunings = opts.tunings.split(",")
     with tempfile.TemporaryDirectory(prefix="op-counts-") as workdir:
         result = {
             "machine": harness.machine_description("cpu", 1),
             "settings": {
-                "before": commit.stdout.strip(),
+                "before": None if opts.checkout else commit.stdout.strip(),
+                "after": here.stdout.strip(),
+                "checkout": opts.checkout,
                 "rounds": opts.rounds,
                 "pairs": PAIRS,
                 "resolution": 32,
+                "precision": "bf16 mixed precision (CPU autocast)" if opts.bf16 else "float32",
                 "window": "a whole optimizer step: from the previous step's on_step_end to its own",
             },
-            "full": run(False, before, opts.rounds, workdir),
-            "lora_r4": run(True, before, opts.rounds, workdir),
+            **{tuning: run(tuning == "lora_r4", before, opts.rounds, workdir, opts.bf16) for tuning in tunings},
         }
-    for tuning in ("full", "lora_r4"):
+    for tuning in tunings:
         for name, row in result[tuning]["rows"].items():
             print(
                 f"{tuning:8s} {name:17s} ops {row['operations']:6d} x{row['operations_ratio_to_dpo']:.3f}  outside "
                 f"backward {row['operations_outside_backward']:5d} x{row['outside_backward_ratio_to_dpo']:.3f}  "
-                f"step {row['median_step_s']:.3f} s x{row['step_ratio_to_dpo']:.3f}"
+                f"step {row['median_step_s']:.3f} s x{row['step_ratio_to_dpo']:.3f}  thread cpu "
+                f"{row['median_step_thread_cpu_s']:.3f} s x{row['median_paired_thread_cpu_ratio_to_dpo']:.3f}  "
+                f"syncs {row['host_syncs']}  casts {row['casts']} ({row['cast_elements']} elements)  peak "
+                f"{row['peak_bytes_above_start'] / 2**20:.2f} MiB"
             )
     if opts.json:
         Path(opts.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -194,10 +194,19 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``: itself where it already is (no operation), else a cast."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class _LinearTap(torch.autograd.Function):
     """The layer's output as its own forward computed it (``computed``: ``(output,)``, made without autograd); the
     backward: the input gradient over all rows, the weight's per-group gradients in one batched matmul and the
-    bias's in one sum, each written into its view."""
+    bias's in one sum, each written into its view.
+
+    ``x`` is the input the layer computed with (under autocast, cast by the pre-hook); ``weight`` the layer's own
+    (under autocast, in float32 where the layer's forward read a cast of it): the backward casts it to the output
+    gradient's dtype for the input gradient, so the forward keeps no second copy of it."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass, computed: tuple[torch.Tensor]):
@@ -209,7 +218,7 @@ class _LinearTap(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         layer, tap = ctx.layer, ctx.tap
-        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_x = grad.matmul(_as(weight, grad.dtype)) if ctx.needs_input_grad[0] else None
         per_group_g_t = _grouped_transposed(grad, tap.groups)  # [groups, out, rows]
         index = layer.weight
         if index is not None:
@@ -239,9 +248,9 @@ def _grouped_transposed(grad: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class _ConvTap(torch.autograd.Function):
-    """As :class:`_LinearTap` for a convolution: per group of rows, one ``convolution_backward`` call gives that
-    group's input, weight and bias gradients (the calls together: the FLOPs of one over all rows); the input
-    gradients are joined, the weight's and the bias's stacked into their views."""
+    """As :class:`_LinearTap` for a convolution (the weight cast in the backward as there): per group of rows, one
+    ``convolution_backward`` call gives that group's input, weight and bias gradients (the calls together: the FLOPs
+    of one over all rows); the input gradients are joined, the weight's and the bias's stacked into their views."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass, computed: tuple[torch.Tensor]):
@@ -257,6 +266,7 @@ class _ConvTap(torch.autograd.Function):
         needs_x = ctx.needs_input_grad[0]
         mask = (needs_x, want_w, want_b)
         bias_sizes = [weight.shape[0]] if want_b else None
+        weight = _as(weight, grad.dtype)  # as for a linear layer: the dtype the layer computed in
         parts = [
             _CONV_BACKWARD(g, xs, weight, bias_sizes, *layer.conv_args, mask)
             for g, xs in zip(grad.chunk(tap.groups), x.chunk(tap.groups))
@@ -285,6 +295,14 @@ class _NormTap(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         layer, tap = ctx.layer, ctx.tap
         module = layer.module
+        # The dtype the layer computed in is its output's (a norm's output is its input's dtype, the affine weights
+        # may be wider): autocast's float32 policy for norms (CUDA's) cast the input and the weights to it; the
+        # input is kept as the layer received it and cast here, so the forward keeps no second, wider copy
+        dtype = grad.dtype
+        x = _as(x, dtype)
+        if dtype == torch.float32:
+            weight = _as(weight, dtype) if weight is not None else None
+            bias = _as(bias, dtype) if bias is not None else None
         want_w, want_b = layer.weight is not None, ctx.has_bias and layer.bias is not None
         needs_x = ctx.needs_input_grad[0]
         mask = (needs_x, want_w, want_b)
@@ -301,11 +319,11 @@ class _NormTap(torch.autograd.Function):
             if isinstance(module, nn.GroupNorm):
                 n, c = xs.shape[:2]
                 hw = xs.numel() // max(n * c, 1)
-                _, mean, rstd = _GROUP_NORM(xs, None, None, n, c, hw, module.num_groups, module.eps)
+                _, mean, rstd = _GROUP_NORM(xs, weight, bias, n, c, hw, module.num_groups, module.eps)
                 parts.append(_GROUP_NORM_BACKWARD(g, ds, mean, rstd, weight, n, c, hw, module.num_groups, mask))
             else:
                 shape = module.normalized_shape
-                _, mean, rstd = _LAYER_NORM(xs, shape, None, None, module.eps)
+                _, mean, rstd = _LAYER_NORM(xs, shape, weight, bias, module.eps)
                 parts.append(_LAYER_NORM_BACKWARD(g, ds, shape, mean, rstd, weight, bias, mask))
         if want_w:
             layer.stack(layer.weight, [part[1] for part in parts], tap)
@@ -396,21 +414,30 @@ def _hooks(layer: _Layer, current: _Current) -> tuple[Callable, Callable]:
     module = layer.module
     recompute = layer.kind == "recompute"
     function = None if recompute else _FUNCTIONS[layer.kind]
-    norm = layer.kind == "norm"
+    # linear and convolution layers run in autocast's lower precision on every device: their input is cast once, by
+    # the pre-hook, and the layer's own forward and the tap's backward both read that cast
+    casts_input = layer.kind in ("linear", "conv")
     names = [name for name, _ in layer.slots]
 
-    def before(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         tap = current.tap
         if tap is None or not torch.is_grad_enabled():
-            return
+            return None
         refusal = _refusal(layer, tap, args, kwargs)
         if refusal is not None:
             tap.failures.append(refusal)
-            return
+            return None
+        changed = None
+        x = args[0]
+        if casts_input and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if x.dtype != dtype and x.dtype != torch.float64:  # what autocast casts (it leaves float64 alone)
+                changed = ((x.to(dtype),), kwargs)  # recorded by autograd: the cast's backward reaches x
         # the layer's own forward without autograd, as an autograd function's forward runs: the tap's function
         # records the output instead (after), and autograd keeps nothing of the layer's own
         layer.pending = True
         torch.set_grad_enabled(False)
+        return changed
 
     def after(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not layer.pending:
@@ -421,16 +448,8 @@ def _hooks(layer: _Layer, current: _Current) -> tuple[Callable, Callable]:
         if recompute:
             weights = [getattr(module, name) for name in names]
             return _RecomputeTap.apply(x, layer, tap, (output,), _autocast_dtype(x), *weights)
-        weight, bias = module.weight, module.bias
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type) and x.is_floating_point():
-            # autocast's policy (linear and convolution in its dtype, norms in float32): the tap's backward reads
-            # the input and the weights in the dtype the layer computed in
-            dtype = torch.float32 if norm else torch.get_autocast_dtype(device_type)
-            weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
-            with torch.autocast(device_type, enabled=False):
-                return function.apply(x.to(dtype), weight, bias, layer, tap, (output,))
-        return function.apply(x, weight, bias, layer, tap, (output,))
+        # the weights as the layer holds them: a backward casts them where the layer computed in another dtype
+        return function.apply(x, module.weight, module.bias, layer, tap, (output,))
 
     return before, after
 
