@@ -23,7 +23,9 @@ thread, the host's Python and the kernels together; at the tiny size the Python 
 trainer in bf16 mixed precision (CPU autocast), as a GPU run does:
 
     python benchmarks/speed/safeguard_op_counts.py --before 0291633 --bf16 --rounds 30 --tunings full \\
-        --json benchmarks/results/one-pass/cpu-taps-autocast-host-tiny.json
+        --pass-rounds 100 --json benchmarks/results/one-pass/cpu-taps-autocast-host-tiny.json
+
+``--pass-rounds`` adds the tapped pass alone, its parts timed apart (:func:`pass_host_times`).
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ def run(lora: bool, before: dict, rounds: int, workdir: str, bf16: bool = False)
 
     class Steps(TrainerCallback):
         """Each whole step (from the previous step's ``on_step_end`` to its own) runs the next safeguard in turn;
-        the timed rounds are clocked, the last round profiled."""
+        the timed rounds are clocked, the final one profiled."""
 
         def __init__(self) -> None:
             self.profile: torch.profiler.profile | None = None
@@ -245,6 +247,62 @@ def run(lora: bool, before: dict, rounds: int, workdir: str, bf16: bool = False)
     return {"trained_tensors": sum(1 for p in trainer.family.denoiser.parameters() if p.requires_grad), "rows": rows}
 
 
+def pass_host_times(before: dict, rounds: int, bf16: bool) -> dict:
+    """The tapped pass alone on the tiny UNet (full tuning, 4 pairs, :mod:`one_pass_model`), now and with the taps of
+    ``--before``, beside Diffusion-DPO's forward and backward: per route the median main-thread CPU time (one thread:
+    the host's Python and the kernels) of ``rounds`` rounds, the routes alternating within each round (the first three
+    rounds left out). ``install``: entering and leaving the taps' block with nothing inside (the hooks registered and
+    removed, or the forwards replaced and put back); ``forward``: the tapped forward; ``pass``: forward, backward."""
+    from benchmarks.speed.one_pass_model import build, cotangents
+    from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
+
+    unet, inputs, target = build("tiny", False, PAIRS)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    stores = {"now": OnePassBranchGradients(unet, params)}
+    if before:
+        old = before["trl_diffusion_sdpo/safeguards/gradients/one_pass.py"]
+        stores["before"] = old.OnePassBranchGradients(unet, params)
+
+    def precision() -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def forward() -> torch.Tensor:
+        with precision():
+            return unet(*inputs, return_dict=False)[0].float()
+
+    def backward(out: torch.Tensor) -> None:
+        out.backward(cotangents(out, target))
+        for p in params:
+            p.grad = None
+
+    routes = {"dpo forward": forward, "dpo pass": lambda: backward(forward())}
+    for name, store in stores.items():
+
+        def install(store=store) -> None:
+            with store.taps.tapping(2, destination=store._destination):
+                pass
+
+        def tapped_forward(store=store) -> None:
+            with store.split(2):
+                forward()
+
+        def tapped_pass(store=store) -> None:
+            with store.split(2):
+                backward(forward())
+
+        routes.update({f"{name} install": install, f"{name} forward": tapped_forward, f"{name} pass": tapped_pass})
+    times: dict[str, list[float]] = {route: [] for route in routes}
+    for _ in range(rounds + 3):
+        for route, run_route in routes.items():
+            start = time.thread_time()
+            run_route()
+            times[route].append(time.thread_time() - start)
+    return {
+        "tapped_layers": len(stores["now"].taps.layers),
+        "median_thread_cpu_ms": {route: 1e3 * statistics.median(t[3:]) for route, t in times.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", default="main", help="the commit whose safeguard modules are 'before'")
@@ -256,6 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="run the package (and tests' helpers) of this checkout instead, with no 'before' rows: a whole checkout "
         "against this one, one process each",
+    )
+    parser.add_argument(
+        "--pass-rounds", type=int, default=0, help="also time the tapped pass alone this many rounds (pass_host_times)"
     )
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(argv)
@@ -281,6 +342,10 @@ def main(argv: list[str] | None = None) -> dict:
             },
             **{tuning: run(tuning == "lora_r4", before, opts.rounds, workdir, opts.bf16) for tuning in tunings},
         }
+        if opts.pass_rounds:
+            result["passes"] = pass_host_times(before, opts.pass_rounds, opts.bf16)
+            for route, ms in result["passes"]["median_thread_cpu_ms"].items():
+                print(f"pass {route:16s} {ms:8.2f} ms")
     for tuning in tunings:
         for name, row in result[tuning]["rows"].items():
             print(

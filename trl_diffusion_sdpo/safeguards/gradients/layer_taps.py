@@ -24,9 +24,16 @@ The taps are module hooks, installed for one pass by :meth:`LayerTaps.tapping` a
 pre-hook runs the layer's own forward without autograd (as an autograd function's forward runs), and a forward hook
 (run before any other library's) hands its output to autograd through the tap's function, which keeps the input for
 the backward. A tap's work in the backward is a fixed number of operations per layer (a linear layer's: five with a
-bias), whatever its shape, with no per-parameter views, copies or casts: what a layer needs (its weights' indices, a
+bias), whatever its shape, with no per-parameter views or copies: what a layer needs (its weights' indices, a
 convolution's arguments, resolved aten overloads) is looked up when it is built, and the views it writes into are
 asked of ``destination`` once per pass.
+
+Under autocast the forward casts what an untapped layer's does: the pre-hook casts a linear or convolution layer's
+input to autocast's dtype (autocast then leaves it as it is), the layer casts its weights, and the tap keeps
+the weights as the layer holds them; its backward casts a weight to the output gradient's dtype where they differ
+(one cast per linear or convolution layer), so no second copy of a weight is held from the forward to the backward.
+A norm's input is kept as the layer received it and cast in the backward to the dtype the layer computed in (its
+output's: float32 under CUDA's autocast, the input's under the CPU's).
 
 Rows are grouped as the layer sees them: the first ``1/groups`` of the leading dimension is group 0, and so on, which
 holds when the leading dimension is the batch or the batch times a per-sample axis (tokens, pixels, frames), as in
