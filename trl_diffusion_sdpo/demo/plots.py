@@ -167,7 +167,10 @@ def breaking_regime_figure(
     titles = ["base", *(f"step {s}" + (" (end)" if s == steps[-1] else "") for s in steps)]
     gap = max(1, image_size // 16)
     # inches: a strip's height, the label column, the gaps; the figure is sized so that every strip fits whole
-    strip_height, label, gap_x, gap_y, bottom = 0.6, 1.9, 0.12, 0.3, 0.25
+    labels = {key: _row_label(row) for key, row in rows.items()}
+    # the label column fits the longest label line (about 13 characters of 9-point text to the inch)
+    longest = max(len(line) for text in labels.values() for line in text.splitlines())
+    strip_height, label, gap_x, gap_y, bottom = 0.6, max(1.9, 0.2 + longest / 13), 0.12, 0.3, 0.25
     strip_width = strip_height * (len(prompts) * (image_size + gap) - gap) / image_size
     width = label + len(titles) * strip_width + (len(titles) - 1) * gap_x + 0.1
     heading = [
@@ -204,12 +207,10 @@ def breaking_regime_figure(
             if j > 0:
                 change = row["reward_change"][steps[j - 1]]
                 ax.set_xlabel(f"reward {change:+.3f}", fontsize=8, labelpad=1)
-        end = row["reward_change"][steps[-1]]
-        rewound = f"\n{rewind_text(row['rewind'])}" if "rewind" in row else ""
         axes[i, 0].text(
             -0.03,
             0.5,
-            f"{row['label']}\nreward {end:+.3f}{rewound}",
+            labels[key],
             transform=axes[i, 0].transAxes,
             ha="right",
             va="center",
@@ -218,6 +219,13 @@ def breaking_regime_figure(
         )
     fig.suptitle("\n".join(lines), fontsize=9)
     return fig
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    """A row's label: its method, its held-out reward change at the end and, for a rewinding row, its rewinds."""
+    steps = list(row["reward_change"])
+    text = f"{row['label']}\nreward {row['reward_change'][steps[-1]]:+.3f}"
+    return text + (f"\n{rewind_text(row['rewind'])}" if "rewind" in row else "")
 
 
 def plot_breaking_regime(

@@ -525,10 +525,8 @@ def _run_demo(
         echo(line)
     names = ["breaking_regime.png", "breaking_history.json"] if breaking is not None else []
     names += ["summary.json", "history.json", "losses.png", *(["lambda.png"] if safeguarded else [])]
-    echo(
-        f"Wrote {', '.join(names[:-1])} and {names[-1]} to {out} ({timings['total_seconds'] / 60:.1f} min, load "
-        f"average {summary['environment']['load_average_end'][0]:.1f})"
-    )
+    # The machine's load goes to summary.json (environment), beside the timings it qualifies, not to the console.
+    echo(f"Wrote {', '.join(names[:-1])} and {names[-1]} to {out} ({timings['total_seconds'] / 60:.1f} min)")
     return summary
 
 
@@ -544,7 +542,7 @@ def run_pretrain(
     An ``output_dir`` holding an earlier rebuild is refused unless ``overwrite``, before the pretraining."""
     refuse_earlier_outputs(output_dir, PRETRAIN_OUTPUTS, "the base's rebuild", overwrite)
     recipe = recipe or PretrainRecipe()
-    echo(f"Rebuilding the demo's base from recipe {recipe_hash(recipe)} (load average {_load_average()[0]:.2f})")
+    echo(f"Rebuilding the demo's base from recipe {recipe_hash(recipe)}")
     with _torch_threads(threads):
         report = rebuild_and_check(recipe, output_dir, echo=echo)
     check = report["check"]
