@@ -103,3 +103,32 @@ def test_a_run_that_stops_early_stands_for_the_evaluation_steps_it_did_not_reach
         finished.on_step_end(None, state, None)
     finished.on_train_end(None, state, None)
     assert sampled == [25, 50]  # a run that reached the end is not sampled again
+
+
+class _Built(Exception):
+    """Raised by the stand-in trainer once it has what the demo gave it."""
+
+
+def test_the_rewinding_row_reads_its_own_probe_pairs_and_trains_on_the_other_rows_data(monkeypatch):
+    from datasets import Dataset
+
+    from trl_diffusion_sdpo.demo import run as run_module
+    from trl_diffusion_sdpo.demo.pretrain import PretrainRecipe, load_base
+    from trl_diffusion_sdpo.demo.recipe import DemoRecipe
+
+    seen: dict[str, dict] = {}
+
+    def trainer(pipeline, ref_model, args, train_dataset, eval_dataset=None, **kwargs):
+        seen[current] = {"train": train_dataset, "eval": eval_dataset, "probe_steps": args.probe_steps}
+        raise _Built
+
+    monkeypatch.setattr(run_module, "DiffusionSDPOTrainer", trainer)
+    base, _, _ = load_base(PretrainRecipe())
+    pairs, probe_pairs = Dataset.from_list([{"prompt": "a"}]), Dataset.from_list([{"prompt": "b"}])
+    recipe = DemoRecipe.quick()
+    for current in ("dpo", "guard-rewind"):
+        with pytest.raises(_Built):
+            run_module.train_preference(base, pairs, recipe, GUARDS[current], 0, probe_pairs=probe_pairs)
+    assert seen["dpo"] == {"train": pairs, "eval": None, "probe_steps": None}
+    assert seen["guard-rewind"]["train"] is pairs and seen["guard-rewind"]["eval"] is probe_pairs
+    assert seen["guard-rewind"]["probe_steps"] == GUARDS["guard-rewind"].config_kwargs()["probe_steps"]
