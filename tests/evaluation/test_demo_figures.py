@@ -109,11 +109,11 @@ def _outside(fig: Figure) -> list[str]:
     return [t for t, box in _texts(fig) if box.x0 < -1 or box.y0 < -1 or box.x1 > width + 1 or box.y1 > height + 1]
 
 
-def _breaking_inputs(rows: int = 7, prompts: int = 6, size: int = 32):
+def _breaking_inputs(rows: int = 8, prompts: int = 6, size: int = 32):
     rng = np.random.default_rng(1)
     keys = ["dpo", *(f"guard-{i}" for i in range(1, rows))]
-    labels = ["Diffusion-DPO", "SDPO output mu=0.5", "SDPO output mu=auto", "DPO max_margin=5"]
-    labels += ["DPO sft_weight=1", "DPO auto_beta", "DPO ema_decay=0.99"]
+    labels = ["Diffusion-DPO", "SDPO output mu=0.5", "DPO on_pathology=rewind", "SDPO output mu=auto"]
+    labels += ["DPO max_margin=5", "DPO sft_weight=1", "DPO auto_beta", "DPO ema_decay=0.99"]
     regime = {
         "settings": {
             "learning_rate": 2e-4,
@@ -128,6 +128,9 @@ def _breaking_inputs(rows: int = 7, prompts: int = 6, size: int = 32):
             key: {"label": label, "reward_change": {"25": -0.077, "50": -0.096}} for key, label in zip(keys, labels)
         },
     }
+    for row in regime["methods"].values():  # the rewinding row's label carries its rewinds and stop
+        if "rewind" in row["label"]:
+            row["rewind"] = {"rewinds": [[10, 0], [20, 0]], "stopped_at": 20}
     names = ["red square on black", "green square on black", "blue circle on white", "yellow square on white"]
     names += ["purple triangle on white", "orange square on black"]
     images = {key: rng.random((3, prompts, size, size, 3)) for key in keys}
@@ -193,7 +196,7 @@ def test_lambda_legend_sits_off_the_curves_and_no_text_overlaps():
 # ---------------------------------------------------------------------------------------- breaking_regime.png
 
 
-@pytest.mark.parametrize("rows,prompts", [(7, 6), (2, 6), (7, 3)])
+@pytest.mark.parametrize("rows,prompts", [(8, 6), (2, 6), (8, 3)])
 def test_breaking_regime_figure_texts_neither_overlap_nor_leave_the_figure(rows, prompts):
     regime, names, images, size = _breaking_inputs(rows, prompts)
     fig = breaking_regime_figure(regime, names, images, size)

@@ -6,11 +6,12 @@ the device (:func:`machine_choices`).
 A config field left unset (``None``) takes its value here: ``learning_rate``, ``beta`` and ``safeguard_mu`` per model
 family, objective and tuning, ``safeguard_space`` offline and online. The model families declare their own values as
 data (``default_beta`` with ``beta_source``, ``authors_safeguard_mu`` with ``safeguard_mu_source``,
-``default_learning_rate`` with ``learning_rate_source`` for LoRA); :func:`default_table` reads them into entries
-beside the package's, and :func:`resolve_default` picks the most specific entry that matches the run: a base model's
-own entry over its family's, a family's over the package's, an entry naming the objective, the tuning or the mode
-over one that does not. Every text that states one of these defaults (the start summary, ``--help``, the docs, the
-shipped YAML comments) reads it from here or is tested against it.
+``default_learning_rate`` with ``learning_rate_source`` for LoRA, and the training mechanics a user may set,
+:data:`FAMILY_MECHANICS`, which the families read back through :func:`resolve_default`); :func:`default_table`
+reads them into entries beside the package's, and :func:`resolve_default` picks the most specific entry that matches
+the run: a base model's own entry over its family's, a family's over the package's, an entry naming the objective,
+the tuning or the mode over one that does not. Every text that states one of these defaults (the start summary,
+``--help``, the docs, the shipped YAML comments) reads it from here or is tested against it.
 
 No field's value depends on the machine: the config holds the same values on a laptop and on a GPU node. What does
 depend on it (data-loading workers, non-blocking copies, a progress bar or a line per log) is decided for the
@@ -31,6 +32,7 @@ from typing import Any
 __all__ = [
     "ANY",
     "DATA_WORKERS",
+    "FAMILY_MECHANICS",
     "LEARNING_RATE_RANGES",
     "MACHINE_FIELDS",
     "PACKAGE_DEFAULTS",
@@ -174,14 +176,31 @@ PACKAGE_DEFAULTS: tuple[DefaultEntry, ...] = (
 )
 
 
+#: the config fields whose unset value is a model family's training mechanics, and the attribute where the family
+#: declares it (flow families: noise-level sampling, shift, prompt length, guidance embedding; every family that
+#: inverts: the inversion grid's length). The family's comment beside each attribute names its recipe.
+FAMILY_MECHANICS = {
+    "flow_weighting_scheme": "default_weighting_scheme",
+    "flow_shift": "default_flow_shift",
+    "max_sequence_length": "default_max_sequence_length",
+    "flux_guidance_scale": "default_guidance_scale",
+    "inversion_steps": "default_inversion_steps",
+}
+
+
 def default_table(family: Any = None) -> tuple[DefaultEntry, ...]:
     """The package's entries and those ``family`` (a ``ModelFamily`` class or instance) declares as data:
-    ``default_beta`` (with ``beta_source``), ``default_learning_rate`` (LoRA, with ``learning_rate_source``) and
-    ``authors_safeguard_mu`` (per ``loss_type``, ``"*"``: every one, with ``safeguard_mu_source``)."""
+    ``default_beta`` (with ``beta_source``), ``default_learning_rate`` (LoRA, with ``learning_rate_source``),
+    ``authors_safeguard_mu`` (per ``loss_type``, ``"*"``: every one, with ``safeguard_mu_source``) and its training
+    mechanics (:data:`FAMILY_MECHANICS`)."""
     if family is None:
         return PACKAGE_DEFAULTS
     scope = f"family {family.name}"
-    entries = []
+    entries = [
+        DefaultEntry(field, getattr(family, attribute), f"{family.name}'s training recipe ({attribute})", scope)
+        for field, attribute in FAMILY_MECHANICS.items()
+        if hasattr(family, attribute)
+    ]
     beta = getattr(family, "default_beta", None)
     if beta is not None:
         entries.append(DefaultEntry("beta", float(beta), family.beta_source, scope))
@@ -417,6 +436,13 @@ def machine_choices(
     else:
         given = bool(getattr(config.accelerator_config, "non_blocking", False))
         choices["non_blocking"] = ResolvedDefault("non_blocking", given, "as given", given=True)
+
+    for name, value in getattr(config, "launch_choices", {}).items():
+        why = (
+            f"{processes} processes launched without CUDA: accelerate joins them only on the CPU over gloo (set when "
+            "the config was made: transformers sets up the processes from it)"
+        )
+        choices[name] = ResolvedDefault(name, value, why, MACHINE)
 
     if _still_unset(config, "disable_tqdm") and not config.disable_tqdm and not terminal:
         config.disable_tqdm = True

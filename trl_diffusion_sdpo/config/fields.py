@@ -423,12 +423,18 @@ class DiffusionSDPOConfig(TrainingArguments):
         # Every rule the config alone can decide: each field's, those over several fields and the chosen
         # objective's own (rules.check_config).
         check_config(self)
+        #: what the config itself set for a multi-process launch without CUDA (the start summary prints it,
+        #: ``config.defaults.machine_choices``)
+        self.launch_choices: dict[str, Any] = {}
         if _launched_on_cpu_only():
             # Several processes, no GPU: without these, accelerate finds no device backend and runs each process as a
-            # lone one (no gradient sync), and under DeepSpeed disagrees with it on the number of processes.
+            # lone one (no gradient sync), and under DeepSpeed disagrees with it on the number of processes. Decided
+            # here, not by the trainer: transformers' __post_init__ below sets up accelerate's processes from them.
             if self.ddp_backend is None:
-                self.ddp_backend = "gloo"
+                self.ddp_backend = self.launch_choices["ddp_backend"] = "gloo"
             if not self.deepspeed and not strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+                if not self.use_cpu:
+                    self.launch_choices["use_cpu"] = True
                 self.use_cpu = True
         super().__post_init__()
         #: the fields of ``MACHINE_FIELDS`` the caller left unset, with the value transformers gave them: the trainer

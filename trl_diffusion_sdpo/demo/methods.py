@@ -31,6 +31,13 @@ class Method:
     config: tuple[tuple[str, Any], ...] = ()
     log_output_lambda: bool = False
 
+    @property
+    def probes(self) -> bool:
+        """Whether the method runs the held-out probe (``probe_steps``), which then reads pairs of its own: the demo
+        samples them from the training captions with other noise (never trained on), so the training data stays the
+        other rows'."""
+        return dict(self.config).get("probe_steps") is not None
+
     def config_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"safeguard_space": (self.safeguard_space or "output") if self.safeguard else "none"}
         if self.safeguard_mu is not None:
@@ -65,6 +72,12 @@ GUARDS: dict[str, Method] = {
     for m in (
         METHODS["dpo"],
         Method("sdpo-output-mu0.5", "SDPO output mu=0.5", safeguard=True, safeguard_mu=0.5),
+        Method(
+            "guard-rewind",
+            "DPO on_pathology=rewind",
+            safeguard=False,
+            config=(("on_pathology", "rewind"), ("probe_steps", 5), ("probe_pairs", 8)),
+        ),
         Method("guard-auto-mu", "SDPO output mu=auto", safeguard=True, safeguard_mu="auto"),
         Method("guard-max-margin", "DPO max_margin=5", safeguard=False, config=(("max_margin", 5.0),)),
         Method("guard-sft", "DPO sft_weight=1", safeguard=False, config=(("sft_weight", 1.0),)),
@@ -74,9 +87,11 @@ GUARDS: dict[str, Method] = {
 }
 """The breaking regime's rows (:class:`~trl_diffusion_sdpo.demo.recipe.BreakingRegime`), as in
 ``benchmarks/results/cpu-stability-guards-demo.json``: Diffusion-DPO, the output-space safeguard at ``mu = 0.5`` (the
-package's default where the authors measured no ``mu``), ``safeguard_mu="auto"``, and Diffusion-DPO with each loss
-guard (``max_margin``, ``sft_weight``, ``auto_beta``) at the benchmark's values; then Diffusion-DPO with ``ema_decay``
-(not in the benchmark: it changes no training step, and the demo samples from the EMA weights as validation does)."""
+package's default where the authors measured no ``mu``), Diffusion-DPO with ``on_pathology="rewind"`` (not in the
+benchmark: its held-out probe every 5 steps on 8 pairs of its own, :attr:`Method.probes`), ``safeguard_mu="auto"``,
+and Diffusion-DPO with each loss guard (``max_margin``, ``sft_weight``, ``auto_beta``) at the benchmark's values;
+then Diffusion-DPO with ``ema_decay`` (not in the benchmark: it changes no training step, and the demo samples from
+the EMA weights as validation does)."""
 
 
 def method_unavailable(method: Method, config_class: type | None = None) -> str | None:

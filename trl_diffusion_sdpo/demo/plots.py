@@ -11,15 +11,25 @@ from typing import Any
 import numpy as np
 
 from ..config.extras import require_extra
+from .report import rewind_text
 
-require_extra("plots", "matplotlib", "The demo's figures").use("Agg")  # files only, no display needed
+# Figures built as matplotlib Figure objects, never through pyplot: no backend is chosen and no figure registered
+# in the caller's process; savefig writes the files.
+matplotlib = require_extra("plots", "matplotlib", "The demo's figures")
 
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 __all__ = ["breaking_regime_figure", "error_delta_figure", "lambda_figure", "smooth"]
 
 _WINNER, _LOSER = "#1f77b4", "#d62728"
+
+
+def _figure(**kwargs: Any) -> Figure:
+    """A figure on its own Agg canvas (matplotlib without pyplot: it writes files and measures text extents)."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def smooth(values: list[float] | np.ndarray, window: int) -> np.ndarray:
@@ -53,15 +63,9 @@ def error_delta_figure(histories: dict[str, dict[str, list[float]]], titles: dic
     steps. Bottom row: the implicit accuracy (fraction of pairs with ``u > 0``), i.e. whether the preference margin
     grows, on one scale from 0 to 1. Thin lines: per step; thick: moving average."""
     methods = list(histories)
-    fig, axes = plt.subplots(
-        2,
-        len(methods),
-        figsize=(3.3 * len(methods) + 0.8, 5.4),
-        sharex=True,
-        sharey="row",
-        gridspec_kw={"height_ratios": [2.2, 1]},
-        squeeze=False,
-        layout="constrained",
+    fig = _figure(figsize=(3.3 * len(methods) + 0.8, 5.4), layout="constrained")
+    axes = fig.subplots(
+        2, len(methods), sharex=True, sharey="row", gridspec_kw={"height_ratios": [2.2, 1]}, squeeze=False
     )
     smoothed = []
     for column, method in enumerate(methods):
@@ -107,8 +111,9 @@ def plot_error_deltas(histories: dict[str, dict[str, list[float]]], titles: dict
 def lambda_figure(histories: dict[str, dict[str, list[float]]], titles: dict[str, str], max_lambda: float) -> Figure:
     """The safeguard's ``lambda`` per optimizer step (thin) and its moving average (thick), one colour per method;
     the legend sits beside the axes, off the curves."""
-    fig, ax = plt.subplots(figsize=(9.0, 4.0), layout="constrained")
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = _figure(figsize=(9.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (method, history) in enumerate(histories.items()):
         steps = np.asarray(history["step"])
         values = history["safeguard/lambda_mean"]
@@ -140,7 +145,6 @@ def plot_lambda(
 
 def _save(fig: Figure, path: Path, dpi: int = 110) -> None:
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
 
 
 def _strip(images: np.ndarray, gap: int) -> np.ndarray:
@@ -163,7 +167,10 @@ def breaking_regime_figure(
     titles = ["base", *(f"step {s}" + (" (end)" if s == steps[-1] else "") for s in steps)]
     gap = max(1, image_size // 16)
     # inches: a strip's height, the label column, the gaps; the figure is sized so that every strip fits whole
-    strip_height, label, gap_x, gap_y, bottom = 0.6, 1.9, 0.12, 0.3, 0.25
+    labels = {key: _row_label(row) for key, row in rows.items()}
+    # the label column fits the longest label line (about 13 characters of 9-point text to the inch)
+    longest = max(len(line) for text in labels.values() for line in text.splitlines())
+    strip_height, label, gap_x, gap_y, bottom = 0.6, max(1.9, 0.2 + longest / 13), 0.12, 0.3, 0.25
     strip_width = strip_height * (len(prompts) * (image_size + gap) - gap) / image_size
     width = label + len(titles) * strip_width + (len(titles) - 1) * gap_x + 0.1
     heading = [
@@ -177,7 +184,8 @@ def breaking_regime_figure(
     lines = [line for part in heading for line in textwrap.wrap(part, width=int(12 * width))]
     top = 0.45 + 0.17 * len(lines)
     height = top + bottom + len(rows) * strip_height + (len(rows) - 1) * gap_y
-    fig, axes = plt.subplots(len(rows), len(titles), figsize=(width, height), squeeze=False)
+    fig = _figure(figsize=(width, height))
+    axes = fig.subplots(len(rows), len(titles), squeeze=False)
     fig.subplots_adjust(
         left=label / width,
         right=1 - 0.1 / width,
@@ -199,11 +207,10 @@ def breaking_regime_figure(
             if j > 0:
                 change = row["reward_change"][steps[j - 1]]
                 ax.set_xlabel(f"reward {change:+.3f}", fontsize=8, labelpad=1)
-        end = row["reward_change"][steps[-1]]
         axes[i, 0].text(
             -0.03,
             0.5,
-            f"{row['label']}\nreward {end:+.3f}",
+            labels[key],
             transform=axes[i, 0].transAxes,
             ha="right",
             va="center",
@@ -212,6 +219,13 @@ def breaking_regime_figure(
         )
     fig.suptitle("\n".join(lines), fontsize=9)
     return fig
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    """A row's label: its method, its held-out reward change at the end and, for a rewinding row, its rewinds."""
+    steps = list(row["reward_change"])
+    text = f"{row['label']}\nreward {row['reward_change'][steps[-1]]:+.3f}"
+    return text + (f"\n{rewind_text(row['rewind'])}" if "rewind" in row else "")
 
 
 def plot_breaking_regime(

@@ -22,6 +22,7 @@ __all__ = [
     "format_table",
     "plain_text",
     "recommendation_line",
+    "rewind_text",
     "run_reading",
     "safeguard_recommendation",
     "summarise_breaking",
@@ -70,12 +71,16 @@ BREAKING_SOURCE = "benchmarks/results/safeguard-comparison/cpu-safeguard-compari
 
 
 def history_from_logs(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Per-step metrics from ``trainer.state.log_history`` as columns (``step`` plus the logged keys)."""
+    """Per-step metrics from ``trainer.state.log_history`` as columns (``step`` plus the logged keys), and with
+    ``on_pathology="rewind"`` its rewinds as ``rewinds``: ``[step fired, step restored]`` each."""
     rows = [entry for entry in log_history if "delta/winner" in entry]
     columns: dict[str, list[float]] = {"step": [int(row["step"]) for row in rows]}
     for key in _HISTORY_KEYS:
         if all(key in row for row in rows):
             columns[key] = [float(row[key]) for row in rows]
+    rewinds = [[int(e["step"]), int(e["health/rewind_to"])] for e in log_history if "health/rewind_to" in e]
+    if rewinds:
+        columns["rewinds"] = rewinds
     return columns
 
 
@@ -135,6 +140,15 @@ def _guard_log(history: dict[str, list[float]]) -> dict[str, float]:
     return found
 
 
+def _rewind_log(history: dict[str, list[float]], method: Method, max_steps: int) -> dict[str, Any] | None:
+    """A rewinding row's rewinds (``[step fired, step restored]``) and the step it stopped at (``None``: it trained
+    to ``max_steps``); ``None`` for a row without ``on_pathology="rewind"``."""
+    if method.config_kwargs().get("on_pathology") != "rewind":
+        return None
+    last = int(history["step"][-1])
+    return {"rewinds": history.get("rewinds", []), "stopped_at": last if last < max_steps else None}
+
+
 def summarise_breaking(
     regime: BreakingRegime,
     methods: list[Method],
@@ -172,6 +186,9 @@ def summarise_breaking(
         for metric, key in (("winner_delta", "delta/winner"), ("loser_delta", "delta/loser"), ("implicit_acc",) * 2):
             row[metric] = final_mean(history, key, end)
         row["guard_log"] = _guard_log(history)
+        rewind = _rewind_log(history, method, end)
+        if rewind is not None:
+            row["rewind"] = rewind
         row["seconds"] = round(seconds[method.key], 2)
         rows[method.key] = row
     dpo = rows.get("dpo")
@@ -269,7 +286,30 @@ def run_reading(summary: dict[str, Any]) -> str:
             f"{_cell(dpo_change, 4, True)} ({_where(dpo_change)}); "
             + (f"above it (interval above 0): {_listed(kept)}." if kept else "no guard's interval lies above it.")
         )
+        parts += [_rewind_reading(r) for r in rows.values() if "rewind" in r]
     return " ".join(parts)
+
+
+def _rewind_reading(row: dict[str, Any]) -> str:
+    """What a rewinding row did, from its own log: when its alarm fired and which step it restored, whether it then
+    trained on (with the safeguard the rewind switches on) or stopped, and its end's change against the base and
+    Diffusion-DPO."""
+    rewind, label = row["rewind"], row["label"]
+    if not rewind["rewinds"]:
+        return f"{label}: its alarm stayed quiet, so it trained as Diffusion-DPO."
+    events = _listed([f"at step {fired} back to step {restored}" for fired, restored in rewind["rewinds"]])
+    restored = rewind["rewinds"][-1][1]
+    healthy = "the base's" if restored == 0 else f"step {restored}'s"
+    then = (
+        f"stopped at step {rewind['stopped_at']} with the last healthy weights ({healthy})"
+        if rewind["stopped_at"] is not None
+        else "trained on to the end with the safeguard on"
+    )
+    change, against = row["reward_change_bootstrap"], row.get("reward_minus_dpo")
+    return (
+        f"{label} rewound {events}, then {then}: held-out reward change {_cell(change, 4, True)} against the base, "
+        f"{_cell(against, 4, True)} against Diffusion-DPO ({_where(against)})."
+    )
 
 
 def recommendation_line(recommendation: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
@@ -391,6 +431,14 @@ def _guard_text(log: dict[str, float]) -> str:
     return ", ".join(parts) or "-"
 
 
+def rewind_text(rewind: dict[str, Any]) -> str:
+    """A rewinding row's guard cell: ``rewind 20->10, stop 30`` (fired -> restored; the step it stopped at)."""
+    if not rewind["rewinds"]:
+        return "alarm quiet"
+    text = "rewind " + ", ".join(f"{fired}->{restored}" for fired, restored in rewind["rewinds"])
+    return text + (f", stop {rewind['stopped_at']}" if rewind["stopped_at"] is not None else "")
+
+
 def format_breaking_table(regime: dict[str, Any]) -> str:
     """The breaking regime's console table: per row the held-out reward change from the base at each evaluation
     step (the end's with its bootstrap interval over held-out samples), minus Diffusion-DPO's, the winner's error
@@ -414,7 +462,12 @@ def format_breaking_table(regime: dict[str, Any]) -> str:
                 _cell(r["reward_change_bootstrap"], 4, True),
                 _cell(r.get("reward_minus_dpo"), 4, True),
                 f"{r['winner_delta']:+.5f}",
-                _guard_text(r["guard_log"]),
+                ", ".join(
+                    part
+                    for part in (rewind_text(r["rewind"]) if "rewind" in r else "", _guard_text(r["guard_log"]))
+                    if part and part != "-"
+                )
+                or "-",
             ],
         )
         for r in results.values()

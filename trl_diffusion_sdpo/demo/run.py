@@ -165,12 +165,14 @@ def train_preference(
     seed: int,
     latent_cache_dir: str | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    probe_pairs: Dataset | None = None,
 ) -> tuple[StableDiffusionPipeline, dict[str, list[float]]]:
     """Tune a copy of ``base``'s UNet with ``method`` and training seed ``seed``; return the tuned pipeline and the
     per-step metrics. The VAE and text encoder are shared with ``base`` (they stay frozen). ``callbacks`` are added
     to the trainer (e.g. an evaluation partway through training, as :class:`EvaluateAt`); each receives the pipeline
     being tuned as its ``pipeline`` attribute and the trainer's ``sampling_weights`` (the weights validation samples
-    from: the EMA's with ``ema_decay``) as its ``sampling_weights``."""
+    from: the EMA's with ``ema_decay``) as its ``sampling_weights``. ``probe_pairs``: the held-out probe's pairs (the
+    trainer's eval split) for a method that :attr:`~.methods.Method.probes`, so its training data stays ``dataset``."""
     components = {**base.components, "unet": copy.deepcopy(base.unet), "scheduler": copy.deepcopy(base.scheduler)}
     pipeline = StableDiffusionPipeline(**components, requires_safety_checker=False)
     peft_config = None
@@ -182,7 +184,8 @@ def train_preference(
         )
     with tempfile.TemporaryDirectory(prefix=f"demo-{method.key}-") as workdir:
         args = _training_args(recipe, method, seed, workdir, latent_cache_dir)
-        trainer = DiffusionSDPOTrainer(pipeline, None, args, dataset, peft_config=peft_config)
+        held = probe_pairs if method.probes else None
+        trainer = DiffusionSDPOTrainer(pipeline, None, args, dataset, held, peft_config=peft_config)
         if method.log_output_lambda:
             trainer.safeguard.log_output_lambda(trainer.args)
         trainer.remove_callback(ProgressCallback)  # our bar shows the step metrics instead of printing them
@@ -226,8 +229,18 @@ class EvaluateAt(TrainerCallback):
         self.rewards: dict[int, np.ndarray] = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step not in self.steps:
-            return
+        if state.global_step in self.steps:
+            self._sample(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # A run that stopped early (on_pathology="rewind" stops with its healthy weights) ends with the weights it
+        # stopped with: they stand for every evaluation step it did not reach.
+        if len(self.images) < len(self.steps):
+            self._sample(state.global_step)
+            for step in self.steps - set(self.images):
+                self.images[step], self.rewards[step] = self.images[state.global_step], self.rewards[state.global_step]
+
+    def _sample(self, step: int) -> None:
         sampler = StableDiffusionPipeline(
             **{**self.pipeline.components, "scheduler": copy.deepcopy(self.pipeline.scheduler)},
             requires_safety_checker=False,
@@ -236,7 +249,7 @@ class EvaluateAt(TrainerCallback):
         with self.sampling_weights():
             images, rewards = _evaluate(sampler, self.held_out, self.recipe)
         self.pipeline.unet.train()
-        self.images[state.global_step], self.rewards[state.global_step] = images, rewards
+        self.images[step], self.rewards[step] = images, rewards
 
 
 def _eval_seed(recipe: DemoRecipe, index: int) -> int:
@@ -247,16 +260,23 @@ def _load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def _probe_pairs_seed(recipe: DemoRecipe) -> int:
+    """The probe's pairs' first sampling seed: after every seed of the training pairs' (``100_000 * seed`` on)."""
+    return 100_000 * recipe.seed + 50_000
+
+
 def _run_breaking_regime(
     base: StableDiffusionPipeline,
     dataset: Dataset,
+    pair_captions: list[Caption],
     held_out: list[Caption],
     demo: DemoRecipe,
     latent_cache_dir: str | None,
     echo: Callable[[str], None],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, dict[str, list[float]]]]:
     """Train every row of ``demo.breaking`` (Diffusion-DPO and each guard) with its training seed from ``base`` on
-    ``dataset``, sampling the held-out prompts at its evaluation steps. Returns the summary entry
+    ``dataset``, sampling the held-out prompts at its evaluation steps. A row that runs the held-out probe reads pairs
+    sampled for it from ``pair_captions`` with other noise than the training pairs'. Returns the summary entry
     (:func:`~.report.summarise_breaking`), the figure's images per row (``[steps + 1, P, H, W, 3]``: the base, then
     each evaluation step; the first sample of every prompt) and the per-step metric histories."""
     regime = demo.breaking
@@ -268,6 +288,17 @@ def _run_breaking_regime(
             methods.append(method)
         else:
             skipped[method.key] = reason
+    probe_pairs = None
+    if any(method.probes for method in methods):
+        probe_pairs, _ = make_preference_pairs(
+            base,
+            pair_captions,
+            1,
+            recipe.min_reward_margin,
+            recipe.num_inference_steps,
+            recipe.guidance_scale,
+            seed=_probe_pairs_seed(recipe),
+        )
     base_images, base_rewards = _evaluate(base, held_out, recipe)
     rewards: dict[str, dict[int, np.ndarray]] = {}
     histories: dict[str, dict[str, list[float]]] = {}
@@ -277,7 +308,7 @@ def _run_breaking_regime(
         tick = time.perf_counter()
         evaluate = EvaluateAt(regime.eval_steps, held_out, recipe)
         tuned, histories[method.key] = train_preference(
-            base, dataset, recipe, method, regime.seed, latent_cache_dir, [evaluate]
+            base, dataset, recipe, method, regime.seed, latent_cache_dir, [evaluate], probe_pairs
         )
         del tuned
         seconds[method.key] = time.perf_counter() - tick
@@ -424,7 +455,7 @@ def _run_demo(
                 f"{regime.max_steps} steps of {regime.batch_size} pairs, seed {regime.seed}"
             )
             tick = time.perf_counter()
-            breaking = _run_breaking_regime(base, dataset, held_out, recipe, latent_cache_dir, echo)
+            breaking = _run_breaking_regime(base, dataset, pair_captions, held_out, recipe, latent_cache_dir, echo)
             timings["breaking_regime_seconds"] = time.perf_counter() - tick
     timings["runs_seconds"] = sum(r["train_seconds"] + r["eval_seconds"] for rs in runs.values() for r in rs)
     timings["train_seconds"] = sum(r["train_seconds"] for rs in runs.values() for r in rs)
@@ -494,10 +525,8 @@ def _run_demo(
         echo(line)
     names = ["breaking_regime.png", "breaking_history.json"] if breaking is not None else []
     names += ["summary.json", "history.json", "losses.png", *(["lambda.png"] if safeguarded else [])]
-    echo(
-        f"Wrote {', '.join(names[:-1])} and {names[-1]} to {out} ({timings['total_seconds'] / 60:.1f} min, load "
-        f"average {summary['environment']['load_average_end'][0]:.1f})"
-    )
+    # The machine's load goes to summary.json (environment), beside the timings it qualifies, not to the console.
+    echo(f"Wrote {', '.join(names[:-1])} and {names[-1]} to {out} ({timings['total_seconds'] / 60:.1f} min)")
     return summary
 
 
@@ -513,7 +542,7 @@ def run_pretrain(
     An ``output_dir`` holding an earlier rebuild is refused unless ``overwrite``, before the pretraining."""
     refuse_earlier_outputs(output_dir, PRETRAIN_OUTPUTS, "the base's rebuild", overwrite)
     recipe = recipe or PretrainRecipe()
-    echo(f"Rebuilding the demo's base from recipe {recipe_hash(recipe)} (load average {_load_average()[0]:.2f})")
+    echo(f"Rebuilding the demo's base from recipe {recipe_hash(recipe)}")
     with _torch_threads(threads):
         report = rebuild_and_check(recipe, output_dir, echo=echo)
     check = report["check"]

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch.distributed.tensor import DTensor
 
+from ..config.defaults import resolve_default
 from .noising import latent_mask, scale_latents
 
 if TYPE_CHECKING:
@@ -166,6 +167,13 @@ class ModelFamily(abc.ABC):
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline
+
+    @classmethod
+    def resolve(cls, field: str) -> Any:
+        """The value config ``field`` takes when left unset, for this family: the defaults table's
+        (:func:`~trl_diffusion_sdpo.config.defaults.resolve_default`), where what the family declares as data (its
+        ``default_*`` attributes) sits beside the package's entries."""
+        return resolve_default(field, cls).value
 
     def check_validation_sampling(self) -> None:  # noqa: B027 (most families sample grids)
         """Raise where the validation callback cannot sample this family's grids (video families)."""

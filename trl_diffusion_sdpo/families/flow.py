@@ -275,8 +275,9 @@ class FlowMatchingFamily(ModelFamily):
         self, pipeline: DiffusionPipeline, max_sequence_length: int | None = None, guidance_scale: float | None = None
     ) -> None:
         super().__init__(pipeline)
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
-        self.guidance_scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        self.max_sequence_length = max_sequence_length or self.resolve("max_sequence_length")
+        unset = guidance_scale is None
+        self.guidance_scale = self.resolve("flux_guidance_scale") if unset else float(guidance_scale)
         longest, wanted = self.max_prompt_tokens, self.max_sequence_length
         if longest is not None and wanted > longest:
             raise ValueError(f"max_sequence_length for {self.name} is at most {longest}, got {wanted}")
@@ -322,14 +323,14 @@ class FlowMatchingFamily(ModelFamily):
             )
         self.configure_sources(args)
         sampling = FlowTimestepSampling(
-            weighting_scheme=args.flow_weighting_scheme or self.default_weighting_scheme,
+            weighting_scheme=args.flow_weighting_scheme or self.resolve("flow_weighting_scheme"),
             logit_mean=args.flow_logit_mean,
             logit_std=args.flow_logit_std,
             mode_scale=args.flow_mode_scale,
             shift=args.flow_shift or self.default_shift(),
         )
         noiser = FlowNoiser(self.training_scheduler_config(), sampling, self.token_patch_size)
-        settings = inversion_settings(args, self.default_inversion_steps)
+        settings = inversion_settings(args, self.resolve("inversion_steps"))
         if settings is not None:
             noiser = FlowInversionNoiser(noiser, settings)
         if objective.unet_scale_beta_warning and args.beta >= UNET_SCALE_BETA:
@@ -356,11 +357,12 @@ class FlowMatchingFamily(ModelFamily):
         return self.pipeline.scheduler.config
 
     def default_shift(self) -> str:
-        """The ``flow_shift`` used when the config leaves it unset: the class's ``default_flow_shift``, or
-        ``"resolution"`` under ``shift_follows_scheduler`` when the scheduler shifts by resolution at sampling."""
+        """The ``flow_shift`` used when the config leaves it unset: the defaults table's (the class's
+        ``default_flow_shift``), or ``"resolution"`` under ``shift_follows_scheduler`` when the scheduler shifts by
+        resolution at sampling (a mechanic of the pipeline, not a default)."""
         if self.shift_follows_scheduler and self.pipeline.scheduler.config.get("use_dynamic_shifting", False):
             return "resolution"
-        return self.default_flow_shift
+        return self.resolve("flow_shift")
 
     def denoiser_conditioning(
         self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None

@@ -284,12 +284,12 @@ def noising_mode(args: Any) -> str:
 def unet_noiser(family: Any, args: Any) -> Noiser:
     """The UNet families' noiser (``family`` an SD or SDXL family, ``args`` a ``DiffusionSDPOConfig``): DDPM forward
     noising from the pipeline's scheduler, or DDIM ReNoise inversion on top of it under ``noising`` with the family's
-    ``default_inversion_steps``."""
+    ``inversion_steps`` from the defaults table."""
     family.configure_sources(args)  # refuses source_resolution: no sources
     noiser = DDPMNoiser.from_config(family.pipeline.scheduler, args)
     if noising_mode(args) == "forward":
         return noiser
     # The inversion's module (it imports this one) is loaded by a run that inverts, when it is chosen.
     inversion = importlib.import_module(".inversion", __package__)
-    settings = inversion.inversion_settings(args, family.default_inversion_steps)
+    settings = inversion.inversion_settings(args, family.resolve("inversion_steps"))
     return inversion.DDIMInversionNoiser(noiser, settings, family.pipeline.scheduler.config)
