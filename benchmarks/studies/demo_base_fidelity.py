@@ -63,7 +63,7 @@ from trl_diffusion_sdpo.demo.shapes import (  # noqa: E402
     colour_reward,
     draw_shape,
 )
-from trl_diffusion_sdpo.io.console import quiet_command_line  # noqa: E402
+from trl_diffusion_sdpo.cli.console import quiet_command_line  # noqa: E402
 
 OUTPUT = ROOT / "benchmarks" / "results" / "cpu-demo-base-fidelity.json"
 MEASURES = ("drawn_as_captioned", "shape_correct", "shape_iou", "colour_match", "background_match", "colour_reward")
