@@ -187,12 +187,14 @@ LAZY_PACKAGES = [
     "trl_diffusion_sdpo.demo",
     "trl_diffusion_sdpo.evaluation",
     "trl_diffusion_sdpo_rewards",
+    "trl_diffusion_sdpo.callbacks",
     "trl_diffusion_sdpo.data",
     "trl_diffusion_sdpo.engines",
     "trl_diffusion_sdpo.engines.memory",
     "trl_diffusion_sdpo.families",
     "trl_diffusion_sdpo.objectives",
     "trl_diffusion_sdpo.rewards",
+    "trl_diffusion_sdpo.safeguards.gradients",
 ]
 
 
