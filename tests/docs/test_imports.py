@@ -345,8 +345,12 @@ def test_an_sd_run_loads_no_other_familys_objectives_or_engines_module(plain_run
 
 # What a plain SD run in TRL's preference form did not choose: the latent cache (cache_latents), reward functions and
 # scoring (reward_funcs), the auto-beta (auto_beta), a quantized base, the inversion (noising="inversion"), video data
-# and Pick-a-Pic's label form.
+# and Pick-a-Pic's label form, the EMA weights (ema_decay), the Hub and model cards (push_to_hub), the output space's
+# rule (safeguard_space="output", or the parameter space's log_output_lambda).
 UNCHOSEN = (
+    "trl_diffusion_sdpo.callbacks.ema",
+    "trl_diffusion_sdpo.io.hub",
+    "trl_diffusion_sdpo.safeguards.output",
     "trl_diffusion_sdpo.data.latent_cache",
     "trl_diffusion_sdpo.rewards.functions",
     "trl_diffusion_sdpo.data.scoring",
