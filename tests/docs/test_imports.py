@@ -368,6 +368,7 @@ def test_a_plain_sd_run_loads_no_module_of_an_option_it_did_not_choose(run_modul
     modules = run_modules(safeguard_space)
     assert "trl_diffusion_sdpo.data.training_data" in modules and "trl_diffusion_sdpo.families.sd" in modules
     assert [name for name in UNCHOSEN if name in modules] == []
+    assert loaded(list(modules), ("trl_diffusion_sdpo.cli",)) == []  # a run from Python sets up no command line
 
 
 def test_a_one_process_exact_rule_run_loads_no_other_engines_collectives_or_gradient_store(run_modules):
