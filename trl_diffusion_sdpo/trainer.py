@@ -31,10 +31,10 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from . import callbacks as run_callbacks  # the probe's names resolved on first use: only with probe_steps
+from . import callbacks as run_callbacks  # the probe's and the EMA's names resolved on first use: when chosen
 from . import families, rewards
 from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
-from .callbacks.guards import EMAWeights, GuardState
+from .callbacks.guards import GuardState
 from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
@@ -73,6 +73,7 @@ from .step.predictions import (
 from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches, adapt_guards
 
 if TYPE_CHECKING:
+    from .callbacks.ema import EMAWeights
     from .io.hub import CardMethod
     from .rewards import RewardFunction
     from .safeguards import Safeguard
@@ -225,7 +226,9 @@ class DiffusionSDPOTrainer(Trainer):
         # EMA weights before validation: a validation at step k samples the average that includes step k.
         self.ema: EMAWeights | None = None
         if args.ema_decay is not None:
-            self.ema = EMAWeights(trainable_parameters(denoiser), args.ema_decay, self.files.save_weights)
+            self.ema = run_callbacks.EMAWeights(
+                trainable_parameters(denoiser), args.ema_decay, self.files.save_weights
+            )
             self.add_callback(self.ema)
         # Callbacks that sample this pipeline (validation grids) bind to it, and move behind the EMA: a validation at
         # step k samples the average that includes step k.

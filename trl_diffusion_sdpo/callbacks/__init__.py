@@ -1,7 +1,8 @@
 """What acts on a run from outside the step, as ``transformers.TrainerCallback`` objects the trainer registers:
 
-* :mod:`.guards`: the EMA weights (``ema_decay``), the pathology action (``on_pathology``), early stopping and the
-  state of the guards that adapt during a run (auto-beta, ``safeguard_mu="auto"``, escalations);
+* :mod:`.guards`: the pathology action (``on_pathology``), early stopping and the state of the guards that adapt
+  during a run (auto-beta, ``safeguard_mu="auto"``, escalations);
+* :mod:`.ema`: the EMA weights (``ema_decay``);
 * :mod:`.health`: Diffusion-DPO's pathology, detected in the training logs;
 * :mod:`.probe`: the policy and the reference on held-out pairs every ``probe_steps`` steps (``probe/...``);
 * :mod:`.rewind`: ``on_pathology="rewind"``, back to the last step the probe called healthy when its alarm fires;
@@ -11,7 +12,8 @@
 
 Each decision a callback takes from a process's own data is reduced over processes before it acts.
 
-The probe's names below resolve on first use, so a run without ``probe_steps`` loads neither the probe nor the rewind.
+The names below resolve on first use, so a run without ``probe_steps`` loads neither the probe nor the rewind, and
+one without ``ema_decay`` no EMA.
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ from typing import TYPE_CHECKING
 from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+    from .ema import EMAWeights
     from .probe import ProbeCallback, hold_back_pairs, probe_for_trainer
 
-_EXPORTS = {"ProbeCallback": ".probe", "hold_back_pairs": ".probe", "probe_for_trainer": ".probe"}
+_EXPORTS = {
+    "EMAWeights": ".ema",
+    "ProbeCallback": ".probe",
+    "hold_back_pairs": ".probe",
+    "probe_for_trainer": ".probe",
+}
 
-__all__ = ["ProbeCallback", "hold_back_pairs", "probe_for_trainer"]
+__all__ = ["EMAWeights", "ProbeCallback", "hold_back_pairs", "probe_for_trainer"]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

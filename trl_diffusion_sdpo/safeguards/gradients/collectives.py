@@ -3,11 +3,11 @@ of an accumulation window, and the reductions over processes.
 
 One object per engine, picked by :func:`collectives_for` from the engine's
 :attr:`~trl_diffusion_sdpo.engines.Engine.variant` (its name, or ``"deepspeed-zero3"``) in :data:`COLLECTIVES`, whose
-built-in entries name their class as ``"module:class"``: a run imports the collectives of the engine it trains with and no other (register another with
-:func:`register_collectives`). The engine itself keeps placement, saving, loading and resume. The defaults here are
-one process's and DDP's: whole weights and gradients on every process, the branches run outside DDP's hooks and the
-combined gradient is averaged once at the end of the accumulation window. DeepSpeed ZeRO-1/2's are in
-:mod:`.deepspeed`, ZeRO-3's in :mod:`.zero3`, FSDP's in :mod:`.fsdp`.
+built-in entries name their class as ``"module:class"``: a run imports the collectives of the engine it trains with
+and no other (register another with :func:`register_collectives`). The engine itself keeps placement, saving, loading
+and resume. The defaults here are one process's and DDP's: whole weights and gradients on every process, the branches
+run outside DDP's hooks and the combined gradient is averaged once at the end of the accumulation window.
+DeepSpeed ZeRO-1/2's are in :mod:`.deepspeed`, ZeRO-3's in :mod:`.zero3`, FSDP's in :mod:`.fsdp`.
 """
 
 from __future__ import annotations
