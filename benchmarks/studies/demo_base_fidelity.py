@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from online_measures import shape_scores, shape_templates  # noqa: E402
 
 from benchmarks.harness import machine_description  # noqa: E402
+from trl_diffusion_sdpo.cli.console import quiet_command_line  # noqa: E402
 from trl_diffusion_sdpo.demo.pairs import sample_images  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import (  # noqa: E402
     PretrainRecipe,
@@ -63,7 +64,6 @@ from trl_diffusion_sdpo.demo.shapes import (  # noqa: E402
     colour_reward,
     draw_shape,
 )
-from trl_diffusion_sdpo.cli.console import quiet_command_line  # noqa: E402
 
 OUTPUT = ROOT / "benchmarks" / "results" / "cpu-demo-base-fidelity.json"
 MEASURES = ("drawn_as_captioned", "shape_correct", "shape_iou", "colour_match", "background_match", "colour_reward")

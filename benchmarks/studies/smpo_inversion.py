@@ -30,13 +30,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.studies.stability_map import STUDY_BASE, load_study_base  # noqa: E402
+from trl_diffusion_sdpo.cli.console import quiet_command_line  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import Method  # noqa: E402
 from trl_diffusion_sdpo.demo.pairs import make_preference_pairs  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.run import _evaluate, train_preference  # noqa: E402
 from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
-from trl_diffusion_sdpo.cli.console import quiet_command_line  # noqa: E402
 
 # The colour reward lies in [0, 1]: SmPO's min-max normalisation over that range.
 SMPO = (("loss_type", "smpo"), ("smpo_score_min", 0.0), ("smpo_score_max", 1.0))

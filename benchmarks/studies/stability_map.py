@@ -49,13 +49,13 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from trl_diffusion_sdpo.cli.console import quiet_command_line  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS, Method, method_unavailable  # noqa: E402
 from trl_diffusion_sdpo.demo.pairs import make_preference_pairs  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import PretrainRecipe, load_base, recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.run import _evaluate, _training_args, train_preference  # noqa: E402
 from trl_diffusion_sdpo.demo.shapes import split_captions  # noqa: E402
-from trl_diffusion_sdpo.cli.console import quiet_command_line  # noqa: E402
 
 DEMO_LR, DEMO_BETA = DemoRecipe.learning_rate, DemoRecipe.beta
 #: The base every study under benchmarks/studies trains on: the demo's architecture and data with a third of the

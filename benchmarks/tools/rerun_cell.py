@@ -50,12 +50,12 @@ from benchmarks.studies.stability_map import (  # noqa: E402
     machine,
     study_pairs,
 )
+from trl_diffusion_sdpo.cli.console import quiet_command_line  # noqa: E402
 from trl_diffusion_sdpo.demo.base_check import compare_pipelines  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS  # noqa: E402
 from trl_diffusion_sdpo.demo.pretrain import recipe_hash  # noqa: E402
 from trl_diffusion_sdpo.demo.recipe import DemoRecipe  # noqa: E402
 from trl_diffusion_sdpo.demo.run import train_preference  # noqa: E402
-from trl_diffusion_sdpo.cli.console import quiet_command_line  # noqa: E402
 
 RECORD = "benchmarks/results/safeguard-comparison/cpu-safeguard-comparison-demo-lr1e-4-2e-4.json"
 """The result file the default cell is read from (a ``stability_map.py`` run)."""
