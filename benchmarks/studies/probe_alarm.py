@@ -11,9 +11,9 @@ of the probe study (``stability_probe.py``, the probe logged, never acted on) re
   ``callbacks.rewind.Rewind`` reads them). The signals: ``delta_winner`` (the winner's held-out error minus the
   reference's), ``relative_delta_winner`` (the same over the reference's error), ``delta_winner_minus_loser`` (the
   implicit margin) and ``implicit_acc``.
-* **Split**: chosen on the runs of even training seeds (the best F1; ties: fewer false alarms, then more timely
-  alarms, then the first in the grid), reported on the runs of odd seeds, overall and per regime and cell, with the
-  safeguard on and off (``alarm_calibration.split``).
+* **Split**: chosen on the runs of even training seeds in the 50-step cells (:data:`CHOOSE_REGIMES`; the best F1;
+  ties: fewer false alarms, then more timely alarms, then the first in the grid), reported on every other run: the
+  odd seeds, and the small-beta and long runs, overall and per regime and cell, with the safeguard on and off.
 * **Timeliness** (:func:`timely`): of the alarms that fired on a run whose reward fell, the share that fired before
   the held-out reward had fallen by half of what it finally lost. The reward is measured at the evaluation steps
   only: *strict* counts an alarm when an evaluation at or after its step still found the reward above half its final
@@ -48,6 +48,7 @@ SOURCE = RESULTS / "cpu-stability-probe-demo.json"
 OUTPUT = RESULTS / "cpu-probe-alarm-calibration.json"
 PAGE = ROOT / "docs" / "research" / "alarm.md"
 START, END = "<!-- probe-alarm-tables:start -->", "<!-- probe-alarm-tables:end -->"
+CHOOSE_REGIMES = ("offline",)  # the regime the rule is chosen on (its even seeds); the others' runs only report it
 ACTING = ("rewind", "dormant-safeguard")  # settings that act on an alarm: their runs are not the alarm's evidence
 SAFEGUARDED = ("sdpo", "auto-mu")  # a method key holding one of these trains with a safeguard
 
@@ -128,6 +129,12 @@ def timely(run: dict[str, Any], fired_at: int) -> dict[str, bool]:
     return {"strict": fired_at <= before, "lenient": fired_at < at}
 
 
+def side(run: dict[str, Any]) -> str:
+    """``choose`` for the runs of even training seeds in :data:`CHOOSE_REGIMES` (``alarm_calibration.split``),
+    ``report`` for every other run."""
+    return split(run) if run["regime"] in CHOOSE_REGIMES else "report"
+
+
 def safeguarded(run: dict[str, Any]) -> bool:
     return any(word in run["method"] for word in SAFEGUARDED)
 
@@ -189,7 +196,7 @@ def _log_alarm(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def analyse(path: Path = SOURCE) -> dict[str, Any]:
     """The labels, the split, the chosen rule, its confusion matrices and timeliness (the result file's content)."""
     runs = load_runs(path)
-    halves = {name: [r for r in runs if split(r) == name] for name in ("choose", "report")}
+    halves = {name: [r for r in runs if side(r) == name] for name in ("choose", "report")}
     chosen, on_choose = choose_rule(halves["choose"])
     before = ProbeRule("delta_winner", True, PROBE_ALARM.threshold, PROBE_ALARM.patience)
     per_signal = {}
@@ -223,8 +230,9 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
         "source": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name,
         "label": f"fell: the held-out colour reward at the last eval step more than {TOLERANCE} below the base's",
         "tolerance": TOLERANCE,
-        "split": "rule chosen on the runs of even training seeds (best F1; ties: fewer false alarms, more strictly "
-        "timely alarms, the first in the grid), reported on the runs of odd seeds",
+        "split": f"rule chosen on the runs of even training seeds in {', '.join(CHOOSE_REGIMES)} (best F1; ties: "
+        "fewer false alarms, more strictly timely alarms, the first in the grid), reported on every other run "
+        "(report_runs: odd seeds and the other regimes' runs)",
         "timeliness": "of the true alarms, the share fired before the held-out reward had fallen by half of its final "
         "loss; strict: an evaluation at or after the alarm's step still found it above half; lenient: fired before "
         "the first evaluation that found it below half",
@@ -241,7 +249,7 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
             {
                 "id": r["id"],
                 "seed": r["seed"],
-                "split": split(r),
+                "split": side(r),
                 "method": r["method"],
                 "safeguard": safeguarded(r),
                 "cell": r["cell"],

@@ -5,7 +5,8 @@ Not part of the test suite. The runs are :mod:`stability_guards`' (the benchmark
 prompts and measures, batches of 2 pairs; resumable, one run appended at a time), with every setting probing
 (``probe_steps`` :data:`PROBE_STEPS`, ``probe_pairs`` at the config's default): the probe holds the same pairs back
 from training in every setting, so the settings of a cell train on the same 119 pairs and stay paired. The held-out
-measures are taken every 10 optimizer steps, to say when the held-out reward fell.
+measures are taken at every probe's step in the 50-step cells (every 10 steps at the small beta, 100 to 250 in the
+long runs), to say when the held-out reward fell against when the alarm fired.
 
 - ``dpo``, ``sdpo-output-mu0.5`` (the package's default safeguard) and the best fixed setting of each cell in the
   stability benchmark (``guard-auto-mu`` at lr 1e-3, ``guard-max-margin`` at 2e-5; at 2e-4 the default safeguard is
@@ -41,26 +42,25 @@ from trl_diffusion_sdpo.demo.methods import METHODS, Method  # noqa: E402
 
 PROBE_STEPS = 5  # a probe every 5 optimizer steps: 10 readings in a 50-step run
 OUTPUT = Path("benchmarks/results/cpu-stability-probe-demo.json")
-GRID = {"--max-steps": "50", "--eval-steps": "10,20,30,40,50", "--betas": "", "--eval-seeds-per-prompt": "4"}
-SMALL_BETA = {"--lrs": "", "--betas": "5", "--max-steps": "100", "--eval-steps": "20,40,60,80,100"}
+EVERY_5, EVERY_10 = ",".join(map(str, range(5, 55, 5))), ",".join(map(str, range(10, 110, 10)))
+GRID = {"--max-steps": "50", "--eval-steps": EVERY_5, "--betas": "", "--eval-seeds-per-prompt": "4"}
+SMALL_BETA = {"--lrs": "", "--betas": "5", "--max-steps": "100", "--eval-steps": EVERY_10}
 SMALL_BETA |= {"--eval-seeds-per-prompt": "4"}
 LONG = {"--lrs": "6.7e-5", "--betas": "", "--max-steps": "1000", "--eval-steps": "100,200,300,400,500,750,1000"}
 LONG |= {"--eval-seeds-per-prompt": "4"}
 TEN = ",".join(map(str, range(10)))
 LOGGED = f"dpo,{study.DEFAULT_METHOD}"
 #: (regime, stability_map arguments), in this order: the probe logged in the breaking cells and the healthy one
-#: (10 seeds: Diffusion-DPO and the default safeguard), the best fixed settings of the cells where the default
-#: safeguard is not the best, the small beta (with its best fixed setting, the margin cap) and the long runs (the
-#: default safeguard is their best; 2 seeds); then, once the alarm is chosen on these, the rewind in every cell
+#: (10 seeds: Diffusion-DPO and the default safeguard), on which the alarm is chosen; the rewind there; the best
+#: fixed settings of the cells where the default safeguard is not the best; then the small beta (with its best fixed
+#: setting, the margin cap) and the long runs (the default safeguard is their best; 2 seeds), logged and rewinding
 REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
     ("offline", GRID | {"--lrs": "2e-4,1e-3,2e-5", "--seeds": TEN, "--methods": LOGGED}),
+    ("offline", GRID | {"--lrs": "2e-4,1e-3,2e-5", "--seeds": TEN, "--methods": study.REWIND}),
     ("offline", GRID | {"--lrs": "1e-3", "--seeds": TEN, "--methods": "guard-auto-mu"}),
     ("offline", GRID | {"--lrs": "2e-5", "--seeds": TEN, "--methods": "guard-max-margin"}),
-    ("small-beta", SMALL_BETA | {"--seeds": TEN, "--methods": f"{LOGGED},guard-max-margin"}),
-    ("long", LONG | {"--seeds": "0,1", "--methods": LOGGED}),
-    ("offline", GRID | {"--lrs": "2e-4,1e-3,2e-5", "--seeds": TEN, "--methods": study.REWIND}),
-    ("small-beta", SMALL_BETA | {"--seeds": TEN, "--methods": study.REWIND}),
-    ("long", LONG | {"--seeds": "0,1", "--methods": study.REWIND}),
+    ("small-beta", SMALL_BETA | {"--seeds": TEN, "--methods": f"{LOGGED},{study.REWIND},guard-max-margin"}),
+    ("long", LONG | {"--seeds": "0,1", "--methods": f"{LOGGED},{study.REWIND}"}),
 )
 
 
@@ -219,9 +219,78 @@ def assemble(parts: Path, path: Path) -> int:
     return 0
 
 
+REWIND_START, REWIND_END = "<!-- rewind-tables:start -->", "<!-- rewind-tables:end -->"
+
+
+def _rewound(cell: dict[str, Any]) -> str:
+    fired = sorted({r["fired_at"] for seed in cell["per_seed"].values() for r in seed["rewinds"]})
+    restored = sorted({r["restored"] for seed in cell["per_seed"].values() for r in seed["rewinds"]})
+    text = f"rewound in {cell['rewound']} of {cell['runs']} runs"
+    if fired:
+        text += f" (fired at step {', '.join(map(str, fired))}; restored step {', '.join(map(str, restored))})"
+    return f"{text}, stopped in {cell['stopped']}"
+
+
+def rewind_tables(path: Path) -> str:
+    """The Markdown docs/research/stability.md quotes from the probe study's result file (:func:`assemble`): per cell
+    at the last evaluation step, each held-out measure's change against the base for Diffusion-DPO and the rewind,
+    and the rewind's paired differences from Diffusion-DPO and the best fixed setting (95% t intervals, every setting
+    with the probe on); its rewinds; the two halves and the rule's verdict."""
+    report = json.loads(path.read_text())
+    lines = []
+    for regime, cells in report["analysis"].items():
+        for cell, entry in cells.items():
+            if study.REWIND not in entry:
+                continue
+            mine = entry[study.REWIND]
+            last = max(mine["steps"], key=int)
+            best = mine.get("best_fixed")
+            quiet = report["quiet_identity"][regime].get(cell, {"quiet": 0, "equal_to_dpo": 0})
+            lines += [
+                f"{regime}, lr {entry['learning_rate']:g}, beta {entry['beta']:g}, step {last}, "
+                f"{len(mine['seeds'])} seeds; {_rewound(report['rewinds'][regime][cell])}; quiet in {quiet['quiet']}, "
+                f"of which {quiet['equal_to_dpo']} equal to Diffusion-DPO on every held-out measure; best fixed "
+                f"setting: {study.LABELS.get(best, best)}:",
+                "",
+                "| measure | Diffusion-DPO vs base | rewind vs base | rewind vs Diffusion-DPO "
+                "| rewind vs best fixed |",
+                "|---|---|---|---|---|",
+            ]
+            for measure in study.MEASURES:
+                row, dpo = mine["steps"][last][measure], entry["dpo"]["steps"][last][measure]
+                lines.append(
+                    f"| {measure} | {study._ci(dpo['vs_base'])} | {study._ci(row['vs_base'])} | "
+                    f"{study._ci(row.get('vs_dpo'))} | {study._ci(row.get('vs_best_fixed'))} |"
+                )
+            lines.append("")
+    for cell, judged_cell in report["goal_all_measures"].items():
+        item = judged_cell["settings"].get(study.REWIND)
+        if item is None:
+            continue
+        judged = ", ".join(
+            f"{m} " + ("met" if v["met"] else f"missed by {v['miss']:.3f}") for m, v in item["measures"].items()
+        )
+        settings = judged_cell["settings"].items()
+        others = [study.LABELS.get(m, m) for m, v in settings if m != study.REWIND and v["met"]]
+        lines.append(
+            f"- {cell}: {item['half']}: {'meets' if item['met'] else 'misses'} ({judged}); fixed settings "
+            f"meeting it: {', '.join(others) or 'none'}"
+        )
+    rule = report["verdict"]
+    if isinstance(rule, dict):
+        lines += [
+            "",
+            f"Both halves: {'met' if rule['meets_both'] else 'not met'}; fixed settings meeting both: "
+            f"{', '.join(rule['fixed_settings_meeting_both']) or 'none'}; becomes the default: "
+            f"{'yes' if rule['becomes_default'] else 'no'}.",
+        ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("run", "assemble"))
+    parser.add_argument("command", choices=("run", "assemble", "tables"))
+    parser.add_argument("--page", default=None, type=Path, help="tables: rewrite this page's marked block.")
     parser.add_argument("--parts", default="/tmp/stability-probe-parts", type=Path)
     parser.add_argument("--regime", default=None, help="run: only this regime.")
     parser.add_argument("--entries", default=None, help="run: only these REGIMES entries (indices, e.g. 0,1,2).")
@@ -230,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         entries = None if args.entries is None else [int(i) for i in args.entries.split(",")]
         return run(args.parts, args.regime, entries)
+    if args.command == "tables":
+        text = rewind_tables(args.json)
+        if args.page is None:
+            print(text)
+            return 0
+        study.write_block(args.page, REWIND_START, REWIND_END, text)
+        return 0
     return assemble(args.parts, args.json)
 
 

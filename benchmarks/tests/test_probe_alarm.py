@@ -45,8 +45,11 @@ def _run(seed: int, method: str, delta_winner: float, final: float, lr: float = 
     }
 
 
-def _write(tmp_path: Path, runs: list[dict]) -> Path:
+def _write(tmp_path: Path, runs: list[dict], other: list[dict] = ()) -> Path:
+    """The runs as the probe study's result file holds them: ``runs`` in the offline regime, ``other`` in the small
+    beta's."""
     report = {"regimes": {"offline": {"runs": {f"seed{r['seed']}-{r['method']}": r for r in runs}}}}
+    report["regimes"]["small-beta"] = {"runs": {f"seed{r['seed']}-{r['method']}": r for r in other}}
     path = tmp_path / "probe-study.json"
     path.write_text(json.dumps(report))
     return path
@@ -78,6 +81,17 @@ def test_the_rule_is_chosen_on_even_seeds_and_reported_on_odd_ones(tmp_path):
     assert [held_out[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")] == [2, 6, 0, 0]
     assert held_out["precision"] == pytest.approx(2 / 8) and held_out["recall"] == 1.0
     assert result["confusion"]["calibrated"]["all_runs"]["runs"] == 16  # the rewind's run is left out
+
+
+def test_the_other_regimes_runs_only_report_the_rule(tmp_path):
+    # the small beta's even-seed runs would choose another rule (0.015 falls, 0.06 holds) were they chosen on
+    other = [_run(0, "dpo", 0.015, -0.1, lr=2e-5), _run(2, "dpo", 0.06, 0.0, lr=2e-5)]
+    result = study.analyse(_write(tmp_path, _synthetic(), other))
+    assert result["rules"]["calibrated"]["threshold"] == 0.02
+    assert result["confusion"]["calibrated"]["choose_runs"]["runs"] == 8
+    held_out = result["confusion"]["calibrated"]["report_runs"]  # the 8 odd-seed runs as before, and these two
+    assert [held_out[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")] == [2, 7, 1, 0]
+    assert {r["split"] for r in result["runs"] if r["id"].startswith("small-beta/")} == {"report"}
 
 
 def test_safeguard_on_and_off_and_per_cell_split_the_held_out_runs(tmp_path):
@@ -164,7 +178,7 @@ def test_the_held_out_matrix_counts_the_runs_by_hand(written):
     rule = study.ProbeRule(**written["rules"]["calibrated"])
     counts = [0, 0, 0, 0]
     for run in study.load_runs(study.SOURCE):
-        if run["seed"] % 2 == 0:
+        if study.side(run) == "choose":
             continue
         fired = study.fires(run, rule) is not None
         fell = run["reward_change"][max(run["reward_change"])] < -study.TOLERANCE
