@@ -11,9 +11,10 @@ of the probe study (``stability_probe.py``, the probe logged, never acted on) re
   ``callbacks.rewind.Rewind`` reads them). The signals: ``delta_winner`` (the winner's held-out error minus the
   reference's), ``relative_delta_winner`` (the same over the reference's error), ``delta_winner_minus_loser`` (the
   implicit margin) and ``implicit_acc``.
-* **Split**: chosen on the runs of even training seeds in the 50-step cells (:data:`CHOOSE_REGIMES`; the best F1;
-  ties: fewer false alarms, then more timely alarms, then the first in the grid), reported on every other run: the
-  odd seeds, and the small-beta and long runs, overall and per regime and cell, with the safeguard on and off.
+* **Split**: chosen on the runs of even training seeds of Diffusion-DPO and the default safeguard in the 50-step
+  cells (:data:`CHOOSE_METHODS`, :data:`CHOOSE_REGIMES`; the best F1; ties: fewer false alarms, then more timely
+  alarms, then the first in the grid), reported on every other run: the odd seeds, the best fixed settings' runs,
+  and the small-beta and long runs, overall and per regime and cell, with the safeguard on and off.
 * **Timeliness** (:func:`timely`): of the alarms that fired on a run whose reward fell, the share that fired before
   the held-out reward had fallen by half of what it finally lost. The reward is measured at the evaluation steps
   only: *strict* counts an alarm when an evaluation at or after its step still found the reward above half its final
@@ -49,6 +50,7 @@ OUTPUT = RESULTS / "cpu-probe-alarm-calibration.json"
 PAGE = ROOT / "docs" / "research" / "alarm.md"
 START, END = "<!-- probe-alarm-tables:start -->", "<!-- probe-alarm-tables:end -->"
 CHOOSE_REGIMES = ("offline",)  # the regime the rule is chosen on (its even seeds); the others' runs only report it
+CHOOSE_METHODS = ("dpo", "sdpo-output-mu0.5")  # the settings it is chosen on; the best fixed ones' runs report it
 ACTING = ("rewind", "dormant-safeguard")  # settings that act on an alarm: their runs are not the alarm's evidence
 SAFEGUARDED = ("sdpo", "auto-mu")  # a method key holding one of these trains with a safeguard
 
@@ -130,9 +132,9 @@ def timely(run: dict[str, Any], fired_at: int) -> dict[str, bool]:
 
 
 def side(run: dict[str, Any]) -> str:
-    """``choose`` for the runs of even training seeds in :data:`CHOOSE_REGIMES` (``alarm_calibration.split``),
-    ``report`` for every other run."""
-    return split(run) if run["regime"] in CHOOSE_REGIMES else "report"
+    """``choose`` for the runs of even training seeds of :data:`CHOOSE_METHODS` in :data:`CHOOSE_REGIMES`
+    (``alarm_calibration.split``), ``report`` for every other run."""
+    return split(run) if run["regime"] in CHOOSE_REGIMES and run["method"] in CHOOSE_METHODS else "report"
 
 
 def safeguarded(run: dict[str, Any]) -> bool:
@@ -230,7 +232,8 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
         "source": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name,
         "label": f"fell: the held-out colour reward at the last eval step more than {TOLERANCE} below the base's",
         "tolerance": TOLERANCE,
-        "split": f"rule chosen on the runs of even training seeds in {', '.join(CHOOSE_REGIMES)} (best F1; ties: "
+        "split": f"rule chosen on the runs of even training seeds of {', '.join(CHOOSE_METHODS)} in "
+        f"{', '.join(CHOOSE_REGIMES)} (best F1; ties: "
         "fewer false alarms, more strictly timely alarms, the first in the grid), reported on every other run "
         "(report_runs: odd seeds and the other regimes' runs)",
         "timeliness": "of the true alarms, the share fired before the held-out reward had fallen by half of its final "

@@ -69,8 +69,12 @@ class ProbeAlarmRule:
         )
 
 
-PROBE_ALARM = ProbeAlarmRule(patience=2, threshold=0.0)
-"""The alarm's first rule: the pathology as the paper defines it, two probes in a row; not yet calibrated."""
+PROBE_ALARM = ProbeAlarmRule(patience=2, threshold=0.05)
+"""The alarm's rule, calibrated on the stability benchmark's runs with the probe logged (4 held-out pairs every 5
+steps; chosen by F1 on the even seeds of Diffusion-DPO and the default safeguard at lr 2e-5, 2e-4 and 1e-3, reported
+on the others): ``benchmarks/results/cpu-probe-alarm-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
+docs/research/alarm.md), which holds its confusion matrices and how often it fires before the held-out reward has
+fallen by half."""
 
 
 class MemorySnapshot:
