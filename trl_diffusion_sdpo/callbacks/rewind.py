@@ -1,11 +1,11 @@
 """``on_pathology="rewind"``: back to the last step the held-out probe called healthy, then the response.
 
 The alarm (:data:`PROBE_ALARM`, a :class:`ProbeAlarmRule`) reads the probe's reduced figures (:mod:`.probe`), so
-every process reaches the same verdict at the same step. Its first rule follows the pathology's definition (Fu et
-al., arXiv 2511.03317: the winner's denoising error rising above the reference's): a probe is unhealthy when
-``probe/delta_winner`` is above 0, and the alarm fires after 2 unhealthy probes in a row (one probe's rise may be the
-noise of a few pairs). The rule is not yet calibrated on the stability benchmark's runs: its precision and recall are
-not measured.
+every process reaches the same verdict at the same step. It reads the pathology as the paper defines it (Fu et al.,
+arXiv 2511.03317: the winner's denoising error rising above the reference's): a probe is unhealthy when
+``probe/delta_winner`` is above a margin, and the alarm fires after a number of unhealthy probes in a row (one probe's
+rise may be the noise of a few pairs). The margin and the count were chosen on the stability benchmark's runs with
+the probe logged (:data:`PROBE_ALARM` names the result file; docs/research/alarm.md).
 
 At every healthy probe (and when training begins) :class:`Rewind` keeps one snapshot of the trainable weights and the
 optimizer's state: in memory for LoRA, in ``<output_dir>/rewind-healthy/`` for full tuning (one snapshot at a time:
@@ -53,7 +53,7 @@ _WEIGHTS, _OPTIMIZER = "weights.safetensors", "optimizer.pt"
 @dataclass(frozen=True)
 class ProbeAlarmRule:
     """A probe is unhealthy when ``probe/delta_winner > threshold``; the alarm fires after ``patience`` unhealthy
-    probes in a row. Not yet calibrated on the stability benchmark's runs (precision and recall not measured)."""
+    probes in a row."""
 
     patience: int
     threshold: float
@@ -214,7 +214,7 @@ class Rewind:
             else "then stops with the healthy weights"
         )
         return (
-            f"the alarm ({self.rule.describe()}; not yet calibrated) restores the last healthy step's weights and "
+            f"the alarm ({self.rule.describe()}) restores the last healthy step's weights and "
             f"optimizer state, one snapshot ({elements:,} weights and their optimizer state) kept "
             f"{self.snapshot.where()}; {then}"
         )
