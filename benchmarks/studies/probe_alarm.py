@@ -92,6 +92,11 @@ class ProbeRule:
         return None
 
 
+BEFORE = ProbeRule("delta_winner", True, 0.0, 2)
+"""The rule before calibration: the pathology as the paper defines it (the winner's held-out error above the
+reference's), 2 probes in a row."""
+
+
 def candidates() -> list[ProbeRule]:
     return [
         ProbeRule(signal, above, threshold, patience)
@@ -200,7 +205,7 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
     runs = load_runs(path)
     halves = {name: [r for r in runs if side(r) == name] for name in ("choose", "report")}
     chosen, on_choose = choose_rule(halves["choose"])
-    before = ProbeRule("delta_winner", True, PROBE_ALARM.threshold, PROBE_ALARM.patience)
+    before = BEFORE
     per_signal = {}
     for signal in GRID:
         best, matrix = choose_rule_among(halves["choose"], signal)
@@ -295,7 +300,7 @@ def tables(result: dict[str, Any]) -> str:
     head = ("| rule | runs | fired, fell | fired, held | quiet, fell | quiet, held | precision | recall "
             "| timely (strict / lenient) |")  # fmt: skip
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    names = {"report_runs": "held-out (odd seeds)", "choose_runs": "chosen on (even seeds)", "all_runs": "all",
+    names = {"report_runs": "held-out", "choose_runs": "chosen on", "all_runs": "all",
              "report_runs_safeguard_off": "held-out, safeguard off",
              "report_runs_safeguard_on": "held-out, safeguard on"}  # fmt: skip
     rules = {
@@ -313,11 +318,11 @@ def tables(result: dict[str, Any]) -> str:
                 f"| {m['quiet_fell']} | {m['quiet_held']} | {_cell(m['precision'])} | {_cell(m['recall'])} "
                 f"| {timely} |"
             )
-    lines += ["", "| signal | best rule on the even seeds | precision, recall (odd seeds) |", "|---|---|---|"]
+    lines += ["", "| signal | its best rule on the runs chosen on | precision, recall (held-out) |", "|---|---|---|"]
     for signal, entry in result["best_per_signal"].items():
         m = entry["report_runs"]
         lines.append(f"| `{signal}` | {describe(entry['rule'])} | {_cell(m['precision'])}, {_cell(m['recall'])} |")
-    lines += ["", "| held-out runs (odd seeds) | runs | fell | calibrated: fired, fell / fired, held "
+    lines += ["", "| held-out runs | runs | fell | calibrated: fired, fell / fired, held "
               "| timely (strict) | training-log alarm: fired, fell / fired, held |",
               "|---|---:|---:|---|---:|---|"]  # fmt: skip
     for group, entry in result["groups"].items():
