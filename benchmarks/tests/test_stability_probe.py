@@ -153,3 +153,40 @@ def test_the_research_page_quotes_the_result_file():
     alarm_page = (ROOT / "docs" / "research" / "alarm.md").read_text()
     block = alarm_page.split(probe_alarm.START, 1)[1].split(probe_alarm.END, 1)[0]
     assert block.strip() == probe_alarm.tables(json.loads(probe_alarm.OUTPUT.read_text())).strip()
+
+
+def stated_figures(probe: dict, calibration: dict) -> list[str]:
+    """The figures docs/safeguard.md states about the probe's alarm and the rewind, each formatted from the result
+    files."""
+    held_out = calibration["confusion"]["calibrated"]["report_runs"]
+    cells = probe["analysis"]["offline"]
+    rewinds, quiet = probe["rewinds"]["offline"], probe["quiet_identity"]["offline"]
+    breaking = probe["goal_all_measures"]["offline/lr0.0002-beta5000"]["settings"]["rewind"]["measures"]
+    at_2e4 = cells["lr0.0002-beta5000"]
+    reward = at_2e4["rewind"]["steps"]["50"]["reward"]["vs_base"]
+    dpo = at_2e4["dpo"]["steps"]["50"]["reward"]["vs_base"]
+    healthy = quiet["lr2e-05-beta5000"]
+    return [
+        f"precision is {held_out['precision']:.2f} and its recall {held_out['recall']:.2f}",
+        f"{held_out['timely_strict']} of its {held_out['fired_fell']} alarms on runs whose reward fell",
+        f"quiet in {healthy['quiet']} of {rewinds['lr2e-05-beta5000']['runs']} runs",
+        f"{healthy['equal_to_dpo']} of them equal to Diffusion-DPO's",
+        f"stopped with the base's weights in {rewinds['lr0.001-beta5000']['stopped']} of "
+        f"{rewinds['lr0.001-beta5000']['runs']} runs",
+        f"rewound in {rewinds['lr0.0002-beta5000']['rewound']} of {rewinds['lr0.0002-beta5000']['runs']} runs "
+        f"(stopping in {rewinds['lr0.0002-beta5000']['stopped']})",
+        f"{reward['mean']:+.3f} [{reward['ci95'][0]:+.3f}, {reward['ci95'][1]:+.3f}] in held-out reward from the base "
+        f"(Diffusion-DPO {dpo['mean']:+.3f})",
+        f"missing the holding half by {breaking['reward']['miss']:.3f} on the reward, "
+        f"{breaking['shape_iou']['miss']:.3f} on the shape IoU and {breaking['denoising_error']['miss']:.3f} on the "
+        "denoising error",
+    ]
+
+
+def test_the_safeguard_page_states_the_result_files_figures(written):
+    calibration = json.loads(probe_alarm.OUTPUT.read_text())
+    text = " ".join((ROOT / "docs" / "safeguard.md").read_text().split())
+    missing = [figure for figure in stated_figures(written, calibration) if figure not in text]
+    assert not missing, missing
+    at_1e3 = written["rewinds"]["offline"]["lr0.001-beta5000"]["per_seed"].values()
+    assert all(run["rewinds"][-1]["restored"] == 0 for run in at_1e3 if run["stopped_at"] is not None)
