@@ -59,6 +59,8 @@ from trl_diffusion_sdpo.demo.stats import paired_difference, summarise  # noqa: 
 
 GUARD_DEFAULTS = {"max_margin": 5.0, "sft_weight": 1.0}
 DORMANT = "dormant-safeguard"  # Diffusion-DPO until the alarm fires, then the safeguard (on_pathology="safeguard")
+REWIND = "rewind"  # Diffusion-DPO with the held-out probe, rewound when its alarm fires (on_pathology="rewind")
+ACTING = (DORMANT, REWIND)  # the settings that act on an alarm, judged against the best fixed one
 DEFAULT_METHOD = "sdpo-output-mu0.5"  # the package's default safeguard when the study ran
 MAIN_METHODS = f"dpo,{DEFAULT_METHOD},guard-auto-mu"
 DRAWINGS_PER_PROMPT, DRAWING_SEED = 4, 777
@@ -262,30 +264,33 @@ def analyse(regimes: dict[str, dict[str, Any]]) -> dict[str, Any]:
                         row[measure] = item
                     rows[step] = row
                 entry[method] = {"seeds": sorted(seeded), "steps": rows}
-            if DORMANT in by_method:
-                _against_best_fixed(entry, by_method, steps)
+            for acting in (m for m in ACTING if m in by_method):
+                _against_best_fixed(entry, by_method, steps, acting)
             cells[cell] = entry
         out[regime] = cells
     return out
 
 
-def _against_best_fixed(entry: dict[str, Any], by_method: dict[str, dict[int, Any]], steps: list[str]) -> None:
-    """The dormant safeguard's paired differences from the best fixed setting of its cell (every setting but
-    Diffusion-DPO and the dormant one; the best: the highest mean reward change against the base at the last step),
-    as ``vs_best_fixed`` beside ``vs_dpo``, and the setting's key as ``best_fixed``."""
+def _against_best_fixed(
+    entry: dict[str, Any], by_method: dict[str, dict[int, Any]], steps: list[str], acting: str = DORMANT
+) -> None:
+    """The paired differences of ``acting`` (a setting that acts on an alarm: :data:`ACTING`) from the best fixed
+    setting of its cell (every setting but Diffusion-DPO and the acting ones; the best: the highest mean reward change
+    against the base at the last step), as ``vs_best_fixed`` beside ``vs_dpo``, and the setting's key as
+    ``best_fixed``."""
     last = steps[-1]
-    fixed = [m for m in by_method if m not in ("dpo", DORMANT) and len(entry[m]["seeds"]) >= 2]
+    fixed = [m for m in by_method if m != "dpo" and m not in ACTING and len(entry[m]["seeds"]) >= 2]
     if not fixed:
         return
     best = max(fixed, key=lambda m: entry[m]["steps"][last]["reward"]["vs_base"]["mean"])
-    mine, theirs = by_method[DORMANT], by_method[best]
+    mine, theirs = by_method[acting], by_method[best]
     shared = sorted(set(mine) & set(theirs))
     if len(shared) < 2:
         return
-    entry[DORMANT]["best_fixed"] = best
+    entry[acting]["best_fixed"] = best
     for step in steps:
         for measure in MEASURES:
-            entry[DORMANT]["steps"][step][measure]["vs_best_fixed"] = _brief(
+            entry[acting]["steps"][step][measure]["vs_best_fixed"] = _brief(
                 paired_difference(
                     [_change(mine[s], measure, step) for s in shared],
                     [_change(theirs[s], measure, step) for s in shared],
@@ -394,6 +399,7 @@ LABELS = {
     "guard-auto-beta": "Diffusion-DPO, auto_beta",
     "guard-update-auto-mu": "update space, mu=auto",
     DORMANT: "Diffusion-DPO, on_pathology=safeguard",
+    REWIND: "Diffusion-DPO, on_pathology=rewind",
 }
 
 

@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             tick = time.perf_counter()
             _, history = train_preference(base, dataset, recipe, METHODS[key], seed, latent_cache_dir, [evaluator])
             seconds = time.perf_counter() - tick
-            if history["step"][-1] != args.max_steps:  # preempted (SIGTERM): record only whole runs
+            stopped = getattr(evaluator, "stopped_at", None)  # the run stopped itself (a rewind's stop): whole
+            if history["step"][-1] != args.max_steps and stopped is None:  # preempted (SIGTERM): only whole runs
                 raise RuntimeError(f"run stopped at step {history['step'][-1]} of {args.max_steps}")
             run = {
                 "seed": seed,

@@ -194,10 +194,11 @@ def test_rewind_needs_the_probe(make_config):
     assert make_config(on_pathology="rewind", probe_steps=5).on_pathology == "rewind"
 
 
-def test_the_alarms_first_rule_fires_after_two_probes_with_the_winner_error_above_the_references():
-    assert PROBE_ALARM.patience == 2
-    assert PROBE_ALARM.unhealthy({"probe/delta_winner": 1e-6}, 1)
-    assert not PROBE_ALARM.unhealthy({"probe/delta_winner": 0.0}, 1)
+def test_the_alarms_rule_calls_a_probe_unhealthy_when_the_winner_error_exceeds_the_references_by_its_margin():
+    margin = PROBE_ALARM.threshold
+    assert PROBE_ALARM.patience >= 1
+    assert PROBE_ALARM.unhealthy({"probe/delta_winner": margin + 1e-6}, 1)
+    assert not PROBE_ALARM.unhealthy({"probe/delta_winner": margin}, 1)
     assert not PROBE_ALARM.unhealthy({"probe/delta_winner": -1e-3}, 1)
 
 

@@ -1,0 +1,364 @@
+"""The held-out probe's alarm against the held-out measures it is meant to predict: the probe's readings of every run
+of the probe study (``stability_probe.py``, the probe logged, never acted on) replayed through a grid of rules.
+
+* **Runs**: the runs of :data:`SOURCE` whose setting does not act on the alarm (Diffusion-DPO, the default safeguard
+  and the best fixed settings; the rewind's runs act on it and are left out), with their probe readings (every
+  ``probe_steps`` optimizer steps, ``probe_pairs`` at the config's default).
+* **Label**: as the training-log alarm's calibration labels a run (``alarm_calibration.label``): its held-out colour
+  reward at the last evaluation step more than ``alarm_calibration.TOLERANCE`` below the base's.
+* **Rules** (:class:`ProbeRule`, :data:`GRID`): a probe is unhealthy when a signal of its readings lies above (or
+  below) a threshold; the alarm fires at the probe that makes ``patience`` unhealthy probes in a row (as
+  ``callbacks.rewind.Rewind`` reads them). The signals: ``delta_winner`` (the winner's held-out error minus the
+  reference's), ``relative_delta_winner`` (the same over the reference's error), ``delta_winner_minus_loser`` (the
+  implicit margin) and ``implicit_acc``.
+* **Split**: chosen on the runs of even training seeds of Diffusion-DPO and the default safeguard in the 50-step
+  cells (:data:`CHOOSE_METHODS`, :data:`CHOOSE_REGIMES`; the best F1; ties: fewer false alarms, then more timely
+  alarms, then the first in the grid), reported on every other run: the odd seeds, the best fixed settings' runs,
+  and the small-beta and long runs, overall and per regime and cell, with the safeguard on and off.
+* **Timeliness** (:func:`timely`): of the alarms that fired on a run whose reward fell, the share that fired before
+  the held-out reward had fallen by half of what it finally lost. The reward is measured at the evaluation steps
+  only: *strict* counts an alarm when an evaluation at or after its step still found the reward above half its final
+  loss; *lenient* when it fired before the first evaluation that found it below.
+
+``python benchmarks/studies/probe_alarm.py`` writes :data:`OUTPUT`; ``--check`` recomputes it and compares (exit
+status 1 on a difference); ``--table`` prints the Markdown tables ``docs/research/alarm.md`` carries and ``--page``
+writes them there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from alarm_calibration import TOLERANCE, confusion, label, split  # noqa: E402
+
+from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, ProbeAlarmRule  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SOURCE = RESULTS / "cpu-stability-probe-demo.json"
+OUTPUT = RESULTS / "cpu-probe-alarm-calibration.json"
+PAGE = ROOT / "docs" / "research" / "alarm.md"
+START, END = "<!-- probe-alarm-tables:start -->", "<!-- probe-alarm-tables:end -->"
+CHOOSE_REGIMES = ("offline",)  # the regime the rule is chosen on (its even seeds); the others' runs only report it
+CHOOSE_METHODS = ("dpo", "sdpo-output-mu0.5")  # the settings it is chosen on; the best fixed ones' runs report it
+ACTING = ("rewind", "dormant-safeguard")  # settings that act on an alarm: their runs are not the alarm's evidence
+SAFEGUARDED = ("sdpo", "auto-mu")  # a method key holding one of these trains with a safeguard
+
+#: each signal of a probe's readings (the probe's metrics without their ``probe/`` prefix)
+SIGNALS: dict[str, Callable[[Mapping[str, float]], float]] = {
+    "delta_winner": lambda r: r["delta_winner"],
+    "relative_delta_winner": lambda r: r["delta_winner"] / r["mse_ref_winner"],
+    "delta_winner_minus_loser": lambda r: r["delta_winner"] - r["delta_loser"],
+    "implicit_acc": lambda r: r["implicit_acc"],
+}
+#: per signal: the directions searched (``True``: unhealthy above the threshold) and the thresholds
+GRID: dict[str, tuple[tuple[bool, ...], tuple[float, ...]]] = {
+    "delta_winner": ((True,), (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)),
+    "relative_delta_winner": ((True,), (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)),
+    "delta_winner_minus_loser": ((True, False), (-0.05, -0.03, -0.02, -0.01, -0.005, 0.0, 0.005, 0.01)),
+    "implicit_acc": ((True, False), (0.25, 0.5, 0.75)),
+}
+PATIENCE = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class ProbeRule:
+    """A probe is unhealthy when ``signal`` (:data:`SIGNALS`) lies above ``threshold`` (``above``; else below it);
+    the alarm fires at the ``patience``-th unhealthy probe in a row."""
+
+    signal: str
+    above: bool
+    threshold: float
+    patience: int
+
+    def unhealthy(self, reading: Mapping[str, float]) -> bool:
+        value = SIGNALS[self.signal](reading)
+        return value > self.threshold if self.above else value < self.threshold
+
+    def package(self) -> ProbeAlarmRule | None:
+        """The package's rule (``callbacks.rewind.ProbeAlarmRule``) this one is, where it can say it."""
+        if self.signal == "delta_winner" and self.above:
+            return ProbeAlarmRule(patience=self.patience, threshold=self.threshold)
+        return None
+
+
+BEFORE = ProbeRule("delta_winner", True, 0.0, 2)
+"""The rule before calibration: the pathology as the paper defines it (the winner's held-out error above the
+reference's), 2 probes in a row."""
+
+
+def candidates() -> list[ProbeRule]:
+    return [
+        ProbeRule(signal, above, threshold, patience)
+        for signal, (directions, thresholds) in GRID.items()
+        for above, threshold, patience in itertools.product(directions, thresholds, PATIENCE)
+    ]
+
+
+def fires(run: dict[str, Any], rule: ProbeRule) -> int | None:
+    """The optimizer step of the probe at which ``rule`` fires on the run's readings, seen one at a time, up to its
+    last evaluation step (``None``: never)."""
+    last, in_a_row = max(run["reward_change"]), 0
+    for reading in run["probe"]:
+        if reading["step"] > last:
+            break
+        in_a_row = in_a_row + 1 if rule.unhealthy(reading) else 0
+        if in_a_row == rule.patience:
+            return int(reading["step"])
+    return None
+
+
+def half_fallen(run: dict[str, Any]) -> tuple[int, int]:
+    """``(before, at)``: the first evaluation step at which the held-out reward had fallen by half of its final loss
+    (``at``), and the evaluation step before it (``before``; 0, the base, when none)."""
+    changes = run["reward_change"]
+    final = changes[max(changes)]
+    steps = sorted(changes)
+    at = next(s for s in steps if changes[s] <= final / 2)
+    before = max((s for s in steps if s < at), default=0)
+    return before, at
+
+
+def timely(run: dict[str, Any], fired_at: int) -> dict[str, bool]:
+    """Whether an alarm at ``fired_at`` on a run whose reward fell came before it had fallen by half (module
+    docstring): ``strict`` and ``lenient``."""
+    before, at = half_fallen(run)
+    return {"strict": fired_at <= before, "lenient": fired_at < at}
+
+
+def side(run: dict[str, Any]) -> str:
+    """``choose`` for the runs of even training seeds of :data:`CHOOSE_METHODS` in :data:`CHOOSE_REGIMES`
+    (``alarm_calibration.split``), ``report`` for every other run."""
+    return split(run) if run["regime"] in CHOOSE_REGIMES and run["method"] in CHOOSE_METHODS else "report"
+
+
+def safeguarded(run: dict[str, Any]) -> bool:
+    return any(word in run["method"] for word in SAFEGUARDED)
+
+
+def score(runs: list[dict[str, Any]], rule: ProbeRule) -> dict[str, Any]:
+    """The confusion matrix of ``rule`` on ``runs`` (``alarm_calibration.confusion``) with the timeliness of its true
+    alarms."""
+    fired = [fires(r, rule) for r in runs]
+    fell = [label(r) for r in runs]
+    matrix = confusion([f is not None for f in fired], fell)
+    true_alarms = [timely(r, f) for r, f, y in zip(runs, fired, fell, strict=True) if f is not None and y]
+    for kind in ("strict", "lenient"):
+        count = sum(t[kind] for t in true_alarms)
+        matrix[f"timely_{kind}"] = count
+        matrix[f"timely_{kind}_share"] = count / len(true_alarms) if true_alarms else None
+    return matrix
+
+
+def choose_rule(runs: list[dict[str, Any]]) -> tuple[ProbeRule, dict[str, Any]]:
+    """The rule of :func:`candidates` with the best F1 on ``runs`` (ties: fewer false alarms, more strictly timely
+    alarms, the first in the grid)."""
+    scored = []
+    for index, rule in enumerate(candidates()):
+        matrix = score(runs, rule)
+        scored.append(((-matrix["f1"], matrix["fired_held"], -matrix["timely_strict"], index), rule, matrix))
+    _, rule, matrix = min(scored, key=lambda s: s[0])
+    return rule, matrix
+
+
+def load_runs(path: Path = SOURCE) -> list[dict[str, Any]]:
+    """The runs of the probe study's result file that log the probe without acting on it: per run its key, regime,
+    cell, seed, setting, probe readings and held-out reward change per evaluation step."""
+    report = json.loads(path.read_text())
+    runs = []
+    for regime, part in report["regimes"].items():
+        for key, run in part["runs"].items():
+            if run["method"] in ACTING or not run.get("probe"):
+                continue
+            runs.append(
+                {
+                    "id": f"{regime}/{key}",
+                    "regime": regime,
+                    "cell": f"{regime}, lr {run['learning_rate']:g}, beta {run['beta']:g}",
+                    "seed": int(run["seed"]),
+                    "method": run["method"],
+                    "probe": run["probe"],
+                    "reward_change": {int(s): v for s, v in run["reward_change"].items()},
+                    "log_alarm_at": run.get("alarm", {}).get("fired_at"),
+                }
+            )
+    return runs
+
+
+def _log_alarm(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training-log alarm (``callbacks.health.RULE``, as these runs logged it) on the same runs."""
+    return confusion([r["log_alarm_at"] is not None for r in runs], [label(r) for r in runs])
+
+
+def analyse(path: Path = SOURCE) -> dict[str, Any]:
+    """The labels, the split, the chosen rule, its confusion matrices and timeliness (the result file's content)."""
+    runs = load_runs(path)
+    halves = {name: [r for r in runs if side(r) == name] for name in ("choose", "report")}
+    chosen, on_choose = choose_rule(halves["choose"])
+    before = BEFORE
+    per_signal = {}
+    for signal in GRID:
+        best, matrix = choose_rule_among(halves["choose"], signal)
+        per_signal[signal] = {"rule": asdict(best), "chosen_on": matrix, "report_runs": score(halves["report"], best)}
+    groups: dict[str, Any] = {}
+    for cell in dict.fromkeys(r["cell"] for r in runs):
+        for guarded, word in ((False, "safeguard off"), (True, "safeguard on")):
+            mine = [r for r in halves["report"] if r["cell"] == cell and safeguarded(r) == guarded]
+            if mine:
+                groups[f"{cell}, {word}"] = {"calibrated": score(mine, chosen), "training_log_alarm": _log_alarm(mine)}
+    rules = {"before": before, "calibrated": chosen}
+    matrices = {
+        name: {
+            "report_runs": score(halves["report"], rule),
+            "choose_runs": score(halves["choose"], rule),
+            "all_runs": score(runs, rule),
+            **{
+                f"report_runs_safeguard_{word}": score([r for r in halves["report"] if safeguarded(r) == on], rule)
+                for on, word in ((False, "off"), (True, "on"))
+            },
+        }
+        for name, rule in rules.items()
+    }
+    matrices["training_log_alarm"] = {"report_runs": _log_alarm(halves["report"]), "all_runs": _log_alarm(runs)}
+    package = chosen.package()
+    return {
+        "what": "The held-out probe's alarm replayed on the probe study's runs (the probe logged, not acted on), "
+        "against each run's held-out colour reward (benchmarks/studies/probe_alarm.py).",
+        "source": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name,
+        "label": f"fell: the held-out colour reward at the last eval step more than {TOLERANCE} below the base's",
+        "tolerance": TOLERANCE,
+        "split": f"rule chosen on the runs of even training seeds of {', '.join(CHOOSE_METHODS)} in "
+        f"{', '.join(CHOOSE_REGIMES)} (best F1; ties: "
+        "fewer false alarms, more strictly timely alarms, the first in the grid), reported on every other run "
+        "(report_runs: odd seeds and the other regimes' runs)",
+        "timeliness": "of the true alarms, the share fired before the held-out reward had fallen by half of its final "
+        "loss; strict: an evaluation at or after the alarm's step still found it above half; lenient: fired before "
+        "the first evaluation that found it below half",
+        "grid": {s: {"above": list(d), "thresholds": list(t)} for s, (d, t) in GRID.items()} | {"patience": PATIENCE},
+        "rules": {name: asdict(rule) for name, rule in rules.items()},
+        "package_rule": asdict(PROBE_ALARM),
+        "package_rule_is_calibrated": package is not None and package == PROBE_ALARM,
+        "chosen_on": on_choose,
+        "aim": {"precision": 0.9, "recall": 0.9},
+        "confusion": matrices,
+        "best_per_signal": per_signal,
+        "groups": groups,
+        "runs": [
+            {
+                "id": r["id"],
+                "seed": r["seed"],
+                "split": side(r),
+                "method": r["method"],
+                "safeguard": safeguarded(r),
+                "cell": r["cell"],
+                "reward_change": round(r["reward_change"][max(r["reward_change"])], 6),
+                "fell": label(r),
+                "half_fallen_at": half_fallen(r)[1] if label(r) else None,
+                "before_fires_at": fires(r, before),
+                "calibrated_fires_at": fires(r, chosen),
+                "training_log_alarm_at": r["log_alarm_at"],
+            }
+            for r in runs
+        ],
+    }
+
+
+def choose_rule_among(runs: list[dict[str, Any]], signal: str) -> tuple[ProbeRule, dict[str, Any]]:
+    """:func:`choose_rule` restricted to the rules on ``signal``: what that signal alone reaches."""
+    scored = []
+    for index, rule in enumerate(candidates()):
+        if rule.signal != signal:
+            continue
+        matrix = score(runs, rule)
+        scored.append(((-matrix["f1"], matrix["fired_held"], -matrix["timely_strict"], index), rule, matrix))
+    _, rule, matrix = min(scored, key=lambda s: s[0])
+    return rule, matrix
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def describe(rule: dict[str, Any]) -> str:
+    side = "above" if rule["above"] else "below"
+    return f"`{rule['signal']}` {side} {rule['threshold']:g}, {rule['patience']} in a row"
+
+
+def tables(result: dict[str, Any]) -> str:
+    """The Markdown tables of ``docs/research/alarm.md``'s probe section: the matrices with timeliness, the best rule
+    per signal, and the held-out runs per cell."""
+    head = ("| rule | runs | fired, fell | fired, held | quiet, fell | quiet, held | precision | recall "
+            "| timely (strict / lenient) |")  # fmt: skip
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    names = {"report_runs": "held-out", "choose_runs": "chosen on", "all_runs": "all",
+             "report_runs_safeguard_off": "held-out, safeguard off",
+             "report_runs_safeguard_on": "held-out, safeguard on"}  # fmt: skip
+    rules = {
+        "before": f"before calibration ({describe(result['rules']['before'])})",
+        "calibrated": f"calibrated ({describe(result['rules']['calibrated'])})",
+        "training_log_alarm": "the training-log alarm (as logged)",
+    }
+    for rule, matrices in result["confusion"].items():
+        for which, m in matrices.items():
+            timely = ""
+            if "timely_strict" in m:
+                timely = f"{_cell(m['timely_strict_share'])} / {_cell(m['timely_lenient_share'])}"
+            lines.append(
+                f"| {rules[rule]} | {names[which]} ({m['runs']}) | {m['fired_fell']} | {m['fired_held']} "
+                f"| {m['quiet_fell']} | {m['quiet_held']} | {_cell(m['precision'])} | {_cell(m['recall'])} "
+                f"| {timely} |"
+            )
+    lines += ["", "| signal | its best rule on the runs chosen on | precision, recall (held-out) |", "|---|---|---|"]
+    for signal, entry in result["best_per_signal"].items():
+        m = entry["report_runs"]
+        lines.append(f"| `{signal}` | {describe(entry['rule'])} | {_cell(m['precision'])}, {_cell(m['recall'])} |")
+    lines += ["", "| held-out runs | runs | fell | calibrated: fired, fell / fired, held "
+              "| timely (strict) | training-log alarm: fired, fell / fired, held |",
+              "|---|---:|---:|---|---:|---|"]  # fmt: skip
+    for group, entry in result["groups"].items():
+        m, log = entry["calibrated"], entry["training_log_alarm"]
+        lines.append(
+            f"| {group} | {m['runs']} | {m['fired_fell'] + m['quiet_fell']} | {m['fired_fell']} / {m['fired_held']} "
+            f"| {m['timely_strict']} | {log['fired_fell']} / {log['fired_held']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default=SOURCE, type=Path)
+    parser.add_argument("--check", action="store_true", help=f"Recompute and compare with {OUTPUT.name}.")
+    parser.add_argument("--table", action="store_true", help="Print the Markdown tables of the written file.")
+    parser.add_argument("--page", action="store_true", help=f"Write the tables into {PAGE.name}'s marked block.")
+    args = parser.parse_args(argv)
+    if args.table or args.page:
+        block = tables(json.loads(OUTPUT.read_text()))
+        if args.page:
+            head, rest = PAGE.read_text().split(START, 1)
+            PAGE.write_text(f"{head}{START}\n\n{block}\n\n{END}{rest.split(END, 1)[1]}")
+        else:
+            print(block)
+        return 0
+    result = analyse(args.source.resolve())
+    if args.check:
+        same = json.loads(OUTPUT.read_text()) == json.loads(json.dumps(result))
+        print(f"{OUTPUT.name}: {'up to date' if same else 'differs from the recomputation'}")
+        return 0 if same else 1
+    OUTPUT.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("rules", "chosen_on")}, indent=1))
+    print(json.dumps(result["confusion"]["calibrated"]["report_runs"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""``benchmarks/studies/stability_probe.py``: the rewind's bookkeeping (its rewinds, its quiet runs against
+Diffusion-DPO's) on synthetic runs; and, on the written result file, that every setting of a cell trained on the same
+pairs, that a rewind run trained as Diffusion-DPO until its first alarm, that a stopped run's result stands for the
+later evaluation steps, and that the pages quote the file.
+
+Run with ``python -m pytest benchmarks/tests``; the package's suite does not read the result files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks" / "studies"))
+
+import probe_alarm  # noqa: E402
+import stability_probe as study  # noqa: E402
+
+BASE = {"reward": 0.8, "shape_iou": 0.7, "diversity": 0.15, "denoising_error": 0.04}
+
+
+def _run(method: str, seed: int, reward: float, rewinds=(), stopped_at=None, lr: float = 2e-4) -> dict:
+    return {
+        "seed": seed,
+        "learning_rate": lr,
+        "beta": 5000.0,
+        "method": method,
+        "measures": {"0": BASE, "50": {**BASE, "reward": BASE["reward"] + reward}},
+        "rewinds": [{"fired_at": f, "restored": r} for f, r in rewinds],
+        "stopped_at": stopped_at,
+    }
+
+
+def test_rewinds_count_the_runs_that_rewound_and_stopped():
+    runs = {
+        "a": _run("rewind", 0, 0.0, [(15, 5)]),
+        "b": _run("rewind", 1, 0.0, [(10, 0), (20, 0)], stopped_at=20),
+        "c": _run("rewind", 2, 0.0),
+        "d": _run("dpo", 0, -0.1),
+    }
+    cell = study.rewinds(runs)["lr0.0002-beta5000"]
+    assert (cell["runs"], cell["rewound"], cell["stopped"]) == (3, 2, 1)
+    assert cell["per_seed"]["1"] == {"rewinds": [{"fired_at": 10, "restored": 0}, {"fired_at": 20, "restored": 0}],
+                                     "stopped_at": 20}  # fmt: skip
+    expected = "rewound in 2 of 3 runs (fired at step 10, 15, 20; restored step 0, 5), stopped in 1"
+    assert study._rewound(cell) == expected
+
+
+def test_quiet_identity_compares_each_quiet_rewind_with_its_seeds_diffusion_dpo():
+    runs = {
+        "r0": _run("rewind", 0, 0.01),  # quiet, equal to its Diffusion-DPO run
+        "d0": _run("dpo", 0, 0.01),
+        "r1": _run("rewind", 1, 0.02),  # quiet, not equal
+        "d1": _run("dpo", 1, 0.03),
+        "r2": _run("rewind", 2, 0.0, [(15, 5)]),  # rewound: not a quiet run
+        "d2": _run("dpo", 2, 0.0),
+    }
+    assert study.quiet_identity(runs) == {"lr0.0002-beta5000": {"quiet": 2, "equal_to_dpo": 1, "seeds": [0, 1]}}
+
+
+# ------------------------------------------------------------------------------------------- the written file
+
+
+@pytest.fixture(scope="module")
+def written() -> dict:
+    path = ROOT / study.OUTPUT
+    if not path.exists():
+        pytest.skip(f"{path.name} not written")
+    return json.loads(path.read_text())
+
+
+def _cells(written: dict):
+    for regime, report in written["regimes"].items():
+        by_cell: dict = {}
+        for run in report["runs"].values():
+            by_cell.setdefault((run["learning_rate"], run["beta"], run["seed"]), []).append(run)
+        yield regime, by_cell
+
+
+def test_every_setting_of_a_cell_trained_on_the_same_pairs(written):
+    """The reference is frozen: its errors depend on the batches, timesteps and noise alone, so equal traces mean the
+    same pairs in the same order (the probe held the same pairs back in every setting)."""
+    checked = 0
+    for _, by_cell in _cells(written):
+        for runs in by_cell.values():
+            full = [r for r in runs if r["stopped_at"] is None]
+            digests = {r["reference_errors"]["sha256"] for r in full}
+            assert len(digests) == 1, [r["method"] for r in full]
+            trace = full[0]["reference_errors"]["trace"]
+            for run in runs:  # a stopped run's trace is the others' up to its stop
+                mine = run["reference_errors"]["trace"]
+                assert [row[: len(mine[0])] for row in trace] == mine
+            checked += len(runs)
+    assert checked >= 60
+
+
+def test_a_rewind_run_trains_as_diffusion_dpo_until_its_first_alarm(written):
+    checked = 0
+    for _, by_cell in _cells(written):
+        for runs in by_cell.values():
+            methods = {r["method"]: r for r in runs}
+            if "rewind" not in methods or "dpo" not in methods:
+                continue
+            mine, dpo = methods["rewind"], methods["dpo"]
+            until = mine["rewinds"][0]["fired_at"] if mine["rewinds"] else None
+            for step, measures in mine["measures"].items():
+                if until is None or int(step) < until:
+                    assert measures == dpo["measures"][step], (mine["seed"], step)
+            probes = [p for p in mine["probe"] if until is None or p["step"] <= until]
+            assert probes == dpo["probe"][: len(probes)]
+            checked += 1
+    assert checked >= 10
+
+
+def test_a_stopped_run_is_measured_at_its_stop_for_every_later_step(written):
+    stopped = 0
+    for _, by_cell in _cells(written):
+        for runs in by_cell.values():
+            for run in runs:
+                if run["stopped_at"] is None:
+                    continue
+                at = run["measures"][str(run["stopped_at"])]
+                later = [s for s in run["measures"] if int(s) > run["stopped_at"]]
+                assert later and all(run["measures"][s] == at for s in later)
+                stopped += 1
+    assert stopped >= 1
+
+
+def test_the_quiet_rewinds_are_diffusion_dpos_runs(written):
+    for regime, cells in written["quiet_identity"].items():
+        for cell, entry in cells.items():
+            assert entry["equal_to_dpo"] == entry["quiet"], (regime, cell)
+
+
+def test_the_written_result_file_is_assembled_from_its_runs(written, tmp_path):
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name, report in written["regimes"].items():
+        (parts / f"{name}.json").write_text(json.dumps(report))
+    study.assemble(parts, tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == written
+
+
+def test_the_research_page_quotes_the_result_file():
+    page = (ROOT / "docs" / "research" / "stability.md").read_text()
+    block = page.split(study.REWIND_START, 1)[1].split(study.REWIND_END, 1)[0]
+    assert block.strip() == study.rewind_tables(ROOT / study.OUTPUT).strip()
+    alarm_page = (ROOT / "docs" / "research" / "alarm.md").read_text()
+    block = alarm_page.split(probe_alarm.START, 1)[1].split(probe_alarm.END, 1)[0]
+    assert block.strip() == probe_alarm.tables(json.loads(probe_alarm.OUTPUT.read_text())).strip()
+
+
+def stated_figures(probe: dict, calibration: dict) -> list[str]:
+    """The figures docs/safeguard.md states about the probe's alarm and the rewind, each formatted from the result
+    files."""
+    held_out = calibration["confusion"]["calibrated"]["report_runs"]
+    cells = probe["analysis"]["offline"]
+    rewinds, quiet = probe["rewinds"]["offline"], probe["quiet_identity"]["offline"]
+    breaking = probe["goal_all_measures"]["offline/lr0.0002-beta5000"]["settings"]["rewind"]["measures"]
+    at_2e4 = cells["lr0.0002-beta5000"]
+    reward = at_2e4["rewind"]["steps"]["50"]["reward"]["vs_base"]
+    dpo = at_2e4["dpo"]["steps"]["50"]["reward"]["vs_base"]
+    healthy = quiet["lr2e-05-beta5000"]
+    return [
+        f"precision is {held_out['precision']:.2f} and its recall {held_out['recall']:.2f}",
+        f"{held_out['timely_strict']} of its {held_out['fired_fell']} alarms on runs whose reward fell",
+        f"quiet in {healthy['quiet']} of {rewinds['lr2e-05-beta5000']['runs']} runs",
+        f"{healthy['equal_to_dpo']} of them equal to Diffusion-DPO's",
+        f"stopped with the base's weights in {rewinds['lr0.001-beta5000']['stopped']} of "
+        f"{rewinds['lr0.001-beta5000']['runs']} runs",
+        f"rewound in {rewinds['lr0.0002-beta5000']['rewound']} of {rewinds['lr0.0002-beta5000']['runs']} runs "
+        f"(stopping in {rewinds['lr0.0002-beta5000']['stopped']})",
+        f"{reward['mean']:+.3f} [{reward['ci95'][0]:+.3f}, {reward['ci95'][1]:+.3f}] in held-out reward from the base "
+        f"(Diffusion-DPO {dpo['mean']:+.3f})",
+        f"missing the holding half by {breaking['reward']['miss']:.3f} on the reward, "
+        f"{breaking['shape_iou']['miss']:.3f} on the shape IoU and {breaking['denoising_error']['miss']:.3f} on the "
+        "denoising error",
+    ]
+
+
+def test_the_safeguard_page_states_the_result_files_figures(written):
+    calibration = json.loads(probe_alarm.OUTPUT.read_text())
+    text = " ".join((ROOT / "docs" / "safeguard.md").read_text().split())
+    missing = [figure for figure in stated_figures(written, calibration) if figure not in text]
+    assert not missing, missing
+    at_1e3 = written["rewinds"]["offline"]["lr0.001-beta5000"]["per_seed"].values()
+    assert all(run["rewinds"][-1]["restored"] == 0 for run in at_1e3 if run["stopped_at"] is not None)
