@@ -166,11 +166,14 @@ def stated_figures(probe: dict, calibration: dict) -> list[str]:
     reward = at_2e4["rewind"]["steps"]["50"]["reward"]["vs_base"]
     dpo = at_2e4["dpo"]["steps"]["50"]["reward"]["vs_base"]
     healthy = quiet["lr2e-05-beta5000"]
+    small = probe["quiet_identity"]["small-beta"]["lr2e-05-beta5"]
+    small_runs = probe["rewinds"]["small-beta"]["lr2e-05-beta5"]["runs"]
     return [
         f"precision is {held_out['precision']:.2f} and its recall {held_out['recall']:.2f}",
         f"{held_out['timely_strict']} of its {held_out['fired_fell']} alarms on runs whose reward fell",
         f"quiet in {healthy['quiet']} of {rewinds['lr2e-05-beta5000']['runs']} runs",
         f"{healthy['equal_to_dpo']} of them equal to Diffusion-DPO's",
+        f"at beta 5 (100 steps) quiet in {small['quiet']} of {small_runs} runs",
         f"stopped with the base's weights in {rewinds['lr0.001-beta5000']['stopped']} of "
         f"{rewinds['lr0.001-beta5000']['runs']} runs",
         f"rewound in {rewinds['lr0.0002-beta5000']['rewound']} of {rewinds['lr0.0002-beta5000']['runs']} runs "
