@@ -53,7 +53,7 @@ LOGGED = f"dpo,{study.DEFAULT_METHOD}"
 #: (regime, stability_map arguments), in this order: the probe logged in the breaking cells and the healthy one
 #: (10 seeds: Diffusion-DPO and the default safeguard), on which the alarm is chosen; the rewind there; the best
 #: fixed settings of the cells where the default safeguard is not the best; then the small beta (with its best fixed
-#: setting, the margin cap) and the long runs (the default safeguard is their best; 2 seeds), logged and rewinding
+#: setting, the margin cap) and the long runs (the default safeguard is their best), logged and rewinding
 REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
     ("offline", GRID | {"--lrs": "2e-4,1e-3,2e-5", "--seeds": TEN, "--methods": LOGGED}),
     ("offline", GRID | {"--lrs": "2e-4,1e-3,2e-5", "--seeds": TEN, "--methods": study.REWIND}),
@@ -61,7 +61,7 @@ REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
     ("offline", GRID | {"--lrs": "2e-5", "--seeds": TEN, "--methods": "guard-max-margin"}),
     ("small-beta", SMALL_BETA | {"--seeds": TEN, "--methods": f"{LOGGED},{study.REWIND}"}),
     ("small-beta", SMALL_BETA | {"--seeds": TEN, "--methods": "guard-max-margin"}),
-    ("long", LONG | {"--seeds": "0,1", "--methods": f"{LOGGED},{study.REWIND}"}),
+    ("long", LONG | {"--seeds": TEN, "--methods": f"{LOGGED},{study.REWIND}"}),
 )
 
 
@@ -95,11 +95,15 @@ class ProbeMeasures(study.HeldOutMeasures):
         if step >= args.max_steps:
             return
         self.stopped_at = step
-        if str(step) not in self.measures:
+        measured, reward = self.measures.get(str(step)), self.rewards.get(step)
+        if measured is None:  # not an evaluation step: measured here, kept only as the later steps' figures
             self.steps.add(step)
             self.on_step_end(args, state, control)
+            self.steps.discard(step)
+            measured, reward = self.measures.pop(str(step)), self.rewards.pop(step)
+            self.samples.pop(str(step), None)
         for later in (s for s in sorted(self.steps) if s > step):
-            self.measures[str(later)], self.rewards[later] = self.measures[str(step)], self.rewards[step]
+            self.measures[str(later)], self.rewards[later] = measured, reward
 
     def extras(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"probe": self.probe, "rewinds": self.rewinds, "stopped_at": self.stopped_at}

@@ -63,6 +63,43 @@ def test_quiet_identity_compares_each_quiet_rewind_with_its_seeds_diffusion_dpo(
     assert study.quiet_identity(runs) == {"lr0.0002-beta5000": {"quiet": 2, "equal_to_dpo": 1, "seeds": [0, 1]}}
 
 
+class _Measured(study.ProbeMeasures):
+    """:class:`stability_probe.ProbeMeasures` whose evaluation records its step as every measure (no sampling)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            self.measures[str(state.global_step)] = {"reward": float(state.global_step)}
+            self.rewards[state.global_step] = float(state.global_step)
+
+
+def _evaluator() -> _Measured:
+    from trl_diffusion_sdpo.demo.recipe import DemoRecipe
+    from trl_diffusion_sdpo.demo.shapes import split_captions
+
+    return _Measured([10, 20, 30], split_captions(1, 0)[1][:1], DemoRecipe())
+
+
+STOPS = [  # (the step the run stopped at, the figure each evaluation step ends with)
+    (25, {"10": 10.0, "20": 20.0, "30": 25.0}),  # between evaluation steps: measured at 25, kept as step 30's
+    (20, {"10": 10.0, "20": 20.0, "30": 20.0}),  # at an evaluation step
+    (30, {"10": 10.0, "20": 20.0, "30": 30.0}),  # the whole run
+]
+
+
+@pytest.mark.parametrize(("stop", "expected"), STOPS)
+def test_a_run_that_stops_itself_is_measured_at_its_stop_for_every_later_evaluation_step(stop, expected):
+    from types import SimpleNamespace
+
+    evaluator = _evaluator()
+    args = SimpleNamespace(max_steps=30)
+    for step in range(1, stop + 1):
+        evaluator.on_step_end(args, SimpleNamespace(global_step=step), None)
+    evaluator.on_train_end(args, SimpleNamespace(global_step=stop), None)
+    assert {s: m["reward"] for s, m in evaluator.measures.items()} == expected
+    assert evaluator.rewards == {int(s): v for s, v in expected.items()}
+    assert evaluator.stopped_at == (None if stop == 30 else stop)
+
+
 # ------------------------------------------------------------------------------------------- the written file
 
 
@@ -166,11 +203,14 @@ def stated_figures(probe: dict, calibration: dict) -> list[str]:
     reward = at_2e4["rewind"]["steps"]["50"]["reward"]["vs_base"]
     dpo = at_2e4["dpo"]["steps"]["50"]["reward"]["vs_base"]
     healthy = quiet["lr2e-05-beta5000"]
+    small = probe["quiet_identity"]["small-beta"]["lr2e-05-beta5"]
+    small_runs = probe["rewinds"]["small-beta"]["lr2e-05-beta5"]["runs"]
     return [
         f"precision is {held_out['precision']:.2f} and its recall {held_out['recall']:.2f}",
         f"{held_out['timely_strict']} of its {held_out['fired_fell']} alarms on runs whose reward fell",
         f"quiet in {healthy['quiet']} of {rewinds['lr2e-05-beta5000']['runs']} runs",
         f"{healthy['equal_to_dpo']} of them equal to Diffusion-DPO's",
+        f"at beta 5 (100 steps) quiet in {small['quiet']} of {small_runs} runs",
         f"stopped with the base's weights in {rewinds['lr0.001-beta5000']['stopped']} of "
         f"{rewinds['lr0.001-beta5000']['runs']} runs",
         f"rewound in {rewinds['lr0.0002-beta5000']['rewound']} of {rewinds['lr0.0002-beta5000']['runs']} runs "
