@@ -161,8 +161,8 @@ def test_a_stopped_run_is_measured_at_its_stop_for_every_later_step(written):
             for run in runs:
                 if run["stopped_at"] is None:
                     continue
-                at = run["measures"][str(run["stopped_at"])]
-                later = [s for s in run["measures"] if int(s) > run["stopped_at"]]
+                later = sorted((s for s in run["measures"] if int(s) > run["stopped_at"]), key=int)
+                at = run["measures"].get(str(run["stopped_at"]), run["measures"][later[0]])
                 assert later and all(run["measures"][s] == at for s in later)
                 stopped += 1
     assert stopped >= 1
@@ -205,8 +205,13 @@ def stated_figures(probe: dict, calibration: dict) -> list[str]:
     healthy = quiet["lr2e-05-beta5000"]
     small = probe["quiet_identity"]["small-beta"]["lr2e-05-beta5"]
     small_runs = probe["rewinds"]["small-beta"]["lr2e-05-beta5"]["runs"]
+    long = probe["rewinds"]["long"]["lr6.7e-05-beta5000"]
+    long_vs_dpo = probe["analysis"]["long"]["lr6.7e-05-beta5000"]["rewind"]["steps"]["1000"]["reward"]["vs_dpo"]
     return [
         f"precision is {held_out['precision']:.2f} and its recall {held_out['recall']:.2f}",
+        f"rewound in {long['rewound']} of {long['runs']} runs (stopping in {long['stopped']}), ending "
+        f"{long_vs_dpo['mean']:+.3f} [{long_vs_dpo['ci95'][0]:+.3f}, {long_vs_dpo['ci95'][1]:+.3f}] in held-out "
+        "reward against Diffusion-DPO",
         f"{held_out['timely_strict']} of its {held_out['fired_fell']} alarms on runs whose reward fell",
         f"quiet in {healthy['quiet']} of {rewinds['lr2e-05-beta5000']['runs']} runs",
         f"{healthy['equal_to_dpo']} of them equal to Diffusion-DPO's",
@@ -228,5 +233,9 @@ def test_the_safeguard_page_states_the_result_files_figures(written):
     text = " ".join((ROOT / "docs" / "safeguard.md").read_text().split())
     missing = [figure for figure in stated_figures(written, calibration) if figure not in text]
     assert not missing, missing
+    verdict = written["verdict"]
+    assert ("meets the healthy half" in text) == verdict["meets"]["healthy"]
+    assert ("misses the holding half at lr 2e-4" in text) == ("offline/lr0.0002-beta5000" in verdict["missed_by"])
+    assert ("it is not the default" in text) == (not verdict["becomes_default"])
     at_1e3 = written["rewinds"]["offline"]["lr0.001-beta5000"]["per_seed"].values()
     assert all(run["rewinds"][-1]["restored"] == 0 for run in at_1e3 if run["stopped_at"] is not None)
