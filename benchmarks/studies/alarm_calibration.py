@@ -345,6 +345,13 @@ def tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_page_block(start: str, end: str, block: str) -> None:
+    """Rewrite what :data:`PAGE` holds between the ``start`` and ``end`` markers with ``block`` (this study's tables
+    and the probe alarm's, :mod:`probe_alarm`, share the page)."""
+    head, rest = PAGE.read_text().split(start, 1)
+    PAGE.write_text(f"{head}{start}\n\n{block}\n\n{end}{rest.split(end, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help=f"Recompute and compare with {OUTPUT.name}.")
@@ -354,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table or args.page:
         block = tables(json.loads(OUTPUT.read_text()))
         if args.page:
-            head, rest = PAGE.read_text().split(START, 1)
-            PAGE.write_text(f"{head}{START}\n\n{block}\n\n{END}{rest.split(END, 1)[1]}")
+            write_page_block(START, END, block)
         else:
             print(block)
         return 0

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from alarm_calibration import TOLERANCE, confusion, label, split  # noqa: E402
+from alarm_calibration import TOLERANCE, confusion, label, split, write_page_block  # noqa: E402
 
 from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, ProbeAlarmRule  # noqa: E402
 
@@ -344,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table or args.page:
         block = tables(json.loads(OUTPUT.read_text()))
         if args.page:
-            head, rest = PAGE.read_text().split(START, 1)
-            PAGE.write_text(f"{head}{START}\n\n{block}\n\n{END}{rest.split(END, 1)[1]}")
+            write_page_block(START, END, block)
         else:
             print(block)
         return 0
