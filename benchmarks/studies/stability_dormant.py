@@ -311,6 +311,23 @@ def assemble_dormant(
 DORMANT_START, DORMANT_END = "<!-- dormant-tables:start -->", "<!-- dormant-tables:end -->"
 
 
+def measure_table(name: str, mine: dict[str, Any], entry: dict[str, Any], last: str) -> list[str]:
+    """A cell's Markdown table at evaluation step ``last``: each held-out measure's change against the base for
+    Diffusion-DPO and the setting ``name`` (``mine``: its analysis in the cell ``entry``), and the setting's paired
+    differences from Diffusion-DPO and the best fixed setting (95% t intervals)."""
+    lines = [
+        f"| measure | Diffusion-DPO vs base | {name} vs base | {name} vs Diffusion-DPO | {name} vs best fixed |",
+        "|---|---|---|---|---|",
+    ]
+    for measure in study.MEASURES:
+        row, dpo = mine["steps"][last][measure], entry["dpo"]["steps"][last][measure]
+        lines.append(
+            f"| {measure} | {study._ci(dpo['vs_base'])} | {study._ci(row['vs_base'])} | "
+            f"{study._ci(row.get('vs_dpo'))} | {study._ci(row.get('vs_best_fixed'))} |"
+        )
+    return lines
+
+
 def dormant_tables(path: Path) -> str:
     """The Markdown the pages quote from the dormant safeguard's result file (:func:`assemble_dormant`): per cell at
     the last evaluation step, each held-out measure's change against the base for Diffusion-DPO and the dormant
@@ -332,18 +349,9 @@ def dormant_tables(path: Path) -> str:
                 + (f" (at step {', '.join(map(str, at))})" if at else "")
                 + f"; best fixed setting: {LABELS.get(best, best)}:",
                 "",
-                "| measure | Diffusion-DPO vs base | dormant vs base | dormant vs Diffusion-DPO "
-                "| dormant vs best fixed |",
-                "|---|---|---|---|---|",
+                *measure_table("dormant", mine, entry, last),
+                "",
             ]
-            for measure in study.MEASURES:
-                row, dpo = mine["steps"][last][measure], entry["dpo"]["steps"][last][measure]
-                lines.append(
-                    f"| {measure} | {study._ci(dpo['vs_base'])} | {study._ci(row['vs_base'])} | "
-                    f"{study._ci(row.get('vs_dpo'))} | "
-                    f"{study._ci(row.get('vs_best_fixed'))} |"
-                )
-            lines.append("")
     for cell, verdict in report["goal_all_measures"].items():
         item = verdict["settings"][study.DORMANT]
         judged = ", ".join(

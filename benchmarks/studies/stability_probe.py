@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import stability_guards as study  # noqa: E402
 import stability_map  # noqa: E402
-from stability_dormant import both_halves, goal_all_measures, verdict  # noqa: E402
+from stability_dormant import both_halves, goal_all_measures, measure_table, verdict  # noqa: E402
 
 from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS, Method  # noqa: E402
@@ -257,17 +257,9 @@ def rewind_tables(path: Path) -> str:
                 f"of which {quiet['equal_to_dpo']} equal to Diffusion-DPO on every held-out measure; best fixed "
                 f"setting: {study.LABELS.get(best, best)}:",
                 "",
-                "| measure | Diffusion-DPO vs base | rewind vs base | rewind vs Diffusion-DPO "
-                "| rewind vs best fixed |",
-                "|---|---|---|---|---|",
+                *measure_table("rewind", mine, entry, last),
+                "",
             ]
-            for measure in study.MEASURES:
-                row, dpo = mine["steps"][last][measure], entry["dpo"]["steps"][last][measure]
-                lines.append(
-                    f"| {measure} | {study._ci(dpo['vs_base'])} | {study._ci(row['vs_base'])} | "
-                    f"{study._ci(row.get('vs_dpo'))} | {study._ci(row.get('vs_best_fixed'))} |"
-                )
-            lines.append("")
     for cell, judged_cell in report["goal_all_measures"].items():
         item = judged_cell["settings"].get(study.REWIND)
         if item is None:
