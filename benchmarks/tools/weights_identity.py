@@ -25,6 +25,10 @@ CASES = {
     "parameter": {"safeguard_space": "parameter", "safeguard_mu": 0.5},
     "update": {"safeguard_space": "update", "safeguard_mu": 0.5},
 }
+CLIP_ORDER_HELP = (
+    "trainer: the package's trainer (transformers clips over model.parameters()); optimizer: a subclass that clips "
+    "over the optimizer's parameters in its groups' order, as the trainer did at 0291633"
+)
 COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (230, 230, 20), (200, 20, 200), (20, 200, 200)]
 
 
@@ -50,11 +54,32 @@ def _dataset():
     return Dataset.from_list(rows)
 
 
-def fingerprint(case: str, lora: bool) -> dict:
+def _trainer_class(clip_order: str) -> type:
+    """The trainer for ``clip_order``: ``"trainer"``, the package's (transformers' Trainer clips over
+    ``model.parameters()``); ``"optimizer"``, a subclass clipping over the optimizer's parameters in its groups' order,
+    as the package's trainer did at 0291633: the gradient norm's per-tensor norms are summed in that order."""
+    import torch
+
+    from trl_diffusion_sdpo import DiffusionSDPOTrainer
+
+    if clip_order == "trainer":
+        return DiffusionSDPOTrainer
+
+    class OptimizerOrderClipping(DiffusionSDPOTrainer):
+        def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
+            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+            torch.nn.utils.clip_grads_with_norm_(parameters, self.args.max_grad_norm, norm)
+            return norm
+
+    return OptimizerOrderClipping
+
+
+def fingerprint(case: str, lora: bool, clip_order: str = "trainer") -> dict:
     import torch
     from peft import LoraConfig
 
-    from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
     from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
     torch.set_num_threads(1)
@@ -79,7 +104,7 @@ def fingerprint(case: str, lora: bool) -> dict:
             **CASES[case],
         )
         peft = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]) if lora else None
-        trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=_dataset(), peft_config=peft)
+        trainer = _trainer_class(clip_order)(pipe, args=args, train_dataset=_dataset(), peft_config=peft)
         trainer.train()
         digest, total = hashlib.sha256(), 0.0
         for name, parameter in sorted(trainer.family.denoiser.named_parameters()):
@@ -94,6 +119,7 @@ def fingerprint(case: str, lora: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write this checkout's fingerprints here")
+    parser.add_argument("--clip-order", choices=["trainer", "optimizer"], default="trainer", help=CLIP_ORDER_HELP)
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     parser.add_argument("--write", help="with --compare: the result file")
     parser.add_argument("--label", nargs=2, default=["before", "after"], help="with --compare: the two checkouts")
@@ -124,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in CASES:
         for lora in (True, False):
             key = f"{case}-{'lora' if lora else 'full'}"
-            results[key] = fingerprint(case, lora)
+            results[key] = fingerprint(case, lora, args.clip_order)
             print(key, results[key], file=sys.stderr, flush=True)
     text = json.dumps(results, indent=2) + "\n"
     Path(args.out).write_text(text) if args.out else print(text)
