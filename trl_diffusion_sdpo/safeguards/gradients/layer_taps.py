@@ -48,12 +48,10 @@ layer called on rows it cannot group (no leading dimension divisible by ``groups
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 __all__ = ["RECOMPUTED", "Destination", "LayerTaps", "Sink"]
 
@@ -273,57 +271,19 @@ class _ConvTap(torch.autograd.Function):
         layer, tap = ctx.layer, ctx.tap
         want_w, want_b = layer.weight is not None, ctx.has_bias and layer.bias is not None
         needs_x = ctx.needs_input_grad[0]
+        mask = (needs_x, want_w, want_b)
+        bias_sizes = [weight.shape[0]] if want_b else None
         weight = _as(weight, grad.dtype)  # as for a linear layer: the dtype the layer computed in
-        groups, args = tap.groups, layer.conv_args
-        # 0291633's sum order: the bias's per-group sums over the rows and pixels in one reduction, the weight's on
-        # tiny CPU feature maps from the unfolded input in one batched matmul
-        per_row = grad.reshape(groups, -1, grad.shape[1], math.prod(grad.shape[2:]))  # [groups, rows, out, pixels]
-        if want_b:
-            into = layer.target(layer.bias, grad.dtype)
-            if into is None:
-                layer.deliver(layer.bias, per_row.sum((1, 3)), tap)
-            else:
-                torch.sum(per_row, (1, 3), out=into)
-        if want_w and _unfolds(layer.module, x, per_row):
-            _unfolded_weight_gradients(layer, tap, x, per_row)
-            grad_x = _CONV_BACKWARD(grad, x, weight, None, *args, (True, False, False))[0] if needs_x else None
-            return grad_x, None, None, None, None, None
         parts = [
-            _CONV_BACKWARD(g, xs, weight, None, *args, (needs_x, want_w, False))
-            for g, xs in zip(grad.chunk(groups), x.chunk(groups))
+            _CONV_BACKWARD(g, xs, weight, bias_sizes, *layer.conv_args, mask)
+            for g, xs in zip(grad.chunk(tap.groups), x.chunk(tap.groups))
         ]
         if want_w:
             layer.stack(layer.weight, [part[1] for part in parts], tap)
+        if want_b:
+            layer.stack(layer.bias, [part[2] for part in parts], tap)
         grad_x = torch.cat([part[0] for part in parts]) if needs_x else None
         return grad_x, None, None, None, None, None
-
-
-#: 0291633's bound: a CPU convolution whose rows per group times output pixels are at most this takes its per-group
-#: weight gradients from the unfolded input and one batched matmul
-UNFOLD_MAX_ROWS_TIMES_PIXELS = 32
-
-
-def _unfolds(conv: nn.Module, x: torch.Tensor, per_row: torch.Tensor) -> bool:
-    """Whether a convolution's weight gradients come from :func:`_unfolded_weight_gradients` (CPU, 2-D, not
-    grouped, tiny feature maps)."""
-    if x.device.type != "cpu" or x.dim() != 4 or conv.groups != 1:
-        return False
-    return per_row.shape[1] * per_row.shape[3] <= UNFOLD_MAX_ROWS_TIMES_PIXELS
-
-
-def _unfolded_weight_gradients(layer: _Layer, tap: _Pass, x: torch.Tensor, per_row: torch.Tensor) -> None:
-    """``dW_k = sum_{rows r of group k, output pixels p} g[r, :, p] unfold(x)[r, :, p]^T`` in one batched matmul."""
-    conv = layer.module
-    groups, n, out_channels, pixels = per_row.shape
-    unfolded = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [rows, patch, pixels]
-    patch = unfolded.shape[1]
-    per_group_g = per_row.transpose(1, 2).reshape(groups, out_channels, n * pixels)
-    per_group_x = unfolded.transpose(1, 2).reshape(groups, n * pixels, patch)
-    into = layer.target(layer.weight, per_row.dtype)
-    if into is None:
-        layer.deliver(layer.weight, torch.bmm(per_group_g, per_group_x).view(groups, *conv.weight.shape), tap)
-    else:
-        torch.bmm(per_group_g, per_group_x, out=into.view(groups, out_channels, patch))
 
 
 class _NormTap(torch.autograd.Function):
@@ -359,18 +319,6 @@ class _NormTap(torch.autograd.Function):
             # stays channels-last, whose kernel sums in another order): the layer's own; its backward reads NCHW
             layout = _group_norm_layout(x)
             x = x if x.is_contiguous(memory_format=layout) else x.contiguous(memory_format=layout)
-        if tap.groups == 2:
-            # 0291633's sum order: the affine gradients over all rows and over the winners' rows; the losers' the
-            # difference of the two
-            dense = x if x.is_contiguous() else x.contiguous()
-            dense0 = dense.chunk(2)[0]
-            x0 = dense0 if x is dense else x.chunk(2)[0]
-            grad_x, dw, db = _norm_backward(module, x, grad, dense, weight, bias, mask)
-            _, dw0, db0 = _norm_backward(module, x0, grad.chunk(2)[0], dense0, weight, bias, (False, want_w, want_b))
-            for index, wanted, total, winners in ((layer.weight, want_w, dw, dw0), (layer.bias, want_b, db, db0)):
-                if wanted:
-                    layer.stack(index, [winners, total - winners], tap)
-            return grad_x, None, None, None, None, None
         rows = x.chunk(tap.groups)
         dense = rows if x.is_contiguous() else x.contiguous().chunk(tap.groups)
         parts = []
@@ -390,19 +338,6 @@ class _NormTap(torch.autograd.Function):
             layer.stack(layer.bias, [part[2] for part in parts], tap)
         grad_x = torch.cat([part[0] for part in parts]) if needs_x else None
         return grad_x, None, None, None, None, None
-
-
-def _norm_backward(module: nn.Module, x, grad, dense, weight, bias, mask) -> tuple:
-    """aten's native backward of a LayerNorm or GroupNorm over ``x``'s rows, its statistics recomputed from ``x``
-    (``dense``: ``x`` in NCHW)."""
-    if isinstance(module, nn.GroupNorm):
-        n, c = x.shape[:2]
-        hw = x.numel() // max(n * c, 1)
-        _, mean, rstd = _GROUP_NORM(x, weight, bias, n, c, hw, module.num_groups, module.eps)
-        return _GROUP_NORM_BACKWARD(grad, dense, mean, rstd, weight, n, c, hw, module.num_groups, mask)
-    shape = module.normalized_shape
-    _, mean, rstd = _LAYER_NORM(x, shape, weight, bias, module.eps)
-    return _LAYER_NORM_BACKWARD(grad, dense, shape, mean, rstd, weight, bias, mask)
 
 
 def _group_norm_layout(x: torch.Tensor) -> torch.memory_format:
