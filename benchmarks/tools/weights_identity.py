@@ -74,6 +74,7 @@ def _trainer_class(clip_order: str) -> type:
         return DiffusionSDPOTrainer
 
     class OptimizerOrderClipping(DiffusionSDPOTrainer):
+        # Here only: the package overrides no Trainer clipping method; this one exists to show what the order moves
         def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
             parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
             norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
