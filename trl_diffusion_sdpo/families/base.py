@@ -37,7 +37,6 @@ Diffusers' pipeline modules are imported where they are used, never here: import
 from __future__ import annotations
 
 import abc
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -61,8 +60,6 @@ __all__ = [
     "quantized_parameters",
     "scale_latents",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
