@@ -25,7 +25,7 @@ from transformers.trainer_callback import TrainerState  # noqa: E402
 
 from tests.helpers.common import lora_config, pickapic_rows  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
-from trl_diffusion_sdpo.io import checkpoints  # noqa: E402
+from trl_diffusion_sdpo.io import checkpoint_writing  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
 
 STAGES = [
@@ -116,7 +116,7 @@ def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
     elif stage == "optimizer_partial":
         after(trainer.files, "save_training_state", lambda d: _truncate_and_die(os.path.join(d, "optimizer.pt")))
     elif stage == "rng":
-        after(checkpoints, "save_random_states", lambda d: _die())
+        after(checkpoint_writing, "save_random_states", lambda d: _die())
     elif stage == "trainer_state":
         original = TrainerState.save_to_json
 
@@ -137,16 +137,16 @@ def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
             if at_step() and stage == "rotation" and os.path.basename(str(dst)).startswith(".trash-"):
                 _die()  # renamed out of sight, not yet deleted
 
-        checkpoints.os.rename = rename
+        checkpoint_writing.os.rename = rename
     elif stage == "after_rename":
-        original_rotate = checkpoints.rotate_checkpoints
+        original_rotate = checkpoint_writing.rotate_checkpoints
 
         def rotate(*args, **kwargs):
             if at_step():
                 _die()
             original_rotate(*args, **kwargs)
 
-        checkpoints.rotate_checkpoints = rotate
+        checkpoint_writing.rotate_checkpoints = rotate
     else:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
 

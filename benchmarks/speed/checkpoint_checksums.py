@@ -9,8 +9,9 @@ its optimizer state).
 For each, measured over ``--repeats`` runs (the median is reported):
 
 * ``write_s``: writing the files (safetensors ``save_file`` and ``torch.save``), what every save costs anyway;
-* ``publish_s``: :func:`~trl_diffusion_sdpo.io.checkpoints.publish_checkpoint` (fsync, SHA-256 of every file from the
-  page cache, manifest, rename) and ``publish_without_checksums_s`` (the same with hashing replaced by nothing);
+* ``publish_s``: :func:`~trl_diffusion_sdpo.io.checkpoint_writing.publish_checkpoint` (fsync, SHA-256 of every file
+  from the page cache, manifest, rename) and ``publish_without_checksums_s`` (the same with hashing replaced by
+  nothing);
 * ``verify_s``: :func:`~trl_diffusion_sdpo.io.checkpoints.checkpoint_problem` at resume, with and without checksums
   (files in the page cache; a cold read is bounded by the disk's read speed instead);
 * ``sha256_mb_per_s``: hashing throughput on this machine.
@@ -34,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from trl_diffusion_sdpo.io import checkpoints  # noqa: E402
+from trl_diffusion_sdpo.io import checkpoint_writing, checkpoints  # noqa: E402
 
 SIZES = {"tiny": 12_600, "100mb": 8_333_333}  # float32 parameters (weights + AdamW state: 12 bytes each)
 
@@ -67,7 +68,7 @@ def measure(root: str, name: str, parameters: int, repeats: int) -> dict:
             write_s = timed(write_checkpoint, staging, parameters)
             if checksums:
                 runs["write_s"].append(write_s)
-                runs["publish_s"].append(timed(checkpoints.publish_checkpoint, staging, final))
+                runs["publish_s"].append(timed(checkpoint_writing.publish_checkpoint, staging, final))
                 size = sum(os.path.getsize(os.path.join(final, n)) for n in os.listdir(final))
                 runs["verify_s"].append(timed(checkpoints.checkpoint_problem, final))
                 runs["verify_without_checksums_s"].append(
@@ -76,8 +77,10 @@ def measure(root: str, name: str, parameters: int, repeats: int) -> dict:
                 hash_s = sum(timed(checkpoints.file_sha256, os.path.join(final, n)) for n in os.listdir(final))
                 runs["sha256_mb_per_s"].append(size / 1e6 / hash_s)
             else:
-                with mock.patch.object(checkpoints, "file_sha256", lambda path: ""):
-                    runs["publish_without_checksums_s"].append(timed(checkpoints.publish_checkpoint, staging, final))
+                with mock.patch.object(checkpoint_writing, "file_sha256", lambda path: ""):
+                    runs["publish_without_checksums_s"].append(
+                        timed(checkpoint_writing.publish_checkpoint, staging, final)
+                    )
             shutil.rmtree(final)
     median = {k: statistics.median(v) for k, v in runs.items()}
     median["checkpoint_bytes"] = size

@@ -213,7 +213,7 @@ def _validate(dataset, rows: int, resolution: int, batch_size: int, folder: str)
     batch_wall = time.perf_counter() - start
     # The placeholders are 16 px; HPDv3's images are about 1024 px JPEGs: one such image (noise, so it compresses as
     # badly as a photo) checked as validation checks every image (opened, decoded at 1/8 scale).
-    from trl_diffusion_sdpo.data.validation import _check_image, _image_file_problem
+    from trl_diffusion_sdpo.data.validation import _image_file_problem, image_problem
 
     large = os.path.join(folder, "large.jpg")
     with open(large, "wb") as f:
@@ -222,7 +222,7 @@ def _validate(dataset, rows: int, resolution: int, batch_size: int, folder: str)
     for _ in range(20):
         _image_file_problem.cache_clear()  # a file's check is remembered: time the decoding, not the lookup
         start = time.perf_counter()
-        assert _check_image(large) == ""
+        assert image_problem(large) == ""
         times.append(time.perf_counter() - start)
     # A file named again (HPDv3 names each image about twice) is not decoded again: its check is the stat and the
     # lookup, per call over 5 rounds of 2000.
@@ -230,7 +230,7 @@ def _validate(dataset, rows: int, resolution: int, batch_size: int, folder: str)
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(2000):
-            _check_image(large)
+            image_problem(large)
         rounds.append((time.perf_counter() - start) / 2000)
     return {
         "check_1024px_jpeg_ms_median": round(1000 * sorted(times)[len(times) // 2], 3),

@@ -304,18 +304,7 @@ def plain_run_modules(run_modules) -> dict[str, int]:
     return run_modules("none")
 
 
-# strict: the day the run fits, the marker fails and goes
-DIFFUSION_DPO_OVER_LIMIT = pytest.mark.xfail(
-    strict=True,
-    reason="Diffusion-DPO's run still loads, of what it does not use, the full-tuning and refreshed references "
-    "(step.predictions), the editing families' sources (families.base, data.validation) and the checkpoint writing "
-    "(io.checkpoints, io.run_files) in the modules it uses",
-)
-
-
-@pytest.mark.parametrize(
-    "safeguard_space", [pytest.param("none", marks=DIFFUSION_DPO_OVER_LIMIT), pytest.param("parameter")]
-)
+@pytest.mark.parametrize("safeguard_space", list(RUN_LINE_LIMITS))
 def test_a_plain_sd_lora_run_loads_at_most_the_core_of_the_package(run_modules, safeguard_space):
     modules = run_modules(safeguard_space)
     by_folder: dict[str, int] = {}
@@ -346,7 +335,9 @@ def test_an_sd_run_loads_no_other_familys_objectives_or_engines_module(plain_run
 # What a plain SD run in TRL's preference form did not choose: the latent cache (cache_latents), reward functions and
 # scoring (reward_funcs), the auto-beta (auto_beta), a quantized base, the inversion (noising="inversion"), video data
 # and Pick-a-Pic's label form, the EMA weights (ema_decay), the Hub and model cards (push_to_hub), the output space's
-# rule (safeguard_space="output", or the parameter space's log_output_lambda).
+# rule (safeguard_space="output", or the parameter space's log_output_lambda); full tuning's frozen-copy reference (the
+# run tunes LoRA), editing data and the editing families' sources, loss masks (loss_mask), and checkpoint writing
+# (save_strategy="no").
 UNCHOSEN = (
     "trl_diffusion_sdpo.callbacks.ema",
     "trl_diffusion_sdpo.io.hub",
@@ -360,6 +351,11 @@ UNCHOSEN = (
     "trl_diffusion_sdpo.data.video",
     "trl_diffusion_sdpo.data.pickapic",
     "trl_diffusion_sdpo.data.formats",
+    "trl_diffusion_sdpo.step.frozen_reference",
+    "trl_diffusion_sdpo.data.editing",
+    "trl_diffusion_sdpo.families.editing",
+    "trl_diffusion_sdpo.data.masks",
+    "trl_diffusion_sdpo.io.checkpoint_writing",
 )
 
 

@@ -22,7 +22,7 @@ from trl_diffusion_sdpo import testing as tiny
 from trl_diffusion_sdpo.families import family_for_pipeline
 
 SEQ = 16
-LOGGER = "trl_diffusion_sdpo.families.base"
+LOGGER = "trl_diffusion_sdpo.families.editing"
 
 
 @pytest.fixture

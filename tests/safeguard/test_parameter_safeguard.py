@@ -288,7 +288,7 @@ def test_every_pairwise_objective_trains_under_both_safeguard_spaces(make_traine
 
 
 def test_reference_free_objectives_build_and_run_no_reference(make_trainer, monkeypatch):
-    import trl_diffusion_sdpo.step.predictions as reference_module
+    import trl_diffusion_sdpo.step.frozen_reference as reference_module
 
     calls = []
     monkeypatch.setattr(reference_module.FrozenCopyReference, "predict", lambda *a, **k: calls.append(1))

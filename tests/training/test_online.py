@@ -22,7 +22,8 @@ from trl_diffusion_sdpo.families.noising import scale_latents, unscale_latents
 from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer, RewardFunctions
 from trl_diffusion_sdpo.online.generation import image_seed
 from trl_diffusion_sdpo.online.trainer import RepeatedBlockSampler
-from trl_diffusion_sdpo.step.predictions import DisabledAdaptersReference, refreshed_reference
+from trl_diffusion_sdpo.step.frozen_reference import refreshed_reference
+from trl_diffusion_sdpo.step.predictions import DisabledAdaptersReference
 
 # ---------------------------------------------------------------------------------------------- pure parts
 
@@ -409,7 +410,7 @@ def test_the_gathered_merged_policy_state_is_what_peft_merges(tmp_path):
     for linear and 3x3 convolution adapters with non-zero weights and lora_alpha != r."""
     from peft.tuners.lora import LoraLayer
 
-    from trl_diffusion_sdpo.step.predictions import merged_copy, merged_policy_state
+    from trl_diffusion_sdpo.step.frozen_reference import merged_copy, merged_policy_state
 
     pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED_BASE_DIR))
     unet = pipe.unet

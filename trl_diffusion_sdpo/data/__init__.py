@@ -1,9 +1,10 @@
 """Preference data, one question per module: how files on disk are read (:mod:`.formats`), how Pick-a-Pic's label
 form becomes TRL's preference form, the one training reads (:mod:`.pickapic`), is a dataset usable and which image
-wins (:mod:`.validation`), how it is prepared for training (:mod:`.preparation`), how images become pixels
-(:mod:`.transforms`), how video clips are read (:mod:`.video`), how rows become batches (:mod:`.collators`), how
-images are scored for SmPO (:mod:`.scoring`), the latent cache that encodes every pair once (:mod:`.latent_cache`),
-and its sharded, resumable form for datasets one process cannot hold (:mod:`.sharded_cache`).
+wins (:mod:`.validation`; an editing row's sources in :mod:`.editing`, a row's loss mask in :mod:`.masks`), how it
+is prepared for training (:mod:`.preparation`), how images become pixels (:mod:`.transforms`), how video clips are
+read (:mod:`.video`), how rows become batches (:mod:`.collators`), how images are scored for SmPO (:mod:`.scoring`),
+the latent cache that encodes every pair once (:mod:`.latent_cache`), and its sharded, resumable form for datasets
+one process cannot hold (:mod:`.sharded_cache`).
 
 Each module is imported when it is used, the names below resolving on first access."""
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..config._lazy import import_target
 from .columns import ROW_INDEX_COLUMN, TIE_REASON, PreferenceColumns, order_pair
 from .transforms import PairTransform, load_image, mirrored_time_ids
-from .validation import mask_problem, source_values
 
 __all__ = ["PreferenceCollator", "pair_mask", "pair_scores"]
 
@@ -132,7 +132,7 @@ class PreferenceCollator:
         row's, sets how many each row must have."""
         if not self.columns.edits:
             return None
-        values = source_values(row, self.columns)
+        values = import_target("trl_diffusion_sdpo.data.editing:source_values")(row, self.columns)
         if first is not None and len(values) != len(first):
             raise ValueError(
                 f"column {self.columns.source!r}: {len(values)} source images where the batch's first row has "
@@ -202,7 +202,7 @@ def pair_mask(
         return None
     winners, losers = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (winner, loser))  # video: frames
     mask = _load_from(row.get(columns.mask), columns.mask).convert("L")
-    problem = mask_problem(winners[0].size, losers[0].size, mask)
+    problem = import_target("trl_diffusion_sdpo.data.masks:mask_problem")(winners[0].size, losers[0].size, mask)
     column = columns.mask
     if problem:
         raise ValueError(f"column {column!r}: {problem}")

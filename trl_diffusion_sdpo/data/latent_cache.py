@@ -55,12 +55,12 @@ from datasets import config as datasets_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from ..config._lazy import import_target
 from ..families import ModelFamily, PromptEmbeddings
 from .collators import pair_mask, pair_scores
 from .columns import PreferenceColumns, order_pair
 from .progress import datasets_progress_bars
 from .transforms import PairTransform, image_conversion_digest
-from .validation import source_values
 from .video import VideoClip, VideoPairTransform
 
 __all__ = [
@@ -408,7 +408,8 @@ def build_latent_cache(
                 if columns.masked:
                     masks.append(pair_mask(row, winner, loser, columns, transform))
                 if columns.edits:
-                    sources.append([transform.load(value) for value in source_values(row, columns)])
+                    values = import_target("trl_diffusion_sdpo.data.editing:source_values")(row, columns)
+                    sources.append([transform.load(value) for value in values])
                 for flip in views:
                     pair_pixels, pair_ids = transform.center_crop_pair(winner, loser, flip)
                     pixels[flip].append(pair_pixels)

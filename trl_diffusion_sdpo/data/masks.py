@@ -1,22 +1,36 @@
-"""Loss masks made before training: derived from where the two images of each pair differ (editing pairs, whose
-chosen and rejected images copy the source outside an edited region), and grown by a number of pixels.
+"""Loss masks: made before training, derived from where the two images of each pair differ (editing pairs, whose
+chosen and rejected images copy the source outside an edited region) and grown by a number of pixels; and checked
+for each row that trains on one.
 
 :func:`add_loss_masks` writes the ``mask`` column that ``loss_mask=True`` trains on (docs/masked-loss.md); the
-``train`` command calls it for ``--auto_mask`` and ``--mask_dilate``.
+``train`` command calls it for ``--auto_mask`` and ``--mask_dilate``. With ``loss_mask=True`` the dataset's layout
+takes that column (:func:`with_mask_column`) and every row's mask is checked against its images
+(:func:`row_mask_problem`, :func:`mask_problem`); data without a loss mask never loads this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..config._lazy import import_target
 from ..config.checks import Range
-from .columns import CHOSEN, IMAGE_0, IMAGE_1, MASK, REJECTED
+from .columns import CHOSEN, IMAGE_0, IMAGE_1, MASK, REJECTED, PreferenceColumns
 from .transforms import difference_mask, load_image
+from .validation import DataError, image_problem, image_size
 
-__all__ = ["AUTO_MASK_THRESHOLD", "add_loss_masks", "pair_difference_mask"]
+__all__ = [
+    "AUTO_MASK_THRESHOLD",
+    "add_loss_masks",
+    "mask_problem",
+    "pair_difference_mask",
+    "row_mask_problem",
+    "with_mask_column",
+]
 
 #: the smallest difference (a fraction of the full range) that marks a pixel: about 13 of 255, above JPEG noise
 AUTO_MASK_THRESHOLD = 0.05
@@ -63,3 +77,57 @@ def add_loss_masks(dataset: Any, derive: bool = False, threshold: float = AUTO_M
         return {MASK: dilated(mask, int(dilate))}
 
     return dataset.map(make)
+
+
+def with_mask_column(layout: PreferenceColumns, column_names: Sequence[str]) -> PreferenceColumns:
+    """``layout`` with the loss-mask column, for ``loss_mask=True``; refused where the dataset lacks it."""
+    column = MASK
+    if column not in column_names:
+        raise DataError(
+            f"loss_mask=True reads each row's mask from column {column!r}, which the dataset lacks (found "
+            f"{sorted(column_names)}): add it (an image per row, white where the preference lives; mask.<ext> in a "
+            "pair folder, a mask/ folder beside the side folders, or a mask column of paths in a table), or derive "
+            "the masks of editing pairs with add_loss_masks / train --auto_mask (docs/masked-loss.md)"
+        )
+    return dataclasses.replace(layout, mask=column)
+
+
+def mask_problem(first_size: tuple[int, int], second_size: tuple[int, int], mask: Image.Image | None) -> str:
+    """Empty string if a pair can take a loss mask, else the reason: both images of one size (the mask marks the
+    same region in each) and, for a given ``mask`` (8-bit grey), that size and at least one marked pixel."""
+    if first_size != second_size:
+        return (
+            f"the two images are {first_size[0]}x{first_size[1]} and {second_size[0]}x{second_size[1]}: a loss mask "
+            "marks one region in both, so they must have one size (resize them to match, or turn the mask off)"
+        )
+    if mask is None:
+        return ""
+    if mask.size != first_size:
+        return (
+            f"the mask is {mask.size[0]}x{mask.size[1]} and the images {first_size[0]}x{first_size[1]}: give a mask "
+            "of the images' size"
+        )
+    if mask.getextrema()[1] == 0:
+        return "the mask is all black: the pair would train nothing (mark its region in white, or drop the row)"
+    return ""
+
+
+def row_mask_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
+    """``(column, reason)`` of a row whose loss mask is missing, undecodable, of the wrong size or empty."""
+    mask = None
+    if columns.mask is not None:
+        reason = image_problem(row.get(columns.mask))
+        if reason:
+            return columns.mask, reason
+    try:
+        sizes = [
+            image_size(row.get(column))
+            if columns.clip is None
+            else import_target("trl_diffusion_sdpo.data.video:read_video")(row.get(column), columns.clip)[0].size
+            for column in (columns.first, columns.second)
+        ]
+        if columns.mask is not None:
+            mask = load_image(row.get(columns.mask)).convert("L")
+    except Exception as err:  # checked to decode above
+        return columns.mask or columns.first, f"cannot read the image: {err}"
+    return columns.mask or columns.second, mask_problem(sizes[0], sizes[1], mask)

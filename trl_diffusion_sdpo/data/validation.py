@@ -5,10 +5,8 @@ onto it by :mod:`.pickapic`, which marks ties and bad labels in :data:`SKIP_COLU
 row also needs one finite score per image (``score_0``, ``score_1``), and the scores, not the order of the columns,
 order the pair (:func:`order_pair`, the one rule for every collator and cache).
 
-Editing data adds the source: ``source_image`` (one image, the picture the instruction edits) or ``source_images``
-(a list, for multi-image editing and reference images); the prompt column then holds the instruction. A source
-must decode, and a single source must have the edited images' aspect ratio within :data:`SOURCE_ASPECT_TOLERANCE`
-(both are resized and center-cropped alike, so the crops then show the same part of the scene).
+The optional columns' checks sit beside their data, each module imported when a dataset has that column: editing
+sources (:mod:`.editing`), loss masks (:mod:`.masks`), video clips (:mod:`.video`).
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import math
 import os
 import re
 import stat
@@ -39,7 +36,6 @@ from .columns import (
     IMAGE_0,
     IMAGE_1,
     LABEL_0,
-    MASK,
     PROMPT,
     REJECTED,
     SCORE_0,
@@ -52,12 +48,12 @@ from .columns import (
     score_value,
     skip_mark,
 )
-from .transforms import image_mode_problem, load_image
+from .transforms import image_mode_problem
 
 if TYPE_CHECKING:
     from .video import VideoClip
 
-__all__ = ["DataError", "DataReport", "SOURCE_ASPECT_TOLERANCE", "resolve_columns", "video_clip"]
+__all__ = ["DataError", "DataReport", "image_problem", "image_size", "resolve_columns", "row_problem", "video_clip"]
 
 
 class DataError(ValueError):
@@ -67,9 +63,6 @@ class DataError(ValueError):
 
 # A value with a URL scheme (``http://``, ``s3://``...): never fetched (the readers turn ``file://`` into a path).
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-# How far a single source's aspect ratio may be from the chosen image's, as |log(ratio_source / ratio_chosen)|:
-# 1 % keeps the two center crops within about 1 % of the crop's side of each other (5 px at 512).
-SOURCE_ASPECT_TOLERANCE = 0.01
 
 
 @dataclass
@@ -136,7 +129,7 @@ def video_clip(args: Any) -> VideoClip | None:
     """The frames a video run reads (``num_frames``, ``frame_stride``), or ``None`` for image data."""
     if getattr(args, "num_frames", None) is None:
         return None
-    return _video("VideoClip")(args.num_frames, getattr(args, "frame_stride", 1))
+    return _optional("video:VideoClip")(args.num_frames, getattr(args, "frame_stride", 1))
 
 
 def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns:
@@ -149,8 +142,10 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     layout = resolve_layout(column_names, args)
     if video_clip(args) is not None:  # video data
         layout = dataclasses.replace(layout, clip=video_clip(args))
-    layout = _with_source(layout, column_names, args)
-    layout = _with_mask(layout, column_names, args)
+    if SOURCE_IMAGE in column_names or SOURCE_IMAGES in column_names:  # editing data
+        layout = _optional("editing:with_source_column")(layout, column_names)
+    if getattr(args, "loss_mask", False):
+        layout = _optional("masks:with_mask_column")(layout, column_names)
     if not uses_scores(args):
         return layout
     names = set(column_names)
@@ -166,95 +161,6 @@ def resolve_columns(column_names: Sequence[str], args: Any) -> PreferenceColumns
     return dataclasses.replace(layout, score_0=scores[0], score_1=scores[1])
 
 
-def _with_source(layout: PreferenceColumns, column_names: Sequence[str], args: Any) -> PreferenceColumns:
-    """``layout`` with the editing source column the dataset has (``source_image`` or ``source_images``), or
-    unchanged for text-to-image data; both at once is refused."""
-    single, multiple = SOURCE_IMAGE, SOURCE_IMAGES
-    present = [column for column in (single, multiple) if column in column_names]
-    if len(present) == 2:
-        raise DataError(
-            f"Dataset has both {single!r} (one source image per row) and {multiple!r} (a list per row): keep one. "
-            "A single source belongs in a one-element list when the pipeline takes several."
-        )
-    if not present:
-        return layout
-    if layout.clip is not None:
-        raise DataError(f"column {present[0]!r}: editing data (source images) is for image models, not video")
-    return dataclasses.replace(layout, source=present[0], source_list=present[0] == multiple)
-
-
-def _with_mask(layout: PreferenceColumns, column_names: Sequence[str], args: Any) -> PreferenceColumns:
-    """``layout`` with the loss-mask column (``loss_mask``), else unchanged."""
-    if not getattr(args, "loss_mask", False):
-        return layout
-    column = MASK
-    if column not in column_names:
-        raise DataError(
-            f"loss_mask=True reads each row's mask from column {column!r}, which the dataset lacks (found "
-            f"{sorted(column_names)}): add it (an image per row, white where the preference lives; mask.<ext> in a "
-            "pair folder, a mask/ folder beside the side folders, or a mask column of paths in a table), or derive "
-            "the masks of editing pairs with add_loss_masks / train --auto_mask (docs/masked-loss.md)"
-        )
-    return dataclasses.replace(layout, mask=column)
-
-
-def mask_problem(first_size: tuple[int, int], second_size: tuple[int, int], mask: Image.Image | None) -> str:
-    """Empty string if a pair can take a loss mask, else the reason: both images of one size (the mask marks the
-    same region in each) and, for a given ``mask`` (8-bit grey), that size and at least one marked pixel."""
-    if first_size != second_size:
-        return (
-            f"the two images are {first_size[0]}x{first_size[1]} and {second_size[0]}x{second_size[1]}: a loss mask "
-            "marks one region in both, so they must have one size (resize them to match, or turn the mask off)"
-        )
-    if mask is None:
-        return ""
-    if mask.size != first_size:
-        return (
-            f"the mask is {mask.size[0]}x{mask.size[1]} and the images {first_size[0]}x{first_size[1]}: give a mask "
-            "of the images' size"
-        )
-    if mask.getextrema()[1] == 0:
-        return "the mask is all black: the pair would train nothing (mark its region in white, or drop the row)"
-    return ""
-
-
-def _row_mask_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
-    """``(column, reason)`` of a row whose loss mask is missing, undecodable, of the wrong size or empty."""
-    mask = None
-    if columns.mask is not None:
-        reason = _check_image(row.get(columns.mask))
-        if reason:
-            return columns.mask, reason
-    try:
-        sizes = [
-            image_size(row.get(column))
-            if columns.clip is None
-            else _video("read_video")(row.get(column), columns.clip)[0].size
-            for column in (columns.first, columns.second)
-        ]
-        if columns.mask is not None:
-            mask = load_image(row.get(columns.mask)).convert("L")
-    except Exception as err:  # checked to decode above
-        return columns.mask or columns.first, f"cannot read the image: {err}"
-    return columns.mask or columns.second, mask_problem(sizes[0], sizes[1], mask)
-
-
-def source_values(row: dict[str, Any], columns: PreferenceColumns) -> list[Any]:
-    """The source image values of an editing row, as a list (one for ``source_image``); raises ``ValueError`` naming
-    the column when a ``source_images`` value is not a non-empty list."""
-    value = row.get(columns.source)
-    if not columns.source_list:
-        return [value]
-    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
-        raise ValueError(
-            f"column {columns.source!r}: expected a list of source images, got {type(value).__name__} (one image "
-            "per row goes in a `source_image` column)"
-        )
-    if not value:
-        raise ValueError(f"column {columns.source!r}: the list of source images is empty")
-    return list(value)
-
-
 def image_size(value: Any) -> tuple[int, int]:
     """``(width, height)`` of an image value (path, bytes, ``{"path", "bytes"}`` or PIL image) from its header."""
     if isinstance(value, Image.Image):
@@ -265,33 +171,6 @@ def image_size(value: Any) -> tuple[int, int]:
         value = io.BytesIO(bytes(value))
     with Image.open(value) as image:
         return image.size
-
-
-def _source_problem(row: dict[str, Any], columns: PreferenceColumns) -> str:
-    """Empty string if the row's source image(s) decode and a single source matches the chosen image's aspect
-    ratio, else the reason."""
-    try:
-        values = source_values(row, columns)
-    except ValueError as err:
-        return str(err).split(": ", 1)[1]
-    for index, value in enumerate(values):
-        reason = _check_image(value)
-        if reason:
-            which = "source image" if not columns.source_list else f"source image {index}"
-            return f"{which}: {reason}"
-    if columns.source_list:  # reference images: not aligned with the edit, any shape
-        return ""
-    try:
-        (source_w, source_h), (target_w, target_h) = image_size(values[0]), image_size(row.get(columns.first))
-    except Exception as err:  # checked to decode above; a header that then fails to read is still bad
-        return f"cannot read the image size: {err}"
-    if abs(math.log((source_w / source_h) / (target_w / target_h))) > SOURCE_ASPECT_TOLERANCE:
-        return (
-            f"the source is {source_w}x{source_h} and {columns.first!r} is {target_w}x{target_h}: an edit must keep "
-            "the source's aspect ratio (both are resized and center-cropped alike, so other shapes would crop "
-            "different parts of the scene); crop or pad the source to the edited images' shape"
-        )
-    return ""
 
 
 def _file_stat(path: str) -> tuple[os.stat_result | None, str]:
@@ -335,7 +214,7 @@ def _image_file_problem(path: str, mtime_ns: int, size: int) -> str:
         return f"cannot decode image: {err}"
 
 
-def _check_image(value: Any) -> str:
+def image_problem(value: Any) -> str:
     """Empty string if the image decodes, else the reason; a file is decoded once while it is unchanged."""
     try:
         if isinstance(value, Image.Image):
@@ -359,15 +238,6 @@ def _check_image(value: Any) -> str:
         return f"cannot decode image: {err}"
 
 
-def _check_video(value: Any, clip: VideoClip) -> str:
-    """Empty string if the clip of ``value`` reads (every frame it needs decoded), else the reason."""
-    try:
-        _video("read_video")(value, clip)
-        return ""
-    except Exception as err:  # PyAV and PIL raise many types for corrupt data
-        return f"cannot read video: {err}"
-
-
 def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
     """``(column, reason)`` of the first problem in a row, or ``("", "")``. Ties are not problems (their scores
     are not looked at: the row is dropped anyway)."""
@@ -380,15 +250,16 @@ def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, s
     if column:  # a bad label, named by its column as the label form had it
         return column, reason
     for column in (columns.first, columns.second):
-        reason = _check_image(row.get(column)) if columns.clip is None else _check_video(row.get(column), columns.clip)
+        value = row.get(column)
+        reason = image_problem(value) if columns.clip is None else _optional("video:clip_problem")(value, columns.clip)
         if reason:
             return column, reason
     if columns.edits:
-        reason = _source_problem(row, columns)
+        reason = _optional("editing:source_problem")(row, columns)
         if reason:
             return columns.source, reason
     if columns.masked:
-        column, reason = _row_mask_problem(row, columns)
+        column, reason = _optional("masks:row_mask_problem")(row, columns)
         if reason:
             return column, reason
     if columns.scored and not is_tie(row, columns):
@@ -420,6 +291,7 @@ def with_undecoded_images(dataset: Dataset | IterableDataset, columns: Preferenc
     return dataset
 
 
-def _video(name: str) -> Any:
-    """``name`` of :mod:`.video`, that module imported by video data only."""
-    return import_target(f"trl_diffusion_sdpo.data.video:{name}")
+def _optional(target: str) -> Any:
+    """``"module:name"`` of the data module of an optional column (:mod:`.editing`, :mod:`.masks`, :mod:`.video`),
+    that module imported by data that has the column."""
+    return import_target(f"trl_diffusion_sdpo.data.{target}")

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .transforms import PairTransform, load_image, mirrored_time_ids
 
-__all__ = ["VideoClip", "VideoPairTransform", "read_video"]
+__all__ = ["VideoClip", "VideoPairTransform", "clip_problem", "read_video"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,15 @@ def read_video(value: Any, clip: VideoClip) -> list[Image.Image]:
             raise ValueError("video has no frames (empty list)")
         return clip.pick([_frame(frame) for frame in value[: clip.span]])
     raise ValueError(f"cannot read a video from a {type(value).__name__}")
+
+
+def clip_problem(value: Any, clip: VideoClip) -> str:
+    """Empty string if the clip of ``value`` reads (every frame it needs decoded), else the reason."""
+    try:
+        read_video(value, clip)
+        return ""
+    except Exception as err:  # PyAV and PIL raise many types for corrupt data
+        return f"cannot read video: {err}"
 
 
 class VideoPairTransform:

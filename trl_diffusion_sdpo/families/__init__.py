@@ -9,10 +9,11 @@ transformers, stating only the defaults where its model differs from the flow ba
 families: SD 1.x/2.x (:mod:`.sd`), SDXL (:mod:`.sdxl`), noised by :class:`DDPMNoiser`. Flow-matching transformer
 families: SD3/SD3.5 (:mod:`.sd3`), FLUX.1 (:mod:`.flux`), Qwen-Image (:mod:`.qwen_image`), Z-Image (:mod:`.z_image`),
 Wan text-to-video (:mod:`.wan`), FLUX.2 [dev] and [klein] (:mod:`.flux2`), noised by :class:`FlowNoiser`
-(:mod:`.flow`). Editing families (``edits``: the denoiser also reads source images, see docs/editing.md): FLUX.1
-Kontext (:mod:`.flux_kontext`), Qwen-Image-Edit and Qwen-Image-Edit-Plus (:mod:`.qwen_image_edit`). HunyuanVideo 1.5
-text-to-video (:mod:`.hunyuan_video15`), a video flow family as Wan (:mod:`.video`). Qwen-Image 2.1
-(:mod:`.qwen_image21`) is a flow family too, a subclass of the Qwen-Image family.
+(:mod:`.flow`). Editing families (``edits``: the denoiser also reads source images, see docs/editing.md; what they
+share in :mod:`.editing`): FLUX.1 Kontext (:mod:`.flux_kontext`), Qwen-Image-Edit and Qwen-Image-Edit-Plus
+(:mod:`.qwen_image_edit`), and FLUX.2 with reference images. HunyuanVideo 1.5 text-to-video (:mod:`.hunyuan_video15`),
+a video flow family as Wan (:mod:`.video`). Qwen-Image 2.1 (:mod:`.qwen_image21`) is a flow family too, a subclass
+of the Qwen-Image family.
 
 Importing this package imports the interface, the DDPM noising and the registry; each family's module (and the flow
 base, and :mod:`.quantization` for a quantized base) is imported when it is used, a family's class here resolving on

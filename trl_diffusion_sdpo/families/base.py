@@ -37,7 +37,6 @@ Diffusers' pipeline modules are imported where they are used, never here: import
 from __future__ import annotations
 
 import abc
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -56,14 +55,11 @@ __all__ = [
     "ModelFamily",
     "PromptEmbeddings",
     "PromptTokenizer",
-    "SourceConditioning",
     "is_quantized",
     "is_quantized_tensor",
     "quantized_parameters",
     "scale_latents",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,10 +135,9 @@ class ModelFamily(abc.ABC):
     # (FLUX.2's reference images: a dataset with a source column trains editing, one without it text-to-image).
     sources_optional: ClassVar[bool] = False
     # Editing: the side of the square at which :meth:`encode_sources` encodes the sources; None: as the data gives them
-    # (resized and center-cropped at the training resolution). Set from the config by :meth:`configure_sources`.
+    # (resized and center-cropped at the training resolution). Set from the config by
+    # :meth:`~.editing.SourceConditioning.configure_sources`.
     source_resolution: int | None = None
-    # Editing: how to sample with sources of the training size, for the warning of :meth:`configure_sources`.
-    same_source_size_hint: ClassVar[str] = ""
     # Whether the prompt's encoding reads the source images too (a vision-language encoder): the collator then hands
     # them to the tokenizer, and prompt dropout, whose empty prompt has no image, is refused.
     prompt_reads_sources: ClassVar[bool] = False
@@ -305,66 +300,22 @@ class ModelFamily(abc.ABC):
         latents = scale_latents(posterior.mode(), self.latents_config())
         return latents.reshape(batch, sources, *latents.shape[1:])
 
-    def pipeline_source_size(self, width: int, height: int) -> tuple[int, int]:
-        """``(width, height)`` at which the family's pipeline, called with its defaults, hands a ``width x height``
-        source image to its VAE; by default the image's own size."""
-        return width, height
-
     def source_multiple(self) -> int:
         """What a source's side must be a multiple of: the VAE's downsampling (a flow family: times its patch)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def configure_sources(self, args: Any) -> None:
-        """Take ``source_resolution`` from the config ``args`` (None where the config has no such field), refusing a
-        value that cannot apply, and warn when the sources are encoded at another size than the one the pipeline
-        encodes a source of the training size at by default: the model would be tuned on source latents (their token
-        count, their positions) it does not see at sampling.
-
-        Editing families only; called from the family's :meth:`noiser`, with the config's other checks."""
-        value = getattr(args, "source_resolution", None)
-        if value is not None:
-            if not self.edits:
-                raise ValueError(f"source_resolution is for editing families; {self.name} has no source images")
-            multiple = self.source_multiple()
-            if value <= 0 or value % multiple != 0:
-                raise ValueError(f"source_resolution must be a positive multiple of {multiple} for {self.name}")
-            if getattr(args, "cache_latents", False):
-                raise ValueError(
-                    "source_resolution cannot be combined with cache_latents=True: the latent cache stores the "
-                    "sources at the training resolution. Set one of them."
-                )
-        self.source_resolution = value
-        if not self.edits:
-            return
-        resolution = args.resolution
-        trained = value or resolution
-        width, height = self.pipeline_source_size(resolution, resolution)
-        if (width, height) == (trained, trained):
-            return
-        multiple = self.source_multiple()
-        logger.warning(
-            "%s encodes each source at %dx%d pixels (%d tokens), but %s, called with its defaults, encodes a %dx%d "
-            "source at %dx%d (%d tokens): the model is tuned on source latents it will not see at sampling. Set "
-            "source_resolution=%d to train on the pipeline's size%s.",
-            self.name,
-            trained,
-            trained,
-            (trained // multiple) ** 2,
-            type(self.pipeline).__name__,
-            resolution,
-            resolution,
-            width,
-            height,
-            (width // multiple) * (height // multiple),
-            max(width, height),
-            f", or {self.same_source_size_hint.format(size=trained)}" if self.same_source_size_hint else "",
-        )
+        """Refuse ``source_resolution`` of the config ``args``: this family has no source images to encode at it (the
+        editing families take it: :meth:`~.editing.SourceConditioning.configure_sources`). Called from the family's
+        :meth:`noiser`, with the config's other checks."""
+        if getattr(args, "source_resolution", None) is not None:
+            raise ValueError(f"source_resolution is for editing families; {self.name} has no source images")
 
     # ------------------------------------------------------------------------------------------------- sampling
 
     def sampling_keywords(self, resolution: int, sources: list[Any] | None = None) -> dict[str, Any]:
         """The keywords of the family's pipeline call that sample what training trains on (online training): a
-        ``resolution``-pixel square and, for an editing family, the sources (:class:`SourceConditioning`); a
+        ``resolution``-pixel square and, for an editing family, the sources (:class:`~.editing.SourceConditioning`); a
         ``video`` family adds its clip length."""
         return {"height": resolution, "width": resolution}
 
@@ -386,41 +337,12 @@ class ModelFamily(abc.ABC):
         """Keyword arguments for :meth:`call_denoiser` (``denoiser(sample, timestep, **kwargs)`` for a UNet)."""
         return {"encoder_hidden_states": prompt_embeds.encoder_hidden_states}
 
-    def with_sources(self, conditioning: dict[str, object], prompt_embeds: PromptEmbeddings) -> dict[str, object]:
-        """An editing family's ``conditioning`` with the pairs' ``source_latents`` added (for :meth:`call_denoiser` to
-        pack beside the target); refused when a family that needs a source gets a batch without one, unchanged when
-        its sources are optional (FLUX.2: text-to-image data)."""
-        if prompt_embeds.source_latents is None:
-            if self.edits and not self.sources_optional:
-                raise ValueError(f"{self.name} edits a source image: the batch has no source latents")
-            return conditioning
-        return {**conditioning, "source_latents": prompt_embeds.source_latents}
-
     def call_denoiser(
         self, model: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, object]
     ) -> torch.Tensor:
         """One prediction of ``model`` (the policy, possibly DDP-wrapped, or the reference) on ``sample [N, C, h, w]``
         at ``timestep [N]``, with ``conditioning`` from :meth:`denoiser_conditioning`; returns ``[N, C, h, w]``."""
         return model(sample, timestep, **conditioning, return_dict=False)[0]
-
-
-class SourceConditioning:
-    """Mixin, before the family it extends, of the editing families (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit): the
-    extended family's :meth:`~ModelFamily.denoiser_conditioning` with the pairs' source latents ``[N, S, C, h, w]``
-    added by :meth:`~ModelFamily.with_sources`."""
-
-    def denoiser_conditioning(
-        self, prompt_embeds: PromptEmbeddings, time_ids: torch.Tensor | None
-    ) -> dict[str, object]:
-        return self.with_sources(super().denoiser_conditioning(prompt_embeds, time_ids), prompt_embeds)
-
-    def sampling_keywords(self, resolution: int, sources: list[Any] | None = None) -> dict[str, Any]:
-        """The extended family's keywords and the edit's sources as the editing pipelines take them (``image``: one PIL
-        image, or the list of several: Qwen-Image-Edit Plus's and FLUX.2's reference images)."""
-        keywords = super().sampling_keywords(resolution, sources)
-        if sources:
-            keywords["image"] = sources[0] if len(sources) == 1 else list(sources)
-        return keywords
 
 
 # ------------------------------------------------------------------ a quantized denoiser

@@ -49,7 +49,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import PromptEmbeddings, PromptTokenizer, SourceConditioning
+from .base import PromptEmbeddings, PromptTokenizer
+from .editing import SourceConditioning
 from .flow import FlowMatchingFamily, FlowNoiser
 from .registry import register_family
 from .z_image import ZImagePromptTokenizer

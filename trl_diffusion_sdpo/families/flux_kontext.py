@@ -19,7 +19,7 @@ Kontext section of diffusers' FLUX LoRA example (``examples/dreambooth/README_fl
   ``PREFERRED_KONTEXT_RESOLUTIONS`` entry nearest its aspect ratio (1024x1024 for a square): about 1024^2 pixels,
   4096 source tokens, whatever the training resolution. Training encodes the source at the training resolution
   unless ``source_resolution`` says otherwise, and warns at start where the two differ
-  (:meth:`~.base.ModelFamily.configure_sources`).
+  (:meth:`~.editing.SourceConditioning.configure_sources`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .base import SourceConditioning
+from .editing import SourceConditioning
 from .flux import FluxFamily
 from .registry import pipeline_is, register_family
 

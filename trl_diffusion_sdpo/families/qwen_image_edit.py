@@ -26,7 +26,7 @@ What differs from the pipelines, because training batches square crops at one re
 * the sources reach the VAE at ``R x R``, centre-cropped as the edited images, or at ``source_resolution``; the
   pipelines encode them at about 1024^2 pixels at their own aspect ratio (the same for a square source when
   ``R = 1024``), and have no setting that keeps another size: training warns at start where the sizes differ
-  (:meth:`~.base.ModelFamily.configure_sources`);
+  (:meth:`~.editing.SourceConditioning.configure_sources`);
 * the vision encoder sees the same central square of each source, resized to the pipeline's condition size for a
   square; the pipelines resize the whole source at its aspect ratio.
 """
@@ -38,7 +38,8 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from .base import PromptTokenizer, SourceConditioning
+from .base import PromptTokenizer
+from .editing import SourceConditioning
 from .qwen_image import QwenImageFamily
 from .registry import pipeline_is, register_family
 

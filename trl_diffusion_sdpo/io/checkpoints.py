@@ -3,14 +3,11 @@
 transformers writes a checkpoint's files straight into ``checkpoint-N`` (weights, optimizer, scheduler, RNG state,
 ``trainer_state.json`` last), so a process killed during a save leaves a partial folder that
 ``resume_from_checkpoint=True`` then picks. Here a checkpoint is written to a hidden staging folder
-``.tmp-checkpoint-N`` beside it; when every process has written its files, the main process lists them with their
-sizes and SHA-256 checksums in ``checkpoint_manifest.json``, flushes them to disk and renames the folder to
-``checkpoint-N`` (one ``rename``: atomic on a POSIX filesystem). Rotation (``save_total_limit``) runs only after that
-rename, renames a folder out of the way before deleting it, and never deletes the checkpoint just written. Folders
-left by a kill (``.tmp-*``, ``.trash-*``) are finished or removed when training starts again
-(:func:`recover_interrupted_saves`). A save failing with an ``OSError`` (a full disk) removes its staging folder and
-raises :class:`CheckpointSaveError` naming the folder and the bytes needed; the previous checkpoints are untouched.
-The trainer's saves and resumes go through :class:`~trl_diffusion_sdpo.io.run_files.RunFiles`, which uses these.
+``.tmp-checkpoint-N`` beside it and published whole, with a manifest of its files' sizes and SHA-256 checksums, by
+one ``rename`` (:mod:`.checkpoint_writing`, loaded by a run's first checkpoint save). Folders left by a kill
+(``.tmp-*``, ``.trash-*``) are finished or removed when training starts again (:func:`recover_interrupted_saves`),
+and a new run refuses a folder holding another run's checkpoints or weights (:func:`earlier_run_files`). The
+trainer's saves and resumes go through :class:`~trl_diffusion_sdpo.io.run_files.RunFiles`, which uses these.
 
 On resume a checkpoint is checked before use: every file of the manifest is present with its size, JSON files
 parse, safetensors headers parse and agree with the file size, torch files open as zip archives, and every file's
@@ -21,44 +18,36 @@ weights are present and pass them.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import struct
 import zipfile
 
-import numpy as np
-import torch
-from transformers.trainer import SCALER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
-from transformers.training_args import ParallelMode
 
-from ..config.messages import OutputExistsError, advice
+from ..config.messages import OutputExistsError
 from .saving import LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, has_saved_weights
 
 __all__ = [
-    "SCALER_NAME",
-    "SCHEDULER_NAME",
     "CheckpointError",
     "CheckpointSaveError",
     "EarlierRunError",
     "checkpoint_problem",
-    "publish_checkpoint",
+    "earlier_run_files",
+    "recover_interrupted_saves",
     "resolve_resume_checkpoint",
-    "save_random_states",
 ]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 TRAINER_STATE_NAME = "trainer_state.json"
-_STAGING_PREFIX = ".tmp-"
-_TRASH_PREFIX = ".trash-"
+STAGING_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
 _RESUME_PREFIX = ".resume-"  # what an engine writes to resume on another number of processes
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -81,26 +70,18 @@ def _step(path: str) -> int:
     return int(_CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path))).group(1))
 
 
-def _checkpoint_folders(run_dir: str) -> list[str]:
+def checkpoint_folders(run_dir: str) -> list[str]:
     """``checkpoint-N`` folders in ``run_dir``, newest step first.
 
     transformers' ``sort_checkpoints`` lists and orders them; not its ``get_last_checkpoint``, which names only the
     newest, where resuming wants the newest complete one (the manifest's check), nor its ``rotate_checkpoints``, which
-    deletes in place where :func:`rotate_checkpoints` renames out of sight first. Its pattern also takes
-    ``checkpoint-5-old``; the strict one here keeps only the trainer's names."""
+    deletes in place where :func:`~.checkpoint_writing.rotate_checkpoints` renames out of sight first. Its pattern
+    also takes ``checkpoint-5-old``; the strict one here keeps only the trainer's names."""
     folders = sort_checkpoints(run_dir) if os.path.isdir(run_dir) else []
     return [f for f in reversed(folders) if _CHECKPOINT_RE.match(os.path.basename(f))]
 
 
-def _fsync(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _files(folder: str) -> dict[str, int]:
+def folder_files(folder: str) -> dict[str, int]:
     """Every file under ``folder`` (relative path -> size in bytes)."""
     found = {}
     for root, _, names in os.walk(folder):
@@ -178,7 +159,7 @@ def checkpoint_problem(path: str, verify_checksums: bool = True) -> str:
             return f"{TRAINER_STATE_NAME} is missing (the save was interrupted)"
         if not has_saved_weights(path):
             return "the weights (pytorch_lora_weights.safetensors or unet/) are missing"
-        expected = _files(path)
+        expected = folder_files(path)
     for relative, size in sorted(expected.items()):
         file = os.path.join(path, relative)
         if not os.path.isfile(file):
@@ -199,7 +180,7 @@ def checkpoint_problem(path: str, verify_checksums: bool = True) -> str:
 
 def complete_checkpoints(run_dir: str, before_step: int | None = None, verify_checksums: bool = True) -> list[str]:
     """Complete ``checkpoint-N`` folders of ``run_dir`` (steps below ``before_step`` if given), newest first."""
-    folders = _checkpoint_folders(run_dir)
+    folders = checkpoint_folders(run_dir)
     if before_step is not None:
         folders = [f for f in folders if _step(f) < before_step]
     return [f for f in folders if not checkpoint_problem(f, verify_checksums)]
@@ -216,7 +197,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
         return None
     if resume_from_checkpoint is True:
         skipped = []
-        for folder in _checkpoint_folders(output_dir):
+        for folder in checkpoint_folders(output_dir):
             problem = checkpoint_problem(folder)
             if not problem:
                 if skipped:
@@ -242,18 +223,13 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
     raise CheckpointError(f"Cannot resume from checkpoint {path}: {problem}. {hint}")
 
 
-# ----------------------------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------------------------- folders
 
 
 def is_checkpoint_folder(path: str) -> bool:
     """Whether ``path`` is a training checkpoint (``checkpoint-N``, or its staging folder while being written)."""
-    name = os.path.basename(os.path.normpath(path)).removeprefix(_STAGING_PREFIX)
+    name = os.path.basename(os.path.normpath(path)).removeprefix(STAGING_PREFIX)
     return name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
-
-
-def staging_folder(final: str) -> str:
-    head, name = os.path.split(os.path.normpath(final))
-    return os.path.join(head, _STAGING_PREFIX + name)
 
 
 def resume_view_folder(checkpoint: str) -> str:
@@ -263,74 +239,6 @@ def resume_view_folder(checkpoint: str) -> str:
     return os.path.join(head, _RESUME_PREFIX + name)
 
 
-def _trash_folder(final: str) -> str:
-    head, name = os.path.split(os.path.normpath(final))
-    return os.path.join(head, _TRASH_PREFIX + name)
-
-
-def _remove(folder: str) -> None:
-    """Rename out of sight first, then delete: a kill midway never leaves a partial ``checkpoint-N``."""
-    trash = _trash_folder(folder)
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def save_random_states(folder: str, args) -> None:
-    """This process's random states (Python, NumPy, torch's CPU and CUDA generators) in the file transformers'
-    ``train()`` restores them from when it resumes: ``rng_state.pth`` on one process, ``rng_state_<rank>.pth`` on
-    several (the CUDA states of every device where the run is distributed, the current device's otherwise)."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        distributed = args.parallel_mode == ParallelMode.DISTRIBUTED
-        states["cuda"] = torch.cuda.random.get_rng_state_all() if distributed else torch.cuda.random.get_rng_state()
-    os.makedirs(folder, exist_ok=True)  # a process may get here before the main one made the folder
-    name = "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
-    torch.save(states, os.path.join(folder, name))
-
-
-def publish_checkpoint(staging: str, final: str) -> None:
-    """Write the manifest of ``staging`` (sizes and SHA-256 of every file), flush everything to disk, and rename it
-    to ``final`` (replacing it). The files were just written, so hashing reads them from the page cache."""
-    files = _files(staging)
-    checksums = {}
-    for relative in files:
-        _fsync(os.path.join(staging, relative))
-        checksums[relative] = file_sha256(os.path.join(staging, relative))
-    with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
-        json.dump({"format": 2, "files": files, "sha256": checksums}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync(staging, directory=True)
-    if os.path.exists(final):  # a second save at the same step (e.g. on_nonfinite_loss="raise")
-        _remove(final)
-    os.rename(staging, final)
-    _fsync(os.path.dirname(os.path.abspath(final)), directory=True)
-
-
-def rotate_checkpoints(run_dir: str, save_total_limit: int | None, keep: list[str]) -> None:
-    """Delete the oldest ``checkpoint-N`` folders beyond ``save_total_limit``; never one in ``keep`` (the one just
-    written, the best), nor the newest complete one."""
-    if not save_total_limit or save_total_limit <= 0:
-        return
-    folders = _checkpoint_folders(run_dir)
-    if len(folders) <= save_total_limit:
-        return
-    protected = {os.path.normpath(k) for k in keep if k}
-    # Structural checks only: the newest is the checkpoint just written, whose bytes were hashed a moment ago.
-    newest_complete = next((f for f in folders if not checkpoint_problem(f, verify_checksums=False)), None)
-    if newest_complete is not None:
-        protected.add(os.path.normpath(newest_complete))
-    remaining = len(folders)
-    for folder in reversed(folders):  # oldest first
-        if remaining <= max(save_total_limit, len(protected)):
-            break
-        if os.path.normpath(folder) not in protected:
-            logger.info("Deleting older checkpoint %s (save_total_limit=%d)", folder, save_total_limit)
-            _remove(folder)
-            remaining -= 1
-
-
 def earlier_run_files(run_dir: str) -> list[str]:
     """What an earlier run left in ``run_dir`` that a new run would replace: its checkpoints (complete, staged or
     half-deleted), its weights and its ``training_config.json``; names relative to ``run_dir``, sorted."""
@@ -338,7 +246,7 @@ def earlier_run_files(run_dir: str) -> list[str]:
         return []
     found = []
     for name in sorted(os.listdir(run_dir)):
-        stripped = next((name[len(p) :] for p in (_STAGING_PREFIX, _TRASH_PREFIX) if name.startswith(p)), name)
+        stripped = next((name[len(p) :] for p in (STAGING_PREFIX, TRASH_PREFIX) if name.startswith(p)), name)
         weights = name == LORA_WEIGHTS_NAME or (
             name in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER) and os.path.isdir(os.path.join(run_dir, name))
         )
@@ -358,61 +266,14 @@ def recover_interrupted_saves(run_dir: str) -> None:
     if not os.path.isdir(run_dir):
         return
     for name in sorted(os.listdir(run_dir)):
-        prefix = next((p for p in (_STAGING_PREFIX, _TRASH_PREFIX, _RESUME_PREFIX) if name.startswith(p)), None)
+        prefix = next((p for p in (STAGING_PREFIX, TRASH_PREFIX, _RESUME_PREFIX) if name.startswith(p)), None)
         if prefix is None or not _CHECKPOINT_RE.match(name[len(prefix) :]):
             continue
         leftover, final = os.path.join(run_dir, name), os.path.join(run_dir, name[len(prefix) :])
         complete = os.path.isfile(os.path.join(leftover, MANIFEST_NAME)) and not checkpoint_problem(leftover)
-        if prefix == _STAGING_PREFIX and complete and not os.path.exists(final):
+        if prefix == STAGING_PREFIX and complete and not os.path.exists(final):
             logger.warning("Publishing %s as %s: its save was interrupted after it was complete", leftover, final)
             os.rename(leftover, final)
         else:
             logger.warning("Removing %s, left by an interrupted save", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def folder_bytes(folder: str) -> int:
-    return sum(_files(folder).values()) if os.path.isdir(folder) else 0
-
-
-def free_bytes(folder: str) -> int | None:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-def is_save_failure(err: BaseException, free: int | None) -> bool:
-    """Whether ``err`` raised while writing files is the filesystem's doing. An ``OSError`` is; other errors count when
-    less than 1 MiB is left, as a full disk reaches torch (``RuntimeError: ... iostream error``) and safetensors
-    (``SafetensorError``) as their own error types."""
-    return isinstance(err, OSError) or (free is not None and free < _LOW_SPACE)
-
-
-_LOW_SPACE = 1 << 20
-
-
-def save_failure(err: BaseException, folder: str, run_dir: str, written: int, free: int | None) -> CheckpointSaveError:
-    """A :class:`CheckpointSaveError` for ``err`` naming ``folder``, the bytes a save needs and the bytes free.
-
-    The need is the size of the newest complete checkpoint in ``run_dir`` (a checkpoint's size does not change from
-    one save to the next), else at least the ``written`` bytes that fit before the failure."""
-    previous = next(iter(complete_checkpoints(run_dir, verify_checksums=False)), None) if run_dir else None
-    need = (
-        f"about {folder_bytes(previous)} bytes (the size of {previous})"
-        if previous
-        else f"more than the {written} bytes written before the failure"
-    )
-    number = getattr(err, "errno", None)
-    if not isinstance(err, OSError):  # diagnosed by the free space left (see is_save_failure)
-        number = errno.ENOSPC
-    full = number in (errno.ENOSPC, errno.EDQUOT)
-    cause = "the disk is full" if full else "an I/O error"
-    where = f"{free} bytes were free there" if free is not None else "the free space could not be read"
-    kept = f"The previous complete checkpoint {previous} is intact. " if previous else ""
-    return CheckpointSaveError(
-        number,
-        f"Saving {folder} failed ({cause}; {type(err).__name__}: {err}). A save needs {need}; {where}. The partial "
-        f"save was removed. {kept}Free space (or lower {advice('--save_total_limit', 'save_total_limit')}) and "
-        f"resume with {advice('--resume_from_checkpoint true', 'resume_from_checkpoint=True')}.",
-    )

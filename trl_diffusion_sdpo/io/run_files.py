@@ -7,7 +7,8 @@ way this package needs:
   denoiser's subfolder, never pickles, gathered first where the engine shards them
   (:meth:`~trl_diffusion_sdpo.engines.Engine.gather_state_dict`) and loaded into its shards
   (:meth:`~trl_diffusion_sdpo.engines.Engine.loading`);
-* checkpoints that appear whole or not at all, with a checksummed manifest (:mod:`.checkpoints`): the optimizer's
+* checkpoints that appear whole or not at all, with a checksummed manifest (:mod:`.checkpoints`, written by
+  :mod:`.checkpoint_writing`, which the run's first checkpoint save imports): the optimizer's
   state as the engine writes it (:meth:`~trl_diffusion_sdpo.engines.Engine.save_optimizer_state`), the scheduler,
   gradient scaler and random states in the files transformers resumes from;
 * before training: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
@@ -29,11 +30,13 @@ wrapper, is the one that runs.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -44,22 +47,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from .. import io as run_io  # the Hub's and the resume checks' modules are imported when first used
 from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
 from ..config.messages import advice, replacing_refusal
-from . import checkpoints, saving
+from . import saving
 from .checkpoints import (
     TRAINER_STATE_NAME,
     CheckpointSaveError,
     EarlierRunError,
     earlier_run_files,
-    folder_bytes,
-    free_bytes,
     is_checkpoint_folder,
-    is_save_failure,
-    publish_checkpoint,
     recover_interrupted_saves,
     resolve_resume_checkpoint,
     resume_view_folder,
-    save_failure,
-    staging_folder,
 )
 from .run_lock import RunLock, RunLockedError
 
@@ -251,10 +248,11 @@ class RunFiles(TrainerCallback):
             raise
         except Exception as err:
             folder = output_dir if output_dir is not None else trainer.args.output_dir
-            free = free_bytes(folder if os.path.isdir(folder) else trainer.args.output_dir)
-            if _internal_call or not is_save_failure(err, free):  # inside save_checkpoint, which reports it
+            writing = checkpoint_writing()
+            free = writing.free_bytes(folder if os.path.isdir(folder) else trainer.args.output_dir)
+            if _internal_call or not writing.is_save_failure(err, free):  # inside save_checkpoint, which reports it
                 raise
-            raise save_failure(err, folder, trainer.args.output_dir, 0, free) from err
+            raise writing.save_failure(err, folder, trainer.args.output_dir, 0, free) from err
         if trainer.args.push_to_hub and not _internal_call:
             trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
 
@@ -307,8 +305,8 @@ class RunFiles(TrainerCallback):
     def save_checkpoint(self, model: torch.nn.Module | None = None, trial: Any = None) -> None:
         """``_save_checkpoint``: what transformers' does (weights, optimizer, scheduler, scaler, RNG state, trainer
         state, Hub push, rotation), into a staging folder published whole by
-        :func:`.checkpoints.publish_checkpoint`, with ``run_identity.json`` beside the weights. A save failing on the
-        filesystem leaves no partial folder and raises :class:`.checkpoints.CheckpointSaveError`.
+        :func:`.checkpoint_writing.publish_checkpoint`, with ``run_identity.json`` beside the weights. A save failing
+        on the filesystem leaves no partial folder and raises :class:`.checkpoints.CheckpointSaveError`.
 
         ``trial`` is always ``None``: a hyperparameter search needs ``model_init``, which this trainer does not take,
         so the checkpoints go to ``output_dir`` itself."""
@@ -317,7 +315,8 @@ class RunFiles(TrainerCallback):
         trainer.store_flos()
         run_dir = args.output_dir
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        staging = staging_folder(final)
+        writing = checkpoint_writing()
+        staging = writing.staging_folder(final)
         if args.should_save and os.path.exists(staging):
             shutil.rmtree(staging)
         trainer.accelerator.wait_for_everyone()  # no process writes into a staging folder being cleared
@@ -326,18 +325,18 @@ class RunFiles(TrainerCallback):
         except Exception as err:
             # Only the staging folder is removed: the complete checkpoints are untouched, and rotation (below) never
             # ran. Under several processes the others are left at a barrier; the job fails on this error.
-            written, free = folder_bytes(staging), free_bytes(run_dir)
+            written, free = writing.folder_bytes(staging), writing.free_bytes(run_dir)
             if args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
-            if not is_save_failure(err, free):
+            if not writing.is_save_failure(err, free):
                 raise
-            raise save_failure(err, final, run_dir, written, free) from err
+            raise writing.save_failure(err, final, run_dir, written, free) from err
         trainer.accelerator.wait_for_everyone()
         if args.push_to_hub:
             self.hub.push_checkpoint(final)
         if args.should_save:
             # Looked up on the module at call time, so that a test can stop a run inside it.
-            checkpoints.rotate_checkpoints(run_dir, args.save_total_limit, keep=[final, state.best_model_checkpoint])
+            writing.rotate_checkpoints(run_dir, args.save_total_limit, keep=[final, state.best_model_checkpoint])
 
     def _write_checkpoint(self, staging: str, final: str, run_dir: str) -> None:
         """Every file of the checkpoint into ``staging``, then (main process) the manifest and the rename."""
@@ -372,21 +371,21 @@ class RunFiles(TrainerCallback):
 
         trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, engine shards) are written
         if args.should_save:
-            publish_checkpoint(staging, final)
+            checkpoint_writing().publish_checkpoint(staging, final)
 
     def save_training_state(self, folder: str) -> None:
         """What resuming continues from besides the weights, in the files transformers' ``train()`` reads back: the
         optimizer's state as the engine writes it (every process), the scheduler, the gradient scaler and each
-        process's random states (:func:`.checkpoints.save_random_states`)."""
-        trainer = self.trainer
+        process's random states (:func:`.checkpoint_writing.save_random_states`)."""
+        trainer, writing = self.trainer, checkpoint_writing()
         args = trainer.args
         trainer.engine.save_optimizer_state(trainer.model_wrapped, trainer.optimizer, folder, args.should_save)
         if args.should_save and trainer.engine.saves_scheduler(trainer.lr_scheduler):
-            torch.save(trainer.lr_scheduler.state_dict(), os.path.join(folder, checkpoints.SCHEDULER_NAME))
+            torch.save(trainer.lr_scheduler.state_dict(), os.path.join(folder, writing.SCHEDULER_NAME))
         scaler = trainer.accelerator.scaler
         if args.should_save and scaler is not None:
-            torch.save(scaler.state_dict(), os.path.join(folder, checkpoints.SCALER_NAME))
-        checkpoints.save_random_states(folder, args)
+            torch.save(scaler.state_dict(), os.path.join(folder, writing.SCALER_NAME))
+        writing.save_random_states(folder, args)
 
     # ------------------------------------------------------------------ the model card and the Hub
 
@@ -421,6 +420,12 @@ class RunFiles(TrainerCallback):
     ):
         """Save the weights and a model card to ``output_dir`` and upload it (:meth:`.hub.RunHub.push_to_hub`)."""
         return self.hub.push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+
+
+def checkpoint_writing() -> ModuleType:
+    """:mod:`.checkpoint_writing`, imported by the run's first checkpoint save (or a failed save): a run that writes
+    no checkpoint never loads it. Asked for at each call, so that a test can stop a run inside one of its functions."""
+    return importlib.import_module(".checkpoint_writing", __package__)
 
 
 def _read_loss_total(checkpoint: str) -> float | None:
