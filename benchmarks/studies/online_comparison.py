@@ -68,6 +68,7 @@ from benchmarks.studies.online_measures import (  # noqa: E402
     shape_templates,
     validate_shape_scorer,
 )
+from benchmarks.studies.online_probe_runs import measure_stopped_run, probe_prompts, probe_record  # noqa: E402
 from benchmarks.studies.stability_dormant import ONLINE_DORMANT, tried_online  # noqa: E402
 from benchmarks.studies.stability_guards import alarm_steps  # noqa: E402
 from benchmarks.studies.stability_map import machine as stability_machine  # noqa: E402
@@ -289,7 +290,11 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
                 curve[str(state.global_step)] = context.evaluate(pipeline)
                 eval_seconds[0] += time.perf_counter() - tick
 
+        def on_train_end(self, args, state, control, **kwargs):  # a rewind's stop: its result stands for later steps
+            measure_stopped_run(curve, state.global_step, eval_steps, lambda: context.evaluate(pipeline))
+
     lora = LoraConfig(r=grid["lora_rank"], lora_alpha=grid["lora_rank"], target_modules=LORA_TARGETS)
+    held = None  # the held-out probe's prompts, if the run probes
     with tempfile.TemporaryDirectory(prefix=f"online-comparison-{method}-") as workdir:
         kwargs = _config_kwargs(grid, lr, seed, method, workdir)
         if METHODS[method]["online"]:
@@ -301,7 +306,8 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
                 sample_guidance_scale=grid["guidance_scale"],
             )
             prompts = Dataset.from_dict({"prompt": [c.text for c in context.train_captions]})
-            trainer = OnlineDiffusionSDPOTrainer(pipeline, None, args, prompts, peft_config=lora)
+            held = probe_prompts(context.held_out, METHODS[method])
+            trainer = OnlineDiffusionSDPOTrainer(pipeline, None, args, prompts, held, peft_config=lora)
             if METHODS[method].get("pair_latents") == "decoded":  # the pairs VAE-encoded from their 8-bit images
                 trainer.generation.direct_latents = False
         else:
@@ -323,6 +329,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         "curve": curve,
         "history": history,
         "alarm": alarm_steps(trainer.state.log_history),
+        **(probe_record(trainer.state, grid["max_steps"]) if held is not None else {}),
         "seconds": round(time.perf_counter() - started, 2),
         "eval_seconds": round(eval_seconds[0], 2),
         "process_cpu_seconds": round(time.process_time() - cpu_started, 2),

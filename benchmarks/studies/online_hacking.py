@@ -60,6 +60,7 @@ from benchmarks.studies.online_comparison import (  # noqa: E402
     recipe_config_kwargs,
 )
 from benchmarks.studies.online_measures import drawings, shape_templates, validate_shape_scorer  # noqa: E402
+from benchmarks.studies.online_probe_runs import measure_stopped_run, probe_prompts, probe_record  # noqa: E402
 from benchmarks.studies.stability_dormant import ONLINE_DORMANT, tried_online  # noqa: E402
 from benchmarks.studies.stability_guards import DORMANT, _png, _strip, alarm_steps, sample_grid, write_block  # noqa: E402
 from benchmarks.studies.stability_map import study_pipeline  # noqa: E402
@@ -189,6 +190,10 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
             if step == last and trainer.ema is not None:  # the trained weights themselves, for comparison
                 extra["trained_final"] = context.measures(pipeline)[0]
 
+        def on_train_end(self, args, state, control, **kwargs):  # a rewind's stop: its result stands for later steps
+            with trainer.sampling_weights():
+                measure_stopped_run(curve, state.global_step, eval_steps, lambda: context.measures(pipeline)[0])
+
     lora = LoraConfig(r=grid["lora_rank"], lora_alpha=grid["lora_rank"], target_modules=LORA_TARGETS)
     with tempfile.TemporaryDirectory(prefix=f"online-hacking-{method}-") as workdir:
         args = OnlineDiffusionSDPOConfig(
@@ -199,8 +204,9 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
             **METHODS[method],
         )
         prompts = Dataset.from_dict({"prompt": [c.text for c in context.train_captions]})
+        held = probe_prompts(context.held_out, METHODS[method])  # the held-out probe's prompts, if it probes
         trainer = OnlineDiffusionSDPOTrainer(
-            pipeline, None, args, prompts, reward_funcs=[brightness], peft_config=lora
+            pipeline, None, args, prompts, held, reward_funcs=[brightness], peft_config=lora
         )
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(Judge())
@@ -221,6 +227,7 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         **extra,
         "history": history,
         "alarm": alarm_steps(trainer.state.log_history),
+        **(probe_record(trainer.state, last) if held is not None else {}),
         **({"samples": samples} if samples else {}),
         "seconds": round(time.perf_counter() - started, 2),
         "machine": machine(),
