@@ -60,7 +60,7 @@ from benchmarks.studies.online_comparison import (  # noqa: E402
     recipe_config_kwargs,
 )
 from benchmarks.studies.online_measures import drawings, shape_templates, validate_shape_scorer  # noqa: E402
-from benchmarks.studies.online_probe_runs import measure_stopped_run, probe_prompts, probe_record  # noqa: E402
+from benchmarks.studies.online_probe_runs import measure_stopped_run, probe_prompts  # noqa: E402
 from benchmarks.studies.stability_dormant import ONLINE_DORMANT, tried_online  # noqa: E402
 from benchmarks.studies.stability_guards import DORMANT, _png, _strip, alarm_steps, sample_grid, write_block  # noqa: E402
 from benchmarks.studies.stability_map import study_pipeline  # noqa: E402
@@ -181,6 +181,9 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
     class Judge(TrainerCallback):  # added after the trainer's own callbacks: the EMA has stepped when it runs
         def on_step_end(self, args, state, control, **kwargs):
             step = state.global_step
+            if control.should_training_stop:  # a rewind's stop: its result stands for the later evaluation steps
+                with trainer.sampling_weights():
+                    measure_stopped_run(curve, step, eval_steps, lambda: context.measures(pipeline)[0])
             if step not in eval_steps:
                 return
             with trainer.sampling_weights():
@@ -189,10 +192,6 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
                 samples[str(step)] = _png(firsts)
             if step == last and trainer.ema is not None:  # the trained weights themselves, for comparison
                 extra["trained_final"] = context.measures(pipeline)[0]
-
-        def on_train_end(self, args, state, control, **kwargs):  # a rewind's stop: its result stands for later steps
-            with trainer.sampling_weights():
-                measure_stopped_run(curve, state.global_step, eval_steps, lambda: context.measures(pipeline)[0])
 
     lora = LoraConfig(r=grid["lora_rank"], lora_alpha=grid["lora_rank"], target_modules=LORA_TARGETS)
     with tempfile.TemporaryDirectory(prefix=f"online-hacking-{method}-") as workdir:
@@ -227,7 +226,6 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
         **extra,
         "history": history,
         "alarm": alarm_steps(trainer.state.log_history),
-        **(probe_record(trainer.state, last) if held is not None else {}),
         **({"samples": samples} if samples else {}),
         "seconds": round(time.perf_counter() - started, 2),
         "machine": machine(),

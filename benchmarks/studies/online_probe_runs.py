@@ -1,13 +1,15 @@
 """What the online regimes' runs (``online_hacking.py``, ``online_comparison.py``) need to run with the held-out probe
-logged or rewinding (``stability_probe.py online``): the probe's prompts, its readings and a stopped run's measures.
+logged or rewinding (``stability_probe.py online``): the probe's prompts, the training-log keys that record its
+readings and rewinds, and a stopped run's measures.
 
 The probe's prompts are the regime's held-out captions (the prompts its held-out measures sample), given to the
 online trainer as its eval prompts: the training prompts stay those of the stored runs, so a probing run trains bit
-for bit as the stored run of its seed until its probe acts, and the two are paired by seed.
+for bit as Diffusion-DPO of its seed until its probe acts, and the two are paired by seed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -35,16 +37,32 @@ def measure_stopped_run(
         curve[str(s)] = measured
 
 
-def probe_record(state: Any, max_steps: int) -> dict[str, Any]:
-    """From a probing run's ``TrainerState``: the probe's readings (``probe``: step and figures), the rewinds
-    (``rewinds``: the step fired and the step restored) and the step it stopped itself at (``stopped_at``, ``None``
-    for a run that trained to ``max_steps``)."""
-    readings, rewinds = [], []
-    for entry in state.log_history:
-        if "probe/delta_winner" in entry:
-            figures = {k.split("/", 1)[1]: float(v) for k, v in entry.items() if k.startswith("probe/")}
-            readings.append({"step": int(entry["step"]), **figures})
-        if "health/rewind_to" in entry:
-            rewinds.append({"fired_at": int(entry["step"]), "restored": int(entry["health/rewind_to"])})
-    stopped = state.global_step if state.global_step < max_steps else None
-    return {"probe": readings, "rewinds": rewinds, "stopped_at": stopped}
+#: the training-log keys a probing run's ``history`` records beside its regime's own
+PROBE_HISTORY = (
+    "probe/delta_winner",
+    "probe/delta_loser",
+    "probe/implicit_acc",
+    "probe/mse_policy_winner",
+    "probe/mse_ref_winner",
+    "probe/mse_policy_loser",
+    "probe/mse_ref_loser",
+    "health/rewind_to",
+)
+
+
+def probe_record(history: dict[str, list[float]], max_steps: int) -> dict[str, Any]:
+    """From a probing run's ``history`` (its training logs' values by key, NaN where a log lacks one): the probe's
+    readings (``probe``: step and figures), the rewinds (``rewinds``: the step fired and the step restored) and the
+    step the run stopped itself at (``stopped_at``; ``None`` for a run that trained to ``max_steps``)."""
+    steps = history["step"]
+    keys = [k for k in PROBE_HISTORY if k.startswith("probe/") and k in history]
+    readings = [
+        {"step": step, **{k.split("/", 1)[1]: history[k][i] for k in keys}}
+        for i, step in enumerate(steps)
+        if keys and not math.isnan(history["probe/delta_winner"][i])
+    ]
+    fired = history.get("health/rewind_to", [math.nan] * len(steps))
+    rewinds = [
+        {"fired_at": step, "restored": int(fired[i])} for i, step in enumerate(steps) if not math.isnan(fired[i])
+    ]
+    return {"probe": readings, "rewinds": rewinds, "stopped_at": steps[-1] if steps[-1] < max_steps else None}

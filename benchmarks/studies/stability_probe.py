@@ -54,6 +54,7 @@ import stability_guards as study  # noqa: E402
 import stability_map  # noqa: E402
 from stability_dormant import both_halves, goal_all_measures, measure_table, verdict  # noqa: E402
 
+from benchmarks.studies.online_probe_runs import PROBE_HISTORY, probe_record  # noqa: E402
 from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS, Method  # noqa: E402
 
@@ -275,6 +276,9 @@ def _online_setup(regime: str) -> tuple[Any, dict[str, Any], float, str]:
             module.LABELS[f"{dpo}-{setting}"] = f"{module.LABELS[dpo]}, {setting}"
     hacking = importlib.import_module("benchmarks.studies.online_hacking")
     comparison = importlib.import_module("benchmarks.studies.online_comparison")
+    # the probe's readings and the rewinds in the runs' history (the regimes record their own keys)
+    hacking.EXTRA_HISTORY = (*dict.fromkeys((*hacking.EXTRA_HISTORY, *PROBE_HISTORY)),)
+    comparison.HISTORY_KEYS = (*dict.fromkeys((*comparison.HISTORY_KEYS, *PROBE_HISTORY)),)
     if module is hacking:
         hacking._init_worker(grid)
     else:  # its held-out evaluation without the offline pairs, which these runs never train on
@@ -379,6 +383,8 @@ def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: 
                 started = time.perf_counter()
                 run = module.run_one((seed, lr, method))
                 run.pop("samples", None)  # the regime's figure is drawn from its own result file
+                if setting != "plain":
+                    run.update(probe_record(run["history"], stored["config"]["max_steps"]))
                 entry["runs"][key] = run
                 _identities(entry, stored, module.run_key, dpo)
                 save()

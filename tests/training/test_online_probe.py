@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
 from tests.helpers.online import LORA, PROMPTS, online_config, red_minus_blue
-from tests.training.test_probe import Recorder, ScriptedAlarm, _equal, _states_equal, _trained_weights
+from tests.helpers.rewind import Recorder, ScriptedAlarm, equal, states_equal, trained_weights
 from trl_diffusion_sdpo.callbacks.probe import probe_seed
 from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
 from trl_diffusion_sdpo.demo.shapes import all_captions
@@ -56,10 +56,10 @@ def online_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, reward=noisy_re
 def test_an_online_probe_and_a_quiet_rewind_train_bit_for_bit_as_the_run_without_them(tmp_path, lora):
     plain = online_trainer(tmp_path / "plain", lora=lora)
     plain.train()
-    expected = _trained_weights(plain)
+    expected = trained_weights(plain)
     probed = online_trainer(tmp_path / "probed", eval_prompts=EVAL_PROMPTS, lora=lora, probe_steps=1, probe_pairs=HELD)
     probed.train()
-    assert _equal(_trained_weights(probed), expected)
+    assert equal(trained_weights(probed), expected)
     assert [e["step"] for e in probed.state.log_history if "probe/delta_winner" in e] == [1, 2, 3]
     quiet = online_trainer(
         tmp_path / "quiet", eval_prompts=EVAL_PROMPTS, lora=lora, probe_steps=1, probe_pairs=HELD,
@@ -67,7 +67,7 @@ def test_an_online_probe_and_a_quiet_rewind_train_bit_for_bit_as_the_run_without
     )  # fmt: skip
     quiet.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
     quiet.train()
-    assert _equal(_trained_weights(quiet), expected)
+    assert equal(trained_weights(quiet), expected)
     assert not any("health/rewind_to" in e for e in quiet.state.log_history)
 
 
@@ -76,7 +76,7 @@ def test_prompts_held_back_from_training_leave_the_run_as_one_on_the_other_promp
     plain.train()
     probed = online_trainer(tmp_path / "probed", probe_steps=1, probe_pairs=HELD)
     probed.train()
-    assert _equal(_trained_weights(probed), _trained_weights(plain))
+    assert equal(trained_weights(probed), trained_weights(plain))
 
 
 def _expected_pairs(trainer, prompts: list[str], seed: int) -> torch.Tensor:
@@ -148,11 +148,11 @@ def test_an_online_rewind_restores_the_healthy_steps_weights_and_optimizer_state
     healthy_weights, healthy_optimizer = recorder.at_end[1]
     broken_weights, broken_optimizer = recorder.at_end[3]
     assert trainer.state.global_step == 3
-    assert not _equal(broken_weights, healthy_weights)
-    assert _equal(_trained_weights(trainer), healthy_weights)
+    assert not equal(broken_weights, healthy_weights)
+    assert equal(trained_weights(trainer), healthy_weights)
     restored_optimizer = trainer.optimizer.state_dict()
-    assert _states_equal(restored_optimizer, healthy_optimizer)
-    assert not _states_equal(restored_optimizer, broken_optimizer)
+    assert states_equal(restored_optimizer, healthy_optimizer)
+    assert not states_equal(restored_optimizer, broken_optimizer)
     rewinds = [e for e in trainer.state.log_history if "health/rewind_to" in e]
     assert [(e["step"], e["health/rewind_to"]) for e in rewinds] == [(3, 1.0)]
     assert trainer.safeguard is None and not trainer.probe.rewind.safeguard_on
@@ -178,3 +178,25 @@ def test_an_online_probe_refuses_what_it_cannot_honour(tmp_path):
         online_trainer(tmp_path, eval_prompts=EVAL_PROMPTS)
     with pytest.raises(ValueError, match="would hold back every one of the 2 training prompts"):
         online_trainer(tmp_path, prompts=PROMPTS[:2], probe_steps=1, probe_pairs=HELD)
+
+
+def test_an_online_run_resumed_from_a_checkpoint_probes_the_same_pairs_and_rewinds_as_the_uninterrupted_one(tmp_path):
+    from tests.helpers.common import StopAt
+
+    def run(output_dir, callbacks=(), resume=None):
+        trainer = online_trainer(
+            output_dir, eval_prompts=EVAL_PROMPTS, callbacks=list(callbacks), max_steps=5, probe_steps=1,
+            probe_pairs=HELD, on_pathology="rewind", save_strategy="steps", save_steps=3,
+        )  # fmt: skip
+        # Healthy at 1 and 2, unhealthy at 3 (the checkpoint's step) and 4: the alarm fires at 4, back to step 2.
+        trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={3, 4})
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed", callbacks=[StopAt(3)])
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "out" / "checkpoint-3"))
+    assert torch.equal(resumed.probe.probe.batch["latent_mean"], straight.probe.probe.batch["latent_mean"])
+    assert straight.probe.rewind.rewinds == resumed.probe.rewind.rewinds == [(4, 2)]
+    assert resumed.probe.readings == straight.probe.readings[3:]  # step 4: the same figures
+    assert equal(trained_weights(resumed), trained_weights(straight))

@@ -274,7 +274,9 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         """The probe's held-out prompts paired (:mod:`.probe_pairs`) and what the start summary says of them."""
         from .probe_pairs import PROBE_PAIR_MODE, held_out_pairs
 
+        started = time.perf_counter()
         made = held_out_pairs(self, probe.held)
+        seconds = time.perf_counter() - started  # the probe's one cost beyond offline's: stated, not hidden
         probe.probe.batch = made.batch
         where = (
             f"the eval prompts' first {made.prompts}"
@@ -283,7 +285,8 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         )
         probe.source = (
             f"{made.pairs} pairs of {where}, sampled once before training by the initial policy with the run's "
-            f"sampler and reward ({self.args.num_generations} samples each, {PROBE_PAIR_MODE}, the probe's own seeds)"
+            f"sampler and reward ({self.args.num_generations} samples each, {PROBE_PAIR_MODE}, the probe's own seeds; "
+            f"{seconds:.1f} s)"
         )
 
     # ------------------------------------------------------------------ data: prompts
