@@ -31,7 +31,14 @@ from datasets import Dataset
 from ..callbacks.probe import probe_seed
 from .generation import GeneratedPairs, GenerationSettings, GenerationStage
 
-__all__ = ["ProbePairs", "held_out_pairs", "pair_share", "probe_generation_settings"]
+__all__ = [
+    "PROBE_PAIR_MODE",
+    "ProbePairs",
+    "held_out_pairs",
+    "pair_share",
+    "probe_generation_settings",
+    "random_states_kept",
+]
 
 #: the probe's pairs are the best sample of a prompt against its worst, whatever the run's ``pair_mode``
 PROBE_PAIR_MODE = "best-worst"
