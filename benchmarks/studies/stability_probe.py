@@ -363,9 +363,10 @@ def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: 
     report["command"] = "OMP_NUM_THREADS=1 python benchmarks/studies/stability_probe.py online --seeds 0-9"
 
     def save() -> None:
+        from benchmarks.studies.online_comparison import _write  # the online result files' layout
+
         report["not_run"] = online_not_run(report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1) + "\n")
+        _write(path, report)
 
     for regime in regimes:
         module, stored, lr, dpo = _online_setup(regime)
