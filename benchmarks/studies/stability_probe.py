@@ -23,12 +23,14 @@ long runs), to say when the held-out reward fell against when the alarm fired.
 Online (``online``): the online regimes of the stability benchmark, each run as its own study runs it
 (``online_hacking.run_one``: brightness reward, lr 1e-3, 60 steps; ``online_comparison.run_one``: the colour reward,
 lr 2e-4, 120 steps), with the grid, learning rate and evaluation steps read from its stored result file
-(:data:`ONLINE_REGIMES`), in two settings: Diffusion-DPO with the probe logged (``<dpo>-probe``) and Diffusion-DPO
-with ``on_pathology="rewind"`` (``<dpo>-rewind``; online a rewind stops the run with the healthy weights). The probe's
+(:data:`ONLINE_REGIMES`), in three settings: the regime's Diffusion-DPO trained again on this machine (``plain``:
+float results differ across CPUs), Diffusion-DPO with the probe logged (``<dpo>-probe``) and Diffusion-DPO with
+``on_pathology="rewind"`` (``<dpo>-rewind``; online a rewind stops the run with the healthy weights). The probe's
 prompts are the regime's held-out captions, given as the online trainer's eval prompts, so the training prompts are
 the stored runs' and every run is paired by seed with the stored Diffusion-DPO run: a probe that never acts trains bit
-for bit as that run, so Diffusion-DPO's held-out measures are not evaluated again; ``identity`` records, per run,
-whether its held-out measures equal the stored run's at every evaluation step before its first rewind. The probe
+for bit as that run, so the probe-logged runs' held-out measures are Diffusion-DPO's; ``identity`` records, per run,
+whether its held-out measures equal those of the plain run of its seed (else the stored run) at every evaluation step
+before its first rewind. The probe
 reads the captions the held-out measures sample (its pairs at its own seeds, not the measures' images): the
 rewind's choice and the verdict share prompts, not images. Each finished run is written to ``--json`` at once and a
 rerun skips the runs already there::
