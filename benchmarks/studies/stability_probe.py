@@ -30,10 +30,9 @@ prompts are the regime's held-out captions, given as the online trainer's eval p
 the stored runs' and every run is paired by seed with the stored Diffusion-DPO run: a probe that never acts trains bit
 for bit as that run, so the probe-logged runs' held-out measures are Diffusion-DPO's; ``identity`` records, per run,
 whether its held-out measures equal those of the plain run of its seed (else the stored run) at every evaluation step
-before its first rewind. The probe
-reads the captions the held-out measures sample (its pairs at its own seeds, not the measures' images): the
-rewind's choice and the verdict share prompts, not images. Each finished run is written to ``--json`` at once and a
-rerun skips the runs already there::
+before its first rewind. The probe reads the captions the held-out measures sample (its pairs at its own seeds, not
+the measures' images): the rewind's choice and the verdict share prompts, not images. Each finished run is written to
+``--json`` at once and a rerun skips the runs already there::
 
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/stability_probe.py online --seeds 0-9 &
 """
