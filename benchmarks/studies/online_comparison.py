@@ -68,6 +68,7 @@ from benchmarks.studies.online_measures import (  # noqa: E402
     shape_templates,
     validate_shape_scorer,
 )
+from benchmarks.studies.online_probe_runs import measure_stopped_run, probe_prompts  # noqa: E402
 from benchmarks.studies.stability_dormant import ONLINE_DORMANT, tried_online  # noqa: E402
 from benchmarks.studies.stability_guards import alarm_steps  # noqa: E402
 from benchmarks.studies.stability_map import machine as stability_machine  # noqa: E402
@@ -89,11 +90,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # the authors' SD1.5 mu online (what the demo base's family resolved when these runs were made; the tiny base's
     # own default is 0.5 now, online-sdpo-output), and the dual-ascent mu the online hacking regime compares it with
     "online-sdpo-default": {"online": True, "safeguard_space": "output", "safeguard_mu": 0.9},
-    "online-sdpo-output-auto": {
-        "online": True,
-        "safeguard_space": "output",
-        "safeguard_mu": "auto",
-    },  # fmt: skip
+    "online-sdpo-output-auto": {"online": True, "safeguard_space": "output", "safeguard_mu": "auto"},
     "online-dormant-safeguard": {"online": True, **ONLINE_DORMANT},  # the offline switch target tried online
 }
 DEFAULT_METHODS = ("online-dpo", "online-sdpo-output", "online-sdpo-parameter", "offline-dpo")
@@ -288,6 +285,8 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
                 tick = time.perf_counter()
                 curve[str(state.global_step)] = context.evaluate(pipeline)
                 eval_seconds[0] += time.perf_counter() - tick
+            if control.should_training_stop:  # a rewind's stop: its result stands for the later evaluation steps
+                measure_stopped_run(curve, state.global_step, eval_steps, lambda: context.evaluate(pipeline))
 
     lora = LoraConfig(r=grid["lora_rank"], lora_alpha=grid["lora_rank"], target_modules=LORA_TARGETS)
     with tempfile.TemporaryDirectory(prefix=f"online-comparison-{method}-") as workdir:
@@ -301,7 +300,8 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
                 sample_guidance_scale=grid["guidance_scale"],
             )
             prompts = Dataset.from_dict({"prompt": [c.text for c in context.train_captions]})
-            trainer = OnlineDiffusionSDPOTrainer(pipeline, None, args, prompts, peft_config=lora)
+            held = probe_prompts(context.held_out, METHODS[method])  # the held-out probe's prompts, if it probes
+            trainer = OnlineDiffusionSDPOTrainer(pipeline, None, args, prompts, held, peft_config=lora)
             if METHODS[method].get("pair_latents") == "decoded":  # the pairs VAE-encoded from their 8-bit images
                 trainer.generation.direct_latents = False
         else:

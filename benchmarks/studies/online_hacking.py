@@ -60,6 +60,7 @@ from benchmarks.studies.online_comparison import (  # noqa: E402
     recipe_config_kwargs,
 )
 from benchmarks.studies.online_measures import drawings, shape_templates, validate_shape_scorer  # noqa: E402
+from benchmarks.studies.online_probe_runs import measure_stopped_run, probe_prompts  # noqa: E402
 from benchmarks.studies.stability_dormant import ONLINE_DORMANT, tried_online  # noqa: E402
 from benchmarks.studies.stability_guards import DORMANT, _png, _strip, alarm_steps, sample_grid, write_block  # noqa: E402
 from benchmarks.studies.stability_map import study_pipeline  # noqa: E402
@@ -180,6 +181,9 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
     class Judge(TrainerCallback):  # added after the trainer's own callbacks: the EMA has stepped when it runs
         def on_step_end(self, args, state, control, **kwargs):
             step = state.global_step
+            if control.should_training_stop:  # a rewind's stop: its result stands for the later evaluation steps
+                with trainer.sampling_weights():
+                    measure_stopped_run(curve, step, eval_steps, lambda: context.measures(pipeline)[0])
             if step not in eval_steps:
                 return
             with trainer.sampling_weights():
@@ -199,8 +203,9 @@ def run_one(task: tuple[int, float, str]) -> dict[str, Any]:
             **METHODS[method],
         )
         prompts = Dataset.from_dict({"prompt": [c.text for c in context.train_captions]})
+        held = probe_prompts(context.held_out, METHODS[method])  # the held-out probe's prompts, if it probes
         trainer = OnlineDiffusionSDPOTrainer(
-            pipeline, None, args, prompts, reward_funcs=[brightness], peft_config=lora
+            pipeline, None, args, prompts, held, reward_funcs=[brightness], peft_config=lora
         )
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(Judge())

@@ -19,14 +19,32 @@ long runs), to say when the held-out reward fell against when the alarm fired.
 
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/stability_probe.py run --parts /tmp/probe-parts &
     python benchmarks/studies/stability_probe.py assemble --parts /tmp/probe-parts
+
+Online (``online``): the online regimes of the stability benchmark, each run as its own study runs it
+(``online_hacking.run_one``: brightness reward, lr 1e-3, 60 steps; ``online_comparison.run_one``: the colour reward,
+lr 2e-4, 120 steps), with the grid, learning rate and evaluation steps read from its stored result file
+(:data:`ONLINE_REGIMES`), in three settings: the regime's Diffusion-DPO trained again on this machine (``plain``:
+float results differ across CPUs), Diffusion-DPO with the probe logged (``<dpo>-probe``) and Diffusion-DPO with
+``on_pathology="rewind"`` (``<dpo>-rewind``; online a rewind stops the run with the healthy weights). The probe's
+prompts are the regime's held-out captions, given as the online trainer's eval prompts, so the training prompts are
+the stored runs' and every run is paired by seed with the stored Diffusion-DPO run: a probe that never acts trains bit
+for bit as that run, so the probe-logged runs' held-out measures are Diffusion-DPO's; ``identity`` records, per run,
+whether its held-out measures equal those of the plain run of its seed (else the stored run) at every evaluation step
+before its first rewind. The probe reads the captions the held-out measures sample (its pairs at its own seeds, not
+the measures' images): the rewind's choice and the verdict share prompts, not images. Each finished run is written to
+``--json`` at once and a rerun skips the runs already there::
+
+    OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/stability_probe.py online --seeds 0-9 &
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +55,7 @@ import stability_guards as study  # noqa: E402
 import stability_map  # noqa: E402
 from stability_dormant import both_halves, goal_all_measures, measure_table, verdict  # noqa: E402
 
+from benchmarks.studies.online_probe_runs import PROBE_HISTORY, probe_record  # noqa: E402
 from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS, Method  # noqa: E402
 
@@ -174,8 +193,8 @@ def quiet_identity(runs: dict[str, Any]) -> dict[str, Any]:
 
 
 NOT_RUN = [
-    "online: the probe refuses an online run (it evaluates held-out preference pairs, which an online run has none "
-    "of), so neither the alarm's calibration nor the rewind was run online",
+    "online: the alarm's calibration on the online runs (probe_alarm.py reads the offline regimes); the online runs "
+    "are in the result file of `stability_probe.py online` (ONLINE_OUTPUT)",
 ]
 
 
@@ -221,6 +240,162 @@ def assemble(parts: Path, path: Path) -> int:
     }
     path.write_text(json.dumps(report))
     print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ online
+
+#: regime -> (its study module, its stored result file, its Diffusion-DPO setting)
+ONLINE_REGIMES: dict[str, tuple[str, Path, str]] = {
+    "online-hacking": ("online_hacking", Path("benchmarks/results/cpu-online-hacking-demo.json"), "dpo"),
+    "online-healthy": ("online_comparison", Path("benchmarks/results/cpu-online-comparison-tiny.json"), "online-dpo"),
+}
+ONLINE_OUTPUT = Path("benchmarks/results/cpu-stability-probe-online.json")
+#: plain: the regime's Diffusion-DPO as stored, trained again on this machine (float results differ across CPUs, so
+#: the identity is checked against it where the stored run was made on another); <dpo>-probe: the probe logged;
+#: <dpo>-rewind: on_pathology="rewind"
+ONLINE_SETTINGS = ("plain", "probe", "rewind")
+
+
+def online_settings(dpo_fields: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The two online settings' config fields on top of the regime's Diffusion-DPO ones."""
+    probe = {**dpo_fields, "probe_steps": PROBE_STEPS}
+    return {"probe": probe, "rewind": {**probe, "on_pathology": "rewind"}}
+
+
+def _online_setup(regime: str) -> tuple[Any, dict[str, Any], float, str]:
+    """The regime's study module (its METHODS extended by the two settings, its worker context built in this
+    process), its stored report, learning rate and Diffusion-DPO setting."""
+    name, stored_path, dpo = ONLINE_REGIMES[regime]
+    module = importlib.import_module(f"benchmarks.studies.{name}")
+    stored = json.loads(stored_path.read_text())
+    grid = stored["config"]
+    lr = stored["grid_learning_rate"] if "grid_learning_rate" in stored else stored["learning_rates"][0]
+    for setting, fields in online_settings(module.METHODS[dpo]).items():
+        module.METHODS[f"{dpo}-{setting}"] = fields
+        if hasattr(module, "LABELS"):
+            module.LABELS[f"{dpo}-{setting}"] = f"{module.LABELS[dpo]}, {setting}"
+    hacking = importlib.import_module("benchmarks.studies.online_hacking")
+    comparison = importlib.import_module("benchmarks.studies.online_comparison")
+    # the probe's readings and the rewinds in the runs' history (the regimes record their own keys)
+    hacking.EXTRA_HISTORY = (*dict.fromkeys((*hacking.EXTRA_HISTORY, *PROBE_HISTORY)),)
+    comparison.HISTORY_KEYS = (*dict.fromkeys((*comparison.HISTORY_KEYS, *PROBE_HISTORY)),)
+    if module is hacking:
+        hacking._init_worker(grid)
+    else:  # its held-out evaluation without the offline pairs, which these runs never train on
+        hacking._init_worker({**grid, "drawing_seed": comparison.DRAWING_SEED})
+        module._CONTEXT, hacking._CONTEXT = hacking._CONTEXT, None
+        module._CONTEXT.grid = grid
+    return module, stored, lr, dpo
+
+
+def identity(run: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Whether ``run``'s held-out measures equal those of ``reference`` (Diffusion-DPO of its seed without the
+    probe) at every evaluation step before its first rewind (up to then both train bit for bit alike, if the probe
+    leaves the training as it is), and the reference's machine."""
+    if reference is None:
+        return {"reference": None}
+    fired = min((r["fired_at"] for r in run.get("rewinds", [])), default=None)
+    steps = [s for s in run["curve"] if fired is None or int(s) < fired]
+    equal = {s: run["curve"][s] == reference["curve"].get(s) for s in steps}
+    gaps = [
+        abs(value - reference["curve"][s][measure])
+        for s in steps
+        if s in reference["curve"]
+        for measure, value in run["curve"][s].items()
+    ]
+    return {
+        "reference_cpu": reference.get("machine", {}).get("cpu"),
+        "steps": steps,
+        "equal": all(equal.values()) if equal else None,
+        "per_step": equal,
+        "max_abs_difference": max(gaps, default=None),
+    }
+
+
+def _reference(entry: dict[str, Any], stored: dict[str, Any], key: str) -> tuple[str, dict[str, Any] | None]:
+    """Diffusion-DPO of a seed without the probe (``key``): trained again here (``plain``) where it was, else the
+    stored run."""
+    if key in entry["runs"]:
+        return "plain run on this machine", entry["runs"][key]
+    return "stored run", stored["runs"].get(key)
+
+
+def _identities(entry: dict[str, Any], stored: dict[str, Any], run_key: Any, dpo: str) -> None:
+    """Each run's ``identity``: a plain run's against the stored run of its seed, a probing run's against the plain
+    run of its seed where there is one, else the stored run."""
+    for run in entry["runs"].values():
+        key = run_key(run["seed"], entry["learning_rate"], dpo)
+        if run["method"] == dpo:
+            against, reference = "stored run", stored["runs"].get(key)
+        else:
+            against, reference = _reference(entry, stored, key)
+        run["identity"] = {"against": against, **identity(run, reference)}
+
+
+def online_not_run(report: dict[str, Any]) -> list[str]:
+    """What the online result file lacks: per regime the settings with fewer than 10 seeds, and the analyses not
+    made online."""
+    missing = []
+    for regime in ONLINE_REGIMES:
+        runs = report["regimes"].get(regime, {}).get("runs", {}).values()
+        dpo = ONLINE_REGIMES[regime][2]
+        for setting in ONLINE_SETTINGS:
+            method = dpo if setting == "plain" else f"{dpo}-{setting}"
+            seeds = {r["seed"] for r in runs if r["method"] == method}
+            if len(seeds) < 10:
+                missing.append(f"{regime}: {method}: {len(seeds)} of 10 seeds")
+    return [
+        *missing,
+        "the alarm's calibration on the online runs (probe_alarm.py reads the offline regimes)",
+        "the goal's halves for the rewind online (paired intervals against Diffusion-DPO, the base and the best fixed "
+        "setting)",
+    ]
+
+
+def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: Path) -> int:
+    """Train the online settings of ``regimes`` for ``seeds`` in this process (one torch thread), each run written to
+    ``path`` as it finishes; runs already there are skipped."""
+    report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    report.setdefault("regimes", {})
+    report["description"] = __doc__.split("Online (``online``): ", 1)[1].split("::")[0].replace("\n", " ")
+    report["probe"] = {"probe_steps": PROBE_STEPS, "probe_pairs": "the config's default", "prompts": "held-out"}
+    report["probe_alarm"] = dataclasses.asdict(PROBE_ALARM)
+    report["command"] = "OMP_NUM_THREADS=1 python benchmarks/studies/stability_probe.py online --seeds 0-9"
+
+    def save() -> None:
+        from benchmarks.studies.online_comparison import _write  # the online result files' layout
+
+        report["not_run"] = online_not_run(report)
+        _write(path, report)
+
+    for regime in regimes:
+        module, stored, lr, dpo = _online_setup(regime)
+        entry = report["regimes"].setdefault(regime, {"runs": {}})
+        entry.update(stored_file=str(ONLINE_REGIMES[regime][1]), learning_rate=lr, config=stored["config"],
+                     eval_steps=stored["eval_steps"], reference=dpo)  # fmt: skip
+        _identities(entry, stored, module.run_key, dpo)  # again: runs of another invocation may be their references
+        save()
+        for seed in seeds:
+            for setting in sorted(settings, key=ONLINE_SETTINGS.index):  # plain first: the others' reference
+                method = dpo if setting == "plain" else f"{dpo}-{setting}"
+                key = module.run_key(seed, lr, method)
+                if key in entry["runs"]:
+                    continue
+                started = time.perf_counter()
+                run = module.run_one((seed, lr, method))
+                run.pop("samples", None)  # the regime's figure is drawn from its own result file
+                if setting != "plain":
+                    run.update(probe_record(run["history"], stored["config"]["max_steps"]))
+                entry["runs"][key] = run
+                _identities(entry, stored, module.run_key, dpo)
+                save()
+                same = run["identity"]
+                print(
+                    f"{regime} {key}: {time.perf_counter() - started:.0f} s, rewinds {run.get('rewinds')}, stopped "
+                    f"at {run.get('stopped_at')}, equal to the {same['against']}: {same.get('equal')}",
+                    flush=True,
+                )
     return 0
 
 
@@ -286,13 +461,24 @@ def rewind_tables(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("run", "assemble", "tables"))
+    parser.add_argument("command", choices=("run", "assemble", "tables", "online"))
     parser.add_argument("--page", default=None, type=Path, help="tables: rewrite this page's marked block.")
     parser.add_argument("--parts", default="/tmp/stability-probe-parts", type=Path)
     parser.add_argument("--regime", default=None, help="run: only this regime.")
     parser.add_argument("--entries", default=None, help="run: only these REGIMES entries (indices, e.g. 0,1,2).")
-    parser.add_argument("--json", default=OUTPUT, type=Path)
+    parser.add_argument("--json", default=None, type=Path, help=f"default: {OUTPUT}; online: {ONLINE_OUTPUT}")
+    parser.add_argument("--online-regimes", default=",".join(ONLINE_REGIMES), help="online: of these.")
+    parser.add_argument("--seeds", default="0-9", help="online: seeds, e.g. 0-9 or 0,3.")
+    parser.add_argument("--settings", default=",".join(ONLINE_SETTINGS), help="online: of these.")
     args = parser.parse_args(argv)
+    if args.command == "online":
+        from benchmarks.studies.online_comparison import _ints
+
+        regimes, settings = args.online_regimes.split(","), args.settings.split(",")
+        if any(r not in ONLINE_REGIMES for r in regimes) or any(s not in ONLINE_SETTINGS for s in settings):
+            parser.error(f"--online-regimes names only {list(ONLINE_REGIMES)}, --settings only {ONLINE_SETTINGS}")
+        return run_online(regimes, _ints(args.seeds), settings, args.json or ONLINE_OUTPUT)
+    args.json = args.json or OUTPUT
     if args.command == "run":
         entries = None if args.entries is None else [int(i) for i in args.entries.split(",")]
         return run(args.parts, args.regime, entries)

@@ -1,5 +1,5 @@
-"""``on_pathology="rewind"`` on two processes (gloo on CPU): every process rewinds at the same step, to the same
-healthy weights."""
+"""``on_pathology="rewind"`` on two processes (gloo on CPU), offline and online: every process rewinds at the same
+step, to the same healthy weights."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from tests.helpers.common import CHECKOUT, worker_environment
 
 WORKER = CHECKOUT / "tests" / "rewind_worker.py"
+ONLINE_WORKER = CHECKOUT / "tests" / "online_rewind_worker.py"
 CONFIG = CHECKOUT / "examples" / "accelerate_configs" / "multi_gpu.yaml"
 
 
@@ -32,4 +33,21 @@ def test_every_process_rewinds_at_the_same_step_to_the_same_weights(tmp_path):
     assert reports[0]["rewinds"] == reports[1]["rewinds"] == [[1, 0], [2, 0]]
     assert reports[0]["steps"] == reports[1]["steps"] == 2
     # Both processes end with the weights training started from, bit for bit.
+    assert reports[0]["trained"] == reports[1]["trained"] == reports[0]["initial"] == reports[1]["initial"]
+
+
+def test_an_online_run_probes_every_processs_share_of_the_same_pairs_and_rewinds_alike(tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(ONLINE_WORKER), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=CHECKOUT, env=worker_environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    # Each process holds one of the two held-out pairs, and both read the figures reduced over the two.
+    assert reports[0]["share"] != reports[1]["share"]
+    assert reports[0]["readings"] == reports[1]["readings"] and len(reports[0]["readings"]) == 1
+    # The alarm fires at step 1 on both, back to step 0, and the online run stops with the initial weights.
+    assert reports[0]["rewinds"] == reports[1]["rewinds"] == [[1, 0]]
+    assert reports[0]["steps"] == reports[1]["steps"] == 1
     assert reports[0]["trained"] == reports[1]["trained"] == reports[0]["initial"] == reports[1]["initial"]

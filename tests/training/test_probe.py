@@ -4,67 +4,16 @@ draws, and a rewind puts the weights and the optimizer state back to the last he
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from transformers import TrainerCallback
 
+from tests.helpers.rewind import Recorder, ScriptedAlarm, equal, states_equal, trained_weights
 from trl_diffusion_sdpo.callbacks.probe import hold_back_pairs
-from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, ProbeAlarmRule
+from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM
 from trl_diffusion_sdpo.engines.base import trainable_parameters
 
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
 DPO = {"safeguard_space": "none"}  # Diffusion-DPO (the package defaults to the safeguard)
-
-
-def _trained_weights(trainer) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in trainable_parameters(trainer.family.denoiser)]
-
-
-class Recorder(TrainerCallback):
-    """The trainable weights and the optimizer's state at the end of every step (before the probe acts: the trainer
-    adds the probe after the callbacks it is given) and at the start of every step (after a rewind)."""
-
-    def __init__(self) -> None:
-        self.parameters: list[torch.nn.Parameter] = []
-        self.at_end: dict[int, tuple[list[torch.Tensor], dict]] = {}
-        self.at_begin: dict[int, tuple[list[torch.Tensor], dict]] = {}
-
-    def _take(self, optimizer) -> tuple[list[torch.Tensor], dict]:
-        return [p.detach().clone() for p in self.parameters], copy.deepcopy(optimizer.state_dict())
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.at_begin[state.global_step] = self._take(kwargs["optimizer"])
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.at_end[state.global_step] = self._take(kwargs["optimizer"])
-
-
-class ScriptedAlarm(ProbeAlarmRule):
-    """The alarm's rule with the verdicts scripted by step: the rewind's mechanics tested apart from the rule."""
-
-    def __init__(self, patience: int, unhealthy_steps: set[int]) -> None:
-        super().__init__(patience=patience, threshold=0.0)
-        object.__setattr__(self, "unhealthy_steps", unhealthy_steps)
-
-    def unhealthy(self, metrics, step):
-        return step in self.unhealthy_steps
-
-
-def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-def _states_equal(a: dict, b: dict) -> bool:
-    if a["state"].keys() != b["state"].keys():
-        return False
-    for key in a["state"]:
-        for name, value in a["state"][key].items():
-            other = b["state"][key][name]
-            if not (torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other):
-                return False
-    return True
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
@@ -74,10 +23,10 @@ def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_t
     data = make_pickapic(ROWS)
     plain = make_trainer(lora=lora, train_dataset=data.select(range(ROWS - HELD)), max_steps=4, **DPO)
     plain.train()
-    expected = _trained_weights(plain)
+    expected = trained_weights(plain)
     probed = make_trainer(lora=lora, train_dataset=data, max_steps=4, probe_steps=1, probe_pairs=HELD, **DPO)
     probed.train()
-    assert _equal(_trained_weights(probed), expected)
+    assert equal(trained_weights(probed), expected)
     logged = [entry for entry in probed.state.log_history if "probe/delta_winner" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
     # A rewind whose alarm stays quiet: snapshots at every probe, and the weights Diffusion-DPO's.
@@ -92,7 +41,7 @@ def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_t
     )
     quiet.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
     quiet.train()
-    assert _equal(_trained_weights(quiet), expected)
+    assert equal(trained_weights(quiet), expected)
     assert not any("health/rewind_to" in entry for entry in quiet.state.log_history)
 
 
@@ -158,10 +107,10 @@ def test_a_rewind_restores_the_last_healthy_steps_weights_and_optimizer_state(ma
     healthy_weights, healthy_optimizer = recorder.at_end[1]
     broken_weights, broken_optimizer = recorder.at_end[3]
     restored_weights, restored_optimizer = recorder.at_begin[3]  # the start of the step after the rewind
-    assert not _equal(broken_weights, healthy_weights)
-    assert _equal(restored_weights, healthy_weights)
-    assert _states_equal(restored_optimizer, healthy_optimizer)
-    assert not _states_equal(restored_optimizer, broken_optimizer)
+    assert not equal(broken_weights, healthy_weights)
+    assert equal(restored_weights, healthy_weights)
+    assert states_equal(restored_optimizer, healthy_optimizer)
+    assert not states_equal(restored_optimizer, broken_optimizer)
     rewinds = [entry for entry in trainer.state.log_history if "health/rewind_to" in entry]
     assert [(entry["step"], entry["health/rewind_to"]) for entry in rewinds] == [(3, 1.0)]
     # The response: the safeguard on_pathology="safeguard" switches to, in force after the rewind.
@@ -184,7 +133,7 @@ def test_a_safeguarded_run_stops_after_its_rewind_with_the_healthy_weights(make_
     trainer.probe.rewind.rule = ScriptedAlarm(patience=1, unhealthy_steps={3})
     trainer.train()
     assert trainer.state.global_step == 3
-    assert _equal(_trained_weights(trainer), recorder.at_end[2][0])
+    assert equal(trained_weights(trainer), recorder.at_end[2][0])
     assert trainer.probe.rewind.rewinds == [(3, 2)]
 
 
@@ -250,4 +199,4 @@ def test_a_run_resumed_from_a_checkpoint_rewinds_as_the_uninterrupted_one(make_t
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-3"))
     assert straight.probe.rewind.rewinds == resumed.probe.rewind.rewinds == [(4, 2)]
     assert resumed.safeguard is not None
-    assert _equal(_trained_weights(resumed), _trained_weights(straight))
+    assert equal(trained_weights(resumed), trained_weights(straight))

@@ -19,6 +19,11 @@ evaluation's), and it runs without autograd: the training draws, the data order 
 without it. Each process evaluates its share of the pairs; the sums are reduced over processes before the metrics
 are formed, so every process reads the same figures. :class:`ProbeCallback` runs it, puts its figures into the next
 training log, and hands them to the rewind (``on_pathology="rewind"``, :mod:`.rewind`) where the run asks for one.
+
+An online run's data are prompts: :func:`hold_back_pairs` holds ``probe_pairs`` prompts back from them (or takes the
+first of the eval prompts), and the online trainer pairs each once, before training, with the run's own generation
+from keyed draws of the probe's (:mod:`trl_diffusion_sdpo.online.probe_pairs`); the probe then reads those pairs
+as it reads an offline run's.
 """
 
 from __future__ import annotations
@@ -55,9 +60,6 @@ PROBE_METRICS = (
 )
 
 
-ONLINE_REFUSAL = "probe_steps evaluates held-out preference pairs; an online run has none: unset it"
-
-
 def probe_seed(seed: int) -> int:
     """The seed of the probe's generator: derived from the run's ``seed`` under a key of its own, so its draws are
     neither the training's keyed draws nor an evaluation's."""
@@ -68,18 +70,30 @@ def probe_seed(seed: int) -> int:
 def hold_back_pairs(train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[Any, Dataset | None]:
     """``(train_dataset, held)``: with the probe on and no ``eval_dataset``, the last ``probe_pairs`` rows of
     ``train_dataset`` (the first ones of a streamed dataset) taken out of it as the probe's pairs; otherwise
-    ``train_dataset`` as given and ``None``."""
+    ``train_dataset`` as given and ``None``. An online run's rows are prompts, and its ``held`` is never ``None``:
+    with an ``eval_dataset`` (prompts) it is that dataset's first ``probe_pairs`` rows."""
     if not getattr(args, "probe_steps", None):
         return train_dataset, None
-    if getattr(args, "is_online", False):  # before a prompt is taken out of an online run's data
-        raise ValueError(ONLINE_REFUSAL)
-    if eval_dataset is not None:
-        return train_dataset, None
     count = args.probe_pairs
+    online = getattr(args, "is_online", False)
+    if eval_dataset is not None:
+        if not online:
+            return train_dataset, None
+        held = _first_rows(eval_dataset, count)
+        if len(held) < count:
+            raise ValueError(
+                f"probe_pairs={count}: the eval_dataset holds only {len(held)} prompts; lower probe_pairs or give "
+                "more prompts"
+            )
+        return train_dataset, Dataset.from_list(held)
+    rows = "prompts" if online else "rows"
     if isinstance(train_dataset, IterableDataset):
         held = list(train_dataset.take(count))
         if len(held) < count:
-            raise ValueError(f"probe_pairs={count}: the streamed train_dataset holds only {len(held)} rows")
+            raise ValueError(
+                f"probe_pairs={count}: the streamed train_dataset holds only {len(held)} {rows}; lower probe_pairs "
+                "or give an eval_dataset"
+            )
         return train_dataset.skip(count), Dataset.from_list(held)
     if not isinstance(train_dataset, Dataset):
         raise ValueError(
@@ -89,7 +103,7 @@ def hold_back_pairs(train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[A
         )
     if len(train_dataset) <= count:
         raise ValueError(
-            f"probe_pairs={count} would hold back every one of the {len(train_dataset)} training rows: lower "
+            f"probe_pairs={count} would hold back every one of the {len(train_dataset)} training {rows}: lower "
             "probe_pairs or give an eval_dataset"
         )
     keep = len(train_dataset) - count
@@ -101,7 +115,8 @@ class HeldOutProbe:
 
     Args:
         stages: the stages of a micro-batch with the probe's own :class:`MicroBatchDraws` (never the training's).
-        batch: this process's pairs, collated and on the device.
+        batch: this process's pairs, collated and on the device (``None``: none; an online run's are generated after
+            the probe is made, and set before training begins).
         seed: the probe generator's seed (:func:`probe_seed`); started afresh at every probe.
         reduce: sums a tensor over the processes (the identity on one).
         forward_context: the context the trainer runs a forward in (autocast).
@@ -168,6 +183,7 @@ class ProbeCallback(TrainerCallback, ExportableState):
         device: where the reduced sums live.
         rewind: the rewind of ``on_pathology="rewind"``, or ``None``.
         source: where the pairs come from, for the start summary.
+        held: the rows :func:`hold_back_pairs` took for the probe (an online run's prompts, which its trainer pairs).
     """
 
     def __init__(
@@ -178,9 +194,10 @@ class ProbeCallback(TrainerCallback, ExportableState):
         device: torch.device | str,
         rewind: Rewind | None = None,
         source: str = "",
+        held: Dataset | None = None,
     ) -> None:
         self.probe, self.every, self.policy, self.device, self.rewind = probe, every, policy, device, rewind
-        self.source = source
+        self.source, self.held = source, held
         self.pending: dict[str, float] = {}
         self.readings: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every probe of this process
 
@@ -256,8 +273,6 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
         return None
     if not trainer.objective.requires_reference:
         raise ValueError(f"probe_steps compares the policy with the reference; loss_type={args.loss_type!r} has none")
-    if getattr(args, "is_online", False):
-        raise ValueError(ONLINE_REFUSAL)
     if trainer.engine.name not in ("base", "ddp"):
         raise ValueError(
             f"probe_steps runs the unwrapped policy on each process's pairs, which the {trainer.engine.name} engine "
@@ -277,9 +292,10 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
         trainer.family.prompt_tokenizer(),
         args.device,
     )
+    online = getattr(args, "is_online", False)  # its held-out prompts are paired by the online trainer
     probe = HeldOutProbe(
         stages,
-        _probe_batch(trainer, held),
+        None if online else _probe_batch(trainer, held),
         probe_seed(args.seed),
         lambda sums: accelerator.reduce(sums, reduction="sum"),
         trainer.compute_loss_context_manager,
@@ -290,4 +306,6 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
         if held is not None
         else f"the eval split's first {args.probe_pairs} pairs"
     )
-    return ProbeCallback(probe, args.probe_steps, trainer._policy, args.device, rewind, source)
+    if online:
+        source = ""  # the online trainer states its prompts and how they were paired once it has paired them
+    return ProbeCallback(probe, args.probe_steps, trainer._policy, args.device, rewind, source, held)

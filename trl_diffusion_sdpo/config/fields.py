@@ -203,21 +203,24 @@ class DiffusionSDPOConfig(TrainingArguments):
         "fp16 gradient scaler back to the last step the probe called healthy, logged as `health/rewind_to` (the "
         "learning-rate schedule goes on counting steps); then an offline Diffusion-DPO run "
         "(`safeguard_space='none'`) trains on with the safeguard `safeguard` switches to, and a run with a safeguard "
-        "already on, or a second alarm, stops with the healthy weights (docs/safeguard.md).",
+        "already on, an online run (which has no safeguard to switch to) or a second alarm stops with the healthy "
+        "weights (docs/safeguard.md).",
         choices=list(PATHOLOGY_ACTIONS),
     )
     probe_steps: int | None = option(
         None,
         "Every this many optimizer steps, evaluate the policy and the reference on a fixed set of held-out pairs at "
         "fixed noise and timesteps (their own draws: the training is unchanged), logged as `probe/delta_winner`, "
-        "`probe/delta_loser`, `probe/implicit_acc` and the errors (docs/safeguard.md). `None`: off, since without an "
-        "eval_dataset it takes `probe_pairs` pairs out of the training data.",
+        "`probe/delta_loser`, `probe/implicit_acc` and the errors (docs/safeguard.md). Online the pairs are made "
+        "once, before training: each held-out prompt sampled `num_generations` times by the initial policy with the "
+        "run's sampler and reward, at the probe's own seeds, best against worst (docs/online.md). `None`: off, since "
+        "without an eval_dataset it takes `probe_pairs` pairs (online: prompts) out of the training data.",
     )
     probe_pairs: int = option(
         4,
         "The probe's pairs: the first this many of the eval_dataset, or, without one, this many pairs held back from "
-        "the training data (the last rows; the first of a stream), as the start summary says. Shared out over the "
-        "processes.",
+        "the training data (the last rows; the first of a stream), as the start summary says; online, the pairs of "
+        "this many prompts taken so (a prompt whose samples score alike gives none). Shared out over the processes.",
     )
     # Data
     resolution: int = option(

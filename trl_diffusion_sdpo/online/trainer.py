@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset, IterableDataset
@@ -42,6 +42,9 @@ from ..trainer import DiffusionSDPOTrainer
 from .config import OnlineDiffusionSDPOConfig
 from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage, PendingGeneration
 from .resume import WindowGenerations
+
+if TYPE_CHECKING:  # the probe's module loads only in a run that probes
+    from ..callbacks.probe import ProbeCallback
 
 __all__ = ["OnlineDiffusionSDPOTrainer", "PromptCollator", "RepeatedBlockSampler"]
 
@@ -148,8 +151,11 @@ def online_card_details(trainer: OnlineDiffusionSDPOTrainer) -> dict[str, Any]:
 
 
 def prepare_prompt_data(train_dataset, eval_dataset, args, family: ModelFamily, reward_fn=None) -> TrainingData:
-    """Prompts, not pairs: the generation stage makes the pairs, so nothing is encoded ahead."""
+    """Prompts, not pairs: the generation stage makes the pairs, so nothing is encoded ahead. The eval prompts are
+    the held-out probe's (``probe_steps``), checked here and paired by the trainer, never evaluated as a split."""
     check_prompt_dataset(train_dataset, family, args)
+    if eval_dataset is not None:
+        check_prompt_dataset(eval_dataset, family, args)
     rows = len(train_dataset) if isinstance(train_dataset, Dataset) else None
     return TrainingData(
         train_dataset=train_dataset,
@@ -173,6 +179,9 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         ref_model: as the offline trainer.
         args: an :class:`OnlineDiffusionSDPOConfig`.
         train_dataset: prompts: a ``prompt`` column, and any column a reward function reads.
+        eval_dataset: held-out prompts in the same form, for the probe (``probe_steps``): its first ``probe_pairs``
+            are paired before training and probed; without it, ``probe_pairs`` prompts are held back from
+            ``train_dataset``. Used by nothing else.
         reward_funcs: registered scorer names or callables ``(prompts, images, **columns) -> list[float]``; by
             default the config's ``reward_funcs``.
         peft_config: a ``peft.LoraConfig`` to train LoRA adapters.
@@ -189,6 +198,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         ref_model: torch.nn.Module | DiffusionPipeline | None = None,
         args: OnlineDiffusionSDPOConfig | None = None,
         train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | None = None,
         *,
         reward_funcs: Sequence[str | RewardFunction] | None = None,
         peft_config: LoraConfig | None = None,
@@ -199,6 +209,11 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
             args = OnlineDiffusionSDPOConfig(output_dir="online-diffusion-sdpo")
         if not isinstance(args, OnlineDiffusionSDPOConfig):
             raise TypeError(f"args must be an OnlineDiffusionSDPOConfig, got {type(args).__name__}")
+        if eval_dataset is not None and not args.probe_steps:
+            raise ValueError(
+                "eval_dataset: the online trainer reads eval prompts only for the held-out probe; set probe_steps or "
+                "leave eval_dataset out (held-out samples are judged by an evaluation of their own: docs/online.md)."
+            )
         functions = list(reward_funcs) if reward_funcs is not None else list(args.reward_funcs or [])
         self.rewards = RewardFunctions(functions, args.reward_weights, args.reward_timeout, args.reward_retries)
         super().__init__(
@@ -206,7 +221,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
             ref_model,
             args,
             train_dataset,
-            None,
+            eval_dataset,
             peft_config=peft_config,
             callbacks=callbacks,
             optimizers=optimizers,
@@ -252,6 +267,27 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         self._window: int | None = None
         self._micro = 0
         self.files.parts.append(WindowGenerations(self))  # a resume inside a window trains on the pairs it had
+        if self.probe is not None:  # its held-out prompts paired now, by the initial policy (a resume pairs alike)
+            self._pair_probe_prompts(self.probe, eval_dataset is not None)
+
+    def _pair_probe_prompts(self, probe: ProbeCallback, from_eval: bool) -> None:
+        """The probe's held-out prompts paired (:mod:`.probe_pairs`) and what the start summary says of them."""
+        from .probe_pairs import PROBE_PAIR_MODE, held_out_pairs
+
+        started = time.perf_counter()
+        made = held_out_pairs(self, probe.held)
+        seconds = time.perf_counter() - started  # the probe's one cost beyond offline's: stated, not hidden
+        probe.probe.batch = made.batch
+        where = (
+            f"the eval prompts' first {made.prompts}"
+            if from_eval
+            else f"{made.prompts} prompts held back from the training prompts (their last rows; a stream's first)"
+        )
+        probe.source = (
+            f"{made.pairs} pairs of {where}, sampled once before training by the initial policy with the run's "
+            f"sampler and reward ({self.args.num_generations} samples each, {PROBE_PAIR_MODE}, the probe's own seeds; "
+            f"{seconds:.1f} s)"
+        )
 
     # ------------------------------------------------------------------ data: prompts
 
@@ -265,9 +301,16 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         block = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         return RepeatedBlockSampler(sampler, block, args.num_iterations)
 
-    def encode_prompts(self, prompts: list[str], sources: list[list[Any]] | None = None) -> PromptEmbeddings:
-        """The prompts' embeddings in the compute dtype, each prompt encoded once per run; a family whose prompt
-        encoding reads the source images (Qwen-Image-Edit) encodes each prompt with its ``sources`` every time."""
+    def encode_prompts(
+        self,
+        prompts: list[str],
+        sources: list[list[Any]] | None = None,
+        cache: dict[str, PromptEmbeddings] | None = None,
+    ) -> PromptEmbeddings:
+        """The prompts' embeddings in the compute dtype, each prompt encoded once per run (kept in ``cache``, by
+        default the training's); a family whose prompt encoding reads the source images (Qwen-Image-Edit) encodes
+        each prompt with its ``sources`` every time."""
+        cache = self._prompt_cache if cache is None else cache
         tokenizer = self.family.prompt_tokenizer()
         if getattr(tokenizer, "reads_sources", False):
             tokens = {k: v.to(self.args.device) for k, v in tokenizer(prompts, sources).items()}
@@ -275,18 +318,18 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
                 embeds = self.family.encode_prompts(tokens)
             pooled = None if embeds.pooled is None else embeds.pooled.to(self._dtype)
             return PromptEmbeddings(embeds.encoder_hidden_states.to(self._dtype), pooled)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
         if missing:
             tokens = {k: v.to(self.args.device) for k, v in tokenizer(missing).items()}
             with torch.no_grad():
                 embeds = self.family.encode_prompts(tokens)
             for index, prompt in enumerate(missing):
                 pooled = None if embeds.pooled is None else embeds.pooled[index : index + 1]
-                self._prompt_cache[prompt] = PromptEmbeddings(
+                cache[prompt] = PromptEmbeddings(
                     embeds.encoder_hidden_states[index : index + 1].to(self._dtype),
                     None if pooled is None else pooled.to(self._dtype),
                 )
-        rows = [self._prompt_cache[p] for p in prompts]
+        rows = [cache[p] for p in prompts]
         pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows])
         return PromptEmbeddings(torch.cat([r.encoder_hidden_states for r in rows]), pooled)
 

@@ -1,0 +1,61 @@
+"""What the probe's and the rewind's tests share: the trained weights, a recorder of each step's weights and optimizer
+state, an alarm scripted by step, and exact comparisons of weights and optimizer states."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import TrainerCallback
+
+from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule
+from trl_diffusion_sdpo.engines.base import trainable_parameters
+
+
+def trained_weights(trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainable_parameters(trainer.family.denoiser)]
+
+
+class Recorder(TrainerCallback):
+    """The trainable weights and the optimizer's state at the end of every step (before the probe acts: the trainer
+    adds the probe after the callbacks it is given) and at the start of every step (after a rewind)."""
+
+    def __init__(self) -> None:
+        self.parameters: list[torch.nn.Parameter] = []
+        self.at_end: dict[int, tuple[list[torch.Tensor], dict]] = {}
+        self.at_begin: dict[int, tuple[list[torch.Tensor], dict]] = {}
+
+    def _take(self, optimizer) -> tuple[list[torch.Tensor], dict]:
+        return [p.detach().clone() for p in self.parameters], copy.deepcopy(optimizer.state_dict())
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.at_begin[state.global_step] = self._take(kwargs["optimizer"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.at_end[state.global_step] = self._take(kwargs["optimizer"])
+
+
+class ScriptedAlarm(ProbeAlarmRule):
+    """The alarm's rule with the verdicts scripted by step: the rewind's mechanics tested apart from the rule."""
+
+    def __init__(self, patience: int, unhealthy_steps: set[int]) -> None:
+        super().__init__(patience=patience, threshold=0.0)
+        object.__setattr__(self, "unhealthy_steps", unhealthy_steps)
+
+    def unhealthy(self, metrics, step):
+        return step in self.unhealthy_steps
+
+
+def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    if a["state"].keys() != b["state"].keys():
+        return False
+    for key in a["state"]:
+        for name, value in a["state"][key].items():
+            other = b["state"][key][name]
+            if not (torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other):
+                return False
+    return True
