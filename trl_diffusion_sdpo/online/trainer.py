@@ -37,7 +37,7 @@ from ..data.validation import DataReport
 from ..families import ModelFamily, PromptEmbeddings, is_quantized
 from ..io.hub import CardMethod
 from ..rewards.functions import RewardError, RewardFunction, RewardFunctions
-from ..step.predictions import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
+from ..step.frozen_reference import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
 from ..trainer import DiffusionSDPOTrainer
 from .config import OnlineDiffusionSDPOConfig
 from .generation import PROMPT_COLUMN, GeneratedPairs, GenerationSettings, GenerationStage, PendingGeneration

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 from collections.abc import MutableMapping, Sequence
 
 from .. import families
-from ..config._lazy import import_target, lazy_attributes
+from ..config._lazy import import_target
 from ..families import ModelFamily, NoisedPair, PromptEmbeddings, is_quantized
 from ..objectives import (
     DenoisingErrors,
@@ -71,12 +71,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The frozen copy's names, resolved from its module when first asked for: a LoRA run never loads it.
+# The frozen copy's module, imported when a reference of that kind is built: a LoRA run never loads it.
 FROZEN_COPY = "trl_diffusion_sdpo.step.frozen_reference"
-_FROZEN_COPY_EXPORTS = dict.fromkeys(
-    ("FrozenCopyReference", "merged_copy", "merged_policy_state", "refreshed_reference"), FROZEN_COPY
-)
-__getattr__, __dir__ = lazy_attributes(__name__, _FROZEN_COPY_EXPORTS, globals())
 
 DenoiserCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
