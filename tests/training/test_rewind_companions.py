@@ -11,21 +11,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from trl_diffusion_sdpo.callbacks.rewind import Companion, MemorySnapshot, ProbeAlarmRule, Rewind
+from tests.helpers.rewind import ScriptedAlarm
+from trl_diffusion_sdpo.callbacks.rewind import Companion, MemorySnapshot, Rewind
 
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
 DPO = {"safeguard_space": "none"}
-
-
-class ScriptedAlarm(ProbeAlarmRule):
-    """The alarm's verdicts scripted by step: the rewind tested apart from the rule."""
-
-    def __init__(self, patience: int, unhealthy_steps: set[int]) -> None:
-        super().__init__(patience=patience, threshold=0.0)
-        object.__setattr__(self, "unhealthy_steps", unhealthy_steps)
-
-    def unhealthy(self, metrics, step):
-        return step in self.unhealthy_steps
 
 
 class StateAtStepBegin(TrainerCallback):
