@@ -460,7 +460,7 @@ def online_tables(online: dict[str, Any]) -> str:
     head = ("| rule | runs | fired, fell | fired, held | quiet, fell | quiet, held | precision | recall "
             "| timely (strict / lenient) |")  # fmt: skip
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    names = {"report_runs": "held-out (odd seeds)", "choose_runs": "chosen on (even seeds)", "all_runs": "all"}
+    names = {"report_runs": "held-out, odd seeds", "choose_runs": "chosen on, even seeds", "all_runs": "all"}
     rules = {
         "offline": f"the offline rule ({describe(online['rules']['offline'])})",
         "calibrated": f"online, calibrated ({describe(online['rules']['calibrated'])})",
@@ -480,7 +480,7 @@ def online_tables(online: dict[str, Any]) -> str:
     for signal, entry in online["best_per_signal"].items():
         m = entry["report_runs"]
         lines.append(f"| `{signal}` | {describe(entry['rule'])} | {_cell(m['precision'])}, {_cell(m['recall'])} |")
-    lines += ["", "| runs | runs | fell | online rule: fired, fell / fired, held | offline rule: fired "
+    lines += ["", "| regime and half | runs | fell | online rule: fired, fell / fired, held | offline rule: fired "
               "| training-log alarm: fired |", "|---|---:|---:|---|---:|---:|"]  # fmt: skip
     for group, entry in online["groups"].items():
         m, off, log = entry["calibrated"], entry["offline_rule"], entry["training_log_alarm"]
