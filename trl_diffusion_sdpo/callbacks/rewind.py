@@ -77,10 +77,8 @@ class ProbeAlarmRule:
         return metrics["probe/delta_winner"] > self.threshold
 
     def describe(self) -> str:
-        return (
-            f"probe/delta_winner (held-out winner error minus the reference's) above {self.threshold:g} for "
-            f"{self.patience} probes in a row"
-        )
+        count = "at a single probe" if self.patience == 1 else f"for {self.patience} probes in a row"
+        return f"probe/delta_winner (held-out winner error minus the reference's) above {self.threshold:g} {count}"
 
 
 PROBE_ALARM: Mapping[str, ProbeAlarmRule] = MappingProxyType(
