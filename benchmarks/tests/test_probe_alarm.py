@@ -250,6 +250,14 @@ def test_the_written_calibration_recomputes_from_the_probe_studies(written):
     assert json.loads(json.dumps(study.analyse_online(study.ONLINE_SOURCE))) == written["online"]
 
 
+def test_the_research_page_states_the_calibrated_rules(written):
+    page = " ".join(study.PAGE.read_text().split())
+    for part in (written, written["online"]):
+        rule = part["rules"]["calibrated"]
+        count = "at one probe" if rule["patience"] == 1 else f"at {rule['patience']} probes in a row"
+        assert f"`probe/{rule['signal']}` above {rule['threshold']:g} {count}" in page
+
+
 def test_the_held_out_matrix_counts_the_runs_by_hand(written):
     rule = study.ProbeRule(**written["rules"]["calibrated"])
     counts = [0, 0, 0, 0]
