@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import stability_guards as study  # noqa: E402
 import stability_map  # noqa: E402
-from stability_dormant import both_halves, from_online, goal_all_measures, measure_table, verdict  # noqa: E402
+from stability_dormant import LABELS, both_halves, from_online, goal_all_measures, measure_table, verdict  # noqa: E402
 
 from benchmarks.studies.online_probe_runs import PROBE_HISTORY, probe_record  # noqa: E402
 from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
@@ -345,7 +345,10 @@ def online_not_run(report: dict[str, Any]) -> list[str]:
             method = dpo if setting == "plain" else f"{dpo}-{setting}"
             seeds = {r["seed"] for r in runs if r["method"] == method and (setting != "rewind" or _current(r))}
             if len(seeds) < 10:
-                missing.append(f"{regime}: {method}: {len(seeds)} of 10 seeds")
+                why = (
+                    " (the probe-logged runs, equal to it where both ran, stand for it)" if setting == "plain" else ""
+                )
+                missing.append(f"{regime}: {method}: {len(seeds)} of 10 seeds{why}")
     return missing
 
 
@@ -487,7 +490,7 @@ def rewind_tables(path: Path) -> str:
                 f"{regime}, lr {entry['learning_rate']:g}, beta {entry['beta']:g}, step {last}, "
                 f"{len(mine['seeds'])} seeds; {_rewound(report['rewinds'][regime][cell])}; quiet in {quiet['quiet']}, "
                 f"of which {quiet['equal_to_dpo']} equal to Diffusion-DPO on every held-out measure; best fixed "
-                f"setting: {study.LABELS.get(best, best)}:",
+                f"setting: {LABELS.get(best, best)}:",
                 "",
                 *measure_table("rewind", mine, entry, last),
                 "",
@@ -500,7 +503,7 @@ def rewind_tables(path: Path) -> str:
             f"{m} " + ("met" if v["met"] else f"missed by {v['miss']:.3f}") for m, v in item["measures"].items()
         )
         settings = judged_cell["settings"].items()
-        others = [study.LABELS.get(m, m) for m, v in settings if m != study.REWIND and v["met"]]
+        others = [LABELS.get(m, m) for m, v in settings if m != study.REWIND and v["met"]]
         lines.append(
             f"- {cell}: {item['half']}: {'meets' if item['met'] else 'misses'} ({judged}); fixed settings "
             f"meeting it: {', '.join(others) or 'none'}"
