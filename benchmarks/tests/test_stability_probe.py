@@ -295,3 +295,29 @@ def test_the_safeguard_page_states_the_result_files_figures(written):
     assert ("it is not the default" in text) == (not verdict["becomes_default"])
     at_1e3 = written["rewinds"]["offline"]["lr0.001-beta5000"]["per_seed"].values()
     assert all(run["rewinds"][-1]["restored"] == 0 for run in at_1e3 if run["stopped_at"] is not None)
+
+
+def online_stated_figures(online: dict) -> list[str]:
+    """The figures docs/safeguard.md and docs/online.md state about the rewind online, formatted from its result
+    file."""
+    quiet = [cell for regime in online["quiet_identity"].values() for cell in regime.values()]
+    runs = sum(cell["runs"] for regime in online["rewinds"].values() for cell in regime.values())
+    missed = online["verdict"]["missed_by"]["online-hacking/lr0.001-beta5000"]
+    return [
+        f"quiet in {sum(c['quiet'] for c in quiet)} of {runs} rewinding runs, each equal to",
+        f"the hacking regime, by {missed['reward']:.3f} on the held-out reward and {missed['denoising_error']:.3f} on "
+        "the denoising error",
+    ]
+
+
+def test_the_pages_state_the_online_rewinds_figures():
+    online = json.loads((ROOT / study.ONLINE_OUTPUT).read_text())
+    quiet = [cell for regime in online["quiet_identity"].values() for cell in regime.values()]
+    assert all(c["equal_to_dpo"] == c["quiet"] for c in quiet)  # "each equal to Diffusion-DPO's"
+    verdict = online["verdict"]
+    assert verdict["meets"] == {"breaks": False, "healthy": True} and not verdict["fixed_settings_meeting_both"]
+    figures = online_stated_figures(online)
+    text = " ".join((ROOT / "docs" / "safeguard.md").read_text().split())
+    assert not [figure for figure in figures if figure not in text]
+    text = " ".join((ROOT / "docs" / "online.md").read_text().split())
+    assert figures[0] in text and figures[1].replace("the hacking regime, by", "brightness-hacking regime by") in text
