@@ -20,6 +20,12 @@ of the probe study (``stability_probe.py``, the probe logged, never acted on) re
   only: *strict* counts an alarm when an evaluation at or after its step still found the reward above half its final
   loss; *lenient* when it fired before the first evaluation that found it below.
 
+* **Online** (:func:`analyse_online`, the result file's ``online``): the runs of :data:`ONLINE_SOURCE` that log the
+  probe without acting on it (online Diffusion-DPO in the two online regimes, 10 seeds each), labelled alike against
+  the base of the regime's stored file, the rule chosen over :data:`ONLINE_GRID` (the online scale) on the even seeds
+  of both regimes and reported on the odd ones, per regime, beside the offline rule. No online run with a safeguard
+  logs the probe: safeguard off only.
+
 ``python benchmarks/studies/probe_alarm.py`` writes :data:`OUTPUT`; ``--check`` recomputes it and compares (exit
 status 1 on a difference); ``--table`` prints the Markdown tables ``docs/research/alarm.md`` carries and ``--page``
 writes them there.
