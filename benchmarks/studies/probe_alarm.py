@@ -20,6 +20,12 @@ of the probe study (``stability_probe.py``, the probe logged, never acted on) re
   only: *strict* counts an alarm when an evaluation at or after its step still found the reward above half its final
   loss; *lenient* when it fired before the first evaluation that found it below.
 
+* **Online** (:func:`analyse_online`, the result file's ``online``): the runs of :data:`ONLINE_SOURCE` that log the
+  probe without acting on it (online Diffusion-DPO in the two online regimes, 10 seeds each), labelled alike against
+  the base of the regime's stored file, the rule chosen over :data:`ONLINE_GRID` (the online scale) on the even seeds
+  of both regimes and reported on the odd ones, per regime, beside the offline rule. No online run with a safeguard
+  logs the probe: safeguard off only.
+
 ``python benchmarks/studies/probe_alarm.py`` writes :data:`OUTPUT`; ``--check`` recomputes it and compares (exit
 status 1 on a difference); ``--table`` prints the Markdown tables ``docs/research/alarm.md`` carries and ``--page``
 writes them there.
@@ -49,6 +55,7 @@ SOURCE = RESULTS / "cpu-stability-probe-demo.json"
 OUTPUT = RESULTS / "cpu-probe-alarm-calibration.json"
 PAGE = ROOT / "docs" / "research" / "alarm.md"
 START, END = "<!-- probe-alarm-tables:start -->", "<!-- probe-alarm-tables:end -->"
+ONLINE_START, ONLINE_END = "<!-- probe-alarm-online-tables:start -->", "<!-- probe-alarm-online-tables:end -->"
 CHOOSE_REGIMES = ("offline",)  # the regime the rule is chosen on (its even seeds); the others' runs only report it
 CHOOSE_METHODS = ("dpo", "sdpo-output-mu0.5")  # the settings it is chosen on; the best fixed ones' runs report it
 ACTING = ("rewind", "dormant-safeguard")  # settings that act on an alarm: their runs are not the alarm's evidence
@@ -61,8 +68,9 @@ SIGNALS: dict[str, Callable[[Mapping[str, float]], float]] = {
     "delta_winner_minus_loser": lambda r: r["delta_winner"] - r["delta_loser"],
     "implicit_acc": lambda r: r["implicit_acc"],
 }
+Grid = dict[str, tuple[tuple[bool, ...], tuple[float, ...]]]
 #: per signal: the directions searched (``True``: unhealthy above the threshold) and the thresholds
-GRID: dict[str, tuple[tuple[bool, ...], tuple[float, ...]]] = {
+GRID: Grid = {
     "delta_winner": ((True,), (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)),
     "relative_delta_winner": ((True,), (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)),
     "delta_winner_minus_loser": ((True, False), (-0.05, -0.03, -0.02, -0.01, -0.005, 0.0, 0.005, 0.01)),
@@ -97,10 +105,10 @@ BEFORE = ProbeRule("delta_winner", True, 0.0, 2)
 reference's), 2 probes in a row."""
 
 
-def candidates() -> list[ProbeRule]:
+def candidates(grid: Grid = GRID) -> list[ProbeRule]:
     return [
         ProbeRule(signal, above, threshold, patience)
-        for signal, (directions, thresholds) in GRID.items()
+        for signal, (directions, thresholds) in grid.items()
         for above, threshold, patience in itertools.product(directions, thresholds, PATIENCE)
     ]
 
@@ -160,11 +168,11 @@ def score(runs: list[dict[str, Any]], rule: ProbeRule) -> dict[str, Any]:
     return matrix
 
 
-def choose_rule(runs: list[dict[str, Any]]) -> tuple[ProbeRule, dict[str, Any]]:
+def choose_rule(runs: list[dict[str, Any]], grid: Grid = GRID) -> tuple[ProbeRule, dict[str, Any]]:
     """The rule of :func:`candidates` with the best F1 on ``runs`` (ties: fewer false alarms, more strictly timely
     alarms, the first in the grid)."""
     scored = []
-    for index, rule in enumerate(candidates()):
+    for index, rule in enumerate(candidates(grid)):
         matrix = score(runs, rule)
         scored.append(((-matrix["f1"], matrix["fired_held"], -matrix["timely_strict"], index), rule, matrix))
     _, rule, matrix = min(scored, key=lambda s: s[0])
@@ -246,8 +254,8 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
         "the first evaluation that found it below half",
         "grid": {s: {"above": list(d), "thresholds": list(t)} for s, (d, t) in GRID.items()} | {"patience": PATIENCE},
         "rules": {name: asdict(rule) for name, rule in rules.items()},
-        "package_rule": asdict(PROBE_ALARM),
-        "package_rule_is_calibrated": package is not None and package == PROBE_ALARM,
+        "package_rule": asdict(PROBE_ALARM["offline"]),
+        "package_rule_is_calibrated": package is not None and package == PROBE_ALARM["offline"],
         "chosen_on": on_choose,
         "aim": {"precision": 0.9, "recall": 0.9},
         "confusion": matrices,
@@ -273,16 +281,133 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
     }
 
 
-def choose_rule_among(runs: list[dict[str, Any]], signal: str) -> tuple[ProbeRule, dict[str, Any]]:
+def choose_rule_among(runs: list[dict[str, Any]], signal: str, grid: Grid = GRID) -> tuple[ProbeRule, dict[str, Any]]:
     """:func:`choose_rule` restricted to the rules on ``signal``: what that signal alone reaches."""
     scored = []
-    for index, rule in enumerate(candidates()):
+    for index, rule in enumerate(candidates(grid)):
         if rule.signal != signal:
             continue
         matrix = score(runs, rule)
         scored.append(((-matrix["f1"], matrix["fired_held"], -matrix["timely_strict"], index), rule, matrix))
     _, rule, matrix = min(scored, key=lambda s: s[0])
     return rule, matrix
+
+
+# ------------------------------------------------------------------------------------------------------ online
+
+ONLINE_SOURCE = RESULTS / "cpu-stability-probe-online.json"
+#: the online grid: the same signals and directions at the online runs' scale (their ``delta_winner`` peaks at a few
+#: thousandths where the offline runs' reach tenths)
+ONLINE_GRID: Grid = {
+    "delta_winner": ((True,), (0.0, 0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.05)),
+    "relative_delta_winner": ((True,), (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1)),
+    "delta_winner_minus_loser": ((True, False), (-0.002, -0.001, -0.0005, 0.0, 0.0005, 0.001, 0.002)),
+    "implicit_acc": ((True, False), (0.25, 0.5, 0.75)),
+}
+
+
+def load_online_runs(path: Path = ONLINE_SOURCE) -> list[dict[str, Any]]:
+    """The online probe study's runs that log the probe without acting on it (``<dpo>-probe``; its plain runs do
+    not probe, its rewinding runs act), as :func:`load_runs` gives the offline ones. The reward change is the
+    held-out colour reward's (the label's reward in every regime; the hacking regime trains on brightness) from the
+    base's in the regime's stored file."""
+    report = json.loads(path.read_text())
+    runs = []
+    for regime, entry in report["regimes"].items():
+        base = json.loads((ROOT / entry["stored_file"]).read_text())["base"]["measures"]["colour_reward"]
+        for key, run in entry["runs"].items():
+            if run["method"] != f"{entry['reference']}-probe" or not run.get("probe"):
+                continue
+            runs.append(
+                {
+                    "id": f"{regime}/{key}",
+                    "regime": regime,
+                    "cell": f"{regime}, lr {run['learning_rate']:g}, {entry['config']['max_steps']} steps",
+                    "seed": int(run["seed"]),
+                    "method": run["method"],
+                    "probe": run["probe"],
+                    "reward_change": {int(s): m["colour_reward"] - base for s, m in run["curve"].items()},
+                    "log_alarm_at": run.get("alarm", {}).get("fired_at"),
+                }
+            )
+    return runs
+
+
+def analyse_online(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
+    """The online calibration: the rule chosen on the even seeds of both online regimes over :data:`ONLINE_GRID`,
+    reported on the odd ones per regime beside the offline rule and the training-log alarm (the result file's
+    ``online`` part)."""
+    runs = load_online_runs(path)
+    halves = {name: [r for r in runs if split(r) == name] for name in ("choose", "report")}
+    chosen, on_choose = choose_rule(halves["choose"], ONLINE_GRID)
+    offline = PROBE_ALARM["offline"]
+    rules = {"offline": ProbeRule("delta_winner", True, offline.threshold, offline.patience), "calibrated": chosen}
+    matrices: dict[str, Any] = {
+        name: {which: score(halves[side_], rule) for side_, which in (("report", "report_runs"),
+                                                                      ("choose", "choose_runs"))}
+        | {"all_runs": score(runs, rule)}
+        for name, rule in rules.items()
+    }  # fmt: skip
+    matrices["training_log_alarm"] = {"report_runs": _log_alarm(halves["report"]), "all_runs": _log_alarm(runs)}
+    per_signal = {}
+    for signal in ONLINE_GRID:
+        best, matrix = choose_rule_among(halves["choose"], signal, ONLINE_GRID)
+        per_signal[signal] = {"rule": asdict(best), "chosen_on": matrix, "report_runs": score(halves["report"], best)}
+    groups: dict[str, Any] = {}
+    for cell in dict.fromkeys(r["cell"] for r in runs):
+        for name, half in halves.items():
+            mine = [r for r in half if r["cell"] == cell]
+            if mine:
+                groups[f"{cell}, safeguard off, {'chosen on' if name == 'choose' else 'held-out'}"] = {
+                    "calibrated": score(mine, chosen),
+                    "offline_rule": score(mine, rules["offline"]),
+                    "training_log_alarm": _log_alarm(mine),
+                }
+    fell_on_choose = sum(label(r) for r in halves["choose"])
+    package = chosen.package()
+    return {
+        "what": "The held-out probe's alarm replayed on the online probe study's runs (online Diffusion-DPO with the "
+        "probe logged, not acted on), against each run's held-out colour reward, with a rule chosen for online runs "
+        "(benchmarks/studies/probe_alarm.py).",
+        "source": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name,
+        "label": f"fell: the held-out colour reward at the last eval step more than {TOLERANCE} below the base's "
+        "(the base of the regime's stored result file)",
+        "safeguard": "off only: the online probe study's runs are online Diffusion-DPO; no online run with a "
+        "safeguard logs the probe",
+        "split": "rule chosen on the runs of even training seeds of both online regimes (best F1; ties: fewer false "
+        "alarms, more strictly timely alarms, the first in the grid), reported on the odd seeds",
+        "choice_without_a_fallen_run": None
+        if fell_on_choose
+        else "no run of the even seeds fell, so every rule's F1 there is 0 and the choice is the first rule of the "
+        "grid (thresholds rising, patience rising within a threshold) with the fewest false alarms: the most "
+        "sensitive rule of the grid that stays quiet on the healthy runs chosen on",
+        "grid": {s: {"above": list(d), "thresholds": list(t)} for s, (d, t) in ONLINE_GRID.items()}
+        | {"patience": PATIENCE},
+        "rules": {name: asdict(rule) for name, rule in rules.items()},
+        "package_rule": asdict(PROBE_ALARM["online"]),
+        "package_rule_is_calibrated": package is not None and package == PROBE_ALARM["online"],
+        "chosen_on": on_choose,
+        "aim": {"precision": 0.9, "recall": 0.9},
+        "confusion": matrices,
+        "best_per_signal": per_signal,
+        "groups": groups,
+        "runs": [
+            {
+                "id": r["id"],
+                "seed": r["seed"],
+                "split": split(r),
+                "regime": r["regime"],
+                "reward_change": round(r["reward_change"][max(r["reward_change"])], 6),
+                "fell": label(r),
+                "half_fallen_at": half_fallen(r)[1] if label(r) else None,
+                "peak_delta_winner": max(p["delta_winner"] for p in r["probe"]),
+                "offline_rule_fires_at": fires(r, rules["offline"]),
+                "calibrated_fires_at": fires(r, chosen),
+                "training_log_alarm_at": r["log_alarm_at"],
+            }
+            for r in runs
+        ],
+    }
 
 
 def _cell(value: float | None) -> str:
@@ -334,28 +459,85 @@ def tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def online_tables(online: dict[str, Any]) -> str:
+    """The Markdown tables of ``docs/research/alarm.md``'s online calibration: the matrices with timeliness (the
+    offline rule, the online rule, the training-log alarm), the best rule per signal, per regime and half, and the
+    runs one by one."""
+    head = ("| rule | runs | fired, fell | fired, held | quiet, fell | quiet, held | precision | recall "
+            "| timely (strict / lenient) |")  # fmt: skip
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    names = {"report_runs": "held-out, odd seeds", "choose_runs": "chosen on, even seeds", "all_runs": "all"}
+    rules = {
+        "offline": f"the offline rule ({describe(online['rules']['offline'])})",
+        "calibrated": f"online, calibrated ({describe(online['rules']['calibrated'])})",
+        "training_log_alarm": "the training-log alarm (as logged)",
+    }
+    for rule, matrices in online["confusion"].items():
+        for which, m in matrices.items():
+            timely = ""
+            if "timely_strict" in m:
+                timely = f"{_cell(m['timely_strict_share'])} / {_cell(m['timely_lenient_share'])}"
+            lines.append(
+                f"| {rules[rule]} | {names[which]} ({m['runs']}) | {m['fired_fell']} | {m['fired_held']} "
+                f"| {m['quiet_fell']} | {m['quiet_held']} | {_cell(m['precision'])} | {_cell(m['recall'])} "
+                f"| {timely} |"
+            )
+    lines += ["", "| signal | its best rule on the runs chosen on | precision, recall (held-out) |", "|---|---|---|"]
+    for signal, entry in online["best_per_signal"].items():
+        m = entry["report_runs"]
+        lines.append(f"| `{signal}` | {describe(entry['rule'])} | {_cell(m['precision'])}, {_cell(m['recall'])} |")
+    lines += ["", "| regime and half | runs | fell | online rule: fired, fell / fired, held | offline rule: fired "
+              "| training-log alarm: fired |", "|---|---:|---:|---|---:|---:|"]  # fmt: skip
+    for group, entry in online["groups"].items():
+        m, off, log = entry["calibrated"], entry["offline_rule"], entry["training_log_alarm"]
+        lines.append(
+            f"| {group} | {m['runs']} | {m['fired_fell'] + m['quiet_fell']} | {m['fired_fell']} / {m['fired_held']} "
+            f"| {off['fired_fell'] + off['fired_held']} | {log['fired_fell'] + log['fired_held']} |"
+        )
+    lines += ["", "| run | split | reward change | fell | peak `delta_winner` | online rule fires at |",
+              "|---|---|---:|---|---:|---:|"]  # fmt: skip
+    for run in online["runs"]:
+        fired = run["calibrated_fires_at"]
+        lines.append(
+            f"| {run['id']} | {run['split']} | {run['reward_change']:+.3f} | {'yes' if run['fell'] else 'no'} "
+            f"| {run['peak_delta_winner']:.4f} | {'quiet' if fired is None else fired} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=SOURCE, type=Path)
+    parser.add_argument("--online-source", default=ONLINE_SOURCE, type=Path)
     parser.add_argument("--check", action="store_true", help=f"Recompute and compare with {OUTPUT.name}.")
     parser.add_argument("--table", action="store_true", help="Print the Markdown tables of the written file.")
-    parser.add_argument("--page", action="store_true", help=f"Write the tables into {PAGE.name}'s marked block.")
+    parser.add_argument("--page", action="store_true", help=f"Write the tables into {PAGE.name}'s marked blocks.")
     args = parser.parse_args(argv)
     if args.table or args.page:
-        block = tables(json.loads(OUTPUT.read_text()))
-        if args.page:
-            write_page_block(START, END, block)
-        else:
-            print(block)
+        written = json.loads(OUTPUT.read_text())
+        blocks = {(START, END): tables(written), (ONLINE_START, ONLINE_END): online_tables(written["online"])}
+        for (start, end), block in blocks.items():
+            if args.page:
+                write_page_block(start, end, block)
+            else:
+                print(block, end="\n\n")
         return 0
-    result = analyse(args.source.resolve())
+    result = {**analyse(args.source.resolve()), "online": analyse_online(args.online_source.resolve())}
     if args.check:
-        same = json.loads(OUTPUT.read_text()) == json.loads(json.dumps(result))
-        print(f"{OUTPUT.name}: {'up to date' if same else 'differs from the recomputation'}")
-        return 0 if same else 1
+        written = json.loads(OUTPUT.read_text())
+        recomputed = json.loads(json.dumps(result))
+        same = {
+            "offline": {k: v for k, v in written.items() if k != "online"}
+            == {k: v for k, v in recomputed.items() if k != "online"},
+            "online": written.get("online") == recomputed["online"],
+        }
+        for part, equal in same.items():
+            print(f"{OUTPUT.name}, {part}: {'up to date' if equal else 'differs from the recomputation'}")
+        return 0 if all(same.values()) else 1
     OUTPUT.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("rules", "chosen_on")}, indent=1))
-    print(json.dumps(result["confusion"]["calibrated"]["report_runs"], indent=1))
+    for part in (result, result["online"]):
+        print(json.dumps({k: part[k] for k in ("rules", "chosen_on")}, indent=1))
+        print(json.dumps(part["confusion"]["calibrated"]["report_runs"], indent=1))
     return 0
 
 

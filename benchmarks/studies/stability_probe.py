@@ -12,10 +12,11 @@ long runs), to say when the held-out reward fell against when the alarm fired.
   stability benchmark (``guard-auto-mu`` at lr 1e-3, ``guard-max-margin`` at 2e-5; at 2e-4 the default safeguard is
   the best): the probe logged, never acted on (``on_pathology`` at its default, ``warn``); each run records the
   probe's readings (``probe``).
-- ``rewind``: Diffusion-DPO with ``on_pathology="rewind"`` (the alarm :data:`~trl_diffusion_sdpo.callbacks.rewind.
-  PROBE_ALARM`, chosen on the first kind of run by ``probe_alarm.py``); each run records its rewinds (``rewinds``:
-  the step fired and the step restored) and, where the run stopped itself, the step (``stopped_at``): its held-out
-  measures at that step stand for every later evaluation step, the stopped run's weights being its result.
+- ``rewind``: Diffusion-DPO with ``on_pathology="rewind"`` (the offline rule of :data:`~trl_diffusion_sdpo.callbacks.
+  rewind.PROBE_ALARM`, chosen on the first kind of run by ``probe_alarm.py``); each run records its rewinds
+  (``rewinds``: the step fired and the step restored) and, where the run stopped itself, the step (``stopped_at``):
+  its held-out measures at that step stand for every later evaluation step, the stopped run's weights being its
+  result.
 
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/stability_probe.py run --parts /tmp/probe-parts &
     python benchmarks/studies/stability_probe.py assemble --parts /tmp/probe-parts
@@ -30,7 +31,10 @@ prompts are the regime's held-out captions, given as the online trainer's eval p
 the stored runs' and every run is paired by seed with the stored Diffusion-DPO run: a probe that never acts trains bit
 for bit as that run, so the probe-logged runs' held-out measures are Diffusion-DPO's; ``identity`` records, per run,
 whether its held-out measures equal those of the plain run of its seed (else the stored run) at every evaluation step
-before its first rewind. The probe reads the captions the held-out measures sample (its pairs at its own seeds, not
+before its first rewind. A rewinding run records the rule its alarm read (``probe_alarm``: the package's online rule,
+chosen on the probe-logged runs by ``probe_alarm.py``); a run of an earlier rule is trained again and listed under
+``replaced``. The file carries the rewind's verdict against the goal as :func:`assemble` gives it offline
+(:func:`online_goal`). The probe reads the captions the held-out measures sample (its pairs at its own seeds, not
 the measures' images): the rewind's choice and the verdict share prompts, not images. Each finished run is written to
 ``--json`` at once and a rerun skips the runs already there::
 
@@ -53,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import stability_guards as study  # noqa: E402
 import stability_map  # noqa: E402
-from stability_dormant import both_halves, goal_all_measures, measure_table, verdict  # noqa: E402
+from stability_dormant import LABELS, both_halves, from_online, goal_all_measures, measure_table, verdict  # noqa: E402
 
 from benchmarks.studies.online_probe_runs import PROBE_HISTORY, probe_record  # noqa: E402
 from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
@@ -127,7 +131,7 @@ class ProbeMeasures(study.HeldOutMeasures):
     def extras(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"probe": self.probe, "rewinds": self.rewinds, "stopped_at": self.stopped_at}
         if self.recipe.methods == (study.REWIND,):  # the rule the run's alarm read
-            extra["probe_alarm"] = dataclasses.asdict(PROBE_ALARM)
+            extra["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["offline"])
         return {**super().extras(), **extra}
 
 
@@ -192,10 +196,7 @@ def quiet_identity(runs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-NOT_RUN = [
-    "online: the alarm's calibration on the online runs (probe_alarm.py reads the offline regimes); the online runs "
-    "are in the result file of `stability_probe.py online` (ONLINE_OUTPUT)",
-]
+NOT_RUN: list[str] = []  # the online runs, their calibration and their rewind are in ONLINE_OUTPUT
 
 
 def not_run(regimes: dict[str, dict[str, Any]]) -> list[str]:
@@ -334,23 +335,75 @@ def _identities(entry: dict[str, Any], stored: dict[str, Any], run_key: Any, dpo
 
 
 def online_not_run(report: dict[str, Any]) -> list[str]:
-    """What the online result file lacks: per regime the settings with fewer than 10 seeds, and the analyses not
-    made online."""
+    """What the online result file lacks: per regime the settings with fewer than 10 seeds (a rewinding run counts
+    only when its alarm read the package's online rule)."""
     missing = []
     for regime in ONLINE_REGIMES:
         runs = report["regimes"].get(regime, {}).get("runs", {}).values()
         dpo = ONLINE_REGIMES[regime][2]
         for setting in ONLINE_SETTINGS:
             method = dpo if setting == "plain" else f"{dpo}-{setting}"
-            seeds = {r["seed"] for r in runs if r["method"] == method}
+            seeds = {r["seed"] for r in runs if r["method"] == method and (setting != "rewind" or _current(r))}
             if len(seeds) < 10:
-                missing.append(f"{regime}: {method}: {len(seeds)} of 10 seeds")
-    return [
-        *missing,
-        "the alarm's calibration on the online runs (probe_alarm.py reads the offline regimes)",
-        "the goal's halves for the rewind online (paired intervals against Diffusion-DPO, the base and the best fixed "
-        "setting)",
-    ]
+                why = (
+                    " (the probe-logged runs, equal to it where both ran, stand for it)" if setting == "plain" else ""
+                )
+                missing.append(f"{regime}: {method}: {len(seeds)} of 10 seeds{why}")
+    return missing
+
+
+def _current(run: dict[str, Any]) -> bool:
+    """Whether a rewinding run's alarm read the package's online rule as it is now (runs of an earlier rule are
+    trained again)."""
+    return run.get("probe_alarm") == dataclasses.asdict(PROBE_ALARM["online"])
+
+
+#: the online regimes' stored settings that are no fixed online setting: offline Diffusion-DPO and its safeguard,
+#: trained on offline pairs beside the online runs of the healthy regime
+OFFLINE_IN_ONLINE = ("offline-",)
+
+
+def online_goal(report: dict[str, Any]) -> dict[str, Any]:
+    """The rewind online against the goal, as :func:`assemble` judges it offline: per online regime the runs of
+    :func:`stability_dormant.from_online` (the held-out colour reward as the reward, shape IoU, diversity and
+    denoising error, the base of the regime's stored file at step 0) for Diffusion-DPO (the probe-logged runs: they
+    train bit for bit as Diffusion-DPO on this machine), the rewind (its runs that read the package's online rule)
+    and every fixed online setting of the regime's stored runs at its learning rate; the paired intervals, the two
+    halves, the verdict, the rewinds and the quiet runs' identity."""
+    regimes: dict[str, Any] = {}
+    for regime, entry in report["regimes"].items():
+        stored = json.loads(Path(entry["stored_file"]).read_text())
+        dpo, lr = entry["reference"], entry["learning_rate"]
+        mine = {
+            key: run
+            for key, run in stored["runs"].items()
+            if run["method"] != dpo and not run["method"].startswith(OFFLINE_IN_ONLINE) and run["learning_rate"] == lr
+        }
+        for key, run in entry["runs"].items():
+            if run["method"] == f"{dpo}-probe":
+                mine[key] = {**run, "method": "online-dpo"}  # from_online's name for Diffusion-DPO online
+            elif run["method"] == f"{dpo}-rewind" and _current(run):
+                mine[key] = {**run, "method": study.REWIND}
+        converted = from_online({**stored, "grid_learning_rate": lr, "runs": mine})
+        for key, run in converted["runs"].items():
+            run["rewinds"], run["stopped_at"] = mine[key].get("rewinds", []), mine[key].get("stopped_at")
+        regimes[regime] = converted
+    analysis = study.analyse(regimes)
+    verdicts = goal_all_measures(analysis)
+    halves = both_halves(verdicts)
+    return {
+        "goal_what": "the rewind online against the goal: per regime, at the last evaluation step, each held-out "
+        "measure's change from the base (the regime's stored base) and the paired differences (95% t intervals over "
+        "seeds) from Diffusion-DPO (this file's probe-logged runs, which train bit for bit as Diffusion-DPO here) and "
+        "the best fixed setting of the regime's stored runs (the highest mean reward change; trained on the machines "
+        "their file names); the reward is the held-out colour reward",
+        "analysis": analysis,
+        "goal_all_measures": verdicts,
+        "both_halves": halves,
+        "verdict": verdict(halves, verdicts, study.REWIND) if study.REWIND in halves else "not run",
+        "rewinds": {name: rewinds(r["runs"]) for name, r in regimes.items()},
+        "quiet_identity": {name: quiet_identity(r["runs"]) for name, r in regimes.items()},
+    }
 
 
 def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: Path) -> int:
@@ -360,12 +413,13 @@ def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: 
     report.setdefault("regimes", {})
     report["description"] = __doc__.split("Online (``online``): ", 1)[1].split("::")[0].replace("\n", " ")
     report["probe"] = {"probe_steps": PROBE_STEPS, "probe_pairs": "the config's default", "prompts": "held-out"}
-    report["probe_alarm"] = dataclasses.asdict(PROBE_ALARM)
+    report["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["online"])
     report["command"] = "OMP_NUM_THREADS=1 python benchmarks/studies/stability_probe.py online --seeds 0-9"
 
     def save() -> None:
         from benchmarks.studies.online_comparison import _write  # the online result files' layout
 
+        report.update(online_goal(report))
         report["not_run"] = online_not_run(report)
         _write(path, report)
 
@@ -380,13 +434,18 @@ def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: 
             for setting in sorted(settings, key=ONLINE_SETTINGS.index):  # plain first: the others' reference
                 method = dpo if setting == "plain" else f"{dpo}-{setting}"
                 key = module.run_key(seed, lr, method)
-                if key in entry["runs"]:
+                if key in entry["runs"] and (setting != "rewind" or _current(entry["runs"][key])):
                     continue
+                if key in entry["runs"]:  # a rewinding run of an earlier rule: trained again with today's
+                    old = entry["runs"][key].get("probe_alarm", "the offline rule of the time (patience 2, 0.05)")
+                    entry.setdefault("replaced", []).append(f"{key}: its alarm read {old}; trained again")
                 started = time.perf_counter()
                 run = module.run_one((seed, lr, method))
                 run.pop("samples", None)  # the regime's figure is drawn from its own result file
                 if setting != "plain":
                     run.update(probe_record(run["history"], stored["config"]["max_steps"]))
+                if setting == "rewind":  # the rule its alarm read
+                    run["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["online"])
                 entry["runs"][key] = run
                 _identities(entry, stored, module.run_key, dpo)
                 save()
@@ -400,6 +459,7 @@ def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: 
 
 
 REWIND_START, REWIND_END = "<!-- rewind-tables:start -->", "<!-- rewind-tables:end -->"
+ONLINE_REWIND_START, ONLINE_REWIND_END = "<!-- online-rewind-tables:start -->", "<!-- online-rewind-tables:end -->"
 
 
 def _rewound(cell: dict[str, Any]) -> str:
@@ -430,7 +490,7 @@ def rewind_tables(path: Path) -> str:
                 f"{regime}, lr {entry['learning_rate']:g}, beta {entry['beta']:g}, step {last}, "
                 f"{len(mine['seeds'])} seeds; {_rewound(report['rewinds'][regime][cell])}; quiet in {quiet['quiet']}, "
                 f"of which {quiet['equal_to_dpo']} equal to Diffusion-DPO on every held-out measure; best fixed "
-                f"setting: {study.LABELS.get(best, best)}:",
+                f"setting: {LABELS.get(best, best)}:",
                 "",
                 *measure_table("rewind", mine, entry, last),
                 "",
@@ -443,7 +503,7 @@ def rewind_tables(path: Path) -> str:
             f"{m} " + ("met" if v["met"] else f"missed by {v['miss']:.3f}") for m, v in item["measures"].items()
         )
         settings = judged_cell["settings"].items()
-        others = [study.LABELS.get(m, m) for m, v in settings if m != study.REWIND and v["met"]]
+        others = [LABELS.get(m, m) for m, v in settings if m != study.REWIND and v["met"]]
         lines.append(
             f"- {cell}: {item['half']}: {'meets' if item['met'] else 'misses'} ({judged}); fixed settings "
             f"meeting it: {', '.join(others) or 'none'}"
@@ -461,7 +521,7 @@ def rewind_tables(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("run", "assemble", "tables", "online"))
+    parser.add_argument("command", choices=("run", "assemble", "tables", "online", "online-tables"))
     parser.add_argument("--page", default=None, type=Path, help="tables: rewrite this page's marked block.")
     parser.add_argument("--parts", default="/tmp/stability-probe-parts", type=Path)
     parser.add_argument("--regime", default=None, help="run: only this regime.")
@@ -478,6 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         if any(r not in ONLINE_REGIMES for r in regimes) or any(s not in ONLINE_SETTINGS for s in settings):
             parser.error(f"--online-regimes names only {list(ONLINE_REGIMES)}, --settings only {ONLINE_SETTINGS}")
         return run_online(regimes, _ints(args.seeds), settings, args.json or ONLINE_OUTPUT)
+    if args.command == "online-tables":  # the online file's rewind against the goal, as `tables` offline
+        text = rewind_tables(args.json or ONLINE_OUTPUT)
+        if args.page is None:
+            print(text)
+            return 0
+        study.write_block(args.page, ONLINE_REWIND_START, ONLINE_REWIND_END, text)
+        return 0
     args.json = args.json or OUTPUT
     if args.command == "run":
         entries = None if args.entries is None else [int(i) for i in args.entries.split(",")]

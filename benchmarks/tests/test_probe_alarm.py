@@ -153,6 +153,79 @@ def test_the_package_rule_reads_a_probe_as_the_study_rule_does():
     assert package.patience == 2 and study.ProbeRule("implicit_acc", True, 0.5, 2).package() is None
 
 
+# ------------------------------------------------------------------------------------------------------ online
+
+BASE_COLOUR = 0.86
+ONLINE_STEPS = range(5, 65, 5)  # a probe every 5 steps of a 60-step online run, evaluated at 20, 40 and 60
+
+
+def _online_run(seed: int, method: str, delta_winner: float, final: float) -> dict:
+    """An online probe study run: its probe reads ``delta_winner`` at every probe, its held-out colour reward falls
+    linearly to ``final`` from the base's at step 60."""
+    probe = [
+        {"step": s, "delta_winner": delta_winner, "delta_loser": 0.0, "mse_ref_winner": 0.08, "implicit_acc": 0.5}
+        for s in ONLINE_STEPS
+    ]
+    curve = {str(s): {"colour_reward": BASE_COLOUR + final * s / 60} for s in (20, 40, 60)}
+    return {"seed": seed, "learning_rate": 1e-3, "method": method, "probe": probe, "curve": curve,
+            "alarm": {"fired_at": None}}  # fmt: skip
+
+
+def _online_write(tmp_path: Path) -> Path:
+    """Even seeds: the runs whose reward falls read 0.004, the others 0.001 (above 0.001 separates them). Odd seeds
+    the other way round (0.0012 against 0.0045: below 0.002 in the margin separates them). Beside them a plain run
+    and a rewinding one, neither of which is the alarm's evidence, and a healthy regime's two seeds."""
+    stored = tmp_path / "stored.json"
+    stored.write_text(json.dumps({"base": {"measures": {"colour_reward": BASE_COLOUR}}}))
+    runs = []
+    for seed in range(8):
+        falls = seed % 4 < 2
+        value = (0.004 if falls else 0.001) if seed % 2 == 0 else (0.0012 if falls else 0.0045)
+        runs.append(_online_run(seed, "dpo-probe", value, -0.05 if falls else 0.0))
+    runs += [_online_run(0, "dpo", 0.01, -0.05), _online_run(0, "dpo-rewind", 0.01, -0.05)]
+    healthy = [_online_run(seed, "online-dpo-probe", 0.0, 0.003) for seed in (0, 1)]
+    report = {"regimes": {}}
+    for regime, mine, reference in (("online-hacking", runs, "dpo"), ("online-healthy", healthy, "online-dpo")):
+        report["regimes"][regime] = {
+            "stored_file": str(stored), "reference": reference, "config": {"max_steps": 60},
+            "runs": {f"seed{r['seed']}-{r['method']}": r for r in mine},
+        }  # fmt: skip
+    path = tmp_path / "online-probe-study.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_the_online_rule_is_chosen_on_even_seeds_at_the_online_scale_and_reported_on_odd_ones(tmp_path):
+    result = study.analyse_online(_online_write(tmp_path))
+    # even seeds: 0 and 4 fell (0.004), 2 and 6 held (0.001), the healthy seed 0 held (0.0): the first rule of the
+    # online grid separating them is delta_winner above 0.001 at the first probe
+    rule = {"signal": "delta_winner", "above": True, "threshold": 0.001, "patience": 1}
+    assert result["rules"]["calibrated"] == rule
+    on_choose = result["confusion"]["calibrated"]["choose_runs"]
+    assert [on_choose[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")] == [2, 0, 0, 3]
+    # odd seeds 1, 5 fell (0.0012), 3, 7 held (0.0045), the healthy seed 1 held (0.0): it fires on the four hacking
+    held_out = result["confusion"]["calibrated"]["report_runs"]
+    assert [held_out[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")] == [2, 2, 0, 1]
+    # the offline rule (delta_winner above 0.05) never fires at this scale
+    offline = result["confusion"]["offline"]["all_runs"]
+    assert offline["fired_fell"] + offline["fired_held"] == 0 and offline["runs"] == 10  # plain, rewind left out
+    assert {r["id"].split("/")[1] for r in result["runs"]} == {f"seed{s}-dpo-probe" for s in range(8)} | {
+        "seed0-online-dpo-probe", "seed1-online-dpo-probe"}  # fmt: skip
+    assert result["choice_without_a_fallen_run"] is None
+
+
+def test_the_online_runs_are_labelled_against_the_stored_base_and_reported_per_regime(tmp_path):
+    result = study.analyse_online(_online_write(tmp_path))
+    fell = {r["id"]: r["fell"] for r in result["runs"]}
+    assert fell["online-hacking/seed0-dpo-probe"] and fell["online-hacking/seed5-dpo-probe"]
+    assert not fell["online-hacking/seed2-dpo-probe"] and not fell["online-healthy/seed1-online-dpo-probe"]
+    groups = result["groups"]
+    healthy = groups["online-healthy, lr 0.001, 60 steps, safeguard off, held-out"]["calibrated"]
+    assert [healthy[k] for k in ("runs", "fired_fell", "fired_held")] == [1, 0, 0]
+    hacking = groups["online-hacking, lr 0.001, 60 steps, safeguard off, held-out"]["calibrated"]
+    assert [hacking[k] for k in ("runs", "fired_fell", "fired_held")] == [4, 2, 2]
+
+
 # ------------------------------------------------------------------------------------------- the written files
 
 
@@ -163,15 +236,26 @@ def written() -> dict:
     return json.loads(study.OUTPUT.read_text())
 
 
-def test_the_package_rule_is_the_calibrated_one(written):
-    assert written["package_rule_is_calibrated"]
-    calibrated = study.ProbeRule(**written["rules"]["calibrated"]).package()
-    assert calibrated is not None and asdict(calibrated) == asdict(PROBE_ALARM)
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_the_package_rule_is_the_calibrated_one(written, mode):
+    part = written if mode == "offline" else written["online"]
+    assert part["package_rule_is_calibrated"]
+    calibrated = study.ProbeRule(**part["rules"]["calibrated"]).package()
+    assert calibrated is not None and asdict(calibrated) == asdict(PROBE_ALARM[mode])
 
 
-def test_the_written_calibration_recomputes_from_the_probe_study(written):
+def test_the_written_calibration_recomputes_from_the_probe_studies(written):
     recomputed = json.loads(json.dumps(study.analyse(study.SOURCE)))
-    assert recomputed == written
+    assert recomputed == {k: v for k, v in written.items() if k != "online"}
+    assert json.loads(json.dumps(study.analyse_online(study.ONLINE_SOURCE))) == written["online"]
+
+
+def test_the_research_page_states_the_calibrated_rules(written):
+    page = " ".join(study.PAGE.read_text().split())
+    for part in (written, written["online"]):
+        rule = part["rules"]["calibrated"]
+        count = "at one probe" if rule["patience"] == 1 else f"at {rule['patience']} probes in a row"
+        assert f"`probe/{rule['signal']}` above {rule['threshold']:g} {count}" in page
 
 
 def test_the_held_out_matrix_counts_the_runs_by_hand(written):
@@ -184,4 +268,29 @@ def test_the_held_out_matrix_counts_the_runs_by_hand(written):
         fell = run["reward_change"][max(run["reward_change"])] < -study.TOLERANCE
         counts[(0 if fell else 1) if fired else (2 if fell else 3)] += 1
     stored = written["confusion"]["calibrated"]["report_runs"]
+    assert counts == [stored[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")]
+
+
+def test_the_online_held_out_matrix_counts_the_runs_by_hand(written):
+    online = written["online"]
+    rule = study.ProbeRule(**online["rules"]["calibrated"])
+    report = json.loads(study.ONLINE_SOURCE.read_text())
+    counts, seen = [0, 0, 0, 0], 0
+    for entry in report["regimes"].values():
+        base = json.loads((ROOT / entry["stored_file"]).read_text())["base"]["measures"]["colour_reward"]
+        for run in entry["runs"].values():
+            if run["method"] != f"{entry['reference']}-probe" or run["seed"] % 2 == 0:
+                continue
+            seen += 1
+            last = max(run["curve"], key=int)
+            fell = run["curve"][last]["colour_reward"] - base < -study.TOLERANCE
+            in_a_row, fired = 0, False
+            for reading in run["probe"]:
+                if reading["step"] > int(last):
+                    break
+                in_a_row = in_a_row + 1 if reading["delta_winner"] > rule.threshold else 0
+                fired = fired or in_a_row >= rule.patience
+            counts[(0 if fell else 1) if fired else (2 if fell else 3)] += 1
+    stored = online["confusion"]["calibrated"]["report_runs"]
+    assert seen == stored["runs"]
     assert counts == [stored[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")]

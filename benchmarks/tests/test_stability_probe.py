@@ -100,6 +100,57 @@ def test_a_run_that_stops_itself_is_measured_at_its_stop_for_every_later_evaluat
     assert evaluator.stopped_at == (None if stop == 30 else stop)
 
 
+# ------------------------------------------------------------------------------------------------------ online
+
+ONLINE_BASE = {"colour_reward": 0.86, "shape_iou": 0.78, "diversity": 0.15, "denoising_error": 0.039}
+
+
+def _online_run(method: str, seed: int, reward: float, **extra) -> dict:
+    """An online run as the online studies store it: its held-out measures per evaluation step (``curve``)."""
+    curve = {s: {**ONLINE_BASE, "colour_reward": ONLINE_BASE["colour_reward"] + reward * int(s) / 60}
+             for s in ("20", "40", "60")}  # fmt: skip
+    return {"seed": seed, "learning_rate": 1e-3, "method": method, "curve": curve, **extra}
+
+
+def test_the_online_goal_pairs_the_rewind_of_todays_rule_with_the_probe_logged_runs_and_the_stored_settings(
+    tmp_path, monkeypatch
+):
+    current = study.dataclasses.asdict(study.PROBE_ALARM["online"])
+    stored = {
+        "base": {"measures": ONLINE_BASE},
+        "config": {"beta": 5000.0},
+        "grid_learning_rate": 1e-3,
+        "runs": {
+            **{f"s{seed}-dpo": _online_run("dpo", seed, 0.5) for seed in range(3)},  # replaced by the probe runs
+            **{f"s{seed}-fixed": _online_run("max-margin-5", seed, -0.01 * (seed + 1)) for seed in range(3)},
+            **{f"s{seed}-off": _online_run("offline-dpo", seed, 0.3) for seed in range(3)},  # not an online setting
+        },
+    }
+    (tmp_path / "stored.json").write_text(json.dumps(stored))
+    runs = {f"p{seed}": _online_run("dpo-probe", seed, -0.05 - 0.001 * seed) for seed in range(3)}
+    # seed 0 quiet (Diffusion-DPO's run), seeds 1 and 2 stopped at step 20 with the base's measures
+    runs["r0"] = _online_run("dpo-rewind", 0, -0.05, probe_alarm=current, rewinds=[], stopped_at=None)
+    for seed in (1, 2):
+        rewound = _online_run("dpo-rewind", seed, 0.0, probe_alarm=current, stopped_at=20)
+        runs[f"r{seed}"] = {**rewound, "rewinds": [{"fired_at": 20, "restored": 10}]}
+    runs["old"] = _online_run("dpo-rewind", 3, 0.9, rewinds=[], stopped_at=None)  # an earlier rule's: left out
+    report = {"regimes": {"online-hacking": {"stored_file": str(tmp_path / "stored.json"), "reference": "dpo",
+                                             "learning_rate": 1e-3, "runs": runs}}}  # fmt: skip
+    goal = study.online_goal(report)
+    cell = goal["analysis"]["online-hacking"]["lr0.001-beta5000"]
+    assert set(cell) - {"learning_rate", "beta"} == {"dpo", "guard-max-margin", "rewind"}
+    assert cell["rewind"]["seeds"] == [0, 1, 2] and cell["rewind"]["best_fixed"] == "guard-max-margin"
+    # the rewind against Diffusion-DPO at step 60: 0 at seed 0, +0.051 and +0.052 at seeds 1 and 2
+    vs_dpo = cell["rewind"]["steps"]["60"]["reward"]["vs_dpo"]
+    assert vs_dpo["mean"] == pytest.approx((0.0 + 0.051 + 0.052) / 3)
+    quiet = goal["quiet_identity"]["online-hacking"]["lr0.001-beta5000"]
+    assert (quiet["quiet"], quiet["equal_to_dpo"]) == (1, 1)
+    rewound = goal["rewinds"]["online-hacking"]["lr0.001-beta5000"]
+    assert (rewound["runs"], rewound["rewound"], rewound["stopped"]) == (3, 2, 2)
+    assert goal["goal_all_measures"]["online-hacking/lr0.001-beta5000"]["diffusion_dpo_breaks"]
+    assert not study._current(runs["old"]) and study._current(runs["r1"])
+
+
 # ------------------------------------------------------------------------------------------- the written file
 
 
@@ -187,9 +238,14 @@ def test_the_research_page_quotes_the_result_file():
     page = (ROOT / "docs" / "research" / "stability.md").read_text()
     block = page.split(study.REWIND_START, 1)[1].split(study.REWIND_END, 1)[0]
     assert block.strip() == study.rewind_tables(ROOT / study.OUTPUT).strip()
+    block = page.split(study.ONLINE_REWIND_START, 1)[1].split(study.ONLINE_REWIND_END, 1)[0]
+    assert block.strip() == study.rewind_tables(ROOT / study.ONLINE_OUTPUT).strip()
     alarm_page = (ROOT / "docs" / "research" / "alarm.md").read_text()
+    calibration = json.loads(probe_alarm.OUTPUT.read_text())
     block = alarm_page.split(probe_alarm.START, 1)[1].split(probe_alarm.END, 1)[0]
-    assert block.strip() == probe_alarm.tables(json.loads(probe_alarm.OUTPUT.read_text())).strip()
+    assert block.strip() == probe_alarm.tables(calibration).strip()
+    block = alarm_page.split(probe_alarm.ONLINE_START, 1)[1].split(probe_alarm.ONLINE_END, 1)[0]
+    assert block.strip() == probe_alarm.online_tables(calibration["online"]).strip()
 
 
 def stated_figures(probe: dict, calibration: dict) -> list[str]:
@@ -239,3 +295,29 @@ def test_the_safeguard_page_states_the_result_files_figures(written):
     assert ("it is not the default" in text) == (not verdict["becomes_default"])
     at_1e3 = written["rewinds"]["offline"]["lr0.001-beta5000"]["per_seed"].values()
     assert all(run["rewinds"][-1]["restored"] == 0 for run in at_1e3 if run["stopped_at"] is not None)
+
+
+def online_stated_figures(online: dict) -> list[str]:
+    """The figures docs/safeguard.md and docs/online.md state about the rewind online, formatted from its result
+    file."""
+    quiet = [cell for regime in online["quiet_identity"].values() for cell in regime.values()]
+    runs = sum(cell["runs"] for regime in online["rewinds"].values() for cell in regime.values())
+    missed = online["verdict"]["missed_by"]["online-hacking/lr0.001-beta5000"]
+    return [
+        f"quiet in {sum(c['quiet'] for c in quiet)} of {runs} rewinding runs, each equal to",
+        f"the hacking regime, by {missed['reward']:.3f} on the held-out reward and {missed['denoising_error']:.3f} on "
+        "the denoising error",
+    ]
+
+
+def test_the_pages_state_the_online_rewinds_figures():
+    online = json.loads((ROOT / study.ONLINE_OUTPUT).read_text())
+    quiet = [cell for regime in online["quiet_identity"].values() for cell in regime.values()]
+    assert all(c["equal_to_dpo"] == c["quiet"] for c in quiet)  # "each equal to Diffusion-DPO's"
+    verdict = online["verdict"]
+    assert verdict["meets"] == {"breaks": False, "healthy": True} and not verdict["fixed_settings_meeting_both"]
+    figures = online_stated_figures(online)
+    text = " ".join((ROOT / "docs" / "safeguard.md").read_text().split())
+    assert not [figure for figure in figures if figure not in text]
+    text = " ".join((ROOT / "docs" / "online.md").read_text().split())
+    assert figures[0] in text and figures[1].replace("the hacking regime, by", "brightness-hacking regime by") in text

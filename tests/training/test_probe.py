@@ -4,12 +4,14 @@ draws, and a rewind puts the weights and the optimizer state back to the last he
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from tests.helpers.rewind import Recorder, ScriptedAlarm, equal, states_equal, trained_weights
 from trl_diffusion_sdpo.callbacks.probe import hold_back_pairs
-from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM
+from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, probe_alarm
 from trl_diffusion_sdpo.engines.base import trainable_parameters
 
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
@@ -143,12 +145,20 @@ def test_rewind_needs_the_probe(make_config):
     assert make_config(on_pathology="rewind", probe_steps=5).on_pathology == "rewind"
 
 
-def test_the_alarms_rule_calls_a_probe_unhealthy_when_the_winner_error_exceeds_the_references_by_its_margin():
-    margin = PROBE_ALARM.threshold
-    assert PROBE_ALARM.patience >= 1
-    assert PROBE_ALARM.unhealthy({"probe/delta_winner": margin + 1e-6}, 1)
-    assert not PROBE_ALARM.unhealthy({"probe/delta_winner": margin}, 1)
-    assert not PROBE_ALARM.unhealthy({"probe/delta_winner": -1e-3}, 1)
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_the_alarms_rule_calls_a_probe_unhealthy_when_the_winner_error_exceeds_the_references_by_its_margin(mode):
+    rule = PROBE_ALARM[mode]
+    assert rule.patience >= 1
+    assert rule.unhealthy({"probe/delta_winner": rule.threshold + 1e-6}, 1)
+    assert not rule.unhealthy({"probe/delta_winner": rule.threshold}, 1)
+    assert not rule.unhealthy({"probe/delta_winner": -1e-3}, 1)
+
+
+def test_each_mode_has_its_own_rule_and_a_config_reads_its_own():
+    assert set(PROBE_ALARM) == {"offline", "online"}
+    assert PROBE_ALARM["online"] != PROBE_ALARM["offline"]
+    assert probe_alarm(SimpleNamespace()) is PROBE_ALARM["offline"]
+    assert probe_alarm(SimpleNamespace(is_online=True)) is PROBE_ALARM["online"]
 
 
 def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_kept(
@@ -164,6 +174,9 @@ def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_
     assert f"held-out probe every 1 optimizer steps on {HELD} pairs held back from the training data" in summary
     assert f"kept on disk in {trainer.args.output_dir}/rewind-healthy" in summary
     assert "safeguard_space='output', safeguard_mu=0.5" in summary
+    # The alarm the run reads is the offline rule, and the summary states it.
+    assert trainer.probe.rewind.rule == PROBE_ALARM["offline"]
+    assert f"the alarm ({PROBE_ALARM['offline'].describe()})" in summary
 
 
 def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
@@ -172,8 +185,12 @@ def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
 
     root = Path(__file__).resolve().parents[2]
     page = " ".join((root / "docs" / "safeguard.md").read_text().split())
-    assert f"alarm fires after {PROBE_ALARM.patience} unhealthy probes in a row" in page
-    assert f"`probe/delta_winner` is above {PROBE_ALARM.threshold:g}" in page
+    offline = PROBE_ALARM["offline"]
+    assert f"`probe/delta_winner` is above {offline.threshold:g}, and the alarm fires after {offline.patience}" in page
+    # The online rule, as the start summary states it, on the safeguard page and the online one.
+    online = PROBE_ALARM["online"].describe()
+    for name in ("safeguard.md", "online.md"):
+        assert online in " ".join((root / "docs" / name).read_text().replace("`", "").split()), name
     runs = json.loads((root / "benchmarks" / "results" / "cpu-probe-cost-tiny.json").read_text())["runs"]
     shares = {run["probe_steps"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in runs}
     assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page

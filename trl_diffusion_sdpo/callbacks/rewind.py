@@ -1,11 +1,12 @@
 """``on_pathology="rewind"``: back to the last step the held-out probe called healthy, then the response.
 
-The alarm (:data:`PROBE_ALARM`, a :class:`ProbeAlarmRule`) reads the probe's reduced figures (:mod:`.probe`), so
-every process reaches the same verdict at the same step. It reads the pathology as the paper defines it (Fu et al.,
-arXiv 2511.03317: the winner's denoising error rising above the reference's): a probe is unhealthy when
-``probe/delta_winner`` is above a margin, and the alarm fires after a number of unhealthy probes in a row (one probe's
-rise may be the noise of a few pairs). The margin and the count were chosen on the stability benchmark's runs with
-the probe logged (:data:`PROBE_ALARM` names the result file; docs/research/alarm.md).
+The alarm (:data:`PROBE_ALARM`: a :class:`ProbeAlarmRule` per mode) reads the probe's reduced figures
+(:mod:`.probe`), so every process reaches the same verdict at the same step. It reads the pathology as the paper
+defines it (Fu et al., arXiv 2511.03317: the winner's denoising error rising above the reference's): a probe is
+unhealthy when ``probe/delta_winner`` is above a margin, and the alarm fires after a number of unhealthy probes in a
+row (one probe's rise may be the noise of a few pairs). The margin and the count were chosen on the stability
+benchmark's runs with the probe logged, offline and online apart (:data:`PROBE_ALARM` names the result file;
+docs/research/alarm.md).
 
 At every healthy probe (and when training begins) :class:`Rewind` keeps one snapshot of the trainable weights, the
 optimizer's state and every other state that moves with them (:func:`companions`: the EMA weights of ``ema_decay``,
@@ -34,6 +35,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -52,6 +54,7 @@ __all__ = [
     "ProbeAlarmRule",
     "Rewind",
     "companions",
+    "probe_alarm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,18 +77,29 @@ class ProbeAlarmRule:
         return metrics["probe/delta_winner"] > self.threshold
 
     def describe(self) -> str:
-        return (
-            f"probe/delta_winner (held-out winner error minus the reference's) above {self.threshold:g} for "
-            f"{self.patience} probes in a row"
-        )
+        count = "at a single probe" if self.patience == 1 else f"for {self.patience} probes in a row"
+        return f"probe/delta_winner (held-out winner error minus the reference's) above {self.threshold:g} {count}"
 
 
-PROBE_ALARM = ProbeAlarmRule(patience=2, threshold=0.05)
-"""The alarm's rule, calibrated on the stability benchmark's runs with the probe logged (4 held-out pairs every 5
-steps; chosen by F1 on the even seeds of Diffusion-DPO and the default safeguard at lr 2e-5, 2e-4 and 1e-3, reported
-on the others): ``benchmarks/results/cpu-probe-alarm-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
-docs/research/alarm.md), which holds its confusion matrices and how often it fires before the held-out reward has
-fallen by half."""
+PROBE_ALARM: Mapping[str, ProbeAlarmRule] = MappingProxyType(
+    {
+        "offline": ProbeAlarmRule(patience=2, threshold=0.05),
+        "online": ProbeAlarmRule(patience=1, threshold=0.01),
+    }
+)
+"""The alarm's rule per mode (:func:`probe_alarm` picks a run's), each calibrated on the stability benchmark's runs
+with the probe logged (4 held-out pairs every 5 steps; chosen on the even seeds, reported on the odd ones):
+``benchmarks/results/cpu-probe-alarm-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
+docs/research/alarm.md), which holds their confusion matrices and how often they fire before the held-out reward has
+fallen by half. Offline: chosen by F1 on Diffusion-DPO and the default safeguard at lr 2e-5, 2e-4 and 1e-3. Online:
+chosen on online Diffusion-DPO in the two online regimes, whose held-out winner error moves about twenty times less;
+no run it was chosen on lost held-out reward, so it is the grid's first rule that stays quiet on all of them (the
+offline rule never fires online)."""
+
+
+def probe_alarm(args: Any) -> ProbeAlarmRule:
+    """The rule of :data:`PROBE_ALARM` for ``args``'s run: the online one for an online config (``is_online``)."""
+    return PROBE_ALARM["online" if getattr(args, "is_online", False) else "offline"]
 
 
 @dataclass(frozen=True)
@@ -282,7 +296,7 @@ class Rewind:
                 parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone, moving
             )
         switch = trainer._switch_safeguard if trainer._dormant_safeguard is not None else None
-        return cls(PROBE_ALARM, snapshot, switch, switch_target(args) if switch else None)
+        return cls(probe_alarm(args), snapshot, switch, switch_target(args) if switch else None)
 
     def summary(self) -> str:
         """What the alarm reads, what is kept and what follows a rewind, for the start summary."""
