@@ -51,8 +51,8 @@ from alarm_calibration import TOLERANCE, confusion, label, split, write_page_blo
 from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, ProbeAlarmRule  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-SOURCE = RESULTS / "cpu-stability-probe-demo.json"
-OUTPUT = RESULTS / "cpu-probe-alarm-calibration.json"
+SOURCE = RESULTS / "probe" / "cpu-stability-probe-demo.json"
+OUTPUT = RESULTS / "probe" / "cpu-probe-alarm-calibration.json"
 PAGE = ROOT / "docs" / "research" / "alarm.md"
 START, END = "<!-- probe-alarm-tables:start -->", "<!-- probe-alarm-tables:end -->"
 ONLINE_START, ONLINE_END = "<!-- probe-alarm-online-tables:start -->", "<!-- probe-alarm-online-tables:end -->"
@@ -295,7 +295,7 @@ def choose_rule_among(runs: list[dict[str, Any]], signal: str, grid: Grid = GRID
 
 # ------------------------------------------------------------------------------------------------------ online
 
-ONLINE_SOURCE = RESULTS / "cpu-stability-probe-online.json"
+ONLINE_SOURCE = RESULTS / "probe" / "cpu-stability-probe-online.json"
 #: the online grid: the same signals and directions at the online runs' scale (their ``delta_winner`` peaks at a few
 #: thousandths where the offline runs' reach tenths)
 ONLINE_GRID: Grid = {

@@ -64,7 +64,7 @@ from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS, Method  # noqa: E402
 
 PROBE_STEPS = 5  # a probe every 5 optimizer steps: 10 readings in a 50-step run
-OUTPUT = Path("benchmarks/results/cpu-stability-probe-demo.json")
+OUTPUT = Path("benchmarks/results/probe/cpu-stability-probe-demo.json")
 EVERY_5, EVERY_10 = ",".join(map(str, range(5, 55, 5))), ",".join(map(str, range(10, 110, 10)))
 GRID = {"--max-steps": "50", "--eval-steps": EVERY_5, "--betas": "", "--eval-seeds-per-prompt": "4"}
 SMALL_BETA = {"--lrs": "", "--betas": "5", "--max-steps": "100", "--eval-steps": EVERY_10}
@@ -251,7 +251,7 @@ ONLINE_REGIMES: dict[str, tuple[str, Path, str]] = {
     "online-hacking": ("online_hacking", Path("benchmarks/results/cpu-online-hacking-demo.json"), "dpo"),
     "online-healthy": ("online_comparison", Path("benchmarks/results/cpu-online-comparison-tiny.json"), "online-dpo"),
 }
-ONLINE_OUTPUT = Path("benchmarks/results/cpu-stability-probe-online.json")
+ONLINE_OUTPUT = Path("benchmarks/results/probe/cpu-stability-probe-online.json")
 #: plain: the regime's Diffusion-DPO as stored, trained again on this machine (float results differ across CPUs, so
 #: the identity is checked against it where the stored run was made on another); <dpo>-probe: the probe logged;
 #: <dpo>-rewind: on_pathology="rewind"

@@ -191,7 +191,7 @@ def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
     online = PROBE_ALARM["online"].describe()
     for name in ("safeguard.md", "online.md"):
         assert online in " ".join((root / "docs" / name).read_text().replace("`", "").split()), name
-    runs = json.loads((root / "benchmarks" / "results" / "cpu-probe-cost-tiny.json").read_text())["runs"]
+    runs = json.loads((root / "benchmarks" / "results" / "probe" / "cpu-probe-cost-tiny.json").read_text())["runs"]
     shares = {run["probe_steps"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in runs}
     assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page
 

@@ -89,7 +89,7 @@ PROBE_ALARM: Mapping[str, ProbeAlarmRule] = MappingProxyType(
 )
 """The alarm's rule per mode (:func:`probe_alarm` picks a run's), each calibrated on the stability benchmark's runs
 with the probe logged (4 held-out pairs every 5 steps; chosen on the even seeds, reported on the odd ones):
-``benchmarks/results/cpu-probe-alarm-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
+``benchmarks/results/probe/cpu-probe-alarm-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
 docs/research/alarm.md), which holds their confusion matrices and how often they fire before the held-out reward has
 fallen by half. Offline: chosen by F1 on Diffusion-DPO and the default safeguard at lr 2e-5, 2e-4 and 1e-3. Online:
 chosen on online Diffusion-DPO in the two online regimes, whose held-out winner error moves about twenty times less;
