@@ -168,18 +168,6 @@ def test_the_config_is_the_bottom_layer(tmp_path, monkeypatch):
     }
 
 
-def test_no_benchmark_script_is_over_600_lines():
-    """One script per question, each readable whole: a script that grows past 600 lines moves its parts into the
-    shared harness or a module beside it (benchmarks/README.md)."""
-    benchmarks = ROOT.parent / "benchmarks"
-    long = {
-        path.relative_to(benchmarks).as_posix(): n
-        for path in benchmarks.rglob("*.py")
-        if (n := len(path.read_text(encoding="utf-8").splitlines())) > 600
-    }
-    assert not long, f"benchmark scripts over 600 lines: {long}"
-
-
 def test_only_the_command_line_declares_options():
     """Every command's options live in ``cli/``: a parser built anywhere else is a second home for an option."""
     declaring = sorted(
