@@ -1,6 +1,5 @@
 """``benchmarks/results/`` holds, at its top level and in one folder per study, only the result files the README or the
-docs quote, at most :data:`TOP_LEVEL_FILES` of them at the top level; every result path the README, the docs and the
-benchmarks' README quote exists; superseded runs live in ``benchmarks/results/history/``. The suite itself imports
+docs quote; every result path the README, the docs and the benchmarks' README quote exists; superseded runs live in ``benchmarks/results/history/``. The suite itself imports
 nothing from ``benchmarks/``."""
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from tests.helpers.docs_pages import RESULT_FILE, _expand, result_folders
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 # Past this many files the top level is a list nobody reads: a study with several files gets its own folder.
-TOP_LEVEL_FILES = 50
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # CHANGELOG.md is left out: it also records result files that were removed.
 QUOTING = [*DOCS, ROOT / "benchmarks" / "README.md"]
@@ -59,14 +57,6 @@ def test_every_result_file_is_quoted_in_the_readme_or_the_docs() -> None:
     left = unquoted(files, [page.read_text() for page in DOCS])
     assert not left, (
         f"quoted nowhere in README.md or docs/: {left}; quote them or move them to benchmarks/results/history/"
-    )
-
-
-def test_the_top_level_holds_at_most_fifty_files() -> None:
-    files = [p.name for p in RESULTS.iterdir() if p.is_file()]
-    assert len(files) <= TOP_LEVEL_FILES, (
-        f"benchmarks/results/ holds {len(files)} files at its top level (at most {TOP_LEVEL_FILES}): move a study's "
-        "files into a folder of their own (benchmarks/results/<study>/) and update every path that quotes them"
     )
 
 
