@@ -50,7 +50,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -246,16 +246,44 @@ def assemble(parts: Path, path: Path) -> int:
 
 # ------------------------------------------------------------------------------------------------------ online
 
-#: regime -> (its study module, its stored result file, its Diffusion-DPO setting)
-ONLINE_REGIMES: dict[str, tuple[str, Path, str]] = {
-    "online-hacking": ("online_hacking", Path("benchmarks/results/cpu-online-hacking-demo.json"), "dpo"),
-    "online-healthy": ("online_comparison", Path("benchmarks/results/cpu-online-comparison-tiny.json"), "online-dpo"),
+
+class OnlineRegime(NamedTuple):
+    """An online regime: its study module, its stored result file (the set-up, the base, the evaluation steps and,
+    at the stored learning rate, the fixed settings), its Diffusion-DPO setting; for a regime at a learning rate the
+    stored file has no runs at, the learning rates searched (``search_lrs``, rising: :func:`search_online`) and the
+    one fixed setting trained beside it for the goal (``fixed``)."""
+
+    module: str
+    stored: Path
+    dpo: str
+    search_lrs: tuple[float, ...] = ()
+    fixed: str | None = None
+
+
+HACKING = Path("benchmarks/results/cpu-online-hacking-demo.json")
+ONLINE_REGIMES: dict[str, OnlineRegime] = {
+    "online-hacking": OnlineRegime("online_hacking", HACKING, "dpo"),
+    "online-healthy": OnlineRegime(
+        "online_comparison", Path("benchmarks/results/cpu-online-comparison-tiny.json"), "online-dpo"
+    ),
+    # the hacking regime where Diffusion-DPO breaks: its set-up at the search's learning rate; its fixed setting is
+    # the best of the hacking regime's stored grid (the highest mean held-out colour reward change at lr 1e-3)
+    "online-hacking-fast": OnlineRegime("online_hacking", HACKING, "dpo", search_lrs=(3e-3, 1e-2), fixed="ema-0.999"),
 }
+#: the search's seeds: outside the ten paired seeds, so the learning rate is not chosen on the runs the alarm is
+#: calibrated and the rewind judged on
+SEARCH_SEEDS = (10, 11)
+SEARCH_RULE = (
+    "the lowest learning rate of the rising search_lrs at which Diffusion-DPO's held-out colour reward at the last "
+    "evaluation step lies more than alarm_calibration.TOLERANCE below the base's (the label the alarm is calibrated "
+    "on) on most (more than half) of the search seeds; none: the regime is not run"
+)
 ONLINE_OUTPUT = Path("benchmarks/results/probe/cpu-stability-probe-online.json")
 #: plain: the regime's Diffusion-DPO as stored, trained again on this machine (float results differ across CPUs, so
 #: the identity is checked against it where the stored run was made on another); <dpo>-probe: the probe logged;
 #: <dpo>-rewind: on_pathology="rewind"
-ONLINE_SETTINGS = ("plain", "probe", "rewind")
+#: fixed: the regime's fixed setting (``OnlineRegime.fixed``), where its stored file has none at its learning rate
+ONLINE_SETTINGS = ("plain", "probe", "fixed", "rewind")
 
 
 def online_settings(dpo_fields: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -267,7 +295,7 @@ def online_settings(dpo_fields: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _online_setup(regime: str) -> tuple[Any, dict[str, Any], float, str]:
     """The regime's study module (its METHODS extended by the two settings, its worker context built in this
     process), its stored report, learning rate and Diffusion-DPO setting."""
-    name, stored_path, dpo = ONLINE_REGIMES[regime]
+    name, stored_path, dpo = ONLINE_REGIMES[regime][:3]
     module = importlib.import_module(f"benchmarks.studies.{name}")
     stored = json.loads(stored_path.read_text())
     grid = stored["config"]
@@ -324,8 +352,10 @@ def _reference(entry: dict[str, Any], stored: dict[str, Any], key: str) -> tuple
 
 def _identities(entry: dict[str, Any], stored: dict[str, Any], run_key: Any, dpo: str) -> None:
     """Each run's ``identity``: a plain run's against the stored run of its seed, a probing run's against the plain
-    run of its seed where there is one, else the stored run."""
+    run of its seed where there is one, else the stored run. A fixed setting's run trains otherwise: none."""
     for run in entry["runs"].values():
+        if run["method"] not in (dpo, f"{dpo}-probe", f"{dpo}-rewind"):
+            continue
         key = run_key(run["seed"], entry["learning_rate"], dpo)
         if run["method"] == dpo:
             against, reference = "stored run", stored["runs"].get(key)
@@ -334,21 +364,28 @@ def _identities(entry: dict[str, Any], stored: dict[str, Any], run_key: Any, dpo
         run["identity"] = {"against": against, **identity(run, reference)}
 
 
+PLAIN_WHY = " (the probe-logged runs, equal to it where both ran, stand for it)"
+
+
 def online_not_run(report: dict[str, Any]) -> list[str]:
     """What the online result file lacks: per regime the settings with fewer than 10 seeds (a rewinding run counts
     only when its alarm read the package's online rule)."""
     missing = []
     for regime in ONLINE_REGIMES:
-        runs = report["regimes"].get(regime, {}).get("runs", {}).values()
-        dpo = ONLINE_REGIMES[regime][2]
+        entry = report["regimes"].get(regime, {})
+        runs = entry.get("runs", {}).values()
+        if ONLINE_REGIMES[regime].search_lrs and entry.get("search", {}).get("chosen", 0.0) is None:
+            missing.append(f"{regime}: no searched learning rate broke Diffusion-DPO; not run")
+            continue
         for setting in ONLINE_SETTINGS:
-            method = dpo if setting == "plain" else f"{dpo}-{setting}"
+            method = _method(regime, setting)
+            if method is None:
+                continue
             seeds = {r["seed"] for r in runs if r["method"] == method and (setting != "rewind" or _current(r))}
             if len(seeds) < 10:
-                why = (
-                    " (the probe-logged runs, equal to it where both ran, stand for it)" if setting == "plain" else ""
+                missing.append(
+                    f"{regime}: {method}: {len(seeds)} of 10 seeds{PLAIN_WHY if setting == 'plain' else ''}"
                 )
-                missing.append(f"{regime}: {method}: {len(seeds)} of 10 seeds{why}")
     return missing
 
 
@@ -372,6 +409,8 @@ def online_goal(report: dict[str, Any]) -> dict[str, Any]:
     halves, the verdict, the rewinds and the quiet runs' identity."""
     regimes: dict[str, Any] = {}
     for regime, entry in report["regimes"].items():
+        if entry.get("learning_rate") is None:  # a searched regime whose search found no breaking learning rate
+            continue
         stored = json.loads(Path(entry["stored_file"]).read_text())
         dpo, lr = entry["reference"], entry["learning_rate"]
         mine = {
@@ -379,8 +418,11 @@ def online_goal(report: dict[str, Any]) -> dict[str, Any]:
             for key, run in stored["runs"].items()
             if run["method"] != dpo and not run["method"].startswith(OFFLINE_IN_ONLINE) and run["learning_rate"] == lr
         }
+        fixed = ONLINE_REGIMES[regime].fixed if regime in ONLINE_REGIMES else None
         for key, run in entry["runs"].items():
-            if run["method"] == f"{dpo}-probe":
+            if run["method"] == fixed:  # the regime's own fixed setting, trained here at its learning rate
+                mine[key] = run
+            elif run["method"] == f"{dpo}-probe":
                 mine[key] = {**run, "method": "online-dpo"}  # from_online's name for Diffusion-DPO online
             elif run["method"] == f"{dpo}-rewind" and _current(run):
                 mine[key] = {**run, "method": study.REWIND}
@@ -406,9 +448,65 @@ def online_goal(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _method(regime: str, setting: str) -> str | None:
+    """The method key of ``setting`` in ``regime`` (``None``: the regime has no such setting)."""
+    spec = ONLINE_REGIMES[regime]
+    if setting == "fixed":
+        return spec.fixed
+    return spec.dpo if setting == "plain" else f"{spec.dpo}-{setting}"
+
+
+def _train(module: Any, stored: dict[str, Any], seed: int, lr: float, method: str, setting: str) -> dict[str, Any]:
+    """One online run of ``module`` with the probe's record where it probes and the rule its alarm read where it
+    rewinds."""
+    run = module.run_one((seed, lr, method))
+    run.pop("samples", None)  # the regime's figure is drawn from its own result file
+    if setting in ("probe", "rewind"):
+        run.update(probe_record(run["history"], stored["config"]["max_steps"]))
+    if setting == "rewind":  # the rule its alarm read
+        run["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["online"])
+    return run
+
+
+def search_online(regime: str, module: Any, stored: dict[str, Any], entry: dict[str, Any], save: Any) -> float | None:
+    """The learning rate of a searched regime (:data:`SEARCH_RULE`): Diffusion-DPO with the probe logged on
+    :data:`SEARCH_SEEDS` at each of ``search_lrs`` in rising order, until most of them lost held-out colour reward;
+    the runs and each learning rate's verdict go to ``entry["search"]`` (``chosen``: ``None`` where none broke)."""
+    from alarm_calibration import TOLERANCE
+
+    spec = ONLINE_REGIMES[regime]
+    search = entry.setdefault("search", {"runs": {}, "by_learning_rate": []})
+    search.update(
+        rule=SEARCH_RULE, tolerance=TOLERANCE, seeds=list(SEARCH_SEEDS), learning_rates=list(spec.search_lrs)
+    )
+    base = stored["base"]["measures"]["colour_reward"]
+    last = str(stored["config"]["max_steps"])
+    search["by_learning_rate"], search["chosen"] = [], None
+    for lr in spec.search_lrs:
+        for seed in SEARCH_SEEDS:
+            key = module.run_key(seed, lr, f"{spec.dpo}-probe")
+            if key not in search["runs"]:
+                search["runs"][key] = _train(module, stored, seed, lr, f"{spec.dpo}-probe", "probe")
+                save()
+        changes = [search["runs"][module.run_key(s, lr, f"{spec.dpo}-probe")]["curve"][last]["colour_reward"] - base
+                   for s in SEARCH_SEEDS]  # fmt: skip
+        fell = sum(change < -TOLERANCE for change in changes)
+        broke = fell > len(SEARCH_SEEDS) / 2
+        search["by_learning_rate"].append(
+            {"learning_rate": lr, "colour_reward_change": changes, "fell": fell, "breaks": broke}
+        )
+        print(f"{regime} search, lr {lr:g}: held-out colour reward change {changes}, breaks: {broke}", flush=True)
+        if broke:
+            search["chosen"] = lr
+            break
+    save()
+    return search["chosen"]
+
+
 def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: Path) -> int:
     """Train the online settings of ``regimes`` for ``seeds`` in this process (one torch thread), each run written to
-    ``path`` as it finishes; runs already there are skipped."""
+    ``path`` as it finishes; runs already there are skipped. A searched regime (``OnlineRegime.search_lrs``) first
+    searches its learning rate (:func:`search_online`) and is not run where none breaks."""
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     report.setdefault("regimes", {})
     report["description"] = __doc__.split("Online (``online``): ", 1)[1].split("::")[0].replace("\n", " ")
@@ -426,13 +524,19 @@ def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: 
     for regime in regimes:
         module, stored, lr, dpo = _online_setup(regime)
         entry = report["regimes"].setdefault(regime, {"runs": {}})
-        entry.update(stored_file=str(ONLINE_REGIMES[regime][1]), learning_rate=lr, config=stored["config"],
+        entry.update(stored_file=str(ONLINE_REGIMES[regime].stored), learning_rate=lr, config=stored["config"],
                      eval_steps=stored["eval_steps"], reference=dpo)  # fmt: skip
+        if ONLINE_REGIMES[regime].search_lrs:
+            entry["learning_rate"] = lr = search_online(regime, module, stored, entry, save)
+            if lr is None:
+                continue
         _identities(entry, stored, module.run_key, dpo)  # again: runs of another invocation may be their references
         save()
         for seed in seeds:
             for setting in sorted(settings, key=ONLINE_SETTINGS.index):  # plain first: the others' reference
-                method = dpo if setting == "plain" else f"{dpo}-{setting}"
+                method = _method(regime, setting)
+                if method is None:
+                    continue
                 key = module.run_key(seed, lr, method)
                 if key in entry["runs"] and (setting != "rewind" or _current(entry["runs"][key])):
                     continue
@@ -440,13 +544,7 @@ def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: 
                     old = entry["runs"][key].get("probe_alarm", "the offline rule of the time (patience 2, 0.05)")
                     entry.setdefault("replaced", []).append(f"{key}: its alarm read {old}; trained again")
                 started = time.perf_counter()
-                run = module.run_one((seed, lr, method))
-                run.pop("samples", None)  # the regime's figure is drawn from its own result file
-                if setting != "plain":
-                    run.update(probe_record(run["history"], stored["config"]["max_steps"]))
-                if setting == "rewind":  # the rule its alarm read
-                    run["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["online"])
-                entry["runs"][key] = run
+                entry["runs"][key] = run = _train(module, stored, seed, lr, method, setting)
                 _identities(entry, stored, module.run_key, dpo)
                 save()
                 same = run["identity"]

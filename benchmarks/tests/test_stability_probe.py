@@ -151,6 +151,86 @@ def test_the_online_goal_pairs_the_rewind_of_todays_rule_with_the_probe_logged_r
     assert not study._current(runs["old"]) and study._current(runs["r1"])
 
 
+class _SearchModule:
+    """A regime's study module whose Diffusion-DPO run at a learning rate ends with the held-out colour reward change
+    ``changes[lr][seed]`` from the base's."""
+
+    def __init__(self, changes: dict[float, dict[int, float]]) -> None:
+        self.changes, self.trained = changes, []
+
+    @staticmethod
+    def run_key(seed: int, lr: float, method: str) -> str:
+        return f"seed{seed}-lr{lr:g}-{method}"
+
+    def run_one(self, task: tuple[int, float, str]) -> dict:
+        seed, lr, method = task
+        self.trained.append(task)
+        reward = ONLINE_BASE["colour_reward"] + self.changes[lr][seed]
+        return {"seed": seed, "learning_rate": lr, "method": method, "curve": {"60": {"colour_reward": reward}},
+                "history": {"step": [60]}}  # fmt: skip
+
+
+SEARCH_STORED = {"base": {"measures": ONLINE_BASE}, "config": {"max_steps": 60}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "chosen", "tried"),
+    [
+        # both seeds fall beyond the tolerance at the first learning rate: chosen, the next never trained
+        ({3e-3: {10: -0.05, 11: -0.03}, 1e-2: {10: -0.2, 11: -0.2}}, 3e-3, [3e-3]),
+        # one seed of two is not most: the next learning rate, where both fall
+        ({3e-3: {10: -0.05, 11: -0.01}, 1e-2: {10: -0.05, 11: -0.021}}, 1e-2, [3e-3, 1e-2]),
+        # a fall within the tolerance is no fall: none chosen, the regime is not run
+        ({3e-3: {10: -0.019, 11: 0.0}, 1e-2: {10: -0.019, 11: -0.019}}, None, [3e-3, 1e-2]),
+    ],
+)
+def test_the_search_takes_the_lowest_learning_rate_where_most_search_seeds_lose_held_out_reward(
+    monkeypatch, changes, chosen, tried
+):
+    regime = study.OnlineRegime("online_hacking", Path("stored.json"), "dpo", search_lrs=(3e-3, 1e-2), fixed="x")
+    monkeypatch.setitem(study.ONLINE_REGIMES, "searched", regime)
+    module, entry = _SearchModule(changes), {"runs": {}}
+    assert study.search_online("searched", module, SEARCH_STORED, entry, lambda: None) == chosen
+    assert entry["search"]["chosen"] == chosen
+    assert [v["learning_rate"] for v in entry["search"]["by_learning_rate"]] == tried
+    assert module.trained == [(s, lr, "dpo-probe") for lr in tried for s in study.SEARCH_SEEDS]
+    assert not set(study.SEARCH_SEEDS) & set(range(10))  # never the paired seeds the alarm is chosen on
+    assert entry["runs"] == {}  # the search's runs are not the regime's runs
+    again = _SearchModule(changes)  # a rerun reads the runs it has
+    assert study.search_online("searched", again, SEARCH_STORED, entry, lambda: None) == chosen and not again.trained
+
+
+def test_a_searched_regimes_own_fixed_setting_is_its_best_fixed_setting_in_the_online_goal(tmp_path, monkeypatch):
+    current = study.dataclasses.asdict(study.PROBE_ALARM["online"])
+    stored = {"base": {"measures": ONLINE_BASE}, "config": {"beta": 5000.0}, "grid_learning_rate": 1e-3,
+              "runs": {f"s{seed}-old": _online_run("max-margin-5", seed, 0.5) for seed in range(3)}}  # fmt: skip
+    (tmp_path / "stored.json").write_text(json.dumps(stored))
+    regime = study.OnlineRegime(
+        "online_hacking", tmp_path / "stored.json", "dpo", search_lrs=(3e-3,), fixed="ema-0.999"
+    )
+    monkeypatch.setitem(study.ONLINE_REGIMES, "fast", regime)
+    fast = {}
+    for seed in range(3):
+        for method, change in (("dpo-probe", -0.1), ("ema-0.999", -0.01), ("max-margin-5", 0.2)):
+            fast[f"{seed}-{method}"] = {**_online_run(method, seed, change), "learning_rate": 3e-3}
+        rewind = _online_run("dpo-rewind", seed, -0.01, probe_alarm=current, rewinds=[], stopped_at=None)
+        fast[f"{seed}-rewind"] = {**rewind, "learning_rate": 3e-3}
+    report = {"regimes": {"fast": {"stored_file": str(tmp_path / "stored.json"), "reference": "dpo",
+                                   "learning_rate": 3e-3, "runs": fast}}}  # fmt: skip
+    cell = study.online_goal(report)["analysis"]["fast"]["lr0.003-beta5000"]
+    # the stored runs at lr 1e-3 and a setting the regime does not name are left out
+    assert set(cell) - {"learning_rate", "beta"} == {"dpo", "ema-0.999", "rewind"}
+    assert cell["rewind"]["best_fixed"] == "ema-0.999"
+    missing = study.online_not_run({"regimes": {"fast": {"runs": fast, "search": {"chosen": 3e-3}}}})
+    counts = (("dpo", 0), ("dpo-probe", 3), ("ema-0.999", 3), ("dpo-rewind", 3))
+    expected = [f"fast: {m}: {n} of 10 seeds" + (study.PLAIN_WHY if m == "dpo" else "") for m, n in counts]
+    assert [m for m in missing if m.startswith("fast:")] == expected
+    none = study.online_not_run({"regimes": {"fast": {"runs": {}, "search": {"chosen": None}}}})
+    assert [m for m in none if m.startswith("fast:")] == [
+        "fast: no searched learning rate broke Diffusion-DPO; not run"
+    ]
+
+
 # ------------------------------------------------------------------------------------------- the written file
 
 
