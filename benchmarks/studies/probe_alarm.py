@@ -297,12 +297,16 @@ def choose_rule_among(runs: list[dict[str, Any]], signal: str, grid: Grid = GRID
 # ------------------------------------------------------------------------------------------------------ online
 
 ONLINE_SOURCE = RESULTS / "probe" / "cpu-stability-probe-online.json"
-#: the online grid: the same signals and directions at the online runs' scale (their ``delta_winner`` peaks at a few
-#: thousandths where the offline runs' reach tenths)
+#: the online grid: the same signals and directions at the online runs' scale (a healthy or slowly drifting run's
+#: ``delta_winner`` peaks at a few thousandths where the offline runs' reach tenths), up to the scale at which the
+#: breaking regime's runs fail (``online-hacking-fast``: tenths to about 1; over the reference's error up to about 20)
 ONLINE_GRID: Grid = {
-    "delta_winner": ((True,), (0.0, 0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.05)),
-    "relative_delta_winner": ((True,), (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1)),
-    "delta_winner_minus_loser": ((True, False), (-0.002, -0.001, -0.0005, 0.0, 0.0005, 0.001, 0.002)),
+    "delta_winner": ((True,), (0.0, 0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5)),
+    "relative_delta_winner": ((True,), (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.3, 1.0, 3.0)),
+    "delta_winner_minus_loser": (
+        (True, False),
+        (-0.05, -0.01, -0.002, -0.001, -0.0005, 0.0, 0.0005, 0.001, 0.002, 0.01, 0.05),
+    ),
     "implicit_acc": ((True, False), (0.25, 0.5, 0.75)),
 }
 

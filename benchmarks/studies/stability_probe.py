@@ -547,7 +547,7 @@ def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: 
                 entry["runs"][key] = run = _train(module, stored, seed, lr, method, setting)
                 _identities(entry, stored, module.run_key, dpo)
                 save()
-                same = run["identity"]
+                same = run.get("identity", {"against": "none (a fixed setting)"})
                 print(
                     f"{regime} {key}: {time.perf_counter() - started:.0f} s, rewinds {run.get('rewinds')}, stopped "
                     f"at {run.get('stopped_at')}, equal to the {same['against']}: {same.get('equal')}",
