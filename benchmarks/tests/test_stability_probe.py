@@ -379,14 +379,22 @@ def test_the_safeguard_page_states_the_result_files_figures(written):
 
 def online_stated_figures(online: dict) -> list[str]:
     """The figures docs/safeguard.md and docs/online.md state about the rewind online, formatted from its result
-    file."""
+    file: the quiet runs, the hacking regime's miss, and the breaking regime's rewinds, reward and miss."""
     quiet = [cell for regime in online["quiet_identity"].values() for cell in regime.values()]
     runs = sum(cell["runs"] for regime in online["rewinds"].values() for cell in regime.values())
     missed = online["verdict"]["missed_by"]["online-hacking/lr0.001-beta5000"]
+    fast = online["rewinds"]["online-hacking-fast"]["lr0.01-beta5000"]
+    cell = online["analysis"]["online-hacking-fast"]["lr0.01-beta5000"]
+    reward, dpo = cell["rewind"]["steps"]["60"]["reward"]["vs_base"], cell["dpo"]["steps"]["60"]["reward"]["vs_base"]
+    fast_missed = online["verdict"]["missed_by"]["online-hacking-fast/lr0.01-beta5000"]
     return [
         f"quiet in {sum(c['quiet'] for c in quiet)} of {runs} rewinding runs, each equal to",
         f"the hacking regime, by {missed['reward']:.3f} on the held-out reward and {missed['denoising_error']:.3f} on "
         "the denoising error",
+        f"rewound in {fast['rewound']} of {fast['runs']} runs (stopping in {fast['stopped']}",
+        f"ending {reward['mean']:+.3f} [{reward['ci95'][0]:+.3f}, {reward['ci95'][1]:+.3f}] in held-out reward from "
+        f"the base (Diffusion-DPO {dpo['mean']:+.3f})",
+        f"on the denoising error by {fast_missed['denoising_error']:.3f}",
     ]
 
 
@@ -396,8 +404,30 @@ def test_the_pages_state_the_online_rewinds_figures():
     assert all(c["equal_to_dpo"] == c["quiet"] for c in quiet)  # "each equal to Diffusion-DPO's"
     verdict = online["verdict"]
     assert verdict["meets"] == {"breaks": False, "healthy": True} and not verdict["fixed_settings_meeting_both"]
+    # "misses the holding half only on the denoising error" where it breaks
+    assert set(verdict["missed_by"]["online-hacking-fast/lr0.01-beta5000"]) == {"denoising_error"}
     figures = online_stated_figures(online)
     text = " ".join((ROOT / "docs" / "safeguard.md").read_text().split())
     assert not [figure for figure in figures if figure not in text]
     text = " ".join((ROOT / "docs" / "online.md").read_text().split())
-    assert figures[0] in text and figures[1].replace("the hacking regime, by", "brightness-hacking regime by") in text
+    figures[1] = figures[1].replace("the hacking regime, by", "brightness-hacking regime by")
+    figures[4] = figures[4].replace("on the denoising error by", "on the denoising error, by")
+    assert not [figure for figure in figures if figure not in text]
+
+
+def test_the_breaking_online_regime_is_the_searchs_choice_and_its_runs_are_complete():
+    online = json.loads((ROOT / study.ONLINE_OUTPUT).read_text())
+    entry = online["regimes"]["online-hacking-fast"]
+    search = entry["search"]
+    assert search["chosen"] == entry["learning_rate"] == 1e-2 and search["seeds"] == list(study.SEARCH_SEEDS)
+    base = json.loads((ROOT / entry["stored_file"]).read_text())["base"]["measures"]["colour_reward"]
+    for verdict in search["by_learning_rate"]:  # recomputed from the search's runs
+        lr = verdict["learning_rate"]
+        changes = [search["runs"][f"seed{s}-lr{lr:g}-dpo-probe"]["curve"]["60"]["colour_reward"] - base
+                   for s in study.SEARCH_SEEDS]  # fmt: skip
+        assert verdict["breaks"] == (sum(c < -search["tolerance"] for c in changes) > len(changes) / 2)
+    assert [v["breaks"] for v in search["by_learning_rate"]] == [False, True]
+    for method in ("dpo-probe", "ema-0.999", "dpo-rewind"):
+        assert {r["seed"] for r in entry["runs"].values() if r["method"] == method} == set(range(10)), method
+    assert not [m for m in online["not_run"] if m.startswith("online-hacking-fast") and "plain" not in m
+                and "stand for it" not in m]  # fmt: skip
