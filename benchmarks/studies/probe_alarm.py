@@ -21,7 +21,7 @@ of the probe study (``stability_probe.py``, the probe logged, never acted on) re
   loss; *lenient* when it fired before the first evaluation that found it below.
 
 * **Online** (:func:`analyse_online`, the result file's ``online``): the runs of :data:`ONLINE_SOURCE` that log the
-  probe without acting on it (online Diffusion-DPO in every online regime of ``stability_probe.ONLINE_REGIMES``, 10
+  probe without acting on it (online Diffusion-DPO in every regime of ``stability_probe_online.ONLINE_REGIMES``, 10
   seeds each; a searched regime's search runs are not among them), labelled alike against the base of the regime's
   stored file, the rule chosen over :data:`ONLINE_GRID` (the online scale) on the even seeds of every regime and
   reported on the odd ones, per regime, beside the offline rule. No online run with a safeguard logs the probe:
