@@ -21,10 +21,11 @@ of the probe study (``stability_probe.py``, the probe logged, never acted on) re
   loss; *lenient* when it fired before the first evaluation that found it below.
 
 * **Online** (:func:`analyse_online`, the result file's ``online``): the runs of :data:`ONLINE_SOURCE` that log the
-  probe without acting on it (online Diffusion-DPO in the two online regimes, 10 seeds each), labelled alike against
-  the base of the regime's stored file, the rule chosen over :data:`ONLINE_GRID` (the online scale) on the even seeds
-  of both regimes and reported on the odd ones, per regime, beside the offline rule. No online run with a safeguard
-  logs the probe: safeguard off only.
+  probe without acting on it (online Diffusion-DPO in every regime of ``stability_probe_online.ONLINE_REGIMES``, 10
+  seeds each; a searched regime's search runs are not among them), labelled alike against the base of the regime's
+  stored file, the rule chosen over :data:`ONLINE_GRID` (the online scale) on the even seeds of every regime and
+  reported on the odd ones, per regime, beside the offline rule. No online run with a safeguard logs the probe:
+  safeguard off only.
 
 ``python benchmarks/studies/probe_alarm.py`` writes :data:`OUTPUT`; ``--check`` recomputes it and compares (exit
 status 1 on a difference); ``--table`` prints the Markdown tables ``docs/research/alarm.md`` carries and ``--page``
@@ -296,12 +297,16 @@ def choose_rule_among(runs: list[dict[str, Any]], signal: str, grid: Grid = GRID
 # ------------------------------------------------------------------------------------------------------ online
 
 ONLINE_SOURCE = RESULTS / "probe" / "cpu-stability-probe-online.json"
-#: the online grid: the same signals and directions at the online runs' scale (their ``delta_winner`` peaks at a few
-#: thousandths where the offline runs' reach tenths)
+#: the online grid: the same signals and directions at the online runs' scale (a healthy or slowly drifting run's
+#: ``delta_winner`` peaks at a few thousandths where the offline runs' reach tenths), up to the scale at which the
+#: breaking regime's runs fail (``online-hacking-fast``: tenths to about 1; over the reference's error up to about 20)
 ONLINE_GRID: Grid = {
-    "delta_winner": ((True,), (0.0, 0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.05)),
-    "relative_delta_winner": ((True,), (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1)),
-    "delta_winner_minus_loser": ((True, False), (-0.002, -0.001, -0.0005, 0.0, 0.0005, 0.001, 0.002)),
+    "delta_winner": ((True,), (0.0, 0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5)),
+    "relative_delta_winner": ((True,), (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.3, 1.0, 3.0)),
+    "delta_winner_minus_loser": (
+        (True, False),
+        (-0.05, -0.01, -0.002, -0.001, -0.0005, 0.0, 0.0005, 0.001, 0.002, 0.01, 0.05),
+    ),
     "implicit_acc": ((True, False), (0.25, 0.5, 0.75)),
 }
 
@@ -334,7 +339,7 @@ def load_online_runs(path: Path = ONLINE_SOURCE) -> list[dict[str, Any]]:
 
 
 def analyse_online(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
-    """The online calibration: the rule chosen on the even seeds of both online regimes over :data:`ONLINE_GRID`,
+    """The online calibration: the rule chosen on the even seeds of every online regime over :data:`ONLINE_GRID`,
     reported on the odd ones per regime beside the offline rule and the training-log alarm (the result file's
     ``online`` part)."""
     runs = load_online_runs(path)
@@ -374,7 +379,7 @@ def analyse_online(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
         "(the base of the regime's stored result file)",
         "safeguard": "off only: the online probe study's runs are online Diffusion-DPO; no online run with a "
         "safeguard logs the probe",
-        "split": "rule chosen on the runs of even training seeds of both online regimes (best F1; ties: fewer false "
+        "split": "rule chosen on the runs of even training seeds of every online regime (best F1; ties: fewer false "
         "alarms, more strictly timely alarms, the first in the grid), reported on the odd seeds",
         "choice_without_a_fallen_run": None
         if fell_on_choose

@@ -21,22 +21,8 @@ long runs), to say when the held-out reward fell against when the alarm fired.
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/stability_probe.py run --parts /tmp/probe-parts &
     python benchmarks/studies/stability_probe.py assemble --parts /tmp/probe-parts
 
-Online (``online``): the online regimes of the stability benchmark, each run as its own study runs it
-(``online_hacking.run_one``: brightness reward, lr 1e-3, 60 steps; ``online_comparison.run_one``: the colour reward,
-lr 2e-4, 120 steps), with the grid, learning rate and evaluation steps read from its stored result file
-(:data:`ONLINE_REGIMES`), in three settings: the regime's Diffusion-DPO trained again on this machine (``plain``:
-float results differ across CPUs), Diffusion-DPO with the probe logged (``<dpo>-probe``) and Diffusion-DPO with
-``on_pathology="rewind"`` (``<dpo>-rewind``; online a rewind stops the run with the healthy weights). The probe's
-prompts are the regime's held-out captions, given as the online trainer's eval prompts, so the training prompts are
-the stored runs' and every run is paired by seed with the stored Diffusion-DPO run: a probe that never acts trains bit
-for bit as that run, so the probe-logged runs' held-out measures are Diffusion-DPO's; ``identity`` records, per run,
-whether its held-out measures equal those of the plain run of its seed (else the stored run) at every evaluation step
-before its first rewind. A rewinding run records the rule its alarm read (``probe_alarm``: the package's online rule,
-chosen on the probe-logged runs by ``probe_alarm.py``); a run of an earlier rule is trained again and listed under
-``replaced``. The file carries the rewind's verdict against the goal as :func:`assemble` gives it offline
-(:func:`online_goal`). The probe reads the captions the held-out measures sample (its pairs at its own seeds, not
-the measures' images): the rewind's choice and the verdict share prompts, not images. Each finished run is written to
-``--json`` at once and a rerun skips the runs already there::
+Online (``online``, ``online-tables``): the online regimes with the probe logged and the rewind,
+:mod:`stability_probe_online`::
 
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/stability_probe.py online --seeds 0-9 &
 """
@@ -45,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import stability_guards as study  # noqa: E402
 import stability_map  # noqa: E402
-from stability_dormant import LABELS, both_halves, from_online, goal_all_measures, measure_table, verdict  # noqa: E402
+from stability_dormant import LABELS, both_halves, goal_all_measures, measure_table, verdict  # noqa: E402
 
-from benchmarks.studies.online_probe_runs import PROBE_HISTORY, probe_record  # noqa: E402
 from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS, Method  # noqa: E402
 
@@ -244,220 +227,6 @@ def assemble(parts: Path, path: Path) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------------ online
-
-#: regime -> (its study module, its stored result file, its Diffusion-DPO setting)
-ONLINE_REGIMES: dict[str, tuple[str, Path, str]] = {
-    "online-hacking": ("online_hacking", Path("benchmarks/results/cpu-online-hacking-demo.json"), "dpo"),
-    "online-healthy": ("online_comparison", Path("benchmarks/results/cpu-online-comparison-tiny.json"), "online-dpo"),
-}
-ONLINE_OUTPUT = Path("benchmarks/results/probe/cpu-stability-probe-online.json")
-#: plain: the regime's Diffusion-DPO as stored, trained again on this machine (float results differ across CPUs, so
-#: the identity is checked against it where the stored run was made on another); <dpo>-probe: the probe logged;
-#: <dpo>-rewind: on_pathology="rewind"
-ONLINE_SETTINGS = ("plain", "probe", "rewind")
-
-
-def online_settings(dpo_fields: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The two online settings' config fields on top of the regime's Diffusion-DPO ones."""
-    probe = {**dpo_fields, "probe_steps": PROBE_STEPS}
-    return {"probe": probe, "rewind": {**probe, "on_pathology": "rewind"}}
-
-
-def _online_setup(regime: str) -> tuple[Any, dict[str, Any], float, str]:
-    """The regime's study module (its METHODS extended by the two settings, its worker context built in this
-    process), its stored report, learning rate and Diffusion-DPO setting."""
-    name, stored_path, dpo = ONLINE_REGIMES[regime]
-    module = importlib.import_module(f"benchmarks.studies.{name}")
-    stored = json.loads(stored_path.read_text())
-    grid = stored["config"]
-    lr = stored["grid_learning_rate"] if "grid_learning_rate" in stored else stored["learning_rates"][0]
-    for setting, fields in online_settings(module.METHODS[dpo]).items():
-        module.METHODS[f"{dpo}-{setting}"] = fields
-        if hasattr(module, "LABELS"):
-            module.LABELS[f"{dpo}-{setting}"] = f"{module.LABELS[dpo]}, {setting}"
-    hacking = importlib.import_module("benchmarks.studies.online_hacking")
-    comparison = importlib.import_module("benchmarks.studies.online_comparison")
-    # the probe's readings and the rewinds in the runs' history (the regimes record their own keys)
-    hacking.EXTRA_HISTORY = (*dict.fromkeys((*hacking.EXTRA_HISTORY, *PROBE_HISTORY)),)
-    comparison.HISTORY_KEYS = (*dict.fromkeys((*comparison.HISTORY_KEYS, *PROBE_HISTORY)),)
-    if module is hacking:
-        hacking._init_worker(grid)
-    else:  # its held-out evaluation without the offline pairs, which these runs never train on
-        hacking._init_worker({**grid, "drawing_seed": comparison.DRAWING_SEED})
-        module._CONTEXT, hacking._CONTEXT = hacking._CONTEXT, None
-        module._CONTEXT.grid = grid
-    return module, stored, lr, dpo
-
-
-def identity(run: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
-    """Whether ``run``'s held-out measures equal those of ``reference`` (Diffusion-DPO of its seed without the
-    probe) at every evaluation step before its first rewind (up to then both train bit for bit alike, if the probe
-    leaves the training as it is), and the reference's machine."""
-    if reference is None:
-        return {"reference": None}
-    fired = min((r["fired_at"] for r in run.get("rewinds", [])), default=None)
-    steps = [s for s in run["curve"] if fired is None or int(s) < fired]
-    equal = {s: run["curve"][s] == reference["curve"].get(s) for s in steps}
-    gaps = [
-        abs(value - reference["curve"][s][measure])
-        for s in steps
-        if s in reference["curve"]
-        for measure, value in run["curve"][s].items()
-    ]
-    return {
-        "reference_cpu": reference.get("machine", {}).get("cpu"),
-        "steps": steps,
-        "equal": all(equal.values()) if equal else None,
-        "per_step": equal,
-        "max_abs_difference": max(gaps, default=None),
-    }
-
-
-def _reference(entry: dict[str, Any], stored: dict[str, Any], key: str) -> tuple[str, dict[str, Any] | None]:
-    """Diffusion-DPO of a seed without the probe (``key``): trained again here (``plain``) where it was, else the
-    stored run."""
-    if key in entry["runs"]:
-        return "plain run on this machine", entry["runs"][key]
-    return "stored run", stored["runs"].get(key)
-
-
-def _identities(entry: dict[str, Any], stored: dict[str, Any], run_key: Any, dpo: str) -> None:
-    """Each run's ``identity``: a plain run's against the stored run of its seed, a probing run's against the plain
-    run of its seed where there is one, else the stored run."""
-    for run in entry["runs"].values():
-        key = run_key(run["seed"], entry["learning_rate"], dpo)
-        if run["method"] == dpo:
-            against, reference = "stored run", stored["runs"].get(key)
-        else:
-            against, reference = _reference(entry, stored, key)
-        run["identity"] = {"against": against, **identity(run, reference)}
-
-
-def online_not_run(report: dict[str, Any]) -> list[str]:
-    """What the online result file lacks: per regime the settings with fewer than 10 seeds (a rewinding run counts
-    only when its alarm read the package's online rule)."""
-    missing = []
-    for regime in ONLINE_REGIMES:
-        runs = report["regimes"].get(regime, {}).get("runs", {}).values()
-        dpo = ONLINE_REGIMES[regime][2]
-        for setting in ONLINE_SETTINGS:
-            method = dpo if setting == "plain" else f"{dpo}-{setting}"
-            seeds = {r["seed"] for r in runs if r["method"] == method and (setting != "rewind" or _current(r))}
-            if len(seeds) < 10:
-                why = (
-                    " (the probe-logged runs, equal to it where both ran, stand for it)" if setting == "plain" else ""
-                )
-                missing.append(f"{regime}: {method}: {len(seeds)} of 10 seeds{why}")
-    return missing
-
-
-def _current(run: dict[str, Any]) -> bool:
-    """Whether a rewinding run's alarm read the package's online rule as it is now (runs of an earlier rule are
-    trained again)."""
-    return run.get("probe_alarm") == dataclasses.asdict(PROBE_ALARM["online"])
-
-
-#: the online regimes' stored settings that are no fixed online setting: offline Diffusion-DPO and its safeguard,
-#: trained on offline pairs beside the online runs of the healthy regime
-OFFLINE_IN_ONLINE = ("offline-",)
-
-
-def online_goal(report: dict[str, Any]) -> dict[str, Any]:
-    """The rewind online against the goal, as :func:`assemble` judges it offline: per online regime the runs of
-    :func:`stability_dormant.from_online` (the held-out colour reward as the reward, shape IoU, diversity and
-    denoising error, the base of the regime's stored file at step 0) for Diffusion-DPO (the probe-logged runs: they
-    train bit for bit as Diffusion-DPO on this machine), the rewind (its runs that read the package's online rule)
-    and every fixed online setting of the regime's stored runs at its learning rate; the paired intervals, the two
-    halves, the verdict, the rewinds and the quiet runs' identity."""
-    regimes: dict[str, Any] = {}
-    for regime, entry in report["regimes"].items():
-        stored = json.loads(Path(entry["stored_file"]).read_text())
-        dpo, lr = entry["reference"], entry["learning_rate"]
-        mine = {
-            key: run
-            for key, run in stored["runs"].items()
-            if run["method"] != dpo and not run["method"].startswith(OFFLINE_IN_ONLINE) and run["learning_rate"] == lr
-        }
-        for key, run in entry["runs"].items():
-            if run["method"] == f"{dpo}-probe":
-                mine[key] = {**run, "method": "online-dpo"}  # from_online's name for Diffusion-DPO online
-            elif run["method"] == f"{dpo}-rewind" and _current(run):
-                mine[key] = {**run, "method": study.REWIND}
-        converted = from_online({**stored, "grid_learning_rate": lr, "runs": mine})
-        for key, run in converted["runs"].items():
-            run["rewinds"], run["stopped_at"] = mine[key].get("rewinds", []), mine[key].get("stopped_at")
-        regimes[regime] = converted
-    analysis = study.analyse(regimes)
-    verdicts = goal_all_measures(analysis)
-    halves = both_halves(verdicts)
-    return {
-        "goal_what": "the rewind online against the goal: per regime, at the last evaluation step, each held-out "
-        "measure's change from the base (the regime's stored base) and the paired differences (95% t intervals over "
-        "seeds) from Diffusion-DPO (this file's probe-logged runs, which train bit for bit as Diffusion-DPO here) and "
-        "the best fixed setting of the regime's stored runs (the highest mean reward change; trained on the machines "
-        "their file names); the reward is the held-out colour reward",
-        "analysis": analysis,
-        "goal_all_measures": verdicts,
-        "both_halves": halves,
-        "verdict": verdict(halves, verdicts, study.REWIND) if study.REWIND in halves else "not run",
-        "rewinds": {name: rewinds(r["runs"]) for name, r in regimes.items()},
-        "quiet_identity": {name: quiet_identity(r["runs"]) for name, r in regimes.items()},
-    }
-
-
-def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: Path) -> int:
-    """Train the online settings of ``regimes`` for ``seeds`` in this process (one torch thread), each run written to
-    ``path`` as it finishes; runs already there are skipped."""
-    report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    report.setdefault("regimes", {})
-    report["description"] = __doc__.split("Online (``online``): ", 1)[1].split("::")[0].replace("\n", " ")
-    report["probe"] = {"probe_steps": PROBE_STEPS, "probe_pairs": "the config's default", "prompts": "held-out"}
-    report["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["online"])
-    report["command"] = "OMP_NUM_THREADS=1 python benchmarks/studies/stability_probe.py online --seeds 0-9"
-
-    def save() -> None:
-        from benchmarks.studies.online_comparison import _write  # the online result files' layout
-
-        report.update(online_goal(report))
-        report["not_run"] = online_not_run(report)
-        _write(path, report)
-
-    for regime in regimes:
-        module, stored, lr, dpo = _online_setup(regime)
-        entry = report["regimes"].setdefault(regime, {"runs": {}})
-        entry.update(stored_file=str(ONLINE_REGIMES[regime][1]), learning_rate=lr, config=stored["config"],
-                     eval_steps=stored["eval_steps"], reference=dpo)  # fmt: skip
-        _identities(entry, stored, module.run_key, dpo)  # again: runs of another invocation may be their references
-        save()
-        for seed in seeds:
-            for setting in sorted(settings, key=ONLINE_SETTINGS.index):  # plain first: the others' reference
-                method = dpo if setting == "plain" else f"{dpo}-{setting}"
-                key = module.run_key(seed, lr, method)
-                if key in entry["runs"] and (setting != "rewind" or _current(entry["runs"][key])):
-                    continue
-                if key in entry["runs"]:  # a rewinding run of an earlier rule: trained again with today's
-                    old = entry["runs"][key].get("probe_alarm", "the offline rule of the time (patience 2, 0.05)")
-                    entry.setdefault("replaced", []).append(f"{key}: its alarm read {old}; trained again")
-                started = time.perf_counter()
-                run = module.run_one((seed, lr, method))
-                run.pop("samples", None)  # the regime's figure is drawn from its own result file
-                if setting != "plain":
-                    run.update(probe_record(run["history"], stored["config"]["max_steps"]))
-                if setting == "rewind":  # the rule its alarm read
-                    run["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["online"])
-                entry["runs"][key] = run
-                _identities(entry, stored, module.run_key, dpo)
-                save()
-                same = run["identity"]
-                print(
-                    f"{regime} {key}: {time.perf_counter() - started:.0f} s, rewinds {run.get('rewinds')}, stopped "
-                    f"at {run.get('stopped_at')}, equal to the {same['against']}: {same.get('equal')}",
-                    flush=True,
-                )
-    return 0
-
-
 REWIND_START, REWIND_END = "<!-- rewind-tables:start -->", "<!-- rewind-tables:end -->"
 ONLINE_REWIND_START, ONLINE_REWIND_END = "<!-- online-rewind-tables:start -->", "<!-- online-rewind-tables:end -->"
 
@@ -520,6 +289,8 @@ def rewind_tables(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stability_probe_online import ONLINE_OUTPUT, ONLINE_REGIMES, ONLINE_SETTINGS, run_online
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("run", "assemble", "tables", "online", "online-tables"))
     parser.add_argument("--page", default=None, type=Path, help="tables: rewrite this page's marked block.")

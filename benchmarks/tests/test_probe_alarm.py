@@ -226,6 +226,40 @@ def test_the_online_runs_are_labelled_against_the_stored_base_and_reported_per_r
     assert [hacking[k] for k in ("runs", "fired_fell", "fired_held")] == [4, 2, 2]
 
 
+def test_a_searched_regimes_runs_enter_the_online_choice_and_its_search_runs_do_not(tmp_path):
+    """The hacking regime's runs all hold with a flat probe; the searched regime (lr 1e-2) breaks on seeds 0 and 1
+    (0.03) and holds on 2 and 3 (0.002); its search runs (seeds 10 and 11) fell with a flat probe."""
+    stored = tmp_path / "stored.json"
+    stored.write_text(json.dumps({"base": {"measures": {"colour_reward": BASE_COLOUR}}}))
+    hacking = [_online_run(seed, "dpo-probe", 0.0, 0.0) for seed in range(4)]
+    fast = [{**_online_run(seed, "dpo-probe", 0.03 if seed < 2 else 0.002, -0.05 if seed < 2 else 0.0),
+             "learning_rate": 1e-2} for seed in range(4)]  # fmt: skip
+    search = {f"seed{seed}-search": {**_online_run(seed, "dpo-probe", 0.0, -0.05), "learning_rate": 1e-2}
+              for seed in (10, 11)}  # fmt: skip
+    report = {"regimes": {}}
+    for regime, mine in (("online-hacking", hacking), ("online-hacking-fast", fast)):
+        report["regimes"][regime] = {
+            "stored_file": str(stored), "reference": "dpo", "config": {"max_steps": 60},
+            "runs": {f"seed{r['seed']}-{r['method']}": r for r in mine},
+        }  # fmt: skip
+    report["regimes"]["online-hacking-fast"]["search"] = {"runs": search, "chosen": 1e-2}
+    path = tmp_path / "online-probe-study.json"
+    path.write_text(json.dumps(report))
+    result = study.analyse_online(path)
+    # chosen on the searched regime's even seeds: above its held seed's 0.002, where the hacking regime alone (no
+    # fallen run) would give the grid's first quiet rule, above 0.0
+    assert result["rules"]["calibrated"] == {
+        "signal": "delta_winner",
+        "above": True,
+        "threshold": 0.002,
+        "patience": 1,
+    }
+    assert result["choice_without_a_fallen_run"] is None
+    assert {r["id"] for r in result["runs"]} == {f"{g}/seed{s}-dpo-probe" for g in report["regimes"] for s in range(4)}
+    fast_held_out = result["groups"]["online-hacking-fast, lr 0.01, 60 steps, safeguard off, held-out"]["calibrated"]
+    assert [fast_held_out[k] for k in ("runs", "fired_fell", "fired_held", "quiet_fell")] == [2, 1, 0, 0]
+
+
 # ------------------------------------------------------------------------------------------- the written files
 
 

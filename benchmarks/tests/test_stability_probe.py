@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "studies"))
 
 import probe_alarm  # noqa: E402
 import stability_probe as study  # noqa: E402
+import stability_probe_online as online_study  # noqa: E402
 
 BASE = {"reward": 0.8, "shape_iou": 0.7, "diversity": 0.15, "denoising_error": 0.04}
 
@@ -115,7 +117,7 @@ def _online_run(method: str, seed: int, reward: float, **extra) -> dict:
 def test_the_online_goal_pairs_the_rewind_of_todays_rule_with_the_probe_logged_runs_and_the_stored_settings(
     tmp_path, monkeypatch
 ):
-    current = study.dataclasses.asdict(study.PROBE_ALARM["online"])
+    current = asdict(online_study.PROBE_ALARM["online"])
     stored = {
         "base": {"measures": ONLINE_BASE},
         "config": {"beta": 5000.0},
@@ -136,7 +138,7 @@ def test_the_online_goal_pairs_the_rewind_of_todays_rule_with_the_probe_logged_r
     runs["old"] = _online_run("dpo-rewind", 3, 0.9, rewinds=[], stopped_at=None)  # an earlier rule's: left out
     report = {"regimes": {"online-hacking": {"stored_file": str(tmp_path / "stored.json"), "reference": "dpo",
                                              "learning_rate": 1e-3, "runs": runs}}}  # fmt: skip
-    goal = study.online_goal(report)
+    goal = online_study.online_goal(report)
     cell = goal["analysis"]["online-hacking"]["lr0.001-beta5000"]
     assert set(cell) - {"learning_rate", "beta"} == {"dpo", "guard-max-margin", "rewind"}
     assert cell["rewind"]["seeds"] == [0, 1, 2] and cell["rewind"]["best_fixed"] == "guard-max-margin"
@@ -148,7 +150,92 @@ def test_the_online_goal_pairs_the_rewind_of_todays_rule_with_the_probe_logged_r
     rewound = goal["rewinds"]["online-hacking"]["lr0.001-beta5000"]
     assert (rewound["runs"], rewound["rewound"], rewound["stopped"]) == (3, 2, 2)
     assert goal["goal_all_measures"]["online-hacking/lr0.001-beta5000"]["diffusion_dpo_breaks"]
-    assert not study._current(runs["old"]) and study._current(runs["r1"])
+    assert not online_study._current(runs["old"]) and online_study._current(runs["r1"])
+
+
+class _SearchModule:
+    """A regime's study module whose Diffusion-DPO run at a learning rate ends with the held-out colour reward change
+    ``changes[lr][seed]`` from the base's."""
+
+    def __init__(self, changes: dict[float, dict[int, float]]) -> None:
+        self.changes, self.trained = changes, []
+
+    @staticmethod
+    def run_key(seed: int, lr: float, method: str) -> str:
+        return f"seed{seed}-lr{lr:g}-{method}"
+
+    def run_one(self, task: tuple[int, float, str]) -> dict:
+        seed, lr, method = task
+        self.trained.append(task)
+        reward = ONLINE_BASE["colour_reward"] + self.changes[lr][seed]
+        return {"seed": seed, "learning_rate": lr, "method": method, "curve": {"60": {"colour_reward": reward}},
+                "history": {"step": [60]}}  # fmt: skip
+
+
+SEARCH_STORED = {"base": {"measures": ONLINE_BASE}, "config": {"max_steps": 60}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "chosen", "tried"),
+    [
+        # both seeds fall beyond the tolerance at the first learning rate: chosen, the next never trained
+        ({3e-3: {10: -0.05, 11: -0.03}, 1e-2: {10: -0.2, 11: -0.2}}, 3e-3, [3e-3]),
+        # one seed of two is not most: the next learning rate, where both fall
+        ({3e-3: {10: -0.05, 11: -0.01}, 1e-2: {10: -0.05, 11: -0.021}}, 1e-2, [3e-3, 1e-2]),
+        # a fall within the tolerance is no fall: none chosen, the regime is not run
+        ({3e-3: {10: -0.019, 11: 0.0}, 1e-2: {10: -0.019, 11: -0.019}}, None, [3e-3, 1e-2]),
+    ],
+)
+def test_the_search_takes_the_lowest_learning_rate_where_most_search_seeds_lose_held_out_reward(
+    monkeypatch, changes, chosen, tried
+):
+    regime = online_study.OnlineRegime(
+        "online_hacking", Path("stored.json"), "dpo", search_lrs=(3e-3, 1e-2), fixed="x"
+    )
+    monkeypatch.setitem(online_study.ONLINE_REGIMES, "searched", regime)
+    module, entry = _SearchModule(changes), {"runs": {}}
+    assert online_study.search_online("searched", module, SEARCH_STORED, entry, lambda: None) == chosen
+    assert entry["search"]["chosen"] == chosen
+    assert [v["learning_rate"] for v in entry["search"]["by_learning_rate"]] == tried
+    assert module.trained == [(s, lr, "dpo-probe") for lr in tried for s in online_study.SEARCH_SEEDS]
+    assert not set(online_study.SEARCH_SEEDS) & set(range(10))  # never the paired seeds the alarm is chosen on
+    assert entry["runs"] == {}  # the search's runs are not the regime's runs
+    again = _SearchModule(changes)  # a rerun reads the runs it has
+    assert (
+        online_study.search_online("searched", again, SEARCH_STORED, entry, lambda: None) == chosen
+        and not again.trained
+    )
+
+
+def test_a_searched_regimes_own_fixed_setting_is_its_best_fixed_setting_in_the_online_goal(tmp_path, monkeypatch):
+    current = asdict(online_study.PROBE_ALARM["online"])
+    stored = {"base": {"measures": ONLINE_BASE}, "config": {"beta": 5000.0}, "grid_learning_rate": 1e-3,
+              "runs": {f"s{seed}-old": _online_run("max-margin-5", seed, 0.5) for seed in range(3)}}  # fmt: skip
+    (tmp_path / "stored.json").write_text(json.dumps(stored))
+    regime = online_study.OnlineRegime(
+        "online_hacking", tmp_path / "stored.json", "dpo", search_lrs=(3e-3,), fixed="ema-0.999"
+    )
+    monkeypatch.setitem(online_study.ONLINE_REGIMES, "fast", regime)
+    fast = {}
+    for seed in range(3):
+        for method, change in (("dpo-probe", -0.1), ("ema-0.999", -0.01), ("max-margin-5", 0.2)):
+            fast[f"{seed}-{method}"] = {**_online_run(method, seed, change), "learning_rate": 3e-3}
+        rewind = _online_run("dpo-rewind", seed, -0.01, probe_alarm=current, rewinds=[], stopped_at=None)
+        fast[f"{seed}-rewind"] = {**rewind, "learning_rate": 3e-3}
+    report = {"regimes": {"fast": {"stored_file": str(tmp_path / "stored.json"), "reference": "dpo",
+                                   "learning_rate": 3e-3, "runs": fast}}}  # fmt: skip
+    cell = online_study.online_goal(report)["analysis"]["fast"]["lr0.003-beta5000"]
+    # the stored runs at lr 1e-3 and a setting the regime does not name are left out
+    assert set(cell) - {"learning_rate", "beta"} == {"dpo", "ema-0.999", "rewind"}
+    assert cell["rewind"]["best_fixed"] == "ema-0.999"
+    missing = online_study.online_not_run({"regimes": {"fast": {"runs": fast, "search": {"chosen": 3e-3}}}})
+    counts = (("dpo", 0), ("dpo-probe", 3), ("ema-0.999", 3), ("dpo-rewind", 3))
+    expected = [f"fast: {m}: {n} of 10 seeds" + (online_study.PLAIN_WHY if m == "dpo" else "") for m, n in counts]
+    assert [m for m in missing if m.startswith("fast:")] == expected
+    none = online_study.online_not_run({"regimes": {"fast": {"runs": {}, "search": {"chosen": None}}}})
+    assert [m for m in none if m.startswith("fast:")] == [
+        "fast: no searched learning rate broke Diffusion-DPO; not run"
+    ]
 
 
 # ------------------------------------------------------------------------------------------- the written file
@@ -239,7 +326,7 @@ def test_the_research_page_quotes_the_result_file():
     block = page.split(study.REWIND_START, 1)[1].split(study.REWIND_END, 1)[0]
     assert block.strip() == study.rewind_tables(ROOT / study.OUTPUT).strip()
     block = page.split(study.ONLINE_REWIND_START, 1)[1].split(study.ONLINE_REWIND_END, 1)[0]
-    assert block.strip() == study.rewind_tables(ROOT / study.ONLINE_OUTPUT).strip()
+    assert block.strip() == study.rewind_tables(ROOT / online_study.ONLINE_OUTPUT).strip()
     alarm_page = (ROOT / "docs" / "research" / "alarm.md").read_text()
     calibration = json.loads(probe_alarm.OUTPUT.read_text())
     block = alarm_page.split(probe_alarm.START, 1)[1].split(probe_alarm.END, 1)[0]
@@ -299,25 +386,55 @@ def test_the_safeguard_page_states_the_result_files_figures(written):
 
 def online_stated_figures(online: dict) -> list[str]:
     """The figures docs/safeguard.md and docs/online.md state about the rewind online, formatted from its result
-    file."""
+    file: the quiet runs, the hacking regime's miss, and the breaking regime's rewinds, reward and miss."""
     quiet = [cell for regime in online["quiet_identity"].values() for cell in regime.values()]
     runs = sum(cell["runs"] for regime in online["rewinds"].values() for cell in regime.values())
     missed = online["verdict"]["missed_by"]["online-hacking/lr0.001-beta5000"]
+    fast = online["rewinds"]["online-hacking-fast"]["lr0.01-beta5000"]
+    cell = online["analysis"]["online-hacking-fast"]["lr0.01-beta5000"]
+    reward, dpo = cell["rewind"]["steps"]["60"]["reward"]["vs_base"], cell["dpo"]["steps"]["60"]["reward"]["vs_base"]
+    fast_missed = online["verdict"]["missed_by"]["online-hacking-fast/lr0.01-beta5000"]
     return [
         f"quiet in {sum(c['quiet'] for c in quiet)} of {runs} rewinding runs, each equal to",
         f"the hacking regime, by {missed['reward']:.3f} on the held-out reward and {missed['denoising_error']:.3f} on "
         "the denoising error",
+        f"rewound in {fast['rewound']} of {fast['runs']} runs (stopping in {fast['stopped']}",
+        f"ending {reward['mean']:+.3f} [{reward['ci95'][0]:+.3f}, {reward['ci95'][1]:+.3f}] in held-out reward from "
+        f"the base (Diffusion-DPO {dpo['mean']:+.3f})",
+        f"on the denoising error by {fast_missed['denoising_error']:.3f}",
     ]
 
 
 def test_the_pages_state_the_online_rewinds_figures():
-    online = json.loads((ROOT / study.ONLINE_OUTPUT).read_text())
+    online = json.loads((ROOT / online_study.ONLINE_OUTPUT).read_text())
     quiet = [cell for regime in online["quiet_identity"].values() for cell in regime.values()]
     assert all(c["equal_to_dpo"] == c["quiet"] for c in quiet)  # "each equal to Diffusion-DPO's"
     verdict = online["verdict"]
     assert verdict["meets"] == {"breaks": False, "healthy": True} and not verdict["fixed_settings_meeting_both"]
+    # "misses the holding half only on the denoising error" where it breaks
+    assert set(verdict["missed_by"]["online-hacking-fast/lr0.01-beta5000"]) == {"denoising_error"}
     figures = online_stated_figures(online)
     text = " ".join((ROOT / "docs" / "safeguard.md").read_text().split())
     assert not [figure for figure in figures if figure not in text]
     text = " ".join((ROOT / "docs" / "online.md").read_text().split())
-    assert figures[0] in text and figures[1].replace("the hacking regime, by", "brightness-hacking regime by") in text
+    figures[1] = figures[1].replace("the hacking regime, by", "brightness-hacking regime by")
+    figures[4] = figures[4].replace("on the denoising error by", "on the denoising error, by")
+    assert not [figure for figure in figures if figure not in text]
+
+
+def test_the_breaking_online_regime_is_the_searchs_choice_and_its_runs_are_complete():
+    online = json.loads((ROOT / online_study.ONLINE_OUTPUT).read_text())
+    entry = online["regimes"]["online-hacking-fast"]
+    search = entry["search"]
+    assert search["chosen"] == entry["learning_rate"] == 1e-2 and search["seeds"] == list(online_study.SEARCH_SEEDS)
+    base = json.loads((ROOT / entry["stored_file"]).read_text())["base"]["measures"]["colour_reward"]
+    for verdict in search["by_learning_rate"]:  # recomputed from the search's runs
+        lr = verdict["learning_rate"]
+        changes = [search["runs"][f"seed{s}-lr{lr:g}-dpo-probe"]["curve"]["60"]["colour_reward"] - base
+                   for s in online_study.SEARCH_SEEDS]  # fmt: skip
+        assert verdict["breaks"] == (sum(c < -search["tolerance"] for c in changes) > len(changes) / 2)
+    assert [v["breaks"] for v in search["by_learning_rate"]] == [False, True]
+    for method in ("dpo-probe", "ema-0.999", "dpo-rewind"):
+        assert {r["seed"] for r in entry["runs"].values() if r["method"] == method} == set(range(10)), method
+    assert not [m for m in online["not_run"] if m.startswith("online-hacking-fast") and "plain" not in m
+                and "stand for it" not in m]  # fmt: skip

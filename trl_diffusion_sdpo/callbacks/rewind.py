@@ -92,9 +92,9 @@ with the probe logged (4 held-out pairs every 5 steps; chosen on the even seeds,
 ``benchmarks/results/probe/cpu-probe-alarm-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
 docs/research/alarm.md), which holds their confusion matrices and how often they fire before the held-out reward has
 fallen by half. Offline: chosen by F1 on Diffusion-DPO and the default safeguard at lr 2e-5, 2e-4 and 1e-3. Online:
-chosen on online Diffusion-DPO in the two online regimes, whose held-out winner error moves about twenty times less;
-no run it was chosen on lost held-out reward, so it is the grid's first rule that stays quiet on all of them (the
-offline rule never fires online)."""
+chosen by F1 on online Diffusion-DPO in the three online regimes (brightness hacking at lr 1e-3 and at 1e-2, where its
+held-out reward falls in every run; the colour reward at 2e-4): a healthy online run's held-out winner error moves
+about twenty times less than offline, so the offline rule comes late online."""
 
 
 def probe_alarm(args: Any) -> ProbeAlarmRule:
