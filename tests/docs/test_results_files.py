@@ -1,6 +1,6 @@
 """``benchmarks/results/`` holds, at its top level and in one folder per study, only the result files the README or the
-docs quote; every result path the README, the docs and the benchmarks' README quote exists; superseded runs live in ``benchmarks/results/history/``. The suite itself imports
-nothing from ``benchmarks/``."""
+docs quote; every result path the README, the docs and the benchmarks' README quote exists; superseded runs live in
+``benchmarks/results/history/``. The suite itself imports nothing from ``benchmarks/``."""
 
 from __future__ import annotations
 
