@@ -1,7 +1,8 @@
 """The held-out probe's cost on the tiny SD LoRA run: its share of the training time, measured side by side in one
 run (the time spent inside the probe's measurements over the run's ``train_runtime``).
 
-    python benchmarks/speed/probe_cost.py --steps 60 --probe-steps 10 --out benchmarks/results/probe/cpu-probe-cost-tiny.json
+    python benchmarks/speed/probe_cost.py --steps 60 --probe-steps 10 \\
+        --out benchmarks/results/probe/cpu-probe-cost-tiny.json
 
 The run: the tiny Stable Diffusion pipeline (``trl_diffusion_sdpo.testing``), LoRA, resolution 32, 2 pairs per step
 on 24 coloured pairs, Diffusion-DPO, the probe at its default ``probe_pairs`` held back from them. One intra-op
