@@ -424,21 +424,12 @@ def describe(rule: dict[str, Any]) -> str:
     return f"`{rule['signal']}` {side} {rule['threshold']:g}, {rule['patience']} in a row"
 
 
-def tables(result: dict[str, Any]) -> str:
-    """The Markdown tables of ``docs/research/alarm.md``'s probe section: the matrices with timeliness, the best rule
-    per signal, and the held-out runs per cell."""
+def _matrix_lines(confusions: dict[str, Any], rules: dict[str, str], names: dict[str, str]) -> list[str]:
+    """The confusion-matrix table: a row per rule and set of runs, with timeliness where it was measured."""
     head = ("| rule | runs | fired, fell | fired, held | quiet, fell | quiet, held | precision | recall "
             "| timely (strict / lenient) |")  # fmt: skip
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    names = {"report_runs": "held-out", "choose_runs": "chosen on", "all_runs": "all",
-             "report_runs_safeguard_off": "held-out, safeguard off",
-             "report_runs_safeguard_on": "held-out, safeguard on"}  # fmt: skip
-    rules = {
-        "before": f"before calibration ({describe(result['rules']['before'])})",
-        "calibrated": f"calibrated ({describe(result['rules']['calibrated'])})",
-        "training_log_alarm": "the training-log alarm (as logged)",
-    }
-    for rule, matrices in result["confusion"].items():
+    for rule, matrices in confusions.items():
         for which, m in matrices.items():
             timely = ""
             if "timely_strict" in m:
@@ -448,10 +439,31 @@ def tables(result: dict[str, Any]) -> str:
                 f"| {m['quiet_fell']} | {m['quiet_held']} | {_cell(m['precision'])} | {_cell(m['recall'])} "
                 f"| {timely} |"
             )
-    lines += ["", "| signal | its best rule on the runs chosen on | precision, recall (held-out) |", "|---|---|---|"]
-    for signal, entry in result["best_per_signal"].items():
+    return lines
+
+
+def _best_per_signal_lines(best: dict[str, Any]) -> list[str]:
+    """The table of each signal's best rule on the runs chosen on, with its held-out precision and recall."""
+    lines = ["", "| signal | its best rule on the runs chosen on | precision, recall (held-out) |", "|---|---|---|"]
+    for signal, entry in best.items():
         m = entry["report_runs"]
         lines.append(f"| `{signal}` | {describe(entry['rule'])} | {_cell(m['precision'])}, {_cell(m['recall'])} |")
+    return lines
+
+
+def tables(result: dict[str, Any]) -> str:
+    """The Markdown tables of ``docs/research/alarm.md``'s probe section: the matrices with timeliness, the best rule
+    per signal, and the held-out runs per cell."""
+    names = {"report_runs": "held-out", "choose_runs": "chosen on", "all_runs": "all",
+             "report_runs_safeguard_off": "held-out, safeguard off",
+             "report_runs_safeguard_on": "held-out, safeguard on"}  # fmt: skip
+    rules = {
+        "before": f"before calibration ({describe(result['rules']['before'])})",
+        "calibrated": f"calibrated ({describe(result['rules']['calibrated'])})",
+        "training_log_alarm": "the training-log alarm (as logged)",
+    }
+    lines = _matrix_lines(result["confusion"], rules, names)
+    lines += _best_per_signal_lines(result["best_per_signal"])
     lines += ["", "| held-out runs | runs | fell | calibrated: fired, fell / fired, held "
               "| timely (strict) | training-log alarm: fired, fell / fired, held |",
               "|---|---:|---:|---|---:|---|"]  # fmt: skip
@@ -468,29 +480,14 @@ def online_tables(online: dict[str, Any]) -> str:
     """The Markdown tables of ``docs/research/alarm.md``'s online calibration: the matrices with timeliness (the
     offline rule, the online rule, the training-log alarm), the best rule per signal, per regime and half, and the
     runs one by one."""
-    head = ("| rule | runs | fired, fell | fired, held | quiet, fell | quiet, held | precision | recall "
-            "| timely (strict / lenient) |")  # fmt: skip
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     names = {"report_runs": "held-out, odd seeds", "choose_runs": "chosen on, even seeds", "all_runs": "all"}
     rules = {
         "offline": f"the offline rule ({describe(online['rules']['offline'])})",
         "calibrated": f"online, calibrated ({describe(online['rules']['calibrated'])})",
         "training_log_alarm": "the training-log alarm (as logged)",
     }
-    for rule, matrices in online["confusion"].items():
-        for which, m in matrices.items():
-            timely = ""
-            if "timely_strict" in m:
-                timely = f"{_cell(m['timely_strict_share'])} / {_cell(m['timely_lenient_share'])}"
-            lines.append(
-                f"| {rules[rule]} | {names[which]} ({m['runs']}) | {m['fired_fell']} | {m['fired_held']} "
-                f"| {m['quiet_fell']} | {m['quiet_held']} | {_cell(m['precision'])} | {_cell(m['recall'])} "
-                f"| {timely} |"
-            )
-    lines += ["", "| signal | its best rule on the runs chosen on | precision, recall (held-out) |", "|---|---|---|"]
-    for signal, entry in online["best_per_signal"].items():
-        m = entry["report_runs"]
-        lines.append(f"| `{signal}` | {describe(entry['rule'])} | {_cell(m['precision'])}, {_cell(m['recall'])} |")
+    lines = _matrix_lines(online["confusion"], rules, names)
+    lines += _best_per_signal_lines(online["best_per_signal"])
     lines += ["", "| regime and half | runs | fell | online rule: fired, fell / fired, held | offline rule: fired "
               "| training-log alarm: fired |", "|---|---:|---:|---|---:|---:|"]  # fmt: skip
     for group, entry in online["groups"].items():
