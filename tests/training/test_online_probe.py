@@ -204,3 +204,26 @@ def test_an_online_run_resumed_from_a_checkpoint_probes_the_same_pairs_and_rewin
     assert straight.probe.rewind.rewinds == resumed.probe.rewind.rewinds == [(4, 2)]
     assert resumed.probe.readings == straight.probe.readings[3:]  # step 4: the same figures
     assert equal(trained_weights(resumed), trained_weights(straight))
+
+
+@pytest.mark.parametrize("online", [True, False], ids=["online-prompts", "offline-pairs"])
+def test_a_streamed_dataset_gives_its_first_rows_to_the_probe_and_trains_on_the_rest(online):
+    from types import SimpleNamespace
+
+    from trl_diffusion_sdpo.callbacks.probe import hold_back_pairs
+
+    rows = [{"prompt": f"prompt {i}", "row": i} for i in range(7)]
+    stream = Dataset.from_list(rows).to_iterable_dataset()
+    args = SimpleNamespace(probe_steps=5, probe_pairs=HELD, is_online=online)
+    train, held = hold_back_pairs(stream, None, args)
+    assert [r["row"] for r in held] == [0, 1]
+    assert [r["row"] for r in train] == [2, 3, 4, 5, 6]  # every other row trains, none twice
+    with pytest.raises(ValueError, match=r"probe_pairs=8: the streamed train_dataset holds only 7"):
+        hold_back_pairs(stream, None, SimpleNamespace(probe_steps=5, probe_pairs=8, is_online=online))
+    # With eval prompts an online run's probe reads their first rows and the stream trains whole.
+    eval_prompts = Dataset.from_dict({"prompt": EVAL_PROMPTS})
+    train, held = hold_back_pairs(stream, eval_prompts, args)
+    if online:
+        assert held["prompt"] == EVAL_PROMPTS[:HELD] and [r["row"] for r in train] == list(range(7))
+    else:
+        assert held is None and train is stream
