@@ -112,3 +112,33 @@ def test_the_online_safeguard_is_off_unless_a_flag_asks_for_it(flags, space, mu)
     _, config, _ = parse_args(["--config", str(CONFIG), "--output_dir", "unused", *flags])
     assert (config.safeguard_space, config.safeguarded, config.safeguard_mu) == (space, space != "none", mu)
     assert DiffusionSDPOConfig(output_dir="unused", use_cpu=True).safeguard_space == "output"
+
+
+def test_probe_prompts_are_the_online_probes_and_need_the_probe(tmp_path, monkeypatch, capsys):
+    """``--probe_prompts`` gives the held-out probe its prompts (the first ``--probe_pairs`` of them), so none is held
+    back from ``--prompts``; without ``--probe_steps`` it is a usage error."""
+    from trl_diffusion_sdpo.online.trainer import OnlineDiffusionSDPOTrainer
+
+    monkeypatch.chdir(ROOT)
+    probe_file = tmp_path / "probe.txt"
+    probe_file.write_text("red square on black\nblue circle on white\ngreen triangle on white\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["online", "--config", str(CONFIG), "--output_dir", "unused", "--probe_prompts", str(probe_file)])
+    assert exit_.value.code == 2 and "set --probe_steps too" in capsys.readouterr().err
+
+    seen: dict[str, list[str]] = {}
+    train = OnlineDiffusionSDPOTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        seen["probe"] = list(self.probe.held["prompt"])
+        seen["training"] = list(self.train_dataset["prompt"])
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineDiffusionSDPOTrainer, "train", recording_train)
+    out = tmp_path / "online"
+    argv = ["online", "--config", str(CONFIG), "--max_steps", "1", "--output_dir", str(out), "--probe_steps", "1",
+            "--probe_pairs", "2", "--probe_prompts", str(probe_file)]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["probe"] == ["red square on black", "blue circle on white"]
+    shipped = (ROOT / "examples" / "prompts" / "tiny_shapes.txt").read_text().split("\n")
+    assert seen["training"] == [line for line in shipped if line.strip()]  # none held back from --prompts

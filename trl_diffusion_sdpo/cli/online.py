@@ -48,6 +48,11 @@ class OnlinePromptArguments(ValidationArguments, ProcessArguments):
     prompt_column: str = option("prompt", "The prompt column of a dataset of prompts.")
     prompt_split: str | None = option(None, "The split of a Hub dataset of prompts.")
     max_prompts: int | None = option(None, "Use only the first N prompts.")
+    probe_prompts: str | None = option(
+        None,
+        "The held-out probe's prompts (with --probe_steps), in any form --prompts takes; its first --probe_pairs are "
+        "paired once before training. Unset: --probe_pairs prompts are held back from --prompts.",
+    )
 
 
 ARGUMENT_TYPES = (OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig)
@@ -84,20 +89,26 @@ def parse_args(argv: Sequence[str] | None = None):
         parser.error(str(err))
     if prompt_args.prompts is None:
         parser.error("--prompts is required: a preset, a .txt file, a .jsonl file or a dataset with a prompt column.")
-    prompts = prompt_args.prompts
-    if prompts.lower().endswith((".txt", ".jsonl", ".json", ".csv")) and not os.path.exists(prompts):
-        parser.error(f"--prompts {prompts} does not exist (a relative path is read from the current folder)")
+    for flag, prompts in (("--prompts", prompt_args.prompts), ("--probe_prompts", prompt_args.probe_prompts)):
+        if prompts and prompts.lower().endswith((".txt", ".jsonl", ".json", ".csv")) and not os.path.exists(prompts):
+            parser.error(f"{flag} {prompts} does not exist (a relative path is read from the current folder)")
+    if prompt_args.probe_prompts and not training_args.probe_steps:
+        parser.error("--probe_prompts are the held-out probe's: set --probe_steps too, or drop --probe_prompts")
     return prompt_args, training_args, model_args
 
 
-def load_prompt_dataset(args: OnlinePromptArguments, column: str | None = None):
+def load_prompt_dataset(args: OnlinePromptArguments, column: str | None = None, source: str | None = None):
     """The prompts as a ``datasets.Dataset`` with a ``prompt`` column (through the evaluation's prompt loader;
-    ``column``: a dataset's prompt column, ``--prompt_column``)."""
+    ``column``: a dataset's prompt column, ``--prompt_column``; ``source``: another source than ``--prompts``, read
+    whole, as ``--probe_prompts`` is)."""
     from datasets import Dataset
 
     from ..evaluation.prompts import load_prompt_set
 
-    prompts = load_prompt_set(args.prompts, column=column, split=args.prompt_split, limit=args.max_prompts)
+    if source is None:
+        prompts = load_prompt_set(args.prompts, column=column, split=args.prompt_split, limit=args.max_prompts)
+    else:
+        prompts = load_prompt_set(source, column=column, split=args.prompt_split)
     if not prompts or isinstance(prompts[0], str):
         return Dataset.from_dict({"prompt": list(prompts)})
     # edits: each instruction with its source(s), in one column for every row (source_images where one has several)
@@ -121,11 +132,15 @@ def main(argv: Sequence[str] | None = None):
     check_supported_model(model_args)
     pipeline = build_pipeline(model_args, DiffusionScriptArguments())
     peft_config = peft_config_for(model_args, pipeline)
+    probe_prompts = None
+    if prompt_args.probe_prompts:
+        probe_prompts = load_prompt_dataset(prompt_args, prompt_args.prompt_column, prompt_args.probe_prompts)
     trainer = OnlineDiffusionSDPOTrainer(
         pipeline,
         None,
         training_args,
         load_prompt_dataset(prompt_args, prompt_args.prompt_column),
+        probe_prompts,
         peft_config=peft_config,
         callbacks=prompt_args.validation_callbacks(),
     )

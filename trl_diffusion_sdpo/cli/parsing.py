@@ -47,6 +47,7 @@ INPUT_PATH_KEYS = {
     "vae_name_or_path": True,
     "dataset_name": True,
     "prompts": True,
+    "probe_prompts": True,
     "validation_source_images": False,
     "deepspeed": False,
 }
