@@ -209,16 +209,27 @@ def _log_alarm(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return confusion([r["log_alarm_at"] is not None for r in runs], [label(r) for r in runs])
 
 
+def best_per_signal(halves: dict[str, list[dict[str, Any]]], grid: Grid) -> dict[str, Any]:
+    """Per signal of ``grid``: its best rule on the runs chosen on, with its matrix there and on the held-out runs."""
+    per_signal = {}
+    for signal in grid:
+        best, matrix = choose_rule_among(halves["choose"], signal, grid)
+        per_signal[signal] = {"rule": asdict(best), "chosen_on": matrix, "report_runs": score(halves["report"], best)}
+    return per_signal
+
+
+def grid_record(grid: Grid) -> dict[str, Any]:
+    """``grid`` as the result file records it: per signal its directions and thresholds, and the patiences."""
+    return {s: {"above": list(d), "thresholds": list(t)} for s, (d, t) in grid.items()} | {"patience": PATIENCE}
+
+
 def analyse(path: Path = SOURCE) -> dict[str, Any]:
     """The labels, the split, the chosen rule, its confusion matrices and timeliness (the result file's content)."""
     runs = load_runs(path)
     halves = {name: [r for r in runs if side(r) == name] for name in ("choose", "report")}
     chosen, on_choose = choose_rule(halves["choose"])
     before = BEFORE
-    per_signal = {}
-    for signal in GRID:
-        best, matrix = choose_rule_among(halves["choose"], signal)
-        per_signal[signal] = {"rule": asdict(best), "chosen_on": matrix, "report_runs": score(halves["report"], best)}
+    per_signal = best_per_signal(halves, GRID)
     groups: dict[str, Any] = {}
     for cell in dict.fromkeys(r["cell"] for r in runs):
         for guarded, word in ((False, "safeguard off"), (True, "safeguard on")):
@@ -253,7 +264,7 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
         "timeliness": "of the true alarms, the share fired before the held-out reward had fallen by half of its final "
         "loss; strict: an evaluation at or after the alarm's step still found it above half; lenient: fired before "
         "the first evaluation that found it below half",
-        "grid": {s: {"above": list(d), "thresholds": list(t)} for s, (d, t) in GRID.items()} | {"patience": PATIENCE},
+        "grid": grid_record(GRID),
         "rules": {name: asdict(rule) for name, rule in rules.items()},
         "package_rule": asdict(PROBE_ALARM["offline"]),
         "package_rule_is_calibrated": package is not None and package == PROBE_ALARM["offline"],
@@ -354,10 +365,7 @@ def analyse_online(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
         for name, rule in rules.items()
     }  # fmt: skip
     matrices["training_log_alarm"] = {"report_runs": _log_alarm(halves["report"]), "all_runs": _log_alarm(runs)}
-    per_signal = {}
-    for signal in ONLINE_GRID:
-        best, matrix = choose_rule_among(halves["choose"], signal, ONLINE_GRID)
-        per_signal[signal] = {"rule": asdict(best), "chosen_on": matrix, "report_runs": score(halves["report"], best)}
+    per_signal = best_per_signal(halves, ONLINE_GRID)
     groups: dict[str, Any] = {}
     for cell in dict.fromkeys(r["cell"] for r in runs):
         for name, half in halves.items():
@@ -386,8 +394,7 @@ def analyse_online(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
         else "no run of the even seeds fell, so every rule's F1 there is 0 and the choice is the first rule of the "
         "grid (thresholds rising, patience rising within a threshold) with the fewest false alarms: the most "
         "sensitive rule of the grid that stays quiet on the healthy runs chosen on",
-        "grid": {s: {"above": list(d), "thresholds": list(t)} for s, (d, t) in ONLINE_GRID.items()}
-        | {"patience": PATIENCE},
+        "grid": grid_record(ONLINE_GRID),
         "rules": {name: asdict(rule) for name, rule in rules.items()},
         "package_rule": asdict(PROBE_ALARM["online"]),
         "package_rule_is_calibrated": package is not None and package == PROBE_ALARM["online"],
