@@ -335,6 +335,8 @@ def make_trainer(opts: argparse.Namespace, run: str, workdir: str, num_steps: in
         report_to="none",
         disable_tqdm=True,
         use_cpu=opts.device == "cpu",
+        # several CPU processes (engine_matrix.py): a process group over gloo, which DeepSpeed's needs on the CPU
+        ddp_backend="gloo" if opts.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         bf16=opts.dtype == "bf16",
         cache_latents=cache == "cached",
         latent_cache_dir=os.path.join(workdir, "cache"),

@@ -22,7 +22,7 @@ from trl_diffusion_sdpo.families.inversion import DDIMInversionNoiser  # noqa: E
 from trl_diffusion_sdpo.testing.unet import build_tiny_sd_pipeline  # noqa: E402
 
 
-def main(result: str, space: str) -> None:
+def main(result: str, space: str, launch_fields: dict) -> None:
     calls: list[tuple[list[int], int]] = []
     invert = DDIMInversionNoiser.invert
 
@@ -56,6 +56,7 @@ def main(result: str, space: str) -> None:
         smpo_score_min=0.1,
         smpo_score_max=0.3,
         safeguard_space=space,
+        **launch_fields,
     )
     pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=tempfile.mkdtemp())
     trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=Dataset.from_list(rows))
@@ -64,4 +65,4 @@ def main(result: str, space: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))

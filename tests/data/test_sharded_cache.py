@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 
 import trl_diffusion_sdpo.data.sharded_cache as sharded_cache
-from tests.helpers.common import worker_environment
+from tests.helpers.common import cpu_launch_flags, worker_environment
 from tests.helpers.latent_cache import _rows
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.data.latent_cache import CachedPreferenceCollator, build_latent_cache
@@ -193,12 +193,13 @@ def test_a_cache_for_another_resolution_is_refused_by_the_trainer(tmp_path, data
 
 
 def _cache_command(assets: Path, folder: Path, *extra: str) -> list[str]:
-    """`accelerate launch` of `trl-diffusion-sdpo cache` on 2 processes (the multi-GPU config: on a machine without
-    GPUs the training config then sets up gloo, as for training)."""
+    """`accelerate launch` of `trl-diffusion-sdpo cache` on 2 processes (the multi-GPU config; on a machine without
+    GPUs with accelerate's CPU mode, as training needs it)."""
     launch = f"-m accelerate.commands.launch --config_file {CONFIGS / 'multi_gpu.yaml'} --num_processes 2"
     launch += " --mixed_precision no --main_process_port 0 -m trl_diffusion_sdpo cache"
     options = f"--resolution {RESOLUTION} --random_flip true --cache_chunk_size 1 --cache_batch_size 1"
     options += f" --output_dir {assets / 'unused'} --report_to none"
+    options += " " + " ".join(cpu_launch_flags(CONFIGS / "multi_gpu.yaml"))
     paths = ["--model_name_or_path", str(assets / "pipeline"), "--dataset_name", str(assets / "data")]
     return [sys.executable, *launch.split(), *paths, "--latent_cache", str(folder), *options.split(), *extra]
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.helpers.common import worker_environment
+from tests.helpers.common import cpu_launch_flags, worker_environment
 from tests.helpers.distributed import (
     _REPORTS,
     CONFIGS,
@@ -638,6 +638,7 @@ def test_parameter_space_under_zero3_with_the_local_scope_is_refused_before_trai
         *PARAMETER,
         "--safeguard_scope",
         "local",
+        *cpu_launch_flags(CONFIGS / "deepspeed_zero3.yaml"),
     ]
     env = worker_environment()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -38,8 +38,8 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from tests.helpers.common import worker_environment
-from tests.helpers.distributed import Run, _launch_environment
+from tests.helpers.common import cpu_launch_fields, worker_environment
+from tests.helpers.distributed import CONFIGS, Run, _launch_environment
 from trl_diffusion_sdpo.demo.shapes import all_captions
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
@@ -297,7 +297,7 @@ def _launch(assets: dict, runs: dict[str, OnlineRun]) -> None:
             "data": str(root / spec.data),
             "output_dir": str(root / name / "model"),
             "reward": spec.reward,
-            "config": spec.fields(),
+            "config": {**spec.fields(), **({} if spec.config is None else cpu_launch_fields(CONFIGS / spec.config))},
         }
         if spec.edit_area_scale is not None:
             job["edit_area_scale"] = spec.edit_area_scale

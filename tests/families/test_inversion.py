@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-from tests.helpers.common import lora_config
+from tests.helpers.common import cpu_launch_fields, lora_config
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.config import INVERSION_NETWORKS, NOISING_MODES
 from trl_diffusion_sdpo.families import DDPMNoiser, FlowNoiser, PromptEmbeddings, family_for_pipeline, inversion
@@ -461,6 +461,7 @@ def test_two_processes_call_the_network_equally_often_whatever_their_own_timeste
     """FSDP2 and ZeRO-3 gather weights inside every forward: each process's inversion must call the network as
     often as the other's, or the run hangs. Two CPU processes, SmPO with inversion, 3 steps: they finish, and each
     step's call count is the same on both although their timesteps (and so their own grid points) differ."""
+    import json
     import os
     import socket
     import subprocess
@@ -476,12 +477,11 @@ def test_two_processes_call_the_network_equally_often_whatever_their_own_timeste
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(root / "examples" / "accelerate_configs" / config), "--num_processes", "2", "--mixed_precision", "no",
         "--main_process_port", str(port), str(root / "tests" / "inversion_worker.py"), str(result), space,
+        json.dumps(cpu_launch_fields(root / "examples" / "accelerate_configs" / config)),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(root))
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
     ranks = [json.loads(Path(f"{result}.{rank}.json").read_text()) for rank in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 3
     for (_, calls_0), (_, calls_1) in zip(*ranks):

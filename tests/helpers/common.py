@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 from peft import LoraConfig
 from PIL import Image
 from transformers import TrainerCallback
@@ -23,6 +24,21 @@ def worker_environment() -> dict[str, str]:
     per process (the cores are shared) and no tokenizer threads."""
     path = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p)
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def cpu_launch_fields(accelerate_config: str | Path) -> dict[str, object]:
+    """The config fields a multi-process launch with ``accelerate_config`` needs on a machine without CUDA, where the
+    config refuses the launch without them (``trl_diffusion_sdpo.config.fields.cpu_launch_problem``): under DeepSpeed
+    its process group over gloo, else accelerate's CPU mode; none where CUDA is."""
+    if torch.cuda.is_available():
+        return {}
+    deepspeed = yaml.safe_load(Path(accelerate_config).read_text(encoding="utf-8"))["distributed_type"] == "DEEPSPEED"
+    return {"ddp_backend": "gloo"} if deepspeed else {"use_cpu": True}
+
+
+def cpu_launch_flags(accelerate_config: str | Path) -> list[str]:
+    """:func:`cpu_launch_fields` as command-line options."""
+    return [f"--{name}={str(value).lower()}" for name, value in cpu_launch_fields(accelerate_config).items()]
 
 
 # Distinct, saturated colours: a decoded, resized and cropped image keeps its colour exactly (PNG) or nearly (JPEG),

@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from tests.helpers.common import pickapic_rows, worker_environment
+from tests.helpers.common import cpu_launch_flags, pickapic_rows, worker_environment
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,6 +152,7 @@ def _script_arguments(assets: dict, name: str, run: Run, processes: int) -> list
         "--safeguard_scope", "global",
         *(["--use_peft", "--lora_r", "4", "--lora_alpha", "4", "--lora_dropout", "0"] if run.lora else []),
         *run.arguments(assets),
+        *([] if run.config is None else cpu_launch_flags(CONFIGS / run.config)),
     ]  # fmt: skip
 
 

@@ -48,6 +48,7 @@ def main(out: str) -> None:
         report_to="none",
         save_strategy="no",
         dataloader_num_workers=0,
+        use_cpu=True,  # two processes launched on the CPU (multi_gpu.yaml)
         disable_tqdm=True,
         seed=0,
     )

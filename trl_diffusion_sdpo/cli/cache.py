@@ -69,8 +69,8 @@ def run_cache(argv: list[str] | None = None) -> int:
     if not diffusion_args.latent_cache:
         parser.error("--latent_cache FOLDER is required: where the cache is written (or resumed)")
     refuse_other_files(diffusion_args.latent_cache, cache_args.overwrite)  # before the model loads
-    # The training config sets up the process group as training would (gloo for several CPU processes); a bare
-    # PartialState() would run each CPU process as a lone one.
+    # The training config has set up the process group as training would (on CPU processes it refused a launch
+    # without accelerate's CPU mode); a bare PartialState() would run each CPU process as a lone one.
     device = args.device
     state = PartialState()
     pipeline = build_pipeline(model_args, diffusion_args)

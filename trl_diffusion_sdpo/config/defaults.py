@@ -437,13 +437,6 @@ def machine_choices(
         given = bool(getattr(config.accelerator_config, "non_blocking", False))
         choices["non_blocking"] = ResolvedDefault("non_blocking", given, "as given", given=True)
 
-    for name, value in getattr(config, "launch_choices", {}).items():
-        why = (
-            f"{processes} processes launched without CUDA: accelerate joins them only on the CPU over gloo (set when "
-            "the config was made: transformers sets up the processes from it)"
-        )
-        choices[name] = ResolvedDefault(name, value, why, MACHINE)
-
     if _still_unset(config, "disable_tqdm") and not config.disable_tqdm and not terminal:
         config.disable_tqdm = True
         choices["disable_tqdm"] = ResolvedDefault(

@@ -95,9 +95,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "Parameters that control robustness": ("", ("on_nonfinite_loss",)),
     "Defaults changed from `TrainingArguments`": (
-        'When several processes run on a machine without CUDA, `ddp_backend` becomes `"gloo"` and `use_cpu` '
-        "`True` (outside DeepSpeed); otherwise accelerate would run each process as a lone one, or disagree with "
-        "DeepSpeed about the number of processes.",
+        "",
         (
             "scale_lr",
             "learning_rate",

@@ -427,19 +427,11 @@ class DiffusionSDPOConfig(TrainingArguments):
         # Every rule the config alone can decide: each field's, those over several fields and the chosen
         # objective's own (rules.check_config).
         check_config(self)
-        #: what the config itself set for a multi-process launch without CUDA (the start summary prints it,
-        #: ``config.defaults.machine_choices``)
-        self.launch_choices: dict[str, Any] = {}
-        if _launched_on_cpu_only():
-            # Several processes, no GPU: without these, accelerate finds no device backend and runs each process as a
-            # lone one (no gradient sync), and under DeepSpeed disagrees with it on the number of processes. Decided
-            # here, not by the trainer: transformers' __post_init__ below sets up accelerate's processes from them.
-            if self.ddp_backend is None:
-                self.ddp_backend = self.launch_choices["ddp_backend"] = "gloo"
-            if not self.deepspeed and not strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
-                if not self.use_cpu:
-                    self.launch_choices["use_cpu"] = True
-                self.use_cpu = True
+        # Before transformers sets up accelerate's processes from the fields below: a launch they cannot join is
+        # refused, never repaired (no field's value depends on the machine)
+        launch_problem = cpu_launch_problem(self)
+        if launch_problem:
+            raise ValueError(launch_problem)
         super().__post_init__()
         #: the fields of ``MACHINE_FIELDS`` the caller left unset, with the value transformers gave them: the trainer
         #: chooses for its own copy while a field still holds it
@@ -468,6 +460,28 @@ def _number_or_text(value: str) -> float | str:
         return value
 
 
-def _launched_on_cpu_only() -> bool:
-    """Several processes were launched (torchrun / accelerate launch) and there is no CUDA device."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+def cpu_launch_problem(config: Any) -> str | None:
+    """What stops several processes launched without CUDA (torchrun / ``accelerate launch``) from training together
+    with ``config``, with the fix; ``None`` when nothing does.
+
+    On the CPU accelerate joins processes only in its CPU mode (``use_cpu``, or ``ACCELERATE_USE_CPU`` as
+    ``accelerate launch --cpu`` sets it), over gloo; without it each process trains alone, with no gradient sync.
+    Under DeepSpeed the CPU mode would skip DeepSpeed's set-up: there the process group needs ``ddp_backend="gloo"``,
+    or accelerate and DeepSpeed disagree on the number of processes."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes <= 1 or torch.cuda.is_available():
+        return None
+    launched = f"{processes} processes were launched on a machine without CUDA"
+    if config.deepspeed or strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+        if config.ddp_backend is None:
+            return (
+                f"{launched} under DeepSpeed, with no ddp_backend: accelerate and DeepSpeed would disagree on the "
+                "number of processes. Set ddp_backend='gloo' (--ddp_backend gloo)."
+            )
+        return None
+    if not config.use_cpu and not strtobool(os.environ.get("ACCELERATE_USE_CPU", "false")):
+        return (
+            f"{launched}, with use_cpu=False: each would train alone, with no gradient sync. Set use_cpu=True "
+            "(--use_cpu true), or launch with `accelerate launch --cpu`."
+        )
+    return None
