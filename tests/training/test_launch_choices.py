@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.training.test_cli_errors import TINY, error_line
 from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.config import DiffusionSDPOConfig
 from trl_diffusion_sdpo.config.fields import cpu_launch_problem
@@ -72,12 +71,14 @@ def test_nothing_is_refused_with_cuda_or_one_process(monkeypatch):
 
 
 def test_the_command_line_prints_the_refusal_as_its_error_line(two_cpu_processes, tmp_path, capsys):
-    argv = ["train", "--model_name_or_path", TINY, "--dataset_name", str(tmp_path / "pairs"), "--report_to", "none"]
+    argv = ["train", "--model_name_or_path", "trl-diffusion-sdpo:tiny", "--dataset_name", str(tmp_path / "pairs"), "--report_to", "none"]
     with pytest.raises(SystemExit) as exited:  # argparse's own exit, as for any option it refuses
         main([*argv, "--output_dir", str(tmp_path / "out")])
     assert exited.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert "Set use_cpu=True (--use_cpu true)" in error_line(lines)
+    assert not any("Traceback" in line for line in lines)
+    assert lines[-1].startswith("trl-diffusion-sdpo train: error: 2 processes were launched"), lines[-1]
+    assert "Set use_cpu=True (--use_cpu true)" in lines[-1]
 
 
 def test_the_docs_name_each_flag_the_refusals_name(two_cpu_processes):
