@@ -71,7 +71,8 @@ def test_nothing_is_refused_with_cuda_or_one_process(monkeypatch):
 
 
 def test_the_command_line_prints_the_refusal_as_its_error_line(two_cpu_processes, tmp_path, capsys):
-    argv = ["train", "--model_name_or_path", "trl-diffusion-sdpo:tiny", "--dataset_name", str(tmp_path / "pairs"), "--report_to", "none"]
+    argv = ["train", "--model_name_or_path", "trl-diffusion-sdpo:tiny", "--dataset_name", str(tmp_path / "pairs")]
+    argv += ["--report_to", "none"]
     with pytest.raises(SystemExit) as exited:  # argparse's own exit, as for any option it refuses
         main([*argv, "--output_dir", str(tmp_path / "out")])
     assert exited.value.code == 2
