@@ -19,7 +19,7 @@ replayed through ``trl_diffusion_sdpo.callbacks.health.winner_pathology``, label
   every setting land on the same side, so reruns of one setting in two files never straddle the split.
 
 ``python benchmarks/studies/alarm_calibration.py`` writes :data:`OUTPUT`; ``--check`` recomputes it and compares
-(exit status 1 on a difference); ``--table`` prints the Markdown tables ``docs/research/alarm.md`` carries and
+(exit status 1 on a difference); ``--table`` prints the Markdown tables ``benchmarks/research/alarm.md`` carries and
 ``--page`` writes them there.
 """
 
@@ -55,7 +55,7 @@ OTHER_BASE: tuple[str, ...] = (
 """Runs on another base (the shipped one; the studies train the benchmark's): the rules are reported on them too,
 never chosen on them."""
 OUTPUT = RESULTS / "cpu-alarm-calibration.json"
-PAGE = ROOT / "docs" / "research" / "alarm.md"
+PAGE = ROOT / "benchmarks" / "research" / "alarm.md"
 START, END = "<!-- alarm-tables:start -->", "<!-- alarm-tables:end -->"
 """The page's block the tables are written into (``--page``)."""
 TOLERANCE = 0.02
@@ -315,7 +315,7 @@ def _cell(value: float | None) -> str:
 
 
 def tables(result: dict[str, Any]) -> str:
-    """The Markdown tables of ``docs/research/alarm.md``: the matrices, then the runs per group."""
+    """The Markdown tables of ``benchmarks/research/alarm.md``: the matrices, then the runs per group."""
     lines = [
         "| rule | runs | fired, fell | fired, held | quiet, fell | quiet, held | precision | recall |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

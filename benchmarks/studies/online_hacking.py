@@ -2,7 +2,7 @@
 while what the user wants falls. Does Diffusion-DPO's held-out shape measure turn down, and does each guard keep it?
 
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/online_hacking.py run &
-    python benchmarks/studies/online_hacking.py analyse --page docs/research/stability.md  # the tables, again
+    python benchmarks/studies/online_hacking.py analyse --page benchmarks/research/stability.md  # the tables, again
     python benchmarks/studies/online_hacking.py figure
 
 Not part of the test suite. ``OnlineDiffusionSDPOTrainer`` on the benchmark's base (``stability_map.STUDY_BASE``), with

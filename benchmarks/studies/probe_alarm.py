@@ -28,8 +28,8 @@ of the probe study (``stability_probe.py``, the probe logged, never acted on) re
   safeguard off only.
 
 ``python benchmarks/studies/probe_alarm.py`` writes :data:`OUTPUT`; ``--check`` recomputes it and compares (exit
-status 1 on a difference); ``--table`` prints the Markdown tables ``docs/research/alarm.md`` carries and ``--page``
-writes them there.
+status 1 on a difference); ``--table`` prints the Markdown tables ``benchmarks/research/alarm.md`` carries and
+``--page`` writes them there.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, ProbeAlarmRule  # n
 RESULTS = ROOT / "benchmarks" / "results"
 SOURCE = RESULTS / "probe" / "cpu-stability-probe-demo.json"
 OUTPUT = RESULTS / "probe" / "cpu-probe-alarm-calibration.json"
-PAGE = ROOT / "docs" / "research" / "alarm.md"
+PAGE = ROOT / "benchmarks" / "research" / "alarm.md"
 START, END = "<!-- probe-alarm-tables:start -->", "<!-- probe-alarm-tables:end -->"
 ONLINE_START, ONLINE_END = "<!-- probe-alarm-online-tables:start -->", "<!-- probe-alarm-online-tables:end -->"
 CHOOSE_REGIMES = ("offline",)  # the regime the rule is chosen on (its even seeds); the others' runs only report it
@@ -459,8 +459,8 @@ def _best_per_signal_lines(best: dict[str, Any]) -> list[str]:
 
 
 def tables(result: dict[str, Any]) -> str:
-    """The Markdown tables of ``docs/research/alarm.md``'s probe section: the matrices with timeliness, the best rule
-    per signal, and the held-out runs per cell."""
+    """The Markdown tables of ``benchmarks/research/alarm.md``'s probe section: the matrices with timeliness, the best
+    rule per signal, and the held-out runs per cell."""
     names = {"report_runs": "held-out", "choose_runs": "chosen on", "all_runs": "all",
              "report_runs_safeguard_off": "held-out, safeguard off",
              "report_runs_safeguard_on": "held-out, safeguard on"}  # fmt: skip
@@ -484,7 +484,7 @@ def tables(result: dict[str, Any]) -> str:
 
 
 def online_tables(online: dict[str, Any]) -> str:
-    """The Markdown tables of ``docs/research/alarm.md``'s online calibration: the matrices with timeliness (the
+    """The Markdown tables of ``benchmarks/research/alarm.md``'s online calibration: the matrices with timeliness (the
     offline rule, the online rule, the training-log alarm), the best rule per signal, per regime and half, and the
     runs one by one."""
     names = {"report_runs": "held-out, odd seeds", "choose_runs": "chosen on, even seeds", "all_runs": "all"}

@@ -5,7 +5,7 @@ setting tries the offline switch target online (:func:`tried_online`), judged on
 
     python benchmarks/studies/stability_guards.py dormant --parts /tmp/dormant-parts \
         --online online-hacking=/tmp/online-hacking.json --online online-healthy=/tmp/online-healthy.json
-    python benchmarks/studies/stability_guards.py dormant-tables --page docs/research/stability.md
+    python benchmarks/studies/stability_guards.py dormant-tables --page benchmarks/research/stability.md
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ DRAWINGS_PER_PROMPT, DRAWING_SEED = 4, 777
 #: 2e-5 (what they cost where Diffusion-DPO is healthy); the long runs to 10 seeds; the dormant safeguard in the
 #: three offline cells, then in the long runs; the search's smallest beta (5, at 2e-5, 100 steps) with 10 seeds:
 #: Diffusion-DPO and the dormant safeguard, then the default safeguard and the margin cap. Sized to a shared
-#: two-core machine (docs/research/stability.md says what was not run).
+#: two-core machine (benchmarks/research/stability.md says what was not run).
 SEARCH = {"--lrs": "5e-4,1e-3", "--betas": "50,5", "--max-steps": "100", "--eval-steps": "25,50,100"}
 GRID = {"--max-steps": "50", "--eval-steps": "25,50", "--betas": "", "--eval-seeds-per-prompt": "4"}
 LONG = {"--max-steps": "1000", "--eval-steps": "250,500,1000", "--betas": "", "--eval-seeds-per-prompt": "4"}
@@ -463,8 +463,8 @@ TABLES_START, TABLES_END = "<!-- stability-tables:start -->", "<!-- stability-ta
 
 
 def tables(path: Path) -> str:
-    """The Markdown tables docs/research/stability.md quotes: per cell and setting at the last evaluation step, each
-    held-out measure's change against the base and its paired difference from Diffusion-DPO (95% t intervals), and
+    """The Markdown tables benchmarks/research/stability.md quotes: per cell and setting at the last evaluation step,
+    each held-out measure's change against the base and its paired difference from Diffusion-DPO (95% t intervals), and
     the goal's verdicts."""
     report = json.loads(path.read_text())
     lines = []

@@ -241,8 +241,8 @@ def _rewound(cell: dict[str, Any]) -> str:
 
 
 def rewind_tables(path: Path) -> str:
-    """The Markdown docs/research/stability.md quotes from the probe study's result file (:func:`assemble`): per cell
-    at the last evaluation step, each held-out measure's change against the base for Diffusion-DPO and the rewind,
+    """The Markdown benchmarks/research/stability.md quotes from the probe study's result file (:func:`assemble`): per
+    cell at the last evaluation step, each held-out measure's change against the base for Diffusion-DPO and the rewind,
     and the rewind's paired differences from Diffusion-DPO and the best fixed setting (95% t intervals, every setting
     with the probe on); its rewinds; the two halves and the rule's verdict."""
     report = json.loads(path.read_text())

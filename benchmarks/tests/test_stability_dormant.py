@@ -239,7 +239,7 @@ def test_online_dormant_runs_the_alarm_left_alone_are_diffusion_dpos(written: di
 
 
 def test_the_research_page_quotes_the_result_file() -> None:
-    """docs/research/stability.md's dormant block is :func:`dormant_tables` of the written result file."""
-    page = (ROOT / "docs" / "research" / "stability.md").read_text()
+    """benchmarks/research/stability.md's dormant block is :func:`dormant_tables` of the written result file."""
+    page = (ROOT / "benchmarks" / "research" / "stability.md").read_text()
     block = page.split(dormant.DORMANT_START, 1)[1].split(dormant.DORMANT_END, 1)[0]
     assert block.strip() == dormant.dormant_tables(ROOT / dormant.DORMANT_OUTPUT).strip()

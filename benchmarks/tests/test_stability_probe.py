@@ -322,12 +322,12 @@ def test_the_written_result_file_is_assembled_from_its_runs(written, tmp_path):
 
 
 def test_the_research_page_quotes_the_result_file():
-    page = (ROOT / "docs" / "research" / "stability.md").read_text()
+    page = (ROOT / "benchmarks" / "research" / "stability.md").read_text()
     block = page.split(study.REWIND_START, 1)[1].split(study.REWIND_END, 1)[0]
     assert block.strip() == study.rewind_tables(ROOT / study.OUTPUT).strip()
     block = page.split(study.ONLINE_REWIND_START, 1)[1].split(study.ONLINE_REWIND_END, 1)[0]
     assert block.strip() == study.rewind_tables(ROOT / online_study.ONLINE_OUTPUT).strip()
-    alarm_page = (ROOT / "docs" / "research" / "alarm.md").read_text()
+    alarm_page = (ROOT / "benchmarks" / "research" / "alarm.md").read_text()
     calibration = json.loads(probe_alarm.OUTPUT.read_text())
     block = alarm_page.split(probe_alarm.START, 1)[1].split(probe_alarm.END, 1)[0]
     assert block.strip() == probe_alarm.tables(calibration).strip()

@@ -54,7 +54,7 @@ def test_the_docs_name_each_base_by_its_hash():
     what_it_does, benchmark = demo.split("## What it does", 1)[1], demo.split("### The benchmark's base", 1)[1]
     assert recipe_hash(PretrainRecipe()) in what_it_does.split("\n2. ", 1)[0]
     assert recipe_hash(STUDY_BASE) in benchmark.split("\n## ", 1)[0]
-    assert "(../demo.md#the-benchmarks-base)" in (ROOT / "docs/research/stability.md").read_text()
+    assert "(../../docs/demo.md#the-benchmarks-base)" in (ROOT / "benchmarks/research/stability.md").read_text()
 
 
 def test_the_demo_page_carries_the_shipped_bases_guard_and_dormant_tables():

@@ -32,8 +32,7 @@ def test_docs_site_builds_strictly(tmp_path):
     site = tmp_path / "site"
     for page in ("quickstart", "concepts", "data", "families", "distributed", "evaluation", "benchmarks", "faq"):
         assert (site / page / "index.html").is_file(), page
-    for page in ("safeguard", "benchmarks"):  # out of the nav, built for the pages that link to them
-        assert (site / "research" / page / "index.html").is_file(), f"research/{page}"
+    assert not (site / "research").exists()  # the studies' records stay beside benchmarks/
     trainer_api = (site / "api" / "trainer" / "index.html").read_text()
     assert "DiffusionSDPOTrainer" in trainer_api and "create_model_card" in trainer_api
     config_api = (site / "api" / "config" / "index.html").read_text()
@@ -504,22 +503,52 @@ def _nav_pages(nav) -> list[str]:
     return [page for item in nav for page in _nav_pages(item)]
 
 
-def test_the_mkdocs_nav_lists_every_users_page_and_leaves_the_research_record_out() -> None:
-    """The nav lists every page that exists but the research record's, which ``not_in_nav`` names (its pages are built
-    and linked from the pages whose advice rests on them, so the strict build checks those links)."""
-    import fnmatch
-
+def test_the_mkdocs_nav_lists_every_page() -> None:
+    """The site is for users: the nav lists every page under docs/, and no page is built outside it."""
     import yaml
 
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     listed = _nav_pages(config["nav"])
     pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
-    out = config["not_in_nav"].split()
-    research = {page for page in pages if any(fnmatch.fnmatch(page, pattern) for pattern in out)}
-    assert research == {p for p in pages if p.startswith("research/")} and research
-    assert sorted(pages - research - set(listed)) == [], "pages missing from mkdocs.yml's nav"
+    assert "not_in_nav" not in config
+    assert sorted(pages - set(listed)) == [], "pages missing from mkdocs.yml's nav"
     assert sorted(set(listed) - pages) == [], "the nav lists pages that do not exist"
-    assert not research & set(listed), "the research record is in the nav"
+
+
+# the page, and what follows a section mark (read, not consumed: the next citation may stand in it)
+RECORD_CITATION = re.compile(r"`benchmarks/research/([\w-]+\.md)`(?: § (?=(.{1,200})))?")
+
+
+def _headings(page: Path) -> list[str]:
+    """A record page's headings as the docs cite them: no Markdown ticks, no ``{#anchor}``."""
+    found = re.findall(r"^#+ (.+?)\s*(?:\{#[\w-]+\})?\s*$", page.read_text(encoding="utf-8"), flags=re.M)
+    return [heading.replace("`", "") for heading in found]
+
+
+def test_every_citation_of_the_studies_records_names_a_page_and_a_heading_they_hold() -> None:
+    """Where a page's advice rests on a study, it cites the record beside benchmarks/ as
+    ``benchmarks/research/PAGE.md`` and, for a section, ``§ HEADING``: each page exists and each heading is one of
+    its headings (a renamed heading or a moved page fails here)."""
+    records = ROOT / "benchmarks" / "research"
+    cited = 0
+    for doc in sorted(DOCS.rglob("*.md")):
+        text = " ".join(doc.read_text(encoding="utf-8").split())  # a citation may wrap
+        for page, after in RECORD_CITATION.findall(text):
+            assert (records / page).is_file(), f"{doc.name}: benchmarks/research/{page}"
+            if after:
+                assert any(after.startswith(h) for h in _headings(records / page)), f"{doc.name}: {page} § {after}"
+            cited += 1
+    assert cited > 40
+
+
+def test_the_studies_records_link_to_files_that_exist() -> None:
+    """The records beside benchmarks/ are read in the repository, not built: each relative link resolves there."""
+    records = sorted((ROOT / "benchmarks" / "research").glob("*.md"))
+    assert records
+    for page in records:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).resolve().exists(), f"{page.name}: {target}"
 
 
 # -- the docs speak of the project, not of how the work on it was organised ------------------------------------------

@@ -1,5 +1,6 @@
-"""``benchmarks/results/`` holds, at its top level and in one folder per study, only the result files the README or the
-docs quote; every result path the README, the docs and the benchmarks' README quote exists; superseded runs live in
+"""``benchmarks/results/`` holds, at its top level and in one folder per study, only the result files the README, the
+docs or the studies' records (``benchmarks/research/``) quote; every result path they and the benchmarks' README quote
+exists; superseded runs live in
 ``benchmarks/results/history/``. The suite itself imports nothing from ``benchmarks/``."""
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from tests.helpers.docs_pages import RESULT_FILE, _expand, result_folders
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 # Past this many files the top level is a list nobody reads: a study with several files gets its own folder.
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+DOCS = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").rglob("*.md")),
+    *sorted((ROOT / "benchmarks" / "research").glob("*.md")),
+]
 # CHANGELOG.md is left out: it also records result files that were removed.
 QUOTING = [*DOCS, ROOT / "benchmarks" / "README.md"]
 
@@ -56,7 +61,8 @@ def test_every_result_file_is_quoted_in_the_readme_or_the_docs() -> None:
     assert files, "no result files found"
     left = unquoted(files, [page.read_text() for page in DOCS])
     assert not left, (
-        f"quoted nowhere in README.md or docs/: {left}; quote them or move them to benchmarks/results/history/"
+        f"quoted nowhere in README.md, docs/ or benchmarks/research/: {left}; quote them or move them to "
+        "benchmarks/results/history/"
     )
 
 

@@ -69,18 +69,19 @@ class PathologyRule:
 RULE = PathologyRule(windows=2, window_steps=10, min_delta_winner=0.02, max_implicit_acc=0.6)
 """The alarm's rule: chosen on the even training seeds of the stability benchmark's runs and checked on the odd ones
 (``benchmarks/studies/alarm_calibration.py``, ``benchmarks/results/cpu-alarm-calibration.json``)."""
-EVIDENCE = "docs/research/alarm.md"
-"""Where the rule's calibration is written up, for users (help texts and warnings name this page)."""
+EVIDENCE = 'docs/safeguard.md, "Seeing the pathology while training"'
+"""Where users read the rule's calibration (warnings name this section; it cites the study's record,
+``benchmarks/research/alarm.md``)."""
 SWITCH_TO: dict[str, Any] = {"safeguard_space": "output", "safeguard_mu": 0.5}
 """What ``on_pathology="safeguard"`` switches an offline Diffusion-DPO run to when the alarm fires: the one setting
 that kept the held-out reward where Diffusion-DPO's fell (lr 2e-4: its change from the base includes 0, where every
-other guard's is below it; at 1e-3 none held; docs/research/stability.md)."""
+other guard's is below it; at 1e-3 none held; benchmarks/research/stability.md)."""
 ONLINE_SWITCH_TO: dict[str, Any] | None = None
 """What it switches an online run to: nothing, so the online config refuses ``on_pathology="safeguard"``
 (:data:`NO_ONLINE_SWITCH` says why)."""
 NO_ONLINE_SWITCH = (
     "online no safeguard setting held what online Diffusion-DPO lost, and the alarm fired in none of the online runs "
-    "(docs/online.md, docs/research/alarm.md), so there is nothing to switch to"
+    "(docs/online.md), so there is nothing to switch to"
 )
 WINDOWS = RULE.windows  # the logs an escalation waits before it raises mu again (callbacks.guards.PathologyAction)
 
@@ -165,10 +166,10 @@ def remedies(args: Any | None) -> list[str]:
     unknown, offline) and that the run does not already use, each naming the setting to change as ``field=value``.
 
     Offline, in the order the toy benchmarks found them to work where Diffusion-DPO's held-out reward fell
-    (docs/research/stability.md, docs/research/safeguard.md): the safeguard where it is off; where it is on, the
-    update space (it paid at lr 2e-4 and 1e-4, the output space only at 2e-4) and a larger fixed ``mu`` (0.9 paid as
-    much as 0.5 at 2e-4; ``"auto"`` in the output space paid less than a fixed 0.5); then a smaller learning rate
-    (Diffusion-DPO broke at 2e-4, not at 2e-5). A smaller ``beta`` is not among them: no beta from 5 to 50000
+    (benchmarks/research/stability.md, benchmarks/research/safeguard.md): the safeguard where it is off; where it is
+    on, the update space (it paid at lr 2e-4 and 1e-4, the output space only at 2e-4) and a larger fixed ``mu`` (0.9
+    paid as much as 0.5 at 2e-4; ``"auto"`` in the output space paid less than a fixed 0.5); then a smaller learning
+    rate (Diffusion-DPO broke at 2e-4, not at 2e-5). A smaller ``beta`` is not among them: no beta from 5 to 50000
     changed the picture at the demo's rate.
 
     Online (a config with ``is_online`` set) never a safeguard: where online Diffusion-DPO was healthy every safeguard

@@ -6,7 +6,7 @@ defines it (Fu et al., arXiv 2511.03317: the winner's denoising error rising abo
 unhealthy when ``probe/delta_winner`` is above a margin, and the alarm fires after a number of unhealthy probes in a
 row (one probe's rise may be the noise of a few pairs). The margin and the count were chosen on the stability
 benchmark's runs with the probe logged, offline and online apart (:data:`PROBE_ALARM` names the result file;
-docs/research/alarm.md).
+benchmarks/research/alarm.md).
 
 At every healthy probe (and when training begins) :class:`Rewind` keeps one snapshot of the trainable weights, the
 optimizer's state and every other state that moves with them (:func:`companions`: the EMA weights of ``ema_decay``,
@@ -90,8 +90,8 @@ PROBE_ALARM: Mapping[str, ProbeAlarmRule] = MappingProxyType(
 """The alarm's rule per mode (:func:`probe_alarm` picks a run's), each calibrated on the stability benchmark's runs
 with the probe logged (4 held-out pairs every 5 steps; chosen on the even seeds, reported on the odd ones):
 ``benchmarks/results/probe/cpu-probe-alarm-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
-docs/research/alarm.md), which holds their confusion matrices and how often they fire before the held-out reward has
-fallen by half. Offline: chosen by F1 on Diffusion-DPO and the default safeguard at lr 2e-5, 2e-4 and 1e-3. Online:
+benchmarks/research/alarm.md), which holds their confusion matrices and how often they fire before the held-out reward
+has fallen by half. Offline: chosen by F1 on Diffusion-DPO and the default safeguard at lr 2e-5, 2e-4 and 1e-3. Online:
 chosen by F1 on online Diffusion-DPO in the three online regimes (brightness hacking at lr 1e-3 and at 1e-2, where its
 held-out reward falls in every run; the colour reward at 2e-4): a healthy online run's held-out winner error moves
 about twenty times less than offline, so the offline rule comes late online."""

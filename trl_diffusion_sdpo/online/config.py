@@ -86,7 +86,7 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
         "What a pair trains on: `sampled`, the sampler's own final latents where the family's pipeline ends in the "
         "denoiser's latent space (SD, SDXL, SD3; other families encode their images), or `encoded`, the VAE "
         "encoding of the decoded images, as offline pairs are. On the toy demo the parameter-space safeguard lost "
-        "less held-out shape accuracy with `encoded` (docs/research/online.md).",
+        "less held-out shape accuracy with `encoded` (docs/online.md).",
         choices=list(PAIR_LATENTS),
     )
     generation_batch_size: int | None = option(
