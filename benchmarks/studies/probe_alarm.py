@@ -218,6 +218,36 @@ def best_per_signal(halves: dict[str, list[dict[str, Any]]], grid: Grid) -> dict
     return per_signal
 
 
+def _source(path: Path) -> str:
+    """How a result file names the study's runs it read: relative to the repository where it lies inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def _calibration_record(
+    mode: str,
+    grid: Grid,
+    rules: dict[str, ProbeRule],
+    on_choose: dict[str, Any],
+    matrices: dict[str, Any],
+    per_signal: dict[str, Any],
+    groups: dict[str, Any],
+) -> dict[str, Any]:
+    """The part of a calibration's record the offline and the online one share: the grid searched, the rules
+    compared, the package's rule for ``mode`` and whether it is the calibrated one, and the scores."""
+    package = rules["calibrated"].package()
+    return {
+        "grid": grid_record(grid),
+        "rules": {name: asdict(rule) for name, rule in rules.items()},
+        "package_rule": asdict(PROBE_ALARM[mode]),
+        "package_rule_is_calibrated": package is not None and package == PROBE_ALARM[mode],
+        "chosen_on": on_choose,
+        "aim": {"precision": 0.9, "recall": 0.9},
+        "confusion": matrices,
+        "best_per_signal": per_signal,
+        "groups": groups,
+    }
+
+
 def grid_record(grid: Grid) -> dict[str, Any]:
     """``grid`` as the result file records it: per signal its directions and thresholds, and the patiences."""
     return {s: {"above": list(d), "thresholds": list(t)} for s, (d, t) in grid.items()} | {"patience": PATIENCE}
@@ -250,11 +280,10 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
         for name, rule in rules.items()
     }
     matrices["training_log_alarm"] = {"report_runs": _log_alarm(halves["report"]), "all_runs": _log_alarm(runs)}
-    package = chosen.package()
     return {
         "what": "The held-out probe's alarm replayed on the probe study's runs (the probe logged, not acted on), "
         "against each run's held-out colour reward (benchmarks/studies/probe_alarm.py).",
-        "source": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name,
+        "source": _source(path),
         "label": f"fell: the held-out colour reward at the last eval step more than {TOLERANCE} below the base's",
         "tolerance": TOLERANCE,
         "split": f"rule chosen on the runs of even training seeds of {', '.join(CHOOSE_METHODS)} in "
@@ -264,15 +293,7 @@ def analyse(path: Path = SOURCE) -> dict[str, Any]:
         "timeliness": "of the true alarms, the share fired before the held-out reward had fallen by half of its final "
         "loss; strict: an evaluation at or after the alarm's step still found it above half; lenient: fired before "
         "the first evaluation that found it below half",
-        "grid": grid_record(GRID),
-        "rules": {name: asdict(rule) for name, rule in rules.items()},
-        "package_rule": asdict(PROBE_ALARM["offline"]),
-        "package_rule_is_calibrated": package is not None and package == PROBE_ALARM["offline"],
-        "chosen_on": on_choose,
-        "aim": {"precision": 0.9, "recall": 0.9},
-        "confusion": matrices,
-        "best_per_signal": per_signal,
-        "groups": groups,
+        **_calibration_record("offline", GRID, rules, on_choose, matrices, per_signal, groups),
         "runs": [
             {
                 "id": r["id"],
@@ -377,12 +398,11 @@ def analyse_online(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
                     "training_log_alarm": _log_alarm(mine),
                 }
     fell_on_choose = sum(label(r) for r in halves["choose"])
-    package = chosen.package()
     return {
         "what": "The held-out probe's alarm replayed on the online probe study's runs (online Diffusion-DPO with the "
         "probe logged, not acted on), against each run's held-out colour reward, with a rule chosen for online runs "
         "(benchmarks/studies/probe_alarm.py).",
-        "source": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name,
+        "source": _source(path),
         "label": f"fell: the held-out colour reward at the last eval step more than {TOLERANCE} below the base's "
         "(the base of the regime's stored result file)",
         "safeguard": "off only: the online probe study's runs are online Diffusion-DPO; no online run with a "
@@ -394,15 +414,7 @@ def analyse_online(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
         else "no run of the even seeds fell, so every rule's F1 there is 0 and the choice is the first rule of the "
         "grid (thresholds rising, patience rising within a threshold) with the fewest false alarms: the most "
         "sensitive rule of the grid that stays quiet on the healthy runs chosen on",
-        "grid": grid_record(ONLINE_GRID),
-        "rules": {name: asdict(rule) for name, rule in rules.items()},
-        "package_rule": asdict(PROBE_ALARM["online"]),
-        "package_rule_is_calibrated": package is not None and package == PROBE_ALARM["online"],
-        "chosen_on": on_choose,
-        "aim": {"precision": 0.9, "recall": 0.9},
-        "confusion": matrices,
-        "best_per_signal": per_signal,
-        "groups": groups,
+        **_calibration_record("online", ONLINE_GRID, rules, on_choose, matrices, per_signal, groups),
         "runs": [
             {
                 "id": r["id"],
