@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers.common import CHECKOUT, worker_environment
 
@@ -21,14 +22,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_every_process_rewinds_at_the_same_step_to_the_same_weights(tmp_path):
+def _two_processes(worker: Path, out: Path) -> list[dict]:
+    """``worker`` launched on two CPU processes with the shipped multi-GPU config; each process's report."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
-        "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(WORKER), str(tmp_path),
+        "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(worker), str(out),
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=CHECKOUT, env=worker_environment(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_every_process_rewinds_at_the_same_step_to_the_same_weights(tmp_path):
+    reports = _two_processes(WORKER, tmp_path)
     # The alarm fires at step 1 (back to step 0, the safeguard on) and at step 2 (back to step 0, and stop).
     assert reports[0]["rewinds"] == reports[1]["rewinds"] == [[1, 0], [2, 0]]
     assert reports[0]["steps"] == reports[1]["steps"] == 2
@@ -37,13 +43,7 @@ def test_every_process_rewinds_at_the_same_step_to_the_same_weights(tmp_path):
 
 
 def test_an_online_run_probes_every_processs_share_of_the_same_pairs_and_rewinds_alike(tmp_path):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
-        "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(ONLINE_WORKER), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(command, cwd=CHECKOUT, env=worker_environment(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    reports = _two_processes(ONLINE_WORKER, tmp_path)
     # Each process holds one of the two held-out pairs, and both read the figures reduced over the two.
     assert reports[0]["share"] != reports[1]["share"]
     assert reports[0]["readings"] == reports[1]["readings"] and len(reports[0]["readings"]) == 1
