@@ -194,14 +194,28 @@ def not_run(regimes: dict[str, dict[str, Any]]) -> list[str]:
     return [*NOT_RUN, *dict.fromkeys(extra)]
 
 
+def goal_record(regimes: dict[str, Any]) -> dict[str, Any]:
+    """The rewind judged on ``regimes``' runs, as the offline and the online result files record it: the paired
+    analysis, the goal's verdict on every judged measure, its two halves, the rule's verdict, each regime's rewinds
+    and whether its quiet runs equal Diffusion-DPO's."""
+    analysis = study.analyse(regimes)
+    verdicts = goal_all_measures(analysis)
+    halves = both_halves(verdicts)
+    return {
+        "analysis": analysis,
+        "goal_all_measures": verdicts,
+        "both_halves": halves,
+        "verdict": verdict(halves, verdicts, study.REWIND) if study.REWIND in halves else "not run",
+        "rewinds": {name: rewinds(report["runs"]) for name, report in regimes.items()},
+        "quiet_identity": {name: quiet_identity(report["runs"]) for name, report in regimes.items()},
+    }
+
+
 def assemble(parts: Path, path: Path) -> int:
     """The probe study's result file: every regime's runs, per cell, setting and evaluation step the paired intervals
     against the base, Diffusion-DPO and (the rewind) the best fixed setting; the two halves on every judged measure,
     the rule's verdict for the rewind, its rewinds and whether its quiet runs equal Diffusion-DPO's."""
     regimes = {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}
-    analysis = study.analyse(regimes)
-    verdicts = goal_all_measures(analysis)
-    halves = both_halves(verdicts)
     every = {f"{name}/{k}": r for name, report in regimes.items() for k, r in report["runs"].items()}
     report = {
         "description": __doc__.split("\n\n")[0].replace("\n", " "),
@@ -213,12 +227,7 @@ def assemble(parts: Path, path: Path) -> int:
             "denoising_error": "the UNet's denoising MSE on clean drawings of the held-out captions; lower is better",
         },
         "regimes": regimes,
-        "analysis": analysis,
-        "goal_all_measures": verdicts,
-        "both_halves": halves,
-        "verdict": verdict(halves, verdicts, study.REWIND) if study.REWIND in halves else "not run",
-        "rewinds": {name: rewinds(report["runs"]) for name, report in regimes.items()},
-        "quiet_identity": {name: quiet_identity(report["runs"]) for name, report in regimes.items()},
+        **goal_record(regimes),
         "runs": len(every),
         "not_run": not_run(regimes),
     }

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import stability_guards as study  # noqa: E402
-from stability_dormant import both_halves, from_online, goal_all_measures, verdict  # noqa: E402
-from stability_probe import PROBE_STEPS, quiet_identity, rewinds  # noqa: E402
+from stability_dormant import from_online  # noqa: E402
+from stability_probe import PROBE_STEPS, goal_record  # noqa: E402
 
 from benchmarks.studies.online_probe_runs import PROBE_HISTORY, probe_record  # noqa: E402
 from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
@@ -224,21 +224,13 @@ def online_goal(report: dict[str, Any]) -> dict[str, Any]:
         for key, run in converted["runs"].items():
             run["rewinds"], run["stopped_at"] = mine[key].get("rewinds", []), mine[key].get("stopped_at")
         regimes[regime] = converted
-    analysis = study.analyse(regimes)
-    verdicts = goal_all_measures(analysis)
-    halves = both_halves(verdicts)
     return {
         "goal_what": "the rewind online against the goal: per regime, at the last evaluation step, each held-out "
         "measure's change from the base (the regime's stored base) and the paired differences (95% t intervals over "
         "seeds) from Diffusion-DPO (this file's probe-logged runs, which train bit for bit as Diffusion-DPO here) and "
         "the best fixed setting of the regime's stored runs (the highest mean reward change; trained on the machines "
         "their file names); the reward is the held-out colour reward",
-        "analysis": analysis,
-        "goal_all_measures": verdicts,
-        "both_halves": halves,
-        "verdict": verdict(halves, verdicts, study.REWIND) if study.REWIND in halves else "not run",
-        "rewinds": {name: rewinds(r["runs"]) for name, r in regimes.items()},
-        "quiet_identity": {name: quiet_identity(r["runs"]) for name, r in regimes.items()},
+        **goal_record(regimes),
     }
 
 
