@@ -20,6 +20,7 @@ from .sample import (
     registered_lists,
     sampling_keywords,
     scorer_arguments,
+    start_sampling_command,
 )
 
 __all__ = [
@@ -179,6 +180,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..rewards.scorers.preflight import ScorerModelUnavailable, ScorerPromptError
 
     scorers = args.scorer or ["pickscore"]
+    start_sampling_command(args)
     try:
         result = evaluate(
             args.base,

@@ -75,8 +75,9 @@ def add_pairs_parser(
 def run_pairs(args: argparse.Namespace) -> int:
     from ..demo import scorer as _demo_scorer  # noqa: F401  registers the demo's ``colour`` scorer
     from ..evaluation.pairs import make_pairs
-    from .sample import command_sampling_keywords, scorer_arguments
+    from .sample import command_sampling_keywords, scorer_arguments, start_sampling_command
 
+    start_sampling_command(args)
     result = make_pairs(
         args.base,
         args.model,

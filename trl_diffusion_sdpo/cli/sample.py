@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..io.cpu_threads import THREADS_HELP, apply_threads
+
 __all__ = [
     "add_base_argument",
     "add_sampling_arguments",
@@ -15,6 +17,7 @@ __all__ = [
     "json_or_text",
     "registered_lists",
     "scorer_arguments",
+    "start_sampling_command",
 ]
 
 
@@ -75,7 +78,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--score_batch_size", "--score-batch-size", type=int, default=16, help="Images per scorer call."
     )
     parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
-    parser.add_argument("--no_progress", "--no-progress", action="store_true", help="Hide progress bars.")
+    # train's option (io/cpu_threads.py decides its default and help): the command's process samples with it
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    parser.add_argument(
+        "--no_progress",
+        "--no-progress",
+        action="store_true",
+        help="Hide progress bars: a log line per model and batch instead (as off a terminal).",
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -109,6 +119,17 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
         "progress": not args.no_progress,
         "overwrite": args.overwrite,
     }
+
+
+def start_sampling_command(args: argparse.Namespace) -> None:
+    """What ``evaluate`` and ``pairs`` set for their own process before loading anything, as ``train`` does: the
+    package's INFO messages (the progress lines) on stderr, and ``--threads`` torch threads when it samples on the
+    CPU (:func:`~trl_diffusion_sdpo.io.cpu_threads.apply_threads`; a GPU run leaves them alone)."""
+    from ..rewards.scorers.base import resolve_device
+    from .console import log_to_console
+
+    log_to_console()
+    apply_threads(args.threads, on_cpu=resolve_device(args.device).type == "cpu")
 
 
 def command_sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,7 +22,18 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..config.extras import require_extra
 
-__all__ = ["MetricSummary", "WinRate", "bootstrap_mean_ci", "image_grid", "summarise", "win_rate", "win_rate_table"]
+__all__ = [
+    "GRID_CELL",
+    "GRID_COLUMNS",
+    "GRID_PAGE_SAMPLES",
+    "MetricSummary",
+    "WinRate",
+    "bootstrap_mean_ci",
+    "image_grid",
+    "summarise",
+    "win_rate",
+    "win_rate_table",
+]
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,13 @@ def plot_intervals(rows: Sequence[MetricSummary], metric: str, path: str) -> str
 # The widest a grid's cell grows so that the longest word of a column label fits it whole; a longer word (a URL, a
 # file name) is broken inside.
 MAX_WORD_CELL = 256
+#: evaluate's grid: samples side by side in one band (more continue in the next band, below, with their captions)
+GRID_COLUMNS = 8
+#: evaluate's grid: the largest tile edge in pixels (larger images are shrunk to it), so that a page stays small
+GRID_CELL = 256
+#: evaluate's grid: samples on one page (``grid.png``, then ``grid-2.png``, ...), so that a page of 1024-pixel
+#: images is a few megapixels however many prompts a set has
+GRID_PAGE_SAMPLES = 32
 
 
 def image_grid(
@@ -171,34 +189,47 @@ def image_grid(
     row_labels: Sequence[str] = (),
     column_labels: Sequence[str] = (),
     cell: int | None = None,
+    columns: int | None = None,
 ) -> Image.Image:
-    """A grid with one row per entry of ``rows`` (e.g. a model) and one column per image (e.g. a prompt), each cell
+    """A grid with one row per entry of ``rows`` (e.g. a model) and one column per image (e.g. a sample), each cell
     resized to ``cell`` pixels (default: the first image's width, at least 64 under column labels), widened where a
-    column label's longest word is wider (up to :data:`MAX_WORD_CELL`), so that captions wrap between words. Optional
-    text labels: every label whole, a column's wrapped onto as many lines as its cell's width needs, the row labels'
-    column as wide as the widest."""
+    column label's longest word is wider (up to :data:`MAX_WORD_CELL`), so that captions wrap between words.
+    ``columns``: at most this many columns side by side; the rest continue in bands below, each band with its own
+    column labels and every row (default: one band). Optional text labels: every label whole, a column's wrapped onto
+    as many lines as its cell's width needs (its band's caption strip as tall as its longest), the row labels'
+    column as wide as the widest; no label reaches into another's cell or onto an image."""
     if not rows or not rows[0]:
         raise ValueError("An image grid needs at least one image.")
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     words = [word for label in column_labels for word in str(label).split()]
     widest_word = max((math.ceil(measure.textlength(word, font=font)) for word in words), default=0)
-    cell = max(cell or max(rows[0][0].width, 64 if column_labels else 0), min(widest_word + 4, MAX_WORD_CELL))
     line_height = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
+    cell = max(
+        cell or max(rows[0][0].width, 64 if column_labels else 0),
+        min(widest_word + 4, MAX_WORD_CELL),
+        line_height + 2 if row_labels else 0,  # a row label's line stays within its own row
+    )
     wrapped = [wrap_label(str(label), cell - 4, font) for label in column_labels]
     label_width = max((int(measure.textlength(str(label), font=font)) + 6 for label in row_labels), default=0)
-    label_height = max((len(lines) * line_height + 2 for lines in wrapped), default=0)
     n_cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (label_width + n_cols * cell, label_height + len(rows) * cell), "white")
+    columns = min(columns or n_cols, n_cols)
+    starts = range(0, n_cols, columns)
+    strips = [max((len(lines) * line_height + 2 for lines in wrapped[s : s + columns]), default=0) for s in starts]
+    grid = Image.new("RGB", (label_width + columns * cell, sum(strips) + len(starts) * len(rows) * cell), "white")
     draw = ImageDraw.Draw(grid)
-    for c, lines in enumerate(wrapped):
-        for i, line in enumerate(lines):
-            draw.text((label_width + c * cell + 2, 1 + i * line_height), line, fill="black", font=font)
-    for r, images in enumerate(rows):
-        if r < len(row_labels):
-            draw.text((2, label_height + r * cell + 2), str(row_labels[r]), fill="black", font=font)
-        for c, image in enumerate(images):
-            grid.paste(image.convert("RGB").resize((cell, cell)), (label_width + c * cell, label_height + r * cell))
+    top = 0
+    for start, strip in zip(starts, strips):
+        for c, lines in enumerate(wrapped[start : start + columns]):
+            for i, line in enumerate(lines):
+                draw.text((label_width + c * cell + 2, top + 1 + i * line_height), line, fill="black", font=font)
+        top += strip
+        for r, images in enumerate(rows):
+            if r < len(row_labels):
+                draw.text((2, top + r * cell + 2), str(row_labels[r]), fill="black", font=font)
+            for c, image in enumerate(images[start : start + columns]):
+                grid.paste(image.convert("RGB").resize((cell, cell)), (label_width + c * cell, top + r * cell))
+        top += len(rows) * cell
     return grid
 
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from ..config.checks import Choice
 from ..families.loading import cast_module, dtype_keyword, resolve_model_name
 from ..rewards.scorers.base import resolve_device
+from .progress import Progress, note
 
 if TYPE_CHECKING:
     from .prompts import EditPrompt
@@ -504,6 +505,7 @@ def generate_images(
     ``generated[name]`` counts the images made in this call. The base pipeline is loaded only if some image is
     missing, and a variant only if one of its own is. ``prompts`` may be edits (`~.prompts.EditPrompt`): their
     sources go to the editing pipeline (see the module docstring), which is checked before the first sample.
+    ``progress``: tqdm bars, else a log line per model and per batch (:mod:`.progress`).
     """
     settings = settings or GenerationSettings()
     device = resolve_device(device)
@@ -525,18 +527,32 @@ def generate_images(
     needed = [spec for spec in models if not all(os.path.isfile(path) for path in paths[spec.name])]
     if needed:  # every name that will load, before the first (minutes for a large base) loads
         check_model_names(base, [spec for spec in needed if spec.kind != "base"])
+    missing_total = sum(not os.path.isfile(path) for spec in models for path in paths[spec.name])
+    note(
+        f"{len(models)} models x {len(texts)} prompts x {len(seeds)} seeds = {len(models) * len(pairs)} images, "
+        f"{missing_total} to generate ({len(models) * len(pairs) - missing_total} in {cache_dir})",
+        progress,
+    )
     base_pipe = None
-    for spec in tqdm(models, desc="models", unit="model", disable=not progress):
+    model_bar = tqdm(models, desc="models", unit="model", disable=not progress)
+    for number, spec in enumerate(model_bar, start=1):
         missing = [k for k, path in enumerate(paths[spec.name]) if not os.path.isfile(path)]
         if not missing:
+            note(f"model {number}/{len(models)} {spec.name}: its {len(pairs)} images are in the cache", progress)
             continue
         if base_pipe is None:
+            note(f"loading the base pipeline {base}", progress)
             base_pipe = load_base_pipeline(base, settings, device)
             if edits:
                 source_argument(base_pipe, most_sources)  # before any sample: can this pipeline edit these?
         cache.record(spec, base, settings)
-        with variant_pipeline(base_pipe, spec, settings, device) as pipe:
-            bar = tqdm(total=len(missing), desc=f"generating {spec.name}", unit="img", disable=not progress)
+        note(f"model {number}/{len(models)} {spec.name}: generating {len(missing)} of {len(pairs)} images", progress)
+        with (
+            variant_pipeline(base_pipe, spec, settings, device) as pipe,
+            Progress(
+                f"generating {spec.name}", len(missing), "images", progress, -(-len(missing) // batch_size)
+            ) as bar,
+        ):
             decoded: dict[int, list[Image.Image]] = {}
             for start in range(0, len(missing), batch_size):
                 chunk = missing[start : start + batch_size]
@@ -556,5 +572,4 @@ def generate_images(
                     cache.put(paths[spec.name][k], image)
                 generated[spec.name] += len(chunk)
                 bar.update(len(chunk))
-            bar.close()
     return paths, generated

@@ -22,6 +22,9 @@ from ..rewards.scorers.base import Scorer, available_scorers, build_scorer, scor
 from ..rewards.scorers.preflight import check_models, check_prompts
 from ..rewards.scorers.registry import unknown_scorer_message
 from .compare import (
+    GRID_CELL,
+    GRID_COLUMNS,
+    GRID_PAGE_SAMPLES,
     MetricSummary,
     WinRate,
     image_grid,
@@ -31,6 +34,7 @@ from .compare import (
     write_rows,
 )
 from .generation import GenerationSettings, ModelSpec, generate_images, split_edits
+from .progress import Progress, note
 from .prompts import EditPrompt, load_prompt_set
 
 __all__ = ["EvaluationResult", "evaluate"]
@@ -137,6 +141,46 @@ def _write_scores(
                 writer.writerow([model, prompt, *source, seed, os.path.relpath(paths[i], root), *values])
 
 
+def grid_page_name(page: int) -> str:
+    """The file of the grid's page ``page`` (from 1): ``grid.png``, then ``grid-2.png``, ..."""
+    return "grid.png" if page == 1 else f"grid-{page}.png"
+
+
+def _opened(path: str) -> Image.Image:
+    """The image at ``path``, read and its file closed (a page opens one file per tile)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def write_grid(
+    output_dir: str,
+    names: Sequence[str],
+    image_paths: Mapping[str, Sequence[str]],
+    captions: Sequence[str],
+    sources: Sequence[Any] | None = None,
+) -> list[str]:
+    """Every sample of every model in grid pages: one row per model (for edits a first row with each edit's first
+    source), one column per sample captioned ``captions[i]``, :data:`~.compare.GRID_COLUMNS` samples side by side,
+    :data:`~.compare.GRID_PAGE_SAMPLES` samples a page, tiles of the images' width up to :data:`~.compare.GRID_CELL`
+    pixels. Pages of an earlier, larger run beyond the last written are removed. Returns the pages' paths."""
+    paths = []
+    labels = (["source"] if sources else []) + list(names)
+    for page, start in enumerate(range(0, len(captions), GRID_PAGE_SAMPLES), start=1):
+        shown = range(start, min(start + GRID_PAGE_SAMPLES, len(captions)))
+        rows = [[_opened(image_paths[name][i]) for i in shown] for name in names]
+        if sources:  # the (first) source above each edit
+            rows = [[sources[i]()[0].convert("RGB") for i in shown], *rows]
+        cell = min(rows[-1][0].width, GRID_CELL)
+        grid = image_grid(rows, labels, [captions[i] for i in shown], cell=cell, columns=GRID_COLUMNS)
+        paths.append(os.path.join(output_dir, grid_page_name(page)))
+        grid.save(paths[-1])
+    stale = len(paths) + 1
+    while os.path.isfile(os.path.join(output_dir, grid_page_name(stale))):
+        os.remove(os.path.join(output_dir, grid_page_name(stale)))
+        stale += 1
+    return paths
+
+
 def evaluate(
     base: str,
     models: Mapping[str, str] | Sequence[str | ModelSpec] = (),
@@ -153,7 +197,6 @@ def evaluate(
     prompt_kwargs: Mapping[str, Any] | None = None,
     n_resamples: int = 1000,
     bootstrap_seed: int = 0,
-    grid_prompts: int = 4,
     progress: bool = True,
     overwrite: bool = False,
 ) -> EvaluationResult:
@@ -180,7 +223,9 @@ def evaluate(
 
     Writes ``scores.csv`` (one row per model and sample; for edits with a ``source`` column), ``summary.{csv,json}``
     (mean and bootstrap 95% interval per model and metric), ``win_rates.{csv,json}``, ``plots/<metric>.png``,
-    ``grid.png`` (for edits, the sources in the first row) and ``run.json``.
+    ``grid.png`` (every sample of every model, continued in ``grid-2.png``, ... beyond a page: `write_grid`; for
+    edits, the sources in the first row) and ``run.json``. ``progress``: tqdm bars, else a log line per model and per
+    batch, generating and scoring (:mod:`.progress`).
     """
     settings = settings or GenerationSettings()
     scorer_kwargs = dict(scorer_kwargs or {})
@@ -224,14 +269,20 @@ def evaluate(
     scales: dict[str, str] = {}
     floors: dict[str, float | None] = {}
     scores_path = os.path.join(output_dir, "scores.csv")
-    for entry in scorers:
+    for number, entry in enumerate(scorers, start=1):
+        note(f"scorer {number}/{len(scorers)}: loading {entry if isinstance(entry, str) else entry.name}", progress)
         scorer = build_scorer(entry, **_scorer_arguments(entry, scorer_kwargs, device))
         scales[scorer.name], floors[scorer.name] = scorer.scale, scorer.mean_floor
         for name, paths in image_paths.items():
-            batches = scorer.score_files(
-                paths, sample_prompts, score_batch_size, f"{scorer.name}: {name}", progress, sample_sources
-            )
-            scores[name][scorer.name] = [value for batch in batches for value in batch]
+            batches = -(-len(paths) // score_batch_size)
+            with Progress(f"scoring {name} ({scorer.name})", len(paths), "images", progress, batches) as bar:
+                values: list[float] = []
+                for batch in scorer.score_files(
+                    paths, sample_prompts, score_batch_size, f"{scorer.name}: {name}", False, sample_sources
+                ):
+                    values += batch
+                    bar.update(len(batch))
+            scores[name][scorer.name] = values
         del scorer
         gc.collect()
         if torch.cuda.is_available():
@@ -250,13 +301,11 @@ def evaluate(
         for metric in scales:
             path = os.path.join(output_dir, "plots", f"{metric}.png")
             files[f"plot/{metric}"] = plot_intervals(summary, metric, path)
-    shown = list(range(min(grid_prompts, len(pairs))))
-    if shown:
-        rows = [[Image.open(image_paths[s.name][i]) for i in shown] for s in specs]
-        labels, cell = [s.name for s in specs], rows[0][0].width
-        if edits:  # the (first) source above each edit
-            rows, labels = [[sample_sources[i]()[0] for i in shown], *rows], ["source", *labels]
-        grid = image_grid(rows, row_labels=labels, column_labels=[pairs[i][0] for i in shown], cell=cell)
-        files["grid"] = os.path.join(output_dir, "grid.png")
-        grid.save(files["grid"])
+    captions = [prompt if len(seeds) == 1 else f"{prompt} (seed {seed})" for prompt, seed in pairs]
+    pages = write_grid(output_dir, [s.name for s in specs], image_paths, captions, sample_sources)
+    files.update({"grid" if page == 1 else f"grid/{page}": path for page, path in enumerate(pages, start=1)})
+    note(
+        f"wrote the tables and the grid ({len(specs) * len(pairs)} images, {len(pages)} pages) to {output_dir}",
+        progress,
+    )
     return EvaluationResult(summary, wins, scores, image_paths, generated, files)
