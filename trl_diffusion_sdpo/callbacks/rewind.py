@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..config.file_modes import follow_umask
 from ..engines.base import trainable_parameters
 from .health import switch_target
 
@@ -53,6 +54,7 @@ __all__ = [
     "MemorySnapshot",
     "ProbeAlarmRule",
     "Rewind",
+    "RewindRecord",
     "companions",
     "probe_alarm",
 ]
@@ -229,6 +231,7 @@ class DiskSnapshot(MemorySnapshot):
                       os.path.join(tmp, _WEIGHTS))  # fmt: skip
             torch.save(optimizer.state_dict(), os.path.join(tmp, _OPTIMIZER))
             torch.save({c.name: c.get() for c in self.companions}, os.path.join(tmp, _COMPANIONS))
+            follow_umask(tmp)  # safetensors writes its file owner-only
             shutil.rmtree(self.folder, ignore_errors=True)
             os.replace(tmp, self.folder)
         self.wait()
@@ -255,6 +258,36 @@ def _read(
     state = torch.load(os.path.join(folder, _OPTIMIZER), map_location="cpu", weights_only=True)
     companion_states = torch.load(os.path.join(folder, _COMPANIONS), map_location="cpu", weights_only=True)
     return weights, state, companion_states
+
+
+@dataclass(frozen=True)
+class RewindRecord:
+    """What a run's rewind did: each rewind as ``(step fired, step restored)``, in order; with the switch to the
+    safeguard, the step it was switched on after (the first rewind's) and its fields. Read by the model card and the
+    end-of-run summary (:meth:`lines`)."""
+
+    rewinds: tuple[tuple[int, int], ...]
+    switched_at: int | None = None
+    switch_to: Mapping[str, Any] = field(default_factory=dict)
+
+    def lines(self, last_step: int) -> list[str]:
+        """One sentence per rewind (``last_step``: the run's step now), or one saying that none happened."""
+        if not self.rewinds:
+            return ["on_pathology='rewind': the held-out probe's alarm never fired, so no rewind happened."]
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items())
+        lines = []
+        for fired, restored in self.rewinds:
+            text = (
+                f"Step {fired}: the held-out probe's alarm fired (on_pathology='rewind') and the trainable weights "
+                f"and optimizer state went back to step {restored}'s"
+            )
+            if fired == self.switched_at:
+                trained = f" (steps {fired + 1}-{last_step})" if last_step > fired else ""
+                text += f"; from step {fired + 1} on the run trained with the safeguard on ({settings}){trained}."
+            else:
+                text += f"; training stopped there, with step {restored}'s weights as the result."
+            lines.append(text)
+        return lines
 
 
 class Rewind:
@@ -366,6 +399,12 @@ class Rewind:
             then,
         )
         return {"health/rewind_to": float(self.healthy_step), "health/rewinds": float(len(self.rewinds))}
+
+    def record(self) -> RewindRecord:
+        """What this run's rewind has done so far, the steps before a resume included (:meth:`begin` reads them
+        back). The safeguard is only ever switched on at the first rewind (:meth:`read`)."""
+        switched_at = self.rewinds[0][0] if self.safeguard_on and self.rewinds else None
+        return RewindRecord(tuple(self.rewinds), switched_at, dict(self.switch_to))
 
     # ------------------------------------------------------------------ checkpoints
 

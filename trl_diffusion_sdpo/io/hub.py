@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -25,6 +25,7 @@ from transformers.utils import PushInProgress
 
 from . import saving
 from .run_lock import LOCK_NAME, RECORD_NAME
+from .run_summary import run_events
 
 __all__ = [
     "PUSH_ATTEMPTS",
@@ -99,7 +100,11 @@ base_path %}the local pipeline {{ base_path }}{% else %}a local pipeline{% endif
 [TRL](https://github.com/huggingface/trl)-style trainer), on {{ pairs }}.
 
 {{ method_description }}
+{% if events %}
+## Rewinds and safeguard switches
 
+{% for line in events %}- {{ line }}
+{% endfor %}{% endif %}
 ## Usage
 
 ```python
@@ -243,6 +248,7 @@ def build_model_card(
     denoiser: tuple[str, str] = ("unet", "UNet2DConditionModel"),
     pipeline_loads_lora: bool = True,
     trainer_name: str = "DiffusionSDPOTrainer",
+    events: Sequence[str] = (),
 ) -> ModelCard:
     """A model card in TRL's and diffusers' shape: metadata (``base_model`` only when it is a Hub id, ``datasets``,
     ``license``, tags), method, usage under ``hub_model_id``, the last validation grid (``sample_grid``, a path
@@ -250,7 +256,8 @@ def build_model_card(
     hyperparameters, framework versions and the papers and TRL to cite. ``denoiser`` is the trained network's
     pipeline name and class (``("transformer", "FluxTransformer2DModel")`` for FLUX); ``pipeline_loads_lora``: whether
     the pipeline has diffusers' ``load_lora_weights`` (else the usage loads the adapters into the denoiser);
-    ``trainer_name``: the trainer class that trained it."""
+    ``trainer_name``: the trainer class that trained it; ``events``: what the run's alarms did (each rewind and
+    each switch of the safeguard, :func:`~.run_summary.run_events`), a section of its own."""
     base_path = local_base_label(base_model)
     local_base = base_model if base_path else None  # what from_pretrained loads on this machine
     base_model = hub_base_model(base_model)
@@ -292,6 +299,7 @@ def build_model_card(
         frameworks=framework_versions(),
         method_citations=DIFFUSION_CITATIONS,
         trl_citation=TRL_CITATION,
+        events=list(events),
     )
     all_tags = ["diffusers", "trl", "diffusion-sdpo", "text-to-image", model_family] + (["lora"] if is_lora else [])
     all_tags += [t for t in tags if t not in all_tags]
@@ -483,6 +491,7 @@ class RunHub:
             "beta": args.beta,
             "safeguard_mu": args.safeguard_mu if args.safeguarded else None,
             "safeguard_space": args.safeguard_space,
+            "on_pathology": args.on_pathology,  # what its alarms did: the card's own section
             # as given (before scale_lr); unset, the family's rate the run resolved (scale_lr then needs it given)
             "learning_rate": args.learning_rate if given_rate is None else given_rate,
             "scale_lr": args.scale_lr,
@@ -518,6 +527,7 @@ class RunHub:
             denoiser=(family.denoiser_name, type(family.denoiser).__name__),
             pipeline_loads_lora=hasattr(type(trainer.pipeline), "load_lora_weights"),
             trainer_name=type(trainer).__name__,
+            events=run_events(trainer),
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))

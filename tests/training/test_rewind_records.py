@@ -1,0 +1,230 @@
+"""What a run's records say of its rewinds, and the probe's and the rewind's figures checked against a computation of
+their own: the model card and the end-of-run summary name each rewind (step fired, step restored) and the switch of
+the safeguard, as the checkpoint's ``trainer_state.json`` logged them; a resumed run keeps the rewinds before its
+resume and trains with the safeguard it switched to; unhealthy probes that are not in a row never fire the alarm; the
+probe's implicit accuracy is the share of pairs the policy prefers more than the reference does; an inverted pair is
+made afresh at every probe; the probe's pairing leaves every global random generator as it found it."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.common import StopAt
+from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
+from trl_diffusion_sdpo.callbacks.probe import PROBE_METRICS, HeldOutProbe
+from trl_diffusion_sdpo.callbacks.rewind import MemorySnapshot, Rewind
+from trl_diffusion_sdpo.online.probe_pairs import random_states_kept
+
+ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
+DPO = {"safeguard_space": "none"}  # Diffusion-DPO (the package defaults to the safeguard)
+SUMMARY_LOGGER = "trl_diffusion_sdpo.io.run_summary"
+
+
+def _logged_rewinds(trainer_state: dict) -> list[tuple[int, int]]:
+    """``(step fired, step restored)`` of each rewind, as the training log recorded it."""
+    return [(e["step"], int(e["health/rewind_to"])) for e in trainer_state["log_history"] if "health/rewind_to" in e]
+
+
+def _first_safeguarded_step(trainer_state: dict) -> int:
+    """The first step whose training log carries the safeguard's own metrics: the first step it ran."""
+    return next(e["step"] for e in trainer_state["log_history"] if "safeguard/engaged" in e)
+
+
+def _card_section(readme: str) -> list[str]:
+    """The card's list of rewinds and switches (its bullets), empty without the section."""
+    heading = "## Rewinds and safeguard switches"
+    if heading not in readme:
+        return []
+    section = readme.split(heading, 1)[1].split("\n## ", 1)[0]
+    return [line[2:] for line in section.splitlines() if line.startswith("- ")]
+
+
+def _switch_text(trainer) -> str:
+    """The safeguard in force, as the trainer runs it (its space and its margin's ``mu``)."""
+    return f"safeguard_space={trainer.safeguard.name!r}, safeguard_mu={trainer.safeguard.margin.current()!r}"
+
+
+def test_a_rewound_runs_card_and_end_summary_name_each_rewind_and_the_safeguard_switch(
+    make_trainer, make_pickapic, tmp_path, caplog
+):
+    out = tmp_path / "rewound"
+    trainer = make_trainer(
+        train_dataset=make_pickapic(ROWS), max_steps=8, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
+        save_strategy="steps", save_steps=6, output_dir=str(out), **DPO,
+    )  # fmt: skip
+    # Healthy at 1, unhealthy at 2 and 3: back to 1, the safeguard on; healthy at 4, unhealthy at 5 and 6: back to 4,
+    # and the run stops at 6.
+    trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3, 5, 6})
+    with caplog.at_level("INFO", logger=SUMMARY_LOGGER):
+        trainer.train()
+    trainer.create_model_card()
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    rewinds = _logged_rewinds(state)
+    assert len(rewinds) == 2
+    (first, back), (second, back_again) = rewinds
+    switched = _first_safeguarded_step(state) - 1  # the safeguard ran from the step after the switch
+    assert switched == first
+    lines = _card_section((out / "README.md").read_text())
+    assert len(lines) == 2
+    assert lines[0].startswith(f"Step {first}:") and f"back to step {back}'s" in lines[0]
+    assert f"from step {switched + 1} on the run trained with the safeguard on ({_switch_text(trainer)})" in lines[0]
+    assert f"(steps {switched + 1}-{second})" in lines[0]
+    assert lines[1].startswith(f"Step {second}:") and f"back to step {back_again}'s" in lines[1]
+    assert "training stopped there" in lines[1] and state["global_step"] == second
+    ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training ended")]
+    assert ended == [f"Training ended at step {second}. {lines[0]} {lines[1]}"]
+
+
+def test_a_quiet_rewind_runs_card_says_no_rewind_happened_and_a_run_without_the_alarm_has_no_section(
+    make_trainer, make_pickapic, tmp_path, caplog
+):
+    quiet = make_trainer(
+        train_dataset=make_pickapic(ROWS), max_steps=2, probe_steps=1, probe_pairs=HELD, on_pathology="rewind",
+        output_dir=str(tmp_path / "quiet"), **DPO,
+    )  # fmt: skip
+    quiet.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=set())
+    with caplog.at_level("INFO", logger=SUMMARY_LOGGER):
+        quiet.train()
+    quiet.create_model_card()
+    assert _logged_rewinds({"log_history": quiet.state.log_history}) == []
+    lines = _card_section((tmp_path / "quiet" / "README.md").read_text())
+    assert len(lines) == 1 and "never fired" in lines[0] and "no rewind happened" in lines[0]
+    assert any(r.getMessage().endswith(lines[0]) for r in caplog.records)
+    plain = make_trainer(max_steps=1, output_dir=str(tmp_path / "plain"), **DPO)
+    plain.create_model_card()
+    readme = (tmp_path / "plain" / "README.md").read_text()
+    assert _card_section(readme) == [] and "rewind" not in readme.lower()
+
+
+def test_a_resumed_run_lists_the_rewinds_before_its_resume_and_trains_on_with_the_safeguard(
+    make_trainer, make_pickapic, tmp_path
+):
+    def run(output_dir, callbacks=(), resume=None):
+        trainer = make_trainer(
+            train_dataset=make_pickapic(ROWS), callbacks=list(callbacks), max_steps=6, probe_steps=1,
+            probe_pairs=HELD, on_pathology="rewind", save_strategy="steps", save_steps=4, output_dir=str(output_dir),
+            **DPO,
+        )  # fmt: skip
+        # Unhealthy at 2 and 3: back to step 1 at 3 and the safeguard on; the checkpoint is step 4's, after it.
+        trainer.probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps={2, 3})
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.create_model_card()
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed", callbacks=[StopAt(4)])
+    checkpoint = tmp_path / "resumed" / "checkpoint-4"
+    resumed = run(tmp_path / "resumed", resume=str(checkpoint))
+    # Steps 5 and 6 trained with the safeguard the uninterrupted run had switched to before the checkpoint.
+    assert resumed.safeguard is not None
+    assert equal(trained_weights(resumed), trained_weights(straight))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    [(fired, back)] = _logged_rewinds(state)
+    cards = [_card_section((tmp_path / name / "README.md").read_text()) for name in ("straight", "resumed")]
+    assert cards[0] == cards[1] and len(cards[1]) == 1
+    assert cards[1][0].startswith(f"Step {fired}:") and f"back to step {back}'s" in cards[1][0]
+    assert f"({_switch_text(resumed)}) (steps {fired + 1}-6)" in cards[1][0]
+
+
+def _fires(unhealthy: set[int], steps: int, patience: int) -> list[int]:
+    """The steps the alarm fires at: ``patience`` unhealthy probes in a row, counted afresh after each alarm."""
+    fired, run = [], 0
+    for step in range(1, steps + 1):
+        run = run + 1 if step in unhealthy else 0
+        if run == patience:
+            fired.append(step)
+            run = 0
+    return fired
+
+
+@pytest.mark.parametrize("unhealthy", [{1, 3, 5, 7}, {2, 3, 5}, {1, 2, 4, 6, 7}], ids=str)
+def test_the_alarm_fires_only_on_unhealthy_probes_in_a_row(unhealthy):
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    rewind = Rewind(ScriptedAlarm(patience=2, unhealthy_steps=unhealthy), MemorySnapshot([weight]))
+    rewind.snapshot.take(optimizer)
+    control = SimpleNamespace(should_training_stop=False)
+    fired = []
+    for step in range(1, 9):
+        with torch.no_grad():
+            weight.add_(1.0)
+        if rewind.read({}, step, optimizer, control):
+            fired.append(step)
+    assert fired == _fires(unhealthy, 8, 2)
+
+
+def _per_pair_metrics(probe: HeldOutProbe, policy: torch.nn.Module) -> dict[str, float]:
+    """The probe's figures computed here from its own noised pair: each image's mean squared error, then the share
+    of pairs whose winner-minus-loser error gap the policy keeps below the reference's."""
+    probe.stages.draws.start_evaluation(probe.seed)
+    policy.eval()
+    try:
+        with torch.no_grad():
+            noised = probe.stages.noised_pair(policy, probe.batch, "eval", 0)
+            p = probe.stages.predict_noised(policy, noised, separate_branches=False)
+    finally:
+        probe.stages.draws.end_evaluation()
+        policy.train()
+
+    def error(prediction, target):
+        return ((prediction.double() - target.double()) ** 2).flatten(1).mean(1)
+
+    pw, rw = error(p.policy_winner, p.target_winner), error(p.reference_winner, p.target_winner)
+    pl, rl = error(p.policy_loser, p.target_loser), error(p.reference_loser, p.target_loser)
+    accuracy = ((pw - pl) < (rw - rl)).double().mean()
+    figures = [pw.mean(), rw.mean(), pl.mean(), rl.mean(), (pw - rw).mean(), (pl - rl).mean(), accuracy]
+    return dict(zip(PROBE_METRICS, (float(v) for v in figures), strict=True))
+
+
+def test_the_probes_figures_are_the_mean_errors_and_the_share_of_pairs_preferred(
+    make_trainer, make_pickapic, make_pipeline
+):
+    # A reference unlike the policy, and three pairs: the implicit accuracy is a third, two thirds, 0 or 1, never
+    # the half that a flipped sign would leave unchanged.
+    trainer = make_trainer(
+        lora=False, train_dataset=make_pickapic(ROWS + 1), ref_model=make_pipeline(seed=1).unet, probe_steps=1,
+        probe_pairs=3,
+    )  # fmt: skip
+    probe, policy = trainer.probe.probe, trainer._policy()
+    measured = probe.measure(policy, trainer.args.device)
+    expected = _per_pair_metrics(probe, policy)
+    assert expected["probe/implicit_acc"] != 0.5
+    assert measured == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_an_inverted_pair_is_made_afresh_at_every_probe(make_trainer, make_pickapic):
+    # Inversion runs the policy: the pair of a later probe is not the first probe's. The probe's last reading must be
+    # what a new probe measures on the trained weights.
+    trainer = make_trainer(
+        train_dataset=make_pickapic(ROWS), max_steps=2, probe_steps=1, probe_pairs=HELD, noising="inversion",
+        inversion_steps=2, **DPO,
+    )  # fmt: skip
+    trainer.train()
+    probe = trainer.probe.probe
+    fresh = HeldOutProbe(probe.stages, probe.batch, probe.seed, probe.reduce, probe.forward_context)
+    (first_step, first), (last_step, last) = trainer.probe.readings
+    assert (first_step, last_step) == (1, 2) and first != last
+    assert last == fresh.measure(trainer._policy(), trainer.args.device)
+
+
+def test_the_probes_pairing_leaves_torchs_numpys_and_pythons_generators_as_it_found_them():
+    def draws() -> tuple:
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    def seed() -> None:
+        torch.manual_seed(7)
+        np.random.seed(7)
+        random.seed(7)
+
+    seed()
+    expected = draws()  # a process that never paired
+    seed()
+    with random_states_kept("cpu"):
+        draws()  # a pipeline and a reward drawing from every global generator
+    assert draws() == expected
