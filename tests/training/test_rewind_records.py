@@ -73,8 +73,7 @@ def test_a_rewound_runs_card_and_end_summary_name_each_rewind_and_the_safeguard_
     lines = _card_section((out / "README.md").read_text())
     assert len(lines) == 2
     assert lines[0].startswith(f"Step {first}:") and f"back to step {back}'s" in lines[0]
-    assert f"from step {switched + 1} on the run trained with the safeguard on ({_switch_text(trainer)})" in lines[0]
-    assert f"(steps {switched + 1}-{second})" in lines[0]
+    assert f"steps {switched + 1}-{second} trained with the safeguard on ({_switch_text(trainer)})" in lines[0]
     assert lines[1].startswith(f"Step {second}:") and f"back to step {back_again}'s" in lines[1]
     assert "training stopped there" in lines[1] and state["global_step"] == second
     ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training ended")]
@@ -129,7 +128,25 @@ def test_a_resumed_run_lists_the_rewinds_before_its_resume_and_trains_on_with_th
     cards = [_card_section((tmp_path / name / "README.md").read_text()) for name in ("straight", "resumed")]
     assert cards[0] == cards[1] and len(cards[1]) == 1
     assert cards[1][0].startswith(f"Step {fired}:") and f"back to step {back}'s" in cards[1][0]
-    assert f"({_switch_text(resumed)}) (steps {fired + 1}-6)" in cards[1][0]
+    assert f"steps {fired + 1}-6 trained with the safeguard on ({_switch_text(resumed)})" in cards[1][0]
+
+
+def test_a_switched_runs_card_names_the_step_the_training_logs_alarm_switched_the_safeguard_on(
+    make_trainer, tmp_path, monkeypatch
+):
+    from trl_diffusion_sdpo.callbacks import health
+
+    # the tiny run does not show the pathology in 4 steps: the alarm is made to fire on the second training log
+    monkeypatch.setattr(
+        health, "winner_pathology", lambda history, rule: sum("delta/winner" in h for h in history) >= 2
+    )
+    trainer = make_trainer(max_steps=4, on_pathology="safeguard", output_dir=str(tmp_path / "switched"), **DPO)
+    trainer.train()
+    trainer.create_model_card()
+    switched = _first_safeguarded_step({"log_history": trainer.state.log_history}) - 1
+    [line] = _card_section((tmp_path / "switched" / "README.md").read_text())
+    assert line.startswith(f"Step {switched}:")
+    assert f"steps {switched + 1}-4 trained with the safeguard on ({_switch_text(trainer)})" in line
 
 
 def _fires(unhealthy: set[int], steps: int, patience: int) -> list[int]:

@@ -282,8 +282,8 @@ class RewindRecord:
                 f"and optimizer state went back to step {restored}'s"
             )
             if fired == self.switched_at:
-                trained = f" (steps {fired + 1}-{last_step})" if last_step > fired else ""
-                text += f"; from step {fired + 1} on the run trained with the safeguard on ({settings}){trained}."
+                steps = f"steps {fired + 1}-{last_step}" if last_step > fired else f"every step after step {fired}"
+                text += f"; {steps} trained with the safeguard on ({settings})."
             else:
                 text += f"; training stopped there, with step {restored}'s weights as the result."
             lines.append(text)

@@ -164,10 +164,10 @@ def run_events(trainer: Any) -> list[str]:
         if switched is None:
             lines.append("on_pathology='safeguard': the pathology alarm never fired, so the safeguard stayed off.")
         else:
-            trained = f" (steps {switched + 1}-{step})" if step > switched else ""
+            steps = f"steps {switched + 1}-{step}" if step > switched else f"every step after step {switched}"
             lines.append(
-                f"Step {switched}: the pathology alarm fired (on_pathology='safeguard'); from step {switched + 1} on "
-                f"the run trained with the safeguard on ({settings}){trained}."
+                f"Step {switched}: the training logs' pathology alarm fired (on_pathology='safeguard'); {steps} "
+                f"trained with the safeguard on ({settings})."
             )
     return lines
 
