@@ -56,6 +56,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..config._lazy import import_target
+from ..config.file_modes import follow_umask
 from ..families import ModelFamily, PromptEmbeddings
 from .collators import pair_mask, pair_scores
 from .columns import PreferenceColumns, order_pair
@@ -489,6 +490,7 @@ def _empty_prompt(directory: str, encoders: _FrozenEncoders, edit_resolution: in
     if embeds.pooled is not None:
         tensors["pooled_prompt_embeds"] = embeds.pooled.contiguous()
     save_file(tensors, path + ".tmp")
+    follow_umask(path + ".tmp")  # safetensors writes it owner-only
     os.replace(path + ".tmp", path)
     return embeds
 

@@ -37,6 +37,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..config.file_modes import follow_umask
 from ..testing import write_char_tokenizer
 from ..testing.components import SD_NOISE_SCHEDULE
 from .shapes import Caption, all_captions, draw_shape
@@ -156,7 +157,8 @@ def save_base(
             **(extra or {}),
         }
         (staging / _RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        staging.chmod(0o755)  # mkdtemp's 0o700 would make a shared cache or a shipped folder private
+        # mkdtemp's 0o700 and safetensors' owner-only files would make a shared cache or a shipped folder private.
+        follow_umask(staging)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)

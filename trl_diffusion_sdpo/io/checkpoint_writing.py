@@ -24,6 +24,7 @@ import torch
 from transformers.trainer import SCALER_NAME, SCHEDULER_NAME
 from transformers.training_args import ParallelMode
 
+from ..config.file_modes import follow_umask
 from ..config.messages import advice
 from .checkpoints import (
     MANIFEST_NAME,
@@ -94,7 +95,9 @@ def save_random_states(folder: str, args) -> None:
 
 def publish_checkpoint(staging: str, final: str) -> None:
     """Write the manifest of ``staging`` (sizes and SHA-256 of every file), flush everything to disk, and rename it
-    to ``final`` (replacing it). The files were just written, so hashing reads them from the page cache."""
+    to ``final`` (replacing it), every file with the mode the umask gives (whichever library wrote it: safetensors
+    writes owner-only). The files were just written, so hashing reads them from the page cache."""
+    follow_umask(staging)
     files = folder_files(staging)
     checksums = {}
     for relative in files:

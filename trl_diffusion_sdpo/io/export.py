@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..config.file_modes import follow_umask
 from ..config.messages import OutputExistsError, advice, replacing_refusal
 from .checkpoints import earlier_run_files
 from .lora_formats import LoraFile, LoraModule, read_lora, tool_state_dict
@@ -173,6 +174,7 @@ def export_lora(
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     partial = f"{output}.partial"
     save_file(state, partial, metadata=metadata or None)
+    follow_umask(partial)  # safetensors writes it owner-only; a tool running as another user reads it
     os.replace(partial, output)  # nothing half-written under the final name
     return ExportResult(output, family, export_format, len(lora.modules))
 
@@ -210,4 +212,6 @@ def merge_lora(
     pipeline.fuse_lora(components=[lora.prefix], lora_scale=strength, adapter_names=["export"])
     pipeline.unload_lora_weights()
     pipeline.save_pretrained(output_dir, safe_serialization=True)
+    # What save_pretrained wrote, not the folder itself: a folder the user made keeps its mode.
+    follow_umask(*(os.path.join(output_dir, name) for name in os.listdir(output_dir)))
     return output_dir

@@ -29,6 +29,7 @@ from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from ..config.file_modes import follow_umask
 from ..engines.collectives import shard_like
 
 __all__ = [
@@ -95,13 +96,15 @@ def save_lora_adapters(
         from diffusers.loaders.lora_base import LoraBaseMixin
 
         LoraBaseMixin._save_lora_weights(output_dir, {prefix: layers}, {prefix: metadata}, safe_serialization=True)
-        return os.path.join(output_dir, LORA_WEIGHTS_NAME)
-    pipeline_cls.save_lora_weights(
-        output_dir,
-        safe_serialization=True,
-        **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": metadata},
-    )
-    return os.path.join(output_dir, LORA_WEIGHTS_NAME)
+    else:
+        pipeline_cls.save_lora_weights(
+            output_dir,
+            safe_serialization=True,
+            **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": metadata},
+        )
+    path = os.path.join(output_dir, LORA_WEIGHTS_NAME)
+    follow_umask(path)  # safetensors writes it owner-only
+    return path
 
 
 def load_lora_adapters(
@@ -136,6 +139,7 @@ def save_full_denoiser(
     folder = os.path.join(output_dir, subfolder)
     if state_dict is None:
         denoiser.save_pretrained(folder, safe_serialization=True)
+        follow_umask(folder)
         return folder
     os.makedirs(folder, exist_ok=True)
     denoiser.save_config(folder)
@@ -145,6 +149,7 @@ def save_full_denoiser(
         filename_pattern=_DIFFUSERS_WEIGHTS_PATTERN,
         max_shard_size="10GB",
     )
+    follow_umask(folder)
     return folder
 
 
@@ -175,6 +180,7 @@ def save_pipeline_components(pipeline: Any, output_dir: str, denoiser: str = UNE
         if name == denoiser or component is None or not hasattr(component, "save_pretrained"):
             continue
         component.save_pretrained(os.path.join(output_dir, name))
+        follow_umask(os.path.join(output_dir, name))
     pipeline.save_config(output_dir)
 
 
@@ -190,13 +196,16 @@ def copy_saved_model(source: str, destination: str) -> None:
     """Copy the weights and ``training_config.json`` that :func:`save_lora_adapters` / :func:`save_full_denoiser`
     wrote in ``source`` (a checkpoint) into ``destination``, replacing older copies."""
     os.makedirs(destination, exist_ok=True)
+    # shutil's copies keep the source's mode: each copy is then given the umask's, as a file written here would be.
     for name in (LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME):
         if os.path.isfile(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+            follow_umask(os.path.join(destination, name))
     for subfolder in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER):
         if os.path.isdir(os.path.join(source, subfolder)):
             shutil.rmtree(os.path.join(destination, subfolder), ignore_errors=True)
             shutil.copytree(os.path.join(source, subfolder), os.path.join(destination, subfolder))
+            follow_umask(os.path.join(destination, subfolder))
 
 
 def has_pipeline_components(directory: str) -> bool:

@@ -1,0 +1,148 @@
+"""Every file the package writes has the mode the user's umask gives a new file (``0o666 & ~umask``), and every
+folder the mode it gives a new folder (``0o777 & ~umask``): the trained LoRA, its checkpoints (the optimizer, scheduler
+and random-state files transformers' format holds included), the latent cache, a full-tuning save, an export and a
+merged pipeline. safetensors writes its files owner-only, so under umask 022 a weight file would read ``0o600`` beside
+``0o644`` JSON, and a tool running as another user could not load it.
+
+The expected modes are computed from the umask the test sets, never from the package's own reading of it."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.lora_files import write_base_and_lora
+from trl_diffusion_sdpo.config import file_modes
+from trl_diffusion_sdpo.io.export import export_lora, merge_lora
+from trl_diffusion_sdpo.io.saving import save_full_denoiser, save_pipeline_components
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
+
+UMASKS = [0o022, 0o077, 0o002]
+
+
+@pytest.fixture(params=UMASKS, ids=[f"umask-{u:03o}" for u in UMASKS])
+def umask(request) -> int:
+    """The process's umask set to the parameter for the test, and restored after it."""
+    previous = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(previous)
+
+
+def wrong_modes(root: str | Path, umask: int) -> dict[str, str]:
+    """Every file and folder under ``root`` (``root`` itself excluded) whose permission bits are not what ``open()``
+    and ``os.makedirs`` give under ``umask``: ``{relative path: found mode}``."""
+    wrong = {}
+    for folder, folders, files in os.walk(root):
+        for name, expected in [(n, 0o777 & ~umask) for n in folders] + [(n, 0o666 & ~umask) for n in files]:
+            path = os.path.join(folder, name)
+            found = stat.S_IMODE(os.lstat(path).st_mode)
+            if found != expected:
+                wrong[os.path.relpath(path, root)] = f"{found:o} (expected {expected:o})"
+    return wrong
+
+
+def test_a_lora_run_its_checkpoint_and_its_latent_cache_follow_the_umask(make_trainer, tmp_path, umask):
+    output, cache = tmp_path / "run", tmp_path / "latents"
+    trainer = make_trainer(
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        cache_latents=True,
+        latent_cache_dir=str(cache),
+        output_dir=str(output),
+    )
+    trainer.train()
+    trainer.save_model()
+    names = {os.path.relpath(os.path.join(f, n), output) for f, _, files in os.walk(output) for n in files}
+    # the files whose modes are checked: the weights beside the JSON, and transformers' resume files
+    for wanted in ("pytorch_lora_weights.safetensors", "training_config.json", "checkpoint-2/optimizer.pt"):
+        assert wanted in names, sorted(names)
+    assert any(n.startswith("checkpoint-2/rng_state") for n in names), sorted(names)
+    assert any(n.endswith(".safetensors") for n in os.listdir(next(cache.iterdir()))), "no cached safetensors"
+    assert wrong_modes(output, umask) == {}
+    assert wrong_modes(cache, umask) == {}
+
+
+def test_a_full_tuning_save_writes_the_denoiser_and_the_pipeline_with_the_umasks_modes(tmp_path, umask):
+    pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tokenizer"))
+    output = tmp_path / "full"
+    save_full_denoiser(pipe.unet, str(output))
+    save_pipeline_components(pipe, str(output))
+    # the gathered-weights path (ZeRO-3, FSDP) writes through huggingface_hub's writer instead
+    save_full_denoiser(pipe.unet, str(tmp_path / "gathered"), state_dict=dict(pipe.unet.state_dict()))
+    assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (output / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert wrong_modes(output, umask) == {}
+    assert wrong_modes(tmp_path / "gathered", umask) == {}
+
+
+@pytest.fixture(scope="module")
+def base_and_lora(tmp_path_factory) -> tuple[str, str]:
+    return write_base_and_lora("sd", tmp_path_factory.mktemp("sd"))
+
+
+def test_an_export_and_a_merge_follow_the_umask(base_and_lora, tmp_path, umask):
+    base, lora = base_and_lora
+    exported = tmp_path / "exports"
+    for export_format in ("comfyui", "kohya", "diffusers"):
+        export_lora(lora, base, export_format, str(exported / f"{export_format}.safetensors"))
+    assert sorted(os.listdir(exported)) == ["comfyui.safetensors", "diffusers.safetensors", "kohya.safetensors"]
+    merged = tmp_path / "merged"
+    merge_lora(lora, base, str(merged))
+    assert (merged / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert wrong_modes(exported, umask) == {}
+    assert wrong_modes(merged, umask) == {}
+
+
+def test_a_merge_into_a_folder_the_user_made_leaves_that_folders_mode(base_and_lora, tmp_path, umask):
+    base, lora = base_and_lora
+    merged = tmp_path / "merged"
+    merged.mkdir(mode=0o750)
+    os.chmod(merged, 0o750)  # whatever the umask: the user's choice for the folder
+    merge_lora(lora, base, str(merged))
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o750
+    assert wrong_modes(merged, umask) == {}
+
+
+def test_the_umask_is_read_as_set_from_proc_and_without_it_and_left_unchanged(monkeypatch, umask):
+    assert file_modes.current_umask() == umask
+    monkeypatch.setattr(file_modes, "_PROC_STATUS", "/nonexistent/status")  # no /proc (macOS, a sandbox)
+    assert file_modes.current_umask() == umask
+    assert os.umask(umask) == umask, "reading the umask changed it"
+
+
+def test_follow_umask_keeps_a_shared_folders_setgid_and_leaves_links_and_their_targets(tmp_path, umask):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2700)  # setgid: new files take the folder's group
+    weights = shared / "w.safetensors"
+    weights.write_bytes(b"x")
+    os.chmod(weights, 0o600)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a user's own file")
+    os.chmod(outside, 0o400)
+    (shared / "link").symlink_to(outside)
+    file_modes.follow_umask(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == stat.S_ISGID | (0o777 & ~umask)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o400
+
+
+def test_a_filesystem_refusing_chmod_warns_and_the_save_goes_on(tmp_path, monkeypatch, caplog, umask):
+    target = tmp_path / "w.safetensors"
+    target.write_bytes(b"x")
+    os.chmod(target, 0o600)
+
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(file_modes.os, "chmod", refuse)
+    with caplog.at_level("WARNING", logger=file_modes.__name__):
+        file_modes.follow_umask(target)
+    if umask != 0o077:  # 0o600 is already the mode 0o077 gives: nothing to change
+        assert f"Could not set the permissions of {target}" in caplog.text
