@@ -39,6 +39,7 @@ from ..config.checks import Choice
 from ..rewards.scorers.base import Scorer, Sources, build_scorer
 from ..rewards.scorers.preflight import check_models, check_prompts
 from .generation import GenerationSettings, ModelSpec, generate_images, split_edits
+from .progress import Progress, note
 from .prompts import EditPrompt, load_prompt_set
 from .run import _scorer_arguments, check_scorers, refuse_earlier_outputs
 
@@ -124,17 +125,20 @@ def _score_images(
     missing_paths, missing_prompts = [paths[i] for i in missing], [prompts[i] for i in missing]
     missing_sources = [sources[i] for i in missing] if sources is not None else None
     batches = (
-        scorer.score_files(missing_paths, missing_prompts, batch_size, "scoring", progress, missing_sources)
+        scorer.score_files(missing_paths, missing_prompts, batch_size, "scoring", False, missing_sources)
         if scorer
         else []
     )
-    for start, values in zip(range(0, len(missing), batch_size), batches):
-        chunk = missing_paths[start : start + batch_size]
-        cached.update({path: float(v) for path, v in zip(chunk, values, strict=True)})
-        tmp = f"{cache_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(cached, f)
-        os.replace(tmp, cache_file)
+    note(f"scoring {len(missing)} of {len(paths)} images ({len(paths) - len(missing)} scores cached)", progress)
+    with Progress("scoring", len(missing), "images", progress, -(-len(missing) // batch_size)) as bar:
+        for start, values in zip(range(0, len(missing), batch_size), batches):
+            chunk = missing_paths[start : start + batch_size]
+            cached.update({path: float(v) for path, v in zip(chunk, values, strict=True)})
+            tmp = f"{cache_file}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(cached, f)
+            os.replace(tmp, cache_file)
+            bar.update(len(chunk))
     return [cached[p] for p in paths]
 
 

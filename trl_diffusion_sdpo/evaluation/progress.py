@@ -27,7 +27,8 @@ class Progress:
         self.description, self.total, self.unit, self.batches = description, total, unit, batches
         self.done = self.batch = 0
         self.started = time.perf_counter()
-        self.bar = tqdm(total=total, desc=description, unit=unit) if bar else None
+        self.lines = not bar
+        self.bar = tqdm(total=total, desc=description, unit=unit) if bar and total else None
 
     def update(self, count: int) -> None:
         """One batch of ``count`` more done."""
@@ -35,6 +36,7 @@ class Progress:
         self.batch += 1
         if self.bar is not None:
             self.bar.update(count)
+        if not self.lines:
             return
         seconds = time.perf_counter() - self.started
         batch = f"batch {self.batch}/{self.batches}" if self.batches else f"batch {self.batch}"

@@ -1,0 +1,323 @@
+"""`evaluate` (and `pairs`) report each model and batch in a log, take train's --threads, and the grid shows every
+sample of every model with captions inside their own tiles' columns."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
+from PIL import Image, ImageDraw, ImageFont
+
+from trl_diffusion_sdpo.cli.main import build_parser, main
+from trl_diffusion_sdpo.evaluation import Scorer, evaluate, register_scorer
+from trl_diffusion_sdpo.evaluation.compare import GRID_CELL, GRID_COLUMNS, GRID_PAGE_SAMPLES
+from trl_diffusion_sdpo.io.cpu_threads import CPU_THREADS
+from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class MeanRedScorer(Scorer):
+    """The mean red channel in [0, 1]: cheap and deterministic."""
+
+    name = "mean_red"
+    scale = "mean(R) / 255"
+
+    def score(self, images, prompts) -> torch.Tensor:
+        return torch.tensor(
+            [np.asarray(image.convert("RGB"), dtype=np.float64)[..., 0].mean() / 255 for image in images]
+        )
+
+
+register_scorer("progress-test-mean-red", MeanRedScorer, overwrite=True)
+
+
+@pytest.fixture
+def torch_threads():
+    """torch's thread count set to 3 for the test, and put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- progress --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """A saved tiny base pipeline and a LoRA folder for it."""
+    root = tmp_path_factory.mktemp("progress-models")
+    base = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(root / "tok"))
+    base.save_pretrained(str(root / "base"))
+    base.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
+    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet))
+    StableDiffusionPipeline.save_lora_weights(str(root / "lora"), unet_lora_layers=lora_state)
+    return {"base": str(root / "base"), "lora": str(root / "lora")}
+
+
+def test_evaluate_logs_each_model_and_each_batch_as_it_goes_off_a_terminal(
+    tmp_path, tiny_models, monkeypatch, caplog, torch_threads
+):
+    """Off a terminal (pytest's stderr), the command logs a line per model and per batch, generating and scoring,
+    through the package's INFO messages; a line follows each pipeline call before the next one starts."""
+    events: list[str] = []
+    original = StableDiffusionPipeline.__call__
+
+    def recorded(self, *args, **kwargs):
+        events.append("call")
+        return original(self, *args, **kwargs)
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            events.append(record.getMessage())
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", recorded)
+    recorder = Recorder()
+    logging.getLogger("trl_diffusion_sdpo").addHandler(recorder)
+    caplog.set_level(logging.INFO, logger="trl_diffusion_sdpo")
+    prompts = ["a red cube", "a blue ball", "a tree"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    batch = 2
+    try:
+        code = main(
+            [
+                "evaluate",
+                "--base",
+                tiny_models["base"],
+                "--model",
+                f"lora={tiny_models['lora']}",
+                "--prompts",
+                str(tmp_path / "prompts.txt"),
+                "--scorer",
+                "progress-test-mean-red",
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--steps",
+                "1",
+                "--resolution",
+                "32",
+                "--batch-size",
+                str(batch),
+                "--score-batch-size",
+                "2",
+                "--device",
+                "cpu",
+                "--bootstrap-resamples",
+                "20",
+            ]  # fmt: skip
+        )
+    finally:
+        logging.getLogger("trl_diffusion_sdpo").removeHandler(recorder)
+    assert code == 0
+    batches = math.ceil(len(prompts) / batch)
+    assert events.count("call") == 2 * batches  # two models
+    lines = [event for event in events if event != "call"]
+    for number, name in enumerate(("base", "lora"), start=1):
+        assert any(line.startswith(f"model {number}/2 {name}: generating {len(prompts)} of") for line in lines), lines
+        for b in range(1, batches + 1):
+            done = min(b * batch, len(prompts))
+            pattern = rf"generating {name}: {done}/{len(prompts)} images, batch {b}/{batches}, \d+\.\d s"
+            assert any(re.match(pattern, line) for line in lines), (pattern, lines)
+            pattern = rf"scoring {name} \(mean_red\): {done}/{len(prompts)} images, batch {b}/{batches}, \d+\.\d s"
+            assert any(re.match(pattern, line) for line in lines), (pattern, lines)
+    calls = [i for i, event in enumerate(events) if event == "call"]
+    for this, following in zip(calls, calls[1:]):  # never two batches without a line between them
+        assert any(event.startswith("generating") for event in events[this:following]), events
+    assert any(event.startswith("generating") for event in events[calls[-1] :])
+
+
+# -- threads ---------------------------------------------------------------------------------------------------------
+
+
+def test_threads_is_trains_option_with_its_default_and_help():
+    """The flag of both sampling commands is train's: the same default and the same help text."""
+    from trl_diffusion_sdpo.cli.train import DiffusionScriptArguments
+
+    trains = next(f for f in dataclasses.fields(DiffusionScriptArguments) if f.name == "threads")
+    parser = build_parser()
+    for command in ("evaluate", "pairs"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        action = next(a for a in sub._actions if "--threads" in a.option_strings)
+        assert (action.default, action.help, action.type) == (trains.default, trains.metadata["help"], int), command
+
+
+@pytest.mark.parametrize("command", ["evaluate", "pairs"])
+def test_threads_set_torchs_threads_for_the_command_before_it_samples(command, monkeypatch, torch_threads):
+    """``--threads N`` on the CPU: torch computes with N threads when the command hands over to the library;
+    unset, the command line's CPU default (train's rule); 0 and a GPU device leave torch's setting alone."""
+    import trl_diffusion_sdpo.evaluation as evaluation_package
+    import trl_diffusion_sdpo.evaluation.pairs as pairs_module
+
+    class Called(Exception):
+        """Ends the command where it hands over to the library."""
+
+    seen: list[int] = []
+
+    def record(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise Called
+
+    monkeypatch.setattr(evaluation_package, "evaluate", record)
+    monkeypatch.setattr(pairs_module, "make_pairs", record)
+    for flags, expected in (
+        (["--device", "cpu", "--threads", "2"], 2),
+        (["--device", "cpu"], CPU_THREADS),
+        (["--device", "cpu", "--threads", "0"], 3),
+        (["--device", "cuda", "--threads", "2"], 3),  # a GPU run: its CPU threads only feed the device
+    ):
+        torch.set_num_threads(3)
+        with pytest.raises(Called):
+            main([command, "--base", "b", "--prompts", "p.txt", *flags])
+        assert seen.pop() == expected, flags
+
+
+def test_negative_threads_end_the_command_in_one_line_naming_the_flag(capsys):
+    assert main(["evaluate", "--base", "b", "--device", "cpu", "--threads", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads -1" in err[0], err
+
+
+# -- grid ------------------------------------------------------------------------------------------------------------
+
+
+def _colour(i: int) -> tuple[int, int, int]:
+    """Distinct light colours, never grey (every channel at least 130 and no two equal: never the captions' ink nor
+    its anti-aliased edges)."""
+    return 130 + 25 * (i % 5), 131 + 25 * (i // 5 % 5), 132 + 25 * (i // 25)
+
+
+def _solid_generation(size: int):
+    """A stand-in for `generate_images` that writes one solid-colour PNG per (model, prompt, seed), a colour each."""
+
+    def generate(base, specs, prompts, seeds, settings, cache_dir, batch_size, device, progress):
+        os.makedirs(cache_dir, exist_ok=True)
+        paths, index = {}, 0
+        for spec in specs:
+            paths[spec.name] = []
+            for p in range(len(prompts)):
+                for s in seeds:
+                    path = os.path.join(cache_dir, f"{spec.name}-{p}-{s}.png")
+                    Image.new("RGB", (size, size), _colour(index)).save(path)
+                    paths[spec.name].append(path)
+                    index += 1
+        return paths, {spec.name: len(paths[spec.name]) for spec in specs}
+
+    return generate
+
+
+def _ink(pixels: np.ndarray) -> int:
+    return int((pixels.astype(np.float64).mean(axis=-1) < 128).sum())
+
+
+def _text_ink(text: str) -> int:
+    """The dark pixels of ``text``'s words drawn alone in the grid's font."""
+    font = ImageFont.load_default()
+    total = 0
+    for word in text.split():
+        canvas = Image.new("RGB", (600, 40), "white")
+        ImageDraw.Draw(canvas).text((2, 2), word, fill="black", font=font)
+        total += _ink(np.asarray(canvas))
+    return total
+
+
+def _tiles(pixels: np.ndarray, colours: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Per colour found, its tile ``(left, top, size)``: the colour fills exactly a square (nothing drawn on it)."""
+    tiles = []
+    for colour in colours:
+        where = np.argwhere((pixels == colour).all(axis=-1))
+        if where.size == 0:
+            tiles.append(None)
+            continue
+        (top, left), (bottom, right) = where.min(axis=0), where.max(axis=0)
+        size = int(right - left + 1)
+        assert bottom - top + 1 == size and len(where) == size * size, (colour, left, top, size)
+        tiles.append((int(left), int(top), size))
+    return tiles
+
+
+def test_the_grid_shows_every_sample_of_every_model_with_each_caption_over_its_own_column(tmp_path, monkeypatch):
+    """More samples than a band holds and than a page holds: every image appears exactly once, whole, on the pages in
+    order (a model per row, the samples in order along bands and pages); each caption's ink lies in its own column
+    above its band, and nothing else is drawn outside the tiles but the model names."""
+    import trl_diffusion_sdpo.evaluation.run as run_module
+
+    monkeypatch.setattr(run_module, "generate_images", _solid_generation(40))
+    names = ["base", "a-much-longer-model-name"]
+    prompts = [f"prompt {i} of a set with some long words: extraordinarily" for i in range(GRID_PAGE_SAMPLES // 2 + 3)]
+    seeds = [0, 1]
+    out = tmp_path / "eval"
+    kwargs = dict(
+        prompts=prompts, scorers=["progress-test-mean-red"], output_dir=str(out), seeds=seeds, n_resamples=20,
+        progress=False, device="cpu",
+    )  # fmt: skip
+    result = evaluate("unused-base", {names[1]: "unused-lora"}, **kwargs)
+    samples = [(p, s) for p in prompts for s in seeds]
+    captions = [f"{p} (seed {s})" for p, s in samples]
+    pages = math.ceil(len(samples) / GRID_PAGE_SAMPLES)
+    assert pages > 1 and len(samples) > GRID_COLUMNS
+    files = [out / ("grid.png" if page == 1 else f"grid-{page}.png") for page in range(1, pages + 1)]
+    assert [result.files["grid"], *(result.files[f"grid/{p}"] for p in range(2, pages + 1))] == list(map(str, files))
+    assert not (out / f"grid-{pages + 1}.png").exists()
+
+    colours = {name: [_colour(m * len(samples) + i) for i in range(len(samples))] for m, name in enumerate(names)}
+    shown = 0
+    for file in files:
+        pixels = np.asarray(Image.open(file).convert("RGB"))
+        per_model = {name: _tiles(pixels, colours[name]) for name in names}
+        on_page = [i for i, tile in enumerate(per_model["base"]) if tile is not None]
+        assert on_page == list(range(shown, shown + len(on_page))), on_page  # the next samples, in order
+        for name in names:
+            assert [i for i, t in enumerate(per_model[name]) if t is not None] == on_page, name
+        tiles = [[per_model[name][i] for name in names] for i in on_page]
+        size = tiles[0][0][2]
+        for column in tiles:  # a sample's models stacked in order, one tile below the other
+            assert [(t[0], t[1] - column[0][1]) for t in column] == [(column[0][0], r * size) for r in range(2)]
+        covered = np.zeros(pixels.shape[:2], bool)
+        for column in tiles:
+            for left, top, side in column:
+                covered[top : top + side, left : left + side] = True
+        # Each caption's ink: in its column, between the band above (or the top) and its own tiles.
+        band_tops = sorted({column[0][1] for column in tiles})
+        captions_ink = 0
+        for k, column in enumerate(tiles):
+            left, top, side = column[0]
+            band = band_tops.index(top)
+            above = band_tops[band - 1] + 2 * side if band else 0
+            strip = pixels[above:top, left : left + side]
+            expected = _text_ink(captions[on_page[k]])
+            assert _ink(strip) == pytest.approx(expected, rel=0.05), captions[on_page[k]]
+            captions_ink += _ink(strip)
+        labels_ink = len(band_tops) * sum(_text_ink(name) for name in names)
+        left_edge = min(column[0][0] for column in tiles)
+        assert _ink(pixels[:, :left_edge]) == pytest.approx(labels_ink, rel=0.05)  # the model names, once a band
+        assert _ink(pixels) == pytest.approx(captions_ink + labels_ink, rel=0.02)  # no ink anywhere else
+        assert not covered[:, :left_edge].any()
+        shown += len(on_page)
+    assert shown == len(samples)
+
+    # A smaller rerun into the folder: its pages, and none of the earlier run's beyond them.
+    kwargs.update(prompts=prompts[:3], overwrite=True)
+    again = evaluate("unused-base", {names[1]: "unused-lora"}, **kwargs)
+    assert [k for k in again.files if k.startswith("grid")] == ["grid"]
+    assert sorted(f for f in os.listdir(out) if f.startswith("grid")) == ["grid.png"]
+
+
+def test_the_evaluation_page_states_the_grids_layout_from_its_constants():
+    """The docs' line on grid.png restates the layout's numbers: they are the code's."""
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `grid.png`"))
+    assert f"{GRID_COLUMNS} samples side by side" in row and f"{GRID_PAGE_SAMPLES} samples a page" in row, row
+    assert f"at most {GRID_CELL} pixels" in row, row
