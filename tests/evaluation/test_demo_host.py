@@ -123,10 +123,19 @@ def test_the_demo_refuses_a_folder_holding_an_earlier_demos_files(tmp_path, monk
         run_module.run_demo(out, DemoRecipe.quick(), overwrite=True)
 
 
-def test_the_demo_writes_into_a_folder_without_its_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "load_base", _started)
+def test_the_demo_refuses_a_folder_holding_anything_and_writes_among_it_with_overwrite(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_module, "load_base", _no_base)
     (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError) as refused:
+        run_module.run_demo(tmp_path, DemoRecipe.quick())
+    assert str(refused.value).startswith(f"{tmp_path} holds notes.txt, which the demo would replace.")
+    assert "Pass overwrite=True to write among them" in str(refused.value)
+    monkeypatch.setattr(run_module, "load_base", _started)
     with pytest.raises(_Started):
+        run_module.run_demo(tmp_path, DemoRecipe.quick(), overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "notes.txt").unlink()
+    with pytest.raises(_Started):  # an empty folder holds nothing to replace
         run_module.run_demo(tmp_path, DemoRecipe.quick())
 
 

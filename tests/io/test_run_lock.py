@@ -165,7 +165,7 @@ def test_a_new_run_into_another_runs_folder_is_refused_and_touches_no_file(finis
     with pytest.raises(EarlierRunError) as info:
         second.train()
     message = str(info.value)  # from Python: the keyword arguments, not the flags
-    for named in ("resume_from_checkpoint=True", "output_dir", "delete the folder", "checkpoint-3"):
+    for named in ("resume_from_checkpoint=True", "train(overwrite=True)", "output_dir", "checkpoint-3"):
         assert named in message
     assert "--" not in message
     assert second.state.global_step == 0
@@ -181,7 +181,7 @@ def test_the_commands_end_a_refused_run_in_one_line_naming_the_flags(finished_ru
     assert run_command("trl-diffusion-sdpo train", second.train) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"trl-diffusion-sdpo train: error: {finished_run} holds another")
-    for named in ("--resume_from_checkpoint true", "--output_dir", "delete the folder"):
+    for named in ("--resume_from_checkpoint true", "--overwrite", "--output_dir"):
         assert named in lines[0]
     assert _hashes(finished_run) == before
 

@@ -26,13 +26,13 @@ class CacheArguments:
         default=1000, metadata={"help": "Source rows per chunk: one shard file, and the unit a resumed run redoes."}
     )
     cache_batch_size: int = field(default=8, metadata={"help": "Pairs per VAE batch."})
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace a cache in --latent_cache built with other settings, or write the cache into a folder "
-            "holding other files (both refused otherwise; resuming a cache of the same settings never needs it)."
-        },
-    )
+
+
+# ``--overwrite`` is train's switch (cli.train.OutputArguments), listed under the cache's topic with what it does here.
+OVERWRITE_HELP = (
+    "Replace a cache in --latent_cache built with other settings, or write the cache into a folder holding other "
+    "files (both refused otherwise, before the model loads; resuming a cache of the same settings never needs it)."
+)
 
 
 def make_cache_parser():
@@ -46,7 +46,10 @@ def make_cache_parser():
         "Encode a preference dataset into a sharded, resumable latent cache (--latent_cache FOLDER), one shard per "
         "process under accelerate launch, from the training YAML (--config) and flags.",
         "",
-        lambda: [("Cache", "", [f.name for f in fields(CacheArguments)]), *train_topics()],
+        lambda: [
+            ("Cache", "", {**dict.fromkeys(f.name for f in fields(CacheArguments)), "overwrite": OVERWRITE_HELP}),
+            *train_topics(),
+        ],
     )
 
 
@@ -68,7 +71,7 @@ def run_cache(argv: list[str] | None = None) -> int:
     check_supported(script_args, model_args)
     if not diffusion_args.latent_cache:
         parser.error("--latent_cache FOLDER is required: where the cache is written (or resumed)")
-    refuse_other_files(diffusion_args.latent_cache, cache_args.overwrite)  # before the model loads
+    refuse_other_files(diffusion_args.latent_cache, diffusion_args.overwrite)  # before the model loads
     # The training config has set up the process group as training would (on CPU processes it refused a launch
     # without accelerate's CPU mode); a bare PartialState() would run each CPU process as a lone one.
     device = args.device
@@ -98,7 +101,7 @@ def run_cache(argv: list[str] | None = None) -> int:
             "max_rows": diffusion_args.max_train_rows,
         },
         progress=not args.disable_tqdm,
-        overwrite=cache_args.overwrite,
+        overwrite=diffusion_args.overwrite,
     )
     if state.is_main_process and cache is not None:
         m = cache.manifest

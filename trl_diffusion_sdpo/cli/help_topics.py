@@ -99,6 +99,7 @@ TRAINING_TOPIC = (
     f"The general options a diffusion run sets most; --help_all lists the others, documented at {TRANSFORMERS_DOCS}.",
     {
         "output_dir": "Where the weights, training_config.json, the model card and checkpoints go.",
+        "overwrite": None,
         "max_steps": "Optimizer steps to train for (-1: --num_train_epochs epochs).",
         "num_train_epochs": "Epochs to train for when --max_steps is -1.",
         "per_device_train_batch_size": "Preference pairs per process per micro-batch.",

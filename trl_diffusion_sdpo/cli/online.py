@@ -23,11 +23,13 @@ from ..online.config import OnlineDiffusionSDPOConfig
 from .parsing import parse_or_exit, resume_argument
 from .train import (
     DiffusionScriptArguments,
+    OutputArguments,
     ProcessArguments,
     ValidationArguments,
     build_pipeline,
     check_supported_model,
     make_parser,
+    refuse_earlier_run,
     train_save_and_push,
     train_topics,
 )
@@ -36,7 +38,7 @@ __all__ = ["OnlinePromptArguments", "load_prompt_dataset", "main", "parse_args"]
 
 
 @dataclass
-class OnlinePromptArguments(ValidationArguments, ProcessArguments):
+class OnlinePromptArguments(ValidationArguments, ProcessArguments, OutputArguments):
     """Where the prompts come from, and the validation grids."""
 
     prompts: str | None = option(
@@ -70,8 +72,8 @@ EPILOG = (
 
 def online_topics() -> list:
     """``online --help``'s topics: the prompts, the rewards, generation and reference, then ``train``'s."""
-    validation = {f.name for f in fields(ValidationArguments)}
-    prompts = ("Prompts", "", [f.name for f in fields(OnlinePromptArguments) if f.name not in validation])
+    elsewhere = {f.name for f in (*fields(ValidationArguments), *fields(OutputArguments))}  # train's topics
+    prompts = ("Prompts", "", [f.name for f in fields(OnlinePromptArguments) if f.name not in elsewhere])
     online = [(heading, text, names) for heading, (text, names) in ONLINE_GROUPS.items()]
     return [prompts, *online, *train_topics()]
 
@@ -130,6 +132,7 @@ def main(argv: Sequence[str] | None = None):
     from .train import peft_config_for
 
     check_supported_model(model_args)
+    refuse_earlier_run(training_args, prompt_args.overwrite)  # before the model and the prompts load
     pipeline = build_pipeline(model_args, DiffusionScriptArguments())
     peft_config = peft_config_for(model_args, pipeline)
     probe_prompts = None
@@ -144,4 +147,4 @@ def main(argv: Sequence[str] | None = None):
         peft_config=peft_config,
         callbacks=prompt_args.validation_callbacks(),
     )
-    return train_save_and_push(trainer, prompt_args.prompts)
+    return train_save_and_push(trainer, prompt_args.prompts, prompt_args.overwrite)

@@ -52,6 +52,7 @@ __all__ = [
     "INPUT_PATH_KEYS",
     "ConfigFileParser",
     "DiffusionScriptArguments",
+    "OutputArguments",
     "ProcessArguments",
     "build_pipeline",
     "check_supported",
@@ -131,6 +132,20 @@ class ProcessArguments:
         apply_threads(self.threads, on_cpu=bool(training_args.use_cpu) or not torch.cuda.is_available())
 
 
+@dataclass
+class OutputArguments:
+    """What the command may do to an ``--output_dir`` that holds another run (from Python: ``train(overwrite=True)``).
+    The field's name is the one switch every command that writes takes (:data:`~..config.messages.OVERWRITE_OPTION`,
+    which a test holds it to)."""
+
+    overwrite: bool = option(
+        False,
+        "Start a new run in an --output_dir holding another run's files (refused otherwise, before anything loads): "
+        "that run's checkpoints are removed when training starts, its weights, training_config.json and model card "
+        "replaced when this run saves. Not with --resume_from_checkpoint, which continues it.",
+    )
+
+
 VALIDATION_TOPIC = (
     "Validation images while training",
     "Sample grids from the policy as it trains (a ValidationCallback; docs/evaluation.md).",
@@ -139,7 +154,7 @@ VALIDATION_TOPIC = (
 
 
 @dataclass
-class DiffusionScriptArguments(ValidationArguments, ProcessArguments):
+class DiffusionScriptArguments(ValidationArguments, ProcessArguments, OutputArguments):
     """Options of ``trl-diffusion-sdpo train`` that neither TRL's ``ScriptArguments`` nor ``ModelConfig`` has: how the
     data is read and prepared, and the validation grids."""
 
@@ -524,6 +539,7 @@ def main(argv: Sequence[str] | None = None):
     from ..trainer import DiffusionSDPOTrainer
 
     check_supported(script_args, model_args)
+    refuse_earlier_run(training_args, diffusion_args.overwrite)  # before the data and the model load
     # Before the model loads: a data folder's problem is one line (the command line's), not a traceback after minutes
     # of loading.
     base_quantization_for(model_args, diffusion_args).check_usable()
@@ -551,17 +567,28 @@ def main(argv: Sequence[str] | None = None):
             *diffusion_args.validation_callbacks(),
         ],
     )
-    return train_save_and_push(trainer, script_args.dataset_name)
+    return train_save_and_push(trainer, script_args.dataset_name, diffusion_args.overwrite)
 
 
-def train_save_and_push(trainer, dataset_name: str | None):
-    """Train (resuming as ``resume_from_checkpoint`` says), save to ``output_dir`` with a model card naming
-    ``dataset_name`` and, with ``push_to_hub``, push; the trainer."""
+def refuse_earlier_run(training_args: Any, overwrite: bool) -> None:
+    """Refuse, before anything loads, an ``--output_dir`` holding another run's files that this run neither resumes
+    nor overwrites (:func:`~..io.run_files.check_new_run_folder`, which the trainer asks again under the folder's
+    lock): the same one line as the trainer's, seconds in, where a large model would load first."""
+    from ..io.run_files import check_new_run_folder
+
+    resumed = training_args.resume_from_checkpoint not in (None, False)
+    check_new_run_folder(training_args.output_dir, resumed, overwrite)
+
+
+def train_save_and_push(trainer, dataset_name: str | None, overwrite: bool = False):
+    """Train (resuming as ``resume_from_checkpoint`` says, or over another run's files with ``overwrite``), save to
+    ``output_dir`` with a model card naming ``dataset_name`` and, with ``push_to_hub``, push; the trainer."""
     args = trainer.args
     if args.push_to_hub:  # the cards of checkpoint pushes name the dataset too
         trainer.create_model_card(dataset_name=dataset_name)
     trainer.add_callback(ModelCardOnSave(trainer, dataset_name))
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # a refusal: one line (the command line's)
+    # a refusal: one line (the command line's)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint, overwrite=overwrite)
     trainer.save_model(args.output_dir)
     # As TRL's scripts: the saved model comes with its card (README.md: base model, dataset, method, settings).
     trainer.create_model_card(dataset_name=dataset_name)

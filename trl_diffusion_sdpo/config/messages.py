@@ -13,12 +13,26 @@ import contextlib
 import difflib
 from collections.abc import Iterator, Sequence
 
-__all__ = ["OutputExistsError", "advice", "command_line", "did_you_mean", "listed", "replacing_refusal"]
+__all__ = [
+    "OVERWRITE_FLAG",
+    "OVERWRITE_OPTION",
+    "OutputExistsError",
+    "advice",
+    "command_line",
+    "did_you_mean",
+    "listed",
+    "overwrite_advice",
+    "replacing_refusal",
+]
 
 # Whether the command line runs (set by command_line): advice then names flags, from Python the keyword arguments.
 _on_command_line = False
 # Names a refusal lists before it counts the rest: one line stays readable whatever a folder holds.
 LISTED_NAMES = 6
+# The one switch, on every command that writes and in every function behind one, that lets it replace what an earlier
+# run left in its output: the keyword (``overwrite=True``; the trainer's ``train(overwrite=True)``) and the flag.
+OVERWRITE_OPTION = "overwrite"
+OVERWRITE_FLAG = f"--{OVERWRITE_OPTION}"
 
 
 class OutputExistsError(FileExistsError):
@@ -41,6 +55,14 @@ def advice(flag: str, python: str) -> str:
     """``flag`` (the command line's words) when the command line runs, ``python`` (the keyword arguments) from
     Python: an error a user fixes names what they typed."""
     return flag if _on_command_line else python
+
+
+def overwrite_advice(call: str = "") -> str:
+    """The switch that lets a command replace an earlier run's output, as the user gives it: :data:`OVERWRITE_FLAG`
+    on the command line, ``overwrite=True`` from Python (``call(overwrite=True)`` where the keyword belongs to the
+    method ``call``, e.g. ``train``)."""
+    keyword = f"{OVERWRITE_OPTION}=True"
+    return advice(OVERWRITE_FLAG, f"{call}({keyword})" if call else keyword)
 
 
 def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:

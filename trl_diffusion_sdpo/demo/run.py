@@ -32,7 +32,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import DiffusionSDPOConfig
 from ..config.extras import require_extra
-from ..config.messages import OutputExistsError, advice, replacing_refusal
+from ..config.messages import OutputExistsError, advice, overwrite_advice, replacing_refusal
 from ..trainer import DiffusionSDPOTrainer
 from .base_check import rebuild_and_check
 from .methods import GUARDS, METHODS, Method, method_unavailable, resolve_methods
@@ -66,15 +66,20 @@ PRETRAIN_OUTPUTS = ("base", "pretrain_report.json")
 
 
 def refuse_earlier_outputs(output_dir: str | Path, names: Sequence[str], writer: str, overwrite: bool) -> None:
-    """Refuse, unless ``overwrite``, an ``output_dir`` holding any of ``names`` (what ``writer`` writes there): an
-    earlier run's, which this one would replace. Before anything loads or trains."""
+    """Refuse, unless ``overwrite``, an ``output_dir`` holding anything, before anything loads or trains: an earlier
+    run's files (``names``, what ``writer`` writes there), which this one would replace, or else whatever it holds,
+    which this one would write among."""
+    new_folder = f"write to a new {advice('--output_dir', 'output_dir')}"
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):  # a file: no switch makes it a folder
+        raise OutputExistsError(replacing_refusal(str(output_dir), writer, [new_folder]))
+    if overwrite or not os.path.exists(output_dir):
+        return
     found = [name for name in names if os.path.exists(os.path.join(output_dir, name))]
-    if found and not overwrite:
-        ways = [
-            f"pass {advice('--overwrite', 'overwrite=True')} to replace them",
-            f"write to a new {advice('--output_dir', 'output_dir')}",
-        ]
-        raise OutputExistsError(replacing_refusal(str(output_dir), writer, ways, "an earlier run's files", found))
+    held = "an earlier run's files" if found else ""
+    found = found or sorted(os.listdir(output_dir))
+    if found:
+        ways = [f"pass {overwrite_advice()} to {'replace them' if held else 'write among them'}", new_folder]
+        raise OutputExistsError(replacing_refusal(str(output_dir), writer, ways, held, found))
 
 
 @contextlib.contextmanager

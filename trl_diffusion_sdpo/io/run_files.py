@@ -46,7 +46,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from .. import io as run_io  # the Hub's and the resume checks' modules are imported when first used
 from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
-from ..config.messages import advice, replacing_refusal
+from ..config.messages import advice, overwrite_advice, replacing_refusal
 from . import saving
 from .checkpoints import (
     TRAINER_STATE_NAME,
@@ -63,7 +63,7 @@ from .run_lock import RunLock, RunLockedError
 if TYPE_CHECKING:
     from .hub import RunHub
 
-__all__ = ["CheckpointPart", "RunFiles"]
+__all__ = ["CheckpointPart", "RunFiles", "check_new_run_folder", "earlier_run_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +107,18 @@ class RunFiles(TrainerCallback):
 
     # ------------------------------------------------------------------ training, resumed from a complete checkpoint
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, overwrite: bool = False, **kwargs: Any
+    ):
         """``transformers.Trainer.train`` under the output folder's lock (refused where the folder holds another
-        run's weights or checkpoints and ``resume_from_checkpoint`` is not given),
+        run's weights or checkpoints and neither ``resume_from_checkpoint`` nor ``overwrite`` is given: with
+        ``overwrite`` that run's checkpoints are removed and its weights replaced by this run's saves),
         after finishing or removing what an interrupted save left, from ``resume_from_checkpoint`` resolved and checked
         (:func:`.checkpoints.resolve_resume_checkpoint`, :func:`.resume_check.check_resume_config`), with the
         preemption signals handled while it runs."""
         trainer = self.trainer
         resumed = resume_from_checkpoint not in (None, False)
-        lock = self._claim_output_dir(resumed)
+        lock = self._claim_output_dir(resumed, overwrite)
         view = None
         try:
             if trainer.args.should_save:
@@ -196,9 +199,10 @@ class RunFiles(TrainerCallback):
         total = self._fold_loss()
         return None if self.loss_before_resume is None else self.loss_before_resume + total
 
-    def _claim_output_dir(self, resumed: bool) -> RunLock | None:
+    def _claim_output_dir(self, resumed: bool, overwrite: bool = False) -> RunLock | None:
         """Process 0 locks ``output_dir`` and refuses it where a new run would replace another run's files (before
-        any of them is touched); every process learns whether it was refused (one scalar
+        any of them is touched; :func:`check_new_run_folder`, which the commands ask before anything loads), or
+        with ``overwrite`` removes that run's checkpoints; every process learns whether it was refused (one scalar
         all-reduce), so none waits at a barrier for a process that stopped."""
         args, accelerator = self.trainer.args, self.trainer.accelerator
         lock, error = None, None
@@ -208,17 +212,14 @@ class RunFiles(TrainerCallback):
                 lock.acquire()  # first: a live run in the folder is named as such
             except RunLockedError as err:
                 lock, error = None, err
-            refuse = lock is not None and not resumed
-            earlier = earlier_run_files(args.output_dir) if refuse else []
-            if earlier:
-                lock.release()
-                lock = None
-                resume = advice("--resume_from_checkpoint true", "train(resume_from_checkpoint=True)")
-                new_dir = advice("--output_dir", "output_dir")
-                ways = [f"continue that run with {resume}", f"write this one into a new {new_dir}"]
-                ways.append("delete the folder first")
-                held = "another run's files"
-                error = EarlierRunError(replacing_refusal(args.output_dir, "a new run", ways, held, earlier))
+            else:
+                try:
+                    earlier = check_new_run_folder(args.output_dir, resumed, overwrite)
+                    if earlier:
+                        _remove_earlier_checkpoints(args.output_dir, earlier)
+                except Exception as err:  # raised below, after the other processes learn of it
+                    lock.release()
+                    lock, error = None, err
         if accelerator.num_processes > 1:
             flag = torch.full((), float(error is not None), device=accelerator.device)
             if accelerator.reduce(flag, reduction="sum").item() > 0 and error is None:
@@ -420,6 +421,49 @@ class RunFiles(TrainerCallback):
     ):
         """Save the weights and a model card to ``output_dir`` and upload it (:meth:`.hub.RunHub.push_to_hub`)."""
         return self.hub.push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+
+
+def earlier_run_refusal(output_dir: str, earlier: list[str]) -> EarlierRunError:
+    """The refusal of a new run into ``output_dir``, which holds ``earlier`` (another run's files): the ways out
+    named as the user gives them (flags on the command line, ``train()``'s keywords from Python)."""
+    resume = advice("--resume_from_checkpoint true", "train(resume_from_checkpoint=True)")
+    ways = [
+        f"continue that run with {resume}",
+        f"pass {overwrite_advice('train')} to replace it",
+        f"write this one into a new {advice('--output_dir', 'output_dir')}",
+    ]
+    return EarlierRunError(replacing_refusal(output_dir, "a new run", ways, "another run's files", earlier))
+
+
+def check_new_run_folder(output_dir: str, resumed: bool = False, overwrite: bool = False) -> list[str]:
+    """Whether a run may start in ``output_dir``: refused (:func:`earlier_run_refusal`) where the folder holds another
+    run's files (:func:`.checkpoints.earlier_run_files`) and the run neither resumes nor overwrites; ``resumed`` and
+    ``overwrite`` together are refused as contradictory. Returns the earlier run's files that ``overwrite`` replaces.
+    Reads only: the commands ask it before anything loads, the trainer again under the folder's lock."""
+    if resumed and overwrite:
+        resume = advice("--resume_from_checkpoint", "train(resume_from_checkpoint=...)")
+        replace = overwrite_advice("train")
+        raise ValueError(f"{resume} continues the run in {output_dir} and {replace} replaces it: give one of them.")
+    earlier = [] if resumed else earlier_run_files(output_dir)
+    if earlier and not overwrite:
+        raise earlier_run_refusal(output_dir, earlier)
+    return earlier
+
+
+def _remove_earlier_checkpoints(output_dir: str, earlier: list[str]) -> None:
+    """Before a run that overwrites starts: remove the earlier run's checkpoints (complete, staged or half-deleted),
+    which its resume and checkpoint rotation would otherwise take for its own; its weights, ``training_config.json``
+    and model card are replaced when this run saves."""
+    weights = (saving.UNET_SUBFOLDER, saving.TRANSFORMER_SUBFOLDER)
+    removed = [name for name in earlier if name not in weights and os.path.isdir(os.path.join(output_dir, name))]
+    for name in removed:
+        shutil.rmtree(os.path.join(output_dir, name))
+    logger.warning(
+        "Starting a new run in %s over another run's files (overwrite): removed its checkpoints (%s); its weights "
+        "and training_config.json are replaced when this run saves",
+        output_dir,
+        ", ".join(removed) or "none",
+    )
 
 
 def checkpoint_writing() -> ModuleType:
