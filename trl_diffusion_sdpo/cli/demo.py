@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config.messages import OVERWRITE_FLAG
 from ..demo.methods import METHODS
 
 __all__ = ["command", "main"]
@@ -30,10 +31,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="Where the figures and summary go (default: %(default)s).",
     )
     parser.add_argument(
-        "--overwrite",
+        OVERWRITE_FLAG,
         action="store_true",
-        help="Replace the files an earlier demo (or --pretrain) wrote into OUTPUT_DIR (without it, such a folder is "
-        "refused before anything trains).",
+        help="Replace the files an earlier demo (or --pretrain) wrote into OUTPUT_DIR, or write among the other files "
+        "it holds (without it, a folder holding anything is refused before anything loads).",
     )
     parser.add_argument(
         "--quick",
