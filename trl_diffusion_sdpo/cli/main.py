@@ -229,7 +229,9 @@ def run(argv: list[str]) -> int:
     # libraries stay unimported for it). The demo prints its own report and bars: the libraries' are off there too.
     # The only place the package changes another library's settings (with the demo module's ``python -m``).
     helped = bool(HELP_WORDS.intersection(argv))
-    quiet_command_line(progress_bars=not helped, own_report=argv[:1] == ["demo"] and not helped)
+    # estimate-memory loads nothing, so it draws no bars: the libraries stay unimported for it, as for a help
+    bars = not helped and argv[:1] != ["estimate-memory"]
+    quiet_command_line(progress_bars=bars, own_report=argv[:1] == ["demo"] and not helped)
     if argv[:1] == ["train"]:
         from .train import main as train
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from accelerate.utils import DistributedType
-
 from ..config._lazy import import_target, lazy_attributes
-from .base import Engine
 
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
+    from .base import Engine
     from .deepspeed import DeepSpeedEngine
     from .fsdp import FSDP1Engine, FSDP2Engine
     from .plain import PlainEngine
@@ -41,11 +39,17 @@ BUILT_IN_ENGINES: dict[str, str] = {
     "plain": f"{__name__}.plain:PlainEngine",
 }
 
-_EXPORTS = {target.partition(":")[2]: target.partition(":")[0] for target in BUILT_IN_ENGINES.values()}
+# Engine too resolves on first use: the memory estimate (.memory) imports this package without training.
+_EXPORTS = {
+    "Engine": f"{__name__}.base",
+    **{target.partition(":")[2]: target.partition(":")[0] for target in BUILT_IN_ENGINES.values()},
+}
 
 
 def engine_for(accelerator) -> Engine:
     """The engine ``accelerator`` trains with."""
+    from accelerate.utils import DistributedType
+
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
         return import_target(BUILT_IN_ENGINES["deepspeed"])(accelerator, int(plugin.zero_stage))
