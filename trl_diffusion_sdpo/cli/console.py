@@ -59,6 +59,13 @@ NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
     "diffusers.quantizers.torchao.torchao_quantizer": (
         re.compile(r"Unable to import `torchao` Tensor objects\. This may affect loading checkpoints .*$"),
     ),
+    # DeepSpeed, which accelerate imports with every trainer where it is installed, on a machine where torch sees no
+    # GPU (its own logger, which does not propagate): the start summary names the device the run trains on.
+    "DeepSpeed": (
+        re.compile(
+            r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it\.$"
+        ),
+    ),
 }
 
 

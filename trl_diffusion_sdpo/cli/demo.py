@@ -10,6 +10,7 @@ import sys
 
 from ..config.messages import OVERWRITE_FLAG
 from ..demo.methods import METHODS
+from .command_parser import CommandParser
 
 __all__ = ["command", "main"]
 
@@ -98,7 +99,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def build_parser() -> argparse.ArgumentParser:
     return add_demo_arguments(
-        argparse.ArgumentParser(prog="python -m trl_diffusion_sdpo.demo", description=DESCRIPTION, allow_abbrev=False)
+        CommandParser(prog="python -m trl_diffusion_sdpo.demo", description=DESCRIPTION)
     )
 
 

@@ -7,14 +7,14 @@ import argparse
 import sys
 
 from ..io.export import EXPORT_DTYPES, EXPORT_FORMATS, export_lora, merge_lora
+from .command_parser import CommandParser
 
 __all__ = ["add_export_arguments", "build_export_parser", "run_export"]
 
 
 def build_export_parser() -> argparse.ArgumentParser:
     """The parser of ``trl-diffusion-sdpo export``."""
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
+    parser = CommandParser(
         prog="trl-diffusion-sdpo export",
         description=(
             "Write a LoRA trained by `trl-diffusion-sdpo train` (diffusers format) for the image tools: kohya "

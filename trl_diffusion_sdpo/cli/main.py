@@ -12,6 +12,7 @@ import sys
 # The options evaluate and pairs share live in their own module, which cli/pairs.py imports without importing this one.
 from ..config.defaults import safeguard_default_sentence
 from ..rewards.scorers.registry import OUTSIDE_SCORERS, register_outside_scorers
+from .command_parser import CommandParser
 from .sample import (
     add_base_argument,
     add_sampling_arguments,
@@ -41,9 +42,8 @@ HELP_WORDS = frozenset({"-h", "--help", "--help-all"})
 def build_parser(evaluate_choices: tuple[list[str], list[str]] | None = None) -> argparse.ArgumentParser:
     """The command-line parser. ``evaluate_choices``: the registered scorers and prompt presets that ``evaluate
     --help`` lists (read from the evaluation package only when that command runs, see :func:`main`)."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="trl-diffusion-sdpo",
-        allow_abbrev=False,
         description="Preference tuning of text-to-image diffusion models with Diffusion-DPO and Diffusion-SDPO.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -11,10 +11,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import yaml
 from trl import TrlParser
 
 from ..config import DiffusionSDPOConfig, check_config
-from ..config.messages import did_you_mean
+from ..config.messages import did_you_mean, file_syntax_error
+from .command_parser import HIDDEN_OPTIONS, REFUSED_OPTIONS, known_options, unknown_options_message
 
 __all__ = [
     "HIDDEN_OPTIONS",
@@ -32,10 +34,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
-# parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
-REFUSED_OPTIONS = ("attn_implementation", "lora_target_parameters")
-HIDDEN_OPTIONS = (*REFUSED_OPTIONS, "lora_task_type")
 _TRUE = {"true", "yes", "1"}
 _FALSE = {"false", "no", "0", "none", ""}
 
@@ -95,7 +93,8 @@ def _resolve_path(key: str, value: Any, folder: str, config_path: str, may_be_a_
 
 class ConfigFileParser(TrlParser):
     """TRL's parser, reading a ``--config`` file's relative paths from the file's folder (:func:`resolve_config_paths`)
-    and refusing a missing config file as a usage error."""
+    and refusing a missing config file, or one that is not valid YAML (one line naming the file, line and column), as
+    a usage error."""
 
     config_path: str | None = None
 
@@ -104,7 +103,10 @@ class ConfigFileParser(TrlParser):
         self.config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
         if self.config_path is not None and not os.path.isfile(self.config_path):
             self.error(f"--config {self.config_path}: no such file")
-        return super().parse_args_and_config(args, *rest, **options)
+        try:
+            return super().parse_args_and_config(args, *rest, **options)
+        except yaml.YAMLError as err:  # TRL reads the file: its syntax error, where it is, not PyYAML's traceback
+            self.error(file_syntax_error(self.config_path or "", err, "--config"))
 
     def set_defaults_with_config(self, **config: Any) -> list[str]:
         if self.config_path is not None:
@@ -150,47 +152,3 @@ def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:
     if unknown:
         parser.error(unknown)
     return tuple(parsed)
-
-
-def known_options(parser: argparse.ArgumentParser) -> list[str]:
-    """The option names the parser accepts and lists (``--help``), without the leading ``--``."""
-    names = []
-    for action in parser._actions:
-        if action.help == argparse.SUPPRESS and action.dest in HIDDEN_OPTIONS:
-            continue
-        names += [option[2:] for option in action.option_strings if option.startswith("--")]
-    return names
-
-
-def unknown_options_message(
-    parser: argparse.ArgumentParser, from_config: Sequence[str], from_flags: Sequence[str]
-) -> str | None:
-    """What the parser left unused, each with the closest known option: the YAML keys (TrlParser hands them back as
-    ``["--key", "value", ...]``) and the command-line words (an unknown flag, or a value with no flag)."""
-    known = known_options(parser)
-    problems = []
-    for key in from_config[::2]:
-        name = key[2:]
-        problems.append(f"unknown key {name!r} in the --config file{did_you_mean(name, known, '')}")
-    value_of_unknown = False  # the word after an unknown ``--flag`` is taken as its value
-    for word in from_flags:
-        if word.startswith("--"):
-            name = word[2:].split("=", 1)[0]
-            problems.append(f"unknown option --{name}{did_you_mean(name, known)}")
-            value_of_unknown = "=" not in word
-        elif word.startswith("-") and len(word) > 1 and not _is_number(word):
-            problems.append(f"unknown option {word}")
-            value_of_unknown = True
-        elif value_of_unknown:
-            value_of_unknown = False
-        else:
-            problems.append(f"unexpected argument {word!r}")
-    return "; ".join(problems) or None
-
-
-def _is_number(word: str) -> bool:
-    try:
-        float(word)
-    except ValueError:
-        return False
-    return True

@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from .command_parser import CommandParser
 from .sample import add_scorer_arg_argument, json_or_text
 
 __all__ = ["build_parser", "main"]
@@ -14,7 +15,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """``reward-server``'s options (on ``parser``, or a new one)."""
-    parser = parser or argparse.ArgumentParser(prog="trl-diffusion-sdpo reward-server", allow_abbrev=False)
+    parser = parser or CommandParser(prog="trl-diffusion-sdpo reward-server")
     parser.description = (
         "Serve a registered scorer over HTTP for online training's reward_funcs (http://HOST:PORT/v1/score; "
         "GET /health, GET /ready). Protocol: docs/reward-server.md. Needs the serve extra: pip install "

@@ -20,6 +20,7 @@ __all__ = [
     "advice",
     "command_line",
     "did_you_mean",
+    "file_syntax_error",
     "listed",
     "overwrite_advice",
     "replacing_refusal",
@@ -70,6 +71,23 @@ def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:
     registries' (scorers, reward functions) suggestion alike."""
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def file_syntax_error(path: str, error: Exception, what: str = "") -> str:
+    """The one wording of a file that does not parse: ``what path:line:column: not valid YAML: problem``, from a
+    PyYAML error (its ``problem_mark``, 0-based) or a ``json.JSONDecodeError`` (1-based ``lineno``, ``colno``), the
+    location an editor jumps to; ``what``: the flag that named the file (``--config``)."""
+    prefix = f"{what} " if what else ""
+    if isinstance(error, ValueError) and hasattr(error, "lineno"):  # json.JSONDecodeError
+        return f"{prefix}{path}:{error.lineno}:{error.colno}: not valid JSON: {error.msg}"
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    if mark is None:
+        return f"{prefix}{path}: not valid YAML: {problem}"
+    context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+    # an unclosed quote or bracket is found where the file ends: say where it opened
+    opened = f" ({context} at {start.line + 1}:{start.column + 1})" if context and start is not None else ""
+    return f"{prefix}{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}{opened}"
 
 
 def listed(names: Sequence[str]) -> str:
