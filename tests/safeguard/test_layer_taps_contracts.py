@@ -1,0 +1,190 @@
+"""What the per-layer taps promise beyond one call of one layer: a weight used twice in a pass sums both gradients,
+a layer under ``no_grad`` records nothing, the taps' hooks run in their documented place among other libraries'
+hooks, and a convolution with string padding splits its gradient like autograd.
+
+Each tapped per-group gradient is compared with autograd's on that group's rows alone (an independent computation)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from trl_diffusion_sdpo.safeguards.gradients.layer_taps import LayerTaps
+
+ROWS = 8
+
+
+def _perturbed(layer: nn.Module) -> nn.Module:
+    """``layer`` in float64 with every weight moved off its initial value (a norm's affine starts at ones/zeros)."""
+    layer = layer.double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return layer
+
+
+def _tapped(
+    layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: int, handed: str
+) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-group gradients of ``layer``'s weights from one tapped pass of ``forward`` (into a destination's views or
+    summed from a sink), the input gradient, and the output gradient used."""
+    params = list(layer.parameters())
+    taps = LayerTaps(layer, params)
+    got: dict[int, torch.Tensor] = {}
+    destination = None
+    if handed == "destination":
+        got = {i: torch.full((groups, *p.shape), float("nan"), dtype=p.dtype) for i, p in enumerate(params)}
+        destination = got.__getitem__
+
+    def sink(index: int, per_group: torch.Tensor) -> None:  # a weight may reach the sink more than once: sum
+        got[index] = got[index] + per_group if index in got else per_group.clone()
+
+    x = x.detach().requires_grad_(True)
+    with taps.tapping(groups, sink, destination):
+        out = forward(x)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+        out.backward(grad)
+    assert not taps.failures, taps.failures
+    assert all(p.grad is None for p in params)  # the taps hand autograd nothing for the weights
+    return got, x.grad, grad
+
+
+def _assert_like_autograd(
+    layer: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: int, handed: str
+) -> None:
+    got, x_grad, grad = _tapped(layer, forward, x, groups, handed)
+    params = list(layer.parameters())
+    plain = x.detach().requires_grad_(True)
+    forward(plain).backward(grad)
+    torch.testing.assert_close(x_grad, plain.grad, rtol=1e-12, atol=1e-12)
+    assert sorted(got) == list(range(len(params)))
+    size = x.shape[0] // groups
+    for k in range(groups):
+        rows = slice(k * size, (k + 1) * size)
+        expected = torch.autograd.grad(forward(x[rows]), params, grad[rows])
+        for i, e in enumerate(expected):
+            torch.testing.assert_close(got[i][k], e, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ a weight used twice
+
+# (layer, input shape): each layer's output has its input's shape, so it can be applied to its own output
+REUSED = {
+    "linear": (lambda: nn.Linear(5, 5), (ROWS, 3, 5)),
+    "conv": (lambda: nn.Conv2d(3, 3, 3, padding=1), (ROWS, 3, 5, 5)),
+    "groupnorm": (lambda: nn.GroupNorm(1, 3), (ROWS, 3, 4, 4)),
+    "layernorm": (lambda: nn.LayerNorm(5), (ROWS, 3, 5)),
+    "rmsnorm": (lambda: nn.RMSNorm(5), (ROWS, 3, 5)),
+}
+
+
+@pytest.mark.parametrize("handed", ["destination", "sink"])
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("kind", list(REUSED))
+def test_a_layer_called_twice_in_one_pass_sums_both_calls_gradients(kind, groups, handed):
+    """A module applied twice in one forward (a shared block, a weight-tied layer): its per-group gradient is the sum
+    of both calls' contributions, as autograd's on the group's rows."""
+    make, shape = REUSED[kind]
+    layer = _perturbed(make())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _assert_like_autograd(layer, lambda t: layer(torch.tanh(layer(t))), x, groups, handed)
+
+
+# ------------------------------------------------------------------------------------ no_grad
+
+
+@pytest.mark.parametrize("kind", list(REUSED))
+def test_a_tapped_layer_under_no_grad_records_no_graph_and_keeps_no_grad_mode(kind):
+    """A forward under ``no_grad`` inside a tapped pass (an EMA or reference forward beside the policy's): the layer
+    computes its usual output, autograd records nothing of it, grad mode stays off after the layer, and no input is
+    saved by the tap."""
+    make, shape = REUSED[kind]
+    layer = _perturbed(make())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        expected = layer(x)
+    taps = LayerTaps(layer, list(layer.parameters()))
+    saved: list[torch.Tensor] = []
+    with taps.tapping(2, lambda i, g: pytest.fail("no backward ran")):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.no_grad():
+                out = layer(x)
+                assert not torch.is_grad_enabled()  # the layer left grad mode as the caller set it
+                again = layer(out)
+        assert torch.is_grad_enabled()
+    assert out.grad_fn is None and not out.requires_grad and again.grad_fn is None
+    assert saved == []
+    assert not taps.failures
+    assert torch.equal(out, expected)
+
+
+# ------------------------------------------------------------------------------------ hook order
+
+
+def test_the_tap_runs_inside_other_librariess_hooks():
+    """The taps are installed after a sharding library's hooks (DeepSpeed ZeRO-3 and FSDP2 register theirs when the
+    model is wrapped): that library's forward pre-hooks, prepended or not, still run before the tap's pre-hook (they
+    gather the weights the layer reads), and its forward hooks, prepended or not, run after the tap's hook: they see
+    the output autograd records through the tap (they hook the backward on it)."""
+    layer = _perturbed(nn.Linear(4, 3))
+    seen: list[tuple[str, bool, str | None]] = []
+
+    def pre(name: str):
+        def hook(module, args):
+            seen.append((name, torch.is_grad_enabled(), None))
+
+        return hook
+
+    def post(name: str):
+        def hook(module, args, output):
+            seen.append((name, torch.is_grad_enabled(), type(output.grad_fn).__name__ if output.grad_fn else None))
+
+        return hook
+
+    handles = [
+        layer.register_forward_pre_hook(pre("pre"), prepend=False),
+        layer.register_forward_pre_hook(pre("pre-prepended"), prepend=True),
+        layer.register_forward_hook(post("post"), prepend=False),
+        layer.register_forward_hook(post("post-prepended"), prepend=True),
+    ]
+    params = list(layer.parameters())
+    taps = LayerTaps(layer, params)
+    x = torch.randn(ROWS, 4, dtype=torch.float64, requires_grad=True)
+    got: dict[int, torch.Tensor] = {}
+    with taps.tapping(2, lambda i, g: got.__setitem__(i, g)):
+        out = layer(x)
+        out.sum().backward()
+    for handle in handles:
+        handle.remove()
+    # the pre-hooks saw grad mode on (the tap's pre-hook turns it off until its own hook), the hooks the tap's output
+    assert [name for name, *_ in seen] == ["pre-prepended", "pre", "post-prepended", "post"]
+    assert all(enabled for _, enabled, _ in seen)
+    assert [fn for name, _, fn in seen if name.startswith("post")] == ["_LinearTapBackward"] * 2
+    assert sorted(got) == [0, 1] and all(p.grad is None for p in params)  # the gradients went through the tap
+
+
+# ------------------------------------------------------------------------------------ string padding
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(3, 4, 3, padding="same"),
+        lambda: nn.Conv2d(3, 4, 4, padding="same"),  # an even kernel: "same" pads one side more than the other
+        lambda: nn.Conv2d(3, 4, (3, 2), padding="same", dilation=(2, 1), bias=False),
+        lambda: nn.Conv2d(3, 4, 3, padding="valid"),
+        lambda: nn.Conv1d(3, 4, 4, padding="same"),
+    ],
+    ids=["same-3", "same-4", "same-dilated-no-bias", "valid", "conv1d-same-4"],
+)
+def test_a_convolution_with_string_padding_splits_like_autograd(conv, groups):
+    layer = _perturbed(conv())
+    spatial = (5, 6) if isinstance(layer, nn.Conv2d) else (7,)
+    x = torch.randn(ROWS, 3, *spatial, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _assert_like_autograd(layer, layer, x, groups, "destination")
