@@ -24,8 +24,8 @@ from transformers.trainer_utils import HubStrategy
 from transformers.utils import PushInProgress
 
 from . import saving
+from .run_events import run_events
 from .run_lock import LOCK_NAME, RECORD_NAME
-from .run_summary import run_events
 
 __all__ = [
     "PUSH_ATTEMPTS",
@@ -257,7 +257,7 @@ def build_model_card(
     pipeline name and class (``("transformer", "FluxTransformer2DModel")`` for FLUX); ``pipeline_loads_lora``: whether
     the pipeline has diffusers' ``load_lora_weights`` (else the usage loads the adapters into the denoiser);
     ``trainer_name``: the trainer class that trained it; ``events``: what the run's alarms did (each rewind and
-    each switch of the safeguard, :func:`~.run_summary.run_events`), a section of its own."""
+    each switch of the safeguard, :func:`~.run_events.run_events`), a section of its own."""
     base_path = local_base_label(base_model)
     local_base = base_model if base_path else None  # what from_pretrained loads on this machine
     base_model = hub_base_model(base_model)

@@ -4,8 +4,8 @@ its source and each choice made for the machine with its reason; and a warning f
 a run (a warmup longer than half the run, a learning rate outside the range the docs recommend for the family).
 
 :class:`StartSummary` is a ``TrainerCallback``: at ``on_train_begin`` the step count is known (``state.max_steps``).
-When training ends it logs what the run's alarms did (:func:`run_events`: each rewind and each switch of the
-safeguard), which the model card records too.
+When training ends it logs what the run's alarms did (:func:`.run_events.run_events`: each rewind and each switch of
+the safeguard), which the model card records too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from ..config.defaults import recommended_learning_rate
 from .cpu_threads import threads_text
 
-__all__ = ["pairs_per_step", "run_events"]
+__all__ = ["pairs_per_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,33 +148,9 @@ def start_warnings(given: Any, effective: Any, family: Any, lora: bool, max_step
     return warnings
 
 
-def run_events(trainer: Any) -> list[str]:
-    """What the run's alarms have done up to its current step, one sentence each: every rewind of
-    ``on_pathology="rewind"`` (:meth:`~trl_diffusion_sdpo.callbacks.rewind.Rewind.record`, the steps before a resume
-    included) and the switch of ``on_pathology="safeguard"``; a sentence saying that none happened where the run has
-    such an alarm; nothing where it has none."""
-    step = trainer.state.global_step
-    probe = getattr(trainer, "probe", None)
-    rewind = None if probe is None else probe.rewind
-    lines = [] if rewind is None else rewind.record().lines(step)
-    action = getattr(getattr(trainer, "guards", None), "action", None)  # on_pathology's, on the training logs
-    if action is not None and action.action == "safeguard" and action.switch is not None:
-        settings = ", ".join(f"{k}={v!r}" for k, v in action.switch_to.items())
-        switched = action.switched_at
-        if switched is None:
-            lines.append("on_pathology='safeguard': the pathology alarm never fired, so the safeguard stayed off.")
-        else:
-            steps = f"steps {switched + 1}-{step}" if step > switched else f"every step after step {switched}"
-            lines.append(
-                f"Step {switched}: the training logs' pathology alarm fired (on_pathology='safeguard'); {steps} "
-                f"trained with the safeguard on ({settings})."
-            )
-    return lines
-
-
 class StartSummary(TrainerCallback):
     """Logs :func:`start_summary` (INFO) and each of :func:`start_warnings` (WARNING) when training starts, and
-    :func:`run_events` (INFO) when it ends, on the main process."""
+    :func:`.run_events.run_events` (INFO) when it ends, on the main process."""
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -192,6 +168,11 @@ class StartSummary(TrainerCallback):
             logger.warning(message)
 
     def on_train_end(self, args, state, control, **kwargs):
-        events = run_events(self.trainer) if state.is_world_process_zero else []
+        # Only the alarms that rewind or switch have acts to record: a run without them never loads their module.
+        if not state.is_world_process_zero or args.on_pathology not in ("rewind", "safeguard"):
+            return
+        from .run_events import run_events
+
+        events = run_events(self.trainer)
         if events:
             logger.info("Training ended at step %d. %s", state.global_step, " ".join(events))
