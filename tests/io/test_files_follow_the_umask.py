@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.lora_files import write_base_and_lora
 from trl_diffusion_sdpo.config import file_modes
@@ -146,3 +147,58 @@ def test_a_filesystem_refusing_chmod_warns_and_the_save_goes_on(tmp_path, monkey
         file_modes.follow_umask(target)
     if umask != 0o077:  # 0o600 is already the mode 0o077 gives: nothing to change
         assert f"Could not set the permissions of {target}" in caplog.text
+
+
+def owner_only_safetensors(path: Path) -> None:
+    """A file as safetensors writes it: ``save_file``'s own output, whatever mode that gives."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.ones(2)}, str(path))
+    os.chmod(path, 0o600)  # as safetensors 0.8 leaves it, whatever a later version does
+
+
+def test_a_published_checkpoint_holds_every_writers_files_with_the_umasks_mode(tmp_path, umask):
+    """Files an engine, the rewind or the online generations write straight into the staging folder."""
+    from trl_diffusion_sdpo.io.checkpoint_writing import publish_checkpoint, staging_folder
+
+    final = tmp_path / "run" / "checkpoint-4"
+    staging = Path(staging_folder(str(final)))
+    owner_only_safetensors(staging / "rewind" / "weights.safetensors")
+    owner_only_safetensors(staging / "generations-0.safetensors")
+    publish_checkpoint(str(staging), str(final))
+    assert not staging.exists() and (final / "rewind" / "weights.safetensors").is_file()
+    assert wrong_modes(final, umask) == {}
+
+
+def test_copying_a_checkpoints_weights_into_the_output_gives_the_copies_the_umasks_mode(tmp_path, umask):
+    """An older checkpoint's owner-only weights, copied into the output folder (the Hub's checkpoint strategy)."""
+    from trl_diffusion_sdpo.io.saving import LORA_WEIGHTS_NAME, copy_saved_model
+
+    checkpoint, output = tmp_path / "run" / "checkpoint-2", tmp_path / "run"
+    owner_only_safetensors(checkpoint / LORA_WEIGHTS_NAME)
+    owner_only_safetensors(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
+    copy_saved_model(str(checkpoint), str(output))
+    assert stat.S_IMODE((output / LORA_WEIGHTS_NAME).stat().st_mode) == 0o666 & ~umask
+    assert wrong_modes(output / "unet", umask) == {}
+
+
+def test_the_rewinds_disk_snapshot_follows_the_umask(tmp_path, umask):
+    from trl_diffusion_sdpo.callbacks.rewind import DiskSnapshot
+
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    snapshot = DiskSnapshot(list(layer.parameters()), str(tmp_path / "run" / "rewind"), True, lambda: None)
+    snapshot.take(optimizer)
+    assert any(name.endswith(".safetensors") for name in os.listdir(tmp_path / "run" / "rewind"))
+    assert wrong_modes(tmp_path / "run", umask) == {}
+
+
+def test_the_demos_saved_base_follows_the_umask(tmp_path, umask):
+    """The demo's base (pretrained or cached) is written through a private temporary folder, then renamed."""
+    from trl_diffusion_sdpo.demo.pretrain import PretrainRecipe, save_base
+
+    pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tokenizer"))
+    save_base(pipe, PretrainRecipe(), tmp_path / "cache" / "base")
+    assert (tmp_path / "cache" / "base" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert wrong_modes(tmp_path / "cache", umask) == {}
