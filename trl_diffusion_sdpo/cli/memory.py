@@ -16,20 +16,9 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..engines.memory import (
-    ENGINES,
-    GIB,
-    GPUS_GB,
-    USABLE_SHARE,
-    CardVerdict,
-    MemoryEstimate,
-    RunShape,
-    card_verdict,
-    planning_error,
-    smallest_card,
-)
+from ..engines.memory import ENGINES, GIB, GPUS_GB, USABLE_SHARE, CardVerdict, MemoryEstimate, RunShape
 
-__all__ = ["EstimateArguments", "make_estimate_parser", "run_estimate_memory", "run_shape"]
+__all__ = ["EstimateArguments", "estimate_options", "make_estimate_parser", "run_estimate_memory", "run_shape"]
 
 # The prompt tokens a UNet attends to (CLIP's); SD3 adds T5's max_sequence_length (77 by default) to CLIP's 77, the
 # other flow families take max_sequence_length (512 by default).
@@ -53,7 +42,8 @@ class EstimateArguments:
         default=None,
         metadata={
             "help": f"A GPU's memory in GB (e.g. 24): whether the run fits it, its peak planned as the estimate "
-            f"plus the error measured for the family on a GPU, keeping {(1 - USABLE_SHARE) * 100:.0f}%% free. "
+            f"plus the error measured for the family on a GPU, keeping {(1 - USABLE_SHARE) * 100:.0f}%% free, and "
+            "where it does not, the least change of its flags that makes it fit. "
             f"Unset: the smallest of {', '.join(map(str, GPUS_GB))} GB that fits."
         },
     )
@@ -62,22 +52,33 @@ class EstimateArguments:
         metadata={
             "help": "Print one JSON object: total_gib (the per-process peak), gpu_gb, fits, planned_gib (the peak "
             "planned with the measured error), plan (where that error comes from) and margin_gib (the GPU's usable "
-            "GiB minus the planned peak)."
+            "GiB minus the planned peak) and advice (null when the run fits; else the flags of the least change "
+            "that fits, null when none does, with its total_gib, planned_gib and margin_gib)."
         },
     )
+
+
+def _argument_types(online: bool) -> tuple[tuple[type, ...], Any]:
+    from . import online as online_command
+    from . import train as train_command
+
+    if online:
+        return online_command.ARGUMENT_TYPES, online_command.online_topics
+    return train_command.ARGUMENT_TYPES, train_command.train_topics
+
+
+def estimate_options(online: bool = False) -> set[str]:
+    """The options of :func:`make_estimate_parser`'s parser: ``--`` and each field of its argument classes."""
+    argument_types, _ = _argument_types(online)
+    return {f"--{f.name}" for cls in (*argument_types, EstimateArguments) for f in fields(cls)}
 
 
 def make_estimate_parser(online: bool = False):
     """``train``'s parser (:func:`~.train.make_parser`), or ``online``'s, with :class:`EstimateArguments`
     under a topic of their own."""
-    from . import online as online_command
     from . import train as train_command
 
-    argument_types, topics = (
-        (online_command.ARGUMENT_TYPES, online_command.online_topics)
-        if online
-        else (train_command.ARGUMENT_TYPES, train_command.train_topics)
-    )
+    argument_types, topics = _argument_types(online)
     return train_command.make_parser(
         "trl-diffusion-sdpo estimate-memory",
         (*argument_types, EstimateArguments),
@@ -129,20 +130,9 @@ def run_shape(
         latent_cache=bool(args.cache_latents or diffusion_args.latent_cache),
         offload_frozen=args.offload_frozen_modules,
         safeguard=_safeguard(args),
+        lora_r=model_args.lora_r,
+        accumulation=args.gradient_accumulation_steps,
     )
-
-
-def verdict(estimate: MemoryEstimate, gpu_gb: float | None, family: str, shape: RunShape) -> CardVerdict:
-    """Whether the estimate, planned with the error measured for ``family``'s runs of this tuning on a GPU
-    (:func:`~trl_diffusion_sdpo.engines.memory.measured.planning_error`), fits a ``gpu_gb`` card; unset, the smallest
-    of :data:`~trl_diffusion_sdpo.engines.memory.estimate.GPUS_GB` that fits (the largest, not fitting, when none
-    does)."""
-    lora = shape.lora_rank is not None
-    error = planning_error(family, lora, bitsandbytes=shape.base_quantization.startswith("bnb"))
-    plan = f"plus {error.percent}, {error.describe(family, lora)}"
-    if gpu_gb is None:
-        gpu_gb = smallest_card(estimate.total_bytes, error.ratio) or GPUS_GB[-1]
-    return card_verdict(estimate.total_bytes, gpu_gb, error.ratio, plan)
 
 
 def verdict_line(found: CardVerdict, asked: bool) -> str:
@@ -185,14 +175,30 @@ def is_online_config(argv: list[str]) -> bool:
     try:
         with open(argv[argv.index("--config") + 1]) as f:
             config = yaml.safe_load(f)
-    except OSError:
-        return False  # the parser names the missing file
+    except (OSError, yaml.YAMLError):
+        return False  # the parser names the missing file, or where the YAML is broken
     return isinstance(config, dict) and any(key in config for key in ONLINE_KEYS)
+
+
+def _parses(parser: Any, argv: list[str]) -> bool:
+    """Whether ``parser`` takes ``argv`` (a config's rules included), its refusal kept off stderr."""
+    import contextlib
+    import io
+
+    from .parsing import parse_or_exit
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parse_or_exit(parser, argv)
+    except SystemExit:
+        return False
+    return True
 
 
 def run_estimate_memory(argv: list[str] | None = None) -> int:
     """``trl-diffusion-sdpo estimate-memory``: parse ``argv`` and print the estimate; returns the exit status."""
     from ..engines.memory import estimate_memory, model_sizes
+    from ..engines.memory.advice import fit_advice, plan_verdict
     from .parsing import parse_or_exit
     from .train import DiffusionScriptArguments, check_supported_model
 
@@ -218,7 +224,17 @@ def run_estimate_memory(argv: list[str] | None = None) -> int:
         estimate = estimate_memory(sizes, shape)
     except ValueError as err:
         parser.error(str(err))
-    found = verdict(estimate, estimate_args.gpu, sizes.family, shape)
+    found = plan_verdict(estimate.total_bytes, estimate_args.gpu, sizes.family, shape)
+    advice = None
+    if not found.fits:  # the changes the command's own parser takes for this run (a config's rules included)
+        given = ["--use_cpu", "true", *argv]
+        advice = fit_advice(
+            sizes,
+            shape,
+            found.gpu_gb,
+            accepted=lambda flags: _parses(parser, [*given, *flags]),
+            options=estimate_options(online),
+        )
     if estimate_args.json:
         card = {
             "gpu_gb": found.gpu_gb,
@@ -226,13 +242,15 @@ def run_estimate_memory(argv: list[str] | None = None) -> int:
             "margin_gib": found.margin_gib,
             "planned_gib": found.planned_gib,
             "plan": found.plan,
+            "advice": None if advice is None else advice.as_dict(),
         }
         print(
             json.dumps({"model": model_args.model_name_or_path, "family": sizes.family, **estimate.as_dict(), **card})
         )
     else:
         print(format_estimate(estimate, shape, model_args.model_name_or_path))
-        print(verdict_line(found, estimate_args.gpu is not None))
+        line = verdict_line(found, estimate_args.gpu is not None)
+        print(line if advice is None else f"{line} {advice.sentence()}")
     return 0
 
 

@@ -143,6 +143,10 @@ class RunShape:
     latent_cache: bool = False
     offload_frozen: bool = False  # offload_frozen_modules: one layer of the frozen parts at a time on the device
     safeguard: str = "output"  # none, output, one_pass (parameter/update, one pass), two_pass
+    # not in the peak, read by the advice (.advice): the rank --use_peft trains, and the micro-batches accumulated
+    # (fewer pairs per micro-batch keep the pairs per step with more of them)
+    lora_r: int = 16
+    accumulation: int = 1
 
 
 @dataclass
@@ -472,9 +476,22 @@ def _transformer_dims(config: dict[str, Any]) -> tuple[int, int]:
     return hidden, layers + int(config.get("num_refiner_layers", 0))
 
 
-def activation_bytes(sizes: ModelSizes, shape: RunShape) -> tuple[int, str]:
+def activation_bytes(
+    sizes: ModelSizes, shape: RunShape, memo: dict[tuple, tuple[int, str]] | None = None
+) -> tuple[int, str]:
     """Bytes the policy's forward over the 2B rows of a micro-batch keeps for its backward, and how they were
-    counted."""
+    counted; ``memo`` keeps a UNet's counts by the shape they depend on, for one caller's many estimates."""
+    key = (shape.pairs, shape.resolution, shape.frames, shape.prompt_tokens, shape.dtype_bytes,
+           shape.activation_checkpointing)  # fmt: skip
+    if memo is not None and key in memo:
+        return memo[key]
+    counted = _activation_bytes(sizes, shape)
+    if memo is not None:
+        memo[key] = counted
+    return counted
+
+
+def _activation_bytes(sizes: ModelSizes, shape: RunShape) -> tuple[int, str]:
     rows = 2 * shape.pairs
     dtype = {2: torch.bfloat16, 4: torch.float32}[shape.dtype_bytes]
     config = dict(sizes.denoiser.config)
@@ -551,9 +568,11 @@ def _one_pass_bytes(trained: int, row: int, activations: int, rows_after: int) -
     return max(2 * -(-row // pieces), rows_after * row - activations)
 
 
-def estimate_memory(sizes: ModelSizes, shape: RunShape) -> MemoryEstimate:
+def estimate_memory(
+    sizes: ModelSizes, shape: RunShape, activations_memo: dict[tuple, tuple[int, str]] | None = None
+) -> MemoryEstimate:
     """The per-process peak of a training step of ``sizes``'s model run as ``shape`` says, term by term (the module
-    docstring's formulas)."""
+    docstring's formulas); ``activations_memo``: :func:`activation_bytes`'s, shared by one caller's estimates."""
     if shape.engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {shape.engine!r}")
     if shape.base_quantization != "none" and shape.lora_rank is None:
@@ -588,7 +607,7 @@ def estimate_memory(sizes: ModelSizes, shape: RunShape) -> MemoryEstimate:
     reference = 0 if lora else d * params // shard_weights
     cast = d * trained // shard_weights if (not lora and d == 2 and not deepspeed) else 0
     optimizer = _optimizer_bytes(shape.optim, denoiser, trained, lora) // shard_states
-    activations, how = activation_bytes(sizes, shape)
+    activations, how = activation_bytes(sizes, shape, activations_memo)
     if not deepspeed and stage == 0:  # float32 rows; the winner's is .grad (counted above) at the optimizer step
         one_pass = _one_pass_bytes(trained, 4 * trained, activations, rows_after=1)
     elif deepspeed and stage < 3:  # rows in d; the engine takes the combination: both rows kept to the step

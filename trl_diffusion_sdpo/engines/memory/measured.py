@@ -53,10 +53,12 @@ MEASURED_ERRORS: tuple[MeasuredError, ...] = (
 @dataclass(frozen=True)
 class PlanningError:
     """What a verdict plans with: the peak is taken as the estimate times ``ratio``; ``measured`` holds the row of
-    this family and tuning, or ``None`` where none was measured (``ratio`` is then the largest of its kind)."""
+    this family and tuning, or ``None`` where none was measured (``ratio`` is then the largest of its kind, that of
+    the row ``largest``)."""
 
     ratio: float
     measured: MeasuredError | None
+    largest: MeasuredError | None = None
 
     @property
     def percent(self) -> str:
@@ -67,7 +69,10 @@ class PlanningError:
         tuning = "LoRA" if lora else "full tuning"
         if self.measured is not None:
             return f"the most a {family} {tuning} run's peak exceeded its estimate on a GPU ({self.measured.runs})"
-        return f"the largest error measured on a GPU: {family} {tuning} has no GPU measurement"
+        source = self.largest
+        base = " on a bitsandbytes base" if source is not None and source.bitsandbytes else ""
+        where = f", for {source.family} {source.tuning}{base}" if source is not None else ""
+        return f"the largest error measured on a GPU{where}; {family} {tuning} has not been measured on a GPU"
 
 
 def planning_error(family: str, lora: bool, bitsandbytes: bool = False) -> PlanningError:
@@ -76,5 +81,5 @@ def planning_error(family: str, lora: bool, bitsandbytes: bool = False) -> Plann
     for row in MEASURED_ERRORS:
         if (row.family, row.lora, row.bitsandbytes) == (family, lora, bitsandbytes):
             return PlanningError(row.ratio, row)
-    kind = [row.ratio for row in MEASURED_ERRORS if row.bitsandbytes == bitsandbytes]
-    return PlanningError(max(kind), None)
+    largest = max((row for row in MEASURED_ERRORS if row.bitsandbytes == bitsandbytes), key=lambda row: row.ratio)
+    return PlanningError(largest.ratio, None, largest)
