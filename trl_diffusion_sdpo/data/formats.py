@@ -124,16 +124,10 @@ def load_preference_data(
         format = detect_format(name_or_path, split)
         logger.info("Reading %s as %s", name_or_path, format)
     if format == "hub":
-        from datasets import load_dataset
         from datasets.data_files import EmptyDatasetError
 
-        if not os.path.exists(name_or_path):
-            problem = hub_dataset_problem(name_or_path)
-            if problem is not None:
-                raise DatasetNotFoundError(not_found_message(name_or_path, problem))
-
         try:
-            dataset = load_dataset(name_or_path, config_name, split=split, streaming=streaming)
+            dataset = _load_hub_dataset(name_or_path, config_name, split, streaming)
         except EmptyDatasetError:
             if not os.path.isdir(name_or_path):
                 raise
@@ -235,6 +229,54 @@ def hub_dataset_problem(name: str, kind: str = "dataset") -> str | None:
     except Exception as err:  # no answer: a connection refused, a name not resolved, a timeout, offline
         return f"and the Hub cannot be reached ({type(err).__name__})"
     return None
+
+
+def _load_hub_dataset(name: str, config_name: str | None, split: str, streaming: bool) -> Dataset | IterableDataset:
+    """``datasets.load_dataset`` of ``name`` (a Hub id, or a folder it reads). A Hub id the Hub cannot answer for (not
+    asked under ``HF_HUB_OFFLINE``, unreachable, or without it) is read from what this machine holds, as a cached
+    model is: the ``datasets`` cache of an earlier load (which the loader falls back to), else the snapshot ``hf
+    download --repo-type dataset`` leaves in the Hugging Face cache (which the loader does not read offline: read
+    as the folder it is). In neither: the Hub's problem in one line (:func:`not_found_message`), with no retries."""
+    from datasets import load_dataset
+
+    problem = None if os.path.exists(name) else hub_dataset_problem(name)
+    if problem is None or in_datasets_cache(name):
+        return load_dataset(name, config_name, split=split, streaming=streaming)
+    snapshot = hub_cache_snapshot(name)
+    if snapshot is None:
+        raise DatasetNotFoundError(not_found_message(name, problem))
+    logger.info("Reading %s from the Hugging Face cache (%s): %s", name, snapshot, problem.removeprefix("and "))
+    return load_dataset(snapshot, config_name, split=split, streaming=streaming)
+
+
+def in_datasets_cache(name: str) -> bool:
+    """Whether the ``datasets`` cache holds Hub dataset ``name`` from an earlier ``load_dataset``, which the loader
+    reads when the Hub cannot answer. ``datasets`` offers no call that asks without asking the Hub first: its cache's
+    folder is looked for where the loader's fallback looks (``<namespace>___<name in snake case>``)."""
+    if looks_local(name) or not HUB_ID.match(name):
+        return False
+    from datasets import config
+    from datasets.naming import camelcase_to_snakecase
+
+    *namespace, dataset = name.split("/")
+    folder = os.path.join(
+        os.path.expanduser(str(config.HF_DATASETS_CACHE)), "___".join([*namespace, camelcase_to_snakecase(dataset)])
+    )
+    return os.path.isdir(folder) and bool(glob.glob(os.path.join(folder, "*", "*", "*")))
+
+
+def hub_cache_snapshot(name: str) -> str | None:
+    """The folder of Hub dataset ``name``'s snapshot in the Hugging Face cache (``huggingface_hub``'s
+    ``snapshot_download`` with ``local_files_only``: nothing is asked of the Hub), or ``None``."""
+    if looks_local(name) or not HUB_ID.match(name):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError):
+        return None
 
 
 def not_found_message(name: str, problem: str) -> str:
