@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config.messages import OVERWRITE_FLAG
 from ..io.export import EXPORT_DTYPES, EXPORT_FORMATS, export_lora, merge_lora
 from .command_parser import CommandParser
 
@@ -22,7 +23,7 @@ def build_export_parser() -> argparse.ArgumentParser:
             "FLUX.1, SD3 and FLUX.2 for ComfyUI, FLUX.1 and FLUX.2 also for diffusers) or comfyui (every family), "
             "checked against the base model; or, with --merge, a copy of the base pipeline with the LoRA fused in at "
             "--strength, written to --output (the base itself is only read). Neither replaces what exists at --output "
-            "unless --overwrite."
+            f"unless {OVERWRITE_FLAG}."
         ),
     )
     add_export_arguments(parser)
@@ -66,7 +67,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="Device for --merge (default: %(default)s).")
     parser.add_argument(
-        "--overwrite",
+        OVERWRITE_FLAG,
         action="store_true",
         help="Replace an existing --output file, or write the merged pipeline into a folder that holds files "
         "(refused otherwise).",

@@ -47,7 +47,7 @@ from datasets.formatting.formatting import NumpyArrowExtractor
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..config.messages import OutputExistsError, advice, replacing_refusal
+from ..config.messages import OutputExistsError, advice, overwrite_advice, replacing_refusal
 from ..families import ModelFamily, PromptEmbeddings
 from .columns import PreferenceColumns, is_tie
 from .latent_cache import (
@@ -361,7 +361,7 @@ def refuse_other_files(output_dir: str, overwrite: bool = False) -> None:
     files): ``trl-diffusion-sdpo cache`` asks before it loads the model, :func:`build_sharded_latent_cache` again."""
     others = _other_entries(output_dir)
     if others and not overwrite:
-        ways = [f"pass {advice('--overwrite', 'overwrite=True')} to write it among them"]
+        ways = [f"pass {overwrite_advice()} to write it among them"]
         ways.append(f"write it into a new {advice('--latent_cache', 'output_dir')}")
         raise OutputExistsError(replacing_refusal(output_dir, "a latent cache", ways, found=others))
 
@@ -382,7 +382,7 @@ def _check_spec(found: dict[str, Any], expected: dict[str, Any], output_dir: str
     if differing:
         details = "; ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in differing)
         ways = ["resume it with the same settings and number of processes"]
-        ways += [f"pass {advice('--overwrite', 'overwrite=True')} to replace it", "use a new folder"]
+        ways += [f"pass {overwrite_advice()} to replace it", "use a new folder"]
         held = f"a latent cache built with other settings ({details})"
         raise ValueError(replacing_refusal(output_dir, "this cache", ways, held))
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..config.messages import OutputExistsError, advice, replacing_refusal
+from ..config.messages import OutputExistsError, advice, overwrite_advice, replacing_refusal
 from ..rewards.scorers.base import Scorer, available_scorers, build_scorer, scorer_factory, scores_edits
 from ..rewards.scorers.preflight import check_models, check_prompts
 from ..rewards.scorers.registry import unknown_scorer_message
@@ -61,7 +61,7 @@ def refuse_earlier_outputs(output_dir: str, names: Sequence[str], writer: str, o
     an earlier run wrote and this one would replace; the cached images are reused either way."""
     found = [name for name in names if os.path.exists(os.path.join(output_dir, name))]
     if found and not overwrite:
-        flag = advice("--overwrite", "overwrite=True")
+        flag = overwrite_advice()
         ways = [
             f"pass {flag} to replace them (the cached images are reused either way)",
             f"write to a new {advice('--output_dir', 'output_dir')}",

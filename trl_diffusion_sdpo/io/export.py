@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config.file_modes import follow_umask
-from ..config.messages import OutputExistsError, advice, replacing_refusal
+from ..config.messages import OutputExistsError, advice, overwrite_advice, replacing_refusal
 from .checkpoints import earlier_run_files
 from .lora_formats import LoraFile, LoraModule, read_lora, tool_state_dict
 
@@ -134,7 +134,7 @@ def refuse_replacing(output: str, writer: str, overwrite: bool) -> None:
         if not found:
             return  # an empty folder: nothing to replace
     ways = [
-        f"pass {advice('--overwrite', 'overwrite=True')} to replace it",
+        f"pass {overwrite_advice()} to replace it",
         f"write to a new {advice('--output', 'output')}",
     ]
     raise OutputExistsError(replacing_refusal(output, writer, ways, held, found))
