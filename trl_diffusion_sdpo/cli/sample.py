@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..config.messages import OVERWRITE_FLAG
 from ..io.cpu_threads import THREADS_HELP, apply_threads
 
 __all__ = [
@@ -87,7 +88,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hide progress bars: a log line per model and batch instead (as off a terminal).",
     )
     parser.add_argument(
-        "--overwrite",
+        OVERWRITE_FLAG,
         action="store_true",
         help="Replace what an earlier run wrote in --output_dir (refused otherwise); its cached images are reused.",
     )
