@@ -72,7 +72,7 @@ def test_a_family_with_no_gpu_measurement_says_so_and_takes_the_largest_error(ca
     largest = max(ratio for (_, _, bnb), ratio in measured_ratios().items() if not bnb)
     total = sum(result["components_bytes"].values())
     assert result["planned_gib"] == pytest.approx(total * largest / GIB, rel=1e-3)
-    assert "qwen-image LoRA has no GPU measurement" in result["plan"] and "largest error" in result["plan"]
+    assert "qwen-image LoRA has not been measured on a GPU" in result["plan"] and "largest error" in result["plan"]
     # a bitsandbytes base plans with the largest error measured on one
     assert planning_error("qwen-image", True, bitsandbytes=True).ratio == pytest.approx(
         max(ratio for (_, _, bnb), ratio in measured_ratios().items() if bnb), abs=1e-3
