@@ -128,11 +128,11 @@ def main(argv: Sequence[str] | None = None):
 
     log_to_console()
     prompt_args.apply_to_process(training_args)
+    check_supported_model(model_args)
+    refuse_earlier_run(training_args, prompt_args.overwrite)  # before the trainer's modules, the model and the prompts
     from ..online.trainer import OnlineDiffusionSDPOTrainer
     from .train import peft_config_for
 
-    check_supported_model(model_args)
-    refuse_earlier_run(training_args, prompt_args.overwrite)  # before the model and the prompts load
     pipeline = build_pipeline(model_args, DiffusionScriptArguments())
     peft_config = peft_config_for(model_args, pipeline)
     probe_prompts = None

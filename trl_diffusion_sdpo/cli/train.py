@@ -534,12 +534,12 @@ def main(argv: Sequence[str] | None = None):
 
     log_to_console()
     diffusion_args.apply_to_process(training_args)
+    check_supported(script_args, model_args)
+    refuse_earlier_run(training_args, diffusion_args.overwrite)  # before the trainer's modules, the data and the model
     from ..callbacks.guards import configure_early_stopping, early_stopping
     from ..data.sharded_cache import load_sharded_latent_cache
     from ..trainer import DiffusionSDPOTrainer
 
-    check_supported(script_args, model_args)
-    refuse_earlier_run(training_args, diffusion_args.overwrite)  # before the data and the model load
     # Before the model loads: a data folder's problem is one line (the command line's), not a traceback after minutes
     # of loading.
     base_quantization_for(model_args, diffusion_args).check_usable()
