@@ -139,6 +139,24 @@ def test_evaluate_logs_each_model_and_each_batch_as_it_goes_off_a_terminal(
     assert any(event.startswith("generating") for event in events[calls[-1] :])
 
 
+def test_pairs_logs_each_scoring_batch_off_a_terminal(tmp_path, monkeypatch, caplog):
+    """``pairs`` scores its samples with a log line per batch where no bar shows (``progress=False``)."""
+    import trl_diffusion_sdpo.evaluation.pairs as pairs_module
+
+    monkeypatch.setattr(pairs_module, "generate_images", _solid_generation(16))
+    caplog.set_level(logging.INFO, logger="trl_diffusion_sdpo")
+    prompts, k, batch = ["a", "b", "c"], 3, 4
+    pairs_module.make_pairs(
+        "unused-base", prompts=prompts, num_images=k, scorer="progress-test-mean-red", output_dir=str(tmp_path),
+        score_batch_size=batch, progress=False, device="cpu",
+    )  # fmt: skip
+    total, batches = len(prompts) * k, math.ceil(len(prompts) * k / batch)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("trl_diffusion_sdpo")]
+    for b in range(1, batches + 1):
+        pattern = rf"scoring: {min(b * batch, total)}/{total} images, batch {b}/{batches}, \d+\.\d s"
+        assert sum(bool(re.match(pattern, line)) for line in lines) == 1, (pattern, lines)
+
+
 # -- threads ---------------------------------------------------------------------------------------------------------
 
 
@@ -256,7 +274,8 @@ def test_the_grid_shows_every_sample_of_every_model_with_each_caption_over_its_o
 
     monkeypatch.setattr(run_module, "generate_images", _solid_generation(40))
     names = ["base", "a-much-longer-model-name"]
-    prompts = [f"prompt {i} of a set with some long words: extraordinarily" for i in range(GRID_PAGE_SAMPLES // 2 + 3)]
+    # captions of 1 to 4 lines, so that the bands' caption strips differ in height
+    prompts = [f"prompt {i}: " + " extraordinarily" * (1 + i // 4 % 4) for i in range(GRID_PAGE_SAMPLES // 2 + 3)]
     seeds = [0, 1]
     out = tmp_path / "eval"
     kwargs = dict(
