@@ -3,7 +3,11 @@ typed, the last lines of its output, its exit status, how long it took, and whet
 no traceback. On a clean install (an empty Hugging Face cache) with the Hub switched off (``HF_HUB_OFFLINE=1``) and
 again with the network unreachable (an endpoint nothing listens on), on the shipped tiny base; each command stops
 before training. One short training run first gives the mistakes that need one (an export, a merge, a cache) a real
-run folder and LoRA; a few commands that succeed are recorded for what they say (the merge, ``--help``).
+run folder and LoRA; a few commands that succeed are recorded for what they say (the merge, ``--help``). Every
+command the top-level parser lists gets a misspelt option (ending in one line that names the real option, after the
+command's own usage). A base whose weight files are named pipes stands for a large model: a command that opens one
+waits until the case's time limit, so a command pointed at an existing output with it that ends in seconds refused
+before any weight file was opened.
 
     python benchmarks/smoke/first_mistakes_walk.py --output benchmarks/results/cpu-first-mistakes-walk.json
 """
@@ -58,6 +62,72 @@ def table_pairs(root: Path, n: int = 4) -> Path:
 
 
 HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# How long a case with the large base may run: reading one of its weight files never ends, so a command that loads
+# it before it refuses runs into this limit (recorded as timed_out) instead of ending with its refusal.
+LARGE_BASE_LIMIT_S = 180
+
+
+def large_base(root: Path) -> Path:
+    """A copy of the shipped tiny base whose weight files (``*.safetensors``) are named pipes with no writer: its
+    configs read as the tiny base's, and opening a weight file to read it waits forever, as loading a model of many
+    gigabytes takes long."""
+    if not root.exists():
+        shutil.copytree(ROOT / "trl_diffusion_sdpo" / "demo" / "base", root)
+        for weights in root.rglob("*.safetensors"):
+            weights.unlink()
+            os.mkfifo(weights)
+    return root
+
+
+def indented_key_config(path: Path) -> Path:
+    """``tiny_cpu.yaml`` with one key indented under the one before it, the YAML slip of a hand-edited config."""
+    text = (ROOT / TINY_CPU).read_text()
+    if "\nresolution: 32\n" not in text:
+        raise SystemExit(f"{TINY_CPU} no longer sets resolution: 32, the key this case indents")
+    path.write_text(text.replace("\nresolution: 32\n", "\n  resolution: 32\n"))
+    return path
+
+
+def typos(work: Path) -> dict[str, tuple[str, list[str]]]:
+    """One misspelt option for each command the top-level parser lists: (where the command is documented, its
+    arguments after ``trl-diffusion-sdpo``), every other argument as the docs give it, so the misspelling is the one
+    mistake."""
+    lora, good, prompts = str(work / "trained"), str(work / "my-pairs"), str(work / "prompts.txt")
+    tiny_eval = ["--prompts", prompts, "--steps", "2", "--resolution", "32", "--device", "cpu", "--no_progress"]
+    return {
+        "train": ("README: train --config tiny_cpu.yaml --dataset_name my-pairs",
+                  ["train", "--config", TINY_CPU, "--dataset_name", good, "--output_dir", str(work / "tiny-sdpo"),
+                   "--learning_rat", "1e-4"]),
+        "online": ("README: online --config online_tiny_cpu.yaml",
+                   ["online", "--config", ONLINE_TINY, "--output_dir", str(work / "online-sdpo"),
+                    "--num_generation", "4"]),
+        "demo": ("README: trl-diffusion-sdpo demo --methods ...",
+                 ["demo", "--output_dir", str(work / "demo"), "--method", "dpo"]),
+        "evaluate": ("docs/evaluation.md: evaluate --base ... --model NAME=PATH --scorer ...",
+                     ["evaluate", "--base", "trl-diffusion-sdpo:tiny", "--model", f"tiny={lora}", "--scorers",
+                      "colour", *tiny_eval, "--output_dir", str(work / "evaluation-typo")]),
+        "export": ("README: export --lora tiny-sdpo --base trl-diffusion-sdpo:tiny --format kohya --output ...",
+                   ["export", "--lora", lora, "--base", "trl-diffusion-sdpo:tiny", "--formt", "kohya", "--output",
+                    str(work / "typo.safetensors")]),
+        "pairs": ("docs/evaluation.md: pairs --base ... --num_images 4 --scorer ...",
+                  ["pairs", "--base", "trl-diffusion-sdpo:tiny", "--prompts", prompts, "--num_image", "2", "--scorer",
+                   "colour", "--output_dir", str(work / "pairs-typo")]),
+        "cache": ("docs/data.md: cache --config x.yaml --latent_cache FOLDER",
+                  ["cache", "--config", TINY_CPU, "--dataset_name", good, "--latent_cach", str(work / "latents")]),
+        "reward-server": ("docs/reward-server.md: reward-server --scorer NAME --port 8000",
+                          ["reward-server", "--scorer", "colour", "--prot", "8719"]),
+        "estimate-memory": ("README: estimate-memory --config x.yaml",
+                            ["estimate-memory", "--config", TINY_CPU, "--num_proceses", "2"]),
+    }  # fmt: skip
+
+
+def listed_commands() -> list[str]:
+    """The commands ``trl-diffusion-sdpo --help`` lists, read from its parser."""
+    from trl_diffusion_sdpo.cli.main import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(subcommands.choices)
 
 
 def walk(work: Path) -> list[tuple[str, str, list[str]]]:
@@ -76,6 +146,8 @@ def walk(work: Path) -> list[tuple[str, str, list[str]]]:
     (earlier_eval / "summary.json").write_text("[]\n")
     exported = work / "tiny.safetensors"
     exported.write_bytes(b"an earlier export")
+    broken_yaml = indented_key_config(work / "indented-key.yaml")
+    large = large_base(work / "a-large-base")
     train = ["train", "--config", TINY_CPU]
     out = ["--output_dir", str(work / "tiny-sdpo")]
     prompts = str(work / "prompts.txt")
@@ -86,8 +158,6 @@ def walk(work: Path) -> list[tuple[str, str, list[str]]]:
          [*train, "--dataset_name", "my-pairz", *out]),
         ("README: train --config tiny_cpu.yaml --dataset_name my-pairs", "the same, written as a path",
          [*train, "--dataset_name", "./my-pairz", *out]),
-        ("README: train --config tiny_cpu.yaml --dataset_name my-pairs", "an option misspelt",
-         [*train, "--dataset_name", str(good), *out, "--learning_rat", "1e-4"]),
         ("README: train --config tiny_cpu.yaml --dataset_name my-pairs", "a value out of range",
          [*train, "--dataset_name", str(good), *out, "--safeguard_mu", "1.5"]),
         ("README: train --config tiny_cpu.yaml --dataset_name my-pairs", "an empty prompt.txt",
@@ -162,6 +232,28 @@ def walk(work: Path) -> list[tuple[str, str, list[str]]]:
           *tiny_eval, "--output_dir", str(work / "evaluation")]),
         ("docs/reward-server.md: reward-server --scorer NAME --max_batch_size N", "a batch size of 0 (underscores)",
          ["reward-server", "--scorer", "colour", "--max_batch_size", "0"]),
+        # --- a config file that is not valid YAML
+        ("README: train --config tiny_cpu.yaml --dataset_name my-pairs", "a key indented in the config (YAML syntax)",
+         ["train", "--config", str(broken_yaml), "--dataset_name", str(good), *out]),
+        ("README: estimate-memory --config x.yaml", "a key indented in the config (YAML syntax)",
+         ["estimate-memory", "--config", str(broken_yaml)]),
+        # --- a large model (weight files that never finish reading) and an output that holds an earlier run's files
+        ("README: train --config tiny_cpu.yaml ... (a second run into the same --output_dir)",
+         "an existing output folder, a large model",
+         [*train, "--model_name_or_path", str(large), "--dataset_name", str(good), "--output_dir", str(run_dir)]),
+        ("README: online --config online_tiny_cpu.yaml (a second run into the same --output_dir)",
+         "an existing output folder, a large model",
+         ["online", "--config", ONLINE_TINY, "--model_name_or_path", str(large), "--output_dir", str(run_dir)]),
+        ("docs/data.md: cache --config x.yaml --latent_cache FOLDER", "a training run's folder, a large model",
+         ["cache", "--config", TINY_CPU, "--model_name_or_path", str(large), "--dataset_name", str(good),
+          "--latent_cache", str(run_dir)]),
+        ("README: export --lora tiny-sdpo --base ... --output tiny.safetensors", "an existing file, a large base",
+         ["export", "--lora", str(lora), "--base", str(large), "--format", "kohya", "--output", str(exported)]),
+        ("docs/evaluation.md: evaluate ... --output_dir eval", "an earlier evaluation's folder, a large base",
+         ["evaluate", "--base", str(large), "--model", f"tiny={lora}", "--scorer", "colour", *tiny_eval,
+          "--output_dir", str(earlier_eval)]),
+        # --- a misspelt option, for every command
+        *[(where, f"an option misspelt ({name})", arguments) for name, (where, arguments) in typos(work).items()],
     ]  # fmt: skip
 
 
@@ -194,30 +286,43 @@ def setup(work: Path, env: dict[str, str]) -> dict:
     return {"command": "trl-diffusion-sdpo " + shlex.join(arguments), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def run(arguments: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+def run(arguments: list[str], env: dict[str, str], limit: float = 600) -> tuple[subprocess.CompletedProcess, float]:
+    """The command's output and wall time; one still running after ``limit`` seconds is stopped (exit status None,
+    the output it had written)."""
     start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "trl_diffusion_sdpo", *arguments],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command = [sys.executable, "-m", "trl_diffusion_sdpo", *arguments]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as stopped:
+        out, err = (part.decode(errors="replace") if isinstance(part, bytes) else part or "" for part in
+                    (stopped.output, stopped.stderr))  # fmt: skip
+        done = subprocess.CompletedProcess(command, None, out, err)
     return done, round(time.perf_counter() - start, 1)
 
 
-def mistake(where: str, what: str, arguments: list[str], env: dict[str, str]) -> dict:
-    done, seconds = run(arguments, env)
+def judge(done: subprocess.CompletedProcess) -> dict:
+    """How the command ended: exit status, last stderr lines, whether it ended in one error line (a non-zero exit
+    whose last line is ``prog: error: ...`` and no traceback), whose usage it printed, whether it was stopped."""
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
+    usage = next((line for line in lines if line.startswith("usage: ")), None)
+    return {
+        "exit_code": done.returncode,
+        "stderr_last_lines": lines[-3:],
+        "one_line": done.returncode not in (0, None) and "Traceback" not in done.stderr and ": error: " in last,
+        "usage_of": usage.removeprefix("usage: ").split(" [", 1)[0].strip() if usage else None,
+        "timed_out": done.returncode is None,
+    }
+
+
+def mistake(where: str, what: str, arguments: list[str], env: dict[str, str]) -> dict:
+    limit = LARGE_BASE_LIMIT_S if any("a-large-base" in word for word in arguments) else 600
+    done, seconds = run(arguments, env, limit)
     return {
         "documented": where,
         "mistake": what,
         "command": "trl-diffusion-sdpo " + shlex.join(arguments),
-        "exit_code": done.returncode,
-        "stderr_last_lines": lines[-3:],
-        "one_line": done.returncode != 0 and "Traceback" not in done.stderr and ": error: " in last,
+        **judge(done),
         "seconds": seconds,
     }
 
@@ -303,10 +408,12 @@ def main() -> None:
     report = {
         "what": "Each README / docs command with one deliberate mistake: its exit status, last stderr lines and wall "
         "time from the command's start (Python's start and the package's imports included); one_line: a non-zero "
-        "exit whose last line is the error and no traceback. Run on a clean install (an empty HF_HOME) with the Hub "
-        "out of reach: every mistake offline (HF_HUB_OFFLINE=1), and those whose answer asks the Hub again with the "
-        "network unreachable (HF_ENDPOINT=http://127.0.0.1:9, a refused connection). said: commands that succeed, "
-        "and whether their output says what is expected.",
+        "exit whose last line is the error and no traceback; usage_of: the command whose usage it printed; "
+        "timed_out: stopped after its limit (a case with the large base, whose weight files never finish reading, "
+        f"runs {LARGE_BASE_LIMIT_S} s at most: one that ends sooner opened none). Run on a clean install (an empty "
+        "HF_HOME) with the Hub out of reach: every mistake offline (HF_HUB_OFFLINE=1), and those whose answer asks "
+        "the Hub again with the network unreachable (HF_ENDPOINT=http://127.0.0.1:9, a refused connection). said: "
+        "commands that succeed, and whether their output says what is expected.",
         "command": "python benchmarks/smoke/first_mistakes_walk.py --output " + options.output,
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "setup": setup_run,
@@ -317,6 +424,9 @@ def main() -> None:
         "summary": {
             "mistakes": len(results),
             "one_line": sum(r["one_line"] for r in results),
+            "not_one_line": [f"{r['hub']}: {r['mistake']}" for r in results if not r["one_line"]],
+            "timed_out": [f"{r['hub']}: {r['mistake']}" for r in results if r["timed_out"]],
+            "commands_without_a_typo": sorted(set(listed_commands()) - set(typos(Path("work")))),
             "seconds_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
             "seconds_max": max(seconds, default=None),
             "said": f"{sum(s['said'] for s in said)}/{len(said)}",
