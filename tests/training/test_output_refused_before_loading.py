@@ -170,13 +170,68 @@ def test_a_python_run_with_overwrite_replaces_the_earlier_runs_checkpoints_and_w
         second.train()
     with pytest.raises(ValueError, match=r"give one of them"):
         second.train(resume_from_checkpoint=True, overwrite=True)
+    (Path(out) / "unet").mkdir()  # a pipeline's weights, which this LoRA run does not replace: kept
+    (Path(out) / "unet" / "config.json").write_text("{}")
     second.train(overwrite=True)
     second.save_model(out)
     assert [os.path.basename(f) for f in checkpoint_folders(out)] == ["checkpoint-1"]
+    assert (Path(out) / "unet" / "config.json").read_text() == "{}"
     state = json.loads(Path(out, "checkpoint-1", "trainer_state.json").read_text())
     assert state["max_steps"] == 1 and state["global_step"] == 1  # the new run's, not the earlier one's
     assert Path(out, "pytorch_lora_weights.safetensors").read_bytes() != earlier_weights
     assert check_new_run_folder(out, resumed=True) == []  # resuming into it needs no switch
+
+
+def test_train_with_overwrite_trains_over_the_earlier_run_and_leaves_other_files(tmp_path, earlier_run, capsys):
+    """The command line's switch reaches the trainer: the run trains and saves where the earlier one was, its
+    checkpoint removed, its weights replaced; a file that is no run's stays."""
+    from tests.training.test_cli_errors import FAST, pair_folders
+
+    (earlier_run / "notes.txt").write_text("mine")
+    data = pair_folders(tmp_path / "pairs")
+    argv = ["train", "--model_name_or_path", "trl-diffusion-sdpo:tiny", "--dataset_name", str(data)]
+    argv += ["--output_dir", str(earlier_run), "--save_strategy", "no", *FAST]
+    assert main(argv) == 2  # refused without it
+    capsys.readouterr()
+    assert main([*argv, OVERWRITE_FLAG]) == 0
+    assert not (earlier_run / "checkpoint-2").exists() and (earlier_run / "notes.txt").read_text() == "mine"
+    assert (earlier_run / "pytorch_lora_weights.safetensors").stat().st_size > 1000  # this run's adapters
+    assert json.loads((earlier_run / "training_config.json").read_text())["max_steps"] == 1
+
+
+def test_online_hands_the_switch_to_the_trainer(tmp_path, earlier_run, monkeypatch):
+    """``online --overwrite`` reaches ``train(overwrite=True)`` (the model, prompts and trainer replaced by
+    recorders: what the trainer does with it is tested above)."""
+    seen = []
+
+    class Trainer:
+        def __init__(self, pipeline, model, args, *rest, **kwargs):
+            self.args = args
+
+        def create_model_card(self, **kwargs):
+            pass
+
+        def add_callback(self, callback):
+            pass
+
+        def train(self, **kwargs):
+            seen.append(kwargs)
+
+        def save_model(self, output_dir):
+            pass
+
+    from trl_diffusion_sdpo.online import trainer as online_trainer
+
+    monkeypatch.setattr(online_cli, "build_pipeline", lambda *args: object())
+    monkeypatch.setattr(train_cli, "peft_config_for", lambda *args: None)
+    monkeypatch.setattr(online_cli, "load_prompt_dataset", lambda *args: None)
+    monkeypatch.setattr(online_trainer, "OnlineDiffusionSDPOTrainer", Trainer)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red square on white\n")
+    argv = ["online", "--model_name_or_path", "trl-diffusion-sdpo:tiny", "--prompts", str(prompts)]
+    argv += ["--reward_funcs", "colour", "--output_dir", str(earlier_run), "--use_cpu", "true", "--report_to", "none"]
+    assert main([*argv, OVERWRITE_FLAG]) == 0
+    assert seen == [{"resume_from_checkpoint": None, "overwrite": True}]
 
 
 # ------------------------------------------------------------------------------------------ one switch, one spelling
@@ -221,3 +276,13 @@ def test_the_docs_and_the_messages_name_the_switch_as_the_home_spells_it():
     for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "trl_diffusion_sdpo").rglob("*.py")]:
         assert "overwrite_output_dir" not in path.read_text(), path
     assert "overwrite_output_dir" not in (ROOT / "trl_diffusion_sdpo" / "cli" / "help" / "train.txt").read_text()
+
+
+def test_no_module_spells_the_switch_but_its_home():
+    """Every flag and every Python advice of the switch comes from config/messages.py: no other module writes it."""
+    spellings = [f'"{OVERWRITE_FLAG}"', f"'{OVERWRITE_FLAG}'", f'"{OVERWRITE_OPTION}=True"', f"'{OVERWRITE_OPTION}=True'"]
+    home = ROOT / "trl_diffusion_sdpo" / "config" / "messages.py"
+    for path in (ROOT / "trl_diffusion_sdpo").rglob("*.py"):
+        if path != home:
+            text = path.read_text()
+            assert not [s for s in spellings if s in text], path
