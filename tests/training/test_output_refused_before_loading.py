@@ -280,7 +280,7 @@ def test_the_docs_and_the_messages_name_the_switch_as_the_home_spells_it():
 
 def test_no_module_spells_the_switch_but_its_home():
     """Every flag and every Python advice of the switch comes from config/messages.py: no other module writes it."""
-    spellings = [f'"{OVERWRITE_FLAG}"', f"'{OVERWRITE_FLAG}'", f'"{OVERWRITE_OPTION}=True"', f"'{OVERWRITE_OPTION}=True'"]
+    spellings = [f"{quote}{word}{quote}" for word in (OVERWRITE_FLAG, f"{OVERWRITE_OPTION}=True") for quote in "\"'"]
     home = ROOT / "trl_diffusion_sdpo" / "config" / "messages.py"
     for path in (ROOT / "trl_diffusion_sdpo").rglob("*.py"):
         if path != home:
