@@ -69,10 +69,11 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 
 def test_evaluate_logs_each_model_and_each_batch_as_it_goes_off_a_terminal(
-    tmp_path, tiny_models, monkeypatch, caplog, torch_threads
+    tmp_path, tiny_models, monkeypatch, capsys, torch_threads
 ):
-    """Off a terminal (pytest's stderr), the command logs a line per model and per batch, generating and scoring,
-    through the package's INFO messages; a line follows each pipeline call before the next one starts."""
+    """Off a terminal (pytest's stderr), run as from a shell (no logging configured), the command writes a line per
+    model and per batch to stderr, generating and scoring, as the package's INFO messages; a line follows each
+    pipeline call before the next one starts."""
     events: list[str] = []
     original = StableDiffusionPipeline.__call__
 
@@ -85,46 +86,32 @@ def test_evaluate_logs_each_model_and_each_batch_as_it_goes_off_a_terminal(
             events.append(record.getMessage())
 
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", recorded)
-    recorder = Recorder()
-    logging.getLogger("trl_diffusion_sdpo").addHandler(recorder)
-    caplog.set_level(logging.INFO, logger="trl_diffusion_sdpo")
     prompts = ["a red cube", "a blue ball", "a tree"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     batch = 2
+    package, root = logging.getLogger("trl_diffusion_sdpo"), logging.getLogger()
+    saved = (root.handlers[:], package.handlers[:], package.level)
+    recorder = Recorder()
+    logging.getLogger("trl_diffusion_sdpo.evaluation").addHandler(recorder)
+    root.handlers, package.handlers = [], []  # as a shell runs the command: logging not configured
+    package.setLevel(logging.NOTSET)
     try:
         code = main(
-            [
-                "evaluate",
-                "--base",
-                tiny_models["base"],
-                "--model",
-                f"lora={tiny_models['lora']}",
-                "--prompts",
-                str(tmp_path / "prompts.txt"),
-                "--scorer",
-                "progress-test-mean-red",
-                "--output-dir",
-                str(tmp_path / "out"),
-                "--steps",
-                "1",
-                "--resolution",
-                "32",
-                "--batch-size",
-                str(batch),
-                "--score-batch-size",
-                "2",
-                "--device",
-                "cpu",
-                "--bootstrap-resamples",
-                "20",
-            ]  # fmt: skip
-        )
+            ["evaluate", "--base", tiny_models["base"], "--model", f"lora={tiny_models['lora']}", "--prompts",
+             str(tmp_path / "prompts.txt"), "--scorer", "progress-test-mean-red", "--output-dir",
+             str(tmp_path / "out"), "--steps", "1", "--resolution", "32", "--batch-size", str(batch),
+             "--score-batch-size", "2", "--device", "cpu", "--bootstrap-resamples", "20"]
+        )  # fmt: skip
     finally:
-        logging.getLogger("trl_diffusion_sdpo").removeHandler(recorder)
+        logging.getLogger("trl_diffusion_sdpo.evaluation").removeHandler(recorder)
+        root.handlers, package.handlers = saved[:2]
+        package.setLevel(saved[2])
+    err = capsys.readouterr().err
     assert code == 0
     batches = math.ceil(len(prompts) / batch)
     assert events.count("call") == 2 * batches  # two models
     lines = [event for event in events if event != "call"]
+    assert lines and all(f"trl_diffusion_sdpo.evaluation.progress: {line}" in err for line in lines), err
     for number, name in enumerate(("base", "lora"), start=1):
         assert any(line.startswith(f"model {number}/2 {name}: generating {len(prompts)} of") for line in lines), lines
         for b in range(1, batches + 1):
@@ -310,6 +297,8 @@ def test_the_grid_shows_every_sample_of_every_model_with_each_caption_over_its_o
                 covered[top : top + side, left : left + side] = True
         # Each caption's ink: in its column, between the band above (or the top) and its own tiles.
         band_tops = sorted({column[0][1] for column in tiles})
+        per_band = [sum(column[0][1] == top for column in tiles) for top in band_tops]
+        assert max(per_band) == min(len(on_page), GRID_COLUMNS) and sum(per_band) == len(on_page), per_band
         captions_ink = 0
         for k, column in enumerate(tiles):
             left, top, side = column[0]
