@@ -117,7 +117,7 @@ def test_the_umask_is_read_as_set_from_proc_and_without_it_and_left_unchanged(mo
     assert os.umask(umask) == umask, "reading the umask changed it"
 
 
-def test_follow_umask_keeps_a_shared_folders_setgid_and_leaves_links_and_their_targets(tmp_path, umask):
+def test_follow_umask_fixes_sub_folders_keeps_a_shared_folders_setgid_and_leaves_links_alone(tmp_path, umask):
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o2700)  # setgid: new files take the folder's group
@@ -128,7 +128,11 @@ def test_follow_umask_keeps_a_shared_folders_setgid_and_leaves_links_and_their_t
     outside.write_text("a user's own file")
     os.chmod(outside, 0o400)
     (shared / "link").symlink_to(outside)
+    private = shared / "staging"  # as tempfile.mkdtemp makes it
+    private.mkdir()
+    os.chmod(private, 0o700)
     file_modes.follow_umask(shared)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE(shared.stat().st_mode) == stat.S_ISGID | (0o777 & ~umask)
     assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE(outside.stat().st_mode) == 0o400
