@@ -73,13 +73,15 @@ def did_you_mean(name: str, known: Sequence[str], prefix: str = "--") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
-def file_syntax_error(path: str, error: Exception, what: str = "") -> str:
+def file_syntax_error(path: str, error: Exception, what: str = "", line: int | None = None) -> str:
     """The one wording of a file that does not parse: ``what path:line:column: not valid YAML: problem``, from a
     PyYAML error (its ``problem_mark``, 0-based) or a ``json.JSONDecodeError`` (1-based ``lineno``, ``colno``), the
-    location an editor jumps to; ``what``: the flag that named the file (``--config``)."""
+    location an editor jumps to; ``what``: the flag that named the file (``--config``); ``line``: the file's line
+    that was parsed alone (a JSON Lines record), whose error counts from 1 within it."""
     prefix = f"{what} " if what else ""
     if isinstance(error, ValueError) and hasattr(error, "lineno"):  # json.JSONDecodeError
-        return f"{prefix}{path}:{error.lineno}:{error.colno}: not valid JSON: {error.msg}"
+        at = f"{error.lineno if line is None else line + error.lineno - 1}:{error.colno}"
+        return f"{prefix}{path}:{at}: not valid JSON: {error.msg}"
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or " ".join(str(error).split())
     if mark is None:

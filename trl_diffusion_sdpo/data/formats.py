@@ -56,6 +56,7 @@ from urllib.request import url2pathname
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from ..config.checks import Choice
+from ..config.messages import file_syntax_error
 from .columns import SOURCE_COLUMN
 from .pair_folders import SIDE_FOLDERS, pair_root, prompt_text, read_pair_folders
 from .pickapic import pickapic_to_trl
@@ -358,7 +359,7 @@ def read_table(path: str) -> Dataset:
         delimiter = "\t" if path.lower().endswith(".tsv") else ","
         dataset = load_dataset("csv", data_files=path, split="train", delimiter=delimiter)
     else:
-        dataset = load_dataset("json", data_files=path, split="train")
+        dataset = _load_json_table(path)
     names = set(dataset.column_names)
     if {"jpg_0", "jpg_1"} <= names:  # Pick-a-Pic form with paths
         prompt, images = "caption", ("jpg_0", "jpg_1")
@@ -498,6 +499,47 @@ def _ranking_problem(paths: Any, ranks: Any) -> str:
     if any(isinstance(r, bool) or not isinstance(r, (int, float)) for r in ranks):
         return f"rank holds a value that is not a number: {ranks!r}"
     return ""
+
+
+def _load_json_table(path: str) -> Dataset:
+    """``load_dataset("json")`` of a table; a file that is not valid JSON (JSON Lines) is refused naming the line and
+    column of its first error (``datasets`` says only that generating the dataset failed)."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return load_dataset("json", data_files=path, split="train")
+    except DatasetGenerationError as err:
+        problem = json_syntax_error(path)
+        if problem is None:
+            raise
+        raise DataError(problem) from err
+
+
+def json_syntax_error(path: str) -> str | None:
+    """Where ``path`` (a JSON file, or JSON Lines: one record a line) first fails to parse, in the one wording of a
+    file that does not parse (:func:`~trl_diffusion_sdpo.config.messages.file_syntax_error`); None if it parses. Read
+    only once loading has failed, so a good file is read once."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None  # one JSON document
+    except json.JSONDecodeError as whole:
+        document = whole
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return file_syntax_error(path, document)  # not a record a line: one document, broken where the parser says
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return file_syntax_error(path, err, line=number)
+    return None
 
 
 def _load_json(path: str) -> Dataset:

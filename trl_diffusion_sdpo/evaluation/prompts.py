@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import data as preference_data  # light: its modules are imported when a name is first used
-from ..config.messages import advice
+from ..config.messages import advice, file_syntax_error
 
 __all__ = ["PROMPT_PRESETS", "EditPrompt", "PromptPreset", "load_edits", "load_prompt_set", "load_prompts"]
 
@@ -385,11 +385,14 @@ def _json_records(path: str) -> list | None:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
+                        records.append(json.loads(line.rstrip("\r\n")))  # an error located on its line
                     except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}, line {number}: not JSON ({err}).") from err
+                        raise ValueError(file_syntax_error(path, err, line=number)) from err
         else:
-            records = json.load(f)
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(file_syntax_error(path, err)) from err
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         return None
     return records
