@@ -147,6 +147,9 @@ def walk(work: Path) -> list[tuple[str, str, list[str]]]:
     exported = work / "tiny.safetensors"
     exported.write_bytes(b"an earlier export")
     broken_yaml = indented_key_config(work / "indented-key.yaml")
+    broken_table = table_pairs(work / "broken-table")
+    rows = broken_table.read_text().splitlines()
+    broken_table.write_text("\n".join([*rows[:1], rows[1].removesuffix("}"), *rows[2:]]) + "\n")  # a brace lost
     large = large_base(work / "a-large-base")
     train = ["train", "--config", TINY_CPU]
     out = ["--output_dir", str(work / "tiny-sdpo")]
@@ -237,6 +240,8 @@ def walk(work: Path) -> list[tuple[str, str, list[str]]]:
          ["train", "--config", str(broken_yaml), "--dataset_name", str(good), *out]),
         ("README: estimate-memory --config x.yaml", "a key indented in the config (YAML syntax)",
          ["estimate-memory", "--config", str(broken_yaml)]),
+        ("docs/data.md: a JSONL of image paths (prompt, chosen, rejected)", "a JSONL line missing its closing brace",
+         [*train, "--dataset_name", str(broken_table), *out]),
         # --- a large model (weight files that never finish reading) and an output that holds an earlier run's files
         ("README: train --config tiny_cpu.yaml ... (a second run into the same --output_dir)",
          "an existing output folder, a large model",
