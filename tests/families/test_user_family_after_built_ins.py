@@ -8,19 +8,26 @@ from types import SimpleNamespace
 
 import pytest
 
+from trl_diffusion_sdpo.config._lazy import import_target
 from trl_diffusion_sdpo.families import StableDiffusionFamily, family_for_pipeline, register_family
 from trl_diffusion_sdpo.families import registry as registry_module
+from trl_diffusion_sdpo.families.registry import BUILT_IN_FAMILIES
 
 
-@pytest.fixture
-def house_family(monkeypatch) -> type[StableDiffusionFamily]:
-    """A user's SD variant registered for the test only: it accepts every pipeline SD's family accepts."""
-    monkeypatch.setattr(registry_module, "_FAMILIES", list(registry_module._FAMILIES))
+@pytest.fixture(params=["before", "after"], ids=["registered-before-the-built-ins", "registered-after-them"])
+def house_family(request, monkeypatch) -> type[StableDiffusionFamily]:
+    """A user's SD variant registered for the test only: it accepts every pipeline SD's family accepts. Registered
+    before the built-in families (in a fresh process user code registers its family at import, and a built-in one
+    registers when its module is first imported, at the first lookup) or after them."""
+    built_in = [import_target(target) for target, _ in BUILT_IN_FAMILIES.values()]
+    monkeypatch.setattr(registry_module, "_FAMILIES", [] if request.param == "before" else list(built_in))
 
     @register_family("house-unet", pipelines=("HouseUNetPipeline", "StableDiffusionPipeline"))
     class HouseUNetFamily(StableDiffusionFamily):
         pass
 
+    for family in built_in:  # as their modules' imports register them (again: a no-op)
+        register_family(family)
     return HouseUNetFamily
 
 
