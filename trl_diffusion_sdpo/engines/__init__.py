@@ -39,11 +39,8 @@ BUILT_IN_ENGINES: dict[str, str] = {
     "plain": f"{__name__}.plain:PlainEngine",
 }
 
-# Engine too resolves on first use: the memory estimate (.memory) imports this package without training.
-_EXPORTS = {
-    "Engine": f"{__name__}.base",
-    **{target.partition(":")[2]: target.partition(":")[0] for target in BUILT_IN_ENGINES.values()},
-}
+_EXPORTS = {target.partition(":")[2]: target.partition(":")[0] for target in BUILT_IN_ENGINES.values()}
+_EXPORTS["Engine"] = f"{__name__}.base"  # on first use too: the memory estimate (.memory) imports no trainer
 
 
 def engine_for(accelerator) -> Engine:
