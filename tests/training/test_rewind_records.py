@@ -131,8 +131,8 @@ def test_a_resumed_run_lists_the_rewinds_before_its_resume_and_trains_on_with_th
     assert f"steps {fired + 1}-6 trained with the safeguard on ({_switch_text(resumed)})" in cards[1][0]
 
 
-def test_a_switched_runs_card_names_the_step_the_training_logs_alarm_switched_the_safeguard_on(
-    make_trainer, tmp_path, monkeypatch
+def test_a_switched_runs_card_and_end_summary_name_the_step_the_training_logs_alarm_switched_the_safeguard_on(
+    make_trainer, tmp_path, monkeypatch, caplog
 ):
     from trl_diffusion_sdpo.callbacks import health
 
@@ -141,12 +141,16 @@ def test_a_switched_runs_card_names_the_step_the_training_logs_alarm_switched_th
         health, "winner_pathology", lambda history, rule: sum("delta/winner" in h for h in history) >= 2
     )
     trainer = make_trainer(max_steps=4, on_pathology="safeguard", output_dir=str(tmp_path / "switched"), **DPO)
-    trainer.train()
+    with caplog.at_level("INFO", logger=SUMMARY_LOGGER):
+        trainer.train()
     trainer.create_model_card()
     switched = _first_safeguarded_step({"log_history": trainer.state.log_history}) - 1
     [line] = _card_section((tmp_path / "switched" / "README.md").read_text())
     assert line.startswith(f"Step {switched}:")
     assert f"steps {switched + 1}-4 trained with the safeguard on ({_switch_text(trainer)})" in line
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training ended")] == [
+        f"Training ended at step 4. {line}"
+    ]
 
 
 def _fires(unhealthy: set[int], steps: int, patience: int) -> list[int]:
@@ -160,7 +164,9 @@ def _fires(unhealthy: set[int], steps: int, patience: int) -> list[int]:
     return fired
 
 
-@pytest.mark.parametrize("unhealthy", [{1, 3, 5, 7}, {2, 3, 5}, {1, 2, 4, 6, 7}], ids=str)
+@pytest.mark.parametrize(
+    "unhealthy", [{1, 3, 5, 7}, {2, 3, 5}, {1, 2, 4, 6, 7}], ids=lambda steps: "-".join(map(str, sorted(steps)))
+)
 def test_the_alarm_fires_only_on_unhealthy_probes_in_a_row(unhealthy):
     weight = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
