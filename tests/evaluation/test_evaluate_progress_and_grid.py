@@ -86,31 +86,37 @@ def test_evaluate_logs_each_model_and_each_batch_as_it_goes_off_a_terminal(
             events.append(record.getMessage())
 
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", recorded)
-    prompts = ["a red cube", "a blue ball", "a tree"]
-    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     batch = 2
-    package, root = logging.getLogger("trl_diffusion_sdpo"), logging.getLogger()
-    saved = (root.handlers[:], package.handlers[:], package.level)
-    recorder = Recorder()
-    logging.getLogger("trl_diffusion_sdpo.evaluation").addHandler(recorder)
-    root.handlers, package.handlers = [], []  # as a shell runs the command: logging not configured
-    package.setLevel(logging.NOTSET)
-    try:
-        code = main(
-            ["evaluate", "--base", tiny_models["base"], "--model", f"lora={tiny_models['lora']}", "--prompts",
-             str(tmp_path / "prompts.txt"), "--scorer", "progress-test-mean-red", "--output-dir",
-             str(tmp_path / "out"), "--steps", "1", "--resolution", "32", "--batch-size", str(batch),
-             "--score-batch-size", "2", "--device", "cpu", "--bootstrap-resamples", "20"]
-        )  # fmt: skip
-    finally:
-        logging.getLogger("trl_diffusion_sdpo.evaluation").removeHandler(recorder)
-        root.handlers, package.handlers = saved[:2]
-        package.setLevel(saved[2])
-    err = capsys.readouterr().err
-    assert code == 0
+
+    def run(prompts: list[str], *flags: str) -> tuple[list[str], str]:
+        """The command's log lines for ``prompts``, and its stderr."""
+        events.clear()
+        (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        package, root = logging.getLogger("trl_diffusion_sdpo"), logging.getLogger()
+        saved = (root.handlers[:], package.handlers[:], package.level)
+        recorder = Recorder()
+        logging.getLogger("trl_diffusion_sdpo.evaluation").addHandler(recorder)
+        root.handlers, package.handlers = [], []  # as a shell runs the command: logging not configured
+        package.setLevel(logging.NOTSET)
+        try:
+            code = main(
+                ["evaluate", "--base", tiny_models["base"], "--model", f"lora={tiny_models['lora']}", "--prompts",
+                 str(tmp_path / "prompts.txt"), "--scorer", "progress-test-mean-red", "--output-dir",
+                 str(tmp_path / "out"), "--steps", "1", "--resolution", "32", "--batch-size", str(batch),
+                 "--score-batch-size", "2", "--device", "cpu", "--bootstrap-resamples", "20", *flags]
+            )  # fmt: skip
+        finally:
+            logging.getLogger("trl_diffusion_sdpo.evaluation").removeHandler(recorder)
+            root.handlers, package.handlers = saved[:2]
+            package.setLevel(saved[2])
+        assert code == 0
+        return list(events), capsys.readouterr().err
+
+    prompts = ["a red cube", "a blue ball", "a tree"]
+    events_seen, err = run(prompts)
     batches = math.ceil(len(prompts) / batch)
-    assert events.count("call") == 2 * batches  # two models
-    lines = [event for event in events if event != "call"]
+    assert events_seen.count("call") == 2 * batches  # two models
+    lines = [event for event in events_seen if event != "call"]
     assert lines and all(f"trl_diffusion_sdpo.evaluation.progress: {line}" in err for line in lines), err
     for number, name in enumerate(("base", "lora"), start=1):
         assert any(line.startswith(f"model {number}/2 {name}: generating {len(prompts)} of") for line in lines), lines
@@ -120,10 +126,18 @@ def test_evaluate_logs_each_model_and_each_batch_as_it_goes_off_a_terminal(
             assert any(re.match(pattern, line) for line in lines), (pattern, lines)
             pattern = rf"scoring {name} \(mean_red\): {done}/{len(prompts)} images, batch {b}/{batches}, \d+\.\d s"
             assert any(re.match(pattern, line) for line in lines), (pattern, lines)
-    calls = [i for i, event in enumerate(events) if event == "call"]
+    calls = [i for i, event in enumerate(events_seen) if event == "call"]
     for this, following in zip(calls, calls[1:]):  # never two batches without a line between them
-        assert any(event.startswith("generating") for event in events[this:following]), events
-    assert any(event.startswith("generating") for event in events[calls[-1] :])
+        assert any(event.startswith("generating") for event in events_seen[this:following]), events_seen
+    assert any(event.startswith("generating") for event in events_seen[calls[-1] :])
+
+    # One prompt more: the counts are of the images this run generates, the cached ones said apart.
+    events_seen, _ = run([*prompts, "a boat"], "--overwrite")
+    lines = [event for event in events_seen if event != "call"]
+    assert lines[0].startswith("2 models x 4 prompts x 1 seed = 8 images, 2 to generate (6 in "), lines
+    for number, name in enumerate(("base", "lora"), start=1):
+        assert f"model {number}/2 {name}: generating 1 of 4 images" in lines, lines
+        assert any(re.match(rf"generating {name}: 1/1 images, batch 1/1, \d+\.\d s$", line) for line in lines)
 
 
 def test_pairs_logs_each_scoring_batch_off_a_terminal(tmp_path, monkeypatch, caplog):

@@ -488,6 +488,10 @@ def split_edits(prompts: Sequence[str | EditPrompt]) -> tuple[list[str], list[Ed
     return [str(p) for p in prompts], None
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def generate_images(
     base: str,
     models: Sequence[ModelSpec],
@@ -529,7 +533,8 @@ def generate_images(
         check_model_names(base, [spec for spec in needed if spec.kind != "base"])
     missing_total = sum(not os.path.isfile(path) for spec in models for path in paths[spec.name])
     note(
-        f"{len(models)} models x {len(texts)} prompts x {len(seeds)} seeds = {len(models) * len(pairs)} images, "
+        f"{_count(len(models), 'model')} x {_count(len(texts), 'prompt')} x {_count(len(seeds), 'seed')} = "
+        f"{_count(len(models) * len(pairs), 'image')}, "
         f"{missing_total} to generate ({len(models) * len(pairs) - missing_total} in {cache_dir})",
         progress,
     )

@@ -305,7 +305,8 @@ def evaluate(
     pages = write_grid(output_dir, [s.name for s in specs], image_paths, captions, sample_sources)
     files.update({"grid" if page == 1 else f"grid/{page}": path for page, path in enumerate(pages, start=1)})
     note(
-        f"wrote the tables and the grid ({len(specs) * len(pairs)} images, {len(pages)} pages) to {output_dir}",
+        f"wrote the tables and the grid ({len(specs) * len(pairs)} images on {len(pages)} page"
+        f"{'' if len(pages) == 1 else 's'}) to {output_dir}",
         progress,
     )
     return EvaluationResult(summary, wins, scores, image_paths, generated, files)
