@@ -206,3 +206,20 @@ def test_the_demos_saved_base_follows_the_umask(tmp_path, umask):
     save_base(pipe, PretrainRecipe(), tmp_path / "cache" / "base")
     assert (tmp_path / "cache" / "base" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert wrong_modes(tmp_path / "cache", umask) == {}
+
+
+def test_the_sharded_latent_cache_follows_the_umask(tmp_path, umask):
+    """What ``trl-diffusion-sdpo cache`` writes: shards, the empty prompt's embedding, progress and manifest."""
+    from datasets import Dataset
+
+    from tests.helpers.latent_cache import _rows
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.data.sharded_cache import build_sharded_latent_cache
+    from trl_diffusion_sdpo.families import family_for_pipeline
+
+    family = family_for_pipeline(build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(tmp_path / "tokenizer")))
+    args = DiffusionSDPOConfig(output_dir=str(tmp_path / "out"), resolution=32, report_to="none", use_cpu=True)
+    folder = tmp_path / "cache"
+    build_sharded_latent_cache(Dataset.from_list(_rows(3)), args, family, str(folder), chunk_size=2, batch_size=2)
+    assert any(name.endswith(".safetensors") for name in os.listdir(folder)), sorted(os.listdir(folder))
+    assert wrong_modes(folder, umask) == {}
