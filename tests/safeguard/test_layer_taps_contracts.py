@@ -125,7 +125,7 @@ def test_a_tapped_layer_under_no_grad_records_no_graph_and_keeps_no_grad_mode(ki
 # ------------------------------------------------------------------------------------ hook order
 
 
-def test_the_tap_runs_inside_other_librariess_hooks():
+def test_the_tap_runs_between_other_libraries_hooks():
     """The taps are installed after a sharding library's hooks (DeepSpeed ZeRO-3 and FSDP2 register theirs when the
     model is wrapped): that library's forward pre-hooks, prepended or not, still run before the tap's pre-hook (they
     gather the weights the layer reads), and its forward hooks, prepended or not, run after the tap's hook: they see
