@@ -200,7 +200,8 @@ def _per_pair_metrics(probe: HeldOutProbe, policy: torch.nn.Module) -> dict[str,
 
     pw, rw = error(p.policy_winner, p.target_winner), error(p.reference_winner, p.target_winner)
     pl, rl = error(p.policy_loser, p.target_loser), error(p.reference_loser, p.target_loser)
-    accuracy = ((pw - pl) < (rw - rl)).double().mean()
+    gap, reference_gap = pw - pl, rw - rl
+    accuracy = ((gap < reference_gap).double() + 0.5 * (gap == reference_gap).double()).mean()  # a tie: half
     figures = [pw.mean(), rw.mean(), pl.mean(), rl.mean(), (pw - rw).mean(), (pl - rl).mean(), accuracy]
     return dict(zip(PROBE_METRICS, (float(v) for v in figures), strict=True))
 
@@ -219,6 +220,16 @@ def test_the_probes_figures_are_the_mean_errors_and_the_share_of_pairs_preferred
     expected = _per_pair_metrics(probe, policy)
     assert expected["probe/implicit_acc"] != 0.5
     assert measured == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_a_policy_equal_to_its_reference_ties_on_every_pair(make_trainer, make_pickapic):
+    # LoRA adapters as initialised add exactly zero: the policy's errors are the reference's, every pair a tie.
+    trainer = make_trainer(train_dataset=make_pickapic(ROWS), probe_steps=1, probe_pairs=HELD)
+    probe, policy = trainer.probe.probe, trainer._policy()
+    expected = _per_pair_metrics(probe, policy)
+    assert expected["probe/delta_winner"] == expected["probe/delta_loser"] == 0.0
+    assert expected["probe/implicit_acc"] == 0.5
+    assert probe.measure(policy, trainer.args.device) == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
 def test_an_inverted_pair_is_made_afresh_at_every_probe(make_trainer, make_pickapic):
