@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from .estimate import GPUS_GB, CardVerdict, MemoryEstimate, ModelSizes, RunShape, card_verdict, estimate_memory
 from .measured import planning_error
 
-__all__ = ["CHANGES", "Change", "FitAdvice", "fit_advice", "plan_verdict"]
+__all__ = ["CHANGES", "Change", "FitAdvice", "changes_for", "fit_advice", "plan_verdict"]
 
 
 def plan_verdict(total_bytes: int, gpu_gb: float | None, family: str, shape: RunShape) -> CardVerdict:
@@ -65,7 +65,7 @@ def _batch_changes(shape: RunShape) -> Iterator[Change]:
         pairs, halvings = pairs // 2, halvings + 1
 
 
-def _changes(shape: RunShape) -> list[Change]:
+def changes_for(shape: RunShape) -> list[Change]:
     """The changes ``shape`` admits: each one not already made."""
     found: list[Change] = []
     if not (shape.latent_cache or shape.offload_frozen):
@@ -152,7 +152,7 @@ class FitAdvice:
         }
 
 
-#: the options the advice may change (the cost order of :func:`_changes`), for the sentence of a run nothing fits
+#: the options the advice may change (the cost order of :func:`changes_for`), for the sentence of a run nothing fits
 CHANGES = (
     "--cache_latents",
     "--offload_frozen_modules",
@@ -193,12 +193,13 @@ def fit_advice(
     gpu_gb: float,
     accepted: Callable[[list[str]], bool] | None = None,
     options: Collection[str] | None = None,
+    activations_memo: dict[tuple, tuple[int, str]] | None = None,
 ) -> FitAdvice:
     """The cheapest combination of the changes ``shape`` admits (those whose flags are all in ``options``, the
     command's options, and whose flags, with those of the change they need, ``accepted`` takes: the command's parser
     accepts them) that makes the run fit a ``gpu_gb`` card, each combination estimated and planned as the run itself
-    is."""
-    admitted = [c for c in _changes(shape) if options is None or all(f in options for f in c.flags[::2])]
+    is (``activations_memo``: :func:`~.estimate.estimate_memory`'s, shared with the caller's other estimates)."""
+    admitted = [c for c in changes_for(shape) if options is None or all(f in options for f in c.flags[::2])]
     needed = {c.group: c for c in admitted}
     changes = [
         c
@@ -206,7 +207,8 @@ def fit_advice(
         if (c.needs is None or c.needs in needed)
         and (accepted is None or accepted([*(needed[c.needs].flags if c.needs else ()), *c.flags]))
     ]
-    activations: dict[tuple, tuple[int, str]] = {}  # this call's meta forwards, by the shape they depend on
+    # the meta forwards of this call (or the caller's), by the shape they depend on
+    activations = {} if activations_memo is None else activations_memo
 
     def verdict_of(combo: tuple[Change, ...]) -> tuple[MemoryEstimate, CardVerdict]:
         changed = shape
