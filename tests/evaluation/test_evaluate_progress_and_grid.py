@@ -337,6 +337,40 @@ def test_the_grid_shows_every_sample_of_every_model_with_each_caption_over_its_o
     assert sorted(f for f in os.listdir(out) if f.startswith("grid")) == ["grid.png"]
 
 
+def test_an_edits_grid_shows_each_source_above_its_edits(tmp_path):
+    """For edits, the first row holds each sample's (first) source, above that sample's tile of every model."""
+    from trl_diffusion_sdpo.evaluation.run import write_grid
+
+    names, samples = ["base", "tuned"], 3
+    colours = [_colour(i) for i in range(len(names) * samples + samples)]
+    image_paths = {}
+    for m, name in enumerate(names):
+        image_paths[name] = []
+        for i in range(samples):
+            image_paths[name].append(str(tmp_path / f"{name}-{i}.png"))
+            Image.new("RGB", (24, 24), colours[m * samples + i]).save(image_paths[name][-1])
+    sources = [(lambda i=i: [Image.new("RGB", (24, 24), colours[len(names) * samples + i])]) for i in range(samples)]
+    pages = write_grid(str(tmp_path), names, image_paths, ["make it red", "make it blue", "add a hat"], sources)
+    pixels = np.asarray(Image.open(pages[0]).convert("RGB"))
+    for i in range(samples):
+        column = _tiles(pixels, [sources[i]()[0].getpixel((0, 0)), *(colours[m * samples + i] for m in range(2))])
+        assert None not in column, i
+        left, top, size = column[0]
+        assert [(t[0], t[1]) for t in column] == [(left, top + r * size) for r in range(3)], column
+
+
+def test_a_row_label_stays_within_its_row_over_images_smaller_than_a_line():
+    """8-pixel images under two model names: each name's ink lies in its own row of the label column."""
+    from trl_diffusion_sdpo.evaluation import image_grid
+
+    names = ["base", "lora"]
+    rows = [[Image.new("RGB", (8, 8), _colour(r))] for r in range(2)]
+    grid = np.asarray(image_grid(rows, row_labels=names).convert("RGB"))
+    tiles = _tiles(grid, [_colour(0), _colour(1)])
+    for (left, top, size), name in zip(tiles, names):
+        assert _ink(grid[top : top + size, :left]) == pytest.approx(_text_ink(name), rel=0.05), name
+
+
 def test_the_evaluation_page_states_the_grids_layout_from_its_constants():
     """The docs' line on grid.png restates the layout's numbers: they are the code's."""
     text = (ROOT / "docs" / "evaluation.md").read_text()
