@@ -256,8 +256,9 @@ PLAIN_RUN = """
     trainer.train()
     trainer.save_model()
 """
-# The design limits on the package lines such a run loads: the core a reader needs to follow it.
-RUN_LINE_LIMITS = {"none": 10_000, "parameter": 12_500}
+# The safeguard spaces whose runs the tests below make. The lines such a run loads are a figure, not a test's limit:
+# benchmarks/tools/loaded_modules.py records them (benchmarks/results/cpu-loaded-modules-tiny-sd.json).
+RUN_SPACES = ("none", "parameter")
 
 
 def module_lines(modules: list[str]) -> dict[str, int]:
@@ -302,16 +303,6 @@ def run_modules(tiny_sd_pipeline_dir, tmp_path_factory) -> Callable[[str], dict[
 def plain_run_modules(run_modules) -> dict[str, int]:
     """The package's modules a plain Diffusion-DPO SD LoRA run leaves loaded, with their lines."""
     return run_modules("none")
-
-
-@pytest.mark.parametrize("safeguard_space", list(RUN_LINE_LIMITS))
-def test_a_plain_sd_lora_run_loads_at_most_the_core_of_the_package(run_modules, safeguard_space):
-    modules = run_modules(safeguard_space)
-    by_folder: dict[str, int] = {}
-    for name, lines in modules.items():
-        folder = name.split(".")[1] if "." in name else "(package)"
-        by_folder[folder] = by_folder.get(folder, 0) + lines
-    assert sum(modules.values()) <= RUN_LINE_LIMITS[safeguard_space], sorted(by_folder.items(), key=lambda i: -i[1])
 
 
 def test_an_sd_run_loads_no_other_familys_objectives_or_engines_module(plain_run_modules):
@@ -359,7 +350,7 @@ UNCHOSEN = (
 )
 
 
-@pytest.mark.parametrize("safeguard_space", list(RUN_LINE_LIMITS))
+@pytest.mark.parametrize("safeguard_space", list(RUN_SPACES))
 def test_a_plain_sd_run_loads_no_module_of_an_option_it_did_not_choose(run_modules, safeguard_space):
     modules = run_modules(safeguard_space)
     assert "trl_diffusion_sdpo.data.training_data" in modules and "trl_diffusion_sdpo.families.sd" in modules
