@@ -140,3 +140,10 @@ def test_a_known_option_with_a_bad_value_keeps_argparse_message(capsys):
     code, err, _ = run_cli(capsys, ["demo", "--seeds", "one"])
     assert code == 2
     assert err[-1] == "trl-diffusion-sdpo demo: error: argument --seeds: invalid int value: 'one'"
+
+
+def test_a_known_option_written_with_equals_is_not_taken_for_a_misspelling(capsys):
+    code, err, _ = run_cli(capsys, ["export", "--lora=run", "--formt", "kohya"])
+    assert code == 2
+    prefix = "trl-diffusion-sdpo export: error: unknown option --formt (did you mean --format?); "
+    assert err[-1] == prefix + "the following arguments are required: --base, --output", err[-1]
