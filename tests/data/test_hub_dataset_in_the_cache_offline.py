@@ -48,22 +48,22 @@ def _table(folder: Path) -> Path:
     return path
 
 
-def _in_hub_cache(tmp_path: Path) -> None:
+def _in_hub_cache(tmp_path: Path, repo_id: str = REPO) -> None:
     """What ``hf download --repo-type dataset someone/tiny-pairs`` leaves: a snapshot and the ref naming it."""
-    repo = Path(constants.HF_HUB_CACHE) / f"datasets--{REPO.replace('/', '--')}"
+    repo = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"
     commit = "0" * 40
     _table(repo / "snapshots" / commit / "data")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
 
 
-def _in_datasets_cache(tmp_path: Path) -> None:
+def _in_datasets_cache(tmp_path: Path, repo_id: str = REPO) -> None:
     """What ``load_dataset("someone/tiny-pairs")`` leaves in the ``datasets`` cache: the prepared split under
     ``someone___tiny-pairs/default/0.0.0/<commit>/``, written by datasets' own JSON builder."""
     from datasets import config
     from datasets.packaged_modules.json.json import Json
 
-    namespace, name = REPO.split("/")
+    namespace, name = repo_id.split("/")
     staging = tmp_path / "staging"
     builder = Json(
         cache_dir=str(staging),
@@ -90,6 +90,18 @@ def test_a_cached_hub_dataset_is_read_without_the_hub(how, cache, tmp_path, monk
     assert cause in str(refused.value)
     cache(tmp_path)
     assert load_preference_data(REPO).to_list() == ROWS
+
+
+def test_a_name_written_as_a_local_path_is_never_read_from_a_cache(tmp_path, monkeypatch):
+    """``data/my-pairz`` where ``data/`` exists here means that folder: a Hub dataset of the same id in either cache
+    is not read in its place."""
+    _no_hub("offline", monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    _in_datasets_cache(tmp_path, "data/my-pairz")
+    _in_hub_cache(tmp_path, "data/my-pairz")
+    with pytest.raises(DatasetNotFoundError, match="written as a local path, it is not looked for on the Hub"):
+        load_preference_data("data/my-pairz")
 
 
 def test_train_takes_a_cached_hub_dataset_offline_and_reads_it_before_the_model(tmp_path, monkeypatch):
