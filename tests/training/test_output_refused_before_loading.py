@@ -199,6 +199,23 @@ def test_train_with_overwrite_trains_over_the_earlier_run_and_leaves_other_files
     assert json.loads((earlier_run / "training_config.json").read_text())["max_steps"] == 1
 
 
+def test_cache_with_overwrite_writes_the_cache_among_other_files(tmp_path, capsys):
+    """``cache``'s switch is train's field: it reaches the early refusal and the cache's build alike."""
+    from tests.training.test_cli_errors import pair_folders
+    from trl_diffusion_sdpo.data.sharded_cache import load_sharded_latent_cache
+
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    argv = ["cache", "--model_name_or_path", "trl-diffusion-sdpo:tiny", "--dataset_name", str(pair_folders(tmp_path))]
+    argv += ["--output_dir", str(tmp_path / "run"), "--latent_cache", str(folder), "--resolution", "32", "--use_cpu"]
+    assert main(argv) == 2
+    assert f"{folder} holds notes.txt" in _one_error_line(capsys, "cache")
+    assert main([*argv, OVERWRITE_FLAG]) == 0
+    assert load_sharded_latent_cache(str(folder)).manifest["num_pairs"] == 4
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
 def test_online_hands_the_switch_to_the_trainer(tmp_path, earlier_run, monkeypatch):
     """``online --overwrite`` reaches ``train(overwrite=True)`` (the model, prompts and trainer replaced by
     recorders: what the trainer does with it is tested above)."""
