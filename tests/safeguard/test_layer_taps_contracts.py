@@ -188,3 +188,44 @@ def test_a_convolution_with_string_padding_splits_like_autograd(conv, groups):
     spatial = (5, 6) if isinstance(layer, nn.Conv2d) else (7,)
     x = torch.randn(ROWS, 3, *spatial, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     _assert_like_autograd(layer, layer, x, groups, "destination")
+
+
+# ------------------------------------------------------------------------------------ the pass's edges
+
+
+def test_a_layer_whose_forward_raises_leaves_grad_mode_on():
+    """A tapped layer's own forward that raises (here on an input of the wrong width) between the tap's hooks: the
+    error reaches the caller and grad mode is back on after the block, as it was before the layer."""
+    layer = nn.Linear(3, 3)
+    taps = LayerTaps(layer, list(layer.parameters()))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        with taps.tapping(2, lambda i, g: None):
+            layer(torch.randn(4, 5))
+    assert torch.is_grad_enabled()
+    out = layer(torch.randn(4, 3))  # and the next forward, untapped, records its graph
+    assert out.grad_fn is not None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_float64_input_under_autocast_computes_as_the_untapped_layer(kind):
+    """Autocast leaves float64 alone: a tapped float64 layer under CPU autocast gives the untapped layer's output
+    (float64, bit for bit) and per-group gradients equal to autograd's on each group's rows under the same autocast."""
+    make, shape = REUSED[kind]
+    layer = _perturbed(make())
+    params = list(layer.parameters())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grad = torch.randn_like(layer(x))
+    got = {i: torch.full((2, *p.shape), float("nan"), dtype=p.dtype) for i, p in enumerate(params)}
+    taps = LayerTaps(layer, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = layer(x)
+        with taps.tapping(2, destination=got.__getitem__):
+            output = layer(x.clone().requires_grad_(True))
+            output.backward(grad)
+        halves = zip(x.split(ROWS // 2), grad.split(ROWS // 2))
+        want = [torch.autograd.grad(layer(rows), params, g) for rows, g in halves]
+    assert expected.dtype == output.dtype == torch.float64
+    assert torch.equal(output.detach(), expected.detach())
+    for k, per_weight in enumerate(want):
+        for i, w in enumerate(per_weight):
+            torch.testing.assert_close(got[i][k], w, rtol=1e-12, atol=1e-12)
