@@ -102,8 +102,8 @@ def replacing_refusal(path: str, writer: str, ways: Sequence[str], held: str = "
     """The one wording of every refusal to replace what a command did not write in this run: ``path`` (a file that
     exists, or a folder holding ``held`` or the entries ``found``), what ``writer`` would replace, and the ``ways``
     out (the flag that allows it first, named through :func:`advice` by the caller), e.g.
-    ``out holds another run's files (unet), which a new run would replace. Continue that run with ..., write this one
-    into a new --output_dir, or delete the folder first.``"""
+    ``out holds another run's files (unet), which a new run would replace. Continue that run with ..., pass
+    --overwrite to replace it, or write this one into a new --output_dir.``"""
     if held:
         what = f"holds {held}" + (f" ({listed(found)})" if found else "")
     else:
