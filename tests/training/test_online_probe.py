@@ -157,6 +157,11 @@ def test_an_online_rewind_restores_the_healthy_steps_weights_and_optimizer_state
     rewinds = [e for e in trainer.state.log_history if "health/rewind_to" in e]
     assert [(e["step"], e["health/rewind_to"]) for e in rewinds] == [(3, 1.0)]
     assert trainer.safeguard is None and not trainer.probe.rewind.safeguard_on
+    # The model card records the rewind as the log did, and that the run stopped with the healthy weights.
+    trainer.create_model_card()
+    with open(f"{trainer.args.output_dir}/README.md") as f:
+        card = f.read()
+    assert "- Step 3: the held-out probe's alarm fired" in card and "back to step 1's; training stopped there" in card
 
 
 def test_the_start_summary_states_the_held_back_prompts_and_how_they_were_paired(tmp_path, caplog):
