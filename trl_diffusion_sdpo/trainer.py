@@ -283,7 +283,41 @@ class DiffusionSDPOTrainer(Trainer):
         """``on_pathology="safeguard"``: the dormant safeguard in force from the next micro-batch on. Called from the
         training log, whose signals are reduced over every process, so every process switches at the same step."""
         if self._dormant_safeguard is not None:
-            self.safeguard, self._dormant_safeguard = self._dormant_safeguard, None
+            self.set_safeguard(self._dormant_safeguard)
+
+    # ------------------------------------------------------------------ what callbacks read and set
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The trained denoiser, unwrapped from DDP or an engine (the module whose trainable parameters are the
+        optimizer's)."""
+        return self._policy()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the denoiser computes in (``bf16`` / ``fp16`` / float32), which the frozen modules and the
+        reference are held in."""
+        return self._dtype
+
+    @property
+    def eval_collator(self) -> Any:
+        """The collator of the evaluation data: one, or a dict of them by name for named eval datasets."""
+        return self._eval_collator
+
+    @property
+    def dormant_safeguard(self) -> Safeguard | None:
+        """The safeguard an alarm switches on (``on_pathology="safeguard"``, or ``"rewind"`` in an offline
+        Diffusion-DPO run), built and checked against the engine with the trainer; ``None`` where the run has none
+        or it is already in force."""
+        return self._dormant_safeguard
+
+    def set_safeguard(self, safeguard: Safeguard | None) -> None:
+        """``safeguard`` in force from the next micro-batch on (``None``: plain Diffusion-DPO). Every process must
+        call it at the same step, on a decision reduced over processes; the :attr:`dormant_safeguard` put in force
+        is no longer dormant."""
+        if safeguard is not None and safeguard is self._dormant_safeguard:
+            self._dormant_safeguard = None
+        self.safeguard = safeguard
 
     # ------------------------------------------------------------------ setup
 

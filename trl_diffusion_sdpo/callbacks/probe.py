@@ -245,7 +245,7 @@ def _probe_batch(trainer: Any, held: Dataset | None) -> dict[str, torch.Tensor] 
         dataset = trainer.eval_dataset
         if isinstance(dataset, dict):
             dataset = next(iter(dataset.values()))
-        collator = trainer._eval_collator
+        collator = trainer.eval_collator
         if isinstance(collator, dict):
             collator = next(iter(collator.values()))
     rows = _first_rows(dataset, args.probe_pairs)
@@ -288,7 +288,7 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
         draws,
         trainer.reference.predict,
         Augmentation.from_config(args),
-        trainer._dtype,
+        trainer.compute_dtype,
         trainer.family.prompt_tokenizer(),
         args.device,
     )
@@ -308,4 +308,4 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
     )
     if online:
         source = ""  # the online trainer states its prompts and how they were paired once it has paired them
-    return ProbeCallback(probe, args.probe_steps, trainer._policy, args.device, rewind, source, held)
+    return ProbeCallback(probe, args.probe_steps, lambda: trainer.policy, args.device, rewind, source, held)

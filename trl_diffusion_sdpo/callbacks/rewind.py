@@ -30,6 +30,7 @@ resumed run rewinds as the uninterrupted one would.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import shutil
@@ -318,7 +319,7 @@ class Rewind:
     def for_trainer(cls, trainer: Any) -> Rewind:
         """The rewind ``trainer``'s config asks for: LoRA's snapshot in memory, full tuning's on disk."""
         args = trainer.args
-        parameters = list(trainable_parameters(trainer._policy()))  # in the optimizer's order
+        parameters = list(trainable_parameters(trainer.policy))  # in the optimizer's order
         moving = companions(trainer)
         if trainer.is_lora:
             snapshot: MemorySnapshot = MemorySnapshot(parameters, moving)
@@ -328,7 +329,8 @@ class Rewind:
             snapshot = DiskSnapshot(
                 parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone, moving
             )
-        switch = trainer._switch_safeguard if trainer._dormant_safeguard is not None else None
+        dormant = trainer.dormant_safeguard
+        switch = None if dormant is None else functools.partial(trainer.set_safeguard, dormant)
         return cls(probe_alarm(args), snapshot, switch, switch_target(args) if switch else None)
 
     def summary(self) -> str:

@@ -1,0 +1,298 @@
+"""The figures an outside review reads off the package: how much of it one training step runs, how far it reaches into
+``transformers.Trainer`` and into its own trainer, where it branches on the online run, and what a plain run loads.
+
+    python benchmarks/tools/reviewer_figures.py --label after --out benchmarks/results/cpu-reviewer-figures.json
+    python benchmarks/tools/reviewer_figures.py --root <another checkout> --label before --out (the same file)
+
+The run: the tiny Stable Diffusion pipeline (``trl_diffusion_sdpo.testing``, seed 0), built and saved by a first
+process and loaded with ``DiffusionPipeline.from_pretrained`` by a fresh second one, as a user's script loads it; LoRA
+adapters (r=4) on four coloured pairs in TRL's preference form, batch 2, 3 optimizer steps (no accumulation) with a
+checkpoint at step 3, then ``trainer.save_model()``. Two runs: Diffusion-DPO (``safeguard_space="none"``) and the exact
+rule (``safeguard_space="parameter"``).
+
+Traced (``sys.setprofile``, every Python ``call`` event whose code lives in the package's files):
+- ``training_step``: the package functions called, and their files, during the run's second micro-batch: from the
+  entry of its outermost ``training_step`` (the trainer's override, or ``Trainer.training_step`` where none is
+  defined) to its return;
+- ``optimizer_step``: the files (and functions) that run during the third optimizer step, from the callbacks'
+  ``on_step_begin`` to their ``on_step_end`` (its micro-batch, clipping, the optimizer's and the scheduler's step; the
+  log and the save after it are not in it).
+
+Read from the sources (``ast``, every ``.py`` file of the package):
+- ``private_trainer_reads``: reads of a private attribute (one leading underscore) of the trainer by a module other
+  than ``trainer.py``: ``trainer._x``, ``self.trainer._x``, ``getattr(trainer, "_x")``;
+- ``is_online_reads``: reads of ``is_online`` outside ``online/``: an attribute read ``x.is_online`` or
+  ``getattr(x, "is_online", ...)``;
+- ``function_level_package_imports``: imports of the package inside a function body (as
+  ``benchmarks/tools/loaded_modules.py`` counts them).
+
+Read from the classes (imported in a process of their own): the ``transformers.Trainer`` methods that the offline and
+the online trainer classes (the package's classes of their MRO) define again, and how many are private (one leading
+underscore; dunders other than ``__init__`` are left out).
+
+Lines loaded: every module of ``sys.modules`` under the package after the plain (Diffusion-DPO) run, with its file's
+physical lines (newlines, as ``wc -l`` counts them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
+from loaded_modules import BUILD, checkout_id, function_level_imports, physical_lines  # noqa: E402
+
+from tests.helpers.source_scans import is_online_reads_in, is_private, private_trainer_reads_in  # noqa: E402
+
+PACKAGE = "trl_diffusion_sdpo"
+SCENARIOS = {"dpo": {"safeguard_space": "none"}, "exact": {"safeguard_space": "parameter", "safeguard_mu": 0.5}}
+
+RUN = """
+import json, os, sys
+
+import torch
+from datasets import Dataset
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from PIL import Image
+from transformers import Trainer, TrainerCallback
+
+import trl_diffusion_sdpo
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(trl_diffusion_sdpo.__file__)) + os.sep
+
+
+class Trace:
+    \"\"\"Package functions called while recording, by (file relative to the package, qualified name).\"\"\"
+
+    def __init__(self):
+        self.functions = set()
+        self.recording = False
+
+    def note(self, code):
+        if self.recording and code.co_filename.startswith(PACKAGE_DIR):
+            self.functions.add((code.co_filename[len(PACKAGE_DIR):], code.co_qualname))
+
+
+STEP, OPTIMIZER_STEP = Trace(), Trace()
+STEP_CODES = set()  # the training_step code objects: Trainer's and any override in the trainer's MRO
+state = {"outer": None, "steps": 0}
+
+
+def profile(frame, event, arg):
+    if event == "call":
+        code = frame.f_code
+        if state["outer"] is None and code in STEP_CODES:
+            state["outer"] = frame
+            state["steps"] += 1
+            STEP.recording = state["steps"] == 2
+        STEP.note(code)
+        OPTIMIZER_STEP.note(code)
+    elif event == "return" and frame is state["outer"]:
+        state["outer"] = None
+        STEP.recording = False
+
+
+class Tracing(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        sys.setprofile(profile)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        OPTIMIZER_STEP.recording = state.global_step == 2  # the third optimizer step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        OPTIMIZER_STEP.recording = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        sys.setprofile(None)
+
+
+torch.set_num_threads(1)
+pipeline_dir, output_dir, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+colours = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (230, 230, 20), (200, 20, 200), (20, 200, 200)]
+rows = [
+    {
+        "prompt": f"a picture number {i}",
+        "chosen": Image.new("RGB", (32, 32), colours[(2 * i) % 6]),
+        "rejected": Image.new("RGB", (32, 32), colours[(2 * i + 1) % 6]),
+    }
+    for i in range(4)
+]
+args = DiffusionSDPOConfig(
+    output_dir=output_dir, resolution=32, per_device_train_batch_size=2, max_steps=3, learning_rate=1e-3,
+    logging_steps=1, use_cpu=True, report_to="none", save_strategy="steps", save_steps=3,
+    dataloader_num_workers=0, disable_tqdm=True, seed=0, **settings,
+)
+lora = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+trainer = DiffusionSDPOTrainer(
+    DiffusionPipeline.from_pretrained(pipeline_dir), args=args, train_dataset=Dataset.from_list(rows),
+    peft_config=lora, callbacks=[Tracing()],
+)
+STEP_CODES.add(Trainer.training_step.__code__)
+for cls in type(trainer).__mro__:
+    method = cls.__dict__.get("training_step")
+    if method is not None and hasattr(method, "__code__"):
+        STEP_CODES.add(method.__code__)
+trainer.train()
+trainer.save_model()
+loaded = {
+    name: module.__file__
+    for name, module in list(sys.modules.items())
+    if (name == "trl_diffusion_sdpo" or name.startswith("trl_diffusion_sdpo.")) and getattr(module, "__file__", None)
+}
+print("FIGURES " + json.dumps({
+    "steps_traced": state["steps"],
+    "training_step": sorted(STEP.functions),
+    "optimizer_step": sorted(OPTIMIZER_STEP.functions),
+    "loaded": loaded,
+}))
+"""
+
+OVERRIDES = """
+import json
+from transformers import Trainer
+from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer
+
+found = {}
+for trainer_class in (DiffusionSDPOTrainer, OnlineDiffusionSDPOTrainer):
+    names = set()
+    for cls in trainer_class.__mro__:
+        if cls.__module__.startswith("trl_diffusion_sdpo"):
+            names.update(n for n in vars(cls) if hasattr(Trainer, n) and (n == "__init__" or not n.startswith("__")))
+    found[trainer_class.__name__] = sorted(names)
+print("OVERRIDES " + json.dumps(found))
+"""
+
+
+def private_trainer_reads(package_dir: Path) -> list[str]:
+    """``file:line attribute`` of each private trainer attribute read outside the package's ``trainer.py``."""
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        if path == package_dir / "trainer.py":
+            continue
+        relative = path.relative_to(package_dir.parent)
+        found += [f"{relative}:{line} {name}" for line, name in private_trainer_reads_in(path.read_text())]
+    return found
+
+
+def is_online_reads(package_dir: Path) -> list[str]:
+    """``file:line`` of each ``is_online`` read outside ``online/``."""
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        if (package_dir / "online") in path.parents:
+            continue
+        found += [f"{path.relative_to(package_dir.parent)}:{line}" for line in is_online_reads_in(path.read_text())]
+    return found
+
+
+def traced(functions: list[list[str]]) -> dict:
+    """A traced span's figures: functions and files, the functions per file."""
+    by_file: dict[str, list[str]] = {}
+    for file, name in functions:
+        by_file.setdefault(file, []).append(name)
+    return {
+        "functions": len(functions),
+        "files": len(by_file),
+        "by_file": {file: sorted(names) for file, names in sorted(by_file.items())},
+    }
+
+
+def run_scenario(root: Path, scenario: str, pipeline_dir: Path, work: Path) -> dict:
+    """The traced run of ``scenario`` on the package at ``root``, in a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", RUN, str(pipeline_dir), str(work / scenario), json.dumps(SCENARIOS[scenario])],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the {scenario} run failed:\n{done.stderr[-4000:]}")
+    figures = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("FIGURES "))[8:])
+    lines = {name: physical_lines(Path(file)) for name, file in sorted(figures["loaded"].items())}
+    return {
+        "settings": SCENARIOS[scenario],
+        "training_steps_run": figures["steps_traced"],
+        "training_step": traced(figures["training_step"]),
+        "optimizer_step": traced(figures["optimizer_step"]),
+        "modules_loaded": len(lines),
+        "lines_loaded": sum(lines.values()),
+        "module_lines": lines,
+    }
+
+
+def overrides(root: Path) -> dict:
+    """The Trainer methods each trainer class overrides, and the private ones among them."""
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", OVERRIDES], env=env, capture_output=True, text=True, check=True)
+    found = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("OVERRIDES "))[10:])
+    return {
+        name: {"count": len(names), "private": [n for n in names if is_private(n)], "names": names}
+        for name, names in found.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=REPO, help="the checkout whose package is measured")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    parser.add_argument("--label", default="run", help="the name of this measurement in --out's runs")
+    parser.add_argument("--checkout", help="what --root holds (default: its git commit)")
+    parser.add_argument("--out", type=Path, help="a result file: this measurement is added to its runs by --label")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    package_dir = root / PACKAGE
+    reads, online = private_trainer_reads(package_dir), is_online_reads(package_dir)
+    imports = function_level_imports(package_dir)
+    run = {
+        "checkout": args.checkout or checkout_id(root),
+        "trainer_overrides": overrides(root),
+        "private_trainer_reads": {"count": len(reads), "where": reads},
+        "is_online_reads_outside_online": {"count": len(online), "where": online},
+        "function_level_package_imports": len(imports),
+        "scenarios": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        subprocess.run(
+            [sys.executable, "-c", BUILD, str(work / "pipeline"), str(work / "tokenizer")],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        for scenario in args.scenarios.split(","):
+            result = run_scenario(root, scenario, work / "pipeline", work)
+            run["scenarios"][scenario] = result
+            print(
+                f"{scenario}: training_step {result['training_step']['functions']} functions in "
+                f"{result['training_step']['files']} files; optimizer step {result['optimizer_step']['files']} files; "
+                f"{result['lines_loaded']} lines loaded in {result['modules_loaded']} modules",
+                flush=True,
+            )
+    for name, found in run["trainer_overrides"].items():
+        print(f"{name}: {found['count']} Trainer methods overridden, private: {found['private']}")
+    print(
+        f"private trainer attributes read outside trainer.py: {len(reads)}; is_online reads outside online/: "
+        f"{len(online)}; function-level package imports: {len(imports)}"
+    )
+    if args.out:
+        stored = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result = {"what": __doc__.strip(), "runs": {**stored.get("runs", {}), args.label: run}}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
