@@ -5,10 +5,11 @@
 Stages, in the order a save reaches them: ``weights`` (after the weights file), ``weights_partial`` (the weights
 file cut to half its length, as a kill during its write leaves it), ``optimizer`` (after the optimizer's state),
 ``optimizer_partial`` (``optimizer.pt`` cut, after the scheduler, scaler and RNG states), ``rng`` (after the RNG
-state), ``trainer_state`` (after ``trainer_state.json``),
-``before_rename`` (the manifest written, the folder not yet renamed), ``after_rename`` (published, before rotation)
-and ``rotation`` (while an old checkpoint is being deleted). :func:`build_trainer` is shared with the test, so the
-resumed run in the test is the same run.
+state), ``trainer_state`` (after ``trainer_state.json``), ``rewind_snapshot`` (in a run with the held-out probe and
+``on_pathology="rewind"``, :func:`build_rewind_trainer`: after the weights and transformers' files, before the rewind's
+snapshot), ``before_rename`` (the manifest written, the folder not yet renamed), ``after_rename`` (published,
+before rotation) and ``rotation`` (while an old checkpoint is being deleted). :func:`build_trainer` is shared with
+the test, so the resumed run in the test is the same run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers.trainer_callback import TrainerState  # noqa: E402
 
 from tests.helpers.common import lora_config, pickapic_rows  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
+from trl_diffusion_sdpo.callbacks.probe import ProbeCallback  # noqa: E402
 from trl_diffusion_sdpo.io import checkpoint_writing  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
 
@@ -35,6 +37,7 @@ STAGES = [
     "optimizer_partial",
     "rng",
     "trainer_state",
+    "rewind_snapshot",
     "before_rename",
     "after_rename",
     "rotation",
@@ -76,6 +79,22 @@ def build_trainer(
     )
 
 
+# The rewind's run: a held-out probe at every step, an alarm scripted to find steps 3 and 4 unhealthy (patience 2), so
+# it fires at step 4 and puts step 2's snapshot back; a resume from checkpoint-2 or -3 must do the same.
+REWIND_SETTINGS = dict(probe_steps=1, probe_pairs=2, on_pathology="rewind", safeguard_space="none")
+REWIND_UNHEALTHY = {3, 4}
+
+
+def build_rewind_trainer(output_dir: str, tokenizer_dir: str) -> DiffusionSDPOTrainer:
+    """The run of :func:`build_trainer` with the held-out probe and a rewind whose alarm fires at step 4."""
+    from tests.helpers.rewind import ScriptedAlarm
+
+    trainer = build_trainer(output_dir, tokenizer_dir, **REWIND_SETTINGS)
+    probe = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProbeCallback))
+    probe.rewind.rule = ScriptedAlarm(patience=2, unhealthy_steps=REWIND_UNHEALTHY)
+    return trainer
+
+
 def _die() -> None:
     sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -111,12 +130,23 @@ def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
         after(trainer, "save_model", lambda d: _die())
     elif stage == "weights_partial":
         after(trainer, "save_model", lambda d: _truncate_and_die(os.path.join(d, "pytorch_lora_weights.safetensors")))
+    # transformers' own steps of its _save_checkpoint, wrapped on this trainer only
     elif stage == "optimizer":
-        after(trainer.engine, "save_optimizer_state", lambda d: _die(), folder_at=2)
+        after(trainer, "_save_optimizer_and_scheduler", lambda d: _die())
     elif stage == "optimizer_partial":
-        after(trainer.files, "save_training_state", lambda d: _truncate_and_die(os.path.join(d, "optimizer.pt")))
+        after(trainer, "_save_rng_state", lambda d: _truncate_and_die(os.path.join(d, "optimizer.pt")))
     elif stage == "rng":
-        after(checkpoint_writing, "save_random_states", lambda d: _die())
+        after(trainer, "_save_rng_state", lambda d: _die())
+    elif stage == "rewind_snapshot":
+        probe = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProbeCallback))
+        original_part = probe.save_checkpoint_part
+
+        def save_checkpoint_part(checkpoint, *args, **kwargs):
+            if at_step():
+                _die()  # the weights and transformers' files written, the snapshot not yet
+            original_part(checkpoint, *args, **kwargs)
+
+        probe.save_checkpoint_part = save_checkpoint_part
     elif stage == "trainer_state":
         original = TrainerState.save_to_json
 
@@ -130,8 +160,7 @@ def install_kill(trainer: DiffusionSDPOTrainer, step: int, stage: str) -> None:
         original_rename = os.rename
 
         def rename(src, dst, *args, **kwargs):
-            name = os.path.basename(str(src))
-            if at_step() and stage == "before_rename" and name.startswith(".tmp-"):
+            if at_step() and stage == "before_rename" and ".tmp-" in str(src):
                 _die()
             original_rename(src, dst, *args, **kwargs)
             if at_step() and stage == "rotation" and os.path.basename(str(dst)).startswith(".trash-"):
@@ -159,7 +188,8 @@ def main() -> None:
     parser.add_argument("--kill-stage", choices=STAGES, required=True)
     parser.add_argument("--resume", action="store_true")
     options = parser.parse_args()
-    trainer = build_trainer(options.output_dir, options.tokenizer_dir)
+    build = build_rewind_trainer if options.kill_stage == "rewind_snapshot" else build_trainer
+    trainer = build(options.output_dir, options.tokenizer_dir)
     install_kill(trainer, options.kill_step, options.kill_stage)
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     print("finished without being killed")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from tests.checkpoint_kill_worker import STAGES, build_trainer
+from tests.checkpoint_kill_worker import STAGES, build_rewind_trainer, build_trainer
 from tests.helpers.common import worker_environment
 from trl_diffusion_sdpo.io import saving as saving_module
 from trl_diffusion_sdpo.io.checkpoints import (
@@ -158,14 +158,16 @@ def test_leftovers_of_a_kill_are_published_when_complete_and_removed_otherwise(t
 # ----------------------------------------------------------------------------------------------- kills
 
 
-def _kill_then_resume(stage: str, tmp_path, uninterrupted, expected_resume_step: int, caplog) -> None:
+def _kill_then_resume(stage: str, tmp_path, uninterrupted, expected_resume_step: int, caplog, build=build_trainer):
+    """Kill the worker's run at ``stage`` of the save at step 3, resume it here (``build``: the worker's run) and
+    compare its final weights with ``uninterrupted``'s; returns the resumed trainer."""
     out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
     env = worker_environment()
     command = [sys.executable, WORKER, out, "--tokenizer-dir", tok, "--kill-step", "3", "--kill-stage", stage]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, f"the worker was not killed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     assert not os.path.isdir(os.path.join(out, "checkpoint-4"))
-    trainer = build_trainer(out, tok)
+    trainer = build(out, tok)
     with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo.io.checkpoints"):
         trainer.train(resume_from_checkpoint=True)
     assert f"Resuming from {os.path.join(out, f'checkpoint-{expected_resume_step}')}" in caplog.text
@@ -176,6 +178,7 @@ def _kill_then_resume(stage: str, tmp_path, uninterrupted, expected_resume_step:
     names = sorted(os.listdir(out))
     assert names == ["checkpoint-3", "checkpoint-4"], names  # leftovers cleaned, rotation to 2 done
     assert all(checkpoint_problem(os.path.join(out, n)) == "" for n in names)
+    return trainer
 
 
 # Killed before the folder is renamed, the save at step 3 is lost and resuming starts from checkpoint-2; killed
@@ -184,11 +187,29 @@ _RESUMES_FROM = {stage: 2 for stage in STAGES} | {"before_rename": 3, "after_ren
 _FAST = {"weights_partial"}
 
 
-@pytest.mark.parametrize("stage", [s if s in _FAST else pytest.param(s, marks=pytest.mark.slow) for s in STAGES])
+@pytest.mark.parametrize(
+    "stage",
+    [s if s in _FAST else pytest.param(s, marks=pytest.mark.slow) for s in STAGES if s != "rewind_snapshot"],
+)
 def test_a_run_killed_during_a_save_resumes_from_a_complete_checkpoint_bit_exactly(
     stage, tmp_path, uninterrupted, caplog
 ):
     _kill_then_resume(stage, tmp_path, uninterrupted, _RESUMES_FROM[stage], caplog)
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_the_weights_and_the_rewinds_snapshot_resumes_and_rewinds_as_the_uninterrupted_one(
+    tmp_path, caplog
+):
+    """The save at step 3 holds transformers' files but not yet the snapshot: it is lost whole, the resume starts
+    from checkpoint-2 (its snapshot step 2's), and the alarm at step 4 restores what the uninterrupted run's does."""
+    straight = build_rewind_trainer(str(tmp_path / "straight" / "out"), str(tmp_path / "straight" / "tok"))
+    straight.train()
+    assert straight.probe.rewind.rewinds == [(4, 2)]
+    resumed = _kill_then_resume(
+        "rewind_snapshot", tmp_path, lora_state(straight), 2, caplog, build=build_rewind_trainer
+    )
+    assert resumed.probe.rewind.rewinds == [(4, 2)]
 
 
 # ----------------------------------------------------------------------------------------------- damaged bytes
@@ -260,8 +281,8 @@ def _raise_enospc_after_writing(trainer) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(output_dir, *args, **kwargs)
 
-    original = trainer.files.save_training_state
-    trainer.files.save_training_state = fail
+    original = trainer._save_optimizer_and_scheduler  # transformers' step of its save, wrapped on this trainer
+    trainer._save_optimizer_and_scheduler = fail
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoints_and_names_folder_and_bytes(tmp_path):

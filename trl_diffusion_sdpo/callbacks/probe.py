@@ -225,9 +225,16 @@ class ProbeCallback(TrainerCallback, ExportableState):
         logs.update(self.pending)
         self.pending = {}
 
-    def on_save(self, args, state, control, **kwargs):
+    def save_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
+        """A part of every checkpoint (the trainer finds it among its callbacks): the rewind's snapshot, written into
+        the checkpoint being written, before it is published."""
         if self.rewind is not None:
-            self.rewind.save(args, state)
+            self.rewind.save(checkpoint, args, state)
+
+    def load_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
+        """The checkpoint a run resumes from: its snapshot is the rewind's when training begins."""
+        if self.rewind is not None:
+            self.rewind.load(checkpoint)
 
     def state(self) -> dict[str, Any]:
         return {"args": {}, "attributes": {} if self.rewind is None else self.rewind.state()}

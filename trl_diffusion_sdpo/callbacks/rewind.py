@@ -23,8 +23,10 @@ restored) and responds as the evidence supports for its regime:
   update space are choices for the next run, not a switch the engine was checked for).
 
 A checkpoint keeps the alarm's state (the last healthy step, the unhealthy probes in a row, the rewinds, whether the
-safeguard is on) in ``trainer_state.json`` and the snapshot in ``rewind-healthy/`` inside the checkpoint, so a
-resumed run rewinds as the uninterrupted one would.
+safeguard is on) in ``trainer_state.json`` and the snapshot in ``rewind-healthy/`` inside the checkpoint: a part of
+the checkpoint (:meth:`Rewind.save`, through the probe's callback), written before it is published and listed in its
+manifest, so a kill leaves either the previous checkpoint or a whole new one, each with its snapshot, and a resumed
+run rewinds as the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config.file_modes import follow_umask
 from ..engines.base import trainable_parameters
@@ -314,6 +315,7 @@ class Rewind:
         self.unhealthy_in_a_row = 0
         self.rewinds: list[tuple[int, int]] = []  # (step fired, step restored)
         self.safeguard_on = False
+        self.resume_folder: str | None = None  # the snapshot of the checkpoint resumed from (load)
 
     @classmethod
     def for_trainer(cls, trainer: Any) -> Rewind:
@@ -362,8 +364,9 @@ class Rewind:
         if saved["safeguard_on"] and self.switch is not None:
             self.switch()
             self.safeguard_on = True
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", REWIND_FOLDER)
-        self.snapshot.read(folder)
+        if self.resume_folder is None:
+            raise RuntimeError("a resumed rewind needs its checkpoint's snapshot (load) before training begins")
+        self.snapshot.read(self.resume_folder)
 
     def read(self, metrics: Mapping[str, float], step: int, optimizer: torch.optim.Optimizer, control) -> dict:
         """The alarm on the probe of step ``step``: a healthy probe's weights become the snapshot; ``patience``
@@ -419,9 +422,12 @@ class Rewind:
             "snapshot": REWIND_FOLDER,  # inside the checkpoint
         }
 
-    def save(self, args: Any, state: Any) -> None:
-        """The snapshot into the checkpoint just written (the main process's; every process holds the same)."""
+    def save(self, checkpoint: str, args: Any, state: Any) -> None:
+        """The snapshot into ``checkpoint``, the folder being written, before it is published (so its manifest lists
+        and checks the snapshot's files): the main process's copy (every process holds the same)."""
         if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", REWIND_FOLDER)
-            if os.path.isdir(os.path.dirname(folder)):
-                self.snapshot.write(folder)
+            self.snapshot.write(os.path.join(checkpoint, REWIND_FOLDER))
+
+    def load(self, checkpoint: str) -> None:
+        """Before a resumed run begins: its snapshot is ``checkpoint``'s (read in :meth:`begin`)."""
+        self.resume_folder = os.path.join(checkpoint, REWIND_FOLDER)

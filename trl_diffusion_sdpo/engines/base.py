@@ -5,8 +5,8 @@ The trainer picks an engine once (:func:`~trl_diffusion_sdpo.engines.engine_for`
 
 * where a frozen reference copy lives, and in which precision (:meth:`Engine.place_reference`);
 * how the weights are gathered for a save (:meth:`Engine.gather_state_dict`) and loaded back (:meth:`Engine.loading`),
-  how the optimizer's state is written into a checkpoint (:meth:`Engine.save_optimizer_state`, where transformers
-  reads it back when it resumes) and how a checkpoint of another process count resumes
+  what the optimizer's state needs before transformers writes it into a checkpoint
+  (:meth:`Engine.prepare_checkpoint`) and how a checkpoint of another process count resumes
   (:meth:`Engine.resume_on_other_count`);
 * who owns the gradients and overflow skipping (:attr:`Engine.manages_gradients`,
   :attr:`Engine.skips_nonfinite_steps`), and whether the main process can sample alone
@@ -25,14 +25,12 @@ What the exact safeguard needs of an engine (its per-branch gradient store and r
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
-from transformers.trainer import OPTIMIZER_NAME
 
 from ..families.preparation import reference_like_policy
 
@@ -155,19 +153,10 @@ class Engine:
         """Within the block, full diffusers-format weights load into the trained model."""
         yield
 
-    def save_optimizer_state(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str, should_save: bool
-    ) -> None:
-        """Write ``optimizer``'s state into the checkpoint ``folder`` as transformers' ``train()`` reads it back when
-        it resumes (every process calls it; ``model`` is the trainer's wrapped model): ``optimizer.pt`` from the main
-        process, where every process holds the whole state."""
-        if should_save:
-            torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_NAME))
-
-    def saves_scheduler(self, scheduler: object) -> bool:
-        """Whether the checkpoint needs the scheduler's own file (an engine that owns the scheduler saves it with
-        its state)."""
-        return True
+    def prepare_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called on every process before transformers' ``_save_checkpoint`` writes the optimizer's state (as its
+        own code does for the engine: ``optimizer.pt``, DeepSpeed's checkpoint or accelerate's FSDP one): whatever
+        that writer needs of the state first. Nothing by default."""
 
     def resume_on_other_count(self, checkpoint: str, saved_processes: int, work_dir: str) -> str:
         """The folder to resume from when ``checkpoint`` was written by ``saved_processes`` processes and this run has

@@ -229,18 +229,6 @@ class DeepSpeedEngine(Engine):
         if skipping is not None:
             skipping.found_inf = None
 
-    def save_optimizer_state(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str, should_save: bool
-    ) -> None:
-        """DeepSpeed's own checkpoint of the engine (``model``): each process's partitions of the optimizer state,
-        which transformers loads back through DeepSpeed when it resumes."""
-        model.save_checkpoint(folder)
-
-    def saves_scheduler(self, scheduler: object) -> bool:
-        from accelerate.utils import DeepSpeedSchedulerWrapper
-
-        return not isinstance(scheduler, DeepSpeedSchedulerWrapper)  # DeepSpeed's checkpoint holds its scheduler
-
     def gathers_for_save(self) -> bool:
         # Before train() has built the engine the weights are still whole.
         return self.stage == 3 and getattr(self.accelerator, "deepspeed_engine_wrapped", None) is not None

@@ -109,20 +109,17 @@ class FSDP2Engine(Engine):
         with loading_into_shards():
             yield
 
-    def save_optimizer_state(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str, should_save: bool
-    ) -> None:
-        """accelerate's FSDP optimizer checkpoint (transformers loads it back with accelerate's loader, which is
-        strict: torch's ``set_optimizer_state_dict`` refuses a trainable parameter without saved state). A parameter
-        that never received a gradient has none (AdamW creates it at the first gradient): Qwen-Image's last block
-        discards its text stream, so its ``to_add_out`` adapters never train. Such a parameter is saved with the
-        empty state it has (torch's optimizers start one lazily from an empty state), so it resumes without state,
-        as it trained without."""
+    def prepare_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
+        """Before accelerate's FSDP optimizer checkpoint (transformers writes it; it loads it back with accelerate's
+        loader, which is strict: torch's ``set_optimizer_state_dict`` refuses a trainable parameter without saved
+        state). A parameter that never received a gradient has none (AdamW creates it at the first gradient):
+        Qwen-Image's last block discards its text stream, so its ``to_add_out`` adapters never train. Such a
+        parameter gets the empty state it has (torch's optimizers start one lazily from an empty state), so it
+        resumes without state, as it trained without."""
         for group in optimizer.param_groups:
             for parameter in group["params"]:
                 if parameter.requires_grad:
                     optimizer.state.setdefault(parameter, {})
-        save_fsdp_optimizer_state(self.accelerator, model, optimizer, folder)
 
 
 class FSDP1Engine(Engine):
@@ -139,15 +136,3 @@ class FSDP1Engine(Engine):
     def gather_state_dict(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         # accelerate's full state dict (the plugin's FULL_STATE_DICT), on every process
         return self.accelerator.get_state_dict(model)
-
-    def save_optimizer_state(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str, should_save: bool
-    ) -> None:
-        save_fsdp_optimizer_state(self.accelerator, model, optimizer, folder)
-
-
-def save_fsdp_optimizer_state(accelerator, model: torch.nn.Module, optimizer, folder: str) -> None:
-    """accelerate's FSDP optimizer checkpoint in ``folder``, as transformers writes and resumes it (every process)."""
-    from accelerate.utils import save_fsdp_optimizer
-
-    save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, folder)

@@ -1,12 +1,13 @@
 """Writing a checkpoint whole or not at all, loaded by a run's first checkpoint save (or a failed save).
 
-A checkpoint is written to a hidden staging folder ``.tmp-checkpoint-N`` beside its final name
-(:func:`staging_folder`); when every process has written its files, the main process lists them with their sizes and
-SHA-256 checksums in ``checkpoint_manifest.json``, flushes them to disk and renames the folder to ``checkpoint-N``
-(:func:`publish_checkpoint`: one ``rename``, atomic on a POSIX filesystem). Rotation (``save_total_limit``,
-:func:`rotate_checkpoints`) runs only after that rename, renames a folder out of the way before deleting it, and never
-deletes the checkpoint just written. A save failing with an ``OSError`` (a full disk) removes its staging folder and
-raises :class:`~.checkpoints.CheckpointSaveError` naming the folder and the bytes needed (:func:`save_failure`); the
+A checkpoint is written by transformers' own save into a hidden staging run folder beside its final name,
+``.tmp-checkpoint-N/checkpoint-N`` (:func:`staging_folder`); when every process has written its files, the main
+process lists them with their sizes and SHA-256 checksums in ``checkpoint_manifest.json``, flushes them to disk and
+renames the folder to ``checkpoint-N`` (:func:`publish_checkpoint`: one ``rename``, atomic on a POSIX filesystem),
+then removes the empty staging run folder. Rotation (``save_total_limit``, :func:`rotate_checkpoints`) runs only
+after that rename, renames a folder out of the way before deleting it, and never deletes the checkpoint just written.
+A save failing with an ``OSError`` (a full disk) removes its staging folder and raises
+:class:`~.checkpoints.CheckpointSaveError` naming the folder and the bytes needed (:func:`save_failure`); the
 previous checkpoints are untouched. What a kill leaves, and the checks made on resume, are in :mod:`.checkpoints`.
 """
 
@@ -16,13 +17,7 @@ import errno
 import json
 import logging
 import os
-import random
 import shutil
-
-import numpy as np
-import torch
-from transformers.trainer import SCALER_NAME, SCHEDULER_NAME
-from transformers.training_args import ParallelMode
 
 from ..config.file_modes import follow_umask
 from ..config.messages import advice
@@ -39,15 +34,12 @@ from .checkpoints import (
 )
 
 __all__ = [
-    "SCALER_NAME",
-    "SCHEDULER_NAME",
     "folder_bytes",
     "free_bytes",
     "is_save_failure",
     "publish_checkpoint",
     "rotate_checkpoints",
     "save_failure",
-    "save_random_states",
     "staging_folder",
 ]
 
@@ -63,8 +55,11 @@ def _fsync(path: str, directory: bool = False) -> None:
 
 
 def staging_folder(final: str) -> str:
+    """Where the checkpoint ``<run>/checkpoint-N`` is written before it is published:
+    ``<run>/.tmp-checkpoint-N/checkpoint-N``, so that transformers' own save, pointed at the staging run folder
+    ``.tmp-checkpoint-N``, writes it under its own name."""
     head, name = os.path.split(os.path.normpath(final))
-    return os.path.join(head, STAGING_PREFIX + name)
+    return os.path.join(head, STAGING_PREFIX + name, name)
 
 
 def _trash_folder(final: str) -> str:
@@ -78,19 +73,6 @@ def _remove(folder: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
     os.rename(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def save_random_states(folder: str, args) -> None:
-    """This process's random states (Python, NumPy, torch's CPU and CUDA generators) in the file transformers'
-    ``train()`` restores them from when it resumes: ``rng_state.pth`` on one process, ``rng_state_<rank>.pth`` on
-    several (the CUDA states of every device where the run is distributed, the current device's otherwise)."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        distributed = args.parallel_mode == ParallelMode.DISTRIBUTED
-        states["cuda"] = torch.cuda.random.get_rng_state_all() if distributed else torch.cuda.random.get_rng_state()
-    os.makedirs(folder, exist_ok=True)  # a process may get here before the main one made the folder
-    name = "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
-    torch.save(states, os.path.join(folder, name))
 
 
 def publish_checkpoint(staging: str, final: str) -> None:
@@ -112,6 +94,9 @@ def publish_checkpoint(staging: str, final: str) -> None:
         _remove(final)
     os.rename(staging, final)
     _fsync(os.path.dirname(os.path.abspath(final)), directory=True)
+    parent = os.path.dirname(os.path.normpath(staging))
+    if os.path.basename(parent).startswith(STAGING_PREFIX):  # the staging run folder, empty now
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def rotate_checkpoints(run_dir: str, save_total_limit: int | None, keep: list[str]) -> None:

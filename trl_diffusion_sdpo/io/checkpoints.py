@@ -2,12 +2,14 @@
 
 transformers writes a checkpoint's files straight into ``checkpoint-N`` (weights, optimizer, scheduler, RNG state,
 ``trainer_state.json`` last), so a process killed during a save leaves a partial folder that
-``resume_from_checkpoint=True`` then picks. Here a checkpoint is written to a hidden staging folder
-``.tmp-checkpoint-N`` beside it and published whole, with a manifest of its files' sizes and SHA-256 checksums, by
-one ``rename`` (:mod:`.checkpoint_writing`, loaded by a run's first checkpoint save). Folders left by a kill
-(``.tmp-*``, ``.trash-*``) are finished or removed when training starts again (:func:`recover_interrupted_saves`),
-and a new run refuses a folder holding another run's checkpoints or weights (:func:`earlier_run_files`). The
-trainer's saves and resumes go through :class:`~trl_diffusion_sdpo.io.run_files.RunFiles`, which uses these.
+``resume_from_checkpoint=True`` then picks. Here transformers' own save writes it into a hidden staging run folder
+(``.tmp-checkpoint-N/checkpoint-N``), beside it the parts that are ours (the rewind's snapshot, the online
+generations, ``run_identity.json``), and it is published whole, with a manifest of its files' sizes and SHA-256
+checksums, by one ``rename`` (:mod:`.checkpoint_writing`, loaded by a run's first checkpoint save). Folders left by
+a kill (``.tmp-*``, ``.trash-*``) are finished or removed when training starts again
+(:func:`recover_interrupted_saves`), and a new run refuses a folder holding another run's checkpoints or weights
+(:func:`earlier_run_files`). The trainer's saves and resumes go through
+:class:`~trl_diffusion_sdpo.io.run_files.RunFiles`, which uses these.
 
 On resume a checkpoint is checked before use: every file of the manifest is present with its size, JSON files
 parse, safetensors headers parse and agree with the file size, torch files open as zip archives, and every file's
@@ -258,8 +260,9 @@ def earlier_run_files(run_dir: str) -> list[str]:
 def recover_interrupted_saves(run_dir: str) -> None:
     """Finish or remove what a kill left in ``run_dir``.
 
-    A staging folder with a manifest whose ``checkpoint-N`` is absent was killed after it was complete (between the
-    removal of an older ``checkpoint-N`` of the same step and its rename): it is published. Any other staging folder,
+    A staging folder (``.tmp-checkpoint-N/checkpoint-N``, or ``.tmp-checkpoint-N`` itself as earlier versions
+    wrote it) with a manifest whose ``checkpoint-N`` is absent was killed after it was complete (between the removal
+    of an older ``checkpoint-N`` of the same step and its rename): it is published. Any other staging folder,
     every renamed-away folder (``.trash-*``: rotation or replacement had begun deleting it) and every resume folder
     (``.resume-*``: :func:`resume_view_folder`) is deleted.
     """
@@ -270,10 +273,14 @@ def recover_interrupted_saves(run_dir: str) -> None:
         if prefix is None or not _CHECKPOINT_RE.match(name[len(prefix) :]):
             continue
         leftover, final = os.path.join(run_dir, name), os.path.join(run_dir, name[len(prefix) :])
-        complete = os.path.isfile(os.path.join(leftover, MANIFEST_NAME)) and not checkpoint_problem(leftover)
+        staged = leftover
+        if prefix == STAGING_PREFIX and os.path.isdir(os.path.join(leftover, os.path.basename(final))):
+            staged = os.path.join(leftover, os.path.basename(final))  # the checkpoint inside its staging run folder
+        complete = os.path.isfile(os.path.join(staged, MANIFEST_NAME)) and not checkpoint_problem(staged)
         if prefix == STAGING_PREFIX and complete and not os.path.exists(final):
-            logger.warning("Publishing %s as %s: its save was interrupted after it was complete", leftover, final)
-            os.rename(leftover, final)
+            logger.warning("Publishing %s as %s: its save was interrupted after it was complete", staged, final)
+            os.rename(staged, final)
+            shutil.rmtree(leftover, ignore_errors=True)  # the emptied staging run folder (none if staged is it)
         else:
             logger.warning("Removing %s, left by an interrupted save", leftover)
             shutil.rmtree(leftover, ignore_errors=True)

@@ -7,10 +7,11 @@ way this package needs:
   denoiser's subfolder, never pickles, gathered first where the engine shards them
   (:meth:`~trl_diffusion_sdpo.engines.Engine.gather_state_dict`) and loaded into its shards
   (:meth:`~trl_diffusion_sdpo.engines.Engine.loading`);
-* checkpoints that appear whole or not at all, with a checksummed manifest (:mod:`.checkpoints`, written by
-  :mod:`.checkpoint_writing`, which the run's first checkpoint save imports): the optimizer's
-  state as the engine writes it (:meth:`~trl_diffusion_sdpo.engines.Engine.save_optimizer_state`), the scheduler,
-  gradient scaler and random states in the files transformers resumes from;
+* checkpoints that appear whole or not at all: transformers' own ``_save_checkpoint`` (the optimizer's state as
+  it writes it for the engine, the scheduler, gradient scaler, random and trainer states) writes into a staging
+  folder, beside it the parts that are ours (:class:`CheckpointPart`, :class:`CheckpointPartCallback`: the rewind's
+  snapshot, the online generations), then a checksummed manifest and one rename publish it (:mod:`.checkpoints`,
+  written by :mod:`.checkpoint_writing`, which the run's first checkpoint save imports);
 * before training: the output folder's lock (:mod:`.run_lock`) and a refusal to replace another run's weights and
   checkpoints (unless resumed), recovery of interrupted saves, the checkpoint to resume
   from, checked, its config compared with the new one (:mod:`.resume_check`), resuming on another number of
@@ -29,6 +30,7 @@ wrapper, is the one that runs.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import json
@@ -37,12 +39,11 @@ import os
 import shutil
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import io as run_io  # the Hub's and the resume checks' modules are imported when first used
 from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
@@ -63,7 +64,7 @@ from .run_lock import RunLock, RunLockedError
 if TYPE_CHECKING:
     from .hub import RunHub
 
-__all__ = ["CheckpointPart", "RunFiles", "check_new_run_folder", "earlier_run_refusal"]
+__all__ = ["CheckpointPart", "CheckpointPartCallback", "RunFiles", "check_new_run_folder", "earlier_run_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,34 @@ class CheckpointPart(Protocol):
 
     def load(self, checkpoint: str) -> None:
         """Read them back before a resumed training starts (every process calls it)."""
+
+
+@runtime_checkable
+class CheckpointPartCallback(Protocol):
+    """A trainer callback whose state every checkpoint holds beside transformers' (the rewind's healthy snapshot):
+    the trainer finds it among its callbacks (``callbacks=`` or ``add_callback``), writes its files into the
+    staging folder before the checkpoint is published, so the manifest lists and checks them, and hands it the
+    checkpoint a run resumes from before training begins. Every process calls both."""
+
+    def save_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
+        """Write this process's files into ``checkpoint``, the folder being written (``args``, ``state``: the
+        trainer's)."""
+
+    def load_checkpoint_part(self, checkpoint: str, args: Any, state: Any) -> None:
+        """Read them back from ``checkpoint``, the one a run resumes from, before its training begins."""
+
+
+class _CallbackPart:
+    """A :class:`CheckpointPartCallback` as a :class:`CheckpointPart`, with the trainer's ``args`` and ``state``."""
+
+    def __init__(self, callback: CheckpointPartCallback, trainer: Trainer) -> None:
+        self.callback, self.trainer = callback, trainer
+
+    def save(self, checkpoint: str) -> None:
+        self.callback.save_checkpoint_part(checkpoint, self.trainer.args, self.trainer.state)
+
+    def load(self, checkpoint: str) -> None:
+        self.callback.load_checkpoint_part(checkpoint, self.trainer.args, self.trainer.state)
 
 
 class RunFiles(TrainerCallback):
@@ -129,7 +158,7 @@ class RunFiles(TrainerCallback):
             trainer.loss_since_log, self._loss_logged = None, 0.0
             if resume_from_checkpoint is not None:
                 run_io.check_resume_config(resume_from_checkpoint, trainer)
-                for part in self.parts:
+                for part in self.checkpoint_parts():
                     part.load(resume_from_checkpoint)
                 self.loss_before_resume = _read_loss_total(resume_from_checkpoint)
                 saved = run_io.read_run_identity(resume_from_checkpoint) or {}
@@ -304,89 +333,89 @@ class RunFiles(TrainerCallback):
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, model: torch.nn.Module | None = None, trial: Any = None) -> None:
-        """``_save_checkpoint``: what transformers' does (weights, optimizer, scheduler, scaler, RNG state, trainer
-        state, Hub push, rotation), into a staging folder published whole by
-        :func:`.checkpoint_writing.publish_checkpoint`, with ``run_identity.json`` beside the weights. A save failing
-        on the filesystem leaves no partial folder and raises :class:`.checkpoints.CheckpointSaveError`.
+        """``_save_checkpoint``: transformers' own (``Trainer._save_checkpoint``: the weights through
+        ``save_model``, the optimizer, scheduler, scaler, random and trainer states, whatever the installed version
+        writes) into a staging folder, with what is ours beside it (the checkpoint parts, ``run_identity.json``, the
+        loss sum), published whole with its manifest by :func:`.checkpoint_writing.publish_checkpoint`; then the
+        Hub push and the rotation. A save failing on the filesystem leaves no partial folder and raises
+        :class:`.checkpoints.CheckpointSaveError`.
 
         ``trial`` is always ``None``: a hyperparameter search needs ``model_init``, which this trainer does not take,
         so the checkpoints go to ``output_dir`` itself."""
         trainer = self.trainer
         args, state = trainer.args, trainer.state
-        trainer.store_flos()
         run_dir = args.output_dir
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         writing = checkpoint_writing()
         staging = writing.staging_folder(final)
-        if args.should_save and os.path.exists(staging):
-            shutil.rmtree(staging)
+        staging_run = os.path.dirname(staging)
+        if args.should_save and os.path.exists(staging_run):
+            shutil.rmtree(staging_run)
         trainer.accelerator.wait_for_everyone()  # no process writes into a staging folder being cleared
         try:
-            self._write_checkpoint(staging, final, run_dir)
+            self._write_checkpoint(model, trial, staging, final, run_dir)
         except Exception as err:
             # Only the staging folder is removed: the complete checkpoints are untouched, and rotation (below) never
             # ran. Under several processes the others are left at a barrier; the job fails on this error.
-            written, free = writing.folder_bytes(staging), writing.free_bytes(run_dir)
+            written, free = writing.folder_bytes(staging_run), writing.free_bytes(run_dir)
             if args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(staging_run, ignore_errors=True)
             if not writing.is_save_failure(err, free):
                 raise
             raise writing.save_failure(err, final, run_dir, written, free) from err
         trainer.accelerator.wait_for_everyone()
         if args.push_to_hub:
+            # Not Trainer's _push_from_checkpoint: it copies files named as transformers' weights (none of ours) and
+            # uploads a pickled training_args.bin.
             self.hub.push_checkpoint(final)
         if args.should_save:
-            # Looked up on the module at call time, so that a test can stop a run inside it.
+            # Not transformers' rotate_checkpoints, which deletes in place (a kill midway leaves a partial
+            # checkpoint-N) and keeps the newest by name, complete or not. Looked up on the module at call time, so
+            # that a test can stop a run inside it.
             writing.rotate_checkpoints(run_dir, args.save_total_limit, keep=[final, state.best_model_checkpoint])
 
-    def _write_checkpoint(self, staging: str, final: str, run_dir: str) -> None:
-        """Every file of the checkpoint into ``staging``, then (main process) the manifest and the rename."""
+    def _write_checkpoint(self, model: torch.nn.Module | None, trial: Any, staging: str, final: str, run_dir: str):
+        """Every file of the checkpoint into ``staging``, then (main process) the manifest and the rename.
+
+        transformers offers no public hook to write a checkpoint elsewhere than ``<args.output_dir>/checkpoint-N``
+        (its ``_get_output_dir`` is private too), so its ``_save_checkpoint`` runs with the trainer's ``args``
+        replaced, for that call only, by a copy whose ``output_dir`` is the staging run folder ``.tmp-checkpoint-N``
+        (``staging`` is its ``checkpoint-N``) and whose ``push_to_hub`` is off (pushed after the publish). Its
+        rotation then sees that folder alone and deletes nothing; its ``checkpoint-*`` pattern never matches
+        ``.tmp-checkpoint-N`` in ``output_dir``."""
         trainer = self.trainer
         args, state = trainer.args, trainer.state
-        trainer.save_model(staging, _internal_call=True)
-        if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and (
-            state.best_global_step
-        ):
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
-            if state.best_global_step == state.global_step or os.path.exists(best):
-                state.best_model_checkpoint = best  # its final name, which the trainer state records
-        if not args.save_only_model:
-            self.save_training_state(staging)
-        for part in self.parts:
+        staged = copy.copy(args)
+        staged.output_dir, staged.push_to_hub = os.path.dirname(staging), False
+        trainer.engine.prepare_checkpoint(trainer.optimizer)
+        trainer.args = staged
+        try:
+            Trainer._save_checkpoint(trainer, model if model is not None else trainer.model_wrapped, trial)
+        finally:
+            trainer.args = args
+        for part in self.checkpoint_parts():
             part.save(staging)
         loss_total = self._loss_total()  # a reduction: every process
         if args.should_save:
+            if state.best_model_checkpoint and os.path.dirname(state.best_model_checkpoint) == staged.output_dir:
+                # transformers named the best checkpoint (this one) by its staging path: recorded by its final name
+                state.best_model_checkpoint = final
+                state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
             run_io.write_run_identity(trainer, staging)
             if loss_total is not None:
                 with open(os.path.join(staging, LOSS_TOTAL_NAME), "w") as f:
                     json.dump({"global_step": state.global_step, "loss_sum": loss_total}, f)
-            for callback in [
-                c for c in trainer.callback_handler.callbacks + [trainer.control] if isinstance(c, ExportableState)
-            ]:
-                name, callback_state = callback.__class__.__name__, callback.state()
-                if isinstance(state.stateful_callbacks[name], list):
-                    state.stateful_callbacks[name].append(callback_state)
-                else:
-                    state.stateful_callbacks[name] = callback_state
-            state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
 
         trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, engine shards) are written
         if args.should_save:
             checkpoint_writing().publish_checkpoint(staging, final)
 
-    def save_training_state(self, folder: str) -> None:
-        """What resuming continues from besides the weights, in the files transformers' ``train()`` reads back: the
-        optimizer's state as the engine writes it (every process), the scheduler, the gradient scaler and each
-        process's random states (:func:`.checkpoint_writing.save_random_states`)."""
-        trainer, writing = self.trainer, checkpoint_writing()
-        args = trainer.args
-        trainer.engine.save_optimizer_state(trainer.model_wrapped, trainer.optimizer, folder, args.should_save)
-        if args.should_save and trainer.engine.saves_scheduler(trainer.lr_scheduler):
-            torch.save(trainer.lr_scheduler.state_dict(), os.path.join(folder, writing.SCHEDULER_NAME))
-        scaler = trainer.accelerator.scaler
-        if args.should_save and scaler is not None:
-            torch.save(scaler.state_dict(), os.path.join(folder, writing.SCALER_NAME))
-        writing.save_random_states(folder, args)
+    def checkpoint_parts(self) -> list[CheckpointPart]:
+        """What every checkpoint holds beside transformers' files: the parts the trainer added (:attr:`parts`), then
+        each of the trainer's callbacks that is a :class:`CheckpointPart` (it has ``save_checkpoint_part`` and
+        ``load_checkpoint_part``), in the order the callbacks run."""
+        found = [c for c in self.trainer.callback_handler.callbacks if isinstance(c, CheckpointPartCallback)]
+        return list(self.parts) + [_CallbackPart(c, self.trainer) for c in found]
 
     # ------------------------------------------------------------------ the model card and the Hub
 
