@@ -115,6 +115,8 @@ class DiffusionSDPOTrainer(Trainer):
     #: the run's datasets and collators: preference pairs, validated and, with ``cache_latents``, encoded (the online
     #: trainer's are prompts)
     prepare_data = staticmethod(prepare_training_data)
+    #: the probe's held-out rows are prompts, paired by the trainer once it is built (the online trainer), not pairs
+    probe_rows_are_prompts = False
     _name = "Diffusion-SDPO"
     _paper = {
         "title": "Diffusion-SDPO: Safeguarded Direct Preference Optimization for Diffusion Models",
@@ -189,7 +191,7 @@ class DiffusionSDPOTrainer(Trainer):
         args = training_arguments(args)
         probe_pairs = None  # the probe's held-back pairs, if it runs (its module loads only then)
         if args.probe_steps:
-            train_dataset, probe_pairs = run_callbacks.hold_back_pairs(train_dataset, eval_dataset, args)
+            train_dataset, probe_pairs = self.hold_back_probe_pairs(train_dataset, eval_dataset, args)
         data = self.prepare_data(train_dataset, eval_dataset, args, self.family, reward_fn)
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
@@ -318,6 +320,14 @@ class DiffusionSDPOTrainer(Trainer):
         if safeguard is not None and safeguard is self._dormant_safeguard:
             self._dormant_safeguard = None
         self.safeguard = safeguard
+
+    def hold_back_probe_pairs(
+        self, train_dataset: Any, eval_dataset: Any, args: DiffusionSDPOConfig
+    ) -> tuple[Any, Dataset | None]:
+        """``(train_dataset, held)``: the probe's pairs (``probe_steps``) held back from the training data where no
+        eval split gives them (:func:`~trl_diffusion_sdpo.callbacks.probe.hold_back_pairs`); the start summary
+        states how many and from where."""
+        return run_callbacks.hold_back_pairs(train_dataset, eval_dataset, args)
 
     # ------------------------------------------------------------------ setup
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.helpers.source_scans import private_trainer_reads_in
+from tests.helpers.source_scans import is_online_reads_in, private_trainer_reads_in
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "trl_diffusion_sdpo"
@@ -33,3 +33,13 @@ def test_no_callback_reads_a_private_attribute_of_the_trainer():
         if (reads := private_trainer_reads_in(path.read_text()))
     }
     assert not found, f"read the trainer's public properties and methods instead: {found}"
+
+
+def test_no_module_outside_online_reads_is_online():
+    assert is_online_reads_in("def f(args):\n    return args.is_online or getattr(args, 'is_online', 0)\n") == [2, 2]
+    found = {
+        str(path.relative_to(ROOT)): lines
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (PACKAGE / "online") not in path.parents and (lines := is_online_reads_in(path.read_text()))
+    }
+    assert not found, f"move what differs online into OnlineDiffusionSDPOTrainer / OnlineDiffusionSDPOConfig: {found}"

@@ -82,7 +82,7 @@ def check_config_file(path: Path, text: str, tmp_path: Path) -> None:
     for field, value, comment in claims:
         if field.startswith("table:"):
             field = field.removeprefix("table:")
-            table = resolve_default(field, family, config.loss_type, config.is_online, model).value
+            table = resolve_default(field, family, config.loss_type, config.regime == "online", model).value
             assert table == value, f"{path.name}: {field}: {value} is called a default, the table says {table}"
         else:
             assert resolved[field] == value, f"{path.name}: '#{comment}' states {field} {value}, it runs {resolved}"

@@ -215,16 +215,18 @@ def test_an_online_run_resumed_from_a_checkpoint_probes_the_same_pairs_and_rewin
 def test_a_streamed_dataset_gives_its_first_rows_to_the_probe_and_trains_on_the_rest(online):
     from types import SimpleNamespace
 
-    from trl_diffusion_sdpo.callbacks.probe import hold_back_pairs
+    from trl_diffusion_sdpo.callbacks.probe import hold_back_pairs as offline
+    from trl_diffusion_sdpo.online.probe_pairs import hold_back_prompts
 
+    hold_back_pairs = hold_back_prompts if online else offline  # what each trainer's hold_back_probe_pairs calls
     rows = [{"prompt": f"prompt {i}", "row": i} for i in range(7)]
     stream = Dataset.from_list(rows).to_iterable_dataset()
-    args = SimpleNamespace(probe_steps=5, probe_pairs=HELD, is_online=online)
+    args = SimpleNamespace(probe_steps=5, probe_pairs=HELD)
     train, held = hold_back_pairs(stream, None, args)
     assert [r["row"] for r in held] == [0, 1]
     assert [r["row"] for r in train] == [2, 3, 4, 5, 6]  # every other row trains, none twice
     with pytest.raises(ValueError, match=r"probe_pairs=8: the streamed train_dataset holds only 7"):
-        hold_back_pairs(stream, None, SimpleNamespace(probe_steps=5, probe_pairs=8, is_online=online))
+        hold_back_pairs(stream, None, SimpleNamespace(probe_steps=5, probe_pairs=8))
     # With eval prompts an online run's probe reads their first rows and the stream trains whole.
     eval_prompts = Dataset.from_dict({"prompt": EVAL_PROMPTS})
     train, held = hold_back_pairs(stream, eval_prompts, args)

@@ -157,8 +157,12 @@ def test_the_alarms_rule_calls_a_probe_unhealthy_when_the_winner_error_exceeds_t
 def test_each_mode_has_its_own_rule_and_a_config_reads_its_own():
     assert set(PROBE_ALARM) == {"offline", "online"}
     assert PROBE_ALARM["online"] != PROBE_ALARM["offline"]
-    assert probe_alarm(SimpleNamespace()) is PROBE_ALARM["offline"]
-    assert probe_alarm(SimpleNamespace(is_online=True)) is PROBE_ALARM["online"]
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
+
+    assert probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True)) is PROBE_ALARM["offline"]
+    assert probe_alarm(OnlineDiffusionSDPOConfig(output_dir="unused", use_cpu=True)) is PROBE_ALARM["online"]
+    assert probe_alarm(SimpleNamespace(regime="online")) is PROBE_ALARM["online"]
 
 
 def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_kept(

@@ -88,8 +88,8 @@ WINDOWS = RULE.windows  # the logs an escalation waits before it raises mu again
 
 def switch_target(args: Any) -> dict[str, Any] | None:
     """The safeguard ``on_pathology="safeguard"`` switches ``args``'s run to in its regime: :data:`SWITCH_TO`
-    offline, :data:`ONLINE_SWITCH_TO` online (``None``: none)."""
-    return ONLINE_SWITCH_TO if getattr(args, "is_online", False) else SWITCH_TO
+    offline, :data:`ONLINE_SWITCH_TO` online (``None``: none), by the config's ``regime``."""
+    return {"offline": SWITCH_TO, "online": ONLINE_SWITCH_TO}[args.regime]
 
 
 def switched_config(args: Any) -> Any:
@@ -172,17 +172,23 @@ def remedies(args: Any | None) -> list[str]:
     rate (Diffusion-DPO broke at 2e-4, not at 2e-5). A smaller ``beta`` is not among them: no beta from 5 to 50000
     changed the picture at the demo's rate.
 
-    Online (a config with ``is_online`` set) never a safeguard: where online Diffusion-DPO was healthy every safeguard
-    setting cost held-out quality, and where it hacked its reward none kept what it lost (docs/online.md); so the
-    safeguard's removal where it is on, then a smaller learning rate (online Diffusion-DPO was healthy at 2e-4 and
-    hacked at 1e-3)."""
-    if args is not None and getattr(args, "is_online", False):
-        online: list[str] = []
-        if getattr(args, "safeguard_space", "none") not in (None, "none"):
-            online.append("safeguard_space='none' (online, every safeguard setting cost held-out quality)")
-        return [*online, "a smaller learning_rate"]
+    Online (a config whose ``regime`` is ``"online"``) never a safeguard: where online Diffusion-DPO was healthy every
+    safeguard setting cost held-out quality, and where it hacked its reward none kept what it lost (docs/online.md);
+    so the safeguard's removal where it is on, then a smaller learning rate (online Diffusion-DPO was healthy at 2e-4
+    and hacked at 1e-3)."""
     if args is None:
         return ["the safeguard (safeguard_space='output')", "a smaller learning_rate"]
+    return {"offline": _offline_remedies, "online": _online_remedies}[args.regime](args)
+
+
+def _online_remedies(args: Any) -> list[str]:
+    online: list[str] = []
+    if getattr(args, "safeguard_space", "none") not in (None, "none"):
+        online.append("safeguard_space='none' (online, every safeguard setting cost held-out quality)")
+    return [*online, "a smaller learning_rate"]
+
+
+def _offline_remedies(args: Any) -> list[str]:
     found: list[str] = []
     if getattr(args, "safeguard_space", "none") == "none":
         found.append("the safeguard (safeguard_space='output')")

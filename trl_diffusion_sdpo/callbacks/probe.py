@@ -20,10 +20,10 @@ without it. Each process evaluates its share of the pairs; the sums are reduced 
 are formed, so every process reads the same figures. :class:`ProbeCallback` runs it, puts its figures into the next
 training log, and hands them to the rewind (``on_pathology="rewind"``, :mod:`.rewind`) where the run asks for one.
 
-An online run's data are prompts: :func:`hold_back_pairs` holds ``probe_pairs`` prompts back from them (or takes the
-first of the eval prompts), and the online trainer pairs each once, before training, with the run's own generation
-from keyed draws of the probe's (:mod:`trl_diffusion_sdpo.online.probe_pairs`); the probe then reads those pairs
-as it reads an offline run's.
+An online run's data are prompts: its trainer holds ``probe_pairs`` prompts back from them (or takes the first of the
+eval prompts; :func:`trl_diffusion_sdpo.online.probe_pairs.hold_back_prompts`) and pairs each once, before training,
+with the run's own generation from keyed draws of the probe's (:mod:`trl_diffusion_sdpo.online.probe_pairs`); the
+probe then reads those pairs as it reads an offline run's.
 """
 
 from __future__ import annotations
@@ -44,7 +44,16 @@ from ..step.predictions import denoising_errors
 from ..step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, NoisedMicroBatch
 from .rewind import Rewind
 
-__all__ = ["PROBE_METRICS", "HeldOutProbe", "ProbeCallback", "hold_back_pairs", "probe_for_trainer", "probe_seed"]
+__all__ = [
+    "PROBE_METRICS",
+    "HeldOutProbe",
+    "ProbeCallback",
+    "first_rows",
+    "hold_back_pairs",
+    "hold_back_rows",
+    "probe_for_trainer",
+    "probe_seed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,24 +78,18 @@ def probe_seed(seed: int) -> int:
 
 def hold_back_pairs(train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[Any, Dataset | None]:
     """``(train_dataset, held)``: with the probe on and no ``eval_dataset``, the last ``probe_pairs`` rows of
-    ``train_dataset`` (the first ones of a streamed dataset) taken out of it as the probe's pairs; otherwise
-    ``train_dataset`` as given and ``None``. An online run's rows are prompts, and its ``held`` is never ``None``:
-    with an ``eval_dataset`` (prompts) it is that dataset's first ``probe_pairs`` rows."""
-    if not getattr(args, "probe_steps", None):
+    ``train_dataset`` (the first ones of a streamed dataset) taken out of it as the probe's pairs
+    (:func:`hold_back_rows`); otherwise ``train_dataset`` as given and ``None`` (the probe reads the eval split). The
+    trainer calls it through :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.hold_back_probe_pairs`, which the online
+    trainer overrides (its rows are prompts)."""
+    if not getattr(args, "probe_steps", None) or eval_dataset is not None:
         return train_dataset, None
-    count = args.probe_pairs
-    online = getattr(args, "is_online", False)
-    if eval_dataset is not None:
-        if not online:
-            return train_dataset, None
-        held = _first_rows(eval_dataset, count)
-        if len(held) < count:
-            raise ValueError(
-                f"probe_pairs={count}: the eval_dataset holds only {len(held)} prompts; lower probe_pairs or give "
-                "more prompts"
-            )
-        return train_dataset, Dataset.from_list(held)
-    rows = "prompts" if online else "rows"
+    return hold_back_rows(train_dataset, args.probe_pairs)
+
+
+def hold_back_rows(train_dataset: Any, count: int, rows: str = "rows") -> tuple[Any, Dataset]:
+    """``(train_dataset without them, held)``: the last ``count`` rows of ``train_dataset`` (the first ones of a
+    streamed dataset), refused where too few would be left; ``rows`` names them in the errors."""
     if isinstance(train_dataset, IterableDataset):
         held = list(train_dataset.take(count))
         if len(held) < count:
@@ -255,7 +258,7 @@ def _probe_batch(trainer: Any, held: Dataset | None) -> dict[str, torch.Tensor] 
         collator = trainer.eval_collator
         if isinstance(collator, dict):
             collator = next(iter(collator.values()))
-    rows = _first_rows(dataset, args.probe_pairs)
+    rows = first_rows(dataset, args.probe_pairs)
     share = len(rows) // accelerator.num_processes
     if share == 0:
         raise ValueError(
@@ -266,7 +269,8 @@ def _probe_batch(trainer: Any, held: Dataset | None) -> dict[str, torch.Tensor] 
     return trainer.place_inputs(collator(mine))
 
 
-def _first_rows(dataset: Any, count: int) -> list[dict[str, Any]]:
+def first_rows(dataset: Any, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` rows of ``dataset`` (all of them where it holds fewer), streamed or not."""
     if isinstance(dataset, IterableDataset):
         return list(dataset.take(count))
     return [dataset[i] for i in range(min(count, len(dataset)))]
@@ -299,10 +303,10 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
         trainer.family.prompt_tokenizer(),
         args.device,
     )
-    online = getattr(args, "is_online", False)  # its held-out prompts are paired by the online trainer
+    prompts = trainer.probe_rows_are_prompts  # paired by the trainer once it is built (the online trainer)
     probe = HeldOutProbe(
         stages,
-        None if online else _probe_batch(trainer, held),
+        None if prompts else _probe_batch(trainer, held),
         probe_seed(args.seed),
         lambda sums: accelerator.reduce(sums, reduction="sum"),
         trainer.compute_loss_context_manager,
@@ -313,6 +317,6 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
         if held is not None
         else f"the eval split's first {args.probe_pairs} pairs"
     )
-    if online:
+    if prompts:
         source = ""  # the online trainer states its prompts and how they were paired once it has paired them
     return ProbeCallback(probe, args.probe_steps, lambda: trainer.policy, args.device, rewind, source, held)

@@ -102,8 +102,8 @@ about twenty times less than offline, so the offline rule comes late online."""
 
 
 def probe_alarm(args: Any) -> ProbeAlarmRule:
-    """The rule of :data:`PROBE_ALARM` for ``args``'s run: the online one for an online config (``is_online``)."""
-    return PROBE_ALARM["online" if getattr(args, "is_online", False) else "offline"]
+    """The rule of :data:`PROBE_ALARM` for ``args``'s run, by its config's ``regime``."""
+    return PROBE_ALARM[args.regime]
 
 
 @dataclass(frozen=True)

@@ -244,20 +244,15 @@ def resolve_default(
     return ResolvedDefault(field, best.value, best.source, best.scope)
 
 
-def _online(config: Any) -> bool:
-    return bool(getattr(config, "is_online", False))
-
-
 def resolve_defaults(
     config: Any, family: Any = None, base: Any = None, lora: bool = True
 ) -> dict[str, ResolvedDefault]:
     """Each of :data:`RESOLVED_FIELDS` for ``config`` trained with LoRA (``lora``) or in full: its value where set,
     else :func:`resolve_default`'s.
 
-    Online, a ``safeguard_mu`` or ``on_pathology="escalate"`` asks for a safeguard: ``safeguard_space`` unset is then
-    the offline default. A field the config resolved when it was made (``config.defaulted``) keeps that
-    resolution."""
-    online = _online(config)
+    Each field is read from the table of the config's ``defaults_regime(field)`` (the online config asks for the
+    offline ``safeguard_space`` where a ``safeguard_mu`` or ``on_pathology="escalate"`` wants a safeguard). A field
+    the config resolved when it was made (``config.defaulted``) keeps that resolution."""
     resolved = {}
     made = getattr(config, "defaulted", {})  # resolved when the config was made (the mode's defaults)
     for field in RESOLVED_FIELDS:
@@ -268,9 +263,8 @@ def resolve_defaults(
         if given is not None:
             resolved[field] = ResolvedDefault(field, given, "as given", given=True)
             continue
-        asks = field == "safeguard_space" and online and config.on_pathology == "escalate"
-        asks = asks or (field == "safeguard_space" and online and config.safeguard_mu is not None)
-        resolved[field] = resolve_default(field, family, config.loss_type, online and not asks, base, lora)
+        online = config.defaults_regime(field) == "online"  # the config's class names its table's regime
+        resolved[field] = resolve_default(field, family, config.loss_type, online, base, lora)
     return resolved
 
 
@@ -404,7 +398,7 @@ def machine_choices(
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if processes is None:
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    online = bool(getattr(config, "is_online", False))
+    online = config.regime == "online"
     cuda = device_type == "cuda"
     chosen = data_loading_defaults(online=online, cuda=cuda, cpus=cpus, processes=processes)
     where = f"{device_type}, {'online' if online else 'offline'}, {cpus} CPU core(s) for {processes} process(es)"

@@ -406,8 +406,15 @@ class DiffusionSDPOConfig(TrainingArguments):
     dataloader_num_workers: int | None = option(
         None, "Data-loading worker processes (0: load in the training process). " + data_loading_sentence()
     )
-    #: True for the online config: the defaults of its mode (``config.defaults``) apply
-    is_online = False
+    #: the regime whose tables apply to this config's run: its defaults (``config.defaults``), data loading, the
+    #: probe's alarm rule, the pathology's switch and remedies; ``"online"`` in the online config (unannotated, so not
+    #: a dataclass field)
+    regime = "offline"
+
+    def defaults_regime(self, field: str) -> str:
+        """The regime of the defaults table that resolves ``field`` when it is unset (the online config asks for the
+        offline safeguard where its fields want one)."""
+        return self.regime
 
     def __post_init__(self) -> None:
         if isinstance(self.safeguard_mu, str) and self.safeguard_mu != "auto":  # a number given on the command line

@@ -188,12 +188,12 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
     if family is not None:  # an unset beta or mu is the family's for the objective: compare the values the runs use
         from ..config.defaults import resolve_default
 
-        online = bool(getattr(given, "is_online", False))
         for config in (saved, current):
             for name in ("beta", "safeguard_mu"):
                 if name in config and config[name] is None:
                     loss_type = config.get("loss_type", "dpo")
                     base = getattr(trainer, "base_model_name", None)
+                    online = given.defaults_regime(name) == "online"  # the config's class names its regime
                     config[name] = resolve_default(name, family, loss_type, online, base).value
     safe, other, refused_names = [], [], refused_fields()
     for name in sorted(set(saved) & set(current)):

@@ -115,9 +115,15 @@ class OnlineDiffusionSDPOConfig(DiffusionSDPOConfig):
     random_flip: bool = option(
         False, "Not used by online training (the generated latents are trained as sampled); must be False."
     )
-    # What reads a config tells the regimes apart by this (config.defaults: safeguard_space unset is "none" online;
-    # health's remedies and the dormant safeguard's target); unannotated, so not a dataclass field
-    is_online = True
+    # The key of every regime table (config.defaults: safeguard_space unset is "none" online; health's remedies and
+    # the dormant safeguard's target; the probe's alarm rule); unannotated, so not a dataclass field
+    regime = "online"
+
+    def defaults_regime(self, field: str) -> str:
+        """Online, except that a ``safeguard_mu`` or ``on_pathology="escalate"`` asks for a safeguard: an unset
+        ``safeguard_space`` is then the offline default."""
+        asks = self.on_pathology == "escalate" or self.safeguard_mu is not None
+        return "offline" if field == "safeguard_space" and asks else self.regime
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from ..callbacks.probe import probe_seed
+from ..callbacks.probe import first_rows, hold_back_rows, probe_seed
 from .generation import GeneratedPairs, GenerationSettings, GenerationStage
 
 __all__ = [
     "PROBE_PAIR_MODE",
     "ProbePairs",
     "held_out_pairs",
+    "hold_back_prompts",
     "pair_share",
     "probe_generation_settings",
     "random_states_kept",
@@ -42,6 +43,24 @@ __all__ = [
 
 #: the probe's pairs are the best sample of a prompt against its worst, whatever the run's ``pair_mode``
 PROBE_PAIR_MODE = "best-worst"
+
+
+def hold_back_prompts(train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[Any, Dataset | None]:
+    """``(train_dataset, held)``: the online run's probe prompts (``None`` without ``probe_steps``): the first
+    ``probe_pairs`` of ``eval_dataset``'s prompts, else ``probe_pairs`` prompts held back from ``train_dataset`` as
+    :func:`~trl_diffusion_sdpo.callbacks.probe.hold_back_rows` holds rows back; the trainer pairs them."""
+    if not getattr(args, "probe_steps", None):
+        return train_dataset, None
+    count = args.probe_pairs
+    if eval_dataset is None:
+        return hold_back_rows(train_dataset, count, "prompts")
+    held = first_rows(eval_dataset, count)
+    if len(held) < count:
+        raise ValueError(
+            f"probe_pairs={count}: the eval_dataset holds only {len(held)} prompts; lower probe_pairs or give more "
+            "prompts"
+        )
+    return train_dataset, Dataset.from_list(held)
 
 
 def probe_generation_settings(settings: GenerationSettings) -> GenerationSettings:

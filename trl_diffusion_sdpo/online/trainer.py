@@ -191,6 +191,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
 
     _tag_names = ["trl", "diffusion-sdpo", "online-dpo"]
     card_method = CardMethod("Online ", online_card_details)  # the card's rewards and generation settings
+    probe_rows_are_prompts = True  # the probe's held-out prompts are paired once the trainer is built
 
     def __init__(
         self,
@@ -269,6 +270,13 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
         self.files.parts.append(WindowGenerations(self))  # a resume inside a window trains on the pairs it had
         if self.probe is not None:  # its held-out prompts paired now, by the initial policy (a resume pairs alike)
             self._pair_probe_prompts(self.probe, eval_dataset is not None)
+
+    def hold_back_probe_pairs(self, train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[Any, Dataset | None]:
+        """The probe's prompts: the eval prompts' first, or prompts held back from the training ones
+        (:func:`.probe_pairs.hold_back_prompts`)."""
+        from .probe_pairs import hold_back_prompts  # the probe's modules load only in a run that probes
+
+        return hold_back_prompts(train_dataset, eval_dataset, args)
 
     def _pair_probe_prompts(self, probe: ProbeCallback, from_eval: bool) -> None:
         """The probe's held-out prompts paired (:mod:`.probe_pairs`) and what the start summary says of them."""
