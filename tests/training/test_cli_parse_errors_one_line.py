@@ -147,3 +147,14 @@ def test_a_known_option_written_with_equals_is_not_taken_for_a_misspelling(capsy
     assert code == 2
     prefix = "trl-diffusion-sdpo export: error: unknown option --formt (did you mean --format?); "
     assert err[-1] == prefix + "the following arguments are required: --base, --output", err[-1]
+
+
+@pytest.mark.parametrize("command", commands())
+def test_a_misspelt_command_names_the_real_one(capsys, command):
+    typo = misspelt(command)
+    assert typo not in commands()
+    code, err, _ = run_cli(capsys, [typo])
+    assert code == 2, (command, err)
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("trl-diffusion-sdpo: error: "), err
+    assert err[-1].endswith(f"(did you mean {command}?)"), err[-1]

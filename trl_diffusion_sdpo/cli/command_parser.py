@@ -108,8 +108,16 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """argparse's error, the unknown options among this command's words named first, each with the closest
         known option (a misspelt required option is the likely cause of a "required" error)."""
-        typos = None if self._commands is not None else unknown_options_message(self, (), self._unknown_words())
+        if self._commands is not None:
+            self.refuse(message + self._closest_command())
+        typos = unknown_options_message(self, (), self._unknown_words())
         self.refuse(f"{typos}; {message}" if typos else message)
+
+    def _closest_command(self) -> str:
+        """`` (did you mean train?)`` for a misspelt command name (argparse lists every choice, names none)."""
+        names = list(self._commands.choices) if self._commands is not None else []
+        given = next((word for word in self._words if not word.startswith("-")), None)
+        return "" if given is None or given in names else did_you_mean(given, names, "")
 
     def _unknown_words(self) -> list[str]:
         known = {option for action in self._actions for option in action.option_strings}
