@@ -221,7 +221,8 @@ def run_estimate_memory(argv: list[str] | None = None) -> int:
             raise ValueError(f"--gpu is a GPU's memory in GB, e.g. 24; got {estimate_args.gpu}")
         sizes = model_sizes(model_args.model_name_or_path)
         shape = run_shape(args, model_args, diffusion_args, estimate_args, sizes.family)
-        estimate = estimate_memory(sizes, shape)
+        memo: dict[tuple, tuple[int, str]] = {}  # the meta forwards of this call, shared with the advice's
+        estimate = estimate_memory(sizes, shape, memo)
     except ValueError as err:
         parser.error(str(err))
     found = plan_verdict(estimate.total_bytes, estimate_args.gpu, sizes.family, shape)
@@ -234,6 +235,7 @@ def run_estimate_memory(argv: list[str] | None = None) -> int:
             found.gpu_gb,
             accepted=lambda flags: _parses(parser, [*given, *flags]),
             options=estimate_options(online),
+            activations_memo=memo,
         )
     if estimate_args.json:
         card = {

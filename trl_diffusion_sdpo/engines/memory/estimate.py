@@ -58,7 +58,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -480,15 +480,18 @@ def activation_bytes(
     sizes: ModelSizes, shape: RunShape, memo: dict[tuple, tuple[int, str]] | None = None
 ) -> tuple[int, str]:
     """Bytes the policy's forward over the 2B rows of a micro-batch keeps for its backward, and how they were
-    counted; ``memo`` keeps a UNet's counts by the shape they depend on, for one caller's many estimates."""
-    key = (shape.pairs, shape.resolution, shape.frames, shape.prompt_tokens, shape.dtype_bytes,
-           shape.activation_checkpointing)  # fmt: skip
+    counted; ``memo`` keeps a pair's counts by the shape they depend on, for one caller's many estimates.
+
+    Every saved tensor has the rows as a dimension, so the bytes are linear in the pairs: one pair (two rows) is
+    counted and scaled, and a UNet's meta forward runs once per resolution and checkpointing setting."""
+    key = (shape.resolution, shape.frames, shape.prompt_tokens, shape.dtype_bytes, shape.activation_checkpointing)
     if memo is not None and key in memo:
-        return memo[key]
-    counted = _activation_bytes(sizes, shape)
-    if memo is not None:
-        memo[key] = counted
-    return counted
+        per_pair, how = memo[key]
+    else:
+        per_pair, how = _activation_bytes(sizes, replace(shape, pairs=1))
+        if memo is not None:
+            memo[key] = per_pair, how
+    return shape.pairs * per_pair, how
 
 
 def _activation_bytes(sizes: ModelSizes, shape: RunShape) -> tuple[int, str]:
