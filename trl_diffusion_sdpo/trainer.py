@@ -59,7 +59,7 @@ from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for
-from .step.backward import Backward, BackwardWindow, EngineBackward
+from .step.backward import Backward, BackwardWindow
 from .step.predictions import (
     Evaluation,
     evaluate_objective,
@@ -70,7 +70,14 @@ from .step.predictions import (
     reference_for,
     step_metric_names,
 )
-from .step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, UsableBatches, adapt_guards
+from .step.stages import (
+    Augmentation,
+    MicroBatchDraws,
+    MicroBatchStages,
+    PlacedMicroBatch,
+    UsableBatches,
+    adapt_guards,
+)
 
 if TYPE_CHECKING:
     from .callbacks.ema import EMAWeights
@@ -263,7 +270,6 @@ class DiffusionSDPOTrainer(Trainer):
             lora=self.is_lora,
             trainable_elements=sum(p.numel() for p in trainable_parameters(denoiser)),
         )
-        self.engine_backward = EngineBackward(self.accelerator)
         self._metrics = metric_stores()
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy, self._dtype)
@@ -373,50 +379,67 @@ class DiffusionSDPOTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """One micro-batch of Diffusion-DPO: batch -> noised pair -> predictions of the policy and the reference ->
-        denoising errors -> objective -> backward -> metrics, with the safeguard's hook where one runs (the output
-        space's on the predictions, the parameter spaces' after their backward). Returns the loss averaged over the
-        accumulation window."""
-        model.train()
-        if callable(getattr(self.optimizer, "train", None)):  # as Trainer.training_step: schedule-free optimizers
-            self.optimizer.train()
+        denoising errors -> objective -> backward -> metrics. Returns the loss averaged over the accumulation window.
+
+        Diffusion-DPO, and the output space's hook (on the predictions), is ``transformers.Trainer.training_step``
+        running :meth:`compute_loss`: the loss, its division by the accumulation window, the engine's backward and
+        the cache clearing are Trainer's. A safeguard whose rule keeps the branches' gradients apart (the parameter
+        and update spaces) brings its own backward stage (:meth:`_branch_gradients_step`). Around either: the batch
+        stage before, the guards, the non-finite flag, the metrics and the run's loss sum after."""
         inputs, replay = self._batch(self.place_inputs(inputs), "train")
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
-        # The engine's backward, or the safeguard's that keeps the branches' gradients apart; the latter runs its
-        # passes outside the engine's wrapper (DDP's hooks) and reduces what the engine would have.
-        backward: Backward = getattr(self.safeguard, "backward_stage", None) or self.engine_backward
-        policy = model if backward.through_engine else self.accelerator.unwrap_model(model)
-        with self.compute_loss_context_manager():  # an inversion (SmPO) runs the denoiser as the predictions do
-            noised = self.stages.noised_pair(policy, inputs, "train", self.state.global_step)
-            window = BackwardWindow(
-                self.current_gradient_accumulation_steps, self.accelerator.sync_gradients, not replay, noised.num_pairs
-            )
-            # One pass; the exact rule's first micro-batch takes a second, per branch, where its layers could not
-            # split the branches in one.
-            for gradient_pass in backward.passes(policy, window):
-                with gradient_pass:
-                    predictions = self.stages.predict_noised(policy, noised, gradient_pass.separate_branches)
-                    evaluation, lambdas = self._objective(predictions, inputs.get("pair_scores"), not replay)
-                    gradient_pass.backward(evaluation.loss, predictions)
-            if gradient_pass.branches is not None:  # the safeguard's hook: lambda, and g_w + lambda * h_l written
-                lambdas.update(self.safeguard.combine(gradient_pass.branches, self.optimizer))
-        steps = self.args.torch_empty_cache_steps
-        if steps is not None and self.state.global_step % steps == 0:  # as Trainer.training_step
-            clear_device_cache()
-        adapt_guards(self.guards.adapting, evaluation.errors, not replay, self.accelerator.sync_gradients)
+        batch = PlacedMicroBatch(inputs, replay)
+        stage: Backward | None = getattr(self.safeguard, "backward_stage", None)
+        if stage is None:
+            loss = super().training_step(model, batch, num_items_in_batch)  # compute_loss fills `batch`
+        else:
+            loss = self._branch_gradients_step(model, batch, stage)
+        adapt_guards(self.guards.adapting, batch.evaluation.errors, not replay, self.accelerator.sync_gradients)
         if replay:  # a zero-weighted replay: its loss and metrics are its peers'
             return torch.zeros((), device=self.args.device)
-        loss = evaluation.loss.detach()
         self.nonfinite.flag(loss)
-        record_step_metrics(self._metrics["train"], evaluation, lambdas, noised, self.noiser.num_train_timesteps)
+        record_step_metrics(
+            self._metrics["train"], batch.evaluation, batch.lambdas, batch.noised, self.noiser.num_train_timesteps
+        )
         # A non-finite micro-batch never reaches the weights (see NonFiniteLossGuard); keep it out of the logged
         # loss as well, on the device: transformers' logging_nan_inf_filter would make the host wait every step.
-        loss = loss / self.current_gradient_accumulation_steps
         loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
         # The run's loss sum on the device, which checkpoints record (trainer.files takes it at each log).
         loss_sum = self.loss_since_log
         self.loss_since_log = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         return loss
+
+    def _branch_gradients_step(self, model, batch: PlacedMicroBatch, backward: Backward) -> torch.Tensor:
+        """The step of a safeguard that needs the winner's and the loser's gradients apart: its backward stage's
+        passes (one with per-layer taps, or one per branch where a layer could not split them), run on the unwrapped
+        denoiser outside the engine's wrapper and reducing what the engine would have, then its hook
+        (``g_w + lambda * h_l`` written as the gradient). Returns the loss averaged over the accumulation window."""
+        model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers, as transformers' step
+            self.optimizer.train()
+        policy = model if backward.through_engine else self.accelerator.unwrap_model(model)
+        with self.compute_loss_context_manager():  # an inversion (SmPO) runs the denoiser as the predictions do
+            noised = batch.noised = self.stages.noised_pair(policy, batch.inputs, "train", self.state.global_step)
+            window = BackwardWindow(
+                self.current_gradient_accumulation_steps,
+                self.accelerator.sync_gradients,
+                not batch.replay,
+                noised.num_pairs,
+            )
+            for gradient_pass in backward.passes(policy, window):
+                with gradient_pass:
+                    predictions = self.stages.predict_noised(policy, noised, gradient_pass.separate_branches)
+                    batch.evaluation, batch.lambdas = self._objective(
+                        predictions, batch.inputs.get("pair_scores"), not batch.replay
+                    )
+                    gradient_pass.backward(batch.evaluation.loss, predictions)
+            if gradient_pass.branches is not None:  # the safeguard's hook: lambda, and g_w + lambda * h_l written
+                batch.lambdas.update(self.safeguard.combine(gradient_pass.branches, self.optimizer))
+        steps = self.args.torch_empty_cache_steps
+        if steps is not None and self.state.global_step % steps == 0:  # as transformers' step
+            clear_device_cache()
+        return batch.evaluation.loss.detach() / self.current_gradient_accumulation_steps
 
     def _objective(
         self, predictions: PreferencePredictions, pair_scores: torch.Tensor | None, contributes: bool
@@ -442,12 +465,24 @@ class DiffusionSDPOTrainer(Trainer):
     def compute_loss(
         self,
         model: torch.nn.Module,
-        inputs: dict[str, torch.Tensor],
+        inputs: dict[str, torch.Tensor] | PlacedMicroBatch,
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """An evaluation micro-batch (training runs :meth:`training_step`): batch -> noised pair -> predictions ->
-        errors -> objective, and the ``lambda`` a safeguard records there (no backward: nothing is weighted)."""
+        """A micro-batch's Diffusion-DPO loss: batch -> noised pair -> predictions -> errors -> objective (weighted
+        zero for a replay). A training micro-batch (a :class:`.PlacedMicroBatch`, from :meth:`training_step`) takes
+        the loser error's gradient weighted by the output space's ``lambda`` and keeps what the step records after
+        the backward in ``inputs``; an evaluation one records its metrics and the ``lambda`` a safeguard would take
+        (nothing is weighted without a backward)."""
+        if isinstance(inputs, PlacedMicroBatch):
+            batch = inputs
+            batch.noised = self.stages.noised_pair(model, batch.inputs, "train", self.state.global_step)
+            predictions = self.stages.predict_noised(model, batch.noised, separate_branches=False)
+            batch.evaluation, batch.lambdas = self._objective(
+                predictions, batch.inputs.get("pair_scores"), not batch.replay
+            )
+            loss = batch.evaluation.loss * 0.0 if batch.replay else batch.evaluation.loss
+            return (loss, {"logits": batch.evaluation.output.logits}) if return_outputs else loss
         mode = "train" if model.training else "eval"
         inputs, replay = self._batch(inputs, mode)
         if inputs is None:  # every row was invalid, one process: contribute nothing, keep the graph connected

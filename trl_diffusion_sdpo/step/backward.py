@@ -1,19 +1,20 @@
-"""The backward stage: how a micro-batch's loss becomes the gradients the optimizer sees.
+"""The backward stage of a safeguard whose rule needs the winner's and the loser's gradients apart.
 
-Diffusion-DPO's is the engine's backward of the loss averaged over the accumulation window (:class:`EngineBackward`).
-A safeguard whose rule needs the winner's and the loser's gradients apart (the parameter and update spaces) brings
-its own (:class:`~trl_diffusion_sdpo.safeguards.parameter.ParameterSpaceBackward`), behind the same interface
-(:class:`Backward`), so the trainer runs one loop whichever runs::
+Diffusion-DPO's backward, and the output space's, is transformers' own: ``Trainer.training_step`` divides the loss
+:meth:`~trl_diffusion_sdpo.trainer.DiffusionSDPOTrainer.compute_loss` returns by the accumulation window and runs the
+engine's backward (accelerate's ``backward``: its loss scale, DeepSpeed's own accumulation). The parameter and update
+spaces bring their own (:class:`~trl_diffusion_sdpo.safeguards.parameter.ParameterSpaceBackward`), behind this
+interface (:class:`Backward`), which the trainer runs in place of transformers' step::
 
     for gradient_pass in backward.passes(policy, window):
         with gradient_pass:                       # the exact rule's taps are on inside
             predictions = ...(separate_branches=gradient_pass.separate_branches)
             loss = ...                            # errors -> objective
             gradient_pass.backward(loss, predictions)
-    gradient_pass.branches                        # None, or the branches' gradients for the safeguard's hook
+    gradient_pass.branches                        # the branches' gradients for the safeguard's hook
 
-The engine's backward takes one pass. The exact rule's takes one too, except at a first micro-batch where a layer
-could not split the branches inside it: then a second, one forward and backward per branch, on the same noised pair.
+It takes one pass, except at a first micro-batch where a layer could not split the branches inside it: then a second,
+one forward and backward per branch, on the same noised pair.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from accelerate.utils import DistributedType
 
 from ..objectives import PreferencePredictions
 
-__all__ = ["Backward", "BackwardWindow", "EngineBackward", "GradientPass"]
+__all__ = ["Backward", "BackwardWindow", "GradientPass"]
 
 
 @dataclass(frozen=True)
@@ -73,43 +73,3 @@ class Backward(Protocol):
 
     def passes(self, policy: torch.nn.Module, window: BackwardWindow) -> Iterator[GradientPass]:
         """The micro-batch's passes, one at a time (the next only if the last could not form the gradients)."""
-
-
-class _EnginePass:
-    """The engine's backward of the loss, averaged over the accumulation window; weight zero for a replay."""
-
-    separate_branches = False
-    branches = None
-
-    def __init__(self, accelerator: Any, window: BackwardWindow) -> None:
-        self.accelerator, self.window = accelerator, window
-
-    def __enter__(self) -> _EnginePass:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def backward(self, loss: torch.Tensor, predictions: PreferencePredictions) -> None:
-        if not self.window.contributes:
-            loss = loss * 0.0
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed averages over the window
-            self.accelerator.backward(loss / self.window.accumulation_steps, scale_wrt_gas=False)
-        else:
-            self.accelerator.backward(loss / self.window.accumulation_steps)
-
-
-class EngineBackward:
-    """Diffusion-DPO's backward: one forward pass over both branches through the engine's wrapped model, and the
-    engine's backward of the loss (accelerate's ``backward``: its loss scale, DeepSpeed's own accumulation)."""
-
-    through_engine = True
-
-    def __init__(self, accelerator: Any) -> None:
-        self.accelerator = accelerator
-
-    def passes(self, policy: torch.nn.Module, window: BackwardWindow) -> Iterator[_EnginePass]:
-        yield _EnginePass(self.accelerator, window)
-
-    def __repr__(self) -> str:
-        return "EngineBackward()"
