@@ -81,6 +81,7 @@ from .step.stages import (
 
 if TYPE_CHECKING:
     from .callbacks.ema import EMAWeights
+    from .callbacks.probe import ProbeCallback
     from .io.hub import CardMethod
     from .rewards import RewardFunction
     from .safeguards import Safeguard
@@ -280,9 +281,14 @@ class DiffusionSDPOTrainer(Trainer):
         margin = None if self.safeguard is None else self.safeguard.margin
         self.guards = GuardState.from_config(args, self.accelerator.num_processes, margin, switch)
         self.add_callback(self.guards)  # their state in the checkpoints
-        # probe_steps: held-out pairs; on_pathology="rewind"
-        self.probe = run_callbacks.probe_for_trainer(self, probe_pairs) if args.probe_steps else None
-        if self.probe is not None:
+        # probe_steps: held-out pairs; on_pathology="rewind"; or a probe and a rewind passed in callbacks=, bound here
+        self.probe: ProbeCallback | None = None
+        given = [c for c in self.callback_handler.callbacks if getattr(c, "run_control", None) is not None]
+        if args.probe_steps or given:  # the probe's module loads only then
+            self.probe = run_callbacks.compose_probe(self, probe_pairs, given)
+        if self.probe is not None:  # after the callbacks given, as the config's: it may rewind at a step's end
+            if self.probe in self.callback_handler.callbacks:
+                self.callback_handler.remove_callback(self.probe)
             self.add_callback(self.probe)
         self._eval_metric_prefix: str | None = None
         logger.info("Train data: %s (engine: %r)", self.train_data_report.summary(), self.engine)

@@ -4,8 +4,10 @@
   during a run (auto-beta, ``safeguard_mu="auto"``, escalations);
 * :mod:`.ema`: the EMA weights (``ema_decay``);
 * :mod:`.health`: Diffusion-DPO's pathology, detected in the training logs;
-* :mod:`.probe`: the policy and the reference on held-out pairs every ``probe_steps`` steps (``probe/...``);
-* :mod:`.rewind`: ``on_pathology="rewind"``, back to the last step the probe called healthy when its alarm fires;
+* :mod:`.probe`: the policy and the reference on held-out pairs every ``probe_steps`` steps (``probe/...``), or a
+  :class:`~.probe.ProbeCallback` built by hand and passed in ``callbacks=``;
+* :mod:`.rewind`: ``on_pathology="rewind"``, back to the last step the probe called healthy when its alarm fires, or
+  a :class:`~.rewind.RewindCallback` passed in ``callbacks=``;
 * :mod:`.interruptions`: a non-finite loss or gradient never reaches the weights, a data stream that yields too few
   valid pairs stops the run, and SIGTERM saves a checkpoint and exits;
 * :mod:`.validation`: validation images and rewards during training.
@@ -24,15 +26,27 @@ from ..config._lazy import lazy_attributes
 
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from .ema import EMAWeights
-    from .probe import ProbeCallback, hold_back_pairs, probe_for_trainer
+    from .probe import ProbeCallback, compose_probe, hold_back_pairs, hold_back_rows, probe_for_trainer
+    from .rewind import RewindCallback
 
 _EXPORTS = {
     "EMAWeights": ".ema",
     "ProbeCallback": ".probe",
+    "RewindCallback": ".rewind",
+    "compose_probe": ".probe",
     "hold_back_pairs": ".probe",
+    "hold_back_rows": ".probe",
     "probe_for_trainer": ".probe",
 }
 
-__all__ = ["EMAWeights", "ProbeCallback", "hold_back_pairs", "probe_for_trainer"]
+__all__ = [
+    "EMAWeights",
+    "ProbeCallback",
+    "RewindCallback",
+    "compose_probe",
+    "hold_back_pairs",
+    "hold_back_rows",
+    "probe_for_trainer",
+]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

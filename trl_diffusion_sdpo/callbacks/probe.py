@@ -32,7 +32,7 @@ import contextlib
 import copy
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ __all__ = [
     "PROBE_METRICS",
     "HeldOutProbe",
     "ProbeCallback",
+    "compose_probe",
     "first_rows",
     "hold_back_pairs",
     "hold_back_rows",
@@ -204,6 +205,23 @@ class ProbeCallback(TrainerCallback, ExportableState):
         self.pending: dict[str, float] = {}
         self.readings: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every probe of this process
 
+    #: what the trainer looks for among the callbacks it is given (:func:`compose_probe`)
+    run_control = "probe"
+
+    @classmethod
+    def held_out(cls, every: int, pairs: Dataset | None = None) -> ProbeCallback:
+        """A probe built by hand, passed to the trainer in ``callbacks=`` in place of the config's ``probe_steps``:
+        every ``every`` optimizer steps on ``pairs`` (preference pairs the training never sees, e.g. from
+        :func:`hold_back_rows`), or on the eval split's first ``probe_pairs`` pairs where ``pairs`` is ``None``. The
+        trainer binds it to its policy and reference when it is built (:meth:`bind`)."""
+        if every < 1:
+            raise ValueError(f"every={every}: a probe runs every 1 or more optimizer steps")
+        return cls(None, every, None, "cpu", held=pairs)
+
+    def bind(self, built: ProbeCallback) -> None:
+        """Take the probe, policy, device and source ``built`` for a trainer (a hand-built probe's binding)."""
+        self.probe, self.policy, self.device, self.source = built.probe, built.policy, built.device, built.source
+
     def on_train_begin(self, args, state, control, **kwargs):
         if self.rewind is not None:
             self.rewind.begin(args, state, kwargs["optimizer"])
@@ -243,7 +261,7 @@ class ProbeCallback(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {} if self.rewind is None else self.rewind.state()}
 
 
-def _probe_batch(trainer: Any, held: Dataset | None) -> dict[str, torch.Tensor] | None:
+def _probe_batch(trainer: Any, held: Dataset | None, count: int) -> dict[str, torch.Tensor] | None:
     """This process's share of the held-out pairs, collated as an evaluation's and placed on the device."""
     args, accelerator = trainer.args, trainer.accelerator
     if held is not None:
@@ -258,7 +276,7 @@ def _probe_batch(trainer: Any, held: Dataset | None) -> dict[str, torch.Tensor] 
         collator = trainer.eval_collator
         if isinstance(collator, dict):
             collator = next(iter(collator.values()))
-    rows = first_rows(dataset, args.probe_pairs)
+    rows = first_rows(dataset, count)
     share = len(rows) // accelerator.num_processes
     if share == 0:
         raise ValueError(
@@ -276,12 +294,53 @@ def first_rows(dataset: Any, count: int) -> list[dict[str, Any]]:
     return [dataset[i] for i in range(min(count, len(dataset)))]
 
 
-def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | None:
-    """The probe ``trainer``'s config asks for (``probe_steps``; ``None``: off), with the rewind of
-    ``on_pathology="rewind"``; ``held``: the pairs :func:`hold_back_pairs` took out of the training data."""
+def compose_probe(trainer: Any, held: Dataset | None, callbacks: Sequence[Any]) -> ProbeCallback | None:
+    """The run's probe, and its rewind: the config's (``probe_steps``, ``on_pathology="rewind"``; ``held``: the pairs
+    :func:`hold_back_pairs` took), or a :class:`ProbeCallback` and a :class:`.rewind.RewindCallback` passed in
+    ``callbacks``, bound to ``trainer`` here. One of each per run: a second is refused."""
     args = trainer.args
-    if not args.probe_steps:
+    probes = [c for c in callbacks if getattr(c, "run_control", None) == "probe"]
+    rewinds = [c for c in callbacks if getattr(c, "run_control", None) == "rewind"]
+    if len(probes) > 1 or len(rewinds) > 1:
+        raise ValueError("callbacks= holds more than one ProbeCallback or RewindCallback: a run has one of each")
+    if probes and args.probe_steps:
+        raise ValueError(
+            "a ProbeCallback was passed in callbacks= and the config sets probe_steps, which builds another: unset "
+            "probe_steps or pass no ProbeCallback"
+        )
+    if rewinds and args.on_pathology == "rewind":
+        raise ValueError(
+            "a RewindCallback was passed in callbacks= and the config sets on_pathology='rewind', which builds "
+            "another: set on_pathology to another value or pass no RewindCallback"
+        )
+    if probes:
+        probe = probes[0]
+        count = args.probe_pairs if probe.held is None else len(probe.held)
+        probe.bind(probe_for_trainer(trainer, probe.held, every=probe.every, count=count))
+        if probe.held is not None:
+            probe.source = f"{count} pairs passed to its ProbeCallback"
+    else:
+        probe = probe_for_trainer(trainer, held)
+    if rewinds:
+        if probe is None:
+            raise ValueError(
+                "a RewindCallback acts on the probe's alarm: set probe_steps or pass a ProbeCallback in callbacks="
+            )
+        rewinds[0].attach(trainer, probe)
+    return probe
+
+
+def probe_for_trainer(
+    trainer: Any, held: Dataset | None, every: int | None = None, count: int | None = None
+) -> ProbeCallback | None:
+    """The probe every ``every`` optimizer steps (``probe_steps`` by default; ``None``: off) on ``count`` held-out
+    pairs (``probe_pairs``) with the rewind of ``on_pathology="rewind"``; ``held``: the pairs held back from the
+    training data (``None``: the eval split's)."""
+    args = trainer.args
+    every = every or args.probe_steps
+    if not every:
         return None
+    count = count or args.probe_pairs
     if not trainer.objective.requires_reference:
         raise ValueError(f"probe_steps compares the policy with the reference; loss_type={args.loss_type!r} has none")
     if trainer.engine.name not in ("base", "ddp"):
@@ -290,7 +349,7 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
             "shards: train on one process or with DDP, or unset probe_steps"
         )
     accelerator = trainer.accelerator
-    share = max(1, args.probe_pairs // accelerator.num_processes)
+    share = max(1, count // accelerator.num_processes)
     draws = MicroBatchDraws(probe_seed(args.seed), share, share, accelerator.process_index,
                             accelerator.num_processes, args.device)  # fmt: skip
     stages = MicroBatchStages(
@@ -306,17 +365,17 @@ def probe_for_trainer(trainer: Any, held: Dataset | None) -> ProbeCallback | Non
     prompts = trainer.probe_rows_are_prompts  # paired by the trainer once it is built (the online trainer)
     probe = HeldOutProbe(
         stages,
-        None if prompts else _probe_batch(trainer, held),
+        None if prompts else _probe_batch(trainer, held, count),
         probe_seed(args.seed),
         lambda sums: accelerator.reduce(sums, reduction="sum"),
         trainer.compute_loss_context_manager,
     )
     rewind = Rewind.for_trainer(trainer) if args.on_pathology == "rewind" else None
     source = (
-        f"{args.probe_pairs} pairs held back from the training data (its last rows)"
+        f"{count} pairs held back from the training data (its last rows)"
         if held is not None
-        else f"the eval split's first {args.probe_pairs} pairs"
+        else f"the eval split's first {count} pairs"
     )
     if prompts:
         source = ""  # the online trainer states its prompts and how they were paired once it has paired them
-    return ProbeCallback(probe, args.probe_steps, lambda: trainer.policy, args.device, rewind, source, held)
+    return ProbeCallback(probe, every, lambda: trainer.policy, args.device, rewind, source, held)

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
 from ..config.file_modes import follow_umask
 from ..engines.base import trainable_parameters
@@ -56,6 +57,7 @@ __all__ = [
     "MemorySnapshot",
     "ProbeAlarmRule",
     "Rewind",
+    "RewindCallback",
     "RewindRecord",
     "companions",
     "probe_alarm",
@@ -431,3 +433,30 @@ class Rewind:
     def load(self, checkpoint: str) -> None:
         """Before a resumed run begins: its snapshot is ``checkpoint``'s (read in :meth:`begin`)."""
         self.resume_folder = os.path.join(checkpoint, REWIND_FOLDER)
+
+
+class RewindCallback(TrainerCallback):
+    """``on_pathology="rewind"`` built by hand: pass it in ``callbacks=`` with the run's probe (``probe_steps``, or a
+    hand-built :class:`~trl_diffusion_sdpo.callbacks.probe.ProbeCallback`). When the trainer is built it attaches a
+    :class:`Rewind` to that probe (:meth:`attach`): the probe hands it every reading, and its alarm restores the last
+    healthy step's weights and optimizer state; then it puts the trainer's
+    :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` in force where there is one, else the run stops
+    with the healthy weights.
+
+    Args:
+        rule: the alarm's rule; ``None``: the run's regime's (:func:`probe_alarm`).
+    """
+
+    #: what the trainer looks for among the callbacks it is given
+    run_control = "rewind"
+
+    def __init__(self, rule: ProbeAlarmRule | None = None) -> None:
+        self.rule = rule
+        self.rewind: Rewind | None = None
+
+    def attach(self, trainer: Any, probe: Any) -> None:
+        """A :class:`Rewind` for ``trainer``'s weights, its optimizer and what moves with them, read by ``probe``."""
+        rewind = Rewind.for_trainer(trainer)
+        if self.rule is not None:
+            rewind.rule = self.rule
+        probe.rewind = self.rewind = rewind

@@ -1,0 +1,77 @@
+"""A probe and a rewind built by hand and passed in ``callbacks=`` act as the config's do (docs/compose.md): a forced
+alarm restores the step-0 weights, bit for bit those of the run that the config composed; a second probe or rewind
+beside the config's is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
+from trl_diffusion_sdpo.callbacks import ProbeCallback, RewindCallback, hold_back_rows
+
+ROWS, HELD = 8, 2
+# The safeguard on: after its rewind the run stops with the healthy weights, whoever composed it.
+SAFEGUARDED = {"safeguard_space": "output", "safeguard_mu": 0.5}
+
+
+def test_a_rewind_passed_in_callbacks_restores_the_step_0_weights_as_the_configs_does(make_trainer, make_pickapic):
+    data = make_pickapic(ROWS)
+    configured = make_trainer(
+        train_dataset=data, max_steps=4, probe_steps=1, probe_pairs=HELD, on_pathology="rewind", **SAFEGUARDED
+    )
+    start = trained_weights(configured)
+    configured.probe.rewind.rule = ScriptedAlarm(patience=1, unhealthy_steps={1})
+    configured.train()
+
+    train, held = hold_back_rows(data, HELD)
+    probe = ProbeCallback.held_out(every=1, pairs=held)
+    rewind = RewindCallback(rule=ScriptedAlarm(patience=1, unhealthy_steps={1}))
+    composed = make_trainer(train_dataset=train, callbacks=[probe, rewind], max_steps=4, **SAFEGUARDED)
+    assert equal(trained_weights(composed), start)  # the same base and seed: the same step-0 weights
+    composed.train()
+
+    # The alarm at step 1 put the step-0 weights back and stopped the run: bit for bit, and as the config's run did.
+    assert equal(trained_weights(composed), start)
+    assert equal(trained_weights(composed), trained_weights(configured))
+    assert composed.state.global_step == configured.state.global_step == 1
+    assert composed.probe is probe and probe.rewind is rewind.rewind
+    assert probe.rewind.rewinds == configured.probe.rewind.rewinds == [(1, 0)]
+    assert [m for _, m in probe.readings] == [m for _, m in configured.probe.readings]
+
+
+def test_a_hand_built_probe_reads_the_pairs_it_was_given(make_trainer, make_pickapic):
+    data = make_pickapic(ROWS)
+    train, held = hold_back_rows(data, HELD)
+    probe = ProbeCallback.held_out(every=2, pairs=held)
+    trainer = make_trainer(train_dataset=train, callbacks=[probe], max_steps=4, safeguard_space="none")
+    tokens = trainer.family.prompt_tokenizer()(list(held["caption"]))
+    assert (probe.probe.batch["input_ids"].cpu() == tokens["input_ids"]).all()
+    assert probe.summary().startswith(f"held-out probe every 2 optimizer steps on {HELD} pairs passed to")
+    trainer.train()
+    assert [step for step, _ in probe.readings] == [2, 4]
+    assert [e["step"] for e in trainer.state.log_history if "probe/delta_winner" in e] == [2, 4]
+
+
+def test_a_second_probe_or_rewind_is_refused(make_trainer, make_pickapic):
+    data = make_pickapic(ROWS)
+    train, held = hold_back_rows(data, HELD)
+    with pytest.raises(ValueError, match="ProbeCallback was passed in callbacks= and the config sets probe_steps"):
+        make_trainer(train_dataset=train, callbacks=[ProbeCallback.held_out(1, held)], probe_steps=1)
+    with pytest.raises(ValueError, match="RewindCallback was passed in callbacks= and the config sets on_pathology"):
+        make_trainer(
+            train_dataset=data, callbacks=[RewindCallback()], probe_steps=1, probe_pairs=HELD, on_pathology="rewind"
+        )
+    with pytest.raises(ValueError, match="a RewindCallback acts on the probe's alarm"):
+        make_trainer(train_dataset=data, callbacks=[RewindCallback()])
+
+
+def test_the_docs_example_composes_a_probe_and_a_rewind(make_pipeline, make_config, make_pickapic):
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "compose.md").read_text()
+    block = page.split("```python\n", 1)[1].split("```", 1)[0]
+    names = {"pipeline": make_pipeline(), "dataset": make_pickapic(ROWS), "args": make_config(max_steps=2)}
+    exec(compile(block, "docs/compose.md", "exec"), names)  # noqa: S102 (the page's own example, run as written)
+    trainer, probe, rewind = names["trainer"], names["probe"], names["rewind"]
+    assert trainer.probe is probe and probe.rewind is rewind.rewind is not None
+    assert [step for step, _ in probe.readings] == [1, 2] and trainer.state.global_step == 2
