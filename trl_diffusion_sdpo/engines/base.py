@@ -158,6 +158,11 @@ class Engine:
         own code does for the engine: ``optimizer.pt``, DeepSpeed's checkpoint or accelerate's FSDP one): whatever
         that writer needs of the state first. Nothing by default."""
 
+    def unused_checkpoint_files(self, folder: str) -> list[str]:
+        """The files and folders transformers' ``_save_checkpoint`` wrote into the checkpoint ``folder`` that no
+        resume reads (removed before the checkpoint is published): none by default."""
+        return []
+
     def resume_on_other_count(self, checkpoint: str, saved_processes: int, work_dir: str) -> str:
         """The folder to resume from when ``checkpoint`` was written by ``saved_processes`` processes and this run has
         another number (every process calls it; ``work_dir`` is free for what the engine must write, removed after

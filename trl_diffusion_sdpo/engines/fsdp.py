@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 from collections.abc import Iterator
 
 import torch
@@ -65,6 +67,15 @@ def loading_into_shards() -> Iterator[None]:
         yield
 
 
+def fsdp_model_copies(folder: str) -> list[str]:
+    """accelerate's FSDP copy of the model in a checkpoint ``folder`` (``pytorch_model_fsdp*``, a file or a sharded
+    folder), which transformers' ``_save_checkpoint`` writes beside the optimizer's state. A resume never reads it:
+    the weights load from the checkpoint's diffusers-format files into the shards (``Engine.loading``)."""
+    from accelerate.utils.constants import FSDP_MODEL_NAME
+
+    return sorted(glob.glob(os.path.join(folder, f"{FSDP_MODEL_NAME}*")))
+
+
 class FSDP2Engine(Engine):
     """FSDP2: parameters and gradients are DTensor shards.
 
@@ -121,6 +132,9 @@ class FSDP2Engine(Engine):
                 if parameter.requires_grad:
                     optimizer.state.setdefault(parameter, {})
 
+    def unused_checkpoint_files(self, folder: str) -> list[str]:
+        return fsdp_model_copies(folder)
+
 
 class FSDP1Engine(Engine):
     """FSDP1 (``FullyShardedDataParallel``): trained as accelerate does it; the parameter-space safeguard cannot
@@ -136,3 +150,6 @@ class FSDP1Engine(Engine):
     def gather_state_dict(self, model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         # accelerate's full state dict (the plugin's FULL_STATE_DICT), on every process
         return self.accelerator.get_state_dict(model)
+
+    def unused_checkpoint_files(self, folder: str) -> list[str]:
+        return fsdp_model_copies(folder)

@@ -408,6 +408,8 @@ class RunFiles(TrainerCallback):
 
         trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, engine shards) are written
         if args.should_save:
+            for unused in trainer.engine.unused_checkpoint_files(staging):  # FSDP's model copy: never resumed from
+                shutil.rmtree(unused) if os.path.isdir(unused) else os.remove(unused)
             checkpoint_writing().publish_checkpoint(staging, final)
 
     def checkpoint_parts(self) -> list[CheckpointPart]:
