@@ -73,3 +73,12 @@ def test_the_advice_from_scaled_counts_equals_the_advice_from_fresh_counts(tiny,
     monkeypatch.setattr(estimate_module, "activation_bytes", unscaled)
     slow = fit_advice(tiny, shape, gpu, activations_memo={})
     assert (scaled.flags, scaled.estimate, scaled.verdict) == (slow.flags, slow.estimate, slow.verdict)
+
+
+def test_a_memo_shared_across_resolutions_keeps_each_resolutions_count(tiny) -> None:
+    memo: dict = {}
+    for resolution in (64, 32, 64):
+        shape = RunShape(pairs=2, resolution=resolution, dtype_bytes=4)
+        latent = resolution // tiny.patch
+        fresh = unet_activation_bytes(tiny.denoiser, 4, latent, shape.prompt_tokens, torch.float32, False)
+        assert activation_bytes(tiny, shape, memo)[0] == fresh, resolution
