@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 try:
     import httpx2 as httpx  # huggingface_hub's HTTP client
 except ImportError:
     import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.helpers.cli_runs import FAST, pair_folders
 from trl_diffusion_sdpo.cli.console import DEBUG_ENV, run_command
 from trl_diffusion_sdpo.cli.main import main
 from trl_diffusion_sdpo.config.extras import require_extra
 from trl_diffusion_sdpo.data.formats import DatasetNotFoundError, hub_dataset_problem
 
 TINY = "trl-diffusion-sdpo:tiny"
-FAST = ["--use_cpu", "--max_steps", "1", "--per_device_train_batch_size", "2", "--resolution", "32", "--report_to"]
-FAST += ["none", "--use_peft", "--lora_r", "4"]
 
 
 @pytest.fixture
@@ -31,6 +27,10 @@ def no_hub(monkeypatch):
     """The Hub must not be asked: any request or ``load_dataset`` of a Hub name fails the test."""
     import datasets
     from huggingface_hub import HfApi
+
+    # A module that binds load_dataset when first imported must bind the real one, not the stand-in below, or the
+    # stand-in outlives this test (the sharded cache reads its shards with it).
+    import trl_diffusion_sdpo.data.sharded_cache  # noqa: F401
 
     def asked(*args, **kwargs):
         raise AssertionError(f"the Hub was asked: {args} {kwargs}")
@@ -52,19 +52,6 @@ def error_line(lines: list[str], command: str = "train") -> str:
     assert not any("Traceback" in line for line in lines), "\n".join(lines)
     assert lines[-1].startswith(f"trl-diffusion-sdpo {command}: error: "), lines[-1]
     return lines[-1]
-
-
-def pair_folders(root: Path, n: int = 4, prompt: str | None = "a red circle") -> Path:
-    """One folder per pair: chosen.png, rejected.png, prompt.txt (``prompt`` None: none written)."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / f"p{i}"
-        folder.mkdir(parents=True)
-        for side in ("chosen", "rejected"):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{side}.png")
-        if prompt is not None:
-            (folder / "prompt.txt").write_text(prompt)
-    return root
 
 
 def test_a_dataset_name_that_does_not_exist_offline_is_one_line_naming_the_path_layouts_and_hub_forms(

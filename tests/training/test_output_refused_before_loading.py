@@ -185,7 +185,7 @@ def test_a_python_run_with_overwrite_replaces_the_earlier_runs_checkpoints_and_w
 def test_train_with_overwrite_trains_over_the_earlier_run_and_leaves_other_files(tmp_path, earlier_run, capsys):
     """The command line's switch reaches the trainer: the run trains and saves where the earlier one was, its
     checkpoint removed, its weights replaced; a file that is no run's stays."""
-    from tests.training.test_cli_errors import FAST, pair_folders
+    from tests.helpers.cli_runs import FAST, pair_folders
 
     (earlier_run / "notes.txt").write_text("mine")
     data = pair_folders(tmp_path / "pairs")
@@ -201,7 +201,7 @@ def test_train_with_overwrite_trains_over_the_earlier_run_and_leaves_other_files
 
 def test_cache_with_overwrite_writes_the_cache_among_other_files(tmp_path, capsys):
     """``cache``'s switch is train's field: it reaches the early refusal and the cache's build alike."""
-    from tests.training.test_cli_errors import pair_folders
+    from tests.helpers.cli_runs import pair_folders
     from trl_diffusion_sdpo.data.sharded_cache import load_sharded_latent_cache
 
     folder = tmp_path / "latents"
