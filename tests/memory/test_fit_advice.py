@@ -72,7 +72,8 @@ def test_flux_lora_on_24_gb_names_a_latent_cache_and_an_8_bit_base(capsys) -> No
 
 
 def test_sd3_full_tuning_on_80_gb_takes_a_latent_cache_before_an_8_bit_optimizer(capsys) -> None:
-    """SD3.5 Medium full tuning plans 67.9 GiB against 67.1 usable: either change fits, the latent cache changes no number."""
+    """SD3.5 Medium full tuning plans 67.9 GiB against 67.1 usable: either change fits, the latent cache changes no
+    number."""
     run = ("--config", str(CONFIGS / "sd3_full.yaml"), "--gpu", "80")
     assert estimate_json(capsys, *run, "--optim", "adamw_torch_8bit")["fits"] is True  # a change that also fits
     flags = check_advice_fits_and_is_minimal(capsys, run)

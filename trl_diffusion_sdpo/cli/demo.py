@@ -98,9 +98,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return add_demo_arguments(
-        CommandParser(prog="python -m trl_diffusion_sdpo.demo", description=DESCRIPTION)
-    )
+    return add_demo_arguments(CommandParser(prog="python -m trl_diffusion_sdpo.demo", description=DESCRIPTION))
 
 
 def run_from_args(args: argparse.Namespace) -> int:
