@@ -136,20 +136,36 @@ def function_level_imports(package_dir: Path) -> list[str]:
     return found
 
 
-def measure(root: Path, scenario: str, pipeline_dir: Path, work: Path) -> dict:
-    """Run ``scenario`` on the package at ``root`` in a fresh interpreter: its loaded modules and their lines."""
+def run_fresh(root: Path, script: str, args: list[str], work: Path) -> str:
+    """``script`` with ``args`` in a fresh interpreter on the package at ``root`` (one thread), run in ``work``: its
+    standard output; a failure raises with the end of its standard error."""
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", RUN, str(pipeline_dir), str(work / scenario)] + [json.dumps(SCENARIOS[scenario])],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
+        [sys.executable, "-c", script, *args], cwd=work, env=env, capture_output=True, text=True, timeout=1800
     )
     if done.returncode != 0:
-        raise RuntimeError(f"the {scenario} run failed:\n{done.stderr[-4000:]}")
-    loaded = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("LOADED "))[7:])
+        raise RuntimeError(f"the run {args} failed:\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+def build_pipeline(root: Path, work: Path) -> Path:
+    """The tiny SD pipeline saved by a process of its own (the measured runs never import its builders); its folder."""
+    run_fresh(root, BUILD, [str(work / "pipeline"), str(work / "tokenizer")], work)
+    return work / "pipeline"
+
+
+def store_run(out: Path, what: str, label: str, run: dict, **fields) -> None:
+    """Add ``run`` to the result file ``out`` under ``label``, beside the runs it already holds."""
+    stored = json.loads(out.read_text()) if out.exists() else {}
+    result = {"what": what, **fields, "runs": {**stored.get("runs", {}), label: run}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def measure(root: Path, scenario: str, pipeline_dir: Path, work: Path) -> dict:
+    """Run ``scenario`` on the package at ``root`` in a fresh interpreter: its loaded modules and their lines."""
+    stdout = run_fresh(root, RUN, [str(pipeline_dir), str(work / scenario), json.dumps(SCENARIOS[scenario])], work)
+    loaded = json.loads(next(line for line in stdout.splitlines() if line.startswith("LOADED "))[7:])
     modules = {
         name: {
             "lines": physical_lines(Path(file)),
@@ -201,15 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-        subprocess.run(
-            [sys.executable, "-c", BUILD, str(work / "pipeline"), str(work / "tokenizer")],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        pipeline_dir = build_pipeline(root, work)
         for scenario in args.scenarios.split(","):
-            result = measure(root, scenario, work / "pipeline", work)
+            result = measure(root, scenario, pipeline_dir, work)
             run["scenarios"][scenario] = result
             print(
                 f"{scenario}: {result['modules_loaded']} modules, {result['lines_loaded']} lines "
@@ -218,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(f"function-level package-internal imports: {len(internal)}")
     if args.out:
-        stored = json.loads(args.out.read_text()) if args.out.exists() else {}
-        result = {"what": __doc__.strip(), "limits": LIMITS, "runs": {**stored.get("runs", {}), args.label: run}}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        store_run(args.out, __doc__.strip(), args.label, run, limits=LIMITS)
     return 0
 
 

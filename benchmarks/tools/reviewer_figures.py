@@ -38,15 +38,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
-from loaded_modules import BUILD, checkout_id, function_level_imports, physical_lines  # noqa: E402
+from loaded_modules import (  # noqa: E402
+    build_pipeline,
+    checkout_id,
+    function_level_imports,
+    physical_lines,
+    run_fresh,
+    store_run,
+)
 
 from tests.helpers.source_scans import is_online_reads_in, is_private, private_trainer_reads_in  # noqa: E402
 
@@ -207,18 +212,8 @@ def traced(functions: list[list[str]]) -> dict:
 
 def run_scenario(root: Path, scenario: str, pipeline_dir: Path, work: Path) -> dict:
     """The traced run of ``scenario`` on the package at ``root``, in a fresh interpreter."""
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", RUN, str(pipeline_dir), str(work / scenario), json.dumps(SCENARIOS[scenario])],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the {scenario} run failed:\n{done.stderr[-4000:]}")
-    figures = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("FIGURES "))[8:])
+    stdout = run_fresh(root, RUN, [str(pipeline_dir), str(work / scenario), json.dumps(SCENARIOS[scenario])], work)
+    figures = json.loads(next(line for line in stdout.splitlines() if line.startswith("FIGURES "))[8:])
     lines = {name: physical_lines(Path(file)) for name, file in sorted(figures["loaded"].items())}
     return {
         "settings": SCENARIOS[scenario],
@@ -233,9 +228,8 @@ def run_scenario(root: Path, scenario: str, pipeline_dir: Path, work: Path) -> d
 
 def overrides(root: Path) -> dict:
     """The Trainer methods each trainer class overrides, and the private ones among them."""
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", OVERRIDES], env=env, capture_output=True, text=True, check=True)
-    found = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("OVERRIDES "))[10:])
+    stdout = run_fresh(root, OVERRIDES, [], root)
+    found = json.loads(next(line for line in stdout.splitlines() if line.startswith("OVERRIDES "))[10:])
     return {
         name: {"count": len(names), "private": [n for n in names if is_private(n)], "names": names}
         for name, names in found.items()
@@ -264,15 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-        subprocess.run(
-            [sys.executable, "-c", BUILD, str(work / "pipeline"), str(work / "tokenizer")],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        pipeline_dir = build_pipeline(root, work)
         for scenario in args.scenarios.split(","):
-            result = run_scenario(root, scenario, work / "pipeline", work)
+            result = run_scenario(root, scenario, pipeline_dir, work)
             run["scenarios"][scenario] = result
             print(
                 f"{scenario}: training_step {result['training_step']['functions']} functions in "
@@ -287,10 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(online)}; function-level package imports: {len(imports)}"
     )
     if args.out:
-        stored = json.loads(args.out.read_text()) if args.out.exists() else {}
-        result = {"what": __doc__.strip(), "runs": {**stored.get("runs", {}), args.label: run}}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        store_run(args.out, __doc__.strip(), args.label, run)
     return 0
 
 
