@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from tests.helpers.common import COLOURS, SIZES, fast_config_values, lora_config, pickapic_rows
+from tests.helpers.common import COLOURS, SIZES, THREADS_BEFORE, fast_config_values, lora_config, pickapic_rows
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
@@ -28,6 +28,15 @@ def datasets_progress_bars_restored() -> Iterator[None]:
     enabled = datasets.is_progress_bar_enabled()
     yield
     datasets.enable_progress_bars() if enabled else datasets.disable_progress_bars()
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[None]:
+    """torch's thread count set to :data:`~tests.helpers.common.THREADS_BEFORE` for the test, and put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS_BEFORE)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -42,15 +42,6 @@ class MeanRedScorer(Scorer):
 register_scorer("progress-test-mean-red", MeanRedScorer, overwrite=True)
 
 
-@pytest.fixture
-def torch_threads():
-    """torch's thread count set to 3 for the test, and put back after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- progress --------------------------------------------------------------------------------------------------------
 
 

@@ -48,6 +48,9 @@ COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (230, 230, 20), (200, 20
 SIZES = [(40, 32), (32, 48), (64, 64), (48, 40), (36, 36), (32, 72)]
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# torch's thread count before a command sets it (the torch_threads fixture): neither the package's CPU default (1) nor
+# the 2 the thread tests ask for.
+THREADS_BEFORE = 3
 
 
 def encode_image(colour: tuple[int, int, int], size: tuple[int, int], fmt: str = "PNG") -> bytes:

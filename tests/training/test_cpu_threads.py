@@ -17,15 +17,6 @@ from trl_diffusion_sdpo.io.run_summary import start_summary
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def torch_threads():
-    """torch's thread count set to 3 for the test, and put back after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("arguments", [DiffusionScriptArguments, OnlinePromptArguments])
 def test_a_cpu_run_of_the_command_line_computes_with_the_default_threads(torch_threads, arguments):
     arguments().apply_to_process(SimpleNamespace(use_cpu=True))

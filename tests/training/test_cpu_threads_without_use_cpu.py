@@ -7,18 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.common import THREADS_BEFORE
 from trl_diffusion_sdpo.cli import online, train
 from trl_diffusion_sdpo.io.cpu_threads import CPU_THREADS
 
-BEFORE = CPU_THREADS + 2  # torch's count before the command sets it: anything but the default
-
-
-@pytest.fixture
-def torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(BEFORE)
-    yield
-    torch.set_num_threads(before)
+BEFORE = THREADS_BEFORE  # torch's count before the command sets it (the torch_threads fixture)
 
 
 def _parsed(command: str):
