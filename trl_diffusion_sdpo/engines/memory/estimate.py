@@ -291,16 +291,22 @@ def model_sizes(model_name_or_path: str) -> ModelSizes:
             frames_per_token=4,
             source=f"configs in {folder}, counted on the meta device",
         )
-    known = KNOWN_MODELS.get(model_name_or_path)
-    if known is None:
+    if model_name_or_path not in KNOWN_MODELS:
         raise ValueError(
             f"--model_name_or_path {model_name_or_path}: not a local pipeline folder and not one of the Hub pipelines "
             f"estimate-memory knows ({', '.join(sorted(KNOWN_MODELS))}). Download the pipeline's configs "
             "(`hf download ID --include '*.json' '*.txt'`, no weights needed) and pass that folder."
         )
+    return known_model_sizes(model_name_or_path)
+
+
+def known_model_sizes(model_name_or_path: str, counts: Any = None) -> ModelSizes:
+    """A Hub id of :data:`KNOWN_MODELS`: its denoiser built on the meta device from its published config, or not
+    built where ``counts`` holds its stored counts (:mod:`.stored`, made from that build)."""
+    known = KNOWN_MODELS[model_name_or_path]
     return ModelSizes(
         family=known.family,
-        denoiser=_meta_denoiser(known.denoiser_class, known.denoiser_config),
+        denoiser=None if counts is not None else _meta_denoiser(known.denoiser_class, known.denoiser_config),
         frozen=dict(known.frozen),
         joint_attention=known.joint_attention,
         vae_fp32=known.vae_fp32,
@@ -308,6 +314,7 @@ def model_sizes(model_name_or_path: str) -> ModelSizes:
         frames_per_token=known.frames_per_token,
         source=f"{model_name_or_path}'s published denoiser config, counted on the meta device; published counts "
         "of the frozen parts",
+        counts=counts,
     )
 
 
