@@ -46,6 +46,7 @@ PROBE_HISTORY = (
     "probe/mse_ref_winner",
     "probe/mse_policy_loser",
     "probe/mse_ref_loser",
+    "probe/winner_rise_z",
     "health/rewind_to",
 )
 

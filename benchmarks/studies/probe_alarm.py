@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alarm_calibration import TOLERANCE, confusion, label, split, write_page_block  # noqa: E402
 
-from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, ProbeAlarmRule  # noqa: E402
+from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SOURCE = RESULTS / "probe" / "cpu-stability-probe-demo.json"
@@ -100,6 +100,13 @@ class ProbeRule:
             return ProbeAlarmRule(patience=self.patience, threshold=self.threshold)
         return None
 
+
+#: the rules on ``delta_winner`` the package read, one per mode, before its one rule in the probe's units (the z
+#: study, :func:`analyse_z`): this calibration chose them, and its record (``package_rule``) names them
+DELTA_RULES = {
+    "offline": ProbeAlarmRule(patience=2, threshold=0.05),
+    "online": ProbeAlarmRule(patience=1, threshold=0.01),
+}
 
 BEFORE = ProbeRule("delta_winner", True, 0.0, 2)
 """The rule before calibration: the pathology as the paper defines it (the winner's held-out error above the
@@ -238,8 +245,8 @@ def _calibration_record(
     return {
         "grid": grid_record(grid),
         "rules": {name: asdict(rule) for name, rule in rules.items()},
-        "package_rule": asdict(PROBE_ALARM[mode]),
-        "package_rule_is_calibrated": package is not None and package == PROBE_ALARM[mode],
+        "package_rule": asdict(DELTA_RULES[mode]),
+        "package_rule_is_calibrated": package is not None and package == DELTA_RULES[mode],
         "chosen_on": on_choose,
         "aim": {"precision": 0.9, "recall": 0.9},
         "confusion": matrices,
@@ -377,7 +384,7 @@ def analyse_online(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
     runs = load_online_runs(path)
     halves = {name: [r for r in runs if split(r) == name] for name in ("choose", "report")}
     chosen, on_choose = choose_rule(halves["choose"], ONLINE_GRID)
-    offline = PROBE_ALARM["offline"]
+    offline = DELTA_RULES["offline"]
     rules = {"offline": ProbeRule("delta_winner", True, offline.threshold, offline.patience), "calibrated": chosen}
     matrices: dict[str, Any] = {
         name: {which: score(halves[side_], rule) for side_, which in (("report", "report_runs"),

@@ -13,7 +13,8 @@ long runs), to say when the held-out reward fell against when the alarm fired.
   the best): the probe logged, never acted on (``on_pathology`` at its default, ``warn``); each run records the
   probe's readings (``probe``).
 - ``rewind``: Diffusion-DPO with ``on_pathology="rewind"`` (the offline rule of :data:`~trl_diffusion_sdpo.callbacks.
-  rewind.PROBE_ALARM`, chosen on the first kind of run by ``probe_alarm.py``); each run records its rewinds
+  rewind.probe_alarm` at the config's defaults, :func:`package_rule`, chosen on the first kind of run by
+  ``probe_alarm.py``); each run records its rewinds
   (``rewinds``: the step fired and the step restored) and, where the run stopped itself, the step (``stopped_at``):
   its held-out measures at that step stand for every later evaluation step, the stopped run's weights being its
   result.
@@ -43,7 +44,7 @@ import stability_guards as study  # noqa: E402
 import stability_map  # noqa: E402
 from stability_dormant import LABELS, both_halves, goal_all_measures, measure_table, verdict  # noqa: E402
 
-from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
+from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule  # noqa: E402
 from trl_diffusion_sdpo.demo.methods import METHODS, Method  # noqa: E402
 
 PROBE_STEPS = 5  # a probe every 5 optimizer steps: 10 readings in a 50-step run
@@ -69,6 +70,16 @@ REGIMES: tuple[tuple[str, dict[str, str]], ...] = (
     ("small-beta", SMALL_BETA | {"--seeds": TEN, "--methods": "guard-max-margin"}),
     ("long", LONG | {"--seeds": TEN, "--methods": f"{LOGGED},{study.REWIND}"}),
 )
+
+
+def package_rule() -> dict[str, Any]:
+    """The alarm's rule a run reads at the config's defaults (``probe_alarm_z``, ``probe_alarm_patience``) and the
+    probe's figure it reads, as a run records it (``probe_alarm``)."""
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+
+    fields = DiffusionSDPOConfig.__dataclass_fields__
+    rule = ProbeAlarmRule(patience=fields["probe_alarm_patience"].default, threshold=fields["probe_alarm_z"].default)
+    return {**dataclasses.asdict(rule), "signal": ProbeAlarmRule.SIGNAL}
 
 
 def probing(method: Method) -> Method:
@@ -114,7 +125,7 @@ class ProbeMeasures(study.HeldOutMeasures):
     def extras(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"probe": self.probe, "rewinds": self.rewinds, "stopped_at": self.stopped_at}
         if self.recipe.methods == (study.REWIND,):  # the rule the run's alarm read
-            extra["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["offline"])
+            extra["probe_alarm"] = package_rule()
         return {**super().extras(), **extra}
 
 

@@ -22,7 +22,6 @@ prompts, not images. Each finished run is written to ``--json`` at once and a re
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import sys
@@ -35,10 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import stability_guards as study  # noqa: E402
 from stability_dormant import from_online  # noqa: E402
-from stability_probe import PROBE_STEPS, goal_record  # noqa: E402
+from stability_probe import PROBE_STEPS, goal_record, package_rule  # noqa: E402
 
 from benchmarks.studies.online_probe_runs import PROBE_HISTORY, probe_record  # noqa: E402
-from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM  # noqa: E402
 
 
 class OnlineRegime(NamedTuple):
@@ -186,7 +184,7 @@ def online_not_run(report: dict[str, Any]) -> list[str]:
 def _current(run: dict[str, Any]) -> bool:
     """Whether a rewinding run's alarm read the package's online rule as it is now (runs of an earlier rule are
     trained again)."""
-    return run.get("probe_alarm") == dataclasses.asdict(PROBE_ALARM["online"])
+    return run.get("probe_alarm") == package_rule()
 
 
 #: the online regimes' stored settings that are no fixed online setting: offline Diffusion-DPO and its safeguard,
@@ -250,7 +248,7 @@ def _train(module: Any, stored: dict[str, Any], seed: int, lr: float, method: st
     if setting in ("probe", "rewind"):
         run.update(probe_record(run["history"], stored["config"]["max_steps"]))
     if setting == "rewind":  # the rule its alarm read
-        run["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["online"])
+        run["probe_alarm"] = package_rule()
     return run
 
 
@@ -297,7 +295,7 @@ def run_online(regimes: list[str], seeds: list[int], settings: list[str], path: 
     report.setdefault("regimes", {})
     report["description"] = __doc__.split("::")[0].replace("\n", " ")
     report["probe"] = {"probe_steps": PROBE_STEPS, "probe_pairs": "the config's default", "prompts": "held-out"}
-    report["probe_alarm"] = dataclasses.asdict(PROBE_ALARM["online"])
+    report["probe_alarm"] = package_rule()
     report["command"] = "OMP_NUM_THREADS=1 python benchmarks/studies/stability_probe.py online --seeds 0-9"
 
     def save() -> None:

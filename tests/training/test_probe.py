@@ -11,7 +11,7 @@ import torch
 
 from tests.helpers.rewind import Recorder, ScriptedAlarm, equal, states_equal, trained_weights
 from trl_diffusion_sdpo.callbacks.probe import hold_back_pairs
-from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM, probe_alarm
+from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule, probe_alarm
 from trl_diffusion_sdpo.engines.base import trainable_parameters
 
 ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
@@ -145,24 +145,21 @@ def test_rewind_needs_the_probe(make_config):
     assert make_config(on_pathology="rewind", probe_steps=5).on_pathology == "rewind"
 
 
-@pytest.mark.parametrize("mode", ["offline", "online"])
-def test_the_alarms_rule_calls_a_probe_unhealthy_when_the_winner_error_exceeds_the_references_by_its_margin(mode):
-    rule = PROBE_ALARM[mode]
-    assert rule.patience >= 1
-    assert rule.unhealthy({"probe/delta_winner": rule.threshold + 1e-6}, 1)
-    assert not rule.unhealthy({"probe/delta_winner": rule.threshold}, 1)
-    assert not rule.unhealthy({"probe/delta_winner": -1e-3}, 1)
+def test_the_alarms_rule_calls_a_probe_unhealthy_when_the_winner_rise_exceeds_its_threshold_in_standard_errors():
+    rule = ProbeAlarmRule(patience=2, threshold=3.0)
+    assert rule.unhealthy({"probe/winner_rise_z": 3.0 + 1e-6}, 1)
+    assert not rule.unhealthy({"probe/winner_rise_z": 3.0}, 1)
+    assert not rule.unhealthy({"probe/winner_rise_z": float("nan")}, 1)  # no spread to measure: healthy
 
 
-def test_each_mode_has_its_own_rule_and_a_config_reads_its_own():
-    assert set(PROBE_ALARM) == {"offline", "online"}
-    assert PROBE_ALARM["online"] != PROBE_ALARM["offline"]
+def test_offline_and_online_configs_read_one_rule_from_the_config_fields():
     from trl_diffusion_sdpo import DiffusionSDPOConfig
     from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
 
-    assert probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True)) is PROBE_ALARM["offline"]
-    assert probe_alarm(OnlineDiffusionSDPOConfig(output_dir="unused", use_cpu=True)) is PROBE_ALARM["online"]
-    assert probe_alarm(SimpleNamespace(regime="online")) is PROBE_ALARM["online"]
+    offline = probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True))
+    online = probe_alarm(OnlineDiffusionSDPOConfig(output_dir="unused", use_cpu=True))
+    assert offline == online
+    assert probe_alarm(SimpleNamespace(probe_alarm_z=1.5, probe_alarm_patience=3)) == ProbeAlarmRule(3, 1.5)
 
 
 def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_kept(
@@ -178,9 +175,9 @@ def test_the_start_summary_states_the_held_back_pairs_and_where_the_snapshot_is_
     assert f"held-out probe every 1 optimizer steps on {HELD} pairs held back from the training data" in summary
     assert f"kept on disk in {trainer.args.output_dir}/rewind-healthy" in summary
     assert "safeguard_space='output', safeguard_mu=0.5" in summary
-    # The alarm the run reads is the offline rule, and the summary states it.
-    assert trainer.probe.rewind.rule == PROBE_ALARM["offline"]
-    assert f"the alarm ({PROBE_ALARM['offline'].describe()})" in summary
+    # The alarm the run reads is the config's rule, and the summary states it.
+    assert trainer.probe.rewind.rule == probe_alarm(trainer.args)
+    assert f"the alarm ({probe_alarm(trainer.args).describe()})" in summary
 
 
 def test_the_docs_state_the_alarms_rule_and_the_measured_cost():

@@ -2,7 +2,9 @@
 
 * :class:`PathologyAction` (``on_pathology``): ``warn`` leaves the warning to health; ``escalate`` raises the
   safeguard's ``mu`` halfway to 1; ``stop`` saves a checkpoint and stops, through transformers' ``control``;
-  ``safeguard`` switches a Diffusion-DPO run to the safeguard of ``health.switch_target``, once.
+  ``safeguard`` switches a Diffusion-DPO run to the safeguard of ``health.switch_target``, once. The held-out probe's
+  alarm reaches it too (:meth:`PathologyAction.probe_alarm`; ``warn`` then warns, naming the step a rewind would
+  restore).
 * :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
 * :class:`GuardState`: the guards that adapt as the run goes (the auto-beta, ``safeguard_mu="auto"``, the
   escalations), each reducing over processes before it acts; what they have learnt is saved in every checkpoint's
@@ -96,6 +98,46 @@ class PathologyAction:
             )
             control.should_save = True
             control.should_training_stop = True
+
+    def probe_alarm(self, step: int, control, rule: str, healthy_step: int) -> None:
+        """The held-out probe's alarm fired at ``step`` (:class:`~.rewind.ProbeAlarm`; ``rule``: what it reads;
+        ``healthy_step``: the last probe it called healthy, the step ``on_pathology="rewind"`` would restore). Its
+        figures were reduced over every process, so every process acts here at the same step."""
+        why = f"the held-out probe's alarm fired ({rule})"
+        if self.action == "escalate" and self.margin is not None:
+            self.escalations += 1
+            self._logs_since = 0
+            logger.warning("Step %d: %s; on_pathology='escalate' raised safeguard_mu to %g.", step, why,
+                           self.margin.escalate())  # fmt: skip
+        elif self.action == "safeguard" and self.switch is not None and self.switched_at is None:
+            self.switch()
+            self.switched_at = step
+            logger.warning(
+                "Step %d: %s; on_pathology='safeguard': training goes on with the safeguard on (%s) from the next "
+                "step.",
+                step,
+                why,
+                ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()),
+            )
+        elif self.action == "stop":
+            logger.warning(
+                "Step %d: %s; on_pathology='stop': saving a checkpoint and stopping (on_pathology='rewind' would "
+                "have restored step %d's weights, the last probe the alarm called healthy).",
+                step,
+                why,
+                healthy_step,
+            )
+            control.should_save = True
+            control.should_training_stop = True
+        else:
+            logger.warning(
+                "Step %d: %s. on_pathology='rewind' would restore step %d's weights and optimizer state (the last "
+                "probe the alarm called healthy)%s.",
+                step,
+                why,
+                healthy_step,
+                "" if self.action == "warn" else f"; on_pathology={self.action!r} has already acted",
+            )
 
 
 class GuardState(TrainerCallback, ExportableState):

@@ -12,7 +12,13 @@ small fixed set of held-out pairs (the first ``probe_pairs`` of the eval split w
 * ``probe/delta_winner`` and ``probe/delta_loser``: the policy's error minus the reference's (the pathology: the
   first above 0);
 * ``probe/implicit_acc``: the share of pairs whose winner the policy prefers more than the reference does
-  (``(e_w - e_w_ref) - (e_l - e_l_ref) < 0``, ties counting half).
+  (``(e_w - e_w_ref) - (e_l - e_l_ref) < 0``, ties counting half);
+* ``probe/winner_rise_z``: the winner's error rise over the reference's in the probe's own units
+  (:func:`winner_rise_z`): the mean of ``d = e_w - e_w_ref`` over the pairs and noise draws over its standard error
+  there, which the alarm reads (:mod:`.rewind`) at any model's scale.
+
+Each pair is noised ``probe_noise_draws`` times (draws of its own: the first is the one a single-draw probe makes), so
+the figures are means over ``probe_pairs`` x ``probe_noise_draws`` readings.
 
 Its draws come from a generator of its own, seeded from the run's ``seed`` and started afresh at every probe (as an
 evaluation's), and it runs without autograd: the training draws, the data order and the weights are those of a run
@@ -32,6 +38,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,7 +49,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..step.predictions import denoising_errors
 from ..step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, NoisedMicroBatch
-from .rewind import Rewind
+from .rewind import ProbeAlarm, Rewind, probe_alarm
 
 __all__ = [
     "PROBE_METRICS",
@@ -54,11 +61,12 @@ __all__ = [
     "hold_back_rows",
     "probe_for_trainer",
     "probe_seed",
+    "winner_rise_z",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: the metrics a probe logs, in the order of the sums it reduces
+#: the metrics a probe logs
 PROBE_METRICS = (
     "probe/mse_policy_winner",
     "probe/mse_ref_winner",
@@ -67,7 +75,28 @@ PROBE_METRICS = (
     "probe/delta_winner",
     "probe/delta_loser",
     "probe/implicit_acc",
+    "probe/winner_rise_z",
 )
+
+
+def winner_rise_z(sum_d: float, sum_d2: float, count: float) -> float:
+    """The winner's error rise over the reference's in units of its standard error, from the sums of the per-pair,
+    per-draw differences ``d_ij = e_w(policy) - e_w(reference)`` over every process's pairs ``i`` and noise draws
+    ``j`` (``sum_d = sum d_ij``, ``sum_d2 = sum d_ij**2``, ``count = n`` = pairs x draws)::
+
+        z = mean(d) / (s / sqrt(n)),  mean(d) = sum_d / n,  s**2 = (sum_d2 - sum_d**2 / n) / (n - 1)
+
+    (the one-sample t statistic of the ``d_ij`` against 0). ``nan`` with fewer than two readings (no spread to
+    measure); with no spread at all (every ``d_ij`` equal, the policy still the reference), 0 where the mean is 0,
+    else an infinity of the mean's sign."""
+    n = float(count)
+    if n < 2:
+        return math.nan
+    mean = sum_d / n
+    variance = max(sum_d2 - sum_d * sum_d / n, 0.0) / (n - 1)
+    if variance == 0.0:
+        return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    return mean / math.sqrt(variance / n)
 
 
 def probe_seed(seed: int) -> int:
@@ -124,6 +153,8 @@ class HeldOutProbe:
         seed: the probe generator's seed (:func:`probe_seed`); started afresh at every probe.
         reduce: sums a tensor over the processes (the identity on one).
         forward_context: the context the trainer runs a forward in (autocast).
+        draws: the noise draws per pair (``probe_noise_draws``): each pair is noised this many times, one after
+            another from the probe's generator.
     """
 
     def __init__(
@@ -133,47 +164,60 @@ class HeldOutProbe:
         seed: int,
         reduce: Callable[[torch.Tensor], torch.Tensor],
         forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        draws: int = 1,
     ) -> None:
-        self.stages, self.batch, self.seed = stages, batch, seed
+        if draws < 1:
+            raise ValueError(f"draws={draws}: the probe noises each pair 1 or more times")
+        self.stages, self.batch, self.seed, self.draws = stages, batch, seed, draws
         self.reduce, self.forward_context = reduce, forward_context
-        # Forward noising does not depend on the policy: the noised pair is made once, at the first probe.
+        # Forward noising does not depend on the policy: the noised pairs are made once, at the first probe.
         self._reusable = not getattr(stages.noiser, "inverts", False)
-        self._noised: NoisedMicroBatch | None = None
+        self._noised: list[NoisedMicroBatch] | None = None
 
     def measure(self, policy: torch.nn.Module, device: torch.device | str) -> dict[str, float]:
         """The probe's metrics (:data:`PROBE_METRICS`) for ``policy`` as it is now, equal on every process."""
-        sums = torch.zeros(6, dtype=torch.float64, device=device)
+        sums = torch.zeros(8, dtype=torch.float64, device=device)
         if self.batch is not None:
             was_training = policy.training
             policy.eval()
-            draws = self.stages.draws
             try:
                 with torch.no_grad(), self.forward_context():
-                    noised = self._noised
-                    if noised is None:
-                        draws.start_evaluation(self.seed)
-                        try:
-                            noised = self.stages.noised_pair(policy, self.batch, "eval", 0)
-                        finally:
-                            draws.end_evaluation()
-                        if self._reusable:
-                            self._noised = noised
-                    predictions = self.stages.predict_noised(policy, noised, separate_branches=False)
+                    noised = self._noised if self._noised is not None else self._noise(policy)
+                    if self._reusable:
+                        self._noised = noised
+                    predictions = [self.stages.predict_noised(policy, n, separate_branches=False) for n in noised]
             finally:
                 policy.train(was_training)
-            errors = denoising_errors(predictions)
-            pw, rw = errors.policy_winner.double(), errors.reference_winner.double()
-            pl, rl = errors.policy_loser.double(), errors.reference_loser.double()
-            margin = (pw - rw) - (pl - rl)
-            preferred = (margin < 0).double() + 0.5 * (margin == 0).double()
-            count = torch.full((), float(pw.numel()), dtype=torch.float64, device=pw.device)
-            sums = torch.stack([pw.sum(), rw.sum(), pl.sum(), rl.sum(), preferred.sum(), count]).to(device)
-        pw, rw, pl, rl, preferred, count = self.reduce(sums).tolist()  # one host read per probe
+            sums = sum(self._sums(p) for p in predictions).to(device)
+        pw, rw, pl, rl, preferred, count, d, d2 = self.reduce(sums).tolist()  # one host read per probe
         if count == 0:
             raise RuntimeError("the probe's held-out pairs were all dropped by the collator: give other pairs")
+        z = winner_rise_z(d, d2, count)
         pw, rw, pl, rl, preferred = (value / count for value in (pw, rw, pl, rl, preferred))
-        values = (pw, rw, pl, rl, pw - rw, pl - rl, preferred)
+        values = (pw, rw, pl, rl, pw - rw, pl - rl, preferred, z)
         return dict(zip(PROBE_METRICS, values, strict=True))
+
+    def _noise(self, policy: torch.nn.Module) -> list[NoisedMicroBatch]:
+        """The pairs noised :attr:`draws` times, one draw after another from the probe's generator started afresh."""
+        draws = self.stages.draws
+        draws.start_evaluation(self.seed)
+        try:
+            return [self.stages.noised_pair(policy, self.batch, "eval", 0) for _ in range(self.draws)]
+        finally:
+            draws.end_evaluation()
+
+    @staticmethod
+    def _sums(predictions: Any) -> torch.Tensor:
+        """One draw's sums over this process's pairs: the four errors, the preferred count, the pairs, and the sums
+        of ``d = e_w - e_w_ref`` and of ``d**2`` (:func:`winner_rise_z`)."""
+        errors = denoising_errors(predictions)
+        pw, rw = errors.policy_winner.double(), errors.reference_winner.double()
+        pl, rl = errors.policy_loser.double(), errors.reference_loser.double()
+        margin = (pw - rw) - (pl - rl)
+        preferred = (margin < 0).double() + 0.5 * (margin == 0).double()
+        count = torch.full((), float(pw.numel()), dtype=torch.float64, device=pw.device)
+        d = pw - rw
+        return torch.stack([pw.sum(), rw.sum(), pl.sum(), rl.sum(), preferred.sum(), count, d.sum(), (d * d).sum()])
 
 
 class ProbeCallback(TrainerCallback, ExportableState):
@@ -188,6 +232,8 @@ class ProbeCallback(TrainerCallback, ExportableState):
         rewind: the rewind of ``on_pathology="rewind"``, or ``None``.
         source: where the pairs come from, for the start summary.
         held: the rows :func:`hold_back_pairs` took for the probe (an online run's prompts, which its trainer pairs).
+        alarm: the probe's alarm in a run that does not rewind (:class:`~.rewind.ProbeAlarm`: it hands a firing to
+            the run's ``on_pathology``), or ``None``.
     """
 
     def __init__(
@@ -199,9 +245,10 @@ class ProbeCallback(TrainerCallback, ExportableState):
         rewind: Rewind | None = None,
         source: str = "",
         held: Dataset | None = None,
+        alarm: ProbeAlarm | None = None,
     ) -> None:
         self.probe, self.every, self.policy, self.device, self.rewind = probe, every, policy, device, rewind
-        self.source, self.held = source, held
+        self.source, self.held, self.alarm = source, held, alarm
         self.pending: dict[str, float] = {}
         self.readings: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every probe of this process
 
@@ -221,10 +268,15 @@ class ProbeCallback(TrainerCallback, ExportableState):
     def bind(self, built: ProbeCallback) -> None:
         """Take the probe, policy, device and source ``built`` for a trainer (a hand-built probe's binding)."""
         self.probe, self.policy, self.device, self.source = built.probe, built.policy, built.device, built.source
+        self.alarm = built.alarm
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.rewind is not None:
             self.rewind.begin(args, state, kwargs["optimizer"])
+        elif self.alarm is not None and state.global_step:  # a resumed run: the checkpoint's alarm
+            saved = state.stateful_callbacks.get(type(self).__name__, {}).get("attributes")
+            if saved:
+                self.alarm.restore(saved)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
@@ -235,11 +287,21 @@ class ProbeCallback(TrainerCallback, ExportableState):
         self.pending = dict(metrics)
         if self.rewind is not None:
             self.pending.update(self.rewind.read(metrics, step, kwargs["optimizer"], control))
+        elif self.alarm is not None:
+            self.pending.update(self.alarm.read(metrics, step, control))
 
     def summary(self) -> str:
-        """The start summary's line: what is probed, from where, and what the rewind keeps."""
-        text = f"held-out probe every {self.every} optimizer steps on {self.source}"
-        return text if self.rewind is None else f"{text}; on_pathology='rewind': {self.rewind.summary()}"
+        """The start summary's line: what is probed, from where, its alarm's rule and what the alarm does (what the
+        rewind keeps)."""
+        draws = self.probe.draws if self.probe is not None else 1
+        text = f"held-out probe every {self.every} optimizer steps on {self.source}, {draws} noise draws per pair"
+        if self.rewind is not None:
+            return f"{text}; on_pathology='rewind': {self.rewind.summary()}"
+        if self.alarm is not None:
+            return (
+                f"{text}; its alarm ({self.alarm.rule.describe()}) acts as on_pathology={self.alarm.action.action!r}"
+            )
+        return text
 
     def annotate(self, logs: dict[str, float]) -> None:
         """Add the latest probe's figures, not yet logged, to a training log, in place."""
@@ -258,7 +320,9 @@ class ProbeCallback(TrainerCallback, ExportableState):
             self.rewind.load(checkpoint)
 
     def state(self) -> dict[str, Any]:
-        return {"args": {}, "attributes": {} if self.rewind is None else self.rewind.state()}
+        if self.rewind is not None:
+            return {"args": {}, "attributes": self.rewind.state()}
+        return {"args": {}, "attributes": {} if self.alarm is None else self.alarm.state()}
 
 
 def _probe_batch(trainer: Any, held: Dataset | None, count: int) -> dict[str, torch.Tensor] | None:
@@ -369,8 +433,10 @@ def probe_for_trainer(
         probe_seed(args.seed),
         lambda sums: accelerator.reduce(sums, reduction="sum"),
         trainer.compute_loss_context_manager,
+        draws=args.probe_noise_draws,
     )
     rewind = Rewind.for_trainer(trainer) if args.on_pathology == "rewind" else None
+    alarm = None if rewind is not None else ProbeAlarm(probe_alarm(args), trainer.guards.action)
     source = (
         f"{count} pairs held back from the training data (its last rows)"
         if held is not None
@@ -378,4 +444,4 @@ def probe_for_trainer(
     )
     if prompts:
         source = ""  # the online trainer states its prompts and how they were paired once it has paired them
-    return ProbeCallback(probe, every, lambda: trainer.policy, args.device, rewind, source, held)
+    return ProbeCallback(probe, every, lambda: trainer.policy, args.device, rewind, source, held, alarm)

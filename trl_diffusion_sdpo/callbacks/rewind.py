@@ -1,12 +1,16 @@
-"""``on_pathology="rewind"``: back to the last step the held-out probe called healthy, then the response.
+"""The held-out probe's alarm, and ``on_pathology="rewind"``: back to the last step the probe called healthy.
 
-The alarm (:data:`PROBE_ALARM`: a :class:`ProbeAlarmRule` per mode) reads the probe's reduced figures
-(:mod:`.probe`), so every process reaches the same verdict at the same step. It reads the pathology as the paper
-defines it (Fu et al., arXiv 2511.03317: the winner's denoising error rising above the reference's): a probe is
-unhealthy when ``probe/delta_winner`` is above a margin, and the alarm fires after a number of unhealthy probes in a
-row (one probe's rise may be the noise of a few pairs). The margin and the count were chosen on the stability
-benchmark's runs with the probe logged, offline and online apart (:data:`PROBE_ALARM` names the result file;
-benchmarks/research/alarm.md).
+The alarm (:class:`ProbeAlarmRule`, from the config's ``probe_alarm_z`` and ``probe_alarm_patience``:
+:func:`probe_alarm`) reads the probe's reduced figures (:mod:`.probe`), so every process reaches the same verdict at
+the same step. It reads the pathology as the paper defines it (Fu et al., arXiv 2511.03317: the winner's denoising
+error rising above the reference's) in the probe's own units: a probe is unhealthy when ``probe/winner_rise_z`` (the
+held-out winner error's rise over the reference's, over its standard error across the probe's pairs and noise draws)
+is above ``probe_alarm_z``, and the alarm fires after ``probe_alarm_patience`` unhealthy probes in a row. One rule,
+offline and online, at any model's scale; calibrated on the stability benchmark's runs
+(benchmarks/research/alarm.md). Every ``on_pathology`` reads it when the probe runs: ``rewind`` rewinds
+(:class:`Rewind`, below); the others act through the run's pathology action (:class:`ProbeAlarm`:
+``warn`` warns, naming the step a rewind would restore; ``stop`` stops; ``safeguard`` switches; ``escalate``
+raises ``mu``).
 
 At every healthy probe (and when training begins) :class:`Rewind` keeps one snapshot of the trainable weights, the
 optimizer's state and every other state that moves with them (:func:`companions`: the EMA weights of ``ema_decay``,
@@ -38,7 +42,6 @@ import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -50,11 +53,11 @@ from ..engines.base import trainable_parameters
 from .health import switch_target
 
 __all__ = [
-    "PROBE_ALARM",
     "REWIND_FOLDER",
     "Companion",
     "DiskSnapshot",
     "MemorySnapshot",
+    "ProbeAlarm",
     "ProbeAlarmRule",
     "Rewind",
     "RewindCallback",
@@ -72,40 +75,74 @@ _WEIGHTS, _OPTIMIZER, _COMPANIONS = "weights.safetensors", "optimizer.pt", "comp
 
 @dataclass(frozen=True)
 class ProbeAlarmRule:
-    """A probe is unhealthy when ``probe/delta_winner > threshold``; the alarm fires after ``patience`` unhealthy
-    probes in a row."""
+    """A probe is unhealthy when ``probe/winner_rise_z > threshold``; the alarm fires after ``patience`` unhealthy
+    probes in a row. A reading without a spread to measure (``nan``: fewer than two pair-draws) is healthy."""
 
     patience: int
     threshold: float
 
+    #: the probe's figure the rule reads (:func:`~.probe.winner_rise_z`)
+    SIGNAL = "probe/winner_rise_z"
+
     def unhealthy(self, metrics: Mapping[str, float], step: int) -> bool:
         """Whether the probe of optimizer step ``step`` (``metrics``: its reduced figures) shows the pathology."""
-        return metrics["probe/delta_winner"] > self.threshold
+        return metrics[self.SIGNAL] > self.threshold
 
     def describe(self) -> str:
         count = "at a single probe" if self.patience == 1 else f"for {self.patience} probes in a row"
-        return f"probe/delta_winner (held-out winner error minus the reference's) above {self.threshold:g} {count}"
-
-
-PROBE_ALARM: Mapping[str, ProbeAlarmRule] = MappingProxyType(
-    {
-        "offline": ProbeAlarmRule(patience=2, threshold=0.05),
-        "online": ProbeAlarmRule(patience=1, threshold=0.01),
-    }
-)
-"""The alarm's rule per mode (:func:`probe_alarm` picks a run's), each calibrated on the stability benchmark's runs
-with the probe logged (4 held-out pairs every 5 steps; chosen on the even seeds, reported on the odd ones):
-``benchmarks/results/probe/cpu-probe-alarm-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
-benchmarks/research/alarm.md), which holds their confusion matrices and how often they fire before the held-out reward
-has fallen by half. Offline: chosen by F1 on Diffusion-DPO and the default safeguard at lr 2e-5, 2e-4 and 1e-3. Online:
-chosen by F1 on online Diffusion-DPO in the three online regimes (brightness hacking at lr 1e-3 and at 1e-2, where its
-held-out reward falls in every run; the colour reward at 2e-4): a healthy online run's held-out winner error moves
-about twenty times less than offline, so the offline rule comes late online."""
+        return (
+            f"{self.SIGNAL} (the held-out winner error's rise over the reference's, in standard errors across the "
+            f"probe's pairs and noise draws) above {self.threshold:g} {count}"
+        )
 
 
 def probe_alarm(args: Any) -> ProbeAlarmRule:
-    """The rule of :data:`PROBE_ALARM` for ``args``'s run, by its config's ``regime``."""
-    return PROBE_ALARM[args.regime]
+    """The alarm's rule for ``args``'s run: its config's ``probe_alarm_z`` and ``probe_alarm_patience``, whose defaults
+    (the config's fields) were calibrated on the stability benchmark's runs, offline and online alike, and checked
+    without recalibrating on a larger model at another resolution:
+    ``benchmarks/results/probe/cpu-probe-alarm-z-calibration.json`` (``benchmarks/studies/probe_alarm.py``,
+    benchmarks/research/alarm.md)."""
+    return ProbeAlarmRule(patience=args.probe_alarm_patience, threshold=args.probe_alarm_z)
+
+
+class ProbeAlarm:
+    """The probe's alarm in a run that does not rewind: it counts the unhealthy probes in a row
+    (:class:`ProbeAlarmRule`) and, when the alarm fires, hands it to the run's pathology action (``action.probe_alarm``:
+    :meth:`~.guards.PathologyAction.probe_alarm`) with the step a rewind would have restored (the last probe it
+    called healthy; 0 before the first). It then counts afresh.
+
+    Args:
+        rule: the alarm's rule.
+        action: the run's pathology action (``on_pathology``).
+    """
+
+    def __init__(self, rule: ProbeAlarmRule, action: Any) -> None:
+        self.rule, self.action = rule, action
+        self.healthy_step = 0
+        self.unhealthy_in_a_row = 0
+        self.fired: list[int] = []
+
+    def read(self, metrics: Mapping[str, float], step: int, control: Any) -> dict[str, float]:
+        """The alarm on the probe of step ``step``; what the training log adds (``health/probe_alarm``: 1 at a
+        probe where the alarm fired, else 0)."""
+        if not self.rule.unhealthy(metrics, step):
+            self.unhealthy_in_a_row, self.healthy_step = 0, step
+            return {"health/probe_alarm": 0.0}
+        self.unhealthy_in_a_row += 1
+        if self.unhealthy_in_a_row < self.rule.patience:
+            return {"health/probe_alarm": 0.0}
+        self.unhealthy_in_a_row = 0
+        self.fired.append(step)
+        self.action.probe_alarm(step, control, self.rule.describe(), self.healthy_step)
+        return {"health/probe_alarm": 1.0}
+
+    def state(self) -> dict[str, Any]:
+        return {"healthy_step": self.healthy_step, "unhealthy_in_a_row": self.unhealthy_in_a_row, "fired": self.fired}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """A resumed run's alarm: the checkpoint's (:meth:`state`)."""
+        self.healthy_step, self.unhealthy_in_a_row = saved["healthy_step"], saved["unhealthy_in_a_row"]
+        self.fired = list(saved["fired"])
 
 
 @dataclass(frozen=True)
@@ -444,7 +481,7 @@ class RewindCallback(TrainerCallback):
     with the healthy weights.
 
     Args:
-        rule: the alarm's rule; ``None``: the run's regime's (:func:`probe_alarm`).
+        rule: the alarm's rule; ``None``: the run's config's (:func:`probe_alarm`).
     """
 
     #: what the trainer looks for among the callbacks it is given

@@ -54,6 +54,9 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "on_pathology",
             "probe_steps",
             "probe_pairs",
+            "probe_noise_draws",
+            "probe_alarm_z",
+            "probe_alarm_patience",
         ),
     ),
     "Parameters that control the data": (

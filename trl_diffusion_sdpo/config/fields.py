@@ -198,14 +198,15 @@ class DiffusionSDPOConfig(TrainingArguments):
         "`health/escalations`; needs the safeguard). `stop`: save a checkpoint and stop, saying why. `safeguard` "
         "(offline, with `safeguard_space='none'`): train as Diffusion-DPO until it fires, then switch to the "
         "safeguard setting that held where Diffusion-DPO's held-out reward fell (docs/safeguard.md), logged as "
-        "`health/safeguard_on`. `rewind` (with `probe_steps`): when the held-out probe's alarm fires (its rule, one "
-        "offline and one online, each calibrated on its own runs: docs/safeguard.md), put the "
+        "`health/safeguard_on`. `rewind` (with `probe_steps`): when the held-out probe's alarm fires "
+        "(`probe_alarm_z`, `probe_alarm_patience`), put the "
         "trainable weights, the optimizer state, the EMA weights, the auto-beta, an automatic `safeguard_mu` and the "
         "fp16 gradient scaler back to the last step the probe called healthy, logged as `health/rewind_to` (the "
         "learning-rate schedule goes on counting steps); then an offline Diffusion-DPO run "
         "(`safeguard_space='none'`) trains on with the safeguard `safeguard` switches to, and a run with a safeguard "
         "already on, an online run (which has no safeguard to switch to) or a second alarm stops with the healthy "
-        "weights (docs/safeguard.md).",
+        "weights (docs/safeguard.md). With `probe_steps`, every value acts on the probe's alarm too (`warn`: a "
+        "warning naming the step a rewind would restore).",
         choices=list(PATHOLOGY_ACTIONS),
     )
     probe_steps: int | None = option(
@@ -222,6 +223,26 @@ class DiffusionSDPOConfig(TrainingArguments):
         "The probe's pairs: the first this many of the eval_dataset, or, without one, this many pairs held back from "
         "the training data (the last rows; the first of a stream), as the start summary says; online, the pairs of "
         "this many prompts taken so (a prompt whose samples score alike gives none). Shared out over the processes.",
+    )
+    probe_noise_draws: int = option(
+        8,
+        "The held-out probe noises each of its pairs this many times (noise and timestep draws of its own), so its "
+        "figures are means over `probe_pairs` x `probe_noise_draws` readings and `probe/winner_rise_z` has a spread "
+        "to measure. Each draw is one more forward of the policy and the reference on the probe's pairs "
+        "(benchmarks/research/alarm.md states the cost).",
+    )
+    probe_alarm_z: float = option(
+        3.0,
+        "The held-out probe's alarm: a probe is unhealthy when `probe/winner_rise_z` (the held-out winner error's "
+        "rise over the reference's, over its standard error across the probe's pairs and noise draws: the probe's own "
+        "units, the same at any model's scale) is above this; the alarm fires after `probe_alarm_patience` unhealthy "
+        "probes in a row, offline and online alike. Every `on_pathology` reads it when the probe runs (calibration: "
+        "benchmarks/research/alarm.md).",
+    )
+    probe_alarm_patience: int = option(
+        2,
+        "The unhealthy probes in a row (`probe/winner_rise_z` above `probe_alarm_z`) at which the held-out probe's "
+        "alarm fires.",
     )
     # Data
     resolution: int = option(

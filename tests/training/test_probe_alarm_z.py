@@ -1,0 +1,142 @@
+"""The held-out probe's alarm in its own units (``probe/winner_rise_z``, ``probe_alarm_z``, ``probe_alarm_patience``):
+the statistic against scipy's one-sample t on the per-pair, per-draw differences, the one rule offline and online, and
+every ``on_pathology`` acting on the alarm (``warn`` naming the step a rewind would restore)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from tests.helpers.rewind import ScriptedAlarm
+from trl_diffusion_sdpo.callbacks.probe import winner_rise_z
+from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule, probe_alarm
+from trl_diffusion_sdpo.step.predictions import denoising_errors
+
+ROWS, HELD = 8, 2
+DPO = {"safeguard_space": "none"}
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (2, 3), (16, 1)])
+def test_the_statistic_is_the_one_sample_t_of_the_differences_over_pairs_and_draws(shape):
+    d = np.random.default_rng(sum(shape)).normal(0.01, 0.02, size=shape)
+    z = winner_rise_z(float(d.sum()), float((d * d).sum()), d.size)
+    assert z == pytest.approx(stats.ttest_1samp(d.ravel(), 0.0).statistic, rel=1e-9)
+
+
+def test_the_statistic_without_a_spread():
+    assert np.isnan(winner_rise_z(0.3, 0.09, 1))  # one reading: nothing to measure its spread by
+    assert winner_rise_z(0.0, 0.0, 8) == 0.0  # the policy is still the reference
+    assert winner_rise_z(0.8, 0.08, 8) == np.inf  # eight equal rises
+
+
+def _differences_by_hand(probe, policy) -> np.ndarray:
+    """``d_ij`` (draw ``j``, pair ``i``): the probe's draws taken again one after another from its generator, each
+    noised pair predicted and its winner errors subtracted here."""
+    stages, rows = probe.stages, []
+    stages.draws.start_evaluation(probe.seed)
+    try:
+        with torch.no_grad():
+            noised = [stages.noised_pair(policy, probe.batch, "eval", 0) for _ in range(probe.draws)]
+            for pair in noised:
+                errors = denoising_errors(stages.predict_noised(policy, pair, separate_branches=False))
+                rows.append((errors.policy_winner.double() - errors.reference_winner.double()).cpu().numpy())
+    finally:
+        stages.draws.end_evaluation()
+    return np.stack(rows)
+
+
+def test_the_probes_statistic_equals_scipy_on_its_per_pair_per_draw_differences(make_trainer, make_pickapic):
+    trainer = make_trainer(
+        train_dataset=make_pickapic(ROWS), max_steps=2, probe_steps=1, probe_pairs=HELD, probe_noise_draws=3, **DPO
+    )
+    trainer.train()  # the policy moved away from the reference: the differences are not all 0
+    probe, policy = trainer.probe.probe, trainer.policy
+    policy.eval()
+    d = _differences_by_hand(probe, policy)
+    metrics = probe.measure(policy, trainer.args.device)
+    assert d.shape == (3, HELD) and np.ptp(d[:, 0]) > 0  # the draws differ
+    assert metrics["probe/winner_rise_z"] == pytest.approx(stats.ttest_1samp(d.ravel(), 0.0).statistic, rel=1e-6)
+    assert metrics["probe/delta_winner"] == pytest.approx(d.mean(), rel=1e-6)
+
+
+def test_the_sums_are_reduced_over_processes_before_the_statistic_is_formed(make_trainer, make_pickapic):
+    trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=1, probe_steps=1, probe_pairs=HELD,
+                           probe_noise_draws=2, **DPO)  # fmt: skip
+    trainer.train()
+    probe, policy = trainer.probe.probe, trainer.policy
+    policy.eval()
+    # Two processes of one pair each: process 1's sums, then process 0 measures with a reduction that adds them.
+    batch, sums = probe.batch, {}
+
+    def keep(local):
+        sums["process 1"] = local
+        return local
+
+    def add(local):
+        return local + sums["process 1"]
+
+    draws = probe.stages.draws  # each process keeps its own row of the draws made for both
+    draws.num_processes, draws.rows_per_process["eval"] = 2, 1
+    whole = []
+    for index, reduce in ((1, keep), (0, add)):
+        draws.process_index, probe._noised, probe.reduce = index, None, reduce
+        probe.batch = {k: v[index : index + 1] if getattr(v, "dim", lambda: 1)() else v for k, v in batch.items()}
+        whole.append(_differences_by_hand(probe, policy))
+        reduced = probe.measure(policy, trainer.args.device)
+    whole = np.concatenate(whole, axis=1)
+    assert np.ptp(whole) > 0
+    assert reduced["probe/winner_rise_z"] == pytest.approx(stats.ttest_1samp(whole.ravel(), 0.0).statistic, rel=1e-6)
+
+
+def test_one_rule_offline_and_online_from_the_config_fields():
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+    from trl_diffusion_sdpo.online.config import OnlineDiffusionSDPOConfig
+
+    kinds = (DiffusionSDPOConfig, OnlineDiffusionSDPOConfig)
+    defaults = [probe_alarm(kind(output_dir="unused", use_cpu=True)) for kind in kinds]
+    assert defaults[0] == defaults[1]
+    fields = DiffusionSDPOConfig.__dataclass_fields__
+    assert defaults[0] == ProbeAlarmRule(fields["probe_alarm_patience"].default, fields["probe_alarm_z"].default)
+    set_ = [probe_alarm(kind(output_dir="unused", use_cpu=True, probe_alarm_z=1.25, probe_alarm_patience=3))
+            for kind in kinds]  # fmt: skip
+    assert set_ == [ProbeAlarmRule(3, 1.25)] * 2
+
+
+def _forced(trainer, unhealthy: set[int], patience: int = 2) -> None:
+    trainer.probe.alarm.rule = ScriptedAlarm(patience=patience, unhealthy_steps=unhealthy)
+
+
+def test_warn_warns_naming_the_step_a_rewind_would_restore(make_trainer, make_pickapic, caplog):
+    trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=4, probe_steps=1, probe_pairs=HELD, **DPO)
+    assert trainer.args.on_pathology == "warn"
+    _forced(trainer, {3, 4})  # healthy at steps 1 and 2; fires at 4
+    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.guards"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "held-out probe's alarm" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("Step 4:")
+    assert "on_pathology='rewind' would restore step 2's weights" in warnings[0]
+    assert trainer.state.global_step == 4  # warn only
+    fired = [e["step"] for e in trainer.state.log_history if e.get("health/probe_alarm") == 1.0]
+    assert fired == [4]
+
+
+def test_stop_stops_at_the_probes_alarm(make_trainer, make_pickapic):
+    stop = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=6, probe_steps=1, probe_pairs=HELD,
+                        on_pathology="stop", **DPO)  # fmt: skip
+    _forced(stop, {2, 3})
+    stop.train()
+    assert stop.state.global_step == 3
+
+
+def test_safeguard_switches_at_the_probes_alarm(make_trainer, make_pickapic):
+    switch = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=4, probe_steps=1, probe_pairs=HELD,
+                          on_pathology="safeguard", **DPO)  # fmt: skip
+    assert switch.safeguard is None
+    _forced(switch, {2}, patience=1)
+    switch.train()
+    assert switch.guards.action.switched_at == 2
+    assert switch.safeguard is not None and switch.state.global_step == 4
