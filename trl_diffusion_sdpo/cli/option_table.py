@@ -1,0 +1,253 @@
+"""``estimate-memory``'s options, stored so that the command reads a run's YAML file and flags without importing
+transformers (whose ``TrainingArguments`` ``train``'s parser is built on).
+
+:func:`option_table` writes down each option of the real parser (:func:`~.memory.make_estimate_parser`: ``train``'s
+options and the estimate's own): its spellings, the argument class it belongs to, its type, default, choices and
+``nargs``. :data:`OPTION_FILE` holds that table for ``train``'s YAML files:
+
+    python -m trl_diffusion_sdpo.cli.option_table   # rewrites estimate_options.json
+
+:func:`parse_stored` reads ``--config`` and flags with a standard-library parser built from the file, as TRL's
+parser reads them (the YAML file's values become the options' defaults, flags override them), then runs the config's
+own rules (:func:`~trl_diffusion_sdpo.config.rules.check_config`). It answers ``None`` for anything it does not
+decide the way the real parser would (an unknown option, a value refused, a help flag, an option whose type only
+transformers reads, an option whose value transformers or TRL rewrite when the arguments are made): the caller then
+parses with the real parser, whose answer, or refusal, is the command's. ``tests/cli/test_option_table.py``
+regenerates the table from the real parser and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import functools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+__all__ = ["OPTION_FILE", "StoredArguments", "generate", "option_table", "parse_stored"]
+
+#: the stored table of ``estimate-memory``'s options for ``train``'s YAML files
+OPTION_FILE = Path(__file__).with_name("estimate_options.json")
+
+# the types the stored parser converts; an option of another type (a dict, transformers' own classes) is left to the
+# real parser
+_SIMPLE_TYPES = {"str": str, "int": int, "float": float}
+# options whose value the real parser's argument classes rewrite in their __post_init__ (TRL's ModelConfig makes a
+# one-item lora_target_modules a string; transformers' TrainingArguments mirrors gradient_checkpointing and
+# activation_checkpointing, and refuses bf16 with fp16): given away from their defaults, the real parser reads them
+_REWRITTEN = ("lora_target_modules", "gradient_checkpointing", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type")
+_HELP = ("-h", "--help", "--help_all", "--help-all")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON holds it (an enum by its value); ``TypeError`` where it has no JSON form."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, (list, tuple, type({}.keys()))):
+        return [_plain(item) for item in value]
+    json.dumps(value)
+    return value
+
+
+def _kind(action: argparse.Action) -> str:
+    if isinstance(action, argparse._StoreFalseAction):
+        return "store_false"
+    name = getattr(action.type, "__name__", None)
+    if action.choices is not None and name == "<lambda>":
+        return "choice"  # HfArgumentParser's make_choice_type_function: the choice whose str() the value is
+    if name == "string_to_bool":
+        return "bool"
+    return name if name in _SIMPLE_TYPES else "other"
+
+
+def option_table(parser: argparse.ArgumentParser, argument_types: Sequence[type], regime: str) -> dict[str, Any]:
+    """The table of ``parser``'s options (built by HfArgumentParser over ``argument_types``): each option's
+    spellings, destination, argument class (its index in ``argument_types``), kind (str, int, float, bool, choice,
+    store_false, other), ``nargs``, ``const``, default and choices; ``regime``: the config class's defaults regime
+    (``DiffusionSDPOConfig.regime``), which resolves an unset ``safeguard_space``."""
+    import dataclasses
+
+    owner = {f.name: i for i, cls in reversed(list(enumerate(argument_types))) for f in dataclasses.fields(cls)}
+    options = []
+    for action in parser._actions:
+        if action.dest not in owner or not action.option_strings:
+            continue  # --help, --help_all, --config: read before the stored parser runs
+        kind = _kind(action)
+        try:
+            default, choices = _plain(action.default), _plain(action.choices) if action.choices else None
+        except TypeError:
+            default, choices, kind = None, None, "other"
+        options.append(
+            {
+                "options": list(action.option_strings),
+                "dest": action.dest,
+                "group": owner[action.dest],
+                "kind": kind,
+                "nargs": action.nargs if kind != "store_false" else None,
+                "const": _plain(action.const) if kind == "bool" else None,
+                "default": default,
+                "choices": choices,
+            }
+        )
+    return {
+        "generated_by": "python -m trl_diffusion_sdpo.cli.option_table",
+        "argument_types": [cls.__name__ for cls in argument_types],
+        "regime": regime,
+        "options": options,
+    }
+
+
+def generate() -> dict[str, Any]:
+    """The table of ``estimate-memory``'s real parser for ``train``'s YAML files, as :data:`OPTION_FILE` holds it."""
+    from ..config.fields import DiffusionSDPOConfig
+    from . import train
+    from .memory import EstimateArguments, make_estimate_parser
+
+    return option_table(
+        make_estimate_parser(False), (*train.ARGUMENT_TYPES, EstimateArguments), DiffusionSDPOConfig.regime
+    )
+
+
+@functools.cache
+def _table() -> dict[str, Any]:
+    return json.loads(OPTION_FILE.read_text())
+
+
+def _string_to_bool(value: Any) -> bool:
+    """A bool option's value as HfArgumentParser reads it (transformers' ``string_to_bool``)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"Truthy value expected: got {value}")
+
+
+def _choice(choices: list[Any]):  # noqa: ANN202
+    by_text = {str(choice): choice for choice in choices}
+    return lambda value: by_text.get(value, value)
+
+
+class _Refused(Exception):
+    """The stored parser does not decide these arguments: the real parser reads them."""
+
+
+class _StoredParser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: ANN201
+        raise _Refused(message)
+
+
+def _stored_parser(options: list[dict[str, Any]], config: dict[str, Any]) -> _StoredParser:
+    """A standard-library parser of the stored options, the YAML file's values as their defaults (TRL's
+    ``set_defaults_with_config``)."""
+    parser = _StoredParser(add_help=False, allow_abbrev=False)
+    for entry in options:
+        default = config.get(entry["dest"], entry["default"])
+        if entry["kind"] == "store_false":
+            parser.add_argument(*entry["options"], dest=entry["dest"], action="store_false", default=default)
+            continue
+        kind = entry["kind"]
+        convert = {"bool": _string_to_bool, "choice": _choice(entry["choices"] or [])}.get(kind) or _SIMPLE_TYPES.get(
+            kind, str
+        )
+        parser.add_argument(
+            *entry["options"],
+            dest=entry["dest"],
+            type=convert,
+            nargs=entry["nargs"],
+            const=entry["const"],
+            default=default,
+            choices=entry["choices"],
+        )
+    return parser
+
+
+class StoredArguments(SimpleNamespace):
+    """One argument class's values as the stored parser read them; a config's also answer what the config's rules
+    ask of :class:`~trl_diffusion_sdpo.config.DiffusionSDPOConfig` beside its fields (``defaults_regime``,
+    ``safeguarded``, ``inverts``: ``tests/memory/test_stored_option_table.py`` holds them to the class's)."""
+
+    def defaults_regime(self, field: str) -> str:
+        return _table()["regime"]
+
+    @property
+    def safeguarded(self) -> bool:
+        return self.safeguard_space != "none"
+
+    @property
+    def inverts(self) -> bool:
+        return self.noising == "inversion" or (self.noising is None and self.loss_type == "smpo")
+
+
+def parse_stored(argv: Sequence[str]) -> tuple[StoredArguments, ...] | None:
+    """``argv`` (``--config FILE.yaml`` and flags of ``train``'s options and the estimate's) read by the stored table,
+    one :class:`StoredArguments` per argument class of the real parser, the config's rules checked; ``None`` where the
+    real parser must read them (see the module's docstring), or where they are refused."""
+    import yaml
+
+    from ..config.defaults import resolve_defaults
+    from ..config.rules import check_config
+    from .config_paths import resolve_config_paths
+
+    argv = list(argv)
+    if any(word in _HELP for word in argv):
+        return None
+    table = _table()
+    config: dict[str, Any] = {}
+    try:
+        if "--config" in argv:
+            at = argv.index("--config")
+            path = argv[at + 1]
+            del argv[at : at + 2]
+            with open(path) as f:
+                config = yaml.safe_load(f)
+            if not isinstance(config, dict) or "env" in config:
+                return None
+            config = resolve_config_paths(config, path)
+        options = table["options"]
+        if set(config) - {entry["dest"] for entry in options}:
+            return None  # an unknown YAML key: refused, with the closest option, by the real parser
+        namespace, unknown = _stored_parser(options, config).parse_known_args(argv)
+    except (_Refused, OSError, IndexError, ValueError, yaml.YAMLError, argparse.ArgumentError):
+        return None
+    values = vars(namespace)
+    given = {**config, **{entry["dest"]: None for entry in options if set(entry["options"]) & set(argv)}}
+    if unknown or any(entry["kind"] == "other" and entry["dest"] in given for entry in options):
+        return None
+    defaults = {entry["dest"]: entry["default"] for entry in options}
+    if any(values[name] != defaults[name] for name in _REWRITTEN if name in values):
+        return None
+    if values.get("bf16") and values.get("fp16"):
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None  # a launched process: the config's launch checks read the machine
+    groups = [
+        StoredArguments(**{e["dest"]: values[e["dest"]] for e in options if e["group"] == i})
+        for i in range(len(table["argument_types"]))
+    ]
+    config_args = groups[table["argument_types"].index("DiffusionSDPOConfig")]
+    # what DiffusionSDPOConfig's __post_init__ makes of them before its rules: a number given as text, the safeguard
+    # space resolved by the mode
+    mu = config_args.safeguard_mu
+    if isinstance(mu, str) and mu != "auto":
+        try:
+            config_args.safeguard_mu = float(mu)
+        except ValueError:
+            return None
+    if config_args.safeguard_space is None:
+        config_args.safeguard_space = resolve_defaults(config_args)["safeguard_space"].value
+    try:
+        check_config(config_args)
+    except ValueError:
+        return None
+    return tuple(groups)
+
+
+if __name__ == "__main__":
+    OPTION_FILE.write_text(json.dumps(generate(), indent=1) + "\n")
+    print(f"wrote {OPTION_FILE}")
