@@ -176,7 +176,7 @@ def test_planted_rows_split_off_by_one_are_caught(tmp_path, monkeypatch):
         g, xs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         cut = g.shape[0] // 2 + 1
         parts = torch.stack([g[:cut].T @ xs[:cut], g[cut:].T @ xs[cut:]])
-        ctx.layer.deliver(ctx.layer.weight, parts, ctx.tap)
+        ctx.tap.deliver(ctx.layer.weight, parts, ctx.layer)
         return grad_x, None, None, None, None, None
 
     monkeypatch.setattr(layer_taps._LinearTap, "backward", staticmethod(shifted))
@@ -286,16 +286,20 @@ def test_tapping_refuses_a_weight_with_neither_a_view_nor_a_sink():
     assert "forward" not in layer.__dict__
 
 
-def test_the_taps_are_module_hooks_installed_for_the_pass_only():
-    """No layer's ``forward`` is replaced: during the pass the module keeps its class's ``forward`` and carries one
-    forward pre-hook and one forward hook, and afterwards none; the gradients went to the sink, not to ``.grad``."""
+def test_the_taps_are_module_hooks_kept_across_passes_until_closed():
+    """No layer's ``forward`` is replaced: from the first pass on, the module keeps its class's ``forward`` and carries
+    one forward pre-hook and one forward hook, the same after the pass and through a second one, none after
+    ``close``; the gradients went to the sink, not to ``.grad``."""
     layer = torch.nn.Linear(3, 3)
     taps = LayerTaps(layer, list(layer.parameters()))
     got = {}
-    with taps.tapping(2, lambda i, g: got.__setitem__(i, g)):
-        assert "forward" not in vars(layer)
+    for _ in range(2):
+        with taps.tapping(2, lambda i, g: got.__setitem__(i, g)):
+            assert "forward" not in vars(layer)
+            assert len(layer._forward_pre_hooks) == 1 and len(layer._forward_hooks) == 1
+            layer(torch.randn(4, 3)).sum().backward()
         assert len(layer._forward_pre_hooks) == 1 and len(layer._forward_hooks) == 1
-        layer(torch.randn(4, 3)).sum().backward()
+    taps.close()
     assert "forward" not in vars(layer) and not layer._forward_pre_hooks and not layer._forward_hooks
     assert sorted(got) == [0, 1] and all(p.grad is None for p in layer.parameters())
 

@@ -20,13 +20,17 @@ batched operation into the view the caller's ``destination`` offers for each wei
 overwrites it, any later one adds to it), or hands them to a sink (``sink(index, per_group)``) where it offers none,
 and returns none to autograd, so ``.grad`` is not touched by the pass.
 
-The taps are module hooks, installed for one pass by :meth:`LayerTaps.tapping` and removed after it: a forward
-pre-hook runs the layer's own forward without autograd (as an autograd function's forward runs), and a forward hook
-(run before any other library's) hands its output to autograd through the tap's function, which keeps the input for
-the backward. A tap's work in the backward is a fixed number of operations per layer (a linear layer's: five with a
-bias), whatever its shape, with no per-parameter views or copies: what a layer needs (its weights' indices, a
-convolution's arguments, resolved aten overloads) is looked up when it is built, and the views it writes into are
-asked of ``destination`` once per pass.
+The taps are module hooks, installed once per run (when :meth:`LayerTaps.tapping` is first entered, or by
+:meth:`LayerTaps.install`) and removed by :meth:`LayerTaps.close` or when the :class:`LayerTaps` is garbage-collected;
+a pass only switches the current pass on and off (one assignment each way, nothing per layer). While a pass is on, a
+forward pre-hook runs the layer's own forward without autograd (as an autograd function's forward runs), and a
+forward hook (run before any other library's) hands its output to autograd through the tap's function, which keeps
+the input for the backward. With no pass on, under ``torch.no_grad`` (evaluation) or on rows a layer cannot group,
+the hooks return at once and the layer computes and records exactly what it would without them. A tap's work in the
+backward is a fixed number of operations per layer (a linear layer's: five with a bias), whatever its shape, with no
+per-parameter views or copies: what a layer needs (its weights' indices, a convolution's arguments, resolved aten
+overloads) is looked up when it is built, and the views it writes into are asked of ``destination`` once per pass and
+kept in one table of the pass (not per layer).
 
 Under autocast the forward casts what an untapped layer's does: the pre-hook casts a linear or convolution layer's
 input to autocast's dtype (autocast then leaves it as it is), the layer casts its weights, and the tap keeps
@@ -48,6 +52,7 @@ layer called on rows it cannot group (no leading dimension divisible by ``groups
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -106,21 +111,65 @@ def _kind(module: nn.Module) -> str | None:
 
 
 class _Pass:
-    """What the layers of one tapped pass share: the number of row groups, the sink and the failures."""
+    """What the layers of one tapped pass share: the number of row groups, where the gradients go, and per weight the
+    view it writes into (asked of ``destination`` once) and whether the pass wrote it yet; the failures."""
 
-    __slots__ = ("groups", "sink", "failures")
+    __slots__ = ("groups", "sink", "destination", "views", "written", "failures")
 
-    def __init__(self, groups: int, sink: Sink | None) -> None:
-        self.groups, self.sink = groups, sink
+    def __init__(self, groups: int, sink: Sink | None, destination: Destination | None) -> None:
+        self.groups, self.sink, self.destination = groups, sink, destination
+        self.views: dict[int, torch.Tensor | None] = {}
+        self.written: set[int] = set()
         self.failures: list[str] = []
+
+    def view(self, index: int, layer: _Layer) -> torch.Tensor | None:
+        """Weight ``index``'s view for this pass (asked of ``destination`` when the backward first reaches it: a store
+        may allocate it then, after the forward), or None: its gradient goes to the sink."""
+        views = self.views
+        if index in views:
+            return views[index]
+        view = self.destination(index) if self.destination is not None else None
+        if view is None and self.sink is None:
+            layer.refuse()
+        views[index] = view
+        return view
+
+    def target(self, index: int, dtype: torch.dtype, layer: _Layer) -> torch.Tensor | None:
+        """The view to overwrite with weight ``index``'s per-group gradient, where this is its first of the pass
+        and ``dtype`` is the view's (then marked written); else ``None``: hand the gradient to :meth:`deliver`."""
+        view = self.view(index, layer)
+        if view is None or index in self.written or view.dtype != dtype:
+            return None
+        self.written.add(index)
+        return view
+
+    def deliver(self, index: int, per_group: torch.Tensor, layer: _Layer) -> None:
+        """Weight ``index``'s per-group gradient computed apart: copied into its view (added, after the first), or
+        handed to the sink where there is no view."""
+        view = self.view(index, layer)
+        if view is None:
+            self.sink(index, per_group)
+        elif index in self.written:
+            view.add_(per_group)
+        else:
+            view.copy_(per_group)
+            self.written.add(index)
+
+    def stack(self, index: int, per_group: list[torch.Tensor], layer: _Layer) -> None:
+        """Weight ``index``'s per-group gradients (one tensor per group) stacked straight into its view where it
+        can be (one operation), else handed to :meth:`deliver`."""
+        into = self.target(index, per_group[0].dtype, layer)
+        if into is None:
+            self.deliver(index, torch.stack(per_group), layer)
+        else:
+            torch.stack(per_group, out=into)
 
 
 class _Layer:
-    """One tapped module: its weights' indices in the caller's parameter list (``slots``: ``(attribute, index)``),
-    and per pass the views its gradients go to and whether each was written yet."""
+    """One tapped module and what its taps need, looked up once: its weights' indices in the caller's parameter list
+    (``slots``: ``(attribute, index)``), a convolution's arguments."""
 
-    __slots__ = ("name", "module", "kind", "slots", "weight", "bias", "conv_args", "views", "written", "destination",
-                 "has_sink", "pending", "hooks")  # fmt: skip
+    __slots__ = ("name", "module", "kind", "slots", "weight", "bias", "conv_args")
 
     def __init__(self, name: str, module: nn.Module, kind: str, indices: dict[str, int]) -> None:
         self.name, self.module, self.kind = name, module, kind
@@ -132,66 +181,10 @@ class _Layer:
             spatial = len(module.stride)
             args = (module.stride, module.padding, module.dilation, False, (0,) * spatial, module.groups)
             self.conv_args = tuple(tuple(a) if isinstance(a, list) else a for a in args)
-        self.views: dict[int, torch.Tensor | None] = {}
-        self.written: dict[int, bool] = {}
-        self.destination: Destination | None = None
-        self.has_sink = False
-        self.pending = False  # between the pre-hook and the hook of a tapped call
-        self.hooks: tuple[Callable, Callable] | None = None  # (forward pre-hook, forward hook), set by LayerTaps
 
-    def start(self, destination: Destination | None, sink: Sink | None) -> None:
-        """Start a pass (no weight written yet). The views are asked of ``destination`` when the backward first
-        reaches the weight, not here: a store may allocate them then (the one pass's pieces), after the forward."""
-        self.destination, self.has_sink = destination, sink is not None
-        if not self.has_sink and destination is None:
-            self._refuse()
-        self.views = {}
-        self.written = {i: False for _, i in self.slots}
-        self.pending = False
-
-    def _refuse(self) -> None:
+    def refuse(self) -> None:
         where = self.name or type(self.module).__name__
         raise ValueError(f"{where}: a weight has no view to write its gradient into and no sink was given")
-
-    def view(self, index: int) -> torch.Tensor | None:
-        """Weight ``index``'s view for this pass (asked of ``destination`` once), or None: its gradient goes to the
-        sink."""
-        if index not in self.views:
-            view = self.destination(index) if self.destination is not None else None
-            if view is None and not self.has_sink:
-                self._refuse()
-            self.views[index] = view
-        return self.views[index]
-
-    def target(self, index: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The view to overwrite with weight ``index``'s per-group gradient, where this is its first of the pass
-        and ``dtype`` is the view's (then marked written); else ``None``: hand the gradient to :meth:`deliver`."""
-        view = self.view(index)
-        if view is None or self.written[index] or view.dtype != dtype:
-            return None
-        self.written[index] = True
-        return view
-
-    def deliver(self, index: int, per_group: torch.Tensor, tap: _Pass) -> None:
-        """Weight ``index``'s per-group gradient computed apart: copied into its view (added, after the first), or
-        handed to the sink where there is no view."""
-        view = self.view(index)
-        if view is None:
-            tap.sink(index, per_group)
-        elif self.written[index]:
-            view.add_(per_group)
-        else:
-            view.copy_(per_group)
-            self.written[index] = True
-
-    def stack(self, index: int, per_group: list[torch.Tensor], tap: _Pass) -> None:
-        """Weight ``index``'s per-group gradients (one tensor per group) stacked straight into its view where it
-        can be (one operation), else handed to :meth:`deliver`."""
-        into = self.target(index, per_group[0].dtype)
-        if into is None:
-            self.deliver(index, torch.stack(per_group), tap)
-        else:
-            torch.stack(per_group, out=into)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -230,15 +223,15 @@ class _LinearTap(torch.autograd.Function):
         index = layer.weight
         if index is not None:
             per_group_x = x.reshape(tap.groups, -1, x.shape[-1])
-            into = layer.target(index, grad.dtype)  # the batched matmul writes straight into the split buffer
+            into = tap.target(index, grad.dtype, layer)  # the batched matmul writes straight into the split buffer
             if into is None:
-                layer.deliver(index, torch.bmm(per_group_g_t, per_group_x), tap)
+                tap.deliver(index, torch.bmm(per_group_g_t, per_group_x), layer)
             else:
                 torch.bmm(per_group_g_t, per_group_x, out=into)
         if ctx.has_bias and layer.bias is not None:
-            into = layer.target(layer.bias, grad.dtype)
+            into = tap.target(layer.bias, grad.dtype, layer)
             if into is None:
-                layer.deliver(layer.bias, per_group_g_t.sum(2), tap)
+                tap.deliver(layer.bias, per_group_g_t.sum(2), layer)
             else:
                 torch.sum(per_group_g_t, 2, out=into)
         return grad_x, None, None, None, None, None
@@ -279,9 +272,9 @@ class _ConvTap(torch.autograd.Function):
             for g, xs in zip(grad.chunk(tap.groups), x.chunk(tap.groups))
         ]
         if want_w:
-            layer.stack(layer.weight, [part[1] for part in parts], tap)
+            tap.stack(layer.weight, [part[1] for part in parts], layer)
         if want_b:
-            layer.stack(layer.bias, [part[2] for part in parts], tap)
+            tap.stack(layer.bias, [part[2] for part in parts], layer)
         grad_x = torch.cat([part[0] for part in parts]) if needs_x else None
         return grad_x, None, None, None, None, None
 
@@ -333,9 +326,9 @@ class _NormTap(torch.autograd.Function):
                 _, mean, rstd = _LAYER_NORM(xs, shape, weight, bias, module.eps)
                 parts.append(_LAYER_NORM_BACKWARD(g, ds, shape, mean, rstd, weight, bias, mask))
         if want_w:
-            layer.stack(layer.weight, [part[1] for part in parts], tap)
+            tap.stack(layer.weight, [part[1] for part in parts], layer)
         if want_b:
-            layer.stack(layer.bias, [part[2] for part in parts], tap)
+            tap.stack(layer.bias, [part[2] for part in parts], layer)
         grad_x = torch.cat([part[0] for part in parts]) if needs_x else None
         return grad_x, None, None, None, None, None
 
@@ -381,7 +374,7 @@ class _RecomputeTap(torch.autograd.Function):
                 for i, (w, dw) in enumerate(zip(weights, found)):
                     per_weight[i].append(torch.zeros_like(w) if dw is None else dw)
         for (_, index), dws in zip(layer.slots, per_weight):
-            layer.deliver(index, torch.stack(dws), tap)
+            tap.deliver(index, torch.stack(dws), layer)
         grad_x = torch.cat(grads_x) if needs_x else None
         return (grad_x, None, None, None, None) + (None,) * len(weights)
 
@@ -390,25 +383,25 @@ _FUNCTIONS = {"linear": _LinearTap, "conv": _ConvTap, "norm": _NormTap}
 
 
 class _Current:
-    """The pass the taps of one :class:`LayerTaps` write to (``None`` outside :meth:`LayerTaps.tapping`)."""
+    """The pass the taps of one :class:`LayerTaps` write to (``None`` outside :meth:`LayerTaps.tapping`), and the
+    layer between its pre-hook and its hook (tapped layers are leaves: at most one at a time)."""
 
-    __slots__ = ("tap",)
+    __slots__ = ("tap", "pending")
 
     def __init__(self) -> None:
         self.tap: _Pass | None = None
+        self.pending: _Layer | None = None
 
 
-def _refusal(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str | None:
-    """Why this call cannot be tapped, or None where it can: one tensor input whose leading dimension splits into the
-    pass's groups of rows."""
+def _refusal(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str:
+    """Why this call cannot be tapped: not one tensor input whose leading dimension splits into the pass's groups of
+    rows."""
     if len(args) != 1 or kwargs:
         return (
             f"{layer.name} was called with {len(args)} positional and {len(kwargs)} keyword arguments (a tap takes "
             "one input)"
         )
     x = args[0]
-    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] >= tap.groups and x.shape[0] % tap.groups == 0:
-        return None
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
     return (
         f"{layer.name} saw an input of shape {shape}, whose leading dimension does not split into {tap.groups} "
@@ -417,54 +410,69 @@ def _refusal(layer: _Layer, tap: _Pass, args: tuple, kwargs: dict) -> str | None
 
 
 def _hooks(layer: _Layer, current: _Current) -> tuple[Callable, Callable]:
-    """The forward pre-hook and forward hook that tap ``layer`` while ``current`` has a pass."""
+    """The forward pre-hook and forward hook that tap ``layer`` while ``current`` has a pass (else they return at
+    once: the layer computes as it would without them)."""
     module = layer.module
     recompute = layer.kind == "recompute"
-    function = None if recompute else _FUNCTIONS[layer.kind]
+    apply = None if recompute else _FUNCTIONS[layer.kind].apply
     # linear and convolution layers run in autocast's lower precision on every device: their input is cast once, by
     # the pre-hook, and the layer's own forward and the tap's backward both read that cast
     casts_input = layer.kind in ("linear", "conv")
     names = [name for name, _ in layer.slots]
+    is_grad_enabled, is_autocast_enabled, set_grad_enabled = (
+        torch.is_grad_enabled,
+        torch.is_autocast_enabled,
+        torch.set_grad_enabled,
+    )
+    tensor = torch.Tensor
 
     def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         tap = current.tap
-        if tap is None or not torch.is_grad_enabled():
+        if tap is None or not is_grad_enabled():
             return None
-        refusal = _refusal(layer, tap, args, kwargs)
-        if refusal is not None:
-            tap.failures.append(refusal)
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if not (isinstance(x, tensor) and x.dim() and x.shape[0] >= tap.groups and not x.shape[0] % tap.groups):
+            tap.failures.append(_refusal(layer, tap, args, kwargs))
             return None
         changed = None
-        x = args[0]
-        if casts_input and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        if casts_input and x.is_floating_point() and is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             if x.dtype != dtype and x.dtype != torch.float64:  # what autocast casts (it leaves float64 alone)
                 changed = ((x.to(dtype),), kwargs)  # recorded by autograd: the cast's backward reaches x
         # the layer's own forward without autograd, as an autograd function's forward runs: the tap's function
         # records the output instead (after), and autograd keeps nothing of the layer's own
-        layer.pending = True
-        torch.set_grad_enabled(False)
+        current.pending = layer
+        set_grad_enabled(False)
         return changed
 
     def after(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not layer.pending:
+        if current.pending is not layer:
             return None
-        layer.pending = False
-        torch.set_grad_enabled(True)
+        current.pending = None
+        set_grad_enabled(True)
         tap, x = current.tap, args[0]
         if recompute:
             weights = [getattr(module, name) for name in names]
             return _RecomputeTap.apply(x, layer, tap, (output,), _autocast_dtype(x), *weights)
         # the weights as the layer holds them: a backward casts them where the layer computed in another dtype
-        return function.apply(x, module.weight, module.bias, layer, tap, (output,))
+        return apply(x, module.weight, module.bias, layer, tap, (output,))
 
     return before, after
+
+
+def _remove(handles: list) -> None:
+    """Remove the hooks of ``handles`` (the taps closed or garbage-collected)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 class LayerTaps:
     """The taps over ``module`` for the trainable ``parameters`` (indices into that list go to the sink).
 
-    Build once; :meth:`tapping` installs the taps (module hooks) for one forward and backward pass.
+    Build once per run; the taps (module hooks) are installed when :meth:`tapping` is first entered (or by
+    :meth:`install`) and stay until :meth:`close` (or until this object is garbage-collected). :meth:`tapping` runs
+    one forward and backward pass tapped; outside it the hooks do nothing.
     """
 
     def __init__(self, module: nn.Module, parameters: Sequence[nn.Parameter]) -> None:
@@ -484,21 +492,44 @@ class LayerTaps:
         #: names of the trainable parameters no tap covers (empty: every gradient can be split)
         self.uncovered = [name for i, name in enumerate(self.names) if i not in covered]
         self._current = _Current()
+        self._handles: list = []
+        self._closer: weakref.finalize | None = None
+        self._last = _Pass(0, None, None)  # the current or last pass
+
+    @property
+    def installed(self) -> bool:
+        """Whether the taps' hooks are registered on the layers."""
+        return bool(self._handles)
+
+    def install(self) -> None:
+        """Register the taps' hooks (once: nothing where they are already): the pre-hook after every other library's
+        registered so far (DeepSpeed ZeRO-3's and FSDP2's gather the weights), the hook before theirs (they hook the
+        backward on the output autograd records). Removed by :meth:`close` or when this object is collected."""
+        if self._handles or not self.layers:
+            return
+        handles = self._handles
         for layer in self.layers:
-            layer.hooks = _hooks(layer, self._current)
-        self._failures: list[str] = []
+            before, after = _hooks(layer, self._current)
+            handles.append(layer.module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(layer.module.register_forward_hook(after, prepend=True))
+        self._closer = weakref.finalize(self, _remove, handles)
+
+    def close(self) -> None:
+        """Remove the taps' hooks (a later :meth:`tapping` installs them again)."""
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
 
     @property
     def failures(self) -> list[str]:
         """Why layers of the current (or last) pass could not be tapped (empty: every weight's gradient went to the
         sink or its view)."""
-        tap = self._current.tap
-        return tap.failures if tap is not None else self._failures
+        return self._last.failures
 
     def written(self) -> list[int]:
         """Indices of the weights whose view (from ``destination``) received a gradient in the current (or last)
         pass."""
-        return [index for layer in self.layers for index, done in layer.written.items() if done]
+        return sorted(self._last.written)
 
     @contextlib.contextmanager
     def tapping(self, groups: int, sink: Sink | None = None, destination: Destination | None = None) -> Iterator[None]:
@@ -506,26 +537,18 @@ class LayerTaps:
         ``destination(index)`` offers (``[groups, *weight.shape]``; the first gradient of the pass overwrites it,
         later ones add to it), or where it offers ``None`` (or no ``destination`` is given) hands them to ``sink``
         (needed then: a ValueError when the block starts without it), during backward passes (run the forward and the
-        backward inside the block; with gradient checkpointing the backward recomputes tapped forwards)."""
-        tap = _Pass(groups, sink)
-        for layer in self.layers:
-            layer.start(destination, sink)
-        handles = []
+        backward inside the block; with gradient checkpointing the backward recomputes tapped forwards). The taps are
+        installed on first use and kept: entering and leaving the block only switches the pass on and off."""
+        if sink is None and destination is None and self.layers:
+            self.layers[0].refuse()
+        self.install()
+        current = self._current
+        tap = self._last = _Pass(groups, sink, destination)
+        current.tap = tap
         try:
-            for layer in self.layers:
-                before, after = layer.hooks
-                # the pre-hook after every other library's (DeepSpeed ZeRO-3's and FSDP2's gather the weights), the
-                # hook before theirs (they hook the backward on the output autograd records)
-                handles.append(layer.module.register_forward_pre_hook(before, with_kwargs=True))
-                handles.append(layer.module.register_forward_hook(after, prepend=True))
-            self._current.tap = tap
             yield
         finally:
-            self._current.tap = None
-            for handle in handles:
-                handle.remove()
-            for layer in self.layers:
-                if layer.pending:  # a layer's forward raised between its hooks: autograd back on
-                    layer.pending = False
-                    torch.set_grad_enabled(True)
-            self._failures = tap.failures
+            current.tap = None
+            if current.pending is not None:  # a layer's forward raised between its hooks: autograd back on
+                current.pending = None
+                torch.set_grad_enabled(True)
