@@ -1,6 +1,6 @@
-"""The one pass's memory and precision: one gradient-sized buffer beyond Diffusion-DPO's gradients (the winner's row
-becomes ``.grad``), in the weights' dtype where they are bfloat16, with ``lambda`` and the gradient as exact as the
-per-branch passes.
+"""The one pass's memory and precision: beyond Diffusion-DPO's gradient, the rows' second gradient and one piece of
+the combination (formed piece by piece, each piece of the rows given back as it is read), in the weights' dtype where
+they are bfloat16, with ``lambda`` and the gradient as exact as the per-branch passes.
 
 Peaks are the bytes a step allocates beyond what it starts with (``torch.profiler``'s memory events,
 :func:`~trl_diffusion_sdpo.testing.operations.peak_allocated_bytes`), from empty gradients and a fresh stage, on a
@@ -88,7 +88,8 @@ def _extra_bytes(dtype: torch.dtype, rows: int | None = None, steps: int = 1) ->
     for p in model.parameters():
         p.grad = None
     stage = _stage()
-    one = peak_allocated_bytes(lambda: [_one_pass(model, x, stage=stage) for _ in range(steps)])
+    # each micro-batch's .grad dropped by the next (as zero_grad drops it): only lambda kept
+    one = peak_allocated_bytes(lambda: [_one_pass(model, x, stage=stage)[0] for _ in range(steps)])
     return one - dpo, 4 * sum(p.numel() for p in model.parameters())
 
 
@@ -97,37 +98,39 @@ def small_widening(monkeypatch):
     """bfloat16 rows are widened to float32 in pieces; pieces much smaller than this model's gradient keep that
     transient out of the comparison (on a real model a piece is a small fraction of it)."""
     monkeypatch.setattr(one_pass, "WIDENED_PIECE", 1 << 10)
+    # a piece per layer (four): the combination's new tensor for one piece is a quarter of a gradient
+    monkeypatch.setattr(memory_model, "PIECE_ELEMENTS", WIDTH * WIDTH + WIDTH)
 
 
 # the allowance beyond the buffer: cotangents, inner products, lambda (a few KB here)
 SLACK = 0.03
+PIECE_SHARE = 0.25  # one piece's combination, formed while the rows are still held
 
 
-@pytest.mark.parametrize("dtype,buffers", [(torch.float32, 1.0), (torch.bfloat16, 0.5)], ids=["float32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,buffers", [(torch.float32, 1.0 + PIECE_SHARE), (torch.bfloat16, 0.5 * (1.0 + PIECE_SHARE))],
+    ids=["float32", "bf16"],
+)  # fmt: skip
 def test_the_one_pass_holds_one_gradient_sized_buffer_beyond_diffusion_dpo(dtype, buffers):
-    """At most one float32 gradient beyond Diffusion-DPO's peak; with bfloat16 weights, half of that (the buffer in
-    bfloat16)."""
+    """At most one float32 gradient beyond Diffusion-DPO's peak, and one piece of the combination; with bfloat16
+    weights, half of that (the rows in bfloat16)."""
     extra, float32_gradient = _extra_bytes(dtype)
     assert extra <= (buffers + SLACK) * float32_gradient, (extra, float32_gradient)
     assert extra >= (buffers - SLACK) * float32_gradient  # the loser's row is there: the accounting sees it
 
 
-@pytest.mark.parametrize("plant", ["float32-rows-for-bf16", "grad-copied"])
+@pytest.mark.parametrize("plant", ["float32-rows-for-bf16", "rows-kept-through-the-combination"])
 def test_a_second_gradient_sized_buffer_is_caught(plant, monkeypatch):
-    """Planted: bfloat16 weights' rows kept in float32 (the halves of old), or ``.grad`` a copy of the winner's row
-    instead of the row itself. The clean path passes first."""
-    dtype, buffers = (torch.bfloat16, 0.5) if plant.startswith("float32") else (torch.float32, 1.0)
+    """Planted: bfloat16 weights' rows kept in float32 (the halves of old), or the rows' pieces not given back as the
+    combination reads them (the combination then adds a gradient to both rows). The clean path passes first."""
+    one = 1.0 + PIECE_SHARE
+    dtype, buffers = (torch.bfloat16, 0.5 * one) if plant.startswith("float32") else (torch.float32, one)
     extra, float32_gradient = _extra_bytes(dtype)
     assert extra <= (buffers + SLACK) * float32_gradient
     if plant.startswith("float32"):
         monkeypatch.setattr(one_pass, "buffer_dtype", lambda p: torch.promote_types(p.dtype, torch.float32))
     else:
-        assign = one_pass.OnePassBranchGradients.assign
-        monkeypatch.setattr(
-            one_pass.OnePassBranchGradients,
-            "assign",
-            lambda self, combined: assign(self, [c.clone() for c in combined]),
-        )
+        monkeypatch.setattr(one_pass.OnePassBranchGradients, "_free", lambda self, piece: None)
     extra, float32_gradient = _extra_bytes(dtype)
     assert extra > (buffers + SLACK) * float32_gradient, (extra, float32_gradient)
 
@@ -164,11 +167,12 @@ def test_a_buffer_held_through_the_forward_is_caught(monkeypatch):
         for piece in range(len(self.pieces)):
             self._take(piece)
 
-    for plant in (eager, lambda self, groups: None if self._spec else prepare(self, groups)):
-        monkeypatch.setattr(one_pass.OnePassBranchGradients, "_prepare", plant)
+    free = one_pass.OnePassBranchGradients._free
+    for name, plant, original in (("_prepare", eager, prepare), ("_free", lambda self, piece: None, free)):
+        monkeypatch.setattr(one_pass.OnePassBranchGradients, name, plant)
         extra, float32_gradient = _activation_extra(monkeypatch, LAYER)
-        assert extra >= (1.5 - SLACK) * float32_gradient, (extra, float32_gradient)
-        monkeypatch.setattr(one_pass.OnePassBranchGradients, "_prepare", prepare)
+        assert extra >= (1.5 - SLACK) * float32_gradient, (name, extra, float32_gradient)
+        monkeypatch.setattr(one_pass.OnePassBranchGradients, name, original)
 
 
 def test_lambda_and_the_gradient_stay_within_float32_noise_of_the_per_branch_passes():

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["lora_step_memory", "module_bytes", "step_peak_bytes", "tensor_bytes"]
+__all__ = ["live_tensor_bytes", "lora_step_memory", "module_bytes", "step_peak_bytes", "tensor_bytes"]
 
 
 def tensor_bytes(tensor: torch.Tensor, seen: set[int] | None = None) -> int:
@@ -29,6 +29,24 @@ def tensor_bytes(tensor: torch.Tensor, seen: set[int] | None = None) -> int:
         return 0
     seen.add(storage.data_ptr())
     return storage.nbytes()
+
+
+def live_tensor_bytes(device: str | None = None) -> int:
+    """Bytes of every storage a live tensor holds (each once): the tensors the garbage collector tracks, after a
+    collection, on ``device``'s type (``None``: every device). A census of what a training step leaves alive (its
+    weights, the optimizer's state, whatever a safeguard keeps), which differences between two runs attribute."""
+    import gc
+
+    gc.collect()
+    seen: set[int] = set()
+    total = 0
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or obj.is_meta:
+            continue
+        if device is not None and obj.device.type != device:
+            continue
+        total += tensor_bytes(obj, seen)
+    return total
 
 
 def module_bytes(module: torch.nn.Module) -> int:

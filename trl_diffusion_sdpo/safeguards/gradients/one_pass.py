@@ -32,6 +32,7 @@ those rows are made once (when a piece is first allocated), not per micro-batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -113,32 +114,57 @@ class OnePassBranchGradients:
     Use once per micro-batch: :meth:`split` around the forward and the backward, then, by branch,
     :meth:`branch_sums` and :meth:`combine` (the update space: :meth:`branch_gradients`, reduced in place, then
     :meth:`combine`), by pair :meth:`pair_sums`, :meth:`pair_combination` and :meth:`assign` (or the engine's
-    collectives). The groups live in a flat buffer (float32 or wider) ``[groups, total]`` held in pieces of
-    consecutive weights (each weight a view of its piece's columns; see the module docstring), so the inner products,
-    the combination and a reduction over processes are a few calls per piece, whatever the number of weights.
+    collectives). The groups live in flat rows ``[groups, elements]`` held in pieces of consecutive weights of one
+    rows' dtype (each weight a view of its piece's columns; see the module docstring), so the inner products, the
+    combination and a reduction over processes are a few calls per piece, whatever the number of weights. The
+    combination reads each piece once and gives its memory back at once.
     """
 
     def __init__(self, module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter]) -> None:
         self.parameters = list(parameters)
         self.taps = LayerTaps(module, self.parameters)
+        # per weight, the dtype of the per-group products the taps made for it in the first pass (None: not known)
+        self._dtypes: list[torch.dtype | None] = [None] * len(self.parameters)
+        self._learned = False  # whether a pass has taught _dtypes
+        self._written: list[bool] = []  # per weight, whether the learning pass's sink wrote its rows
         self._set_layout([tuple(p.shape) for p in self.parameters])
         self._seen: list[bool] = []
-        # a weight whose .grad is a view of the buffer, and that view's address (see _prepare)
-        self._handed: tuple[torch.nn.Parameter, int] | None = None
 
-    def _set_layout(self, shapes: Sequence[tuple[int, ...]], bounds: list[int] | None = None) -> None:
-        """The buffer's columns: each weight's ``shapes`` (in order), cut into pieces at ``bounds``
-        (:func:`piece_bounds` by default); no piece allocated yet."""
+    def _set_layout(
+        self, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype | None] | None = None
+    ) -> None:
+        """The rows' columns: each weight's ``shapes`` (in order), the weights grouped by their rows' dtype
+        (``dtypes``, per weight; ``None``: the store's default, :meth:`_buffer_spec`'s), each group cut into pieces of
+        consecutive weights (:func:`piece_bounds`); no piece allocated yet."""
         self._shapes = [tuple(shape) for shape in shapes]
         self._sizes = [math.prod(shape) for shape in self._shapes]
-        self._bounds = piece_bounds(self._sizes) if bounds is None else bounds
-        self._piece_of = [k for k in range(len(self._bounds) - 1) for _ in range(self._bounds[k], self._bounds[k + 1])]
-        self._spec: tuple | None = None  # (groups, dtype, device) of the pieces
+        self._layout_dtypes = list(dtypes) if dtypes is not None else [None] * len(self._sizes)
+        classes: dict[torch.dtype | None, list[int]] = {}
+        for i, dtype in enumerate(self._layout_dtypes):
+            classes.setdefault(dtype, []).append(i)
+        self._members: list[list[int]] = []  # per piece: its weights' indices, in order
+        self._piece_dtypes: list[torch.dtype | None] = []  # per piece: its rows' dtype (None: the default)
+        for dtype, members in (classes or {None: []}).items():
+            bounds = piece_bounds([self._sizes[i] for i in members])
+            for start, end in zip(bounds, bounds[1:]):
+                self._members.append(members[start:end])
+                self._piece_dtypes.append(dtype)
+        self._piece_sizes = [[self._sizes[i] for i in members] for members in self._members]
+        # per piece: the dtype of its combination, the widest of its weights' (``.grad`` is in the weight's dtype)
+        self._grad_dtypes = [
+            functools.reduce(torch.promote_types, [self.parameters[i].dtype for i in members]) if members else None
+            for members in self._members
+        ]
+        self._piece_of = [0] * len(self._sizes)
+        for piece, members in enumerate(self._members):
+            for i in members:
+                self._piece_of[i] = piece
+        self._spec: tuple | None = None  # (groups, default dtype, device) of the pieces
         self._forget()
 
     def _forget(self) -> None:
-        """Drop the pieces (a ``.grad`` that is a view of one keeps it alive) and every view of them."""
-        count = len(self._bounds) - 1
+        """Drop the pieces and every view of them."""
+        count = len(self._members)
         self._pieces: list[torch.Tensor | None] = [None] * count  # per piece: [groups, its weights' total]
         self._live = [False] * count  # per piece: whether its storage holds memory
         self._views: list[torch.Tensor | None] = [None] * len(self._sizes)  # per weight: [groups, *shape]
@@ -146,7 +172,7 @@ class OnePassBranchGradients:
 
     @property
     def pieces(self) -> list[torch.Tensor]:
-        """The buffer's pieces, ``[groups, elements]`` each (after :meth:`split`)."""
+        """The rows' pieces, ``[groups, elements]`` each, one dtype each (after :meth:`split`)."""
         return self._pieces
 
     @property
@@ -161,12 +187,38 @@ class OnePassBranchGradients:
 
     @contextlib.contextmanager
     def split(self, groups: int) -> Iterator[None]:
-        """Run the micro-batch's forward and backward inside: ``groups`` 2 (by branch) or ``2B`` (by image)."""
+        """Run the micro-batch's forward and backward inside: ``groups`` 2 (by branch) or ``2B`` (by image). The
+        store's first pass hands the taps a sink that notes each weight's products' dtype (:meth:`_learn`); later
+        passes hand them views in that dtype, which they write into directly."""
         self._prepare(groups)
-        with self.taps.tapping(groups, destination=self._destination):
+        learning = not self._learned
+        self._written = [False] * len(self.parameters)
+        if learning:
+            tapping = self.taps.tapping(groups, sink=self._learn)
+        else:
+            tapping = self.taps.tapping(groups, destination=self._destination)
+        with tapping:
             yield
-        written = set(self.taps.written())
-        self._complete([i in written for i in range(len(self.parameters))])
+        if learning:  # a weight whose products came in the default dtype stays in the default's pieces
+            self._learned = True
+            self._dtypes = [None if dtype == self._spec[1] else dtype for dtype in self._dtypes]
+            seen = list(self._written)
+        else:
+            written = set(self.taps.written())
+            seen = [i in written for i in range(len(self.parameters))]
+        self._complete(seen)
+
+    def _learn(self, index: int, per_group: torch.Tensor) -> None:
+        """The learning pass's sink: weight ``index``'s products' dtype noted (the widest, where several reach it),
+        the products copied into its rows (added, after the first)."""
+        known = self._dtypes[index]
+        self._dtypes[index] = per_group.dtype if known is None else torch.promote_types(known, per_group.dtype)
+        view = self._destination(index)
+        if self._written[index]:
+            view.add_(per_group)
+        else:
+            view.copy_(per_group)
+            self._written[index] = True
 
     def _complete(self, seen: list[bool]) -> None:
         """After the backward: ``seen`` (per weight, whether a gradient reached it) kept, and every piece given its
@@ -179,31 +231,36 @@ class OnePassBranchGradients:
                 view.zero_()
 
     def _buffer_spec(self, groups: int) -> tuple:
-        """``(rows, dtype, device)`` of the pieces for a pass of ``groups``."""
+        """``(rows, default dtype, device)`` of the pieces for a pass of ``groups``: the default dtype is that of a
+        weight whose products' dtype is not known (:func:`buffer_dtype`)."""
         first = self.parameters[0]
         return groups, buffer_dtype(first), first.device
 
     def _prepare(self, groups: int) -> None:
-        """Before the forward: the pieces' memory given back (their tensors and views kept), unless their layout
-        changed or a view of them is still some weight's ``.grad`` (handed over by :meth:`assign` and kept by
-        gradient accumulation): then fresh pieces, made as the backward reaches them."""
+        """Before the forward: the rows laid out in the dtypes the first pass taught (once), and the pieces' memory
+        given back (their tensors and views kept), or fresh pieces, made as the backward reaches them, where the
+        layout changed."""
+        if self._dtypes != self._layout_dtypes:
+            self._set_layout(self._shapes, self._dtypes)
         spec = self._buffer_spec(groups)
-        handed = self._handed
-        handed_over = handed is not None and handed[0].grad is not None and handed[0].grad.data_ptr() == handed[1]
-        if spec != self._spec or handed_over:
+        if spec != self._spec:
             self._spec = spec
             self._forget()
         else:
             self.release()
 
     def release(self) -> None:
-        """Give every piece's memory back (its tensor and views kept, their storage resized to nothing): before each
-        forward, or as soon as nothing reads the rows (an engine that copied the combination into its own
-        gradients). Nothing may read the rows' values until the next pass has written them."""
-        for piece, tensor in enumerate(self._pieces):
-            if self._live[piece]:
-                tensor.untyped_storage().resize_(0)
-                self._live[piece] = False
+        """Give every piece's memory back (its tensor and views kept, their storage resized to nothing): done by the
+        combination as it reads each piece, and by :meth:`assign`. Nothing may read the rows' values until the next
+        pass has written them."""
+        for piece in range(len(self._pieces)):
+            self._free(piece)
+
+    def _free(self, piece: int) -> None:
+        """Give ``piece``'s memory back (its tensor and views kept)."""
+        if self._live[piece]:
+            self._pieces[piece].untyped_storage().resize_(0)
+            self._live[piece] = False
 
     def _destination(self, index: int) -> torch.Tensor:
         """Weight ``index``'s ``[groups, *shape]`` view, its piece's memory taken first (the backward reached it)."""
@@ -217,13 +274,13 @@ class OnePassBranchGradients:
             return
         tensor = self._pieces[piece]
         if tensor is None:
-            groups, dtype, device = self._spec
-            start, end = self._bounds[piece], self._bounds[piece + 1]
+            groups, default, device = self._spec
+            dtype = self._piece_dtypes[piece]
+            sizes = self._piece_sizes[piece]
             tensor = self._pieces[piece] = torch.empty(
-                (groups, sum(self._sizes[start:end])), dtype=dtype, device=device
+                (groups, sum(sizes)), dtype=default if dtype is None else dtype, device=device
             )
-            chunks = tensor.split(self._sizes[start:end], dim=1)
-            for i, chunk in zip(range(start, end), chunks):
+            for i, chunk in zip(self._members[piece], tensor.split(sizes, dim=1)):
                 self._views[i] = chunk.view(groups, *self._shapes[i])
             self._rows = {}
         else:
@@ -231,7 +288,7 @@ class OnePassBranchGradients:
         self._live[piece] = True
 
     def row_views(self, row: int) -> list[torch.Tensor]:
-        """Per weight, its ``[*shape]`` view of the buffer's ``row``: made once per piece, then the same tensors."""
+        """Per weight, its ``[*shape]`` view of the rows' ``row``: made once per piece, then the same tensors."""
         views = self._rows.get(row)
         if views is None:
             views = self._rows[row] = [v[row] for v in self._views]
@@ -261,17 +318,30 @@ class OnePassBranchGradients:
         return both[0], both[1]
 
     def branch_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``(g_w, h_l)`` per weight: views of the buffer (the update space reduces them in place)."""
+        """``(g_w, h_l)`` per weight: views of the rows (the update space reduces them in place)."""
         return self.row_views(0), self.row_views(1)
 
     def combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
         """``g_w + lambda * h_l`` per weight, with ``g_w`` as buffered (averaged over processes in the global scope:
-        the engine's final average then gives the same mean), formed in place in the buffer's winner half (views of
-        it). :meth:`assign` adds it to ``.grad``; an engine that owns the gradients takes it itself."""
-        lam = lam.detach().to(self._pieces[0])  # lambda stays on the device
-        for piece in self._pieces:
-            piece[0].addcmul_(piece[1], lam)  # one fused pass
-        return self.row_views(0)
+        the engine's final average then gives the same mean): per piece, formed into a new tensor in the weights'
+        dtype (computed in the wider of theirs and the rows') and the piece's memory given back at once, so that the
+        rows are gone when the combination is formed. :meth:`assign` hands it to ``.grad``; an engine that owns the
+        gradients takes it itself."""
+        lam = lam.detach()  # lambda stays on the device
+        outs = []
+        for piece, rows in enumerate(self._pieces):
+            out = rows.new_empty(rows.shape[1], dtype=self._grad_dtypes[piece])
+            if rows.dtype == out.dtype:
+                torch.addcmul(rows[0], rows[1], lam.to(rows), out=out)  # one fused pass
+            else:
+                work = _widest(out, rows)
+                work.copy_(rows[0])
+                work.addcmul_(rows[1], lam.to(work))
+                if work is not out:
+                    out.copy_(work)
+            self._free(piece)
+            outs.append(out)
+        return self._weight_views(outs)
 
     def combine(self, lam: torch.Tensor) -> None:
         """``.grad = A + g_w + lambda * h_l`` (:meth:`combination`, then :meth:`assign`)."""
@@ -283,20 +353,30 @@ class OnePassBranchGradients:
         return list(self._seen)
 
     def assign(self, combined: list[torch.Tensor]) -> None:
-        """``.grad += combined`` (``.grad = combined`` where it is empty), in the weights' dtype. A weight no
-        gradient reached keeps an empty ``.grad``, as after a plain backward (an optimizer then skips it)."""
+        """``.grad += combined`` (``.grad = combined`` where it is empty), in the weights' dtype; whatever the rows
+        still hold is given back. A weight no gradient reached keeps an empty ``.grad``, as after a plain backward (an
+        optimizer then skips it)."""
         accumulated = [(p.grad, c) for p, c in zip(self.parameters, combined) if p.grad is not None]
-        self._handed = None
         for p, c, seen in zip(self.parameters, combined, self._seen):
             if p.grad is None and seen:
                 p.grad = c if c.dtype == p.dtype else c.to(p.dtype)
-                if self._handed is None and p.grad.data_ptr() == c.data_ptr():
-                    self._handed = (p, c.data_ptr())
         if accumulated:  # one foreach call, whatever the number of weights
             grads = [g for g, _ in accumulated]
             torch._foreach_add_(grads, [c if c.dtype == g.dtype else c.to(g.dtype) for g, c in accumulated])
+        self.release()
+
+    def _weight_views(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per weight, its ``[*shape]`` view of its piece's combination in ``outs`` (one per piece)."""
+        views: list[torch.Tensor | None] = [None] * len(self._sizes)
+        for piece, out in enumerate(outs):
+            for i, chunk in zip(self._members[piece], out.split(self._piece_sizes[piece])):
+                views[i] = chunk.view(self._shapes[i])
+        return views
 
     # ------------------------------------------------------------------ by pair
+
+    #: what the per-pair combination is divided by (the number of processes where their images' rows are summed)
+    _pair_divisor = 1
 
     def pair_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(<g_w,i, g_w,i>, <g_w,i, h_l,i>)`` per pair ``i`` (float32 vectors of length ``B``): per pair, one blocked
@@ -308,13 +388,36 @@ class OnePassBranchGradients:
         return sums[:, 0].float(), sums[:, 1].float()
 
     def pair_combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
-        """``sum_i (g_w,i + lambda_i * h_l,i)`` per weight (``lam``: one ``lambda`` per pair), formed in place in the
-        buffer's first row (views of it), for :meth:`assign`."""
-        weights = lam.to(self._pieces[0])  # the other images' weights: the first pair's loser's and the rest
-        weights = torch.cat([weights.new_ones(lam.shape[0] - 1), weights])
-        for piece in self._pieces:
-            piece[0].addmv_(piece[1:].t(), weights)  # in place: no fresh gradient-sized tensor
-        return self.row_views(0)
+        """``sum_i (g_w,i + lambda_i * h_l,i)`` per weight (``lam``: one ``lambda`` per pair), per piece formed into a
+        new tensor in the weights' dtype and the piece's memory given back at once, for :meth:`assign`."""
+        outs = []
+        for piece, rows in enumerate(self._pieces):
+            out = rows.new_empty(rows.shape[1], dtype=self._grad_dtypes[piece])
+            work = out if rows.dtype == out.dtype else _widest(out, rows)
+            # the other images' weights: the first pair's loser's and the rest
+            weights = lam.detach().to(work)
+            weights = torch.cat([weights.new_ones(lam.shape[0] - 1), weights])
+            if rows.dtype == work.dtype:
+                torch.addmv(rows[0], rows[1:].t(), weights, out=work)  # no fresh gradient-sized temporary
+            else:  # rows narrower than the sum: each image's row widened as it is added
+                work.copy_(rows[0])
+                for image in range(1, rows.shape[0]):
+                    work.addcmul_(rows[image], weights[image - 1])
+            if self._pair_divisor != 1:
+                work.div_(self._pair_divisor)
+            if work is not out:
+                out.copy_(work)
+            self._free(piece)
+            outs.append(out)
+        return self._weight_views(outs)
+
+
+def _widest(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out`` where its dtype holds the rows' (the combination computed in it), else a new tensor like it in the
+    rows' dtype."""
+    if torch.promote_types(out.dtype, rows.dtype) == out.dtype:
+        return out
+    return torch.empty_like(out, dtype=rows.dtype)
 
 
 def _total(sums: list[torch.Tensor]) -> torch.Tensor:

@@ -42,9 +42,11 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
     """:class:`~.one_pass.OnePassBranchGradients` over FSDP2-sharded ``parameters`` (DTensors sharded on dimension 0
     over the default process group): the buffer holds this process's rows of every weight, per group.
 
-    The rows are held in pieces as on whole weights: a reduce-scatter takes its piece's memory when the backward
-    first reaches one of its weights, and the pieces give it back before the next forward (``.grad`` is a copy of the
-    combination; ZeRO-3's store gives it back once the engine has the combination). Another layout of the shards
+    The rows are held in pieces as on whole weights, in float32 (or wider) whatever the products' dtype: the
+    reduce-scatter sums in it, as FSDP2 reduces float32 weights' gradients. A reduce-scatter takes its piece's memory
+    when the backward first reaches one of its weights; the combination reads each piece once and gives its memory
+    back at once (``.grad`` is the combination's own tensor), so nothing of the rows outlives the step. Another
+    layout of the shards
     (:class:`ZeRO3OnePassBranchGradients`) overrides :meth:`_shard_shape`, :meth:`_process_pieces` and
     :meth:`_mine`."""
 
@@ -55,6 +57,7 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
         self._set_layout(self._local_shapes)
         self._by_image = False
         self._written: list[bool] = []
+        self._pair_divisor = self.world  # by pair every process's images are summed: FSDP2 averages
 
     def _shard_shape(self, parameter: torch.nn.Parameter) -> tuple[int, ...]:
         """The shape of this process's shard of ``parameter``."""
@@ -112,15 +115,9 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
             view.copy_(mine)
             self._written[index] = True
 
-    def pair_combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
-        """``sum_i (g_w,i + lambda_i * h_l,i) / processes`` over every process's pairs, on this process's rows."""
-        combined = super().pair_combination(lam)
-        for piece in self._pieces:
-            piece[0].div_(self.world)
-        return combined
-
     def assign(self, combined: list[torch.Tensor]) -> None:
-        """``.grad += combined`` as DTensors over this process's rows (copies: the buffer is reused)."""
+        """``.grad += combined`` as DTensors over this process's rows (the combination's own tensors: the rows are
+        given back already)."""
         from torch.distributed.tensor import DTensor
 
         for p, c, seen in zip(self.parameters, combined, self._seen):
@@ -128,18 +125,19 @@ class ShardedOnePassBranchGradients(OnePassBranchGradients):
                 continue
             if p.grad is None:
                 p.grad = DTensor.from_local(
-                    c.to(p.dtype, copy=True), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    c.to(p.dtype), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
                 )
             else:
                 _local(p.grad).add_(c.to(p.dtype))
+        self.release()
 
 
 class ZeRO3OnePassBranchGradients(ShardedOnePassBranchGradients):
     """The same over DeepSpeed ZeRO-3's partitions: each weight flattened, padded to a multiple of the processes and
     cut into equal pieces, piece ``r`` on process ``r`` (``param.ds_tensor``, of ``ds_tensor.ds_numel`` elements).
     The combination is copied into the engine's gradient partitions (:class:`~.zero3.DeepSpeedZeRO3Collectives`,
-    through DeepSpeed's ``safe_set_local_grad``), not handed to ``.grad``: the pieces give their memory back as soon
-    as the engine holds it, so between steps the store holds none."""
+    through DeepSpeed's ``safe_set_local_grad``), not handed to ``.grad``: the pieces give their memory back as the
+    combination reads them, so between steps the store holds none."""
 
     def _shard_shape(self, parameter: torch.nn.Parameter) -> tuple[int, ...]:
         return (parameter.ds_tensor.ds_numel,)

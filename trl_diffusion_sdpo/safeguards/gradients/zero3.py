@@ -183,13 +183,13 @@ class DeepSpeedZeRO3Collectives(ShardSums, DeepSpeedCollectives):
 
     def add_combined(self, store, combined: list[Tensor], sync_gradients: bool, *, reduced: bool) -> None:
         """The one pass: this process's partitions of the combination (averaged over processes) become the engine's
-        gradient partitions, the window's earlier sum added, and the store gives its rows' memory back; the engine
-        steps at the window's end."""
+        gradient partitions, the window's earlier sum added (the store gave its rows' memory back as it formed the
+        combination); the engine steps at the window's end."""
         values = combined
         if self._window_open:
             values = [c + a for c, a in zip(combined, local_gradients(store.parameters))]
         set_local_gradients(store.parameters, values)  # copied into the engine's partitions
-        store.release()  # nothing reads the rows again before the next pass: their memory back before the step
+        store.release()  # no row outlives the step (the combination gave them back already)
         self.reduce_combined_gradients(store.parameters, sync_gradients)
 
     def per_branch_store(self, parameters: Sequence[torch.nn.Parameter]) -> ZeRO3BranchGradients:
