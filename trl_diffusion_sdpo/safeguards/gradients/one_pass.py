@@ -1,32 +1,35 @@
 """The exact safeguard's gradients from one forward and one backward pass over the whole pair batch.
 
 :class:`~trl_diffusion_sdpo.safeguards.gradients.layer_taps.LayerTaps` hands every trainable weight's gradient split
-by groups of
-rows; this store keeps the groups apart until ``lambda`` is known, then writes ``.grad``:
+by groups of rows; this store keeps the groups apart until ``lambda`` is known, then writes ``.grad``:
 
-* by branch (two groups: winner rows, loser rows): ``g_w`` and ``h_l`` in one flat buffer, ``<g_w, g_w>`` and
+* by branch (two groups: winner rows, loser rows): ``g_w`` and ``h_l`` in flat rows, ``<g_w, g_w>`` and
   ``<g_w, h_l>`` read off it, and ``.grad = A + g_w + lambda * h_l`` (``A``: the accumulation window's earlier
   sum, left in ``.grad`` untouched by the pass, which hands autograd no weight gradient);
 * by pair (``2B`` groups: one per image; the per-pair scope): one gradient per image and weight, the per-pair sums
   ``<g_w,i, g_w,i>`` and ``<g_w,i, h_l,i>``, and ``.grad = A + sum_i (g_w,i + lambda_i * h_l,i)``.
 
-Memory: one gradient-sized buffer beyond ``.grad``. The buffer's winner row becomes ``.grad`` (each weight's
-``.grad`` a view of it, handed over where ``.grad`` is empty), so what the pass adds to a Diffusion-DPO step is the
-loser's row. The rows are in the weights' dtype where the weights are bfloat16 (the inner products are still
-accumulated in float32 and float64), else float32 (or wider). The buffer is held in pieces of consecutive weights
-(``engines/memory/pieces.py`` decides their size and number); a piece's memory is given back
-before each forward and taken again when the backward first reaches one of its weights, as Diffusion-DPO's
-``.grad`` come back as its backward frees activations. So where activations set the peak (at the start of the
-backward) the pass adds about two pieces' rows to it, not two gradients. The pieces, and each weight's views of
+Memory: the rows hold each weight's per-group products in the dtype the taps made them in (learned in the store's
+first pass, whose rows are in the default dtype, :func:`buffer_dtype`): under bf16 (or fp16) autocast a linear or
+convolution layer's weight gradient is a bf16 matmul's output, so its rows are bf16, half a float32 gradient for both
+branches; a norm's affine gradient, formed in float32, keeps float32 rows, as does every weight without autocast. The
+inner products are still accumulated in float32 and float64 (:func:`blocked_dot`). The rows are held in pieces of
+consecutive weights of one dtype (``engines/memory/pieces.py`` decides their size and number); a piece's memory is
+taken when the backward first reaches one of its weights, as Diffusion-DPO's ``.grad`` come back as its backward
+frees activations, so where activations set the peak (at the start of the backward) the pass adds about two pieces'
+rows to it, not two gradients. The combination reads each piece once, writes it into a new tensor in the weights'
+dtype (computed in the wider of theirs and the rows') and gives the piece's memory back at once: at most the rows
+and one piece of the combination are held together, and when ``.grad`` is set nothing of the rows is, so the
+optimizer's step and the next batch's encoding see what Diffusion-DPO's see. The pieces, and each weight's views of
 them, are kept across steps: giving a piece's memory back and taking it again resizes its storage and makes no new
-tensor. With gradient accumulation ``A`` holds the first micro-batch's pieces (their winner rows) and later
-micro-batches fill new ones.
+tensor; the combination's per-weight views are made per step (as autograd makes Diffusion-DPO's ``.grad``).
 By pair: ``2B`` gradients of the trainable weights (LoRA, or full tuning up to a cap; see
 :func:`~trl_diffusion_sdpo.safeguards.parameter.check_pair_scope_memory`).
 
 Every step's work after the backward is a fixed number of operations whatever the number of weights (a few per
-piece): the inner products, the combination and the reductions run on the pieces' rows, and the per-weight views of
-those rows are made once (when a piece is first allocated), not per micro-batch.
+piece, and one view per weight of the combination): the inner products, the combination and the reductions run on
+the pieces' rows, and the per-weight views of those rows are made once (when a piece is first allocated), not per
+micro-batch.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ WIDENED_PIECE = 1 << 20
 
 
 def buffer_dtype(parameter: torch.Tensor) -> torch.dtype:
-    """The dtype of the one pass's rows for weights like ``parameter``: bfloat16 for bfloat16 weights (their ``.grad``
-    is bfloat16 anyway), else float32 or wider (float64 checks)."""
+    """The default dtype of the one pass's rows for weights like ``parameter`` (a weight's rows take its products'
+    dtype once the store's first pass has shown it): bfloat16 for bfloat16 weights (their ``.grad`` is bfloat16
+    anyway), else float32 or wider (float64 checks)."""
     if parameter.dtype == torch.bfloat16:
         return parameter.dtype
     return torch.promote_types(parameter.dtype, torch.float32)
