@@ -19,12 +19,12 @@ Plain Diffusion-DPO (``safeguard_space="none"``) has no safeguard: its step runs
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils.memory import clear_device_cache
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
@@ -34,7 +34,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from . import callbacks as run_callbacks  # the probe's and the EMA's names resolved on first use: when chosen
 from . import families, rewards
 from . import io as run_io  # names resolved on first use: the Hub's module when a model card is written
-from .callbacks.guards import GuardState
+from .callbacks.guards import GuardState, run_control_given
 from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
@@ -59,7 +59,7 @@ from .io.run_summary import StartSummary
 from .io.trackers import make_config_trackable
 from .objectives import PreferenceObjective, PreferencePredictions, objective_from_config
 from .safeguards import safeguard_for
-from .step.backward import Backward, BackwardWindow
+from .step.backward import Backward, BackwardWindow, PassesInStep
 from .step.predictions import (
     Evaluation,
     evaluate_objective,
@@ -234,8 +234,17 @@ class DiffusionSDPOTrainer(Trainer):
         self.add_callback(self.stream_guard)
         self.add_callback(StartSummary(self))  # the effective rate, schedule and safeguard; warnings on traps
         # EMA weights before validation: a validation at step k samples the average that includes step k.
-        self.ema: EMAWeights | None = None
-        if args.ema_decay is not None:
+        # Run control passed in callbacks= (health alarm, guards, EMA, probe, rewind) is taken instead of the config's.
+        given = run_control_given(self.callback_handler.callbacks)
+        self.ema: EMAWeights | None = given.get("ema")
+        if self.ema is not None:
+            if args.ema_decay is not None:
+                raise ValueError(
+                    "an EMAWeights was passed in callbacks= and the config sets ema_decay, which builds another: "
+                    "unset ema_decay or pass no EMAWeights"
+                )
+            self.ema.attach(self)
+        elif args.ema_decay is not None:
             self.ema = run_callbacks.EMAWeights(
                 trainable_parameters(denoiser), args.ema_decay, self.files.save_weights
             )
@@ -274,18 +283,26 @@ class DiffusionSDPOTrainer(Trainer):
         self._metrics = metric_stores()
         # accelerate's float32 outputs on the denoiser's forward, only while the trainer runs it (see tuning.py)
         self.mixed_precision_forward = MixedPrecisionForward(self._policy, self._dtype)
-        self.health = WinnerHealth(args=args)  # Diffusion-DPO's pathology, flagged in the training logs
+        # Diffusion-DPO's pathology, flagged in the training logs: the health alarm given, or the config's
+        self.health: WinnerHealth = given.get("health") or WinnerHealth(args=args)
+        self.health.attach(self)
         self._dormant_safeguard = dormant_safeguard(args, self.engine)  # on_pathology="safeguard"'s, checked now
-        switch = self._switch_safeguard if self._dormant_safeguard is not None else None
-        # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts.
-        margin = None if self.safeguard is None else self.safeguard.margin
-        self.guards = GuardState.from_config(args, self.accelerator.num_processes, margin, switch)
-        self.add_callback(self.guards)  # their state in the checkpoints
+        # The guards that adapt as the run goes (docs/safeguard.md), each reducing over processes before it acts: the
+        # ones given (completed from the trainer's public surface), or the config's.
+        guards: GuardState | None = given.get("guards")
+        if guards is not None:
+            guards.attach(self)
+        else:
+            switch = self._switch_safeguard if self._dormant_safeguard is not None else None
+            margin = None if self.safeguard is None else self.safeguard.margin
+            guards = GuardState.from_config(args, self.accelerator.num_processes, margin, switch)
+            self.add_callback(guards)  # their state in the checkpoints
+        self.guards = guards
         # probe_steps: held-out pairs; on_pathology="rewind"; or a probe and a rewind passed in callbacks=, bound here
         self.probe: ProbeCallback | None = None
-        given = [c for c in self.callback_handler.callbacks if getattr(c, "run_control", None) is not None]
-        if args.probe_steps or given:  # the probe's module loads only then
-            self.probe = run_callbacks.compose_probe(self, probe_pairs, given)
+        probing = [given[kind] for kind in ("probe", "rewind") if kind in given]
+        if args.probe_steps or probing:  # the probe's module loads only then
+            self.probe = run_callbacks.compose_probe(self, probe_pairs, probing)
         if self.probe is not None:  # after the callbacks given, as the config's: it may rewind at a step's end
             if self.probe in self.callback_handler.callbacks:
                 self.callback_handler.remove_callback(self.probe)
@@ -325,13 +342,47 @@ class DiffusionSDPOTrainer(Trainer):
         or it is already in force."""
         return self._dormant_safeguard
 
-    def set_safeguard(self, safeguard: Safeguard | None) -> None:
-        """``safeguard`` in force from the next micro-batch on (``None``: plain Diffusion-DPO). Every process must
-        call it at the same step, on a decision reduced over processes; the :attr:`dormant_safeguard` put in force
-        is no longer dormant."""
+    def set_safeguard(self, safeguard: Safeguard | None = None, *, space: str | None = None, **fields: Any) -> None:
+        """A safeguard in force from the next micro-batch on: ``safeguard`` (``None``: plain Diffusion-DPO), or the
+        one named, ``set_safeguard(space="parameter", mu=0.5)``, built by :meth:`safeguard_by_name`. Every process
+        must call it at the same step, on a decision reduced over processes; the :attr:`dormant_safeguard` put in
+        force is no longer dormant."""
+        if space is not None:
+            if safeguard is not None:
+                raise TypeError("set_safeguard takes a safeguard or a space by name, not both")
+            safeguard = self.safeguard_by_name(space, **fields)
+        elif fields:
+            raise TypeError(f"set_safeguard: {', '.join(sorted(fields))} given without space=")
         if safeguard is not None and safeguard is self._dormant_safeguard:
             self._dormant_safeguard = None
         self.safeguard = safeguard
+
+    def safeguard_by_name(self, space: str, **fields: Any) -> Safeguard | None:
+        """The safeguard ``space`` (``safeguard_space``'s values: ``"none"``, ``"output"``, ``"parameter"``,
+        ``"update"``) with ``fields`` in place of the config's ``safeguard_<field>`` (``mu=0.5``, ``scope="global"``,
+        ...), built as the config's is (:func:`~trl_diffusion_sdpo.safeguards.safeguard_for`): the config's rules
+        checked on the changed copy and the safeguard checked against the engine now. Not put in force
+        (:meth:`set_safeguard` does)."""
+        changed = copy.copy(self.args)
+        changed.safeguard_space = space
+        for name, value in fields.items():
+            field = f"safeguard_{name}"
+            if not hasattr(changed, field):
+                raise TypeError(f"safeguard_by_name: no config field {field!r} (from {name}=)")
+            setattr(changed, field, value)
+        check_config(changed)
+        changed, _ = resolved_config(changed, self.family, self.base_model_name, lora=self.is_lora)
+        return safeguard_for(
+            changed,
+            self.engine,
+            lora=self.is_lora,
+            trainable_elements=sum(p.numel() for p in trainable_parameters(self.policy)),
+        )
+
+    def save_weights(self, output_dir: str | None = None) -> None:
+        """The trained weights written to ``output_dir`` (the output folder by default) in the run's format: the
+        diffusers-format LoRA adapters or denoiser that a checkpoint holds (what the EMA saves its weights with)."""
+        self.files.save_weights(output_dir)
 
     def hold_back_probe_pairs(
         self, train_dataset: Any, eval_dataset: Any, args: DiffusionSDPOConfig
@@ -387,11 +438,12 @@ class DiffusionSDPOTrainer(Trainer):
         """One micro-batch of Diffusion-DPO: batch -> noised pair -> predictions of the policy and the reference ->
         denoising errors -> objective -> backward -> metrics. Returns the loss averaged over the accumulation window.
 
-        Diffusion-DPO, and the output space's hook (on the predictions), is ``transformers.Trainer.training_step``
-        running :meth:`compute_loss`: the loss, its division by the accumulation window, the engine's backward and
-        the cache clearing are Trainer's. A safeguard whose rule keeps the branches' gradients apart (the parameter
-        and update spaces) brings its own backward stage (:meth:`_branch_gradients_step`). Around either: the batch
-        stage before, the guards, the non-finite flag, the metrics and the run's loss sum after."""
+        The step is ``transformers.Trainer.training_step`` running :meth:`compute_loss`: the loss, its division by the
+        accumulation window, the engine's backward and the cache clearing are Trainer's. A safeguard whose rule keeps
+        the branches' gradients apart (the parameter and update spaces) wraps that call: its passes' context around
+        it (:class:`.step.backward.PassesInStep`, whose loss carries the split backward into Trainer's), its hook
+        after it (``lambda``, and ``g_w + lambda * h_l`` written). Around either: the batch stage before, the guards,
+        the non-finite flag, the metrics and the run's loss sum after."""
         inputs, replay = self._batch(self.place_inputs(inputs), "train")
         if inputs is None:  # every row was invalid, one process: nothing to add to the gradients
             return torch.zeros((), device=self.args.device)
@@ -399,8 +451,17 @@ class DiffusionSDPOTrainer(Trainer):
         stage: Backward | None = getattr(self.safeguard, "backward_stage", None)
         if stage is None:
             loss = super().training_step(model, batch, num_items_in_batch)  # compute_loss fills `batch`
+        elif getattr(stage, "engine_steps_in_backward", False):
+            loss = self._engine_branch_gradients_step(model, batch, stage)
         else:
-            loss = self._branch_gradients_step(model, batch, stage)
+            policy = model if stage.through_engine else self.accelerator.unwrap_model(model)
+            window = BackwardWindow(
+                self.current_gradient_accumulation_steps, self.accelerator.sync_gradients, not replay
+            )
+            with PassesInStep(stage, policy, window, self.compute_loss_context_manager) as batch.passes:
+                loss = super().training_step(model, batch, num_items_in_batch)
+            # the safeguard's hook: lambda, and g_w + lambda * h_l written
+            batch.lambdas.update(self.safeguard.combine(batch.passes.branches, self.optimizer))
         adapt_guards(self.guards.adapting, batch.evaluation.errors, not replay, self.accelerator.sync_gradients)
         if replay:  # a zero-weighted replay: its loss and metrics are its peers'
             return torch.zeros((), device=self.args.device)
@@ -416,16 +477,14 @@ class DiffusionSDPOTrainer(Trainer):
         self.loss_since_log = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         return loss
 
-    def _branch_gradients_step(self, model, batch: PlacedMicroBatch, backward: Backward) -> torch.Tensor:
-        """The step of a safeguard that needs the winner's and the loser's gradients apart: its backward stage's
-        passes (one with per-layer taps, or one per branch where a layer could not split them), run on the unwrapped
-        denoiser outside the engine's wrapper and reducing what the engine would have, then its hook
-        (``g_w + lambda * h_l`` written as the gradient). Returns the loss averaged over the accumulation window."""
-        model.train()
-        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers, as transformers' step
-            self.optimizer.train()
+    def _engine_branch_gradients_step(self, model, batch: PlacedMicroBatch, backward: Backward) -> torch.Tensor:
+        """The exact rule under an engine that steps inside its own backward (DeepSpeed: accelerate's ``backward``
+        runs ``engine.step()`` at the window's end). There the passes' engine backward calls and the combination's
+        must all come before the step, so they cannot follow Trainer's backward: this is the one step that does not
+        go through ``super().training_step``. Returns the loss averaged over the accumulation window."""
+        model.train()  # as transformers' step sets it before compute_loss
         policy = model if backward.through_engine else self.accelerator.unwrap_model(model)
-        with self.compute_loss_context_manager():  # an inversion (SmPO) runs the denoiser as the predictions do
+        with self.compute_loss_context_manager():
             noised = batch.noised = self.stages.noised_pair(policy, batch.inputs, "train", self.state.global_step)
             window = BackwardWindow(
                 self.current_gradient_accumulation_steps,
@@ -442,9 +501,6 @@ class DiffusionSDPOTrainer(Trainer):
                     gradient_pass.backward(batch.evaluation.loss, predictions)
             if gradient_pass.branches is not None:  # the safeguard's hook: lambda, and g_w + lambda * h_l written
                 batch.lambdas.update(self.safeguard.combine(gradient_pass.branches, self.optimizer))
-        steps = self.args.torch_empty_cache_steps
-        if steps is not None and self.state.global_step % steps == 0:  # as transformers' step
-            clear_device_cache()
         return batch.evaluation.loss.detach() / self.current_gradient_accumulation_steps
 
     def _objective(
@@ -482,12 +538,22 @@ class DiffusionSDPOTrainer(Trainer):
         (nothing is weighted without a backward)."""
         if isinstance(inputs, PlacedMicroBatch):
             batch = inputs
-            batch.noised = self.stages.noised_pair(model, batch.inputs, "train", self.state.global_step)
-            predictions = self.stages.predict_noised(model, batch.noised, separate_branches=False)
-            batch.evaluation, batch.lambdas = self._objective(
-                predictions, batch.inputs.get("pair_scores"), not batch.replay
-            )
-            loss = batch.evaluation.loss * 0.0 if batch.replay else batch.evaluation.loss
+            passes = batch.passes  # the exact rule's passes (the parameter and update spaces), else None
+            policy = model if passes is None else passes.policy
+            batch.noised = self.stages.noised_pair(policy, batch.inputs, "train", self.state.global_step)
+
+            def predict_and_evaluate(separate_branches: bool) -> tuple[torch.Tensor, PreferencePredictions]:
+                predictions = self.stages.predict_noised(policy, batch.noised, separate_branches)
+                batch.evaluation, batch.lambdas = self._objective(
+                    predictions, batch.inputs.get("pair_scores"), not batch.replay
+                )
+                return batch.evaluation.loss, predictions
+
+            if passes is not None:  # the loss carries the passes' backward into Trainer's (their hook follows it)
+                loss = passes.loss(batch.noised.num_pairs, predict_and_evaluate)
+            else:
+                loss = predict_and_evaluate(False)[0]
+                loss = loss * 0.0 if batch.replay else loss
             return (loss, {"logits": batch.evaluation.output.logits}) if return_outputs else loss
         mode = "train" if model.training else "eval"
         inputs, replay = self._batch(inputs, mode)

@@ -5,8 +5,9 @@
 
 Each case trains the tiny Stable Diffusion pipeline (``trl_diffusion_sdpo.testing``, built from its config with seed
 0) for 3 optimizer steps of 2 pairs on six coloured pairs, with every default the comparison could depend on set
-explicitly (beta, mu, learning rate, warmup), for Diffusion-DPO and each safeguard space, LoRA and full tuning; the
-fingerprint is the SHA-256 of every trainable tensor's bytes in name order, and the tensors' sum in float64.
+explicitly (beta, mu, learning rate, warmup), for Diffusion-DPO and each safeguard space, LoRA and full tuning (the
+exact rule also with its per-branch passes and with an accumulation window of two micro-batches); the fingerprint
+is the SHA-256 of every trainable tensor's bytes in name order, and the tensors' sum in float64.
 
 Two options run the checkout with a part of another's, to find which part moves the weights:
 ``--clip-order optimizer`` clips the gradients in a trainer subclass over the optimizer's parameters in its groups'
@@ -22,6 +23,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +34,9 @@ CASES = {
     "output": {"safeguard_space": "output", "safeguard_mu": 0.5},
     "parameter": {"safeguard_space": "parameter", "safeguard_mu": 0.5},
     "update": {"safeguard_space": "update", "safeguard_mu": 0.5},
+    # the exact rule's per-branch passes (one forward and backward per branch) and an accumulation window of two
+    "parameter-two-passes": {"safeguard_space": "parameter", "safeguard_mu": 0.5, "safeguard_passes": "two"},
+    "parameter-accumulated": {"safeguard_space": "parameter", "safeguard_mu": 0.5, "gradient_accumulation_steps": 2},
 }
 CLIP_ORDER_HELP = (
     "trainer: the package's trainer (transformers clips over model.parameters()); optimizer: a subclass that clips "
@@ -168,8 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         before, after = (json.loads(Path(p).read_text()) for p in args.compare)
         cases = _comparison(before, after)
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.harness import machine_description
+
         result = {
             "what": __doc__.strip(),
+            "command": "python benchmarks/tools/weights_identity.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine_description("cpu", threads=1),
+            "load_average_1_5_15_min_at_comparison": list(os.getloadavg()),
             "checkouts": args.label,
             "cases": cases,
             args.label[0]: before,

@@ -64,12 +64,3 @@ def test_a_plain_step_is_trainers_own_training_step_running_compute_loss(make_tr
     for loss, scaled in zip(losses, backpropagated):
         torch.testing.assert_close(scaled, loss / _ACCUMULATION, rtol=0, atol=0)
 
-
-def test_the_exact_rule_keeps_its_own_backward(make_trainer):
-    """The parameter space's branches need their own backward: its stage runs it, not transformers' step."""
-    trainer = make_trainer(max_steps=1, safeguard_space="parameter", safeguard_mu=0.5)
-    trainer_step = transformers.Trainer.training_step
-    with mock.patch.object(transformers.Trainer, "training_step", autospec=True, side_effect=trainer_step) as steps:
-        trainer.train()
-    assert steps.call_count == 0
-    assert trainer.state.global_step == 1

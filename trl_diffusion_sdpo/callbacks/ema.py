@@ -26,16 +26,43 @@ EMA_FOLDER = "ema"
 class EMAWeights(TrainerCallback):
     """An exponential moving average of ``parameters`` (diffusers' ``EMAModel``), stepped after every optimizer step.
 
+    The trainer builds one from ``ema_decay``; a Python user may build one and pass it in ``callbacks=`` instead
+    (``ema_decay`` left unset), and the trainer takes it (:meth:`attach`): validation grids then sample its weights::
+
+        ema = EMAWeights(decay=0.999)
+        DiffusionSDPOTrainer(pipe, args=config, train_dataset=pairs, callbacks=[ema])
+
     Args:
-        parameters: the trained weights (LoRA adapters, or the whole denoiser).
-        decay: the EMA's decay.
-        save: ``save(folder)`` writes the trained weights to ``folder`` in the run's format (the trainer's
-            ``_save``); it is called with the EMA weights swapped in.
+        parameters: the trained weights (LoRA adapters, or the whole denoiser); ``None``: the trainable weights of
+            the trainer's :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.policy`, when it takes the EMA.
+        decay: the EMA's decay, in (0, 1).
+        save: ``save(folder)`` writes the trained weights to ``folder`` in the run's format; it is called with the
+            EMA weights swapped in. ``None``: the trainer's :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.
+            save_weights`, when it takes the EMA.
     """
 
-    def __init__(self, parameters: Sequence[torch.nn.Parameter], decay: float, save: Callable[[str], Any]) -> None:
-        self.parameters, self.decay, self.save = list(parameters), decay, save
+    #: what the trainer looks for in ``callbacks=`` (one of each kind of run control per run)
+    run_control = "ema"
+
+    def __init__(
+        self,
+        parameters: Sequence[torch.nn.Parameter] | None = None,
+        decay: float | None = None,
+        save: Callable[[str], Any] | None = None,
+    ) -> None:
+        if decay is None or not 0.0 < decay < 1.0:
+            raise ValueError(f"EMAWeights needs a decay in (0, 1), got {decay!r}")
+        self.parameters = None if parameters is None else list(parameters)
+        self.decay, self.save = decay, save
         self.ema = None  # started with training, from the weights it starts from (a resumed checkpoint's too)
+
+    def attach(self, trainer: Any) -> None:
+        """Taken by ``trainer`` (built by hand and passed in ``callbacks=``): the weights and the save function left
+        unset are the trainer's (its policy's trainable weights, its :meth:`save_weights`)."""
+        if self.parameters is None:
+            self.parameters = [p for p in trainer.policy.parameters() if p.requires_grad]
+        if self.save is None:
+            self.save = trainer.save_weights
 
     def on_train_begin(self, args, state, control, **kwargs):
         from diffusers.training_utils import EMAModel  # diffusers' training utilities: imported when used

@@ -16,7 +16,7 @@ The components take what they need (the trainer's save function, the margin obje
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from transformers import EarlyStoppingCallback, TrainerCallback
@@ -30,13 +30,38 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EARLY_STOPPING_METRIC",
+    "RUN_CONTROL",
     "GuardState",
     "PathologyAction",
     "configure_early_stopping",
     "early_stopping",
+    "run_control_given",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+#: the run control a trainer takes from ``callbacks=`` instead of building it from its config, by the ``run_control``
+#: each class declares: the health alarm (:class:`~.health.WinnerHealth`), the guards (:class:`GuardState`), the EMA
+#: (:class:`~.ema.EMAWeights`), the probe and the rewind (:class:`~.probe.ProbeCallback`,
+#: :class:`~.rewind.RewindCallback`)
+RUN_CONTROL = ("health", "guards", "ema", "probe", "rewind")
+
+
+def run_control_given(callbacks: Sequence[Any]) -> dict[str, Any]:
+    """The run control among ``callbacks`` by kind (:data:`RUN_CONTROL`): one of each per run, a second refused."""
+    given: dict[str, Any] = {}
+    for callback in callbacks:
+        kind = getattr(callback, "run_control", None)
+        if kind not in RUN_CONTROL:
+            continue
+        if kind in given:
+            raise ValueError(
+                f"callbacks= holds two {type(callback).__name__} ({kind!r}): a run takes one of each kind of run "
+                f"control ({', '.join(RUN_CONTROL)})"
+            )
+        given[kind] = callback
+    return given
 
 
 class PathologyAction:
@@ -150,16 +175,60 @@ class GuardState(TrainerCallback, ExportableState):
     the file back before ``on_train_begin`` on resume, where this puts it back into the guards (every process reads
     the same file). The values are the reduced ones, equal on every process.
 
+    The trainer builds one from its config (:meth:`from_config`); a Python user may build one and pass it in
+    ``callbacks=``, and the trainer takes it instead (:meth:`attach`), e.g. to raise ``mu`` when the alarm fires::
+
+        guards = GuardState(action=PathologyAction("escalate"))
+        DiffusionSDPOTrainer(pipe, args=config, train_dataset=pairs, callbacks=[guards])
+
     Args:
-        auto_beta: the run's ``AutoBeta`` (``None`` without ``auto_beta``).
-        margin: the safeguard's ``SafeguardMargin`` (``None`` without a safeguard).
-        action: the run's :class:`PathologyAction`.
+        auto_beta: the run's ``AutoBeta`` (``None``: no auto-beta).
+        margin: the safeguard's ``SafeguardMargin`` (``None``: the trainer's safeguard's, when it takes the guards;
+            none without a safeguard).
+        action: what a flagged log does (:class:`PathologyAction`; ``None``: ``PathologyAction("warn")``). Its
+            ``margin``, and for ``"safeguard"`` its ``switch``, are the trainer's when left unset.
     """
 
-    def __init__(self, auto_beta: AutoBeta | None, margin: Any | None, action: PathologyAction) -> None:
-        self.auto_beta, self.margin, self.action = auto_beta, margin, action
-        moving = margin if margin is not None and margin.auto else None  # a fixed mu never moves
-        self.adapting = [guard for guard in (auto_beta, moving) if guard is not None]
+    #: what the trainer looks for in ``callbacks=`` (one of each kind of run control per run)
+    run_control = "guards"
+
+    def __init__(
+        self,
+        auto_beta: AutoBeta | None = None,
+        margin: Any | None = None,
+        action: PathologyAction | None = None,
+    ) -> None:
+        self.auto_beta, self.margin = auto_beta, margin
+        self.action = PathologyAction("warn") if action is None else action
+        self.adapting: list[Any] = []
+        self._adapt()
+
+    def _adapt(self) -> None:
+        moving = self.margin if self.margin is not None and self.margin.auto else None  # a fixed mu never moves
+        self.adapting = [guard for guard in (self.auto_beta, moving) if guard is not None]
+
+    def attach(self, trainer: Any) -> None:
+        """Taken by ``trainer`` (built by hand and passed in ``callbacks=``): what was left unset is the trainer's,
+        read from its public surface: the margin of :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard`, and
+        for ``PathologyAction("safeguard")`` a switch to its
+        :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.dormant_safeguard` (or, where the config has none, the
+        regime's :func:`~.health.switch_target`, built by
+        :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.safeguard_by_name` and checked against the engine now)."""
+        if self.margin is None and trainer.safeguard is not None:
+            self.margin = trainer.safeguard.margin
+        if self.action.margin is None:
+            self.action.margin = self.margin
+        if self.action.action == "safeguard" and self.action.switch is None:
+            target = switch_target(trainer.args)
+            dormant = trainer.dormant_safeguard
+            if dormant is None:  # built and checked against the engine now, in force when the alarm fires
+                if target is None:
+                    raise ValueError("PathologyAction('safeguard'): this run's regime has no safeguard to switch to")
+                fields = {k.removeprefix("safeguard_"): v for k, v in target.items() if k != "safeguard_space"}
+                dormant = trainer.safeguard_by_name(target["safeguard_space"], **fields)
+            self.action.switch = lambda: trainer.set_safeguard(dormant)
+            self.action.switch_to = dict(target or {"safeguard_space": dormant.name})
+        self._adapt()
 
     @classmethod
     def from_config(cls, args, num_processes: int, margin: Any, switch: Callable[[], Any] | None = None) -> GuardState:

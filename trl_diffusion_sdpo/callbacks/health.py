@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from transformers import TrainerCallback
+
 from ..safeguards import safeguard_for
 
 if TYPE_CHECKING:
@@ -211,15 +213,38 @@ def _offline_remedies(args: Any) -> list[str]:
     return found
 
 
-class WinnerHealth:
-    """Adds ``health/winner_pathology`` to every training log that has ``delta/winner`` and warns once when it is
-    1, naming the remedies. The trainer calls :meth:`annotate` on a log before transformers records it, so the
-    reporting callbacks and ``state.log_history`` see the metric with the rest of the log."""
+class WinnerHealth(TrainerCallback):
+    """The health alarm: adds ``health/winner_pathology`` to every training log that has ``delta/winner`` and warns
+    once when it is 1, naming the remedies. The trainer calls :meth:`annotate` on a log before transformers records
+    it, so the reporting callbacks, the guards and ``state.log_history`` see the metric with the rest of the log.
+
+    The trainer builds one from its config; a Python user may build one (another ``rule``, say) and pass it in
+    ``callbacks=``, and the trainer uses it instead (one per run)::
+
+        health = WinnerHealth(rule=PathologyRule(windows=3, window_steps=5, min_delta_winner=0.01,
+                                                 max_implicit_acc=None))
+        DiffusionSDPOTrainer(pipe, args=config, train_dataset=pairs, callbacks=[health])
+
+    Args:
+        rule: when the alarm fires (:class:`PathologyRule`; :data:`RULE`, the calibrated one, by default).
+        args: the run's config, for the remedies the warning names (:func:`remedies`; ``None``: the offline
+            defaults' remedies). A health built by hand is given the trainer's config when the trainer takes it
+            (:meth:`attach`), unless it was given one.
+    """
+
+    #: what the trainer looks for in ``callbacks=`` (one of each kind of run control per run)
+    run_control = "health"
 
     def __init__(self, rule: PathologyRule = RULE, args: Any | None = None) -> None:
         self.rule = rule
         self.remedies = remedies(args)
+        self._given_args = args is not None
         self.warned = False
+
+    def attach(self, trainer: Any) -> None:
+        """Taken by ``trainer`` (built by hand and passed in ``callbacks=``): the remedies of its config."""
+        if not self._given_args:
+            self.remedies = remedies(trainer.args)
 
     def annotate(self, logs: dict[str, float], history: Sequence[Mapping[str, float]], step: int) -> None:
         """Add the verdict on ``history`` (the logs recorded so far) followed by ``logs`` (the log of optimizer

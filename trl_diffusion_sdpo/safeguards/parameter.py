@@ -249,6 +249,12 @@ class ParameterSpaceBackward:
         self._probed = False
 
     @property
+    def engine_steps_in_backward(self) -> bool:
+        """Whether the engine owns the reduced gradients and steps inside its own backward (DeepSpeed): the passes
+        and the combination then run before any backward of Trainer's, not inside it."""
+        return self.collectives.owns_gradients
+
+    @property
     def mu(self) -> float | torch.Tensor:
         """``mu`` in force (``safeguard_mu="auto"`` moves it between optimizer steps)."""
         return self.margin.value
@@ -498,7 +504,11 @@ class OnePass:
         self._contexts.enter_context(stage.collectives.tapped_pass(store.parameters))
         return self
 
-    def backward(self, loss: torch.Tensor, predictions: PreferencePredictions) -> None:
+    def backward(
+        self, loss: torch.Tensor, predictions: PreferencePredictions, scale: torch.Tensor | None = None
+    ) -> None:
+        if scale is not None:  # the engine's own: what transformers' step handed its backward
+            self.scale = scale
         stage, store = self.stage, self.stage.one_pass
         failed = bool(store.failures)
         if self._probe:
@@ -561,7 +571,11 @@ class PerBranchPasses:
         self._accumulated = stage.collectives.set_aside_accumulated(self.policy, stage.store.parameters)
         return self
 
-    def backward(self, loss: torch.Tensor, predictions: PreferencePredictions) -> None:
+    def backward(
+        self, loss: torch.Tensor, predictions: PreferencePredictions, scale: torch.Tensor | None = None
+    ) -> None:
+        if scale is not None:  # the engine's own: what transformers' step handed its backward
+            self.scale = scale
         stage, store = self.stage, self.stage.store
         cot_winner, cot_loser = loss_cotangents(loss, predictions, self.scale, self.window.contributes)
         reduce_winner = stage.collectives.winner_reduction(stage.global_scope)

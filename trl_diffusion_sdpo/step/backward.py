@@ -3,23 +3,31 @@
 Diffusion-DPO's backward, and the output space's, is transformers' own: ``Trainer.training_step`` divides the loss
 :meth:`~trl_diffusion_sdpo.trainer.DiffusionSDPOTrainer.compute_loss` returns by the accumulation window and runs the
 engine's backward (accelerate's ``backward``: its loss scale, DeepSpeed's own accumulation). The parameter and update
-spaces bring their own (:class:`~trl_diffusion_sdpo.safeguards.parameter.ParameterSpaceBackward`), behind this
-interface (:class:`Backward`), which the trainer runs in place of transformers' step::
+spaces bring a stage of their own (:class:`~trl_diffusion_sdpo.safeguards.parameter.ParameterSpaceBackward`), behind
+this interface (:class:`Backward`); the trainer runs it inside transformers' step (:class:`PassesInStep`)::
 
-    for gradient_pass in backward.passes(policy, window):
-        with gradient_pass:                       # the exact rule's taps are on inside
-            predictions = ...(separate_branches=gradient_pass.separate_branches)
-            loss = ...                            # errors -> objective
-            gradient_pass.backward(loss, predictions)
-    gradient_pass.branches                        # the branches' gradients for the safeguard's hook
+    with PassesInStep(backward, policy, window) as passes:   # the taps' context: the pass is entered in compute_loss
+        loss = super().training_step(model, batch)            # compute_loss: passes.loss(pairs, predict_and_evaluate)
+                                                              # Trainer's backward reaches the pass's backward
+    safeguard.combine(passes.branches, optimizer)             # lambda, and g_w + lambda * h_l written
+
+Inside, a pass reads::
+
+    with gradient_pass:                       # the exact rule's taps are on inside
+        predictions = ...(separate_branches=gradient_pass.separate_branches)
+        loss = ...                            # errors -> objective
+        gradient_pass.backward(loss, predictions, scale)
+    gradient_pass.branches                    # the branches' gradients for the safeguard's hook
 
 It takes one pass, except at a first micro-batch where a layer could not split the branches inside it: then a second,
-one forward and backward per branch, on the same noised pair.
+one forward and backward per branch, on the same noised pair (run inside the same backward of Trainer's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +35,7 @@ import torch
 
 from ..objectives import PreferencePredictions
 
-__all__ = ["Backward", "BackwardWindow", "GradientPass"]
+__all__ = ["Backward", "BackwardWindow", "GradientPass", "PassesInStep"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +68,11 @@ class GradientPass(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
-    def backward(self, loss: torch.Tensor, predictions: PreferencePredictions) -> None:
-        """Backpropagate ``loss``, formed from ``predictions`` inside this pass."""
+    def backward(
+        self, loss: torch.Tensor, predictions: PreferencePredictions, scale: torch.Tensor | None = None
+    ) -> None:
+        """Backpropagate ``loss``, formed from ``predictions`` inside this pass, multiplied by ``scale`` (what the
+        engine's backward multiplies a loss by; ``None``: the stage's own reckoning of it)."""
 
 
 class Backward(Protocol):
@@ -73,3 +84,101 @@ class Backward(Protocol):
 
     def passes(self, policy: torch.nn.Module, window: BackwardWindow) -> Iterator[GradientPass]:
         """The micro-batch's passes, one at a time (the next only if the last could not form the gradients)."""
+
+
+#: ``run(separate_branches) -> (loss, predictions)``: a pass's forward, errors and objective (compute_loss's part)
+PassForward = Callable[[bool], tuple[torch.Tensor, PreferencePredictions]]
+
+
+class _CarriedBackward(torch.autograd.Function):
+    """The loss :meth:`PassesInStep.loss` returns: its value is the objective's, and the engine's backward reaching it
+    runs the micro-batch's passes with the gradient it hands down (the engine's scale: transformers' division by the
+    accumulation window, the fp16 grad scaler's scale), as reentrant activation checkpointing runs its recomputation
+    inside a backward. Its only differentiable input is a zero-dim anchor: the passes write the weights' gradients
+    themselves (split by branch), so nothing flows from here into the graph."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, anchor: torch.Tensor, run_backward: Callable[[torch.Tensor], None]):
+        ctx.run_backward = run_backward
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, scale: torch.Tensor):
+        ctx.run_backward(scale)
+        return None, None, None
+
+
+class PassesInStep:
+    """The exact rule's passes of one micro-batch inside transformers' ``Trainer.training_step``.
+
+    The trainer enters it around ``super().training_step`` (the taps' context). Its ``compute_loss`` calls
+    :meth:`loss`, which enters the first pass and runs its forward; the loss it returns carries the pass's backward,
+    which the engine's backward in Trainer's step runs, with the engine's scale. Where the first micro-batch's one pass
+    could not split the branches, the per-branch passes follow inside that same backward, on the same noised pair.
+    Afterwards :attr:`branches` holds the branches' gradients for the safeguard's hook.
+
+    This is the one place the exact rule meets Trainer's backward: a safeguard stage needs the backward split by
+    branch and ``lambda`` chosen between the backward and the optimizer, and Trainer offers no public hook between its
+    ``accelerator.backward`` and the step, so the loss carries the split backward (see :class:`_CarriedBackward`).
+
+    Args:
+        backward: the safeguard's stage.
+        policy: the module the passes run (the unwrapped denoiser unless the stage runs through the engine).
+        window: the micro-batch's place in its accumulation window (its ``pairs`` set by :meth:`loss`).
+        context: entered around each pass's forward and backward (``Trainer.compute_loss_context_manager``).
+    """
+
+    def __init__(
+        self,
+        backward: Backward,
+        policy: torch.nn.Module,
+        window: BackwardWindow,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        self.backward, self.policy, self.window, self.context = backward, policy, window, context
+        #: after the step, the branches' gradients for the safeguard's hook
+        self.branches: Any = None
+        self._passes: Iterator[GradientPass] | None = None
+        self._open: GradientPass | None = None
+        self._forward: PassForward | None = None
+        self._formed: tuple[torch.Tensor, PreferencePredictions] | None = None
+
+    def __enter__(self) -> PassesInStep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._open is not None:  # an error between the forward and the backward: the pass's context closed
+            gradient_pass, self._open = self._open, None
+            gradient_pass.__exit__(*exc)
+
+    def loss(self, pairs: int, forward: PassForward) -> torch.Tensor:
+        """The first pass entered and its forward run (``forward(separate_branches)``); the returned loss, of the
+        objective's value, carries the passes' backward."""
+        self.window = dataclasses.replace(self.window, pairs=pairs)
+        self._passes, self._forward = self.backward.passes(self.policy, self.window), forward
+        self._run(next(self._passes))
+        loss = self._formed[0]
+        anchor = torch.zeros((), device=loss.device, requires_grad=True)
+        # the loss's value only: its graph is the passes' to backpropagate, never the engine's
+        return _CarriedBackward.apply(loss.detach(), anchor, self._backward)
+
+    def _run(self, gradient_pass: GradientPass) -> None:
+        gradient_pass.__enter__()
+        self._open = gradient_pass
+        with torch.enable_grad(), self.context():  # inside a backward (a fallback pass) grad mode is off
+            self._formed = self._forward(gradient_pass.separate_branches)
+
+    def _backward(self, scale: torch.Tensor) -> None:
+        while True:
+            gradient_pass, (loss, predictions) = self._open, self._formed
+            with self.context():
+                gradient_pass.backward(loss, predictions, scale)
+            self._open, self._formed = None, None
+            gradient_pass.__exit__(None, None, None)
+            if gradient_pass.branches is not None:
+                self.branches = gradient_pass.branches
+                return
+            following = next(self._passes, None)
+            if following is None:
+                raise RuntimeError("the safeguard's backward stage formed no gradients for the micro-batch")
+            self._run(following)

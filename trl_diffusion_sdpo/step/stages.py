@@ -289,6 +289,8 @@ class PlacedMicroBatch:
         noised: the noised pair the predictions were taken on (set by ``compute_loss``).
         evaluation: the objective's evaluation (set by ``compute_loss``).
         lambdas: the safeguard's ``lambda`` by metric name, where its hook acts on the predictions.
+        passes: the exact rule's passes (a :class:`~trl_diffusion_sdpo.step.backward.PassesInStep`) where the
+            safeguard keeps the branches' gradients apart, else ``None``.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -296,6 +298,7 @@ class PlacedMicroBatch:
     noised: NoisedMicroBatch | None = None
     evaluation: Any = None
     lambdas: dict[str, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+    passes: Any = None
 
     def __len__(self) -> int:
         # Trainer refuses a batch of length 0 (no keys); the micro-batch's length is its keys'.

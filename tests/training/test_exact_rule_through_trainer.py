@@ -1,0 +1,82 @@
+"""The exact rule's step (the parameter and update spaces) is transformers' own ``Trainer.training_step`` too: the
+passes' backward runs inside the engine's backward that Trainer's step calls, with the scale Trainer's step gave it
+(the division by the accumulation window), and the safeguard's hook follows the call."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import transformers
+
+from trl_diffusion_sdpo.safeguards.parameter import OnePass, PerBranchPasses
+
+CASES = {
+    # name: (config overrides, accumulation window, the pass classes expected)
+    "parameter-one-pass": ({"safeguard_space": "parameter"}, 2, {OnePass}),
+    "parameter-two-passes": ({"safeguard_space": "parameter", "safeguard_passes": "two"}, 2, {PerBranchPasses}),
+    "update": ({"safeguard_space": "update"}, 1, {OnePass}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_exact_rule_runs_inside_trainers_training_step_and_backward(make_trainer, name):
+    overrides, accumulation, expected_passes = CASES[name]
+    trainer = make_trainer(
+        max_steps=2 // accumulation, gradient_accumulation_steps=accumulation, safeguard_mu=0.5, **overrides
+    )
+    trainer_step = transformers.Trainer.training_step
+    engine_backward = trainer.accelerator.backward
+    inside_engine_backward = [False]
+    passes: list[tuple[type, bool, float]] = []  # (pass class, inside the engine's backward, scale it was given)
+    combined: list[bool] = []  # the hook ran after Trainer's step returned (not inside it)
+    in_trainer_step = [False]
+
+    def spy_trainer_step(self, *args, **kwargs):
+        in_trainer_step[0] = True
+        try:
+            return trainer_step(self, *args, **kwargs)
+        finally:
+            in_trainer_step[0] = False
+
+    def spy_engine_backward(loss, **kwargs):
+        inside_engine_backward[0] = True
+        try:
+            return engine_backward(loss, **kwargs)
+        finally:
+            inside_engine_backward[0] = False
+
+    def spy_pass(cls):
+        original = cls.backward
+
+        def backward(self, loss, predictions, scale=None):
+            passes.append((cls, inside_engine_backward[0], None if scale is None else float(scale)))
+            return original(self, loss, predictions, scale)
+
+        return mock.patch.object(cls, "backward", autospec=True, side_effect=backward)
+
+    combine = type(trainer.safeguard).combine
+
+    def spy_combine(self, *args, **kwargs):
+        combined.append(in_trainer_step[0])
+        return combine(self, *args, **kwargs)
+
+    with (
+        mock.patch.object(transformers.Trainer, "training_step", autospec=True, side_effect=spy_trainer_step) as steps,
+        mock.patch.object(trainer.accelerator, "backward", side_effect=spy_engine_backward),
+        mock.patch.object(type(trainer.safeguard), "combine", autospec=True, side_effect=spy_combine),
+        spy_pass(OnePass),
+        spy_pass(PerBranchPasses),
+    ):
+        trainer.train()
+
+    assert trainer.state.global_step == 2 // accumulation
+    assert steps.call_count == 2  # every micro-batch went through transformers' step
+    assert {cls for cls, _, _ in passes} == expected_passes
+    assert len(passes) == 2
+    # Each pass's backward ran inside the engine's backward of Trainer's step, with Trainer's division by the window
+    assert all(inside for _, inside, _ in passes)
+    assert [scale for _, _, scale in passes] == [1.0 / accumulation] * 2
+    # The hook chose lambda after Trainer's step returned, once per micro-batch
+    assert combined == [False, False]
