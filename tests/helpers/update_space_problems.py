@@ -10,13 +10,13 @@ from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate
 def _counted(update: OptimizerUpdate) -> list[int]:
     """The number of lambdas of each evaluation pass of ``update`` from now on."""
     passes: list[int] = []
-    evaluate = update.decreases
+    evaluate = update.winner_decreases
 
-    def counted(points: list[float]) -> list[float]:
-        passes.append(len(points))
+    def counted(points: torch.Tensor) -> torch.Tensor:
+        passes.append(points.numel())
         return evaluate(points)
 
-    update.decreases = counted
+    update.winner_decreases = counted
     return passes
 
 
