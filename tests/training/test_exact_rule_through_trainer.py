@@ -7,7 +7,6 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
-import torch
 import transformers
 
 from trl_diffusion_sdpo.safeguards.parameter import OnePass, PerBranchPasses

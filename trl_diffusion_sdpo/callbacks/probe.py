@@ -117,17 +117,26 @@ def hold_back_pairs(train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[A
     return hold_back_rows(train_dataset, args.probe_pairs)
 
 
-def hold_back_rows(train_dataset: Any, count: int, rows: str = "rows") -> tuple[Any, Dataset]:
-    """``(train_dataset without them, held)``: the last ``count`` rows of ``train_dataset`` (the first ones of a
-    streamed dataset), refused where too few would be left; ``rows`` names them in the errors."""
+def hold_back_rows(
+    train_dataset: Any, count: int, rows: str = "rows", *, seed: int | None = None
+) -> tuple[Any, Dataset]:
+    """``(train_dataset without them, held)``: ``count`` rows of ``train_dataset`` held back, refused where too few
+    would be left; ``rows`` names them in the errors. Without ``seed`` the last ``count`` rows (the first ones of a
+    streamed dataset); with ``seed`` (a ``datasets.Dataset`` only) ``count`` rows drawn by a generator seeded with it,
+    each part kept in the dataset's order. The held rows' ``info.description`` says how they were held back, which a
+    probe built on them states in the start summary."""
     if isinstance(train_dataset, IterableDataset):
+        if seed is not None:
+            raise ValueError(
+                "hold_back_rows(seed=...) draws rows of a datasets.Dataset; a streamed one gives its first"
+            )
         held = list(train_dataset.take(count))
         if len(held) < count:
             raise ValueError(
                 f"probe_pairs={count}: the streamed train_dataset holds only {len(held)} {rows}; lower probe_pairs "
                 "or give an eval_dataset"
             )
-        return train_dataset.skip(count), Dataset.from_list(held)
+        return train_dataset.skip(count), _described(Dataset.from_list(held), f"its first {count} {rows}")
     if not isinstance(train_dataset, Dataset):
         raise ValueError(
             "probe_steps without an eval_dataset holds pairs back from a datasets.Dataset or IterableDataset; with "
@@ -139,8 +148,23 @@ def hold_back_rows(train_dataset: Any, count: int, rows: str = "rows") -> tuple[
             f"probe_pairs={count} would hold back every one of the {len(train_dataset)} training {rows}: lower "
             "probe_pairs or give an eval_dataset"
         )
-    keep = len(train_dataset) - count
-    return train_dataset.select(range(keep)), train_dataset.select(range(keep, len(train_dataset)))
+    if seed is None:
+        keep = len(train_dataset) - count
+        kept, held_rows, how = range(keep), range(keep, len(train_dataset)), f"its last {count} {rows}"
+    else:
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(train_dataset))
+        kept, held_rows = sorted(order[count:].tolist()), sorted(order[:count].tolist())
+        how = f"{count} {rows} drawn with seed {seed}"
+    return train_dataset.select(kept), _described(train_dataset.select(held_rows), how)
+
+
+def _described(held: Dataset, how: str) -> Dataset:
+    """``held`` with ``info.description`` saying how it was held back from the training data (``select`` and
+    ``from_list`` give each dataset an info of its own: the training part's stays as it was)."""
+    held.info.description = f"held back from the training data ({how})"
+    return held
 
 
 class HeldOutProbe:
@@ -382,7 +406,9 @@ def compose_probe(trainer: Any, held: Dataset | None, callbacks: Sequence[Any]) 
         count = args.probe_pairs if probe.held is None else len(probe.held)
         probe.bind(probe_for_trainer(trainer, probe.held, every=probe.every, count=count))
         if probe.held is not None:
-            probe.source = f"{count} pairs passed to its ProbeCallback"
+            how = getattr(getattr(probe.held, "info", None), "description", "") or ""
+            how = f", {how}" if how.startswith("held back") else ""
+            probe.source = f"{count} pairs passed to its ProbeCallback{how}"
     else:
         probe = probe_for_trainer(trainer, held)
     if rewinds:
