@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_diffusion_sdpo.cli import option_table
+from trl_diffusion_sdpo.cli import stored_options
 from trl_diffusion_sdpo.cli.option_table import OPTION_FILE, parse_stored
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,9 +19,9 @@ def test_stored_option_table_is_the_real_parsers():
     """The file equals the table made from ``estimate-memory``'s real parser now (``train``'s argument classes and
     the estimate's): an option added, removed or changed there fails here until the file is regenerated."""
     stored = json.loads(OPTION_FILE.read_text())
-    fresh = json.loads(json.dumps(option_table.generate()))
+    fresh = json.loads(json.dumps(stored_options.generate()))
     assert [e["dest"] for e in stored["options"]] == [e["dest"] for e in fresh["options"]]
-    assert stored == fresh, "python -m trl_diffusion_sdpo.cli.option_table regenerates it"
+    assert stored == fresh, "python -m trl_diffusion_sdpo.cli.stored_options regenerates it"
 
 
 def _real_namespace(argv: list[str]) -> dict:

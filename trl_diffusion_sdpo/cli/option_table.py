@@ -3,9 +3,9 @@ transformers (whose ``TrainingArguments`` ``train``'s parser is built on).
 
 :func:`option_table` writes down each option of the real parser (:func:`~.memory.make_estimate_parser`: ``train``'s
 options and the estimate's own): its spellings, the argument class it belongs to, its type, default, choices and
-``nargs``. :data:`OPTION_FILE` holds that table for ``train``'s YAML files:
+``nargs``. :data:`OPTION_FILE` holds that table for ``train``'s YAML files (:mod:`.stored_options` makes it):
 
-    python -m trl_diffusion_sdpo.cli.option_table   # rewrites estimate_options.json
+    python -m trl_diffusion_sdpo.cli.stored_options   # rewrites estimate_options.json
 
 :func:`parse_stored` reads ``--config`` and flags with a standard-library parser built from the file, as TRL's
 parser reads them (the YAML file's values become the options' defaults, flags override them), then runs the config's
@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["OPTION_FILE", "StoredArguments", "generate", "option_table", "parse_stored"]
+__all__ = ["OPTION_FILE", "StoredArguments", "option_table", "parse_stored"]
 
 #: the stored table of ``estimate-memory``'s options for ``train``'s YAML files
 OPTION_FILE = Path(__file__).with_name("estimate_options.json")
@@ -94,22 +94,11 @@ def option_table(parser: argparse.ArgumentParser, argument_types: Sequence[type]
             }
         )
     return {
-        "generated_by": "python -m trl_diffusion_sdpo.cli.option_table",
+        "generated_by": "python -m trl_diffusion_sdpo.cli.stored_options",
         "argument_types": [cls.__name__ for cls in argument_types],
         "regime": regime,
         "options": options,
     }
-
-
-def generate() -> dict[str, Any]:
-    """The table of ``estimate-memory``'s real parser for ``train``'s YAML files, as :data:`OPTION_FILE` holds it."""
-    from ..config.fields import DiffusionSDPOConfig
-    from . import train
-    from .memory import EstimateArguments, make_estimate_parser
-
-    return option_table(
-        make_estimate_parser(False), (*train.ARGUMENT_TYPES, EstimateArguments), DiffusionSDPOConfig.regime
-    )
 
 
 @functools.cache
@@ -246,8 +235,3 @@ def parse_stored(argv: Sequence[str]) -> tuple[StoredArguments, ...] | None:
     except ValueError:
         return None
     return tuple(groups)
-
-
-if __name__ == "__main__":
-    OPTION_FILE.write_text(json.dumps(generate(), indent=1) + "\n")
-    print(f"wrote {OPTION_FILE}")

@@ -1,0 +1,29 @@
+"""Make ``estimate-memory``'s stored option table (:data:`~.option_table.OPTION_FILE`) from its real parser:
+
+    python -m trl_diffusion_sdpo.cli.stored_options   # rewrites trl_diffusion_sdpo/cli/estimate_options.json
+
+``tests/memory/test_stored_option_table.py`` compares the file with :func:`generate`'s table."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .option_table import OPTION_FILE, option_table
+
+__all__ = ["generate"]
+
+
+def generate() -> dict[str, Any]:
+    """The table of ``estimate-memory``'s real parser for ``train``'s YAML files, as :data:`OPTION_FILE` holds it."""
+    from ..config.fields import DiffusionSDPOConfig
+    from . import train
+    from .memory import EstimateArguments, make_estimate_parser
+
+    argument_types = (*train.ARGUMENT_TYPES, EstimateArguments)
+    return option_table(make_estimate_parser(False), argument_types, DiffusionSDPOConfig.regime)
+
+
+if __name__ == "__main__":
+    OPTION_FILE.write_text(json.dumps(generate(), indent=1) + "\n")
+    print(f"wrote {OPTION_FILE}")
