@@ -95,8 +95,9 @@ class ProbeRule:
         return value > self.threshold if self.above else value < self.threshold
 
     def package(self) -> ProbeAlarmRule | None:
-        """The package's rule (``callbacks.rewind.ProbeAlarmRule``) this one is, where it can say it."""
-        if self.signal == "delta_winner" and self.above:
+        """The package's rule (``callbacks.rewind.ProbeAlarmRule``, on ``winner_rise_z``) this one is, where it can
+        say it."""
+        if self.signal == "winner_rise_z" and self.above:
             return ProbeAlarmRule(patience=self.patience, threshold=self.threshold)
         return None
 
@@ -241,12 +242,13 @@ def _calibration_record(
 ) -> dict[str, Any]:
     """The part of a calibration's record the offline and the online one share: the grid searched, the rules
     compared, the package's rule for ``mode`` and whether it is the calibrated one, and the scores."""
-    package = rules["calibrated"].package()
+    earlier = DELTA_RULES[mode]
+    package = ProbeRule("delta_winner", True, earlier.threshold, earlier.patience)
     return {
         "grid": grid_record(grid),
         "rules": {name: asdict(rule) for name, rule in rules.items()},
         "package_rule": asdict(DELTA_RULES[mode]),
-        "package_rule_is_calibrated": package is not None and package == DELTA_RULES[mode],
+        "package_rule_is_calibrated": package == rules["calibrated"],
         "chosen_on": on_choose,
         "aim": {"precision": 0.9, "recall": 0.9},
         "confusion": matrices,
@@ -441,6 +443,189 @@ def analyse_online(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------ the probe's own units
+
+Z_SOURCE = RESULTS / "probe" / "cpu-probe-z-runs.json"
+Z_OUTPUT = RESULTS / "probe" / "cpu-probe-alarm-z-calibration.json"
+Z_START, Z_END = "<!-- probe-alarm-z-tables:start -->", "<!-- probe-alarm-z-tables:end -->"
+#: the one rule's grid: ``winner_rise_z`` above a threshold (standard errors), ``patience`` in a row
+Z_GRID: Grid = {"winner_rise_z": ((True,), (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0))}
+SIGNALS["winner_rise_z"] = lambda r: r["winner_rise_z"]
+
+
+def package_z_rule() -> ProbeRule:
+    """The package's rule at the config's defaults (``probe_alarm_z``, ``probe_alarm_patience``: their one home)."""
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+
+    fields = DiffusionSDPOConfig.__dataclass_fields__
+    return ProbeRule("winner_rise_z", True, fields["probe_alarm_z"].default, fields["probe_alarm_patience"].default)
+
+
+def load_z_runs(path: Path = Z_SOURCE) -> list[dict[str, Any]]:
+    """The runs of ``probe_z_runs.py``'s result file: per run its model (``benchmark`` or ``wide``), mode, cell,
+    seed, setting, whether a safeguard trains, its probe readings and its held-out colour reward change per
+    evaluation step."""
+    report = json.loads(path.read_text())
+    stored = json.loads(SOURCE.read_text())["regimes"]["offline"]["runs"]
+    runs: list[dict[str, Any]] = []
+    for part, entry in report["parts"].items():
+        model = "wide" if part.startswith("wide") else "benchmark"
+        for key, run in entry.get("runs", {}).items() if part != "online" else ():
+            changes = {int(s): v for s, v in run["reward_change"].items()}
+            curve = "this run's"
+            twin = stored.get(key) if model == "benchmark" else None
+            if twin is not None and twin["reward_change"][str(max(changes))] == changes[max(changes)]:
+                # the probe study's run of the same key: the same training bit for bit (equal at the last step),
+                # measured at every probe's step
+                changes, curve = {int(s): v for s, v in twin["reward_change"].items()}, f"{_source(SOURCE)}'s"
+            runs.append(
+                {
+                    "id": f"{part}/{key}",
+                    "model": model,
+                    "mode": "offline",
+                    "cell": f"{model}, offline, lr {run['learning_rate']:g}",
+                    "seed": int(run["seed"]),
+                    "method": run["method"],
+                    "safeguard": any(word in run["method"] for word in SAFEGUARDED),
+                    "probe": run["probe"],
+                    "reward_change": changes,
+                    "curve": curve,
+                }
+            )
+    for regime, entry in report["parts"].get("online", {}).get("regimes", {}).items():
+        for key, run in entry["runs"].items():
+            runs.append(
+                {
+                    "id": f"online/{regime}/{key}",
+                    "model": "benchmark",
+                    "mode": "online",
+                    "cell": f"benchmark, {regime}, lr {entry['learning_rate']:g}",
+                    "seed": int(run["seed"]),
+                    "method": run["method"],
+                    "safeguard": run["method"].startswith("sdpo"),
+                    "probe": run["probe"],
+                    "reward_change": {int(s): m["colour_reward"] - entry["base"] for s, m in run["curve"].items()},
+                    "curve": "this run's",
+                }
+            )
+    return runs
+
+
+def z_side(run: dict[str, Any]) -> str:
+    """``choose``: the benchmark's runs of even seeds, offline and online together (one rule for both); ``report``:
+    its odd seeds; ``second_model``: every run of the wide model (never chosen on)."""
+    if run["model"] != "benchmark":
+        return "second_model"
+    return split(run)
+
+
+def _z_groups(runs: list[dict[str, Any]], rules: dict[str, ProbeRule]) -> dict[str, Any]:
+    """Per set of runs (side, mode, cell and safeguard), each rule's confusion matrix."""
+    groups: dict[str, Any] = {}
+    sides = ("report", "second_model", "choose")
+    for side_ in sides:
+        mine = [r for r in runs if z_side(r) == side_]
+        keys = [f"{side_}"] + [f"{side_}, {m}" for m in ("offline", "online")]
+        keys += [f"{side_}, {c}, safeguard {'on' if g else 'off'}" for c in dict.fromkeys(r["cell"] for r in mine)
+                 for g in (False, True)]  # fmt: skip
+        for key in keys:
+            parts = key.split(", ")
+            chosen = [
+                r
+                for r in mine
+                if (len(parts) < 2 or parts[1] in (r["mode"], r["cell"].split(", ")[0]))
+                and (len(parts) < 3 or ", ".join(parts[1:-1]) == r["cell"])
+                and (len(parts) < 3 or r["safeguard"] == (parts[-1] == "safeguard on"))
+            ]
+            if chosen:
+                groups[key] = {name: score(chosen, rule) for name, rule in rules.items()}
+    return groups
+
+
+def analyse_z(path: Path = Z_SOURCE) -> dict[str, Any]:
+    """The one rule in the probe's units: chosen over :data:`Z_GRID` on the benchmark's even seeds (offline and
+    online), reported on its odd seeds per mode, cell and safeguard, and on the wide model without recalibrating;
+    beside it the per-mode rules on ``delta_winner`` the package read before (:data:`DELTA_RULES`)."""
+    runs = load_z_runs(path)
+    chosen, on_choose = choose_rule([r for r in runs if z_side(r) == "choose"], Z_GRID)
+    package = package_z_rule()
+    delta = {m: ProbeRule("delta_winner", True, r.threshold, r.patience) for m, r in DELTA_RULES.items()}
+    rules = {"calibrated": chosen, "package": package}
+    groups = _z_groups(runs, rules)
+    for mode, rule in delta.items():  # the earlier rules, each on its own mode's runs
+        for side_ in ("report", "second_model"):
+            mine = [r for r in runs if z_side(r) == side_ and r["mode"] == mode]
+            if mine:
+                groups[f"{side_}, {mode}"][f"delta_rule_{mode}"] = score(mine, rule)
+    report = json.loads(path.read_text())
+    return {
+        "what": "The held-out probe's one alarm rule in its own units (probe/winner_rise_z) on runs that log it with "
+        "the probe never acting: chosen on the benchmark's even seeds, offline and online together, reported on its "
+        "odd seeds and, without recalibrating, on a second model (benchmarks/studies/probe_alarm.py --z).",
+        "command": "python benchmarks/studies/probe_alarm.py --z",
+        "source": _source(path),
+        "source_commands": report["commands"],
+        "machine": report["machine"],
+        "load": report["load"],
+        "probe": report["probe"],
+        "second_model": report["wide_model"],
+        "label": f"fell: the held-out colour reward at the last eval step more than {TOLERANCE} below the base's",
+        "split": "chosen on the benchmark's runs of even training seeds, offline and online together (best F1; ties: "
+        "fewer false alarms, more strictly timely alarms, the first in the grid); reported on its odd seeds; the "
+        "second model's runs are all held out",
+        "grid": grid_record(Z_GRID),
+        "rules": {name: asdict(rule) for name, rule in rules.items()}
+        | {f"delta_rule_{m}": asdict(r) for m, r in delta.items()},
+        "package_rule_is_calibrated": package == chosen,
+        "chosen_on": on_choose,
+        "aim": {"precision": 0.9, "recall": 0.9},
+        "confusion": groups,
+        "runs": [
+            {
+                "id": r["id"],
+                "model": r["model"],
+                "mode": r["mode"],
+                "cell": r["cell"],
+                "seed": r["seed"],
+                "split": z_side(r),
+                "method": r["method"],
+                "safeguard": r["safeguard"],
+                "reward_change": round(r["reward_change"][max(r["reward_change"])], 6),
+                "fell": label(r),
+                "peak_winner_rise_z": max((p["winner_rise_z"] for p in r["probe"]), default=None),
+                "peak_delta_winner": max((p["delta_winner"] for p in r["probe"]), default=None),
+                "calibrated_fires_at": fires(r, chosen),
+                "package_fires_at": fires(r, package),
+                "held_out_curve": r["curve"],
+            }
+            for r in runs
+        ],
+    }
+
+
+def z_tables(result: dict[str, Any]) -> str:
+    """The Markdown table of the z calibration: per set of runs, the package's rule's confusion matrix, and the
+    earlier per-mode rules beside it where measured."""
+    rule = result["rules"]["package"]
+    lines = [
+        f"The package's rule: {describe(rule)} (calibrated on the runs chosen on: "
+        f"{'yes' if result['package_rule_is_calibrated'] else 'no, ' + describe(result['rules']['calibrated'])}).",
+        "",
+        "| runs | n | fired, fell | fired, held | quiet, fell | quiet, held | precision | recall "
+        "| earlier `delta_winner` rule: precision, recall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for group, entry in result["confusion"].items():
+        m = entry["package"]
+        earlier = next((v for k, v in entry.items() if k.startswith("delta_rule_")), None)
+        other = "" if earlier is None else f"{_cell(earlier['precision'])}, {_cell(earlier['recall'])}"
+        lines.append(
+            f"| {group} | {m['runs']} | {m['fired_fell']} | {m['fired_held']} | {m['quiet_fell']} | {m['quiet_held']} "
+            f"| {_cell(m['precision'])} | {_cell(m['recall'])} | {other} |"
+        )
+    return "\n".join(lines)
+
+
 def _cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -540,7 +725,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help=f"Recompute and compare with {OUTPUT.name}.")
     parser.add_argument("--table", action="store_true", help="Print the Markdown tables of the written file.")
     parser.add_argument("--page", action="store_true", help=f"Write the tables into {PAGE.name}'s marked blocks.")
+    parser.add_argument("--z", action="store_true", help=f"The one rule in the probe's units: {Z_OUTPUT.name}.")
     args = parser.parse_args(argv)
+    if args.z:
+        if args.page or args.table:
+            block = z_tables(json.loads(Z_OUTPUT.read_text()))
+            if args.page:
+                write_page_block(Z_START, Z_END, block)
+            else:
+                print(block)
+            return 0
+        result = json.loads(json.dumps(analyse_z()))
+        if args.check:
+            same = json.loads(Z_OUTPUT.read_text()) == result
+            print(f"{Z_OUTPUT.name}: {'up to date' if same else 'differs from the recomputation'}")
+            return 0 if same else 1
+        Z_OUTPUT.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: result[k] for k in ("rules", "chosen_on", "package_rule_is_calibrated")}, indent=1))
+        return 0
     if args.table or args.page:
         written = json.loads(OUTPUT.read_text())
         blocks = {(START, END): tables(written), (ONLINE_START, ONLINE_END): online_tables(written["online"])}

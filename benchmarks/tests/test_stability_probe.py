@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -117,7 +116,7 @@ def _online_run(method: str, seed: int, reward: float, **extra) -> dict:
 def test_the_online_goal_pairs_the_rewind_of_todays_rule_with_the_probe_logged_runs_and_the_stored_settings(
     tmp_path, monkeypatch
 ):
-    current = asdict(online_study.PROBE_ALARM["online"])
+    current = online_study.package_rule()
     stored = {
         "base": {"measures": ONLINE_BASE},
         "config": {"beta": 5000.0},
@@ -208,7 +207,7 @@ def test_the_search_takes_the_lowest_learning_rate_where_most_search_seeds_lose_
 
 
 def test_a_searched_regimes_own_fixed_setting_is_its_best_fixed_setting_in_the_online_goal(tmp_path, monkeypatch):
-    current = asdict(online_study.PROBE_ALARM["online"])
+    current = online_study.package_rule()
     stored = {"base": {"measures": ONLINE_BASE}, "config": {"beta": 5000.0}, "grid_learning_rate": 1e-3,
               "runs": {f"s{seed}-old": _online_run("max-margin-5", seed, 0.5) for seed in range(3)}}  # fmt: skip
     (tmp_path / "stored.json").write_text(json.dumps(stored))

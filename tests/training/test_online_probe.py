@@ -15,8 +15,9 @@ from peft import LoraConfig
 
 from tests.helpers.online import LORA, PROMPTS, online_config, red_minus_blue
 from tests.helpers.rewind import Recorder, ScriptedAlarm, equal, states_equal, trained_weights
+from trl_diffusion_sdpo import DiffusionSDPOConfig
 from trl_diffusion_sdpo.callbacks.probe import probe_seed
-from trl_diffusion_sdpo.callbacks.rewind import PROBE_ALARM
+from trl_diffusion_sdpo.callbacks.rewind import probe_alarm
 from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
 from trl_diffusion_sdpo.demo.shapes import all_captions
 from trl_diffusion_sdpo.engines.base import trainable_parameters
@@ -172,9 +173,10 @@ def test_the_start_summary_states_the_held_back_prompts_and_how_they_were_paired
     assert f"on {HELD} pairs of {HELD} prompts held back from the training prompts" in summary
     assert "sampled once before training by the initial policy" in summary
     assert "then stops with the healthy weights" in summary
-    # An online run's alarm reads the online rule, calibrated on online runs, and the summary states it.
-    assert trainer.probe.rewind.rule == PROBE_ALARM["online"] != PROBE_ALARM["offline"]
-    assert f"the alarm ({PROBE_ALARM['online'].describe()})" in summary
+    # One rule offline and online: the config's fields, at the offline config's defaults.
+    offline = probe_alarm(DiffusionSDPOConfig(output_dir="unused", use_cpu=True))
+    assert trainer.probe.rewind.rule == probe_alarm(trainer.args) == offline
+    assert f"the alarm ({offline.describe()})" in summary
 
 
 def test_an_online_probe_refuses_what_it_cannot_honour(tmp_path):

@@ -186,12 +186,18 @@ def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
 
     root = Path(__file__).resolve().parents[2]
     page = " ".join((root / "docs" / "safeguard.md").read_text().split())
-    offline = PROBE_ALARM["offline"]
-    assert f"`probe/delta_winner` is above {offline.threshold:g}, and the alarm fires after {offline.patience}" in page
-    # The online rule, as the start summary states it, on the safeguard page and the online one.
-    online = PROBE_ALARM["online"].describe()
-    for name in ("safeguard.md", "online.md"):
-        assert online in " ".join((root / "docs" / name).read_text().replace("`", "").split()), name
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+
+    fields = DiffusionSDPOConfig.__dataclass_fields__
+    z, patience, draws = (fields[f].default for f in ("probe_alarm_z", "probe_alarm_patience", "probe_noise_draws"))
+    assert (
+        f"above `probe_alarm_z` (default {z:g}), and the alarm fires after `probe_alarm_patience` (default "
+        f"{patience})" in page
+    )
+    assert f"`probe_noise_draws` times (default {draws}," in page
+    # One rule online: the online page names the same fields and no rule of its own.
+    online = " ".join((root / "docs" / "online.md").read_text().split())
+    assert "the same rule online as offline" in online and "above `probe_alarm_z`" in online
     runs = json.loads((root / "benchmarks" / "results" / "probe" / "cpu-probe-cost-tiny.json").read_text())["runs"]
     shares = {run["probe_steps"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in runs}
     assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page
