@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -106,6 +107,32 @@ def run_shape(
     from ..families.preparation import wants_gradient_checkpointing
     from .train import base_quantization_for
 
+    targets = model_args.lora_target_modules
+    if isinstance(targets, str):  # TRL's ModelConfig makes a one-item list its item
+        targets = (targets,)
+    return _shape(
+        args,
+        model_args,
+        estimate_args,
+        family,
+        lora_targets=tuple(targets or family_lora_targets(family)),
+        base_quantization=base_quantization_for(model_args, diffusion_args).name,
+        checkpointing=wants_gradient_checkpointing(args),
+        latent_cache=bool(args.cache_latents or diffusion_args.latent_cache),
+    )
+
+
+def _shape(
+    args: Any,
+    model_args: Any,
+    estimate_args: Any,
+    family: str,
+    *,
+    lora_targets: tuple[str, ...],
+    base_quantization: str,
+    checkpointing: bool,
+    latent_cache: bool,
+) -> RunShape:
     half = args.bf16 or args.fp16 or model_args.dtype in ("bfloat16", "float16")
     lora = model_args.use_peft
     if family in ("stable-diffusion", "stable-diffusion-xl"):
@@ -121,13 +148,13 @@ def run_shape(
         prompt_tokens=prompt_tokens,
         dtype_bytes=2 if half else 4,
         lora_rank=model_args.lora_r if lora else None,
-        lora_targets=tuple(model_args.lora_target_modules or family_lora_targets(family)),
-        base_quantization=base_quantization_for(model_args, diffusion_args).name,
+        lora_targets=lora_targets,
+        base_quantization=base_quantization,
         optim=str(getattr(args.optim, "value", args.optim)),
         engine=estimate_args.engine,
         num_processes=estimate_args.num_processes,
-        activation_checkpointing=wants_gradient_checkpointing(args),
-        latent_cache=bool(args.cache_latents or diffusion_args.latent_cache),
+        activation_checkpointing=checkpointing,
+        latent_cache=latent_cache,
         offload_frozen=args.offload_frozen_modules,
         safeguard=_safeguard(args),
         lora_r=model_args.lora_r,
@@ -195,19 +222,103 @@ def _parses(parser: Any, argv: list[str]) -> bool:
     return True
 
 
-def run_estimate_memory(argv: list[str] | None = None) -> int:
-    """``trl-diffusion-sdpo estimate-memory``: parse ``argv`` and print the estimate; returns the exit status."""
-    from ..engines.memory import estimate_memory, model_sizes
+def _answer(
+    sizes: Any,
+    shape: RunShape,
+    estimate_args: Any,
+    model: str,
+    accepted: Callable[[list[str]], bool],
+    options: Collection[str],
+) -> str:
+    """What the command prints: the estimate, the verdict and, where the run does not fit, the advice (the changes
+    ``accepted`` takes among ``options``, the command's)."""
+    from ..engines.memory import estimate_memory
     from ..engines.memory.advice import fit_advice, plan_verdict
+
+    memo: dict[tuple, tuple[int, str]] = {}  # the meta forwards of this call, shared with the advice's
+    estimate = estimate_memory(sizes, shape, memo)
+    found = plan_verdict(estimate.total_bytes, estimate_args.gpu, sizes.family, shape)
+    advice = None
+    if not found.fits:
+        advice = fit_advice(sizes, shape, found.gpu_gb, accepted=accepted, options=options, activations_memo=memo)
+    if estimate_args.json:
+        card = {
+            "gpu_gb": found.gpu_gb,
+            "fits": found.fits,
+            "margin_gib": found.margin_gib,
+            "planned_gib": found.planned_gib,
+            "plan": found.plan,
+            "advice": None if advice is None else advice.as_dict(),
+        }
+        return json.dumps({"model": model, "family": sizes.family, **estimate.as_dict(), **card})
+    line = verdict_line(found, estimate_args.gpu is not None)
+    return f"{format_estimate(estimate, shape, model)}\n{line if advice is None else f'{line} {advice.sentence()}'}"
+
+
+def _stored_answer(argv: list[str]) -> str | None:
+    """The command's output for ``argv`` from the stored option table (:mod:`.option_table`) and the known models'
+    stored counts (:mod:`~trl_diffusion_sdpo.engines.memory.stored`), nothing of transformers or diffusers imported;
+    ``None`` where either lacks what the run needs (the real parser and the model built on the meta device answer
+    then)."""
+    from ..engines.memory.stored import NotStored, stored_model_sizes
+    from .command_parser import REFUSED_OPTIONS
+    from .option_table import _table, parse_stored
+
+    given = ["--use_cpu", "true", *argv]
+    parsed = None if is_online_config(argv) else parse_stored(given)
+    if parsed is None:
+        return None
+    _, args, model_args, diffusion_args, estimate_args = parsed
+    defaults = {entry["dest"]: entry["default"] for entry in _table()["options"]}
+    if (
+        model_args.model_name_or_path is None
+        or any(getattr(model_args, name) != defaults[name] for name in REFUSED_OPTIONS)
+        or model_args.dtype not in (None, "auto", "float32", "bfloat16", "float16")
+        or estimate_args.num_processes < 1
+        or (estimate_args.gpu is not None and estimate_args.gpu <= 0)
+    ):
+        return None  # refused: by the real parser's words
+    sizes = stored_model_sizes(model_args.model_name_or_path)
+    if sizes is None:
+        return None
+    shape = _shape(
+        args,
+        model_args,
+        estimate_args,
+        sizes.family,
+        lora_targets=sizes.counts.family_lora_targets,
+        base_quantization=diffusion_args.base_quantization,
+        checkpointing=bool(args.activation_checkpointing),
+        latent_cache=bool(args.cache_latents or diffusion_args.latent_cache),
+    )
+    options = {f"--{name}" for name in defaults}
+    accepted = lambda flags: parse_stored([*given, *flags]) is not None  # noqa: E731
+    try:
+        return _answer(sizes, shape, estimate_args, model_args.model_name_or_path, accepted, options)
+    except (NotStored, ValueError):
+        return None
+
+
+def run_estimate_memory(argv: list[str] | None = None, stored: bool = True) -> int:
+    """``trl-diffusion-sdpo estimate-memory``: parse ``argv`` and print the estimate; returns the exit status.
+    ``stored``: answer from the stored option table and model counts where they hold the run (the same output, in a
+    fraction of the time), else with the real parser and the model built on the meta device."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if stored:
+        answer = _stored_answer(argv)
+        if answer is not None:
+            print(answer)
+            return 0
+    from ..engines.memory import model_sizes
     from .parsing import parse_or_exit
     from .train import DiffusionScriptArguments, check_supported_model
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     online = is_online_config(argv)
     parser = make_estimate_parser(online)
     # transformers refuses bf16 without a GPU unless use_cpu is set; the estimate reads the flag nowhere, and flags
     # given after this one still win
-    parsed = parse_or_exit(parser, ["--use_cpu", "true", *argv])  # exits on --help
+    given = ["--use_cpu", "true", *argv]
+    parsed = parse_or_exit(parser, given)  # exits on --help
     if online:
         _, args, model_args, estimate_args = parsed
         diffusion_args = DiffusionScriptArguments()
@@ -221,38 +332,11 @@ def run_estimate_memory(argv: list[str] | None = None) -> int:
             raise ValueError(f"--gpu is a GPU's memory in GB, e.g. 24; got {estimate_args.gpu}")
         sizes = model_sizes(model_args.model_name_or_path)
         shape = run_shape(args, model_args, diffusion_args, estimate_args, sizes.family)
-        memo: dict[tuple, tuple[int, str]] = {}  # the meta forwards of this call, shared with the advice's
-        estimate = estimate_memory(sizes, shape, memo)
+        # the changes the command's own parser takes for this run (a config's rules included)
+        accepted = lambda flags: _parses(parser, [*given, *flags])  # noqa: E731
+        print(_answer(sizes, shape, estimate_args, model_args.model_name_or_path, accepted, estimate_options(online)))
     except ValueError as err:
         parser.error(str(err))
-    found = plan_verdict(estimate.total_bytes, estimate_args.gpu, sizes.family, shape)
-    advice = None
-    if not found.fits:  # the changes the command's own parser takes for this run (a config's rules included)
-        given = ["--use_cpu", "true", *argv]
-        advice = fit_advice(
-            sizes,
-            shape,
-            found.gpu_gb,
-            accepted=lambda flags: _parses(parser, [*given, *flags]),
-            options=estimate_options(online),
-            activations_memo=memo,
-        )
-    if estimate_args.json:
-        card = {
-            "gpu_gb": found.gpu_gb,
-            "fits": found.fits,
-            "margin_gib": found.margin_gib,
-            "planned_gib": found.planned_gib,
-            "plan": found.plan,
-            "advice": None if advice is None else advice.as_dict(),
-        }
-        print(
-            json.dumps({"model": model_args.model_name_or_path, "family": sizes.family, **estimate.as_dict(), **card})
-        )
-    else:
-        print(format_estimate(estimate, shape, model_args.model_name_or_path))
-        line = verdict_line(found, estimate_args.gpu is not None)
-        print(line if advice is None else f"{line} {advice.sentence()}")
     return 0
 
 

@@ -1,0 +1,92 @@
+"""``estimate-memory`` answers from its stored option table and model counts with the output the real parser and the
+model built on the meta device give (the full text, and the JSON), imports neither transformers nor diffusers doing
+so, and leaves what the stored tables do not hold (a local folder, a refusal, a resolution not stored) to the slow
+path, which says the same as before."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trl_diffusion_sdpo.cli import memory
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "examples" / "configs"
+
+
+def outputs(capsys, argv: list[str]) -> tuple[str, str]:
+    """What the command prints from the stored tables, and from the real parser and the meta-device model."""
+    assert memory._stored_answer(argv) is not None, "the stored path must answer this run"
+    texts = []
+    for stored in (True, False):
+        assert memory.run_estimate_memory(argv, stored=stored) == 0
+        texts.append(capsys.readouterr().out)
+    return texts[0], texts[1]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", str(CONFIGS / "sd15_lora.yaml")],  # a UNet that fits
+        pytest.param(  # a UNet's advice: meta forwards per change on the slow path
+            ["--config", str(CONFIGS / "sdxl_full.yaml"), "--gpu", "24"], marks=pytest.mark.slow
+        ),
+        ["--config", str(CONFIGS / "flux_lora.yaml"), "--gpu", "24", "--json"],  # a transformer's advice
+        ["--config", str(CONFIGS / "wan_lora.yaml"), "--engine", "zero3", "--num_processes", "4"],  # video frames
+    ],
+)
+def test_stored_answer_is_the_meta_devices(capsys, argv):
+    stored, slow = outputs(capsys, argv)
+    assert stored == slow and "total" in stored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("online")))
+@pytest.mark.parametrize("flags", [["--gpu", "24"], ["--gpu", "48", "--optim", "adafactor"], ["--json"]])
+def test_every_shipped_config_answers_the_same_from_the_stored_tables(capsys, config, flags):
+    argv = ["--config", str(CONFIGS / f"{config}.yaml"), *flags]
+    if memory._stored_answer(argv) is None:
+        pytest.skip(f"{config}: not a known Hub pipeline (read from its folder)")
+    stored, slow = outputs(capsys, argv)
+    assert stored == slow
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", str(CONFIGS / "tiny_cpu.yaml")],  # a shipped local model: read from its folder
+        ["--config", str(CONFIGS / "sd15_lora.yaml"), "--resolution", "520"],  # a UNet resolution not stored
+        ["--config", str(CONFIGS / "sd15_lora.yaml"), "--lora_target_modules", "to_q", "to_v"],  # other targets
+        ["--config", str(CONFIGS / "flux_lora.yaml"), "--gpu", "0"],  # refused
+    ],
+)
+def test_what_the_stored_tables_do_not_hold_goes_the_slow_way(argv):
+    assert memory._stored_answer(argv) is None
+
+
+def test_a_refusal_reads_the_same_as_before(capsys):
+    """A typo leaves the stored path: the real parser refuses it, with the closest option, as it did."""
+    argv = ["--config", str(CONFIGS / "flux_lora.yaml"), "--gpuu", "24"]
+    errors = []
+    for stored in (True, False):
+        with pytest.raises(SystemExit) as exit_info:
+            memory.run_estimate_memory(argv, stored=stored)
+        assert exit_info.value.code == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and "--gpu" in errors[0]
+
+
+def test_stored_answer_imports_no_transformers_or_diffusers():
+    code = (
+        "import sys\n"
+        "from trl_diffusion_sdpo.cli.main import main\n"
+        f"status = main(['estimate-memory', '--config', {str(CONFIGS / 'sdxl_lora.yaml')!r}, '--gpu', '24'])\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'diffusers', 'trl', 'peft'})\n"
+        "print('IMPORTED', heavy, status)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "IMPORTED [] 0" in done.stdout, done.stdout + done.stderr
+    assert "Fits a 24 GB GPU" in done.stdout or "Does not fit a 24 GB GPU" in done.stdout

@@ -1,0 +1,62 @@
+"""The known pipelines' stored denoiser counts are what the estimator counts on the model built on the meta device
+(regenerated and compared), and an estimate from them is the estimate from the model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from trl_diffusion_sdpo.engines.memory import KNOWN_MODELS, RunShape, estimate_memory
+from trl_diffusion_sdpo.engines.memory.estimate import known_model_sizes
+from trl_diffusion_sdpo.engines.memory.stored import STORED_FILE, count_model, stored_model_sizes
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+FLUX = "black-forest-labs/FLUX.1-dev"
+STORED = json.loads(STORED_FILE.read_text())["models"]
+
+
+def test_every_known_pipeline_is_stored():
+    assert sorted(STORED) == sorted(KNOWN_MODELS)
+
+
+@pytest.mark.parametrize("name", [SD15, FLUX])
+def test_stored_counts_are_the_estimators(name):
+    """The entry regenerated from the model built on the meta device (a UNet's activations at two of its stored
+    shapes: 512 px in bf16, with and without checkpointing) equals the stored one."""
+    keys = [(64, 77, 2, False), (64, 77, 2, True)]
+    fresh = count_model(name, activation_keys=keys)
+    stored = dict(STORED[name])
+    if "unet_activations" in stored:
+        stored["unet_activations"] = {
+            k: v for k, v in stored["unet_activations"].items() if k in fresh["unet_activations"]
+        }
+        assert len(stored["unet_activations"]) == len(keys)
+    assert fresh == stored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
+def test_every_stored_entry_is_the_estimators(name):
+    assert count_model(name) == STORED[name]
+
+
+SHAPES = [
+    RunShape(pairs=2, resolution=512, lora_rank=8),
+    RunShape(pairs=1, resolution=512, lora_rank=32, base_quantization="quanto-int4", activation_checkpointing=True),
+    RunShape(pairs=3, resolution=256, dtype_bytes=4, optim="adafactor", safeguard="one_pass"),
+    RunShape(
+        pairs=1, resolution=1024, optim="adamw_torch_8bit", engine="zero3", num_processes=4, safeguard="two_pass"
+    ),
+]
+
+
+@pytest.mark.parametrize("name", [SD15, FLUX])
+def test_estimate_from_stored_counts_is_the_models(name):
+    """Every term, parameter count and method line of the estimate, from the stored counts and from the model."""
+    stored, built = stored_model_sizes(name), known_model_sizes(name)
+    assert stored.denoiser is None and built.denoiser is not None
+    for shape in SHAPES:
+        shape = replace(shape, lora_targets=stored.counts.family_lora_targets)  # the targets stored: the family's
+        assert estimate_memory(stored, shape).as_dict() == estimate_memory(built, shape).as_dict(), shape
