@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -146,7 +147,32 @@ def step_record(profile: torch.profiler.profile) -> dict:
     }
 
 
-def run(lora: bool, before: dict, rounds: int, workdir: str, bf16: bool = False) -> dict:
+def _switch_taps(safeguards: dict, current: str) -> None:
+    """Only the current safeguard's per-layer taps on the model (outside the timed window): taps kept across passes
+    (``LayerTaps.install``/``close``) would otherwise stay on the shared model through the other rows' steps, where a
+    run with one safeguard has none; taps of a checkout that installs them per pass have no such methods."""
+    for name, safeguard in safeguards.items():
+        store = getattr(getattr(safeguard, "backward_stage", None), "one_pass", None)
+        taps = getattr(store, "taps", None)
+        if taps is not None and hasattr(taps, "close") and name != current:
+            taps.close()
+    store = getattr(getattr(safeguards[current], "backward_stage", None), "one_pass", None)
+    if store is not None and hasattr(store.taps, "install"):
+        store.taps.install()
+
+
+def run(
+    lora: bool,
+    before: dict,
+    rounds: int,
+    workdir: str,
+    bf16: bool = False,
+    build_pipeline: Callable[[str], object] | None = None,
+    config: dict | None = None,
+) -> dict:
+    """One trainer run per tuning, the safeguards alternating step by step (see the module docstring);
+    ``build_pipeline(tokenizer_dir)`` (the tiny SD pipeline by default) and ``config`` (more config fields) set the
+    model and the run."""
     from conftest import fast_config_values, lora_config, pickapic_rows
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -158,7 +184,10 @@ def run(lora: bool, before: dict, rounds: int, workdir: str, bf16: bool = False)
     names = ["dpo", "parameter", "parameter_before", "update", "update_before"]
     names = names if before else [name for name in names if not name.endswith("before")]
     steps = (rounds + 2) * len(names)  # a warmup round, the timed rounds, the profiled round
-    pipeline = build_tiny_sd_pipeline(seed=0, tokenizer_dir=f"{workdir}/tok-{lora}")
+    build_pipeline = build_pipeline or (
+        lambda tokenizer_dir: build_tiny_sd_pipeline(seed=0, tokenizer_dir=tokenizer_dir)
+    )
+    pipeline = build_pipeline(f"{workdir}/tok-{lora}")
     args = DiffusionSDPOConfig(
         **{
             **fast_config_values(f"{workdir}/out"),
@@ -166,6 +195,7 @@ def run(lora: bool, before: dict, rounds: int, workdir: str, bf16: bool = False)
             "logging_steps": 10**6,
             "per_device_train_batch_size": PAIRS,
             "bf16": bf16,
+            **(config or {}),
         }
     )
     dataset = Dataset.from_list(pickapic_rows(PAIRS))  # one batch per epoch: every step reads the same rows
@@ -198,6 +228,7 @@ def run(lora: bool, before: dict, rounds: int, workdir: str, bf16: bool = False)
 
         def begin(self, step: int) -> None:
             trainer.safeguard = safeguards[names[step % len(names)]]
+            _switch_taps(safeguards, names[step % len(names)])
             if step >= profiled:
                 self.profile = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True
