@@ -99,39 +99,49 @@ def test_full_tuning_terms_follow_the_zero_accounting() -> None:
 
 
 def test_safeguard_one_pass_adds_both_rows_to_diffusion_dpos_activation_peak() -> None:
-    """A model of one piece: DDP, both float32 rows (taken whole when the backward starts, where Diffusion-DPO's peak
-    holds no gradient: tests/safeguard/test_one_pass_memory.py measures it); ZeRO-2 in bf16: both rows in bf16,
-    sharded as its gradients; FSDP2: both float32 rows of the shards."""
+    """A model of one piece: DDP in bf16, both rows in bf16 (the products' dtype under autocast; taken whole when the
+    backward starts, where Diffusion-DPO's peak holds no gradient: tests/safeguard/test_one_pass_memory.py measures
+    it), and in float32 both float32 rows; ZeRO-2 in bf16: both rows in bf16, sharded as its gradients; FSDP2: both
+    float32 rows of the shards. Each, or after the backward the rows and the combination's piece beyond the
+    gradients, less the activations, where that is larger."""
     p = sum(t.numel() for t in tiny_unet().parameters())
     sizes = model_sizes(TINY)
-    assert estimate_memory(sizes, _full_shape(safeguard="one_pass")).components["safeguard"] == 8 * p
-    zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2))
-    assert zero2.components["safeguard"] == 2 * 2 * p // 2
-    fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2))
-    assert fsdp2.components["safeguard"] == 8 * p // 2
+    bf16 = estimate_memory(sizes, _full_shape(safeguard="one_pass")).components
+    assert bf16["safeguard"] == max(2 * 2 * p, 2 * 2 * p + 4 * p - 4 * p - bf16["activations"]) == 4 * p
+    fp32 = estimate_memory(sizes, _full_shape(safeguard="one_pass", dtype_bytes=4)).components
+    assert fp32["safeguard"] == max(8 * p, 8 * p + 4 * p - 4 * p - fp32["activations"]) == 8 * p
+    zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2)).components
+    row = 2 * p // 2
+    assert zero2["safeguard"] == max(2 * row, 3 * row - zero2["activations"])
+    fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2)).components
+    row = 4 * p // 2
+    assert fsdp2["safeguard"] == max(2 * row, 3 * row - fsdp2["activations"])
     assert estimate_memory(sizes, _full_shape(safeguard="output")).components["safeguard"] == 0
 
 
-def test_safeguard_one_pass_in_pieces_adds_two_pieces_or_the_losers_row(monkeypatch) -> None:
-    """A model of four pieces (a large model's layout): two pieces' float32 rows at the activations' peak, or the
-    loser's row after the backward less the activations, whichever is larger; ZeRO-2 keeps both bf16 rows to the
-    optimizer step, FSDP2 and ZeRO-3 both float32 rows of their shards in pieces (FSDP2's ``.grad`` is a copy,
-    ZeRO-3's partitions take one)."""
+def test_safeguard_one_pass_in_pieces_adds_two_pieces_or_the_rows_and_a_piece_of_the_combination(monkeypatch) -> None:
+    """A model of four pieces (a large model's layout): two pieces' rows at the activations' peak, or after the
+    backward both rows and one piece of the combination beyond the gradients term less the activations, whichever is
+    larger. In bf16 that is a quarter of a float32 gradient either way (the bf16 rows are the size of the float32
+    gradients they stand for; nothing of them is held at the optimizer step); in float32 the second row and a piece.
+    ZeRO-2 keeps its gradient buffers beside its bf16 rows; FSDP2 and ZeRO-3 float32 rows of their shards."""
     from trl_diffusion_sdpo.engines.memory import pieces as memory_model
 
     p = sum(t.numel() for t in tiny_unet().parameters())
     sizes = model_sizes(TINY)
     monkeypatch.setattr(memory_model, "PIECE_ELEMENTS", -(-p // 4))
-    shape = _full_shape(safeguard="one_pass")
-    plain = estimate_memory(sizes, shape).components
-    assert plain["safeguard"] == max(2 * -(-4 * p // 4), 4 * p - plain["activations"])
-    assert plain["safeguard"] < 8 * p
+    bf16 = estimate_memory(sizes, _full_shape(safeguard="one_pass")).components
+    assert bf16["safeguard"] == max(2 * -(-2 * p // 4), -(-4 * p // 4) - bf16["activations"])
+    assert bf16["safeguard"] <= p + 1  # a quarter of a float32 gradient, where the rows of before held two
+    fp32 = estimate_memory(sizes, _full_shape(safeguard="one_pass", dtype_bytes=4)).components
+    assert fp32["safeguard"] == max(2 * -(-4 * p // 4), 4 * p + -(-4 * p // 4) - fp32["activations"])
     zero2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero2", num_processes=2)).components
-    assert zero2["safeguard"] == max(2 * -(-p // 4), 2 * p - zero2["activations"])
-    fsdp2 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="fsdp2", num_processes=2)).components
-    assert fsdp2["safeguard"] == max(2 * -(-(4 * p // 2) // 4), 2 * (4 * p // 2) - fsdp2["activations"])
-    zero3 = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine="zero3", num_processes=2)).components
-    assert zero3["safeguard"] == max(2 * -(-(4 * p // 2) // 4), 2 * (4 * p // 2) - zero3["activations"])
+    row = 2 * p // 2
+    assert zero2["safeguard"] == max(2 * -(-row // 4), 2 * row + -(-row // 4) - zero2["activations"])
+    for engine in ("fsdp2", "zero3"):
+        sharded = estimate_memory(sizes, _full_shape(safeguard="one_pass", engine=engine, num_processes=2)).components
+        row = 4 * p // 2
+        assert sharded["safeguard"] == max(2 * -(-row // 4), 2 * row + -(-row // 4) - sharded["activations"])
 
 
 def test_lora_trained_parameters_equal_peft_count() -> None:

@@ -19,17 +19,21 @@ the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for floa
   adapters off);
 * mixed-precision cast: autocast keeps a ``d`` copy of the trained weights for the step (dT, full tuning in bf16/fp16);
 * safeguard: the parameter- and update-space safeguards' one pass keeps the winners' and losers' gradients apart in two
-  gradient-sized rows (float32; the winner's becomes ``.grad`` on whole weights), held in ``k`` pieces
-  (``engines/memory/pieces.py``: ``PIECE_ELEMENTS`` weights each, at most ``MAX_PIECES``) whose memory the
-  backward takes as it reaches them. A Diffusion-DPO step holds no gradient while its activations peak (its
-  ``.grad`` return as the backward frees activations), so the pass adds two pieces' rows there (``8T / k``), or after
-  the backward, where the activations are gone, the loser's row (4T) less the activations, whichever is larger. Rows
-  held whole through the forward add 8T (measured on an H200: SD1.5 +6.4 GiB, SDXL +19.0 GiB,
+  gradient-sized rows in the dtype the per-layer products have (``d`` under bf16/fp16 autocast: a linear or
+  convolution weight's gradient is a ``d`` matmul's output; float32 without it; the norms' float32 rows are too
+  small to count), held in ``k`` pieces (``engines/memory/pieces.py``: ``PIECE_ELEMENTS`` weights each, at most
+  ``MAX_PIECES``) whose memory the backward takes as it reaches them. A Diffusion-DPO step holds no gradient while
+  its activations peak (its ``.grad`` return as the backward frees activations), so the pass adds two pieces' rows
+  there (``2 dT / k``). After the backward, where the activations are gone, it holds both rows instead of
+  Diffusion-DPO's gradients, and while it combines them one piece of the combination beside them (each piece of the
+  rows is given back as the combination reads it; nothing of them is held at the optimizer step): ``2 dT + 4T / k -
+  4T`` beyond the other terms, less the activations; the larger of the two is added (in bf16, ``4T / k`` either
+  way). Rows held whole through the forward add ``8T`` (measured on an H200: SD1.5 +6.4 GiB, SDXL +19.0 GiB,
   ``benchmarks/results/cuda-h200-gpu-suite-real.json``).
-  Under DeepSpeed ZeRO-1/2 the engine takes the combination, so both rows stay to the optimizer step, in ``d`` for
-  bf16 (2dT); on FSDP2's and ZeRO-3's shards both rows in float32 in pieces, kept until the engine has the
-  combination (FSDP2's ``.grad`` is a copy; ZeRO-3's partitions take one, and the pieces give their memory back
-  before the optimizer step); the two-pass mode one more float32 gradient (4T);
+  Under DeepSpeed ZeRO-1/2 the rows are in ``d`` (sharded as its gradients) and the engine's gradient buffers stay
+  beside them: both rows and a piece of the combination after the backward; on FSDP2's and ZeRO-3's shards both rows
+  in float32 (the reduce-scatter sums in it) and a piece of the combination; the two-pass mode one more float32
+  gradient (4T);
 * frozen parts: the VAE and text encoders in ``d`` (the VAE in float32 where the family keeps it so); nothing on the
   device with a latent cache (they stay on the CPU) or ``offload_frozen_modules`` (one layer at a time, not counted);
 * activations: what the policy's forward keeps for its backward over the 2B rows of B pairs (below).
@@ -610,13 +614,21 @@ def _optimizer_bytes(optim: str, counts: MetaCounts, trained: int, lora: bool) -
     return OPTIMIZER_BYTES["adamw"] * trained
 
 
-def _one_pass_bytes(trained: int, row: int, activations: int, rows_after: int) -> int:
-    """What the one pass's buffer (two rows of ``row`` bytes over ``trained`` weights, in pieces:
-    safeguards/gradients/one_pass.py) adds to the sum of the other terms: two pieces' rows at the activations' peak
-    (the backward takes a piece's memory when it reaches it), or ``rows_after`` rows after the backward, where the
-    activations are gone, whichever is larger."""
+def _one_pass_bytes(trained: int, row: int, activations: int, after: int) -> int:
+    """What the one pass's rows (two rows of ``row`` bytes over ``trained`` weights, in pieces:
+    safeguards/gradients/one_pass.py) add to the sum of the other terms: two pieces' rows at the activations' peak
+    (the backward takes a piece's memory when it reaches it), or ``after`` (what it holds beyond the other terms once
+    the backward has ended) less the activations, which are gone then, whichever is larger."""
     pieces = one_pass_pieces.piece_count(trained)
-    return max(2 * -(-row // pieces), rows_after * row - activations)
+    return max(2 * -(-row // pieces), after - activations)
+
+
+def _one_pass_after(trained: int, row: int, gradients: int, replaces_gradients: bool) -> int:
+    """What the one pass holds beyond the other terms after the backward: both rows and one piece of the combination
+    (``gradients`` bytes in all, formed piece by piece as the rows are given back), less the gradients term where
+    the combination becomes the gradients (``.grad``) rather than joining an engine's own buffers."""
+    pieces = one_pass_pieces.piece_count(trained)
+    return 2 * row + -(-gradients // pieces) - (gradients if replaces_gradients else 0)
 
 
 def estimate_memory(
@@ -659,12 +671,16 @@ def estimate_memory(
     cast = d * trained // shard_weights if (not lora and d == 2 and not deepspeed) else 0
     optimizer = _optimizer_bytes(shape.optim, counts, trained, lora) // shard_states
     activations, how = activation_bytes(sizes, shape, activations_memo)
-    if not deepspeed and stage == 0:  # float32 rows; the winner's is .grad (counted above) at the optimizer step
-        one_pass = _one_pass_bytes(trained, 4 * trained, activations, rows_after=1)
-    elif deepspeed and stage < 3:  # rows in d; the engine takes the combination: both rows kept to the step
-        one_pass = _one_pass_bytes(trained, d * trained // shard_grads, activations, rows_after=2)
-    else:  # FSDP2, ZeRO-3: the shards' float32 rows in pieces, both kept until the engine has the combination
-        one_pass = _one_pass_bytes(trained, 4 * trained // shard_grads, activations, rows_after=2)
+    if not deepspeed and stage == 0:  # rows in the products' dtype (d under autocast); the combination is .grad
+        row = d * trained
+        after = _one_pass_after(trained, row, gradients, replaces_gradients=True)
+    elif deepspeed and stage < 3:  # rows in d; the engine's gradient buffers beside them
+        row = d * trained // shard_grads
+        after = _one_pass_after(trained, row, row, replaces_gradients=False)
+    else:  # FSDP2, ZeRO-3: the shards' float32 rows (the reduce-scatter sums in float32)
+        row = 4 * trained // shard_grads
+        after = _one_pass_after(trained, row, row, replaces_gradients=False)
+    one_pass = _one_pass_bytes(trained, row, activations, after)
     safeguard = {"one_pass": one_pass, "two_pass": 4 * trained // shard_grads}.get(shape.safeguard, 0)
     frozen = 0
     if not (shape.latent_cache or shape.offload_frozen):
