@@ -7,8 +7,8 @@
 The run: the tiny Stable Diffusion pipeline (``trl_diffusion_sdpo.testing``, seed 0), built and saved by a first
 process and loaded with ``DiffusionPipeline.from_pretrained`` by a fresh second one, as a user's script loads it; LoRA
 adapters (r=4) on four coloured pairs in TRL's preference form, batch 2, 3 optimizer steps (no accumulation) with a
-checkpoint at step 3, then ``trainer.save_model()``. Two runs: Diffusion-DPO (``safeguard_space="none"``) and the exact
-rule (``safeguard_space="parameter"``).
+checkpoint at step 3, then ``trainer.save_model()``. One run per safeguard space: Diffusion-DPO
+(``safeguard_space="none"``), the exact rule (``"parameter"``), the output space and the update space.
 
 Traced (``sys.setprofile``, every Python ``call`` event whose code lives in the package's files):
 - ``training_step``: the package functions called, and their files, during the run's second micro-batch: from the
@@ -56,7 +56,12 @@ from loaded_modules import (  # noqa: E402
 from tests.helpers.source_scans import is_online_reads_in, is_private, private_trainer_reads_in  # noqa: E402
 
 PACKAGE = "trl_diffusion_sdpo"
-SCENARIOS = {"dpo": {"safeguard_space": "none"}, "exact": {"safeguard_space": "parameter", "safeguard_mu": 0.5}}
+SCENARIOS = {
+    "dpo": {"safeguard_space": "none"},
+    "exact": {"safeguard_space": "parameter", "safeguard_mu": 0.5},
+    "output": {"safeguard_space": "output", "safeguard_mu": 0.5},
+    "update": {"safeguard_space": "update", "safeguard_mu": 0.5},
+}
 
 RUN = """
 import json, os, sys
@@ -248,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     package_dir = root / PACKAGE
     reads, online = private_trainer_reads(package_dir), is_online_reads(package_dir)
     imports = function_level_imports(package_dir)
+    from benchmarks.harness import machine_description  # the machine block every result file records
+
     run = {
+        "command": "python benchmarks/tools/reviewer_figures.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_description("cpu"),
         "checkout": args.checkout or checkout_id(root),
         "trainer_overrides": overrides(root),
         "private_trainer_reads": {"count": len(reads), "where": reads},

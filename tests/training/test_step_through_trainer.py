@@ -63,4 +63,3 @@ def test_a_plain_step_is_trainers_own_training_step_running_compute_loss(make_tr
     assert len(losses) == len(backpropagated) == _ACCUMULATION
     for loss, scaled in zip(losses, backpropagated):
         torch.testing.assert_close(scaled, loss / _ACCUMULATION, rtol=0, atol=0)
-

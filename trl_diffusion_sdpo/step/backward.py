@@ -126,6 +126,9 @@ class PassesInStep:
         policy: the module the passes run (the unwrapped denoiser unless the stage runs through the engine).
         window: the micro-batch's place in its accumulation window (its ``pairs`` set by :meth:`loss`).
         context: entered around each pass's forward and backward (``Trainer.compute_loss_context_manager``).
+        inside_backward: whether the passes' backward runs inside the engine's backward (the loss carries it); else
+            right after the forward, in ``compute_loss``, with the stage's own scale (an engine whose backward hooks
+            cannot run inside another backward: FSDP), the loss then carrying nothing.
     """
 
     def __init__(
@@ -134,8 +137,10 @@ class PassesInStep:
         policy: torch.nn.Module,
         window: BackwardWindow,
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        inside_backward: bool = True,
     ) -> None:
         self.backward, self.policy, self.window, self.context = backward, policy, window, context
+        self.inside_backward = inside_backward
         #: after the step, the branches' gradients for the safeguard's hook
         self.branches: Any = None
         self._passes: Iterator[GradientPass] | None = None
@@ -159,6 +164,9 @@ class PassesInStep:
         self._run(next(self._passes))
         loss = self._formed[0]
         anchor = torch.zeros((), device=loss.device, requires_grad=True)
+        if not self.inside_backward:
+            self._backward(None)  # now, with the stage's own scale
+            return _CarriedBackward.apply(loss.detach(), anchor, lambda scale: None)
         # the loss's value only: its graph is the passes' to backpropagate, never the engine's
         return _CarriedBackward.apply(loss.detach(), anchor, self._backward)
 
@@ -168,7 +176,7 @@ class PassesInStep:
         with torch.enable_grad(), self.context():  # inside a backward (a fallback pass) grad mode is off
             self._formed = self._forward(gradient_pass.separate_branches)
 
-    def _backward(self, scale: torch.Tensor) -> None:
+    def _backward(self, scale: torch.Tensor | None) -> None:
         while True:
             gradient_pass, (loss, predictions) = self._open, self._formed
             with self.context():
