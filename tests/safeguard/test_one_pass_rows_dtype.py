@@ -98,3 +98,30 @@ def test_under_bf16_autocast_the_rows_are_bf16_products_equal_to_the_per_branch_
                 assert torch.equal(mine_w.float(), ref_w), name
                 assert torch.equal(mine_h.float(), ref_h), name
         store.release()
+
+
+def test_the_per_pair_combination_of_bf16_rows_is_formed_in_float32():
+    """By image (the per-pair scope) under bf16 autocast, from the second pass: the combination
+    ``sum_i (g_w,i + lambda_i h_l,i)`` of the bf16 rows, in the weights' float32, equals the same sum of the rows
+    widened and added in float64 to float32 rounding; the rows' memory is given back as it is read."""
+    model = network()
+    x, cotangents = batch()
+    params = list(model.parameters())
+    store = OnePassBranchGradients(model, params)
+    lam = torch.linspace(0.2, 0.9, PAIRS)
+    for _ in range(2):
+        store.release()
+        with store.split(2 * PAIRS):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.backward(cotangents.to(out.dtype))
+    images = [store.row_views(k) for k in range(2 * PAIRS)]  # per image, per weight: before the combination
+    rows = [torch.stack([image[i] for image in images]).double() for i in range(len(params))]
+    assert torch.bfloat16 in {piece.dtype for piece in store.pieces}
+    combined = store.pair_combination(lam)
+    assert all(piece.untyped_storage().nbytes() == 0 for piece in store.pieces)
+    weights = torch.cat([torch.ones(PAIRS), lam.double()])
+    for c, r in zip(combined, rows):
+        expected = torch.einsum("k,k...->...", weights, r)
+        assert c.dtype == torch.float32
+        torch.testing.assert_close(c.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
