@@ -37,8 +37,8 @@ class EMAWeights(TrainerCallback):
             the trainer's :attr:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.policy`, when it takes the EMA.
         decay: the EMA's decay, in (0, 1).
         save: ``save(folder)`` writes the trained weights to ``folder`` in the run's format; it is called with the
-            EMA weights swapped in. ``None``: the trainer's :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.
-            save_weights`, when it takes the EMA.
+            EMA weights swapped in. ``None``: the trainer's
+            :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.save_weights`, when it takes the EMA.
     """
 
     #: what the trainer looks for in ``callbacks=`` (one of each kind of run control per run)
@@ -58,7 +58,8 @@ class EMAWeights(TrainerCallback):
 
     def attach(self, trainer: Any) -> None:
         """Taken by ``trainer`` (built by hand and passed in ``callbacks=``): the weights and the save function left
-        unset are the trainer's (its policy's trainable weights, its :meth:`save_weights`)."""
+        unset are the trainer's (its policy's trainable weights, its
+        :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.save_weights`)."""
         if self.parameters is None:
             self.parameters = [p for p in trainer.policy.parameters() if p.requires_grad]
         if self.save is None:
