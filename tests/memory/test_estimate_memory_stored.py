@@ -90,3 +90,23 @@ def test_stored_answer_imports_no_transformers_or_diffusers():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "IMPORTED [] 0" in done.stdout, done.stdout + done.stderr
     assert "Fits a 24 GB GPU" in done.stdout or "Does not fit a 24 GB GPU" in done.stdout
+
+
+def test_the_stored_tables_ship_in_the_wheel():
+    """The package data setuptools reads from pyproject.toml holds both stored files: an installed command answers
+    from them too."""
+    import fnmatch
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    from trl_diffusion_sdpo.cli.option_table import OPTION_FILE
+    from trl_diffusion_sdpo.engines.memory.stored import STORED_FILE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = apply_configuration(Distribution(), ROOT / "pyproject.toml").package_data
+    for path in (OPTION_FILE, STORED_FILE):
+        package = ".".join(path.parent.relative_to(ROOT).parts)
+        assert any(fnmatch.fnmatch(path.name, pattern) for pattern in data.get(package, ())), (package, path.name)
