@@ -97,6 +97,7 @@ def test_stored_parser_reads_what_the_real_parser_reads(argv):
         ["--model_name_or_path", "Qwen/Qwen-Image", "--lora_target_modules", "to_q"],  # TRL rewrites a one-item list
         ["--model_name_or_path", "Qwen/Qwen-Image", "--gradient_checkpointing", "true"],  # transformers' alias
         ["--model_name_or_path", "Qwen/Qwen-Image", "--debug", "underflow_overflow"],  # a transformers type
+        ["--model_name_or_path", "Qwen/Qwen-Image", "--debug=underflow_overflow"],  # the same, spelt with =
     ],
 )
 def test_stored_parser_leaves_to_the_real_parser_what_it_does_not_decide(argv):

@@ -205,7 +205,8 @@ def parse_stored(argv: Sequence[str]) -> tuple[StoredArguments, ...] | None:
     except (_Refused, OSError, IndexError, ValueError, yaml.YAMLError, argparse.ArgumentError):
         return None
     values = vars(namespace)
-    given = {**config, **{entry["dest"]: None for entry in options if set(entry["options"]) & set(argv)}}
+    words = {word.split("=", 1)[0] for word in argv}  # --option value, or --option=value
+    given = {**config, **{entry["dest"]: None for entry in options if set(entry["options"]) & words}}
     if unknown or any(entry["kind"] == "other" and entry["dest"] in given for entry in options):
         return None
     defaults = {entry["dest"]: entry["default"] for entry in options}
