@@ -17,18 +17,19 @@ inner products are still accumulated in float32 and float64 (:func:`blocked_dot`
 consecutive weights of one dtype (``engines/memory/pieces.py`` decides their size and number); a piece's memory is
 taken when the backward first reaches one of its weights, as Diffusion-DPO's ``.grad`` come back as its backward
 frees activations, so where activations set the peak (at the start of the backward) the pass adds about two pieces'
-rows to it, not two gradients. The combination reads each piece once, writes it into a new tensor in the weights'
-dtype (computed in the wider of theirs and the rows') and gives the piece's memory back at once: at most the rows
-and one piece of the combination are held together, and when ``.grad`` is set nothing of the rows is, so the
-optimizer's step and the next batch's encoding see what Diffusion-DPO's see. The pieces, and each weight's views of
-them, are kept across steps: giving a piece's memory back and taking it again resizes its storage and makes no new
-tensor; the combination's per-weight views are made per step (as autograd makes Diffusion-DPO's ``.grad``).
+rows to it, not two gradients. The combination reads each piece once, writes it into new per-weight tensors in the
+wider of the weights' and the rows' dtypes (float32 from bf16 rows) and gives the piece's memory back at once: at
+most the rows and one piece of the combination are held together, and when ``.grad`` is set nothing of the rows is,
+so the optimizer's step and the next batch's encoding see what Diffusion-DPO's see. The pieces, and each weight's
+views of them, are kept across steps: giving a piece's memory back and taking it again resizes its storage and makes
+no new tensor; the combination's per-weight tensors are new each step (as autograd makes Diffusion-DPO's ``.grad``),
+made by the foreach operations that compute them.
 By pair: ``2B`` gradients of the trainable weights (LoRA, or full tuning up to a cap; see
 :func:`~trl_diffusion_sdpo.safeguards.parameter.check_pair_scope_memory`).
 
 Every step's work after the backward is a fixed number of operations whatever the number of weights (a few per
-piece, and one view per weight of the combination): the inner products, the combination and the reductions run on
-the pieces' rows, and the per-weight views of those rows are made once (when a piece is first allocated), not per
+piece): the inner products and the reductions run on the pieces' rows, the combination is two foreach operations
+per piece over the rows' per-weight views, and those views are made once (when a piece is first allocated), not per
 micro-batch.
 """
 
@@ -173,6 +174,7 @@ class OnePassBranchGradients:
         self._live = [False] * count  # per piece: whether its storage holds memory
         self._views: list[torch.Tensor | None] = [None] * len(self._sizes)  # per weight: [groups, *shape]
         self._rows: dict[int, list[torch.Tensor]] = {}  # row -> per weight: [*shape] views of that row (made once)
+        self._piece_views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (piece, row) -> its weights' views
 
     @property
     def pieces(self) -> list[torch.Tensor]:
@@ -286,7 +288,7 @@ class OnePassBranchGradients:
             )
             for i, chunk in zip(self._members[piece], tensor.split(sizes, dim=1)):
                 self._views[i] = chunk.view(groups, *self._shapes[i])
-            self._rows = {}
+            self._rows, self._piece_views = {}, {}
         else:
             tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
         self._live[piece] = True
@@ -327,25 +329,20 @@ class OnePassBranchGradients:
 
     def combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
         """``g_w + lambda * h_l`` per weight, with ``g_w`` as buffered (averaged over processes in the global scope:
-        the engine's final average then gives the same mean): per piece, formed into a new tensor in the weights'
-        dtype (computed in the wider of theirs and the rows') and the piece's memory given back at once, so that the
-        rows are gone when the combination is formed. :meth:`assign` hands it to ``.grad``; an engine that owns the
-        gradients takes it itself."""
-        lam = lam.detach()  # lambda stays on the device
-        outs = []
+        the engine's final average then gives the same mean): per piece, new tensors (one foreach operation makes
+        them all, in the wider of the weights' and the rows' dtypes: float32 from bf16 rows) and the piece's memory
+        given back at once, so that the rows are gone when the combination is formed. :meth:`assign` hands it to
+        ``.grad``; an engine that owns the gradients takes it itself."""
+        combined: list[torch.Tensor | None] = [None] * len(self._sizes)
+        factors = _Factors(lam)  # lambda stays on the device
         for piece, rows in enumerate(self._pieces):
-            out = rows.new_empty(rows.shape[1], dtype=self._grad_dtypes[piece])
-            if rows.dtype == out.dtype:
-                torch.addcmul(rows[0], rows[1], lam.to(rows), out=out)  # one fused pass
-            else:
-                work = _widest(out, rows)
-                work.copy_(rows[0])
-                work.addcmul_(rows[1], lam.to(work))
-                if work is not out:
-                    out.copy_(work)
+            lam_list = factors.list(0, rows.dtype, self._grad_dtypes[piece], len(self._members[piece]))
+            grads = torch._foreach_mul(self._piece_rows(piece, 1), lam_list)  # new tensors: lambda h_l
+            torch._foreach_add_(grads, self._piece_rows(piece, 0))  # + g_w
             self._free(piece)
-            outs.append(out)
-        return self._weight_views(outs)
+            for i, grad in zip(self._members[piece], grads):
+                combined[i] = grad
+        return combined
 
     def combine(self, lam: torch.Tensor) -> None:
         """``.grad = A + g_w + lambda * h_l`` (:meth:`combination`, then :meth:`assign`)."""
@@ -369,12 +366,12 @@ class OnePassBranchGradients:
             torch._foreach_add_(grads, [c if c.dtype == g.dtype else c.to(g.dtype) for g, c in accumulated])
         self.release()
 
-    def _weight_views(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per weight, its ``[*shape]`` view of its piece's combination in ``outs`` (one per piece)."""
-        views: list[torch.Tensor | None] = [None] * len(self._sizes)
-        for piece, out in enumerate(outs):
-            for i, chunk in zip(self._members[piece], out.split(self._piece_sizes[piece])):
-                views[i] = chunk.view(self._shapes[i])
+    def _piece_rows(self, piece: int, row: int) -> list[torch.Tensor]:
+        """The ``[*shape]`` views of ``row`` of ``piece``'s weights (made once, as :meth:`row_views`)."""
+        key = (piece, row)
+        views = self._piece_views.get(key)
+        if views is None:
+            views = self._piece_views[key] = [self._views[i][row] for i in self._members[piece]]
         return views
 
     # ------------------------------------------------------------------ by pair
@@ -392,36 +389,42 @@ class OnePassBranchGradients:
         return sums[:, 0].float(), sums[:, 1].float()
 
     def pair_combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
-        """``sum_i (g_w,i + lambda_i * h_l,i)`` per weight (``lam``: one ``lambda`` per pair), per piece formed into a
-        new tensor in the weights' dtype and the piece's memory given back at once, for :meth:`assign`."""
-        outs = []
+        """``sum_i (g_w,i + lambda_i * h_l,i)`` per weight (``lam``: one ``lambda`` per pair): per piece, new tensors
+        (in the wider of the weights' and the rows' dtypes) summed image by image by foreach operations, and the
+        piece's memory given back at once, for :meth:`assign`."""
+        combined: list[torch.Tensor | None] = [None] * len(self._sizes)
+        # the images' weights: 1 for the winners, lambda_i for the losers
+        factors = _Factors(torch.cat([lam.detach().new_ones(lam.shape[0]), lam.detach()]))
         for piece, rows in enumerate(self._pieces):
-            out = rows.new_empty(rows.shape[1], dtype=self._grad_dtypes[piece])
-            work = out if rows.dtype == out.dtype else _widest(out, rows)
-            # the other images' weights: the first pair's loser's and the rest
-            weights = lam.detach().to(work)
-            weights = torch.cat([weights.new_ones(lam.shape[0] - 1), weights])
-            if rows.dtype == work.dtype:
-                torch.addmv(rows[0], rows[1:].t(), weights, out=work)  # no fresh gradient-sized temporary
-            else:  # rows narrower than the sum: each image's row widened as it is added
-                work.copy_(rows[0])
-                for image in range(1, rows.shape[0]):
-                    work.addcmul_(rows[image], weights[image - 1])
+            count, dtype = len(self._members[piece]), self._grad_dtypes[piece]
+            grads = torch._foreach_mul(self._piece_rows(piece, 1), factors.list(1, rows.dtype, dtype, count))
+            torch._foreach_add_(grads, self._piece_rows(piece, 0))
+            for image in range(2, rows.shape[0]):
+                products = factors.list(image, rows.dtype, dtype, count)
+                torch._foreach_addcmul_(grads, self._piece_rows(piece, image), products)
             if self._pair_divisor != 1:
-                work.div_(self._pair_divisor)
-            if work is not out:
-                out.copy_(work)
+                torch._foreach_div_(grads, self._pair_divisor)
             self._free(piece)
-            outs.append(out)
-        return self._weight_views(outs)
+            for i, grad in zip(self._members[piece], grads):
+                combined[i] = grad
+        return combined
 
 
-def _widest(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``out`` where its dtype holds the rows' (the combination computed in it), else a new tensor like it in the
-    rows' dtype."""
-    if torch.promote_types(out.dtype, rows.dtype) == out.dtype:
-        return out
-    return torch.empty_like(out, dtype=rows.dtype)
+class _Factors:
+    """A combination's factors (``lam``: a device scalar, or one per image) as the one-element tensors a foreach
+    multiplication broadcasts: in the wider of the rows' and the weights' dtypes, so that bf16 rows are combined in
+    float32. Made once per dtype, with no host read."""
+
+    def __init__(self, lam: torch.Tensor) -> None:
+        self.lam = lam.reshape(-1)
+        self._cast: dict[torch.dtype, torch.Tensor] = {}
+
+    def list(self, k: int, rows: torch.dtype, weights: torch.dtype | None, count: int) -> list[torch.Tensor]:
+        dtype = rows if weights is None else torch.promote_types(rows, weights)
+        cast = self._cast.get(dtype)
+        if cast is None:
+            cast = self._cast[dtype] = self.lam.to(dtype)
+        return [cast[k : k + 1]] * count
 
 
 def _total(sums: list[torch.Tensor]) -> torch.Tensor:
