@@ -28,7 +28,7 @@ By pair: ``2B`` gradients of the trainable weights (LoRA, or full tuning up to a
 :func:`~trl_diffusion_sdpo.safeguards.parameter.check_pair_scope_memory`).
 
 Every step's work after the backward is a fixed number of operations whatever the number of weights (a few per
-piece): the inner products and the reductions run on the pieces' rows, the combination is two foreach operations
+piece): the inner products and the reductions run on the pieces' rows, the combination is one foreach operation
 per piece over the rows' per-weight views, and those views are made once (when a piece is first allocated), not per
 micro-batch.
 """
@@ -330,15 +330,15 @@ class OnePassBranchGradients:
     def combination(self, lam: torch.Tensor) -> list[torch.Tensor]:
         """``g_w + lambda * h_l`` per weight, with ``g_w`` as buffered (averaged over processes in the global scope:
         the engine's final average then gives the same mean): per piece, new tensors (one foreach operation makes
-        them all, in the wider of the weights' and the rows' dtypes: float32 from bf16 rows) and the piece's memory
+        them all, in the wider of the weights' and the rows' dtypes: float32 from bf16 rows), the piece's memory
         given back at once, so that the rows are gone when the combination is formed. :meth:`assign` hands it to
         ``.grad``; an engine that owns the gradients takes it itself."""
         combined: list[torch.Tensor | None] = [None] * len(self._sizes)
         factors = _Factors(lam)  # lambda stays on the device
         for piece, rows in enumerate(self._pieces):
             lam_list = factors.list(0, rows.dtype, self._grad_dtypes[piece], len(self._members[piece]))
-            grads = torch._foreach_mul(self._piece_rows(piece, 1), lam_list)  # new tensors: lambda h_l
-            torch._foreach_add_(grads, self._piece_rows(piece, 0))  # + g_w
+            # new tensors g_w + h_l * lambda, one addcmul per weight as the flat rows' one over the piece would be
+            grads = torch._foreach_addcmul(self._piece_rows(piece, 0), self._piece_rows(piece, 1), lam_list)
             self._free(piece)
             for i, grad in zip(self._members[piece], grads):
                 combined[i] = grad
@@ -397,8 +397,8 @@ class OnePassBranchGradients:
         factors = _Factors(torch.cat([lam.detach().new_ones(lam.shape[0]), lam.detach()]))
         for piece, rows in enumerate(self._pieces):
             count, dtype = len(self._members[piece]), self._grad_dtypes[piece]
-            grads = torch._foreach_mul(self._piece_rows(piece, 1), factors.list(1, rows.dtype, dtype, count))
-            torch._foreach_add_(grads, self._piece_rows(piece, 0))
+            products = factors.list(1, rows.dtype, dtype, count)
+            grads = torch._foreach_addcmul(self._piece_rows(piece, 0), self._piece_rows(piece, 1), products)
             for image in range(2, rows.shape[0]):
                 products = factors.list(image, rows.dtype, dtype, count)
                 torch._foreach_addcmul_(grads, self._piece_rows(piece, image), products)
