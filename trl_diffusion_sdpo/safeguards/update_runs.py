@@ -11,7 +11,7 @@ optimizer state and weights, per-weight tensors of the optimizer, are copied int
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy
@@ -21,13 +21,13 @@ __all__ = [
     "Run",
     "UpdateWorkspace",
     "branch_rows",
-    "buffer_breaks",
     "host_floats",
     "host_tensor",
     "local",
     "one_view",
     "runs",
     "stacked_rows",
+    "storage_groups",
 ]
 
 
@@ -172,29 +172,32 @@ def stacked_rows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | No
     return first.as_strided((2, first.numel()), (offset, 1), first.storage_offset())
 
 
-def buffer_breaks(tensors: Sequence[torch.Tensor]) -> frozenset[int]:
-    """The indices where ``tensors`` pass from one shared buffer to another (the one pass's pieces): ``i`` where
-    ``tensors[i - 1]`` and ``tensors[i]`` are views of different storages, each holding more than that view. A run
-    that does not cross them is a view of its buffer, not a copy. Tensors of their own (a storage each) give none.
-    Reads addresses only (no tensor operation)."""
-    breaks, previous, shared = set(), None, False
-    for i, t in enumerate(tensors):
+def storage_groups(tensors: Sequence[torch.Tensor]) -> Callable[[list[int]], list[list[int]]]:
+    """A function that splits indices into ``tensors`` by the shared buffer each tensor is a view of (its storage
+    holds more than the view: the one pass's pieces, one per dtype where its rows differ in dtype), in order of first
+    appearance, order kept within each; tensors of their own (a storage each) form one group, in order. Reads
+    addresses only (no tensor operation)."""
+    keys = []
+    for t in tensors:
         storage = t.untyped_storage()
-        address = storage.data_ptr()
-        own = storage.nbytes() > t.numel() * t.element_size()
-        if i and own and shared and address != previous:
-            breaks.add(i)
-        previous, shared = address, own
-    return frozenset(breaks)
+        keys.append(storage.data_ptr() if storage.nbytes() > t.numel() * t.element_size() else None)
+
+    def split(indices: list[int]) -> list[list[int]]:
+        groups: dict[int | None, list[int]] = {}
+        for i in indices:
+            groups.setdefault(keys[i], []).append(i)
+        return list(groups.values())
+
+    return split
 
 
-def runs(indices: list[int], sizes: list[int], chunk: int, breaks: frozenset[int] = frozenset()) -> list[list[int]]:
-    """``indices`` cut into runs of consecutive weights of at most ``chunk`` elements (a larger one alone), a new
-    run starting at each of ``breaks`` (:func:`buffer_breaks`)."""
+def runs(indices: list[int], sizes: list[int], chunk: int) -> list[list[int]]:
+    """``indices`` (one buffer's weights: :func:`storage_groups`) cut into runs of consecutive weights of at most
+    ``chunk`` elements (a larger one alone)."""
     runs: list[list[int]] = []
     total = 0
     for i in indices:
-        if runs and total + sizes[i] <= chunk and i not in breaks:
+        if runs and total + sizes[i] <= chunk:
             runs[-1].append(i)
             total += sizes[i]
         else:

@@ -74,12 +74,12 @@ from .update_runs import (
     Run,
     UpdateWorkspace,
     branch_rows,
-    buffer_breaks,
     host_floats,
     local,
     one_view,
     runs,
     stacked_rows,
+    storage_groups,
 )
 
 __all__ = [
@@ -218,7 +218,9 @@ class OptimizerUpdate:
         # one blocked read where they are one buffer; the rows of the one pass's buffer, where they are, serve a run
         # of all the weights as they are
         sums, flat_rows = self._flat_norms(winner, loser) if clipping else (None, None)
-        breaks = buffer_breaks(winner) if flat_rows is None else frozenset()  # runs stay inside the pieces
+        # runs stay inside the buffers the gradients are views of (the one pass's pieces, one per dtype of the rows
+        # where the layers' products differ): each buffer's weights are cut into runs apart, in their order
+        groups = storage_groups(winner) if flat_rows is None else None
         decays: list[torch.Tensor] = []  # AdamW: sum_groups lr wd <g_w, theta>, per run of a group's weights
         first_name, second_name = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer", None)
         with torch.no_grad():
@@ -226,7 +228,9 @@ class OptimizerUpdate:
                 hyper = dict(key)
                 segment = _Segment(hyper, [], {})
                 sgd: dict[str, list[torch.Tensor]] = {name: [] for name in _SGD_SUMS}
-                for members in runs(by_key[key], sizes, chunk, breaks):
+                members_of_key = by_key[key]
+                grouped = [members_of_key] if groups is None else groups(members_of_key)
+                for members in [run for group in grouped for run in runs(group, sizes, chunk)]:
                     stated = hyper["has_state"]
                     if flat_rows is not None and flat_rows.dtype == self.dtype and len(members) == len(winner):
                         rows = flat_rows
