@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.common import CHECKOUT, worker_environment
 
 WORKER = CHECKOUT / "tests" / "rewind_worker.py"
@@ -33,6 +35,7 @@ def _two_processes(worker: Path, out: Path) -> list[dict]:
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
 
 
+@pytest.mark.slow  # by default: the online run below rewinds both processes alike
 def test_every_process_rewinds_at_the_same_step_to_the_same_weights(tmp_path):
     reports = _two_processes(WORKER, tmp_path)
     # The alarm fires at step 1 (back to step 0, the safeguard on) and at step 2 (back to step 0, and stop).

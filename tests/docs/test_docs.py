@@ -15,6 +15,7 @@ import pytest
 from tests.helpers.docs_pages import RESULT_FILE, ROOT, _expand, result_folders
 
 
+@pytest.mark.slow  # builds the whole site (mkdocs): minutes on 2 cores
 def test_docs_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings_handlers.python")

@@ -383,6 +383,7 @@ def test_the_exact_rules_run_loads_the_memory_model_of_its_pieces_and_not_the_es
     assert "trl_diffusion_sdpo.engines.memory.estimate" not in modules
 
 
+@pytest.mark.slow  # a fresh interpreter; by default: test_a_built_in_familys_name_is_taken_before_...
 def test_finding_a_flux_pipelines_family_imports_no_other_familys_module(tmp_path):
     from trl_diffusion_sdpo.families.registry import BUILT_IN_FAMILIES
 

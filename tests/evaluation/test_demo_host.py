@@ -71,6 +71,7 @@ def _run_python(code: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # by default: test_host_settings.py's test_importing_every_module_and_training_...
 def test_a_python_call_of_the_demo_leaves_the_libraries_settings_as_they_were(tmp_path):
     report = _run_python(PYTHON_CALL, str(tmp_path / "demo"))
     assert report["status"] == 0
@@ -78,7 +79,9 @@ def test_a_python_call_of_the_demo_leaves_the_libraries_settings_as_they_were(tm
     assert report["changed"] == []
 
 
-@pytest.mark.parametrize("entry", ["trl-diffusion-sdpo", "python -m trl_diffusion_sdpo.demo"])
+@pytest.mark.parametrize(  # one entry point by default: both reach the same quieting
+    "entry", [pytest.param("trl-diffusion-sdpo", marks=pytest.mark.slow), "python -m trl_diffusion_sdpo.demo"]
+)
 def test_the_demo_command_quiets_its_own_process_before_the_demo_starts(tmp_path, entry):
     import logging
 

@@ -46,6 +46,7 @@ def write_jsonl_pairs(root: Path, pairs: int = 4) -> Path:
     return path
 
 
+@pytest.mark.slow  # by default: test_host_settings.py's test_written_to_a_file_each_log_is_a_line_...
 def test_train_on_jsonl_and_export_merge_write_no_bars_to_a_log_file(tmp_path: Path) -> None:
     data = write_jsonl_pairs(tmp_path / "data")
     config = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")

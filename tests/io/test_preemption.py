@@ -95,6 +95,7 @@ def test_sigterm_finishes_the_step_checkpoints_exits_75_and_resume_is_bit_exact(
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+@pytest.mark.slow  # by default: the SIGTERM test above (the same handler, checkpoint, bit-exact resume)
 def test_ctrl_c_finishes_the_step_checkpoints_and_says_how_to_resume_and_a_second_one_stops_at_once(tmp_path):
     out, tok = str(tmp_path / "out"), str(tmp_path / "tok")
     code, stdout, stderr = run_and_signal(out, tok, signal.SIGINT)

@@ -124,6 +124,7 @@ def test_two_processes_racing_for_the_lock_never_both_hold_it(tmp_path):
     assert overlaps == [0, 0]
 
 
+@pytest.mark.slow  # a fresh interpreter; the lock itself is tested above by default
 def test_importing_the_trainer_needs_no_fcntl():
     """Windows has no fcntl: the trainer imports without it (filelock picks the platform's lock)."""
     code = "import sys; sys.modules['fcntl'] = None; import trl_diffusion_sdpo.trainer; print('IMPORTED')"

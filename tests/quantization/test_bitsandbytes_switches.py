@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
-@pytest.mark.parametrize("switch", ["--load_in_4bit", "--load_in_8bit"])
+@pytest.mark.parametrize(
+    "switch", ["--load_in_4bit", pytest.param("--load_in_8bit", marks=pytest.mark.slow)]
+)  # one switch by default: the same refusal
 def test_bitsandbytes_switch_on_a_cpu_is_refused_in_one_line_before_the_model_loads(tmp_path, switch) -> None:
     # the model folder does not exist: reaching the loader would fail with another message
     code = "import sys; from trl_diffusion_sdpo.cli.main import main; sys.exit(main())"

@@ -373,7 +373,9 @@ def test_the_trainer_trains_as_the_reference_loop(run, kind, space, lora):
     assert weight_deviation(trainer.family.denoiser, initial, loop) < WEIGHT_RTOL
 
 
-@pytest.mark.parametrize("space", ["none", "parameter"])
+@pytest.mark.parametrize(  # one space by default: the planted swap is caught before any safeguard acts
+    "space", ["none", pytest.param("parameter", marks=pytest.mark.slow)]
+)
 def test_a_swapped_winner_and_loser_is_caught(run, space):
     k, pipe, initial, draws, trainer = run("unet-epsilon", space)
     lambdas = logged(trainer, "safeguard/lambda_min")
@@ -423,7 +425,11 @@ def _applied_to_the_winner(evaluate):
     return evaluate_objective
 
 
-@pytest.mark.parametrize("planted", [_never_applied, _applied_to_the_winner], ids=["never-applied", "on-the-winner"])
+@pytest.mark.parametrize(  # one planted misuse of the lambda by default
+    "planted",
+    [_never_applied, pytest.param(_applied_to_the_winner, marks=pytest.mark.slow)],
+    ids=["never-applied", "on-the-winner"],
+)
 def test_an_output_space_lambda_applied_wrongly_is_caught(run, monkeypatch, planted):
     """A bug planted in the package: the trainer's step weights the wrong error (or none) by the output space's
     lambda."""

@@ -409,6 +409,7 @@ def test_the_rules_load_no_module_by_name():
     assert rules.objective_check.__module__ == "trl_diffusion_sdpo"
 
 
+@pytest.mark.slow  # a fresh interpreter; by default: the train command's refusal below, in a fresh interpreter too
 def test_a_config_made_first_thing_in_a_fresh_interpreter_asks_the_objective(tmp_path):
     """Whatever was imported before (here: the config's module alone), the chosen objective checks its fields."""
     import subprocess

@@ -89,7 +89,9 @@ def capture_denoiser_inputs(model: torch.nn.Module) -> list[dict[str, torch.Tens
 # --------------------------------------------------------------------------------- (a) safeguard_max_lambda
 
 
-@pytest.mark.parametrize("space", ["output", "parameter"])
+@pytest.mark.parametrize(  # one space by default: the cap is one clamp on the lambda either space logs
+    "space", ["output", pytest.param("parameter", marks=pytest.mark.slow)]
+)
 def test_safeguard_max_lambda_caps_the_logged_lambda_and_the_gradient_of_the_step(make_trainer, space):
     """At the first step (policy == reference) the uncapped lambda of these tiny models is about 0.10 in both spaces
     (mu = 0.9). Caps of 0.06, 0.04 and 0.02 all bind: the logged lambda is the cap, and the gradient handed to the

@@ -42,6 +42,7 @@ sys.stderr.write(json.dumps({"filters": [repr(f) for f in logger.filters]}) + "\
 """
 
 
+@pytest.mark.slow  # by default: test_host_settings.py's check that no setting of another library changes
 def test_from_python_the_notice_and_deepspeeds_logger_are_left_alone():
     done = subprocess.run(
         [sys.executable, "-c", FROM_PYTHON],

@@ -100,6 +100,7 @@ def test_written_to_a_file_each_log_is_a_line_and_nothing_is_redrawn(tmp_path):
     assert len([line for line in text.splitlines() if line.startswith("{'train_runtime':")]) == 1, text[-4000:]
 
 
+@pytest.mark.slow  # by default: test_the_trainers_bar_shows_its_rate_and_time_left_on_a_terminal
 def test_the_train_command_shows_the_bar_on_a_terminal(tmp_path):
     """The command line quiets the libraries only off a terminal; on one, train draws transformers' bar (its output
     to a file: tests/io/test_log_files.py)."""

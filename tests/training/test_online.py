@@ -445,6 +445,7 @@ def test_ref_update_steps_moves_the_reference_during_training(tmp_path):
     assert deltas[0] < 1e-9 and deltas[2] < 1e-9 and deltas[1] > 1e-7
 
 
+@pytest.mark.slow  # by default: test_a_resume_inside_a_num_iterations_window_... (same weights check)
 def test_resuming_from_a_checkpoint_samples_and_trains_as_the_uninterrupted_run(tmp_path):
     whole = make_trainer(tmp_path / "a", max_steps=4)
     whole.train()

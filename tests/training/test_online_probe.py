@@ -54,7 +54,9 @@ def online_trainer(tmp_path, prompts=PROMPTS, eval_prompts=None, reward=noisy_re
     )
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize(  # full tuning by default: test_probe.py's offline probe
+    "lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"]
+)
 def test_an_online_probe_and_a_quiet_rewind_train_bit_for_bit_as_the_run_without_them(tmp_path, lora):
     plain = online_trainer(tmp_path / "plain", lora=lora)
     plain.train()
@@ -191,6 +193,7 @@ def test_an_online_probe_refuses_what_it_cannot_honour(tmp_path):
         online_trainer(tmp_path, prompts=PROMPTS[:2], probe_steps=1, probe_pairs=HELD)
 
 
+@pytest.mark.slow  # by default: test_probe.py's resumed rewind and test_online.py's resume inside a window
 def test_an_online_run_resumed_from_a_checkpoint_probes_the_same_pairs_and_rewinds_as_the_uninterrupted_one(tmp_path):
     from tests.helpers.common import StopAt
 

@@ -18,7 +18,9 @@ ROWS, HELD = 8, 2  # 6 training pairs: 3 optimizer steps of 2 per epoch
 DPO = {"safeguard_space": "none"}  # Diffusion-DPO (the package defaults to the safeguard)
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize(  # full tuning by default: test_a_rewind_restores_the_last_healthy_steps_weights_...
+    "lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"]
+)
 def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_the_same_split(
     make_trainer, make_pickapic, lora
 ):

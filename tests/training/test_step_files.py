@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from transformers import TrainerCallback
 
 import trl_diffusion_sdpo
@@ -157,6 +158,7 @@ print(sorted(name for name in sys.modules if name.startswith("trl_diffusion_sdpo
 """
 
 
+@pytest.mark.slow  # a fresh interpreter; by default: test_a_diffusion_dpo_step_enters_no_safeguard_module
 def test_a_diffusion_dpo_run_loads_no_safeguard_module(tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}

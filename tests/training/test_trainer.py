@@ -452,7 +452,9 @@ def test_nonfinite_loss_with_raise_stops_with_runtime_error_after_a_checkpoint(m
 # ----------------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize(  # full tuning's resume by default: test_checkpoint_parts.py's full-tuning rewind resume
+    "lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"]
+)
 def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(
     make_pipeline, make_config, pickapic_dataset, tmp_path, lora
 ):
