@@ -3,6 +3,8 @@ run (the time spent inside the probe's measurements over the run's ``train_runti
 
     python benchmarks/speed/probe_cost.py --steps 60 --probe-steps 10 \\
         --out benchmarks/results/probe/cpu-probe-cost-tiny.json
+    python benchmarks/speed/probe_cost.py --steps 100 --probe-steps 20 --draws 1 4 8 16 \\
+        --out benchmarks/results/probe/cpu-probe-cost-draws-tiny.json  # probe_noise_draws
 
 The run: the tiny Stable Diffusion pipeline (``trl_diffusion_sdpo.testing``), LoRA, resolution 32, 2 pairs per step
 on 24 coloured pairs, Diffusion-DPO, the probe at its default ``probe_pairs`` held back from them. One intra-op
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,8 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import machine_description  # noqa: E402
 
-def measure(steps: int, probe_steps: int) -> dict:
+
+def measure(steps: int, probe_steps: int, draws: int | None = None) -> dict:
     import torch
     from datasets import Dataset
 
@@ -36,7 +39,8 @@ def measure(steps: int, probe_steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=os.path.join(tmp, "tok"))
         values = {**fast_config_values(os.path.join(tmp, "out")), "max_steps": steps, "logging_steps": 10}
-        args = DiffusionSDPOConfig(**values, safeguard_space="none", probe_steps=probe_steps)
+        extra = {} if draws is None else {"probe_noise_draws": draws}
+        args = DiffusionSDPOConfig(**values, safeguard_space="none", probe_steps=probe_steps, **extra)
         data = Dataset.from_list(pickapic_rows(24))
         trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=data, peft_config=lora_config())
         probe = trainer.probe.probe
@@ -57,6 +61,7 @@ def measure(steps: int, probe_steps: int) -> dict:
         "steps": steps,
         "probe_steps": probe_steps,
         "probe_pairs": args.probe_pairs,
+        "probe_noise_draws": args.probe_noise_draws,
         "probes": len(spent),
         "train_runtime_s": runtime,
         "probe_s": sum(spent),
@@ -69,13 +74,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--probe-steps", type=int, nargs="+", default=[10])
+    parser.add_argument(
+        "--draws", type=int, nargs="+", default=[None], help="probe_noise_draws (default: the config's)."
+    )
     parser.add_argument("--out", type=Path)
     options = parser.parse_args()
-    runs = [measure(options.steps, every) for every in options.probe_steps]
+    runs = [measure(options.steps, every, draws) for every in options.probe_steps for draws in options.draws]
     result = {
         "question": "the held-out probe's share of the training time on the tiny SD LoRA run",
         "command": "python benchmarks/speed/probe_cost.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": 1},
+        "machine": machine_description("cpu", threads=1),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "note": "CPU shared with other work while measured; the share, not the times, is the figure",
         "runs": runs,
     }

@@ -449,7 +449,7 @@ Z_SOURCE = RESULTS / "probe" / "cpu-probe-z-runs.json"
 Z_OUTPUT = RESULTS / "probe" / "cpu-probe-alarm-z-calibration.json"
 Z_START, Z_END = "<!-- probe-alarm-z-tables:start -->", "<!-- probe-alarm-z-tables:end -->"
 #: the one rule's grid: ``winner_rise_z`` above a threshold (standard errors), ``patience`` in a row
-Z_GRID: Grid = {"winner_rise_z": ((True,), (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0))}
+Z_GRID: Grid = {"winner_rise_z": ((True,), (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0))}
 SIGNALS["winner_rise_z"] = lambda r: r["winner_rise_z"]
 
 
@@ -470,7 +470,7 @@ def load_z_runs(path: Path = Z_SOURCE) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     for part, entry in report["parts"].items():
         model = "wide" if part.startswith("wide") else "benchmark"
-        for key, run in entry.get("runs", {}).items() if part != "online" else ():
+        for key, run in entry.get("runs", {}).items() if not part.startswith("online") else ():
             changes = {int(s): v for s, v in run["reward_change"].items()}
             curve = "this run's"
             twin = stored.get(key) if model == "benchmark" else None
@@ -492,11 +492,13 @@ def load_z_runs(path: Path = Z_SOURCE) -> list[dict[str, Any]]:
                     "curve": curve,
                 }
             )
-    for regime, entry in report["parts"].get("online", {}).get("regimes", {}).items():
+    online = [(part, regime, entry) for part, whole in report["parts"].items() if part.startswith("online")
+              for regime, entry in whole.get("regimes", {}).items()]  # fmt: skip
+    for part, regime, entry in online:
         for key, run in entry["runs"].items():
             runs.append(
                 {
-                    "id": f"online/{regime}/{key}",
+                    "id": f"{part}/{regime}/{key}",
                     "model": "benchmark",
                     "mode": "online",
                     "cell": f"benchmark, {regime}, lr {entry['learning_rate']:g}",

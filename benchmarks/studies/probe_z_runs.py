@@ -18,7 +18,8 @@ Each part is a file of its own under ``--parts`` (resumable: a run already there
 
     OMP_NUM_THREADS=1 nohup python benchmarks/studies/probe_z_runs.py offline --seeds 0,1 --name offline-a &
     OMP_NUM_THREADS=1 nohup python benchmarks/studies/probe_z_runs.py offline --seeds 2,3 --name offline-b &
-    OMP_NUM_THREADS=1 nohup python benchmarks/studies/probe_z_runs.py online --seeds 0-3 &
+    OMP_NUM_THREADS=1 nohup python benchmarks/studies/probe_z_runs.py online --seeds 0 --name online-a &
+    OMP_NUM_THREADS=1 nohup python benchmarks/studies/probe_z_runs.py online --seeds 1 --name online-b &
     OMP_NUM_THREADS=1 nohup python benchmarks/studies/probe_z_runs.py wide --seeds 0-3 &
     python benchmarks/studies/probe_z_runs.py assemble
 """
@@ -82,36 +83,38 @@ def run_offline(parts: Path, seeds: list[int], base: str = "benchmark", lrs: str
     return stability_map.main([*argv, "--json", str(parts / f"{name}.json")])
 
 
-def run_online(parts: Path, seeds: list[int]) -> int:
-    """The online regimes of :data:`ONLINE`, each setting with the probe logged, into ``parts/online.json``."""
+def run_online(parts: Path, seeds: list[int], name: str = "online") -> int:
+    """The online regimes of :data:`ONLINE`, each setting with the probe logged, into ``parts/<name>.json``, seed by
+    seed (every regime and setting of a seed, Diffusion-DPO first, then the next seed), so a part cut short still
+    holds both regimes."""
     from stability_probe import PROBE_STEPS
     from stability_probe_online import _online_setup, _train
 
     from benchmarks.studies.online_comparison import _write
 
-    path = parts / "online.json"
+    path = parts / f"{name}.json"
     parts.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"regimes": {}}
     stored_online = json.loads((ROOT / "benchmarks/results/probe/cpu-stability-probe-online.json").read_text())
-    for regime, settings in ONLINE.items():
-        module, stored, _, _ = _online_setup(regime)
+    order = [(seed, setting_index, regime) for seed in seeds for setting_index in (0, 1) for regime in ONLINE]
+    for seed, setting_index, regime in order:
+        module, stored, _, _ = _online_setup(regime)  # each regime's worker context, set up again for its runs
         lr = stored_online["regimes"][regime]["learning_rate"]
-        base = stored["base"]["measures"]["colour_reward"]
         entry = report["regimes"].setdefault(regime, {"runs": {}})
-        entry.update(learning_rate=lr, stored_file=stored_online["regimes"][regime]["stored_file"], base=base)
-        for seed in seeds:
-            for setting in settings:
-                key = f"{setting}-probe"
-                module.METHODS[key] = {**module.METHODS[setting], "probe_steps": PROBE_STEPS}
-                run_key = module.run_key(seed, lr, key)
-                if run_key in entry["runs"]:
-                    continue
-                started = time.perf_counter()
-                run = _train(module, stored, seed, lr, key, "probe")
-                run["load_average"] = [round(v, 2) for v in os.getloadavg()]
-                entry["runs"][run_key] = run
-                _write(path, report)
-                print(f"{regime} {run_key}: {time.perf_counter() - started:.0f} s", flush=True)
+        entry.update(learning_rate=lr, stored_file=stored_online["regimes"][regime]["stored_file"],
+                     base=stored["base"]["measures"]["colour_reward"])  # fmt: skip
+        setting = ONLINE[regime][setting_index]
+        key = f"{setting}-probe"
+        module.METHODS[key] = {**module.METHODS[setting], "probe_steps": PROBE_STEPS}
+        run_key = module.run_key(seed, lr, key)
+        if run_key in entry["runs"]:
+            continue
+        started = time.perf_counter()
+        run = _train(module, stored, seed, lr, key, "probe")
+        run["load_average"] = [round(v, 2) for v in os.getloadavg()]
+        entry["runs"][run_key] = run
+        _write(path, report)
+        print(f"{regime} {run_key}: {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
 
@@ -126,7 +129,8 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
         "commands": [
             "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py offline --seeds 0,1 --name offline-a",
             "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py offline --seeds 2,3 --name offline-b",
-            "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py online --seeds 0-3",
+            "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py online --seeds 0 --name online-a",
+            "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py online --seeds 1 --name online-b",
             "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py wide --seeds 0-3",
             "python benchmarks/studies/probe_z_runs.py assemble",
         ],
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_offline(args.parts, seeds, base="wide", lrs=WIDE_LRS, methods="dpo", name=args.name or "wide",
                            eval_steps="25,50")  # fmt: skip
     if args.command == "online":
-        return run_online(args.parts, seeds)
+        return run_online(args.parts, seeds, name=args.name or "online")
     return assemble(args.parts)
 
 

@@ -326,3 +326,80 @@ def test_the_online_held_out_matrix_counts_the_runs_by_hand(written):
     stored = online["confusion"]["calibrated"]["report_runs"]
     assert seen == stored["runs"]
     assert counts == [stored[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")]
+
+
+# ------------------------------------------------------------------------------------------ the probe's own units
+
+
+def _z_run(seed: int, lr: float, method: str, z: float, final: float) -> dict:
+    """An offline run of the z study: its probe reads ``winner_rise_z = z`` at every probe, its held-out reward ends
+    at ``final`` from the base's (measured at step 50 only)."""
+    probe = [{"step": s, "winner_rise_z": z, "delta_winner": 0.01} for s in range(5, 55, 5)]
+    return {"seed": seed, "learning_rate": lr, "method": method, "probe": probe, "reward_change": {"50": final}}
+
+
+def _z_write(tmp_path: Path) -> Path:
+    """Benchmark, even seeds: the fallen runs read z 12, the healthy 6 (above 6 up to 12 separates them); odd seeds
+    likewise but a healthy run at 9. The wide model: every run reads z 40 (fell) or 2 (held): all held out."""
+    offline = {}
+    for seed in range(4):
+        for lr, falls in ((1e-3, True), (2e-5, False)):
+            z = 12.0 if falls else (9.0 if seed % 2 else 6.0)
+            offline[f"seed{seed}-lr{lr:g}-beta5000-dpo"] = _z_run(seed, lr, "dpo", z, -0.2 if falls else 0.0)
+    wide = {f"seed{s}-lr{lr:g}-beta5000-dpo": _z_run(s, lr, "dpo", 40.0 if lr > 1e-4 else 2.0,
+                                                     -0.1 if lr > 1e-4 else 0.0)
+            for s in range(2) for lr in (1e-3, 2e-5)}  # fmt: skip
+    report = {"commands": [], "machine": {}, "load": "", "probe": {}, "wide_model": {},
+              "parts": {"offline-a": {"runs": offline}, "wide": {"runs": wide}}}  # fmt: skip
+    path = tmp_path / "z-runs.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_the_z_rule_is_chosen_on_the_benchmarks_even_seeds_and_the_second_model_only_reports_it(tmp_path):
+    result = study.analyse_z(_z_write(tmp_path))
+    chosen = result["rules"]["calibrated"]
+    assert chosen["signal"] == "winner_rise_z" and 6.0 <= chosen["threshold"] < 12.0
+    sides = {r["id"]: r["split"] for r in result["runs"]}
+    assert all(side == "second_model" for key, side in sides.items() if key.startswith("wide/"))
+    assert {sides[f"offline-a/seed{s}-lr0.001-beta5000-dpo"] for s in (0, 2)} == {"choose"}
+    # The odd seeds' healthy runs read 9: a threshold of 9 or more keeps them quiet, of 6, 7 or 8 fires on them.
+    held_out = result["confusion"]["report"]["calibrated"]
+    assert held_out["runs"] == 4 and held_out["fired_fell"] == 2
+    assert held_out["fired_held"] == (2 if chosen["threshold"] < 9.0 else 0)
+    wide = result["confusion"]["second_model"]["calibrated"]
+    assert [wide[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")] == [2, 0, 0, 2]
+
+
+@pytest.fixture(scope="module")
+def written_z() -> dict:
+    if not study.Z_OUTPUT.exists():
+        pytest.skip(f"{study.Z_OUTPUT.name} not written")
+    return json.loads(study.Z_OUTPUT.read_text())
+
+
+def test_the_package_z_rule_is_the_calibrated_one_and_the_page_carries_its_table(written_z):
+    assert written_z["package_rule_is_calibrated"]
+    assert study.ProbeRule(**written_z["rules"]["calibrated"]) == study.package_z_rule()
+    block = study.PAGE.read_text().split(study.Z_START, 1)[1].split(study.Z_END, 1)[0]
+    assert block.strip() == study.z_tables(written_z).strip()
+
+
+def test_the_z_held_out_matrix_counts_the_runs_by_hand(written_z):
+    source = json.loads(study.Z_SOURCE.read_text())
+    assert written_z["source_commands"] == source["commands"]
+    rule = study.package_z_rule()
+    counts = [0, 0, 0, 0]
+    for run in study.load_z_runs(study.Z_SOURCE):
+        if run["model"] != "benchmark" or run["seed"] % 2 == 0:
+            continue
+        in_a_row, fired = 0, False
+        for reading in run["probe"]:
+            if reading["step"] > max(run["reward_change"]):
+                break
+            in_a_row = in_a_row + 1 if reading["winner_rise_z"] > rule.threshold else 0
+            fired = fired or in_a_row >= rule.patience
+        fell = run["reward_change"][max(run["reward_change"])] < -study.TOLERANCE
+        counts[(0 if fell else 1) if fired else (2 if fell else 3)] += 1
+    stored = written_z["confusion"]["report"]["package"]
+    assert counts == [stored[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")]

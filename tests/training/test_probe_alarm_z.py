@@ -140,3 +140,15 @@ def test_safeguard_switches_at_the_probes_alarm(make_trainer, make_pickapic):
     switch.train()
     assert switch.guards.action.switched_at == 2
     assert switch.safeguard is not None and switch.state.global_step == 4
+
+
+def test_the_docs_state_the_measured_cost_of_the_noise_draws():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    page = " ".join((root / "docs" / "safeguard.md").read_text().split())
+    result = json.loads((root / "benchmarks" / "results" / "probe" / "cpu-probe-cost-draws-tiny.json").read_text())
+    shares = {run["probe_noise_draws"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in result["runs"]}
+    stated = f"{shares[1]} of the training time with 1 draw, {shares[4]} with 4, {shares[8]} with 8 (the default)"
+    assert stated in page

@@ -229,18 +229,18 @@ class DiffusionSDPOConfig(TrainingArguments):
         "The held-out probe noises each of its pairs this many times (noise and timestep draws of its own), so its "
         "figures are means over `probe_pairs` x `probe_noise_draws` readings and `probe/winner_rise_z` has a spread "
         "to measure. Each draw is one more forward of the policy and the reference on the probe's pairs "
-        "(benchmarks/research/alarm.md states the cost).",
+        "(docs/safeguard.md states the cost).",
     )
     probe_alarm_z: float = option(
-        3.0,
+        10.0,
         "The held-out probe's alarm: a probe is unhealthy when `probe/winner_rise_z` (the held-out winner error's "
         "rise over the reference's, over its standard error across the probe's pairs and noise draws: the probe's own "
-        "units, the same at any model's scale) is above this; the alarm fires after `probe_alarm_patience` unhealthy "
-        "probes in a row, offline and online alike. Every `on_pathology` reads it when the probe runs (calibration: "
-        "benchmarks/research/alarm.md).",
+        "units, without the errors' scale) is above this; the alarm fires after `probe_alarm_patience` unhealthy "
+        "probes in a row, offline and online alike. Every `on_pathology` reads it when the probe runs "
+        "(docs/safeguard.md: the rule and its calibration).",
     )
     probe_alarm_patience: int = option(
-        2,
+        4,
         "The unhealthy probes in a row (`probe/winner_rise_z` above `probe_alarm_z`) at which the held-out probe's "
         "alarm fires.",
     )
