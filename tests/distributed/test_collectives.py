@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -41,6 +42,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # by default: test_distributed.py's parameter-space global scope (all_reduce_mean_) trains like one
 def test_all_reduce_mean_averages_every_tensor_in_place_over_two_processes():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
