@@ -75,6 +75,7 @@ def test_an_online_probe_and_a_quiet_rewind_train_bit_for_bit_as_the_run_without
     assert not any("health/rewind_to" in e for e in quiet.state.log_history)
 
 
+@pytest.mark.slow  # by default: the bit-for-bit test above and test_the_held_out_prompts_are_never_sampled_...
 def test_prompts_held_back_from_training_leave_the_run_as_one_on_the_other_prompts(tmp_path):
     plain = online_trainer(tmp_path / "plain", prompts=PROMPTS[:-HELD])
     plain.train()
