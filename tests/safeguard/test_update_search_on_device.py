@@ -80,3 +80,32 @@ def test_the_search_completes_with_every_host_read_refused_and_equals_a_host_bis
         lam, infeasible = update_space_lambda(update, mu)
     assert lam.dtype == torch.float32 and lam.dim() == 0
     assert lam.item() == reference and infeasible.item() == 0.0
+
+
+def test_gradients_in_two_interleaved_buffers_are_read_in_one_run_per_buffer():
+    """The one pass's rows in two buffers (one per dtype of the layers' products) hold alternate weights: the update
+    reads each buffer's weights as one run (not one run per change of buffer in weight order), and ``D`` equals that
+    of the same gradients as tensors of their own."""
+    shapes = [(40, 30), (7,), (3, 2, 2), (300,), (5,), (64, 9)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    optimizer.step()
+    own_w = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    own_h = [-w + 0.3 * torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in own_w]
+    buffers = [[k for k in range(len(shapes)) if k % 2 == b] for b in (0, 1)]  # alternate weights
+    g_w, h_l = [None] * len(shapes), [None] * len(shapes)
+    for members in buffers:
+        sizes = [own_w[k].numel() for k in members]
+        flat = torch.empty(2, sum(sizes), dtype=torch.float64)
+        for k, w, h in zip(members, flat[0].split(sizes), flat[1].split(sizes)):
+            g_w[k], h_l[k] = w.view(shapes[k]), h.view(shapes[k])
+            g_w[k].copy_(own_w[k])
+            h_l[k].copy_(own_h[k])
+    lambdas = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    interleaved = OptimizerUpdate(optimizer, params, g_w, h_l, 0.0)
+    assert [len(segment.runs) for segment in interleaved.segments] == [2]
+    expected = OptimizerUpdate(optimizer, params, own_w, own_h, 0.0).winner_decreases(lambdas)
+    torch.testing.assert_close(interleaved.winner_decreases(lambdas), expected, rtol=1e-12, atol=0)
