@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils.memory import clear_device_cache
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
@@ -452,18 +451,20 @@ class DiffusionSDPOTrainer(Trainer):
         stage: Backward | None = getattr(self.safeguard, "backward_stage", None)
         if stage is None:
             loss = super().training_step(model, batch, num_items_in_batch)  # compute_loss fills `batch`
-        elif getattr(stage, "engine_steps_in_backward", False):  # DeepSpeed: everything before its backward
-            loss = self._engine_branch_gradients_step(model, batch, stage)
         else:
             policy = model if stage.through_engine else self.accelerator.unwrap_model(model)
             window = BackwardWindow(
                 self.current_gradient_accumulation_steps, self.accelerator.sync_gradients, not replay
             )
             inside = getattr(stage, "passes_in_engine_backward", True)  # FSDP: the passes run in compute_loss
-            with PassesInStep(stage, policy, window, self.compute_loss_context_manager, inside) as batch.passes:
+            # DeepSpeed steps inside its backward: the hook runs in compute_loss, before Trainer's backward
+            hook = self._combine if getattr(stage, "engine_steps_in_backward", False) else None
+            with PassesInStep(stage, policy, window, self.compute_loss_context_manager, inside, hook) as batch.passes:
                 loss = super().training_step(model, batch, num_items_in_batch)
-            # the safeguard's hook: lambda, and g_w + lambda * h_l written
-            batch.lambdas.update(self.safeguard.combine(batch.passes.branches, self.optimizer))
+            if batch.passes.lambdas is None:  # the safeguard's hook: lambda, and g_w + lambda * h_l written
+                batch.lambdas.update(self._combine(batch.passes.branches))
+            else:
+                batch.lambdas.update(batch.passes.lambdas)
         adapt_guards(self.guards.adapting, batch.evaluation.errors, not replay, self.accelerator.sync_gradients)
         if replay:  # a zero-weighted replay: its loss and metrics are its peers'
             return torch.zeros((), device=self.args.device)
@@ -479,39 +480,9 @@ class DiffusionSDPOTrainer(Trainer):
         self.loss_since_log = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         return loss
 
-    def _engine_branch_gradients_step(self, model, batch: PlacedMicroBatch, backward: Backward) -> torch.Tensor:
-        """The exact rule under an engine that steps inside its own backward (DeepSpeed: accelerate's ``backward``
-        runs ``engine.step()`` at the window's end) and owns the reduced gradients: the passes' engine backward calls
-        and the combination's must all come before that step, so they cannot follow Trainer's backward. This is the
-        one step that does not go through ``super().training_step``. Returns the loss averaged over the accumulation
-        window."""
-        # What transformers' step does around compute_loss, which this step cannot call: train mode (and a
-        # schedule-free optimizer's), and the cache clearing every torch_empty_cache_steps, below.
-        model.train()
-        if callable(getattr(self.optimizer, "train", None)):
-            self.optimizer.train()
-        policy = model if backward.through_engine else self.accelerator.unwrap_model(model)
-        with self.compute_loss_context_manager():
-            noised = batch.noised = self.stages.noised_pair(policy, batch.inputs, "train", self.state.global_step)
-            window = BackwardWindow(
-                self.current_gradient_accumulation_steps,
-                self.accelerator.sync_gradients,
-                not batch.replay,
-                noised.num_pairs,
-            )
-            for gradient_pass in backward.passes(policy, window):
-                with gradient_pass:
-                    predictions = self.stages.predict_noised(policy, noised, gradient_pass.separate_branches)
-                    batch.evaluation, batch.lambdas = self._objective(
-                        predictions, batch.inputs.get("pair_scores"), not batch.replay
-                    )
-                    gradient_pass.backward(batch.evaluation.loss, predictions)
-            if gradient_pass.branches is not None:  # the safeguard's hook: lambda, and g_w + lambda * h_l written
-                batch.lambdas.update(self.safeguard.combine(gradient_pass.branches, self.optimizer))
-        steps = self.args.torch_empty_cache_steps
-        if steps is not None and self.state.global_step % steps == 0:
-            clear_device_cache()
-        return batch.evaluation.loss.detach() / self.current_gradient_accumulation_steps
+    def _combine(self, branches: Any) -> dict[str, torch.Tensor | None]:
+        """The safeguard's hook after the branches' backward: ``lambda``, and ``g_w + lambda * h_l`` written."""
+        return self.safeguard.combine(branches, self.optimizer)
 
     def _objective(
         self, predictions: PreferencePredictions, pair_scores: torch.Tensor | None, contributes: bool

@@ -83,7 +83,7 @@ Predict = Callable[[bool], PreferencePredictions]  # separate_branches -> the mi
 #: runs its recomputation): one process and DDP. Not FSDP, whose post-backward hooks end the backward they run in (a
 #: process crashed when they ran in one inside another): its passes run in compute_loss; nor DeepSpeed, which steps
 #: the engine inside its own backward and owns the reduced gradients (the combination must reach them before that
-#: step): its passes and combination run before any backward.
+#: step): its passes and combination run in compute_loss, and the engine's last backward is Trainer's.
 PASSES_IN_ENGINE_BACKWARD = frozenset({"ddp"})
 
 #: Full tuning with the per-pair scope is refused above this many bytes of per-image gradients (small models pass)
@@ -260,8 +260,21 @@ class ParameterSpaceBackward:
     @property
     def engine_steps_in_backward(self) -> bool:
         """Whether the engine owns the reduced gradients and steps inside its own backward (DeepSpeed): the passes
-        and the combination then all run before that backward, outside transformers' step."""
+        and the combination then run in ``compute_loss``, the engine's last backward deferred to Trainer's
+        (:meth:`engine_backward_deferred`)."""
         return self.collectives.owns_gradients
+
+    @contextlib.contextmanager
+    def engine_backward_deferred(self) -> Iterator[list[torch.Tensor]]:
+        """Within the block, the engine's last backward of a micro-batch (DeepSpeed's, which also steps the engine at
+        the window's end) is not run: the scalars it would backpropagate are collected in the list yielded, for
+        transformers' step to backpropagate with its own ``accelerator.backward``."""
+        deferred: list[torch.Tensor] = []
+        self.collectives.deferred = deferred
+        try:
+            yield deferred
+        finally:
+            self.collectives.deferred = None
 
     @property
     def passes_in_engine_backward(self) -> bool:

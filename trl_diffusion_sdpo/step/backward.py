@@ -129,6 +129,11 @@ class PassesInStep:
         inside_backward: whether the passes' backward runs inside the engine's backward (the loss carries it); else
             right after the forward, in ``compute_loss``, with the stage's own scale (an engine whose backward hooks
             cannot run inside another backward: FSDP), the loss then carrying nothing.
+        combine: for an engine that steps inside its own backward (DeepSpeed; the stage's
+            ``engine_steps_in_backward``): the safeguard's hook, run in ``compute_loss`` after the passes; the
+            engine's last backward of the micro-batch is then deferred (the stage's ``engine_backward_deferred``) and
+            the loss carries it into Trainer's ``accelerator.backward``, which steps the engine. ``None``: the
+            trainer runs the hook after Trainer's step.
     """
 
     def __init__(
@@ -138,9 +143,12 @@ class PassesInStep:
         window: BackwardWindow,
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         inside_backward: bool = True,
+        combine: Callable[[Any], dict[str, Any]] | None = None,
     ) -> None:
         self.backward, self.policy, self.window, self.context = backward, policy, window, context
-        self.inside_backward = inside_backward
+        self.inside_backward, self.combine = inside_backward and combine is None, combine
+        #: with ``combine``: what the hook returned (``lambda`` by metric name)
+        self.lambdas: dict[str, Any] | None = None
         #: after the step, the branches' gradients for the safeguard's hook
         self.branches: Any = None
         self._passes: Iterator[GradientPass] | None = None
@@ -164,6 +172,13 @@ class PassesInStep:
         self._run(next(self._passes))
         loss = self._formed[0]
         anchor = torch.zeros((), device=loss.device, requires_grad=True)
+        if self.combine is not None:  # the engine steps in its backward: its last one is Trainer's
+            with self.backward.engine_backward_deferred() as deferred:
+                self._backward(None)
+                self.lambdas = self.combine(self.branches)
+            carried = _CarriedBackward.apply(loss.detach(), anchor, lambda scale: None)
+            # Trainer divides the loss by the window, which the passes' scale holds already: multiplied back
+            return carried + sum(s - s.detach() for s in deferred) * self.window.accumulation_steps
         if not self.inside_backward:
             self._backward(None)  # now, with the stage's own scale
             return _CarriedBackward.apply(loss.detach(), anchor, lambda scale: None)

@@ -41,11 +41,18 @@ class DeepSpeedCollectives(BranchCollectives):
     def _engine(self):
         return self.engine.accelerator.deepspeed_engine_wrapped.engine
 
+    #: inside transformers' step, the scalars of the micro-batch's last engine backward, which Trainer's own
+    #: ``accelerator.backward`` runs (the loss compute_loss returns carries them; ``None``: run here)
+    deferred: list[torch.Tensor] | None = None
+
     def _engine_backward(self, scalar: torch.Tensor, boundary: bool | None) -> None:
         """The engine's backward of ``scalar`` (its loss scale applied, no accumulation average): ``boundary=False``
         inside a micro-batch (no step), ``None`` the micro-batch's last pass (accelerate sets the boundary and steps
-        the engine at the end of the window)."""
+        the engine at the end of the window; inside transformers' step, Trainer's backward, :attr:`deferred`)."""
         if boundary is None:
+            if self.deferred is not None:
+                self.deferred.append(scalar)
+                return
             self.engine.accelerator.backward(scalar, scale_wrt_gas=False)
         else:
             self._engine.set_gradient_accumulation_boundary(boundary)

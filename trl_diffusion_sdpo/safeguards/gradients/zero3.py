@@ -218,7 +218,7 @@ class DeepSpeedZeRO3Collectives(ShardSums, DeepSpeedCollectives):
         """At the end of the accumulation window the engine steps (boundary set, then ``engine.step()``: clipping,
         overflow check, optimizer, zeroing), as accelerate's ``DeepSpeedEngineWrapper.backward`` does."""
         self._window_open = not sync_gradients
-        if sync_gradients:
+        if sync_gradients and self.deferred is None:  # inside transformers' step, Trainer's backward steps it
             engine = self._deepspeed_engine
             engine.set_gradient_accumulation_boundary(True)
             engine.step()
