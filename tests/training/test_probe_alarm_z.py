@@ -114,8 +114,10 @@ def test_warn_warns_naming_the_step_a_rewind_would_restore(make_trainer, make_pi
     trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=4, probe_steps=1, probe_pairs=HELD, **DPO)
     assert trainer.args.on_pathology == "warn"
     _forced(trainer, {3, 4})  # healthy at steps 1 and 2; fires at 4
-    with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.guards"):
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo"):
         trainer.train()
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training "))
+    assert f"its alarm ({trainer.probe.alarm.rule.describe()}) acts as on_pathology='warn'" in summary
     warnings = [r.getMessage() for r in caplog.records if "held-out probe's alarm" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("Step 4:")
     assert "on_pathology='rewind' would restore step 2's weights" in warnings[0]
