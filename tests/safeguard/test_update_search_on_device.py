@@ -1,7 +1,8 @@
 """The update space's lambda search reads nothing back to the host between its passes.
 
 With every way a tensor's value reaches Python (``Tensor.item``, ``tolist``, ``__float__``, ``__bool__``,
-``__int__``, ``__index__``) made to raise, the search still completes, and its lambda equals an independent
+``__int__``, ``__index__``) made to raise and none of aten's host reads recorded by the profiler, the search
+completes, and its lambda equals an independent
 reference: a bisection on the host over the same float32 lattice, of ``D`` computed separately in float64 from the
 optimizer's update rule."""
 
@@ -14,6 +15,7 @@ from tests.helpers.update_space_problems import _grouped_problem
 from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, update_space_lambda
 
 READS = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__")
+HOST_READS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal")
 
 
 def _adamw_decrease(optimizer, params, g_w, h_l, max_norm: float, unscale: float):
@@ -74,10 +76,12 @@ def test_the_search_completes_with_every_host_read_refused_and_equals_a_host_bis
     def refused(*args, **kwargs):
         raise AssertionError("a tensor's value was read back to the host during the search")
 
-    with monkeypatch.context() as patched:
+    with monkeypatch.context() as patched, torch.profiler.profile() as profile:
         for name in READS:
             patched.setattr(torch.Tensor, name, refused)
         lam, infeasible = update_space_lambda(update, mu)
+    # nor inside torch: indexing with a tensor, for one, reads the index back without Python's __index__
+    assert not [e.name for e in profile.events() if e.name in HOST_READS]
     assert lam.dtype == torch.float32 and lam.dim() == 0
     assert lam.item() == reference and infeasible.item() == 0.0
 

@@ -64,7 +64,8 @@ def lattice_crossing(
     best = torch.where(meets, positions, -1).max()  # the largest grid point meeting the target (-1: none)
     feasible = best >= 0
     unrestricted = meets[-1]
-    lo = grid[best.clamp(min=0, max=GRID_POINTS - 2)]  # a bracket to refine even where it is not used
+    # lattice indices by arithmetic, not by indexing with a device tensor (which reads the index on the host)
+    lo = best.clamp(min=0, max=GRID_POINTS - 2) * span  # a bracket to refine even where it is not used
     inner = torch.arange(1, REFINE_POINTS + 1, device=device)
     for _ in range(REFINE_PASSES):
         span //= REFINE_POINTS + 1
@@ -74,6 +75,6 @@ def lattice_crossing(
         steps = torch.where(meets, inner, 0).max()
         lo = lo + steps * span
     top_tensor = torch.full((), top, dtype=torch.float32, device=device)
-    fallback = _lattice(grid[values.argmax()], top)  # no grid point meets the target: the best of them
+    fallback = _lattice(values.argmax() * (STEPS // (GRID_POINTS - 1)), top)  # no grid point meets it: the best
     lam = torch.where(unrestricted, top_tensor, torch.where(feasible, _lattice(lo, top), fallback))
     return lam, (~feasible).to(torch.float32), 1 + REFINE_PASSES
