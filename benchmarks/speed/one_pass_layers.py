@@ -66,24 +66,28 @@ def _native_backward(layer: Any, x: torch.Tensor, g: torch.Tensor, needs_x: bool
     return None
 
 
-def _tap_backward(layer: Any, x: torch.Tensor, g: torch.Tensor, needs_x: bool) -> Callable[[], Any] | None:
+def _tap_backward(
+    layer: Any, x: torch.Tensor, g: torch.Tensor, needs_x: bool, destination: Any
+) -> tuple[Callable[[], Any], Any] | tuple[None, None]:
     """The tap's own ``backward`` of ``layer`` (the library's code: its kernels, its writes into the buffer's views
     and its Python) in a pass split by branch, called as a function on a plain context its ``forward`` filled; None
-    for a recomputed layer."""
+    for a recomputed layer. Also the pass it writes in (start a new one with ``tap.views.clear()`` and
+    ``tap.written.clear()``)."""
     function = layer_taps._FUNCTIONS.get(layer.kind)
     if function is None:
-        return None
+        return None, None
     module = layer.module
     ctx = _Context(needs_x)
+    tap = layer_taps._Pass(2, None, destination)
     with torch.no_grad():
         # the layer's own output is what the forward hands on; only what it saves matters here
-        function.forward(ctx, x, module.weight, getattr(module, "bias", None), layer, layer_taps._Pass(2, None), (x,))
+        function.forward(ctx, x, module.weight, getattr(module, "bias", None), layer, tap, (x,))
 
     def backward() -> Any:
         with torch.no_grad():  # as autograd's engine runs a backward
             return function.backward(ctx, g)
 
-    return backward
+    return backward, tap
 
 
 def _layer_row(single: LayerTaps, destination: Any, x: torch.Tensor, g: torch.Tensor, repeats: int) -> dict[str, Any]:
@@ -103,12 +107,13 @@ def _layer_row(single: LayerTaps, destination: Any, x: torch.Tensor, g: torch.Te
             w.grad = None
         module(xs).backward(g)
 
+    indices = [index for _, index in layer.slots]
+
     def tapped() -> None:
-        layer.start(destination, None)  # a pass starts each layer once (its views, none written yet)
         module(x.detach().requires_grad_(needs_x)).backward(g)
 
     native_backward = _native_backward(layer, x, g, needs_x)
-    tap_backward = _tap_backward(layer, x, g, needs_x)
+    tap_backward, tap = _tap_backward(layer, x, g, needs_x, destination)
     times: dict[str, list[float]] = {"native": [], "tapped": [], "native_backward": [], "tap_backward": []}
     wrote = called_wrote = True
     for repeat in range(repeats + 1):  # the first warms up
@@ -120,16 +125,17 @@ def _layer_row(single: LayerTaps, destination: Any, x: torch.Tensor, g: torch.Te
             start = time.process_time()
             tapped()
             measured["tapped"] = time.process_time() - start
-        wrote = wrote and all(layer.written.values())
+        wrote = wrote and all(i in single.written() for i in indices)
         if native_backward is not None and tap_backward is not None:
             start = time.process_time()
             native_backward()
             measured["native_backward"] = time.process_time() - start
-            layer.start(destination, None)
+            tap.views.clear()  # a new pass: the views asked again, none written yet
+            tap.written.clear()
             start = time.process_time()
             tap_backward()
             measured["tap_backward"] = time.process_time() - start
-            called_wrote = called_wrote and all(layer.written.values())
+            called_wrote = called_wrote and all(i in tap.written for i in indices)
         if repeat:
             for key, value in measured.items():
                 times[key].append(value)
@@ -182,6 +188,7 @@ def layer_rows(preset: str, pairs: int, repeats: int) -> dict[str, Any]:
         if k in grads:
             single.layers = [layer]
             rows.append(_layer_row(single, store._destination, seen[k], grads[k], repeats))
+            single.close()  # the next layer's taps installed afresh
 
     def totals(selected: list[dict[str, Any]]) -> dict[str, float | None]:
         native = sum(r["native_us"] for r in selected) / 1000

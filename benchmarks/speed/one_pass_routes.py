@@ -129,6 +129,7 @@ def make_routes(
                 with restricted.tapping(2, destination=store._destination):
                     out = unet(*inputs, return_dict=False)[0]
                     out.backward(cotangents(out, target))
+                restricted.close()  # its hooks off the shared UNet: the other routes run without them
 
             return route
 
