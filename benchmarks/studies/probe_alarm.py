@@ -449,7 +449,8 @@ Z_SOURCE = RESULTS / "probe" / "cpu-probe-z-runs.json"
 Z_OUTPUT = RESULTS / "probe" / "cpu-probe-alarm-z-calibration.json"
 Z_START, Z_END = "<!-- probe-alarm-z-tables:start -->", "<!-- probe-alarm-z-tables:end -->"
 #: the one rule's grid: ``winner_rise_z`` above a threshold (standard errors), ``patience`` in a row
-Z_GRID: Grid = {"winner_rise_z": ((True,), (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0))}
+Z_THRESHOLDS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
+Z_GRID: Grid = {"winner_rise_z": ((True,), Z_THRESHOLDS)}
 SIGNALS["winner_rise_z"] = lambda r: r["winner_rise_z"]
 
 

@@ -107,9 +107,9 @@ def probe_alarm(args: Any) -> ProbeAlarmRule:
 
 class ProbeAlarm:
     """The probe's alarm in a run that does not rewind: it counts the unhealthy probes in a row
-    (:class:`ProbeAlarmRule`) and, when the alarm fires, hands it to the run's pathology action (``action.probe_alarm``:
-    :meth:`~.guards.PathologyAction.probe_alarm`) with the step a rewind would have restored (the last probe it
-    called healthy; 0 before the first). It then counts afresh.
+    (:class:`ProbeAlarmRule`) and, when the alarm fires, hands it to the run's pathology action
+    (``action.probe_alarm``: :meth:`~.guards.PathologyAction.probe_alarm`) with the step a rewind would have
+    restored (the last probe it called healthy; 0 before the first). It then counts afresh.
 
     Args:
         rule: the alarm's rule.
