@@ -10,13 +10,13 @@ from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate
 def _counted(update: OptimizerUpdate) -> list[int]:
     """The number of lambdas of each evaluation pass of ``update`` from now on."""
     passes: list[int] = []
-    evaluate = update.winner_decreases
+    evaluate = update.decreases
 
-    def counted(points: torch.Tensor) -> torch.Tensor:
-        passes.append(points.numel())
+    def counted(points: list[float]) -> list[float]:
+        passes.append(len(points))
         return evaluate(points)
 
-    update.winner_decreases = counted
+    update.decreases = counted
     return passes
 
 

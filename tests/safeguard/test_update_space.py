@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from tests.helpers.update_space_problems import _counted, _grouped_problem
 from trl_diffusion_sdpo.engines import DeepSpeedEngine, FSDP1Engine, FSDP2Engine
-from trl_diffusion_sdpo.safeguards.crossing import GRID_POINTS, REFINE_PASSES, REFINE_POINTS
+from trl_diffusion_sdpo.safeguards.crossing import ESTIMATED_PASSES, SPARE_PASSES, bracketed_crossing
 from trl_diffusion_sdpo.safeguards.gradients import collectives_for
 from trl_diffusion_sdpo.safeguards.update_space import OptimizerUpdate, UpdateSpaceRule, update_space_lambda
 
@@ -243,7 +244,7 @@ def test_the_search_meets_its_specification_against_a_plain_float64_reference(
     """The vectorised search (segments of equal hyperparameters, slices that are views of the flat buffer or copies
     of small tensors, a pass's lambdas together, SGD's closed form) returns a lambda that meets the margin and lies
     within max_lambda/2048 below a crossing of the plain reference ``D`` (brute force over a fine grid), for
-    gradients in the backward's units (``unscale``), in the search's fixed passes (the grid, then the refinement)."""
+    gradients in the backward's units (``unscale``), in at most four passes."""
     from trl_diffusion_sdpo.safeguards import update_space
 
     if slice_size:  # many runs: large tensors alone, small ones joined, in every optimizer group
@@ -259,7 +260,9 @@ def test_the_search_meets_its_specification_against_a_plain_float64_reference(
             return _reference_decreases(optimizer, params, g_w, h_l, max_grad_norm, lambdas, unscale=0.5)
 
         cases.append(_check_specification(decreases, lam.item(), bool(infeasible.item()), mu))
-        assert passes == [GRID_POINTS] + [REFINE_POINTS] * REFINE_PASSES  # whatever the case: no host decides
+        assert len(passes) <= 4 and max(passes) <= 3
+        if cases[-1] == "unrestricted":
+            assert passes == [2]  # D(0) and D(max) in one pass, no search
     assert cases.count("binding") >= 2  # the margin binds in most of these: the search itself is checked
 
 
@@ -283,21 +286,75 @@ def test_the_grid_finds_the_largest_feasible_region_where_the_winners_own_update
     assert 0.75 <= lam.item() < 0.875
 
 
-def test_an_affine_update_under_clipping_meets_the_specification_in_the_fixed_passes():
-    """Plain SGD with momentum state and clipping: ``D(lambda) = a + c(lambda) (b + d lambda)``, the clip coefficient
-    binding; the search (the grid, then the refinement, on the device) returns a lambda inside ``(0, 1)`` meeting
-    the specification against the float64 reference."""
+def _float32_exact(x: float) -> bool:
+    return float(torch.tensor(x, dtype=torch.float32)) == x
+
+
+SHAPES_OF_F = {  # f decreasing through 0 (or not monotone), on [0, 1]
+    "linear": lambda x: 0.3 - x,
+    "sigmoid": lambda x: 1 / (1 + math.exp(12 * (x - 0.6))) - 0.5,
+    "sqrt": lambda x: 0.5 - math.sqrt(x),
+    "exponential": lambda x: math.exp(-8 * x) - 0.1,
+    "step": lambda x: 1.0 if x < 0.3 else -1.0,
+    "steep": lambda x: math.atan(200 * (0.37 - x)),
+    "two crossings": lambda x: math.cos(9 * x),
+    "flat then down": lambda x: 1e-3 if x < 0.9 else -1.0,
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES_OF_F))
+@pytest.mark.parametrize("clip", [None, lambda x: min(1.0, 1.5 / (1 + 2 * x))], ids=["unclipped", "clipped"])
+def test_bracketed_crossing_certifies_a_crossing_within_its_pass_bound(shape, clip):
+    """Whatever the shape, the returned ``(lo, hi)`` is a certified bracket of a crossing: ``f(lo) >= 0 > f(hi)``,
+    ``0 < hi - lo <= resolution``, both float32 numbers that were evaluated; every point evaluated lies inside the
+    bracket of its pass; at most ceil(log2(1 / resolution)) + SPARE_PASSES passes (13) of at most three points,
+    and one point after the first ESTIMATED_PASSES."""
+    f = SHAPES_OF_F[shape]
+    resolution = 1 / 2048
+    evaluated: list[float] = []
+    passes: list[list[float]] = []
+
+    def evaluate(points: list[float]) -> list[float]:
+        passes.append(points)
+        evaluated.extend(points)
+        return [f(x) for x in points]
+
+    lo, hi = bracketed_crossing(evaluate, 0.0, 1.0, f(0.0), f(1.0), resolution, clip)
+    assert f(lo) >= 0 > f(hi) and 0 < hi - lo <= resolution
+    assert all(_float32_exact(x) and 0 < x < 1 for x in evaluated)
+    assert lo in evaluated and hi in evaluated
+    assert len(passes) <= 11 + SPARE_PASSES
+    assert all(len(points) <= 3 for points in passes)
+    assert all(len(points) == 1 for points in passes[ESTIMATED_PASSES:])
+    assert all(points == sorted(points) and len(set(points)) == len(points) for points in passes)
+
+
+@pytest.mark.parametrize("root", [0.1, 0.4371, 0.93])
+def test_a_linear_f_is_certified_by_the_first_pair_around_the_secant(root):
+    """For ``f`` linear the secant through the bracket's ends is the crossing: one pass of two points, ``resolution``
+    apart, around it (a wrong sign in the secant, or a pair on one side of it, fails this)."""
+    f = lambda x: 2.0 * (root - x)  # noqa: E731
+    passes: list[list[float]] = []
+
+    def evaluate(points):
+        passes.append(points)
+        return [f(x) for x in points]
+
+    lo, hi = bracketed_crossing(evaluate, 0.0, 1.0, f(0.0), f(1.0), 1 / 2048)
+    assert len(passes) == 1 and passes[0] == [lo, hi]
+    assert lo <= root < hi and hi - lo <= 1 / 2048
+
+
+def test_an_affine_update_under_clipping_is_certified_by_the_second_pair():
+    """Plain SGD with momentum state and clipping: ``D(lambda) = a + c(lambda) (b + d lambda)`` exactly, which the
+    search's interpolant (basis ``c, c lambda, 1``) reproduces from three points: the first pass, one pair around the
+    secant, one pair around the interpolated crossing, no more (the search uses the clip coefficient)."""
     params, optimizer, g_w, h_l = _grouped_problem("sgd-momentum", 2, 3.0)
     update = OptimizerUpdate(optimizer, params, g_w, h_l, 2.0, unscale=0.5)
     assert float(update.clip_coefficient(torch.tensor(0.0))) < 1  # clipping binds
     passes = _counted(update)
-    lam, infeasible = update_space_lambda(update, 0.9)
-    assert 0 < lam.item() < 1 and passes == [GRID_POINTS] + [REFINE_POINTS] * REFINE_PASSES
-
-    def decreases(lambdas):
-        return _reference_decreases(optimizer, params, g_w, h_l, 2.0, lambdas, unscale=0.5)
-
-    assert _check_specification(decreases, lam.item(), bool(infeasible.item()), 0.9) in ("binding", "grid")
+    lam, _ = update_space_lambda(update, 0.9)
+    assert 0 < lam.item() < 1 and passes == [2, 2, 2]
 
 
 def test_unsupported_optimizers_are_refused_naming_the_supported_ones():

@@ -1,80 +1,124 @@
-"""The update space's ``lambda`` search on the device: a fixed number of passes, no host read between them.
+"""A scalar function's crossing of zero from above, bracketed to a resolution in few evaluations.
 
-The update space (:func:`~.update_space.update_space_lambda`) evaluates ``D`` in passes over every trainable weight
-and its optimizer state, several ``lambda`` per pass. On an accelerator a step at a typical size is bound by the
-host's work, and a search that reads ``D`` back to decide its next points makes the host wait for the device at every
-pass. This search decides nothing on the host: every pass's points are computed on the device from the previous
-pass's values (``torch.where``, ``argmax``), and the number of passes and of points per pass is fixed, so the whole
-search is queued at once and runs while the host goes on. This module sees ``D`` through one callable only,
-``evaluate(lambdas) -> values`` on device tensors.
-
-The points lie on a lattice of ``top / STEPS`` (``STEPS = 2048``: the resolution, ``max_lambda / 2048``):
-
-1. the :data:`GRID_POINTS` grid ``0, top/8, ..., top`` in one pass; ``target = mu * max(D(0), 0)``;
-2. the bracket ``[lo, lo + top/8]`` from the largest grid point ``lo`` meeting the target (the next one misses it);
-3. :data:`REFINE_PASSES` passes of :data:`REFINE_POINTS` equally spaced inner points each, the bracket becoming
-   ``[p, p + its spacing]`` for the largest evaluated ``p`` that meets the target (its right neighbour misses it), so
-   ``(REFINE_POINTS + 1) ** REFINE_PASSES = 256`` brings ``top/8`` down to ``top/2048``.
-
-Then ``lambda = top`` where ``D(top)`` meets the target (nothing to restrict); else, where a grid point meets it, the
-bracket's lower end: ``D(lambda) >= target > D(lambda + top/2048)``, ``lambda`` within the resolution below a crossing
-(the rightmost one among the evaluated points); else the grid point of the largest ``D``, counted infeasible. Every
-point is a float32 number, the ``lambda`` the trainer will use, so the guarantee holds for the value returned.
+The update space's ``lambda`` search (:func:`~.update_space.update_space_lambda`) evaluates ``D`` in passes over every
+trainable weight and its optimizer state, several ``lambda`` per pass; a pass costs about as much as a few optimizer
+steps, so the search is built to need few of them. This module is that search on its own, over Python floats: an
+``evaluate(points) -> values`` callable is all it sees of ``D``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-import torch
+import numpy as np
 
-__all__ = ["GRID_POINTS", "REFINE_PASSES", "REFINE_POINTS", "STEPS", "lattice_crossing"]
+__all__ = ["ESTIMATED_PASSES", "SPARE_PASSES", "bracketed_crossing", "float32"]
 
-STEPS = 2048  # the lattice: lambda in multiples of top / STEPS (the resolution)
-GRID_POINTS = 9  # the first pass: 0, top/8, ..., top
-# Each refining pass evaluates REFINE_POINTS inner points of the bracket (which it divides by REFINE_POINTS + 1): one
-# point per pass (bisection) evaluates the fewest lambdas in all (17: the elementwise work of a pass grows with its
-# lambdas), more points per pass take fewer passes (the host's work grows with the passes). Measured on the CPU
-# measure (benchmarks/speed/host_time_lockstep.py): one point per pass costs the least there.
-REFINE_POINTS = 1
-REFINE_PASSES = 8  # (REFINE_POINTS + 1) ** REFINE_PASSES * (GRID_POINTS - 1) == STEPS
+SPARE_PASSES = 2  # search passes allowed beyond bisection's count (ITP's n0)
+ESTIMATED_PASSES = 4  # search passes that evaluate around an interpolated crossing; bisection after them
 
 
-def _lattice(index: torch.Tensor, top: float) -> torch.Tensor:
-    """The float32 ``lambda`` of lattice ``index`` (``index * top / STEPS``, rounded once from float64)."""
-    return (index.to(torch.float64) * (top / STEPS)).to(torch.float32)
+def float32(x: float) -> float:
+    """``x`` rounded to the nearest float32: the search evaluates ``D`` at the ``lambda`` the trainer will use."""
+    return float(np.float32(x))
 
 
-def lattice_crossing(
-    evaluate: Callable[[torch.Tensor], torch.Tensor], top: float, mu: float | torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(lambda, infeasible, passes)`` as in the module docstring: ``lambda`` (float32, 0-dim) and ``infeasible``
-    (float32 1.0 where no grid point meets the target) on ``device``, computed there; ``evaluate`` takes a float32
-    vector of ``lambda`` and returns ``D`` at each (one pass over the weights); ``mu`` a number or a 0-dim tensor. No
-    value is read on the host."""
-    if (GRID_POINTS - 1) * (REFINE_POINTS + 1) ** REFINE_PASSES != STEPS:
-        raise ValueError("the grid and the refining passes must divide the lattice exactly")
-    span = STEPS // (GRID_POINTS - 1)
-    grid = torch.arange(GRID_POINTS, device=device) * span  # lattice indices
-    values = evaluate(_lattice(grid, top))
-    mu = mu.to(device=device, dtype=values.dtype) if torch.is_tensor(mu) else mu  # a tensor (auto mu) stays one
-    target = mu * values[0].clamp(min=0)
-    meets = values >= target
-    positions = torch.arange(GRID_POINTS, device=device)
-    best = torch.where(meets, positions, -1).max()  # the largest grid point meeting the target (-1: none)
-    feasible = best >= 0
-    unrestricted = meets[-1]
-    # lattice indices by arithmetic, not by indexing with a device tensor (which reads the index on the host)
-    lo = best.clamp(min=0, max=GRID_POINTS - 2) * span  # a bracket to refine even where it is not used
-    inner = torch.arange(1, REFINE_POINTS + 1, device=device)
-    for _ in range(REFINE_PASSES):
-        span //= REFINE_POINTS + 1
-        points = lo + inner * span
-        meets = evaluate(_lattice(points, top)) >= target
-        # the largest inner point meeting the target (0: none, the bracket's lower end stays)
-        steps = torch.where(meets, inner, 0).max()
-        lo = lo + steps * span
-    top_tensor = torch.full((), top, dtype=torch.float32, device=device)
-    fallback = _lattice(values.argmax() * (STEPS // (GRID_POINTS - 1)), top)  # no grid point meets it: the best
-    lam = torch.where(unrestricted, top_tensor, torch.where(feasible, _lattice(lo, top), fallback))
-    return lam, (~feasible).to(torch.float32), 1 + REFINE_PASSES
+def _float32_at_most(x: float) -> float:
+    """The largest float32 not above ``x``."""
+    y = np.float32(x)
+    return float(y if y <= x else np.nextafter(y, np.float32(-np.inf)))
+
+
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """``matrix^-1 rhs`` (at most 4 x 4); None where singular or not finite."""
+    try:
+        out = np.linalg.solve(np.asarray(matrix, dtype=np.float64), np.asarray(rhs, dtype=np.float64))
+    except np.linalg.LinAlgError:
+        return None
+    return out.tolist() if np.isfinite(out).all() else None
+
+
+def _interpolated_crossing(
+    known: list[tuple[float, float]], lo: float, hi: float, clip: Callable[[float], float]
+) -> float:
+    """Where the interpolant of the evaluated points nearest the bracket ``[lo, hi]`` (up to four, ``lo`` and ``hi``
+    first) crosses zero inside it; NaN where it does not (or the points do not determine it).
+
+    The interpolant suits ``D``: where the second moment dominates the update, ``D(lambda) ~ a + c(lambda) (b +
+    d lambda)`` with ``c`` the clip coefficient (known exactly), so the basis is ``c, c lambda, 1, c lambda^2`` (as
+    many as points; the first two alone are the secant when ``c`` is 1); where ``c`` is the same at every point (no
+    clipping) the polynomial ``1, lambda, lambda^2, lambda^3``. The crossing is found on the host by bisection of the
+    interpolant."""
+    nearest = sorted(known, key=lambda p: max(lo - p[0], p[0] - hi, 0.0))[:4]
+    scales = [clip(x) for x, _ in nearest]
+    polynomial = max(scales) - min(scales) <= 1e-12 * max(scales)
+
+    def basis(x: float, c: float) -> list[float]:
+        terms = [1.0, x, x * x, x**3] if polynomial else [c, c * x, 1.0, c * x * x]
+        return terms[: len(nearest)]
+
+    coefficients = _solve([basis(x, c) for (x, _), c in zip(nearest, scales)], [f for _, f in nearest])
+    if coefficients is None:
+        return math.nan
+
+    def model(x: float) -> float:
+        return sum(a * b for a, b in zip(coefficients, basis(x, clip(x))))
+
+    a, b = lo, hi
+    if not (model(a) >= 0 > model(b)):
+        return math.nan
+    for _ in range(60):
+        middle = (a + b) / 2
+        a, b = (middle, b) if model(middle) >= 0 else (a, middle)
+    return (a + b) / 2
+
+
+def bracketed_crossing(
+    evaluate: Callable[[list[float]], list[float]],
+    lo: float,
+    hi: float,
+    f_lo: float,
+    f_hi: float,
+    resolution: float,
+    clip: Callable[[float], float] | None = None,
+) -> tuple[float, float]:
+    """A crossing of ``f`` from above, bracketed to ``resolution``: ``(lo, hi)`` with ``f(lo) >= 0 > f(hi)`` and
+    ``lo < hi <= lo + resolution``, from a bracket ``lo < hi`` with ``f_lo = f(lo) >= 0 > f_hi = f(hi)``.
+
+    ``evaluate`` takes a list of float32 points and returns ``f`` at each (for ``D``: one pass over the weights for
+    all of them); ``clip`` is the clip coefficient ``c(lambda)`` the interpolant uses (None: 1). A pass evaluates the
+    pair ``x - resolution/2``, ``x + resolution/2`` around the interpolated crossing ``x``
+    (:func:`_interpolated_crossing`), which certifies the bracket at once where ``x`` is within ``resolution/2`` of
+    a crossing; the bracket becomes the rightmost sign change among its ends and the new points (the largest
+    evaluated point with ``f >= 0`` and the next one). The worst case is bounded as in ITP (Oliveira and Takahashi,
+    2020): with ``n = ceil(log2((hi - lo) / resolution)) +`` :data:`SPARE_PASSES`, pass ``k`` leaves at most
+    ``resolution * 2^(n - k)``; where the pair alone could leave more (``x`` far from the bracket's middle) the
+    midpoint joins it, and after :data:`ESTIMATED_PASSES` passes (or without a finite ``x``) the midpoint is
+    evaluated alone. So at most ``n`` passes (13 for ``[0, max_lambda]``; one more where float32 rounding of the
+    points leaves the last bracket a few ulps too wide), three points each in the first four and one after. With
+    ``f`` smooth the first or second pair usually certifies."""
+    clip = clip or (lambda lam: 1.0)
+    half = resolution / 2
+    budget = math.ceil(math.log2((hi - lo) / resolution)) + SPARE_PASSES if hi - lo > resolution else 0
+    known = [(lo, f_lo), (hi, f_hi)]
+    passes = 0
+    while hi - lo > resolution:
+        passes += 1
+        width = hi - lo
+        mid = float32(lo + width / 2)
+        x = _interpolated_crossing(known, lo, hi, clip) if passes <= ESTIMATED_PASSES else math.nan
+        if width <= 2 * resolution or not math.isfinite(x):
+            points = [mid]
+        else:
+            x = min(max(x, lo + resolution), hi - resolution)
+            first = float32(x - half)
+            points = [first, _float32_at_most(first + resolution)]
+            if abs(x - mid) > resolution * 2.0 ** (budget - passes) - width / 2 and mid not in points:
+                points = sorted([*points, mid])  # the pair alone may leave more than this pass's bound
+        values = evaluate(points)
+        known += zip(points, values)
+        xs, fs = [lo, *points, hi], [f_lo, *values, f_hi]
+        j = max(i for i in range(len(xs) - 1) if fs[i] >= 0)  # lo's f is >= 0, hi's is not
+        lo, hi, f_lo, f_hi = xs[j], xs[j + 1], fs[j], fs[j + 1]
+    return lo, hi

@@ -20,24 +20,28 @@ For a plain gradient step (``Delta = -lr * g``, no clipping) ``D(lambda) = lr * 
 condition asks for no rise at all (``D(lambda) >= 0``); it may then be infeasible (see :func:`update_space_lambda`).
 
 ``lambda`` is found by a scalar search over the real update (AdamW's second moment depends on ``lambda``, so there
-is no closed form), run on the device in a fixed number of passes with no host read between them
-(:func:`~.crossing.lattice_crossing`): every pass's ``lambda`` are computed there from the previous pass's ``D``, so
-the host queues the whole search at once and never waits for the device. The points lie on the lattice of
-``resolution = max_lambda *`` :data:`RESOLUTION` (``max_lambda / 2048``):
+is no closed form). ``D(0)`` and ``D(max_lambda)`` come first, from one pass, read on the host: when ``D(max_lambda)``
+meets the target ``mu * max(D(0), 0)`` there is nothing to restrict, ``lambda = max_lambda``, and no search. Else:
 
-* the :data:`GRID_POINTS`-point grid ``0, max_lambda / 8, ..., max_lambda`` in one pass: ``target = mu * max(D(0),
-  0)``; where ``D(max_lambda)`` meets it there is nothing to restrict, ``lambda = max_lambda``;
-* else the bracket from the largest grid point that meets the target to the next, refined by passes of equally spaced
-  inner points (:data:`~.crossing.REFINE_POINTS` per pass, :data:`~.crossing.REFINE_PASSES` passes) down to the
-  resolution: ``lambda`` is its lower end, ``D(lambda) >= target > D(lambda + resolution)``;
-* where no grid point meets the target (momentum or weight decay already raise the winner's term; the target is 0),
-  ``lambda`` is the grid point with the largest ``D`` and the step is counted as infeasible.
+* ``D(0)`` meets the target (always, unless ``D(0) < 0``): ``[0, max_lambda]`` brackets a crossing, and
+  :func:`~.crossing.bracketed_crossing` narrows it to ``resolution = max_lambda *`` :data:`RESOLUTION`
+  (``max_lambda / 2048``, the resolution of the grid and bisections before): ``lambda`` is the bracket's lower end, so
+  ``D(lambda) >= target > D(hi)`` for some ``hi`` in ``(lambda, lambda + resolution]``. A pass evaluates
+  ``x - resolution / 2`` and ``x + resolution / 2`` around the crossing ``x`` of an interpolant of the points evaluated
+  so far (its basis built on the clip coefficient, which is known exactly), which certifies the bracket at once when
+  ``x`` is that close; ITP's bound keeps the worst case to 13 passes. Typically two or three passes of two ``lambda``
+  each.
+* ``D(0)`` misses it (momentum or weight decay already raise the winner's term; the target is 0): the inner points
+  of the :data:`GRID_POINTS`-point grid ``0, max_lambda / 8, ..., max_lambda`` take one pass; the crossing is searched
+  between the largest grid point that meets the target and the next; where none does, ``lambda`` is the grid point
+  with the largest ``D`` and the step is counted as infeasible.
 
 Where ``D`` crosses the target once, ``lambda`` is within the resolution below the largest ``lambda`` meeting the
-target. Where it crosses more than once, the search returns the crossing after the rightmost evaluated point that
-meets the target, not necessarily the largest. Every candidate is a float32 number, the ``lambda`` the trainer will
-use, so ``D(lambda) >= target`` holds for the returned value itself. The passes run whatever the case (the host does
-not look): the grid and the refinement cost the same every step.
+target, as before. Where ``D`` crosses the target more than once in ``[0, max_lambda]``, the search returns one of
+the crossings (the rightmost sign change among the points it evaluated), not necessarily the largest: the grid
+before took the largest grid point meeting the target, which could also miss a feasible region between grid points.
+Every candidate is a float32 number, the ``lambda`` the trainer will use, so ``D(lambda) >= target`` holds for the
+returned value itself.
 
 A pass reads the gradients, the optimizer's moments and (for an L2 weight decay) the weights once, in runs of
 consecutive weights (up to :data:`CPU_CHUNK` elements on a CPU, :data:`DEVICE_CHUNK` on an accelerator) for all of
@@ -50,8 +54,8 @@ SGD's update is affine in the gradient: its ``D`` follows from four sums read on
 On sharded weights (FSDP2) each process holds a shard of every tensor, and every sum above is a sum over
 elements: :class:`OptimizerUpdate` works on the local shards and adds up, through ``reduce_sum``, the clip
 coefficient's three sums, AdamW's weight-decay term and SGD's four sums (one collective when it is built) and
-``D(lambda)`` (one collective per evaluation pass). Every process then holds the same numbers and takes the same
-decisions on its device: the same ``lambda``, that of the global micro-batch.
+``D(lambda)`` (one collective per evaluation pass). Every process then reads the same numbers on the host and takes
+the same decisions in the search: the same ``lambda``, that of the global micro-batch.
 
 Supported optimizers: ``torch.optim.AdamW``, ``torch.optim.Adam`` (its weight decay is an L2 term added to the
 gradient) and ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay); foreach and fused implementations
@@ -61,13 +65,14 @@ are block-quantized) when the config is made (:mod:`~trl_diffusion_sdpo.config.r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
-from .crossing import GRID_POINTS, STEPS, lattice_crossing
+from .crossing import bracketed_crossing, float32
 from .gradients.one_pass import blocked_dot
 from .parameter import ParameterSpace
 from .update_runs import (
@@ -75,6 +80,7 @@ from .update_runs import (
     UpdateWorkspace,
     branch_rows,
     host_floats,
+    host_tensor,
     local,
     one_view,
     runs,
@@ -93,7 +99,8 @@ __all__ = [
     "update_space_lambda",
 ]
 
-RESOLUTION = 1 / STEPS  # of max_lambda: lambda lies within this below a crossing (the search's lattice)
+RESOLUTION = 1 / 2048  # of max_lambda: lambda lies within this below a crossing (as 9 grid points + 8 bisections)
+GRID_POINTS = 9  # lambda = 0, max/8, ..., max: where D(0) misses the margin, the grid that looks for a feasible lambda
 SUPPORTED_OPTIMIZERS = "torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD"
 
 
@@ -284,22 +291,26 @@ class OptimizerUpdate:
         if reduce_sum is not None:
             sums, decay = self._reduce_sums(reduce_sum, sums, decay)
         self.device = device
-        # kept on the device (no host read): ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll in the optimizer's
-        # units (times 1 / scale^2), the clip coefficient of any lambda; the decoupled weight decay's share of D, the
-        # same for every lambda; 1 / scale (a tensor where the backward was scaled, else a number)
-        u = unscale.to(device=device, dtype=self.sum_dtype) if torch.is_tensor(unscale) else float(unscale)
-        self._unscale = u
-        self._sums = sums * (u * u)
-        self._decay = decay * u
+        # what every pass reads on the host, in one read: ||g_w + lambda h_l||^2 = ww + 2 lambda wl + lambda^2 ll
+        # (optimizer units: times 1 / scale^2), the clip coefficient of any lambda; the decoupled weight decay's share
+        # of D, the same for every lambda; 1 / scale (a tensor read with them, a number as it is)
+        read = [decay, unscale] if torch.is_tensor(unscale) else [decay]
+        values = torch.cat([sums, torch.stack(read).to(self.sum_dtype)]).tolist()
+        ww, wl, ll, decay = values[:4]
+        u = values[4] if torch.is_tensor(unscale) else float(unscale)
+        self._host = [ww * u * u, wl * u * u, ll * u * u, decay * u, u]
 
-    ww = property(lambda self: self._sums[0], doc="``<g_w, g_w>`` in the optimizer's units (a device tensor)")
-    wl = property(lambda self: self._sums[1], doc="``<g_w, h_l>`` in the optimizer's units (a device tensor)")
-    ll = property(lambda self: self._sums[2], doc="``<h_l, h_l>`` in the optimizer's units (a device tensor)")
+    ww = property(lambda self: self._host_sum(0), doc="``<g_w, g_w>`` in the optimizer's units")
+    wl = property(lambda self: self._host_sum(1), doc="``<g_w, h_l>`` in the optimizer's units")
+    ll = property(lambda self: self._host_sum(2), doc="``<h_l, h_l>`` in the optimizer's units")
 
     def _read(self, name: str, run: Run) -> torch.Tensor:
         """``run``'s ``name`` input (``param``, ``first``, ``second``) flat in the workspace: one foreach copy, or none
         where the workspace still holds it from this step (a segment of one run: every pass reads the same)."""
         return self.workspace.read(name, run, getattr(run, name), self.dtype)
+
+    def _host_sum(self, k: int) -> torch.Tensor:
+        return torch.tensor(self._host[k], dtype=self.sum_dtype, device=self.device)
 
     def _reduce_sums(
         self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], sums: torch.Tensor, decay: torch.Tensor
@@ -362,43 +373,58 @@ class OptimizerUpdate:
             ("has_state", state.get("momentum_buffer") is not None),
         )
 
+    def host_clip_coefficient(self) -> Callable[[float], float]:
+        """:meth:`clip_coefficient` as a function of a Python float, from the three sums read once on the host."""
+        if self.max_grad_norm <= 0:
+            return lambda lam: 1.0
+        ww, wl, ll = self._host[:3]
+        threshold = self.max_grad_norm
+
+        def coefficient(lam: float) -> float:
+            norm = math.sqrt(max(ww + 2 * lam * wl + lam * lam * ll, 0.0))
+            return min(threshold / (norm + 1e-6), 1.0)
+
+        return coefficient
+
     def clip_coefficient(self, lam: torch.Tensor) -> torch.Tensor:
         """``min(1, max_grad_norm / (||g_w + lambda h_l|| + 1e-6))``, as ``clip_grad_norm_`` multiplies."""
-        lam = lam.to(device=self.device, dtype=self.sum_dtype)
+        lam = lam.to(self.sum_dtype)
         if self.max_grad_norm <= 0:
             return torch.ones_like(lam)
         norm = (self.ww + 2 * lam * self.wl + lam * lam * self.ll).clamp(min=0).sqrt()
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
-    @torch.no_grad()
     def winner_decreases(self, lams: torch.Tensor) -> torch.Tensor:
-        """``D`` at each of ``lams`` (a vector), in one pass over the weights, as a float64 device tensor (float32 on
-        MPS), with no host read: the gradient's coefficients ``s = c(lambda) / scale`` and ``t = s lambda`` are
-        formed on the device from the clip coefficient's sums. On shards (``reduce_sum``), every process's share is
-        added up in one collective: the same ``D`` on every process."""
-        lams = lams.to(device=self.device, dtype=self.sum_dtype)
-        s = self.clip_coefficient(lams) * self._unscale
-        t = s * lams
+        """:meth:`decreases` at each of ``lams`` (a vector), as a float64 tensor (float32 on MPS)."""
+        values = self.decreases([float(x) for x in lams.tolist()])
+        return torch.tensor(values, dtype=self.sum_dtype, device=lams.device)
+
+    @torch.no_grad()
+    def decreases(self, points: Sequence[float]) -> list[float]:
+        """``D`` at each ``lambda`` of ``points``, in one pass over the weights (summed in float64 where the device
+        has it); on shards (``reduce_sum``), every process's share added up in one collective, the same ``D`` on
+        every process. The gradient's coefficients ``s = c(lambda) / scale`` and ``t = s lambda`` are formed on the
+        host from the clip coefficient's sums (read once), and ``D`` is read back in one host read."""
+        clip, unscale, decay = self.host_clip_coefficient(), self._host[4], self._host[3]
+        coefficients = [[clip(x) * unscale, clip(x) * unscale * x] for x in points]  # G = s g_w + t h_l
+        device = self.device
         if not self.adam:
-            return torch.stack([self._sgd(segment, s, t) for segment in self.segments]).sum(0) + self._decay
-        st = torch.stack([s, t], 1).to(self.dtype)  # [lambdas, 2]
-        work = self.workspace.flat("work", ((3, lams.shape[0] * self._largest),), self.dtype, self.device)[1][0]
+            s, t = torch.tensor(coefficients, dtype=self.sum_dtype, device=device).unbind(1)
+            total = torch.stack([self._sgd(segment, s, t) for segment in self.segments]).sum(0)
+            return [v + decay for v in total.tolist()]
+        st = host_tensor(coefficients, self.dtype, device)  # [lambdas, 2]
+        work = self.workspace.flat("work", ((3, len(points) * self._largest),), self.dtype, device)[1][0]
         shares = [share for segment in self.segments for share in self._adam(segment, st, work)]
-        if len(shares) == 1:
+        if len(shares) == 1 and self.reduce_sum is None:  # one run: read as it is, scaled on the host
             share, factor = shares[0]
-            total = share.to(self.sum_dtype) * factor
-        else:
-            total = torch.stack([share.to(self.sum_dtype) * factor for share, factor in shares]).sum(0)
+            return [v * factor + decay for v in share.tolist()]
+        total = torch.stack([share.to(self.sum_dtype) * factor for share, factor in shares]).sum(0)
         if self.reduce_sum is not None:  # this process's share of the elementwise sums, added up over processes
             total = self.reduce_sum(total)
-        return total * self._unscale + self._decay
-
-    def decreases(self, points: Sequence[float]) -> list[float]:
-        """:meth:`winner_decreases` at ``points`` read back as Python floats (for checks; the search reads none)."""
-        return self.winner_decreases(torch.tensor(list(points), dtype=torch.float64)).tolist()
+        return [v + decay for v in total.tolist()]
 
     def _adam(self, segment: _Segment, st: torch.Tensor, work: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-        """Adam's share of ``D``, per run ``(share, factor)``, ``D``'s part ``factor * share / scale``: torch's
+        """Adam's share of ``D``, per run ``(share, factor)``, ``D``'s part ``factor * share``: torch's
         ``-lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)`` rearranged so that each run costs a few operations over
         ``[lambdas, run]``: with ``G = s g_w + t h_l`` (+ ``wd theta``; ``[s, t]`` the rows of ``st``, times
         ``[g_w; h_l]`` in one product),
@@ -426,7 +452,7 @@ class OptimizerUpdate:
                 numerator = grad
                 torch.abs(grad, out=denominator)
             shares.append(torch.mv(numerator.div_(denominator.add_(eps)), run.winner))
-        factor = hyper["lr"] * (1 - beta1) / (bc1 * kappa)  # times 1 / scale, by the caller
+        factor = self._host[4] * hyper["lr"] * (1 - beta1) / (bc1 * kappa)
         return [(share, factor) for share in shares]
 
     def _sgd(self, segment: _Segment, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -444,22 +470,62 @@ class OptimizerUpdate:
             alpha, beta = 1 - dampening, momentum
         zero = torch.zeros((), dtype=self.sum_dtype, device=s.device)
         gradient = s * sums.get("ww", zero) + t * sums.get("wh", zero) + hyper["l2"] * sums.get("wp", zero)
-        return self._unscale * hyper["lr"] * (alpha * gradient + beta * sums.get("wb", zero))
+        return self._host[4] * hyper["lr"] * (alpha * gradient + beta * sums.get("wb", zero))
 
 
 def update_space_lambda(
-    update: OptimizerUpdate, mu: float | torch.Tensor, max_lambda: float = 1.0
+    update: OptimizerUpdate, mu: float, max_lambda: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lambda, infeasible)``: ``max_lambda`` where ``D(max_lambda) >= target = mu * max(D(0), 0)``, else ``lambda``
-    within ``resolution = max_lambda *`` :data:`RESOLUTION` below a crossing: ``D(lambda) >= target > D(lambda +
-    resolution)`` (see the module docstring); both are detached float32 0-dim device tensors, computed on the device
-    by :func:`~.crossing.lattice_crossing` in a fixed number of passes with no host read: the :data:`GRID_POINTS` grid
-    in one pass, then the bracket after the largest grid point that meets the target refined pass by pass. Where no
-    grid point meets it (momentum or weight decay already raise the winner's term, so the target is 0), ``lambda`` is
-    the grid point with the largest ``D`` and ``infeasible = 1``. Every candidate is a float32 number, as the trainer
-    will use it."""
-    lam, infeasible, _ = lattice_crossing(update.winner_decreases, max_lambda, mu, update.device)
-    return lam, infeasible
+    within ``resolution = max_lambda *`` :data:`RESOLUTION` below a crossing: ``D(lambda) >= target > D(hi)`` for some
+    ``hi`` in ``(lambda, lambda + resolution]`` (see the module docstring); both are detached float32 0-dim device
+    tensors.
+
+    ``D(0)`` and ``D(max_lambda)`` come from one pass, read on the host: when ``D(max_lambda)`` meets the target
+    (nothing to restrict) the search ends there. When ``D(0)`` meets it, the crossing is searched in ``[0,
+    max_lambda]`` by :func:`~.crossing.bracketed_crossing` (at most three ``lambda`` per pass, one host read each).
+    When it does not (momentum or weight decay already raise the winner's term, so the target is 0), the inner grid
+    points of :data:`GRID_POINTS` take one pass; the crossing is searched between the largest grid point that meets
+    the target and the next, and where none does, ``lambda`` is the grid point with the largest ``D`` and
+    ``infeasible = 1``. Every candidate is a float32 number, as the trainer will use it."""
+    device = update.device
+    top = float32(max_lambda)
+    decreases = update.decreases
+
+    first, last = decreases([0.0, top])
+    target = mu * max(first, 0.0)
+    infeasible = False
+    if last >= target:  # the common case: nothing to restrict, no search
+        lam = top
+    elif first >= target:
+        lam, _ = bracketed_crossing(
+            lambda points: [d - target for d in decreases(points)],
+            0.0,
+            top,
+            first - target,
+            last - target,
+            max_lambda * RESOLUTION,
+            update.host_clip_coefficient(),
+        )
+    else:
+        grid = [float32(max_lambda * k / (GRID_POINTS - 1)) for k in range(GRID_POINTS)]
+        values = [first, *decreases(grid[1:-1]), last]
+        feasible = [k for k, d in enumerate(values) if d >= target]
+        if feasible:
+            k = feasible[-1]  # < GRID_POINTS - 1: D(max_lambda) misses the target
+            lam, _ = bracketed_crossing(
+                lambda points: [d - target for d in decreases(points)],
+                grid[k],
+                grid[k + 1],
+                values[k] - target,
+                values[k + 1] - target,
+                max_lambda * RESOLUTION,
+                update.host_clip_coefficient(),
+            )
+        else:
+            lam, infeasible = grid[max(range(GRID_POINTS), key=lambda k: values[k])], True
+    as_float = {"dtype": torch.float32, "device": device}
+    return torch.full((), lam, **as_float), torch.full((), float(infeasible), **as_float)
 
 
 class UpdateSpaceRule:
@@ -488,7 +554,7 @@ class UpdateSpaceRule:
             reduce_sum=self.collectives.update_sum_reduction(),
             workspace=self.workspace,
         )
-        lam, self.infeasible = update_space_lambda(update, self.margin.value, self.max_lambda)  # a tensor stays one
+        lam, self.infeasible = update_space_lambda(update, float(self.margin.value), self.max_lambda)
         return lam
 
 
