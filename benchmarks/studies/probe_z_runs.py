@@ -131,7 +131,9 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
             "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py offline --seeds 2,3 --name offline-b",
             "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py online --seeds 0 --name online-a",
             "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py online --seeds 1 --name online-b",
-            "OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py wide --seeds 0-3",
+            "the second model, one process per learning rate (1e-3, 2e-5), seeds 0 then 1: "
+            "probe_z_runs.run_offline(PARTS, [seed], base='wide', lrs=lr, methods='dpo', name=f'wide-{lr}', "
+            "eval_steps='25,50')",
             "python benchmarks/studies/probe_z_runs.py assemble",
         ],
         "machine": machine(),
