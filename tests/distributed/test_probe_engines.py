@@ -1,0 +1,107 @@
+"""The held-out probe and ``on_pathology="rewind"`` on two CPU processes (gloo) under every engine: DDP, DeepSpeed
+ZeRO-1/2/3 and FSDP2, full tuning of the tiny SD UNet (tests/probe_engines_worker.py).
+
+Per engine: a quiet run (the probe every step, an alarm that never fires) trains bit for bit as one without the probe;
+each process's probe reads the sums reduced over both processes' held-out pairs; a forced alarm (every probe
+unhealthy) puts every process's own part of the weights back to the one it began with; and the weights, gathered,
+equal the one-process rewind's."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.common import CHECKOUT, worker_environment
+
+WORKER = CHECKOUT / "tests" / "probe_engines_worker.py"
+CONFIGS = CHECKOUT / "examples" / "accelerate_configs"
+JOBS = ("plain", "quiet", "alarm")
+ENGINES = {
+    "ddp": "multi_gpu.yaml",
+    "zero1": "deepspeed_zero1.yaml",
+    "zero2": "deepspeed_zero2.yaml",
+    "zero3": "deepspeed_zero3.yaml",
+    "fsdp2": "fsdp2.yaml",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out: Path, config: str | None, jobs: tuple[str, ...]) -> dict[str, list[dict]]:
+    """The worker's ``jobs`` on two processes under ``config`` (``None``: one plain process): each job's reports,
+    by process."""
+    out.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        command = [sys.executable, str(WORKER), str(out), "-", *jobs]
+        processes = 1
+    else:
+        path = str(CONFIGS / config)
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", path, "--num_processes", "2",
+            "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(WORKER), str(out), path, *jobs,
+        ]  # fmt: skip
+        processes = 2
+    proc = subprocess.run(command, cwd=CHECKOUT, env=worker_environment(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return {
+        job: [json.loads((out / f"{job}-rank-{rank}.json").read_text()) for rank in range(processes)] for job in jobs
+    }
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The one-process run whose alarm fires at every probe: the rewind every engine's must match."""
+    return _run(tmp_path_factory.mktemp("one-process"), None, ("alarm",))["alarm"][0]
+
+
+def _assert_reduced_over_both_shares(reports: list[dict], one_process: dict) -> None:
+    """Both processes read the same figures, and they are the figures over both held-out pairs: the reference's
+    errors (which training does not move) equal the one-process probe's over the same two pairs."""
+    first, second = reports
+    assert first["readings"] == second["readings"]
+    assert [step for step, _ in first["readings"]] == [step for step, _ in one_process["readings"]]
+    for (_, mine), (_, one) in zip(first["readings"], one_process["readings"], strict=True):
+        for name in ("probe/mse_ref_winner", "probe/mse_ref_loser"):
+            assert mine[name] == pytest.approx(one[name], rel=1e-6), name
+
+
+def _assert_quiet_probe_and_forced_rewind(reports: dict[str, list[dict]], one_process: dict, engine: str) -> None:
+    plain, quiet, alarm = (reports[job] for job in JOBS)
+    assert {r["engine"] for runs in reports.values() for r in runs} == {engine}
+    # A quiet run trains bit for bit as one without the probe: each process's part and the gathered weights.
+    assert quiet[0]["rewinds"] == quiet[1]["rewinds"] == []
+    for rank in (0, 1):
+        assert quiet[rank]["local_at_end"] == plain[rank]["local_at_end"] != plain[rank]["local_at_begin"]
+        assert quiet[rank]["gathered"] == plain[rank]["gathered"] != plain[rank]["initial"]
+    _assert_reduced_over_both_shares(quiet, one_process)
+    # The forced alarm: every process rewinds at the same steps, and its own part of the weights is the one it
+    # began with (a process holding another's part, or none restored, would differ).
+    for rank in (0, 1):
+        assert alarm[rank]["rewinds"] == one_process["rewinds"] == [[1, 0], [2, 0]]
+        assert alarm[rank]["steps"] == one_process["steps"] == 2
+        assert alarm[rank]["local_at_end"] == alarm[rank]["local_at_begin"]
+        # gathered, they are the one-process rewind's weights (the step-0 weights)
+        assert alarm[rank]["gathered"] == one_process["gathered"] == one_process["initial"]
+    _assert_reduced_over_both_shares(alarm, one_process)
+    if alarm[0]["engine_steps"] is not None:  # DeepSpeed's own step count goes on counting through a rewind
+        assert alarm[0]["engine_steps"] == alarm[1]["engine_steps"] == plain[0]["engine_steps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_the_probe_and_the_rewind_under_each_engine(engine, one_process, tmp_path):
+    reports = _run(tmp_path, ENGINES[engine], JOBS)
+    expected = {"ddp": "ddp", "fsdp2": "fsdp2", "zero3": "deepspeed-zero3"}.get(engine, "deepspeed")
+    _assert_quiet_probe_and_forced_rewind(reports, one_process, expected)
+    # ZeRO-3 and FSDP2 shard the weights themselves: each process began with a part of its own
+    alarm = reports["alarm"]
+    assert (alarm[0]["local_at_begin"] != alarm[1]["local_at_begin"]) == (engine in ("zero3", "fsdp2"))
