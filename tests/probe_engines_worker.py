@@ -3,7 +3,8 @@ CPU processes over gloo), full tuning of the tiny SD UNet. It trains in turn, in
 
 * ``plain``: without the probe;
 * ``quiet``: with the probe every step and ``on_pathology="rewind"``, an alarm that never fires;
-* ``alarm``: the same with an alarm that fires at every probe (back to step 0, the safeguard on; again, and stop).
+* ``alarm``: the same with an alarm that fires at every probe (back to step 0, the safeguard on; again, and stop);
+* ``online-plain``, ``online-quiet``, ``online-alarm``: the same online (an online run stops at its first rewind).
 
 Each process writes ``<out>/<job>-rank-<i>.json``: the fingerprints of its own part of the trainable weights (ZeRO-3's
 partition, FSDP2's local shard, else the whole weights) when training begins and when it ends, of the gathered
@@ -67,25 +68,44 @@ class LocalParts(TrainerCallback):
         self.at_begin = fingerprint(local_part(p) for p in trainable_parameters(self.trainer.policy))
 
 
-def train(out: str, job: str, config: str | None) -> dict:
+def build_trainer(out: str, job: str, config: str | None, pipe):
+    """``job``'s trainer: offline on 6 Pick-a-Pic rows (the probe's 2 held back from 8), or online (``online-*``)
+    on the online tests' prompts, the probe's 2 being the first of 2 held-out captions."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=os.path.join(out, "tokenizer"))
-    initial = fingerprint(trainable_parameters(pipe.unet))
+    online = job.startswith("online-")
     values = {
         **fast_config_values(os.path.join(out, job)),
         **(cpu_launch_fields(config) if config else {}),
-        "per_device_train_batch_size": GLOBAL_BATCH // processes,
+        "per_device_train_batch_size": (2 * GLOBAL_BATCH if online else GLOBAL_BATCH) // processes,
         "max_steps": STEPS,
         "safeguard_scope": "global",
+        "safeguard_space": "none",
     }
-    probe = {} if job == "plain" else {"probe_steps": 1, "probe_pairs": 2, "on_pathology": "rewind"}
-    args = DiffusionSDPOConfig(**values, safeguard_space="none", **probe)
+    if not job.endswith("plain"):
+        values.update(probe_steps=1, probe_pairs=2, on_pathology="rewind")
+    if online:
+        from tests.helpers.online import PROMPTS, red_minus_blue
+        from trl_diffusion_sdpo.demo.shapes import all_captions
+        from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig, OnlineDiffusionSDPOTrainer
+
+        args = OnlineDiffusionSDPOConfig(**values, num_generations=3, sample_steps=3)
+        held = Dataset.from_dict({"prompt": [c.text for c in all_captions()[8:10]]})
+        prompts = Dataset.from_dict({"prompt": PROMPTS})
+        held = None if job.endswith("plain") else held  # eval prompts are read by the probe only
+        return OnlineDiffusionSDPOTrainer(pipe, None, args, prompts, held, reward_funcs=[red_minus_blue])
     rows = pickapic_rows(8)
     if job == "plain":  # the probe holds the last two rows back from training
         rows = rows[:-2]
-    trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=Dataset.from_list(rows))
-    if job != "plain":
-        trainer.probe.rewind.rule = ScriptedAlarm(1, set() if job == "quiet" else set(range(1, STEPS + 1)))
+    return DiffusionSDPOTrainer(pipe, args=DiffusionSDPOConfig(**values), train_dataset=Dataset.from_list(rows))
+
+
+def train(out: str, job: str, config: str | None) -> dict:
+    pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=os.path.join(out, "tokenizer"))
+    initial = fingerprint(trainable_parameters(pipe.unet))
+    trainer = build_trainer(out, job, config, pipe)
+    if not job.endswith("plain"):
+        quiet = job.endswith("quiet")
+        trainer.probe.rewind.rule = ScriptedAlarm(1, set() if quiet else set(range(1, STEPS + 1)))
     parts = LocalParts(trainer)
     trainer.add_callback(parts)
     trainer.train()

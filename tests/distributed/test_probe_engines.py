@@ -1,10 +1,10 @@
 """The held-out probe and ``on_pathology="rewind"`` on two CPU processes (gloo) under every engine: DDP, DeepSpeed
 ZeRO-1/2/3 and FSDP2, full tuning of the tiny SD UNet (tests/probe_engines_worker.py).
 
-Per engine: a quiet run (the probe every step, an alarm that never fires) trains bit for bit as one without the probe;
-each process's probe reads the sums reduced over both processes' held-out pairs; a forced alarm (every probe
-unhealthy) puts every process's own part of the weights back to the one it began with; and the weights, gathered,
-equal the one-process rewind's."""
+Per engine, offline and online: a quiet run (the probe every step, an alarm that never fires) trains bit for bit as
+one without the probe; each process's probe reads the sums reduced over both processes' held-out pairs; a forced
+alarm (every probe unhealthy) puts every process's own part of the weights back to the one it began with; and the
+weights, gathered, equal the one-process rewind's."""
 
 from __future__ import annotations
 
@@ -57,10 +57,19 @@ def _run(out: Path, config: str | None, jobs: tuple[str, ...]) -> dict[str, list
     }
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict:
-    """The one-process run whose alarm fires at every probe: the rewind every engine's must match."""
-    return _run(tmp_path_factory.mktemp("one-process"), None, ("alarm",))["alarm"][0]
+_ONE_PROCESS: dict[str, dict] = {}
+
+
+def _one_process(tmp_path_factory, mode: str) -> dict:
+    """The one-process run of ``mode`` whose alarm fires at every probe: the rewind every engine's must match."""
+    if mode not in _ONE_PROCESS:
+        job = _job(mode, "alarm")
+        _ONE_PROCESS[mode] = _run(tmp_path_factory.mktemp(f"one-process-{mode}"), None, (job,))[job][0]
+    return _ONE_PROCESS[mode]
+
+
+def _job(mode: str, job: str) -> str:
+    return job if mode == "offline" else f"online-{job}"
 
 
 def _assert_reduced_over_both_shares(reports: list[dict], one_process: dict) -> None:
@@ -74,34 +83,38 @@ def _assert_reduced_over_both_shares(reports: list[dict], one_process: dict) -> 
             assert mine[name] == pytest.approx(one[name], rel=1e-6), name
 
 
-def _assert_quiet_probe_and_forced_rewind(reports: dict[str, list[dict]], one_process: dict, engine: str) -> None:
-    plain, quiet, alarm = (reports[job] for job in JOBS)
-    assert {r["engine"] for runs in reports.values() for r in runs} == {engine}
+def _assert_quiet_probe_and_forced_rewind(runs: dict[str, list[dict]], one_process: dict, engine: str) -> None:
+    plain, quiet, alarm = (runs[job] for job in JOBS)
+    assert {r["engine"] for reports in runs.values() for r in reports} == {engine}
     # A quiet run trains bit for bit as one without the probe: each process's part and the gathered weights.
     assert quiet[0]["rewinds"] == quiet[1]["rewinds"] == []
     for rank in (0, 1):
         assert quiet[rank]["local_at_end"] == plain[rank]["local_at_end"] != plain[rank]["local_at_begin"]
         assert quiet[rank]["gathered"] == plain[rank]["gathered"] != plain[rank]["initial"]
     _assert_reduced_over_both_shares(quiet, one_process)
-    # The forced alarm: every process rewinds at the same steps, and its own part of the weights is the one it
-    # began with (a process holding another's part, or none restored, would differ).
+    # The forced alarm: every process rewinds at the same steps (offline: back to step 0 with the safeguard on, then
+    # again and stop; online: once, and stop), and its own part of the weights is the one it began with (a process
+    # holding another's part, or none restored, would differ).
     for rank in (0, 1):
-        assert alarm[rank]["rewinds"] == one_process["rewinds"] == [[1, 0], [2, 0]]
-        assert alarm[rank]["steps"] == one_process["steps"] == 2
+        assert alarm[rank]["rewinds"] == one_process["rewinds"] and one_process["rewinds"][0] == [1, 0]
+        assert alarm[rank]["steps"] == one_process["steps"]
         assert alarm[rank]["local_at_end"] == alarm[rank]["local_at_begin"]
         # gathered, they are the one-process rewind's weights (the step-0 weights)
         assert alarm[rank]["gathered"] == one_process["gathered"] == one_process["initial"]
     _assert_reduced_over_both_shares(alarm, one_process)
     if alarm[0]["engine_steps"] is not None:  # DeepSpeed's own step count goes on counting through a rewind
-        assert alarm[0]["engine_steps"] == alarm[1]["engine_steps"] == plain[0]["engine_steps"]
+        assert alarm[0]["engine_steps"] == alarm[1]["engine_steps"] == alarm[0]["steps"]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["offline", "online"])
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_the_probe_and_the_rewind_under_each_engine(engine, one_process, tmp_path):
-    reports = _run(tmp_path, ENGINES[engine], JOBS)
+def test_the_probe_and_the_rewind_under_each_engine(engine, mode, tmp_path_factory):
+    jobs = tuple(_job(mode, job) for job in JOBS)
+    reports = _run(tmp_path_factory.mktemp(f"{engine}-{mode}"), ENGINES[engine], jobs)
+    runs = {job: reports[_job(mode, job)] for job in JOBS}
     expected = {"ddp": "ddp", "fsdp2": "fsdp2", "zero3": "deepspeed-zero3"}.get(engine, "deepspeed")
-    _assert_quiet_probe_and_forced_rewind(reports, one_process, expected)
+    _assert_quiet_probe_and_forced_rewind(runs, _one_process(tmp_path_factory, mode), expected)
     # ZeRO-3 and FSDP2 shard the weights themselves: each process began with a part of its own
-    alarm = reports["alarm"]
+    alarm = runs["alarm"]
     assert (alarm[0]["local_at_begin"] != alarm[1]["local_at_begin"]) == (engine in ("zero3", "fsdp2"))
