@@ -76,9 +76,9 @@ def _assert_reduced_over_both_shares(reports: list[dict], one_process: dict) -> 
     """Both processes read the same figures, and they are the figures over both held-out pairs: the reference's
     errors (which training does not move) equal the one-process probe's over the same two pairs."""
     first, second = reports
-    assert first["readings"] == second["readings"]
-    assert [step for step, _ in first["readings"]] == [step for step, _ in one_process["readings"]]
-    for (_, mine), (_, one) in zip(first["readings"], one_process["readings"], strict=True):
+    assert first["readings"] == second["readings"] and len(first["readings"]) == first["steps"]
+    one = one_process["readings"][0][1]
+    for _, mine in first["readings"]:  # the reference is not refreshed: its errors are the same at every probe
         for name in ("probe/mse_ref_winner", "probe/mse_ref_loser"):
             assert mine[name] == pytest.approx(one[name], rel=1e-6), name
 
