@@ -162,6 +162,8 @@ class MemorySnapshot:
 
     def __init__(self, parameters: Sequence[torch.nn.Parameter], companions: Sequence[Companion] = ()) -> None:
         self.parameters = list(parameters)
+        # counted whole, before an engine partitions them (a ZeRO-3 parameter's own numel is then 0)
+        self.elements = sum(p.numel() for p in self.parameters)
         self.companions = list(companions)
         self.weights: list[torch.Tensor] | None = None
         self.optimizer_state: dict[str, Any] | None = None
@@ -401,7 +403,7 @@ class Rewind:
 
     def summary(self) -> str:
         """What the alarm reads, what is kept and what follows a rewind, for the start summary."""
-        elements = sum(p.numel() for p in self.snapshot.parameters)
+        elements = self.snapshot.elements
         then = (
             "then trains on with the safeguard on (" + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()) + ")"
             if self.switch is not None
