@@ -8,7 +8,8 @@ CPU processes over gloo), full tuning of the tiny SD UNet. It trains in turn, in
 
 Each process writes ``<out>/<job>-rank-<i>.json``: the fingerprints of its own part of the trainable weights (ZeRO-3's
 partition, FSDP2's local shard, else the whole weights) when training begins and when it ends, of the gathered
-weights at the end (and, for ``alarm``, of the weights training started from), the probe's readings and the rewinds.
+weights at the end and of the weights training started from, of its part at the beginning of every step, the probe's
+readings and the rewinds.
 
     accelerate launch --config_file <yaml> --num_processes 2 --mixed_precision no tests/probe_engines_worker.py \
         <out> <yaml> [jobs...]
@@ -59,13 +60,20 @@ def local_part(parameter: torch.Tensor) -> torch.Tensor:
 
 
 class LocalParts(TrainerCallback):
-    """The fingerprint of this process's parts of the trainable weights once the engine holds them."""
+    """The fingerprint of this process's parts of the trainable weights once the engine holds them, and at the
+    beginning of every optimizer step (after the rewind of the step before)."""
 
     def __init__(self, trainer) -> None:
-        self.trainer, self.at_begin = trainer, None
+        self.trainer, self.at_begin, self.at_step_begin = trainer, None, []
+
+    def _fingerprint(self) -> str:
+        return fingerprint(local_part(p) for p in trainable_parameters(self.trainer.policy))
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.at_begin = fingerprint(local_part(p) for p in trainable_parameters(self.trainer.policy))
+        self.at_begin = self._fingerprint()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.at_step_begin.append(self._fingerprint())
 
 
 def build_trainer(out: str, job: str, config: str | None, pipe):
@@ -114,6 +122,7 @@ def train(out: str, job: str, config: str | None) -> dict:
         "initial": initial,
         "local_at_begin": parts.at_begin,
         "local_at_end": fingerprint(local_part(p) for p in parameters),
+        "local_at_step_begin": parts.at_step_begin,
         "gathered": fingerprint(trainer.engine.whole_parameter(p) for p in parameters),  # every process gathers
         "engine": trainer.engine.variant,
         "steps": trainer.state.global_step,

@@ -99,6 +99,9 @@ def _assert_quiet_probe_and_forced_rewind(runs: dict[str, list[dict]], one_proce
         assert alarm[rank]["rewinds"] == one_process["rewinds"] and one_process["rewinds"][0] == [1, 0]
         assert alarm[rank]["steps"] == one_process["steps"]
         assert alarm[rank]["local_at_end"] == alarm[rank]["local_at_begin"]
+        # and so at the beginning of every step: each step after a rewind trains from the step-0 part
+        assert set(alarm[rank]["local_at_step_begin"]) == {alarm[rank]["local_at_begin"]}
+        assert len(alarm[rank]["local_at_step_begin"]) == alarm[rank]["steps"]
         # gathered, they are the one-process rewind's weights (the step-0 weights)
         assert alarm[rank]["gathered"] == one_process["gathered"] == one_process["initial"]
     _assert_reduced_over_both_shares(alarm, one_process)
