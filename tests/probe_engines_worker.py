@@ -4,7 +4,8 @@ CPU processes over gloo), full tuning of the tiny SD UNet. It trains in turn, in
 * ``plain``: without the probe;
 * ``quiet``: with the probe every step and ``on_pathology="rewind"``, an alarm that never fires;
 * ``alarm``: the same with an alarm that fires at every probe (back to step 0, the safeguard on; again, and stop);
-* ``online-plain``, ``online-quiet``, ``online-alarm``: the same online (an online run stops at its first rewind).
+* ``online-plain``, ``online-quiet``, ``online-alarm``: the same online (an online run stops at its first rewind);
+* ``lora-alarm``: ``alarm`` with LoRA adapters on the UNet instead of full tuning.
 
 Each process writes ``<out>/<job>-rank-<i>.json``: the fingerprints of its own part of the trainable weights (ZeRO-3's
 partition, FSDP2's local shard, else the whole weights) when training begins and when it ends, of the gathered
@@ -34,7 +35,7 @@ torch.set_num_threads(1)
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from tests.helpers.common import cpu_launch_fields, fast_config_values, pickapic_rows  # noqa: E402
+from tests.helpers.common import cpu_launch_fields, fast_config_values, lora_config, pickapic_rows  # noqa: E402
 from tests.helpers.fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402
 from tests.helpers.rewind import ScriptedAlarm  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
@@ -77,8 +78,8 @@ class LocalParts(TrainerCallback):
 
 
 def build_trainer(out: str, job: str, config: str | None, pipe):
-    """``job``'s trainer: offline on 6 Pick-a-Pic rows (the probe's 2 held back from 8), or online (``online-*``)
-    on the online tests' prompts, the probe's 2 being the first of 2 held-out captions."""
+    """``job``'s trainer: offline on 6 Pick-a-Pic rows (the probe's 2 held back from 8; LoRA for ``lora-*``), or
+    online (``online-*``) on the online tests' prompts, the probe's 2 being the first of 2 held-out captions."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     online = job.startswith("online-")
     values = {
@@ -104,7 +105,9 @@ def build_trainer(out: str, job: str, config: str | None, pipe):
     rows = pickapic_rows(8)
     if job == "plain":  # the probe holds the last two rows back from training
         rows = rows[:-2]
-    return DiffusionSDPOTrainer(pipe, args=DiffusionSDPOConfig(**values), train_dataset=Dataset.from_list(rows))
+    lora = lora_config() if job.startswith("lora-") else None
+    args = DiffusionSDPOConfig(**values)
+    return DiffusionSDPOTrainer(pipe, args=args, train_dataset=Dataset.from_list(rows), peft_config=lora)
 
 
 def train(out: str, job: str, config: str | None) -> dict:

@@ -121,3 +121,22 @@ def test_the_probe_and_the_rewind_under_each_engine(engine, mode, tmp_path_facto
     # ZeRO-3 and FSDP2 shard the weights themselves: each process began with a part of its own
     alarm = runs["alarm"]
     assert (alarm[0]["local_at_begin"] != alarm[1]["local_at_begin"]) == (engine in ("zero3", "fsdp2"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_a_lora_rewind_restores_each_processs_adapters_under_a_sharding_engine(engine, tmp_path_factory):
+    """Under DeepSpeed and FSDP2 LoRA's snapshot is each process's part on disk too, as full tuning's."""
+    if "lora" not in _ONE_PROCESS:
+        runs = _run(tmp_path_factory.mktemp("one-process-lora"), None, ("lora-alarm",))
+        _ONE_PROCESS["lora"] = runs["lora-alarm"][0]
+    one_process = _ONE_PROCESS["lora"]
+    alarm = _run(tmp_path_factory.mktemp(f"{engine}-lora"), ENGINES[engine], ("lora-alarm",))["lora-alarm"]
+    assert one_process["rewinds"] == [[1, 0], [2, 0]]
+    for rank in (0, 1):
+        assert alarm[rank]["rewinds"] == one_process["rewinds"] and alarm[rank]["steps"] == one_process["steps"]
+        assert (
+            set(alarm[rank]["local_at_step_begin"]) == {alarm[rank]["local_at_begin"]} == {alarm[rank]["local_at_end"]}
+        )
+        assert alarm[rank]["gathered"] == one_process["gathered"]
+    _assert_reduced_over_both_shares(alarm, one_process)

@@ -379,7 +379,8 @@ class Rewind:
 
     @classmethod
     def for_trainer(cls, trainer: Any) -> Rewind:
-        """The rewind ``trainer``'s config asks for: LoRA's snapshot in memory, full tuning's on disk."""
+        """The rewind ``trainer``'s config asks for: LoRA's snapshot in memory, full tuning's on disk; under an engine
+        that shards the weights or the optimizer state, each process's part on disk (:class:`EngineSnapshot`)."""
         args = trainer.args
         parameters = list(trainable_parameters(trainer.policy))  # in the optimizer's order
         moving = companions(trainer)
