@@ -275,6 +275,10 @@ class ProbeCallback(TrainerCallback, ExportableState):
         self.source, self.held, self.alarm = source, held, alarm
         self.pending: dict[str, float] = {}
         self.readings: list[tuple[int, dict[str, float]]] = []  # (step, metrics) of every probe of this process
+        #: the module the probe runs, inside the block (the trainer's engine's :meth:`~.engines.Engine.probing`)
+        self.probing: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] = lambda: (
+            contextlib.nullcontext(self.policy())
+        )
 
     #: what the trainer looks for among the callbacks it is given (:func:`compose_probe`)
     run_control = "probe"
@@ -292,7 +296,7 @@ class ProbeCallback(TrainerCallback, ExportableState):
     def bind(self, built: ProbeCallback) -> None:
         """Take the probe, policy, device and source ``built`` for a trainer (a hand-built probe's binding)."""
         self.probe, self.policy, self.device, self.source = built.probe, built.policy, built.device, built.source
-        self.alarm = built.alarm
+        self.alarm, self.probing = built.alarm, built.probing
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.rewind is not None:
@@ -306,7 +310,8 @@ class ProbeCallback(TrainerCallback, ExportableState):
         step = state.global_step
         if step % self.every:
             return
-        metrics = self.probe.measure(self.policy(), self.device)
+        with self.probing() as model:  # the engine's own forward: sharded weights are gathered in it
+            metrics = self.probe.measure(model, self.device)
         self.readings.append((step, metrics))
         self.pending = dict(metrics)
         if self.rewind is not None:
@@ -433,10 +438,11 @@ def probe_for_trainer(
     count = count or args.probe_pairs
     if not trainer.objective.requires_reference:
         raise ValueError(f"probe_steps compares the policy with the reference; loss_type={args.loss_type!r} has none")
-    if trainer.engine.name not in ("base", "ddp"):
+    if trainer.engine.name == "fsdp1":
         raise ValueError(
-            f"probe_steps runs the unwrapped policy on each process's pairs, which the {trainer.engine.name} engine "
-            "shards: train on one process or with DDP, or unset probe_steps"
+            "probe_steps runs the policy on each process's pairs under the engine's own forward, which is not wired "
+            "for FSDP1's flattened shards: train with FSDP2 (fsdp2.yaml), DeepSpeed, DDP or one process, or unset "
+            "probe_steps"
         )
     accelerator = trainer.accelerator
     share = max(1, count // accelerator.num_processes)
@@ -470,4 +476,6 @@ def probe_for_trainer(
     )
     if prompts:
         source = ""  # the online trainer states its prompts and how they were paired once it has paired them
-    return ProbeCallback(probe, every, lambda: trainer.policy, args.device, rewind, source, held, alarm)
+    callback = ProbeCallback(probe, every, lambda: trainer.policy, args.device, rewind, source, held, alarm)
+    callback.probing = lambda: trainer.engine.probing(trainer.model_wrapped, trainer.policy)
+    return callback

@@ -56,6 +56,7 @@ __all__ = [
     "REWIND_FOLDER",
     "Companion",
     "DiskSnapshot",
+    "EngineSnapshot",
     "MemorySnapshot",
     "ProbeAlarm",
     "ProbeAlarmRule",
@@ -198,6 +199,8 @@ class MemorySnapshot:
 
     def __init__(self, parameters: Sequence[torch.nn.Parameter], companions: Sequence[Companion] = ()) -> None:
         self.parameters = list(parameters)
+        # counted whole, before an engine partitions them (a ZeRO-3 parameter's own numel is then 0)
+        self.elements = sum(p.numel() for p in self.parameters)
         self.companions = list(companions)
         self.weights: list[torch.Tensor] | None = None
         self.optimizer_state: dict[str, Any] | None = None
@@ -291,6 +294,61 @@ class DiskSnapshot(MemorySnapshot):
         self.taken = True
 
 
+class EngineSnapshot(DiskSnapshot):
+    """The snapshot under an engine that shards the trainable weights or their optimizer state (DeepSpeed ZeRO-1/2/3,
+    FSDP2; :attr:`~trl_diffusion_sdpo.engines.Engine.shards_training_state`), in ``folder``: every process writes
+    its own part through the engine (:meth:`~trl_diffusion_sdpo.engines.Engine.save_training_state`) and reads its
+    own part back at a rewind; the companions' states, the same on every process, are the main process's file. The
+    folder is written aside and renamed once every process has written its part."""
+
+    def __init__(
+        self,
+        engine: Any,
+        parameters: Sequence[torch.nn.Parameter],
+        folder: str,
+        main: bool,
+        wait: Callable[[], None],
+        companions: Sequence[Companion] = (),
+    ) -> None:
+        super().__init__(parameters, folder, main, wait, companions)
+        self.engine = engine
+
+    def where(self) -> str:
+        return f"on disk in {self.folder}, each process's own part"
+
+    def take(self, optimizer: torch.optim.Optimizer) -> None:
+        tmp = f"{self.folder}.tmp"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        self.wait()
+        self.engine.save_training_state(tmp, optimizer)
+        if self.main:
+            torch.save({c.name: c.get() for c in self.companions}, os.path.join(tmp, _COMPANIONS))
+        self.wait()  # every process's part is written
+        if self.main:
+            follow_umask(tmp)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os.replace(tmp, self.folder)
+        self.wait()
+        self.taken = True
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.taken:
+            raise RuntimeError("the rewind has no healthy snapshot to restore")
+        self.engine.load_training_state(self.folder, optimizer)
+        states = torch.load(os.path.join(self.folder, _COMPANIONS), map_location="cpu", weights_only=True)
+        for companion in self.companions:
+            companion.put(states[companion.name])
+
+    def write(self, folder: str) -> None:
+        """Every process's part into ``folder`` (a checkpoint's), copied by the main process (the snapshot's folder
+        is on the output folder's filesystem, which every process shares)."""
+        if not self.taken:
+            raise RuntimeError("the rewind has no healthy snapshot to restore")
+        shutil.copytree(self.folder, folder, dirs_exist_ok=True)
+
+
 def _read(
     folder: str, parameters: Sequence[torch.nn.Parameter]
 ) -> tuple[list[torch.Tensor], dict[str, Any], dict[str, Any]]:
@@ -358,12 +416,19 @@ class Rewind:
 
     @classmethod
     def for_trainer(cls, trainer: Any) -> Rewind:
-        """The rewind ``trainer``'s config asks for: LoRA's snapshot in memory, full tuning's on disk."""
+        """The rewind ``trainer``'s config asks for: LoRA's snapshot in memory, full tuning's on disk; under an engine
+        that shards the weights or the optimizer state, each process's part on disk (:class:`EngineSnapshot`)."""
         args = trainer.args
         parameters = list(trainable_parameters(trainer.policy))  # in the optimizer's order
         moving = companions(trainer)
-        if trainer.is_lora:
-            snapshot: MemorySnapshot = MemorySnapshot(parameters, moving)
+        if trainer.engine.shards_training_state:  # each process's part, through the engine, LoRA's too
+            accelerator = trainer.accelerator
+            folder = os.path.join(args.output_dir, REWIND_FOLDER)
+            snapshot: MemorySnapshot = EngineSnapshot(
+                trainer.engine, parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone, moving
+            )
+        elif trainer.is_lora:
+            snapshot = MemorySnapshot(parameters, moving)
         else:
             accelerator = trainer.accelerator
             folder = os.path.join(args.output_dir, REWIND_FOLDER)
@@ -376,7 +441,7 @@ class Rewind:
 
     def summary(self) -> str:
         """What the alarm reads, what is kept and what follows a rewind, for the start summary."""
-        elements = sum(p.numel() for p in self.snapshot.parameters)
+        elements = self.snapshot.elements
         then = (
             "then trains on with the safeguard on (" + ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()) + ")"
             if self.switch is not None

@@ -69,6 +69,10 @@ class Engine:
     #: Online training's reference refresh (``ref_update_steps``) can gather the policy (:meth:`whole_parameter`)
     #: and write a reference placed by :meth:`place_reference` (:meth:`load_whole_state`).
     refreshes_reference: bool = True
+    #: Each process holds only its own part of the trainable weights or of their optimizer state (ZeRO's partitions,
+    #: FSDP2's shards): a rewind's snapshot is each process's part, written and read back by the engine
+    #: (:meth:`save_training_state`, :meth:`load_training_state`).
+    shards_training_state: bool = False
 
     def __init__(self, accelerator) -> None:
         self.accelerator = accelerator
@@ -92,6 +96,26 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(processes={self.num_processes})"
+
+    # ------------------------------------------------------------------ the held-out probe and the rewind
+
+    @contextlib.contextmanager
+    def probing(self, wrapped: torch.nn.Module, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The module the held-out probe runs its forward passes through inside the block (``wrapped``: the model as
+        the engine trains it; ``policy``: unwrapped): the unwrapped policy, whose weights are whole on every process.
+        Every process enters the block at the same steps and runs the same number of forward passes (a sharding
+        engine gathers weights in them)."""
+        yield policy
+
+    def save_training_state(self, folder: str, optimizer: torch.optim.Optimizer) -> None:
+        """Where :attr:`shards_training_state`: write this process's part of the trainable weights and their
+        optimizer state into ``folder`` (every process calls it, with the same ``folder``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps whole weights: the rewind snapshots them itself")
+
+    def load_training_state(self, folder: str, optimizer: torch.optim.Optimizer) -> None:
+        """Put back this process's part of what :meth:`save_training_state` wrote into ``folder`` (every process
+        calls it); the engine's step counts go on counting."""
+        raise NotImplementedError(f"{type(self).__name__} keeps whole weights: the rewind restores them itself")
 
     # ------------------------------------------------------------------ placement, saving, loading
 

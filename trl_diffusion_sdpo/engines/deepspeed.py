@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,6 +26,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: the tag of the rewind's snapshot in its DeepSpeed checkpoint folder
+_SNAPSHOT_TAG = "rewind-healthy"
+#: what ``engine.load_checkpoint`` sets from the checkpoint that a rewind keeps counting instead
+_ENGINE_COUNTS = ("global_steps", "global_samples", "skipped_steps")
 
 
 def _without_auto(config: Any) -> Any:
@@ -137,6 +143,7 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
     skips_nonfinite_steps = True
     steps_in_backward = True
+    shards_training_state = True  # the optimizer state is partitioned at every stage, the weights too at ZeRO-3
 
     def __init__(self, accelerator, stage: int) -> None:
         super().__init__(accelerator)
@@ -163,6 +170,29 @@ class DeepSpeedEngine(Engine):
             return reference_inference_engine(module, self.accelerator)
         # DeepSpeed casts the policy to its bf16/fp16 wholesale (and computes without autocast): so is the reference.
         return module.to(device=device, dtype=dtype)
+
+    @contextlib.contextmanager
+    def probing(self, wrapped: torch.nn.Module, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        # DeepSpeed's engine, as an evaluation runs it: at ZeRO-3 its forward gathers each layer's partitions
+        yield wrapped
+
+    def save_training_state(self, folder: str, optimizer: torch.optim.Optimizer) -> None:
+        """DeepSpeed's own checkpoint of the engine (``engine.save_checkpoint``): each process writes its partitions
+        of the optimizer state (and at ZeRO-3 of the weights) into ``folder``; the frozen weights are left out."""
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        engine.save_checkpoint(folder, tag=_SNAPSHOT_TAG, client_state={}, save_latest=False,
+                               exclude_frozen_parameters=True)  # fmt: skip
+
+    def load_training_state(self, folder: str, optimizer: torch.optim.Optimizer) -> None:
+        """``engine.load_checkpoint`` of what :meth:`save_training_state` wrote: each process reads its own
+        partitions back, the weights from the float32 master partitions. The learning-rate schedule is not loaded,
+        and the engine's step and sample counts are kept: they go on counting, as the trainer's do."""
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        counts = {name: getattr(engine, name) for name in _ENGINE_COUNTS}
+        engine.load_checkpoint(folder, tag=_SNAPSHOT_TAG, load_module_strict=False, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)  # fmt: skip
+        for name, value in counts.items():
+            setattr(engine, name, value)
 
     def whole_parameter(self, parameter: torch.Tensor) -> torch.Tensor:
         if not _partitioned(parameter):

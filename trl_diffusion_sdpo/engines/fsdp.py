@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from ..families.preparation import reference_like_policy
-from .base import Engine
+from .base import Engine, optimizer_parameters
 
 __all__ = [
     "FSDP1Engine",
@@ -67,6 +67,31 @@ def loading_into_shards() -> Iterator[None]:
         yield
 
 
+_SHARD_WEIGHTS, _SHARD_OPTIMIZER = "weights.safetensors", "optimizer.pt"
+
+
+def _is_dtensor(tensor: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (under ``no_grad``, its local tensor itself: writes go through), or
+    ``tensor``."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def reshard_all(module: torch.nn.Module) -> None:
+    """Free the gathered weights of every FSDP2 module in ``module`` (``FSDPModule.reshard``), registering its shards
+    again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 def fsdp_model_copies(folder: str) -> list[str]:
     """accelerate's FSDP copy of the model in a checkpoint ``folder`` (``pytorch_model_fsdp*``, a file or a sharded
     folder), which transformers' ``_save_checkpoint`` writes beside the optimizer's state. A resume never reads it:
@@ -88,6 +113,57 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     replaces_parameters_in_train = True
     samples_whole_denoiser = False
+    shards_training_state = True
+
+    @contextlib.contextmanager
+    def probing(self, wrapped: torch.nn.Module, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        # fully_shard's own forward all-gathers each block. accelerate keeps the root's weights gathered after a
+        # forward for the backward that follows; the probe has none, so every module's gathered weights are freed
+        # after it (FSDPModule.reshard): a rewind then writes the shards the next forward gathers.
+        try:
+            yield policy
+        finally:
+            reshard_all(policy)
+
+    def save_training_state(self, folder: str, optimizer: torch.optim.Optimizer) -> None:
+        """This process's shards (each DTensor's local tensor) of the optimizer's parameters and of their optimizer
+        state, in ``folder/process-<rank>/``."""
+        from safetensors.torch import save_file
+
+        mine = os.path.join(folder, f"process-{torch.distributed.get_rank()}")
+        os.makedirs(mine, exist_ok=True)
+        parameters = optimizer_parameters(optimizer)
+        save_file({str(i): _local(p).detach().to("cpu", copy=True).contiguous() for i, p in enumerate(parameters)},
+                  os.path.join(mine, _SHARD_WEIGHTS))  # fmt: skip
+        state = optimizer.state_dict()
+        sharded = [[i, k] for i, values in state["state"].items() for k, v in values.items() if _is_dtensor(v)]
+        local = {
+            i: {k: _local(v).to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+            for i, values in state["state"].items()
+        }
+        torch.save({"state": local, "param_groups": state["param_groups"], "sharded": sharded},
+                   os.path.join(mine, _SHARD_OPTIMIZER))  # fmt: skip
+
+    def load_training_state(self, folder: str, optimizer: torch.optim.Optimizer) -> None:
+        """This process's shards from ``folder/process-<rank>/`` back into its parameters' local tensors and its
+        optimizer state (the state's shards made DTensors again, placed as their parameters are). The module's
+        gathered weights must have been freed (:meth:`probing` does after every probe)."""
+        from safetensors.torch import load_file
+        from torch.distributed.tensor import DTensor
+
+        mine = os.path.join(folder, f"process-{torch.distributed.get_rank()}")
+        parameters = optimizer_parameters(optimizer)
+        tensors = load_file(os.path.join(mine, _SHARD_WEIGHTS))
+        with torch.no_grad():
+            for i, parameter in enumerate(parameters):
+                _local(parameter).copy_(tensors[str(i)])
+        saved = torch.load(os.path.join(mine, _SHARD_OPTIMIZER), map_location="cpu", weights_only=True)
+        state = saved["state"]
+        for i, key in saved["sharded"]:
+            p = parameters[i]
+            state[i][key] = DTensor.from_local(state[i][key].to(_local(p).device), p.device_mesh, p.placements,
+                                               run_check=False, shape=p.shape, stride=p.stride())  # fmt: skip
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
     def place_reference(
         self, module: torch.nn.Module, policy: torch.nn.Module, device: torch.device, dtype: torch.dtype
