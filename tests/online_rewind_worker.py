@@ -46,7 +46,7 @@ def main(out: str) -> None:
         peft_config=LoraConfig(**LORA),
     )  # fmt: skip
     # Every probe unhealthy, one probe enough: the alarm fires at step 1, back to step 0, and the run stops.
-    trainer.probe.rewind.rule = ProbeAlarmRule(patience=1, threshold=-1.0)
+    trainer.probe.rewind.rule = ProbeAlarmRule(patience=1, threshold=float("-inf"))
     parameters = list(trainable_parameters(trainer.family.denoiser))
     initial = fingerprint(parameters)
     share = trainer.probe.probe.batch

@@ -48,7 +48,7 @@ def main(out: str) -> None:
         pipe, args=args, train_dataset=Dataset.from_list(pickapic_rows(8)), peft_config=lora_config()
     )
     # Every probe unhealthy, one probe enough: the alarm fires at steps 1 and 2, both back to step 0.
-    trainer.probe.rewind.rule = ProbeAlarmRule(patience=1, threshold=-1.0)
+    trainer.probe.rewind.rule = ProbeAlarmRule(patience=1, threshold=float("-inf"))
     parameters = list(trainable_parameters(trainer.family.denoiser))
     initial = fingerprint(parameters)
     trainer.train()

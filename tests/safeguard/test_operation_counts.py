@@ -94,6 +94,7 @@ def test_the_safeguards_add_a_fixed_number_of_operations_per_step(make_trainer, 
 PER_PIECE = {"parameter": 25, "update": 120}
 
 
+@pytest.mark.slow  # the default tier counts the whole step's operations in test_the_safeguards_add_a_fixed_number_...
 def test_a_buffer_in_pieces_adds_a_fixed_number_of_operations_per_piece(make_trainer, make_pickapic, monkeypatch):
     """Full tuning with the one pass's buffer in one and in four pieces (a large model's layout, where the pieces bound
     what the pass adds to the activations' peak): each piece adds a fixed number of operations, not one per weight."""

@@ -222,7 +222,7 @@ class HeldOutProbe:
         return dict(zip(PROBE_METRICS, values, strict=True))
 
     def _noise(self, policy: torch.nn.Module) -> list[NoisedMicroBatch]:
-        """The pairs noised :attr:`draws` times, one draw after another from the probe's generator started afresh."""
+        """The pairs noised ``draws`` times, one draw after another from the probe's generator started afresh."""
         draws = self.stages.draws
         draws.start_evaluation(self.seed)
         try:
