@@ -120,7 +120,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         "extra pass), which treats the UNet's Jacobians on the two branches as equal. `parameter`: the exact "
         "rule, from the gradients of the loss's winner and loser terms over the trainable weights, in the "
         "passes `safeguard_passes` chooses: by default one forward and one backward pass with the branches' "
-        "gradients split inside it (two gradient-sized rows, one of them the gradient; see "
+        "gradients split inside it (two gradient-sized rows in the dtype their products have, freed as the "
+        "combination reads them; see "
         "`docs/safeguard.md` for its guarantee, cost and the measured difference). Runs on one process, DDP, "
         "DeepSpeed ZeRO-1/2, and ZeRO-3 "
         'and FSDP2 with `safeguard_scope="global"`; refused under FSDP1, and ZeRO-3 and FSDP2 with the local scope '
