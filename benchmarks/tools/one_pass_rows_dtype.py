@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -33,32 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import harness  # noqa: E402
+from benchmarks.tools.weights_identity import colour_pairs, tiny_run_config, tiny_run_lora  # noqa: E402
 
 SPACES = ("parameter", "update")
-COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (230, 230, 20), (200, 20, 200), (20, 200, 200)]
 STEPS = 3
-
-
-def _dataset():
-    from datasets import Dataset
-    from PIL import Image
-
-    def png(colour, size):
-        buffer = io.BytesIO()
-        Image.new("RGB", size, colour).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    rows = [
-        {
-            "caption": f"a picture number {i}",
-            "jpg_0": png(COLOURS[(2 * i) % 6], (32 + 8 * i, 32)),
-            "jpg_1": png(COLOURS[(2 * i + 1) % 6], (32, 40)),
-            "label_0": float((i + 1) % 2),
-            "label_1": float(i % 2),
-        }
-        for i in range(6)
-    ]
-    return Dataset.from_list(rows)
 
 
 def store_before(commit: str) -> type:
@@ -82,10 +59,9 @@ def store_before(commit: str) -> type:
 def train(space: str, lora: bool, bf16: bool, store_class: type | None) -> dict:
     """One run: its trainable weights, live bytes at the last step's end beyond the start, and the update space's
     workspace among them."""
-    from peft import LoraConfig
     from transformers import TrainerCallback
 
-    from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+    from trl_diffusion_sdpo import DiffusionSDPOTrainer
     from trl_diffusion_sdpo.engines.memory.measure import live_tensor_bytes
     from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
@@ -109,28 +85,13 @@ def train(space: str, lora: bool, bf16: bool, store_class: type | None) -> dict:
     census = Census()
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(Path(tmp) / "tok"))
-        args = DiffusionSDPOConfig(
-            output_dir=str(Path(tmp) / "out"),
-            resolution=32,
-            per_device_train_batch_size=2,
-            max_steps=STEPS,
-            learning_rate=1e-3,
-            scale_lr=False,
-            warmup_steps=0,
-            logging_steps=1000,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            seed=0,
-            beta=5000.0,
-            bf16=bf16,
-            safeguard_space=space,
-            safeguard_mu=0.5,
+        args = tiny_run_config(
+            tmp, max_steps=STEPS, logging_steps=1000, bf16=bf16, safeguard_space=space, safeguard_mu=0.5
         )
-        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]) if lora else None
-        trainer = DiffusionSDPOTrainer(pipe, args=args, train_dataset=_dataset(), peft_config=peft, callbacks=[census])
+        peft = tiny_run_lora() if lora else None
+        trainer = DiffusionSDPOTrainer(
+            pipe, args=args, train_dataset=colour_pairs(), peft_config=peft, callbacks=[census]
+        )
         holder.append(trainer)
         collectives = getattr(getattr(trainer.safeguard, "backward_stage", None), "collectives", None)
         if store_class is not None and collectives is not None:

@@ -45,7 +45,8 @@ CLIP_ORDER_HELP = (
 COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (230, 230, 20), (200, 20, 200), (20, 200, 200)]
 
 
-def _dataset():
+def colour_pairs():
+    """Six coloured pairs in Pick-a-Pic's label form, images of varied sizes: the tiny run's dataset."""
     from datasets import Dataset
     from PIL import Image
 
@@ -65,6 +66,37 @@ def _dataset():
         for i in range(6)
     ]
     return Dataset.from_list(rows)
+
+
+def tiny_run_config(tmp: str, **fields):
+    """The tiny run's config in the folder ``tmp``: 3 optimizer steps of 2 pairs at 32 px on the CPU, with every
+    default the comparison could depend on (beta, learning rate, warmup) set, and ``fields`` (the case's) over
+    them."""
+    from trl_diffusion_sdpo import DiffusionSDPOConfig
+
+    settings = {
+        "resolution": 32,
+        "per_device_train_batch_size": 2,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "scale_lr": False,
+        "warmup_steps": 0,
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "seed": 0,
+        "beta": 5000.0,
+    }
+    return DiffusionSDPOConfig(output_dir=str(Path(tmp) / "out"), **{**settings, **fields})
+
+
+def tiny_run_lora():
+    """The tiny run's LoRA adapters: rank 4 on the attention projections."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
 def _trainer_class(clip_order: str) -> type:
@@ -100,34 +132,15 @@ def _one_pass_store_class(commit: str) -> type:
 def fingerprint(case: str, lora: bool, clip_order: str = "trainer", store_class: type | None = None) -> dict:
     """One case's fingerprint; ``store_class``: the one pass's store the exact safeguard runs (None: the package's)."""
     import torch
-    from peft import LoraConfig
 
-    from trl_diffusion_sdpo import DiffusionSDPOConfig
     from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_tiny_sd_pipeline(seed=0, tokenizer_dir=str(Path(tmp) / "tok"))
-        args = DiffusionSDPOConfig(
-            output_dir=str(Path(tmp) / "out"),
-            resolution=32,
-            per_device_train_batch_size=2,
-            max_steps=3,
-            learning_rate=1e-3,
-            scale_lr=False,
-            warmup_steps=0,
-            logging_steps=1,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            seed=0,
-            beta=5000.0,
-            **CASES[case],
-        )
-        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]) if lora else None
-        trainer = _trainer_class(clip_order)(pipe, args=args, train_dataset=_dataset(), peft_config=peft)
+        args = tiny_run_config(tmp, logging_steps=1, **CASES[case])
+        peft = tiny_run_lora() if lora else None
+        trainer = _trainer_class(clip_order)(pipe, args=args, train_dataset=colour_pairs(), peft_config=peft)
         collectives = getattr(getattr(trainer.safeguard, "backward_stage", None), "collectives", None)
         if store_class is not None and collectives is not None:
             collectives.one_pass_store_class = store_class
