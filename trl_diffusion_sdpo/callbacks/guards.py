@@ -96,33 +96,18 @@ class PathologyAction:
             return
         self._logs_since += 1
         fired = logs["health/winner_pathology"] == 1.0
+        why = "the pathology alarm fired (health/winner_pathology)"
         if self.action == "escalate":
             if fired and self._logs_since > WINDOWS and self.margin is not None:
-                self._logs_since = 0
-                self.escalations += 1
-                mu = self.margin.escalate()
-                logger.warning("Step %d: on_pathology='escalate' raised safeguard_mu to %g.", step, mu)
-                logs["safeguard/mu"] = mu
+                logs["safeguard/mu"] = self._escalate(step, why)
             logs["health/escalations"] = float(self.escalations)
         elif self.action == "safeguard":
             if fired and self.switched_at is None and self.switch is not None:
-                self.switch()
-                self.switched_at = step
-                logger.warning(
-                    "Step %d: on_pathology='safeguard': the pathology alarm fired (health/winner_pathology); training "
-                    "goes on with the safeguard on (%s) from the next step.",
-                    step,
-                    ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()),
-                )
+                self._switch_on(step, why)
             logs["health/safeguard_on"] = float(self.switched_at is not None)
         elif self.action == "stop" and fired:
-            logger.warning(
-                "Step %d: on_pathology='stop': the winner's error has stayed above the reference's while the implicit "
-                "accuracy grew (health/winner_pathology); saving a checkpoint and stopping.",
-                step,
-            )
-            control.should_save = True
-            control.should_training_stop = True
+            why = "the winner's error has stayed above the reference's while the implicit accuracy grew "
+            self._stop(control, step, why + "(health/winner_pathology)")
 
     def probe_alarm(self, step: int, control, rule: str, healthy_step: int) -> None:
         """The held-out probe's alarm fired at ``step`` (:class:`~.rewind.ProbeAlarm`; ``rule``: what it reads;
@@ -130,30 +115,15 @@ class PathologyAction:
         figures were reduced over every process, so every process acts here at the same step."""
         why = f"the held-out probe's alarm fired ({rule})"
         if self.action == "escalate" and self.margin is not None:
-            self.escalations += 1
-            self._logs_since = 0
-            logger.warning("Step %d: %s; on_pathology='escalate' raised safeguard_mu to %g.", step, why,
-                           self.margin.escalate())  # fmt: skip
+            self._escalate(step, why)
         elif self.action == "safeguard" and self.switch is not None and self.switched_at is None:
-            self.switch()
-            self.switched_at = step
-            logger.warning(
-                "Step %d: %s; on_pathology='safeguard': training goes on with the safeguard on (%s) from the next "
-                "step.",
-                step,
-                why,
-                ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()),
-            )
+            self._switch_on(step, why)
         elif self.action == "stop":
-            logger.warning(
-                "Step %d: %s; on_pathology='stop': saving a checkpoint and stopping (on_pathology='rewind' would "
-                "have restored step %d's weights, the last probe the alarm called healthy).",
-                step,
-                why,
-                healthy_step,
+            rewind = (
+                f" (on_pathology='rewind' would have restored step {healthy_step}'s weights, the last probe the alarm "
+                "called healthy)"
             )
-            control.should_save = True
-            control.should_training_stop = True
+            self._stop(control, step, why, rewind)
         else:
             logger.warning(
                 "Step %d: %s. on_pathology='rewind' would restore step %d's weights and optimizer state (the last "
@@ -163,6 +133,31 @@ class PathologyAction:
                 healthy_step,
                 "" if self.action == "warn" else f"; on_pathology={self.action!r} has already acted",
             )
+
+    def _escalate(self, step: int, why: str) -> float:
+        """``escalate``: ``mu`` raised halfway to 1, the next escalation a full ``WINDOWS`` of logs away."""
+        self.escalations += 1
+        self._logs_since = 0
+        mu = self.margin.escalate()
+        logger.warning("Step %d: %s; on_pathology='escalate' raised safeguard_mu to %g.", step, why, mu)
+        return mu
+
+    def _switch_on(self, step: int, why: str) -> None:
+        """``safeguard``: the safeguard ``switch_to`` on from the next step, once."""
+        self.switch()
+        self.switched_at = step
+        logger.warning(
+            "Step %d: %s; on_pathology='safeguard': training goes on with the safeguard on (%s) from the next step.",
+            step,
+            why,
+            ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items()),
+        )
+
+    def _stop(self, control, step: int, why: str, note: str = "") -> None:
+        """``stop``: a checkpoint saved and training stopped, through transformers' ``control``."""
+        logger.warning("Step %d: %s; on_pathology='stop': saving a checkpoint and stopping%s.", step, why, note)
+        control.should_save = True
+        control.should_training_stop = True
 
 
 class GuardState(TrainerCallback, ExportableState):
