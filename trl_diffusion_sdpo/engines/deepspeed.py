@@ -97,17 +97,24 @@ def universal_checkpoint_view(checkpoint: str, view: str) -> str:
     Only the main process calls it. The converter unpickles DeepSpeed's ``*_optim_states.pt`` files (as DeepSpeed's
     own loading does): they are this run's, and their SHA-256 were checked against the manifest before resuming.
     """
-    from deepspeed.checkpoint import ds_to_universal
-
     with open(os.path.join(checkpoint, "latest"), encoding="utf-8") as f:
         tag = f.read().strip()
     shutil.rmtree(view, ignore_errors=True)
     os.makedirs(view)
     for name in os.listdir(checkpoint):
         os.symlink(os.path.abspath(os.path.join(checkpoint, name)), os.path.join(view, name))
+    _to_universal(os.path.join(checkpoint, tag), os.path.join(view, f"{tag}_universal"))
+    return view
+
+
+def _to_universal(tagged: str, output: str) -> None:
+    """DeepSpeed's converter (``deepspeed.checkpoint.ds_to_universal``) of the ZeRO-1/2 checkpoint folder ``tagged``
+    into ``output`` (a ``<tag>_universal`` folder), writing ``latest_universal`` beside it."""
+    from deepspeed.checkpoint import ds_to_universal
+
     options = argparse.Namespace(
-        input_folder=os.path.join(checkpoint, tag),
-        output_folder=os.path.join(view, f"{tag}_universal"),
+        input_folder=tagged,
+        output_folder=output,
         num_extract_workers=1,  # in this process: no process pool inside a training process
         num_merge_workers=1,
         keep_temp_folder=False,
@@ -120,7 +127,6 @@ def universal_checkpoint_view(checkpoint: str, view: str) -> str:
     with contextlib.redirect_stdout(printed):  # the converter prints its progress
         ds_to_universal.main(options)
     logger.debug("ds_to_universal: %s", printed.getvalue())
-    return view
 
 
 def zero_inner_optimizer(engine) -> torch.optim.Optimizer:
@@ -189,10 +195,25 @@ class DeepSpeedEngine(Engine):
         and the engine's step and sample counts are kept: they go on counting, as the trainer's do."""
         engine = self.accelerator.deepspeed_engine_wrapped.engine
         counts = {name: getattr(engine, name) for name in _ENGINE_COUNTS}
-        engine.load_checkpoint(folder, tag=_SNAPSHOT_TAG, load_module_strict=False, load_optimizer_states=True,
+        load_dir, tag = folder, _SNAPSHOT_TAG
+        # A run resumed on another number of processes (resume_on_other_count) has its engine read every checkpoint
+        # in DeepSpeed's universal format, the snapshot too (written by this count or, resumed with the checkpoint,
+        # by the old one): converted for the load, aside, and removed after it.
+        universal = engine.load_universal_checkpoint()
+        if universal:
+            load_dir, tag = f"{folder}.universal", f"{_SNAPSHOT_TAG}_universal"
+            if self.accelerator.is_main_process:
+                shutil.rmtree(load_dir, ignore_errors=True)
+                _to_universal(os.path.join(folder, _SNAPSHOT_TAG), os.path.join(load_dir, tag))
+            self.accelerator.wait_for_everyone()
+        engine.load_checkpoint(load_dir, tag=tag, load_module_strict=False, load_optimizer_states=True,
                                load_lr_scheduler_states=False)  # fmt: skip
         for name, value in counts.items():
             setattr(engine, name, value)
+        if universal:
+            self.accelerator.wait_for_everyone()  # every process has read it
+            if self.accelerator.is_main_process:
+                shutil.rmtree(load_dir, ignore_errors=True)
 
     def whole_parameter(self, parameter: torch.Tensor) -> torch.Tensor:
         if not _partitioned(parameter):
