@@ -5,12 +5,18 @@ CPU processes over gloo), full tuning of the tiny SD UNet. It trains in turn, in
 * ``quiet``: with the probe every step and ``on_pathology="rewind"``, an alarm that never fires;
 * ``alarm``: the same with an alarm that fires at every probe (back to step 0, the safeguard on; again, and stop);
 * ``online-plain``, ``online-quiet``, ``online-alarm``: the same online (an online run stops at its first rewind);
-* ``lora-alarm``: ``alarm`` with LoRA adapters on the UNet instead of full tuning.
+* ``lora-alarm``: ``alarm`` with LoRA adapters on the UNet instead of full tuning;
+* ``resume-straight``: 4 steps with the probe every step and ``on_pathology="rewind"``, a checkpoint at step 2 (the
+  rewind's snapshot inside it); healthy at step 1, unhealthy at 2 and 3 with a patience of 2: the alarm fires at step
+  3, back to step 1, and step 4 trains with the safeguard on;
+* ``resume-same``, ``resume-other``: the same run resumed from ``resume-straight``'s ``checkpoint-2`` (launched on the
+  same number of processes and on another); an engine that refuses the other count reports its error (``refused``).
 
 Each process writes ``<out>/<job>-rank-<i>.json``: the fingerprints of its own part of the trainable weights (ZeRO-3's
 partition, FSDP2's local shard, else the whole weights) when training begins and when it ends, of the gathered
 weights at the end and of the weights training started from, of its part at the beginning of every step, the probe's
-readings and the rewinds.
+readings and the rewinds; the ``resume-*`` jobs' process 0 also writes ``<out>/<job>-weights.safetensors``, the
+gathered weights at the end.
 
     accelerate launch --config_file <yaml> --num_processes 2 --mixed_precision no tests/probe_engines_worker.py \
         <out> <yaml> [jobs...]
@@ -33,6 +39,7 @@ sys.path.insert(0, ROOT)  # tests.helpers
 torch.set_num_threads(1)
 
 from datasets import Dataset  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from tests.helpers.common import cpu_launch_fields, fast_config_values, lora_config, pickapic_rows  # noqa: E402
@@ -40,10 +47,14 @@ from tests.helpers.fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402
 from tests.helpers.rewind import ScriptedAlarm  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
 from trl_diffusion_sdpo.engines.base import trainable_parameters  # noqa: E402
+from trl_diffusion_sdpo.io.resume_check import ResumeConfigError  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
 
 STEPS = 2
 GLOBAL_BATCH = 2
+#: the ``resume-*`` jobs: their steps, the step of the checkpoint resumed from, and the steps the alarm reads unhealthy
+#: (with a patience of 2)
+RESUME_STEPS, RESUME_AT, RESUME_UNHEALTHY = 4, 2, {2, 3}
 
 
 def fingerprint(tensors) -> str:
@@ -92,6 +103,8 @@ def build_trainer(out: str, job: str, config: str | None, pipe):
     }
     if not job.endswith("plain"):
         values.update(probe_steps=1, probe_pairs=2, on_pathology="rewind")
+    if job.startswith("resume-"):
+        values.update(max_steps=RESUME_STEPS, save_strategy="steps", save_steps=RESUME_AT)
     if online:
         from tests.helpers.online import PROMPTS, red_minus_blue
         from trl_diffusion_sdpo.demo.shapes import all_captions
@@ -114,13 +127,23 @@ def train(out: str, job: str, config: str | None) -> dict:
     pipe = build_tiny_sd_pipeline(seed=0, unet_channels=(32, 128), tokenizer_dir=os.path.join(out, "tokenizer"))
     initial = fingerprint(trainable_parameters(pipe.unet))
     trainer = build_trainer(out, job, config, pipe)
-    if not job.endswith("plain"):
+    if job.startswith("resume-"):
+        trainer.probe.rewind.rule = ScriptedAlarm(2, RESUME_UNHEALTHY)
+    elif not job.endswith("plain"):
         quiet = job.endswith("quiet")
         trainer.probe.rewind.rule = ScriptedAlarm(1, set() if quiet else set(range(1, STEPS + 1)))
     parts = LocalParts(trainer)
     trainer.add_callback(parts)
-    trainer.train()
+    resume = _checkpoint(out) if job in ("resume-same", "resume-other") else None
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except ResumeConfigError as error:  # an engine that cannot resume on this number of processes
+        return {"refused": str(error), "engine": trainer.engine.variant}
     parameters = trainable_parameters(trainer.policy)
+    if job.startswith("resume-"):
+        whole = {str(i): trainer.engine.whole_parameter(p).cpu().contiguous() for i, p in enumerate(parameters)}
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_file(whole, os.path.join(out, f"{job}-weights.safetensors"))
     report = {
         "initial": initial,
         "local_at_begin": parts.at_begin,
@@ -140,6 +163,12 @@ def train(out: str, job: str, config: str | None) -> dict:
 
         unset_hf_deepspeed_config()
     return report
+
+
+def _checkpoint(out: str) -> str:
+    """The checkpoint the ``resume-*`` jobs resume from: ``resume-straight``'s at step ``RESUME_AT``, as a run killed
+    after that step's save would have left it."""
+    return os.path.join(out, "resume-straight", f"checkpoint-{RESUME_AT}")
 
 
 def main(out: str, config: str, jobs: list[str]) -> None:

@@ -43,9 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out: Path, config: str | None, jobs: tuple[str, ...]) -> dict[str, list[dict]]:
-    """The worker's ``jobs`` on two processes under ``config`` (``None``: one plain process): each job's reports,
-    by process."""
+def _run(out: Path, config: str | None, jobs: tuple[str, ...], processes: int = 2) -> dict[str, list[dict]]:
+    """The worker's ``jobs`` on ``processes`` processes under ``config`` (``None``: one plain process): each job's
+    reports, by process."""
     out.mkdir(parents=True, exist_ok=True)
     if config is None:
         command = [sys.executable, str(WORKER), str(out), "-", *jobs]
@@ -53,10 +53,10 @@ def _run(out: Path, config: str | None, jobs: tuple[str, ...]) -> dict[str, list
     else:
         path = str(CONFIGS / config)
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", path, "--num_processes", "2",
-            "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(WORKER), str(out), path, *jobs,
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", path, "--num_processes",
+            str(processes), "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(WORKER),
+            str(out), path, *jobs,
         ]  # fmt: skip
-        processes = 2
     proc = subprocess.run(command, cwd=CHECKOUT, env=worker_environment(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {
