@@ -154,3 +154,16 @@ def test_the_docs_state_the_measured_cost_of_the_noise_draws():
     shares = {run["probe_noise_draws"]: f"{100 * run['probe_share_of_training']:.1f}%" for run in result["runs"]}
     stated = f"{shares[1]} of the training time with 1 draw, {shares[4]} with 4, {shares[8]} with 8 (the default)"
     assert stated in page
+
+
+def test_warn_warns_once_per_unhealthy_episode(make_trainer, make_pickapic, caplog):
+    trainer = make_trainer(train_dataset=make_pickapic(ROWS), max_steps=8, probe_steps=1, probe_pairs=HELD, **DPO)
+    # patience 2: the alarm fires at 3 and again at 5 (no healthy probe between: one episode), healthy at 6, fires at 8
+    _forced(trainer, {2, 3, 4, 5, 7, 8})
+    with caplog.at_level(logging.INFO, logger="trl_diffusion_sdpo"):
+        trainer.train()
+    fired = [e["step"] for e in trainer.state.log_history if e.get("health/probe_alarm") == 1.0]
+    assert fired == [3, 5, 8]
+    warnings = [r.getMessage() for r in caplog.records if "held-out probe's alarm" in r.getMessage()]
+    assert [w.split(":")[0] for w in warnings] == ["Step 3", "Step 8"]
+    assert "would restore step 1's weights" in warnings[0] and "would restore step 6's weights" in warnings[1]

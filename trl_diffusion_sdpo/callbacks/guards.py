@@ -3,8 +3,8 @@
 * :class:`PathologyAction` (``on_pathology``): ``warn`` leaves the warning to health; ``escalate`` raises the
   safeguard's ``mu`` halfway to 1; ``stop`` saves a checkpoint and stops, through transformers' ``control``;
   ``safeguard`` switches a Diffusion-DPO run to the safeguard of ``health.switch_target``, once. The held-out probe's
-  alarm reaches it too (:meth:`PathologyAction.probe_alarm`; ``warn`` then warns, naming the step a rewind would
-  restore).
+  alarm reaches it too (:meth:`PathologyAction.probe_alarm`; ``warn`` then warns once per unhealthy episode, naming
+  the step a rewind would restore).
 * :func:`early_stopping` (``--early_stopping_patience``): transformers' ``EarlyStoppingCallback``.
 * :class:`GuardState`: the guards that adapt as the run goes (the auto-beta, ``safeguard_mu="auto"``, the
   escalations), each reducing over processes before it acts; what they have learnt is saved in every checkpoint's
@@ -88,6 +88,7 @@ class PathologyAction:
         self.action, self.margin, self.switch, self.switch_to = action, margin, switch, switch_to or {}
         self.switched_at: int | None = None  # the step of the log that switched the safeguard on
         self.escalations = 0
+        self._warned_after: int | None = None  # the healthy step of the probe alarm's episode last warned about
         self._logs_since = WINDOWS  # escalate at once; then again only once the raised mu has had WINDOWS logs
 
     def __call__(self, logs: dict[str, float], control, step: int) -> None:
@@ -112,7 +113,9 @@ class PathologyAction:
     def probe_alarm(self, step: int, control, rule: str, healthy_step: int) -> None:
         """The held-out probe's alarm fired at ``step`` (:class:`~.rewind.ProbeAlarm`; ``rule``: what it reads;
         ``healthy_step``: the last probe it called healthy, the step ``on_pathology="rewind"`` would restore). Its
-        figures were reduced over every process, so every process acts here at the same step."""
+        figures were reduced over every process, so every process acts here at the same step. A warning (``warn``, or
+        an action that has already acted) is logged once per episode: the alarm firing again before a healthy probe
+        (the same ``healthy_step``) says nothing new."""
         why = f"the held-out probe's alarm fired ({rule})"
         if self.action == "escalate" and self.margin is not None:
             self._escalate(step, why)
@@ -124,10 +127,11 @@ class PathologyAction:
                 "called healthy)"
             )
             self._stop(control, step, why, rewind)
-        else:
+        elif healthy_step != self._warned_after:
+            self._warned_after = healthy_step
             logger.warning(
                 "Step %d: %s. on_pathology='rewind' would restore step %d's weights and optimizer state (the last "
-                "probe the alarm called healthy)%s.",
+                "probe the alarm called healthy)%s; no further warning until a probe is healthy again.",
                 step,
                 why,
                 healthy_step,
