@@ -9,6 +9,7 @@ loaded 2-core CPU); the default tier checks FSDP2's own part of a rewind in this
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from tests.helpers.common import CHECKOUT, worker_environment
+from trl_diffusion_sdpo.callbacks.rewind import DiskSnapshot, EngineSnapshot, MemorySnapshot
 from trl_diffusion_sdpo.engines.fsdp import FSDP2Engine
 
 WORKER = CHECKOUT / "tests" / "probe_engines_worker.py"
@@ -184,3 +186,59 @@ def test_fsdp2_puts_back_its_shards_of_the_weights_and_of_the_optimizer_state(tm
         assert all(torch.equal(a, b) for a, b in zip(step(inputs[1]), after_snapshot, strict=True))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk", "fsdp2"])
+def test_a_rewind_keeps_the_learning_rate_the_schedule_has_reached(kind, tmp_path):
+    """The rewind acts after the scheduler has set the next step's learning rate (``on_step_end``): the snapshot's
+    weights and momentum come back, the rate stays the schedule's, and the next step moves the weights by it (SGD
+    with momentum, computed here apart). Each snapshot: LoRA's in memory, full tuning's on disk, FSDP2's through the
+    engine (a one-process gloo group)."""
+    if kind == "fsdp2" and dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    with contextlib.ExitStack() as stack:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        if kind == "fsdp2":
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            stack.callback(dist.destroy_process_group)
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        parameters = list(model.parameters())
+        optimizer = torch.optim.SGD(parameters, lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        folder = str(tmp_path / "snapshot")
+        snapshot = {
+            "memory": lambda: MemorySnapshot(parameters),
+            "disk": lambda: DiskSnapshot(parameters, folder, True, lambda: None),
+            "fsdp2": lambda: EngineSnapshot(FSDP2Engine(accelerator=None), parameters, folder, True, lambda: None),
+        }[kind]()
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+        whole = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()  # noqa: E731
+
+        def step() -> None:
+            model(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+
+        step()
+        snapshot.take(optimizer)
+        saved = [whole(p) for p in parameters]
+        momentum = [whole(optimizer.state[p]["momentum_buffer"]) for p in parameters]
+        step()
+        step()
+        rate = scheduler.get_last_lr()[0]
+        snapshot.restore(optimizer)
+        assert optimizer.param_groups[0]["lr"] == rate == pytest.approx(0.1 / 4)
+        assert all(torch.equal(whole(p), w) for p, w in zip(parameters, saved, strict=True))
+        # The next step, apart: the gradient at the snapshot's weights, the momentum and the schedule's rate.
+        plain = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            plain.weight.copy_(saved[0])
+            plain.bias.copy_(saved[1])
+        plain(x).square().sum().backward()
+        gradients = [plain.weight.grad, plain.bias.grad]
+        expected = [w - rate * (0.9 * m + g) for w, m, g in zip(saved, momentum, gradients, strict=True)]
+        step()
+        for p, e in zip(parameters, expected, strict=True):
+            torch.testing.assert_close(whole(p), e, rtol=1e-6, atol=1e-7)
