@@ -13,7 +13,7 @@ from scipy import stats
 
 from tests.helpers.rewind import ScriptedAlarm
 from trl_diffusion_sdpo.callbacks.probe import winner_rise_z
-from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule, probe_alarm
+from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarm, ProbeAlarmRule, alarm_steps, probe_alarm
 from trl_diffusion_sdpo.step.predictions import denoising_errors
 
 ROWS, HELD = 8, 2
@@ -167,3 +167,42 @@ def test_warn_warns_once_per_unhealthy_episode(make_trainer, make_pickapic, capl
     warnings = [r.getMessage() for r in caplog.records if "held-out probe's alarm" in r.getMessage()]
     assert [w.split(":")[0] for w in warnings] == ["Step 3", "Step 8"]
     assert "would restore step 1's weights" in warnings[0] and "would restore step 6's weights" in warnings[1]
+
+
+def _windows_rule(z: list[float], threshold: float, patience: int) -> list[int]:
+    """The alarm's steps by its definition read another way: a probe fires when it closes ``patience`` readings above
+    the threshold that lie after the previous firing (steps are 1-based probe indices)."""
+    fired: list[int] = []
+    for t in range(patience, len(z) + 1):
+        window = z[t - patience : t]
+        after_last = not fired or t - patience >= fired[-1]
+        if after_last and all(v > threshold for v in window):
+            fired.append(t)
+    return fired
+
+
+class _Recorded:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def probe_alarm(self, step, control, rule, healthy_step) -> None:
+        self.calls.append((step, healthy_step))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("patience", [1, 2, 4])
+def test_the_alarm_fires_at_patience_readings_above_the_threshold_counting_afresh_after_healthy_ones(seed, patience):
+    # runs of high readings of every length, broken by single healthy readings
+    rng = np.random.default_rng(seed)
+    z = [float(v) for v in rng.choice([3.0, 12.0], size=60, p=[0.3, 0.7])] + [float("nan")]
+    rule = ProbeAlarmRule(patience=patience, threshold=10.0)
+    expected = _windows_rule(z, 10.0, patience)
+    probes = [(t, {ProbeAlarmRule.SIGNAL: v}) for t, v in enumerate(z, start=1)]
+    assert alarm_steps(rule, probes) == expected
+    # the run's alarm fires at the same probes, naming the last healthy one before each
+    recorded = _Recorded()
+    alarm = ProbeAlarm(rule, recorded)
+    logged = [alarm.read(metrics, t, None)["health/probe_alarm"] for t, metrics in probes]
+    assert [t for t, flag in zip(range(1, len(z) + 1), logged, strict=True) if flag == 1.0] == expected
+    healthy = [max((s for s in range(1, t) if not z[s - 1] > 10.0), default=0) for t in expected]
+    assert recorded.calls == list(zip(expected, healthy, strict=True))

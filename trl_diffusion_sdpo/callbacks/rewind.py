@@ -35,13 +35,12 @@ run rewinds as the uninterrupted one would.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +63,7 @@ __all__ = [
     "Rewind",
     "RewindCallback",
     "RewindRecord",
+    "alarm_steps",
     "companions",
     "probe_alarm",
 ]
@@ -77,8 +77,13 @@ _WEIGHTS, _OPTIMIZER, _COMPANIONS = "weights.safetensors", "optimizer.pt", "comp
 
 @dataclass(frozen=True)
 class ProbeAlarmRule:
-    """A probe is unhealthy when ``probe/winner_rise_z > threshold``; the alarm fires after ``patience`` unhealthy
-    probes in a row. A reading without a spread to measure (``nan``: fewer than two pair-draws) is healthy."""
+    """The held-out probe's alarm on the series of its readings ``z_1, z_2, ...`` of ``probe/winner_rise_z``.
+
+    Probe ``t`` is unhealthy when ``z_t > threshold`` (a reading without a spread to measure, ``nan``: fewer than two
+    pair-draws, is healthy). With ``n_0 = 0`` and ``n_t = n_{t-1} + 1`` at an unhealthy probe, ``0`` at a healthy one,
+    the alarm fires at the probe where ``n_t`` reaches ``patience``, and counts afresh from there (``n_t = 0``):
+    :meth:`count`, :func:`alarm_steps`.
+    """
 
     patience: int
     threshold: float
@@ -90,12 +95,29 @@ class ProbeAlarmRule:
         """Whether the probe of optimizer step ``step`` (``metrics``: its reduced figures) shows the pathology."""
         return metrics[self.SIGNAL] > self.threshold
 
+    def count(self, in_a_row: int, unhealthy: bool) -> tuple[int, bool]:
+        """``(n_t, fired)``: the unhealthy probes in a row after a probe (``unhealthy``: its verdict) that followed
+        ``in_a_row`` of them, and whether the alarm fires at it (``n_t`` then starts again from 0)."""
+        in_a_row = in_a_row + 1 if unhealthy else 0
+        return (0, True) if in_a_row >= self.patience else (in_a_row, False)
+
     def describe(self) -> str:
         count = "at a single probe" if self.patience == 1 else f"for {self.patience} probes in a row"
         return (
             f"{self.SIGNAL} (the held-out winner error's rise over the reference's, in standard errors across the "
             f"probe's pairs and noise draws) above {self.threshold:g} {count}"
         )
+
+
+def alarm_steps(rule: ProbeAlarmRule, probes: Iterable[tuple[int, Mapping[str, float]]]) -> list[int]:
+    """The steps at which ``rule`` fires on a run's probes (``(step, metrics)`` in order), nothing acting on them:
+    the calibration's replay of a stored series and what :class:`ProbeAlarm` does as the run goes."""
+    in_a_row, fired = 0, []
+    for step, metrics in probes:
+        in_a_row, fires = rule.count(in_a_row, rule.unhealthy(metrics, step))
+        if fires:
+            fired.append(step)
+    return fired
 
 
 def probe_alarm(args: Any) -> ProbeAlarmRule:
@@ -127,13 +149,12 @@ class ProbeAlarm:
     def read(self, metrics: Mapping[str, float], step: int, control: Any) -> dict[str, float]:
         """The alarm on the probe of step ``step``; what the training log adds (``health/probe_alarm``: 1 at a
         probe where the alarm fired, else 0)."""
-        if not self.rule.unhealthy(metrics, step):
-            self.unhealthy_in_a_row, self.healthy_step = 0, step
+        unhealthy = self.rule.unhealthy(metrics, step)
+        self.unhealthy_in_a_row, fires = self.rule.count(self.unhealthy_in_a_row, unhealthy)
+        if not unhealthy:
+            self.healthy_step = step
+        if not fires:
             return {"health/probe_alarm": 0.0}
-        self.unhealthy_in_a_row += 1
-        if self.unhealthy_in_a_row < self.rule.patience:
-            return {"health/probe_alarm": 0.0}
-        self.unhealthy_in_a_row = 0
         self.fired.append(step)
         self.action.probe_alarm(step, control, self.rule.describe(), self.healthy_step)
         return {"health/probe_alarm": 1.0}
@@ -222,8 +243,7 @@ class MemorySnapshot:
             for parameter, saved in zip(self.parameters, weights, strict=True):
                 parameter.copy_(saved)
         # Copies: the optimizer and the companions keep the tensors they are given and update them in place.
-        with _schedule_kept(optimizer):
-            optimizer.load_state_dict(copy.deepcopy(state))
+        optimizer.load_state_dict(copy.deepcopy(state))
         for companion in self.companions:
             companion.put(copy.deepcopy(companion_states[companion.name]))
 
@@ -338,8 +358,7 @@ class EngineSnapshot(DiskSnapshot):
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.taken:
             raise RuntimeError("the rewind has no healthy snapshot to restore")
-        with _schedule_kept(optimizer):
-            self.engine.load_training_state(self.folder, optimizer)
+        self.engine.load_training_state(self.folder, optimizer)
         states = torch.load(os.path.join(self.folder, _COMPANIONS), map_location="cpu", weights_only=True)
         for companion in self.companions:
             companion.put(states[companion.name])
@@ -350,17 +369,6 @@ class EngineSnapshot(DiskSnapshot):
         if not self.taken:
             raise RuntimeError("the rewind has no healthy snapshot to restore")
         shutil.copytree(self.folder, folder, dirs_exist_ok=True)
-
-
-@contextlib.contextmanager
-def _schedule_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Within the block the optimizer's state is put back; after it, each parameter group's hyperparameters are the
-    ones it had before (the learning rate the schedule has reached): a saved state carries the snapshot step's, and
-    the rewind runs after the scheduler has set the next step's rate, which the step after the rewind must use."""
-    kept = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    yield
-    for group, hyperparameters in zip(optimizer.param_groups, kept, strict=True):
-        group.update(hyperparameters)
 
 
 def _read(
@@ -489,16 +497,15 @@ class Rewind:
     def read(self, metrics: Mapping[str, float], step: int, optimizer: torch.optim.Optimizer, control) -> dict:
         """The alarm on the probe of step ``step``: a healthy probe's weights become the snapshot; ``patience``
         unhealthy ones in a row rewind. Returns what the training log adds (``health/rewind_to`` at a rewind)."""
-        if not self.rule.unhealthy(metrics, step):
-            self.unhealthy_in_a_row = 0
+        unhealthy = self.rule.unhealthy(metrics, step)
+        self.unhealthy_in_a_row, fires = self.rule.count(self.unhealthy_in_a_row, unhealthy)
+        if not unhealthy:
             self.healthy_step = step
             self.snapshot.take(optimizer)
             return {}
-        self.unhealthy_in_a_row += 1
-        if self.unhealthy_in_a_row < self.rule.patience:
+        if not fires:
             return {}
         self.snapshot.restore(optimizer)
-        self.unhealthy_in_a_row = 0
         self.rewinds.append((step, self.healthy_step))
         stop = self.safeguard_on or self.switch is None
         if stop:
