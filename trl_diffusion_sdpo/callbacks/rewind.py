@@ -321,18 +321,15 @@ class EngineSnapshot(DiskSnapshot):
     FSDP2; :attr:`~trl_diffusion_sdpo.engines.Engine.shards_training_state`), in ``folder``: every process writes
     its own part through the engine (:meth:`~trl_diffusion_sdpo.engines.Engine.save_training_state`) and reads its
     own part back at a rewind; the companions' states, the same on every process, are the main process's file. The
-    folder is written aside and renamed once every process has written its part."""
+    folder is written aside and renamed once every process has written its part.
 
-    def __init__(
-        self,
-        engine: Any,
-        parameters: Sequence[torch.nn.Parameter],
-        folder: str,
-        main: bool,
-        wait: Callable[[], None],
-        companions: Sequence[Companion] = (),
-    ) -> None:
-        super().__init__(parameters, folder, main, wait, companions)
+    Args:
+        engine: the run's engine, which writes and reads each process's part.
+        *args, **kwargs: :class:`DiskSnapshot`'s.
+    """
+
+    def __init__(self, engine: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.engine = engine
 
     def where(self) -> str:
