@@ -35,12 +35,13 @@ run rewinds as the uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,7 +244,8 @@ class MemorySnapshot:
             for parameter, saved in zip(self.parameters, weights, strict=True):
                 parameter.copy_(saved)
         # Copies: the optimizer and the companions keep the tensors they are given and update them in place.
-        optimizer.load_state_dict(copy.deepcopy(state))
+        with _schedule_kept(optimizer):
+            optimizer.load_state_dict(copy.deepcopy(state))
         for companion in self.companions:
             companion.put(copy.deepcopy(companion_states[companion.name]))
 
@@ -355,7 +357,8 @@ class EngineSnapshot(DiskSnapshot):
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.taken:
             raise RuntimeError("the rewind has no healthy snapshot to restore")
-        self.engine.load_training_state(self.folder, optimizer)
+        with _schedule_kept(optimizer):
+            self.engine.load_training_state(self.folder, optimizer)
         states = torch.load(os.path.join(self.folder, _COMPANIONS), map_location="cpu", weights_only=True)
         for companion in self.companions:
             companion.put(states[companion.name])
@@ -366,6 +369,17 @@ class EngineSnapshot(DiskSnapshot):
         if not self.taken:
             raise RuntimeError("the rewind has no healthy snapshot to restore")
         shutil.copytree(self.folder, folder, dirs_exist_ok=True)
+
+
+@contextlib.contextmanager
+def _schedule_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Within the block the optimizer's state is put back; after it, each parameter group's hyperparameters are the
+    ones it had before (the learning rate the schedule has reached): a saved state carries the snapshot step's, and
+    the rewind runs after the scheduler has set the next step's rate, which the step after the rewind must use."""
+    kept = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    yield
+    for group, hyperparameters in zip(optimizer.param_groups, kept, strict=True):
+        group.update(hyperparameters)
 
 
 def _read(
