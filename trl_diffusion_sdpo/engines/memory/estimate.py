@@ -67,6 +67,8 @@ from typing import Any
 
 import torch
 
+from ...families import ModelFamily, family_for_pipeline, registered_families
+from ...families.loading import resolve_model_name
 from . import pieces as one_pass_pieces
 from .models import KNOWN_MODELS, KnownModel
 
@@ -276,8 +278,6 @@ def model_sizes(model_name_or_path: str) -> ModelSizes:
     """The pipeline ``model_name_or_path`` counted on the meta device: a local folder (or a shipped model's short
     name) from its configs, a Hub id of :data:`KNOWN_MODELS` from its published config. Other Hub ids are refused,
     naming what to pass instead."""
-    from ...families.loading import resolve_model_name
-
     folder = str(resolve_model_name(model_name_or_path))
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         _, denoiser, frozen = _local_components(folder)
@@ -327,8 +327,6 @@ def model_sizes_of_pipeline(pipeline: Any) -> ModelSizes:
     parts' parameters counted."""
     from accelerate import init_empty_weights
 
-    from ...families import family_for_pipeline
-
     family = family_for_pipeline(pipeline)
     denoiser = family.denoiser
     with init_empty_weights(include_buffers=True):
@@ -349,21 +347,14 @@ def model_sizes_of_pipeline(pipeline: Any) -> ModelSizes:
 
 def _family_of_local(folder: str) -> str:
     """The registered family handling the folder's pipeline class (the class's name when none does)."""
-    from ...families import registry
-
     with open(os.path.join(folder, "model_index.json")) as f:
         pipeline_class = json.load(f).get("_class_name", "")
-    return next(
-        (f.name for f in registry.registered_families() if pipeline_class in f.pipeline_classes), pipeline_class
-    )
+    return next((f.name for f in registered_families() if pipeline_class in f.pipeline_classes), pipeline_class)
 
 
 def family_lora_targets(family: str) -> tuple[str, ...]:
     """The registered family's default LoRA targets (the base family's when ``family`` is not registered)."""
-    from ...families import registry
-    from ...families.base import ModelFamily
-
-    found = next((f for f in registry.registered_families() if f.name == family), ModelFamily)
+    found = next((f for f in registered_families() if f.name == family), ModelFamily)
     return tuple(found.lora_target_modules)
 
 

@@ -6,6 +6,7 @@ tensors, into which torchao's and quanto's subclasses flatten). ``benchmarks/spe
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -13,6 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from peft import LoraConfig
+
+from ...families.preparation import prepare_denoiser
+from ...families.quantization import BaseQuantization, quantize_linear_layers
 
 __all__ = ["live_tensor_bytes", "lora_step_memory", "module_bytes", "step_peak_bytes", "tensor_bytes"]
 
@@ -35,8 +40,6 @@ def live_tensor_bytes(device: str | None = None) -> int:
     """Bytes of every storage a live tensor holds (each once): the tensors the garbage collector tracks, after a
     collection, on ``device``'s type (``None``: every device). A census of what a training step leaves alive (its
     weights, the optimizer's state, whatever a safeguard keeps), which differences between two runs attribute."""
-    import gc
-
     gc.collect()
     seen: set[int] = set()
     total = 0
@@ -80,11 +83,6 @@ def lora_step_memory(
     """Bytes of one LoRA training step (bf16 autocast, AdamW, the attention projections as targets) of the UNet
     ``build()`` returns, its frozen base in bf16 or quantized (a ``--base_quantization`` name) as training prepares
     it: ``resident`` the model, ``step`` the step's own peak above it, ``peak`` their sum."""
-    from peft import LoraConfig
-
-    from ...families.preparation import prepare_denoiser
-    from ...families.quantization import BaseQuantization, quantize_linear_layers
-
     unet = build().to(torch.bfloat16)
     quantization = BaseQuantization(base_quantization)
     if quantization.enabled:

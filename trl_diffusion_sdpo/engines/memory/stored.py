@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .estimate import MetaCounts, family_lora_targets, known_model_sizes
 from .models import KNOWN_MODELS
 
 __all__ = ["RESOLUTIONS", "STORED_FILE", "NotStored", "StoredCounts", "count_model", "stored_model_sizes"]
@@ -100,8 +101,6 @@ def stored_model_sizes(model_name_or_path: str) -> Any:
     entry = _stored().get(model_name_or_path)
     if entry is None or model_name_or_path not in KNOWN_MODELS:
         return None
-    from .estimate import known_model_sizes
-
     return known_model_sizes(model_name_or_path, StoredCounts(entry))
 
 
@@ -122,8 +121,6 @@ def unet_activation_keys() -> list[tuple[int, int, int, bool]]:
 def count_model(model_name_or_path: str, activation_keys: list[tuple[int, int, int, bool]] | None = None) -> dict:
     """A known pipeline's stored entry: :class:`~.estimate.MetaCounts`' answers on its denoiser built on the meta
     device (UNet activations at ``activation_keys``, every stored key by default)."""
-    from .estimate import MetaCounts, family_lora_targets, known_model_sizes
-
     sizes = known_model_sizes(model_name_or_path)
     counts = MetaCounts(sizes.denoiser)
     targets = family_lora_targets(sizes.family)
