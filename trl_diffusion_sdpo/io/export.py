@@ -25,6 +25,9 @@ import torch
 
 from ..config.file_modes import follow_umask
 from ..config.messages import OutputExistsError, advice, overwrite_advice, replacing_refusal
+from ..data.model_names import check_model_exists
+from ..families import registered_families
+from ..families.loading import dtype_keyword
 from .checkpoints import earlier_run_files
 from .lora_formats import LoraFile, LoraModule, read_lora, tool_state_dict
 
@@ -38,8 +41,6 @@ def _base_family(base: str) -> tuple[str, dict[str, Any]]:
     """The registered family of the pipeline at ``base`` (Hub id or folder), decided from ``model_index.json``
     alone: its pipeline class, else its denoiser class. Returns the family name and the model index."""
     from diffusers import DiffusionPipeline
-
-    from ..families import registered_families
 
     try:
         index = DiffusionPipeline.load_config(base)
@@ -78,8 +79,6 @@ def _meta_denoiser(base: str, index: dict[str, Any], name: str) -> torch.nn.Modu
 def check_against_base(lora: LoraFile, base: str) -> tuple[str, torch.nn.Module]:
     """Refuse a LoRA whose modules are not in ``base``'s denoiser with the same sizes (another family, another
     architecture); returns the base's family name and its (meta-device) denoiser."""
-    from ..families import registered_families
-
     family, index = _base_family(base)
     denoiser_name = next(f.denoiser_name for f in registered_families() if f.name == family)
     if lora.prefix != denoiser_name:
@@ -116,8 +115,6 @@ def check_against_base(lora: LoraFile, base: str) -> tuple[str, torch.nn.Module]
 def check_base_exists(base: str) -> None:
     """A ``--base`` that leads to no pipeline (no folder, not cached, the Hub unreachable or without it) in one line,
     before the LoRA is read: in seconds, where diffusers retries an unreachable Hub for half a minute."""
-    from ..data.model_names import check_model_exists
-
     check_model_exists(base, "--base")
 
 
@@ -197,8 +194,6 @@ def merge_lora(
     generates what the base with the LoRA at that strength generates.
     """
     from diffusers import DiffusionPipeline
-
-    from ..families.loading import dtype_keyword
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}.")

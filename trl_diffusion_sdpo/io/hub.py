@@ -23,6 +23,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers.trainer_utils import HubStrategy
 from transformers.utils import PushInProgress
 
+from ..families.loading import SHIPPED_MODELS
 from . import saving
 from .run_events import run_events
 from .run_lock import LOCK_NAME, RECORD_NAME
@@ -155,8 +156,6 @@ def local_base_label(name_or_path: str | None) -> str | None:
     short name beside it (``trl-diffusion-sdpo:tiny``)."""
     if not name_or_path or hub_base_model(name_or_path) is not None:
         return None
-    from ..families.loading import SHIPPED_MODELS
-
     path = os.path.realpath(name_or_path)
     shipped = [name for name, folder in SHIPPED_MODELS.items() if os.path.realpath(folder) == path]
     return f"`{name_or_path}`" + (f" (the shipped base `{shipped[0]}`)" if shipped else "")

@@ -49,6 +49,8 @@ from typing import Any
 
 import torch
 
+from .saving import LORA_WEIGHTS_NAME
+
 __all__ = [
     "LoraFile",
     "LoraModule",
@@ -237,8 +239,6 @@ class LoraFile:
 
 
 def _lora_file_path(path: str) -> str:
-    from .saving import LORA_WEIGHTS_NAME
-
     if os.path.isdir(path):
         candidate = os.path.join(path, LORA_WEIGHTS_NAME)
         if not os.path.isfile(candidate):

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config.defaults import resolve_default
+from ..objectives import objective_class, registered_objectives
 from .resume_world import ResumeConfigError, plan_process_count_change, samples_seen
 from .saving import TRAINING_CONFIG_NAME
 
@@ -99,8 +101,6 @@ def refused_fields() -> frozenset[str]:
     """The config fields whose change refuses a resume: :data:`REFUSED_FIELDS` and the hyperparameters of every
     registered objective (each read from the config field of its name), one registered outside the package
     included."""
-    from ..objectives import objective_class, registered_objectives
-
     declared = {
         name for loss_type in registered_objectives() for name in objective_class(loss_type).hyperparameter_names()
     }
@@ -186,8 +186,6 @@ def check_resume_config(checkpoint: str, trainer: Trainer) -> list[str]:
     current = json.loads(given.to_json_string())
     family = getattr(trainer, "family", None)
     if family is not None:  # an unset beta or mu is the family's for the objective: compare the values the runs use
-        from ..config.defaults import resolve_default
-
         for config in (saved, current):
             for name in ("beta", "safeguard_mu"):
                 if name in config and config[name] is None:

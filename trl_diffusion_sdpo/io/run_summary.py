@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from ..config.defaults import recommended_learning_rate
 from .cpu_threads import threads_text
+from .run_events import run_events
 
 __all__ = ["pairs_per_step"]
 
@@ -168,11 +169,9 @@ class StartSummary(TrainerCallback):
             logger.warning(message)
 
     def on_train_end(self, args, state, control, **kwargs):
-        # Only the alarms that rewind or switch have acts to record: a run without them never loads their module.
+        # Only the alarms that rewind or switch have acts to record.
         if not state.is_world_process_zero or args.on_pathology not in ("rewind", "safeguard"):
             return
-        from .run_events import run_events
-
         events = run_events(self.trainer)
         if events:
             logger.info("Training ended at step %d. %s", state.global_step, " ".join(events))
