@@ -24,6 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from ..config.messages import advice
+from .scorers import available_scorers, build_scorer
+from .scorers.registry import register_outside_scorers, unknown_scorer_message
+
 if TYPE_CHECKING:
     from ..data.scoring import RewardFn
 
@@ -190,10 +194,6 @@ def check_reward_names(functions: Sequence[object]) -> None:
     """Refuse, before anything loads, a reward function named as a string that is neither a reward server's URL nor a
     registered scorer (the scorers outside the evaluation package, the demo's ``colour``, registered first), naming
     the closest registered one."""
-    from ..config.messages import advice
-    from .scorers import available_scorers
-    from .scorers.registry import register_outside_scorers, unknown_scorer_message
-
     register_outside_scorers()
     for name in functions:
         if isinstance(name, str) and not is_reward_url(name) and name not in available_scorers():
@@ -207,8 +207,6 @@ def check_reward_names(functions: Sequence[object]) -> None:
 def _scorer_function(name: str) -> tuple[str, RewardFunction]:
     """A registered scorer as a reward function (the scorers outside the evaluation package, the demo's ``colour``,
     registered first)."""
-    from .scorers import build_scorer
-
     check_reward_names([name])
     scorer = build_scorer(name)
 

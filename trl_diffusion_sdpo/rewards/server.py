@@ -30,6 +30,8 @@ from typing import Any
 from PIL import Image
 
 from .functions import PROTOCOL_VERSION, decode_image, decode_value
+from .scorers import build_scorer
+from .scorers.registry import register_outside_scorers
 
 __all__ = ["ScoringQueue", "build_app"]
 
@@ -129,9 +131,6 @@ class _Scorer:
         self.loaded = threading.Event()
 
     def load(self) -> None:
-        from .scorers import build_scorer
-        from .scorers.registry import register_outside_scorers
-
         try:
             register_outside_scorers()
             self.scorer = build_scorer(self.name, **self.kwargs)
