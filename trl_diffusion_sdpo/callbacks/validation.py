@@ -25,8 +25,10 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+from ..data.transforms import load_image
 from ..evaluation.compare import image_grid
 from ..evaluation.generation import GenerationSettings, sample_images
+from ..families import family_for_pipeline
 from ..rewards.scorers.base import Scorer, build_scorer
 
 __all__ = ["ValidationCallback"]
@@ -186,8 +188,6 @@ class ValidationCallback(TrainerCallback):
         """
         pipeline = self._get_pipeline()
         if self.settings.guidance_scale is None:  # not bound to a trainer: the pipeline's family says
-            from ..families import family_for_pipeline
-
             guidance = family_for_pipeline(pipeline).sampling_guidance_scale()
             self.settings = dataclasses.replace(self.settings, guidance_scale=guidance)
         name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # SD3 / FLUX: a transformer
@@ -371,8 +371,6 @@ def validation_sources(paths: Sequence[Image.Image | str] | None, family) -> lis
             f"validation source images are for editing families; {family.name} generates from prompts alone: "
             "leave them unset"
         )
-    from ..data.transforms import load_image
-
     images = []
     for index, path in enumerate(paths):
         if isinstance(path, Image.Image):

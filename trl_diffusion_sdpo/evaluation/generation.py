@@ -36,19 +36,18 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config.checks import Choice
+from ..config.messages import advice
 from ..families.loading import cast_module, dtype_keyword, resolve_model_name
 from ..rewards.scorers.base import resolve_device
 from .progress import Progress, note
-
-if TYPE_CHECKING:
-    from .prompts import EditPrompt
+from .prompts import EditPrompt
 
 __all__ = [
     "SINGLE_SOURCE_PIPELINES",
@@ -168,7 +167,7 @@ def check_model_names(base: str, models: Sequence[ModelSpec]) -> None:
     """Refuse in one line, before anything loads, a base or variant name that leads nowhere: no local path, not in
     the Hugging Face cache, and the Hub not asked (offline), unreachable or without it
     (:func:`~trl_diffusion_sdpo.data.model_names.check_model_exists`)."""
-    from ..config.messages import advice
+    # lazy: data.model_names loads the data formats (datasets); the commands check names, validation images do not
     from ..data.model_names import check_model_exists
 
     check_model_exists(base, advice("--base", "base"))
@@ -478,8 +477,6 @@ class ImageCache:
 
 def split_edits(prompts: Sequence[str | EditPrompt]) -> tuple[list[str], list[EditPrompt] | None]:
     """The instructions of a prompt set and its edits (None for text-to-image); a set mixing both is refused."""
-    from .prompts import EditPrompt
-
     edits = [p for p in prompts if isinstance(p, EditPrompt)]
     if edits and len(edits) != len(prompts):
         raise ValueError("A prompt set holds prompts (text-to-image) or edits (EditPrompt), not both.")

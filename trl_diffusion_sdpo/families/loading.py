@@ -14,10 +14,13 @@ import json
 import os
 from pathlib import Path
 from types import MethodType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
+# The package's names: is_quantized, and cast_unquantized resolved on first use, so that the quantization module is
+# imported for a quantized model only.
+from .. import families
 
 __all__: list[str] = []  # nothing here is imported by users; the package imports its names directly
 
@@ -64,10 +67,6 @@ def cast_module(module: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     keeps none; such a model is cast by ``torch.nn.Module.to`` instead, which does the same cast without the warning.
     A model that keeps some (Wan) goes through its own ``to`` and the warning stands. A quantized model keeps its
     quantized weights as they are (:func:`~.quantization.cast_unquantized`)."""
-    import torch
-
-    from .. import families  # the quantization module is imported for a quantized model only
-
     if families.is_quantized(module):
         families.cast_unquantized(module, dtype, device)
         return
