@@ -93,6 +93,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())
 
 def _check_objective(config: Any) -> None:
     """The chosen objective's rules for a config being made: imported when the first config is checked."""
+    # lazy: `import trl_diffusion_sdpo` loads the config's light modules alone (tests/docs/test_imports.py)
     from .objectives import check_objective_config
 
     check_objective_config(config)

@@ -98,7 +98,8 @@ def method_unavailable(method: Method, config_class: type | None = None) -> str 
     """Why the installed trainer (its config, ``config_class``, by default ``DiffusionSDPOConfig``) cannot run
     ``method`` (then the demo skips it and says so), or ``None``."""
     if config_class is None:
-        from ..config import DiffusionSDPOConfig as config_class  # here: --help reads METHODS without transformers
+        # lazy: `demo --help` reads METHODS without transformers, which the config class imports
+        from ..config import DiffusionSDPOConfig as config_class
 
     fields = {f.name for f in dataclasses.fields(config_class)}
     missing = [name for name, _ in method.config if name not in fields]

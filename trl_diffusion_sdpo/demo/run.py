@@ -467,6 +467,7 @@ def _run_demo(
     timings["eval_seconds"] = sum(r["eval_seconds"] for rs in runs.values() for r in rs)
 
     echo(f"[{stages}/{stages}] Figures and summary")
+    # lazy: the plots extra (matplotlib, checked when the demo starts); the module imports without it
     from .plots import plot_breaking_regime, plot_error_deltas, plot_lambda
 
     tick = time.perf_counter()
