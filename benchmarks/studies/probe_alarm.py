@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alarm_calibration import TOLERANCE, confusion, label, split, write_page_block  # noqa: E402
 
-from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule  # noqa: E402
+from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarmRule, alarm_steps  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SOURCE = RESULTS / "probe" / "cpu-stability-probe-demo.json"
@@ -166,7 +167,12 @@ def safeguarded(run: dict[str, Any]) -> bool:
 def score(runs: list[dict[str, Any]], rule: ProbeRule) -> dict[str, Any]:
     """The confusion matrix of ``rule`` on ``runs`` (``alarm_calibration.confusion``) with the timeliness of its true
     alarms."""
-    fired = [fires(r, rule) for r in runs]
+    return matrix_of(runs, [fires(r, rule) for r in runs])
+
+
+def matrix_of(runs: list[dict[str, Any]], fired: list[int | None]) -> dict[str, Any]:
+    """The confusion matrix of alarms that fired at ``fired`` (a step per run; ``None``: quiet) with the timeliness
+    of the true ones."""
     fell = [label(r) for r in runs]
     matrix = confusion([f is not None for f in fired], fell)
     true_alarms = [timely(r, f) for r, f, y in zip(runs, fired, fell, strict=True) if f is not None and y]
@@ -545,6 +551,113 @@ def _z_groups(runs: list[dict[str, Any]], rules: dict[str, ProbeRule]) -> dict[s
     return groups
 
 
+def z_series(run: dict[str, Any]) -> list[tuple[int, float]]:
+    """The run's probes up to its last evaluation step: ``(step, winner_rise_z)``, a reading without a spread
+    (``nan``) read as 0 (no rise)."""
+    last = max(run["reward_change"])
+    readings = [(int(p["step"]), p["winner_rise_z"]) for p in run["probe"] if p["step"] <= last]
+    return [(step, 0.0 if math.isnan(z) else z) for step, z in readings]
+
+
+@dataclass(frozen=True)
+class SeriesRule:
+    """A rule of one of :data:`FAMILIES` on a run's series ``z_1, z_2, ...`` of ``winner_rise_z``, with its two
+    parameters ``a`` and ``b`` (the family's :data:`FAMILY_PARAMETERS`):
+
+    * ``in_a_row``: the package's rule (``callbacks.rewind.alarm_steps``): ``z_t > a`` at ``b`` probes in a row;
+    * ``cusum``: the one-sided CUSUM ``S_t = max(0, S_{t-1} + z_t - a)``, ``S_0 = 0``, fires when ``S_t > b``;
+    * ``mean``: the mean of the last ``a`` readings above ``b``;
+    * ``rise``: the rise since the run's lowest reading so far, ``z_t - min_{s<=t} z_s > a``, at ``b`` probes in a
+      row.
+    """
+
+    family: str
+    a: float
+    b: float
+
+    def fires(self, run: dict[str, Any]) -> int | None:
+        """The step of the probe at which the rule first fires on the run, up to its last evaluation step."""
+        series = z_series(run)
+        if self.family == "in_a_row":
+            rule = ProbeAlarmRule(patience=int(self.b), threshold=self.a)
+            steps = alarm_steps(rule, [(s, {ProbeAlarmRule.SIGNAL: z}) for s, z in series])
+            return steps[0] if steps else None
+        total, lowest, in_a_row = 0.0, math.inf, 0
+        for index, (step, z) in enumerate(series):
+            if self.family == "cusum":
+                total = max(0.0, total + z - self.a)
+                if total > self.b:
+                    return step
+            elif self.family == "mean":
+                window = [v for _, v in series[max(0, index + 1 - int(self.a)) : index + 1]]
+                if len(window) == int(self.a) and sum(window) / len(window) > self.b:
+                    return step
+            else:
+                lowest = min(lowest, z)
+                in_a_row = in_a_row + 1 if z - lowest > self.a else 0
+                if in_a_row == int(self.b):
+                    return step
+        return None
+
+
+#: each family's parameters (``a``, ``b``) and their grids, in the probe's units (standard errors, probes)
+FAMILY_PARAMETERS = {
+    "in_a_row": ("threshold", "patience"),
+    "cusum": ("allowance k", "limit h"),
+    "mean": ("window", "threshold"),
+    "rise": ("rise", "patience"),
+}
+FAMILIES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "in_a_row": (Z_THRESHOLDS, PATIENCE),  # the package's grid (:data:`Z_GRID`)
+    "cusum": ((2.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0), (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)),
+    "mean": ((2, 3, 4, 5), Z_THRESHOLDS),
+    "rise": ((2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0), (1, 2, 3)),
+}
+
+
+def choose_series_rule(runs: list[dict[str, Any]], family: str) -> tuple[SeriesRule, dict[str, Any]]:
+    """The family's rule with the best F1 on ``runs`` (ties as :func:`choose_rule`: fewer false alarms, more strictly
+    timely alarms, the first in the grid)."""
+    scored = []
+    for index, (a, b) in enumerate(itertools.product(*FAMILIES[family])):
+        rule = SeriesRule(family, a, b)
+        matrix = matrix_of(runs, [rule.fires(r) for r in runs])
+        scored.append(((-matrix["f1"], matrix["fired_held"], -matrix["timely_strict"], index), rule, matrix))
+    _, rule, matrix = min(scored, key=lambda s: s[0])
+    return rule, matrix
+
+
+def analyse_families(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each family's rule chosen on the runs chosen on (:func:`z_side`), and its confusion matrix there and on the
+    held-out runs: the benchmark's odd seeds (all, offline, online) and the second model."""
+    result = {}
+    chosen_on = [r for r in runs if z_side(r) == "choose"]
+    held = {
+        "report": [r for r in runs if z_side(r) == "report"],
+        "report, offline": [r for r in runs if z_side(r) == "report" and r["mode"] == "offline"],
+        "report, online": [r for r in runs if z_side(r) == "report" and r["mode"] == "online"],
+        "second_model": [r for r in runs if z_side(r) == "second_model"],
+    }
+    for family in FAMILIES:
+        rule, on_choose = choose_series_rule(chosen_on, family)
+        tied = [
+            SeriesRule(family, a, b)
+            for a, b in itertools.product(*FAMILIES[family])
+            if matrix_of(chosen_on, [SeriesRule(family, a, b).fires(r) for r in chosen_on])["f1"] == on_choose["f1"]
+        ]
+        result[family] = {
+            "parameters": dict(zip(FAMILY_PARAMETERS[family], (rule.a, rule.b), strict=True)),
+            "chosen_on": on_choose,
+            "tied_on_chosen": len(tied),
+            "held_out": {k: matrix_of(v, [rule.fires(r) for r in v]) for k, v in held.items() if v},
+        }
+    return result
+
+
+def _parameters(families: dict[str, Any], family: str) -> tuple[float, float]:
+    return tuple(families[family]["parameters"].values())  # type: ignore[return-value]
+
+
 def analyse_z(path: Path = Z_SOURCE) -> dict[str, Any]:
     """The one rule in the probe's units: chosen over :data:`Z_GRID` on the benchmark's even seeds (offline and
     online), reported on its odd seeds per mode, cell and safeguard, and on the wide model without recalibrating;
@@ -555,6 +668,7 @@ def analyse_z(path: Path = Z_SOURCE) -> dict[str, Any]:
     delta = {m: ProbeRule("delta_winner", True, r.threshold, r.patience) for m, r in DELTA_RULES.items()}
     rules = {"calibrated": chosen, "package": package}
     groups = _z_groups(runs, rules)
+    result_families = analyse_families(runs)
     for mode, rule in delta.items():  # the earlier rules, each on its own mode's runs
         for side_ in ("report", "second_model"):
             mine = [r for r in runs if z_side(r) == side_ and r["mode"] == mode]
@@ -583,6 +697,25 @@ def analyse_z(path: Path = Z_SOURCE) -> dict[str, Any]:
         "chosen_on": on_choose,
         "aim": {"precision": 0.9, "recall": 0.9},
         "confusion": groups,
+        "families": result_families,
+        "families_what": "richer rules on the same series, each family's two parameters chosen on the runs chosen on "
+        "as the package's rule is (SeriesRule's docstring states each formula); the package keeps the simplest "
+        "family (in_a_row) unless another does better on the runs chosen on",
+        "misses": [
+            {
+                "id": r["id"],
+                "split": z_side(r),
+                "reward_change": round(r["reward_change"][max(r["reward_change"])], 6),
+                "peak_winner_rise_z": round(max(z for _, z in z_series(r)), 3),
+                "caught_by": [f for f in FAMILIES if SeriesRule(f, *_parameters(result_families, f)).fires(r)],
+            }
+            for r in runs
+            if z_side(r) != "choose" and label(r) and fires(r, package) is None
+        ],
+        "highest_peak_of_a_run_that_held": {
+            side_: round(max(max(z for _, z in z_series(r)) for r in runs if z_side(r) == side_ and not label(r)), 3)
+            for side_ in ("choose", "report", "second_model")
+        },
         "runs": [
             {
                 "id": r["id"],
@@ -626,7 +759,43 @@ def z_tables(result: dict[str, Any]) -> str:
             f"| {group} | {m['runs']} | {m['fired_fell']} | {m['fired_held']} | {m['quiet_fell']} | {m['quiet_held']} "
             f"| {_cell(m['precision'])} | {_cell(m['recall'])} | {other} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *family_lines(result)])
+
+
+def family_lines(result: dict[str, Any]) -> list[str]:
+    """The richer rules' table (each family chosen on the runs chosen on; its confusion matrix as fired-fell,
+    fired-held, quiet-fell, quiet-held there and held out) and the held-out misses of the package's rule."""
+    held = ("report, offline", "report, online", "second_model")
+    lines = [
+        "Richer rules on the same series, each chosen on the runs chosen on "
+        "(confusion: fired and fell, fired and held, quiet and fell, quiet and held; precision / recall):",
+        "",
+        "| rule | parameters | rules tied on F1 | chosen on | " + " | ".join(held) + " |",
+        "|---|---|---:|---|" + "---|" * len(held),
+    ]
+    for family, entry in result["families"].items():
+        cells = [_confusion_cell(entry["chosen_on"])]
+        cells += [_confusion_cell(entry["held_out"][k]) if k in entry["held_out"] else "none" for k in held]
+        parameters = ", ".join(f"{k} {v:g}" for k, v in entry["parameters"].items())
+        lines.append(f"| {family} | {parameters} | {entry['tied_on_chosen']} | " + " | ".join(cells) + " |")
+    peaks = ", ".join(f"{k} {v:g}" for k, v in result["highest_peak_of_a_run_that_held"].items())
+    lines += [
+        "",
+        f"Fallen held-out runs the package's rule misses (the highest peak `winner_rise_z` of a run that held: "
+        f"{peaks}):",
+        "",
+    ]
+    lines += [
+        f"- `{m['id']}`: reward change {m['reward_change']:+.3f}, peak `winner_rise_z` {m['peak_winner_rise_z']:g}; "
+        f"caught by {', '.join(m['caught_by']) if m['caught_by'] else 'no family'}"
+        for m in result["misses"]
+    ] or ["- none"]
+    return lines
+
+
+def _confusion_cell(m: dict[str, Any]) -> str:
+    counts = "/".join(str(m[k]) for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held"))
+    return f"{counts} ({_cell(m['precision'])} / {_cell(m['recall'])})"
 
 
 def _cell(value: float | None) -> str:

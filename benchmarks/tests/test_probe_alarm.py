@@ -403,3 +403,42 @@ def test_the_z_held_out_matrix_counts_the_runs_by_hand(written_z):
         counts[(0 if fell else 1) if fired else (2 if fell else 3)] += 1
     stored = written_z["confusion"]["report"]["package"]
     assert counts == [stored[k] for k in ("fired_fell", "fired_held", "quiet_fell", "quiet_held")]
+
+
+def _series_run(z: list[float]) -> dict:
+    return {"probe": [{"step": 5 * (t + 1), "winner_rise_z": v} for t, v in enumerate(z)], "reward_change": {50: 0.0}}
+
+
+def _first(flags) -> int | None:
+    return next((5 * (t + 1) for t, flag in enumerate(flags) if flag), None)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_richer_rules_fire_where_their_formulas_say(seed):
+    import numpy as np
+
+    z = list(np.random.default_rng(seed).normal(8.0, 5.0, size=10))
+    run = _series_run(z)
+    # CUSUM: S_t = max(0, S_{t-1} + z_t - k) is the walk of z - k less its lowest point so far (0 included)
+    walk = np.cumsum(np.array(z) - 9.0)
+    cusum = walk - np.minimum(np.minimum.accumulate(walk), 0.0)
+    assert study.SeriesRule("cusum", 9.0, 6.0).fires(run) == _first(cusum > 6.0)
+    # the mean of the last 3 readings
+    means = np.convolve(z, np.ones(3) / 3, mode="full")[: len(z)]
+    assert study.SeriesRule("mean", 3, 9.0).fires(run) == _first([t >= 2 and m > 9.0 for t, m in enumerate(means)])
+    # the rise since the lowest reading so far, twice in a row
+    rise = np.array(z) - np.minimum.accumulate(z)
+    above = rise > 4.0
+    twice = [t >= 1 and above[t] and above[t - 1] for t in range(len(z))]
+    assert study.SeriesRule("rise", 4.0, 2).fires(run) == _first(twice)
+    # the package's rule, as the package replays it
+    assert study.SeriesRule("in_a_row", 9.0, 2).fires(run) == _first(
+        [t >= 1 and z[t] > 9 < z[t - 1] for t in range(10)]
+    )
+
+
+def test_the_richer_rules_read_only_the_probes_up_to_the_last_evaluation():
+    run = _series_run([1.0, 1.0, 50.0])
+    run["reward_change"] = {10: 0.0}
+    assert all(study.SeriesRule(f, a, b).fires(run) is None for f, a, b in
+               (("in_a_row", 10.0, 1), ("cusum", 10.0, 5.0), ("mean", 1, 10.0), ("rise", 5.0, 1)))  # fmt: skip
