@@ -26,9 +26,11 @@ import argparse
 import ast
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 PACKAGE = "trl_diffusion_sdpo"
@@ -210,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     internal = function_level_imports(package_dir)
     run = {
         "checkout": args.checkout or checkout_id(root),
+        "command": " ".join(["python benchmarks/tools/loaded_modules.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {version('torch')}, diffusers {version('diffusers')}, transformers {version('transformers')}",
+        "load_average_1min_before": os.getloadavg()[0],
         "package_modules": sum(1 for _ in package_dir.rglob("*.py")),
         "package_lines": sum(physical_lines(p) for p in package_dir.rglob("*.py")),
         "function_level_package_imports": len(internal),
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(limit {result['limit']}); by folder {result['lines_by_folder']}",
                 flush=True,
             )
+    run["load_average_1min_after"] = os.getloadavg()[0]
     print(f"function-level package-internal imports: {len(internal)}")
     if args.out:
         store_run(args.out, __doc__.strip(), args.label, run, limits=LIMITS)
