@@ -698,6 +698,7 @@ def analyse_z(path: Path = Z_SOURCE) -> dict[str, Any]:
         "aim": {"precision": 0.9, "recall": 0.9},
         "confusion": groups,
         "families": result_families,
+        "rewind_runs_rule": rewind_rules(),
         "families_what": "richer rules on the same series, each family's two parameters chosen on the runs chosen on "
         "as the package's rule is (SeriesRule's docstring states each formula); the package keeps the simplest "
         "family (in_a_row) unless another does better on the runs chosen on",
@@ -737,6 +738,56 @@ def analyse_z(path: Path = Z_SOURCE) -> dict[str, Any]:
             for r in runs
         ],
     }
+
+
+REWIND_SOURCES = (SOURCE, ONLINE_SOURCE)  # the probe studies whose rewinding runs acted on an alarm
+
+
+def rewind_rules(paths: tuple[Path, ...] = REWIND_SOURCES) -> dict[str, Any]:
+    """Per probe study's result file, the rule its rewinding runs' alarm read, as each run recorded it
+    (``probe_alarm``: then on ``probe/delta_winner``, :data:`DELTA_RULES`), and whether they can be replayed under the
+    package's rule: only where their probe readings carry ``winner_rise_z`` (the statistic needs the spread over
+    pairs and draws, which a mean does not keep)."""
+    package = package_z_rule()
+    marks = {}
+    for path in paths:
+        report = json.loads(path.read_text())
+        rewinding = [run for part in report["regimes"].values() for run in part["runs"].values()
+                     if "rewind" in run["method"]]  # fmt: skip
+        read = sorted({json.dumps(run.get("probe_alarm"), sort_keys=True) for run in rewinding})
+        replayable = all(run.get("probe") and "winner_rise_z" in run["probe"][0] for run in rewinding)
+        rules = [{"signal": "delta_winner", "above": True, **json.loads(rule)} for rule in read]
+        marks[_source(path)] = {
+            "runs": len(rewinding),
+            "read": rules,
+            "package_rule_now": asdict(package),
+            "replayed_under_package_rule": False,
+            "note": f"these {len(rewinding)} rewinding runs' alarm read "
+            + "; ".join(describe(rule) for rule in rules)
+            + " (the package's rule when they ran), not the package's rule now ("
+            + describe(asdict(package))
+            + "). "
+            + (
+                "Their probe readings carry winner_rise_z: they can be replayed."
+                if replayable
+                else "Their probe readings carry no winner_rise_z (the spread over pairs and noise draws the "
+                "statistic needs was not kept), so they are not replayed under it: the rewind's figures there are "
+                "the earlier rule's; under today's rule they are not measured."
+            ),
+        }
+    return marks
+
+
+def mark_online_rewinds(path: Path = ONLINE_SOURCE) -> dict[str, Any]:
+    """Writes :func:`rewind_rules` of the online probe study into its result file (``rewind_alarm_rule``), which
+    records the rule its runs read without naming its signal. (The offline study's file is rebuilt from its runs by
+    its own ``assemble``; the z calibration's file carries the same record for both.)"""
+    from online_comparison import _write
+
+    report = json.loads(path.read_text())
+    report["rewind_alarm_rule"] = rewind_rules((path,))[_source(path)]
+    _write(path, report)  # as the online study writes it
+    return report["rewind_alarm_rule"]
 
 
 def z_tables(result: dict[str, Any]) -> str:
@@ -898,7 +949,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="Print the Markdown tables of the written file.")
     parser.add_argument("--page", action="store_true", help=f"Write the tables into {PAGE.name}'s marked blocks.")
     parser.add_argument("--z", action="store_true", help=f"The one rule in the probe's units: {Z_OUTPUT.name}.")
+    parser.add_argument("--mark-rewinds", action="store_true",
+                        help="Write into the online probe study's file the rule its rewinding runs read.")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.mark_rewinds:
+        print(json.dumps(mark_online_rewinds(), indent=1))
+        return 0
     if args.z:
         if args.page or args.table:
             block = z_tables(json.loads(Z_OUTPUT.read_text()))
