@@ -133,9 +133,10 @@ def test_the_probe_and_the_rewind_under_each_engine(engine, mode, tmp_path_facto
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("engine", ["fsdp2", "zero1", "zero2", "zero3"])
 def test_a_lora_rewind_restores_each_processs_adapters_under_a_sharding_engine(engine, tmp_path_factory):
-    """Under DeepSpeed and FSDP2 LoRA's snapshot is each process's part on disk too, as full tuning's."""
+    """Under DeepSpeed (ZeRO-1/2: the adapters' optimizer state partitioned; ZeRO-3: the adapters too) and FSDP2
+    LoRA's snapshot is each process's part on disk, as full tuning's."""
     if "lora" not in _ONE_PROCESS:
         runs = _run(tmp_path_factory.mktemp("one-process-lora"), None, ("lora-alarm",))
         _ONE_PROCESS["lora"] = runs["lora-alarm"][0]
