@@ -539,7 +539,8 @@ def test_evaluate_and_pairs_pass_prompts_and_output_folder_and_turn_their_bars_o
 def test_the_shared_sampling_flags_become_keywords_that_evaluate_and_make_pairs_both_take():
     import inspect
 
-    from trl_diffusion_sdpo.cli.main import build_parser, sampling_keywords
+    from trl_diffusion_sdpo.cli.main import build_parser
+    from trl_diffusion_sdpo.cli.sample import sampling_keywords
     from trl_diffusion_sdpo.evaluation.pairs import make_pairs
 
     flags = ["--prompt-column", "text", "--prompt-split", "test", "--limit", "3", "--cache-dir", "imgs", "--steps",

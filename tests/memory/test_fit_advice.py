@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from trl_diffusion_sdpo.cli.memory import make_estimate_parser, run_estimate_memory
+from trl_diffusion_sdpo.cli.memory import run_estimate_memory
+from trl_diffusion_sdpo.cli.memory_parser import make_estimate_parser
 from trl_diffusion_sdpo.engines.memory import MEASURED_ERRORS, planning_error
 from trl_diffusion_sdpo.engines.memory.advice import CHANGES
 

@@ -29,7 +29,7 @@ def _real_namespace(argv: list[str]) -> dict:
     relative paths read from its folder), the flags over them."""
     import yaml
 
-    from trl_diffusion_sdpo.cli.memory import make_estimate_parser
+    from trl_diffusion_sdpo.cli.memory_parser import make_estimate_parser
 
     parser = make_estimate_parser(False)
     argv = list(argv)

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from trl_diffusion_sdpo.cli import cache, export, main, memory, online, reward_server, train
+from trl_diffusion_sdpo.cli import cache, export, main, memory_parser, online, reward_server, train
 
 
 def _subcommand(name: str) -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ PARSERS = {
         "trl-diffusion-sdpo online", online.ARGUMENT_TYPES, online.DESCRIPTION, online.EPILOG, online.online_topics
     ),
     "cache": cache.make_cache_parser,
-    "estimate-memory": memory.make_estimate_parser,
+    "estimate-memory": memory_parser.make_estimate_parser,
     "export": export.build_export_parser,
     "reward-server": reward_server.build_parser,
     "evaluate": lambda: _subcommand("evaluate"),

@@ -5,6 +5,7 @@ ask the trainer's own check (io/run_files.py) before loading, so the line is the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -237,12 +238,10 @@ def test_online_hands_the_switch_to_the_trainer(tmp_path, earlier_run, monkeypat
         def save_model(self, output_dir):
             pass
 
-    from trl_diffusion_sdpo.online import trainer as online_trainer
-
     monkeypatch.setattr(online_cli, "build_pipeline", lambda *args: object())
-    monkeypatch.setattr(train_cli, "peft_config_for", lambda *args: None)
+    monkeypatch.setattr(online_cli, "peft_config_for", lambda *args: None)
     monkeypatch.setattr(online_cli, "load_prompt_dataset", lambda *args: None)
-    monkeypatch.setattr(online_trainer, "OnlineDiffusionSDPOTrainer", Trainer)
+    monkeypatch.setattr(online_cli, "OnlineDiffusionSDPOTrainer", Trainer)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red square on white\n")
     argv = ["online", "--model_name_or_path", "trl-diffusion-sdpo:tiny", "--prompts", str(prompts)]
@@ -263,7 +262,7 @@ def test_every_command_that_writes_offers_the_one_switch():
     from trl_diffusion_sdpo.cli.main import build_parser
 
     assert OVERWRITE_FLAG == f"--{OVERWRITE_OPTION}"
-    assert {f.name for f in train_cli.fields(train_cli.OutputArguments)} == {OVERWRITE_OPTION}
+    assert {f.name for f in dataclasses.fields(train_cli.OutputArguments)} == {OVERWRITE_OPTION}
     parsers: dict[str, argparse.ArgumentParser] = {
         "train": train_cli.make_parser(),
         "online": train_cli.make_parser(

@@ -4,7 +4,7 @@
         -m trl_diffusion_sdpo cache --config examples/configs/sd15_lora.yaml --latent_cache /data/sd15-latents
 
 Every process encodes its own shard (see :mod:`.data.sharded_cache`); run the same command again to resume an
-interrupted run. The arguments are the ``train`` command's (:mod:`.train`), so the training YAML file serves
+interrupted run. The arguments are the ``train`` command's (:mod:`.cache_options`), so the training YAML file serves
 both: the model, dataset and transform settings are read from it, and what only training uses (LoRA, optimizer) is
 parsed and unused. Train from the result with ``trl-diffusion-sdpo train ... --latent_cache FOLDER``, or
 ``train_dataset=load_sharded_latent_cache(folder)``.
@@ -13,64 +13,29 @@ parsed and unused. Train from the result with ``trl-diffusion-sdpo train ... --l
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, fields
 
-__all__ = ["CacheArguments", "make_cache_parser", "run_cache"]
+import torch
+from accelerate import PartialState
 
+from ..data.sharded_cache import build_sharded_latent_cache, refuse_other_files
+from ..families import family_for_pipeline
+from .cache_options import CacheArguments, ParsedCacheArguments, make_cache_parser, parse_cache_args
+from .data_options import load_train_split
+from .model_loading import build_pipeline
 
-@dataclass
-class CacheArguments:
-    """Options of ``trl-diffusion-sdpo cache`` beside the ``train`` command's (whose YAML file it reads)."""
-
-    cache_chunk_size: int = field(
-        default=1000, metadata={"help": "Source rows per chunk: one shard file, and the unit a resumed run redoes."}
-    )
-    cache_batch_size: int = field(default=8, metadata={"help": "Pairs per VAE batch."})
-
-
-# ``--overwrite`` is train's switch (cli.train.OutputArguments), listed under the cache's topic with what it does here.
-OVERWRITE_HELP = (
-    "Replace a cache in --latent_cache built with other settings, or write the cache into a folder holding other "
-    "files (both refused otherwise, before the model loads; resuming a cache of the same settings never needs it)."
-)
-
-
-def make_cache_parser():
-    """``train``'s parser (:func:`~.train.make_parser`) with :class:`CacheArguments` under a topic of their
-    own."""
-    from .train import ARGUMENT_TYPES, make_parser, train_topics
-
-    return make_parser(
-        "trl-diffusion-sdpo cache",
-        (*ARGUMENT_TYPES, CacheArguments),
-        "Encode a preference dataset into a sharded, resumable latent cache (--latent_cache FOLDER), one shard per "
-        "process under accelerate launch, from the training YAML (--config) and flags.",
-        "",
-        lambda: [
-            ("Cache", "", {**dict.fromkeys(f.name for f in fields(CacheArguments)), "overwrite": OVERWRITE_HELP}),
-            *train_topics(),
-        ],
-    )
+__all__ = ["CacheArguments", "build_cache", "make_cache_parser", "run_cache"]
 
 
 def run_cache(argv: list[str] | None = None) -> int:
     """``trl-diffusion-sdpo cache``: parse ``argv`` (the ``train`` command's options plus :class:`CacheArguments`)
     and encode this process's shard into ``--latent_cache``; returns the exit status."""
-    from .data_options import load_train_split
-    from .parsing import parse_or_exit
-    from .train import build_pipeline, check_supported
+    return build_cache(parse_cache_args(argv))
 
-    parser = make_cache_parser()
-    script_args, args, model_args, diffusion_args, cache_args = parse_or_exit(parser, argv)  # exits on --help
-    import torch
-    from accelerate import PartialState
 
-    from ..data.sharded_cache import build_sharded_latent_cache, refuse_other_files
-    from ..families import family_for_pipeline
-
-    check_supported(script_args, model_args)
-    if not diffusion_args.latent_cache:
-        parser.error("--latent_cache FOLDER is required: where the cache is written (or resumed)")
+def build_cache(arguments: ParsedCacheArguments) -> int:
+    """Encode this process's shard into ``--latent_cache`` as the parsed ``arguments`` say
+    (:func:`~.cache_options.parse_cache_args`; the command registry's runner); returns the exit status."""
+    script_args, args, model_args, diffusion_args, cache_args = arguments
     refuse_other_files(diffusion_args.latent_cache, diffusion_args.overwrite)  # before the model loads
     # The training config has set up the process group as training would (on CPU processes it refused a launch
     # without accelerate's CPU mode); a bare PartialState() would run each CPU process as a lone one.

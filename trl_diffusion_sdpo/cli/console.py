@@ -20,11 +20,12 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..config.extras import ExtraNotInstalled
 from ..config.messages import OutputExistsError, command_line
 from ..io.console import on_terminal
+from ..io.run_lock import RunLockedError
 
 __all__: list[str] = []  # nothing here is imported by users; the command line imports its names directly
 
@@ -32,6 +33,16 @@ __all__: list[str] = []  # nothing here is imported by users; the command line i
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TRL_DIFFUSION_SDPO_DEBUG"
 _TRUE = {"1", "true", "yes", "on"}
+
+# The package's errors a user can fix that live in modules too heavy for every command to import (the data, the
+# checkpoints, the Hub), by name with their exit status: an error of a module never imported was never raised, so
+# user_error_status looks a class up only where its module is loaded.
+HEAVY_USER_ERRORS = {
+    "trl_diffusion_sdpo.data.validation:DataError": 1,
+    "trl_diffusion_sdpo.io.checkpoints:CheckpointError": 2,
+    "trl_diffusion_sdpo.io.checkpoints:CheckpointSaveError": 2,
+    "trl_diffusion_sdpo.io.hub:HubPushError": 2,
+}
 
 # Messages that say nothing a user can act on, by the logger that emits them and their exact text.
 NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
@@ -150,23 +161,24 @@ def user_error_status(error: BaseException) -> int | None:
     rest (an option, a config value, a folder, a missing extra: the package's own error classes, or a ValueError,
     KeyError or FileNotFoundError the package raised with its message); ``None`` for anything else, a bug whose
     traceback is the report."""
-    from ..data.validation import DataError
-    from ..io.checkpoints import CheckpointError, CheckpointSaveError
-    from ..io.hub import HubPushError
-    from ..io.run_lock import RunLockedError
-
-    if isinstance(error, DataError):
-        return 1
-    if isinstance(
-        error,
-        ExtraNotInstalled | CheckpointError | CheckpointSaveError | OutputExistsError | HubPushError | RunLockedError,
-    ):
+    for cls, status in _loaded_user_errors():
+        if isinstance(error, cls):
+            return status
+    if isinstance(error, ExtraNotInstalled | OutputExistsError | RunLockedError):
         return 2
     if isinstance(error, ValueError | KeyError | FileNotFoundError | NotADirectoryError) and _raised_by_the_package(
         error
     ):
         return 2
     return None
+
+
+def _loaded_user_errors() -> Iterator[tuple[type, int]]:
+    """The classes of :data:`HEAVY_USER_ERRORS` whose modules are imported, each with its exit status."""
+    for target, status in HEAVY_USER_ERRORS.items():
+        module, _, name = target.partition(":")
+        if module in sys.modules:
+            yield getattr(sys.modules[module], name), status
 
 
 def _raised_by_the_package(error: BaseException) -> bool:

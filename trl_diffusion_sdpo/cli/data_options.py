@@ -1,18 +1,22 @@
 """How ``train`` reads its data as the data-preparation options say: the split in its format (``--dataset_format``,
 ``--dataset_columns``, ``--ranking_pairs``), the columns renamed (``--rename_columns``), the loss masks derived and
 grown (``--auto_mask``, ``--mask_dilate``), and the evaluation split that ``--early_stopping_patience`` needs, refused
-in one line where there is none. Data code is imported when it runs."""
+in one line where there is none. ``train`` and ``cache`` import it to run, not for their parsers."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from ..data.columns import CAPTION, IMAGE_0, IMAGE_1, LABEL_0
+from ..data.masks import add_loss_masks
+from ..data.preparation import load_preference_dataset
 
 if TYPE_CHECKING:
     from trl import ScriptArguments
 
     from ..config import DiffusionSDPOConfig
 
-# ``diffusion_args``: the train command's ``DiffusionScriptArguments`` (cli/train.py, which imports this module).
+# ``diffusion_args``: the train command's ``DiffusionScriptArguments`` (cli/train_options.py).
 __all__ = ["column_renames", "early_stopping_split", "load_split", "load_train_split"]
 
 
@@ -26,9 +30,6 @@ def load_split(
     (``dataset_format``, ``ranking_pairs``). ``None``: the training split, streamed with ``dataset_streaming`` and
     cut to ``max_train_rows``; another split (the evaluation split) is read whole. With ``dataset_columns:
     pickapic`` the label form is mapped (:mod:`~trl_diffusion_sdpo.data.columns`)."""
-    from ..data.columns import CAPTION, IMAGE_0, IMAGE_1, LABEL_0
-    from ..data.preparation import load_preference_dataset
-
     renames = column_renames(diffusion_args.rename_columns)
     # Pick-a-Pic's columns are mapped at load under the names they have in the files; the others are renamed after.
     names = tuple(
@@ -50,8 +51,6 @@ def load_split(
     others = {old: new for old, new in renames.items() if old not in names and (known is None or old in known)}
     if others:
         dataset = dataset.rename_columns(others)
-    from ..data.masks import add_loss_masks
-
     return add_loss_masks(
         dataset, diffusion_args.auto_mask, diffusion_args.auto_mask_threshold, diffusion_args.mask_dilate
     )

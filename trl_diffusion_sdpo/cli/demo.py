@@ -1,6 +1,8 @@
 """The demo's command-line options, shared by ``trl-diffusion-sdpo demo`` and ``python -m trl_diffusion_sdpo.demo``.
 
-:func:`add_demo_arguments` fills an ``argparse`` parser; :func:`run_from_args` runs what the parsed options ask for.
+:func:`add_demo_arguments` fills an ``argparse`` parser; :func:`~.demo_run.run_from_args` runs what the parsed options
+ask for, loaded through the command registry (:data:`~.main.COMMANDS`) after the options are read, so that a
+``--help`` loads none of the demo's training code.
 """
 
 from __future__ import annotations
@@ -8,11 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config._lazy import import_target
 from ..config.messages import OVERWRITE_FLAG
 from ..demo.methods import METHODS
 from .command_parser import CommandParser
+from .console import quiet_command_line
+from .main import COMMANDS
 
-__all__ = ["command", "main"]
+__all__ = ["add_demo_parser", "build_parser", "command", "main"]
 
 DESCRIPTION = (
     "Train Diffusion-DPO and Diffusion-SDPO (output-space safeguard at several mu, and the exact parameter-space "
@@ -101,48 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     return add_demo_arguments(CommandParser(prog="python -m trl_diffusion_sdpo.demo", description=DESCRIPTION))
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the demo (or ``--pretrain``) as the parsed options say; the exit status. Changes no setting of another
-    library: the command line quiets its own process before it calls this (:func:`main`'s ``python -m`` entry and
-    ``trl-diffusion-sdpo demo``, through :func:`~trl_diffusion_sdpo.cli.console.quiet_command_line`)."""
-    from ..demo.pretrain import PretrainRecipe
-    from ..demo.recipe import DemoRecipe
-    from ..demo.run import run_demo, run_pretrain
-
-    threads = getattr(args, "threads", 1) or None
-    if getattr(args, "pretrain", False):
-        recipe = PretrainRecipe.tiny() if args.quick else PretrainRecipe()
-        report = run_pretrain(args.output_dir, recipe, threads=threads, overwrite=getattr(args, "overwrite", False))
-        # Rebuilding the shipped recipe claims to reproduce the shipped base: a failed check is an error.
-        return 1 if report["strict"] and not report["check"]["passed"] else 0
-    overrides = {"threads": threads}
-    if getattr(args, "seeds", None):
-        overrides["seeds"] = tuple(args.seeds)
-    if getattr(args, "methods", None):
-        overrides["methods"] = tuple(args.methods)
-    if getattr(args, "no_breaking_regime", False):
-        overrides["breaking"] = None
-    recipe = DemoRecipe.quick(seed=args.seed, **overrides) if args.quick else DemoRecipe(seed=args.seed, **overrides)
-    run_demo(
-        args.output_dir,
-        recipe,
-        cache_dir=args.cache_dir,
-        use_cache=not args.no_cache,
-        overwrite=getattr(args, "overwrite", False),
+def add_demo_parser(commands) -> argparse.ArgumentParser:
+    """The ``demo`` subcommand of ``trl-diffusion-sdpo``."""
+    demo = commands.add_parser(
+        "demo",
+        allow_abbrev=False,
+        help="CPU demo: Diffusion-DPO and Diffusion-SDPO's safeguards from a tiny shipped model over several seeds, "
+        "with 95%% intervals (minutes, offline).",
+        description=DESCRIPTION,
     )
-    return 0
+    return add_demo_arguments(demo)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The demo as ``argv`` asks, from Python: the caller's libraries are left as they are."""
-    return run_from_args(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)  # exits here on --help
+    return import_target(COMMANDS["demo"].run)(args)
 
 
 def command(argv: list[str] | None = None) -> int:
     """``python -m trl_diffusion_sdpo.demo``: :func:`main` in the command line's own process, quieted first as
     ``trl-diffusion-sdpo demo`` is (the demo's report and bars only; nothing for a ``--help``)."""
-    from .console import quiet_command_line
-
     words = sys.argv[1:] if argv is None else argv
     helped = bool({"-h", "--help"}.intersection(words))
     quiet_command_line(progress_bars=not helped, own_report=not helped)

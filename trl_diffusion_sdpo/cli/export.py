@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 from ..config.messages import OVERWRITE_FLAG
+from ..families.loading import resolve_model_name
 from ..io.export import EXPORT_DTYPES, EXPORT_FORMATS, export_lora, merge_lora
 from .command_parser import CommandParser
 
-__all__ = ["add_export_arguments", "build_export_parser", "run_export"]
+__all__ = ["add_export_arguments", "build_export_parser", "main", "run_export"]
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -76,8 +78,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """``trl-diffusion-sdpo export``: one export or merge; errors on bad input leave with a message, status 2."""
-    from ..families.loading import resolve_model_name
-
     args.base = resolve_model_name(args.base)
     try:
         if args.merge:
@@ -109,3 +109,8 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     print(f"Wrote {result.modules} LoRA modules of a {result.family} model in {result.format} format: {result.path}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``trl-diffusion-sdpo export`` with the words after its name: parse them and run; the exit status."""
+    return run_export(build_export_parser().parse_args(argv))

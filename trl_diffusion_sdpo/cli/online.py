@@ -4,109 +4,46 @@
     trl-diffusion-sdpo online --model_name_or_path path/to/sd15 --prompts prompts.txt --reward_funcs pickscore \\
         --num_generations 4 --use_peft --output_dir out
 
-Parsed by TRL's ``TrlParser`` as ``train`` is (:mod:`.train`), over :class:`OnlinePromptArguments`,
-:class:`~trl_diffusion_sdpo.online.OnlineDiffusionSDPOConfig` and TRL's ``ModelConfig``.
+Parsed by TRL's ``TrlParser`` as ``train`` is, over :class:`~.online_options.OnlinePromptArguments`,
+:class:`~trl_diffusion_sdpo.online.OnlineDiffusionSDPOConfig` and TRL's ``ModelConfig`` (:mod:`.online_options`, which
+``online --help`` imports instead of this module); this module reads the prompts, loads the pipeline and trains.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
+from datasets import Dataset
 from trl import ModelConfig
 
-from ..config.defaults import safeguard_default_sentence
-from ..config.fields import option
-from ..online.config import _GROUPS as ONLINE_GROUPS
+from ..evaluation.prompts import load_prompt_set
 from ..online.config import OnlineDiffusionSDPOConfig
-from .parsing import parse_or_exit, resume_argument
-from .train import (
-    DiffusionScriptArguments,
-    OutputArguments,
-    ProcessArguments,
-    ValidationArguments,
-    build_pipeline,
-    check_supported_model,
-    make_parser,
-    refuse_earlier_run,
-    train_save_and_push,
-    train_topics,
-)
+from ..online.trainer import OnlineDiffusionSDPOTrainer
+from .console import log_to_console
+from .model_loading import build_pipeline, peft_config_for
+from .online_options import ARGUMENT_TYPES, DESCRIPTION, EPILOG, OnlinePromptArguments, online_topics, parse_args
+from .train import refuse_earlier_run, train_save_and_push
+from .train_options import DiffusionScriptArguments, check_supported_model
 
-__all__ = ["OnlinePromptArguments", "load_prompt_dataset", "main", "parse_args"]
-
-
-@dataclass
-class OnlinePromptArguments(ValidationArguments, ProcessArguments, OutputArguments):
-    """Where the prompts come from, and the validation grids."""
-
-    prompts: str | None = option(
-        None,
-        "The prompts to sample: a preset name (as `evaluate --prompts` takes), a .txt file (one prompt a line), a "
-        ".jsonl file or a dataset id/folder with a prompt column (`--prompt_column`); for an editing model each row "
-        "also holds its source image (`source_image`) or images (`source_images`).",
-    )
-    prompt_column: str = option("prompt", "The prompt column of a dataset of prompts.")
-    prompt_split: str | None = option(None, "The split of a Hub dataset of prompts.")
-    max_prompts: int | None = option(None, "Use only the first N prompts.")
-    probe_prompts: str | None = option(
-        None,
-        "The held-out probe's prompts (with --probe_steps), in any form --prompts takes; its first --probe_pairs are "
-        "paired once before training. Unset: --probe_pairs prompts are held back from --prompts.",
-    )
-
-
-ARGUMENT_TYPES = (OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig)
-DESCRIPTION = (
-    "Online Diffusion-DPO / Diffusion-SDPO: the policy samples --num_generations images per prompt, --reward_funcs "
-    "score them, the best and worst of each prompt (or every pair above --reward_margin) are trained on, and the "
-    "next prompts are sampled from the updated policy. " + safeguard_default_sentence(online=True) + " Saves to "
-    "--output_dir as `train` does."
-)
-EPILOG = (
-    "Example: examples/configs/online_tiny_cpu.yaml (the shipped tiny base and the demo's colour reward, CPU). A "
-    "relative path in a --config file (--prompts) is read from the file's folder."
-)
-
-
-def online_topics() -> list:
-    """``online --help``'s topics: the prompts, the rewards, generation and reference, then ``train``'s."""
-    elsewhere = {f.name for f in (*fields(ValidationArguments), *fields(OutputArguments))}  # train's topics
-    prompts = ("Prompts", "", [f.name for f in fields(OnlinePromptArguments) if f.name not in elsewhere])
-    online = [(heading, text, names) for heading, (text, names) in ONLINE_GROUPS.items()]
-    return [prompts, *online, *train_topics()]
-
-
-def parse_args(argv: Sequence[str] | None = None):
-    """``argv`` as the three argument dataclasses; exits with a usage error on a bad value or unknown flag."""
-    parser = make_parser("trl-diffusion-sdpo online", ARGUMENT_TYPES, DESCRIPTION, EPILOG, online_topics)
-    prompt_args, training_args, model_args = parse_or_exit(parser, argv)
-    training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
-    from ..rewards.functions import check_reward_names
-
-    try:  # a misspelt scorer, before any model loads
-        check_reward_names(training_args.reward_funcs or [])
-    except ValueError as err:
-        parser.error(str(err))
-    if prompt_args.prompts is None:
-        parser.error("--prompts is required: a preset, a .txt file, a .jsonl file or a dataset with a prompt column.")
-    for flag, prompts in (("--prompts", prompt_args.prompts), ("--probe_prompts", prompt_args.probe_prompts)):
-        if prompts and prompts.lower().endswith((".txt", ".jsonl", ".json", ".csv")) and not os.path.exists(prompts):
-            parser.error(f"{flag} {prompts} does not exist (a relative path is read from the current folder)")
-    if prompt_args.probe_prompts and not training_args.probe_steps:
-        parser.error("--probe_prompts are the held-out probe's: set --probe_steps too, or drop --probe_prompts")
-    return prompt_args, training_args, model_args
+# The options' names are this module's too (the command's Python entry points import them here).
+__all__ = [
+    "ARGUMENT_TYPES",
+    "DESCRIPTION",
+    "EPILOG",
+    "OnlinePromptArguments",
+    "load_prompt_dataset",
+    "main",
+    "online_topics",
+    "parse_args",
+    "run",
+    "train_online",
+]
 
 
 def load_prompt_dataset(args: OnlinePromptArguments, column: str | None = None, source: str | None = None):
     """The prompts as a ``datasets.Dataset`` with a ``prompt`` column (through the evaluation's prompt loader;
     ``column``: a dataset's prompt column, ``--prompt_column``; ``source``: another source than ``--prompts``, read
     whole, as ``--probe_prompts`` is)."""
-    from datasets import Dataset
-
-    from ..evaluation.prompts import load_prompt_set
-
     if source is None:
         prompts = load_prompt_set(args.prompts, column=column, split=args.prompt_split, limit=args.max_prompts)
     else:
@@ -123,16 +60,23 @@ def load_prompt_dataset(args: OnlinePromptArguments, column: str | None = None, 
 
 def main(argv: Sequence[str] | None = None):
     """Train online, save to ``output_dir`` with a model card naming the rewards, and (``push_to_hub``) push."""
-    prompt_args, training_args, model_args = parse_args(argv)  # exits here on --help
-    from .console import log_to_console
+    return train_online(parse_args(argv))  # exits here on --help
 
+
+def run(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig]) -> int:
+    """``trl-diffusion-sdpo online`` once :func:`~.online_options.parse_args` has read its words (the command
+    registry's runner, :data:`~.main.COMMANDS`): the exit status."""
+    train_online(arguments)
+    return 0
+
+
+def train_online(arguments: tuple[OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig]):
+    """Train online as the parsed ``arguments`` say, save and (``push_to_hub``) push; the trainer."""
+    prompt_args, training_args, model_args = arguments
     log_to_console()
     prompt_args.apply_to_process(training_args)
     check_supported_model(model_args)
-    refuse_earlier_run(training_args, prompt_args.overwrite)  # before the trainer's modules, the model and the prompts
-    from ..online.trainer import OnlineDiffusionSDPOTrainer
-    from .train import peft_config_for
-
+    refuse_earlier_run(training_args, prompt_args.overwrite)  # before the model and the prompts
     pipeline = build_pipeline(model_args, DiffusionScriptArguments())
     peft_config = peft_config_for(model_args, pipeline)
     probe_prompts = None

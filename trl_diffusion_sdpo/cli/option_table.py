@@ -1,9 +1,10 @@
 """``estimate-memory``'s options, stored so that the command reads a run's YAML file and flags without importing
 transformers (whose ``TrainingArguments`` ``train``'s parser is built on).
 
-:func:`option_table` writes down each option of the real parser (:func:`~.memory.make_estimate_parser`: ``train``'s
-options and the estimate's own): its spellings, the argument class it belongs to, its type, default, choices and
-``nargs``. :data:`OPTION_FILE` holds that table for ``train``'s YAML files (:mod:`.stored_options` makes it):
+:func:`option_table` writes down each option of the real parser (:func:`~.memory_parser.make_estimate_parser`:
+``train``'s options and the estimate's own): its spellings, the argument class it belongs to, its type, default,
+choices and ``nargs``. :data:`OPTION_FILE` holds that table for ``train``'s YAML files (:mod:`.stored_options` makes
+it):
 
     python -m trl_diffusion_sdpo.cli.stored_options   # rewrites estimate_options.json
 
@@ -19,6 +20,7 @@ regenerates the table from the real parser and compares.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import functools
 import json
@@ -27,6 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import yaml
+
+from ..config.defaults import resolve_defaults
+from ..config.rules import check_config
+from .config_paths import resolve_config_paths
 
 __all__ = ["OPTION_FILE", "StoredArguments", "option_table", "parse_stored"]
 
@@ -69,8 +77,6 @@ def option_table(parser: argparse.ArgumentParser, argument_types: Sequence[type]
     spellings, destination, argument class (its index in ``argument_types``), kind (str, int, float, bool, choice,
     store_false, other), ``nargs``, ``const``, default and choices; ``regime``: the config class's defaults regime
     (``DiffusionSDPOConfig.regime``), which resolves an unset ``safeguard_space``."""
-    import dataclasses
-
     owner = {f.name: i for i, cls in reversed(list(enumerate(argument_types))) for f in dataclasses.fields(cls)}
     options = []
     for action in parser._actions:
@@ -177,12 +183,6 @@ def parse_stored(argv: Sequence[str]) -> tuple[StoredArguments, ...] | None:
     """``argv`` (``--config FILE.yaml`` and flags of ``train``'s options and the estimate's) read by the stored table,
     one :class:`StoredArguments` per argument class of the real parser, the config's rules checked; ``None`` where the
     real parser must read them (see the module's docstring), or where they are refused."""
-    import yaml
-
-    from ..config.defaults import resolve_defaults
-    from ..config.rules import check_config
-    from .config_paths import resolve_config_paths
-
     argv = list(argv)
     if any(word in _HELP for word in argv):
         return None

@@ -7,8 +7,12 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from ..rewards.scorers import available_scorers
+from ..rewards.scorers.preflight import ScorerModelUnavailable, check_models
+from ..rewards.scorers.registry import register_outside_scorers, unknown_scorer_message
+from ..rewards.server import build_app
 from .command_parser import CommandParser
-from .sample import add_scorer_arg_argument, json_or_text
+from .sample_options import add_scorer_arg_argument, json_or_text
 
 __all__ = ["build_parser", "main"]
 
@@ -75,11 +79,6 @@ def scorer_kwargs_of(items: list[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the options, check the scorer is registered, and serve until interrupted."""
     args = build_parser().parse_args(argv)
-    from ..rewards.scorers import available_scorers
-    from ..rewards.scorers.preflight import ScorerModelUnavailable, check_models
-    from ..rewards.scorers.registry import register_outside_scorers, unknown_scorer_message
-    from ..rewards.server import build_app
-
     register_outside_scorers()
     if args.scorer not in available_scorers():
         raise SystemExit(f"trl-diffusion-sdpo reward-server: error: {unknown_scorer_message(args.scorer, '--scorer')}")

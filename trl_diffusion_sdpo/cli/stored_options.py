@@ -9,18 +9,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..config.fields import DiffusionSDPOConfig
+from .memory_parser import make_estimate_parser
+from .memory_report import EstimateArguments
 from .option_table import OPTION_FILE, option_table
+from .train_options import ARGUMENT_TYPES
 
 __all__ = ["generate"]
 
 
 def generate() -> dict[str, Any]:
     """The table of ``estimate-memory``'s real parser for ``train``'s YAML files, as :data:`OPTION_FILE` holds it."""
-    from ..config.fields import DiffusionSDPOConfig
-    from . import train
-    from .memory import EstimateArguments, make_estimate_parser
-
-    argument_types = (*train.ARGUMENT_TYPES, EstimateArguments)
+    argument_types = (*ARGUMENT_TYPES, EstimateArguments)
     return option_table(make_estimate_parser(False), argument_types, DiffusionSDPOConfig.regime)
 
 

@@ -6,54 +6,52 @@
     accelerate launch --config_file examples/accelerate_configs/deepspeed_zero2.yaml --num_processes 8 \\
         -m trl_diffusion_sdpo train --config examples/configs/sd15_full.yaml
 
-Parsed by TRL's ``TrlParser`` from TRL's ``ScriptArguments`` (dataset) and ``ModelConfig`` (model, dtype, LoRA through
-``get_peft_config``), :class:`DiffusionScriptArguments` and :class:`~trl_diffusion_sdpo.DiffusionSDPOConfig` (every
-``transformers.TrainingArguments`` field too). Flags override the YAML file; ``--help`` lists them all. How the
-file and flags are read and refused: :mod:`.parsing`; how the data options read the data: :mod:`.data_options`.
+The options and their parser are :mod:`.train_options`' (``train --help`` imports that module, not this one); this
+module runs what they parse: the data (:mod:`.data_options`), the pipeline (:mod:`.model_loading`) and the trainer.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from transformers import TrainerCallback
-from trl import ModelConfig, ScriptArguments, TrlParser
 
-from ..config import DiffusionSDPOConfig
-from ..config.docs import GROUPS
-from ..config.fields import option
-from ..config.rules import BASE_QUANTIZATIONS
-from ..io.cpu_threads import THREADS_HELP, apply_threads
+from ..callbacks.guards import configure_early_stopping, early_stopping
+from ..data.sharded_cache import load_sharded_latent_cache
+from ..io.run_files import check_new_run_folder
+from ..trainer import DiffusionSDPOTrainer
+from .console import log_to_console
 from .data_options import early_stopping_split, load_split, load_train_split
-from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
-from .parsing import (
-    HIDDEN_OPTIONS,
-    INPUT_PATH_KEYS,
-    REFUSED_OPTIONS,
-    ConfigFileParser,
-    add_config_argument,
-    parse_or_exit,
-    resolve_config_paths,
-    resume_argument,
+from .model_loading import base_quantization_for, build_pipeline, peft_config_for
+from .parsing import INPUT_PATH_KEYS, REFUSED_OPTIONS, ConfigFileParser, parse_or_exit, resolve_config_paths
+from .train_options import (
+    ARGUMENT_TYPES,
+    FAMILY_TITLES,
+    SHIPPED_LORA,
+    DiffusionScriptArguments,
+    OutputArguments,
+    ProcessArguments,
+    TrainArguments,
+    check_supported,
+    check_supported_model,
+    make_parser,
+    parse_args,
+    train_topics,
 )
 
-if TYPE_CHECKING:
-    import torch
-
-# The parser needs only the argument dataclasses above: data, pipeline and family code is imported where it runs, so
-# that ``trl-diffusion-sdpo train --help`` does not load diffusers' pipelines.
-
+# The options' names are this module's too: the command's Python entry points (examples/train_*.py) import them here.
 __all__ = [
     "ARGUMENT_TYPES",
     "FAMILY_TITLES",
     "INPUT_PATH_KEYS",
+    "REFUSED_OPTIONS",
+    "SHIPPED_LORA",
     "ConfigFileParser",
     "DiffusionScriptArguments",
     "OutputArguments",
     "ProcessArguments",
+    "base_quantization_for",
     "build_pipeline",
     "check_supported",
     "check_supported_model",
@@ -64,457 +62,13 @@ __all__ = [
     "make_parser",
     "parse_args",
     "parse_or_exit",
+    "peft_config_for",
     "resolve_config_paths",
+    "run",
+    "train",
     "train_save_and_push",
     "train_topics",
 ]
-
-
-@dataclass
-class ValidationArguments:
-    """The validation grids while training: the command builds a
-    :class:`~trl_diffusion_sdpo.callbacks.validation.ValidationCallback` from these (a Python user constructs one and
-    passes it in ``callbacks=``)."""
-
-    validation_prompts: list[str] | None = option(
-        None,
-        "Prompts sampled while training (off when unset): at step 0 (the base model) and every --validation_steps "
-        "steps a grid of the policy's samples is saved as PNG under output_dir/validation/ and logged to every "
-        "tracker in --report_to that takes images (docs/evaluation.md).",
-    )
-    validation_seeds: list[int] = field(
-        default_factory=lambda: [0],
-        metadata={"help": "One validation sample per prompt and seed; the same seeds every time."},
-    )
-    validation_steps: int = option(500, "Validate every this many optimizer steps.")
-    validation_num_inference_steps: int = option(25, "Sampling steps of the validation grid.")
-    validation_guidance_scale: float | None = option(
-        None, "Guidance of the validation grid (diffusers' convention); unset: the model family's own."
-    )
-    validation_source_images: list[str] | None = option(
-        None, "Editing families: one source image file per validation prompt, so the grid shows edits of it."
-    )
-    validation_scorers: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Registered scorers (pickscore, clip, ...) whose means are logged as eval/reward/<name>."},
-    )
-
-    def validation_callbacks(self) -> list:
-        """The validation callback these options ask for (none without prompts)."""
-        if self.validation_prompts is None:
-            return []
-        from ..callbacks.validation import ValidationCallback  # the scorers are heavy: imported when asked for
-
-        return [
-            ValidationCallback(
-                prompts=self.validation_prompts,
-                seeds=self.validation_seeds,
-                num_inference_steps=self.validation_num_inference_steps,
-                guidance_scale=self.validation_guidance_scale,
-                every_n_steps=self.validation_steps,
-                scorers=self.validation_scorers or None,
-                sources=self.validation_source_images,
-            )
-        ]
-
-
-@dataclass
-class ProcessArguments:
-    """The command's own process (from Python a user sets these with torch directly)."""
-
-    threads: int | None = option(None, THREADS_HELP)
-
-    def apply_to_process(self, training_args: Any) -> None:
-        """Set the command's torch threads for a run on the CPU
-        (:func:`~trl_diffusion_sdpo.io.cpu_threads.apply_threads`)."""
-        import torch
-
-        apply_threads(self.threads, on_cpu=bool(training_args.use_cpu) or not torch.cuda.is_available())
-
-
-@dataclass
-class OutputArguments:
-    """What the command may do to an ``--output_dir`` that holds another run (from Python: ``train(overwrite=True)``).
-    The field's name is the one switch every command that writes takes (:data:`~..config.messages.OVERWRITE_OPTION`,
-    which a test holds it to)."""
-
-    overwrite: bool = option(
-        False,
-        "Start a new run in an --output_dir holding another run's files (refused otherwise, before anything loads): "
-        "that run's checkpoints are removed when training starts, its weights, training_config.json and model card "
-        "replaced when this run saves. Not with --resume_from_checkpoint, which continues it.",
-    )
-
-
-VALIDATION_TOPIC = (
-    "Validation images while training",
-    "Sample grids from the policy as it trains (a ValidationCallback; docs/evaluation.md).",
-    [f.name for f in fields(ValidationArguments)],
-)
-
-
-@dataclass
-class DiffusionScriptArguments(ValidationArguments, ProcessArguments, OutputArguments):
-    """Options of ``trl-diffusion-sdpo train`` that neither TRL's ``ScriptArguments`` nor ``ModelConfig`` has: how the
-    data is read and prepared, and the validation grids."""
-
-    max_train_rows: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    vae_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "A replacement VAE folder or Hub id (e.g. an fp16-safe SDXL VAE); by default the pipeline's own "
-            "VAE, kept in float32 when its config sets force_upcast."
-        },
-    )
-    vae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of vae_name_or_path, if any."})
-    dataset_format: str = field(
-        default="auto",
-        metadata={
-            "help": "How to read dataset_name: auto (detected), pair_folders, table (a JSONL/JSON/CSV/TSV of image "
-            "paths), imagefolder, hpd (HPDv3/HPDv2 annotations), disk (save_to_disk) or hub (datasets.load_dataset). "
-            "See docs/data.md.",
-            "choices": ["auto", "pair_folders", "table", "imagefolder", "hpd", "disk", "hub"],
-        },
-    )
-    dataset_columns: str = field(
-        default="trl",
-        metadata={
-            "help": "The dataset's columns: trl (prompt, chosen, rejected) or pickapic (caption, jpg_0, jpg_1, "
-            "label_0 as in yuvalkirstain/pickapic_v2; label_0 may hold vote_type words as in EditReward-Data), "
-            "mapped to TRL's; ties and bad labels are skipped and counted. Other names: --rename_columns.",
-            "choices": ["trl", "pickapic"],
-        },
-    )
-    rename_columns: str | None = option(
-        None,
-        "Rename the dataset's columns to the ones training reads before anything else, as old:new pairs separated "
-        "by commas (e.g. instruction:caption,source_img:source_image); docs/data.md lists the names.",
-    )
-    auto_mask: bool = option(
-        False,
-        "Derive each pair's loss mask from its two images (editing pairs, whose chosen and rejected images copy the "
-        "source outside an edited region): white where any channel differs by more than --auto_mask_threshold, "
-        "written to the mask column; then trained as --loss_mask. Both images of a pair must have one size.",
-    )
-    auto_mask_threshold: float = option(
-        0.05,
-        "--auto_mask: the smallest difference between the chosen and the rejected image, in any channel, as a "
-        "fraction of the full intensity range (0.05 is about 13 of 255), that marks a pixel.",
-    )
-    mask_dilate: int = option(
-        0,
-        "Grow every loss mask (given or derived) by this many pixels at the images' size (a square max filter), "
-        "so the edited region's border is trained too.",
-    )
-    ranking_pairs: str = field(
-        default="all",
-        metadata={
-            "help": "How a ranked annotation record (several images per prompt, a rank each) becomes pairs: all "
-            "(every two images of different rank) or best_worst (one pair per prompt).",
-            "choices": ["all", "best_worst"],
-        },
-    )
-    latent_cache: str | None = field(
-        default=None,
-        metadata={
-            "help": "Train from this folder written by `trl-diffusion-sdpo cache` (read streamed; set max_steps) "
-            "instead of encoding dataset_name's images."
-        },
-    )
-    early_stopping_patience: int | None = field(
-        default=None,
-        metadata={
-            "help": "Stop after this many evaluations without improving --metric_for_best_model (default "
-            "implicit_acc, the held-out pairs' accuracy; transformers' EarlyStoppingCallback). Evaluates at the "
-            "saves' strategy and interval and loads the best checkpoint at the end (--load_best_model_at_end); needs "
-            "an eval split (--dataset_test_split), refused without one."
-        },
-    )
-    base_quantization: str = field(
-        default="none",
-        metadata={
-            "help": "Load the frozen base quantized and train LoRA on it (--use_peft): the denoiser and, unless "
-            "training reads a latent cache, the text encoders. bnb-nf4 and bnb-int8 (bitsandbytes, a CUDA GPU; also "
-            "--load_in_4bit / --load_in_8bit), torchao-int8, torchao-float8, quanto-int8, quanto-int4. See "
-            "docs/quantization.md.",
-            "choices": list(BASE_QUANTIZATIONS),
-        },
-    )
-
-
-ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments)
-TrainArguments = tuple[ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments]
-
-
-# Each registered family (trl_diffusion_sdpo.families) as the description names it; a test checks every family is here.
-FAMILY_TITLES = {
-    "stable-diffusion": "SD 1.x/2.x",
-    "stable-diffusion-xl": "SDXL",
-    "stable-diffusion-3": "SD3/SD3.5",
-    "flux": "FLUX.1",
-    "flux-kontext": "FLUX.1 Kontext",
-    "flux2": "FLUX.2",
-    "flux2-klein": "FLUX.2 [klein]",
-    "qwen-image": "Qwen-Image",
-    "qwen-image-2.1": "Qwen-Image 2.1",
-    "qwen-image-edit": "Qwen-Image-Edit",
-    "qwen-image-edit-plus": "Qwen-Image-Edit Plus",
-    "z-image": "Z-Image",
-    "wan": "Wan",
-    "hunyuan-video-1.5": "HunyuanVideo 1.5",
-}
-DESCRIPTION = (
-    "Train Diffusion-DPO / Diffusion-SDPO (LoRA or full tuning of an "
-    + ", ".join(FAMILY_TITLES.values())
-    + " pipeline) from a YAML file of these options (--config) and flags, which override the file. Saves to "
-    "--output_dir: LoRA weights (pytorch_lora_weights.safetensors) or a whole pipeline, training_config.json and a "
-    "model card (README.md)."
-)
-EPILOG = (
-    "Examples: examples/configs/*.yaml (tiny_cpu, sd15_lora, sdxl_lora, sd3_lora, flux_lora, ...). A relative path in "
-    "a --config file is read from the file's folder. Resume with --resume_from_checkpoint true (the newest complete "
-    "checkpoint in --output_dir) or a checkpoint folder. Not offered: TRL ModelConfig's options for language models "
-    "(--attn_implementation, --lora_target_parameters) are refused, and --lora_task_type is ignored (a denoiser's "
-    "LoRA has no task head). --load_in_4bit, --load_in_8bit, --bnb_4bit_quant_type and --use_bnb_nested_quant "
-    "quantize the frozen base (docs/quantization.md)."
-)
-# The LoRA settings of the shipped configs (examples/configs/*.yaml with use_peft), as --help states them: the value
-# most files use (alpha: "rank", equal to the file's lora_r) and the files that differ. A test reads every shipped file
-# against this table.
-SHIPPED_LORA: dict[str, tuple[Any, dict[str, Any]]] = {
-    "lora_r": (16, {"sd3_lora.yaml": 32, "tiny_cpu.yaml": 8, "online_tiny_cpu.yaml": 8}),
-    "lora_alpha": ("rank", {"sd3_lora.yaml": 64}),
-    "lora_dropout": (0.0, {}),
-}
-
-
-def shipped_lora_help(name: str, label: str) -> str:
-    """``--<name>``'s help: TRL's default (``ModelConfig``'s), the shipped configs' values (:data:`SHIPPED_LORA`)."""
-    common, differing = SHIPPED_LORA[name]
-    files: dict[Any, list[str]] = {}
-    for file, value in differing.items():
-        files.setdefault(value, []).append(file)
-    values = [f"use {name.removeprefix('lora_')} = {common}" if common == "rank" else f"use {common}"]
-    values += [f"{' and '.join(names)} {value}" for value, names in files.items()]
-    trl_default = next(f.default for f in fields(ModelConfig) if f.name == name)
-    return f"{label} (TRL's default {trl_default}; the shipped configs {', '.join(values)})."
-
-
-# TRL's ModelConfig help with the defaults this package uses in their place.
-LORA_HELP = {
-    "lora_r": shipped_lora_help("lora_r", "LoRA rank"),
-    "lora_alpha": shipped_lora_help("lora_alpha", "LoRA alpha"),
-    "lora_dropout": shipped_lora_help("lora_dropout", "LoRA dropout"),
-    "lora_target_modules": "LoRA target modules. Default (None): the model family's, the attention projections "
-    "to_q, to_k, to_v, to_out.0; SD3, FLUX.1 and Qwen-Image add add_q_proj, add_k_proj, add_v_proj, to_add_out, and "
-    "FLUX.2 to_qkv_mlp_proj and its single blocks' output projection (docs/quickstart.md).",
-}
-
-
-# The data group's options about reading the rows; the rest of the group is about the images, the timesteps and the
-# noising, listed under a topic of their own to keep each topic one screen.
-READING_OPTIONS = (
-    "rename_columns",
-    "auto_mask",
-    "auto_mask_threshold",
-    "mask_dilate",
-    "skip_invalid_rows",
-    "cache_latents",
-    "latent_cache_dir",
-    "offload_frozen_modules",
-)
-
-
-def train_topics() -> list[tuple[str, str, Any]]:
-    """``train --help``'s topics, in order: the model, the data, the config's groups, the training loop."""
-    groups = {heading.replace("`", ""): names for heading, (_, names) in GROUPS.items()}
-    data = groups.pop("Parameters that control the data")
-    reading = [name for name in data if name in READING_OPTIONS]
-    return [
-        MODEL_TOPIC,
-        (
-            "Data",
-            "Where the pairs come from and how they are read (docs/data.md).",
-            {**DATA_SOURCE_OPTIONS, **dict.fromkeys(READING_OPTIONS)},
-        ),
-        ("Images, timesteps and noising", "", [name for name in data if name not in reading]),
-        *((heading, "", names) for heading, names in groups.items()),
-        VALIDATION_TOPIC,
-        TRAINING_TOPIC,
-    ]
-
-
-def make_parser(
-    prog: str = "trl-diffusion-sdpo train",
-    argument_types: tuple[type, ...] = ARGUMENT_TYPES,
-    description: str = DESCRIPTION,
-    epilog: str = EPILOG,
-    topics: Callable[[], list[tuple[str, str, Any]]] = train_topics,
-    *,
-    show_all: bool = False,
-) -> TrlParser:
-    """TRL's ``TrlParser`` over ``argument_types`` (:data:`ARGUMENT_TYPES`), with the command's description, help
-    corrections and options grouped by ``topics`` (:func:`~.help_topics.group_by_topic`; transformers' general
-    options listed with ``show_all``, as ``--help_all`` does). Prefixes of option names are refused (``allow_abbrev``
-    off): ``--learning_rat`` is an unknown option, not ``--learning_rate``."""
-    parser = ConfigFileParser(
-        argument_types,
-        prog=prog,
-        description=description,
-        epilog=epilog,
-        usage=USAGE,
-        allow_abbrev=False,
-        formatter_class=help_formatter,
-    )
-    add_config_argument(parser)
-    parser.add_argument(
-        "--help_all",
-        "--help-all",
-        action=_FullHelp,
-        full_parser=lambda: make_parser(prog, argument_types, description, epilog, topics, show_all=True),
-        help="List every option, transformers' general ones included, and exit.",
-    )
-    for action in parser._actions:
-        name = action.dest
-        if name in HIDDEN_OPTIONS:
-            action.help = argparse.SUPPRESS
-        elif name in LORA_HELP:
-            action.help = LORA_HELP[name] + " (default: %(default)s)"
-        elif name == "resume_from_checkpoint":
-            action.help = (
-                "Resume training: true for the newest complete checkpoint in output_dir, or a checkpoint folder."
-            )
-        # HfArgumentParser copies a True-by-default bool's help onto its --no_X switch, which does the opposite.
-        if any(option.startswith("--no_") for option in action.option_strings):
-            action.help = f"Set {name} to False (see --{name})."
-    group_by_topic(parser, topics(), show_all=show_all)
-    return parser
-
-
-class _FullHelp(argparse.Action):
-    """``--help_all``: print the help of ``full_parser()`` (every option) and exit."""
-
-    def __init__(self, option_strings: list[str], dest: str, full_parser: Callable[[], argparse.ArgumentParser], **kw):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
-        self.full_parser = full_parser
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        self.full_parser().print_help()
-        parser.exit()
-
-
-def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
-    """``argv`` (``--config file.yaml`` plus flags) as the four argument dataclasses (:func:`parse_or_exit`)."""
-    script_args, training_args, model_args, diffusion_args = parse_or_exit(make_parser(), argv)
-    training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
-    return script_args, training_args, model_args, diffusion_args
-
-
-def check_supported(script_args: ScriptArguments, model_args: ModelConfig) -> None:
-    if script_args.dataset_name is None:
-        raise ValueError("--dataset_name is required: a Hub id, a local data folder or a save_to_disk folder.")
-    check_supported_model(model_args)
-
-
-def check_supported_model(model_args: ModelConfig) -> None:
-    """A pipeline named, and none of TRL's language-model options set."""
-    if model_args.model_name_or_path is None:
-        raise ValueError("--model_name_or_path is required: a diffusers pipeline folder or Hub id.")
-    # Any of them set away from TRL's default is refused: such an option alone would otherwise be ignored.
-    defaults = {f.name: f.default for f in fields(ModelConfig)}
-    given = [name for name in REFUSED_OPTIONS if getattr(model_args, name) != defaults[name]]
-    if given:
-        raise ValueError(
-            f"ModelConfig option(s) {given} apply to transformers language models and are not supported for "
-            "diffusion pipelines; remove them."
-        )
-
-
-def _torch_dtype(name: str | None) -> torch.dtype | None:
-    """``ModelConfig.dtype`` as a torch dtype; ``None`` or ``"auto"`` loads the checkpoint as diffusers does."""
-    if name in (None, "auto"):
-        return None
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
-    import torch
-
-    return getattr(torch, name)
-
-
-def base_quantization_for(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
-    """The frozen base's quantization from ``--base_quantization`` and TRL's bitsandbytes switches."""
-    from ..families.quantization import BaseQuantization
-
-    return BaseQuantization.from_arguments(
-        diffusion_args.base_quantization,
-        load_in_4bit=model_args.load_in_4bit,
-        load_in_8bit=model_args.load_in_8bit,
-        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-        use_bnb_nested_quant=model_args.use_bnb_nested_quant,
-        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
-        compute_dtype=_torch_dtype(model_args.dtype),
-    )
-
-
-def build_pipeline(model_args: ModelConfig, diffusion_args: DiffusionScriptArguments):
-    """Load the pipeline whole on every process (even under a ZeRO-3 config with ``zero3_init_flag``), its frozen base
-    quantized as the arguments say (the text encoders too, unless training reads a latent cache)."""
-    from ..engines.collectives import load_pipeline, zero3_init_disabled
-    from ..families.loading import dtype_keyword, resolve_model_name
-    from ..families.quantization import load_quantized_pipeline
-
-    check_model_exists(model_args.model_name_or_path)
-    quantization = base_quantization_for(model_args, diffusion_args)
-    try:  # one line before anything loads (bitsandbytes without a CUDA GPU, a backend not installed)
-        quantization.check_usable()
-    except ValueError as err:
-        raise SystemExit(f"trl-diffusion-sdpo: error: {err}") from None
-    dtype = _torch_dtype(model_args.dtype)
-    kwargs: dict = {"revision": model_args.model_revision, **dtype_keyword(dtype)}
-    if diffusion_args.vae_name_or_path:
-        from diffusers import AutoencoderKL
-
-        from ..data.model_names import check_model_exists as check
-
-        subfolder = diffusion_args.vae_subfolder
-        config = f"{subfolder}/config.json" if subfolder else "config.json"
-        check(diffusion_args.vae_name_or_path, "--vae_name_or_path", "a VAE folder or Hub id", files=[config])
-        with zero3_init_disabled():
-            kwargs["vae"] = AutoencoderKL.from_pretrained(
-                diffusion_args.vae_name_or_path, subfolder=diffusion_args.vae_subfolder, **dtype_keyword(dtype)
-            )
-    return load_quantized_pipeline(
-        lambda **loading: load_pipeline(model_args.model_name_or_path, **loading),
-        resolve_model_name(model_args.model_name_or_path),
-        quantization,
-        quantize_text_encoders=not diffusion_args.latent_cache,
-        **kwargs,
-    )
-
-
-def check_model_exists(name: str) -> None:
-    """A ``FileNotFoundError`` in one line where ``--model_name_or_path`` leads to no pipeline: neither a local folder,
-    nor in the Hugging Face cache, nor on a Hub that answers (:func:`~..data.model_names.check_model_exists`, which
-    every command taking a model asks), before any loading."""
-    from ..data.model_names import check_model_exists as check
-
-    check(name, "--model_name_or_path")
-
-
-def peft_config_for(model_args: ModelConfig, pipeline):
-    """TRL's ``get_peft_config``, with the family's ``lora_target_modules`` as default targets."""
-    from trl import get_peft_config  # trl.trainer.utils loads pandas, datasets and rich: not for --help
-
-    from ..families import family_for_pipeline
-
-    peft_config = get_peft_config(model_args)
-    if peft_config is None:
-        return None
-    family = family_for_pipeline(pipeline)  # fails early, naming what the pipeline lacks
-    if not model_args.lora_target_modules:
-        peft_config.target_modules = set(family.lora_target_modules)
-    peft_config.task_type = None  # TRL's default (CAUSAL_LM) names a language-model head
-    return peft_config
 
 
 class ModelCardOnSave(TrainerCallback):
@@ -529,17 +83,23 @@ class ModelCardOnSave(TrainerCallback):
 
 def main(argv: Sequence[str] | None = None):
     """Train, save to ``output_dir`` and (with ``push_to_hub``) push; returns the trainer."""
-    script_args, training_args, model_args, diffusion_args = parse_args(argv)  # exits here on --help
-    from .console import log_to_console
+    return train(parse_args(argv))  # exits here on --help
 
+
+def run(arguments: TrainArguments) -> int:
+    """``trl-diffusion-sdpo train`` once :func:`~.train_options.parse_args` has read its words (the command registry,
+    :data:`~.main.COMMANDS`, parses with the options' module and runs this one): the exit status."""
+    train(arguments)
+    return 0
+
+
+def train(arguments: TrainArguments):
+    """Train as the parsed ``arguments`` say, save to ``output_dir`` and (with ``push_to_hub``) push; the trainer."""
+    script_args, training_args, model_args, diffusion_args = arguments
     log_to_console()
     diffusion_args.apply_to_process(training_args)
     check_supported(script_args, model_args)
-    refuse_earlier_run(training_args, diffusion_args.overwrite)  # before the trainer's modules, the data and the model
-    from ..callbacks.guards import configure_early_stopping, early_stopping
-    from ..data.sharded_cache import load_sharded_latent_cache
-    from ..trainer import DiffusionSDPOTrainer
-
+    refuse_earlier_run(training_args, diffusion_args.overwrite)  # before the data and the model
     # Before the model loads: a data folder's problem is one line (the command line's), not a traceback after minutes
     # of loading.
     base_quantization_for(model_args, diffusion_args).check_usable()
@@ -574,8 +134,6 @@ def refuse_earlier_run(training_args: Any, overwrite: bool) -> None:
     """Refuse, before anything loads, an ``--output_dir`` holding another run's files that this run neither resumes
     nor overwrites (:func:`~..io.run_files.check_new_run_folder`, which the trainer asks again under the folder's
     lock): the same one line as the trainer's, seconds in, where a large model would load first."""
-    from ..io.run_files import check_new_run_folder
-
     resumed = training_args.resume_from_checkpoint not in (None, False)
     check_new_run_folder(training_args.output_dir, resumed, overwrite)
 

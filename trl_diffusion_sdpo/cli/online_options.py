@@ -1,0 +1,82 @@
+"""``trl-diffusion-sdpo online``'s options and parser: where the prompts come from, the online config and TRL's
+``ModelConfig``, read by ``train``'s parser (:mod:`.train_options`) with their own topics. ``estimate-memory`` reads an
+online YAML file with them; :mod:`.online` runs what they parse.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from trl import ModelConfig
+
+from ..config.defaults import safeguard_default_sentence
+from ..config.fields import option
+from ..online.config import _GROUPS as ONLINE_GROUPS
+from ..online.config import OnlineDiffusionSDPOConfig
+from ..rewards.functions import check_reward_names
+from .parsing import parse_or_exit, resume_argument
+from .train_options import OutputArguments, ProcessArguments, ValidationArguments, make_parser, train_topics
+
+__all__ = ["ARGUMENT_TYPES", "DESCRIPTION", "EPILOG", "OnlinePromptArguments", "online_topics", "parse_args"]
+
+
+@dataclass
+class OnlinePromptArguments(ValidationArguments, ProcessArguments, OutputArguments):
+    """Where the prompts come from, and the validation grids."""
+
+    prompts: str | None = option(
+        None,
+        "The prompts to sample: a preset name (as `evaluate --prompts` takes), a .txt file (one prompt a line), a "
+        ".jsonl file or a dataset id/folder with a prompt column (`--prompt_column`); for an editing model each row "
+        "also holds its source image (`source_image`) or images (`source_images`).",
+    )
+    prompt_column: str = option("prompt", "The prompt column of a dataset of prompts.")
+    prompt_split: str | None = option(None, "The split of a Hub dataset of prompts.")
+    max_prompts: int | None = option(None, "Use only the first N prompts.")
+    probe_prompts: str | None = option(
+        None,
+        "The held-out probe's prompts (with --probe_steps), in any form --prompts takes; its first --probe_pairs are "
+        "paired once before training. Unset: --probe_pairs prompts are held back from --prompts.",
+    )
+
+
+ARGUMENT_TYPES = (OnlinePromptArguments, OnlineDiffusionSDPOConfig, ModelConfig)
+DESCRIPTION = (
+    "Online Diffusion-DPO / Diffusion-SDPO: the policy samples --num_generations images per prompt, --reward_funcs "
+    "score them, the best and worst of each prompt (or every pair above --reward_margin) are trained on, and the "
+    "next prompts are sampled from the updated policy. " + safeguard_default_sentence(online=True) + " Saves to "
+    "--output_dir as `train` does."
+)
+EPILOG = (
+    "Example: examples/configs/online_tiny_cpu.yaml (the shipped tiny base and the demo's colour reward, CPU). A "
+    "relative path in a --config file (--prompts) is read from the file's folder."
+)
+
+
+def online_topics() -> list:
+    """``online --help``'s topics: the prompts, the rewards, generation and reference, then ``train``'s."""
+    elsewhere = {f.name for f in (*fields(ValidationArguments), *fields(OutputArguments))}  # train's topics
+    prompts = ("Prompts", "", [f.name for f in fields(OnlinePromptArguments) if f.name not in elsewhere])
+    online = [(heading, text, names) for heading, (text, names) in ONLINE_GROUPS.items()]
+    return [prompts, *online, *train_topics()]
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """``argv`` as the three argument dataclasses; exits with a usage error on a bad value or unknown flag."""
+    parser = make_parser("trl-diffusion-sdpo online", ARGUMENT_TYPES, DESCRIPTION, EPILOG, online_topics)
+    prompt_args, training_args, model_args = parse_or_exit(parser, argv)
+    training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
+    try:  # a misspelt scorer, before any model loads
+        check_reward_names(training_args.reward_funcs or [])
+    except ValueError as err:
+        parser.error(str(err))
+    if prompt_args.prompts is None:
+        parser.error("--prompts is required: a preset, a .txt file, a .jsonl file or a dataset with a prompt column.")
+    for flag, prompts in (("--prompts", prompt_args.prompts), ("--probe_prompts", prompt_args.probe_prompts)):
+        if prompts and prompts.lower().endswith((".txt", ".jsonl", ".json", ".csv")) and not os.path.exists(prompts):
+            parser.error(f"{flag} {prompts} does not exist (a relative path is read from the current folder)")
+    if prompt_args.probe_prompts and not training_args.probe_steps:
+        parser.error("--probe_prompts are the held-out probe's: set --probe_steps too, or drop --probe_prompts")
+    return prompt_args, training_args, model_args
