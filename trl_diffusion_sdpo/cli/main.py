@@ -10,9 +10,9 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from .. import evaluation  # a lazy package: its prompt presets are read, and their module imported, for two commands
 from ..config._lazy import import_target
 from ..config.defaults import safeguard_default_sentence
-from ..evaluation.prompts import PROMPT_PRESETS
 from ..rewards.scorers import available_scorers
 from ..rewards.scorers.registry import OUTSIDE_SCORERS, register_outside_scorers
 from .command_parser import CommandParser
@@ -168,7 +168,7 @@ def run(argv: list[str]) -> int:
     evaluate_choices = None
     if command is not None and command.lists_scorers:  # the scorers outside the package are found for these only
         register_outside_scorers()
-        evaluate_choices = (available_scorers(), list(PROMPT_PRESETS))
+        evaluate_choices = (available_scorers(), list(evaluation.PROMPT_PRESETS))
     args = build_parser(evaluate_choices).parse_args(argv)
     return import_target(COMMANDS[args.command].run)(args)
 
