@@ -9,8 +9,10 @@ output gradient, as per-sample-gradient libraries do (Opacus' grad samplers), wi
 
     Linear:  dW_k = sum_{r in group k} g_r x_r^T,  db_k = sum_{r in group k} g_r      (one batched matmul, one sum)
     ConvNd:  dx_k, dW_k, db_k = convolution_backward over group k's rows              (one call per group)
-    LayerNorm, GroupNorm: dx_k, dgamma_k, dbeta_k = aten's native backward over group k's rows, its statistics
-             recomputed there                                                          (two calls per group)
+    GroupNorm (NCHW): the groups of rows side by side as channels (groups x its groups): one native forward for
+             the statistics and one native backward give dx and every dgamma_k, dbeta_k  (two calls)
+    LayerNorm: the statistics recomputed once over all rows, then aten's native backward per group of rows
+                                                                                       (one call, and one per group)
     other norms, embeddings (leaf modules of the types in :data:`RECOMPUTED`): the layer's forward recomputed per
              group under autograd (elementwise work, small against the matmuls)
 
