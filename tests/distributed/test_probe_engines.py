@@ -10,11 +10,6 @@ loaded 2-core CPU); the default tier checks FSDP2's own part of a rewind in this
 from __future__ import annotations
 
 import contextlib
-import json
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,49 +18,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from tests.helpers.common import CHECKOUT, worker_environment
+from tests.helpers.probe_engines import ENGINES, run_worker
 from trl_diffusion_sdpo.callbacks.rewind import DiskSnapshot, EngineSnapshot, MemorySnapshot
 from trl_diffusion_sdpo.engines.fsdp import FSDP2Engine
 
-WORKER = CHECKOUT / "tests" / "probe_engines_worker.py"
-CONFIGS = CHECKOUT / "examples" / "accelerate_configs"
 JOBS = ("plain", "quiet", "alarm")
-ENGINES = {
-    "ddp": "multi_gpu.yaml",
-    "zero1": "deepspeed_zero1.yaml",
-    "zero2": "deepspeed_zero2.yaml",
-    "zero3": "deepspeed_zero3.yaml",
-    "fsdp2": "fsdp2.yaml",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(out: Path, config: str | None, jobs: tuple[str, ...], processes: int = 2) -> dict[str, list[dict]]:
-    """The worker's ``jobs`` on ``processes`` processes under ``config`` (``None``: one plain process): each job's
-    reports, by process."""
-    out.mkdir(parents=True, exist_ok=True)
-    if config is None:
-        command = [sys.executable, str(WORKER), str(out), "-", *jobs]
-        processes = 1
-    else:
-        path = str(CONFIGS / config)
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", path, "--num_processes",
-            str(processes), "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(WORKER),
-            str(out), path, *jobs,
-        ]  # fmt: skip
-    proc = subprocess.run(command, cwd=CHECKOUT, env=worker_environment(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return {
-        job: [json.loads((out / f"{job}-rank-{rank}.json").read_text()) for rank in range(processes)] for job in jobs
-    }
-
-
 _ONE_PROCESS: dict[str, dict] = {}
 
 
@@ -73,7 +30,7 @@ def _one_process(tmp_path_factory, mode: str) -> dict:
     """The one-process run of ``mode`` whose alarm fires at every probe: the rewind every engine's must match."""
     if mode not in _ONE_PROCESS:
         job = _job(mode, "alarm")
-        _ONE_PROCESS[mode] = _run(tmp_path_factory.mktemp(f"one-process-{mode}"), None, (job,))[job][0]
+        _ONE_PROCESS[mode] = run_worker(tmp_path_factory.mktemp(f"one-process-{mode}"), None, (job,))[job][0]
     return _ONE_PROCESS[mode]
 
 
@@ -123,7 +80,7 @@ def _assert_quiet_probe_and_forced_rewind(runs: dict[str, list[dict]], one_proce
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_the_probe_and_the_rewind_under_each_engine(engine, mode, tmp_path_factory):
     jobs = tuple(_job(mode, job) for job in JOBS)
-    reports = _run(tmp_path_factory.mktemp(f"{engine}-{mode}"), ENGINES[engine], jobs)
+    reports = run_worker(tmp_path_factory.mktemp(f"{engine}-{mode}"), ENGINES[engine], jobs)
     runs = {job: reports[_job(mode, job)] for job in JOBS}
     expected = {"ddp": "ddp", "fsdp2": "fsdp2", "zero3": "deepspeed-zero3"}.get(engine, "deepspeed")
     _assert_quiet_probe_and_forced_rewind(runs, _one_process(tmp_path_factory, mode), expected)
@@ -138,10 +95,10 @@ def test_a_lora_rewind_restores_each_processs_adapters_under_a_sharding_engine(e
     """Under DeepSpeed (ZeRO-1/2: the adapters' optimizer state partitioned; ZeRO-3: the adapters too) and FSDP2
     LoRA's snapshot is each process's part on disk, as full tuning's."""
     if "lora" not in _ONE_PROCESS:
-        runs = _run(tmp_path_factory.mktemp("one-process-lora"), None, ("lora-alarm",))
+        runs = run_worker(tmp_path_factory.mktemp("one-process-lora"), None, ("lora-alarm",))
         _ONE_PROCESS["lora"] = runs["lora-alarm"][0]
     one_process = _ONE_PROCESS["lora"]
-    alarm = _run(tmp_path_factory.mktemp(f"{engine}-lora"), ENGINES[engine], ("lora-alarm",))["lora-alarm"]
+    alarm = run_worker(tmp_path_factory.mktemp(f"{engine}-lora"), ENGINES[engine], ("lora-alarm",))["lora-alarm"]
     assert one_process["rewinds"] == [[1, 0], [2, 0]]
     for rank in (0, 1):
         assert alarm[rank]["rewinds"] == one_process["rewinds"] and alarm[rank]["steps"] == one_process["steps"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.test_probe_engines import ENGINES, _run
+from tests.helpers.probe_engines import ENGINES, run_worker
 
 #: per engine, whether a checkpoint of two processes resumes on one
 OTHER_COUNT = {"zero1": True, "zero2": True, "zero3": False, "fsdp2": False}
@@ -38,12 +38,12 @@ def _assert_resumed_as_uninterrupted(straight: dict, resumed: dict) -> None:
 @pytest.mark.slow  # by default: test_probe.py::test_a_run_resumed_from_a_checkpoint_rewinds_as_the_uninterrupted_one
 @pytest.mark.parametrize("engine", sorted(OTHER_COUNT))
 def test_a_resumed_run_rewinds_as_the_uninterrupted_one_under_each_sharding_engine(engine, tmp_path):
-    two = _run(tmp_path, ENGINES[engine], ("resume-straight", "resume-same"))
+    two = run_worker(tmp_path, ENGINES[engine], ("resume-straight", "resume-same"))
     for straight, resumed in zip(two["resume-straight"], two["resume-same"], strict=True):
         _assert_resumed_as_uninterrupted(straight, resumed)
         # and step 4 trained bit for bit as the uninterrupted run's: each process's part and the gathered weights
         assert resumed["local_at_end"] == straight["local_at_end"] and resumed["gathered"] == straight["gathered"]
-    one = _run(tmp_path, ENGINES[engine], ("resume-other",), processes=1)["resume-other"][0]
+    one = run_worker(tmp_path, ENGINES[engine], ("resume-other",), processes=1)["resume-other"][0]
     if not OTHER_COUNT[engine]:
         name = {"zero3": "deepspeed", "fsdp2": "fsdp2"}[engine]
         assert one["refused"].startswith(f"Cannot resume under {name} on 1 process(es)")
