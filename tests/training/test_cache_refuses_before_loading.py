@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_diffusion_sdpo.cli import data_options
-from trl_diffusion_sdpo.cli import train as train_cli
+from trl_diffusion_sdpo.cli import cache as cache_cli
 from trl_diffusion_sdpo.cli.main import main
 
 
@@ -27,8 +26,8 @@ def nothing_loads(monkeypatch):
     from diffusers import DiffusionPipeline
 
     for module, name in [
-        (train_cli, "build_pipeline"),
-        (data_options, "load_train_split"),
+        (cache_cli, "build_pipeline"),
+        (cache_cli, "load_train_split"),
         (datasets, "load_dataset"),
     ]:
         monkeypatch.setattr(module, name, _loading)

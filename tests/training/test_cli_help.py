@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_diffusion_sdpo.cli import online, train
+from trl_diffusion_sdpo.cli import online_options, train_options
 from trl_diffusion_sdpo.cli.help_topics import LANGUAGE_MODEL_OPTIONS, stored_help, stored_help_path
 from trl_diffusion_sdpo.config.docs import GROUPS
 from trl_diffusion_sdpo.families.registry import registered_families
@@ -24,13 +24,13 @@ COMMANDS = ("train", "online")
 
 def parser_of(command: str, show_all: bool = False):
     if command == "train":
-        return train.make_parser(show_all=show_all)
-    return train.make_parser(
+        return train_options.make_parser(show_all=show_all)
+    return train_options.make_parser(
         "trl-diffusion-sdpo online",
-        online.ARGUMENT_TYPES,
-        online.DESCRIPTION,
-        online.EPILOG,
-        online.online_topics,
+        online_options.ARGUMENT_TYPES,
+        online_options.DESCRIPTION,
+        online_options.EPILOG,
+        online_options.online_topics,
         show_all=show_all,
     )
 
@@ -107,9 +107,9 @@ def test_help_groups_the_options_by_topic_and_hides_the_language_model_ones(comm
 
 
 def test_the_description_names_every_registered_family():
-    assert set(train.FAMILY_TITLES) == {family.name for family in registered_families()}
-    for title in train.FAMILY_TITLES.values():
-        assert title in train.DESCRIPTION
+    assert set(train_options.FAMILY_TITLES) == {family.name for family in registered_families()}
+    for title in train_options.FAMILY_TITLES.values():
+        assert title in train_options.DESCRIPTION
 
 
 if __name__ == "__main__":  # rewrite the stored texts
