@@ -22,6 +22,11 @@ Each part is a file of its own under ``--parts`` (resumable: a run already there
     OMP_NUM_THREADS=1 nohup python benchmarks/studies/probe_z_runs.py online --seeds 1 --name online-b &
     OMP_NUM_THREADS=1 nohup python benchmarks/studies/probe_z_runs.py wide --seeds 0-3 &
     python benchmarks/studies/probe_z_runs.py assemble
+
+More seeds, one process at a time (``offline-c``: measured at steps 25 and 50; ``wide-more``)::
+
+    OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py offline --seeds 4-7 --name offline-c --eval-steps 25,50
+    OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py wide --seeds 2,3 --name wide-more
 """
 
 from __future__ import annotations
@@ -118,6 +123,25 @@ def run_online(parts: Path, seeds: list[int], name: str = "online") -> int:
     return 0
 
 
+def _more_commands(parts: Path) -> list[str]:
+    """The commands of the parts added after the first ones (``offline-c``, ``wide-more``): per part, the seeds each of
+    its learning rates ran (one process at a time, each invocation resuming the part)."""
+    commands = []
+    for name, command in (("offline-c", "offline --eval-steps 25,50"), ("wide-more", "wide")):
+        path = parts / f"{name}.json"
+        if not path.exists():
+            continue
+        runs = json.loads(path.read_text())["runs"].values()
+        for lr in dict.fromkeys(f"{r['learning_rate']:g}" for r in runs):
+            seeds = sorted({int(r["seed"]) for r in runs if f"{r['learning_rate']:g}" == lr})
+            lrs = "" if command == "wide" else f" --lrs {lr}"
+            commands.append(
+                f"OMP_NUM_THREADS=1 python benchmarks/studies/probe_z_runs.py {command}{lrs} --name {name} "
+                f"--seeds {','.join(map(str, seeds))}"
+            )
+    return list(dict.fromkeys(commands))
+
+
 def assemble(parts: Path, path: Path = OUTPUT) -> int:
     """The parts into one result file, with how they were made."""
     from stability_map import machine
@@ -134,6 +158,7 @@ def assemble(parts: Path, path: Path = OUTPUT) -> int:
             "the second model, one process per learning rate (1e-3, 2e-5), seeds 0 then 1: "
             "probe_z_runs.run_offline(PARTS, [seed], base='wide', lrs=lr, methods='dpo', name=f'wide-{lr}', "
             "eval_steps='25,50')",
+            *_more_commands(parts),
             "python benchmarks/studies/probe_z_runs.py assemble",
         ],
         "machine": machine(),
@@ -158,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0-3")
     parser.add_argument("--parts", default=PARTS, type=Path)
     parser.add_argument("--name", default=None, help="offline, wide: the part file's name (default: the command).")
+    parser.add_argument("--lrs", default=OFFLINE_LRS, help="offline: the learning rates.")
+    parser.add_argument("--eval-steps", default="50", help="offline: the held-out measures' steps.")
     args = parser.parse_args(argv)
     seeds = _seeds(args.seeds)
     if args.command == "offline":
-        return run_offline(args.parts, seeds, name=args.name or "offline")
+        return run_offline(args.parts, seeds, lrs=args.lrs, name=args.name or "offline", eval_steps=args.eval_steps)
     if args.command == "wide":
         return run_offline(args.parts, seeds, base="wide", lrs=WIDE_LRS, methods="dpo", name=args.name or "wide",
                            eval_steps="25,50")  # fmt: skip
