@@ -280,7 +280,7 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
 
     def _pair_probe_prompts(self, probe: ProbeCallback, from_eval: bool) -> None:
         """The probe's held-out prompts paired (:mod:`.probe_pairs`) and what the start summary says of them."""
-        from .probe_pairs import PROBE_PAIR_MODE, held_out_pairs
+        from .probe_pairs import PROBE_PAIR_MODE, held_out_pairs  # only a run that probes loads them
 
         started = time.perf_counter()
         made = held_out_pairs(self, probe.held)
