@@ -8,11 +8,9 @@ output gradient, as per-sample-gradient libraries do (Opacus' grad samplers), wi
 ``2B`` (one per image: the per-pair scope)::
 
     Linear:  dW_k = sum_{r in group k} g_r x_r^T,  db_k = sum_{r in group k} g_r      (one batched matmul, one sum)
-    ConvNd:  dx_k, dW_k, db_k = convolution_backward over group k's rows              (one call per group)
-    GroupNorm (NCHW): the groups of rows side by side as channels (groups x its groups): one native forward for
-             the statistics and one native backward give dx and every dgamma_k, dbeta_k  (two calls)
-    LayerNorm: the statistics recomputed once over all rows, then aten's native backward per group of rows
-                                                                                       (one call, and one per group)
+    ConvNd:  dx over all rows in one convolution_backward call; dW_k, db_k in one call per group of rows
+    LayerNorm, GroupNorm: dx_k, dgamma_k, dbeta_k = aten's native backward over group k's rows, its statistics
+             recomputed there                                                          (two calls per group)
     other norms, embeddings (leaf modules of the types in :data:`RECOMPUTED`): the layer's forward recomputed per
              group under autograd (elementwise work, small against the matmuls)
 
@@ -250,9 +248,14 @@ def _grouped_transposed(grad: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class _ConvTap(torch.autograd.Function):
-    """As :class:`_LinearTap` for a convolution (the weight cast in the backward as there): per group of rows, one
-    ``convolution_backward`` call gives that group's input, weight and bias gradients (the calls together: the FLOPs
-    of one over all rows); the input gradients are joined, the weight's and the bias's stacked into their views."""
+    """As :class:`_LinearTap` for a convolution (the weight cast in the backward as there): one
+    ``convolution_backward`` call gives the input gradient over all rows (each row's its own, as a call per group
+    would give it), and per group of rows one call gives that group's weight and bias gradients (the calls together:
+    the FLOPs of one over all rows), stacked into their views. A backward computes the input and the weight gradients
+    apart anyway: this is one input-gradient computation instead of one per group, and no join of the groups' parts.
+    (One grouped convolution over the groups of rows laid side by side as channels would give every group's weight
+    gradient in one call, but oneDNN sums a grouped 1x1 or few-channel convolution's weight gradient in another order:
+    its bf16 gradients differ from the per-branch passes' in their last bits.)"""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass, computed: tuple[torch.Tensor]):
@@ -266,43 +269,28 @@ class _ConvTap(torch.autograd.Function):
         layer, tap = ctx.layer, ctx.tap
         want_w, want_b = layer.weight is not None, ctx.has_bias and layer.bias is not None
         needs_x = ctx.needs_input_grad[0]
-        mask = (needs_x, want_w, want_b)
-        bias_sizes = [weight.shape[0]] if want_b else None
         weight = _as(weight, grad.dtype)  # as for a linear layer: the dtype the layer computed in
-        parts = [
-            _CONV_BACKWARD(g, xs, weight, bias_sizes, *layer.conv_args, mask)
-            for g, xs in zip(grad.chunk(tap.groups), x.chunk(tap.groups))
-        ]
-        if want_w:
-            tap.stack(layer.weight, [part[1] for part in parts], layer)
-        if want_b:
-            tap.stack(layer.bias, [part[2] for part in parts], layer)
-        grad_x = torch.cat([part[0] for part in parts]) if needs_x else None
+        grad_x = None
+        if needs_x:
+            grad_x = _CONV_BACKWARD(grad, x, weight, None, *layer.conv_args, (True, False, False))[0]
+        if want_w or want_b:
+            mask = (False, want_w, want_b)
+            bias_sizes = [weight.shape[0]] if want_b else None
+            parts = [
+                _CONV_BACKWARD(g, xs, weight, bias_sizes, *layer.conv_args, mask)
+                for g, xs in zip(grad.chunk(tap.groups), x.chunk(tap.groups))
+            ]
+            if want_w:
+                tap.stack(layer.weight, [part[1] for part in parts], layer)
+            if want_b:
+                tap.stack(layer.bias, [part[2] for part in parts], layer)
         return grad_x, None, None, None, None, None
 
 
-def _rows_as_channels(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[groups * n, C, *s]`` (group-major rows) as ``[n, groups * C, *s]``: row ``i`` of group ``k`` becomes channels
-    ``k * C ...`` of row ``i`` (one copy; none where ``n`` is 1)."""
-    n = t.shape[0] // groups
-    return t.reshape(groups, n, *t.shape[1:]).transpose(0, 1).reshape(n, groups * t.shape[1], *t.shape[2:])
-
-
-def _channels_as_rows(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """The inverse of :func:`_rows_as_channels`: ``[n, groups * C, *s]`` as ``[groups * n, C, *s]``."""
-    n, channels = t.shape[0], t.shape[1] // groups
-    return t.reshape(n, groups, channels, *t.shape[2:]).transpose(0, 1).reshape(groups * n, channels, *t.shape[2:])
-
-
 class _NormTap(torch.autograd.Function):
-    """LayerNorm and GroupNorm: the statistics recomputed once by aten's native forward (they are per row: the same as
-    the layer's own) and aten's native backward for the input and the per-group affine gradients. A GroupNorm in NCHW
-    takes the groups of rows side by side as channels (:func:`_rows_as_channels`, ``groups`` times its groups, the
-    affine weight repeated): one forward and one backward call, whose affine gradients are the stacked per-group ones,
-    each group's channels summed over the same rows in the same order as its own call would. A LayerNorm (no groups of
-    channels to lay rows into) and a channels-last GroupNorm (whose kernel sums in another order) take one backward
-    call per group of rows, the statistics sliced from the one forward; the input gradients joined, the affine ones
-    stacked into their views."""
+    """LayerNorm and GroupNorm: per group of rows, the statistics recomputed by aten's native forward (they are per
+    row: the same as the layer's own) and its native backward for that group's input and affine gradients; the input
+    gradients joined, the affine ones stacked into their views."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer: _Layer, tap: _Pass, computed: tuple[torch.Tensor]):
@@ -315,7 +303,6 @@ class _NormTap(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         layer, tap = ctx.layer, ctx.tap
         module = layer.module
-        groups = tap.groups
         # The dtype the layer computed in is its output's (a norm's output is its input's dtype, the affine weights
         # may be wider): autocast's float32 policy for norms (CUDA's) cast the input and the weights to it; the
         # input is kept as the layer received it and cast here, so the forward keeps no second, wider copy
@@ -332,37 +319,20 @@ class _NormTap(torch.autograd.Function):
             # the statistics from the input in the layout F.group_norm hands aten's kernel (a channels-last input
             # stays channels-last, whose kernel sums in another order): the layer's own; its backward reads NCHW
             layout = _group_norm_layout(x)
-            if layout == torch.contiguous_format:
-                x = x if x.is_contiguous() else x.contiguous()
-                n, c = x.shape[0] // groups, groups * x.shape[1]
-                hw = x.numel() // max(n * c, 1)
-                norm_groups = groups * module.num_groups
-                xs, weights = _rows_as_channels(x, groups), weight.repeat(groups)
-                # the bias changes the output only (the weight's dtype sets the statistics' where they are mixed)
-                _, mean, rstd = _GROUP_NORM(xs, weights, None, n, c, hw, norm_groups, module.eps)
-                grad_x, grad_w, grad_b = _GROUP_NORM_BACKWARD(
-                    _rows_as_channels(grad, groups), xs, mean, rstd, weights, n, c, hw, norm_groups, mask
-                )
-                if want_w:
-                    tap.deliver(layer.weight, grad_w.view(groups, -1), layer)
-                if want_b:
-                    tap.deliver(layer.bias, grad_b.view(groups, -1), layer)
-                return (_channels_as_rows(grad_x, groups) if needs_x else None), None, None, None, None, None
             x = x if x.is_contiguous(memory_format=layout) else x.contiguous(memory_format=layout)
-            n, c = x.shape[:2]
-            hw = x.numel() // max(n * c, 1)
-            _, mean, rstd = _GROUP_NORM(x, weight, bias, n, c, hw, module.num_groups, module.eps)
-        else:
-            _, mean, rstd = _LAYER_NORM(x, module.normalized_shape, weight, bias, module.eps)
-        dense = x if x.is_contiguous() else x.contiguous()
+        rows = x.chunk(tap.groups)
+        dense = rows if x.is_contiguous() else x.contiguous().chunk(tap.groups)
         parts = []
-        for g, ds, m, r in zip(grad.chunk(groups), dense.chunk(groups), mean.chunk(groups), rstd.chunk(groups)):
+        for g, xs, ds in zip(grad.chunk(tap.groups), rows, dense):
             if isinstance(module, nn.GroupNorm):
-                n, c = ds.shape[:2]
-                hw = ds.numel() // max(n * c, 1)
-                parts.append(_GROUP_NORM_BACKWARD(g, ds, m, r, weight, n, c, hw, module.num_groups, mask))
+                n, c = xs.shape[:2]
+                hw = xs.numel() // max(n * c, 1)
+                _, mean, rstd = _GROUP_NORM(xs, weight, bias, n, c, hw, module.num_groups, module.eps)
+                parts.append(_GROUP_NORM_BACKWARD(g, ds, mean, rstd, weight, n, c, hw, module.num_groups, mask))
             else:
-                parts.append(_LAYER_NORM_BACKWARD(g, ds, module.normalized_shape, m, r, weight, bias, mask))
+                shape = module.normalized_shape
+                _, mean, rstd = _LAYER_NORM(xs, shape, weight, bias, module.eps)
+                parts.append(_LAYER_NORM_BACKWARD(g, ds, shape, mean, rstd, weight, bias, mask))
         if want_w:
             tap.stack(layer.weight, [part[1] for part in parts], layer)
         if want_b:
