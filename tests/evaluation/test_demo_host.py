@@ -153,10 +153,12 @@ def test_the_base_rebuild_refuses_an_earlier_rebuilds_files(tmp_path, monkeypatc
 
 
 def test_the_overwrite_flag_reaches_the_demo_and_the_rebuild(tmp_path, monkeypatch):
+    from trl_diffusion_sdpo.cli import demo_run
+
     seen: list[bool] = []
-    monkeypatch.setattr(run_module, "run_demo", lambda *args, overwrite=False, **kwargs: seen.append(overwrite))
+    monkeypatch.setattr(demo_run, "run_demo", lambda *args, overwrite=False, **kwargs: seen.append(overwrite))
     monkeypatch.setattr(
-        run_module, "run_pretrain", lambda *args, overwrite=False, **kwargs: seen.append(overwrite) or _strict_pass()
+        demo_run, "run_pretrain", lambda *args, overwrite=False, **kwargs: seen.append(overwrite) or _strict_pass()
     )
     for extra in ([], ["--overwrite"], ["--pretrain"], ["--pretrain", "--overwrite"]):
         assert demo_cli.main(["--quick", "--output_dir", str(tmp_path), *extra]) == 0

@@ -168,8 +168,8 @@ def test_threads_is_trains_option_with_its_default_and_help():
 def test_threads_set_torchs_threads_for_the_command_before_it_samples(command, monkeypatch, torch_threads):
     """``--threads N`` on the CPU: torch computes with N threads when the command hands over to the library;
     unset, the command line's CPU default (train's rule); 0 and a GPU device leave torch's setting alone."""
-    import trl_diffusion_sdpo.evaluation as evaluation_package
-    import trl_diffusion_sdpo.evaluation.pairs as pairs_module
+    from trl_diffusion_sdpo.cli import evaluate as evaluate_command
+    from trl_diffusion_sdpo.cli import pairs as pairs_command
 
     class Called(Exception):
         """Ends the command where it hands over to the library."""
@@ -180,8 +180,8 @@ def test_threads_set_torchs_threads_for_the_command_before_it_samples(command, m
         seen.append(torch.get_num_threads())
         raise Called
 
-    monkeypatch.setattr(evaluation_package, "evaluate", record)
-    monkeypatch.setattr(pairs_module, "make_pairs", record)
+    monkeypatch.setattr(evaluate_command, "evaluate", record)
+    monkeypatch.setattr(pairs_command, "make_pairs", record)
     for flags, expected in (
         (["--device", "cpu", "--threads", "2"], 2),
         (["--device", "cpu"], CPU_THREADS),

@@ -509,9 +509,9 @@ def test_cli_evaluate_end_to_end(tmp_path, model_dirs, capsys):
 
 
 def test_evaluate_and_pairs_pass_prompts_and_output_folder_and_turn_their_bars_off_off_a_terminal(monkeypatch):
-    import trl_diffusion_sdpo.evaluation as evaluation_package
-    import trl_diffusion_sdpo.evaluation.pairs as pairs_module
-    from trl_diffusion_sdpo.io import console
+    from trl_diffusion_sdpo.cli import evaluate as evaluate_command
+    from trl_diffusion_sdpo.cli import pairs as pairs_command
+    from trl_diffusion_sdpo.cli import sample
 
     class Called(Exception):
         """Ends the command where it hands its keywords to the library."""
@@ -525,10 +525,10 @@ def test_evaluate_and_pairs_pass_prompts_and_output_folder_and_turn_their_bars_o
 
         return call
 
-    monkeypatch.setattr(evaluation_package, "evaluate", recorder("evaluate"))
-    monkeypatch.setattr(pairs_module, "make_pairs", recorder("pairs"))
+    monkeypatch.setattr(evaluate_command, "evaluate", recorder("evaluate"))
+    monkeypatch.setattr(pairs_command, "make_pairs", recorder("pairs"))
     for terminal in (False, True):
-        monkeypatch.setattr(console, "on_terminal", lambda terminal=terminal: terminal)
+        monkeypatch.setattr(sample, "on_terminal", lambda terminal=terminal: terminal)
         for command in ("evaluate", "pairs"):
             with pytest.raises(Called):
                 main([command, "--base", "b", "--prompts", "p.txt", "--output-dir", "out"])
