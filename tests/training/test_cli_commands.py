@@ -63,3 +63,13 @@ def test_every_commands_help_runs_through_main(name):
     assert exit_info.value.code == 0
     assert f"trl-diffusion-sdpo {name}" in out.getvalue()
     assert "usage:" in out.getvalue().lower()
+
+
+def test_the_user_errors_looked_up_by_name_are_the_packages_exception_classes():
+    """console.py finds the heavy modules' user errors by name where their module is loaded: each name is a class."""
+    from trl_diffusion_sdpo.cli.console import HEAVY_USER_ERRORS, user_error_status
+
+    for target, status in HEAVY_USER_ERRORS.items():
+        cls = import_target(target)
+        assert isinstance(cls, type) and issubclass(cls, Exception), target
+        assert user_error_status(cls.__new__(cls)) == status, target
