@@ -233,7 +233,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         "(docs/safeguard.md states the cost).",
     )
     probe_alarm_z: float = option(
-        10.0,
+        7.0,
         "The held-out probe's alarm: a probe is unhealthy when `probe/winner_rise_z` (the held-out winner error's "
         "rise over the reference's, over its standard error across the probe's pairs and noise draws: the probe's own "
         "units, without the errors' scale) is above this; the alarm fires after `probe_alarm_patience` unhealthy "
