@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from ..config.extras import ExtraNotInstalled
 from ..config.messages import OutputExistsError, command_line
 from ..io.console import on_terminal
-from ..io.run_lock import RunLockedError
 
 __all__: list[str] = []  # nothing here is imported by users; the command line imports its names directly
 
@@ -34,14 +33,15 @@ DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TRL_DIFFUSION_SDPO_DEBUG"
 _TRUE = {"1", "true", "yes", "on"}
 
-# The package's errors a user can fix that live in modules too heavy for every command to import (the data, the
-# checkpoints, the Hub), by name with their exit status: an error of a module never imported was never raised, so
+# The package's errors a user can fix that live in modules not every command imports (the data, the checkpoints, the
+# Hub, the run lock), by name with their exit status: an error of a module never imported was never raised, so
 # user_error_status looks a class up only where its module is loaded.
 HEAVY_USER_ERRORS = {
     "trl_diffusion_sdpo.data.validation:DataError": 1,
     "trl_diffusion_sdpo.io.checkpoints:CheckpointError": 2,
     "trl_diffusion_sdpo.io.checkpoints:CheckpointSaveError": 2,
     "trl_diffusion_sdpo.io.hub:HubPushError": 2,
+    "trl_diffusion_sdpo.io.run_lock:RunLockedError": 2,
 }
 
 # Messages that say nothing a user can act on, by the logger that emits them and their exact text.
@@ -164,7 +164,7 @@ def user_error_status(error: BaseException) -> int | None:
     for cls, status in _loaded_user_errors():
         if isinstance(error, cls):
             return status
-    if isinstance(error, ExtraNotInstalled | OutputExistsError | RunLockedError):
+    if isinstance(error, ExtraNotInstalled | OutputExistsError):
         return 2
     if isinstance(error, ValueError | KeyError | FileNotFoundError | NotADirectoryError) and _raised_by_the_package(
         error

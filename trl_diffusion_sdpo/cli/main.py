@@ -98,7 +98,8 @@ COMMANDS: dict[str, Command] = {
         "accelerate launch (--config x.yaml: the training YAML; --help for every option).",
     ),
     "reward-server": Command(
-        run="trl_diffusion_sdpo.cli.reward_server:main",
+        run="trl_diffusion_sdpo.cli.reward_server:serve",
+        parse="trl_diffusion_sdpo.cli.reward_server_options:parse_args",
         help="Serve a registered scorer over HTTP for online training's reward_funcs (--scorer NAME --port 8000; "
         "needs the serve extra).",
     ),

@@ -9,8 +9,8 @@ The engine and the process count come from ``accelerate launch``, not the traini
 ``online`` command's YAML file (one with ``prompts`` or ``reward_funcs``) is read with that command's options.
 
 The stored option table and model counts answer where they hold the run (:mod:`.option_table`, no transformers or
-diffusers); the real parser and the model on the meta device where they do not (:mod:`.memory_parser`). Either way
-the output is :mod:`.memory_report`'s.
+diffusers); the real parser and the model on the meta device where they do not (:mod:`.memory_parser`,
+:mod:`.memory_meta`). Either way the output is :mod:`.memory_report`'s.
 """
 
 from __future__ import annotations
@@ -75,11 +75,14 @@ def run_estimate_memory(argv: list[str] | None = None, stored: bool = True) -> i
         if found is not None:
             print(found)
             return 0
-    # Chosen here, where the stored tables lack the run: the real parser and the meta-device model import
-    # transformers and diffusers, which the stored answer does without.
-    from .memory_parser import estimate_with_parser
+    # Chosen here, where the stored tables lack the run: the real parser imports transformers (and exits on --help),
+    # the model on the meta device diffusers; the stored answer does without both.
+    from .memory_parser import parse_for_estimate
 
-    return estimate_with_parser(argv)
+    parsed = parse_for_estimate(argv)
+    from .memory_meta import estimate_on_meta  # past the parser's --help: the meta-device model, chosen at run time
+
+    return estimate_on_meta(parsed)
 
 
 if __name__ == "__main__":

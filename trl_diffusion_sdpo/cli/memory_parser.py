@@ -1,24 +1,22 @@
-"""``trl-diffusion-sdpo estimate-memory`` the slow way: ``train``'s real parser (or ``online``'s) with the estimate's
-options, and the model counted on the meta device. :mod:`.memory` answers from the stored tables where they hold the
-run and imports this module (transformers, diffusers) only where they do not.
+"""``trl-diffusion-sdpo estimate-memory``'s real parser: ``train``'s (or ``online``'s) with the estimate's options.
+:mod:`.memory` answers from the stored tables where they hold the run and reads the arguments with this parser
+(transformers) only where they do not; then :mod:`.memory_meta` counts the model on the meta device.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-from ..engines.memory import RunShape, family_lora_targets, model_sizes
-from ..families.preparation import wants_gradient_checkpointing
 from . import online_options, train_options
-from .memory_report import EstimateArguments, answer, is_online_config, shape
-from .model_loading import base_quantization_for
+from .memory_report import EstimateArguments, is_online_config
 from .parsing import parse_or_exit
-from .train_options import DiffusionScriptArguments, check_supported_model
+from .train_options import DiffusionScriptArguments
 
-__all__ = ["estimate_options", "estimate_with_parser", "make_estimate_parser", "run_shape"]
+__all__ = ["ParsedEstimate", "estimate_options", "make_estimate_parser", "parse_for_estimate"]
 
 
 def _argument_types(online: bool) -> tuple[tuple[type, ...], Any]:
@@ -48,26 +46,6 @@ def make_estimate_parser(online: bool = False):
     )
 
 
-def run_shape(
-    args: Any, model_args: Any, diffusion_args: Any, estimate_args: EstimateArguments, family: str
-) -> RunShape:
-    """The :class:`~trl_diffusion_sdpo.engines.memory.RunShape` of the parsed ``train`` arguments and the engine
-    options."""
-    targets = model_args.lora_target_modules
-    if isinstance(targets, str):  # TRL's ModelConfig makes a one-item list its item
-        targets = (targets,)
-    return shape(
-        args,
-        model_args,
-        estimate_args,
-        family,
-        lora_targets=tuple(targets or family_lora_targets(family)),
-        base_quantization=base_quantization_for(model_args, diffusion_args).name,
-        checkpointing=wants_gradient_checkpointing(args),
-        latent_cache=bool(args.cache_latents or diffusion_args.latent_cache),
-    )
-
-
 def _parses(parser: Any, argv: list[str]) -> bool:
     """Whether ``parser`` takes ``argv`` (a config's rules included), its refusal kept off stderr."""
     try:
@@ -78,9 +56,27 @@ def _parses(parser: Any, argv: list[str]) -> bool:
     return True
 
 
-def estimate_with_parser(argv: list[str]) -> int:
-    """``estimate-memory`` for ``argv`` read by the real parser, the model built on the meta device; the exit
-    status."""
+@dataclass
+class ParsedEstimate:
+    """``estimate-memory``'s words read by the real parser: the parser (whose error a refusal is), the words as it
+    read them, whether an ``online`` YAML file's options, and the parsed arguments."""
+
+    parser: argparse.ArgumentParser
+    given: list[str]
+    online: bool
+    args: Any
+    model_args: Any
+    diffusion_args: Any
+    estimate_args: EstimateArguments
+
+    def accepts(self, flags: list[str]) -> bool:
+        """Whether the command's own parser takes these arguments with ``flags`` (a config's rules included)."""
+        return _parses(self.parser, [*self.given, *flags])
+
+
+def parse_for_estimate(argv: list[str]) -> ParsedEstimate:
+    """``argv`` read by the real parser (``online``'s where ``--config`` is an online YAML file); exits on ``--help``
+    and with a usage error."""
     online = is_online_config(argv)
     parser = make_estimate_parser(online)
     # transformers refuses bf16 without a GPU unless use_cpu is set; the estimate reads the flag nowhere, and flags
@@ -92,17 +88,4 @@ def estimate_with_parser(argv: list[str]) -> int:
         diffusion_args = DiffusionScriptArguments()
     else:
         _, args, model_args, diffusion_args, estimate_args = parsed
-    try:
-        check_supported_model(model_args)
-        if estimate_args.num_processes < 1:
-            raise ValueError(f"--num_processes must be at least 1, got {estimate_args.num_processes}")
-        if estimate_args.gpu is not None and estimate_args.gpu <= 0:
-            raise ValueError(f"--gpu is a GPU's memory in GB, e.g. 24; got {estimate_args.gpu}")
-        sizes = model_sizes(model_args.model_name_or_path)
-        run = run_shape(args, model_args, diffusion_args, estimate_args, sizes.family)
-        # the changes the command's own parser takes for this run (a config's rules included)
-        accepted = lambda flags: _parses(parser, [*given, *flags])  # noqa: E731
-        print(answer(sizes, run, estimate_args, model_args.model_name_or_path, accepted, estimate_options(online)))
-    except ValueError as err:
-        parser.error(str(err))
-    return 0
+    return ParsedEstimate(parser, given, online, args, model_args, diffusion_args, estimate_args)
