@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         for key, line in runs[label]["summary"].items():
             print(f"{label:6s} {key:18s} {line}")
     result = {
+        "what": " ".join(__doc__.split("\n\n")[:2]).replace("\n", " "),
         "command": "python " + " ".join([str(Path(__file__).relative_to(ROOT)), *(argv or sys.argv[1:])]),
         "machine": harness.machine_description("cpu", 1),
         "load": f"load average {os.getloadavg()[0]:.1f} at the end (2 CPU cores shared with other work)",

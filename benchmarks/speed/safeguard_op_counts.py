@@ -36,6 +36,8 @@ import copy
 import importlib.util
 import json
 import math
+import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -278,16 +280,33 @@ def run(
     return {"trained_tensors": sum(1 for p in trainer.family.denoiser.parameters() if p.requires_grad), "rows": rows}
 
 
-def pass_host_times(before: dict, rounds: int, bf16: bool) -> dict:
-    """The tapped pass alone on the tiny UNet (full tuning, 4 pairs, :mod:`one_pass_model`), now and with the taps of
-    ``--before``, beside Diffusion-DPO's forward and backward: per route the median main-thread CPU time (one thread:
-    the host's Python and the kernels) of ``rounds`` rounds, the routes alternating within each round (the first three
-    rounds left out). ``install``: entering and leaving the taps' block with nothing inside (the hooks registered and
-    removed, or the forwards replaced and put back); ``forward``: the tapped forward; ``pass``: forward, backward."""
+def pass_host_times(before: dict, rounds: int, bf16: bool, model: str = "tiny") -> dict:
+    """The tapped pass alone on the tiny UNet (``model="tiny"``, :mod:`one_pass_model`) or on the lock-step measure's
+    UNet of SD1.5's block structure (``"sd15-structure"``: :data:`~benchmarks.speed.host_time_lockstep.SD15_STRUCTURE`,
+    77 prompt tokens), full tuning, 4 pairs, now and with the taps of ``--before``, beside Diffusion-DPO's forward and
+    backward: per route the median main-thread CPU time (one thread: the host's Python and the kernels) of ``rounds``
+    rounds, the routes alternating within each round (the first three rounds left out), and the median of the rounds'
+    ratios of the pass now to the pass before. ``install``: entering and leaving the taps' block with nothing inside
+    (the hooks registered and removed, or the forwards replaced and put back); ``forward``: the tapped forward;
+    ``pass``: forward, backward."""
     from benchmarks.speed.one_pass_model import build, cotangents
     from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 
-    unet, inputs, target = build("tiny", False, PAIRS)
+    if model == "sd15-structure":
+        from diffusers import UNet2DConditionModel
+
+        from benchmarks.speed.host_time_lockstep import SD15_STRUCTURE
+
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_STRUCTURE).train()
+        gen = torch.Generator().manual_seed(1)
+        side, rows = SD15_STRUCTURE["sample_size"], 2 * PAIRS
+        context = torch.randn(PAIRS, 77, SD15_STRUCTURE["cross_attention_dim"], generator=gen).repeat(2, 1, 1)
+        timesteps = torch.randint(0, 1000, (PAIRS,), generator=gen).repeat(2)
+        inputs = (torch.randn(rows, 4, side, side, generator=gen), timesteps, context)
+        target = torch.randn(rows, 4, side, side, generator=gen)
+    else:
+        unet, inputs, target = build("tiny", False, PAIRS)
     params = [p for p in unet.parameters() if p.requires_grad]
     stores = {"now": OnePassBranchGradients(unet, params)}
     if before:
@@ -328,10 +347,15 @@ def pass_host_times(before: dict, rounds: int, bf16: bool) -> dict:
             start = time.thread_time()
             run_route()
             times[route].append(time.thread_time() - start)
-    return {
+    result = {
+        "model": model,
         "tapped_layers": len(stores["now"].taps.layers),
         "median_thread_cpu_ms": {route: 1e3 * statistics.median(t[3:]) for route, t in times.items()},
     }
+    if before:
+        pairs = zip(times["now pass"][3:], times["before pass"][3:])
+        result["median_paired_pass_ratio_now_to_before"] = statistics.median(now / then for now, then in pairs)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -349,6 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--pass-rounds", type=int, default=0, help="also time the tapped pass alone this many rounds (pass_host_times)"
     )
+    parser.add_argument(
+        "--pass-model", default="tiny", choices=["tiny", "sd15-structure"], help="the UNet of --pass-rounds"
+    )
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -357,9 +384,11 @@ def main(argv: list[str] | None = None) -> dict:
     commit = subprocess.run(["git", "rev-parse", opts.before], cwd=ROOT, check=True, capture_output=True, text=True)
     here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True, capture_output=True, text=True)
     before = {} if opts.checkout else load_before(opts.before)
-    tunings = opts.tunings.split(",")
+    tunings = [tuning for tuning in opts.tunings.split(",") if tuning]  # none: --pass-rounds alone
     with tempfile.TemporaryDirectory(prefix="op-counts-") as workdir:
         result = {
+            "what": __doc__.split("\n\n")[0].replace("\n", " "),
+            "command": "python " + shlex.join([str(Path(__file__).relative_to(ROOT)), *(argv or sys.argv[1:])]),
             "machine": harness.machine_description("cpu", 1),
             "settings": {
                 "before": None if opts.checkout else commit.stdout.strip(),
@@ -374,9 +403,10 @@ def main(argv: list[str] | None = None) -> dict:
             **{tuning: run(tuning == "lora_r4", before, opts.rounds, workdir, opts.bf16) for tuning in tunings},
         }
         if opts.pass_rounds:
-            result["passes"] = pass_host_times(before, opts.pass_rounds, opts.bf16)
+            result["passes"] = pass_host_times(before, opts.pass_rounds, opts.bf16, opts.pass_model)
             for route, ms in result["passes"]["median_thread_cpu_ms"].items():
                 print(f"pass {route:16s} {ms:8.2f} ms")
+        result["load"] = f"load average {os.getloadavg()[0]:.1f} at the end (2 CPU cores shared with other work)"
     for tuning in tunings:
         for name, row in result[tuning]["rows"].items():
             print(
