@@ -442,3 +442,8 @@ def test_the_richer_rules_read_only_the_probes_up_to_the_last_evaluation():
     run["reward_change"] = {10: 0.0}
     assert all(study.SeriesRule(f, a, b).fires(run) is None for f, a, b in
                (("in_a_row", 10.0, 1), ("cusum", 10.0, 5.0), ("mean", 1, 10.0), ("rise", 5.0, 1)))  # fmt: skip
+
+
+def test_the_user_docs_state_each_models_held_out_confusion_matrix(written_z):
+    page = " ".join((ROOT / "docs" / "safeguard.md").read_text().split())
+    assert study.held_out_sentence(written_z) in page
