@@ -456,10 +456,10 @@ class DiffusionSDPOTrainer(Trainer):
             window = BackwardWindow(
                 self.current_gradient_accumulation_steps, self.accelerator.sync_gradients, not replay
             )
-            inside = getattr(stage, "passes_in_engine_backward", True)  # FSDP: the passes run in compute_loss
-            # DeepSpeed steps inside its backward: the hook runs in compute_loss, before Trainer's backward
-            hook = self._combine if getattr(stage, "engine_steps_in_backward", False) else None
-            with PassesInStep(stage, policy, window, self.compute_loss_context_manager, inside, hook) as batch.passes:
+            placement = self.engine.passes_placement  # where the engine lets the passes run in Trainer's step
+            hook = self._combine if placement == "with_combination" else None  # else after Trainer's step
+            context = self.compute_loss_context_manager
+            with PassesInStep(stage, policy, window, context, placement, hook) as batch.passes:
                 loss = super().training_step(model, batch, num_items_in_batch)
             if batch.passes.lambdas is None:  # the safeguard's hook: lambda, and g_w + lambda * h_l written
                 batch.lambdas.update(self._combine(batch.passes.branches))

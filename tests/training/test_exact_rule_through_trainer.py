@@ -79,3 +79,71 @@ def test_the_exact_rule_runs_inside_trainers_training_step_and_backward(make_tra
     assert [scale for _, _, scale in passes] == [1.0 / accumulation] * 2
     # The hook chose lambda after Trainer's step returned, once per micro-batch
     assert combined == [False, False]
+
+
+def _train_placed(make_trainer, placement: str) -> tuple[list[tuple[bool, bool]], set[str], dict]:
+    """One optimizer step (a window of two) of the one pass with the engine's ``passes_placement`` set to
+    ``placement``: per pass, (inside the engine's backward, its scale left to the stage); the placements
+    ``PassesInStep`` was given; the trained weights."""
+    import torch
+
+    from trl_diffusion_sdpo.step.backward import PassesInStep
+
+    trainer = make_trainer(max_steps=1, gradient_accumulation_steps=2, safeguard_space="parameter", safeguard_mu=0.5)
+    engine_backward, pass_backward, passes_init = trainer.accelerator.backward, OnePass.backward, PassesInStep.__init__
+    inside, seen, given = [False], [], set()
+
+    def spy_engine_backward(loss, **kwargs):
+        inside[0] = True
+        try:
+            return engine_backward(loss, **kwargs)
+        finally:
+            inside[0] = False
+
+    def spy_pass_backward(self, loss, predictions, scale=None):
+        seen.append((inside[0], scale is None))
+        return pass_backward(self, loss, predictions, scale)
+
+    def spy_init(self, *args, **kwargs):
+        passes_init(self, *args, **kwargs)
+        given.add(self.placement)
+
+    with (
+        mock.patch.object(type(trainer.engine), "passes_placement", placement),
+        mock.patch.object(trainer.accelerator, "backward", side_effect=spy_engine_backward),
+        mock.patch.object(OnePass, "backward", autospec=True, side_effect=spy_pass_backward),
+        mock.patch.object(PassesInStep, "__init__", autospec=True, side_effect=spy_init),
+    ):
+        trainer.train()
+    weights = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    return seen, given, weights
+
+
+def test_the_engines_placement_of_the_passes_reaches_the_step(make_trainer):
+    """Where the passes run is the engine's ``passes_placement``: told ``"in_compute_loss"`` (FSDP's), the passes run
+    before Trainer's backward, with the stage's own scale, and train the same weights as inside it, bit for bit."""
+    import torch
+
+    from trl_diffusion_sdpo.engines.base import PASS_PLACEMENTS
+
+    seen_in, given_in, inside = _train_placed(make_trainer, "in_backward")
+    seen_before, given_before, before = _train_placed(make_trainer, "in_compute_loss")
+    assert {"in_backward", "in_compute_loss"} <= set(PASS_PLACEMENTS)
+    assert (given_in, given_before) == ({"in_backward"}, {"in_compute_loss"})
+    assert seen_in == [(True, False)] * 2  # inside Trainer's backward, with its scale
+    assert seen_before == [(False, True)] * 2  # before it, with the stage's own
+    assert inside.keys() == before.keys()
+    for name, value in inside.items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_placement_and_its_hook_are_checked():
+    from trl_diffusion_sdpo.step.backward import BackwardWindow, PassesInStep
+
+    with pytest.raises(ValueError, match="placement must be one of"):
+        PassesInStep(None, None, BackwardWindow(), placement="inside")
+    with pytest.raises(ValueError, match="with_combination"):
+        PassesInStep(None, None, BackwardWindow(), placement="with_combination")
+    with pytest.raises(ValueError, match="with_combination"):
+        PassesInStep(None, None, BackwardWindow(), placement="in_backward", combine=lambda branches: {})

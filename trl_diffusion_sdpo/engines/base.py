@@ -35,6 +35,7 @@ from accelerate.utils import DistributedType
 from ..families.preparation import reference_like_policy
 
 __all__ = [
+    "PASS_PLACEMENTS",
     "Engine",
     "fused_scaling_optimizer",
     "gradient_norm",
@@ -46,6 +47,20 @@ __all__ = [
 
 # Where gradients are sharded or clipped by the engine itself, accelerate's own clipping must be used.
 _ENGINE_MANAGED = {DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM}
+
+
+#: Where an engine runs the exact rule's per-branch passes within transformers' ``Trainer.training_step``
+#: (:attr:`Engine.passes_placement`, read by :class:`~trl_diffusion_sdpo.step.backward.PassesInStep`)
+PASS_PLACEMENTS = {
+    "in_backward": "inside the engine's backward that Trainer's step runs, carried by the loss compute_loss returns",
+    "in_compute_loss": (
+        "in compute_loss, before Trainer's backward: the engine's backward hooks cannot run inside another backward"
+    ),
+    "with_combination": (
+        "in compute_loss with the safeguard's combination after them, the engine's last backward of the micro-batch "
+        "deferred to Trainer's: the engine steps inside its own backward"
+    ),
+}
 
 
 class ResumeConfigError(ValueError):
@@ -62,6 +77,9 @@ class Engine:
     #: DeepSpeed steps inside the backward of an accumulation window's last micro-batch, before the trainer's
     #: ``on_pre_optimizer_step``: a step to leave unapplied must be known (:meth:`skip_next_step`) before it.
     steps_in_backward: bool = False
+    #: Where the exact rule's per-branch passes run within transformers' step, a key of :data:`PASS_PLACEMENTS`: one
+    #: process and DDP inside the backward Trainer's step runs.
+    passes_placement: str = "in_backward"
     #: FSDP wraps the model inside ``Trainer.train()``, replacing the parameters: none can be listed before it.
     replaces_parameters_in_train: bool = False
     #: Validation sampling needs the whole denoiser on the main process.

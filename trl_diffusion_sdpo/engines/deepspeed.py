@@ -149,6 +149,8 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
     skips_nonfinite_steps = True
     steps_in_backward = True
+    # it steps inside its own backward and owns the reduced gradients: the combination must reach them before that
+    passes_placement = "with_combination"
     shards_training_state = True  # the optimizer state is partitioned at every stage, the weights too at ZeRO-3
 
     def __init__(self, accelerator, stage: int) -> None:

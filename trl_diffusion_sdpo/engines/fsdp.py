@@ -112,6 +112,8 @@ class FSDP2Engine(Engine):
 
     name = "fsdp2"
     replaces_parameters_in_train = True
+    # its post-backward hooks end the backward they run in (a process crashed when they ran inside another backward)
+    passes_placement = "in_compute_loss"
     samples_whole_denoiser = False
     shards_training_state = True
 
@@ -218,6 +220,7 @@ class FSDP1Engine(Engine):
 
     name = "fsdp1"
     replaces_parameters_in_train = True
+    passes_placement = "in_compute_loss"  # as FSDP2's: its hooks are not run inside another backward
     refreshes_reference = False  # its flattened shards are not gathered per parameter here
 
     def gathers_for_save(self) -> bool:

@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PAIR_SCOPE_MAX_FULL_BYTES",
-    "PASSES_IN_ENGINE_BACKWARD",
     "SAFEGUARD_PASSES",
     "ParameterSpace",
     "OnePass",
@@ -77,14 +76,6 @@ SAFEGUARD_PASSES = ("one", "two")
 
 Predict = Callable[[bool], PreferencePredictions]  # separate_branches -> the micro-batch's predictions
 
-
-#: The engines' variants whose exact-rule passes run inside the engine's backward of transformers' step, where the
-#: loss compute_loss returns carries them (a backward run inside a backward, as reentrant activation checkpointing
-#: runs its recomputation): one process and DDP. Not FSDP, whose post-backward hooks end the backward they run in (a
-#: process crashed when they ran in one inside another): its passes run in compute_loss; nor DeepSpeed, which steps
-#: the engine inside its own backward and owns the reduced gradients (the combination must reach them before that
-#: step): its passes and combination run in compute_loss, and the engine's last backward is Trainer's.
-PASSES_IN_ENGINE_BACKWARD = frozenset({"ddp"})
 
 #: Full tuning with the per-pair scope is refused above this many bytes of per-image gradients (small models pass)
 PAIR_SCOPE_MAX_FULL_BYTES = 4 * 2**30
@@ -257,13 +248,6 @@ class ParameterSpaceBackward:
         self._decided = False
         self._probed = False
 
-    @property
-    def engine_steps_in_backward(self) -> bool:
-        """Whether the engine owns the reduced gradients and steps inside its own backward (DeepSpeed): the passes
-        and the combination then run in ``compute_loss``, the engine's last backward deferred to Trainer's
-        (:meth:`engine_backward_deferred`)."""
-        return self.collectives.owns_gradients
-
     @contextlib.contextmanager
     def engine_backward_deferred(self) -> Iterator[list[torch.Tensor]]:
         """Within the block, the engine's last backward of a micro-batch (DeepSpeed's, which also steps the engine at
@@ -275,13 +259,6 @@ class ParameterSpaceBackward:
             yield deferred
         finally:
             self.collectives.deferred = None
-
-    @property
-    def passes_in_engine_backward(self) -> bool:
-        """Whether the passes run inside the engine's backward of transformers' step (one process and DDP,
-        :data:`PASSES_IN_ENGINE_BACKWARD`); else they run in ``compute_loss``, before Trainer's backward (FSDP), or
-        before any backward with the combination (:attr:`engine_steps_in_backward`, DeepSpeed)."""
-        return self.engine.variant in PASSES_IN_ENGINE_BACKWARD
 
     @property
     def mu(self) -> float | torch.Tensor:

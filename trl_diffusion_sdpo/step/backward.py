@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..engines.base import PASS_PLACEMENTS
 from ..objectives import PreferencePredictions
 
 __all__ = ["Backward", "BackwardWindow", "GradientPass", "PassesInStep"]
@@ -126,14 +127,15 @@ class PassesInStep:
         policy: the module the passes run (the unwrapped denoiser unless the stage runs through the engine).
         window: the micro-batch's place in its accumulation window (its ``pairs`` set by :meth:`loss`).
         context: entered around each pass's forward and backward (``Trainer.compute_loss_context_manager``).
-        inside_backward: whether the passes' backward runs inside the engine's backward (the loss carries it); else
-            right after the forward, in ``compute_loss``, with the stage's own scale (an engine whose backward hooks
-            cannot run inside another backward: FSDP), the loss then carrying nothing.
-        combine: for an engine that steps inside its own backward (DeepSpeed; the stage's
-            ``engine_steps_in_backward``): the safeguard's hook, run in ``compute_loss`` after the passes; the
-            engine's last backward of the micro-batch is then deferred (the stage's ``engine_backward_deferred``) and
-            the loss carries it into Trainer's ``accelerator.backward``, which steps the engine. ``None``: the
-            trainer runs the hook after Trainer's step.
+        placement: where the passes run, the engine's :attr:`~trl_diffusion_sdpo.engines.base.Engine.passes_placement`
+            (:data:`~trl_diffusion_sdpo.engines.base.PASS_PLACEMENTS`): ``"in_backward"``, inside the engine's
+            backward of Trainer's step, with its scale; ``"in_compute_loss"``, right after the forward with the
+            stage's own scale, the loss then carrying nothing (FSDP); ``"with_combination"``, in ``compute_loss``
+            followed by ``combine``, the engine's last backward of the micro-batch deferred (the stage's
+            ``engine_backward_deferred``) and carried by the loss into Trainer's ``accelerator.backward``, which steps
+            the engine (DeepSpeed).
+        combine: the safeguard's hook, needed by ``"with_combination"`` (else the trainer runs it after Trainer's
+            step).
     """
 
     def __init__(
@@ -142,11 +144,15 @@ class PassesInStep:
         policy: torch.nn.Module,
         window: BackwardWindow,
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        inside_backward: bool = True,
+        placement: str = "in_backward",
         combine: Callable[[Any], dict[str, Any]] | None = None,
     ) -> None:
+        if placement not in PASS_PLACEMENTS:
+            raise ValueError(f"placement must be one of {sorted(PASS_PLACEMENTS)}, got {placement!r}")
+        if (placement == "with_combination") != (combine is not None):
+            raise ValueError("the 'with_combination' placement, and it alone, takes the safeguard's hook (combine)")
         self.backward, self.policy, self.window, self.context = backward, policy, window, context
-        self.inside_backward, self.combine = inside_backward and combine is None, combine
+        self.placement, self.combine = placement, combine
         #: with ``combine``: what the hook returned (``lambda`` by metric name)
         self.lambdas: dict[str, Any] | None = None
         #: after the step, the branches' gradients for the safeguard's hook
@@ -172,14 +178,14 @@ class PassesInStep:
         self._run(next(self._passes))
         loss = self._formed[0]
         anchor = torch.zeros((), device=loss.device, requires_grad=True)
-        if self.combine is not None:  # the engine steps in its backward: its last one is Trainer's
+        if self.placement == "with_combination":  # the engine steps in its backward: its last one is Trainer's
             with self.backward.engine_backward_deferred() as deferred:
                 self._backward(None)
                 self.lambdas = self.combine(self.branches)
             carried = _CarriedBackward.apply(loss.detach(), anchor, lambda scale: None)
             # Trainer divides the loss by the window, which the passes' scale holds already: multiplied back
             return carried + sum(s - s.detach() for s in deferred) * self.window.accumulation_steps
-        if not self.inside_backward:
+        if self.placement == "in_compute_loss":
             self._backward(None)  # now, with the stage's own scale
             return _CarriedBackward.apply(loss.detach(), anchor, lambda scale: None)
         # the loss's value only: its graph is the passes' to backpropagate, never the engine's
