@@ -207,7 +207,7 @@ class DiffusionSDPOConfig(TrainingArguments):
         "(`safeguard_space='none'`) trains on with the safeguard `safeguard` switches to, and a run with a safeguard "
         "already on, an online run (which has no safeguard to switch to) or a second alarm stops with the healthy "
         "weights (docs/safeguard.md). With `probe_steps`, every value acts on the probe's alarm too (`warn`: a "
-        "warning naming the step a rewind would restore).",
+        "warning naming the step a rewind would restore, once per unhealthy episode).",
         choices=list(PATHOLOGY_ACTIONS),
     )
     probe_steps: int | None = option(
