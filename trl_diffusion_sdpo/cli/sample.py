@@ -17,9 +17,9 @@ __all__ = ["command_sampling_keywords", "sampling_keywords", "start_sampling_com
 
 
 def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
-    """The keywords that :func:`add_sampling_arguments`' flags set, named as :func:`~.evaluation.evaluate` and
-    :func:`~.evaluation.pairs.make_pairs` both take them: the generation settings, the prompt-loading options, the
-    batch sizes, the image cache, the device and the progress bars."""
+    """The keywords that :func:`~.sample_options.add_sampling_arguments`' flags set, named as
+    :func:`~.evaluation.evaluate` and :func:`~.evaluation.pairs.make_pairs` both take them: the generation settings,
+    the prompt-loading options, the batch sizes, the image cache, the device and the progress bars."""
     settings = GenerationSettings(
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,

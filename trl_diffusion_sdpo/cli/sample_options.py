@@ -43,7 +43,7 @@ def add_scorer_arg_argument(parser: argparse.ArgumentParser, metavar: str, help:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The prompt-source and sampling flags that ``evaluate`` and ``pairs`` share (read by
-    :func:`sampling_keywords`)."""
+    :func:`~.sample.sampling_keywords`)."""
     parser.add_argument("--prompt_column", "--prompt-column", default=None, help="Prompt column of a dataset.")
     parser.add_argument("--prompt_split", "--prompt-split", default=None, help="Split of a dataset.")
     parser.add_argument("--prompt_path", "--prompt-path", default=None, help="Read a preset from this local copy.")

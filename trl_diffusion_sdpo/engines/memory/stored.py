@@ -31,7 +31,7 @@ __all__ = ["RESOLUTIONS", "STORED_FILE", "NotStored", "StoredCounts", "count_mod
 STORED_FILE = Path(__file__).with_name("stored_counts.json")
 #: the resolutions whose UNet activations are stored: multiples of 64 (the latent a multiple of 8) up to 2048 px
 RESOLUTIONS = tuple(range(64, 2049, 64))
-# one pair's rows, and the prompt tokens a UNet attends to (cli/memory.py's CLIP_TOKENS)
+# one pair's rows, and the prompt tokens a UNet attends to (cli/memory_report.py's CLIP_TOKENS)
 _ROWS = 2
 _UNET_TOKENS = 77
 
