@@ -52,8 +52,8 @@ def test_all_reduce_mean_averages_every_tensor_in_place_over_two_processes():
         p.start()
     results = dict((rank, (tensors, same)) for rank, tensors, same in (queue.get(timeout=120) for _ in procs))
     for p in procs:
-        p.join(timeout=60)
-    assert all(p.exitcode == 0 for p in procs)
+        p.join(timeout=600)  # a loaded machine takes its time to end two torch processes: None is still running
+    assert [p.exitcode for p in procs] == [0, 0]
     first, second = _tensors(0), _tensors(1)
     for rank, (values, same_storage) in results.items():
         tensors = [torch.tensor(v, dtype=torch.float64).to(dtype) for v, dtype in zip(values, DTYPES)]
