@@ -17,9 +17,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from trl_diffusion_sdpo.cli import demo as demo_cli
+from trl_diffusion_sdpo.cli import demo_run
 from trl_diffusion_sdpo.cli import main as cli
 from trl_diffusion_sdpo.demo import pretrain as pretrain_module
-from trl_diffusion_sdpo.demo import run as run_module
 from trl_diffusion_sdpo.demo.methods import GUARDS, METHODS, method_unavailable
 from trl_diffusion_sdpo.demo.pretrain import (
     SHIPPED_BASE_DIR,
@@ -275,7 +275,8 @@ def test_demo_options_reach_the_recipe(monkeypatch, tmp_path):
     )
     assert (args.output_dir, args.quick, args.seed, args.no_cache, args.cache_dir) == ("x", True, 2, True, "c")
     seen: list[DemoRecipe] = []
-    monkeypatch.setattr(run_module, "run_demo", lambda output_dir, recipe, **kwargs: seen.append(recipe))
+    # replaced where the command looks it up (cli.demo_run imports it at its top)
+    monkeypatch.setattr(demo_run, "run_demo", lambda output_dir, recipe, **kwargs: seen.append(recipe))
     assert demo_cli.main(["--quick", "--no-breaking-regime", "--output-dir", str(tmp_path)]) == 0
     assert seen[0].breaking is None and seen[0].max_steps == DemoRecipe.quick().max_steps
     assert DemoRecipe().breaking == BreakingRegime() and DemoRecipe.quick().breaking == BreakingRegime.quick()
