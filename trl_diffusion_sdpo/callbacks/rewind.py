@@ -454,20 +454,15 @@ class Rewind:
         args = trainer.args
         parameters = list(trainable_parameters(trainer.policy))  # in the optimizer's order
         moving = companions(trainer)
+        accelerator = trainer.accelerator
+        folder = os.path.join(args.output_dir, REWIND_FOLDER)
+        on_disk = (parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone, moving)
         if trainer.engine.shards_training_state:  # each process's part, through the engine, LoRA's too
-            accelerator = trainer.accelerator
-            folder = os.path.join(args.output_dir, REWIND_FOLDER)
-            snapshot: MemorySnapshot = EngineSnapshot(
-                trainer.engine, parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone, moving
-            )
+            snapshot: MemorySnapshot = EngineSnapshot(trainer.engine, *on_disk)
         elif trainer.is_lora:
             snapshot = MemorySnapshot(parameters, moving)
         else:
-            accelerator = trainer.accelerator
-            folder = os.path.join(args.output_dir, REWIND_FOLDER)
-            snapshot = DiskSnapshot(
-                parameters, folder, accelerator.is_main_process, accelerator.wait_for_everyone, moving
-            )
+            snapshot = DiskSnapshot(*on_disk)
         dormant = trainer.dormant_safeguard
         switch = None if dormant is None else functools.partial(trainer.set_safeguard, dormant)
         return cls(probe_alarm(args), snapshot, switch, switch_target(args) if switch else None)
