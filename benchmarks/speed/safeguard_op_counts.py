@@ -197,6 +197,7 @@ def run(
             "logging_steps": 10**6,
             "per_device_train_batch_size": PAIRS,
             "bf16": bf16,
+            "safeguard_space": "none",  # the "dpo" row: plain Diffusion-DPO, not the offline default's output space
             **(config or {}),
         }
     )
