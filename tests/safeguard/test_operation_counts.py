@@ -7,7 +7,8 @@ previous step's ``on_step_end`` to its own (:mod:`trl_diffusion_sdpo.testing.ope
 the backward with the per-layer taps, the safeguard's own work (the branches' cotangents, the inner products,
 ``lambda``, the combination, the update space's search) and the optimizer. Each count is checked in all and outside
 the backward pass. A Python loop over the weights, or one operation more per weight in the taps, adds 208 operations
-to full tuning's step of about 2,400: 9 %.
+to full tuning's step of about 2,600: 8 %. Diffusion-DPO's row is plain Diffusion-DPO (``safeguard_space="none"``),
+not the offline default's output space.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from trl_diffusion_sdpo.safeguards.gradients import layer_taps
 from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 from trl_diffusion_sdpo.testing.operations import StepOperations
 
-# The most a safeguard's whole step may exceed Diffusion-DPO's: (full tuning, LoRA). The update space's search runs
-# one to four passes of eight operations each (read on the host in between) after about twenty that prepare it.
-LIMITS = {"parameter": (0.05, 0.03), "update": (0.10, 0.05)}
+# The most a safeguard's whole step may exceed plain Diffusion-DPO's: (full tuning, LoRA). The update space's search
+# runs one to four passes of eight operations each (read on the host in between) after about twenty that prepare it.
+# Clean, the one pass adds 5.0 % in full and the update space 5.4 % outside LoRA's backward; a loop over the weights
+# adds one operation per trained tensor or more: 8 % and more (208 tensors of about 2,600 in full, 128 of 1,540).
+LIMITS = {"parameter": (0.06, 0.03), "update": (0.10, 0.06)}
 SAFEGUARDS = {"parameter": {"safeguard_space": "parameter"}, "update": {"safeguard_space": "update"}}
 PAIRS = 4
 PARTS = {"step": "all", "outside_backward": "outside_backward"}  # what is counted -> StepOperations' record
@@ -47,6 +50,7 @@ def operation_counts(
     order = ["dpo", *names]
     trainer = make_trainer(
         lora=lora,
+        safeguard_space="none",  # the "dpo" row: plain Diffusion-DPO, not the offline default's output space
         max_steps=2 * len(order),
         logging_steps=1000,
         per_device_train_batch_size=PAIRS,
