@@ -182,7 +182,7 @@ def _cpu(fn: Callable[[], None]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (one warmup round before them)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed repetitions, after one that warms up")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
