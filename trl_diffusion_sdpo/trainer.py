@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,7 @@ class DiffusionSDPOTrainer(Trainer):
     prepare_data = staticmethod(prepare_training_data)
     #: the probe's held-out rows are prompts, paired by the trainer once it is built (the online trainer), not pairs
     probe_rows_are_prompts = False
+    _unwrap_cache: tuple[weakref.ref, torch.nn.Module] | None = None  # see _unwrapped
     _name = "Diffusion-SDPO"
     _paper = {
         "title": "Diffusion-SDPO: Safeguarded Direct Preference Optimization for Diffusion Models",
@@ -396,7 +398,16 @@ class DiffusionSDPOTrainer(Trainer):
 
     def _policy(self) -> torch.nn.Module:
         """The trained denoiser, unwrapped from DDP or an engine."""
-        return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.family.denoiser
+        return self._unwrapped(self.model) if hasattr(self, "accelerator") else self.family.denoiser
+
+    def _unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``accelerator.unwrap_model(model)``, looked up once per wrapper: the lookup walks every module for compiled
+        regions (milliseconds on a UNet), and the policy is needed every step (the LoRA reference, the exact rule's
+        passes). Keyed by the wrapper itself, held weakly (a discarded DDP wrapper's buckets are not kept alive)."""
+        cached = self._unwrap_cache
+        if cached is None or cached[0]() is not model:
+            cached = self._unwrap_cache = (weakref.ref(model), self.accelerator.unwrap_model(model))
+        return cached[1]
 
     # ------------------------------------------------------------------ files: each hook handed to self.files
 
@@ -452,7 +463,7 @@ class DiffusionSDPOTrainer(Trainer):
         if stage is None:
             loss = super().training_step(model, batch, num_items_in_batch)  # compute_loss fills `batch`
         else:
-            policy = model if stage.through_engine else self.accelerator.unwrap_model(model)
+            policy = model if stage.through_engine else self._unwrapped(model)
             window = BackwardWindow(
                 self.current_gradient_accumulation_steps, self.accelerator.sync_gradients, not replay
             )

@@ -1,0 +1,27 @@
+"""The policy is unwrapped from its engine wrapper once per wrapper, not every step: accelerate's ``unwrap_model``
+walks every module for compiled regions (milliseconds a call on a UNet), and a step needs the policy for the LoRA
+reference (the adapter-disabled policy) and for the exact rule's passes."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize("space", ["none", "parameter"])
+def test_a_lora_run_unwraps_the_policy_a_fixed_number_of_times_whatever_its_length(make_trainer, space):
+    calls = {}
+    for steps in (2, 4):
+        trainer = make_trainer(lora=True, max_steps=steps, safeguard_space=space)
+        unwrap = trainer.accelerator.unwrap_model
+        seen: list[object] = []
+
+        def counting(model, *args, _unwrap=unwrap, _seen=seen, **kwargs):
+            _seen.append(model)
+            return _unwrap(model, *args, **kwargs)
+
+        trainer.accelerator.unwrap_model = counting  # an instance attribute of this test's accelerator
+        trainer.train()
+        calls[steps] = len(seen)
+        # the unwrapped policy is the trained denoiser, as accelerate's own lookup gives it
+        assert trainer.policy is unwrap(trainer.model_wrapped)
+    assert calls[2] == calls[4], calls  # none per step
