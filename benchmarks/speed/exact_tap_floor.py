@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -46,8 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks import harness  # noqa: E402
-from benchmarks.speed.host_time_lockstep import LIMITS, RESOLUTION, SD15_STRUCTURE, build_pipeline  # noqa: E402
+from benchmarks.speed.host_time_lockstep import LIMITS, RESOLUTION, build_pipeline, result_head  # noqa: E402
 
 GROUPS = 2  # the branches
 PAIRS = 4
@@ -289,29 +287,20 @@ def main(argv: list[str] | None = None) -> dict:
         }
     calls_extra = sum(median(f"{k}/exact") - median(f"{k}/native") for k in counts)
     hooks_extra = median("pass/hooked") - median("pass/plain")
-    result = {
-        "what": " ".join(__doc__.split("\n\n")[:3]).replace("\n", " "),
-        "command": "python " + " ".join([str(Path(__file__).relative_to(ROOT)), *(argv or sys.argv[1:])]),
-        "machine": harness.machine_description("cpu", 1),
-        "load": f"load average {os.getloadavg()[0]:.1f} at the end (2 CPU cores shared with other work)",
-        "settings": {
-            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in SD15_STRUCTURE.items()},
-            "resolution": RESOLUTION,
-            "pairs": PAIRS,
-            "groups": GROUPS,
-            "precision": "bf16 mixed precision (CPU autocast)",
-            "threads": 1,
-            "rounds": opts.rounds,
-        },
-        "dpo_step_ms": round(dpo_step * 1e3, 3),
-        "layers": kinds,
-        "calls_extra_ms": round(calls_extra * 1e3, 3),
-        "unet_pass_ms": {name: round(median(f"pass/{name}") * 1e3, 3) for name in ("plain", "hooked")},
-        "hooks_extra_ms": round(hooks_extra * 1e3, 3),
-        "floor_ratio_to_dpo": round(1 + (calls_extra + hooks_extra) / dpo_step, 4),
-        "calls_floor_ratio_to_dpo": round(1 + calls_extra / dpo_step, 4),
-        "limit_one_pass_full": LIMITS["full"]["parameter"],
-    }
+    result = result_head(__file__, __doc__, 3, argv)
+    result["settings"].update(pairs=PAIRS, groups=GROUPS, rounds=opts.rounds)
+    result.update(
+        {
+            "dpo_step_ms": round(dpo_step * 1e3, 3),
+            "layers": kinds,
+            "calls_extra_ms": round(calls_extra * 1e3, 3),
+            "unet_pass_ms": {name: round(median(f"pass/{name}") * 1e3, 3) for name in ("plain", "hooked")},
+            "hooks_extra_ms": round(hooks_extra * 1e3, 3),
+            "floor_ratio_to_dpo": round(1 + (calls_extra + hooks_extra) / dpo_step, 4),
+            "calls_floor_ratio_to_dpo": round(1 + calls_extra / dpo_step, 4),
+            "limit_one_pass_full": LIMITS["full"]["parameter"],
+        }
+    )
     print(json.dumps({k: v for k, v in result.items() if k not in ("what", "machine", "settings")}, indent=1))
     if opts.json:
         Path(opts.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -45,6 +45,26 @@ RESOLUTION = 64  # 8x8 latents: SD1.5's three downsamplings leave 1x1
 LIMITS = {"full": {"parameter": 1.05, "update": 1.10}, "lora_r4": {"parameter": 1.03, "update": 1.05}}
 
 
+def result_head(script: str, doc: str, paragraphs: int, argv: list[str] | None) -> dict:
+    """A result file's head for a measure on this model: what it measures (the first ``paragraphs`` of ``doc``), the
+    command that wrote it, the machine, the load, and the model's settings (the caller adds its own)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import harness
+
+    return {
+        "what": " ".join(doc.split("\n\n")[:paragraphs]).replace("\n", " "),
+        "command": "python " + " ".join([str(Path(script).relative_to(ROOT)), *(argv or sys.argv[1:])]),
+        "machine": harness.machine_description("cpu", 1),
+        "load": f"load average {os.getloadavg()[0]:.1f} at the end (2 CPU cores shared with other work)",
+        "settings": {
+            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in SD15_STRUCTURE.items()},
+            "resolution": RESOLUTION,
+            "precision": "bf16 mixed precision (CPU autocast)",
+            "threads": 1,
+        },
+    }
+
+
 def build_pipeline(tokenizer_dir: str):
     """The tiny SD pipeline (tokenizer, text encoder, VAE, scheduler) around a UNet of :data:`SD15_STRUCTURE`."""
     import torch
@@ -131,8 +151,6 @@ def main(argv: list[str] | None = None) -> dict:
         if opts.json:
             Path(opts.json).write_text(json.dumps(rows) + "\n")
         return rows
-    sys.path.insert(0, str(ROOT))
-    from benchmarks import harness
 
     def commit(ref: str) -> str:
         return subprocess.run(["git", "rev-parse", ref], cwd=ROOT, check=True, capture_output=True, text=True).stdout
@@ -144,23 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
         runs[label] = {"commit": commits[label], "summary": summary(rows), "rows": rows}
         for key, line in runs[label]["summary"].items():
             print(f"{label:6s} {key:18s} {line}")
-    result = {
-        "what": " ".join(__doc__.split("\n\n")[:2]).replace("\n", " "),
-        "command": "python " + " ".join([str(Path(__file__).relative_to(ROOT)), *(argv or sys.argv[1:])]),
-        "machine": harness.machine_description("cpu", 1),
-        "load": f"load average {os.getloadavg()[0]:.1f} at the end (2 CPU cores shared with other work)",
-        "settings": {
-            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in SD15_STRUCTURE.items()},
-            "resolution": RESOLUTION,
-            "pairs": 4,
-            "precision": "bf16 mixed precision (CPU autocast)",
-            "latents": "cached (cache_latents=True)",
-            "threads": 1,
-            "rounds": opts.rounds,
-            "limits": LIMITS,
-        },
-        "runs": runs,
-    }
+    result = result_head(__file__, __doc__, 2, argv)
+    result["settings"].update(pairs=4, latents="cached (cache_latents=True)", rounds=opts.rounds, limits=LIMITS)
+    result["runs"] = runs
     if opts.json:
         Path(opts.json).write_text(json.dumps(result, indent=1) + "\n")
     return result
