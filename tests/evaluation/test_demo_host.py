@@ -169,6 +169,7 @@ def _strict_pass() -> dict:
     return {"strict": True, "check": {"passed": True}}
 
 
+@pytest.mark.slow  # by default: test_output_refused_before_loading.py's test_the_demo_refuses_a_folder_holding_...
 def test_the_demo_command_refuses_in_one_line_naming_the_flag(tmp_path):
     (tmp_path / "summary.json").write_text("{}")
     done = subprocess.run(

@@ -238,6 +238,7 @@ class TestFluxKontextTraining(FlowFamilyTrainingChecks):
         check_the_shipped_config_trains_from_local_folders(self.case, self.config_name, make_pipe(), pairs, tmp_path)
 
 
+@pytest.mark.slow  # by default: test_flow_families.py's test_lora_saved_by_the_trainer_reloads_... (FLUX.1's format)
 def test_lora_loads_into_the_pipeline_and_edits(make_pipe, make_config, pairs, tmp_path) -> None:
     """The saved adapter loads into a FluxKontextPipeline with load_lora_weights, which then edits an image."""
     from PIL import Image

@@ -205,6 +205,7 @@ def test_the_docs_state_the_alarms_rule_and_the_measured_cost():
     assert f"{shares[10]} of the training time at `probe_steps=10`, {shares[20]} at 20, {shares[50]} at 50" in page
 
 
+@pytest.mark.slow  # by default: test_checkpoint_parts.py's test_a_full_tuning_run_resumed_between_the_healthy_...
 def test_a_run_resumed_from_a_checkpoint_rewinds_as_the_uninterrupted_one(make_trainer, make_pickapic, tmp_path):
     from tests.helpers.common import StopAt
 
