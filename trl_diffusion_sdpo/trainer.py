@@ -126,7 +126,6 @@ class DiffusionSDPOTrainer(Trainer):
     prepare_data = staticmethod(prepare_training_data)
     #: the probe's held-out rows are prompts, paired by the trainer once it is built (the online trainer), not pairs
     probe_rows_are_prompts = False
-    _unwrap_cache: tuple[weakref.ref, torch.nn.Module] | None = None  # see _unwrapped
     _name = "Diffusion-SDPO"
     _paper = {
         "title": "Diffusion-SDPO: Safeguarded Direct Preference Optimization for Diffusion Models",
@@ -166,6 +165,7 @@ class DiffusionSDPOTrainer(Trainer):
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
         self.loss_since_log: torch.Tensor | None = None  # the training losses summed since the last log
+        self._unwrap_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _unwrapped
         # Seeded before LoRA adapters are initialised, so their random init is the same on every run.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
@@ -403,11 +403,12 @@ class DiffusionSDPOTrainer(Trainer):
     def _unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
         """``accelerator.unwrap_model(model)``, looked up once per wrapper: the lookup walks every module for compiled
         regions (milliseconds on a UNet), and the policy is needed every step (the LoRA reference, the exact rule's
-        passes). Keyed by the wrapper itself, held weakly (a discarded DDP wrapper's buckets are not kept alive)."""
-        cached = self._unwrap_cache
-        if cached is None or cached[0]() is not model:
-            cached = self._unwrap_cache = (weakref.ref(model), self.accelerator.unwrap_model(model))
-        return cached[1]
+        passes). One entry per wrapper, as a step asks with both ``self.model`` and the engine's wrapper (DDP's), each
+        held weakly (a discarded DDP wrapper's buckets are not kept alive)."""
+        unwrapped = self._unwrap_cache.get(model)
+        if unwrapped is None:
+            unwrapped = self._unwrap_cache[model] = self.accelerator.unwrap_model(model)
+        return unwrapped
 
     # ------------------------------------------------------------------ files: each hook handed to self.files
 

@@ -5,6 +5,7 @@ reference (the adapter-disabled policy) and for the exact rule's passes."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("space", ["none", "parameter"])
@@ -25,3 +26,22 @@ def test_a_lora_run_unwraps_the_policy_a_fixed_number_of_times_whatever_its_leng
         # the unwrapped policy is the trained denoiser, as accelerate's own lookup gives it
         assert trainer.policy is unwrap(trainer.model_wrapped)
     assert calls[2] == calls[4], calls  # none per step
+
+
+def test_a_step_asking_with_the_module_and_with_its_wrapper_unwraps_each_once(make_trainer):
+    """Under DDP a step asks with ``trainer.model`` (the LoRA reference) and with the engine's wrapper (the exact
+    rule): both stay cached, so alternating between them unwraps nothing more."""
+    trainer = make_trainer(lora=True, max_steps=1)
+    unwrap = trainer.accelerator.unwrap_model
+    seen: list[object] = []
+
+    def counting(model, *args, **kwargs):
+        seen.append(model)
+        return unwrap(model, *args, **kwargs)
+
+    trainer.accelerator.unwrap_model = counting
+    wrapper = torch.nn.Sequential(trainer.model)  # another object in front of the same module
+    for _ in range(3):
+        assert trainer._unwrapped(trainer.model) is trainer.model
+        trainer._unwrapped(wrapper)
+    assert seen == [trainer.model, wrapper]
