@@ -133,20 +133,28 @@ class _Layer:
             torch.cat([p[0] for p in parts])
 
 
-def _record(denoiser: nn.Module) -> tuple[list[_Layer], Callable[[], None]]:
-    """Forward hooks that record every trainable layer's input and output the first time it runs with autograd on
-    (the policy's forward; the reference's runs without), and the function that removes them."""
+def _record(denoiser: nn.Module) -> tuple[list[_Layer], list[tuple[list, dict]], Callable[[], None]]:
+    """Forward hooks that record, the first time each runs with autograd on (the policy's forward; the reference's
+    runs without), every trainable layer's input and output and the denoiser call's own arguments (detached); and the
+    function that removes them."""
     layers: list[_Layer] = []
+    calls: list[tuple[list, dict]] = []
     seen: set[int] = set()
 
-    def hook(module, args, output):
+    def layer_hook(module, args, output):
         if torch.is_grad_enabled() and id(module) not in seen and isinstance(args[0], torch.Tensor):
             seen.add(id(module))
             layers.append(_Layer(module, args[0], output))
 
+    def call_hook(module, args, kwargs, output):
+        if torch.is_grad_enabled() and not calls:
+            detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            calls.append(([detach(a) for a in args], {k: detach(v) for k, v in kwargs.items()}))
+
     trainable = [m for m in denoiser.modules() if _kind(m) and any(p.requires_grad for p in m.parameters())]
-    handles = [m.register_forward_hook(hook) for m in trainable]
-    return layers, lambda: [h.remove() for h in handles]
+    handles = [m.register_forward_hook(layer_hook) for m in trainable]
+    handles.append(denoiser.register_forward_hook(call_hook, with_kwargs=True))
+    return layers, calls, lambda: [h.remove() for h in handles]
 
 
 class _Pass(torch.autograd.Function):
@@ -208,16 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = Dataset.from_list(pickapic_rows(PAIRS))
         trainer = DiffusionSDPOTrainer(pipeline, args=args, train_dataset=dataset)
         denoiser = trainer.family.denoiser
-        layers, stop_recording = _record(denoiser)
+        layers, calls, stop_recording = _record(denoiser)
         step_cpu: list[float] = []
         parts: dict[str, list[float]] = collections.defaultdict(list)
-        sample: dict[str, torch.Tensor] = {}
 
         def whole_pass(hooked: bool) -> float:
             """The UNet's forward and backward on the recorded step's inputs, with or without the least hooks."""
             remove = _hooks(denoiser) if hooked else (lambda: None)
             try:
-                args_, kwargs = sample["inputs"]
+                args_, kwargs = calls[0]
 
                 def run() -> None:
                     out = denoiser(*args_, **kwargs)
@@ -249,25 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
                 step_cpu.append(time.thread_time() - self.start)
                 if state.global_step == 1:  # the first step recorded the layers and the UNet's inputs
                     stop_recording()
-                if "inputs" in sample:
+                if calls:
                     floor_round()
 
-        unet_inputs: list = []
-
-        def capture(module, args, kwargs, output):
-            if torch.is_grad_enabled() and not unet_inputs:
-                detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
-                unet_inputs.append(([detach(a) for a in args], {k: detach(v) for k, v in kwargs.items()}))
-
-        handle = denoiser.register_forward_hook(capture, with_kwargs=True)
-
-        class Inputs(TrainerCallback):
-            def on_step_end(self, args_, state, control, **kwargs):
-                if state.global_step == 1:
-                    handle.remove()
-                    sample["inputs"] = unet_inputs[0]
-
-        trainer.add_callback(Inputs())
         trainer.add_callback(Clock())
         trainer.train()
 
