@@ -37,6 +37,7 @@ from .validation import (
     DataError,
     DataReport,
     resolve_columns,
+    row_check,
     row_problem,
     with_undecoded_images,
 )
@@ -72,9 +73,15 @@ def prepare_preference_dataset(
 
     def check(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [{k: batch[k][i] for k in batch} for i in range(len(indices))]
-        problems = [row_problem(row, columns) for row in rows]
+        problems = [row_check(row, columns) for row in rows]
         ties = [not p[0] and is_tie(row, columns) for row, p in zip(rows, problems)]
-        return {"_column": [p[0] for p in problems], "_reason": [p[1] for p in problems], "_tie": ties}
+        return {
+            "_column": [p[0] for p in problems],
+            "_reason": [p[1] for p in problems],
+            "_tie": ties,
+            # the two images' decoded sizes as [w, h, w, h] (empty for a bad row or video), for the start summary
+            "_sizes": [[n for size in p[2] for n in size] for p in problems],
+        }
 
     with datasets_progress_bars(not getattr(args, "disable_tqdm", False)):
         checks = dataset.map(
@@ -86,9 +93,10 @@ def prepare_preference_dataset(
             num_proc=args.dataloader_num_workers or None,  # the data workers validate the rows too
             desc=f"Validating {split} preference pairs",
         )
-    bad_columns, reasons, ties = checks["_column"], checks["_reason"], checks["_tie"]
+    bad_columns, reasons, ties, sizes = checks["_column"], checks["_reason"], checks["_tie"], checks["_sizes"]
     keep: list[int] = []
-    for index, (column, reason, tie) in enumerate(zip(bad_columns, reasons, ties)):
+    kept_sizes: list[tuple[int, int]] = []
+    for index, (column, reason, tie, row_sizes) in enumerate(zip(bad_columns, reasons, ties, sizes)):
         if column:
             message = f"row {index}, column {column!r}: {reason}"
             if sources is not None and sources[index]:
@@ -105,7 +113,10 @@ def prepare_preference_dataset(
             report.ties_dropped += 1
         else:
             keep.append(index)
+            kept_sizes.extend(zip(row_sizes[::2], row_sizes[1::2]))
     report.num_kept = len(keep)
+    if columns.clip is None:  # images, each resized to the resolution (the start summary counts them)
+        report.count_images(kept_sizes)
     if not keep:
         raise DataError(f"The {split} dataset is empty after filtering: {report.summary()}")
     if len(keep) < len(dataset):
@@ -136,7 +147,8 @@ def _prepare_iterable(
         raise ValueError(f"Invalid {split} dataset row 0, column {column!r}: {reason}")
     dataset = with_undecoded_images(dataset.select_columns(columns.all), columns)
     dataset = dataset.map(lambda _, index: {ROW_INDEX_COLUMN: index}, with_indices=True)
-    return dataset, columns, DataReport(streamed=True)
+    report = DataReport(streamed=True, image_sizes_unknown="" if columns.clip else "a streamed dataset")
+    return dataset, columns, report
 
 
 def load_preference_dataset(

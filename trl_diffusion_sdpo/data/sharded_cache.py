@@ -62,7 +62,7 @@ from .pickapic import as_trl_form
 from .validation import (
     DataReport,
     resolve_columns,
-    row_problem,
+    row_check,
     video_clip,
     with_undecoded_images,
 )
@@ -96,6 +96,9 @@ class ShardProgress:
     invalid_skipped: int = 0
     finished: bool = False
     dataset_state: dict[str, Any] | None = None  # IterableDataset.state_dict() after the last finished chunk
+    # The kept pairs' images by decoded size ("WxH" -> how many), read by the row checks; None in the progress of a
+    # cache begun by a version that did not count them, so that a resumed cache never reports part of its images.
+    image_sizes: dict[str, int] | None = None
 
 
 @dataclass
@@ -113,11 +116,14 @@ class ShardedLatentCache(LatentCache):
 
     def report(self) -> DataReport:
         m = self.manifest
+        sizes = m.get("image_sizes")  # absent from the manifests of caches written before sizes were counted
         return DataReport(
             num_rows=m["rows_read"],
             invalid_skipped=m["invalid_skipped"],
             ties_dropped=m["ties_dropped"],
             num_kept=m["num_pairs"],
+            image_sizes=None if sizes is None else {_size_of(key): count for key, count in sizes.items()},
+            image_sizes_unknown="" if sizes is not None or self.columns.clip else "a cache that did not record them",
         )
 
     def collator(self) -> ArrowRowsCollator:
@@ -295,7 +301,8 @@ def build_sharded_latent_cache(
     _check_spec(_read_json(spec_path), spec, output_dir)
 
     progress_path = os.path.join(output_dir, "progress", f"rank-{rank:05d}.json")
-    done = ShardProgress(**_read_json(progress_path)) if os.path.exists(progress_path) else ShardProgress()
+    fresh = ShardProgress(image_sizes={})  # a cache begun now counts its images' sizes from its first row
+    done = ShardProgress(**_read_json(progress_path)) if os.path.exists(progress_path) else fresh
     if not done.finished:
         stream = with_undecoded_images(process_shard(dataset, rank, world_size).select_columns(columns.all), columns)
         if done.dataset_state is not None:
@@ -397,7 +404,7 @@ def _usable_rows(
     """The rows to encode: ties dropped and counted; an invalid row raises (naming it) or is dropped and counted."""
     kept = []
     for offset, row in enumerate(rows):
-        column, reason = row_problem(row, columns)
+        column, reason, sizes = row_check(row, columns)
         if column:
             if not skip_invalid_rows:
                 raise ValueError(
@@ -417,7 +424,17 @@ def _usable_rows(
             done.ties_dropped += 1
         else:
             kept.append(row)
+            if done.image_sizes is not None:
+                for width, height in sizes:
+                    key = f"{width}x{height}"
+                    done.image_sizes[key] = done.image_sizes.get(key, 0) + 1
     return kept
+
+
+def _size_of(key: str) -> tuple[int, int]:
+    """``(width, height)`` of a ``"WxH"`` key of :attr:`ShardProgress.image_sizes`."""
+    width, height = key.split("x")
+    return int(width), int(height)
 
 
 def _encode_chunk(
@@ -478,12 +495,24 @@ def _write_manifest(output_dir: str, spec: dict[str, Any], world_size: int, tag:
         "rows_read": sum(p["rows_read"] for p in progress),
         "ties_dropped": sum(p["ties_dropped"] for p in progress),
         "invalid_skipped": sum(p["invalid_skipped"] for p in progress),
+        "image_sizes": _summed_sizes([p.get("image_sizes") for p in progress]),
     }
     _write_json(os.path.join(output_dir, MANIFEST_NAME), manifest, tag)
     logger.info("Latent cache complete in %s: %d pairs in %d shards", output_dir, manifest["num_pairs"], len(shards))
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
+
+
+def _summed_sizes(counts: list[dict[str, int] | None]) -> dict[str, int] | None:
+    """The processes' image counts by size added up; ``None`` when one of them did not count."""
+    if any(count is None for count in counts):
+        return None
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, n in count.items():
+            total[key] = total.get(key, 0) + n
+    return total
 
 
 def load_sharded_latent_cache(directory: str) -> ShardedLatentCache:

@@ -17,7 +17,8 @@ import io
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,17 +49,27 @@ from .columns import (
     score_value,
     skip_mark,
 )
-from .transforms import image_mode_problem
+from .errors import DataError
+from .transforms import image_mode_problem, resized_size
 
 if TYPE_CHECKING:
     from .video import VideoClip
 
-__all__ = ["DataError", "DataReport", "image_problem", "image_size", "resolve_columns", "row_problem", "video_clip"]
+__all__ = [
+    "DataError",
+    "DataReport",
+    "image_check",
+    "image_problem",
+    "image_size",
+    "resize_summary",
+    "resolve_columns",
+    "row_check",
+    "row_problem",
+    "video_clip",
+]
 
-
-class DataError(ValueError):
-    """The data cannot be trained on (a bad row or image, no pairs, a dataset that does not exist): the user fixes
-    the data or the name. The command line ends on it with one line and exit status 1."""
+# ``(width, height)`` of an image as decoded, before any resizing.
+ImageSize = tuple[int, int]
 
 
 # A value with a URL scheme (``http://``, ``s3://``...): never fetched (the readers turn ``file://`` into a path).
@@ -75,6 +86,28 @@ class DataReport:
     invalid_skipped: int = 0
     examples: list[str] = field(default_factory=list)  # first few reasons a row was skipped
     streamed: bool = False  # rows are checked as they are read, so nothing is counted ahead of training
+    # The kept pairs' images by decoded size (size -> how many), read by the decode that validates them; None where
+    # no pass read them ahead of training, ``image_sizes_unknown`` then saying why (empty: no images to resize).
+    image_sizes: dict[ImageSize, int] | None = None
+    image_sizes_unknown: str = ""
+
+    def count_images(self, sizes: Iterable[ImageSize]) -> None:
+        """Add the decoded sizes of kept images to :attr:`image_sizes`."""
+        counted = Counter(self.image_sizes or {})
+        counted.update(sizes)
+        self.image_sizes = dict(counted)
+
+    def resize_text(self, resolution: int, random_crop: bool) -> str:
+        """How the kept images are resized and cropped to ``resolution`` (:func:`resize_summary`), that it is not
+        known before training and why, or ``""`` when no image is resized or cropped (or there are none)."""
+        if self.image_sizes is None:
+            if not self.image_sizes_unknown:
+                return ""
+            return (
+                f"image sizes not known up front ({self.image_sizes_unknown}): each image is resized to shorter side "
+                f"{resolution} and {_crop_name(random_crop)}ped to {resolution}x{resolution}"
+            )
+        return resize_summary(self.image_sizes, resolution, random_crop)
 
     def summary(self) -> str:
         if self.streamed:
@@ -88,6 +121,46 @@ class DataReport:
         if self.examples:
             text += " (e.g. " + "; ".join(self.examples[:3]) + ")"
         return text
+
+
+# Resize groups (one per decoded size) that :func:`resize_summary` names; the rest are counted together.
+SIZES_NAMED = 3
+
+
+def _crop_name(random_crop: bool) -> str:
+    return "random crop" if random_crop else "center crop"
+
+
+def resize_summary(sizes: Mapping[ImageSize, int], resolution: int, random_crop: bool) -> str:
+    """What :class:`~.transforms.PairTransform` does to images of these decoded sizes (``(width, height)`` -> how
+    many) at ``resolution``, e.g. ``12 of 40 images resized from 64x64 to 32x32 (center crop to 32x32: 0)``: an
+    image is resized when its shorter side is not ``resolution`` (to :func:`~.transforms.resized_size`), and cropped
+    when that size is not square. The most common resizes are named, up to :data:`SIZES_NAMED`; ``""`` when no image
+    is resized or cropped."""
+    total = sum(sizes.values())
+    resized: list[tuple[int, ImageSize, ImageSize]] = []
+    cropped = 0
+    for (width, height), count in sizes.items():
+        target = resized_size(width, height, resolution)
+        if min(width, height) != resolution:
+            resized.append((count, (width, height), target))
+        if target != (resolution, resolution):
+            cropped += count
+    if not resized and not cropped:
+        return ""
+    resized.sort(key=lambda group: (-group[0], group[1]))
+    steps = [f"from {w}x{h} to {tw}x{th}" for _, (w, h), (tw, th) in resized[:SIZES_NAMED]]
+    if len(resized) <= 1:
+        detail = f" {steps[0]}" if steps else ""
+    else:
+        detail = ": " + ", ".join(f"{count} {step}" for (count, _, _), step in zip(resized, steps))
+        if len(resized) > SIZES_NAMED:
+            others = sum(count for count, _, _ in resized[SIZES_NAMED:])
+            detail += f", {others} from {len(resized) - SIZES_NAMED} other sizes"
+    return (
+        f"{sum(count for count, _, _ in resized)} of {total} images resized{detail} "
+        f"({_crop_name(random_crop)} to {resolution}x{resolution}: {cropped})"
+    )
 
 
 def uses_scores(args: Any) -> bool:
@@ -190,12 +263,15 @@ def _file_stat(path: str) -> tuple[os.stat_result | None, str]:
     return result, ""
 
 
-def _decode_problem(image: Image.Image) -> str:
-    """Empty string if the opened ``image`` decodes, else the reason. JPEGs decode at 1/8 scale: fast, still
-    complete."""
+def _decode_check(image: Image.Image) -> tuple[str, ImageSize | None]:
+    """``("", size)`` if the opened ``image`` decodes, else ``(the reason, None)``; ``size`` is ``(width, height)``
+    as the file stores it. JPEGs decode at 1/8 scale: fast, still complete (the size is read before, from the
+    header)."""
+    size = image.size
     image.draft("RGB", (64, 64))
     image.load()
-    return image_mode_problem(image)
+    problem = image_mode_problem(image)
+    return problem, None if problem else size
 
 
 # Files whose check is remembered, per process: more than HPDv3's 1.08M images, whose comparisons name each about
@@ -203,72 +279,103 @@ def _decode_problem(image: Image.Image) -> str:
 REMEMBERED_IMAGE_FILES = 2_000_000
 
 
+# One tuple per distinct decoded size, which every remembered file of that size refers to: a remembered file then costs
+# about what its problem string alone did (tracemalloc over 3,000 files of one size: 181 bytes an entry against 179;
+# 349 with a (problem, size) pair of its own).
+_SHARED_SIZES: dict[ImageSize, ImageSize] = {}
+
+
 @functools.lru_cache(maxsize=REMEMBERED_IMAGE_FILES)
-def _image_file_problem(path: str, mtime_ns: int, size: int) -> str:
-    """:func:`_decode_problem` of the file at ``path``, remembered by path, modification time and size: an image
-    named by several rows is decoded once, and a file rewritten since is checked again."""
+def _image_file_check(path: str, mtime_ns: int, size: int) -> str | ImageSize:
+    """:func:`_decode_check` of the file at ``path``, remembered by path, modification time and size: an image
+    named by several rows is decoded once, and a file rewritten since is checked again. The problem, or the decoded
+    size when there is none."""
     try:
         with Image.open(path) as image:
-            return _decode_problem(image)
+            problem, decoded = _decode_check(image)
     except Exception as err:  # PIL raises many types for corrupt data
         return f"cannot decode image: {err}"
+    return problem or _SHARED_SIZES.setdefault(decoded, decoded)
 
 
-def image_problem(value: Any) -> str:
-    """Empty string if the image decodes, else the reason; a file is decoded once while it is unchanged."""
+def image_check(value: Any) -> tuple[str, ImageSize | None]:
+    """``("", (width, height))`` if the image decodes, else ``(the reason, None)``; a file is decoded once while it
+    is unchanged. The size is the image's as decoded, before any resizing: what the start summary counts
+    (:meth:`DataReport.resize_text`)."""
     try:
         if isinstance(value, Image.Image):
-            return image_mode_problem(value)
+            problem = image_mode_problem(value)
+            return problem, None if problem else value.size
         path = value["path"] if isinstance(value, dict) and value.get("bytes") is None else value
         if isinstance(path, str) and path:
             result, problem = _file_stat(path)
             if problem:
-                return problem
-            return _image_file_problem(path, result.st_mtime_ns, result.st_size)
+                return problem, None
+            checked = _image_file_check(path, result.st_mtime_ns, result.st_size)
+            return (checked, None) if isinstance(checked, str) else ("", checked)
         if isinstance(value, dict) and value.get("bytes") is not None:
-            return _decode_problem(Image.open(io.BytesIO(value["bytes"])))
+            return _decode_check(Image.open(io.BytesIO(value["bytes"])))
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return _decode_problem(Image.open(io.BytesIO(bytes(value))))
+            return _decode_check(Image.open(io.BytesIO(bytes(value))))
         if value is None:
-            return "image is missing (None)"
+            return "image is missing (None)", None
         if path == "" or isinstance(value, dict):
-            return "image is missing (an empty path and no bytes)"
-        return f"cannot read an image from a {type(value).__name__}"
+            return "image is missing (an empty path and no bytes)", None
+        return f"cannot read an image from a {type(value).__name__}", None
     except Exception as err:  # PIL raises many types for corrupt data
-        return f"cannot decode image: {err}"
+        return f"cannot decode image: {err}", None
+
+
+def image_problem(value: Any) -> str:
+    """Empty string if the image decodes, else the reason (:func:`image_check`)."""
+    return image_check(value)[0]
 
 
 def row_problem(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str]:
-    """``(column, reason)`` of the first problem in a row, or ``("", "")``. Ties are not problems (their scores
-    are not looked at: the row is dropped anyway)."""
+    """``(column, reason)`` of the first problem in a row, or ``("", "")`` (:func:`row_check`)."""
+    column, reason, _ = row_check(row, columns)
+    return column, reason
+
+
+def row_check(row: dict[str, Any], columns: PreferenceColumns) -> tuple[str, str, list[ImageSize]]:
+    """``(column, reason, [])`` of the first problem in a row, or ``("", "", sizes)``: the decoded ``(width,
+    height)`` of its two images (``columns.first``, ``columns.second``), read by the same decode that checks them
+    (none for video clips). Ties are not problems (their scores are not looked at: the row is dropped anyway)."""
     prompt = row.get(columns.prompt)
     if prompt is None:
-        return columns.prompt, "prompt is missing (None; the file readers read an empty caption or cell as missing)"
+        missing = "prompt is missing (None; the file readers read an empty caption or cell as missing)"
+        return columns.prompt, missing, []
     if not isinstance(prompt, str):
-        return columns.prompt, f"prompt must be a string, got {type(prompt).__name__}"
+        return columns.prompt, f"prompt must be a string, got {type(prompt).__name__}", []
     column, reason = skip_mark(row, columns)
     if column:  # a bad label, named by its column as the label form had it
-        return column, reason
+        return column, reason, []
+    sizes: list[ImageSize] = []
     for column in (columns.first, columns.second):
         value = row.get(column)
-        reason = image_problem(value) if columns.clip is None else _optional("video:clip_problem")(value, columns.clip)
+        if columns.clip is None:
+            reason, size = image_check(value)
+            if size is not None:
+                sizes.append(size)
+        else:
+            reason = _optional("video:clip_problem")(value, columns.clip)
         if reason:
-            return column, reason
+            return column, reason, []
     if columns.edits:
         reason = _optional("editing:source_problem")(row, columns)
         if reason:
-            return columns.source, reason
+            return columns.source, reason, []
     if columns.masked:
         column, reason = _optional("masks:row_mask_problem")(row, columns)
         if reason:
-            return column, reason
+            return column, reason, []
     if columns.scored and not is_tie(row, columns):
         for column in (columns.score_0, columns.score_1):
             try:
                 score_value(row.get(column))
             except ValueError as err:
-                return column, str(err)
-    return "", ""
+                return column, str(err), []
+    return "", "", sizes
 
 
 def _inner(feature: Any) -> Any:

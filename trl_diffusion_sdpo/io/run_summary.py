@@ -1,7 +1,8 @@
 """What a run will do, said once when training starts: the effective learning rate and how ``scale_lr`` made it, the
-schedule, the pairs per optimizer step, the objective and safeguard, the engine and the precision, each default with
-its source and each choice made for the machine with its reason; and a warning for each setting that quietly defeats
-a run (a warmup longer than half the run, a learning rate outside the range the docs recommend for the family).
+schedule, the pairs per optimizer step, the objective and safeguard, the engine and the precision, how many training
+images are resized or cropped to ``resolution`` and from what size, each default with its source and each choice made
+for the machine with its reason; and a warning for each setting that quietly defeats a run (a warmup longer than half
+the run, a learning rate outside the range the docs recommend for the family).
 
 :class:`StartSummary` is a ``TrainerCallback``: at ``on_train_begin`` the step count is known (``state.max_steps``).
 When training ends it logs what the run's alarms did (:func:`.run_events.run_events`: each rewind and each switch of
@@ -88,11 +89,14 @@ def start_summary(
     engine: Any,
     max_steps: int,
     defaults: dict[str, Any] | None = None,
+    data_report: Any = None,
 ) -> str:
     """The start summary, one block: ``given`` is the config as given, ``effective`` as ``transformers.Trainer`` sees
     it (:func:`~trl_diffusion_sdpo.families.preparation.training_arguments`: the scaled rate, the resolved defaults);
     ``defaults`` the resolutions of :func:`~trl_diffusion_sdpo.config.defaults.resolve_defaults` and the choices of
-    :func:`~trl_diffusion_sdpo.config.defaults.machine_choices`, each printed with its source."""
+    :func:`~trl_diffusion_sdpo.config.defaults.machine_choices`, each printed with its source; ``data_report`` the
+    training data's :class:`~trl_diffusion_sdpo.data.DataReport`, whose images resized or cropped to ``resolution``
+    are counted (:meth:`~trl_diffusion_sdpo.data.DataReport.resize_text`)."""
     warmup = effective.get_warmup_steps(max_steps)
     schedule = effective.lr_scheduler_type
     schedule = getattr(schedule, "value", schedule)
@@ -105,9 +109,18 @@ def start_summary(
             f"  objective {_objective_text(effective)}, beta {effective.beta:g}",
             f"  engine {engine!r}, {_precision_text(given)}",
             *([f"  {threads_text()}"] if _on_cpu(effective) else []),
+            *([f"  {resized}"] if (resized := _resize_text(effective, data_report)) else []),
             *(f"  {line}" for line in _default_lines(effective, defaults or {})),
         ]
     )
+
+
+def _resize_text(effective: Any, data_report: Any) -> str:
+    """The training images resized or cropped to the run's ``resolution``, from the sizes the data's validation read
+    (``""`` without a report, or when every image is used at its own size)."""
+    if data_report is None:
+        return ""
+    return data_report.resize_text(effective.resolution, effective.random_crop)
 
 
 def _default_lines(effective: Any, defaults: dict[str, Any]) -> list[str]:
@@ -162,7 +175,8 @@ class StartSummary(TrainerCallback):
         trainer = self.trainer
         given, max_steps, lora = trainer.args_as_given, state.max_steps, trainer.is_lora
         defaults = {**getattr(trainer, "resolved_defaults", {}), **getattr(trainer, "machine_choices", {})}
-        summary = start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps, defaults)
+        report = getattr(trainer, "train_data_report", None)
+        summary = start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps, defaults, report)
         probe = getattr(trainer, "probe", None)  # probe_steps: the held-out pairs and the rewind
         logger.info(summary if probe is None else f"{summary}\n  {probe.summary()}")
         for message in start_warnings(given, args, trainer.family, lora, max_steps):
