@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,6 +47,7 @@ from .engines.base import place_batch, trainable_parameters
 from .engines.collectives import check_not_partitioned, check_one_device_per_process, training_pipeline
 from .families import ModelFamily, Noiser, family_for_pipeline, is_quantized
 from .families.preparation import (
+    CallerModules,
     MixedPrecisionForward,
     compute_dtype,
     freeze_frozen_modules,
@@ -90,6 +92,32 @@ if TYPE_CHECKING:
 __all__ = ["DiffusionSDPOTrainer"]
 
 logger = logging.getLogger(__name__)
+
+
+def _undone_on_failure(init: Callable[..., None]) -> Callable[..., None]:
+    """A trainer's ``__init__`` that puts the caller's pipeline (and ``ref_model``) back as they were when it raises
+    (:class:`~.families.preparation.CallerModules`), so the same objects can be given again. The outermost
+    ``__init__`` running (a subclass's, which may check more after ``super().__init__``) holds the record and
+    restores; the ones it calls add to it."""
+
+    @functools.wraps(init)
+    def construct(self: DiffusionSDPOTrainer, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_caller_modules", None) is not None:  # an outer __init__ restores
+            init(self, *args, **kwargs)
+            return
+        self._caller_modules = CallerModules()
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            try:
+                self._caller_modules.restore()
+            except Exception:  # the construction's own error is the one to raise
+                logger.exception("The pipeline given could not be put back as it was before the trainer was built")
+            raise
+        finally:
+            self._caller_modules = None  # the original tensors it held are released
+
+    return construct
 
 
 class DiffusionSDPOTrainer(Trainer):
@@ -138,6 +166,12 @@ class DiffusionSDPOTrainer(Trainer):
         names its own)."""
         return run_io.CardMethod()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # a subclass's checks after super().__init__ are part of the construction
+            cls.__init__ = _undone_on_failure(cls.__init__)
+
+    @_undone_on_failure
     def __init__(
         self,
         model: DiffusionPipeline | str,
@@ -162,6 +196,13 @@ class DiffusionSDPOTrainer(Trainer):
         # The reward functions' module is loaded only when there are rewards to score with.
         reward_fn = None if reward_funcs is None else rewards.dataset_scoring_function(reward_funcs)
         check_one_device_per_process(args)
+        # Run control passed in callbacks= (health alarm, guards, EMA, probe, rewind), checked before the pipeline is
+        # touched; taken instead of the config's once the trainer is built.
+        if "ema" in run_control_given(callbacks or []) and args.ema_decay is not None:
+            raise ValueError(
+                "an EMAWeights was passed in callbacks= and the config sets ema_decay, which builds another: "
+                "unset ema_decay or pass no EMAWeights"
+            )
         self.args_as_given = args  # what training_config.json stores
         self.files = RunFiles(self)  # saving, checkpoints, resume checks, the Hub: before Trainer calls init_hf_repo
         self.loss_since_log: torch.Tensor | None = None  # the training losses summed since the last log
@@ -172,6 +213,11 @@ class DiffusionSDPOTrainer(Trainer):
         # The model: its family (which noiser, encoders and denoiser call), the objective and the reference.
         # Loaded whole even under ZeRO-3's zero3_init_flag: the frozen components must not be sharded.
         self.pipeline, self.base_model_name = training_pipeline(model)
+        # What the caller gave, as it is now: put back if the construction fails (a pipeline loaded here is ours).
+        given_modules = [] if self.pipeline is not model else list(self.pipeline.components.values())
+        given_modules += [ref_model] if isinstance(ref_model, torch.nn.Module) else []
+        given_modules += list(ref_model.components.values()) if isinstance(ref_model, DiffusionPipeline) else []
+        self._caller_modules.keep(m for m in given_modules if isinstance(m, torch.nn.Module))
         self.family: ModelFamily = family_for_pipeline(
             self.pipeline, max_sequence_length=args.max_sequence_length, guidance_scale=args.flux_guidance_scale
         )
@@ -189,15 +235,15 @@ class DiffusionSDPOTrainer(Trainer):
         # DDPM for the UNet families, flow matching for the transformers; its config fields checked.
         self.noiser: Noiser = self.family.noiser(args)
         denoiser = self.family.denoiser
-        freeze_frozen_modules(self.family)
         self.objective = objective_from_config(args, num_train_timesteps=self.noiser.num_train_timesteps)
+        freeze_frozen_modules(self.family)  # in eval mode before a latent cache encodes with them
         # Taken before adapters are added, so a frozen copy holds the base weights only.
         self.reference = reference_for(self.objective, self.family, ref_model, peft_config, get_policy=self._policy)
         self.is_lora = peft_config is not None
         self._dtype = compute_dtype(args)
-        prepare_denoiser(denoiser, peft_config, self._dtype, wants_gradient_checkpointing(args))
 
-        # The data, then transformers.Trainer with the effective arguments.
+        # The data, validated before the denoiser is changed; the adapters; then transformers.Trainer with the
+        # effective arguments.
         args = training_arguments(args)
         probe_pairs = None  # the probe's held-back pairs, if it runs (its module loads only then)
         if args.probe_steps:
@@ -206,6 +252,7 @@ class DiffusionSDPOTrainer(Trainer):
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
         self._eval_collator_in_use = data.eval_collator  # the one of the running evaluation (a placeholder's shape)
+        prepare_denoiser(denoiser, peft_config, self._dtype, wants_gradient_checkpointing(args))
         super().__init__(
             model=denoiser,
             args=args,
@@ -217,15 +264,20 @@ class DiffusionSDPOTrainer(Trainer):
         )
         self.model_accepts_loss_kwargs = False
         self.add_callback(self.files)  # a learning rate changed at resume, applied when training begins
-        make_config_trackable(denoiser)  # report_to trackers read model.config as a transformers config
+        # report_to trackers read model.config as a transformers config
+        undo_config = make_config_trackable(denoiser)
+        if undo_config is not None:
+            self._caller_modules.on_restore(undo_config)
 
         # The engine, chosen once: from here on the trainer asks it, never which engine runs.
         self.engine: Engine = engine_for(self.accelerator)
         if is_quantized(denoiser):  # the quantization module is loaded for a quantized base only
             families.check_engine_supports_quantized_base(self.engine.name, denoiser)
-        place_frozen_modules(
+        hooks = place_frozen_modules(
             self.family, args.device, self._dtype, on_cpu=data.encoders_idle, offload=args.offload_frozen_modules
         )
+        for hook in hooks:
+            self._caller_modules.on_restore(hook.remove)
         if self.reference is not None and not self.reference.shares_policy_weights:
             # In the policy's precision and under its autocast: at step 0 the reference computes what the policy does.
             self.reference.place(self.engine, denoiser, args.device, self._dtype)
@@ -236,15 +288,9 @@ class DiffusionSDPOTrainer(Trainer):
         self.add_callback(self.stream_guard)
         self.add_callback(StartSummary(self))  # the effective rate, schedule and safeguard; warnings on traps
         # EMA weights before validation: a validation at step k samples the average that includes step k.
-        # Run control passed in callbacks= (health alarm, guards, EMA, probe, rewind) is taken instead of the config's.
         given = run_control_given(self.callback_handler.callbacks)
         self.ema: EMAWeights | None = given.get("ema")
         if self.ema is not None:
-            if args.ema_decay is not None:
-                raise ValueError(
-                    "an EMAWeights was passed in callbacks= and the config sets ema_decay, which builds another: "
-                    "unset ema_decay or pass no EMAWeights"
-                )
             self.ema.attach(self)
         elif args.ema_decay is not None:
             self.ema = run_callbacks.EMAWeights(

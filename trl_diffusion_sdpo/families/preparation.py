@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from accelerate.utils import recursively_apply
 from accelerate.utils.operations import ConvertOutputsToFp32
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from torch.utils.hooks import RemovableHandle
 
 from . import ModelFamily
 from .loading import cast_module
@@ -93,6 +94,89 @@ def prepare_denoiser(
         denoiser.enable_gradient_checkpointing()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """A parameter or buffer as recorded: its owner, its name there, the object, its data and ``requires_grad``."""
+
+    owner: torch.nn.Module
+    name: str
+    tensor: torch.Tensor
+    data: torch.Tensor
+    requires_grad: bool
+
+
+def _same_data(tensor: torch.Tensor, data: torch.Tensor) -> bool:
+    return (tensor.device, tensor.dtype, tensor.data_ptr()) == (data.device, data.dtype, data.data_ptr())
+
+
+class CallerModules:
+    """What building a trainer changes on the caller's modules (the pipeline's components, a separate ``ref_model``),
+    recorded before the first change and put back by :meth:`restore` when the construction fails, so that the same
+    objects can be given again: the LoRA adapters added (removed with diffusers' ``unload_lora``, or
+    ``delete_adapters`` where the model carried adapters of its own), gradient checkpointing switched on, each
+    parameter's and buffer's tensor (the dtype casts and device moves: the original tensors themselves, so the values
+    are exact), ``requires_grad``, train/eval modes, and what a step registered with :meth:`on_restore` (hooks).
+
+    The original tensors are held until construction ends: a pipeline cast to another dtype on the same device (a
+    float32 pipeline trained in bf16) holds both copies meanwhile. diffusers' group offloading
+    (``offload_frozen_modules``) has no public removal and stays on the frozen modules."""
+
+    def __init__(self) -> None:
+        self._tensors: list[_Tensor] = []
+        self._modes: list[tuple[torch.nn.Module, bool]] = []
+        # per model given: the adapters it carried, the active ones, and whether it checkpointed gradients
+        self._models: list[tuple[torch.nn.Module, set[str], list[str], bool | None]] = []
+        self._undo: list[Callable[[], Any]] = []
+
+    def keep(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Record ``modules`` as they are now; call before anything changes them."""
+        seen = {id(entry.tensor) for entry in self._tensors} | {id(module) for module, _ in self._modes}
+        for model in modules:
+            adapters = set(getattr(model, "peft_config", None) or {})
+            active = model.active_adapters() if adapters else []
+            active = [active] if isinstance(active, str) else list(active)
+            self._models.append((model, adapters, active, getattr(model, "is_gradient_checkpointing", None)))
+            for module in model.modules():
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                self._modes.append((module, module.training))
+                named = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+                for name, tensor in named:
+                    if id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        self._tensors.append(_Tensor(module, name, tensor, tensor.data, tensor.requires_grad))
+
+    def on_restore(self, undo: Callable[[], Any]) -> None:
+        """``undo()`` is called by :meth:`restore`, before the modules are put back (the latest registered first)."""
+        self._undo.append(undo)
+
+    def restore(self) -> None:
+        """Every recorded module as it was."""
+        for undo in reversed(self._undo):
+            undo()
+        for model, adapters, active, checkpointing in self._models:
+            added = set(getattr(model, "peft_config", None) or {}) - adapters
+            if added:
+                if adapters:  # its own adapters stay, as they were active
+                    model.delete_adapters(sorted(added))
+                    model.set_adapter(active)
+                else:  # the LoRA layers replaced by the layers they wrap
+                    model.unload_lora()
+            if checkpointing is False and getattr(model, "is_gradient_checkpointing", False):
+                model.disable_gradient_checkpointing()
+        with torch.no_grad():
+            for entry in self._tensors:
+                if getattr(entry.owner, entry.name) is not entry.tensor:  # replaced (a buffer cast or moved)
+                    setattr(entry.owner, entry.name, entry.tensor)
+                if not _same_data(entry.tensor, entry.data):
+                    entry.tensor.data = entry.data
+                if entry.tensor.requires_grad != entry.requires_grad:
+                    entry.tensor.requires_grad_(entry.requires_grad)
+        for module, training in self._modes:
+            module.training = training
+
+
 def training_arguments(args):
     """A copy of ``args`` (a ``DiffusionSDPOConfig``, its per-family defaults resolved) as ``transformers.Trainer``
     must see it; the caller's stays as given.
@@ -127,7 +211,7 @@ def wants_gradient_checkpointing(args) -> bool:
 
 def place_frozen_modules(
     family: ModelFamily, device: torch.device | str, dtype: torch.dtype, on_cpu: bool, offload: bool = False
-) -> None:
+) -> list[RemovableHandle]:
     """Move the VAE and text encoder(s) to ``device`` in ``dtype`` (the VAE in float32 where the family needs it),
     or leave them on the CPU (``on_cpu``: nothing is encoded during training). ``offload``: cast them on the CPU and
     let diffusers' group offloading (``apply_group_offloading``, leaf level) move each layer, and its inputs, to
@@ -136,7 +220,8 @@ def place_frozen_modules(
     A module placed in another dtype than ``dtype`` (the float32 VAE of a half-precision run) takes inputs in any
     dtype (:func:`cast_inputs_to_own_dtype`): the pipelines of SD, SDXL, SD3 and FLUX.1 (Kontext too) hand their VAE
     latents and images in the text encoders' dtype, which a float32 VAE refuses (``Input type (c10::BFloat16) and
-    bias type (float) should be the same``)."""
+    bias type (float) should be the same``). Returns the hooks it registered (:func:`cast_inputs_to_own_dtype`'s)."""
+    handles: list[RemovableHandle] = []
     for name, module in family.frozen_modules().items():
         if on_cpu:
             module.to(device="cpu")
@@ -150,7 +235,8 @@ def place_frozen_modules(
         else:
             cast_module(module, module_dtype, device)
         if module_dtype != dtype:
-            cast_inputs_to_own_dtype(module)
+            handles += cast_inputs_to_own_dtype(module)
+    return handles
 
 
 # The autocast switched off by _enter_own_dtype, per module call in progress, until _leave_own_dtype restores it.
@@ -186,17 +272,19 @@ def _leave_own_dtype(module: torch.nn.Module, args: object, kwargs: object, outp
             del _AUTOCAST_OFF[id(module)]
 
 
-def cast_inputs_to_own_dtype(module: torch.nn.Module) -> None:
+def cast_inputs_to_own_dtype(module: torch.nn.Module) -> list[RemovableHandle]:
     """Make each direct child of ``module`` (a VAE's encoder, decoder and quant convs) compute in its own dtype,
     whatever it is given and under whatever autocast: floating-point inputs are cast to it, as SDXL's pipeline casts
     the latents when it upcasts its VAE (``latents.to(post_quant_conv dtype)``), and an enclosing autocast is off, as
     in :meth:`~.families.ModelFamily.encode_moments` (a validation grid samples under one; the SDXL VAE overflows in
     fp16). On the children, not on ``forward``: pipelines call ``vae.encode`` and ``vae.decode``. Once per child,
-    however often the module is placed."""
+    however often the module is placed. Returns the hooks it registered (none on a module placed before)."""
+    handles: list[RemovableHandle] = []
     for child in module.children():
         if _enter_own_dtype not in child._forward_pre_hooks.values():
-            child.register_forward_pre_hook(_enter_own_dtype, with_kwargs=True)
-            child.register_forward_hook(_leave_own_dtype, with_kwargs=True, always_call=True)
+            handles.append(child.register_forward_pre_hook(_enter_own_dtype, with_kwargs=True))
+            handles.append(child.register_forward_hook(_leave_own_dtype, with_kwargs=True, always_call=True))
+    return handles
 
 
 def _accelerate_wrapper(model: torch.nn.Module) -> ConvertOutputsToFp32 | None:

@@ -10,6 +10,7 @@ reading and saving it as before.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,11 @@ class TrackableConfig(FrozenDict):
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
 
 
-def make_config_trackable(model: torch.nn.Module) -> None:
-    """Give ``model.config`` (a diffusers ``ConfigMixin``'s ``FrozenDict``) the two methods trackers call."""
+def make_config_trackable(model: torch.nn.Module) -> Callable[[], None] | None:
+    """Give ``model.config`` (a diffusers ``ConfigMixin``'s ``FrozenDict``) the two methods trackers call. Returns
+    what puts the model's own config back (``None`` where nothing was changed)."""
     config = getattr(model, "_internal_dict", None)
     if isinstance(config, FrozenDict) and not isinstance(config, TrackableConfig):
         model._internal_dict = TrackableConfig(config)
+        return lambda: setattr(model, "_internal_dict", config)
+    return None

@@ -36,6 +36,7 @@ from ..data.training_data import TrainingData
 from ..data.validation import DataReport
 from ..families import ModelFamily, PromptEmbeddings, is_quantized
 from ..io.hub import CardMethod
+from ..objectives import objective_class
 from ..rewards.functions import RewardError, RewardFunction, RewardFunctions
 from ..step.frozen_reference import FrozenCopyReference, merged_copy, merged_policy_state, refreshed_reference
 from ..trainer import DiffusionSDPOTrainer
@@ -215,6 +216,8 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
                 "eval_dataset: the online trainer reads eval prompts only for the held-out probe; set probe_steps or "
                 "leave eval_dataset out (held-out samples are judged by an evaluation of their own: docs/online.md)."
             )
+        if args.ref_update_steps is not None and not objective_class(args.loss_type).requires_reference:
+            raise ValueError(f"ref_update_steps: loss_type={args.loss_type!r} uses no reference model.")
         functions = list(reward_funcs) if reward_funcs is not None else list(args.reward_funcs or [])
         self.rewards = RewardFunctions(functions, args.reward_weights, args.reward_timeout, args.reward_retries)
         super().__init__(
@@ -233,8 +236,6 @@ class OnlineDiffusionSDPOTrainer(DiffusionSDPOTrainer):
                     f"ref_update_steps runs on one process, DDP, DeepSpeed ZeRO and FSDP2; under {self.engine!r} keep "
                     "the initial reference (ref_update_steps=None)."
                 )
-            if self.reference is None:
-                raise ValueError(f"ref_update_steps: loss_type={args.loss_type!r} uses no reference model.")
             if is_quantized(self.family.denoiser):
                 raise ValueError(
                     "ref_update_steps copies the policy with its adapters merged into the base weights, which a "
