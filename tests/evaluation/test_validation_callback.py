@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,8 +12,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from transformers import TrainerState
 
-from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
+from trl_diffusion_sdpo.callbacks.validation import (
+    PROMPT_LABEL_CHARS,
+    ValidationCallback,
+    prompt_label,
+    validation_grid,
+)
 from trl_diffusion_sdpo.evaluation import Scorer
+from trl_diffusion_sdpo.evaluation.compare import image_grid
 
 torch.set_num_threads(1)
 PROMPTS = ["a red square", "a blue circle"]
@@ -57,9 +64,10 @@ def test_training_with_validation_is_identical_to_training_without(make_trainer,
     folder = tmp_path / "validated" / "validation"
     assert sorted(os.listdir(folder)) == ["step-000000.png", "step-000002.png"]
     grid = Image.open(folder / "step-000002.png")
-    # the seed labels' column (as wide as "seed 1" drawn, and a margin), then 2 prompts across and 2 seeds down
+    # the seed labels' column (as wide as "seed 1" drawn, and a margin), then 2 prompts across and 2 seeds down, in
+    # tiles of 64 pixels (image_grid's least under captions), below the prompts' caption strip
     label = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength("seed 1", font=ImageFont.load_default())
-    assert grid.size[1] == 2 * 32 and label < grid.size[0] - 2 * 32 <= label + 8
+    assert grid.size[1] > 2 * 64 and label < grid.size[0] - 2 * 64 <= label + 8
     rewards = [e for e in validated.state.log_history if "eval/reward/redness" in e]
     assert [e["step"] for e in rewards] == [0, 2]
 
@@ -74,7 +82,9 @@ def test_generate_restores_mode_and_rng_and_keeps_the_training_scheduler(make_pi
         grid, images = callback.generate()
         assert pipe.unet.training is training
         assert torch.equal(torch.get_rng_state(), rng)
-    assert pipe.scheduler is scheduler and len(images) == 2 and grid.size == (64, 32)
+    assert pipe.scheduler is scheduler and len(images) == 2
+    # the images as image_grid lays them out, one column per prompt, captioned with it
+    assert np.array_equal(np.asarray(grid), np.asarray(image_grid([images], column_labels=PROMPTS)))
     again = callback.generate()[1]
     np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(again[0]))  # its own seeded generators
 
@@ -130,10 +140,11 @@ def test_images_and_rewards_go_to_the_trainers_tensorboard_writer_and_unknown_tr
     callback.on_step_end(args, state, None)
     images = [c for c in writer.calls if c[0] == "image"]
     scalars = [c for c in writer.calls if c[0] == "scalar"]
-    assert images == [("image", "validation/samples", (32, 64, 3), 3, "HWC")]
+    saved = np.asarray(Image.open(tmp_path / "validation" / "step-000003.png"))
+    assert images == [("image", "validation/samples", saved.shape, 3, "HWC")]  # the saved grid, as HWC
     assert [(tag, step) for _, tag, _, step in scalars] == [("eval/reward/redness", 3)]
-    grid = Image.open(tmp_path / "validation" / "step-000003.png")
-    expected = RednessScorer()([grid.crop((0, 0, 32, 32)), grid.crop((32, 0, 64, 32))], PROMPTS).mean()
+    # the rewards of the images the grid shows: sampled again, as its own seeded generators draw them
+    expected = RednessScorer()(callback.generate()[1], PROMPTS).mean()
     assert scalars[0][2] == pytest.approx(float(expected))
     assert callback.history[0]["eval/reward/redness"] == pytest.approx(float(expected))
 
@@ -219,3 +230,33 @@ def test_with_ema_decay_validation_samples_the_ema_weights_not_the_trained_ones(
     assert any(not torch.equal(a, b) for a, b in zip(trained, ema, strict=True))  # the EMA lags the trained weights
     for at_sampling, average in zip(sampled[2], ema, strict=True):
         torch.testing.assert_close(at_sampling, average.to(at_sampling.dtype), rtol=0, atol=0)
+
+
+def test_each_column_of_the_grid_is_captioned_with_its_prompt(make_pipeline):
+    """The same images under other prompts make another grid, which is the images laid out by image_grid with the
+    prompts as column captions (a seed row label each with several seeds); a prompt longer than
+    PROMPT_LABEL_CHARS is cut at a word and ends in "...", so its caption stays a few lines tall."""
+    pipe = make_pipeline()
+    long = "a watercolour painting of a lighthouse on a cliff at dusk, " * 4
+    grids = {}
+    for prompts in (PROMPTS, ["a green triangle", long]):
+        callback = ValidationCallback(prompts, seeds=[0, 1], num_inference_steps=1, pipeline=pipe, height=32, width=32)
+        grid, images = callback.generate()
+        captions = [prompt_label(p) for p in prompts]
+        expected = image_grid([images[:2], images[2:]], ["seed 0", "seed 1"], captions)
+        assert np.array_equal(np.asarray(grid), np.asarray(expected))
+        grids[tuple(prompts)] = (grid, images)
+    # the same images captioned with other prompts: another grid
+    first, images = grids[tuple(PROMPTS)]
+    recaptioned = validation_grid(images, ["a green triangle", long], [0, 1])
+    assert np.asarray(first).shape != np.asarray(recaptioned).shape or not np.array_equal(first, recaptioned)
+    assert prompt_label(PROMPTS[0]) == PROMPTS[0]
+    label = prompt_label(long)
+    assert len(label) <= PROMPT_LABEL_CHARS and label.endswith("...")
+    assert long.startswith(label[: -len("...")]) and long[len(label) - 3] == " "  # cut between words
+    assert prompt_label(" a  red\nsquare ") == "a red square"
+
+
+def test_the_evaluation_page_states_the_caption_limit_the_grid_uses():
+    page = " ".join((Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text().split())
+    assert f"a prompt longer than {PROMPT_LABEL_CHARS} characters is cut after a whole word" in page

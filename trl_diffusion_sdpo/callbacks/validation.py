@@ -31,13 +31,39 @@ from ..evaluation.generation import GenerationSettings, sample_images
 from ..families import family_for_pipeline
 from ..rewards.scorers.base import Scorer, build_scorer
 
-__all__ = ["ValidationCallback"]
+__all__ = ["PROMPT_LABEL_CHARS", "ValidationCallback", "prompt_label", "validation_grid"]
 
 logger = logging.getLogger(__name__)
 
+#: Characters of a prompt shown above its column of the validation grid: a longer prompt is cut at a word boundary
+#: and ends in "...", so that its caption (wrapped within the column) stays a few lines tall.
+PROMPT_LABEL_CHARS = 80
+_ELLIPSIS = "..."  # ASCII: PIL's fallback bitmap font has no "\u2026"
+
+
+def prompt_label(prompt: str, limit: int = PROMPT_LABEL_CHARS) -> str:
+    """``prompt`` as the caption of its grid column: its whitespace collapsed to single spaces, and when longer than
+    ``limit`` characters cut to at most ``limit`` with ``"..."`` at the end (after the last whole word that fits,
+    or inside a word longer than the rest of the limit)."""
+    text = " ".join(prompt.split())
+    if len(text) <= limit:
+        return text
+    room = limit - len(_ELLIPSIS)
+    cut = text[: room + 1].rsplit(" ", 1)[0] if " " in text[: room + 1] else text[:room]
+    return cut[:room].rstrip() + _ELLIPSIS
+
+
+def validation_grid(images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int]) -> Image.Image:
+    """The validation grid of ``images`` (sampled seed by seed, the prompts in order within each): one row per seed,
+    labelled ``seed <n>`` when there are several, one column per prompt, captioned with :func:`prompt_label`."""
+    rows = [list(images[i * len(prompts) : (i + 1) * len(prompts)]) for i in range(len(seeds))]
+    row_labels = [f"seed {s}" for s in seeds] if len(seeds) > 1 else ()
+    return image_grid(rows, row_labels=row_labels, column_labels=[prompt_label(p) for p in prompts])
+
 
 class ValidationCallback(TrainerCallback):
-    """Sample grids (rows: seeds, columns: prompts) and optional rewards during training. Off unless added.
+    """Sample grids (rows: seeds, columns: prompts, each column captioned with its prompt, cut to
+    :data:`PROMPT_LABEL_CHARS` characters) and optional rewards during training. Off unless added.
 
     Args:
         prompts: the validation prompts.
@@ -180,7 +206,8 @@ class ValidationCallback(TrainerCallback):
         return self._sampler[1]
 
     def generate(self) -> tuple[Image.Image, list[Image.Image]]:
-        """Sample the grid now (prompts vary along a row, seeds down the columns); returns the grid and the images.
+        """Sample the grid now (prompts vary along a row, seeds down the columns; :func:`validation_grid`); returns
+        the grid and the images.
 
         Modules the trainer keeps elsewhere (the VAE and text encoders stay on the CPU with ``cache_latents``) are
         moved to the denoiser's device for sampling and put back; the denoiser's mode and every RNG state are
@@ -218,9 +245,7 @@ class ValidationCallback(TrainerCallback):
             for name, module in modules.items():
                 if homes[name] is not None and homes[name] != device:
                     module.to(homes[name])
-        rows = [images[i * len(self.prompts) : (i + 1) * len(self.prompts)] for i in range(len(self.seeds))]
-        grid = image_grid(rows, row_labels=[f"seed {s}" for s in self.seeds] if len(self.seeds) > 1 else ())
-        return grid, images
+        return validation_grid(images, self.prompts, self.seeds), images
 
     def _grid_sources(self) -> list[list[Image.Image]] | None:
         """Each grid cell's source images (prompts along a row, seeds down the columns), or ``None``."""
