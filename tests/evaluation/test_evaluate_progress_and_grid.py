@@ -9,6 +9,7 @@ import math
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from trl_diffusion_sdpo.cli.main import build_parser, main
 from trl_diffusion_sdpo.evaluation import Scorer, evaluate, register_scorer
+from trl_diffusion_sdpo.evaluation import progress as progress_module
 from trl_diffusion_sdpo.evaluation.compare import GRID_CELL, GRID_COLUMNS, GRID_PAGE_SAMPLES
+from trl_diffusion_sdpo.evaluation.progress import Progress
 from trl_diffusion_sdpo.io.cpu_threads import CPU_THREADS
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline
 
@@ -147,6 +150,26 @@ def test_pairs_logs_each_scoring_batch_off_a_terminal(tmp_path, monkeypatch, cap
     for b in range(1, batches + 1):
         pattern = rf"scoring: {min(b * batch, total)}/{total} images, batch {b}/{batches}, \d+\.\d s"
         assert sum(bool(re.match(pattern, line)) for line in lines) == 1, (pattern, lines)
+
+
+def test_the_time_left_is_the_rate_so_far_times_what_remains(monkeypatch, caplog):
+    """After ``k`` of ``n`` images in ``t`` seconds a log line says about ``t / k * (n - k)`` seconds are left (the
+    images still to make, not all of them); the last line, nothing left, gives no estimate. The clock is this
+    test's: the stage starts at 100 s and its batches end at 110, 130 and 160 s."""
+    clock = iter([100.0, 110.0, 130.0, 160.0])
+    monkeypatch.setattr(progress_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    caplog.set_level(logging.INFO, logger=progress_module.logger.name)
+    total = 8
+    with Progress("generating", total, "images", bar=False, batches=3) as progress:
+        for count in (2, 2, 4):
+            progress.update(count)
+    lines = [r.getMessage() for r in caplog.records if r.name == progress_module.logger.name]
+    assert len(lines) == 3
+    done, elapsed = [2, 4, 8], [10.0, 30.0, 60.0]
+    for line, k, t in zip(lines[:2], done, elapsed):
+        left = float(re.search(r"about (\d+) s left$", line).group(1))
+        assert left == pytest.approx(t / k * (total - k), abs=0.5), line  # 30 s each time, as printed rounded
+    assert lines[2] == "generating: 8/8 images, batch 3/3, 60.0 s"
 
 
 # -- threads ---------------------------------------------------------------------------------------------------------

@@ -155,6 +155,22 @@ def test_leftovers_of_a_kill_are_published_when_complete_and_removed_otherwise(t
     assert checkpoint_problem(os.path.join(run, "checkpoint-3")) == ""
 
 
+def test_a_complete_checkpoint_left_in_its_staging_run_folder_is_published_under_its_own_name(trained_run, tmp_path):
+    """The layout a save writes (``.tmp-checkpoint-N/checkpoint-N``, transformers' save pointed at the staging run
+    folder), killed after the manifest and before the rename: the inner folder becomes ``checkpoint-N``, which resume
+    then takes, and the staging run folder is gone."""
+    run = copy_run(trained_run, tmp_path)
+    staging_run = os.path.join(run, ".tmp-checkpoint-3")
+    os.makedirs(staging_run)
+    os.rename(os.path.join(run, "checkpoint-3"), os.path.join(staging_run, "checkpoint-3"))
+    recover_interrupted_saves(run)
+    assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-3"]
+    published = os.path.join(run, "checkpoint-3")
+    assert checkpoint_problem(published) == ""
+    assert os.path.isfile(os.path.join(published, WEIGHTS))  # the checkpoint's own files, not a folder holding them
+    assert resolve_resume_checkpoint(True, run) == published
+
+
 # ----------------------------------------------------------------------------------------------- kills
 
 

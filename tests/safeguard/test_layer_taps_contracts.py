@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from trl_diffusion_sdpo.safeguards.gradients.layer_taps import LayerTaps
+from trl_diffusion_sdpo.safeguards.gradients.one_pass import OnePassBranchGradients
 
 ROWS = 8
 
@@ -92,6 +93,35 @@ def test_a_layer_called_twice_in_one_pass_sums_both_calls_gradients(kind, groups
     layer = _perturbed(make())
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     _assert_like_autograd(layer, lambda t: layer(torch.tanh(layer(t))), x, groups, handed)
+
+
+@pytest.mark.parametrize("kind", list(REUSED))
+def test_the_one_pass_store_keeps_both_calls_of_a_shared_layer_in_each_branch_from_its_first_pass(kind):
+    """The exact rule's store through a layer applied twice in one forward: its first pass (which learns the rows'
+    dtypes, the taps handing it each call's gradient) and the next (the taps writing into its rows) both hold, per
+    branch, the gradient of both calls: what two separate backward passes give, one on the winners' rows, one on the
+    losers'."""
+    make, shape = REUSED[kind]
+    layer = _perturbed(make())
+    params = list(layer.parameters())
+    store = OnePassBranchGradients(layer, params)
+
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        return layer(torch.tanh(layer(t)))
+
+    half = ROWS // 2
+    for seed in (0, 1):  # the learning pass, then a pass into the rows
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+        with store.split(2):
+            forward(x.requires_grad_(True)).backward(grad)
+        assert not store.failures and all(p.grad is None for p in params)
+        g_w, h_l = store.branch_gradients()
+        expected_w = torch.autograd.grad(forward(x[:half]), params, grad[:half])
+        expected_l = torch.autograd.grad(forward(x[half:]), params, grad[half:])
+        for got, expected in ((g_w, expected_w), (h_l, expected_l)):
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------ no_grad

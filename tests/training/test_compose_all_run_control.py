@@ -4,12 +4,16 @@ safeguard changes by name, built as the config's and checked by its rules."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.online import make_trainer as make_online_trainer
 from tests.helpers.rewind import ScriptedAlarm, equal, trained_weights
 from trl_diffusion_sdpo.callbacks import EMAWeights, GuardState, PathologyAction, PathologyRule, WinnerHealth
+from trl_diffusion_sdpo.callbacks.health import remedies
+from trl_diffusion_sdpo.safeguards.margin import AUTO_MU_START
 
 ROWS = 8
 SAFEGUARDED = {"safeguard_space": "output", "safeguard_mu": 0.5}
@@ -60,6 +64,49 @@ def test_a_forced_alarm_of_a_given_health_switches_the_safeguard_of_given_guards
     assert any("safeguard/lambda_mean" in e for e in trainer.state.log_history[1:])  # the step after it ran with it
 
 
+def test_guards_given_without_a_margin_move_an_auto_mu_as_the_configs_do(make_trainer, make_pickapic):
+    """``GuardState()`` passed in ``callbacks=`` takes the safeguard's margin from the trainer; with
+    ``safeguard_mu="auto"`` that margin then adapts at every step, the ``mu`` of each log the config-built guards'."""
+    settings = {
+        "train_dataset": make_pickapic(ROWS),
+        "max_steps": 2,
+        "beta": 500.0,
+        "safeguard_space": "output",
+        "safeguard_mu": "auto",
+        "safeguard_mu_step": 50.0,
+    }
+    configured = make_trainer(**settings)
+    configured.train()
+    guards = GuardState()
+    composed = make_trainer(callbacks=[guards], **settings)
+    assert composed.guards is guards and guards.margin is composed.safeguard.margin
+    composed.train()
+
+    def mus(trainer) -> list[float]:
+        return [e["safeguard/mu"] for e in trainer.state.log_history if "delta/winner" in e]
+
+    assert len(mus(configured)) == 2 and any(mu != AUTO_MU_START for mu in mus(configured))  # the config's moved
+    assert mus(composed) == pytest.approx(mus(configured), rel=1e-6)
+
+
+def test_a_health_given_without_arguments_names_the_remedies_of_the_runs_regime(make_trainer, tmp_path, caplog):
+    """``WinnerHealth()`` passed in ``callbacks=`` takes the remedies of the trainer's config: an offline run with the
+    output space at mu 0.5 is told of the update space and a larger mu; an online run, whose evidence rules every
+    safeguard out, is told to remove its safeguard (never the offline defaults' "turn the safeguard on")."""
+    offline = make_trainer(callbacks=[WinnerHealth(rule=ALWAYS)], **SAFEGUARDED)
+    online = make_online_trainer(tmp_path, callbacks=[WinnerHealth(rule=ALWAYS)], safeguard_space="output")
+    assert online.args.regime == "online"
+    warnings = []
+    for trainer in (offline, online):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="trl_diffusion_sdpo.callbacks.health"):
+            trainer.health.annotate({"delta/winner": 0.1, "implicit_acc": 0.5}, [], 1)  # the alarm fires
+        warnings.append(caplog.records[-1].getMessage())
+        named = warnings[-1].split("Remedies not in use in this run: ", 1)[1].removesuffix(".")
+        assert named.split("; ") == remedies(trainer.args) != remedies(None)
+    assert "safeguard_space='update'" in warnings[0] and "safeguard_space='none'" in warnings[1]
+
+
 def test_a_given_ema_averages_as_the_configs_does(make_trainer, make_pickapic):
     data = make_pickapic(ROWS)
     configured = make_trainer(train_dataset=data, max_steps=2, ema_decay=0.9, safeguard_space="none")
@@ -94,3 +141,15 @@ def test_set_safeguard_by_name_builds_it_as_the_config_does_and_checks_its_rules
     assert accumulating.safeguard is None
     trainer.set_safeguard(None)
     assert trainer.safeguard is None
+
+
+def test_a_safeguard_built_by_name_leaves_the_runs_config_as_it_was(make_trainer):
+    """``safeguard_by_name`` builds from a changed copy of the config: the run's own config (what its checkpoints
+    record and a resume compares) keeps the safeguard it was given, whatever is built or switched in by name."""
+    trainer = make_trainer(max_steps=1, safeguard_space="none")
+    before = trainer.args.to_dict()
+    built = trainer.safeguard_by_name("parameter", mu=0.25, scope="global")
+    assert built.name == "parameter" and float(built.margin.current()) == 0.25
+    trainer.set_safeguard(space="output", mu=0.75)
+    assert trainer.safeguard.name == "output"
+    assert trainer.args.to_dict() == before

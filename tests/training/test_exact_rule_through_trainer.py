@@ -7,8 +7,10 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
+import torch
 import transformers
 
+from trl_diffusion_sdpo.safeguards.gradients.collectives import BranchCollectives
 from trl_diffusion_sdpo.safeguards.parameter import OnePass, PerBranchPasses
 
 CASES = {
@@ -81,15 +83,20 @@ def test_the_exact_rule_runs_inside_trainers_training_step_and_backward(make_tra
     assert combined == [False, False]
 
 
-def _train_placed(make_trainer, placement: str) -> tuple[list[tuple[bool, bool]], set[str], dict]:
+def _train_placed(
+    make_trainer, placement: str, collectives: type | None = None, **overrides
+) -> tuple[list[tuple[bool, bool]], set[str], dict, list[dict]]:
     """One optimizer step (a window of two) of the one pass with the engine's ``passes_placement`` set to
-    ``placement``: per pass, (inside the engine's backward, its scale left to the stage); the placements
-    ``PassesInStep`` was given; the trained weights."""
-    import torch
-
+    ``placement`` (and the stage's ``collectives`` replaced, where given; ``overrides``: more config fields): per
+    pass, (inside the engine's backward, its scale left to the stage); the placements ``PassesInStep`` was given;
+    the trained weights; the training logs."""
     from trl_diffusion_sdpo.step.backward import PassesInStep
 
-    trainer = make_trainer(max_steps=1, gradient_accumulation_steps=2, safeguard_space="parameter", safeguard_mu=0.5)
+    trainer = make_trainer(
+        max_steps=1, gradient_accumulation_steps=2, safeguard_space="parameter", safeguard_mu=0.5, **overrides
+    )
+    if collectives is not None:
+        trainer.safeguard.backward_stage.collectives = collectives(trainer.engine)
     engine_backward, pass_backward, passes_init = trainer.accelerator.backward, OnePass.backward, PassesInStep.__init__
     inside, seen, given = [False], [], set()
 
@@ -117,18 +124,16 @@ def _train_placed(make_trainer, placement: str) -> tuple[list[tuple[bool, bool]]
         trainer.train()
     weights = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
-    return seen, given, weights
+    return seen, given, weights, [log for log in trainer.state.log_history if "loss" in log]
 
 
 def test_the_engines_placement_of_the_passes_reaches_the_step(make_trainer):
     """Where the passes run is the engine's ``passes_placement``: told ``"in_compute_loss"`` (FSDP's), the passes run
     before Trainer's backward, with the stage's own scale, and train the same weights as inside it, bit for bit."""
-    import torch
-
     from trl_diffusion_sdpo.engines.base import PASS_PLACEMENTS
 
-    seen_in, given_in, inside = _train_placed(make_trainer, "in_backward")
-    seen_before, given_before, before = _train_placed(make_trainer, "in_compute_loss")
+    seen_in, given_in, inside, _ = _train_placed(make_trainer, "in_backward")
+    seen_before, given_before, before, _ = _train_placed(make_trainer, "in_compute_loss")
     assert {"in_backward", "in_compute_loss"} <= set(PASS_PLACEMENTS)
     assert (given_in, given_before) == ({"in_backward"}, {"in_compute_loss"})
     assert seen_in == [(True, False)] * 2  # inside Trainer's backward, with its scale
@@ -136,6 +141,46 @@ def test_the_engines_placement_of_the_passes_reaches_the_step(make_trainer):
     assert inside.keys() == before.keys()
     for name, value in inside.items():
         assert torch.equal(value, before[name]), name
+
+
+class _DeferredCombination(BranchCollectives):
+    """One process's collectives handing the one pass's combination over as DeepSpeed ZeRO-1/2's do
+    (``DeepSpeedCollectives.add_combined``): as the gradient of the surrogate ``sum_i <w_i, c_i>`` (``c`` already
+    carrying the accumulation average), whose backward, the micro-batch's last engine backward, is deferred to
+    Trainer's ``accelerator.backward``. Accelerate's backward stands in for DeepSpeed's: under transformers neither
+    divides by the window again (Trainer's step divides the loss)."""
+
+    deferred: list[torch.Tensor] | None = None
+
+    def add_combined(self, store, combined, sync_gradients, *, reduced) -> None:
+        terms = [
+            torch.dot(p.reshape(-1), c.detach().reshape(-1).to(p.dtype))
+            for p, c, reached in zip(store.parameters, combined, store.reached)
+            if reached
+        ]
+        assert self.deferred is not None, "the combination reached the engine outside the deferred backward"
+        self.deferred.append(torch.stack(terms).sum())
+
+
+def test_a_deferred_engine_backward_keeps_the_accumulation_average_of_trainers_step(make_trainer):
+    """The placement of an engine that steps inside its own backward (DeepSpeed's ``"with_combination"``): the
+    passes and the combination run in compute_loss and the combination's engine backward is carried by the loss
+    into Trainer's, which divides it by the window once more. Over a window of two, SGD without clipping (a lost or
+    doubled factor shows in the weights; AdamW would hide a constant one) trains the weights of the passes run inside
+    Trainer's backward, with the same gradient norm. One process and accelerate's backward: DeepSpeed's own engine
+    under ZeRO-2 with accumulation is tests/distributed/test_distributed.py's."""
+    plain = {"optim": "sgd", "max_grad_norm": 1e9}  # the norm is logged, nothing is clipped
+    seen, given, deferred, deferred_logs = _train_placed(
+        make_trainer, "with_combination", _DeferredCombination, **plain
+    )
+    _, _, inside, inside_logs = _train_placed(make_trainer, "in_backward", **plain)
+    assert given == {"with_combination"}
+    assert seen == [(False, True)] * 2  # in compute_loss, with the stage's own scale
+    assert deferred.keys() == inside.keys()
+    for name, value in inside.items():
+        torch.testing.assert_close(deferred[name], value, rtol=1e-6, atol=1e-9, msg=name)
+    norms = [log["grad_norm"] for log in deferred_logs], [log["grad_norm"] for log in inside_logs]
+    assert len(norms[0]) == 1 and norms[0] == pytest.approx(norms[1], rel=1e-6)
 
 
 def test_a_placement_and_its_hook_are_checked():

@@ -4,6 +4,9 @@ reference (the adapter-disabled policy) and for the exact rule's passes."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -45,3 +48,15 @@ def test_a_step_asking_with_the_module_and_with_its_wrapper_unwraps_each_once(ma
         assert trainer._unwrapped(trainer.model) is trainer.model
         trainer._unwrapped(wrapper)
     assert seen == [trainer.model, wrapper]
+
+
+def test_a_wrapper_the_cache_has_seen_is_freed_once_nothing_else_holds_it(make_trainer):
+    """The cache holds its wrappers weakly: a wrapper dropped by its owner (an engine's, replaced on a new
+    ``train()``) is collected, and with it what it holds, rather than kept alive by the trainer for the run."""
+    trainer = make_trainer(lora=True, max_steps=1)
+    wrapper = torch.nn.DataParallel(trainer.model)  # a wrapper accelerate unwraps to the module it holds
+    assert trainer._unwrapped(wrapper) is trainer.model
+    gone = weakref.ref(wrapper)
+    del wrapper
+    gc.collect()
+    assert gone() is None

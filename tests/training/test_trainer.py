@@ -657,3 +657,28 @@ def test_pair_scores_stay_float32_where_deepspeed_casts_the_inputs(make_trainer,
     assert inputs["pixel_values"].dtype == torch.bfloat16  # the engine's cast still applies to model inputs
     assert inputs["pair_scores"].dtype == torch.float32
     torch.testing.assert_close(inputs["pair_scores"], scores, rtol=0, atol=0)
+
+
+def test_a_replayed_micro_batch_leaves_the_gradients_of_plain_diffusion_dpo_unchanged(make_trainer):
+    """Through Trainer's own training step (plain Diffusion-DPO: Trainer runs the backward of the loss compute_loss
+    returns), a replay with several processes runs a real forward and backward and adds nothing: ``.grad`` after it
+    is ``.grad`` before it, bit for bit."""
+    trainer = make_trainer(lora=True, safeguard_space="none")
+    usable = trainer.batches
+
+    def two_processes(inputs, mode, num_processes, process_index):  # this process as one of two
+        return usable(inputs, mode, 2, process_index)
+
+    trainer.batches = two_processes
+    trainer.current_gradient_accumulation_steps = 2  # what train() sets for each accumulation window
+    model = trainer.model
+    model.train()
+    collate = trainer.data_collator
+    trainer.training_step(model, collate([trainer.train_dataset[i] for i in range(2)]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.grad.clone() for p in trainable]
+    assert any(torch.count_nonzero(g) > 0 for g in before)  # the good micro-batch reached the weights
+    replayed = trainer.training_step(model, collate([]))  # every row invalid: the last good one, weight zero
+    assert replayed.item() == 0.0
+    for p, grad in zip(trainable, before):
+        torch.testing.assert_close(p.grad, grad, rtol=0, atol=0)
