@@ -69,7 +69,9 @@ __all__ = ["CheckpointPart", "CheckpointPartCallback", "RunFiles", "check_new_ru
 logger = logging.getLogger(__name__)
 
 # In every checkpoint: the sum of the per-step training losses up to it, so that a resumed run's final train_loss is
-# the whole run's mean, as an uninterrupted run's is (transformers' covers only the steps of the resumed train()).
+# the whole run's mean, as an uninterrupted run's is (transformers' covers only the steps of the resumed train()); and
+# the steps and loss sum of the logging window it splits (since the last training log), so that the first log after a
+# resume averages over the same window as the uninterrupted run's (transformers' starts its window at the resume).
 LOSS_TOTAL_NAME = "training_loss.json"
 
 
@@ -130,6 +132,10 @@ class RunFiles(TrainerCallback):
         self.resumed = False
         self.parts: list[CheckpointPart] = []  # saved into every checkpoint, loaded at resume
         self._loss_logged = 0.0  # the per-step training losses of this train() call, up to the last log
+        # The logging window: (global step, this call's loss sum) where it opened (the last training log, or the
+        # start of train()), and (steps, loss sum) of its part before the resumed checkpoint, until its first log.
+        self._window_start: tuple[int, float] = (0, 0.0)
+        self._window_before_resume: tuple[int, float] = (0, 0.0)
         # The learning rates of the scheduler made for this train() call, before a resumed checkpoint's state
         # replaces them (see on_train_begin).
         self._fresh_learning_rates: list[float] = []
@@ -156,11 +162,13 @@ class RunFiles(TrainerCallback):
             resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, trainer.args.output_dir)
             self.resumed, self.loss_before_resume = resume_from_checkpoint is not None, 0.0
             trainer.loss_since_log, self._loss_logged = None, 0.0
+            self._window_before_resume = (0, 0.0)
             if resume_from_checkpoint is not None:
                 run_io.check_resume_config(resume_from_checkpoint, trainer)
                 for part in self.checkpoint_parts():
                     part.load(resume_from_checkpoint)
                 self.loss_before_resume = _read_loss_total(resume_from_checkpoint)
+                self._window_before_resume = _read_log_window(resume_from_checkpoint)
                 saved = run_io.read_run_identity(resume_from_checkpoint) or {}
                 processes = trainer.accelerator.num_processes
                 if saved.get("num_processes", processes) != processes:
@@ -195,6 +203,7 @@ class RunFiles(TrainerCallback):
         """After transformers restored a resumed checkpoint's optimizer and scheduler: a learning rate changed at
         resume wins over the restored scheduler's base rates."""
         trainer = self.trainer
+        self._window_start = (state.global_step, self._loss_logged)  # transformers' window opens here as well
         fresh = self._fresh_learning_rates
         if self.resumed and fresh and run_io.apply_new_learning_rates(trainer.lr_scheduler, trainer.optimizer, fresh):
             logger.info("Learning rate(s) %s applied from the resumed step on", fresh)
@@ -212,14 +221,29 @@ class RunFiles(TrainerCallback):
         return self._loss_logged
 
     def log_training(self, logs: dict[str, float]) -> None:
-        """At every training log (every process): the loss sum folded into a float. In the final metrics
-        (``train_loss`` in ``logs``) of a run resumed from a checkpoint that records its loss sum, ``train_loss``
-        becomes the mean over every step of the run, the steps before the checkpoint included, as an uninterrupted
-        run reports it; transformers' is the mean over the resumed steps only."""
+        """At every training log (every process): the loss sum folded into a float. The first ``loss`` logged after a
+        resume from a checkpoint inside a logging window is the mean over that whole window, its steps before the
+        checkpoint included (their sum and count recorded in the checkpoint), as the uninterrupted run logs it;
+        transformers' covers the steps since the resume only. In the final metrics (``train_loss`` in ``logs``) of a
+        run resumed from a checkpoint that records its loss sum, ``train_loss`` becomes the mean over every step of
+        the run, the steps before the checkpoint included, as an uninterrupted run reports it; transformers' is the
+        mean over the resumed steps only."""
         total = self._fold_loss()
+        if "loss" in logs:  # transformers' mean over the window this log closes
+            if self._window_before_resume[0]:  # a window the resumed checkpoint split: over all its steps
+                steps, loss_sum = self._open_window(total)
+                logs["loss"] = loss_sum / steps
+            self._window_start, self._window_before_resume = (self.trainer.state.global_step, total), (0, 0.0)
         if "train_loss" not in logs or not self.resumed or self.loss_before_resume is None:
             return
         logs["train_loss"] = (self.loss_before_resume + total) / max(self.trainer.state.global_step, 0.001)
+
+    def _open_window(self, total: float) -> tuple[int, float]:
+        """The optimizer steps and the loss sum of the logging window open now, its part before the resumed
+        checkpoint included; ``total``: this call's loss sum, folded."""
+        start_step, start_total = self._window_start
+        steps_before, sum_before = self._window_before_resume
+        return steps_before + self.trainer.state.global_step - start_step, sum_before + total - start_total
 
     def _loss_total(self) -> float | None:
         """The sum of the per-step losses (each averaged over processes) up to now: what a resumed checkpoint had and
@@ -396,6 +420,7 @@ class RunFiles(TrainerCallback):
         for part in self.checkpoint_parts():
             part.save(staging)
         loss_total = self._loss_total()  # a reduction: every process
+        window_steps, window_sum = self._open_window(self._loss_logged)
         if args.should_save:
             if state.best_model_checkpoint and os.path.dirname(state.best_model_checkpoint) == staged.output_dir:
                 # transformers named the best checkpoint (this one) by its staging path: recorded by its final name
@@ -404,7 +429,8 @@ class RunFiles(TrainerCallback):
             run_io.write_run_identity(trainer, staging)
             if loss_total is not None:
                 with open(os.path.join(staging, LOSS_TOTAL_NAME), "w") as f:
-                    json.dump({"global_step": state.global_step, "loss_sum": loss_total}, f)
+                    record = {"global_step": state.global_step, "loss_sum": loss_total}
+                    json.dump(record | {"log_window_steps": window_steps, "log_window_loss_sum": window_sum}, f)
 
         trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, engine shards) are written
         if args.should_save:
@@ -511,6 +537,17 @@ def _read_loss_total(checkpoint: str) -> float | None:
         return None
     with open(path) as f:
         return float(json.load(f)["loss_sum"])
+
+
+def _read_log_window(checkpoint: str) -> tuple[int, float]:
+    """The steps and loss sum of the logging window a checkpoint split; none for one written before they were
+    recorded (its first log after a resume then covers the resumed steps only, as transformers' does)."""
+    path = os.path.join(checkpoint, LOSS_TOTAL_NAME)
+    if not os.path.isfile(path):
+        return 0, 0.0
+    with open(path) as f:
+        record = json.load(f)
+    return int(record.get("log_window_steps", 0)), float(record.get("log_window_loss_sum", 0.0))
 
 
 def files_hook(name: str) -> Callable[..., Any]:
