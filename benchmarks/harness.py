@@ -152,11 +152,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def result_path(device: str, what: str, size: str, study: str | None = None) -> str:
-    """``benchmarks/results/[<study>/]<device>-<what>-<size>.json``, the results' naming scheme (``device``: ``cpu``
+def result_path(device: str, what: str, size: str, *, study: str) -> str:
+    """``benchmarks/results/<study>/<device>-<what>-<size>.json``, the results' naming scheme (``device``: ``cpu``
     or ``cuda``; ``what``: the question, as the script's name; ``size``: the model preset, with ``<N>pairs`` where the
-    batch is not the default; ``study``: the folder of a study with several result files)."""
-    return str((RESULTS / study if study else RESULTS) / f"{device}-{what}-{size}.json")
+    batch is not the default; ``study``: the folder of what it measures, ``step-time``, ``gpu``, ...: the top level
+    of ``results/`` holds folders only)."""
+    if not study or "/" in study:
+        raise ValueError(f"study must name one folder of benchmarks/results/, got {study!r}")
+    return str(RESULTS / study / f"{device}-{what}-{size}.json")
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

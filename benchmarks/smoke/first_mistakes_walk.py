@@ -9,7 +9,7 @@ command's own usage). A base whose weight files are named pipes stands for a lar
 waits until the case's time limit, so a command pointed at an existing output with it that ends in seconds refused
 before any weight file was opened.
 
-    python benchmarks/smoke/first_mistakes_walk.py --output benchmarks/results/cpu-first-mistakes-walk.json
+    python benchmarks/smoke/first_mistakes_walk.py --output benchmarks/results/cli/cpu-first-mistakes-walk.json
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ def clean_environment(hf_home: Path, mode: str) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="benchmarks/results/cpu-first-mistakes-walk.json")
+    parser.add_argument("--output", default="benchmarks/results/cli/cpu-first-mistakes-walk.json")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--every_mistake_in_every_mode", action="store_true")
     options = parser.parse_args()

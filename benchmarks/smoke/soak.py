@@ -11,7 +11,8 @@ saved a checkpoint, and the RSS at the window's end; the RSS growth and the medi
 against the first window after warm-up.
 Nothing is asserted. Example::
 
-    python benchmarks/smoke/soak.py --steps 2000 --save-steps 100 --output benchmarks/results/cpu-soak-tiny.json
+    python benchmarks/smoke/soak.py --steps 2000 --save-steps 100 \
+        --output benchmarks/results/reliability/cpu-soak-tiny.json
 """
 
 from __future__ import annotations

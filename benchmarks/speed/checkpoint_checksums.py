@@ -1,6 +1,7 @@
 """The cost of the SHA-256 checksums in the checkpoint manifest, at save and at resume.
 
-    python benchmarks/speed/checkpoint_checksums.py --out benchmarks/results/cpu-checkpoint-checksums-tiny-100mb.json
+    python benchmarks/speed/checkpoint_checksums.py \
+        --out benchmarks/results/reliability/cpu-checkpoint-checksums-tiny-100mb.json
 
 Two checkpoints are written with the files a real one holds: ``tiny`` (~150 kB: 12,600 float32 weights in
 safetensors and their AdamW moments in ``optimizer.pt``, the size of the test suite's LoRA run) and ``100mb``

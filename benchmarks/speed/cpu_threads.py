@@ -2,7 +2,7 @@
 threads and torch's default (no setting), on an idle machine and beside busy processes (one per core), alternating
 the settings so that a drift in the machine's load hits them alike.
 
-    python benchmarks/speed/cpu_threads.py --repeats 3 --output benchmarks/results/cpu-threads-tiny.json
+    python benchmarks/speed/cpu_threads.py --repeats 3 --output benchmarks/results/cli/cpu-threads-tiny.json
 
 Each run is a fresh process: ``OMP_NUM_THREADS`` sets its threads (torch reads it at start, as ``--threads`` and
 ``torch.set_num_threads`` do), and the run's ``train_runtime`` (transformers' training time, model loading excluded)
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="busy processes for the loaded rows")
     parser.add_argument("--conditions", nargs="+", default=["idle", "loaded"])
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/cpu-threads-tiny.json")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/cli/cpu-threads-tiny.json")
     parser.add_argument(
         "--from-log", type=Path, help="write the result file from the lines an interrupted run printed"
     )

@@ -8,7 +8,8 @@ before it (the previous ``on_step_end`` to its ``on_step_begin``: where transfor
 median over ``--steps`` steps after ``--warmup``. On a GPU the same workers overlap the host's share (reading,
 decoding, collating) with the device's step; the encoders' own compute stays in the step.
 
-    python benchmarks/speed/data_overlap.py --json benchmarks/results/step-time/cpu-data-overlap-small.json
+    python benchmarks/speed/data_overlap.py --resolution 512 --steps 6 --warmup 1 \
+        --json benchmarks/results/step-time/cpu-data-overlap-small-512px.json
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(results[engine]["error"][-1500:], flush=True)
     settings = {k: v for k, v in vars(opts).items() if k not in ("worker", "out", "output", "update")}
     size = f"{opts.unet}-{opts.resolution}px-{opts.batch_size * opts.processes}pairs-lora"
-    output = Path(opts.output or ROOT / "benchmarks" / "results" / f"cpu-engine-matrix-{size}.json")
+    output = Path(opts.output or ROOT / "benchmarks" / "results" / "step-time" / f"cpu-engine-matrix-{size}.json")
     record = {"machine": machine_description("cpu", 1), "settings": settings, "engines": results}
     if opts.update and output.exists():  # the engines measured now replace theirs; each keeps its own settings
         earlier = json.loads(output.read_text())

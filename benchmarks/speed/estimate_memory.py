@@ -1,7 +1,7 @@
 """``estimate-memory`` against measured peaks on the CPU: the shipped tiny model, the small preset and SD1.5's UNet.
 
     python benchmarks/speed/estimate_memory.py --cases tiny-lora,tiny-full,small-lora,small-full,sd15-lora \
-        --out benchmarks/results/cpu-estimate-memory-tiny-small-sd15.json
+        --out benchmarks/results/memory/cpu-estimate-memory-tiny-small-sd15.json
 
 Each case trains a few steps in a fresh process (float32, the ``output`` safeguard, AdamW, live encoding: the VAE and
 text encoder resident). Measured: the process's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``)
@@ -154,7 +154,7 @@ def h100_rows() -> dict[str, Any]:
 
     rows = {}
     for (file, run, model, setting), (model_id, keywords) in H100_RUNS.items():
-        report = json.loads((RESULTS / file).read_text())
+        report = json.loads((RESULTS / "gpu" / file).read_text())
         cell = (report["runs"][run] if run else report)["cells"][model][setting]
         sizes = model_sizes(model_id)
         shape = RunShape(dtype_bytes=2, lora_targets=family_lora_targets(sizes.family), **keywords)

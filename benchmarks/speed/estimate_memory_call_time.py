@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/speed/estimate_memory_call_time.py --before 5d519bc --runs 3 \
         --configs sd15_lora,sdxl_full,flux_lora --keep-earlier \
-        --out benchmarks/results/cpu-estimate-memory-call-time.json
+        --out benchmarks/results/memory/cpu-estimate-memory-call-time.json
 
 Each version runs from its own copy of the package (``git archive`` of each commit), as ``python -m
 trl_diffusion_sdpo estimate-memory --config <copy>/examples/configs/<config>.yaml --gpu 24`` with ``PYTHONPATH`` on

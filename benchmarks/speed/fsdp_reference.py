@@ -1,7 +1,7 @@
 """The FSDP2 reference copy: sharded like the policy, or replicated whole on every process? Memory and time.
 
     torchrun --nproc_per_node 2 benchmarks/speed/fsdp_reference.py \\
-        --out benchmarks/results/cpu-fsdp-reference-small.json
+        --out benchmarks/results/memory/cpu-fsdp-reference-small.json
 
 Each process holds two frozen copies of the same UNet (``--preset``'s, random weights, float32 on CPU, bf16 on CUDA):
 one whole, one sharded with ``fully_shard`` the way

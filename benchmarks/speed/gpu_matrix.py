@@ -25,7 +25,7 @@ of its own; a time guard (``--budget-s``, shared out among the models still to r
 records the rest as "not measured". ``--tiny`` runs the same matrix on the package's tiny pipelines (seconds on a
 CPU), which is how the tests run it::
 
-    python benchmarks/speed/gpu_matrix.py --device cuda          # writes benchmarks/results/cuda-gpu-matrix-real.json
+    python benchmarks/speed/gpu_matrix.py --device cuda   # writes benchmarks/results/gpu/cuda-gpu-matrix-real.json
     python benchmarks/speed/gpu_matrix.py --device cpu --tiny --threads 1
 """
 
@@ -561,7 +561,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument(
-        "--output", default=None, help="JSON path (default benchmarks/results/<device>-gpu-matrix-*.json)"
+        "--output", default=None, help="JSON path (default benchmarks/results/gpu/<device>-gpu-matrix-*.json)"
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     size = "tiny" if opts.tiny else "real"
     if opts.base != "none" or opts.lora_all:
         size += f"-lora-{opts.base.replace(',', '-')}-base" if opts.base != "none" else "-lora"
-    output = opts.output or result_path(opts.device, "gpu-matrix", size)
+    output = opts.output or result_path(opts.device, "gpu-matrix", size, study="gpu")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {output} ({report['wall_time_s']:.0f} s)")

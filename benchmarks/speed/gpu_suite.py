@@ -21,7 +21,7 @@ on an H200 (:data:`SECTIONS`); time a section leaves passes to the next, and wha
 recorded as not measured. ``--tiny`` runs everything on the package's tiny
 pipelines (the test suite's slow tier runs it on the CPU)::
 
-    python benchmarks/speed/gpu_suite.py --before .before          # benchmarks/results/cuda-gpu-suite-real.json
+    python benchmarks/speed/gpu_suite.py --before .before          # benchmarks/results/gpu/cuda-gpu-suite-real.json
     python benchmarks/speed/gpu_suite.py --device cpu --tiny --before . --budget-s 600
 """
 
@@ -60,7 +60,7 @@ class Section:
     before: bool = False  # run the checkout at --before instead of this one
 
 
-# weights: the seconds each section took on one H200 (benchmarks/results/cuda-h200-gpu-suite-real.json: a model
+# weights: the seconds each section took on one H200 (benchmarks/results/gpu/cuda-h200-gpu-suite-real.json: a model
 # process starts in about 16 s; an SD1.5 cell takes 4-6 s, an SDXL one 10-20 s, a FLUX.2 [klein] one 7-15 s), and
 # for ``workers`` (not run there yet) the rerun's less one cell
 SECTIONS = (
@@ -267,7 +267,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="measured steps per cell (at least 3)")
     parser.add_argument("--warmup", type=int, default=1, help="steps per cell discarded before measuring")
     parser.add_argument("--grace-s", type=float, default=20, help="a model's process is stopped this long after")
-    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<device>-gpu-suite-*)")
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default benchmarks/results/gpu/<device>-gpu-suite-*)"
+    )
     parser.add_argument(
         "--assemble", nargs="+", metavar="NAME=PATH", help="write reports of separate runs into --output, run nothing"
     )
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = suite(opts, argv)
     print_summary(result)
-    output = opts.output or result_path(opts.device, "gpu-suite", "tiny" if opts.tiny else "real")
+    output = opts.output or result_path(opts.device, "gpu-suite", "tiny" if opts.tiny else "real", study="gpu")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {output} ({result['wall_time_s']:.0f} s)")

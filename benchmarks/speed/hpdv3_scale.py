@@ -1,7 +1,7 @@
 """What reading HPDv3 at its published size costs: a synthetic ``train.json`` of ``--rows`` comparisons, read as
 ``trl-diffusion-sdpo train --dataset_name <folder>`` reads it.
 
-    python benchmarks/speed/hpdv3_scale.py --rows 1170000 --output benchmarks/results/cpu-hpdv3-scale-1170k.json
+    python benchmarks/speed/hpdv3_scale.py --rows 1170000 --output benchmarks/results/data/cpu-hpdv3-scale-1170k.json
     python benchmarks/speed/hpdv3_scale.py --rows 10000 100000 1170000 --output ...   # several sizes, one file
 
 The synthetic annotation (assumptions, from ``docs/data.md``'s HPDv3 section and ``formats.read_hpd``):

@@ -10,7 +10,7 @@ points below its timestep, so a step costs on average about ``steps * renoise / 
 the batch (timesteps are uniform).
 
     OMP_NUM_THREADS=1 python benchmarks/speed/inversion_cost.py --runs uncached-full,uncached-lora \\
-        --output benchmarks/results/cpu-inversion-cost-small.json
+        --output benchmarks/results/objectives/cpu-inversion-cost-small.json
 """
 
 from __future__ import annotations

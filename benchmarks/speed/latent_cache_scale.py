@@ -1,6 +1,6 @@
 """The sharded latent cache's throughput, side by side with ``cache_latents``, and the arithmetic for Pick-a-Pic.
 
-    python benchmarks/speed/latent_cache_scale.py --out benchmarks/results/cpu-latent-cache-small.json
+    python benchmarks/speed/latent_cache_scale.py --out benchmarks/results/data/cpu-latent-cache-small.json
     python benchmarks/speed/latent_cache_scale.py --preset sd15 --device cuda --pairs 256 --out ...   # on a GPU
 
 Measured (one process, ``--preset`` models from ``benchmarks/harness.py`` with random weights, synthetic JPEG

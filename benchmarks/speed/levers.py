@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
-        "--output", default=None, help="JSON path (default benchmarks/results/<device>-levers-<unet>.json)"
+        "--output", default=None, help="JSON path (default benchmarks/results/step-time/<device>-levers-<unet>.json)"
     )
     opts, rest = parser.parse_known_args()
     opts.step_time_args = rest  # --device, --unet, --dtype, --batch-size, --threads, ... (harness.add_setup_arguments)
@@ -95,7 +95,7 @@ def main() -> None:
         "levers": results,
         "date": time.strftime("%Y-%m-%d"),
     }
-    output = opts.output or harness.result_path(bench.device, "levers", bench.unet)
+    output = opts.output or harness.result_path(bench.device, "levers", bench.unet, study="step-time")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump(report, f, indent=2, default=str)

@@ -9,7 +9,8 @@ the distinct storages autograd saves (``saved_tensors_hooks``), the weights left
 with every weight trained and no adapters. The estimate: :func:`~trl_diffusion_sdpo.engines.memory.
 unet_activation_bytes` on the meta device (every weight trained, in bf16, no autocast).
 
-    python benchmarks/speed/lora_autocast_activations.py --json benchmarks/results/cpu-lora-autocast-activations.json
+    python benchmarks/speed/lora_autocast_activations.py \
+        --json benchmarks/results/memory/cpu-lora-autocast-activations.json
 """
 
 from __future__ import annotations

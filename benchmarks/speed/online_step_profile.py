@@ -21,7 +21,7 @@ text encoder with random weights, ``harness.build_pipeline``, at ``--resolution`
 512 px, bf16, scored by a PickScore-sized CLIP ViT-H/14 with random weights).
 
     nice -n -5 python benchmarks/speed/online_step_profile.py --sizes demo,sd15 --before fad9c20 \
-        --output benchmarks/results/cpu-online-step-profile-demo-sd15-256px.json
+        --output benchmarks/results/online/cpu-online-step-profile-demo-sd15-256px.json
     python benchmarks/speed/online_step_profile.py --device cuda --sizes sd15-512 --before fad9c20
 """
 

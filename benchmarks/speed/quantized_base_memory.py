@@ -1,7 +1,7 @@
 """A LoRA step's peak on a bf16, quanto int8 and torchao int8 base, measured on the CPU, beside ``estimate-memory``.
 
-    python benchmarks/speed/quantized_base_memory.py --out benchmarks/results/cpu-quantized-base-memory.json
-    python benchmarks/speed/quantized_base_memory.py --table benchmarks/results/cpu-quantized-base-memory.json \
+    python benchmarks/speed/quantized_base_memory.py --out benchmarks/results/memory/cpu-quantized-base-memory.json
+    python benchmarks/speed/quantized_base_memory.py --table benchmarks/results/memory/cpu-quantized-base-memory.json \
         --write docs/quantization.md   # the docs' table from the result file
 
 The UNet is SD1.5's block layout (two cross-attention levels at 320 and 640 channels, two transformer layers each,

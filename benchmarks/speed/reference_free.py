@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         f"MaPO step / DPO step: {result['mapo_step_ratio']:.3f}; memory saved: "
         f"{result['memory_saved_bytes'] / 2**20:.0f} MiB"
     )
-    # benchmarks/results/<device>-reference-free-<unet>.json (harness.result_path; not imported: this script only
-    # launches step_time.py)
+    # benchmarks/results/objectives/<device>-reference-free-<unet>.json (harness.result_path; not imported: this
+    # script only launches step_time.py)
     output = args.output or os.path.join(
-        os.path.dirname(HERE), "results", f"{args.device}-reference-free-{args.unet}.json"
+        os.path.dirname(HERE), "results", "objectives", f"{args.device}-reference-free-{args.unet}.json"
     )
     with open(output, "w") as f:
         json.dump(result, f, indent=2)

@@ -11,7 +11,7 @@ backward pass (:mod:`trl_diffusion_sdpo.testing.operations`), and the median wal
 steps (warmup round excluded).
 
     python benchmarks/speed/safeguard_op_counts.py --before 0291633 \\
-        --json benchmarks/results/cpu-safeguard-op-counts-tiny.json
+        --json benchmarks/results/step-time/cpu-safeguard-op-counts-tiny.json
 
 The profiled step also records, at every nesting level (an autocast cast runs inside the operation it feeds), the
 operations that read a value back to the host (:data:`HOST_SYNCS`: on an accelerator each makes the host wait for

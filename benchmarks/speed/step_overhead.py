@@ -6,7 +6,7 @@ forward + backward, reference forward, ``optimizer.step``, ``zero_grad``) on the
 Not part of the test suite. CPU, one thread. Counts, not timings, are the figures: they do not depend on load.
 A non-logging step and a logging step (``logging_steps=1``) each, with cached latents and without.
 
-    python benchmarks/speed/step_overhead.py --json benchmarks/results/cpu-step-overhead-tiny.json
+    python benchmarks/speed/step_overhead.py --json benchmarks/results/step-time/cpu-step-overhead-tiny.json
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ OTHER_BASE: tuple[str, ...] = (
 )
 """Runs on another base (the shipped one; the studies train the benchmark's): the rules are reported on them too,
 never chosen on them."""
-OUTPUT = RESULTS / "cpu-alarm-calibration.json"
+OUTPUT = RESULTS / "stability" / "cpu-alarm-calibration.json"
 PAGE = ROOT / "benchmarks" / "research" / "alarm.md"
 START, END = "<!-- alarm-tables:start -->", "<!-- alarm-tables:end -->"
 """The page's block the tables are written into (``--page``)."""

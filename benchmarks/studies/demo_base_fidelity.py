@@ -19,7 +19,7 @@ pretraining saw) and on those drawings passed through the base's VAE (what the V
 measured the same way: what a longer VAE stage would buy.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/studies/demo_base_fidelity.py \
-        --json benchmarks/results/cpu-demo-base-fidelity.json
+        --json benchmarks/results/demo/cpu-demo-base-fidelity.json
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from trl_diffusion_sdpo.demo.shapes import (  # noqa: E402
     draw_shape,
 )
 
-OUTPUT = ROOT / "benchmarks" / "results" / "cpu-demo-base-fidelity.json"
+OUTPUT = ROOT / "benchmarks" / "results" / "demo" / "cpu-demo-base-fidelity.json"
 MEASURES = ("drawn_as_captioned", "shape_correct", "shape_iou", "colour_match", "background_match", "colour_reward")
 _CENTRE, _RING = 2, 2  # colour_reward's regions: the central 4x4 patch, the outer two-pixel ring
 _SEED = 2_000_000  # sampling and drawing seeds: disjoint from the demo's pairs (100_000 * seed) and evaluation

@@ -20,7 +20,7 @@ Measured, on fixed evaluation draws (noise and timesteps keyed apart from traini
 * ``region_accuracy``: the fraction of (pair, draw) whose Diffusion-DPO logit on the region's masked errors is
   positive (the policy prefers the chosen mark more than the reference does), and ``region_margin`` its mean.
 
-    python benchmarks/studies/masked_loss.py --output benchmarks/results/cpu-masked-loss-demo-edits.json
+    python benchmarks/studies/masked_loss.py --output benchmarks/results/objectives/cpu-masked-loss-demo-edits.json
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default="benchmarks/results/cpu-masked-loss-demo-edits.json")
+    parser.add_argument("--output", default="benchmarks/results/objectives/cpu-masked-loss-demo-edits.json")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     base, source = load_study_base()

@@ -1,7 +1,7 @@
 """Online against offline preference tuning on the toy demo: do the curves of what training never sees part?
 
     OMP_NUM_THREADS=1 python benchmarks/studies/online_comparison.py \\
-        --json benchmarks/results/cpu-online-comparison-tiny.json
+        --json benchmarks/results/online/cpu-online-comparison-tiny.json
 
 Four methods on the benchmark's base (``stability_map.STUDY_BASE``), with the same LoRA (the demo's rank 8 adapters),
 learning rate, beta, optimizer steps and pairs per step (``--batch-size``), trained on the demo's colour reward:
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drawings-per-prompt", type=int, default=8, help="Held-out drawings for the error.")
     parser.add_argument("--workers", type=int, default=2, help="Processes; 1 runs in this process.")
     parser.add_argument("--quick", action="store_true", help="A few seconds' smoke run: 2 seeds, 2 steps, tiny sizes.")
-    parser.add_argument("--json", default="benchmarks/results/cpu-online-comparison-tiny.json")
+    parser.add_argument("--json", default="benchmarks/results/online/cpu-online-comparison-tiny.json")
     parser.add_argument("--analyse", action="store_true", help="Only analyse the runs already in --json again.")
     args = parser.parse_args(argv)
     if args.analyse:

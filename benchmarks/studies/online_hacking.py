@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples-per-prompt", type=int, default=4)
     parser.add_argument("--drawings-per-prompt", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--json", default="benchmarks/results/cpu-online-hacking-demo.json", type=Path)
+    parser.add_argument("--json", default="benchmarks/results/online/cpu-online-hacking-demo.json", type=Path)
     parser.add_argument("--figure", default="docs/images/online_hacking_samples.png", type=Path)
     parser.add_argument("--page", default=None, type=Path, help="analyse: rewrite this page's marked tables block.")
     args = parser.parse_args(argv)

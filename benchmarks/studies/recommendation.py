@@ -58,8 +58,8 @@ AUTHORS_MU: tuple[tuple[str, float], ...] = (
 """The Diffusion-SDPO authors' ``mu`` per model and objective (arXiv 2511.03317): the defaults of those families
 (``ModelFamily.authors_safeguard_mu``; ``safeguard_mu`` unset)."""
 
-ONLINE_HEALTHY = "benchmarks/results/cpu-online-comparison-tiny.json"
-ONLINE_HACKING = "benchmarks/results/cpu-online-hacking-demo.json"
+ONLINE_HEALTHY = "benchmarks/results/online/cpu-online-comparison-tiny.json"
+ONLINE_HACKING = "benchmarks/results/online/cpu-online-hacking-demo.json"
 """The online evidence: where online Diffusion-DPO is healthy (the colour reward, lr 2e-4) and where it hacks a
 brightness reward (lr 1e-3); the online line (:func:`online_evidence`) is read from their ``analysis``."""
 _ONLINE_SAFEGUARDS = {

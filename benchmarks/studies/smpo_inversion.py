@@ -10,7 +10,7 @@ winner's and loser's error against the reference (``delta/winner``, ``delta/lose
 each run's errors are on its own noised inputs, so these compare the runs' own objectives, not a common measurement).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/studies/smpo_inversion.py \
-        --json benchmarks/results/cpu-smpo-inversion-demo.json
+        --json benchmarks/results/objectives/cpu-smpo-inversion-demo.json
 """
 
 from __future__ import annotations

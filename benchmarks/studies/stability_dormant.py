@@ -100,7 +100,7 @@ def both_halves(verdicts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-DORMANT_OUTPUT = Path("benchmarks/results/cpu-stability-dormant-demo.json")
+DORMANT_OUTPUT = Path("benchmarks/results/stability/cpu-stability-dormant-demo.json")
 #: the online studies' dormant setting: Diffusion-DPO with on_pathology="safeguard", switched to :func:`tried_online`
 ONLINE_DORMANT = {"safeguard_space": "none", "on_pathology": "safeguard"}
 
@@ -132,7 +132,7 @@ ONLINE_NAMES = {
 LABELS = {**study.LABELS, "sdpo-output-mu0.9": "output space, mu=0.9", "ema-0.999": "Diffusion-DPO, ema_decay=0.999"}
 #: the online regimes: the online studies' files (``None``: only in this study's result file)
 ONLINE_REGIMES: dict[str, Path | None] = {
-    "online-hacking": Path("benchmarks/results/cpu-online-hacking-demo.json"),
+    "online-hacking": Path("benchmarks/results/online/cpu-online-hacking-demo.json"),
     "online-healthy": None,
 }
 #: this study's measures in the online studies' curves: the goal's reward is the held-out colour reward (the online

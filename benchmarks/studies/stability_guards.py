@@ -31,8 +31,9 @@ measure against the base, against Diffusion-DPO and (``dormant-safeguard``) agai
 two-part goal per setting (:func:`goal`, :func:`goal_all_measures`).
 
     OMP_NUM_THREADS=1 nice -n 5 nohup python benchmarks/studies/stability_guards.py run \
-        --reuse benchmarks/results/cpu-stability-guards-demo.json &
-    python benchmarks/studies/stability_guards.py assemble --json benchmarks/results/cpu-stability-guards-demo.json
+        --reuse benchmarks/results/stability/cpu-stability-guards-demo.json &
+    python benchmarks/studies/stability_guards.py assemble \
+        --json benchmarks/results/stability/cpu-stability-guards-demo.json
 """
 
 from __future__ import annotations
@@ -375,7 +376,8 @@ def assemble(parts: Path, path: Path) -> int:
 
 
 NOT_RUN = [
-    "the online regime is its own study and file: online_hacking.py, benchmarks/results/cpu-online-hacking-demo.json",
+    "the online regime is its own study and file: online_hacking.py, "
+    "benchmarks/results/online/cpu-online-hacking-demo.json",
     "ema_decay offline: the EMA changes no training step, and these runs are judged on the trained weights",
     "a small beta at a large learning rate: the search moves one of the two at a time",
 ]
@@ -522,7 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse", default=None, type=Path, help="run: first fill missing parts from this results file."
     )
-    parser.add_argument("--stored", default=Path("benchmarks/results/cpu-stability-guards-demo.json"), type=Path)
+    parser.add_argument(
+        "--stored", default=Path("benchmarks/results/stability/cpu-stability-guards-demo.json"), type=Path
+    )
     parser.add_argument("--rerun", default=None, type=Path, help="dormant: a part of stored runs trained again.")
     parser.add_argument(
         "--online",

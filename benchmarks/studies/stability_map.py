@@ -24,7 +24,7 @@ the runs already there. Runs go seed by seed (every cell and method for seed 0, 
 map still covers every cell.
 
     OMP_NUM_THREADS=1 nohup python benchmarks/studies/stability_map.py \\
-        --json benchmarks/results/cpu-stability-map-demo.json &
+        --json benchmarks/results/stability/cpu-stability-map-demo.json &
 """
 
 from __future__ import annotations

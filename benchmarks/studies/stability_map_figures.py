@@ -1,6 +1,6 @@
 """Figures and a table from ``benchmarks/studies/stability_map.py``'s results (works on a partial file too).
 
-    python benchmarks/studies/stability_map_figures.py benchmarks/results/cpu-stability-map-demo.json \\
+    python benchmarks/studies/stability_map_figures.py benchmarks/results/stability/cpu-stability-map-demo.json \\
         --images docs/images
 
 Per cell (learning rate, beta), method and evaluation step: the held-out reward change against the base, mean over

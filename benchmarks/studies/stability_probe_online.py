@@ -52,11 +52,11 @@ class OnlineRegime(NamedTuple):
     fixed: str | None = None
 
 
-HACKING = Path("benchmarks/results/cpu-online-hacking-demo.json")
+HACKING = Path("benchmarks/results/online/cpu-online-hacking-demo.json")
 ONLINE_REGIMES: dict[str, OnlineRegime] = {
     "online-hacking": OnlineRegime("online_hacking", HACKING, "dpo"),
     "online-healthy": OnlineRegime(
-        "online_comparison", Path("benchmarks/results/cpu-online-comparison-tiny.json"), "online-dpo"
+        "online_comparison", Path("benchmarks/results/online/cpu-online-comparison-tiny.json"), "online-dpo"
     ),
     # the hacking regime where Diffusion-DPO breaks: its set-up at the search's learning rate; its fixed setting is
     # the best of the hacking regime's stored grid (the highest mean held-out colour reward change at lr 1e-3)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULT = ROOT / "benchmarks" / "results" / "cpu-quantized-base-memory.json"
+RESULT = ROOT / "benchmarks" / "results" / "memory" / "cpu-quantized-base-memory.json"
 _spec = importlib.util.spec_from_file_location(
     "quantized_base_memory", ROOT / "benchmarks/speed/quantized_base_memory.py"
 )
@@ -38,5 +38,5 @@ def test_docs_quantization_table_is_the_result_files() -> None:
     block = text.split(script.BEGIN, 1)[1].split(script.END, 1)[0].strip()
     assert block == script.table_markdown(json.loads(RESULT.read_text())), (
         "docs/quantization.md is stale: python benchmarks/speed/quantized_base_memory.py --table "
-        "benchmarks/results/cpu-quantized-base-memory.json --write docs/quantization.md"
+        "benchmarks/results/memory/cpu-quantized-base-memory.json --write docs/quantization.md"
     )

@@ -80,8 +80,8 @@ def test_the_generator_rewrites_a_stale_block(tmp_path: Path) -> None:
 
 
 ONLINE_FILES = (
-    "benchmarks/results/cpu-online-comparison-tiny.json",
-    "benchmarks/results/cpu-online-hacking-demo.json",
+    "benchmarks/results/online/cpu-online-comparison-tiny.json",
+    "benchmarks/results/online/cpu-online-hacking-demo.json",
 )
 
 

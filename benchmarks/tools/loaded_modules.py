@@ -1,7 +1,8 @@
 """Which of the package's modules a plain training run loads, and their lines; and the package's function-level
 imports of itself.
 
-    python benchmarks/tools/loaded_modules.py --out benchmarks/results/cpu-loaded-modules-tiny-sd.json --label after
+    python benchmarks/tools/loaded_modules.py --label after \
+        --out benchmarks/results/structure/cpu-loaded-modules-tiny-sd.json
     python benchmarks/tools/loaded_modules.py --root <another checkout> --label before --out (the same file)
 
 The run: the tiny Stable Diffusion pipeline (``trl_diffusion_sdpo.testing``, seed 0), saved with ``save_pretrained``

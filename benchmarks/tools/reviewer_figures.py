@@ -1,7 +1,8 @@
 """The figures an outside review reads off the package: how much of it one training step runs, how far it reaches into
 ``transformers.Trainer`` and into its own trainer, where it branches on the online run, and what a plain run loads.
 
-    python benchmarks/tools/reviewer_figures.py --label after --out benchmarks/results/cpu-reviewer-figures.json
+    python benchmarks/tools/reviewer_figures.py --label after \
+        --out benchmarks/results/structure/cpu-reviewer-figures.json
     python benchmarks/tools/reviewer_figures.py --root <another checkout> --label before --out (the same file)
 
 The run: the tiny Stable Diffusion pipeline (``trl_diffusion_sdpo.testing``, seed 0), built and saved by a first

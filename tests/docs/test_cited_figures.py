@@ -144,7 +144,7 @@ def test_the_readme_states_the_demos_time_from_the_demos_record() -> None:
     assert quoted, f"the README quotes the demo's {total:.0f} s nowhere beside {DEMO_RECORD.relative_to(ROOT)}"
 
 
-FIRST_HOUR = "benchmarks/results/cpu-first-hour-fresh-clone-idle.json"
+FIRST_HOUR = "benchmarks/results/cli/cpu-first-hour-fresh-clone-idle.json"
 
 
 def test_the_checks_find_a_wrong_figure_a_wrong_list_and_a_vague_duration() -> None:

@@ -257,7 +257,7 @@ PLAIN_RUN = """
     trainer.save_model()
 """
 # The safeguard spaces whose runs the tests below make. The lines such a run loads are a figure, not a test's limit:
-# benchmarks/tools/loaded_modules.py records them (benchmarks/results/cpu-loaded-modules-tiny-sd.json).
+# benchmarks/tools/loaded_modules.py records them (benchmarks/results/structure/cpu-loaded-modules-tiny-sd.json).
 RUN_SPACES = ("none", "parameter")
 
 

@@ -356,8 +356,8 @@ def test_the_config_default_is_the_recommended_default() -> None:
 
 
 ONLINE_FILES = (
-    "benchmarks/results/cpu-online-comparison-tiny.json",
-    "benchmarks/results/cpu-online-hacking-demo.json",
+    "benchmarks/results/online/cpu-online-comparison-tiny.json",
+    "benchmarks/results/online/cpu-online-hacking-demo.json",
 )
 
 

@@ -70,7 +70,7 @@ class PathologyRule:
 
 RULE = PathologyRule(windows=2, window_steps=10, min_delta_winner=0.02, max_implicit_acc=0.6)
 """The alarm's rule: chosen on the even training seeds of the stability benchmark's runs and checked on the odd ones
-(``benchmarks/studies/alarm_calibration.py``, ``benchmarks/results/cpu-alarm-calibration.json``)."""
+(``benchmarks/studies/alarm_calibration.py``, ``benchmarks/results/stability/cpu-alarm-calibration.json``)."""
 EVIDENCE = 'docs/safeguard.md, "Seeing the pathology while training"'
 """Where users read the rule's calibration (warnings name this section; it cites the study's record,
 ``benchmarks/research/alarm.md``)."""

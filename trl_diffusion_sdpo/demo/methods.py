@@ -86,12 +86,12 @@ GUARDS: dict[str, Method] = {
     )
 }
 """The breaking regime's rows (:class:`~trl_diffusion_sdpo.demo.recipe.BreakingRegime`), as in
-``benchmarks/results/cpu-stability-guards-demo.json``: Diffusion-DPO, the output-space safeguard at ``mu = 0.5`` (the
-package's default where the authors measured no ``mu``), Diffusion-DPO with ``on_pathology="rewind"`` (not in the
-benchmark: its held-out probe every 5 steps on 8 pairs of its own, :attr:`Method.probes`), ``safeguard_mu="auto"``,
-and Diffusion-DPO with each loss guard (``max_margin``, ``sft_weight``, ``auto_beta``) at the benchmark's values;
-then Diffusion-DPO with ``ema_decay`` (not in the benchmark: it changes no training step, and the demo samples from
-the EMA weights as validation does)."""
+``benchmarks/results/stability/cpu-stability-guards-demo.json``: Diffusion-DPO, the output-space safeguard at
+``mu = 0.5`` (the package's default where the authors measured no ``mu``), Diffusion-DPO with ``on_pathology="rewind"``
+(not in the benchmark: its held-out probe every 5 steps on 8 pairs of its own, :attr:`Method.probes`),
+``safeguard_mu="auto"``, and Diffusion-DPO with each loss guard (``max_margin``, ``sft_weight``, ``auto_beta``) at the
+benchmark's values; then Diffusion-DPO with ``ema_decay`` (not in the benchmark: it changes no training step, and the
+demo samples from the EMA weights as validation does)."""
 
 
 def method_unavailable(method: Method, config_class: type | None = None) -> str | None:

@@ -1,8 +1,8 @@
 """How many threads a CPU run computes with: the command line's ``--threads`` and the start summary's line.
 
-Measured on a 2-core machine (``benchmarks/results/cpu-threads-tiny.json``, ``benchmarks/speed/cpu_threads.py``): the
-README's tiny ``train`` run trains in about the same time with 1, 2 or torch's default threads on an idle machine, and
-beside one busy process per core it trains several times faster with 1 thread than with 2 or the default, whose
+Measured on a 2-core machine (``benchmarks/results/cli/cpu-threads-tiny.json``, ``benchmarks/speed/cpu_threads.py``):
+the README's tiny ``train`` run trains in about the same time with 1, 2 or torch's default threads on an idle machine,
+and beside one busy process per core it trains several times faster with 1 thread than with 2 or the default, whose
 threads spin while they wait for a core. So a CPU run of the command line computes with :data:`CPU_THREADS` unless
 ``--threads`` says otherwise; a GPU run leaves torch's setting alone (its CPU threads only feed the device). From
 Python the package changes no torch setting: the start summary says how many threads run and what the command line
@@ -16,7 +16,7 @@ __all__ = ["CPU_THREADS", "CPU_THREADS_EVIDENCE", "THREADS_HELP", "apply_threads
 #: the command line's threads for a CPU run (``--threads``' default)
 CPU_THREADS = 1
 #: where :data:`CPU_THREADS` comes from
-CPU_THREADS_EVIDENCE = "benchmarks/results/cpu-threads-tiny.json"
+CPU_THREADS_EVIDENCE = "benchmarks/results/cli/cpu-threads-tiny.json"
 
 THREADS_HELP = (
     f"CPU threads for a run on the CPU (default {CPU_THREADS}: on a 2-core machine shared with other work, one thread "

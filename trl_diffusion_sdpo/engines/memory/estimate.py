@@ -29,7 +29,7 @@ the processes, ``d``: the training dtype's bytes, 2 for bf16/fp16 and 4 for floa
   rows is given back as the combination reads it; nothing of them is held at the optimizer step): ``2 dT + 4T / k -
   4T`` beyond the other terms, less the activations; the larger of the two is added (in bf16, ``4T / k`` either
   way). Rows held whole through the forward add ``8T`` (measured on an H200: SD1.5 +6.4 GiB, SDXL +19.0 GiB,
-  ``benchmarks/results/cuda-h200-gpu-suite-real.json``).
+  ``benchmarks/results/gpu/cuda-h200-gpu-suite-real.json``).
   Under DeepSpeed ZeRO-1/2 the rows are in ``d`` (sharded as its gradients) and the engine's gradient buffers stay
   beside them: both rows and a piece of the combination after the backward; on FSDP2's and ZeRO-3's shards both rows
   in float32 (the reduce-scatter sums in it) and a piece of the combination; the two-pass mode one more float32

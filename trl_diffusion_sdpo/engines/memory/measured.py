@@ -2,7 +2,7 @@
 
 Each row is one family and tuning (and whether the frozen base was quantized by bitsandbytes, whose peaks ran far
 above the others'): the largest measured peak over the estimate among its cells, measured on one H200 in bf16 mixed
-precision (``benchmarks/results/cuda-h200-gpu-suite-real.json``, its ``cells``' ``peak_gib`` against
+precision (``benchmarks/results/gpu/cuda-h200-gpu-suite-real.json``, its ``cells``' ``peak_gib`` against
 ``estimate_now_gib``; ``tests/memory/test_measured_error.py`` recomputes every row from that file). A family, tuning
 or base with no GPU measurement plans with the largest ratio measured on a base of the same kind, and says so.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 __all__ = ["MEASURED_ERRORS", "MEASUREMENTS_FILE", "MeasuredError", "PlanningError", "planning_error"]
 
 #: the result file the rows come from
-MEASUREMENTS_FILE = "benchmarks/results/cuda-h200-gpu-suite-real.json"
+MEASUREMENTS_FILE = "benchmarks/results/gpu/cuda-h200-gpu-suite-real.json"
 
 
 @dataclass(frozen=True)
