@@ -47,7 +47,13 @@ def row(config: str) -> str:
     if advice is None:
         change = "fits as shipped"
     elif advice["flags"] is None:
-        change = f"none fits (at least {advice['planned_gib']:.1f} GiB planned)"
+        closest = f"`{' '.join(advice['closest'])}`" if advice["closest"] else "the run as it is"
+        change = f"none fits; the closest, {closest}: {advice['planned_gib']:.1f} GiB planned"
+        sharded = advice["sharded"]
+        if sharded is None:
+            change += f"; sharded, no count of GPUs up to {advice['sharded_max_gpus']} fits"
+        else:
+            change += f"; sharded, `{' '.join(sharded['flags'])}`: {sharded['planned_gib']:.1f} GiB planned"
     else:
         change = f"`{' '.join(advice['flags'])}`: {advice['planned_gib']:.1f} GiB planned"
     return f"| `{config}` | {result['planned_gib']:.1f} GiB | {change} |"

@@ -21,7 +21,7 @@ from ..engines.memory import (
     RunShape,
     estimate_memory,
 )
-from ..engines.memory.advice import fit_advice, plan_verdict
+from ..engines.memory.advice import SHARDED_ENGINES, fit_advice, plan_verdict
 
 __all__ = ["EstimateArguments", "answer", "format_estimate", "is_online_config", "shape", "verdict_line"]
 
@@ -58,7 +58,10 @@ class EstimateArguments:
             "help": "Print one JSON object: total_gib (the per-process peak), gpu_gb, fits, planned_gib (the peak "
             "planned with the measured error), plan (where that error comes from) and margin_gib (the GPU's usable "
             "GiB minus the planned peak) and advice (null when the run fits; else the flags of the least change "
-            "that fits, null when none does, with its total_gib, planned_gib and margin_gib)."
+            "that fits, with its total_gib, planned_gib and margin_gib; where none fits, flags null, those figures "
+            "the closest's, closest its flags (the combination with the lowest planned peak), and sharded the "
+            f"fewest GPUs up to sharded_max_gpus that fit it under {' or '.join(SHARDED_ENGINES)}: its flags, "
+            "engine, num_processes and figures, null when no count does)."
         },
     )
 

@@ -7,6 +7,12 @@ that fits at the least cost: each change's cost ranks what it gives up. Changes 
 cache, offloading, activation checkpointing, fewer pairs per micro-batch) cost less together than one that changes
 the numbers (an 8-bit optimizer, a quantized base), and those less than one that changes the model trained (LoRA
 instead of full tuning, a lower resolution). Ties go to fewer changes.
+
+Where no combination fits, the advice names what comes closest: the combination with the lowest planned peak, and by
+how much it is over the card. It also names the fewest GPUs (up to :data:`MAX_SHARDED_GPUS`) that fit the run under
+ZeRO-3 or FSDP2, the engines that shard everything of the denoiser (:func:`~.estimate.estimate_memory`'s sharded
+terms), adding at most the changes that train the same model with the same numbers (:data:`SAME_TRAINING`), the
+cheapest that fits at that count.
 """
 
 from __future__ import annotations
@@ -18,7 +24,26 @@ from dataclasses import dataclass, replace
 from .estimate import GPUS_GB, CardVerdict, MemoryEstimate, ModelSizes, RunShape, card_verdict, estimate_memory
 from .measured import planning_error
 
-__all__ = ["CHANGES", "Change", "FitAdvice", "changes_for", "fit_advice", "plan_verdict"]
+__all__ = [
+    "CHANGES",
+    "MAX_SHARDED_GPUS",
+    "SAME_TRAINING",
+    "SHARDED_ENGINES",
+    "Change",
+    "FitAdvice",
+    "ShardedFit",
+    "changes_for",
+    "fit_advice",
+    "plan_verdict",
+]
+
+#: the most GPUs (one process each) the advice tries to shard a run over when no combination fits one
+MAX_SHARDED_GPUS = 64
+#: the engines that shard the denoiser's weights, gradients and optimizer state over the processes
+SHARDED_ENGINES = ("fsdp2", "zero3")
+#: the groups of changes that only slow a step (the same model trained with the same numbers): the ones the sharded
+#: answer may add
+SAME_TRAINING = ("frozen", "checkpointing", "batch")
 
 
 def plan_verdict(total_bytes: int, gpu_gb: float | None, family: str, shape: RunShape) -> CardVerdict:
@@ -115,13 +140,52 @@ def changes_for(shape: RunShape) -> list[Change]:
 
 
 @dataclass(frozen=True)
+class ShardedFit:
+    """The fewest processes (GPUs) of ``engine`` that fit a run, with ``changes`` (of :data:`SAME_TRAINING`, the
+    cheapest that fit at that count; none where the run fits as it is): the per-process estimate and its verdict."""
+
+    engine: str
+    num_processes: int
+    changes: tuple[Change, ...]
+    estimate: MemoryEstimate
+    verdict: CardVerdict
+
+    @property
+    def flags(self) -> list[str]:
+        changes = [word for change in self.changes for word in change.flags]
+        return ["--engine", self.engine, "--num_processes", str(self.num_processes), *changes]
+
+    def sentence(self) -> str:
+        found = self.verdict
+        return (
+            f"Sharded over {self.num_processes} GPUs of {found.gpu_gb:g} GB, it fits: {' '.join(self.flags)} (the "
+            f"estimate {found.estimate_gib:.2f} GiB per process, planned {found.planned_gib:.2f} GiB, "
+            f"{found.margin_gib:.2f} GiB to spare)."
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "flags": self.flags,
+            "engine": self.engine,
+            "num_processes": self.num_processes,
+            "total_gib": round(self.estimate.total_gib, 3),
+            "planned_gib": self.verdict.planned_gib,
+            "margin_gib": self.verdict.margin_gib,
+        }
+
+
+@dataclass(frozen=True)
 class FitAdvice:
-    """The cheapest combination of :data:`CHANGES` that fits (``changes`` empty and ``verdict`` the run's own when
-    none does: ``fits`` is then false)."""
+    """The cheapest combination of :data:`CHANGES` that fits. Where none does, ``changes`` is empty (``fits`` false)
+    and ``closest`` holds the combination with the lowest planned peak (``estimate`` and ``verdict`` are then its;
+    the run's own where it admits no change), and ``sharded`` the fewest GPUs up to :data:`MAX_SHARDED_GPUS` that
+    fit it under :data:`SHARDED_ENGINES` (``None`` where none does)."""
 
     changes: tuple[Change, ...]
     estimate: MemoryEstimate
     verdict: CardVerdict
+    closest: tuple[Change, ...] = ()
+    sharded: ShardedFit | None = None
 
     @property
     def fits(self) -> bool:
@@ -131,24 +195,48 @@ class FitAdvice:
     def flags(self) -> list[str]:
         return [word for change in self.changes for word in change.flags]
 
+    @property
+    def closest_flags(self) -> list[str]:
+        return [word for change in self.closest for word in change.flags]
+
     def sentence(self) -> str:
         card = f"a {self.verdict.gpu_gb:g} GB GPU"
-        if not self.fits:
-            return f"No combination of {', '.join(CHANGES)} makes it fit {card}."
-        gives_up = "; ".join(f"{' '.join(c.flags)}: {c.gives_up}" for c in self.changes)
         found = self.verdict
+        if not self.fits:
+            text = f"No combination of {', '.join(CHANGES)} makes it fit {card}."
+            if self.closest:
+                text += (
+                    f" The closest: {' '.join(self.closest_flags)} (the estimate {found.estimate_gib:.2f} GiB, "
+                    f"planned {found.planned_gib:.2f} GiB, {-found.margin_gib:.2f} GiB over)."
+                )
+            if self.sharded is not None:
+                return f"{text} {self.sharded.sentence()}"
+            engines = " or ".join(engine.upper().replace("ZERO", "ZeRO-") for engine in SHARDED_ENGINES)
+            return (
+                f"{text} Sharded with {engines} over up to {MAX_SHARDED_GPUS} GPUs (adding only changes that slow a "
+                "step), it does not fit either."
+            )
+        gives_up = "; ".join(f"{' '.join(c.flags)}: {c.gives_up}" for c in self.changes)
         return (
             f"The least change that fits {card}: {' '.join(self.flags)} (the estimate {found.estimate_gib:.2f} GiB, "
             f"planned {found.planned_gib:.2f} GiB, {found.margin_gib:.2f} GiB to spare; it gives up {gives_up})."
         )
 
     def as_dict(self) -> dict:
-        return {
+        found = {
             "flags": self.flags if self.fits else None,
             "gpu_gb": self.verdict.gpu_gb,
             "total_gib": round(self.estimate.total_gib, 3),
             "planned_gib": self.verdict.planned_gib,
             "margin_gib": self.verdict.margin_gib,
+        }
+        if self.fits:
+            return found
+        return {
+            **found,
+            "closest": self.closest_flags or None,
+            "sharded": None if self.sharded is None else self.sharded.as_dict(),
+            "sharded_max_gpus": MAX_SHARDED_GPUS,
         }
 
 
@@ -210,26 +298,82 @@ def fit_advice(
     # the meta forwards of this call (or the caller's), by the shape they depend on
     activations = {} if activations_memo is None else activations_memo
 
-    def verdict_of(combo: tuple[Change, ...]) -> tuple[MemoryEstimate, CardVerdict]:
-        changed = shape
+    def verdict_of(
+        combo: tuple[Change, ...], run: RunShape = shape, bounded: bool = True
+    ) -> tuple[MemoryEstimate, CardVerdict]:
+        changed = run
         for change in combo:
             changed = change.apply(changed)
         # the other terms alone are a bound: where they do not fit, the activations (a UNet's meta forward) are
-        # not counted
-        bound = estimate_memory(sizes, changed, _NoActivations())
-        verdict = plan_verdict(bound.total_bytes, gpu_gb, sizes.family, changed)
-        if not verdict.fits:
-            return bound, verdict
+        # not counted (``bounded``; a figure that is printed counts them)
+        if bounded:
+            bound = estimate_memory(sizes, changed, _NoActivations())
+            verdict = plan_verdict(bound.total_bytes, gpu_gb, sizes.family, changed)
+            if not verdict.fits:
+                return bound, verdict
         estimate = estimate_memory(sizes, changed, activations)
         return estimate, plan_verdict(estimate.total_bytes, gpu_gb, sizes.family, changed)
 
     # the strongest change of each group together: where it does not fit, no combination does
-    strongest = {c.group: c for c in sorted(changes, key=lambda c: c.cost)}
-    estimate, verdict = verdict_of(tuple(strongest.values()))
+    estimate, verdict = verdict_of(_strongest(changes))
     if not verdict.fits:
-        return FitAdvice((), estimate, verdict)
+        closest = _closest(changes, verdict_of)
+        estimate, verdict = verdict_of(closest, bounded=False)
+        return FitAdvice((), estimate, verdict, closest, _fewest_gpus(shape, changes, verdict_of))
     for combo in _combinations(changes):  # the strongest combination is among them: one fits
         estimate, verdict = verdict_of(combo)
         if verdict.fits:
             return FitAdvice(combo, estimate, verdict)
     return FitAdvice((), estimate, verdict)  # pragma: no cover
+
+
+def _cost(combo: tuple[Change, ...]) -> float:
+    return sum(c.cost for c in combo)
+
+
+def _strongest(changes: list[Change]) -> tuple[Change, ...]:
+    """The strongest change of each group (its costliest, which lowers the peak most) together."""
+    return tuple({c.group: c for c in sorted(changes, key=lambda c: c.cost)}.values())
+
+
+def _closest(
+    changes: list[Change], verdict_of: Callable[..., tuple[MemoryEstimate, CardVerdict]]
+) -> tuple[Change, ...]:
+    """The combination of ``changes`` with the lowest planned peak (then the cheapest, then the fewest changes), or
+    ``()`` where there is none. Each combination's bound (its peak without the activations) is planned first, and
+    only those whose bound is not above the lowest peak found get their activations counted."""
+    bounded = [(verdict_of(combo)[1].planned_gib, combo) for combo in _combinations(changes)]
+    best: tuple[tuple[float, float, int], tuple[Change, ...]] | None = None
+    for bound, combo in sorted(bounded, key=lambda entry: entry[0]):
+        if best is not None and bound > best[0][0]:
+            break  # every later bound is higher still: no later combination comes closer
+        key = (verdict_of(combo, bounded=False)[1].planned_gib, _cost(combo), len(combo))
+        if best is None or key < best[0]:
+            best = key, combo
+    return () if best is None else best[1]
+
+
+def _fewest_gpus(
+    shape: RunShape,
+    changes: list[Change],
+    verdict_of: Callable[[tuple[Change, ...], RunShape], tuple[MemoryEstimate, CardVerdict]],
+) -> ShardedFit | None:
+    """The fewest processes, 2 to :data:`MAX_SHARDED_GPUS`, of one of :data:`SHARDED_ENGINES` that fit ``shape``
+    as it is or with the cheapest combination of its ``changes`` of :data:`SAME_TRAINING` (each estimated by
+    ``verdict_of``); ``None`` where no count does. A count fits when the strongest such combination does (the
+    lowest peak), and more processes never raise a per-process peak: the first count that fits is the fewest."""
+    same = [c for c in changes if c.group in SAME_TRAINING]
+    strongest = _strongest(same)
+    for processes in range(2, MAX_SHARDED_GPUS + 1):
+        found = []
+        for engine in SHARDED_ENGINES:
+            run = replace(shape, engine=engine, num_processes=processes)
+            if not verdict_of(strongest, run)[1].fits:
+                continue
+            combo = next(c for c in ((), *_combinations(same)) if verdict_of(c, run)[1].fits)
+            found.append((_cost(combo), len(combo), SHARDED_ENGINES.index(engine), engine, combo, run))
+        if found:
+            *_, engine, combo, run = min(found, key=lambda entry: entry[:3])
+            estimate, verdict = verdict_of(combo, run, False)
+            return ShardedFit(engine, processes, combo, estimate, verdict)
+    return None
