@@ -129,3 +129,19 @@ def test_the_data_page_quotes_the_line_the_summary_writes():
     page = " ".join((Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text().split())
     line = resize_summary({(64, 64): 12, (32, 32): 28}, RESOLUTION, random_crop=False)
     assert f"(e.g. `{line}`)" in page
+
+
+def test_sizes_are_counted_past_a_first_batch_of_invalid_rows(make_pickapic, make_config):
+    """The validation pass writes its rows in batches of 64: a first batch of invalid rows only (skipped, no sizes)
+    does not stop the later rows' sizes from being written and counted."""
+    rows = make_pickapic(67).to_list()
+    for row in rows[:64]:
+        row["jpg_1"] = b"not an image"
+    data = Dataset.from_list(rows)
+    _, _, report = prepare_preference_dataset(data, make_config(resolution=RESOLUTION, skip_invalid_rows=True))
+    expected: dict[tuple[int, int], int] = {}
+    for row in rows[64:]:
+        for key in ("jpg_0", "jpg_1"):
+            size = load_image(row[key]).size
+            expected[size] = expected.get(size, 0) + 1
+    assert (report.invalid_skipped, report.num_kept) == (64, 3) and report.image_sizes == expected

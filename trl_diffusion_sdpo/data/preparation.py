@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, Features, IterableDataset, List, Value
 
 from ..config._lazy import import_target
 from ..config.messages import advice
@@ -45,6 +45,12 @@ from .validation import (
 __all__ = ["load_preference_dataset", "prepare_preference_dataset"]
 
 logger = logging.getLogger(__name__)
+
+
+# What the validation pass writes per row (the problem's column and reason, whether it is a tie, the images' sizes).
+_CHECK_FEATURES = Features(
+    {"_column": Value("string"), "_reason": Value("string"), "_tie": Value("bool"), "_sizes": List(Value("int64"))}
+)
 
 
 def prepare_preference_dataset(
@@ -90,6 +96,7 @@ def prepare_preference_dataset(
             batch_size=64,
             with_indices=True,
             remove_columns=dataset.column_names,
+            features=_CHECK_FEATURES,  # not inferred: a first batch of bad rows or ties has no sizes to infer from
             num_proc=args.dataloader_num_workers or None,  # the data workers validate the rows too
             desc=f"Validating {split} preference pairs",
         )
