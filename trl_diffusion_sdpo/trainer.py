@@ -41,6 +41,7 @@ from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import machine_choices, resolved_config
+from .data.columns import CAPTION, PROMPT
 from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
 from .engines.base import place_batch, trainable_parameters
@@ -118,6 +119,16 @@ def _undone_on_failure(init: Callable[..., None]) -> Callable[..., None]:
             self._caller_modules = None  # the original tensors it held are released
 
     return construct
+
+
+def _first_prompt(dataset: Any) -> str | None:
+    """The first row's prompt of a map-style dataset (TRL's ``prompt`` column, Pick-a-Pic's ``caption``); ``None`` for
+    a stream (nothing is read ahead of training), a prebuilt cache (no text) or a row without one."""
+    if not isinstance(dataset, Dataset) or len(dataset) == 0:
+        return None
+    column = next((c for c in (PROMPT, CAPTION) if c in dataset.column_names), None)
+    prompt = None if column is None else dataset.select_columns([column])[0][column]
+    return prompt if isinstance(prompt, str) and prompt.strip() else None
 
 
 class DiffusionSDPOTrainer(Trainer):
@@ -248,6 +259,8 @@ class DiffusionSDPOTrainer(Trainer):
         probe_pairs = None  # the probe's held-back pairs, if it runs (its module loads only then)
         if args.probe_steps:
             train_dataset, probe_pairs = self.hold_back_probe_pairs(train_dataset, eval_dataset, args)
+        #: a prompt of the run's data (the first training row's), which the model card's usage example samples
+        self.example_prompt: str | None = _first_prompt(train_dataset)
         data = self.prepare_data(train_dataset, eval_dataset, args, self.family, reward_fn)
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset

@@ -9,6 +9,7 @@ looks the card up on the Hub and leaves its training template's usage section as
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -211,23 +212,76 @@ def method_description(method: str) -> str:
     )
 
 
-def usage_snippet(repo_id: str, base_model: str | None, is_lora: bool, lora_denoiser: str | None = None) -> str:
-    """How to load the result; ``repo_id`` is the Hub id the card will live under (or a placeholder).
+#: The usage example's prompt where the run's data gives none (a streamed dataset, a prebuilt latent cache).
+UNKNOWN_PROMPT = "<your prompt>"
+
+
+@dataclass(frozen=True)
+class UsageCall:
+    """How the model card's usage example samples the result: a prompt of the run's data at the run's size, with what
+    the family's pipeline takes beside it. ``num_frames``: a video family's clip length (the result is
+    ``.frames[0]``); ``edits``: the pipeline edits a source image (``image=``); ``max_area``: the pipeline rescales
+    the edit to its own area unless given ``max_area`` (FLUX.1 Kontext)."""
+
+    prompt: str
+    height: int
+    width: int
+    num_frames: int | None = None
+    edits: bool = False
+    max_area: bool = False
+
+    def lines(self) -> list[str]:
+        """The example's lines after the pipeline is loaded, as Python that runs as written."""
+        size = f"height={self.height}, width={self.width}"
+        if self.num_frames is not None:
+            return [f"frames = pipe({self.prompt!r}, {size}, num_frames={self.num_frames}).frames[0]"]
+        if not self.edits:
+            return [f"image = pipe({self.prompt!r}, {size}).images[0]"]
+        area = f", max_area={self.height * self.width}" if self.max_area else ""
+        return [
+            '# the image to edit: a blank stand-in here; load yours with PIL.Image.open(path).convert("RGB")',
+            f'source = Image.new("RGB", ({self.width}, {self.height}), "white")',
+            f"image = pipe(image=source, prompt={self.prompt!r}, {size}{area}).images[0]",
+        ]
+
+
+def usage_call(pipeline: Any, family: Any, args: Any, prompt: str) -> UsageCall:
+    """How a run with ``args`` of ``family`` on ``pipeline`` is sampled in its card's usage example: ``prompt`` at the
+    training resolution, a video family's clips of ``num_frames``, an editing family's source image."""
+    return UsageCall(
+        prompt,
+        args.resolution,
+        args.resolution,
+        num_frames=args.num_frames if family.video else None,
+        edits=family.edits,
+        max_area="max_area" in inspect.signature(type(pipeline).__call__).parameters,
+    )
+
+
+def usage_snippet(
+    repo_id: str,
+    base_model: str | None,
+    is_lora: bool,
+    lora_denoiser: str | None = None,
+    call: UsageCall | None = None,
+) -> str:
+    """How to load the result and sample it; ``repo_id`` is the Hub id the card will live under (or a placeholder).
     ``lora_denoiser``: the denoiser's name for a pipeline without ``load_lora_weights`` (no LoRA loader in diffusers,
-    as HunyuanVideo 1.5's), whose adapters load with the denoiser's own ``load_lora_adapter``."""
-    prompt = 'image = pipe("a photo of a cat").images[0]'
+    as HunyuanVideo 1.5's), whose adapters load with the denoiser's own ``load_lora_adapter``. ``call``: the run's
+    prompt and size (a placeholder prompt at the pipeline's default size without it)."""
+    sample = call.lines() if call is not None else [f"image = pipe({UNKNOWN_PROMPT!r}).images[0]"]
+    edits = call is not None and call.edits
+    imports = "from diffusers import DiffusionPipeline\n" + ("from PIL import Image\n" if edits else "")
     if is_lora:
         base = base_model or "<the base pipeline>"
         load = f'pipe.load_lora_weights("{repo_id}")'
         if lora_denoiser is not None:
             options = f'prefix="{lora_denoiser}", use_safetensors=True'
             load = f'pipe.{lora_denoiser}.load_lora_adapter("{repo_id}", {options})'
-        return (
-            "from diffusers import DiffusionPipeline\n\n"
-            f'pipe = DiffusionPipeline.from_pretrained("{base}")\n{load}\n{prompt}'
-        )
-    load = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")'
-    return f"from diffusers import DiffusionPipeline\n\n{load}\n{prompt}"
+        lines = [f'pipe = DiffusionPipeline.from_pretrained("{base}")', load, *sample]
+    else:
+        lines = [f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")', *sample]
+    return imports + "\n" + "\n".join(lines)
 
 
 def build_model_card(
@@ -248,11 +302,13 @@ def build_model_card(
     pipeline_loads_lora: bool = True,
     trainer_name: str = "DiffusionSDPOTrainer",
     events: Sequence[str] = (),
+    usage_call: UsageCall | None = None,
 ) -> ModelCard:
     """A model card in TRL's and diffusers' shape: metadata (``base_model`` only when it is a Hub id, ``datasets``,
-    ``license``, tags), method, usage under ``hub_model_id``, the last validation grid (``sample_grid``, a path
-    relative to the card; with ``sample_prompt`` also the Hub's widget, as diffusers' training scripts do), key
-    hyperparameters, framework versions and the papers and TRL to cite. ``denoiser`` is the trained network's
+    ``license``, tags), method, usage under ``hub_model_id`` (sampling as ``usage_call`` says: the run's prompt and
+    size), the last validation grid (``sample_grid``, a path relative to the card; with ``sample_prompt`` also the
+    Hub's widget, as diffusers' training scripts do), key hyperparameters, framework versions and the papers and TRL
+    to cite. ``denoiser`` is the trained network's
     pipeline name and class (``("transformer", "FluxTransformer2DModel")`` for FLUX); ``pipeline_loads_lora``: whether
     the pipeline has diffusers' ``load_lora_weights`` (else the usage loads the adapters into the denoiser);
     ``trainer_name``: the trainer class that trained it; ``events``: what the run's alarms did (each rewind and
@@ -291,6 +347,7 @@ def build_model_card(
             base_model or local_base,
             is_lora,
             None if pipeline_loads_lora else denoiser[0],
+            usage_call,
         ),
         sample_grid=sample_grid,
         sample_step=_grid_step(sample_grid) if sample_grid else None,
@@ -527,9 +584,17 @@ class RunHub:
             pipeline_loads_lora=hasattr(type(trainer.pipeline), "load_lora_weights"),
             trainer_name=type(trainer).__name__,
             events=run_events(trainer),
+            usage_call=self._usage_call(),
         )
         os.makedirs(args.output_dir, exist_ok=True)
         card.save(os.path.join(args.output_dir, "README.md"))
+
+    def _usage_call(self) -> UsageCall:
+        """How the card's usage example samples: the validation grids' first prompt, else the first training prompt
+        (:func:`usage_call`)."""
+        trainer = self.trainer
+        prompt = self._validation_prompt() or trainer.example_prompt or UNKNOWN_PROMPT
+        return usage_call(trainer.pipeline, trainer.family, trainer.args, prompt)
 
     def _validation_prompt(self) -> str | None:
         """The first prompt of the run's validation grids (the Hub widget's text), or ``None`` without them."""
