@@ -1,8 +1,8 @@
 """What the package may not change in its host process, read from the libraries' public switches, and a tiny run
 that prints its trainer's progress, for the tests that run them in a fresh interpreter.
 
-    python -m tests.helpers.host_settings settings OUT.json   # snapshot, import every module, train a step, snapshot
-    python -m tests.helpers.host_settings train STEPS         # a tiny trainer.train() of STEPS steps, a log per step
+    python -m tests.helpers.host_settings settings OUT.json [STEPS]  # snapshot, import every module, train, snapshot
+    python -m tests.helpers.host_settings train STEPS                # a tiny trainer.train() of STEPS steps
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def tiny_trainer(output_dir: str, steps: int, **overrides: Any):
     return DiffusionSDPOTrainer(pipeline, args=config, train_dataset=pairs, peft_config=lora_config())
 
 
-def settings_around_a_run(out: str) -> None:
+def settings_around_a_run(out: str, steps: int = 1) -> None:
     # The libraries first, as a user's script imports them: what they set up themselves is theirs.
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
@@ -138,7 +138,7 @@ def settings_around_a_run(out: str) -> None:
     before = library_settings()
     skipped = import_every_module()
     with tempfile.TemporaryDirectory() as folder:
-        trainer = tiny_trainer(folder, steps=1)
+        trainer = tiny_trainer(folder, steps=steps)
         given = trainer.args_as_given
         caller = {name: getattr(given, name) for name in ("disable_tqdm", "dataloader_num_workers", "learning_rate")}
         trainer.train()
@@ -152,7 +152,7 @@ def settings_around_a_run(out: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "settings":
-        settings_around_a_run(sys.argv[2])
+        settings_around_a_run(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)
     else:
         with tempfile.TemporaryDirectory() as folder:
             tiny_trainer(folder, steps=int(sys.argv[2])).train()

@@ -63,19 +63,23 @@ def run_to_file(args: list[str], cwd: Path, log: Path) -> tuple[int, str]:
     return status, log.read_text()
 
 
-def test_importing_every_module_and_training_change_no_setting_of_another_library(tmp_path):
+@pytest.fixture(scope="module")
+def settings_run(tmp_path_factory) -> tuple[int, str, Path]:
+    """One fresh interpreter for the two tests below: the libraries' settings read, every module of the package
+    imported, a tiny trainer built and trained 3 steps, the settings read again; its output written to a file. Its
+    exit status, its output and the report's path."""
+    folder = tmp_path_factory.mktemp("settings")
+    out = folder / "settings.json"
+    command = [sys.executable, "-m", "tests.helpers.host_settings", "settings", str(out), "3"]
+    status, text = run_to_file(command, ROOT, folder / "settings.log")
+    return status, text, out
+
+
+def test_importing_every_module_and_training_change_no_setting_of_another_library(settings_run):
     """In a fresh interpreter: the libraries' switches, verbosities and loggers (levels, filters, handlers) before,
-    then every module of the package imported, a tiny trainer built and trained a step, and the same after."""
-    out = tmp_path / "settings.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.host_settings", "settings", str(out)],
-        cwd=ROOT,
-        env=worker_environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    then every module of the package imported, a tiny trainer built and trained, and the same after."""
+    status, text, out = settings_run
+    assert status == 0, text[-4000:]
     report = json.loads(out.read_text())
     assert report["changed"] == [], report["changed"]
     # only modules of optional extras that are not installed are left out of the walk
@@ -90,10 +94,8 @@ def test_the_trainers_bar_shows_its_rate_and_time_left_on_a_terminal(tmp_path):
     assert re.search(FINISHED_BAR.format(steps=3), text), text[-4000:]
 
 
-def test_written_to_a_file_each_log_is_a_line_and_nothing_is_redrawn(tmp_path):
-    status, text = run_to_file(
-        [sys.executable, "-m", "tests.helpers.host_settings", "train", "3"], ROOT, tmp_path / "train.log"
-    )
+def test_written_to_a_file_each_log_is_a_line_and_nothing_is_redrawn(settings_run):
+    status, text, _ = settings_run  # the 3-step run above, its output written to a file
     assert status == 0, text[-4000:]
     assert "\r" not in text and "\x1b[A" not in text, text[-4000:]
     assert len([line for line in text.splitlines() if line.startswith("{'loss':")]) == 3, text[-4000:]
