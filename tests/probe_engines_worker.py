@@ -46,6 +46,7 @@ from tests.helpers.common import cpu_launch_fields, fast_config_values, lora_con
 from tests.helpers.fsdp_on_cpu import lift_fsdp_cpu_gate  # noqa: E402
 from tests.helpers.rewind import ScriptedAlarm  # noqa: E402
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer  # noqa: E402
+from trl_diffusion_sdpo.callbacks import hold_back_rows  # noqa: E402
 from trl_diffusion_sdpo.engines.base import trainable_parameters  # noqa: E402
 from trl_diffusion_sdpo.io.resume_check import ResumeConfigError  # noqa: E402
 from trl_diffusion_sdpo.testing import build_tiny_sd_pipeline  # noqa: E402
@@ -115,12 +116,12 @@ def build_trainer(out: str, job: str, config: str | None, pipe):
         prompts = Dataset.from_dict({"prompt": PROMPTS})
         held = None if job.endswith("plain") else held  # eval prompts are read by the probe only
         return OnlineDiffusionSDPOTrainer(pipe, None, args, prompts, held, reward_funcs=[red_minus_blue])
-    rows = pickapic_rows(8)
-    if job == "plain":  # the probe holds the last two rows back from training
-        rows = rows[:-2]
+    data = Dataset.from_list(pickapic_rows(8))
+    if job == "plain":  # the rows the probed runs train on: the probe holds two back, drawn with the run's seed
+        data = hold_back_rows(data, 2, seed=values["seed"])[0]
     lora = lora_config() if job.startswith("lora-") else None
     args = DiffusionSDPOConfig(**values)
-    return DiffusionSDPOTrainer(pipe, args=args, train_dataset=Dataset.from_list(rows), peft_config=lora)
+    return DiffusionSDPOTrainer(pipe, args=args, train_dataset=data, peft_config=lora)
 
 
 def train(out: str, job: str, config: str | None) -> dict:

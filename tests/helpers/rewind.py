@@ -36,14 +36,19 @@ class Recorder(TrainerCallback):
 
 
 class ScriptedAlarm(ProbeAlarmRule):
-    """The alarm's rule with the verdicts scripted by step: the rewind's mechanics tested apart from the rule."""
+    """The alarm's rule with the verdicts scripted by step: the rewind's mechanics tested apart from the rule. A step
+    neither unhealthy nor in ``doubtful_steps`` (healthy for the alarm, not a restore point) is a restore point."""
 
-    def __init__(self, patience: int, unhealthy_steps: set[int]) -> None:
+    def __init__(self, patience: int, unhealthy_steps: set[int], doubtful_steps: frozenset[int] = frozenset()) -> None:
         super().__init__(patience=patience, threshold=0.0)
         object.__setattr__(self, "unhealthy_steps", unhealthy_steps)
+        object.__setattr__(self, "doubtful_steps", doubtful_steps)
 
     def unhealthy(self, metrics, step):
         return step in self.unhealthy_steps
+
+    def restorable(self, metrics, step):
+        return step not in self.unhealthy_steps and step not in self.doubtful_steps
 
 
 def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

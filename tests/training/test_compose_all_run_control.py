@@ -39,7 +39,7 @@ def test_the_docs_example_composes_health_guards_ema_probe_and_rewind(make_pipel
     assert trainer.guards.margin is trainer.safeguard.margin
     assert [id(p) for p in trainer.ema.parameters] == [id(p) for p in trainer.policy.parameters() if p.requires_grad]
     held = names["held"]
-    assert len(held) == 2 and trainer.probe.summary().count("drawn with seed 0") == 1
+    assert len(held) == 2 and trainer.probe.summary().count("drawn at random with seed 0") == 1
     start = trained_weights(trainer)
     trainer.probe.rewind.rule = ScriptedAlarm(patience=1, unhealthy_steps={1})  # the probe's alarm at step 1
     trainer.train()

@@ -23,7 +23,7 @@ def test_a_rewind_passed_in_callbacks_restores_the_step_0_weights_as_the_configs
     configured.probe.rewind.rule = ScriptedAlarm(patience=1, unhealthy_steps={1})
     configured.train()
 
-    train, held = hold_back_rows(data, HELD)
+    train, held = hold_back_rows(data, HELD, seed=configured.args.seed)  # the pairs the config's probe_steps holds
     probe = ProbeCallback.held_out(every=1, pairs=held)
     rewind = RewindCallback(rule=ScriptedAlarm(patience=1, unhealthy_steps={1}))
     composed = make_trainer(train_dataset=train, callbacks=[probe, rewind], max_steps=4, **SAFEGUARDED)

@@ -167,8 +167,9 @@ def test_defaults_follow_the_papers_but_beta_and_the_safeguard_margin(tmp_path):
     assert DiffusionSDPOConfig(output_dir=str(tmp_path), use_cpu=True, safeguard_mu=0.9).safeguard_mu == 0.9
 
 
-# DPOConfig adds 25 over TrainingArguments; 3 here are the held-out probe's alarm (noise draws, threshold, patience)
-DIFFUSION_SDPO_FIELD_LIMIT = 55
+# DPOConfig adds 25 over TrainingArguments; 4 here are the held-out probe's (its alarm's noise draws, threshold and
+# patience, and the seed that draws its held-back pairs)
+DIFFUSION_SDPO_FIELD_LIMIT = 56
 
 
 def test_the_config_adds_at_most_fifty_fields_over_training_arguments():

@@ -165,7 +165,8 @@ def test_an_online_rewind_restores_the_healthy_steps_weights_and_optimizer_state
     trainer.create_model_card()
     with open(f"{trainer.args.output_dir}/README.md") as f:
         card = f.read()
-    assert "- Step 3: the held-out probe's alarm fired" in card and "back to step 1's; training stopped there" in card
+    assert "- Step 3: the held-out probe's alarm fired" in card and "back to step 1's (" in card
+    assert "; training stopped there" in card
 
 
 def test_the_start_summary_states_the_held_back_prompts_and_how_they_were_paired(tmp_path, caplog):

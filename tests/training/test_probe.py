@@ -22,10 +22,11 @@ DPO = {"safeguard_space": "none"}  # Diffusion-DPO (the package defaults to the 
     "lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"]
 )
 def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_the_same_split(
-    make_trainer, make_pickapic, lora
+    make_trainer, make_pickapic, make_config, lora
 ):
     data = make_pickapic(ROWS)
-    plain = make_trainer(lora=lora, train_dataset=data.select(range(ROWS - HELD)), max_steps=4, **DPO)
+    kept, _ = hold_back_pairs(data, None, make_config(probe_steps=1, probe_pairs=HELD))  # the probed runs' split
+    plain = make_trainer(lora=lora, train_dataset=kept, max_steps=4, **DPO)
     plain.train()
     expected = trained_weights(plain)
     probed = make_trainer(lora=lora, train_dataset=data, max_steps=4, probe_steps=1, probe_pairs=HELD, **DPO)
@@ -52,8 +53,10 @@ def test_a_probed_run_and_a_quiet_rewind_train_bit_for_bit_as_diffusion_dpo_on_t
 def test_the_probe_reads_the_held_back_pairs_and_training_never_sees_them(make_trainer, make_pickapic, make_config):
     data = make_pickapic(ROWS)
     trainer = make_trainer(train_dataset=data, probe_steps=1, probe_pairs=HELD)
-    held_captions = data["caption"][ROWS - HELD :]
-    assert sorted(trainer.train_dataset["prompt"]) == sorted(data["caption"][: ROWS - HELD])
+    kept, held = hold_back_pairs(data, None, trainer.args)
+    held_captions = list(held["caption"])
+    assert sorted(trainer.train_dataset["prompt"]) == sorted(kept["caption"])
+    assert sorted([*held_captions, *kept["caption"]]) == sorted(data["caption"])
     tokens = trainer.family.prompt_tokenizer()(held_captions)
     assert torch.equal(trainer.probe.probe.batch["input_ids"].cpu(), tokens["input_ids"])
     # With an eval split the probe reads its first pairs, and the training data stay whole.

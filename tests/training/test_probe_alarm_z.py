@@ -13,7 +13,7 @@ from scipy import stats
 
 from tests.helpers.rewind import ScriptedAlarm
 from trl_diffusion_sdpo.callbacks.probe import winner_rise_z
-from trl_diffusion_sdpo.callbacks.rewind import ProbeAlarm, ProbeAlarmRule, alarm_steps, probe_alarm
+from trl_diffusion_sdpo.callbacks.rewind import RESTORE_Z, ProbeAlarm, ProbeAlarmRule, alarm_steps, probe_alarm
 from trl_diffusion_sdpo.step.predictions import denoising_errors
 
 ROWS, HELD = 8, 2
@@ -118,7 +118,11 @@ def test_warn_warns_naming_the_step_a_rewind_would_restore(make_trainer, make_pi
         trainer.train()
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Training "))
     assert f"its alarm ({trainer.probe.alarm.rule.describe()}) acts as on_pathology='warn'" in summary
-    warnings = [r.getMessage() for r in caplog.records if "held-out probe's alarm" in r.getMessage()]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "held-out probe's alarm" in r.getMessage()
+    ]
     assert len(warnings) == 1 and warnings[0].startswith("Step 4:")
     assert "on_pathology='rewind' would restore step 2's weights" in warnings[0]
     assert trainer.state.global_step == 4  # warn only
@@ -164,7 +168,11 @@ def test_warn_warns_once_per_unhealthy_episode(make_trainer, make_pickapic, capl
         trainer.train()
     fired = [e["step"] for e in trainer.state.log_history if e.get("health/probe_alarm") == 1.0]
     assert fired == [3, 5, 8]
-    warnings = [r.getMessage() for r in caplog.records if "held-out probe's alarm" in r.getMessage()]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "held-out probe's alarm" in r.getMessage()
+    ]
     assert [w.split(":")[0] for w in warnings] == ["Step 3", "Step 8"]
     assert "would restore step 1's weights" in warnings[0] and "would restore step 6's weights" in warnings[1]
 
@@ -185,24 +193,28 @@ class _Recorded:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
 
-    def probe_alarm(self, step, control, rule, healthy_step) -> None:
+    def probe_alarm(self, step, control, rule, healthy_step) -> str:
         self.calls.append((step, healthy_step))
+        return "recorded"
 
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("patience", [1, 2, 4])
 def test_the_alarm_fires_at_patience_readings_above_the_threshold_counting_afresh_after_healthy_ones(seed, patience):
-    # runs of high readings of every length, broken by single healthy readings
+    # runs of high readings of every length, broken by single healthy readings: some a rise the probe cannot tell
+    # from zero (1.0), some healthy for the alarm only (3.0)
     rng = np.random.default_rng(seed)
-    z = [float(v) for v in rng.choice([3.0, 12.0], size=60, p=[0.3, 0.7])] + [float("nan")]
+    z = [float(v) for v in rng.choice([1.0, 3.0, 12.0], size=60, p=[0.15, 0.15, 0.7])] + [float("nan")]
     rule = ProbeAlarmRule(patience=patience, threshold=10.0)
     expected = _windows_rule(z, 10.0, patience)
     probes = [(t, {ProbeAlarmRule.SIGNAL: v}) for t, v in enumerate(z, start=1)]
     assert alarm_steps(rule, probes) == expected
-    # the run's alarm fires at the same probes, naming the last healthy one before each
+    # the run's alarm fires at the same probes, naming the last restore point before each: a reading at most
+    # RESTORE_Z, not merely below the alarm's threshold
     recorded = _Recorded()
     alarm = ProbeAlarm(rule, recorded)
     logged = [alarm.read(metrics, t, None)["health/probe_alarm"] for t, metrics in probes]
     assert [t for t, flag in zip(range(1, len(z) + 1), logged, strict=True) if flag == 1.0] == expected
-    healthy = [max((s for s in range(1, t) if not z[s - 1] > 10.0), default=0) for t in expected]
+    healthy = [max((s for s in range(1, t) if z[s - 1] <= RESTORE_Z), default=0) for t in expected]
     assert recorded.calls == list(zip(expected, healthy, strict=True))
+    assert [act[0] for act in alarm.acts] == healthy and all(act[2] == "recorded" for act in alarm.acts)

@@ -36,13 +36,15 @@ def _first_safeguarded_step(trainer_state: dict) -> int:
     return next(e["step"] for e in trainer_state["log_history"] if "safeguard/engaged" in e)
 
 
-def _card_section(readme: str) -> list[str]:
-    """The card's list of rewinds and switches (its bullets), empty without the section."""
-    heading = "## Rewinds and safeguard switches"
+def _card_section(readme: str, start: bool = False) -> list[str]:
+    """The card's list of alarms, warnings, rewinds and switches (its bullets), empty without the section; without
+    ``start``, less the start summary's warnings (the tiny runs' learning rate is above the range recommended)."""
+    heading = "## Alarms, warnings and rewinds"
     if heading not in readme:
         return []
     section = readme.split(heading, 1)[1].split("\n## ", 1)[0]
-    return [line[2:] for line in section.splitlines() if line.startswith("- ")]
+    lines = [line[2:] for line in section.splitlines() if line.startswith("- ")]
+    return lines if start else [line for line in lines if not line.startswith("At the start: ")]
 
 
 def _switch_text(trainer) -> str:
@@ -77,7 +79,8 @@ def test_a_rewound_runs_card_and_end_summary_name_each_rewind_and_the_safeguard_
     assert lines[1].startswith(f"Step {second}:") and f"back to step {back_again}'s" in lines[1]
     assert "training stopped there" in lines[1] and state["global_step"] == second
     ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training ended")]
-    assert ended == [f"Training ended at step {second}. {lines[0]} {lines[1]}"]
+    every = _card_section((out / "README.md").read_text(), start=True)  # the start's warnings too
+    assert ended == [f"Training ended at step {second}. " + " ".join(every)]
 
 
 def test_a_quiet_rewind_runs_card_says_no_rewind_happened_and_a_run_without_the_alarm_has_no_section(
@@ -145,11 +148,13 @@ def test_a_switched_runs_card_and_end_summary_name_the_step_the_training_logs_al
         trainer.train()
     trainer.create_model_card()
     switched = _first_safeguarded_step({"log_history": trainer.state.log_history}) - 1
-    [line] = _card_section((tmp_path / "switched" / "README.md").read_text())
-    assert line.startswith(f"Step {switched}:")
+    flagged, line = _card_section((tmp_path / "switched" / "README.md").read_text())
+    assert flagged.startswith(f"Step {switched}: the training logs' pathology alarm fired (health/winner_pathology")
+    assert line.startswith(f"Step {switched}: the training logs' pathology alarm fired (on_pathology='safeguard')")
     assert f"steps {switched + 1}-4 trained with the safeguard on ({_switch_text(trainer)})" in line
+    every = " ".join(_card_section((tmp_path / "switched" / "README.md").read_text(), start=True))
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training ended")] == [
-        f"Training ended at step 4. {line}"
+        f"Training ended at step 4. {every}"
     ]
 
 
@@ -177,7 +182,7 @@ def test_the_alarm_fires_only_on_unhealthy_probes_in_a_row(unhealthy):
     for step in range(1, 9):
         with torch.no_grad():
             weight.add_(1.0)
-        if rewind.read({}, step, optimizer, control):
+        if rewind.read({}, step, optimizer, control)["health/probe_alarm"] == 1.0:
             fired.append(step)
     assert fired == _fires(unhealthy, 8, 2)
 

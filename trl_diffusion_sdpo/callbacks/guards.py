@@ -87,6 +87,7 @@ class PathologyAction:
     ) -> None:
         self.action, self.margin, self.switch, self.switch_to = action, margin, switch, switch_to or {}
         self.switched_at: int | None = None  # the step of the log that switched the safeguard on
+        self.switched_by: str | None = None  # which alarm switched it: the training logs' or the held-out probe's
         self.escalations = 0
         self._warned_after: int | None = None  # the healthy step of the probe alarm's episode last warned about
         self._logs_since = WINDOWS  # escalate at once; then again only once the raised mu has had WINDOWS logs
@@ -104,39 +105,43 @@ class PathologyAction:
             logs["health/escalations"] = float(self.escalations)
         elif self.action == "safeguard":
             if fired and self.switched_at is None and self.switch is not None:
-                self._switch_on(step, why)
+                self._switch_on(step, why, "the training logs' pathology alarm")
             logs["health/safeguard_on"] = float(self.switched_at is not None)
         elif self.action == "stop" and fired:
             why = "the winner's error has stayed above the reference's while the implicit accuracy grew "
             self._stop(control, step, why + "(health/winner_pathology)")
 
-    def probe_alarm(self, step: int, control, rule: str, healthy_step: int) -> None:
+    def probe_alarm(self, step: int, control, rule: str, healthy_step: int) -> str:
         """The held-out probe's alarm fired at ``step`` (:class:`~.rewind.ProbeAlarm`; ``rule``: what it reads;
-        ``healthy_step``: the last probe it called healthy, the step ``on_pathology="rewind"`` would restore). Its
-        figures were reduced over every process, so every process acts here at the same step. A warning (``warn``, or
-        an action that has already acted) is logged once per episode: the alarm firing again before a healthy probe
-        (the same ``healthy_step``) says nothing new."""
+        ``healthy_step``: the last restore point, the step ``on_pathology="rewind"`` would restore). Its figures were
+        reduced over every process, so every process acts here at the same step. A warning (``warn``, or an action
+        that has already acted) is logged once per episode: the alarm firing again before another restore point (the
+        same ``healthy_step``) says nothing new. Returns what was done, in words, for the run's record."""
         why = f"the held-out probe's alarm fired ({rule})"
+        restore = f"step {healthy_step}'s weights"
         if self.action == "escalate" and self.margin is not None:
-            self._escalate(step, why)
-        elif self.action == "safeguard" and self.switch is not None and self.switched_at is None:
-            self._switch_on(step, why)
-        elif self.action == "stop":
-            rewind = (
-                f" (on_pathology='rewind' would have restored step {healthy_step}'s weights, the last probe the alarm "
-                "called healthy)"
+            return f"on_pathology='escalate' raised safeguard_mu to {self._escalate(step, why):g}"
+        if self.action == "safeguard" and self.switch is not None and self.switched_at is None:
+            self._switch_on(step, why, "the held-out probe's alarm")
+            return "on_pathology='safeguard' switched the safeguard on from the next step"
+        if self.action == "stop":
+            self._stop(
+                control, step, why, f" (on_pathology='rewind' would have restored {restore}, the last restore point)"
             )
-            self._stop(control, step, why, rewind)
-        elif healthy_step != self._warned_after:
-            self._warned_after = healthy_step
-            logger.warning(
-                "Step %d: %s. on_pathology='rewind' would restore step %d's weights and optimizer state (the last "
-                "probe the alarm called healthy)%s; no further warning until a probe is healthy again.",
-                step,
-                why,
-                healthy_step,
-                "" if self.action == "warn" else f"; on_pathology={self.action!r} has already acted",
-            )
+            return "on_pathology='stop' saved a checkpoint and stopped training"
+        acted = "" if self.action == "warn" else f"; on_pathology={self.action!r} has already acted"
+        if healthy_step == self._warned_after:
+            return f"no new warning (the same unhealthy episode as the last alarm's){acted}"
+        self._warned_after = healthy_step
+        logger.warning(
+            "Step %d: %s. on_pathology='rewind' would restore %s and optimizer state (the last restore point)%s; no "
+            "further warning until another probe is a restore point.",
+            step,
+            why,
+            restore,
+            acted,
+        )
+        return f"a warning named {restore} as what on_pathology='rewind' would restore (the last restore point){acted}"
 
     def _escalate(self, step: int, why: str) -> float:
         """``escalate``: ``mu`` raised halfway to 1, the next escalation a full ``WINDOWS`` of logs away."""
@@ -146,10 +151,10 @@ class PathologyAction:
         logger.warning("Step %d: %s; on_pathology='escalate' raised safeguard_mu to %g.", step, why, mu)
         return mu
 
-    def _switch_on(self, step: int, why: str) -> None:
-        """``safeguard``: the safeguard ``switch_to`` on from the next step, once."""
+    def _switch_on(self, step: int, why: str, by: str) -> None:
+        """``safeguard``: the safeguard ``switch_to`` on from the next step, once (``by``: the alarm that fired)."""
         self.switch()
-        self.switched_at = step
+        self.switched_at, self.switched_by = step, by
         logger.warning(
             "Step %d: %s; on_pathology='safeguard': training goes on with the safeguard on (%s) from the next step.",
             step,
@@ -251,6 +256,7 @@ class GuardState(TrainerCallback, ExportableState):
         guards: dict[str, Any] = {"escalations": self.action.escalations, "logs_since": self.action._logs_since}
         if self.action.switched_at is not None:
             guards["safeguard_switched_at"] = self.action.switched_at
+            guards["safeguard_switched_by"] = self.action.switched_by
         if self.margin is not None:
             guards["mu"] = self.margin.current()
         if self.auto_beta is not None and self.auto_beta.ema is not None:
@@ -267,6 +273,7 @@ class GuardState(TrainerCallback, ExportableState):
         if guards.get("safeguard_switched_at") is not None and self.action.switch is not None:
             self.action.switch()  # the resumed run trains on with the safeguard the uninterrupted one switched to
             self.action.switched_at = guards["safeguard_switched_at"]
+            self.action.switched_by = guards.get("safeguard_switched_by")
         if self.margin is not None and "mu" in guards:
             self.margin.restore(guards["mu"], args.device)
         if self.auto_beta is not None and "auto_beta_ema" in guards:

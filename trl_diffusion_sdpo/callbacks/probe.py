@@ -42,11 +42,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..data.columns import CAPTION, PROMPT
 from ..step.predictions import denoising_errors
 from ..step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, NoisedMicroBatch
 from .rewind import ProbeAlarm, Rewind, probe_alarm
@@ -57,10 +59,12 @@ __all__ = [
     "ProbeCallback",
     "compose_probe",
     "first_rows",
+    "held_back_seed",
     "hold_back_pairs",
     "hold_back_rows",
     "probe_for_trainer",
     "probe_seed",
+    "stratified_draw",
     "winner_rise_z",
 ]
 
@@ -106,15 +110,25 @@ def probe_seed(seed: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def held_back_seed(args: Any) -> int:
+    """The seed that draws the probe's held-back pairs: the config's ``probe_pairs_seed``, else its ``seed`` (the
+    run's)."""
+    chosen = getattr(args, "probe_pairs_seed", None)
+    return args.seed if chosen is None else chosen
+
+
 def hold_back_pairs(train_dataset: Any, eval_dataset: Any, args: Any) -> tuple[Any, Dataset | None]:
-    """``(train_dataset, held)``: with the probe on and no ``eval_dataset``, the last ``probe_pairs`` rows of
-    ``train_dataset`` (the first ones of a streamed dataset) taken out of it as the probe's pairs
-    (:func:`hold_back_rows`); otherwise ``train_dataset`` as given and ``None`` (the probe reads the eval split). The
+    """``(train_dataset, held)``: with the probe on and no ``eval_dataset``, ``probe_pairs`` rows of ``train_dataset``
+    taken out of it as the probe's pairs: drawn at random with :func:`held_back_seed`, stratified by prompt where
+    prompts repeat (:func:`hold_back_rows`); a streamed dataset's first rows (it cannot be drawn from at random
+    without reading it whole). Otherwise ``train_dataset`` as given and ``None`` (the probe reads the eval split). The
     trainer calls it through :meth:`~trl_diffusion_sdpo.DiffusionSDPOTrainer.hold_back_probe_pairs`, which the online
     trainer overrides (its rows are prompts)."""
     if not getattr(args, "probe_steps", None) or eval_dataset is not None:
         return train_dataset, None
-    return hold_back_rows(train_dataset, args.probe_pairs)
+    if isinstance(train_dataset, IterableDataset):
+        return hold_back_rows(train_dataset, args.probe_pairs)
+    return hold_back_rows(train_dataset, args.probe_pairs, seed=held_back_seed(args))
 
 
 def hold_back_rows(
@@ -122,9 +136,10 @@ def hold_back_rows(
 ) -> tuple[Any, Dataset]:
     """``(train_dataset without them, held)``: ``count`` rows of ``train_dataset`` held back, refused where too few
     would be left; ``rows`` names them in the errors. Without ``seed`` the last ``count`` rows (the first ones of a
-    streamed dataset); with ``seed`` (a ``datasets.Dataset`` only) ``count`` rows drawn by a generator seeded with it,
-    each part kept in the dataset's order. The held rows' ``info.description`` says how they were held back, which a
-    probe built on them states in the start summary."""
+    streamed dataset, which cannot be drawn from at random without reading it whole); with ``seed`` (a
+    ``datasets.Dataset`` only) ``count`` rows drawn at random by :func:`stratified_draw`, stratified by prompt where
+    prompts repeat, each part kept in the dataset's order. The held rows' ``info.description`` says how they were
+    held back, which a probe built on them states in the start summary."""
     if isinstance(train_dataset, IterableDataset):
         if seed is not None:
             raise ValueError(
@@ -136,7 +151,8 @@ def hold_back_rows(
                 f"probe_pairs={count}: the streamed train_dataset holds only {len(held)} {rows}; lower probe_pairs "
                 "or give an eval_dataset"
             )
-        return train_dataset.skip(count), _described(Dataset.from_list(held), f"its first {count} {rows}")
+        how = f"the stream's first {count} {rows}, not drawn at random: a draw over a stream would read it whole"
+        return train_dataset.skip(count), _described(Dataset.from_list(held), how)
     if not isinstance(train_dataset, Dataset):
         raise ValueError(
             "probe_steps without an eval_dataset holds pairs back from a datasets.Dataset or IterableDataset; with "
@@ -152,12 +168,50 @@ def hold_back_rows(
         keep = len(train_dataset) - count
         kept, held_rows, how = range(keep), range(keep, len(train_dataset)), f"its last {count} {rows}"
     else:
-        import numpy as np
-
-        order = np.random.default_rng(seed).permutation(len(train_dataset))
-        kept, held_rows = sorted(order[count:].tolist()), sorted(order[:count].tolist())
-        how = f"{count} {rows} drawn with seed {seed}"
+        prompts = _prompts(train_dataset)
+        held_rows = stratified_draw(prompts if prompts is not None else range(len(train_dataset)), count, seed)
+        chosen = set(held_rows)
+        kept = [i for i in range(len(train_dataset)) if i not in chosen]
+        how = f"drawn at random with seed {seed}"
+        groups = len(set(prompts)) if prompts is not None else len(train_dataset)
+        if groups < len(train_dataset):
+            how += f", stratified over {groups} prompts"
     return train_dataset.select(kept), _described(train_dataset.select(held_rows), how)
+
+
+def stratified_draw(keys: Sequence[Any], count: int, seed: int) -> list[int]:
+    """``count`` of the indices of ``keys`` drawn at random, stratified by key, in increasing order; the same for the
+    same ``keys``, ``count`` and ``seed``.
+
+    Each group of equal keys (taken in the order of first appearance) gets its proportional share
+    ``count * size / len(keys)``, rounded down, and the rows still to draw go one each to the groups with the largest
+    remainders (Hamilton's rule; equal remainders in an order drawn by the generator), so every group holds the floor
+    or the ceiling of its share. Within a group the rows are drawn without replacement. Where every key differs it is
+    a plain draw of ``count`` rows without replacement."""
+    groups: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    members = list(groups.values())
+    rng = np.random.default_rng(seed)
+    shares = [count * len(group) / len(keys) for group in members]
+    taken = [math.floor(share) for share in shares]
+    ties = rng.random(len(members))  # drawn before the rows: the groups' order does not depend on their draws
+    by_remainder = sorted(range(len(members)), key=lambda g: (-(shares[g] - taken[g]), ties[g]))
+    for g in by_remainder[: count - sum(taken)]:
+        taken[g] += 1
+    drawn = [int(i) for group, k in zip(members, taken, strict=True) for i in rng.choice(group, k, replace=False)]
+    return sorted(drawn)
+
+
+def _prompts(dataset: Dataset) -> list[Any] | None:
+    """Each row's prompt (TRL's ``prompt`` column, else Pick-a-Pic's ``caption``) as a group key, or ``None`` where
+    the dataset has neither."""
+    names = dataset.column_names
+    column = PROMPT if PROMPT in names else CAPTION if CAPTION in names else None
+    if column is None:
+        return None
+    values = dataset.select_columns([column])[column]
+    return [value if isinstance(value, str) else repr(value) for value in values]
 
 
 def _described(held: Dataset, how: str) -> Dataset:
@@ -298,13 +352,26 @@ class ProbeCallback(TrainerCallback, ExportableState):
         self.probe, self.policy, self.device, self.source = built.probe, built.policy, built.device, built.source
         self.alarm, self.probing = built.alarm, built.probing
 
+    @property
+    def state_key(self) -> str:
+        """The key of :meth:`state` in ``trainer_state.json``'s ``stateful_callbacks``: transformers saves each
+        callback's state under its class's name, a subclass's own, and a resumed run reads it back under this one key
+        (:meth:`saved_state`), for the rewind and the alarm alike."""
+        return type(self).__name__
+
+    def saved_state(self, state: Any) -> dict[str, Any] | None:
+        """What the checkpoint a run resumes from saved of :meth:`state` (``None`` in a new run, or where the
+        checkpoint holds none)."""
+        if not state.global_step:
+            return None
+        return state.stateful_callbacks.get(self.state_key, {}).get("attributes") or None
+
     def on_train_begin(self, args, state, control, **kwargs):
+        saved = self.saved_state(state)  # a resumed run: the checkpoint's alarm
         if self.rewind is not None:
-            self.rewind.begin(args, state, kwargs["optimizer"])
-        elif self.alarm is not None and state.global_step:  # a resumed run: the checkpoint's alarm
-            saved = state.stateful_callbacks.get(type(self).__name__, {}).get("attributes")
-            if saved:
-                self.alarm.restore(saved)
+            self.rewind.begin(args, state, kwargs["optimizer"], saved)
+        elif self.alarm is not None and saved:
+            self.alarm.restore(saved)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
@@ -313,11 +380,18 @@ class ProbeCallback(TrainerCallback, ExportableState):
         with self.probing() as model:  # the engine's own forward: sharded weights are gathered in it
             metrics = self.probe.measure(model, self.device)
         self.readings.append((step, metrics))
-        self.pending = dict(metrics)
+        # A log may follow several probes (logging_steps above probe_steps): it carries the last one's figures, and
+        # what the alarm did at any of them (health/probe_alarm 1 where it fired at one; the last rewind's step).
+        earlier = {k: v for k, v in self.pending.items() if k.startswith("health/")}
+        self.pending = {**earlier, **metrics}
         if self.rewind is not None:
             self.pending.update(self.rewind.read(metrics, step, kwargs["optimizer"], control))
         elif self.alarm is not None:
             self.pending.update(self.alarm.read(metrics, step, control))
+        if "health/probe_alarm" in earlier:
+            self.pending["health/probe_alarm"] = max(earlier["health/probe_alarm"], self.pending["health/probe_alarm"])
+        if self.pending.get("health/probe_alarm") == 1.0:
+            control.should_log = True  # the alarm's step is logged as it fired, also where the run stops there
 
     def summary(self) -> str:
         """The start summary's line: what is probed, from where, its alarm's rule and what the alarm does (what the
@@ -469,11 +543,9 @@ def probe_for_trainer(
     )
     rewind = Rewind.for_trainer(trainer) if args.on_pathology == "rewind" else None
     alarm = None if rewind is not None else ProbeAlarm(probe_alarm(args), trainer.guards.action)
-    source = (
-        f"{count} pairs held back from the training data (its last rows)"
-        if held is not None
-        else f"the eval split's first {count} pairs"
-    )
+    # how the pairs were held back (hold_back_rows describes them), or the eval split's
+    how = (held.info.description or "held back from the training data") if held is not None else None
+    source = f"{count} pairs {how}" if how is not None else f"the eval split's first {count} pairs"
     if prompts:
         source = ""  # the online trainer states its prompts and how they were paired once it has paired them
     callback = ProbeCallback(probe, every, lambda: trainer.policy, args.device, rewind, source, held, alarm)

@@ -12,13 +12,17 @@ offline and online, at any model's scale; calibrated on the stability benchmark'
 ``warn`` warns, naming the step a rewind would restore; ``stop`` stops; ``safeguard`` switches; ``escalate``
 raises ``mu``).
 
-At every healthy probe (and when training begins) :class:`Rewind` keeps one snapshot of the trainable weights, the
-optimizer's state and every other state that moves with them (:func:`companions`: the EMA weights of ``ema_decay``,
-the auto-beta's and ``safeguard_mu="auto"``'s state, the fp16 gradient scaler's): in memory for LoRA, in
-``<output_dir>/rewind-healthy/`` for full tuning (one snapshot at a time: about three times the trainable weights with
-Adam, four with the EMA). When the alarm fires, every process puts all of them back to that snapshot (the
-learning-rate schedule, the step count and the data order go on counting), logs ``health/rewind_to`` (the step
-restored) and responds as the evidence supports for its regime:
+A rewind goes back to a restore point, by a criterion stricter than the alarm's (:meth:`ProbeAlarmRule.restorable`):
+a probe whose ``probe/winner_rise_z`` is at most :data:`RESTORE_Z` (1.645, a rise the probe cannot tell from zero),
+not merely one below ``probe_alarm_z``; where no probe since the start was one, the start. At every restore point (and
+when training begins) :class:`Rewind` keeps one snapshot of the trainable weights, the optimizer's state and every
+other state that moves with them (:func:`companions`: the EMA weights of ``ema_decay``, the auto-beta's and
+``safeguard_mu="auto"``'s state, the fp16 gradient scaler's): in memory for LoRA, in ``<output_dir>/rewind-healthy/``
+for full tuning (one snapshot at a time: about three times the trainable weights with Adam, four with the EMA). One
+is enough: whether a probe is a restore point is decided when it is read, and a rewind goes back to the latest. When
+the alarm fires, every process puts all of them back to that snapshot (the learning-rate schedule, the step count and
+the data order go on counting), logs ``health/rewind_to`` (the step restored) and responds as the evidence supports
+for its regime:
 
 * an offline Diffusion-DPO run (``safeguard_space="none"``) goes on from the healthy weights with the safeguard
   ``on_pathology="safeguard"`` switches to (:func:`~.health.switch_target`: the one fixed setting that held where
@@ -26,11 +30,11 @@ restored) and responds as the evidence supports for its regime:
 * a run with a safeguard already on stops with the healthy weights as the result (a larger fixed ``mu`` or the
   update space are choices for the next run, not a switch the engine was checked for).
 
-A checkpoint keeps the alarm's state (the last healthy step, the unhealthy probes in a row, the rewinds, whether the
-safeguard is on) in ``trainer_state.json`` and the snapshot in ``rewind-healthy/`` inside the checkpoint: a part of
-the checkpoint (:meth:`Rewind.save`, through the probe's callback), written before it is published and listed in its
-manifest, so a kill leaves either the previous checkpoint or a whole new one, each with its snapshot, and a resumed
-run rewinds as the uninterrupted one would.
+A checkpoint keeps the alarm's state (the restore point and its reading, the unhealthy probes in a row, the rewinds,
+whether the safeguard is on) in ``trainer_state.json`` and the snapshot in ``rewind-healthy/`` inside the checkpoint:
+a part of the checkpoint (:meth:`Rewind.save`, through the probe's callback), written before it is published and
+listed in its manifest, so a kill leaves either the previous checkpoint or a whole new one, each with its snapshot,
+and a resumed run rewinds as the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import contextlib
 import copy
 import functools
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -54,6 +59,7 @@ from ..engines.base import trainable_parameters
 from .health import switch_target
 
 __all__ = [
+    "RESTORE_Z",
     "REWIND_FOLDER",
     "Companion",
     "DiskSnapshot",
@@ -67,12 +73,18 @@ __all__ = [
     "alarm_steps",
     "companions",
     "probe_alarm",
+    "restore_point_note",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: the snapshot's folder, in the output folder (full tuning) and inside each checkpoint
 REWIND_FOLDER = "rewind-healthy"
+#: a rewind's restore point: a probe whose ``probe/winner_rise_z`` is at most this, the one-sided 95 % point of the
+#: normal: the probe cannot tell the winner error's rise from zero there (its one-sided 95 % confidence bound includes
+#: 0). Stricter than the alarm's threshold (``probe_alarm_z``, default 7), which says only that a probe is not yet
+#: unhealthy: a reading of z = 4 is not one to go back to.
+RESTORE_Z = 1.645
 _WEIGHTS, _OPTIMIZER, _COMPANIONS = "weights.safetensors", "optimizer.pt", "companions.pt"
 
 
@@ -84,10 +96,14 @@ class ProbeAlarmRule:
     pair-draws, is healthy). With ``n_0 = 0`` and ``n_t = n_{t-1} + 1`` at an unhealthy probe, ``0`` at a healthy one,
     the alarm fires at the probe where ``n_t`` reaches ``patience``, and counts afresh from there (``n_t = 0``):
     :meth:`count`, :func:`alarm_steps`.
+
+    A rewind goes back to the last probe that is a restore point (:meth:`restorable`), by a criterion stricter than
+    the alarm's: ``z_t`` at most ``min(restore_z, threshold)``, a rise the probe cannot tell from zero.
     """
 
     patience: int
     threshold: float
+    restore_z: float = RESTORE_Z
 
     #: the probe's figure the rule reads (:func:`~.probe.winner_rise_z`)
     SIGNAL = "probe/winner_rise_z"
@@ -95,6 +111,18 @@ class ProbeAlarmRule:
     def unhealthy(self, metrics: Mapping[str, float], step: int) -> bool:
         """Whether the probe of optimizer step ``step`` (``metrics``: its reduced figures) shows the pathology."""
         return metrics[self.SIGNAL] > self.threshold
+
+    def restorable(self, metrics: Mapping[str, float], step: int) -> bool:
+        """Whether the probe of step ``step`` is a point a rewind may go back to: healthy for the alarm and its
+        ``z`` at most ``min(restore_z, threshold)`` (``nan``, no spread to measure, tells no rise from zero)."""
+        return not self.unhealthy(metrics, step) and not metrics[self.SIGNAL] > min(self.restore_z, self.threshold)
+
+    def describe_restore(self) -> str:
+        """The restore criterion in words, for the start summary and the records."""
+        return (
+            f"{self.SIGNAL} at most {min(self.restore_z, self.threshold):g}, a rise of the winner's error the probe "
+            "cannot tell from zero"
+        )
 
     def count(self, in_a_row: int, unhealthy: bool) -> tuple[int, bool]:
         """``(n_t, fired)``: the unhealthy probes in a row after a probe (``unhealthy``: its verdict) that followed
@@ -130,11 +158,34 @@ def probe_alarm(args: Any) -> ProbeAlarmRule:
     return ProbeAlarmRule(patience=args.probe_alarm_patience, threshold=args.probe_alarm_z)
 
 
+def restore_point_note(step: int, z: float | None, rule: ProbeAlarmRule) -> str:
+    """How healthy a restore point was, in words, for the records: step ``step`` (0: the start) and its probe's
+    ``probe/winner_rise_z`` ``z`` (``None``: not on record), against ``rule``'s restore criterion; a point that fails
+    it is called unhealthy."""
+    if step == 0:
+        return f"the start of training: no probe before had {rule.describe_restore()}"
+    if z is None:
+        return "its probe reading is not on record, so whether it was healthy is unknown"
+    if math.isnan(z):
+        return "its probe had no spread to measure, so it could not tell a rise from zero"
+    if rule.restorable({rule.SIGNAL: z}, step):
+        return f"{rule.SIGNAL} {z:.2f} there, a rise the probe cannot tell from zero"
+    bound = min(rule.restore_z, rule.threshold)
+    return f"an unhealthy point: its {rule.SIGNAL} {z:.2f} is above the restore criterion's {bound:g}"
+
+
+def _reading(metrics: Mapping[str, float]) -> float:
+    """A probe's ``probe/winner_rise_z`` as the records keep it (``nan`` where it has none)."""
+    return float(metrics.get(ProbeAlarmRule.SIGNAL, math.nan))
+
+
 class ProbeAlarm:
     """The probe's alarm in a run that does not rewind: it counts the unhealthy probes in a row
     (:class:`ProbeAlarmRule`) and, when the alarm fires, hands it to the run's pathology action
     (``action.probe_alarm``: :meth:`~.guards.PathologyAction.probe_alarm`) with the step a rewind would have
-    restored (the last probe it called healthy; 0 before the first). It then counts afresh.
+    restored (the last restore point, :meth:`ProbeAlarmRule.restorable`; 0, the start, before the first). It then
+    counts afresh. Each firing is kept with that step, its reading and what the action did (:meth:`lines`: the model
+    card's and the end-of-run summary's record).
 
     Args:
         rule: the alarm's rule.
@@ -144,29 +195,58 @@ class ProbeAlarm:
     def __init__(self, rule: ProbeAlarmRule, action: Any) -> None:
         self.rule, self.action = rule, action
         self.healthy_step = 0
+        self.healthy_z: float | None = None  # the restore point's reading (none at the start)
         self.unhealthy_in_a_row = 0
         self.fired: list[int] = []
+        self.acts: list[list[Any]] = []  # per firing: [step a rewind would restore, its reading, what was done]
 
     def read(self, metrics: Mapping[str, float], step: int, control: Any) -> dict[str, float]:
         """The alarm on the probe of step ``step``; what the training log adds (``health/probe_alarm``: 1 at a
         probe where the alarm fired, else 0)."""
         unhealthy = self.rule.unhealthy(metrics, step)
         self.unhealthy_in_a_row, fires = self.rule.count(self.unhealthy_in_a_row, unhealthy)
-        if not unhealthy:
-            self.healthy_step = step
+        if self.rule.restorable(metrics, step):
+            self.healthy_step, self.healthy_z = step, _reading(metrics)
         if not fires:
             return {"health/probe_alarm": 0.0}
         self.fired.append(step)
-        self.action.probe_alarm(step, control, self.rule.describe(), self.healthy_step)
+        done = self.action.probe_alarm(step, control, self.rule.describe(), self.healthy_step)
+        self.acts.append([self.healthy_step, self.healthy_z, done or ""])
         return {"health/probe_alarm": 1.0}
 
+    def lines(self) -> list[str]:
+        """One sentence per firing, or one saying that the alarm never fired."""
+        if not self.fired:
+            return [
+                f"The held-out probe's alarm ({self.rule.describe()}) never fired "
+                f"(on_pathology={self.action.action!r})."
+            ]
+        acts = self.acts if len(self.acts) == len(self.fired) else [[None, None, ""]] * len(self.fired)
+        lines = []
+        for step, (restore, z, done) in zip(self.fired, acts, strict=True):
+            text = f"Step {step}: the held-out probe's alarm fired ({self.rule.describe()})"
+            text += f"; {done}" if done else ""
+            if restore is not None:
+                note = restore_point_note(restore, z, self.rule)
+                text += f"; on_pathology='rewind' would have gone back to step {restore}'s weights ({note})"
+            lines.append(text + ".")
+        return lines
+
     def state(self) -> dict[str, Any]:
-        return {"healthy_step": self.healthy_step, "unhealthy_in_a_row": self.unhealthy_in_a_row, "fired": self.fired}
+        return {
+            "healthy_step": self.healthy_step,
+            "healthy_z": self.healthy_z,
+            "unhealthy_in_a_row": self.unhealthy_in_a_row,
+            "fired": self.fired,
+            "acts": self.acts,
+        }
 
     def restore(self, saved: Mapping[str, Any]) -> None:
         """A resumed run's alarm: the checkpoint's (:meth:`state`)."""
         self.healthy_step, self.unhealthy_in_a_row = saved["healthy_step"], saved["unhealthy_in_a_row"]
+        self.healthy_z = saved.get("healthy_z")
         self.fired = list(saved["fired"])
+        self.acts = [list(act) for act in saved.get("acts", [])]
 
 
 @dataclass(frozen=True)
@@ -395,24 +475,30 @@ def _read(
 @dataclass(frozen=True)
 class RewindRecord:
     """What a run's rewind did: each rewind as ``(step fired, step restored)``, in order; with the switch to the
-    safeguard, the step it was switched on after (the first rewind's) and its fields. Read by the model card and the
-    end-of-run summary (:meth:`lines`)."""
+    safeguard, the step it was switched on after (the first rewind's) and its fields; ``restored_z``: each restored
+    step's ``probe/winner_rise_z`` (``None``: the start, or not on record) and ``rule`` the alarm's, which judges them.
+    Read by the model card and the end-of-run summary (:meth:`lines`)."""
 
     rewinds: tuple[tuple[int, int], ...]
     switched_at: int | None = None
     switch_to: Mapping[str, Any] = field(default_factory=dict)
+    restored_z: tuple[float | None, ...] = ()
+    rule: ProbeAlarmRule | None = None
 
     def lines(self, last_step: int) -> list[str]:
         """One sentence per rewind (``last_step``: the run's step now), or one saying that none happened."""
         if not self.rewinds:
             return ["on_pathology='rewind': the held-out probe's alarm never fired, so no rewind happened."]
         settings = ", ".join(f"{k}={v!r}" for k, v in self.switch_to.items())
+        readings = self.restored_z if len(self.restored_z) == len(self.rewinds) else (None,) * len(self.rewinds)
         lines = []
-        for fired, restored in self.rewinds:
+        for (fired, restored), z in zip(self.rewinds, readings, strict=True):
             text = (
                 f"Step {fired}: the held-out probe's alarm fired (on_pathology='rewind') and the trainable weights "
                 f"and optimizer state went back to step {restored}'s"
             )
+            if self.rule is not None:
+                text += f" ({restore_point_note(restored, z, self.rule)})"
             if fired == self.switched_at:
                 steps = f"steps {fired + 1}-{last_step}" if last_step > fired else f"every step after step {fired}"
                 text += f"; {steps} trained with the safeguard on ({settings})."
@@ -441,9 +527,11 @@ class Rewind:
     ) -> None:
         self.rule, self.snapshot, self.switch = rule, snapshot, switch
         self.switch_to = dict(switch_to or {})
-        self.healthy_step = 0
+        self.healthy_step = 0  # the restore point: the snapshot's step (0: the start)
+        self.healthy_z: float | None = None  # its probe's reading (none at the start)
         self.unhealthy_in_a_row = 0
         self.rewinds: list[tuple[int, int]] = []  # (step fired, step restored)
+        self.restored_z: list[float | None] = []  # each restored step's reading
         self.safeguard_on = False
         self.resume_folder: str | None = None  # the snapshot of the checkpoint resumed from (load)
 
@@ -477,22 +565,27 @@ class Rewind:
         )
         beside = "".join(f", {c.name}" for c in self.snapshot.companions)
         return (
-            f"the alarm ({self.rule.describe()}) restores the last healthy step's weights, "
-            f"optimizer state{beside}, one snapshot ({elements:,} weights and their optimizer state{beside}) kept "
-            f"{self.snapshot.where()}; the learning-rate schedule goes on counting steps; {then}"
+            f"the alarm ({self.rule.describe()}) restores the weights, optimizer state{beside} of the last probe with "
+            f"{self.rule.describe_restore()} (else of the start), one snapshot ({elements:,} weights and their "
+            f"optimizer state{beside}) kept {self.snapshot.where()}; the learning-rate schedule goes on counting "
+            f"steps; {then}"
         )
 
     # ------------------------------------------------------------------ the run
 
-    def begin(self, args: Any, state: Any, optimizer: torch.optim.Optimizer) -> None:
-        """When training begins: the weights it starts from are the first healthy snapshot; a resumed run takes the
-        checkpoint's alarm state and snapshot instead."""
-        saved = state.stateful_callbacks.get("ProbeCallback", {}).get("attributes") if state.global_step else None
+    def begin(
+        self, args: Any, state: Any, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any] | None = None
+    ) -> None:
+        """When training begins: the weights it starts from are the first restore point; a resumed run takes the
+        checkpoint's alarm state (``saved``: :meth:`state` as the checkpoint holds it, which the probe's callback
+        reads under its own key) and snapshot instead."""
         if not saved:
             self.snapshot.take(optimizer)
             return
         self.healthy_step, self.unhealthy_in_a_row = saved["healthy_step"], saved["unhealthy_in_a_row"]
+        self.healthy_z = saved.get("healthy_z")
         self.rewinds = [tuple(pair) for pair in saved["rewinds"]]
+        self.restored_z = list(saved.get("restored_z", [None] * len(self.rewinds)))
         if saved["safeguard_on"] and self.switch is not None:
             self.switch()
             self.safeguard_on = True
@@ -501,18 +594,20 @@ class Rewind:
         self.snapshot.read(self.resume_folder)
 
     def read(self, metrics: Mapping[str, float], step: int, optimizer: torch.optim.Optimizer, control) -> dict:
-        """The alarm on the probe of step ``step``: a healthy probe's weights become the snapshot; ``patience``
-        unhealthy ones in a row rewind. Returns what the training log adds (``health/rewind_to`` at a rewind)."""
+        """The alarm on the probe of step ``step``: a restore point's weights (:meth:`ProbeAlarmRule.restorable`)
+        become the snapshot; ``patience`` unhealthy probes in a row rewind to the last one. Returns what the training
+        log adds: ``health/probe_alarm`` (1 where the alarm fired, else 0) at every probe, ``health/rewind_to`` and
+        ``health/rewinds`` at a rewind."""
         unhealthy = self.rule.unhealthy(metrics, step)
         self.unhealthy_in_a_row, fires = self.rule.count(self.unhealthy_in_a_row, unhealthy)
-        if not unhealthy:
-            self.healthy_step = step
+        if self.rule.restorable(metrics, step):
+            self.healthy_step, self.healthy_z = step, _reading(metrics)
             self.snapshot.take(optimizer)
-            return {}
         if not fires:
-            return {}
+            return {"health/probe_alarm": 0.0}
         self.snapshot.restore(optimizer)
         self.rewinds.append((step, self.healthy_step))
+        self.restored_z.append(self.healthy_z)
         stop = self.safeguard_on or self.switch is None
         if stop:
             control.should_training_stop = True
@@ -527,28 +622,35 @@ class Rewind:
             )
         logger.warning(
             "Step %d: on_pathology='rewind': %s; the trainable weights, the optimizer state%s are back at step %d "
-            "(the last probe the alarm called healthy; the learning-rate schedule goes on counting steps) and %s.",
+            "(%s; the learning-rate schedule goes on counting steps) and %s.",
             step,
             self.rule.describe(),
             "".join(f", {c.name}" for c in self.snapshot.companions),
             self.healthy_step,
+            restore_point_note(self.healthy_step, self.healthy_z, self.rule),
             then,
         )
-        return {"health/rewind_to": float(self.healthy_step), "health/rewinds": float(len(self.rewinds))}
+        return {
+            "health/probe_alarm": 1.0,
+            "health/rewind_to": float(self.healthy_step),
+            "health/rewinds": float(len(self.rewinds)),
+        }
 
     def record(self) -> RewindRecord:
         """What this run's rewind has done so far, the steps before a resume included (:meth:`begin` reads them
         back). The safeguard is only ever switched on at the first rewind (:meth:`read`)."""
         switched_at = self.rewinds[0][0] if self.safeguard_on and self.rewinds else None
-        return RewindRecord(tuple(self.rewinds), switched_at, dict(self.switch_to))
+        return RewindRecord(tuple(self.rewinds), switched_at, dict(self.switch_to), tuple(self.restored_z), self.rule)
 
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict[str, Any]:
         return {
             "healthy_step": self.healthy_step,
+            "healthy_z": self.healthy_z,
             "unhealthy_in_a_row": self.unhealthy_in_a_row,
             "rewinds": [list(pair) for pair in self.rewinds],
+            "restored_z": self.restored_z,
             "safeguard_on": self.safeguard_on,
             "snapshot": REWIND_FOLDER,  # inside the checkpoint
         }

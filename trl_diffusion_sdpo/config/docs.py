@@ -54,6 +54,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "on_pathology",
             "probe_steps",
             "probe_pairs",
+            "probe_pairs_seed",
             "probe_noise_draws",
             "probe_alarm_z",
             "probe_alarm_patience",

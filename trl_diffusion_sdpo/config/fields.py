@@ -202,7 +202,8 @@ class DiffusionSDPOConfig(TrainingArguments):
         "`health/safeguard_on`. `rewind` (with `probe_steps`): when the held-out probe's alarm fires "
         "(`probe_alarm_z`, `probe_alarm_patience`), put the "
         "trainable weights, the optimizer state, the EMA weights, the auto-beta, an automatic `safeguard_mu` and the "
-        "fp16 gradient scaler back to the last step the probe called healthy, logged as `health/rewind_to` (the "
+        "fp16 gradient scaler back to the last probe that could not tell the winner error's rise from zero (else the "
+        "start), logged as `health/rewind_to` (the "
         "learning-rate schedule goes on counting steps); then an offline Diffusion-DPO run "
         "(`safeguard_space='none'`) trains on with the safeguard `safeguard` switches to, and a run with a safeguard "
         "already on, an online run (which has no safeguard to switch to) or a second alarm stops with the healthy "
@@ -222,8 +223,15 @@ class DiffusionSDPOConfig(TrainingArguments):
     probe_pairs: int = option(
         4,
         "The probe's pairs: the first this many of the eval_dataset, or, without one, this many pairs held back from "
-        "the training data (the last rows; the first of a stream), as the start summary says; online, the pairs of "
-        "this many prompts taken so (a prompt whose samples score alike gives none). Shared out over the processes.",
+        "the training data (drawn at random with `probe_pairs_seed`, stratified by prompt where prompts repeat; the "
+        "first rows of a stream), as the start summary says; online, the pairs of this many prompts, the training "
+        "prompts' last (a stream's first), of which a prompt whose samples score alike gives none. Shared out over "
+        "the processes.",
+    )
+    probe_pairs_seed: int | None = option(
+        None,
+        "The seed that draws the probe's pairs held back from the training data (offline, without an eval_dataset; "
+        "each prompt contributes in proportion to its rows). `None`: the run's `seed`.",
     )
     probe_noise_draws: int = option(
         8,

@@ -75,6 +75,7 @@ FIELD_RULES: dict[str, Range | Choice] = {
     "probe_steps": Range(1, integer=True, optional=True, hint="None turns the held-out probe off."),
     "probe_pairs": Range(1, integer=True, hint="At least the number of processes."),
     "probe_noise_draws": Range(1, integer=True),
+    "probe_pairs_seed": Range(0, integer=True, optional=True, hint="None: the run's seed."),
     "probe_alarm_patience": Range(1, integer=True),
     # the data
     "resolution": Range(0, low_open=True, integer=True, hint="It must be a multiple of 8 (the VAE downsamples by 8)"),

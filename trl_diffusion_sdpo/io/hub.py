@@ -103,7 +103,7 @@ base_path %}the local pipeline {{ base_path }}{% else %}a local pipeline{% endif
 
 {{ method_description }}
 {% if events %}
-## Rewinds and safeguard switches
+## Alarms, warnings and rewinds
 
 {% for line in events %}- {{ line }}
 {% endfor %}{% endif %}
@@ -311,8 +311,9 @@ def build_model_card(
     to cite. ``denoiser`` is the trained network's
     pipeline name and class (``("transformer", "FluxTransformer2DModel")`` for FLUX); ``pipeline_loads_lora``: whether
     the pipeline has diffusers' ``load_lora_weights`` (else the usage loads the adapters into the denoiser);
-    ``trainer_name``: the trainer class that trained it; ``events``: what the run's alarms did (each rewind and
-    each switch of the safeguard, :func:`~.run_events.run_events`), a section of its own."""
+    ``trainer_name``: the trainer class that trained it; ``events``: what the run's warnings and alarms said and did
+    (the start's warnings, each alarm, each rewind and each switch of the safeguard, :func:`~.run_events.run_events`),
+    a section of its own."""
     base_path = local_base_label(base_model)
     local_base = base_model if base_path else None  # what from_pretrained loads on this machine
     base_model = hub_base_model(base_model)

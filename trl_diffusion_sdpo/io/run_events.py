@@ -1,26 +1,39 @@
-"""What a run's alarms did, one sentence each, for its model card (:mod:`.hub`) and its end-of-run summary
-(:class:`~.run_summary.StartSummary`): each rewind of ``on_pathology="rewind"`` and the switch of the safeguard,
-read from where the alarms keep them (the rewind's :meth:`~trl_diffusion_sdpo.callbacks.rewind.Rewind.record`, the
-pathology action's ``switched_at``), which a checkpoint saves and a resumed run reads back.
+"""What a run's alarms and warnings did, one sentence each, for its model card (:mod:`.hub`) and its end-of-run
+summary (:class:`~.run_summary.StartSummary`): the start summary's warnings, the training logs' pathology alarm,
+every firing of the held-out probe's alarm with what ``on_pathology`` did there, each rewind of
+``on_pathology="rewind"`` with the step it restored and how healthy that step's probe read, the switch of the
+safeguard and the escalations of ``mu``. Each is read from where it is kept: the start summary's warnings from the
+start summary (computed afresh when a resumed run starts), the training logs' alarm from ``state.log_history``, the
+probe's alarm and the rewind from their states (:meth:`~trl_diffusion_sdpo.callbacks.rewind.ProbeAlarm.lines`,
+:meth:`~trl_diffusion_sdpo.callbacks.rewind.Rewind.record`) and the switch from the pathology action's, all of which
+a checkpoint saves and a resumed run reads back.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..callbacks.health import describe
+
 __all__ = ["run_events"]
+
+#: the training log's verdict of the training logs' pathology alarm (:class:`~..callbacks.health.WinnerHealth`)
+_FLAG = "health/winner_pathology"
 
 
 def run_events(trainer: Any) -> list[str]:
-    """What the run's alarms have done up to its current step, one sentence each: every rewind of
-    ``on_pathology="rewind"`` (:meth:`~trl_diffusion_sdpo.callbacks.rewind.Rewind.record`, the steps before a resume
-    included) and the switch of ``on_pathology="safeguard"``; a sentence saying that none happened where the run has
-    such an alarm; nothing where it has none."""
+    """What the run's alarms and warnings have done up to its current step, one sentence each (module docstring);
+    a sentence saying that an alarm never fired where the run has one that acts (the probe's, the rewind, the
+    switch); nothing where nothing was warned and no such alarm runs."""
     step = trainer.state.global_step
+    lines = [f"At the start: {warning}" for warning in _start_warnings(trainer)]
+    lines += _training_log_alarm(trainer)
     probe = getattr(trainer, "probe", None)
-    rewind = None if probe is None else probe.rewind
-    lines = [] if rewind is None else rewind.record().lines(step)
-    action = getattr(getattr(trainer, "guards", None), "action", None)  # on_pathology's, on the training logs
+    if probe is not None and probe.rewind is not None:
+        lines += probe.rewind.record().lines(step)
+    elif probe is not None and probe.alarm is not None:
+        lines += probe.alarm.lines()
+    action = getattr(getattr(trainer, "guards", None), "action", None)  # on_pathology's
     if action is not None and action.action == "safeguard" and action.switch is not None:
         settings = ", ".join(f"{k}={v!r}" for k, v in action.switch_to.items())
         switched = action.switched_at
@@ -28,8 +41,41 @@ def run_events(trainer: Any) -> list[str]:
             lines.append("on_pathology='safeguard': the pathology alarm never fired, so the safeguard stayed off.")
         else:
             steps = f"steps {switched + 1}-{step}" if step > switched else f"every step after step {switched}"
+            by = action.switched_by or "the training logs' pathology alarm"
             lines.append(
-                f"Step {switched}: the training logs' pathology alarm fired (on_pathology='safeguard'); {steps} "
-                f"trained with the safeguard on ({settings})."
+                f"Step {switched}: {by} fired (on_pathology='safeguard'); {steps} trained with the safeguard on "
+                f"({settings})."
             )
+    if action is not None and action.escalations:
+        mu = action.margin.current() if action.margin is not None else None
+        to = f", to {float(mu):g}" if mu is not None else ""
+        lines.append(f"on_pathology='escalate' raised safeguard_mu {action.escalations} time(s) in all{to}.")
     return lines
+
+
+def _start_warnings(trainer: Any) -> list[str]:
+    """The warnings the start summary logged (:class:`~.run_summary.StartSummary`, found by its ``run_record``)."""
+    for callback in trainer.callback_handler.callbacks:
+        if getattr(callback, "run_record", None) == "start":
+            return list(callback.warnings)
+    return []
+
+
+def _training_log_alarm(trainer: Any) -> list[str]:
+    """The training logs' pathology alarm (``health/winner_pathology``, which every training log with
+    ``delta/winner`` carries): where it first fired and warned, and how often it fired in all."""
+    flagged = [int(entry["step"]) for entry in trainer.state.log_history if entry.get(_FLAG) == 1.0]
+    if not flagged:
+        return []
+    health = getattr(trainer, "health", None)
+    rule = f": {describe(health.rule)}" if health is not None else ""
+    text = (
+        f"Step {flagged[0]}: the training logs' pathology alarm fired ({_FLAG}{rule}) and a warning named the "
+        "remedies not in use"
+    )
+    action = getattr(getattr(trainer, "guards", None), "action", None)
+    if action is not None and action.action == "stop":
+        text += "; on_pathology='stop' saved a checkpoint and stopped training there"
+    if len(flagged) > 1:
+        text += f"; it flagged {len(flagged)} training logs in all, the last at step {flagged[-1]}"
+    return [text + "."]

@@ -5,8 +5,8 @@ for the machine with its reason; and a warning for each setting that quietly def
 the run, a learning rate outside the range the docs recommend for the family).
 
 :class:`StartSummary` is a ``TrainerCallback``: at ``on_train_begin`` the step count is known (``state.max_steps``).
-When training ends it logs what the run's alarms did (:func:`.run_events.run_events`: each rewind and each switch of
-the safeguard), which the model card records too.
+When training ends it logs what the run's warnings and alarms said and did (:func:`.run_events.run_events`: the start's
+warnings, each alarm, each rewind and each switch of the safeguard), which the model card records too.
 """
 
 from __future__ import annotations
@@ -164,10 +164,15 @@ def start_warnings(given: Any, effective: Any, family: Any, lora: bool, max_step
 
 class StartSummary(TrainerCallback):
     """Logs :func:`start_summary` (INFO) and each of :func:`start_warnings` (WARNING) when training starts, and
-    :func:`.run_events.run_events` (INFO) when it ends, on the main process."""
+    :func:`.run_events.run_events` (INFO) when it ends, on the main process. The warnings it logged are kept
+    (:attr:`warnings`) for the run's record, which :func:`.run_events.run_events` finds by its ``run_record``."""
+
+    #: what :func:`.run_events.run_events` looks for among the trainer's callbacks
+    run_record = "start"
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
+        self.warnings: list[str] = []  # the start's warnings, as logged
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -179,13 +184,13 @@ class StartSummary(TrainerCallback):
         summary = start_summary(given, args, trainer.family.name, lora, trainer.engine, max_steps, defaults, report)
         probe = getattr(trainer, "probe", None)  # probe_steps: the held-out pairs and the rewind
         logger.info(summary if probe is None else f"{summary}\n  {probe.summary()}")
-        for message in start_warnings(given, args, trainer.family, lora, max_steps):
+        self.warnings = start_warnings(given, args, trainer.family, lora, max_steps)
+        for message in self.warnings:
             logger.warning(message)
 
     def on_train_end(self, args, state, control, **kwargs):
-        # Only the alarms that rewind or switch have acts to record.
-        if not state.is_world_process_zero or args.on_pathology not in ("rewind", "safeguard"):
+        if not state.is_world_process_zero:
             return
-        events = run_events(self.trainer)
+        events = run_events(self.trainer)  # every warning and alarm, and what the alarms did
         if events:
             logger.info("Training ended at step %d. %s", state.global_step, " ".join(events))
