@@ -5,7 +5,8 @@
 - A sentence that names a file of timed commands (``steps``, each a ``command`` with its ``wall_s``) names only
   commands the file times, and names the demo or the Python example only if the file times them.
 - No page gives a duration in words alone ("a few minutes"): a duration is a figure with its file, or "not measured".
-- The README states the demo's time as the demo's own record of it.
+- The README and the demo's page state the demo's wall time cold and warm, with the machine and its load, as its
+  timed runs' file records them.
 
 ``tests/docs/test_docs.py`` checks that each such section names a file at all, and ``test_results_files.py`` that
 the named files exist; these read what is in them."""
@@ -24,7 +25,6 @@ from tests.helpers.docs_pages import RESULT_FILE, _expand, result_folders
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-DEMO_RECORD = ROOT / "docs" / "images" / "demo_summary.json"
 DURATION = re.compile(r"(?<![\w.-])(\d[\d,]*(?:\.\d+)?) ?(ms|s|min|minutes|h|hours)(?!\w)")
 SECONDS = {"ms": 1e-3, "s": 1.0, "min": 60.0, "minutes": 60.0, "h": 3600.0, "hours": 3600.0}
 # A duration in words only, in prose or in a command's comment.
@@ -70,15 +70,16 @@ def holds(quoted: str, unit: str, figures: list[float]) -> bool:
     return any(abs(f - wanted) <= half or abs(f / SECONDS[unit] - wanted) <= half for f in figures)
 
 
-def citing_units(text: str) -> Iterator[tuple[str, list[Path]]]:
-    """Each sentence or table row of prose (code blocks left out, inline code kept) with the result files it names."""
+def citing_units(text: str, every: bool = False) -> Iterator[tuple[str, list[Path]]]:
+    """Each sentence or table row of prose (code blocks left out, inline code kept) with the result files it names;
+    ``every``: those that name none too."""
     prose = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)  # commands, not claims
     for paragraph in re.split(r"\n\s*\n|^#+ ", prose, flags=re.MULTILINE):
         for row in paragraph.split("\n|"):
             for sentence in re.split(r"(?<=[.;])\s+(?=[A-Z(`\[])", row):
                 named = [result_path(n) for found in RESULT_FILE.findall(sentence) for n in _expand(found)]
                 files = sorted({path for path in named if path is not None})
-                if files:
+                if files or every:
                     yield " ".join(sentence.split()), files
 
 
@@ -134,14 +135,62 @@ def test_no_page_gives_a_duration_in_words_alone(page: Path) -> None:
     assert found == [], f"{page.relative_to(ROOT)}: give the measured figure with its file, or 'not measured'"
 
 
-def test_the_readme_states_the_demos_time_from_the_demos_record() -> None:
-    total = json.loads(DEMO_RECORD.read_text())["timings"]["total_seconds"]
-    readme = (ROOT / "README.md").read_text()
-    quoted = [
-        (q, unit) for s, files in citing_units(readme) if DEMO_RECORD in files for q, unit in DURATION.findall(s)
+# The demo's wall time, cold and warm: benchmarks/smoke/demo_time.py's record
+DEMO_TIME = ROOT / "benchmarks" / "results" / "demo" / "cpu-demo-time.json"
+DEMO_RUN = re.compile(r"(\d[\d,]*) s (cold|warm)\b")
+
+
+def demo_time_claims(text: str) -> list[tuple[str, float, str, list[Path]]]:
+    """Each "N s cold" / "N s warm" a text gives: the run, the seconds, its sentence and the files it names."""
+    return [
+        (run, float(seconds.replace(",", "")), sentence, files)
+        for sentence, files in citing_units(text, every=True)
+        for seconds, run in DEMO_RUN.findall(sentence)
     ]
-    quoted = [q for q, unit in quoted if holds(q, unit, [total])]
-    assert quoted, f"the README quotes the demo's {total:.0f} s nowhere beside {DEMO_RECORD.relative_to(ROOT)}"
+
+
+def wrong_demo_times(text: str, record: dict) -> list[str]:
+    """What a text says of the demo's time cold or warm that its record does not hold: seconds other than the run's
+    wall time, a sentence that does not name the record, or one without the machine's cores and the load while each
+    run ran (the median of the 1-minute load average)."""
+    steps = {step["step"]: step for step in record["steps"]}
+    loads = [f"{step['load_1min_during']['median']:g}" for step in record["steps"]]
+    wrong = []
+    for run, seconds, sentence, files in demo_time_claims(text):
+        if DEMO_TIME not in files:
+            wrong.append(f"{seconds:g} s {run}: names no {DEMO_TIME.name}")
+        elif round(steps[run]["wall_s"]) != seconds:
+            wrong.append(f"{seconds:g} s {run}: the {run} run took {steps[run]['wall_s']} s")
+        elif f"{record['machine']['cpu_cores']}-core" not in sentence or not all(x in sentence for x in loads):
+            wrong.append(f"{seconds:g} s {run}: the machine's cores or the load {loads} are not stated")
+    return wrong
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", ROOT / "docs" / "demo.md"], ids=["README.md", "docs/demo.md"])
+def test_the_demos_time_is_stated_cold_and_warm_from_its_timed_runs(page: Path) -> None:
+    record = json.loads(DEMO_TIME.read_text())
+    text = page.read_text()
+    assert {run for run, *_ in demo_time_claims(text)} == {"cold", "warm"}, "state the demo's time cold and warm"
+    assert wrong_demo_times(text, record) == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_no_page_states_another_demo_time(page: Path) -> None:
+    assert wrong_demo_times(page.read_text(), json.loads(DEMO_TIME.read_text())) == []
+
+
+def test_the_demo_time_check_finds_a_wrong_figure_and_an_unstated_load() -> None:
+    record = json.loads(DEMO_TIME.read_text())
+    cold, warm = (step for step in record["steps"])
+    cores, loads = record["machine"]["cpu_cores"], [f"{s['load_1min_during']['median']:g}" for s in (cold, warm)]
+    right = (
+        f"On a {cores}-core CPU (load {loads[0]} and {loads[1]}) it took {round(cold['wall_s'])} s cold and "
+        f"{round(warm['wall_s'])} s warm (`{DEMO_TIME.relative_to(ROOT)}`)."
+    )
+    assert wrong_demo_times(right, record) == []
+    assert wrong_demo_times(right.replace(f"{round(cold['wall_s'])} s cold", "143 s cold"), record) != []
+    assert wrong_demo_times(right.replace(f" (load {loads[0]} and {loads[1]})", ""), record) != []
+    assert wrong_demo_times(right.replace(f" (`{DEMO_TIME.relative_to(ROOT)}`)", ""), record) != []
 
 
 FIRST_HOUR = "benchmarks/results/cli/cpu-first-hour-fresh-clone-idle.json"
