@@ -273,7 +273,9 @@ def test_bf16_autocast_runs_and_keeps_float32_gradients(make_trainer):
     ],
     ids=["dspo-sd15", "dspo-sdxl", "dmpo", "mapo"],
 )
-@pytest.mark.parametrize("space", ["output", "parameter"])
+# The output space in the slow tier; by default: test_objectives.py's test_the_safeguard_scales_exactly_the_loser_...
+# (its lambda on each objective's loser error) and test_step_reference.py's unet-epsilon-output-full (the step)
+@pytest.mark.parametrize("space", [pytest.param("output", marks=pytest.mark.slow), "parameter"])
 def test_every_pairwise_objective_trains_under_both_safeguard_spaces(make_trainer, loss_type, overrides, space):
     trainer = make_trainer(lora=True, loss_type=loss_type, safeguard_space=space, max_steps=2, **overrides)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_A" in k}
