@@ -139,7 +139,9 @@ def test_the_held_out_prompts_are_never_sampled_for_training_and_their_pairs_are
     assert seen and set(seen) <= set(PROMPTS[:-HELD])
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora-in-memory", "full-on-disk"])
+@pytest.mark.parametrize(  # the snapshot on disk by default: test_probe.py's test_a_rewind_restores_the_last_...
+    "lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora-in-memory", "full-on-disk"]
+)
 def test_an_online_rewind_restores_the_healthy_steps_weights_and_optimizer_state_then_stops(tmp_path, lora):
     recorder = Recorder()
     trainer = online_trainer(
