@@ -239,8 +239,12 @@ FAST = [
 ]
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-@pytest.mark.parametrize("use_peft", [True, False], ids=["lora", "full"])
+# SDXL's full tuning in the slow tier; by default: full-sd (the whole pipeline saved) and lora-sdxl (SDXL's run)
+@pytest.mark.parametrize(
+    ("family", "use_peft"),
+    [("sd", True), ("sdxl", True), ("sd", False), pytest.param("sdxl", False, marks=pytest.mark.slow)],
+    ids=["lora-sd", "lora-sdxl", "full-sd", "full-sdxl"],
+)
 def test_train_command_trains_and_saves_from_local_folders(tmp_path: Path, family, use_peft) -> None:
     """``trl-diffusion-sdpo train`` (main(argv)) from a saved tiny pipeline and a saved dataset, per family."""
     pipe_dir = tmp_path / "pipe"
@@ -300,6 +304,7 @@ def test_resume_flag_is_read_as_users_write_it(value, expected) -> None:
     assert config.resume_from_checkpoint == expected
 
 
+@pytest.mark.slow  # by default: test_resume_flag_is_read_as_users_write_it and test_checkpoints.py's resume=True
 def test_train_command_resumes_from_the_newest_checkpoint_with_resume_true(local_pipeline_and_data, tmp_path) -> None:
     pipe_dir, data_dir = local_pipeline_and_data
     out = tmp_path / "out"
