@@ -452,9 +452,11 @@ def test_nonfinite_loss_with_raise_stops_with_runtime_error_after_a_checkpoint(m
 # ----------------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize(  # full tuning's resume by default: test_checkpoint_parts.py's full-tuning rewind resume
-    "lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"]
-)
+# By default: LoRA's bit-exact resume in test_checkpoints.py's test_a_run_killed_during_a_save_resumes_... and
+# test_preemption.py's SIGTERM test, the resumed loss in test_resume_config.py's test_a_resumed_runs_train_loss_...,
+# full tuning's in test_checkpoint_parts.py's full-tuning rewind resume
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(
     make_pipeline, make_config, pickapic_dataset, tmp_path, lora
 ):
