@@ -60,7 +60,9 @@ def test_a_logging_step_reads_its_metrics_back(make_trainer):
     assert step_host_reads(make_trainer, logging_steps=1) > NON_LOGGING_LIMIT
 
 
-@pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted"])
+@pytest.mark.parametrize(  # the clean run by default: test_a_non_logging_step_reads_nothing_back (the same run)
+    "planted", [pytest.param(False, marks=pytest.mark.slow), True], ids=["clean", "planted"]
+)
 def test_a_per_step_item_is_caught(make_trainer, planted):
     """Planted: the loss read with ``.item()`` in every step."""
     reads = step_host_reads(make_trainer, logging_steps=1000, planted=planted)

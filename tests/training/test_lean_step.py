@@ -50,7 +50,12 @@ class _HostReadRecorder(TrainerCallback):
         return [c for c in self.callers if not any(f in c.split(" in ")[1] for f in _HOST_DATA_FILES)]
 
 
-@pytest.mark.parametrize(("lora", "cache_latents"), [(True, False), (False, True)])
+# Full tuning from cached latents in the slow tier; by default: test_host_syncs.py's test_a_non_logging_step_reads_...
+# (full tuning from cached latents: a non-logging step's host reads, counted by the profiler)
+SLOW_FULL_CACHED = pytest.param(False, True, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize(("lora", "cache_latents"), [(True, False), SLOW_FULL_CACHED])
 def test_no_host_reads_of_device_tensors_between_logging_steps(
     make_trainer, monkeypatch, tmp_path, lora, cache_latents
 ):
