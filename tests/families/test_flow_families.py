@@ -311,7 +311,9 @@ def test_full_tuning_keeps_a_frozen_reference_and_saves_a_loadable_transformer(
     assert "fine-tuned from" in card and "UNet" not in card.split("## Usage")[0]
 
 
-@pytest.mark.parametrize("space", ["output", "parameter"])
+# the output space by default: the parameter case computes the output rule's lambda on the family's predictions too
+# (log_output_lambda), and test_step_reference.py's unet-epsilon-output-full checks the output space's step
+@pytest.mark.parametrize("space", [pytest.param("output", marks=pytest.mark.slow), "parameter"])
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_both_safeguard_spaces_train_and_log_lambda(make_flow, make_config, flow_pairs, kind, space) -> None:
     trainer = DiffusionSDPOTrainer(

@@ -149,7 +149,9 @@ def test_lora_training_moves_only_the_adapters_and_starts_at_log_2(make_wan, mak
     assert all(torch.equal(p, encoder[n]) for n, p in pipe.text_encoder.named_parameters())
 
 
-@pytest.mark.parametrize("space", ["output", "parameter"])
+# the output space by default: the parameter case computes the output rule's lambda on the family's predictions too
+# (log_output_lambda), and test_step_reference.py's unet-epsilon-output-full checks the output space's step
+@pytest.mark.parametrize("space", [pytest.param("output", marks=pytest.mark.slow), "parameter"])
 def test_both_safeguard_spaces_train_and_log_lambda(make_wan, make_config, video_pairs, space) -> None:
     trainer = DiffusionSDPOTrainer(
         make_wan(),

@@ -351,7 +351,9 @@ class FlowFamilyTrainingChecks:
             self.case, tmp_path / "tiny", make_config, pairs, tmp_path / "full-out"
         )
 
-    @pytest.mark.parametrize("space", ["output", "parameter"])
+    # the output space by default: the parameter case computes the output rule's lambda on the family's predictions
+    # too (log_output_lambda), and test_step_reference.py's unet-epsilon-output-full checks the output space's step
+    @pytest.mark.parametrize("space", [pytest.param("output", marks=pytest.mark.slow), "parameter"])
     def test_both_safeguard_spaces_train_and_log_lambda(self, make_pipe, make_config, pairs, space) -> None:
         check_safeguard_space(self.case, make_pipe(), make_config, pairs, space)
 
