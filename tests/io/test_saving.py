@@ -57,6 +57,7 @@ def test_lora_save_model_is_loaded_by_a_fresh_pipeline_with_load_lora_weights(ma
     torch.testing.assert_close(unet_output(fresh.unet, inputs), trained, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # by default: test_full_save_model_writes_a_whole_pipeline_... (its unet folder loaded back)
 def test_full_save_model_writes_a_unet_folder_that_from_pretrained_loads(make_pipeline, make_trainer, tmp_path):
     pipe = make_pipeline(seed=0)
     trainer = make_trainer(pipeline=pipe, lora=False, output_dir=str(tmp_path / "full"))
@@ -70,7 +71,9 @@ def test_full_save_model_writes_a_unet_folder_that_from_pretrained_loads(make_pi
     torch.testing.assert_close(unet_output(loaded, inputs), unet_output(pipe.unet, inputs), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize(  # full tuning's folder by default: test_full_save_model_writes_a_whole_pipeline_...
+    "lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"]
+)
 def test_output_dir_holds_safetensors_and_json_but_no_pickles(make_trainer, tmp_path, lora):
     trainer = make_trainer(lora=lora, max_steps=1, output_dir=str(tmp_path / "out"))
     trainer.train()
