@@ -239,6 +239,9 @@ def test_gradient_accumulation_divides_each_micro_batch_like_transformers(make_t
         torch.testing.assert_close(four * 4, one, rtol=1e-5, atol=1e-9)
 
 
+# By default: test_step_reference.py's unet-epsilon-parameter-lora (the adapters and the frozen base against the
+# loop) and test_flow_families.py's test_both_safeguard_spaces_train_and_log_lambda[parameter] (both lambdas logged)
+@pytest.mark.slow
 def test_parameter_space_training_changes_only_trainable_weights_and_logs_both_lambdas(make_trainer):
     trainer = make_trainer(lora=True, safeguard_space="parameter", max_steps=3)
     trainer.safeguard.log_output_lambda(trainer.args)
