@@ -226,8 +226,21 @@ def _run_with_draws(make_trainer, seed: int) -> dict[str, list[torch.Tensor]]:
     return draws
 
 
-def test_keyed_draws_change_from_step_to_step(make_trainer):
-    draws = _run_with_draws(make_trainer, seed=0)
+@pytest.fixture(scope="module")
+def seed_0_draws() -> dict[str, dict[str, list[torch.Tensor]]]:
+    """The draws of the seed-0 run (:func:`_run_with_draws`), made once per module by the first test that asks (the
+    test that reproduces them makes its second seed-0 run apart)."""
+    return {}
+
+
+def _seed_0_draws(seed_0_draws: dict, make_trainer) -> dict[str, list[torch.Tensor]]:
+    if "run" not in seed_0_draws:
+        seed_0_draws["run"] = _run_with_draws(make_trainer, seed=0)
+    return seed_0_draws["run"]
+
+
+def test_keyed_draws_change_from_step_to_step(make_trainer, seed_0_draws):
+    draws = _seed_0_draws(seed_0_draws, make_trainer)
     # Timesteps: fresh per step (10 values from [990, 1000) per pair).
     for a in range(STEPS):
         for b in range(a + 1, STEPS):
@@ -242,8 +255,9 @@ def test_keyed_draws_change_from_step_to_step(make_trainer):
         assert (draws["sample"][a] - draws["sample"][a + 1]).std() > 0.7, f"steps {a} and {a + 1}: same noise"
 
 
-def test_keyed_draws_are_reproduced_by_the_same_seed_and_changed_by_another(make_trainer):
-    first, second, other = (_run_with_draws(make_trainer, seed=s) for s in (0, 0, 1))
+def test_keyed_draws_are_reproduced_by_the_same_seed_and_changed_by_another(make_trainer, seed_0_draws):
+    first = _seed_0_draws(seed_0_draws, make_trainer)
+    second, other = (_run_with_draws(make_trainer, seed=s) for s in (0, 1))  # a second seed-0 run of its own
     for name in first:
         for a, b in zip(first[name], second[name]):
             assert torch.equal(a, b), f"{name}: the same seed drew differently"
