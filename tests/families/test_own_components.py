@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from trl_diffusion_sdpo.families.loading import import_own_components
 from trl_diffusion_sdpo.testing import build_tiny_qwen_image21_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,15 +43,16 @@ def test_a_folder_naming_the_packages_own_component_loads_in_a_fresh_process(sav
     assert done.stdout.strip().splitlines()[-1] == "QwenImage21Pipeline"
 
 
-def test_another_library_a_folder_names_is_not_imported(saved, tmp_path):
+def test_another_library_a_folder_names_is_not_imported(saved, tmp_path, monkeypatch):
+    """In this process: the planted module is importable (its folder on the path) and imported by no test before."""
     (tmp_path / "planted_component.py").write_text("open(__file__ + '.imported', 'w').close()\n")
     folder = tmp_path / "p"
     folder.mkdir()
     index = json.loads((saved / "model_index.json").read_text())
     index["extra"] = ["planted_component", "Anything"]
     (folder / "model_index.json").write_text(json.dumps(index))
-    code = "from trl_diffusion_sdpo.families.loading import import_own_components\n"
-    code += f"import_own_components({str(folder)!r})"
-    done = _fresh(code, tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "planted_component" not in sys.modules
+    import_own_components(folder)
+    assert "planted_component" not in sys.modules
     assert not (tmp_path / "planted_component.py.imported").exists()
