@@ -322,6 +322,9 @@ def test_evaluate_on_edits_hands_each_image_its_source_and_caches_per_source(tmp
     assert count_calls["calls"] == 0 and again.generated == {"base": 0} and again.scores == result.scores
 
 
+# By default: test_evaluate_on_edits_hands_each_image_its_source_... (a JSONL of edits read into scores.csv) and
+# test_evaluation.py's test_cli_evaluate_end_to_end (the command's --prompts file reaches evaluate)
+@pytest.mark.slow
 def test_cli_evaluate_reads_a_jsonl_of_edits(tmp_path, kontext_dir, sources, capsys):
     path = write_jsonl(tmp_path / "edits.jsonl", [{"prompt": "make it blue", "source_image": "src/red.png"}])
     code = main(["evaluate", "--base", kontext_dir, "--prompts", path, "--scorer", "test-closeness", "--output-dir",
