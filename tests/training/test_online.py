@@ -369,8 +369,11 @@ def test_every_text_to_image_family_trains_online_on_its_own_samples(tmp_path, f
     assert any(not torch.equal(value, before[name]) for name, value in lora_weights(trainer).items())
 
 
-def test_num_iterations_trains_one_generation_for_several_optimizer_steps(tmp_path):
-    trainer = make_trainer(tmp_path, num_iterations=2, max_steps=4)
+@pytest.fixture(scope="module")
+def two_iterations(tmp_path_factory) -> tuple[OnlineDiffusionSDPOTrainer, list]:
+    """The 4-step run with ``num_iterations=2``, trained once per module (the resume test below compares with it),
+    and the generation and prompts each sampling started."""
+    trainer = make_trainer(tmp_path_factory.mktemp("two-iterations"), num_iterations=2, max_steps=4)
     stage, calls = trainer.generation, []
 
     class CountingStage:
@@ -385,6 +388,11 @@ def test_num_iterations_trains_one_generation_for_several_optimizer_steps(tmp_pa
 
     trainer.generation = CountingStage()
     trainer.train()
+    return trainer, calls
+
+
+def test_num_iterations_trains_one_generation_for_several_optimizer_steps(two_iterations):
+    _, calls = two_iterations
     assert [g for g, _ in calls] == [0, 1]  # steps 0-1 train generation 0, steps 2-3 generation 1
     assert calls[0][1] != calls[1][1]  # each generation samples the next prompts
 
@@ -458,11 +466,10 @@ def test_resuming_from_a_checkpoint_samples_and_trains_as_the_uninterrupted_run(
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
 
 
-def test_a_resume_inside_a_num_iterations_window_trains_on_the_generation_it_had(tmp_path):
+def test_a_resume_inside_a_num_iterations_window_trains_on_the_generation_it_had(tmp_path, two_iterations):
     """num_iterations=2: checkpoint-1 is saved inside window 0. Resumed from it, the run reads window 0's pairs from
     the checkpoint (the stage samples window 1 only) and ends with the uninterrupted run's weights and metrics."""
-    whole = make_trainer(tmp_path / "a", max_steps=4, num_iterations=2)
-    whole.train()
+    whole, _ = two_iterations
     first = make_trainer(tmp_path / "b", max_steps=4, num_iterations=2, save_strategy="steps", save_steps=1)
     first.train()
     checkpoint = tmp_path / "b" / "out" / "checkpoint-1"
