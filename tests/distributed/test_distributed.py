@@ -267,7 +267,7 @@ def test_two_processes_train_like_one(runs, config, stage, lora):
             assert report["reference_is_engine"] is False
 
 
-@pytest.mark.slow  # resume: test_trainer.py's and test_flow_distributed.py's default resume tests
+@pytest.mark.slow  # resume by default: test_checkpoints.py's kill-and-resume on one process
 def test_checkpoint_saved_under_zero2_resumes_under_the_same_stage(runs):
     """The ZeRO-2 full-tuning run saves checkpoint-2 on its way to step 3; a second run resumes from it (weights,
     DeepSpeed's optimizer state, the step) and ends where the uninterrupted run did."""

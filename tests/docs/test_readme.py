@@ -162,8 +162,9 @@ def _run_as_written(line: str, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-# Three fresh interpreters: slow tier. By default the same commands' code runs in test_examples.py (train, resume),
-# test_export.py (export) and test_log_files.py (train and export as commands, their output plain).
+# Three fresh interpreters: slow tier. By default the same commands' code runs in test_examples.py (train, and the
+# resume flag's value), test_checkpoints.py (a resume with resume_from_checkpoint=True), test_export.py (export)
+# and test_log_files.py (train and export as commands, their output plain).
 @pytest.mark.slow
 def test_the_offline_commands_run_as_written_on_a_pair_folder(tmp_path: Path) -> None:
     """The tiny-base train command (on a pair folder laid out as the README shows) and the export command, as
