@@ -296,7 +296,9 @@ def test_a_step_where_every_prompt_ties_is_counted_and_not_applied(tmp_path):
 # ---------------------------------------------------------------------------------------------- the trainer
 
 
-@pytest.mark.parametrize("space", ["output", "parameter"])
+@pytest.mark.parametrize(  # the parameter space by default: test_every_text_to_image_family_trains_online_on_...
+    "space", ["output", pytest.param("parameter", marks=pytest.mark.slow)]
+)
 def test_online_training_logs_the_generation_and_safeguard_and_moves_the_weights(tmp_path, space):
     trainer = make_trainer(tmp_path, safeguard_space=space)
     before = lora_weights(trainer)
