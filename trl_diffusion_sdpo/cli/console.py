@@ -37,7 +37,7 @@ _TRUE = {"1", "true", "yes", "on"}
 # Hub, the run lock), by name with their exit status: an error of a module never imported was never raised, so
 # user_error_status looks a class up only where its module is loaded.
 HEAVY_USER_ERRORS = {
-    "trl_diffusion_sdpo.data.validation:DataError": 1,
+    "trl_diffusion_sdpo.data.errors:DataError": 1,
     "trl_diffusion_sdpo.io.checkpoints:CheckpointError": 2,
     "trl_diffusion_sdpo.io.checkpoints:CheckpointSaveError": 2,
     "trl_diffusion_sdpo.io.hub:HubPushError": 2,
@@ -157,7 +157,7 @@ def debug_requested(argv: Sequence[str]) -> tuple[list[str], bool]:
 
 
 def user_error_status(error: BaseException) -> int | None:
-    """The exit status of an error a user can fix: 1 for the data (:class:`~.data.validation.DataError`), 2 for the
+    """The exit status of an error a user can fix: 1 for the data (:class:`~.data.errors.DataError`), 2 for the
     rest (an option, a config value, a folder, a missing extra: the package's own error classes, or a ValueError,
     KeyError or FileNotFoundError the package raised with its message); ``None`` for anything else, a bug whose
     traceback is the report."""

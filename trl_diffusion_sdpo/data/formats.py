@@ -47,7 +47,6 @@ import glob
 import json
 import logging
 import os
-import re
 from itertools import combinations
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -58,6 +57,8 @@ from datasets import Dataset, DatasetDict, IterableDataset
 from ..config.checks import Choice
 from ..config.messages import file_syntax_error
 from .columns import SOURCE_COLUMN
+from .errors import DatasetNotFoundError
+from .names import HUB_ID, TABLE_EXTENSIONS, hub_dataset_problem, looks_local, not_found_message
 from .pair_folders import SIDE_FOLDERS, pair_root, prompt_text, read_pair_folders
 from .pickapic import pickapic_to_trl
 from .validation import _URL, DataError
@@ -84,20 +85,12 @@ FORMATS = ("auto", "pair_folders", "table", "imagefolder", "hpd", "disk", "hub")
 RANKING_PAIRS = ("all", "best_worst")
 # The column layouts a loader maps onto TRL's (``columns=``): TRL's own, or Pick-a-Pic's (pickapic_to_trl).
 COLUMN_LAYOUTS = ("trl", "pickapic")
-TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 # Names the tables use for the TRL columns, where the TRL name itself is absent.
 ALIASES = {"prompt": ("caption",), "chosen": ("winner", "preferred"), "rejected": ("loser",)}
 SCORE_ALIASES = {"score_0": "chosen_score", "score_1": "rejected_score"}
 # Editing tables: the source column(s) and their aliases (EditReward-style data names the source "input_image").
 SOURCE_ALIASES = {"source_image": ("input_image", "source"), "source_images": ("input_images",)}
-# A Hub dataset id as huggingface_hub accepts one: NAME or NAMESPACE/NAME, letters, digits, '-', '_' and '.'.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
-HUB_PROBE_TIMEOUT_S = 10.0  # one request asking the Hub whether the dataset exists, before load_dataset's retries
-
-
-class DatasetNotFoundError(DataError, FileNotFoundError):
-    """``dataset_name`` is neither a local file or folder nor a dataset the Hub has (or can be asked about)."""
 
 
 def load_preference_data(
@@ -186,52 +179,6 @@ def no_data_message(path: str, split: str = "train") -> str:
     )
 
 
-def looks_local(name: str) -> bool:
-    """Whether ``name`` can only mean a local path: ``./x``, ``../x``, ``/x``, ``~/x``, ``x/``, a file suffix, or a
-    ``a/b`` whose folder ``a`` exists here."""
-    if name.startswith((".", "/", "~", os.sep)) or name.endswith(("/", os.sep)) or os.path.isabs(name):
-        return True
-    if name.lower().endswith((*TABLE_EXTENSIONS, ".parquet", ".arrow")):
-        return True
-    parent = os.path.dirname(name)
-    return bool(parent) and os.path.isdir(parent)
-
-
-def hub_offline() -> bool:
-    """Whether the Hub may not be asked (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``, read when called)."""
-    from huggingface_hub import constants
-
-    values = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
-    return constants.HF_HUB_OFFLINE or any(v.strip().upper() in {"1", "ON", "YES", "TRUE"} for v in values)
-
-
-def hub_dataset_problem(name: str, kind: str = "dataset") -> str | None:
-    """Why ``name`` (no local file or folder) cannot be a Hub ``kind`` (``"dataset"`` or ``"model"``), or ``None``
-    where the loader should try it. One request at most (:data:`HUB_PROBE_TIMEOUT_S`, no retries): the Hub says it
-    does not exist, or cannot be reached; any other answer (a gated or private repository) is left to the loader."""
-    if looks_local(name):
-        return "and, written as a local path, it is not looked for on the Hub"
-    if not HUB_ID.match(name) or "--" in name or ".." in name:
-        return f"and it is not a Hub {kind} id either (NAME or NAMESPACE/NAME: letters, digits, '-', '_', '.')"
-    if hub_offline():
-        return "and the Hub is not asked (HF_HUB_OFFLINE=1)"
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    api = HfApi()
-    try:
-        (api.dataset_info if kind == "dataset" else api.model_info)(name, timeout=HUB_PROBE_TIMEOUT_S)
-    except GatedRepoError:
-        return None
-    except RepositoryNotFoundError:
-        return f"and the Hub has no {kind} of that name (or it is private: log in with `hf auth login`)"
-    except HfHubHTTPError:
-        return None
-    except Exception as err:  # no answer: a connection refused, a name not resolved, a timeout, offline
-        return f"and the Hub cannot be reached ({type(err).__name__})"
-    return None
-
-
 def _load_hub_dataset(name: str, config_name: str | None, split: str, streaming: bool) -> Dataset | IterableDataset:
     """``datasets.load_dataset`` of ``name`` (a Hub id, or a folder it reads). A Hub id the Hub cannot answer for (not
     asked under ``HF_HUB_OFFLINE``, unreachable, or without it) is read from what this machine holds, as a cached
@@ -278,17 +225,6 @@ def hub_cache_snapshot(name: str) -> str | None:
         return snapshot_download(name, repo_type="dataset", local_files_only=True)
     except (LocalEntryNotFoundError, ValueError):
         return None
-
-
-def not_found_message(name: str, problem: str) -> str:
-    """One line: ``name`` was not found locally (the path looked at), ``problem`` with the Hub, and the layouts and
-    Hub forms that are read."""
-    return (
-        f"dataset_name {name}: no such file or folder ({os.path.abspath(os.path.expanduser(name))}), {problem}. "
-        "Read locally (docs/data.md): pair folders, a .jsonl/.json/.csv/.tsv table of prompt, chosen and rejected "
-        "paths, an image folder with metadata.jsonl or metadata.csv, HPD annotation files, a save_to_disk folder or "
-        "data files (parquet, arrow); from the Hub: a dataset id NAMESPACE/NAME (e.g. yuvalkirstain/pickapic_v2)."
-    )
 
 
 def _load_local(path: str, format: str, split: str, ranking_pairs: str) -> Dataset:
