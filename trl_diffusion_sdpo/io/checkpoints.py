@@ -24,15 +24,15 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import struct
 import zipfile
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-from ..config.messages import OutputExistsError
-from .saving import LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER, has_saved_weights
+from .run_folder import CHECKPOINT_RE as _CHECKPOINT_RE
+from .run_folder import STAGING_PREFIX, TRASH_PREFIX, EarlierRunError, earlier_run_files
+from .saving import has_saved_weights
 
 __all__ = [
     "CheckpointError",
@@ -48,10 +48,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 TRAINER_STATE_NAME = "trainer_state.json"
-STAGING_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
 _RESUME_PREFIX = ".resume-"  # what an engine writes to resume on another number of processes
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -61,11 +58,6 @@ class CheckpointError(ValueError):
 
 class CheckpointSaveError(OSError):
     """Writing a checkpoint failed (a full disk, a quota, a lost mount); the partial checkpoint was removed."""
-
-
-class EarlierRunError(OutputExistsError):
-    """A new run (not resumed, not told to overwrite) was pointed at a folder holding another run's weights or
-    checkpoints, which it would replace."""
 
 
 def _step(path: str) -> int:
@@ -239,22 +231,6 @@ def resume_view_folder(checkpoint: str) -> str:
     removed when training ends, or by :func:`recover_interrupted_saves` after a kill)."""
     head, name = os.path.split(os.path.normpath(checkpoint))
     return os.path.join(head, _RESUME_PREFIX + name)
-
-
-def earlier_run_files(run_dir: str) -> list[str]:
-    """What an earlier run left in ``run_dir`` that a new run would replace: its checkpoints (complete, staged or
-    half-deleted), its weights and its ``training_config.json``; names relative to ``run_dir``, sorted."""
-    if not os.path.isdir(run_dir):
-        return []
-    found = []
-    for name in sorted(os.listdir(run_dir)):
-        stripped = next((name[len(p) :] for p in (STAGING_PREFIX, TRASH_PREFIX) if name.startswith(p)), name)
-        weights = name == LORA_WEIGHTS_NAME or (
-            name in (UNET_SUBFOLDER, TRANSFORMER_SUBFOLDER) and os.path.isdir(os.path.join(run_dir, name))
-        )
-        if _CHECKPOINT_RE.match(stripped) or name == TRAINING_CONFIG_NAME or weights:
-            found.append(name)
-    return found
 
 
 def recover_interrupted_saves(run_dir: str) -> None:

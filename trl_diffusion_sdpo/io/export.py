@@ -29,12 +29,12 @@ from ..data.model_names import check_model_exists
 from ..families import registered_families
 from ..families.loading import dtype_keyword
 from .checkpoints import earlier_run_files
+from .export_names import EXPORT_DTYPE_NAMES, EXPORT_FORMATS
 from .lora_formats import LoraFile, LoraModule, read_lora, tool_state_dict
 
 __all__ = ["LoraModule", "export_lora", "merge_lora", "read_lora"]
 
-EXPORT_FORMATS = ("kohya", "comfyui", "diffusers")
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXPORT_DTYPES = {name: getattr(torch, name) for name in EXPORT_DTYPE_NAMES}
 
 
 def _base_family(base: str) -> tuple[str, dict[str, Any]]:

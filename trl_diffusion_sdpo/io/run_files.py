@@ -47,18 +47,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import io as run_io  # the Hub's and the resume checks' modules are imported when first used
 from ..callbacks.interruptions import PreemptionCallback, preemption_signal_handlers
-from ..config.messages import advice, overwrite_advice, replacing_refusal
 from . import saving
 from .checkpoints import (
     TRAINER_STATE_NAME,
     CheckpointSaveError,
-    EarlierRunError,
-    earlier_run_files,
     is_checkpoint_folder,
     recover_interrupted_saves,
     resolve_resume_checkpoint,
     resume_view_folder,
 )
+from .run_folder import check_new_run_folder, earlier_run_refusal
 from .run_lock import RunLock, RunLockedError
 
 if TYPE_CHECKING:
@@ -478,33 +476,6 @@ class RunFiles(TrainerCallback):
     ):
         """Save the weights and a model card to ``output_dir`` and upload it (:meth:`.hub.RunHub.push_to_hub`)."""
         return self.hub.push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
-
-
-def earlier_run_refusal(output_dir: str, earlier: list[str]) -> EarlierRunError:
-    """The refusal of a new run into ``output_dir``, which holds ``earlier`` (another run's files): the ways out
-    named as the user gives them (flags on the command line, ``train()``'s keywords from Python)."""
-    resume = advice("--resume_from_checkpoint true", "train(resume_from_checkpoint=True)")
-    ways = [
-        f"continue that run with {resume}",
-        f"pass {overwrite_advice('train')} to replace it",
-        f"write this one into a new {advice('--output_dir', 'output_dir')}",
-    ]
-    return EarlierRunError(replacing_refusal(output_dir, "a new run", ways, "another run's files", earlier))
-
-
-def check_new_run_folder(output_dir: str, resumed: bool = False, overwrite: bool = False) -> list[str]:
-    """Whether a run may start in ``output_dir``: refused (:func:`earlier_run_refusal`) where the folder holds another
-    run's files (:func:`.checkpoints.earlier_run_files`) and the run neither resumes nor overwrites; ``resumed`` and
-    ``overwrite`` together are refused as contradictory. Returns the earlier run's files that ``overwrite`` replaces.
-    Reads only: the commands ask it before anything loads, the trainer again under the folder's lock."""
-    if resumed and overwrite:
-        resume = advice("--resume_from_checkpoint", "train(resume_from_checkpoint=...)")
-        replace = overwrite_advice("train")
-        raise ValueError(f"{resume} continues the run in {output_dir} and {replace} replaces it: give one of them.")
-    earlier = [] if resumed else earlier_run_files(output_dir)
-    if earlier and not overwrite:
-        raise earlier_run_refusal(output_dir, earlier)
-    return earlier
 
 
 def _remove_earlier_checkpoints(output_dir: str, earlier: list[str]) -> None:

@@ -22,7 +22,6 @@ import shutil
 from typing import Any
 
 import torch
-from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from huggingface_hub import save_torch_state_dict
 from peft import set_peft_model_state_dict
@@ -31,6 +30,7 @@ from safetensors.torch import load_file
 
 from ..config.file_modes import follow_umask
 from ..engines.collectives import shard_like
+from .run_folder import LORA_WEIGHTS_NAME, TRAINING_CONFIG_NAME, TRANSFORMER_SUBFOLDER, UNET_SUBFOLDER
 
 __all__ = [
     "LORA_WEIGHTS_NAME",
@@ -49,10 +49,6 @@ __all__ = [
     "write_training_config",
 ]
 
-LORA_WEIGHTS_NAME = LORA_WEIGHT_NAME_SAFE
-UNET_SUBFOLDER = "unet"
-TRANSFORMER_SUBFOLDER = "transformer"
-TRAINING_CONFIG_NAME = "training_config.json"
 PIPELINE_INDEX_NAME = "model_index.json"
 # diffusion_pytorch_model.safetensors, or -00001-of-0000N shards with diffusion_pytorch_model.safetensors.index.json
 _DIFFUSERS_WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
