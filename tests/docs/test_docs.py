@@ -166,10 +166,11 @@ def _command_lines(text: str) -> list[str]:
 
 
 def _help(command: str, capsys) -> str:
+    """Every option ``command`` lists: its ``--help_all`` where it has one (train's parser), else its ``--help``."""
     from trl_diffusion_sdpo.cli.main import main
 
     with pytest.raises(SystemExit):
-        main([command, "--help"])
+        main([command, "--help_all" if command in ("train", "cache") else "--help"])
     return capsys.readouterr().out
 
 

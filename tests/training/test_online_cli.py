@@ -71,7 +71,7 @@ def test_the_online_command_reads_edits_with_their_sources(tmp_path):
 
 def test_help_lists_the_generation_options(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["online", "--help"])
+        main(["online", "--help_all"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--prompts", "--reward_funcs", "--num_generations", "--pair_mode", "--ref_update_steps"):
@@ -82,7 +82,11 @@ def test_help_lists_the_generation_options(capsys):
     "argv, message",
     [
         (["--num_generatoins", "4"], "did you mean --num_generations"),
-        (["--num_generations", "1"], "num_generations must be >= 2"),
+        # the prompts and the pipeline given: the command line asks for them before its libraries load, the rule after
+        (
+            ["--prompts", "partiprompts", "--model_name_or_path", "trl-diffusion-sdpo:tiny", "--num_generations", "1"],
+            "num_generations must be >= 2",
+        ),
         (["--model_name_or_path", "trl-diffusion-sdpo:tiny"], "--prompts is required"),
     ],
 )

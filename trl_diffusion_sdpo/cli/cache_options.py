@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from trl import ModelConfig, ScriptArguments
 
 from ..config import DiffusionSDPOConfig
+from .argument_checks import LATENT_CACHE_REQUIRED
+from .help_topics import FIRST_HELP_OPTIONS
 from .parsing import parse_or_exit
 from .train_options import ARGUMENT_TYPES, DiffusionScriptArguments, check_supported, make_parser, train_topics
 
@@ -52,6 +54,8 @@ def make_cache_parser():
             ("Cache", "", {**dict.fromkeys(f.name for f in fields(CacheArguments)), "overwrite": OVERWRITE_HELP}),
             *train_topics(),
         ],
+        # its help: the cache's own options and the folder it writes, beside the first run's
+        first_help=(*FIRST_HELP_OPTIONS, *(f.name for f in fields(CacheArguments)), "latent_cache"),
     )
 
 
@@ -62,5 +66,5 @@ def parse_cache_args(argv: Sequence[str] | None = None) -> ParsedCacheArguments:
     script_args, args, model_args, diffusion_args, cache_args = parse_or_exit(parser, argv)  # exits on --help
     check_supported(script_args, model_args)
     if not diffusion_args.latent_cache:
-        parser.error("--latent_cache FOLDER is required: where the cache is written (or resumed)")
+        parser.error(LATENT_CACHE_REQUIRED)
     return script_args, args, model_args, diffusion_args, cache_args

@@ -13,7 +13,14 @@ from typing import Any, NoReturn
 
 from ..config.messages import did_you_mean
 
-__all__ = ["HIDDEN_OPTIONS", "REFUSED_OPTIONS", "CommandParser", "known_options", "unknown_options_message"]
+__all__ = [
+    "HIDDEN_OPTIONS",
+    "REFUSED_OPTIONS",
+    "CommandParser",
+    "known_options",
+    "unknown_names_message",
+    "unknown_options_message",
+]
 
 # TRL ModelConfig options for language models that a diffusion pipeline refuses (check_supported) or ignores: kept
 # parseable (a YAML file shared with a TRL script still gets a clear refusal) but left out of --help.
@@ -36,7 +43,12 @@ def unknown_options_message(
 ) -> str | None:
     """What the parser left unused, each with the closest known option: the YAML keys (TrlParser hands them back as
     ``["--key", "value", ...]``) and the command-line words (an unknown flag, or a value with no flag)."""
-    known = known_options(parser)
+    return unknown_names_message(known_options(parser), from_config, from_flags)
+
+
+def unknown_names_message(known: Sequence[str], from_config: Sequence[str], from_flags: Sequence[str]) -> str | None:
+    """:func:`unknown_options_message` with the ``known`` option names (without ``--``) given: a parser's, or its
+    stored table's (:mod:`.option_table`)."""
     problems = []
     for key in from_config[::2]:
         name = key[2:]

@@ -1,6 +1,7 @@
-"""A ``--config`` file's relative paths, read from the file's folder (:func:`resolve_config_paths`): for the parsers of
-``train``, ``online``, ``cache`` and ``estimate-memory`` (:mod:`.parsing`, :mod:`.option_table`), importing nothing
-beyond the standard library."""
+"""A ``--config`` file as the parsers of ``train``, ``online``, ``cache`` and ``estimate-memory`` read it
+(:mod:`.parsing`, :mod:`.option_table`): a file that must exist, its relative paths read from the file's folder
+(:func:`resolve_config_paths`), and whether it is an ``online`` command's (:func:`is_online_config`); importing
+nothing beyond the standard library and PyYAML."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import logging
 import os
 from typing import Any
 
-__all__ = ["FILE_SUFFIXES", "INPUT_PATH_KEYS", "resolve_config_paths"]
+import yaml
+
+__all__ = [
+    "FILE_SUFFIXES",
+    "INPUT_PATH_KEYS",
+    "ONLINE_KEYS",
+    "config_file_problem",
+    "is_online_config",
+    "resolve_config_paths",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -24,31 +34,53 @@ INPUT_PATH_KEYS = {
     "deepspeed": False,
 }
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".webp")
+# Keys only an ``online`` command's YAML file has: ``estimate-memory`` reads such a file with that command's options.
+ONLINE_KEYS = ("prompts", "reward_funcs", "num_generations")
 
 
-def resolve_config_paths(config: dict[str, Any], config_path: str) -> dict[str, Any]:
+def config_file_problem(path: str) -> str | None:
+    """Why ``--config path`` cannot be read (it is no file), or ``None``."""
+    return None if os.path.isfile(path) else f"--config {path}: no such file"
+
+
+def is_online_config(argv: list[str]) -> bool:
+    """Whether ``--config`` names an ``online`` command's YAML file (one with any of :data:`ONLINE_KEYS`)."""
+    if "--config" not in argv[:-1]:
+        return False
+    try:
+        with open(argv[argv.index("--config") + 1]) as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False  # the parser names the missing file, or where the YAML is broken
+    return isinstance(config, dict) and any(key in config for key in ONLINE_KEYS)
+
+
+def resolve_config_paths(config: dict[str, Any], config_path: str, warn: bool = True) -> dict[str, Any]:
     """``config`` (a ``--config`` file's mapping) with each relative path of :data:`INPUT_PATH_KEYS` read from the
     file's folder, so a config works from any current folder. A path found only in the current folder is kept, with
-    a warning (configs written before paths were read from their folder). A value that must be a file (no Hub id or
-    preset, or one with a file suffix) and exists in neither is refused, naming the key."""
+    a warning (configs written before paths were read from their folder; ``warn=False``: none, where the file is read
+    again). A value that must be a file (no Hub id or preset, or one with a file suffix) and exists in neither is
+    refused, naming the key."""
     folder = os.path.dirname(os.path.abspath(config_path))
     resolved = dict(config)
     for key, may_be_a_name in INPUT_PATH_KEYS.items():
         value = config.get(key)
         if isinstance(value, list):
-            resolved[key] = [_resolve_path(key, item, folder, config_path, may_be_a_name) for item in value]
+            resolved[key] = [_resolve_path(key, item, folder, config_path, may_be_a_name, warn) for item in value]
         elif isinstance(value, str):
-            resolved[key] = _resolve_path(key, value, folder, config_path, may_be_a_name)
+            resolved[key] = _resolve_path(key, value, folder, config_path, may_be_a_name, warn)
     return resolved
 
 
-def _resolve_path(key: str, value: Any, folder: str, config_path: str, may_be_a_name: bool) -> Any:
+def _resolve_path(key: str, value: Any, folder: str, config_path: str, may_be_a_name: bool, warn: bool) -> Any:
     if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
         return value
     beside = os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
     if os.path.exists(beside):
         return beside
     if os.path.exists(value):
+        if not warn:
+            return value
         logger.warning(
             "%s: %s is read from the current folder; relative paths in a --config file are read from the file's "
             "folder (%s), so the config works from anywhere: write it relative to that folder.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from .family_titles import evaluated_family_titles
 from .sample_options import add_base_argument, add_sampling_arguments, add_scorer_arg_argument, registered_lists
 
 __all__ = ["add_evaluate_parser"]
@@ -24,10 +25,11 @@ def add_evaluate_parser(
             "Sample every model on the prompt set with the SDPO authors' protocol (Euler, 50 steps, guidance 8.5, "
             "native resolution, seed-0 noise for every prompt; images cached), score them, and write scores.csv, "
             "summary.csv/json (means with bootstrap 95% intervals), win_rates.csv/json, plots/ and grid.png. "
-            "Models of every family: SD1.x/2.x and SDXL UNets, SD3/SD3.5 and FLUX.1 transformers (LoRA folders, "
-            "full-tuning outputs with unet/ or transformer/, or whole pipelines). Edits: a prompt set with source "
-            "images is sampled by the editing pipeline from each source and scored against the instruction (an "
-            "editing scorer such as editreward also reads the source)."
+            f"Models of every image family: {', '.join(evaluated_family_titles())} (LoRA folders, full-tuning "
+            "outputs with unet/ or transformer/, or whole pipelines; a video family's clips are evaluated from "
+            "Python, docs/evaluation.md). Edits: a prompt set with source images is sampled by the editing pipeline "
+            "from each source and scored against the instruction (an editing scorer such as editreward also reads "
+            "the source)."
         ),
     )
     add_base_argument(evaluate)

@@ -1,8 +1,11 @@
-"""``train --help`` and ``online --help`` by topic, one screen each: the options of this package under the config's
+"""The help of ``train``, ``online`` and the commands built on their parser, in two sizes. ``--help`` lists the options
+a first run needs (:data:`FIRST_HELP_OPTIONS`: the model, the data, the output, the objective and its safeguard, the
+rate, the steps, LoRA, resuming; a command's own options beside them), a few screens, and says how many more
+``--help_all`` lists. ``--help_all`` lists every option by topic: the options of this package under the config's
 docstring headings (:data:`~trl_diffusion_sdpo.config.docs.GROUPS`), the model, LoRA and data options of TRL's
-``ModelConfig`` and ``ScriptArguments``, and the few ``transformers.TrainingArguments`` options a diffusion run sets.
-transformers' other general options stay accepted; ``--help_all`` lists them. Language-model options
-(:data:`LANGUAGE_MODEL_OPTIONS`) are accepted but listed nowhere.
+``ModelConfig`` and ``ScriptArguments``, the ``transformers.TrainingArguments`` options a diffusion run sets, then
+transformers' other general options. Language-model options (:data:`LANGUAGE_MODEL_OPTIONS`) are accepted but listed
+nowhere.
 
 The text a plain ``--help`` prints is stored in ``help/<command>.txt`` and printed without importing transformers
 (:func:`stored_help`): building the parser imports ``TrainingArguments``, which takes seconds. A test checks the stored
@@ -12,10 +15,12 @@ text equals the parser's.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 __all__ = [
+    "FIRST_HELP_OPTIONS",
     "HELP_WIDTH",
     "LANGUAGE_MODEL_OPTIONS",
     "MODEL_TOPIC",
@@ -29,8 +34,43 @@ __all__ = [
 ]
 
 HELP_WIDTH = 100  # fixed, so the stored text is the parser's whatever the terminal
-USAGE = "%(prog)s [--config FILE.yaml] [--OPTION VALUE ...]  (--help: by topic; --help_all: every option)"
+BRIEF_HELP_CHARS = 200  # a plain --help prints a longer help's first sentence (brief_help)
+# where a help's first sentence ends (not inside "e.g." or "i.e.")
+_SENTENCE_END = re.compile(r"(?<!e\.g\.)(?<!i\.e\.)(?<=[.!?])\s+(?=[A-Z`(])")
+USAGE = "%(prog)s [--config FILE.yaml] [--OPTION VALUE ...]  (--help: the main options; --help_all: every option)"
 TRANSFORMERS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
+
+# The options a plain --help lists (with --config and the helps, and a command's own topic), under their topics:
+# what a first run sets. The one list of them; --help_all lists every option.
+FIRST_HELP_OPTIONS = (
+    # the model and LoRA
+    "model_name_or_path",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    # the data, or online's prompts and rewards
+    "dataset_name",
+    "resolution",
+    "prompts",
+    "reward_funcs",
+    "num_generations",
+    # the objective and its safeguard
+    "loss_type",
+    "beta",
+    "safeguard_space",
+    "safeguard_mu",
+    # the rate, the steps, the output and resuming
+    "learning_rate",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "bf16",
+    "output_dir",
+    "overwrite",
+    "save_steps",
+    "resume_from_checkpoint",
+    "report_to",
+)
 
 # Options of transformers' TrainingArguments and TRL's ScriptArguments that only language models read: accepted (a YAML
 # file shared with a TRL script still parses) but listed nowhere, not even under --help_all.
@@ -158,38 +198,60 @@ def group_by_topic(
     topics: Sequence[tuple[str, str, Iterable[str] | dict[str, str | None]]],
     *,
     show_all: bool,
+    first: Collection[str] = FIRST_HELP_OPTIONS,
 ) -> None:
     """Move the parser's options under one argument group per topic, in order; options no topic names go under a
-    last group of transformers' general options, listed only with ``show_all``. :data:`LANGUAGE_MODEL_OPTIONS` are
-    never listed. A topic's ``{option: help}`` replaces an option's help where it gives one."""
+    last group of transformers' general options. With ``show_all`` every option is listed; without it only the
+    options in ``first`` (the ``--config`` and help flags always), each topic without one left out, and a last
+    section counts the others, which ``--help_all`` lists. :data:`LANGUAGE_MODEL_OPTIONS` are never listed. A
+    topic's ``{option: help}`` replaces an option's help where it gives one."""
     actions: dict[str, list[argparse.Action]] = {}  # a True-by-default bool has --x and --no_x, one dest
     for action in parser._actions:
         if action.option_strings:
             actions.setdefault(action.dest, []).append(action)
+    # what --help_all lists: every option but the language models' and those hidden everywhere (HIDDEN_OPTIONS)
+    listable = {name for name, group in actions.items() if name not in LANGUAGE_MODEL_OPTIONS}
+    listable -= {name for name, group in actions.items() if all(a.help == argparse.SUPPRESS for a in group)}
     general = parser._optionals  # -h, --config, --help_all
     for group in parser._action_groups:
         group._group_actions[:] = []
     placed = {"help", "config", "help_all"}
     for name in ("help", "config", "help_all"):
         general._group_actions += actions.get(name, [])
+    shown = set(placed)
+    left_out: list[str] = []  # the topics a short help leaves out
     for title, text, names in topics:
-        group = parser.add_argument_group(title, text or None)
         helps = names if isinstance(names, dict) else dict.fromkeys(names)
+        helps = {name: help for name, help in helps.items() if name in actions and name not in placed}
+        listed = [name for name in helps if show_all or name in first]
+        group = parser.add_argument_group(title, text or None) if listed else general
+        if not listed and any(name in listable for name in helps):
+            left_out.append(title)
         for name, help in helps.items():
-            if name not in actions or name in placed:
-                continue
             for action in actions[name]:
                 if help is not None and action.help != argparse.SUPPRESS and not _negation(action):
                     action.help = help
+                if name not in listed:
+                    action.help = argparse.SUPPRESS
+                elif not show_all and action.help not in (None, argparse.SUPPRESS):
+                    action.help = brief_help(action.help)
                 group._group_actions.append(action)
             placed.add(name)
+            shown.update(listed)
     rest = [name for name in actions if name not in placed]
-    listed = sum(name not in LANGUAGE_MODEL_OPTIONS for name in rest)
-    group = parser.add_argument_group(
-        "transformers' general options",
-        f"Accepted by every command that trains; documented at {TRANSFORMERS_DOCS}."
-        + ("" if show_all else f" {listed} more options, listed by --help_all."),
-    )
+    if show_all:
+        group = parser.add_argument_group(
+            "transformers' general options",
+            f"Accepted by every command that trains; documented at {TRANSFORMERS_DOCS}.",
+        )
+    else:
+        more = len(listable - shown)
+        group = parser.add_argument_group(
+            "More options",
+            f"--help_all lists {more} more options and each option above in full: the rest of each topic above, "
+            + (f"the topics {'; '.join(left_out)}, " if left_out else "")
+            + f"and transformers' general options (documented at {TRANSFORMERS_DOCS}).",
+        )
     for name in rest:
         for action in actions[name]:
             if name in LANGUAGE_MODEL_OPTIONS or not show_all:
@@ -199,6 +261,16 @@ def group_by_topic(
         for action in group_actions:
             if action.choices is not None and len(action.choices) > 8:  # --optim's 40 names would fill the screen
                 action.metavar = "NAME"
+
+
+def brief_help(text: str) -> str:
+    """An option's help as a plain ``--help`` prints it: its first sentence, and where the help says what an unset
+    value means (``Unset (`None`): ...``), that, up to its first parenthesis; the whole text where it is short."""
+    if len(text) <= BRIEF_HELP_CHARS:
+        return text
+    brief = _SENTENCE_END.split(text, 1)[0]
+    unset = re.search(r"Unset \(`None`\): (.*?)(?: \(|\.(?: |$))", text)
+    return f"{brief} Unset: {unset.group(1)}." if unset else brief
 
 
 def _negation(action: argparse.Action) -> bool:

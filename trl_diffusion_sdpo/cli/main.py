@@ -16,7 +16,7 @@ from ..config.defaults import safeguard_default_sentence
 from ..rewards.scorers import available_scorers
 from ..rewards.scorers.registry import OUTSIDE_SCORERS, register_outside_scorers
 from .command_parser import CommandParser
-from .console import debug_requested, quiet_command_line, run_command
+from .console import debug_requested, filter_known_noise, quiet_command_line, run_command
 from .help_topics import stored_help
 from .sample_options import add_sampling_arguments, scorer_arguments
 
@@ -47,12 +47,17 @@ class Command:
     words after its name go to ``parse`` (which returns the parsed arguments and exits on ``--help``; without one,
     the runner takes the words), then the parsed arguments to ``run``. A command without ``help`` is parsed by the
     command line's own parser: ``parse`` adds it to the subcommands (with the registered scorers and prompt presets
-    where ``lists_scorers``), ``run`` takes the parsed namespace. ``run`` returns the exit status."""
+    where ``lists_scorers``), ``run`` takes the parsed namespace. ``run`` returns the exit status.
+
+    ``refuse`` (a command whose parser or runner imports torch or transformers): a function of the words after the
+    command's name, asked first, that refuses what the command would refuse before loading anything, in its words,
+    with nothing heavy imported (:mod:`.refusals`); a ``--help`` skips it."""
 
     run: str
     parse: str | None = None
     help: str | None = None
     lists_scorers: bool = False
+    refuse: str | None = None
 
 
 # In the order ``trl-diffusion-sdpo --help`` lists them.
@@ -61,12 +66,14 @@ COMMANDS: dict[str, Command] = {
     "train": Command(
         run="trl_diffusion_sdpo.cli.train:run",
         parse="trl_diffusion_sdpo.cli.train_options:parse_args",
+        refuse="trl_diffusion_sdpo.cli.refusals:refuse_train",
         help="Train Diffusion-DPO / Diffusion-SDPO from a YAML config and flags (`train --help` lists them). "
         + safeguard_default_sentence(online=False).replace("%", "%%"),
     ),
     "online": Command(
         run="trl_diffusion_sdpo.cli.online:run",
         parse="trl_diffusion_sdpo.cli.online_options:parse_args",
+        refuse="trl_diffusion_sdpo.cli.refusals:refuse_online",
         help="Train online: the policy samples each prompt several times, reward functions score the samples, and "
         "the best and worst are trained on (`online --help` lists the options). "
         + safeguard_default_sentence(online=True).replace("%", "%%"),
@@ -79,9 +86,10 @@ COMMANDS: dict[str, Command] = {
         parse="trl_diffusion_sdpo.cli.evaluate_options:add_evaluate_parser",
         lists_scorers=True,
     ),
-    # Its own parser (trl_diffusion_sdpo.io.export's formats) takes its arguments.
+    # Its own parser (trl_diffusion_sdpo.io.export_names' formats) takes its arguments.
     "export": Command(
-        run="trl_diffusion_sdpo.cli.export:main",
+        run="trl_diffusion_sdpo.cli.export:run_export",
+        parse="trl_diffusion_sdpo.cli.export_options:parse_args",
         help="Write a trained LoRA for AUTOMATIC1111/Forge, ComfyUI and kohya tools, or merge it into its base "
         "pipeline (--help for every option).",
     ),
@@ -94,6 +102,7 @@ COMMANDS: dict[str, Command] = {
     "cache": Command(
         run="trl_diffusion_sdpo.cli.cache:build_cache",
         parse="trl_diffusion_sdpo.cli.cache_options:parse_cache_args",
+        refuse="trl_diffusion_sdpo.cli.refusals:refuse_cache",
         help="Encode a preference dataset into a sharded, resumable latent cache, one shard per process under "
         "accelerate launch (--config x.yaml: the training YAML; --help for every option).",
     ),
@@ -106,6 +115,7 @@ COMMANDS: dict[str, Command] = {
     # The stored option table reads its arguments where it can, else train's parser (trl_diffusion_sdpo.cli.memory).
     "estimate-memory": Command(
         run="trl_diffusion_sdpo.cli.memory:run_estimate_memory",
+        refuse="trl_diffusion_sdpo.cli.refusals:refuse_estimate",
         help="Estimate a run's per-process peak memory from the training YAML and flags, the model counted on the "
         "meta device (--engine, --num_processes, --json; --help for every option).",
     ),
@@ -154,23 +164,28 @@ def run(argv: list[str]) -> int:
             print(text, end="")
             raise SystemExit(0)  # as argparse's --help ends
     # The command line's own process, before a command imports transformers (and, through its quantizers, torchao):
-    # the libraries' known noise dropped and, off a terminal, their progress bars off (a help draws none: the
-    # libraries stay unimported for it). The demo prints its own report and bars: the libraries' are off there too.
-    # The only place the package changes another library's settings (with the demo module's ``python -m``).
+    # the libraries' known noise dropped now, and, once the words are parsed (so that a refusal or a help imports no
+    # library), off a terminal their progress bars off. The demo prints its own report and bars: the libraries' are
+    # off there too. The only place the package changes another library's settings (with the demo module's
+    # ``python -m``).
+    filter_known_noise()
     helped = bool(HELP_WORDS.intersection(argv))
     # estimate-memory loads nothing, so it draws no bars: the libraries stay unimported for it, as for a help
     bars = not helped and argv[:1] != ["estimate-memory"]
-    quiet_command_line(progress_bars=bars, own_report=argv[:1] == ["demo"] and not helped)
     command = COMMANDS.get(argv[0]) if argv else None
+    if command is not None and command.refuse is not None and not helped:
+        import_target(command.refuse)(argv[1:])  # before the parser and the runner import anything heavy
     if command is not None and command.help is not None:  # a parser of its own takes the words after its name
         words = argv[1:]
         arguments = words if command.parse is None else import_target(command.parse)(words)
+        quiet_command_line(progress_bars=bars, own_report=False)
         return import_target(command.run)(arguments)
     evaluate_choices = None
     if command is not None and command.lists_scorers:  # the scorers outside the package are found for these only
         register_outside_scorers()
         evaluate_choices = (available_scorers(), list(evaluation.PROMPT_PRESETS))
     args = build_parser(evaluate_choices).parse_args(argv)
+    quiet_command_line(progress_bars=bars, own_report=args.command == "demo")
     return import_target(COMMANDS[args.command].run)(args)
 
 

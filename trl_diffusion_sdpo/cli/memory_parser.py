@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from . import online_options, train_options
+from .help_topics import FIRST_HELP_OPTIONS
 from .memory_report import EstimateArguments, is_online_config
 from .parsing import parse_or_exit
 from .train_options import DiffusionScriptArguments
@@ -43,6 +44,8 @@ def make_estimate_parser(online: bool = False):
         "model on the meta device: nothing is downloaded or loaded. See docs/memory.md.",
         "",
         lambda: [("Estimate", "", [f.name for f in fields(EstimateArguments)]), *topics()],
+        # its help: the estimate's own options beside the first run's
+        first_help=(*FIRST_HELP_OPTIONS, *(f.name for f in fields(EstimateArguments))),
     )
 
 

@@ -9,8 +9,6 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from ..engines.memory import (
     ENGINES,
     GIB,
@@ -22,6 +20,7 @@ from ..engines.memory import (
     estimate_memory,
 )
 from ..engines.memory.advice import SHARDED_ENGINES, fit_advice, plan_verdict
+from .config_paths import is_online_config
 
 __all__ = ["EstimateArguments", "answer", "format_estimate", "is_online_config", "shape", "verdict_line"]
 
@@ -138,22 +137,6 @@ def format_estimate(estimate: MemoryEstimate, shape: RunShape, model: str) -> st
     lines.append(f"  {'total per process':<22} {estimate.total_bytes / scale:9.2f} {unit}")
     lines.append(f"  activations: {estimate.method['activations']}")
     return "\n".join(lines)
-
-
-# Keys only an ``online`` command's YAML file has: such a file is read with that command's options.
-ONLINE_KEYS = ("prompts", "reward_funcs", "num_generations")
-
-
-def is_online_config(argv: list[str]) -> bool:
-    """Whether ``--config`` names an ``online`` command's YAML file (one with any of :data:`ONLINE_KEYS`)."""
-    if "--config" not in argv[:-1]:
-        return False
-    try:
-        with open(argv[argv.index("--config") + 1]) as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return False  # the parser names the missing file, or where the YAML is broken
-    return isinstance(config, dict) and any(key in config for key in ONLINE_KEYS)
 
 
 def answer(

@@ -5,7 +5,6 @@ online YAML file with them; :mod:`.online` runs what they parse.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -16,10 +15,19 @@ from ..config.fields import option
 from ..online.config import _GROUPS as ONLINE_GROUPS
 from ..online.config import OnlineDiffusionSDPOConfig
 from ..rewards.functions import check_reward_names
-from .parsing import parse_or_exit, resume_argument
+from .argument_checks import prompt_sources_problem, resume_argument
+from .parsing import parse_or_exit
 from .train_options import OutputArguments, ProcessArguments, ValidationArguments, make_parser, train_topics
 
-__all__ = ["ARGUMENT_TYPES", "DESCRIPTION", "EPILOG", "OnlinePromptArguments", "online_topics", "parse_args"]
+__all__ = [
+    "ARGUMENT_TYPES",
+    "DESCRIPTION",
+    "EPILOG",
+    "OnlinePromptArguments",
+    "make_online_parser",
+    "online_topics",
+    "parse_args",
+]
 
 
 @dataclass
@@ -63,20 +71,22 @@ def online_topics() -> list:
     return [prompts, *online, *train_topics()]
 
 
+def make_online_parser():
+    """``online``'s parser: ``train``'s (:func:`~.train_options.make_parser`) over its own argument classes and
+    topics."""
+    return make_parser("trl-diffusion-sdpo online", ARGUMENT_TYPES, DESCRIPTION, EPILOG, online_topics)
+
+
 def parse_args(argv: Sequence[str] | None = None):
     """``argv`` as the three argument dataclasses; exits with a usage error on a bad value or unknown flag."""
-    parser = make_parser("trl-diffusion-sdpo online", ARGUMENT_TYPES, DESCRIPTION, EPILOG, online_topics)
+    parser = make_online_parser()
     prompt_args, training_args, model_args = parse_or_exit(parser, argv)
     training_args.resume_from_checkpoint = resume_argument(training_args.resume_from_checkpoint)
     try:  # a misspelt scorer, before any model loads
         check_reward_names(training_args.reward_funcs or [])
     except ValueError as err:
         parser.error(str(err))
-    if prompt_args.prompts is None:
-        parser.error("--prompts is required: a preset, a .txt file, a .jsonl file or a dataset with a prompt column.")
-    for flag, prompts in (("--prompts", prompt_args.prompts), ("--probe_prompts", prompt_args.probe_prompts)):
-        if prompts and prompts.lower().endswith((".txt", ".jsonl", ".json", ".csv")) and not os.path.exists(prompts):
-            parser.error(f"{flag} {prompts} does not exist (a relative path is read from the current folder)")
-    if prompt_args.probe_prompts and not training_args.probe_steps:
-        parser.error("--probe_prompts are the held-out probe's: set --probe_steps too, or drop --probe_prompts")
+    problem = prompt_sources_problem(prompt_args.prompts, prompt_args.probe_prompts, training_args.probe_steps)
+    if problem is not None:
+        parser.error(problem)
     return prompt_args, training_args, model_args

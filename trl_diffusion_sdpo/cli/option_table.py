@@ -1,25 +1,32 @@
-"""``estimate-memory``'s options, stored so that the command reads a run's YAML file and flags without importing
-transformers (whose ``TrainingArguments`` ``train``'s parser is built on).
+"""The options of the commands built on ``train``'s parser, stored so that a command reads a run's YAML file and flags
+without importing transformers (whose ``TrainingArguments`` ``train``'s parser is built on): ``estimate-memory``
+answers from them, and ``train``, ``online``, ``cache`` and ``estimate-memory`` refuse from them what their real
+parser refuses, before anything heavy loads (:func:`read_or_refuse`, :mod:`.refusals`).
 
-:func:`option_table` writes down each option of the real parser (:func:`~.memory_parser.make_estimate_parser`:
-``train``'s options and the estimate's own): its spellings, the argument class it belongs to, its type, default,
-choices and ``nargs``. :data:`OPTION_FILE` holds that table for ``train``'s YAML files (:mod:`.stored_options` makes
-it):
+:func:`option_table` writes down each option of a real parser: its spellings, the argument class it belongs to, its
+type, default, choices and ``nargs``, and the names its unknown-option errors suggest from. :data:`OPTION_FILE` holds
+that table for ``estimate-memory`` (:func:`~.memory_parser.make_estimate_parser`: ``train``'s options and the
+estimate's own) and ``help/<command>.json`` for ``train``, ``online`` and ``cache`` (:func:`stored_table`);
+:mod:`.stored_options` makes them:
 
-    python -m trl_diffusion_sdpo.cli.stored_options   # rewrites estimate_options.json
+    python -m trl_diffusion_sdpo.cli.stored_options   # rewrites the stored tables and helps
 
 :func:`parse_stored` reads ``--config`` and flags with a standard-library parser built from the file, as TRL's
 parser reads them (the YAML file's values become the options' defaults, flags override them), then runs the config's
 own rules (:func:`~trl_diffusion_sdpo.config.rules.check_config`). It answers ``None`` for anything it does not
 decide the way the real parser would (an unknown option, a value refused, a help flag, an option whose type only
 transformers reads, an option whose value transformers or TRL rewrite when the arguments are made): the caller then
-parses with the real parser, whose answer, or refusal, is the command's. ``tests/cli/test_option_table.py``
-regenerates the table from the real parser and compares.
+parses with the real parser, whose answer, or refusal, is the command's. :func:`read_or_refuse` reads the same way
+and refuses, with the real parser's usage and message, what the real parser would refuse first: a missing or broken
+``--config`` file, a value an option's type or choices refuse, a config rule (those that import nothing), an unknown
+option or YAML key. ``tests/memory/test_stored_option_table.py`` and ``tests/training/test_cli_refusals.py``
+regenerate the tables from the real parsers and compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -33,13 +40,26 @@ from typing import Any
 import yaml
 
 from ..config.defaults import resolve_defaults
-from ..config.rules import check_config
-from .config_paths import resolve_config_paths
+from ..config.messages import file_syntax_error
+from ..config.rules import check_config, check_field_rules
+from .command_parser import known_options, unknown_names_message
+from .config_paths import config_file_problem, resolve_config_paths
+from .help_topics import USAGE
 
-__all__ = ["OPTION_FILE", "StoredArguments", "option_table", "parse_stored"]
+__all__ = [
+    "OPTION_FILE",
+    "StoredArguments",
+    "option_table",
+    "parse_stored",
+    "read_or_refuse",
+    "refusing_parser",
+    "stored_table",
+]
 
 #: the stored table of ``estimate-memory``'s options for ``train``'s YAML files
 OPTION_FILE = Path(__file__).with_name("estimate_options.json")
+#: the commands whose stored table is ``help/<command>.json`` (beside the stored text of their ``--help``)
+STORED_COMMANDS = ("train", "online", "cache")
 
 # the types the stored parser converts; an option of another type (a dict, transformers' own classes) is left to the
 # real parser
@@ -101,8 +121,10 @@ def option_table(parser: argparse.ArgumentParser, argument_types: Sequence[type]
         )
     return {
         "generated_by": "python -m trl_diffusion_sdpo.cli.stored_options",
+        "prog": parser.prog,
         "argument_types": [cls.__name__ for cls in argument_types],
         "regime": regime,
+        "known": known_options(parser),
         "options": options,
     }
 
@@ -112,15 +134,31 @@ def _table() -> dict[str, Any]:
     return json.loads(OPTION_FILE.read_text())
 
 
+def stored_table_path(command: str) -> Path:
+    """Where the stored table of ``command`` (one of :data:`STORED_COMMANDS`) is."""
+    return Path(__file__).with_name("help") / f"{command}.json"
+
+
+@functools.cache
+def stored_table(command: str) -> dict[str, Any]:
+    """The stored table of ``command``'s real parser: ``estimate-memory``'s (:data:`OPTION_FILE`), or
+    ``help/<command>.json`` for :data:`STORED_COMMANDS`."""
+    if command == "estimate-memory":
+        return _table()
+    return json.loads(stored_table_path(command).read_text())
+
+
 def _string_to_bool(value: Any) -> bool:
-    """A bool option's value as HfArgumentParser reads it (transformers' ``string_to_bool``)."""
+    """A bool option's value as HfArgumentParser reads it, refused in its words (transformers' ``string_to_bool``)."""
     if isinstance(value, bool):
         return value
     if value.lower() in ("yes", "true", "t", "y", "1"):
         return True
     if value.lower() in ("no", "false", "f", "n", "0"):
         return False
-    raise argparse.ArgumentTypeError(f"Truthy value expected: got {value}")
+    raise argparse.ArgumentTypeError(
+        f"Truthy value expected: got {value} but expected one of yes/no, true/false, t/f, y/n, 1/0 (case insensitive)."
+    )
 
 
 def _choice(choices: list[Any]):  # noqa: ANN202
@@ -137,10 +175,12 @@ class _StoredParser(argparse.ArgumentParser):
         raise _Refused(message)
 
 
-def _stored_parser(options: list[dict[str, Any]], config: dict[str, Any]) -> _StoredParser:
-    """A standard-library parser of the stored options, the YAML file's values as their defaults (TRL's
-    ``set_defaults_with_config``)."""
-    parser = _StoredParser(add_help=False, allow_abbrev=False)
+def _stored_parser(
+    options: list[dict[str, Any]], config: dict[str, Any], parser: argparse.ArgumentParser | None = None
+) -> argparse.ArgumentParser:
+    """A standard-library parser of the stored options (on ``parser``, or one that raises where it would refuse), the
+    YAML file's values as their defaults (TRL's ``set_defaults_with_config``)."""
+    parser = parser or _StoredParser(add_help=False, allow_abbrev=False)
     for entry in options:
         default = config.get(entry["dest"], entry["default"])
         if entry["kind"] == "store_false":
@@ -236,3 +276,90 @@ def parse_stored(argv: Sequence[str]) -> tuple[StoredArguments, ...] | None:
     except ValueError:
         return None
     return tuple(groups)
+
+
+def _given(options: list[dict[str, Any]], config: dict[str, Any], argv: Sequence[str]) -> set[str]:
+    """The options the YAML file or the flags set (``--option value``, or ``--option=value``)."""
+    words = {word.split("=", 1)[0] for word in argv}
+    return set(config) | {entry["dest"] for entry in options if set(entry["options"]) & words}
+
+
+def refusing_parser(table: dict[str, Any]) -> argparse.ArgumentParser:
+    """A parser whose ``error`` is the real parser's of ``table``: its usage, ``prog: error: message``, exit status
+    2."""
+    return argparse.ArgumentParser(prog=table["prog"], usage=USAGE, add_help=False, allow_abbrev=False)
+
+
+def read_or_refuse(
+    argv: Sequence[str], table: dict[str, Any], check_rules: bool = True
+) -> tuple[StoredArguments, ...] | None:
+    """``argv`` (``--config FILE.yaml`` and flags) read as the real parser of ``table`` (:func:`stored_table`) reads
+    it, each step's refusal its own, in the real parser's order and words: the usage and ``prog: error: message`` on
+    stderr, exit status 2 (argparse's). Refused: a ``--config`` file that is missing, not YAML or no mapping, or
+    names a relative path that does not exist; a value an option's type or choices refuse (the file's too); with
+    ``check_rules``, a rule of the config that imports nothing (:func:`~..config.rules.check_field_rules`, the first
+    the config's own checks ask); an unknown option or YAML key, with the closest known one. The values read, one
+    :class:`StoredArguments` per argument class, where nothing is refused; ``None`` where the real parser must read
+    the rest (a help flag, an ``env`` section, an option whose type only transformers reads)."""
+    argv = list(argv)
+    if any(word in _HELP for word in argv):
+        return None
+    parser = refusing_parser(table)
+    parser.add_argument("--config", default=argparse.SUPPRESS)  # TRL reads --config FILE; --config=FILE is a flag
+    config: dict[str, Any] = {}
+    if "--config" in argv[:-1]:
+        at = argv.index("--config")
+        path = argv[at + 1]
+        del argv[at : at + 2]
+        problem = config_file_problem(path)
+        if problem is not None:
+            parser.error(problem)
+        try:
+            with open(path) as f:
+                config = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            parser.error(file_syntax_error(path, err, "--config"))
+        except (OSError, ValueError):  # unreadable, or not text: the real parser's own answer
+            return None
+        if not isinstance(config, dict):
+            parser.error(f"Config file {path} must contain a YAML mapping.")  # TRL's words
+        if "env" in config or not all(isinstance(key, str) for key in config):
+            return None  # TRL sets the section's variables in this process: the real parser reads such a file
+        try:
+            config = resolve_config_paths(config, path, warn=False)  # the real parser warns, once
+        except ValueError as err:
+            parser.error(str(err))
+    elif "--config" in argv:
+        return None
+    options = table["options"]
+    namespace, unknown = _stored_parser(options, config, parser).parse_known_args(argv)  # exits on a bad value
+    if any(entry["kind"] == "other" and entry["dest"] in _given(options, config, argv) for entry in options):
+        return None  # its type is transformers' to apply, which may refuse the value first
+    values = vars(namespace)
+    names = table["argument_types"]
+    groups = tuple(
+        StoredArguments(**{e["dest"]: values[e["dest"]] for e in options if e["group"] == i})
+        for i in range(len(names))
+    )
+    # the rules of an offline config (StoredArguments resolves an unset safeguard space as the offline config does)
+    if check_rules and "DiffusionSDPOConfig" in names and table["regime"] == _table()["regime"]:
+        config_args = groups[names.index("DiffusionSDPOConfig")]
+        # what DiffusionSDPOConfig's __post_init__ makes of them before its rules: a number given as text, the
+        # safeguard space resolved by the mode
+        mu = config_args.safeguard_mu
+        if isinstance(mu, str) and mu != "auto":
+            with contextlib.suppress(ValueError):
+                config_args.safeguard_mu = float(mu)
+        if config_args.safeguard_space is None:
+            config_args.safeguard_space = resolve_defaults(config_args)["safeguard_space"].value
+        try:
+            check_field_rules(config_args)
+        except ValueError as err:
+            parser.error(str(err))
+    # TrlParser hands back a YAML key no option reads as ["--key", "value"]
+    read = {entry["dest"] for entry in options} | {"help", "help_all", "config"}
+    from_config = [item for key, value in config.items() if key not in read for item in (f"--{key}", str(value))]
+    message = unknown_names_message(table["known"], from_config, unknown)
+    if message:
+        parser.error(message)
+    return groups

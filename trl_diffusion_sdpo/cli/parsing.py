@@ -5,7 +5,6 @@ an unknown flag or YAML key, with the closest known option) ended as argparse en
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -15,8 +14,9 @@ from trl import TrlParser
 
 from ..config import DiffusionSDPOConfig, check_config
 from ..config.messages import did_you_mean, file_syntax_error
+from .argument_checks import resume_argument
 from .command_parser import HIDDEN_OPTIONS, REFUSED_OPTIONS, known_options, unknown_options_message
-from .config_paths import INPUT_PATH_KEYS, resolve_config_paths
+from .config_paths import INPUT_PATH_KEYS, config_file_problem, resolve_config_paths
 
 __all__ = [
     "HIDDEN_OPTIONS",
@@ -32,9 +32,6 @@ __all__ = [
     "unknown_options_message",
 ]
 
-_TRUE = {"true", "yes", "1"}
-_FALSE = {"false", "no", "0", "none", ""}
-
 
 class ConfigFileParser(TrlParser):
     """TRL's parser, reading a ``--config`` file's relative paths from the file's folder (:func:`resolve_config_paths`)
@@ -46,8 +43,9 @@ class ConfigFileParser(TrlParser):
     def parse_args_and_config(self, args: Sequence[str] | None = None, *rest: Any, **options: Any) -> tuple:
         args = list(sys.argv[1:] if args is None else args)
         self.config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
-        if self.config_path is not None and not os.path.isfile(self.config_path):
-            self.error(f"--config {self.config_path}: no such file")
+        problem = None if self.config_path is None else config_file_problem(self.config_path)
+        if problem is not None:
+            self.error(problem)
         try:
             return super().parse_args_and_config(args, *rest, **options)
         except yaml.YAMLError as err:  # TRL reads the file: its syntax error, where it is, not PyYAML's traceback
@@ -67,16 +65,6 @@ def add_config_argument(parser: TrlParser) -> None:
         default=argparse.SUPPRESS,
         help="YAML file of these options (keys are the flag names); flags given beside it override its values.",
     )
-
-
-def resume_argument(value: str | bool | None) -> str | bool | None:
-    """``--resume_from_checkpoint`` as users write it: ``true`` / ``false`` (any case, from a flag or a YAML file)
-    become booleans; anything else is a checkpoint folder."""
-    if isinstance(value, str) and value.strip().lower() in _TRUE:
-        return True
-    if isinstance(value, str) and value.strip().lower() in _FALSE:
-        return None
-    return value
 
 
 def parse_or_exit(parser: TrlParser, argv: Sequence[str] | None) -> tuple:

@@ -1,29 +1,71 @@
-"""Make ``estimate-memory``'s stored option table (:data:`~.option_table.OPTION_FILE`) from its real parser:
+"""Make what the commands built on ``train``'s parser read without importing transformers, from their real parsers:
+``estimate-memory``'s option table (:data:`~.option_table.OPTION_FILE`), the option tables of ``train``, ``online``
+and ``cache`` (``help/<command>.json``, :func:`~.option_table.stored_table`) and the stored text of ``train --help``
+and ``online --help`` (``help/<command>.txt``, :func:`~.help_topics.stored_help`):
 
-    python -m trl_diffusion_sdpo.cli.stored_options   # rewrites trl_diffusion_sdpo/cli/estimate_options.json
+    python -m trl_diffusion_sdpo.cli.stored_options   # rewrites them
 
-``tests/memory/test_stored_option_table.py`` compares the file with :func:`generate`'s table."""
+``tests/memory/test_stored_option_table.py``, ``tests/training/test_cli_refusals.py`` and
+``tests/training/test_cli_help.py`` compare the files with what this module makes now."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from ..config.fields import DiffusionSDPOConfig
+from ..online.config import OnlineDiffusionSDPOConfig
+from . import cache_options, online_options, train_options
+from .help_topics import stored_help_path
 from .memory_parser import make_estimate_parser
 from .memory_report import EstimateArguments
-from .option_table import OPTION_FILE, option_table
-from .train_options import ARGUMENT_TYPES
+from .option_table import OPTION_FILE, STORED_COMMANDS, option_table, stored_table_path
 
-__all__ = ["generate"]
+__all__ = ["COMMAND_PARSERS", "generate", "generate_command", "help_text"]
+
+#: each stored command's real parser, its argument classes and its config class (whose regime resolves defaults)
+COMMAND_PARSERS: dict[str, tuple[Callable[..., Any], tuple[type, ...], type]] = {
+    "train": (train_options.make_parser, train_options.ARGUMENT_TYPES, DiffusionSDPOConfig),
+    "online": (online_options.make_online_parser, online_options.ARGUMENT_TYPES, OnlineDiffusionSDPOConfig),
+    "cache": (
+        cache_options.make_cache_parser,
+        (*train_options.ARGUMENT_TYPES, cache_options.CacheArguments),
+        DiffusionSDPOConfig,
+    ),
+}
+#: the commands whose plain ``--help`` is printed from its stored text
+STORED_HELPS = ("train", "online")
 
 
 def generate() -> dict[str, Any]:
     """The table of ``estimate-memory``'s real parser for ``train``'s YAML files, as :data:`OPTION_FILE` holds it."""
-    argument_types = (*ARGUMENT_TYPES, EstimateArguments)
+    argument_types = (*train_options.ARGUMENT_TYPES, EstimateArguments)
     return option_table(make_estimate_parser(False), argument_types, DiffusionSDPOConfig.regime)
 
 
+def generate_command(command: str) -> dict[str, Any]:
+    """The table of ``command``'s real parser (one of :data:`~.option_table.STORED_COMMANDS`), as
+    ``help/<command>.json`` holds it."""
+    make, argument_types, config_class = COMMAND_PARSERS[command]
+    return option_table(make(), argument_types, config_class.regime)
+
+
+def help_text(command: str) -> str:
+    """``command --help`` as its parser prints it (one of :data:`STORED_HELPS`)."""
+    return COMMAND_PARSERS[command][0]().format_help()
+
+
+def _json(table: dict[str, Any]) -> str:
+    return json.dumps(table, indent=1) + "\n"
+
+
 if __name__ == "__main__":
-    OPTION_FILE.write_text(json.dumps(generate(), indent=1) + "\n")
+    OPTION_FILE.write_text(_json(generate()))
     print(f"wrote {OPTION_FILE}")
+    for name in STORED_COMMANDS:
+        stored_table_path(name).write_text(_json(generate_command(name)))
+        print(f"wrote {stored_table_path(name)}")
+    for name in STORED_HELPS:
+        stored_help_path(name).write_text(help_text(name))
+        print(f"wrote {stored_help_path(name)}")

@@ -12,7 +12,7 @@ file and flags are read and refused: :mod:`.parsing`.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -24,15 +24,18 @@ from ..config.docs import GROUPS
 from ..config.fields import option
 from ..config.rules import BASE_QUANTIZATIONS
 from ..io.cpu_threads import THREADS_HELP, apply_threads
-from .help_topics import DATA_SOURCE_OPTIONS, MODEL_TOPIC, TRAINING_TOPIC, USAGE, group_by_topic, help_formatter
-from .parsing import (
-    HIDDEN_OPTIONS,
-    REFUSED_OPTIONS,
-    ConfigFileParser,
-    add_config_argument,
-    parse_or_exit,
-    resume_argument,
+from .argument_checks import check_dataset_named, check_model_named, resume_argument
+from .family_titles import FAMILY_TITLES
+from .help_topics import (
+    DATA_SOURCE_OPTIONS,
+    FIRST_HELP_OPTIONS,
+    MODEL_TOPIC,
+    TRAINING_TOPIC,
+    USAGE,
+    group_by_topic,
+    help_formatter,
 )
+from .parsing import HIDDEN_OPTIONS, ConfigFileParser, add_config_argument, parse_or_exit
 
 __all__ = [
     "ARGUMENT_TYPES",
@@ -227,23 +230,6 @@ ARGUMENT_TYPES = (ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionSc
 TrainArguments = tuple[ScriptArguments, DiffusionSDPOConfig, ModelConfig, DiffusionScriptArguments]
 
 
-# Each registered family (trl_diffusion_sdpo.families) as the description names it; a test checks every family is here.
-FAMILY_TITLES = {
-    "stable-diffusion": "SD 1.x/2.x",
-    "stable-diffusion-xl": "SDXL",
-    "stable-diffusion-3": "SD3/SD3.5",
-    "flux": "FLUX.1",
-    "flux-kontext": "FLUX.1 Kontext",
-    "flux2": "FLUX.2",
-    "flux2-klein": "FLUX.2 [klein]",
-    "qwen-image": "Qwen-Image",
-    "qwen-image-2.1": "Qwen-Image 2.1",
-    "qwen-image-edit": "Qwen-Image-Edit",
-    "qwen-image-edit-plus": "Qwen-Image-Edit Plus",
-    "z-image": "Z-Image",
-    "wan": "Wan",
-    "hunyuan-video-1.5": "HunyuanVideo 1.5",
-}
 DESCRIPTION = (
     "Train Diffusion-DPO / Diffusion-SDPO (LoRA or full tuning of an "
     + ", ".join(FAMILY_TITLES.values())
@@ -333,11 +319,12 @@ def make_parser(
     topics: Callable[[], list[tuple[str, str, Any]]] = train_topics,
     *,
     show_all: bool = False,
+    first_help: Collection[str] = FIRST_HELP_OPTIONS,
 ) -> TrlParser:
     """TRL's ``TrlParser`` over ``argument_types`` (:data:`ARGUMENT_TYPES`), with the command's description, help
-    corrections and options grouped by ``topics`` (:func:`~.help_topics.group_by_topic`; transformers' general
-    options listed with ``show_all``, as ``--help_all`` does). Prefixes of option names are refused (``allow_abbrev``
-    off): ``--learning_rat`` is an unknown option, not ``--learning_rate``."""
+    corrections and options grouped by ``topics`` (:func:`~.help_topics.group_by_topic`): its help lists the options
+    of ``first_help``, or with ``show_all`` every option, as ``--help_all`` does. Prefixes of option names are refused
+    (``allow_abbrev`` off): ``--learning_rat`` is an unknown option, not ``--learning_rate``."""
     parser = ConfigFileParser(
         argument_types,
         prog=prog,
@@ -368,7 +355,7 @@ def make_parser(
         # HfArgumentParser copies a True-by-default bool's help onto its --no_X switch, which does the opposite.
         if any(option.startswith("--no_") for option in action.option_strings):
             action.help = f"Set {name} to False (see --{name})."
-    group_by_topic(parser, topics(), show_all=show_all)
+    group_by_topic(parser, topics(), show_all=show_all, first=first_help)
     return parser
 
 
@@ -392,20 +379,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainArguments:
 
 
 def check_supported(script_args: ScriptArguments, model_args: ModelConfig) -> None:
-    if script_args.dataset_name is None:
-        raise ValueError("--dataset_name is required: a Hub id, a local data folder or a save_to_disk folder.")
+    """A dataset and a pipeline named, and none of TRL's language-model options set (:mod:`.refusals`, which the
+    command line asks before the parser loads)."""
+    check_dataset_named(script_args.dataset_name)
     check_supported_model(model_args)
 
 
 def check_supported_model(model_args: ModelConfig) -> None:
-    """A pipeline named, and none of TRL's language-model options set."""
-    if model_args.model_name_or_path is None:
-        raise ValueError("--model_name_or_path is required: a diffusers pipeline folder or Hub id.")
-    # Any of them set away from TRL's default is refused: such an option alone would otherwise be ignored.
-    defaults = {f.name: f.default for f in fields(ModelConfig)}
-    given = [name for name in REFUSED_OPTIONS if getattr(model_args, name) != defaults[name]]
-    if given:
-        raise ValueError(
-            f"ModelConfig option(s) {given} apply to transformers language models and are not supported for "
-            "diffusion pipelines; remove them."
-        )
+    """A pipeline named, and none of TRL's language-model options set away from TRL's default."""
+    check_model_named(model_args, {f.name: f.default for f in fields(ModelConfig)})

@@ -38,6 +38,7 @@ __all__ = [
     "FLOW_SHIFTS",
     "FLOW_WEIGHTING_SCHEMES",
     "check_config",
+    "check_field_rules",
     "connect_objective_check",
 ]
 
@@ -280,11 +281,17 @@ def connect_objective_check(check: Callable[[Any], None]) -> None:
 
 
 def check_config(config: Any) -> None:
-    """Every rule of ``config``: each field's own (``FIELD_RULES``), then the rules over several fields
-    (``CROSS_FIELD_RULES``), then the chosen objective's (:data:`objective_check`). The config runs this when it is
-    made; the trainer runs it again when it is built (a field may have been changed since)."""
+    """Every rule of ``config``: each field's own and those over several fields (:func:`check_field_rules`), then the
+    chosen objective's (:data:`objective_check`). The config runs this when it is made; the trainer runs it again
+    when it is built (a field may have been changed since)."""
+    check_field_rules(config)
+    objective_check(config)
+
+
+def check_field_rules(config: Any) -> None:
+    """The rules of ``config`` that import nothing (the command line asks them before torch loads): each field's own
+    (``FIELD_RULES``), then the rules over several fields (``CROSS_FIELD_RULES``)."""
     for name, rule in FIELD_RULES.items():
         rule.check(name, getattr(config, name))
     for cross_rule in CROSS_FIELD_RULES:
         cross_rule.check(config)
-    objective_check(config)
