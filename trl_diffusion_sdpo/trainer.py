@@ -255,6 +255,7 @@ class DiffusionSDPOTrainer(Trainer):
 
         # The data, validated before the denoiser is changed; the adapters; then transformers.Trainer with the
         # effective arguments.
+        checkpointing = wants_gradient_checkpointing(args)  # training_arguments hands transformers' flag off
         args = training_arguments(args)
         probe_pairs = None  # the probe's held-back pairs, if it runs (its module loads only then)
         if args.probe_steps:
@@ -265,7 +266,7 @@ class DiffusionSDPOTrainer(Trainer):
         self.train_data_report, self.eval_data_report = data.report, data.eval_report
         self._eval_collator = data.eval_collator  # one, or one per named eval dataset
         self._eval_collator_in_use = data.eval_collator  # the one of the running evaluation (a placeholder's shape)
-        prepare_denoiser(denoiser, peft_config, self._dtype, wants_gradient_checkpointing(args))
+        prepare_denoiser(denoiser, peft_config, self._dtype, checkpointing)
         super().__init__(
             model=denoiser,
             args=args,
