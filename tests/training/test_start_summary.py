@@ -4,6 +4,7 @@ step, safeguard, engine, precision), and warns on the settings that quietly defe
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -14,14 +15,19 @@ from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
 from trl_diffusion_sdpo.families.sdxl import StableDiffusionXLFamily
 
 LOGGER = "trl_diffusion_sdpo.io.run_summary"
+#: the start summary's first line (io/run_summary.py's start_summary)
+START = re.compile(r"Training \S+ \((LoRA|full tuning)\) for \d+ optimizer steps:\n")
 
 
 def train_and_capture(make_trainer, caplog, **overrides):
+    """A run of ``overrides``: the trainer, its start summaries (INFO; the end-of-run summary, logged where the run
+    warned, is left out) and its start warnings."""
     trainer = make_trainer(**overrides)
+    caplog.clear()  # this run's records only
     with caplog.at_level(logging.INFO, logger=LOGGER):
         trainer.train()
     records = [r for r in caplog.records if r.name == LOGGER]
-    info = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    info = [r.getMessage() for r in records if r.levelno == logging.INFO and START.match(r.getMessage())]
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     return trainer, info, warnings
 

@@ -5,6 +5,7 @@ every safeguard space."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -18,6 +19,8 @@ from trl_diffusion_sdpo.families.sd import StableDiffusionFamily
 from trl_diffusion_sdpo.io.run_summary import start_summary
 
 LOGGER = "trl_diffusion_sdpo.io.run_summary"
+#: the start summary's first line (io/run_summary.py's start_summary)
+START = re.compile(r"Training \S+ \((LoRA|full tuning)\) for \d+ optimizer steps:\n")
 
 
 def _summary(config) -> tuple[str, object]:
@@ -60,7 +63,9 @@ def test_a_mu_given_without_a_safeguard_is_named_as_unused(tmp_path):
 def _logged_summary(trainer, caplog) -> str:
     with caplog.at_level(logging.INFO, logger=LOGGER):
         trainer.train()
-    (summary,) = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO]
+    # the start summary, not the end-of-run summary a run that warned logs too
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO]
+    (summary,) = [message for message in messages if START.match(message)]
     return summary
 
 
