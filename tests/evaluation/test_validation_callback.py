@@ -257,6 +257,20 @@ def test_each_column_of_the_grid_is_captioned_with_its_prompt(make_pipeline):
     assert prompt_label(" a  red\nsquare ") == "a red square"
 
 
+def test_a_cut_caption_never_exceeds_its_limit_wherever_a_word_ends():
+    """Every position of the last word boundary before the limit, the ellipsis included: at most the limit, a prefix
+    of the prompt cut between words, and the longest such prefix that leaves room for the ellipsis."""
+    for first in range(1, 2 * PROMPT_LABEL_CHARS):
+        prompt = "x" * first + " " + "ab " * PROMPT_LABEL_CHARS
+        label = prompt_label(prompt)
+        assert len(label) <= PROMPT_LABEL_CHARS and label.endswith("...")
+        kept = label[: -len("...")]
+        assert prompt.startswith(kept)
+        room = PROMPT_LABEL_CHARS - len("...")
+        if first <= room:  # a whole word fits: the cut is after the last word that fits, not inside one
+            assert prompt[len(kept)] == " " and (len(kept) + 3 > room or " " not in prompt[len(kept) + 1 : room + 1])
+
+
 def test_the_evaluation_page_states_the_caption_limit_the_grid_uses():
     page = " ".join((Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text().split())
     assert f"a prompt longer than {PROMPT_LABEL_CHARS} characters is cut after a whole word" in page

@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers.common import fast_config_values, lora_config
 from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
+from trl_diffusion_sdpo.callbacks.validation import ValidationCallback
 from trl_diffusion_sdpo.families import family_for_pipeline
 from trl_diffusion_sdpo.io.hub import usage_call, usage_snippet
 from trl_diffusion_sdpo.testing import (
@@ -65,6 +66,22 @@ def test_the_cards_example_samples_a_training_prompt_at_the_runs_resolution(tmp_
     assert sampled_prompt(code) == pickapic_dataset[0]["caption"]
     image = run_example(code, out)["image"]
     assert image.size == (args.resolution, args.resolution) != (64, 64)
+
+
+def test_the_cards_example_samples_the_validation_grids_prompt_before_a_training_prompt(tmp_path, pickapic_dataset):
+    """A run with validation grids: the example samples their first prompt (the one the card's widget shows), not
+    the first training caption."""
+    out = str(tmp_path / "out")
+    args = DiffusionSDPOConfig(**{**fast_config_values(out), "max_steps": 1})
+    prompt = "a validation prompt of this run"
+    assert prompt != pickapic_dataset[0]["caption"]
+    validation = ValidationCallback(prompts=[prompt], num_inference_steps=1, every_n_steps=0)
+    trainer = DiffusionSDPOTrainer(
+        build_tiny_sd_pipeline(), args=args, train_dataset=pickapic_dataset, callbacks=[validation]
+    )
+    trainer.create_model_card()
+    with open(f"{out}/README.md") as f:
+        assert sampled_prompt(usage_code(f.read())) == prompt
 
 
 @pytest.mark.parametrize(

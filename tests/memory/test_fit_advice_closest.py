@@ -10,11 +10,13 @@ import io
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from trl_diffusion_sdpo.cli.memory import run_estimate_memory
-from trl_diffusion_sdpo.engines.memory.advice import MAX_SHARDED_GPUS
+from trl_diffusion_sdpo.engines.memory.advice import MAX_SHARDED_GPUS, SHARDED_ENGINES, _fewest_gpus
+from trl_diffusion_sdpo.engines.memory.estimate import RunShape
 
 ROOT = Path(__file__).resolve().parents[2]
 FLUX2_LORA = ("--config", str(ROOT / "examples" / "configs" / "flux2_lora.yaml"), "--gpu", "24")
@@ -118,3 +120,30 @@ def test_the_memory_page_quotes_the_flux2_line_as_printed_and_states_the_most_gp
     for part in " ".join(example.split()).split("..."):
         assert part.strip(" .") in printed, part
     assert f"up to `MAX_SHARDED_GPUS` ({MAX_SHARDED_GPUS})" in " ".join(section.split())
+
+
+@pytest.mark.parametrize("needed", [2, 3, MAX_SHARDED_GPUS])
+def test_the_sharded_search_tries_every_count_from_two_to_the_maximum(needed):
+    """With an estimator under which a run fits from ``needed`` processes on, the fewest found is ``needed``: the
+    search's range holds both ends (2 and :data:`MAX_SHARDED_GPUS`); one more than the maximum finds none."""
+    seen: set[int] = set()
+
+    def verdict_of(combo, run, bounded=True):
+        seen.add(run.num_processes)
+        return SimpleNamespace(total_gib=1.0), SimpleNamespace(fits=run.num_processes >= needed)
+
+    found = _fewest_gpus(RunShape(), [], verdict_of)
+    assert found is not None and found.num_processes == needed and found.engine in SHARDED_ENGINES
+    assert min(seen) == 2 and max(seen) == needed
+
+
+def test_the_sharded_search_stops_at_the_maximum():
+    """A run that needs more processes than :data:`MAX_SHARDED_GPUS` finds none, after trying every count up to it."""
+    seen: set[int] = set()
+
+    def verdict_of(combo, run, bounded=True):
+        seen.add(run.num_processes)
+        return SimpleNamespace(total_gib=1.0), SimpleNamespace(fits=run.num_processes > MAX_SHARDED_GPUS)
+
+    assert _fewest_gpus(RunShape(), [], verdict_of) is None
+    assert seen == set(range(2, MAX_SHARDED_GPUS + 1))
