@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from ..config import rules as config_rules
 from ..config.defaults import resolve_defaults
 from ..config.messages import file_syntax_error
 from ..config.rules import check_config, check_field_rules
@@ -92,11 +93,14 @@ def _kind(action: argparse.Action) -> str:
     return name if name in _SIMPLE_TYPES else "other"
 
 
-def option_table(parser: argparse.ArgumentParser, argument_types: Sequence[type], regime: str) -> dict[str, Any]:
+def option_table(
+    parser: argparse.ArgumentParser, argument_types: Sequence[type], regime: str, rules_read: Sequence[str] = ()
+) -> dict[str, Any]:
     """The table of ``parser``'s options (built by HfArgumentParser over ``argument_types``): each option's
     spellings, destination, argument class (its index in ``argument_types``), kind (str, int, float, bool, choice,
     store_false, other), ``nargs``, ``const``, default and choices; ``regime``: the config class's defaults regime
-    (``DiffusionSDPOConfig.regime``), which resolves an unset ``safeguard_space``."""
+    (``DiffusionSDPOConfig.regime``), which resolves an unset ``safeguard_space``; ``rules_read``: the fields the
+    config's rules that :func:`read_or_refuse` does not check itself read (:func:`~.stored_options.rules_read`)."""
     owner = {f.name: i for i, cls in reversed(list(enumerate(argument_types))) for f in dataclasses.fields(cls)}
     options = []
     for action in parser._actions:
@@ -126,6 +130,7 @@ def option_table(parser: argparse.ArgumentParser, argument_types: Sequence[type]
         "regime": regime,
         "known": known_options(parser),
         "options": options,
+        "rules_read": sorted(rules_read),
     }
 
 
@@ -298,9 +303,12 @@ def read_or_refuse(
     stderr, exit status 2 (argparse's). Refused: a ``--config`` file that is missing, not YAML or no mapping, or
     names a relative path that does not exist; a value an option's type or choices refuse (the file's too); with
     ``check_rules``, a rule of the config that imports nothing (:func:`~..config.rules.check_field_rules`, the first
-    the config's own checks ask); an unknown option or YAML key, with the closest known one. The values read, one
-    :class:`StoredArguments` per argument class, where nothing is refused; ``None`` where the real parser must read
-    the rest (a help flag, an ``env`` section, an option whose type only transformers reads)."""
+    the config's own checks ask), then the chosen objective's (:data:`~..config.rules.objective_check`, asked only
+    where a field it reads, the table's ``rules_read``, is given: its module imports torch); an unknown option or YAML
+    key, with the closest known one. The values read, one :class:`StoredArguments` per argument class, where nothing
+    is refused; ``None`` where the real parser must read the rest (a help flag, an ``env`` section, an option whose
+    type only transformers reads, without ``check_rules`` a value the config's rules read, a launched process, whose
+    launch check reads the machine, ``bf16`` with ``fp16``)."""
     argv = list(argv)
     if any(word in _HELP for word in argv):
         return None
@@ -341,6 +349,10 @@ def read_or_refuse(
         StoredArguments(**{e["dest"]: values[e["dest"]] for e in options if e["group"] == i})
         for i in range(len(names))
     )
+    # Given no value away from its default for a field they read, the rules left unchecked below take the steps
+    # they take on the defaults, and pass: what comes after them may be refused here.
+    defaults = {entry["dest"]: entry["default"] for entry in options}
+    rules_given = any(values[name] != defaults[name] for name in table["rules_read"])
     # the rules of an offline config (StoredArguments resolves an unset safeguard space as the offline config does)
     if check_rules and "DiffusionSDPOConfig" in names and table["regime"] == _table()["regime"]:
         config_args = groups[names.index("DiffusionSDPOConfig")]
@@ -354,8 +366,16 @@ def read_or_refuse(
             config_args.safeguard_space = resolve_defaults(config_args)["safeguard_space"].value
         try:
             check_field_rules(config_args)
+            if rules_given:  # the chosen objective's rules, which come next: its module imports torch
+                config_rules.objective_check(config_args)
         except ValueError as err:
             parser.error(str(err))
+    elif rules_given:
+        return None  # the config's rules, which the real parser asks first, may refuse these values
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None  # a launched process: the config's launch check, asked next, reads the machine
+    if values.get("bf16") and values.get("fp16"):
+        return None  # transformers refuses them together when the arguments are made, before any word is refused
     # TrlParser hands back a YAML key no option reads as ["--key", "value"]
     read = {entry["dest"] for entry in options} | {"help", "help_all", "config"}
     from_config = [item for key, value in config.items() if key not in read for item in (f"--{key}", str(value))]

@@ -5,14 +5,15 @@ or a path that does not exist ends the command at once.
 
 Read from the stored tables of the real parsers (:func:`~.option_table.read_or_refuse`): the ``--config`` file (it
 exists, is YAML and a mapping, its relative paths exist), each value an option's type or choices refuse, the config's
-rules that import nothing, unknown options and YAML keys. Then the checks each command makes of its parsed arguments
+rules that import nothing, then the chosen objective's (which load torch, and only where a field they read is given),
+unknown options and YAML keys. Then the checks each command makes of its parsed arguments
 before it loads anything (:mod:`.argument_checks`, which the commands' own modules ask too: a pipeline and a dataset
 named, ``online``'s prompts, ``cache``'s folder), an ``--output_dir`` holding another run
 (:func:`~..io.run_folder.check_new_run_folder`), a dataset (``train``) or a pipeline (``online``, which looks for it
 before reading anything) written as a local path that does not exist (:mod:`~..data.names`). What needs a library,
-the Hub or a model (a reward function's name, an objective's own rules, a quantization backend, a Hub id, the rows of
-the data, which ``train`` reads before it looks for the pipeline) is left to the command, which refuses it as
-before.
+the Hub or a model (a reward function's name, ``online``'s rules where a field they read is given, a launched
+process's check of the machine, a quantization backend, a Hub id, the rows of the data, which ``train`` reads before
+it looks for the pipeline) is left to the command, with everything after it, which refuses it as before.
 """
 
 from __future__ import annotations
@@ -91,13 +92,17 @@ def refuse_train(argv: Sequence[str]) -> None:
 
 
 def refuse_online(argv: Sequence[str]) -> None:
-    """``online``'s refusals, in its order: the parser's (the reward functions' names, the objective's rules are its
-    own), the prompts, a pipeline named, the output folder, the pipeline (a local path that does not exist)."""
+    """``online``'s refusals, in its order: the parser's (the config's rules are its own: where a value they read is
+    given, the command refuses the rest), the prompts (where no reward function is named: the names are the
+    command's to check first), a pipeline named, the output folder, the pipeline (a local path that does not
+    exist)."""
     table = stored_table("online")
     parsed = read_or_refuse(argv, table, check_rules=False)
     if parsed is None:
         return
     prompt_args, training_args, model_args = parsed
+    if training_args.reward_funcs:
+        return  # the reward functions' names are checked next, from the registry of scorers, which the command loads
     problem = prompt_sources_problem(prompt_args.prompts, prompt_args.probe_prompts, training_args.probe_steps)
     if problem is not None:
         refusing_parser(table).error(problem)

@@ -10,19 +10,21 @@ and ``online --help`` (``help/<command>.txt``, :func:`~.help_topics.stored_help`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
 
+from ..config import rules
 from ..config.fields import DiffusionSDPOConfig
-from ..online.config import OnlineDiffusionSDPOConfig
+from ..online.config import OnlineDiffusionSDPOConfig, check_online_config
 from . import cache_options, online_options, train_options
 from .help_topics import stored_help_path
 from .memory_parser import make_estimate_parser
 from .memory_report import EstimateArguments
 from .option_table import OPTION_FILE, STORED_COMMANDS, option_table, stored_table_path
 
-__all__ = ["COMMAND_PARSERS", "generate", "generate_command", "help_text"]
+__all__ = ["COMMAND_PARSERS", "generate", "generate_command", "help_text", "rules_read"]
 
 #: each stored command's real parser, its argument classes and its config class (whose regime resolves defaults)
 COMMAND_PARSERS: dict[str, tuple[Callable[..., Any], tuple[type, ...], type]] = {
@@ -38,17 +40,42 @@ COMMAND_PARSERS: dict[str, tuple[Callable[..., Any], tuple[type, ...], type]] = 
 STORED_HELPS = ("train", "online")
 
 
+def rules_read(config_class: type) -> list[str]:
+    """The fields a config of ``config_class`` made with every default reads in the rules the stored parser does not
+    check itself (:func:`~.option_table.read_or_refuse`): an offline config's objective's
+    (:data:`~..config.rules.objective_check`), which imports torch; every rule of an online config
+    (:meth:`~..online.config.OnlineDiffusionSDPOConfig.__post_init__`'s, but the launch's: the stored parser leaves a
+    launched process to the real one). The rules pass on the defaults; given a value away from its default for none
+    of these fields, they take the same steps and pass again, so the stored parser may refuse what comes after them."""
+    read: set[str] = set()
+
+    class Recording(config_class):  # the default config, each attribute the rules ask for written down
+        def __getattribute__(self, name: str) -> Any:
+            read.add(name)
+            return object.__getattribute__(self, name)
+
+    config = config_class()
+    config.__class__ = Recording
+    if config_class.regime == DiffusionSDPOConfig.regime:
+        rules.objective_check(config)
+    else:
+        rules.check_config(config)
+        check_online_config(config)
+    return sorted(read & {spec.name for spec in dataclasses.fields(config_class)})
+
+
 def generate() -> dict[str, Any]:
     """The table of ``estimate-memory``'s real parser for ``train``'s YAML files, as :data:`OPTION_FILE` holds it."""
     argument_types = (*train_options.ARGUMENT_TYPES, EstimateArguments)
-    return option_table(make_estimate_parser(False), argument_types, DiffusionSDPOConfig.regime)
+    parser = make_estimate_parser(False)
+    return option_table(parser, argument_types, DiffusionSDPOConfig.regime, rules_read(DiffusionSDPOConfig))
 
 
 def generate_command(command: str) -> dict[str, Any]:
     """The table of ``command``'s real parser (one of :data:`~.option_table.STORED_COMMANDS`), as
     ``help/<command>.json`` holds it."""
     make, argument_types, config_class = COMMAND_PARSERS[command]
-    return option_table(make(), argument_types, config_class.regime)
+    return option_table(make(), argument_types, config_class.regime, rules_read(config_class))
 
 
 def help_text(command: str) -> str:
