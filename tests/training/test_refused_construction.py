@@ -4,6 +4,7 @@ object then builds a trainer that trains."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from peft import LoraConfig
 
 from tests.helpers.common import lora_config
 from tests.helpers.online import LORA, PROMPTS, online_config, red_minus_blue
-from trl_diffusion_sdpo import DiffusionSDPOTrainer
+from trl_diffusion_sdpo import DiffusionSDPOConfig, DiffusionSDPOTrainer
 from trl_diffusion_sdpo.callbacks.rewind import RewindCallback
 from trl_diffusion_sdpo.demo.pretrain import SHIPPED_BASE_DIR
 from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer
@@ -124,3 +125,16 @@ def test_a_refused_online_construction_leaves_the_pipeline_as_given(tmp_path):
         peft_config=LoraConfig(**LORA),
     )  # fmt: skip
     assert trainer.policy is pipeline.unet
+
+
+def test_recording_the_given_pipeline_reads_no_deprecated_property(tmp_path, pickapic_dataset):
+    """The record a construction keeps to undo itself reads no property transformers has deprecated (its text
+    encoder's ``is_gradient_checkpointing`` warns when read): a trainer built as the README builds it warns of no
+    such thing."""
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_BASE_DIR)
+    args = DiffusionSDPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", resolution=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DiffusionSDPOTrainer(pipe, args=args, train_dataset=pickapic_dataset, peft_config=lora_config())
+    deprecated = [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    assert not deprecated, deprecated

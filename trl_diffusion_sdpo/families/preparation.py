@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from accelerate.utils import recursively_apply
 from accelerate.utils.operations import ConvertOutputsToFp32
+from diffusers import ModelMixin
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from torch.utils.hooks import RemovableHandle
@@ -135,7 +136,9 @@ class CallerModules:
             adapters = set(getattr(model, "peft_config", None) or {})
             active = model.active_adapters() if adapters else []
             active = [active] if isinstance(active, str) else list(active)
-            self._models.append((model, adapters, active, getattr(model, "is_gradient_checkpointing", None)))
+            # a diffusers model's switch only (the trainer turns no other; transformers' property warns when read)
+            checkpointing = model.is_gradient_checkpointing if isinstance(model, ModelMixin) else None
+            self._models.append((model, adapters, active, checkpointing))
             for module in model.modules():
                 if id(module) in seen:
                     continue
