@@ -41,7 +41,7 @@ from .callbacks.health import WinnerHealth, dormant_safeguard
 from .callbacks.interruptions import NonFiniteLossGuard, NonFiniteTracker, StreamGuard
 from .config import DiffusionSDPOConfig, check_config
 from .config.defaults import machine_choices, resolved_config
-from .data.columns import CAPTION, PROMPT
+from .data.columns import prompt_column
 from .data.training_data import eval_collator_for, prepare_training_data
 from .engines import Engine, engine_for
 from .engines.base import place_batch, trainable_parameters
@@ -126,7 +126,7 @@ def _first_prompt(dataset: Any) -> str | None:
     a stream (nothing is read ahead of training), a prebuilt cache (no text) or a row without one."""
     if not isinstance(dataset, Dataset) or len(dataset) == 0:
         return None
-    column = next((c for c in (PROMPT, CAPTION) if c in dataset.column_names), None)
+    column = prompt_column(dataset.column_names)
     prompt = None if column is None else dataset.select_columns([column])[0][column]
     return prompt if isinstance(prompt, str) and prompt.strip() else None
 

@@ -48,7 +48,7 @@ from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..data.columns import CAPTION, PROMPT
+from ..data.columns import prompt_column
 from ..step.predictions import denoising_errors
 from ..step.stages import Augmentation, MicroBatchDraws, MicroBatchStages, NoisedMicroBatch
 from .rewind import ProbeAlarm, Rewind, probe_alarm
@@ -206,8 +206,7 @@ def stratified_draw(keys: Sequence[Any], count: int, seed: int) -> list[int]:
 def _prompts(dataset: Dataset) -> list[Any] | None:
     """Each row's prompt (TRL's ``prompt`` column, else Pick-a-Pic's ``caption``) as a group key, or ``None`` where
     the dataset has neither."""
-    names = dataset.column_names
-    column = PROMPT if PROMPT in names else CAPTION if CAPTION in names else None
+    column = prompt_column(dataset.column_names)
     if column is None:
         return None
     values = dataset.select_columns([column])[column]

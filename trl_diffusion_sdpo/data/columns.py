@@ -29,6 +29,7 @@ __all__ = [
     "in_label_form",
     "is_tie",
     "order_pair",
+    "prompt_column",
     "score_value",
     "skip_mark",
     "CAPTION",
@@ -55,6 +56,11 @@ SCORE_0, SCORE_1 = "score_0", "score_1"
 SOURCE_IMAGE, SOURCE_IMAGES = "source_image", "source_images"
 # the loss mask (loss_mask=True): an image per row, white where the preference lives
 MASK = "mask"
+
+
+def prompt_column(names: Sequence[str]) -> str | None:
+    """The column holding each row's prompt: TRL's ``prompt``, else Pick-a-Pic's ``caption``; ``None`` with neither."""
+    return PROMPT if PROMPT in names else CAPTION if CAPTION in names else None
 
 
 # Why a row mapped from Pick-a-Pic's label form (:func:`~.pickapic.pickapic_to_trl`) gives no pair, as
