@@ -24,6 +24,10 @@ Read from the sources (``ast``, every ``.py`` file of the package):
   than ``trainer.py``: ``trainer._x``, ``self.trainer._x``, ``getattr(trainer, "_x")``;
 - ``is_online_reads``: reads of ``is_online`` outside ``online/``: an attribute read ``x.is_online`` or
   ``getattr(x, "is_online", ...)``;
+- ``regime_decisions_outside_online``: where a module outside ``online/`` decides by the run's regime: it reads
+  ``regime``, ``defaults_regime``, ``is_online`` or ``is_online_config``, passes ``online=``, or compares, keys by or
+  passes the string ``"online"``;
+- ``trainer_methods_called_around_the_mro``: calls of ``Trainer.<method>(...)`` on the class itself;
 - ``function_level_package_imports``: imports of the package inside a function body (as
   ``benchmarks/tools/loaded_modules.py`` counts them).
 
@@ -38,6 +42,7 @@ physical lines (newlines, as ``wc -l`` counts them).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import tempfile
@@ -172,14 +177,48 @@ from transformers import Trainer
 from trl_diffusion_sdpo import DiffusionSDPOTrainer
 from trl_diffusion_sdpo.online import OnlineDiffusionSDPOTrainer
 
-found = {}
+import ast, inspect, textwrap
+
+
+def calls_super(function, name):  # whether the body calls super().<name>(...)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError):
+        return False
+    return any(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name
+        and isinstance(node.func.value, ast.Call) and isinstance(node.func.value.func, ast.Name)
+        and node.func.value.func.id == "super"
+        for node in ast.walk(tree)
+    )
+
+
+found, by_super = {}, {}
 for trainer_class in (DiffusionSDPOTrainer, OnlineDiffusionSDPOTrainer):
-    names = set()
+    names, reaching = set(), set()
     for cls in trainer_class.__mro__:
         if cls.__module__.startswith("trl_diffusion_sdpo"):
-            names.update(n for n in vars(cls) if hasattr(Trainer, n) and (n == "__init__" or not n.startswith("__")))
+            for n, value in vars(cls).items():
+                if hasattr(Trainer, n) and (n == "__init__" or not n.startswith("__")):
+                    names.add(n)
+                    if calls_super(getattr(value, "__wrapped__", value), n):
+                        reaching.add(n)
     found[trainer_class.__name__] = sorted(names)
-print("OVERRIDES " + json.dumps(found))
+    by_super[trainer_class.__name__] = sorted(reaching)
+print("OVERRIDES " + json.dumps({"found": found, "super": by_super}))
+"""
+
+CONFIG_FIELDS = """
+import dataclasses, json
+from transformers import TrainingArguments
+from trl_diffusion_sdpo import DiffusionSDPOConfig
+from trl_diffusion_sdpo.online import OnlineDiffusionSDPOConfig
+
+base = {f.name for f in dataclasses.fields(TrainingArguments)}
+print("FIELDS " + json.dumps({
+    cls.__name__: sorted(f.name for f in dataclasses.fields(cls) if f.name not in base)
+    for cls in (DiffusionSDPOConfig, OnlineDiffusionSDPOConfig)
+}))
 """
 
 
@@ -233,13 +272,90 @@ def run_scenario(root: Path, scenario: str, pipeline_dir: Path, work: Path) -> d
 
 
 def overrides(root: Path) -> dict:
-    """The Trainer methods each trainer class overrides, and the private ones among them."""
+    """The Trainer methods each trainer class overrides, the private ones among them, and those whose body reaches
+    the next class's own method through ``super()``."""
     stdout = run_fresh(root, OVERRIDES, [], root)
-    found = json.loads(next(line for line in stdout.splitlines() if line.startswith("OVERRIDES "))[10:])
+    read = json.loads(next(line for line in stdout.splitlines() if line.startswith("OVERRIDES "))[10:])
+    found, by_super = (read["found"], read["super"]) if "found" in read else (read, {})
     return {
-        name: {"count": len(names), "private": [n for n in names if is_private(n)], "names": names}
+        name: {
+            "count": len(names),
+            "private": [n for n in names if is_private(n)],
+            "names": names,
+            "through_super": by_super.get(name, []),
+        }
         for name, names in found.items()
     }
+
+
+def config_fields(root: Path) -> dict:
+    """The config fields beyond ``TrainingArguments``'s, of the offline and the online config."""
+    stdout = run_fresh(root, CONFIG_FIELDS, [], root)
+    found = json.loads(next(line for line in stdout.splitlines() if line.startswith("FIELDS "))[7:])
+    return {name: {"count": len(names), "names": names} for name, names in found.items()}
+
+
+def package_lines(package_dir: Path) -> dict:
+    """The package's Python files and their physical lines."""
+    files = sorted(package_dir.rglob("*.py"))
+    return {"files": len(files), "lines": sum(physical_lines(path) for path in files)}
+
+
+#: the attributes a module reads to decide by the run's regime, and the functions it calls to
+REGIME_NAMES = frozenset({"regime", "defaults_regime", "is_online", "is_online_config"})
+REGIME_FUNCTIONS = frozenset({"is_online", "is_online_config"})
+
+
+def regime_reads_in(source: str) -> list[int]:
+    """Lines where ``source`` decides by the run's regime: it reads one of :data:`REGIME_NAMES` (an attribute or
+    ``getattr``), names a function of :data:`REGIME_FUNCTIONS`, passes ``online=`` to a call, or compares with or passes
+    the string ``"online"`` (docstrings and other statement-level strings are not decisions)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in REGIME_NAMES and isinstance(node.ctx, ast.Load):
+            found.add(node.lineno)
+        elif isinstance(node, ast.Name) and node.id in REGIME_FUNCTIONS and isinstance(node.ctx, ast.Load):
+            found.add(node.lineno)
+        elif isinstance(node, ast.Call):
+            if any(keyword.arg == "online" for keyword in node.keywords):
+                found.add(node.lineno)
+            named = node.args[1] if len(node.args) >= 2 and getattr(node.func, "id", None) == "getattr" else None
+            if isinstance(named, ast.Constant) and named.value in REGIME_NAMES:
+                found.add(node.lineno)
+            for keyword in node.keywords:
+                if isinstance(keyword.value, ast.Constant) and keyword.value.value == "online":
+                    found.add(node.lineno)
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(side, ast.Constant) and side.value == "online" for side in sides):
+                found.add(node.lineno)
+    return sorted(found)
+
+
+def regime_reads(package_dir: Path) -> list[str]:
+    """``file:line`` of each decision by the run's regime outside ``online/`` (:func:`regime_reads_in`)."""
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        if (package_dir / "online") in path.parents:
+            continue
+        found += [f"{path.relative_to(package_dir.parent)}:{line}" for line in regime_reads_in(path.read_text())]
+    return found
+
+
+def calls_around_the_mro(package_dir: Path) -> list[str]:
+    """``file:line Trainer.name`` of each call of a ``transformers.Trainer`` method on the class itself
+    (``Trainer.train(trainer, ...)``), which skips any class between the package's trainer and ``Trainer``."""
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "Trainer"
+            ):
+                found.append(f"{path.relative_to(package_dir.parent)}:{node.lineno} Trainer.{node.func.attr}")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     package_dir = root / PACKAGE
     reads, online = private_trainer_reads(package_dir), is_online_reads(package_dir)
+    regime, around = regime_reads(package_dir), calls_around_the_mro(package_dir)
     imports = function_level_imports(package_dir)
     from benchmarks.harness import machine_description  # the machine block every result file records
 
@@ -260,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/tools/reviewer_figures.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_description("cpu"),
         "checkout": args.checkout or checkout_id(root),
+        "package": package_lines(package_dir),
+        "config_fields": config_fields(root),
         "trainer_overrides": overrides(root),
+        "trainer_methods_called_around_the_mro": {"count": len(around), "where": around},
+        "regime_decisions_outside_online": {"count": len(regime), "where": regime},
         "private_trainer_reads": {"count": len(reads), "where": reads},
         "is_online_reads_outside_online": {"count": len(online), "where": online},
         "function_level_package_imports": len(imports),
@@ -279,7 +400,15 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     for name, found in run["trainer_overrides"].items():
-        print(f"{name}: {found['count']} Trainer methods overridden, private: {found['private']}")
+        print(
+            f"{name}: {found['count']} Trainer methods overridden, {len(found['through_super'])} through super(), "
+            f"private: {found['private']}"
+        )
+    print(
+        f"package: {run['package']['lines']} lines in {run['package']['files']} files; config fields beyond "
+        + ", ".join(f"{name} {found['count']}" for name, found in run["config_fields"].items())
+    )
+    print(f"Trainer methods called around the MRO: {around}; regime decisions outside online/: {len(regime)}")
     print(
         f"private trainer attributes read outside trainer.py: {len(reads)}; is_online reads outside online/: "
         f"{len(online)}; function-level package imports: {len(imports)}"
