@@ -25,7 +25,7 @@ Read from the sources (``ast``, every ``.py`` file of the package):
 - ``is_online_reads``: reads of ``is_online`` outside ``online/``: an attribute read ``x.is_online`` or
   ``getattr(x, "is_online", ...)``;
 - ``regime_decisions_outside_online``: where a module outside ``online/`` decides by the run's regime: it reads
-  ``regime``, ``defaults_regime``, ``is_online`` or ``is_online_config``, passes ``online=``, or compares, keys by or
+  ``regime``, ``defaults_regime``, ``is_online`` or ``is_online_config``, passes ``online=``, or compares with or
   passes the string ``"online"``;
 - ``trainer_methods_called_around_the_mro``: calls of ``Trainer.<method>(...)`` on the class itself;
 - ``function_level_package_imports``: imports of the package inside a function body (as
@@ -308,8 +308,8 @@ REGIME_FUNCTIONS = frozenset({"is_online", "is_online_config"})
 
 def regime_reads_in(source: str) -> list[int]:
     """Lines where ``source`` decides by the run's regime: it reads one of :data:`REGIME_NAMES` (an attribute or
-    ``getattr``), names a function of :data:`REGIME_FUNCTIONS`, passes ``online=`` to a call, or compares with or passes
-    the string ``"online"`` (docstrings and other statement-level strings are not decisions)."""
+    ``getattr``), names a function of :data:`REGIME_FUNCTIONS`, passes ``online=`` to a call, or compares with or
+    passes the string ``"online"`` (docstrings and other statement-level strings are not decisions)."""
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Attribute) and node.attr in REGIME_NAMES and isinstance(node.ctx, ast.Load):
