@@ -75,7 +75,7 @@ def test_a_rewind_restores_the_ema_weights_of_the_healthy_step(make_trainer, mak
 def test_a_rewind_restores_the_auto_beta(make_trainer, make_pickapic):
     watch = StateAtStepBegin()
     trainer = _rewinding_trainer(make_trainer, make_pickapic, watch, auto_beta=True, **DPO)
-    auto_beta = trainer.guards.auto_beta
+    auto_beta = trainer.auto_beta
     watch.read = lambda: {"ema": auto_beta.ema, "beta": auto_beta.beta}
     trainer.train()
     healthy, broken, restored = watch.seen[1], watch.seen[2], watch.seen[3]
@@ -88,7 +88,7 @@ def test_a_rewind_restores_the_automatic_mu_of_a_safeguarded_run_that_stops(make
     trainer = _rewinding_trainer(
         make_trainer, make_pickapic, watch, safeguard_space="output", safeguard_mu="auto", learning_rate=1e-2
     )
-    margin = trainer.guards.margin
+    margin = trainer.safeguard.margin
     watch.read = lambda: torch.as_tensor(margin.value).clone()
     trainer.train()
     assert trainer.state.global_step == 3  # a safeguarded run stops after its rewind

@@ -70,6 +70,21 @@ class EMAWeights(TrainerCallback):
 
         self.ema = EMAModel(self.parameters, decay=self.decay)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The average's state (diffusers' ``EMAModel.state_dict``: its shadow weights and the optimizer steps it has
+        taken, which its decay's warm-up counts); ``{}`` before training starts."""
+        return {} if self.ema is None else self.ema.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The average's state as :meth:`state_dict` gave it (diffusers' ``EMAModel.load_state_dict``, which copies
+        it), its shadow weights put on the trained weights' device (a state read from disk holds them on the CPU)."""
+        if not state:
+            return
+        if self.ema is None:
+            raise RuntimeError("the EMA starts when training begins: there is no average to load a state into yet")
+        self.ema.load_state_dict(state)
+        self.ema.to(device=self.parameters[0].device)
+
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """The EMA weights in the model for the block, the trained ones restored after (diffusers' store/restore);

@@ -13,6 +13,11 @@ every process: the sums behind the mean are all-reduced before they act, so ever
 policy equal to its reference (LoRA at initialisation) has ``m = 0`` and would otherwise get an infinite ``beta``.
 Until the first optimizer step closes, the configured ``beta`` is used; the EMA starts at the first step whose mean
 ``|m|`` is not 0.
+
+The trainer holds it beside its objective (``trainer.auto_beta``): each training micro-batch's ``compute_loss``
+evaluates the objective with the ``beta`` in force (:meth:`AutoBeta.objective`) and then hands the micro-batch's
+errors to :meth:`AutoBeta.adapt`. Its state (:meth:`AutoBeta.state_dict`) is kept in every checkpoint and in the
+rewind's snapshot, so a resumed or rewound run continues as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -41,14 +46,16 @@ def auto_beta(mean_abs_margin: torch.Tensor, target: float, low: float, high: fl
 
 
 class AutoBeta:
-    """The auto-beta's state: :meth:`observe` every micro-batch's errors, :meth:`update` when an optimizer step's
-    window closes (on every process: it all-reduces), and :meth:`objective` the objective with the ``beta`` in force.
+    """The auto-beta's state: :meth:`adapt` to every micro-batch's errors (:meth:`observe` them, :meth:`update` when
+    an optimizer step's window closes, on every process: it all-reduces), and :meth:`objective` the objective with the
+    ``beta`` in force. :meth:`state_dict` / :meth:`load_state_dict` carry what it has learnt.
 
     Args:
         beta: the configured ``beta``, the clamp's centre and the value until the first update.
         target: the gradient factor ``sigmoid(-|u|)`` of a pair at the typical margin, in (0, 0.5).
         reduce_sum: sums a tensor over processes (``None`` on one process).
         decay: the EMA's decay per optimizer step.
+        device: where a loaded state's tensors are put (the run's device).
     """
 
     def __init__(
@@ -57,10 +64,11 @@ class AutoBeta:
         target: float,
         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
         decay: float = AUTO_BETA_DECAY,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.configured, self.target, self.decay = beta, target, decay
         self.low, self.high = beta / AUTO_BETA_RANGE, beta * AUTO_BETA_RANGE
-        self.reduce_sum = reduce_sum
+        self.reduce_sum, self.device = reduce_sum, device
         self.ema: torch.Tensor | None = None  # EMA(|m|), a device tensor once a step has closed
         self.beta: torch.Tensor | None = None
         self._sums: torch.Tensor | None = None  # [sum |m|, pairs] over the open window, this process
@@ -72,7 +80,16 @@ class AutoBeta:
             return None
         from accelerate.utils import reduce  # the sum over processes the trainer's metrics use too
 
-        return cls(args.beta, args.auto_beta_target, partial(reduce, reduction="sum") if num_processes > 1 else None)
+        reduce_sum = partial(reduce, reduction="sum") if num_processes > 1 else None
+        return cls(args.beta, args.auto_beta_target, reduce_sum, device=args.device)
+
+    def adapt(self, errors: DenoisingErrors, contributes: bool, window_closes: bool) -> None:
+        """A training micro-batch's errors (:meth:`observe`; zeros for a replay), and the window's :meth:`update` when
+        it is the last of its optimizer step (``window_closes``: accelerate's ``sync_gradients``). On the device: no
+        host read."""
+        self.observe(errors, contributes)
+        if window_closes:
+            self.update()
 
     def observe(self, errors: DenoisingErrors, contributes: bool = True) -> None:
         """Add a micro-batch's ``|m|`` to the open window (zeros for a replay; non-finite margins left out)."""
@@ -98,11 +115,19 @@ class AutoBeta:
             self.ema = torch.where(pairs > 0, moved, self.ema)
         self.beta = auto_beta(self.ema, self.target, self.low, self.high)
 
-    def restore(self, ema: float, device: torch.device | str) -> None:
-        """The EMA as a checkpoint saved it (:class:`~trl_diffusion_sdpo.callbacks.guards.GuardState`), and its
-        ``beta``."""
-        self.ema = torch.tensor(ema, dtype=torch.float32, device=device)
-        self.beta = auto_beta(self.ema, self.target, self.low, self.high)
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """What it has learnt: ``ema`` (``EMA(|m|)``) and the ``beta`` in force, 0-dim tensors (``None`` before the
+        first update); references, as torch's ``state_dict`` returns. Taken at the end of an optimizer step (a
+        checkpoint, the rewind's snapshot), where no window is open."""
+        return {"ema": self.ema, "beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | float | None]) -> None:
+        """The state :meth:`state_dict` gave (tensors or numbers), copied onto :attr:`device` as float32; ``beta`` is
+        formed again from ``ema`` where the state has none. An open window is dropped."""
+        self.ema, beta = (_on(state.get(key), self.device) for key in ("ema", "beta"))
+        if beta is None and self.ema is not None:
+            beta = auto_beta(self.ema, self.target, self.low, self.high)
+        self.beta, self._sums = beta, None
 
     def objective(self, objective: PreferenceObjective) -> PreferenceObjective:
         """``objective`` with the ``beta`` in force (a shallow copy; the configured one before the first update).
@@ -116,3 +141,8 @@ class AutoBeta:
     def current(self) -> float:
         """The ``beta`` in force, as logged (one host read)."""
         return self.configured if self.beta is None else float(self.beta)
+
+
+def _on(value: torch.Tensor | float | None, device: torch.device | str) -> torch.Tensor | None:
+    """A loaded value as a float32 0-dim tensor of its own on ``device`` (``None`` stays ``None``)."""
+    return None if value is None else torch.as_tensor(value, dtype=torch.float32).to(device, copy=True)

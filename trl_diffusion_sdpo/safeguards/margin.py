@@ -13,6 +13,11 @@ same ``mu``. ``mu`` starts at :data:`AUTO_MU_START`. A violated constraint raise
 more conservative step); slack lowers it again, so a healthy run pays less. The safeguards read
 :attr:`SafeguardMargin.value` at every micro-batch. Health's ``on_pathology="escalate"`` raises ``mu`` halfway to 1
 (:meth:`SafeguardMargin.escalate`).
+
+The safeguard owns its margin (``safeguard.margin``): the trainer hands every training micro-batch's errors to
+:meth:`SafeguardMargin.adapt` once the safeguard has read ``mu`` for it. Its state (:meth:`SafeguardMargin.state_dict`,
+the ``mu`` in force, fixed or not: an escalation moves a fixed one) is kept in every checkpoint and in the rewind's
+snapshot, so a resumed or rewound run continues as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -39,13 +44,18 @@ class SafeguardMargin:
         mu: a number in [0, 1] (fixed; :meth:`escalate` alone moves it) or ``"auto"``.
         step: ``eta``, the dual-ascent step per unit of relative violation (``"auto"`` only).
         reduce_sum: sums a tensor over processes (``None`` on one process).
+        device: where a loaded ``"auto"`` state is put (the run's device).
     """
 
     def __init__(
-        self, mu: float | str, step: float = 1.0, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        mu: float | str,
+        step: float = 1.0,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.auto = mu == AUTO
-        self.step, self.reduce_sum = step, reduce_sum
+        self.step, self.reduce_sum, self.device = step, reduce_sum, device
         #: a float for a fixed ``mu``; a 0-dim device tensor with ``"auto"`` (moved on the device, never read back)
         self.value: float | torch.Tensor = AUTO_MU_START if self.auto else float(mu)
         self._sums: torch.Tensor | None = None  # [sum(e_w - e_ref_w), sum(e_ref_w)] over the open window
@@ -54,7 +64,15 @@ class SafeguardMargin:
     def from_config(cls, args, num_processes: int) -> SafeguardMargin:
         """``args.safeguard_mu`` with ``args.safeguard_mu_step``, reduced over ``num_processes``."""
         reduce = all_reduce_sum if num_processes > 1 else None
-        return cls(args.safeguard_mu, getattr(args, "safeguard_mu_step", 1.0), reduce)
+        return cls(args.safeguard_mu, getattr(args, "safeguard_mu_step", 1.0), reduce, device=args.device)
+
+    def adapt(self, errors: DenoisingErrors, contributes: bool, window_closes: bool) -> None:
+        """A training micro-batch's errors (:meth:`observe`; zeros for a replay), and the window's :meth:`update` when
+        it is the last of its optimizer step (``window_closes``: accelerate's ``sync_gradients``). A fixed ``mu``
+        ignores them. On the device: no host read."""
+        self.observe(errors, contributes)
+        if window_closes:
+            self.update()
 
     def observe(self, errors: DenoisingErrors, contributes: bool = True) -> None:
         """Add a micro-batch's winner errors to the open window (zeros for a replay; non-finite pairs left out)."""
@@ -84,11 +102,20 @@ class SafeguardMargin:
         self.value = (1.0 + self.value) / 2.0
         return self.current()
 
-    def restore(self, mu: float, device: torch.device | str) -> None:
-        """``mu`` as a checkpoint saved it (:class:`~trl_diffusion_sdpo.callbacks.guards.GuardState`); on ``device``
-        with
-        ``"auto"``."""
-        self.value = torch.tensor(mu, dtype=torch.float32, device=device) if self.auto else float(mu)
+    def state_dict(self) -> dict[str, torch.Tensor | float]:
+        """The ``mu`` in force (``value``: a 0-dim device tensor with ``"auto"`` once it has moved, else a float), a
+        reference as torch's ``state_dict`` returns. Taken at the end of an optimizer step, where no window is open."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | float]) -> None:
+        """The ``mu`` :meth:`state_dict` gave (a tensor or a number): with ``"auto"`` a float32 tensor of its own on
+        :attr:`device`, a fixed ``mu`` a float. An open window is dropped."""
+        value = state["value"]
+        if self.auto:
+            self.value = torch.as_tensor(value, dtype=torch.float32).to(self.device, copy=True)
+        else:
+            self.value = float(value)
+        self._sums = None
 
     def current(self) -> float:
         """``mu`` as logged (one host read with ``"auto"``)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,6 @@ from ..objectives import (
 from .predictions import predict_pairs
 
 __all__ = [
-    "adapt_guards",
     "Augmentation",
     "crop_pairs",
     "drop_prompts",
@@ -472,17 +471,6 @@ def keyed_generator(seed: int, step: int, index: int, device: torch.device | str
     key = f"{seed}/{step}/{index}".encode()
     derived = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
     return torch.Generator(device=device).manual_seed(derived)
-
-
-def adapt_guards(guards: Sequence[Any], errors: Any, contributes: bool, sync_gradients: bool) -> None:
-    """The adaptive guards (auto-beta's EMA, ``mu`` with ``safeguard_mu="auto"``) see every micro-batch's
-    ``errors`` (a replay adds zeros) and move once its optimizer step's window closes (``sync_gradients``), on every
-    process together."""
-    for guard in guards:
-        guard.observe(errors, contributes)
-    if sync_gradients:
-        for guard in guards:
-            guard.update()
 
 
 class MicroBatchDraws:
